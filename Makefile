@@ -1,0 +1,44 @@
+# hostmesh — developer entry points. `make test` is what CI runs (.ci/run).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PKGS    := agent registry ca
+
+.PHONY: test lint typecheck unit consul demo bench clean
+
+test: lint typecheck unit
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+consul:
+	@./scripts/install-consul.sh >/dev/null
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PKGS) tests bench scripts
+	$(BIN)/ruff format --check $(PKGS) tests bench scripts
+
+# mypy cannot follow setuptools' editable finder, so it checks a tree of links that mirrors the
+# installed layout: .typecheck/hostmesh/{agent,registry,ca} -> the source folders.
+typecheck: $(STAMP)
+	@mkdir -p .typecheck/hostmesh
+	@for p in $(PKGS); do ln -sfn ../../$$p .typecheck/hostmesh/$$p; done
+	$(BIN)/mypy -p hostmesh.agent -p hostmesh.registry -p hostmesh.ca
+
+unit: $(STAMP) consul
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP) consul
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo
+
+bench: $(STAMP) consul
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .typecheck build dist *.egg-info

@@ -1,0 +1,27 @@
+"""Errors of the identity layer, grouped by what the caller does next."""
+
+from __future__ import annotations
+
+
+class CAError(Exception):
+    """Base of every hostmesh.ca error; str() is one line fit for a user."""
+
+
+class InvalidRequest(CAError):
+    """The caller sent something unusable (bad CSR, bad identity): fix the input, do not retry."""
+
+
+class Unauthorized(CAError):
+    """The credential (join token, client cert) is missing, unknown, expired, used or out of scope."""
+
+
+class TrustError(CAError):
+    """A peer or CA could not be trusted (pin mismatch, unknown root): never proceed."""
+
+
+class CAUnavailable(CAError):
+    """The CA could not be reached or answered 5xx: keep current state, retry with backoff."""
+
+
+class StorageError(CAError):
+    """Key or certificate material on disk is missing or unreadable."""

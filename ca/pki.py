@@ -1,0 +1,354 @@
+"""Certificate primitives: SPIFFE identities, keys, CSRs, roots, leaves, pins and 0600 files.
+
+Pure functions over `cryptography` objects and PEM bytes; no sockets, no Consul. The CA service,
+the agent's cert manager and the tests' throwaway CAs all build on this one module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hostmesh.ca.errors import InvalidRequest, StorageError, TrustError
+
+DEFAULT_TRUST_DOMAIN = "hostmesh.local"
+DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
+MAX_LEAF_TTL = dt.timedelta(days=7)  # bounds the damage of a stolen key when revocation is absent
+ROOT_TTL = dt.timedelta(days=3650)  # roots are rotated deliberately, not by expiry
+CLOCK_SKEW = dt.timedelta(minutes=5)  # not-before backdating so hosts with slightly slow clocks accept
+MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is < 1 KiB; anything near this is garbage
+SERVICE_NAME_MAX = 63  # one DNS label
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+def valid_service_name(name: str) -> bool:
+    """A service name is one lowercase DNS label: it appears in SPIFFE IDs and DNS SANs."""
+    if not 0 < len(name) <= SERVICE_NAME_MAX or name[0] == "-" or name[-1] == "-":
+        return False
+    return all(c.isdigit() or ("a" <= c <= "z") or c == "-" for c in name)
+
+
+def valid_trust_domain(td: str) -> bool:
+    labels = td.split(".")
+    return 0 < len(td) <= 255 and all(valid_service_name(label) for label in labels)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A workload identity: `spiffe://<trust_domain>/svc/<service>`."""
+
+    trust_domain: str
+    service: str
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/svc/{self.service}"
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.service}.svc.{self.trust_domain}"
+
+    @classmethod
+    def parse(cls, uri: str) -> Identity:
+        prefix = "spiffe://"
+        if not uri.startswith(prefix):
+            raise InvalidRequest(f"not a SPIFFE ID: {uri!r}")
+        td, _, path = uri[len(prefix) :].partition("/")
+        kind, _, service = path.partition("/")
+        if kind != "svc" or not valid_trust_domain(td) or not valid_service_name(service):
+            raise InvalidRequest(f"not a hostmesh service identity: {uri!r}")
+        return cls(td, service)
+
+    @classmethod
+    def from_sni(cls, sni: str) -> Identity | None:
+        """`<service>.svc.<trust-domain>` -> Identity, or None for any other name."""
+        service, sep, rest = sni.partition(".svc.")
+        if not sep or not valid_service_name(service) or not valid_trust_domain(rest):
+            return None
+        return cls(rest, service)
+
+
+def identities_of(cert: x509.Certificate) -> list[Identity]:
+    """The hostmesh identities in a certificate's URI SANs (normally exactly one)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    out = []
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        try:
+            out.append(Identity.parse(uri))
+        except InvalidRequest:
+            continue
+    return out
+
+
+def identity_of(cert: x509.Certificate) -> Identity:
+    ids = identities_of(cert)
+    if len(ids) != 1:
+        raise TrustError(f"certificate carries {len(ids)} hostmesh identities, expected 1")
+    return ids[0]
+
+
+# --- keys, CSRs, PEM ------------------------------------------------------------------------
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"unreadable private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StorageError("private key is not an EC key")
+    return key
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_certs(pem: bytes) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise InvalidRequest(f"unreadable certificate PEM: {exc}") from None
+    return certs
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.service)]))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(identity.spiffe_id), x509.DNSName(identity.dns_name)]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSigningRequest, Identity]:
+    """Validate a CSR: well-formed, self-signed correctly, P-256 key, exactly one identity of our domain."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if len(data) > MAX_CSR_BYTES:
+        raise InvalidRequest(f"CSR larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError:
+        raise InvalidRequest("malformed CSR: not a PEM certificate request") from None
+    try:
+        valid_sig = csr.is_signature_valid
+    except (ValueError, InvalidSignature):
+        valid_sig = False
+    if not valid_sig:
+        raise InvalidRequest("malformed CSR: signature does not verify")
+    pub = csr.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
+        raise InvalidRequest("CSR key must be ECDSA P-256")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise InvalidRequest("CSR has no SPIFFE URI SAN") from None
+    except ValueError:
+        raise InvalidRequest("malformed CSR extensions") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise InvalidRequest(f"CSR must name exactly one SPIFFE ID, found {len(uris)}")
+    ident = Identity.parse(uris[0])
+    if ident.trust_domain != trust_domain:
+        raise InvalidRequest(f"CSR trust domain {ident.trust_domain!r} is not {trust_domain!r}")
+    return csr, ident
+
+
+# --- roots and leaves -----------------------------------------------------------------------
+
+
+def pin_of(cert: x509.Certificate) -> str:
+    """`sha256:<hex>` of the DER certificate: what operators hand to agents out of band."""
+    return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def root_id(cert: x509.Certificate) -> str:
+    """A short stable name for a root (first 16 hex of its pin), used by rotate/retire."""
+    return pin_of(cert)[len("sha256:") :][:16]
+
+
+def make_root(
+    trust_domain: str, key: ec.EllipticCurvePrivateKey | None = None, ttl: dt.timedelta = ROOT_TTL
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = key or new_key()
+    t = now()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hostmesh"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"hostmesh root {trust_domain} {t:%Y%m%dT%H%M%S}"),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - CLOCK_SKEW)
+        .not_valid_after(t + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[
+                    x509.UniformResourceIdentifier(trust_domain),
+                    x509.DNSName(trust_domain),
+                ],
+                excluded_subtrees=None,
+            ),
+            critical=False,  # not critical: some verifiers reject URI constraints they cannot evaluate
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def sign_leaf(
+    root_key: ec.EllipticCurvePrivateKey,
+    root_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    identity: Identity,
+    ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+    extra_dns: tuple[str, ...] = (),
+    server_only: bool = False,
+) -> x509.Certificate:
+    """Issue a leaf for `identity`. Leaves are both client and server certs (mesh peers are both)."""
+    ttl = min(ttl, MAX_LEAF_TTL)
+    t = now()
+    not_after = min(t + ttl, root_cert.not_valid_after_utc)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_only else [
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(identity.spiffe_id),
+        x509.DNSName(identity.dns_name),
+    ]
+    sans.extend(x509.DNSName(d) for d in extra_dns)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.service)]))
+        .issuer_name(root_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+
+
+def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.datetime | None = None) -> None:
+    """Check that `leaf` was signed by one of `roots` and is within its validity; raise TrustError."""
+    t = at or now()
+    if not leaf.not_valid_before_utc <= t <= leaf.not_valid_after_utc:
+        raise TrustError("certificate is not within its validity period")
+    for root in roots:
+        if root.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return
+    raise TrustError("certificate is not issued by a trusted root")
+
+
+def new_serial_token(nbytes: int = 32) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)  # O_CREAT honours umask only downwards, but be explicit
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
