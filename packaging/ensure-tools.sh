@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Make sure the Debian tools that the packaging and unit tests use are on this machine, installing
+# the missing ones from the machine's own apt sources (Debian's packages). Usage:
+#   packaging/ensure-tools.sh systemd-analyze dpkg-deb python3.11 ...
+# Each argument is a command; the table below names the Debian package that provides it.
+set -euo pipefail
+declare -A pkg_of=(
+  [systemd-analyze]=systemd
+  [dpkg-deb]=dpkg
+  [python3.11]=python3.11
+  [adduser]=adduser
+  [fakeroot]=fakeroot
+)
+missing=()
+for cmd in "$@"; do
+  command -v "$cmd" >/dev/null 2>&1 && continue
+  pkg="${pkg_of[$cmd]:-}"
+  [ -n "$pkg" ] || { echo "ensure-tools: no Debian package known for '$cmd'" >&2; exit 2; }
+  missing+=("$pkg")
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "ensure-tools: need root to install ${missing[*]} (apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "ensure-tools: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >&2
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
