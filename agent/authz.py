@@ -1,0 +1,114 @@
+"""Authorize: decide whether a caller's identity may reach a local service, per intentions.
+
+Decision (pure, no I/O; called once per inbound connection and once per HTTP request):
+
+- A rule *matches* a caller when its `source` is the caller's service name or `"*"`, and, for a
+  request, when it has no permissions or one of its permissions matches the method and path.
+- Among matching rules the most specific wins. Specificity, highest first: exact source with
+  permissions, exact source, `"*"` with permissions, `"*"`. So an exact name always beats `"*"`,
+  and a narrower L7 rule carves an exception out of a broader L4 rule of the same source
+  (`deny web` + `allow web GET /health`). At equal specificity a deny wins; rule order only
+  decides which index the audit reason names.
+- No matching rule: the document's `default`, else the agent-wide default.
+
+At L4 (`authorize_connection`) the request is not known yet. The connection is admitted when the
+decision without L7 rules allows, or when a more specific L7 allow rule could allow some request;
+the request check then decides. So `authorize_request(...).allowed` implies
+`authorize_connection(...).allowed` for the same caller. For services without an L7 stage (tcp)
+pass `l7=False`: an L7 allow then grants nothing and an L7 deny denies the whole connection.
+
+`Decision.reason` is a short phrase for audit logs and metrics: `"rule 2 deny web"`,
+`"rule 0 allow * l7"`, `"default deny"` (the document's), `"agent default allow"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hostmesh.registry.schema import Intentions, Rule
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+_AGENT_ALLOW = Decision(True, "agent default allow")
+_AGENT_DENY = Decision(False, "agent default deny")
+_DOC_ALLOW = Decision(True, "default allow")
+_DOC_DENY = Decision(False, "default deny")
+
+
+def _default(intentions: Intentions | None, default_allow: bool) -> Decision:
+    if intentions is not None and intentions.default is not None:
+        return _DOC_ALLOW if intentions.default else _DOC_DENY
+    return _AGENT_ALLOW if default_allow else _AGENT_DENY
+
+
+def _rank(rule: Rule, source: str) -> int:
+    """Specificity of `rule` for `source`; -1 when its source does not match."""
+    if rule.source == source:
+        base = 2
+    elif rule.source == "*":
+        base = 0
+    else:
+        return -1
+    return base + 1 if rule.permissions else base
+
+
+def _reason(index: int, rule: Rule, l7: bool = False) -> str:
+    suffix = " l7" if l7 or rule.permissions else ""
+    return f"rule {index} {rule.action} {rule.source}{suffix}"
+
+
+def authorize_request(
+    intentions: Intentions | None, source: str, method: str, path: str, default_allow: bool
+) -> Decision:
+    """L7: may `source` send `method path` (path without the query string) to this service?"""
+    if intentions is None:
+        return _default(None, default_allow)
+    best_rank, best_i = -1, -1
+    best: Rule | None = None
+    for i, rule in enumerate(intentions.rules):
+        rank = _rank(rule, source)
+        if rank < best_rank or rank < 0:
+            continue
+        if rule.permissions and not any(p.matches(method, path) for p in rule.permissions):
+            continue
+        if rank > best_rank or (rank == best_rank and best is not None and best.allow and not rule.allow):
+            best_rank, best_i, best = rank, i, rule
+    if best is None:
+        return _default(intentions, default_allow)
+    return Decision(best.allow, _reason(best_i, best))
+
+
+def authorize_connection(
+    intentions: Intentions | None, source: str, default_allow: bool, *, l7: bool = True
+) -> Decision:
+    """L4: may `source` open a connection to this service? See the module docstring for `l7`."""
+    if intentions is None:
+        return _default(None, default_allow)
+    # Decision from the rules that apply to every request (no permissions).
+    best_rank, best_i = -1, -1
+    best: Rule | None = None
+    for i, rule in enumerate(intentions.rules):
+        rank = _rank(rule, source)
+        if rank < 0 or rank < best_rank:
+            continue
+        if rule.permissions:
+            if l7 or rule.allow:
+                continue
+            rank -= 1  # l7=False: an L7 deny counts as a plain deny of its source tier
+        if rank > best_rank or (rank == best_rank and best is not None and best.allow and not rule.allow):
+            best_rank, best_i, best = rank, i, rule
+    plain = (
+        _default(intentions, default_allow) if best is None else Decision(best.allow, _reason(best_i, best))
+    )
+    if plain.allowed or not l7:
+        return plain
+    # Denied so far: admit when a more specific L7 allow rule could allow some request.
+    for i, rule in enumerate(intentions.rules):
+        if rule.permissions and rule.allow and _rank(rule, source) > best_rank:
+            return Decision(True, _reason(i, rule))
+    return plain
