@@ -1,0 +1,44 @@
+"""Errors of the registry layer, grouped by what the caller does next.
+
+Consul, HTTP and socket failures are translated into these at the boundary (registry/http.py and
+registry/consul.py); nothing above this layer catches OSError or parses status codes.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every hostmesh.registry error; str() is one line fit for a user."""
+
+
+class Unavailable(RegistryError):
+    """The peer (Consul, the CA, an agent) could not be reached, timed out or answered 5xx: retry later."""
+
+
+class Conflict(RegistryError):
+    """A check-and-set lost against a concurrent writer: re-read, then decide."""
+
+
+class NotFound(RegistryError):
+    """The key, service or document does not exist."""
+
+
+class PermissionDenied(RegistryError):
+    """Consul's ACLs refused the request: fix the token, do not retry."""
+
+
+class Rejected(RegistryError):
+    """The peer refused the request as invalid (4xx other than the above)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InvalidDocument(RegistryError):
+    """A config document failed validation; `path` names the field (`routes[1].to[0].weight`)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem

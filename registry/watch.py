@@ -1,0 +1,102 @@
+"""Blocking-query watches: follow one Consul result and report each change, forever, until cancelled.
+
+Index rules follow Consul's blocking-query guidance: the first call is non-blocking; an index that
+goes backwards (snapshot restore, agent restart) resets the watch to a fresh read; an index below 1
+is treated as 1 so the next call still blocks. Errors back off exponentially with full jitter and
+are reported to `on_error`; the last delivered value stays in force meanwhile (the caller's
+snapshot is never cleared by an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from hostmesh.registry.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKOFF_BASE = 0.1  # first retry after an error; Consul restarts in well under a second in dev
+BACKOFF_MAX = 5.0  # cap, so a recovered Consul is noticed within seconds
+MIN_INTERVAL = 0.005  # floor between two successful polls: protects Consul from a hot loop on churn
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX,
+                  rng: random.Random | None = None) -> float:  # fmt: skip
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], never below base/2."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return max(base / 2, (rng or random).uniform(0, ceiling))
+
+
+def next_index(previous: int | None, returned: int) -> int | None:
+    """The index to block on next; None means 'read fresh' (the index went backwards)."""
+    if previous is not None and returned < previous:
+        return None
+    return max(returned, 1)
+
+
+class Watch(Generic[T]):
+    """Follows `fetch(index) -> (index, value)`; calls `on_change(value)` when the index moves."""
+
+    def __init__(
+        self,
+        name: str,
+        fetch: Callable[[int | None], Awaitable[tuple[int, T]]],
+        on_change: Callable[[T], None],
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._fetch = fetch
+        self._on_change = on_change
+        self._on_error = on_error
+        self.index: int | None = None
+        self.first_result = asyncio.Event()  # set after the first successful read
+        self.healthy = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name=f"watch:{self.name}")
+        return self._task
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                returned, value = await self._fetch(self.index)
+            except RegistryError as exc:
+                self.healthy = False
+                if self._on_error:
+                    self._on_error(exc)
+                if failures == 0:
+                    log.warning("watch %s: %s; retrying with backoff", self.name, exc)
+                await asyncio.sleep(backoff_delay(failures))
+                failures += 1
+                continue
+            if failures:
+                log.info("watch %s: recovered after %d failed attempts", self.name, failures)
+            failures = 0
+            self.healthy = True
+            changed = self.index is None or returned != self.index
+            self.index = next_index(self.index, returned)
+            if changed:
+                try:
+                    self._on_change(value)
+                except Exception:
+                    log.exception("watch %s: change handler failed", self.name)
+            self.first_result.set()
+            await asyncio.sleep(MIN_INTERVAL)

@@ -1,0 +1,32 @@
+"""Fixtures shared by every test tier. See tests/support.py for what they wrap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ConsulDev
+
+
+@pytest.fixture(scope="session")
+def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
+    """One real Consul dev agent for the whole session. Tests use their own KV prefixes/service names."""
+    dev = ConsulDev(tmp_path_factory.mktemp("consul"))
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture
+def private_consul(tmp_path: Path) -> Iterator[ConsulDev]:
+    """A Consul dev agent of the test's own, for tests that stop or restart it."""
+    dev = ConsulDev(tmp_path, node="hostmesh-private")
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()

@@ -1,0 +1,136 @@
+"""The Consul layer against a real `consul agent -dev`: KV with CAS, transactions, services, health,
+blocking watches, and error translation at the boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+from hostmesh.registry.errors import Conflict, Unavailable
+from hostmesh.registry.watch import Watch, backoff_delay, next_index
+from tests.support import ConsulDev, async_wait_until, free_port
+
+pytestmark = pytest.mark.consul
+
+
+async def test_kv_roundtrip_and_cas(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        await c.kv_put("t/kv/a", b"one", cas=0)
+        entry = await c.kv_get("t/kv/a")
+        assert entry is not None and entry.value == b"one"
+        with pytest.raises(Conflict):
+            await c.kv_put("t/kv/a", b"again", cas=0)  # must-not-exist loses
+        await c.kv_put("t/kv/a", b"two", cas=entry.modify_index)
+        with pytest.raises(Conflict):
+            await c.kv_put("t/kv/a", b"stale", cas=entry.modify_index)  # stale index loses
+        assert (await c.kv_get("t/kv/a")).value == b"two"  # type: ignore[union-attr]
+        assert [e.key for e in await c.kv_list("t/kv/")] == ["t/kv/a"]
+        await c.kv_delete("t/kv/a")
+        assert await c.kv_get("t/kv/a") is None
+
+
+async def test_concurrent_create_if_absent_has_exactly_one_winner(consul: ConsulDev) -> None:
+    """The guarantee token redemption and document versions rest on (see ConsulClient.kv_put)."""
+    async with ConsulClient(consul.url) as c:
+        for trial in range(5):
+
+            async def create(i: int, key: str = f"t/race/{trial}") -> bool:
+                try:
+                    await c.kv_put(key, str(i).encode(), cas=0)
+                    return True
+                except Conflict:
+                    return False
+
+            results = await asyncio.gather(*(create(i) for i in range(8)))
+            assert sum(results) == 1, results
+
+
+async def test_txn_is_atomic_under_cas(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        await c.txn([{"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v1", "Index": 0}},
+                     {"KV": {"Verb": "set", "Key": "t/txn/history/1", "Value": b"v1"}}])  # fmt: skip
+        with pytest.raises(Conflict):
+            await c.txn([{"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v2", "Index": 0}},
+                         {"KV": {"Verb": "set", "Key": "t/txn/history/2", "Value": b"v2"}}])  # fmt: skip
+        assert await c.kv_get("t/txn/history/2") is None  # nothing of the failed txn applied
+
+
+async def test_register_health_and_deregister(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        reg = ServiceRegistration(
+            name="t-svc", id="t-svc-n1", address="127.0.0.1", port=15001,
+            meta={"hostmesh": "1", "version": "v1"},
+            checks=({"CheckID": "t-svc-n1-ttl", "Name": "ttl", "TTL": "10s", "Status": "critical"},),
+        )  # fmt: skip
+        await c.register_service(reg)
+        _, passing = await c.health_service("t-svc")
+        assert passing == []  # TTL check starts critical
+        await c.check_ttl("t-svc-n1-ttl", "pass")
+        _, passing = await c.health_service("t-svc")
+        assert [(i.id, i.port, i.meta["version"]) for i in passing] == [("t-svc-n1", 15001, "v1")]
+        await c.deregister_service("t-svc-n1")
+        _, everything = await c.health_service("t-svc", passing=False)
+        assert everything == []
+
+
+async def test_watch_delivers_changes_from_blocking_queries(consul: ConsulDev) -> None:
+    seen: list[bytes | None] = []
+    async with ConsulClient(consul.url) as c:
+
+        async def fetch(index: int | None) -> tuple[int, bytes | None]:
+            idx, entry = await c.kv_get_blocking("t/watch/k", index, wait=5)
+            return idx, entry.value if entry else None
+
+        watch = Watch("t/watch/k", fetch, seen.append)
+        watch.start()
+        try:
+            await asyncio.wait_for(watch.first_result.wait(), 5)
+            await c.kv_put("t/watch/k", b"1")
+            await async_wait_until(lambda: b"1" in seen, 5, "first change")
+            await c.kv_put("t/watch/k", b"2")
+            await async_wait_until(lambda: b"2" in seen, 5, "second change")
+        finally:
+            await watch.stop()
+    assert seen[0] is None and seen[-1] == b"2"
+
+
+async def test_watch_survives_consul_restart(private_consul: ConsulDev) -> None:
+    seen: list[bytes | None] = []
+    errors: list[Exception] = []
+    async with ConsulClient(private_consul.url) as c:
+
+        async def fetch(index: int | None) -> tuple[int, bytes | None]:
+            idx, entry = await c.kv_get_blocking("w", index, wait=2)
+            return idx, entry.value if entry else None
+
+        watch = Watch("w", fetch, seen.append, errors.append)
+        watch.start()
+        try:
+            await asyncio.wait_for(watch.first_result.wait(), 5)
+            await asyncio.to_thread(private_consul.restart)  # dev mode: the index restarts lower
+            await c.kv_put("w", b"after-restart")
+            await async_wait_until(lambda: b"after-restart" in seen, 15, "change after restart")
+        finally:
+            await watch.stop()
+
+
+async def test_unreachable_consul_is_unavailable() -> None:
+    async with ConsulClient(f"http://127.0.0.1:{free_port()}") as c:
+        with pytest.raises(Unavailable, match="connection refused"):
+            await c.kv_get("x")
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    rng = random.Random(7)
+    delays = [backoff_delay(n, 0.1, 5.0, rng) for n in range(40)]
+    assert all(0.05 <= d <= 5.0 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 30
+
+
+def test_next_index_resets_when_index_goes_backwards() -> None:
+    assert next_index(None, 0) == 1
+    assert next_index(10, 12) == 12
+    assert next_index(10, 3) is None
