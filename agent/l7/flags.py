@@ -1,0 +1,54 @@
+"""Response flags: the one place that names why the proxy, not the upstream app, shaped a response.
+
+Decision: Envoy's short flags (so operators can reuse what they know), joined with "," in the
+``response_flags`` metric label, the access log and the ``x-hostmesh-response-flags`` header that
+every proxy-generated error carries. Intention denial uses ``AUTHZ`` (Envoy's RBAC flag is ``RBAC``/
+``UAEX``; ours names the mesh concept).
+"""
+
+from __future__ import annotations
+
+NONE = "-"  # no flag: the label/log value when the upstream answered by itself
+
+UO = "UO"  # upstream overflow: connection / pending-request limit (circuit breaker) -> 503
+URX = "URX"  # retry limit exceeded (attempts used up or retry budget spent)
+UF = "UF"  # upstream connection failure -> 503
+UT = "UT"  # upstream request timeout -> 504
+UH = "UH"  # no healthy upstream -> 503
+FI = "FI"  # fault injection abort
+DI = "DI"  # fault injection delay
+RL = "RL"  # local rate limit -> 429
+NR = "NR"  # no route matched -> 404
+UC = "UC"  # upstream connection terminated mid-request -> 503/502
+UPE = "UPE"  # upstream protocol error (unparseable or smuggling-shaped response) -> 502
+DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversize head) -> 400/431
+AUTHZ = "AUTHZ"  # intention denied the call -> 403
+
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ)
+
+DESCRIPTIONS: dict[str, str] = {
+    UO: "upstream overflow (connection or pending-request limit)",
+    URX: "upstream retry limit exceeded",
+    UF: "upstream connection failure",
+    UT: "upstream request timeout",
+    UH: "no healthy upstream",
+    FI: "fault injected: abort",
+    DI: "fault injected: delay",
+    RL: "rate limited locally",
+    NR: "no route",
+    UC: "upstream connection termination",
+    UPE: "upstream protocol error",
+    DPE: "downstream protocol error",
+    AUTHZ: "denied by intention",
+}
+
+HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself
+
+
+def join(flags: list[str] | tuple[str, ...]) -> str:
+    """Label/log value of a set of flags, in the order they were raised; ``-`` when empty."""
+    if not flags:
+        return NONE
+    if len(flags) == 1:
+        return flags[0]
+    return ",".join(dict.fromkeys(flags))

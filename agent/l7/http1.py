@@ -1,0 +1,684 @@
+"""HTTP/1.1 framing and head hygiene: what the proxy accepts, how bodies are delimited, what it forwards.
+
+Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode):
+
+- Request smuggling shapes answer **400** and close: Content-Length together with Transfer-Encoding,
+  a repeated Content-Length (differing or not; llhttp rejects both), a Content-Length that is not a
+  plain decimal, obs-fold (a header line starting with SP/HTAB), an invalid chunk size, a
+  Transfer-Encoding whose final coding is not ``chunked``. A transfer coding other than plain
+  ``chunked`` answers **501**; Transfer-Encoding in an HTTP/1.0 request answers 400. HTTP/0.9 is 400.
+- A request head above :data:`MAX_HEAD_BYTES` or with more than :data:`MAX_HEADER_COUNT` fields
+  answers **431**. The count is kept across reads, so a slow client cannot grow the parser's buffer.
+- Hop-by-hop fields (RFC 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
+  Transfer-Encoding, Upgrade, plus every field named in Connection) are dropped when forwarding;
+  for a WebSocket upgrade the ``Upgrade`` field and ``Connection: upgrade`` are kept so the upstream
+  can switch protocols, and after the 101 both sides are a byte tunnel. Other upgrades (h2c) are
+  ignored: the request is served as plain HTTP/1.1.
+- Keep-alive: HTTP/1.1 persists unless ``Connection: close``; HTTP/1.0 persists only with
+  ``Connection: keep-alive``. A 1.0 client never receives chunked: a response without a length is
+  sent until close. A 1.1 client receives a close-delimited upstream body re-chunked, so its
+  connection survives.
+- ``Expect: 100-continue`` (HTTP/1.1 only; ignored in 1.0 as RFC 9110 §10.1.1 requires): the proxy
+  answers :data:`CONTINUE` itself once its local decisions (route, authorization, limits) pass and
+  drops ``Expect`` upstream, so refusals (403/429/503) reach the client before it sends the body.
+  Any other expectation answers **417**.
+- CONNECT is not a mesh operation: **405**.
+- Bodies stream: :class:`RequestFramer` / :class:`ResponseFramer` turn bytes into events as they
+  arrive and never hold a whole body. Header names are lower-cased (HTTP field names are
+  case-insensitive); values are passed through byte for byte.
+"""
+
+from __future__ import annotations
+
+import functools
+from http import HTTPStatus
+from typing import NamedTuple
+
+import httptools
+
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.l7.errors import ProtocolError
+
+MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
+MAX_HEADER_COUNT = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
+MAX_TRAILER_BYTES = 16 * 1024  # trailers are rare and small; bounds what a chunked body can make us hold
+
+Headers = list[tuple[bytes, bytes]]
+
+# body framing kinds
+NO_BODY = 0
+LENGTH = 1
+CHUNKED = 2
+UNTIL_CLOSE = 3  # responses only: the body ends when the upstream closes
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CRLF = b"\r\n"
+
+_V10 = b"1.0"
+_V11 = b"1.1"
+_VERSIONS = {"1.1": _V11, "1.0": _V10}
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t for t in (p.strip().lower() for p in value.split(b",")) if t]
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """Value of ``name`` (lower-case); repeated fields joined with ``,`` as RFC 9110 §5.3 allows."""
+    found: bytes | None = None
+    for n, v in headers:
+        if n == name:
+            found = v if found is None else found + b"," + v
+    return found
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Lower-cased tokens of every ``Connection`` field."""
+    toks: list[bytes] = []
+    for n, v in headers:
+        if n == b"connection":
+            toks.extend(_tokens(v))
+    return frozenset(toks)
+
+
+def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
+    """(kind, content_length) of a request body, or :class:`ProtocolError` for a smuggling shape."""
+    cl: int | None = None
+    te: bytes | None = None
+    for n, v in headers:
+        if n == b"content-length":
+            if cl is not None:
+                raise ProtocolError(400, "repeated-content-length")
+            cl = _parse_length(v)
+        elif n == b"transfer-encoding":
+            te = v if te is None else te + b"," + v
+    if te is not None:
+        if cl is not None:
+            raise ProtocolError(400, "cl-and-te")
+        if version == _V10:
+            raise ProtocolError(400, "te-in-http10")
+        codings = _tokens(te)
+        if not codings or codings[-1] != b"chunked":
+            raise ProtocolError(400, "bad-transfer-encoding")
+        if len(codings) != 1:
+            raise ProtocolError(501, "unsupported-transfer-coding")
+        return CHUNKED, 0
+    if cl:
+        return LENGTH, cl
+    return NO_BODY, 0
+
+
+def response_framing(request_method: bytes, status: int, headers: Headers) -> tuple[int, int]:
+    """(kind, content_length) of a response body (RFC 9112 §6.3), or :class:`ProtocolError` (502)."""
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY, 0
+    cl: int | None = None
+    te: bytes | None = None
+    for n, v in headers:
+        if n == b"content-length":
+            try:
+                length = _parse_length(v)
+            except ProtocolError:
+                raise ProtocolError(502, "upstream-bad-content-length", flags.UPE) from None
+            if cl is not None and cl != length:
+                raise ProtocolError(502, "upstream-conflicting-content-length", flags.UPE)
+            cl = length
+        elif n == b"transfer-encoding":
+            te = v if te is None else te + b"," + v
+    if te is not None:
+        if cl is not None:
+            raise ProtocolError(502, "upstream-cl-and-te", flags.UPE)
+        codings = _tokens(te)
+        if codings == [b"chunked"]:
+            return CHUNKED, 0
+        return UNTIL_CLOSE, 0
+    if cl is not None:
+        return (LENGTH, cl) if cl else (NO_BODY, 0)
+    return UNTIL_CLOSE, 0
+
+
+def _parse_length(v: bytes) -> int:
+    v = v.strip()
+    if not v.isdigit() or len(v) > 18:  # isdigit on bytes is ASCII-only; 18 digits < 2**63
+        raise ProtocolError(400, "bad-content-length")
+    return int(v)
+
+
+def request_keep_alive(version: bytes, headers: Headers) -> bool:
+    """Whether the client's connection may carry another request after this one."""
+    toks = connection_tokens(headers)
+    if b"close" in toks:
+        return False
+    if version == _V11:
+        return True
+    return b"keep-alive" in toks
+
+
+def response_keep_alive(version: bytes, headers: Headers, framing: int) -> bool:
+    """Whether the upstream connection may be reused after this response."""
+    return framing != UNTIL_CLOSE and request_keep_alive(version, headers)
+
+
+def expects_continue(version: bytes, headers: Headers) -> bool:
+    """True for ``Expect: 100-continue`` on HTTP/1.1; :class:`ProtocolError` (417) for others."""
+    expect = header_value(headers, b"expect")
+    if expect is None or version != _V11:
+        return False
+    if expect.strip().lower() == b"100-continue":
+        return True
+    raise ProtocolError(417, "unsupported-expectation")
+
+
+def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> bool:
+    """A GET on HTTP/1.1 asking ``Connection: upgrade`` + ``Upgrade: websocket``."""
+    if method != b"GET" or version != _V11:
+        return False
+    up = header_value(headers, b"upgrade")
+    return up is not None and b"websocket" in _tokens(up) and b"upgrade" in connection_tokens(headers)
+
+
+def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
+    """Headers without hop-by-hop fields (and without ``Expect``, answered locally).
+
+    With ``tunnel`` (a WebSocket upgrade or its 101 answer) ``Upgrade`` is kept and
+    ``Connection: upgrade`` set. Returns the input list itself when nothing needs dropping.
+    """
+    named: frozenset[bytes] | None = None
+    for n, _ in headers:
+        if n in HOP_BY_HOP or n == b"expect":
+            named = connection_tokens(headers)
+            break
+    if named is None:
+        return headers
+    out = [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named and n != b"expect"]
+    if tunnel:
+        up = header_value(headers, b"upgrade")
+        if up is not None:
+            out.append((b"connection", b"upgrade"))
+            out.append((b"upgrade", up))
+    return out
+
+
+# downstream response plans: (framing to send, keep the client connection)
+def downstream_response_plan(
+    client_version: bytes, client_keep_alive: bool, upstream_framing: int
+) -> tuple[int, bool]:
+    """How to send an upstream body to the client: (framing, keep_alive).
+
+    1.1 client: same framing, close-delimited bodies re-chunked. 1.0 client: never chunked; a body
+    without a length is sent until close.
+    """
+    if upstream_framing in (NO_BODY, LENGTH):
+        return upstream_framing, client_keep_alive
+    if client_version == _V11:
+        return CHUNKED, client_keep_alive
+    return UNTIL_CLOSE, False
+
+
+def connection_header(client_version: bytes, keep_alive: bool) -> tuple[bytes, bytes] | None:
+    """The ``Connection`` field the proxy adds for the client, or None when the default holds."""
+    if client_version == _V11:
+        return None if keep_alive else (b"connection", b"close")
+    return (b"connection", b"keep-alive") if keep_alive else (b"connection", b"close")
+
+
+def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
+    """The framing field to add after :func:`forward_headers` dropped Transfer-Encoding."""
+    if framing == CHUNKED:
+        return (b"transfer-encoding", b"chunked")
+    return None
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
+    """``METHOD target HTTP/x.y`` + fields + blank line."""
+    return b"".join(
+        [method, b" ", target, b" HTTP/", version, CRLF, *[n + b": " + v + CRLF for n, v in headers], CRLF]
+    )
+
+
+def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
+    """``HTTP/x.y status reason`` + fields + blank line."""
+    if reason is None:
+        reason = REASONS.get(status, b"Unknown")
+    return b"".join(
+        [
+            b"HTTP/",
+            version,
+            b" %d " % status,
+            reason,
+            CRLF,
+            *[n + b": " + v + CRLF for n, v in headers],
+            CRLF,
+        ]
+    )
+
+
+def chunk_header(size: int) -> bytes:
+    """Chunk-size line for a chunk of ``size`` bytes (write header, data, CRLF: no copy of data)."""
+    return b"%x\r\n" % size
+
+
+def last_chunk(trailers: Headers | tuple[()] = ()) -> bytes:
+    """Terminating zero chunk with optional trailer fields."""
+    if not trailers:
+        return LAST_CHUNK
+    return b"".join([b"0\r\n", *[n + b": " + v + CRLF for n, v in trailers], CRLF])
+
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+@functools.lru_cache(maxsize=256)
+def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "") -> bytes:
+    """A complete response the proxy generates itself, carrying the response-flag header."""
+    body = ((detail or REASONS.get(status, b"").decode()) + "\n").encode()
+    headers: Headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"%d" % len(body)),
+        (flags.HEADER, flag.encode()),
+    ]
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    return serialize_response_head(_V11, status, None, headers) + body
+
+
+_PARSER_ERRORS: tuple[tuple[str, int, str], ...] = (
+    # (substring of llhttp's message, status, reason token)
+    ("Content-Length can't be present", 400, "cl-and-te"),
+    ("Transfer-Encoding can't be present", 400, "cl-and-te"),
+    ("Duplicate Content-Length", 400, "repeated-content-length"),
+    ("Content-Length", 400, "bad-content-length"),
+    ("Unexpected whitespace after header value", 400, "obs-fold"),
+    ("chunk size", 400, "bad-chunk-size"),
+    ("Chunk size", 400, "bad-chunk-size"),
+    ("Transfer-Encoding", 400, "bad-transfer-encoding"),
+    ("Invalid method", 400, "bad-method"),
+    ("URL", 400, "bad-target"),
+    ("header", 400, "bad-header"),
+)
+
+
+def classify_parser_error(message: str) -> tuple[int, str]:
+    """(status, reason token) for an llhttp error message."""
+    for needle, status, reason in _PARSER_ERRORS:
+        if needle in message:
+            return status, reason
+    return 400, "bad-request"
+
+
+# --------------------------------------------------------------------------- incremental framers
+
+
+class RequestHead(NamedTuple):
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1" or b"1.0"
+    headers: Headers  # names lower-cased, arrival order
+    keep_alive: bool
+    framing: int  # NO_BODY | LENGTH | CHUNKED
+    content_length: int
+    expect_continue: bool
+    upgrade: bool  # WebSocket: after the upstream's 101 the connection is a tunnel
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Headers
+    keep_alive: bool  # upstream connection reusable after this response
+    framing: int  # NO_BODY | LENGTH | CHUNKED | UNTIL_CLOSE
+    content_length: int
+
+
+class Informational(NamedTuple):  # 1xx other than 101 (e.g. 100 Continue, 103 Early Hints)
+    status: int
+    headers: Headers
+
+
+class Body(NamedTuple):
+    data: bytes
+
+
+class EndOfMessage(NamedTuple):
+    trailers: Headers
+
+
+class TunnelData(NamedTuple):  # bytes after an upgrade: forward as-is
+    data: bytes
+
+
+class Reject(NamedTuple):  # the peer broke the protocol: answer ``status`` (if still possible) and close
+    status: int
+    reason: str
+    flag: str
+
+
+Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | TunnelData | Reject
+
+_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD = range(5)
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to abandon the message (the reason is already recorded)."""
+
+
+class _Framer:
+    """Shared state machine over an httptools parser; subclasses build the head event."""
+
+    __slots__ = (
+        "_cb_bytes",
+        "_events",
+        "_head_raw",
+        "_headers",
+        "_heads_done",
+        "_max_head",
+        "_max_headers",
+        "_parser",
+        "_reason",
+        "_state",
+        "_trailer_bytes",
+        "_trailers",
+        "_upgrade_ok",
+        "_url",
+    )
+
+    _parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
+    def __init__(self, max_head_bytes: int, max_headers: int) -> None:
+        self._max_head = max_head_bytes
+        self._max_headers = max_headers
+        self._events: list[Event] = []
+        self._state = _IDLE
+        self._url = b""
+        self._reason = b""
+        self._headers: Headers = []
+        self._trailers: Headers = []
+        self._cb_bytes = 0
+        self._head_raw = 0
+        self._heads_done = 0
+        self._trailer_bytes = 0
+        self._upgrade_ok = False
+        self._parser = self._new_parser()
+
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        raise NotImplementedError
+
+    @property
+    def awaiting_head(self) -> bool:
+        """True between messages or inside a head: the proxy's header-read timer applies."""
+        return self._state in (_IDLE, _HEAD)
+
+    @property
+    def broken(self) -> bool:
+        """True once a Reject was emitted; further input is ignored."""
+        return self._state == _DEAD
+
+    # ---- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._state = _HEAD
+        self._url = b""
+        self._reason = b""
+        self._headers = []
+        self._trailers = []
+        self._cb_bytes = 0
+        self._head_raw = 0
+        self._trailer_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._cb_bytes += len(url)
+        if self._cb_bytes > self._max_head:
+            self._fail(431, "head-too-large")
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == _BODY:  # chunked trailer field
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                self._fail(400, "trailers-too-large")
+            self._trailers.append((name.lower(), value))
+            return
+        self._cb_bytes += len(name) + len(value) + 4
+        self._headers.append((name.lower(), value))
+        if len(self._headers) > self._max_headers:
+            self._fail(431, "too-many-headers")
+        if self._cb_bytes > self._max_head:
+            self._fail(431, "head-too-large")
+
+    def on_headers_complete(self) -> None:
+        self._heads_done += 1
+        self._state = _BODY
+        try:
+            self._events.append(self._head_event())
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._state = _IDLE
+        self._complete()
+
+    def _complete(self) -> None:
+        self._events.append(EndOfMessage(self._trailers))
+
+    def _head_event(self) -> Event:
+        raise NotImplementedError
+
+    def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> None:
+        self._events.append(Reject(status, reason, flag))
+        self._state = _DEAD
+        raise _Stop
+
+    def _error_flag(self) -> str:
+        return flags.DPE
+
+    def _error_status(self, status: int) -> int:
+        return status
+
+    # ---- feeding
+    def _feed(self, data: bytes) -> list[Event]:
+        events = self._events = []
+        if self._state == _DEAD or not data:
+            return events
+        if self._state == _TUNNEL:
+            events.append(TunnelData(data))
+            return events
+        start_state = self._state
+        heads_before = self._heads_done
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = int(exc.args[0]) if exc.args else len(data)
+            rest = data[offset:]
+            if self._upgrade_ok:
+                self._state = _TUNNEL
+                if rest:
+                    events.append(TunnelData(rest))
+            else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
+                self._parser = self._new_parser()
+                self._state = _IDLE
+                events.extend(self._feed(rest))
+                self._events = events
+            return events
+        except httptools.HttpParserCallbackError:
+            self._state = _DEAD  # _fail recorded the Reject
+            return events
+        except httptools.HttpParserError as exc:
+            status, reason = classify_parser_error(str(exc))
+            events.append(Reject(self._error_status(status), reason, self._error_flag()))
+            self._state = _DEAD
+            return events
+        if self._state == _HEAD:
+            # head bytes across reads: exact when the whole read belongs to this head, else the
+            # callback estimate (the remainder of this read is bounded by the transport's read size)
+            if start_state in (_IDLE, _HEAD) and self._heads_done == heads_before:
+                self._head_raw += len(data)
+            else:
+                self._head_raw = self._cb_bytes
+            if self._head_raw > self._max_head:
+                events.append(Reject(self._error_status(431), "head-too-large", self._error_flag()))
+                self._state = _DEAD
+        return events
+
+
+class RequestFramer(_Framer):
+    """Incremental HTTP/1.1 request framer for an ``asyncio.Protocol``: ``feed(bytes) -> events``.
+
+    Events, in order per request: :class:`RequestHead`, :class:`Body`*, :class:`EndOfMessage`; after a
+    WebSocket head, :class:`TunnelData` for every further byte; :class:`Reject` ends the connection.
+    Pipelined requests come out in order; the proxy pauses reading while it serves one.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADER_COUNT) -> None:
+        super().__init__(max_head_bytes, max_headers)
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        return httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._feed(data)
+
+    def eof(self) -> list[Event]:
+        """The client closed its sending side: a request cut short is a protocol error."""
+        if self._state in (_HEAD, _BODY):
+            self._state = _DEAD
+            return [Reject(400, "truncated-request", flags.DPE)]
+        return []
+
+    def _head_event(self) -> RequestHead:
+        p = self._parser
+        version = _VERSIONS.get(p.get_http_version())
+        if version is None:
+            raise ProtocolError(400, "unsupported-version")
+        method = p.get_method()
+        if method == b"CONNECT":
+            raise ProtocolError(405, "connect-unsupported")
+        headers = self._headers
+        framing, length = request_framing(version, headers)
+        upgrade = is_websocket_upgrade(method, version, headers)
+        self._upgrade_ok = upgrade
+        return RequestHead(
+            method,
+            self._url,
+            version,
+            headers,
+            request_keep_alive(version, headers),
+            framing,
+            length,
+            expects_continue(version, headers),
+            upgrade,
+        )
+
+
+class ResponseFramer(_Framer):
+    """Incremental HTTP/1.1 response framer for the upstream side: ``feed(bytes) -> events``.
+
+    Call :meth:`expect` with the request method before each request is sent: responses to HEAD carry
+    no body whatever their Content-Length. Events: :class:`Informational`* (1xx), :class:`ResponseHead`,
+    :class:`Body`*, :class:`EndOfMessage`; after a 101, :class:`TunnelData`. Upstream protocol errors
+    come out as :class:`Reject` with status 502 and flag UPE. A close-delimited body ends at :meth:`eof`.
+    """
+
+    __slots__ = ("_head_pending", "_informational", "_method", "_pending", "_until_close")
+
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADER_COUNT) -> None:
+        super().__init__(max_head_bytes, max_headers)
+        self._method = b"GET"
+        self._head_pending = False
+        self._pending = b""
+        self._informational = False
+        self._until_close = False
+
+    def _new_parser(self) -> httptools.HttpResponseParser:
+        return httptools.HttpResponseParser(self)
+
+    def expect(self, method: bytes) -> None:
+        self._method = method
+        self._head_pending = method == b"HEAD"
+
+    def feed(self, data: bytes) -> list[Event]:
+        if not self._head_pending:
+            return self._feed(data)
+        # HEAD: llhttp cannot be told to skip a body, so feed it exactly the head and end it here
+        buf = self._pending + data if self._pending else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self._max_head:
+                self._state = _DEAD
+                return [Reject(502, "head-too-large", flags.UPE)]
+            self._pending = buf
+            return []
+        self._pending = b""
+        self._head_pending = False
+        events = self._feed(buf[: end + 4])
+        if self._state != _BODY:
+            return events
+        events.append(EndOfMessage([]))
+        self._parser = self._new_parser()
+        self._state = _IDLE
+        rest = buf[end + 4 :]
+        if rest:  # we never pipeline, so nothing may follow a response to HEAD
+            events.append(Reject(502, "unexpected-data", flags.UPE))
+            self._state = _DEAD
+        return events
+
+    def eof(self) -> list[Event]:
+        """The upstream closed: ends a close-delimited body, else a cut-short response is an error."""
+        if self._state == _BODY and self._until_close:
+            self._state = _IDLE
+            return [EndOfMessage([])]
+        if self._state in (_HEAD, _BODY) or self._head_pending:
+            self._state = _DEAD
+            return [Reject(502, "upstream-truncated", flags.UC)]
+        return []
+
+    def _error_flag(self) -> str:
+        return flags.UPE
+
+    def _error_status(self, status: int) -> int:
+        return 502
+
+    def _complete(self) -> None:
+        if self._informational:
+            return
+        self._events.append(EndOfMessage(self._trailers))
+
+    def _head_event(self) -> Event:
+        p = self._parser
+        status = p.get_status_code()
+        headers = self._headers
+        version = _VERSIONS.get(p.get_http_version(), _V10)
+        if 100 <= status < 200 and status != 101:
+            self._informational = True
+            return Informational(status, headers)
+        self._informational = False
+        framing, length = response_framing(self._method, status, headers)
+        self._upgrade_ok = status == 101
+        self._until_close = framing == UNTIL_CLOSE
+        return ResponseHead(
+            status,
+            self._reason,
+            version,
+            headers,
+            response_keep_alive(version, headers, framing),
+            framing,
+            length,
+        )
