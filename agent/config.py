@@ -1,0 +1,319 @@
+"""agent.toml: parsed once into frozen dataclasses; every mistake is one line naming the key.
+
+The keys of DESIGN.md are the contract; additions are documented on the dataclass fields below.
+Validation is pure (`parse_config(dict)`), so tests need no files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostmesh.ca.pki import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
+
+DEFAULT_INBOUND = "0.0.0.0:15001"
+DEFAULT_ADMIN = "127.0.0.1:15000"
+DEFAULT_METRICS = "0.0.0.0:15090"
+DEFAULT_DATA_DIR = "/var/lib/hostmesh"
+DEFAULT_DRAIN_SECONDS = 10.0  # SIGTERM: how long open connections may finish before being cut
+MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
+PROTOCOLS = ("tcp", "http")
+LOAD_BALANCERS = ("round_robin", "least_connections")
+
+
+class ConfigError(Exception):
+    """agent.toml is unusable; str() is one line naming the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    service: str
+    bind: Address
+    load_balancer: str = "round_robin"  # L4 pick: round_robin | least_connections
+    connect_timeout: float = 1.0  # seconds per attempt to dial one instance's agent
+    connect_budget: float = 3.0  # seconds in all, across instances, before the downstream is closed
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    http: str | None = None  # path probed on 127.0.0.1:<port>
+    tcp: bool = False  # connect probe
+    interval: float = 5.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    port: int
+    protocol: str = "tcp"
+    meta: dict[str, str] = field(default_factory=dict)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulConfig:
+    address: str | None = None  # None: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
+    token: str | None = None  # None: $CONSUL_HTTP_TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class CAConfig:
+    pin: str
+    address: str | None = None  # None: discover `hostmesh-ca` in Consul
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node: str
+    mesh_address: str
+    data_dir: Path
+    inbound: Address
+    admin: Address
+    metrics: Address | None
+    consul: ConsulConfig
+    ca: CAConfig
+    services: tuple[ServiceConfig, ...]
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    default_intention: str = "allow"  # when a service has no intentions document: allow | deny
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    workers: int = 1
+    log_level: str = "info"
+
+    def service(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.services if s.name == name), None)
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def _fail(path: str, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: {problem}")
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], path: str) -> None:
+    for key in table:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else key
+            hint = _closest(key, allowed)
+            raise _fail(where, f"unknown key{f' (did you mean {hint!r}?)' if hint else ''}")
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _str(table: dict[str, Any], key: str, path: str, default: str | None = None) -> str | None:
+    value = table.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise _fail(f"{path}{key}", f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(table: dict[str, Any], key: str, path: str, default: float, lo: float, hi: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise _fail(f"{path}{key}", f"must be a number in {lo:g}..{hi:g}")
+    return float(value)
+
+
+def parse_address(text: Any, path: str) -> Address:
+    if not isinstance(text, str):
+        raise _fail(path, "must be a string like '127.0.0.1:15000'")
+    host, sep, port_s = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise _fail(path, f"{text!r} is not host:port")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise _fail(path, f"{host!r} must be an IP address (or localhost)") from None
+        host = "127.0.0.1"
+    return Address(host, int(port_s))
+
+
+def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
+    if not isinstance(raw, dict):
+        raise _fail(path, "must be a table")
+    _check_keys(raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget"}, path)
+    service = _str(raw, "service", f"{path}.")
+    if not service or not valid_service_name(service):
+        raise _fail(f"{path}.service", "must be a lowercase DNS label")
+    if "bind" not in raw:
+        raise _fail(f"{path}.bind", "is required")
+    lb = _str(raw, "load_balancer", f"{path}.", "round_robin")
+    if lb not in LOAD_BALANCERS:
+        raise _fail(f"{path}.load_balancer", f"must be one of {', '.join(LOAD_BALANCERS)}")
+    return UpstreamConfig(
+        service=service,
+        bind=parse_address(raw["bind"], f"{path}.bind"),
+        load_balancer=lb,
+        connect_timeout=_number(raw, "connect_timeout", f"{path}.", 1.0, 0.01, 60),
+        connect_budget=_number(raw, "connect_budget", f"{path}.", 3.0, 0.01, 300),
+    )
+
+
+def _parse_health(raw: Any, path: str) -> HealthConfig:
+    if not isinstance(raw, dict):
+        raise _fail(path, 'must be a table like { http = "/healthz" } or { tcp = true }')
+    _check_keys(raw, {"http", "tcp", "interval", "timeout"}, path)
+    http = _str(raw, "http", f"{path}.")
+    if http is not None and not http.startswith("/"):
+        raise _fail(f"{path}.http", "must be a path starting with /")
+    tcp = raw.get("tcp", False)
+    if not isinstance(tcp, bool):
+        raise _fail(f"{path}.tcp", "must be true or false")
+    return HealthConfig(
+        http=http,
+        tcp=tcp,
+        interval=_number(raw, "interval", f"{path}.", 5.0, 0.1, 3600),
+        timeout=_number(raw, "timeout", f"{path}.", 2.0, 0.05, 60),
+    )
+
+
+def _parse_service(raw: Any, path: str) -> ServiceConfig:
+    if not isinstance(raw, dict):
+        raise _fail(path, "must be a table")
+    _check_keys(raw, {"name", "port", "protocol", "meta", "health", "upstreams"}, path)
+    name = _str(raw, "name", f"{path}.")
+    if not name or not valid_service_name(name):
+        raise _fail(f"{path}.name", "must be a lowercase DNS label (a-z, 0-9, -)")
+    port = raw.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise _fail(f"{path}.port", "must be an integer in 1..65535")
+    protocol = _str(raw, "protocol", f"{path}.", "tcp")
+    if protocol not in PROTOCOLS:
+        raise _fail(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _fail(f"{path}.meta", "must be a table of strings")
+    if "hostmesh" in meta or "protocol" in meta:
+        raise _fail(f"{path}.meta", "'hostmesh' and 'protocol' are set by the agent")
+    ups_raw = raw.get("upstreams", [])
+    if not isinstance(ups_raw, list):
+        raise _fail(f"{path}.upstreams", "must be an array of tables ([[services.upstreams]])")
+    upstreams = tuple(_parse_upstream(u, f"{path}.upstreams[{i}]") for i, u in enumerate(ups_raw))
+    return ServiceConfig(
+        name=name,
+        port=port,
+        protocol=protocol,  # type: ignore[arg-type]
+        meta=dict(meta),
+        health=_parse_health(raw.get("health", {"tcp": True}), f"{path}.health"),
+        upstreams=upstreams,
+    )
+
+
+TOP_KEYS = {"node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "consul", "ca", "services",
+            "trust_domain", "default_intention", "drain_seconds", "workers", "log_level"}  # fmt: skip
+
+
+def parse_config(raw: dict[str, Any]) -> AgentConfig:
+    _check_keys(raw, TOP_KEYS, "")
+    node = _str(raw, "node", "", None) or socket.gethostname()
+    mesh_address = _str(raw, "mesh_address", "", "127.0.0.1") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(mesh_address)
+    except ValueError:
+        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial") from None
+    trust_domain = _str(raw, "trust_domain", "", DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN
+    if not valid_trust_domain(trust_domain):
+        raise _fail("trust_domain", "must be a lowercase DNS name")
+
+    consul_raw = raw.get("consul", {})
+    if not isinstance(consul_raw, dict):
+        raise _fail("consul", "must be a table")
+    _check_keys(consul_raw, {"address", "token"}, "consul")
+    consul = ConsulConfig(
+        address=_str(consul_raw, "address", "consul."), token=_str(consul_raw, "token", "consul.")
+    )
+
+    ca_raw = raw.get("ca")
+    if not isinstance(ca_raw, dict):
+        raise _fail("ca", 'is required: a table with at least pin = "sha256:…"')
+    _check_keys(ca_raw, {"address", "pin", "token_file"}, "ca")
+    pin = _str(ca_raw, "pin", "ca.")
+    if not pin or not pin.startswith("sha256:") or len(pin) != 7 + 64:
+        raise _fail("ca.pin", "must be 'sha256:<64 hex>' as printed by `hostmesh ca init`")
+    token_file = _str(ca_raw, "token_file", "ca.")
+    ca = CAConfig(
+        pin=pin, address=_str(ca_raw, "address", "ca."), token_file=Path(token_file) if token_file else None
+    )
+
+    services_raw = raw.get("services", [])
+    if not isinstance(services_raw, list) or not services_raw:
+        raise _fail("services", "at least one [[services]] table is required")
+    services = tuple(_parse_service(s, f"services[{i}]") for i, s in enumerate(services_raw))
+    names = [s.name for s in services]
+    if len(set(names)) != len(names):
+        raise _fail("services", "service names must be unique")
+    binds = [str(u.bind) for s in services for u in s.upstreams]
+    if len(set(binds)) != len(binds):
+        raise _fail("services", "two upstreams bind the same address")
+
+    default_intention = _str(raw, "default_intention", "", "allow")
+    if default_intention not in ("allow", "deny"):
+        raise _fail("default_intention", "must be allow or deny")
+    workers = raw.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise _fail("workers", f"must be an integer in 1..{MAX_WORKERS}")
+    log_level = _str(raw, "log_level", "", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise _fail("log_level", "must be debug, info, warning or error")
+    metrics_raw = raw.get("metrics", DEFAULT_METRICS)
+    return AgentConfig(
+        node=node,
+        mesh_address=mesh_address,
+        data_dir=Path(_str(raw, "data_dir", "", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR),
+        inbound=parse_address(raw.get("inbound", DEFAULT_INBOUND), "inbound"),
+        admin=parse_address(raw.get("admin", DEFAULT_ADMIN), "admin"),
+        metrics=None if metrics_raw in ("", "off") else parse_address(metrics_raw, "metrics"),
+        consul=consul,
+        ca=ca,
+        services=services,
+        trust_domain=trust_domain,
+        default_intention=default_intention,  # type: ignore[arg-type]
+        drain_seconds=_number(raw, "drain_seconds", "", DEFAULT_DRAIN_SECONDS, 0, 3600),
+        workers=workers,
+        log_level=log_level or "info",
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def env_or(value: str | None, env: str) -> str | None:
+    return value if value is not None else os.environ.get(env)

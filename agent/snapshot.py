@@ -1,0 +1,98 @@
+"""The agent's one immutable view of the world, and the single reference that is swapped.
+
+Everything the data path decides with — local services, upstream endpoints, intentions, routes,
+TLS material — lives in one frozen `Snapshot`. Watches feed `SnapshotBuilder` (agent/discovery.py);
+a new snapshot replaces the old by rebinding `SnapshotHolder.current`. A connection or request
+reads `holder.current` once and keeps that snapshot for its whole life, so a change never tears
+an in-flight decision and established connections are never dropped by a config change.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from hostmesh.ca.pki import Identity
+
+if TYPE_CHECKING:
+    from hostmesh.registry.schema import Intentions
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One healthy instance of an upstream: the address of *its agent's* inbound mTLS port."""
+
+    instance_id: str
+    node: str
+    address: str
+    port: int
+    meta: Mapping[str, str] = EMPTY
+
+    @property
+    def zone(self) -> str | None:
+        return self.meta.get("zone")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalService:
+    name: str
+    port: int  # the app listens on 127.0.0.1:<port>
+    protocol: str  # tcp | http
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMaterial:
+    """SSL contexts built from the current certs and trust bundle; rebuilt only when those change."""
+
+    generation: int
+    roots_pem: str
+    server: Mapping[str, ssl.SSLContext]  # local service -> inbound context presenting its cert
+    client: Mapping[str, ssl.SSLContext]  # local service -> outbound context presenting its cert
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    generation: int
+    node: str
+    trust_domain: str
+    local: Mapping[str, LocalService]
+    endpoints: Mapping[str, tuple[Endpoint, ...]]  # upstream service -> passing instances
+    intentions: Mapping[str, Intentions]  # local service -> document (absent: no document)
+    default_allow: bool
+    tls: TLSMaterial
+    routes: Mapping[str, Any] = EMPTY  # upstream service -> parsed route document (L7)
+    policies: Mapping[str, Any] = EMPTY  # upstream service -> parsed destination policy (L7)
+    versions: Mapping[str, int] = EMPTY  # source name ("intentions/api", "endpoints/api", …) -> version/index
+    built_at: float = field(default_factory=time.time)
+
+    def local_by_sni(self, sni: str | None) -> LocalService | None:
+        if not sni:
+            return None
+        ident = Identity.from_sni(sni)
+        if ident is None or ident.trust_domain != self.trust_domain:
+            return None
+        svc = self.local.get(ident.service)
+        return svc if svc is not None and svc.identity == ident else None
+
+
+class SnapshotHolder:
+    """Owns the current snapshot. `current` is read without locks: rebinding is atomic in CPython."""
+
+    def __init__(self, initial: Snapshot) -> None:
+        self.current = initial
+        self._listeners: list[Callable[[Snapshot], None]] = []
+
+    def swap(self, new: Snapshot) -> None:
+        self.current = new
+        for listener in self._listeners:
+            listener(new)
+
+    def subscribe(self, listener: Callable[[Snapshot], None]) -> None:
+        self._listeners.append(listener)
