@@ -73,6 +73,13 @@ def _fields(
     return dict(data)
 
 
+def _mapping(data: object, path: str) -> dict[str, Any]:
+    """A free-form mapping with string keys (header names, subset names, meta selectors)."""
+    if not isinstance(data, Mapping):
+        raise InvalidDocument(path or "document", f"must be an object, got {_typename(data)}")
+    return _fields(data, path, optional=tuple(k for k in data if isinstance(k, str)))
+
+
 def _one_of_keys(data: object, path: str, choices: tuple[str, ...]) -> tuple[str, Any]:
     """A mapping with exactly one key out of `choices` (`{"prefix": "/api"}`)."""
     fields = _fields(data, path, optional=choices)
@@ -359,3 +366,634 @@ def intentions_to_json(doc: Intentions) -> dict[str, Any]:
         rules.append(rj)
     out["rules"] = rules
     return out
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+RETRY_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "gateway-error"})  # safe for non-idempotent calls
+DEFAULT_BACKOFF_BASE = 0.025  # Envoy's default: 25 ms, doubling per retry, with jitter
+DEFAULT_BACKOFF_MAX = 0.25  # 10 x base, as in Envoy
+DEFAULT_BUDGET_PERCENT = 20.0  # retries in flight may be at most 20 % of active requests (Envoy's default)
+DEFAULT_MIN_RETRY_CONCURRENCY = 3  # ...but a quiet service may always have 3 retries in flight
+# Framing and connection management belong to the proxy; rewriting them would break the protocol.
+PROTECTED_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "host",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueMatch:
+    """Match on one header or query parameter value: exact, prefix, full-match regex, or presence."""
+
+    name: str
+    kind: Literal["exact", "prefix", "regex", "present"]
+    value: str = ""  # for exact/prefix/regex
+    present: bool = True  # for kind == "present": must the name be present (True) or absent (False)
+    regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, value: str | None) -> bool:
+        if self.kind == "present":
+            return (value is not None) == self.present
+        if value is None:
+            return False
+        if self.kind == "exact":
+            return value == self.value
+        if self.kind == "prefix":
+            return value.startswith(self.value)
+        assert self.regex is not None
+        return self.regex.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """All given conditions must hold. Header names are lowercase."""
+
+    path: PathMatch | None = None
+    methods: frozenset[str] = frozenset()  # empty: any method
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+
+    def matches(self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        """`path` without the query string; `headers` keyed by lowercase name; `query` decoded."""
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None and not self.path.matches(path):
+            return False
+        return all(h.matches(headers.get(h.name)) for h in self.headers) and all(
+            q.matches(query.get(q.name)) for q in self.query
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    subset: str | None  # None: every instance of the service
+    weight: int  # percent; the weights of one route sum to 100
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = DEFAULT_BACKOFF_BASE
+    max: float = DEFAULT_BACKOFF_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    percent: float = DEFAULT_BUDGET_PERCENT
+    min_retry_concurrency: int = DEFAULT_MIN_RETRY_CONCURRENCY
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int  # retries after the first try (Istio's meaning): 3 -> at most 4 tries
+    per_try_timeout: float | None = None
+    on: frozenset[str] = DEFAULT_RETRY_ON
+    retriable_status_codes: frozenset[int] = frozenset()
+    backoff: Backoff = Backoff()
+    budget: RetryBudget = RetryBudget()
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    fixed: float
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    status: int
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Applied in this order: remove, set (replace), add (append)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    subset: str | None
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    to: tuple[Destination, ...]
+    match: Match | None = None  # None: every request
+    name: str = ""
+    timeout: float | None = None
+    retries: Retries | None = None
+    fault: Fault | None = None
+    headers: HeaderRules | None = None
+    rewrite_prefix: str | None = None  # replaces match.path.prefix
+    mirror: Mirror | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    selector: tuple[tuple[str, str], ...]  # Consul service meta key/value pairs, all must match
+
+    def matches(self, meta: Mapping[str, str]) -> bool:
+        return all(meta.get(k) == v for k, v in self.selector)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDocument:
+    """Traffic rules for calls *to* `service` (`hostmesh/routes/<service>`); first matching route wins."""
+
+    service: str
+    version: int = 0
+    protocol: Literal["http", "tcp"] = "http"
+    subsets: tuple[Subset, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    def subset(self, name: str) -> Subset | None:
+        for s in self.subsets:
+            if s.name == name:
+                return s
+        return None
+
+
+def _value_matches(v: object, path: str, *, headers: bool) -> tuple[ValueMatch, ...]:
+    out = []
+    for raw_name, spec in _mapping(v, path).items():
+        p = _key(path, raw_name)
+        name = _header_name(raw_name, p) if headers else _str(raw_name, p, max_len=256)
+        kind, value = _one_of_keys(spec, p, ("exact", "prefix", "regex", "present"))
+        vp = _key(p, kind)
+        if kind == "present":
+            out.append(ValueMatch(name, "present", present=_bool(value, vp)))
+        elif kind == "regex":
+            out.append(
+                ValueMatch(name, "regex", _str(value, vp, max_len=MAX_REGEX_LEN), regex=_regex(value, vp))
+            )
+        else:
+            out.append(ValueMatch(name, kind, _str(value, vp, allow_empty=kind == "exact")))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _match(v: object, path: str) -> Match:
+    f = _fields(v, path, optional=("path", "methods", "headers", "query"))
+    return Match(
+        path=_path_match(f["path"], _key(path, "path")) if "path" in f else None,
+        methods=_methods(f["methods"], _key(path, "methods")) if "methods" in f else frozenset(),
+        headers=_value_matches(f["headers"], _key(path, "headers"), headers=True) if "headers" in f else (),
+        query=_value_matches(f["query"], _key(path, "query"), headers=False) if "query" in f else (),
+    )
+
+
+def _subset_ref(v: object, path: str, subsets: Mapping[str, Subset]) -> str:
+    s = _str(v, path, max_len=SERVICE_NAME_MAX)
+    if s not in subsets:
+        known = ", ".join(sorted(subsets)) or "none defined"
+        raise InvalidDocument(path, f"unknown subset {s!r} (subsets: {known})")
+    return s
+
+
+def _destinations(v: object, path: str, subsets: Mapping[str, Subset]) -> tuple[Destination, ...]:
+    items = _list(v, path, max_len=64)
+    out = []
+    for i, d in enumerate(items):
+        p = _idx(path, i)
+        f = _fields(d, p, optional=("subset", "weight"))
+        subset = _subset_ref(f["subset"], _key(p, "subset"), subsets) if "subset" in f else None
+        if "weight" in f:
+            weight = _int(f["weight"], _key(p, "weight"), 0, 100)
+        elif len(items) == 1:
+            weight = 100
+        else:
+            raise InvalidDocument(_key(p, "weight"), "is required when a route splits traffic")
+        out.append(Destination(subset, weight))
+    names = [d.subset for d in out]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InvalidDocument(_key(_idx(path, i), "subset"), f"duplicate destination {name or '(all)'}")
+    total = sum(d.weight for d in out)
+    if total != 100:
+        raise InvalidDocument(path, f"weights must sum to 100, got {total}")
+    return tuple(out)
+
+
+def _retries(v: object, path: str) -> Retries:
+    f = _fields(
+        v,
+        path,
+        required=("attempts",),
+        optional=("per_try_timeout", "on", "retriable_status_codes", "backoff", "budget"),
+    )
+    attempts = _int(f["attempts"], _key(path, "attempts"), 0, MAX_RETRY_ATTEMPTS)
+    per_try = (
+        parse_duration(f["per_try_timeout"], _key(path, "per_try_timeout"))
+        if "per_try_timeout" in f
+        else None
+    )
+    on = DEFAULT_RETRY_ON
+    if "on" in f:
+        op = _key(path, "on")
+        on = frozenset(
+            _choice(c, _idx(op, i), RETRY_CONDITIONS) for i, c in enumerate(_list(f["on"], op, max_len=16))
+        )
+    codes: frozenset[int] = frozenset()
+    if "retriable_status_codes" in f:
+        cp = _key(path, "retriable_status_codes")
+        codes = frozenset(
+            _int(c, _idx(cp, i), 100, 599)
+            for i, c in enumerate(_list(f["retriable_status_codes"], cp, max_len=64))
+        )
+        if "retriable-status-codes" not in on:
+            raise InvalidDocument(cp, "needs retriable-status-codes in on")
+    elif "retriable-status-codes" in on:
+        raise InvalidDocument(
+            _key(path, "retriable_status_codes"), "is required by on: retriable-status-codes"
+        )
+    backoff = Backoff()
+    if "backoff" in f:
+        bp = _key(path, "backoff")
+        bf = _fields(f["backoff"], bp, optional=("base", "max"))
+        base = parse_duration(bf["base"], _key(bp, "base")) if "base" in bf else DEFAULT_BACKOFF_BASE
+        mx = (
+            parse_duration(bf["max"], _key(bp, "max")) if "max" in bf else max(base * 10, DEFAULT_BACKOFF_MAX)
+        )
+        if mx < base:
+            raise InvalidDocument(_key(bp, "max"), "must be >= base")
+        backoff = Backoff(base, mx)
+    budget = RetryBudget()
+    if "budget" in f:
+        gp = _key(path, "budget")
+        gf = _fields(f["budget"], gp, optional=("percent", "min_retry_concurrency"))
+        budget = RetryBudget(
+            _percent(gf.get("percent", DEFAULT_BUDGET_PERCENT), _key(gp, "percent")),
+            _int(
+                gf.get("min_retry_concurrency", DEFAULT_MIN_RETRY_CONCURRENCY),
+                _key(gp, "min_retry_concurrency"),
+                0,
+            ),
+        )
+    return Retries(attempts, per_try, on, codes, backoff, budget)
+
+
+def _fault(v: object, path: str) -> Fault:
+    f = _fields(v, path, optional=("delay", "abort"))
+    if not f:
+        raise InvalidDocument(path, "must have delay and/or abort")
+    delay = abort = None
+    if "delay" in f:
+        dp = _key(path, "delay")
+        df = _fields(f["delay"], dp, required=("fixed",), optional=("percent",))
+        delay = Delay(
+            parse_duration(df["fixed"], _key(dp, "fixed")),
+            _percent(df.get("percent", 100), _key(dp, "percent")),
+        )
+    if "abort" in f:
+        ap = _key(path, "abort")
+        af = _fields(f["abort"], ap, required=("status",), optional=("percent",))
+        abort = Abort(
+            _int(af["status"], _key(ap, "status"), 200, 599),
+            _percent(af.get("percent", 100), _key(ap, "percent")),
+        )
+    return Fault(delay, abort)
+
+
+def _header_pairs(v: object, path: str) -> tuple[tuple[str, str], ...]:
+    f = _mapping(v, path)
+    if len(f) > MAX_HEADER_OPS:
+        raise InvalidDocument(path, f"must have at most {MAX_HEADER_OPS} entries")
+    out = []
+    for name, value in f.items():
+        p = _key(path, name)
+        hn = _header_name(name, p)
+        if hn in PROTECTED_HEADERS:
+            raise InvalidDocument(p, "is managed by the proxy and cannot be changed")
+        s = _str(value, p, allow_empty=True)
+        if "\r" in s or "\n" in s or "\0" in s:
+            raise InvalidDocument(p, "must not contain CR, LF or NUL")
+        out.append((hn, s))
+    return tuple(out)
+
+
+def _header_ops(v: object, path: str) -> HeaderOps:
+    f = _fields(v, path, optional=("set", "add", "remove"))
+    remove: tuple[str, ...] = ()
+    if "remove" in f:
+        rp = _key(path, "remove")
+        names = [
+            _header_name(n, _idx(rp, i)) for i, n in enumerate(_list(f["remove"], rp, max_len=MAX_HEADER_OPS))
+        ]
+        for i, n in enumerate(names):
+            if n in PROTECTED_HEADERS:
+                raise InvalidDocument(_idx(rp, i), "is managed by the proxy and cannot be changed")
+        remove = tuple(names)
+    return HeaderOps(
+        set=_header_pairs(f["set"], _key(path, "set")) if "set" in f else (),
+        add=_header_pairs(f["add"], _key(path, "add")) if "add" in f else (),
+        remove=remove,
+    )
+
+
+def _route(v: object, path: str, subsets: Mapping[str, Subset], protocol: str) -> Route:
+    f = _fields(
+        v,
+        path,
+        required=("to",),
+        optional=("name", "match", "timeout", "retries", "fault", "headers", "rewrite", "mirror"),
+    )
+    if protocol == "tcp":
+        for key in f:
+            if key not in ("to", "name"):
+                raise InvalidDocument(
+                    _key(path, key), "not supported for tcp services (only weighted to splits)"
+                )
+    match = _match(f["match"], _key(path, "match")) if "match" in f else None
+    rewrite_prefix = None
+    if "rewrite" in f:
+        rp = _key(path, "rewrite")
+        rf = _fields(f["rewrite"], rp, required=("prefix",))
+        rewrite_prefix = _str(rf["prefix"], _key(rp, "prefix"))
+        if not rewrite_prefix.startswith("/"):
+            raise InvalidDocument(_key(rp, "prefix"), "must start with /")
+        if match is None or match.path is None or match.path.kind != "prefix":
+            raise InvalidDocument(_key(rp, "prefix"), "needs match.path.prefix (the part it replaces)")
+    mirror = None
+    if "mirror" in f:
+        mp = _key(path, "mirror")
+        mf = _fields(f["mirror"], mp, required=("subset",), optional=("percent",))
+        mirror = Mirror(
+            _subset_ref(mf["subset"], _key(mp, "subset"), subsets),
+            _percent(mf.get("percent", 100), _key(mp, "percent")),
+        )
+    headers = None
+    if "headers" in f:
+        hp = _key(path, "headers")
+        hf = _fields(f["headers"], hp, optional=("request", "response"))
+        headers = HeaderRules(
+            _header_ops(hf["request"], _key(hp, "request")) if "request" in hf else HeaderOps(),
+            _header_ops(hf["response"], _key(hp, "response")) if "response" in hf else HeaderOps(),
+        )
+    retries = _retries(f["retries"], _key(path, "retries")) if "retries" in f else None
+    timeout = parse_duration(f["timeout"], _key(path, "timeout")) if "timeout" in f else None
+    if retries and retries.per_try_timeout and timeout and retries.per_try_timeout > timeout:
+        raise InvalidDocument(_key(path, "retries.per_try_timeout"), "must not exceed the route timeout")
+    return Route(
+        to=_destinations(f["to"], _key(path, "to"), subsets),
+        match=match,
+        name=_str(f["name"], _key(path, "name"), max_len=128) if "name" in f else "",
+        timeout=timeout,
+        retries=retries,
+        fault=_fault(f["fault"], _key(path, "fault")) if "fault" in f else None,
+        headers=headers,
+        rewrite_prefix=rewrite_prefix,
+        mirror=mirror,
+    )
+
+
+def _subsets(v: object, path: str) -> dict[str, Subset]:
+    f = _mapping(v, path)
+    out = {}
+    for name, selector in f.items():
+        p = _key(path, name)
+        if not _SUBSET_RE.fullmatch(name) or len(name) > SERVICE_NAME_MAX:
+            raise InvalidDocument(p, "subset names are letters, digits, '_', '.', '-'")
+        sf = _mapping(selector, p)
+        if not sf:
+            raise InvalidDocument(p, "must select on at least one meta key")
+        pairs = []
+        for k, val in sf.items():
+            kp = _key(p, k)
+            _str(k, kp, max_len=128)
+            pairs.append((k, _str(val, kp, max_len=512, allow_empty=True)))
+        out[name] = Subset(name, tuple(sorted(pairs)))
+    return out
+
+
+def parse_routes(data: object) -> RouteDocument:
+    """Validate a route document (`hostmesh/routes/<service>`) into `RouteDocument`."""
+    f = _fields(data, "", required=("service",), optional=("version", "protocol", "subsets", "routes"))
+    service = _name(f["service"], "service")
+    protocol = _choice(f.get("protocol", "http"), "protocol", ("http", "tcp"))
+    subsets = _subsets(f["subsets"], "subsets") if "subsets" in f else {}
+    routes: list[Route] = []
+    if "routes" in f:
+        items = _list(f["routes"], "routes", max_len=MAX_ROUTES, allow_empty=True)
+        for i, r in enumerate(items):
+            p = _idx("routes", i)
+            if routes and routes[-1].match is None:
+                raise InvalidDocument(p, f"unreachable: routes[{i - 1}] has no match and takes every request")
+            routes.append(_route(r, p, subsets, protocol))
+    if protocol == "tcp" and len(routes) > 1:
+        raise InvalidDocument("routes", "a tcp service takes one route (a weighted split)")
+    return RouteDocument(service, _version(f), protocol, tuple(subsets.values()), tuple(routes))  # type: ignore[arg-type]
+
+
+# --- policies --------------------------------------------------------------------------------
+
+LB_TYPES = ("round_robin", "least_request", "random", "consistent_hash")
+DEFAULT_CONSECUTIVE_5XX = 5  # Envoy's default: one bad response is noise, five in a row is a pattern
+DEFAULT_OUTLIER_INTERVAL = 10.0  # how often ejections are re-evaluated (Envoy's default)
+DEFAULT_BASE_EJECTION = 30.0  # first ejection; the n-th lasts n x this (Envoy's default)
+DEFAULT_MAX_EJECTION_PERCENT = 10.0  # never eject more than this share of a cluster (Envoy's default)
+
+
+@dataclass(frozen=True, slots=True)
+class HashOn:
+    kind: Literal["header", "cookie", "source_ip"]
+    name: str = ""  # header (lowercase) or cookie name; empty for source_ip
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    type: Literal["round_robin", "least_request", "random", "consistent_hash"] = "round_robin"
+    hash_on: HashOn | None = None  # set iff type == consistent_hash
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """None: unlimited. Overflow answers 503 with a response flag."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int | None = DEFAULT_CONSECUTIVE_5XX
+    consecutive_gateway_errors: int | None = None
+    interval: float = DEFAULT_OUTLIER_INTERVAL
+    base_ejection_time: float = DEFAULT_BASE_EJECTION
+    max_ejection_percent: float = DEFAULT_MAX_EJECTION_PERCENT
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Local token bucket per agent: `requests_per_second` refill, `burst` capacity; excess gets 429."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    """Prefer instances whose `zone_key` meta equals the caller's; spill over below `min_local_instances`."""
+
+    prefer_zone: bool = True
+    zone_key: str = "zone"
+    min_local_instances: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDocument:
+    """How callers treat instances of `service` (`hostmesh/policies/<service>`)."""
+
+    service: str
+    version: int = 0
+    load_balancer: LoadBalancer = LoadBalancer()
+    connection_limits: ConnectionLimits | None = None
+    outlier_detection: OutlierDetection | None = None
+    rate_limit: RateLimit | None = None
+    locality: Locality | None = None
+
+
+def _load_balancer(v: object, path: str) -> LoadBalancer:
+    f = _fields(v, path, required=("type",), optional=("hash_on",))
+    kind = _choice(f["type"], _key(path, "type"), LB_TYPES)
+    hp = _key(path, "hash_on")
+    if kind != "consistent_hash":
+        if "hash_on" in f:
+            raise InvalidDocument(hp, "only for type consistent_hash")
+        return LoadBalancer(kind)  # type: ignore[arg-type]
+    if "hash_on" not in f:
+        raise InvalidDocument(hp, "is required for type consistent_hash")
+    on, value = _one_of_keys(f["hash_on"], hp, ("header", "cookie", "source_ip"))
+    vp = _key(hp, on)
+    if on == "source_ip":
+        if value is not True:
+            raise InvalidDocument(vp, "must be true")
+        return LoadBalancer("consistent_hash", HashOn("source_ip"))
+    name = _header_name(value, vp) if on == "header" else _str(value, vp, max_len=256)
+    return LoadBalancer("consistent_hash", HashOn(on, name))  # type: ignore[arg-type]
+
+
+def _opt_int(f: Mapping[str, Any], key: str, path: str, default: int | None = None) -> int | None:
+    return _int(f[key], _key(path, key), 1) if key in f else default
+
+
+def parse_policy(data: object) -> PolicyDocument:
+    """Validate a destination policy document (`hostmesh/policies/<service>`) into `PolicyDocument`."""
+    f = _fields(
+        data,
+        "",
+        required=("service",),
+        optional=(
+            "version",
+            "load_balancer",
+            "connection_limits",
+            "outlier_detection",
+            "rate_limit",
+            "locality",
+        ),
+    )
+    service = _name(f["service"], "service")
+    lb = _load_balancer(f["load_balancer"], "load_balancer") if "load_balancer" in f else LoadBalancer()
+    limits = None
+    if "connection_limits" in f:
+        p = "connection_limits"
+        lf = _fields(f[p], p, optional=("max_connections", "max_pending_requests", "max_requests"))
+        if not lf:
+            raise InvalidDocument(p, "must set at least one limit")
+        limits = ConnectionLimits(
+            *(_opt_int(lf, k, p) for k in ("max_connections", "max_pending_requests", "max_requests"))
+        )
+    outlier = None
+    if "outlier_detection" in f:
+        p = "outlier_detection"
+        of = _fields(
+            f[p],
+            p,
+            optional=(
+                "consecutive_5xx",
+                "consecutive_gateway_errors",
+                "interval",
+                "base_ejection_time",
+                "max_ejection_percent",
+            ),
+        )
+        c5 = _opt_int(
+            of, "consecutive_5xx", p, None if "consecutive_gateway_errors" in of else DEFAULT_CONSECUTIVE_5XX
+        )
+        outlier = OutlierDetection(
+            consecutive_5xx=c5,
+            consecutive_gateway_errors=_opt_int(of, "consecutive_gateway_errors", p),
+            interval=parse_duration(of["interval"], _key(p, "interval"))
+            if "interval" in of
+            else DEFAULT_OUTLIER_INTERVAL,
+            base_ejection_time=(
+                parse_duration(of["base_ejection_time"], _key(p, "base_ejection_time"))
+                if "base_ejection_time" in of
+                else DEFAULT_BASE_EJECTION
+            ),
+            max_ejection_percent=_percent(
+                of.get("max_ejection_percent", DEFAULT_MAX_EJECTION_PERCENT), _key(p, "max_ejection_percent")
+            ),
+        )
+    rate = None
+    if "rate_limit" in f:
+        p = "rate_limit"
+        rf = _fields(f[p], p, required=("requests_per_second",), optional=("burst",))
+        rps = rf["requests_per_second"]
+        rp = _key(p, "requests_per_second")
+        if isinstance(rps, bool) or not isinstance(rps, int | float) or not math.isfinite(rps) or rps <= 0:
+            raise InvalidDocument(rp, "must be a number > 0")
+        burst = _int(rf["burst"], _key(p, "burst"), 1) if "burst" in rf else max(1, math.ceil(rps))
+        rate = RateLimit(float(rps), burst)
+    locality = None
+    if "locality" in f:
+        p = "locality"
+        lf = _fields(f[p], p, optional=("prefer_zone", "zone_key", "min_local_instances"))
+        locality = Locality(
+            _bool(lf.get("prefer_zone", True), _key(p, "prefer_zone")),
+            _str(lf.get("zone_key", "zone"), _key(p, "zone_key"), max_len=128),
+            _int(lf.get("min_local_instances", 1), _key(p, "min_local_instances"), 1),
+        )
+    return PolicyDocument(service, _version(f), lb, limits, outlier, rate, locality)
+
+
+# --- any kind --------------------------------------------------------------------------------
+
+PARSERS: dict[str, Any] = {"routes": parse_routes, "policies": parse_policy, "intentions": parse_intentions}
+
+
+def parse_document(kind: str, data: object) -> RouteDocument | PolicyDocument | Intentions:
+    """Dispatch on the KV folder name (`routes`, `policies`, `intentions`)."""
+    try:
+        parser = PARSERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown document kind {kind!r}") from None
+    result: RouteDocument | PolicyDocument | Intentions = parser(data)
+    return result
