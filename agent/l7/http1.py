@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import httptools
 
@@ -564,7 +564,7 @@ class RequestFramer(_Framer):
         return []
 
     def _head_event(self) -> RequestHead:
-        p = self._parser
+        p = cast(httptools.HttpRequestParser, self._parser)
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
             raise ProtocolError(400, "unsupported-version")
@@ -662,7 +662,7 @@ class ResponseFramer(_Framer):
         self._events.append(EndOfMessage(self._trailers))
 
     def _head_event(self) -> Event:
-        p = self._parser
+        p = cast(httptools.HttpResponseParser, self._parser)
         status = p.get_status_code()
         headers = self._headers
         version = _VERSIONS.get(p.get_http_version(), _V10)

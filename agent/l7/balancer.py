@@ -1,0 +1,282 @@
+"""Endpoint selection within one upstream subset: which instance serves this request or connection.
+
+Decisions:
+
+- Candidates: the subset's instances minus those that are unavailable (ejected by outlier
+  detection); if that leaves none, all instances (Envoy's panic routing: better a possibly-bad
+  instance than a certain 503). Discovery only returns instances passing Consul health checks.
+- Locality: with a ``local_zone``, instances whose ``zone`` (the policy's ``zone_key`` meta) equals
+  it are used first; traffic spills to every zone when fewer than ``min_local`` local instances are
+  available (not ejected) or when every local one is overloaded (``active >= overload_active``).
+- ``round_robin``: rotation over the candidates, starting at a random offset so that many agents do
+  not all start on the same instance.
+- ``least_request``: power of two choices: two distinct random candidates, the one with fewer
+  in-flight requests wins (ties: the first drawn).
+- ``random``: uniform.
+- ``consistent_hash``: a hash ring with :data:`VNODES_PER_ENDPOINT` points per instance (ketama),
+  hashed with BLAKE2b so every agent and worker maps a key the same way. Adding or removing one of
+  N instances only moves the keys it owns (~1/N). An unavailable owner is skipped clockwise, which
+  moves only that owner's keys. The key is a header value, a cookie value or the source address;
+  a request without the key falls back to ``random``.
+- L4: ``round_robin`` and ``least_connections`` (fewest open connections, ties rotated).
+
+Counters (``active``, ``connections``) live on the :class:`Endpoint` objects and are kept up to
+date by the proxy; pickers only read them. Randomness comes from an injected ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hostmesh.agent.l7.errors import RouteConfigError
+from hostmesh.registry import schema
+
+VNODES_PER_ENDPOINT = 160  # ketama's count: keeps each instance's share within a few % of 1/N
+
+ROUND_ROBIN = "round_robin"
+LEAST_REQUEST = "least_request"
+RANDOM = "random"
+CONSISTENT_HASH = "consistent_hash"
+LEAST_CONNECTIONS = "least_connections"  # L4 only
+POLICIES = frozenset({ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS})
+
+HASH_HEADER = "header"
+HASH_COOKIE = "cookie"
+HASH_SOURCE = "source_ip"
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    key: str  # Consul service ID: stable identity of the instance
+    address: str
+    port: int
+    zone: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+    active: int = 0  # in-flight requests (least_request, overload)
+    connections: int = 0  # open connections (L4 least_connections)
+
+
+def select_subset(endpoints: Sequence[Endpoint], selector: Mapping[str, str] | None) -> tuple[Endpoint, ...]:
+    """Instances whose meta carries every ``key: value`` of the subset selector."""
+    if not selector:
+        return tuple(endpoints)
+    items = tuple(selector.items())
+    return tuple(e for e in endpoints if all(e.meta.get(k) == v for k, v in items))
+
+
+def reuse_endpoints(previous: Sequence[Endpoint], fresh: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+    """Fresh discovery result, keeping the previous object (and its counters) of unchanged instances."""
+    old = {e.key: e for e in previous}
+    out = []
+    for e in fresh:
+        o = old.get(e.key)
+        if o is not None and (o.address, o.port, o.zone, o.meta) == (e.address, e.port, e.zone, e.meta):
+            out.append(o)
+        else:
+            out.append(e)
+    return tuple(out)
+
+
+def stable_hash(data: bytes) -> int:
+    """64-bit hash, identical in every process (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def hash_key(
+    kind: str, name: bytes, headers: Sequence[tuple[bytes, bytes]], source: str | None
+) -> bytes | None:
+    """The consistent-hash input of a request: header value, cookie value or source address."""
+    if kind == HASH_SOURCE:
+        return source.encode() if source else None
+    if kind == HASH_HEADER:
+        for n, v in headers:
+            if n == name:
+                return v
+        return None
+    if kind == HASH_COOKIE:
+        for n, v in headers:
+            if n == b"cookie":
+                for part in v.split(b";"):
+                    k, eq, val = part.strip().partition(b"=")
+                    if eq and k == name:
+                        return val
+        return None
+    return None
+
+
+def hash_spec(policy: schema.PolicyDocument | None) -> tuple[str, bytes] | None:
+    """(kind, lower-case name bytes) of a consistent-hash policy's key, for :func:`hash_key`."""
+    if policy is None or policy.load_balancer.hash_on is None:
+        return None
+    h = policy.load_balancer.hash_on
+    return h.kind, h.name.lower().encode() if h.kind == HASH_HEADER else h.name.encode()
+
+
+def zone_key(policy: schema.PolicyDocument | None) -> str:
+    """The Consul meta key that names an instance's zone."""
+    return policy.locality.zone_key if policy is not None and policy.locality is not None else "zone"
+
+
+class HashRing:
+    """Sorted ring of virtual-node hashes -> endpoint index."""
+
+    __slots__ = ("_hashes", "_owners", "size")
+
+    def __init__(self, keys: Sequence[str], vnodes: int = VNODES_PER_ENDPOINT) -> None:
+        points = sorted(
+            (stable_hash(f"{k}#{i}".encode()), idx) for idx, k in enumerate(keys) for i in range(vnodes)
+        )
+        self._hashes = [h for h, _ in points]
+        self._owners = [o for _, o in points]
+        self.size = len(keys)
+
+    def lookup(self, h: int, accept: frozenset[int] | None = None) -> int:
+        """Index of the owner of ``h``: first point clockwise whose owner is in ``accept``."""
+        hashes = self._hashes
+        n = len(hashes)
+        if not n:
+            return -1
+        i = bisect.bisect_left(hashes, h)
+        if i == n:
+            i = 0
+        owner = self._owners[i]
+        if accept is None or owner in accept:
+            return owner
+        for step in range(1, n):
+            owner = self._owners[(i + step) % n]
+            if owner in accept:
+                return owner
+        return -1
+
+
+class Balancer:
+    """Picks an instance of one upstream subset according to its load-balancer policy."""
+
+    __slots__ = (
+        "_all",
+        "_all_idx",
+        "_local",
+        "_local_idx",
+        "_ring",
+        "_rng",
+        "_rr",
+        "endpoints",
+        "local_zone",
+        "min_local",
+        "overload_active",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        policy: str = ROUND_ROBIN,
+        rng: random.Random | None = None,
+        local_zone: str | None = None,
+        overload_active: int | None = None,
+        vnodes: int = VNODES_PER_ENDPOINT,
+        min_local: int = 1,
+    ) -> None:
+        if policy not in POLICIES:
+            raise RouteConfigError("load_balancer", f"unknown policy {policy!r}")
+        self.endpoints = tuple(endpoints)
+        self.policy = policy
+        self._rng = rng if rng is not None else random.Random()
+        self.local_zone = local_zone or None
+        self.overload_active = overload_active
+        self.min_local = max(1, min_local)
+        self._rr = self._rng.randrange(1 << 16) if self.endpoints else 0
+        self._ring = HashRing([e.key for e in self.endpoints], vnodes) if policy == CONSISTENT_HASH else None
+        self._all: tuple[Endpoint, ...] = ()
+        self._local: tuple[Endpoint, ...] = ()
+        self._all_idx: frozenset[int] = frozenset()
+        self._local_idx: frozenset[int] = frozenset()
+        self.set_unavailable(frozenset())
+
+    @classmethod
+    def from_policy(
+        cls,
+        endpoints: Sequence[Endpoint],
+        policy: schema.PolicyDocument | None,
+        rng: random.Random | None = None,
+        local_zone: str | None = None,
+        overload_active: int | None = None,
+    ) -> Balancer:
+        """Balancer for a destination policy document (None: round robin, no locality)."""
+        if policy is None:
+            return cls(endpoints, ROUND_ROBIN, rng)
+        loc = policy.locality
+        use_zone = local_zone if loc is not None and loc.prefer_zone else None
+        return cls(
+            endpoints,
+            policy.load_balancer.type,
+            rng,
+            use_zone,
+            overload_active,
+            min_local=loc.min_local_instances if loc is not None else 1,
+        )
+
+    def set_unavailable(self, keys: frozenset[str] | set[str]) -> None:
+        """Recompute candidates after ejections changed (call when the detector's version moved)."""
+        eps = self.endpoints
+        idx = [i for i, e in enumerate(eps) if e.key not in keys] if keys else list(range(len(eps)))
+        if not idx:  # panic: every instance unavailable -> try them all
+            idx = list(range(len(eps)))
+        self._all = tuple(eps[i] for i in idx)
+        self._all_idx = frozenset(idx)
+        if self.local_zone is not None:
+            lidx = [i for i in idx if eps[i].zone == self.local_zone]
+            self._local = tuple(eps[i] for i in lidx)
+            self._local_idx = frozenset(lidx)
+
+    def _use_local(self) -> bool:
+        local = self._local
+        if len(local) < self.min_local:
+            return False
+        limit = self.overload_active
+        if limit is None:
+            return True
+        return any(e.active < limit for e in local)
+
+    def candidates(self) -> tuple[Endpoint, ...]:
+        """Instances eligible right now (local zone first, then spill-over)."""
+        return self._local if self._use_local() else self._all
+
+    def pick(self, key: bytes | None = None) -> Endpoint | None:
+        """An instance for one request/connection, or None when the subset has no instance (UH)."""
+        local = self._use_local()
+        cand = self._local if local else self._all
+        n = len(cand)
+        if n == 0:
+            return None
+        if n == 1:
+            return cand[0]
+        policy = self.policy
+        if policy == ROUND_ROBIN:
+            self._rr += 1
+            return cand[self._rr % n]
+        if policy == LEAST_REQUEST:
+            rng = self._rng
+            a = rng.randrange(n)
+            b = rng.randrange(n - 1)
+            if b >= a:
+                b += 1
+            ea, eb = cand[a], cand[b]
+            return eb if eb.active < ea.active else ea
+        if policy == CONSISTENT_HASH and key is not None and self._ring is not None:
+            i = self._ring.lookup(stable_hash(key), self._local_idx if local else self._all_idx)
+            return self.endpoints[i] if i >= 0 else None
+        if policy == LEAST_CONNECTIONS:
+            self._rr += 1
+            start = self._rr % n
+            best = cand[start]
+            for j in range(1, n):
+                e = cand[(start + j) % n]
+                if e.connections < best.connections:
+                    best = e
+            return best
+        return cand[self._rng.randrange(n)]  # RANDOM, or consistent_hash without a key

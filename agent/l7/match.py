@@ -1,0 +1,327 @@
+"""Route selection and per-route decisions, precompiled once per config snapshot.
+
+Decision: a validated :class:`hostmesh.registry.schema.RouteDocument` is compiled into
+:class:`CompiledRoutes` when the snapshot is built; per request the proxy calls
+:meth:`CompiledRoutes.select` and then the small methods of the chosen :class:`CompiledRoute`.
+
+- First matching route wins (document order). A route matches when every condition holds:
+  method in ``methods``; path (the request target up to ``?``, raw, not normalized) ``exact`` /
+  ``prefix`` (plain string prefix, as Envoy and Istio) / ``regex`` (full match); each header
+  ``exact`` / ``prefix`` / ``regex`` (full match) / ``present`` (true: the field exists, false: it
+  does not) against the field's value, repeated fields joined by ``,``; each query parameter the
+  same against its first percent-decoded value. No route matches -> 404 with flag ``NR``.
+- A document without routes (or no document) compiles to one catch-all route to every instance.
+- Split: a weighted random pick over ``to`` (weights sum to 100; weight 0 is never picked).
+- Fault: delay and abort are sampled independently, each with its percent (Envoy's order: the
+  delay is served first, then the abort).
+- Mirror: with ``percent`` probability a copy goes to the mirror subset, fire-and-forget.
+- Header ops: remove, then set (replace), then add (append); names lower-case bytes.
+- Prefix rewrite: the matched path prefix is replaced, the rest of the target (and query) kept.
+- Retries: compiled to :class:`hostmesh.agent.l7.retry.RetryPolicy`; a route without a policy gets
+  :data:`hostmesh.agent.l7.retry.DEFAULT_POLICY` (connect failures only: always safe).
+
+Per request: the path is sliced and decoded (latin-1) once; header values are decoded only for the
+conditions that read them; the query string is parsed only if a route being tested has query
+conditions. Randomness comes from an injected ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections.abc import Sequence
+from urllib.parse import parse_qsl
+
+from hostmesh.agent.l7 import retry
+from hostmesh.registry import schema
+
+Headers = list[tuple[bytes, bytes]]
+
+_EXACT, _PREFIX, _REGEX, _PRESENT = range(4)
+_KINDS = {"exact": _EXACT, "prefix": _PREFIX, "regex": _REGEX, "present": _PRESENT}
+
+# (name, kind, literal value, compiled regex, must be present)
+_ValueCond = tuple[str, int, str, "re.Pattern[str] | None", bool]
+
+
+def _value_conds(matches: Sequence[schema.ValueMatch]) -> tuple[_ValueCond, ...]:
+    return tuple((m.name, _KINDS[m.kind], m.value, m.regex, m.present) for m in matches)
+
+
+def _cond_ok(cond: _ValueCond, value: str | None) -> bool:
+    _, kind, literal, rx, present = cond
+    if kind == _PRESENT:
+        return (value is not None) == present
+    if value is None:
+        return False
+    if kind == _EXACT:
+        return value == literal
+    if kind == _PREFIX:
+        return value.startswith(literal)
+    assert rx is not None
+    return rx.fullmatch(value) is not None
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    found: bytes | None = None
+    for n, v in headers:
+        if n == name:
+            found = v if found is None else found + b"," + v
+    return None if found is None else found.decode("latin-1")
+
+
+def _hb(s: str) -> bytes:
+    return s.encode("latin-1", "replace") if s.isascii() else s.encode("utf-8")
+
+
+class HeaderOps:
+    """Precompiled header manipulation: remove, set (replace), add (append)."""
+
+    __slots__ = ("add", "drop", "set")
+
+    def __init__(self, ops: schema.HeaderOps | None) -> None:
+        if ops is None:
+            self.drop: frozenset[bytes] = frozenset()
+            self.set: tuple[tuple[bytes, bytes], ...] = ()
+            self.add: tuple[tuple[bytes, bytes], ...] = ()
+            return
+        self.set = tuple((_hb(n.lower()), _hb(v)) for n, v in ops.set)
+        self.add = tuple((_hb(n.lower()), _hb(v)) for n, v in ops.add)
+        self.drop = frozenset(_hb(n.lower()) for n in ops.remove) | frozenset(n for n, _ in self.set)
+
+    def __bool__(self) -> bool:
+        return bool(self.drop or self.add)
+
+    def apply(self, headers: Headers) -> Headers:
+        """Apply in place (and return) ``headers``."""
+        drop = self.drop
+        if drop:
+            for n, _ in headers:
+                if n in drop:
+                    headers[:] = [h for h in headers if h[0] not in drop]
+                    break
+            headers.extend(self.set)
+        if self.add:
+            headers.extend(self.add)
+        return headers
+
+
+_NO_OPS = HeaderOps(None)
+
+
+class CompiledRoute:
+    """One route with everything precomputed; methods are the per-request decisions."""
+
+    __slots__ = (
+        "_cum",
+        "abort_percent",
+        "abort_status",
+        "budget_min",
+        "budget_percent",
+        "delay",
+        "delay_percent",
+        "destinations",
+        "header_conds",
+        "index",
+        "methods",
+        "mirror",
+        "mirror_percent",
+        "mirror_subset",
+        "name",
+        "path_kind",
+        "path_regex",
+        "path_value",
+        "query_conds",
+        "request_ops",
+        "response_ops",
+        "retry",
+        "rewrite_from",
+        "rewrite_to",
+        "timeout",
+    )
+
+    def __init__(self, index: int, route: schema.Route) -> None:
+        self.index = index
+        self.name = route.name or f"route-{index}"
+        m = route.match
+        self.methods: frozenset[bytes] | None = None
+        self.path_kind = -1
+        self.path_value = ""
+        self.path_regex: re.Pattern[str] | None = None
+        self.header_conds: tuple[tuple[bytes, _ValueCond], ...] = ()
+        self.query_conds: tuple[_ValueCond, ...] = ()
+        if m is not None:
+            if m.methods:
+                self.methods = frozenset(x.encode() for x in m.methods)
+            if m.path is not None:
+                self.path_kind = _KINDS[m.path.kind]
+                self.path_value = m.path.value
+                self.path_regex = m.path.regex
+            self.header_conds = tuple((_hb(c[0].lower()), c) for c in _value_conds(m.headers))
+            self.query_conds = _value_conds(m.query)
+        self.destinations: tuple[str | None, ...] = tuple(d.subset for d in route.to)
+        cum, acc = [], 0
+        for d in route.to:
+            acc += d.weight
+            cum.append(acc)
+        self._cum = tuple(cum)
+        self.timeout: float | None = route.timeout
+        r = route.retries
+        if r is None:
+            self.retry = retry.DEFAULT_POLICY
+            self.budget_percent = retry.DEFAULT_BUDGET_PERCENT
+            self.budget_min = retry.DEFAULT_MIN_RETRY_CONCURRENCY
+        else:
+            self.retry = retry.RetryPolicy.build(
+                r.attempts,
+                sorted(r.on),
+                r.per_try_timeout,
+                r.retriable_status_codes,
+                r.backoff.base,
+                r.backoff.max,
+                path=f"routes[{index}].retries",
+            )
+            self.budget_percent = r.budget.percent
+            self.budget_min = r.budget.min_retry_concurrency
+        f = route.fault
+        self.delay = f.delay.fixed if f is not None and f.delay is not None else 0.0
+        self.delay_percent = f.delay.percent if f is not None and f.delay is not None else 0.0
+        self.abort_status = f.abort.status if f is not None and f.abort is not None else 0
+        self.abort_percent = f.abort.percent if f is not None and f.abort is not None else 0.0
+        h = route.headers
+        self.request_ops = HeaderOps(h.request) if h is not None else _NO_OPS
+        self.response_ops = HeaderOps(h.response) if h is not None else _NO_OPS
+        self.rewrite_from = b""
+        self.rewrite_to: bytes | None = None
+        if route.rewrite_prefix is not None and m is not None and m.path is not None:
+            self.rewrite_from = _hb(m.path.value)
+            self.rewrite_to = _hb(route.rewrite_prefix)
+        self.mirror = route.mirror is not None
+        self.mirror_subset = route.mirror.subset if route.mirror is not None else None
+        self.mirror_percent = route.mirror.percent if route.mirror is not None else 0.0
+
+    # ---- matching
+    def matches(self, method: bytes, path: str, headers: Headers, query: dict[str, str] | None) -> bool:
+        """``query`` is the parsed query (None: parse lazily is the caller's job)."""
+        if self.methods is not None and method not in self.methods:
+            return False
+        kind = self.path_kind
+        if kind == _EXACT:
+            if path != self.path_value:
+                return False
+        elif kind == _PREFIX:
+            if not path.startswith(self.path_value):
+                return False
+        elif kind == _REGEX:
+            assert self.path_regex is not None
+            if self.path_regex.fullmatch(path) is None:
+                return False
+        for name, cond in self.header_conds:
+            if not _cond_ok(cond, _header(headers, name)):
+                return False
+        if self.query_conds:
+            q = query or {}
+            for cond in self.query_conds:
+                if not _cond_ok(cond, q.get(cond[0])):
+                    return False
+        return True
+
+    # ---- per-request decisions
+    def pick_subset(self, rng: random.Random) -> str | None:
+        """The destination subset of this request (None: every instance of the service)."""
+        dests = self.destinations
+        if len(dests) == 1:
+            return dests[0]
+        cum = self._cum
+        i = bisect.bisect_right(cum, rng.random() * cum[-1])
+        return dests[i if i < len(dests) else -1]
+
+    def fault(self, rng: random.Random) -> tuple[float, int]:
+        """(delay seconds, abort status) for this request; 0 means none."""
+        delay = 0.0
+        abort = 0
+        if self.delay_percent and (self.delay_percent >= 100 or rng.random() * 100 < self.delay_percent):
+            delay = self.delay
+        if self.abort_percent and (self.abort_percent >= 100 or rng.random() * 100 < self.abort_percent):
+            abort = self.abort_status
+        return delay, abort
+
+    def should_mirror(self, rng: random.Random) -> bool:
+        """Whether this request is copied to ``mirror_subset``."""
+        if not self.mirror:
+            return False
+        pct = self.mirror_percent
+        return pct >= 100 or (pct > 0 and rng.random() * 100 < pct)
+
+    def rewrite(self, target: bytes) -> bytes:
+        """The target sent upstream: the matched prefix replaced when the route rewrites."""
+        to = self.rewrite_to
+        if to is None or not target.startswith(self.rewrite_from):
+            return target
+        rest = target[len(self.rewrite_from) :]
+        if to.endswith(b"/") and rest.startswith(b"/"):
+            rest = rest[1:]
+        return to + rest
+
+
+def split_target(target: bytes) -> tuple[str, bytes]:
+    """(path as str, raw query) of a request target."""
+    path, _, query = target.partition(b"?")
+    return path.decode("latin-1"), query
+
+
+def parse_query(query: bytes) -> dict[str, str]:
+    """First value of each parameter, percent-decoded."""
+    out: dict[str, str] = {}
+    for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        out.setdefault(k, v)
+    return out
+
+
+class CompiledRoutes:
+    """Everything the proxy needs per request from one route document, ready to use."""
+
+    __slots__ = ("_any_query", "routes", "service", "subsets", "version")
+
+    def __init__(
+        self,
+        routes: Sequence[CompiledRoute],
+        subsets: dict[str, dict[str, str]],
+        service: str = "",
+        version: int = 0,
+    ) -> None:
+        self.routes = tuple(routes)
+        self.subsets = subsets
+        self.service = service
+        self.version = version
+        self._any_query = any(r.query_conds for r in self.routes)
+
+    @classmethod
+    def compile(cls, doc: schema.RouteDocument | None, service: str = "") -> CompiledRoutes:
+        """Compile a validated document (None: the catch-all default for ``service``)."""
+        if doc is None or not doc.routes:
+            routes = [CompiledRoute(0, schema.Route(to=(schema.Destination(None, 100),)))]
+        else:
+            routes = [CompiledRoute(i, r) for i, r in enumerate(doc.routes)]
+        subsets = {s.name: dict(s.selector) for s in doc.subsets} if doc is not None else {}
+        return cls(
+            routes,
+            subsets,
+            doc.service if doc is not None else service,
+            doc.version if doc is not None else 0,
+        )
+
+    def select(self, method: bytes, target: bytes, headers: Headers) -> CompiledRoute | None:
+        """The first route matching the request, or None (answer 404, flag NR)."""
+        path, _, raw_query = target.partition(b"?")
+        spath = path.decode("latin-1")
+        query = parse_query(raw_query) if self._any_query and raw_query else None
+        for route in self.routes:
+            if route.matches(method, spath, headers, query):
+                return route
+        return None
+
+    def tcp_route(self) -> CompiledRoute:
+        """The route of a tcp service: its weighted split."""
+        return self.routes[0]

@@ -1,0 +1,211 @@
+"""Retry decisions: whether a failed try is retried, how long to wait, and whether the budget allows it.
+
+Semantics follow Envoy's router retry policy and circuit-breaker retry budget (envoyproxy.io
+docs: ``config.route.v3.RetryPolicy``, ``config.core.v3.BackoffStrategy``,
+``config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget``):
+
+- ``attempts`` counts *retries* (Istio ``HTTPRetry.attempts``): a request is tried at most
+  ``attempts + 1`` times.
+- retry conditions (``on``): ``connect-failure`` (the upstream connection could not be made),
+  ``reset`` (the upstream closed/reset or timed out before answering), ``5xx`` (any 5xx, and
+  connect-failure/reset, as Envoy's ``5xx`` includes them), ``gateway-error`` (502/503/504, and
+  connect-failure/reset: they are what the proxy would answer itself), ``retriable-status-codes``
+  (the listed ``codes``; listing codes implies it).
+- back-off: Envoy's fully jittered exponential back-off: before retry *n* (1-based) wait a
+  uniformly random time in ``[0, (2**n - 1) * base)``, capped at ``max`` (default ``10 * base``).
+- budget: concurrent retries to one upstream are limited to ``budget_percent`` of its active
+  (plus pending) requests, never below ``min_retry_concurrency`` (Envoy defaults 20 % and 3), so
+  when every instance fails, retries add at most that share of load instead of multiplying it.
+- a retry needs the request body again: the proxy keeps at most :data:`MAX_REPLAY_BODY_BYTES` of it;
+  a longer (streamed) body is not retried after its first byte was sent.
+- the response flag when a retryable failure is not retried for lack of attempts or budget is
+  ``URX``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from hostmesh.agent.l7.errors import RouteConfigError
+
+DEFAULT_BASE_INTERVAL = 0.025  # Envoy's default retry back-off base (25 ms)
+DEFAULT_MAX_FACTOR = 10  # Envoy: max_interval defaults to 10 x base_interval
+DEFAULT_BUDGET_PERCENT = 20.0  # Envoy's retry_budget.budget_percent default
+DEFAULT_MIN_RETRY_CONCURRENCY = 3  # Envoy's retry_budget.min_retry_concurrency default
+MAX_ATTEMPTS = 10  # more retries than this only deepen an outage; the schema refuses larger values
+MAX_REPLAY_BODY_BYTES = 64 * 1024  # request bodies up to this size are kept for a retry; longer ones stream
+
+# failure outcomes of one try (what the proxy observed)
+CONNECT_FAILURE = 1  # could not connect / TLS handshake failed
+RESET = 2  # connection closed or reset before a complete response head, or per-try timeout
+RESPONSE = 3  # a response head arrived with a status code
+
+# retry-on bits
+ON_CONNECT_FAILURE = 1
+ON_RESET = 2
+ON_5XX = 4
+ON_GATEWAY_ERROR = 8
+ON_RETRIABLE_CODES = 16
+
+RETRY_ON_NAMES: dict[str, int] = {
+    "connect-failure": ON_CONNECT_FAILURE,
+    "reset": ON_RESET,
+    "5xx": ON_5XX,
+    "gateway-error": ON_GATEWAY_ERROR,
+    "retriable-status-codes": ON_RETRIABLE_CODES,
+}
+
+_GATEWAY_CODES = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 0  # retries after the first try
+    per_try_timeout: float | None = None  # seconds; None: only the route timeout applies
+    on: int = 0  # ON_* bits
+    codes: frozenset[int] = frozenset()
+    base_interval: float = DEFAULT_BASE_INTERVAL
+    max_interval: float = DEFAULT_BASE_INTERVAL * DEFAULT_MAX_FACTOR
+
+    @classmethod
+    def build(
+        cls,
+        attempts: int,
+        on: list[str] | tuple[str, ...] = ("connect-failure",),
+        per_try_timeout: float | None = None,
+        codes: list[int] | tuple[int, ...] | frozenset[int] = (),
+        base_interval: float | None = None,
+        max_interval: float | None = None,
+        path: str = "retries",
+    ) -> RetryPolicy:
+        """Validated policy from document values; :class:`RouteConfigError` names the bad field."""
+        if not 0 <= attempts <= MAX_ATTEMPTS:
+            raise RouteConfigError(f"{path}.attempts", f"must be 0..{MAX_ATTEMPTS}")
+        bits = 0
+        for i, name in enumerate(on):
+            bit = RETRY_ON_NAMES.get(name)
+            if bit is None:
+                raise RouteConfigError(f"{path}.on[{i}]", f"unknown retry condition {name!r}")
+            bits |= bit
+        code_set = frozenset(int(c) for c in codes)
+        for c in code_set:
+            if not 100 <= c <= 599:
+                raise RouteConfigError(f"{path}.codes", f"{c} is not an HTTP status")
+        if code_set:
+            bits |= ON_RETRIABLE_CODES
+        base = DEFAULT_BASE_INTERVAL if base_interval is None else base_interval
+        if base <= 0:
+            raise RouteConfigError(f"{path}.backoff.base", "must be > 0")
+        top = base * DEFAULT_MAX_FACTOR if max_interval is None else max_interval
+        if top < base:
+            raise RouteConfigError(f"{path}.backoff.max", "must be >= base")
+        if per_try_timeout is not None and per_try_timeout <= 0:
+            raise RouteConfigError(f"{path}.per_try_timeout", "must be > 0")
+        return cls(attempts, per_try_timeout, bits, code_set, base, top)
+
+    def retryable(self, outcome: int, status: int = 0) -> bool:
+        """Whether this failure kind is one the policy retries (attempts and budget aside)."""
+        on = self.on
+        if outcome == CONNECT_FAILURE:
+            return bool(on & (ON_CONNECT_FAILURE | ON_5XX | ON_GATEWAY_ERROR))
+        if outcome == RESET:
+            return bool(on & (ON_RESET | ON_5XX | ON_GATEWAY_ERROR))
+        if status >= 500 and on & ON_5XX:
+            return True
+        if status in _GATEWAY_CODES and on & ON_GATEWAY_ERROR:
+            return True
+        return bool(on & ON_RETRIABLE_CODES) and status in self.codes
+
+    def backoff(self, retry_number: int, rng: random.Random) -> float:
+        """Seconds to wait before retry ``retry_number`` (1-based): full jitter, capped."""
+        n = min(retry_number, 30)  # 2**30 x base is far beyond any max; keeps the float finite
+        ceiling = min(self.max_interval, ((1 << n) - 1) * self.base_interval)
+        return rng.random() * ceiling
+
+    def try_timeout(self, now: float, deadline: float | None) -> float | None:
+        """Timeout of the next try: the per-try timeout, never past the route deadline."""
+        if deadline is None:
+            return self.per_try_timeout
+        left = deadline - now
+        if self.per_try_timeout is None or self.per_try_timeout > left:
+            return max(left, 0.0)
+        return self.per_try_timeout
+
+
+NO_RETRIES = RetryPolicy()
+# Default when a route names no policy: a connection that could not be made never reached the app,
+# so retrying it elsewhere is always safe (Istio's default retries too, but also on 503; we stay safe).
+DEFAULT_POLICY = RetryPolicy(attempts=2, on=ON_CONNECT_FAILURE)
+
+
+class RetryBudget:
+    """Concurrent-retry limit for one upstream: a share of its active requests (Envoy retry_budget).
+
+    The proxy calls :meth:`request_started`/:meth:`request_finished` around every downstream
+    request to the upstream and :meth:`try_acquire`/:meth:`release` around every retry try.
+    """
+
+    __slots__ = ("active_requests", "active_retries", "min_concurrency", "percent")
+
+    def __init__(
+        self, percent: float = DEFAULT_BUDGET_PERCENT, min_concurrency: int = DEFAULT_MIN_RETRY_CONCURRENCY
+    ) -> None:
+        self.percent = percent
+        self.min_concurrency = min_concurrency
+        self.active_requests = 0
+        self.active_retries = 0
+
+    def request_started(self) -> None:
+        self.active_requests += 1
+
+    def request_finished(self) -> None:
+        self.active_requests -= 1
+
+    def limit(self) -> int:
+        """Concurrent retries allowed right now."""
+        share = int(self.active_requests * self.percent / 100.0)
+        return share if share > self.min_concurrency else self.min_concurrency
+
+    def try_acquire(self) -> bool:
+        if self.active_retries >= self.limit():
+            return False
+        self.active_retries += 1
+        return True
+
+    def release(self) -> None:
+        self.active_retries -= 1
+
+
+# what the proxy does after a failed try
+RETRY = 1
+GIVE_UP = 2  # not retryable: pass the failure on (the upstream's response or our own UF/UC/UT)
+EXHAUSTED = 3  # retryable, but attempts or budget are spent: pass it on with flag URX
+
+
+class RetryState:
+    """Per-request retry bookkeeping: ``decide`` after each failed try; ``backoff`` before retrying."""
+
+    __slots__ = ("budget", "policy", "retries_done")
+
+    def __init__(self, policy: RetryPolicy, budget: RetryBudget | None) -> None:
+        self.policy = policy
+        self.budget = budget
+        self.retries_done = 0
+
+    def decide(self, outcome: int, status: int = 0, replayable: bool = True) -> int:
+        """RETRY, GIVE_UP or EXHAUSTED for a try that ended in ``outcome`` (and ``status``).
+
+        RETRY acquired a budget slot: the proxy calls ``budget.release()`` when that try ends.
+        """
+        if not replayable or not self.policy.retryable(outcome, status):
+            return GIVE_UP
+        if self.retries_done >= self.policy.attempts:
+            return EXHAUSTED
+        if self.budget is not None and not self.budget.try_acquire():
+            return EXHAUSTED
+        self.retries_done += 1
+        return RETRY
+
+    def backoff(self, rng: random.Random) -> float:
+        return self.policy.backoff(self.retries_done, rng)
