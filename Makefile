@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
 
-.PHONY: test lint typecheck unit consul demo bench clean
+.PHONY: test lint typecheck unit consul demo bench clean deb
 
 test: lint typecheck unit
 
@@ -39,6 +39,10 @@ demo: $(STAMP) consul
 
 bench: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# dist/hostmesh-<v>.tar.gz, the wheel, and dist/hostmesh_<v>_<arch>.deb (venv in /opt/hostmesh).
+deb: $(STAMP)
+	PYTHON=$(BIN)/python ./packaging/build-deb.sh
 
 clean:
 	rm -rf $(VENV) .typecheck build dist *.egg-info

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Build dist/hostmesh-<version>.tar.gz, the wheel, and dist/hostmesh_<version>_<arch>.deb.
+#
+# The .deb carries a self-contained virtualenv in /opt/hostmesh built on Debian's python3.11 (the
+# interpreter the package depends on), the `hostmesh` wheel and every dependency, /usr/bin/hostmesh,
+# the systemd units and /etc/hostmesh/agent.toml.example. No debhelper: a staging tree and dpkg-deb.
+# Dependency wheels are kept in .cache/wheels so a rebuild does not download them again.
+#
+# Environment: PYTHON (build frontend, default .venv/bin/python), TARGET_PYTHON (default
+# /usr/bin/python3.11), DIST (output folder, default dist), HOSTMESH_CACHE (default .cache).
+set -euo pipefail
+top="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$top"
+py="${PYTHON:-$top/.venv/bin/python}"
+target_py="${TARGET_PYTHON:-/usr/bin/python3.11}"
+dist="${DIST:-$top/dist}"
+cache="${HOSTMESH_CACHE:-$top/.cache}"
+wheels="$cache/wheels"
+prefix=/opt/hostmesh
+
+"$top/packaging/ensure-tools.sh" dpkg-deb "$(basename "$target_py")"
+version=$("$py" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+arch=$(dpkg --print-architecture)
+mkdir -p "$dist" "$wheels"
+
+# 1. sdist and wheel; the wheel is built from the sdist, which proves the sdist is complete.
+rm -f "$dist"/hostmesh-"$version"*.whl "$dist"/hostmesh-"$version".tar.gz
+"$py" -m build --sdist --wheel --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log" >&2; exit 1; }
+wheel=$(ls "$dist"/hostmesh-"$version"-*.whl)
+
+# 2. dependency wheels for the target interpreter, from the cache when it already has them.
+pip_target=("$py" -m pip --disable-pip-version-check --python "$target_py")
+if ! "${pip_target[@]}" wheel -q --no-index --find-links "$wheels" -w "$wheels" "$wheel" >/dev/null 2>&1; then
+  "${pip_target[@]}" wheel -q --find-links "$wheels" -w "$wheels" "$wheel" >&2
+fi
+rm -f "$wheels"/hostmesh-*.whl  # only dependencies are cached; ours is always the fresh build
+
+# 3. the virtualenv, built in a staging tree and then pointed at its installed location.
+stage=$(mktemp -d "${TMPDIR:-/tmp}/hostmesh-deb.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+root="$stage/root"
+venv="$root$prefix"
+mkdir -p "$root"
+"$target_py" -m venv --without-pip "$venv"
+"$py" -m pip --disable-pip-version-check --python "$venv/bin/python" install -q --no-compile \
+  --no-index --find-links "$wheels" "$wheel"
+# Scripts and activate files name the staging path; rewrite it to the installed one.
+grep -rlI --null -- "$venv" "$venv" | xargs -0 -r sed -i "s|$venv|$prefix|g"
+sed -i '/^command = /d' "$venv/pyvenv.cfg"
+find "$venv" -name '__pycache__' -prune -exec rm -rf {} +
+rm -rf "$venv"/bin/Activate.ps1 "$venv"/lib/python3.11/site-packages/*.dist-info/RECORD.jws
+# Byte-compile as installed (shipped, so dpkg tracks and removes the .pyc files).
+"$target_py" -m compileall -q -j 0 -s "$root" -p / "$venv/lib" >/dev/null
+if grep -rlI -- "$stage" "$venv" | grep -q .; then
+  echo "build-deb: staging path leaked into:" >&2; grep -rlI -- "$stage" "$venv" >&2; exit 1
+fi
+
+# 4. the rest of the file system.
+install -d "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/hostmesh" "$root/usr/share/doc/hostmesh"
+ln -s "$prefix/bin/hostmesh" "$root/usr/bin/hostmesh"
+install -m 0644 systemd/hostmesh-agent.service systemd/hostmesh-ca.service "$root/lib/systemd/system/"
+install -m 0644 packaging/agent.toml.example "$root/etc/hostmesh/agent.toml.example"
+[ -f README.md ] && install -m 0644 README.md "$root/usr/share/doc/hostmesh/README.md"
+
+# 5. control files and the archive.
+install -d "$root/DEBIAN"
+size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" packaging/debian/control.in \
+  >"$root/DEBIAN/control"
+install -m 0644 packaging/debian/conffiles "$root/DEBIAN/conffiles"
+install -m 0755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$root/DEBIAN/"
+deb="$dist/hostmesh_${version}_${arch}.deb"
+dpkg-deb --root-owner-group -Zgzip -z6 --build "$root" "$deb" >/dev/null
+echo "$deb"
