@@ -1,0 +1,224 @@
+"""Versioned config documents in Consul KV: get, list, put, delete, history, rollback.
+
+Layout (DESIGN.md): the live document of kind K (`routes`, `policies`, `intentions`) for service S
+is JSON at `hostmesh/K/S`; every version ever written is also kept at
+`hostmesh/history/K/S/<version>` (bounded to the last `HISTORY_KEEP`), so after the next write the
+previous version is still there for `history` and `rollback`.
+
+A write is one Consul transaction of three parts:
+
+1. check-and-set of `hostmesh/K/S` against the ModifyIndex the writer read (0: must not exist),
+2. create-if-absent (cas=0) of `hostmesh/history/K/S/<new version>`,
+3. deletes of history versions that fell out of the window.
+
+Part 2 is what makes "exactly one writer wins" hold: on Consul 1.8.7 two concurrent writers with
+the same cas=N>0 can both pass (see ConsulClient.kv_put), but two creations of the same key with
+cas=0 never do, and a transaction applies all of its parts or none. Versions are dense and never
+reused (after a delete the next write continues after the highest version in history), so each
+version number names exactly one content for good.
+
+Documents are validated with hostmesh.registry.schema before anything is written; the stored
+value is the caller's JSON with `version` set, so what an operator applied is what `get` shows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from hostmesh.registry.consul import ConsulClient, KVEntry
+from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound
+from hostmesh.registry.schema import KINDS, parse_document
+
+ROOT = "hostmesh"
+HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
+MAX_TXN_OPS = 64  # Consul's limit on operations in one /v1/txn
+MAX_DOCUMENT_BYTES = 256 * 1024  # Consul's default KV value limit is 512 KiB; leave room for the txn encoding
+
+
+def doc_key(kind: str, service: str) -> str:
+    return f"{ROOT}/{kind}/{service}"
+
+
+def history_prefix(kind: str, service: str) -> str:
+    return f"{ROOT}/history/{kind}/{service}/"
+
+
+def history_key(kind: str, service: str, version: int) -> str:
+    return f"{history_prefix(kind, service)}{version}"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown document kind {kind!r} (one of {', '.join(KINDS)})")
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One stored version of a document: its JSON as written (`version` included)."""
+
+    kind: str
+    service: str
+    version: int
+    data: dict[str, Any]
+    modify_index: int = 0  # Consul's ModifyIndex of the live key (0 for history entries)
+
+    def to_json(self) -> str:
+        return encode(self.data)
+
+
+def encode(data: dict[str, Any]) -> str:
+    """The stored form: stable key order as given, compact, UTF-8."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _with_version(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """`data` with `version` set, placed right after `service` for readability."""
+    out: dict[str, Any] = {"service": data["service"], "version": version}
+    out.update((k, v) for k, v in data.items() if k not in ("service", "version"))
+    return out
+
+
+def _decode(entry: KVEntry, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(entry.value)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidDocument(what, "stored value is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidDocument(what, "stored value is not a JSON object")
+    return data
+
+
+def _version_of(data: dict[str, Any]) -> int:
+    v = data.get("version", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+class DocumentStore:
+    """Versioned documents over a `ConsulClient` (which the caller owns and closes)."""
+
+    def __init__(self, consul: ConsulClient) -> None:
+        self.consul = consul
+
+    async def get(self, kind: str, service: str) -> Document | None:
+        _check_kind(kind)
+        entry = await self.consul.kv_get(doc_key(kind, service))
+        if entry is None:
+            return None
+        data = _decode(entry, doc_key(kind, service))
+        return Document(kind, service, _version_of(data), data, entry.modify_index)
+
+    async def list_all(self, kind: str) -> list[Document]:
+        """Every live document of `kind`, by service name. Values that are not JSON objects are skipped."""
+        _check_kind(kind)
+        prefix = f"{ROOT}/{kind}/"
+        out = []
+        for entry in await self.consul.kv_list(prefix):
+            service = entry.key[len(prefix) :]
+            if not service or "/" in service:
+                continue
+            try:
+                data = _decode(entry, entry.key)
+            except InvalidDocument:
+                continue
+            out.append(Document(kind, service, _version_of(data), data, entry.modify_index))
+        return sorted(out, key=lambda d: d.service)
+
+    async def history(self, kind: str, service: str) -> list[Document]:
+        """Kept versions, oldest first (the live version is the last one unless it was deleted)."""
+        _check_kind(kind)
+        prefix = history_prefix(kind, service)
+        out = []
+        for entry in await self.consul.kv_list(prefix):
+            tail = entry.key[len(prefix) :]
+            if not tail.isdigit():
+                continue
+            try:
+                data = _decode(entry, entry.key)
+            except InvalidDocument:
+                continue
+            out.append(Document(kind, service, int(tail), data))
+        return sorted(out, key=lambda d: d.version)
+
+    async def put(self, kind: str, data: object, *, expect_version: int | None = None) -> Document:
+        """Validate and write `data` as the next version; returns what was stored.
+
+        `expect_version`: refuse with `Conflict` unless the live document is at this version
+        (0: must not exist). Without it the write is still check-and-set against what this call
+        read, so a concurrent writer is never silently overwritten.
+        """
+        _check_kind(kind)
+        doc = parse_document(kind, data)
+        assert isinstance(data, dict)  # parse_document accepted it, so it is an object
+        service = doc.service
+        current = await self.get(kind, service)
+        have = current.version if current else 0
+        if expect_version is not None and expect_version != have:
+            state = f"is at version {have}" if current else "does not exist"
+            raise Conflict(
+                f"{kind} for {service} {state}, but the change was based on version {expect_version}"
+            )
+        kept = await self._history_versions(kind, service)
+        version = max([have, *kept]) + 1
+        stored = _with_version(data, version)
+        value = encode(stored)
+        if len(value.encode()) > MAX_DOCUMENT_BYTES:
+            raise InvalidDocument("document", f"is larger than {MAX_DOCUMENT_BYTES // 1024} KiB")
+        index = current.modify_index if current else 0
+        live_op = {"Verb": "cas", "Key": doc_key(kind, service), "Value": value, "Index": index}
+        await self._commit(kind, service, version, kept, live_op, value)
+        entry = await self.consul.kv_get(doc_key(kind, service))
+        return Document(kind, service, version, stored, entry.modify_index if entry else 0)
+
+    async def delete(self, kind: str, service: str, *, expect_version: int | None = None) -> Document:
+        """Delete the live document (history stays, so `rollback` can bring it back)."""
+        current = await self.get(kind, service)
+        if current is None:
+            raise NotFound(f"no {kind} document for {service}")
+        if expect_version is not None and expect_version != current.version:
+            raise Conflict(f"{kind} for {service} is at version {current.version}, not {expect_version}")
+        op = {"Verb": "delete-cas", "Key": doc_key(kind, service), "Index": current.modify_index}
+        try:
+            await self.consul.txn([{"KV": op}])
+        except Conflict:
+            raise Conflict(f"{kind} for {service} was changed by someone else; re-read and retry") from None
+        return current
+
+    async def rollback(self, kind: str, service: str, to: int) -> Document:
+        """Write a new version whose content is version `to` (validated again before writing)."""
+        entry = await self.consul.kv_get(history_key(kind, service, to))
+        if entry is None:
+            kept = await self._history_versions(kind, service)
+            window = f"kept: {min(kept)}..{max(kept)}" if kept else "no history"
+            raise NotFound(f"{kind} for {service} has no version {to} ({window})")
+        data = _decode(entry, history_key(kind, service, to))
+        if data.get("service") != service:
+            raise InvalidDocument(
+                "service", f"history entry {to} names {data.get('service')!r}, not {service!r}"
+            )
+        current = await self.get(kind, service)
+        return await self.put(kind, data, expect_version=current.version if current else 0)
+
+    async def _history_versions(self, kind: str, service: str) -> list[int]:
+        prefix = history_prefix(kind, service)
+        entries = await self.consul.kv_list(prefix)
+        return sorted(int(e.key[len(prefix) :]) for e in entries if e.key[len(prefix) :].isdigit())
+
+    async def _commit(
+        self, kind: str, service: str, version: int, kept: list[int], live_op: dict[str, Any], value: str
+    ) -> None:
+        kv_ops = [
+            live_op,
+            {"Verb": "cas", "Key": history_key(kind, service, version), "Value": value, "Index": 0},
+        ]
+        stale = [v for v in kept if v <= version - HISTORY_KEEP]
+        room = MAX_TXN_OPS - len(kv_ops)
+        kv_ops += [{"Verb": "delete", "Key": history_key(kind, service, v)} for v in stale[:room]]
+        try:
+            await self.consul.txn([{"KV": op} for op in kv_ops])
+        except Conflict:
+            raise Conflict(
+                f"{kind} for {service} was changed by someone else while this change was made; "
+                "re-read and apply again"
+            ) from None

@@ -1,0 +1,201 @@
+"""The versioned document store against a real Consul dev agent: CAS, history, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.documents import HISTORY_KEEP, DocumentStore, doc_key, history_key
+from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, Unavailable
+from tests.support import ConsulDev, free_port
+
+pytestmark = pytest.mark.consul
+
+_names = itertools.count()
+
+
+def svc() -> str:
+    """A fresh service name per test: the Consul fixture is shared by the whole session."""
+    return f"doc-{next(_names)}-{id(object()) % 100000}"
+
+
+def route(service: str, weight_v2: int = 10) -> dict[str, Any]:
+    return {
+        "service": service,
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [
+            {"to": [{"subset": "v1", "weight": 100 - weight_v2}, {"subset": "v2", "weight": weight_v2}]}
+        ],
+    }
+
+
+async def test_put_get_versions_and_history(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        assert await store.get("routes", s) is None
+        d1 = await store.put("routes", route(s, 10))
+        assert d1.version == 1 and d1.data["version"] == 1
+        d2 = await store.put("routes", route(s, 20))
+        assert d2.version == 2
+        got = await store.get("routes", s)
+        assert got is not None and got.version == 2 and got.data == d2.data and got.modify_index > 0
+        # The live key holds exactly the JSON the agent reads, version included.
+        raw = json.loads(consul.kv_get(doc_key("routes", s)) or b"")
+        assert raw["version"] == 2 and raw["routes"][0]["to"][1]["weight"] == 20
+        hist = await store.history("routes", s)
+        assert [h.version for h in hist] == [1, 2]
+        assert hist[0].data["routes"][0]["to"][1]["weight"] == 10
+        assert s in [d.service for d in await store.list_all("routes")]
+
+
+async def test_invalid_document_is_rejected_with_its_path_and_nothing_written(consul: ConsulDev) -> None:
+    s = svc()
+    bad = route(s)
+    bad["routes"][0]["to"][0]["weight"] = 101
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        with pytest.raises(InvalidDocument) as ei:
+            await store.put("routes", bad)
+        assert str(ei.value) == "routes[0].to[0].weight: must be 0..100"
+        assert await store.get("routes", s) is None and await store.history("routes", s) == []
+
+
+async def test_expect_version_refuses_a_stale_base(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("policies", {"service": s, "load_balancer": {"type": "random"}}, expect_version=0)
+        with pytest.raises(Conflict, match="is at version 1, but the change was based on version 0"):
+            await store.put("policies", {"service": s}, expect_version=0)
+        assert (await store.put("policies", {"service": s}, expect_version=1)).version == 2
+
+
+async def test_concurrent_writers_exactly_one_wins(consul: ConsulDev) -> None:
+    """Writers that all read the same version race; for every round exactly one commits."""
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        await DocumentStore(c).put("routes", route(s, 0))
+        for round_ in range(5):
+            clients = [ConsulClient(consul.url) for _ in range(6)]
+            try:
+
+                async def write(i: int, cl: ConsulClient) -> int | None:
+                    try:
+                        return (await DocumentStore(cl).put("routes", route(s, 10 + i))).version
+                    except Conflict:
+                        return None
+
+                results = await asyncio.gather(*(write(i, cl) for i, cl in enumerate(clients)))
+            finally:
+                for cl in clients:
+                    await cl.close()
+            winners = [r for r in results if r is not None]
+            # Readers that were slow may have seen the winner's version and won a later version:
+            # but no two writers ever got the same version, and every version is in history once.
+            assert len(winners) == len(set(winners)) and winners, (round_, results)
+        hist = await DocumentStore(c).history("routes", s)
+        versions = [h.version for h in hist]
+        assert versions == list(range(versions[0], versions[-1] + 1))
+
+
+async def test_same_base_version_exactly_one_wins(consul: ConsulDev) -> None:
+    """The strict form: every writer states the version it edited (like `route apply` of a file)."""
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        await DocumentStore(c).put("routes", route(s, 0))
+        for round_ in range(1, 6):
+            clients = [ConsulClient(consul.url) for _ in range(6)]
+            try:
+
+                async def write(i: int, cl: ConsulClient, base: int = round_) -> bool:
+                    try:
+                        await DocumentStore(cl).put("routes", route(s, i), expect_version=base)
+                        return True
+                    except Conflict:
+                        return False
+
+                results = await asyncio.gather(*(write(i, cl) for i, cl in enumerate(clients)))
+            finally:
+                for cl in clients:
+                    await cl.close()
+            assert sum(results) == 1, (round_, results)
+            live = await DocumentStore(c).get("routes", s)
+            assert live is not None and live.version == round_ + 1
+            winner = results.index(True)
+            assert live.data["routes"][0]["to"][1]["weight"] == winner  # the winner's content, not a mix
+
+
+async def test_history_is_bounded(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        for i in range(HISTORY_KEEP + 5):
+            await store.put("routes", route(s, i % 100))
+        versions = [h.version for h in await store.history("routes", s)]
+        total = HISTORY_KEEP + 5
+        assert versions == list(range(total - HISTORY_KEEP + 1, total + 1))
+        assert consul.kv_get(history_key("routes", s, 1)) is None
+
+
+async def test_rollback_writes_a_new_version_with_old_content(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("routes", route(s, 10))
+        await store.put("routes", route(s, 50))
+        rolled = await store.rollback("routes", s, to=1)
+        assert rolled.version == 3
+        live = await store.get("routes", s)
+        assert live is not None and live.version == 3
+        assert live.data["routes"] == route(s, 10)["routes"]
+        with pytest.raises(NotFound, match=r"has no version 9 \(kept: 1..3\)"):
+            await store.rollback("routes", s, to=9)
+
+
+async def test_delete_keeps_history_and_versions_continue(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("intentions", {"service": s, "rules": [{"source": "web", "action": "allow"}]})
+        await store.put("intentions", {"service": s, "default": "deny"})
+        await store.delete("intentions", s)
+        assert await store.get("intentions", s) is None
+        with pytest.raises(NotFound):
+            await store.delete("intentions", s)
+        assert [h.version for h in await store.history("intentions", s)] == [1, 2]
+        back = await store.rollback("intentions", s, to=1)
+        assert back.version == 3 and back.data["rules"] == [{"source": "web", "action": "allow"}]
+        again = await store.put("intentions", {"service": s})
+        assert again.version == 4
+
+
+async def test_delete_refuses_when_changed_meanwhile(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("policies", {"service": s})
+        await store.put("policies", {"service": s})
+        with pytest.raises(Conflict, match="is at version 2, not 1"):
+            await store.delete("policies", s, expect_version=1)
+
+
+async def test_rollback_of_content_invalid_under_the_current_schema_is_refused(consul: ConsulDev) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("policies", {"service": s})
+        consul.kv_put(history_key("policies", s, 1), json.dumps({"service": s, "version": 1, "lb": "x"}))
+        with pytest.raises(InvalidDocument, match=r"^lb: unknown field"):
+            await store.rollback("policies", s, to=1)
+
+
+async def test_consul_unreachable_is_unavailable() -> None:
+    async with ConsulClient(f"http://127.0.0.1:{free_port()}") as c:
+        with pytest.raises(Unavailable):
+            await DocumentStore(c).put("routes", route("x"))
