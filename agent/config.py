@@ -225,8 +225,22 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
     )
 
 
-TOP_KEYS = {"node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "consul", "ca", "services",
-            "trust_domain", "default_intention", "drain_seconds", "workers", "log_level"}  # fmt: skip
+TOP_KEYS = {
+    "node",
+    "mesh_address",
+    "data_dir",
+    "inbound",
+    "admin",
+    "metrics",
+    "consul",
+    "ca",
+    "services",
+    "trust_domain",
+    "default_intention",
+    "drain_seconds",
+    "workers",
+    "log_level",
+}
 
 
 def parse_config(raw: dict[str, Any]) -> AgentConfig:

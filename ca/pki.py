@@ -266,10 +266,14 @@ def sign_leaf(
     ttl = min(ttl, MAX_LEAF_TTL)
     t = now()
     not_after = min(t + ttl, root_cert.not_valid_after_utc)
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_only else [
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    ]
+    usages = (
+        [ExtendedKeyUsageOID.SERVER_AUTH]
+        if server_only
+        else [
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        ]
+    )
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(identity.spiffe_id),
         x509.DNSName(identity.dns_name),

@@ -20,8 +20,13 @@ ALPN_HTTP1 = "hostmesh/http1"
 MESH_ALPN = (ALPN_TCP, ALPN_HTTP1)
 
 
-def _base(purpose: ssl.Purpose, cert_file: Path | None, key_file: Path | None, roots_pem: str | None,
-          minimum: ssl.TLSVersion) -> ssl.SSLContext:  # fmt: skip
+def _base(
+    purpose: ssl.Purpose,
+    cert_file: Path | None,
+    key_file: Path | None,
+    roots_pem: str | None,
+    minimum: ssl.TLSVersion,
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(
         ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     )
@@ -34,8 +39,9 @@ def _base(purpose: ssl.Purpose, cert_file: Path | None, key_file: Path | None, r
     return ctx
 
 
-def mesh_server_context(cert_file: Path, key_file: Path, roots_pem: str,
-                        alpn: tuple[str, ...] = MESH_ALPN) -> ssl.SSLContext:  # fmt: skip
+def mesh_server_context(
+    cert_file: Path, key_file: Path, roots_pem: str, alpn: tuple[str, ...] = MESH_ALPN
+) -> ssl.SSLContext:
     """Inbound listener: TLS 1.3, a client certificate from the trust bundle is required."""
     ctx = _base(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_3)
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -43,8 +49,9 @@ def mesh_server_context(cert_file: Path, key_file: Path, roots_pem: str,
     return ctx
 
 
-def mesh_client_context(cert_file: Path, key_file: Path, roots_pem: str,
-                        alpn: tuple[str, ...] = MESH_ALPN) -> ssl.SSLContext:  # fmt: skip
+def mesh_client_context(
+    cert_file: Path, key_file: Path, roots_pem: str, alpn: tuple[str, ...] = MESH_ALPN
+) -> ssl.SSLContext:
     """Outbound to a peer agent: TLS 1.3, presents our identity, verifies the peer against the bundle."""
     ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_3)
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -59,8 +66,9 @@ def ca_server_context(cert_file: Path, key_file: Path, roots_pem: str) -> ssl.SS
     return ctx
 
 
-def ca_client_context(roots_pem: str | None, cert_file: Path | None = None,
-                      key_file: Path | None = None) -> ssl.SSLContext:  # fmt: skip
+def ca_client_context(
+    roots_pem: str | None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
     """Agent -> CA. With `roots_pem` None the server is NOT verified: only for fetching the roots,
     which the caller must then check against the operator's pin before trusting anything."""
     ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_2)

@@ -232,10 +232,22 @@ class Request:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class HTTPServer:
@@ -245,8 +257,14 @@ class HTTPServer:
     idempotent, stops accepting and closes tracked connections. Garbage gets a 400 and a close.
     """
 
-    def __init__(self, handler: Handler, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-                 max_body: int = MAX_BODY_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handler: Handler,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
         self._handler = handler
         self.host = host
         self.port = port
@@ -257,9 +275,13 @@ class HTTPServer:
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, ssl=self._ssl, limit=MAX_HEAD_BYTES,
+            self._serve,
+            self.host,
+            self.port,
+            ssl=self._ssl,
+            limit=MAX_HEAD_BYTES,
             ssl_handshake_timeout=SERVER_HEAD_TIMEOUT if self._ssl else None,
-        )  # fmt: skip
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -26,8 +26,9 @@ BACKOFF_MAX = 5.0  # cap, so a recovered Consul is noticed within seconds
 MIN_INTERVAL = 0.005  # floor between two successful polls: protects Consul from a hot loop on churn
 
 
-def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX,
-                  rng: random.Random | None = None) -> float:  # fmt: skip
+def backoff_delay(
+    attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX, rng: random.Random | None = None
+) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], never below base/2."""
     ceiling = min(cap, base * (2 ** min(attempt, 30)))
     return max(base / 2, (rng or random).uniform(0, ceiling))

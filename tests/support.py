@@ -43,8 +43,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-async def async_wait_until(predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0,
-                           what: str = "condition") -> Any:  # fmt: skip
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / POLL_INTERVAL) + 1):
         value = predicate()
@@ -92,11 +93,30 @@ class ConsulDev:
     def start(self) -> None:
         p = self.ports
         args = [
-            self.binary, "agent", "-dev", "-node", self.node, "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-http-port", str(p["http"]), "-dns-port", str(p["dns"]), "-server-port", str(p["server"]),
-            "-serf-lan-port", str(p["serf_lan"]), "-serf-wan-port", str(p["serf_wan"]),
-            "-grpc-port", str(p["grpc"]), "-log-level", "warn",
-        ]  # fmt: skip
+            self.binary,
+            "agent",
+            "-dev",
+            "-node",
+            self.node,
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-http-port",
+            str(p["http"]),
+            "-dns-port",
+            str(p["dns"]),
+            "-server-port",
+            str(p["server"]),
+            "-serf-lan-port",
+            str(p["serf_lan"]),
+            "-serf-wan-port",
+            str(p["serf_wan"]),
+            "-grpc-port",
+            str(p["grpc"]),
+            "-log-level",
+            "warn",
+        ]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -50,21 +50,32 @@ async def test_concurrent_create_if_absent_has_exactly_one_winner(consul: Consul
 
 async def test_txn_is_atomic_under_cas(consul: ConsulDev) -> None:
     async with ConsulClient(consul.url) as c:
-        await c.txn([{"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v1", "Index": 0}},
-                     {"KV": {"Verb": "set", "Key": "t/txn/history/1", "Value": b"v1"}}])  # fmt: skip
+        await c.txn(
+            [
+                {"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v1", "Index": 0}},
+                {"KV": {"Verb": "set", "Key": "t/txn/history/1", "Value": b"v1"}},
+            ]
+        )
         with pytest.raises(Conflict):
-            await c.txn([{"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v2", "Index": 0}},
-                         {"KV": {"Verb": "set", "Key": "t/txn/history/2", "Value": b"v2"}}])  # fmt: skip
+            await c.txn(
+                [
+                    {"KV": {"Verb": "cas", "Key": "t/txn/doc", "Value": b"v2", "Index": 0}},
+                    {"KV": {"Verb": "set", "Key": "t/txn/history/2", "Value": b"v2"}},
+                ]
+            )
         assert await c.kv_get("t/txn/history/2") is None  # nothing of the failed txn applied
 
 
 async def test_register_health_and_deregister(consul: ConsulDev) -> None:
     async with ConsulClient(consul.url) as c:
         reg = ServiceRegistration(
-            name="t-svc", id="t-svc-n1", address="127.0.0.1", port=15001,
+            name="t-svc",
+            id="t-svc-n1",
+            address="127.0.0.1",
+            port=15001,
             meta={"hostmesh": "1", "version": "v1"},
             checks=({"CheckID": "t-svc-n1-ttl", "Name": "ttl", "TTL": "10s", "Status": "critical"},),
-        )  # fmt: skip
+        )
         await c.register_service(reg)
         _, passing = await c.health_service("t-svc")
         assert passing == []  # TTL check starts critical

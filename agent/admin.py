@@ -1,0 +1,120 @@
+"""The agent's admin API (127.0.0.1:15000 by default) and its Prometheus endpoint.
+
+Read-only JSON views of what the agent has applied — `/v1/config`, `/v1/certs`, `/v1/clusters` —
+plus `/ready` and `/live` for supervisors, and `/health/<service>`, which Consul's HTTP check
+calls: it probes the local app (HTTP GET of the configured path, or a TCP connect) so Consul's
+health of a mesh instance is the health of the app behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hostmesh.agent.config import AgentConfig, ServiceConfig
+from hostmesh.agent.snapshot import SnapshotHolder
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.http import HTTPClient, Request, Response
+
+PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
+
+
+async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
+    """Is the app behind `svc` healthy? HTTP 2xx/3xx on its health path, or a TCP connect."""
+    timeout = min(svc.health.timeout, PROBE_TIMEOUT_CAP)
+    if svc.health.http:
+        client = HTTPClient(f"http://127.0.0.1:{svc.port}")
+        try:
+            resp = await client.request("GET", svc.health.http, timeout=timeout)
+        except RegistryError as exc:
+            return False, str(exc)
+        finally:
+            await client.close()
+        return 200 <= resp.status < 400, f"HTTP {resp.status} from {svc.health.http}"
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.close()
+        return True, f"TCP connect to 127.0.0.1:{svc.port} ok"
+    except (OSError, TimeoutError) as exc:
+        return (
+            False,
+            f"TCP connect to 127.0.0.1:{svc.port} failed: {getattr(exc, 'strerror', None) or 'timeout'}",
+        )
+
+
+class AdminAPI:
+    def __init__(
+        self,
+        config: AgentConfig,
+        holder: SnapshotHolder,
+        certs: Callable[[], list[dict[str, Any]]],
+        clusters: Callable[[], dict[str, Any]],
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self._certs = certs
+        self._clusters = clusters
+        self._is_ready = is_ready
+        self.started = time.time()
+
+    async def handle(self, req: Request) -> Response:
+        if req.method not in ("GET", "HEAD"):
+            return Response.error(405, "the admin API is read-only")
+        path = req.path.rstrip("/") or "/"
+        if path == "/live":
+            return Response.of_json(200, {"live": True})
+        if path == "/ready":
+            ready = self._is_ready()
+            return Response.of_json(200 if ready else 503, {"ready": ready})
+        if path == "/v1/config":
+            return Response.of_json(200, self.config_view())
+        if path == "/v1/certs":
+            return Response.of_json(200, {"certs": self._certs()})
+        if path == "/v1/clusters":
+            return Response.of_json(200, self._clusters())
+        if path.startswith("/health/"):
+            svc = self.config.service(path[len("/health/") :])
+            if svc is None:
+                return Response.error(404, f"no local service {path[len('/health/') :]!r}")
+            ok, detail = await probe_app(svc)
+            return Response.of_json(
+                200 if ok else 503, {"service": svc.name, "healthy": ok, "detail": detail}
+            )
+        return Response.error(404, f"no such admin endpoint {path!r}")
+
+    def config_view(self) -> dict[str, Any]:
+        snap = self.holder.current
+        return {
+            "node": snap.node,
+            "trust_domain": snap.trust_domain,
+            "generation": snap.generation,
+            "built_at": snap.built_at,
+            "versions": dict(snap.versions),
+            "tls_generation": snap.tls.generation,
+            "default_intention": "allow" if snap.default_allow else "deny",
+            "services": [
+                {"name": s.name, "port": s.port, "protocol": s.protocol, "spiffe_id": s.identity.spiffe_id}
+                for s in snap.local.values()
+            ],
+            "intentions": {
+                svc: {
+                    "version": doc.version,
+                    "default": None if doc.default is None else ("allow" if doc.default else "deny"),
+                    "rules": [
+                        {"source": r.source, "action": r.action, "l7": bool(r.permissions)} for r in doc.rules
+                    ],
+                }
+                for svc, doc in snap.intentions.items()
+            },
+            "endpoints": {
+                svc: [
+                    {"id": e.instance_id, "address": f"{e.address}:{e.port}", "meta": dict(e.meta)}
+                    for e in eps
+                ]
+                for svc, eps in snap.endpoints.items()
+            },
+        }

@@ -1,0 +1,257 @@
+"""From Consul to a Snapshot: watches feed inputs, inputs are validated, bursts coalesce into one swap.
+
+Decision: every input (the endpoints of each upstream, each local service's intentions, later
+routes and policies) is watched with its own blocking query, for this agent's own services and
+upstreams only. A change marks the builder dirty; one rebuild runs on the next loop turn, so a
+burst of watch events yields one snapshot. Invalid KV content is rejected with a logged reason and
+`hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
+saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+from hostmesh.agent.config import AgentConfig
+from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.ca.pki import Identity, write_private
+from hostmesh.registry.consul import ConsulClient, ServiceInstance
+from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.schema import Intentions, parse_intentions
+from hostmesh.registry.watch import Watch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "snapshot.json"
+STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored, not misread
+INTENTIONS_PREFIX = "hostmesh/intentions/"
+
+
+def endpoints_from(instances: list[ServiceInstance]) -> tuple[Endpoint, ...]:
+    """Mesh instances only (Meta hostmesh=1), in a stable order so pickers see a steady list."""
+    eps = [
+        Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
+        for i in instances
+        if i.meta.get("hostmesh") == "1"
+    ]
+    return tuple(sorted(eps, key=lambda e: e.instance_id))
+
+
+class SnapshotBuilder:
+    """Holds the latest valid inputs and turns them into snapshots. Pure apart from the state file."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        tls: Callable[[], TLSMaterial],
+        on_rejected: Callable[[str, str], None] | None = None,
+        on_applied: Callable[[Snapshot, float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._tls_factory = tls
+        self._tls = tls()
+        self._on_rejected = on_rejected
+        self._on_applied = on_applied
+        self.local = MappingProxyType(
+            {
+                s.name: LocalService(s.name, s.port, s.protocol, Identity(config.trust_domain, s.name))
+                for s in config.services
+            }
+        )
+        self.endpoints: dict[str, tuple[Endpoint, ...]] = {}
+        self.intentions: dict[str, Intentions] = {}
+        self.raw_intentions: dict[str, Any] = {}
+        self.versions: dict[str, int] = {}
+        self.generation = 0
+        self.holder = SnapshotHolder(self.build())
+        self._dirty_since: float | None = None
+        self._state_path = config.data_dir / STATE_FILE
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def set_endpoints(self, service: str, index: int, instances: list[ServiceInstance]) -> None:
+        self.endpoints[service] = endpoints_from(instances)
+        self.versions[f"endpoints/{service}"] = index
+        self._mark()
+
+    def set_intentions(self, service: str, index: int, raw: bytes | None) -> bool:
+        """Apply a new intentions value; returns False (and keeps the old one) when it is invalid."""
+        if raw is None:
+            self.intentions.pop(service, None)
+            self.raw_intentions.pop(service, None)
+        else:
+            try:
+                data = json.loads(raw)
+                doc = parse_intentions(data)
+                if doc.service != service:
+                    raise InvalidDocument("service", f"is {doc.service!r} but the key is for {service!r}")
+            except (ValueError, InvalidDocument) as exc:
+                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+                log.error(
+                    "rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, service, reason
+                )
+                if self._on_rejected:
+                    self._on_rejected(f"intentions/{service}", reason)
+                return False
+            self.intentions[service] = doc
+            self.raw_intentions[service] = data
+        self.versions[f"intentions/{service}"] = index
+        self._mark()
+        return True
+
+    def tls_changed(self) -> None:
+        self._tls = self._tls_factory()
+        self._mark()
+
+    # --- building ---------------------------------------------------------------------------
+
+    def build(self) -> Snapshot:
+        self.generation += 1
+        return Snapshot(
+            generation=self.generation,
+            node=self.config.node,
+            trust_domain=self.config.trust_domain,
+            local=self.local,
+            endpoints=MappingProxyType(dict(self.endpoints)),
+            intentions=MappingProxyType(dict(self.intentions)),
+            default_allow=self.config.default_intention == "allow",
+            tls=self._tls,
+            versions=MappingProxyType(dict(self.versions)),
+        )
+
+    def _mark(self) -> None:
+        if self._dirty_since is not None:
+            return  # a rebuild is already scheduled: coalesce
+        self._dirty_since = time.perf_counter()
+        try:
+            asyncio.get_running_loop().call_soon(self.rebuild)
+        except RuntimeError:  # no loop (pure tests): apply now
+            self.rebuild()
+
+    def rebuild(self) -> Snapshot:
+        started = self._dirty_since or time.perf_counter()
+        self._dirty_since = None
+        snap = self.build()
+        self.holder.swap(snap)
+        if self._on_applied:
+            self._on_applied(snap, time.perf_counter() - started)
+        self.save()
+        return snap
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "saved_at": time.time(),
+            "endpoints": {
+                svc: [
+                    {
+                        "id": e.instance_id,
+                        "node": e.node,
+                        "address": e.address,
+                        "port": e.port,
+                        "meta": dict(e.meta),
+                    }
+                    for e in eps
+                ]
+                for svc, eps in self.endpoints.items()
+            },
+            "intentions": self.raw_intentions,
+            "versions": self.versions,
+        }
+        try:
+            write_private(self._state_path, json.dumps(state, sort_keys=True).encode())
+        except OSError as exc:
+            log.warning("could not save %s: %s", self._state_path, exc.strerror)
+
+    def load_saved(self) -> bool:
+        """Adopt the last saved state (before Consul answers). Returns True when there was one."""
+        try:
+            state = json.loads(self._state_path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            return False
+        for svc, eps in state.get("endpoints", {}).items():
+            self.endpoints[svc] = tuple(
+                Endpoint(e["id"], e["node"], e["address"], int(e["port"]), MappingProxyType(dict(e["meta"])))
+                for e in eps
+            )
+        for svc, raw in state.get("intentions", {}).items():
+            try:
+                self.intentions[svc] = parse_intentions(raw)
+                self.raw_intentions[svc] = raw
+            except InvalidDocument:
+                continue
+        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items()})
+        self.rebuild()
+        log.info("loaded the saved snapshot from %s", self._state_path)
+        return True
+
+
+class Discovery:
+    """Runs the watches of one agent: endpoints of its upstreams, intentions of its local services."""
+
+    def __init__(self, consul: ConsulClient, builder: SnapshotBuilder) -> None:
+        self._consul = consul
+        self._builder = builder
+        config = builder.config
+        upstreams = sorted({u.service for s in config.services for u in s.upstreams})
+        self.watches: list[Watch[Any]] = []
+        for name in upstreams:
+            self.watches.append(
+                Watch(f"endpoints/{name}", self._health_fetch(name), self._on_endpoints(name))
+            )
+        for svc in config.services:
+            key = f"{INTENTIONS_PREFIX}{svc.name}"
+            self.watches.append(
+                Watch(f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name))
+            )
+
+    def _health_fetch(self, name: str) -> Callable[[int | None], Any]:
+        async def fetch(index: int | None) -> tuple[int, tuple[int, list[ServiceInstance]]]:
+            idx, instances = await self._consul.health_service(name, passing=True, index=index)
+            return idx, (idx, instances)
+
+        return fetch
+
+    def _kv_fetch(self, key: str) -> Callable[[int | None], Any]:
+        async def fetch(index: int | None) -> tuple[int, tuple[int, bytes | None]]:
+            idx, entry = await self._consul.kv_get_blocking(key, index)
+            return idx, (entry.modify_index if entry else 0, entry.value if entry else None)
+
+        return fetch
+
+    def _on_endpoints(self, name: str) -> Callable[[tuple[int, list[ServiceInstance]]], None]:
+        return lambda value: self._builder.set_endpoints(name, value[0], value[1])
+
+    def _on_intentions(self, name: str) -> Callable[[tuple[int, bytes | None]], None]:
+        return lambda value: self._builder.set_intentions(name, value[0], value[1]) and None
+
+    def start(self) -> None:
+        for watch in self.watches:
+            watch.start()
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """True once every watch has delivered at least once, False if `timeout` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                for watch in self.watches:
+                    await watch.first_result.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def healthy(self) -> bool:
+        return all(w.healthy for w in self.watches)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.watches))

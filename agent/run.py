@@ -1,0 +1,335 @@
+"""`hostmesh agent run`: the agent's lifecycle, composed in one visible place.
+
+Start:  config -> certificates (cert manager) -> saved snapshot -> watches -> listeners (inbound,
+        one outbound per upstream, admin, metrics) -> register in Consul -> READY.
+Stop:   (SIGTERM/SIGINT) not ready -> TTL check critical (peers stop picking us) -> stop accepting
+        -> drain open connections up to `drain_seconds` -> deregister -> exit 0.
+
+Consul being down never stops a running agent nor one with a saved snapshot: registration and
+watches retry in the background with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hostmesh.agent import sdnotify
+from hostmesh.agent.admin import AdminAPI, probe_app
+from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
+from hostmesh.agent.loops import new_event_loop
+from hostmesh.agent.snapshot import Snapshot, TLSMaterial
+from hostmesh.ca.errors import CAError
+from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+from hostmesh.registry.errors import NotFound, RegistryError
+from hostmesh.registry.http import HTTPServer, Request, Response
+from hostmesh.registry.watch import backoff_delay
+
+log = logging.getLogger("hostmesh.agent")
+
+FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers before serving what it has
+TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every TTL/3
+CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
+
+
+class AgentStartError(Exception):
+    """The agent cannot start; str() is one line for the operator."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.consul = ConsulClient(config.consul.address, config.consul.token)
+        self.ready = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._tls_generation = itertools.count(1)
+        self.inbound: Any = None
+        self.outbound: list[Any] = []
+        self._servers: list[HTTPServer] = []
+        self.registered = False
+
+    # --- start ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from hostmesh.agent.certs import CertManager
+        from hostmesh.agent.discovery import Discovery, SnapshotBuilder
+        from hostmesh.agent.metrics import Telemetry
+        from hostmesh.agent.proxy.inbound import InboundListener
+        from hostmesh.agent.proxy.outbound import OutboundListener
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.telemetry = Telemetry()
+        sdnotify.status("obtaining certificates")
+        self.certs = CertManager(
+            data_dir=cfg.data_dir,
+            trust_domain=cfg.trust_domain,
+            services=[s.name for s in cfg.services],
+            pin=cfg.ca.pin,
+            ca_address=cfg.ca.address,
+            token_file=cfg.ca.token_file,
+            consul=self.consul,
+        )
+        try:
+            await self.certs.start()
+        except CAError as exc:
+            raise AgentStartError(f"cannot obtain certificates: {exc}") from None
+        self._publish_cert_expiry()
+
+        self.builder = SnapshotBuilder(
+            cfg, self._tls_material, on_rejected=self._on_rejected, on_applied=self._on_applied
+        )
+        self.certs.subscribe(self._on_certs_changed)
+        saved = self.builder.load_saved()
+        self.discovery = Discovery(self.consul, self.builder)
+        self.discovery.start()
+        synced = await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT)
+        if not synced:
+            log.warning(
+                "Consul has not answered every watch yet; serving from %s state",
+                "the saved" if saved else "an empty",
+            )
+
+        holder = self.builder.holder
+        reuse = cfg.workers > 1
+        self.inbound = InboundListener(holder, cfg.inbound, self.telemetry, reuse_port=reuse)
+        await self.inbound.start()
+        for svc in cfg.services:
+            for up in svc.upstreams:
+                listener = OutboundListener(holder, svc.name, up, self.telemetry, reuse_port=reuse)
+                await listener.start()
+                self.outbound.append(listener)
+        admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
+        self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
+        if cfg.metrics is not None:
+            self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
+        for server in self._servers:
+            await server.start()
+
+        self._tasks.append(asyncio.create_task(self._registration_loop(), name="registration"))
+        self.ready = True
+        sdnotify.ready()
+        watchdog = sdnotify.start_watchdog()
+        if watchdog is not None:
+            self._tasks.append(watchdog)
+        log.info(
+            "agent %s ready in %.0f ms: inbound %s, %d upstream listener(s), admin %s",
+            cfg.node,
+            (time.perf_counter() - t0) * 1000,
+            cfg.inbound,
+            len(self.outbound),
+            cfg.admin,
+        )
+
+    def _tls_material(self) -> TLSMaterial:
+        roots = self.certs.roots_pem
+        server, client = {}, {}
+        for svc in self.config.services:
+            chain, key = self.certs.paths(svc.name)
+            server[svc.name] = mesh_server_context(chain, key, roots)
+            client[svc.name] = mesh_client_context(chain, key, roots)
+        return TLSMaterial(next(self._tls_generation), roots, server, client)
+
+    def _on_certs_changed(self) -> None:
+        self.builder.tls_changed()
+        self._publish_cert_expiry()
+
+    def _publish_cert_expiry(self) -> None:
+        for info in self.certs.infos():
+            self.telemetry.cert_expiry.labels(service=info.service).set(info.not_after.timestamp())
+
+    def _on_rejected(self, source: str, reason: str) -> None:
+        self.telemetry.config_rejected.labels(source=source).inc()
+
+    def _on_applied(self, snap: Snapshot, seconds: float) -> None:
+        self.telemetry.config_version.set(snap.generation)
+        self.telemetry.config_apply_seconds.observe(seconds)
+
+    # --- registration -----------------------------------------------------------------------
+
+    def _service_id(self, svc: ServiceConfig) -> str:
+        return f"{svc.name}-{self.config.node}"
+
+    async def _registration(self, svc: ServiceConfig) -> ServiceRegistration:
+        sid = self._service_id(svc)
+        healthy, detail = await probe_app(svc)
+        admin = self.config.admin
+        interval = max(svc.health.interval, CHECK_INTERVAL_FLOOR)
+        return ServiceRegistration(
+            name=svc.name,
+            id=sid,
+            address=self.config.mesh_address,
+            port=self.inbound.port,
+            meta={"hostmesh": "1", "protocol": svc.protocol, **svc.meta},
+            checks=(
+                {
+                    "CheckID": f"{sid}:app",
+                    "Name": f"{svc.name} app via hostmesh agent",
+                    "HTTP": f"http://{admin}/health/{svc.name}",
+                    "Interval": f"{interval:g}s",
+                    "Timeout": f"{svc.health.timeout:g}s",
+                    "Status": "passing" if healthy else "critical",
+                    "Notes": detail,
+                },
+                {
+                    "CheckID": f"{sid}:agent",
+                    "Name": "hostmesh agent alive",
+                    "TTL": f"{TTL_SECONDS}s",
+                    "Status": "passing",
+                },
+            ),
+        )
+
+    async def _register_all(self) -> None:
+        for svc in self.config.services:
+            await self.consul.register_service(await self._registration(svc))
+        self.registered = True
+
+    async def _registration_loop(self) -> None:
+        """Register, then keep the TTL checks alive; re-register if Consul forgot us (restart)."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if not self.registered:
+                    await self._register_all()
+                    log.info("registered %s in Consul", ", ".join(s.name for s in self.config.services))
+                for svc in self.config.services:
+                    await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "pass")
+                failures = 0
+                delay = TTL_SECONDS / 3
+            except NotFound:
+                self.registered = False
+                delay = 0.0
+            except RegistryError as exc:
+                if failures == 0:
+                    log.warning("Consul registration/TTL update failed: %s; retrying", exc)
+                self.registered = False if "registration" in str(exc) else self.registered
+                failures += 1
+                delay = backoff_delay(failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    # --- views ------------------------------------------------------------------------------
+
+    def _cert_view(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "service": i.service,
+                "spiffe_id": i.spiffe_id,
+                "serial": i.serial,
+                "not_after": i.not_after.isoformat(),
+                "root_id": i.root_id,
+            }
+            for i in self.certs.infos()
+        ]
+
+    def _clusters_view(self) -> dict[str, Any]:
+        snap = self.builder.holder.current
+        return {
+            "upstreams": [listener.stats() for listener in self.outbound],
+            "endpoints": {svc: len(eps) for svc, eps in snap.endpoints.items()},
+            "inbound_active_connections": self.inbound.active_connections if self.inbound else 0,
+            "consul_watches_healthy": self.discovery.healthy,
+        }
+
+    async def _metrics(self, req: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if req.path != "/metrics":
+            return Response.error(404, "metrics are served at /metrics")
+        return Response(200, generate_latest(self.telemetry.registry), {"content-type": CONTENT_TYPE_LATEST})
+
+    # --- stop -------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.ready = False
+        sdnotify.stopping()
+        cfg = self.config
+        if self.registered:
+            for svc in cfg.services:
+                with contextlib.suppress(RegistryError):
+                    await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
+        listeners = [x for x in [self.inbound, *self.outbound] if x is not None]
+        await asyncio.gather(*(x.close(cfg.drain_seconds) for x in listeners))
+        if self.registered:
+            for svc in cfg.services:
+                with contextlib.suppress(RegistryError):
+                    await self.consul.deregister_service(self._service_id(svc))
+        for server in self._servers:
+            await server.close()
+        for task in self._tasks:
+            task.cancel()
+        if hasattr(self, "discovery"):
+            await self.discovery.stop()
+        if hasattr(self, "certs"):
+            await self.certs.close()
+        await self.consul.close()
+
+
+async def run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+        log.info("stopping: draining for up to %gs", config.drain_seconds)
+    finally:
+        await agent.stop()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group()
+def agent() -> None:
+    """The sidecar agent."""
+
+
+@agent.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/hostmesh/agent.toml"),
+    show_default=True,
+    help="agent.toml",
+)
+def run_command(config_path: Path) -> None:
+    """Run the sidecar agent in the foreground (systemd runs it as hostmesh-agent.service)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging(config.log_level)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run_agent(config))
+    except AgentStartError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None
+    finally:
+        loop.close()

@@ -1,0 +1,77 @@
+"""`hostmesh status`: what one agent has applied (snapshot versions, endpoints) and its certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from typing import Any
+
+import click
+
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.http import HTTPClient
+
+DEFAULT_AGENT = "127.0.0.1:15000"
+
+
+async def fetch_status(address: str) -> dict[str, Any]:
+    client = HTTPClient(address if "//" in address else f"http://{address}")
+    try:
+        out: dict[str, Any] = {}
+        for name, path in (("ready", "/ready"), ("config", "/v1/config"), ("certs", "/v1/certs")):
+            resp = await client.request("GET", path, timeout=5)
+            if name != "ready" and resp.status != 200:
+                raise click.ClickException(f"agent at {address} answered {resp.status} for {path}")
+            out[name] = resp.json()
+        return out
+    finally:
+        await client.close()
+
+
+def render_table(status: dict[str, Any]) -> str:
+    cfg, certs = status["config"], status["certs"]["certs"]
+    now = dt.datetime.now(dt.UTC)
+    lines = [
+        f"node        {cfg['node']}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
+        f"snapshot    generation {cfg['generation']}, default intention {cfg['default_intention']}",
+        "",
+        "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL",
+    ]
+    by_service = {c["service"]: c for c in certs}
+    for svc in cfg["services"]:
+        cert = by_service.get(svc["name"], {})
+        expires = cert.get("not_after", "-")
+        left = ""
+        if cert:
+            delta = dt.datetime.fromisoformat(expires) - now
+            left = f"({delta.total_seconds() / 3600:.1f} h)"
+        lines.append(
+            f"{svc['name']:<16} {svc['protocol']:<9} {svc['port']:<6} {expires[:19]} {left:<8} "
+            f"{cert.get('serial', '-')[:16]}"
+        )
+    lines += ["", "SOURCE                         VERSION/INDEX"]
+    lines += [f"{k:<30} {v}" for k, v in sorted(cfg["versions"].items())]
+    lines += ["", "UPSTREAM         HEALTHY ENDPOINTS"]
+    lines += [
+        f"{svc:<16} {', '.join(e['address'] for e in eps) or '(none)'}"
+        for svc, eps in cfg["endpoints"].items()
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--agent", "address", default=DEFAULT_AGENT, show_default=True, help="the agent's admin address"
+)
+@click.pass_context
+def status(ctx: click.Context, address: str) -> None:
+    """What an agent has applied, and when its certificates expire."""
+    try:
+        result = asyncio.run(fetch_status(address))
+    except RegistryError as exc:
+        raise click.ClickException(f"cannot reach the agent's admin API: {exc}") from None
+    if (ctx.obj or {}).get("output") == "json":
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        click.echo(render_table(result))

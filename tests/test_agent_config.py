@@ -1,0 +1,115 @@
+"""agent.toml: defaults, the contract keys of DESIGN.md, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.config import ConfigError, load_config, parse_config
+
+PIN = "sha256:" + "ab" * 32
+
+
+def minimal(**extra: object) -> dict[str, object]:
+    doc: dict[str, object] = {"ca": {"pin": PIN}, "services": [{"name": "web", "port": 8080}]}
+    doc.update(extra)
+    return doc
+
+
+def test_design_example_parses(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+node = "vm-1"
+mesh_address = "198.18.0.5"
+data_dir = "{tmp_path}/data"
+inbound = "0.0.0.0:15001"
+admin = "127.0.0.1:15000"
+metrics = "0.0.0.0:15090"
+[consul]
+address = "http://127.0.0.1:8500"
+[ca]
+address = "https://127.0.0.1:15012"
+pin = "{PIN}"
+token_file = "/etc/hostmesh/join-token"
+[[services]]
+name = "web"
+port = 8080
+protocol = "http"
+meta = {{ version = "v1", zone = "a" }}
+health = {{ http = "/healthz" }}
+[[services.upstreams]]
+service = "api"
+bind = "127.0.0.1:9091"
+"""
+    )
+    cfg = load_config(path)
+    assert cfg.node == "vm-1" and cfg.mesh_address == "198.18.0.5"
+    assert str(cfg.inbound) == "0.0.0.0:15001" and str(cfg.admin) == "127.0.0.1:15000"
+    web = cfg.services[0]
+    assert (web.name, web.port, web.protocol, web.meta) == (
+        "web",
+        8080,
+        "http",
+        {"version": "v1", "zone": "a"},
+    )
+    assert web.health.http == "/healthz"
+    assert [(u.service, str(u.bind)) for u in web.upstreams] == [("api", "127.0.0.1:9091")]
+    assert cfg.ca.token_file == Path("/etc/hostmesh/join-token")
+
+
+def test_defaults_are_safe() -> None:
+    cfg = parse_config(minimal())
+    assert str(cfg.admin) == "127.0.0.1:15000"  # admin never open to the world by default
+    assert cfg.services[0].protocol == "tcp" and cfg.services[0].health.tcp
+    assert cfg.workers == 1 and cfg.default_intention == "allow"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (minimal(inbund="0.0.0.0:1"), "inbund: unknown key (did you mean 'inbound'?)"),
+        (
+            minimal(services=[{"name": "web", "port": 8080, "protocl": "tcp"}]),
+            "services[0].protocl: unknown key",
+        ),
+        (
+            minimal(services=[{"name": "web", "port": 70000}]),
+            "services[0].port: must be an integer in 1..65535",
+        ),
+        (minimal(services=[{"name": "Web_1", "port": 1}]), "services[0].name: must be a lowercase DNS label"),
+        (
+            minimal(services=[{"name": "web", "port": 1, "protocol": "udp"}]),
+            "services[0].protocol: must be one of",
+        ),
+        ({"services": [{"name": "web", "port": 1}]}, "ca: is required"),
+        (minimal(ca={"pin": "md5:00"}), "ca.pin: must be 'sha256:<64 hex>'"),
+        (minimal(admin="localhost"), "admin: 'localhost' is not host:port"),
+        (minimal(workers=0), "workers: must be an integer in 1..64"),
+        (minimal(services=[]), "services: at least one [[services]] table is required"),
+        (
+            minimal(services=[{"name": "web", "port": 1, "upstreams": [{"service": "api"}]}]),
+            "services[0].upstreams[0].bind: is required",
+        ),
+        (
+            minimal(services=[{"name": "a", "port": 1}, {"name": "a", "port": 2}]),
+            "services: service names must be",
+        ),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("node = \n")
+    with pytest.raises(ConfigError, match=r"agent\.toml: not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
