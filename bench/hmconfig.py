@@ -1,0 +1,109 @@
+"""Pure builders for the hostmesh pair: agent.toml documents (DESIGN.md "Agent config") as TOML text."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, Mapping) for x in v)
+
+
+def _section(prefix: str, d: Mapping[str, Any], top: bool) -> list[str]:
+    """Scalars (and, below the top level, dicts as inline tables) first, then sub-sections."""
+    lines = []
+    later: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if _is_table_array(v) or (top and isinstance(v, Mapping)):
+            later.append((k, v))
+        else:
+            lines.append(f"{_key(k)} = {_value(v)}")
+    for k, v in later:
+        name = f"{prefix}.{_key(k)}" if prefix else _key(k)
+        if isinstance(v, Mapping):
+            lines += ["", f"[{name}]", *_section(name, v, top=False)]
+        else:
+            for item in v:
+                lines += ["", f"[[{name}]]", *_section(name, item, top=False)]
+    return lines
+
+
+def toml_dumps(doc: Mapping[str, Any]) -> str:
+    """A small TOML writer for config documents: tables, arrays of tables, inline tables, scalars."""
+    return "\n".join(_section("", doc, top=True)).lstrip("\n") + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPorts:
+    inbound: int
+    admin: int
+    metrics: int
+
+
+def agent_config(
+    *,
+    node: str,
+    data_dir: str,
+    ports: AgentPorts,
+    consul_url: str,
+    ca_url: str,
+    pin: str,
+    token_file: str,
+    service: str,
+    app_port: int,
+    protocol: str,
+    upstream: tuple[str, int] | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """One agent of the pair: a single local service on loopback, optionally with one upstream."""
+    svc: dict[str, Any] = {
+        "name": service,
+        "port": app_port,
+        "protocol": protocol,
+        "health": {"tcp": True},
+    }
+    if upstream is not None:
+        svc["upstreams"] = [{"service": upstream[0], "bind": f"127.0.0.1:{upstream[1]}"}]
+    doc: dict[str, Any] = {
+        "node": node,
+        "mesh_address": "127.0.0.1",
+        "data_dir": data_dir,
+        "inbound": f"127.0.0.1:{ports.inbound}",
+        "admin": f"127.0.0.1:{ports.admin}",
+        "metrics": f"127.0.0.1:{ports.metrics}",
+    }
+    if workers > 1:
+        doc["workers"] = workers  # only when asked: an agent without the key must still accept the file
+    doc["consul"] = {"address": consul_url}
+    doc["ca"] = {"address": ca_url, "pin": pin, "token_file": token_file}
+    doc["services"] = [svc]
+    return doc
+
+
+def intentions_doc(service: str, source: str) -> dict[str, Any]:
+    """`hostmesh/intentions/<service>`: allow the bench client, whatever the agent-wide default."""
+    return {"service": service, "version": 1, "rules": [{"source": source, "action": "allow"}]}

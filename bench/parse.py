@@ -1,0 +1,259 @@
+"""Pure parsers: wrk and hey output, /proc status and stat lines, percentiles.
+
+No processes and no files here, so the harness' numbers can be unit-tested from captured output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+WRK_JSON_MARKER = "BENCH_JSON "  # printed by the Lua `done` hook in WRK_LUA_SCRIPT
+
+# wrk calls `done` once with the merged statistics of all threads; we print them as one JSON line
+# so nothing depends on wrk's human-readable units ("1.23ms", "12.3k").
+WRK_LUA_SCRIPT = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"bytes":%d,"duration_us":%d,"errors_connect":%d,"errors_read":%d,'
+    .. '"errors_write":%d,"errors_status":%d,"errors_timeout":%d,"lat_mean_us":%.1f,'
+    .. '"lat_p50_us":%d,"lat_p90_us":%d,"lat_p99_us":%d,"lat_max_us":%d}\\n',
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write, e.status,
+    e.timeout, latency.mean, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+"""
+
+_UNITS = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+_BYTE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ParseError(ValueError):
+    """Load-generator output we cannot read: the run is recorded as failed, never as a zero."""
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    bytes: int
+    errors: dict[str, int]
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.bytes / self.duration_s / 1024**2 if self.duration_s > 0 else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "duration_s": round(self.duration_s, 6),
+            "bytes": self.bytes,
+            "rps": round(self.rps, 1),
+            "mib_per_s": round(self.mib_per_s, 2),
+            "errors": dict(self.errors),
+            "latency_ms": dict(self.latency_ms),
+        }
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Read wrk output: the BENCH_JSON line from our Lua hook if present, else wrk's own summary."""
+    for line in text.splitlines():
+        if line.startswith(WRK_JSON_MARKER):
+            return _wrk_from_json(line[len(WRK_JSON_MARKER) :])
+    return parse_wrk_text(text)
+
+
+def _wrk_from_json(payload: str) -> WrkResult:
+    try:
+        d = json.loads(payload)
+        errors = {k[len("errors_") :]: int(d[k]) for k in d if k.startswith("errors_")}
+        lat = {
+            name: round(float(d[f"lat_{name}_us"]) / 1000.0, 3)
+            for name in ("mean", "p50", "p90", "p99", "max")
+            if f"lat_{name}_us" in d
+        }
+        return WrkResult(int(d["requests"]), int(d["duration_us"]) / 1e6, int(d["bytes"]), errors, lat)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ParseError(f"bad wrk JSON summary: {exc}") from None
+
+
+def _si(number: str, unit: str) -> float:
+    return float(number) * _UNITS[unit]
+
+
+def _seconds(number: str, unit: str) -> float:
+    return float(number) * _TIME_UNITS[unit]
+
+
+def parse_wrk_text(text: str) -> WrkResult:
+    """wrk's human summary: `N requests in 10.00s, 1.23MB read`, socket errors, non-2xx, latency."""
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h), ([\d.]+)([KMGT]?B) read", text)
+    if not m:
+        raise ParseError("wrk output has no 'N requests in T, X read' line")
+    requests = int(m.group(1))
+    duration = _seconds(m.group(2), m.group(3))
+    nbytes = int(float(m.group(4)) * _BYTE_UNITS[m.group(5)])
+    errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if se:
+        errors.update(
+            connect=int(se.group(1)), read=int(se.group(2)), write=int(se.group(3)), timeout=int(se.group(4))
+        )
+    ns = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if ns:
+        errors["status"] = int(ns.group(1))
+    lat: dict[str, float] = {}
+    lm = re.search(r"Latency\s+([\d.]+)(us|ms|s|m)\s+([\d.]+)(us|ms|s|m)\s+([\d.]+)(us|ms|s|m)", text)
+    if lm:
+        lat["mean"] = round(_seconds(lm.group(1), lm.group(2)) * 1000, 3)
+        lat["max"] = round(_seconds(lm.group(5), lm.group(6)) * 1000, 3)
+    for pct, key in (("50", "p50"), ("90", "p90"), ("99", "p99")):
+        pm = re.search(rf"^\s*{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.MULTILINE)
+        if pm:
+            lat[key] = round(_seconds(pm.group(1), pm.group(2)) * 1000, 3)
+    return WrkResult(requests, duration, nbytes, errors, lat)
+
+
+# --- hey ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResult:
+    """Per-request latencies of a fixed-rate run (milliseconds) and the status codes seen.
+
+    hey 0.1.4 prints times with 4 decimals of a second, so each sample has 0.1 ms resolution; the
+    mean (rounding errors average out) is kept beside the percentiles for that reason.
+    """
+
+    latencies_ms: tuple[float, ...]
+    statuses: dict[int, int]
+    span_s: float  # first request start to last request end, from hey's offsets
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def errors(self) -> int:
+        return sum(n for code, n in self.statuses.items() if not 200 <= code < 400)
+
+    @property
+    def achieved_rps(self) -> float:
+        return self.requests / self.span_s if self.span_s > 0 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        s = sorted(self.latencies_ms)
+        return {
+            "mean": statistics.fmean(s) if s else math.nan,
+            "p50": percentile(s, 50, presorted=True),
+            "p90": percentile(s, 90, presorted=True),
+            "p99": percentile(s, 99, presorted=True),
+            "max": s[-1] if s else math.nan,
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "achieved_rps": round(self.achieved_rps, 1),
+            "latency_ms": {k: round(v, 3) for k, v in self.summary().items()},
+        }
+
+
+def parse_hey_csv(text: str) -> LatencyResult:
+    """hey -o csv: `response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,
+    status-code,offset` with times in seconds; one row per completed request."""
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    first = math.inf
+    last = 0.0
+    for row in reader:
+        if not row:
+            continue
+        if header is None:
+            if row[0].strip() == "response-time":
+                header = [c.strip() for c in row]
+            continue
+        try:
+            rt = float(row[header.index("response-time")])
+            code = int(row[header.index("status-code")])
+            offset = float(row[header.index("offset")])
+        except (ValueError, IndexError) as exc:
+            raise ParseError(f"bad hey CSV row {row!r}: {exc}") from None
+        lat.append(rt * 1000.0)
+        statuses[code] = statuses.get(code, 0) + 1
+        first = min(first, offset)
+        last = max(last, offset + rt)
+    if header is None:
+        raise ParseError("hey output has no CSV header (response-time,...)")
+    span = last - first if lat else 0.0
+    return LatencyResult(tuple(lat), statuses, span)
+
+
+def parse_hey_summary(text: str) -> dict[str, float]:
+    """hey's default summary: `Requests/sec`, the latency distribution (`99% in 0.0123 secs`), slowest."""
+    out: dict[str, float] = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        out["rps"] = float(m.group(1))
+    m = re.search(r"Slowest:\s+([\d.]+) secs", text)
+    if m:
+        out["max"] = float(m.group(1)) * 1000
+    for pct in ("50", "90", "99"):
+        pm = re.search(rf"^\s*{pct}%+ in ([\d.]+) secs", text, re.MULTILINE)
+        if pm:
+            out[f"p{pct}"] = float(pm.group(1)) * 1000
+    if not out:
+        raise ParseError("hey summary has no Requests/sec nor latency distribution")
+    return out
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float, *, presorted: bool = False) -> float:
+    """Nearest-rank percentile (the value below which `pct`% of samples fall; p100 = max)."""
+    if not values:
+        return math.nan
+    if not 0 <= pct <= 100:
+        raise ValueError(f"percentile {pct} outside 0..100")
+    s = values if presorted else sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(s)))
+    return float(s[rank - 1])
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def parse_status_rss_kib(text: str) -> int:
+    """VmRSS from /proc/<pid>/status, in KiB (0 for a zombie, which has no VmRSS line)."""
+    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def parse_stat(text: str) -> tuple[int, int, int]:
+    """(ppid, utime, stime) in clock ticks from /proc/<pid>/stat; the comm field may hold spaces
+    and parentheses, so split after the last ')'."""
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); ppid is field 4, utime 14, stime 15 (1-based, man 5 proc)
+    return int(rest[1]), int(rest[11]), int(rest[12])

@@ -1,0 +1,192 @@
+"""Pure aggregation and rendering: per-run records -> medians -> ratio tables and target checks.
+
+A run record is `{"round": int, "system": str, "scenario": str, "ok": bool, "metrics": {...}}`.
+Figures are medians over the successful runs of a (system, metric); latency added over direct is
+computed per round against direct's run of the same round (Istio's method), then medianed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DIRECT = "direct"
+CONSUL = "consul"
+HAPROXY = "haproxy"
+HM_L4 = "hostmesh-l4"
+HM_L7 = "hostmesh-l7"
+PEERS = (CONSUL, HAPROXY)
+HOSTMESH = (HM_L4, HM_L7)
+ALL_SYSTEMS = (DIRECT, CONSUL, HAPROXY, HM_L4, HM_L7)
+LATENCY_KEYS = ("mean", "p50", "p90", "p99", "max")
+
+Summary = dict[str, dict[str, float]]  # system -> metric ("ka.rps") -> median
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    metric: str
+    label: str
+    higher_is_better: bool
+    fmt: str  # format spec for absolute values
+
+
+ROWS: tuple[Row, ...] = (
+    Row("ka.rps", "(a) keep-alive, 50 conns, req/s", True, ",.0f"),
+    Row("close.rps", "(b) new connection per request, req/s", True, ",.0f"),
+    Row("big.mib_s", "(c) 1 MiB responses, MiB/s", True, ",.1f"),
+    Row("added.mean", "(d) added mean @1000 rps, ms", False, ".3f"),
+    Row("added.p50", "(d) added p50 @1000 rps, ms", False, ".3f"),
+    Row("added.p90", "(d) added p90 @1000 rps, ms", False, ".3f"),
+    Row("added.p99", "(d) added p99 @1000 rps, ms", False, ".3f"),
+    Row("added.max", "(d) added max @1000 rps, ms", False, ".3f"),
+    Row("idle.rss_mib", "(e) idle RSS per proxy process, MiB", False, ".1f"),
+    Row("ka.peak_rss_mib", "(e) RSS during (a) per proxy process, MiB", False, ".1f"),
+    Row("ka.cpu_s", "(e) CPU s of the pair during (a)", False, ".2f"),
+    Row("ka.cpu_us_per_req", "(e) CPU µs of the pair per request in (a)", False, ".1f"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    label: str
+    system: str
+    metric: str
+    peer: str | None  # None: an absolute bound
+    op: str  # ">=" or "<="
+    bound: float
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("L4 keep-alive req/s ≥ 1.2 x consul pair", HM_L4, "ka.rps", CONSUL, ">=", 1.2),
+    Target("L4 new connections/s ≥ 5 x consul pair", HM_L4, "close.rps", CONSUL, ">=", 5.0),
+    Target("L4 1 MiB throughput ≥ 1.0 x consul pair", HM_L4, "big.mib_s", CONSUL, ">=", 1.0),
+    Target("L7 keep-alive req/s ≥ 0.8 x HAProxy pair", HM_L7, "ka.rps", HAPROXY, ">=", 0.8),
+    Target("L7 new connections/s ≥ 1.0 x HAProxy pair", HM_L7, "close.rps", HAPROXY, ">=", 1.0),
+    Target("L4 added p99 ≤ consul pair's", HM_L4, "added.p99", CONSUL, "<=", 1.0),
+    Target("L7 added p99 ≤ consul pair's", HM_L7, "added.p99", CONSUL, "<=", 1.0),
+    Target("L4 RSS under load ≤ 0.6 x a consul proxy's", HM_L4, "ka.peak_rss_mib", CONSUL, "<=", 0.6),
+    Target("L7 RSS under load ≤ 0.6 x a consul proxy's", HM_L7, "ka.peak_rss_mib", CONSUL, "<=", 0.6),
+    Target("L4 idle RSS ≤ 30 MiB", HM_L4, "idle.rss_mib", None, "<=", 30.0),
+    Target("L7 idle RSS ≤ 30 MiB", HM_L7, "idle.rss_mib", None, "<=", 30.0),
+)
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of the finite values; NaN when there are none (a missing figure, never a zero)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(statistics.median(finite)) if finite else math.nan
+
+
+def _flatten(scenario: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[f"{scenario}.{k}"] = float(v)
+    return out
+
+
+def added_latency(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Synthesize `added` records: a system's lat percentiles minus direct's of the same round."""
+    direct = {r["round"]: r for r in records if r["scenario"] == "lat" and r["system"] == DIRECT and r["ok"]}
+    out = []
+    for r in records:
+        if r["scenario"] != "lat" or not r["ok"] or r["round"] not in direct:
+            continue
+        base = direct[r["round"]]["metrics"]
+        added = {k: r["metrics"][k] - base[k] for k in LATENCY_KEYS if k in r["metrics"] and k in base}
+        out.append(
+            {"round": r["round"], "system": r["system"], "scenario": "added", "ok": True, "metrics": added}
+        )
+    return out
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
+    """Median of every metric of every system over its successful runs (plus added latency)."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for r in [*records, *added_latency(records)]:
+        if not r["ok"]:
+            continue
+        per = samples.setdefault(r["system"], {})
+        for k, v in _flatten(r["scenario"], r["metrics"]).items():
+            per.setdefault(k, []).append(v)
+    return {s: {k: median(vs) for k, vs in per.items()} for s, per in samples.items()}
+
+
+def ratio(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return math.nan
+    return a / b
+
+
+def target_value(summary: Summary, t: Target) -> float:
+    mine = summary.get(t.system, {}).get(t.metric, math.nan)
+    if t.peer is None:
+        return mine
+    return ratio(mine, summary.get(t.peer, {}).get(t.metric, math.nan))
+
+
+def target_met(value: float, t: Target) -> bool | None:
+    if not math.isfinite(value):
+        return None
+    return value >= t.bound if t.op == ">=" else value <= t.bound
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return format(value, fmt)
+
+
+def _ratio_cell(value: float) -> str:
+    return "—" if not math.isfinite(value) else f"{value:.2f}x"
+
+
+def render_tables(
+    summary: Summary, unavailable: Mapping[str, str], systems: Sequence[str] = ALL_SYSTEMS
+) -> str:
+    """Markdown: absolute medians per system, ratios hostmesh/peer, and the issue's targets."""
+    shown = [s for s in systems if s in summary or s in unavailable]
+    lines: list[str] = []
+    for s, why in unavailable.items():
+        lines.append(f"> **{s}: NOT AVAILABLE** — {why}")
+    if unavailable:
+        lines.append("")
+    hm = [s for s in HOSTMESH if s in shown]
+    peers = [p for p in PEERS if p in shown]
+    pairs = [(h, p) for h in hm for p in peers]
+    head = ["metric", *shown, *(f"{h.split('-')[1].upper()}/{p}" for h, p in pairs)]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---", *(["---:"] * (len(head) - 1))]) + "|")
+    for row in ROWS:
+        cells = [row.label]
+        for s in shown:
+            cells.append("n/a" if s in unavailable else _cell(summary.get(s, {}).get(row.metric), row.fmt))
+        for h, p in pairs:
+            mine = summary.get(h, {}).get(row.metric, math.nan)
+            cells.append(_ratio_cell(ratio(mine, summary.get(p, {}).get(row.metric, math.nan))))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if not hm:
+        lines.append("(no hostmesh system in this run: no target to check)")
+        return "\n".join(lines) + "\n"
+    lines.append("| target | measured | met |")
+    lines.append("|---|---:|:---:|")
+    for t in TARGETS:
+        if t.system not in shown or (t.peer is not None and t.peer not in shown):
+            continue
+        v = target_value(summary, t)
+        shown_v = (
+            _ratio_cell(v) if t.peer is not None else _cell(v, ".1f") + (" MiB" if math.isfinite(v) else "")
+        )
+        met = target_met(v, t)
+        mark = "n/a" if t.system in unavailable or met is None else ("yes" if met else "**no**")
+        lines.append(f"| {t.label} | {shown_v} | {mark} |")
+    return "\n".join(lines) + "\n"

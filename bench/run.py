@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""`make bench`: hostmesh's data plane against direct, a `consul connect proxy` pair and an HAProxy pair.
+
+One run on one machine, everything on 127.0.0.1: nginx as the backend, a Consul dev agent, every
+system started side by side, then scenarios (a) keep-alive, (b) a new connection per request,
+(c) 1 MiB responses, (d) a fixed 1,000 req/s for latency added over direct, (e) RSS and CPU of
+each proxy process idle and during (a). Systems are interleaved (A B C … A B C …) within each
+round; each figure is the median of the rounds. A system that cannot start (hostmesh while it is
+being written) is reported as NOT AVAILABLE and the others run anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import load, report  # noqa: E402
+from bench.procs import Procs, Sampler, StartError, log_tail  # noqa: E402
+from bench.systems import Env, System, make_systems, start_consul, start_nginx  # noqa: E402
+
+SCENARIOS = ("ka", "close", "big", "lat")
+RESULTS_DIR = REPO / "bench" / "results"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+MAX_ERROR_FRACTION = 0.01  # a run with more failed requests than this is not a throughput figure
+RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is flagged
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs: int = 3
+    duration_s: float = 8.0  # (a) (b) (c) each
+    lat_duration_s: float = 10.0  # (d): 10,000 requests at 1,000/s -> p99 from 100 samples above it
+    idle_s: float = 3.0
+    warmup_s: float = 2.0
+    connections: int = 50
+    big_connections: int = 10
+    lat_rate: int = 1000
+    lat_connections: int = 4
+    wrk_threads: int = 2
+    workers: int = 1
+
+    def estimate_s(self, n_systems: int) -> float:
+        per_round = n_systems * (3 * (self.duration_s + 0.5) + self.lat_duration_s + 0.5)
+        return 30 + self.idle_s + n_systems * self.warmup_s + self.runs * per_round
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Settings:
+        return cls(runs=1, duration_s=3.0, lat_duration_s=3.0, idle_s=1.0, warmup_s=1.0, **kw)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def loud(msg: str) -> None:
+    bar = "!" * min(100, max(40, len(msg)))
+    print(f"\n{bar}\n{msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+def ensure_tools() -> str:
+    """Install nginx/haproxy/wrk/hey from Debian if missing; return the Consul binary path."""
+    rc = subprocess.run([str(REPO / "scripts" / "install-bench-tools.sh")], check=False).returncode
+    if rc != 0:
+        raise SystemExit("bench: could not install the benchmark tools (scripts/install-bench-tools.sh)")
+    consul = os.environ.get("CONSUL_BIN", "")
+    if consul and Path(consul).is_file():
+        return consul
+    out = subprocess.run(
+        [str(REPO / "scripts" / "install-consul.sh")], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit("bench: no Consul binary (set CONSUL_BIN or run scripts/install-consul.sh)")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def versions(consul_bin: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pkg in ("nginx", "haproxy", "wrk", "hey"):
+        q = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True)
+        out[pkg] = q.stdout.strip() or "unknown"
+    c = subprocess.run([consul_bin, "version"], capture_output=True, text=True)
+    out["consul"] = (c.stdout.splitlines() or ["unknown"])[0]
+    g = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    out["hostmesh_commit"] = g.stdout.strip() or "unknown"
+    return out
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+
+def _wrk_metrics(w: Any) -> dict[str, Any]:
+    if w.requests == 0:
+        raise load.LoadError("no request completed")
+    if w.error_count > MAX_ERROR_FRACTION * w.requests:
+        raise load.LoadError(f"{w.error_count} errors in {w.requests} requests: {w.errors}")
+    return {"rps": round(w.rps, 1), "requests": w.requests, "errors": w.error_count, "wrk": w.to_json()}
+
+
+def scenario_ka(system: System, s: Settings, script: Path) -> dict[str, Any]:
+    roots = system.roots()
+    if not roots:
+        w = load.wrk(
+            f"{system.url}/small",
+            script=script,
+            connections=s.connections,
+            duration_s=s.duration_s,
+            threads=s.wrk_threads,
+        )
+        return _wrk_metrics(w)
+    with Sampler(roots) as smp:
+        w = load.wrk(
+            f"{system.url}/small",
+            script=script,
+            connections=s.connections,
+            duration_s=s.duration_s,
+            threads=s.wrk_threads,
+        )
+    m = _wrk_metrics(w)
+    m.update(smp.metrics())
+    m["cpu_us_per_req"] = round(m["cpu_s"] / w.requests * 1e6, 2)
+    return m
+
+
+def scenario_close(system: System, s: Settings, script: Path) -> dict[str, Any]:
+    w = load.wrk(
+        f"{system.url}/small",
+        script=script,
+        connections=s.connections,
+        duration_s=s.duration_s,
+        threads=s.wrk_threads,
+        close=True,
+    )
+    return _wrk_metrics(w)
+
+
+def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
+    w = load.wrk(
+        f"{system.url}/big",
+        script=script,
+        connections=s.big_connections,
+        duration_s=s.duration_s,
+        threads=s.wrk_threads,
+    )
+    m = _wrk_metrics(w)
+    m["mib_s"] = round(w.mib_per_s, 2)
+    return m
+
+
+def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
+    r = load.hey_fixed_rate(
+        f"{system.url}/small", rate=s.lat_rate, connections=s.lat_connections, duration_s=s.lat_duration_s
+    )
+    if r.errors > MAX_ERROR_FRACTION * r.requests:
+        raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
+    m: dict[str, Any] = {k: round(v, 4) for k, v in r.summary().items()}
+    m["achieved_rps"] = round(r.achieved_rps, 1)
+    m["requests"] = r.requests
+    m["errors"] = r.errors
+    if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
+        m["rate_short"] = True  # bool: not aggregated, shown in the JSON
+    return m
+
+
+RUNNERS: dict[str, Callable[[System, Settings, Path], dict[str, Any]]] = {
+    "ka": scenario_ka,
+    "close": scenario_close,
+    "big": scenario_big,
+    "lat": scenario_lat,
+}
+
+
+def _brief(scenario: str, m: dict[str, Any]) -> str:
+    if scenario == "lat":
+        return (
+            f"p50 {m['p50']:.3f} p90 {m['p90']:.3f} p99 {m['p99']:.3f} max {m['max']:.3f} ms"
+            f" @ {m['achieved_rps']:,.0f}/s"
+        )
+    text = f"{m['rps']:>10,.0f} req/s"
+    if "mib_s" in m:
+        text += f"  {m['mib_s']:,.1f} MiB/s"
+    if "peak_rss_mib" in m:
+        text += f"  rss {m['peak_rss_mib']:.1f} MiB  cpu {m['cpu_s']:.2f} s"
+    return text
+
+
+# --- orchestration --------------------------------------------------------------------------
+
+
+class Harness:
+    def __init__(
+        self,
+        settings: Settings,
+        system_names: list[str],
+        scenarios: list[str],
+        workdir: Path,
+        consul_bin: str,
+    ) -> None:
+        self.s = settings
+        self.scenarios = scenarios
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.procs = Procs(workdir / "logs")
+        self.env = Env(self.procs, workdir, consul_bin, workers=settings.workers)
+        self.systems = make_systems(system_names)
+        self.unavailable: dict[str, str] = {}
+        self.unavailable_logs: dict[str, str] = {}
+        self.records: list[dict[str, Any]] = []
+        self.script = load.write_wrk_script(workdir)
+
+    def _system_logs(self, system: System) -> str:
+        parts = []
+        for path in sorted(self.procs.log_dir.glob(f"{system.name}-*.log")) + sorted(
+            self.procs.log_dir.glob("hostmesh-ca.log")
+        ):
+            tail = log_tail(path)
+            if tail and (system.name.startswith("hostmesh") or path.name.startswith(system.name)):
+                parts.append(f"--- {path.name}\n{tail}")
+        return "\n".join(parts)
+
+    def mark_unavailable(self, system: System, reason: str) -> None:
+        self.unavailable[system.name] = reason
+        self.unavailable_logs[system.name] = self._system_logs(system)
+        system.stop(self.env)
+        loud(f"{system.name}: NOT AVAILABLE — {reason}\n{self.unavailable_logs[system.name]}")
+
+    @property
+    def live(self) -> list[System]:
+        return [s for s in self.systems if s.name not in self.unavailable]
+
+    def start(self) -> None:
+        say(f"backend: nginx on 127.0.0.1:{start_nginx(self.env)}")
+        say(f"consul:  dev agent on {start_consul(self.env)}")
+        for system in self.systems:
+            t0 = time.monotonic()
+            try:
+                system.start(self.env)
+            except StartError as exc:
+                self.mark_unavailable(system, str(exc))
+                continue
+            took = time.monotonic() - t0
+            say(f"{system.name:<12} ready on {system.url} in {took:.1f}s  pids {system.roots()}")
+
+    def idle(self) -> None:
+        measured = [(s, Sampler(s.roots())) for s in self.live if s.roots()]
+        for _, smp in measured:
+            smp.__enter__()
+        time.sleep(self.s.idle_s)  # the measurement window itself, not a wait for readiness
+        for system, smp in measured:
+            smp.__exit__(None, None, None)
+            m = smp.metrics()
+            metrics = {
+                "rss_mib": m["peak_rss_mib"],
+                "cpu_s": m["cpu_s"],
+                "window_s": self.s.idle_s,
+                "per_process": m["per_process"],
+            }
+            self.records.append(
+                {"round": 0, "system": system.name, "scenario": "idle", "ok": True, "metrics": metrics}
+            )
+            say(f"idle         {system.name:<12} rss {m['peak_rss_mib']:.1f} MiB  cpu {m['cpu_s']:.3f} s")
+
+    def warmup(self) -> None:
+        for system in self.live:
+            try:
+                load.wrk(
+                    f"{system.url}/small",
+                    script=self.script,
+                    connections=self.s.connections,
+                    duration_s=self.s.warmup_s,
+                    threads=self.s.wrk_threads,
+                )
+            except load.LoadError as exc:
+                say(f"warm-up      {system.name:<12} failed: {exc}")
+
+    def rounds(self) -> None:
+        for rnd in range(1, self.s.runs + 1):
+            for scenario in self.scenarios:
+                for system in self.live:
+                    if not system.alive():
+                        self.mark_unavailable(system, "a proxy process died during the benchmark")
+                        continue
+                    rec: dict[str, Any] = {"round": rnd, "system": system.name, "scenario": scenario}
+                    try:
+                        rec["metrics"] = RUNNERS[scenario](system, self.s, self.script)
+                        rec["ok"] = True
+                        brief = _brief(scenario, rec["metrics"])
+                        say(f"[{rnd}/{self.s.runs}] {scenario:<5} {system.name:<12} {brief}")
+                    except load.LoadError as exc:
+                        rec.update(ok=False, error=str(exc), metrics={})
+                        say(f"[{rnd}/{self.s.runs}] {scenario:<5} {system.name:<12} FAILED: {exc}")
+                    self.records.append(rec)
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+
+
+def command_line(argv: list[str]) -> str:
+    if os.environ.get("MAKELEVEL"):
+        return "make bench" + (f" BENCH_ARGS={shlex.quote(shlex.join(argv))}" if argv else "")
+    return shlex.join(["python", "bench/run.py", *argv])
+
+
+def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
+    s = doc["settings"]
+    v = doc["versions"]
+    lines = [
+        "# hostmesh benchmark results",
+        "",
+        f"Produced by `{doc['command']}` on {doc['date']} (hostmesh {v['hostmesh_commit']}), "
+        f"{doc['machine']['cpus']} cores, {doc['machine']['kernel']}; "
+        f"{doc['duration_s']:.0f} s in all. Raw data: [{json_rel}]({json_rel}).",
+        "",
+        f"Each figure is the median of {s['runs']} interleaved run(s). (a) wrk, {s['connections']} "
+        f"keep-alive connections, {s['duration_s']:g} s, small response; (b) the same with "
+        f"`Connection: close`; (c) 1 MiB responses over {s['big_connections']} connections; (d) hey at "
+        f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
+        f"{s['lat_duration_s']:g} s, percentiles minus direct's of the same round; (e) RSS from "
+        "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
+        "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
+        "",
+        "Ratio columns are hostmesh/peer (L4 = hostmesh-l4, L7 = hostmesh-l7). Load generator, backend and "
+        "both proxies share the same cores, so absolute numbers are machine-bound; the ratios are the "
+        "figures of merit.",
+        "",
+        tables,
+        f"Versions: nginx {v['nginx']}, HAProxy {v['haproxy']}, wrk {v['wrk']}, hey {v['hey']}, "
+        f"{v['consul']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short durations and 1 run, for development")
+    p.add_argument("--runs", type=int, help="rounds (median over them); default 3, quick 1")
+    p.add_argument("--duration", type=float, help="seconds per throughput run")
+    p.add_argument("--lat-duration", type=float, help="seconds per fixed-rate latency run")
+    p.add_argument(
+        "--systems",
+        default=",".join(report.ALL_SYSTEMS),
+        help="comma-separated subset of: " + ", ".join(report.ALL_SYSTEMS),
+    )
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="subset of: " + ", ".join(SCENARIOS))
+    p.add_argument("--workers", type=int, default=1, help="hostmesh agent `workers` (written only when > 1)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (printed path)")
+    p.add_argument("--no-write", action="store_true", help="print only; write neither JSON nor RESULTS.md")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    bad = [n for n in names if n not in report.ALL_SYSTEMS]
+    if bad:
+        p.error(f"unknown system(s): {', '.join(bad)}")
+    if report.DIRECT not in names:
+        names.insert(0, report.DIRECT)  # added latency is measured against direct
+    args.system_names = [n for n in report.ALL_SYSTEMS if n in names]
+    args.scenario_names = [sc.strip() for sc in args.scenarios.split(",") if sc.strip()]
+    bad = [sc for sc in args.scenario_names if sc not in SCENARIOS]
+    if bad:
+        p.error(f"unknown scenario(s): {', '.join(bad)}")
+    return args
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    overrides: dict[str, Any] = {"workers": args.workers}
+    base = Settings.quick(**overrides) if args.quick else Settings(**overrides)
+    changes = {
+        k: v
+        for k, v in (
+            ("runs", args.runs),
+            ("duration_s", args.duration),
+            ("lat_duration_s", args.lat_duration),
+        )
+        if v is not None
+    }
+    settings = Settings(**{**asdict(base), **changes})
+    consul_bin = ensure_tools()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="hostmesh-bench-"))
+    say(
+        f"bench: {len(args.system_names)} systems, {settings.runs} run(s), about "
+        f"{settings.estimate_s(len(args.system_names)) / 60:.1f} min; workdir {workdir}"
+    )
+    started = time.monotonic()
+    date = dt.datetime.now(dt.UTC)
+    h = Harness(settings, args.system_names, args.scenario_names, workdir, consul_bin)
+    interrupted = False
+    try:
+        h.start()
+        h.idle()
+        h.warmup()
+        h.rounds()
+    except StartError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        h.stop()
+        return 1
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nbench: interrupted; stopping everything", file=sys.stderr)
+    finally:
+        h.stop()
+        if args.keep_workdir:
+            say(f"bench: workdir kept at {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:
+        return 130
+
+    summary = report.summarize(h.records)
+    tables = report.render_tables(summary, h.unavailable, args.system_names)
+    elapsed = time.monotonic() - started
+    doc: dict[str, Any] = {
+        "date": date.isoformat(timespec="seconds"),
+        "command": command_line(argv),
+        "quick": args.quick,
+        "duration_s": round(elapsed, 1),
+        "settings": asdict(settings),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "versions": versions(consul_bin),
+        "systems": args.system_names,
+        "unavailable": h.unavailable,
+        "unavailable_logs": h.unavailable_logs,
+        "summary": {
+            s: {k: (None if not math.isfinite(v) else round(v, 4)) for k, v in m.items()}
+            for s, m in summary.items()
+        },
+        "targets": [
+            {
+                "target": t.label,
+                "value": None if not math.isfinite(v := report.target_value(summary, t)) else v,
+                "met": report.target_met(v, t),
+            }
+            for t in report.TARGETS
+        ],
+        "records": h.records,
+    }
+    say("")
+    say(tables)
+    for name, why in h.unavailable.items():
+        loud(f"{name}: NOT AVAILABLE — {why}")
+    say(f"bench: finished in {elapsed / 60:.1f} min")
+    if args.no_write:
+        return 0
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = date.strftime("%Y-%m-%d") + ("-quick" if args.quick else "")
+    out = RESULTS_DIR / f"{stem}.json"
+    out.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    say(f"bench: wrote {out.relative_to(REPO)}")
+    if args.quick:
+        say("bench: --quick run: bench/RESULTS.md left as is (it keeps full runs only)")
+    else:
+        RESULTS_MD.write_text(build_markdown(doc, tables, f"results/{out.name}"))
+        say(f"bench: wrote {RESULTS_MD.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

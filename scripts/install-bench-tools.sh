@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install the benchmark's peers and load generators from Debian's packages if they are missing:
+#   nginx (backend), haproxy (peer), wrk (throughput), hey (fixed-rate latency: `hey -q R -c C`).
+# Runs `apt-get update` at most once. Package maintainer scripts must not start system-wide
+# nginx/haproxy services on :80 — the benchmark runs its own instances on loopback — so while
+# installing we put a policy-rc.d that forbids service starts (only if the host has none).
+# Prints nothing on success when everything is already there; exits non-zero with one line otherwise.
+set -euo pipefail
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v hey >/dev/null 2>&1 || need+=(hey)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-bench-tools: missing ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
+  exit 1
+fi
+
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+fi
+cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+echo "install-bench-tools: installing ${need[*]} from Debian's packages" >&2
+apt-get -qq update >&2
+apt-get -qq install -y --no-install-recommends "${need[@]}" >&2
+for tool in wrk hey; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "install-bench-tools: $tool missing after install" >&2; exit 1; }
+done
