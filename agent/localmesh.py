@@ -1,0 +1,295 @@
+"""A throwaway mesh on loopback: a CA and agents as real processes, for `make demo`, the end-to-end
+tests and the benchmark. Everything it starts is torn down by `close()` (process groups), and every
+wait in it is bounded in time.
+
+It drives hostmesh only through its public surface: the `hostmesh` CLI, agent.toml files and the
+admin API, exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT = 20.0  # agent/CA start is well under 1 s here; CI machines can be slower
+POLL = 0.02
+HOSTMESH = [sys.executable, "-m", "hostmesh.agent.cli"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / POLL) + 1):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(POLL)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        return int(self.popen.returncode)
+
+
+@dataclass
+class AgentHandle:
+    node: str
+    proc: Proc
+    config_path: Path
+    data_dir: Path
+    inbound_port: int
+    admin_port: int
+    metrics_port: int
+    binds: dict[str, int] = field(default_factory=dict)  # upstream service -> local bind port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return http_json(self.admin_url + path)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+            return resp.read().decode()
+
+
+class LocalMesh:
+    def __init__(self, workdir: Path, consul_url: str, trust_domain: str = "hostmesh.local") -> None:
+        self.workdir = workdir
+        self.consul_url = consul_url
+        self.trust_domain = trust_domain
+        self.procs: list[Proc] = []
+        self.agents: dict[str, AgentHandle] = {}
+        self.pin = ""
+        self.ca_port = 0
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, CONSUL_HTTP_ADDR=consul_url, PYTHONUNBUFFERED="1")
+
+    def hostmesh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HOSTMESH, "--consul", self.consul_url, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+        )
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                [*HOSTMESH, "--consul", self.consul_url, *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    # --- CA ---------------------------------------------------------------------------------
+
+    def start_ca(self) -> str:
+        ca_dir = self.workdir / "ca"
+        out = self.hostmesh("ca", "init", "--data-dir", str(ca_dir), "--trust-domain", self.trust_domain)
+        self.pin = next(word for word in out.stdout.split() if word.startswith("sha256:"))
+        self.ca_port = free_port()
+        proc = self._spawn(
+            "ca", ["ca", "serve", "--data-dir", str(ca_dir), "--listen", f"127.0.0.1:{self.ca_port}"]
+        )
+        wait_for(lambda: _port_open(self.ca_port) or not proc.alive(), READY_TIMEOUT, "the CA to listen")
+        if not proc.alive():
+            raise RuntimeError(f"CA exited:\n{proc.log()}")
+        return self.pin
+
+    def token(self, *services: str, ttl: str = "1h") -> str:
+        args = ["ca", "token", "create", "--ttl", ttl]
+        for svc in services:
+            args += ["--service", svc]
+        out = self.hostmesh(*args, "--data-dir", str(self.workdir / "ca"))
+        return out.stdout.strip().splitlines()[-1].strip()
+
+    # --- agents -----------------------------------------------------------------------------
+
+    def write_agent_config(
+        self,
+        node: str,
+        services: list[dict[str, Any]],
+        *,
+        inbound_port: int | None = None,
+        extra: str = "",
+    ) -> AgentHandle:
+        """Write agent.toml for `node`. `services` items: name, port, protocol, meta, health, upstreams
+        (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`)."""
+        data_dir = self.workdir / node
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token_file = data_dir / "join-token"
+        token_file.write_text(self.token(*[s["name"] for s in services]) + "\n")
+        token_file.chmod(0o600)
+        inbound_port = inbound_port or free_port()
+        admin_port, metrics_port = free_port(), free_port()
+        binds: dict[str, int] = {}
+        lines = [
+            f'node = "{node}"',
+            'mesh_address = "127.0.0.1"',
+            f'data_dir = "{data_dir}"',
+            f'inbound = "127.0.0.1:{inbound_port}"',
+            f'admin = "127.0.0.1:{admin_port}"',
+            f'metrics = "127.0.0.1:{metrics_port}"',
+            "drain_seconds = 2",
+            extra,
+            "[consul]",
+            f'address = "{self.consul_url}"',
+            "[ca]",
+            f'address = "https://127.0.0.1:{self.ca_port}"',
+            f'pin = "{self.pin}"',
+            f'token_file = "{token_file}"',
+        ]
+        for svc in services:
+            meta = ", ".join(f'{k} = "{v}"' for k, v in svc.get("meta", {}).items())
+            health = svc.get("health", {"tcp": True, "interval": 1})
+            health_s = ", ".join(f"{k} = {json.dumps(v)}" for k, v in health.items())
+            lines += [
+                "[[services]]",
+                f'name = "{svc["name"]}"',
+                f"port = {svc['port']}",
+                f'protocol = "{svc.get("protocol", "tcp")}"',
+                f"meta = {{ {meta} }}",
+                f"health = {{ {health_s} }}",
+            ]
+            for up in svc.get("upstreams", []):
+                binds[up] = free_port()
+                lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
+        config_path = data_dir / "agent.toml"
+        config_path.write_text("\n".join(lines) + "\n")
+        handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds)  # type: ignore[arg-type]
+        self.agents[node] = handle
+        return handle
+
+    def start_agent(self, handle: AgentHandle, wait: bool = True) -> AgentHandle:
+        handle.proc = self._spawn(handle.node, ["agent", "run", "--config", str(handle.config_path)])
+        if wait:
+            self.wait_ready(handle)
+        return handle
+
+    def wait_ready(self, handle: AgentHandle, timeout: float = READY_TIMEOUT) -> None:
+        def ready() -> bool:
+            if not handle.proc.alive():
+                raise RuntimeError(f"agent {handle.node} exited:\n{handle.proc.log()}")
+            try:
+                return http_json(handle.admin_url + "/ready", 0.5)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, f"agent {handle.node} to be ready")
+
+    def wait_endpoints(
+        self, handle: AgentHandle, service: str, count: int, timeout: float = READY_TIMEOUT
+    ) -> None:
+        def seen() -> bool:
+            status, cfg = handle.get("/v1/config")
+            return status == 200 and len(cfg["endpoints"].get(service, [])) >= count
+
+        wait_for(seen, timeout, f"{handle.node} to see {count} healthy {service} endpoint(s)")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+
+class EchoServer:
+    """A TCP echo app on loopback in a thread (the demo's and tests' backend)."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = int(self.sock.getsockname()[1])
+        self.greeting = greeting
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.sock.close()

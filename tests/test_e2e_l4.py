@@ -1,0 +1,184 @@
+"""End to end, L4: a real Consul, the real CA and two agents as subprocesses on loopback.
+
+web (node-a) calls api (node-b) through its upstream listener; bytes cross the mesh over mTLS and
+api's agent checks web's identity against the intentions in Consul KV.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, http_json, wait_for
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+
+ECHO_TIMEOUT = 5.0
+
+
+def roundtrip(port: int, payload: bytes, timeout: float = ECHO_TIMEOUT) -> bytes:
+    """Send `payload` through a mesh listener and read it back; b"" if the mesh closed on us."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class TwoHosts(NamedTuple):
+    m: LocalMesh
+    a: AgentHandle  # node-a: web, which calls api
+    b: AgentHandle  # node-b: api, an echo app
+    echo: EchoServer
+
+
+@pytest.fixture
+def mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[TwoHosts]:
+    echo = EchoServer()
+    web_app = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca()
+        b = m.write_agent_config("node-b", [{"name": "api", "port": echo.port, "meta": {"version": "v1"}}])
+        a = m.write_agent_config("node-a", [{"name": "web", "port": web_app.port, "upstreams": ["api"]}])
+        m.start_agent(b)
+        m.start_agent(a)
+        m.wait_endpoints(a, "api", 1)
+        yield TwoHosts(m, a, b, echo)
+    finally:
+        m.close()
+        echo.close()
+        web_app.close()
+
+
+def test_bytes_echo_over_mtls_and_the_inbound_checked_the_caller(mesh: TwoHosts) -> None:
+    _m, a, b, _ = mesh
+    payload = b"hello over the mesh\n" * 1000
+    assert roundtrip(a.binds["api"], payload) == payload
+    # The inbound agent identified the caller as web (from its SPIFFE cert) and counted the connection.
+    opened = metric_value(
+        b.metrics(),
+        "hostmesh_tcp_connections_opened_total",
+        reporter="destination",
+        source_service="web",
+        destination_service="api",
+    )
+    assert opened >= 1
+    status, certs = a.get("/v1/certs")
+    assert status == 200 and certs["certs"][0]["spiffe_id"] == "spiffe://hostmesh.local/svc/web"
+
+
+def test_intention_deny_applies_to_new_connections_within_1s(mesh: TwoHosts) -> None:
+    m, a, b, _ = mesh
+    assert roundtrip(a.binds["api"], b"before") == b"before"
+    started = time.monotonic()
+    m.hostmesh("intention", "deny", "web", "api")
+
+    def denied() -> bool:
+        return roundtrip(a.binds["api"], b"probe", timeout=1) == b""
+
+    wait_for(denied, 1.0, "the deny intention to take effect")
+    elapsed = time.monotonic() - started
+    print(f"intention allow->deny applied in {elapsed * 1000:.0f} ms")
+    assert metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
+    m.hostmesh("intention", "allow", "web", "api")
+    wait_for(
+        lambda: roundtrip(a.binds["api"], b"again", timeout=1) == b"again", 1.0, "the allow to take effect"
+    )
+
+
+def test_malformed_intentions_are_rejected_and_the_last_good_config_stays(
+    mesh: TwoHosts, private_consul: ConsulDev
+) -> None:
+    m, a, b, _ = mesh
+    m.hostmesh("intention", "deny", "web", "api")
+    wait_for(lambda: roundtrip(a.binds["api"], b"x", timeout=1) == b"", 2.0, "deny")
+    private_consul.kv_put("hostmesh/intentions/api", b"{not json")
+    wait_for(
+        lambda: metric_value(b.metrics(), "hostmesh_config_rejected_total") >= 1,
+        5.0,
+        "the rejection to be counted",
+    )
+    assert roundtrip(a.binds["api"], b"x", timeout=1) == b""  # still denied: the previous document stays
+
+
+def test_agent_ready_quickly_and_clean_stop_deregisters(mesh: TwoHosts, private_consul: ConsulDev) -> None:
+    m, a, _b, echo = mesh
+    c = m.write_agent_config("node-c", [{"name": "api", "port": echo.port, "meta": {"version": "v2"}}])
+    t0 = time.monotonic()
+    m.start_agent(c)
+    print(
+        f"agent ready {1000 * (time.monotonic() - t0):.0f} ms after spawn (incl. interpreter start, bootstrap)"
+    )
+    m.wait_endpoints(a, "api", 2)
+    assert c.proc.stop() == 0
+    ids = [s["Service"]["ID"] for s in private_consul.get_json("/v1/health/service/api")]
+    assert "api-node-c" not in ids
+
+
+def test_upstream_with_no_healthy_instance_closes_promptly(mesh: TwoHosts) -> None:
+    _m, a, b, _ = mesh
+    assert b.proc.stop() == 0  # api's only agent leaves (deregisters)
+    wait_for(
+        lambda: http_json(a.admin_url + "/v1/config")[1]["endpoints"].get("api") == [], 5.0, "api to vanish"
+    )
+    t0 = time.monotonic()
+    assert roundtrip(a.binds["api"], b"anyone?", timeout=3) == b""
+    assert time.monotonic() - t0 < 2.0
+    assert "no healthy" in a.proc.log().lower()
+
+
+def test_consul_restart_watches_resume_without_agent_restart(
+    mesh: TwoHosts, private_consul: ConsulDev
+) -> None:
+    m, a, _b, _ = mesh
+    private_consul.restart()  # dev mode: Consul forgets everything; the agents must re-register
+    m.wait_endpoints(a, "api", 1, timeout=30)
+    assert roundtrip(a.binds["api"], b"after restart") == b"after restart"
+    m.hostmesh("intention", "deny", "web", "api")
+    wait_for(lambda: roundtrip(a.binds["api"], b"x", timeout=1) == b"", 5.0, "deny after Consul restart")
+
+
+def test_agent_restarted_while_consul_is_down_serves_from_saved_snapshot(
+    mesh: TwoHosts, private_consul: ConsulDev
+) -> None:
+    m, a, _b, _ = mesh
+    assert roundtrip(a.binds["api"], b"warm") == b"warm"
+    private_consul.stop()
+    a.proc.stop()
+    m.start_agent(a)  # no Consul: certs from disk, endpoints from the saved snapshot
+    assert roundtrip(a.binds["api"], b"from the saved snapshot") == b"from the saved snapshot"
+    private_consul.start()
+
+
+def test_config_typo_is_one_line_and_exit_nonzero(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('inbund = "0.0.0.0:15001"\n[ca]\npin = "sha256:' + "0" * 64 + '"\n')
+    out = subprocess.run(
+        ["python", "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "inbund: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
