@@ -29,8 +29,13 @@ trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
 echo "install-bench-tools: installing ${need[*]} from Debian's packages" >&2
-apt-get -qq update >&2
-apt-get -qq install -y --no-install-recommends "${need[@]}" >&2
+log=$(mktemp)
+if ! { apt-get -qq update && apt-get -qq install -y --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+  tail -n 20 "$log" >&2; rm -f "$log"
+  echo "install-bench-tools: apt-get install ${need[*]} failed" >&2
+  exit 1
+fi
+rm -f "$log"
 for tool in wrk hey; do
   command -v "$tool" >/dev/null 2>&1 || { echo "install-bench-tools: $tool missing after install" >&2; exit 1; }
 done

@@ -1,0 +1,342 @@
+"""Pure tests of the benchmark harness (bench/): output parsing, statistics, tables, config writing.
+
+No load and no processes here: `make bench` is a benchmark, never a timed test.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pytest
+
+from bench import hmconfig, report
+from bench.parse import (
+    ParseError,
+    parse_hey_csv,
+    parse_hey_summary,
+    parse_stat,
+    parse_status_rss_kib,
+    parse_wrk,
+    parse_wrk_text,
+    percentile,
+)
+
+WRK_TEXT = """\
+Running 1s test @ http://127.0.0.1:38123/
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.71ms    1.22ms   9.53ms   88.03%
+    Req/Sec     1.13k   138.69     1.41k    70.00%
+  Latency Distribution
+     50%    1.38ms
+     75%    2.09ms
+     90%    2.92ms
+     99%    7.18ms
+  1129 requests in 1.00s, 2.57MB read
+  Socket errors: connect 0, read 12, write 0, timeout 3
+  Non-2xx or 3xx responses: 7
+Requests/sec:   1127.29
+Transfer/sec:      2.56MB
+"""
+
+WRK_WITH_JSON = (
+    WRK_TEXT + 'BENCH_JSON {"requests":146270,"bytes":45350000,"duration_us":3001234,"errors_connect":0,'
+    '"errors_read":2,"errors_write":0,"errors_status":0,"errors_timeout":1,"lat_mean_us":1020.5,'
+    '"lat_p50_us":950,"lat_p90_us":1500,"lat_p99_us":2800,"lat_max_us":12340}\n'
+)
+
+HEY_CSV = """\
+response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
+0.0016,0.0003,0.0000,0.0001,0.0011,0.0001,200,0.1058
+0.0020,0.0001,0.0000,0.0000,0.0017,0.0001,200,0.1062
+0.0013,0.0002,0.0000,0.0000,0.0010,0.0001,503,0.2066
+0.0100,0.0003,0.0000,0.0000,0.0015,0.0001,200,1.1000
+"""
+
+HEY_SUMMARY = """\
+Summary:
+  Total:\t1.0084 secs
+  Slowest:\t0.0024 secs
+  Fastest:\t0.0013 secs
+  Average:\t0.0019 secs
+  Requests/sec:\t19.8330
+
+Latency distribution:
+  10% in 0.0015 secs
+  50% in 0.0020 secs
+  90% in 0.0024 secs
+  99% in 0.0031 secs
+"""
+
+
+# --- wrk ------------------------------------------------------------------------------------
+
+
+def test_wrk_json_summary_wins_over_text() -> None:
+    r = parse_wrk(WRK_WITH_JSON)
+    assert r.requests == 146270
+    assert r.duration_s == pytest.approx(3.001234)
+    assert r.rps == pytest.approx(146270 / 3.001234)
+    assert r.errors == {"connect": 0, "read": 2, "write": 0, "status": 0, "timeout": 1}
+    assert r.error_count == 3
+    assert r.latency_ms == {"mean": 1.02, "p50": 0.95, "p90": 1.5, "p99": 2.8, "max": 12.34}
+    assert r.mib_per_s == pytest.approx(45350000 / 3.001234 / 1024**2)
+
+
+def test_wrk_text_summary() -> None:
+    r = parse_wrk_text(WRK_TEXT)
+    assert (r.requests, r.duration_s) == (1129, 1.0)
+    assert r.bytes == int(2.57 * 1024**2)
+    assert r.errors == {"connect": 0, "read": 12, "write": 0, "status": 7, "timeout": 3}
+    assert r.latency_ms["p50"] == 1.38
+    assert r.latency_ms["p99"] == 7.18
+    assert r.latency_ms["max"] == 9.53
+    assert parse_wrk(WRK_TEXT) == r  # no JSON line: falls back to the text
+
+
+def test_wrk_text_units() -> None:
+    text = "  10 requests in 1.50m, 3.00KB read\n"
+    r = parse_wrk_text(text)
+    assert r.duration_s == 90.0
+    assert r.bytes == 3072
+    assert r.error_count == 0
+
+
+def test_wrk_garbage_is_an_error_not_a_zero() -> None:
+    with pytest.raises(ParseError):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+    with pytest.raises(ParseError):
+        parse_wrk('BENCH_JSON {"requests": 1}\n')
+
+
+# --- hey ------------------------------------------------------------------------------------
+
+
+def test_hey_csv() -> None:
+    r = parse_hey_csv(HEY_CSV)
+    assert r.requests == 4
+    assert r.statuses == {200: 3, 503: 1}
+    assert r.errors == 1
+    assert r.span_s == pytest.approx(1.1100 - 0.1058)
+    assert r.achieved_rps == pytest.approx(4 / (1.1100 - 0.1058))
+    s = r.summary()
+    assert s["p50"] == pytest.approx(1.6)
+    assert s["max"] == pytest.approx(10.0)
+    assert s["mean"] == pytest.approx((1.6 + 2.0 + 1.3 + 10.0) / 4)
+
+
+def test_hey_csv_without_header_is_an_error() -> None:
+    with pytest.raises(ParseError):
+        parse_hey_csv("Error: Get http://127.0.0.1:1/: connection refused\n")
+    with pytest.raises(ParseError):
+        parse_hey_csv("response-time,status-code,offset\nabc,200,0.1\n")
+
+
+def test_hey_summary() -> None:
+    s = parse_hey_summary(HEY_SUMMARY)
+    assert s["rps"] == pytest.approx(19.833)
+    assert s["p50"] == pytest.approx(2.0)
+    assert s["p99"] == pytest.approx(3.1)
+    assert s["max"] == pytest.approx(2.4)
+    with pytest.raises(ParseError):
+        parse_hey_summary("nothing here")
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def test_percentile_nearest_rank() -> None:
+    data = list(range(1, 101))  # 1..100
+    assert percentile(data, 50) == 50
+    assert percentile(data, 90) == 90
+    assert percentile(data, 99) == 99
+    assert percentile(data, 100) == 100
+    assert percentile(data, 0) == 1
+    assert percentile([5.0], 99) == 5.0
+    assert percentile(list(reversed(data)), 99) == 99
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile(data, 101)
+
+
+def test_median_ignores_missing_runs() -> None:
+    assert report.median([3.0, 1.0, 2.0]) == 2.0
+    assert report.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert report.median([1.0, math.nan, 3.0]) == 2.0
+    assert math.isnan(report.median([]))
+
+
+def test_ratio() -> None:
+    assert report.ratio(6.0, 3.0) == 2.0
+    assert math.isnan(report.ratio(1.0, 0.0))
+    assert math.isnan(report.ratio(math.nan, 1.0))
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def test_proc_status_and_stat() -> None:
+    status = "Name:\tpython3\nVmPeak:\t  30000 kB\nVmRSS:\t   21504 kB\nThreads:\t1\n"
+    assert parse_status_rss_kib(status) == 21504
+    assert parse_status_rss_kib("Name:\tzombie\nState:\tZ (zombie)\n") == 0
+    # the comm field may contain spaces and parentheses
+    stat = "1234 (we ird) name)) S 77 1234 1234 0 -1 4194560 500 0 0 0 150 25 0 0 20 0 1 0 100 0 0"
+    assert parse_stat(stat) == (77, 150, 25)
+
+
+# --- aggregation and tables -----------------------------------------------------------------
+
+
+def _rec(rnd: int, system: str, scenario: str, **metrics: float) -> dict[str, object]:
+    return {"round": rnd, "system": system, "scenario": scenario, "ok": True, "metrics": metrics}
+
+
+def test_added_latency_is_per_round_then_median() -> None:
+    recs = [
+        _rec(1, "direct", "lat", p50=0.2, p99=1.0),
+        _rec(1, "consul", "lat", p50=0.7, p99=2.0),
+        _rec(2, "direct", "lat", p50=0.3, p99=3.0),  # a noisy round for everyone
+        _rec(2, "consul", "lat", p50=0.8, p99=4.5),
+        _rec(3, "direct", "lat", p50=0.2, p99=1.0),
+        _rec(3, "consul", "lat", p50=0.6, p99=1.8),
+    ]
+    s = report.summarize(recs)
+    assert s["consul"]["added.p50"] == pytest.approx(0.5)  # median of 0.5, 0.5, 0.4
+    assert s["consul"]["added.p99"] == pytest.approx(1.0)  # median of 1.0, 1.5, 0.8
+    assert s["direct"]["added.p99"] == 0.0
+
+
+def test_summary_skips_failed_runs_and_non_numbers() -> None:
+    recs = [
+        _rec(1, "consul", "ka", rps=100.0, peak_rss_mib=50.0),
+        _rec(2, "consul", "ka", rps=300.0, peak_rss_mib=52.0),
+        {"round": 3, "system": "consul", "scenario": "ka", "ok": False, "metrics": {}, "error": "x"},
+        _rec(4, "consul", "ka", rps=200.0, peak_rss_mib=51.0),
+    ]
+    recs[0]["metrics"]["per_process"] = {"client": {"peak_rss_mib": 50.0}}  # type: ignore[index]
+    recs[0]["metrics"]["rate_short"] = True  # type: ignore[index]
+    s = report.summarize(recs)
+    assert s["consul"] == {"ka.rps": 200.0, "ka.peak_rss_mib": 51.0}
+
+
+def _summary() -> report.Summary:
+    return {
+        "direct": {"ka.rps": 50000.0, "close.rps": 20000.0, "big.mib_s": 2500.0, "added.p99": 0.0},
+        "consul": {
+            "ka.rps": 10000.0,
+            "close.rps": 500.0,
+            "big.mib_s": 480.0,
+            "added.p99": 1.0,
+            "ka.peak_rss_mib": 55.0,
+            "idle.rss_mib": 46.0,
+        },
+        "haproxy": {"ka.rps": 11000.0, "close.rps": 10000.0, "big.mib_s": 580.0, "added.p99": 0.2},
+        "hostmesh-l4": {
+            "ka.rps": 13000.0,
+            "close.rps": 2000.0,
+            "big.mib_s": 500.0,
+            "added.p99": 0.8,
+            "ka.peak_rss_mib": 30.0,
+            "idle.rss_mib": 25.0,
+        },
+    }
+
+
+def test_targets() -> None:
+    s = _summary()
+    by_label = {t.label: t for t in report.TARGETS}
+    ka = by_label["L4 keep-alive req/s ≥ 1.2 x consul pair"]
+    assert report.target_value(s, ka) == pytest.approx(1.3)
+    assert report.target_met(1.3, ka) is True
+    conn = by_label["L4 new connections/s ≥ 5 x consul pair"]
+    assert report.target_value(s, conn) == pytest.approx(4.0)
+    assert report.target_met(4.0, conn) is False
+    p99 = by_label["L4 added p99 ≤ consul pair's"]
+    assert report.target_met(report.target_value(s, p99), p99) is True
+    idle = by_label["L4 idle RSS ≤ 30 MiB"]
+    assert report.target_value(s, idle) == 25.0  # absolute, not a ratio
+    l7 = by_label["L7 keep-alive req/s ≥ 0.8 x HAProxy pair"]
+    assert report.target_met(report.target_value(s, l7), l7) is None  # no L7 figure: unknown, not failed
+
+
+def test_render_tables_ratios_and_unavailable() -> None:
+    md = report.render_tables(_summary(), {"hostmesh-l7": "agent exited with 1: no such command"})
+    lines = md.splitlines()
+    assert lines[0].startswith("> **hostmesh-l7: NOT AVAILABLE**")
+    header = next(ln for ln in lines if ln.startswith("| metric"))
+    assert header.split(" | ")[1:6] == ["direct", "consul", "haproxy", "hostmesh-l4", "hostmesh-l7"]
+    assert "L4/consul" in header and "L7/haproxy" in header
+    ka = next(ln for ln in lines if ln.startswith("| (a)"))
+    cells = [c.strip() for c in ka.strip("|").split("|")]
+    assert cells[1:6] == ["50,000", "10,000", "11,000", "13,000", "n/a"]
+    assert cells[6] == "1.30x"  # L4/consul
+    assert cells[7] == "1.18x"  # L4/haproxy
+    assert cells[8] == "—"  # L7 not available
+    assert "| L4 new connections/s ≥ 5 x consul pair | 4.00x | **no** |" in md
+    assert "| L4 idle RSS ≤ 30 MiB | 25.0 MiB | yes |" in md
+    assert "| L7 keep-alive req/s ≥ 0.8 x HAProxy pair | — | n/a |" in md
+
+
+def test_render_tables_without_hostmesh() -> None:
+    s = {k: v for k, v in _summary().items() if not k.startswith("hostmesh")}
+    md = report.render_tables(s, {}, ["direct", "consul", "haproxy"])
+    assert "no hostmesh system in this run" in md
+    assert "/consul" not in md.splitlines()[0]
+
+
+# --- hostmesh pair configuration ------------------------------------------------------------
+
+
+def test_agent_config_round_trips_through_tomllib() -> None:
+    doc = hmconfig.agent_config(
+        node="hostmesh-l4-client-ab12",
+        data_dir="/tmp/x/data",
+        ports=hmconfig.AgentPorts(20001, 20002, 20003),
+        consul_url="http://127.0.0.1:8500",
+        ca_url="https://127.0.0.1:15012",
+        pin="sha256:" + "ab" * 32,
+        token_file="/tmp/x/join-token",
+        service="bench-l4-client",
+        app_port=8080,
+        protocol="tcp",
+        upstream=("bench-l4", 9091),
+    )
+    text = hmconfig.toml_dumps(doc)
+    assert tomllib.loads(text) == doc
+    assert "[[services.upstreams]]" in text
+    assert 'inbound = "127.0.0.1:20001"' in text
+    assert "workers" not in doc  # written only when asked, so an agent without the key accepts the file
+
+
+def test_agent_config_workers_and_server_side() -> None:
+    doc = hmconfig.agent_config(
+        node="n",
+        data_dir="d",
+        ports=hmconfig.AgentPorts(1, 2, 3),
+        consul_url="c",
+        ca_url="a",
+        pin="p",
+        token_file="t",
+        service="bench-l7",
+        app_port=80,
+        protocol="http",
+        workers=2,
+    )
+    assert doc["workers"] == 2
+    assert "upstreams" not in doc["services"][0]
+    assert tomllib.loads(hmconfig.toml_dumps(doc)) == doc
+
+
+def test_toml_dumps_quotes_and_escapes() -> None:
+    doc = {"a b": 'x"y\\z', "t": {"k": [1, 2], "b": False, "f": 1.5}}
+    assert tomllib.loads(hmconfig.toml_dumps(doc)) == doc
+
+
+def test_intentions_doc_allows_the_bench_client() -> None:
+    doc = hmconfig.intentions_doc("bench-l4", "bench-l4-client")
+    assert doc["rules"] == [{"source": "bench-l4-client", "action": "allow"}]
+    from hostmesh.registry.schema import parse_intentions  # the agent's own validator accepts it
+
+    parsed = parse_intentions(doc)
+    assert parsed.service == "bench-l4" and parsed.rules[0].allow
