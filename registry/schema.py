@@ -159,6 +159,11 @@ def _choice(v: object, path: str, choices: tuple[str, ...], what: str | None = N
     return v
 
 
+def valid_service_name(name: str) -> bool:
+    """One lowercase DNS label (the rule hostmesh.ca.pki applies to identities)."""
+    return len(name) <= SERVICE_NAME_MAX and _NAME_RE.fullmatch(name) is not None
+
+
 def _name(v: object, path: str) -> str:
     s = _str(v, path, max_len=SERVICE_NAME_MAX)
     if not _NAME_RE.fullmatch(s):

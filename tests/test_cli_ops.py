@@ -1,0 +1,324 @@
+"""Operator CLI (`route`, `policy`, `intention`, `services`) driven through the root `hostmesh`
+command with click's CliRunner, against the real Consul dev agent."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from hostmesh.agent.cli import cli
+from hostmesh.registry.documents import HISTORY_KEEP, doc_key
+from tests.support import ConsulDev, free_port
+
+pytestmark = pytest.mark.consul
+
+_names = itertools.count()
+
+
+def svc(prefix: str = "cli") -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+def run(consul: ConsulDev | str, *args: str, input: str | None = None) -> Result:
+    url = consul if isinstance(consul, str) else consul.url
+    return CliRunner().invoke(cli, ["--consul", url, *args], input=input, catch_exceptions=False)
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.exit_code, result.output, result.stderr)
+    return result.stdout
+
+
+def fails(result: Result) -> str:
+    """A user mistake: non-zero exit, exactly one line on stderr, no traceback."""
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def write(tmp_path: Path, data: dict[str, Any] | str, name: str = "doc.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return str(p)
+
+
+def route_doc(service: str, canary: int = 10) -> dict[str, Any]:
+    return {
+        "service": service,
+        "protocol": "http",
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [
+            {
+                "match": {"path": {"prefix": "/api"}, "headers": {"x-canary": {"exact": "1"}}},
+                "to": [{"subset": "v2", "weight": 100}],
+            },
+            {
+                "to": [{"subset": "v1", "weight": 100 - canary}, {"subset": "v2", "weight": canary}],
+                "timeout": "2s",
+            },
+        ],
+    }
+
+
+def test_route_apply_get_list_history_rollback_delete(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    f = write(tmp_path, route_doc(s, 10))
+    out = ok(run(consul, "route", "apply", "-f", f))
+    assert "--- /dev/null" in out and f"+++ {f} (new)" in out and "+service: " + s in out
+    assert out.strip().endswith(f"routes/{s}: version 1 written")
+    assert json.loads(consul.kv_get(doc_key("routes", s)) or b"")["version"] == 1
+
+    # Applying the same content again writes nothing.
+    assert ok(run(consul, "route", "apply", "-f", f)).strip() == f"routes/{s}: unchanged (version 1)"
+
+    # A change shows a diff of exactly the changed weights, then writes version 2.
+    f2 = write(tmp_path, route_doc(s, 25), "v2.yaml")
+    out = ok(run(consul, "route", "apply", "-f", f2))
+    assert "-version: 1" in out and "+version: 2" in out
+    assert "-    weight: 90" in out and "+    weight: 75" in out
+    assert "-    weight: 10" in out and "+    weight: 25" in out
+    assert f"routes/{s}: version 2 written" in out
+
+    got = yaml.safe_load(ok(run(consul, "route", "get", s)))
+    assert got["version"] == 2 and got["routes"][1]["to"][1]["weight"] == 25
+    got_json = json.loads(ok(run(consul, "route", "get", s, "-o", "json")))
+    assert got_json == got
+    assert json.loads(ok(run(consul, "-o", "json", "route", "get", s))) == got
+
+    listing = ok(run(consul, "route", "list"))
+    assert any(
+        line.split()[:2] == [s, "2"] and "http, 2 route(s), subsets v1,v2" in line
+        for line in listing.splitlines()
+    )
+
+    hist = ok(run(consul, "route", "history", s)).splitlines()
+    assert hist[0].split() == ["VERSION", "LIVE", "SUMMARY"]
+    assert hist[1].split()[0] == "1" and hist[2].split()[:2] == ["2", "*"]
+
+    out = ok(run(consul, "route", "rollback", s, "--to", "1"))
+    assert out.strip() == f"routes/{s}: version 3 written with the content of version 1"
+    assert yaml.safe_load(ok(run(consul, "route", "get", s)))["routes"][1]["to"][1]["weight"] == 10
+
+    out = ok(run(consul, "route", "delete", s))
+    assert f"routes/{s}: deleted (was version 3" in out
+    assert fails(run(consul, "route", "get", s)) == f"Error: no route document for {s}"
+    assert fails(run(consul, "route", "delete", s)) == f"Error: no routes document for {s}"
+
+
+def test_dry_run_writes_nothing(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    out = ok(run(consul, "route", "apply", "--dry-run", "-f", write(tmp_path, route_doc(s))))
+    assert "--- /dev/null" in out and f"routes/{s}: dry run, nothing written" in out
+    assert consul.kv_get(doc_key("routes", s)) is None
+
+
+def test_invalid_document_names_the_field(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    doc = route_doc(s)
+    doc["routes"][1]["to"][0]["weight"] = 101
+    f = write(tmp_path, doc)
+    assert (
+        fails(run(consul, "route", "apply", "-f", f)) == f"Error: {f}: routes[1].to[0].weight: must be 0..100"
+    )
+    doc = route_doc(s)
+    doc["routes"][1]["timeot"] = "2s"
+    f = write(tmp_path, doc)
+    assert fails(run(consul, "route", "apply", "-f", f)).endswith(
+        "routes[1].timeot: unknown field (did you mean timeout?)"
+    )
+    assert consul.kv_get(doc_key("routes", s)) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("service: [unclosed", "invalid YAML/JSON at line 1"),
+        ("- a\n- b\n", "the document must be a mapping"),
+        ("service: a\n---\nservice: b\n", "expected exactly one document, found 2"),
+        ("", "expected exactly one document, found 0"),
+    ],
+)
+def test_bad_files_are_one_line(consul: ConsulDev, tmp_path: Path, content: str, message: str) -> None:
+    assert message in fails(run(consul, "route", "apply", "-f", write(tmp_path, content)))
+
+
+def test_missing_file_is_one_line(consul: ConsulDev, tmp_path: Path) -> None:
+    line = fails(run(consul, "route", "apply", "-f", str(tmp_path / "nope.yaml")))
+    assert line == f"Error: {tmp_path / 'nope.yaml'}: No such file or directory"
+
+
+def test_json_from_stdin(consul: ConsulDev) -> None:
+    s = svc()
+    out = ok(
+        run(
+            consul,
+            "policy",
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"service": s, "rate_limit": {"requests_per_second": 5}}),
+        )
+    )
+    assert f"policies/{s}: version 1 written" in out
+    assert "random" not in ok(run(consul, "policy", "list"))
+
+
+def test_apply_refuses_a_file_based_on_an_old_version(consul: ConsulDev, tmp_path: Path) -> None:
+    """Two operators edit version 1; the second apply is refused instead of overwriting."""
+    s = svc()
+    ok(run(consul, "policy", "apply", "-f", write(tmp_path, {"service": s})))
+    base = yaml.safe_load(ok(run(consul, "policy", "get", s)))
+    assert base["version"] == 1
+    alice = write(tmp_path, {**base, "load_balancer": {"type": "random"}}, "alice.yaml")
+    bob = write(tmp_path, {**base, "load_balancer": {"type": "least_request"}}, "bob.yaml")
+    ok(run(consul, "policy", "apply", "-f", alice))
+    line = fails(run(consul, "policy", "apply", "-f", bob))
+    assert line.startswith(f"Error: policies/{s} is at version 2 but {bob} is based on version 1")
+    assert yaml.safe_load(ok(run(consul, "policy", "get", s)))["load_balancer"]["type"] == "random"
+
+
+def test_history_is_bounded_through_the_cli(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    for i in range(HISTORY_KEEP + 2):
+        ok(
+            run(
+                consul,
+                "policy",
+                "apply",
+                "-f",
+                write(tmp_path, {"service": s, "rate_limit": {"requests_per_second": i + 1}}),
+            )
+        )
+    rows = ok(run(consul, "policy", "history", s)).splitlines()[1:]
+    assert [int(r.split()[0]) for r in rows] == list(range(3, HISTORY_KEEP + 3))
+    assert "has no version 1 (kept: 3..22)" in fails(run(consul, "policy", "rollback", s, "--to", "1"))
+
+
+def test_intentions_allow_deny_list_delete(consul: ConsulDev) -> None:
+    dst = svc("api")
+    assert (
+        ok(run(consul, "intention", "allow", "web", dst)).strip()
+        == f"intentions/{dst}: allow web -> {dst}, version 1"
+    )
+    ok(run(consul, "intention", "deny", "*", dst, "--description", "default closed"))
+    out = ok(run(consul, "intention", "deny", "web", dst))
+    assert out.strip() == f"intentions/{dst}: deny web -> {dst}, version 3 (replaced 1 rule(s) for web)"
+    rows = [line.split()[:3] for line in ok(run(consul, "intention", "list", dst)).splitlines()]
+    assert rows == [["DESTINATION", "SOURCE", "ACTION"], [dst, "*", "deny"], [dst, "web", "deny"]]
+    assert [dst, "web", "deny"] in [
+        line.split()[:3] for line in ok(run(consul, "intention", "list")).splitlines()
+    ]
+    data = json.loads(consul.kv_get(doc_key("intentions", dst)) or b"")
+    assert data["rules"] == [
+        {"source": "*", "action": "deny", "description": "default closed"},
+        {"source": "web", "action": "deny"},
+    ]
+    assert "removed 1 rule(s) for web" in ok(run(consul, "intention", "delete", "web", dst))
+    assert fails(run(consul, "intention", "delete", "web", dst)) == f"Error: no intention web -> {dst}"
+    assert fails(run(consul, "intention", "delete", "web", svc("none"))).startswith(
+        "Error: no intentions for"
+    )
+    assert "must be a service name" in fails(run(consul, "intention", "allow", "Web!", dst))
+    as_json = json.loads(ok(run(consul, "intention", "list", dst, "-o", "json")))
+    assert as_json[0]["version"] == 4
+
+
+def test_concurrent_intention_edits_are_all_kept(consul: ConsulDev) -> None:
+    """Intention edits are read-modify-writes that retry on conflict: no edit is lost."""
+    import asyncio
+
+    from hostmesh.registry.cli import _edit_intentions
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.documents import DocumentStore
+
+    dst = svc("api")
+
+    async def main() -> None:
+        clients = [ConsulClient(consul.url) for _ in range(4)]
+        try:
+
+            async def add(i: int, c: ConsulClient) -> None:
+                def edit(data: dict[str, Any]) -> str:
+                    data["rules"].append({"source": f"src{i}", "action": "allow"})
+                    return ""
+
+                await _edit_intentions(DocumentStore(c), dst, edit)
+
+            await asyncio.gather(*(add(i, c) for i, c in enumerate(clients)))
+        finally:
+            for c in clients:
+                await c.close()
+
+    asyncio.run(main())
+    data = json.loads(consul.kv_get(doc_key("intentions", dst)) or b"")
+    assert sorted(r["source"] for r in data["rules"]) == ["src0", "src1", "src2", "src3"]
+    assert data["version"] == 4
+
+
+def test_services_lists_mesh_services(consul: ConsulDev) -> None:
+    name = svc("mesh")
+    body = {
+        "Name": name, "ID": f"{name}-n1", "Address": "127.0.0.1", "Port": 15001,
+        "Meta": {"hostmesh": "1", "protocol": "http", "version": "v2", "zone": "a"},
+        "Check": {"CheckID": f"{name}-ttl", "Name": "ttl", "TTL": "30s", "Status": "passing"},
+    }  # fmt: skip
+    other = {"Name": svc("plain"), "ID": "plain-1", "Port": 1}
+    import urllib.request
+
+    for payload in (body, other):
+        req = urllib.request.Request(
+            f"{consul.url}/v1/agent/service/register", data=json.dumps(payload).encode(), method="PUT"
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+    try:
+        out = ok(run(consul, "services"))
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert line.split() == [
+            name,
+            f"{name}-n1",
+            "hostmesh-test",
+            "127.0.0.1:15001",
+            "passing",
+            "http",
+            "v2",
+            "a",
+        ]
+        assert other["Name"] not in out
+        assert f"{name} 1/1 passing" in out
+        rows = json.loads(ok(run(consul, "-o", "json", "services")))
+        assert {"service": name, "health": "passing", "version": "v2"}.items() <= next(
+            r for r in rows if r["service"] == name
+        ).items()
+    finally:
+        for sid in (f"{name}-n1", "plain-1"):
+            req = urllib.request.Request(f"{consul.url}/v1/agent/service/deregister/{sid}", method="PUT")
+            urllib.request.urlopen(req, timeout=5).read()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["route", "list"],
+        ["route", "get", "web"],
+        ["policy", "history", "web"],
+        ["intention", "allow", "web", "api"],
+        ["intention", "list"],
+        ["services"],
+    ],
+)
+def test_consul_unreachable_is_one_line(tmp_path: Path, args: list[str]) -> None:
+    line = fails(run(f"http://127.0.0.1:{free_port()}", *args))
+    assert line.startswith("Error: ") and "127.0.0.1" in line
+
+
+def test_consul_unreachable_apply(tmp_path: Path) -> None:
+    f = write(tmp_path, route_doc("web"))
+    assert fails(run(f"http://127.0.0.1:{free_port()}", "route", "apply", "-f", f)).startswith("Error: ")
