@@ -520,6 +520,9 @@ class _Framer:
             self._state = _DEAD  # _fail recorded the Reject
             return events
         except httptools.HttpParserError as exc:
+            if "after `Connection: close`" in str(exc):
+                self._state = _DEAD  # bytes after a last request are ignored: the proxy closes
+                return events
             status, reason = classify_parser_error(str(exc))
             events.append(Reject(self._error_status(status), reason, self._error_flag()))
             self._state = _DEAD

@@ -1,0 +1,270 @@
+"""Pure tests of hostmesh.agent.l7.balancer: policies, ring stability, locality spill-over, L4."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostmesh.agent.l7.balancer import (
+    CONSISTENT_HASH,
+    HASH_COOKIE,
+    HASH_HEADER,
+    HASH_SOURCE,
+    LEAST_CONNECTIONS,
+    LEAST_REQUEST,
+    RANDOM,
+    ROUND_ROBIN,
+    Balancer,
+    Endpoint,
+    HashRing,
+    hash_key,
+    hash_spec,
+    reuse_endpoints,
+    select_subset,
+    stable_hash,
+    zone_key,
+)
+from hostmesh.agent.l7.errors import RouteConfigError
+from hostmesh.registry.schema import parse_policy
+
+
+def eps(n: int, zones: str = "") -> list[Endpoint]:
+    return [
+        Endpoint(f"api-{i}", f"10.0.0.{i}", 15001, zone=(zones[i % len(zones)] if zones else ""))
+        for i in range(n)
+    ]
+
+
+def test_round_robin_is_even() -> None:
+    b = Balancer(eps(4), ROUND_ROBIN, random.Random(1))
+    picks = Counter(b.pick().key for _ in range(400))  # type: ignore[union-attr]
+    assert set(picks.values()) == {100}
+
+
+def test_round_robin_starts_at_random_offset() -> None:
+    firsts = {Balancer(eps(5), ROUND_ROBIN, random.Random(s)).pick().key for s in range(50)}  # type: ignore[union-attr]
+    assert len(firsts) > 1
+
+
+def test_random_is_roughly_uniform() -> None:
+    b = Balancer(eps(4), RANDOM, random.Random(2))
+    picks = Counter(b.pick().key for _ in range(8000))  # type: ignore[union-attr]
+    assert all(1800 < c < 2200 for c in picks.values())
+
+
+def test_least_request_p2c_prefers_idle_instances() -> None:
+    endpoints = eps(4)
+    endpoints[0].active = 50
+    endpoints[1].active = 50
+    b = Balancer(endpoints, LEAST_REQUEST, random.Random(3))
+    picks = Counter(b.pick().key for _ in range(6000))  # type: ignore[union-attr]
+    # a busy instance wins only when both draws are busy: 2/4 x 1/3 = 1/6 of picks
+    busy = picks["api-0"] + picks["api-1"]
+    assert abs(busy / 6000 - 1 / 6) < 0.02
+
+
+def test_least_request_with_two_never_picks_the_busier() -> None:
+    endpoints = eps(2)
+    endpoints[1].active = 1
+    b = Balancer(endpoints, LEAST_REQUEST, random.Random(4))
+    assert {b.pick().key for _ in range(200)} == {"api-0"}  # type: ignore[union-attr]
+
+
+def test_least_connections_l4() -> None:
+    endpoints = eps(3)
+    endpoints[0].connections = 3
+    endpoints[1].connections = 1
+    endpoints[2].connections = 1
+    b = Balancer(endpoints, LEAST_CONNECTIONS, random.Random(5))
+    picks = Counter(b.pick().key for _ in range(100))  # type: ignore[union-attr]
+    assert picks["api-0"] == 0
+    assert picks["api-1"] > 30 and picks["api-2"] > 30  # ties rotate
+
+
+def test_empty_and_single() -> None:
+    assert Balancer([], ROUND_ROBIN).pick() is None
+    one = eps(1)
+    for policy in (ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS):
+        assert Balancer(one, policy).pick(b"k") is one[0]
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(RouteConfigError):
+        Balancer(eps(2), "fastest")
+
+
+# ------------------------------------------------------------------ availability and locality
+
+
+def test_unavailable_instances_are_skipped_and_panic_uses_all() -> None:
+    b = Balancer(eps(3), ROUND_ROBIN, random.Random(6))
+    b.set_unavailable(frozenset({"api-0"}))
+    assert {b.pick().key for _ in range(30)} == {"api-1", "api-2"}  # type: ignore[union-attr]
+    b.set_unavailable(frozenset({"api-0", "api-1", "api-2"}))
+    assert {b.pick().key for _ in range(30)} == {"api-0", "api-1", "api-2"}  # type: ignore[union-attr]
+
+
+def test_locality_prefers_local_zone_and_spills_over() -> None:
+    endpoints = eps(6, zones="ab")  # api-0,2,4 in a; 1,3,5 in b
+    b = Balancer(endpoints, ROUND_ROBIN, random.Random(7), local_zone="a")
+    assert {b.pick().key for _ in range(30)} == {"api-0", "api-2", "api-4"}  # type: ignore[union-attr]
+    b.set_unavailable(frozenset({"api-0", "api-2", "api-4"}))  # every local one ejected
+    assert {b.pick().key for _ in range(30)} == {"api-1", "api-3", "api-5"}  # type: ignore[union-attr]
+
+
+def test_locality_min_local_instances() -> None:
+    endpoints = eps(6, zones="ab")
+    b = Balancer(endpoints, ROUND_ROBIN, random.Random(8), local_zone="a", min_local=2)
+    b.set_unavailable(frozenset({"api-0", "api-2"}))  # one local left < 2: spill to all available
+    assert {b.pick().key for _ in range(40)} == {"api-1", "api-3", "api-4", "api-5"}  # type: ignore[union-attr]
+
+
+def test_locality_spills_when_local_overloaded() -> None:
+    endpoints = eps(4, zones="ab")
+    b = Balancer(endpoints, ROUND_ROBIN, random.Random(9), local_zone="a", overload_active=10)
+    assert {b.pick().key for _ in range(20)} == {"api-0", "api-2"}  # type: ignore[union-attr]
+    endpoints[0].active = 10
+    assert {b.pick().key for _ in range(20)} == {"api-0", "api-2"}  # one local still has room
+    endpoints[2].active = 12
+    assert {b.pick().key for _ in range(40)} == {"api-0", "api-1", "api-2", "api-3"}  # type: ignore[union-attr]
+
+
+def test_no_local_instances_uses_all() -> None:
+    b = Balancer(eps(3, zones="b"), ROUND_ROBIN, random.Random(10), local_zone="a")
+    assert len({b.pick().key for _ in range(30)}) == 3  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ consistent hash
+
+
+def test_same_key_same_instance_across_500_requests() -> None:
+    b = Balancer(eps(5), CONSISTENT_HASH, random.Random(11))
+    picks = {b.pick(b"user-42").key for _ in range(500)}  # type: ignore[union-attr]
+    assert len(picks) == 1
+
+
+def test_ring_is_identical_in_every_process() -> None:
+    # BLAKE2b, not Python's salted hash(): pinned values catch an accidental change of function
+    assert stable_hash(b"user-42") == int.from_bytes(
+        __import__("hashlib").blake2b(b"user-42", digest_size=8).digest(), "big"
+    )
+    a = Balancer(eps(5), CONSISTENT_HASH, random.Random(1))
+    b = Balancer(eps(5), CONSISTENT_HASH, random.Random(2))
+    keys = [f"k{i}".encode() for i in range(200)]
+    assert [a.pick(k).key for k in keys] == [b.pick(k).key for k in keys]  # type: ignore[union-attr]
+
+
+def test_keys_spread_over_instances() -> None:
+    b = Balancer(eps(5), CONSISTENT_HASH, random.Random(12))
+    counts = Counter(b.pick(f"key-{i}".encode()).key for i in range(10_000))  # type: ignore[union-attr]
+    assert all(1500 < c < 2500 for c in counts.values()), counts
+
+
+def owners(endpoints: list[Endpoint], keys: list[bytes]) -> list[str]:
+    b = Balancer(endpoints, CONSISTENT_HASH, random.Random(0))
+    return [b.pick(k).key for k in keys]  # type: ignore[union-attr]
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 12), salt=st.integers(0, 10**6), remove=st.booleans())
+def test_ring_moves_few_keys_when_one_instance_changes(n: int, salt: int, remove: bool) -> None:
+    keys = [f"{salt}-{i}".encode() for i in range(2000)]
+    base = [Endpoint(f"svc-{salt}-{i}", "10.0.0.1", 1) for i in range(n)]
+    changed = base[:-1] if remove else [*base, Endpoint(f"svc-{salt}-new", "10.0.0.2", 1)]
+    before = owners(base, keys)
+    after = owners(changed, keys)
+    moved = sum(a != b for a, b in zip(before, after, strict=True))
+    assert moved / len(keys) <= 2 / n
+    # only keys of the removed instance / keys taken by the added one move
+    for a, b in zip(before, after, strict=True):
+        if a != b:
+            assert (remove and a == base[-1].key) or (not remove and b.endswith("-new"))
+
+
+def test_unavailable_owner_only_moves_its_own_keys() -> None:
+    endpoints = eps(6)
+    b = Balancer(endpoints, CONSISTENT_HASH, random.Random(13))
+    keys = [f"u{i}".encode() for i in range(3000)]
+    before = [b.pick(k).key for k in keys]  # type: ignore[union-attr]
+    b.set_unavailable(frozenset({"api-3"}))
+    after = [b.pick(k).key for k in keys]  # type: ignore[union-attr]
+    assert "api-3" not in after
+    for x, y in zip(before, after, strict=True):
+        assert x == y or x == "api-3"
+
+
+def test_consistent_hash_with_locality_stays_local() -> None:
+    b = Balancer(eps(6, zones="ab"), CONSISTENT_HASH, random.Random(14), local_zone="b")
+    picks = {b.pick(f"k{i}".encode()).zone for i in range(300)}  # type: ignore[union-attr]
+    assert picks == {"b"}
+
+
+def test_missing_key_falls_back_to_random() -> None:
+    b = Balancer(eps(4), CONSISTENT_HASH, random.Random(15))
+    assert len({b.pick(None).key for _ in range(100)}) > 1  # type: ignore[union-attr]
+
+
+def test_ring_lookup_wraps_around() -> None:
+    ring = HashRing(["a", "b"], vnodes=4)
+    assert ring.lookup(2**64 - 1) in (0, 1)
+    assert ring.lookup(0) in (0, 1)
+    assert HashRing([], 4).lookup(5) == -1
+    assert ring.lookup(5, accept=frozenset()) == -1
+
+
+def test_hash_key_sources() -> None:
+    headers = [(b"x-user", b"alice"), (b"cookie", b"a=1; session=xyz; b=2")]
+    assert hash_key(HASH_HEADER, b"x-user", headers, None) == b"alice"
+    assert hash_key(HASH_HEADER, b"x-none", headers, None) is None
+    assert hash_key(HASH_COOKIE, b"session", headers, None) == b"xyz"
+    assert hash_key(HASH_COOKIE, b"nope", headers, None) is None
+    assert hash_key(HASH_SOURCE, b"", headers, "10.1.2.3") == b"10.1.2.3"
+    assert hash_key(HASH_SOURCE, b"", headers, None) is None
+
+
+# ------------------------------------------------------------------ subsets, reuse, policy docs
+
+
+def test_select_subset_by_meta() -> None:
+    endpoints = [
+        Endpoint("a", "h", 1, meta={"version": "v1", "zone": "a"}),
+        Endpoint("b", "h", 1, meta={"version": "v2", "zone": "a"}),
+        Endpoint("c", "h", 1, meta={"version": "v2", "zone": "b"}),
+    ]
+    assert [e.key for e in select_subset(endpoints, {"version": "v2"})] == ["b", "c"]
+    assert [e.key for e in select_subset(endpoints, {"version": "v2", "zone": "b"})] == ["c"]
+    assert len(select_subset(endpoints, None)) == 3
+    assert select_subset(endpoints, {"version": "v9"}) == ()
+
+
+def test_reuse_endpoints_keeps_counters_of_unchanged_instances() -> None:
+    old = eps(3)
+    old[0].active = 7
+    fresh = [Endpoint("api-0", "10.0.0.0", 15001), Endpoint("api-1", "10.9.9.9", 15001)]
+    out = reuse_endpoints(old, fresh)
+    assert out[0] is old[0] and out[0].active == 7
+    assert out[1] is fresh[1]  # address changed: a new object
+
+
+def test_from_policy_document() -> None:
+    doc = parse_policy(
+        {
+            "service": "api",
+            "load_balancer": {"type": "consistent_hash", "hash_on": {"header": "X-User"}},
+            "locality": {"zone_key": "az", "min_local_instances": 2},
+        }
+    )
+    b = Balancer.from_policy(eps(4, zones="ab"), doc, random.Random(1), local_zone="a")
+    assert (b.policy, b.local_zone, b.min_local) == (CONSISTENT_HASH, "a", 2)
+    assert hash_spec(doc) == (HASH_HEADER, b"x-user")
+    assert zone_key(doc) == "az"
+    assert Balancer.from_policy(eps(2), None).policy == ROUND_ROBIN
+    assert hash_spec(None) is None and zone_key(None) == "zone"
+    src = parse_policy(
+        {"service": "api", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
+    )
+    assert hash_spec(src) == (HASH_SOURCE, b"")

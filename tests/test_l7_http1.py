@@ -1,0 +1,591 @@
+"""Pure tests of hostmesh.agent.l7.http1: framing, smuggling shapes, hop-by-hop, keep-alive, Expect."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.l7.errors import ProtocolError
+from hostmesh.agent.l7.http1 import (
+    CHUNKED,
+    CONTINUE,
+    LENGTH,
+    MAX_HEAD_BYTES,
+    MAX_HEADER_COUNT,
+    NO_BODY,
+    UNTIL_CLOSE,
+    Body,
+    EndOfMessage,
+    Event,
+    Informational,
+    Reject,
+    RequestFramer,
+    RequestHead,
+    ResponseFramer,
+    ResponseHead,
+    TunnelData,
+    chunk_header,
+    connection_header,
+    downstream_response_plan,
+    error_response,
+    expects_continue,
+    forward_headers,
+    last_chunk,
+    request_framing,
+    request_keep_alive,
+    response_framing,
+    serialize_request_head,
+    serialize_response_head,
+)
+
+
+def feed_all(framer: RequestFramer | ResponseFramer, chunks: list[bytes]) -> list[Event]:
+    out: list[Event] = []
+    for c in chunks:
+        out.extend(framer.feed(c))
+    return out
+
+
+def merged(events: list[Event]) -> list[Event]:
+    """Events with adjacent Body/TunnelData pieces joined (how they split depends on the reads)."""
+    out: list[Event] = []
+    for ev in events:
+        if isinstance(ev, Body) and ev.data == b"":
+            continue
+        if out and type(ev) is type(out[-1]) and isinstance(ev, Body | TunnelData):
+            out[-1] = type(ev)(out[-1].data + ev.data)
+        else:
+            out.append(ev)
+    return out
+
+
+def one_shot(data: bytes) -> list[Event]:
+    return merged(RequestFramer().feed(data))
+
+
+def reject_of(data: bytes) -> Reject:
+    events = RequestFramer().feed(data)
+    assert events and isinstance(events[-1], Reject), events
+    return events[-1]
+
+
+# ------------------------------------------------------------------ smuggling shapes -> 400
+
+
+POST = b"POST / HTTP/1.1\r\nHost: a\r\n"
+CHUNKED_HEAD = POST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+SMUGGLING = {
+    "cl-and-te": POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te-and-cl": POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    "cl-conflict": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "cl-repeated-same": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "cl-list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\nabcd",
+    "cl-negative": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    "cl-plus": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+    "obs-fold-tab": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tc\r\n\r\n",
+    "chunk-size-garbage": CHUNKED_HEAD + b"zz\r\nabc\r\n0\r\n\r\n",
+    "chunk-size-overflow": CHUNKED_HEAD + b"fffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+    "chunk-size-negative": CHUNKED_HEAD + b"-3\r\nabc\r\n0\r\n\r\n",
+    "te-not-chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "te-chunked-not-last": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    "bare-lf": b"GET / HTTP/1.1\nHost: a\n\n",
+    "nul-in-value": b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
+    "http09": b"GET /\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_smuggling_shapes_answer_400_with_dpe(name: str) -> None:
+    rej = reject_of(SMUGGLING[name])
+    assert rej.status == 400
+    assert rej.flag == flags.DPE
+
+
+def test_reject_reasons_are_specific() -> None:
+    assert reject_of(SMUGGLING["cl-and-te"]).reason == "cl-and-te"
+    assert reject_of(SMUGGLING["cl-conflict"]).reason == "repeated-content-length"
+    assert reject_of(SMUGGLING["obs-fold"]).reason == "obs-fold"
+    assert reject_of(SMUGGLING["chunk-size-garbage"]).reason == "bad-chunk-size"
+    assert reject_of(SMUGGLING["chunk-size-overflow"]).reason == "bad-chunk-size"
+
+
+@pytest.mark.parametrize("name", ["cl-and-te", "cl-conflict", "obs-fold", "chunk-size-garbage"])
+def test_smuggling_rejected_however_the_bytes_are_split(name: str) -> None:
+    data = SMUGGLING[name]
+    for cut in range(1, len(data)):
+        events = feed_all(RequestFramer(), [data[:cut], data[cut:]])
+        assert isinstance(events[-1], Reject) and events[-1].status == 400, (cut, events)
+        assert not any(isinstance(e, EndOfMessage) for e in events)
+
+
+def test_after_reject_input_is_ignored() -> None:
+    f = RequestFramer()
+    assert isinstance(f.feed(SMUGGLING["cl-and-te"])[-1], Reject)
+    assert f.broken
+    assert f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == []
+
+
+def test_pure_request_framing_decisions() -> None:
+    assert request_framing(b"1.1", []) == (NO_BODY, 0)
+    assert request_framing(b"1.1", [(b"content-length", b"0")]) == (NO_BODY, 0)
+    assert request_framing(b"1.1", [(b"content-length", b"12")]) == (LENGTH, 12)
+    assert request_framing(b"1.1", [(b"transfer-encoding", b"Chunked")]) == (CHUNKED, 0)
+    cases = [
+        ([(b"content-length", b"1"), (b"transfer-encoding", b"chunked")], 400, "cl-and-te"),
+        ([(b"content-length", b"1"), (b"content-length", b"2")], 400, "repeated-content-length"),
+        ([(b"content-length", b"1"), (b"content-length", b"1")], 400, "repeated-content-length"),
+        ([(b"content-length", b"1x")], 400, "bad-content-length"),
+        ([(b"content-length", b"\xd9\xa1")], 400, "bad-content-length"),  # Arabic-Indic digit
+        ([(b"content-length", b"9" * 19)], 400, "bad-content-length"),
+        ([(b"transfer-encoding", b"gzip")], 400, "bad-transfer-encoding"),
+        ([(b"transfer-encoding", b"gzip, chunked")], 501, "unsupported-transfer-coding"),
+        ([(b"transfer-encoding", b"")], 400, "bad-transfer-encoding"),
+    ]
+    for headers, status, reason in cases:
+        with pytest.raises(ProtocolError) as exc:
+            request_framing(b"1.1", headers)
+        assert (exc.value.status, exc.value.reason) == (status, reason), headers
+    with pytest.raises(ProtocolError, match="te-in-http10"):
+        request_framing(b"1.0", [(b"transfer-encoding", b"chunked")])
+
+
+def test_response_framing_decisions() -> None:
+    assert response_framing(b"HEAD", 200, [(b"content-length", b"10")]) == (NO_BODY, 0)
+    assert response_framing(b"GET", 204, []) == (NO_BODY, 0)
+    assert response_framing(b"GET", 304, [(b"content-length", b"10")]) == (NO_BODY, 0)
+    assert response_framing(b"GET", 100, []) == (NO_BODY, 0)
+    assert response_framing(b"GET", 200, [(b"content-length", b"10")]) == (LENGTH, 10)
+    assert response_framing(b"GET", 200, [(b"content-length", b"0")]) == (NO_BODY, 0)
+    assert response_framing(b"GET", 200, [(b"transfer-encoding", b"chunked")]) == (CHUNKED, 0)
+    assert response_framing(b"GET", 200, [(b"transfer-encoding", b"gzip")]) == (UNTIL_CLOSE, 0)
+    assert response_framing(b"GET", 200, []) == (UNTIL_CLOSE, 0)
+    with pytest.raises(ProtocolError) as exc:
+        response_framing(b"GET", 200, [(b"content-length", b"1"), (b"transfer-encoding", b"chunked")])
+    assert exc.value.status == 502 and exc.value.flag == flags.UPE
+
+
+# ------------------------------------------------------------------ head size -> 431
+
+
+def test_head_above_limit_is_431_in_one_read() -> None:
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    rej = reject_of(big)
+    assert (rej.status, rej.flag) == (431, flags.DPE)
+
+
+def test_head_above_limit_is_431_across_many_small_reads() -> None:
+    f = RequestFramer()
+    events = f.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+    n = 0
+    while not events and n < 10_000:  # a slow client dribbling one header value
+        events = f.feed(b"a" * 1000)
+        n += 1
+    assert isinstance(events[-1], Reject) and events[-1].status == 431
+    assert n * 1000 <= MAX_HEAD_BYTES + 1000
+
+
+def test_too_many_headers_is_431() -> None:
+    head = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADER_COUNT + 1)) + b"\r\n"
+    rej = reject_of(head)
+    assert (rej.status, rej.reason) == (431, "too-many-headers")
+
+
+def test_head_just_under_limit_is_accepted_and_body_after_it_does_not_count() -> None:
+    head = (
+        b"POST / HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES - 200) + b"\r\nContent-Length: 100000\r\n\r\n"
+    )
+    events = merged(RequestFramer().feed(head + b"b" * 100_000))
+    assert isinstance(events[0], RequestHead)
+    assert events[1] == Body(b"b" * 100_000)
+    assert isinstance(events[2], EndOfMessage)
+
+
+def test_custom_limits() -> None:
+    f = RequestFramer(max_head_bytes=64, max_headers=2)
+    assert isinstance(f.feed(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")[-1], Reject)
+    f = RequestFramer(max_head_bytes=64, max_headers=2)
+    assert isinstance(f.feed(b"GET /" + b"x" * 80 + b" HTTP/1.1\r\n\r\n")[-1], Reject)
+
+
+# ------------------------------------------------------------------ streaming framer
+
+
+REQUESTS: list[tuple[bytes, list[Event]]] = [
+    (
+        b"GET /a?x=1 HTTP/1.1\r\nHost: svc\r\nX-Multi: 1\r\nX-Multi: 2\r\n\r\n",
+        [
+            RequestHead(
+                b"GET",
+                b"/a?x=1",
+                b"1.1",
+                [(b"host", b"svc"), (b"x-multi", b"1"), (b"x-multi", b"2")],
+                True,
+                NO_BODY,
+                0,
+                False,
+                False,
+            ),
+            EndOfMessage([]),
+        ],
+    ),
+    (
+        b"POST /up HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world",
+        [
+            RequestHead(
+                b"POST", b"/up", b"1.1", [(b"content-length", b"11")], True, LENGTH, 11, False, False
+            ),
+            Body(b"hello world"),
+            EndOfMessage([]),
+        ],
+    ),
+    (
+        b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n",
+        [
+            RequestHead(
+                b"PUT",
+                b"/c",
+                b"1.1",
+                [(b"transfer-encoding", b"chunked"), (b"connection", b"close")],
+                False,
+                CHUNKED,
+                0,
+                False,
+                False,
+            ),
+            Body(b"hello world"),
+            EndOfMessage([(b"x-checksum", b"abc")]),
+        ],
+    ),
+    (
+        b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        [
+            RequestHead(
+                b"GET", b"/old", b"1.0", [(b"connection", b"keep-alive")], True, NO_BODY, 0, False, False
+            ),
+            EndOfMessage([]),
+        ],
+    ),
+    (
+        b"GET /old HTTP/1.0\r\n\r\n",
+        [RequestHead(b"GET", b"/old", b"1.0", [], False, NO_BODY, 0, False, False), EndOfMessage([])],
+    ),
+    (
+        b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+        [
+            RequestHead(
+                b"POST",
+                b"/e",
+                b"1.1",
+                [(b"expect", b"100-continue"), (b"content-length", b"2")],
+                True,
+                LENGTH,
+                2,
+                True,
+                False,
+            ),
+            Body(b"ok"),
+            EndOfMessage([]),
+        ],
+    ),
+]
+
+
+def test_each_request_in_one_read() -> None:
+    for data, expected in REQUESTS:
+        assert one_shot(data) == expected
+
+
+# keep-alive requests first, then the one with Connection: close (it must be last on a connection)
+PIPELINE = [REQUESTS[i] for i in (0, 1, 3, 5, 2)]
+
+
+def test_pipelined_requests_come_out_in_order() -> None:
+    data = b"".join(d for d, _ in PIPELINE)
+    expected = [e for _, evs in PIPELINE for e in evs]
+    assert one_shot(data) == expected
+
+
+def test_bytes_after_a_closing_request_are_ignored() -> None:
+    f = RequestFramer()
+    events = one_shot(REQUESTS[2][0] + b"GET /smuggled HTTP/1.1\r\n\r\n")
+    assert events == REQUESTS[2][1]
+    f = RequestFramer()
+    assert merged(f.feed(REQUESTS[4][0] + b"GET /next HTTP/1.1\r\n\r\n")) == REQUESTS[4][1]
+    assert f.broken and f.feed(b"GET / HTTP/1.1\r\n\r\n") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_split_of_a_pipelined_stream_gives_the_same_events(data: st.DataObject) -> None:
+    stream = b"".join(d for d, _ in PIPELINE)
+    expected = [e for _, evs in PIPELINE for e in evs]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert merged(feed_all(RequestFramer(), pieces)) == expected
+
+
+@pytest.mark.parametrize("index", range(len(REQUESTS)))
+def test_every_single_split_offset(index: int) -> None:
+    data, expected = REQUESTS[index]
+    for cut in range(len(data) + 1):
+        assert merged(feed_all(RequestFramer(), [data[:cut], data[cut:]])) == expected, cut
+
+
+def test_byte_by_byte() -> None:
+    for data, expected in REQUESTS:
+        assert merged(feed_all(RequestFramer(), [bytes([b]) for b in data])) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=st.binary(max_size=3000), sizes=st.lists(st.integers(1, 700), min_size=1, max_size=8))
+def test_chunked_body_round_trip(body: bytes, sizes: list[int]) -> None:
+    """A body re-chunked with our encoder is streamed back byte-exact, never as one buffer."""
+    chunks, i = [], 0
+    for n in sizes * (len(body) // max(1, sum(sizes)) + 1):
+        if i >= len(body):
+            break
+        chunks.append(body[i : i + n])
+        i += n
+    wire = serialize_request_head(b"POST", b"/x", b"1.1", [(b"transfer-encoding", b"chunked")])
+    wire += b"".join(chunk_header(len(c)) + c + b"\r\n" for c in chunks) + last_chunk()
+    events = feed_all(RequestFramer(), [wire[j : j + 512] for j in range(0, len(wire), 512)])
+    got = b"".join(e.data for e in events if isinstance(e, Body))
+    assert got == body
+    assert isinstance(events[-1], EndOfMessage)
+    if len(body) > 1024:
+        assert sum(isinstance(e, Body) for e in events) > 1  # streamed in pieces
+
+
+def test_large_content_length_body_streams_without_buffering() -> None:
+    f = RequestFramer()
+    events = f.feed(b"POST / HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+    assert isinstance(events[0], RequestHead)
+    total = 0
+    for _ in range(100):
+        evs = f.feed(b"x" * 10_000)
+        assert all(isinstance(e, Body) and len(e.data) <= 10_000 for e in evs[:1])
+        total += sum(len(e.data) for e in evs if isinstance(e, Body))
+    assert total == 1_000_000
+    assert isinstance(evs[-1], EndOfMessage)
+
+
+def test_eof_mid_request_is_rejected_and_between_requests_is_clean() -> None:
+    f = RequestFramer()
+    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    assert f.eof() == [Reject(400, "truncated-request", flags.DPE)]
+    f = RequestFramer()
+    f.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert f.eof() == []
+
+
+def test_awaiting_head_tracks_header_read_phase() -> None:
+    f = RequestFramer()
+    assert f.awaiting_head
+    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+    assert not f.awaiting_head
+    f.feed(b"ok")
+    assert f.awaiting_head
+
+
+# ------------------------------------------------------------------ upgrade, CONNECT, Expect
+
+
+def test_websocket_upgrade_becomes_a_tunnel() -> None:
+    data = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: x\r\n\r\n\x81\x05hello"
+    )
+    for cut in range(len(data) + 1):
+        f = RequestFramer()
+        events = merged(feed_all(f, [data[:cut], data[cut:]]))
+        assert isinstance(events[0], RequestHead) and events[0].upgrade
+        assert events[1] == EndOfMessage([])
+        assert events[2:] == [TunnelData(b"\x81\x05hello")], cut
+        assert f.feed(b"more") == [TunnelData(b"more")]
+
+
+def test_non_websocket_upgrade_is_served_as_http11() -> None:
+    data = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"
+    events = one_shot(data)
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/", b"/2"]
+    assert not heads[0].upgrade
+    assert not any(isinstance(e, TunnelData) for e in events)
+
+
+def test_connect_is_405() -> None:
+    assert reject_of(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").status == 405
+
+
+def test_expect() -> None:
+    assert expects_continue(b"1.1", [(b"expect", b"100-Continue")])
+    assert not expects_continue(b"1.0", [(b"expect", b"100-continue")])  # RFC 9110: ignored in 1.0
+    assert not expects_continue(b"1.1", [])
+    with pytest.raises(ProtocolError) as exc:
+        expects_continue(b"1.1", [(b"expect", b"something-else")])
+    assert exc.value.status == 417
+    assert reject_of(b"GET / HTTP/1.1\r\nExpect: bogus\r\n\r\n").status == 417
+    assert CONTINUE == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+# ------------------------------------------------------------------ hop-by-hop and keep-alive
+
+
+def test_forward_headers_drops_hop_by_hop_and_connection_named() -> None:
+    headers = [
+        (b"host", b"a"),
+        (b"connection", b"keep-alive, X-Secret"),
+        (b"keep-alive", b"timeout=5"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"te", b"trailers"),
+        (b"trailer", b"x-checksum"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"h2c"),
+        (b"x-secret", b"1"),
+        (b"expect", b"100-continue"),
+        (b"x-keep", b"yes"),
+    ]
+    assert forward_headers(headers) == [(b"host", b"a"), (b"x-keep", b"yes")]
+
+
+def test_forward_headers_returns_same_list_when_clean() -> None:
+    headers = [(b"host", b"a"), (b"content-length", b"3")]
+    assert forward_headers(headers) is headers
+
+
+def test_forward_headers_keeps_upgrade_for_websocket_tunnel() -> None:
+    headers = [(b"host", b"a"), (b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"x", b"1")]
+    assert forward_headers(headers, tunnel=True) == [
+        (b"host", b"a"),
+        (b"x", b"1"),
+        (b"connection", b"upgrade"),
+        (b"upgrade", b"websocket"),
+    ]
+
+
+def test_keep_alive_rules() -> None:
+    assert request_keep_alive(b"1.1", [])
+    assert not request_keep_alive(b"1.1", [(b"connection", b"close")])
+    assert not request_keep_alive(b"1.1", [(b"connection", b"Keep-Alive, Close")])
+    assert not request_keep_alive(b"1.0", [])
+    assert request_keep_alive(b"1.0", [(b"connection", b"Keep-Alive")])
+    assert not request_keep_alive(b"1.0", [(b"connection", b"keep-alive, close")])
+
+
+def test_downstream_response_plan() -> None:
+    # 1.1 client: close-delimited upstream bodies are re-chunked so the client connection survives
+    assert downstream_response_plan(b"1.1", True, UNTIL_CLOSE) == (CHUNKED, True)
+    assert downstream_response_plan(b"1.1", True, CHUNKED) == (CHUNKED, True)
+    assert downstream_response_plan(b"1.1", False, LENGTH) == (LENGTH, False)
+    # 1.0 client: never chunked
+    assert downstream_response_plan(b"1.0", True, CHUNKED) == (UNTIL_CLOSE, False)
+    assert downstream_response_plan(b"1.0", True, LENGTH) == (LENGTH, True)
+    assert downstream_response_plan(b"1.0", True, NO_BODY) == (NO_BODY, True)
+    assert connection_header(b"1.0", True) == (b"connection", b"keep-alive")
+    assert connection_header(b"1.0", False) == (b"connection", b"close")
+    assert connection_header(b"1.1", True) is None
+    assert connection_header(b"1.1", False) == (b"connection", b"close")
+
+
+# ------------------------------------------------------------------ serialization
+
+
+def test_serialized_heads_parse_back() -> None:
+    headers = [(b"host", b"svc"), (b"x-a", b"1"), (b"content-length", b"2")]
+    wire = serialize_request_head(b"POST", b"/p?q=1", b"1.1", headers) + b"ok"
+    assert one_shot(wire) == [
+        RequestHead(b"POST", b"/p?q=1", b"1.1", headers, True, LENGTH, 2, False, False),
+        Body(b"ok"),
+        EndOfMessage([]),
+    ]
+    resp = serialize_response_head(b"1.1", 404, None, [(b"content-length", b"0")])
+    assert resp == b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+
+
+def test_error_response_carries_flag_and_parses() -> None:
+    wire = error_response(503, flags.UO)
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = merged(r.feed(wire))
+    head = events[0]
+    assert isinstance(head, ResponseHead) and head.status == 503
+    assert (flags.HEADER, b"UO") in head.headers
+    assert (b"connection", b"close") in head.headers
+    assert isinstance(events[-1], EndOfMessage)
+    assert error_response(503, flags.UO) is wire  # cached: no per-request formatting
+
+
+# ------------------------------------------------------------------ response framer
+
+
+def test_response_with_100_continue_then_body() -> None:
+    r = ResponseFramer()
+    r.expect(b"POST")
+    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    for cut in range(len(data) + 1):
+        r = ResponseFramer()
+        r.expect(b"POST")
+        events = merged(feed_all(r, [data[:cut], data[cut:]]))
+        assert events[0] == Informational(100, [])
+        assert isinstance(events[1], ResponseHead) and events[1].status == 201 and events[1].keep_alive
+        assert events[2:] == [Body(b"ok"), EndOfMessage([])]
+
+
+def test_response_to_head_has_no_body_even_with_content_length() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"
+    for cut in range(len(data) + 1):
+        r = ResponseFramer()
+        r.expect(b"HEAD")
+        events = feed_all(r, [data[:cut], data[cut:]])
+        assert isinstance(events[0], ResponseHead) and events[0].framing == NO_BODY
+        assert events[1:] == [EndOfMessage([])]
+        r.expect(b"GET")  # the connection is reusable for the next exchange
+        events = merged(r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"))
+        assert events[1:] == [Body(b"x"), EndOfMessage([])]
+
+
+def test_close_delimited_response_ends_at_eof() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = merged(r.feed(b"HTTP/1.1 200 OK\r\n\r\npart1") + r.feed(b"part2"))
+    assert isinstance(events[0], ResponseHead) and events[0].framing == UNTIL_CLOSE
+    assert not events[0].keep_alive
+    assert events[1] == Body(b"part1part2")
+    assert r.eof() == [EndOfMessage([])]
+
+
+def test_truncated_response_is_uc() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert r.eof() == [Reject(502, "upstream-truncated", flags.UC)]
+
+
+def test_bad_upstream_response_is_502_upe() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(events[-1], Reject) and events[-1].status == 502 and events[-1].flag == flags.UPE
+
+
+def test_101_switches_to_tunnel() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = r.feed(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nxyz"
+    )
+    assert isinstance(events[0], ResponseHead) and events[0].status == 101
+    assert events[-1] == TunnelData(b"xyz")
+
+
+def test_http10_upstream_response_is_not_reusable_without_keep_alive() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    head = r.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx")[0]
+    assert isinstance(head, ResponseHead) and head.version == b"1.0" and not head.keep_alive
