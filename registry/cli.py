@@ -160,14 +160,24 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
 # --- route / policy ----------------------------------------------------------------------------
 
 
+DOCUMENT_VERBS = ("apply", "get", "list", "delete", "history", "rollback")
+
+
 def _document_group(kind: str, name: str, noun: str) -> click.Group:
-    """The verbs shared by `route` and `policy`: apply, get, list, delete, history, rollback."""
+    """`route` and `policy`: every document verb."""
 
     @click.group(name=name, help=f"Manage {noun} documents (hostmesh/{kind}/<service> in Consul KV).")
     def group() -> None:
         pass
 
-    @group.command("apply")
+    _add_document_verbs(group, kind, name, noun, DOCUMENT_VERBS)
+    return group
+
+
+def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, verbs: tuple[str, ...]) -> None:
+    """Add the whole-document verbs (apply, get, list, delete, history, rollback) named in `verbs`."""
+
+    @click.command("apply")
     @click.option("-f", "--file", "path", required=True, help="YAML or JSON document ('-' for stdin).")
     @click.option("--dry-run", is_flag=True, help="Validate and show the diff; write nothing.")
     @click.pass_context
@@ -214,7 +224,7 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
 
         _run(ctx, run)
 
-    @group.command("get")
+    @click.command("get")
     @click.argument("service")
     @click.option("-o", "--output", "fmt", type=click.Choice(["json", "yaml"]), default=None)
     @click.pass_context
@@ -226,7 +236,7 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
             raise click.ClickException(f"no {noun} document for {service}")
         click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
 
-    @group.command("list")
+    @click.command("list")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
     @click.pass_context
     def list_(ctx: click.Context, fmt: str | None) -> None:
@@ -242,7 +252,7 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
         rows = [[d.service, str(d.version), _summary(kind, d.data)] for d in docs]
         click.echo(_table(["SERVICE", "VERSION", "SUMMARY"], rows))
 
-    @group.command("delete")
+    @click.command("delete")
     @click.argument("service")
     @click.pass_context
     def delete(ctx: click.Context, service: str) -> None:
@@ -254,7 +264,7 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
             f"`hostmesh {name} rollback {service} --to {gone.version}` restores it)"
         )
 
-    @group.command("history")
+    @click.command("history")
     @click.argument("service")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
     @click.pass_context
@@ -278,7 +288,7 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
             rows.append([str(d.version), mark, _summary(kind, d.data)])
         click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
 
-    @group.command("rollback")
+    @click.command("rollback")
     @click.argument("service")
     @click.option("--to", "to", type=click.IntRange(min=1), required=True, help="The version to bring back.")
     @click.pass_context
@@ -288,7 +298,9 @@ def _document_group(kind: str, name: str, noun: str) -> click.Group:
         doc = _run(ctx, lambda store: store.rollback(kind, service, to))
         click.echo(f"{kind}/{service}: version {doc.version} written with the content of version {to}")
 
-    return group
+    for cmd in (apply, get, list_, delete, history, rollback):
+        if cmd.name in verbs:
+            group.add_command(cmd)
 
 
 route = _document_group("routes", "route", "route")
@@ -301,6 +313,31 @@ policy = _document_group("policies", "policy", "policy")
 @click.group(help="Manage intentions: which services may call a service (hostmesh/intentions/<dst>).")
 def intention() -> None:
     pass
+
+
+# Whole documents (L7 permissions, descriptions, the default) are edited like routes and policies.
+_add_document_verbs(
+    intention, "intentions", "intention", "intentions", ("apply", "get", "history", "rollback")
+)
+
+
+@intention.command("default")
+@click.argument("dst")
+@click.argument("action", type=click.Choice(["allow", "deny", "unset"]))
+@click.pass_context
+def intention_default(ctx: click.Context, dst: str, action: str) -> None:
+    """Set DST's default for callers no rule matches (unset: the agent-wide default)."""
+    _check_service(dst, "destination")
+
+    def edit(data: dict[str, Any]) -> str:
+        if action == "unset":
+            data.pop("default", None)
+        else:
+            data["default"] = action
+        return ""
+
+    doc, _ = _run(ctx, lambda store: _edit_intentions(store, dst, edit))
+    click.echo(f"intentions/{dst}: default {action}, version {doc.version}")
 
 
 async def _edit_intentions(

@@ -322,3 +322,35 @@ def test_consul_unreachable_is_one_line(tmp_path: Path, args: list[str]) -> None
 def test_consul_unreachable_apply(tmp_path: Path) -> None:
     f = write(tmp_path, route_doc("web"))
     assert fails(run(f"http://127.0.0.1:{free_port()}", "route", "apply", "-f", f)).startswith("Error: ")
+
+
+def test_intention_documents_with_l7_permissions_and_default(consul: ConsulDev, tmp_path: Path) -> None:
+    dst = svc("api")
+    doc = {
+        "service": dst,
+        "default": "deny",
+        "rules": [
+            {
+                "source": "web",
+                "action": "allow",
+                "permissions": [{"path": {"prefix": "/api/"}, "methods": ["GET"]}],
+            }
+        ],
+    }
+    assert f"intentions/{dst}: version 1 written" in ok(
+        run(consul, "intention", "apply", "-f", write(tmp_path, doc))
+    )
+    rows = [line.split() for line in ok(run(consul, "intention", "list", dst)).splitlines()]
+    assert rows[1][:5] == [dst, "web", "allow", "1", "permission(s)"]
+    assert rows[2][:3] == [dst, "(default)", "deny"]
+    assert (
+        ok(run(consul, "intention", "default", dst, "allow")).strip()
+        == f"intentions/{dst}: default allow, version 2"
+    )
+    got = yaml.safe_load(ok(run(consul, "intention", "get", dst)))
+    assert got["default"] == "allow" and got["rules"] == doc["rules"]
+    ok(run(consul, "intention", "rollback", dst, "--to", "1"))
+    assert yaml.safe_load(ok(run(consul, "intention", "get", dst)))["default"] == "deny"
+    bad = {**doc, "rules": [{"source": "web", "action": "allow", "permissions": [{"path": {"regex": "("}}]}]}
+    line = fails(run(consul, "intention", "apply", "-f", write(tmp_path, bad)))
+    assert ": rules[0].permissions[0].path.regex: invalid regex" in line
