@@ -192,7 +192,11 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
         based_on = doc.version if "version" in data else None
 
         async def run(store: DocumentStore) -> None:
-            current = await store.get(kind, service)
+            try:
+                current = await store.get(kind, service)
+            except InvalidDocument as exc:  # garbage written around the CLI: let a valid document replace it
+                click.echo(f"warning: {_one_line(str(exc))}; it will be replaced", err=True)
+                current = None
             have = current.version if current else 0
             if based_on is not None and based_on != have:
                 state = f"is at version {have}" if current else "does not exist"

@@ -152,7 +152,7 @@ class DocumentStore:
         doc = parse_document(kind, data)
         assert isinstance(data, dict)  # parse_document accepted it, so it is an object
         service = doc.service
-        current = await self.get(kind, service)
+        current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
             state = f"is at version {have}" if current else "does not exist"
@@ -173,7 +173,7 @@ class DocumentStore:
 
     async def delete(self, kind: str, service: str, *, expect_version: int | None = None) -> Document:
         """Delete the live document (history stays, so `rollback` can bring it back)."""
-        current = await self.get(kind, service)
+        current = await self._live(kind, service)
         if current is None:
             raise NotFound(f"no {kind} document for {service}")
         if expect_version is not None and expect_version != current.version:
@@ -197,8 +197,21 @@ class DocumentStore:
             raise InvalidDocument(
                 "service", f"history entry {to} names {data.get('service')!r}, not {service!r}"
             )
-        current = await self.get(kind, service)
+        current = await self._live(kind, service)
         return await self.put(kind, data, expect_version=current.version if current else 0)
+
+    async def _live(self, kind: str, service: str) -> Document | None:
+        """Like `get`, but a live value that is not a JSON object (written around the CLI) reads as
+        version 0 with empty data, so it can still be overwritten or deleted with check-and-set."""
+        _check_kind(kind)
+        entry = await self.consul.kv_get(doc_key(kind, service))
+        if entry is None:
+            return None
+        try:
+            data = _decode(entry, entry.key)
+        except InvalidDocument:
+            data = {}
+        return Document(kind, service, _version_of(data), data, entry.modify_index)
 
     async def _history_versions(self, kind: str, service: str) -> list[int]:
         prefix = history_prefix(kind, service)

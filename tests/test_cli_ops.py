@@ -354,3 +354,14 @@ def test_intention_documents_with_l7_permissions_and_default(consul: ConsulDev, 
     bad = {**doc, "rules": [{"source": "web", "action": "allow", "permissions": [{"path": {"regex": "("}}]}]}
     line = fails(run(consul, "intention", "apply", "-f", write(tmp_path, bad)))
     assert ": rules[0].permissions[0].path.regex: invalid regex" in line
+
+
+def test_apply_replaces_garbage_written_around_the_cli(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    consul.kv_put(doc_key("routes", s), b"garbage")
+    assert (
+        fails(run(consul, "route", "get", s)) == f"Error: hostmesh/routes/{s}: stored value is not valid JSON"
+    )
+    assert f"routes/{s}: version 1 written" in ok(
+        run(consul, "route", "apply", "-f", write(tmp_path, route_doc(s)))
+    )

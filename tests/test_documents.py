@@ -199,3 +199,16 @@ async def test_consul_unreachable_is_unavailable() -> None:
     async with ConsulClient(f"http://127.0.0.1:{free_port()}") as c:
         with pytest.raises(Unavailable):
             await DocumentStore(c).put("routes", route("x"))
+
+
+async def test_garbage_in_kv_can_be_replaced_and_deleted(consul: ConsulDev) -> None:
+    s = svc()
+    consul.kv_put(doc_key("routes", s), b"{not json")
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        with pytest.raises(InvalidDocument, match="stored value is not valid JSON"):
+            await store.get("routes", s)
+        assert (await store.put("routes", route(s))).version == 1
+        consul.kv_put(doc_key("policies", s), b"[1, 2]")
+        await store.delete("policies", s)
+        assert consul.kv_get(doc_key("policies", s)) is None
