@@ -84,7 +84,7 @@ def agent_config(
         "name": service,
         "port": app_port,
         "protocol": protocol,
-        "health": {"tcp": True},
+        "health": {"tcp": True, "interval": 1},  # the agent's key: a 1 s probe makes the pair ready promptly
     }
     if upstream is not None:
         svc["upstreams"] = [{"service": upstream[0], "bind": f"127.0.0.1:{upstream[1]}"}]

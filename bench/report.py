@@ -180,7 +180,7 @@ def render_tables(
     lines.append("| target | measured | met |")
     lines.append("|---|---:|:---:|")
     for t in TARGETS:
-        if t.system not in shown or (t.peer is not None and t.peer not in shown):
+        if t.system not in shown:
             continue
         v = target_value(summary, t)
         shown_v = (

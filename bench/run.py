@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = Settings(**{**asdict(base), **changes})
     consul_bin = ensure_tools()
+    signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (background job)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="hostmesh-bench-"))
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         print("\nbench: interrupted; stopping everything", file=sys.stderr)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         h.stop()
         if args.keep_workdir:
             say(f"bench: workdir kept at {workdir}")
