@@ -23,6 +23,7 @@ pass `l7=False`: an L7 allow then grants nothing and an L7 deny denies the whole
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hostmesh.registry.schema import Intentions, Rule
@@ -46,15 +47,19 @@ def _default(intentions: Intentions | None, default_allow: bool) -> Decision:
     return _AGENT_ALLOW if default_allow else _AGENT_DENY
 
 
-def _rank(rule: Rule, source: str) -> int:
-    """Specificity of `rule` for `source`; -1 when its source does not match."""
-    if rule.source == source:
-        base = 2
-    elif rule.source == "*":
-        base = 0
-    else:
-        return -1
-    return base + 1 if rule.permissions else base
+def _candidates(intentions: Intentions, source: str) -> Iterator[tuple[int, Rule, int]]:
+    """(index, rule, specificity) of the rules naming `source`, then of the `"*"` rules.
+
+    Specificity: 3 exact source with permissions, 2 exact source, 1 `"*"` with permissions, 0 `"*"`.
+    """
+    rules = intentions.rules
+    if source != "*":
+        for i in intentions.by_source.get(source, ()):
+            rule = rules[i]
+            yield i, rule, 3 if rule.permissions else 2
+    for i in intentions.by_source.get("*", ()):
+        rule = rules[i]
+        yield i, rule, 1 if rule.permissions else 0
 
 
 def _reason(index: int, rule: Rule, l7: bool = False) -> str:
@@ -70,9 +75,8 @@ def authorize_request(
         return _default(None, default_allow)
     best_rank, best_i = -1, -1
     best: Rule | None = None
-    for i, rule in enumerate(intentions.rules):
-        rank = _rank(rule, source)
-        if rank < best_rank or rank < 0:
+    for i, rule, rank in _candidates(intentions, source):
+        if rank < best_rank:
             continue
         if rule.permissions and not any(p.matches(method, path) for p in rule.permissions):
             continue
@@ -92,9 +96,8 @@ def authorize_connection(
     # Decision from the rules that apply to every request (no permissions).
     best_rank, best_i = -1, -1
     best: Rule | None = None
-    for i, rule in enumerate(intentions.rules):
-        rank = _rank(rule, source)
-        if rank < 0 or rank < best_rank:
+    for i, rule, rank in _candidates(intentions, source):
+        if rank < best_rank:
             continue
         if rule.permissions:
             if l7 or rule.allow:
@@ -108,7 +111,7 @@ def authorize_connection(
     if plain.allowed or not l7:
         return plain
     # Denied so far: admit when a more specific L7 allow rule could allow some request.
-    for i, rule in enumerate(intentions.rules):
-        if rule.permissions and rule.allow and _rank(rule, source) > best_rank:
+    for i, rule, rank in _candidates(intentions, source):
+        if rule.permissions and rule.allow and rank > best_rank:
             return Decision(True, _reason(i, rule))
     return plain

@@ -307,6 +307,14 @@ class Intentions:
     version: int = 0
     default: bool | None = None
     rules: tuple[Rule, ...] = ()
+    # source ("*" included) -> indexes of its rules, so a decision reads only the caller's rules.
+    by_source: Mapping[str, tuple[int, ...]] = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            index.setdefault(rule.source, []).append(i)
+        object.__setattr__(self, "by_source", {k: tuple(v) for k, v in index.items()})
 
 
 def _permission(v: object, path: str) -> Permission:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -287,22 +286,3 @@ def test_no_matching_rule_falls_back_to_doc_then_agent_default(
     expected = d.default if d.default is not None else agent
     assert authorize_request(empty, source, method, path, agent).allowed == expected
     assert authorize_connection(empty, source, agent).allowed == expected
-
-
-def test_decisions_are_fast() -> None:
-    """Called per connection and per request: 50 rules must decide in well under 50 µs."""
-    rules = [r(f"svc{i}", "allow") for i in range(40)]
-    rules += [r("web", "allow", {"path": {"regex": "/api/v[0-9]+/.*"}, "methods": ["GET"]}) for _ in range(5)]
-    rules += [r("*", "deny")] * 5
-    d = doc(*rules)
-    n = 20_000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        authorize_connection(d, "web", False)
-    t_conn = (time.perf_counter() - t0) / n
-    t0 = time.perf_counter()
-    for _ in range(n):
-        authorize_request(d, "web", "GET", "/api/v2/items", False)
-    t_req = (time.perf_counter() - t0) / n
-    print(f"authorize_connection {t_conn * 1e6:.2f} us, authorize_request {t_req * 1e6:.2f} us (50 rules)")
-    assert t_conn < 50e-6 and t_req < 50e-6
