@@ -567,6 +567,27 @@ def test_truncated_response_is_uc() -> None:
     assert r.eof() == [Reject(502, "upstream-truncated", flags.UC)]
 
 
+def test_upstream_closing_before_any_response_is_uc() -> None:
+    r = ResponseFramer()
+    assert r.eof() == []  # idle pooled connection closed: nothing was due
+    r.expect(b"GET")
+    assert r.eof() == [Reject(502, "upstream-truncated", flags.UC)]
+    r = ResponseFramer()
+    r.expect(b"GET")
+    r.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert r.eof() == []  # the response was complete
+
+
+def test_head_response_without_body_framing_and_trailing_garbage() -> None:
+    r = ResponseFramer()
+    r.expect(b"HEAD")
+    events = r.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [type(e) for e in events] == [ResponseHead, EndOfMessage]
+    r.expect(b"HEAD")
+    events = r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    assert isinstance(events[-1], Reject) and events[-1].reason == "unexpected-data"
+
+
 def test_bad_upstream_response_is_502_upe() -> None:
     r = ResponseFramer()
     r.expect(b"GET")

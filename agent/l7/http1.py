@@ -51,6 +51,12 @@ LENGTH = 1
 CHUNKED = 2
 UNTIL_CLOSE = 3  # responses only: the body ends when the upstream closes
 
+# fields that change framing, persistence, Expect or Upgrade decisions: a head without any of them
+# takes the framers' fast path (no body, default persistence) without scanning the fields again
+_DECISION_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"proxy-connection"}
+)
+
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
@@ -242,26 +248,24 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    return b"".join(
-        [method, b" ", target, b" HTTP/", version, CRLF, *[n + b": " + v + CRLF for n, v in headers], CRLF]
-    )
+    parts = [b"%s %s HTTP/%s" % (method, target, version)]
+    for n, v in headers:
+        parts.append(b"%s: %s" % (n, v))
+    parts.append(b"")
+    parts.append(b"")
+    return CRLF.join(parts)
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    return b"".join(
-        [
-            b"HTTP/",
-            version,
-            b" %d " % status,
-            reason,
-            CRLF,
-            *[n + b": " + v + CRLF for n, v in headers],
-            CRLF,
-        ]
-    )
+    parts = [b"HTTP/%s %d %s" % (version, status, reason)]
+    for n, v in headers:
+        parts.append(b"%s: %s" % (n, v))
+    parts.append(b"")
+    parts.append(b"")
+    return CRLF.join(parts)
 
 
 def chunk_header(size: int) -> bytes:
@@ -387,6 +391,7 @@ class _Framer:
         "_max_headers",
         "_parser",
         "_reason",
+        "_special",
         "_state",
         "_trailer_bytes",
         "_trailers",
@@ -410,6 +415,7 @@ class _Framer:
         self._heads_done = 0
         self._trailer_bytes = 0
         self._upgrade_ok = False
+        self._special = False
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -435,6 +441,7 @@ class _Framer:
         self._cb_bytes = 0
         self._head_raw = 0
         self._trailer_bytes = 0
+        self._special = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -452,12 +459,14 @@ class _Framer:
                 self._fail(400, "trailers-too-large")
             self._trailers.append((name.lower(), value))
             return
-        self._cb_bytes += len(name) + len(value) + 4
-        self._headers.append((name.lower(), value))
-        if len(self._headers) > self._max_headers:
-            self._fail(431, "too-many-headers")
-        if self._cb_bytes > self._max_head:
-            self._fail(431, "head-too-large")
+        lname = name.lower()
+        if lname in _DECISION_FIELDS:
+            self._special = True
+        headers = self._headers
+        headers.append((lname, value))
+        size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
+        if size > self._max_head or len(headers) > self._max_headers:
+            self._fail(431, "head-too-large" if size > self._max_head else "too-many-headers")
 
     def on_headers_complete(self) -> None:
         self._heads_done += 1
@@ -575,6 +584,9 @@ class RequestFramer(_Framer):
         if method == b"CONNECT":
             raise ProtocolError(405, "connect-unsupported")
         headers = self._headers
+        if not self._special:  # fast path: nothing that changes the decisions below
+            self._upgrade_ok = False
+            return RequestHead(method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False)
         framing, length = request_framing(version, headers)
         upgrade = is_websocket_upgrade(method, version, headers)
         self._upgrade_ok = upgrade
@@ -600,7 +612,7 @@ class ResponseFramer(_Framer):
     come out as :class:`Reject` with status 502 and flag UPE. A close-delimited body ends at :meth:`eof`.
     """
 
-    __slots__ = ("_head_pending", "_informational", "_method", "_pending", "_until_close")
+    __slots__ = ("_awaiting", "_head_pending", "_informational", "_method", "_pending", "_until_close")
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADER_COUNT) -> None:
         super().__init__(max_head_bytes, max_headers)
@@ -609,13 +621,16 @@ class ResponseFramer(_Framer):
         self._pending = b""
         self._informational = False
         self._until_close = False
+        self._awaiting = False
 
     def _new_parser(self) -> httptools.HttpResponseParser:
         return httptools.HttpResponseParser(self)
 
     def expect(self, method: bytes) -> None:
+        """A request with ``method`` was sent: its response is due."""
         self._method = method
         self._head_pending = method == b"HEAD"
+        self._awaiting = True
 
     def feed(self, data: bytes) -> list[Event]:
         if not self._head_pending:
@@ -632,13 +647,12 @@ class ResponseFramer(_Framer):
         self._pending = b""
         self._head_pending = False
         events = self._feed(buf[: end + 4])
-        if self._state != _BODY:
-            return events
-        events.append(EndOfMessage([]))
-        self._parser = self._new_parser()
-        self._state = _IDLE
-        rest = buf[end + 4 :]
-        if rest:  # we never pipeline, so nothing may follow a response to HEAD
+        if self._state == _BODY:  # llhttp now waits for a body that will not come: end it here
+            events.append(EndOfMessage([]))
+            self._awaiting = False
+            self._parser = self._new_parser()
+            self._state = _IDLE
+        if self._state == _IDLE and len(buf) > end + 4:  # we never pipeline: nothing may follow
             events.append(Reject(502, "unexpected-data", flags.UPE))
             self._state = _DEAD
         return events
@@ -647,8 +661,9 @@ class ResponseFramer(_Framer):
         """The upstream closed: ends a close-delimited body, else a cut-short response is an error."""
         if self._state == _BODY and self._until_close:
             self._state = _IDLE
+            self._awaiting = False
             return [EndOfMessage([])]
-        if self._state in (_HEAD, _BODY) or self._head_pending:
+        if self._state in (_HEAD, _BODY) or self._awaiting:
             self._state = _DEAD
             return [Reject(502, "upstream-truncated", flags.UC)]
         return []
@@ -662,6 +677,7 @@ class ResponseFramer(_Framer):
     def _complete(self) -> None:
         if self._informational:
             return
+        self._awaiting = False
         self._events.append(EndOfMessage(self._trailers))
 
     def _head_event(self) -> Event:
