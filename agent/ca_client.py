@@ -1,0 +1,237 @@
+"""The agent's client for the CA API, with the pin check that makes bootstrap trust-on-nothing.
+
+Bootstrap: fetch `/v1/roots` over TLS that verifies nothing, accept the bundle only if one root's
+SHA-256 pin equals the operator's pin (`match_pin`), then talk to the CA over TLS verified against
+those roots, with the hostname check on `hostmesh-ca.svc.<td>` (only the CA's serving cert carries
+it; the name is reserved, no host can get it). Every chain the CA returns is checked before it is
+used (`check_chain`): issued by a root we trust, our identity, our public key.
+
+Errors leave here as hostmesh.ca errors only: 400 -> InvalidRequest, 401/403 -> Unauthorized,
+a CA that fails TLS verification -> TrustError, unreachable/5xx -> CAUnavailable (retry).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hostmesh.ca import pki, tls
+from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
+from hostmesh.registry.errors import Unavailable
+from hostmesh.registry.http import HTTPClient, Response
+
+CA_SERVICE_NAME = "hostmesh-ca"
+REQUEST_TIMEOUT = 10.0  # signing is milliseconds; anything slower is an unhealthy CA, try another
+MAX_ROOTS = 16  # a bundle larger than this is not a rotation, it is garbage
+_PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# TLS alerts that mean "the CA does not accept our client certificate" rather than "CA down".
+_CLIENT_CERT_ALERTS = (
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "CERTIFICATE_UNKNOWN",
+    "UNSUPPORTED_CERTIFICATE",
+)
+
+
+def normalize_pin(pin: str) -> str:
+    value = pin.strip().lower()
+    if not _PIN_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"invalid CA pin {pin!r} (expected sha256:<64 hex>, as `hostmesh ca init` prints)"
+        )
+    return value
+
+
+def match_pin(roots: list[x509.Certificate], pin: str) -> x509.Certificate:
+    want = normalize_pin(pin)
+    for root in roots:
+        if pki.pin_of(root) == want:
+            return root
+    got = ", ".join(pki.pin_of(r) for r in roots) or "none"
+    raise TrustError(f"CA root does not match the pin {want} (CA offers {got}); refusing to trust it")
+
+
+def parse_bundle(doc: object, trust_domain: str) -> list[x509.Certificate]:
+    """`{"roots": [PEM, …], "trust_domain": …}` (from /v1/roots or Consul KV) -> root certificates."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("roots"), list) or not doc["roots"]:
+        raise TrustError('trust bundle must be {"roots": [PEM, …]} with at least one root')
+    td = doc.get("trust_domain", trust_domain)
+    if td != trust_domain:
+        raise TrustError(f"trust bundle is for trust domain {td!r}, not {trust_domain!r}")
+    if len(doc["roots"]) > MAX_ROOTS:
+        raise TrustError(f"trust bundle has {len(doc['roots'])} roots (at most {MAX_ROOTS})")
+    roots = []
+    for pem in doc["roots"]:
+        if not isinstance(pem, str):
+            raise TrustError("trust bundle roots must be PEM strings")
+        try:
+            certs = pki.load_certs(pem.encode())
+        except InvalidRequest as exc:
+            raise TrustError(f"trust bundle: {exc}") from None
+        for cert in certs:
+            try:
+                ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            except x509.ExtensionNotFound:
+                ca = False
+            if not ca:
+                raise TrustError("trust bundle contains a certificate that is not a CA")
+            roots.append(cert)
+    return roots
+
+
+def bundle_pem(roots: list[x509.Certificate]) -> str:
+    return "".join(pki.cert_pem(r).decode() for r in roots)
+
+
+def check_chain(
+    chain_pem: str, key: ec.EllipticCurvePrivateKey, identity: pki.Identity, roots: list[x509.Certificate]
+) -> list[x509.Certificate]:
+    """The CA's answer is only used if it is for us: our key, our identity, from a trusted root."""
+    try:
+        chain = pki.load_certs(chain_pem.encode())
+    except InvalidRequest as exc:
+        raise TrustError(f"CA returned an unreadable chain: {exc}") from None
+    if not chain:
+        raise TrustError("CA returned an empty chain")
+    leaf = chain[0]
+    if leaf.public_key() != key.public_key():
+        raise TrustError("CA returned a certificate for a different key")
+    if pki.identity_of(leaf) != identity:
+        raise TrustError(
+            f"CA returned a certificate for {pki.identity_of(leaf).spiffe_id}, not {identity.spiffe_id}"
+        )
+    pki.verify_leaf(leaf, roots)
+    return chain
+
+
+def issuing_root(leaf: x509.Certificate, roots: list[x509.Certificate]) -> x509.Certificate | None:
+    for root in roots:
+        try:
+            pki.verify_leaf(leaf, [root], at=leaf.not_valid_before_utc)
+        except TrustError:
+            continue
+        return root
+    return None
+
+
+class CAClient:
+    """Calls to one CA instance (`https://host:port`)."""
+
+    def __init__(self, address: str, trust_domain: str) -> None:
+        self.url = address if "//" in address else f"https://{address}"
+        if not self.url.startswith("https://"):
+            raise InvalidRequest(f"CA address must be https:// (got {address!r})")
+        self.trust_domain = trust_domain
+        self.server_name = pki.Identity(trust_domain, CA_SERVICE_NAME).dns_name
+
+    async def roots_unverified(self) -> list[x509.Certificate]:
+        """The CA's roots, fetched without verifying the CA: the caller MUST `match_pin` them."""
+        resp = await self._call(tls.ca_client_context(None), "GET", "/v1/roots", b"", {})
+        return parse_bundle(_json(resp, self.url), self.trust_domain)
+
+    async def sign(self, join_token: str, csr_pem: bytes, roots_pem: str, ttl: str | None = None) -> str:
+        body = _body(csr_pem, ttl)
+        resp = await self._call(
+            self._verified(roots_pem),
+            "POST",
+            "/v1/sign",
+            body,
+            {"authorization": f"Bearer {join_token}", "content-type": "application/json"},
+        )
+        return _chain(resp, self.url)
+
+    async def renew(
+        self, csr_pem: bytes, roots_pem: str, cert_file: Path, key_file: Path, ttl: str | None = None
+    ) -> str:
+        try:
+            ctx = self._verified(roots_pem, cert_file, key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise CAError(f"cannot load the current certificate {cert_file}: {exc}") from None
+        resp = await self._call(
+            ctx,
+            "POST",
+            "/v1/renew",
+            _body(csr_pem, ttl),
+            {"content-type": "application/json"},
+            client_cert=True,
+        )
+        return _chain(resp, self.url)
+
+    def _verified(
+        self, roots_pem: str, cert_file: Path | None = None, key_file: Path | None = None
+    ) -> ssl.SSLContext:
+        if not roots_pem:
+            raise TrustError("no trust bundle to verify the CA with")
+        ctx = tls.ca_client_context(roots_pem, cert_file, key_file)
+        ctx.check_hostname = True  # the CA's own name: a workload cert from the same root is not the CA
+        return ctx
+
+    async def _call(
+        self,
+        ctx: ssl.SSLContext,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        client_cert: bool = False,
+    ) -> Response:
+        client = HTTPClient(self.url, ctx, server_hostname=self.server_name)
+        try:
+            headers = {**headers, "connection": "close"}
+            return await client.request(method, path, body, headers, timeout=REQUEST_TIMEOUT)
+        except Unavailable as exc:
+            text = str(exc)
+            if "TLS verification failed" in text:
+                raise TrustError(f"CA at {self.url} is not trusted: {text}") from None
+            if client_cert and any(a in text for a in _CLIENT_CERT_ALERTS):
+                raise Unauthorized(f"CA at {self.url} refused our client certificate: {text}") from None
+            raise CAUnavailable(f"CA at {self.url} unreachable: {text}") from None
+        finally:
+            await client.close()
+
+
+def _body(csr_pem: bytes, ttl: str | None) -> bytes:
+    doc: dict[str, str] = {"csr": csr_pem.decode()}
+    if ttl:
+        doc["ttl"] = ttl
+    return json.dumps(doc).encode()
+
+
+def _json(resp: Response, url: str) -> object:
+    if resp.status >= 500:
+        raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}")
+    if resp.status != 200:
+        message = _error_text(resp)
+        if resp.status in (401, 403):
+            raise Unauthorized(message)
+        if resp.status == 400:
+            raise InvalidRequest(message)
+        raise CAError(f"CA at {url} answered {resp.status}: {message}")
+    try:
+        return resp.json()
+    except ValueError:
+        raise CAUnavailable(f"CA at {url} answered with invalid JSON") from None
+
+
+def _chain(resp: Response, url: str) -> str:
+    doc = _json(resp, url)
+    if not isinstance(doc, dict) or not isinstance(doc.get("chain"), str):
+        raise CAUnavailable(f"CA at {url} answered without a chain")
+    return str(doc["chain"])
+
+
+def _error_text(resp: Response) -> str:
+    try:
+        doc = resp.json()
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            return str(doc["error"]).splitlines()[0] if doc["error"] else f"status {resp.status}"
+    except ValueError:
+        pass
+    return f"status {resp.status}"

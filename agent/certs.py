@@ -1,0 +1,458 @@
+"""The agent's certificate manager: one workload certificate per local service, kept valid forever.
+
+Start-up, per service: a stored chain+key that is valid under the stored trust bundle is used as
+is (a rebooted host needs no token). Otherwise the host bootstraps: a fresh key is generated here
+(it never leaves the host), the CA's roots are fetched and accepted only if one matches the
+operator's pin, and the join token buys one certificate per service. A stored cert that expired
+while the host was off is replaced the same way; without a usable token that is a one-line error.
+
+Running: each certificate is renewed at `renew_fraction` of its life (± jitter, so a fleet booted
+together does not renew together) over mTLS with the current certificate and a new key. When the
+CA is unreachable the current certificate stays in use and renewal retries with backoff. The trust
+bundle follows Consul KV `hostmesh/ca/roots` (blocking watch) and is saved to `roots.pem`.
+Subscribers are called after every renewal or bundle change; files are both written before that.
+
+Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `roots.pem`; 0600.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
+from hostmesh.ca import pki
+from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.registry.consul import ConsulClient, KVEntry
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.watch import Watch, backoff_delay
+
+log = logging.getLogger(__name__)
+
+ROOTS_KEY = "hostmesh/ca/roots"
+CA_SERVICE_NAME = "hostmesh-ca"
+RENEW_JITTER = 0.05  # ± this fraction of the lifetime around the renewal point: spreads a fleet's renewals
+RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds)
+RENEW_RETRY_MAX = 300.0  # retry cap: a CA back from an outage is used within five minutes
+BOOTSTRAP_TIMEOUT = 30.0  # how long start() keeps trying an unreachable CA before giving up
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    service: str
+    spiffe_id: str
+    serial: str  # hex
+    not_after: dt.datetime
+    root_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A certificate in use, with its precomputed renewal point."""
+
+    leaf: x509.Certificate
+    root_id: str
+    renew_at: dt.datetime
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+
+class CertManager:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        trust_domain: str,
+        services: list[str],
+        pin: str,
+        ca_address: str | None,
+        token_file: Path | None,
+        consul: ConsulClient,
+        renew_fraction: float = 2 / 3,
+        bootstrap_timeout: float = BOOTSTRAP_TIMEOUT,
+    ) -> None:
+        if not 0 < renew_fraction < 1:
+            raise InvalidRequest("renew_fraction must be between 0 and 1")
+        for name in services:
+            if not pki.valid_service_name(name):
+                raise InvalidRequest(f"invalid service name {name!r}")
+        self.dir = data_dir / "certs"
+        self.trust_domain = trust_domain
+        self.services = list(dict.fromkeys(services))
+        self.pin = pin
+        self.ca_address = ca_address
+        self.token_file = token_file
+        self.consul = consul
+        self.renew_fraction = renew_fraction
+        self.bootstrap_timeout = bootstrap_timeout
+        self._roots: list[x509.Certificate] = []
+        self._roots_pem = ""
+        self._held: dict[str, _Held] = {}
+        self._callbacks: list[Callable[[], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watch: Watch[KVEntry | None] | None = None
+        self._rng = random.Random()
+
+    # --- public API -----------------------------------------------------------------------------
+
+    def paths(self, service: str) -> tuple[Path, Path]:
+        return self.dir / f"{service}.crt", self.dir / f"{service}.key"
+
+    @property
+    def roots_pem(self) -> str:
+        return self._roots_pem
+
+    def infos(self) -> list[CertInfo]:
+        out = []
+        for service in self.services:
+            held = self._held.get(service)
+            if held is None:
+                continue
+            ident = pki.Identity(self.trust_domain, service)
+            out.append(
+                CertInfo(
+                    service, ident.spiffe_id, f"{held.leaf.serial_number:x}", held.not_after, held.root_id
+                )
+            )
+        return out
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
+        self._load_roots()
+        missing: dict[str, str] = {}
+        for service in self.services:
+            problem = self._load_stored(service)
+            if problem:
+                missing[service] = problem
+        if missing:
+            await self._bootstrap(missing)
+        for service in self.services:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._renew_loop(service), name=f"renew:{service}")
+            )
+        self._watch = Watch("ca-roots", self._fetch_bundle, self._on_bundle)
+        self._watch.start()
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
+
+    # --- stored state ---------------------------------------------------------------------------
+
+    def _load_roots(self) -> None:
+        path = self.dir / "roots.pem"
+        if not path.exists():
+            return
+        try:
+            roots = pki.load_certs(pki.read_file(path))
+        except CAError as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return
+        self._set_roots(roots, save=False)
+
+    def _load_stored(self, service: str) -> str | None:
+        """Adopt the stored cert if usable; otherwise return why not (None = adopted)."""
+        chain_file, key_file = self.paths(service)
+        if not chain_file.exists() or not key_file.exists():
+            return "no stored certificate"
+        try:
+            chain = pki.load_certs(pki.read_file(chain_file))
+            key = pki.load_key(pki.read_file(key_file))
+        except CAError as exc:
+            return f"stored certificate unreadable ({exc})"
+        if not chain or chain[0].public_key() != key.public_key():
+            return "stored certificate does not match its key"
+        leaf = chain[0]
+        try:
+            if pki.identity_of(leaf) != pki.Identity(self.trust_domain, service):
+                return "stored certificate is for another identity"
+            pki.verify_leaf(leaf, self._roots)
+        except TrustError as exc:
+            if pki.now() > leaf.not_valid_after_utc:
+                return f"stored certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+            return f"stored certificate not trusted ({exc})"
+        self._adopt(service, leaf)
+        log.info(
+            "using stored certificate for %s (serial %x, expires %s)",
+            service,
+            leaf.serial_number,
+            leaf.not_valid_after_utc,
+        )
+        return None
+
+    def _adopt(self, service: str, leaf: x509.Certificate) -> None:
+        root = issuing_root(leaf, self._roots)
+        start = min(leaf.not_valid_before_utc + pki.CLOCK_SKEW, leaf.not_valid_after_utc)
+        life = leaf.not_valid_after_utc - start
+        fraction = self.renew_fraction + self._rng.uniform(-RENEW_JITTER, RENEW_JITTER)
+        fraction = min(max(fraction, 0.05), 0.95)
+        self._held[service] = _Held(leaf, pki.root_id(root) if root else "unknown", start + life * fraction)
+
+    def _store(self, service: str, chain_pem: str, key_pem: bytes) -> None:
+        chain_file, key_file = self.paths(service)
+        try:  # both files before anyone is told: subscribers reload them as a pair
+            pki.write_private(key_file, key_pem)
+            pki.write_private(chain_file, chain_pem.encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write {chain_file}: {exc.strerror}") from None
+
+    def _set_roots(self, roots: list[x509.Certificate], save: bool = True) -> bool:
+        pem = bundle_pem(roots)
+        if pem == self._roots_pem:
+            return False
+        if save:
+            pki.write_private(self.dir / "roots.pem", pem.encode())
+        self._roots, self._roots_pem = roots, pem
+        return True
+
+    def _notify(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("certificate subscriber failed")
+
+    # --- CA discovery and calls -----------------------------------------------------------------
+
+    async def _ca_clients(self) -> list[CAClient]:
+        if self.ca_address:
+            return [CAClient(self.ca_address, self.trust_domain)]
+        try:
+            _, instances = await self.consul.health_service(CA_SERVICE_NAME, passing=True)
+        except RegistryError as exc:
+            raise CAUnavailable(f"cannot discover {CA_SERVICE_NAME} in Consul: {exc}") from None
+        if not instances:
+            raise CAUnavailable(f"no passing {CA_SERVICE_NAME} instance in Consul")
+        self._rng.shuffle(instances)
+        hosts = [f"[{i.address}]" if ":" in i.address else i.address for i in instances]
+        return [
+            CAClient(f"https://{h}:{i.port}", self.trust_domain)
+            for h, i in zip(hosts, instances, strict=True)
+        ]
+
+    def _read_token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            text = self.token_file.read_text().strip()
+        except OSError:
+            return None
+        return text or None
+
+    async def _bootstrap(self, missing: dict[str, str]) -> None:
+        """Token + pin for every service in `missing`; retries an unreachable CA up to bootstrap_timeout."""
+        token = self._read_token()
+        if token is None:
+            service, why = next(iter(missing.items()))
+            where = f"write one to {self.token_file}" if self.token_file else "set [ca] token_file"
+            raise Unauthorized(
+                f"{why} for {service!r} and no join token: issue one with "
+                f"`hostmesh ca token create --service {service}` and {where}"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bootstrap_timeout
+        attempt = 0
+        while True:
+            try:
+                for service in list(missing):
+                    await self._obtain_with_token(service, token)
+                    del missing[service]
+                return
+            except CAUnavailable as exc:
+                if loop.time() >= deadline:
+                    raise
+                delay = min(
+                    backoff_delay(attempt, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng),
+                    deadline - loop.time(),
+                )
+                log.warning("bootstrap: %s; retrying in %.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(max(delay, 0))
+            except Unauthorized as exc:
+                service = next(iter(missing))
+                raise Unauthorized(
+                    f"join token in {self.token_file} refused for {service!r} ({exc}): issue a new "
+                    f"one with `hostmesh ca token create --service {service}`"
+                ) from None
+
+    async def _obtain_with_token(self, service: str, token: str) -> None:
+        last: CAUnavailable | None = None
+        for client in await self._ca_clients():
+            try:
+                roots = await client.roots_unverified()
+                match_pin(roots, self.pin)  # TrustError: never proceed
+                key = pki.new_key()
+                ident = pki.Identity(self.trust_domain, service)
+                chain = await client.sign(token, pki.make_csr(key, ident), bundle_pem(roots))
+                check_chain(chain, key, ident, roots)
+            except CAUnavailable as exc:
+                last = exc
+                continue
+            self._set_roots(self._merge(roots))
+            self._store(service, chain, pki.key_pem(key))
+            self._adopt(service, pki.load_certs(chain.encode())[0])
+            log.info("obtained certificate for %s from %s with the join token", service, client.url)
+            self._notify()
+            return
+        assert last is not None
+        raise last
+
+    def _merge(self, roots: list[x509.Certificate]) -> list[x509.Certificate]:
+        """Roots we already trust (from Consul) plus the CA's pinned bundle, without duplicates."""
+        seen, out = set(), []
+        for root in [*self._roots, *roots]:
+            pin = pki.pin_of(root)
+            if pin not in seen:
+                seen.add(pin)
+                out.append(root)
+        return out
+
+    async def _renew(self, service: str) -> None:
+        """One renewal over mTLS with the current certificate, and a new key."""
+        chain_file, key_file = self.paths(service)
+        ident = pki.Identity(self.trust_domain, service)
+        key = pki.new_key()
+        csr = pki.make_csr(key, ident)
+        last: CAError | None = None
+        for client in await self._ca_clients():
+            try:
+                chain = await client.renew(csr, self._roots_pem, chain_file, key_file)
+            except TrustError as exc:  # the CA's serving cert may come from a root we have not seen yet
+                if not await self._refresh_bundle_now():
+                    raise
+                try:
+                    chain = await client.renew(csr, self._roots_pem, chain_file, key_file)
+                except CAUnavailable as exc2:
+                    last = exc2
+                    continue
+                log.info("renewal of %s succeeded after refreshing the trust bundle (%s)", service, exc)
+            except CAUnavailable as exc:
+                last = exc
+                continue
+            try:
+                check_chain(chain, key, ident, self._roots)
+            except TrustError:
+                if not await self._refresh_bundle_now():
+                    raise
+                check_chain(chain, key, ident, self._roots)
+            self._store(service, chain, pki.key_pem(key))
+            self._adopt(service, pki.load_certs(chain.encode())[0])
+            held = self._held[service]
+            log.info(
+                "renewed certificate for %s (serial %x, expires %s)",
+                service,
+                held.leaf.serial_number,
+                held.not_after,
+            )
+            self._notify()
+            return
+        assert last is not None
+        raise last
+
+    async def _renew_loop(self, service: str) -> None:
+        failures = 0
+        while True:
+            held = self._held[service]
+            if failures == 0:
+                delay = (held.renew_at - pki.now()).total_seconds()
+            else:
+                delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
+            await asyncio.sleep(max(delay, 0.0))
+            expired = pki.now() >= self._held[service].not_after
+            try:
+                if expired:
+                    await self._recover_expired(service)
+                else:
+                    try:
+                        await self._renew(service)
+                    except Unauthorized as exc:  # e.g. our root was retired: a token, if any, still helps
+                        token = self._read_token()
+                        if token is None:
+                            raise
+                        log.warning("renewal of %s refused (%s); trying the join token", service, exc)
+                        await self._obtain_with_token(service, token)
+                failures = 0
+            except CAError as exc:
+                failures += 1
+                left = self._held[service].not_after - pki.now()
+                state = "EXPIRED" if left.total_seconds() <= 0 else f"valid for {_human(left)}"
+                log.warning(
+                    "renewal of %s failed (attempt %d): %s; keeping the current certificate (%s), retrying",
+                    service,
+                    failures,
+                    exc,
+                    state,
+                )
+
+    async def _recover_expired(self, service: str) -> None:
+        """An expired cert cannot authenticate a renewal: only a join token helps now."""
+        token = self._read_token()
+        if token is None:
+            raise Unauthorized(
+                f"certificate for {service!r} expired; issue a join token with "
+                f"`hostmesh ca token create --service {service}` and write it to {self.token_file}"
+            )
+        await self._obtain_with_token(service, token)
+
+    # --- trust bundle ---------------------------------------------------------------------------
+
+    async def _fetch_bundle(self, index: int | None) -> tuple[int, KVEntry | None]:
+        return await self.consul.kv_get_blocking(ROOTS_KEY, index)
+
+    def _on_bundle(self, entry: KVEntry | None) -> None:
+        if entry is None:
+            return
+        try:
+            roots = parse_bundle(json.loads(entry.value), self.trust_domain)
+        except (ValueError, TrustError) as exc:
+            log.error("ignoring invalid trust bundle at %s: %s", ROOTS_KEY, exc)
+            return
+        if self._set_roots(roots):
+            log.info("trust bundle updated: %d root(s)", len(roots))
+            for service, held in list(self._held.items()):
+                if issuing_root(held.leaf, roots) is None:
+                    log.warning(
+                        "certificate for %s is not issued by any root in the new bundle; renew soon", service
+                    )
+            self._notify()
+
+    async def _refresh_bundle_now(self) -> bool:
+        try:
+            entry = await self.consul.kv_get(ROOTS_KEY)
+        except RegistryError:
+            return False
+        before = self._roots_pem
+        self._on_bundle(entry)
+        return self._roots_pem != before
+
+
+def _human(delta: dt.timedelta) -> str:
+    secs = int(delta.total_seconds())
+    if secs >= 3600:
+        return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+    return f"{secs // 60}m{secs % 60:02d}s"

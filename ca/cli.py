@@ -1,0 +1,269 @@
+"""`hostmesh ca …`: create and rotate roots, run the CA API, issue join tokens.
+
+    hostmesh ca init --data-dir D [--trust-domain TD]     create the root, print its sha256 pin
+    hostmesh ca serve --data-dir D [--listen ADDR]        run the CA API (default 127.0.0.1:15012)
+    hostmesh ca token create --service S [--ttl 1h]       print a single-use join token
+    hostmesh ca roots --data-dir D                        list roots, pins, the signing one
+    hostmesh ca rotate --data-dir D                       add a new signing root
+    hostmesh ca retire-root ID --data-dir D               remove an old root from the bundle
+
+Errors are one line on stderr and exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hostmesh.ca import pki, store, tokens
+from hostmesh.ca.audit import AuditLog
+from hostmesh.ca.errors import CAError
+from hostmesh.ca.service import DEFAULT_HOST, DEFAULT_PORT, CAService, describe, parse_listen, sd_notify
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.errors import RegistryError
+
+DEFAULT_DATA_DIR = "/var/lib/hostmesh-ca"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    envvar="HOSTMESH_CA_DATA_DIR",
+    help="Directory holding the CA roots (0700).",
+)
+
+
+def one_line_errors(fn: F) -> F:
+    """Our typed errors become `Error: <one line>` and exit 1 (click.ClickException)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (CAError, RegistryError) as exc:
+            raise click.ClickException(
+                str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _root_obj(ctx: click.Context) -> dict[str, Any]:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, dict) else {}
+
+
+def _consul_url(ctx: click.Context) -> str | None:
+    return _root_obj(ctx).get("consul_url")
+
+
+def _json_output(ctx: click.Context) -> bool:
+    return _root_obj(ctx).get("output") == "json"
+
+
+@click.group()
+def ca() -> None:
+    """Run and manage the hostmesh certificate authority."""
+
+
+@ca.command()
+@data_dir_option
+@click.option("--trust-domain", default=pki.DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.pass_context
+@one_line_errors
+def init(ctx: click.Context, data_dir: Path, trust_domain: str) -> None:
+    """Create the root (ECDSA P-256) and print its pin for agents' config."""
+    authority = store.init(data_dir, trust_domain)
+    if _json_output(ctx):
+        click.echo(json.dumps(describe(authority), indent=2))
+        return
+    click.echo(authority.active.pin)
+    click.echo(
+        f"created root {authority.active.id} for trust domain {trust_domain} in {data_dir}; "
+        "put the pin above in each agent's [ca] pin",
+        err=True,
+    )
+
+
+@ca.command()
+@data_dir_option
+@click.pass_context
+@one_line_errors
+def roots(ctx: click.Context, data_dir: Path) -> None:
+    """List the roots in the bundle and which one signs."""
+    info = describe(store.load(data_dir))
+    if _json_output(ctx):
+        click.echo(json.dumps(info, indent=2))
+        return
+    for r in info["roots"]:
+        mark = "active" if r["id"] == info["active"] else "      "
+        click.echo(f"{r['id']}  {mark}  {r['pin']}  until {r['not_after'][:10]}")
+
+
+@ca.command()
+@data_dir_option
+@click.pass_context
+@one_line_errors
+def rotate(ctx: click.Context, data_dir: Path) -> None:
+    """Add a new root and sign with it (the old roots stay trusted until retired)."""
+    authority, root = store.rotate(data_dir)
+    click.echo(root.pin)
+    click.echo(
+        f"new signing root {root.id}; bundle has {len(authority.roots)} roots. Running `ca serve` "
+        "instances pick it up within seconds (or `systemctl reload hostmesh-ca`). Retire the old "
+        "root once agents have renewed.",
+        err=True,
+    )
+
+
+@ca.command("retire-root")
+@click.argument("root_id")
+@data_dir_option
+@one_line_errors
+def retire_root(root_id: str, data_dir: Path) -> None:
+    """Remove an old root from the bundle (never the active signing root)."""
+    authority, root = store.retire(data_dir, root_id)
+    click.echo(f"retired root {root.id}; bundle has {len(authority.roots)} root(s)", err=True)
+
+
+@ca.command()
+@data_dir_option
+@click.option(
+    "--listen",
+    default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    show_default=True,
+    help="HOST:PORT to serve on. Loopback by default; use e.g. 0.0.0.0:15012 to serve the fleet.",
+)
+@click.option("--advertise", default=None, help="Address registered in Consul (default: the listen host).")
+@click.option(
+    "--audit-log", default="-", show_default=True, help="Append audit JSON lines here ('-': stdout)."
+)
+@click.option("--leaf-ttl", default="24h", show_default=True, help="Lifetime of issued certificates.")
+@click.pass_context
+@one_line_errors
+def serve(
+    ctx: click.Context, data_dir: Path, listen: str, advertise: str | None, audit_log: str, leaf_ttl: str
+) -> None:
+    """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    host, port = parse_listen(listen)
+    audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
+    ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")
+    asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, _consul_url(ctx)))
+
+
+async def _serve(
+    data_dir: Path,
+    host: str,
+    port: int,
+    advertise: str | None,
+    audit: AuditLog,
+    ttl: Any,
+    consul_url: str | None,
+) -> None:
+    log = logging.getLogger("hostmesh.ca")
+    consul = ConsulClient(consul_url)
+    try:
+        service = CAService(
+            data_dir, consul=consul, audit=audit, host=host, port=port, advertise=advertise, leaf_ttl=ttl
+        )
+        bound = await service.start()
+        a = service.authority
+        log.info(
+            "serving on https://%s:%d, trust domain %s, signing root %s (%s)",
+            host,
+            bound,
+            a.trust_domain,
+            a.active.id,
+            a.active.pin,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            sd_notify("RELOADING=1")
+            task = loop.create_task(service.reload())
+            reloads.add(task)
+            task.add_done_callback(reload_done)
+
+        def reload_done(task: asyncio.Task[bool]) -> None:
+            reloads.discard(task)
+            sd_notify("READY=1")
+
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        sd_notify("READY=1")
+        await stop.wait()
+        sd_notify("STOPPING=1")
+        log.info("stopping: deregistering %s", service.service_id)
+        await service.close()
+    finally:
+        await consul.close()
+
+
+@ca.group()
+def token() -> None:
+    """Join tokens for bootstrapping hosts."""
+
+
+@token.command("create")
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    required=True,
+    help="Service name the token may obtain a certificate for (repeatable).",
+)
+@click.option("--ttl", default="1h", show_default=True, help="How long the token stays redeemable.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="If given, the CA data dir must exist here (guards against typos on a CA host).",
+)
+@click.pass_context
+@one_line_errors
+def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_dir: Path | None) -> None:
+    """Print a single-use join token (stdout only, so `> /etc/hostmesh/join-token` works)."""
+    if data_dir is not None:
+        store.load(data_dir)
+    duration = tokens.parse_duration(ttl, "token ttl")
+    scope = tokens.validate_scope(list(services))
+
+    async def run() -> tuple[tokens.JoinToken, tokens.TokenRecord]:
+        async with ConsulClient(_consul_url(ctx)) as consul:
+            return await tokens.create(consul, scope, duration)
+
+    tok, record = asyncio.run(run())
+    if _json_output(ctx):
+        click.echo(
+            json.dumps(
+                {
+                    "token": str(tok),
+                    "id": tok.id,
+                    "services": list(record.services),
+                    "expires": record.expires.isoformat(),
+                }
+            )
+        )
+        return
+    click.echo(str(tok))
+    click.echo(
+        f"join token {tok.id} for {', '.join(record.services)}; single use per service; "
+        f"expires {record.expires:%Y-%m-%d %H:%M:%S} UTC",
+        err=True,
+    )

@@ -1,0 +1,506 @@
+"""The CA service: the HTTPS API of DESIGN.md, its Consul registration and the trust bundle in KV.
+
+    POST /v1/sign    Authorization: Bearer <join token>, {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
+    POST /v1/renew   mTLS with the current leaf,         {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
+    GET  /v1/roots   -> {"roots": [PEM, …], "trust_domain": …, "active": <root id>}
+    GET  /v1/health  -> {"status": "ok", …}   (Consul's HTTP check)
+
+Decisions, in order, for a signing request: authenticate (join token: known, secret matches, not
+expired | client cert: present, issued by a current root, in validity) -> parse the CSR (pki) ->
+authorize the name (within the token's scope | the same identity as the client cert) -> spend the
+token (a cas=0 create in Consul, exactly one winner) -> sign with the active root. Every outcome is
+one audit line. Refusals are 4xx `{"error": "<one line>"}`; a Consul outage during a token check is
+503 (the client retries), never a refusal.
+
+TLS: the client certificate is optional at the TLS layer (bootstrap has none). A certificate that
+OpenSSL cannot verify against the roots fails the handshake; we run the handshake ourselves so that
+refusal is audited too. Retired roots may linger in OpenSSL's store until restart (a store can only
+grow), which is why /v1/renew re-checks the peer against the current snapshot.
+
+Reload (SIGHUP, or a change of the data dir noticed within MAINTENANCE_INTERVAL): re-read the roots,
+publish the new bundle to Consul first, then sign with the new active root, and re-issue the
+serving certificate from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hostmesh.ca import pki, store, tls, tokens
+from hostmesh.ca.audit import AuditLog, format_peer
+from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
+
+log = logging.getLogger(__name__)
+
+CA_SERVICE_NAME = "hostmesh-ca"
+ROOTS_KEY = "hostmesh/ca/roots"
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator opens it with --listen: the CA is not for the world
+DEFAULT_PORT = 15012
+MAX_REQUEST_BYTES = 64 * 1024  # a request is a <1 KiB CSR plus a TTL; bound what we buffer per client
+MIN_LEAF_TTL = dt.timedelta(seconds=1)  # below a second a leaf expires in flight; 0/negative is a unit slip
+SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued from the active root
+SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
+HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
+MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul retry, watchdog: seconds between rounds
+TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
+CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
+DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
+
+
+def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `HOST` or `:PORT` (all interfaces) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (text.count(":") > 1 and not text.startswith("[")):
+        host, port_text = text, str(default_port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InvalidRequest(f"invalid listen address {text!r} (use HOST:PORT)") from None
+    if not 0 <= port <= 65535:
+        raise InvalidRequest(f"invalid port in {text!r}")
+    return host, port
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def server_certificate(
+    authority: store.Authority, hosts: list[str], ttl: dt.timedelta = SERVER_CERT_TTL
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's serving cert: `spiffe://<td>/svc/hostmesh-ca`, DNS `hostmesh-ca.svc.<td>` (what agents
+    check) plus IP SANs for the addresses it listens on and is reached by (for operators' tools), and
+    DNS SANs for those host names inside the trust domain (the root's name constraints allow no other)."""
+    ident = pki.Identity(authority.trust_domain, CA_SERVICE_NAME)
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(ident.spiffe_id),
+        x509.DNSName(ident.dns_name),
+    ]
+    for host in dict.fromkeys(h for h in hosts if h and not _is_wildcard(h)):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if host == authority.trust_domain or host.endswith(f".{authority.trust_domain}"):
+                sans.append(x509.DNSName(host))  # the root's name constraints permit only these
+    key = pki.new_key()
+    root = authority.active
+    t = pki.now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_SERVICE_NAME)]))
+        .issuer_name(root.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - pki.CLOCK_SKEW)
+        .not_valid_after(min(t + ttl, root.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()), critical=False
+        )
+        .sign(root.key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notify protocol (Type=notify, WatchdogSec in hostmesh-ca.service); no-op without it.
+    A copy of the few lines we need: hostmesh.ca may not import hostmesh.agent."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    target = "\0" + addr[1:] if addr.startswith("@") else addr
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), target)
+
+
+class _AuditedTLSServer(HTTPServer):
+    """HTTPServer whose TLS handshake we run ourselves, so a refused client certificate is audited."""
+
+    def __init__(self, service: CAService, host: str, port: int, context: ssl.SSLContext) -> None:
+        super().__init__(service.handle, host, port, None, max_body=MAX_REQUEST_BYTES)
+        self.tls_context = context
+        self._service = service
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handshake, self.host, self.port, limit=MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = format_peer(writer.get_extra_info("peername"))
+        try:
+            await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc.reason or ""):
+                self._service.audit.refuse(
+                    via="tls", reason=f"client certificate refused: {reason}", peer=peer
+                )
+            else:
+                log.debug("TLS handshake with %s failed: %s", peer, reason)
+            writer.transport.abort()
+            return
+        except (OSError, TimeoutError) as exc:
+            log.debug("TLS handshake with %s failed: %s", peer, exc)
+            writer.transport.abort()
+            return
+        await self._serve(reader, writer)
+
+
+class CAService:
+    """One CA instance. `await start()` -> bound port (serving, registered, bundle published)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        consul: ConsulClient | None,
+        audit: AuditLog,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        advertise: str | None = None,
+        leaf_ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL,
+        register: bool = True,
+    ) -> None:
+        if _is_wildcard(host) and not advertise and register:
+            raise InvalidRequest(f"listening on {host or 'all interfaces'}: give --advertise ADDR for Consul")
+        if not MIN_LEAF_TTL <= leaf_ttl <= pki.MAX_LEAF_TTL:
+            raise InvalidRequest(f"leaf ttl must be between {MIN_LEAF_TTL} and {pki.MAX_LEAF_TTL}")
+        self.data_dir = data_dir
+        self.consul = consul
+        self.audit = audit
+        self.host = host
+        self.port = port
+        self.advertise = advertise or host
+        self.leaf_ttl = leaf_ttl
+        self.register = register
+        self.authority = store.load(data_dir)
+        self._server: _AuditedTLSServer | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._server_cert_expires = pki.now()
+        self._server_cert_issued = pki.now()
+        self._published: str | None = None  # the bundle JSON last written to Consul
+        self._registered = False
+        self._dir_state = self._data_dir_state()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+        self.reloaded = asyncio.Event()  # set after each successful reload that changed something
+
+    @property
+    def service_id(self) -> str:
+        return f"{CA_SERVICE_NAME}-{self.advertise.replace(':', '-')}-{self.port}"
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        cert_file, key_file = self._write_server_cert()
+        self._tls = tls.ca_server_context(cert_file, key_file, "".join(self.authority.bundle))
+        self._server = _AuditedTLSServer(self, self.host, self.port, self._tls)
+        try:
+            self.port = await self._server.start()
+        except OSError as exc:
+            raise CAError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        if self.port != int(cert_file.stem):  # bound an ephemeral port: name the files after it
+            self._write_server_cert()
+            cert_file.unlink(missing_ok=True)
+            key_file.unlink(missing_ok=True)
+        await self._sync_consul()
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="ca-maintenance")
+        return self.port
+
+    async def close(self, deregister: bool = True) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+        if deregister and self._registered and self.consul is not None:
+            try:
+                await self.consul.deregister_service(self.service_id)
+                self._registered = False
+            except RegistryError as exc:
+                log.warning("could not deregister %s from Consul: %s", self.service_id, exc)
+
+    async def reload(self) -> bool:
+        """Re-read the data dir; returns True when the roots or the signing root changed."""
+        self._dir_state = self._data_dir_state()
+        try:
+            new = store.load(self.data_dir)
+        except CAError as exc:
+            log.error("reload failed, keeping the current roots: %s", exc)
+            return False
+        if new.fingerprint == self.authority.fingerprint and new.trust_domain == self.authority.trust_domain:
+            return False
+        assert self._tls is not None
+        self._tls.load_verify_locations(cadata="".join(new.bundle))  # a store only grows: see docstring
+        await self._publish(new)  # agents learn the new root before any leaf signed by it exists
+        self.authority = new
+        self._write_server_cert()
+        log.info("reloaded: %d root(s), signing with %s", len(new.roots), new.active.id)
+        self.reloaded.set()
+        return True
+
+    def _data_dir_state(self) -> tuple[object, ...]:
+        try:
+            meta = (self.data_dir / store.META_FILE).stat()
+            names = tuple(sorted(p.name for p in (self.data_dir / "roots").iterdir()))
+        except OSError:
+            return ()
+        return meta.st_mtime_ns, meta.st_size, names
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            try:
+                if self._data_dir_state() != self._dir_state:
+                    await self.reload()
+                life = self._server_cert_expires - self._server_cert_issued
+                if pki.now() >= self._server_cert_issued + life * SERVER_CERT_REFRESH:
+                    self._write_server_cert()
+                await self._sync_consul()
+                if self.consul is not None and loop.time() - self._last_prune > TOKEN_PRUNE_INTERVAL:
+                    self._last_prune = loop.time()
+                    removed = await tokens.prune(self.consul, pki.now())
+                    if removed:
+                        log.info("pruned %d expired join token(s)", removed)
+                sd_notify("WATCHDOG=1")
+            except RegistryError as exc:
+                log.warning("Consul: %s; retrying", exc)
+            except Exception:
+                log.exception("CA maintenance round failed")
+
+    def _write_server_cert(self) -> tuple[Path, Path]:
+        key, cert = server_certificate(self.authority, [self.host, self.advertise, "127.0.0.1"])
+        cert_file = self.data_dir / "server" / f"{self.port}.crt"
+        key_file = cert_file.with_suffix(".key")
+        (self.data_dir / "server").mkdir(mode=0o700, exist_ok=True)
+        pki.write_private(key_file, pki.key_pem(key))
+        pki.write_private(cert_file, pki.cert_pem(cert))
+        if self._tls is not None:
+            self._tls.load_cert_chain(str(cert_file), str(key_file))  # new connections get the new cert
+        self._server_cert_issued = cert.not_valid_before_utc + pki.CLOCK_SKEW
+        self._server_cert_expires = cert.not_valid_after_utc
+        return cert_file, key_file
+
+    # --- Consul -------------------------------------------------------------------------------
+
+    async def _sync_consul(self) -> None:
+        if self.consul is None:
+            return
+        try:
+            await self._publish(self.authority)
+            if self.register and not self._registered:
+                await self.consul.register_service(self._registration())
+                self._registered = True
+                log.info("registered %s in Consul as %s", CA_SERVICE_NAME, self.service_id)
+        except RegistryError as exc:
+            log.warning("Consul: %s; the CA keeps serving and retries", exc)
+
+    async def _publish(self, authority: store.Authority) -> None:
+        """Write the trust bundle to KV if it differs (an unchanged write would wake every agent)."""
+        if self.consul is None:
+            return
+        body = json.dumps(authority.bundle_json(), sort_keys=True)
+        if body == self._published:
+            return
+        current = await self.consul.kv_get(ROOTS_KEY)
+        if current is None or current.value.decode(errors="replace") != body:
+            await self.consul.kv_put(ROOTS_KEY, body)
+            log.info("published trust bundle (%d root(s)) at %s", len(authority.roots), ROOTS_KEY)
+        self._published = body
+
+    def _registration(self) -> ServiceRegistration:
+        url = f"https://{_url_host(self.advertise)}:{self.port}/v1/health"
+        check = {
+            "CheckID": f"{self.service_id}-https",
+            "Name": "hostmesh CA API",
+            "HTTP": url,
+            "TLSSkipVerify": True,
+            "Interval": CHECK_INTERVAL,
+            "Timeout": "5s",
+            "Status": "passing",  # we register only once serving; skip Consul's first-run stagger
+            "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
+        }
+        meta = {"hostmesh": "1", "trust_domain": self.authority.trust_domain}
+        return ServiceRegistration(
+            CA_SERVICE_NAME, self.service_id, self.advertise, self.port, meta, (), (check,)
+        )
+
+    # --- API ----------------------------------------------------------------------------------
+
+    async def handle(self, req: Request) -> Response:
+        routes = {
+            "/v1/sign": ("POST", self._sign),
+            "/v1/renew": ("POST", self._renew),
+            "/v1/roots": ("GET", self._roots),
+            "/v1/health": ("GET", self._health),
+        }
+        route = routes.get(req.path)
+        if route is None:
+            return Response.error(404, f"no such endpoint {req.path}")
+        if req.method != route[0]:
+            return Response.error(405, f"{req.path} takes {route[0]}")
+        return await route[1](req)
+
+    async def _roots(self, req: Request) -> Response:
+        return Response.of_json(200, self.authority.bundle_json())
+
+    async def _health(self, req: Request) -> Response:
+        a = self.authority
+        return Response.of_json(200, {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)})
+
+    async def _sign(self, req: Request) -> Response:
+        peer = format_peer(req.peer)
+        token_id: str | None = None
+        identity: str | None = None
+        try:
+            auth = req.headers.get("authorization", "")
+            scheme, _, text = auth.partition(" ")
+            if scheme.lower() != "bearer" or not text.strip():
+                raise Unauthorized("missing join token (Authorization: Bearer <token>)")
+            if self.consul is None:
+                raise _Unavailable("join tokens need Consul, which this CA instance is not using")
+            token_id = tokens.parse_token(text).id
+            at = pki.now()
+            record = await tokens.authenticate(self.consul, text, at)
+            csr, ident, ttl = self._parse_body(req)
+            identity = ident.spiffe_id
+            tokens.check_scope(record, ident.service)
+            await tokens.redeem(self.consul, record, ident.service, at)
+        except (CAError, RegistryError, _Unavailable) as exc:
+            return self._refuse("sign", exc, peer, identity, token_id)
+        return self._issue("sign", csr, ident, ttl, peer, token_id)
+
+    async def _renew(self, req: Request) -> Response:
+        peer = format_peer(req.peer)
+        identity: str | None = None
+        try:
+            cert = tls.peer_certificate(req.ssl_object)
+            if cert is None:
+                raise Unauthorized("renewal needs the current certificate as TLS client certificate")
+            try:
+                pki.verify_leaf(cert, self.authority.certs)
+                current = pki.identity_of(cert)
+            except TrustError as exc:
+                raise _Forbidden(f"client certificate refused: {exc}") from None
+            identity = current.spiffe_id
+            csr, ident, ttl = self._parse_body(req)
+            if ident != current:
+                raise _Forbidden(f"renewal may only request {current.spiffe_id}, not {ident.spiffe_id}")
+        except (CAError, _Unavailable) as exc:
+            return self._refuse("renew", exc, peer, identity, None)
+        return self._issue("renew", csr, ident, ttl, peer, None)
+
+    def _parse_body(self, req: Request) -> tuple[x509.CertificateSigningRequest, pki.Identity, dt.timedelta]:
+        try:
+            body = req.json()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
+            raise InvalidRequest('request body must be {"csr": "<PEM>"}')
+        csr, ident = pki.parse_csr(body["csr"], self.authority.trust_domain)
+        if ident.service in tokens.RESERVED_SERVICES:
+            raise _Forbidden(f"{ident.spiffe_id} is reserved for the CA itself")
+        ttl = self.leaf_ttl
+        if body.get("ttl") is not None:
+            if not isinstance(body["ttl"], str):
+                raise InvalidRequest('"ttl" must be a duration string like "1h"')
+            ttl = tokens.parse_duration(body["ttl"])
+            if ttl > pki.MAX_LEAF_TTL:
+                raise InvalidRequest(
+                    f"ttl {body['ttl']} exceeds the maximum {tokens.format_duration(pki.MAX_LEAF_TTL)}"
+                )
+        return csr, ident, ttl
+
+    def _issue(
+        self,
+        via: str,
+        csr: x509.CertificateSigningRequest,
+        ident: pki.Identity,
+        ttl: dt.timedelta,
+        peer: str | None,
+        token_id: str | None,
+    ) -> Response:
+        authority = self.authority  # one snapshot for the whole issuance
+        public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
+        leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
+        self.audit.issue(
+            via=via,
+            identity=ident.spiffe_id,
+            serial=leaf.serial_number,
+            not_after=leaf.not_valid_after_utc,
+            peer=peer,
+            token=token_id,
+        )
+        return Response.of_json(200, {"chain": pki.cert_pem(leaf).decode(), "root": authority.active.id})
+
+    def _refuse(
+        self, via: str, exc: Exception, peer: str | None, identity: str | None, token_id: str | None
+    ) -> Response:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        status = _status_of(exc)
+        if status >= 500:
+            reason = f"temporarily unavailable: {reason}"
+        self.audit.refuse(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
+        return Response.error(status, reason)
+
+
+class _Forbidden(Unauthorized):
+    """Authenticated, but not allowed to have that identity: 403."""
+
+
+class _Unavailable(Exception):
+    """A dependency of this request is down: 503, the client retries elsewhere or later."""
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, (_Forbidden, tokens.OutOfScope)):
+        return 403
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, (InvalidRequest, TrustError)):
+        return 400
+    if isinstance(exc, (RegistryError, _Unavailable, StorageError)):
+        return 503
+    return 400
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def describe(authority: store.Authority) -> dict[str, Any]:
+    """What `ca init`/`rotate` print: the roots, their pins, which one signs."""
+    return {
+        "trust_domain": authority.trust_domain,
+        "active": authority.active.id,
+        "roots": [
+            {"id": r.id, "pin": r.pin, "not_after": r.cert.not_valid_after_utc.isoformat()}
+            for r in authority.roots
+        ],
+    }

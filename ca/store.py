@@ -1,0 +1,187 @@
+"""The CA's data dir: its roots on disk, which one signs, and rotation/retirement.
+
+Layout (the directory is 0700, every file 0600):
+
+    <data_dir>/ca.json            {"trust_domain": …, "active": "<root id>"}
+    <data_dir>/roots/<id>.crt     a root certificate (every root here is in the trust bundle)
+    <data_dir>/roots/<id>.key     its private key
+    <data_dir>/retired/<id>.crt   retired roots, kept for the record (their keys are deleted)
+    <data_dir>/server/            the serving certificate `ca serve` issues itself (see service.py)
+
+`load()` returns one immutable `Authority` snapshot; the service swaps snapshots on reload.
+Writers (`rotate`, `retire`) write the root files first and `ca.json` last, so a reader that
+sees the new `ca.json` always finds the files it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hostmesh.ca import pki
+from hostmesh.ca.errors import InvalidRequest, StorageError
+
+META_FILE = "ca.json"
+MAX_ROOTS = 8  # every root is in every agent's trust store; rotation needs two, a few more is a leak
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    id: str
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def pin(self) -> str:
+        return pki.pin_of(self.cert)
+
+    @property
+    def pem(self) -> str:
+        return pki.cert_pem(self.cert).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """One consistent view of the CA: its trust domain, every active root, and the signing root."""
+
+    trust_domain: str
+    roots: tuple[Root, ...]  # oldest first
+    active: Root
+
+    @property
+    def bundle(self) -> list[str]:
+        return [r.pem for r in self.roots]
+
+    @property
+    def certs(self) -> list[x509.Certificate]:
+        return [r.cert for r in self.roots]
+
+    @property
+    def fingerprint(self) -> tuple[str, tuple[str, ...]]:
+        """Equal for two snapshots with the same roots and signing root (reload change detection)."""
+        return self.active.id, tuple(r.id for r in self.roots)
+
+    def bundle_json(self) -> dict[str, object]:
+        return {"roots": self.bundle, "trust_domain": self.trust_domain, "active": self.active.id}
+
+
+def exists(data_dir: Path) -> bool:
+    return (data_dir / META_FILE).exists()
+
+
+def init(data_dir: Path, trust_domain: str = pki.DEFAULT_TRUST_DOMAIN) -> Authority:
+    """Create the data dir and a first root; refuses to touch a data dir that already holds a CA."""
+    if not pki.valid_trust_domain(trust_domain):
+        raise InvalidRequest(
+            f"invalid trust domain {trust_domain!r} (lowercase DNS labels, e.g. hostmesh.local)"
+        )
+    if exists(data_dir) or (data_dir / "roots").exists():
+        raise StorageError(f"{data_dir} already holds a CA root; refusing to overwrite it")
+    _make_dir(data_dir)
+    root = _new_root(data_dir, trust_domain)
+    _write_meta(data_dir, trust_domain, root.id)
+    return load(data_dir)
+
+
+def load(data_dir: Path) -> Authority:
+    meta_path = data_dir / META_FILE
+    if not meta_path.exists():
+        raise StorageError(f"no CA in {data_dir}: run `hostmesh ca init --data-dir {data_dir}` first")
+    try:
+        meta = json.loads(pki.read_file(meta_path))
+        trust_domain, active_id = str(meta["trust_domain"]), str(meta["active"])
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{meta_path} is corrupt (expected trust_domain and active)") from None
+    roots = []
+    for crt in sorted((data_dir / "roots").glob("*.crt")):
+        key_path = crt.with_suffix(".key")
+        _check_private(key_path)
+        certs = pki.load_certs(pki.read_file(crt)) if crt.stat().st_size else []
+        if len(certs) != 1:
+            raise StorageError(f"{crt} must hold exactly one certificate")
+        root = Root(pki.root_id(certs[0]), certs[0], pki.load_key(pki.read_file(key_path)))
+        if root.key.public_key() != root.cert.public_key():
+            raise StorageError(f"{key_path} is not the key of {crt}")
+        roots.append(root)
+    roots.sort(key=lambda r: (r.cert.not_valid_before_utc, r.id == active_id))  # ties: the signing root last
+    by_id = {r.id: r for r in roots}
+    if active_id not in by_id:
+        raise StorageError(f"{meta_path} names active root {active_id}, which is not in {data_dir / 'roots'}")
+    return Authority(trust_domain, tuple(roots), by_id[active_id])
+
+
+def rotate(data_dir: Path) -> tuple[Authority, Root]:
+    """Add a new root and make it the signing root; the old ones stay in the bundle until retired."""
+    current = load(data_dir)
+    if len(current.roots) >= MAX_ROOTS:
+        raise InvalidRequest(f"already {len(current.roots)} roots in the bundle; retire old ones first")
+    root = _new_root(data_dir, current.trust_domain)
+    _write_meta(data_dir, current.trust_domain, root.id)
+    return load(data_dir), root
+
+
+def retire(data_dir: Path, root_ref: str) -> tuple[Authority, Root]:
+    """Remove a root from the bundle (its key is deleted, its cert moved to retired/)."""
+    current = load(data_dir)
+    root = find(current, root_ref)
+    if root.id == current.active.id:
+        raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
+    retired = data_dir / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    src = data_dir / "roots" / f"{root.id}.crt"
+    os.replace(src, retired / src.name)
+    (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
+    return load(data_dir), root
+
+
+def find(authority: Authority, ref: str) -> Root:
+    """A root by id, id prefix (at least 8 hex) or full `sha256:` pin."""
+    ref = ref.strip().lower()
+    if ref.startswith("sha256:"):
+        matches = [r for r in authority.roots if r.pin == ref]
+    else:
+        matches = [r for r in authority.roots if len(ref) >= 8 and r.id.startswith(ref)]
+    if len(matches) != 1:
+        known = ", ".join(r.id for r in authority.roots)
+        what = "no" if not matches else "more than one"
+        raise InvalidRequest(f"{what} root matches {ref!r} (roots: {known})")
+    return matches[0]
+
+
+def _new_root(data_dir: Path, trust_domain: str) -> Root:
+    key, cert = pki.make_root(trust_domain)
+    root = Root(pki.root_id(cert), cert, key)
+    roots = data_dir / "roots"
+    roots.mkdir(mode=0o700, exist_ok=True)
+    pki.write_private(roots / f"{root.id}.key", pki.key_pem(key))
+    pki.write_private(roots / f"{root.id}.crt", pki.cert_pem(cert))
+    return root
+
+
+def _write_meta(data_dir: Path, trust_domain: str, active: str) -> None:
+    body = json.dumps({"trust_domain": trust_domain, "active": active}, indent=2) + "\n"
+    pki.write_private(data_dir / META_FILE, body.encode())
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _check_private(path: Path) -> None:
+    """Like ssh: refuse a root key that others can read, rather than sign with a leaked key."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StorageError(f"{path} is accessible by others (mode {mode & 0o777:04o}); chmod 600 it")

@@ -1,0 +1,227 @@
+"""Join tokens: single-use, expiring, scoped to service names; only a hash is ever stored.
+
+A token reads `hmt1.<id>.<secret>`. Consul KV holds `hostmesh/ca/tokens/<id>` =
+`{"hash": sha256(secret), "services": [...], "created": …, "expires": …}`; the secret itself is
+printed once and never stored. A token scoped to several names (one host, several services) can be
+redeemed once per name. Redemption is the creation of `hostmesh/ca/tokens/<id>/redeemed/<service>`
+with check-and-set index 0: Consul guarantees exactly one concurrent creator wins (a cas=N update
+of the record would not, see ConsulClient.kv_put), so two hosts racing with one token get one cert.
+
+`parse_token`, `TokenRecord` and `check` are pure; `create`, `redeem` and `prune` are the edges.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from hostmesh.ca import pki
+from hostmesh.ca.errors import InvalidRequest, Unauthorized
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.errors import Conflict
+
+KV_PREFIX = "hostmesh/ca/tokens/"
+TOKEN_PREFIX = "hmt1"
+DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
+MAX_TOKEN_TTL = dt.timedelta(days=30)  # a join token bootstraps a host soon; it is not a standing credential
+MAX_TOKEN_CHARS = 256  # a real token is ~70 characters; anything longer is garbage, refuse before parsing
+MAX_TOKEN_SERVICES = 64  # one host runs a handful of services; the list is scanned per redemption
+PRUNE_GRACE = dt.timedelta(days=1)  # expired records stay a day so "expired" beats "unknown" in errors
+RESERVED_SERVICES = frozenset({"hostmesh-ca"})  # the CA's own serving identity is never issued to a host
+
+_ID_RE = re.compile(r"[0-9a-f]{16}")
+_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{32,86}")
+_DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class OutOfScope(Unauthorized):
+    """The token is valid but not for the name asked for (the API answers 403, not 401)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    id: str
+    secret: str
+
+    def __str__(self) -> str:
+        return f"{TOKEN_PREFIX}.{self.id}.{self.secret}"
+
+
+def new_token() -> JoinToken:
+    return JoinToken(secrets.token_hex(8), secrets.token_urlsafe(32))
+
+
+def parse_token(text: str) -> JoinToken:
+    text = text.strip()
+    if len(text) > MAX_TOKEN_CHARS:
+        raise Unauthorized("malformed join token")
+    prefix, _, rest = text.partition(".")
+    token_id, _, secret = rest.partition(".")
+    if prefix != TOKEN_PREFIX or not _ID_RE.fullmatch(token_id) or not _SECRET_RE.fullmatch(secret):
+        raise Unauthorized("malformed join token")
+    return JoinToken(token_id, secret)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_duration(text: str, what: str = "ttl") -> dt.timedelta:
+    """`"90s"`, `"30m"`, `"1h"`, `"7d"`, `"1h30m"` -> timedelta; InvalidRequest otherwise."""
+    pos, total = 0, 0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise InvalidRequest(f'invalid {what} {text!r} (use e.g. "90s", "30m", "1h", "7d")')
+    if total <= 0:
+        raise InvalidRequest(f"{what} must be greater than 0")
+    return dt.timedelta(seconds=total)
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    secs = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs and secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    id: str
+    secret_hash: str
+    services: tuple[str, ...]
+    created: dt.datetime
+    expires: dt.datetime
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "hash": self.secret_hash,
+                "services": list(self.services),
+                "created": self.created.isoformat(),
+                "expires": self.expires.isoformat(),
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, token_id: str, raw: bytes) -> TokenRecord:
+        try:
+            doc = json.loads(raw)
+            services = tuple(str(s) for s in doc["services"])
+            record = cls(
+                token_id,
+                str(doc["hash"]),
+                services,
+                dt.datetime.fromisoformat(doc["created"]),
+                dt.datetime.fromisoformat(doc["expires"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise Unauthorized(f"join token {token_id} has a corrupt record in Consul") from None
+        if record.expires.tzinfo is None:
+            raise Unauthorized(f"join token {token_id} has a corrupt record in Consul")
+        return record
+
+
+def validate_scope(services: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if not services:
+        raise InvalidRequest("a join token needs at least one --service")
+    if len(services) > MAX_TOKEN_SERVICES:
+        raise InvalidRequest(f"at most {MAX_TOKEN_SERVICES} services per join token")
+    for name in services:
+        if not pki.valid_service_name(name):
+            raise InvalidRequest(f"invalid service name {name!r} (one lowercase DNS label)")
+        if name in RESERVED_SERVICES:
+            raise InvalidRequest(f"service name {name!r} is reserved for the CA itself")
+    return tuple(dict.fromkeys(services))
+
+
+def check(record: TokenRecord, token: JoinToken, at: dt.datetime) -> None:
+    """Is this the token's secret, and is it still valid? Unknown and wrong-secret read the same."""
+    if not hmac.compare_digest(record.secret_hash, hash_secret(token.secret)):
+        raise Unauthorized("unknown join token")
+    if at >= record.expires:
+        raise Unauthorized(f"join token {token.id} expired at {record.expires:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def check_scope(record: TokenRecord, service: str) -> None:
+    if service not in record.services:
+        scope = ", ".join(record.services)
+        raise OutOfScope(f"join token {record.id} is not valid for service {service!r} (scope: {scope})")
+
+
+def record_key(token_id: str) -> str:
+    return f"{KV_PREFIX}{token_id}"
+
+
+def redeemed_key(token_id: str, service: str) -> str:
+    return f"{KV_PREFIX}{token_id}/redeemed/{service}"
+
+
+# --- edges ------------------------------------------------------------------------------------
+
+
+async def create(
+    consul: ConsulClient, services: list[str] | tuple[str, ...], ttl: dt.timedelta = DEFAULT_TOKEN_TTL
+) -> tuple[JoinToken, TokenRecord]:
+    scope = validate_scope(services)
+    if ttl > MAX_TOKEN_TTL:
+        raise InvalidRequest(
+            f"token ttl {format_duration(ttl)} exceeds the maximum {format_duration(MAX_TOKEN_TTL)}"
+        )
+    token = new_token()
+    t = pki.now()
+    record = TokenRecord(token.id, hash_secret(token.secret), scope, t, t + ttl)
+    await consul.kv_put(record_key(token.id), record.to_json(), cas=0)
+    return token, record
+
+
+async def authenticate(consul: ConsulClient, text: str, at: dt.datetime) -> TokenRecord:
+    """Token string -> its valid record (not yet redeemed for anything). Raises Unauthorized."""
+    token = parse_token(text)
+    entry = await consul.kv_get(record_key(token.id))
+    if entry is None:
+        raise Unauthorized("unknown join token")
+    record = TokenRecord.from_json(token.id, entry.value)
+    check(record, token, at)
+    return record
+
+
+async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime) -> None:
+    """Spend the token for `service`: exactly one caller wins, every other gets Unauthorized."""
+    check_scope(record, service)
+    key = redeemed_key(record.id, service)
+    used = f"join token {record.id} was already used for {service!r}"
+    if await consul.kv_get(key) is not None:
+        raise Unauthorized(used)
+    try:
+        await consul.kv_put(key, json.dumps({"at": at.isoformat()}).encode(), cas=0)
+    except Conflict:
+        raise Unauthorized(used) from None
+
+
+async def prune(consul: ConsulClient, at: dt.datetime) -> int:
+    """Delete records (and their redemption markers) expired for longer than PRUNE_GRACE."""
+    removed = 0
+    for entry in await consul.kv_list(KV_PREFIX):
+        token_id = entry.key[len(KV_PREFIX) :]
+        if "/" in token_id:
+            continue
+        try:
+            record = TokenRecord.from_json(token_id, entry.value)
+        except Unauthorized:
+            continue
+        if at - record.expires > PRUNE_GRACE:
+            await consul.kv_delete(f"{record_key(token_id)}/", recurse=True)
+            await consul.kv_delete(record_key(token_id))
+            removed += 1
+    return removed

@@ -1,0 +1,143 @@
+"""`hostmesh ca …` as operators run it: CliRunner for the quick commands, a real `ca serve` subprocess
+for serving, SIGHUP reload after `ca rotate`, and deregistration on SIGTERM. User errors are one
+line on stderr, exit status 1, no traceback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from hostmesh.agent.cli import cli
+from hostmesh.ca import store, tokens
+from tests.support import ConsulDev, free_port, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, consul: str = "http://127.0.0.1:1") -> Result:
+    return CliRunner().invoke(cli, ["--consul", consul, *args], catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and fragment in err, err
+    assert "Traceback" not in result.output
+
+
+def test_init_prints_pin_and_refuses_overwrite(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    first = run("ca", "init", "--data-dir", str(d), "--trust-domain", "corp.internal")
+    assert first.exit_code == 0, first.stderr
+    pin = first.stdout.strip()
+    assert pin == store.load(d).active.pin
+    assert_one_line_error(run("ca", "init", "--data-dir", str(d)), "refusing to overwrite")
+    assert_one_line_error(run("ca", "init", "--data-dir", str(tmp_path / "x"), "--trust-domain", "A B"),
+                          "invalid trust domain")  # fmt: skip
+
+
+def test_rotate_roots_and_retire(tmp_path: Path) -> None:
+    d = str(tmp_path / "ca")
+    assert run("ca", "init", "--data-dir", d).exit_code == 0
+    first = store.load(Path(d)).active.id
+    rot = run("ca", "rotate", "--data-dir", d)
+    assert rot.exit_code == 0 and rot.stdout.startswith("sha256:")
+    second = store.load(Path(d)).active.id
+    listing = run("ca", "roots", "--data-dir", d).stdout
+    assert first in listing and f"{second}  active" in listing
+    assert_one_line_error(run("ca", "retire-root", second, "--data-dir", d), "active signing root")
+    assert_one_line_error(run("ca", "retire-root", "nope", "--data-dir", d), "no root matches")
+    assert run("ca", "retire-root", first, "--data-dir", d).exit_code == 0
+    assert [r.id for r in store.load(Path(d)).roots] == [second]
+
+
+def test_commands_without_a_ca_fail_cleanly(tmp_path: Path) -> None:
+    for args in (["rotate"], ["roots"], ["retire-root", "abcdef12"], ["serve"]):
+        assert_one_line_error(run("ca", *args, "--data-dir", str(tmp_path / "none")), "hostmesh ca init")
+
+
+def test_token_create_errors(tmp_path: Path) -> None:
+    assert_one_line_error(run("ca", "token", "create", "--service", "Bad_Name"), "invalid service name")
+    assert_one_line_error(run("ca", "token", "create", "--service", "web", "--ttl", "forever"), "invalid token ttl")
+    assert_one_line_error(run("ca", "token", "create", "--service", "web", "--ttl", "90d"), "exceeds the maximum")
+    assert_one_line_error(run("ca", "token", "create", "--service", "hostmesh-ca"), "reserved")
+    # Consul unreachable (port 1): one line, no traceback
+    result = run("ca", "token", "create", "--service", "web")
+    assert_one_line_error(result, "127.0.0.1:1")
+    missing = run("ca", "token", "create", "--service", "web", "--data-dir", str(tmp_path / "none"))
+    assert_one_line_error(missing, "hostmesh ca init")
+
+
+@pytest.mark.consul
+def test_token_create_prints_only_the_token_and_stores_only_a_hash(consul: ConsulDev) -> None:
+    result = run("ca", "token", "create", "--service", "web", "--service", "api", "--ttl", "2h", consul=consul.url)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout.strip()
+    tok = tokens.parse_token(text)
+    stored = json.loads(consul.kv_get(tokens.record_key(tok.id)) or b"{}")
+    assert stored["services"] == ["web", "api"] and stored["hash"] == tokens.hash_secret(tok.secret)
+    assert tok.secret not in json.dumps(stored)
+    as_json = run("-o", "json", "ca", "token", "create", "--service", "web", consul=consul.url)
+    assert json.loads(as_json.stdout)["services"] == ["web"]
+
+
+def _ca_registered(consul: ConsulDev, port: int) -> bool:
+    services = consul.get_json("/v1/agent/services")
+    return any(s["Service"] == "hostmesh-ca" and s["Port"] == port for s in services.values())
+
+
+@pytest.mark.consul
+def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(tmp_path: Path, consul: ConsulDev) -> None:
+    d = tmp_path / "ca"
+    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
+    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    audit = tmp_path / "audit.jsonl"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+                             "--audit-log", str(audit)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
+        first = store.load(d).active.id
+        assert json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}")["active"] == first
+        subprocess.run([*hm, "ca", "rotate", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+        second = store.load(d).active.id
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}").get("active") == second,
+                   30, "rotated bundle published")  # fmt: skip
+        bundle = json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}")
+        assert len(bundle["roots"]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not _ca_registered(consul, port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    d = tmp_path / "ca"
+    store.init(d)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run("ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}")
+    assert_one_line_error(result, "cannot listen on")
+
+
+def test_serve_on_all_interfaces_needs_advertise(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    store.init(d)
+    assert_one_line_error(run("ca", "serve", "--data-dir", str(d), "--listen", "0.0.0.0:0"), "--advertise")

@@ -1,0 +1,370 @@
+"""The CA API over real TLS on loopback with a real Consul: issuance, every refusal (4xx + one-line
+error + audit line), exactly-once token redemption under concurrency, rotation, registration."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from hostmesh.agent.ca_client import CAClient
+from hostmesh.ca import pki, store, tokens
+from hostmesh.ca.errors import CAUnavailable, Unauthorized
+from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
+from hostmesh.registry.consul import ConsulClient
+from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
+from tests.support import ConsulDev
+
+pytestmark = pytest.mark.consul
+
+
+@pytest.fixture
+async def client(consul: ConsulDev) -> AsyncIterator[ConsulClient]:
+    async with ConsulClient(consul.url) as c:
+        yield c
+
+
+@pytest.fixture
+async def ca(tmp_path: Path, client: ConsulClient) -> AsyncIterator[tuple[CAService, AuditSink]]:
+    sink = AuditSink()
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink)
+    try:
+        yield svc, sink
+    finally:
+        await svc.close()
+
+
+async def token_for(client: ConsulClient, *services: str, ttl: dt.timedelta = tokens.DEFAULT_TOKEN_TTL) -> str:
+    tok, _ = await tokens.create(client, list(services), ttl)
+    return str(tok)
+
+
+async def sign(svc: CAService, token: str, service: str, **extra: str) -> tuple[int, dict]:
+    _, csr = csr_for(service)
+    resp = await call(svc, "POST", "/v1/sign", {"csr": csr, **extra}, token=token)
+    return resp.status, resp.json()
+
+
+def assert_refused(sink: AuditSink, status: int, body: dict, want_status: int, fragment: str) -> None:
+    assert status == want_status, body
+    assert set(body) == {"error"} and "\n" not in body["error"] and fragment in body["error"], body
+    line = sink.last()
+    assert line["event"] == "refuse" and fragment in line["reason"] and line["peer"].startswith("127.0.0.1:")
+
+
+# --- issuance ---------------------------------------------------------------------------------
+
+
+async def test_sign_issues_leaf_that_openssl_verifies_with_spiffe_uri(ca, client, tmp_path) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    key, csr = csr_for("web")
+    resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=tok)
+    assert resp.status == 200, resp.body
+    chain = resp.json()["chain"]
+    leaf = x509.load_pem_x509_certificate(chain.encode())
+    assert leaf.public_key() == key.public_key()
+    assert pki.identity_of(leaf) == pki.Identity("hostmesh.local", "web")
+    life = leaf.not_valid_after_utc - pki.now()
+    assert dt.timedelta(hours=23, minutes=59) < life <= dt.timedelta(hours=24)  # default TTL
+
+    (tmp_path / "root.pem").write_text(svc.authority.active.pem)
+    (tmp_path / "leaf.pem").write_text(chain)
+    out = subprocess.run(["openssl", "verify", "-CAfile", "root.pem", "leaf.pem"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0 and "leaf.pem: OK" in out.stdout, out.stdout + out.stderr
+    san = subprocess.run(["openssl", "x509", "-in", "leaf.pem", "-noout", "-ext", "subjectAltName"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "URI:spiffe://hostmesh.local/svc/web" in san.stdout and "DNS:web.svc.hostmesh.local" in san.stdout
+
+    issued = sink.last()
+    assert issued["event"] == "issue" and issued["via"] == "sign"
+    assert issued["identity"] == "spiffe://hostmesh.local/svc/web"
+    assert issued["serial"] == f"{leaf.serial_number:x}" and issued["token"] == tok.split(".")[1]
+    assert tok.split(".")[2] not in "".join(sink.lines)  # the secret never reaches the audit log
+
+
+async def test_sign_honours_shorter_ttl_and_refuses_above_max(ca, client) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web", "api")
+    status, body = await sign(svc, tok, "web", ttl="1h")
+    assert status == 200
+    leaf = x509.load_pem_x509_certificate(body["chain"].encode())
+    assert leaf.not_valid_after_utc - pki.now() <= dt.timedelta(hours=1)
+    status, body = await sign(svc, tok, "api", ttl="30d")
+    assert_refused(sink, status, body, 400, "exceeds the maximum")
+    status, body = await sign(svc, tok, "api", ttl="soon")
+    assert_refused(sink, status, body, 400, "invalid ttl")
+
+
+async def test_roots_endpoint_and_bundle_in_consul(ca, client) -> None:
+    svc, _ = ca
+    resp = await call(svc, "GET", "/v1/roots")
+    assert resp.status == 200
+    doc = resp.json()
+    assert doc["roots"] == svc.authority.bundle and doc["trust_domain"] == "hostmesh.local"
+    entry = await client.kv_get(ROOTS_KEY)
+    assert entry is not None and json.loads(entry.value)["roots"] == svc.authority.bundle
+    assert (await call(svc, "GET", "/v1/nope")).status == 404
+    assert (await call(svc, "GET", "/v1/sign")).status == 405
+
+
+async def test_ca_registers_with_passing_check_and_deregisters_on_close(tmp_path, client) -> None:
+    svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink())
+    try:
+        _, instances = await client.health_service("hostmesh-ca")
+        mine = [i for i in instances if i.id == svc.service_id]
+        assert mine and mine[0].port == svc.port and mine[0].address == "127.0.0.1"
+    finally:
+        await svc.close()
+    _, instances = await client.health_service("hostmesh-ca", passing=False)
+    assert svc.service_id not in [i.id for i in instances]
+
+
+# --- join-token refusals ----------------------------------------------------------------------
+
+
+async def test_malformed_csr_is_400_and_does_not_spend_the_token(ca, client) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    for bad, fragment in [
+        ({"csr": "-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n-----END CERTIFICATE REQUEST-----\n"},
+         "malformed CSR"),
+        ({"csr": "x" * 20000}, "larger than"),
+        ({"csr": 42}, "request body must be"),
+        ({"nope": 1}, "request body must be"),
+    ]:  # fmt: skip
+        resp = await call(svc, "POST", "/v1/sign", bad, token=tok)
+        assert_refused(sink, resp.status, resp.json(), 400, fragment)
+    resp = await call(svc, "POST", "/v1/sign", raw=b"{not json", token=tok)
+    assert_refused(sink, resp.status, resp.json(), 400, "not valid JSON")
+    _, other_td = csr_for("web", "other.example")
+    resp = await call(svc, "POST", "/v1/sign", {"csr": other_td}, token=tok)
+    assert_refused(sink, resp.status, resp.json(), 400, "trust domain")
+    status, _ = await sign(svc, tok, "web")  # none of the above used the token up
+    assert status == 200
+
+
+async def test_oversized_body_is_refused(ca, client) -> None:
+    svc, _ = ca
+    resp = await call(svc, "POST", "/v1/sign", raw=b"x" * (200 * 1024), token="hmt1.x")
+    assert resp.status == 413
+
+
+async def test_csr_outside_token_scope_is_403(ca, client) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web", "api")
+    status, body = await sign(svc, tok, "db")
+    assert_refused(sink, status, body, 403, "not valid for service 'db' (scope: web, api)")
+    assert sink.last()["identity"] == "spiffe://hostmesh.local/svc/db"
+    status, body = await sign(svc, tok, "hostmesh-ca")
+    assert_refused(sink, status, body, 403, "reserved for the CA")
+
+
+async def test_reused_token_is_401(ca, client) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    assert (await sign(svc, tok, "web"))[0] == 200
+    status, body = await sign(svc, tok, "web")
+    assert_refused(sink, status, body, 401, "already used for 'web'")
+
+
+async def test_multi_service_token_is_single_use_per_name(ca, client) -> None:
+    svc, _ = ca
+    tok = await token_for(client, "web", "api")
+    assert (await sign(svc, tok, "web"))[0] == 200
+    assert (await sign(svc, tok, "api"))[0] == 200
+    assert (await sign(svc, tok, "api"))[0] == 401
+
+
+async def test_expired_token_is_401(ca, client) -> None:
+    svc, sink = ca
+    tok, record = await tokens.create(client, ["web"], dt.timedelta(hours=1))
+    past = tokens.TokenRecord(record.id, record.secret_hash, record.services,
+                              record.created - dt.timedelta(hours=2), record.created - dt.timedelta(hours=1))  # fmt: skip
+    await client.kv_put(tokens.record_key(tok.id), past.to_json())
+    status, body = await sign(svc, str(tok), "web")
+    assert_refused(sink, status, body, 401, f"join token {tok.id} expired at")
+
+
+async def test_unknown_garbage_and_missing_tokens_are_401(ca, client) -> None:
+    svc, sink = ca
+    real = tokens.parse_token(await token_for(client, "web"))
+    cases = [
+        (str(tokens.new_token()), "unknown join token"),  # well-formed, never issued
+        (str(tokens.JoinToken(real.id, tokens.new_token().secret)), "unknown join token"),  # wrong secret
+        ("hmt1.zz.zz", "malformed join token"),
+        ("x" * 5000, "malformed join token"),
+        ("'; DROP TABLE tokens; --", "malformed join token"),
+    ]
+    for text, fragment in cases:
+        status, body = await sign(svc, text, "web")
+        assert_refused(sink, status, body, 401, fragment)
+    _, csr = csr_for("web")
+    resp = await call(svc, "POST", "/v1/sign", {"csr": csr})
+    assert_refused(sink, resp.status, resp.json(), 401, "missing join token")
+
+
+async def test_concurrent_redemptions_of_one_token_yield_exactly_one_cert(tmp_path, client) -> None:
+    """Two CA instances (one shared root, one Consul), eight racers, one token, repeated."""
+    sink = AuditSink()
+    data_dir = new_ca_dir(tmp_path)
+    a = await start_ca(data_dir, client, sink)
+    b = await start_ca(data_dir, client, sink)
+    try:
+        for _ in range(5):
+            tok = await token_for(client, "web")
+            results = await asyncio.gather(*(sign(a if i % 2 else b, tok, "web") for i in range(8)))
+            statuses = sorted(s for s, _ in results)
+            assert statuses == [200] + [401] * 7, results
+            assert all("already used" in body["error"] for s, body in results if s == 401)
+        issued = [r for r in sink.records if r["event"] == "issue"]
+        assert len(issued) == 5
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_consul_down_during_sign_is_503_not_a_refusal_of_the_token(tmp_path, private_consul) -> None:
+    sink = AuditSink()
+    async with ConsulClient(private_consul.url) as c:
+        svc = await start_ca(new_ca_dir(tmp_path), c, sink)
+        try:
+            tok = await token_for(c, "web")
+            private_consul.stop()
+            status, body = await sign(svc, tok, "web")
+            assert status == 503 and "temporarily unavailable" in body["error"]
+            private_consul.start()  # a dev agent keeps KV in memory: the token is gone, issue another
+            assert (await sign(svc, await token_for(c, "web"), "web"))[0] == 200
+        finally:
+            await svc.close(deregister=False)
+
+
+# --- renewal ----------------------------------------------------------------------------------
+
+
+async def issued(svc: CAService, client: ConsulClient, tmp: Path, service: str) -> tuple[Path, Path]:
+    tok = await token_for(client, service)
+    key, csr = csr_for(service)
+    resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=tok)
+    assert resp.status == 200
+    return write_leaf(tmp, service, resp.json()["chain"], key)
+
+
+async def test_renew_with_current_cert_issues_same_identity(ca, client, tmp_path) -> None:
+    svc, sink = ca
+    cert, key = await issued(svc, client, tmp_path, "web")
+    new_key, csr = csr_for("web")
+    resp = await call(svc, "POST", "/v1/renew", {"csr": csr, "ttl": "2h"}, cert=cert, key=key)
+    assert resp.status == 200, resp.body
+    leaf = x509.load_pem_x509_certificate(resp.json()["chain"].encode())
+    assert leaf.public_key() == new_key.public_key() and pki.identity_of(leaf).service == "web"
+    assert sink.last()["event"] == "issue" and sink.last()["via"] == "renew"
+
+
+async def test_renew_for_another_identity_is_403(ca, client, tmp_path) -> None:
+    svc, sink = ca
+    cert, key = await issued(svc, client, tmp_path, "web")
+    _, csr = csr_for("api")
+    resp = await call(svc, "POST", "/v1/renew", {"csr": csr}, cert=cert, key=key)
+    assert_refused(sink, resp.status, resp.json(), 403,
+                   "may only request spiffe://hostmesh.local/svc/web, not spiffe://hostmesh.local/svc/api")  # fmt: skip
+    assert sink.last()["identity"] == "spiffe://hostmesh.local/svc/web"
+
+
+async def test_renew_without_client_cert_is_401(ca) -> None:
+    svc, sink = ca
+    _, csr = csr_for("web")
+    resp = await call(svc, "POST", "/v1/renew", {"csr": csr})
+    assert_refused(sink, resp.status, resp.json(), 401, "needs the current certificate")
+
+
+async def test_renew_with_cert_from_another_ca_is_refused_and_audited(ca, tmp_path) -> None:
+    svc, sink = ca
+    other_key, other_root = pki.make_root("hostmesh.local")
+    key = pki.new_key()
+    leaf = pki.sign_leaf(other_key, other_root, key.public_key(), pki.Identity("hostmesh.local", "web"))
+    cert_file, key_file = write_leaf(tmp_path, "foreign", pki.cert_pem(leaf).decode(), key)
+    _, csr = csr_for("web")
+    client = CAClient(f"127.0.0.1:{svc.port}", "hostmesh.local")
+    with pytest.raises((Unauthorized, CAUnavailable)) as err:  # a TLS alert, or a reset, depending on timing
+        await client.renew(csr.encode(), "".join(svc.authority.bundle), cert_file, key_file)
+    assert "\n" not in str(err.value)
+    line = sink.last()
+    assert line["event"] == "refuse" and line["via"] == "tls" and "client certificate refused" in line["reason"]
+    assert not [r for r in sink.records if r["event"] == "issue"]
+
+
+async def test_renew_with_cert_of_a_retired_root_is_403(tmp_path, client) -> None:
+    sink = AuditSink()
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, sink)
+    try:
+        cert, key = await issued(svc, client, tmp_path, "web")
+        old = svc.authority.active.id
+        store.rotate(data_dir)
+        assert await svc.reload()
+        store.retire(data_dir, old)
+        assert await svc.reload()
+        _, csr = csr_for("web")
+        resp = await call(svc, "POST", "/v1/renew", {"csr": csr}, cert=cert, key=key)
+        assert_refused(sink, resp.status, resp.json(), 403, "not issued by a trusted root")
+    finally:
+        await svc.close()
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path, client) -> None:
+    sink = AuditSink()
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, sink)
+    try:
+        cert, key = await issued(svc, client, tmp_path, "web")
+        old = svc.authority.active
+        _, new_root = store.rotate(data_dir)
+        assert await svc.reload()
+        assert not await svc.reload()  # nothing changed since
+        bundle = json.loads((await client.kv_get(ROOTS_KEY)).value)  # type: ignore[union-attr]
+        assert bundle["roots"] == [old.pem, new_root.pem] and bundle["active"] == new_root.id
+        # a leaf of the old root still renews, and the new leaf comes from the new root
+        _, csr = csr_for("web")
+        resp = await call(svc, "POST", "/v1/renew", {"csr": csr}, cert=cert, key=key)
+        assert resp.status == 200 and resp.json()["root"] == new_root.id
+        leaf = x509.load_pem_x509_certificate(resp.json()["chain"].encode())
+        pki.verify_leaf(leaf, [new_root.cert])
+        # the serving cert is re-issued from the new root: a client trusting only the new root connects
+        (tmp_path / "new.pem").write_text(new_root.pem)
+        assert (await call(svc, "GET", "/v1/health")).status == 200
+    finally:
+        await svc.close()
+
+
+async def test_reload_is_noticed_from_the_data_dir_without_a_signal(tmp_path, client, monkeypatch) -> None:
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAINTENANCE_INTERVAL", 0.05)
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, AuditSink())
+    try:
+        _, new_root = store.rotate(data_dir)
+        await asyncio.wait_for(svc.reloaded.wait(), 10)
+        assert svc.authority.active.id == new_root.id
+    finally:
+        await svc.close()
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:15012") == ("127.0.0.1", 15012)
+    assert parse_listen(":9000") == ("0.0.0.0", 9000)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    assert parse_listen("10.0.0.5") == ("10.0.0.5", 15012)
+    with pytest.raises(Exception, match="invalid"):
+        parse_listen("host:port")

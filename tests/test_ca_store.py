@@ -1,0 +1,72 @@
+"""The CA data dir: init, refusal to overwrite, permissions, rotate, retire (pure filesystem tier)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hostmesh.ca import pki, store
+from hostmesh.ca.errors import InvalidRequest, StorageError
+
+
+def test_init_creates_private_root_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    a = store.init(d, "example.internal")
+    assert a.trust_domain == "example.internal" and len(a.roots) == 1 and a.active is a.roots[0]
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    for f in (d / "roots").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    assert a.active.pin == pki.pin_of(a.active.cert) and a.active.pin.startswith("sha256:")
+    with pytest.raises(StorageError, match="already holds a CA root"):
+        store.init(d)
+    assert store.load(d).active.id == a.active.id  # untouched
+
+
+def test_init_rejects_bad_trust_domain(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="invalid trust domain"):
+        store.init(tmp_path / "ca", "Not A Domain")
+
+
+def test_load_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="run `hostmesh ca init"):
+        store.load(tmp_path / "missing")
+    d = tmp_path / "ca"
+    store.init(d)
+    (d / "ca.json").write_text("{garbage")
+    with pytest.raises(StorageError, match="corrupt"):
+        store.load(d)
+
+
+def test_world_readable_root_key_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    a = store.init(d)
+    os.chmod(d / "roots" / f"{a.active.id}.key", 0o644)
+    with pytest.raises(StorageError, match="chmod 600"):
+        store.load(d)
+
+
+def test_rotate_then_retire(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    a, second = store.rotate(d)
+    assert [r.id for r in a.roots] == [first.id, second.id] and a.active.id == second.id
+    with pytest.raises(InvalidRequest, match="active signing root"):
+        store.retire(d, second.id)
+    with pytest.raises(InvalidRequest, match="no root matches"):
+        store.retire(d, "deadbeefdeadbeef")
+    with pytest.raises(InvalidRequest, match="no root matches"):
+        store.retire(d, "ab")  # too short a prefix to be unambiguous
+    a, retired = store.retire(d, first.pin)  # by full pin
+    assert retired.id == first.id and [r.id for r in a.roots] == [second.id]
+    assert (d / "retired" / f"{first.id}.crt").exists() and not (d / "roots" / f"{first.id}.key").exists()
+
+
+def test_root_count_is_bounded(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    store.init(d)
+    for _ in range(store.MAX_ROOTS - 1):
+        store.rotate(d)
+    with pytest.raises(InvalidRequest, match="retire old ones first"):
+        store.rotate(d)

@@ -1,0 +1,79 @@
+"""Join tokens: the pure parts (format, hashing, expiry, scope, durations) and the Consul edges."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from hostmesh.ca import pki, tokens
+from hostmesh.ca.errors import InvalidRequest, Unauthorized
+from hostmesh.registry.consul import ConsulClient
+from tests.support import ConsulDev
+
+
+def test_token_roundtrip_and_garbage() -> None:
+    tok = tokens.new_token()
+    assert tokens.parse_token(f"  {tok}\n") == tok
+    for bad in ["", "hmt1", "hmt1..", "hmt2.0123456789abcdef.abcdefghijklmnopqrstuvwxyzABCDEF01",
+                "hmt1.0123456789ABCDEF.abcdefghijklmnopqrstuvwxyzABCDEF01", f"{tok}.extra",
+                "hmt1.0123456789abcdef.short", "x" * 10000, f"hmt1.{tok.id}.{'a' * 40}/../x"]:  # fmt: skip
+        with pytest.raises(Unauthorized, match="malformed join token"):
+            tokens.parse_token(bad)
+
+
+def test_record_stores_only_a_hash_and_checks_expiry() -> None:
+    tok = tokens.new_token()
+    t = pki.now()
+    rec = tokens.TokenRecord(tok.id, tokens.hash_secret(tok.secret), ("web",), t, t + dt.timedelta(hours=1))
+    raw = rec.to_json()
+    assert tok.secret.encode() not in raw
+    assert tokens.TokenRecord.from_json(tok.id, raw) == rec
+    tokens.check(rec, tok, t)
+    with pytest.raises(Unauthorized, match="expired at"):
+        tokens.check(rec, tok, t + dt.timedelta(hours=1))
+    with pytest.raises(Unauthorized, match="unknown join token"):
+        tokens.check(rec, tokens.JoinToken(tok.id, tokens.new_token().secret), t)
+    with pytest.raises(tokens.OutOfScope, match="scope: web"):
+        tokens.check_scope(rec, "db")
+    with pytest.raises(Unauthorized, match="corrupt"):
+        tokens.TokenRecord.from_json(tok.id, b'{"hash": 1}')
+
+
+def test_scope_validation() -> None:
+    assert tokens.validate_scope(["web", "api", "web"]) == ("web", "api")
+    for bad, msg in [([], "at least one"), (["Web"], "invalid service name"), (["a.b"], "invalid service name"),
+                     (["hostmesh-ca"], "reserved"), ([f"s{i}" for i in range(100)], "at most")]:  # fmt: skip
+        with pytest.raises(InvalidRequest, match=msg):
+            tokens.validate_scope(bad)
+
+
+def test_durations() -> None:
+    assert tokens.parse_duration("90s") == dt.timedelta(seconds=90)
+    assert tokens.parse_duration("1h30m") == dt.timedelta(minutes=90)
+    assert tokens.parse_duration("7d") == dt.timedelta(days=7)
+    for bad in ["", "1", "1x", "h", "0s", "-1h", "1h ", "1.5h"]:
+        with pytest.raises(InvalidRequest):
+            tokens.parse_duration(bad)
+    assert tokens.format_duration(dt.timedelta(hours=168)) == "7d"
+    assert tokens.format_duration(dt.timedelta(seconds=61)) == "61s"
+
+
+@pytest.mark.consul
+async def test_create_redeem_once_and_prune(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        tok, rec = await tokens.create(c, ["web"], dt.timedelta(minutes=5))
+        stored = await c.kv_get(tokens.record_key(tok.id))
+        assert stored is not None and tok.secret.encode() not in stored.value
+        got = await tokens.authenticate(c, str(tok), pki.now())
+        assert got.services == ("web",)
+        await tokens.redeem(c, got, "web", pki.now())
+        with pytest.raises(Unauthorized, match="already used"):
+            await tokens.redeem(c, got, "web", pki.now())
+        with pytest.raises(InvalidRequest, match="exceeds the maximum"):
+            await tokens.create(c, ["web"], dt.timedelta(days=31))
+        # prune drops records expired for longer than the grace period, with their markers
+        later = rec.expires + tokens.PRUNE_GRACE + dt.timedelta(seconds=1)
+        assert await tokens.prune(c, later) >= 1
+        assert await c.kv_get(tokens.record_key(tok.id)) is None
+        assert await c.kv_get(tokens.redeemed_key(tok.id, "web")) is None
