@@ -31,7 +31,9 @@ class AuditSink:
         return json.loads(self.lines[-1])
 
 
-async def start_ca(data_dir: Path, consul: ConsulClient, sink: AuditSink, port: int = 0, **kw: Any) -> CAService:
+async def start_ca(
+    data_dir: Path, consul: ConsulClient, sink: AuditSink, port: int = 0, **kw: Any
+) -> CAService:
     svc = CAService(data_dir, consul=consul, audit=sink.log, host="127.0.0.1", port=port, **kw)
     await svc.start()
     return svc
@@ -43,8 +45,16 @@ def ca_context(svc: CAService, cert: Path | None = None, key: Path | None = None
     return ctx
 
 
-async def call(svc: CAService, method: str, path: str, body: Any = None, token: str | None = None,
-               cert: Path | None = None, key: Path | None = None, raw: bytes | None = None) -> Response:  # fmt: skip
+async def call(
+    svc: CAService,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    raw: bytes | None = None,
+) -> Response:
     td = svc.authority.trust_domain
     client = HTTPClient(f"https://127.0.0.1:{svc.port}", ca_context(svc, cert, key), f"hostmesh-ca.svc.{td}")
     headers = {"authorization": f"Bearer {token}"} if token else {}

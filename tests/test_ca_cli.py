@@ -38,8 +38,9 @@ def test_init_prints_pin_and_refuses_overwrite(tmp_path: Path) -> None:
     pin = first.stdout.strip()
     assert pin == store.load(d).active.pin
     assert_one_line_error(run("ca", "init", "--data-dir", str(d)), "refusing to overwrite")
-    assert_one_line_error(run("ca", "init", "--data-dir", str(tmp_path / "x"), "--trust-domain", "A B"),
-                          "invalid trust domain")  # fmt: skip
+    assert_one_line_error(
+        run("ca", "init", "--data-dir", str(tmp_path / "x"), "--trust-domain", "A B"), "invalid trust domain"
+    )
 
 
 def test_rotate_roots_and_retire(tmp_path: Path) -> None:
@@ -64,8 +65,12 @@ def test_commands_without_a_ca_fail_cleanly(tmp_path: Path) -> None:
 
 def test_token_create_errors(tmp_path: Path) -> None:
     assert_one_line_error(run("ca", "token", "create", "--service", "Bad_Name"), "invalid service name")
-    assert_one_line_error(run("ca", "token", "create", "--service", "web", "--ttl", "forever"), "invalid token ttl")
-    assert_one_line_error(run("ca", "token", "create", "--service", "web", "--ttl", "90d"), "exceeds the maximum")
+    assert_one_line_error(
+        run("ca", "token", "create", "--service", "web", "--ttl", "forever"), "invalid token ttl"
+    )
+    assert_one_line_error(
+        run("ca", "token", "create", "--service", "web", "--ttl", "90d"), "exceeds the maximum"
+    )
     assert_one_line_error(run("ca", "token", "create", "--service", "hostmesh-ca"), "reserved")
     # Consul unreachable (port 1): one line, no traceback
     result = run("ca", "token", "create", "--service", "web")
@@ -76,7 +81,9 @@ def test_token_create_errors(tmp_path: Path) -> None:
 
 @pytest.mark.consul
 def test_token_create_prints_only_the_token_and_stores_only_a_hash(consul: ConsulDev) -> None:
-    result = run("ca", "token", "create", "--service", "web", "--service", "api", "--ttl", "2h", consul=consul.url)
+    result = run(
+        "ca", "token", "create", "--service", "web", "--service", "api", "--ttl", "2h", consul=consul.url
+    )
     assert result.exit_code == 0, result.stderr
     text = result.stdout.strip()
     tok = tokens.parse_token(text)
@@ -93,24 +100,44 @@ def _ca_registered(consul: ConsulDev, port: int) -> bool:
 
 
 @pytest.mark.consul
-def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(tmp_path: Path, consul: ConsulDev) -> None:
+def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
     d = tmp_path / "ca"
     hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
     subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
     port = free_port()
     audit = tmp_path / "audit.jsonl"
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
-                             "--audit-log", str(audit)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            *hm,
+            "ca",
+            "serve",
+            "--data-dir",
+            str(d),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--audit-log",
+            str(audit),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
         first = store.load(d).active.id
         assert json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}")["active"] == first
-        subprocess.run([*hm, "ca", "rotate", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [*hm, "ca", "rotate", "--data-dir", str(d)], check=True, capture_output=True, timeout=60
+        )
         second = store.load(d).active.id
         proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}").get("active") == second,
-                   30, "rotated bundle published")  # fmt: skip
+        wait_until(
+            lambda: json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}").get("active") == second,
+            30,
+            "rotated bundle published",
+        )
         bundle = json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}")
         assert len(bundle["roots"]) == 2
         proc.send_signal(signal.SIGTERM)

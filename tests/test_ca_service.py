@@ -40,7 +40,9 @@ async def ca(tmp_path: Path, client: ConsulClient) -> AsyncIterator[tuple[CAServ
         await svc.close()
 
 
-async def token_for(client: ConsulClient, *services: str, ttl: dt.timedelta = tokens.DEFAULT_TOKEN_TTL) -> str:
+async def token_for(
+    client: ConsulClient, *services: str, ttl: dt.timedelta = tokens.DEFAULT_TOKEN_TTL
+) -> str:
     tok, _ = await tokens.create(client, list(services), ttl)
     return str(tok)
 
@@ -76,11 +78,21 @@ async def test_sign_issues_leaf_that_openssl_verifies_with_spiffe_uri(ca, client
 
     (tmp_path / "root.pem").write_text(svc.authority.active.pem)
     (tmp_path / "leaf.pem").write_text(chain)
-    out = subprocess.run(["openssl", "verify", "-CAfile", "root.pem", "leaf.pem"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        ["openssl", "verify", "-CAfile", "root.pem", "leaf.pem"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0 and "leaf.pem: OK" in out.stdout, out.stdout + out.stderr
-    san = subprocess.run(["openssl", "x509", "-in", "leaf.pem", "-noout", "-ext", "subjectAltName"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=30)  # fmt: skip
+    san = subprocess.run(
+        ["openssl", "x509", "-in", "leaf.pem", "-noout", "-ext", "subjectAltName"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "URI:spiffe://hostmesh.local/svc/web" in san.stdout and "DNS:web.svc.hostmesh.local" in san.stdout
 
     issued = sink.last()
@@ -134,12 +146,14 @@ async def test_malformed_csr_is_400_and_does_not_spend_the_token(ca, client) -> 
     svc, sink = ca
     tok = await token_for(client, "web")
     for bad, fragment in [
-        ({"csr": "-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n-----END CERTIFICATE REQUEST-----\n"},
-         "malformed CSR"),
+        (
+            {"csr": "-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n-----END CERTIFICATE REQUEST-----\n"},
+            "malformed CSR",
+        ),
         ({"csr": "x" * 20000}, "larger than"),
         ({"csr": 42}, "request body must be"),
         ({"nope": 1}, "request body must be"),
-    ]:  # fmt: skip
+    ]:
         resp = await call(svc, "POST", "/v1/sign", bad, token=tok)
         assert_refused(sink, resp.status, resp.json(), 400, fragment)
     resp = await call(svc, "POST", "/v1/sign", raw=b"{not json", token=tok)
@@ -186,8 +200,13 @@ async def test_multi_service_token_is_single_use_per_name(ca, client) -> None:
 async def test_expired_token_is_401(ca, client) -> None:
     svc, sink = ca
     tok, record = await tokens.create(client, ["web"], dt.timedelta(hours=1))
-    past = tokens.TokenRecord(record.id, record.secret_hash, record.services,
-                              record.created - dt.timedelta(hours=2), record.created - dt.timedelta(hours=1))  # fmt: skip
+    past = tokens.TokenRecord(
+        record.id,
+        record.secret_hash,
+        record.services,
+        record.created - dt.timedelta(hours=2),
+        record.created - dt.timedelta(hours=1),
+    )
     await client.kv_put(tokens.record_key(tok.id), past.to_json())
     status, body = await sign(svc, str(tok), "web")
     assert_refused(sink, status, body, 401, f"join token {tok.id} expired at")
@@ -273,8 +292,13 @@ async def test_renew_for_another_identity_is_403(ca, client, tmp_path) -> None:
     cert, key = await issued(svc, client, tmp_path, "web")
     _, csr = csr_for("api")
     resp = await call(svc, "POST", "/v1/renew", {"csr": csr}, cert=cert, key=key)
-    assert_refused(sink, resp.status, resp.json(), 403,
-                   "may only request spiffe://hostmesh.local/svc/web, not spiffe://hostmesh.local/svc/api")  # fmt: skip
+    assert_refused(
+        sink,
+        resp.status,
+        resp.json(),
+        403,
+        "may only request spiffe://hostmesh.local/svc/web, not spiffe://hostmesh.local/svc/api",
+    )
     assert sink.last()["identity"] == "spiffe://hostmesh.local/svc/web"
 
 
@@ -297,7 +321,9 @@ async def test_renew_with_cert_from_another_ca_is_refused_and_audited(ca, tmp_pa
         await client.renew(csr.encode(), "".join(svc.authority.bundle), cert_file, key_file)
     assert "\n" not in str(err.value)
     line = sink.last()
-    assert line["event"] == "refuse" and line["via"] == "tls" and "client certificate refused" in line["reason"]
+    assert (
+        line["event"] == "refuse" and line["via"] == "tls" and "client certificate refused" in line["reason"]
+    )
     assert not [r for r in sink.records if r["event"] == "issue"]
 
 

@@ -15,9 +15,17 @@ from tests.support import ConsulDev
 def test_token_roundtrip_and_garbage() -> None:
     tok = tokens.new_token()
     assert tokens.parse_token(f"  {tok}\n") == tok
-    for bad in ["", "hmt1", "hmt1..", "hmt2.0123456789abcdef.abcdefghijklmnopqrstuvwxyzABCDEF01",
-                "hmt1.0123456789ABCDEF.abcdefghijklmnopqrstuvwxyzABCDEF01", f"{tok}.extra",
-                "hmt1.0123456789abcdef.short", "x" * 10000, f"hmt1.{tok.id}.{'a' * 40}/../x"]:  # fmt: skip
+    for bad in [
+        "",
+        "hmt1",
+        "hmt1..",
+        "hmt2.0123456789abcdef.abcdefghijklmnopqrstuvwxyzABCDEF01",
+        "hmt1.0123456789ABCDEF.abcdefghijklmnopqrstuvwxyzABCDEF01",
+        f"{tok}.extra",
+        "hmt1.0123456789abcdef.short",
+        "x" * 10000,
+        f"hmt1.{tok.id}.{'a' * 40}/../x",
+    ]:
         with pytest.raises(Unauthorized, match="malformed join token"):
             tokens.parse_token(bad)
 
@@ -42,8 +50,13 @@ def test_record_stores_only_a_hash_and_checks_expiry() -> None:
 
 def test_scope_validation() -> None:
     assert tokens.validate_scope(["web", "api", "web"]) == ("web", "api")
-    for bad, msg in [([], "at least one"), (["Web"], "invalid service name"), (["a.b"], "invalid service name"),
-                     (["hostmesh-ca"], "reserved"), ([f"s{i}" for i in range(100)], "at most")]:  # fmt: skip
+    for bad, msg in [
+        ([], "at least one"),
+        (["Web"], "invalid service name"),
+        (["a.b"], "invalid service name"),
+        (["hostmesh-ca"], "reserved"),
+        ([f"s{i}" for i in range(100)], "at most"),
+    ]:
         with pytest.raises(InvalidRequest, match=msg):
             tokens.validate_scope(bad)
 
