@@ -610,3 +610,42 @@ def test_http10_upstream_response_is_not_reusable_without_keep_alive() -> None:
     r.expect(b"GET")
     head = r.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx")[0]
     assert isinstance(head, ResponseHead) and head.version == b"1.0" and not head.keep_alive
+
+
+# ------------------------------------------------------------------ property: parser vs pure decision
+
+FIELD_LINES = [
+    b"Content-Length: 3",
+    b"Content-Length: 5",
+    b"Content-Length: 03",
+    b"Content-Length: 3, 3",
+    b"Content-Length:3",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: Chunked",
+    b"Transfer-Encoding: gzip, chunked",
+    b"Transfer-Encoding: identity",
+    b"Transfer-Encoding:  chunked",
+    b"Connection: close",
+    b"Connection: keep-alive",
+    b" folded",
+    b"X-Pad: a",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=st.lists(st.sampled_from(FIELD_LINES), max_size=5), version=st.sampled_from([b"1.0", b"1.1"]))
+def test_framer_never_accepts_what_the_pure_decision_rejects(lines: list[bytes], version: bytes) -> None:
+    """Whatever llhttp lets through must also pass request_framing, with the same framing: the
+    proxy re-frames from the pure decision, so a disagreement would be a smuggling vector."""
+    body = b"3\r\nabc\r\n0\r\n\r\nabcde"
+    head = b"POST / HTTP/" + version + b"\r\nHost: a\r\n" + b"".join(x + b"\r\n" for x in lines) + b"\r\n"
+    events = RequestFramer().feed(head + body)
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    if not heads:
+        assert isinstance(events[-1], Reject)
+        return
+    first = heads[0]
+    assert (first.framing, first.content_length) == request_framing(version, first.headers)
+    if first.framing == LENGTH:
+        got = b"".join(e.data for e in events[1 : events.index(EndOfMessage([]))] if isinstance(e, Body))
+        assert len(got) == first.content_length

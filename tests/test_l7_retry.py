@@ -17,6 +17,7 @@ from hostmesh.agent.l7.retry import (
     RESET,
     RESPONSE,
     RETRY,
+    TIMEOUT,
     RetryBudget,
     RetryPolicy,
     RetryState,
@@ -49,11 +50,20 @@ def policy(on: tuple[str, ...], codes: tuple[int, ...] = (), attempts: int = 3) 
         (("retriable-status-codes",), RESPONSE, 409, True),
         (("retriable-status-codes",), RESPONSE, 410, False),
         ((), RESPONSE, 200, False),
+        (("reset",), TIMEOUT, 0, True),
+        (("5xx",), TIMEOUT, 0, True),
+        (("connect-failure",), TIMEOUT, 0, False),
     ],
 )
 def test_retry_conditions(on: tuple[str, ...], outcome: int, status: int, expected: bool) -> None:
     p = policy(on, codes=(409,) if "retriable-status-codes" in on else ())
     assert p.retryable(outcome, status) is expected
+
+
+def test_local_failures_map_to_status_and_flag() -> None:
+    assert retry.FAILURE_RESPONSE[CONNECT_FAILURE] == (503, "UF")
+    assert retry.FAILURE_RESPONSE[RESET] == (503, "UC")
+    assert retry.FAILURE_RESPONSE[TIMEOUT] == (504, "UT")
 
 
 def test_listing_codes_implies_retriable_status_codes() -> None:

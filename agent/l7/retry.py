@@ -7,7 +7,7 @@ docs: ``config.route.v3.RetryPolicy``, ``config.core.v3.BackoffStrategy``,
 - ``attempts`` counts *retries* (Istio ``HTTPRetry.attempts``): a request is tried at most
   ``attempts + 1`` times.
 - retry conditions (``on``): ``connect-failure`` (the upstream connection could not be made),
-  ``reset`` (the upstream closed/reset or timed out before answering), ``5xx`` (any 5xx, and
+  ``reset`` (the upstream closed/reset before answering, or the per-try timeout fired), ``5xx`` (any 5xx, and
   connect-failure/reset, as Envoy's ``5xx`` includes them), ``gateway-error`` (502/503/504, and
   connect-failure/reset: they are what the proxy would answer itself), ``retriable-status-codes``
   (the listed ``codes``; listing codes implies it).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import RouteConfigError
 
 DEFAULT_BASE_INTERVAL = 0.025  # Envoy's default retry back-off base (25 ms)
@@ -38,8 +39,16 @@ MAX_REPLAY_BODY_BYTES = 64 * 1024  # request bodies up to this size are kept for
 
 # failure outcomes of one try (what the proxy observed)
 CONNECT_FAILURE = 1  # could not connect / TLS handshake failed
-RESET = 2  # connection closed or reset before a complete response head, or per-try timeout
+RESET = 2  # connection closed or reset before a complete response head
 RESPONSE = 3  # a response head arrived with a status code
+TIMEOUT = 4  # the per-try timeout fired before a response head (Envoy retries it like a reset)
+
+# what the client gets when the last try failed locally: (status, response flag)
+FAILURE_RESPONSE: dict[int, tuple[int, str]] = {
+    CONNECT_FAILURE: (503, flags.UF),
+    RESET: (503, flags.UC),
+    TIMEOUT: (504, flags.UT),
+}
 
 # retry-on bits
 ON_CONNECT_FAILURE = 1
@@ -109,7 +118,7 @@ class RetryPolicy:
         on = self.on
         if outcome == CONNECT_FAILURE:
             return bool(on & (ON_CONNECT_FAILURE | ON_5XX | ON_GATEWAY_ERROR))
-        if outcome == RESET:
+        if outcome in (RESET, TIMEOUT):
             return bool(on & (ON_RESET | ON_5XX | ON_GATEWAY_ERROR))
         if status >= 500 and on & ON_5XX:
             return True
