@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def _empty() -> Mapping[str, Any]:
+    return EMPTY
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One healthy instance of an upstream: the address of *its agent's* inbound mTLS port."""
@@ -32,7 +36,7 @@ class Endpoint:
     node: str
     address: str
     port: int
-    meta: Mapping[str, str] = EMPTY
+    meta: Mapping[str, str] = field(default_factory=_empty)
 
     @property
     def zone(self) -> str | None:
@@ -67,9 +71,15 @@ class Snapshot:
     intentions: Mapping[str, Intentions]  # local service -> document (absent: no document)
     default_allow: bool
     tls: TLSMaterial
-    routes: Mapping[str, Any] = EMPTY  # upstream service -> parsed route document (L7)
-    policies: Mapping[str, Any] = EMPTY  # upstream service -> parsed destination policy (L7)
-    versions: Mapping[str, int] = EMPTY  # source name ("intentions/api", "endpoints/api", …) -> version/index
+    routes: Mapping[str, Any] = field(
+        default_factory=_empty
+    )  # upstream service -> parsed route document (L7)
+    policies: Mapping[str, Any] = field(
+        default_factory=_empty
+    )  # upstream service -> parsed destination policy (L7)
+    versions: Mapping[str, int] = field(
+        default_factory=_empty
+    )  # source name ("intentions/api", "endpoints/api", …) -> version/index
     built_at: float = field(default_factory=time.time)
 
     def local_by_sni(self, sni: str | None) -> LocalService | None:
