@@ -7,7 +7,8 @@
 # Dependency wheels are kept in .cache/wheels so a rebuild does not download them again.
 #
 # Environment: PYTHON (build frontend, default .venv/bin/python), TARGET_PYTHON (default
-# /usr/bin/python3.11), DIST (output folder, default dist), HOSTMESH_CACHE (default .cache).
+# /usr/bin/python3.11), DIST (output folder, default dist), HOSTMESH_CACHE (default .cache),
+# WHEELS_ONLY=1 (stop after the sdist, the wheel and the dependency wheels; prints the wheel).
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$top"
@@ -34,6 +35,7 @@ if ! "${pip_target[@]}" wheel -q --no-index --find-links "$wheels" -w "$wheels" 
   "${pip_target[@]}" wheel -q --find-links "$wheels" -w "$wheels" "$wheel" >&2
 fi
 rm -f "$wheels"/hostmesh-*.whl  # only dependencies are cached; ours is always the fresh build
+if [ -n "${WHEELS_ONLY:-}" ]; then echo "$wheel"; exit 0; fi  # sdist, wheel and the dependency cache
 
 # 3. the virtualenv, built in a staging tree and then pointed at its installed location.
 stage=$(mktemp -d "${TMPDIR:-/tmp}/hostmesh-deb.XXXXXX")
