@@ -383,9 +383,12 @@ class CertManager:
             else:
                 delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
             await asyncio.sleep(max(delay, 0.0))
-            expired = pki.now() >= self._held[service].not_after
+            held = self._held[service]
+            # Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake
+            # (an unexplained reset to us), so only a join token can help now.
+            unusable = pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
             try:
-                if expired:
+                if unusable:
                     await self._recover_expired(service)
                 else:
                     try:
@@ -410,11 +413,11 @@ class CertManager:
                 )
 
     async def _recover_expired(self, service: str) -> None:
-        """An expired cert cannot authenticate a renewal: only a join token helps now."""
+        """An expired (or orphaned) cert cannot authenticate a renewal: only a join token helps now."""
         token = self._read_token()
         if token is None:
             raise Unauthorized(
-                f"certificate for {service!r} expired; issue a join token with "
+                f"certificate for {service!r} expired or its root was retired; issue a join token with "
                 f"`hostmesh ca token create --service {service}` and write it to {self.token_file}"
             )
         await self._obtain_with_token(service, token)

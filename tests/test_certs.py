@@ -1,0 +1,337 @@
+"""The agent's CertManager against an in-process CA on loopback and a real Consul: bootstrap with
+token + pin, pin mismatch, restart with stored certs (no token, no CA), renewal at 2/3 of life over
+mTLS, CA down during renewal, trust-bundle refresh from Consul, expired certs and spent tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from hostmesh.agent import certs as certs_mod
+from hostmesh.agent.ca_client import match_pin
+from hostmesh.agent.certs import CertManager
+from hostmesh.ca import pki, store, tokens
+from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
+from hostmesh.ca.service import CAService
+from hostmesh.registry.consul import ConsulClient
+from tests.ca_support import AuditSink, new_ca_dir, start_ca
+from tests.support import ConsulDev, async_wait_until
+
+pytestmark = pytest.mark.consul
+
+
+@pytest.fixture
+async def client(consul: ConsulDev) -> AsyncIterator[ConsulClient]:
+    async with ConsulClient(consul.url) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(certs_mod, "RENEW_RETRY_BASE", 0.1)
+
+
+class Env:
+    """One CA data dir, its running service, and helpers to build managers for one host."""
+
+    def __init__(self, tmp: Path, client: ConsulClient) -> None:
+        self.tmp = tmp
+        self.client = client
+        self.ca_dir = new_ca_dir(tmp)
+        self.sink = AuditSink()
+        self.svc: CAService | None = None
+        self.port = 0
+        self.managers: list[CertManager] = []
+
+    @property
+    def pin(self) -> str:
+        return store.load(self.ca_dir).roots[0].pin
+
+    async def start_ca(self, **kw: Any) -> CAService:
+        self.svc = await start_ca(self.ca_dir, self.client, self.sink, port=self.port, **kw)
+        self.port = self.svc.port
+        return self.svc
+
+    async def stop_ca(self) -> None:
+        if self.svc is not None:
+            await self.svc.close()
+            self.svc = None
+
+    async def token_file(self, *services: str, name: str = "join-token") -> Path:
+        tok, _ = await tokens.create(self.client, list(services))
+        path = self.tmp / name
+        path.write_text(f"{tok}\n")
+        return path
+
+    def manager(
+        self,
+        services: list[str],
+        token_file: Path | None,
+        *,
+        pin: str | None = None,
+        ca_address: str | None = "default",
+        data: str = "host",
+        **kw: Any,
+    ) -> CertManager:
+        mgr = CertManager(
+            data_dir=self.tmp / data,
+            trust_domain="hostmesh.local",
+            services=services,
+            pin=pin or self.pin,
+            ca_address=f"127.0.0.1:{self.port}" if ca_address == "default" else ca_address,
+            token_file=token_file,
+            consul=self.client,
+            **kw,
+        )
+        self.managers.append(mgr)
+        return mgr
+
+    async def close(self) -> None:
+        for mgr in self.managers:
+            await mgr.close()
+        await self.stop_ca()
+
+
+@pytest.fixture
+async def env(tmp_path: Path, client: ConsulClient) -> AsyncIterator[Env]:
+    e = Env(tmp_path, client)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+def leaf_of(path: Path) -> x509.Certificate:
+    return pki.load_certs(path.read_bytes())[0]
+
+
+async def test_bootstrap_from_empty_data_dir(env: Env) -> None:
+    await env.start_ca()
+    mgr = env.manager(["web", "api"], await env.token_file("web", "api"))
+    t0 = time.perf_counter()
+    await mgr.start()
+    elapsed = time.perf_counter() - t0
+    print(f"\nbootstrap of 2 services from an empty data dir: {elapsed * 1000:.1f} ms")
+    for service in ("web", "api"):
+        chain_file, key_file = mgr.paths(service)
+        assert chain_file.stat().st_mode & 0o777 == 0o600 and key_file.stat().st_mode & 0o777 == 0o600
+        leaf = leaf_of(chain_file)
+        key = pki.load_key(key_file.read_bytes())
+        assert leaf.public_key() == key.public_key()  # the key was made here; the CA only saw the CSR
+        assert pki.identity_of(leaf) == pki.Identity("hostmesh.local", service)
+    roots_file = env.tmp / "host" / "certs" / "roots.pem"
+    assert roots_file.read_text() == mgr.roots_pem and env.pin in [
+        pki.pin_of(c) for c in pki.load_certs(roots_file.read_bytes())
+    ]
+    infos = {i.service: i for i in mgr.infos()}
+    assert set(infos) == {"web", "api"}
+    web = infos["web"]
+    assert (
+        web.spiffe_id == "spiffe://hostmesh.local/svc/web" and web.root_id == store.load(env.ca_dir).active.id
+    )
+    assert web.serial == f"{leaf_of(mgr.paths('web')[0]).serial_number:x}"
+    assert web.not_after - pki.now() > dt.timedelta(hours=23)
+    assert [r["via"] for r in env.sink.records if r["event"] == "issue"] == ["sign", "sign"]
+
+
+async def test_bootstrap_discovers_the_ca_in_consul(tmp_path: Path, private_consul: ConsulDev) -> None:
+    async with ConsulClient(private_consul.url) as c:
+        e = Env(tmp_path, c)
+        try:
+            await e.start_ca()
+            mgr = e.manager(["web"], await e.token_file("web"), ca_address=None)
+            await mgr.start()
+            assert mgr.infos()[0].service == "web"
+        finally:
+            await e.close()
+
+
+async def test_no_ca_in_consul_is_a_one_line_unavailable(tmp_path: Path, private_consul: ConsulDev) -> None:
+    async with ConsulClient(private_consul.url) as c:
+        e = Env(tmp_path, c)
+        try:
+            mgr = e.manager(["web"], await e.token_file("web"), ca_address=None, bootstrap_timeout=0.3)
+            with pytest.raises(CAUnavailable, match="no passing hostmesh-ca instance"):
+                await mgr.start()
+        finally:
+            await e.close()
+
+
+async def test_pin_mismatch_refuses_the_ca_and_keeps_the_token(env: Env) -> None:
+    await env.start_ca()
+    token_file = await env.token_file("web")
+    other_pin = pki.pin_of(pki.make_root("hostmesh.local")[1])
+    mgr = env.manager(["web"], token_file, pin=other_pin)
+    with pytest.raises(TrustError, match="CA root does not match the pin") as err:
+        await mgr.start()
+    assert "\n" not in str(err.value)
+    assert not mgr.paths("web")[0].exists()
+    assert not [r for r in env.sink.records if r["event"] == "issue"]
+    ok = env.manager(["web"], token_file, data="host2")  # the token was never sent to the impostor
+    await ok.start()
+
+
+def test_pin_matching_is_exact() -> None:
+    _, root = pki.make_root("hostmesh.local")
+    assert match_pin([root], pki.pin_of(root).upper().replace("SHA256", "sha256")) is root
+    with pytest.raises(InvalidRequest, match="invalid CA pin"):
+        match_pin([root], "md5:abc")
+
+
+async def test_no_token_and_no_cert_is_a_one_line_error(env: Env) -> None:
+    await env.start_ca()
+    mgr = env.manager(["web"], env.tmp / "absent-token")
+    with pytest.raises(Unauthorized, match="hostmesh ca token create --service web") as err:
+        await mgr.start()
+    assert "\n" not in str(err.value)
+
+
+async def test_restart_uses_stored_cert_without_token_or_ca(env: Env) -> None:
+    await env.start_ca()
+    token_file = await env.token_file("web")
+    first = env.manager(["web"], token_file)
+    await first.start()
+    serial = first.infos()[0].serial
+    await first.close()
+    await env.stop_ca()
+    token_file.unlink()
+    again = env.manager(["web"], token_file)
+    await again.start()  # CA down, token gone: the stored, still-valid cert is enough
+    assert again.infos()[0].serial == serial
+
+
+async def test_renews_at_two_thirds_over_mtls_without_token(env: Env) -> None:
+    await env.start_ca(leaf_ttl=dt.timedelta(seconds=3))
+    token_file = await env.token_file("web")
+    mgr = env.manager(["web"], token_file)
+    await mgr.start()
+    token_file.unlink()  # renewal must not need it
+    first = mgr.infos()[0]
+    issued_at = pki.now()
+    changes: list[float] = []
+    mgr.subscribe(lambda: changes.append(time.monotonic()))
+    await async_wait_until(lambda: mgr.infos()[0].serial != first.serial, 10, "renewal")
+    renewed_after = (pki.now() - issued_at).total_seconds()
+    assert 1.0 < renewed_after < 3.0, renewed_after  # ~2 s = 2/3 of 3 s, with jitter
+    assert changes
+    assert env.sink.last()["via"] == "renew"
+    leaf = leaf_of(mgr.paths("web")[0])
+    assert f"{leaf.serial_number:x}" == mgr.infos()[0].serial
+    assert pki.load_key(mgr.paths("web")[1].read_bytes()).public_key() == leaf.public_key()  # new key too
+
+
+async def test_ca_down_during_renewal_keeps_cert_retries_and_logs(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hostmesh.agent.certs")
+    await env.start_ca(leaf_ttl=dt.timedelta(seconds=20))
+    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.1)  # renew at ~2 s
+    await mgr.start()
+    chain_file, key_file = mgr.paths("web")
+    before = (chain_file.read_bytes(), key_file.read_bytes(), mgr.infos()[0].serial)
+    await env.stop_ca()
+    await async_wait_until(
+        lambda: len([r for r in caplog.records if "renewal of web failed" in r.getMessage()]) >= 2,
+        15,
+        "two failed renewal attempts",
+    )
+    failure = next(r for r in caplog.records if "renewal of web failed" in r.getMessage())
+    assert "keeping the current certificate" in failure.getMessage() and "unreachable" in failure.getMessage()
+    assert (chain_file.read_bytes(), key_file.read_bytes(), mgr.infos()[0].serial) == before
+    await env.start_ca(leaf_ttl=dt.timedelta(seconds=20))  # back on the same port
+    await async_wait_until(lambda: mgr.infos()[0].serial != before[2], 15, "renewal after the CA returned")
+    assert env.sink.last()["via"] == "renew"
+
+
+async def test_expired_stored_cert_needs_a_new_token(env: Env) -> None:
+    await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
+    token_file = await env.token_file("web")
+    mgr = env.manager(["web"], token_file)
+    await mgr.start()
+    await mgr.close()
+    not_after = mgr.infos()[0].not_after
+    await async_wait_until(lambda: pki.now() > not_after, 5, "the stored cert to expire")
+    spent = env.manager(["web"], token_file)  # the token file still holds the used token
+    with pytest.raises(Unauthorized, match=r"already used.*hostmesh ca token create --service web") as err:
+        await spent.start()
+    assert "\n" not in str(err.value)
+    none = env.manager(["web"], None)
+    with pytest.raises(Unauthorized, match=r"expired at .* no join token"):
+        await none.start()
+    fresh = env.manager(["web"], await env.token_file("web"))
+    await fresh.start()
+    assert fresh.infos()[0].not_after > not_after
+
+
+async def test_bundle_refresh_from_consul_and_rotation_end_to_end(env: Env) -> None:
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=6))
+    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.5)  # renews every ~3 s
+    await mgr.start()
+    old_root = svc.authority.active.id
+    bundle_changes: list[int] = []
+    mgr.subscribe(lambda: bundle_changes.append(mgr.roots_pem.count("BEGIN CERTIFICATE")))
+    _, new_root = store.rotate(env.ca_dir)
+    assert await svc.reload()
+    await async_wait_until(
+        lambda: mgr.roots_pem.count("BEGIN CERTIFICATE") == 2, 10, "bundle with both roots"
+    )
+    roots_file = env.tmp / "host" / "certs" / "roots.pem"
+    assert roots_file.read_text() == mgr.roots_pem and 2 in bundle_changes
+    # the next renewal (old-root cert, CA now serving from the new root) yields a new-root leaf
+    await async_wait_until(lambda: mgr.infos()[0].root_id == new_root.id, 30, "renewal under the new root")
+    store.retire(env.ca_dir, old_root)
+    assert await svc.reload()
+    await async_wait_until(
+        lambda: mgr.roots_pem.count("BEGIN CERTIFICATE") == 1, 10, "bundle without the old root"
+    )
+    assert pki.pin_of(pki.load_certs(mgr.roots_pem.encode())[0]) == new_root.pin
+
+
+async def test_invalid_bundle_in_consul_is_ignored(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    await env.start_ca()
+    mgr = env.manager(["web"], await env.token_file("web"))
+    await mgr.start()
+    before = mgr.roots_pem
+    await async_wait_until(lambda: mgr._watch is not None and mgr._watch.first_result.is_set(), 10, "watch")
+    caplog.set_level(logging.ERROR, logger="hostmesh.agent.certs")
+    await env.client.kv_put(
+        "hostmesh/ca/roots", b'{"roots": ["not a pem"], "trust_domain": "hostmesh.local"}'
+    )
+    await async_wait_until(
+        lambda: any("invalid trust bundle" in r.getMessage() for r in caplog.records), 10, "log"
+    )
+    await env.client.kv_put("hostmesh/ca/roots", b'{"roots": [], "trust_domain": "other.td"}')
+    await async_wait_until(
+        lambda: sum("invalid trust bundle" in r.getMessage() for r in caplog.records) >= 2, 10, "log"
+    )
+    assert mgr.roots_pem == before
+
+
+async def test_unreachable_ca_at_bootstrap_gives_up_after_the_timeout(env: Env) -> None:
+    await env.start_ca()
+    await env.stop_ca()
+    mgr = env.manager(["web"], await env.token_file("web"), bootstrap_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(CAUnavailable, match="unreachable"):
+        await mgr.start()
+    assert time.monotonic() - t0 < 5
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(InvalidRequest):
+        CertManager(
+            data_dir=Path("/nonexistent"),
+            trust_domain="hostmesh.local",
+            services=["Bad"],
+            pin="x",
+            ca_address=None,
+            token_file=None,
+            consul=None,
+        )  # type: ignore[arg-type]
