@@ -1,0 +1,378 @@
+"""Inbound: the one mutual-TLS listener for every local service on this host.
+
+Pipeline (visible in `_handshake`, `InboundConnection.established` and `_open`):
+    accept -> TLS 1.3 handshake: SNI selects the local service (the SNI callback swaps in that
+              service's context from the CURRENT snapshot; an unknown name fails the handshake),
+              OpenSSL verifies the caller's chain against the trust bundle
+    -> identify: source = the caller's SPIFFE ID (`peer_identity`), same trust domain
+    -> per stream (each OPEN frame, i.e. each downstream connection of the caller, wire.py):
+       read the snapshot once -> authorize (`authorize_connection`, L4) -> connect 127.0.0.1:<app>
+       -> pump (agent/proxy/pump.py).
+
+Decisions:
+- Authorization runs per stream, not per TLS connection, so pooled connections (pool.py) never
+  carry a stale decision. A denial aborts the whole mTLS connection, writes one audit line
+  (agent/audit.py) and counts `hostmesh_authz_denied_total`.
+- The L4 path has no request stage, so intentions are evaluated with `l7=False`: an L7-only allow
+  rule grants nothing here, an L7 deny rule denies the whole connection.
+- A pooled caller's certificate is re-verified against the trust bundle when the bundle changes,
+  and not accepted past its not-after, before another stream is opened on its connection.
+- The handshake is the loop's own (`create_server(ssl=…)`, bounded by HANDSHAKE_TIMEOUT), so it
+  runs in uvloop's C code when uvloop is the loop. An unknown SNI is logged by the SNI callback;
+  other handshake failures (bad chain, timeout) are only visible in asyncio's debug log, because
+  neither loop reports them to the protocol. (`loop.start_tls` on the accepted socket would, but
+  uvloop 0.23's server-side start_tls never completes the handshake.)
+- Other ALPN protocols (`hostmesh/http1`, the L7 work) are handed over through `alpn_handlers`
+  after identification; without a handler such a connection is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from hostmesh.agent import audit
+from hostmesh.agent.authz import authorize_connection
+from hostmesh.agent.config import Address
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.pool import set_keepalive
+from hostmesh.agent.proxy.pump import DC, FramedEnd, Pipe, RawEnd, Tracker
+from hostmesh.agent.proxy.wire import END_FRAME, OPEN
+from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.ca.errors import TrustError
+from hostmesh.ca.pki import Identity, load_certs, verify_leaf
+from hostmesh.ca.tls import ALPN_TCP, MESH_ALPN, peer_certificate, peer_identity
+
+log = logging.getLogger("hostmesh.proxy.inbound")
+
+BACKLOG = 1024  # accept queue for bursts of new mesh connections
+HANDSHAKE_TIMEOUT = 5.0  # a peer agent needs one round trip; slow or silent clients are cut off
+INBOUND_IDLE_SECONDS = 90.0  # idle pooled connections; above pool.POOL_IDLE_SECONDS so clients close first
+IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
+APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
+REPORTER = "destination"
+
+# state of an InboundConnection
+HANDSHAKE, IDLE, CONNECTING, BUSY = range(4)
+
+AlpnHandler = Callable[["InboundListener", asyncio.Transport, Identity, LocalService, list[bytes]], None]
+
+
+class InboundConnection(FramedEnd):
+    """Server side of one agent-to-agent mTLS connection, carrying one stream at a time."""
+
+    def __init__(self, listener: InboundListener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.peer_addr = "?"
+        self.state = HANDSHAKE
+        self.pending: list[bytes | None] = []  # stream data received while the app connect is in progress
+        self.service = ""
+        self.source: Identity | None = None
+        self.roots_pem = ""
+        self.leaf: Any = None
+        self.not_after = 0.0
+        self.idle_since = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Called once the TLS handshake has completed: identify the caller."""
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        lst = self.listener
+        lst.handshakes += 1
+        if lst._closing:
+            self.close()
+            return
+        lst._conns.add(self)
+        self.identify(cast(asyncio.Transport, transport))
+
+    def identify(self, transport: asyncio.Transport) -> bool:
+        """Who is calling which local service? False when the connection was refused."""
+        lst = self.listener
+        ssl_obj = transport.get_extra_info("ssl_object")
+        snap = lst.holder.current
+        service = getattr(ssl_obj, "_hostmesh_service", None)
+        svc = snap.local.get(service) if service else None
+        if svc is None:
+            return self.refuse("the service named by SNI is no longer on this host")
+        try:
+            source = peer_identity(ssl_obj)
+        except TrustError as exc:
+            return self.refuse(str(exc))
+        if source.trust_domain != snap.trust_domain:
+            return self.refuse(f"caller {source.spiffe_id} is not in trust domain {snap.trust_domain}")
+        self.service, self.source = svc.name, source
+        self.leaf = peer_certificate(ssl_obj)
+        self.not_after = self.leaf.not_valid_after_utc.timestamp()
+        self.roots_pem = snap.tls.roots_pem
+        alpn = ssl_obj.selected_alpn_protocol()
+        set_keepalive(transport)
+        if alpn != ALPN_TCP:
+            handler = lst.alpn_handlers.get(alpn or "")
+            if handler is None:
+                return self.refuse(f"ALPN {alpn!r} is not served here")
+            lst._conns.discard(self)
+            handler(lst, transport, source, svc, [])
+            return True
+        self.state = IDLE
+        self.idle_since = time.monotonic()
+        return True
+
+    def refuse(self, reason: str) -> bool:
+        log.warning("inbound: refused mesh connection from %s%s: %s", self.peer_addr,
+                    f" ({self.source.spiffe_id})" if self.source else "", reason)  # fmt: skip
+        self.reset()
+        return False
+
+    def control(self, ftype: int, payload: bytes) -> None:
+        if ftype == OPEN and self.state == IDLE:
+            self.listener._open(self)
+        else:
+            self.protocol_error(f"unexpected frame type {ftype} in state {self.state}")
+
+    # While the app connect is in progress, the stream's bytes (and FIN) are parked here.
+    def park(self) -> None:
+        self.state = CONNECTING
+        self.pending = []
+        self._on_data = self.pending.append
+        self._on_eof = self._park_eof
+        self.pause()
+
+    def _park_eof(self) -> None:
+        self.pending.append(None)
+
+    def replay(self, pipe: Pipe) -> None:
+        pending, self.pending = self.pending, []
+        for item in pending:
+            if pipe.done:
+                return
+            if item is None:
+                pipe.eof_a()
+            else:
+                pipe.from_a(item)
+
+    def finish(self) -> None:
+        super().finish()
+        assert self.transport is not None
+        self.transport.write(END_FRAME)
+        self.state = IDLE
+        self.idle_since = time.monotonic()
+        if self.listener._closing:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def lost(self, exc: Exception | None) -> None:
+        self.listener._conns.discard(self)
+
+
+class InboundListener:
+    def __init__(self, holder: SnapshotHolder, bind: Address, telemetry: Telemetry, *,
+                 reuse_port: bool = False) -> None:  # fmt: skip
+        self.holder = holder
+        self.bind = bind
+        self.telemetry = telemetry
+        self.reuse_port = reuse_port
+        self.alpn_handlers: dict[str, AlpnHandler] = {}
+        self.tracker = Tracker()
+        self.handshakes = 0  # completed TLS handshakes (for tests and stats)
+        self._conns: set[InboundConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._closing = False
+        self._port = 0
+        self._closed: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._roots: tuple[str, list[Any]] = ("", [])
+        self._ctx = self._base_context()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _base_context(self) -> ssl.SSLContext:
+        """Accepts the handshake only to let `_sni` swap in the named service's own context."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(list(MESH_ALPN))
+        ctx.sni_callback = self._sni
+        return ctx
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: InboundConnection(self), self.bind.host, self.bind.port, ssl=self._ctx,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True,
+            reuse_port=self.reuse_port or None, backlog=BACKLOG,
+        )  # fmt: skip
+        self._port = int(self._server.sockets[0].getsockname()[1])
+        self._sweeper = loop.call_later(IDLE_SWEEP_SECONDS, self._sweep)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.tracker)
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close(drain_seconds))
+        await asyncio.shield(self._closed)
+
+    async def _close(self, drain_seconds: float) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._conns):
+            if conn.state == IDLE:
+                conn.close()
+        await self.tracker.drain(drain_seconds)
+        for conn in list(self._conns):
+            conn.reset()
+        self._conns.clear()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            except TimeoutError:
+                pass
+
+    def _sweep(self) -> None:
+        cutoff = time.monotonic() - INBOUND_IDLE_SECONDS
+        for conn in [c for c in self._conns if c.state == IDLE and c.idle_since < cutoff]:
+            conn.close()
+        self._sweeper = asyncio.get_running_loop().call_later(IDLE_SWEEP_SECONDS, self._sweep)
+
+    # --- accept, handshake, identify ----------------------------------------------------------
+
+    def _sni(self, ssl_obj: Any, name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        snap = self.holder.current
+        svc = snap.local_by_sni(name)
+        ctx = snap.tls.server.get(svc.name) if svc is not None else None
+        if svc is None or ctx is None:
+            log.warning("inbound: TLS SNI %r names no service on this host; refusing the handshake", name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_obj.context = ctx
+        ssl_obj._hostmesh_service = svc.name
+        return None
+
+    # --- per stream: authorize, connect the app, pump ----------------------------------------
+
+    def _open(self, conn: InboundConnection) -> None:
+        snap = self.holder.current
+        svc = snap.local.get(conn.service)
+        source = conn.source
+        assert source is not None
+        if self._closing:
+            conn.refuse("listener is shutting down")
+            return
+        if svc is None:
+            conn.refuse(f"service {conn.service} is no longer on this host")
+            return
+        if snap.tls.roots_pem != conn.roots_pem and not self._reverify(conn, snap.tls.roots_pem):
+            return
+        if time.time() >= conn.not_after:
+            conn.refuse("caller certificate has expired")
+            return
+        decision = authorize_connection(
+            snap.intentions.get(svc.name), source.service, snap.default_allow, l7=False
+        )
+        if not decision.allowed:
+            audit.denied(layer="l4", source=source.spiffe_id, destination=svc.name, reason=decision.reason,
+                         peer=conn.peer_addr)  # fmt: skip
+            self.telemetry.denied(REPORTER, source.service, svc.name)
+            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flags.AUTHZ)
+            series.opened.inc()
+            series.closed.inc()
+            conn.reset()
+            return
+        conn.park()
+        series = self.telemetry.tcp_series(REPORTER, source.service, svc.name)
+        series.opened.inc()
+        task = asyncio.get_running_loop().create_task(self._connect_app(conn, svc, series))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reverify(self, conn: InboundConnection, roots_pem: str) -> bool:
+        if self._roots[0] != roots_pem:
+            self._roots = (roots_pem, load_certs(roots_pem.encode()))
+        try:
+            verify_leaf(conn.leaf, self._roots[1])
+        except TrustError as exc:
+            conn.refuse(f"caller certificate no longer trusted: {exc}")
+            return False
+        conn.roots_pem = roots_pem
+        return True
+
+    async def _connect_app(self, conn: InboundConnection, svc: LocalService, series: Any) -> None:
+        loop = asyncio.get_running_loop()
+        app = RawEnd()
+        source = conn.source.service if conn.source else ""
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: app, "127.0.0.1", svc.port), APP_CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+            log.warning(
+                "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
+            )
+            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
+            conn.reset()
+            return
+        if conn.closed or self._closing:
+            app.reset()
+            self.telemetry.tcp_series(REPORTER, source, svc.name, "", DC).closed.inc()
+            conn.reset()
+            return
+        pipe = Pipe(conn, app, series, self._done, info=(source, svc.name))
+        conn.state = BUSY
+        self.tracker.add(pipe)
+        pipe.start()
+        conn.replay(pipe)
+
+    def _done(self, pipe: Pipe) -> None:
+        self.tracker.remove(pipe)
+        source, service = pipe.info
+        series = pipe.series
+        if pipe.flags:
+            series = self.telemetry.tcp_series(REPORTER, source, service, "", pipe.flags)
+        pipe.flush_metrics(series)
+        series.closed.inc()
+        if audit.access_enabled():
+            conn = pipe.a
+            spiffe = conn.source.spiffe_id if isinstance(conn, InboundConnection) and conn.source else ""
+            audit.access({
+                "ts": round(time.time(), 3), "reporter": REPORTER,
+                "source": spiffe,
+                "destination": service, "peer": getattr(conn, "peer_addr", ""), "received": pipe.up,
+                "sent": pipe.down, "flags": pipe.flags,
+                "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
+            })  # fmt: skip
+
+    # --- views --------------------------------------------------------------------------------
+
+    def buffered_bytes(self) -> int:
+        """Bytes queued in the write buffers of this listener's open connections (both sides)."""
+        return self.tracker.buffered_bytes()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "bind": str(self.bind),
+            "active_connections": len(self.tracker),
+            "mesh_connections": len(self._conns),
+            "handshakes": self.handshakes,
+        }

@@ -1,0 +1,287 @@
+"""Outbound: one listener per declared upstream; each downstream connection becomes a stream to a
+healthy instance's agent over mutual TLS, as the calling local service.
+
+Pipeline per accepted connection (all visible in `_accepted` / `_dial`):
+    accept -> read the snapshot once -> pick an instance (round robin | least connections)
+    -> take an idle pooled mTLS connection to it, or dial one (SNI `<upstream>.svc.<td>`, ALPN
+       `hostmesh/tcp`, our client cert; the peer's SPIFFE ID must be the upstream's)
+    -> OPEN a stream -> pump (agent/proxy/pump.py).
+
+Decisions:
+- The downstream is not read until a stream is attached (no buffering of our own while dialing).
+- A connect failure, timeout, TLS failure or wrong peer identity moves to another instance not yet
+  tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most.
+- No healthy instance, or every instance failed: the downstream is reset at once (the client sees
+  a reset rather than an EOF that could pass for an empty answer) and one log line says why.
+- The L4 pickers are kept here (agent/l7 has no L4 balancer to reuse): round robin over the
+  snapshot's instance list, and least connections over this listener's open streams with a
+  rotating start so ties spread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from hostmesh.agent import audit
+from hostmesh.agent.config import UpstreamConfig
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
+from hostmesh.agent.proxy.pump import Pipe, RawEnd, Tracker, reset_transport
+from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
+from hostmesh.ca.pki import Identity
+
+log = logging.getLogger("hostmesh.proxy.outbound")
+
+BACKLOG = 1024  # accept queue; bursts of new connections wait here rather than being refused
+LOG_EVERY = 1.0  # seconds: refusals are logged at most once per interval (with a count of the rest)
+REPORTER = "source"
+
+
+class _Downstream(RawEnd):
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: OutboundListener) -> None:
+        super().__init__(early_lost=listener._early_lost)
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.listener._accepted(self)
+
+
+class OutboundListener:
+    def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
+                 telemetry: Telemetry, *, reuse_port: bool = False) -> None:  # fmt: skip
+        self.holder = holder
+        self.local_service = local_service
+        self.upstream = upstream
+        self.telemetry = telemetry
+        self.reuse_port = reuse_port
+        self.pool = ConnectionPool()
+        self.tracker = Tracker()
+        self._server: asyncio.Server | None = None
+        self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[PoolKey, int] = {}
+        self._failures: dict[PoolKey, int] = {}
+        self._rr = 0
+        self._ctx: Any = None
+        self._closing = False
+        self._port = 0
+        self._closed: asyncio.Task[None] | None = None
+        self._last_log = 0.0
+        self._suppressed = 0
+        self.name = f"{local_service}->{upstream.service}"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        bind = self.upstream.bind
+        self._server = await loop.create_server(
+            lambda: _Downstream(self), bind.host, bind.port, reuse_address=True,
+            reuse_port=self.reuse_port or None, backlog=BACKLOG,
+        )  # fmt: skip
+        self._port = int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.tracker)
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close(drain_seconds))
+        await asyncio.shield(self._closed)
+
+    async def _close(self, drain_seconds: float) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        self.pool.close()
+        for end in list(self._pending):
+            reset_transport(end.transport)
+        self._pending.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.tracker.drain(drain_seconds)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            except TimeoutError:
+                pass
+
+    # --- per connection -----------------------------------------------------------------------
+
+    def _accepted(self, end: _Downstream) -> None:
+        assert end.transport is not None  # not reading yet (RawEnd.connection_made)
+        if self._closing:
+            reset_transport(end.transport)
+            return
+        snap = self.holder.current
+        up = self.upstream.service
+        ctx = snap.tls.client.get(self.local_service)
+        if ctx is None:
+            self._refuse(end, flags.UF, f"no certificate for local service {self.local_service}")
+            return
+        endpoints = snap.endpoints.get(up, ())
+        if not endpoints:
+            self._refuse(end, flags.UH, f"no healthy instance of {up}")
+            return
+        if ctx is not self._ctx:
+            if self._ctx is not None:
+                self.pool.drop_stale(ctx)
+            self._ctx = ctx
+        ep = self._pick(endpoints, ())
+        assert ep is not None
+        conn = self.pool.acquire((ep.address, ep.port), ctx)
+        if conn is not None:
+            self._attach(end, conn, ep)
+            return
+        self._pending.add(end)
+        ident = Identity(snap.trust_domain, up)
+        task = asyncio.get_running_loop().create_task(self._dial(end, ctx, ident, endpoints, ep))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial(self, end: _Downstream, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...],
+                    ep: Endpoint | None) -> None:  # fmt: skip
+        up = self.upstream
+        deadline = time.monotonic() + up.connect_budget
+        tried: set[PoolKey] = set()
+        last = DialError("connect budget spent")
+        while ep is not None:
+            key = (ep.address, ep.port)
+            timeout = min(up.connect_timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                break
+            try:
+                conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
+            except DialError as exc:
+                last = exc
+                self._failures[key] = self._failures.get(key, 0) + 1
+                tried.add(key)
+                if exc.security:
+                    log.warning("outbound %s: %s", self.name, exc)
+                else:
+                    log.debug("outbound %s: %s; trying another instance", self.name, exc)
+                if end.closed:
+                    break
+                ep = self._pick(endpoints, tried)
+                continue
+            self._pending.discard(end)
+            if end.closed or self._closing:
+                self.pool.release(conn)  # never used: clean, keep it for the next connection
+                return
+            self._attach(end, conn, ep)
+            return
+        self._pending.discard(end)
+        if not end.closed:
+            tries = len(tried)
+            self._refuse(
+                end, last.flag, f"{tries} instance(s) of {up.service} failed within the budget: {last}"
+            )
+
+    def _early_lost(self, end: RawEnd) -> None:
+        self._pending.discard(end)
+
+    def _pick(self, endpoints: tuple[Endpoint, ...], tried: Any) -> Endpoint | None:
+        cands = [e for e in endpoints if (e.address, e.port) not in tried] if tried else endpoints
+        n = len(cands)
+        if n == 0:
+            return None
+        self._rr += 1
+        start = self._rr % n
+        if n == 1 or self.upstream.load_balancer != "least_connections":
+            return cands[start]
+        active = self._active
+        best, best_n = cands[start], active.get((cands[start].address, cands[start].port), 0)
+        for i in range(1, n):
+            e = cands[(start + i) % n]
+            a = active.get((e.address, e.port), 0)
+            if a < best_n:
+                best, best_n = e, a
+        return best
+
+    def _attach(self, end: _Downstream, conn: MeshClient, ep: Endpoint) -> None:
+        key = (ep.address, ep.port)
+        subset = ep.meta.get("version", "")
+        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset)
+        series.opened.inc()
+        conn.open_stream()
+        pipe = Pipe(end, conn, series, self._done, info=(key, subset))
+        self._active[key] = self._active.get(key, 0) + 1
+        self.tracker.add(pipe)
+        pipe.start()
+
+    def _done(self, pipe: Pipe) -> None:
+        key, subset = pipe.info
+        self.tracker.remove(pipe)
+        self._active[key] -= 1
+        series = pipe.series
+        if pipe.flags:
+            series = self.telemetry.tcp_series(
+                REPORTER, self.local_service, self.upstream.service, subset, pipe.flags
+            )
+        pipe.flush_metrics(series)
+        series.closed.inc()
+        if audit.access_enabled():
+            audit.access({
+                "ts": round(time.time(), 3), "reporter": REPORTER, "source": self.local_service,
+                "destination": self.upstream.service, "endpoint": f"{key[0]}:{key[1]}", "subset": subset,
+                "received": pipe.up, "sent": pipe.down, "flags": pipe.flags,
+                "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
+            })  # fmt: skip
+
+    def _refuse(self, end: RawEnd, flag: str, reason: str) -> None:
+        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, "", flag)
+        series.opened.inc()
+        series.closed.inc()
+        peer = end.transport.get_extra_info("peername") if end.transport else None
+        reset_transport(end.transport)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            more = f" (+{self._suppressed} more like it)" if self._suppressed else ""
+            log.warning("outbound %s: reset downstream %s: %s [%s]%s", self.name,
+                        f"{peer[0]}:{peer[1]}" if peer else "?", reason, flag, more)  # fmt: skip
+            self._last_log, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+    # --- views --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        snap = self.holder.current
+        endpoints = []
+        for ep in snap.endpoints.get(self.upstream.service, ()):
+            key = (ep.address, ep.port)
+            endpoints.append({
+                "instance_id": ep.instance_id, "node": ep.node, "address": f"{ep.address}:{ep.port}",
+                "zone": ep.zone, "subset": ep.meta.get("version", ""), "active_connections":
+                self._active.get(key, 0), "connect_failures": self._failures.get(key, 0),
+                "pool_idle": self.pool.idle_count(key),
+            })  # fmt: skip
+        return {
+            "local_service": self.local_service,
+            "upstream": self.upstream.service,
+            "bind": str(self.upstream.bind),
+            "load_balancer": self.upstream.load_balancer,
+            "active_connections": len(self.tracker),
+            "endpoints": endpoints,
+            "pool": {
+                "idle": self.pool.idle_count(),
+                "handshakes": self.pool.handshakes,
+                "reused": self.pool.reused,
+            },
+        }
+
+    def buffered_bytes(self) -> int:
+        """Bytes queued in the write buffers of this listener's open connections (both sides)."""
+        return self.tracker.buffered_bytes()

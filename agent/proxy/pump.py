@@ -1,0 +1,456 @@
+"""Forward: the bidirectional byte pump between two ends of one proxied connection.
+
+Decision: the pump is a `Pipe` joining two *ends*, each an `asyncio.Protocol` owning one transport:
+`RawEnd` for plain TCP (the downstream on the outbound side, the app on the inbound side) and a
+`FramedEnd` for a stream on an agent-to-agent mTLS connection (agent/proxy/wire.py frames). Bytes
+go straight from one end's `data_received` to the other end's `transport.write` — no per-byte
+Python work, no buffering of our own, only an integer add per chunk for metrics.
+
+- Backpressure: when an end's transport write buffer passes its high-water mark (`pause_writing`),
+  the *other* end stops reading (`pause_reading`) until it drains below the low-water mark. So at
+  most ~WRITE_HIGH_WATER plus one read chunk is buffered per direction, whatever the peers do.
+- Half-close: a FIN on one side becomes `write_eof` (raw) or a FIN frame (framed) on the other; the
+  pipe is finished only when both directions have ended, then each end `finish()`es (raw: close
+  after flushing; framed: the connection goes back to idle for reuse, agent/proxy/pool.py).
+- Anything abnormal (a reset, a transport lost before both FINs) aborts both ends; a raw end is
+  aborted with SO_LINGER 0, so the application sees a reset at once, never a hang or a fake EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import TcpSeries
+from hostmesh.agent.proxy.wire import FIN_FRAME, Decoder, WireError, data_frame
+
+log = logging.getLogger("hostmesh.proxy")
+
+WRITE_HIGH_WATER = 256 * 1024  # one max-size read chunk: enough to keep the socket busy, bounds memory
+WRITE_LOW_WATER = 64 * 1024  # resume the other side while a quarter is still queued (no stall)
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+
+DC = "DC"  # downstream connection terminated abnormally (Envoy's flag; not in l7/flags, no HTTP use)
+
+
+def reset_transport(transport: Any) -> None:
+    """Abort `transport` so the peer sees a TCP reset (not an orderly EOF)."""
+    if transport is None:
+        return
+    if transport.is_closing():
+        transport.abort()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except (OSError, AttributeError):
+            pass
+    transport.abort()
+
+
+class End(Protocol):
+    """What a pipe needs from each of its two ends."""
+
+    write_paused: bool
+    peer: End | None
+
+    def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    def send_eof(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def reset(self) -> None: ...
+    def finish(self) -> None: ...
+
+
+class Pipe:
+    """One proxied connection: `a` faces the source (caller), `b` the destination."""
+
+    __slots__ = ("a", "a_eof", "b", "b_eof", "done", "down", "flags", "info", "on_done", "rep_down",
+                 "rep_up", "series", "started", "up")  # fmt: skip
+
+    def __init__(self, a: End, b: End, series: TcpSeries, on_done: Callable[[Pipe], None],
+                 info: Any = None) -> None:  # fmt: skip
+        self.a, self.b = a, b
+        self.up = 0  # bytes a -> b (source to destination: "received" in metrics)
+        self.down = 0  # bytes b -> a ("sent")
+        self.rep_up = self.rep_down = 0  # already added to the counters (periodic flush)
+        self.a_eof = self.b_eof = False
+        self.done = False
+        self.flags = ""
+        self.series = series
+        self.on_done = on_done
+        self.info = info
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        """Wire the ends together and let bytes flow (each end starts reading unless told to wait)."""
+        a, b = self.a, self.b
+        a.attach(self, True, b)
+        b.attach(self, False, a)
+        for end in (a, b):
+            if isinstance(end, RawEnd) and end._early:
+                end.replay()
+        if self.done:
+            return
+        if b.write_paused:
+            a.pause()
+        else:
+            a.resume()
+        if a.write_paused:
+            b.pause()
+        else:
+            b.resume()
+
+    # events from the ends ------------------------------------------------------------------
+
+    def from_a(self, data: bytes) -> None:
+        self.up += len(data)
+        self.b.send(data)
+
+    def from_b(self, data: bytes) -> None:
+        self.down += len(data)
+        self.a.send(data)
+
+    def eof_a(self) -> None:
+        if not self.a_eof and not self.done:
+            self.a_eof = True
+            self.b.send_eof()
+            if self.b_eof:
+                self._finish()
+
+    def eof_b(self) -> None:
+        if not self.b_eof and not self.done:
+            self.b_eof = True
+            self.a.send_eof()
+            if self.a_eof:
+                self._finish()
+
+    def lost(self, end: End, exc: BaseException | None) -> None:
+        """An end's transport is gone before the pipe finished: reset the other side."""
+        if not self.done:
+            self.fail(DC if end is self.a else flags.UC)
+
+    # outcomes ------------------------------------------------------------------------------
+
+    def fail(self, flag: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.flags = flag
+        self.a.reset()
+        self.b.reset()
+        self.on_done(self)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.a.finish()
+        self.b.finish()
+        self.on_done(self)
+
+    def flush_metrics(self, series: TcpSeries | None = None) -> None:
+        """Add the bytes counted since the last flush (at close, and periodically for long pipes)."""
+        s = series or self.series
+        if self.up != self.rep_up:
+            s.received.inc(self.up - self.rep_up)
+            self.rep_up = self.up
+        if self.down != self.rep_down:
+            s.sent.inc(self.down - self.rep_down)
+            self.rep_down = self.down
+
+
+class RawEnd(asyncio.Protocol):
+    """A plain TCP socket end (downstream client or local app)."""
+
+    __slots__ = ("_early", "_on_data", "_on_eof", "closed", "early_lost", "eof", "peer", "pipe",
+                 "transport", "write_paused")  # fmt: skip
+
+    def __init__(self, early_lost: Callable[[RawEnd], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pipe: Pipe | None = None
+        self.peer: End | None = None
+        self.write_paused = False
+        self.closed = False
+        self.eof = False
+        self.early_lost = early_lost  # called if the socket goes away before a pipe was attached
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_eof: Callable[[], None] | None = None
+        self._early: list[bytes | None] = []  # read before a pipe was attached (uvloop may read early)
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        t.pause_reading()  # nothing is read until a pipe is attached (Pipe.start resumes)
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data(data)
+        elif self.pipe is None:
+            self._early.append(data)
+            self.pause()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self._on_eof is not None:
+            self._on_eof()
+        elif self.pipe is None:
+            self._early.append(None)
+        return True  # keep the transport: the other direction may still be flowing (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.lost(self, exc)
+        elif self.early_lost is not None:
+            self.early_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.peer is not None:
+            self.peer.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.peer is not None:
+            self.peer.resume()
+
+    # End -------------------------------------------------------------------------------------
+
+    def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None:
+        self.pipe, self.peer = pipe, peer
+        self._on_data = pipe.from_a if source_side else pipe.from_b
+        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
+
+    def replay(self) -> None:
+        """Hand over what was read before the pipe existed (called by Pipe.start)."""
+        early, self._early = self._early, []
+        for item in early:
+            if self.pipe is None:
+                return
+            if item is None:
+                self.eof_received()
+            else:
+                self.data_received(item)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def send_eof(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            try:
+                t.write_eof()
+            except (OSError, RuntimeError):
+                pass
+
+    def pause(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def resume(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def reset(self) -> None:
+        self._detach()
+        reset_transport(self.transport)
+
+    def finish(self) -> None:
+        self._detach()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _detach(self) -> None:
+        self.pipe = self.peer = None
+        self._on_data = self._on_eof = None
+
+
+class FramedEnd(asyncio.Protocol):
+    """An agent-to-agent mTLS connection carrying one stream at a time (agent/proxy/wire.py).
+
+    Subclasses (client side in pool.py, server side in inbound.py) handle the control frames and
+    what happens between streams; this class is the pipe's end while a stream is attached."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pipe: Pipe | None = None
+        self.peer: End | None = None
+        self.write_paused = False
+        self.closed = False
+        self.decoder = Decoder()
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_eof: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.decoder.feed(data)
+        except WireError as exc:
+            self.protocol_error(str(exc))
+            return
+        for ftype, payload in events:
+            if ftype == 0:  # DATA
+                on_data = self._on_data
+                if on_data is None:
+                    self.protocol_error("DATA outside a stream")
+                    return
+                on_data(payload)
+            elif ftype == 2:  # FIN
+                if self._on_eof is None:
+                    self.protocol_error("FIN outside a stream")
+                    return
+                self._on_eof()
+            else:
+                self.control(ftype, payload)
+            if self.closed:
+                return
+
+    def eof_received(self) -> bool:
+        return False  # TLS close_notify / TCP FIN on the mesh connection: it is over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        pipe = self.pipe
+        self._detach()
+        if pipe is not None:
+            pipe.lost(self, exc)
+        self.lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.peer is not None:
+            self.peer.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.peer is not None:
+            self.peer.resume()
+
+    # hooks for subclasses ----------------------------------------------------------------------
+
+    def control(self, ftype: int, payload: bytes) -> None:
+        self.protocol_error(f"unexpected frame type {ftype}")
+
+    def lost(self, exc: Exception | None) -> None:
+        pass
+
+    def protocol_error(self, reason: str) -> None:
+        log.warning("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.fail(flags.UPE)
+        self.reset()
+
+    def peername(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    # End -------------------------------------------------------------------------------------
+
+    def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None:
+        self.pipe, self.peer = pipe, peer
+        self._on_data = pipe.from_a if source_side else pipe.from_b
+        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data_frame(data))
+
+    def send_eof(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(FIN_FRAME)
+
+    def pause(self) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.pause_reading()
+
+    def resume(self) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.resume_reading()
+
+    def reset(self) -> None:
+        self._detach()
+        self.closed = True
+        reset_transport(self.transport)
+
+    def finish(self) -> None:
+        """The stream ended cleanly; subclasses make the connection idle (and resume reading)."""
+        self._detach()
+        self.resume()
+
+    def _detach(self) -> None:
+        self.pipe = self.peer = None
+        self._on_data = self._on_eof = None
+
+
+METRICS_FLUSH_SECONDS = 10.0  # long-lived connections show up in byte counters at least this often
+
+
+class Tracker:
+    """The open pipes of one listener: periodic metric flush, drain and abort on close."""
+
+    def __init__(self) -> None:
+        self.pipes: set[Pipe] = set()
+        self._drained: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self.pipes)
+
+    def add(self, pipe: Pipe) -> None:
+        self.pipes.add(pipe)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(METRICS_FLUSH_SECONDS, self._flush)
+
+    def remove(self, pipe: Pipe) -> None:
+        self.pipes.discard(pipe)
+        if not self.pipes and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def buffered_bytes(self) -> int:
+        total = 0
+        for pipe in self.pipes:
+            for end in (pipe.a, pipe.b):
+                t = getattr(end, "transport", None)
+                if t is not None and not t.is_closing():
+                    total += t.get_write_buffer_size()
+        return total
+
+    def _flush(self) -> None:
+        self._timer = None
+        for pipe in self.pipes:
+            pipe.flush_metrics()
+        if self.pipes:
+            self._timer = asyncio.get_running_loop().call_later(METRICS_FLUSH_SECONDS, self._flush)
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for open pipes to finish by themselves, then abort the rest."""
+        if self.pipes and seconds > 0:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), seconds)
+            except TimeoutError:
+                pass
+        for pipe in list(self.pipes):
+            pipe.fail(DC)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,477 @@
+"""Component tier: the L4 data path over real loopback sockets and real mutual TLS 1.3.
+
+Two "hosts" in one event loop: host A runs `web` and its outbound listener for upstream `api`;
+host B runs the inbound listener serving `api`, whose app is a real asyncio server. Certificates
+come from a throwaway CA (ca/pki) made per test; snapshots are built by hand (no Consul).
+Every test runs on both the standard loop and uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import uvloop
+
+from hostmesh.agent.config import Address, UpstreamConfig
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER
+from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.ca import pki
+from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+from hostmesh.registry.schema import Intentions, Rule
+from tests.support import async_wait_until, free_port
+
+TD = "hostmesh.local"
+IO_TIMEOUT = 10.0  # every read in these tests is bounded by this
+
+
+@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+
+
+# --- a throwaway CA and TLS material ---------------------------------------------------------
+
+
+class CA:
+    def __init__(self, tmp: Path, name: str = "ca") -> None:
+        self.key, self.cert = pki.make_root(TD)
+        self.roots_pem = pki.cert_pem(self.cert).decode()
+        self.dir = tmp / name
+
+    def files(self, service: str) -> tuple[Path, Path]:
+        key = pki.new_key()
+        leaf = pki.sign_leaf(self.key, self.cert, key.public_key(), pki.Identity(TD, service))
+        chain, keyf = self.dir / f"{service}.pem", self.dir / f"{service}.key"
+        pki.write_private(chain, pki.cert_pem(leaf))
+        pki.write_private(keyf, pki.key_pem(key))
+        return chain, keyf
+
+    def material(self, services: list[str], gen: int = 1, trust: str | None = None,
+                 as_identity: dict[str, str] | None = None) -> TLSMaterial:  # fmt: skip
+        roots = trust or self.roots_pem
+        server, client = {}, {}
+        for svc in services:
+            chain, key = self.files((as_identity or {}).get(svc, svc))
+            server[svc] = mesh_server_context(chain, key, roots)
+            client[svc] = mesh_client_context(chain, key, roots)
+        return TLSMaterial(gen, roots, MappingProxyType(server), MappingProxyType(client))
+
+
+EndpointSpec = dict[str, list[tuple[int, dict[str, str]]]]  # upstream -> [(inbound port, meta)]
+
+
+def snapshot(local: dict[str, int], tls: TLSMaterial, endpoints: EndpointSpec | None = None,
+             intentions: dict[str, Intentions] | None = None, gen: int = 1) -> Snapshot:  # fmt: skip
+    eps = {
+        up: tuple(
+            Endpoint(f"{up}-{i}", f"node{i}", "127.0.0.1", port, MappingProxyType(meta))
+            for i, (port, meta) in enumerate(lst)
+        )
+        for up, lst in (endpoints or {}).items()
+    }
+    return Snapshot(
+        generation=gen,
+        node="n",
+        trust_domain=TD,
+        local=MappingProxyType(
+            {name: LocalService(name, port, "tcp", pki.Identity(TD, name)) for name, port in local.items()}
+        ),
+        endpoints=MappingProxyType(eps),
+        intentions=MappingProxyType(intentions or {}),
+        default_allow=True,
+        tls=tls,
+    )
+
+
+def deny(source: str, service: str = "api") -> dict[str, Intentions]:
+    return {service: Intentions(service, 1, None, (Rule(source, "deny"),))}
+
+
+# --- test apps --------------------------------------------------------------------------------
+
+
+class App:
+    """A real TCP server on 127.0.0.1 whose per-connection behaviour is a coroutine."""
+
+    def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(w)
+        try:
+            await self.handler(r, w)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+
+
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then half-close back."""
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.write_eof()
+    await w.drain()
+
+
+# --- the two hosts ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Mesh:
+    ca: CA
+    app: App
+    app_port: int
+    holder_a: SnapshotHolder
+    holder_b: SnapshotHolder
+    tel_a: Telemetry
+    tel_b: Telemetry
+    inbound: InboundListener
+    outbound: OutboundListener
+    extra: list[Any]
+
+    async def connect(self, listener: OutboundListener | None = None) -> tuple[Any, Any]:
+        port = (listener or self.outbound).port
+        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+
+    async def add_outbound(self, holder: SnapshotHolder, upstream: str = "api", local: str = "web",
+                           **kw: Any) -> OutboundListener:  # fmt: skip
+        up = UpstreamConfig(upstream, Address("127.0.0.1", 0), **kw)
+        ob = OutboundListener(holder, local, up, self.tel_a)
+        await ob.start()
+        self.extra.append(ob)
+        return ob
+
+    def sample(self, tel: Telemetry, name: str, **labels: str) -> float:
+        total = 0.0
+        for metric in tel.registry.collect():
+            for s in metric.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = CA(tmp_path)
+    app = App(echo)
+    app_port = await app.start()
+    tel_a, tel_b = Telemetry(), Telemetry()
+    holder_b = SnapshotHolder(snapshot({"api": app_port}, ca.material(["api"])))
+    inbound = InboundListener(holder_b, Address("127.0.0.1", 0), tel_b)
+    await inbound.start()
+    holder_a = SnapshotHolder(
+        snapshot({"web": 1}, ca.material(["web"]), {"api": [(inbound.port, {"version": "v1"})]})
+    )
+    outbound = OutboundListener(holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), tel_a)
+    await outbound.start()
+    m = Mesh(ca, app, app_port, holder_a, holder_b, tel_a, tel_b, inbound, outbound, [])
+    try:
+        yield m
+    finally:
+        for x in [outbound, *m.extra, inbound]:
+            await x.close()
+        await app.close()
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> str:
+    """How the proxy ended a connection it refused: 'reset' or 'eof' (never a hang)."""
+    try:
+        data = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    assert data == b""
+    return "eof"
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    r, w = await mesh.connect()
+    w.write(b"hello mesh")
+    w.write_eof()
+    assert await read_all(r) == b"hello mesh"
+    w.close()
+    await async_wait_until(
+        lambda: mesh.inbound.active_connections == 0 and mesh.outbound.active_connections == 0,
+        what="pipes finished",
+    )
+    # The inbound saw and checked the caller's SPIFFE identity: its destination-side metrics and
+    # access line name `web`, which only the verified client certificate can tell it.
+    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_connections_opened_total", reporter="destination",
+                       source_service="web", destination_service="api") == 1  # fmt: skip
+    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_received_bytes_total", source_service="web") == 10
+    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_sent_bytes_total", source_service="web") == 10
+    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", reporter="source",
+                       destination_subset="v1", response_flags="") == 1  # fmt: skip
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.access"]
+    inbound_line = next(x for x in lines if x["reporter"] == "destination")
+    assert inbound_line["source"] == "spiffe://hostmesh.local/svc/web"
+
+
+async def test_half_close_client_first(mesh: Mesh) -> None:
+    r, w = await mesh.connect()
+    w.write(b"part1 ")
+    await w.drain()
+    assert await asyncio.wait_for(r.readexactly(6), IO_TIMEOUT) == b"part1 "
+    w.write(b"part2")
+    w.write_eof()  # our direction done; the echo app still answers, then half-closes back
+    assert await read_all(r) == b"part2"
+
+
+async def test_half_close_server_first(mesh: Mesh) -> None:
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def greet_then_listen(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"banner")
+        w.write_eof()  # the server's direction ends first
+        await w.drain()
+        got.set_result(await r.read())
+
+    mesh.app.handler = greet_then_listen
+    r, w = await mesh.connect()
+    assert await read_all(r) == b"banner"  # EOF reached the client...
+    w.write(b"still talking after your FIN")  # ...and the client's direction still flows
+    w.write_eof()
+    assert await asyncio.wait_for(got, IO_TIMEOUT) == b"still talking after your FIN"
+
+
+async def test_large_transfer_with_slow_reader_is_bounded(mesh: Mesh) -> None:
+    size = 32 * 1024 * 1024
+    block = bytes(range(256)) * 256  # 64 KiB
+    expected = hashlib.sha256(block * (size // len(block))).hexdigest()
+
+    async def source(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for _ in range(size // len(block)):
+            w.write(block)
+            await w.drain()
+        w.write_eof()
+
+    mesh.app.handler = source
+    r, _w = await mesh.connect()
+    digest = hashlib.sha256()
+    got, peak, reads = 0, 0, 0
+    deadline = time.monotonic() + 60
+    while got < size and time.monotonic() < deadline:
+        chunk = await asyncio.wait_for(r.read(32768), IO_TIMEOUT)
+        if not chunk:
+            break
+        digest.update(chunk)
+        got += len(chunk)
+        reads += 1
+        if reads % 8 == 0:
+            await asyncio.sleep(0.001)  # a slow reader (throttle, not a wait)
+        peak = max(peak, mesh.outbound.buffered_bytes() + mesh.inbound.buffered_bytes())
+    assert got == size
+    assert digest.hexdigest() == expected
+    # Four transports' write buffers, each paused at its high-water mark plus one read chunk.
+    assert peak <= 4 * (WRITE_HIGH_WATER + 256 * 1024 + 64 * 1024), peak
+    assert await read_all(r) == b""
+
+
+async def test_client_cert_from_another_ca_is_refused(mesh: Mesh, tmp_path: Path) -> None:
+    rogue = CA(tmp_path, "rogue")
+    # The rogue client trusts the real root (so it could verify the server) but its own cert is
+    # signed by another CA.
+    tls = rogue.material(["web"], trust=mesh.ca.roots_pem)
+    holder = SnapshotHolder(snapshot({"web": 1}, tls, {"api": [(mesh.inbound.port, {})]}))
+    ob = await mesh.add_outbound(holder, connect_budget=0.5)
+    r, _w = await mesh.connect(ob)
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert mesh.app.connections == 0
+    assert mesh.inbound.handshakes == 0
+
+
+async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, intentions=deny("web")))
+    r, w = await mesh.connect()
+    w.write(b"let me in")
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert mesh.app.connections == 0
+    audit = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.audit"]
+    assert len(audit) == 1
+    assert audit[0]["event"] == "authz_denied"
+    assert audit[0]["source"] == "spiffe://hostmesh.local/svc/web"
+    assert audit[0]["destination"] == "api" and audit[0]["reason"] == "rule 0 deny web"
+    assert mesh.sample(mesh.tel_b, "hostmesh_authz_denied_total", source_service="web") == 1
+    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
+
+
+async def test_sni_naming_a_service_not_on_this_host(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    tls = mesh.ca.material(["web"])
+    holder = SnapshotHolder(snapshot({"web": 1}, tls, {"billing": [(mesh.inbound.port, {})]}))
+    ob = await mesh.add_outbound(holder, upstream="billing", connect_budget=0.5)
+    r, _w = await mesh.connect(ob)
+    assert await closed_by_peer(r) == "reset"
+    assert "'billing.svc.hostmesh.local' names no service on this host" in caplog.text
+    assert mesh.app.connections == 0
+
+
+async def test_peer_with_the_wrong_identity_is_refused(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    # Host C answers for SNI `api` but presents a (valid) certificate of `billing`.
+    app_port = mesh.app_port
+    holder_c = SnapshotHolder(
+        snapshot({"api": app_port}, mesh.ca.material(["api"], as_identity={"api": "billing"}))
+    )
+    impostor = InboundListener(holder_c, Address("127.0.0.1", 0), mesh.tel_b)
+    await impostor.start()
+    mesh.extra.append(impostor)
+    holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(impostor.port, {})]}))
+    ob = await mesh.add_outbound(holder, connect_budget=0.5)
+    r, _w = await mesh.connect(ob)
+    assert await closed_by_peer(r) == "reset"
+    assert "is spiffe://hostmesh.local/svc/billing, expected spiffe://hostmesh.local/svc/api" in caplog.text
+    assert mesh.app.connections == 0
+
+
+async def test_no_healthy_instance_closes_promptly(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, endpoints=MappingProxyType({"api": ()})))
+    t0 = time.monotonic()
+    r, _w = await mesh.connect()
+    assert await closed_by_peer(r) == "reset"
+    assert time.monotonic() - t0 < 1.0
+    assert "no healthy instance of api" in caplog.text
+    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UH") == 1
+
+
+async def test_instance_dying_mid_connection(mesh: Mesh) -> None:
+    r, w = await mesh.connect()
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.readexactly(4), IO_TIMEOUT) == b"ping"
+    t0 = time.monotonic()
+    await mesh.inbound.close()  # the peer agent goes away with the connection open
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert time.monotonic() - t0 < 2.0
+    assert mesh.outbound.active_connections == 0
+
+
+async def test_app_dying_mid_connection(mesh: Mesh) -> None:
+    r, w = await mesh.connect()
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.readexactly(4), IO_TIMEOUT) == b"ping"
+    t0 = time.monotonic()
+    await mesh.app.close()  # the app aborts its sockets
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert time.monotonic() - t0 < 2.0
+
+
+async def test_snapshot_swap_applies_to_new_connections_only(mesh: Mesh) -> None:
+    # A finished connection leaves a pooled mTLS connection behind: the deny must apply on it too.
+    r0, w0 = await mesh.connect()
+    w0.write(b"x")
+    w0.write_eof()
+    assert await read_all(r0) == b"x"
+    await async_wait_until(lambda: mesh.outbound.pool.idle_count() == 1, what="connection pooled")
+
+    r1, w1 = await mesh.connect()
+    w1.write(b"before")
+    assert await asyncio.wait_for(r1.readexactly(6), IO_TIMEOUT) == b"before"
+    mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, intentions=deny("web"), generation=2))
+
+    r2, w2 = await mesh.connect()
+    w2.write(b"denied?")
+    assert await closed_by_peer(r2) in ("reset", "eof")
+
+    w1.write(b"after")  # the established connection keeps flowing under its original decision
+    assert await asyncio.wait_for(r1.readexactly(5), IO_TIMEOUT) == b"after"
+    w1.write_eof()
+    assert await read_all(r1) == b""
+    assert mesh.sample(mesh.tel_b, "hostmesh_authz_denied_total") == 1
+
+
+async def test_connect_failure_moves_to_another_instance(mesh: Mesh) -> None:
+    dead = free_port()  # nothing listens here: connection refused
+    eps = {"api": [(dead, {}), (mesh.inbound.port, {}), (dead, {})]}
+    holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+    ob = await mesh.add_outbound(holder, connect_timeout=0.5, connect_budget=2.0)
+    for i in range(4):
+        r, w = await mesh.connect(ob)
+        w.write(b"n%d" % i)
+        w.write_eof()
+        assert await read_all(r) == b"n%d" % i
+        w.close()
+    stats = ob.stats()
+    endpoints: list[dict[str, Any]] = stats["endpoints"]  # type: ignore[assignment]
+    assert endpoints[0]["connect_failures"] >= 1
+
+
+async def test_pool_amortizes_handshakes(mesh: Mesh) -> None:
+    n = 40
+    for i in range(n):
+        r, w = await mesh.connect()
+        w.write(b"req%d" % i)
+        w.write_eof()
+        assert await read_all(r) == b"req%d" % i
+        w.close()
+        await async_wait_until(lambda: mesh.outbound.pool.idle_count() == 1, what="connection back in pool")
+    assert mesh.app.connections == n
+    assert mesh.outbound.pool.handshakes == 1
+    assert mesh.inbound.handshakes == 1
+    assert mesh.outbound.pool.reused == n - 1
+
+
+async def test_concurrent_connections_and_least_connections(mesh: Mesh) -> None:
+    ob = await mesh.add_outbound(mesh.holder_a, load_balancer="least_connections")
+    conns = [await mesh.connect(ob) for _ in range(20)]
+    for i, (_r, w) in enumerate(conns):
+        w.write(b"c%02d" % i)
+    for i, (r, w) in enumerate(conns):
+        assert await asyncio.wait_for(r.readexactly(3), IO_TIMEOUT) == b"c%02d" % i
+        w.write_eof()
+    for r, _w in conns:
+        assert await read_all(r) == b""
+    await async_wait_until(lambda: ob.active_connections == 0, what="all finished")
+    assert ob.pool.handshakes == 20  # 20 at once need 20 connections...
+    r, w = await mesh.connect(ob)  # ...which are then reused
+    w.write_eof()
+    assert await read_all(r) == b""
+    assert ob.pool.handshakes == 20
+
+
+async def test_close_drains_then_aborts(mesh: Mesh) -> None:
+    r, w = await mesh.connect()
+    w.write(b"ab")
+    assert await asyncio.wait_for(r.readexactly(2), IO_TIMEOUT) == b"ab"
+    t0 = time.monotonic()
+    await asyncio.gather(mesh.outbound.close(0.3), mesh.outbound.close(0.3))  # idempotent
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    assert await closed_by_peer(r) in ("reset", "eof")
+    with pytest.raises(OSError):
+        await mesh.connect()  # no longer accepting
