@@ -257,7 +257,10 @@ class CAService:
             return False
         assert self._tls is not None
         self._tls.load_verify_locations(cadata="".join(new.bundle))  # a store only grows: see docstring
-        await self._publish(new)  # agents learn the new root before any leaf signed by it exists
+        try:
+            await self._publish(new)  # agents learn the new root before any leaf signed by it exists
+        except RegistryError as exc:  # maintenance republishes; the CA must not stay on the old root
+            log.warning("could not publish the new trust bundle yet: %s", exc)
         self.authority = new
         self._write_server_cert()
         log.info("reloaded: %d root(s), signing with %s", len(new.roots), new.active.id)
@@ -276,6 +279,7 @@ class CAService:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            sd_notify("WATCHDOG=1")  # the loop is alive; Consul trouble below is not a reason to be killed
             try:
                 if self._data_dir_state() != self._dir_state:
                     await self.reload()
@@ -288,7 +292,6 @@ class CAService:
                     removed = await tokens.prune(self.consul, pki.now())
                     if removed:
                         log.info("pruned %d expired join token(s)", removed)
-                sd_notify("WATCHDOG=1")
             except RegistryError as exc:
                 log.warning("Consul: %s; retrying", exc)
             except Exception:

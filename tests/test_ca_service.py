@@ -19,7 +19,7 @@ from hostmesh.ca.errors import CAUnavailable, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
 from hostmesh.registry.consul import ConsulClient
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
-from tests.support import ConsulDev
+from tests.support import ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.consul
 
@@ -394,3 +394,37 @@ def test_parse_listen() -> None:
     assert parse_listen("10.0.0.5") == ("10.0.0.5", 15012)
     with pytest.raises(Exception, match="invalid"):
         parse_listen("host:port")
+
+
+async def test_rotation_while_consul_is_down_swaps_now_and_publishes_later(
+    tmp_path: Path, private_consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAINTENANCE_INTERVAL", 0.05)
+    async with ConsulClient(private_consul.url) as c:
+        data_dir = new_ca_dir(tmp_path)
+        svc = await start_ca(data_dir, c, AuditSink())
+        try:
+            private_consul.stop()
+            _, new_root = store.rotate(data_dir)
+            await asyncio.wait_for(svc.reloaded.wait(), 10)
+            assert svc.authority.active.id == new_root.id  # signing moved on without Consul
+            private_consul.start()
+
+            async def published() -> bool:
+                entry = await c.kv_get(ROOTS_KEY)
+                return entry is not None and json.loads(entry.value)["active"] == new_root.id
+
+            await async_wait_until(published, 20, "bundle republished after Consul returned")
+        finally:
+            await svc.close(deregister=False)
+
+
+async def test_audit_lines_have_one_fixed_shape(ca, client) -> None:
+    svc, sink = ca
+    await sign(svc, await token_for(client, "web"), "web")
+    await sign(svc, "garbage", "web")
+    keys = {"ts", "event", "via", "identity", "serial", "not_after", "token", "reason", "peer"}
+    assert [set(r) for r in sink.records] == [keys, keys]
+    assert [r["event"] for r in sink.records] == ["issue", "refuse"]
