@@ -118,6 +118,10 @@ def test_artifacts(dist: Path, deb: Path) -> None:
         assert "hostmesh = hostmesh.agent.cli:main" in whl.read(entry_points).decode()
     assert "hostmesh/agent/sdnotify.py" in wnames and "hostmesh/ca/pki.py" in wnames
     assert not any(n.startswith(("agent/", "ca/", "registry/")) for n in wnames)  # namespaced only
+    # Every package of the source tree is in the wheel (an editable install hides a missing one).
+    for top in ("agent", "registry", "ca"):
+        for init in sorted((REPO / top).glob("**/__init__.py")):
+            assert f"hostmesh/{init.relative_to(REPO).as_posix()}" in wnames, init
 
     fields = run("dpkg-deb", "-f", str(deb), "Package", "Version", "Depends", "Architecture")
     assert "Package: hostmesh" in fields and f"Version: {version}" in fields
@@ -302,7 +306,12 @@ def test_installed_agent_runs_against_consul(
                 ["/usr/bin/hostmesh", "agent", "run", "--config", str(config)],
                 env=agent_env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "wb"),  # noqa: SIM115
             )  # fmt: skip
-            recv_notify(notify, "READY=1", AGENT_READY_TIMEOUT)
+            try:
+                recv_notify(notify, "READY=1", AGENT_READY_TIMEOUT)
+            except AssertionError as exc:
+                logs = (tmp_path / "agent.log").read_text()[-4000:]
+                logs += (tmp_path / "ca.log").read_text()[-2000:]
+                raise AssertionError(f"{exc} (exit {agent.poll()})\n{logs}") from None
             assert http_status(f"http://127.0.0.1:{admin}/ready") == 200
             services = consul.get_json("/v1/catalog/service/debtest")
             assert [s["ServiceID"] for s in services] == ["debtest-debtest-node"], json.dumps(services)

@@ -121,7 +121,7 @@ def test_agent_unit_contract() -> None:
 def test_ca_unit_contract() -> None:
     d = directives(unit_text("hostmesh-ca.service"))
     assert d["Type"] == ["notify"]
-    assert d["ExecStart"] == ["/usr/bin/hostmesh ca serve --data-dir /var/lib/hostmesh-ca"]
+    assert d["ExecStart"] == ["/usr/bin/hostmesh ca serve --data-dir /var/lib/hostmesh-ca $HOSTMESH_CA_OPTS"]
     assert d["StateDirectory"] == ["hostmesh-ca"]
     assert d["StateDirectoryMode"] == ["0700"]  # holds the root private key
     assert d["User"] == ["hostmesh"]
