@@ -11,6 +11,7 @@ calls first on PATH (dpkg passes PATH through to maintainer scripts).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -89,11 +90,15 @@ def deb(dist: Path) -> Path:
 
 @pytest.fixture
 def clean_machine() -> Iterator[None]:
-    purge()
-    try:
-        yield
-    finally:
+    """No hostmesh package before or after; one such test at a time on this machine (several
+    checkouts may run their suites at once, and they share dpkg's database)."""
+    with open("/tmp/hostmesh-deb-test.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for seconds by the other run: its own tests are bounded
         purge()
+        try:
+            yield
+        finally:
+            purge()
 
 
 def assert_all_gone() -> None:
