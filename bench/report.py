@@ -105,16 +105,21 @@ def added_latency(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
-    """Median of every metric of every system over its successful runs (plus added latency)."""
-    samples: dict[str, dict[str, list[float]]] = {}
+def samples(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Every run's value of every metric, per system, in run order (plus added latency)."""
+    out: dict[str, dict[str, list[float]]] = {}
     for r in [*records, *added_latency(records)]:
         if not r["ok"]:
             continue
-        per = samples.setdefault(r["system"], {})
+        per = out.setdefault(r["system"], {})
         for k, v in _flatten(r["scenario"], r["metrics"]).items():
             per.setdefault(k, []).append(v)
-    return {s: {k: median(vs) for k, vs in per.items()} for s, per in samples.items()}
+    return out
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
+    """Median of every metric of every system over its successful runs (plus added latency)."""
+    return {s: {k: median(vs) for k, vs in per.items()} for s, per in samples(records).items()}
 
 
 def ratio(a: float, b: float) -> float:

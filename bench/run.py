@@ -317,10 +317,23 @@ class Harness:
         self.procs.stop_all()
 
 
+def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages: other work on the machine shows up here, not in the ratios."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
 def command_line(argv: list[str]) -> str:
     if os.environ.get("MAKELEVEL"):
         return "make bench" + (f" BENCH_ARGS={shlex.quote(shlex.join(argv))}" if argv else "")
     return shlex.join(["python", "bench/run.py", *argv])
+
+
+def _load(doc: dict[str, Any], when: str) -> str:
+    values = doc["machine"].get(f"loadavg_{when}") or []
+    return f"{values[0]:.2f}" if values else "?"
 
 
 def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
@@ -331,7 +344,8 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "",
         f"Produced by `{doc['command']}` on {doc['date']} (hostmesh {v['hostmesh_commit']}), "
         f"{doc['machine']['cpus']} cores, {doc['machine']['kernel']}; "
-        f"{doc['duration_s']:.0f} s in all. Raw data: [{json_rel}]({json_rel}).",
+        f"{doc['duration_s']:.0f} s in all; 1-min load average {_load(doc, 'before')} before, "
+        f"{_load(doc, 'after')} after. Raw data (every run): [{json_rel}]({json_rel}).",
         "",
         f"Each figure is the median of {s['runs']} interleaved run(s). (a) wrk, {s['connections']} "
         f"keep-alive connections, {s['duration_s']:g} s, small response; (b) the same with "
@@ -344,6 +358,12 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "Ratio columns are hostmesh/peer (L4 = hostmesh-l4, L7 = hostmesh-l7). Load generator, backend and "
         "both proxies share the same cores, so absolute numbers are machine-bound; the ratios are the "
         "figures of merit.",
+        "",
+        "Peers: the consul pair is Consul's built-in proxy (L4 only, one mTLS connection per downstream "
+        "connection, an authorize call to the local agent per inbound connection); the HAProxy pair "
+        "verifies the peer chain and the server name, not the client's SPIFFE ID, and reuses its "
+        "backend connections. hey 0.1.4 paces each worker with a ticker (a slow system gets fewer "
+        "requests, see `achieved_rps` per run) and prints times with 0.1 ms resolution, hence the mean.",
         "",
         tables,
         f"Versions: nginx {v['nginx']}, HAProxy {v['haproxy']}, wrk {v['wrk']}, hey {v['hey']}, "
@@ -413,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     date = dt.datetime.now(dt.UTC)
+    load_before = loadavg()
     h = Harness(settings, args.system_names, args.scenario_names, workdir, consul_bin)
     interrupted = False
     try:
@@ -451,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
         },
         "versions": versions(consul_bin),
         "systems": args.system_names,
@@ -468,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for t in report.TARGETS
         ],
+        "samples": report.samples(h.records),
         "records": h.records,
     }
     say("")
