@@ -189,6 +189,12 @@ async def _serve(
             a.active.id,
             a.active.pin,
         )
+        if host.startswith("127.") or host in ("::1", "localhost"):
+            log.info(
+                "listening on loopback only: other hosts cannot reach this CA "
+                "(serve the fleet with --listen 0.0.0.0:%d --advertise <address>)",
+                bound,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[bool]] = set()
