@@ -475,3 +475,72 @@ async def test_close_drains_then_aborts(mesh: Mesh) -> None:
     assert await closed_by_peer(r) in ("reset", "eof")
     with pytest.raises(OSError):
         await mesh.connect()  # no longer accepting
+
+
+async def _one_exchange(mesh: Mesh, payload: bytes = b"x") -> None:
+    r, w = await mesh.connect()
+    w.write(payload)
+    w.write_eof()
+    assert await read_all(r) == payload
+    w.close()
+    await async_wait_until(lambda: mesh.outbound.pool.idle_count() == 1, what="connection pooled")
+
+
+async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: Mesh, tmp_path: Path) -> None:
+    await _one_exchange(mesh)
+    # Host B now trusts only a new root: web's certificate (old root) must not open another stream
+    # on the already-authenticated pooled connection.
+    new_ca = CA(tmp_path, "new")
+    mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=new_ca.material(["api"], gen=2)))
+    r, w = await mesh.connect()
+    w.write(b"y")
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert mesh.app.connections == 1
+    assert mesh.outbound.pool.handshakes == 1
+
+
+async def test_caller_tls_change_drops_pooled_connections(mesh: Mesh) -> None:
+    await _one_exchange(mesh)
+    mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, tls=mesh.ca.material(["web"], gen=2)))
+    await _one_exchange(mesh, b"renewed")
+    assert mesh.outbound.pool.handshakes == 2  # the renewed cert is presented on a new handshake
+    assert mesh.outbound.pool.reused == 0
+
+
+async def test_reuse_port_lets_two_workers_share_the_listeners(mesh: Mesh) -> None:
+    port = free_port()
+    a = InboundListener(mesh.holder_b, Address("127.0.0.1", port), mesh.tel_b, reuse_port=True)
+    b = InboundListener(mesh.holder_b, Address("127.0.0.1", port), mesh.tel_b, reuse_port=True)
+    await a.start()
+    await b.start()
+    mesh.extra += [a, b]
+    assert a.port == b.port == port
+    holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(port, {})]}))
+    ob = await mesh.add_outbound(holder)
+    r, w = await mesh.connect(ob)
+    w.write(b"shared")
+    w.write_eof()
+    assert await read_all(r) == b"shared"
+
+
+async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
+    # An "instance" that accepts TCP but never answers the TLS handshake.
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    silent_port = int(silent.sockets[0].getsockname()[1])
+    try:
+        eps = {"api": [(silent_port, {}), (mesh.inbound.port, {})]}
+        holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        ob = await mesh.add_outbound(holder, connect_timeout=0.2, connect_budget=2.0)
+        for i in range(2):  # round robin: one of the two starts on the silent instance
+            t0 = time.monotonic()
+            r, w = await mesh.connect(ob)
+            w.write(b"t%d" % i)
+            w.write_eof()
+            assert await read_all(r) == b"t%d" % i
+            assert time.monotonic() - t0 < 1.5
+            w.close()
+            await async_wait_until(lambda: ob.active_connections == 0, what="finished")
+        endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]
+        assert endpoints[0]["connect_failures"] == 1
+    finally:
+        silent.close()

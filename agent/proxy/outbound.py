@@ -163,7 +163,9 @@ class OutboundListener:
             if timeout <= 0:
                 break
             try:
-                conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
+                conn = self.pool.acquire(key, ctx) if tried else None  # another may have freed one
+                if conn is None:
+                    conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
             except DialError as exc:
                 last = exc
                 self._failures[key] = self._failures.get(key, 0) + 1
