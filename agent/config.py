@@ -218,7 +218,7 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
     return ServiceConfig(
         name=name,
         port=port,
-        protocol=protocol,  # type: ignore[arg-type]
+        protocol=protocol,
         meta=dict(meta),
         health=_parse_health(raw.get("health", {"tcp": True}), f"{path}.health"),
         upstreams=upstreams,
@@ -307,7 +307,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         ca=ca,
         services=services,
         trust_domain=trust_domain,
-        default_intention=default_intention,  # type: ignore[arg-type]
+        default_intention=default_intention,
         drain_seconds=_number(raw, "drain_seconds", "", DEFAULT_DRAIN_SECONDS, 0, 3600),
         workers=workers,
         log_level=log_level or "info",

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -43,6 +44,15 @@ def endpoints_from(instances: list[ServiceInstance]) -> tuple[Endpoint, ...]:
     return tuple(sorted(eps, key=lambda e: e.instance_id))
 
 
+def _local_services(config: AgentConfig) -> MappingProxyType[str, LocalService]:
+    return MappingProxyType(
+        {
+            s.name: LocalService(s.name, s.port, s.protocol, Identity(config.trust_domain, s.name))
+            for s in config.services
+        }
+    )
+
+
 class SnapshotBuilder:
     """Holds the latest valid inputs and turns them into snapshots. Pure apart from the state file."""
 
@@ -58,12 +68,7 @@ class SnapshotBuilder:
         self._tls = tls()
         self._on_rejected = on_rejected
         self._on_applied = on_applied
-        self.local = MappingProxyType(
-            {
-                s.name: LocalService(s.name, s.port, s.protocol, Identity(config.trust_domain, s.name))
-                for s in config.services
-            }
-        )
+        self.local = _local_services(config)
         self.endpoints: dict[str, tuple[Endpoint, ...]] = {}
         self.intentions: dict[str, Intentions] = {}
         self.raw_intentions: dict[str, Any] = {}
@@ -104,6 +109,12 @@ class SnapshotBuilder:
         self.versions[f"intentions/{service}"] = index
         self._mark()
         return True
+
+    def reconfigure(self, config: AgentConfig) -> None:
+        """Adopt a reloaded agent.toml (SIGHUP): local services' ports/protocols, the default intention."""
+        self.config = config
+        self.local = _local_services(config)
+        self._mark()
 
     def tls_changed(self) -> None:
         self._tls = self._tls_factory()
@@ -202,18 +213,34 @@ class Discovery:
     def __init__(self, consul: ConsulClient, builder: SnapshotBuilder) -> None:
         self._consul = consul
         self._builder = builder
-        config = builder.config
-        upstreams = sorted({u.service for s in config.services for u in s.upstreams})
-        self.watches: list[Watch[Any]] = []
-        for name in upstreams:
-            self.watches.append(
-                Watch(f"endpoints/{name}", self._health_fetch(name), self._on_endpoints(name))
+        self.watches: dict[str, Watch[Any]] = {}
+        self._running = False
+        self.sync_watches()
+
+    def wanted(self) -> dict[str, Callable[[], Watch[Any]]]:
+        """The watches the current config needs, by name, each with a factory."""
+        config = self._builder.config
+        out: dict[str, Callable[[], Watch[Any]]] = {}
+        for name in sorted({u.service for s in config.services for u in s.upstreams}):
+            out[f"endpoints/{name}"] = partial(
+                Watch, f"endpoints/{name}", self._health_fetch(name), self._on_endpoints(name)
             )
         for svc in config.services:
             key = f"{INTENTIONS_PREFIX}{svc.name}"
-            self.watches.append(
-                Watch(f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name))
+            out[f"intentions/{svc.name}"] = partial(
+                Watch, f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name)
             )
+        return out
+
+    def sync_watches(self) -> list[Watch[Any]]:
+        """Create the watches the config now needs; return the ones it no longer needs (to stop)."""
+        wanted = self.wanted()
+        for name, factory in wanted.items():
+            if name not in self.watches:
+                self.watches[name] = watch = factory()
+                if self._running:
+                    watch.start()
+        return [self.watches.pop(name) for name in list(self.watches) if name not in wanted]
 
     def _health_fetch(self, name: str) -> Callable[[int | None], Any]:
         async def fetch(index: int | None) -> tuple[int, tuple[int, list[ServiceInstance]]]:
@@ -233,17 +260,21 @@ class Discovery:
         return lambda value: self._builder.set_endpoints(name, value[0], value[1])
 
     def _on_intentions(self, name: str) -> Callable[[tuple[int, bytes | None]], None]:
-        return lambda value: self._builder.set_intentions(name, value[0], value[1]) and None
+        def apply(value: tuple[int, bytes | None]) -> None:
+            self._builder.set_intentions(name, value[0], value[1])
+
+        return apply
 
     def start(self) -> None:
-        for watch in self.watches:
+        self._running = True
+        for watch in self.watches.values():
             watch.start()
 
     async def wait_synced(self, timeout: float) -> bool:
         """True once every watch has delivered at least once, False if `timeout` passed first."""
         try:
             async with asyncio.timeout(timeout):
-                for watch in self.watches:
+                for watch in self.watches.values():
                     await watch.first_result.wait()
             return True
         except TimeoutError:
@@ -251,7 +282,8 @@ class Discovery:
 
     @property
     def healthy(self) -> bool:
-        return all(w.healthy for w in self.watches)
+        return all(w.healthy for w in self.watches.values())
 
     async def stop(self) -> None:
-        await asyncio.gather(*(w.stop() for w in self.watches))
+        self._running = False
+        await asyncio.gather(*(w.stop() for w in self.watches.values()))

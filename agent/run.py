@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every TTL/3
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
 
 
+# agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
+RESTART_KEYS = (
+    "node",
+    "mesh_address",
+    "data_dir",
+    "inbound",
+    "admin",
+    "metrics",
+    "consul",
+    "ca",
+    "trust_domain",
+    "workers",
+)
+
+
 class AgentStartError(Exception):
     """The agent cannot start; str() is one line for the operator."""
 
@@ -52,10 +68,11 @@ class Agent:
         self.consul = ConsulClient(config.consul.address, config.consul.token)
         self.ready = False
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # cuts the registration loop's wait short (reload)
         self._tasks: list[asyncio.Task[Any]] = []
         self._tls_generation = itertools.count(1)
         self.inbound: Any = None
-        self.outbound: list[Any] = []
+        self.outbound: dict[tuple[str, str, str], Any] = {}  # (local service, upstream, bind) -> listener
         self._servers: list[HTTPServer] = []
         self.registered = False
 
@@ -66,7 +83,6 @@ class Agent:
         from hostmesh.agent.discovery import Discovery, SnapshotBuilder
         from hostmesh.agent.metrics import Telemetry
         from hostmesh.agent.proxy.inbound import InboundListener
-        from hostmesh.agent.proxy.outbound import OutboundListener
 
         cfg = self.config
         t0 = time.perf_counter()
@@ -106,11 +122,7 @@ class Agent:
         reuse = cfg.workers > 1
         self.inbound = InboundListener(holder, cfg.inbound, self.telemetry, reuse_port=reuse)
         await self.inbound.start()
-        for svc in cfg.services:
-            for up in svc.upstreams:
-                listener = OutboundListener(holder, svc.name, up, self.telemetry, reuse_port=reuse)
-                await listener.start()
-                self.outbound.append(listener)
+        await self._sync_outbound()
         admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
         self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
         if cfg.metrics is not None:
@@ -132,6 +144,21 @@ class Agent:
             len(self.outbound),
             cfg.admin,
         )
+
+    async def _sync_outbound(self) -> None:
+        """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
+        from hostmesh.agent.proxy.outbound import OutboundListener
+
+        wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
+        for key in [k for k in self.outbound if k not in wanted]:
+            await self.outbound.pop(key).close(self.config.drain_seconds)
+        for key, (svc, up) in wanted.items():
+            if key not in self.outbound:
+                listener = OutboundListener(
+                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1
+                )
+                await listener.start()
+                self.outbound[key] = listener
 
     def _tls_material(self) -> TLSMaterial:
         roots = self.certs.roots_pem
@@ -215,11 +242,52 @@ class Agent:
             except RegistryError as exc:
                 if failures == 0:
                     log.warning("Consul registration/TTL update failed: %s; retrying", exc)
-                self.registered = False if "registration" in str(exc) else self.registered
                 failures += 1
                 delay = backoff_delay(failures)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+
+    # --- reload (SIGHUP) ---------------------------------------------------------------------
+
+    async def reload(self, path: Path) -> None:
+        """Re-read agent.toml and apply it without dropping established connections.
+
+        Applied live: upstreams (listeners added/drained), each service's port, protocol, meta and
+        health (re-registered), default_intention, drain_seconds, log_level. Identity and plumbing
+        (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
+        a restart: they keep their running values and the log says so. A file that does not parse
+        changes nothing.
+        """
+        sdnotify.reloading()
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            sdnotify.ready()
+            return
+        old = self.config
+        needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+        if {s.name for s in new.services} != {s.name for s in old.services}:
+            needs_restart.append("services (names)")
+            new = replace(new, services=old.services)
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; these need a restart and keep their running values",
+                ", ".join(needs_restart),
+            )
+            new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+        self.config = new
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        self.builder.reconfigure(new)
+        for stale in self.discovery.sync_watches():
+            await stale.stop()
+        await self._sync_outbound()
+        if new.services != old.services:
+            self.registered = False  # the registration loop re-registers with the new port/meta/checks
+            self._wake.set()
+        log.info("reloaded %s", path)
+        sdnotify.ready()
 
     # --- views ------------------------------------------------------------------------------
 
@@ -238,7 +306,7 @@ class Agent:
     def _clusters_view(self) -> dict[str, Any]:
         snap = self.builder.holder.current
         return {
-            "upstreams": [listener.stats() for listener in self.outbound],
+            "upstreams": [listener.stats() for listener in self.outbound.values()],
             "endpoints": {svc: len(eps) for svc, eps in snap.endpoints.items()},
             "inbound_active_connections": self.inbound.active_connections if self.inbound else 0,
             "consul_watches_healthy": self.discovery.healthy,
@@ -257,6 +325,7 @@ class Agent:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._wake.set()
         self.ready = False
         sdnotify.stopping()
         cfg = self.config
@@ -264,7 +333,7 @@ class Agent:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):
                     await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
-        listeners = [x for x in [self.inbound, *self.outbound] if x is not None]
+        listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
         await asyncio.gather(*(x.close(cfg.drain_seconds) for x in listeners))
         if self.registered:
             for svc in cfg.services:
@@ -281,14 +350,22 @@ class Agent:
         await self.consul.close()
 
 
-async def run_agent(config: AgentConfig) -> None:
+async def run_agent(config: AgentConfig, config_path: Path) -> None:
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(agent.reload(config_path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     try:
         await agent.start()
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         log.info("stopping: draining for up to %gs", config.drain_seconds)
     finally:
@@ -326,7 +403,7 @@ def run_command(config_path: Path) -> None:
     _setup_logging(config.log_level)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(run_agent(config))
+        loop.run_until_complete(run_agent(config, config_path))
     except AgentStartError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -6,6 +6,7 @@ api's agent checks web's identity against the intentions in Consul KV.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, http_json, wait_for
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, free_port, http_json, wait_for
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
@@ -181,3 +182,21 @@ def test_config_typo_is_one_line_and_exit_nonzero(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and "inbund: unknown key" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sighup_adds_an_upstream_without_dropping_established_connections(mesh: TwoHosts) -> None:
+    m, a = mesh.m, mesh.a
+    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
+        held.sendall(b"one")
+        assert held.recv(16) == b"one"
+        new_port = free_port()
+        with a.config_path.open("a") as cfg:  # web is the last [[services]] table
+            cfg.write(f'[[services.upstreams]]\nservice = "api"\nbind = "127.0.0.1:{new_port}"\n')
+        a.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: roundtrip(new_port, b"new", timeout=1) == b"new", 5.0, "the reloaded upstream listener"
+        )
+        held.sendall(b"two")
+        assert held.recv(16) == b"two"  # the connection established before the reload still flows
+    assert a.proc.alive()
+    assert m.agents["node-a"] is a
