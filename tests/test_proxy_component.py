@@ -36,6 +36,10 @@ from tests.support import async_wait_until, free_port
 TD = "hostmesh.local"
 IO_TIMEOUT = 10.0  # every read in these tests is bounded by this
 
+# Both loops: the module overrides `event_loop_policy` (pytest-asyncio deprecates this in favour of a
+# conftest hook; the override keeps the choice local to this module).
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding the \"event_loop_policy\":DeprecationWarning")
+
 
 @pytest.fixture(params=["asyncio", "uvloop"], scope="module")
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
@@ -525,7 +529,8 @@ async def test_reuse_port_lets_two_workers_share_the_listeners(mesh: Mesh) -> No
 
 async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
     # An "instance" that accepts TCP but never answers the TLS handshake.
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
     silent_port = int(silent.sockets[0].getsockname()[1])
     try:
         eps = {"api": [(silent_port, {}), (mesh.inbound.port, {})]}
@@ -544,3 +549,5 @@ async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
         assert endpoints[0]["connect_failures"] == 1
     finally:
         silent.close()
+        for w in held:
+            w.transport.abort()
