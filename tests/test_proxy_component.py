@@ -38,7 +38,7 @@ IO_TIMEOUT = 10.0  # every read in these tests is bounded by this
 
 # Both loops: the module overrides `event_loop_policy` (pytest-asyncio deprecates this in favour of a
 # conftest hook; the override keeps the choice local to this module).
-pytestmark = pytest.mark.filterwarnings("ignore:Overriding the \"event_loop_policy\":DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy":DeprecationWarning')
 
 
 @pytest.fixture(params=["asyncio", "uvloop"], scope="module")
