@@ -1,8 +1,8 @@
 """Blocking-query watches: follow one Consul result and report each change, forever, until cancelled.
 
 Index rules follow Consul's blocking-query guidance: the first call is non-blocking; an index that
-goes backwards (snapshot restore, agent restart) resets the watch to a fresh read; an index below 1
-is treated as 1 so the next call still blocks. Errors back off exponentially with full jitter and
+goes backwards (snapshot restore, agent restart) resets the watch to a fresh read, and so does any
+error; an index below 1 is treated as 1 so the next call still blocks. Errors back off exponentially with full jitter and
 are reported to `on_error`; the last delivered value stays in force meanwhile (the caller's
 snapshot is never cleared by an outage).
 """
@@ -81,6 +81,9 @@ class Watch(Generic[T]):
                 returned, value = await self._fetch(self.index)
             except RegistryError as exc:
                 self.healthy = False
+                # After an error, read fresh: if Consul restarted, its index restarted lower, and a
+                # blocking query on our old index would sit out its whole wait before noticing.
+                self.index = None
                 if self._on_error:
                     self._on_error(exc)
                 if failures == 0:
