@@ -8,7 +8,6 @@ blocking them, then the metrics; Ctrl-C (or --once) stops everything cleanly.
 from __future__ import annotations
 
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -17,27 +16,13 @@ from pathlib import Path
 
 import click
 
-from hostmesh.agent.localmesh import ConsulDev, EchoServer, LocalMesh, wait_for
+from hostmesh.agent.localmesh import ConsulDev, EchoServer, LocalMesh, roundtrip, wait_for
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
 def say(text: str) -> None:
     click.echo(f"{BOLD}==> {text}{RESET}")
-
-
-def call(port: int, message: bytes) -> bytes:
-    """One client connection through web's upstream listener: send, half-close, read the answer."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
-            sock.sendall(message)
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            return data
-    except OSError as exc:
-        return f"<connection failed: {exc}>".encode()
 
 
 def show_metrics(text: str) -> None:
@@ -86,17 +71,20 @@ def main(once: bool) -> None:
 
         port = a.binds["api"]
         say(f"web calls api through 127.0.0.1:{port} -> node-a -> mTLS -> node-b -> api")
-        click.echo(f"    reply: {call(port, b'hello from web').decode()!r}")
+        click.echo(f"    reply: {roundtrip(port, b'hello from web').decode()!r}")
 
         say("hostmesh intention deny web api")
         mesh.hostmesh("intention", "deny", "web", "api")
-        wait_for(lambda: call(port, b"x") == b"", 5, "the deny to apply")
-        click.echo(f"    reply: {call(port, b'hello again')!r}   (node-b refused web's identity)")
+        wait_for(lambda: roundtrip(port, b"x") == b"", 5, "the deny to apply")
+        refused = roundtrip(port, b"hello again") == b""
+        click.echo(
+            f"    reply: {'(connection closed: node-b refused web by intention)' if refused else '?!'}"
+        )
 
         say("hostmesh intention allow web api")
         mesh.hostmesh("intention", "allow", "web", "api")
-        wait_for(lambda: call(port, b"x") != b"", 5, "the allow to apply")
-        click.echo(f"    reply: {call(port, b'and we are back').decode()!r}")
+        wait_for(lambda: roundtrip(port, b"x") != b"", 5, "the allow to apply")
+        click.echo(f"    reply: {roundtrip(port, b'and we are back').decode()!r}")
 
         say("metrics of node-b (destination side)")
         show_metrics(b.metrics())

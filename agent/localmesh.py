@@ -61,6 +61,28 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send `payload` through a mesh listener and read it back until the far end closes.
+
+    A refusal (deny, no healthy instance) closes or resets the connection: what was received
+    before that is returned, so a refused call returns b"" (as does a port nobody listens on).
+    """
+    chunks = []
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except ConnectionRefusedError:
+        return b""  # nothing listening (yet): no answer either
+    with sock:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    return b"".join(chunks)
+
+
 @dataclass
 class Proc:
     name: str

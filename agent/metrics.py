@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# No `*_created` series: they double the exposition and the memory per label set, and rate()
+# does not need them.
+disable_created_metrics()
 
 TCP_LABELS = (
     "reporter",

@@ -17,34 +17,20 @@ from typing import NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, free_port, http_json, wait_for
+from hostmesh.agent.localmesh import (
+    AgentHandle,
+    EchoServer,
+    LocalMesh,
+    free_port,
+    http_json,
+    roundtrip,
+    wait_for,
+)
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 ECHO_TIMEOUT = 5.0
-
-
-def roundtrip(port: int, payload: bytes, timeout: float = ECHO_TIMEOUT) -> bytes:
-    """Send `payload` through a mesh listener and read it back until the far end closes.
-
-    A refusal (deny, no healthy instance) closes or resets the connection: what was received
-    before that is returned, so a refused call returns b"" (as does a port nobody listens on).
-    """
-    chunks = []
-    try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except ConnectionRefusedError:
-        return b""  # nothing listening (yet): no answer either
-    with sock:
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-    return b"".join(chunks)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
