@@ -218,6 +218,7 @@ def test_summary_skips_failed_runs_and_non_numbers() -> None:
     recs[0]["metrics"]["rate_short"] = True  # type: ignore[index]
     s = report.summarize(recs)
     assert s["consul"] == {"ka.rps": 200.0, "ka.peak_rss_mib": 51.0}
+    assert report.samples(recs)["consul"]["ka.rps"] == [100.0, 300.0, 200.0]  # run order, failed run left out
 
 
 def _summary() -> report.Summary:
