@@ -386,7 +386,7 @@ class HostmeshCA:
 def start_hostmesh_ca(env: Env) -> HostmeshCA:
     """`hostmesh ca init` + `hostmesh ca serve` on loopback, once for both hostmesh pairs."""
     if "hostmesh-ca" in env.shared:
-        return env.shared["hostmesh-ca"]  # type: ignore[no-any-return]
+        return env.shared["hostmesh-ca"]
     if isinstance(env.shared.get("hostmesh-ca-error"), str):
         raise StartError(env.shared["hostmesh-ca-error"])
     try:
@@ -522,4 +522,4 @@ def make_systems(names: list[str]) -> list[System]:
         HM_L4: lambda: HostmeshPair("tcp"),
         HM_L7: lambda: HostmeshPair("http"),
     }
-    return [factories[n]() for n in names]  # type: ignore[no-untyped-call]
+    return [factories[n]() for n in names]
