@@ -2,9 +2,9 @@
 
 Index rules follow Consul's blocking-query guidance: the first call is non-blocking; an index that
 goes backwards (snapshot restore, agent restart) resets the watch to a fresh read, and so does any
-error; an index below 1 is treated as 1 so the next call still blocks. Errors back off exponentially with full jitter and
-are reported to `on_error`; the last delivered value stays in force meanwhile (the caller's
-snapshot is never cleared by an outage).
+error; an index below 1 is treated as 1 so the next call still blocks. Errors back off
+exponentially with full jitter and are reported to `on_error`; the last delivered value stays in
+force meanwhile (the caller's snapshot is never cleared by an outage).
 """
 
 from __future__ import annotations
