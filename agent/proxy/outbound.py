@@ -75,6 +75,7 @@ class OutboundListener:
         self._closed: asyncio.Task[None] | None = None
         self._last_log = 0.0
         self._suppressed = 0
+        self.http: Any = None  # http_outbound.HttpOutbound: takes connections when the upstream speaks HTTP
         self.name = f"{local_service}->{upstream.service}"
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -106,6 +107,8 @@ class OutboundListener:
         if self._server is not None:
             self._server.close()
         self.pool.close()
+        if self.http is not None:
+            await self.http.close(drain_seconds)
         for end in list(self._pending):
             reset_transport(end.transport)
         self._pending.clear()
@@ -126,6 +129,9 @@ class OutboundListener:
             reset_transport(end.transport)
             return
         snap = self.holder.current
+        if self.http is not None and self.http.takes(snap):
+            self.http.accept(end)  # L7: agent/proxy/http_outbound.py
+            return
         up = self.upstream.service
         ctx = snap.tls.client.get(self.local_service)
         if ctx is None:
