@@ -1,8 +1,11 @@
 """From Consul to a Snapshot: watches feed inputs, inputs are validated, bursts coalesce into one swap.
 
-Decision: every input (the endpoints of each upstream, each local service's intentions, later
-routes and policies) is watched with its own blocking query, for this agent's own services and
-upstreams only. A change marks the builder dirty; one rebuild runs on the next loop turn, so a
+Decision: every input (the endpoints of each upstream, each local service's intentions, the route
+document and destination policy of each upstream, the policy of each local service for its inbound
+rate limit) is watched with its own blocking query, for this agent's own services and upstreams
+only. Route documents are compiled (`hostmesh.agent.l7.match.CompiledRoutes`) here, once per
+accepted document, so the data path never compiles per request or per snapshot. A change marks the
+builder dirty; one rebuild runs on the next loop turn, so a
 burst of watch events yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
@@ -15,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -24,7 +28,7 @@ from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHo
 from hostmesh.ca.pki import Identity, write_private
 from hostmesh.registry.consul import ConsulClient, ServiceInstance
 from hostmesh.registry.errors import InvalidDocument
-from hostmesh.registry.schema import Intentions, parse_intentions
+from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes
 from hostmesh.registry.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,17 @@ log = logging.getLogger(__name__)
 STATE_FILE = "snapshot.json"
 STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored, not misread
 INTENTIONS_PREFIX = "hostmesh/intentions/"
+ROUTES_PREFIX = "hostmesh/routes/"
+POLICIES_PREFIX = "hostmesh/policies/"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """An accepted route document compiled once: what `Snapshot.routes[<upstream>]` holds."""
+
+    protocol: str  # http | tcp: decides whether the outbound speaks HTTP to this upstream
+    version: int
+    compiled: Any  # hostmesh.agent.l7.match.CompiledRoutes
 
 
 def endpoints_from(instances: list[ServiceInstance]) -> tuple[Endpoint, ...]:
@@ -72,6 +87,10 @@ class SnapshotBuilder:
         self.endpoints: dict[str, tuple[Endpoint, ...]] = {}
         self.intentions: dict[str, Intentions] = {}
         self.raw_intentions: dict[str, Any] = {}
+        self.routes: dict[str, Any] = {}  # service -> CompiledRoutes
+        self.policies: dict[str, PolicyDocument] = {}
+        self.raw_routes: dict[str, Any] = {}
+        self.raw_policies: dict[str, Any] = {}
         self.versions: dict[str, int] = {}
         self.generation = 0
         self.holder = SnapshotHolder(self.build())
@@ -110,6 +129,54 @@ class SnapshotBuilder:
         self._mark()
         return True
 
+    def set_routes(self, service: str, index: int, raw: bytes | None) -> bool:
+        """Apply a new route document (validated, then compiled once); False keeps the old one."""
+        from hostmesh.agent.l7.errors import RouteConfigError
+        from hostmesh.agent.l7.match import CompiledRoutes
+
+        def compile_routes(data: Any) -> Any:
+            doc = parse_routes(data)
+            if doc.service != service:
+                raise InvalidDocument("service", f"is {doc.service!r} but the key is for {service!r}")
+            try:
+                return RouteConfig(doc.protocol, doc.version, CompiledRoutes.compile(doc, service))
+            except RouteConfigError as exc:
+                raise InvalidDocument(exc.path, exc.message) from None
+
+        return self._set_doc("routes", service, index, raw, compile_routes, self.routes, self.raw_routes)
+
+    def set_policy(self, service: str, index: int, raw: bytes | None) -> bool:
+        """Apply a new destination policy (validated); False keeps the old one."""
+
+        def check(data: Any) -> PolicyDocument:
+            doc = parse_policy(data)
+            if doc.service != service:
+                raise InvalidDocument("service", f"is {doc.service!r} but the key is for {service!r}")
+            return doc
+
+        return self._set_doc("policies", service, index, raw, check, self.policies, self.raw_policies)
+
+    def _set_doc(self, kind: str, service: str, index: int, raw: bytes | None, parse: Callable[[Any], Any],
+                 store: dict[str, Any], raw_store: dict[str, Any]) -> bool:  # fmt: skip
+        if raw is None:
+            store.pop(service, None)
+            raw_store.pop(service, None)
+        else:
+            try:
+                data = json.loads(raw)
+                value = parse(data)
+            except (ValueError, InvalidDocument) as exc:
+                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+                log.error("rejected hostmesh/%s/%s: %s; keeping the previous config", kind, service, reason)
+                if self._on_rejected:
+                    self._on_rejected(f"{kind}/{service}", reason)
+                return False
+            store[service] = value
+            raw_store[service] = data
+        self.versions[f"{kind}/{service}"] = index
+        self._mark()
+        return True
+
     def reconfigure(self, config: AgentConfig) -> None:
         """Adopt a reloaded agent.toml (SIGHUP): local services' ports/protocols, the default intention."""
         self.config = config
@@ -133,6 +200,8 @@ class SnapshotBuilder:
             intentions=MappingProxyType(dict(self.intentions)),
             default_allow=self.config.default_intention == "allow",
             tls=self._tls,
+            routes=MappingProxyType(dict(self.routes)),
+            policies=MappingProxyType(dict(self.policies)),
             versions=MappingProxyType(dict(self.versions)),
         )
 
@@ -175,6 +244,8 @@ class SnapshotBuilder:
                 for svc, eps in self.endpoints.items()
             },
             "intentions": self.raw_intentions,
+            "routes": self.raw_routes,
+            "policies": self.raw_policies,
             "versions": self.versions,
         }
         try:
@@ -201,6 +272,10 @@ class SnapshotBuilder:
                 self.raw_intentions[svc] = raw
             except InvalidDocument:
                 continue
+        for svc, raw in state.get("routes", {}).items():
+            self.set_routes(svc, 0, json.dumps(raw).encode())
+        for svc, raw in state.get("policies", {}).items():
+            self.set_policy(svc, 0, json.dumps(raw).encode())
         self.versions.update({k: int(v) for k, v in state.get("versions", {}).items()})
         self.rebuild()
         log.info("loaded the saved snapshot from %s", self._state_path)
@@ -224,6 +299,21 @@ class Discovery:
         for name in sorted({u.service for s in config.services for u in s.upstreams}):
             out[f"endpoints/{name}"] = partial(
                 Watch, f"endpoints/{name}", self._health_fetch(name), self._on_endpoints(name)
+            )
+        upstreams = sorted({u.service for s in config.services for u in s.upstreams})
+        for name in upstreams:
+            out[f"routes/{name}"] = partial(
+                Watch,
+                f"routes/{name}",
+                self._kv_fetch(f"{ROUTES_PREFIX}{name}"),
+                self._on_doc(name, "routes"),
+            )
+        for name in sorted({*upstreams, *(s.name for s in config.services)}):
+            out[f"policies/{name}"] = partial(
+                Watch,
+                f"policies/{name}",
+                self._kv_fetch(f"{POLICIES_PREFIX}{name}"),
+                self._on_doc(name, "policies"),
             )
         for svc in config.services:
             key = f"{INTENTIONS_PREFIX}{svc.name}"
@@ -262,6 +352,14 @@ class Discovery:
     def _on_intentions(self, name: str) -> Callable[[tuple[int, bytes | None]], None]:
         def apply(value: tuple[int, bytes | None]) -> None:
             self._builder.set_intentions(name, value[0], value[1])
+
+        return apply
+
+    def _on_doc(self, name: str, kind: str) -> Callable[[tuple[int, bytes | None]], None]:
+        setter = self._builder.set_routes if kind == "routes" else self._builder.set_policy
+
+        def apply(value: tuple[int, bytes | None]) -> None:
+            setter(name, value[0], value[1])
 
         return apply
 

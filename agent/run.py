@@ -30,7 +30,7 @@ from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
-from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
@@ -82,6 +82,7 @@ class Agent:
         from hostmesh.agent.certs import CertManager
         from hostmesh.agent.discovery import Discovery, SnapshotBuilder
         from hostmesh.agent.metrics import Telemetry
+        from hostmesh.agent.proxy.http_inbound import HttpInbound
         from hostmesh.agent.proxy.inbound import InboundListener
 
         cfg = self.config
@@ -121,6 +122,10 @@ class Agent:
         holder = self.builder.holder
         reuse = cfg.workers > 1
         self.inbound = InboundListener(holder, cfg.inbound, self.telemetry, reuse_port=reuse)
+        self.http_inbound = HttpInbound(
+            holder, self.telemetry, {s.name: s.meta.get("version", "") for s in cfg.services}
+        )
+        self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
         await self.inbound.start()
         await self._sync_outbound()
         admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
@@ -147,6 +152,7 @@ class Agent:
 
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
+        from hostmesh.agent.proxy.http_outbound import HttpOutbound
         from hostmesh.agent.proxy.outbound import OutboundListener
 
         wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
@@ -157,17 +163,22 @@ class Agent:
                 listener = OutboundListener(
                     self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1
                 )
+                listener.http = HttpOutbound(
+                    self.builder.holder, svc.name, up.service, self.telemetry,
+                    local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
+                )  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
 
     def _tls_material(self) -> TLSMaterial:
         roots = self.certs.roots_pem
-        server, client = {}, {}
+        server, client, client_http = {}, {}, {}
         for svc in self.config.services:
             chain, key = self.certs.paths(svc.name)
             server[svc.name] = mesh_server_context(chain, key, roots)
             client[svc.name] = mesh_client_context(chain, key, roots)
-        return TLSMaterial(next(self._tls_generation), roots, server, client)
+            client_http[svc.name] = mesh_client_context(chain, key, roots, alpn=(ALPN_HTTP1,))
+        return TLSMaterial(next(self._tls_generation), roots, server, client, client_http)
 
     def _on_certs_changed(self) -> None:
         self.builder.tls_changed()
@@ -334,6 +345,8 @@ class Agent:
                 with contextlib.suppress(RegistryError):
                     await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
         listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
+        if getattr(self, "http_inbound", None) is not None:
+            listeners.append(self.http_inbound)
         await asyncio.gather(*(x.close(cfg.drain_seconds) for x in listeners))
         if self.registered:
             for svc in cfg.services:

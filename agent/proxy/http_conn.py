@@ -1,0 +1,898 @@
+"""HTTP/1.1 connection mechanics shared by both sides of the L7 path (sans decisions).
+
+    client ──► ServerConn ─ Exchange ─► UpstreamConn ──► next hop
+                (RequestFramer)            (ResponseFramer)
+
+Both sides of the mesh are the same proxy with different decisions: the outbound (http_outbound.py)
+serves the local app and forwards to a peer agent over pooled mutual TLS (ALPN ``hostmesh/http1``);
+the inbound (http_inbound.py) serves that mTLS connection and forwards to 127.0.0.1:<app>. This
+module moves the bytes; the two sides decide (route, balance, retry / authorize, rate limit).
+
+Decisions:
+- One request at a time per connection, both ways (no pipelining upstream). Pipelined client
+  requests are read in order: after a request's end its successors' events wait in a backlog and
+  the client socket is paused until the response is done.
+- Bodies stream: request body pieces go to the upstream transport as they arrive (re-chunked when
+  the client sent chunked); response pieces go to the client the same way. The only buffer is the
+  request replay buffer for retries, bounded by ``retry.MAX_REPLAY_BODY_BYTES``; a longer body is
+  forwarded but not replayed (the exchange becomes non-replayable). Backpressure: a transport past
+  its high-water mark pauses reading on the other side.
+- A request's head must arrive within ``HEADER_READ_TIMEOUT`` of its first byte (slow clients get
+  408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``.
+- Upstream connections are pooled per key (LIFO, bounded, aged out); one is returned to the pool only
+  when both the request and the response ended cleanly and the response allows keep-alive.
+- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes.
+- Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
+  (``l7/http1.error_response``); a failure after the response head was sent resets the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
+
+from hostmesh.agent import audit
+from hostmesh.agent.l7 import flags as fl
+from hostmesh.agent.l7 import http1
+from hostmesh.agent.l7.http1 import (
+    CHUNKED,
+    CRLF,
+    NO_BODY,
+    UNTIL_CLOSE,
+    Body,
+    EndOfMessage,
+    Informational,
+    Reject,
+    RequestHead,
+    ResponseHead,
+    TunnelData,
+)
+from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
+from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, reset_transport
+
+log = logging.getLogger("hostmesh.proxy.http")
+
+HEADER_READ_TIMEOUT = 10.0  # from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s)
+IDLE_TIMEOUT = 90.0  # keep-alive client idle; above the pool's UPSTREAM_IDLE_SECONDS so callers close first
+UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
+UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
+MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serves a burst that passed
+POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
+ACCESS_LOG_SAMPLE = float(os.environ.get("HOSTMESH_ACCESS_LOG_SAMPLE", "0.01"))
+# ^ share of plain successful requests written to the access log (requests with a response flag or a
+#   5xx are always written): one json.dumps per request would cost ~10 % of the L7 hot path.
+REQUEST_ID = b"x-request-id"
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
+
+_rng = random.Random()
+
+
+def request_id() -> bytes:
+    return os.urandom(16).hex().encode()
+
+
+class Handler(Protocol):
+    """What a ServerConn needs from its side (outbound or inbound)."""
+
+    header_timeout: float
+
+    def start(self, ex: Exchange) -> None: ...
+    def finished(self, ex: Exchange) -> None: ...
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None: ...
+    def conn_lost(self, conn: ServerConn) -> None: ...
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class RequestMetrics:
+    """Cached label children of hostmesh_requests_total / _duration_seconds for one reporter."""
+
+    __slots__ = ("_cache", "reporter", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, reporter: str) -> None:
+        self.telemetry = telemetry
+        self.reporter = reporter
+        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, Any]] = {}
+
+    def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float) -> None:
+        key = (source, dest, subset, code, flags)
+        pair = self._cache.get(key)
+        if pair is None:
+            labels = (self.reporter, source, dest, subset, str(code), flags)
+            t = self.telemetry
+            pair = (t.requests.labels(*labels), t.request_duration.labels(*labels))
+            if len(self._cache) < MAX_CACHED_SERIES:
+                self._cache[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+
+def access_line(ex: Exchange, reporter: str, source: str, dest: str, subset: str, **extra: Any) -> None:
+    """One JSON access line, sampled (flagged and 5xx answers always), when the access logger is on."""
+    if not audit.access_enabled():
+        return
+    if not ex.flags and ex.status < 500 and _rng.random() >= ACCESS_LOG_SAMPLE:
+        return
+    h = ex.head
+    rid = b""
+    for n, v in h.headers:
+        if n == REQUEST_ID:
+            rid = v
+            break
+    record = {
+        "ts": round(time.time(), 3),
+        "reporter": reporter,
+        "source": source,
+        "destination": dest,
+        "subset": subset,
+        "method": h.method.decode("latin-1"),
+        "path": h.target.decode("latin-1")[:512],
+        "status": ex.status,
+        "flags": ex.flags or fl.NONE,
+        "duration_ms": round((time.monotonic() - ex.started) * 1000, 2),
+        "request_id": rid.decode("latin-1"),
+        "sent_bytes": ex.sent,
+    }
+    record.update(extra)
+    audit.access(record)
+
+
+# --------------------------------------------------------------------------- client side of a proxy
+
+
+class ServerConn(asyncio.Protocol):
+    """The proxy's server end of one HTTP/1.1 connection (a local app's, or a peer agent's over mTLS)."""
+
+    def __init__(self, handler: Handler, info: Any = None) -> None:
+        self.handler = handler
+        self.info = info  # side-specific (inbound: the caller's identity and service)
+        self.transport: asyncio.Transport | None = None
+        self.framer = http1.RequestFramer()
+        self.ex: Exchange | None = None
+        self.backlog: list[Any] | None = None
+        self.closed = False
+        self.write_paused = False
+        self.peer_ip = ""
+        self.requests = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._partial = False  # bytes of a head arrived since the last request
+        self._last = 0.0
+        self._tunnel: UpstreamConn | None = None
+
+    # ---- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        peer = t.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self._last = time.monotonic()
+        self._arm(self.handler.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if tunnel.transport is not None:
+                tunnel.transport.write(data)
+            return
+        if self.ex is None:
+            self._partial = True
+        for ev in self.framer.feed(data):
+            if self.closed:
+                return
+            if self.backlog is not None:
+                self.backlog.append(ev)
+            else:
+                self._event(ev)
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            t = self._tunnel.transport
+            if t is not None and not t.is_closing() and t.can_write_eof():
+                t.write_eof()
+            return True
+        for ev in self.framer.eof():
+            if self.backlog is not None:
+                self.backlog.append(ev)
+            else:
+                self._event(ev)
+        if self.ex is None and self.backlog is None:
+            self.close()
+        return True  # a response may still be on its way (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.handler.conn_lost(self)
+        ex = self.ex
+        if ex is not None:
+            ex.client_lost()
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.ex
+        up = ex.upstream if ex is not None else self._tunnel
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.ex
+        up = ex.upstream if ex is not None else self._tunnel
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+
+    # ---- events
+    def _event(self, ev: Any) -> None:
+        t = type(ev)
+        ex = self.ex
+        if t is Body:
+            if ex is not None:
+                ex.request_body(ev.data)
+        elif t is EndOfMessage:
+            if ex is not None:
+                ex.request_end(ev.trailers)
+                if self.ex is not None and not self.closed:  # the response is not done: hold what follows
+                    self.backlog = []
+                    self.pause_reading()
+        elif t is RequestHead:
+            self._cancel_timer()
+            self._partial = False
+            self.requests += 1
+            ex = self.ex = Exchange(self, ev)
+            self.handler.start(ex)
+        elif t is TunnelData:
+            if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.write(ev.data)
+        elif t is Reject:
+            self.reject(ev.status, ev.reason, ev.flag)
+
+    def reject(self, status: int, reason: str, flag: str) -> None:
+        """A protocol error from the client: answer (when no response started yet) and close."""
+        self.handler.rejected(self, status, reason, flag)
+        ex = self.ex
+        if ex is not None and ex.head_sent:
+            self.abort()
+            return
+        if ex is not None:
+            ex.abandon_upstream()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(http1.error_response(status, flag, False))
+        self.close()
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        """The response of `ex` is complete: next request (backlog first) or close."""
+        if ex is not self.ex:
+            return
+        self.ex = None
+        if self.closed:
+            return
+        if not keep_alive or not ex.request_done:
+            self.close()
+            return
+        self._last = time.monotonic()
+        self._arm(self.handler.header_timeout)
+        backlog, self.backlog = self.backlog, None
+        if backlog:
+            for i, ev in enumerate(backlog):
+                if self.closed:
+                    return
+                if self.backlog is not None:  # the next exchange is waiting again: queue the rest
+                    self.backlog.extend(backlog[i:])
+                    return
+                self._event(ev)
+        if self.backlog is None:
+            self.resume_reading()
+
+    def start_tunnel(self, up: UpstreamConn) -> None:
+        self.ex = None
+        self.backlog = None
+        self._tunnel = up
+        self._cancel_timer()
+        self.resume_reading()
+
+    # ---- timers
+    def _arm(self, seconds: float) -> None:
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.closed or self.ex is not None or self._tunnel is not None:
+            return
+        if self._partial:  # a head began and did not finish in time
+            self.reject(408, "header-read-timeout", fl.DPE)
+            return
+        left = self._last + IDLE_TIMEOUT - time.monotonic()
+        if left > 0:
+            self._arm(min(left, IDLE_TIMEOUT))
+        else:
+            self.close()
+
+    # ---- transport helpers
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self.closed and not t.is_closing():
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self.closed and not t.is_closing() and self.backlog is None:
+            t.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._cancel_timer()
+        reset_transport(self.transport)
+
+
+# --------------------------------------------------------------------------- one request/response
+
+
+class Exchange:
+    """One request from the client and its response; owns the link to the upstream connection."""
+
+    __slots__ = (
+        "chunked",
+        "chunks",
+        "conn",
+        "done",
+        "flags",
+        "head",
+        "head_sent",
+        "keep_alive",
+        "nbytes",
+        "on_fail",
+        "on_response_head",
+        "plan",
+        "replayable",
+        "request_done",
+        "resp_pending",
+        "response_ops",
+        "sent",
+        "started",
+        "state",
+        "status",
+        "trailers",
+        "upstream",
+        "waiter",
+    )
+
+    def __init__(self, conn: ServerConn, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.started = time.monotonic()
+        self.chunked = head.framing == CHUNKED
+        self.request_done = head.framing == NO_BODY
+        self.chunks: list[bytes] = []  # encoded request body pieces kept for a replay
+        self.nbytes = 0
+        self.replayable = True
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.upstream: UpstreamConn | None = None
+        self.waiter: asyncio.Future[Any] | None = None
+        self.resp_pending: list[Any] | None = None  # response events that came before the relay started
+        self.head_sent = False
+        self.done = False
+        self.status = 0
+        self.flags = ""
+        self.sent = 0
+        self.plan = NO_BODY
+        self.keep_alive = head.keep_alive
+        self.response_ops: Any = None
+        self.state: Any = None  # side-specific per-request data (route, endpoint, ...)
+        # callback mode (no coroutine): called with the response head instead of waking `waiter`
+        self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
+        # called when the upstream failed before any response byte; True: the side took over (redial)
+        self.on_fail: Callable[[Exchange, str], bool] | None = None
+
+    # ---- request body (from the client)
+    def request_body(self, data: bytes) -> None:
+        enc = http1.chunk_header(len(data)) + data + CRLF if self.chunked else data
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.write(enc)
+        if self.replayable:
+            self.chunks.append(enc)
+            self.nbytes += len(enc)
+            if self.nbytes > MAX_REPLAY_BODY_BYTES:
+                self.replayable = False
+                if up is not None:
+                    self.chunks = []
+                else:
+                    self.conn.pause_reading()  # hold the rest until an upstream takes it
+        elif up is None:
+            self.chunks.append(enc)
+            self.conn.pause_reading()
+
+    def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.request_done = True
+        self.trailers = trailers
+        if self.chunked:
+            enc = http1.last_chunk(trailers)
+            up = self.upstream
+            if up is not None and up.transport is not None:
+                up.transport.write(enc)
+            if self.replayable or up is None:
+                self.chunks.append(enc)
+
+    def continue_100(self) -> None:
+        """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
+        if self.head.expect_continue and not self.request_done and not self.head_sent:
+            self.conn.write(http1.CONTINUE)
+
+    # ---- upstream attempts
+    def send(self, up: UpstreamConn, method: bytes, target: bytes, headers: http1.Headers) -> None:
+        """Write the request head and what we have of the body to `up`; stream the rest to it."""
+        self.upstream = up
+        self.resp_pending = None
+        up.owner = self
+        up.framer.expect(method)
+        framing = self.head.framing
+        if framing == CHUNKED:
+            headers.append((b"transfer-encoding", b"chunked"))
+        data = http1.serialize_request_head(method, target, b"1.1", headers)
+        t = up.transport
+        assert t is not None
+        if self.chunks:
+            t.write(data + b"".join(self.chunks))
+            if not self.replayable:
+                self.chunks = []
+        else:
+            t.write(data)
+        if not self.request_done:
+            self.conn.resume_reading()
+
+    async def wait_response(self, timeout: float | None) -> Any:
+        """RESPONSE with the head, or RESET / TIMEOUT / CLIENT_GONE."""
+        loop = asyncio.get_running_loop()
+        fut = self.waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+        try:
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.waiter = None
+
+    def abandon_upstream(self) -> None:
+        """Drop the current attempt's connection (not reusable: its response is unread)."""
+        up = self.upstream
+        self.upstream = None
+        self.resp_pending = None
+        if up is not None:
+            up.owner = None
+            up.close()
+
+    # ---- events from the upstream connection
+    def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
+        t = type(ev)
+        if up is not self.upstream:
+            return
+        pending = self.resp_pending
+        if t is ResponseHead:
+            waiter = self.waiter
+            cb = self.on_response_head
+            if cb is not None and waiter is None:
+                self.resp_pending = []
+                cb(self, ev)
+                return
+            self.resp_pending = []
+            if up.transport is not None:
+                up.transport.pause_reading()  # until the relay decision (retry or pass on)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(ev)
+            return
+        if t is Informational:
+            return  # the proxy answered 100-continue itself; other 1xx are not relayed
+        if pending is not None:
+            pending.append(ev)
+            return
+        if t is Body:
+            self._relay_body(ev.data)
+        elif t is EndOfMessage:
+            self._relay_end(up, ev.trailers)
+        elif t is TunnelData:
+            self.conn.write(ev.data)
+        elif t is Reject:
+            self._upstream_failed(up, ev.flag)
+
+    def upstream_lost(self, up: UpstreamConn) -> None:
+        if up is not self.upstream:
+            return
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(RESET)
+            return
+        if self.resp_pending is not None:  # head seen, relay not started: end what will be relayed
+            self.resp_pending.append(Reject(502, "upstream-reset", fl.UC))
+        elif not self.done:
+            self._upstream_failed(up, fl.UC)
+
+    def _upstream_failed(self, up: UpstreamConn, flag: str) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(RESET)
+            return
+        self.upstream = None
+        up.owner = None
+        up.close()
+        if self.done:
+            return
+        if self.head_sent:  # the client cannot be told any more: a reset shows the truncation
+            self.flags = flag if not self.flags else self.flags + "," + flag
+            self.conn.abort()
+            self._finish(False)
+        elif self.on_fail is not None and self.on_fail(self, flag):
+            return
+        else:
+            self.respond(503 if flag == fl.UC else 502, flag)
+
+    # ---- responses to the client
+    def relay(self, resp: ResponseHead, extra: http1.Headers | None = None) -> None:
+        """Pass the upstream's response on to the client (head now, body as it streams)."""
+        head = self.head
+        up = self.upstream
+        if resp.status == 101 and head.upgrade:
+            self._relay_upgrade(resp)
+            return
+        framing, keep = http1.downstream_response_plan(head.version, self.keep_alive, resp.framing)
+        if not self.request_done and framing != NO_BODY:
+            keep = False  # the client is still sending a body we will not read
+        self.keep_alive = keep
+        self.plan = framing
+        headers = http1.forward_headers(resp.headers)
+        if headers is resp.headers and (extra or self.response_ops):
+            headers = list(headers)
+        if self.response_ops:
+            self.response_ops.apply(headers)
+        if extra:
+            headers.extend(extra)
+        ch = http1.connection_header(head.version, keep)
+        if ch is not None:
+            headers.append(ch)
+        if framing == CHUNKED:
+            headers.append((b"transfer-encoding", b"chunked"))
+        self.status = resp.status
+        data = http1.serialize_response_head(b"1.1", resp.status, resp.reason or None, headers)
+        self.head_sent = True
+        self.conn.write(data)
+        pending, self.resp_pending = self.resp_pending, None
+        if pending:
+            for ev in pending:
+                if self.done:
+                    return
+                if up is not None:
+                    self.on_upstream(up, ev)
+        if up is not None and up.transport is not None and not up.closed and not self.conn.write_paused:
+            up.transport.resume_reading()  # paused at the head (see on_upstream); pooled ones must read too
+
+    def _relay_upgrade(self, resp: ResponseHead) -> None:
+        up = self.upstream
+        assert up is not None
+        headers = http1.forward_headers(resp.headers, tunnel=True)
+        self.status = 101
+        self.conn.write(http1.serialize_response_head(b"1.1", 101, resp.reason or None, headers))
+        self.head_sent = True
+        pending, self.resp_pending = self.resp_pending, None
+        for ev in pending or ():
+            if type(ev) is TunnelData:
+                self.conn.write(ev.data)
+        up.tunnel_to(self.conn)
+        self.conn.start_tunnel(up)
+        self.upstream = None
+        self._finish(False, release=False)
+        if up.transport is not None:
+            up.transport.resume_reading()
+
+    def _relay_body(self, data: bytes) -> None:
+        self.sent += len(data)
+        if self.plan == CHUNKED:
+            self.conn.write(http1.chunk_header(len(data)) + data + CRLF)
+        else:
+            self.conn.write(data)
+
+    def _relay_end(self, up: UpstreamConn, trailers: http1.Headers) -> None:
+        if self.plan == CHUNKED:
+            self.conn.write(http1.last_chunk(trailers))
+        self.upstream = None
+        up.owner = None
+        if self.request_done and up.keep_alive_ok():
+            up.release()
+        else:
+            up.close()
+        self._finish(self.plan != UNTIL_CLOSE and self.keep_alive)
+
+    def respond(self, status: int, flag: str, detail: str = "") -> None:
+        """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
+        if self.done:
+            return
+        self.abandon_upstream()
+        if flag and flag not in self.flags.split(","):
+            self.flags = flag if not self.flags else self.flags + "," + flag
+        self.status = status
+        keep = self.keep_alive and self.request_done
+        self.conn.write(http1.error_response(status, self.flags or fl.NONE, keep, detail))
+        self.head_sent = True
+        self._finish(keep)
+
+    def client_lost(self) -> None:
+        """The client went away: drop the upstream attempt; count what happened."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(CLIENT_GONE)
+        if not self.done:
+            self.abandon_upstream()
+            if not self.head_sent:
+                self.status = 499 if not self.status else self.status
+            self.flags = self.flags or "DC"
+            self._finish(False)
+
+    def _finish(self, keep_alive: bool, release: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.conn.handler.finished(self)
+        self.conn.exchange_done(self, keep_alive)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(TIMEOUT)
+
+
+# --------------------------------------------------------------------------- upstream side
+
+
+class UpstreamConn(asyncio.Protocol):
+    """The proxy's client end of one HTTP/1.1 connection to the next hop; pooled between requests."""
+
+    def __init__(self, pool: UpstreamPool, key: Any) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.framer = http1.ResponseFramer()
+        self.owner: Exchange | None = None
+        self.closed = False
+        self.reused = False
+        self.expires = time.monotonic() + UPSTREAM_MAX_AGE
+        self.idle_since = 0.0
+        self.ctx: Any = None
+        self._tunnel: ServerConn | None = None
+        self._last_keep = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        owner = self.owner
+        events = self.framer.feed(data)
+        if owner is None:
+            if events:
+                self.close()  # bytes nobody asked for: this connection cannot be trusted any more
+            return
+        for ev in events:
+            if type(ev) is ResponseHead:
+                self._last_keep = ev.keep_alive
+            owner.on_upstream(self, ev)
+            if self.owner is not owner:
+                return
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            t = self._tunnel.transport
+            if t is not None and not t.is_closing() and t.can_write_eof():
+                t.write_eof()
+            return True
+        owner = self.owner
+        for ev in self.framer.eof():
+            if owner is not None and self.owner is owner:
+                owner.on_upstream(self, ev)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.conn.pause_reading()
+        elif self._tunnel is not None:
+            self._tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.conn.resume_reading()
+        elif self._tunnel is not None:
+            self._tunnel.resume_reading()
+
+    def tunnel_to(self, conn: ServerConn) -> None:
+        self._tunnel = conn
+        self.owner = None
+        self.pool.lost(self)  # a tunnel never returns to the pool
+
+    def keep_alive_ok(self) -> bool:
+        return self._last_keep and not self.closed and not self.framer.broken
+
+    def release(self) -> None:
+        self.owner = None
+        self.pool.release(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            if self.transport is not None:
+                self.transport.close()
+            self.pool.lost(self)
+
+
+Dialer = Callable[[Any], Awaitable[UpstreamConn]]
+
+
+class UpstreamPool:
+    """Idle upstream connections by key (LIFO: the warmest first); counts open connections."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Any, list[UpstreamConn]] = {}
+        self.open: dict[Any, int] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.dials = 0
+        self.reused = 0
+        self.on_lost: Callable[[UpstreamConn], None] | None = None
+        self._counted: set[UpstreamConn] = set()
+
+    def acquire(self, key: Any, ctx: Any = None) -> UpstreamConn | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.ctx is not ctx or now >= conn.expires:
+                conn.close()
+                continue
+            conn.reused = True
+            self.reused += 1
+            return conn
+        return None
+
+    def opened(self, conn: UpstreamConn) -> None:
+        self.dials += 1
+        self._counted.add(conn)
+        self.open[conn.key] = self.open.get(conn.key, 0) + 1
+
+    def release(self, conn: UpstreamConn) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if self.closing or conn.closed or time.monotonic() >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        if conn.transport is not None:
+            conn.transport.resume_reading()  # an idle connection must notice the peer closing it
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+
+    def lost(self, conn: UpstreamConn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        if conn in self._counted:
+            self._counted.discard(conn)
+            self.open[conn.key] -= 1
+            if self.on_lost is not None:
+                self.on_lost(conn)
+
+    def idle_count(self, key: Any = None) -> int:
+        if key is not None:
+            return len(self._idle.get(key, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        cutoff = now - UPSTREAM_IDLE_SECONDS
+        left = 0
+        for key, idle in list(self._idle.items()):
+            for c in [c for c in idle if c.idle_since <= cutoff or now >= c.expires]:
+                c.close()
+            left += len(idle)
+            if not idle:
+                self._idle.pop(key, None)
+        if left and not self.closing:
+            self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+
+    def drop_stale(self, ctx: Any) -> None:
+        for idle in list(self._idle.values()):
+            for c in [c for c in idle if c.ctx is not ctx]:
+                c.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in list(self._idle.values()):
+            for c in list(idle):
+                c.close()
+        self._idle.clear()
+
+
+def with_request_id(headers: http1.Headers) -> http1.Headers:
+    """`headers` with an ``x-request-id`` when the client sent none (traceparent/B3 pass unchanged)."""
+    for n, _ in headers:
+        if n == REQUEST_ID:
+            return headers
+    headers.append((REQUEST_ID, request_id()))
+    return headers
+
+
+def has_host(headers: http1.Headers) -> bool:
+    return any(n == b"host" for n, _ in headers)
+
+
+def response_flag(resp: ResponseHead) -> str:
+    """The flag a proxy further along put on its own error response (``-`` passes as empty)."""
+    if resp.status < 400:
+        return ""
+    for n, v in resp.headers:
+        if n == fl.HEADER:
+            return v.decode("latin-1")
+    return ""
+
+
+__all__ = [
+    "CLIENT_GONE",
+    "CONNECT_FAILURE",
+    "IDEMPOTENT",
+    "RESET",
+    "RESPONSE",
+    "TIMEOUT",
+    "Exchange",
+    "RequestMetrics",
+    "ServerConn",
+    "UpstreamConn",
+    "UpstreamPool",
+    "access_line",
+]

@@ -1,0 +1,275 @@
+"""Inbound L7: HTTP/1.1 requests arriving over mutual TLS (ALPN ``hostmesh/http1``) for a local service.
+
+Pipeline per request (visible in `HttpInbound.start`):
+    frame + hygiene (http1, in ServerConn: 400/431/408/417/405/501 with the flag header) -> read the
+    snapshot once -> the caller is still trusted (bundle change, certificate expiry) -> authorize
+    (`authorize_request`: intentions with HTTP permissions; 403 AUTHZ + audit line) -> local rate
+    limit of the service's policy (429 RL) -> forward to 127.0.0.1:<app port> on a pooled keep-alive
+    connection -> relay the response -> metrics reporter=destination, sampled access line.
+
+Decisions:
+- The connection is handed over by the L4 inbound (`InboundListener.alpn_handlers`) after the TLS
+  handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection level the
+  L4 code did not authorize, so every request is authorized here, against the *current* snapshot:
+  an intention change applies to the next request, even on a pooled connection.
+- The rate limit is one token bucket per local service per agent (ratelimit.py), rebuilt when the
+  service's policy document changes.
+- No retries here: the caller's agent owns retry decisions (it knows the route). The only redo is
+  transparent: an idempotent request on a reused app connection that the app had closed meanwhile
+  (the usual keep-alive race) is sent once more on a fresh connection.
+- The hot path runs without a coroutine when an idle app connection is at hand (callback mode of
+  http_conn.Exchange); only a dial needs a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from hostmesh.agent import audit
+from hostmesh.agent.authz import authorize_request
+from hostmesh.agent.l7 import flags as fl
+from hostmesh.agent.l7 import http1
+from hostmesh.agent.l7.ratelimit import TokenBucket
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.http_conn import (
+    HEADER_READ_TIMEOUT,
+    IDEMPOTENT,
+    Exchange,
+    RequestMetrics,
+    ServerConn,
+    UpstreamConn,
+    UpstreamPool,
+    access_line,
+    has_host,
+    with_request_id,
+)
+from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.ca.errors import TrustError
+from hostmesh.ca.pki import Identity, load_certs, verify_leaf
+from hostmesh.ca.tls import peer_certificate
+
+log = logging.getLogger("hostmesh.proxy.http_inbound")
+
+REPORTER = "destination"
+APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
+DRAIN_POLL = 0.05  # shutdown: how often open connections are checked while draining
+
+
+class Caller:
+    """Who is on the other end of one inbound mTLS connection (ServerConn.info)."""
+
+    __slots__ = ("leaf", "not_after", "peer", "roots_pem", "service", "source")
+
+    def __init__(self, source: Identity, service: str, leaf: Any, roots_pem: str, peer: str) -> None:
+        self.source = source
+        self.service = service
+        self.leaf = leaf
+        self.not_after = leaf.not_valid_after_utc.timestamp() if leaf is not None else float("inf")
+        self.roots_pem = roots_pem
+        self.peer = peer
+
+
+class _Req:
+    __slots__ = ("headers", "port", "redone")
+
+    def __init__(self, port: int, headers: http1.Headers) -> None:
+        self.port = port
+        self.headers = headers
+        self.redone = False
+
+
+class HttpInbound:
+    """HTTP side of the inbound listener: serves every ``hostmesh/http1`` connection of this agent."""
+
+    header_timeout = HEADER_READ_TIMEOUT
+
+    def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
+                 subsets: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.holder = holder
+        self.telemetry = telemetry
+        self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
+        self.metrics = RequestMetrics(telemetry, REPORTER)
+        self.pool = UpstreamPool()
+        self.conns: set[ServerConn] = set()
+        self.closing = False
+        self.rejected_total = 0
+        self._buckets: dict[str, tuple[Any, TokenBucket | None]] = {}
+        self._roots: tuple[str, list[Any]] = ("", [])
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- hand-over from the L4 inbound (InboundListener.alpn_handlers) ------------------------
+
+    def handler(self, listener: Any, transport: asyncio.Transport, source: Identity, svc: LocalService,
+                _extra: list[bytes]) -> None:  # fmt: skip
+        ssl_obj = transport.get_extra_info("ssl_object")
+        peer = transport.get_extra_info("peername")
+        caller = Caller(
+            source,
+            svc.name,
+            peer_certificate(ssl_obj),
+            self.holder.current.tls.roots_pem,
+            f"{peer[0]}:{peer[1]}" if peer else "?",
+        )
+        conn = ServerConn(self, caller)
+        if self.closing:
+            transport.close()
+            return
+        self.conns.add(conn)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+    # --- per request ---------------------------------------------------------------------------
+
+    def start(self, ex: Exchange) -> None:
+        caller: Caller = ex.conn.info
+        snap = self.holder.current
+        svc = snap.local.get(caller.service)
+        head = ex.head
+        if svc is None or self.closing:
+            ex.keep_alive = False
+            ex.respond(503, fl.UH, "service not on this host")
+            return
+        roots = snap.tls.roots_pem
+        if (
+            roots != caller.roots_pem and not self._reverify(caller, roots)
+        ) or time.time() >= caller.not_after:
+            ex.keep_alive = False
+            ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
+            return
+        target = head.target
+        q = target.find(b"?")
+        path = (target if q < 0 else target[:q]).decode("latin-1")
+        method = head.method.decode("latin-1")
+        decision = authorize_request(
+            snap.intentions.get(svc.name), caller.source.service, method, path, snap.default_allow
+        )
+        if not decision.allowed:
+            audit.denied(layer="l7", source=caller.source.spiffe_id, destination=svc.name,
+                         reason=decision.reason, peer=caller.peer, method=method,
+                         path=path[:512])  # fmt: skip
+            self.telemetry.denied(REPORTER, caller.source.service, svc.name)
+            ex.respond(403, fl.AUTHZ)
+            return
+        policy = snap.policies.get(svc.name)
+        if policy is not None:
+            entry = self._buckets.get(svc.name)
+            if entry is None or entry[0] is not policy:
+                rl = policy.rate_limit
+                entry = (policy, TokenBucket.from_doc(rl, time.monotonic()) if rl is not None else None)
+                self._buckets[svc.name] = entry
+            bucket = entry[1]
+            if bucket is not None and not bucket.allow(time.monotonic()):
+                ex.respond(429, fl.RL)
+                return
+        ex.continue_100()
+        headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
+        with_request_id(headers)
+        if not has_host(headers):
+            headers.append((b"host", svc.name.encode()))
+        ex.state = req = _Req(svc.port, headers)
+        ex.on_response_head = _relay
+        ex.on_fail = self._on_fail
+        up = self.pool.acquire(svc.port)
+        if up is not None:
+            ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
+            return
+        self._spawn(self._dial_and_send(ex, req))
+
+    def _reverify(self, caller: Caller, roots_pem: str) -> bool:
+        if self._roots[0] != roots_pem:
+            self._roots = (roots_pem, load_certs(roots_pem.encode()))
+        try:
+            verify_leaf(caller.leaf, self._roots[1])
+        except TrustError as exc:
+            log.warning("inbound: caller %s no longer trusted: %s", caller.source.spiffe_id, exc)
+            return False
+        caller.roots_pem = roots_pem
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial_and_send(self, ex: Exchange, req: _Req) -> None:
+        loop = asyncio.get_running_loop()
+        up = UpstreamConn(self.pool, req.port)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: up, "127.0.0.1", req.port), APP_CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            if not ex.done:
+                log.warning("inbound: app 127.0.0.1:%d unreachable: %s", req.port,
+                            getattr(exc, "strerror", None) or exc or "timed out")  # fmt: skip
+                ex.respond(503, fl.UF)
+            return
+        self.pool.opened(up)
+        if ex.done:
+            up.release()
+            return
+        ex.send(up, ex.head.method, ex.head.target, list(req.headers) if ex.chunked else req.headers)
+
+    def _on_fail(self, ex: Exchange, flag: str) -> bool:
+        """The app connection failed before any response byte: redo once if that is safe."""
+        req: _Req | None = ex.state
+        if req is None or req.redone or not ex.replayable or ex.head.method not in IDEMPOTENT:
+            return False
+        req.redone = True
+        self._spawn(self._dial_and_send(ex, req))
+        return True
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def finished(self, ex: Exchange) -> None:
+        caller: Caller = ex.conn.info
+        subset = self.subsets.get(caller.service, "")
+        self.metrics.observe(caller.source.service, caller.service, subset, ex.status, ex.flags or fl.NONE,
+                             time.monotonic() - ex.started)  # fmt: skip
+        access_line(ex, REPORTER, caller.source.spiffe_id, caller.service, subset, peer=caller.peer)
+
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
+        caller: Caller = conn.info
+        self.rejected_total += 1
+        self.metrics.observe(caller.source.service, caller.service, self.subsets.get(caller.service, ""),
+                             status, flag, 0.0)  # fmt: skip
+        log.info("inbound: %s (%s) broke HTTP/1.1 (%s): answered %d", caller.source.spiffe_id, caller.peer,
+                 reason, status)  # fmt: skip
+
+    def conn_lost(self, conn: ServerConn) -> None:
+        self.conns.discard(conn)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        self.closing = True
+        deadline = time.monotonic() + drain_seconds
+        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
+            if not any(c.ex is not None for c in self.conns) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        for c in list(self.conns):
+            c.close()
+        self.conns.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        self.pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "http_connections": len(self.conns),
+            "app_pool": {
+                "idle": self.pool.idle_count(),
+                "dials": self.pool.dials,
+                "reused": self.pool.reused,
+            },
+            "rejected": self.rejected_total,
+        }
+
+
+def _relay(ex: Exchange, resp: http1.ResponseHead) -> None:
+    ex.relay(resp)

@@ -1,0 +1,621 @@
+"""Outbound L7: HTTP/1.1 from a local app to an upstream service, routed, balanced and retried.
+
+Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
+    frame + hygiene (http1, in ServerConn) -> read the snapshot once -> route (match: first route
+    that matches; no route: 404 NR) -> fault (delay DI, abort FI) -> request limit (503 UO) ->
+    weighted split to a subset -> balancer pick (policy LB, outlier ejections, locality; none: 503 UH)
+    -> pooled mTLS connection to that instance's agent -> forward (header ops, rewrite,
+    x-request-id) -> retry decision (policy, budget; URX when spent) -> relay the response
+    (response header ops) -> metrics reporter=source, sampled access line.
+
+Transport decision: agent to agent, a request travels as plain HTTP/1.1 on its own mutual-TLS 1.3
+connection negotiated with ALPN ``hostmesh/http1`` (not as a stream inside ``hostmesh/tcp``
+frames): the peer agent parses HTTP anyway, so framing it again would only add a copy per write.
+The connections are pooled per instance (http_conn.UpstreamPool) and carry one request at a time,
+back to back, for any downstream connection of this listener; the security argument is pool.py's:
+a pooled connection is only reused for the same caller identity (one pool per listener, dropped
+when our TLS context changes), the same SNI/destination and the same peer agent whose SPIFFE ID was
+checked at dial time; the peer re-runs the intentions check on every request; connections are not
+kept past UPSTREAM_MAX_AGE nor the peer certificate's expiry; a request that did not end cleanly
+closes its connection.
+
+Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
+instance registered with meta ``protocol = http``. Other upstreams stay on the L4 path.
+
+State that outlives a snapshot (balancer counters, outlier ejections, retry budgets, limits) lives
+in one `Cluster` per listener, rebuilt only when the snapshot's endpoints, routes or policy for the
+upstream changed (instances that did not change keep their counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+from hostmesh.agent.l7 import balancer as lb
+from hostmesh.agent.l7 import flags as fl
+from hostmesh.agent.l7 import http1
+from hostmesh.agent.l7.match import CompiledRoute, CompiledRoutes
+from hostmesh.agent.l7.outlier import OutlierDetector, OutlierPolicy
+from hostmesh.agent.l7.ratelimit import UpstreamLimits
+from hostmesh.agent.l7.retry import (
+    EXHAUSTED,
+    FAILURE_RESPONSE,
+    RETRY,
+    RetryBudget,
+    RetryState,
+)
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.http_conn import (
+    CLIENT_GONE,
+    CONNECT_FAILURE,
+    HEADER_READ_TIMEOUT,
+    IDEMPOTENT,
+    RESET,
+    RESPONSE,
+    TIMEOUT,
+    Exchange,
+    RequestMetrics,
+    ServerConn,
+    UpstreamConn,
+    UpstreamPool,
+    access_line,
+    has_host,
+    response_flag,
+    with_request_id,
+)
+from hostmesh.agent.proxy.pool import DialError, set_keepalive
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
+from hostmesh.ca.errors import TrustError
+from hostmesh.ca.pki import Identity
+from hostmesh.ca.tls import ALPN_HTTP1, peer_certificate, peer_identity
+from hostmesh.registry.schema import PolicyDocument
+
+log = logging.getLogger("hostmesh.proxy.http_outbound")
+
+REPORTER = "source"
+CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
+PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
+DRAIN_POLL = 0.05  # shutdown: how often open client connections are checked while draining
+OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
+
+
+class _Req:
+    """Per-request state of the outbound (Exchange.state)."""
+
+    __slots__ = ("admitted", "cluster", "endpoint", "subset")
+
+    def __init__(self, cluster: Cluster | None) -> None:
+        self.cluster = cluster
+        self.admitted = False
+        self.endpoint: lb.Endpoint | None = None
+        self.subset = ""
+
+
+class Cluster:
+    """Everything this listener knows about its upstream for one (endpoints, routes, policy) triple."""
+
+    def __init__(self, service: str, snap: Snapshot, local_zone: str | None, rng: random.Random,
+                 prev: Cluster | None) -> None:  # fmt: skip
+        self.service = service
+        self.src_endpoints = snap.endpoints.get(service, ())
+        self.route_cfg = snap.routes.get(service)
+        self.policy: PolicyDocument | None = snap.policies.get(service)
+        rc = self.route_cfg
+        self.routes: CompiledRoutes = rc.compiled if rc is not None else CompiledRoutes.compile(None, service)
+        policy = self.policy
+        zkey = lb.zone_key(policy)
+        eps: tuple[lb.Endpoint, ...] = tuple(
+            lb.Endpoint(e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta)
+            for e in self.src_endpoints
+        )
+        if prev is not None:
+            eps = lb.reuse_endpoints(prev.endpoints, eps)
+        self.endpoints: tuple[lb.Endpoint, ...] = eps
+        self.local_zone = local_zone
+        self.rng = rng
+        self.hash = lb.hash_spec(policy)
+        same_policy = prev is not None and prev.policy is policy
+        od = policy.outlier_detection if policy is not None else None
+        self.outlier: OutlierDetector | None = None
+        if od is not None:
+            if same_policy and prev is not None and prev.outlier is not None:
+                self.outlier = prev.outlier
+                self.outlier.set_hosts([e.key for e in eps])
+            else:
+                self.outlier = OutlierDetector(OutlierPolicy.from_doc(od), [e.key for e in eps])
+        self._outlier_version = -1
+        self.limits: UpstreamLimits
+        if same_policy and prev is not None:
+            self.limits = prev.limits
+        else:
+            self.limits = UpstreamLimits.from_doc(policy.connection_limits if policy is not None else None)
+        self.budgets: dict[int, RetryBudget] = {}
+        if prev is not None and prev.routes is self.routes:
+            self.budgets = prev.budgets
+        self.balancers: dict[str | None, lb.Balancer] = {}
+        self.by_key = {e.key: e for e in eps}
+
+    def matches(self, snap: Snapshot) -> bool:
+        s = self.service
+        return (
+            snap.endpoints.get(s, ()) is self.src_endpoints
+            and snap.routes.get(s) is self.route_cfg
+            and snap.policies.get(s) is self.policy
+        )
+
+    def balancer(self, subset: str | None) -> lb.Balancer:
+        b = self.balancers.get(subset)
+        if b is None:
+            selector = self.routes.subsets.get(subset) if subset is not None else None
+            eps = lb.select_subset(self.endpoints, selector) if subset is not None else self.endpoints
+            if subset is not None and selector is None:
+                eps = ()
+            b = lb.Balancer.from_policy(eps, self.policy, self.rng, self.local_zone)
+            if self.outlier is not None:
+                b.set_unavailable(self.outlier.ejected(time.monotonic()))
+            self.balancers[subset] = b
+        return b
+
+    def budget(self, route: CompiledRoute) -> RetryBudget:
+        b = self.budgets.get(route.index)
+        if b is None:
+            b = self.budgets[route.index] = RetryBudget(route.budget_percent, route.budget_min)
+        return b
+
+    def refresh(self, now: float) -> None:
+        """Apply outlier ejections/returns to every balancer (only when something changed)."""
+        od = self.outlier
+        if od is None:
+            return
+        nxt = od.next_change()
+        if od.version == self._outlier_version and (nxt is None or now < nxt):
+            return
+        ejected = od.ejected(now)
+        self._outlier_version = od.version
+        for b in self.balancers.values():
+            b.set_unavailable(ejected)
+
+    def report(self, ep: lb.Endpoint, status: int, now: float) -> None:
+        od = self.outlier
+        if od is None:
+            return
+        if status and status < 500:
+            od.success(ep.key)
+            return
+        if od.report(ep.key, status, now):
+            log.warning(
+                "outlier detection ejected %s (%s:%d) of %s", ep.key, ep.address, ep.port, self.service
+            )
+            self.refresh(now)
+
+
+class _Discard:
+    """Owner of a mirrored request's connection: reads the response and drops it."""
+
+    class _NoConn:
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+
+    conn = _NoConn()
+
+    def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
+        t = type(ev)
+        if t is http1.EndOfMessage:
+            if up.keep_alive_ok():
+                up.release()
+            else:
+                up.close()
+        elif t is http1.Reject:
+            up.close()
+
+    def upstream_lost(self, up: UpstreamConn) -> None:
+        pass
+
+
+class HttpOutbound:
+    """The HTTP side of one OutboundListener (one local service -> one upstream service)."""
+
+    header_timeout = HEADER_READ_TIMEOUT
+
+    def __init__(self, holder: SnapshotHolder, local_service: str, upstream: str, telemetry: Telemetry,
+                 *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
+                 rng: random.Random | None = None) -> None:  # fmt: skip
+        self.holder = holder
+        self.local_service = local_service
+        self.service = upstream
+        self.telemetry = telemetry
+        self.local_zone = local_zone
+        self.connect_timeout = connect_timeout
+        self.rng = rng or random.Random()
+        self.pool = UpstreamPool()
+        self.metrics = RequestMetrics(telemetry, REPORTER)
+        self.conns: set[ServerConn] = set()
+        self._cluster: Cluster | None = None
+        self._takes: tuple[Any, bool] = (None, False)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctx: Any = None
+        self._conn_waiters: list[asyncio.Future[None]] = []
+        self.closing = False
+        self.rejected_total = 0
+        self.pool.on_lost = self._conn_lost
+        self.name = f"{local_service}->{upstream} (http)"
+
+    # --- which connections are ours ------------------------------------------------------------
+
+    def takes(self, snap: Snapshot) -> bool:
+        """Whether the upstream speaks HTTP in this snapshot (cached per snapshot)."""
+        cached_snap, answer = self._takes
+        if cached_snap is snap:
+            return answer
+        rc = snap.routes.get(self.service)
+        if rc is not None:
+            answer = rc.protocol == "http"
+        else:
+            answer = any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
+        self._takes = (snap, answer)
+        return answer
+
+    def accept(self, end: Any) -> None:
+        """Take over an accepted downstream connection (a paused RawEnd) as HTTP."""
+        transport = end.transport
+        conn = ServerConn(self)
+        self.conns.add(conn)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        transport.resume_reading()
+
+    # --- per request ---------------------------------------------------------------------------
+
+    def cluster(self, snap: Snapshot) -> Cluster:
+        cl = self._cluster
+        if cl is None or not cl.matches(snap):
+            cl = self._cluster = Cluster(self.service, snap, self.local_zone, self.rng, cl)
+        return cl
+
+    def start(self, ex: Exchange) -> None:
+        snap = self.holder.current
+        cl = self.cluster(snap)
+        ex.state = st = _Req(cl)
+        head = ex.head
+        if self.closing:
+            ex.keep_alive = False
+            ex.respond(503, fl.UH, "shutting down")
+            return
+        route = cl.routes.select(head.method, head.target, head.headers)
+        if route is None:
+            ex.respond(404, fl.NR)
+            return
+        subset = route.pick_subset(self.rng)
+        st.subset = subset or ""
+        delay, abort = route.fault(self.rng) if route.delay_percent or route.abort_percent else (0.0, 0)
+        if not delay and abort:
+            ex.respond(abort, fl.FI)
+            return
+        ex.response_ops = route.response_ops or None
+        task = asyncio.get_running_loop().create_task(self._serve(ex, snap, cl, route, subset, delay, abort))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, ex: Exchange, snap: Snapshot, cl: Cluster, route: CompiledRoute,
+                     subset: str | None, delay: float, abort: int) -> None:  # fmt: skip
+        st: _Req = ex.state
+        rng = self.rng
+        if delay:
+            ex.flags = fl.DI
+            await asyncio.sleep(delay)
+            if ex.done:
+                return
+            if abort:
+                ex.respond(abort, fl.FI)
+                return
+        if cl.limits.admit_request() is not None:
+            ex.respond(503, fl.UO)
+            return
+        st.admitted = True
+        ctx = snap.tls.client_http.get(self.local_service)
+        if ctx is None:
+            ex.respond(503, fl.UF, "no certificate for the calling service")
+            return
+        if ctx is not self._ctx:
+            if self._ctx is not None:
+                self.pool.drop_stale(ctx)
+            self._ctx = ctx
+        ex.continue_100()
+        head = ex.head
+        headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
+        if headers is head.headers:
+            headers = list(headers)
+        if route.request_ops:
+            route.request_ops.apply(headers)
+        with_request_id(headers)
+        if not has_host(headers):
+            headers.append((b"host", self.service.encode()))
+        target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
+        ident = Identity(snap.trust_domain, self.service)
+        if route.mirror and ex.request_done and route.should_mirror(rng):
+            self._mirror(cl, route.mirror_subset, ctx, ident, head.method, target, headers)
+        bal = cl.balancer(subset)
+        key = None
+        if cl.hash is not None:
+            key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, ex.conn.peer_ip)
+        now = time.monotonic()
+        deadline = now + route.timeout if route.timeout else None
+        budget = cl.budget(route)
+        budget.request_started()
+        rs = RetryState(route.retry, budget)
+        slot = False
+        try:
+            while True:
+                now = time.monotonic()
+                cl.refresh(now)
+                ep = bal.pick(key)
+                if ep is None:
+                    ex.respond(503, fl.UH)
+                    return
+                if st.endpoint is not None:
+                    st.endpoint.active -= 1
+                st.endpoint = ep
+                ep.active += 1
+                timeout = route.retry.try_timeout(now, deadline)
+                if timeout is not None and timeout <= 0:
+                    ex.respond(504, fl.UT)
+                    return
+                outcome = await self._attempt(ex, cl, ep, ctx, ident, target, headers, timeout)
+                if slot:
+                    budget.release()
+                    slot = False
+                if ex.done or outcome == CLIENT_GONE:
+                    return
+                if outcome == OVERFLOW:
+                    ex.respond(503, fl.UO)
+                    return
+                if isinstance(outcome, http1.ResponseHead):
+                    status = outcome.status
+                    cl.report(ep, status, time.monotonic())
+                    if not route.retry.retryable(RESPONSE, status):  # RESPONSE
+                        self._relay(ex, outcome)
+                        return
+                    decision = rs.decide(RESPONSE, status, ex.replayable)
+                    if decision != RETRY:
+                        if decision == EXHAUSTED:
+                            ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                        self._relay(ex, outcome)
+                        return
+                else:
+                    cl.report(ep, 0, time.monotonic())
+                    decision = rs.decide(outcome, 0, ex.replayable)
+                    if decision != RETRY:
+                        status, flag = FAILURE_RESPONSE[outcome]
+                        if decision == EXHAUSTED:
+                            ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                        ex.respond(status, flag)
+                        return
+                slot = True
+                ex.abandon_upstream()
+                pause = rs.backoff(rng)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    if ex.done:
+                        return
+        finally:
+            if slot:
+                budget.release()
+            budget.request_finished()
+
+    def _relay(self, ex: Exchange, resp: http1.ResponseHead) -> None:
+        flag = response_flag(resp)
+        if flag and flag != fl.NONE:
+            ex.flags = flag if not ex.flags else ex.flags + "," + flag
+        ex.relay(resp)
+
+    async def _attempt(self, ex: Exchange, cl: Cluster, ep: lb.Endpoint, ctx: Any, ident: Identity,
+                       target: bytes, headers: http1.Headers, timeout: float | None) -> Any:  # fmt: skip
+        """One try on one instance: a ResponseHead, or CONNECT_FAILURE / RESET / TIMEOUT / CLIENT_GONE."""
+        key = (ep.address, ep.port)
+        started = time.monotonic()
+        fresh_redo = True  # one silent redo when a reused connection turns out closed by the peer
+        while True:
+            up = self.pool.acquire(key, ctx)
+            if up is None:
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                up = await self._connect(cl, key, ctx, ident, left)
+                if ex.done:
+                    if isinstance(up, UpstreamConn):
+                        up.release()
+                    return CLIENT_GONE
+                if not isinstance(up, UpstreamConn):
+                    return up
+            ex.send(up, ex.head.method, target, list(headers) if ex.chunked else headers)
+            left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
+            outcome = await ex.wait_response(left)
+            if (
+                outcome == RESET
+                and up.reused
+                and fresh_redo
+                and ex.replayable
+                and ex.head.method in IDEMPOTENT
+                and not ex.done
+            ):
+                fresh_redo = False
+                ex.abandon_upstream()
+                continue
+            if outcome in (TIMEOUT, RESET):
+                ex.abandon_upstream()
+            return outcome
+
+    async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
+                       timeout: float | None) -> Any:  # fmt: skip
+        """A new connection (within the connection limit, else waiting as pending), or an outcome code."""
+        limits = cl.limits
+        t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
+        if not limits.admit_connection():
+            if limits.admit_pending() is not None:
+                return OVERFLOW  # the caller answers 503 UO
+            try:
+                fut = asyncio.get_running_loop().create_future()
+                self._conn_waiters.append(fut)
+                try:
+                    await asyncio.wait_for(fut, PENDING_WAIT if timeout is None else timeout)
+                except TimeoutError:
+                    return TIMEOUT
+                up = self.pool.acquire(key, ctx)
+                if up is not None:
+                    return up
+                if not limits.admit_connection():
+                    return OVERFLOW
+            finally:
+                limits.pending.release()
+        if t <= 0:
+            limits.connections.release()
+            return TIMEOUT
+        try:
+            up = await self._dial(key, ctx, ident, t)
+        except DialError as exc:
+            limits.connections.release()
+            if exc.security:
+                log.warning("outbound %s: %s", self.name, exc)
+            else:
+                log.debug("outbound %s: %s", self.name, exc)
+            return CONNECT_FAILURE
+        up.limit = limits.connections  # type: ignore[attr-defined]
+        return up
+
+    async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
+        loop = asyncio.get_running_loop()
+        up = UpstreamConn(self.pool, key)
+        up.ctx = ctx
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: up, key[0], key[1], ssl=ctx, server_hostname=ident.dns_name,
+                                       ssl_handshake_timeout=timeout),
+                timeout,
+            )  # fmt: skip
+        except TimeoutError:
+            raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc}") from None
+        ssl_obj = transport.get_extra_info("ssl_object")
+        try:
+            alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+            if alpn != ALPN_HTTP1:
+                raise DialError(f"peer {key[0]}:{key[1]} did not agree to {ALPN_HTTP1} (ALPN {alpn!r})")
+            try:
+                got = peer_identity(ssl_obj)
+            except TrustError as exc:
+                raise DialError(f"peer {key[0]}:{key[1]}: {exc}") from None
+            if got != ident:
+                msg = f"peer {key[0]}:{key[1]} is {got.spiffe_id}, expected {ident.spiffe_id}; refusing"
+                raise DialError(msg, security=True)
+        except DialError:
+            transport.abort()
+            raise
+        cert = peer_certificate(ssl_obj)
+        if cert is not None:
+            left = cert.not_valid_after_utc.timestamp() - time.time()
+            up.expires = min(up.expires, time.monotonic() + max(0.0, left))
+        set_keepalive(transport)
+        self.pool.opened(up)
+        return up
+
+    def _conn_lost(self, up: UpstreamConn) -> None:
+        limit = getattr(up, "limit", None)
+        if limit is not None:
+            limit.release()
+            up.limit = None  # type: ignore[attr-defined]
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._conn_waiters:
+            fut = self._conn_waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _mirror(self, cl: Cluster, subset: str | None, ctx: Any, ident: Identity, method: bytes,
+                target: bytes, headers: http1.Headers) -> None:  # fmt: skip
+        ep = cl.balancer(subset).pick(None)
+        if ep is None:
+            return
+        data = http1.serialize_request_head(method, target, b"1.1", headers)
+
+        async def shadow() -> None:
+            key = (ep.address, ep.port)
+            up = self.pool.acquire(key, ctx)
+            if up is None:
+                try:
+                    up = await self._dial(key, ctx, ident, self.connect_timeout)
+                except DialError:
+                    return
+            up.owner = _Discard()  # type: ignore[assignment]
+            up.framer.expect(method)
+            if up.transport is not None:
+                up.transport.write(data)
+
+        task = asyncio.get_running_loop().create_task(shadow())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def finished(self, ex: Exchange) -> None:
+        st: _Req | None = ex.state
+        subset = ""
+        if st is not None:
+            cl = st.cluster
+            if st.admitted and cl is not None:
+                cl.limits.requests.release()
+                st.admitted = False
+            ep = st.endpoint
+            if ep is not None:
+                ep.active -= 1
+                st.endpoint = None
+                subset = st.subset or ep.meta.get("version", "")
+            else:
+                subset = st.subset
+        flags = ex.flags or fl.NONE
+        self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
+                             time.monotonic() - ex.started)  # fmt: skip
+        access_line(ex, REPORTER, self.local_service, self.service, subset)
+
+    def conn_lost(self, conn: ServerConn) -> None:
+        self.conns.discard(conn)
+
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
+        self.rejected_total += 1
+        self.metrics.observe(self.local_service, self.service, "", status, flag, 0.0)
+        log.info("outbound %s: client %s broke HTTP/1.1 (%s): answered %d", self.name, conn.peer_ip, reason,
+                 status)  # fmt: skip
+        self.conns.discard(conn)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop taking requests, let open ones finish for up to `drain_seconds`, then cut the rest."""
+        self.closing = True
+        deadline = time.monotonic() + drain_seconds
+        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
+            busy = [c for c in self.conns if not c.closed and c.ex is not None]
+            if not busy or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        for c in list(self.conns):
+            c.close()
+        self.conns.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            self.pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        cl = self._cluster
+        return {
+            "protocol": "http",
+            "pool": {"idle": self.pool.idle_count(), "dials": self.pool.dials, "reused": self.pool.reused},
+            "ejected": sorted(cl.outlier.ejected(time.monotonic())) if cl and cl.outlier else [],
+            "client_connections": len(self.conns),
+        }

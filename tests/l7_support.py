@@ -1,0 +1,275 @@
+"""Helpers for the L7 tests: HTTP/1.1 test backends that say which instance answered, and a tiny
+keep-alive HTTP client on plain sockets (so tests can send exactly the bytes they mean).
+
+Backends run on their own asyncio loop in a daemon thread (`Backends`), so blocking test code and
+subprocess agents can call them; each `Backend` answers with ``x-instance: <name>`` and its behaviour
+is switched by the test (`mode`): ``ok``, ``fail`` (503 always), ``fail_once`` (one 503 then 200),
+plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo after 101, ``/chunked``,
+``/echo`` body echo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+
+IO_TIMEOUT = 3.0
+
+
+class _Req:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.done = False
+        self.upgrade = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class Backend:
+    """One HTTP/1.1 app instance (keep-alive, Content-Length and chunked bodies)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.hits = 0
+        self.failed_once = False
+        self.port = 0
+        self.last_headers: dict[bytes, bytes] = {}
+        self.server: asyncio.Server | None = None
+        self.connections = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                req = _Req()
+                parser = httptools.HttpRequestParser(req)
+                while not req.done:
+                    data = await r.read(65536)
+                    if not data:
+                        return
+                    try:
+                        parser.feed_data(data)
+                    except httptools.HttpParserUpgrade:
+                        req.upgrade = True
+                        req.done = True
+                if not await self._answer(req, parser, r, w):
+                    return
+        except (ConnectionError, OSError, httptools.HttpParserError):
+            pass
+        finally:
+            w.close()
+
+    async def _answer(self, req: _Req, parser: Any, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        self.hits += 1
+        self.last_headers = req.headers
+        path = req.url.split(b"?")[0]
+        method = parser.get_method()
+        status = 200
+        extra = b""
+        body = b"%s %s\n" % (method, req.url)
+        if path == b"/ws" and req.upgrade:
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            while data := await r.read(65536):
+                w.write(data.upper())
+            return False
+        if path.startswith(b"/delay/"):
+            await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
+        if path == b"/echo":
+            body = bytes(req.body)
+        if self.mode == "fail" or (self.mode == "fail_once" and not self.failed_once):
+            self.failed_once = True
+            status = 503
+        if path == b"/chunked":
+            w.write(
+                b"HTTP/1.1 200 OK\r\nx-instance: %s\r\ntransfer-encoding: chunked\r\n\r\n"
+                % self.name.encode()
+            )
+            for piece in (b"hello ", b"chunked ", b"world\n"):
+                w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+            return True
+        for k in (b"x-request-id", b"traceparent", b"x-b3-traceid"):
+            if k in req.headers:
+                extra += b"x-saw-%s: %s\r\n" % (k, req.headers[k])
+        w.write(
+            b"HTTP/1.1 %d X\r\nx-instance: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+            % (status, self.name.encode(), len(body), extra, body if method != b"HEAD" else b"")
+        )
+        await w.drain()
+        return parser.should_keep_alive()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Backends:
+    """Several Backend instances served by one asyncio loop in a daemon thread."""
+
+    def __init__(self, *names: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.apps = {n: Backend(n) for n in names}
+        for app in self.apps.values():
+            asyncio.run_coroutine_threadsafe(app.start(), self.loop).result(IO_TIMEOUT)
+
+    def __getitem__(self, name: str) -> Backend:
+        return self.apps[name]
+
+    def reset(self) -> None:
+        for app in self.apps.values():
+            app.mode = "ok"
+            app.hits = 0
+            app.failed_once = False
+
+    def close(self) -> None:
+        for app in self.apps.values():
+            self.loop.call_soon_threadsafe(app.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    version: str = "1.1"
+
+    @property
+    def flags(self) -> str:
+        return self.headers.get("x-hostmesh-response-flags", "")
+
+    @property
+    def instance(self) -> str:
+        return self.headers.get("x-instance", "")
+
+
+class _Resp:
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class Client:
+    """A keep-alive HTTP/1.1 client on one blocking socket; `raw` sends bytes as they are."""
+
+    def __init__(self, port: int, timeout: float = IO_TIMEOUT) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.extra = b""
+
+    def connect(self) -> socket.socket:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.sock
+
+    def get(self, path: str = "/", headers: dict[str, str] | None = None, method: str = "GET",
+            body: bytes | None = None) -> Response:  # fmt: skip
+        hs = {"host": "api", **(headers or {})}
+        if body is not None:
+            hs["content-length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hs.items()) + "\r\n"
+        return self.raw(head.encode() + (body or b""), head_only=method == "HEAD")
+
+    def raw(self, data: bytes, head_only: bool = False) -> Response:
+        sock = self.connect()
+        sock.sendall(data)
+        return self.read(head_only)
+
+    def read(self, head_only: bool = False) -> Response:
+        sock = self.connect()
+        r = _Resp()
+        parser = httptools.HttpResponseParser(r)
+        buf = self.extra
+        self.extra = b""
+        deadline = time.monotonic() + self.timeout
+        closed = False
+        while not r.done:
+            if buf:
+                try:
+                    parser.feed_data(buf)
+                except httptools.HttpParserUpgrade:
+                    r.done = True
+                buf = b""
+                if head_only and r.headers and not r.done:
+                    break
+                if r.done:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("no complete response")
+            try:
+                buf = sock.recv(65536)
+            except ConnectionResetError:
+                buf = b""
+            if not buf:
+                closed = True
+                with contextlib.suppress(httptools.HttpParserError):
+                    parser.feed_data(b"")
+                break
+        if closed and not r.headers:
+            self.close()
+            raise ConnectionError("closed without a response")
+        status = parser.get_status_code()
+        resp = Response(status, r.headers, bytes(r.body), parser.get_http_version())
+        if closed or r.headers.get("connection", "").lower() == "close":
+            self.close()
+        return resp
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+
+def send_raw_and_read_all(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
+    """Send `data`, read until the proxy closes (for hygiene cases that end the connection)."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := s.recv(65536):
+                out.append(chunk)
+    return b"".join(out)

@@ -1,0 +1,249 @@
+"""Component tier, L7: both agents' HTTP paths in one event loop over real loopback sockets and real
+mutual TLS 1.3 (ALPN hostmesh/http1), snapshots built by hand (no Consul), a throwaway CA.
+
+web's outbound (HttpOutbound on an OutboundListener) -> api's inbound (HttpInbound via the L4
+inbound's ALPN hand-over) -> an asyncio HTTP app. Clients are blocking sockets run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from hostmesh.agent.config import Address, UpstreamConfig
+from hostmesh.agent.discovery import RouteConfig
+from hostmesh.agent.l7.match import CompiledRoutes
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.http_inbound import HttpInbound
+from hostmesh.agent.proxy.http_outbound import HttpOutbound
+from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.ca import pki
+from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
+from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
+from tests.l7_support import Backend, Client, send_raw_and_read_all
+
+TD = "hostmesh.local"
+
+
+class CA:
+    def __init__(self, tmp: Path) -> None:
+        self.key, self.cert = pki.make_root(TD)
+        self.roots = pki.cert_pem(self.cert).decode()
+        self.dir = tmp
+
+    def material(self, service: str) -> TLSMaterial:
+        key = pki.new_key()
+        leaf = pki.sign_leaf(self.key, self.cert, key.public_key(), pki.Identity(TD, service))
+        chain, keyf = self.dir / f"{service}.pem", self.dir / f"{service}.key"
+        pki.write_private(chain, pki.cert_pem(leaf))
+        pki.write_private(keyf, pki.key_pem(key))
+        return TLSMaterial(
+            1,
+            self.roots,
+            MappingProxyType({service: mesh_server_context(chain, keyf, self.roots)}),
+            MappingProxyType({service: mesh_client_context(chain, keyf, self.roots)}),
+            MappingProxyType({service: mesh_client_context(chain, keyf, self.roots, alpn=(ALPN_HTTP1,))}),
+        )
+
+
+def snap(local: dict[str, int], tls: TLSMaterial, endpoints: list[tuple[str, int, dict[str, str]]] = (),  # type: ignore[assignment]
+         intentions: Intentions | None = None, routes: dict[str, Any] | None = None,
+         policies: dict[str, Any] | None = None) -> Snapshot:  # fmt: skip
+    eps = tuple(
+        Endpoint(iid, "n", "127.0.0.1", port, MappingProxyType({"protocol": "http", **meta}))
+        for iid, port, meta in endpoints
+    )
+    return Snapshot(
+        generation=1,
+        node="n",
+        trust_domain=TD,
+        local=MappingProxyType(
+            {n: LocalService(n, p, "http", pki.Identity(TD, n)) for n, p in local.items()}
+        ),
+        endpoints=MappingProxyType({"api": eps} if eps else {}),
+        intentions=MappingProxyType({"api": intentions} if intentions else {}),
+        default_allow=True,
+        tls=tls,
+        routes=MappingProxyType(routes or {}),
+        policies=MappingProxyType(policies or {}),
+    )
+
+
+def route_config(doc: dict[str, Any]) -> RouteConfig:
+    parsed = parse_routes(doc)
+    return RouteConfig(parsed.protocol, parsed.version, CompiledRoutes.compile(parsed, parsed.service))
+
+
+@dataclasses.dataclass
+class Mesh:
+    ca: CA
+    apps: list[Backend]
+    inbounds: list[InboundListener]
+    http_ins: list[HttpInbound]
+    holder_a: SnapshotHolder
+    tel_a: Telemetry
+    tel_b: Telemetry
+    outbound: OutboundListener
+    http_out: HttpOutbound
+    tls_a: TLSMaterial
+
+    def client(self) -> Client:
+        return Client(self.outbound.port)
+
+    def set_a(self, **kw: Any) -> None:
+        eps = [(f"api-{i}", ib.port, {"version": f"v{i + 1}"}) for i, ib in enumerate(self.inbounds)]
+        self.holder_a.swap(snap({"web": 1}, self.tls_a, eps, **kw))
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = CA(tmp_path)
+    tel_a, tel_b = Telemetry(), Telemetry()
+    apps, inbounds, http_ins = [], [], []
+    for i in range(2):
+        app = Backend(f"api-{i}")
+        await app.start()
+        tls_b = ca.material("api")
+        holder_b = SnapshotHolder(snap({"api": app.port}, tls_b))
+        ib = InboundListener(holder_b, Address("127.0.0.1", 0), tel_b)
+        hi = HttpInbound(holder_b, tel_b, {"api": f"v{i + 1}"})
+        ib.alpn_handlers[ALPN_HTTP1] = hi.handler
+        await ib.start()
+        apps.append(app)
+        inbounds.append(ib)
+        http_ins.append(hi)
+    tls_a = ca.material("web")
+    holder_a = SnapshotHolder(snap({"web": 1}, tls_a))
+    ob = OutboundListener(holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), tel_a)
+    ob.http = HttpOutbound(holder_a, "web", "api", tel_a)
+    await ob.start()
+    m = Mesh(ca, apps, inbounds, http_ins, holder_a, tel_a, tel_b, ob, ob.http, tls_a)
+    m.set_a()
+    try:
+        yield m
+    finally:
+        await ob.close()
+        for hi in http_ins:
+            await hi.close()
+        for ib in inbounds:
+            await ib.close()
+        for app in apps:
+            app.close()
+
+
+def sample(tel: Telemetry, name: str, **labels: str) -> float:
+    total = 0.0
+    for metric in tel.registry.collect():
+        for s in metric.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection(mesh: Mesh) -> None:
+    c = mesh.client()
+
+    def run() -> list[Any]:
+        out = [c.get("/hello", {"traceparent": "00-abc-def-01"}) for _ in range(20)]
+        c.close()
+        return out
+
+    resps = await asyncio.to_thread(run)
+    assert all(r.status == 200 for r in resps)
+    assert {r.instance for r in resps} == {"api-0", "api-1"}  # round robin over both instances
+    assert resps[0].headers["x-saw-traceparent"] == "00-abc-def-01"  # propagated untouched
+    assert len(resps[0].headers["x-saw-x-request-id"]) == 32  # added when missing
+    assert mesh.http_out.pool.dials <= 2  # one mTLS connection per instance, reused
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_code="200") == 20
+    assert sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", source_service="web") == 20
+
+
+async def test_bodies_stream_both_ways_chunked_and_sized(mesh: Mesh) -> None:
+    c = mesh.client()
+    body = b"x" * 200_000  # above the replay buffer: streamed, not replayable
+
+    def run() -> tuple[Any, Any, Any]:
+        r1 = c.get("/echo", method="POST", body=body)
+        chunked = (
+            b"POST /echo HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        r2 = c.raw(chunked)
+        r3 = c.get("/chunked")
+        c.close()
+        return r1, r2, r3
+
+    r1, r2, r3 = await asyncio.to_thread(run)
+    assert r1.status == 200 and r1.body == body
+    assert r2.status == 200 and r2.body == b"hello world"
+    assert r3.status == 200 and r3.body == b"hello chunked world\n"
+
+
+async def test_l7_intention_denies_a_path_with_403_and_an_audit_line(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = parse_intentions(
+        {
+            "service": "api",
+            "rules": [{"source": "web", "action": "deny", "permissions": [{"path": {"prefix": "/admin"}}]}],
+        }
+    )
+    for ib in mesh.inbounds:
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions=MappingProxyType({"api": doc})))
+    c = mesh.client()
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
+    r_ok, r_denied = await asyncio.to_thread(lambda: (c.get("/public"), c.get("/admin/x")))
+    c.close()
+    assert r_ok.status == 200
+    assert r_denied.status == 403 and r_denied.flags == "AUTHZ"
+    line = json.loads([r.message for r in caplog.records if r.name == "hostmesh.audit"][-1])
+    assert line["layer"] == "l7" and line["path"] == "/admin/x"
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="403", response_flags="AUTHZ") == 1
+
+
+async def test_routes_split_retry_and_fault_in_process(mesh: Mesh) -> None:
+    rc = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [
+            {"match": {"headers": {"x-canary": {"exact": "1"}}}, "to": [{"subset": "v2", "weight": 100}]},
+            {"match": {"path": {"prefix": "/abort"}}, "to": [{"subset": "v1", "weight": 100}],
+             "fault": {"abort": {"status": 503, "percent": 100}}},
+            {"to": [{"subset": "v1", "weight": 100}], "retries": {"attempts": 2, "on": ["5xx"]}},
+        ],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    mesh.apps[0].mode = "fail_once"
+    c = mesh.client()
+
+    def run() -> list[Any]:
+        return [c.get("/", {"x-canary": "1"}), c.get("/abort"), c.get("/retry"), c.get("/nope", method="PUT")]
+
+    canary, abort, retried, _ = await asyncio.to_thread(run)
+    c.close()
+    assert canary.status == 200 and canary.instance == "api-1"
+    assert abort.status == 503 and abort.flags == "FI"
+    assert retried.status == 200 and retried.instance == "api-0"
+    assert mesh.apps[0].hits >= 2
+
+
+async def test_hygiene_smuggling_oversize_and_http10(mesh: Mesh) -> None:
+    port = mesh.outbound.port
+    both = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    big = b"GET / HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n"
+    out1 = await asyncio.to_thread(send_raw_and_read_all, port, both)
+    out2 = await asyncio.to_thread(send_raw_and_read_all, port, big)
+    out3 = await asyncio.to_thread(send_raw_and_read_all, port, b"GET /old HTTP/1.0\r\n\r\n")
+    assert out1.startswith(b"HTTP/1.1 400") and b"x-hostmesh-response-flags: DPE" in out1
+    assert out2.startswith(b"HTTP/1.1 431")
+    assert out3.startswith(b"HTTP/1.1 200") and out3.endswith(b"GET /old\n")
