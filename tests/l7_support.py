@@ -20,7 +20,7 @@ from typing import Any
 
 import httptools
 
-IO_TIMEOUT = 3.0
+IO_TIMEOUT = 10.0
 
 
 class _Req:

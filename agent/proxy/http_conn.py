@@ -58,7 +58,9 @@ from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, reset_t
 
 log = logging.getLogger("hostmesh.proxy.http")
 
-HEADER_READ_TIMEOUT = 10.0  # from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s)
+HEADER_READ_TIMEOUT = float(os.environ.get("HOSTMESH_HEADER_READ_TIMEOUT", "10"))
+# ^ from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s); the environment
+#   variable exists for tests that need a short one
 IDLE_TIMEOUT = 90.0  # keep-alive client idle; above the pool's UPSTREAM_IDLE_SECONDS so callers close first
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
 UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
@@ -780,6 +782,7 @@ class UpstreamPool:
         self.dials = 0
         self.reused = 0
         self.on_lost: Callable[[UpstreamConn], None] | None = None
+        self.on_release: Callable[[UpstreamConn], None] | None = None  # a connection became idle
         self._counted: set[UpstreamConn] = set()
 
     def acquire(self, key: Any, ctx: Any = None) -> UpstreamConn | None:
@@ -811,6 +814,8 @@ class UpstreamPool:
         if conn.transport is not None:
             conn.transport.resume_reading()  # an idle connection must notice the peer closing it
         idle.append(conn)
+        if self.on_release is not None:
+            self.on_release(conn)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
 
@@ -842,6 +847,12 @@ class UpstreamPool:
                 self._idle.pop(key, None)
         if left and not self.closing:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+
+    def drop_idle(self) -> None:
+        """Close every idle connection (limits changed: new ones are counted from zero)."""
+        for idle in list(self._idle.values()):
+            for c in list(idle):
+                c.close()
 
     def drop_stale(self, ctx: Any) -> None:
         for idle in list(self._idle.values()):

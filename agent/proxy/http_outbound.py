@@ -243,6 +243,7 @@ class HttpOutbound:
         self.closing = False
         self.rejected_total = 0
         self.pool.on_lost = self._conn_lost
+        self.pool.on_release = lambda _conn: self._wake_one()
         self.name = f"{local_service}->{upstream} (http)"
 
     # --- which connections are ours ------------------------------------------------------------
@@ -274,7 +275,10 @@ class HttpOutbound:
     def cluster(self, snap: Snapshot) -> Cluster:
         cl = self._cluster
         if cl is None or not cl.matches(snap):
-            cl = self._cluster = Cluster(self.service, snap, self.local_zone, self.rng, cl)
+            new = self._cluster = Cluster(self.service, snap, self.local_zone, self.rng, cl)
+            if cl is not None and new.limits is not cl.limits:
+                self.pool.drop_idle()  # connections opened under the old limits are not counted
+            cl = new
         return cl
 
     def start(self, ex: Exchange) -> None:
