@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostmesh.ca.pki import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
+from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
+from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -80,6 +81,15 @@ class CAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """`access_log = { sample = 0.01 }`: the fraction of allowed connections/requests that write a JSON
+    access line (failures always do; agent/audit.py). 1.0 logs every one, 0 none; lines need the
+    `hostmesh.access` logger at INFO (log_level "info" or "debug")."""
+
+    sample: float = DEFAULT_ACCESS_SAMPLE
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
     mesh_address: str
@@ -95,6 +105,7 @@ class AgentConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     workers: int = 1
     log_level: str = "info"
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -240,6 +251,7 @@ TOP_KEYS = {
     "drain_seconds",
     "workers",
     "log_level",
+    "access_log",
 }
 
 
@@ -295,6 +307,13 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     log_level = _str(raw, "log_level", "", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise _fail("log_level", "must be debug, info, warning or error")
+    access_raw = raw.get("access_log", {})
+    if not isinstance(access_raw, dict):
+        raise _fail("access_log", "must be a table like { sample = 0.01 }")
+    _check_keys(access_raw, {"sample"}, "access_log")
+    access_log = AccessLogConfig(
+        sample=_number(access_raw, "sample", "access_log.", DEFAULT_ACCESS_SAMPLE, 0.0, 1.0)
+    )
     metrics_raw = raw.get("metrics", DEFAULT_METRICS)
     return AgentConfig(
         node=node,
@@ -311,6 +330,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         drain_seconds=_number(raw, "drain_seconds", "", DEFAULT_DRAIN_SECONDS, 0, 3600),
         workers=workers,
         log_level=log_level or "info",
+        access_log=access_log,
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from hostmesh.agent import sdnotify
+from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, probe_app
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from hostmesh.agent.loops import new_event_loop
@@ -265,7 +265,7 @@ class Agent:
         """Re-read agent.toml and apply it without dropping established connections.
 
         Applied live: upstreams (listeners added/drained), each service's port, protocol, meta and
-        health (re-registered), default_intention, drain_seconds, log_level. Identity and plumbing
+        health (re-registered), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
         (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
         a restart: they keep their running values and the log says so. A file that does not parse
         changes nothing.
@@ -290,6 +290,7 @@ class Agent:
             new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
         self.config = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        audit.configure_access(new.access_log.sample)
         self.builder.reconfigure(new)
         for stale in self.discovery.sync_watches():
             await stale.stop()
@@ -414,6 +415,7 @@ def run_command(config_path: Path) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _setup_logging(config.log_level)
+    audit.configure_access(config.access_log.sample)
     loop = new_event_loop()
     try:
         loop.run_until_complete(run_agent(config, config_path))

@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -20,68 +19,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostmesh.ca.errors import InvalidRequest, StorageError, TrustError
+from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc. keep working)
+    DEFAULT_TRUST_DOMAIN,
+    SERVICE_NAME_MAX,
+    Identity,
+    valid_service_name,
+    valid_trust_domain,
+)
 
-DEFAULT_TRUST_DOMAIN = "hostmesh.local"
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
 MAX_LEAF_TTL = dt.timedelta(days=7)  # bounds the damage of a stolen key when revocation is absent
 ROOT_TTL = dt.timedelta(days=3650)  # roots are rotated deliberately, not by expiry
 CLOCK_SKEW = dt.timedelta(minutes=5)  # not-before backdating so hosts with slightly slow clocks accept
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is < 1 KiB; anything near this is garbage
-SERVICE_NAME_MAX = 63  # one DNS label
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-# --- identity -------------------------------------------------------------------------------
-
-
-def valid_service_name(name: str) -> bool:
-    """A service name is one lowercase DNS label: it appears in SPIFFE IDs and DNS SANs."""
-    if not 0 < len(name) <= SERVICE_NAME_MAX or name[0] == "-" or name[-1] == "-":
-        return False
-    return all(c.isdigit() or ("a" <= c <= "z") or c == "-" for c in name)
-
-
-def valid_trust_domain(td: str) -> bool:
-    labels = td.split(".")
-    return 0 < len(td) <= 255 and all(valid_service_name(label) for label in labels)
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """A workload identity: `spiffe://<trust_domain>/svc/<service>`."""
-
-    trust_domain: str
-    service: str
-
-    @property
-    def spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/svc/{self.service}"
-
-    @property
-    def dns_name(self) -> str:
-        return f"{self.service}.svc.{self.trust_domain}"
-
-    @classmethod
-    def parse(cls, uri: str) -> Identity:
-        prefix = "spiffe://"
-        if not uri.startswith(prefix):
-            raise InvalidRequest(f"not a SPIFFE ID: {uri!r}")
-        td, _, path = uri[len(prefix) :].partition("/")
-        kind, _, service = path.partition("/")
-        if kind != "svc" or not valid_trust_domain(td) or not valid_service_name(service):
-            raise InvalidRequest(f"not a hostmesh service identity: {uri!r}")
-        return cls(td, service)
-
-    @classmethod
-    def from_sni(cls, sni: str) -> Identity | None:
-        """`<service>.svc.<trust-domain>` -> Identity, or None for any other name."""
-        service, sep, rest = sni.partition(".svc.")
-        if not sep or not valid_service_name(service) or not valid_trust_domain(rest):
-            return None
-        return cls(rest, service)
+# --- identity (names: ca/identity.py; from certificates: here) ----------------------------
 
 
 def identities_of(cert: x509.Certificate) -> list[Identity]:

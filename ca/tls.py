@@ -3,17 +3,28 @@
 Mesh connections are TLS 1.3 and mutual. Chain verification is OpenSSL's, against the trust bundle
 (every active root); hostname checking is off because peers are named by SPIFFE ID, which
 `peer_identity` reads from the verified leaf and callers compare with what they expected.
+
+The per-connection helpers (`peer_identity`, `peer_not_after`) read the leaf as OpenSSL already
+decoded it for the handshake (`getpeercert()`), not by parsing its DER again with `cryptography`:
+cheaper on every new mesh connection, and the data path never loads `cryptography` (~9 MiB RSS).
+`peer_certificate` (a full `x509.Certificate`) imports it on first use.
+
+Mesh server contexts issue no session tickets (`num_tickets = 0`): agents reuse established
+connections instead of resuming sessions (agent/proxy/pool.py), so a ticket would only cost an
+encryption and an extra TLS record per handshake that no client ever uses.
 """
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
+from hostmesh.ca.errors import InvalidRequest, TrustError
+from hostmesh.ca.identity import Identity
 
-from hostmesh.ca.errors import TrustError
-from hostmesh.ca.pki import Identity, identity_of
+if TYPE_CHECKING:
+    from cryptography import x509
 
 ALPN_TCP = "hostmesh/tcp"
 ALPN_HTTP1 = "hostmesh/http1"
@@ -46,6 +57,7 @@ def mesh_server_context(
     ctx = _base(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_3)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols(list(alpn))
+    ctx.num_tickets = 0  # sessions are never resumed (see the module docstring)
     return ctx
 
 
@@ -77,15 +89,42 @@ def ca_client_context(
 
 
 def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.Certificate | None:
+    """The peer's leaf as a `cryptography` object (loads `cryptography`: not for the hot path)."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
-    return x509.load_der_x509_certificate(der) if der else None
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der)
+
+
+def _decoded_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> dict[str, Any]:
+    """The verified peer leaf as decoded by OpenSSL; empty when there is none (or it was not verified)."""
+    if ssl_object is None:
+        return {}
+    return ssl_object.getpeercert() or {}
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
-    """The SPIFFE identity of a verified peer; raises TrustError when there is none."""
-    cert = peer_certificate(ssl_object)
-    if cert is None:
+    """The SPIFFE identity of a verified peer (its one hostmesh URI SAN); raises TrustError otherwise."""
+    cert = _decoded_peer(ssl_object)
+    if not cert:
         raise TrustError("peer presented no certificate")
-    return identity_of(cert)
+    found = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI":
+            try:
+                found.append(Identity.parse(value))
+            except InvalidRequest:
+                continue
+    if len(found) != 1:
+        raise TrustError(f"certificate carries {len(found)} hostmesh identities, expected 1")
+    return found[0]
+
+
+def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> float:
+    """The verified peer leaf's not-after as a UNIX timestamp (0.0 when there is no peer certificate)."""
+    not_after = _decoded_peer(ssl_object).get("notAfter")
+    return float(ssl.cert_time_to_seconds(not_after)) if not_after else 0.0

@@ -224,9 +224,10 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> str:
 
 
 async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
-    mesh: Mesh, caplog: pytest.LogCaptureFixture
+    mesh: Mesh, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="hostmesh.access")
+    monkeypatch.setattr("hostmesh.agent.audit._sample", 1.0)  # every access line (default: 1 in 100)
     r, w = await mesh.connect()
     w.write(b"hello mesh")
     w.write_eof()

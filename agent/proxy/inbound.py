@@ -45,8 +45,8 @@ from hostmesh.agent.proxy.pump import DC, FramedEnd, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.wire import END_FRAME, OPEN
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
-from hostmesh.ca.pki import Identity, load_certs, verify_leaf
-from hostmesh.ca.tls import ALPN_TCP, MESH_ALPN, peer_certificate, peer_identity
+from hostmesh.ca.identity import Identity
+from hostmesh.ca.tls import ALPN_TCP, MESH_ALPN, peer_identity, peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.inbound")
 
@@ -108,8 +108,8 @@ class InboundConnection(FramedEnd):
         if source.trust_domain != snap.trust_domain:
             return self.refuse(f"caller {source.spiffe_id} is not in trust domain {snap.trust_domain}")
         self.service, self.source = svc.name, source
-        self.leaf = peer_certificate(ssl_obj)
-        self.not_after = self.leaf.not_valid_after_utc.timestamp()
+        self.leaf = ssl_obj.getpeercert(binary_form=True)  # DER; parsed only if the bundle changes
+        self.not_after = peer_not_after(ssl_obj)
         self.roots_pem = snap.tls.roots_pem
         alpn = ssl_obj.selected_alpn_protocol()
         set_keepalive(transport)
@@ -307,6 +307,12 @@ class InboundListener:
         task.add_done_callback(self._tasks.discard)
 
     def _reverify(self, conn: InboundConnection, roots_pem: str) -> bool:
+        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
+
+        if isinstance(conn.leaf, bytes):
+            from cryptography import x509
+
+            conn.leaf = x509.load_der_x509_certificate(conn.leaf)
         if self._roots[0] != roots_pem:
             self._roots = (roots_pem, load_certs(roots_pem.encode()))
         try:
@@ -352,7 +358,7 @@ class InboundListener:
             series = self.telemetry.tcp_series(REPORTER, source, service, "", pipe.flags)
         pipe.flush_metrics(series)
         series.closed.inc()
-        if audit.access_enabled():
+        if audit.access_sampled(always=bool(pipe.flags)):
             conn = pipe.a
             spiffe = conn.source.spiffe_id if isinstance(conn, InboundConnection) and conn.source else ""
             audit.access({

@@ -32,7 +32,7 @@ from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
-from hostmesh.ca.pki import Identity
+from hostmesh.ca.identity import Identity
 
 log = logging.getLogger("hostmesh.proxy.outbound")
 
@@ -240,7 +240,7 @@ class OutboundListener:
             )
         pipe.flush_metrics(series)
         series.closed.inc()
-        if audit.access_enabled():
+        if audit.access_sampled(always=bool(pipe.flags)):
             audit.access({
                 "ts": round(time.time(), 3), "reporter": REPORTER, "source": self.local_service,
                 "destination": self.upstream.service, "endpoint": f"{key[0]}:{key[1]}", "subset": subset,

@@ -46,15 +46,15 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.pump import FramedEnd
 from hostmesh.agent.proxy.wire import END, OPEN_FRAME
 from hostmesh.ca.errors import TrustError
-from hostmesh.ca.pki import Identity
-from hostmesh.ca.tls import ALPN_TCP, peer_certificate, peer_identity
+from hostmesh.ca.identity import Identity
+from hostmesh.ca.tls import ALPN_TCP, peer_identity, peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.pool")
 
 POOL_IDLE_SECONDS = 30.0  # idle connections are closed by the client first (server waits INBOUND_IDLE)
 POOL_SWEEP_SECONDS = 5.0  # how often idle connections are checked for age/idleness (one timer per pool)
 MAX_CONN_AGE = 600.0  # one handshake's authentication is relied on for at most 10 minutes
-MAX_IDLE_PER_KEY = 64  # idle connections kept per peer endpoint; more only helps a burst that has passed
+MAX_IDLE_PER_KEY = 256  # per peer endpoint: ~2x the concurrent streams, as an END lags its stream's close
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3  # a vanished peer host is noticed in ~60 s
 
 PoolKey = tuple[str, int]  # the peer agent's (address, inbound port)
@@ -189,10 +189,9 @@ class ConnectionPool:
                     f"peer {key[0]}:{key[1]} is {ident.spiffe_id}, expected {expected.spiffe_id}; refusing",
                     security=True,
                 )
-            cert = peer_certificate(ssl_obj)
-            if cert is not None:
-                left = cert.not_valid_after_utc.timestamp() - time.time()
-                conn.expires = time.monotonic() + max(0.0, min(MAX_CONN_AGE, left))
+            not_after = peer_not_after(ssl_obj)
+            if not_after:
+                conn.expires = time.monotonic() + max(0.0, min(MAX_CONN_AGE, not_after - time.time()))
         except DialError:
             conn.reset()
             raise

@@ -1,0 +1,81 @@
+"""Access-log sampling (agent/audit.py) and its agent.toml key `access_log = { sample = … }`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from hostmesh.agent import audit
+from hostmesh.agent.config import ConfigError, parse_config
+
+PIN = "sha256:" + "ab" * 32
+DRAWS = 20_000  # bounded loop; enough that 1 % sampling lands well inside the asserted band
+
+
+def doc(**extra: object) -> dict[str, object]:
+    d: dict[str, object] = {"ca": {"pin": PIN}, "services": [{"name": "web", "port": 8080}]}
+    d.update(extra)
+    return d
+
+
+@pytest.fixture
+def access_on() -> Iterator[None]:
+    logger = logging.getLogger("hostmesh.access")
+    before_level, before_sample = logger.level, audit.access_sample()
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(before_level)
+        audit.configure_access(before_sample)
+
+
+def test_default_is_one_in_a_hundred() -> None:
+    assert parse_config(doc()).access_log.sample == audit.DEFAULT_ACCESS_SAMPLE == 0.01
+
+
+def test_key_parses_and_is_validated() -> None:
+    assert parse_config(doc(access_log={"sample": 1})).access_log.sample == 1.0
+    assert parse_config(doc(access_log={"sample": 0})).access_log.sample == 0.0
+    with pytest.raises(ConfigError, match=r"^access_log\.sample: must be a number in 0\.\.1$"):
+        parse_config(doc(access_log={"sample": 1.5}))
+    with pytest.raises(ConfigError, match=r"^access_log\.sampel: unknown key \(did you mean 'sample'\?\)$"):
+        parse_config(doc(access_log={"sampel": 0.1}))
+    with pytest.raises(ConfigError, match=r"^access_log: must be a table"):
+        parse_config(doc(access_log=0.1))
+
+
+@pytest.mark.usefixtures("access_on")
+def test_sampling_fractions() -> None:
+    audit.configure_access(1.0)
+    assert all(audit.access_sampled() for _ in range(100))
+    audit.configure_access(0.0)
+    assert not any(audit.access_sampled() for _ in range(100))
+    audit.configure_access(0.01)
+    hits = sum(audit.access_sampled() for _ in range(DRAWS))
+    assert 0.004 * DRAWS < hits < 0.02 * DRAWS  # expected 200; the band is > 6 sigma wide
+
+
+@pytest.mark.usefixtures("access_on")
+def test_failures_are_logged_whatever_the_sample() -> None:
+    audit.configure_access(0.0)
+    assert audit.access_sampled(always=True)
+
+
+def test_nothing_is_logged_when_the_logger_is_off() -> None:
+    logger = logging.getLogger("hostmesh.access")
+    before_level, before_sample = logger.level, audit.access_sample()
+    logger.setLevel(logging.WARNING)
+    try:
+        audit.configure_access(1.0)
+        assert not audit.access_sampled(always=True)
+    finally:
+        logger.setLevel(before_level)
+        audit.configure_access(before_sample)
+
+
+def test_configure_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        audit.configure_access(2.0)
