@@ -70,8 +70,8 @@ def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     chunks = []
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except ConnectionRefusedError:
-        return b""  # nothing listening (yet): no answer either
+    except (ConnectionRefusedError, ConnectionResetError):
+        return b""  # nothing listening (yet), or refused so fast the reset beat connect()
     with sock:
         try:
             sock.sendall(payload)
