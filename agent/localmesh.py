@@ -55,10 +55,10 @@ def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
@@ -180,7 +180,7 @@ class LocalMesh:
         proc = self._spawn(
             "ca", ["ca", "serve", "--data-dir", str(ca_dir), "--listen", f"127.0.0.1:{self.ca_port}"]
         )
-        wait_for(lambda: _port_open(self.ca_port) or not proc.alive(), READY_TIMEOUT, "the CA to listen")
+        wait_for(lambda: port_open(self.ca_port) or not proc.alive(), READY_TIMEOUT, "the CA to listen")
         if not proc.alive():
             raise RuntimeError(f"CA exited:\n{proc.log()}")
         return self.pin
@@ -303,8 +303,8 @@ def consul_binary() -> str:
 class ConsulDev:
     """A real `consul agent -dev` on free loopback ports; can be stopped and restarted on the same ports."""
 
-    def __init__(self, log_dir: Path, node: str = "hostmesh-test") -> None:
-        self.binary = consul_binary()
+    def __init__(self, log_dir: Path, node: str = "hostmesh-test", binary: str | None = None) -> None:
+        self.binary = binary or consul_binary()
         self.node = node
         self.log_path = log_dir / f"consul-{node}.log"
         self.ports = {k: free_port() for k in ("http", "dns", "server", "serf_lan", "serf_wan", "grpc")}
@@ -318,35 +318,19 @@ class ConsulDev:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
+        """The `consul agent -dev` command line for these ports (the benchmark runs it too)."""
         p = self.ports
-        args = [
-            self.binary,
-            "agent",
-            "-dev",
-            "-node",
-            self.node,
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-            "-http-port",
-            str(p["http"]),
-            "-dns-port",
-            str(p["dns"]),
-            "-server-port",
-            str(p["server"]),
-            "-serf-lan-port",
-            str(p["serf_lan"]),
-            "-serf-wan-port",
-            str(p["serf_wan"]),
-            "-grpc-port",
-            str(p["grpc"]),
-            "-log-level",
-            "warn",
-        ]
+        flags = {"-node": self.node, "-bind": "127.0.0.1", "-client": "127.0.0.1", "-http-port": p["http"],
+                 "-dns-port": p["dns"], "-server-port": p["server"], "-serf-lan-port": p["serf_lan"],
+                 "-serf-wan-port": p["serf_wan"], "-grpc-port": p["grpc"], "-log-level": "warn"}  # fmt: skip
+        return [self.binary, "agent", "-dev", *(str(x) for kv in flags.items() for x in kv)]
+
+    def start(self) -> None:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         wait_for(self._ready, CONSUL_START_TIMEOUT, f"consul dev agent on {self.url}")
 
@@ -354,6 +338,10 @@ class ConsulDev:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"consul exited with {self.proc.returncode}; see {self.log_path}")
+        return self.serving()
+
+    def serving(self) -> bool:
+        """Has the agent elected itself leader and does its HTTP API answer?"""
         try:
             with urllib.request.urlopen(f"{self.url}/v1/status/leader", timeout=1) as resp:
                 leader = json.loads(resp.read() or b'""')

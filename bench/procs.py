@@ -10,50 +10,33 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from bench.parse import parse_stat, parse_status_rss_kib
+from hostmesh.agent.localmesh import free_port, wait_for
+from hostmesh.agent.localmesh import port_open as tcp_open
 
 STOP_GRACE_S = 5.0  # SIGTERM -> SIGKILL; every peer here stops in well under a second
-POLL_S = 0.05  # readiness polling step; every wait is bounded in time and count
 RSS_SAMPLE_S = 0.1  # RSS sampling period during a load run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+__all__ = ["free_port", "tcp_open"]  # re-exported for bench/systems.py
 
 
 class StartError(RuntimeError):
     """A system or tool could not be started or did not become ready: the caller reports it."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / POLL_S) + 2):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL_S)
-    raise StartError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+    """localmesh's bounded wait, failing as a StartError so the system is reported NOT AVAILABLE."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+        return wait_for(predicate, timeout, what)
+    except TimeoutError as exc:
+        raise StartError(str(exc)) from None
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from bench import hmconfig
 from bench.procs import Procs, StartError, free_port, tcp_open, wait_until
 from bench.report import CONSUL, DIRECT, HAPROXY, HM_L4, HM_L7
+from hostmesh.agent.localmesh import ConsulDev
 
 TRUST_DOMAIN = "hostmesh.local"
 SMALL_BODY = b"hostmesh bench: a small response body of sixty-four bytes......\n"
@@ -134,46 +135,16 @@ http {{
 
 
 def start_consul(env: Env) -> str:
-    ports = {k: free_port() for k in ("http", "dns", "server", "serf_lan", "serf_wan", "grpc")}
-    args = [
-        env.consul_bin,
-        "agent",
-        "-dev",
-        "-node",
-        "hostmesh-bench",
-        "-bind",
-        "127.0.0.1",
-        "-client",
-        "127.0.0.1",
-        "-http-port",
-        str(ports["http"]),
-        "-dns-port",
-        str(ports["dns"]),
-        "-server-port",
-        str(ports["server"]),
-        "-serf-lan-port",
-        str(ports["serf_lan"]),
-        "-serf-wan-port",
-        str(ports["serf_wan"]),
-        "-grpc-port",
-        str(ports["grpc"]),
-        "-log-level",
-        "warn",
-    ]
-    proc = env.procs.start("dev-consul", args)
-    url = f"http://127.0.0.1:{ports['http']}"
+    dev = ConsulDev(env.workdir, node="hostmesh-bench", binary=env.consul_bin)
+    proc = env.procs.start("dev-consul", dev.command())
 
     def ready() -> bool:
         env.procs.check_alive("dev-consul", proc)
-        try:
-            with urllib.request.urlopen(f"{url}/v1/status/leader", timeout=1) as resp:
-                return bool(json.loads(resp.read() or b'""'))
-        except (OSError, urllib.error.URLError, ValueError):
-            return False
+        return dev.serving()
 
-    wait_until(ready, START_TIMEOUT_S, f"consul dev agent on {url}")
-    env.consul_url = url
-    return url
+    wait_until(ready, START_TIMEOUT_S, f"consul dev agent on {dev.url}")
+    env.consul_url = dev.url
+    return dev.url
 
 
 # --- systems --------------------------------------------------------------------------------
