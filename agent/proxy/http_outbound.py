@@ -87,13 +87,38 @@ OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending 
 class _Req:
     """Per-request state of the outbound (Exchange.state)."""
 
-    __slots__ = ("admitted", "cluster", "endpoint", "subset")
+    __slots__ = ("admitted", "balancer", "budget", "cluster", "ctx", "deadline", "endpoint", "headers",
+                 "ident", "key", "redone", "route", "rs", "subset", "target")  # fmt: skip
 
-    def __init__(self, cluster: Cluster | None) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.admitted = False
         self.endpoint: lb.Endpoint | None = None
         self.subset = ""
+        self.route: Any = None
+        self.balancer: Any = None
+        self.budget: RetryBudget | None = None
+        self.rs: RetryState | None = None
+        self.key: bytes | None = None
+        self.deadline: float | None = None
+        self.redone = False
+        self.ctx: Any = None
+        self.ident: Any = None
+        self.target = b""
+        self.headers: http1.Headers = []
+
+    def use(self, ep: lb.Endpoint) -> None:
+        """`ep` serves the next try (least_request counts in-flight requests per instance)."""
+        if self.endpoint is not None:
+            self.endpoint.active -= 1
+        self.endpoint = ep
+        ep.active += 1
+
+    def retry_state(self) -> RetryState:
+        rs = self.rs
+        if rs is None:
+            rs = self.rs = RetryState(self.route.retry, self.budget)
+        return rs
 
 
 class Cluster:
@@ -200,6 +225,8 @@ class _Discard:
     class _NoConn:
         def pause_reading(self) -> None: ...
         def resume_reading(self) -> None: ...
+        def cork(self) -> None: ...
+        def uncork(self) -> None: ...
 
     conn = _NoConn()
 
@@ -240,6 +267,7 @@ class HttpOutbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx: Any = None
         self._conn_waiters: list[asyncio.Future[None]] = []
+        self._ident: Identity | None = None
         self.closing = False
         self.rejected_total = 0
         self.pool.on_lost = self._conn_lost
@@ -294,29 +322,35 @@ class HttpOutbound:
         if route is None:
             ex.respond(404, fl.NR)
             return
+        st.route = route
         subset = route.pick_subset(self.rng)
         st.subset = subset or ""
         delay, abort = route.fault(self.rng) if route.delay_percent or route.abort_percent else (0.0, 0)
-        if not delay and abort:
+        if delay:
+            self._spawn(self._delayed(ex, snap, subset, delay, abort))
+            return
+        if abort:
             ex.respond(abort, fl.FI)
             return
-        ex.response_ops = route.response_ops or None
-        task = asyncio.get_running_loop().create_task(self._serve(ex, snap, cl, route, subset, delay, abort))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._begin(ex, snap, subset)
 
-    async def _serve(self, ex: Exchange, snap: Snapshot, cl: Cluster, route: CompiledRoute,
-                     subset: str | None, delay: float, abort: int) -> None:  # fmt: skip
+    async def _delayed(
+        self, ex: Exchange, snap: Snapshot, subset: str | None, delay: float, abort: int
+    ) -> None:
+        ex.flags = fl.DI
+        await asyncio.sleep(delay)
+        if ex.done:
+            return
+        if abort:
+            ex.respond(abort, fl.FI)
+            return
+        self._begin(ex, snap, subset)
+
+    def _begin(self, ex: Exchange, snap: Snapshot, subset: str | None) -> None:
+        """Admit, prepare the request once, then forward: inline on a pooled connection when no timer
+        is involved (the common case), else in a coroutine (dial, timeouts, retries)."""
         st: _Req = ex.state
-        rng = self.rng
-        if delay:
-            ex.flags = fl.DI
-            await asyncio.sleep(delay)
-            if ex.done:
-                return
-            if abort:
-                ex.respond(abort, fl.FI)
-                return
+        cl, route = st.cluster, st.route
         if cl.limits.admit_request() is not None:
             ex.respond(503, fl.UO)
             return
@@ -329,47 +363,126 @@ class HttpOutbound:
             if self._ctx is not None:
                 self.pool.drop_stale(ctx)
             self._ctx = ctx
+        ex.response_ops = route.response_ops or None
         ex.continue_100()
         head = ex.head
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
-        if headers is head.headers:
-            headers = list(headers)
         if route.request_ops:
+            if headers is head.headers:
+                headers = list(headers)
             route.request_ops.apply(headers)
         with_request_id(headers)
         if not has_host(headers):
             headers.append((b"host", self.service.encode()))
         target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
-        ident = Identity(snap.trust_domain, self.service)
-        if route.mirror and ex.request_done and route.should_mirror(rng):
+        ident = self._ident
+        if ident is None or ident.trust_domain != snap.trust_domain:
+            ident = self._ident = Identity(snap.trust_domain, self.service)
+        if route.mirror and ex.request_done and route.should_mirror(self.rng):
             self._mirror(cl, route.mirror_subset, ctx, ident, head.method, target, headers)
-        bal = cl.balancer(subset)
-        key = None
+        st.ctx, st.ident, st.target, st.headers = ctx, ident, target, headers
+        st.balancer = bal = cl.balancer(subset)
         if cl.hash is not None:
-            key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, ex.conn.peer_ip)
-        now = time.monotonic()
-        deadline = now + route.timeout if route.timeout else None
-        budget = cl.budget(route)
+            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, ex.conn.peer_ip)
+        st.budget = budget = cl.budget(route)
         budget.request_started()
-        rs = RetryState(route.retry, budget)
-        slot = False
+        if route.timeout is None and route.retry.per_try_timeout is None:
+            cl.refresh(time.monotonic())
+            ep = bal.pick(st.key)
+            if ep is None:
+                ex.respond(503, fl.UH)
+                return
+            up = self.pool.acquire((ep.address, ep.port), ctx)
+            if up is not None:  # inline: no task, no future, no timer
+                st.use(ep)
+                ex.on_response_head = self._inline_head
+                ex.on_fail = self._inline_fail
+                ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
+                return
+            self._spawn(self._loop(ex, first=ep))
+            return
+        st.deadline = time.monotonic() + route.timeout if route.timeout else None
+        self._spawn(self._loop(ex))
+
+    def _inline_head(self, ex: Exchange, resp: http1.ResponseHead) -> None:
+        ex.on_response_head = ex.on_fail = None
+        st: _Req = ex.state
+        assert st.endpoint is not None
+        if not self._settle(ex, st, st.endpoint, resp):
+            self._spawn(self._loop(ex, retrying=True))
+
+    def _inline_fail(self, ex: Exchange, flag: str) -> bool:
+        """The pooled connection failed before a response head (the peer closed it, or it broke)."""
+        ex.on_response_head = ex.on_fail = None
+        st: _Req = ex.state
+        assert st.endpoint is not None
+        if ex.replayable and ex.head.method in IDEMPOTENT and not st.redone:
+            st.redone = True  # a keep-alive race on a reused connection: once more on another one
+            self._spawn(self._loop(ex, first=st.endpoint))
+        elif not self._settle(ex, st, st.endpoint, RESET):
+            self._spawn(self._loop(ex, retrying=True))
+        return True
+
+    def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: Any) -> bool:
+        """Feed one try's outcome to outlier detection and the retry policy. True: answered (relayed
+        or a local error); False: retry (a budget slot is held)."""
+        route = st.route
+        now = time.monotonic()
+        if isinstance(outcome, http1.ResponseHead):
+            status = outcome.status
+            st.cluster.report(ep, status, now)
+            if not route.retry.retryable(RESPONSE, status):
+                self._relay(ex, outcome)
+                return True
+            decision = st.retry_state().decide(RESPONSE, status, ex.replayable)
+            if decision != RETRY:
+                if decision == EXHAUSTED:
+                    ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                self._relay(ex, outcome)
+                return True
+            return False
+        st.cluster.report(ep, 0, now)
+        decision = st.retry_state().decide(outcome, 0, ex.replayable)
+        if decision != RETRY:
+            status, flag = FAILURE_RESPONSE[outcome]
+            if decision == EXHAUSTED:
+                ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+            ex.respond(status, flag)
+            return True
+        return False
+
+    async def _loop(self, ex: Exchange, first: lb.Endpoint | None = None, retrying: bool = False) -> None:
+        """Tries until one is answered: pick, attempt (dial when needed, per-try timeout), settle."""
+        st: _Req = ex.state
+        route, cl = st.route, st.cluster
+        budget = st.budget
+        assert budget is not None
+        slot = retrying  # a retry decided by _settle holds a budget slot until its try ends
         try:
             while True:
+                if slot:
+                    ex.abandon_upstream()
+                    pause = st.retry_state().backoff(self.rng)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                        if ex.done:
+                            return
                 now = time.monotonic()
-                cl.refresh(now)
-                ep = bal.pick(key)
+                if first is not None:
+                    ep: lb.Endpoint | None = first
+                    first = None
+                else:
+                    cl.refresh(now)
+                    ep = st.balancer.pick(st.key)
                 if ep is None:
                     ex.respond(503, fl.UH)
                     return
-                if st.endpoint is not None:
-                    st.endpoint.active -= 1
-                st.endpoint = ep
-                ep.active += 1
-                timeout = route.retry.try_timeout(now, deadline)
+                st.use(ep)
+                timeout = route.retry.try_timeout(now, st.deadline)
                 if timeout is not None and timeout <= 0:
                     ex.respond(504, fl.UT)
                     return
-                outcome = await self._attempt(ex, cl, ep, ctx, ident, target, headers, timeout)
+                outcome = await self._attempt(ex, cl, ep, st.ctx, st.ident, st.target, st.headers, timeout)
                 if slot:
                     budget.release()
                     slot = False
@@ -378,38 +491,17 @@ class HttpOutbound:
                 if outcome == OVERFLOW:
                     ex.respond(503, fl.UO)
                     return
-                if isinstance(outcome, http1.ResponseHead):
-                    status = outcome.status
-                    cl.report(ep, status, time.monotonic())
-                    if not route.retry.retryable(RESPONSE, status):  # RESPONSE
-                        self._relay(ex, outcome)
-                        return
-                    decision = rs.decide(RESPONSE, status, ex.replayable)
-                    if decision != RETRY:
-                        if decision == EXHAUSTED:
-                            ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
-                        self._relay(ex, outcome)
-                        return
-                else:
-                    cl.report(ep, 0, time.monotonic())
-                    decision = rs.decide(outcome, 0, ex.replayable)
-                    if decision != RETRY:
-                        status, flag = FAILURE_RESPONSE[outcome]
-                        if decision == EXHAUSTED:
-                            ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
-                        ex.respond(status, flag)
-                        return
+                if self._settle(ex, st, ep, outcome):
+                    return
                 slot = True
-                ex.abandon_upstream()
-                pause = rs.backoff(rng)
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                    if ex.done:
-                        return
         finally:
             if slot:
                 budget.release()
-            budget.request_finished()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _relay(self, ex: Exchange, resp: http1.ResponseHead) -> None:
         flag = response_flag(resp)
@@ -560,9 +652,7 @@ class HttpOutbound:
             if up.transport is not None:
                 up.transport.write(data)
 
-        task = asyncio.get_running_loop().create_task(shadow())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(shadow())
 
     # --- outcomes ------------------------------------------------------------------------------
 
@@ -571,9 +661,12 @@ class HttpOutbound:
         subset = ""
         if st is not None:
             cl = st.cluster
-            if st.admitted and cl is not None:
+            if st.admitted:
                 cl.limits.requests.release()
                 st.admitted = False
+            if st.budget is not None:
+                st.budget.request_finished()
+                st.budget = None
             ep = st.endpoint
             if ep is not None:
                 ep.active -= 1
