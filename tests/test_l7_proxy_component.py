@@ -247,3 +247,30 @@ async def test_hygiene_smuggling_oversize_and_http10(mesh: Mesh) -> None:
     assert out1.startswith(b"HTTP/1.1 400") and b"x-hostmesh-response-flags: DPE" in out1
     assert out2.startswith(b"HTTP/1.1 431")
     assert out3.startswith(b"HTTP/1.1 200") and out3.endswith(b"GET /old\n")
+
+
+async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
+    rc = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [{
+            "match": {"path": {"prefix": "/old/"}},
+            "to": [{"subset": "v1", "weight": 100}],
+            "rewrite": {"prefix": "/new/"},
+            "mirror": {"subset": "v2", "percent": 100},
+            "headers": {"request": {"set": {"x-set": "yes"}, "remove": ["x-secret"]},
+                        "response": {"add": {"x-served-by": "mesh"}, "remove": ["x-instance"]}},
+        }],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/old/thing?q=1", {"x-secret": "s"})
+    c.close()
+    assert r.status == 200 and r.body == b"GET /new/thing?q=1\n"  # prefix rewritten, query kept
+    assert r.headers.get("x-served-by") == "mesh" and "x-instance" not in r.headers
+    seen = mesh.apps[0].last_headers
+    assert seen.get(b"x-set") == b"yes" and b"x-secret" not in seen
+    for _ in range(200):  # the mirrored copy reaches v2 on its own time (bounded wait)
+        if mesh.apps[1].hits:
+            break
+        await asyncio.sleep(0.01)
+    assert mesh.apps[1].hits == 1 and mesh.apps[1].last_headers.get(b"x-set") == b"yes"

@@ -19,6 +19,10 @@ checked at dial time; the peer re-runs the intentions check on every request; co
 kept past UPSTREAM_MAX_AGE nor the peer certificate's expiry; a request that did not end cleanly
 closes its connection.
 
+Mirroring copies a request whose body is complete when it is forwarded (in practice: requests
+without a body) to one instance of the mirror subset and drops the answer; it never delays or
+fails the real request.
+
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``. Other upstreams stay on the L4 path.
 
@@ -378,8 +382,12 @@ class HttpOutbound:
         ident = self._ident
         if ident is None or ident.trust_domain != snap.trust_domain:
             ident = self._ident = Identity(snap.trust_domain, self.service)
-        if route.mirror and ex.request_done and route.should_mirror(self.rng):
-            self._mirror(cl, route.mirror_subset, ctx, ident, head.method, target, headers)
+        if route.mirror and ex.request_done and ex.replayable and route.should_mirror(self.rng):
+            body = b"".join(ex.chunks)  # a complete body already read (bodyless or small): copy it too
+            shadow_headers = list(headers)
+            if ex.chunked:
+                shadow_headers.append((b"transfer-encoding", b"chunked"))
+            self._mirror(cl, route.mirror_subset, ctx, ident, head.method, target, shadow_headers, body)
         st.ctx, st.ident, st.target, st.headers = ctx, ident, target, headers
         st.balancer = bal = cl.balancer(subset)
         if cl.hash is not None:
@@ -633,11 +641,12 @@ class HttpOutbound:
                 return
 
     def _mirror(self, cl: Cluster, subset: str | None, ctx: Any, ident: Identity, method: bytes,
-                target: bytes, headers: http1.Headers) -> None:  # fmt: skip
+                target: bytes, headers: http1.Headers, body: bytes = b"") -> None:  # fmt: skip
+        """Fire-and-forget copy of a request whose body is complete; the answer is read and dropped."""
         ep = cl.balancer(subset).pick(None)
         if ep is None:
             return
-        data = http1.serialize_request_head(method, target, b"1.1", headers)
+        data = http1.serialize_request_head(method, target, b"1.1", headers) + body
 
         async def shadow() -> None:
             key = (ep.address, ep.port)
