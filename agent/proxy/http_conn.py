@@ -167,7 +167,8 @@ class ServerConn(asyncio.Protocol):
         self.requests = 0
         self._timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a head arrived since the last request
-        self._last = 0.0
+        self._head_started = 0.0  # when they began
+        self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
         self._cork: list[bytes] | None = None  # writes gathered while one upstream read is processed
 
@@ -186,8 +187,9 @@ class ServerConn(asyncio.Protocol):
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
             return
-        if self.ex is None:
+        if self.ex is None and not self._partial:
             self._partial = True
+            self._head_started = time.monotonic()
         for ev in self.framer.feed(data):
             if self.closed:
                 return
@@ -250,8 +252,7 @@ class ServerConn(asyncio.Protocol):
                     self.backlog = []
                     self.pause_reading()
         elif t is RequestHead:
-            self._cancel_timer()
-            self._partial = False
+            self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
             ex = self.ex = Exchange(self, ev)
             self.handler.start(ex)
@@ -285,7 +286,8 @@ class ServerConn(asyncio.Protocol):
             self.close()
             return
         self._last = time.monotonic()
-        self._arm(self.handler.header_timeout)
+        if self._timer is None:
+            self._arm(self.handler.header_timeout)
         backlog, self.backlog = self.backlog, None
         if backlog:
             for i, ev in enumerate(backlog):
@@ -317,15 +319,25 @@ class ServerConn(asyncio.Protocol):
             self._timer = None
 
     def _timed_out(self) -> None:
+        """One lazy timer per connection (not one per request): it looks at the state when it fires."""
         self._timer = None
-        if self.closed or self.ex is not None or self._tunnel is not None:
+        if self.closed or self._tunnel is not None:
             return
-        if self._partial:  # a head began and did not finish in time
-            self.reject(408, "header-read-timeout", fl.DPE)
+        timeout = self.handler.header_timeout
+        if self.ex is not None:  # busy: the head timer applies again once this exchange is done
+            self._arm(timeout)
             return
-        left = self._last + IDLE_TIMEOUT - time.monotonic()
+        now = time.monotonic()
+        if self._partial:  # a head began: it must be complete `timeout` after its first byte
+            left = self._head_started + timeout - now
+            if left <= 0:
+                self.reject(408, "header-read-timeout", fl.DPE)
+            else:
+                self._arm(left)
+            return
+        left = self._last + IDLE_TIMEOUT - now
         if left > 0:
-            self._arm(min(left, IDLE_TIMEOUT))
+            self._arm(min(left, timeout))
         else:
             self.close()
 
