@@ -274,3 +274,17 @@ async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
             break
         await asyncio.sleep(0.01)
     assert mesh.apps[1].hits == 1 and mesh.apps[1].last_headers.get(b"x-set") == b"yes"
+
+
+async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: Mesh, tmp_path: Path) -> None:
+    c = mesh.client()
+    assert (await asyncio.to_thread(c.get, "/a")).status == 200
+    assert (await asyncio.to_thread(c.get, "/b")).status == 200  # both instances have a pooled connection
+    other = CA(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    for ib in mesh.inbounds:  # the bundle now holds another root only: web's certificate is no longer trusted
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, tls=dataclasses.replace(h.current.tls, roots_pem=other.roots)))
+    r = await asyncio.to_thread(c.get, "/c")
+    c.close()
+    assert r.status == 403 and r.flags == "AUTHZ"

@@ -66,9 +66,6 @@ UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are
 UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
 MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serves a burst that passed
 POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
-ACCESS_LOG_SAMPLE = float(os.environ.get("HOSTMESH_ACCESS_LOG_SAMPLE", "0.01"))
-# ^ share of plain successful requests written to the access log (requests with a response flag or a
-#   5xx are always written): one json.dumps per request would cost ~10 % of the L7 hot path.
 REQUEST_ID = b"x-request-id"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
@@ -119,10 +116,8 @@ class RequestMetrics:
 
 
 def access_line(ex: Exchange, reporter: str, source: str, dest: str, subset: str, **extra: Any) -> None:
-    """One JSON access line, sampled (flagged and 5xx answers always), when the access logger is on."""
-    if not audit.access_enabled():
-        return
-    if not ex.flags and ex.status < 500 and _rng.random() >= ACCESS_LOG_SAMPLE:
+    """One JSON access line, sampled per agent.toml `access_log.sample` (flagged and 5xx answers always)."""
+    if not audit.access_sampled(always=bool(ex.flags) or ex.status >= 500):
         return
     h = ex.head
     rid = b""

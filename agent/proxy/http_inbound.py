@@ -49,8 +49,8 @@ from hostmesh.agent.proxy.http_conn import (
 )
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
-from hostmesh.ca.pki import Identity, load_certs, verify_leaf
-from hostmesh.ca.tls import peer_certificate
+from hostmesh.ca.identity import Identity
+from hostmesh.ca.tls import peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.http_inbound")
 
@@ -64,11 +64,11 @@ class Caller:
 
     __slots__ = ("leaf", "not_after", "peer", "roots_pem", "service", "source")
 
-    def __init__(self, source: Identity, service: str, leaf: Any, roots_pem: str, peer: str) -> None:
+    def __init__(self, source: Identity, service: str, ssl_obj: Any, roots_pem: str, peer: str) -> None:
         self.source = source
         self.service = service
-        self.leaf = leaf
-        self.not_after = leaf.not_valid_after_utc.timestamp() if leaf is not None else float("inf")
+        self.leaf: Any = ssl_obj.getpeercert(binary_form=True)  # DER; parsed only if the bundle changes
+        self.not_after = peer_not_after(ssl_obj) or float("inf")
         self.roots_pem = roots_pem
         self.peer = peer
 
@@ -110,7 +110,7 @@ class HttpInbound:
         caller = Caller(
             source,
             svc.name,
-            peer_certificate(ssl_obj),
+            ssl_obj,
             self.holder.current.tls.roots_pem,
             f"{peer[0]}:{peer[1]}" if peer else "?",
         )
@@ -180,6 +180,12 @@ class HttpInbound:
         self._spawn(self._dial_and_send(ex, req))
 
     def _reverify(self, caller: Caller, roots_pem: str) -> bool:
+        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
+
+        if isinstance(caller.leaf, bytes):
+            from cryptography import x509
+
+            caller.leaf = x509.load_der_x509_certificate(caller.leaf)
         if self._roots[0] != roots_pem:
             self._roots = (roots_pem, load_certs(roots_pem.encode()))
         try:

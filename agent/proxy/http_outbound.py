@@ -75,8 +75,8 @@ from hostmesh.agent.proxy.http_conn import (
 from hostmesh.agent.proxy.pool import DialError, set_keepalive
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.errors import TrustError
-from hostmesh.ca.pki import Identity
-from hostmesh.ca.tls import ALPN_HTTP1, peer_certificate, peer_identity
+from hostmesh.ca.identity import Identity
+from hostmesh.ca.tls import ALPN_HTTP1, peer_identity, peer_not_after
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -618,10 +618,9 @@ class HttpOutbound:
         except DialError:
             transport.abort()
             raise
-        cert = peer_certificate(ssl_obj)
-        if cert is not None:
-            left = cert.not_valid_after_utc.timestamp() - time.time()
-            up.expires = min(up.expires, time.monotonic() + max(0.0, left))
+        not_after = peer_not_after(ssl_obj)
+        if not_after:
+            up.expires = min(up.expires, time.monotonic() + max(0.0, not_after - time.time()))
         set_keepalive(transport)
         self.pool.opened(up)
         return up
