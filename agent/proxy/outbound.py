@@ -288,6 +288,7 @@ class OutboundListener:
                 "handshakes": self.pool.handshakes,
                 "reused": self.pool.reused,
             },
+            "http": self.http.stats() if self.http is not None else None,  # L7: pool, ejections
         }
 
     def buffered_bytes(self) -> int:
