@@ -7,6 +7,13 @@ Stop:   (SIGTERM/SIGINT) not ready -> TTL check critical (peers stop picking us)
 
 Consul being down never stops a running agent nor one with a saved snapshot: registration and
 watches retry in the background with backoff.
+
+`workers = N` (agent/workers.py): the process above is the *primary*; just before READY it spawns
+N-1 workers that bind the same listeners (SO_REUSEPORT). A worker runs the same pipeline with two
+stages swapped out: certificates are the files the primary's cert manager writes (re-read when the
+primary says so), and there is no admin API, /metrics, registration or sd_notify (the primary's
+jobs; its /metrics merges the workers'). On stop the primary drains alongside its workers and
+deregisters only once they have exited.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -63,8 +71,12 @@ class AgentStartError(Exception):
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None) -> None:
         self.config = config
+        self.worker = worker  # 0: the primary (or the only process); 1..N-1: a worker (agent/workers.py)
+        self.config_path = config_path
+        self.workers: Any = None  # the primary's WorkerSet when config.workers > 1
+        self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or the primary telling a worker to stop
         self.consul = ConsulClient(config.consul.address, config.consul.token)
         self.ready = False
         self._stopping = asyncio.Event()
@@ -79,7 +91,6 @@ class Agent:
     # --- start ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from hostmesh.agent.certs import CertManager
         from hostmesh.agent.discovery import Discovery, SnapshotBuilder
         from hostmesh.agent.metrics import Telemetry
         from hostmesh.agent.proxy.http_inbound import HttpInbound
@@ -90,18 +101,25 @@ class Agent:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.telemetry = Telemetry()
         sdnotify.status("obtaining certificates")
-        self.certs = CertManager(
-            data_dir=cfg.data_dir,
-            trust_domain=cfg.trust_domain,
-            services=[s.name for s in cfg.services],
-            pin=cfg.ca.pin,
-            ca_address=cfg.ca.address,
-            token_file=cfg.ca.token_file,
-            consul=self.consul,
-        )
+        if self.worker:
+            from hostmesh.agent.workers import DiskCerts
+
+            self.certs: Any = DiskCerts(cfg.data_dir, [s.name for s in cfg.services])
+        else:
+            from hostmesh.agent.certs import CertManager
+
+            self.certs = CertManager(
+                data_dir=cfg.data_dir,
+                trust_domain=cfg.trust_domain,
+                services=[s.name for s in cfg.services],
+                pin=cfg.ca.pin,
+                ca_address=cfg.ca.address,
+                token_file=cfg.ca.token_file,
+                consul=self.consul,
+            )
         try:
             await self.certs.start()
-        except CAError as exc:
+        except (CAError, OSError) as exc:
             raise AgentStartError(f"cannot obtain certificates: {exc}") from None
         self._publish_cert_expiry()
 
@@ -121,13 +139,28 @@ class Agent:
 
         holder = self.builder.holder
         reuse = cfg.workers > 1
-        self.inbound = InboundListener(holder, cfg.inbound, self.telemetry, reuse_port=reuse)
+        bind = cfg.inbound
+        if self.worker and bind.port == 0:  # the primary bound an ephemeral port: share that one
+            from hostmesh.agent.workers import INBOUND_PORT_ENV
+
+            bind = replace(bind, port=int(os.environ[INBOUND_PORT_ENV]))
+        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse)
         self.http_inbound = HttpInbound(
             holder, self.telemetry, {s.name: s.meta.get("version", "") for s in cfg.services}
         )
         self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
         await self.inbound.start()
         await self._sync_outbound()
+        if self.worker:
+            from hostmesh.agent.workers import listen_to_primary, metrics_line
+
+            await listen_to_primary(
+                self._on_primary_certs, lambda: metrics_line(self.telemetry.registry), self.stop_requested.set
+            )
+            self.ready = True
+            log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
+                     (time.perf_counter() - t0) * 1000)  # fmt: skip
+            return
         admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
         self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
         if cfg.metrics is not None:
@@ -136,6 +169,12 @@ class Agent:
             await server.start()
 
         self._tasks.append(asyncio.create_task(self._registration_loop(), name="registration"))
+        if cfg.workers > 1 and self.config_path is not None:
+            from hostmesh.agent.workers import WorkerSet
+
+            sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
+            self.workers = WorkerSet(self.config_path, cfg.workers, self.inbound.port)
+            await self.workers.start()
         self.ready = True
         sdnotify.ready()
         watchdog = sdnotify.start_watchdog()
@@ -183,6 +222,12 @@ class Agent:
     def _on_certs_changed(self) -> None:
         self.builder.tls_changed()
         self._publish_cert_expiry()
+        if self.workers is not None:
+            self.workers.certs_changed()  # both files are written before subscribers are called
+
+    def _on_primary_certs(self) -> None:
+        """Worker: the primary renewed a certificate or the trust bundle changed on disk."""
+        self.certs.reload()  # calls _on_certs_changed (subscribed) after re-reading the bundle
 
     def _publish_cert_expiry(self) -> None:
         for info in self.certs.infos():
@@ -322,6 +367,7 @@ class Agent:
             "endpoints": {svc: len(eps) for svc, eps in snap.endpoints.items()},
             "inbound_active_connections": self.inbound.active_connections if self.inbound else 0,
             "consul_watches_healthy": self.discovery.healthy,
+            "workers": self.workers.view() if self.workers is not None else [],
         }
 
     async def _metrics(self, req: Request) -> Response:
@@ -329,6 +375,11 @@ class Agent:
 
         if req.path != "/metrics":
             return Response.error(404, "metrics are served at /metrics")
+        if self.workers is not None:
+            from hostmesh.agent.workers import exposition, merge_samples, samples_of
+
+            groups = [samples_of(self.telemetry.registry), *await self.workers.samples()]
+            return Response(200, exposition(merge_samples(groups)), {"content-type": CONTENT_TYPE_LATEST})
         return Response(200, generate_latest(self.telemetry.registry), {"content-type": CONTENT_TYPE_LATEST})
 
     # --- stop -------------------------------------------------------------------------------
@@ -348,7 +399,10 @@ class Agent:
         listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
         if getattr(self, "http_inbound", None) is not None:
             listeners.append(self.http_inbound)
-        await asyncio.gather(*(x.close(cfg.drain_seconds) for x in listeners))
+        closing = [x.close(cfg.drain_seconds) for x in listeners]
+        if self.workers is not None:
+            closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us
+        await asyncio.gather(*closing)
         if self.registered:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):
@@ -364,15 +418,17 @@ class Agent:
         await self.consul.close()
 
 
-async def run_agent(config: AgentConfig, config_path: Path) -> None:
-    agent = Agent(config)
+async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> None:
+    agent = Agent(config, worker=worker, config_path=config_path)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = agent.stop_requested
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:
+        if agent.workers is not None:
+            agent.workers.signal(signal.SIGHUP)  # every worker re-reads agent.toml too
         task = loop.create_task(agent.reload(config_path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -386,10 +442,11 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         await agent.stop()
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: int = 0) -> None:
+    who = f"[worker {worker}] " if worker else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -414,11 +471,14 @@ def run_command(config_path: Path) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    _setup_logging(config.log_level)
+    from hostmesh.agent.workers import worker_index
+
+    worker = worker_index()
+    _setup_logging(config.log_level, worker)
     audit.configure_access(config.access_log.sample)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(run_agent(config, config_path))
+        loop.run_until_complete(run_agent(config, config_path, worker))
     except AgentStartError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
