@@ -21,6 +21,7 @@ DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
 DEFAULT_METRICS = "0.0.0.0:15090"
 DEFAULT_DATA_DIR = "/var/lib/hostmesh"
+DEFAULT_HEADER_READ_TIMEOUT = 10.0  # slow-client bound on a request head; generous for real clients
 DEFAULT_DRAIN_SECONDS = 10.0  # SIGTERM: how long open connections may finish before being cut
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http")
@@ -90,6 +91,13 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """`http = { header_read_timeout = 10 }`: limits of the L7 (protocol = "http") data path."""
+
+    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds for a request head to arrive
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
     mesh_address: str
@@ -106,6 +114,7 @@ class AgentConfig:
     workers: int = 1
     log_level: str = "info"
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -236,6 +245,13 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
     )
 
 
+def _parse_http(raw: Any) -> HttpConfig:
+    if not isinstance(raw, dict):
+        raise _fail("http", "must be a table like { header_read_timeout = 10 }")
+    _check_keys(raw, {"header_read_timeout"}, "http")
+    return HttpConfig(_number(raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600))
+
+
 TOP_KEYS = {
     "node",
     "mesh_address",
@@ -252,6 +268,7 @@ TOP_KEYS = {
     "workers",
     "log_level",
     "access_log",
+    "http",
 }
 
 
@@ -331,6 +348,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         workers=workers,
         log_level=log_level or "info",
         access_log=access_log,
+        http=_parse_http(raw.get("http", {})),
     )
 
 

@@ -146,7 +146,10 @@ class Agent:
             bind = replace(bind, port=int(os.environ[INBOUND_PORT_ENV]))
         self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse)
         self.http_inbound = HttpInbound(
-            holder, self.telemetry, {s.name: s.meta.get("version", "") for s in cfg.services}
+            holder,
+            self.telemetry,
+            {s.name: s.meta.get("version", "") for s in cfg.services},
+            header_timeout=cfg.http.header_read_timeout,
         )
         self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
         await self.inbound.start()
@@ -205,6 +208,7 @@ class Agent:
                 listener.http = HttpOutbound(
                     self.builder.holder, svc.name, up.service, self.telemetry,
                     local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
+                    header_timeout=self.config.http.header_read_timeout,
                 )  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener

@@ -113,3 +113,10 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_http_limits_are_configurable() -> None:
+    assert parse_config(minimal()).http.header_read_timeout == 10.0
+    assert parse_config(minimal(http={"header_read_timeout": 1})).http.header_read_timeout == 1.0
+    with pytest.raises(ConfigError, match=r"^http\.header_read_timeout: must be a number"):
+        parse_config(minimal(http={"header_read_timeout": 0}))

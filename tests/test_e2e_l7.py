@@ -32,7 +32,8 @@ from tests.support import ConsulDev
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 SVC = "l7api"
-HEADER_TIMEOUT = 1.0  # the agents' header-read timeout in this mesh (HOSTMESH_HEADER_READ_TIMEOUT)
+HEADER_TIMEOUT = 1.0  # the agents' header-read timeout in this mesh (agent.toml http.header_read_timeout)
+AGENT_EXTRA = f"http = {{ header_read_timeout = {HEADER_TIMEOUT} }}"
 APPLY_BOUND = 1.0  # a route change must be live on every agent within this (the issue's test bound)
 
 
@@ -49,16 +50,17 @@ class Mesh(NamedTuple):
 def mesh(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     backends = Backends("v1a", "v1b", "v2")
     m = LocalMesh(tmp_path_factory.mktemp("l7mesh"), consul.url)
-    m.env["HOSTMESH_HEADER_READ_TIMEOUT"] = str(HEADER_TIMEOUT)
     try:
         m.start_ca()
         agents = []
         for name, version in (("v1a", "v1"), ("v1b", "v1"), ("v2", "v2")):
             svc = {"name": SVC, "port": backends[name].port, "protocol": "http",
                    "meta": {"version": version, "zone": "a"}, "upstreams": [SVC]}  # fmt: skip
-            agents.append(m.write_agent_config(f"node-{name}", [svc]))
+            agents.append(m.write_agent_config(f"node-{name}", [svc], extra=AGENT_EXTRA))
         web_app = backends["v2"].port  # web's own app is never called in these tests
-        web = m.write_agent_config("node-web", [{"name": "l7web", "port": web_app, "upstreams": [SVC]}])
+        web = m.write_agent_config(
+            "node-web", [{"name": "l7web", "port": web_app, "upstreams": [SVC]}], extra=AGENT_EXTRA
+        )
         for a in [*agents, web]:
             m.start_agent(a, wait=False)
         for a in [*agents, web]:

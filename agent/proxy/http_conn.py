@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -58,7 +57,7 @@ from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, reset_t
 
 log = logging.getLogger("hostmesh.proxy.http")
 
-HEADER_READ_TIMEOUT = float(os.environ.get("HOSTMESH_HEADER_READ_TIMEOUT", "10"))
+HEADER_READ_TIMEOUT = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
 # ^ from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s); the environment
 #   variable exists for tests that need a short one
 IDLE_TIMEOUT = 90.0  # keep-alive client idle; above the pool's UPSTREAM_IDLE_SECONDS so callers close first

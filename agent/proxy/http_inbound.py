@@ -85,11 +85,11 @@ class _Req:
 class HttpInbound:
     """HTTP side of the inbound listener: serves every ``hostmesh/http1`` connection of this agent."""
 
-    header_timeout = HEADER_READ_TIMEOUT
-
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
-                 subsets: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 subsets: Mapping[str, str] | None = None,
+                 header_timeout: float = HEADER_READ_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
+        self.header_timeout = header_timeout
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
         self.metrics = RequestMetrics(telemetry, REPORTER)

@@ -251,12 +251,12 @@ class _Discard:
 class HttpOutbound:
     """The HTTP side of one OutboundListener (one local service -> one upstream service)."""
 
-    header_timeout = HEADER_READ_TIMEOUT
-
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: str, telemetry: Telemetry,
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
+                 header_timeout: float = HEADER_READ_TIMEOUT,
                  rng: random.Random | None = None) -> None:  # fmt: skip
         self.holder = holder
+        self.header_timeout = header_timeout
         self.local_service = local_service
         self.service = upstream
         self.telemetry = telemetry
