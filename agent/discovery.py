@@ -25,7 +25,8 @@ from typing import Any
 
 from hostmesh.agent.config import AgentConfig
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
-from hostmesh.ca.pki import Identity, write_private
+from hostmesh.ca.files import write_private
+from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import ConsulClient, ServiceInstance
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes

@@ -375,7 +375,7 @@ class Agent:
         }
 
     async def _metrics(self, req: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from hostmesh.agent.metrics import CONTENT_TYPE_LATEST, generate_latest
 
         if req.path != "/metrics":
             return Response.error(404, "metrics are served at /metrics")

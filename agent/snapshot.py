@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from hostmesh.ca.pki import Identity
+from hostmesh.ca.identity import Identity
 
 if TYPE_CHECKING:
     from hostmesh.registry.schema import Intentions

@@ -126,7 +126,7 @@ Sample = tuple[str, str, str, str, dict[str, str], float]  # family, type, help,
 
 
 def samples_of(registry: Any) -> list[Sample]:
-    """Every sample of a prometheus_client registry, as plain data (what a worker sends)."""
+    """Every sample of a metrics registry (agent/metrics.py), as plain data (what a worker sends)."""
     out: list[Sample] = []
     for fam in registry.collect():
         for s in fam.samples:
@@ -138,14 +138,14 @@ def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
     """One set of metric families from several processes': counters, histograms and summaries add
     up (each process counted its own connections); gauges take the largest value (config version,
     certificate expiry: the same fact seen by every process)."""
-    from prometheus_client.core import Metric
+    from hostmesh.agent.metrics import Family
 
-    fams: dict[str, Any] = {}
+    fams: dict[str, Family] = {}
     values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
     for group in groups:
         for fam_name, typ, doc, name, labels, value in group:
             if fam_name not in fams:
-                fams[fam_name] = Metric(fam_name, doc, typ)
+                fams[fam_name] = Family(fam_name, doc, typ)
             key = (fam_name, name, tuple(sorted(labels.items())))
             if key not in values:
                 values[key] = value
@@ -159,7 +159,7 @@ def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
 
 
 class _Families:
-    """What prometheus_client's generate_latest needs: an object with collect()."""
+    """What generate_latest needs: an object with collect()."""
 
     def __init__(self, families: list[Any]) -> None:
         self._families = families
@@ -169,7 +169,7 @@ class _Families:
 
 
 def exposition(families: list[Any]) -> bytes:
-    from prometheus_client import generate_latest
+    from hostmesh.agent.metrics import generate_latest
 
     return generate_latest(_Families(families))
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import secrets
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostmesh.ca.errors import InvalidRequest, StorageError, TrustError
+from hostmesh.ca.files import read_file, write_private  # noqa: F401  (re-exported)
 from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc. keep working)
     DEFAULT_TRUST_DOMAIN,
     SERVICE_NAME_MAX,
@@ -286,30 +285,3 @@ def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.da
 
 def new_serial_token(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
-
-
-# --- files ----------------------------------------------------------------------------------
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # O_CREAT honours umask only downwards, but be explicit
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror}") from None

@@ -28,12 +28,20 @@ from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import TcpSeries
-from hostmesh.agent.proxy.wire import FIN_FRAME, Decoder, WireError, data_frame
+from hostmesh.agent.proxy.wire import (
+    FIN_FRAME,
+    MAX_FRAME_PAYLOAD,
+    Decoder,
+    WireError,
+    data_frame,
+    data_header,
+)
 
 log = logging.getLogger("hostmesh.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024  # one max-size read chunk: enough to keep the socket busy, bounds memory
 WRITE_LOW_WATER = 64 * 1024  # resume the other side while a quarter is still queued (no stall)
+SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a header (see FramedEnd.send)
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 DC = "DC"  # downstream connection terminated abnormally (Envoy's flag; not in l7/flags, no HTTP use)
@@ -370,7 +378,11 @@ class FramedEnd(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data_frame(data))
+        n = len(data)
+        if n < SPLIT_FRAME_AT or n > MAX_FRAME_PAYLOAD:
+            self.transport.write(data_frame(data))
+        else:  # header and payload as two buffers: no copy of a large chunk just to prepend 4 bytes
+            self.transport.writelines((data_header(n), data))
 
     def send_eof(self) -> None:
         if self.transport is not None and not self.closed:

@@ -41,6 +41,11 @@ class WireError(Exception):
     """The peer broke the framing; the connection must be aborted."""
 
 
+def data_header(n: int) -> bytes:
+    """The 4-byte header of one DATA frame of `n` <= MAX_FRAME_PAYLOAD bytes."""
+    return bytes((DATA, n >> 16, (n >> 8) & 0xFF, n & 0xFF))
+
+
 def data_frame(data: bytes | bytearray | memoryview) -> bytes:
     """One DATA frame (or several, for writes above MAX_FRAME_PAYLOAD) as one bytes object.
 

@@ -1,0 +1,86 @@
+"""agent/metrics.py: the in-house counters/gauges/histograms export exactly what prometheus-client
+would (the library it replaces; compared here while it is still installed), plus the merge of
+several processes' samples for `workers = N` (agent/workers.py)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from hostmesh.agent import metrics as m
+from hostmesh.agent.workers import exposition, merge_samples, samples_of
+
+BUCKETS = (0.001, 0.01, 0.1, 1, 10)
+
+
+def build(lib: Any, registry: Any) -> None:
+    c = lib.Counter("demo_requests_total", 'Requests "quoted" \\ and\nnewline', ("a", "b"), registry=registry)
+    c.labels("x", "y").inc()
+    c.labels("x", "y").inc(2.5)
+    c.labels('q"uote', "back\\slash\nnl").inc(3)
+    g = lib.Gauge("demo_version", "a gauge without labels", registry=registry)
+    g.set(7)
+    g2 = lib.Gauge("demo_expiry", "a labelled gauge", ("service",), registry=registry)
+    g2.labels(service="web").set(1.8e9)
+    h = lib.Histogram("demo_seconds", "a histogram", ("route",), buckets=BUCKETS, registry=registry)
+    for v in (0.0005, 0.001, 0.05, 0.5, 5, 50):
+        h.labels("r1").observe(v)
+    lib.Counter("demo_unused_total", "never incremented", ("a",), registry=registry)
+
+
+def test_exposition_matches_prometheus_client_byte_for_byte() -> None:
+    prom = pytest.importorskip("prometheus_client")
+    prom.disable_created_metrics()
+    theirs_reg = prom.CollectorRegistry()
+    build(prom, theirs_reg)
+    ours_reg = m.CollectorRegistry()
+    build(m, ours_reg)
+    assert m.generate_latest(ours_reg).decode() == prom.generate_latest(theirs_reg).decode()
+    # (prometheus-client >= 0.21 labels the same body `version=1.0.0`; 0.0.4 is what every Prometheus reads)
+    assert m.CONTENT_TYPE_LATEST == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_samples_read_like_prometheus_client() -> None:
+    reg = m.CollectorRegistry()
+    build(m, reg)
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in reg.collect() for s in f.samples}
+    assert found[("demo_requests_total", (("a", "x"), ("b", "y")))] == 3.5
+    assert found[("demo_seconds_bucket", (("le", "0.01"), ("route", "r1")))] == 2
+    assert found[("demo_seconds_bucket", (("le", "+Inf"), ("route", "r1")))] == 6
+    assert found[("demo_seconds_count", (("route", "r1"),))] == 6
+    assert math.isclose(found[("demo_seconds_sum", (("route", "r1"),))], 55.5515)
+
+
+def test_mistakes_raise() -> None:
+    reg = m.CollectorRegistry()
+    c = m.Counter("x_total", "x", ("a",), registry=reg)
+    with pytest.raises(ValueError):
+        c.labels("1", "2")
+    with pytest.raises(ValueError):
+        c.labels("1").inc(-1)
+    with pytest.raises(ValueError):
+        c.inc()  # labelled: needs .labels()
+    with pytest.raises(ValueError):
+        m.Counter("x_total", "again", registry=reg)
+
+
+def test_workers_merge_adds_counts_and_keeps_the_largest_gauge() -> None:
+    regs = []
+    for n in (1, 2):
+        reg = m.CollectorRegistry()
+        c = m.Counter("conns_total", "c", ("svc",), registry=reg)
+        c.labels("api").inc(n)
+        c.labels(f"only{n}").inc()
+        g = m.Gauge("config_version", "g", registry=reg)
+        g.set(10 + n)
+        h = m.Histogram("lat_seconds", "h", buckets=(1,), registry=reg)
+        h.observe(0.5 * n)
+        regs.append(reg)
+    text = exposition(merge_samples([samples_of(r) for r in regs])).decode()
+    assert 'conns_total{svc="api"} 3.0' in text
+    assert 'conns_total{svc="only1"} 1.0' in text and 'conns_total{svc="only2"} 1.0' in text
+    assert "config_version 12.0" in text
+    assert 'lat_seconds_bucket{le="1.0"} 2.0' in text and "lat_seconds_count 2.0" in text
+    assert text.count("# TYPE conns_total counter") == 1
