@@ -130,6 +130,20 @@ class CertManager:
         self._callbacks.append(callback)
 
     async def start(self) -> None:
+        await self.prepare()
+        for service in self.services:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._renew_loop(service), name=f"renew:{service}")
+            )
+        self._watch = Watch("ca-roots", self._fetch_bundle, self._on_bundle)
+        self._watch.start()
+
+    async def prepare(self) -> None:
+        """Start-up without the background work: every service's stored cert adopted, or bootstrapped.
+
+        `start()` is this plus the renewal loops and the bundle watch. agent/certproc.py calls it (and
+        `renew_once`, `refresh_bundle`) in a short-lived process, so the agent itself never loads
+        `cryptography`."""
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -142,12 +156,14 @@ class CertManager:
                 missing[service] = problem
         if missing:
             await self._bootstrap(missing)
-        for service in self.services:
-            self._tasks.append(
-                asyncio.get_running_loop().create_task(self._renew_loop(service), name=f"renew:{service}")
-            )
-        self._watch = Watch("ca-roots", self._fetch_bundle, self._on_bundle)
-        self._watch.start()
+
+    def renew_at(self, service: str) -> dt.datetime:
+        """When `service`'s certificate is due for renewal (2/3 of its life, with jitter)."""
+        return self._held[service].renew_at
+
+    async def refresh_bundle(self) -> bool:
+        """Read the trust bundle from Consul now and apply it; True when it changed."""
+        return await self._refresh_bundle_now()
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -383,22 +399,8 @@ class CertManager:
             else:
                 delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
             await asyncio.sleep(max(delay, 0.0))
-            held = self._held[service]
-            # Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake
-            # (an unexplained reset to us), so only a join token can help now.
-            unusable = pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
             try:
-                if unusable:
-                    await self._recover_expired(service)
-                else:
-                    try:
-                        await self._renew(service)
-                    except Unauthorized as exc:  # e.g. our root was retired: a token, if any, still helps
-                        token = self._read_token()
-                        if token is None:
-                            raise
-                        log.warning("renewal of %s refused (%s); trying the join token", service, exc)
-                        await self._obtain_with_token(service, token)
+                await self.renew_once(service)
                 failures = 0
             except CAError as exc:
                 failures += 1
@@ -411,6 +413,24 @@ class CertManager:
                     exc,
                     state,
                 )
+
+    async def renew_once(self, service: str) -> None:
+        """One renewal of `service`'s certificate, now (the renewal loop's step); raises CAError."""
+        held = self._held[service]
+        # Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake
+        # (an unexplained reset to us), so only a join token can help now.
+        unusable = pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
+        if unusable:
+            await self._recover_expired(service)
+            return
+        try:
+            await self._renew(service)
+        except Unauthorized as exc:  # e.g. our root was retired: a token, if any, still helps
+            token = self._read_token()
+            if token is None:
+                raise
+            log.warning("renewal of %s refused (%s); trying the join token", service, exc)
+            await self._obtain_with_token(service, token)
 
     async def _recover_expired(self, service: str) -> None:
         """An expired (or orphaned) cert cannot authenticate a renewal: only a join token helps now."""

@@ -1,6 +1,7 @@
 """`hostmesh agent run`: the agent's lifecycle, composed in one visible place.
 
-Start:  config -> certificates (cert manager) -> saved snapshot -> watches -> listeners (inbound,
+Start:  config -> certificates (cert manager, run in short-lived helper processes so the agent never
+        loads `cryptography`: agent/certproc.py) -> saved snapshot -> watches -> listeners (inbound,
         one outbound per upstream, admin, metrics) -> register in Consul -> READY.
 Stop:   (SIGTERM/SIGINT) not ready -> TTL check critical (peers stop picking us) -> stop accepting
         -> drain open connections up to `drain_seconds` -> deregister -> exit 0.
@@ -70,6 +71,40 @@ class AgentStartError(Exception):
     """The agent cannot start; str() is one line for the operator."""
 
 
+class LazyHttpOutbound:
+    """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
+    holds anything HTTP about the upstream: a route document, or an instance registered with
+    protocol=http. Until then `takes()` is False without loading the L7 modules (~1.3 MiB of RSS
+    in an agent whose upstreams are all TCP); from then on every call goes to the real HttpOutbound,
+    whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self._kwargs = kwargs
+        self.service: str = kwargs["upstream"]
+        self.real: Any = None
+
+    def takes(self, snap: Snapshot) -> bool:
+        if self.real is None:
+            if self.service not in snap.routes and not any(
+                e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ())
+            ):
+                return False
+            from hostmesh.agent.proxy.http_outbound import HttpOutbound
+
+            self.real = HttpOutbound(**self._kwargs)
+        return bool(self.real.takes(snap))
+
+    def accept(self, end: Any) -> None:
+        self.real.accept(end)
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        if self.real is not None:
+            await self.real.close(drain_seconds)
+
+    def stats(self) -> dict[str, Any] | None:
+        return self.real.stats() if self.real is not None else None
+
+
 class Agent:
     def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None) -> None:
         self.config = config
@@ -93,7 +128,6 @@ class Agent:
     async def start(self) -> None:
         from hostmesh.agent.discovery import Discovery, SnapshotBuilder
         from hostmesh.agent.metrics import Telemetry
-        from hostmesh.agent.proxy.http_inbound import HttpInbound
         from hostmesh.agent.proxy.inbound import InboundListener
 
         cfg = self.config
@@ -105,6 +139,15 @@ class Agent:
             from hostmesh.agent.workers import DiskCerts
 
             self.certs: Any = DiskCerts(cfg.data_dir, [s.name for s in cfg.services])
+        elif self.config_path is not None:  # crypto work in short-lived children (agent/certproc.py)
+            from hostmesh.agent.certproc import CertProcess
+
+            self.certs = CertProcess(
+                config_path=self.config_path,
+                data_dir=cfg.data_dir,
+                services=[s.name for s in cfg.services],
+                consul=self.consul,
+            )
         else:
             from hostmesh.agent.certs import CertManager
 
@@ -145,13 +188,7 @@ class Agent:
 
             bind = replace(bind, port=int(os.environ[INBOUND_PORT_ENV]))
         self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse)
-        self.http_inbound = HttpInbound(
-            holder,
-            self.telemetry,
-            {s.name: s.meta.get("version", "") for s in cfg.services},
-            header_timeout=cfg.http.header_read_timeout,
-        )
-        self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
+        self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
         if self.worker:
@@ -192,9 +229,27 @@ class Agent:
             cfg.admin,
         )
 
+    def _ensure_http_inbound(self) -> None:
+        """The L7 inbound (ALPN hostmesh/http1), loaded only once a local service speaks HTTP: a TCP-only
+        agent never imports the L7 modules (~1 MiB of RSS). Peers call a local service over HTTP only
+        when its registration says protocol=http, so until then the ALPN has nothing to serve."""
+        if getattr(self, "http_inbound", None) is not None:
+            return
+        if not any(s.protocol == "http" for s in self.config.services):
+            self.http_inbound = None
+            return
+        from hostmesh.agent.proxy.http_inbound import HttpInbound
+
+        self.http_inbound = HttpInbound(
+            self.builder.holder,
+            self.telemetry,
+            {s.name: s.meta.get("version", "") for s in self.config.services},
+            header_timeout=self.config.http.header_read_timeout,
+        )
+        self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
+
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
-        from hostmesh.agent.proxy.http_outbound import HttpOutbound
         from hostmesh.agent.proxy.outbound import OutboundListener
 
         wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
@@ -205,11 +260,11 @@ class Agent:
                 listener = OutboundListener(
                     self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1
                 )
-                listener.http = HttpOutbound(
-                    self.builder.holder, svc.name, up.service, self.telemetry,
-                    local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
-                    header_timeout=self.config.http.header_read_timeout,
-                )  # fmt: skip
+                listener.http = LazyHttpOutbound(dict(
+                    holder=self.builder.holder, local_service=svc.name, upstream=up.service,
+                    telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
+                    connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
+                ))  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
 
@@ -344,6 +399,7 @@ class Agent:
         for stale in self.discovery.sync_watches():
             await stale.stop()
         await self._sync_outbound()
+        self._ensure_http_inbound()  # a service switched to protocol http
         if new.services != old.services:
             self.registered = False  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()

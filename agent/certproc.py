@@ -1,0 +1,296 @@
+"""The cert manager's crypto work in short-lived processes, so the agent never loads `cryptography`.
+
+Decision: `cryptography` (key generation, CSRs, chain checks) is ~10 MiB of RSS that would stay in
+every agent process for work done once a day. So the agent runs the cert manager (agent/certs.py,
+unchanged in what it decides) in a child process for each piece of that work, and keeps only the
+scheduling and the results:
+
+    start          `CertManager.prepare()`: adopt the stored certificates or bootstrap with the join
+                   token (before the listeners open; the agent does not start when this fails)
+    renew <svc>    `prepare()` then `renew_once(svc)`, at the renewal point the child reported
+    bundle         `prepare()` then `refresh_bundle()`, when Consul's `hostmesh/ca/roots` changes
+
+Each child prints one JSON line (every certificate's serial, not-after, root and renewal point, or
+the error as one line and its kind) and exits; its log lines go to the agent's stderr. The child
+writes the files (cert, key, roots.pem; atomically, 0600) before it answers, so the agent re-reads
+them and tells its subscribers (new TLS contexts, workers) exactly as after an in-process renewal.
+The trust-bundle watch itself is a plain Consul blocking query here; a child runs only when the
+bundle's roots differ from roots.pem. A failed renewal keeps the current certificate and retries
+with backoff (RENEW_RETRY_BASE..RENEW_RETRY_MAX), as the in-process manager does.
+
+Cost: one interpreter start (~0.3 s of CPU) at agent start and per renewal or bundle change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hostmesh.ca import errors as ca_errors
+from hostmesh.ca.errors import CAError
+from hostmesh.registry.watch import Watch, backoff_delay
+
+log = logging.getLogger("hostmesh.agent.certs")
+
+ROOTS_KEY = "hostmesh/ca/roots"  # same key as agent/certs.py
+RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds), as agent/certs.py
+RENEW_RETRY_MAX = 300.0  # retry cap, as agent/certs.py
+CHILD_TIMEOUT = 120.0  # a child covers bootstrap's own 30 s CA retry budget and slow CAs; then it is killed
+MAX_ANSWER = 1024 * 1024  # the child's JSON answer: a few hundred bytes per service
+
+
+@dataclass(frozen=True, slots=True)
+class CertView:
+    """What the agent shows and schedules from (agent/certs.py's CertInfo, plus the renewal point)."""
+
+    service: str
+    spiffe_id: str
+    serial: str
+    not_after: dt.datetime
+    root_id: str
+    renew_at: dt.datetime
+
+
+def _pem_blocks(text: str) -> set[str]:
+    end = "-----END CERTIFICATE-----"
+    return {b.strip() + "\n" + end for b in text.split(end) if b.strip()}
+
+
+class CertProcess:
+    """The agent's certificates, with the crypto work done by `python -m hostmesh.agent.certproc`."""
+
+    def __init__(self, *, config_path: Path, data_dir: Path, services: list[str], consul: Any) -> None:
+        self.config_path = config_path
+        self.dir = data_dir / "certs"
+        self.services = list(dict.fromkeys(services))
+        self.consul = consul
+        self._roots_pem = ""
+        self._views: dict[str, CertView] = {}
+        self._callbacks: list[Callable[[], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watch: Watch[Any] | None = None
+        self._child: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()  # one child at a time: they write the same files
+        self._bundle_task: asyncio.Task[None] | None = None
+        self._bundle_again = False
+        self._rng = random.Random()
+
+    # --- what the agent uses (same as CertManager's) --------------------------------------------
+
+    def paths(self, service: str) -> tuple[Path, Path]:
+        return self.dir / f"{service}.crt", self.dir / f"{service}.key"
+
+    @property
+    def roots_pem(self) -> str:
+        return self._roots_pem
+
+    def infos(self) -> list[CertView]:
+        return [self._views[s] for s in self.services if s in self._views]
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        self._apply(await self._run("start"))
+        loop = asyncio.get_running_loop()
+        for service in self.services:
+            self._tasks.append(loop.create_task(self._renew_loop(service), name=f"renew:{service}"))
+        self._watch = Watch("ca-roots", self._fetch_bundle, self._on_bundle)
+        self._watch.start()
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        if self._bundle_task is not None:
+            tasks.append(self._bundle_task)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
+        if self._child is not None and self._child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._child.kill()
+            await self._child.wait()
+
+    # --- children ---------------------------------------------------------------------------------
+
+    async def _run(self, op: str, service: str | None = None) -> dict[str, Any]:
+        """Run one operation in a child; its answer, or the CAError it reported."""
+        args = [sys.executable, "-m", "hostmesh.agent.certproc", op, "--config", str(self.config_path)]
+        if service is not None:
+            args += ["--service", service]
+        async with self._lock:
+            self._child = child = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=MAX_ANSWER
+            )
+            assert child.stdout is not None
+            try:
+                line = await asyncio.wait_for(child.stdout.readline(), CHILD_TIMEOUT)
+            except TimeoutError:
+                child.kill()
+                line = b""
+            code = await child.wait()
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise CAError(f"certificate helper ({op}) exited with {code} and no answer") from None
+        if not answer.get("ok"):
+            kind = getattr(ca_errors, str(answer.get("kind")), CAError)
+            if not (isinstance(kind, type) and issubclass(kind, CAError)):
+                kind = CAError
+            raise kind(str(answer.get("error", "certificate helper failed")))
+        return dict(answer)
+
+    def _apply(self, answer: dict[str, Any]) -> None:
+        for name, v in answer.get("certs", {}).items():
+            self._views[name] = CertView(
+                name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
+                dt.datetime.fromisoformat(v["renew_at"]),
+            )  # fmt: skip
+        self._roots_pem = (self.dir / "roots.pem").read_text()
+
+    def _notify(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("certificate subscriber failed")
+
+    # --- renewal ----------------------------------------------------------------------------------
+
+    async def _renew_loop(self, service: str) -> None:
+        failures = 0
+        while True:
+            if failures == 0:
+                delay = (self._views[service].renew_at - dt.datetime.now(dt.UTC)).total_seconds()
+            else:
+                delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
+            await asyncio.sleep(max(delay, 0.0))
+            before = self._views[service].serial
+            try:
+                self._apply(await self._run("renew", service))
+            except CAError as exc:
+                failures += 1
+                log.warning("renewal of %s failed (attempt %d): %s; keeping the current certificate, "
+                            "retrying", service, failures, exc)  # fmt: skip
+                continue
+            failures = 0
+            log.info(
+                "renewed certificate for %s (serial %s -> %s)", service, before, self._views[service].serial
+            )
+            self._notify()
+
+    # --- trust bundle -----------------------------------------------------------------------------
+
+    async def _fetch_bundle(self, index: int | None) -> tuple[int, Any]:
+        result: tuple[int, Any] = await self.consul.kv_get_blocking(ROOTS_KEY, index)
+        return result
+
+    def _on_bundle(self, entry: Any) -> None:
+        if entry is None:
+            return
+        try:
+            roots = json.loads(entry.value)["roots"]
+            if _pem_blocks("".join(roots)) == _pem_blocks(self._roots_pem):
+                return  # what roots.pem already holds: nothing to check or write
+        except (ValueError, KeyError, TypeError):
+            pass  # let the cert manager reject (and log) it
+        if self._bundle_task is not None and not self._bundle_task.done():
+            self._bundle_again = True
+            return
+        self._bundle_task = asyncio.get_running_loop().create_task(self._refresh_bundle(), name="bundle")
+
+    async def _refresh_bundle(self) -> None:
+        while True:
+            self._bundle_again = False
+            before = self._roots_pem
+            try:
+                self._apply(await self._run("bundle"))
+            except CAError as exc:
+                log.warning("trust bundle check failed: %s", exc)
+            if self._roots_pem != before:
+                self._notify()
+            if not self._bundle_again:
+                return
+
+
+# --- the child --------------------------------------------------------------------------------
+
+
+async def _child(op: str, config_path: Path, service: str | None) -> dict[str, Any]:
+    from hostmesh.agent.certs import CertManager
+    from hostmesh.agent.config import load_config
+    from hostmesh.registry.consul import ConsulClient
+
+    cfg = load_config(config_path)
+    consul = ConsulClient(cfg.consul.address, cfg.consul.token)
+    cm = CertManager(
+        data_dir=cfg.data_dir,
+        trust_domain=cfg.trust_domain,
+        services=[s.name for s in cfg.services],
+        pin=cfg.ca.pin,
+        ca_address=cfg.ca.address,
+        token_file=cfg.ca.token_file,
+        consul=consul,
+    )
+    try:
+        await cm.prepare()
+        if op == "renew":
+            assert service is not None
+            await cm.renew_once(service)
+        elif op == "bundle":
+            await cm.refresh_bundle()
+        certs = {
+            i.service: {
+                "spiffe_id": i.spiffe_id,
+                "serial": i.serial,
+                "not_after": i.not_after.isoformat(),
+                "root_id": i.root_id,
+                "renew_at": cm.renew_at(i.service).isoformat(),
+            }
+            for i in cm.infos()
+        }
+        return {"ok": True, "certs": certs}
+    finally:
+        await cm.close()
+        await consul.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse  # the child's only: the agent never parses these arguments
+
+    parser = argparse.ArgumentParser(prog="python -m hostmesh.agent.certproc")
+    parser.add_argument("op", choices=("start", "renew", "bundle"))
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--service")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s [certs] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        answer = asyncio.run(_child(args.op, args.config, args.service))
+    except CAError as exc:
+        answer = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
+    except Exception as exc:  # anything else is a bug or a broken file: one line for the agent's log
+        answer = {"ok": False, "kind": "CAError", "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+    return 0 if answer["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

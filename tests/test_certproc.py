@@ -1,0 +1,98 @@
+"""agent/certproc.py: the cert manager's work in short-lived children, against a real Consul and CA.
+
+The agent process itself must never load `cryptography`; bootstrap, renewal and a refused token
+must behave as with the in-process manager (agent/certs.py, tested in test_certs.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.certproc import CertProcess
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh
+from hostmesh.ca.errors import Unauthorized
+from hostmesh.registry.consul import ConsulClient
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul]
+
+WAIT = 30.0  # bound for a child's round trip on a loaded machine
+
+
+@pytest.fixture
+def mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[tuple[LocalMesh, AgentHandle]]:
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca()
+        handle = m.write_agent_config("node-c", [{"name": "api", "port": 9}])
+        yield m, handle
+    finally:
+        m.close()
+
+
+def certproc(m: LocalMesh, h: AgentHandle, consul: ConsulClient) -> CertProcess:
+    return CertProcess(config_path=h.config_path, data_dir=h.data_dir, services=["api"], consul=consul)
+
+
+async def test_bootstrap_renew_and_notify_without_loading_cryptography(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    m, h = mesh
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    changed = asyncio.Event()
+    cp.subscribe(changed.set)
+    try:
+        await asyncio.wait_for(cp.start(), WAIT)
+        chain, key = cp.paths("api")
+        assert chain.exists() and key.exists() and (key.stat().st_mode & 0o777) == 0o600
+        assert "BEGIN CERTIFICATE" in cp.roots_pem
+        (info,) = cp.infos()
+        assert info.spiffe_id == "spiffe://hostmesh.local/svc/api"
+        now = dt.datetime.now(dt.UTC)
+        assert now < info.renew_at < info.not_after
+        first_serial = info.serial
+
+        # Due now: the renewal loop runs a child, adopts the new certificate and tells subscribers.
+        cp._views["api"] = dataclasses.replace(info, renew_at=now - dt.timedelta(seconds=1))
+        for task in cp._tasks:
+            task.cancel()
+        cp._tasks = [asyncio.get_running_loop().create_task(cp._renew_loop("api"))]
+        await asyncio.wait_for(changed.wait(), WAIT)
+        assert cp.infos()[0].serial != first_serial
+        assert cp.infos()[0].renew_at > now
+    finally:
+        await cp.close()
+        await consul.close()
+
+
+def test_the_agent_modules_do_not_import_cryptography() -> None:
+    code = (
+        "import sys, hostmesh.agent.run, hostmesh.agent.certproc, hostmesh.agent.discovery, "
+        "hostmesh.agent.proxy.inbound, hostmesh.agent.proxy.outbound, hostmesh.agent.workers; "
+        "print('cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMesh, AgentHandle]) -> None:
+    m, h = mesh
+    (h.data_dir / "join-token").write_text("not-a-token\n")
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    try:
+        with pytest.raises(Unauthorized) as err:
+            await asyncio.wait_for(cp.start(), WAIT)
+        assert "\n" not in str(err.value) and "hostmesh ca token create --service api" in str(err.value)
+    finally:
+        await cp.close()
+        await consul.close()
