@@ -37,6 +37,7 @@ from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, probe_app
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from hostmesh.agent.loops import new_event_loop
+from hostmesh.agent.memory import start_trimming
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
@@ -191,6 +192,7 @@ class Agent:
         self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
+        self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
 
@@ -471,6 +473,9 @@ class Agent:
             await server.close()
         for task in self._tasks:
             task.cancel()
+        trimmer = getattr(self, "_trimmer", None)
+        if trimmer is not None:
+            trimmer.cancel()
         if hasattr(self, "discovery"):
             await self.discovery.stop()
         if hasattr(self, "certs"):

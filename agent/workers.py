@@ -217,16 +217,17 @@ class WorkerSet:
 
     async def _spawn(self, w: Worker) -> bool:
         w.started = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW] + [time.monotonic()]
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(self.config_path),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self._env(w.index),
-            limit=MAX_LINE,
-        )  # fmt: skip
-        assert w.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(w.proc.stdout.readline(), READY_TIMEOUT)
-        except TimeoutError:
-            line = b""
+        async with w.lock:  # a scrape must not read the "ready" line
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(self.config_path),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self._env(w.index),
+                limit=MAX_LINE,
+            )  # fmt: skip
+            assert w.proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(w.proc.stdout.readline(), READY_TIMEOUT)
+            except TimeoutError:
+                line = b""
         if line.strip() != b"ready":
             log.error("worker %d (pid %s) did not become ready; see its log lines above", w.index, w.pid)
             return False
@@ -273,14 +274,19 @@ class WorkerSet:
         async def one(w: Worker) -> list[Sample] | None:
             if not w.alive or w.proc is None or w.proc.stdout is None:
                 return None
-            async with w.lock:
+            try:  # a worker being (re)started holds the lock: leave it out of this scrape
+                await asyncio.wait_for(w.lock.acquire(), METRICS_TIMEOUT)
+            except TimeoutError:
+                return None
+            try:
                 self._send(w, "metrics")
-                try:
-                    line = await asyncio.wait_for(w.proc.stdout.readline(), METRICS_TIMEOUT)
-                    return [tuple(x) for x in json.loads(line)]
-                except (TimeoutError, ValueError, ConnectionError) as exc:
-                    log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc or "timeout")
-                    return None
+                line = await asyncio.wait_for(w.proc.stdout.readline(), METRICS_TIMEOUT)
+                return [tuple(x) for x in json.loads(line)]
+            except (TimeoutError, ValueError, ConnectionError) as exc:
+                log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc or "timeout")
+                return None
+            finally:
+                w.lock.release()
 
         got = await asyncio.gather(*(one(w) for w in self.workers))
         return [g for g in got if g is not None]
