@@ -41,7 +41,7 @@ from hostmesh.agent.config import Address
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.pool import set_keepalive
-from hostmesh.agent.proxy.pump import DC, FramedEnd, Pipe, RawEnd, Tracker
+from hostmesh.agent.proxy.pump import DC, FramedEnd, ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.wire import END_FRAME, OPEN
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
@@ -175,7 +175,7 @@ class InboundConnection(FramedEnd):
         self.listener._conns.discard(self)
 
 
-class InboundListener:
+class InboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, bind: Address, telemetry: Telemetry, *,
                  reuse_port: bool = False) -> None:  # fmt: skip
         self.holder = holder
@@ -215,19 +215,6 @@ class InboundListener:
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.call_later(IDLE_SWEEP_SECONDS, self._sweep)
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def active_connections(self) -> int:
-        return len(self.tracker)
-
-    async def close(self, drain_seconds: float = 0.0) -> None:
-        if self._closed is None:
-            self._closed = asyncio.ensure_future(self._close(drain_seconds))
-        await asyncio.shield(self._closed)
 
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True

@@ -30,7 +30,7 @@ from hostmesh.agent.config import UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
-from hostmesh.agent.proxy.pump import Pipe, RawEnd, Tracker, reset_transport
+from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
 
@@ -53,7 +53,7 @@ class _Downstream(RawEnd):
         self.listener._accepted(self)
 
 
-class OutboundListener:
+class OutboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
                  telemetry: Telemetry, *, reuse_port: bool = False) -> None:  # fmt: skip
         self.holder = holder
@@ -88,19 +88,6 @@ class OutboundListener:
             reuse_port=self.reuse_port or None, backlog=BACKLOG,
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def active_connections(self) -> int:
-        return len(self.tracker)
-
-    async def close(self, drain_seconds: float = 0.0) -> None:
-        if self._closed is None:
-            self._closed = asyncio.ensure_future(self._close(drain_seconds))
-        await asyncio.shield(self._closed)
 
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True

@@ -466,3 +466,30 @@ class Tracker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class ListenerLifecycle:
+    """What every data-path listener shares: its bound port, its tracked connections, and an
+    idempotent close. Subclasses set `_port` when bound and implement `_close(drain_seconds)`
+    (stop accepting, let tracked connections finish up to the drain, then abort the rest)."""
+
+    tracker: Tracker
+    _port: int
+    _closed: asyncio.Task[None] | None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.tracker)
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Idempotent: the first call starts the drain, every call waits for it."""
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close(drain_seconds))
+        await asyncio.shield(self._closed)
+
+    async def _close(self, drain_seconds: float) -> None:
+        raise NotImplementedError
