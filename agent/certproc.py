@@ -37,6 +37,7 @@ from typing import Any
 
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.watch import Watch, backoff_delay
 
 log = logging.getLogger("hostmesh.agent.certs")
@@ -70,7 +71,7 @@ class CertProcess:
 
     def __init__(self, *, config_path: Path, data_dir: Path, services: list[str], consul: Any) -> None:
         self.config_path = config_path
-        self.dir = data_dir / "certs"
+        self.dir = cert_dir(data_dir)
         self.services = list(dict.fromkeys(services))
         self.consul = consul
         self._roots_pem = ""
@@ -87,7 +88,7 @@ class CertProcess:
     # --- what the agent uses (same as CertManager's) --------------------------------------------
 
     def paths(self, service: str) -> tuple[Path, Path]:
-        return self.dir / f"{service}.crt", self.dir / f"{service}.key"
+        return cert_paths(self.dir, service)
 
     @property
     def roots_pem(self) -> str:
@@ -159,7 +160,7 @@ class CertProcess:
                 name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
                 dt.datetime.fromisoformat(v["renew_at"]),
             )  # fmt: skip
-        self._roots_pem = (self.dir / "roots.pem").read_text()
+        self._roots_pem = (roots_path(self.dir)).read_text()
 
     def _notify(self) -> None:
         for callback in list(self._callbacks):
@@ -236,15 +237,7 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
 
     cfg = load_config(config_path)
     consul = ConsulClient(cfg.consul.address, cfg.consul.token)
-    cm = CertManager(
-        data_dir=cfg.data_dir,
-        trust_domain=cfg.trust_domain,
-        services=[s.name for s in cfg.services],
-        pin=cfg.ca.pin,
-        ca_address=cfg.ca.address,
-        token_file=cfg.ca.token_file,
-        consul=consul,
-    )
+    cm = CertManager.from_config(cfg, consul)
     try:
         await cm.prepare()
         if op == "renew":

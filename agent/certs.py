@@ -25,15 +25,20 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
 from hostmesh.ca import pki
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.watch import Watch, backoff_delay
+
+if TYPE_CHECKING:
+    from hostmesh.agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,19 @@ class _Held:
 
 
 class CertManager:
+    @classmethod
+    def from_config(cls, cfg: AgentConfig, consul: ConsulClient) -> CertManager:
+        """The cert manager agent.toml describes: one identity per local service."""
+        return cls(
+            data_dir=cfg.data_dir,
+            trust_domain=cfg.trust_domain,
+            services=[s.name for s in cfg.services],
+            pin=cfg.ca.pin,
+            ca_address=cfg.ca.address,
+            token_file=cfg.ca.token_file,
+            consul=consul,
+        )
+
     def __init__(
         self,
         *,
@@ -86,7 +104,7 @@ class CertManager:
         for name in services:
             if not pki.valid_service_name(name):
                 raise InvalidRequest(f"invalid service name {name!r}")
-        self.dir = data_dir / "certs"
+        self.dir = cert_dir(data_dir)
         self.trust_domain = trust_domain
         self.services = list(dict.fromkeys(services))
         self.pin = pin
@@ -106,7 +124,7 @@ class CertManager:
     # --- public API -----------------------------------------------------------------------------
 
     def paths(self, service: str) -> tuple[Path, Path]:
-        return self.dir / f"{service}.crt", self.dir / f"{service}.key"
+        return cert_paths(self.dir, service)
 
     @property
     def roots_pem(self) -> str:
@@ -181,7 +199,7 @@ class CertManager:
     # --- stored state ---------------------------------------------------------------------------
 
     def _load_roots(self) -> None:
-        path = self.dir / "roots.pem"
+        path = roots_path(self.dir)
         if not path.exists():
             return
         try:
@@ -242,7 +260,7 @@ class CertManager:
         if pem == self._roots_pem:
             return False
         if save:
-            pki.write_private(self.dir / "roots.pem", pem.encode())
+            pki.write_private(roots_path(self.dir), pem.encode())
         self._roots, self._roots_pem = roots, pem
         return True
 

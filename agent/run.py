@@ -152,15 +152,7 @@ class Agent:
         else:
             from hostmesh.agent.certs import CertManager
 
-            self.certs = CertManager(
-                data_dir=cfg.data_dir,
-                trust_domain=cfg.trust_domain,
-                services=[s.name for s in cfg.services],
-                pin=cfg.ca.pin,
-                ca_address=cfg.ca.address,
-                token_file=cfg.ca.token_file,
-                consul=self.consul,
-            )
+            self.certs = CertManager.from_config(cfg, self.consul)
         try:
             await self.certs.start()
         except (CAError, OSError) as exc:

@@ -34,3 +34,21 @@ def read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+# --- where a host keeps its identities (the agent's data dir) ---------------------------------
+# One definition for the cert manager, which writes these files, and for the agent's out-of-process
+# front end (agent/certproc.py), which must read them without importing `cryptography`.
+
+
+def cert_dir(data_dir: Path) -> Path:
+    return data_dir / "certs"
+
+
+def cert_paths(certs: Path, service: str) -> tuple[Path, Path]:
+    """(chain file, key file) of `service` in the cert dir `certs`."""
+    return certs / f"{service}.crt", certs / f"{service}.key"
+
+
+def roots_path(certs: Path) -> Path:
+    return certs / "roots.pem"
