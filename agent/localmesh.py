@@ -281,6 +281,7 @@ class LocalMesh:
         self.procs.clear()
 
 
+PORT_RACE_RETRIES = 3  # fresh-port retries when another process took a free port before Consul bound it
 CONSUL_START_TIMEOUT = 30.0  # a dev agent elects itself leader in ~1 s; CI machines can be slow
 
 
@@ -309,6 +310,7 @@ class ConsulDev:
         self.log_path = log_dir / f"consul-{node}.log"
         self.ports = {k: free_port() for k in ("http", "dns", "server", "serf_lan", "serf_wan", "grpc")}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
 
     @property
     def http_port(self) -> int:
@@ -327,12 +329,27 @@ class ConsulDev:
         return [self.binary, "agent", "-dev", *(str(x) for kv in flags.items() for x in kv)]
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        wait_for(self._ready, CONSUL_START_TIMEOUT, f"consul dev agent on {self.url}")
+        """Start and wait until serving. A port picked by `free_port` can be taken by another process
+        before Consul binds it: on the first start that is retried on fresh ports (bounded); a
+        restart keeps its ports, because callers rely on the same address."""
+        for attempt in range(PORT_RACE_RETRIES + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            log.close()
+            try:
+                wait_for(self._ready, CONSUL_START_TIMEOUT, f"consul dev agent on {self.url}")
+                self._started_once = True
+                return
+            except RuntimeError:
+                with self.log_path.open("rb") as fh:
+                    fh.seek(offset)
+                    lost_race = b"address already in use" in fh.read()
+                if self._started_once or not lost_race or attempt == PORT_RACE_RETRIES:
+                    raise
+                self.ports = {k: free_port() for k in self.ports}
 
     def _ready(self) -> bool:
         assert self.proc is not None

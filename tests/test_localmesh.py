@@ -1,0 +1,28 @@
+"""The test/demo kit's Consul launcher survives losing a free port to another process."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.support import ConsulDev
+
+pytestmark = pytest.mark.consul
+
+
+def test_consul_dev_moves_to_fresh_ports_when_one_was_taken(tmp_path: Path) -> None:
+    dev = ConsulDev(tmp_path)
+    with socket.socket() as squatter:  # another process grabs the HTTP port before Consul binds it
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken = dev.http_port
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        dev.start()
+        try:
+            assert dev.http_port != taken and dev.serving()
+            dev.restart()  # a restart keeps its address: callers hold the URL
+            assert dev.serving()
+        finally:
+            dev.stop()
