@@ -9,6 +9,7 @@ Every test runs on both the standard loop and uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,9 +25,12 @@ import uvloop
 
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import OutboundListener
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
+from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import mesh_client_context, mesh_server_context
@@ -463,11 +467,134 @@ async def test_concurrent_connections_and_least_connections(mesh: Mesh) -> None:
     for r, _w in conns:
         assert await read_all(r) == b""
     await async_wait_until(lambda: ob.active_connections == 0, what="all finished")
-    assert ob.pool.handshakes == 20  # 20 at once need 20 connections...
-    r, w = await mesh.connect(ob)  # ...which are then reused
+    assert ob.pool.handshakes == 1  # 20 at once share one mTLS connection (and one dial)...
+    assert ob.pool.reused == 19
+    r, w = await mesh.connect(ob)  # ...which then carries the next one too
     w.write_eof()
     assert await read_all(r) == b""
-    assert ob.pool.handshakes == 20
+    assert ob.pool.handshakes == 1
+
+
+async def test_streams_beyond_the_per_connection_limit_open_another_connection(mesh: Mesh) -> None:
+    n = MAX_STREAMS_PER_CONN + 1
+    conns = []
+    for i in range(n):  # one at a time: each is established (echoed) before the next opens
+        r, w = await mesh.connect()
+        w.write(b"%03d" % i)
+        assert await asyncio.wait_for(r.readexactly(3), IO_TIMEOUT) == b"%03d" % i
+        conns.append((r, w))
+    assert mesh.outbound.pool.connection_count() == 2
+    assert mesh.outbound.pool.handshakes == 2
+    assert mesh.inbound.stats()["streams"] == n
+    for r, w in conns:
+        w.write_eof()
+        assert await read_all(r) == b""
+    await async_wait_until(lambda: mesh.outbound.pool.stream_count() == 0, what="all streams ended")
+
+
+async def test_a_slow_reader_holds_back_its_own_stream_only(mesh: Mesh) -> None:
+    """Per-stream flow control: a client that stops reading a large download does not stall
+    another client's stream on the same mTLS connection, and what is buffered stays bounded."""
+    size = 8 * 1024 * 1024
+    block = b"z" * 65536
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = await r.readexactly(4)
+        if first == b"bulk":
+            for _ in range(size // len(block)):
+                w.write(block)
+                await w.drain()
+            w.write_eof()
+        else:
+            await echo_rest(first, r, w)
+
+    mesh.app.handler = handler
+    r_bulk, w_bulk = await mesh.connect()
+    w_bulk.write(b"bulk")  # ...and never read: the proxy must stop reading the app for this stream
+    await async_wait_until(lambda: mesh.outbound.buffered_bytes() + mesh.inbound.buffered_bytes() > 0,
+                           what="the bulk stream backed up")  # fmt: skip
+    r, w = await mesh.connect()
+    for i in range(20):
+        w.write(b"ping%02d" % i)
+        assert await asyncio.wait_for(r.readexactly(6), IO_TIMEOUT) == b"ping%02d" % i
+    assert mesh.outbound.pool.connection_count() == 1  # both streams on the same connection
+    parked = mesh.outbound.buffered_bytes() + mesh.inbound.buffered_bytes()
+    assert parked <= 2 * STREAM_WINDOW + 4 * WRITE_HIGH_WATER, parked
+    w.write_eof()
+    assert await read_all(r) == b""
+    got = 0
+    while chunk := await asyncio.wait_for(r_bulk.read(1 << 20), IO_TIMEOUT):  # bounded by the size
+        got += len(chunk)
+    assert got == size
+
+
+async def echo_rest(first: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(first)
+    await echo(r, w)
+
+
+async def test_one_stream_reset_leaves_the_others_on_the_connection(mesh: Mesh) -> None:
+    r1, w1 = await mesh.connect()
+    w1.write(b"one")
+    assert await asyncio.wait_for(r1.readexactly(3), IO_TIMEOUT) == b"one"
+    r2, w2 = await mesh.connect()
+    w2.write(b"two")
+    assert await asyncio.wait_for(r2.readexactly(3), IO_TIMEOUT) == b"two"
+    reset_transport(mesh.app.writers[1].transport)  # the app resets the second connection only
+    assert await closed_by_peer(r2) == "reset"
+    w1.write(b"still")
+    assert await asyncio.wait_for(r1.readexactly(5), IO_TIMEOUT) == b"still"
+    assert mesh.outbound.pool.handshakes == 1
+    w1.write_eof()
+    assert await read_all(r1) == b""
+    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 1
+
+
+async def _raw_mesh_connection(mesh: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A mesh connection to the inbound as `web` would open it, to speak frames by hand."""
+    ctx = mesh.holder_a.current.tls.client["web"]
+    return await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
+        IO_TIMEOUT,
+    )
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        wire.control(wire.OPEN, 1) + wire.data_frame(1, bytes(wire.STREAM_WINDOW + 1)),
+        wire.control(wire.OPEN, 2) + wire.control(wire.OPEN, 2),
+        wire.data_frame(7, b"never opened"),
+        wire.control(wire.OPEN, 1) + wire.window(1, wire.MAX_STREAM_ID),  # credit beyond MAX_CREDIT
+        bytes(range(9, 17)),
+    ],
+    ids=["window-overrun", "reused-id", "unknown-stream", "credit-overflow", "garbage"],
+)
+async def test_a_peer_breaking_the_framing_is_cut_off(mesh: Mesh, frames: bytes,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    r, w = await _raw_mesh_connection(mesh)
+    w.write(frames)
+    got = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(r.read(65536), IO_TIMEOUT):  # ends: the inbound aborts
+            got += chunk
+    assert "protocol error" in caplog.text
+    await async_wait_until(lambda: mesh.inbound.stats()["mesh_connections"] == 0, what="connection dropped")
+    w.close()
+
+
+async def test_inbound_shutdown_says_goaway_and_lets_open_streams_finish(mesh: Mesh) -> None:
+    r, w = await mesh.connect()
+    w.write(b"before")
+    assert await asyncio.wait_for(r.readexactly(6), IO_TIMEOUT) == b"before"
+    closing = asyncio.ensure_future(mesh.inbound.close(5.0))
+    key, ctx = ("127.0.0.1", mesh.inbound.port), mesh.holder_a.current.tls.client["web"]
+    await async_wait_until(lambda: mesh.outbound.pool.acquire(key, ctx) is None, what="GOAWAY seen")
+    w.write(b"after")  # the open stream still flows during the drain
+    assert await asyncio.wait_for(r.readexactly(5), IO_TIMEOUT) == b"after"
+    w.write_eof()
+    assert await read_all(r) == b""
+    await asyncio.wait_for(closing, IO_TIMEOUT)  # the drain ended early: no stream left
 
 
 async def test_close_drains_then_aborts(mesh: Mesh) -> None:

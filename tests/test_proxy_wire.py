@@ -9,31 +9,41 @@ from hypothesis import strategies as st
 from hostmesh.agent.proxy import wire
 
 
-def _merge(events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """Join consecutive DATA pieces, which a decoder may deliver split anywhere."""
-    out: list[tuple[int, bytes]] = []
-    for ftype, payload in events:
-        if ftype == wire.DATA and out and out[-1][0] == wire.DATA:
-            out[-1] = (wire.DATA, out[-1][1] + bytes(payload))
+def _merge(events: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """Join consecutive DATA pieces of one stream, which a decoder may deliver split anywhere."""
+    out: list[tuple[int, int, bytes]] = []
+    for ftype, sid, payload in events:
+        if ftype == wire.DATA and out and out[-1][0] == wire.DATA and out[-1][1] == sid:
+            out[-1] = (wire.DATA, sid, out[-1][2] + bytes(payload))
         else:
-            out.append((ftype, bytes(payload)))
-    return [e for e in out if not (e[0] == wire.DATA and not e[1])]
+            out.append((ftype, sid, bytes(payload)))
+    return [e for e in out if not (e[0] == wire.DATA and not e[2])]
 
 
+def _encode(ftype: int, sid: int, payload: bytes) -> bytes:
+    if ftype == wire.DATA:
+        return wire.data_frame(sid, payload)
+    if ftype == wire.WINDOW:
+        return wire.window(sid, int.from_bytes(payload))
+    return wire.control(ftype, sid)
+
+
+stream_ids = st.integers(min_value=0, max_value=wire.MAX_STREAM_ID)
 frames = st.lists(
     st.one_of(
-        st.binary(min_size=1, max_size=3000).map(lambda b: (wire.DATA, b)),
-        st.sampled_from([(wire.OPEN, b""), (wire.FIN, b""), (wire.END, b"")]),
+        st.tuples(st.just(wire.DATA), stream_ids, st.binary(min_size=1, max_size=3000)),
+        st.tuples(st.sampled_from([wire.OPEN, wire.FIN, wire.RESET, wire.GOAWAY]), stream_ids, st.just(b"")),
+        st.tuples(st.just(wire.WINDOW), stream_ids, st.binary(min_size=4, max_size=4)),
     ),
     max_size=20,
 )
 
 
 @given(frames, st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=50))
-def test_any_split_gives_the_same_events(items: list[tuple[int, bytes]], cuts: list[int]) -> None:
-    encoded = b"".join(wire.data_frame(p) if t == wire.DATA else bytes((t, 0, 0, 0)) for t, p in items)
+def test_any_split_gives_the_same_events(items: list[tuple[int, int, bytes]], cuts: list[int]) -> None:
+    encoded = b"".join(_encode(*item) for item in items)
     dec = wire.Decoder()
-    events: list[tuple[int, bytes]] = []
+    events: list[tuple[int, int, bytes]] = []
     pos, i = 0, 0
     while pos < len(encoded):
         n = cuts[i % len(cuts)]
@@ -43,28 +53,34 @@ def test_any_split_gives_the_same_events(items: list[tuple[int, bytes]], cuts: l
     assert _merge(events) == _merge(list(items))
 
 
+def test_frames_of_several_streams_in_one_chunk() -> None:
+    chunk = wire.data_frame(1, b"abc") + wire.data_frame(2, b"de") + wire.control(wire.FIN, 1)
+    assert wire.Decoder().feed(chunk) == [(wire.DATA, 1, b"abc"), (wire.DATA, 2, b"de"), (wire.FIN, 1, b"")]
+
+
 def test_data_chunk_inside_a_frame_is_passed_through_without_copy() -> None:
     dec = wire.Decoder()
     payload = b"x" * 100_000
-    frame = wire.data_frame(payload)
+    frame = wire.data_frame(5, payload)
     first = dec.feed(frame[:10])
-    assert first == [(wire.DATA, payload[:6])]
+    assert first == [(wire.DATA, 5, payload[:2])]
     chunk = frame[10:]
-    (ftype, piece), *_ = dec.feed(chunk)
-    assert ftype == wire.DATA and piece is chunk
+    (ftype, sid, piece), *_ = dec.feed(chunk)
+    assert ftype == wire.DATA and sid == 5 and piece is chunk
 
 
 def test_control_payload_is_buffered_until_complete() -> None:
     dec = wire.Decoder()
-    frame = bytes((wire.OPEN, 0, 0, 5)) + b"hello"
+    frame = wire.window(3, 70_000)
     assert dec.feed(frame[:3]) == []
-    assert dec.feed(frame[3:7]) == []
-    assert dec.feed(frame[7:]) == [(wire.OPEN, b"hello")]
+    assert dec.feed(frame[3:10]) == []
+    ((ftype, sid, payload),) = dec.feed(frame[10:])
+    assert (ftype, sid, wire.increment(payload)) == (wire.WINDOW, 3, 70_000)
 
 
 @pytest.mark.parametrize(
     "bad",
-    [bytes((9, 0, 0, 0)), bytes((wire.OPEN, 0, 0x20, 0))],
+    [wire.HEADER.pack(9 << 24, 1), wire.HEADER.pack((wire.OPEN << 24) | 0x2000, 1)],
     ids=["unknown-type", "oversize-control"],
 )
 def test_protocol_errors(bad: bytes) -> None:
@@ -72,9 +88,15 @@ def test_protocol_errors(bad: bytes) -> None:
         wire.Decoder().feed(bad)
 
 
+def test_window_payload_must_be_four_bytes() -> None:
+    with pytest.raises(wire.WireError):
+        wire.increment(b"\x00\x01")
+
+
 def test_huge_write_is_split_into_legal_frames() -> None:
     n = wire.MAX_FRAME_PAYLOAD + 10
-    encoded = wire.data_frame(bytes(n))
+    encoded = wire.data_frame(9, bytes(n))
     assert len(encoded) == n + 2 * wire.HEADER_SIZE
     events = wire.Decoder().feed(encoded)
-    assert sum(len(p) for _, p in events) == n
+    assert sum(len(p) for _, _, p in events) == n
+    assert {sid for _, sid, _ in events} == {9}

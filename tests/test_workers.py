@@ -1,7 +1,8 @@
 """`workers = 2` end to end: a real Consul, the real CA and agents as subprocesses on loopback.
 
 node-b serves `api` (an echo app) with two processes sharing the inbound port (SO_REUSEPORT); node-a
-(`web`, one process) calls it. Both of node-b's processes must serve mesh connections, apply an
+(`web`, one process) calls it, and so do raw mesh connections made with node-a's certificate, one
+per simulated calling host. Both of node-b's processes must serve mesh connections, apply an
 intention change, stop on one SIGTERM to the primary, and Consul must see one registration.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +20,9 @@ from typing import NamedTuple
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, wait_for
+from hostmesh.agent.proxy import wire
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.ca.tls import ALPN_TCP, mesh_client_context
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
@@ -106,17 +111,58 @@ def echoes(s: socket.socket | None, payload: bytes) -> bool:
         return False
 
 
+def mesh_connections(a: AgentHandle, port: int, n: int) -> tuple[ExitStack, list[ssl.SSLSocket | None]]:
+    """`n` mesh connections to node-b's inbound port with node-a's `web` certificate, as `n` calling
+    hosts would open them (one caller's streams share one connection: agent/proxy/pool.py)."""
+    certs = cert_dir(a.data_dir)
+    chain, key = cert_paths(certs, "web")
+    ctx = mesh_client_context(chain, key, roots_path(certs).read_text(), alpn=(ALPN_TCP,))
+    stack = ExitStack()
+    socks: list[ssl.SSLSocket | None] = []
+    for _ in range(n):
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), IO_TIMEOUT)
+            socks.append(stack.enter_context(ctx.wrap_socket(raw, server_hostname="api.svc.hostmesh.local")))
+        except OSError:
+            socks.append(None)
+    return stack, socks
+
+
+def stream_echoes(s: ssl.SSLSocket | None, payload: bytes) -> bool:
+    """Open stream 1 on a mesh connection, send `payload`: True when it comes back, False on RESET/EOF."""
+    if s is None:
+        return False
+    try:
+        s.sendall(wire.control(wire.OPEN, 1) + wire.data_frame(1, payload))
+        decoder, got = wire.Decoder(), b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                return False
+            for ftype, _sid, data in decoder.feed(chunk):
+                if ftype == wire.RESET:
+                    return False
+                got += data if ftype == wire.DATA else b""
+        return got == payload
+    except OSError:
+        return False
+
+
 def test_two_workers_serve_apply_intentions_register_once_and_stop_together(mesh: Mesh) -> None:
     m, a, b, consul = mesh
     primary = b.proc.popen.pid
     workers = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")
     assert len(workers) == 1 and workers[0] != primary
 
-    # Both processes serve: CONNS concurrent connections become CONNS mesh connections from node-a,
-    # which the kernel spreads over node-b's two listening sockets.
+    # node-a's downstream connections go through, as streams on one mesh connection...
     stack, socks = open_many(a.binds["api"], CONNS)
     with stack:
         assert all(echoes(s, b"ping %d" % i) for i, s in enumerate(socks))
+    # ...and both processes serve: CONNS mesh connections (as from CONNS calling hosts) are spread
+    # by the kernel over node-b's two listening sockets.
+    stack, mesh_socks = mesh_connections(a, b.inbound_port, CONNS)
+    with stack:
+        assert all(stream_echoes(s, b"ping %d" % i) for i, s in enumerate(mesh_socks))
         per_process = {pid: established_on(pid, b.inbound_port) for pid in (primary, *workers)}
     assert all(n > 0 for n in per_process.values()), per_process
     assert sum(per_process.values()) >= CONNS
@@ -129,20 +175,24 @@ def test_two_workers_serve_apply_intentions_register_once_and_stop_together(mesh
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    assert wait_for(lambda: opened() >= CONNS, 10, "merged opened counter")
+    assert wait_for(lambda: opened() >= 2 * CONNS, 10, "merged opened counter")
 
     # One registration, whatever the number of processes.
     services = consul.get_json("/v1/catalog/service/api")
     assert [s["ServiceID"] for s in services] == ["api-node-b"]
 
     # An intention change applies in both processes: every stream is refused, on node-a's pooled
-    # connections to either process and on new ones, and both processes audited denials.
+    # connection and on new mesh connections to either process, and both processes audited denials.
     m.hostmesh("intention", "deny", "web", "api")
 
     def all_refused() -> bool:
         stack, socks = open_many(a.binds["api"], CONNS)
         with stack:
-            return not any(echoes(s, b"after deny") for s in socks)
+            if any(echoes(s, b"after deny") for s in socks):
+                return False
+        stack, mesh_socks = mesh_connections(a, b.inbound_port, CONNS)
+        with stack:
+            return not any(stream_echoes(s, b"after deny") for s in mesh_socks)
 
     wait_for(all_refused, APPLY_BOUND, "the deny to apply to every stream")
     log = b.proc.log()

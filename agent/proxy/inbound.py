@@ -1,21 +1,23 @@
 """Inbound: the one mutual-TLS listener for every local service on this host.
 
-Pipeline (visible in `_handshake`, `InboundConnection.established` and `_open`):
+Pipeline (visible in `_sni`, `InboundConnection.identify`, `_open` and `_connect_app`):
     accept -> TLS 1.3 handshake: SNI selects the local service (the SNI callback swaps in that
               service's context from the CURRENT snapshot; an unknown name fails the handshake),
               OpenSSL verifies the caller's chain against the trust bundle
     -> identify: source = the caller's SPIFFE ID (`peer_identity`), same trust domain
-    -> per stream (each OPEN frame, i.e. each downstream connection of the caller, wire.py):
+    -> per stream (each OPEN frame, i.e. each downstream connection of the caller, wire.py/mux.py):
        read the snapshot once -> authorize (`authorize_connection`, L4) -> connect 127.0.0.1:<app>
        -> pump (agent/proxy/pump.py).
 
 Decisions:
-- Authorization runs per stream, not per TLS connection, so pooled connections (pool.py) never
-  carry a stale decision. A denial aborts the whole mTLS connection, writes one audit line
-  (agent/audit.py) and counts `hostmesh_authz_denied_total`.
+- Authorization runs per stream, not per TLS connection, so shared connections (pool.py) never
+  carry a stale decision. A denial resets that stream (the caller's other streams go on), writes
+  one audit line (agent/audit.py) and counts `hostmesh_authz_denied_total`.
+- What concerns the caller's identity (certificate expired, no longer trusted, service gone from
+  this host) aborts the whole connection, with every stream on it.
 - The L4 path has no request stage, so intentions are evaluated with `l7=False`: an L7-only allow
   rule grants nothing here, an L7 deny rule denies the whole connection.
-- A pooled caller's certificate is re-verified against the trust bundle when the bundle changes,
+- An established caller's certificate is re-verified against the trust bundle when the bundle changes,
   and not accepted past its not-after, before another stream is opened on its connection.
 - The handshake is the loop's own (`create_server(ssl=…)`, bounded by HANDSHAKE_TIMEOUT), so it
   runs in uvloop's C code when uvloop is the loop. An unknown SNI is logged by the SNI callback;
@@ -40,9 +42,10 @@ from hostmesh.agent.authz import authorize_connection
 from hostmesh.agent.config import Address
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_keepalive
-from hostmesh.agent.proxy.pump import DC, FramedEnd, ListenerLifecycle, Pipe, RawEnd, Tracker
-from hostmesh.agent.proxy.wire import END_FRAME, OPEN
+from hostmesh.agent.proxy.pump import DC, ListenerLifecycle, Pipe, RawEnd, Tracker
+from hostmesh.agent.proxy.wire import RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
@@ -52,32 +55,29 @@ log = logging.getLogger("hostmesh.proxy.inbound")
 
 BACKLOG = 1024  # accept queue for bursts of new mesh connections
 HANDSHAKE_TIMEOUT = 5.0  # a peer agent needs one round trip; slow or silent clients are cut off
-INBOUND_IDLE_SECONDS = 90.0  # idle pooled connections; above pool.POOL_IDLE_SECONDS so clients close first
+INBOUND_IDLE_SECONDS = 90.0  # stream-less connections; above pool.POOL_IDLE_SECONDS so clients close first
 IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
 APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 REPORTER = "destination"
 
-# state of an InboundConnection
-HANDSHAKE, IDLE, CONNECTING, BUSY = range(4)
+MAX_STREAMS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # a client keeps to its own limit; this bounds a hostile one
 
 AlpnHandler = Callable[["InboundListener", asyncio.Transport, Identity, LocalService, list[bytes]], None]
 
 
-class InboundConnection(FramedEnd):
-    """Server side of one agent-to-agent mTLS connection, carrying one stream at a time."""
+class InboundConnection(MuxConnection):
+    """Server side of one agent-to-agent mTLS connection: accepts the caller's streams."""
 
     def __init__(self, listener: InboundListener) -> None:
         super().__init__()
         self.listener = listener
         self.peer_addr = "?"
-        self.state = HANDSHAKE
-        self.pending: list[bytes | None] = []  # stream data received while the app connect is in progress
+        self.identified = False
         self.service = ""
         self.source: Identity | None = None
         self.roots_pem = ""
         self.leaf: Any = None
         self.not_after = 0.0
-        self.idle_since = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called once the TLS handshake has completed: identify the caller."""
@@ -120,56 +120,25 @@ class InboundConnection(FramedEnd):
             lst._conns.discard(self)
             handler(lst, transport, source, svc, [])
             return True
-        self.state = IDLE
-        self.idle_since = time.monotonic()
+        self.identified = True
         return True
 
     def refuse(self, reason: str) -> bool:
+        """The caller may not use this connection any more: abort it (and its streams)."""
         log.warning("inbound: refused mesh connection from %s%s: %s", self.peer_addr,
                     f" ({self.source.spiffe_id})" if self.source else "", reason)  # fmt: skip
         self.reset()
         return False
 
-    def control(self, ftype: int, payload: bytes) -> None:
-        if ftype == OPEN and self.state == IDLE:
-            self.listener._open(self)
-        else:
-            self.protocol_error(f"unexpected frame type {ftype} in state {self.state}")
-
-    # While the app connect is in progress, the stream's bytes (and FIN) are parked here.
-    def park(self) -> None:
-        self.state = CONNECTING
-        self.pending = []
-        self._on_data = self.pending.append
-        self._on_eof = self._park_eof
-        self.pause()
-
-    def _park_eof(self) -> None:
-        self.pending.append(None)
-
-    def replay(self, pipe: Pipe) -> None:
-        pending, self.pending = self.pending, []
-        for item in pending:
-            if pipe.done:
-                return
-            if item is None:
-                pipe.eof_a()
-            else:
-                pipe.from_a(item)
-
-    def finish(self) -> None:
-        super().finish()
-        assert self.transport is not None
-        self.transport.write(END_FRAME)
-        self.state = IDLE
-        self.idle_since = time.monotonic()
-        if self.listener._closing:
-            self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+    def open_received(self, sid: int) -> None:
+        if not self.identified or sid <= self.last_id:
+            self.protocol_error(f"OPEN of stream {sid} (last {self.last_id})")
+            return
+        if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED:
+            self.last_id = sid
+            self.write(control(RESET, sid))  # refused: the client resets that one downstream connection
+            return
+        self.listener._open(self, self.add(sid))
 
     def lost(self, exc: Exception | None) -> None:
         self.listener._conns.discard(self)
@@ -225,8 +194,7 @@ class InboundListener(ListenerLifecycle):
         for task in list(self._tasks):
             task.cancel()
         for conn in list(self._conns):
-            if conn.state == IDLE:
-                conn.close()
+            conn.goaway()  # callers open no new streams here; idle connections close now
         await self.tracker.drain(drain_seconds)
         for conn in list(self._conns):
             conn.reset()
@@ -239,7 +207,7 @@ class InboundListener(ListenerLifecycle):
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - INBOUND_IDLE_SECONDS
-        for conn in [c for c in self._conns if c.state == IDLE and c.idle_since < cutoff]:
+        for conn in [c for c in self._conns if not c.streams and c.idle_since < cutoff]:
             conn.close()
         self._sweeper = asyncio.get_running_loop().call_later(IDLE_SWEEP_SECONDS, self._sweep)
 
@@ -258,7 +226,7 @@ class InboundListener(ListenerLifecycle):
 
     # --- per stream: authorize, connect the app, pump ----------------------------------------
 
-    def _open(self, conn: InboundConnection) -> None:
+    def _open(self, conn: InboundConnection, stream: Stream) -> None:
         snap = self.holder.current
         svc = snap.local.get(conn.service)
         source = conn.source
@@ -284,12 +252,11 @@ class InboundListener(ListenerLifecycle):
             series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flags.AUTHZ)
             series.opened.inc()
             series.closed.inc()
-            conn.reset()
+            stream.reset()  # this downstream connection only; the caller's others go on
             return
-        conn.park()
         series = self.telemetry.tcp_series(REPORTER, source.service, svc.name)
         series.opened.inc()
-        task = asyncio.get_running_loop().create_task(self._connect_app(conn, svc, series))
+        task = asyncio.get_running_loop().create_task(self._connect_app(conn, stream, svc, series))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -310,7 +277,9 @@ class InboundListener(ListenerLifecycle):
         conn.roots_pem = roots_pem
         return True
 
-    async def _connect_app(self, conn: InboundConnection, svc: LocalService, series: Any) -> None:
+    async def _connect_app(self, conn: InboundConnection, stream: Stream, svc: LocalService,
+                           series: Any) -> None:  # fmt: skip
+        """Connect the app; meanwhile the stream parks what arrives (at most its window)."""
         loop = asyncio.get_running_loop()
         app = RawEnd()
         source = conn.source.service if conn.source else ""
@@ -324,34 +293,34 @@ class InboundListener(ListenerLifecycle):
                 "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
             )
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
-            conn.reset()
+            stream.reset()
             return
-        if conn.closed or self._closing:
+        except asyncio.CancelledError:
+            stream.reset()
+            raise
+        if stream.done or self._closing:
             app.reset()
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", DC).closed.inc()
-            conn.reset()
+            stream.reset()
             return
-        pipe = Pipe(conn, app, series, self._done, info=(source, svc.name))
-        conn.state = BUSY
+        pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name))
         self.tracker.add(pipe)
         pipe.start()
-        conn.replay(pipe)
 
     def _done(self, pipe: Pipe) -> None:
         self.tracker.remove(pipe)
-        source, service = pipe.info
+        conn, source, service = pipe.info
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(REPORTER, source, service, "", pipe.flags)
         pipe.flush_metrics(series)
         series.closed.inc()
         if audit.access_sampled(always=bool(pipe.flags)):
-            conn = pipe.a
-            spiffe = conn.source.spiffe_id if isinstance(conn, InboundConnection) and conn.source else ""
+            spiffe = conn.source.spiffe_id if conn.source else ""
             audit.access({
                 "ts": round(time.time(), 3), "reporter": REPORTER,
                 "source": spiffe,
-                "destination": service, "peer": getattr(conn, "peer_addr", ""), "received": pipe.up,
+                "destination": service, "peer": conn.peer_addr, "received": pipe.up,
                 "sent": pipe.down, "flags": pipe.flags,
                 "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
             })  # fmt: skip
@@ -367,5 +336,6 @@ class InboundListener(ListenerLifecycle):
             "bind": str(self.bind),
             "active_connections": len(self.tracker),
             "mesh_connections": len(self._conns),
+            "streams": sum(len(c.streams) for c in self._conns),
             "handshakes": self.handshakes,
         }

@@ -3,9 +3,10 @@ healthy instance's agent over mutual TLS, as the calling local service.
 
 Pipeline per accepted connection (all visible in `_accepted` / `_dial`):
     accept -> read the snapshot once -> pick an instance (round robin | least connections)
-    -> take an idle pooled mTLS connection to it, or dial one (SNI `<upstream>.svc.<td>`, ALPN
-       `hostmesh/tcp`, our client cert; the peer's SPIFFE ID must be the upstream's)
-    -> OPEN a stream -> pump (agent/proxy/pump.py).
+    -> take an established mTLS connection to it with room for a stream, or dial one (SNI
+       `<upstream>.svc.<td>`, ALPN `hostmesh/tcp`, our client cert; the peer's SPIFFE ID must be
+       the upstream's; agent/proxy/pool.py)
+    -> OPEN a stream on it -> pump (agent/proxy/pump.py).
 
 Decisions:
 - The downstream is not read until a stream is attached (no buffering of our own while dialing).
@@ -156,7 +157,7 @@ class OutboundListener(ListenerLifecycle):
             if timeout <= 0:
                 break
             try:
-                conn = self.pool.acquire(key, ctx) if tried else None  # another may have freed one
+                conn = self.pool.acquire(key, ctx) if tried else None  # a dial may have finished
                 if conn is None:
                     conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
             except DialError as exc:
@@ -173,8 +174,7 @@ class OutboundListener(ListenerLifecycle):
                 continue
             self._pending.discard(end)
             if end.closed or self._closing:
-                self.pool.release(conn)  # never used: clean, keep it for the next connection
-                return
+                return  # the connection stays in the pool for the next downstream connection
             self._attach(end, conn, ep)
             return
         self._pending.discard(end)
@@ -210,8 +210,7 @@ class OutboundListener(ListenerLifecycle):
         subset = ep.meta.get("version", "")
         series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset)
         series.opened.inc()
-        conn.open_stream()
-        pipe = Pipe(end, conn, series, self._done, info=(key, subset))
+        pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, subset))
         self._active[key] = self._active.get(key, 0) + 1
         self.tracker.add(pipe)
         pipe.start()
@@ -271,6 +270,8 @@ class OutboundListener(ListenerLifecycle):
             "active_connections": len(self.tracker),
             "endpoints": endpoints,
             "pool": {
+                "connections": self.pool.connection_count(),
+                "streams": self.pool.stream_count(),
                 "idle": self.pool.idle_count(),
                 "handshakes": self.pool.handshakes,
                 "reused": self.pool.reused,

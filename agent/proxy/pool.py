@@ -1,33 +1,38 @@
-"""Handshake amortization: a pool of established agent-to-agent mTLS connections, reused one
-downstream connection (one stream, agent/proxy/wire.py) at a time.
+"""Handshake amortization: the outbound's established agent-to-agent mTLS connections, each
+carrying many downstream connections at once (streams, agent/proxy/mux.py and wire.py).
 
 Decision: a full mutual TLS 1.3 handshake (two ECDSA signatures, chain checks, ECDHE, a TCP
-connect) costs far more than proxying a short connection. So the outbound keeps each mTLS
-connection it dials and, when its stream has ENDed cleanly, parks it idle under the key
-(peer endpoint address, port); the next downstream connection to that endpoint takes the most
-recently used idle connection (LIFO: the warmest; the rest age out) and only dials when there is
-none. Steady state: no handshake and no agent-to-agent TCP connect per downstream connection —
-the pool counts `handshakes` and `reused` so tests and /v1/clusters show it.
+connect) costs far more than proxying a short connection, and a TLS write per downstream
+connection per turn costs more than one shared write. So the outbound keeps the mTLS connections
+it dials, keyed by peer endpoint (address, port), and opens each new downstream connection as a
+stream on the first one with room (MAX_STREAMS_PER_CONN), dialing only when none has room;
+concurrent first connections to an endpoint wait for one shared dial instead of dialing each.
+Steady state: no handshake and no agent-to-agent TCP connect per downstream connection, and the
+streams active in one event-loop turn leave in one TLS write — the pool counts `handshakes` and
+`reused` so tests and /v1/clusters show it.
 
-Security argument (why reuse does not weaken the mesh):
+Security argument (why sharing does not weaken the mesh):
 - Each pool belongs to one outbound listener, i.e. one (local identity, upstream service) pair,
-  and the key adds the endpoint. A connection is only ever reused for the same caller identity,
-  the same SNI/destination service and the same peer agent, and the peer's SPIFFE ID was checked
+  and the key adds the endpoint. A connection is only ever used for the same caller identity, the
+  same SNI/destination service and the same peer agent, and the peer's SPIFFE ID was checked
   against the upstream's identity when it was dialed. Nothing a stream does can change who the
-  two ends are.
+  two ends are, and streams of different callers never share a connection.
 - Authorization is not amortized: the inbound re-reads the *current* snapshot and re-runs the
   intentions check on every OPEN, so an allow -> deny change applies to the next downstream
-  connection even on a pooled mTLS connection, exactly as without pooling.
-- Credentials are not relied on past their life: a pooled connection is never reused after
+  connection even on an established mTLS connection, exactly as without sharing.
+- Credentials are not relied on past their life: no stream is opened on a connection after
   MAX_CONN_AGE, nor after the peer certificate's not-after; when the caller's TLS material changes
-  (cert renewal, trust-bundle change) idle connections built with the old context are dropped, and
-  the inbound re-verifies a pooled caller's certificate against a changed trust bundle before it
-  opens another stream (agent/proxy/inbound.py).
-- A stream that does not end cleanly (reset, app death, protocol error, denial) aborts the whole
-  TLS connection, so state from one downstream connection can never leak into the next.
-- Known race, same as HTTP keep-alive: if the inbound closes an idle connection (its idle timeout,
-  shutdown) while this side is opening a stream on it, that one downstream connection is reset.
-  The client's idle timeout (POOL_IDLE_SECONDS) is kept well below the server's to make it rare.
+  (cert renewal, trust-bundle change) connections built with the old context take no new streams
+  and close once their streams end, and the inbound re-verifies an established caller's
+  certificate against a changed trust bundle before it accepts another stream (inbound.py).
+- Streams are isolated: each has its own id, flow-control window and end (FIN/RESET), a stream's
+  bytes are only ever delivered to that stream's sockets, and ids are never reused on a
+  connection, so a late frame of an ended stream cannot reach a newer one. A framing violation
+  aborts the whole connection.
+- Known race, same as HTTP keep-alive: if the inbound closes an idle connection (its idle timeout)
+  while this side is opening a stream on it, that one downstream connection is reset. The
+  client's idle timeout (POOL_IDLE_SECONDS) is kept well below the server's to make it rare; on
+  shutdown the inbound says GOAWAY first, so no new stream is sent its way.
 
 TLS session resumption was not chosen: asyncio's TLS transports (stdlib and uvloop) cannot be given
 a session to resume, and a resumed handshake still costs a TCP connect and an ECDHE per connection.
@@ -43,8 +48,8 @@ import ssl
 import time
 
 from hostmesh.agent.l7 import flags
-from hostmesh.agent.proxy.pump import FramedEnd
-from hostmesh.agent.proxy.wire import END, OPEN_FRAME
+from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
+from hostmesh.agent.proxy.wire import MAX_STREAM_ID, OPEN, control
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import ALPN_TCP, peer_identity, peer_not_after
@@ -54,7 +59,7 @@ log = logging.getLogger("hostmesh.proxy.pool")
 POOL_IDLE_SECONDS = 30.0  # idle connections are closed by the client first (server waits INBOUND_IDLE)
 POOL_SWEEP_SECONDS = 5.0  # how often idle connections are checked for age/idleness (one timer per pool)
 MAX_CONN_AGE = 600.0  # one handshake's authentication is relied on for at most 10 minutes
-MAX_IDLE_PER_KEY = 256  # per peer endpoint: ~2x the concurrent streams, as an END lags its stream's close
+MAX_IDLE_PER_KEY = 8  # per peer endpoint: stream-less connections kept beyond this are closed at once
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3  # a vanished peer host is noticed in ~60 s
 
 PoolKey = tuple[str, int]  # the peer agent's (address, inbound port)
@@ -88,8 +93,8 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
         pass
 
 
-class MeshClient(FramedEnd):
-    """Client side of one agent-to-agent connection (see wire.py for the frames)."""
+class MeshClient(MuxConnection):
+    """Client side of one agent-to-agent connection: opens the streams."""
 
     def __init__(self, pool: ConnectionPool, key: PoolKey, ctx: ssl.SSLContext) -> None:
         super().__init__()
@@ -97,68 +102,112 @@ class MeshClient(FramedEnd):
         self.key = key
         self.ctx = ctx
         self.expires = time.monotonic() + MAX_CONN_AGE
-        self.idle_since = 0.0
-        self.ending = False  # our stream finished; waiting for the server's END
-        self.streams = 0
 
-    def open_stream(self) -> None:
-        assert self.transport is not None
-        self.streams += 1
-        self.transport.write(OPEN_FRAME)
+    def has_room(self, ctx: ssl.SSLContext, now: float) -> bool:
+        """Can a new stream go on this connection?"""
+        if self.closed or self.draining:
+            return False
+        if self.ctx is not ctx or now >= self.expires or self.last_id >= MAX_STREAM_ID:
+            self.goaway()  # no new streams: close once the open ones are done
+            return False
+        return len(self.streams) < MAX_STREAMS_PER_CONN
 
-    def finish(self) -> None:
-        super().finish()
-        self.ending = True
+    def open_stream(self) -> Stream:
+        if self.last_id:
+            self.pool.reused += 1
+        stream = self.add(self.last_id + 1)
+        self.write(control(OPEN, stream.id))
+        return stream
 
-    def control(self, ftype: int, payload: bytes) -> None:
-        if ftype == END and self.ending:
-            self.ending = False
-            self.pool.release(self)
-        else:
-            self.protocol_error(f"unexpected frame type {ftype}")
+    def became_idle(self) -> None:
+        super().became_idle()
+        if not self.closed:
+            self.pool.idle(self)
 
     def lost(self, exc: Exception | None) -> None:
         self.pool.discard(self)
 
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+
+class _Dial:
+    """A dial in progress that other new streams to the same endpoint may wait for."""
+
+    __slots__ = ("ctx", "future", "waiters")
+
+    def __init__(self, ctx: ssl.SSLContext, future: asyncio.Future[MeshClient]) -> None:
+        self.ctx = ctx
+        self.future = future
+        self.waiters = 1
 
 
 class ConnectionPool:
-    """Idle mTLS connections of one outbound listener, by peer endpoint."""
+    """The mTLS connections of one outbound listener, by peer endpoint."""
 
     def __init__(self) -> None:
-        self._idle: dict[PoolKey, list[MeshClient]] = {}
+        self._conns: dict[PoolKey, list[MeshClient]] = {}
+        self._dials: dict[PoolKey, _Dial] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False
         self.handshakes = 0  # full TLS handshakes done (every dial)
         self.reused = 0  # streams opened on an already established connection
 
     def idle_count(self, key: PoolKey | None = None) -> int:
+        """Connections carrying no stream right now."""
+        return sum(1 for c in self._iter(key) if not c.streams and not c.closed)
+
+    def connection_count(self, key: PoolKey | None = None) -> int:
+        return sum(1 for c in self._iter(key) if not c.closed)
+
+    def stream_count(self) -> int:
+        return sum(len(c.streams) for c in self._iter(None))
+
+    def _iter(self, key: PoolKey | None) -> list[MeshClient]:
         if key is not None:
-            return len(self._idle.get(key, ()))
-        return sum(len(v) for v in self._idle.values())
+            return list(self._conns.get(key, ()))
+        return [c for conns in self._conns.values() for c in conns]
 
     def acquire(self, key: PoolKey, ctx: ssl.SSLContext) -> MeshClient | None:
-        """The warmest usable idle connection to `key` made with `ctx`, or None."""
-        idle = self._idle.get(key)
-        if not idle:
+        """The first established connection to `key` made with `ctx` that has room, or None."""
+        conns = self._conns.get(key)
+        if not conns:
             return None
         now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if conn.closed or conn.ctx is not ctx or now >= conn.expires:
-                conn.close()
-                continue
-            self.reused += 1
-            return conn
+        for conn in conns:
+            if conn.has_room(ctx, now):
+                return conn
         return None
 
     async def dial(self, key: PoolKey, ctx: ssl.SSLContext, sni: str, expected: Identity,
                    timeout: float) -> MeshClient:  # fmt: skip
-        """A new connection to the peer agent at `key`, its identity checked; raises DialError."""
+        """A connection with room to the peer agent at `key`: a dial in progress to it if there is one
+        with room left (no handshake per concurrent first connection), else a new one; raises
+        DialError."""
+        pending = self._dials.get(key)
+        if pending is not None and pending.ctx is ctx and pending.waiters < MAX_STREAMS_PER_CONN:
+            pending.waiters += 1
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+            except TimeoutError:
+                raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+        future: asyncio.Future[MeshClient] = asyncio.get_running_loop().create_future()
+        self._dials[key] = dial = _Dial(ctx, future)
+        try:
+            conn = await self._dial(key, ctx, sni, expected, timeout)
+        except BaseException as exc:
+            if isinstance(exc, DialError):
+                future.set_exception(exc)
+                future.exception()  # retrieved here: nobody may be waiting
+            else:
+                future.cancel()
+            raise
+        finally:
+            if self._dials.get(key) is dial:
+                del self._dials[key]
+        self._conns.setdefault(key, []).append(conn)
+        future.set_result(conn)
+        return conn
+
+    async def _dial(self, key: PoolKey, ctx: ssl.SSLContext, sni: str, expected: Identity,
+                    timeout: float) -> MeshClient:  # fmt: skip
         loop = asyncio.get_running_loop()
         conn = MeshClient(self, key, ctx)
         try:
@@ -196,59 +245,47 @@ class ConnectionPool:
             conn.reset()
             raise
         set_keepalive(transport)
-        return conn
-
-    def release(self, conn: MeshClient) -> None:
-        """A connection whose stream ENDed cleanly: keep it for the next one, or close it."""
-        idle = self._idle.setdefault(conn.key, [])
-        if self.closing or conn.closed or time.monotonic() >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        idle.append(conn)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+        return conn
+
+    def idle(self, conn: MeshClient) -> None:
+        """`conn`'s last stream ended: keep it for the next ones, unless there are enough idle."""
+        if self.closing or self.idle_count(conn.key) > MAX_IDLE_PER_KEY:
+            conn.close()
 
     def discard(self, conn: MeshClient) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
+        conns = self._conns.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[conn.key]
 
     def _sweep(self) -> None:
+        """Close connections idle too long or past their age (busy ones take no new streams)."""
         self._sweeper = None
         now = time.monotonic()
         cutoff = now - POOL_IDLE_SECONDS
-        left = 0
-        for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if not c.closed and c.idle_since > cutoff and now < c.expires]
-            for c in idle:
-                if c not in keep:
-                    c.close()
-            if keep:
-                self._idle[key] = keep
-                left += len(keep)
-            else:
-                del self._idle[key]
-        if left and not self.closing:
+        for conn in self._iter(None):
+            if now >= conn.expires:
+                conn.goaway()
+            elif not conn.streams and conn.idle_since < cutoff:
+                conn.close()
+        if self._conns and not self.closing:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
 
     def drop_stale(self, ctx: ssl.SSLContext) -> None:
-        """Close idle connections not made with `ctx` (the caller's TLS material changed)."""
-        for key, idle in list(self._idle.items()):
-            stale = [c for c in idle if c.ctx is not ctx]
-            for c in stale:
-                idle.remove(c)
-                c.close()
-            if not idle:
-                del self._idle[key]
+        """Connections not made with `ctx` (the caller's TLS material changed) take no new streams."""
+        for conn in self._iter(None):
+            if conn.ctx is not ctx:
+                conn.goaway()
 
     def close(self) -> None:
+        """Listener shutdown: idle connections close now, busy ones when their streams end."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for idle in self._idle.values():
-            for conn in idle:
-                with contextlib.suppress(Exception):
-                    conn.close()
-        self._idle.clear()
+        for conn in self._iter(None):
+            with contextlib.suppress(Exception):
+                conn.goaway()

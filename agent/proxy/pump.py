@@ -1,17 +1,17 @@
 """Forward: the bidirectional byte pump between two ends of one proxied connection.
 
-Decision: the pump is a `Pipe` joining two *ends*, each an `asyncio.Protocol` owning one transport:
-`RawEnd` for plain TCP (the downstream on the outbound side, the app on the inbound side) and a
-`FramedEnd` for a stream on an agent-to-agent mTLS connection (agent/proxy/wire.py frames). Bytes
-go straight from one end's `data_received` to the other end's `transport.write` — no per-byte
-Python work, no buffering of our own, only an integer add per chunk for metrics.
+Decision: the pump is a `Pipe` joining two *ends*: `RawEnd`, an `asyncio.Protocol` owning a plain
+TCP socket (the downstream on the outbound side, the app on the inbound side), and a `Stream` on an
+agent-to-agent mTLS connection (agent/proxy/mux.py). Bytes go straight from one end's
+`data_received` to the other end's write — no per-byte Python work, no buffering of our own, only
+an integer add per chunk for metrics.
 
-- Backpressure: when an end's transport write buffer passes its high-water mark (`pause_writing`),
-  the *other* end stops reading (`pause_reading`) until it drains below the low-water mark. So at
-  most ~WRITE_HIGH_WATER plus one read chunk is buffered per direction, whatever the peers do.
-- Half-close: a FIN on one side becomes `write_eof` (raw) or a FIN frame (framed) on the other; the
+- Backpressure: when an end cannot take more (a socket's write buffer above its high-water mark, a
+  stream out of credit), the *other* end stops reading until it can. So at most ~WRITE_HIGH_WATER
+  (or a stream window) plus one read chunk is buffered per direction, whatever the peers do.
+- Half-close: a FIN on one side becomes `write_eof` (raw) or a FIN frame (stream) on the other; the
   pipe is finished only when both directions have ended, then each end `finish()`es (raw: close
-  after flushing; framed: the connection goes back to idle for reuse, agent/proxy/pool.py).
+  after flushing; stream: removed from its connection, which stays up for other streams).
 - Anything abnormal (a reset, a transport lost before both FINs) aborts both ends; a raw end is
   aborted with SO_LINGER 0, so the application sees a reset at once, never a hang or a fake EOF.
 """
@@ -28,20 +28,11 @@ from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import TcpSeries
-from hostmesh.agent.proxy.wire import (
-    FIN_FRAME,
-    MAX_FRAME_PAYLOAD,
-    Decoder,
-    WireError,
-    data_frame,
-    data_header,
-)
 
 log = logging.getLogger("hostmesh.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024  # one max-size read chunk: enough to keep the socket busy, bounds memory
 WRITE_LOW_WATER = 64 * 1024  # resume the other side while a quarter is still queued (no stall)
-SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a header (see FramedEnd.send)
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 DC = "DC"  # downstream connection terminated abnormally (Envoy's flag; not in l7/flags, no HTTP use)
@@ -66,10 +57,11 @@ def reset_transport(transport: Any) -> None:
 class End(Protocol):
     """What a pipe needs from each of its two ends."""
 
-    write_paused: bool
-    peer: End | None
+    @property
+    def write_paused(self) -> bool: ...
 
     def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None: ...
+    def replay(self) -> None: ...
     def send(self, data: bytes) -> None: ...
     def send_eof(self) -> None: ...
     def pause(self) -> None: ...
@@ -103,9 +95,8 @@ class Pipe:
         a, b = self.a, self.b
         a.attach(self, True, b)
         b.attach(self, False, a)
-        for end in (a, b):
-            if isinstance(end, RawEnd) and end._early:
-                end.replay()
+        a.replay()
+        b.replay()
         if self.done:
             return
         if b.write_paused:
@@ -286,133 +277,6 @@ class RawEnd(asyncio.Protocol):
         self._on_data = self._on_eof = None
 
 
-class FramedEnd(asyncio.Protocol):
-    """An agent-to-agent mTLS connection carrying one stream at a time (agent/proxy/wire.py).
-
-    Subclasses (client side in pool.py, server side in inbound.py) handle the control frames and
-    what happens between streams; this class is the pipe's end while a stream is attached."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.pipe: Pipe | None = None
-        self.peer: End | None = None
-        self.write_paused = False
-        self.closed = False
-        self.decoder = Decoder()
-        self._on_data: Callable[[bytes], None] | None = None
-        self._on_eof: Callable[[], None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.decoder.feed(data)
-        except WireError as exc:
-            self.protocol_error(str(exc))
-            return
-        for ftype, payload in events:
-            if ftype == 0:  # DATA
-                on_data = self._on_data
-                if on_data is None:
-                    self.protocol_error("DATA outside a stream")
-                    return
-                on_data(payload)
-            elif ftype == 2:  # FIN
-                if self._on_eof is None:
-                    self.protocol_error("FIN outside a stream")
-                    return
-                self._on_eof()
-            else:
-                self.control(ftype, payload)
-            if self.closed:
-                return
-
-    def eof_received(self) -> bool:
-        return False  # TLS close_notify / TCP FIN on the mesh connection: it is over
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        pipe = self.pipe
-        self._detach()
-        if pipe is not None:
-            pipe.lost(self, exc)
-        self.lost(exc)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.peer is not None:
-            self.peer.pause()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.peer is not None:
-            self.peer.resume()
-
-    # hooks for subclasses ----------------------------------------------------------------------
-
-    def control(self, ftype: int, payload: bytes) -> None:
-        self.protocol_error(f"unexpected frame type {ftype}")
-
-    def lost(self, exc: Exception | None) -> None:
-        pass
-
-    def protocol_error(self, reason: str) -> None:
-        log.warning("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
-        pipe = self.pipe
-        if pipe is not None:
-            pipe.fail(flags.UPE)
-        self.reset()
-
-    def peername(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
-
-    # End -------------------------------------------------------------------------------------
-
-    def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None:
-        self.pipe, self.peer = pipe, peer
-        self._on_data = pipe.from_a if source_side else pipe.from_b
-        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        n = len(data)
-        if n < SPLIT_FRAME_AT or n > MAX_FRAME_PAYLOAD:
-            self.transport.write(data_frame(data))
-        else:  # header and payload as two buffers: no copy of a large chunk just to prepend 4 bytes
-            self.transport.writelines((data_header(n), data))
-
-    def send_eof(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(FIN_FRAME)
-
-    def pause(self) -> None:
-        t = self.transport
-        if t is not None and not self.closed:
-            t.pause_reading()
-
-    def resume(self) -> None:
-        t = self.transport
-        if t is not None and not self.closed:
-            t.resume_reading()
-
-    def reset(self) -> None:
-        self._detach()
-        self.closed = True
-        reset_transport(self.transport)
-
-    def finish(self) -> None:
-        """The stream ended cleanly; subclasses make the connection idle (and resume reading)."""
-        self._detach()
-        self.resume()
-
-    def _detach(self) -> None:
-        self.pipe = self.peer = None
-        self._on_data = self._on_eof = None
-
-
 METRICS_FLUSH_SECONDS = 10.0  # long-lived connections show up in byte counters at least this often
 
 
@@ -438,11 +302,16 @@ class Tracker:
             self._drained.set_result(None)
 
     def buffered_bytes(self) -> int:
+        """Bytes queued by these pipes: socket write buffers (a shared mesh connection's counted
+        once) plus stream bytes waiting for credit."""
         total = 0
+        seen: set[int] = set()
         for pipe in self.pipes:
             for end in (pipe.a, pipe.b):
+                total += len(getattr(end, "blocked", b""))
                 t = getattr(end, "transport", None)
-                if t is not None and not t.is_closing():
+                if t is not None and id(t) not in seen and not t.is_closing():
+                    seen.add(id(t))
                     total += t.get_write_buffer_size()
         return total
 

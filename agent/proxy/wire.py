@@ -1,75 +1,101 @@
-"""The `hostmesh/tcp` wire format between two agents: tiny frames so one mTLS connection carries
-many downstream connections, one after the other (sans-IO: bytes in, events out).
+"""The `hostmesh/tcp` wire format between two agents: small frames so that one mTLS connection
+carries many downstream connections at once (sans-IO: bytes in, events out).
 
-Decision: a downstream TCP connection becomes a *stream* on an agent-to-agent TLS connection. The
-stream needs in-band open, half-close and clean-end markers, so that the TLS connection survives
-the end of the stream and can be reused (agent/proxy/pool.py). Every frame is a 4-byte header,
-``type (1 byte) | payload length (3 bytes, big endian)``, then the payload:
+Decision: a downstream TCP connection becomes a *stream* on an agent-to-agent TLS connection, and
+the streams of one caller to one peer agent share that connection (agent/proxy/mux.py). Sharing
+is what makes the data path cheap: the frames of every stream that has something to say in one
+event-loop turn leave in one TLS write, one syscall and one TCP segment, where one connection per
+stream would pay each of those per stream. Every frame is an 8-byte header, then the payload:
 
-    OPEN  client -> server   start a stream (payload reserved, ignored; <= MAX_CONTROL_PAYLOAD)
-    DATA  both ways          stream bytes, delivered to the other side as they arrive
-    FIN   both ways          the sender's direction is done (a TCP FIN, i.e. half-close)
-    END   server -> client   both FINs seen and the app socket closed: the connection is idle again
+    type (1 byte) | payload length (3 bytes) | stream id (4 bytes), all big endian
 
-Anything abnormal (reset, app dying, denial, protocol error) aborts the whole TLS connection, so
-a stream never needs an id and the client never reuses a connection whose stream did not END.
+    OPEN    client -> server  start stream <id> (ids only increase; payload reserved, ignored)
+    DATA    both ways         stream bytes, at most the receiver's window (see WINDOW)
+    FIN     both ways         the sender's direction of the stream is done (a TCP half-close)
+    RESET   both ways         the stream is aborted (reset, app gone, denial); the other stream
+                              on the connection go on
+    WINDOW  both ways         payload: 4-byte increment; the receiver has passed that many bytes
+                              of the stream on and the sender may send that many more
+    GOAWAY  both ways, id 0   the sender opens/accepts no new streams; the open ones finish
 
-The decoder does O(1) Python work per received chunk: DATA payloads are passed on as slices of
-the chunk (no per-byte loop, no reassembly of whole frames); only control payloads are buffered.
+Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
+stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
+
+The decoder does O(1) Python work per frame: DATA payloads are passed on as slices of the received
+chunk (no per-byte loop, no reassembly of whole frames); only control payloads are buffered.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 DATA: Final = 0
 OPEN: Final = 1
 FIN: Final = 2
-END: Final = 3
-KNOWN = frozenset((DATA, OPEN, FIN, END))
+RESET: Final = 3
+WINDOW: Final = 4
+GOAWAY: Final = 5
+KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY))
 
-HEADER_SIZE: Final = 4
+HEADER = struct.Struct(">II")  # (type << 24 | length), stream id
+HEADER_SIZE: Final = HEADER.size
 MAX_FRAME_PAYLOAD = (1 << 24) - 1  # what 3 length bytes can say; larger writes are split
-MAX_CONTROL_PAYLOAD = 4096  # OPEN/FIN/END carry (almost) nothing; more is a broken or hostile peer
+MAX_CONTROL_PAYLOAD = 4096  # control frames carry (almost) nothing; more is a broken or hostile peer
+MAX_STREAM_ID = (1 << 32) - 1
+STREAM_WINDOW = 1024 * 1024  # per stream, each way: bytes in flight or parked at the receiver
+WINDOW_UPDATE_AT = STREAM_WINDOW // 4  # credit is returned in batches of at least this much
+_INCREMENT = struct.Struct(">I")
 
-OPEN_FRAME: Final = bytes((OPEN, 0, 0, 0))
-FIN_FRAME: Final = bytes((FIN, 0, 0, 0))
-END_FRAME: Final = bytes((END, 0, 0, 0))
+Event = tuple[int, int, bytes]  # (frame type, stream id, payload or payload piece)
 
 
 class WireError(Exception):
     """The peer broke the framing; the connection must be aborted."""
 
 
-def data_header(n: int) -> bytes:
-    """The 4-byte header of one DATA frame of `n` <= MAX_FRAME_PAYLOAD bytes."""
-    return bytes((DATA, n >> 16, (n >> 8) & 0xFF, n & 0xFF))
+def header(ftype: int, stream: int, n: int) -> bytes:
+    """The 8-byte header of one frame with an `n` <= MAX_FRAME_PAYLOAD byte payload."""
+    return HEADER.pack((ftype << 24) | n, stream)
 
 
-def data_frame(data: bytes | bytearray | memoryview) -> bytes:
-    """One DATA frame (or several, for writes above MAX_FRAME_PAYLOAD) as one bytes object.
+def control(ftype: int, stream: int) -> bytes:
+    """A payload-less control frame (OPEN, FIN, RESET, GOAWAY)."""
+    return HEADER.pack(ftype << 24, stream)
 
-    One object, because the TLS transport turns every write into at least one TLS record."""
+
+def window(stream: int, increment: int) -> bytes:
+    return HEADER.pack((WINDOW << 24) | 4, stream) + _INCREMENT.pack(increment)
+
+
+def data_frame(stream: int, data: bytes | bytearray | memoryview) -> bytes:
+    """One DATA frame (or several, for writes above MAX_FRAME_PAYLOAD) as one bytes object."""
     n = len(data)
     if n <= MAX_FRAME_PAYLOAD:
-        return bytes((DATA, n >> 16, (n >> 8) & 0xFF, n & 0xFF)) + data
-    parts = []
+        return HEADER.pack(n, stream) + data
     view = memoryview(data)
-    for i in range(0, n, MAX_FRAME_PAYLOAD):
-        parts.append(data_frame(view[i : i + MAX_FRAME_PAYLOAD]))
-    return b"".join(parts)
+    step = MAX_FRAME_PAYLOAD
+    return b"".join(data_frame(stream, view[i : i + step]) for i in range(0, n, step))
+
+
+def increment(payload: bytes) -> int:
+    """The credit a WINDOW frame grants."""
+    if len(payload) != 4:
+        raise WireError(f"WINDOW frame with a {len(payload)}-byte payload")
+    return int(_INCREMENT.unpack(payload)[0])
 
 
 class Decoder:
     """Incremental frame decoder. `feed(chunk)` returns the events found in it, in order:
-    ``(DATA, bytes)`` pieces (a frame's payload may arrive in several pieces) and
-    ``(OPEN|FIN|END, payload)`` for complete control frames."""
+    ``(DATA, id, bytes)`` pieces (a frame's payload may arrive in several pieces) and
+    ``(type, id, payload)`` for complete control frames."""
 
-    __slots__ = ("_ctl", "_head", "_need", "_type")
+    __slots__ = ("_ctl", "_head", "_need", "_stream", "_type")
 
     def __init__(self) -> None:
         self._head = b""  # partial header carried over from the previous chunk
         self._type = -1  # type of the frame whose payload is being read, -1 between frames
+        self._stream = 0
         self._need = 0  # payload bytes still to come for that frame
         self._ctl = b""  # partial control payload
 
@@ -78,50 +104,50 @@ class Decoder:
         """True between frames (nothing partial buffered)."""
         return self._type < 0 and not self._head
 
-    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
-        events: list[tuple[int, bytes]] = []
+    def feed(self, chunk: bytes) -> list[Event]:
+        events: list[Event] = []
         pos, end = 0, len(chunk)
         # Fast path: the whole chunk continues a DATA payload.
         if self._type == DATA and self._need >= end:
             self._need -= end
             if self._need == 0:
                 self._type = -1
-            events.append((DATA, chunk))
+            events.append((DATA, self._stream, chunk))
             return events
+        unpack = HEADER.unpack_from
         while pos < end:
             if self._type < 0:
-                take = HEADER_SIZE - len(self._head)
                 if not self._head and end - pos >= HEADER_SIZE:
-                    head = chunk[pos : pos + HEADER_SIZE]
+                    word, stream = unpack(chunk, pos)
                     pos += HEADER_SIZE
                 else:
+                    take = HEADER_SIZE - len(self._head)
                     self._head += chunk[pos : pos + take]
                     pos += min(take, end - pos)
                     if len(self._head) < HEADER_SIZE:
                         break
-                    head, self._head = self._head, b""
-                ftype = head[0]
-                length = (head[1] << 16) | (head[2] << 8) | head[3]
+                    (word, stream), self._head = HEADER.unpack(self._head), b""
+                ftype, length = word >> 24, word & 0xFFFFFF
                 if ftype not in KNOWN:
                     raise WireError(f"unknown frame type {ftype}")
                 if ftype != DATA and length > MAX_CONTROL_PAYLOAD:
                     raise WireError(f"control frame of {length} bytes")
                 if length == 0:
                     if ftype != DATA:
-                        events.append((ftype, b""))
+                        events.append((ftype, stream, b""))
                     continue
-                self._type, self._need = ftype, length
+                self._type, self._stream, self._need = ftype, stream, length
             n = min(self._need, end - pos)
             piece = chunk[pos : pos + n] if (pos or n != end) else chunk
             pos += n
             self._need -= n
             if self._type == DATA:
-                events.append((DATA, piece))
+                events.append((DATA, self._stream, piece))
                 if self._need == 0:
                     self._type = -1
             else:
                 self._ctl += piece
                 if self._need == 0:
-                    events.append((self._type, self._ctl))
+                    events.append((self._type, self._stream, self._ctl))
                     self._type, self._ctl = -1, b""
         return events

@@ -1,0 +1,393 @@
+"""One agent-to-agent mTLS connection carrying many streams (frames: agent/proxy/wire.py).
+
+`MuxConnection` is the protocol on the TLS transport: it decodes frames and dispatches them to its
+`Stream`s, one per downstream connection. A `Stream` is a pipe end (agent/proxy/pump.py) like a
+plain socket: bytes from the pipe become DATA frames, FIN is a half-close, RESET an abort.
+Subclasses are the client side (agent/proxy/pool.py: opens streams) and the server side
+(agent/proxy/inbound.py: accepts them).
+
+Decisions:
+- Backpressure has two levels. Per stream, a credit window (wire.STREAM_WINDOW): the sender never
+  has more than a window of a stream's bytes unacknowledged; the receiver returns credit once it
+  has handed the bytes on to a socket that is not itself backed up. So a slow reader holds back
+  its own stream only, and a receiver buffers at most a window per stream. Per connection, the
+  TLS transport's write buffer: above its high-water mark every stream's source stops reading.
+- A stream's trouble stays in the stream (RESET frame); only a broken peer (framing, window or
+  id violations) or a lost transport ends the connection, and then every stream on it is reset.
+- Frames for a stream that already ended here (late DATA after a local reset, late credit) are
+  dropped; frames for ids never opened are a protocol error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, Pipe, reset_transport
+from hostmesh.agent.proxy.wire import (
+    DATA,
+    FIN,
+    GOAWAY,
+    MAX_FRAME_PAYLOAD,
+    OPEN,
+    RESET,
+    STREAM_WINDOW,
+    WINDOW,
+    WINDOW_UPDATE_AT,
+    Decoder,
+    WireError,
+    control,
+    data_frame,
+    header,
+    increment,
+    window,
+)
+
+log = logging.getLogger("hostmesh.proxy")
+
+MAX_STREAMS_PER_CONN = 100  # concurrent streams on one connection (both sides enforce it); then another
+SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a header (write_data)
+MAX_CREDIT = 1 << 31  # a peer granting more than this has lost count of our window
+
+
+class Stream:
+    """One downstream connection on a mux connection; a pipe end."""
+
+    __slots__ = ("_on_data", "_on_eof", "blocked", "conn", "consumed", "credit", "credit_paused",
+                 "done", "fin_pending", "got_fin", "id", "linger", "parked", "peer", "pipe",
+                 "reader_paused", "recv_window")  # fmt: skip
+
+    def __init__(self, conn: MuxConnection, sid: int) -> None:
+        self.conn = conn
+        self.id = sid
+        self.pipe: Pipe | None = None
+        self.peer: Any = None  # the other end of the pipe (our reader and our source)
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_eof: Callable[[], None] | None = None
+        self.parked: list[bytes | None] = []  # received before a pipe was attached (None = FIN)
+        self.credit = STREAM_WINDOW  # bytes we may still send
+        self.recv_window = STREAM_WINDOW  # bytes the peer may still send us
+        self.consumed = 0  # received bytes handed on and not yet credited back
+        self.blocked = b""  # bytes from our source waiting for credit
+        self.credit_paused = False  # our source was paused for lack of credit
+        self.reader_paused = False  # our reader is backed up: hold the credit back
+        self.fin_pending = False  # FIN to send once `blocked` is out
+        self.got_fin = False
+        self.linger = False  # finished by the pipe, still flushing `blocked` and FIN
+        self.done = False
+
+    @property
+    def write_paused(self) -> bool:
+        return self.credit_paused or self.conn.write_paused
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    # frames from the peer (called by MuxConnection) -----------------------------------------
+
+    def received(self, payload: bytes) -> None:
+        n = len(payload)
+        self.recv_window -= n
+        if self.recv_window < 0 or self.got_fin:
+            self.conn.protocol_error(f"stream {self.id}: DATA beyond its window or after FIN")
+            return
+        if self._on_data is None:
+            self.parked.append(payload)
+            return
+        self._on_data(payload)
+        self.consumed += n
+        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused:
+            self._grant()
+
+    def fin_received(self) -> None:
+        if self.got_fin:
+            self.conn.protocol_error(f"stream {self.id}: second FIN")
+            return
+        self.got_fin = True
+        if self._on_eof is None:
+            self.parked.append(None)
+        else:
+            self._on_eof()
+
+    def credited(self, n: int) -> None:
+        self.credit += n
+        if self.credit > MAX_CREDIT:
+            self.conn.protocol_error(f"stream {self.id}: window above {MAX_CREDIT}")
+            return
+        if self.blocked:
+            self._flush_blocked()
+        if not self.blocked:
+            if self.linger:
+                self._end()
+            elif self.credit_paused:
+                self.credit_paused = False
+                if self.peer is not None and not self.conn.write_paused:
+                    self.peer.resume()
+
+    def reset_received(self) -> None:
+        """The peer aborted the stream."""
+        pipe = self.pipe
+        self._end()
+        if pipe is not None:
+            pipe.lost(self, None)
+
+    def _grant(self) -> None:
+        n, self.consumed = self.consumed, 0
+        self.recv_window += n
+        self.conn.write(window(self.id, n))
+
+    def _flush_blocked(self) -> None:
+        blocked, c = self.blocked, self.credit
+        if len(blocked) <= c:
+            self.blocked = b""
+            self.credit = c - len(blocked)
+            self.conn.write_data(self.id, blocked)
+            if self.fin_pending:
+                self.fin_pending = False
+                self.conn.write(control(FIN, self.id))
+        elif c:
+            self.blocked = blocked[c:]
+            self.credit = 0
+            self.conn.write_data(self.id, blocked[:c])
+
+    # End (agent/proxy/pump.py) ---------------------------------------------------------------
+
+    def attach(self, pipe: Pipe, source_side: bool, peer: Any) -> None:
+        self.pipe, self.peer = pipe, peer
+        self._on_data = pipe.from_a if source_side else pipe.from_b
+        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
+
+    def replay(self) -> None:
+        """Hand over what arrived before the pipe existed (called by Pipe.start)."""
+        parked, self.parked = self.parked, []
+        for item in parked:
+            if self._on_data is None or self._on_eof is None:
+                return
+            if item is None:
+                self._on_eof()
+            else:
+                self._on_data(item)
+                self.consumed += len(item)
+        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused and not self.done:
+            self._grant()
+
+    def send(self, data: bytes) -> None:
+        if self.done:
+            return
+        n = len(data)
+        if n <= self.credit and not self.blocked:
+            self.credit -= n
+            self.conn.write_data(self.id, data)
+            return
+        self.blocked += data  # bounded: the source is paused now, at most one read chunk more
+        self._flush_blocked()
+        if self.blocked and not self.credit_paused:
+            self.credit_paused = True
+            if self.peer is not None:
+                self.peer.pause()
+
+    def send_eof(self) -> None:
+        if self.done:
+            return
+        if self.blocked:
+            self.fin_pending = True
+        else:
+            self.conn.write(control(FIN, self.id))
+
+    def pause(self) -> None:
+        self.reader_paused = True
+
+    def resume(self) -> None:
+        self.reader_paused = False
+        if self.consumed and not self.done:
+            self._grant()
+
+    def reset(self) -> None:
+        if self.done:
+            return
+        self._end()
+        self.conn.write(control(RESET, self.id))
+
+    def finish(self) -> None:
+        """Both directions ended cleanly: the stream is over once our last bytes are out."""
+        self._detach()
+        if self.blocked or self.fin_pending:
+            self.linger = True
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        self._detach()
+        if not self.done:
+            self.done = True
+            self.blocked = b""
+            self.conn.remove(self)
+
+    def _detach(self) -> None:
+        self.pipe = self.peer = None
+        self._on_data = self._on_eof = None
+
+
+class MuxConnection(asyncio.Protocol):
+    """The frames of one agent-to-agent TLS connection, dispatched to its streams."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.last_id = 0  # highest stream id opened on this connection
+        self.write_paused = False
+        self.closed = False
+        self.draining = False  # GOAWAY sent or received: no new streams
+        self.idle_since = time.monotonic()
+        self.decoder = Decoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.decoder.feed(data)
+        except WireError as exc:
+            self.protocol_error(str(exc))
+            return
+        streams = self.streams
+        for ftype, sid, payload in events:
+            stream = streams.get(sid)
+            if stream is not None:
+                if ftype == DATA:
+                    stream.received(payload)
+                elif ftype == WINDOW:
+                    try:
+                        stream.credited(increment(payload))
+                    except WireError as exc:
+                        self.protocol_error(str(exc))
+                elif ftype == FIN:
+                    stream.fin_received()
+                elif ftype == RESET:
+                    stream.reset_received()
+                else:
+                    self.protocol_error(f"frame type {ftype} on open stream {sid}")
+            elif ftype == OPEN:
+                self.open_received(sid)
+            elif ftype == GOAWAY:
+                self.goaway_received()
+            elif sid == 0 or sid > self.last_id:
+                self.protocol_error(f"frame type {ftype} for stream {sid}, which was never opened")
+            # else: a stream that already ended here; its late frames are dropped
+            if self.closed:
+                return
+
+    def eof_received(self) -> bool:
+        return False  # TLS close_notify / TCP FIN on the mesh connection: it is over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail_streams(exc)
+        self.lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            if stream.peer is not None:
+                stream.peer.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.peer is not None and not stream.credit_paused:
+                stream.peer.resume()
+
+    # writing -------------------------------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(frame)
+
+    def write_data(self, sid: int, data: bytes) -> None:
+        t = self.transport
+        if self.closed or t is None:
+            return
+        n = len(data)
+        if n < SPLIT_FRAME_AT or n > MAX_FRAME_PAYLOAD:
+            t.write(data_frame(sid, data))
+        else:  # header and payload as two buffers: no copy of a large chunk just to prepend 8 bytes
+            t.writelines((header(DATA, sid, n), data))
+
+    # stream table ---------------------------------------------------------------------------------
+
+    def add(self, sid: int) -> Stream:
+        stream = Stream(self, sid)
+        self.streams[sid] = stream
+        self.last_id = sid
+        return stream
+
+    def remove(self, stream: Stream) -> None:
+        if self.streams.pop(stream.id, None) is not None and not self.streams:
+            self.idle_since = time.monotonic()
+            self.became_idle()
+
+    def _fail_streams(self, exc: Exception | None) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            pipe = stream.pipe
+            stream.done = True
+            stream._detach()
+            if pipe is not None:
+                pipe.lost(stream, exc)
+
+    # hooks for subclasses ---------------------------------------------------------------------
+
+    def open_received(self, sid: int) -> None:
+        self.protocol_error(f"unexpected OPEN of stream {sid}")
+
+    def goaway_received(self) -> None:
+        self.draining = True
+        if not self.streams:
+            self.close()
+
+    def became_idle(self) -> None:
+        if self.draining:
+            self.close()
+
+    def lost(self, exc: Exception | None) -> None:
+        pass
+
+    # ending -------------------------------------------------------------------------------------
+
+    def goaway(self) -> None:
+        """No new streams; the connection closes when its open ones have finished."""
+        if not self.draining and not self.closed:
+            self.draining = True
+            self.write(control(GOAWAY, 0))
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._fail_streams(None)
+            if self.transport is not None:
+                self.transport.close()
+
+    def reset(self) -> None:
+        self.closed = True
+        self._fail_streams(None)
+        reset_transport(self.transport)
+
+    def protocol_error(self, reason: str) -> None:
+        log.warning("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
+        streams = list(self.streams.values())
+        for stream in streams:
+            if stream.pipe is not None:
+                stream.pipe.fail(flags.UPE)
+        self.reset()
+
+    def peername(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
