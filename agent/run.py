@@ -31,8 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import click
-
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, probe_app
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
@@ -191,6 +189,7 @@ class Agent:
             await listen_to_primary(
                 self._on_primary_certs, lambda: metrics_line(self.telemetry.registry), self.stop_requested.set
             )
+            self._release_startup_memory()
             self.ready = True
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
@@ -209,6 +208,7 @@ class Agent:
             sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
             self.workers = WorkerSet(self.config_path, cfg.workers, self.inbound.port)
             await self.workers.start()
+        self._release_startup_memory()
         self.ready = True
         sdnotify.ready()
         watchdog = sdnotify.start_watchdog()
@@ -222,6 +222,10 @@ class Agent:
             len(self.outbound),
             cfg.admin,
         )
+
+    def _release_startup_memory(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.now()
 
     def _ensure_http_inbound(self) -> None:
         """The L7 inbound (ALPN hostmesh/http1), loaded only once a local service speaks HTTP: a TCP-only
@@ -508,26 +512,14 @@ def _setup_logging(level: str, worker: int = 0) -> None:
     )
 
 
-@click.group()
-def agent() -> None:
-    """The sidecar agent."""
-
-
-@agent.command("run")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=Path("/etc/hostmesh/agent.toml"),
-    show_default=True,
-    help="agent.toml",
-)
-def run_command(config_path: Path) -> None:
-    """Run the sidecar agent in the foreground (systemd runs it as hostmesh-agent.service)."""
+def main(config_path: Path) -> None:
+    """`hostmesh agent run --config PATH` in the foreground until SIGTERM/SIGINT (systemd runs it as
+    hostmesh-agent.service). A start that cannot go on raises AgentStartError, one line for the
+    operator; agent/cli.py shows it as every other command's error (click's "Error: ..." and exit 1)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise AgentStartError(str(exc)) from None
     from hostmesh.agent.workers import worker_index
 
     worker = worker_index()
@@ -536,9 +528,7 @@ def run_command(config_path: Path) -> None:
     loop = new_event_loop()
     try:
         loop.run_until_complete(run_agent(config, config_path, worker))
-    except AgentStartError as exc:
-        raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None
+        raise AgentStartError(f"cannot start: {exc.strerror or exc}") from None
     finally:
         loop.close()
