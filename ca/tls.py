@@ -16,6 +16,7 @@ encryption and an extra TLS record per handshake that no client ever uses.
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,4 +128,32 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
 def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> float:
     """The verified peer leaf's not-after as a UNIX timestamp (0.0 when there is no peer certificate)."""
     not_after = _decoded_peer(ssl_object).get("notAfter")
-    return float(ssl.cert_time_to_seconds(not_after)) if not_after else 0.0
+    return float(cert_time_to_seconds(not_after)) if not_after else 0.0
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_CERT_TIME = re.compile(r"([A-Za-z]{3}) +(\d{1,2}) (\d{1,2}):(\d{1,2}):(\d{1,2}) (\d{4}) GMT")
+
+
+def cert_time_to_seconds(cert_time: str) -> int:
+    """`ssl.cert_time_to_seconds` for the form OpenSSL decodes ("May  9 07:35:25 2026 GMT"), same
+    result, without `time.strptime`: its first call loads _strptime, calendar and locale and builds
+    locale regexes, ~0.4 MiB of RSS that every agent paid on its first mesh connection."""
+    m = _CERT_TIME.fullmatch(cert_time)
+    month = m.group(1).title() if m else ""
+    if m is None or month not in _MONTHS:
+        return ssl.cert_time_to_seconds(cert_time)  # anything unusual: the library decides (or raises)
+    day, hour, minute, second, year = (int(g) for g in m.group(2, 3, 4, 5, 6))
+    if not (1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 61 and year >= 1):
+        return ssl.cert_time_to_seconds(cert_time)
+    return (_days_from_civil(year, _MONTHS.index(month) + 1, day) * 24 + hour) * 3600 + minute * 60 + second
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm; calendar.timegm's)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
