@@ -11,7 +11,6 @@ config snapshot and share them across connections.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -64,6 +63,8 @@ def _fields(
         if not isinstance(key, str):
             raise InvalidDocument(path or "document", f"keys must be strings, got {key!r}")
         if key not in allowed:
+            import difflib  # only for this message: the agent reads documents all day, typos are rare
+
             hint = difflib.get_close_matches(key, allowed, n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else f" (expected one of {', '.join(allowed)})"
             raise InvalidDocument(_key(path, key), "unknown field" + suffix)
