@@ -1,7 +1,8 @@
 """The agent's admin API (127.0.0.1:15000 by default) and its Prometheus endpoint.
 
 Read-only JSON views of what the agent has applied — `/v1/config`, `/v1/certs`, `/v1/clusters` —
-plus `/ready` and `/live` for supervisors, and `/health/<service>`, which Consul's HTTP check
+and of the process (`/v1/memory`: RSS, peak, threads, loaded modules), plus `/ready` and `/live`
+for supervisors, and `/health/<service>`, which Consul's HTTP check
 calls: it probes the local app (HTTP GET of the configured path, or a TCP connect) so Consul's
 health of a mesh instance is the health of the app behind it.
 """
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hostmesh.agent import memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import SnapshotHolder
 from hostmesh.registry.errors import RegistryError
@@ -76,6 +78,8 @@ class AdminAPI:
             return Response.of_json(200, {"certs": self._certs()})
         if path == "/v1/clusters":
             return Response.of_json(200, self._clusters())
+        if path == "/v1/memory":
+            return Response.of_json(200, memory.usage())
         if path.startswith("/health/"):
             svc = self.config.service(path[len("/health/") :])
             if svc is None:

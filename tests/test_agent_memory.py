@@ -1,0 +1,153 @@
+"""The agent's footprint: what a running agent must not hold, and agent/memory.py's helpers.
+
+The idle-RSS target itself is the benchmark's to check (bench/run.py, machine-dependent); these
+tests guard its causes without timing anything: after real L4 and L7 traffic through a real mesh,
+an agent's /v1/memory lists none of the modules kept out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from hostmesh.agent import memory
+from hostmesh.agent.cli import agent_run_config
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip
+from tests.l7_support import Backends, Client
+from tests.support import ConsulDev
+
+# Modules an agent process never loads, and where each is kept out.
+NEVER_IN_AN_AGENT = (
+    "click",  # a plain `agent run` skips the CLI stack (agent/cli.py)
+    "hostmesh.registry.cli",
+    "hostmesh.ca.cli",
+    "hostmesh.agent.status",
+    "importlib.metadata",  # --version only
+    "cryptography",  # certificate work runs in short-lived children (agent/certproc.py)
+    "consul.base",  # py-consul's endpoints are loaded one by one, not its whole client (registry/consul.py)
+    "consul.api.acl",
+    "_strptime",  # a peer's not-after is read without time.strptime (ca/tls.py)
+    "difflib",  # only for an unknown-field message (registry/schema.py, agent/config.py)
+    "requests",
+    "aiohttp",
+)
+
+
+class Mesh(NamedTuple):
+    server: AgentHandle  # memtcp (L4) and memhttp (L7)
+    client: AgentHandle  # memcli, calling both
+
+
+@pytest.fixture
+def mesh(consul: ConsulDev, tmp_path: Path) -> Iterator[Mesh]:
+    echo = EchoServer()
+    backends = Backends("memhttp")
+    m = LocalMesh(tmp_path / "mesh", consul.url)
+    try:
+        m.start_ca()
+        server = m.write_agent_config(
+            "mem-server",
+            [
+                {"name": "memtcp", "port": echo.port},
+                {"name": "memhttp", "port": backends["memhttp"].port, "protocol": "http"},
+            ],
+        )
+        client = m.write_agent_config(
+            "mem-client", [{"name": "memcli", "port": echo.port, "upstreams": ["memtcp", "memhttp"]}]
+        )
+        m.start_agent(server, wait=False)
+        m.start_agent(client, wait=False)
+        m.wait_ready(server)
+        m.wait_ready(client)
+        m.wait_endpoints(client, "memtcp", 1)
+        m.wait_endpoints(client, "memhttp", 1)
+        yield Mesh(server, client)
+    finally:
+        m.close()
+        backends.close()
+        echo.close()
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_a_running_agent_holds_none_of_the_lazy_modules(mesh: Mesh) -> None:
+    payload = b"through the mesh\n" * 100
+    assert roundtrip(mesh.client.binds["memtcp"], payload) == payload
+    assert Client(mesh.client.binds["memhttp"]).get("/hello").status == 200
+    for agent in mesh:
+        status, view = agent.get("/v1/memory")
+        assert status == 200
+        loaded = set(view["modules"])
+        assert "hostmesh.agent.run" in loaded  # the agent's own list
+        assert sorted(loaded.intersection(NEVER_IN_AN_AGENT)) == [], agent.node
+        if sys.platform.startswith("linux"):
+            assert view["rss_bytes"] > 0 and view["peak_rss_bytes"] >= view["rss_bytes"]
+            assert view["threads"] >= 1
+    # The L7 paths really ran (they load their modules on first use).
+    assert "hostmesh.agent.proxy.http_inbound" in mesh.server.get("/v1/memory")[1]["modules"]
+    assert "hostmesh.agent.proxy.http_outbound" in mesh.client.get("/v1/memory")[1]["modules"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["agent", "run"], Path("/etc/hostmesh/agent.toml")),
+        (["agent", "run", "--config", "/x/agent.toml"], Path("/x/agent.toml")),
+        (["agent", "run", "--config=/x/agent.toml"], Path("/x/agent.toml")),
+        (["--consul", "http://c:8500", "agent", "run", "--config", "a.toml"], Path("a.toml")),
+        (["--consul=http://c:8500", "agent", "run"], Path("/etc/hostmesh/agent.toml")),
+        # everything else is click's to parse: help, unknown or repeated options, odd values
+        (["agent", "run", "--help"], None),
+        (["agent", "run", "--config"], None),
+        (["agent", "run", "--config", ""], None),
+        (["agent", "run", "--config", "--help"], None),
+        (["agent", "run", "--config", "a", "--config", "b"], None),
+        (["-o", "json", "agent", "run"], None),
+        (["--consul", "agent", "run"], None),
+        (["agent"], None),
+        (["status"], None),
+        ([], None),
+    ],
+)
+def test_only_plain_agent_run_command_lines_skip_click(argv: list[str], expected: Path | None) -> None:
+    assert agent_run_config(argv) == expected
+
+
+async def test_now_collects_and_trims_once() -> None:
+    calls: list[int] = []
+
+    def fake_trim(pad: int) -> int:
+        calls.append(pad)
+        return 1
+
+    class Node:
+        other: Any = None
+
+    gc.disable()  # only the trimmer's collection may free the cycle
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        trimmer = memory.start_trimming(asyncio.get_running_loop(), fake_trim)
+        assert trimmer is not None
+        assert gone() is not None
+        trimmer.now()
+        assert gone() is None and calls == [0]
+        trimmer.cancel()
+    finally:
+        gc.enable()
+
+
+def test_usage_reports_this_process() -> None:
+    view = memory.usage()
+    assert "hostmesh.agent.memory" in view["modules"] and view["modules"] == sorted(view["modules"])
+    if sys.platform.startswith("linux"):
+        assert view["rss_bytes"] > 0 and view["peak_rss_bytes"] >= view["rss_bytes"] and view["threads"] >= 1
