@@ -69,6 +69,14 @@ def test_data_chunk_inside_a_frame_is_passed_through_without_copy() -> None:
     assert ftype == wire.DATA and sid == 5 and piece is chunk
 
 
+def test_large_pieces_of_a_shared_chunk_are_views_not_copies() -> None:
+    big = bytes(range(256)) * 64  # 16 KiB
+    chunk = wire.data_frame(1, big) + wire.data_frame(3, b"small")
+    (_, _, first), (_, _, second) = wire.Decoder().feed(chunk)
+    assert isinstance(first, memoryview) and first.obj is chunk and first == big
+    assert second == b"small"
+
+
 def test_control_payload_is_buffered_until_complete() -> None:
     dec = wire.Decoder()
     frame = wire.window(3, 70_000)

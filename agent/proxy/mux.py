@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from hostmesh.agent.l7 import flags
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, Pipe, reset_transport
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, reset_transport
 from hostmesh.agent.proxy.wire import (
     DATA,
     FIN,
@@ -38,6 +38,7 @@ from hostmesh.agent.proxy.wire import (
     STREAM_WINDOW,
     WINDOW,
     WINDOW_UPDATE_AT,
+    Chunk,
     Decoder,
     WireError,
     control,
@@ -50,6 +51,10 @@ from hostmesh.agent.proxy.wire import (
 log = logging.getLogger("hostmesh.proxy")
 
 MAX_STREAMS_PER_CONN = 100  # concurrent streams on one connection (both sides enforce it); then another
+# The connection's write buffer is shared by its streams, so it is a few sockets' worth: a burst of
+# several streams does not pause them all at once (each stream is bounded by its window anyway).
+MUX_HIGH_WATER = 4 * WRITE_HIGH_WATER
+MUX_LOW_WATER = WRITE_HIGH_WATER
 SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a header (write_data)
 MAX_CREDIT = 1 << 31  # a peer granting more than this has lost count of our window
 
@@ -66,9 +71,9 @@ class Stream:
         self.id = sid
         self.pipe: Pipe | None = None
         self.peer: Any = None  # the other end of the pipe (our reader and our source)
-        self._on_data: Callable[[bytes], None] | None = None
+        self._on_data: Callable[[Chunk], None] | None = None
         self._on_eof: Callable[[], None] | None = None
-        self.parked: list[bytes | None] = []  # received before a pipe was attached (None = FIN)
+        self.parked: list[Chunk | None] = []  # received before a pipe was attached (None = FIN)
         self.credit = STREAM_WINDOW  # bytes we may still send
         self.recv_window = STREAM_WINDOW  # bytes the peer may still send us
         self.consumed = 0  # received bytes handed on and not yet credited back
@@ -90,7 +95,7 @@ class Stream:
 
     # frames from the peer (called by MuxConnection) -----------------------------------------
 
-    def received(self, payload: bytes) -> None:
+    def received(self, payload: Chunk) -> None:
         n = len(payload)
         self.recv_window -= n
         if self.recv_window < 0 or self.got_fin:
@@ -176,7 +181,7 @@ class Stream:
         if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused and not self.done:
             self._grant()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Chunk) -> None:
         if self.done:
             return
         n = len(data)
@@ -248,7 +253,7 @@ class MuxConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -309,7 +314,7 @@ class MuxConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(frame)
 
-    def write_data(self, sid: int, data: bytes) -> None:
+    def write_data(self, sid: int, data: Chunk) -> None:
         t = self.transport
         if self.closed or t is None:
             return

@@ -28,6 +28,7 @@ from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import TcpSeries
+from hostmesh.agent.proxy.wire import Chunk
 
 log = logging.getLogger("hostmesh.proxy")
 
@@ -62,7 +63,7 @@ class End(Protocol):
 
     def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None: ...
     def replay(self) -> None: ...
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: Chunk) -> None: ...
     def send_eof(self) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -110,11 +111,11 @@ class Pipe:
 
     # events from the ends ------------------------------------------------------------------
 
-    def from_a(self, data: bytes) -> None:
+    def from_a(self, data: Chunk) -> None:
         self.up += len(data)
         self.b.send(data)
 
-    def from_b(self, data: bytes) -> None:
+    def from_b(self, data: Chunk) -> None:
         self.down += len(data)
         self.a.send(data)
 
@@ -179,7 +180,7 @@ class RawEnd(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.early_lost = early_lost  # called if the socket goes away before a pipe was attached
-        self._on_data: Callable[[bytes], None] | None = None
+        self._on_data: Callable[[Chunk], None] | None = None
         self._on_eof: Callable[[], None] | None = None
         self._early: list[bytes | None] = []  # read before a pipe was attached (uvloop may read early)
 
@@ -241,7 +242,7 @@ class RawEnd(asyncio.Protocol):
             else:
                 self.data_received(item)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Chunk) -> None:
         assert self.transport is not None
         self.transport.write(data)
 

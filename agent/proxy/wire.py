@@ -21,8 +21,9 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
 Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
 stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
 
-The decoder does O(1) Python work per frame: DATA payloads are passed on as slices of the received
-chunk (no per-byte loop, no reassembly of whole frames); only control payloads are buffered.
+The decoder does O(1) Python work per frame: DATA payloads are passed on as pieces of the received
+chunk (views for large pieces, so bulk bytes are not copied; no reassembly of whole frames); only
+control payloads are buffered.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ MAX_STREAM_ID = (1 << 32) - 1
 STREAM_WINDOW = 1024 * 1024  # per stream, each way: bytes in flight or parked at the receiver
 WINDOW_UPDATE_AT = STREAM_WINDOW // 4  # credit is returned in batches of at least this much
 _INCREMENT = struct.Struct(">I")
+VIEW_FROM = 4096  # DATA pieces from this size on are passed as memoryviews: a copy costs more than a view
 
-Event = tuple[int, int, bytes]  # (frame type, stream id, payload or payload piece)
+Chunk = bytes | memoryview  # stream bytes: a view when it is a piece of a larger received chunk
+Event = tuple[int, int, Chunk]  # (frame type, stream id, payload or payload piece)
 
 
 class WireError(Exception):
@@ -68,7 +71,7 @@ def window(stream: int, increment: int) -> bytes:
     return HEADER.pack((WINDOW << 24) | 4, stream) + _INCREMENT.pack(increment)
 
 
-def data_frame(stream: int, data: bytes | bytearray | memoryview) -> bytes:
+def data_frame(stream: int, data: Chunk) -> bytes:
     """One DATA frame (or several, for writes above MAX_FRAME_PAYLOAD) as one bytes object."""
     n = len(data)
     if n <= MAX_FRAME_PAYLOAD:
@@ -78,7 +81,7 @@ def data_frame(stream: int, data: bytes | bytearray | memoryview) -> bytes:
     return b"".join(data_frame(stream, view[i : i + step]) for i in range(0, n, step))
 
 
-def increment(payload: bytes) -> int:
+def increment(payload: Chunk) -> int:
     """The credit a WINDOW frame grants."""
     if len(payload) != 4:
         raise WireError(f"WINDOW frame with a {len(payload)}-byte payload")
@@ -115,6 +118,7 @@ class Decoder:
             events.append((DATA, self._stream, chunk))
             return events
         unpack = HEADER.unpack_from
+        view: memoryview | None = None
         while pos < end:
             if self._type < 0:
                 if not self._head and end - pos >= HEADER_SIZE:
@@ -138,7 +142,15 @@ class Decoder:
                     continue
                 self._type, self._stream, self._need = ftype, stream, length
             n = min(self._need, end - pos)
-            piece = chunk[pos : pos + n] if (pos or n != end) else chunk
+            piece: Chunk
+            if not pos and n == end:
+                piece = chunk
+            elif n < VIEW_FROM or self._type != DATA:
+                piece = chunk[pos : pos + n]
+            else:  # a view, not a copy: the chunk is shared by the frames of several streams
+                if view is None:
+                    view = memoryview(chunk)
+                piece = view[pos : pos + n]
             pos += n
             self._need -= n
             if self._type == DATA:
