@@ -215,8 +215,8 @@ class Stream:
     def reset(self) -> None:
         if self.done:
             return
-        self._end()
         self.conn.write(control(RESET, self.id))
+        self._end()
 
     def finish(self) -> None:
         """Both directions ended cleanly: the stream is over once our last bytes are out."""
@@ -250,6 +250,7 @@ class MuxConnection(asyncio.Protocol):
         self.draining = False  # GOAWAY sent or received: no new streams
         self.idle_since = time.monotonic()
         self.decoder = Decoder()
+        self._out: list[bytes] = []  # small frames of this loop turn, written together by _flush
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -310,19 +311,41 @@ class MuxConnection(asyncio.Protocol):
 
     # writing -------------------------------------------------------------------------------------
 
+    # Small frames are collected for the rest of the loop turn and written as one buffer: one TLS
+    # record to encrypt (and for the peer to decrypt) instead of one per frame, where most of the
+    # cost of a small frame lies. Large DATA goes out at once, after what was collected (in order).
+
     def write(self, frame: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(frame)
+        if self.closed or self.transport is None:
+            return
+        out = self._out
+        out.append(frame)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def write_data(self, sid: int, data: Chunk) -> None:
+        n = len(data)
+        if n < SPLIT_FRAME_AT:
+            self.write(data_frame(sid, data))
+            return
         t = self.transport
         if self.closed or t is None:
             return
-        n = len(data)
-        if n < SPLIT_FRAME_AT or n > MAX_FRAME_PAYLOAD:
+        if self._out:
+            self._flush()
+        if n > MAX_FRAME_PAYLOAD:
             t.write(data_frame(sid, data))
         else:  # header and payload as two buffers: no copy of a large chunk just to prepend 8 bytes
             t.writelines((header(DATA, sid, n), data))
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     # stream table ---------------------------------------------------------------------------------
 
@@ -375,6 +398,7 @@ class MuxConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self._flush()
             self.closed = True
             self._fail_streams(None)
             if self.transport is not None:
