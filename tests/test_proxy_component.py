@@ -314,6 +314,23 @@ async def test_large_transfer_with_slow_reader_is_bounded(mesh: Mesh) -> None:
     assert await read_all(r) == b""
 
 
+async def test_small_and_large_writes_keep_their_order(mesh: Mesh) -> None:
+    """Small frames wait for the end of the loop turn, large ones go at once: order must hold."""
+    sizes = [1, 100_000, 7, 16 * 1024, 3, 300_000, 1, 1, 65_536, 2]
+    parts = [bytes([i]) * n for i, n in enumerate(sizes)]
+
+    async def burst(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for part in parts:
+            w.write(part)  # no drain in between: several writes per loop turn
+        await w.drain()
+        w.write_eof()
+
+    mesh.app.handler = burst
+    r, w = await mesh.connect()
+    w.write_eof()
+    assert await read_all(r) == b"".join(parts)
+
+
 async def test_client_cert_from_another_ca_is_refused(mesh: Mesh, tmp_path: Path) -> None:
     rogue = CA(tmp_path, "rogue")
     # The rogue client trusts the real root (so it could verify the server) but its own cert is
