@@ -24,8 +24,10 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   Any other expectation answers **417**.
 - CONNECT is not a mesh operation: **405**.
 - Bodies stream: :class:`RequestFramer` / :class:`ResponseFramer` turn bytes into events as they
-  arrive and never hold a whole body. Header names are lower-cased (HTTP field names are
-  case-insensitive); values are passed through byte for byte.
+  arrive and never hold a whole body. ``feed`` also takes a memoryview of a read buffer that the
+  caller reuses after the call: no event keeps a reference to it (the parser copies). Header
+  names are lower-cased (HTTP field names are case-insensitive); values are passed through byte
+  for byte.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ _DECISION_FIELDS = frozenset(
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+_NOT_FORWARDED = HOP_BY_HOP | {b"expect"}  # forward_headers drops these (and fields named in Connection)
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
+_COLON_SP = b": "
 
 _V10 = b"1.0"
 _V11 = b"1.1"
@@ -77,6 +81,12 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t for t in (p.strip().lower() for p in value.split(b",")) if t]
 
 
+@functools.lru_cache(maxsize=64)
+def _token_set(value: bytes) -> frozenset[bytes]:
+    """`_tokens` of one Connection value as a set; cached: nearly every value is `keep-alive` or `close`."""
+    return frozenset(_tokens(value))
+
+
 def header_value(headers: Headers, name: bytes) -> bytes | None:
     """Value of ``name`` (lower-case); repeated fields joined with ``,`` as RFC 9110 §5.3 allows."""
     found: bytes | None = None
@@ -88,11 +98,14 @@ def header_value(headers: Headers, name: bytes) -> bytes | None:
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Lower-cased tokens of every ``Connection`` field."""
-    toks: list[bytes] = []
+    toks: frozenset[bytes] = _NO_TOKENS
     for n, v in headers:
         if n == b"connection":
-            toks.extend(_tokens(v))
-    return frozenset(toks)
+            toks = _token_set(v) if not toks else toks | _token_set(v)
+    return toks
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
@@ -199,12 +212,12 @@ def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     """
     named: frozenset[bytes] | None = None
     for n, _ in headers:
-        if n in HOP_BY_HOP or n == b"expect":
+        if n in _NOT_FORWARDED:
             named = connection_tokens(headers)
             break
     if named is None:
         return headers
-    out = [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named and n != b"expect"]
+    out = [(n, v) for n, v in headers if n not in _NOT_FORWARDED and n not in named]
     if tunnel:
         up = header_value(headers, b"upgrade")
         if up is not None:
@@ -246,26 +259,25 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # --------------------------------------------------------------------------- serialization
 
 
+def _fields(headers: Headers) -> bytes:
+    """``name: value`` lines and the blank line that ends a head (one join, no per-field formatting)."""
+    parts: list[bytes] = []
+    for n, v in headers:
+        parts += (n, _COLON_SP, v, CRLF)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    parts = [b"%s %s HTTP/%s" % (method, target, version)]
-    for n, v in headers:
-        parts.append(b"%s: %s" % (n, v))
-    parts.append(b"")
-    parts.append(b"")
-    return CRLF.join(parts)
+    return b"%s %s HTTP/%s\r\n" % (method, target, version) + _fields(headers)
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    parts = [b"HTTP/%s %d %s" % (version, status, reason)]
-    for n, v in headers:
-        parts.append(b"%s: %s" % (n, v))
-    parts.append(b"")
-    parts.append(b"")
-    return CRLF.join(parts)
+    return b"HTTP/%s %d %s\r\n" % (version, status, reason) + _fields(headers)
 
 
 def chunk_header(size: int) -> bytes:
@@ -501,12 +513,12 @@ class _Framer:
         return status
 
     # ---- feeding
-    def _feed(self, data: bytes) -> list[Event]:
+    def _feed(self, data: bytes | memoryview) -> list[Event]:
         events = self._events = []
         if self._state == _DEAD or not data:
             return events
         if self._state == _TUNNEL:
-            events.append(TunnelData(data))
+            events.append(TunnelData(bytes(data)))  # bytes: `data` may be a view of a reused read buffer
             return events
         start_state = self._state
         heads_before = self._heads_done
@@ -514,7 +526,7 @@ class _Framer:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = int(exc.args[0]) if exc.args else len(data)
-            rest = data[offset:]
+            rest = bytes(data[offset:])
             if self._upgrade_ok:
                 self._state = _TUNNEL
                 if rest:
@@ -565,7 +577,7 @@ class RequestFramer(_Framer):
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
         return self._feed(data)
 
     def eof(self) -> list[Event]:
@@ -632,11 +644,11 @@ class ResponseFramer(_Framer):
         self._head_pending = method == b"HEAD"
         self._awaiting = True
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
         if not self._head_pending:
             return self._feed(data)
         # HEAD: llhttp cannot be told to skip a body, so feed it exactly the head and end it here
-        buf = self._pending + data if self._pending else data
+        buf = self._pending + data if self._pending else bytes(data)
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > self._max_head:
