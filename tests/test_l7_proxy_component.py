@@ -1,5 +1,7 @@
 """Component tier, L7: both agents' HTTP paths in one event loop over real loopback sockets and real
-mutual TLS 1.3 (ALPN hostmesh/http1), snapshots built by hand (no Consul), a throwaway CA.
+mutual TLS 1.3 (ALPN hostmesh/http1), snapshots built by hand (no Consul), a throwaway CA. The tests run on
+the standard loop; `test_the_same_flows_on_uvloop` runs them again on the agent's own loop (uvloop,
+whose TLS layer reads into the proxy's buffer: http_conn.TlsReads).
 
 web's outbound (HttpOutbound on an OutboundListener) -> api's inbound (HttpInbound via the L4
 inbound's ALPN hand-over) -> an asyncio HTTP app. Clients are blocking sockets run in a thread.
@@ -8,20 +10,24 @@ inbound's ALPN hand-over) -> an asyncio HTTP app. Clients are blocking sockets r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
+import uvloop
 
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import http_conn
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
@@ -30,7 +36,7 @@ from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHo
 from hostmesh.ca import pki
 from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
-from tests.l7_support import Backend, Client, send_raw_and_read_all
+from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
 
 TD = "hostmesh.local"
 
@@ -107,6 +113,12 @@ class Mesh:
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with build_mesh(tmp_path) as m:
+        yield m
+
+
+@contextlib.asynccontextmanager
+async def build_mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     ca = CA(tmp_path)
     tel_a, tel_b = Telemetry(), Telemetry()
     apps, inbounds, http_ins = [], [], []
@@ -288,3 +300,42 @@ async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: M
     r = await asyncio.to_thread(c.get, "/c")
     c.close()
     assert r.status == 403 and r.flags == "AUTHZ"
+
+
+async def test_pipelined_requests_then_a_half_close(mesh: Mesh) -> None:
+    """Three requests in one write (one of them HEAD), then the client shuts its sending side: three
+    answers in order, no body for HEAD, and the proxy closes once the last one is out."""
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(b"".join(b"%s /p%d HTTP/1.1\r\nhost: api\r\n\r\n" % (m, i)
+                               for i, m in enumerate((b"GET", b"HEAD", b"GET"), 1)))  # fmt: skip
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):  # ends when the proxy closes (the socket timeout bounds it)
+                data += chunk
+            return data
+
+    data = await asyncio.to_thread(run)
+    assert data.count(b"HTTP/1.1 200 ") == 3
+    assert b"HEAD /p2" not in data  # a HEAD answer has no body, whatever its content-length says
+    assert data.index(b"GET /p1\n") < data.index(b"content-length: 9") < data.index(b"GET /p3\n")
+
+
+def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
+    flows = (
+        test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection,
+        test_bodies_stream_both_ways_chunked_and_sized,
+        test_pipelined_requests_then_a_half_close,
+        test_header_ops_rewrite_and_mirror,
+    )
+
+    async def run_all() -> None:
+        for i, flow in enumerate(flows):
+            d = tmp_path / str(i)
+            d.mkdir()
+            async with build_mesh(d) as m:
+                await flow(m)
+            assert asyncio.get_running_loop() in http_conn._read_buffers  # TLS reads used TlsReads' buffer
+
+    uvloop.run(run_all())

@@ -32,6 +32,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
@@ -68,6 +69,7 @@ POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one
 REQUEST_ID = b"x-request-id"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
+TLS_READ_BYTES = 256 * 1024  # uvloop's own TLS read size; one buffer of it per event loop (see TlsReads)
 
 _rng = random.Random()
 
@@ -145,8 +147,13 @@ def access_line(ex: Exchange, reporter: str, source: str, dest: str, subset: str
 # --------------------------------------------------------------------------- client side of a proxy
 
 
-class ServerConn(asyncio.Protocol):
-    """The proxy's server end of one HTTP/1.1 connection (a local app's, or a peer agent's over mTLS)."""
+class ServerConn(asyncio.BaseProtocol):
+    """The proxy's server end of one HTTP/1.1 connection (a local app's, or a peer agent's over mTLS).
+
+    A BaseProtocol with `data_received` (not an asyncio.Protocol) so that `TlsServerConn` can add
+    buffered reads: uvloop reads TLS into a caller's buffer only for protocols that are not
+    asyncio.Protocol instances.
+    """
 
     def __init__(self, handler: Handler, info: Any = None) -> None:
         self.handler = handler
@@ -165,6 +172,8 @@ class ServerConn(asyncio.Protocol):
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
         self._cork: list[bytes] | None = None  # writes gathered while one upstream read is processed
+        self._paused = False  # we paused the transport's reading (skips redundant resume calls)
+        self._eof = False  # the client half-closed: close once the pending response is done
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,6 +193,7 @@ class ServerConn(asyncio.Protocol):
         if self.ex is None and not self._partial:
             self._partial = True
             self._head_started = time.monotonic()
+        busy = self.backlog is not None
         for ev in self.framer.feed(data):
             if self.closed:
                 return
@@ -191,6 +201,8 @@ class ServerConn(asyncio.Protocol):
                 self.backlog.append(ev)
             else:
                 self._event(ev)
+        if busy or self.backlog:  # pipelined bytes while a response is pending: hold them, stop reading
+            self.pause_reading()
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
@@ -198,6 +210,7 @@ class ServerConn(asyncio.Protocol):
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
             return True
+        self._eof = True
         for ev in self.framer.eof():
             if self.backlog is not None:
                 self.backlog.append(ev)
@@ -222,15 +235,15 @@ class ServerConn(asyncio.Protocol):
         self.write_paused = True
         ex = self.ex
         up = ex.upstream if ex is not None else self._tunnel
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         ex = self.ex
         up = ex.upstream if ex is not None else self._tunnel
-        if up is not None and up.transport is not None and not up.closed:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()
 
     # ---- events
     def _event(self, ev: Any) -> None:
@@ -243,8 +256,7 @@ class ServerConn(asyncio.Protocol):
             if ex is not None:
                 ex.request_end(ev.trailers)
                 if self.ex is not None and not self.closed:  # the response is not done: hold what follows
-                    self.backlog = []
-                    self.pause_reading()
+                    self.backlog = []  # reading stops only if more bytes come meanwhile (data_received)
         elif t is RequestHead:
             self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
@@ -292,6 +304,9 @@ class ServerConn(asyncio.Protocol):
                     return
                 self._event(ev)
         if self.backlog is None:
+            if self._eof and self.ex is None and not self.closed:
+                self.close()  # the client half-closed and got its last answer
+                return
             self.resume_reading()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
@@ -355,12 +370,16 @@ class ServerConn(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         t = self.transport
-        if t is not None and not self.closed and not t.is_closing():
+        if not self._paused and t is not None and not self.closed and not t.is_closing():
+            self._paused = True
             t.pause_reading()
 
     def resume_reading(self) -> None:
+        if not self._paused:
+            return
         t = self.transport
         if t is not None and not self.closed and not t.is_closing() and self.backlog is None:
+            self._paused = False
             t.resume_reading()
 
     def close(self) -> None:
@@ -376,6 +395,49 @@ class ServerConn(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         reset_transport(self.transport)
+
+
+class TlsReads:
+    """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn).
+
+    Why: for a plain `data_received` protocol, uvloop's TLS layer allocates a fresh 256 KiB bytes
+    object for every read and shrinks it to the record's size; above glibc's mmap threshold that is
+    an mmap, a page fault, an mremap and a munmap per request. A protocol with `get_buffer` /
+    `buffer_updated` gets the plaintext written into a buffer it owns instead. One buffer serves
+    every TLS connection of an event loop: a read is consumed synchronously (the framer copies what
+    it keeps), and uvloop never starts a read from inside a protocol callback.
+    """
+
+    _tunnel: Any
+    _read_view: memoryview | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view
+        if view is None:
+            view = self._read_view = loop_read_buffer()
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._read_view is not None
+        data = self._read_view[:nbytes]
+        # a tunnel writes what it reads as it is: that must outlive the buffer
+        self.data_received(data if self._tunnel is None else bytes(data))  # type: ignore[attr-defined]
+
+
+_read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = weakref.WeakKeyDictionary()
+
+
+def loop_read_buffer() -> memoryview:
+    """The running loop's TLS read buffer (made on the first TLS read: agents without L7 never pay)."""
+    loop = asyncio.get_running_loop()
+    view = _read_buffers.get(loop)
+    if view is None:
+        view = _read_buffers[loop] = memoryview(bytearray(TLS_READ_BYTES))
+    return view
+
+
+class TlsServerConn(TlsReads, ServerConn):
+    """ServerConn of a peer agent's mutual-TLS connection (the inbound side)."""
 
 
 # --------------------------------------------------------------------------- one request/response
@@ -529,8 +591,7 @@ class Exchange:
                 cb(self, ev)
                 return
             self.resp_pending = []
-            if up.transport is not None:
-                up.transport.pause_reading()  # until the relay decision (retry or pass on)
+            up.pause_reading()  # until the relay decision (retry or pass on)
             if waiter is not None and not waiter.done():
                 waiter.set_result(ev)
             return
@@ -615,8 +676,8 @@ class Exchange:
                     return
                 if up is not None:
                     self.on_upstream(up, ev)
-        if up is not None and up.transport is not None and not up.closed and not self.conn.write_paused:
-            up.transport.resume_reading()  # paused at the head (see on_upstream); pooled ones must read too
+        if up is not None and not self.conn.write_paused:
+            up.resume_reading()  # when paused at the head (see on_upstream)
 
     def _relay_upgrade(self, resp: ResponseHead) -> None:
         up = self.upstream
@@ -633,8 +694,7 @@ class Exchange:
         self.conn.start_tunnel(up)
         self.upstream = None
         self._finish(False, release=False)
-        if up.transport is not None:
-            up.transport.resume_reading()
+        up.resume_reading()
 
     def _relay_body(self, data: bytes) -> None:
         self.sent += len(data)
@@ -695,8 +755,11 @@ def _expire(fut: asyncio.Future[Any]) -> None:
 # --------------------------------------------------------------------------- upstream side
 
 
-class UpstreamConn(asyncio.Protocol):
-    """The proxy's client end of one HTTP/1.1 connection to the next hop; pooled between requests."""
+class UpstreamConn(asyncio.BaseProtocol):
+    """The proxy's client end of one HTTP/1.1 connection to the next hop; pooled between requests.
+
+    A BaseProtocol, not an asyncio.Protocol: see ServerConn (TlsUpstreamConn reads into a buffer).
+    """
 
     def __init__(self, pool: UpstreamPool, key: Any) -> None:
         self.pool = pool
@@ -711,6 +774,7 @@ class UpstreamConn(asyncio.Protocol):
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
         self._last_keep = True
+        self._paused = False  # we paused the transport's reading
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
@@ -775,6 +839,18 @@ class UpstreamConn(asyncio.Protocol):
         elif self._tunnel is not None:
             self._tunnel.resume_reading()
 
+    def pause_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self._paused:
+            self._paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if t is not None and self._paused and not self.closed:
+            self._paused = False
+            t.resume_reading()
+
     def tunnel_to(self, conn: ServerConn) -> None:
         self._tunnel = conn
         self.owner = None
@@ -794,6 +870,10 @@ class UpstreamConn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.pool.lost(self)
+
+
+class TlsUpstreamConn(TlsReads, UpstreamConn):
+    """UpstreamConn to a peer agent over mutual TLS (the outbound side)."""
 
 
 Dialer = Callable[[Any], Awaitable[UpstreamConn]]
@@ -834,13 +914,15 @@ class UpstreamPool:
         self.open[conn.key] = self.open.get(conn.key, 0) + 1
 
     def release(self, conn: UpstreamConn) -> None:
-        idle = self._idle.setdefault(conn.key, [])
-        if self.closing or conn.closed or time.monotonic() >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        now = time.monotonic()
+        if self.closing or conn.closed or now >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
-        if conn.transport is not None:
-            conn.transport.resume_reading()  # an idle connection must notice the peer closing it
+        conn.idle_since = now
+        conn.resume_reading()  # an idle connection must notice the peer closing it
         idle.append(conn)
         if self.on_release is not None:
             self.on_release(conn)
@@ -931,6 +1013,8 @@ __all__ = [
     "Exchange",
     "RequestMetrics",
     "ServerConn",
+    "TlsServerConn",
+    "TlsUpstreamConn",
     "UpstreamConn",
     "UpstreamPool",
     "access_line",

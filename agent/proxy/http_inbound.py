@@ -41,6 +41,7 @@ from hostmesh.agent.proxy.http_conn import (
     Exchange,
     RequestMetrics,
     ServerConn,
+    TlsServerConn,
     UpstreamConn,
     UpstreamPool,
     access_line,
@@ -114,7 +115,7 @@ class HttpInbound:
             self.holder.current.tls.roots_pem,
             f"{peer[0]}:{peer[1]}" if peer else "?",
         )
-        conn = ServerConn(self, caller)
+        conn = TlsServerConn(self, caller)
         if self.closing:
             transport.close()
             return

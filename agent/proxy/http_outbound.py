@@ -65,6 +65,7 @@ from hostmesh.agent.proxy.http_conn import (
     Exchange,
     RequestMetrics,
     ServerConn,
+    TlsUpstreamConn,
     UpstreamConn,
     UpstreamPool,
     access_line,
@@ -591,7 +592,7 @@ class HttpOutbound:
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
         loop = asyncio.get_running_loop()
-        up = UpstreamConn(self.pool, key)
+        up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
         try:
             transport, _ = await asyncio.wait_for(
