@@ -19,6 +19,10 @@ pass `l7=False`: an L7 allow then grants nothing and an L7 deny denies the whole
 
 `Decision.reason` is a short phrase for audit logs and metrics: `"rule 2 deny web"`,
 `"rule 0 allow * l7"`, `"default deny"` (the document's), `"agent default allow"`.
+
+Per request, `fixed_request_decision` answers first: when no rule that could apply to the caller has
+permissions, the L7 decision is the same for every request of that caller, so it is made once per
+(intentions document, source, default) and reused until the document object changes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ _AGENT_ALLOW = Decision(True, "agent default allow")
 _AGENT_DENY = Decision(False, "agent default deny")
 _DOC_ALLOW = Decision(True, "default allow")
 _DOC_DENY = Decision(False, "default deny")
+MAX_CACHED_DECISIONS = 4096  # (document, source) pairs: services x callers; beyond it the cache restarts
+
+# (id(intentions), source, default_allow) -> (intentions, decision or None); the document is kept so
+# that its id cannot be reused by another object while the entry lives
+_fixed: dict[tuple[int, str, bool], tuple[Intentions, Decision | None]] = {}
 
 
 def _default(intentions: Intentions | None, default_allow: bool) -> Decision:
@@ -85,6 +94,26 @@ def authorize_request(
     if best is None:
         return _default(intentions, default_allow)
     return Decision(best.allow, _reason(best_i, best))
+
+
+def fixed_request_decision(
+    intentions: Intentions | None, source: str, default_allow: bool
+) -> Decision | None:
+    """`authorize_request`'s answer for every request of `source` when it cannot depend on the method
+    or path (no rule that could apply has permissions), else None: call `authorize_request`."""
+    if intentions is None:
+        return _default(None, default_allow)
+    key = (id(intentions), source, default_allow)
+    hit = _fixed.get(key)
+    if hit is not None and hit[0] is intentions:
+        return hit[1]
+    fixed: Decision | None = None
+    if not any(rule.permissions for _, rule, _ in _candidates(intentions, source)):
+        fixed = authorize_request(intentions, source, "", "", default_allow)
+    if len(_fixed) >= MAX_CACHED_DECISIONS:
+        _fixed.clear()
+    _fixed[key] = (intentions, fixed)
+    return fixed
 
 
 def authorize_connection(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostmesh.agent.authz import Decision, authorize_connection, authorize_request
+from hostmesh.agent.authz import Decision, authorize_connection, authorize_request, fixed_request_decision
 from hostmesh.registry.schema import Intentions, Rule, parse_intentions
 
 
@@ -221,6 +221,21 @@ def test_request_allowed_implies_connection_admitted(
 ) -> None:
     if authorize_request(d, source, method, path, agent).allowed:
         assert authorize_connection(d, source, agent).allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc_st, st.sampled_from(CALLERS), st.sampled_from(METHODS), st.sampled_from(PATHS), st.booleans())
+def test_fixed_request_decision_is_every_requests_decision_or_none(
+    d: Intentions, source: str, method: str, path: str, agent: bool
+) -> None:
+    fixed = fixed_request_decision(d, source, agent)
+    assert fixed_request_decision(d, source, agent) is fixed  # the cached answer
+    applicable = [rule for rule in d.rules if rule.source in (source, "*")]
+    if any(rule.permissions for rule in applicable):
+        assert fixed is None
+    else:
+        assert fixed == authorize_request(d, source, method, path, agent)
+    assert fixed_request_decision(None, source, agent) == authorize_request(None, source, method, path, agent)
 
 
 @settings(max_examples=200, deadline=None)
