@@ -122,6 +122,8 @@ class CompiledRoute:
         "delay",
         "delay_percent",
         "destinations",
+        "has_request_ops",
+        "has_response_ops",
         "header_conds",
         "index",
         "methods",
@@ -192,6 +194,8 @@ class CompiledRoute:
         h = route.headers
         self.request_ops = HeaderOps(h.request) if h is not None else _NO_OPS
         self.response_ops = HeaderOps(h.response) if h is not None else _NO_OPS
+        self.has_request_ops = bool(self.request_ops)  # tested per request: no HeaderOps.__bool__ call
+        self.has_response_ops = bool(self.response_ops)
         self.rewrite_from = b""
         self.rewrite_to: bytes | None = None
         if route.rewrite_prefix is not None and m is not None and m.path is not None:
@@ -200,6 +204,11 @@ class CompiledRoute:
         self.mirror = route.mirror is not None
         self.mirror_subset = route.mirror.subset if route.mirror is not None else None
         self.mirror_percent = route.mirror.percent if route.mirror is not None else 0.0
+
+    @property
+    def matches_all(self) -> bool:
+        """No condition at all: every request matches."""
+        return self.methods is None and self.path_kind < 0 and not self.header_conds and not self.query_conds
 
     # ---- matching
     def matches(self, method: bytes, path: str, headers: Headers, query: dict[str, str] | None) -> bool:
@@ -282,7 +291,7 @@ def parse_query(query: bytes) -> dict[str, str]:
 class CompiledRoutes:
     """Everything the proxy needs per request from one route document, ready to use."""
 
-    __slots__ = ("_any_query", "routes", "service", "subsets", "version")
+    __slots__ = ("_any_query", "_first_matches_all", "routes", "service", "subsets", "version")
 
     def __init__(
         self,
@@ -296,6 +305,8 @@ class CompiledRoutes:
         self.service = service
         self.version = version
         self._any_query = any(r.query_conds for r in self.routes)
+        # first match wins: a first route without conditions is every request's (the common default)
+        self._first_matches_all = self.routes[0] if self.routes and self.routes[0].matches_all else None
 
     @classmethod
     def compile(cls, doc: schema.RouteDocument | None, service: str = "") -> CompiledRoutes:
@@ -314,6 +325,8 @@ class CompiledRoutes:
 
     def select(self, method: bytes, target: bytes, headers: Headers) -> CompiledRoute | None:
         """The first route matching the request, or None (answer 404, flag NR)."""
+        if self._first_matches_all is not None:
+            return self._first_matches_all
         path, _, raw_query = target.partition(b"?")
         spath = path.decode("latin-1")
         query = parse_query(raw_query) if self._any_query and raw_query else None

@@ -116,10 +116,14 @@ class RequestMetrics:
         pair[1].observe(seconds)
 
 
+def access_due(ex: Exchange) -> bool:
+    """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, flagged and 5xx
+    answers always (asked first, so that nothing is formatted for the unsampled majority)."""
+    return audit.access_sampled(always=bool(ex.flags) or ex.status >= 500)
+
+
 def access_line(ex: Exchange, reporter: str, source: str, dest: str, subset: str, **extra: Any) -> None:
-    """One JSON access line, sampled per agent.toml `access_log.sample` (flagged and 5xx answers always)."""
-    if not audit.access_sampled(always=bool(ex.flags) or ex.status >= 500):
-        return
+    """One JSON access line (when `access_due(ex)`)."""
     h = ex.head
     rid = b""
     for n, v in h.headers:
@@ -492,7 +496,7 @@ class Exchange:
         self.sent = 0
         self.plan = NO_BODY
         self.keep_alive = head.keep_alive
-        self.response_ops: Any = None
+        self.response_ops: Any = None  # the route's HeaderOps when it has any
         self.state: Any = None  # side-specific per-request data (route, endpoint, ...)
         # callback mode (no coroutine): called with the response head instead of waking `waiter`
         self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
@@ -654,10 +658,11 @@ class Exchange:
         self.keep_alive = keep
         self.plan = framing
         headers = http1.forward_headers(resp.headers)
-        if headers is resp.headers and (extra or self.response_ops):
+        ops = self.response_ops
+        if headers is resp.headers and (extra or ops is not None):
             headers = list(headers)
-        if self.response_ops:
-            self.response_ops.apply(headers)
+        if ops is not None:
+            ops.apply(headers)
         if extra:
             headers.extend(extra)
         ch = http1.connection_header(head.version, keep)
@@ -980,17 +985,20 @@ class UpstreamPool:
         self._idle.clear()
 
 
-def with_request_id(headers: http1.Headers) -> http1.Headers:
-    """`headers` with an ``x-request-id`` when the client sent none (traceparent/B3 pass unchanged)."""
+def complete_request_headers(headers: http1.Headers, host: str) -> http1.Headers:
+    """`headers` (in place) with an ``x-request-id`` when the client sent none (traceparent/B3 pass
+    unchanged), then a ``Host`` of `host` when it sent none."""
+    rid = has_host = False
     for n, _ in headers:
         if n == REQUEST_ID:
-            return headers
-    headers.append((REQUEST_ID, request_id()))
+            rid = True
+        elif n == b"host":
+            has_host = True
+    if not rid:
+        headers.append((REQUEST_ID, request_id()))
+    if not has_host:
+        headers.append((b"host", host.encode()))
     return headers
-
-
-def has_host(headers: http1.Headers) -> bool:
-    return any(n == b"host" for n, _ in headers)
 
 
 def response_flag(resp: ResponseHead) -> str:
@@ -1017,5 +1025,6 @@ __all__ = [
     "TlsUpstreamConn",
     "UpstreamConn",
     "UpstreamPool",
+    "access_due",
     "access_line",
 ]

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hostmesh.agent import audit
-from hostmesh.agent.authz import authorize_request
+from hostmesh.agent.authz import authorize_request, fixed_request_decision
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.ratelimit import TokenBucket
@@ -44,9 +44,9 @@ from hostmesh.agent.proxy.http_conn import (
     TlsServerConn,
     UpstreamConn,
     UpstreamPool,
+    access_due,
     access_line,
-    has_host,
-    with_request_id,
+    complete_request_headers,
 )
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
@@ -142,12 +142,16 @@ class HttpInbound:
             ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
             return
         target = head.target
-        q = target.find(b"?")
-        path = (target if q < 0 else target[:q]).decode("latin-1")
-        method = head.method.decode("latin-1")
-        decision = authorize_request(
-            snap.intentions.get(svc.name), caller.source.service, method, path, snap.default_allow
-        )
+        intentions = snap.intentions.get(svc.name)
+        decision = fixed_request_decision(intentions, caller.source.service, snap.default_allow)
+        if decision is None or not decision.allowed:  # the method and path decide, or the denial names them
+            q = target.find(b"?")
+            path = (target if q < 0 else target[:q]).decode("latin-1")
+            method = head.method.decode("latin-1")
+            if decision is None:
+                decision = authorize_request(
+                    intentions, caller.source.service, method, path, snap.default_allow
+                )
         if not decision.allowed:
             audit.denied(layer="l7", source=caller.source.spiffe_id, destination=svc.name,
                          reason=decision.reason, peer=caller.peer, method=method,
@@ -166,13 +170,12 @@ class HttpInbound:
             if bucket is not None and not bucket.allow(time.monotonic()):
                 ex.respond(429, fl.RL)
                 return
-        ex.continue_100()
+        if head.expect_continue:
+            ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
-        with_request_id(headers)
-        if not has_host(headers):
-            headers.append((b"host", svc.name.encode()))
+        complete_request_headers(headers, svc.name)
         ex.state = req = _Req(svc.port, headers)
-        ex.on_response_head = _relay
+        ex.on_response_head = Exchange.relay
         ex.on_fail = self._on_fail
         up = self.pool.acquire(svc.port)
         if up is not None:
@@ -237,7 +240,8 @@ class HttpInbound:
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, ex.flags or fl.NONE,
                              time.monotonic() - ex.started)  # fmt: skip
-        access_line(ex, REPORTER, caller.source.spiffe_id, caller.service, subset, peer=caller.peer)
+        if access_due(ex):
+            access_line(ex, REPORTER, caller.source.spiffe_id, caller.service, subset, peer=caller.peer)
 
     def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
         caller: Caller = conn.info
@@ -276,7 +280,3 @@ class HttpInbound:
             },
             "rejected": self.rejected_total,
         }
-
-
-def _relay(ex: Exchange, resp: http1.ResponseHead) -> None:
-    ex.relay(resp)

@@ -68,10 +68,10 @@ from hostmesh.agent.proxy.http_conn import (
     TlsUpstreamConn,
     UpstreamConn,
     UpstreamPool,
+    access_due,
     access_line,
-    has_host,
+    complete_request_headers,
     response_flag,
-    with_request_id,
 )
 from hostmesh.agent.proxy.pool import DialError, set_keepalive
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
@@ -268,6 +268,7 @@ class HttpOutbound:
         self.metrics = RequestMetrics(telemetry, REPORTER)
         self.conns: set[ServerConn] = set()
         self._cluster: Cluster | None = None
+        self._cluster_snap: Snapshot | None = None  # the snapshot `_cluster` was last checked against
         self._takes: tuple[Any, bool] = (None, False)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx: Any = None
@@ -276,7 +277,7 @@ class HttpOutbound:
         self.closing = False
         self.rejected_total = 0
         self.pool.on_lost = self._conn_lost
-        self.pool.on_release = lambda _conn: self._wake_one()
+        self.pool.on_release = self._wake_one
         self.name = f"{local_service}->{upstream} (http)"
 
     # --- which connections are ours ------------------------------------------------------------
@@ -307,6 +308,9 @@ class HttpOutbound:
 
     def cluster(self, snap: Snapshot) -> Cluster:
         cl = self._cluster
+        if cl is not None and snap is self._cluster_snap:
+            return cl
+        self._cluster_snap = snap
         if cl is None or not cl.matches(snap):
             new = self._cluster = Cluster(self.service, snap, self.local_zone, self.rng, cl)
             if cl is not None and new.limits is not cl.limits:
@@ -368,17 +372,16 @@ class HttpOutbound:
             if self._ctx is not None:
                 self.pool.drop_stale(ctx)
             self._ctx = ctx
-        ex.response_ops = route.response_ops or None
-        ex.continue_100()
+        ex.response_ops = route.response_ops if route.has_response_ops else None
         head = ex.head
+        if head.expect_continue:
+            ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
-        if route.request_ops:
+        if route.has_request_ops:
             if headers is head.headers:
                 headers = list(headers)
             route.request_ops.apply(headers)
-        with_request_id(headers)
-        if not has_host(headers):
-            headers.append((b"host", self.service.encode()))
+        complete_request_headers(headers, self.service)
         target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
         ident = self._ident
         if ident is None or ident.trust_domain != snap.trust_domain:
@@ -396,7 +399,8 @@ class HttpOutbound:
         st.budget = budget = cl.budget(route)
         budget.request_started()
         if route.timeout is None and route.retry.per_try_timeout is None:
-            cl.refresh(time.monotonic())
+            if cl.outlier is not None:
+                cl.refresh(time.monotonic())
             ep = bal.pick(st.key)
             if ep is None:
                 ex.respond(503, fl.UH)
@@ -436,10 +440,11 @@ class HttpOutbound:
         """Feed one try's outcome to outlier detection and the retry policy. True: answered (relayed
         or a local error); False: retry (a budget slot is held)."""
         route = st.route
-        now = time.monotonic()
+        cl = st.cluster
+        now = time.monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
         if isinstance(outcome, http1.ResponseHead):
             status = outcome.status
-            st.cluster.report(ep, status, now)
+            cl.report(ep, status, now)
             if not route.retry.retryable(RESPONSE, status):
                 self._relay(ex, outcome)
                 return True
@@ -450,7 +455,7 @@ class HttpOutbound:
                 self._relay(ex, outcome)
                 return True
             return False
-        st.cluster.report(ep, 0, now)
+        cl.report(ep, 0, now)
         decision = st.retry_state().decide(outcome, 0, ex.replayable)
         if decision != RETRY:
             status, flag = FAILURE_RESPONSE[outcome]
@@ -633,7 +638,7 @@ class HttpOutbound:
             up.limit = None  # type: ignore[attr-defined]
         self._wake_one()
 
-    def _wake_one(self) -> None:
+    def _wake_one(self, _released: UpstreamConn | None = None) -> None:
         while self._conn_waiters:
             fut = self._conn_waiters.pop(0)
             if not fut.done():
@@ -686,7 +691,8 @@ class HttpOutbound:
         flags = ex.flags or fl.NONE
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              time.monotonic() - ex.started)  # fmt: skip
-        access_line(ex, REPORTER, self.local_service, self.service, subset)
+        if access_due(ex):
+            access_line(ex, REPORTER, self.local_service, self.service, subset)
 
     def conn_lost(self, conn: ServerConn) -> None:
         self.conns.discard(conn)
