@@ -55,9 +55,11 @@ class Trimmer:
         self._handle = handle
         self._trim = trim
 
-    def now(self) -> None:
-        """Collect cyclic garbage, then give free pages back (once, when start-up is over)."""
-        gc.collect()
+    def now(self, collect: bool = True) -> None:
+        """Give free pages back at once (after start-up, or a late import); `collect` first frees
+        cyclic garbage (a full collection: for start-up, not for the middle of traffic)."""
+        if collect:
+            gc.collect()
         self._trim(0)
 
     def cancel(self) -> None:

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, probe_app
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from hostmesh.agent.loops import new_event_loop
-from hostmesh.agent.memory import start_trimming
+from hostmesh.agent.memory import Trimmer, start_trimming
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
@@ -77,8 +78,9 @@ class LazyHttpOutbound:
     in an agent whose upstreams are all TCP); from then on every call goes to the real HttpOutbound,
     whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
+    def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
         self._kwargs = kwargs
+        self._on_load = on_load  # the L7 modules were just imported (the agent trims after it)
         self.service: str = kwargs["upstream"]
         self.real: Any = None
 
@@ -91,6 +93,7 @@ class LazyHttpOutbound:
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
             self.real = HttpOutbound(**self._kwargs)
+            self._on_load()
         return bool(self.real.takes(snap))
 
     def accept(self, end: Any) -> None:
@@ -121,6 +124,7 @@ class Agent:
         self.outbound: dict[tuple[str, str, str], Any] = {}  # (local service, upstream, bind) -> listener
         self._servers: list[HTTPServer] = []
         self.registered = False
+        self._trimmer: Trimmer | None = None
 
     # --- start ------------------------------------------------------------------------------
 
@@ -227,6 +231,12 @@ class Agent:
         if self._trimmer is not None:
             self._trimmer.now()
 
+    def _after_lazy_import(self) -> None:
+        """The L7 modules were loaded mid-traffic: the import's garbage (their compilation, when the
+        .pyc is missing or stale, ~2 MiB) goes back now, not at the next trim tick."""
+        if self._trimmer is not None:
+            asyncio.get_running_loop().call_soon(self._trimmer.now, False)
+
     def _ensure_http_inbound(self) -> None:
         """The L7 inbound (ALPN hostmesh/http1), loaded only once a local service speaks HTTP: a TCP-only
         agent never imports the L7 modules (~1 MiB of RSS). Peers call a local service over HTTP only
@@ -262,7 +272,7 @@ class Agent:
                     holder=self.builder.holder, local_service=svc.name, upstream=up.service,
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
-                ))  # fmt: skip
+                ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
 import sys
 import weakref
 from collections.abc import Iterator
@@ -151,3 +152,22 @@ def test_usage_reports_this_process() -> None:
     assert "hostmesh.agent.memory" in view["modules"] and view["modules"] == sorted(view["modules"])
     if sys.platform.startswith("linux"):
         assert view["rss_bytes"] > 0 and view["peak_rss_bytes"] >= view["rss_bytes"] and view["threads"] >= 1
+
+
+def test_no_route_document_loads_no_route_compiler(tmp_path: Path) -> None:
+    """An upstream without a route document (every L4 agent) never loads the L7 route compiler."""
+    upstream = {"service": "api", "bind": "127.0.0.1:9091"}
+    raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "data_dir": str(tmp_path),
+           "services": [{"name": "web", "port": 8080, "upstreams": [upstream]}]}  # fmt: skip
+    code = f"""
+import sys
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.discovery import SnapshotBuilder
+from hostmesh.agent.snapshot import TLSMaterial
+builder = SnapshotBuilder(parse_config({raw!r}), lambda: TLSMaterial(1, "", {{}}, {{}}))
+assert builder.set_routes("api", 7, None)
+print("hostmesh.agent.l7.match" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
