@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from hostmesh.agent.l7 import flags
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, reset_transport
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.wire import (
     DATA,
     FIN,
@@ -238,8 +238,10 @@ class Stream:
         self._on_data = self._on_eof = None
 
 
-class MuxConnection(asyncio.Protocol):
-    """The frames of one agent-to-agent TLS connection, dispatched to its streams."""
+class MuxConnection(asyncio.BufferedProtocol):
+    """The frames of one agent-to-agent TLS connection, dispatched to its streams. A buffered
+    protocol: TLS plaintext is read into the loop's buffer (pump.loop_read_buffer), not a new
+    256 KiB object per read."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -255,6 +257,13 @@ class MuxConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return loop_read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out at once (the buffer is the loop's); DATA pieces are views of this copy.
+        self.data_received(bytes(loop_read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -23,6 +23,7 @@ import logging
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -34,6 +35,7 @@ log = logging.getLogger("hostmesh.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024  # one max-size read chunk: enough to keep the socket busy, bounds memory
 WRITE_LOW_WATER = 64 * 1024  # resume the other side while a quarter is still queued (no stall)
+TLS_READ_BYTES = 256 * 1024  # uvloop's own TLS read size; one buffer of it per event loop (loop_read_buffer)
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 DC = "DC"  # downstream connection terminated abnormally (Envoy's flag; not in l7/flags, no HTTP use)
@@ -53,6 +55,26 @@ def reset_transport(transport: Any) -> None:
         except (OSError, AttributeError):
             pass
     transport.abort()
+
+
+_read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = weakref.WeakKeyDictionary()
+
+
+def loop_read_buffer() -> memoryview:
+    """The running loop's buffer for TLS reads (`get_buffer` of a buffered protocol).
+
+    Why: for a plain `data_received` protocol, uvloop's TLS layer allocates a fresh 256 KiB bytes
+    object for every read and shrinks it to what was read; above glibc's mmap threshold that is an
+    mmap, a page fault, an mremap and a munmap per read. A protocol with `get_buffer` /
+    `buffer_updated` gets the plaintext written into a buffer it owns. One buffer serves every TLS
+    connection of a loop: each read is consumed (copied out) synchronously in `buffer_updated`,
+    and the loop never starts a read from inside a protocol callback. Made on the first TLS read.
+    """
+    loop = asyncio.get_running_loop()
+    view = _read_buffers.get(loop)
+    if view is None:
+        view = _read_buffers[loop] = memoryview(bytearray(TLS_READ_BYTES))
+    return view
 
 
 class End(Protocol):
