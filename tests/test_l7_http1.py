@@ -386,11 +386,13 @@ def test_eof_mid_request_is_rejected_and_between_requests_is_clean() -> None:
 
 def test_awaiting_head_tracks_header_read_phase() -> None:
     f = RequestFramer()
-    assert f.awaiting_head
+    assert f.awaiting_head and not f.in_head
     f.feed(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
-    assert not f.awaiting_head
-    f.feed(b"ok")
-    assert f.awaiting_head
+    assert not f.awaiting_head and not f.in_head
+    f.feed(b"okGET / HT")
+    assert f.awaiting_head and f.in_head  # the next head has begun
+    f.feed(b"TP/1.1\r\n\r\n")
+    assert f.awaiting_head and not f.in_head
 
 
 # ------------------------------------------------------------------ upgrade, CONNECT, Expect

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
@@ -320,6 +321,26 @@ async def test_pipelined_requests_then_a_half_close(mesh: Mesh) -> None:
     assert data.count(b"HTTP/1.1 200 ") == 3
     assert b"HEAD /p2" not in data  # a HEAD answer has no body, whatever its content-length says
     assert data.index(b"GET /p1\n") < data.index(b"content-length: 9") < data.index(b"GET /p3\n")
+
+
+async def test_a_head_pipelined_behind_a_request_has_the_header_timeout(mesh: Mesh) -> None:
+    """The start of a second head arrives with the first request (answered after 200 ms): it must be
+    complete within the header-read timeout of its first byte (408), not idle for 90 s."""
+    mesh.http_out.header_timeout = 0.5
+
+    def run() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /delay/200 HTTP/1.1\r\nhost: api\r\n\r\nGET /second HTTP/1.1\r\nhost: a")
+            data = b""
+            while chunk := s.recv(65536):  # ends when the proxy closes (the socket timeout bounds it)
+                data += chunk
+            return data, time.monotonic() - t0
+
+    data, took = await asyncio.to_thread(run)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 408 " in data and b"x-hostmesh-response-flags: DPE" in data
+    assert took < IO_TIMEOUT / 2  # about 2 x 0.5 s at most, far from the 90 s idle timeout
 
 
 def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:

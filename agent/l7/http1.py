@@ -442,6 +442,11 @@ class _Framer:
         return self._state in (_IDLE, _HEAD)
 
     @property
+    def in_head(self) -> bool:
+        """True when a head has begun and is not complete yet."""
+        return self._state == _HEAD
+
+    @property
     def broken(self) -> bool:
         """True once a Reject was emitted; further input is ignored."""
         return self._state == _DEAD

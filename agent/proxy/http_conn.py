@@ -171,7 +171,7 @@ class ServerConn(asyncio.BaseProtocol):
         self.peer_ip = ""
         self.requests = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._partial = False  # bytes of a head arrived since the last request
+        self._partial = False  # a head began and is not complete (also one pipelined behind a request)
         self._head_started = 0.0  # when they began
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
@@ -194,9 +194,6 @@ class ServerConn(asyncio.BaseProtocol):
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
             return
-        if self.ex is None and not self._partial:
-            self._partial = True
-            self._head_started = time.monotonic()
         busy = self.backlog is not None
         for ev in self.framer.feed(data):
             if self.closed:
@@ -207,6 +204,9 @@ class ServerConn(asyncio.BaseProtocol):
                 self._event(ev)
         if busy or self.backlog:  # pipelined bytes while a response is pending: hold them, stop reading
             self.pause_reading()
+        if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
+            self._partial = True
+            self._head_started = time.monotonic()
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
