@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from http import HTTPStatus
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import httptools
 
@@ -596,7 +596,7 @@ class RequestFramer(_Framer):
         return []
 
     def _head_event(self) -> RequestHead:
-        p = cast(httptools.HttpRequestParser, self._parser)
+        p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
             raise ProtocolError(400, "unsupported-version")
@@ -703,7 +703,7 @@ class ResponseFramer(_Framer):
         self._events.append(_make(EndOfMessage, (self._trailers,)))
 
     def _head_event(self) -> Event:
-        p = cast(httptools.HttpResponseParser, self._parser)
+        p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
         version = _VERSIONS.get(p.get_http_version(), _V10)

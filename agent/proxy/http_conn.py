@@ -94,7 +94,8 @@ class Handler(Protocol):
 
 
 class RequestMetrics:
-    """Cached label children of hostmesh_requests_total / _duration_seconds for one reporter."""
+    """Cached label children of hostmesh_requests_total / _duration_seconds for one reporter (their
+    bound `inc` / `observe`, ready to call)."""
 
     __slots__ = ("_cache", "reporter", "telemetry")
 
@@ -109,11 +110,11 @@ class RequestMetrics:
         if pair is None:
             labels = (self.reporter, source, dest, subset, str(code), flags)
             t = self.telemetry
-            pair = (t.requests.labels(*labels), t.request_duration.labels(*labels))
+            pair = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
             if len(self._cache) < MAX_CACHED_SERIES:
                 self._cache[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        pair[0]()
+        pair[1](seconds)
 
 
 def access_due(ex: Exchange) -> bool:
