@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import random
 import time
 import weakref
@@ -433,11 +434,12 @@ _read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] 
 
 
 def loop_read_buffer() -> memoryview:
-    """The running loop's TLS read buffer (made on the first TLS read: agents without L7 never pay)."""
+    """The running loop's TLS read buffer, made on the first TLS read. Anonymous memory: a page counts
+    in RSS only once a read reached it (small requests touch a page or two, not 256 KiB)."""
     loop = asyncio.get_running_loop()
     view = _read_buffers.get(loop)
     if view is None:
-        view = _read_buffers[loop] = memoryview(bytearray(TLS_READ_BYTES))
+        view = _read_buffers[loop] = memoryview(mmap.mmap(-1, TLS_READ_BYTES))
     return view
 
 
