@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import socket
 import struct
 import time
@@ -73,7 +74,7 @@ def loop_read_buffer() -> memoryview:
     loop = asyncio.get_running_loop()
     view = _read_buffers.get(loop)
     if view is None:
-        view = _read_buffers[loop] = memoryview(bytearray(TLS_READ_BYTES))
+        view = _read_buffers[loop] = memoryview(mmap.mmap(-1, TLS_READ_BYTES))  # pages count in RSS once used
     return view
 
 
