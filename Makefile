@@ -37,7 +37,9 @@ unit: $(STAMP) consul
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo
 
+# Bytecode compiled first, as an installed package has it: an agent must not compile its sources at start.
 bench: $(STAMP) consul
+	$(BIN)/python -m compileall -q $(PKGS)
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # dist/hostmesh-<v>.tar.gz, the wheel, and dist/hostmesh_<v>_<arch>.deb (venv in /opt/hostmesh).
