@@ -10,8 +10,9 @@ module moves the bytes; the two sides decide (route, balance, retry / authorize,
 
 Decisions:
 - One request at a time per connection, both ways (no pipelining upstream). Pipelined client
-  requests are read in order: after a request's end its successors' events wait in a backlog and
-  the client socket is paused until the response is done.
+  requests are read in order: after a request's end its successors' events wait in a backlog, and
+  the client socket is paused as soon as bytes arrive while the response is pending (not at every
+  request's end: a keep-alive client that waits for its answer costs no pause/resume).
 - Bodies stream: request body pieces go to the upstream transport as they arrive (re-chunked when
   the client sent chunked); response pieces go to the client the same way. The only buffer is the
   request replay buffer for retries, bounded by ``retry.MAX_REPLAY_BODY_BYTES``; a longer body is
