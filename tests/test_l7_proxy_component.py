@@ -28,7 +28,7 @@ from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy import http_conn
+from hostmesh.agent.proxy.http_conn import TlsReads
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
@@ -357,6 +357,8 @@ def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
             d.mkdir()
             async with build_mesh(d) as m:
                 await flow(m)
-            assert asyncio.get_running_loop() in http_conn._read_buffers  # TLS reads used TlsReads' buffer
+                inbound = [c for hi in m.http_ins for c in hi.conns]  # kept open by the caller's pool
+                assert inbound and all(isinstance(c, TlsReads) for c in inbound)
+                assert any(c._read_view is not None for c in inbound)  # uvloop read into the buffer
 
     uvloop.run(run_all())

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
@@ -56,7 +54,7 @@ from hostmesh.agent.l7.http1 import (
 )
 from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, reset_transport
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
 
 log = logging.getLogger("hostmesh.proxy.http")
 
@@ -71,7 +69,6 @@ POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one
 REQUEST_ID = b"x-request-id"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
-TLS_READ_BYTES = 256 * 1024  # uvloop's own TLS read size; one buffer of it per event loop (see TlsReads)
 
 _rng = random.Random()
 
@@ -405,15 +402,9 @@ class ServerConn(asyncio.BaseProtocol):
 
 
 class TlsReads:
-    """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn).
-
-    Why: for a plain `data_received` protocol, uvloop's TLS layer allocates a fresh 256 KiB bytes
-    object for every read and shrinks it to the record's size; above glibc's mmap threshold that is
-    an mmap, a page fault, an mremap and a munmap per request. A protocol with `get_buffer` /
-    `buffer_updated` gets the plaintext written into a buffer it owns instead. One buffer serves
-    every TLS connection of an event loop: a read is consumed synchronously (the framer copies what
-    it keeps), and uvloop never starts a read from inside a protocol callback.
-    """
+    """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn):
+    the plaintext lands in the loop's read buffer (pump.loop_read_buffer says why), and the framer
+    copies what it keeps before `buffer_updated` returns."""
 
     _tunnel: Any
     _read_view: memoryview | None = None
@@ -429,19 +420,6 @@ class TlsReads:
         data = self._read_view[:nbytes]
         # a tunnel writes what it reads as it is: that must outlive the buffer
         self.data_received(data if self._tunnel is None else bytes(data))  # type: ignore[attr-defined]
-
-
-_read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = weakref.WeakKeyDictionary()
-
-
-def loop_read_buffer() -> memoryview:
-    """The running loop's TLS read buffer, made on the first TLS read. Anonymous memory: a page counts
-    in RSS only once a read reached it (small requests touch a page or two, not 256 KiB)."""
-    loop = asyncio.get_running_loop()
-    view = _read_buffers.get(loop)
-    if view is None:
-        view = _read_buffers[loop] = memoryview(mmap.mmap(-1, TLS_READ_BYTES))
-    return view
 
 
 class TlsServerConn(TlsReads, ServerConn):
