@@ -164,8 +164,7 @@ class Stream:
 
     def attach(self, pipe: Pipe, source_side: bool, peer: Any) -> None:
         self.pipe, self.peer = pipe, peer
-        self._on_data = pipe.from_a if source_side else pipe.from_b
-        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
+        self._on_data, self._on_eof = pipe.callbacks(source_side)
 
     def replay(self) -> None:
         """Hand over what arrived before the pipe existed (called by Pipe.start)."""

@@ -134,6 +134,10 @@ class Pipe:
 
     # events from the ends ------------------------------------------------------------------
 
+    def callbacks(self, source_side: bool) -> tuple[Callable[[Chunk], None], Callable[[], None]]:
+        """What an end calls with the bytes it reads and at its EOF."""
+        return (self.from_a, self.eof_a) if source_side else (self.from_b, self.eof_b)
+
     def from_a(self, data: Chunk) -> None:
         self.up += len(data)
         self.b.send(data)
@@ -251,8 +255,7 @@ class RawEnd(asyncio.Protocol):
 
     def attach(self, pipe: Pipe, source_side: bool, peer: End) -> None:
         self.pipe, self.peer = pipe, peer
-        self._on_data = pipe.from_a if source_side else pipe.from_b
-        self._on_eof = pipe.eof_a if source_side else pipe.eof_b
+        self._on_data, self._on_eof = pipe.callbacks(source_side)
 
     def replay(self) -> None:
         """Hand over what was read before the pipe existed (called by Pipe.start)."""
