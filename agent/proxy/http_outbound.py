@@ -73,11 +73,10 @@ from hostmesh.agent.proxy.http_conn import (
     complete_request_headers,
     response_flag,
 )
-from hostmesh.agent.proxy.pool import DialError, set_keepalive
+from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
-from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
-from hostmesh.ca.tls import ALPN_HTTP1, peer_identity, peer_not_after
+from hostmesh.ca.tls import ALPN_HTTP1
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -596,38 +595,10 @@ class HttpOutbound:
         return up
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
-        loop = asyncio.get_running_loop()
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: up, key[0], key[1], ssl=ctx, server_hostname=ident.dns_name,
-                                       ssl_handshake_timeout=timeout),
-                timeout,
-            )  # fmt: skip
-        except TimeoutError:
-            raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
-        except OSError as exc:  # ssl.SSLError is an OSError
-            raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc}") from None
-        ssl_obj = transport.get_extra_info("ssl_object")
-        try:
-            alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
-            if alpn != ALPN_HTTP1:
-                raise DialError(f"peer {key[0]}:{key[1]} did not agree to {ALPN_HTTP1} (ALPN {alpn!r})")
-            try:
-                got = peer_identity(ssl_obj)
-            except TrustError as exc:
-                raise DialError(f"peer {key[0]}:{key[1]}: {exc}") from None
-            if got != ident:
-                msg = f"peer {key[0]}:{key[1]} is {got.spiffe_id}, expected {ident.spiffe_id}; refusing"
-                raise DialError(msg, security=True)
-        except DialError:
-            transport.abort()
-            raise
-        not_after = peer_not_after(ssl_obj)
-        if not_after:
-            up.expires = min(up.expires, time.monotonic() + max(0.0, not_after - time.time()))
-        set_keepalive(transport)
+        transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
+        up.expires = min(up.expires, verify_peer(transport, key, ALPN_HTTP1, ident))
         self.pool.opened(up)
         return up
 

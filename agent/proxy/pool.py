@@ -43,12 +43,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import time
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
+from hostmesh.agent.proxy.pump import reset_transport
 from hostmesh.agent.proxy.wire import MAX_STREAM_ID, OPEN, control
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
@@ -91,6 +93,52 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
     except (OSError, AttributeError):
         pass
+
+
+async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSLContext, sni: str,
+                      timeout: float) -> asyncio.Transport:  # fmt: skip
+    """TCP connect and TLS handshake to the peer agent at `key`, within `timeout`; raises DialError."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: protocol, key[0], key[1], ssl=ctx, server_hostname=sni, ssl_handshake_timeout=timeout
+            ),
+            timeout,
+        )
+    except TimeoutError:
+        raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        raise DialError(f"TLS with {key[0]}:{key[1]} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc.strerror or exc}") from None
+    return transport
+
+
+def verify_peer(transport: asyncio.Transport, key: PoolKey, alpn: str, expected: Identity) -> float:
+    """Check a fresh connection: the agreed ALPN protocol and the peer's SPIFFE ID. Returns the
+    monotonic time at which the peer's certificate expires (inf if unknown) and turns on TCP
+    keepalive; on a failed check the connection is aborted and DialError raised."""
+    try:
+        ssl_obj = transport.get_extra_info("ssl_object")
+        agreed = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        if agreed != alpn:
+            raise DialError(f"peer {key[0]}:{key[1]} did not agree to {alpn} (ALPN {agreed!r})")
+        try:
+            ident = peer_identity(ssl_obj)
+        except TrustError as exc:
+            raise DialError(f"peer {key[0]}:{key[1]}: {exc}") from None
+        if ident != expected:
+            raise DialError(
+                f"peer {key[0]}:{key[1]} is {ident.spiffe_id}, expected {expected.spiffe_id}; refusing",
+                security=True,
+            )
+    except DialError:
+        reset_transport(transport)
+        raise
+    set_keepalive(transport)
+    not_after = peer_not_after(ssl_obj)
+    return time.monotonic() + max(0.0, not_after - time.time()) if not_after else math.inf
 
 
 class MeshClient(MuxConnection):
@@ -208,43 +256,10 @@ class ConnectionPool:
 
     async def _dial(self, key: PoolKey, ctx: ssl.SSLContext, sni: str, expected: Identity,
                     timeout: float) -> MeshClient:  # fmt: skip
-        loop = asyncio.get_running_loop()
         conn = MeshClient(self, key, ctx)
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: conn, key[0], key[1], ssl=ctx, server_hostname=sni, ssl_handshake_timeout=timeout
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
-        except ssl.SSLError as exc:
-            raise DialError(f"TLS with {key[0]}:{key[1]} failed: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc.strerror or exc}") from None
+        transport = await connect_tls(conn, key, ctx, sni, timeout)
         self.handshakes += 1
-        try:
-            ssl_obj = transport.get_extra_info("ssl_object")
-            alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
-            if alpn != ALPN_TCP:
-                raise DialError(f"peer {key[0]}:{key[1]} did not agree to {ALPN_TCP} (ALPN {alpn!r})")
-            try:
-                ident = peer_identity(ssl_obj)
-            except TrustError as exc:
-                raise DialError(f"peer {key[0]}:{key[1]}: {exc}") from None
-            if ident != expected:
-                raise DialError(
-                    f"peer {key[0]}:{key[1]} is {ident.spiffe_id}, expected {expected.spiffe_id}; refusing",
-                    security=True,
-                )
-            not_after = peer_not_after(ssl_obj)
-            if not_after:
-                conn.expires = time.monotonic() + max(0.0, min(MAX_CONN_AGE, not_after - time.time()))
-        except DialError:
-            conn.reset()
-            raise
-        set_keepalive(transport)
+        conn.expires = min(conn.expires, verify_peer(transport, key, ALPN_TCP, expected))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
         return conn
