@@ -72,7 +72,6 @@ class InboundConnection(MuxConnection):
         super().__init__()
         self.listener = listener
         self.peer_addr = "?"
-        self.identified = False
         self.service = ""
         self.source: Identity | None = None
         self.roots_pem = ""
@@ -120,7 +119,6 @@ class InboundConnection(MuxConnection):
             lst._conns.discard(self)
             handler(lst, transport, source, svc, [])
             return True
-        self.identified = True
         return True
 
     def refuse(self, reason: str) -> bool:
@@ -131,7 +129,7 @@ class InboundConnection(MuxConnection):
         return False
 
     def open_received(self, sid: int) -> None:
-        if not self.identified or sid <= self.last_id:
+        if self.source is None or sid <= self.last_id:  # streams only once the caller is identified
             self.protocol_error(f"OPEN of stream {sid} (last {self.last_id})")
             return
         if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED:

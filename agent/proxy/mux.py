@@ -103,11 +103,8 @@ class Stream:
             return
         if self._on_data is None:
             self.parked.append(payload)
-            return
-        self._on_data(payload)
-        self.consumed += n
-        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused:
-            self._grant()
+        else:
+            self._deliver(payload)
 
     def fin_received(self) -> None:
         if self.got_fin:
@@ -140,6 +137,14 @@ class Stream:
         self._end()
         if pipe is not None:
             pipe.lost(self, None)
+
+    def _deliver(self, data: Chunk) -> None:
+        """Hand `data` to the pipe; credit goes back in batches, unless our reader is backed up."""
+        assert self._on_data is not None
+        self._on_data(data)
+        self.consumed += len(data)
+        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused and not self.done:
+            self._grant()
 
     def _grant(self) -> None:
         n, self.consumed = self.consumed, 0
@@ -175,10 +180,7 @@ class Stream:
             if item is None:
                 self._on_eof()
             else:
-                self._on_data(item)
-                self.consumed += len(item)
-        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused and not self.done:
-            self._grant()
+                self._deliver(item)
 
     def send(self, data: Chunk) -> None:
         if self.done:
