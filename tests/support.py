@@ -37,3 +37,13 @@ async def async_wait_until(
 
 
 __all__ = ["REPO", "ConsulDev", "async_wait_until", "consul_binary", "free_port", "wait_for", "wait_until"]
+
+
+def metric_sample(tel: Any, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples in `tel`'s registry whose labels include `labels`."""
+    total = 0.0
+    for metric in tel.registry.collect():
+        for s in metric.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

@@ -38,6 +38,7 @@ from hostmesh.ca import pki
 from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
+from tests.support import metric_sample as sample
 
 TD = "hostmesh.local"
 
@@ -152,15 +153,6 @@ async def build_mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             await ib.close()
         for app in apps:
             app.close()
-
-
-def sample(tel: Telemetry, name: str, **labels: str) -> float:
-    total = 0.0
-    for metric in tel.registry.collect():
-        for s in metric.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 async def test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection(mesh: Mesh) -> None:

@@ -35,7 +35,7 @@ from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHo
 from hostmesh.ca import pki
 from hostmesh.ca.tls import mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, Rule
-from tests.support import async_wait_until, free_port
+from tests.support import async_wait_until, free_port, metric_sample
 
 TD = "hostmesh.local"
 IO_TIMEOUT = 10.0  # every read in these tests is bounded by this
@@ -178,14 +178,6 @@ class Mesh:
         self.extra.append(ob)
         return ob
 
-    def sample(self, tel: Telemetry, name: str, **labels: str) -> float:
-        total = 0.0
-        for metric in tel.registry.collect():
-            for s in metric.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
-
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
@@ -243,11 +235,11 @@ async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
     )
     # The inbound saw and checked the caller's SPIFFE identity: its destination-side metrics and
     # access line name `web`, which only the verified client certificate can tell it.
-    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_connections_opened_total", reporter="destination",
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_opened_total", reporter="destination",
                        source_service="web", destination_service="api") == 1  # fmt: skip
-    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_received_bytes_total", source_service="web") == 10
-    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_sent_bytes_total", source_service="web") == 10
-    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", reporter="source",
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_received_bytes_total", source_service="web") == 10
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_sent_bytes_total", source_service="web") == 10
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", reporter="source",
                        destination_subset="v1", response_flags="") == 1  # fmt: skip
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.access"]
     inbound_line = next(x for x in lines if x["reporter"] == "destination")
@@ -356,8 +348,8 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert audit[0]["event"] == "authz_denied"
     assert audit[0]["source"] == "spiffe://hostmesh.local/svc/web"
     assert audit[0]["destination"] == "api" and audit[0]["reason"] == "rule 0 deny web"
-    assert mesh.sample(mesh.tel_b, "hostmesh_authz_denied_total", source_service="web") == 1
-    assert mesh.sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
+    assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total", source_service="web") == 1
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
 
 
 async def test_sni_naming_a_service_not_on_this_host(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
@@ -394,7 +386,7 @@ async def test_no_healthy_instance_closes_promptly(mesh: Mesh, caplog: pytest.Lo
     assert await closed_by_peer(r) == "reset"
     assert time.monotonic() - t0 < 1.0
     assert "no healthy instance of api" in caplog.text
-    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UH") == 1
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UH") == 1
 
 
 async def test_instance_dying_mid_connection(mesh: Mesh) -> None:
@@ -439,7 +431,7 @@ async def test_snapshot_swap_applies_to_new_connections_only(mesh: Mesh) -> None
     assert await asyncio.wait_for(r1.readexactly(5), IO_TIMEOUT) == b"after"
     w1.write_eof()
     assert await read_all(r1) == b""
-    assert mesh.sample(mesh.tel_b, "hostmesh_authz_denied_total") == 1
+    assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total") == 1
 
 
 async def test_connect_failure_moves_to_another_instance(mesh: Mesh) -> None:
@@ -564,7 +556,7 @@ async def test_one_stream_reset_leaves_the_others_on_the_connection(mesh: Mesh) 
     assert mesh.outbound.pool.handshakes == 1
     w1.write_eof()
     assert await read_all(r1) == b""
-    assert mesh.sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 1
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 1
 
 
 async def _raw_mesh_connection(mesh: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
