@@ -401,6 +401,18 @@ class ServerConn(asyncio.BaseProtocol):
         reset_transport(self.transport)
 
 
+DRAIN_POLL = 0.05  # shutdown: how often open connections are checked while draining
+
+
+async def drain(busy: Callable[[], bool], seconds: float) -> None:
+    """Wait while `busy()` holds, for up to `seconds` (a listener's graceful close)."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / DRAIN_POLL) + 1):
+        if not busy() or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(DRAIN_POLL)
+
+
 class TlsReads:
     """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn):
     the plaintext lands in the loop's read buffer (pump.loop_read_buffer says why), and the framer

@@ -47,6 +47,7 @@ from hostmesh.agent.proxy.http_conn import (
     access_due,
     access_line,
     complete_request_headers,
+    drain,
 )
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
@@ -57,7 +58,6 @@ log = logging.getLogger("hostmesh.proxy.http_inbound")
 
 REPORTER = "destination"
 APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
-DRAIN_POLL = 0.05  # shutdown: how often open connections are checked while draining
 
 
 class Caller:
@@ -258,11 +258,7 @@ class HttpInbound:
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         self.closing = True
-        deadline = time.monotonic() + drain_seconds
-        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
-            if not any(c.ex is not None for c in self.conns) or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(DRAIN_POLL)
+        await drain(lambda: any(c.ex is not None for c in self.conns), drain_seconds)
         for c in list(self.conns):
             c.close()
         self.conns.clear()

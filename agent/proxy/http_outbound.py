@@ -71,6 +71,7 @@ from hostmesh.agent.proxy.http_conn import (
     access_due,
     access_line,
     complete_request_headers,
+    drain,
     response_flag,
 )
 from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
@@ -84,7 +85,6 @@ log = logging.getLogger("hostmesh.proxy.http_outbound")
 REPORTER = "source"
 CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
 PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
-DRAIN_POLL = 0.05  # shutdown: how often open client connections are checked while draining
 OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
 
 
@@ -680,12 +680,7 @@ class HttpOutbound:
     async def close(self, drain_seconds: float = 0.0) -> None:
         """Stop taking requests, let open ones finish for up to `drain_seconds`, then cut the rest."""
         self.closing = True
-        deadline = time.monotonic() + drain_seconds
-        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
-            busy = [c for c in self.conns if not c.closed and c.ex is not None]
-            if not busy or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(DRAIN_POLL)
+        await drain(lambda: any(not c.closed and c.ex is not None for c in self.conns), drain_seconds)
         for c in list(self.conns):
             c.close()
         self.conns.clear()
