@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import load, report  # noqa: E402
+from bench.parse import WrkResult  # noqa: E402
 from bench.procs import Procs, Sampler, StartError, log_tail  # noqa: E402
 from bench.systems import Env, System, make_systems, start_consul, start_nginx  # noqa: E402
 
@@ -120,25 +121,25 @@ def _wrk_metrics(w: Any) -> dict[str, Any]:
     return {"rps": round(w.rps, 1), "requests": w.requests, "errors": w.error_count, "wrk": w.to_json()}
 
 
+def _wrk(system: System, s: Settings, script: Path, *, path: str = "/small", connections: int = 0,
+         close: bool = False) -> WrkResult:  # fmt: skip
+    """One wrk run against `system` with the settings' duration and threads."""
+    return load.wrk(
+        f"{system.url}{path}",
+        script=script,
+        connections=connections or s.connections,
+        duration_s=s.duration_s,
+        threads=s.wrk_threads,
+        close=close,
+    )
+
+
 def scenario_ka(system: System, s: Settings, script: Path) -> dict[str, Any]:
     roots = system.roots()
     if not roots:
-        w = load.wrk(
-            f"{system.url}/small",
-            script=script,
-            connections=s.connections,
-            duration_s=s.duration_s,
-            threads=s.wrk_threads,
-        )
-        return _wrk_metrics(w)
+        return _wrk_metrics(_wrk(system, s, script))
     with Sampler(roots) as smp:
-        w = load.wrk(
-            f"{system.url}/small",
-            script=script,
-            connections=s.connections,
-            duration_s=s.duration_s,
-            threads=s.wrk_threads,
-        )
+        w = _wrk(system, s, script)
     m = _wrk_metrics(w)
     m.update(smp.metrics())
     m["cpu_us_per_req"] = round(m["cpu_s"] / w.requests * 1e6, 2)
@@ -146,25 +147,11 @@ def scenario_ka(system: System, s: Settings, script: Path) -> dict[str, Any]:
 
 
 def scenario_close(system: System, s: Settings, script: Path) -> dict[str, Any]:
-    w = load.wrk(
-        f"{system.url}/small",
-        script=script,
-        connections=s.connections,
-        duration_s=s.duration_s,
-        threads=s.wrk_threads,
-        close=True,
-    )
-    return _wrk_metrics(w)
+    return _wrk_metrics(_wrk(system, s, script, close=True))
 
 
 def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
-    w = load.wrk(
-        f"{system.url}/big",
-        script=script,
-        connections=s.big_connections,
-        duration_s=s.duration_s,
-        threads=s.wrk_threads,
-    )
+    w = _wrk(system, s, script, path="/big", connections=s.big_connections)
     m = _wrk_metrics(w)
     m["mib_s"] = round(w.mib_per_s, 2)
     return m
