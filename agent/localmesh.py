@@ -156,11 +156,11 @@ class LocalMesh:
             timeout=60,
         )
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], command: list[str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
-                [*HOSTMESH, "--consul", self.consul_url, *args],
+                [*(command or HOSTMESH), "--consul", self.consul_url, *args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -249,8 +249,11 @@ class LocalMesh:
         self.agents[node] = handle
         return handle
 
-    def start_agent(self, handle: AgentHandle, wait: bool = True) -> AgentHandle:
-        handle.proc = self._spawn(handle.node, ["agent", "run", "--config", str(handle.config_path)])
+    def start_agent(
+        self, handle: AgentHandle, wait: bool = True, command: list[str] | None = None
+    ) -> AgentHandle:
+        """Start `handle`'s agent; `command` runs another hostmesh build (e.g. a previous release)."""
+        handle.proc = self._spawn(handle.node, ["agent", "run", "--config", str(handle.config_path)], command)
         if wait:
             self.wait_ready(handle)
         return handle

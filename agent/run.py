@@ -39,7 +39,7 @@ from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, start_trimming
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
-from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
@@ -238,9 +238,10 @@ class Agent:
             asyncio.get_running_loop().call_soon(self._trimmer.now, False)
 
     def _ensure_http_inbound(self) -> None:
-        """The L7 inbound (ALPN hostmesh/http1), loaded only once a local service speaks HTTP: a TCP-only
-        agent never imports the L7 modules (~1 MiB of RSS). Peers call a local service over HTTP only
-        when its registration says protocol=http, so until then the ALPN has nothing to serve."""
+        """The L7 inbound (ALPN hostmesh/http/2, and 0.1's hostmesh/http1), loaded only once a local
+        service speaks HTTP: a TCP-only agent never imports the L7 modules (~1 MiB of RSS). Peers call
+        a local service over HTTP only when its registration says protocol=http, so until then the
+        ALPN has nothing to serve."""
         if getattr(self, "http_inbound", None) is not None:
             return
         if not any(s.protocol == "http" for s in self.config.services):
@@ -254,7 +255,8 @@ class Agent:
             {s.name: s.meta.get("version", "") for s in self.config.services},
             header_timeout=self.config.http.header_read_timeout,
         )
-        self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
+        for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
+            self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
 
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
@@ -282,8 +284,8 @@ class Agent:
         for svc in self.config.services:
             chain, key = self.certs.paths(svc.name)
             server[svc.name] = mesh_server_context(chain, key, roots)
-            client[svc.name] = mesh_client_context(chain, key, roots)
-            client_http[svc.name] = mesh_client_context(chain, key, roots, alpn=(ALPN_HTTP1,))
+            client[svc.name] = mesh_client_context(chain, key, roots, alpn=TCP_ALPN)
+            client_http[svc.name] = mesh_client_context(chain, key, roots, alpn=HTTP_ALPN)
         return TLSMaterial(next(self._tls_generation), roots, server, client, client_http)
 
     def _on_certs_changed(self) -> None:

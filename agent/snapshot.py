@@ -59,7 +59,7 @@ class TLSMaterial:
     roots_pem: str
     server: Mapping[str, ssl.SSLContext]  # local service -> inbound context presenting its cert
     client: Mapping[str, ssl.SSLContext]  # local service -> outbound context presenting its cert
-    # local service -> outbound context offering only ALPN hostmesh/http1 (L7 path, proxy/http_outbound.py)
+    # local service -> outbound context offering only ca/tls.py HTTP_ALPN (L7, proxy/http_outbound.py)
     client_http: Mapping[str, ssl.SSLContext] = field(default_factory=_empty)
 
 

@@ -27,9 +27,22 @@ from hostmesh.ca.identity import Identity
 if TYPE_CHECKING:
     from cryptography import x509
 
-ALPN_TCP = "hostmesh/tcp"
-ALPN_HTTP1 = "hostmesh/http1"
-MESH_ALPN = (ALPN_TCP, ALPN_HTTP1)
+# Agent-to-agent protocols and their versions. The ALPN name carries the version; an agent offers
+# every version it speaks, newest first, and the server's order decides (OpenSSL picks the first of
+# the server's list that the client offers), so two agents always agree on the newest they share.
+# An agent speaks its own release's versions and the previous minor release's: 0.1.0 named its
+# protocols without a version (`hostmesh/tcp`, `hostmesh/http1`); those are version 1.
+# Version 2 of both carries the same frames and messages as version 1: it exists so that a later
+# release can add frame types (sent only on connections that agreed to a version knowing them)
+# while a fleet is mid-upgrade. `MeshConnection.version` (proxy/mux.py) records what was agreed.
+ALPN_TCP_V2 = "hostmesh/tcp/2"
+ALPN_TCP_V1 = "hostmesh/tcp"  # 0.1.x
+ALPN_HTTP_V2 = "hostmesh/http/2"
+ALPN_HTTP_V1 = "hostmesh/http1"  # 0.1.x
+TCP_ALPN = (ALPN_TCP_V2, ALPN_TCP_V1)  # what an L4 caller offers, newest first
+HTTP_ALPN = (ALPN_HTTP_V2, ALPN_HTTP_V1)  # what an L7 caller offers, newest first
+MESH_ALPN = TCP_ALPN + HTTP_ALPN  # what the inbound accepts, in its order of preference
+PROTOCOL_VERSIONS: dict[str, int] = {ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1}
 
 
 def _base(

@@ -35,7 +35,7 @@ from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
 from tests.support import metric_sample as sample
@@ -60,7 +60,7 @@ class CA:
             self.roots,
             MappingProxyType({service: mesh_server_context(chain, keyf, self.roots)}),
             MappingProxyType({service: mesh_client_context(chain, keyf, self.roots)}),
-            MappingProxyType({service: mesh_client_context(chain, keyf, self.roots, alpn=(ALPN_HTTP1,))}),
+            MappingProxyType({service: mesh_client_context(chain, keyf, self.roots, alpn=HTTP_ALPN)}),
         )
 
 
@@ -131,7 +131,7 @@ async def build_mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         holder_b = SnapshotHolder(snap({"api": app.port}, tls_b))
         ib = InboundListener(holder_b, Address("127.0.0.1", 0), tel_b)
         hi = HttpInbound(holder_b, tel_b, {"api": f"v{i + 1}"})
-        ib.alpn_handlers[ALPN_HTTP1] = hi.handler
+        ib.alpn_handlers.update(dict.fromkeys(HTTP_ALPN, hi.handler))
         await ib.start()
         apps.append(app)
         inbounds.append(ib)

@@ -33,7 +33,7 @@ from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
-from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import ALPN_TCP_V1, MESH_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, Rule
 from tests.support import async_wait_until, free_port, metric_sample
 
@@ -68,13 +68,14 @@ class CA:
         return chain, keyf
 
     def material(self, services: list[str], gen: int = 1, trust: str | None = None,
-                 as_identity: dict[str, str] | None = None) -> TLSMaterial:  # fmt: skip
+                 as_identity: dict[str, str] | None = None,
+                 offer: tuple[str, ...] = MESH_ALPN) -> TLSMaterial:  # fmt: skip
         roots = trust or self.roots_pem
         server, client = {}, {}
         for svc in services:
             chain, key = self.files((as_identity or {}).get(svc, svc))
-            server[svc] = mesh_server_context(chain, key, roots)
-            client[svc] = mesh_client_context(chain, key, roots)
+            server[svc] = mesh_server_context(chain, key, roots, alpn=offer)
+            client[svc] = mesh_client_context(chain, key, roots, alpn=offer)
         return TLSMaterial(gen, roots, MappingProxyType(server), MappingProxyType(client))
 
 
@@ -688,3 +689,22 @@ async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
         silent.close()
         for w in held:
             w.transport.abort()
+
+
+@pytest.mark.parametrize(("caller_offers", "agreed"), [(MESH_ALPN, 2), ((ALPN_TCP_V1,), 1)])
+async def test_agents_agree_on_the_newest_protocol_version_both_speak(
+    mesh: Mesh, caller_offers: tuple[str, ...], agreed: int
+) -> None:
+    """A caller of this release gets version 2; a 0.1.0 caller (offering only `hostmesh/tcp`) gets
+    version 1 from the same inbound, and its bytes flow the same."""
+    old = mesh.holder_a.current
+    tls = mesh.ca.material(["web"], gen=2, offer=caller_offers)
+    mesh.holder_a.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))
+    r, w = await mesh.connect()
+    w.write(b"versioned")
+    w.write_eof()
+    assert await read_all(r) == b"versioned"
+    w.close()
+    (client,) = mesh.outbound.pool._iter(None)
+    (server,) = [c for c in mesh.inbound._conns if c.source is not None]
+    assert (client.version, server.version) == (agreed, agreed)

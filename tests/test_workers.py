@@ -22,7 +22,7 @@ import pytest
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, wait_for
 from hostmesh.agent.proxy import wire
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
-from hostmesh.ca.tls import ALPN_TCP, mesh_client_context
+from hostmesh.ca.tls import TCP_ALPN, mesh_client_context
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
@@ -116,7 +116,7 @@ def mesh_connections(a: AgentHandle, port: int, n: int) -> tuple[ExitStack, list
     hosts would open them (one caller's streams share one connection: agent/proxy/pool.py)."""
     certs = cert_dir(a.data_dir)
     chain, key = cert_paths(certs, "web")
-    ctx = mesh_client_context(chain, key, roots_path(certs).read_text(), alpn=(ALPN_TCP,))
+    ctx = mesh_client_context(chain, key, roots_path(certs).read_text(), alpn=TCP_ALPN)
     stack = ExitStack()
     socks: list[ssl.SSLSocket | None] = []
     for _ in range(n):

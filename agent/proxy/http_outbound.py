@@ -9,8 +9,9 @@ Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
     (response header ops) -> metrics reporter=source, sampled access line.
 
 Transport decision: agent to agent, a request travels as plain HTTP/1.1 on its own mutual-TLS 1.3
-connection negotiated with ALPN ``hostmesh/http1`` (not as a stream inside ``hostmesh/tcp``
-frames): the peer agent parses HTTP anyway, so framing it again would only add a copy per write.
+connection negotiated with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), not as a
+stream inside ``hostmesh/tcp`` frames: the peer agent parses HTTP anyway, so framing it again
+would only add a copy per write.
 The connections are pooled per instance (http_conn.UpstreamPool) and carry one request at a time,
 back to back, for any downstream connection of this listener; the security argument is pool.py's:
 a pooled connection is only reused for the same caller identity (one pool per listener, dropped
@@ -77,7 +78,7 @@ from hostmesh.agent.proxy.http_conn import (
 from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.ca.tls import ALPN_HTTP1
+from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -598,7 +599,7 @@ class HttpOutbound:
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
         transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
-        up.expires = min(up.expires, verify_peer(transport, key, ALPN_HTTP1, ident))
+        up.expires = min(up.expires, verify_peer(transport, key, HTTP_ALPN, ident).expires)
         self.pool.opened(up)
         return up
 

@@ -49,7 +49,7 @@ from hostmesh.agent.proxy.wire import RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
-from hostmesh.ca.tls import ALPN_TCP, MESH_ALPN, peer_identity, peer_not_after
+from hostmesh.ca.tls import MESH_ALPN, PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.inbound")
 
@@ -112,13 +112,14 @@ class InboundConnection(MuxConnection):
         self.roots_pem = snap.tls.roots_pem
         alpn = ssl_obj.selected_alpn_protocol()
         set_keepalive(transport)
-        if alpn != ALPN_TCP:
+        if alpn not in TCP_ALPN:
             handler = lst.alpn_handlers.get(alpn or "")
             if handler is None:
                 return self.refuse(f"ALPN {alpn!r} is not served here")
             lst._conns.discard(self)
             handler(lst, transport, source, svc, [])
             return True
+        self.version = PROTOCOL_VERSIONS[alpn]
         return True
 
     def refuse(self, reason: str) -> bool:

@@ -248,6 +248,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.last_id = 0  # highest stream id opened on this connection
+        self.version = 1  # agent protocol version agreed by ALPN (ca/tls.py PROTOCOL_VERSIONS)
         self.write_paused = False
         self.closed = False
         self.draining = False  # GOAWAY sent or received: no new streams

@@ -47,6 +47,7 @@ import math
 import socket
 import ssl
 import time
+from typing import NamedTuple
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
@@ -54,7 +55,7 @@ from hostmesh.agent.proxy.pump import reset_transport
 from hostmesh.agent.proxy.wire import MAX_STREAM_ID, OPEN, control
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
-from hostmesh.ca.tls import ALPN_TCP, peer_identity, peer_not_after
+from hostmesh.ca.tls import PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.pool")
 
@@ -115,15 +116,28 @@ async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSL
     return transport
 
 
-def verify_peer(transport: asyncio.Transport, key: PoolKey, alpn: str, expected: Identity) -> float:
-    """Check a fresh connection: the agreed ALPN protocol and the peer's SPIFFE ID. Returns the
-    monotonic time at which the peer's certificate expires (inf if unknown) and turns on TCP
-    keepalive; on a failed check the connection is aborted and DialError raised."""
+class Agreed(NamedTuple):
+    """What a verified dial settled: the protocol version both agents speak, and until when the
+    peer's certificate may be relied on (monotonic time, inf if unknown)."""
+
+    version: int
+    expires: float
+
+
+def verify_peer(
+    transport: asyncio.Transport, key: PoolKey, offered: tuple[str, ...], expected: Identity
+) -> Agreed:
+    """Check a fresh connection: the agreed ALPN protocol is one we offered (any version we speak)
+    and the peer's SPIFFE ID is `expected`. Turns on TCP keepalive; on a failed check the
+    connection is aborted and DialError raised."""
     try:
         ssl_obj = transport.get_extra_info("ssl_object")
         agreed = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
-        if agreed != alpn:
-            raise DialError(f"peer {key[0]}:{key[1]} did not agree to {alpn} (ALPN {agreed!r})")
+        if agreed not in offered:
+            raise DialError(
+                f"peer {key[0]}:{key[1]} speaks none of {', '.join(offered)} (ALPN {agreed!r});"
+                " it may be more than one minor release apart"
+            )
         try:
             ident = peer_identity(ssl_obj)
         except TrustError as exc:
@@ -138,7 +152,8 @@ def verify_peer(transport: asyncio.Transport, key: PoolKey, alpn: str, expected:
         raise
     set_keepalive(transport)
     not_after = peer_not_after(ssl_obj)
-    return time.monotonic() + max(0.0, not_after - time.time()) if not_after else math.inf
+    expires = time.monotonic() + max(0.0, not_after - time.time()) if not_after else math.inf
+    return Agreed(PROTOCOL_VERSIONS[agreed], expires)
 
 
 class MeshClient(MuxConnection):
@@ -259,7 +274,9 @@ class ConnectionPool:
         conn = MeshClient(self, key, ctx)
         transport = await connect_tls(conn, key, ctx, sni, timeout)
         self.handshakes += 1
-        conn.expires = min(conn.expires, verify_peer(transport, key, ALPN_TCP, expected))
+        agreed = verify_peer(transport, key, TCP_ALPN, expected)
+        conn.version = agreed.version
+        conn.expires = min(conn.expires, agreed.expires)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
         return conn

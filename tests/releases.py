@@ -1,0 +1,56 @@
+"""Previous hostmesh releases, built from this repository's own history for mixed-version tests.
+
+A release is installed into a virtualenv of its own under `.cache/releases/<commit>` (kept between
+runs; a fresh machine builds it once, from `git archive` of the commit, with the same package index
+as `make venv`). Tests then start agents from that venv beside agents of the working tree.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tests.support import REPO
+
+# Release -> commit. Tags (`v0.1.0`) are not kept by every clone, so the commit is what we build.
+RELEASES = {"0.1.0": "0569bee"}
+BUILD_TIMEOUT = 600  # venv + dependencies from the package index on a cold cache
+
+
+class ReleaseUnavailable(Exception):
+    """The commit of a release is not in this clone's history."""
+
+
+def release_command(version: str) -> list[str]:
+    """The `hostmesh` command of `version`, building it on first use."""
+    commit = RELEASES[version]
+    home = REPO / ".cache" / "releases" / commit
+    venv = home / "venv"
+    done = home / "complete"
+    if not done.exists():
+        _build(version, commit, venv)
+        done.write_text(commit + "\n")
+    return [str(venv / "bin" / "hostmesh")]
+
+
+def _build(version: str, commit: str, venv: Path) -> None:
+    known = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"], check=False, capture_output=True
+    )
+    if known.returncode != 0:
+        raise ReleaseUnavailable(f"commit {commit} (release {version}) is not in this clone's history")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "src.tar"
+        subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), commit], check=True)
+        src = Path(tmp) / "src"
+        with tarfile.open(archive) as tar:
+            tar.extractall(src, filter="data")
+        # A venv's scripts name their interpreter by path, so it is built where it stays; an
+        # interrupted build has no `complete` marker and is redone from scratch (--clear).
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", str(src)], check=True, timeout=BUILD_TIMEOUT
+        )

@@ -1,0 +1,130 @@
+"""End to end, mixed releases: an agent of the previous release (0.1.0, built from this repository's
+history, tests/releases.py) and an agent of this tree serve side by side on one real Consul and CA.
+
+Each host runs a TCP service and an HTTP service and calls the other host's two services, so L4 and
+L7 traffic cross the version boundary in both directions; intentions are enforced by whichever
+agent is on the receiving side, old or new. This is the skew a rolling upgrade goes through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import pytest
+
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
+from tests.l7_support import Backends, Client
+from tests.releases import ReleaseUnavailable, release_command
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+
+PREVIOUS = "0.1.0"
+APPLY_BOUND = 5.0  # an intention change reaches an agent's watch well within this
+
+
+class Mixed(NamedTuple):
+    m: LocalMesh
+    old: AgentHandle  # 0.1.0: services mxold (tcp) and mxoldh (http)
+    new: AgentHandle  # this tree: services mxnew (tcp) and mxnewh (http)
+
+
+@pytest.fixture(scope="module")
+def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+    try:
+        previous = release_command(PREVIOUS)
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))
+    echo_old, echo_new = EchoServer(), EchoServer()
+    backends = Backends("oldh", "newh")
+    m = LocalMesh(tmp_path_factory.mktemp("mixed"), consul.url)
+    try:
+        m.start_ca()
+        old = m.write_agent_config("node-old", [
+            {"name": "mxold", "port": echo_old.port, "upstreams": ["mxnew", "mxnewh"]},
+            {"name": "mxoldh", "port": backends["oldh"].port, "protocol": "http"},
+        ])  # fmt: skip
+        new = m.write_agent_config("node-new", [
+            {"name": "mxnew", "port": echo_new.port, "upstreams": ["mxold", "mxoldh"]},
+            {"name": "mxnewh", "port": backends["newh"].port, "protocol": "http"},
+        ])  # fmt: skip
+        m.start_agent(old, wait=False, command=previous)
+        m.start_agent(new, wait=False)
+        m.wait_ready(old)
+        m.wait_ready(new)
+        for handle, ups in ((old, ("mxnew", "mxnewh")), (new, ("mxold", "mxoldh"))):
+            for up in ups:
+                m.wait_endpoints(handle, up, 1)
+        yield Mixed(m, old, new)
+    finally:
+        m.close()
+        echo_old.close()
+        echo_new.close()
+        backends.close()
+        for svc in ("mxold", "mxoldh", "mxnew", "mxnewh"):
+            consul.kv_delete(f"hostmesh/intentions/{svc}", recurse=True)
+            consul.kv_delete(f"hostmesh/history/intentions/{svc}", recurse=True)
+
+
+def test_the_old_agent_is_the_previous_release(mixed: Mixed) -> None:
+    out = mixed.m.hostmesh("--version")
+    assert PREVIOUS not in out.stdout  # this tree is a newer release
+    import subprocess
+
+    old = subprocess.run(
+        [*release_command(PREVIOUS), "--version"], capture_output=True, text=True, check=True
+    )
+    assert old.stdout.strip().endswith(PREVIOUS)
+
+
+def test_l4_both_ways(mixed: Mixed) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    assert roundtrip(mixed.old.binds["mxnew"], payload, timeout=20) == payload
+    assert roundtrip(mixed.new.binds["mxold"], payload, timeout=20) == payload
+
+
+def test_l7_both_ways(mixed: Mixed) -> None:
+    to_new = Client(mixed.old.binds["mxnewh"]).get("/x", body=b"from old", method="POST")
+    assert to_new.status == 200 and to_new.instance == "newh"
+    to_old = Client(mixed.new.binds["mxoldh"]).get("/y", body=b"from new", method="POST")
+    assert to_old.status == 200 and to_old.instance == "oldh"
+
+
+def _l4_denied(port: int) -> bool:
+    return roundtrip(port, b"probe", timeout=1) == b""
+
+
+def _l7_status(port: int) -> int:
+    try:
+        return Client(port, timeout=2).get("/").status
+    except (ConnectionError, OSError, TimeoutError):
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "caller", "kind"),
+    [
+        ("mxold", "mxnew", "old", "tcp"),  # a new inbound judges an old caller
+        ("mxnew", "mxold", "new", "tcp"),  # an old inbound judges a new caller
+        ("mxold", "mxnewh", "old", "http"),
+        ("mxnew", "mxoldh", "new", "http"),
+    ],
+)
+def test_intentions_are_enforced_across_versions(
+    mixed: Mixed, src: str, dst: str, caller: str, kind: str
+) -> None:
+    m = mixed.m
+    port = (mixed.old if caller == "old" else mixed.new).binds[dst]
+    m.hostmesh("intention", "deny", src, dst)
+    try:
+        if kind == "tcp":
+            wait_for(lambda: _l4_denied(port), APPLY_BOUND, f"deny {src}->{dst} over L4")
+        else:
+            wait_for(lambda: _l7_status(port) == 403, APPLY_BOUND, f"deny {src}->{dst} over L7")
+    finally:
+        m.hostmesh("intention", "allow", src, dst)
+    if kind == "tcp":
+        wait_for(lambda: roundtrip(port, b"again", timeout=1) == b"again", APPLY_BOUND, "the allow")
+    else:
+        wait_for(lambda: _l7_status(port) == 200, APPLY_BOUND, "the allow")
