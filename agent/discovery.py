@@ -1,12 +1,13 @@
 """From Consul to a Snapshot: watches feed inputs, inputs are validated, bursts coalesce into one swap.
 
-Decision: every input (the endpoints of each upstream, each local service's intentions, the route
+Decision: the inputs (the endpoints of each upstream, each local service's intentions, the route
 document and destination policy of each upstream, the policy of each local service for its inbound
-rate limit) is watched with its own blocking query, for this agent's own services and upstreams
-only. Route documents are compiled (`hostmesh.agent.l7.match.CompiledRoutes`) here, once per
-accepted document, so the data path never compiles per request or per snapshot. A change marks the
-builder dirty; one rebuild runs on the next loop turn, so a
-burst of watch events yields one snapshot. Invalid KV content is rejected with a logged reason and
+rate limit) come from three cluster-wide blocking queries with targeted reads of this agent's own
+services and upstreams only (`Discovery`), so the agent's connections to Consul stay few whatever
+the number of upstreams. Route documents are compiled (`hostmesh.agent.l7.match.CompiledRoutes`)
+here, once per accepted document, so the data path never compiles per request or per snapshot. A
+change marks the builder dirty; one rebuild runs on the next loop turn, so a burst of watch events
+yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
 """
@@ -19,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -27,8 +27,8 @@ from hostmesh.agent.config import AgentConfig
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.consul import ConsulClient, ServiceInstance
-from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.consul import CatalogInstance, ConsulClient, NotPassing
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied
 from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes
 from hostmesh.registry.watch import Watch
 
@@ -48,16 +48,6 @@ class RouteConfig:
     protocol: str  # http | tcp: decides whether the outbound speaks HTTP to this upstream
     version: int
     compiled: Any  # hostmesh.agent.l7.match.CompiledRoutes
-
-
-def endpoints_from(instances: list[ServiceInstance]) -> tuple[Endpoint, ...]:
-    """Mesh instances only (Meta hostmesh=1), in a stable order so pickers see a steady list."""
-    eps = [
-        Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
-        for i in instances
-        if i.meta.get("hostmesh") == "1"
-    ]
-    return tuple(sorted(eps, key=lambda e: e.instance_id))
 
 
 def _local_services(config: AgentConfig) -> MappingProxyType[str, LocalService]:
@@ -100,8 +90,8 @@ class SnapshotBuilder:
 
     # --- inputs -----------------------------------------------------------------------------
 
-    def set_endpoints(self, service: str, index: int, instances: list[ServiceInstance]) -> None:
-        self.endpoints[service] = endpoints_from(instances)
+    def set_endpoints(self, service: str, index: int, endpoints: tuple[Endpoint, ...]) -> None:
+        self.endpoints[service] = endpoints
         self.versions[f"endpoints/{service}"] = index
         self._mark()
 
@@ -285,86 +275,185 @@ class SnapshotBuilder:
         return True
 
 
+# A few connections to Consul whatever the number of upstreams and documents: three blocking
+# queries here (documents, registrations, failing checks) plus the trust bundle's (agent/certs.py),
+# and short reads on a small pool. Consul's default limit is 200 connections per client address,
+# shared by every agent, allocation and CLI on a host.
+KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
+PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
+
+
+class EndpointTable:
+    """Pure: the registered instances of each upstream plus the cluster's failing checks give each
+    upstream's healthy mesh endpoints. `Endpoint` objects are built once per registration read, so
+    a health change costs one set lookup per instance, not a rebuild of the instance list."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, tuple[Endpoint, ...]] = {}  # mesh instances (Meta hostmesh=1), by id
+        self.not_passing = NotPassing(frozenset(), frozenset())
+        self.health_index = 0
+        self.current: dict[str, tuple[Endpoint, ...]] = {}
+
+    def set_members(self, upstream: str, instances: list[CatalogInstance]) -> None:
+        eps = [
+            Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
+            for i in instances
+            if i.meta.get("hostmesh") == "1"
+        ]
+        self.members[upstream] = tuple(sorted(eps, key=lambda e: e.instance_id))
+
+    def set_not_passing(self, index: int, not_passing: NotPassing) -> bool:
+        """Adopt a newer view of the failing checks; an older answer (a read that raced a blocking
+        query) is ignored."""
+        if index < self.health_index:
+            return False
+        self.health_index, self.not_passing = index, not_passing
+        return True
+
+    def changed(self) -> dict[str, tuple[Endpoint, ...]]:
+        """Upstreams whose healthy endpoints differ from the last call's, with their new list."""
+        np = self.not_passing
+        out = {}
+        for upstream, members in self.members.items():
+            healthy = tuple(e for e in members if np.healthy(e.node, e.instance_id))
+            before = self.current.get(upstream)
+            if (
+                before is None
+                or len(before) != len(healthy)
+                or any(a is not b for a, b in zip(before, healthy, strict=True))
+            ):
+                self.current[upstream] = out[upstream] = healthy
+        return out
+
+
 class Discovery:
-    """Runs the watches of one agent: endpoints of its upstreams, intentions of its local services."""
+    """Follows Consul for one agent with three blocking queries, whatever its number of upstreams:
+
+    - documents: any change below `hostmesh/` wakes it; it then reads this agent's own documents
+      (routes and policies of its upstreams, policies and intentions of its services) in one or a
+      few transactions and applies those whose ModifyIndex moved;
+    - registrations: any service registered, changed or removed wakes it; it then asks each upstream
+      for its index alone (an empty filtered answer) and re-reads the instances of those that moved;
+    - failing checks: any check changing state wakes it; the answer is the cluster's warning and
+      critical checks (usually a short list), from which each upstream's healthy set is derived.
+
+    A change to one instance of a large upstream therefore costs the failing-check list and a set
+    lookup per instance, not a re-read of the whole instance list.
+    """
 
     def __init__(self, consul: ConsulClient, builder: SnapshotBuilder) -> None:
         self._consul = consul
         self._builder = builder
-        self.watches: dict[str, Watch[Any]] = {}
+        self._table = EndpointTable()
+        self._doc_index: dict[str, int] = {}  # key -> ModifyIndex last applied (0: absent)
+        self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
         self._running = False
+        self.watches: dict[str, Watch[Any]] = {}
         self.sync_watches()
 
-    def wanted(self) -> dict[str, Callable[[], Watch[Any]]]:
-        """The watches the current config needs, by name, each with a factory."""
+    # --- what this agent follows ------------------------------------------------------------
+
+    def _upstreams(self) -> list[str]:
+        return sorted({u.service for s in self._builder.config.services for u in s.upstreams})
+
+    def _documents(self) -> dict[str, tuple[str, str]]:
+        """KV key -> (kind, service) for every document this agent applies."""
         config = self._builder.config
-        out: dict[str, Callable[[], Watch[Any]]] = {}
-        for name in sorted({u.service for s in config.services for u in s.upstreams}):
-            out[f"endpoints/{name}"] = partial(
-                Watch, f"endpoints/{name}", self._health_fetch(name), self._on_endpoints(name)
-            )
-        upstreams = sorted({u.service for s in config.services for u in s.upstreams})
-        for name in upstreams:
-            out[f"routes/{name}"] = partial(
-                Watch,
-                f"routes/{name}",
-                self._kv_fetch(f"{ROUTES_PREFIX}{name}"),
-                self._on_doc(name, "routes"),
-            )
+        upstreams = self._upstreams()
+        docs = {f"{ROUTES_PREFIX}{name}": ("routes", name) for name in upstreams}
         for name in sorted({*upstreams, *(s.name for s in config.services)}):
-            out[f"policies/{name}"] = partial(
-                Watch,
-                f"policies/{name}",
-                self._kv_fetch(f"{POLICIES_PREFIX}{name}"),
-                self._on_doc(name, "policies"),
-            )
+            docs[f"{POLICIES_PREFIX}{name}"] = ("policies", name)
         for svc in config.services:
-            key = f"{INTENTIONS_PREFIX}{svc.name}"
-            out[f"intentions/{svc.name}"] = partial(
-                Watch, f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name)
-            )
-        return out
+            docs[f"{INTENTIONS_PREFIX}{svc.name}"] = ("intentions", svc.name)
+        return docs
 
     def sync_watches(self) -> list[Watch[Any]]:
-        """Create the watches the config now needs; return the ones it no longer needs (to stop)."""
-        wanted = self.wanted()
-        for name, factory in wanted.items():
-            if name not in self.watches:
-                self.watches[name] = watch = factory()
-                if self._running:
-                    watch.start()
-        return [self.watches.pop(name) for name in list(self.watches) if name not in wanted]
+        """(Re)create the watches for the current config; returns the old ones, for the caller to
+        stop. The new ones read everything afresh and apply only what moved."""
+        stale = list(self.watches.values())
+        upstreams = set(self._upstreams())
+        for name in [n for n in self._table.members if n not in upstreams]:
+            del self._table.members[name]
+            self._service_index.pop(name, None)
+        self.watches = {
+            "documents": Watch("documents", self._fetch_documents, self._apply_documents),
+            "registrations": Watch("registrations", self._fetch_members, self._apply_members),
+            "failing-checks": Watch("failing-checks", self._fetch_health, self._apply_health),
+        }
+        if self._running:
+            for watch in self.watches.values():
+                watch.start()
+        return stale
 
-    def _health_fetch(self, name: str) -> Callable[[int | None], Any]:
-        async def fetch(index: int | None) -> tuple[int, tuple[int, list[ServiceInstance]]]:
-            idx, instances = await self._consul.health_service(name, passing=True, index=index)
-            return idx, (idx, instances)
+    # --- documents --------------------------------------------------------------------------
 
-        return fetch
+    async def _fetch_documents(self, index: int | None) -> tuple[int, Any]:
+        idx = await self._consul.kv_tree_index(KV_ROOT, index)
+        docs = self._documents()
+        return idx, (docs, await self._consul.kv_read_many(list(docs)))
 
-    def _kv_fetch(self, key: str) -> Callable[[int | None], Any]:
-        async def fetch(index: int | None) -> tuple[int, tuple[int, bytes | None]]:
-            idx, entry = await self._consul.kv_get_blocking(key, index)
-            return idx, (entry.modify_index if entry else 0, entry.value if entry else None)
+    def _apply_documents(self, value: tuple[dict[str, tuple[str, str]], dict[str, Any]]) -> None:
+        docs, results = value
+        for key, result in results.items():
+            kind, name = docs[key]
+            if isinstance(result, PermissionDenied):
+                log.warning("cannot read %s: %s; keeping what was applied before", key, result)
+                continue
+            modify = result.modify_index if result is not None else 0
+            if self._doc_index.get(key) == modify:
+                continue
+            self._doc_index[key] = modify
+            raw = result.value if result is not None else None
+            if kind == "intentions":
+                self._builder.set_intentions(name, modify, raw)
+            elif kind == "routes":
+                self._builder.set_routes(name, modify, raw)
+            else:
+                self._builder.set_policy(name, modify, raw)
 
-        return fetch
+    # --- endpoints --------------------------------------------------------------------------
 
-    def _on_endpoints(self, name: str) -> Callable[[tuple[int, list[ServiceInstance]]], None]:
-        return lambda value: self._builder.set_endpoints(name, value[0], value[1])
+    async def _fetch_members(self, index: int | None) -> tuple[int, Any]:
+        idx = await self._consul.catalog_services_index(index)
+        gate = asyncio.Semaphore(PROBE_CONCURRENCY)
 
-    def _on_intentions(self, name: str) -> Callable[[tuple[int, bytes | None]], None]:
-        def apply(value: tuple[int, bytes | None]) -> None:
-            self._builder.set_intentions(name, value[0], value[1])
+        async def probe(name: str) -> tuple[str, int, list[CatalogInstance]] | None:
+            async with gate:
+                sidx = await self._consul.catalog_service_index(name)
+                if sidx == self._service_index.get(name):
+                    return None
+                sidx, instances = await self._consul.catalog_service(name)
+                return name, sidx, instances
 
-        return apply
+        moved = [r for r in await asyncio.gather(*map(probe, self._upstreams())) if r is not None]
+        # New instances start with failing checks: read those now, so that an instance is never
+        # taken as healthy because its checks were not seen yet.
+        health = await self._consul.checks_not_passing(None) if moved else None
+        return idx, (moved, health)
 
-    def _on_doc(self, name: str, kind: str) -> Callable[[tuple[int, bytes | None]], None]:
-        setter = self._builder.set_routes if kind == "routes" else self._builder.set_policy
+    def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any]) -> None:
+        moved, health = value
+        for name, sidx, instances in moved:
+            self._service_index[name] = sidx
+            self._table.set_members(name, instances)
+        if health is not None:
+            self._table.set_not_passing(*health)
+        self._publish()
 
-        def apply(value: tuple[int, bytes | None]) -> None:
-            setter(name, value[0], value[1])
+    async def _fetch_health(self, index: int | None) -> tuple[int, tuple[int, NotPassing]]:
+        idx, not_passing = await self._consul.checks_not_passing(index)
+        return idx, (idx, not_passing)
 
-        return apply
+    def _apply_health(self, value: tuple[int, NotPassing]) -> None:
+        if self._table.set_not_passing(*value):
+            self._publish()
+
+    def _publish(self) -> None:
+        index = self._table.health_index
+        for name, endpoints in self._table.changed().items():
+            self._builder.set_endpoints(name, max(index, self._service_index.get(name, 0)), endpoints)
+
+    # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._running = True

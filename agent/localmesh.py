@@ -241,13 +241,23 @@ class LocalMesh:
                 f"health = {{ {health_s} }}",
             ]
             for up in svc.get("upstreams", []):
-                binds[up] = free_port()
+                binds[up] = self._unused_port(binds.values())
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
         config_path = data_dir / "agent.toml"
         config_path.write_text("\n".join(lines) + "\n")
         handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds)  # type: ignore[arg-type]
         self.agents[node] = handle
         return handle
+
+    @staticmethod
+    def _unused_port(taken: Any) -> int:
+        """A free port not already handed out in this config (the kernel may offer one twice)."""
+        taken = set(taken)
+        for _ in range(100):
+            port = free_port()
+            if port not in taken:
+                return port
+        raise RuntimeError("no free port")
 
     def start_agent(
         self, handle: AgentHandle, wait: bool = True, command: list[str] | None = None

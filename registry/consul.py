@@ -198,6 +198,32 @@ class ServiceRegistration:
     checks: tuple[dict[str, Any], ...] = ()  # Consul check definitions (Name, CheckID, HTTP/TTL, …)
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogInstance:
+    """One registered instance of a service as the catalog lists it (health not included)."""
+
+    id: str
+    node: str
+    address: str
+    port: int
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class NotPassing(NamedTuple):
+    """The cluster's checks that are not passing: an instance is healthy unless its own service
+    check or a node-level check of its node is in here (Consul's `?passing` rule)."""
+
+    instances: frozenset[tuple[str, str]]  # (node, service id) with a warning/critical service check
+    nodes: frozenset[str]  # nodes with a warning/critical node-level check (serfHealth, maintenance)
+
+    def healthy(self, node: str, service_id: str) -> bool:
+        return node not in self.nodes and (node, service_id) not in self.instances
+
+
+TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
+NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
+
+
 async def _translate(awaitable: Awaitable[T], what: str) -> T:
     try:
         return await awaitable
@@ -381,6 +407,134 @@ class ConsulClient:
 
     async def agent_checks(self) -> dict[str, Any]:
         return dict(await _translate(self._api.agent.checks(), "agent checks"))
+
+    # --- few, cluster-wide blocking queries (agent discovery; see agent/discovery.py) ----------
+
+    async def kv_tree_index(self, prefix: str, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+        """Long-poll everything below `prefix`: returns once any key under it changes (or after
+        `wait`). Asks for the first level of key names only (`?keys&separator=/`), so the answer is
+        a handful of names whatever the number of documents; the index is what matters."""
+        params: dict[str, Any] = {"keys": "", "separator": "/"}
+        idx, _ = await self._get(f"/v1/kv/{prefix}", params, index, wait, f"watch of {prefix}")
+        return idx
+
+    async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
+        """The current value of each key (None when absent), in transactions of `TXN_MAX_OPS` reads.
+        A key the token may not read maps to its `PermissionDenied` instead of failing the others."""
+        out: dict[str, KVEntry | PermissionDenied | None] = {}
+        for start in range(0, len(keys), TXN_MAX_OPS):
+            chunk = keys[start : start + TXN_MAX_OPS]
+            try:
+                out.update(await self._txn_read(chunk))
+            except PermissionDenied:
+                for key in chunk:  # which ones? one by one (rare: a token narrower than the policy)
+                    try:
+                        out[key] = await self.kv_get(key)
+                    except PermissionDenied as exc:
+                        out[key] = exc
+        return out
+
+    async def _txn_read(self, keys: list[str]) -> dict[str, KVEntry | None]:
+        # get-tree, not get: a missing key is an empty result rather than an aborted transaction.
+        ops = [{"KV": {"Verb": "get-tree", "Key": key}} for key in keys]
+        resp = await self._http.request("PUT", "/v1/txn", json.dumps(ops).encode(), self._headers())
+        if resp.status == 409:  # per-operation errors; an ACL refusal shows up here as well
+            errors = (resp.json() or {}).get("Errors") or []
+            text = "; ".join(str(e.get("What", "")) for e in errors)
+            if "ermission denied" in text:
+                raise PermissionDenied(f"Consul ACL denied a read of hostmesh documents: {text}")
+            raise Rejected(409, f"Consul rejected a read transaction: {text}")
+        self._check(resp, "read transaction")
+        wanted = set(keys)
+        out: dict[str, KVEntry | None] = dict.fromkeys(keys)
+        for result in (resp.json() or {}).get("Results") or []:
+            kv = result.get("KV") or {}
+            if kv.get("Key") in wanted:  # get-tree of `a/b` also lists `a/bc`
+                value = base64.b64decode(kv["Value"]) if kv.get("Value") else b""
+                out[kv["Key"]] = KVEntry(kv["Key"], value, int(kv["ModifyIndex"]))
+        return out
+
+    async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+        """Long-poll the catalog's service registrations (any service, any node): returns once one
+        is added, removed or changed. Health changes do not move this index."""
+        idx, _ = await self._get("/v1/catalog/services", {}, index, wait, "watch of the catalog")
+        return idx
+
+    async def catalog_service_index(self, name: str) -> int:
+        """The index of `name` alone (its instances and their checks), without listing them."""
+        idx, _ = await self._get(
+            f"/v1/catalog/service/{urllib.parse.quote(name, safe='')}",
+            {"filter": NO_MATCH_FILTER}, None, 0.0, f"index of {name}",
+        )  # fmt: skip
+        return idx
+
+    async def catalog_service(self, name: str) -> tuple[int, list[CatalogInstance]]:
+        """Every registered instance of `name`, healthy or not."""
+        idx, entries = await self._get(
+            f"/v1/catalog/service/{urllib.parse.quote(name, safe='')}", {}, None, 0.0, f"catalog of {name}"
+        )
+        return idx, [
+            CatalogInstance(
+                id=e["ServiceID"],
+                node=e["Node"],
+                address=e.get("ServiceAddress") or e.get("Address", ""),
+                port=int(e["ServicePort"]),
+                meta=dict(e.get("ServiceMeta") or {}),
+            )
+            for e in entries or []
+        ]
+
+    async def checks_not_passing(
+        self, index: int | None, wait: float = BLOCKING_WAIT
+    ) -> tuple[int, NotPassing]:
+        """Long-poll the cluster's checks that are not passing (usually a short list); with
+        `index` None, a plain read. The index moves when any check anywhere changes state."""
+        idx, checks = await self._get(
+            "/v1/health/state/any", {"filter": 'Status != "passing"'}, index, wait, "watch of failing checks"
+        )
+        instances, nodes = set(), set()
+        for c in checks or []:
+            if c.get("ServiceID"):
+                instances.add((c["Node"], c["ServiceID"]))
+            else:
+                nodes.add(c["Node"])
+        return idx, NotPassing(frozenset(instances), frozenset(nodes))
+
+    async def _get(
+        self, path: str, params: dict[str, Any], index: int | None, wait: float, what: str
+    ) -> tuple[int, Any]:
+        """GET `path`; with `index`, a blocking query on the connection pool kept for those."""
+        query = dict(params)
+        client, timeout = self._http, DEFAULT_TIMEOUT
+        if index:
+            query.update(index=index, wait=f"{int(wait)}s")
+            client, timeout = self._blocking_http, wait + BLOCKING_SLACK
+        target = path
+        if query:
+            target += "?" + "&".join(
+                urllib.parse.quote(k) if v == "" else f"{urllib.parse.quote(k)}={urllib.parse.quote(str(v))}"
+                for k, v in query.items()
+            )
+        resp = await client.request("GET", target, b"", self._headers(), timeout)
+        if resp.status == 404 and "keys" in params:
+            body = None  # no key below the prefix (yet): still a valid index to block on
+        else:
+            self._check(resp, what)
+            body = resp.json() if resp.body.strip() else None
+        return int(resp.headers.get("x-consul-index", "0") or 0), body
+
+    def _check(self, resp: Any, what: str) -> None:
+        """Translate a non-2xx answer into registry.errors (one line, naming `what`)."""
+        if resp.status < 300:
+            return
+        text = resp.body.decode(errors="replace").strip()
+        if resp.status == 403:
+            raise PermissionDenied(f"Consul ACL denied {what}: {text}")
+        if resp.status == 404:
+            raise NotFound(f"{what}: not found")
+        if resp.status < 500:
+            raise Rejected(resp.status, f"Consul rejected {what}: {text}")
+        raise Unavailable(f"Consul failed {what}: {resp.status} {text}")
 
     async def _raw(self, method: str, path: str, payload: Any, what: str) -> Any:
         body = b"" if payload is None else json.dumps(payload).encode()
