@@ -9,6 +9,27 @@ builder dirty; one rebuild runs on the next loop turn, so a
 burst of watch events yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
+
+Intentions fail closed. Each local service's intentions are in one `IntentionsState`
+(agent/snapshot.py); the data path and readiness read only the snapshot's result:
+
+- Consul answered with a valid document → PRESENT; Consul answered 404 (readable, no document) →
+  ABSENT, and the agent's `default_intention` decides. A deleted document is ABSENT.
+- Never read on this host → UNREAD; Consul refuses the read (ACL 403, `intentions_unreadable`) →
+  DENIED, even when an older document is known: an agent that can no longer read its intentions
+  cannot see a deny written since. Only an invalid document and nothing valid before it → INVALID.
+  These three refuse the service's traffic (L4 reset, L7 503, flag NI, an audit line,
+  `hostmesh_authz_unavailable_total`) and make `/ready` and `/health/<service>` fail with the reason.
+- Consul unreachable or 5xx (`intentions_unreachable`) changes nothing but the reason: the last good
+  state stays in force (the design's "keep serving from the last valid snapshot"), a service never
+  read stays refused. An invalid document keeps the last good state (PRESENT or ABSENT).
+- The next good read (the watch retries with backoff) serves again, without a restart.
+
+Saved state and upgrades: the saved snapshot keeps the valid documents and, under `versions`, an
+`intentions/<svc>` entry for every service whose intentions were read (present or absent); agents
+before this rule wrote the same, so an upgraded host restarted with Consul down keeps serving as it
+did. A service with neither is UNREAD. DENIED and INVALID are saved too (`intentions_refused`, a
+key older agents ignore), so a restart does not turn a refusal into the default.
 """
 
 from __future__ import annotations
@@ -24,11 +45,18 @@ from types import MappingProxyType
 from typing import Any
 
 from hostmesh.agent.config import AgentConfig
-from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.agent.snapshot import (
+    Endpoint,
+    IntentionsState,
+    LocalService,
+    Snapshot,
+    SnapshotHolder,
+    TLSMaterial,
+)
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import ConsulClient, ServiceInstance
-from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes
 from hostmesh.registry.watch import Watch
 
@@ -39,6 +67,7 @@ STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored,
 INTENTIONS_PREFIX = "hostmesh/intentions/"
 ROUTES_PREFIX = "hostmesh/routes/"
 POLICIES_PREFIX = "hostmesh/policies/"
+NOT_READ_YET = "intentions not read from Consul yet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +122,11 @@ class SnapshotBuilder:
         self.raw_routes: dict[str, Any] = {}
         self.raw_policies: dict[str, Any] = {}
         self.versions: dict[str, int] = {}
+        # local service -> what is known of its intentions, and why it is refused (module docstring)
+        self.intentions_state: dict[str, IntentionsState] = {}
+        self.intentions_reason: dict[str, str] = {}
+        for name in self.local:
+            self._intentions_to(name, IntentionsState.UNREAD, NOT_READ_YET)
         self.generation = 0
         self.holder = SnapshotHolder(self.build())
         self._dirty_since: float | None = None
@@ -106,7 +140,10 @@ class SnapshotBuilder:
         self._mark()
 
     def set_intentions(self, service: str, index: int, raw: bytes | None) -> bool:
-        """Apply a new intentions value; returns False (and keeps the old one) when it is invalid."""
+        """Consul answered a read of the intentions: `raw` is the document, None when there is none (404).
+
+        Returns False when the document is invalid: the last good state (document or absence) stays;
+        with none, the service stays refused and says why (INVALID)."""
         if raw is None:
             self.intentions.pop(service, None)
             self.raw_intentions.pop(service, None)
@@ -123,12 +160,56 @@ class SnapshotBuilder:
                 )
                 if self._on_rejected:
                     self._on_rejected(f"intentions/{service}", reason)
+                last_good = self._last_good_intentions(service)
+                if last_good is None:
+                    why = f"intentions document invalid, and no valid one before it: {reason}"
+                    self._intentions_to(service, IntentionsState.INVALID, why)
+                else:  # readable again (after a DENIED) but invalid: the last good state is back in force
+                    self._intentions_to(service, last_good, "")
                 return False
             self.intentions[service] = doc
             self.raw_intentions[service] = data
         self.versions[f"intentions/{service}"] = index
+        self._intentions_to(service, IntentionsState.ABSENT if raw is None else IntentionsState.PRESENT, "")
         self._mark()
         return True
+
+    def intentions_unreadable(self, service: str, reason: str) -> None:
+        """Consul refuses this agent the read of `service`'s intentions (ACL): refuse its traffic until
+        a read succeeds, even with an older document (the agent could not see a deny written since)."""
+        self._intentions_to(service, IntentionsState.DENIED, f"intentions unreadable: {reason}")
+
+    def intentions_unreachable(self, service: str, reason: str) -> None:
+        """Consul could not be asked (down, timeout, 5xx): the last good state stays in force; a service
+        whose intentions were never read stays refused, now with this reason."""
+        if self.intentions_state.get(service) is IntentionsState.UNREAD:
+            self._intentions_to(service, IntentionsState.UNREAD, f"{NOT_READ_YET}: {reason}")
+
+    def _last_good_intentions(self, service: str) -> IntentionsState | None:
+        """PRESENT or ABSENT as last read successfully (a `versions` entry marks a read), else None."""
+        if service in self.intentions:
+            return IntentionsState.PRESENT
+        if f"intentions/{service}" in self.versions:
+            return IntentionsState.ABSENT
+        return None
+
+    def _intentions_to(self, service: str, state: IntentionsState, reason: str) -> None:
+        """Enter `state` (reason: why it refuses, empty when it does not); rebuild only on a change."""
+        before = self.intentions_state.get(service)
+        if before is state and self.intentions_reason.get(service, "") == reason:
+            return
+        self.intentions_state[service] = state
+        if state.refuses:
+            self.intentions_reason[service] = reason
+            if before is not None and before is not state:
+                log.error("%s: refusing %s's traffic and reporting it not ready until they can be read",
+                          reason, service)  # fmt: skip
+        else:
+            self.intentions_reason.pop(service, None)
+            if before is not None and before.refuses:
+                log.warning("intentions of %s are readable again (%s): serving it", service, state.value)
+        if before is not None:  # not during __init__: the first build follows
+            self._mark()
 
     def set_routes(self, service: str, index: int, raw: bytes | None) -> bool:
         """Apply a new route document (validated, then compiled once); False keeps the old one."""
@@ -184,6 +265,9 @@ class SnapshotBuilder:
         """Adopt a reloaded agent.toml (SIGHUP): local services' ports/protocols, the default intention."""
         self.config = config
         self.local = _local_services(config)
+        for name in self.local:
+            if name not in self.intentions_state:
+                self._intentions_to(name, IntentionsState.UNREAD, NOT_READ_YET)
         self._mark()
 
     def tls_changed(self) -> None:
@@ -206,6 +290,8 @@ class SnapshotBuilder:
             routes=MappingProxyType(dict(self.routes)),
             policies=MappingProxyType(dict(self.policies)),
             versions=MappingProxyType(dict(self.versions)),
+            intentions_unavailable=MappingProxyType(dict(self.intentions_reason)),
+            intentions_state=MappingProxyType(dict(self.intentions_state)),
         )
 
     def _mark(self) -> None:
@@ -250,6 +336,11 @@ class SnapshotBuilder:
             "routes": self.raw_routes,
             "policies": self.raw_policies,
             "versions": self.versions,
+            "intentions_refused": {  # DENIED / INVALID survive a restart (UNREAD is what no entry means)
+                svc: {"state": state.value, "reason": self.intentions_reason.get(svc, "")}
+                for svc, state in self.intentions_state.items()
+                if state in (IntentionsState.DENIED, IntentionsState.INVALID)
+            },
         }
         try:
             write_private(self._state_path, json.dumps(state, sort_keys=True).encode())
@@ -269,17 +360,27 @@ class SnapshotBuilder:
                 Endpoint(e["id"], e["node"], e["address"], int(e["port"]), MappingProxyType(dict(e["meta"])))
                 for e in eps
             )
+        unparsed = set()
         for svc, raw in state.get("intentions", {}).items():
             try:
                 self.intentions[svc] = parse_intentions(raw)
                 self.raw_intentions[svc] = raw
             except InvalidDocument:
+                unparsed.add(f"intentions/{svc}")  # its read marker must not turn it into ABSENT
                 continue
         for svc, raw in state.get("routes", {}).items():
             self.set_routes(svc, 0, json.dumps(raw).encode())
         for svc, raw in state.get("policies", {}).items():
             self.set_policy(svc, 0, json.dumps(raw).encode())
-        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items()})
+        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items() if k not in unparsed})
+        refused = state.get("intentions_refused", {})
+        for svc in self.local:
+            saved = refused.get(svc) if isinstance(refused, dict) else None
+            last_good = self._last_good_intentions(svc)
+            if isinstance(saved, dict) and saved.get("state") in ("denied", "invalid"):
+                self._intentions_to(svc, IntentionsState(saved["state"]), str(saved.get("reason", "")))
+            elif last_good is not None:
+                self._intentions_to(svc, last_good, "")
         self.rebuild()
         log.info("loaded the saved snapshot from %s", self._state_path)
         return True
@@ -321,8 +422,9 @@ class Discovery:
         for svc in config.services:
             key = f"{INTENTIONS_PREFIX}{svc.name}"
             out[f"intentions/{svc.name}"] = partial(
-                Watch, f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name)
-            )
+                Watch, f"intentions/{svc.name}", self._kv_fetch(key), self._on_intentions(svc.name),
+                self._on_intentions_error(svc.name),
+            )  # fmt: skip
         return out
 
     def sync_watches(self) -> list[Watch[Any]]:
@@ -357,6 +459,15 @@ class Discovery:
             self._builder.set_intentions(name, value[0], value[1])
 
         return apply
+
+    def _on_intentions_error(self, name: str) -> Callable[[Exception], None]:
+        def failed(exc: Exception) -> None:
+            if isinstance(exc, (PermissionDenied, Rejected)):  # Consul's answer: this agent may not read it
+                self._builder.intentions_unreadable(name, str(exc))
+            else:  # Consul not reachable: the last good state stays
+                self._builder.intentions_unreachable(name, str(exc))
+
+        return failed
 
     def _on_doc(self, name: str, kind: str) -> Callable[[tuple[int, bytes | None]], None]:
         setter = self._builder.set_routes if kind == "routes" else self._builder.set_policy
