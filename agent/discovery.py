@@ -195,8 +195,8 @@ class SnapshotBuilder:
 
     def _intentions_to(self, service: str, state: IntentionsState, reason: str) -> None:
         """Enter `state` (reason: why it refuses, empty when it does not); rebuild only on a change."""
-        before = self.intentions_state.get(service)
-        if before is state and self.intentions_reason.get(service, "") == reason:
+        before, before_reason = self.intentions_state.get(service), self.intentions_reason.get(service, "")
+        if before is state and before_reason == reason:
             return
         self.intentions_state[service] = state
         if state.refuses:
@@ -206,8 +206,8 @@ class SnapshotBuilder:
                           reason, service)  # fmt: skip
         else:
             self.intentions_reason.pop(service, None)
-            if before is not None and before.refuses:
-                log.warning("intentions of %s are readable again (%s): serving it", service, state.value)
+            if before is not None and before.refuses and before_reason != NOT_READ_YET:  # it was an outage
+                log.warning("intentions of %s can be read (%s): serving it", service, state.value)
         if before is not None:  # not during __init__: the first build follows
             self._mark()
 
