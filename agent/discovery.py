@@ -25,6 +25,10 @@ Intentions fail closed. Each local service's intentions are in one `IntentionsSt
   read stays refused. An invalid document keeps the last good state (PRESENT or ABSENT).
 - The next good read (the watch retries with backoff) serves again, without a restart.
 
+`default_intention` (agent.toml) keeps its `allow` default and only ever answers for ABSENT: a
+never-readable service is refused whatever it says (that is the fresh install's deny), while
+existing hosts and services without a document keep behaving as they did.
+
 Saved state and upgrades: the saved snapshot keeps the valid documents and, under `versions`, an
 `intentions/<svc>` entry for every service whose intentions were read (present or absent); agents
 before this rule wrote the same, so an upgraded host restarted with Consul down keeps serving as it
