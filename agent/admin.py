@@ -5,6 +5,12 @@ and of the process (`/v1/memory`: RSS, peak, threads, loaded modules), plus `/re
 for supervisors, and `/health/<service>`, which Consul's HTTP check
 calls: it probes the local app (HTTP GET of the configured path, or a TCP connect) so Consul's
 health of a mesh instance is the health of the app behind it.
+
+Readiness fails closed: a local service whose intentions this agent cannot read
+(`Snapshot.intentions_unavailable`, agent/discovery.py) is not ready. `/ready` answers 503 naming
+each such service with the reason (`{"ready": false, "not_ready": {"api": "<reason>"}}`), and
+`/health/<service>` answers 503 with the reason without probing the app, so Consul marks the
+instance critical and callers pick instances that can enforce their policy.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 from hostmesh.agent import memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
-from hostmesh.agent.snapshot import SnapshotHolder
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import HTTPClient, Request, Response
 
@@ -47,6 +53,14 @@ async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
         )
 
 
+async def service_health(svc: ServiceConfig, snap: Snapshot) -> tuple[bool, str]:
+    """Can `svc` take traffic here? Not while its intentions cannot be read; else its app's health."""
+    unavailable = snap.intentions_unavailable.get(svc.name)
+    if unavailable is not None:
+        return False, unavailable
+    return await probe_app(svc)
+
+
 class AdminAPI:
     def __init__(
         self,
@@ -71,7 +85,11 @@ class AdminAPI:
             return Response.of_json(200, {"live": True})
         if path == "/ready":
             ready = self._is_ready()
-            return Response.of_json(200 if ready else 503, {"ready": ready})
+            body: dict[str, Any] = {"ready": ready}
+            unavailable = dict(self.holder.current.intentions_unavailable)
+            if unavailable:
+                body = {"ready": False, "not_ready": unavailable}
+            return Response.of_json(200 if body["ready"] else 503, body)
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())
         if path == "/v1/certs":
@@ -84,7 +102,7 @@ class AdminAPI:
             svc = self.config.service(path[len("/health/") :])
             if svc is None:
                 return Response.error(404, f"no local service {path[len('/health/') :]!r}")
-            ok, detail = await probe_app(svc)
+            ok, detail = await service_health(svc, self.holder.current)
             return Response.of_json(
                 200 if ok else 503, {"service": svc.name, "healthy": ok, "detail": detail}
             )
@@ -104,6 +122,10 @@ class AdminAPI:
                 {"name": s.name, "port": s.port, "protocol": s.protocol, "spiffe_id": s.identity.spiffe_id}
                 for s in snap.local.values()
             ],
+            "intentions_state": {  # refusing states carry their reason
+                svc: {"state": state.value, "reason": snap.intentions_unavailable.get(svc, "")}
+                for svc, state in snap.intentions_state.items()
+            },
             "intentions": {
                 svc: {
                     "version": doc.version,

@@ -20,6 +20,10 @@ pass `l7=False`: an L7 allow then grants nothing and an L7 deny denies the whole
 `Decision.reason` is a short phrase for audit logs and metrics: `"rule 2 deny web"`,
 `"rule 0 allow * l7"`, `"default deny"` (the document's), `"agent default allow"`.
 
+Before any of this, the data path asks the snapshot whether the service's intentions can be read at
+all (`Snapshot.intentions_unavailable`, agent/discovery.py): when not, `refuse_unavailable` decides
+for every caller and request — fail closed, flag NI, whatever the agent-wide default.
+
 Per request, `fixed_request_decision` answers first: when no rule that could apply to the caller has
 permissions, the L7 decision is the same for every request of that caller, so it is made once per
 (intentions document, source, default) and reused until the document object changes.
@@ -144,3 +148,9 @@ def authorize_connection(
         if rule.permissions and rule.allow and rank > best_rank:
             return Decision(True, _reason(i, rule))
     return plain
+
+
+def refuse_unavailable(reason: str) -> Decision:
+    """The decision when the destination's intentions cannot be read (`reason`, from the snapshot):
+    refuse, for every caller and request. Kept apart from rule matching: it never consults a document."""
+    return Decision(False, reason)  # the reason already says what is unreadable and why

@@ -109,7 +109,7 @@ class AgentConfig:
     ca: CAConfig
     services: tuple[ServiceConfig, ...]
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    default_intention: str = "allow"  # when a service has no intentions document: allow | deny
+    default_intention: str = "allow"  # Consul says the service has no intentions document (404): allow | deny
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     workers: int = 1
     log_level: str = "info"

@@ -10,6 +10,31 @@ change marks the builder dirty; one rebuild runs on the next loop turn, so a bur
 yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
+
+Intentions fail closed. Each local service's intentions are in one `IntentionsState`
+(agent/snapshot.py); the data path and readiness read only the snapshot's result:
+
+- Consul answered with a valid document → PRESENT; Consul answered 404 (readable, no document) →
+  ABSENT, and the agent's `default_intention` decides. A deleted document is ABSENT.
+- Never read on this host → UNREAD; Consul refuses the read (ACL 403, `intentions_unreadable`) →
+  DENIED, even when an older document is known: an agent that can no longer read its intentions
+  cannot see a deny written since. Only an invalid document and nothing valid before it → INVALID.
+  These three refuse the service's traffic (L4 reset, L7 503, flag NI, an audit line,
+  `hostmesh_authz_unavailable_total`) and make `/ready` and `/health/<service>` fail with the reason.
+- Consul unreachable or 5xx (`intentions_unreachable`) changes nothing but the reason: the last good
+  state stays in force (the design's "keep serving from the last valid snapshot"), a service never
+  read stays refused. An invalid document keeps the last good state (PRESENT or ABSENT).
+- The next good read (the watch retries with backoff) serves again, without a restart.
+
+`default_intention` (agent.toml) keeps its `allow` default and only ever answers for ABSENT: a
+never-readable service is refused whatever it says (that is the fresh install's deny), while
+existing hosts and services without a document keep behaving as they did.
+
+Saved state and upgrades: the saved snapshot keeps the valid documents and, under `versions`, an
+`intentions/<svc>` entry for every service whose intentions were read (present or absent); agents
+before this rule wrote the same, so an upgraded host restarted with Consul down keeps serving as it
+did. A service with neither is UNREAD. DENIED and INVALID are saved too (`intentions_refused`, a
+key older agents ignore), so a restart does not turn a refusal into the default.
 """
 
 from __future__ import annotations
@@ -24,11 +49,18 @@ from types import MappingProxyType
 from typing import Any
 
 from hostmesh.agent.config import AgentConfig
-from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.agent.snapshot import (
+    Endpoint,
+    IntentionsState,
+    LocalService,
+    Snapshot,
+    SnapshotHolder,
+    TLSMaterial,
+)
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.consul import CatalogInstance, ConsulClient, NotPassing
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied
+from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes
 from hostmesh.registry.watch import Watch
 
@@ -39,6 +71,7 @@ STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored,
 INTENTIONS_PREFIX = "hostmesh/intentions/"
 ROUTES_PREFIX = "hostmesh/routes/"
 POLICIES_PREFIX = "hostmesh/policies/"
+NOT_READ_YET = "intentions not read from Consul yet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +116,11 @@ class SnapshotBuilder:
         self.raw_routes: dict[str, Any] = {}
         self.raw_policies: dict[str, Any] = {}
         self.versions: dict[str, int] = {}
+        # local service -> what is known of its intentions, and why it is refused (module docstring)
+        self.intentions_state: dict[str, IntentionsState] = {}
+        self.intentions_reason: dict[str, str] = {}
+        for name in self.local:
+            self._intentions_to(name, IntentionsState.UNREAD, NOT_READ_YET)
         self.generation = 0
         self.holder = SnapshotHolder(self.build())
         self._dirty_since: float | None = None
@@ -96,7 +134,10 @@ class SnapshotBuilder:
         self._mark()
 
     def set_intentions(self, service: str, index: int, raw: bytes | None) -> bool:
-        """Apply a new intentions value; returns False (and keeps the old one) when it is invalid."""
+        """Consul answered a read of the intentions: `raw` is the document, None when there is none (404).
+
+        Returns False when the document is invalid: the last good state (document or absence) stays;
+        with none, the service stays refused and says why (INVALID)."""
         if raw is None:
             self.intentions.pop(service, None)
             self.raw_intentions.pop(service, None)
@@ -113,12 +154,56 @@ class SnapshotBuilder:
                 )
                 if self._on_rejected:
                     self._on_rejected(f"intentions/{service}", reason)
+                last_good = self._last_good_intentions(service)
+                if last_good is None:
+                    why = f"intentions document invalid, and no valid one before it: {reason}"
+                    self._intentions_to(service, IntentionsState.INVALID, why)
+                else:  # readable again (after a DENIED) but invalid: the last good state is back in force
+                    self._intentions_to(service, last_good, "")
                 return False
             self.intentions[service] = doc
             self.raw_intentions[service] = data
         self.versions[f"intentions/{service}"] = index
+        self._intentions_to(service, IntentionsState.ABSENT if raw is None else IntentionsState.PRESENT, "")
         self._mark()
         return True
+
+    def intentions_unreadable(self, service: str, reason: str) -> None:
+        """Consul refuses this agent the read of `service`'s intentions (ACL): refuse its traffic until
+        a read succeeds, even with an older document (the agent could not see a deny written since)."""
+        self._intentions_to(service, IntentionsState.DENIED, f"intentions unreadable: {reason}")
+
+    def intentions_unreachable(self, service: str, reason: str) -> None:
+        """Consul could not be asked (down, timeout, 5xx): the last good state stays in force; a service
+        whose intentions were never read stays refused, now with this reason."""
+        if self.intentions_state.get(service) is IntentionsState.UNREAD:
+            self._intentions_to(service, IntentionsState.UNREAD, f"{NOT_READ_YET}: {reason}")
+
+    def _last_good_intentions(self, service: str) -> IntentionsState | None:
+        """PRESENT or ABSENT as last read successfully (a `versions` entry marks a read), else None."""
+        if service in self.intentions:
+            return IntentionsState.PRESENT
+        if f"intentions/{service}" in self.versions:
+            return IntentionsState.ABSENT
+        return None
+
+    def _intentions_to(self, service: str, state: IntentionsState, reason: str) -> None:
+        """Enter `state` (reason: why it refuses, empty when it does not); rebuild only on a change."""
+        before, before_reason = self.intentions_state.get(service), self.intentions_reason.get(service, "")
+        if before is state and before_reason == reason:
+            return
+        self.intentions_state[service] = state
+        if state.refuses:
+            self.intentions_reason[service] = reason
+            if before is not None and before is not state:
+                log.error("%s: refusing %s's traffic and reporting it not ready until they can be read",
+                          reason, service)  # fmt: skip
+        else:
+            self.intentions_reason.pop(service, None)
+            if before is not None and before.refuses and before_reason != NOT_READ_YET:  # it was an outage
+                log.warning("intentions of %s can be read (%s): serving it", service, state.value)
+        if before is not None:  # not during __init__: the first build follows
+            self._mark()
 
     def set_routes(self, service: str, index: int, raw: bytes | None) -> bool:
         """Apply a new route document (validated, then compiled once); False keeps the old one."""
@@ -174,6 +259,9 @@ class SnapshotBuilder:
         """Adopt a reloaded agent.toml (SIGHUP): local services' ports/protocols, the default intention."""
         self.config = config
         self.local = _local_services(config)
+        for name in self.local:
+            if name not in self.intentions_state:
+                self._intentions_to(name, IntentionsState.UNREAD, NOT_READ_YET)
         self._mark()
 
     def tls_changed(self) -> None:
@@ -196,6 +284,8 @@ class SnapshotBuilder:
             routes=MappingProxyType(dict(self.routes)),
             policies=MappingProxyType(dict(self.policies)),
             versions=MappingProxyType(dict(self.versions)),
+            intentions_unavailable=MappingProxyType(dict(self.intentions_reason)),
+            intentions_state=MappingProxyType(dict(self.intentions_state)),
         )
 
     def _mark(self) -> None:
@@ -240,6 +330,11 @@ class SnapshotBuilder:
             "routes": self.raw_routes,
             "policies": self.raw_policies,
             "versions": self.versions,
+            "intentions_refused": {  # DENIED / INVALID survive a restart (UNREAD is what no entry means)
+                svc: {"state": state.value, "reason": self.intentions_reason.get(svc, "")}
+                for svc, state in self.intentions_state.items()
+                if state in (IntentionsState.DENIED, IntentionsState.INVALID)
+            },
         }
         try:
             write_private(self._state_path, json.dumps(state, sort_keys=True).encode())
@@ -259,17 +354,27 @@ class SnapshotBuilder:
                 Endpoint(e["id"], e["node"], e["address"], int(e["port"]), MappingProxyType(dict(e["meta"])))
                 for e in eps
             )
+        unparsed = set()
         for svc, raw in state.get("intentions", {}).items():
             try:
                 self.intentions[svc] = parse_intentions(raw)
                 self.raw_intentions[svc] = raw
             except InvalidDocument:
+                unparsed.add(f"intentions/{svc}")  # its read marker must not turn it into ABSENT
                 continue
         for svc, raw in state.get("routes", {}).items():
             self.set_routes(svc, 0, json.dumps(raw).encode())
         for svc, raw in state.get("policies", {}).items():
             self.set_policy(svc, 0, json.dumps(raw).encode())
-        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items()})
+        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items() if k not in unparsed})
+        refused = state.get("intentions_refused", {})
+        for svc in self.local:
+            saved = refused.get(svc) if isinstance(refused, dict) else None
+            last_good = self._last_good_intentions(svc)
+            if isinstance(saved, dict) and saved.get("state") in ("denied", "invalid"):
+                self._intentions_to(svc, IntentionsState(saved["state"]), str(saved.get("reason", "")))
+            elif last_good is not None:
+                self._intentions_to(svc, last_good, "")
         self.rebuild()
         log.info("loaded the saved snapshot from %s", self._state_path)
         return True
@@ -280,6 +385,7 @@ class SnapshotBuilder:
 # and short reads on a small pool. Consul's default limit is 200 connections per client address,
 # shared by every agent, allocation and CLI on a host.
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
+DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
 
 
@@ -347,6 +453,7 @@ class Discovery:
         self._table = EndpointTable()
         self._doc_index: dict[str, int] = {}  # key -> ModifyIndex last applied (0: absent)
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
+        self._denied: set[str] = set()  # documents the token could not read at the last look
         self._running = False
         self.watches: dict[str, Watch[Any]] = {}
         self.sync_watches()
@@ -376,7 +483,13 @@ class Discovery:
             del self._table.members[name]
             self._service_index.pop(name, None)
         self.watches = {
-            "documents": Watch("documents", self._fetch_documents, self._apply_documents),
+            "documents": Watch(
+                "documents",
+                self._fetch_documents,
+                self._apply_documents,
+                self._documents_failed,
+                deliver_unchanged=True,
+            ),
             "registrations": Watch("registrations", self._fetch_members, self._apply_members),
             "failing-checks": Watch("failing-checks", self._fetch_health, self._apply_health),
         }
@@ -388,16 +501,28 @@ class Discovery:
     # --- documents --------------------------------------------------------------------------
 
     async def _fetch_documents(self, index: int | None) -> tuple[int, Any]:
-        idx = await self._consul.kv_tree_index(KV_ROOT, index)
+        # A document this agent may not read becomes readable when an ACL policy changes, which
+        # moves no KV index: while one is unreadable, look again every DENIED_RECHECK seconds.
+        wait = DENIED_RECHECK if self._denied else BLOCKING_WAIT
+        idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
+        if idx == index and not self._denied:
+            return idx, None  # the wait ran out with nothing changed
         docs = self._documents()
         return idx, (docs, await self._consul.kv_read_many(list(docs)))
 
-    def _apply_documents(self, value: tuple[dict[str, tuple[str, str]], dict[str, Any]]) -> None:
+    def _apply_documents(self, value: tuple[dict[str, tuple[str, str]], dict[str, Any]] | None) -> None:
+        if value is None:
+            return
         docs, results = value
+        self._denied = {key for key, result in results.items() if isinstance(result, PermissionDenied)}
         for key, result in results.items():
             kind, name = docs[key]
             if isinstance(result, PermissionDenied):
-                log.warning("cannot read %s: %s; keeping what was applied before", key, result)
+                if kind == "intentions":  # fail closed: who may call is unknown (SnapshotBuilder)
+                    self._builder.intentions_unreadable(name, str(result))
+                else:
+                    log.warning("cannot read %s: %s; keeping what was applied before", key, result)
+                self._doc_index.pop(key, None)  # applied again once readable
                 continue
             modify = result.modify_index if result is not None else 0
             if self._doc_index.get(key) == modify:
@@ -410,6 +535,18 @@ class Discovery:
                 self._builder.set_routes(name, modify, raw)
             else:
                 self._builder.set_policy(name, modify, raw)
+
+    def _documents_failed(self, exc: Exception) -> None:
+        """The documents could not be read at all. Consul's refusal (ACLs, a rejected read) means
+        the intentions are unreadable and their services fail closed; Consul out of reach keeps
+        the last good state."""
+        for svc in self._builder.config.services:
+            if isinstance(exc, (PermissionDenied, Rejected)):
+                self._builder.intentions_unreadable(svc.name, str(exc))
+                self._doc_index.pop(f"{INTENTIONS_PREFIX}{svc.name}", None)  # re-applied once readable
+                self._denied.add(f"{INTENTIONS_PREFIX}{svc.name}")
+            else:
+                self._builder.intentions_unreachable(svc.name, str(exc))
 
     # --- endpoints --------------------------------------------------------------------------
 

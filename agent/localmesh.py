@@ -121,6 +121,7 @@ class AgentHandle:
     admin_port: int
     metrics_port: int
     binds: dict[str, int] = field(default_factory=dict)  # upstream service -> local bind port
+    own_consul_token: bool = False  # agent.toml names the agent's Consul token
 
     @property
     def admin_url(self) -> str:
@@ -135,7 +136,9 @@ class AgentHandle:
 
 
 class LocalMesh:
-    def __init__(self, workdir: Path, consul_url: str, trust_domain: str = "hostmesh.local") -> None:
+    def __init__(self, workdir: Path, consul_url: str, trust_domain: str = "hostmesh.local",
+                 consul_token: str | None = None) -> None:  # fmt: skip
+        """`consul_token`: what the CA and the CLI present to Consul (agents: `write_agent_config`)."""
         self.workdir = workdir
         self.consul_url = consul_url
         self.trust_domain = trust_domain
@@ -145,6 +148,8 @@ class LocalMesh:
         self.ca_port = 0
         workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, CONSUL_HTTP_ADDR=consul_url, PYTHONUNBUFFERED="1")
+        if consul_token:
+            self.env["CONSUL_HTTP_TOKEN"] = consul_token
 
     def hostmesh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -156,12 +161,14 @@ class LocalMesh:
             timeout=60,
         )
 
-    def _spawn(self, name: str, args: list[str], command: list[str] | None = None) -> Proc:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> Proc:
         log_path = self.workdir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
                 [*(command or HOSTMESH), "--consul", self.consul_url, *args],
-                env=self.env,
+                env=env or self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -201,9 +208,12 @@ class LocalMesh:
         *,
         inbound_port: int | None = None,
         extra: str = "",
+        consul_token: str | None = None,
     ) -> AgentHandle:
         """Write agent.toml for `node`. `services` items: name, port, protocol, meta, health, upstreams
-        (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`)."""
+        (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`).
+        `consul_token`: the agent's own Consul token (`[consul] token`); it then runs without the
+        mesh's CONSUL_HTTP_TOKEN in its environment."""
         data_dir = self.workdir / node
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = data_dir / "join-token"
@@ -223,6 +233,7 @@ class LocalMesh:
             extra,
             "[consul]",
             f'address = "{self.consul_url}"',
+            f'token = "{consul_token}"' if consul_token else "",
             "[ca]",
             f'address = "https://127.0.0.1:{self.ca_port}"',
             f'pin = "{self.pin}"',
@@ -245,7 +256,8 @@ class LocalMesh:
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
         config_path = data_dir / "agent.toml"
         config_path.write_text("\n".join(lines) + "\n")
-        handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds)  # type: ignore[arg-type]
+        handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds,  # type: ignore[arg-type]
+                             own_consul_token=consul_token is not None)  # fmt: skip
         self.agents[node] = handle
         return handle
 
@@ -263,7 +275,11 @@ class LocalMesh:
         self, handle: AgentHandle, wait: bool = True, command: list[str] | None = None
     ) -> AgentHandle:
         """Start `handle`'s agent; `command` runs another hostmesh build (e.g. a previous release)."""
-        handle.proc = self._spawn(handle.node, ["agent", "run", "--config", str(handle.config_path)], command)
+        env = self.env
+        if handle.own_consul_token:  # the environment's token would win over agent.toml's
+            env = {k: v for k, v in self.env.items() if k != "CONSUL_HTTP_TOKEN"}
+        config = ["agent", "run", "--config", str(handle.config_path)]
+        handle.proc = self._spawn(handle.node, config, env, command)
         if wait:
             self.wait_ready(handle)
         return handle
@@ -315,11 +331,16 @@ def consul_binary() -> str:
 
 
 class ConsulDev:
-    """A real `consul agent -dev` on free loopback ports; can be stopped and restarted on the same ports."""
+    """A real `consul agent -dev` on free loopback ports; can be stopped and restarted on the same ports.
 
-    def __init__(self, log_dir: Path, node: str = "hostmesh-test", binary: str | None = None) -> None:
+    With `acl_master`, Consul enforces ACLs with `default_policy = "deny"` (Consul 1.8 syntax) and
+    that token is both the master and Consul's own agent token; this class's helpers send it."""
+
+    def __init__(self, log_dir: Path, node: str = "hostmesh-test", binary: str | None = None,
+                 acl_master: str | None = None) -> None:  # fmt: skip
         self.binary = binary or consul_binary()
         self.node = node
+        self.acl_master = acl_master
         self.log_path = log_dir / f"consul-{node}.log"
         self.ports = {k: free_port() for k in ("http", "dns", "server", "serf_lan", "serf_wan", "grpc")}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -339,7 +360,17 @@ class ConsulDev:
         flags = {"-node": self.node, "-bind": "127.0.0.1", "-client": "127.0.0.1", "-http-port": p["http"],
                  "-dns-port": p["dns"], "-server-port": p["server"], "-serf-lan-port": p["serf_lan"],
                  "-serf-wan-port": p["serf_wan"], "-grpc-port": p["grpc"], "-log-level": "warn"}  # fmt: skip
+        if self.acl_master:
+            flags["-hcl"] = (
+                'acl { enabled = true, default_policy = "deny", down_policy = "extend-cache", '
+                f'tokens {{ master = "{self.acl_master}", agent = "{self.acl_master}" }} }}'
+            )
         return [self.binary, "agent", "-dev", *(str(x) for kv in flags.items() for x in kv)]
+
+    def _open(self, path: str, data: bytes | None = None, method: str = "GET", timeout: float = 5) -> Any:
+        headers = {"X-Consul-Token": self.acl_master} if self.acl_master else {}
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
+        return urllib.request.urlopen(req, timeout=timeout)
 
     def start(self) -> None:
         """Start and wait until serving. A port picked by `free_port` can be taken by another process
@@ -373,9 +404,9 @@ class ConsulDev:
     def serving(self) -> bool:
         """Has the agent elected itself leader and does its HTTP API answer?"""
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/status/leader", timeout=1) as resp:
+            with self._open("/v1/status/leader", timeout=1) as resp:
                 leader = json.loads(resp.read() or b'""')
-            with urllib.request.urlopen(f"{self.url}/v1/agent/self", timeout=1) as resp:
+            with self._open("/v1/agent/self", timeout=1) as resp:
                 resp.read()
             return bool(leader)
         except (OSError, urllib.error.URLError, ValueError):
@@ -398,13 +429,12 @@ class ConsulDev:
 
     def kv_put(self, key: str, value: bytes | str) -> None:
         data = value.encode() if isinstance(value, str) else value
-        req = urllib.request.Request(f"{self.url}/v1/kv/{key}", data=data, method="PUT")
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with self._open(f"/v1/kv/{key}", data, "PUT") as resp:
             assert resp.read().strip() == b"true"
 
     def kv_get(self, key: str) -> bytes | None:
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/kv/{key}?raw", timeout=5) as resp:
+            with self._open(f"/v1/kv/{key}?raw") as resp:
                 return resp.read()
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
@@ -413,13 +443,26 @@ class ConsulDev:
 
     def kv_delete(self, key: str, recurse: bool = False) -> None:
         q = "?recurse" if recurse else ""
-        req = urllib.request.Request(f"{self.url}/v1/kv/{key}{q}", method="DELETE")
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with self._open(f"/v1/kv/{key}{q}", method="DELETE") as resp:
             resp.read()
 
     def get_json(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as resp:
+        with self._open(path) as resp:
             return json.loads(resp.read())
+
+    def acl_policy(self, name: str, rules: str) -> None:
+        """Create the ACL policy `name`, or replace its rules (tokens holding it see the change at once)."""
+        existing = {p["Name"]: p["ID"] for p in self.get_json("/v1/acl/policies")}
+        body = json.dumps({"Name": name, "Rules": rules}).encode()
+        path = f"/v1/acl/policy/{existing[name]}" if name in existing else "/v1/acl/policy"
+        with self._open(path, body, "PUT") as resp:
+            resp.read()
+
+    def acl_token(self, *policies: str) -> str:
+        """A new ACL token holding `policies`; returns its secret."""
+        body = json.dumps({"Policies": [{"Name": p} for p in policies]}).encode()
+        with self._open("/v1/acl/token", body, "PUT") as resp:
+            return str(json.loads(resp.read())["SecretID"])
 
 
 class EchoServer:
@@ -434,6 +477,8 @@ class EchoServer:
         self.sock.listen(128)
         self.port = int(self.sock.getsockname()[1])
         self.greeting = greeting
+        self.connections = 0  # accepted so far (health probes too): a refused call never reaches the app
+        self.received = 0  # bytes received so far (a TCP health probe sends none)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -445,6 +490,7 @@ class EchoServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.connections += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
@@ -452,6 +498,7 @@ class EchoServer:
             if self.greeting:
                 conn.sendall(self.greeting)
             while data := conn.recv(65536):
+                self.received += len(data)
                 conn.sendall(data)
 
     def close(self) -> None:

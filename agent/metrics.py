@@ -307,6 +307,11 @@ class Telemetry:
             "hostmesh_authz_denied_total", "connections/requests denied by intentions",
             ("reporter", "source_service", "destination_service"), registry=r,
         )  # fmt: skip
+        self.authz_unavailable = Counter(
+            "hostmesh_authz_unavailable_total",
+            "connections/requests refused because the destination's intentions cannot be read (flag NI)",
+            ("reporter", "source_service", "destination_service"), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 
@@ -334,3 +339,8 @@ class Telemetry:
             if len(self._denied) < MAX_CACHED_SERIES:
                 self._denied[key] = child
         child.inc()
+
+    def unavailable(self, reporter: str, source: str, destination: str) -> None:
+        """One connection/request refused because `destination`'s intentions cannot be read (rare:
+        no series cache)."""
+        self.authz_unavailable.labels(reporter, source, destination).inc()

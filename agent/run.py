@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmesh.agent import audit, sdnotify
-from hostmesh.agent.admin import AdminAPI, probe_app
+from hostmesh.agent.admin import AdminAPI, service_health
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, start_trimming
@@ -316,7 +316,7 @@ class Agent:
 
     async def _registration(self, svc: ServiceConfig) -> ServiceRegistration:
         sid = self._service_id(svc)
-        healthy, detail = await probe_app(svc)
+        healthy, detail = await service_health(svc, self.builder.holder.current)  # critical while refused
         admin = self.config.admin
         interval = max(svc.health.interval, CHECK_INTERVAL_FLOOR)
         return ServiceRegistration(

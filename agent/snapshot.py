@@ -5,10 +5,16 @@ TLS material — lives in one frozen `Snapshot`. Watches feed `SnapshotBuilder` 
 a new snapshot replaces the old by rebinding `SnapshotHolder.current`. A connection or request
 reads `holder.current` once and keeps that snapshot for its whole life, so a change never tears
 an in-flight decision and established connections are never dropped by a config change.
+
+Fail closed: `intentions_unavailable` names the local services whose intentions the agent cannot
+read (`IntentionsState.refuses`), with the reason. The data path refuses their traffic (L4 reset,
+L7 503 with flag NI) before any intention is evaluated, and the admin API reports them not ready.
+The transitions between the states are SnapshotBuilder's (agent/discovery.py).
 """
 
 from __future__ import annotations
 
+import enum
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +32,21 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 def _empty() -> Mapping[str, Any]:
     return EMPTY
+
+
+class IntentionsState(enum.Enum):
+    """What the agent knows of one local service's intentions document (`hostmesh/intentions/<svc>`)."""
+
+    UNREAD = "unread"  # never read on this host (fresh install, Consul not answering yet): refuse
+    PRESENT = "present"  # a valid document is in force
+    ABSENT = "absent"  # Consul answered that there is none (404): the agent's default_intention
+    DENIED = "denied"  # Consul refuses this agent the read (ACL, 403): refuse, even with an older document
+    INVALID = "invalid"  # only an invalid document was ever read, no valid state before it: refuse
+
+    @property
+    def refuses(self) -> bool:
+        """The service's traffic is refused and it is not ready (the agent cannot enforce its policy)."""
+        return self not in (IntentionsState.PRESENT, IntentionsState.ABSENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +104,9 @@ class Snapshot:
         default_factory=_empty
     )  # source name ("intentions/api", "endpoints/api", …) -> version/index
     built_at: float = field(default_factory=time.time)
+    # local service -> why its intentions cannot be read: its traffic is refused (flag NI), it is not ready
+    intentions_unavailable: Mapping[str, str] = field(default_factory=_empty)
+    intentions_state: Mapping[str, IntentionsState] = field(default_factory=_empty)  # local service -> state
 
     def local_by_sni(self, sni: str | None) -> LocalService | None:
         if not sni:

@@ -221,6 +221,7 @@ class NotPassing(NamedTuple):
 
 
 TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
+TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
 NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
 
 
@@ -420,39 +421,46 @@ class ConsulClient:
 
     async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """The current value of each key (None when absent), in transactions of `TXN_MAX_OPS` reads.
-        A key the token may not read maps to its `PermissionDenied` instead of failing the others."""
+        A key the token may not read maps to a `PermissionDenied` instead of failing the others."""
         out: dict[str, KVEntry | PermissionDenied | None] = {}
         for start in range(0, len(keys), TXN_MAX_OPS):
-            chunk = keys[start : start + TXN_MAX_OPS]
-            try:
-                out.update(await self._txn_read(chunk))
-            except PermissionDenied:
-                for key in chunk:  # which ones? one by one (rare: a token narrower than the policy)
-                    try:
-                        out[key] = await self.kv_get(key)
-                    except PermissionDenied as exc:
-                        out[key] = exc
+            out.update(await self._txn_read(keys[start : start + TXN_MAX_OPS]))
         return out
 
-    async def _txn_read(self, keys: list[str]) -> dict[str, KVEntry | None]:
-        # get-tree, not get: a missing key is an empty result rather than an aborted transaction.
-        ops = [{"KV": {"Verb": "get-tree", "Key": key}} for key in keys]
-        resp = await self._http.request("PUT", "/v1/txn", json.dumps(ops).encode(), self._headers())
-        if resp.status == 409:  # per-operation errors; an ACL refusal shows up here as well
-            errors = (resp.json() or {}).get("Errors") or []
-            text = "; ".join(str(e.get("What", "")) for e in errors)
-            if "ermission denied" in text:
-                raise PermissionDenied(f"Consul ACL denied a read of hostmesh documents: {text}")
-            raise Rejected(409, f"Consul rejected a read transaction: {text}")
-        self._check(resp, "read transaction")
-        wanted = set(keys)
-        out: dict[str, KVEntry | None] = dict.fromkeys(keys)
-        for result in (resp.json() or {}).get("Results") or []:
-            kv = result.get("KV") or {}
-            if kv.get("Key") in wanted:  # get-tree of `a/b` also lists `a/bc`
+    async def _txn_read(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
+        """Consul 1.8's read transactions answer a `get` of a missing key with an error naming it
+        (and nothing else), and silently leave out a key the token may not read. So: ask; drop the
+        keys it says are missing; ask again; a key still left out of the answer is denied (never
+        mistaken for an absent one: that would turn an unreadable deny into a default)."""
+        out: dict[str, KVEntry | PermissionDenied | None] = {}
+        remaining = list(keys)
+        for _ in range(TXN_READ_ROUNDS):
+            if not remaining:
+                return out
+            ops = [{"KV": {"Verb": "get", "Key": key}} for key in remaining]
+            resp = await self._http.request("PUT", "/v1/txn", json.dumps(ops).encode(), self._headers())
+            if resp.status == 409:
+                missing = set()
+                for err in (resp.json() or {}).get("Errors") or []:
+                    key, what = remaining[int(err.get("OpIndex", 0))], str(err.get("What", ""))
+                    if "doesn't exist" not in what:
+                        raise Rejected(409, f"Consul rejected a read of {key}: {what}")
+                    missing.add(key)
+                out.update(dict.fromkeys(missing))
+                remaining = [k for k in remaining if k not in missing]
+                continue
+            self._check(resp, "read transaction")
+            found = {}
+            for result in (resp.json() or {}).get("Results") or []:
+                kv = result.get("KV") or {}
                 value = base64.b64decode(kv["Value"]) if kv.get("Value") else b""
-                out[kv["Key"]] = KVEntry(kv["Key"], value, int(kv["ModifyIndex"]))
-        return out
+                found[kv["Key"]] = KVEntry(kv["Key"], value, int(kv["ModifyIndex"]))
+            for key in remaining:
+                out[key] = found.get(key) or PermissionDenied(
+                    f"Consul ACL denied read of {key} (the token lacks key:read on it)"
+                )
+            return out
+        raise Unavailable("the documents kept changing during their read; retrying")
 
     async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
         """Long-poll the catalog's service registrations (any service, any node): returns once one

@@ -50,8 +50,13 @@ class Watch(Generic[T]):
         fetch: Callable[[int | None], Awaitable[tuple[int, T]]],
         on_change: Callable[[T], None],
         on_error: Callable[[Exception], None] | None = None,
+        *,
+        deliver_unchanged: bool = False,
     ) -> None:
         self.name = name
+        # Also hand over results whose index did not move (the fetch re-read something that can
+        # change without Consul's index moving, such as what an ACL token may read).
+        self._deliver_unchanged = deliver_unchanged
         self._fetch = fetch
         self._on_change = on_change
         self._on_error = on_error
@@ -95,7 +100,7 @@ class Watch(Generic[T]):
                 log.info("watch %s: recovered after %d failed attempts", self.name, failures)
             failures = 0
             self.healthy = True
-            changed = self.index is None or returned != self.index
+            changed = self.index is None or returned != self.index or self._deliver_unchanged
             self.index = next_index(self.index, returned)
             if changed:
                 try:

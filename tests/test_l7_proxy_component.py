@@ -217,6 +217,32 @@ async def test_l7_intention_denies_a_path_with_403_and_an_audit_line(
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="403", response_flags="AUTHZ") == 1
 
 
+async def test_unreadable_intentions_answer_503_ni_and_the_app_sees_nothing(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail closed at L7: api's intentions cannot be read, so every request gets 503 with flag NI, an
+    audit line and hostmesh_authz_unavailable_total, though the agent-wide default is allow."""
+    reason = "intentions not read from Consul yet"
+    for ib in mesh.inbounds:
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions_unavailable=MappingProxyType({"api": reason})))
+    c = mesh.client()
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
+    r = await asyncio.to_thread(lambda: c.get("/public"))
+    assert r.status == 503 and r.flags == "NI"
+    assert sum(app.hits for app in mesh.apps) == 0
+    line = json.loads([r.message for r in caplog.records if r.name == "hostmesh.audit"][-1])
+    assert (line["layer"], line["reason"], line["path"]) == ("l7", reason, "/public")
+    assert sample(mesh.tel_b, "hostmesh_authz_unavailable_total", source_service="web") >= 1
+    assert sample(mesh.tel_b, "hostmesh_requests_total", response_code="503", response_flags="NI") >= 1
+    for ib in mesh.inbounds:  # readable again: the next request is served, on the same connection
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions_unavailable=MappingProxyType({})))
+    r = await asyncio.to_thread(lambda: c.get("/public"))
+    c.close()
+    assert r.status == 200
+
+
 async def test_routes_split_retry_and_fault_in_process(mesh: Mesh) -> None:
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},

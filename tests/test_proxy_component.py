@@ -353,6 +353,35 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
 
 
+async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail closed: with its intentions unreadable (here: Consul's ACL), api's inbound refuses every
+    caller although the agent-wide default is allow and no document denies web."""
+    caplog.set_level(logging.INFO)
+    reason = "intentions unreadable: Consul ACL denied watch of hostmesh/intentions/api"
+    unavailable = MappingProxyType({"api": reason})
+    mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, intentions_unavailable=unavailable))
+    assert mesh.holder_b.current.default_allow
+    r, w = await mesh.connect()
+    w.write(b"let me in")
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert mesh.app.connections == 0
+    audit = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.audit"]
+    assert [(a["layer"], a["destination"], a["reason"]) for a in audit] == [("l4", "api", reason)]
+    assert metric_sample(mesh.tel_b, "hostmesh_authz_unavailable_total", source_service="web") == 1
+    assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total") == 0
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="NI") == 1
+    # Readable again (a new snapshot without the refusal): served, no restart.
+    mesh.holder_b.swap(
+        dataclasses.replace(mesh.holder_b.current, intentions_unavailable=MappingProxyType({}))
+    )
+    r, w = await mesh.connect()
+    w.write(b"hello")
+    assert await asyncio.wait_for(r.readexactly(5), IO_TIMEOUT) == b"hello"
+    w.close()
+
+
 async def test_sni_naming_a_service_not_on_this_host(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
     tls = mesh.ca.material(["web"])
     holder = SnapshotHolder(snapshot({"web": 1}, tls, {"billing": [(mesh.inbound.port, {})]}))

@@ -3,7 +3,10 @@
 Decision: Envoy's short flags (so operators can reuse what they know), joined with "," in the
 ``response_flags`` metric label, the access log and the ``x-hostmesh-response-flags`` header that
 every proxy-generated error carries. Intention denial uses ``AUTHZ`` (Envoy's RBAC flag is ``RBAC``/
-``UAEX``; ours names the mesh concept).
+``UAEX``; ours names the mesh concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot
+read the destination's intentions (Consul's ACL refuses it, never read yet, only an invalid document),
+so it refuses rather than guess (fail closed; agent/discovery.py) — a 503, because it is the
+agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ UC = "UC"  # upstream connection terminated mid-request -> 503/502
 UPE = "UPE"  # upstream protocol error (unparseable or smuggling-shaped response) -> 502
 DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversize head) -> 400/431
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
+NI = "NI"  # no intentions: the destination's intentions cannot be read, the agent refuses -> 503
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ)
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -40,6 +44,7 @@ DESCRIPTIONS: dict[str, str] = {
     UPE: "upstream protocol error",
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
+    NI: "refused: the destination's intentions cannot be read (fail closed)",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself

@@ -3,7 +3,8 @@
 Pipeline per request (visible in `HttpInbound.start`):
     frame + hygiene (http1, in ServerConn: 400/431/408/417/405/501 with the flag header) -> read the
     snapshot once -> the caller is still trusted (bundle change, certificate expiry) -> authorize
-    (`authorize_request`: intentions with HTTP permissions; 403 AUTHZ + audit line) -> local rate
+    (intentions unreadable: 503 NI, fail closed; else `authorize_request`: intentions with HTTP
+    permissions; 403 AUTHZ + audit line) -> local rate
     limit of the service's policy (429 RL) -> forward to 127.0.0.1:<app port> on a pooled keep-alive
     connection -> relay the response -> metrics reporter=destination, sampled access line.
 
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hostmesh.agent import audit
-from hostmesh.agent.authz import authorize_request, fixed_request_decision
+from hostmesh.agent.authz import authorize_request, fixed_request_decision, refuse_unavailable
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.ratelimit import TokenBucket
@@ -142,6 +143,10 @@ class HttpInbound:
             ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
             return
         target = head.target
+        unavailable = snap.intentions_unavailable.get(svc.name)
+        if unavailable is not None:  # fail closed: this agent cannot read the service's intentions
+            self._refuse_unavailable(ex, caller, svc.name, unavailable)
+            return
         intentions = snap.intentions.get(svc.name)
         decision = fixed_request_decision(intentions, caller.source.service, snap.default_allow)
         if decision is None or not decision.allowed:  # the method and path decide, or the denial names them
@@ -182,6 +187,17 @@ class HttpInbound:
             ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
             return
         self._spawn(self._dial_and_send(ex, req))
+
+    def _refuse_unavailable(self, ex: Exchange, caller: Caller, service: str, reason: str) -> None:
+        """503 NI, an audit line and `hostmesh_authz_unavailable_total`; the app never sees the request."""
+        target = ex.head.target
+        q = target.find(b"?")
+        audit.denied(layer="l7", source=caller.source.spiffe_id, destination=service,
+                     reason=refuse_unavailable(reason).reason, peer=caller.peer,
+                     method=ex.head.method.decode("latin-1"),
+                     path=(target if q < 0 else target[:q]).decode("latin-1")[:512])  # fmt: skip
+        self.telemetry.unavailable(REPORTER, caller.source.service, service)
+        ex.respond(503, fl.NI, "intentions unavailable")
 
     def _reverify(self, caller: Caller, roots_pem: str) -> bool:
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy

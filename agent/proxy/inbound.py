@@ -12,7 +12,9 @@ Pipeline (visible in `_sni`, `InboundConnection.identify`, `_open` and `_connect
 Decisions:
 - Authorization runs per stream, not per TLS connection, so shared connections (pool.py) never
   carry a stale decision. A denial resets that stream (the caller's other streams go on), writes
-  one audit line (agent/audit.py) and counts `hostmesh_authz_denied_total`.
+  one audit line (agent/audit.py) and counts `hostmesh_authz_denied_total`. A service whose
+  intentions this agent cannot read is refused the same way, flag NI, counted in
+  `hostmesh_authz_unavailable_total` (fail closed, agent/discovery.py).
 - What concerns the caller's identity (certificate expired, no longer trusted, service gone from
   this host) aborts the whole connection, with every stream on it.
 - The L4 path has no request stage, so intentions are evaluated with `l7=False`: an L7-only allow
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from hostmesh.agent import audit
-from hostmesh.agent.authz import authorize_connection
+from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import Address
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
@@ -241,14 +243,19 @@ class InboundListener(ListenerLifecycle):
         if time.time() >= conn.not_after:
             conn.refuse("caller certificate has expired")
             return
-        decision = authorize_connection(
-            snap.intentions.get(svc.name), source.service, snap.default_allow, l7=False
-        )
+        unavailable = snap.intentions_unavailable.get(svc.name)
+        if unavailable is not None:  # fail closed: this agent cannot read the service's intentions
+            decision, flag = refuse_unavailable(unavailable), flags.NI
+            self.telemetry.unavailable(REPORTER, source.service, svc.name)
+        else:
+            intentions, flag = snap.intentions.get(svc.name), flags.AUTHZ
+            decision = authorize_connection(intentions, source.service, snap.default_allow, l7=False)
+            if not decision.allowed:
+                self.telemetry.denied(REPORTER, source.service, svc.name)
         if not decision.allowed:
             audit.denied(layer="l4", source=source.spiffe_id, destination=svc.name, reason=decision.reason,
                          peer=conn.peer_addr)  # fmt: skip
-            self.telemetry.denied(REPORTER, source.service, svc.name)
-            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flags.AUTHZ)
+            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flag)
             series.opened.inc()
             series.closed.inc()
             stream.reset()  # this downstream connection only; the caller's others go on

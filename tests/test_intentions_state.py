@@ -1,0 +1,171 @@
+"""Pure tier: the fail-closed intentions state machine (SnapshotBuilder, agent/discovery.py), its saved
+form across restarts and upgrades, the decision it feeds (authz.refuse_unavailable) and the admin
+API's readiness. No sockets, no Consul: the builder applies each change at once outside a loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hostmesh.agent.admin import AdminAPI
+from hostmesh.agent.authz import authorize_connection, refuse_unavailable
+from hostmesh.agent.config import AgentConfig, parse_config
+from hostmesh.agent.discovery import STATE_FILE, SnapshotBuilder
+from hostmesh.agent.snapshot import IntentionsState, Snapshot, TLSMaterial
+from hostmesh.registry.http import Request
+
+DENY_WEB = json.dumps({"service": "api", "rules": [{"source": "web", "action": "deny"}]}).encode()
+ALLOW_BILLING = json.dumps({"service": "api", "rules": [{"source": "billing", "action": "allow"}]}).encode()
+ACL_403 = "Consul ACL denied watch of hostmesh/intentions/api: 403 Permission denied"
+
+
+def config(tmp_path: Path, **extra: Any) -> AgentConfig:
+    raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "data_dir": str(tmp_path),
+           "services": [{"name": "api", "port": 8080}, {"name": "db", "port": 5432}], **extra}  # fmt: skip
+    return parse_config(raw)
+
+
+def builder(tmp_path: Path, **extra: Any) -> SnapshotBuilder:
+    return SnapshotBuilder(config(tmp_path, **extra), lambda: TLSMaterial(1, "", {}, {}))
+
+
+def allowed(snap: Snapshot, service: str = "api", source: str = "web") -> bool:
+    """What the inbound decides for `source` -> `service` on this snapshot (agent/proxy/inbound.py)."""
+    reason = snap.intentions_unavailable.get(service)
+    if reason is not None:
+        return refuse_unavailable(reason).allowed
+    return authorize_connection(snap.intentions.get(service), source, snap.default_allow, l7=False).allowed
+
+
+def test_never_read_refuses_even_with_default_allow(tmp_path: Path) -> None:
+    b = builder(tmp_path)  # default_intention = "allow" (the shipped default for absent documents)
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.UNREAD
+    assert snap.intentions_unavailable["api"] == "intentions not read from Consul yet"
+    assert not allowed(snap)
+
+
+def test_acl_denied_refuses_and_a_later_read_serves_without_restart(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    b.intentions_unreadable("api", ACL_403)
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.DENIED
+    assert snap.intentions_unavailable["api"] == f"intentions unreadable: {ACL_403}"
+    assert not allowed(snap)
+    assert refuse_unavailable(snap.intentions_unavailable["api"]).reason.startswith("intentions unreadable")
+    b.set_intentions("api", 12, DENY_WEB)  # read is granted: the deny is enforced, other callers pass
+    snap = b.holder.current
+    assert "api" not in snap.intentions_unavailable
+    assert not allowed(snap, source="web") and allowed(snap, source="billing")
+
+
+def test_acl_denied_refuses_even_with_an_older_document(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    b.set_intentions("api", 5, None)  # absent: default allow
+    assert allowed(b.holder.current)
+    b.intentions_unreadable("api", ACL_403)  # the token lost the read: a new deny would be invisible
+    assert not allowed(b.holder.current)
+
+
+def test_absent_document_uses_default_intention(tmp_path: Path) -> None:
+    b = builder(tmp_path, default_intention="deny")
+    b.set_intentions("api", 5, ALLOW_BILLING)
+    assert allowed(b.holder.current, source="billing")
+    b.set_intentions("api", 9, None)  # deleted: readable, no document
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.ABSENT
+    assert "api" not in snap.intentions_unavailable  # an absent document is no outage: ready
+    assert not allowed(snap, source="billing")  # the agent's default_intention = deny
+    b_allow = builder(tmp_path / "allow")
+    b_allow.set_intentions("api", 5, None)
+    assert allowed(b_allow.holder.current)
+
+
+def test_consul_unreachable_keeps_the_last_good_state(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    b.intentions_unreachable("db", "Consul failed watch of hostmesh/intentions/db: connection refused")
+    assert b.holder.current.intentions_unavailable["db"].endswith("connection refused")  # never read: refused
+    b.set_intentions("api", 5, DENY_WEB)
+    generation = b.holder.current.generation
+    b.intentions_unreachable("api", "Consul failed watch: connection refused")
+    snap = b.holder.current
+    assert snap.generation == generation  # nothing changed: no rebuild
+    assert snap.intentions_state["api"] is IntentionsState.PRESENT
+    assert not allowed(snap, source="web") and allowed(snap, source="billing")
+
+
+def test_invalid_document_refuses_only_without_a_last_good_one(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    assert not b.set_intentions("api", 3, b"{not json")
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.INVALID
+    assert "not valid JSON" in snap.intentions_unavailable["api"]
+    assert b.set_intentions("api", 4, DENY_WEB)
+    assert not b.set_intentions("api", 5, b"{not json")  # the last good document stays in force
+    assert b.holder.current.intentions_state["api"] is IntentionsState.PRESENT
+    b.intentions_unreadable("api", ACL_403)
+    assert not b.set_intentions("api", 6, b"[]")  # readable again but invalid: the last good is back
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.PRESENT
+    assert not allowed(snap, source="web") and allowed(snap, source="billing")
+
+
+def test_restart_keeps_readable_and_refused_states(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    b.set_intentions("api", 5, None)
+    b.intentions_unreadable("db", "Consul ACL denied watch of hostmesh/intentions/db")
+    again = builder(tmp_path)
+    assert again.load_saved()
+    snap = again.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.ABSENT and allowed(snap)
+    assert snap.intentions_state["db"] is IntentionsState.DENIED
+    assert "ACL denied" in snap.intentions_unavailable["db"]
+
+
+def test_upgrade_from_a_snapshot_saved_before_the_rule(tmp_path: Path) -> None:
+    """A data dir written by the previous release: readable (even absent) intentions keep serving
+    before Consul answers; a service that was never readable there is refused."""
+    legacy = {"format": 1, "saved_at": 0, "endpoints": {}, "routes": {}, "policies": {},
+              "intentions": {}, "versions": {"intentions/api": 0}}  # fmt: skip
+    (tmp_path / STATE_FILE).write_text(json.dumps(legacy))
+    b = builder(tmp_path)
+    assert b.load_saved()
+    snap = b.holder.current
+    assert snap.intentions_state["api"] is IntentionsState.ABSENT and allowed(snap)
+    assert snap.intentions_state["db"] is IntentionsState.UNREAD and not allowed(snap, "db")
+
+
+def test_a_saved_document_that_no_longer_parses_is_not_taken_for_absent(tmp_path: Path) -> None:
+    saved = {"format": 1, "saved_at": 0, "endpoints": {}, "routes": {}, "policies": {},
+             "intentions": {"api": {"service": "api", "rules": "bogus"}},
+             "versions": {"intentions/api": 7}}  # fmt: skip
+    (tmp_path / STATE_FILE).write_text(json.dumps(saved))
+    b = builder(tmp_path)
+    assert b.load_saved()
+    assert b.holder.current.intentions_state["api"] is IntentionsState.UNREAD
+    assert not allowed(b.holder.current)
+
+
+async def test_ready_and_health_name_the_service_and_the_reason(tmp_path: Path) -> None:
+    b = builder(tmp_path)  # inside a loop the builder rebuilds on the next turn: `b.rebuild()` applies now
+    b.set_intentions("db", 2, None)
+    b.intentions_unreadable("api", ACL_403)
+    b.rebuild()
+    admin = AdminAPI(b.config, b.holder, list, dict, lambda: True)
+
+    def get(path: str) -> Request:
+        return Request("GET", path, {}, {}, b"", None)
+
+    ready = await admin.handle(get("/ready"))
+    assert ready.status == 503
+    assert ready.json() == {"ready": False, "not_ready": {"api": f"intentions unreadable: {ACL_403}"}}
+    health = await admin.handle(get("/health/api"))  # what Consul's HTTP check polls
+    assert health.status == 503 and health.json()["detail"] == f"intentions unreadable: {ACL_403}"
+    view = (await admin.handle(get("/v1/config"))).json()["intentions_state"]
+    assert view["api"]["state"] == "denied" and view["db"] == {"state": "absent", "reason": ""}
+    b.set_intentions("api", 8, DENY_WEB)
+    b.rebuild()
+    ready = await admin.handle(get("/ready"))
+    assert ready.status == 200 and ready.json() == {"ready": True}
