@@ -5,7 +5,8 @@ Decision: a validated :class:`hostmesh.registry.schema.RouteDocument` is compile
 :meth:`CompiledRoutes.select` and then the small methods of the chosen :class:`CompiledRoute`.
 
 - First matching route wins (document order). A route matches when every condition holds:
-  method in ``methods``; path (the request target up to ``?``, raw, not normalized) ``exact`` /
+  method in ``methods``; path (the request target up to ``?``, in the normal form of
+  :mod:`hostmesh.agent.l7.normalize`, which http_conn applies before any decision) ``exact`` /
   ``prefix`` (plain string prefix, as Envoy and Istio) / ``regex`` (full match); each header
   ``exact`` / ``prefix`` / ``regex`` (full match) / ``present`` (true: the field exists, false: it
   does not) against the field's value, repeated fields joined by ``,``; each query parameter the
