@@ -14,13 +14,12 @@ config snapshot and share them across connections.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
-
-import re2  # google-re2: linear-time matching for operator regexes (a backtracking one froze the agent)
 
 from hostmesh.registry.errors import InvalidDocument
 
@@ -185,7 +184,8 @@ class Regex:
     __slots__ = ("_match", "_rx", "pattern")
 
     def __init__(self, pattern: str) -> None:
-        self._rx = re2.compile(pattern, options=_RE2_OPTIONS)  # re2.error: the caller names the field
+        re2, options = _re2()
+        self._rx = re2.compile(pattern, options=options)  # re2.error: the caller names the field
         self.pattern = pattern
         low = getattr(self._rx, "_regexp", None)
         # The binding's public fullmatch builds a match object in Python (~7 us a call); its compiled
@@ -204,16 +204,27 @@ class Regex:
         return f"Regex({self.pattern!r})"
 
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.never_capture = True  # only "does it match" is asked: no submatch bookkeeping
-_RE2_OPTIONS.log_errors = False  # the error reaches the operator as InvalidDocument, not on stderr
+if importlib.util.find_spec("re2") is None:  # a hard dependency: fail at start, not on a document
+    raise ImportError("hostmesh needs google-re2 (module re2) for route and intention regexes")
+
+
+@functools.cache
+def _re2() -> tuple[Any, Any]:
+    """google-re2 (a hard dependency) and its options, imported on first use: ~3 MiB of RSS that an
+    agent whose documents hold no regex never pays."""
+    import re2  # google-re2: linear-time matching for operator regexes (a backtracking one froze the agent)
+
+    options = re2.Options()
+    options.never_capture = True  # only "does it match" is asked: no submatch bookkeeping
+    options.log_errors = False  # the error reaches the operator as InvalidDocument, not on stderr
+    return re2, options
 
 
 def _regex(v: object, path: str) -> Regex:
     s = _str(v, path, max_len=MAX_REGEX_LEN)
     try:
         return Regex(s)
-    except re2.error as exc:
+    except _re2()[0].error as exc:
         raw = exc.args[0] if exc.args else ""
         msg = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).replace("\n", " ")
         hint = ""

@@ -85,7 +85,7 @@ def test_a_pattern_re2_cannot_run_is_refused_on_write_naming_the_field(
             if where == "route-path"
             else {"headers": {"x-a": {"regex": pattern}}}
         )
-        doc = {"service": "web", "routes": [{"match": match, "to": [{"subset": None}]}]}
+        doc = {"service": "web", "routes": [{"match": match, "to": [{"weight": 100}]}]}
         parse = parse_routes
     with pytest.raises(InvalidDocument) as err:
         parse(doc)
