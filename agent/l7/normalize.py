@@ -58,7 +58,10 @@ _ALPHA = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _UNRESERVED = frozenset(_ALPHA + b"0123456789-._~")
 _PATH_CHARS = bytes(_UNRESERVED) + b"!$&'()*+,;=:@/"  # pchar minus pct-encoded, plus "/" (RFC 3986 §3.3)
 _VISIBLE = bytes(range(0x21, 0x7F))  # printable ASCII without space
-_QUERY_OK = _VISIBLE.replace(b"#", b"")  # what may stay in a query as it is
+# one scan each for the fast path: anything in a path the slow path would change or refuse, and
+# anything in a query it would refuse (bytes other than visible ASCII, and '#')
+_NOT_PLAIN_PATH = re.compile(b"[^" + re.escape(_PATH_CHARS) + rb"]|//|/\.")
+_NOT_PLAIN_QUERY = re.compile(rb"[^!-\x22$-~]")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _DEFAULT_PORT = {b"http": b":80", b"https": b":443"}
 _SCHEME_RE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
@@ -77,14 +80,10 @@ def normalize_target(target: bytes, headers: Headers = ()) -> bytes:
     ``headers`` (names in lower case) are read only for an absolute-form target's ``Host`` check.
     """
     q = target.find(b"?")
-    path = target if q < 0 else target[:q]
-    # fast path: already normal (translate deletes every plain path byte: nothing may remain)
-    if (
-        path[:1] == b"/"
-        and not path.translate(None, _PATH_CHARS)
-        and b"//" not in path
-        and b"/." not in path
-        and (q < 0 or not target.translate(None, _QUERY_OK))
+    if (  # fast path: already normal, returned as it is
+        target[:1] == b"/"
+        and _NOT_PLAIN_PATH.search(target, 0, q if q >= 0 else len(target)) is None
+        and (q < 0 or _NOT_PLAIN_QUERY.search(target, q) is None)
     ):
         return target
     return _slow(target, headers)
