@@ -42,7 +42,7 @@ The rules, in order:
 
 The result is a fixed point (normalising it again returns it unchanged), and an already-normal
 target (the common case: starts with ``/``, only plain path characters, no ``%``, ``//`` or ``/.``
-in the path) is recognised with a few byte scans and returned as the same object.
+in the path) is recognised by one scan of its path (and one of its query) and returned as it is.
 """
 
 from __future__ import annotations
