@@ -10,6 +10,10 @@ Decision (pure, no I/O; called once per inbound connection and once per HTTP req
   (`deny web` + `allow web GET /health`). At equal specificity a deny wins; rule order only
   decides which index the audit reason names.
 - No matching rule: the document's `default`, else the agent-wide default.
+- The path is the request target's path in the normal form of `hostmesh.agent.l7.normalize`
+  (dot segments resolved, unreserved escapes decoded, slashes merged; `%2F` refused), applied by
+  http_conn before either side decides, so `//admin` or `/%61dmin` meet a rule on `/admin`, and the
+  app is sent that same normal form.
 
 At L4 (`authorize_connection`) the request is not known yet. The connection is admitted when the
 decision without L7 rules allows, or when a more specific L7 allow rule could allow some request;

@@ -54,6 +54,7 @@ class Backend:
         self.failed_once = False
         self.port = 0
         self.last_headers: dict[bytes, bytes] = {}
+        self.seen: list[bytes] = []  # every request target that reached this app, in order
         self.server: asyncio.Server | None = None
         self.connections = 0
 
@@ -85,6 +86,7 @@ class Backend:
 
     async def _answer(self, req: _Req, parser: Any, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
         self.hits += 1
+        self.seen.append(req.url)
         self.last_headers = req.headers
         path = req.url.split(b"?")[0]
         method = parser.get_method()

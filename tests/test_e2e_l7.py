@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, http_json, wait_for
 from tests.l7_support import Backends, Client, Response, send_raw_and_read_all
 from tests.support import ConsulDev
 
@@ -265,6 +265,44 @@ def test_connection_limits_overflow_to_503(fresh: Mesh, tmp_path: Path) -> None:
     print(f"connection limit 1 + 1 pending, 8 concurrent: {dict(codes)}")
     assert codes[(503, "UO")] >= 4
     assert codes[(200, "")] >= 1
+
+
+LIVE_BOUND = 0.1  # the bound: the agent's /live answers within 100 ms while a regex is matched
+
+
+def test_a_backtracking_route_regex_does_not_stall_the_agent(fresh: Mesh, tmp_path: Path) -> None:
+    # Python's re needs ~2**40 steps for this pattern and target; RE2 is linear. The catch-all route
+    # delays by 500 ms so that the request is surely in flight while /live is polled.
+    apply(fresh, "routes", {"subsets": SUBSETS, "routes": [
+        {"match": {"path": {"regex": "/(a+)+$"}}, "to": [{"subset": "v1", "weight": 100}]},
+        {"to": [{"subset": "v2", "weight": 100}], "fault": {"delay": {"fixed": "500ms", "percent": 100}}},
+    ]}, tmp_path)  # fmt: skip
+    live = f"{fresh.web.admin_url}/live"
+
+    def poll() -> float:
+        t0 = time.monotonic()
+        status, _ = http_json(live, timeout=2.0)
+        assert status == 200
+        return time.monotonic() - t0
+
+    # the regex route matches; this first request also loads the agent's L7 modules (a one-off import
+    # that would otherwise be timed below)
+    assert Client(fresh.port).get("/aaaa").instance in ("v1a", "v1b")
+    with ThreadPoolExecutor(1) as pool:
+        req = pool.submit(lambda: Client(fresh.port).get("/" + "a" * 40 + "!"))
+        during = [poll()]
+        for _ in range(200):  # bounded: the request ends after its 500 ms delay
+            if req.done():
+                break
+            during.append(poll())
+        resp = req.result(timeout=10)
+    after = [poll() for _ in range(5)]
+    slowest, median = max(during) * 1000, sorted(during)[len(during) // 2] * 1000
+    print(f"/live during the regex request: {len(during)} polls, max {slowest:.1f} ms,"
+          f" median {median:.1f} ms; after: max {max(after) * 1000:.1f} ms")  # fmt: skip
+    assert resp.status == 200 and resp.instance == "v2"  # no match: the catch-all, after its delay
+    assert max(during) < LIVE_BOUND and max(after) < LIVE_BOUND
+    assert len(during) >= 2
 
 
 # --------------------------------------------------------------------------- config propagation

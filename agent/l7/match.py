@@ -5,7 +5,8 @@ Decision: a validated :class:`hostmesh.registry.schema.RouteDocument` is compile
 :meth:`CompiledRoutes.select` and then the small methods of the chosen :class:`CompiledRoute`.
 
 - First matching route wins (document order). A route matches when every condition holds:
-  method in ``methods``; path (the request target up to ``?``, raw, not normalized) ``exact`` /
+  method in ``methods``; path (the request target up to ``?``, in the normal form of
+  :mod:`hostmesh.agent.l7.normalize`, which http_conn applies before any decision) ``exact`` /
   ``prefix`` (plain string prefix, as Envoy and Istio) / ``regex`` (full match); each header
   ``exact`` / ``prefix`` / ``regex`` (full match) / ``present`` (true: the field exists, false: it
   does not) against the field's value, repeated fields joined by ``,``; each query parameter the
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import random
-import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl
 
@@ -42,7 +42,7 @@ _EXACT, _PREFIX, _REGEX, _PRESENT = range(4)
 _KINDS = {"exact": _EXACT, "prefix": _PREFIX, "regex": _REGEX, "present": _PRESENT}
 
 # (name, kind, literal value, compiled regex, must be present)
-_ValueCond = tuple[str, int, str, "re.Pattern[str] | None", bool]
+_ValueCond = tuple[str, int, str, "schema.Regex | None", bool]
 
 
 def _value_conds(matches: Sequence[schema.ValueMatch]) -> tuple[_ValueCond, ...]:
@@ -60,7 +60,7 @@ def _cond_ok(cond: _ValueCond, value: str | None) -> bool:
     if kind == _PREFIX:
         return value.startswith(literal)
     assert rx is not None
-    return rx.fullmatch(value) is not None
+    return rx.fullmatch(value)
 
 
 def _header(headers: Headers, name: bytes) -> str | None:
@@ -150,7 +150,7 @@ class CompiledRoute:
         self.methods: frozenset[bytes] | None = None
         self.path_kind = -1
         self.path_value = ""
-        self.path_regex: re.Pattern[str] | None = None
+        self.path_regex: schema.Regex | None = None
         self.header_conds: tuple[tuple[bytes, _ValueCond], ...] = ()
         self.query_conds: tuple[_ValueCond, ...] = ()
         if m is not None:
@@ -224,7 +224,7 @@ class CompiledRoute:
                 return False
         elif kind == _REGEX:
             assert self.path_regex is not None
-            if self.path_regex.fullmatch(path) is None:
+            if not self.path_regex.fullmatch(path):
                 return False
         for name, cond in self.header_conds:
             if not _cond_ok(cond, _header(headers, name)):

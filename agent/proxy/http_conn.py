@@ -22,6 +22,8 @@ Decisions:
   408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``.
 - Upstream connections are pooled per key (LIFO, bounded, aged out); one is returned to the pool only
   when both the request and the response ended cleanly and the response allows keep-alive.
+- A request's target is normalised (``l7/normalize.py``) as soon as its head is framed, before either
+  side decides anything; a target it refuses is answered 400 (flag DPE) and the connection closed.
 - A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes.
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
@@ -39,6 +41,7 @@ from typing import Any, Protocol, cast
 from hostmesh.agent import audit
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
+from hostmesh.agent.l7.errors import ProtocolError
 from hostmesh.agent.l7.http1 import (
     CHUNKED,
     CRLF,
@@ -52,6 +55,7 @@ from hostmesh.agent.l7.http1 import (
     ResponseHead,
     TunnelData,
 )
+from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
@@ -264,6 +268,13 @@ class ServerConn(asyncio.BaseProtocol):
         elif t is RequestHead:
             self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
+            try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
+                target = normalize_target(ev.target, ev.headers)
+            except ProtocolError as exc:
+                self.reject(exc.status, exc.reason, exc.flag)
+                return
+            if target is not ev.target:
+                ev = ev._replace(target=target)
             ex = self.ex = Exchange(self, ev)
             self.handler.start(ex)
         elif t is TunnelData:

@@ -1,10 +1,10 @@
 """Inbound L7: HTTP/1.1 requests arriving over mutual TLS (ALPN ``hostmesh/http1``) for a local service.
 
 Pipeline per request (visible in `HttpInbound.start`):
-    frame + hygiene (http1, in ServerConn: 400/431/408/417/405/501 with the flag header) -> read the
-    snapshot once -> the caller is still trusted (bundle change, certificate expiry) -> authorize
-    (intentions unreadable: 503 NI, fail closed; else `authorize_request`: intentions with HTTP
-    permissions; 403 AUTHZ + audit line) -> local rate
+    frame + hygiene + normalise the target (http1, normalize, in ServerConn: 400/431/408/417/405/501
+    with the flag header) -> read the snapshot once -> the caller is still trusted (bundle change,
+    certificate expiry) -> authorize (intentions unreadable: 503 NI, fail closed; else
+    `authorize_request`: intentions with HTTP permissions; 403 AUTHZ + audit line) -> local rate
     limit of the service's policy (429 RL) -> forward to 127.0.0.1:<app port> on a pooled keep-alive
     connection -> relay the response -> metrics reporter=destination, sampled access line.
 

@@ -1,8 +1,9 @@
 """Outbound L7: HTTP/1.1 from a local app to an upstream service, routed, balanced and retried.
 
 Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
-    frame + hygiene (http1, in ServerConn) -> read the snapshot once -> route (match: first route
-    that matches; no route: 404 NR) -> fault (delay DI, abort FI) -> request limit (503 UO) ->
+    frame + hygiene + normalise the target (http1, normalize, in ServerConn) -> read the snapshot
+    once -> route (match: first route that matches; no route: 404 NR) -> fault (delay DI, abort FI)
+    -> request limit (503 UO) ->
     weighted split to a subset -> balancer pick (policy LB, outlier ejections, locality; none: 503 UH)
     -> pooled mTLS connection to that instance's agent -> forward (header ops, rewrite,
     x-request-id) -> retry decision (policy, budget; URX when spent) -> relay the response

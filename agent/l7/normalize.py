@@ -1,0 +1,196 @@
+"""Normalise a request target before anything decides on it: the one path every L7 decision sees.
+
+Decision: intentions (authz.py) and routes (match.py) match on the target this module returns, and
+the request is forwarded with that same target, so what was authorised is what the app serves. It
+runs once per request where the head is framed (http_conn.ServerConn), on both the outbound and the
+inbound side. A target it refuses is answered ``400`` with flag ``DPE`` (:class:`ProtocolError`,
+``reason`` names the rule) and the connection closes. Pure: bytes in, bytes out.
+
+Why: matching the raw target let ``//admin``, ``/./admin``, ``/%61dmin``, ``/%2e/admin``,
+``http://web/admin`` ... pass a ``deny prefix /admin`` while the app, like any origin server that
+follows RFC 3986, served them as ``/admin``. Envoy normalises the same way for Istio's policies
+(``normalize_path``, ``merge_slashes``, ``path_with_escaped_slashes_action``).
+
+The rules, in order:
+
+1. Refused anywhere in the target: control characters, space, DEL and non-ASCII bytes
+   (``control-char``), and ``#`` (``fragment``: a client never sends one; an origin may cut the
+   path there).
+2. Form. Origin-form (``/...``) is normalised below. ``*`` (OPTIONS) passes unchanged.
+   Absolute-form ``scheme://authority[path][?query]`` becomes origin-form: the scheme must be
+   ``http`` or ``https`` in any case (``bad-scheme``), the authority must be non-empty and without
+   userinfo (``bad-authority``), and it must name the same host as the ``Host`` header
+   (case-insensitive, the scheme's default port ignored; ``authority-mismatch``, also when there is no
+   ``Host``): the request is forwarded with the path only and its unchanged ``Host``, so the app sees
+   the authority that was checked. An empty path becomes ``/``. Anything else: ``bad-target``.
+3. Path (up to the first ``?``):
+   - a backslash is refused (``backslash``): some origins treat it as ``/``;
+   - percent-escapes: a malformed one is refused (``bad-escape``); ``%2F`` and ``%5C`` are
+     **refused** (``escaped-slash``, ``escaped-backslash``), not kept encoded, because origins
+     disagree on them (nginx decodes ``%2F`` to ``/`` before matching its locations, others keep it
+     as data): no single forwarded form means the same path to every app, so none may pass an
+     intention written for the decoded path. An escape of an unreserved character
+     (``A-Z a-z 0-9 - . _ ~``, RFC 3986 §2.3) is decoded (so ``%2e`` is a dot and counts in the dot
+     segment step below); every other escape is kept, its hex in upper case (§6.2.2.1);
+   - characters that RFC 3986 does not allow in a path (``"<>[]^`{|}``) are percent-encoded;
+   - dot segments are removed (RFC 3986 §5.2.4 ``remove_dot_segments``), then runs of ``/`` are
+     merged into one (Envoy's order). Origins that merge slashes first (nginx) map ``/a//..`` to
+     ``/`` where this order gives ``/a/``: a path whose two orders disagree is refused
+     (``ambiguous-path``), so every such origin agrees with the decision.
+4. The query (after ``?``) is kept byte for byte (after rule 1): routes decode query parameters
+   themselves and intentions do not look at the query.
+
+The result is a fixed point (normalising it again returns it unchanged), and an already-normal
+target (the common case: starts with ``/``, only plain path characters, no ``%``, ``//`` or ``/.``
+in the path) is recognised by one scan of its path (and one of its query) and returned as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from hostmesh.agent.l7.errors import ProtocolError
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+_ALPHA = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_UNRESERVED = frozenset(_ALPHA + b"0123456789-._~")
+_PATH_CHARS = bytes(_UNRESERVED) + b"!$&'()*+,;=:@/"  # pchar minus pct-encoded, plus "/" (RFC 3986 §3.3)
+_VISIBLE = bytes(range(0x21, 0x7F))  # printable ASCII without space
+# one scan each for the fast path: anything in a path the slow path would change or refuse, and
+# anything in a query it would refuse (bytes other than visible ASCII, and '#')
+_NOT_PLAIN_PATH = re.compile(b"[^" + re.escape(_PATH_CHARS) + rb"]|//|/\.")
+_NOT_PLAIN_QUERY = re.compile(rb"[^!-\x22$-~]")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_DEFAULT_PORT = {b"http": b":80", b"https": b":443"}
+_SCHEME_RE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
+# bytes to percent-encode in a path: visible ASCII that is neither a path character nor "%" / "\"
+_ENCODE_RE = re.compile(b"[^" + re.escape(_PATH_CHARS + b"%\\") + b"]")
+_SLASHES_RE = re.compile(rb"/{2,}")
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(400, reason)
+
+
+def normalize_target(target: bytes, headers: Headers = ()) -> bytes:
+    """The normal form of ``target`` (see the module docstring), or :class:`ProtocolError` (400).
+
+    ``headers`` (names in lower case) are read only for an absolute-form target's ``Host`` check.
+    """
+    q = target.find(b"?")
+    if (  # fast path: already normal, returned as it is
+        target[:1] == b"/"
+        and _NOT_PLAIN_PATH.search(target, 0, q if q >= 0 else len(target)) is None
+        and (q < 0 or _NOT_PLAIN_QUERY.search(target, q) is None)
+    ):
+        return target
+    return _slow(target, headers)
+
+
+def _slow(target: bytes, headers: Headers) -> bytes:
+    if target.translate(None, _VISIBLE):
+        raise _bad("control-char")
+    if b"#" in target:
+        raise _bad("fragment")
+    if target[:1] != b"/":
+        if target == b"*":
+            return target
+        target = _origin_form(target, headers)
+    q = target.find(b"?")
+    path, query = (target, b"") if q < 0 else (target[:q], target[q:])
+    out = _path(path) + query
+    return target if out == target else out
+
+
+def _origin_form(target: bytes, headers: Headers) -> bytes:
+    """``scheme://authority/path?query`` -> ``/path?query`` once the authority is checked."""
+    sep = target.find(b"://")
+    scheme = target[:sep].lower() if sep > 0 else b""
+    if sep <= 0 or not _SCHEME_RE.fullmatch(scheme):
+        raise _bad("bad-target")
+    if scheme not in _DEFAULT_PORT:
+        raise _bad("bad-scheme")
+    rest = target[sep + 3 :]
+    end = len(rest)
+    for stop in (b"/", b"?"):
+        i = rest.find(stop)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise _bad("bad-authority")
+    hosts = [v for n, v in headers if n == b"host"]
+    want = _authority_key(authority, scheme)
+    if not hosts or any(_authority_key(h.strip(), scheme) != want for h in hosts):
+        raise _bad("authority-mismatch")
+    return tail if tail[:1] == b"/" else b"/" + tail
+
+
+def _authority_key(authority: bytes, scheme: bytes) -> bytes:
+    a = authority.lower()
+    default = _DEFAULT_PORT[scheme]
+    if a.endswith(default):
+        a = a[: -len(default)]
+    return a[:-1] if a.endswith(b":") else a
+
+
+def _path(path: bytes) -> bytes:
+    if b"\\" in path:
+        raise _bad("backslash")
+    if _ENCODE_RE.search(path) is not None:
+        path = _ENCODE_RE.sub(lambda m: b"%%%02X" % m[0][0], path)
+    if b"%" in path:
+        path = _decode_unreserved(path)
+    if b"//" not in path and b"/." not in path:
+        return path
+    segments = path.split(b"/")[1:]
+    out = _merge(_remove_dots(segments))
+    if b"" in segments[:-1] and b".." in segments:  # a '..' may pop an empty segment: check the other order
+        merged = [s for i, s in enumerate(segments) if s or i == len(segments) - 1]
+        if _remove_dots(merged) != out:
+            raise _bad("ambiguous-path")
+    return out
+
+
+def _decode_unreserved(path: bytes) -> bytes:
+    parts = path.split(b"%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        hx = part[:2]
+        if len(hx) < 2 or hx[0] not in _HEX or hx[1] not in _HEX:
+            raise _bad("bad-escape")
+        byte = int(hx, 16)
+        if byte in _UNRESERVED:
+            out.append(bytes((byte,)))
+        elif byte == 0x2F:
+            raise _bad("escaped-slash")
+        elif byte == 0x5C:
+            raise _bad("escaped-backslash")
+        else:
+            out.append(b"%" + hx.upper())
+        out.append(part[2:])
+    return b"".join(out)
+
+
+def _remove_dots(segments: list[bytes]) -> bytes:
+    """RFC 3986 §5.2.4 on an absolute path given as its segments (the text after each '/')."""
+    out: list[bytes] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        if seg == b".":
+            if i == last:
+                out.append(b"")
+        elif seg == b"..":
+            if out:
+                out.pop()
+            if i == last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    return b"/" + b"/".join(out)
+
+
+def _merge(path: bytes) -> bytes:
+    return _SLASHES_RE.sub(b"/", path) if b"//" in path else path
