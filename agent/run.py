@@ -425,7 +425,7 @@ class Agent:
                 if failures == 0:
                     log.warning("Consul registration/TTL update failed: %s; retrying", exc)
                 failures += 1
-                delay = backoff_delay(failures)
+                delay = backoff_delay(failures, cap=RECONCILE_INTERVAL)  # a Consul back is seen within it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
