@@ -66,6 +66,7 @@ SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued
 SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
+BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
@@ -209,6 +210,7 @@ class CAService:
         self._server_cert_issued = pki.now()
         self._registered = False  # registered at least once: close() then deregisters
         self._consul_ok = True  # the last Consul round succeeded (failures are logged once)
+        self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
         self._dir_state = self._data_dir_state()
         self._maintenance: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -354,11 +356,18 @@ class CAService:
                 problem = None if json.loads(current.value) == want else "different"
             except ValueError:
                 problem = "unreadable"
+        self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if problem == "different" else 0
         if problem is None:
             return
         await self.consul.kv_put(ROOTS_KEY, json.dumps(want, sort_keys=True))
         what = "published" if problem == "missing" else f"repaired (it was {problem})"
         log.info("trust bundle at %s %s: %d root(s)", ROOTS_KEY, what, len(authority.roots))
+        if self._overwrites_in_a_row == BUNDLE_FIGHT_ROUNDS:  # agents' trust flips each round: be loud
+            log.error(
+                "%s is rewritten with other roots between every round: another CA instance with a "
+                "different data dir, or a script? Every CA sharing this Consul needs the same roots",
+                ROOTS_KEY,
+            )
 
     async def _ensure_registered(self, consul: ConsulClient) -> None:
         """Register unless the Consul agent lists this instance with its check (it may have lost both)."""

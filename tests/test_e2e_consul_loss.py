@@ -19,8 +19,10 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, Proc, roundtrip, wait_for
 from hostmesh.agent.run import registration_drift
+from hostmesh.ca.service import BUNDLE_FIGHT_ROUNDS
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound
+from tests.ca_support import AuditSink, new_ca_dir, start_ca
 from tests.support import ConsulDev
 
 ROOTS_KEY = "hostmesh/ca/roots"
@@ -171,3 +173,22 @@ def test_a_bundle_overwritten_by_hand_is_repaired_and_never_adopted(
     private_consul.kv_put(ROOTS_KEY, json.dumps(other))
     wait_for(lambda: _bundle(private_consul) == bundle, REPAIR_BOUND, "the CA to repair the bundle again")
     assert _pids(mesh) == pids
+
+
+@pytest.mark.consul
+async def test_two_cas_with_other_roots_fighting_over_the_bundle_are_named(
+    private_consul: ConsulDev, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Repairing 'whenever KV differs' makes two CA instances with different roots rewrite the bundle
+    in turn, flipping every agent's trust: a misconfiguration the CA must name, not hide."""
+    async with ConsulClient(private_consul.url) as c:
+        one = await start_ca(new_ca_dir(tmp_path / "one"), c, AuditSink(), register=False)
+        two = await start_ca(new_ca_dir(tmp_path / "two"), c, AuditSink(), register=False)
+        try:
+            for _ in range(BUNDLE_FIGHT_ROUNDS):  # what their maintenance rounds do, without the wait
+                await one._sync_consul()
+                await two._sync_consul()
+        finally:
+            await one.close()
+            await two.close()
+    assert "rewritten with other roots between every round" in caplog.text
