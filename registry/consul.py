@@ -356,7 +356,7 @@ class ConsulClient:
     async def check_ttl(self, check_id: str, status: str = "pass", note: str = "") -> None:
         """Update a TTL check: status is pass | warn | fail. `NotFound` when this Consul agent does not
         know the check (it lost its state): the caller registers again."""
-        q = f"?note={note}" if note else ""
+        q = f"?note={urllib.parse.quote(note)}" if note else ""  # "agent stopping" has a space
         try:
             await self._raw(
                 "PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, f"TTL update of {check_id}"

@@ -113,6 +113,20 @@ async def test_a_ttl_update_for_a_check_consul_does_not_know_is_not_found(consul
 
 
 @pytest.mark.consul
+async def test_a_ttl_update_with_a_note_reaches_consul(consul: ConsulDev) -> None:
+    """The agent's last word on stop ("agent stopping", with a space) used to be an invalid request."""
+    check = {"CheckID": "heal-n1:agent", "Name": "alive", "TTL": "15s", "Status": "passing"}
+    async with ConsulClient(consul.url) as c:
+        await c.register_service(ServiceRegistration("heal", "heal-n1", "127.0.0.1", 1, checks=(check,)))
+        try:
+            await c.check_ttl("heal-n1:agent", "fail", "agent stopping")
+            seen = (await c.agent_checks())["heal-n1:agent"]
+        finally:
+            await c.deregister_service("heal-n1")
+    assert (seen["Status"], seen["Output"]) == ("critical", "agent stopping")
+
+
+@pytest.mark.consul
 @pytest.mark.e2e
 def test_consul_back_empty_is_whole_again_within_10s_without_any_restart(
     mesh: Mesh, private_consul: ConsulDev
