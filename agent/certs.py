@@ -466,12 +466,21 @@ class CertManager:
         return await self.consul.kv_get_blocking(ROOTS_KEY, index)
 
     def _on_bundle(self, entry: KVEntry | None) -> None:
+        """A bundle from Consul. Missing (a Consul that lost its data) or invalid (hand-written
+        garbage) never clears or replaces the roots in use: the CA publishes or repairs it within
+        seconds, and until then we trust what we trusted."""
         if entry is None:
+            if self._roots:
+                log.warning(
+                    "%s is missing in Consul; keeping the %d root(s) in use until the CA publishes it",
+                    ROOTS_KEY,
+                    len(self._roots),
+                )
             return
         try:
             roots = parse_bundle(json.loads(entry.value), self.trust_domain)
         except (ValueError, TrustError) as exc:
-            log.error("ignoring invalid trust bundle at %s: %s", ROOTS_KEY, exc)
+            log.error("ignoring invalid trust bundle at %s: %s; keeping the roots in use", ROOTS_KEY, exc)
             return
         if self._set_roots(roots):
             log.info("trust bundle updated: %d root(s)", len(roots))

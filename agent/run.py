@@ -7,7 +7,12 @@ Stop:   (SIGTERM/SIGINT) not ready -> TTL check critical (peers stop picking us)
         -> drain open connections up to `drain_seconds` -> deregister -> exit 0.
 
 Consul being down never stops a running agent nor one with a saved snapshot: registration and
-watches retry in the background with backoff.
+watches retry in the background with backoff. Registration reconciles rather than remembers: every
+RECONCILE_INTERVAL, and at once when Consul answers again after errors, the agent compares what its
+Consul agent knows (/v1/agent/services, /v1/agent/checks) with what it should, and registers again
+whatever is missing or different; a TTL update that Consul answers with "no such check" (a 404, or
+1.8's 500 "does not have associated TTL") does the same. A Consul that restarted empty therefore
+lists this host's services again within seconds, with no restart or SIGHUP.
 
 `workers = N` (agent/workers.py): the process above is the *primary*; just before READY it spawns
 N-1 workers that bind the same listeners (SO_REUSEPORT). A worker runs the same pipeline with two
@@ -48,7 +53,8 @@ from hostmesh.registry.watch import backoff_delay
 log = logging.getLogger("hostmesh.agent")
 
 FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers before serving what it has
-TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every TTL/3
+TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
+RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
 
 
@@ -65,6 +71,25 @@ RESTART_KEYS = (
     "trust_domain",
     "workers",
 )
+
+
+def registration_drift(
+    want: ServiceRegistration, services: dict[str, Any], checks: dict[str, Any]
+) -> str | None:
+    """How Consul's agent view (/v1/agent/services, /v1/agent/checks) differs from `want`, in a few
+    words, or None when it holds the service as registered with both its checks."""
+    have = services.get(want.id)
+    if have is None:
+        return f"of {want.id} is missing"
+    for field_, value in (("Service", want.name), ("Address", want.address), ("Port", want.port)):
+        if have.get(field_) != value:
+            return f"of {want.id} has {field_} {have.get(field_)!r}, not {value!r}"
+    if (have.get("Meta") or {}) != want.meta:
+        return f"of {want.id} has other meta"
+    for check in want.checks:
+        if check["CheckID"] not in checks:
+            return f"lacks the check {check['CheckID']}"
+    return None
 
 
 class AgentStartError(Exception):
@@ -123,7 +148,9 @@ class Agent:
         self.inbound: Any = None
         self.outbound: dict[tuple[str, str, str], Any] = {}  # (local service, upstream, bind) -> listener
         self._servers: list[HTTPServer] = []
-        self.registered = False
+        self.registered = False  # registered at least once in this run: stop() then deregisters
+        self._register_all_next = True  # start-up, or a reload changed what we register
+        self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
 
     # --- start ------------------------------------------------------------------------------
@@ -205,7 +232,8 @@ class Agent:
         for server in self._servers:
             await server.start()
 
-        self._tasks.append(asyncio.create_task(self._registration_loop(), name="registration"))
+        self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
+        self._tasks.append(self._registration_task)
         if cfg.workers > 1 and self.config_path is not None:
             from hostmesh.agent.workers import WorkerSet
 
@@ -315,8 +343,13 @@ class Agent:
         return f"{svc.name}-{self.config.node}"
 
     async def _registration(self, svc: ServiceConfig) -> ServiceRegistration:
-        sid = self._service_id(svc)
         healthy, detail = await service_health(svc, self.builder.holder.current)  # critical while refused
+        return self._registration_of(svc, healthy, detail)
+
+    def _registration_of(
+        self, svc: ServiceConfig, healthy: bool = True, detail: str = ""
+    ) -> ServiceRegistration:
+        sid = self._service_id(svc)
         admin = self.config.admin
         interval = max(svc.health.interval, CHECK_INTERVAL_FLOOR)
         return ServiceRegistration(
@@ -344,31 +377,57 @@ class Agent:
             ),
         )
 
+    async def _register(self, svc: ServiceConfig, why: str) -> None:
+        await self.consul.register_service(await self._registration(svc))
+        self.registered = True
+        log.info("registered %s in Consul (%s)", svc.name, why)
+
     async def _register_all(self) -> None:
         for svc in self.config.services:
-            await self.consul.register_service(await self._registration(svc))
-        self.registered = True
+            await self._register(svc, "start-up or reload")
+        self._register_all_next = False
+
+    async def _reconcile(self) -> None:
+        """Register again every service Consul does not know as we would register it."""
+        services = await self.consul.agent_services()
+        checks = await self.consul.agent_checks()
+        for svc in self.config.services:
+            drift = registration_drift(self._registration_of(svc), services, checks)
+            if drift is not None:
+                await self._register(svc, f"Consul's registration {drift}")
+
+    async def _refresh_ttls(self) -> None:
+        for svc in self.config.services:
+            check_id = f"{self._service_id(svc)}:agent"
+            try:
+                await self.consul.check_ttl(check_id, "pass")
+            except NotFound:  # Consul lost it between the comparison and now
+                await self._register(svc, f"Consul does not know {check_id}")
 
     async def _registration_loop(self) -> None:
-        """Register, then keep the TTL checks alive; re-register if Consul forgot us (restart)."""
+        """Keep Consul's view of this host's services right and their TTL checks alive, forever.
+
+        Each round: (re-)register everything after start-up or a reload, otherwise compare with
+        Consul's view and register what differs; then refresh the TTL checks. A round runs every
+        RECONCILE_INTERVAL, and with backoff while Consul fails; the first round that succeeds after
+        failures is a full comparison, so a Consul that came back empty is repaired at once."""
         failures = 0
         while not self._stopping.is_set():
             try:
-                if not self.registered:
+                if self._register_all_next:
                     await self._register_all()
-                    log.info("registered %s in Consul", ", ".join(s.name for s in self.config.services))
-                for svc in self.config.services:
-                    await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "pass")
+                else:
+                    await self._reconcile()
+                await self._refresh_ttls()
+                if failures:
+                    log.info("Consul answers again after %d failed round(s); registrations checked", failures)
                 failures = 0
-                delay = TTL_SECONDS / 3
-            except NotFound:
-                self.registered = False
-                delay = 0.0
+                delay = RECONCILE_INTERVAL
             except RegistryError as exc:
                 if failures == 0:
                     log.warning("Consul registration/TTL update failed: %s; retrying", exc)
                 failures += 1
-                delay = backoff_delay(failures)
+                delay = backoff_delay(failures, cap=RECONCILE_INTERVAL)  # a Consul back is seen within it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
@@ -411,7 +470,7 @@ class Agent:
         await self._sync_outbound()
         self._ensure_http_inbound()  # a service switched to protocol http
         if new.services != old.services:
-            self.registered = False  # the registration loop re-registers with the new port/meta/checks
+            self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
         log.info("reloaded %s", path)
         sdnotify.ready()
@@ -460,6 +519,10 @@ class Agent:
         self._stopping.set()
         self._wake.set()
         self.ready = False
+        if self._registration_task is not None:  # no round may register or pass a TTL after the fail below
+            self._registration_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._registration_task
         sdnotify.stopping()
         cfg = self.config
         if self.registered:

@@ -20,6 +20,12 @@ grow), which is why /v1/renew re-checks the peer against the current snapshot.
 Reload (SIGHUP, or a change of the data dir noticed within MAINTENANCE_INTERVAL): re-read the roots,
 publish the new bundle to Consul first, then sign with the new active root, and re-issue the
 serving certificate from it.
+
+Consul is reconciled, not remembered: every maintenance round (MAINTENANCE_INTERVAL, and every
+CONSUL_RETRY_INTERVAL while Consul fails) reads `hostmesh/ca/roots` and rewrites it when it is
+missing, unreadable or differs from our roots, and registers the CA again when the Consul agent does
+not list the service or its check. A Consul that lost its state, or a bundle overwritten by hand, is
+repaired within one round.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ MIN_LEAF_TTL = dt.timedelta(seconds=1)  # below a second a leaf expires in fligh
 SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued from the active root
 SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
-MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul retry, watchdog: seconds between rounds
+MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
+BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
+CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
@@ -200,8 +208,9 @@ class CAService:
         self._tls: ssl.SSLContext | None = None
         self._server_cert_expires = pki.now()
         self._server_cert_issued = pki.now()
-        self._published: str | None = None  # the bundle JSON last written to Consul
-        self._registered = False
+        self._registered = False  # registered at least once: close() then deregisters
+        self._consul_ok = True  # the last Consul round succeeded (failures are logged once)
+        self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
         self._dir_state = self._data_dir_state()
         self._maintenance: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -277,8 +286,9 @@ class CAService:
 
     async def _maintain(self) -> None:
         loop = asyncio.get_running_loop()
+        delay = MAINTENANCE_INTERVAL
         while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            await asyncio.sleep(delay)
             sd_notify("WATCHDOG=1")  # the loop is alive; Consul trouble below is not a reason to be killed
             try:
                 if self._data_dir_state() != self._dir_state:
@@ -286,7 +296,8 @@ class CAService:
                 life = self._server_cert_expires - self._server_cert_issued
                 if pki.now() >= self._server_cert_issued + life * SERVER_CERT_REFRESH:
                     self._write_server_cert()
-                await self._sync_consul()
+                in_sync = await self._sync_consul()
+                delay = MAINTENANCE_INTERVAL if in_sync else CONSUL_RETRY_INTERVAL
                 if self.consul is not None and loop.time() - self._last_prune > TOKEN_PRUNE_INTERVAL:
                     self._last_prune = loop.time()
                     removed = await tokens.prune(self.consul, pki.now())
@@ -312,30 +323,67 @@ class CAService:
 
     # --- Consul -------------------------------------------------------------------------------
 
-    async def _sync_consul(self) -> None:
+    async def _sync_consul(self) -> bool:
+        """Make Consul hold our trust bundle and registration; False (logged) when Consul failed."""
         if self.consul is None:
-            return
+            return True
         try:
             await self._publish(self.authority)
-            if self.register and not self._registered:
-                await self.consul.register_service(self._registration())
-                self._registered = True
-                log.info("registered %s in Consul as %s", CA_SERVICE_NAME, self.service_id)
+            if self.register:
+                await self._ensure_registered(self.consul)
         except RegistryError as exc:
-            log.warning("Consul: %s; the CA keeps serving and retries", exc)
+            if self._consul_ok:
+                log.warning("Consul: %s; the CA keeps serving and retries", exc)
+            self._consul_ok = False
+            return False
+        if not self._consul_ok:
+            log.info("Consul answers again; trust bundle and registration checked")
+        self._consul_ok = True
+        return True
 
     async def _publish(self, authority: store.Authority) -> None:
-        """Write the trust bundle to KV if it differs (an unchanged write would wake every agent)."""
+        """Write the trust bundle to KV when what is there is not it (missing, unreadable, other roots);
+        an unchanged value is not rewritten, since every write wakes every agent's watch."""
         if self.consul is None:
             return
-        body = json.dumps(authority.bundle_json(), sort_keys=True)
-        if body == self._published:
-            return
+        want = authority.bundle_json()
         current = await self.consul.kv_get(ROOTS_KEY)
-        if current is None or current.value.decode(errors="replace") != body:
-            await self.consul.kv_put(ROOTS_KEY, body)
-            log.info("published trust bundle (%d root(s)) at %s", len(authority.roots), ROOTS_KEY)
-        self._published = body
+        problem: str | None
+        if current is None:
+            problem = "missing"
+        else:
+            try:
+                problem = None if json.loads(current.value) == want else "different"
+            except ValueError:
+                problem = "unreadable"
+        self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if problem == "different" else 0
+        if problem is None:
+            return
+        await self.consul.kv_put(ROOTS_KEY, json.dumps(want, sort_keys=True))
+        what = "published" if problem == "missing" else f"repaired (it was {problem})"
+        log.info("trust bundle at %s %s: %d root(s)", ROOTS_KEY, what, len(authority.roots))
+        if self._overwrites_in_a_row == BUNDLE_FIGHT_ROUNDS:  # agents' trust flips each round: be loud
+            log.error(
+                "%s is rewritten with other roots between every round: another CA instance with a "
+                "different data dir, or a script? Every CA sharing this Consul needs the same roots",
+                ROOTS_KEY,
+            )
+
+    async def _ensure_registered(self, consul: ConsulClient) -> None:
+        """Register unless the Consul agent lists this instance with its check (it may have lost both)."""
+        reg = self._registration()
+        have = (await consul.agent_services()).get(self.service_id)
+        checks = await consul.agent_checks()
+        if (
+            have is not None
+            and (have.get("Address"), have.get("Port")) == (reg.address, reg.port)
+            and all(c["CheckID"] in checks for c in reg.checks)
+        ):
+            return
+        await consul.register_service(reg)
+        again = " again (Consul had lost it)" if self._registered else ""
+        log.info("registered %s in Consul as %s%s", CA_SERVICE_NAME, self.service_id, again)
+        self._registered = True
 
     def _registration(self) -> ServiceRegistration:
         url = f"https://{_url_host(self.advertise)}:{self.port}/v1/health"

@@ -51,6 +51,9 @@ import consul.exceptions as cx  # noqa: E402
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
+# How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
+# does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
+UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
 
 T = TypeVar("T")
 
@@ -378,9 +381,17 @@ class ConsulClient:
         )
 
     async def check_ttl(self, check_id: str, status: str = "pass", note: str = "") -> None:
-        """Update a TTL check: status is pass | warn | fail."""
-        q = f"?note={note}" if note else ""
-        await self._raw("PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, f"TTL update of {check_id}")
+        """Update a TTL check: status is pass | warn | fail. `NotFound` when this Consul agent does not
+        know the check (it lost its state): the caller registers again."""
+        q = f"?note={urllib.parse.quote(note)}" if note else ""  # "agent stopping" has a space
+        try:
+            await self._raw(
+                "PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, f"TTL update of {check_id}"
+            )
+        except Unavailable as exc:
+            if not any(marker in str(exc).lower() for marker in UNKNOWN_CHECK_ANSWERS):
+                raise
+            raise NotFound(f"TTL update of {check_id}: Consul does not know this check") from None
 
     async def health_service(
         self, name: str, passing: bool = True, index: int | None = None, wait: float = BLOCKING_WAIT
