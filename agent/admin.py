@@ -55,12 +55,14 @@ class AdminAPI:
         certs: Callable[[], list[dict[str, Any]]],
         clusters: Callable[[], dict[str, Any]],
         is_ready: Callable[[], bool],
+        cert_problems: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self.config = config
         self.holder = holder
         self._certs = certs
         self._clusters = clusters
         self._is_ready = is_ready
+        self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -70,8 +72,12 @@ class AdminAPI:
         if path == "/live":
             return Response.of_json(200, {"live": True})
         if path == "/ready":
-            ready = self._is_ready()
-            return Response.of_json(200 if ready else 503, {"ready": ready})
+            problems = self._cert_problems()
+            ready = self._is_ready() and not problems
+            body: dict[str, Any] = {"ready": ready}
+            if problems:
+                body["certificates"] = problems
+            return Response.of_json(200 if ready else 503, body)
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())
         if path == "/v1/certs":

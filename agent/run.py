@@ -37,6 +37,7 @@ from hostmesh.agent.admin import AdminAPI, probe_app
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, start_trimming
+from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import ALPN_HTTP1, mesh_client_context, mesh_server_context
@@ -198,7 +199,9 @@ class Agent:
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
             return
-        admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
+        admin = AdminAPI(
+            cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready, self._cert_problems
+        )
         self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
         if cfg.metrics is not None:
             self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
@@ -424,9 +427,19 @@ class Agent:
                 "serial": i.serial,
                 "not_after": i.not_after.isoformat(),
                 "root_id": i.root_id,
+                "state": i.state.value,
+                "problem": i.problem,
             }
             for i in self.certs.infos()
         ]
+
+    def _cert_problems(self) -> dict[str, str]:
+        """Services whose certificate is expired and not yet recovered: what each one is missing."""
+        return {
+            i.service: i.problem or f"certificate expired at {i.not_after.isoformat()}"
+            for i in self.certs.infos()
+            if i.state is CertState.EXPIRED
+        }
 
     def _clusters_view(self) -> dict[str, Any]:
         snap = self.builder.holder.current
