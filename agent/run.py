@@ -34,7 +34,7 @@ from typing import Any
 
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, probe_app
-from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
+from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, start_trimming
 from hostmesh.agent.renewal import CertState
@@ -541,6 +541,7 @@ def main(config_path: Path) -> None:
     operator; agent/cli.py shows it as every other command's error (click's "Error: ..." and exit 1)."""
     try:
         config = load_config(config_path)
+        check_permissions(config)
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from None
     from hostmesh.agent.workers import worker_index
