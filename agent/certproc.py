@@ -84,6 +84,7 @@ class CertProcess:
         self._views: dict[str, CertView] = {}
         self._failures: dict[str, int] = {}  # consecutive failed renewals per service
         self._problems: dict[str, str] = {}  # service -> one line, as CertManager.problems()
+        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
         self.token_file: Path | None = None  # [ca] token_file, as the helper reported it
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -233,13 +234,13 @@ class CertProcess:
     def _failed(self, service: str, exc: CAError) -> None:
         """One log line per failed try: what is kept, what is missing, when the next try comes."""
         failures = self._failures[service] = self._failures.get(service, 0) + 1
-        changed = self._problems.get(service) != str(exc)
         self._problems[service] = str(exc)
         view = self._views[service]
         left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
         if left <= 0 or view.state is CertState.EXPIRED:
-            if not changed:  # said once; /ready and /v1/certs keep showing it
+            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
                 return
+            self._said[service] = str(exc)
             log.error(
                 "certificate for %s is not usable: %s; trying again within %.0fs%s",
                 service,
@@ -248,6 +249,7 @@ class CertProcess:
                 f" or as soon as {self.token_file} changes" if self.token_file else "",
             )
             return
+        self._said.pop(service, None)
         log.warning(
             "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
             "retrying before it expires",

@@ -134,6 +134,7 @@ class CertManager:
         self._held: dict[str, _Held] = {}
         self._failures: dict[str, int] = {}  # consecutive failed renewals/recoveries per service
         self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
+        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
@@ -267,7 +268,7 @@ class CertManager:
                 return f"stored certificate not trusted ({exc})"
             self._adopt(service, leaf)  # expired, but ours and from a current root: recoverable
             self._problems.setdefault(service, f"certificate expired at {_utc(leaf.not_valid_after_utc)}")
-            log.warning("stored certificate for %s expired at %s", service, _utc(leaf.not_valid_after_utc))
+            log.info("stored certificate for %s expired at %s", service, _utc(leaf.not_valid_after_utc))
             return None
         self._adopt(service, leaf)
         log.info(
@@ -476,13 +477,13 @@ class CertManager:
     def _failed(self, service: str, exc: CAError) -> None:
         """One log line per failed try, saying what is kept, what is missing and when the next try is."""
         failures = self._failures[service] = self._failures.get(service, 0) + 1
-        changed = self._problems.get(service) != str(exc)
         self._problems[service] = str(exc)
         held = self._held.get(service)
         left = (held.not_after - pki.now()).total_seconds() if held else 0.0
         if self._unusable(service):
-            if not changed:  # said once; /ready and /v1/certs keep showing it
+            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
                 return
+            self._said[service] = str(exc)
             log.error(
                 "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
                 service,
@@ -492,6 +493,7 @@ class CertManager:
                 f" or as soon as {self.token_file} changes" if self.token_file else "",
             )
             return
+        self._said.pop(service, None)
         log.warning(
             "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
             "retrying before it expires",
