@@ -69,12 +69,14 @@ class AdminAPI:
         certs: Callable[[], list[dict[str, Any]]],
         clusters: Callable[[], dict[str, Any]],
         is_ready: Callable[[], bool],
+        cert_problems: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self.config = config
         self.holder = holder
         self._certs = certs
         self._clusters = clusters
         self._is_ready = is_ready
+        self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -84,11 +86,14 @@ class AdminAPI:
         if path == "/live":
             return Response.of_json(200, {"live": True})
         if path == "/ready":
-            ready = self._is_ready()
-            body: dict[str, Any] = {"ready": ready}
+            problems = self._cert_problems()
+            body: dict[str, Any] = {"ready": self._is_ready() and not problems}
             unavailable = dict(self.holder.current.intentions_unavailable)
             if unavailable:
-                body = {"ready": False, "not_ready": unavailable}
+                body["ready"] = False
+                body["not_ready"] = unavailable
+            if problems:
+                body["certificates"] = problems
             return Response.of_json(200 if body["ready"] else 503, body)
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())

@@ -12,6 +12,7 @@ a CA that fails TLS verification -> TrustError, unreachable/5xx -> CAUnavailable
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import ssl
@@ -159,6 +160,40 @@ class CAClient:
             "POST",
             "/v1/renew",
             _body(csr_pem, ttl),
+            {"content-type": "application/json"},
+            client_cert=True,
+        )
+        return _chain(resp, self.url)
+
+    async def renew_sibling(
+        self,
+        csr_pem: bytes,
+        roots_pem: str,
+        sibling_cert: Path,
+        sibling_key: Path,
+        *,
+        node: str,
+        expired_pem: str,
+        proof: bytes,
+    ) -> str:
+        """An expired identity of this host re-obtained over mTLS with a valid sibling's certificate:
+        the CA checks the proof (the expired key's signature over `csr_pem`) and that both services
+        are registered for `node` at our address (ca/service.py `CAService._check_sibling`)."""
+        try:
+            ctx = self._verified(roots_pem, sibling_cert, sibling_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise CAError(f"cannot load the sibling certificate {sibling_cert}: {exc}") from None
+        doc = {
+            "csr": csr_pem.decode(),
+            "node": node,
+            "expired": expired_pem,
+            "proof": base64.b64encode(proof).decode(),
+        }
+        resp = await self._call(
+            ctx,
+            "POST",
+            "/v1/renew",
+            json.dumps(doc).encode(),
             {"content-type": "application/json"},
             client_cert=True,
         )

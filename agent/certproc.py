@@ -15,8 +15,11 @@ the error as one line and its kind) and exits; its log lines go to the agent's s
 writes the files (cert, key, roots.pem; atomically, 0600) before it answers, so the agent re-reads
 them and tells its subscribers (new TLS contexts, workers) exactly as after an in-process renewal.
 The trust-bundle watch itself is a plain Consul blocking query here; a child runs only when the
-bundle's roots differ from roots.pem. A failed renewal keeps the current certificate and retries
-with backoff (RENEW_RETRY_BASE..RENEW_RETRY_MAX), as the in-process manager does.
+bundle's roots differ from roots.pem. Each service has its own renewal loop and its own child per
+try, and a renewal child loads the other services' certificates without checking or recovering
+them, so one service's expired certificate never fails another's renewal. A failed renewal keeps
+the current certificate and retries on agent/renewal.py's schedule (bounded by the life left, as
+the in-process manager); an expired one is retried at once when the token file changes.
 
 Cost: one interpreter start (~0.3 s of CPU) at agent start and per renewal or bundle change.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -35,16 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostmesh.agent import renewal
+from hostmesh.agent.renewal import CertState
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
-from hostmesh.registry.watch import Watch, backoff_delay
+from hostmesh.registry.watch import Watch
 
 log = logging.getLogger("hostmesh.agent.certs")
 
 ROOTS_KEY = "hostmesh/ca/roots"  # same key as agent/certs.py
-RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds), as agent/certs.py
-RENEW_RETRY_MAX = 300.0  # retry cap, as agent/certs.py
 CHILD_TIMEOUT = 120.0  # a child covers bootstrap's own 30 s CA retry budget and slow CAs; then it is killed
 MAX_ANSWER = 1024 * 1024  # the child's JSON answer: a few hundred bytes per service
 
@@ -59,6 +63,8 @@ class CertView:
     not_after: dt.datetime
     root_id: str
     renew_at: dt.datetime
+    state: CertState = CertState.VALID
+    problem: str | None = None  # one line: why the last renewal or recovery failed, what is missing
 
 
 def _pem_blocks(text: str) -> set[str]:
@@ -76,6 +82,10 @@ class CertProcess:
         self.consul = consul
         self._roots_pem = ""
         self._views: dict[str, CertView] = {}
+        self._failures: dict[str, int] = {}  # consecutive failed renewals per service
+        self._problems: dict[str, str] = {}  # service -> one line, as CertManager.problems()
+        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+        self.token_file: Path | None = None  # [ca] token_file, as the helper reported it
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[Any] | None = None
@@ -95,13 +105,31 @@ class CertProcess:
         return self._roots_pem
 
     def infos(self) -> list[CertView]:
-        return [self._views[s] for s in self.services if s in self._views]
+        now = dt.datetime.now(dt.UTC)
+        out = []
+        for s in self.services:
+            if s not in self._views:
+                continue
+            view = self._views[s]
+            state = renewal.state_of((view.not_after - now).total_seconds(), self._failures.get(s, 0))
+            if view.state is CertState.EXPIRED:  # the helper found it unusable (e.g. its root retired)
+                state = CertState.EXPIRED
+            out.append(dataclasses.replace(view, state=state, problem=self._problems.get(s)))
+        return out
+
+    def problems(self) -> dict[str, str]:
+        """Services whose certificate is not (or soon not) usable, and one line each saying why."""
+        return dict(self._problems)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
     async def start(self) -> None:
-        self._apply(await self._run("start"))
+        answer = await self._run("start")
+        self._apply(answer)
+        self._problems.update(answer.get("problems", {}))
+        for service in self._problems:
+            self._failures[service] = 1
         loop = asyncio.get_running_loop()
         for service in self.services:
             self._tasks.append(loop.create_task(self._renew_loop(service), name=f"renew:{service}"))
@@ -158,8 +186,10 @@ class CertProcess:
         for name, v in answer.get("certs", {}).items():
             self._views[name] = CertView(
                 name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
-                dt.datetime.fromisoformat(v["renew_at"]),
+                dt.datetime.fromisoformat(v["renew_at"]), CertState(v.get("state", "valid")),
             )  # fmt: skip
+        if answer.get("token_file"):
+            self.token_file = Path(answer["token_file"])
         self._roots_pem = (roots_path(self.dir)).read_text()
 
     def _notify(self) -> None:
@@ -172,26 +202,62 @@ class CertProcess:
     # --- renewal ----------------------------------------------------------------------------------
 
     async def _renew_loop(self, service: str) -> None:
-        failures = 0
+        """This service only, forever: a child at its renewal point, retries bounded by its life."""
         while True:
-            if failures == 0:
-                delay = (self._views[service].renew_at - dt.datetime.now(dt.UTC)).total_seconds()
+            view = self._views[service]
+            failures = self._failures.get(service, 0)
+            left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+            expired = left <= 0 or view.state is CertState.EXPIRED
+            if expired:
+                if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
+                    await renewal.wait_or_token(renewal.retry_delay(failures, 0, self._rng), self.token_file)
+            elif failures == 0:
+                await asyncio.sleep(max((view.renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
             else:
-                delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
-            await asyncio.sleep(max(delay, 0.0))
+                delay = renewal.retry_delay(failures, left, self._rng)
+                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
+                         left - delay)  # fmt: skip
+                await asyncio.sleep(delay)
             before = self._views[service].serial
             try:
                 self._apply(await self._run("renew", service))
             except CAError as exc:
-                failures += 1
-                log.warning("renewal of %s failed (attempt %d): %s; keeping the current certificate, "
-                            "retrying", service, failures, exc)  # fmt: skip
+                self._failed(service, exc)
                 continue
-            failures = 0
+            self._failures.pop(service, None)
+            self._problems.pop(service, None)
             log.info(
                 "renewed certificate for %s (serial %s -> %s)", service, before, self._views[service].serial
             )
             self._notify()
+
+    def _failed(self, service: str, exc: CAError) -> None:
+        """One log line per failed try: what is kept, what is missing, when the next try comes."""
+        failures = self._failures[service] = self._failures.get(service, 0) + 1
+        self._problems[service] = str(exc)
+        view = self._views[service]
+        left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        if left <= 0 or view.state is CertState.EXPIRED:
+            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
+                return
+            self._said[service] = str(exc)
+            log.error(
+                "certificate for %s is not usable: %s; trying again within %.0fs%s",
+                service,
+                exc,
+                renewal.RECOVER_RETRY_MAX,
+                f" or as soon as {self.token_file} changes" if self.token_file else "",
+            )
+            return
+        self._said.pop(service, None)
+        log.warning(
+            "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
+            "retrying before it expires",
+            service,
+            failures,
+            exc,
+            left,
+        )
 
     # --- trust bundle -----------------------------------------------------------------------------
 
@@ -239,7 +305,7 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
     consul = ConsulClient(cfg.consul.address, cfg.consul.token)
     cm = CertManager.from_config(cfg, consul)
     try:
-        await cm.prepare()
+        await cm.prepare(recover=op == "start")  # a renewal never checks or recovers the other services
         if op == "renew":
             assert service is not None
             await cm.renew_once(service)
@@ -252,10 +318,12 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
                 "not_after": i.not_after.isoformat(),
                 "root_id": i.root_id,
                 "renew_at": cm.renew_at(i.service).isoformat(),
+                "state": i.state.value,
             }
             for i in cm.infos()
         }
-        return {"ok": True, "certs": certs}
+        token_file = str(cfg.ca.token_file) if cfg.ca.token_file else None
+        return {"ok": True, "certs": certs, "problems": cm.problems(), "token_file": token_file}
     finally:
         await cm.close()
         await consul.close()

@@ -1,16 +1,27 @@
 """The agent's certificate manager: one workload certificate per local service, kept valid forever.
 
 Start-up, per service: a stored chain+key that is valid under the stored trust bundle is used as
-is (a rebooted host needs no token). Otherwise the host bootstraps: a fresh key is generated here
-(it never leaves the host), the CA's roots are fetched and accepted only if one matches the
-operator's pin, and the join token buys one certificate per service. A stored cert that expired
-while the host was off is replaced the same way; without a usable token that is a one-line error.
+is (a rebooted host needs no token). A service with no usable certificate at all bootstraps: a
+fresh key is generated here (it never leaves the host), the CA's roots are fetched and accepted
+only if one matches the operator's pin, and the join token buys the certificate; without a usable
+token that is a one-line error (there is nothing to serve with). A stored certificate that expired
+while the host was off is recovered like one that expired while running (below); the agent starts
+without waiting for that, with the service reported as expired.
 
-Running: each certificate is renewed at `renew_fraction` of its life (± jitter, so a fleet booted
-together does not renew together) over mTLS with the current certificate and a new key. When the
-CA is unreachable the current certificate stays in use and renewal retries with backoff. The trust
-bundle follows Consul KV `hostmesh/ca/roots` (blocking watch) and is saved to `roots.pem`.
-Subscribers are called after every renewal or bundle change; files are both written before that.
+Running: each service is renewed on its own (one service's failure never blocks or fails another's)
+at `renew_fraction` of its life (± jitter, so a fleet booted together does not renew together) over
+mTLS with the current certificate and a new key. When the CA is unreachable the current certificate
+stays in use and renewal retries with backoff bounded by the life left (agent/renewal.py: several
+tries before expiry, the last well before it). A certificate that expired anyway (the CA was down
+too long) is recovered, in this order, with:
+  1. a still-valid sibling certificate of this host: `/v1/renew` over mTLS with the sibling's
+     certificate, the expired leaf and a proof made with its key; the CA grants it only if both
+     services are registered for this node at this address (ca/service.py `_check_sibling`);
+  2. the join token in `token_file`, re-read on every try (a fresh token is used without restart);
+otherwise the service is reported (`problems()`: one line naming what is missing) and retried.
+The trust bundle follows Consul KV `hostmesh/ca/roots` (blocking watch) and is saved to
+`roots.pem`. Subscribers are called after every renewal or bundle change; files are both written
+before that.
 
 Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `roots.pem`; 0600.
 """
@@ -29,7 +40,9 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
+from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
@@ -45,8 +58,6 @@ log = logging.getLogger(__name__)
 ROOTS_KEY = "hostmesh/ca/roots"
 CA_SERVICE_NAME = "hostmesh-ca"
 RENEW_JITTER = 0.05  # ± this fraction of the lifetime around the renewal point: spreads a fleet's renewals
-RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds)
-RENEW_RETRY_MAX = 300.0  # retry cap: a CA back from an outage is used within five minutes
 BOOTSTRAP_TIMEOUT = 30.0  # how long start() keeps trying an unreachable CA before giving up
 
 
@@ -57,6 +68,8 @@ class CertInfo:
     serial: str  # hex
     not_after: dt.datetime
     root_id: str
+    state: CertState = CertState.VALID
+    problem: str | None = None  # one line: why the last renewal or recovery failed, what is missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,7 @@ class CertManager:
             ca_address=cfg.ca.address,
             token_file=cfg.ca.token_file,
             consul=consul,
+            node=cfg.node,
         )
 
     def __init__(
@@ -96,6 +110,7 @@ class CertManager:
         ca_address: str | None,
         token_file: Path | None,
         consul: ConsulClient,
+        node: str | None = None,
         renew_fraction: float = 2 / 3,
         bootstrap_timeout: float = BOOTSTRAP_TIMEOUT,
     ) -> None:
@@ -111,11 +126,15 @@ class CertManager:
         self.ca_address = ca_address
         self.token_file = token_file
         self.consul = consul
+        self.node = node  # the name our services are registered under; None: no sibling recovery
         self.renew_fraction = renew_fraction
         self.bootstrap_timeout = bootstrap_timeout
         self._roots: list[x509.Certificate] = []
         self._roots_pem = ""
         self._held: dict[str, _Held] = {}
+        self._failures: dict[str, int] = {}  # consecutive failed renewals/recoveries per service
+        self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
+        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
@@ -137,12 +156,21 @@ class CertManager:
             if held is None:
                 continue
             ident = pki.Identity(self.trust_domain, service)
+            left = (held.not_after - pki.now()).total_seconds()
+            state = renewal.state_of(left, self._failures.get(service, 0))
+            if issuing_root(held.leaf, self._roots) is None:
+                state = CertState.EXPIRED  # its root was retired: as unusable as an expired one
             out.append(
                 CertInfo(
-                    service, ident.spiffe_id, f"{held.leaf.serial_number:x}", held.not_after, held.root_id
+                    service, ident.spiffe_id, f"{held.leaf.serial_number:x}", held.not_after, held.root_id,
+                    state, self._problems.get(service),
                 )
-            )
+            )  # fmt: skip
         return out
+
+    def problems(self) -> dict[str, str]:
+        """Services whose certificate is not (or soon not) usable, and one line each saying why."""
+        return dict(self._problems)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
@@ -156,12 +184,13 @@ class CertManager:
         self._watch = Watch("ca-roots", self._fetch_bundle, self._on_bundle)
         self._watch.start()
 
-    async def prepare(self) -> None:
+    async def prepare(self, recover: bool = True) -> None:
         """Start-up without the background work: every service's stored cert adopted, or bootstrapped.
 
         `start()` is this plus the renewal loops and the bundle watch. agent/certproc.py calls it (and
         `renew_once`, `refresh_bundle`) in a short-lived process, so the agent itself never loads
-        `cryptography`."""
+        `cryptography`. With `recover=False` (a helper renewing one service) it only loads what is
+        stored: one service's missing or expired certificate never fails another's renewal."""
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -172,8 +201,16 @@ class CertManager:
             problem = self._load_stored(service)
             if problem:
                 missing[service] = problem
+        if not recover:
+            return
         if missing:
             await self._bootstrap(missing)
+        for service in self.services:
+            if self._unusable(service):  # expired while the host was off: recover, but start anyway
+                try:
+                    await self.renew_once(service)
+                except CAError as exc:
+                    self._failed(service, exc)
 
     def renew_at(self, service: str) -> dt.datetime:
         """When `service`'s certificate is due for renewal (2/3 of its life, with jitter)."""
@@ -227,9 +264,12 @@ class CertManager:
                 return "stored certificate is for another identity"
             pki.verify_leaf(leaf, self._roots)
         except TrustError as exc:
-            if pki.now() > leaf.not_valid_after_utc:
-                return f"stored certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-            return f"stored certificate not trusted ({exc})"
+            if pki.now() <= leaf.not_valid_after_utc or issuing_root(leaf, self._roots) is None:
+                return f"stored certificate not trusted ({exc})"
+            self._adopt(service, leaf)  # expired, but ours and from a current root: recoverable
+            self._problems.setdefault(service, f"certificate expired at {_utc(leaf.not_valid_after_utc)}")
+            log.info("stored certificate for %s expired at %s", service, _utc(leaf.not_valid_after_utc))
+            return None
         self._adopt(service, leaf)
         log.info(
             "using stored certificate for %s (serial %x, expires %s)",
@@ -321,7 +361,7 @@ class CertManager:
                 if loop.time() >= deadline:
                     raise
                 delay = min(
-                    backoff_delay(attempt, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng),
+                    backoff_delay(attempt, renewal.RENEW_RETRY_BASE, renewal.RENEW_RETRY_MAX, self._rng),
                     deadline - loop.time(),
                 )
                 log.warning("bootstrap: %s; retrying in %.1fs", exc, delay)
@@ -409,56 +449,163 @@ class CertManager:
         raise last
 
     async def _renew_loop(self, service: str) -> None:
-        failures = 0
+        """This service's certificate only, forever: renew at its point, retry bounded by its life."""
         while True:
             held = self._held[service]
-            if failures == 0:
-                delay = (held.renew_at - pki.now()).total_seconds()
+            failures = self._failures.get(service, 0)
+            left = (held.not_after - pki.now()).total_seconds()
+            if self._unusable(service):
+                if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
+                    await renewal.wait_or_token(renewal.retry_delay(failures, 0, self._rng), self.token_file)
+            elif failures == 0:
+                await asyncio.sleep(max((held.renew_at - pki.now()).total_seconds(), 0.0))
             else:
-                delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, self._rng)
-            await asyncio.sleep(max(delay, 0.0))
+                delay = renewal.retry_delay(failures, left, self._rng)
+                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
+                         left - delay)  # fmt: skip
+                await asyncio.sleep(delay)
             try:
                 await self.renew_once(service)
-                failures = 0
             except CAError as exc:
-                failures += 1
-                left = self._held[service].not_after - pki.now()
-                state = "EXPIRED" if left.total_seconds() <= 0 else f"valid for {_human(left)}"
-                log.warning(
-                    "renewal of %s failed (attempt %d): %s; keeping the current certificate (%s), retrying",
-                    service,
-                    failures,
-                    exc,
-                    state,
-                )
+                self._failed(service, exc)
+
+    def _unusable(self, service: str) -> bool:
+        """Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake."""
+        held = self._held.get(service)
+        return held is None or pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
+
+    def _failed(self, service: str, exc: CAError) -> None:
+        """One log line per failed try, saying what is kept, what is missing and when the next try is."""
+        failures = self._failures[service] = self._failures.get(service, 0) + 1
+        self._problems[service] = str(exc)
+        held = self._held.get(service)
+        left = (held.not_after - pki.now()).total_seconds() if held else 0.0
+        if self._unusable(service):
+            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
+                return
+            self._said[service] = str(exc)
+            log.error(
+                "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
+                service,
+                f"expired at {_utc(held.not_after)}" if held and left <= 0 else "no usable certificate",
+                exc,
+                renewal.RECOVER_RETRY_MAX,
+                f" or as soon as {self.token_file} changes" if self.token_file else "",
+            )
+            return
+        self._said.pop(service, None)
+        log.warning(
+            "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
+            "retrying before it expires",
+            service,
+            failures,
+            exc,
+            left,
+        )
 
     async def renew_once(self, service: str) -> None:
         """One renewal of `service`'s certificate, now (the renewal loop's step); raises CAError."""
-        held = self._held[service]
-        # Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake
-        # (an unexplained reset to us), so only a join token can help now.
-        unusable = pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
-        if unusable:
+        if self._unusable(service):
             await self._recover_expired(service)
-            return
-        try:
-            await self._renew(service)
-        except Unauthorized as exc:  # e.g. our root was retired: a token, if any, still helps
-            token = self._read_token()
-            if token is None:
-                raise
-            log.warning("renewal of %s refused (%s); trying the join token", service, exc)
-            await self._obtain_with_token(service, token)
+        else:
+            try:
+                await self._renew(service)
+            except Unauthorized as exc:  # e.g. our root was retired: a token, if any, still helps
+                token = self._read_token()
+                if token is None:
+                    raise
+                log.warning("renewal of %s refused (%s); trying the join token", service, exc)
+                await self._obtain_with_token(service, token)
+        self._failures.pop(service, None)
+        self._problems.pop(service, None)
 
     async def _recover_expired(self, service: str) -> None:
-        """An expired (or orphaned) cert cannot authenticate a renewal: only a join token helps now."""
+        """An expired (or orphaned) cert cannot authenticate a renewal: a valid sibling certificate of
+        this host can (the CA checks both are registered here), else the join token (re-read now)."""
+        held = self._held.get(service)
+        what = (
+            "no certificate"
+            if held is None
+            else f"certificate expired at {_utc(held.not_after)}"
+            if pki.now() >= held.not_after
+            else "certificate's root was retired"
+        )
+        tried: list[str] = []
+        if held is not None and pki.now() >= held.not_after:
+            try:
+                await self._renew_via_sibling(service)
+                return
+            except (Unauthorized, TrustError, InvalidRequest) as exc:
+                tried.append(f"sibling renewal refused ({_first_line(exc)})")
+            except _NoSibling as exc:
+                tried.append(str(exc))
+        fix = f"`hostmesh ca token create --service {service}` > {self.token_file or '<[ca] token_file>'}"
         token = self._read_token()
         if token is None:
+            where = f"no join token in {self.token_file}" if self.token_file else "no [ca] token_file"
+            raise Unauthorized("; ".join([f"{service}: {what}", *tried, f"{where}: write one with {fix}"]))
+        try:
+            await self._obtain_with_token(service, token)
+        except Unauthorized as exc:
+            refused = f"join token in {self.token_file} refused ({_first_line(exc)})"
             raise Unauthorized(
-                f"certificate for {service!r} expired or its root was retired; issue a join token with "
-                f"`hostmesh ca token create --service {service}` and write it to {self.token_file}"
+                "; ".join([f"{service}: {what}", *tried, f"{refused}: write a new one with {fix}"])
+            ) from None
+        log.info("recovered the certificate for %s with the join token", service)
+
+    async def _renew_via_sibling(self, service: str) -> None:
+        """Re-obtain expired `service` with a valid sibling certificate of this host (see the module doc)."""
+        siblings = sorted(
+            (s for s in self.services if s != service and not self._unusable(s)),
+            key=lambda s: self._held[s].not_after,
+            reverse=True,  # the one with the most life left first
+        )
+        if not siblings:
+            raise _NoSibling("no valid sibling certificate on this host")
+        if self.node is None:
+            raise _NoSibling("sibling renewal not possible (node name unknown)")
+        key_file = self.paths(service)[1]
+        try:
+            old_key = pki.load_key(pki.read_file(key_file))
+        except CAError as exc:
+            raise _NoSibling(f"expired key unreadable ({exc})") from None
+        expired_pem = pki.cert_pem(self._held[service].leaf).decode()
+        ident = pki.Identity(self.trust_domain, service)
+        key = pki.new_key()
+        csr = pki.make_csr(key, ident)
+        proof = pki.sibling_proof(old_key, csr)
+        sibling = siblings[0]
+        sib_chain, sib_key = self.paths(sibling)
+        last: CAError | None = None
+        for client in await self._ca_clients():
+            try:
+                chain = await client.renew_sibling(
+                    csr,
+                    self._roots_pem,
+                    sib_chain,
+                    sib_key,
+                    node=self.node,
+                    expired_pem=expired_pem,
+                    proof=proof,
+                )
+            except CAUnavailable as exc:
+                last = exc
+                continue
+            check_chain(chain, key, ident, self._roots)
+            self._store(service, chain, pki.key_pem(key))
+            self._adopt(service, pki.load_certs(chain.encode())[0])
+            log.info(
+                "recovered the expired certificate for %s with the valid certificate of %s (serial %x, "
+                "expires %s)",
+                service,
+                sibling,
+                self._held[service].leaf.serial_number,
+                self._held[service].not_after,
             )
-        await self._obtain_with_token(service, token)
+            self._notify()
+            return
+        assert last is not None
+        raise last
 
     # --- trust bundle ---------------------------------------------------------------------------
 
@@ -501,8 +648,14 @@ class CertManager:
         return self._roots_pem != before
 
 
-def _human(delta: dt.timedelta) -> str:
-    secs = int(delta.total_seconds())
-    if secs >= 3600:
-        return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
-    return f"{secs // 60}m{secs % 60:02d}s"
+class _NoSibling(CAError):
+    """Sibling renewal cannot even be asked for (no valid sibling, no node name, no old key)."""
+
+
+def _utc(t: dt.datetime) -> str:
+    return f"{t:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

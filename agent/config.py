@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
+from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
@@ -369,3 +370,31 @@ def load_config(path: Path) -> AgentConfig:
 
 def env_or(value: str | None, env: str) -> str | None:
     return value if value is not None else os.environ.get(env)
+
+
+def check_permissions(cfg: AgentConfig) -> None:
+    """Refuse to start on files others could change or read; ConfigError, one line with the fix.
+
+    The data dir holds the service keys and the saved config: group/world-writable means anyone on
+    the host could swap them. The join token and the keys are credentials: no group/world access.
+    Files that do not exist yet are fine (the agent creates them 0600 itself)."""
+    _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir")
+    if cfg.ca.token_file is not None:
+        token = cfg.ca.token_file
+        _check_mode(token, 0o077, "readable", f"chmod 600 {token}", "[ca] token_file")
+    for svc in cfg.services:
+        key = cert_paths(cert_dir(cfg.data_dir), svc.name)[1]
+        _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
+
+
+def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{name} {path}: cannot check its permissions: {exc.strerror}") from None
+    if mode & forbidden:
+        bits = mode & forbidden
+        who = " and ".join(w for w, mask in (("group", 0o070), ("others", 0o007)) if bits & mask)
+        raise ConfigError(f"{name} {path} is {what} by {who} (mode {mode:04o}); fix: {fix}")

@@ -39,9 +39,10 @@ from typing import Any
 
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, service_health
-from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
+from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, start_trimming
+from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
@@ -225,7 +226,9 @@ class Agent:
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
             return
-        admin = AdminAPI(cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready)
+        admin = AdminAPI(
+            cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready, self._cert_problems
+        )
         self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
         if cfg.metrics is not None:
             self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
@@ -485,9 +488,19 @@ class Agent:
                 "serial": i.serial,
                 "not_after": i.not_after.isoformat(),
                 "root_id": i.root_id,
+                "state": i.state.value,
+                "problem": i.problem,
             }
             for i in self.certs.infos()
         ]
+
+    def _cert_problems(self) -> dict[str, str]:
+        """Services whose certificate is expired and not yet recovered: what each one is missing."""
+        return {
+            i.service: i.problem or f"certificate expired at {i.not_after.isoformat()}"
+            for i in self.certs.infos()
+            if i.state is CertState.EXPIRED
+        }
 
     def _clusters_view(self) -> dict[str, Any]:
         snap = self.builder.holder.current
@@ -593,6 +606,7 @@ def main(config_path: Path) -> None:
     operator; agent/cli.py shows it as every other command's error (click's "Error: ..." and exit 1)."""
     try:
         config = load_config(config_path)
+        check_permissions(config)
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from None
     from hostmesh.agent.workers import worker_index

@@ -285,3 +285,26 @@ def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.da
 
 def new_serial_token(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
+
+
+# The sibling renewal's proof of possession (ca/service.py `_renew`): the old key signs this context
+# plus the new CSR, so the proof is bound to one request and can serve no other protocol.
+SIBLING_PROOF_CONTEXT = b"hostmesh sibling renewal v1\0"
+
+
+def sibling_proof(old_key: ec.EllipticCurvePrivateKey, csr_pem: bytes) -> bytes:
+    """The expired key's signature over the new CSR (DER), proving the requester still holds it."""
+    der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    return old_key.sign(SIBLING_PROOF_CONTEXT + der, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_sibling_proof(old: x509.Certificate, csr: x509.CertificateSigningRequest, proof: bytes) -> None:
+    """Raise TrustError unless `proof` is `old`'s key's signature over `csr` (see `sibling_proof`)."""
+    public_key = old.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise TrustError("the expired certificate's key is not an EC key")
+    der = csr.public_bytes(serialization.Encoding.DER)
+    try:
+        public_key.verify(proof, SIBLING_PROOF_CONTEXT + der, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise TrustError("proof of possession of the expired certificate's key does not verify") from None

@@ -2,13 +2,16 @@
 
     POST /v1/sign    Authorization: Bearer <join token>, {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
     POST /v1/renew   mTLS with the current leaf,         {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
+                     or, for an expired identity of the same host, mTLS with a valid sibling's leaf and
+                     {"csr", "node", "expired": PEM, "proof": base64} (see CAService._check_sibling)
     GET  /v1/roots   -> {"roots": [PEM, …], "trust_domain": …, "active": <root id>}
     GET  /v1/health  -> {"status": "ok", …}   (Consul's HTTP check)
 
 Decisions, in order, for a signing request: authenticate (join token: known, secret matches, not
 expired | client cert: present, issued by a current root, in validity) -> parse the CSR (pki) ->
 authorize the name (within the token's scope | the same identity as the client cert) -> spend the
-token (a cas=0 create in Consul, exactly one winner) -> sign with the active root. Every outcome is
+token (a cas=0 create in Consul, exactly one winner) -> sign with the active root, for at most
+--leaf-ttl (a requested "ttl" may shorten it, never lengthen it). Every outcome is
 one audit line. Refusals are 4xx `{"error": "<one line>"}`; a Consul outage during a token check is
 503 (the client retries), never a refusal.
 
@@ -31,6 +34,7 @@ repaired within one round.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import ipaddress
@@ -39,6 +43,7 @@ import logging
 import os
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -71,6 +76,8 @@ CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back 
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
+SIBLING_GRACE = dt.timedelta(days=7)  # an identity expired longer ago needs a join token (see _check_sibling)
+MAX_NODE_NAME = 128  # a node name in a sibling renewal; Consul's own node names are far shorter
 
 
 def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -450,6 +457,7 @@ class CAService:
     async def _renew(self, req: Request) -> Response:
         peer = format_peer(req.peer)
         identity: str | None = None
+        via = "renew"
         try:
             cert = tls.peer_certificate(req.ssl_object)
             if cert is None:
@@ -462,10 +470,100 @@ class CAService:
             identity = current.spiffe_id
             csr, ident, ttl = self._parse_body(req)
             if ident != current:
-                raise _Forbidden(f"renewal may only request {current.spiffe_id}, not {ident.spiffe_id}")
-        except (CAError, _Unavailable) as exc:
-            return self._refuse("renew", exc, peer, identity, None)
-        return self._issue("renew", csr, ident, ttl, peer, None)
+                sibling = _sibling_request(req)
+                if sibling is None:
+                    raise _Forbidden(f"renewal may only request {current.spiffe_id}, not {ident.spiffe_id}")
+                via = "renew-sibling"
+                await self._check_sibling(req, current, csr, ident, sibling)
+        except (CAError, RegistryError, _Unavailable) as exc:
+            return self._refuse(via, exc, peer, identity, None)
+        return self._issue(via, csr, ident, ttl, peer, None)
+
+    async def _check_sibling(
+        self,
+        req: Request,
+        current: pki.Identity,
+        csr: x509.CertificateSigningRequest,
+        ident: pki.Identity,
+        sibling: _SiblingRequest,
+    ) -> None:
+        """May the holder of a valid `current` certificate re-obtain the expired identity `ident`?
+
+        The case: a host serves web and api; the CA was down while web's leaf expired, api's is still
+        valid. Without this, web needs a new join token, by hand, on every such host.
+
+        Security argument. Granting `ident` must not give anything to someone who was not already
+        `ident` on that host, so every one of these must hold:
+          1. The TLS client certificate is valid now under a current root (checked by the caller):
+             the requester is a live member of the mesh, on a host the operator still trusts.
+          2. Proof of possession: the request carries web's expired leaf, issued by a current root for
+             exactly the identity requested, and a signature by that leaf's key over this CSR
+             (pki.verify_sibling_proof). So a compromised api (its key, or its process) gains
+             nothing: it cannot sign with web's key, which only the agent holds (0600, data dir).
+             A copied old web key alone gains nothing either: it also needs a valid sibling
+             certificate and key of the same host and the host's address (4.).
+          3. Bounded staleness: web's leaf expired at most SIBLING_GRACE ago. An identity expired
+             longer than that (a decommissioned host, a key from an old backup) needs a join token;
+             a leaf still valid must renew itself (this path is for expired ones only).
+          4. Same node, per Consul's catalog: the agent registers every local service as
+             `<service>-<node>` (agent/run.py `_service_id`) from the same Consul agent with its
+             mesh address. Both `ident` and `current` must be registered so, on the same Consul node,
+             with the same address, and that address must be the address this request comes from.
+             So web must still be placed on that host (an operator who removed web from the host
+             has also removed its registration) and the sibling must live on the same host.
+        What it does not defend against: someone who controls the host's agent (its keys and its
+        Consul registrations) already holds every identity of that host; this path grants nothing
+        beyond that. Each grant is audited as via="renew-sibling" with the sibling's identity."""
+        try:
+            old = pki.load_certs(sibling.expired.encode())[0]
+        except (CAError, IndexError):
+            raise InvalidRequest('"expired" must be the expired certificate (PEM)') from None
+        try:
+            if pki.identity_of(old) != ident:
+                raise _Forbidden(f"the expired certificate is not for {ident.spiffe_id}")
+        except TrustError as exc:
+            raise _Forbidden(f"the expired certificate: {exc}") from None
+        now = pki.now()
+        if now <= old.not_valid_after_utc:
+            raise _Forbidden(f"the certificate for {ident.spiffe_id} is still valid: renew with it")
+        if now - old.not_valid_after_utc > SIBLING_GRACE:
+            raise _Forbidden(
+                f"the certificate for {ident.spiffe_id} expired more than "
+                f"{tokens.format_duration(SIBLING_GRACE)} ago: a join token is needed"
+            )
+        try:
+            pki.verify_leaf(old, self.authority.certs, at=old.not_valid_before_utc)
+        except TrustError as exc:
+            raise _Forbidden(f"the expired certificate is not from a current root: {exc}") from None
+        try:
+            proof = base64.b64decode(sibling.proof, validate=True)
+        except ValueError:
+            raise InvalidRequest('"proof" must be base64') from None
+        try:
+            pki.verify_sibling_proof(old, csr, proof)
+        except TrustError as exc:
+            raise _Forbidden(str(exc)) from None
+        if self.consul is None:
+            raise _Unavailable("sibling renewal needs Consul, which this CA instance is not using")
+        peer_ip = _ip(req.peer[0] if req.peer else "")
+        placed = []
+        for service in (ident.service, current.service):
+            _, instances = await self.consul.health_service(service, passing=False)
+            inst = next((i for i in instances if i.id == f"{service}-{sibling.node}"), None)
+            if inst is None:
+                raise _Forbidden(f"{service} is not registered in Consul for node {sibling.node!r}")
+            placed.append(inst)
+        web, api = placed
+        if web.node != api.node or _ip(web.address) != _ip(api.address):
+            raise _Forbidden(
+                f"{ident.service} and {current.service} of node {sibling.node!r} are not registered "
+                "on the same host"
+            )
+        if peer_ip is None or _ip(web.address) != peer_ip:
+            raise _Forbidden(
+                f"node {sibling.node!r} is registered at {web.address}, but this request comes from "
+                f"{req.peer[0] if req.peer else 'nowhere'}"
+            )
 
     def _parse_body(self, req: Request) -> tuple[x509.CertificateSigningRequest, pki.Identity, dt.timedelta]:
         try:
@@ -486,7 +584,7 @@ class CAService:
                 raise InvalidRequest(
                     f"ttl {body['ttl']} exceeds the maximum {tokens.format_duration(pki.MAX_LEAF_TTL)}"
                 )
-        return csr, ident, ttl
+        return csr, ident, min(ttl, self.leaf_ttl)  # a client may ask for less than --leaf-ttl, never more
 
     def _issue(
         self,
@@ -498,6 +596,7 @@ class CAService:
         token_id: str | None,
     ) -> Response:
         authority = self.authority  # one snapshot for the whole issuance
+        ttl = min(ttl, self.leaf_ttl)  # every path, whatever parsed the request: --leaf-ttl is the ceiling
         public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
         leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
         self.audit.issue(
@@ -519,6 +618,45 @@ class CAService:
             reason = f"temporarily unavailable: {reason}"
         self.audit.refuse(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
         return Response.error(status, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _SiblingRequest:
+    """The extra fields of a sibling renewal (see CAService._check_sibling)."""
+
+    node: str
+    expired: str  # PEM of the expired leaf whose identity is requested
+    proof: str  # base64 of pki.sibling_proof(expired key, csr)
+
+
+def _sibling_request(req: Request) -> _SiblingRequest | None:
+    """The sibling fields of a /v1/renew body, or None when it has none (a plain renewal)."""
+    try:
+        body = req.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "expired" not in body:
+        return None
+    fields: list[str] = []
+    for key in ("node", "expired", "proof"):
+        value = body.get(key)
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(f'sibling renewal needs "{key}" as a string')
+        fields.append(value)
+    node, expired, proof = fields
+    if len(node) > MAX_NODE_NAME or not node.isprintable() or "/" in node:
+        raise InvalidRequest(f"invalid node name {node!r}")
+    return _SiblingRequest(node, expired, proof)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 class _Forbidden(Unauthorized):

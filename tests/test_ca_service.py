@@ -4,8 +4,10 @@ error + audit line), exactly-once token redemption under concurrency, rotation, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
+import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from hostmesh.agent.ca_client import CAClient
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
 from tests.support import ConsulDev, async_wait_until
 
@@ -428,3 +430,127 @@ async def test_audit_lines_have_one_fixed_shape(ca, client) -> None:
     keys = {"ts", "event", "via", "identity", "serial", "not_after", "token", "reason", "peer"}
     assert [set(r) for r in sink.records] == [keys, keys]
     assert [r["event"] for r in sink.records] == ["issue", "refuse"]
+
+
+async def test_no_leaf_outlives_the_configured_leaf_ttl(tmp_path, client) -> None:
+    """`--leaf-ttl 1h`: a renewal (or a sign) asking for 7 days gets at most 1 hour."""
+    sink = AuditSink()
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, leaf_ttl=dt.timedelta(hours=1))
+    try:
+        cert, key = await issued(svc, client, tmp_path, "web")
+        _, csr = csr_for("web")
+        resp = await call(svc, "POST", "/v1/renew", {"csr": csr, "ttl": "7d"}, cert=cert, key=key)
+        assert resp.status == 200, resp.body
+        leaf = x509.load_pem_x509_certificate(resp.json()["chain"].encode())
+        assert leaf.not_valid_after_utc - pki.now() <= dt.timedelta(hours=1)
+        status, body = await sign(svc, await token_for(client, "api"), "api", ttl="48h")
+        assert status == 200
+        leaf = x509.load_pem_x509_certificate(body["chain"].encode())
+        assert leaf.not_valid_after_utc - pki.now() <= dt.timedelta(hours=1)
+        assert all(
+            dt.datetime.fromisoformat(r["not_after"]) - pki.now() <= dt.timedelta(hours=1)
+            for r in sink.records
+            if r["event"] == "issue"
+        )
+    finally:
+        await svc.close()
+
+
+# --- sibling renewal: an expired identity re-obtained with a valid sibling of the same node ----------
+
+
+class Sibling:
+    """A CA, and on node `node-s` at 127.0.0.1: `web` (expired) and `api` (valid), both registered."""
+
+    def __init__(self, svc: CAService, sink: AuditSink, client: ConsulClient, tmp: Path, tag: str) -> None:
+        self.svc, self.sink, self.client, self.tmp = svc, sink, client, tmp
+        self.web, self.api = f"web{tag}", f"api{tag}"  # unique names: the dev Consul is shared
+        self.registered: list[str] = []
+
+    async def setup(self) -> None:
+        self.svc.leaf_ttl = dt.timedelta(seconds=1)
+        self.web_cert, self.web_key = await issued(self.svc, self.client, self.tmp, self.web)
+        self.svc.leaf_ttl = dt.timedelta(hours=1)
+        self.api_cert, self.api_key = await issued(self.svc, self.client, self.tmp, self.api)
+        await self.register(self.web, "node-s", "127.0.0.1")
+        await self.register(self.api, "node-s", "127.0.0.1")
+        expiry = pki.load_certs(self.web_cert.read_bytes())[0].not_valid_after_utc
+        await async_wait_until(lambda: pki.now() > expiry, 10, "web's certificate to expire")
+
+    async def register(self, service: str, node: str, address: str) -> None:
+        reg = ServiceRegistration(service, f"{service}-{node}", address, 15001, {"hostmesh": "1"})
+        await self.client.register_service(reg)
+        self.registered.append(reg.id)
+
+    async def close(self) -> None:
+        for sid in self.registered:
+            await self.client.deregister_service(sid)
+
+    def body(self, node: str = "node-s", proof_key: Path | None = None, expired: Path | None = None) -> dict:
+        new_key, csr = csr_for(self.web)
+        self.new_key = new_key
+        old_key = pki.load_key((proof_key or self.web_key).read_bytes())
+        proof = pki.sibling_proof(old_key, csr.encode())
+        pem = pki.load_certs((expired or self.web_cert).read_bytes())[0]
+        return {
+            "csr": csr,
+            "node": node,
+            "expired": pki.cert_pem(pem).decode(),
+            "proof": base64.b64encode(proof).decode(),
+        }
+
+    async def renew(self, body: dict) -> tuple[int, dict]:
+        resp = await call(self.svc, "POST", "/v1/renew", body, cert=self.api_cert, key=self.api_key)
+        return resp.status, resp.json()
+
+
+@pytest.fixture
+async def sibling(ca, client, tmp_path) -> AsyncIterator[Sibling]:
+    svc, sink = ca
+    s = Sibling(svc, sink, client, tmp_path, secrets.token_hex(3))
+    try:
+        await s.setup()
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_sibling_renewal_reissues_an_expired_identity_of_the_same_node(sibling) -> None:
+    status, body = await sibling.renew(sibling.body())
+    assert status == 200, body
+    leaf = x509.load_pem_x509_certificate(body["chain"].encode())
+    assert pki.identity_of(leaf).service == sibling.web and leaf.public_key() == sibling.new_key.public_key()
+    line = sibling.sink.last()
+    assert line["event"] == "issue" and line["via"] == "renew-sibling"
+    assert line["identity"] == f"spiffe://hostmesh.local/svc/{sibling.web}"
+
+
+async def test_sibling_renewal_needs_proof_of_the_expired_key(sibling) -> None:
+    status, body = await sibling.renew(sibling.body(proof_key=sibling.api_key))  # api cannot sign for web
+    assert_refused(sibling.sink, status, body, 403, "proof of possession")
+    assert sibling.sink.last()["via"] == "renew-sibling"
+
+
+async def test_sibling_renewal_needs_both_services_registered_for_that_node(sibling) -> None:
+    status, body = await sibling.renew(sibling.body(node="node-t"))
+    assert_refused(sibling.sink, status, body, 403, "is not registered in Consul for node 'node-t'")
+    await sibling.register(sibling.web, "node-t", "127.0.0.1")  # web on node-t, api only on node-s
+    status, body = await sibling.renew(sibling.body(node="node-t"))
+    assert_refused(sibling.sink, status, body, 403, f"{sibling.api} is not registered")
+
+
+async def test_sibling_renewal_needs_the_nodes_registered_address(sibling) -> None:
+    await sibling.register(sibling.web, "node-u", "127.0.0.2")
+    await sibling.register(sibling.api, "node-u", "127.0.0.2")
+    status, body = await sibling.renew(sibling.body(node="node-u"))  # we call from 127.0.0.1
+    assert_refused(sibling.sink, status, body, 403, "registered at 127.0.0.2, but this request comes from")
+
+
+async def test_sibling_renewal_is_only_for_expired_certificates(sibling, tmp_path) -> None:
+    status, body = await sibling.renew(sibling.body(expired=sibling.api_cert))  # api's, valid: not web's
+    assert_refused(sibling.sink, status, body, 403, "the expired certificate is not for")
+    sibling.svc.leaf_ttl = dt.timedelta(hours=1)
+    (tmp_path / "v").mkdir()
+    valid_cert, valid_key = await issued(sibling.svc, sibling.client, tmp_path / "v", sibling.web)
+    status, body = await sibling.renew(sibling.body(proof_key=valid_key, expired=valid_cert))
+    assert_refused(sibling.sink, status, body, 403, "is still valid: renew with it")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,13 +15,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from hostmesh.agent import certs as certs_mod
+from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import match_pin
 from hostmesh.agent.certs import CertManager
+from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.ca.service import CAService
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, new_ca_dir, start_ca
 from tests.support import ConsulDev, async_wait_until
 
@@ -35,7 +37,7 @@ async def client(consul: ConsulDev) -> AsyncIterator[ConsulClient]:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(certs_mod, "RENEW_RETRY_BASE", 0.1)
+    monkeypatch.setattr(renewal, "RENEW_RETRY_BASE", 0.1)
 
 
 class Env:
@@ -251,8 +253,8 @@ async def test_ca_down_during_renewal_keeps_cert_retries_and_logs(
     assert env.sink.last()["via"] == "renew"
 
 
-async def test_expired_stored_cert_needs_a_new_token(env: Env) -> None:
-    await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
+async def test_expired_stored_cert_is_reported_and_a_fresh_token_is_used_without_restart(env: Env) -> None:
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
     token_file = await env.token_file("web")
     mgr = env.manager(["web"], token_file)
     await mgr.start()
@@ -260,15 +262,23 @@ async def test_expired_stored_cert_needs_a_new_token(env: Env) -> None:
     not_after = mgr.infos()[0].not_after
     await async_wait_until(lambda: pki.now() > not_after, 5, "the stored cert to expire")
     spent = env.manager(["web"], token_file)  # the token file still holds the used token
-    with pytest.raises(Unauthorized, match=r"already used.*hostmesh ca token create --service web") as err:
-        await spent.start()
-    assert "\n" not in str(err.value)
-    none = env.manager(["web"], None)
-    with pytest.raises(Unauthorized, match=r"expired at .* no join token"):
-        await none.start()
-    fresh = env.manager(["web"], await env.token_file("web"))
-    await fresh.start()
-    assert fresh.infos()[0].not_after > not_after
+    await spent.start()  # starts, reporting what is missing (there is a certificate to serve with)
+    (info,) = spent.infos()
+    assert info.state is CertState.EXPIRED and info.problem == spent.problems()["web"]
+    assert re.search(r"expired at .*already used.*hostmesh ca token create --service web", info.problem)
+    assert "\n" not in info.problem
+    none = env.manager(["web"], None, data="host")
+    await none.start()
+    assert "no [ca] token_file" in none.problems()["web"]
+    await none.close()
+
+    svc.leaf_ttl = dt.timedelta(hours=1)
+    token_file.write_text(f"{(await tokens.create(env.client, ['web']))[0]}\n")  # no restart
+    await async_wait_until(
+        lambda: spent.infos()[0].state is CertState.VALID, 15, "recovery with the new token"
+    )
+    assert spent.infos()[0].not_after > not_after and not spent.problems()
+    assert env.sink.last()["via"] == "sign"
 
 
 async def test_bundle_refresh_from_consul_and_rotation_end_to_end(env: Env) -> None:
@@ -336,3 +346,64 @@ def test_bad_constructor_arguments() -> None:
             token_file=None,
             consul=None,
         )  # type: ignore[arg-type]
+
+
+async def host_with_expired_web(env: Env, node: str) -> tuple[CertManager, dt.datetime]:
+    """A host whose `web` expired (the CA was down) while `api` is valid; web's join token is spent
+    and the token file holds one scoped to api only. Returns the running manager and web's old expiry."""
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
+    first = env.manager(["web"], await env.token_file("web"), node=node)
+    await first.start()
+    await first.close()
+    svc.leaf_ttl = dt.timedelta(seconds=30)
+    old = first.infos()[0].not_after
+    await async_wait_until(lambda: pki.now() > old, 5, "web's certificate to expire")
+    mgr = env.manager(["web", "api"], await env.token_file("api"), node=node, renew_fraction=0.1)
+    await mgr.start()
+    return mgr, old
+
+
+async def register(client: ConsulClient, node: str, *services: str) -> list[str]:
+    ids = []
+    for service in services:
+        reg = ServiceRegistration(service, f"{service}-{node}", "127.0.0.1", 15001, {"hostmesh": "1"})
+        await client.register_service(reg)
+        ids.append(reg.id)
+    return ids
+
+
+async def test_one_expired_service_never_fails_the_renewal_of_another(env: Env) -> None:
+    """The audit: once web expired with a spent token, api's renewals failed too and the host went
+    dark. Now api renews on its own schedule while web is reported with what it is missing."""
+    mgr, _ = await host_with_expired_web(env, "node-i")
+    infos = {i.service: i for i in mgr.infos()}
+    assert infos["web"].state is CertState.EXPIRED and infos["api"].state is CertState.VALID
+    api_serial = infos["api"].serial
+    await async_wait_until(
+        lambda: {i.service: i for i in mgr.infos()}["api"].serial != api_serial, 15, "api's renewal"
+    )
+    assert any(r["via"] == "renew" and r["identity"].endswith("/api") for r in env.sink.records)
+    problem = mgr.problems()["web"]
+    assert "sibling renewal refused (web is not registered in Consul for node 'node-i')" in problem
+    assert "refused" in problem and "hostmesh ca token create --service web" in problem
+    assert "api" not in mgr.problems()
+
+
+async def test_expired_service_recovers_with_a_valid_sibling_of_the_same_node(env: Env) -> None:
+    node = f"node-{int(time.time() * 1000) % 10**8}"  # the dev Consul is shared by the session
+    ids = await register(env.client, node, "web", "api")
+    try:
+        mgr, old = await host_with_expired_web(env, node)
+        await async_wait_until(
+            lambda: mgr.infos()[0].state is CertState.VALID, 15, "web recovered with api's certificate"
+        )
+        assert mgr.infos()[0].not_after > old and not mgr.problems()
+        grant = next(r for r in env.sink.records if r["via"] == "renew-sibling")
+        assert grant["event"] == "issue" and grant["identity"].endswith("/web")
+        assert (
+            leaf_of(mgr.paths("web")[0]).public_key()
+            == pki.load_key(mgr.paths("web")[1].read_bytes()).public_key()
+        )
+    finally:
+        for sid in ids:
+            await env.client.deregister_service(sid)

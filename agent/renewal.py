@@ -1,0 +1,73 @@
+"""When a certificate renewal is tried again, and what state a service's certificate is in.
+
+Pure (no crypto, no sockets), shared by the cert manager (agent/certs.py) and the agent's scheduler
+of helper processes (agent/certproc.py), so both follow one policy:
+
+- A failed renewal of a still-valid certificate is retried with full-jitter exponential backoff,
+  each wait capped at RETRY_LIFE_FRACTION of the life left (never below RETRY_FLOOR, never past
+  expiry): a CA down near the end of a leaf's life still gets several tries before it expires, the
+  last of them well before it, however long the backoff had grown.
+- An expired certificate is recovered (a valid sibling certificate of the host, or the join token
+  file, re-read on every try) at most RECOVER_RETRY_MAX apart, and at once when the token file
+  changes: an operator who drops a fresh token in is served within TOKEN_POLL.
+- Each service is scheduled on its own: one service's failure never delays or fails another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import random
+from pathlib import Path
+
+from hostmesh.registry.watch import backoff_delay
+
+RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds)
+RENEW_RETRY_MAX = 300.0  # retry cap: a CA back from an outage is used within five minutes
+RETRY_LIFE_FRACTION = 0.25  # each wait at most this share of the life left: many tries before expiry
+RETRY_FLOOR = 1.0  # ...but the cap never goes below this: a CA that is down is not hammered
+RECOVER_RETRY_MAX = 15.0  # expired: a CA or a credential that is back is used within this
+TOKEN_POLL = 1.0  # expired: how often the token file is looked at for a fresh token
+
+
+class CertState(enum.Enum):
+    VALID = "valid"  # in use; renewed at its renewal point
+    RETRYING = "retrying"  # the last renewal failed; the certificate is still valid, retrying before expiry
+    EXPIRED = "expired"  # expired (or its root retired): recovering; `problem` says what is missing
+
+
+def state_of(remaining: float, failures: int) -> CertState:
+    if remaining <= 0:
+        return CertState.EXPIRED
+    return CertState.RETRYING if failures else CertState.VALID
+
+
+def retry_delay(failures: int, remaining: float, rng: random.Random | None = None) -> float:
+    """Seconds until the next try after `failures` (>= 1) failed ones, `remaining` seconds of life left."""
+    delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, rng)
+    if remaining <= 0:
+        return min(delay, RECOVER_RETRY_MAX)
+    return min(delay, max(remaining * RETRY_LIFE_FRACTION, RETRY_FLOOR), remaining)
+
+
+def token_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies the token file's current content cheaply (inode, size, mtime); None if absent."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+async def wait_or_token(seconds: float, token_file: Path | None) -> None:
+    """Sleep `seconds`, or less: until the token file changes (a fresh token was dropped in)."""
+    before = token_stamp(token_file)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(left, TOKEN_POLL))
+        if token_stamp(token_file) != before:
+            return

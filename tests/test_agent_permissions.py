@@ -1,0 +1,72 @@
+"""`hostmesh agent run` refuses, before touching anything, a data dir others can write and a join
+token or key others can read: exit 1 and one line that says what to run to fix it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.config import ConfigError, check_permissions, load_config
+from hostmesh.agent.localmesh import HOSTMESH
+
+PIN = "sha256:" + "0" * 64
+
+
+def write_config(tmp: Path) -> tuple[Path, Path, Path]:
+    data_dir, token = tmp / "data", tmp / "join-token"
+    data_dir.mkdir(mode=0o700)
+    token.write_text("a.b.c\n")
+    token.chmod(0o600)
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'node = "vm-1"\ndata_dir = "{data_dir}"\nadmin = "127.0.0.1:0"\n'
+        f'[ca]\naddress = "https://127.0.0.1:9"\npin = "{PIN}"\ntoken_file = "{token}"\n'
+        '[[services]]\nname = "web"\nport = 9\n'
+    )
+    return config, data_dir, token
+
+
+def run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*HOSTMESH, "agent", "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode != 0, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out.stderr
+    return lines[0]
+
+
+def test_world_writable_data_dir_is_refused_with_the_fix(tmp_path: Path) -> None:
+    config, data_dir, _ = write_config(tmp_path)
+    data_dir.chmod(0o777)
+    line = one_line_error(run(config))
+    assert f"data_dir {data_dir} is writable by group and others (mode 0777)" in line
+    assert f"fix: chmod 700 {data_dir}" in line
+    assert not (data_dir / "certs").exists()  # refused before anything was written
+
+
+def test_token_file_readable_by_others_is_refused_with_the_fix(tmp_path: Path) -> None:
+    config, _, token = write_config(tmp_path)
+    token.chmod(0o644)
+    line = one_line_error(run(config))
+    assert f"[ca] token_file {token} is readable by group and others (mode 0644)" in line
+    assert f"fix: chmod 600 {token}" in line
+
+
+def test_key_file_readable_by_group_is_refused(tmp_path: Path) -> None:
+    config, data_dir, _ = write_config(tmp_path)
+    (data_dir / "certs").mkdir(mode=0o700)
+    key = data_dir / "certs" / "web.key"
+    key.write_text("key")
+    key.chmod(0o640)
+    with pytest.raises(
+        ConfigError, match=rf"the key of web {key} is readable by group \(mode 0640\); fix: chmod 600"
+    ):
+        check_permissions(load_config(config))
+    key.chmod(0o600)
+    check_permissions(load_config(config))  # 0600 files and a 0700 dir pass; absent files too

@@ -1,0 +1,185 @@
+"""A CA outage across a leaf's expiry, end to end with real processes: the CA (`hostmesh ca serve
+--leaf-ttl`), a real Consul and two agents (`hostmesh agent run`), each a host serving web and api.
+
+Short leaves instead of long waits: web's leaf lives 30 s, api's 45 s (api joined the hosts later,
+so their leaves end at different times, as on a real host). The CA is stopped before web's renewal
+window and kept down until web's leaf has expired. Shown:
+  (a) web's renewal is retried several times before its expiry and never scheduled past it;
+  (b) each service on its own: api renews while web, on host b, cannot be recovered;
+  (c) with the CA back, host a recovers web by itself with api's still-valid certificate (the CA's
+      sibling renewal), and host b recovers it from a fresh token file dropped in, without restart;
+  (d) host b (its registered address is not the one it calls the CA from, so the CA refuses the
+      sibling path; its token is spent) says exactly what is missing: one log line, /v1/certs,
+      /ready.
+The stock agent before this change failed here: its retry backoff overshot the expiry, and once web
+had expired every renewal of api failed too (the host went dark until a new token).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmesh.agent.localmesh import (
+    READY_TIMEOUT,
+    AgentHandle,
+    LocalMesh,
+    Proc,
+    free_port,
+    port_open,
+    wait_for,
+)
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul]
+
+WEB_LEAF = 30  # seconds: renewal window opens at ~2/3 (≥ 18.5 s with jitter), so the setup has ~15 s
+API_LEAF = 45  # api's leaf (issued a few seconds later) outlives web's by ~20 s: the sibling window
+WAIT = 60.0  # bound on any one phase on a loaded machine
+
+
+def ca_serve(m: LocalMesh, leaf_ttl: int) -> Proc:
+    args = ["ca", "serve", "--data-dir", str(m.workdir / "ca"), "--listen", f"127.0.0.1:{m.ca_port}"]
+    proc = m._spawn("ca", [*args, "--leaf-ttl", f"{leaf_ttl}s"])
+    wait_for(lambda: port_open(m.ca_port) or not proc.alive(), READY_TIMEOUT, "the CA to listen")
+    assert proc.alive(), proc.log()
+    return proc
+
+
+def host(m: LocalMesh, node: str, services: list[str], mesh_address: str, token_for: str) -> AgentHandle:
+    """agent.toml for `node` serving `services`, with a token file scoped to `token_for` only."""
+    h = m.write_agent_config(node, [{"name": s, "port": 9} for s in services])
+    h.config_path.write_text(
+        h.config_path.read_text().replace('mesh_address = "127.0.0.1"', f'mesh_address = "{mesh_address}"')
+    )
+    (h.data_dir / "join-token").write_text(m.token(token_for) + "\n")
+    return h
+
+
+def certs(h: AgentHandle) -> dict[str, dict[str, Any]]:
+    status, body = h.get("/v1/certs")
+    assert status == 200, body
+    return {c["service"]: c for c in body["certs"]}
+
+
+def ready(h: AgentHandle) -> tuple[int, dict[str, Any]]:
+    try:
+        return h.get("/ready")
+    except OSError:
+        return 0, {}
+
+
+def expired(not_after: str) -> bool:
+    return dt.datetime.now(dt.UTC) > dt.datetime.fromisoformat(not_after)
+
+
+def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Path) -> None:
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        init = m.hostmesh("ca", "init", "--data-dir", str(m.workdir / "ca"))
+        m.pin = next(w for w in init.stdout.split() if w.startswith("sha256:"))
+        m.ca_port = free_port()
+
+        # web on both hosts, from a CA issuing 30 s leaves (a helper process does the bootstrap)
+        ca = ca_serve(m, WEB_LEAF)
+        web_expiry: dict[str, str] = {}
+        for node, addr in (("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")):
+            h = host(m, node, ["web"], addr, "web")
+            out = subprocess.run(
+                [sys.executable, "-m", "hostmesh.agent.certproc", "start", "--config", str(h.config_path)],
+                capture_output=True, text=True, timeout=WAIT,
+            )  # fmt: skip
+            web_expiry[node] = json.loads(out.stdout)["certs"]["web"]["not_after"]
+        ca.stop()
+
+        # api joins both hosts, from the CA now issuing 45 s leaves; each token file is api's only
+        ca = ca_serve(m, API_LEAF)
+        a = host(m, "node-a", ["web", "api"], "127.0.0.1", "api")
+        b = host(m, "node-b", ["web", "api"], "127.0.0.2", "api")  # calls the CA from 127.0.0.1
+        for h in (a, b):
+            m.start_agent(h, wait=False)
+        for h in (a, b):
+            m.wait_ready(h)
+        start = {h.node: certs(h) for h in (a, b)}
+        ca.stop()  # the outage begins, before web's renewal window
+        for h in (a, b):
+            assert start[h.node]["web"]["not_after"] == web_expiry[h.node], "machine too slow: web renewed"
+            assert certs(h)["web"]["serial"] == start[h.node]["web"]["serial"], (
+                "web renewed before the outage"
+            )
+
+        # ... and lasts until web's leaf has expired on both hosts
+        wait_for(lambda: all(expired(t) for t in web_expiry.values()), WAIT, "web's leaves to expire")
+        for h in (a, b):
+            wait_for(
+                lambda h=h: certs(h)["web"]["state"] == "expired", WAIT, f"{h.node} to report web expired"
+            )
+            # (a) several tries before the expiry, none scheduled past it
+            log = h.proc.log()
+            left_at_failure = [
+                float(x) for x in re.findall(r"renewal of web failed .*valid for ([\d.]+)s", log)
+            ]
+            assert len(left_at_failure) >= 3, log
+            scheduled = [
+                float(x) for x in re.findall(r"next renewal try for web in [\d.]+s, (-?[\d.]+)s before", log)
+            ]
+            assert scheduled and min(scheduled) >= 0, scheduled
+            print(f"\n{h.node}: {len(left_at_failure)} failed tries of web before expiry, with "
+                  f"{', '.join(f'{x:g}' for x in left_at_failure)} s left")  # fmt: skip
+            # during the outage the still-valid api is untouched and web's state says why
+            now = certs(h)
+            assert now["api"]["state"] == "valid" and now["api"]["serial"] == start[h.node]["api"]["serial"]
+            status, body = ready(h)
+            assert status == 503 and "unreachable" in body["certificates"]["web"], body
+            wait_for(
+                lambda h=h: "certificate for web is not usable" in h.proc.log(), WAIT, "the expiry logged"
+            )
+
+        ca = ca_serve(m, API_LEAF)  # the CA is back
+        back = time.monotonic()
+
+        # (c) host a: web recovered by itself with api's valid certificate, no token, no restart
+        wait_for(lambda: certs(a)["web"]["state"] == "valid", WAIT, "node-a to recover web")
+        assert certs(a)["web"]["not_after"] > web_expiry["node-a"] and certs(a)["web"]["problem"] is None
+        assert ready(a)[0] == 200
+        print(f"node-a: web recovered via its sibling {time.monotonic() - back:.1f} s after the CA came back")
+        assert "recovered the expired certificate for web with the valid certificate of api" in a.proc.log()
+        grants = [json.loads(line) for line in ca.log().splitlines() if '"renew-sibling"' in line]
+        assert any(g["event"] == "issue" and g["identity"].endswith("/web") for g in grants), ca.log()
+
+        # (d) host b: the exact missing thing, once in the log, in /v1/certs and in /ready
+        def b_missing() -> str | None:
+            status, body = ready(b)
+            web = body.get("certificates", {}).get("web", "")
+            return web if status == 503 and "sibling renewal refused" in web else None
+
+        missing = wait_for(b_missing, WAIT, "node-b to say what web is missing")
+        assert "node 'node-b' is registered at 127.0.0.2, but this request comes from 127.0.0.1" in missing
+        assert "is not valid for service 'web'" in missing  # the token file holds api's token only
+        assert f"hostmesh ca token create --service web` > {b.data_dir / 'join-token'}" in missing
+        assert certs(b)["web"]["problem"] == missing and certs(b)["web"]["state"] == "expired"
+        assert b.proc.log().count("sibling renewal refused") == 1, b.proc.log()  # one line, not one per try
+
+        # (b) meanwhile api on host b renews on its own schedule, web's trouble notwithstanding
+        api_serial = start["node-b"]["api"]["serial"]
+        wait_for(lambda: certs(b)["api"]["serial"] != api_serial, WAIT, "node-b's api to renew")
+        assert certs(b)["api"]["state"] == "valid" and certs(b)["web"]["state"] == "expired"
+
+        # (c) host b: a fresh token dropped into the token file is used without a restart
+        token_file = b.data_dir / "join-token"
+        token_file.write_text(m.token("web") + "\n")
+        dropped = time.monotonic()
+        wait_for(lambda: certs(b)["web"]["state"] == "valid", WAIT, "node-b to recover web with the token")
+        print(f"node-b: web recovered {time.monotonic() - dropped:.1f} s after a fresh token was written")
+        assert ready(b)[0] == 200 and certs(b)["web"]["problem"] is None
+        assert all(h.proc.alive() for h in (a, b))
+    finally:
+        m.close()

@@ -1,0 +1,59 @@
+"""agent/renewal.py, pure: the retry schedule of a certificate whose CA is down is bounded by the
+certificate's remaining life (several tries before expiry, none scheduled past it)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hostmesh.agent import renewal
+from hostmesh.agent.renewal import CertState
+
+
+def schedule(life_left: float, seed: int) -> list[float]:
+    """The times (seconds from the first failure) of every retry while the CA stays down, until expiry."""
+    rng = random.Random(seed)
+    t, failures, tries = 0.0, 1, []
+    for _ in range(100_000):  # bounded: the floor makes this at most life/RETRY_FLOOR + a few steps
+        delay = renewal.retry_delay(failures, life_left - t, rng)
+        assert delay > 0
+        t += delay
+        tries.append(t)
+        if t >= life_left:
+            return tries
+        failures += 1
+    raise AssertionError("the schedule never reached expiry")
+
+
+@pytest.mark.parametrize("life_left", [4.0, 12.0, 30.0, 600.0, 8 * 3600.0])
+@pytest.mark.parametrize("seed", range(20))
+def test_retries_never_scheduled_past_expiry_and_several_before_it(life_left: float, seed: int) -> None:
+    tries = schedule(life_left, seed)
+    before = [t for t in tries if t < life_left]
+    assert all(t <= life_left for t in tries)  # the last one lands at expiry at the latest, never after
+    assert len(before) >= 3, tries
+    # the whole last quarter of the life is never one silent wait: a try falls inside it
+    assert any(life_left * 0.75 <= t < life_left for t in before), tries
+
+
+def test_the_old_unbounded_backoff_would_have_overshot() -> None:
+    """The audit: after 9 failures the plain backoff may wait up to 256 s, past a leaf with 60 s left."""
+    assert renewal.retry_delay(9, 60.0, random.Random(1)) <= 60.0 * renewal.RETRY_LIFE_FRACTION
+    assert renewal.retry_delay(9, 0.5, random.Random(1)) <= 0.5
+
+
+def test_expired_retries_are_capped_and_states() -> None:
+    assert all(renewal.retry_delay(n, 0.0) <= renewal.RECOVER_RETRY_MAX for n in range(1, 40))
+    assert renewal.state_of(10.0, 0) is CertState.VALID
+    assert renewal.state_of(10.0, 2) is CertState.RETRYING
+    assert renewal.state_of(0.0, 0) is CertState.EXPIRED
+
+
+def test_token_stamp_changes_when_a_fresh_token_is_written(tmp_path) -> None:
+    path = tmp_path / "join-token"
+    assert renewal.token_stamp(path) is None and renewal.token_stamp(None) is None
+    path.write_text("a.b.c\n")
+    first = renewal.token_stamp(path)
+    path.write_text("d.e.f.longer\n")
+    assert renewal.token_stamp(path) != first
