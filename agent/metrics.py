@@ -307,6 +307,10 @@ class Telemetry:
             "hostmesh_authz_denied_total", "connections/requests denied by intentions",
             ("reporter", "source_service", "destination_service"), registry=r,
         )  # fmt: skip
+        self.tls_handshake_failures = Counter(
+            "hostmesh_tls_handshake_failures_total", "TLS handshakes refused or failed, by reason",
+            ("listener", "reason"), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

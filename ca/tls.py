@@ -47,6 +47,7 @@ FAILURE_PROTOCOL = "protocol"
 FAILURE_SNI = "sni"
 FAILURE_CLOSED = "closed"
 FAILURE_TIMEOUT = "timeout"
+FAILURE_INCOMPLETE = "incomplete"  # started, never finished, no error seen: a timeout or a peer gone mid-way
 FAILURE_OTHER = "other"
 _PROTOCOL_REASONS = (
     "PROTOCOL", "VERSION", "CIPHER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "RECORD", "SIGALG", "CURVE",
