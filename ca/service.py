@@ -18,9 +18,10 @@ refusal is audited too. Retired roots may linger in OpenSSL's store until restar
 grow), which is why /v1/renew re-checks the peer against the current snapshot.
 
 Admission (a flood of requests must not take the CA, its Consul or its neighbours down): at most
-MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer), later ones wait
-unread in a bounded queue and, when it is full, are closed at once; a waiting client makes the
-longest-idle keep-alive connection go. At most MAX_INFLIGHT requests are in a handler at once, and
+MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer), at most
+MAX_CONNECTIONS_PER_PEER of them from one address; later ones wait unread in a bounded queue (for
+at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken, the
+longest-idle keep-alive connection makes room. At most MAX_INFLIGHT requests are in a handler at once, and
 each client address gets CLIENT_RATE requests a second (ca/admission.py); past either, a prompt 429
 with Retry-After. `/v1/health` (no I/O) is exempt from both, so Consul's check stays prompt. A
 malformed join token is refused before any Consul read, and a token id Consul did not know is
@@ -80,14 +81,15 @@ TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this of
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
 MAX_CONNECTIONS = 64  # TLS connections served at once: 64 x asyncio's 256 KiB TLS buffer = 16 MiB at most
+MAX_CONNECTIONS_PER_PEER = 16  # of those, from one client address: a flooder queues behind itself
 MAX_WAITING_CONNECTIONS = 1024  # accepted, unread, waiting for a slot (a socket each); beyond, closed at once
 IDLE_EVICT_SECONDS = 1.0  # a keep-alive connection idle this long gives its slot to a waiting client
 MAX_INFLIGHT = 32  # requests in a handler at once: each may wait on Consul (8 connections) or sign
 UNLIMITED_PATHS = frozenset({"/v1/health"})  # no I/O, and Consul's check must stay prompt under load
 UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused without asking again this long
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
-TRIM_AFTER_CONNECTIONS = 64  # a burst this large is followed by gc + malloc_trim once it has passed
-TRIM_DELAY = 1.0  # seconds after the last connection of a burst closed
+TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
+TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to the trim
 
 
 def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -170,12 +172,15 @@ class _AuditedTLSServer(HTTPServer):
         )  # fmt: skip
         self.tls_context = context
         self._service = service
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._waiting = 0
-        self.refused_connections = 0  # closed unread because the waiting queue was full
+        self._slots = admission.ConnectionSlots(
+            MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, MAX_WAITING_CONNECTIONS,
+            on_full=lambda: self.close_idle(IDLE_EVICT_SECONDS),
+        )  # fmt: skip
+        self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
-        self._failure_log = RateLimitedLog(log, "refused TLS handshakes")
+        self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
         self._since_trim = 0
+        self._in_burst = False
         self._trim_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> int:
@@ -196,28 +201,20 @@ class _AuditedTLSServer(HTTPServer):
         await super().close()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():
-            if self._waiting >= MAX_WAITING_CONNECTIONS:
-                self.refused_connections += 1
-                writer.transport.abort()
-                return
-            self._waiting += 1
-            self.close_idle(IDLE_EVICT_SECONDS)
-            try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                    await self._slots.acquire()
-            except TimeoutError:
-                self._handshake_failed("timeout", writer, "no connection slot free in time")
-                return
-            finally:
-                self._waiting -= 1
-        else:
-            await self._slots.acquire()
+        client = admission.client_key(writer.get_extra_info("peername"))
+        try:
+            await self._slots.enter(client, HANDSHAKE_TIMEOUT)
+        except admission.SlotsFull as exc:
+            self.refused_connections += 1
+            self._failure_log("CA: connection from %s closed unread: %s", client, exc)
+            writer.transport.abort()
+            self._connection_ended()
+            return
         try:
             await self._handshake(reader, writer)
         finally:
-            self._slots.release()
-            self._burst_passed()
+            self._slots.leave(client)
+            self._connection_ended()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = format_peer(writer.get_extra_info("peername"))
@@ -239,19 +236,30 @@ class _AuditedTLSServer(HTTPServer):
 
     def _handshake_failed(self, reason: str, writer: asyncio.StreamWriter, detail: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
-        peer = format_peer(writer.get_extra_info("peername"))
-        self._failure_log("CA: TLS handshake with %s refused (%s): %s", peer, reason, detail)
+        if reason != tls.FAILURE_CLOSED:  # a port probe (a TCP check) says nothing worth a line
+            peer = format_peer(writer.get_extra_info("peername"))
+            self._failure_log("CA: TLS handshake with %s refused (%s): %s", peer, reason, detail)
         writer.transport.abort()
 
-    def _burst_passed(self) -> None:
-        """After TRIM_AFTER_CONNECTIONS connections, once quiet: collect and give memory back."""
+    def _connection_ended(self) -> None:
+        """Memory after a burst: collect and trim once a second while it lasts (every
+        TRIM_AFTER_CONNECTIONS connections) and once more when it has passed (nothing in progress)."""
         self._since_trim += 1
-        if self._since_trim >= TRIM_AFTER_CONNECTIONS and self._trim_timer is None:
+        if self._since_trim >= TRIM_AFTER_CONNECTIONS:
+            self._in_burst = True
+        quiet = self._slots.waiting == 0 and self._slots.active <= len(self._idle)  # only keep-alives left
+        if (
+            self._in_burst
+            and self._trim_timer is None
+            and (quiet or self._since_trim >= TRIM_AFTER_CONNECTIONS)
+        ):
             self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
 
     def _trim(self) -> None:
         self._trim_timer = None
         self._since_trim = 0
+        if self._slots.waiting == 0 and self._slots.active <= len(self._idle):
+            self._in_burst = False
         gc.collect()  # tracebacks of refused requests hold frames, and frames hold buffers
         _malloc_trim()
 

@@ -67,6 +67,8 @@ class _Parsed:
         self.url = b""
         self.complete = False
         self.head_bytes = 0
+        self.parser: httptools.HttpResponseParser | httptools.HttpRequestParser | None = None
+        self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -84,6 +86,9 @@ class _Parsed:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Only now: httptools answers should_keep_alive() False once the message is done, which made
+        # every client request open a new connection (Consul saw one per request).
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
 
 class _TooLarge(Exception):
@@ -203,7 +208,7 @@ class HTTPClient:
 
     async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
         sink = _Parsed()
-        parser = httptools.HttpResponseParser(sink)
+        parser = sink.parser = httptools.HttpResponseParser(sink)
         while not sink.complete:
             chunk = await reader.read(65536)
             if not chunk:
@@ -215,7 +220,7 @@ class HTTPClient:
             parser.feed_data(chunk)
             if method == "HEAD" and sink.headers:
                 break
-        keep = parser.should_keep_alive()
+        keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
         return Response(parser.get_status_code(), bytes(sink.body), sink.headers), keep
 
     async def close(self) -> None:
