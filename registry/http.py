@@ -109,7 +109,12 @@ class HTTPClient:
     """Keep-alive HTTP/1.1 client for one base URL (`http://host:port` or `https://…`)."""
 
     def __init__(
-        self, base_url: str, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        *,
+        max_connections: int | None = MAX_CONNECTIONS_PER_CLIENT,
     ):
         parsed = urllib.parse.urlsplit(base_url if "//" in base_url else f"//{base_url}")
         scheme = parsed.scheme or "http"
@@ -127,7 +132,9 @@ class HTTPClient:
         self._closed = False
         # Connection accounting: a request holds a slot while it uses a connection, and a new one is
         # opened only when none is idle, so open connections (in use + idle) never exceed the cap.
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS_PER_CLIENT)
+        # None: no cap, for long-polls (each holds its connection for its whole wait).
+        self.max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
         self._waiting = 0
 
     async def request(
@@ -172,12 +179,15 @@ class HTTPClient:
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        """Hold one of MAX_CONNECTIONS_PER_CLIENT connection slots for a request (FIFO wait, bounded)."""
+        """Hold one of `max_connections` connection slots for a request (FIFO wait, bounded)."""
+        if self._slots is None:
+            yield
+            return
         if self._slots.locked():
             if self._waiting >= MAX_WAITING_PER_CLIENT:
                 raise Unavailable(
                     f"{self.base_url}: {self._waiting} requests already waiting for one of "
-                    f"{MAX_CONNECTIONS_PER_CLIENT} connections"
+                    f"{self.max_connections} connections"
                 )
             self._waiting += 1
             try:
