@@ -240,7 +240,7 @@ def _body(csr_pem: bytes, ttl: str | None) -> bytes:
 
 
 def _json(resp: Response, url: str) -> object:
-    if resp.status >= 500:
+    if resp.status >= 500 or resp.status == 429:  # 429: the CA sheds load; retry with backoff
         raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}")
     if resp.status != 200:
         message = _error_text(resp)

@@ -312,6 +312,10 @@ class Telemetry:
             "connections/requests refused because the destination's intentions cannot be read (flag NI)",
             ("reporter", "source_service", "destination_service"), registry=r,
         )  # fmt: skip
+        self.tls_handshake_failures = Counter(
+            "hostmesh_tls_handshake_failures_total", "TLS handshakes refused or failed, by reason",
+            ("listener", "reason"), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

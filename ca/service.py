@@ -20,6 +20,18 @@ OpenSSL cannot verify against the roots fails the handshake; we run the handshak
 refusal is audited too. Retired roots may linger in OpenSSL's store until restart (a store can only
 grow), which is why /v1/renew re-checks the peer against the current snapshot.
 
+Admission (a flood of requests must not take the CA, its Consul or its neighbours down): at most
+MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer), at most
+MAX_CONNECTIONS_PER_PEER of them from one address; later ones wait unread in a bounded queue (for
+at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken, the
+longest-idle keep-alive connection makes room. At most MAX_INFLIGHT requests are in a handler at once, and
+each client address gets CLIENT_RATE requests a second (ca/admission.py); past either, a prompt 429
+with Retry-After. `/v1/health` (no I/O) is exempt from both, so Consul's check stays prompt. A
+malformed join token is refused before any Consul read, and a token id Consul did not know is
+remembered for UNKNOWN_TOKEN_SECONDS; the Consul client holds at most 8 connections
+(registry/http.py). After a burst, freed memory is handed back to the system (gc + malloc_trim).
+Refused handshakes are counted by reason (`/v1/health`) and logged at a bounded rate.
+
 Reload (SIGHUP, or a change of the data dir noticed within MAINTENANCE_INTERVAL): re-read the roots,
 publish the new bundle to Consul first, then sign with the new active root, and re-issue the
 serving certificate from it.
@@ -36,13 +48,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import datetime as dt
+import gc
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -52,12 +68,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostmesh.ca import pki, store, tls, tokens
+from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +95,16 @@ CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
 SIBLING_GRACE = dt.timedelta(days=7)  # an identity expired longer ago needs a join token (see _check_sibling)
 MAX_NODE_NAME = 128  # a node name in a sibling renewal; Consul's own node names are far shorter
+MAX_CONNECTIONS = 64  # TLS connections served at once: 64 x asyncio's 256 KiB TLS buffer = 16 MiB at most
+MAX_CONNECTIONS_PER_PEER = 16  # of those, from one client address: a flooder queues behind itself
+MAX_WAITING_CONNECTIONS = 1024  # accepted, unread, waiting for a slot (a socket each); beyond, closed at once
+IDLE_EVICT_SECONDS = 1.0  # a keep-alive connection idle this long gives its slot to a waiting client
+MAX_INFLIGHT = 32  # requests in a handler at once: each may wait on Consul (8 connections) or sign
+UNLIMITED_PATHS = frozenset({"/v1/health"})  # no I/O, and Consul's check must stay prompt under load
+UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused without asking again this long
+MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
+TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
+TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to the trim
 
 
 def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -150,37 +177,126 @@ def sd_notify(message: str) -> None:
 
 
 class _AuditedTLSServer(HTTPServer):
-    """HTTPServer whose TLS handshake we run ourselves, so a refused client certificate is audited."""
+    """HTTPServer whose TLS handshake we run ourselves, so a refused client certificate is audited,
+    and which admits connections and requests within the limits of the module docstring."""
 
     def __init__(self, service: CAService, host: str, port: int, context: ssl.SSLContext) -> None:
-        super().__init__(service.handle, host, port, None, max_body=MAX_REQUEST_BYTES)
+        super().__init__(
+            service.handle, host, port, None, max_body=MAX_REQUEST_BYTES,
+            max_inflight=MAX_INFLIGHT, unlimited_paths=UNLIMITED_PATHS,
+        )  # fmt: skip
         self.tls_context = context
         self._service = service
+        self._slots = admission.ConnectionSlots(
+            MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, MAX_WAITING_CONNECTIONS,
+            on_full=lambda: self.close_idle(IDLE_EVICT_SECONDS),
+        )  # fmt: skip
+        self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
+        self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
+        self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
+        self._since_trim = 0
+        self._in_burst = False
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handshake, self.host, self.port, limit=MAX_HEAD_BYTES)
+        loop = asyncio.get_running_loop()
+
+        def accepted() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
+            return _UnreadStreamProtocol(reader, self._accepted, loop=loop)
+
+        self._server = await loop.create_server(accepted, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    async def close(self) -> None:
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        self._failure_log.flush()
+        await super().close()
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = admission.client_key(writer.get_extra_info("peername"))
+        try:
+            await self._slots.enter(client, HANDSHAKE_TIMEOUT)
+        except admission.SlotsFull as exc:
+            self.refused_connections += 1
+            self._failure_log("CA: connection from %s closed unread: %s", client, exc)
+            writer.transport.abort()
+            self._connection_ended()
+            return
+        try:
+            await self._handshake(reader, writer)
+        finally:
+            self._slots.leave(client)
+            self._connection_ended()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = format_peer(writer.get_extra_info("peername"))
         try:
             await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except ssl.SSLError as exc:
-            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc.reason or ""):
-                self._service.audit.refuse(
-                    via="tls", reason=f"client certificate refused: {reason}", peer=peer
-                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            reason = tls.handshake_failure_reason(exc)
+            if isinstance(exc, ssl.SSLError):
+                detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
             else:
-                log.debug("TLS handshake with %s failed: %s", peer, reason)
-            writer.transport.abort()
-            return
-        except (OSError, TimeoutError) as exc:
-            log.debug("TLS handshake with %s failed: %s", peer, exc)
-            writer.transport.abort()
+                detail = str(exc) or exc.__class__.__name__
+            if reason == tls.FAILURE_CERTIFICATE:
+                self._service.audit.refuse(
+                    via="tls", reason=f"client certificate refused: {detail}", peer=peer
+                )
+            self._handshake_failed(reason, writer, detail)
             return
         await self._serve(reader, writer)
+
+    def _handshake_failed(self, reason: str, writer: asyncio.StreamWriter, detail: str) -> None:
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+        if reason != tls.FAILURE_CLOSED:  # a port probe (a TCP check) says nothing worth a line
+            peer = format_peer(writer.get_extra_info("peername"))
+            self._failure_log("CA: TLS handshake with %s refused (%s): %s", peer, reason, detail)
+        writer.transport.abort()
+
+    def _connection_ended(self) -> None:
+        """Memory after a burst: collect and trim once a second while it lasts (every
+        TRIM_AFTER_CONNECTIONS connections) and once more when it has passed (nothing in progress)."""
+        self._since_trim += 1
+        if self._since_trim >= TRIM_AFTER_CONNECTIONS:
+            self._in_burst = True
+        quiet = self._slots.waiting == 0 and self._slots.active <= len(self._idle)  # only keep-alives left
+        if (
+            self._in_burst
+            and self._trim_timer is None
+            and (quiet or self._since_trim >= TRIM_AFTER_CONNECTIONS)
+        ):
+            self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_timer = None
+        self._since_trim = 0
+        if self._slots.waiting == 0 and self._slots.active <= len(self._idle):
+            self._in_burst = False
+        gc.collect()  # tracebacks of refused requests hold frames, and frames hold buffers
+        _malloc_trim()
+
+
+class _UnreadStreamProtocol(asyncio.StreamReaderProtocol):
+    """A server stream that reads nothing until `start_tls`: a ClientHello read by the plain stream
+    while the connection waits for a slot would be lost to the TLS layer (asyncio hands it no bytes
+    already read) and the handshake would hang."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.ReadTransport, transport).pause_reading()
+        super().connection_made(transport)
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): hand freed heap pages back (agent/memory.py explains why); no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 class CAService:
@@ -222,6 +338,9 @@ class CAService:
         self._maintenance: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self.reloaded = asyncio.Event()  # set after each successful reload that changed something
+        self._rates = admission.ClientRates()
+        self.rate_limited = 0  # requests answered 429 for their client's rate
+        self._unknown_tokens: dict[str, float] = {}  # token id -> loop time Consul said it had no record
 
     @property
     def service_id(self) -> str:
@@ -418,6 +537,13 @@ class CAService:
             "/v1/roots": ("GET", self._roots),
             "/v1/health": ("GET", self._health),
         }
+        if req.path not in UNLIMITED_PATHS:
+            wait = self._rates.take(admission.client_key(req.peer), asyncio.get_running_loop().time())
+            if wait > 0:
+                self.rate_limited += 1
+                resp = Response.error(429, f"too many requests from {req.peer[0] if req.peer else '?'}")
+                resp.headers["retry-after"] = str(max(1, math.ceil(wait)))
+                return resp
         route = routes.get(req.path)
         if route is None:
             return Response.error(404, f"no such endpoint {req.path}")
@@ -430,7 +556,15 @@ class CAService:
 
     async def _health(self, req: Request) -> Response:
         a = self.authority
-        return Response.of_json(200, {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)})
+        doc: dict[str, Any] = {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)}
+        if self._server is not None:
+            doc["admission"] = {
+                "shed_busy": self._server.shed,
+                "shed_rate": self.rate_limited,
+                "connections_refused": self._server.refused_connections,
+                "tls_handshake_failures": dict(self._server.handshake_failures),
+            }
+        return Response.of_json(200, doc)
 
     async def _sign(self, req: Request) -> Response:
         peer = format_peer(req.peer)
@@ -443,9 +577,14 @@ class CAService:
                 raise Unauthorized("missing join token (Authorization: Bearer <token>)")
             if self.consul is None:
                 raise _Unavailable("join tokens need Consul, which this CA instance is not using")
-            token_id = tokens.parse_token(text).id
+            token_id = tokens.parse_token(text).id  # malformed: refused before any Consul read
+            self._check_not_unknown(token_id)
             at = pki.now()
-            record = await tokens.authenticate(self.consul, text, at)
+            try:
+                record = await tokens.authenticate(self.consul, text, at)
+            except tokens.UnknownToken:
+                self._remember_unknown(token_id)
+                raise
             csr, ident, ttl = self._parse_body(req)
             identity = ident.spiffe_id
             tokens.check_scope(record, ident.service)
@@ -453,6 +592,21 @@ class CAService:
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
         return self._issue("sign", csr, ident, ttl, peer, token_id)
+
+    def _check_not_unknown(self, token_id: str) -> None:
+        """Refuse a token id that Consul did not know moments ago, without asking Consul again."""
+        seen = self._unknown_tokens.get(token_id)
+        if seen is None:
+            return
+        if asyncio.get_running_loop().time() - seen < UNKNOWN_TOKEN_SECONDS:
+            raise tokens.UnknownToken("unknown join token")
+        del self._unknown_tokens[token_id]
+
+    def _remember_unknown(self, token_id: str) -> None:
+        self._unknown_tokens.pop(token_id, None)
+        self._unknown_tokens[token_id] = asyncio.get_running_loop().time()  # newest last
+        while len(self._unknown_tokens) > MAX_UNKNOWN_TOKENS:
+            del self._unknown_tokens[next(iter(self._unknown_tokens))]
 
     async def _renew(self, req: Request) -> Response:
         peer = format_peer(req.peer)

@@ -9,6 +9,13 @@ decoded it for the handshake (`getpeercert()`), not by parsing its DER again wit
 cheaper on every new mesh connection, and the data path never loads `cryptography` (~9 MiB RSS).
 `peer_certificate` (a full `x509.Certificate`) imports it on first use.
 
+The CA API also speaks TLS 1.2 (operators' tools, older clients), with AEAD suites only: ECDHE key
+exchange (forward secrecy) and AES-GCM or ChaCha20-Poly1305, never CBC (Lucky13-style padding
+oracles), RSA key exchange or SHA-1 MACs. TLS 1.3 has only AEAD suites; mesh traffic is TLS 1.3 only.
+
+`handshake_failure_reason` sorts a failed handshake into a small fixed vocabulary, the `reason`
+label of the handshake-failure counters (the CA's and the agent inbound's).
+
 Mesh server contexts issue no session tickets (`num_tickets = 0`): agents reuse established
 connections instead of resuming sessions (agent/proxy/pool.py), so a ticket would only cost an
 encryption and an extra TLS record per handshake that no client ever uses.
@@ -43,6 +50,22 @@ TCP_ALPN = (ALPN_TCP_V2, ALPN_TCP_V1)  # what an L4 caller offers, newest first
 HTTP_ALPN = (ALPN_HTTP_V2, ALPN_HTTP_V1)  # what an L7 caller offers, newest first
 MESH_ALPN = TCP_ALPN + HTTP_ALPN  # what the inbound accepts, in its order of preference
 PROTOCOL_VERSIONS: dict[str, int] = {ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1}
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # AEAD with forward secrecy only (see the docstring)
+
+# Why a handshake failed, as a bounded label: the peer's certificate (missing, unverifiable),
+# the protocol (version, cipher, ALPN, not TLS at all), an unknown SNI name, the peer closing or
+# resetting mid-handshake, the handshake timeout, anything else.
+FAILURE_CERTIFICATE = "certificate"
+FAILURE_PROTOCOL = "protocol"
+FAILURE_SNI = "sni"
+FAILURE_CLOSED = "closed"
+FAILURE_TIMEOUT = "timeout"
+FAILURE_INCOMPLETE = "incomplete"  # started, never finished, no error seen: a timeout or a peer gone mid-way
+FAILURE_OTHER = "other"
+_PROTOCOL_REASONS = (
+    "PROTOCOL", "VERSION", "CIPHER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "RECORD", "SIGALG", "CURVE",
+    "GROUP", "SHARED", "ALPN", "APPLICATION_PROTOCOL", "HANDSHAKE_FAILURE", "PACKET_LENGTH",
+)  # fmt: skip
 
 
 def _base(
@@ -89,6 +112,8 @@ def ca_server_context(cert_file: Path, key_file: Path, roots_pem: str) -> ssl.SS
     """CA API: TLS 1.2+; a client cert is optional (bootstrap uses a token, renewal uses the cert)."""
     ctx = _base(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_2)
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 suites only; TLS 1.3's are all AEAD already
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     return ctx
 
 
@@ -99,7 +124,29 @@ def ca_client_context(
     which the caller must then check against the operator's pin before trusting anything."""
     ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_2)
     ctx.verify_mode = ssl.CERT_REQUIRED if roots_pem else ssl.CERT_NONE
+    ctx.set_ciphers(TLS12_CIPHERS)
     return ctx
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """The `reason` label for a failed server-side handshake (see FAILURE_*)."""
+    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer" in str(exc)):
+        return FAILURE_TIMEOUT  # asyncio's handshake timeout aborts with "… taking longer than …"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return FAILURE_CERTIFICATE
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, EOFError)):
+        return FAILURE_CLOSED
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or exc).upper()
+        if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+            return FAILURE_CERTIFICATE
+        if "UNRECOGNIZED_NAME" in reason or "CALLBACK_FAILED" in reason:
+            return FAILURE_SNI
+        if "UNEXPECTED_EOF" in reason:
+            return FAILURE_CLOSED
+        if any(word in reason for word in _PROTOCOL_REASONS):
+            return FAILURE_PROTOCOL
+    return FAILURE_OTHER
 
 
 def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.Certificate | None:

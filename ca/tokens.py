@@ -40,6 +40,10 @@ _DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+class UnknownToken(Unauthorized):
+    """No record for the token's id in Consul (not a wrong secret: that reads the same to the caller)."""
+
+
 class OutOfScope(Unauthorized):
     """The token is valid but not for the name asked for (the API answers 403, not 401)."""
 
@@ -190,7 +194,7 @@ async def authenticate(consul: ConsulClient, text: str, at: dt.datetime) -> Toke
     token = parse_token(text)
     entry = await consul.kv_get(record_key(token.id))
     if entry is None:
-        raise Unauthorized("unknown join token")
+        raise UnknownToken("unknown join token")
     record = TokenRecord.from_json(token.id, entry.value)
     check(record, token, at)
     return record

@@ -277,8 +277,10 @@ class ConsulClient:
         self._http = HTTPClient(self.url)
         self._token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN")
         self._api = _PyConsul(self._http, self._token)
-        # A second connection pool for blocking queries, so a 30 s long-poll never delays a write.
-        self._blocking_http = HTTPClient(self.url)
+        # A second connection pool for blocking queries, so a 30 s long-poll never delays a write. Not
+        # capped: each watch's long-poll holds a connection for its whole wait (their number is the
+        # number of watches, fixed by the config); the other pool is capped (registry/http.py).
+        self._blocking_http = HTTPClient(self.url, max_connections=None)
         self._blocking_api = _PyConsul(self._blocking_http, self._token)
 
     async def __aenter__(self) -> ConsulClient:

@@ -13,8 +13,9 @@ import contextlib
 import json
 import logging
 import ssl
+import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,14 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # per request, unless the caller asks for more (blocking queries do)
 CONNECT_TIMEOUT = 3.0  # a control-plane peer on the same network answers a SYN well within this
 MAX_IDLE_PER_CLIENT = 4  # keep-alive connections kept per base URL; control-plane traffic is light
+MAX_CONNECTIONS_PER_CLIENT = 8  # hard cap on open connections per client: Consul refuses a source IP past
+# its http_max_conns_per_client (200), shared by every process of a host, and a burst must not get there
+MAX_WAITING_PER_CLIENT = 512  # requests queued for a free connection; beyond, fail fast instead of piling up
 MAX_HEAD_BYTES = 64 * 1024  # request/response head limit for control-plane messages
 MAX_BODY_BYTES = 8 * 1024 * 1024  # Consul KV values are capped at 512 KiB; catalog lists can be larger
 SERVER_HEAD_TIMEOUT = 10.0  # slow-client bound on the admin/CA servers
 SERVER_IDLE_TIMEOUT = 60.0  # keep-alive idle bound on the admin/CA servers
+RETRY_AFTER_SECONDS = 1  # what a shed request is told: the burst that filled the server is short-lived
 
 
 @dataclass(slots=True)
@@ -62,6 +67,8 @@ class _Parsed:
         self.url = b""
         self.complete = False
         self.head_bytes = 0
+        self.parser: httptools.HttpResponseParser | httptools.HttpRequestParser | None = None
+        self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -79,6 +86,9 @@ class _Parsed:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Only now: httptools answers should_keep_alive() False once the message is done, which made
+        # every client request open a new connection (Consul saw one per request).
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
 
 class _TooLarge(Exception):
@@ -99,7 +109,12 @@ class HTTPClient:
     """Keep-alive HTTP/1.1 client for one base URL (`http://host:port` or `https://…`)."""
 
     def __init__(
-        self, base_url: str, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        *,
+        max_connections: int | None = MAX_CONNECTIONS_PER_CLIENT,
     ):
         parsed = urllib.parse.urlsplit(base_url if "//" in base_url else f"//{base_url}")
         scheme = parsed.scheme or "http"
@@ -115,6 +130,12 @@ class HTTPClient:
         self._server_hostname = server_hostname
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._closed = False
+        # Connection accounting: a request holds a slot while it uses a connection, and a new one is
+        # opened only when none is idle, so open connections (in use + idle) never exceed the cap.
+        # None: no cap, for long-polls (each holds its connection for its whole wait).
+        self.max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self._waiting = 0
 
     async def request(
         self,
@@ -132,9 +153,10 @@ class HTTPClient:
         # A pooled connection may have been closed by the server meanwhile: retry once on a fresh one
         # for idempotent reads only, so a PUT is never sent twice.
         for attempt in range(2):
-            reused = bool(self._idle)
+            reused = False
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout), self._slot():
+                    reused = bool(self._idle)
                     reader, writer = await self._connection()
                     try:
                         writer.write(head + data)
@@ -142,10 +164,10 @@ class HTTPClient:
                     except BaseException:
                         writer.close()
                         raise
-                if keep and not self._closed and len(self._idle) < MAX_IDLE_PER_CLIENT:
-                    self._idle.append((reader, writer))
-                else:
-                    writer.close()
+                    if keep and not self._closed and len(self._idle) < MAX_IDLE_PER_CLIENT:
+                        self._idle.append((reader, writer))
+                    else:
+                        writer.close()
                 return resp
             except TimeoutError:
                 raise Unavailable(f"{self.base_url}: no answer within {timeout:g}s") from None
@@ -154,6 +176,30 @@ class HTTPClient:
                     continue
                 raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of `max_connections` connection slots for a request (FIFO wait, bounded)."""
+        if self._slots is None:
+            yield
+            return
+        if self._slots.locked():
+            if self._waiting >= MAX_WAITING_PER_CLIENT:
+                raise Unavailable(
+                    f"{self.base_url}: {self._waiting} requests already waiting for one of "
+                    f"{self.max_connections} connections"
+                )
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         while self._idle:
@@ -172,7 +218,7 @@ class HTTPClient:
 
     async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
         sink = _Parsed()
-        parser = httptools.HttpResponseParser(sink)
+        parser = sink.parser = httptools.HttpResponseParser(sink)
         while not sink.complete:
             chunk = await reader.read(65536)
             if not chunk:
@@ -184,7 +230,7 @@ class HTTPClient:
             parser.feed_data(chunk)
             if method == "HEAD" and sink.headers:
                 break
-        keep = parser.should_keep_alive()
+        keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
         return Response(parser.get_status_code(), bytes(sink.body), sink.headers), keep
 
     async def close(self) -> None:
@@ -264,14 +310,22 @@ class HTTPServer:
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         max_body: int = MAX_BODY_BYTES,
+        *,
+        max_inflight: int | None = None,
+        unlimited_paths: frozenset[str] = frozenset(),
     ) -> None:
         self._handler = handler
         self.host = host
         self.port = port
         self._ssl = ssl_context
         self._max_body = max_body
+        self._max_inflight = max_inflight  # requests in the handler at once; beyond, a prompt 429
+        self._unlimited = unlimited_paths  # cheap paths (health) that are answered even when full
+        self._inflight = 0
+        self.shed = 0  # requests answered 429 because the server was full
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._idle: dict[asyncio.StreamWriter, float] = {}  # connections between requests -> since when
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(
@@ -301,6 +355,7 @@ class HTTPServer:
         ssl_object = writer.get_extra_info("ssl_object")
         try:
             while True:
+                self._idle[writer] = time.monotonic()
                 try:
                     req = await self._read_request(reader, peer, ssl_object)
                 except _NoRequest:
@@ -308,11 +363,9 @@ class HTTPServer:
                 except _BadRequest as bad:
                     await self._send(writer, Response.error(bad.status, bad.message), keep=False)
                     return
-                try:
-                    resp = await self._handler(req)
-                except Exception:
-                    log.exception("handler failed for %s %s", req.method, req.path)
-                    resp = Response.error(500, "internal error")
+                finally:
+                    self._idle.pop(writer, None)
+                resp = await self._admit(req)
                 keep = req.headers.get("connection", "").lower() != "close"
                 await self._send(writer, resp, keep)
                 if not keep:
@@ -321,7 +374,37 @@ class HTTPServer:
             return
         finally:
             self._conns.discard(writer)
+            self._idle.pop(writer, None)
             writer.close()
+
+    async def _admit(self, req: Request) -> Response:
+        """Run the handler, unless `max_inflight` requests already are in it: then a prompt 429."""
+        limited = self._max_inflight is not None and req.path not in self._unlimited
+        if limited and self._inflight >= (self._max_inflight or 0):
+            self.shed += 1
+            resp = Response.error(429, f"server busy ({self._inflight} requests in progress); retry later")
+            resp.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+            return resp
+        self._inflight += limited
+        try:
+            return await self._handler(req)
+        except Exception:
+            log.exception("handler failed for %s %s", req.method, req.path)
+            return Response.error(500, "internal error")
+        finally:
+            self._inflight -= limited
+
+    def close_idle(self, idle_for: float) -> bool:
+        """Close the connection that has waited longest for its next request, if that is at least
+        `idle_for` seconds: a server at its connection limit makes room for a new client."""
+        if not self._idle:
+            return False
+        writer, since = min(self._idle.items(), key=lambda item: item[1])
+        if time.monotonic() - since < idle_for:
+            return False
+        self._idle.pop(writer, None)
+        writer.close()
+        return True
 
     async def _read_request(self, reader: asyncio.StreamReader, peer: Any, ssl_object: Any) -> Request:
         sink = _Parsed()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -34,6 +36,7 @@ from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import ALPN_TCP_V1, MESH_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import Intentions, Rule
 from tests.support import async_wait_until, free_port, metric_sample
 
@@ -737,3 +740,66 @@ async def test_agents_agree_on_the_newest_protocol_version_both_speak(
     (client,) = mesh.outbound.pool._iter(None)
     (server,) = [c for c in mesh.inbound._conns if c.source is not None]
     assert (client.version, server.version) == (agreed, agreed)
+async def _tls_attempt(port: int, ctx: ssl.SSLContext | None, sni: str = "api.svc.hostmesh.local") -> None:
+    """One client handshake against the inbound (a refusal may surface at connect or at first read)."""
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, EOFError):
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni if ctx else None),
+            IO_TIMEOUT,
+        )
+        try:
+            if ctx is not None:
+                await asyncio.wait_for(r.read(1), IO_TIMEOUT)
+        finally:
+            w.transport.abort()
+
+
+async def test_refused_handshakes_are_counted_by_reason_and_logged_at_a_bounded_rate(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy.inbound")
+    port = mesh.inbound.port
+
+    def failures(reason: str) -> float:
+        return metric_sample(
+            mesh.tel_b, "hostmesh_tls_handshake_failures_total", listener="inbound", reason=reason
+        )
+
+    def client(chain: Path | None, key: Path | None, version: ssl.TLSVersion) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(cadata=mesh.ca.roots_pem)
+        ctx.minimum_version = ctx.maximum_version = version
+        if chain is not None:
+            ctx.load_cert_chain(chain, key)
+        return ctx
+
+    web = mesh.ca.files("web")
+    rogue = CA(tmp_path, "rogue").files("web")
+    tls13 = ssl.TLSVersion.TLSv1_3
+    await _tls_attempt(port, client(*rogue, tls13))  # a chain from another CA
+    await _tls_attempt(port, client(None, None, tls13))  # no client certificate at all
+    await async_wait_until(lambda: failures("certificate") == 2, what="two certificate refusals counted")
+    await _tls_attempt(port, client(*web, ssl.TLSVersion.TLSv1_2))  # the mesh is TLS 1.3 only
+    await async_wait_until(lambda: failures("protocol") == 1, what="the TLS 1.2 attempt counted")
+    await _tls_attempt(port, client(*web, tls13), sni="billing.svc.hostmesh.local")
+    await async_wait_until(lambda: failures("sni") == 1, what="the unknown SNI counted")
+    assert "'billing.svc.hostmesh.local' names no service on this host" in caplog.text
+    await _tls_attempt(port, None)  # connects, sends nothing, goes away
+    # Counted when the loop drops its TLS object: at once on uvloop, at the next cyclic GC on asyncio's.
+    await async_wait_until(
+        lambda: gc.collect() >= 0 and failures("incomplete") == 1, what="the abandoned handshake counted"
+    )
+    assert mesh.inbound.handshakes == 0 and mesh.app.connections == 0
+
+    # A flood of refusals is counted in full but logged at a bounded rate.
+    flood = 3 * DEFAULT_LINES
+    await asyncio.gather(*(_tls_attempt(port, client(*rogue, tls13)) for _ in range(flood)))
+    await async_wait_until(lambda: failures("certificate") == 2 + flood, what="the flood counted")
+    lines = [r for r in caplog.records if "refused a TLS handshake" in r.getMessage()]
+    assert len(lines) == DEFAULT_LINES
+    # A good client still gets through.
+    r, w = await mesh.connect()
+    w.write(b"ping")
+    w.write_eof()
+    assert await read_all(r) == b"ping"

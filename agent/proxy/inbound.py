@@ -22,10 +22,14 @@ Decisions:
 - An established caller's certificate is re-verified against the trust bundle when the bundle changes,
   and not accepted past its not-after, before another stream is opened on its connection.
 - The handshake is the loop's own (`create_server(ssl=…)`, bounded by HANDSHAKE_TIMEOUT), so it
-  runs in uvloop's C code when uvloop is the loop. An unknown SNI is logged by the SNI callback;
-  other handshake failures (bad chain, timeout) are only visible in asyncio's debug log, because
-  neither loop reports them to the protocol. (`loop.start_tls` on the accepted socket would, but
-  uvloop 0.23's server-side start_tls never completes the handshake.)
+  runs in uvloop's C code when uvloop is the loop. Neither loop tells the protocol about a failed
+  handshake (`loop.start_tls` on the accepted socket would, but uvloop 0.23's server-side start_tls
+  never completes the handshake), so the context's `sslobject_class` is ours: its `do_handshake`
+  sees the error (bad or missing chain, TLS version, unknown SNI), and one that is dropped with its
+  handshake unfinished (timeout, peer gone) says so when it is freed (at once on uvloop; on asyncio's
+  loop a peer gone mid-handshake leaves a cycle for the GC). Each counts
+  `hostmesh_tls_handshake_failures_total{listener="inbound",reason}` and logs a line, at a bounded
+  rate (registry/ratelog.py). The peer's address is not known there.
 - Other ALPN protocols (`hostmesh/http1`, the L7 work) are handed over through `alpn_handlers`
   after identification; without a handler such a connection is refused.
 """
@@ -33,6 +37,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -49,9 +54,11 @@ from hostmesh.agent.proxy.pool import set_keepalive
 from hostmesh.agent.proxy.pump import DC, ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.wire import RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.ca import tls as catls
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import MESH_ALPN, PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.inbound")
 
@@ -61,6 +68,7 @@ INBOUND_IDLE_SECONDS = 90.0  # stream-less connections; above pool.POOL_IDLE_SEC
 IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
 APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 REPORTER = "destination"
+LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
 
 MAX_STREAMS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # a client keeps to its own limit; this bounds a hostile one
 
@@ -145,6 +153,43 @@ class InboundConnection(MuxConnection):
         self.listener._conns.discard(self)
 
 
+_HS_NEW, _HS_STARTED, _HS_DONE = range(3)
+
+
+def _watching(report: Callable[[str, str, str | None], None]) -> type[ssl.SSLObject]:
+    """An SSLObject class that calls `report(reason, detail, sni)` when its server-side handshake
+    fails, or when it is dropped with the handshake begun and not finished (see the docstring)."""
+
+    class WatchedSSLObject(ssl.SSLObject):
+        _hs_state = _HS_NEW
+
+        def do_handshake(self) -> None:
+            self._hs_state = _HS_STARTED
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                self._hs_state = _HS_DONE
+                unknown_sni = getattr(self, "_hostmesh_sni_unknown", False)
+                reason = catls.FAILURE_SNI if unknown_sni else catls.handshake_failure_reason(exc)
+                detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+                report(reason, str(detail), getattr(self, "_hostmesh_sni", None))
+                raise
+            self._hs_state = _HS_DONE
+
+        def __del__(self) -> None:
+            if self._hs_state == _HS_STARTED:
+                with contextlib.suppress(Exception):  # never raise from a finalizer
+                    report(
+                        catls.FAILURE_INCOMPLETE,
+                        "handshake not finished",
+                        getattr(self, "_hostmesh_sni", None),
+                    )
+
+    return WatchedSSLObject
+
+
 class InboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, bind: Address, telemetry: Telemetry, *,
                  reuse_port: bool = False) -> None:  # fmt: skip
@@ -163,6 +208,7 @@ class InboundListener(ListenerLifecycle):
         self._closed: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._roots: tuple[str, list[Any]] = ("", [])
+        self._failure_log = RateLimitedLog(log, "refused TLS handshakes")
         self._ctx = self._base_context()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -174,7 +220,14 @@ class InboundListener(ListenerLifecycle):
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(list(MESH_ALPN))
         ctx.sni_callback = self._sni
+        ctx.sslobject_class = _watching(self._handshake_failed)
         return ctx
+
+    def _handshake_failed(self, reason: str, detail: str, sni: str | None) -> None:
+        self.telemetry.tls_handshake_failures.labels(LISTENER, reason).inc()
+        if reason == catls.FAILURE_SNI:
+            detail = f"TLS SNI {sni!r} names no service on this host"
+        self._failure_log("inbound: refused a TLS handshake (%s, SNI %r): %s", reason, sni, detail)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -218,8 +271,9 @@ class InboundListener(ListenerLifecycle):
         snap = self.holder.current
         svc = snap.local_by_sni(name)
         ctx = snap.tls.server.get(svc.name) if svc is not None else None
+        ssl_obj._hostmesh_sni = name
         if svc is None or ctx is None:
-            log.warning("inbound: TLS SNI %r names no service on this host; refusing the handshake", name)
+            ssl_obj._hostmesh_sni_unknown = True  # counted and logged as the handshake fails
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_obj.context = ctx
         ssl_obj._hostmesh_service = svc.name

@@ -1,0 +1,78 @@
+"""A log line per event, at a bounded rate: at most `lines` per `interval`, then one "suppressed K" line.
+
+For events a peer can cause at will (refused TLS handshakes, shed requests): each is worth a line
+while they are rare, and a flood of them must not become a flood of log lines (disk, journald's
+rate limit dropping the lines that matter). The count of what was left out is logged when the
+interval ends (by a timer when an event loop runs, else with the next event or `flush()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+DEFAULT_LINES = 10  # enough to see the pattern of a burst (peers, reasons) without the whole burst
+DEFAULT_INTERVAL = 60.0  # seconds; the "suppressed" summary comes at most this late
+
+
+class RateLimitedLog:
+    """`log(msg, *args)` logs like `logger.log(level, …)` until `lines` lines in the current interval."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        level: int = logging.WARNING,
+        lines: int = DEFAULT_LINES,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._what = what  # names the suppressed events: "refused TLS handshakes"
+        self._level = level
+        self._lines = lines
+        self._interval = interval
+        self._clock = clock
+        self._window_end = float("-inf")
+        self._logged = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now >= self._window_end:
+            self.flush()
+            self._window_end = now + self._interval
+            self._logged = 0
+        if self._logged < self._lines:
+            self._logged += 1
+            self._logger.log(self._level, msg, *args)
+            return
+        self._suppressed += 1
+        if self._suppressed == 1:
+            self._schedule_flush(self._window_end - now)
+
+    def flush(self) -> None:
+        """Log how many lines were left out, if any (the interval's summary)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._suppressed:
+            self._logger.log(
+                self._level,
+                "suppressed %d more %s in the last %gs",
+                self._suppressed,
+                self._what,
+                self._interval,
+            )
+            self._suppressed = 0
+
+    def _schedule_flush(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: the next event or an explicit flush() writes the summary
+        self._timer = loop.call_later(max(delay, 0.0), self.flush)

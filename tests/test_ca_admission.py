@@ -1,0 +1,168 @@
+"""The CA's admission and TLS surface over real TLS on loopback with a real Consul: TLS 1.2 offers
+AEAD suites only, refused handshakes are counted by reason, a client past its rate gets a 429 with
+Retry-After while other clients go on, and bad tokens are refused without a Consul round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hostmesh.ca import admission, tokens
+from hostmesh.ca.service import CAService
+from hostmesh.registry.consul import ConsulClient
+from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
+from tests.support import ConsulDev, async_wait_until
+
+pytestmark = pytest.mark.consul
+
+IO_TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def ca(tmp_path: Path, consul: ConsulDev) -> AsyncIterator[CAService]:
+    async with ConsulClient(consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
+        try:
+            yield svc
+        finally:
+            await svc.close()
+
+
+async def handshake(svc: CAService, ctx: ssl.SSLContext, source: str = "127.0.0.1") -> str | None:
+    """The cipher agreed with the CA, or None when the handshake failed."""
+    try:
+        _, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", svc.port, ssl=ctx, local_addr=(source, 0)), IO_TIMEOUT
+        )
+    except (OSError, ssl.SSLError):
+        return None
+    cipher = w.get_extra_info("cipher")[0]
+    w.transport.abort()
+    return str(cipher)
+
+
+def client_context(version: ssl.TLSVersion, ciphers: str = "ALL:@SECLEVEL=0") -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_ciphers(ciphers)  # everything this OpenSSL can offer, weak ones included
+    ctx.minimum_version = ctx.maximum_version = version
+    return ctx
+
+
+async def admission_stats(svc: CAService) -> dict:
+    resp = await call(svc, "GET", "/v1/health")
+    assert resp.status == 200
+    return dict(resp.json()["admission"])
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_tls12_offers_only_ecdhe_aead_suites_and_refusals_are_counted(
+    ca: CAService, tmp_path: Path
+) -> None:
+    offered = [
+        c["name"] for c in client_context(ssl.TLSVersion.TLSv1_2).get_ciphers() if c["protocol"] == "TLSv1.2"
+    ]
+    accepted = set()
+    for name in offered:
+        if await handshake(ca, client_context(ssl.TLSVersion.TLSv1_2, f"{name}:@SECLEVEL=0")) is not None:
+            accepted.add(name)
+    assert accepted, "no TLS 1.2 suite accepted at all"
+    for name in accepted:
+        assert name.startswith("ECDHE-") and ("-GCM-" in name or "CHACHA20-POLY1305" in name), accepted
+    assert {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"} <= accepted
+    assert "ECDHE-ECDSA-AES128-SHA" not in accepted and "ECDHE-ECDSA-AES256-SHA384" not in accepted  # CBC
+    refused = len(offered) - len(accepted)
+    stats = await admission_stats(ca)
+    # Each refusal was counted by the server: a cipher mismatch as "protocol", a suite the client
+    # cannot even offer (PSK, SRP) as "closed" (the client gives up before its hello).
+    assert sum(stats["tls_handshake_failures"].values()) == refused, stats
+    assert (await handshake(ca, client_context(ssl.TLSVersion.TLSv1_3))) is not None  # TLS 1.3 as before
+    before = stats["tls_handshake_failures"].get("protocol", 0)
+    assert await handshake(ca, client_context(ssl.TLSVersion.TLSv1_1)) is None
+    stats = await admission_stats(ca)
+    assert stats["tls_handshake_failures"]["protocol"] == before + 1, stats  # refused by the server
+
+    # A client certificate from another CA: refused at the handshake and counted as such.
+    other = new_ca_dir(tmp_path, "other")
+    async with ConsulClient(ca.consul.url if ca.consul else None) as c:
+        rogue_ca = await start_ca(other, c, AuditSink(), register=False)
+        try:
+            tok, _ = await tokens.create(c, ["web"])
+            key, csr = csr_for("web")
+            resp = await call(rogue_ca, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 200, resp.body
+            cert_file, key_file = write_leaf(tmp_path, "rogue", resp.json()["chain"], key)
+        finally:
+            await rogue_ca.close()
+    rogue = client_context(ssl.TLSVersion.TLSv1_3)
+    rogue.load_cert_chain(cert_file, key_file)
+    await handshake(ca, rogue)  # TLS 1.3: the client may only learn of the refusal after its Finished
+
+    async def counted() -> bool:
+        return (await admission_stats(ca))["tls_handshake_failures"].get("certificate") == 1
+
+    await async_wait_until(counted, what="the refused client certificate counted")
+
+
+async def http_exchange(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader, path: str
+) -> tuple[int, dict, dict]:
+    """One keep-alive GET on a raw connection -> (status, lower-case headers, JSON body)."""
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: ca\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), IO_TIMEOUT)
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+async def test_a_client_past_its_rate_gets_429_and_others_go_on(ca: CAService) -> None:
+    ctx = client_context(ssl.TLSVersion.TLSv1_3)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", ca.port, ssl=ctx, local_addr=("127.0.0.2", 0)), IO_TIMEOUT
+    )
+    try:
+        statuses = []
+        for _ in range(int(admission.CLIENT_BURST) + 10):
+            status, headers, body = await http_exchange(writer, reader, "/v1/roots")
+            statuses.append(status)
+            if status == 429:
+                assert int(headers["retry-after"]) >= 1
+                assert body == {"error": "too many requests from 127.0.0.2"}
+                break
+        assert statuses[-1] == 429 and statuses.count(200) >= admission.CLIENT_BURST, statuses
+        status, _, _ = await http_exchange(writer, reader, "/v1/health")  # exempt: Consul's check
+        assert status == 200
+        assert (await call(ca, "GET", "/v1/roots")).status == 200  # another client (127.0.0.1) at once
+        assert ca.rate_limited == 1
+    finally:
+        writer.transport.abort()
+
+
+async def test_bad_tokens_are_refused_without_asking_consul(
+    tmp_path: Path, private_consul: ConsulDev
+) -> None:
+    async with ConsulClient(private_consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
+        try:
+            _, csr = csr_for("web")
+            unknown = str(tokens.new_token())
+
+            async def sign(token: str) -> tuple[int, str]:
+                resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=token)
+                return resp.status, resp.json()["error"]
+
+            assert await sign(unknown) == (401, "unknown join token")  # Consul was asked once
+            private_consul.stop()
+            assert await sign(unknown) == (401, "unknown join token")  # remembered, not asked again
+            assert await sign("hmt1.nothex.short") == (401, "malformed join token")  # never asks
+            status, error = await sign(str(tokens.new_token()))  # a new id needs Consul: down, so 503
+            assert status == 503 and "temporarily unavailable" in error
+        finally:
+            await svc.close(deregister=False)
