@@ -740,6 +740,8 @@ async def test_agents_agree_on_the_newest_protocol_version_both_speak(
     (client,) = mesh.outbound.pool._iter(None)
     (server,) = [c for c in mesh.inbound._conns if c.source is not None]
     assert (client.version, server.version) == (agreed, agreed)
+
+
 async def _tls_attempt(port: int, ctx: ssl.SSLContext | None, sni: str = "api.svc.hostmesh.local") -> None:
     """One client handshake against the inbound (a refusal may surface at connect or at first read)."""
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, EOFError):
