@@ -136,10 +136,35 @@ def click_root() -> click.Group:
     @click.option(
         "--consul",
         "consul_url",
-        envvar="CONSUL_HTTP_ADDR",
-        default="http://127.0.0.1:8500",
-        show_default=True,
-        help="Consul HTTP address (default $CONSUL_HTTP_ADDR).",
+        default=None,
+        metavar="URL",
+        help="Consul HTTP address [default: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500].",
+    )
+    @click.option("--token", default=None, help="Consul ACL token [default: $CONSUL_HTTP_TOKEN].")
+    @click.option(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="File holding the Consul ACL token [$CONSUL_HTTP_TOKEN_FILE].",
+    )
+    @click.option(
+        "--ca-file",
+        default=None,
+        metavar="PATH",
+        help="CA bundle verifying Consul's HTTPS certificate [$CONSUL_CACERT].",
+    )
+    @click.option(
+        "--client-cert",
+        default=None,
+        metavar="PATH",
+        help="Client certificate for Consul [$CONSUL_CLIENT_CERT].",
+    )
+    @click.option("--client-key", default=None, metavar="PATH", help="Its private key [$CONSUL_CLIENT_KEY].")
+    @click.option(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="Name expected in Consul's certificate [$CONSUL_TLS_SERVER_NAME].",
     )
     @click.option(
         "-o",
@@ -149,9 +174,36 @@ def click_root() -> click.Group:
         help="Output format where a command prints data.",
     )
     @click.pass_context
-    def cli(ctx: click.Context, consul_url: str, output: str) -> None:
-        """hostmesh: a service mesh for VMs, bare metal and Nomad allocations."""
+    def cli(
+        ctx: click.Context,
+        consul_url: str | None,
+        token: str | None,
+        token_file: str | None,
+        ca_file: str | None,
+        client_cert: str | None,
+        client_key: str | None,
+        tls_server_name: str | None,
+        output: str,
+    ) -> None:
+        """hostmesh: a service mesh for VMs, bare metal and Nomad allocations.
+
+        Consul settings: an option here, else the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN,
+        CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL,
+        CONSUL_TLS_SERVER_NAME), as Consul's own CLI reads them. `agent run` reads agent.toml's
+        [consul] table, then the environment.
+        """
+        from hostmesh.registry.consul_settings import ConsulLayer
+
         ctx.ensure_object(dict)
+        ctx.obj["consul"] = ConsulLayer(
+            address=consul_url,
+            token=token,
+            token_file=token_file,
+            ca_file=ca_file,
+            cert_file=client_cert,
+            key_file=client_key,
+            tls_server_name=tls_server_name,
+        )
         ctx.obj["consul_url"] = consul_url
         ctx.obj["output"] = output
 

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from hostmesh.registry.consul import ConsulClient, consul_url_from_env
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
 from hostmesh.registry.schema import (
@@ -42,9 +43,11 @@ OUTPUTS = ("table", "json", "yaml")
 # --- plumbing --------------------------------------------------------------------------------
 
 
-def _consul_url(ctx: click.Context) -> str:
+def consul_settings(ctx: click.Context) -> ConsulSettings:
+    """The root's Consul options over the environment (an operator's CLI reads no agent.toml: that
+    file holds the agent's token, not the operator's). Raises InvalidSettings (one line)."""
     obj = ctx.find_root().obj or {}
-    return consul_url_from_env(obj.get("consul_url"))
+    return resolve(cli=obj.get("consul"))
 
 
 def _output(ctx: click.Context, local: str | None, default: str = "table") -> str:
@@ -59,7 +62,7 @@ def _run(ctx: click.Context, fn: Callable[[DocumentStore], Awaitable[T]]) -> T:
     """Run `fn(store)` against Consul; registry errors become one line on stderr and exit 1."""
 
     async def main() -> T:
-        async with ConsulClient(_consul_url(ctx)) as consul:
+        async with ConsulClient(consul_settings(ctx)) as consul:
             return await fn(DocumentStore(consul))
 
     try:
