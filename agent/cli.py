@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "policy": "hostmesh.registry.cli:policy",
     "intention": "hostmesh.registry.cli:intention",
     "services": "hostmesh.registry.cli:services",
+    "acl": "hostmesh.registry.cli:acl",
 }
 
 DEFAULT_AGENT_CONFIG = Path("/etc/hostmesh/agent.toml")

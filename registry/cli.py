@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import click
 import yaml
 
+from hostmesh.registry.acl import ROLES
+from hostmesh.registry.acl import policy as acl_rules
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import Document, DocumentStore
@@ -521,3 +523,34 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         f"{s} {sum(h == 'passing' for h in hs)}/{len(hs)} passing" for s, hs in sorted(by_service.items())
     )
     click.echo(f"\n{summary}")
+
+
+# --- acl ---------------------------------------------------------------------------------------
+
+
+@click.group(help="Consul ACL rules for hostmesh's roles.")
+def acl() -> None:
+    pass
+
+
+@acl.command(
+    "policy",
+    help="Print the least-privilege Consul ACL rules (HCL) for ROLE: agent, ca or operator. "
+    "The agent policy is per host: name each service of its agent.toml with --service. "
+    "Load it with `consul acl policy create -name NAME -rules @FILE`.",
+)
+@click.argument("role", type=click.Choice(ROLES))
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME",
+    help="A service the host's agent serves (repeatable; agent policy only).",
+)
+def acl_policy(role: str, services: tuple[str, ...]) -> None:
+    for name in services:
+        _check_service(name, "--service")
+    try:
+        click.echo(acl_rules(role, services), nl=False)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
