@@ -136,7 +136,8 @@ def test_a_transaction_with_a_wrong_token_is_permission_denied_not_a_conflict(
 ) -> None:
     line = fails(hm(secure, "intention", "deny", "web", "api", token=WRONG_TOKEN))
     assert line == (
-        "Error: Consul ACL denied read of hostmesh/intentions/api: the token is not known to Consul (ACL not found)"
+        "Error: Consul ACL denied read of hostmesh/intentions/api: "
+        "the token is not known to Consul (ACL not found)"
     )
 
     async def main() -> None:
