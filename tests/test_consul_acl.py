@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hostmesh.agent.cli import cli
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
 from hostmesh.registry import acl
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.consul_settings import ConsulLayer, resolve
@@ -211,3 +212,49 @@ def test_acl_policy_command_prints_what_consul_accepts(secure: SecureConsulDev) 
     secure.token_for("hostmesh-agent-web-api", out)  # Consul parses and stores it
     line = fails(CliRunner().invoke(cli, ["acl", "policy", "agent"]))
     assert "--service" in line
+
+
+@pytest.mark.e2e
+def test_ca_and_two_agents_with_the_shipped_policies_over_https(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """`hostmesh ca serve` with the CA policy's token, two agents each with its own agent-policy token
+    in agent.toml's `[consul] token_file`, TLS settings from Consul's environment variables, and the
+    operator's token for intentions: traffic flows and a deny takes effect."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))  # the CA's processes; agents' files override the token
+    try:
+        m.start_ca()
+
+        def agent(node: str, service: str, upstreams: list[str]) -> AgentHandle:
+            h = m.write_agent_config(node, [{"name": service, "port": echo.port, "upstreams": upstreams}])
+            token_file = h.data_dir / "consul-token"
+            token_file.write_text(secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
+            token_file.chmod(0o600)
+            text = h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+            h.config_path.write_text(text)
+            return m.start_agent(h, wait=False)
+
+        server = agent("acl-server", "aclapi", [])
+        client_agent = agent("acl-client", "aclweb", ["aclapi"])
+        m.wait_ready(server)
+        m.wait_ready(client_agent)
+        m.wait_endpoints(client_agent, "aclapi", 1)
+        assert roundtrip(client_agent.binds["aclapi"], b"through ACLs") == b"through ACLs"
+
+        ok(hm(secure, "intention", "deny", "aclweb", "aclapi", env_token=tokens.operator))
+        wait_for(
+            lambda: roundtrip(client_agent.binds["aclapi"], b"x", timeout=1) == b"",
+            10.0,
+            "the deny written with the operator's token to reach the agents",
+        )
+        ok(hm(secure, "intention", "allow", "aclweb", "aclapi", env_token=tokens.operator))
+        wait_for(
+            lambda: roundtrip(client_agent.binds["aclapi"], b"y", timeout=1) == b"y",
+            10.0,
+            "the allow to reach the agents",
+        )
+    finally:
+        m.close()
+        echo.close()
