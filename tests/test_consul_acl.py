@@ -258,3 +258,11 @@ def test_ca_and_two_agents_with_the_shipped_policies_over_https(
     finally:
         m.close()
         echo.close()
+
+
+def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
+    missing = tmp_path / "ca-consul-token"
+    result = CliRunner().invoke(
+        cli, ["--token-file", str(missing), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
+    )
+    assert fails(result) == f"Error: Consul token file {missing}: cannot read: No such file or directory"
