@@ -229,8 +229,24 @@ def click_agent() -> click.Group:
         show_default=True,
         help="agent.toml",
     )
-    def run_command(config_path: Path) -> None:
+    @click.pass_context
+    def run_command(ctx: click.Context, config_path: Path) -> None:
         """Run the sidecar agent in the foreground (systemd runs it as hostmesh-agent.service)."""
+        layer = (ctx.find_root().obj or {}).get("consul")
+        if layer is not None and any(
+            (
+                layer.token,
+                layer.token_file,
+                layer.ca_file,
+                layer.cert_file,
+                layer.key_file,
+                layer.tls_server_name,
+            )
+        ):  # its worker and certificate processes re-read agent.toml: one place for the settings
+            raise click.ClickException(
+                "agent run takes its Consul token and TLS settings from agent.toml [consul] or the "
+                "environment (CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from global options"
+            )
         from hostmesh.agent.run import AgentStartError
         from hostmesh.agent.run import main as run_agent
 
