@@ -205,7 +205,7 @@ def click_root() -> click.Group:
             key_file=client_key,
             tls_server_name=tls_server_name,
         )
-        ctx.obj["consul_url"] = consul_url
+        ctx.obj["consul_url"] = consul_url  # the address alone (None: not given); clients use obj["consul"]
         ctx.obj["output"] = output
 
     return cli

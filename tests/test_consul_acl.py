@@ -274,3 +274,16 @@ def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
     assert fails(result).startswith(
         "Error: agent run takes its Consul token and TLS settings from agent.toml"
     )
+
+
+def test_agent_token_registers_only_its_own_services(secure: SecureConsulDev, tokens: Tokens) -> None:
+    async def main() -> None:
+        async with client(secure, tokens.agent) as c:
+            reg = ServiceRegistration("other", "other-n1", "127.0.0.1", 1, {"hostmesh": "1"})
+            with pytest.raises(PermissionDenied) as err:
+                await c.register_service(reg)
+            assert str(err.value) == (
+                "Consul ACL denied registration of other-n1: the token lacks service:write on other"
+            )
+
+    asyncio.run(main())
