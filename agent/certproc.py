@@ -302,7 +302,7 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
     from hostmesh.registry.consul import ConsulClient
 
     cfg = load_config(config_path)
-    consul = ConsulClient(cfg.consul.address, cfg.consul.token)
+    consul = ConsulClient(cfg.consul_settings())
     cm = CertManager.from_config(cfg, consul)
     try:
         await cm.prepare(recover=op == "start")  # a renewal never checks or recovers the other services

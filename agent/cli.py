@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "policy": "hostmesh.registry.cli:policy",
     "intention": "hostmesh.registry.cli:intention",
     "services": "hostmesh.registry.cli:services",
+    "acl": "hostmesh.registry.cli:acl",
 }
 
 DEFAULT_AGENT_CONFIG = Path("/etc/hostmesh/agent.toml")
@@ -136,10 +137,35 @@ def click_root() -> click.Group:
     @click.option(
         "--consul",
         "consul_url",
-        envvar="CONSUL_HTTP_ADDR",
-        default="http://127.0.0.1:8500",
-        show_default=True,
-        help="Consul HTTP address (default $CONSUL_HTTP_ADDR).",
+        default=None,
+        metavar="URL",
+        help="Consul HTTP address [default: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500].",
+    )
+    @click.option("--token", default=None, help="Consul ACL token [default: $CONSUL_HTTP_TOKEN].")
+    @click.option(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="File holding the Consul ACL token [$CONSUL_HTTP_TOKEN_FILE].",
+    )
+    @click.option(
+        "--ca-file",
+        default=None,
+        metavar="PATH",
+        help="CA bundle verifying Consul's HTTPS certificate [$CONSUL_CACERT].",
+    )
+    @click.option(
+        "--client-cert",
+        default=None,
+        metavar="PATH",
+        help="Client certificate for Consul [$CONSUL_CLIENT_CERT].",
+    )
+    @click.option("--client-key", default=None, metavar="PATH", help="Its private key [$CONSUL_CLIENT_KEY].")
+    @click.option(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="Name expected in Consul's certificate [$CONSUL_TLS_SERVER_NAME].",
     )
     @click.option(
         "-o",
@@ -149,10 +175,37 @@ def click_root() -> click.Group:
         help="Output format where a command prints data.",
     )
     @click.pass_context
-    def cli(ctx: click.Context, consul_url: str, output: str) -> None:
-        """hostmesh: a service mesh for VMs, bare metal and Nomad allocations."""
+    def cli(
+        ctx: click.Context,
+        consul_url: str | None,
+        token: str | None,
+        token_file: str | None,
+        ca_file: str | None,
+        client_cert: str | None,
+        client_key: str | None,
+        tls_server_name: str | None,
+        output: str,
+    ) -> None:
+        """hostmesh: a service mesh for VMs, bare metal and Nomad allocations.
+
+        Consul settings: an option here, else the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN,
+        CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL,
+        CONSUL_TLS_SERVER_NAME), as Consul's own CLI reads them. `agent run` reads agent.toml's
+        [consul] table, then the environment.
+        """
+        from hostmesh.registry.consul_settings import ConsulLayer
+
         ctx.ensure_object(dict)
-        ctx.obj["consul_url"] = consul_url
+        ctx.obj["consul"] = ConsulLayer(
+            address=consul_url,
+            token=token,
+            token_file=token_file,
+            ca_file=ca_file,
+            cert_file=client_cert,
+            key_file=client_key,
+            tls_server_name=tls_server_name,
+        )
+        ctx.obj["consul_url"] = consul_url  # the address alone (None: not given); clients use obj["consul"]
         ctx.obj["output"] = output
 
     return cli
@@ -176,8 +229,24 @@ def click_agent() -> click.Group:
         show_default=True,
         help="agent.toml",
     )
-    def run_command(config_path: Path) -> None:
+    @click.pass_context
+    def run_command(ctx: click.Context, config_path: Path) -> None:
         """Run the sidecar agent in the foreground (systemd runs it as hostmesh-agent.service)."""
+        layer = (ctx.find_root().obj or {}).get("consul")
+        if layer is not None and any(
+            (
+                layer.token,
+                layer.token_file,
+                layer.ca_file,
+                layer.cert_file,
+                layer.key_file,
+                layer.tls_server_name,
+            )
+        ):  # its worker and certificate processes re-read agent.toml: one place for the settings
+            raise click.ClickException(
+                "agent run takes its Consul token and TLS settings from agent.toml [consul] or the "
+                "environment (CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from global options"
+            )
         from hostmesh.agent.run import AgentStartError
         from hostmesh.agent.run import main as run_agent
 

@@ -17,6 +17,8 @@ from typing import Any
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
+from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
+from hostmesh.registry.errors import InvalidSettings
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -70,12 +72,6 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ConsulConfig:
-    address: str | None = None  # None: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
-    token: str | None = None  # None: $CONSUL_HTTP_TOKEN
-
-
-@dataclass(frozen=True, slots=True)
 class CAConfig:
     pin: str
     address: str | None = None  # None: discover `hostmesh-ca` in Consul
@@ -106,7 +102,7 @@ class AgentConfig:
     inbound: Address
     admin: Address
     metrics: Address | None
-    consul: ConsulConfig
+    consul: ConsulLayer  # agent.toml's [consul] table; `consul_settings()` merges the environment in
     ca: CAConfig
     services: tuple[ServiceConfig, ...]
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -119,6 +115,11 @@ class AgentConfig:
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def consul_settings(self) -> ConsulSettings:
+        """[consul] over the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, …), as Consul's tools
+        read them: what every Consul client of the agent (registration, watches, certs) uses."""
+        return resolve(file=self.consul)
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -253,6 +254,17 @@ def _parse_http(raw: Any) -> HttpConfig:
     return HttpConfig(_number(raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600))
 
 
+# [consul]: Consul's client settings, with the environment variable each one overrides.
+CONSUL_KEYS = {
+    "address",  # CONSUL_HTTP_ADDR
+    "token",  # CONSUL_HTTP_TOKEN (a token beats a token_file in the same place)
+    "token_file",  # CONSUL_HTTP_TOKEN_FILE
+    "ca_file",  # CONSUL_CACERT
+    "cert_file",  # CONSUL_CLIENT_CERT
+    "key_file",  # CONSUL_CLIENT_KEY
+    "tls_server_name",  # CONSUL_TLS_SERVER_NAME
+}
+
 TOP_KEYS = {
     "node",
     "mesh_address",
@@ -288,10 +300,22 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     consul_raw = raw.get("consul", {})
     if not isinstance(consul_raw, dict):
         raise _fail("consul", "must be a table")
-    _check_keys(consul_raw, {"address", "token"}, "consul")
-    consul = ConsulConfig(
-        address=_str(consul_raw, "address", "consul."), token=_str(consul_raw, "token", "consul.")
+    _check_keys(consul_raw, CONSUL_KEYS, "consul")
+    c = {k: _str(consul_raw, k, "consul.") or None for k in CONSUL_KEYS}
+    consul = ConsulLayer(
+        address=c["address"],
+        token=c["token"],
+        token_file=c["token_file"],
+        ca_file=c["ca_file"],
+        cert_file=c["cert_file"],
+        key_file=c["key_file"],
+        tls_server_name=c["tls_server_name"],
     )
+    if consul.address:
+        try:
+            normalize_url(consul.address)
+        except InvalidSettings as exc:
+            raise _fail("consul.address", str(exc)) from None
 
     ca_raw = raw.get("ca")
     if not isinstance(ca_raw, dict):
@@ -363,9 +387,18 @@ def load_config(path: Path) -> AgentConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return parse_config(raw)
+        cfg = parse_config(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
+        settings = cfg.consul_settings()
+        settings.load_token()
+        from hostmesh.registry.consul import ssl_context
+
+        ssl_context(settings)
+    except InvalidSettings as exc:
+        raise ConfigError(f"{path}: [consul]: {exc}") from None
+    return cfg
 
 
 def env_or(value: str | None, env: str) -> str | None:

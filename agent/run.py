@@ -140,7 +140,7 @@ class Agent:
         self.config_path = config_path
         self.workers: Any = None  # the primary's WorkerSet when config.workers > 1
         self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or the primary telling a worker to stop
-        self.consul = ConsulClient(config.consul.address, config.consul.token)
+        self.consul = ConsulClient(config.consul_settings())
         self.ready = False
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # cuts the registration loop's wait short (reload)

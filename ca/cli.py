@@ -29,6 +29,7 @@ from hostmesh.ca.audit import AuditLog
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.service import DEFAULT_HOST, DEFAULT_PORT, CAService, describe, parse_listen, sd_notify
 from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.errors import RegistryError
 
 DEFAULT_DATA_DIR = "/var/lib/hostmesh-ca"
@@ -65,8 +66,9 @@ def _root_obj(ctx: click.Context) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def _consul_url(ctx: click.Context) -> str | None:
-    return _root_obj(ctx).get("consul_url")
+def _consul_settings(ctx: click.Context) -> ConsulSettings:
+    """The root's Consul options (--consul, --token, --ca-file, …) over the environment."""
+    return resolve(cli=_root_obj(ctx).get("consul"))
 
 
 def _json_output(ctx: click.Context) -> bool:
@@ -161,7 +163,9 @@ def serve(
     host, port = parse_listen(listen)
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
     ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")
-    asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, _consul_url(ctx)))
+    settings = _consul_settings(ctx)
+    consul = ConsulClient(settings)  # settings and token file checked before serving anything
+    asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, consul))
 
 
 async def _serve(
@@ -171,10 +175,9 @@ async def _serve(
     advertise: str | None,
     audit: AuditLog,
     ttl: Any,
-    consul_url: str | None,
+    consul: ConsulClient,
 ) -> None:
     log = logging.getLogger("hostmesh.ca")
-    consul = ConsulClient(consul_url)
     try:
         service = CAService(
             data_dir, consul=consul, audit=audit, host=host, port=port, advertise=advertise, leaf_ttl=ttl
@@ -251,7 +254,7 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
     scope = tokens.validate_scope(list(services))
 
     async def run() -> tuple[tokens.JoinToken, tokens.TokenRecord]:
-        async with ConsulClient(_consul_url(ctx)) as consul:
+        async with ConsulClient(_consul_settings(ctx)) as consul:
             return await tokens.create(consul, scope, duration)
 
     tok, record = asyncio.run(run())

@@ -20,7 +20,10 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from hostmesh.registry.consul import ConsulClient, consul_url_from_env
+from hostmesh.registry.acl import ROLES
+from hostmesh.registry.acl import policy as acl_rules
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
 from hostmesh.registry.schema import (
@@ -42,9 +45,11 @@ OUTPUTS = ("table", "json", "yaml")
 # --- plumbing --------------------------------------------------------------------------------
 
 
-def _consul_url(ctx: click.Context) -> str:
+def consul_settings(ctx: click.Context) -> ConsulSettings:
+    """The root's Consul options over the environment (an operator's CLI reads no agent.toml: that
+    file holds the agent's token, not the operator's). Raises InvalidSettings (one line)."""
     obj = ctx.find_root().obj or {}
-    return consul_url_from_env(obj.get("consul_url"))
+    return resolve(cli=obj.get("consul"))
 
 
 def _output(ctx: click.Context, local: str | None, default: str = "table") -> str:
@@ -59,7 +64,7 @@ def _run(ctx: click.Context, fn: Callable[[DocumentStore], Awaitable[T]]) -> T:
     """Run `fn(store)` against Consul; registry errors become one line on stderr and exit 1."""
 
     async def main() -> T:
-        async with ConsulClient(_consul_url(ctx)) as consul:
+        async with ConsulClient(consul_settings(ctx)) as consul:
             return await fn(DocumentStore(consul))
 
     try:
@@ -518,3 +523,34 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         f"{s} {sum(h == 'passing' for h in hs)}/{len(hs)} passing" for s, hs in sorted(by_service.items())
     )
     click.echo(f"\n{summary}")
+
+
+# --- acl ---------------------------------------------------------------------------------------
+
+
+@click.group(help="Consul ACL rules for hostmesh's roles.")
+def acl() -> None:
+    pass
+
+
+@acl.command(
+    "policy",
+    help="Print the least-privilege Consul ACL rules (HCL) for ROLE: agent, ca or operator. "
+    "The agent policy is per host: name each service of its agent.toml with --service. "
+    "Load it with `consul acl policy create -name NAME -rules @FILE`.",
+)
+@click.argument("role", type=click.Choice(ROLES))
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME",
+    help="A service the host's agent serves (repeatable; agent policy only).",
+)
+def acl_policy(role: str, services: tuple[str, ...]) -> None:
+    for name in services:
+        _check_service(name, "--service")
+    try:
+        click.echo(acl_rules(role, services), nl=False)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None

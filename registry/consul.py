@@ -1,169 +1,48 @@
-"""hostmesh's asyncio layer over Consul: KV with check-and-set, transactions, services, health.
+"""hostmesh's asyncio layer over Consul's HTTP API: KV with check-and-set, transactions, services, health.
 
-py-consul supplies the API surface (URLs, parameters, response shapes); we plug in our own
-asyncio HTTP client (registry/http.py) instead of its aiohttp one. Every Consul or transport error
-is translated here into `registry.errors`, so nothing above this module knows about HTTP codes.
-Honours `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN` like Consul's own tools.
+Thin typed endpoint functions over our own asyncio HTTP client (registry/http.py). py-consul is not
+used: its public API is its `requests` client (`import consul` alone adds ~10 MiB of RSS, measured
+20.6 -> 30.8 MiB, which would put an idle agent over its 30 MiB budget) or its aiohttp client (more
+still), and the endpoints hostmesh calls are a dozen plain JSON requests.
+
+Settings (address, token, TLS) come from one resolved `ConsulSettings` (registry/consul_settings.py),
+and every request, transactions included, carries its token. Every Consul or transport error is
+translated here into `registry.errors`, so nothing above this module knows about HTTP codes. A 403
+is `PermissionDenied` naming the key or endpoint and the permission the token lacks; a transaction
+that Consul refuses for ACL reasons (409 with "Permission denied" in its errors) is too, never a
+`Conflict`.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
-import importlib.util
 import json
-import os
-import sys
-import types
+import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
-from hostmesh.registry.errors import Conflict, NotFound, PermissionDenied, Rejected, Unavailable
-from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient
+from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
+from hostmesh.registry.errors import (
+    Conflict,
+    InvalidSettings,
+    NotFound,
+    PermissionDenied,
+    Rejected,
+    Unavailable,
+)
+from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
 
-
-def _import_py_consul_api() -> None:
-    """Load py-consul's API modules without its package __init__, which imports its `requests`-based
-    client: that costs ~80 ms and ~14 MiB of RSS in every agent for a client we never use."""
-    if "consul" in sys.modules:
-        return
-    spec = importlib.util.find_spec("consul")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("py-consul is not installed")
-    pkg = types.ModuleType("consul")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    sys.modules["consul"] = pkg
-    import consul.check
-    import consul.exceptions
-
-    pkg.Check = consul.check.Check  # type: ignore[attr-defined]  # what py-consul's modules import from the package
-    for name in ("ACLDisabled", "ACLPermissionDenied", "ConsulException", "NotFound", "Timeout"):
-        setattr(pkg, name, getattr(consul.exceptions, name))
-
-
-_import_py_consul_api()
-
-import consul.exceptions as cx  # noqa: E402
-
-DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
+TOKEN_HEADER = "X-Consul-Token"
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
 UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
-
-T = TypeVar("T")
-
-
-def consul_url_from_env(explicit: str | None = None) -> str:
-    url = explicit or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_CONSUL_URL
-    if "//" not in url:
-        scheme = "https" if os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true" else "http"
-        url = f"{scheme}://{url}"
-    return url
-
-
-class _Response(NamedTuple):
-    """py-consul's `consul.base.Response`: what its callbacks read."""
-
-    code: int
-    headers: dict[str, str]
-    body: str
-
-
-class _AsyncHTTP:
-    """py-consul's HTTP interface (what its endpoint classes call) over our asyncio client; returns
-    coroutines py-consul passes through."""
-
-    def __init__(self, client: HTTPClient) -> None:
-        self.client = client
-        self.timeout = DEFAULT_TIMEOUT
-
-    def _call(
-        self,
-        method: str,
-        callback: Callable[[Any], T],
-        path: str,
-        params: Any,
-        data: Any,
-        headers: dict[str, str] | None,
-        timeout: float | None = None,
-    ) -> Awaitable[T]:
-        target = urllib.parse.quote(path, safe="/:")  # as py-consul's HTTPClient.uri, without the base
-        if params:
-            target = f"{target}?{urllib.parse.urlencode(params)}"
-
-        async def run() -> T:
-            resp = await self.client.request(method, target, data or b"", headers, timeout or self.timeout)
-            titled = {k.title(): v for k, v in resp.headers.items()}  # py-consul reads "X-Consul-Index"
-            return callback(_Response(resp.status, titled, resp.body.decode("utf-8", "replace")))
-
-        return run()
-
-    def get(self, callback, path, params=None, headers=None, raw=False, connections_timeout=None):
-        return self._call("GET", callback, path, params, None, headers, connections_timeout)
-
-    def put(self, callback, path, params=None, data="", headers=None, connections_timeout=None):
-        return self._call("PUT", callback, path, params, data, headers, connections_timeout)
-
-    def delete(self, callback, path, params=None, data="", headers=None, connections_timeout=None):
-        return self._call("DELETE", callback, path, params, data, headers, connections_timeout)
-
-    def post(self, callback, path, params=None, data="", headers=None, connections_timeout=None):
-        return self._call("POST", callback, path, params, data, headers, connections_timeout)
-
-    def close(self):
-        return self.client.close()
-
-
-class _PyConsul:
-    """What py-consul's endpoint classes read from their `consul.base.Consul` (http, token, dc,
-    consistency, prepare_headers), with only the endpoints used here, each module imported on first
-    use: `consul.base` imports all sixteen, ~0.5 MiB of RSS in every agent (which calls kv and
-    health only)."""
-
-    def __init__(self, client: HTTPClient, token: str | None) -> None:
-        self.http = _AsyncHTTP(client)
-        self.token = os.getenv("CONSUL_HTTP_TOKEN", token)  # as consul.base.Consul: the environment wins
-        self.dc = None
-        self.consistency = "default"
-
-    def prepare_headers(self, token: str | None = None) -> dict[str, str]:
-        tok = token or self.token
-        return {"X-Consul-Token": tok} if tok else {}
-
-    @functools.cached_property
-    def kv(self) -> Any:
-        from consul.api.kv import KV
-
-        return KV(self)
-
-    @functools.cached_property
-    def health(self) -> Any:
-        from consul.api.health import Health
-
-        return Health(self)
-
-    @functools.cached_property
-    def txn(self) -> Any:
-        from consul.api.txn import Txn
-
-        return Txn(self)
-
-    @functools.cached_property
-    def catalog(self) -> Any:
-        from consul.api.catalog import Catalog
-
-        return Catalog(self)
-
-    @functools.cached_property
-    def agent(self) -> Any:
-        from consul.api.agent import Agent
-
-        return Agent(self)
+TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
+TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
+NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
+_KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,33 +102,45 @@ class NotPassing(NamedTuple):
         return node not in self.nodes and (node, service_id) not in self.instances
 
 
-TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
-TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
-NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
+@dataclass(frozen=True, slots=True)
+class Op:
+    """What a request does, for error messages: "write of hostmesh/routes/x" needing "key:write"."""
+
+    what: str  # "write of hostmesh/routes/web", "registration of web-vm1"
+    permission: str  # the ACL rule it needs: "key:write on it", "service:write on web"
 
 
-async def _translate(awaitable: Awaitable[T], what: str) -> T:
+def ssl_context(settings: ConsulSettings) -> ssl.SSLContext | None:
+    """The TLS context for an https:// Consul: verified against `ca_file` (default: the system's
+    trust store), presenting the client certificate when one is set. None for plain http."""
+    if not settings.https:
+        return None
     try:
-        return await awaitable
-    except cx.ACLPermissionDenied as exc:
-        raise PermissionDenied(f"Consul ACL denied {what}: {_first_line(exc)}") from None
-    except cx.ACLDisabled as exc:
-        raise PermissionDenied(f"Consul refused {what} (401): {_first_line(exc)}") from None
-    except cx.NotFound:
-        raise NotFound(f"{what}: not found") from None
-    except cx.Timeout:
-        raise Unavailable(f"Consul timed out on {what}") from None
-    except (cx.BadRequest, cx.ClientError) as exc:
-        text = _first_line(exc)
-        status = int(text[:3]) if text[:3].isdigit() else 400
-        raise Rejected(status, f"Consul rejected {what}: {text}") from None
-    except cx.ConsulException as exc:
-        raise Unavailable(f"Consul failed {what}: {_first_line(exc)}") from None
+        ctx = ssl.create_default_context(cafile=settings.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidSettings(f"Consul CA file {settings.ca_file}: cannot load: {_reason(exc)}") from None
+    if settings.cert_file and settings.key_file:
+        try:
+            ctx.load_cert_chain(settings.cert_file, settings.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidSettings(
+                f"Consul client certificate {settings.cert_file} / key {settings.key_file}: "
+                f"cannot load: {_reason(exc)}"
+            ) from None
+    return ctx
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _entry(item: dict[str, Any]) -> KVEntry:
+    raw = item.get("Value")
+    return KVEntry(item["Key"], base64.b64decode(raw) if raw else b"", int(item["ModifyIndex"]))
 
 
 def _instance(entry: dict[str, Any]) -> ServiceInstance:
@@ -269,19 +160,50 @@ def _instance(entry: dict[str, Any]) -> ServiceInstance:
     )
 
 
-class ConsulClient:
-    """Async Consul client. Use `async with ConsulClient(url) as c:` or call `close()`."""
+def _one_line(body: bytes) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return text[:200] or "(no detail)"
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
-        self.url = consul_url_from_env(url)
-        self._http = HTTPClient(self.url)
-        self._token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN")
-        self._api = _PyConsul(self._http, self._token)
+
+def _denied(op: Op, body: bytes) -> PermissionDenied:
+    detail = _one_line(body)
+    if "acl not found" in detail.lower():
+        return PermissionDenied(
+            f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)"
+        )
+    return PermissionDenied(f"Consul ACL denied {op.what}: the token lacks {op.permission}")
+
+
+def _index(resp: Response) -> int:
+    try:
+        return int(resp.headers.get("x-consul-index", "0"))
+    except ValueError:
+        return 0
+
+
+def _q(path: str) -> str:
+    return urllib.parse.quote(path, safe="/")
+
+
+class ConsulClient:
+    """Async Consul client. Use `async with ConsulClient(settings) as c:` or call `close()`.
+
+    `settings`: the resolved `ConsulSettings`; a string is shorthand for an address given on the
+    command line (the rest from the environment); None: everything from the environment.
+    """
+
+    def __init__(self, settings: ConsulSettings | str | None = None) -> None:
+        if settings is None or isinstance(settings, str):
+            settings = resolve(cli=ConsulLayer(address=settings))
+        self.settings = settings
+        self.url = settings.url
+        self._token = settings.load_token()
+        tls = ssl_context(settings)
+        self._http = HTTPClient(self.url, tls, settings.tls_server_name)
         # A second connection pool for blocking queries, so a 30 s long-poll never delays a write. Not
-        # capped: each watch's long-poll holds a connection for its whole wait (their number is the
-        # number of watches, fixed by the config); the other pool is capped (registry/http.py).
-        self._blocking_http = HTTPClient(self.url, max_connections=None)
-        self._blocking_api = _PyConsul(self._blocking_http, self._token)
+        # capped: each long-poll holds a connection for its whole wait, and their number is fixed by
+        # the caller (the agent's discovery holds three); the other pool is capped (registry/http.py).
+        self._blocking_http = HTTPClient(self.url, tls, settings.tls_server_name, max_connections=None)
 
     async def __aenter__(self) -> ConsulClient:
         return self
@@ -293,33 +215,78 @@ class ConsulClient:
         await self._http.close()
         await self._blocking_http.close()
 
-    def _headers(self) -> dict[str, str]:
-        return {"X-Consul-Token": self._token} if self._token else {}
+    # --- the one request path ------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        op: Op,
+        *,
+        params: dict[str, Any] | None = None,
+        body: bytes = b"",
+        blocking_wait: float | None = None,
+        allow: tuple[int, ...] = (),
+    ) -> Response:
+        """Send one request with the token; 403 -> PermissionDenied, other errors translated, except
+        the statuses in `allow`, which the caller interprets."""
+        target = path
+        if params:
+            target = f"{path}?{urllib.parse.urlencode(params)}"
+        headers = {TOKEN_HEADER: self._token} if self._token else {}
+        if blocking_wait is None:
+            resp = await self._http.request(method, target, body, headers, DEFAULT_TIMEOUT)
+        else:
+            resp = await self._blocking_http.request(
+                method, target, body, headers, blocking_wait + BLOCKING_SLACK
+            )
+        if resp.status < 300 or resp.status in allow:
+            return resp
+        if resp.status == 403:
+            raise _denied(op, resp.body)
+        if resp.status == 401:
+            raise PermissionDenied(f"Consul refused {op.what} (401): {_one_line(resp.body)}")
+        if resp.status == 404:
+            raise NotFound(f"{op.what}: not found")
+        if resp.status < 500:
+            raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_one_line(resp.body)}")
+        raise Unavailable(f"Consul failed {op.what}: {resp.status} {_one_line(resp.body)}")
+
+    @staticmethod
+    def _json(resp: Response, op: Op) -> Any:
+        try:
+            return resp.json()
+        except (ValueError, UnicodeDecodeError):
+            raise Unavailable(f"Consul answered {op.what} with invalid JSON") from None
 
     # --- KV ---------------------------------------------------------------------------------
 
     async def kv_get(self, key: str) -> KVEntry | None:
-        _, item = await _translate(self._api.kv.get(key), f"read of {key}")
-        return (
-            None if item is None else KVEntry(item["Key"], item.get("Value") or b"", int(item["ModifyIndex"]))
-        )
+        op = Op(f"read of {key}", "key:read on it")
+        resp = await self._request("GET", f"/v1/kv/{_q(key)}", op, allow=(404,))
+        items = None if resp.status == 404 else self._json(resp, op)
+        return _entry(items[0]) if items else None
 
     async def kv_get_blocking(
         self, key: str, index: int | None, wait: float = BLOCKING_WAIT
     ) -> tuple[int, KVEntry | None]:
         """Long-poll a key: returns when its index moves past `index` or after `wait` seconds."""
-        self._blocking_api.http.timeout = wait + BLOCKING_SLACK
-        idx, item = await _translate(
-            self._blocking_api.kv.get(key, index=index or None, wait=f"{int(wait)}s"), f"watch of {key}"
+        op = Op(f"watch of {key}", "key:read on it")
+        params: dict[str, Any] = {"wait": f"{int(wait)}s"}
+        if index:
+            params["index"] = index
+        resp = await self._request(
+            "GET", f"/v1/kv/{_q(key)}", op, params=params, blocking_wait=wait, allow=(404,)
         )
-        entry = (
-            None if item is None else KVEntry(item["Key"], item.get("Value") or b"", int(item["ModifyIndex"]))
-        )
-        return int(idx), entry
+        items = None if resp.status == 404 else self._json(resp, op)
+        return _index(resp), (_entry(items[0]) if items else None)
 
     async def kv_list(self, prefix: str) -> list[KVEntry]:
-        _, items = await _translate(self._api.kv.get(prefix, recurse=True), f"list of {prefix}")
-        return [KVEntry(i["Key"], i.get("Value") or b"", int(i["ModifyIndex"])) for i in items or []]
+        """Every key under `prefix` that the token may read (Consul leaves out the others)."""
+        op = Op(f"list of {prefix}", "key:read on it")
+        resp = await self._request("GET", f"/v1/kv/{_q(prefix)}", op, params={"recurse": ""}, allow=(404,))
+        items = None if resp.status == 404 else self._json(resp, op)
+        return [_entry(i) for i in items or []]
 
     async def kv_put(self, key: str, value: bytes | str, cas: int | None = None) -> None:
         """Write `key`; with `cas` (0 = must not exist) raise `Conflict` when another writer got there first.
@@ -329,34 +296,60 @@ class ConsulClient:
         txn alike), while concurrent `cas=0` creations always have exactly one winner
         (tests/test_registry_consul.py shows both).
         """
-        ok = await _translate(self._api.kv.put(key, value, cas=cas), f"write of {key}")
-        if not ok:
+        data = value.encode() if isinstance(value, str) else value
+        op = Op(f"write of {key}", "key:write on it")
+        params = {"cas": cas} if cas is not None else None
+        resp = await self._request("PUT", f"/v1/kv/{_q(key)}", op, params=params, body=data)
+        if resp.body.strip() != b"true":
             raise Conflict(f"{key} was changed by someone else (check-and-set index {cas} is stale)")
 
     async def kv_delete(self, key: str, cas: int | None = None, recurse: bool = False) -> None:
-        ok = await _translate(self._api.kv.delete(key, cas=cas, recurse=recurse or None), f"delete of {key}")
-        if not ok:
+        op = Op(f"delete of {key}", "key:write on it")
+        params: dict[str, Any] = {}
+        if cas is not None:
+            params["cas"] = cas
+        if recurse:
+            params["recurse"] = ""
+        resp = await self._request("DELETE", f"/v1/kv/{_q(key)}", op, params=params)
+        if resp.body.strip() != b"true":
             raise Conflict(f"{key} was changed by someone else (check-and-set index {cas} is stale)")
 
     async def txn(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Atomic KV transaction. `ops` are Consul TxnOps; values may be given as bytes/str and are
-        base64-encoded here. Raises `Conflict` when any check-and-set in it fails (nothing applied)."""
+        base64-encoded here. Raises `Conflict` when any check-and-set in it fails (nothing applied),
+        `PermissionDenied` (naming the key) when the token may not do one of its operations."""
         payload = []
-        for op in ops:
-            kv = dict(op["KV"])
+        for item in ops:
+            kv = dict(item["KV"])
             if isinstance(kv.get("Value"), (bytes, str)):
                 raw = kv["Value"].encode() if isinstance(kv["Value"], str) else kv["Value"]
                 kv["Value"] = base64.b64encode(raw).decode()
             payload.append({"KV": kv})
-        try:
-            result = await _translate(self._api.txn.put(payload), "transaction")
-        except Rejected as exc:
-            if exc.status == 409:
-                raise Conflict(
-                    "a concurrent write changed the document first (check-and-set failed)"
-                ) from None
-            raise
-        return list((result or {}).get("Results") or [])
+        keys = [str(p["KV"].get("Key", "")) for p in payload]
+        first = keys[0] if keys else ""
+        op = Op(
+            f"transaction on {first}" + (f" (+{len(keys) - 1} keys)" if len(keys) > 1 else ""),
+            "key:write on it",
+        )
+        resp = await self._request("PUT", "/v1/txn", op, body=json.dumps(payload).encode(), allow=(409,))
+        result = self._json(resp, op) or {}
+        if resp.status == 409:
+            errors = result.get("Errors") or []
+            for err in errors:
+                if "permission denied" in str(err.get("What", "")).lower():
+                    i = err.get("OpIndex", 0)
+                    kv = payload[i]["KV"] if isinstance(i, int) and 0 <= i < len(payload) else {}
+                    verb = str(kv.get("Verb", ""))
+                    write = verb in _KV_WRITE_VERBS
+                    action = ("delete" if verb.startswith("delete") else "write") if write else "read"
+                    raise _denied(
+                        Op(
+                            f"{action} of {kv.get('Key', first)}", f"key:{'write' if write else 'read'} on it"
+                        ),
+                        b"",
+                    )
+            raise Conflict("a concurrent write changed the document first (check-and-set failed)")
+        return list(result.get("Results") or [])
 
     # --- services and health ----------------------------------------------------------------
 
@@ -370,25 +363,30 @@ class ConsulClient:
             "Tags": list(reg.tags),
             "Checks": list(reg.checks),
         }
-        await self._raw(
+        await self._request(
             "PUT",
-            "/v1/agent/service/register?replace-existing-checks=true",
-            payload,
-            f"registration of {reg.id}",
+            "/v1/agent/service/register",
+            Op(f"registration of {reg.id}", f"service:write on {reg.name}"),
+            params={"replace-existing-checks": "true"},
+            body=json.dumps(payload).encode(),
         )
 
     async def deregister_service(self, service_id: str) -> None:
-        await self._raw(
-            "PUT", f"/v1/agent/service/deregister/{service_id}", None, f"deregistration of {service_id}"
+        await self._request(
+            "PUT",
+            f"/v1/agent/service/deregister/{_q(service_id)}",
+            Op(f"deregistration of {service_id}", "service:write on its service"),
         )
 
     async def check_ttl(self, check_id: str, status: str = "pass", note: str = "") -> None:
         """Update a TTL check: status is pass | warn | fail. `NotFound` when this Consul agent does not
         know the check (it lost its state): the caller registers again."""
-        q = f"?note={urllib.parse.quote(note)}" if note else ""  # "agent stopping" has a space
         try:
-            await self._raw(
-                "PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, f"TTL update of {check_id}"
+            await self._request(
+                "PUT",
+                f"/v1/agent/check/{status}/{_q(check_id)}",
+                Op(f"TTL update of {check_id}", "service:write on its service"),
+                params={"note": note} if note else None,
             )
         except Unavailable as exc:
             if not any(marker in str(exc).lower() for marker in UNKNOWN_CHECK_ANSWERS):
@@ -399,28 +397,35 @@ class ConsulClient:
         self, name: str, passing: bool = True, index: int | None = None, wait: float = BLOCKING_WAIT
     ) -> tuple[int, list[ServiceInstance]]:
         """Instances of `name` (only passing ones by default). With `index`, a blocking query."""
-        api = self._blocking_api if index else self._api
+        op = Op(f"health of {name}", f"service:read on {name} and node:read")
+        params: dict[str, Any] = {}
+        if passing:
+            params["passing"] = "1"
         if index:
-            api.http.timeout = wait + BLOCKING_SLACK
-        kwargs: dict[str, Any] = {"passing": passing}
-        if index:
-            kwargs.update(index=index, wait=f"{int(wait)}s")
-        idx, entries = await _translate(api.health.service(name, **kwargs), f"health of {name}")
-        return int(idx), [_instance(e) for e in entries or []]
+            params.update(index=index, wait=f"{int(wait)}s")
+        resp = await self._request(
+            "GET", f"/v1/health/service/{_q(name)}", op, params=params, blocking_wait=wait if index else None
+        )
+        return _index(resp), [_instance(e) for e in self._json(resp, op) or []]
 
     async def catalog_services(self) -> dict[str, list[str]]:
-        _, services = await _translate(self._api.catalog.services(), "catalog listing")
-        return dict(services or {})
+        """Services the token may read (Consul leaves out the others)."""
+        op = Op("catalog listing", "service:read")
+        resp = await self._request("GET", "/v1/catalog/services", op)
+        return dict(self._json(resp, op) or {})
 
     async def agent_node_name(self) -> str:
-        me = await _translate(self._api.agent.self(), "agent self")
+        op = Op("agent self", "agent:read on the Consul agent")
+        me = self._json(await self._request("GET", "/v1/agent/self", op), op)
         return str(me["Config"]["NodeName"])
 
     async def agent_services(self) -> dict[str, Any]:
-        return dict(await _translate(self._api.agent.services(), "agent services"))
+        op = Op("agent services", "service:read")
+        return dict(self._json(await self._request("GET", "/v1/agent/services", op), op) or {})
 
     async def agent_checks(self) -> dict[str, Any]:
-        return dict(await _translate(self._api.agent.checks(), "agent checks"))
+        op = Op("agent checks", "service:read and node:read")
+        return dict(self._json(await self._request("GET", "/v1/agent/checks", op), op) or {})
 
     # --- few, cluster-wide blocking queries (agent discovery; see agent/discovery.py) ----------
 
@@ -428,9 +433,15 @@ class ConsulClient:
         """Long-poll everything below `prefix`: returns once any key under it changes (or after
         `wait`). Asks for the first level of key names only (`?keys&separator=/`), so the answer is
         a handful of names whatever the number of documents; the index is what matters."""
+        op = Op(f"watch of {prefix}", "key:read on it")
         params: dict[str, Any] = {"keys": "", "separator": "/"}
-        idx, _ = await self._get(f"/v1/kv/{prefix}", params, index, wait, f"watch of {prefix}")
-        return idx
+        if index:
+            params.update(index=index, wait=f"{int(wait)}s")
+        resp = await self._request(
+            "GET", f"/v1/kv/{_q(prefix)}", op, params=params, blocking_wait=wait if index else None,
+            allow=(404,),  # no key below the prefix (yet): still an index to block on
+        )  # fmt: skip
+        return _index(resp)
 
     async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """The current value of each key (None when absent), in transactions of `TXN_MAX_OPS` reads.
@@ -447,14 +458,15 @@ class ConsulClient:
         mistaken for an absent one: that would turn an unreadable deny into a default)."""
         out: dict[str, KVEntry | PermissionDenied | None] = {}
         remaining = list(keys)
+        op = Op("read of hostmesh documents", "key:read on them")
         for _ in range(TXN_READ_ROUNDS):
             if not remaining:
                 return out
-            ops = [{"KV": {"Verb": "get", "Key": key}} for key in remaining]
-            resp = await self._http.request("PUT", "/v1/txn", json.dumps(ops).encode(), self._headers())
+            body = json.dumps([{"KV": {"Verb": "get", "Key": key}} for key in remaining]).encode()
+            resp = await self._request("PUT", "/v1/txn", op, body=body, allow=(409,))
             if resp.status == 409:
                 missing = set()
-                for err in (resp.json() or {}).get("Errors") or []:
+                for err in (self._json(resp, op) or {}).get("Errors") or []:
                     key, what = remaining[int(err.get("OpIndex", 0))], str(err.get("What", ""))
                     if "doesn't exist" not in what:
                         raise Rejected(409, f"Consul rejected a read of {key}: {what}")
@@ -462,15 +474,13 @@ class ConsulClient:
                 out.update(dict.fromkeys(missing))
                 remaining = [k for k in remaining if k not in missing]
                 continue
-            self._check(resp, "read transaction")
             found = {}
-            for result in (resp.json() or {}).get("Results") or []:
-                kv = result.get("KV") or {}
-                value = base64.b64decode(kv["Value"]) if kv.get("Value") else b""
-                found[kv["Key"]] = KVEntry(kv["Key"], value, int(kv["ModifyIndex"]))
+            for result in (self._json(resp, op) or {}).get("Results") or []:
+                entry = _entry(result.get("KV") or {})
+                found[entry.key] = entry
             for key in remaining:
                 out[key] = found.get(key) or PermissionDenied(
-                    f"Consul ACL denied read of {key} (the token lacks key:read on it)"
+                    f"Consul ACL denied read of {key}: the token lacks key:read on it"
                 )
             return out
         raise Unavailable("the documents kept changing during their read; retrying")
@@ -478,23 +488,26 @@ class ConsulClient:
     async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
         """Long-poll the catalog's service registrations (any service, any node): returns once one
         is added, removed or changed. Health changes do not move this index."""
-        idx, _ = await self._get("/v1/catalog/services", {}, index, wait, "watch of the catalog")
-        return idx
+        op = Op("watch of the catalog", "service:read")
+        params: dict[str, Any] = {"index": index, "wait": f"{int(wait)}s"} if index else {}
+        resp = await self._request(
+            "GET", "/v1/catalog/services", op, params=params, blocking_wait=wait if index else None
+        )
+        return _index(resp)
 
     async def catalog_service_index(self, name: str) -> int:
         """The index of `name` alone (its instances and their checks), without listing them."""
-        idx, _ = await self._get(
-            f"/v1/catalog/service/{urllib.parse.quote(name, safe='')}",
-            {"filter": NO_MATCH_FILTER}, None, 0.0, f"index of {name}",
-        )  # fmt: skip
-        return idx
+        op = Op(f"index of {name}", f"service:read on {name}")
+        resp = await self._request(
+            "GET", f"/v1/catalog/service/{_q(name)}", op, params={"filter": NO_MATCH_FILTER}
+        )
+        return _index(resp)
 
     async def catalog_service(self, name: str) -> tuple[int, list[CatalogInstance]]:
         """Every registered instance of `name`, healthy or not."""
-        idx, entries = await self._get(
-            f"/v1/catalog/service/{urllib.parse.quote(name, safe='')}", {}, None, 0.0, f"catalog of {name}"
-        )
-        return idx, [
+        op = Op(f"catalog of {name}", f"service:read on {name} and node:read")
+        resp = await self._request("GET", f"/v1/catalog/service/{_q(name)}", op)
+        return _index(resp), [
             CatalogInstance(
                 id=e["ServiceID"],
                 node=e["Node"],
@@ -502,7 +515,7 @@ class ConsulClient:
                 port=int(e["ServicePort"]),
                 meta=dict(e.get("ServiceMeta") or {}),
             )
-            for e in entries or []
+            for e in self._json(resp, op) or []
         ]
 
     async def checks_not_passing(
@@ -510,66 +523,17 @@ class ConsulClient:
     ) -> tuple[int, NotPassing]:
         """Long-poll the cluster's checks that are not passing (usually a short list); with
         `index` None, a plain read. The index moves when any check anywhere changes state."""
-        idx, checks = await self._get(
-            "/v1/health/state/any", {"filter": 'Status != "passing"'}, index, wait, "watch of failing checks"
+        op = Op("watch of failing checks", "service:read and node:read")
+        params: dict[str, Any] = {"filter": 'Status != "passing"'}
+        if index:
+            params.update(index=index, wait=f"{int(wait)}s")
+        resp = await self._request(
+            "GET", "/v1/health/state/any", op, params=params, blocking_wait=wait if index else None
         )
         instances, nodes = set(), set()
-        for c in checks or []:
+        for c in self._json(resp, op) or []:
             if c.get("ServiceID"):
                 instances.add((c["Node"], c["ServiceID"]))
             else:
                 nodes.add(c["Node"])
-        return idx, NotPassing(frozenset(instances), frozenset(nodes))
-
-    async def _get(
-        self, path: str, params: dict[str, Any], index: int | None, wait: float, what: str
-    ) -> tuple[int, Any]:
-        """GET `path`; with `index`, a blocking query on the connection pool kept for those."""
-        query = dict(params)
-        client, timeout = self._http, DEFAULT_TIMEOUT
-        if index:
-            query.update(index=index, wait=f"{int(wait)}s")
-            client, timeout = self._blocking_http, wait + BLOCKING_SLACK
-        target = path
-        if query:
-            target += "?" + "&".join(
-                urllib.parse.quote(k) if v == "" else f"{urllib.parse.quote(k)}={urllib.parse.quote(str(v))}"
-                for k, v in query.items()
-            )
-        resp = await client.request("GET", target, b"", self._headers(), timeout)
-        if resp.status == 404 and "keys" in params:
-            body = None  # no key below the prefix (yet): still a valid index to block on
-        else:
-            self._check(resp, what)
-            body = resp.json() if resp.body.strip() else None
-        return int(resp.headers.get("x-consul-index", "0") or 0), body
-
-    def _check(self, resp: Any, what: str) -> None:
-        """Translate a non-2xx answer into registry.errors (one line, naming `what`)."""
-        if resp.status < 300:
-            return
-        text = resp.body.decode(errors="replace").strip()
-        if resp.status == 403:
-            raise PermissionDenied(f"Consul ACL denied {what}: {text}")
-        if resp.status == 404:
-            raise NotFound(f"{what}: not found")
-        if resp.status < 500:
-            raise Rejected(resp.status, f"Consul rejected {what}: {text}")
-        raise Unavailable(f"Consul failed {what}: {resp.status} {text}")
-
-    async def _raw(self, method: str, path: str, payload: Any, what: str) -> Any:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        resp = await self._http.request(method, path, body, self._headers())
-        if resp.status == 403:
-            raise PermissionDenied(f"Consul ACL denied {what}: {resp.body.decode(errors='replace').strip()}")
-        if resp.status == 404:
-            raise NotFound(f"{what}: not found")
-        if 400 <= resp.status < 500:
-            raise Rejected(
-                resp.status, f"Consul rejected {what}: {resp.body.decode(errors='replace').strip()}"
-            )
-        if resp.status >= 500:
-            raise Unavailable(
-                f"Consul failed {what}: {resp.status} {resp.body.decode(errors='replace').strip()}"
-            )
-        return resp.json() if resp.body.strip() else None
+        return _index(resp), NotPassing(frozenset(instances), frozenset(nodes))

@@ -27,6 +27,10 @@ class PermissionDenied(RegistryError):
     """Consul's ACLs refused the request: fix the token, do not retry."""
 
 
+class InvalidSettings(RegistryError):
+    """The Consul client settings cannot work (bad address, unreadable token or TLS file): fix them."""
+
+
 class Rejected(RegistryError):
     """The peer refused the request as invalid (4xx other than the above)."""
 

@@ -120,3 +120,63 @@ def test_http_limits_are_configurable() -> None:
     assert parse_config(minimal(http={"header_read_timeout": 1})).http.header_read_timeout == 1.0
     with pytest.raises(ConfigError, match=r"^http\.header_read_timeout: must be a number"):
         parse_config(minimal(http={"header_read_timeout": 0}))
+
+
+def test_consul_table_takes_consuls_client_settings_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consul = {
+        "address": "https://consul.internal:8501",
+        "token_file": "/etc/hostmesh/consul-token",
+        "ca_file": "/etc/consul/ca.pem",
+        "cert_file": "/etc/consul/client.pem",
+        "key_file": "/etc/consul/client-key.pem",
+        "tls_server_name": "server.dc1.consul",
+    }
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-the-environment")
+    monkeypatch.setenv("CONSUL_CACERT", "/env/ca.pem")
+    got = parse_config(minimal(consul=consul)).consul_settings()
+    assert got.url == "https://consul.internal:8501"
+    assert (got.token, got.token_file) == (None, "/etc/hostmesh/consul-token")  # the file's, not the env's
+    assert (got.ca_file, got.cert_file, got.key_file, got.tls_server_name) == (
+        "/etc/consul/ca.pem",
+        "/etc/consul/client.pem",
+        "/etc/consul/client-key.pem",
+        "server.dc1.consul",
+    )
+    # Unset in agent.toml: the environment's, as Consul's tools.
+    assert parse_config(minimal()).consul_settings().token == "from-the-environment"
+
+
+@pytest.mark.parametrize(
+    ("consul", "message"),
+    [
+        ({"adress": "x"}, "consul.adress: unknown key"),
+        (
+            {"address": "ftp://consul:21"},
+            "consul.address: Consul address 'ftp://consul:21': the scheme must be",
+        ),
+        ({"token": 5}, "consul.token: must be a string"),
+    ],
+)
+def test_bad_consul_table_is_one_line(consul: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(consul=consul))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_unreadable_consul_token_file_stops_the_start_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
+    path = tmp_path / "agent.toml"
+    missing = tmp_path / "consul-token"
+    path.write_text(
+        f'[consul]\ntoken_file = "{missing}"\n[ca]\npin = "{PIN}"\n[[services]]\nname = "web"\nport = 8080\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: [consul]: Consul token file {missing}: cannot read: No such file or directory"
+    )

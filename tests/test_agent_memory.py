@@ -32,8 +32,7 @@ NEVER_IN_AN_AGENT = (
     "hostmesh.agent.status",
     "importlib.metadata",  # --version only
     "cryptography",  # certificate work runs in short-lived children (agent/certproc.py)
-    "consul.base",  # py-consul's endpoints are loaded one by one, not its whole client (registry/consul.py)
-    "consul.api.acl",
+    "consul",  # py-consul is not used: registry/consul.py speaks Consul's HTTP API itself
     "_strptime",  # a peer's not-after is read without time.strptime (ca/tls.py)
     "difflib",  # only for an unknown-field message (registry/schema.py, agent/config.py)
     "requests",

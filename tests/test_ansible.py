@@ -137,6 +137,9 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
         "hostmesh_install_method": "pip",
         "hostmesh_install_pip_python": sys.executable,
         "hostmesh_install_pip_extra_args": f"--no-index --find-links {wheels} --find-links {cache}",
+        # One Consul ACL token per role (the test Consul has ACLs off, so it ignores them).
+        "hostmesh_agent_consul_token": "11111111-aaaa-4aaa-8aaa-agent0000000",
+        "hostmesh_ca_consul_token": "22222222-bbbb-4bbb-8bbb-ca000000000",
     }
     if real_ca:
         assert consul is not None
@@ -179,16 +182,31 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
     token = root / "etc/hostmesh/join-token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert token.read_text().strip()
+    # The agent's Consul token: in a 0600 file that agent.toml names, not in agent.toml or agent.env.
+    consul_token = root / "etc/hostmesh/consul-token"
+    assert stat.S_IMODE(consul_token.stat().st_mode) == 0o600
+    assert consul_token.read_text() == f"{common['hostmesh_agent_consul_token']}\n"
+    assert config["consul"]["token_file"] == "/etc/hostmesh/consul-token"
+    assert common["hostmesh_agent_consul_token"] not in config_path.read_text()
+    assert common["hostmesh_agent_consul_token"] not in (root / "etc/hostmesh/agent.env").read_text()
+    if real_ca:  # the CA's token likewise, named by CONSUL_HTTP_TOKEN_FILE in ca.env
+        ca_token = root / "etc/hostmesh/ca-consul-token"
+        assert stat.S_IMODE(ca_token.stat().st_mode) == 0o600
+        assert ca_token.read_text() == f"{common['hostmesh_ca_consul_token']}\n"
+        ca_env = (root / "etc/hostmesh/ca.env").read_text()
+        assert "CONSUL_HTTP_TOKEN_FILE=/etc/hostmesh/ca-consul-token" in ca_env
+        assert common["hostmesh_ca_consul_token"] not in ca_env
     assert os.readlink(root / "usr/bin/hostmesh") == "/opt/hostmesh/bin/hostmesh"
     for unit in ("hostmesh-agent.service", "hostmesh-ca.service"):
         assert (root / "lib/systemd/system" / unit).read_text() == (REPO / "systemd" / unit).read_text()
     venv_hostmesh = root / "opt/hostmesh/bin/hostmesh"
     version = subprocess.run([str(venv_hostmesh), "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("hostmesh, version "), version.stderr
-    # The rendered file is valid for the agent's own parser.
+    # The rendered file is valid for the agent's own parser (its paths are the host's, outside the
+    # test root, so the pure parser: load_config would also open the Consul token file).
     check = (
-        "import sys, pathlib; from hostmesh.agent.config import load_config as f;"
-        " f(pathlib.Path(sys.argv[1]))"
+        "import sys, tomllib; from hostmesh.agent.config import parse_config as f;"
+        " f(tomllib.load(open(sys.argv[1], 'rb'))).consul_settings()"
     )
     parsed = subprocess.run(
         [str(root / "opt/hostmesh/bin/python"), "-c", check, str(config_path)],

@@ -17,6 +17,7 @@ import pytest
 
 from hostmesh.agent.localmesh import EchoServer, LocalMesh, http_json, roundtrip, wait_for
 from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied
 from tests.support import ConsulDev
 
@@ -62,7 +63,7 @@ def acl_consul(tmp_path: Path) -> Iterator[ConsulDev]:
 async def _read_intentions(url: str, token: str) -> list[str]:
     """How the agent's Consul client reports a read its token may not do (one-shot and watch)."""
     out = []
-    async with ConsulClient(url, token) as consul:
+    async with ConsulClient(resolve(cli=ConsulLayer(address=url, token=token))) as consul:
         for read in (
             consul.kv_get("hostmesh/intentions/api"),
             consul.kv_get_blocking("hostmesh/intentions/api", None),

@@ -1,0 +1,159 @@
+"""How hostmesh finds and authenticates to Consul: the same settings and precedence as Consul's CLI.
+
+Three sources, each a `ConsulLayer` (None = not set there):
+
+    command line   --consul --token --token-file --ca-file --client-cert --client-key --tls-server-name
+    agent.toml     [consul] address token token_file ca_file cert_file key_file tls_server_name
+    environment    CONSUL_HTTP_ADDR CONSUL_HTTP_TOKEN CONSUL_HTTP_TOKEN_FILE CONSUL_CACERT
+                   CONSUL_CLIENT_CERT CONSUL_CLIENT_KEY CONSUL_HTTP_SSL CONSUL_TLS_SERVER_NAME
+
+`resolve()` picks each setting from the first source that sets it (command line, then agent.toml,
+then the environment). The token is one setting with two spellings: the first source that has a
+token or a token file decides, and within one source a token beats a token file. An empty value
+counts as not set, as with Consul's tools. `resolve` is pure (it reads no file); the token file is
+read by `ConsulSettings.load_token()` when a client is built, so a bad path is one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostmesh.registry.errors import InvalidSettings
+
+DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"  # Consul's own default (a local agent)
+MAX_TOKEN_FILE_BYTES = 4096  # an ACL token is a 36-character UUID; refuse to slurp a wrong file
+
+# Go's strconv.ParseBool, which Consul uses for CONSUL_HTTP_SSL.
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulLayer:
+    """The Consul settings one source gives; None (or "") means this source does not set it."""
+
+    address: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_server_name: str | None = None
+    ssl: bool | None = None  # CONSUL_HTTP_SSL: the scheme for an address given without one
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConsulLayer:
+        ssl_raw = env.get("CONSUL_HTTP_SSL", "")
+        if ssl_raw and ssl_raw not in _TRUE | _FALSE:
+            raise InvalidSettings(f"CONSUL_HTTP_SSL={ssl_raw!r}: must be true or false")
+        return cls(
+            address=env.get("CONSUL_HTTP_ADDR"),
+            token=env.get("CONSUL_HTTP_TOKEN"),
+            token_file=env.get("CONSUL_HTTP_TOKEN_FILE"),
+            ca_file=env.get("CONSUL_CACERT"),
+            cert_file=env.get("CONSUL_CLIENT_CERT"),
+            key_file=env.get("CONSUL_CLIENT_KEY"),
+            tls_server_name=env.get("CONSUL_TLS_SERVER_NAME"),
+            ssl=(ssl_raw in _TRUE) if ssl_raw else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulSettings:
+    """The resolved settings: one immutable snapshot that every Consul client of a process uses."""
+
+    url: str = DEFAULT_CONSUL_URL  # scheme://host:port
+    token: str | None = None  # a literal token, or …
+    token_file: str | None = None  # … the file holding it (at most one of the two is set)
+    ca_file: str | None = None  # CA bundle verifying Consul's HTTPS certificate (default: the system's)
+    cert_file: str | None = None  # client certificate, when Consul has verify_incoming
+    key_file: str | None = None
+    tls_server_name: str | None = None  # name checked in Consul's certificate (default: the URL's host)
+
+    @property
+    def https(self) -> bool:
+        return self.url.startswith("https://")
+
+    def load_token(self) -> str | None:
+        """The token to send: the literal one, or the token file's content (whitespace stripped)."""
+        if self.token_file is None:
+            return self.token
+        path = Path(self.token_file)
+        try:
+            with path.open("rb") as fh:
+                raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
+        except OSError as exc:
+            raise InvalidSettings(f"Consul token file {path}: cannot read: {exc.strerror or exc}") from None
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            raise InvalidSettings(f"Consul token file {path}: larger than {MAX_TOKEN_FILE_BYTES} bytes")
+        try:
+            token = raw.decode().strip()
+        except UnicodeDecodeError:
+            raise InvalidSettings(f"Consul token file {path}: not text") from None
+        if not token or any(c.isspace() for c in token):
+            raise InvalidSettings(f"Consul token file {path}: must hold one token")
+        return token
+
+
+def _first(*values: str | None) -> str | None:
+    return next((v for v in values if v), None)
+
+
+def normalize_url(address: str, ssl: bool | None = None) -> str:
+    """`host:port`, `http://host:port` or `https://host:port` -> `scheme://host:port`. A scheme in the
+    address wins over CONSUL_HTTP_SSL, and a missing port is the scheme's (80/443), as in Consul's API
+    client."""
+    text = address.strip()
+    if "://" not in text:
+        text = f"{'https' if ssl else 'http'}://{text}"
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https"):
+        raise InvalidSettings(f"Consul address {address!r}: the scheme must be http or https")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise InvalidSettings(f"Consul address {address!r}: invalid port") from None
+    if not parsed.hostname or parsed.path.strip("/") or parsed.query:
+        raise InvalidSettings(f"Consul address {address!r}: expected [http[s]://]host[:port]")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{parsed.scheme}://{host}:{port or (443 if parsed.scheme == 'https' else 80)}"
+
+
+def resolve(
+    cli: ConsulLayer | None = None, file: ConsulLayer | None = None, env: Mapping[str, str] | None = None
+) -> ConsulSettings:
+    """Merge the three sources: command line, then agent.toml, then the environment."""
+    layers = [
+        cli or ConsulLayer(),
+        file or ConsulLayer(),
+        ConsulLayer.from_env(os.environ if env is None else env),
+    ]
+    token: str | None = None
+    token_file: str | None = None
+    for layer in layers:
+        if layer.token or layer.token_file:
+            token, token_file = (layer.token, None) if layer.token else (None, layer.token_file)
+            break
+    address = _first(*(layer.address for layer in layers)) or DEFAULT_CONSUL_URL
+    ssl = next((layer.ssl for layer in layers if layer.ssl is not None), None)
+    cert_file = _first(*(layer.cert_file for layer in layers))
+    key_file = _first(*(layer.key_file for layer in layers))
+    if bool(cert_file) != bool(key_file):
+        given, missing = ("certificate", "key") if cert_file else ("key", "certificate")
+        raise InvalidSettings(
+            f"Consul client {given} given without its {missing} (CONSUL_CLIENT_CERT/CONSUL_CLIENT_KEY, "
+            "--client-cert/--client-key, [consul] cert_file/key_file)"
+        )
+    return ConsulSettings(
+        url=normalize_url(address, ssl),
+        token=token,
+        token_file=token_file,
+        ca_file=_first(*(layer.ca_file for layer in layers)),
+        cert_file=cert_file,
+        key_file=key_file,
+        tls_server_name=_first(*(layer.tls_server_name for layer in layers)),
+    )

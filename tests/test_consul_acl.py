@@ -1,0 +1,289 @@
+"""hostmesh against a Consul run as production runs it: ACLs on with default deny, the HTTP API on
+HTTPS only with verification both ways (tests/consul_secure.py), tokens made with the `consul` CLI
+from the policies `hostmesh acl policy` prints.
+
+What a user relies on: the operator's token runs the CLI; an agent's token cannot write routes or
+the trust bundle, and says so in one line naming the key; a refused request is never reported as a
+conflict; every request, transactions included, carries the token the settings chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from hostmesh.agent.cli import cli
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
+from hostmesh.registry import acl
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+from hostmesh.registry.consul_settings import ConsulLayer, resolve
+from hostmesh.registry.errors import PermissionDenied, Unavailable
+from tests.consul_secure import SecureConsulDev
+from tests.test_cli_ops import fails, ok, route_doc, write
+
+pytestmark = pytest.mark.consul
+
+WRONG_TOKEN = "00000000-0000-4000-8000-000000000000"  # well-formed, unknown to Consul
+_names = itertools.count()
+
+
+def svc(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+class Tokens:
+    def __init__(self, dev: SecureConsulDev) -> None:
+        self.operator = dev.token_for("hostmesh-operator", acl.operator_policy())
+        self.agent = dev.token_for("hostmesh-agent-acltest", acl.agent_policy(["acltest"]))
+        self.ca = dev.token_for("hostmesh-ca", acl.ca_policy())
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulDev]:
+    dev = SecureConsulDev(tmp_path_factory.mktemp("consul-secure"))
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(secure: SecureConsulDev) -> Tokens:
+    return Tokens(secure)
+
+
+def hm(secure: SecureConsulDev, *args: str, token: str | None = None, env_token: str | None = None) -> Result:
+    """`hostmesh ARGS` with Consul's environment (address, CA, client cert) as an operator sets it."""
+    env = secure.client_env(env_token)
+    env.setdefault("CONSUL_HTTP_TOKEN", "")  # nothing from the machine's environment leaks in
+    opts = ["--token", token] if token else []
+    return CliRunner().invoke(cli, [*opts, *args], env=env, catch_exceptions=False)
+
+
+def client(secure: SecureConsulDev, token: str) -> ConsulClient:
+    return ConsulClient(resolve(cli=ConsulLayer(token=token), env=secure.client_env()))
+
+
+def test_operator_policy_runs_intentions_apply_and_rollback_over_https(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    api, web = svc("api"), svc("web")
+    ok(hm(secure, "intention", "deny", web, api, env_token=tokens.operator))
+    ok(hm(secure, "intention", "allow", web, api, env_token=tokens.operator))
+    shown = json.loads(ok(hm(secure, "intention", "list", "-o", "json", env_token=tokens.operator)))
+    assert any(d["service"] == api and d["rules"][0]["action"] == "allow" for d in shown)
+
+    ok(
+        hm(
+            secure,
+            "route",
+            "apply",
+            "-f",
+            write(tmp_path, route_doc(api, canary=10)),
+            env_token=tokens.operator,
+        )
+    )
+    ok(
+        hm(
+            secure,
+            "route",
+            "apply",
+            "-f",
+            write(tmp_path, route_doc(api, canary=50)),
+            env_token=tokens.operator,
+        )
+    )
+    ok(hm(secure, "route", "rollback", api, "--to", "1", env_token=tokens.operator))
+    got = json.loads(ok(hm(secure, "route", "get", api, "-o", "json", env_token=tokens.operator)))
+    assert got["version"] == 3
+    assert got["routes"][1]["to"][1]["weight"] == 10  # version 1's content, written as version 3
+
+
+def test_agent_token_cannot_write_routes_one_line_naming_the_key(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    line = fails(hm(secure, "route", "apply", "-f", write(tmp_path, route_doc("x")), token=tokens.agent))
+    assert line == "Error: Consul ACL denied write of hostmesh/routes/x: the token lacks key:write on it"
+
+
+def test_agent_token_cannot_write_the_trust_bundle_or_read_join_tokens(
+    secure: SecureConsulDev, tokens: Tokens
+) -> None:
+    async def main() -> None:
+        async with client(secure, tokens.agent) as c:
+            with pytest.raises(PermissionDenied) as err:
+                await c.kv_put("hostmesh/ca/roots", b'{"roots": []}')
+            assert str(err.value) == (
+                "Consul ACL denied write of hostmesh/ca/roots: the token lacks key:write on it"
+            )
+            with pytest.raises(PermissionDenied, match="read of hostmesh/ca/tokens/t1"):
+                await c.kv_get("hostmesh/ca/tokens/t1")
+        async with client(secure, tokens.ca) as c:  # the CA's token may
+            await c.kv_put("hostmesh/ca/tokens/t1", b"{}")
+            await c.kv_delete("hostmesh/ca/tokens/t1")
+
+    asyncio.run(main())
+
+
+def test_a_transaction_with_a_wrong_token_is_permission_denied_not_a_conflict(
+    secure: SecureConsulDev, tokens: Tokens
+) -> None:
+    line = fails(hm(secure, "intention", "deny", "web", "api", token=WRONG_TOKEN))
+    assert line == (
+        "Error: Consul ACL denied read of hostmesh/intentions/api: "
+        "the token is not known to Consul (ACL not found)"
+    )
+
+    async def main() -> None:
+        async with client(secure, WRONG_TOKEN) as c:
+            with pytest.raises(PermissionDenied, match="ACL not found"):
+                await c.txn([{"KV": {"Verb": "cas", "Key": "hostmesh/routes/t", "Value": "{}", "Index": 0}}])
+        async with client(secure, tokens.agent) as c:  # a known token whose policy denies one op
+            with pytest.raises(PermissionDenied) as err:
+                await c.txn([{"KV": {"Verb": "cas", "Key": "hostmesh/routes/t", "Value": "{}", "Index": 0}}])
+            assert (
+                str(err.value)
+                == "Consul ACL denied write of hostmesh/routes/t: the token lacks key:write on it"
+            )
+
+    asyncio.run(main())
+
+
+def test_the_chosen_token_is_sent_on_every_request(secure: SecureConsulDev, tokens: Tokens) -> None:
+    """agent.toml's token over a wrong $CONSUL_HTTP_TOKEN: KV reads, transactions and registration
+    all carry the file's token (before, reads sent the environment's and transactions none)."""
+    env = {**secure.client_env(), "CONSUL_HTTP_TOKEN": WRONG_TOKEN}
+
+    async def main() -> None:
+        async with ConsulClient(resolve(file=ConsulLayer(token=tokens.agent), env=env)) as c:
+            assert c.settings.token == tokens.agent
+            await c.kv_get("hostmesh/routes/anything")
+            await c.kv_list("hostmesh/")
+            reg = ServiceRegistration("acltest", "acltest-n1", "127.0.0.1", 1, {"hostmesh": "1"})
+            await c.register_service(reg)
+            _, found = await c.health_service("acltest", passing=False)
+            assert [i.id for i in found] == ["acltest-n1"]
+            await c.deregister_service("acltest-n1")
+        async with ConsulClient(resolve(cli=ConsulLayer(token=tokens.operator), env=env)) as c:
+            await c.txn([{"KV": {"Verb": "set", "Key": "hostmesh/history/t/x/1", "Value": "{}"}}])
+            await c.kv_delete("hostmesh/history/t/x/1")
+
+    asyncio.run(main())
+
+
+def test_a_token_file_from_the_cli(secure: SecureConsulDev, tokens: Tokens, tmp_path: Path) -> None:
+    token_file = tmp_path / "operator-token"
+    token_file.write_text(tokens.operator + "\n")
+    token_file.chmod(0o600)
+    ok(hm(secure, "--token-file", str(token_file), "route", "list", env_token=WRONG_TOKEN))
+    missing = tmp_path / "missing"
+    line = fails(hm(secure, "--token-file", str(missing), "route", "list"))
+    assert line == f"Error: Consul token file {missing}: cannot read: No such file or directory"
+
+
+def test_https_is_verified_both_ways(secure: SecureConsulDev, tokens: Tokens, tmp_path: Path) -> None:
+    env = secure.client_env(tokens.operator)
+    del env["CONSUL_CACERT"]  # Consul's certificate is not from a CA the system trusts
+    result = CliRunner().invoke(cli, ["route", "list"], env={**env, "SSL_CERT_FILE": str(tmp_path / "none")})
+    line = fails(result)
+    assert "TLS verification failed" in line, line
+
+    async def main() -> None:
+        no_cert = {k: v for k, v in secure.client_env().items() if "CLIENT" not in k}
+        async with ConsulClient(resolve(cli=ConsulLayer(token=tokens.operator), env=no_cert)) as c:
+            with pytest.raises(Unavailable):  # verify_incoming_https: no client certificate, no answer
+                await c.kv_get("hostmesh/routes/x")
+
+    asyncio.run(main())
+
+
+def test_acl_policy_command_prints_what_consul_accepts(secure: SecureConsulDev) -> None:
+    out = CliRunner().invoke(cli, ["acl", "policy", "agent", "--service", "web", "--service", "api"]).stdout
+    assert 'service "web" {\n  policy = "write"\n}' in out and 'service "api"' in out
+    assert 'service_prefix "" {\n  policy = "write"' not in out
+    assert 'key_prefix "hostmesh/ca/tokens/" {\n  policy = "deny"\n}' in out
+    secure.token_for("hostmesh-agent-web-api", out)  # Consul parses and stores it
+    line = fails(CliRunner().invoke(cli, ["acl", "policy", "agent"]))
+    assert "--service" in line
+
+
+@pytest.mark.e2e
+def test_ca_and_two_agents_with_the_shipped_policies_over_https(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """`hostmesh ca serve` with the CA policy's token, two agents each with its own agent-policy token
+    in agent.toml's `[consul] token_file`, TLS settings from Consul's environment variables, and the
+    operator's token for intentions: traffic flows and a deny takes effect."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))  # the CA's processes; agents' files override the token
+    try:
+        m.start_ca()
+
+        def agent(node: str, service: str, upstreams: list[str]) -> AgentHandle:
+            h = m.write_agent_config(node, [{"name": service, "port": echo.port, "upstreams": upstreams}])
+            token_file = h.data_dir / "consul-token"
+            token_file.write_text(secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
+            token_file.chmod(0o600)
+            text = h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+            h.config_path.write_text(text)
+            return m.start_agent(h, wait=False)
+
+        server = agent("acl-server", "aclapi", [])
+        client_agent = agent("acl-client", "aclweb", ["aclapi"])
+        m.wait_ready(server)
+        m.wait_ready(client_agent)
+        m.wait_endpoints(client_agent, "aclapi", 1)
+        assert roundtrip(client_agent.binds["aclapi"], b"through ACLs") == b"through ACLs"
+
+        ok(hm(secure, "intention", "deny", "aclweb", "aclapi", env_token=tokens.operator))
+        wait_for(
+            lambda: roundtrip(client_agent.binds["aclapi"], b"x", timeout=1) == b"",
+            10.0,
+            "the deny written with the operator's token to reach the agents",
+        )
+        ok(hm(secure, "intention", "allow", "aclweb", "aclapi", env_token=tokens.operator))
+        wait_for(
+            lambda: roundtrip(client_agent.binds["aclapi"], b"y", timeout=1) == b"y",
+            10.0,
+            "the allow to reach the agents",
+        )
+    finally:
+        m.close()
+        echo.close()
+
+
+def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
+    missing = tmp_path / "ca-consul-token"
+    result = CliRunner().invoke(
+        cli, ["--token-file", str(missing), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
+    )
+    assert fails(result) == f"Error: Consul token file {missing}: cannot read: No such file or directory"
+
+
+def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
+    """Its worker and certificate processes re-read agent.toml: an option would apply to one only."""
+    result = CliRunner().invoke(cli, ["--token", "t", "agent", "run", "--config", str(tmp_path / "a.toml")])
+    assert fails(result).startswith(
+        "Error: agent run takes its Consul token and TLS settings from agent.toml"
+    )
+
+
+def test_agent_token_registers_only_its_own_services(secure: SecureConsulDev, tokens: Tokens) -> None:
+    async def main() -> None:
+        async with client(secure, tokens.agent) as c:
+            reg = ServiceRegistration("other", "other-n1", "127.0.0.1", 1, {"hostmesh": "1"})
+            with pytest.raises(PermissionDenied) as err:
+                await c.register_service(reg)
+            assert str(err.value) == (
+                "Consul ACL denied registration of other-n1: the token lacks service:write on other"
+            )
+
+    asyncio.run(main())
