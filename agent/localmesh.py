@@ -78,7 +78,7 @@ def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
             sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except (ConnectionResetError, BrokenPipeError):
+        except OSError:  # reset, broken pipe, or already gone when we half-close (ENOTCONN)
             pass
     return b"".join(chunks)
 
