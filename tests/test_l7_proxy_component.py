@@ -335,6 +335,84 @@ async def test_a_head_pipelined_behind_a_request_has_the_header_timeout(mesh: Me
     assert took < IO_TIMEOUT / 2  # about 2 x 0.5 s at most, far from the 90 s idle timeout
 
 
+UPGRADE = (
+    b"GET /refuse-upgrade HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+    b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n"
+)
+
+
+async def test_an_upgrade_the_backend_refused_breaks_no_other_request(mesh: Mesh) -> None:
+    """Issue 10: the backend answers a WebSocket upgrade with 426 and keeps its connection. Other
+    clients' requests (GET and POST, over the same pooled mTLS connections) are answered at once, and
+    the refused client's own connection goes on as HTTP/1.1. Before: the agents switched to tunnel
+    mode on the request, swallowed every later byte, and pooled the dead connection (a victim's GET
+    waited ~90 s, a POST got 503 UC)."""
+    a, b = mesh.client(), mesh.client()
+
+    def run() -> tuple[Any, list[Any], Any, Any]:
+        refused = a.raw(UPGRADE)
+        victims = []
+        for i in range(6):  # round robin: every instance's pooled connection is used again
+            if i % 2:
+                victims.append(b.get("/echo", method="POST", body=b"payload %d" % i))
+            else:
+                victims.append(b.get(f"/victim/{i}"))
+        same = a.get("/after-refusal")
+        again = a.raw(UPGRADE)
+        a.close()
+        b.close()
+        return refused, victims, same, again
+
+    refused, victims, same, again = await asyncio.to_thread(run)
+    assert refused.status == 426 and "connection" not in refused.headers  # hop-by-hop, not relayed
+    for i, r in enumerate(victims):
+        assert r.status == 200, (i, r.status, r.flags)
+        assert r.body == (b"payload %d" % i if i % 2 else b"GET /victim/%d\n" % i)
+    assert same.status == 200 and same.body == b"GET /after-refusal\n"
+    assert again.status == 426
+
+
+async def test_the_inbound_serves_http_after_a_refused_upgrade_on_the_same_connection(mesh: Mesh) -> None:
+    """What an older caller agent does (it pools the connection after the 426): the inbound keeps the
+    mTLS connection plain HTTP/1.1, so the next request on it is answered."""
+    ctx = mesh.tls_a.client_http["web"]
+    port = mesh.inbounds[0].port
+
+    def run() -> tuple[Any, Any]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        c = Client(port)
+        c.sock = ctx.wrap_socket(raw, server_hostname=f"api.svc.{TD}")
+        refused = c.raw(UPGRADE)
+        nxt = c.get("/next-on-the-pooled-connection")
+        c.close()
+        return refused, nxt
+
+    refused, nxt = await asyncio.to_thread(run)
+    assert refused.status == 426
+    assert nxt.status == 200 and nxt.body == b"GET /next-on-the-pooled-connection\n"
+
+
+async def test_an_accepted_upgrade_is_a_tunnel_both_ways(mesh: Mesh) -> None:
+    def run() -> tuple[bytes, list[bytes]]:
+        with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(UPGRADE.replace(b"/refuse-upgrade", b"/ws"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+            got = []
+            for msg in (b"ping", b"frames both ways"):
+                s.sendall(msg)
+                buf = b""
+                while len(buf) < len(msg):
+                    buf += s.recv(4096)
+                got.append(buf)
+            return head, got
+
+    head, got = await asyncio.to_thread(run)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"upgrade: websocket" in head.lower()
+    assert got == [b"PING", b"FRAMES BOTH WAYS"]
+
+
 def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
     flows = (
         test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection,

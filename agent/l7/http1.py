@@ -12,8 +12,11 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 - Hop-by-hop fields (RFC 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
   Transfer-Encoding, Upgrade, plus every field named in Connection) are dropped when forwarding;
   for a WebSocket upgrade the ``Upgrade`` field and ``Connection: upgrade`` are kept so the upstream
-  can switch protocols, and after the 101 both sides are a byte tunnel. Other upgrades (h2c) are
-  ignored: the request is served as plain HTTP/1.1.
+  can switch protocols. The request framer switches to tunnel mode only when told the upstream
+  answered ``101`` (:meth:`RequestFramer.upgrade_accepted`); until then it holds what follows the
+  request; any other answer (:meth:`RequestFramer.upgrade_refused`) keeps the connection plain
+  HTTP/1.1 (RFC 9110 §7.8) and the held bytes are parsed as the next request. Other upgrades (h2c)
+  are ignored: the request is served as plain HTTP/1.1.
 - Keep-alive: HTTP/1.1 persists unless ``Connection: close``; HTTP/1.0 persists only with
   ``Connection: keep-alive``. A 1.0 client never receives chunked: a response without a length is
   sent until close. A 1.1 client receives a close-delimited upstream body re-chunked, so its
@@ -44,6 +47,8 @@ from hostmesh.agent.l7.errors import ProtocolError
 MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
 MAX_HEADER_COUNT = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
 MAX_TRAILER_BYTES = 16 * 1024  # trailers are rare and small; bounds what a chunked body can make us hold
+MAX_EARLY_UPGRADE_BYTES = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
+# proxy stops reading meanwhile); a WebSocket client sends nothing until the 101 (RFC 6455 §4.1)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -386,7 +391,7 @@ Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | Tunne
 # goes through a generated Python __new__, about twice the cost, four times per request and side.
 _make = tuple.__new__
 
-_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD = range(5)
+_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD, _UPGRADING = range(6)  # _UPGRADING: asked, not answered yet
 
 
 class _Stop(Exception):
@@ -402,6 +407,7 @@ class _Framer:
         "_head_raw",
         "_headers",
         "_heads_done",
+        "_held",
         "_max_head",
         "_max_headers",
         "_parser",
@@ -431,6 +437,7 @@ class _Framer:
         self._trailer_bytes = 0
         self._upgrade_ok = False
         self._special = False
+        self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -528,6 +535,9 @@ class _Framer:
         if self._state == _TUNNEL:
             events.append(TunnelData(bytes(data)))  # bytes: `data` may be a view of a reused read buffer
             return events
+        if self._state == _UPGRADING:
+            self._hold(data, events)
+            return events
         start_state = self._state
         heads_before = self._heads_done
         try:
@@ -536,9 +546,7 @@ class _Framer:
             offset = int(exc.args[0]) if exc.args else len(data)
             rest = bytes(data[offset:])
             if self._upgrade_ok:
-                self._state = _TUNNEL
-                if rest:
-                    events.append(TunnelData(rest))
+                self._upgraded(rest, events)
             else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
                 self._parser = self._new_parser()
                 self._state = _IDLE
@@ -568,12 +576,27 @@ class _Framer:
                 self._state = _DEAD
         return events
 
+    def _upgraded(self, rest: bytes, events: list[Event]) -> None:
+        """The message asked to switch protocols and the parser stopped after it (`rest` follows it)."""
+        self._state = _TUNNEL
+        if rest:
+            events.append(TunnelData(rest))
+
+    def _hold(self, data: bytes | memoryview, events: list[Event]) -> None:
+        held = self._held = self._held + bytes(data)
+        if len(held) > MAX_EARLY_UPGRADE_BYTES:
+            self._held = b""
+            self._state = _DEAD
+            events.append(Reject(400, "data-before-upgrade-answer", flags.DPE))
+
 
 class RequestFramer(_Framer):
     """Incremental HTTP/1.1 request framer for an ``asyncio.Protocol``: ``feed(bytes) -> events``.
 
     Events, in order per request: :class:`RequestHead`, :class:`Body`*, :class:`EndOfMessage`; after a
-    WebSocket head, :class:`TunnelData` for every further byte; :class:`Reject` ends the connection.
+    WebSocket request, nothing until the caller says how it was answered (:meth:`upgrade_accepted`:
+    :class:`TunnelData` for every further byte; :meth:`upgrade_refused`: HTTP/1.1 goes on);
+    :class:`Reject` ends the connection.
     Pipelined requests come out in order; the proxy pauses reading while it serves one.
     """
 
@@ -587,6 +610,31 @@ class RequestFramer(_Framer):
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         return self._feed(data)
+
+    def upgrade_accepted(self) -> list[TunnelData]:
+        """The upstream answered the upgrade request with 101: from now on every byte is tunnel data
+        (the bytes held since the request first)."""
+        if self._state != _UPGRADING:
+            return []
+        self._state = _TUNNEL
+        held, self._held = self._held, b""
+        return [TunnelData(held)] if held else []
+
+    def upgrade_refused(self) -> list[Event]:
+        """The upgrade request got any other answer: the connection stays HTTP/1.1, and the bytes held
+        since the request are parsed as what they are, the next request(s)."""
+        if self._state != _UPGRADING:
+            return []
+        held, self._held = self._held, b""
+        self._parser = self._new_parser()
+        self._state = _IDLE
+        self._upgrade_ok = False
+        return self._feed(held) if held else []
+
+    def _upgraded(self, rest: bytes, events: list[Event]) -> None:
+        self._state = _UPGRADING  # not a tunnel before the upstream's 101: it may refuse
+        if rest:
+            self._hold(rest, events)
 
     def eof(self) -> list[Event]:
         """The client closed its sending side: a request cut short is a protocol error."""

@@ -22,7 +22,9 @@ Decisions:
   408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``.
 - Upstream connections are pooled per key (LIFO, bounded, aged out); one is returned to the pool only
   when both the request and the response ended cleanly and the response allows keep-alive.
-- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes.
+- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes;
+  answered otherwise, the client connection goes on as HTTP/1.1 and the upstream one is closed (the
+  next hop's state is not ours to guess: an older peer agent would still be waiting for tunnel bytes).
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
 """
@@ -299,6 +301,8 @@ class ServerConn(asyncio.BaseProtocol):
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog, self.backlog = self.backlog, None
+        if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
+            backlog = self.framer.upgrade_refused() + (backlog or [])
         if backlog:
             for i, ev in enumerate(backlog):
                 if self.closed:
@@ -314,10 +318,14 @@ class ServerConn(asyncio.BaseProtocol):
             self.resume_reading()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
+        """The upstream answered the upgrade with 101: both connections are one byte tunnel now."""
         self.ex = None
         self.backlog = None
         self._tunnel = up
         self._cancel_timer()
+        for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
+            if up.transport is not None:
+                up.transport.write(ev.data)
         self.resume_reading()
 
     # ---- timers
@@ -707,9 +715,9 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
-        if self.request_done and up.keep_alive_ok():
+        if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
             up.release()
-        else:
+        else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
             up.close()
         self._finish(self.plan != UNTIL_CLOSE and self.keep_alive)
 
