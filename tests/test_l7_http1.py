@@ -97,6 +97,8 @@ SMUGGLING = {
     "bare-lf": b"GET / HTTP/1.1\nHost: a\n\n",
     "nul-in-value": b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
     "http09": b"GET /\r\n\r\n",
+    "host-repeated": b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\nhost: b\r\n\r\n",
+    "host-repeated-same": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
 }
 
 
@@ -113,6 +115,14 @@ def test_reject_reasons_are_specific() -> None:
     assert reject_of(SMUGGLING["obs-fold"]).reason == "obs-fold"
     assert reject_of(SMUGGLING["chunk-size-garbage"]).reason == "bad-chunk-size"
     assert reject_of(SMUGGLING["chunk-size-overflow"]).reason == "bad-chunk-size"
+    assert reject_of(SMUGGLING["host-repeated"]).reason == "repeated-host"
+
+
+def test_one_host_per_request_on_a_kept_alive_connection() -> None:
+    """The Host count is per message: a second request's own Host is not a repeat."""
+    heads = [e for e in one_shot(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+             if isinstance(e, RequestHead)]  # fmt: skip
+    assert [h.target for h in heads] == [b"/1", b"/2"]
 
 
 @pytest.mark.parametrize("name", ["cl-and-te", "cl-conflict", "obs-fold", "chunk-size-garbage"])

@@ -254,6 +254,35 @@ async def test_hygiene_smuggling_oversize_and_http10(mesh: Mesh) -> None:
     assert out3.startswith(b"HTTP/1.1 200") and out3.endswith(b"GET /old\n")
 
 
+def mtls_client(mesh: Mesh, instance: int = 0) -> Client:
+    """A keep-alive client speaking to api's inbound directly, as web's agent would (mTLS, ALPN http1)."""
+    port = mesh.inbounds[instance].port
+    c = Client(port)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    c.sock = mesh.tls_a.client_http["web"].wrap_socket(raw, server_hostname=f"api.svc.{TD}")
+    return c
+
+
+async def test_a_repeated_host_is_400_on_both_public_edges(mesh: Mesh) -> None:
+    """Issue 10: two Host fields (which authority routes and authorizes?) used to be forwarded; RFC
+    9112 §3.2 says 400. Checked on the app-facing outbound and on the mTLS-facing inbound."""
+    two_hosts = b"GET /two-hosts HTTP/1.1\r\nhost: api\r\nhost: admin.internal\r\n\r\n"
+    hits = sum(app.hits for app in mesh.apps)
+
+    def via_inbound() -> Any:
+        c = mtls_client(mesh)
+        try:
+            return c.raw(two_hosts)
+        finally:
+            c.close()
+
+    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, two_hosts)
+    direct = await asyncio.to_thread(via_inbound)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"x-hostmesh-response-flags: DPE" in out
+    assert direct.status == 400 and direct.flags == "DPE"
+    assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
+
+
 async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
@@ -375,13 +404,9 @@ async def test_an_upgrade_the_backend_refused_breaks_no_other_request(mesh: Mesh
 async def test_the_inbound_serves_http_after_a_refused_upgrade_on_the_same_connection(mesh: Mesh) -> None:
     """What an older caller agent does (it pools the connection after the 426): the inbound keeps the
     mTLS connection plain HTTP/1.1, so the next request on it is answered."""
-    ctx = mesh.tls_a.client_http["web"]
-    port = mesh.inbounds[0].port
 
     def run() -> tuple[Any, Any]:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-        c = Client(port)
-        c.sock = ctx.wrap_socket(raw, server_hostname=f"api.svc.{TD}")
+        c = mtls_client(mesh)
         refused = c.raw(UPGRADE)
         nxt = c.get("/next-on-the-pooled-connection")
         c.close()

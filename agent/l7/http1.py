@@ -5,7 +5,8 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 - Request smuggling shapes answer **400** and close: Content-Length together with Transfer-Encoding,
   a repeated Content-Length (differing or not; llhttp rejects both), a Content-Length that is not a
   plain decimal, obs-fold (a header line starting with SP/HTAB), an invalid chunk size, a
-  Transfer-Encoding whose final coding is not ``chunked``. A transfer coding other than plain
+  Transfer-Encoding whose final coding is not ``chunked``, more than one ``Host`` field (RFC 9112
+  §3.2: which authority would route and authorize?). A transfer coding other than plain
   ``chunked`` answers **501**; Transfer-Encoding in an HTTP/1.0 request answers 400. HTTP/0.9 is 400.
 - A request head above :data:`MAX_HEAD_BYTES` or with more than :data:`MAX_HEADER_COUNT` fields
   answers **431**. The count is kept across reads, so a slow client cannot grow the parser's buffer.
@@ -408,6 +409,7 @@ class _Framer:
         "_headers",
         "_heads_done",
         "_held",
+        "_hosts",
         "_max_head",
         "_max_headers",
         "_parser",
@@ -438,6 +440,7 @@ class _Framer:
         self._upgrade_ok = False
         self._special = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
+        self._hosts = 0  # Host fields in the current head
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -469,6 +472,7 @@ class _Framer:
         self._head_raw = 0
         self._trailer_bytes = 0
         self._special = False
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -489,6 +493,8 @@ class _Framer:
         lname = name.lower()
         if lname in _DECISION_FIELDS:
             self._special = True
+        elif lname == b"host":
+            self._hosts += 1
         headers = self._headers
         headers.append((lname, value))
         size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
@@ -651,6 +657,8 @@ class RequestFramer(_Framer):
         method = p.get_method()
         if method == b"CONNECT":
             raise ProtocolError(405, "connect-unsupported")
+        if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
+            raise ProtocolError(400, "repeated-host")
         headers = self._headers
         if not self._special:  # fast path: nothing that changes the decisions below
             self._upgrade_ok = False
