@@ -48,6 +48,9 @@ class UpstreamConfig:
     load_balancer: str = "round_robin"  # L4 pick: round_robin | least_connections
     connect_timeout: float = 1.0  # seconds per attempt to dial one instance's agent
     connect_budget: float = 3.0  # seconds in all, across instances, before the downstream is closed
+    # what the upstream speaks while the registry does not say (no route document, no healthy
+    # instance): "http" answers 503 UH then, not a reset; None: what the registry said last
+    protocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +178,9 @@ def parse_address(text: Any, path: str) -> Address:
 def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
-    _check_keys(raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget"}, path)
+    _check_keys(
+        raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget", "protocol"}, path
+    )
     service = _str(raw, "service", f"{path}.")
     if not service or not valid_service_name(service):
         raise _fail(f"{path}.service", "must be a lowercase DNS label")
@@ -184,12 +189,16 @@ def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     lb = _str(raw, "load_balancer", f"{path}.", "round_robin")
     if lb not in LOAD_BALANCERS:
         raise _fail(f"{path}.load_balancer", f"must be one of {', '.join(LOAD_BALANCERS)}")
+    protocol = _str(raw, "protocol", f"{path}.")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise _fail(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
     return UpstreamConfig(
         service=service,
         bind=parse_address(raw["bind"], f"{path}.bind"),
         load_balancer=lb,
         connect_timeout=_number(raw, "connect_timeout", f"{path}.", 1.0, 0.01, 60),
         connect_budget=_number(raw, "connect_budget", f"{path}.", 3.0, 0.01, 300),
+        protocol=protocol,
     )
 
 

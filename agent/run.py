@@ -73,10 +73,10 @@ class AgentStartError(Exception):
 
 class LazyHttpOutbound:
     """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
-    holds anything HTTP about the upstream: a route document, or an instance registered with
-    protocol=http. Until then `takes()` is False without loading the L7 modules (~1.3 MiB of RSS
-    in an agent whose upstreams are all TCP); from then on every call goes to the real HttpOutbound,
-    whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
+    holds anything HTTP about the upstream: a route document, an instance registered with
+    protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
+    without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
+    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
 
     def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
         self._kwargs = kwargs
@@ -86,8 +86,10 @@ class LazyHttpOutbound:
 
     def takes(self, snap: Snapshot) -> bool:
         if self.real is None:
-            if self.service not in snap.routes and not any(
-                e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ())
+            if (
+                self.service not in snap.routes
+                and self._kwargs.get("protocol") != "http"
+                and not any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
             ):
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
@@ -272,6 +274,7 @@ class Agent:
                     holder=self.builder.holder, local_service=svc.name, upstream=up.service,
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
+                    protocol=up.protocol,
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener

@@ -120,3 +120,16 @@ def test_http_limits_are_configurable() -> None:
     assert parse_config(minimal(http={"header_read_timeout": 1})).http.header_read_timeout == 1.0
     with pytest.raises(ConfigError, match=r"^http\.header_read_timeout: must be a number"):
         parse_config(minimal(http={"header_read_timeout": 0}))
+
+
+def test_an_upstream_may_declare_its_protocol() -> None:
+    def up(**kw: object) -> dict[str, object]:
+        return minimal(services=[{"name": "web", "port": 8080, "upstreams": [{"service": "api",
+                                  "bind": "127.0.0.1:9091", **kw}]}])  # fmt: skip
+
+    assert parse_config(up()).services[0].upstreams[0].protocol is None  # learnt from the registry
+    assert parse_config(up(protocol="http")).services[0].upstreams[0].protocol == "http"
+    with pytest.raises(
+        ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.protocol: must be one of tcp, http"
+    ):
+        parse_config(up(protocol="grpc"))

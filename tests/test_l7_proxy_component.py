@@ -364,6 +364,34 @@ async def test_a_head_pipelined_behind_a_request_has_the_header_timeout(mesh: Me
     assert took < IO_TIMEOUT / 2  # about 2 x 0.5 s at most, far from the 90 s idle timeout
 
 
+async def test_an_http_upstream_without_a_healthy_instance_answers_503_uh(mesh: Mesh) -> None:
+    """Issue 10: with every instance failing its checks the snapshot has no instance to say "http", so
+    the listener fell back to L4 and reset the client. Now: what the registry said last holds."""
+    c = mesh.client()
+    assert (await asyncio.to_thread(c.get, "/first")).status == 200
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a))  # no passing instance of api any more
+    on_kept = await asyncio.to_thread(c.get, "/kept-alive")
+    fresh = await asyncio.to_thread(mesh.client().get, "/new-connection")
+    c.close()
+    for r in (on_kept, fresh):
+        assert (r.status, r.flags) == (503, "UH")
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="503", response_flags="UH") == 2
+
+
+async def test_an_upstream_declared_http_answers_503_uh_before_any_instance_was_seen(mesh: Mesh) -> None:
+    """agent.toml `protocol = "http"` on the upstream: right after start, with no instance yet."""
+    holder = SnapshotHolder(snap({"web": 1}, mesh.tls_a))
+    ob = OutboundListener(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), protocol="http"),
+                          mesh.tel_a)  # fmt: skip
+    ob.http = HttpOutbound(holder, "web", "api", mesh.tel_a, protocol="http")
+    await ob.start()
+    try:
+        r = await asyncio.to_thread(Client(ob.port).get, "/")
+    finally:
+        await ob.close()
+    assert (r.status, r.flags) == (503, "UH")
+
+
 UPGRADE = (
     b"GET /refuse-upgrade HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
     b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n"
