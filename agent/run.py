@@ -76,7 +76,8 @@ class LazyHttpOutbound:
     holds anything HTTP about the upstream: a route document, an instance registered with
     protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
     without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
-    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
+    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
+    answer: the real one is False in that case too."""
 
     def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
         self._kwargs = kwargs
