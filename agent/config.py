@@ -22,6 +22,8 @@ DEFAULT_ADMIN = "127.0.0.1:15000"
 DEFAULT_METRICS = "0.0.0.0:15090"
 DEFAULT_DATA_DIR = "/var/lib/hostmesh"
 DEFAULT_HEADER_READ_TIMEOUT = 10.0  # slow-client bound on a request head; generous for real clients
+DEFAULT_BODY_IDLE_TIMEOUT = 15.0  # a request body may pause this long (real uploads never pause so long)
+DEFAULT_BODY_MIN_RATE = 240.0  # bytes/s a request body must keep up after that grace (Kestrel's default)
 DEFAULT_DRAIN_SECONDS = 10.0  # SIGTERM: how long open connections may finish before being cut
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http")
@@ -95,9 +97,14 @@ class AccessLogConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """`http = { header_read_timeout = 10 }`: limits of the L7 (protocol = "http") data path."""
+    """`http = { header_read_timeout = 10, body_idle_timeout = 15, body_min_rate = 240 }`: limits of
+    the L7 (protocol = "http") data path."""
 
     header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds for a request head to arrive
+    # a request body silent this long, or slower than body_min_rate bytes/s (0: no rate) once that
+    # grace is used, gets 408 (flag SI) and its upstream connection closed: slow bodies hold nothing
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT
+    body_min_rate: float = DEFAULT_BODY_MIN_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +264,14 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
 def _parse_http(raw: Any) -> HttpConfig:
     if not isinstance(raw, dict):
         raise _fail("http", "must be a table like { header_read_timeout = 10 }")
-    _check_keys(raw, {"header_read_timeout"}, "http")
-    return HttpConfig(_number(raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600))
+    _check_keys(raw, {"header_read_timeout", "body_idle_timeout", "body_min_rate"}, "http")
+    return HttpConfig(
+        header_read_timeout=_number(
+            raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600
+        ),
+        body_idle_timeout=_number(raw, "body_idle_timeout", "http.", DEFAULT_BODY_IDLE_TIMEOUT, 0.05, 3600),
+        body_min_rate=_number(raw, "body_min_rate", "http.", DEFAULT_BODY_MIN_RATE, 0, 1e9),
+    )
 
 
 TOP_KEYS = {

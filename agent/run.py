@@ -256,6 +256,8 @@ class Agent:
             self.telemetry,
             {s.name: s.meta.get("version", "") for s in self.config.services},
             header_timeout=self.config.http.header_read_timeout,
+            body_idle_timeout=self.config.http.body_idle_timeout,
+            body_min_rate=self.config.http.body_min_rate,
         )
         self.inbound.alpn_handlers[ALPN_HTTP1] = self.http_inbound.handler
 
@@ -275,7 +277,8 @@ class Agent:
                     holder=self.builder.holder, local_service=svc.name, upstream=up.service,
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
-                    protocol=up.protocol,
+                    protocol=up.protocol, body_idle_timeout=self.config.http.body_idle_timeout,
+                    body_min_rate=self.config.http.body_min_rate,
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener

@@ -57,6 +57,7 @@ class Backend:
         self.last_headers: dict[bytes, bytes] = {}
         self.server: asyncio.Server | None = None
         self.connections = 0
+        self.closed = 0  # connections that ended (the peer closed or broke them)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -82,6 +83,7 @@ class Backend:
         except (ConnectionError, OSError, httptools.HttpParserError):
             pass
         finally:
+            self.closed += 1
             w.close()
 
     async def _answer(self, req: _Req, parser: Any, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:

@@ -120,6 +120,12 @@ def test_http_limits_are_configurable() -> None:
     assert parse_config(minimal(http={"header_read_timeout": 1})).http.header_read_timeout == 1.0
     with pytest.raises(ConfigError, match=r"^http\.header_read_timeout: must be a number"):
         parse_config(minimal(http={"header_read_timeout": 0}))
+    http = parse_config(minimal()).http
+    assert (http.body_idle_timeout, http.body_min_rate) == (15.0, 240.0)
+    http = parse_config(minimal(http={"body_idle_timeout": 60, "body_min_rate": 0})).http
+    assert (http.body_idle_timeout, http.body_min_rate) == (60.0, 0.0)
+    with pytest.raises(ConfigError, match=r"^http\.body_idle_timeout: must be a number"):
+        parse_config(minimal(http={"body_idle_timeout": "15s"}))
 
 
 def test_an_upstream_may_declare_its_protocol() -> None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import select
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -390,6 +391,100 @@ async def test_an_upstream_declared_http_answers_503_uh_before_any_instance_was_
     finally:
         await ob.close()
     assert (r.status, r.flags) == (503, "UH")
+
+
+def slow_body_mesh(mesh: Mesh, idle: float = 0.5, rate: float = 240.0) -> None:
+    for side in (mesh.http_out, *mesh.http_ins):
+        side.body_idle_timeout, side.body_min_rate = idle, rate
+
+
+def body_cut(c: Client, pace: float, max_bytes: int = 2000) -> tuple[bytes, int]:
+    """POST a 1 MB body one byte per `pace` seconds until the proxy answers; (answer, bytes sent)."""
+    sock = c.connect()
+    sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 1000000\r\n\r\n")
+    sent = 0
+    for _ in range(max_bytes):  # bounded: the proxy must answer long before the body is complete
+        ready, _w, _x = select.select([sock], [], [], pace)
+        if ready:
+            break
+        sock.sendall(b"x")
+        sent += 1
+    out = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    c.close()
+    return out, sent
+
+
+async def wait_closed(app: Backend, before: int) -> None:
+    for _ in range(200):  # bounded: 10 s
+        if app.closed > before:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the backend connection was not closed")
+
+
+@pytest.mark.parametrize("via", ["outbound", "inbound"])
+async def test_a_stalled_request_body_gets_408_si_and_frees_the_backend(mesh: Mesh, via: str) -> None:
+    """Issue 10: a body that stops arriving held the agents' and the backend's connections (no body
+    timeout). Now: 408 with flag SI after body_idle_timeout, and the backend connection is closed."""
+    slow_body_mesh(mesh, idle=0.5)
+    make = mesh.client if via == "outbound" else lambda: mtls_client(mesh)  # (the handshake: in the thread)
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    app = mesh.apps[0]
+    before = app.closed
+
+    def run() -> bytes:
+        c = make()
+        sock = c.connect()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n0123456789")
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(
+                65536
+            ):  # the socket's timeout (IO_TIMEOUT) bounds a proxy that never answers
+                out += chunk
+        c.close()
+        return out
+
+    out = await asyncio.to_thread(run)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-response-flags: SI" in out
+    await wait_closed(app, before)
+
+
+async def test_a_trickled_request_body_is_cut_at_the_minimum_rate(mesh: Mesh) -> None:
+    """1 byte every 50 ms never leaves the body idle for 0.5 s, but it is far below 240 B/s: cut once
+    the grace is spent, long before the body is complete; the backend connection is closed."""
+    slow_body_mesh(mesh, idle=0.5)
+    before = sum(app.closed for app in mesh.apps)
+    out, sent = await asyncio.to_thread(body_cut, mesh.client(), 0.05)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-response-flags: SI" in out
+    assert sent < 1000
+    for _ in range(200):  # bounded: 10 s
+        if sum(app.closed for app in mesh.apps) > before:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(app.closed for app in mesh.apps) > before
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="408", response_flags="SI") == 1
+
+
+async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Mesh) -> None:
+    slow_body_mesh(mesh, idle=0.5)
+    c = mesh.client()
+
+    def run() -> Any:
+        sock = c.connect()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 40000\r\n\r\n")
+        for i in range(10):  # 4 KB then a pause well under the idle timeout: ~40 KB/s
+            sock.sendall(bytes([65 + i]) * 4000)
+            time.sleep(0.1)
+        r = c.read()
+        c.close()
+        return r
+
+    r = await asyncio.to_thread(run)
+    assert r.status == 200 and len(r.body) == 40000
 
 
 UPGRADE = (

@@ -23,8 +23,10 @@ UC = "UC"  # upstream connection terminated mid-request -> 503/502
 UPE = "UPE"  # upstream protocol error (unparseable or smuggling-shaped response) -> 502
 DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversize head) -> 400/431
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
+SI = "SI"  # stream idle: the request body stalled or trickled below the minimum rate -> 408 (or a reset)
+OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ)
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, SI, OM)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -40,6 +42,8 @@ DESCRIPTIONS: dict[str, str] = {
     UPE: "upstream protocol error",
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
+    SI: "request body idle or too slow",
+    OM: "agent overloaded (connection cap)",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself

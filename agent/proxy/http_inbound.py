@@ -36,6 +36,8 @@ from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.ratelimit import TokenBucket
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.http_conn import (
+    BODY_IDLE_TIMEOUT,
+    BODY_MIN_RATE,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
     Exchange,
@@ -88,9 +90,12 @@ class HttpInbound:
 
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
                  subsets: Mapping[str, str] | None = None,
-                 header_timeout: float = HEADER_READ_TIMEOUT) -> None:  # fmt: skip
+                 header_timeout: float = HEADER_READ_TIMEOUT, body_idle_timeout: float = BODY_IDLE_TIMEOUT,
+                 body_min_rate: float = BODY_MIN_RATE) -> None:  # fmt: skip
         self.holder = holder
         self.header_timeout = header_timeout
+        self.body_idle_timeout = body_idle_timeout
+        self.body_min_rate = body_min_rate
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
         self.metrics = RequestMetrics(telemetry, REPORTER)

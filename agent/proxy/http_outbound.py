@@ -58,6 +58,8 @@ from hostmesh.agent.l7.retry import (
 )
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.http_conn import (
+    BODY_IDLE_TIMEOUT,
+    BODY_MIN_RATE,
     CLIENT_GONE,
     CONNECT_FAILURE,
     HEADER_READ_TIMEOUT,
@@ -257,8 +259,11 @@ class HttpOutbound:
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: str, telemetry: Telemetry,
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
+                 body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
                  rng: random.Random | None = None) -> None:  # fmt: skip
         self.holder = holder
+        self.body_idle_timeout = body_idle_timeout
+        self.body_min_rate = body_min_rate
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
         self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
