@@ -25,6 +25,10 @@ DEFAULT_HEADER_READ_TIMEOUT = 10.0  # slow-client bound on a request head; gener
 DEFAULT_BODY_IDLE_TIMEOUT = 15.0  # a request body may pause this long (real uploads never pause so long)
 DEFAULT_BODY_MIN_RATE = 240.0  # bytes/s a request body must keep up after that grace (Kestrel's default)
 DEFAULT_DRAIN_SECONDS = 10.0  # SIGTERM: how long open connections may finish before being cut
+DEFAULT_MAX_CONNECTIONS = 10_000  # per agent: far above a sidecar's usual load, well below its fd limit
+MAX_MAX_CONNECTIONS = 1_000_000  # a larger cap is a typo: no host holds that many sockets per process
+DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databases, brokers) send
+# keepalives well within it, and a connection whose peer vanished without a FIN frees its slot in an hour
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http")
 LOAD_BALANCERS = ("round_robin", "least_connections")
@@ -125,6 +129,12 @@ class AgentConfig:
     log_level: str = "info"
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    # downstream connections held at once (app connections to upstream listeners, mesh connections,
+    # the app connection of each inbound L4 stream); beyond: 503 OM (HTTP) or a reset (TCP)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    stream_idle_timeout: float = (
+        DEFAULT_STREAM_IDLE_TIMEOUT  # an L4 connection silent this long is reset; 0: never
+    )
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -291,6 +301,8 @@ TOP_KEYS = {
     "log_level",
     "access_log",
     "http",
+    "max_connections",
+    "stream_idle_timeout",
 }
 
 
@@ -354,6 +366,13 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         sample=_number(access_raw, "sample", "access_log.", DEFAULT_ACCESS_SAMPLE, 0.0, 1.0)
     )
     metrics_raw = raw.get("metrics", DEFAULT_METRICS)
+    max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or not 1 <= max_connections <= MAX_MAX_CONNECTIONS
+    ):
+        raise _fail("max_connections", f"must be an integer in 1..{MAX_MAX_CONNECTIONS}")
     return AgentConfig(
         node=node,
         mesh_address=mesh_address,
@@ -371,6 +390,10 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         log_level=log_level or "info",
         access_log=access_log,
         http=_parse_http(raw.get("http", {})),
+        max_connections=max_connections,
+        stream_idle_timeout=_number(
+            raw, "stream_idle_timeout", "", DEFAULT_STREAM_IDLE_TIMEOUT, 0, 7 * 86400
+        ),
     )
 
 

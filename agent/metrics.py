@@ -307,6 +307,10 @@ class Telemetry:
             "hostmesh_authz_denied_total", "connections/requests denied by intentions",
             ("reporter", "source_service", "destination_service"), registry=r,
         )  # fmt: skip
+        self.overload_rejected = Counter(
+            "hostmesh_overload_rejected_total", "connections refused at the agent's connection cap",
+            ("listener",), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

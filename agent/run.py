@@ -64,6 +64,8 @@ RESTART_KEYS = (
     "ca",
     "trust_domain",
     "workers",
+    "max_connections",  # the cap is shared by every listener of the process
+    "stream_idle_timeout",
 )
 
 
@@ -185,7 +187,11 @@ class Agent:
             from hostmesh.agent.workers import INBOUND_PORT_ENV
 
             bind = replace(bind, port=int(os.environ[INBOUND_PORT_ENV]))
-        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse)
+        from hostmesh.agent.proxy.limits import ConnectionCap
+
+        self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
+        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
+                                       stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
@@ -271,8 +277,9 @@ class Agent:
         for key, (svc, up) in wanted.items():
             if key not in self.outbound:
                 listener = OutboundListener(
-                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1
-                )
+                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1,
+                    cap=self.cap, stream_idle_timeout=self.config.stream_idle_timeout,
+                )  # fmt: skip
                 listener.http = LazyHttpOutbound(dict(
                     holder=self.builder.holder, local_service=svc.name, upstream=up.service,
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),

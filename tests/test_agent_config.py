@@ -139,3 +139,14 @@ def test_an_upstream_may_declare_its_protocol() -> None:
         ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.protocol: must be one of tcp, http"
     ):
         parse_config(up(protocol="grpc"))
+
+
+def test_connection_cap_and_stream_idle_timeout() -> None:
+    cfg = parse_config(minimal())
+    assert (cfg.max_connections, cfg.stream_idle_timeout) == (10_000, 3600.0)
+    cfg = parse_config(minimal(max_connections=500, stream_idle_timeout=0))
+    assert (cfg.max_connections, cfg.stream_idle_timeout) == (500, 0.0)
+    with pytest.raises(ConfigError, match=r"^max_connections: must be an integer in 1\.\.1000000$"):
+        parse_config(minimal(max_connections=0))
+    with pytest.raises(ConfigError, match=r"^stream_idle_timeout: must be a number"):
+        parse_config(minimal(stream_idle_timeout=-1))

@@ -33,6 +33,7 @@ from hostmesh.agent.proxy.http_conn import TlsReads
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
@@ -485,6 +486,36 @@ async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Me
 
     r = await asyncio.to_thread(run)
     assert r.status == 200 and len(r.body) == 40000
+
+
+async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
+    """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
+    connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""
+    cap_a, cap_b = ConnectionCap(1, mesh.tel_a), ConnectionCap(1, mesh.tel_b)
+    mesh.outbound.cap = cap_a
+    mesh.inbounds[0].cap = cap_b
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+
+    def run() -> list[Any]:
+        kept = mesh.client()
+        first = kept.get("/first")  # holds the outbound's only slot (and, pooled, the inbound's)
+        shed = mesh.client().get("/over-the-cap")
+        direct = mtls_client(mesh).get("/over-the-inbound-cap")  # a second mesh connection to api-0
+        kept.close()
+        return [first, shed, direct]
+
+    first, shed, direct = await asyncio.to_thread(run)
+    assert first.status == 200
+    assert (shed.status, shed.flags, shed.headers.get("connection")) == (503, "OM", "close")
+    assert (direct.status, direct.flags) == (503, "OM")
+    assert sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 1
+    assert sample(mesh.tel_b, "hostmesh_overload_rejected_total", listener="inbound") == 1
+    for _ in range(200):  # bounded: 10 s for the closed client's slot to come back
+        if cap_a.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    again = await asyncio.to_thread(mesh.client().get, "/slot-freed")
+    assert again.status == 200
 
 
 UPGRADE = (

@@ -190,6 +190,8 @@ class ServerConn(asyncio.BaseProtocol):
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
+        self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
+        self.admission: Any = None  # its slot under the cap (limits.Admission), released when it closes
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -239,6 +241,8 @@ class ServerConn(asyncio.BaseProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        if self.admission is not None:
+            self.admission.release()
         self.handler.conn_lost(self)
         ex = self.ex
         if ex is not None:
@@ -279,6 +283,10 @@ class ServerConn(asyncio.BaseProtocol):
             self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
             ex = self.ex = Exchange(self, ev)
+            if self.shed:  # overload: answered here, nothing reaches a route or an upstream
+                ex.keep_alive = False
+                ex.respond(503, fl.OM, "agent overloaded")
+                return
             if ev.framing != NO_BODY:
                 self.body_clock()
             self.handler.start(ex)

@@ -8,6 +8,8 @@ Pipeline per request (visible in `HttpInbound.start`):
     connection -> relay the response -> metrics reporter=destination, sampled access line.
 
 Decisions:
+- Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
+  connection is closed (http_conn.ServerConn.shed).
 - The connection is handed over by the L4 inbound (`InboundListener.alpn_handlers`) after the TLS
   handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection level the
   L4 code did not authorize, so every request is authorized here, against the *current* snapshot:
@@ -124,6 +126,10 @@ class HttpInbound:
         if self.closing:
             transport.close()
             return
+        cap = listener.cap  # the agent's connection cap (InboundListener.cap; None: unlimited)
+        if cap is not None:
+            conn.admission = cap.admit("inbound")
+            conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

@@ -314,6 +314,8 @@ class HttpOutbound:
         """Take over an accepted downstream connection (a paused RawEnd) as HTTP."""
         transport = end.transport
         conn = ServerConn(self)
+        conn.shed = end.shed  # over the agent's connection cap: 503 OM
+        conn.admission, end.admission = end.admission, None  # its slot is released when this one closes
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)
