@@ -99,6 +99,11 @@ class Backend:
             while data := await r.read(65536):
                 w.write(data.upper())
             return False
+        if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            w.write(b"\x81\x05hello")
+            await w.drain()
+            return True
         if path == b"/refuse-upgrade" and req.upgrade:  # refused, connection kept (RFC 9110 §15.5.22)
             status = 426
             extra += b"upgrade: websocket\r\nconnection: upgrade\r\n"

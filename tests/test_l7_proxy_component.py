@@ -571,6 +571,22 @@ async def test_the_inbound_serves_http_after_a_refused_upgrade_on_the_same_conne
     assert nxt.status == 200 and nxt.body == b"GET /next-on-the-pooled-connection\n"
 
 
+async def test_a_101_nobody_asked_for_is_502_upe_and_the_connection_is_dropped(mesh: Mesh) -> None:
+    """A backend answering 101 to a plain request left its connection in an unknown protocol: the
+    client gets 502 UPE, that app connection is closed, and the next request is served."""
+    c = mesh.client()
+
+    def run() -> tuple[Any, Any]:
+        bad = c.get("/unsolicited-101")
+        nxt = c.get("/next") if c.sock is not None else mesh.client().get("/next")
+        c.close()
+        return bad, nxt
+
+    bad, nxt = await asyncio.to_thread(run)
+    assert (bad.status, bad.flags) == (502, "UPE")
+    assert nxt.status == 200 and nxt.body == b"GET /next\n"
+
+
 async def test_an_accepted_upgrade_is_a_tunnel_both_ways(mesh: Mesh) -> None:
     def run() -> tuple[bytes, list[bytes]]:
         with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:

@@ -722,8 +722,11 @@ class Exchange:
         """Pass the upstream's response on to the client (head now, body as it streams)."""
         head = self.head
         up = self.upstream
-        if resp.status == 101 and head.upgrade:
-            self._relay_upgrade(resp)
+        if resp.status == 101:
+            if head.upgrade:
+                self._relay_upgrade(resp)
+            else:  # the upstream switched protocols unasked: its connection is in no state we know
+                self.respond(502, fl.UPE, "upstream switched protocols unasked")
             return
         framing, keep = http1.downstream_response_plan(head.version, self.keep_alive, resp.framing)
         if not self.request_done and framing != NO_BODY:
