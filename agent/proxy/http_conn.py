@@ -60,6 +60,7 @@ from hostmesh.agent.l7.http1 import (
 )
 from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
+from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
 
 log = logging.getLogger("hostmesh.proxy.http")
@@ -191,7 +192,7 @@ class ServerConn(asyncio.BaseProtocol):
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
         self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
-        self.admission: Any = None  # its slot under the cap (limits.Admission), released when it closes
+        self.admission: Admission | None = None  # its slot under the cap, released when it closes
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
 from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.pump import Pipe, Tracker
 
 log = logging.getLogger("hostmesh.proxy.limits")
@@ -51,7 +51,7 @@ class Admission:
 class ConnectionCap:
     """The agent process's downstream connection cap, shared by all its listeners."""
 
-    def __init__(self, limit: int, telemetry: Any = None) -> None:
+    def __init__(self, limit: int, telemetry: Telemetry | None = None) -> None:
         self.limit = limit
         self.open = 0
         self.rejected = 0
