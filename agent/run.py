@@ -393,7 +393,8 @@ class Agent:
         Applied live: upstreams (listeners added/drained), each service's port, protocol, meta and
         health (re-registered), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
         (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
-        a restart: they keep their running values and the log says so. A file that does not parse
+        a restart, as do the process-wide limits (max_connections, stream_idle_timeout): they keep
+        their running values and the log says so. A file that does not parse
         changes nothing.
         """
         sdnotify.reloading()
