@@ -25,7 +25,13 @@ DEFAULT_ADMIN = "127.0.0.1:15000"
 DEFAULT_METRICS = "0.0.0.0:15090"
 DEFAULT_DATA_DIR = "/var/lib/hostmesh"
 DEFAULT_HEADER_READ_TIMEOUT = 10.0  # slow-client bound on a request head; generous for real clients
+DEFAULT_BODY_IDLE_TIMEOUT = 15.0  # a request body may pause this long (real uploads never pause so long)
+DEFAULT_BODY_MIN_RATE = 240.0  # bytes/s a request body must keep up after that grace (Kestrel's default)
 DEFAULT_DRAIN_SECONDS = 10.0  # SIGTERM: how long open connections may finish before being cut
+DEFAULT_MAX_CONNECTIONS = 10_000  # per agent: far above a sidecar's usual load, well below its fd limit
+MAX_MAX_CONNECTIONS = 1_000_000  # a larger cap is a typo: no host holds that many sockets per process
+DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databases, brokers) send
+# keepalives well within it, and a connection whose peer vanished without a FIN frees its slot in an hour
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http")
 LOAD_BALANCERS = ("round_robin", "least_connections")
@@ -51,6 +57,9 @@ class UpstreamConfig:
     load_balancer: str = "round_robin"  # L4 pick: round_robin | least_connections
     connect_timeout: float = 1.0  # seconds per attempt to dial one instance's agent
     connect_budget: float = 3.0  # seconds in all, across instances, before the downstream is closed
+    # what the upstream speaks while the registry does not say (no route document, no healthy
+    # instance): "http" answers 503 UH then, not a reset; None: what the registry said last
+    protocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +98,14 @@ class AccessLogConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """`http = { header_read_timeout = 10 }`: limits of the L7 (protocol = "http") data path."""
+    """`http = { header_read_timeout = 10, body_idle_timeout = 15, body_min_rate = 240 }`: limits of
+    the L7 (protocol = "http") data path."""
 
     header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds for a request head to arrive
+    # a request body silent this long, or slower than body_min_rate bytes/s (0: no rate) once that
+    # grace is used, gets 408 (flag SI) and its upstream connection closed: slow bodies hold nothing
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT
+    body_min_rate: float = DEFAULT_BODY_MIN_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +126,12 @@ class AgentConfig:
     log_level: str = "info"
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    # downstream connections held at once (app connections to upstream listeners, mesh connections,
+    # the app connection of each inbound L4 stream); beyond: 503 OM (HTTP) or a reset (TCP)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    stream_idle_timeout: float = (
+        DEFAULT_STREAM_IDLE_TIMEOUT  # an L4 connection silent this long is reset; 0: never
+    )
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -177,7 +197,9 @@ def parse_address(text: Any, path: str) -> Address:
 def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
-    _check_keys(raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget"}, path)
+    _check_keys(
+        raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget", "protocol"}, path
+    )
     service = _str(raw, "service", f"{path}.")
     if not service or not valid_service_name(service):
         raise _fail(f"{path}.service", "must be a lowercase DNS label")
@@ -186,12 +208,16 @@ def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     lb = _str(raw, "load_balancer", f"{path}.", "round_robin")
     if lb not in LOAD_BALANCERS:
         raise _fail(f"{path}.load_balancer", f"must be one of {', '.join(LOAD_BALANCERS)}")
+    protocol = _str(raw, "protocol", f"{path}.")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise _fail(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
     return UpstreamConfig(
         service=service,
         bind=parse_address(raw["bind"], f"{path}.bind"),
         load_balancer=lb,
         connect_timeout=_number(raw, "connect_timeout", f"{path}.", 1.0, 0.01, 60),
         connect_budget=_number(raw, "connect_budget", f"{path}.", 3.0, 0.01, 300),
+        protocol=protocol,
     )
 
 
@@ -250,8 +276,14 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
 def _parse_http(raw: Any) -> HttpConfig:
     if not isinstance(raw, dict):
         raise _fail("http", "must be a table like { header_read_timeout = 10 }")
-    _check_keys(raw, {"header_read_timeout"}, "http")
-    return HttpConfig(_number(raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600))
+    _check_keys(raw, {"header_read_timeout", "body_idle_timeout", "body_min_rate"}, "http")
+    return HttpConfig(
+        header_read_timeout=_number(
+            raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600
+        ),
+        body_idle_timeout=_number(raw, "body_idle_timeout", "http.", DEFAULT_BODY_IDLE_TIMEOUT, 0.05, 3600),
+        body_min_rate=_number(raw, "body_min_rate", "http.", DEFAULT_BODY_MIN_RATE, 0, 1e9),
+    )
 
 
 # [consul]: Consul's client settings, with the environment variable each one overrides.
@@ -282,6 +314,8 @@ TOP_KEYS = {
     "log_level",
     "access_log",
     "http",
+    "max_connections",
+    "stream_idle_timeout",
 }
 
 
@@ -357,6 +391,13 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         sample=_number(access_raw, "sample", "access_log.", DEFAULT_ACCESS_SAMPLE, 0.0, 1.0)
     )
     metrics_raw = raw.get("metrics", DEFAULT_METRICS)
+    max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or not 1 <= max_connections <= MAX_MAX_CONNECTIONS
+    ):
+        raise _fail("max_connections", f"must be an integer in 1..{MAX_MAX_CONNECTIONS}")
     return AgentConfig(
         node=node,
         mesh_address=mesh_address,
@@ -374,6 +415,10 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         log_level=log_level or "info",
         access_log=access_log,
         http=_parse_http(raw.get("http", {})),
+        max_connections=max_connections,
+        stream_idle_timeout=_number(
+            raw, "stream_idle_timeout", "", DEFAULT_STREAM_IDLE_TIMEOUT, 0, 7 * 86400
+        ),
     )
 
 

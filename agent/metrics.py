@@ -316,6 +316,10 @@ class Telemetry:
             "hostmesh_tls_handshake_failures_total", "TLS handshakes refused or failed, by reason",
             ("listener", "reason"), registry=r,
         )  # fmt: skip
+        self.overload_rejected = Counter(
+            "hostmesh_overload_rejected_total", "connections refused at the agent's connection cap",
+            ("listener",), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

@@ -71,6 +71,8 @@ RESTART_KEYS = (
     "ca",
     "trust_domain",
     "workers",
+    "max_connections",  # the cap is shared by every listener of the process
+    "stream_idle_timeout",
 )
 
 
@@ -99,10 +101,11 @@ class AgentStartError(Exception):
 
 class LazyHttpOutbound:
     """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
-    holds anything HTTP about the upstream: a route document, or an instance registered with
-    protocol=http. Until then `takes()` is False without loading the L7 modules (~1.3 MiB of RSS
-    in an agent whose upstreams are all TCP); from then on every call goes to the real HttpOutbound,
-    whose own `takes()` decides. Never a different answer: the real one is False in that case too."""
+    holds anything HTTP about the upstream: a route document, an instance registered with
+    protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
+    without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
+    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
+    answer: the real one is False in that case too."""
 
     def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
         self._kwargs = kwargs
@@ -112,8 +115,10 @@ class LazyHttpOutbound:
 
     def takes(self, snap: Snapshot) -> bool:
         if self.real is None:
-            if self.service not in snap.routes and not any(
-                e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ())
+            if (
+                self.service not in snap.routes
+                and self._kwargs.get("protocol") != "http"
+                and not any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
             ):
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
@@ -210,7 +215,11 @@ class Agent:
             from hostmesh.agent.workers import INBOUND_PORT_ENV
 
             bind = replace(bind, port=int(os.environ[INBOUND_PORT_ENV]))
-        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse)
+        from hostmesh.agent.proxy.limits import ConnectionCap
+
+        self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
+        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
+                                       stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
@@ -285,6 +294,8 @@ class Agent:
             self.telemetry,
             {s.name: s.meta.get("version", "") for s in self.config.services},
             header_timeout=self.config.http.header_read_timeout,
+            body_idle_timeout=self.config.http.body_idle_timeout,
+            body_min_rate=self.config.http.body_min_rate,
         )
         for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
             self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
@@ -299,12 +310,15 @@ class Agent:
         for key, (svc, up) in wanted.items():
             if key not in self.outbound:
                 listener = OutboundListener(
-                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1
-                )
+                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1,
+                    cap=self.cap, stream_idle_timeout=self.config.stream_idle_timeout,
+                )  # fmt: skip
                 listener.http = LazyHttpOutbound(dict(
                     holder=self.builder.holder, local_service=svc.name, upstream=up.service,
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
+                    protocol=up.protocol, body_idle_timeout=self.config.http.body_idle_timeout,
+                    body_min_rate=self.config.http.body_min_rate,
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
@@ -443,7 +457,8 @@ class Agent:
         Applied live: upstreams (listeners added/drained), each service's port, protocol, meta and
         health (re-registered), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
         (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
-        a restart: they keep their running values and the log says so. A file that does not parse
+        a restart, as do the process-wide limits (max_connections, stream_idle_timeout): they keep
+        their running values and the log says so. A file that does not parse
         changes nothing.
         """
         sdnotify.reloading()

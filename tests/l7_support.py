@@ -4,8 +4,9 @@ keep-alive HTTP client on plain sockets (so tests can send exactly the bytes the
 Backends run on their own asyncio loop in a daemon thread (`Backends`), so blocking test code and
 subprocess agents can call them; each `Backend` answers with ``x-instance: <name>`` and its behaviour
 is switched by the test (`mode`): ``ok``, ``fail`` (503 always), ``fail_once`` (one 503 then 200),
-plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo after 101, ``/chunked``,
-``/echo`` body echo).
+plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo after 101,
+``/refuse-upgrade`` a 426 to an upgrade request on a connection kept alive, ``/chunked``, ``/echo``
+body echo).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Backend:
         self.seen: list[bytes] = []  # every request target that reached this app, in order
         self.server: asyncio.Server | None = None
         self.connections = 0
+        self.closed = 0  # connections that ended (the peer closed or broke them)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -82,6 +84,7 @@ class Backend:
         except (ConnectionError, OSError, httptools.HttpParserError):
             pass
         finally:
+            self.closed += 1
             w.close()
 
     async def _answer(self, req: _Req, parser: Any, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
@@ -98,6 +101,14 @@ class Backend:
             while data := await r.read(65536):
                 w.write(data.upper())
             return False
+        if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            w.write(b"\x81\x05hello")
+            await w.drain()
+            return True
+        if path == b"/refuse-upgrade" and req.upgrade:  # refused, connection kept (RFC 9110 §15.5.22)
+            status = 426
+            extra += b"upgrade: websocket\r\nconnection: upgrade\r\n"
         if path.startswith(b"/delay/"):
             await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
         if path == b"/echo":

@@ -120,6 +120,12 @@ def test_http_limits_are_configurable() -> None:
     assert parse_config(minimal(http={"header_read_timeout": 1})).http.header_read_timeout == 1.0
     with pytest.raises(ConfigError, match=r"^http\.header_read_timeout: must be a number"):
         parse_config(minimal(http={"header_read_timeout": 0}))
+    http = parse_config(minimal()).http
+    assert (http.body_idle_timeout, http.body_min_rate) == (15.0, 240.0)
+    http = parse_config(minimal(http={"body_idle_timeout": 60, "body_min_rate": 0})).http
+    assert (http.body_idle_timeout, http.body_min_rate) == (60.0, 0.0)
+    with pytest.raises(ConfigError, match=r"^http\.body_idle_timeout: must be a number"):
+        parse_config(minimal(http={"body_idle_timeout": "15s"}))
 
 
 def test_consul_table_takes_consuls_client_settings_over_the_environment(
@@ -180,3 +186,27 @@ def test_unreadable_consul_token_file_stops_the_start_with_one_line(
     assert str(err.value) == (
         f"{path}: [consul]: Consul token file {missing}: cannot read: No such file or directory"
     )
+
+
+def test_an_upstream_may_declare_its_protocol() -> None:
+    def up(**kw: object) -> dict[str, object]:
+        return minimal(services=[{"name": "web", "port": 8080, "upstreams": [{"service": "api",
+                                  "bind": "127.0.0.1:9091", **kw}]}])  # fmt: skip
+
+    assert parse_config(up()).services[0].upstreams[0].protocol is None  # learnt from the registry
+    assert parse_config(up(protocol="http")).services[0].upstreams[0].protocol == "http"
+    with pytest.raises(
+        ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.protocol: must be one of tcp, http"
+    ):
+        parse_config(up(protocol="grpc"))
+
+
+def test_connection_cap_and_stream_idle_timeout() -> None:
+    cfg = parse_config(minimal())
+    assert (cfg.max_connections, cfg.stream_idle_timeout) == (10_000, 3600.0)
+    cfg = parse_config(minimal(max_connections=500, stream_idle_timeout=0))
+    assert (cfg.max_connections, cfg.stream_idle_timeout) == (500, 0.0)
+    with pytest.raises(ConfigError, match=r"^max_connections: must be an integer in 1\.\.1000000$"):
+        parse_config(minimal(max_connections=0))
+    with pytest.raises(ConfigError, match=r"^stream_idle_timeout: must be a number"):
+        parse_config(minimal(stream_idle_timeout=-1))

@@ -428,6 +428,30 @@ def test_websocket_upgrade_is_a_tunnel(mesh: Mesh) -> None:
             assert got == msg.upper()
 
 
+def test_an_upgrade_the_backend_refused_breaks_no_other_request(mesh: Mesh) -> None:
+    """Issue 10, through the agents as processes: the backend answers a WebSocket upgrade with 426 and
+    keeps its connection; another client's GETs and POSTs are answered at once (they used to land on
+    a pooled connection the agents had turned into a dead tunnel: a GET waited ~90 s, a POST got
+    503 UC), and the refused client's connection goes on as plain HTTP/1.1."""
+    upgrade = (b"GET /refuse-upgrade HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+               b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n")  # fmt: skip
+    a, b = Client(mesh.port, timeout=5.0), Client(mesh.port, timeout=5.0)
+    try:
+        assert a.raw(upgrade).status == 426
+        for i in range(9):  # three instances, round robin: each pooled connection is used again
+            if i % 2:
+                r = b.get("/echo", method="POST", body=b"payload %d" % i)
+                assert (r.status, r.body) == (200, b"payload %d" % i), r.flags
+            else:
+                r = b.get(f"/victim/{i}")
+                assert (r.status, r.body) == (200, b"GET /victim/%d\n" % i), r.flags
+        r = a.get("/after-refusal")
+        assert (r.status, r.body) == (200, b"GET /after-refusal\n")
+    finally:
+        a.close()
+        b.close()
+
+
 def test_request_metrics_on_both_sides(mesh: Mesh) -> None:
     Client(mesh.port).get("/metrics-probe")
     src = mesh.web.metrics()

@@ -12,6 +12,7 @@ from hostmesh.agent.l7.http1 import (
     CHUNKED,
     CONTINUE,
     LENGTH,
+    MAX_EARLY_UPGRADE_BYTES,
     MAX_HEAD_BYTES,
     MAX_HEADER_COUNT,
     NO_BODY,
@@ -96,6 +97,8 @@ SMUGGLING = {
     "bare-lf": b"GET / HTTP/1.1\nHost: a\n\n",
     "nul-in-value": b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
     "http09": b"GET /\r\n\r\n",
+    "host-repeated": b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\nhost: b\r\n\r\n",
+    "host-repeated-same": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
 }
 
 
@@ -112,6 +115,14 @@ def test_reject_reasons_are_specific() -> None:
     assert reject_of(SMUGGLING["obs-fold"]).reason == "obs-fold"
     assert reject_of(SMUGGLING["chunk-size-garbage"]).reason == "bad-chunk-size"
     assert reject_of(SMUGGLING["chunk-size-overflow"]).reason == "bad-chunk-size"
+    assert reject_of(SMUGGLING["host-repeated"]).reason == "repeated-host"
+
+
+def test_one_host_per_request_on_a_kept_alive_connection() -> None:
+    """The Host count is per message: a second request's own Host is not a repeat."""
+    heads = [e for e in one_shot(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+             if isinstance(e, RequestHead)]  # fmt: skip
+    assert [h.target for h in heads] == [b"/1", b"/2"]
 
 
 @pytest.mark.parametrize("name", ["cl-and-te", "cl-conflict", "obs-fold", "chunk-size-garbage"])
@@ -408,8 +419,36 @@ def test_websocket_upgrade_becomes_a_tunnel() -> None:
         events = merged(feed_all(f, [data[:cut], data[cut:]]))
         assert isinstance(events[0], RequestHead) and events[0].upgrade
         assert events[1] == EndOfMessage([])
-        assert events[2:] == [TunnelData(b"\x81\x05hello")], cut
-        assert f.feed(b"more") == [TunnelData(b"more")]
+        assert events[2:] == [], cut  # not a tunnel before the upstream's 101
+        assert f.feed(b"more") == []
+        assert f.upgrade_accepted() == [TunnelData(b"\x81\x05hellomore")], cut
+        assert f.feed(b"after") == [TunnelData(b"after")]
+
+
+def test_refused_websocket_upgrade_goes_on_as_http11() -> None:
+    """The upstream answered the upgrade request with anything but 101: the bytes that followed it are
+    the next request, parsed as HTTP (issue 10: they used to be swallowed as tunnel data)."""
+    data = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok"
+    )
+    for cut in range(len(data) + 1):
+        f = RequestFramer()
+        events = merged(feed_all(f, [data[:cut], data[cut:]]))
+        assert isinstance(events[0], RequestHead) and events[0].upgrade
+        assert events[1:] == [EndOfMessage([])], cut
+        after = merged(f.upgrade_refused())
+        assert isinstance(after[0], RequestHead) and after[0].target == b"/next", cut
+        assert after[1:] == [Body(b"ok"), EndOfMessage([])], cut
+        assert f.feed(b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\n")[0].target == b"/3"  # type: ignore[union-attr]
+
+
+def test_bytes_held_before_an_upgrade_answer_are_bounded() -> None:
+    f = RequestFramer()
+    f.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert f.feed(b"x" * MAX_EARLY_UPGRADE_BYTES) == []
+    (rej,) = f.feed(b"x")
+    assert isinstance(rej, Reject) and rej.status == 400 and f.broken
 
 
 def test_non_websocket_upgrade_is_served_as_http11() -> None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import select
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from hostmesh.agent.proxy.http_conn import TlsReads
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
@@ -280,6 +282,35 @@ async def test_hygiene_smuggling_oversize_and_http10(mesh: Mesh) -> None:
     assert out3.startswith(b"HTTP/1.1 200") and out3.endswith(b"GET /old\n")
 
 
+def mtls_client(mesh: Mesh, instance: int = 0) -> Client:
+    """A keep-alive client speaking to api's inbound directly, as web's agent would (mTLS, ALPN http1)."""
+    port = mesh.inbounds[instance].port
+    c = Client(port)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    c.sock = mesh.tls_a.client_http["web"].wrap_socket(raw, server_hostname=f"api.svc.{TD}")
+    return c
+
+
+async def test_a_repeated_host_is_400_on_both_public_edges(mesh: Mesh) -> None:
+    """Issue 10: two Host fields (which authority routes and authorizes?) used to be forwarded; RFC
+    9112 §3.2 says 400. Checked on the app-facing outbound and on the mTLS-facing inbound."""
+    two_hosts = b"GET /two-hosts HTTP/1.1\r\nhost: api\r\nhost: admin.internal\r\n\r\n"
+    hits = sum(app.hits for app in mesh.apps)
+
+    def via_inbound() -> Any:
+        c = mtls_client(mesh)
+        try:
+            return c.raw(two_hosts)
+        finally:
+            c.close()
+
+    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, two_hosts)
+    direct = await asyncio.to_thread(via_inbound)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"x-hostmesh-response-flags: DPE" in out
+    assert direct.status == 400 and direct.flags == "DPE"
+    assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
+
+
 async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
@@ -359,6 +390,248 @@ async def test_a_head_pipelined_behind_a_request_has_the_header_timeout(mesh: Me
     assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1 ") == 2
     assert b"HTTP/1.1 408 " in data and b"x-hostmesh-response-flags: DPE" in data
     assert took < IO_TIMEOUT / 2  # about 2 x 0.5 s at most, far from the 90 s idle timeout
+
+
+async def test_an_http_upstream_without_a_healthy_instance_answers_503_uh(mesh: Mesh) -> None:
+    """Issue 10: with every instance failing its checks the snapshot has no instance to say "http", so
+    the listener fell back to L4 and reset the client. Now: what the registry said last holds."""
+    c = mesh.client()
+    assert (await asyncio.to_thread(c.get, "/first")).status == 200
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a))  # no passing instance of api any more
+    on_kept = await asyncio.to_thread(c.get, "/kept-alive")
+    fresh = await asyncio.to_thread(mesh.client().get, "/new-connection")
+    c.close()
+    for r in (on_kept, fresh):
+        assert (r.status, r.flags) == (503, "UH")
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="503", response_flags="UH") == 2
+
+
+async def test_an_upstream_declared_http_answers_503_uh_before_any_instance_was_seen(mesh: Mesh) -> None:
+    """agent.toml `protocol = "http"` on the upstream: right after start, with no instance yet."""
+    holder = SnapshotHolder(snap({"web": 1}, mesh.tls_a))
+    ob = OutboundListener(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), protocol="http"),
+                          mesh.tel_a)  # fmt: skip
+    ob.http = HttpOutbound(holder, "web", "api", mesh.tel_a, protocol="http")
+    await ob.start()
+    try:
+        r = await asyncio.to_thread(Client(ob.port).get, "/")
+    finally:
+        await ob.close()
+    assert (r.status, r.flags) == (503, "UH")
+
+
+def slow_body_mesh(mesh: Mesh, idle: float = 0.5, rate: float = 240.0) -> None:
+    for side in (mesh.http_out, *mesh.http_ins):
+        side.body_idle_timeout, side.body_min_rate = idle, rate
+
+
+def body_cut(c: Client, pace: float, max_bytes: int = 2000) -> tuple[bytes, int]:
+    """POST a 1 MB body one byte per `pace` seconds until the proxy answers; (answer, bytes sent)."""
+    sock = c.connect()
+    sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 1000000\r\n\r\n")
+    sent = 0
+    for _ in range(max_bytes):  # bounded: the proxy must answer long before the body is complete
+        ready, _w, _x = select.select([sock], [], [], pace)
+        if ready:
+            break
+        sock.sendall(b"x")
+        sent += 1
+    out = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    c.close()
+    return out, sent
+
+
+async def wait_closed(app: Backend, before: int) -> None:
+    for _ in range(200):  # bounded: 10 s
+        if app.closed > before:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the backend connection was not closed")
+
+
+@pytest.mark.parametrize("via", ["outbound", "inbound"])
+async def test_a_stalled_request_body_gets_408_si_and_frees_the_backend(mesh: Mesh, via: str) -> None:
+    """Issue 10: a body that stops arriving held the agents' and the backend's connections (no body
+    timeout). Now: 408 with flag SI after body_idle_timeout, and the backend connection is closed."""
+    slow_body_mesh(mesh, idle=0.5)
+    make = mesh.client if via == "outbound" else lambda: mtls_client(mesh)  # (the handshake: in the thread)
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    app = mesh.apps[0]
+    before = app.closed
+
+    def run() -> bytes:
+        c = make()
+        sock = c.connect()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n0123456789")
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(
+                65536
+            ):  # the socket's timeout (IO_TIMEOUT) bounds a proxy that never answers
+                out += chunk
+        c.close()
+        return out
+
+    out = await asyncio.to_thread(run)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-response-flags: SI" in out
+    await wait_closed(app, before)
+
+
+async def test_a_trickled_request_body_is_cut_at_the_minimum_rate(mesh: Mesh) -> None:
+    """1 byte every 50 ms never leaves the body idle for 0.5 s, but it is far below 240 B/s: cut once
+    the grace is spent, long before the body is complete; the backend connection is closed."""
+    slow_body_mesh(mesh, idle=0.5)
+    before = sum(app.closed for app in mesh.apps)
+    out, sent = await asyncio.to_thread(body_cut, mesh.client(), 0.05)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-response-flags: SI" in out
+    assert sent < 1000
+    for _ in range(200):  # bounded: 10 s
+        if sum(app.closed for app in mesh.apps) > before:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(app.closed for app in mesh.apps) > before
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="408", response_flags="SI") == 1
+
+
+async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Mesh) -> None:
+    slow_body_mesh(mesh, idle=0.5)
+    c = mesh.client()
+
+    def run() -> Any:
+        sock = c.connect()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 40000\r\n\r\n")
+        for i in range(10):  # 4 KB then a pause well under the idle timeout: ~40 KB/s
+            sock.sendall(bytes([65 + i]) * 4000)
+            time.sleep(0.1)
+        r = c.read()
+        c.close()
+        return r
+
+    r = await asyncio.to_thread(run)
+    assert r.status == 200 and len(r.body) == 40000
+
+
+async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
+    """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
+    connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""
+    cap_a, cap_b = ConnectionCap(1, mesh.tel_a), ConnectionCap(1, mesh.tel_b)
+    mesh.outbound.cap = cap_a
+    mesh.inbounds[0].cap = cap_b
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+
+    def run() -> list[Any]:
+        kept = mesh.client()
+        first = kept.get("/first")  # holds the outbound's only slot (and, pooled, the inbound's)
+        shed = mesh.client().get("/over-the-cap")
+        direct = mtls_client(mesh).get("/over-the-inbound-cap")  # a second mesh connection to api-0
+        kept.close()
+        return [first, shed, direct]
+
+    first, shed, direct = await asyncio.to_thread(run)
+    assert first.status == 200
+    assert (shed.status, shed.flags, shed.headers.get("connection")) == (503, "OM", "close")
+    assert (direct.status, direct.flags) == (503, "OM")
+    assert sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 1
+    assert sample(mesh.tel_b, "hostmesh_overload_rejected_total", listener="inbound") == 1
+    for _ in range(200):  # bounded: 10 s for the closed client's slot to come back
+        if cap_a.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    again = await asyncio.to_thread(mesh.client().get, "/slot-freed")
+    assert again.status == 200
+
+
+UPGRADE = (
+    b"GET /refuse-upgrade HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+    b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n"
+)
+
+
+async def test_an_upgrade_the_backend_refused_breaks_no_other_request(mesh: Mesh) -> None:
+    """Issue 10: the backend answers a WebSocket upgrade with 426 and keeps its connection. Other
+    clients' requests (GET and POST, over the same pooled mTLS connections) are answered at once, and
+    the refused client's own connection goes on as HTTP/1.1. Before: the agents switched to tunnel
+    mode on the request, swallowed every later byte, and pooled the dead connection (a victim's GET
+    waited ~90 s, a POST got 503 UC)."""
+    a, b = mesh.client(), mesh.client()
+
+    def run() -> tuple[Any, list[Any], Any, Any]:
+        refused = a.raw(UPGRADE)
+        victims = []
+        for i in range(6):  # round robin: every instance's pooled connection is used again
+            if i % 2:
+                victims.append(b.get("/echo", method="POST", body=b"payload %d" % i))
+            else:
+                victims.append(b.get(f"/victim/{i}"))
+        same = a.get("/after-refusal")
+        again = a.raw(UPGRADE)
+        a.close()
+        b.close()
+        return refused, victims, same, again
+
+    refused, victims, same, again = await asyncio.to_thread(run)
+    assert refused.status == 426 and "connection" not in refused.headers  # hop-by-hop, not relayed
+    for i, r in enumerate(victims):
+        assert r.status == 200, (i, r.status, r.flags)
+        assert r.body == (b"payload %d" % i if i % 2 else b"GET /victim/%d\n" % i)
+    assert same.status == 200 and same.body == b"GET /after-refusal\n"
+    assert again.status == 426
+
+
+async def test_the_inbound_serves_http_after_a_refused_upgrade_on_the_same_connection(mesh: Mesh) -> None:
+    """What an older caller agent does (it pools the connection after the 426): the inbound keeps the
+    mTLS connection plain HTTP/1.1, so the next request on it is answered."""
+
+    def run() -> tuple[Any, Any]:
+        c = mtls_client(mesh)
+        refused = c.raw(UPGRADE)
+        nxt = c.get("/next-on-the-pooled-connection")
+        c.close()
+        return refused, nxt
+
+    refused, nxt = await asyncio.to_thread(run)
+    assert refused.status == 426
+    assert nxt.status == 200 and nxt.body == b"GET /next-on-the-pooled-connection\n"
+
+
+async def test_a_101_nobody_asked_for_is_502_upe_and_the_connection_is_dropped(mesh: Mesh) -> None:
+    """A backend answering 101 to a plain request left its connection in an unknown protocol: the
+    client gets 502 UPE, that app connection is closed, and the next request is served."""
+    c = mesh.client()
+
+    def run() -> tuple[Any, Any]:
+        bad = c.get("/unsolicited-101")
+        nxt = c.get("/next") if c.sock is not None else mesh.client().get("/next")
+        c.close()
+        return bad, nxt
+
+    bad, nxt = await asyncio.to_thread(run)
+    assert (bad.status, bad.flags) == (502, "UPE")
+    assert nxt.status == 200 and nxt.body == b"GET /next\n"
+
+
+async def test_an_accepted_upgrade_is_a_tunnel_both_ways(mesh: Mesh) -> None:
+    def run() -> tuple[bytes, list[bytes]]:
+        with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(UPGRADE.replace(b"/refuse-upgrade", b"/ws"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+            got = []
+            for msg in (b"ping", b"frames both ways"):
+                s.sendall(msg)
+                buf = b""
+                while len(buf) < len(msg):
+                    buf += s.recv(4096)
+                got.append(buf)
+            return head, got
+
+    head, got = await asyncio.to_thread(run)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"upgrade: websocket" in head.lower()
+    assert got == [b"PING", b"FRAMES BOTH WAYS"]
 
 
 def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
@@ -805,3 +806,76 @@ async def test_refused_handshakes_are_counted_by_reason_and_logged_at_a_bounded_
     w.write(b"ping")
     w.write_eof()
     assert await read_all(r) == b"ping"
+
+
+# --- agent-wide limits (issue 10): connection cap, stream idle timeout ---------------------------
+
+
+async def echo_once(r: asyncio.StreamReader, w: asyncio.StreamWriter, msg: bytes = b"ping") -> None:
+    w.write(msg)
+    assert await asyncio.wait_for(r.readexactly(len(msg)), IO_TIMEOUT) == msg
+
+
+async def test_the_connection_cap_resets_l4_connections_beyond_it_and_counts_them(mesh: Mesh) -> None:
+    """max_connections: beyond the cap a new TCP connection is reset (load shed), counted in
+    hostmesh_overload_rejected_total; a slot freed by a closed connection serves the next one."""
+    cap = ConnectionCap(2, mesh.tel_a)
+    ob = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a,
+                          cap=cap)  # fmt: skip
+    await ob.start()
+    mesh.extra.append(ob)
+    held = [await mesh.connect(ob) for _ in range(2)]
+    for r, w in held:
+        await echo_once(r, w)
+    r3, _w3 = await mesh.connect(ob)
+    assert await closed_by_peer(r3) == "reset"
+    assert metric_sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 1
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="OM") == 1
+    held[0][1].close()
+    await async_wait_until(lambda: cap.open == 1, what="the closed connection's slot back")
+    r4, w4 = await mesh.connect(ob)
+    await echo_once(r4, w4, b"served again")
+    w4.close()
+    held[1][1].close()
+    await async_wait_until(lambda: cap.open == 0, what="every slot back")
+
+
+async def test_the_connection_cap_resets_inbound_streams_beyond_it(mesh: Mesh) -> None:
+    """On the inbound, the mesh connection and each stream's app connection count: with a cap of 2
+    the first stream is served and the second is reset (the first goes on)."""
+    cap = ConnectionCap(2, mesh.tel_b)
+    ib = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b, cap=cap)
+    await ib.start()
+    mesh.extra.append(ib)
+    mesh.holder_a.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(ib.port, {})]}))
+    r1, w1 = await mesh.connect()
+    await echo_once(r1, w1)
+    r2, _w2 = await mesh.connect()
+    assert await closed_by_peer(r2) == "reset"
+    await echo_once(r1, w1, b"still here")
+    assert metric_sample(mesh.tel_b, "hostmesh_overload_rejected_total", listener="inbound") == 1
+    w1.close()
+    await async_wait_until(lambda: cap.open <= 1, what="the stream's slot back")
+
+
+async def test_an_idle_l4_connection_is_reset_after_the_stream_idle_timeout(mesh: Mesh) -> None:
+    """stream_idle_timeout: a connection that moves no byte for that long is reset on both sides
+    (flag SI); one that keeps talking stays up across several timeouts."""
+    ob = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a,
+                          stream_idle_timeout=0.4)  # fmt: skip
+    await ob.start()
+    mesh.extra.append(ob)
+    idle_r, idle_w = await mesh.connect(ob)
+    busy_r, busy_w = await mesh.connect(ob)
+    await echo_once(idle_r, idle_w)
+    t0 = time.monotonic()
+    for i in range(100):  # bounded; busy talks every 0.1 s until the idle one is cut
+        await echo_once(busy_r, busy_w, b"%d" % i)
+        if ob.reaper.reaped:
+            break
+        await asyncio.sleep(0.1)
+    assert ob.reaper.reaped == 1 and time.monotonic() - t0 >= 0.4
+    assert await closed_by_peer(idle_r) == "reset"
+    await echo_once(busy_r, busy_w, b"busy one still up")
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="SI") == 1
+    busy_w.close()

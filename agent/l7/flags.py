@@ -28,7 +28,10 @@ DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversiz
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
 NI = "NI"  # no intentions: the destination's intentions cannot be read, the agent refuses -> 503
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI)
+SI = "SI"  # stream idle: the request body stalled or trickled below the minimum rate -> 408 (or a reset)
+OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
+
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -45,6 +48,8 @@ DESCRIPTIONS: dict[str, str] = {
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
     NI: "refused: the destination's intentions cannot be read (fail closed)",
+    SI: "request body idle or too slow",
+    OM: "agent overloaded (connection cap)",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself

@@ -5,15 +5,19 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 - Request smuggling shapes answer **400** and close: Content-Length together with Transfer-Encoding,
   a repeated Content-Length (differing or not; llhttp rejects both), a Content-Length that is not a
   plain decimal, obs-fold (a header line starting with SP/HTAB), an invalid chunk size, a
-  Transfer-Encoding whose final coding is not ``chunked``. A transfer coding other than plain
+  Transfer-Encoding whose final coding is not ``chunked``, more than one ``Host`` field (RFC 9112
+  §3.2: which authority would route and authorize?). A transfer coding other than plain
   ``chunked`` answers **501**; Transfer-Encoding in an HTTP/1.0 request answers 400. HTTP/0.9 is 400.
 - A request head above :data:`MAX_HEAD_BYTES` or with more than :data:`MAX_HEADER_COUNT` fields
   answers **431**. The count is kept across reads, so a slow client cannot grow the parser's buffer.
 - Hop-by-hop fields (RFC 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
   Transfer-Encoding, Upgrade, plus every field named in Connection) are dropped when forwarding;
   for a WebSocket upgrade the ``Upgrade`` field and ``Connection: upgrade`` are kept so the upstream
-  can switch protocols, and after the 101 both sides are a byte tunnel. Other upgrades (h2c) are
-  ignored: the request is served as plain HTTP/1.1.
+  can switch protocols. The request framer switches to tunnel mode only when told the upstream
+  answered ``101`` (:meth:`RequestFramer.upgrade_accepted`); until then it holds what follows the
+  request; any other answer (:meth:`RequestFramer.upgrade_refused`) keeps the connection plain
+  HTTP/1.1 (RFC 9110 §7.8) and the held bytes are parsed as the next request. Other upgrades (h2c)
+  are ignored: the request is served as plain HTTP/1.1.
 - Keep-alive: HTTP/1.1 persists unless ``Connection: close``; HTTP/1.0 persists only with
   ``Connection: keep-alive``. A 1.0 client never receives chunked: a response without a length is
   sent until close. A 1.1 client receives a close-delimited upstream body re-chunked, so its
@@ -44,6 +48,8 @@ from hostmesh.agent.l7.errors import ProtocolError
 MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
 MAX_HEADER_COUNT = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
 MAX_TRAILER_BYTES = 16 * 1024  # trailers are rare and small; bounds what a chunked body can make us hold
+MAX_EARLY_UPGRADE_BYTES = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
+# proxy stops reading meanwhile); a WebSocket client sends nothing until the 101 (RFC 6455 §4.1)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -386,7 +392,7 @@ Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | Tunne
 # goes through a generated Python __new__, about twice the cost, four times per request and side.
 _make = tuple.__new__
 
-_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD = range(5)
+_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD, _UPGRADING = range(6)  # _UPGRADING: asked, not answered yet
 
 
 class _Stop(Exception):
@@ -402,6 +408,8 @@ class _Framer:
         "_head_raw",
         "_headers",
         "_heads_done",
+        "_held",
+        "_hosts",
         "_max_head",
         "_max_headers",
         "_parser",
@@ -431,6 +439,8 @@ class _Framer:
         self._trailer_bytes = 0
         self._upgrade_ok = False
         self._special = False
+        self._held = b""  # bytes after an upgrade request, until its answer decides what they are
+        self._hosts = 0  # Host fields in the current head
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -462,6 +472,7 @@ class _Framer:
         self._head_raw = 0
         self._trailer_bytes = 0
         self._special = False
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -482,6 +493,8 @@ class _Framer:
         lname = name.lower()
         if lname in _DECISION_FIELDS:
             self._special = True
+        elif lname == b"host":
+            self._hosts += 1
         headers = self._headers
         headers.append((lname, value))
         size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
@@ -528,6 +541,9 @@ class _Framer:
         if self._state == _TUNNEL:
             events.append(TunnelData(bytes(data)))  # bytes: `data` may be a view of a reused read buffer
             return events
+        if self._state == _UPGRADING:
+            self._hold(data, events)
+            return events
         start_state = self._state
         heads_before = self._heads_done
         try:
@@ -536,9 +552,7 @@ class _Framer:
             offset = int(exc.args[0]) if exc.args else len(data)
             rest = bytes(data[offset:])
             if self._upgrade_ok:
-                self._state = _TUNNEL
-                if rest:
-                    events.append(TunnelData(rest))
+                self._upgraded(rest, events)
             else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
                 self._parser = self._new_parser()
                 self._state = _IDLE
@@ -568,12 +582,27 @@ class _Framer:
                 self._state = _DEAD
         return events
 
+    def _upgraded(self, rest: bytes, events: list[Event]) -> None:
+        """The message asked to switch protocols and the parser stopped after it (`rest` follows it)."""
+        self._state = _TUNNEL
+        if rest:
+            events.append(TunnelData(rest))
+
+    def _hold(self, data: bytes | memoryview, events: list[Event]) -> None:
+        held = self._held = self._held + bytes(data)
+        if len(held) > MAX_EARLY_UPGRADE_BYTES:
+            self._held = b""
+            self._state = _DEAD
+            events.append(Reject(400, "data-before-upgrade-answer", flags.DPE))
+
 
 class RequestFramer(_Framer):
     """Incremental HTTP/1.1 request framer for an ``asyncio.Protocol``: ``feed(bytes) -> events``.
 
     Events, in order per request: :class:`RequestHead`, :class:`Body`*, :class:`EndOfMessage`; after a
-    WebSocket head, :class:`TunnelData` for every further byte; :class:`Reject` ends the connection.
+    WebSocket request, nothing until the caller says how it was answered (:meth:`upgrade_accepted`:
+    :class:`TunnelData` for every further byte; :meth:`upgrade_refused`: HTTP/1.1 goes on);
+    :class:`Reject` ends the connection.
     Pipelined requests come out in order; the proxy pauses reading while it serves one.
     """
 
@@ -587,6 +616,31 @@ class RequestFramer(_Framer):
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         return self._feed(data)
+
+    def upgrade_accepted(self) -> list[TunnelData]:
+        """The upstream answered the upgrade request with 101: from now on every byte is tunnel data
+        (the bytes held since the request first)."""
+        if self._state != _UPGRADING:
+            return []
+        self._state = _TUNNEL
+        held, self._held = self._held, b""
+        return [TunnelData(held)] if held else []
+
+    def upgrade_refused(self) -> list[Event]:
+        """The upgrade request got any other answer: the connection stays HTTP/1.1, and the bytes held
+        since the request are parsed as what they are, the next request(s)."""
+        if self._state != _UPGRADING:
+            return []
+        held, self._held = self._held, b""
+        self._parser = self._new_parser()
+        self._state = _IDLE
+        self._upgrade_ok = False
+        return self._feed(held) if held else []
+
+    def _upgraded(self, rest: bytes, events: list[Event]) -> None:
+        self._state = _UPGRADING  # not a tunnel before the upstream's 101: it may refuse
+        if rest:
+            self._hold(rest, events)
 
     def eof(self) -> list[Event]:
         """The client closed its sending side: a request cut short is a protocol error."""
@@ -603,6 +657,8 @@ class RequestFramer(_Framer):
         method = p.get_method()
         if method == b"CONNECT":
             raise ProtocolError(405, "connect-unsupported")
+        if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
+            raise ProtocolError(400, "repeated-host")
         headers = self._headers
         if not self._special:  # fast path: nothing that changes the decisions below
             self._upgrade_ok = False

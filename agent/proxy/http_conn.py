@@ -19,12 +19,18 @@ Decisions:
   forwarded but not replayed (the exchange becomes non-replayable). Backpressure: a transport past
   its high-water mark pauses reading on the other side.
 - A request's head must arrive within ``HEADER_READ_TIMEOUT`` of its first byte (slow clients get
-  408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``.
+  408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``. A request body
+  that stalls (nothing for ``BODY_IDLE_TIMEOUT``) or trickles (below ``BODY_MIN_RATE``) gets ``408``
+  with flag ``SI`` (a reset once the response has begun), and its upstream connection is closed, so
+  a slow client holds no upstream or backend connection. Time when the proxy itself stopped reading
+  (backpressure, a dial) is not the client's and does not count.
 - Upstream connections are pooled per key (LIFO, bounded, aged out); one is returned to the pool only
   when both the request and the response ended cleanly and the response allows keep-alive.
 - A request's target is normalised (``l7/normalize.py``) as soon as its head is framed, before either
   side decides anything; a target it refuses is answered 400 (flag DPE) and the connection closed.
-- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes.
+- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes;
+  answered otherwise, the client connection goes on as HTTP/1.1 and the upstream one is closed (the
+  next hop's state is not ours to guess: an older peer agent would still be waiting for tunnel bytes).
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
 """
@@ -58,6 +64,7 @@ from hostmesh.agent.l7.http1 import (
 from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
+from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
 
 log = logging.getLogger("hostmesh.proxy.http")
@@ -65,6 +72,9 @@ log = logging.getLogger("hostmesh.proxy.http")
 HEADER_READ_TIMEOUT = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
 # ^ from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s); the environment
 #   variable exists for tests that need a short one
+BODY_IDLE_TIMEOUT = 15.0  # default; agent.toml `http.body_idle_timeout`: a request body may pause this long
+BODY_MIN_RATE = 240.0  # default; `http.body_min_rate`: bytes/s a body must keep up (Kestrel's default;
+# 0: off): each byte buys 1/rate s, never more than the idle timeout ahead, so 1 byte / 5 s is cut
 IDLE_TIMEOUT = 90.0  # keep-alive client idle; above the pool's UPSTREAM_IDLE_SECONDS so callers close first
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
 UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
@@ -86,6 +96,8 @@ class Handler(Protocol):
     """What a ServerConn needs from its side (outbound or inbound)."""
 
     header_timeout: float
+    body_idle_timeout: float
+    body_min_rate: float
 
     def start(self, ex: Exchange) -> None: ...
     def finished(self, ex: Exchange) -> None: ...
@@ -182,6 +194,9 @@ class ServerConn(asyncio.BaseProtocol):
         self._cork: list[bytes] | None = None  # writes gathered while one upstream read is processed
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
+        self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
+        self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
+        self.admission: Admission | None = None  # its slot under the cap, released when it closes
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -231,6 +246,8 @@ class ServerConn(asyncio.BaseProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        if self.admission is not None:
+            self.admission.release()
         self.handler.conn_lost(self)
         ex = self.ex
         if ex is not None:
@@ -259,9 +276,11 @@ class ServerConn(asyncio.BaseProtocol):
         ex = self.ex
         if t is Body:
             if ex is not None:
+                self._body_progress(len(ev.data))
                 ex.request_body(ev.data)
         elif t is EndOfMessage:
             if ex is not None:
+                self._body_deadline = 0.0
                 ex.request_end(ev.trailers)
                 if self.ex is not None and not self.closed:  # the response is not done: hold what follows
                     self.backlog = []  # reading stops only if more bytes come meanwhile (data_received)
@@ -276,6 +295,12 @@ class ServerConn(asyncio.BaseProtocol):
             if target is not ev.target:
                 ev = ev._replace(target=target)
             ex = self.ex = Exchange(self, ev)
+            if self.shed:  # overload: answered here, nothing reaches a route or an upstream
+                ex.keep_alive = False
+                ex.respond(503, fl.OM, "agent overloaded")
+                return
+            if ev.framing != NO_BODY:
+                self.body_clock()
             self.handler.start(ex)
         elif t is TunnelData:
             if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
@@ -301,6 +326,7 @@ class ServerConn(asyncio.BaseProtocol):
         if ex is not self.ex:
             return
         self.ex = None
+        self._body_deadline = 0.0
         if self.closed:
             return
         if not keep_alive or not ex.request_done:
@@ -310,6 +336,8 @@ class ServerConn(asyncio.BaseProtocol):
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog, self.backlog = self.backlog, None
+        if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
+            backlog = self.framer.upgrade_refused() + (backlog or [])
         if backlog:
             for i, ev in enumerate(backlog):
                 if self.closed:
@@ -325,11 +353,47 @@ class ServerConn(asyncio.BaseProtocol):
             self.resume_reading()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
+        """The upstream answered the upgrade with 101: both connections are one byte tunnel now."""
         self.ex = None
         self.backlog = None
         self._tunnel = up
         self._cancel_timer()
+        for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
+            if up.transport is not None:
+                up.transport.write(ev.data)
         self.resume_reading()
+
+    # ---- request body pace
+    def body_clock(self) -> None:
+        """(Re)start the body's idle clock: at its head, and when the client is told to send it (100)."""
+        idle = self.handler.body_idle_timeout
+        self._body_deadline = time.monotonic() + idle
+        if self._timer is None or idle < self.handler.header_timeout:
+            self._arm(idle)
+
+    def _body_progress(self, n: int) -> None:
+        """`n` body bytes came: they buy time at the minimum rate, never beyond the idle timeout."""
+        h = self.handler
+        now = time.monotonic()
+        cap = now + h.body_idle_timeout
+        rate = h.body_min_rate
+        if rate <= 0:
+            self._body_deadline = cap
+        else:
+            self._body_deadline = min(cap, max(self._body_deadline, now) + n / rate)
+
+    def _body_stalled(self, ex: Exchange) -> None:
+        """The request body stopped or trickles: 408 SI (or a reset once the response began); the
+        upstream attempt is dropped with it, so nothing waits on this client any more."""
+        self._body_deadline = 0.0
+        ex.flags = fl.SI if not ex.flags else ex.flags + "," + fl.SI
+        if ex.head_sent:
+            ex.abandon_upstream()
+            self.abort()
+            ex.client_lost()
+            return
+        ex.keep_alive = False
+        ex.respond(408, fl.SI, "request body too slow")
 
     # ---- timers
     def _arm(self, seconds: float) -> None:
@@ -348,7 +412,18 @@ class ServerConn(asyncio.BaseProtocol):
         if self.closed or self._tunnel is not None:
             return
         timeout = self.handler.header_timeout
-        if self.ex is not None:  # busy: the head timer applies again once this exchange is done
+        ex = self.ex
+        if ex is not None:  # busy: the head timer applies again once this exchange is done
+            if self._body_deadline and not ex.request_done and not ex.done:
+                now = time.monotonic()
+                if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
+                    self._body_deadline = max(self._body_deadline, now + self.handler.body_idle_timeout)
+                left = self._body_deadline - now
+                if left <= 0:
+                    self._body_stalled(ex)
+                    return
+                self._arm(min(left, timeout))
+                return
             self._arm(timeout)
             return
         now = time.monotonic()
@@ -396,6 +471,10 @@ class ServerConn(asyncio.BaseProtocol):
         if t is not None and not self.closed and not t.is_closing() and self.backlog is None:
             self._paused = False
             t.resume_reading()
+            if self._body_deadline:  # the client gets its full idle time from now
+                self._body_deadline = max(
+                    self._body_deadline, time.monotonic() + self.handler.body_idle_timeout
+                )
 
     def close(self) -> None:
         if not self.closed:
@@ -542,6 +621,7 @@ class Exchange:
         """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
         if self.head.expect_continue and not self.request_done and not self.head_sent:
             self.conn.write(http1.CONTINUE)
+            self.conn.body_clock()  # the client waited for this: its body's time starts now
 
     # ---- upstream attempts
     def send(self, up: UpstreamConn, method: bytes, target: bytes, headers: http1.Headers) -> None:
@@ -654,8 +734,11 @@ class Exchange:
         """Pass the upstream's response on to the client (head now, body as it streams)."""
         head = self.head
         up = self.upstream
-        if resp.status == 101 and head.upgrade:
-            self._relay_upgrade(resp)
+        if resp.status == 101:
+            if head.upgrade:
+                self._relay_upgrade(resp)
+            else:  # the upstream switched protocols unasked: its connection is in no state we know
+                self.respond(502, fl.UPE, "upstream switched protocols unasked")
             return
         framing, keep = http1.downstream_response_plan(head.version, self.keep_alive, resp.framing)
         if not self.request_done and framing != NO_BODY:
@@ -718,9 +801,9 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
-        if self.request_done and up.keep_alive_ok():
+        if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
             up.release()
-        else:
+        else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
             up.close()
         self._finish(self.plan != UNTIL_CLOSE and self.keep_alive)
 

@@ -9,6 +9,8 @@ Pipeline per request (visible in `HttpInbound.start`):
     connection -> relay the response -> metrics reporter=destination, sampled access line.
 
 Decisions:
+- Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
+  connection is closed (http_conn.ServerConn.shed).
 - The connection is handed over by the L4 inbound (`InboundListener.alpn_handlers`) after the TLS
   handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection level the
   L4 code did not authorize, so every request is authorized here, against the *current* snapshot:
@@ -37,6 +39,8 @@ from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.ratelimit import TokenBucket
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.http_conn import (
+    BODY_IDLE_TIMEOUT,
+    BODY_MIN_RATE,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
     Exchange,
@@ -89,9 +93,12 @@ class HttpInbound:
 
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
                  subsets: Mapping[str, str] | None = None,
-                 header_timeout: float = HEADER_READ_TIMEOUT) -> None:  # fmt: skip
+                 header_timeout: float = HEADER_READ_TIMEOUT, body_idle_timeout: float = BODY_IDLE_TIMEOUT,
+                 body_min_rate: float = BODY_MIN_RATE) -> None:  # fmt: skip
         self.holder = holder
         self.header_timeout = header_timeout
+        self.body_idle_timeout = body_idle_timeout
+        self.body_min_rate = body_min_rate
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
         self.metrics = RequestMetrics(telemetry, REPORTER)
@@ -120,6 +127,10 @@ class HttpInbound:
         if self.closing:
             transport.close()
             return
+        cap = listener.cap  # the agent's connection cap (InboundListener.cap; None: unlimited)
+        if cap is not None:
+            conn.admission = cap.admit("inbound")
+            conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

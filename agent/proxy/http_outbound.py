@@ -26,7 +26,10 @@ without a body) to one instance of the mirror subset and drops the answer; it ne
 fails the real request.
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
-instance registered with meta ``protocol = http``. Other upstreams stay on the L4 path.
+instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
+the upstream's ``protocol`` in agent.toml, else what the registry said last, so an HTTP upstream
+without a healthy instance answers ``503 UH`` instead of the L4 path's reset. Other upstreams stay
+on the L4 path.
 
 State that outlives a snapshot (balancer counters, outlier ejections, retry budgets, limits) lives
 in one `Cluster` per listener, rebuilt only when the snapshot's endpoints, routes or policy for the
@@ -57,6 +60,8 @@ from hostmesh.agent.l7.retry import (
 )
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.http_conn import (
+    BODY_IDLE_TIMEOUT,
+    BODY_MIN_RATE,
     CLIENT_GONE,
     CONNECT_FAILURE,
     HEADER_READ_TIMEOUT,
@@ -255,9 +260,14 @@ class HttpOutbound:
 
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: str, telemetry: Telemetry,
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
-                 header_timeout: float = HEADER_READ_TIMEOUT,
+                 header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
+                 body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
                  rng: random.Random | None = None) -> None:  # fmt: skip
         self.holder = holder
+        self.body_idle_timeout = body_idle_timeout
+        self.body_min_rate = body_min_rate
+        self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
+        self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
         self.local_service = local_service
         self.service = upstream
@@ -289,10 +299,16 @@ class HttpOutbound:
         if cached_snap is snap:
             return answer
         rc = snap.routes.get(self.service)
+        eps = snap.endpoints.get(self.service, ())
         if rc is not None:
             answer = rc.protocol == "http"
-        else:
-            answer = any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
+        elif eps:
+            answer = any(e.meta.get("protocol") == "http" for e in eps)
+        elif self.declared is not None:
+            answer = self.declared == "http"
+        else:  # no instance to ask: an HTTP upstream stays HTTP (503 UH from _begin, not a reset)
+            answer = self._known
+        self._known = answer
         self._takes = (snap, answer)
         return answer
 
@@ -300,6 +316,8 @@ class HttpOutbound:
         """Take over an accepted downstream connection (a paused RawEnd) as HTTP."""
         transport = end.transport
         conn = ServerConn(self)
+        conn.shed = end.shed  # over the agent's connection cap: 503 OM
+        conn.admission, end.admission = end.admission, None  # its slot is released when this one closes
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

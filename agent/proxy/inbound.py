@@ -32,6 +32,9 @@ Decisions:
   rate (registry/ratelog.py). The peer's address is not known there.
 - Other ALPN protocols (`hostmesh/http1`, the L7 work) are handed over through `alpn_handlers`
   after identification; without a handler such a connection is refused.
+- Over the agent's connection cap (limits.py; mesh connections and each stream's app connection
+  count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM itself); an L4
+  stream idle for ``stream_idle_timeout`` is reset (flag SI).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import Address
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_keepalive
 from hostmesh.agent.proxy.pump import DC, ListenerLifecycle, Pipe, RawEnd, Tracker
@@ -87,6 +91,7 @@ class InboundConnection(MuxConnection):
         self.roots_pem = ""
         self.leaf: Any = None
         self.not_after = 0.0
+        self.admission: Admission | None = None  # its slot under the agent's connection cap (L4)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called once the TLS handshake has completed: identify the caller."""
@@ -127,9 +132,14 @@ class InboundConnection(MuxConnection):
             if handler is None:
                 return self.refuse(f"ALPN {alpn!r} is not served here")
             lst._conns.discard(self)
-            handler(lst, transport, source, svc, [])
+            handler(lst, transport, source, svc, [])  # (the handler applies the cap its own way)
             return True
         self.version = PROTOCOL_VERSIONS[alpn]
+        if lst.cap is not None:
+            self.admission = lst.cap.admit("inbound")
+            if self.admission is None:  # shed: counted and logged (bounded) by the cap
+                self.reset()
+                return False
         return True
 
     def refuse(self, reason: str) -> bool:
@@ -151,6 +161,8 @@ class InboundConnection(MuxConnection):
 
     def lost(self, exc: Exception | None) -> None:
         self.listener._conns.discard(self)
+        if self.admission is not None:
+            self.admission.release()
 
 
 _HS_NEW, _HS_STARTED, _HS_DONE = range(3)
@@ -192,13 +204,16 @@ def _watching(report: Callable[[str, str, str | None], None]) -> type[ssl.SSLObj
 
 class InboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, bind: Address, telemetry: Telemetry, *,
-                 reuse_port: bool = False) -> None:  # fmt: skip
+                 reuse_port: bool = False, cap: ConnectionCap | None = None,
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
+        self.cap = cap  # the agent's connection cap (None: unlimited)
         self.bind = bind
         self.telemetry = telemetry
         self.reuse_port = reuse_port
         self.alpn_handlers: dict[str, AlpnHandler] = {}
         self.tracker = Tracker()
+        self.reaper = IdleReaper(self.tracker, stream_idle_timeout)
         self.handshakes = 0  # completed TLS handshakes (for tests and stats)
         self._conns: set[InboundConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -238,9 +253,11 @@ class InboundListener(ListenerLifecycle):
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.call_later(IDLE_SWEEP_SECONDS, self._sweep)
+        self.reaper.start()
 
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True
+        self.reaper.stop()
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
@@ -314,9 +331,16 @@ class InboundListener(ListenerLifecycle):
             series.closed.inc()
             stream.reset()  # this downstream connection only; the caller's others go on
             return
+        admission = self.cap.admit("inbound") if self.cap is not None else None
+        if self.cap is not None and admission is None:  # shed: this stream only
+            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flags.OM)
+            series.opened.inc()
+            series.closed.inc()
+            stream.reset()
+            return
         series = self.telemetry.tcp_series(REPORTER, source.service, svc.name)
         series.opened.inc()
-        task = asyncio.get_running_loop().create_task(self._connect_app(conn, stream, svc, series))
+        task = asyncio.get_running_loop().create_task(self._connect_app(conn, stream, svc, series, admission))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -338,8 +362,18 @@ class InboundListener(ListenerLifecycle):
         return True
 
     async def _connect_app(self, conn: InboundConnection, stream: Stream, svc: LocalService,
-                           series: Any) -> None:  # fmt: skip
+                           series: Any, admission: Admission | None) -> None:  # fmt: skip
         """Connect the app; meanwhile the stream parks what arrives (at most its window)."""
+        piped = False
+        try:
+            piped = await self._connect_app_pipe(conn, stream, svc, series, admission)
+        finally:
+            if admission is not None and not piped:
+                admission.release()  # else the pipe holds the slot until its end (_done)
+
+    async def _connect_app_pipe(self, conn: InboundConnection, stream: Stream, svc: LocalService,
+                                series: Any, admission: Admission | None) -> bool:  # fmt: skip
+        """True when a pipe now joins the stream and the app."""
         loop = asyncio.get_running_loop()
         app = RawEnd()
         source = conn.source.service if conn.source else ""
@@ -354,7 +388,7 @@ class InboundListener(ListenerLifecycle):
             )
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
             stream.reset()
-            return
+            return False
         except asyncio.CancelledError:
             stream.reset()
             raise
@@ -362,14 +396,17 @@ class InboundListener(ListenerLifecycle):
             app.reset()
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", DC).closed.inc()
             stream.reset()
-            return
-        pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name))
+            return False
+        pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name, admission))
         self.tracker.add(pipe)
         pipe.start()
+        return True
 
     def _done(self, pipe: Pipe) -> None:
         self.tracker.remove(pipe)
-        conn, source, service = pipe.info
+        conn, source, service, admission = pipe.info
+        if admission is not None:
+            admission.release()
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(REPORTER, source, service, "", pipe.flags)

@@ -14,6 +14,8 @@ Decisions:
   tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most.
 - No healthy instance, or every instance failed: the downstream is reset at once (the client sees
   a reset rather than an EOF that could pass for an empty answer) and one log line says why.
+- Over the agent's connection cap (limits.py) a new connection is shed: reset (L4) or answered
+  ``503 OM`` (L7); an L4 connection idle for ``stream_idle_timeout`` is reset (flag SI).
 - The L4 pickers are kept here (agent/l7 has no L4 balancer to reuse): round robin over the
   snapshot's instance list, and least connections over this listener's open streams with a
   rotating start so ties spread.
@@ -30,6 +32,7 @@ from hostmesh.agent import audit
 from hostmesh.agent.config import UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
@@ -43,27 +46,37 @@ REPORTER = "source"
 
 
 class _Downstream(RawEnd):
-    __slots__ = ("listener",)
+    __slots__ = ("admission", "listener", "shed")
 
     def __init__(self, listener: OutboundListener) -> None:
         super().__init__(early_lost=listener._early_lost)
         self.listener = listener
+        self.admission: Admission | None = None  # its slot under the cap (the L7 path takes it over)
+        self.shed = False  # over the cap: L7 answers 503 OM
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.listener._accepted(self)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.admission is not None:
+            self.admission.release()
+
 
 class OutboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
-                 telemetry: Telemetry, *, reuse_port: bool = False) -> None:  # fmt: skip
+                 telemetry: Telemetry, *, reuse_port: bool = False, cap: ConnectionCap | None = None,
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
+        self.cap = cap  # the agent's connection cap (None: unlimited)
         self.local_service = local_service
         self.upstream = upstream
         self.telemetry = telemetry
         self.reuse_port = reuse_port
         self.pool = ConnectionPool()
         self.tracker = Tracker()
+        self.reaper = IdleReaper(self.tracker, stream_idle_timeout)
         self._server: asyncio.Server | None = None
         self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,9 +102,11 @@ class OutboundListener(ListenerLifecycle):
             reuse_port=self.reuse_port or None, backlog=BACKLOG,
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
+        self.reaper.start()
 
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True
+        self.reaper.stop()
         if self._server is not None:
             self._server.close()
         self.pool.close()
@@ -117,6 +132,11 @@ class OutboundListener(ListenerLifecycle):
             reset_transport(end.transport)
             return
         snap = self.holder.current
+        if self.cap is not None:
+            end.admission = self.cap.admit("outbound")
+            if end.admission is None:
+                self._shed(end, snap)
+                return
         if self.http is not None and self.http.takes(snap):
             self.http.accept(end)  # L7: agent/proxy/http_outbound.py
             return
@@ -183,6 +203,18 @@ class OutboundListener(ListenerLifecycle):
             self._refuse(
                 end, last.flag, f"{tries} instance(s) of {up.service} failed within the budget: {last}"
             )
+
+    def _shed(self, end: _Downstream, snap: Any) -> None:
+        """Over the agent's connection cap: HTTP answers 503 OM and closes, TCP is reset (the cap
+        counted and logged it)."""
+        if self.http is not None and self.http.takes(snap):
+            end.shed = True
+            self.http.accept(end)
+            return
+        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, "", flags.OM)
+        series.opened.inc()
+        series.closed.inc()
+        reset_transport(end.transport)
 
     def _early_lost(self, end: RawEnd) -> None:
         self._pending.discard(end)

@@ -1,0 +1,118 @@
+"""Agent-wide limits of the data path: the downstream connection cap and the L4 stream idle timeout.
+
+Decisions:
+- **Connection cap** (agent.toml ``max_connections``): one `ConnectionCap` per agent process counts
+  the connections held on behalf of callers: app connections accepted by the outbound listeners,
+  mesh connections accepted by the inbound listener, and the app connection the inbound opens for
+  each L4 stream. Beyond the cap nothing new is served (overload shedding): an HTTP connection gets
+  ``503`` with flag ``OM`` to its request and is closed, an L4 connection or stream is reset. Every
+  refusal counts in ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per
+  :data:`LOG_EVERY`. With ``workers = N`` each process holds ``max_connections / N`` (the kernel
+  spreads accepts evenly over SO_REUSEPORT listeners).
+- **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
+  an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
+  (0: never).
+  Checked by one timer per listener over its pipes' byte counters (nothing on the per-read path),
+  so the cut comes between the timeout and a quarter of it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.pump import Pipe, Tracker
+
+log = logging.getLogger("hostmesh.proxy.limits")
+
+STREAM_IDLE_TIMEOUT = DEFAULT_STREAM_IDLE_TIMEOUT  # (config.py says why)
+MAX_IDLE_CHECK_SECONDS = 60.0  # the idle sweep runs every timeout/4, at most this far apart
+LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (with a count)
+
+
+class Admission:
+    """One admitted connection's slot; `release` is idempotent (several owners may call it)."""
+
+    __slots__ = ("_cap",)
+
+    def __init__(self, cap: ConnectionCap) -> None:
+        self._cap: ConnectionCap | None = cap
+
+    def release(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.open -= 1
+
+
+class ConnectionCap:
+    """The agent process's downstream connection cap, shared by all its listeners."""
+
+    def __init__(self, limit: int, telemetry: Telemetry | None = None) -> None:
+        self.limit = limit
+        self.open = 0
+        self.rejected = 0
+        self._counter = telemetry.overload_rejected if telemetry is not None else None
+        self._last_log = 0.0
+        self._suppressed = 0
+
+    def admit(self, listener: str) -> Admission | None:
+        """A slot for one more connection, or None (counted, logged at a bounded rate) at the cap."""
+        if self.open < self.limit:
+            self.open += 1
+            return Admission(self)
+        self.rejected += 1
+        if self._counter is not None:
+            self._counter.labels(listener).inc()
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            more = f" (+{self._suppressed} more since)" if self._suppressed else ""
+            log.warning("%s: at the connection cap (max_connections = %d): shedding load%s", listener,
+                        self.limit, more)  # fmt: skip
+            self._last_log, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+        return None
+
+
+class IdleReaper:
+    """Resets the L4 pipes of one listener's tracker that moved no byte for `timeout` seconds."""
+
+    def __init__(self, tracker: Tracker, timeout: float) -> None:
+        self.tracker = tracker
+        self.timeout = timeout
+        self.reaped = 0
+        self._marks: dict[Pipe, tuple[int, int, float]] = {}  # (bytes up, bytes down) and since when
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.timeout > 0 and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._every(), self._sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._marks.clear()
+
+    def _every(self) -> float:
+        return min(self.timeout / 4, MAX_IDLE_CHECK_SECONDS)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        marks = self._marks
+        fresh: dict[Pipe, tuple[int, int, float]] = {}
+        for pipe in list(self.tracker.pipes):
+            mark = marks.get(pipe)
+            if mark is None or mark[0] != pipe.up or mark[1] != pipe.down:
+                fresh[pipe] = (pipe.up, pipe.down, now)
+            elif now - mark[2] >= self.timeout:
+                self.reaped += 1
+                pipe.fail(flags.SI)  # resets both ends; the listener's on_done counts it with the flag
+            else:
+                fresh[pipe] = mark
+        self._marks = fresh  # pipes that ended meanwhile drop out
+        self._timer = asyncio.get_running_loop().call_later(self._every(), self._sweep)
