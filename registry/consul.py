@@ -353,7 +353,16 @@ class ConsulClient:
     async def check_ttl(self, check_id: str, status: str = "pass", note: str = "") -> None:
         """Update a TTL check: status is pass | warn | fail."""
         q = f"?note={note}" if note else ""
-        await self._raw("PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, f"TTL update of {check_id}")
+        what = f"TTL update of {check_id}"
+        try:
+            await self._raw("PUT", f"/v1/agent/check/{status}/{check_id}{q}", None, what)
+        except Unavailable as exc:
+            # Consul 1.8 answers 500 `Unknown check "<id>"` once its agent forgot the check (a client
+            # agent rebuilt or restarted without its data dir): that is NotFound, so the caller
+            # registers again instead of retrying the update forever.
+            if "Unknown check" in str(exc):
+                raise NotFound(f"{what}: not found (Consul forgot the check)") from None
+            raise
 
     async def health_service(
         self, name: str, passing: bool = True, index: int | None = None, wait: float = BLOCKING_WAIT
