@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,17 +156,18 @@ class _NsHTTPConnection(http.client.HTTPConnection):
         self._fleet_host = host
 
     def connect(self) -> None:
-        self.sock = self._fleet_host.connect(self.port, self.host, self.timeout)
+        self.sock = self._fleet_host.connect(self.port, self.host, self.timeout or 10.0)
 
 
 class _NsHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: Host, addr: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(addr, port, timeout=timeout, context=context)
         self._fleet_host = host
+        self._tls = context
 
     def connect(self) -> None:
-        raw = self._fleet_host.connect(self.port, self.host, self.timeout)
-        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)
+        raw = self._fleet_host.connect(self.port, self.host, self.timeout or 10.0)
+        self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
 class Host:
@@ -186,6 +188,12 @@ class Host:
 
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.ip})"
+
+    @property
+    def mesh(self) -> MeshAgent:
+        """This host's hostmesh agent (workload hosts have one)."""
+        assert self.agent is not None, f"{self.name} runs no hostmesh agent"
+        return self.agent
 
     # network ------------------------------------------------------------------------------
 
@@ -655,6 +663,24 @@ class MeshAgent:
             return set()
         return {e["meta"].get("host", "?") for e in eps}
 
+    def chooses(self, service: str, hosts: set[str]) -> bool:
+        return self.endpoint_hosts(service) == hosts
+
+    def chooses_host(self, service: str, host: str) -> bool:
+        return host in self.endpoint_hosts(service)
+
+    def applied(self, key: str, index: int) -> bool:
+        """Does this agent run version `index` (the KV ModifyIndex) of `key` (e.g. routes/shop)?"""
+        return self.versions().get(key) == index
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
     def versions(self) -> dict[str, int]:
         return dict(self.admin("/v1/config")["versions"])
 
@@ -807,10 +833,10 @@ class Fleet:
             h.consul.start()
         self.wait_leader()
         # The master token exists once the leader has bootstrapped ACLs.
+        first = self.servers[0].consul
+        assert first is not None
         wait_for(
-            lambda: self.servers[0].consul.answers("/v1/acl/token/self"),
-            CONSUL_READY_TIMEOUT,  # type: ignore[union-attr]
-            "ACL bootstrap with the master token",
+            partial(first.answers, "/v1/acl/token/self"), CONSUL_READY_TIMEOUT, "ACL bootstrap (master token)"
         )
 
     def wait_leader(self, among: list[Host] | None = None, not_addr: str = "") -> str:
@@ -972,18 +998,18 @@ class Fleet:
         want = {h.name for h in self.servers_of}
         for svc in ("bulk", "shop"):  # Consul itself first: every instance's checks passing
             wait_for(
-                lambda s=svc: self.passing_hosts(s) == want,
-                timeout,
-                f"every {svc} instance passing in Consul",
+                partial(self.passing_hosts_are, svc, want), timeout, f"every {svc} instance passing in Consul"
             )
         for h in self.workloads:
-            assert h.agent is not None
             for svc in ("bulk", "shop"):
                 wait_for(
-                    lambda a=h.agent, s=svc: a.endpoint_hosts(s) == want,
-                    timeout,  # type: ignore[misc]
-                    f"{h.name} to choose among {sorted(want)} for {svc}",
+                    partial(h.mesh.chooses, svc, want),
+                    timeout,
+                    f"{h.name} to choose {sorted(want)} for {svc}",
                 )
+
+    def passing_hosts_are(self, service: str, hosts: set[str]) -> bool:
+        return self.passing_hosts(service) == hosts
 
     def passing_hosts(self, service: str) -> set[str]:
         """The hosts whose instance of `service` passes all its checks, as the Consul servers say."""

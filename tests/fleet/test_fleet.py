@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 
@@ -28,6 +29,8 @@ PARTITION_SECONDS = 20.0  # issue 11: how long the host stays cut off
 DETECT_BOUND = (
     15.0  # peers stop choosing a cut-off host within the agent's TTL check (agent/run.py TTL_SECONDS)
 )
+# A healed host's Consul client is rejoined by Serf's reconnect loop, which runs every 30 s.
+HEAL_TIMEOUT = 75.0
 BIG = 200 * 1024 * 1024  # issue 11: the L4 transfer an agent is killed during
 
 
@@ -88,7 +91,7 @@ def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
         index = fleet.kv_index("hostmesh/intentions/bulk")
         for h in fleet.servers_of:
             wait_for(
-                lambda h=h: agent(h).versions().get("intentions/bulk") == index,
+                partial(h.mesh.applied, "intentions/bulk", index),
                 CHANGE_TIMEOUT,
                 f"{h.name} to apply intentions/bulk@{index}",
             )
@@ -108,7 +111,7 @@ def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
         index = fleet.kv_index("hostmesh/routes/shop")
         for h in fleet.workloads:
             wait_for(
-                lambda h=h: agent(h).versions().get("routes/shop") == index,
+                partial(h.mesh.applied, "routes/shop", index),
                 CHANGE_TIMEOUT,
                 f"{h.name} to apply routes/shop@{index}",
             )
@@ -128,7 +131,7 @@ def _raft_voters(fleet: Fleet) -> int:
 
 def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
     w1, w3 = fleet.workloads[0], fleet.workloads[2]
-    pids = {h.name: agent(h).proc.pid for h in fleet.workloads}  # type: ignore[union-attr]
+    pids = {h.name: h.mesh.pid for h in fleet.workloads}
     others = {h.name for h in fleet.servers_of} - {w3.name}
     with Load(w1) as load:
         load.wait_ok(3, since=0)
@@ -137,7 +140,7 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
         try:
             for svc in ("bulk", "shop"):
                 wait_for(
-                    lambda s=svc: agent(w1).endpoint_hosts(s) == others,
+                    partial(w1.mesh.chooses, svc, others),
                     DETECT_BOUND,
                     f"w1 to stop choosing {w3.name} for {svc}",
                 )
@@ -150,8 +153,8 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
         for h in fleet.workloads:
             for svc in ("bulk", "shop"):
                 wait_for(
-                    lambda h=h, s=svc: w3.name in agent(h).endpoint_hosts(s),
-                    CHANGE_TIMEOUT,
+                    partial(h.mesh.chooses_host, svc, w3.name),
+                    HEAL_TIMEOUT,
                     f"{h.name} to choose {w3.name} for {svc} again",
                 )
         back_at = time.monotonic()
@@ -168,21 +171,22 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
     assert not [c for c in load.calls if c.corrupt], load.summary()
     # Once peers stopped choosing the cut-off host nothing failed (calls already in flight to it may).
     assert not load.failures(since=avoided_at), load.summary()
-    assert {h.name: agent(h).proc.pid for h in fleet.workloads} == pids  # type: ignore[union-attr]
-    assert all(agent(h).proc.alive() for h in fleet.workloads)  # type: ignore[union-attr]
+    assert {h.name: h.mesh.pid for h in fleet.workloads} == pids
+    assert all(h.mesh.alive() for h in fleet.workloads)
 
 
 def test_consul_client_restart_agent_reregisters_and_watches_resume(fleet: Fleet) -> None:
     w2, w3 = fleet.workloads[1], fleet.workloads[2]
-    pid = agent(w2).proc.pid  # type: ignore[union-attr]
+    pid = w2.mesh.pid
     assert w2.consul is not None and w3.consul is not None
+    w2_consul = w2.consul
     w2.consul.stop()  # a graceful leave: the catalog forgets w2's services
     w2.consul.wipe()  # and the client comes back with no local state: only hostmesh can register them again
     w2.consul.start()
     fleet.wait_consul_client(w2)
 
     def registered() -> bool:
-        status, services = w2.consul.api("GET", "/v1/agent/services")  # type: ignore[union-attr]
+        status, services = w2_consul.api("GET", "/v1/agent/services")
         return status == 200 and {"bulk-w2", "shop-w2"} <= set(services)
 
     wait_for(registered, CHANGE_TIMEOUT, "the hostmesh agent on w2 to register its services again")
@@ -190,23 +194,24 @@ def test_consul_client_restart_agent_reregisters_and_watches_resume(fleet: Fleet
     # Its watches resumed: an instance change elsewhere reaches it.
     w3.consul.api_ok("PUT", "/v1/agent/service/maintenance/bulk-w3?enable=true&reason=fleet-test")
     try:
-        wait_for(lambda: agent(w2).endpoint_hosts("bulk") == {"w2"}, CHANGE_TIMEOUT, "w2 to drop bulk-w3")
+        wait_for(lambda: w2.mesh.endpoint_hosts("bulk") == {"w2"}, CHANGE_TIMEOUT, "w2 to drop bulk-w3")
     finally:
         w3.consul.api_ok("PUT", "/v1/agent/service/maintenance/bulk-w3?enable=false")
     wait_for(
-        lambda: agent(w2).endpoint_hosts("bulk") == {"w2", "w3"}, CHANGE_TIMEOUT, "w2 to choose bulk-w3 again"
+        lambda: w2.mesh.endpoint_hosts("bulk") == {"w2", "w3"}, CHANGE_TIMEOUT, "w2 to choose bulk-w3 again"
     )
     assert l4_download(w2, 1024 * 1024).outcome == Outcome.OK
-    assert agent(w2).proc.pid == pid and agent(w2).proc.alive()  # type: ignore[union-attr]
+    assert w2.mesh.pid == pid and w2.mesh.alive()
 
 
 def _serves_after_restart(fleet: Fleet, h: Host, check) -> float:
     """Restart `h`'s agent; seconds from spawn until its own upstream listener carries a checked call."""
     started = time.monotonic()
-    agent(h).start(wait=False)
+    h.mesh.start(wait=False)
     wait_for(check, 30.0, f"the restarted agent on {h.name} to serve")
     took = time.monotonic() - started
-    agent(h).wait_ready()
+    h.mesh.wait_ready()
+    fleet.wait_settled()  # and its peers choose it again
     return took
 
 
@@ -223,7 +228,7 @@ def test_agent_kill9_during_200mb_l4_transfer(fleet: Fleet) -> None:
     wait_for(lambda: progress[0] > 16 * 1024 * 1024, 60.0, "16 MB of the 200 MB transfer")
     victim = next(h for h in fleet.servers_of if h.apps["bulk"].served.active > 0)
     killed_at = time.monotonic()
-    agent(victim).kill9()
+    victim.mesh.kill9()
     t.join(60)
     ended_at = time.monotonic()
     assert result, "the transfer did not end"
@@ -252,9 +257,9 @@ def test_agent_kill9_during_http_load(fleet: Fleet) -> None:
     with Load(w1, workers=3) as load:
         load.wait_ok(5, since=0)
         killed_at = time.monotonic()
-        agent(victim).kill9()
+        victim.mesh.kill9()
         wait_for(
-            lambda: agent(w1).endpoint_hosts("shop") == {"w3"}, CHANGE_TIMEOUT, "w1 to drop the dead agent"
+            lambda: w1.mesh.endpoint_hosts("shop") == {"w3"}, CHANGE_TIMEOUT, "w1 to drop the dead agent"
         )
         load.wait_ok(10, since=time.monotonic())
     calls = load.calls
@@ -288,14 +293,14 @@ def test_ca_host_down_nothing_fails(fleet: Fleet) -> None:
         w1, w3 = fleet.workloads[0], fleet.workloads[2]
         with Load(w1) as load:
             load.wait_ok(3, since=0)
-            agent(w3).stop()  # a restart needs no CA: certificates from disk
-            agent(w3).start()
+            w3.mesh.stop()  # a restart needs no CA: certificates from disk
+            w3.mesh.start()
             fleet.wait_settled()
             load.wait_ok(5, since=time.monotonic())
         assert not load.failures(), load.summary()
         test_l4_and_l7_cross_hosts_intact(fleet)
         for h in fleet.workloads:
-            certs = agent(h).admin("/v1/certs")["certs"]
+            certs = h.mesh.admin("/v1/certs")["certs"]
             assert certs and all(c["spiffe_id"].startswith("spiffe://") for c in certs)
     finally:
         ca.heal()
