@@ -206,6 +206,7 @@ class Outcome:
     OK = "ok"  # every byte arrived and matched
     RESET = "reset"  # the connection was reset (or closed early) before the end: a visible error
     CORRUPT = "corrupt"  # a byte differed from the pattern: must never happen
+    STALLED = "stalled"  # nothing arrived for the socket's timeout (a peer that vanished without a reset)
 
 
 @dataclass
@@ -234,6 +235,8 @@ def download(sock: socket.socket, pattern: Pattern, size: int, on_progress: Any 
                 return Download(Outcome.CORRUPT, offset, "bytes beyond the end")
         except (ConnectionResetError, BrokenPipeError) as exc:
             return Download(Outcome.RESET, offset, type(exc).__name__)
+        except TimeoutError:
+            return Download(Outcome.STALLED, offset, f"no bytes for {sock.gettimeout()} s")
     return Download(Outcome.OK, offset)
 
 

@@ -681,6 +681,11 @@ class MeshAgent:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the agent process has used (user + system): start-up cost apart from contention."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def versions(self) -> dict[str, int]:
         return dict(self.admin("/v1/config")["versions"])
 
