@@ -557,12 +557,15 @@ class MeshAgent:
         self.proc: Proc | None = None
         self.binds = {up: port for s in services for up, port in s.upstreams.items()}
 
-    def write_config(self, join_token: str) -> None:
+    def write_config(self, join_token: str | None = None) -> None:
+        """agent.toml for this host's services; `join_token` None keeps the token file as it is (a
+        restarted agent renews with its stored certificate and needs none)."""
         fleet = self.host.fleet
         self.data_dir.mkdir(parents=True, exist_ok=True)
         join = self.dir / "join-token"
-        join.write_text(join_token + "\n")
-        join.chmod(0o600)
+        if join_token is not None:
+            join.write_text(join_token + "\n")
+            join.chmod(0o600)
         consul_token = self.dir / "consul-token"
         consul_token.write_text(self.token + "\n")
         consul_token.chmod(0o600)
@@ -755,10 +758,13 @@ def stale_namespaces() -> list[str]:
     stale = []
     for line in out.splitlines():
         name = line.split()[0] if line.strip() else ""
-        m = re.fullmatch(r"hmf(\d+)-\w+", name)
+        m = re.fullmatch(r"hmf(\d+)[a-z]-\w+", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             stale.append(name)
     return stale
+
+
+_FLEET_LETTERS = iter("abcdefghijklmnopqrstuvwxyz")
 
 
 class Fleet:
@@ -768,7 +774,7 @@ class Fleet:
         self, workdir: Path, venv: Venv | None, workloads: int = 3, consul_bin: str | None = None
     ) -> None:
         self.workdir = workdir
-        self.prefix = f"hmf{os.getpid()}"
+        self.prefix = f"hmf{os.getpid()}{next(_FLEET_LETTERS)}"  # unique per fleet: a session may build two
         self.switch_ns = f"{self.prefix}-sw"
         self.venvs: dict[str, Venv] = {} if venv is None else {"head": venv}
         self.consul_bin = consul_bin or consul_binary()
@@ -806,7 +812,8 @@ class Fleet:
         """The network, the Consul servers, ACL policies and tokens, the Consul clients (no hostmesh
         needed yet: a caller may install hostmesh meanwhile)."""
         t0 = time.monotonic()
-        for ns in stale_namespaces():
+        ours = [self.switch_ns, *(h.ns for h in self.hosts)]  # left by a dead process that had our pid
+        for ns in [*stale_namespaces(), *ours]:
             ip("netns", "del", ns, check=False)
         self._network()
         self._consul_servers()
@@ -993,6 +1000,15 @@ class Fleet:
             assert h.agent is not None
             h.agent.wait_ready()
         self.wait_settled()
+
+    def run_agent_from(self, host: Host, venv_name: str) -> float:
+        """Restart `host`'s agent from another installed venv (say an older release), keeping its
+        data dir (stored certificates, snapshot); returns the seconds from spawn to ready."""
+        agent = host.mesh
+        agent.stop()
+        agent.venv = self.venvs[venv_name]
+        agent.write_config()  # the [consul] keys that release reads
+        return agent.start()
 
     @property
     def servers_of(self) -> list[Host]:
