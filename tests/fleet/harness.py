@@ -674,7 +674,7 @@ class MeshAgent:
 
     def applied(self, key: str, index: int) -> bool:
         """Does this agent run version `index` (the KV ModifyIndex) of `key` (e.g. routes/shop)?"""
-        return self.versions().get(key) == index
+        return self.versions().get(key, 0) == index  # 0: deleted (or never written)
 
     @property
     def pid(self) -> int:
@@ -1054,6 +1054,13 @@ class Fleet:
             "SSL_CERT_FILE": str(self.pki.ca_file),
         }
         return h.run([self.venv.hostmesh, *args], env, check=check)
+
+    def wait_applied(self, key: str, hosts: list[Host], timeout: float = CHANGE_TIMEOUT) -> None:
+        """Wait until every agent on `hosts` runs the current version of document `key` (say
+        `routes/shop`), or has dropped it once it is deleted."""
+        index = self.kv_index(f"hostmesh/{key}")
+        for h in hosts:
+            wait_for(partial(h.mesh.applied, key, index), timeout, f"{h.name} to apply {key}@{index}")
 
     def kv_index(self, key: str) -> int:
         status, data = self.admin_consul.api("GET", f"/v1/kv/{key}")

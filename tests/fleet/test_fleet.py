@@ -27,9 +27,8 @@ pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 PROMPT = 5.0  # a client learns of a dead peer agent within this (the kernel resets its sockets at once)
 RESTART_SERVE_BOUND = 2.0  # issue 11: a restarted agent serves within 2 s from its stored certs and snapshot
 PARTITION_SECONDS = 20.0  # issue 11: how long the host stays cut off
-DETECT_BOUND = (
-    15.0  # peers stop choosing a cut-off host within the agent's TTL check (agent/run.py TTL_SECONDS)
-)
+# Peers stop choosing a cut-off host within the agent's TTL check (agent/run.py TTL_SECONDS).
+DETECT_BOUND = 15.0
 # A healed host's Consul client is rejoined by Serf's reconnect loop, which runs every 30 s.
 HEAL_TIMEOUT = 75.0
 BIG = 200 * 1024 * 1024  # issue 11: the L4 transfer an agent is killed during
@@ -41,11 +40,6 @@ def whole(fleet: Fleet) -> None:
     for h in fleet.workloads:
         assert h.agent is not None and h.agent.proc is not None and h.agent.proc.alive(), h.name
     fleet.wait_settled()
-
-
-def agent(h: Host):
-    assert h.agent is not None
-    return h.agent
 
 
 def test_l4_and_l7_cross_hosts_intact(fleet: Fleet) -> None:
@@ -89,13 +83,7 @@ def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
                 f"issue 11.1 not landed: the CLI's KV transaction carries no ACL token: {out.stderr.strip()}"
             )
         assert out.returncode == 0, out.stderr
-        index = fleet.kv_index("hostmesh/intentions/bulk")
-        for h in fleet.servers_of:
-            wait_for(
-                partial(h.mesh.applied, "intentions/bulk", index),
-                CHANGE_TIMEOUT,
-                f"{h.name} to apply intentions/bulk@{index}",
-            )
+        fleet.wait_applied("intentions/bulk", fleet.servers_of)
         refused = l4_download(w1, 1024)
         assert refused.outcome == Outcome.RESET and refused.received == 0, refused
         route = fleet.workloads[0].workdir / "shop-route.json"
@@ -109,17 +97,14 @@ def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
             )
         )
         fleet.cli("route", "apply", "-f", str(route))
-        index = fleet.kv_index("hostmesh/routes/shop")
+        fleet.wait_applied("routes/shop", fleet.workloads)
         for h in fleet.workloads:
-            wait_for(
-                partial(h.mesh.applied, "routes/shop", index),
-                CHANGE_TIMEOUT,
-                f"{h.name} to apply routes/shop@{index}",
-            )
             assert {l7_get(h).instance for _ in range(4)} == {"w3"}, h.name
     finally:
-        fleet.cli("intention", "delete", "client", "bulk", check=False)
-        fleet.cli("route", "delete", "shop", check=False)
+        if fleet.cli("intention", "delete", "client", "bulk", check=False).returncode == 0:
+            fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        if fleet.cli("route", "delete", "shop", check=False).returncode == 0:
+            fleet.wait_applied("routes/shop", fleet.workloads)
         old.consul.start()
         fleet.wait_leader(among=fleet.servers)
         wait_for(lambda: _raft_voters(fleet) == 3, CHANGE_TIMEOUT, "three Raft voters again")
