@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONSUL_READY_TIMEOUT = 90.0  # 3 servers elect a leader, ACLs bootstrap, clients join
 AGENT_READY_TIMEOUT = 60.0  # interpreter start, CSR, first Consul round trips
 CHANGE_TIMEOUT = 30.0  # a catalog/KV change reaching an agent (allows a watch's error backoff)
+REPAIR_TIMEOUT = 90.0  # a healed host rejoins through Serf's reconnect loop (every 30 s)
 POLL = 0.05
 COMMAND_TIMEOUT = 120.0  # one `ip`/`hostmesh`/`pip` command
 INSTALL_TIMEOUT = 600.0  # building the wheel and installing it with its dependencies
@@ -1028,6 +1029,29 @@ class Fleet:
                     timeout,
                     f"{h.name} to choose {sorted(want)} for {svc}",
                 )
+
+    def repair(self) -> list[str]:
+        """Bring back whatever an earlier (failed) test left down, so one failure does not cascade:
+        links, Consul agents, the CA, hostmesh agents. Returns what it had to restart."""
+        fixed = []
+        for h in self.hosts:
+            h.heal()
+        for h in self.hosts:
+            if h.consul is not None and (h.consul.proc is None or not h.consul.proc.alive()):
+                h.consul.start()
+                fixed.append(f"consul on {h.name}")
+        self.wait_leader()
+        for h in [self.ca_host, *self.workloads]:
+            self.wait_consul_client(h)
+        if self.ca_proc is None or not self.ca_proc.alive():
+            self.start_ca()
+            fixed.append("the CA")
+        for h in self.workloads:
+            if not h.mesh.alive():
+                h.mesh.start()
+                fixed.append(f"agent on {h.name}")
+        self.wait_settled(REPAIR_TIMEOUT)
+        return fixed
 
     def passing_hosts_are(self, service: str, hosts: set[str]) -> bool:
         return self.passing_hosts(service) == hosts

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -35,11 +35,14 @@ BIG = 200 * 1024 * 1024  # issue 11: the L4 transfer an agent is killed during
 
 
 @pytest.fixture(autouse=True)
-def whole(fleet: Fleet) -> None:
-    """Each test starts from a whole fleet: every agent alive and choosing among every instance."""
-    for h in fleet.workloads:
-        assert h.agent is not None and h.agent.proc is not None and h.agent.proc.alive(), h.name
+def whole(fleet: Fleet) -> Iterator[None]:
+    """Each test starts from a whole fleet: every process up, every agent choosing among every
+    instance. A test that failed half-way is repaired after, so its failure does not cascade."""
     fleet.wait_settled()
+    yield
+    fixed = fleet.repair()
+    if fixed:
+        print(f"\nrepaired after the test: restarted {', '.join(fixed)}")
 
 
 def test_l4_and_l7_cross_hosts_intact(fleet: Fleet) -> None:
