@@ -1030,6 +1030,13 @@ class Fleet:
                     f"{h.name} to choose {sorted(want)} for {svc}",
                 )
 
+    def maintenance(self, host: Host, enable: bool) -> None:
+        """Consul maintenance mode for every service of `host`'s agent (peers stop choosing it)."""
+        assert host.consul is not None
+        for svc in host.mesh.services:
+            flag = "true&reason=fleet-test" if enable else "false"
+            host.consul.api_ok("PUT", f"/v1/agent/service/maintenance/{svc.name}-{host.name}?enable={flag}")
+
     def repair(self) -> list[str]:
         """Bring back whatever an earlier (failed) test left down, so one failure does not cascade:
         links, Consul agents, the CA, hostmesh agents. Returns what it had to restart."""
