@@ -5,9 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
 
-.PHONY: test lint typecheck unit consul demo bench clean deb
+.PHONY: test lint typecheck unit fleet consul demo bench clean deb
 
-test: lint typecheck unit
+test: lint typecheck unit fleet
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy -p hostmesh.agent -p hostmesh.registry -p hostmesh.ca
 
 unit: $(STAMP) consul
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m "not fleet" $(PYTEST_ARGS)
+
+# The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
+# its wheel. Needs root (CI is) and iproute2, installed here when missing; skips without root.
+fleet: $(STAMP) consul
+	@[ "$$(id -u)" != 0 ] || ./packaging/ensure-tools.sh ip
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m fleet tests/fleet $(PYTEST_ARGS)
 
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo

@@ -1,0 +1,303 @@
+"""The fleet tier: hostmesh as a fleet runs it, and the failures a fleet has.
+
+One fleet for the module (tests/fleet/harness.py): Consul servers s1-s3 (Raft, ACLs default deny,
+HTTPS with verification, TLS on server RPC), the hostmesh CA on host `ca`, workloads w1-w3 each
+with a Consul client and a hostmesh agent installed from the built wheel. w1 runs `client`, which
+calls `bulk` (L4) and `shop` (L7); w2 and w3 serve both and call them too. Every byte is checked
+against a deterministic pattern or its SHA-256. Each test leaves the fleet whole for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pytest
+
+from tests.fleet.apps import Download, Outcome, Pattern, download
+from tests.fleet.harness import CHANGE_TIMEOUT, Fleet, Host, wait_for
+from tests.fleet.traffic import L4_PORT, Load, l4_download, l4_upload_ok, l7_get
+
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
+
+PROMPT = 5.0  # a client learns of a dead peer agent within this (the kernel resets its sockets at once)
+RESTART_SERVE_BOUND = 2.0  # issue 11: a restarted agent serves within 2 s from its stored certs and snapshot
+PARTITION_SECONDS = 20.0  # issue 11: how long the host stays cut off
+# Peers stop choosing a cut-off host within the agent's TTL check (agent/run.py TTL_SECONDS).
+DETECT_BOUND = 15.0
+# A healed host's Consul client is rejoined by Serf's reconnect loop, which runs every 30 s.
+HEAL_TIMEOUT = 75.0
+BIG = 200 * 1024 * 1024  # issue 11: the L4 transfer an agent is killed during
+
+
+@pytest.fixture(autouse=True)
+def whole(fleet: Fleet) -> Iterator[None]:
+    """Each test starts from a whole fleet: every process up, every agent choosing among every
+    instance. A test that failed half-way is repaired after, so its failure does not cascade."""
+    fleet.wait_settled()
+    yield
+    fixed = fleet.repair()
+    if fixed:
+        print(f"\nrepaired after the test: restarted {', '.join(fixed)}")
+
+
+def test_l4_and_l7_cross_hosts_intact(fleet: Fleet) -> None:
+    w1 = fleet.workloads[0]
+    size = 16 * 1024 * 1024
+    with ThreadPoolExecutor(8) as pool:
+        downs = [pool.submit(l4_download, w1, size, seed) for seed in range(4)]
+        ups = [pool.submit(l4_upload_ok, w1, size, 10 + seed) for seed in range(4)]
+        gets = [pool.submit(l7_get, w1, 256 * 1024, seed) for seed in range(40)]
+        assert [f.result().outcome for f in downs] == [Outcome.OK] * 4
+        assert all(f.result() for f in ups)
+        results = [f.result() for f in gets]
+    assert all(r.status == 200 and r.ok for r in results), [(r.status, r.error) for r in results if not r.ok]
+    assert {r.instance for r in results} == {"w2", "w3"}  # both serving hosts were chosen
+    for h in fleet.servers_of:
+        assert h.apps["bulk"].served.finished >= 1, f"{h.name} served no L4 call"
+
+
+def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
+    w1 = fleet.workloads[0]
+    old = fleet.leader_host()
+    with Load(w1) as load:
+        load.wait_ok(3, since=0)
+        killed_at = time.monotonic()
+        assert old.consul is not None
+        old.consul.kill9()
+        survivors = [h for h in fleet.servers if h is not old]
+        new_addr = fleet.wait_leader(among=survivors, not_addr=f"{old.ip}:8300")
+        elected_at = time.monotonic()
+        load.wait_ok(5, since=elected_at)
+    print(
+        f"\nnew leader {new_addr} {elected_at - killed_at:.1f} s after killing {old.name}; {load.summary()}"
+    )
+    assert not load.failures(), load.summary()
+
+    try:
+        # Config made after the election reaches every agent concerned, through the operator CLI.
+        out = fleet.cli("intention", "deny", "client", "bulk", check=False)
+        if out.returncode != 0 and "--token-file" not in fleet.venv.cli_options:
+            pytest.xfail(
+                f"issue 11.1 not landed: the CLI's KV transaction carries no ACL token: {out.stderr.strip()}"
+            )
+        assert out.returncode == 0, out.stderr
+        fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        refused = l4_download(w1, 1024)
+        assert refused.outcome == Outcome.RESET and refused.received == 0, refused
+        route = fleet.workloads[0].workdir / "shop-route.json"
+        route.write_text(
+            json.dumps(
+                {
+                    "service": "shop",
+                    "subsets": {"w3": {"host": "w3"}},
+                    "routes": [{"to": [{"subset": "w3", "weight": 100}]}],
+                }
+            )
+        )
+        fleet.cli("route", "apply", "-f", str(route))
+        fleet.wait_applied("routes/shop", fleet.workloads)
+        for h in fleet.workloads:
+            assert {l7_get(h).instance for _ in range(4)} == {"w3"}, h.name
+    finally:
+        if fleet.cli("intention", "delete", "client", "bulk", check=False).returncode == 0:
+            fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        if fleet.cli("route", "delete", "shop", check=False).returncode == 0:
+            fleet.wait_applied("routes/shop", fleet.workloads)
+        old.consul.start()
+        fleet.wait_leader(among=fleet.servers)
+        wait_for(lambda: _raft_voters(fleet) == 3, CHANGE_TIMEOUT, "three Raft voters again")
+
+
+def _raft_voters(fleet: Fleet) -> int:
+    status, cfg = fleet.admin_consul.api("GET", "/v1/operator/raft/configuration")
+    return sum(1 for s in cfg["Servers"] if s["Voter"]) if status == 200 else 0
+
+
+def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
+    w1, w3 = fleet.workloads[0], fleet.workloads[2]
+    pids = {h.name: h.mesh.pid for h in fleet.workloads}
+    others = {h.name for h in fleet.servers_of} - {w3.name}
+    with Load(w1) as load:
+        load.wait_ok(3, since=0)
+        cut_at = time.monotonic()
+        w3.cut()
+        try:
+            for svc in ("bulk", "shop"):
+                wait_for(
+                    partial(w1.mesh.chooses, svc, others),
+                    DETECT_BOUND,
+                    f"w1 to stop choosing {w3.name} for {svc}",
+                )
+            avoided_at = time.monotonic()
+            load.wait_ok(5, since=avoided_at)
+            time.sleep(max(0.0, cut_at + PARTITION_SECONDS - time.monotonic()))  # the scenario's length
+        finally:
+            w3.heal()
+        healed_at = time.monotonic()
+        for h in fleet.workloads:
+            for svc in ("bulk", "shop"):
+                wait_for(
+                    partial(h.mesh.chooses_host, svc, w3.name),
+                    HEAL_TIMEOUT,
+                    f"{h.name} to choose {w3.name} for {svc} again",
+                )
+        back_at = time.monotonic()
+        served_before = w3.apps["shop"].served.finished + w3.apps["bulk"].served.finished
+        wait_for(
+            lambda: w3.apps["shop"].served.finished + w3.apps["bulk"].served.finished > served_before + 4,
+            CHANGE_TIMEOUT,
+            f"{w3.name} to serve w1's calls again",
+        )
+    print(
+        f"\npartition: peers stopped choosing {w3.name} after {avoided_at - cut_at:.1f} s, chose it again "
+        f"{back_at - healed_at:.1f} s after healing; {load.summary()}"
+    )
+    assert not [c for c in load.calls if c.corrupt], load.summary()
+    # Once peers stopped choosing the cut-off host nothing failed (calls already in flight to it may).
+    assert not load.failures(since=avoided_at), load.summary()
+    assert {h.name: h.mesh.pid for h in fleet.workloads} == pids
+    assert all(h.mesh.alive() for h in fleet.workloads)
+
+
+def test_consul_client_restart_agent_reregisters_and_watches_resume(fleet: Fleet) -> None:
+    w2, w3 = fleet.workloads[1], fleet.workloads[2]
+    pid = w2.mesh.pid
+    assert w2.consul is not None and w3.consul is not None
+    w2_consul = w2.consul
+    w2.consul.stop()  # a graceful leave: the catalog forgets w2's services
+    w2.consul.wipe()  # and the client comes back with no local state: only hostmesh can register them again
+    w2.consul.start()
+    fleet.wait_consul_client(w2)
+
+    def registered() -> bool:
+        status, services = w2_consul.api("GET", "/v1/agent/services")
+        return status == 200 and {"bulk-w2", "shop-w2"} <= set(services)
+
+    wait_for(registered, CHANGE_TIMEOUT, "the hostmesh agent on w2 to register its services again")
+    fleet.wait_settled()
+    # Its watches resumed: an instance change elsewhere reaches it.
+    w3.consul.api_ok("PUT", "/v1/agent/service/maintenance/bulk-w3?enable=true&reason=fleet-test")
+    try:
+        wait_for(lambda: w2.mesh.endpoint_hosts("bulk") == {"w2"}, CHANGE_TIMEOUT, "w2 to drop bulk-w3")
+    finally:
+        w3.consul.api_ok("PUT", "/v1/agent/service/maintenance/bulk-w3?enable=false")
+    wait_for(
+        lambda: w2.mesh.endpoint_hosts("bulk") == {"w2", "w3"}, CHANGE_TIMEOUT, "w2 to choose bulk-w3 again"
+    )
+    assert l4_download(w2, 1024 * 1024).outcome == Outcome.OK
+    assert w2.mesh.pid == pid and w2.mesh.alive()
+
+
+def _serves_after_restart(fleet: Fleet, h: Host, check: Callable[[], bool]) -> float:
+    """Restart `h`'s agent; seconds from spawn until its own upstream listener carries a checked call."""
+    started = time.monotonic()
+    h.mesh.start(wait=False)
+    wait_for(check, 30.0, f"the restarted agent on {h.name} to serve")
+    took = time.monotonic() - started
+    cpu = h.mesh.cpu_seconds()
+    print(f"restarted agent on {h.name} served {took:.2f} s after spawn, having used {cpu:.2f} s of CPU")
+    h.mesh.wait_ready()
+    fleet.wait_settled()  # and its peers choose it again
+    return took
+
+
+def test_agent_kill9_during_200mb_l4_transfer(fleet: Fleet) -> None:
+    w1 = fleet.workloads[0]
+    pattern, progress = Pattern(7), [0]
+    result: list[Download] = []
+    t = threading.Thread(
+        target=lambda: result.append(
+            download(w1.connect(L4_PORT, timeout=60), pattern, BIG, lambda n: progress.__setitem__(0, n))
+        )
+    )
+    t.start()
+    wait_for(lambda: progress[0] > 16 * 1024 * 1024, 60.0, "16 MB of the 200 MB transfer")
+    victim = next(h for h in fleet.servers_of if h.apps["bulk"].served.active > 0)
+    killed_at = time.monotonic()
+    victim.mesh.kill9()
+    t.join(60)
+    ended_at = time.monotonic()
+    assert result, "the transfer did not end"
+    d = result[0]
+    print(
+        f"\nkill -9 {victim.name}'s agent after {progress[0] / 2**20:.0f} MiB: {d.outcome} {d.detail} "
+        f"{ended_at - killed_at:.2f} s later"
+    )
+    assert d.outcome == Outcome.RESET and d.received < BIG, d  # every byte before it matched the pattern
+    assert "Reset" in d.detail, f"the client saw a clean close, not an error: {d}"
+    assert ended_at - killed_at < PROMPT
+
+    def own_upstream_serves() -> bool:
+        try:
+            return download(victim.connect(L4_PORT, timeout=2), Pattern(8), 64 * 1024).outcome == Outcome.OK
+        except OSError:
+            return False
+
+    assert _serves_after_restart(fleet, victim, own_upstream_serves) <= RESTART_SERVE_BOUND
+
+
+def test_agent_kill9_during_http_load(fleet: Fleet) -> None:
+    w1, victim = fleet.workloads[0], fleet.workloads[1]
+    with Load(w1, workers=3) as load:
+        load.wait_ok(5, since=0)
+        killed_at = time.monotonic()
+        victim.mesh.kill9()
+        wait_for(
+            lambda: w1.mesh.endpoint_hosts("shop") == {"w3"}, CHANGE_TIMEOUT, "w1 to drop the dead agent"
+        )
+        load.wait_ok(10, since=time.monotonic())
+    calls = load.calls
+    print(f"\nkill -9 {victim.name}'s agent under load: {load.summary()}")
+    assert not [c for c in calls if c.corrupt], load.summary()
+    for c in load.failures(since=killed_at - PROMPT):
+        if c.kind == "l7" and not c.detail.startswith("0 "):  # an HTTP answer: the proxy's, with a flag
+            assert c.detail[0] == "5" and "flags=-" not in c.detail, c
+        assert c.end - c.start < PROMPT, c
+    assert not load.failures(until=killed_at - PROMPT), load.summary()
+
+    def own_upstream_serves() -> bool:
+        try:
+            r = l7_get(victim, 1024)
+        except OSError:
+            return False
+        return r.status == 200 and r.ok
+
+    assert _serves_after_restart(fleet, victim, own_upstream_serves) <= RESTART_SERVE_BOUND
+
+
+def test_ca_host_down_nothing_fails(fleet: Fleet) -> None:
+    ca = fleet.ca_host
+    assert fleet.ca_proc is not None and ca.consul is not None
+    fleet.ca_proc.kill9()
+    ca.consul.kill9()
+    ca.cut()
+    try:
+        w1, w3 = fleet.workloads[0], fleet.workloads[2]
+        with Load(w1) as load:
+            load.wait_ok(3, since=0)
+            # A restart needs no CA (certificates from disk). Done as the README's upgrade does it:
+            # peers are steered away first, so the restart itself costs no call.
+            fleet.maintenance(w3, True)
+            others = {h.name for h in fleet.servers_of} - {w3.name}
+            for svc in ("bulk", "shop"):
+                wait_for(partial(w1.mesh.chooses, svc, others), CHANGE_TIMEOUT, f"w1 to leave w3 for {svc}")
+            w3.mesh.stop()
+            w3.mesh.start()
+            fleet.maintenance(w3, False)
+            fleet.wait_settled()
+            load.wait_ok(5, since=time.monotonic())
+        assert not load.failures(), load.summary()
+        test_l4_and_l7_cross_hosts_intact(fleet)
+        for h in fleet.workloads:
+            certs = h.mesh.admin("/v1/certs")["certs"]
+            assert certs and all(c["spiffe_id"].startswith("spiffe://") for c in certs)
+    finally:
+        ca.heal()
+        ca.consul.start()
+        fleet.wait_consul_client(ca)
+        fleet.start_ca()
