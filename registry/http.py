@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import ssl
@@ -207,14 +208,17 @@ class HTTPClient:
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer
             writer.close()
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            return await asyncio.open_connection(
-                self.host,
-                self.port,
-                ssl=self._ssl,
-                server_hostname=(self._server_hostname or self.host) if self._ssl else None,
-                limit=MAX_HEAD_BYTES,
-            )
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=(self._server_hostname or self.host) if self._ssl else None,
+                    limit=MAX_HEAD_BYTES,
+                )
+        except TimeoutError:  # not the request's timeout: say which one ran out
+            raise OSError(errno.ETIMEDOUT, f"no connection within {CONNECT_TIMEOUT:g}s") from None
 
     async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
         sink = _Parsed()

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from hostmesh.agent import ca_client
 from hostmesh.ca import admission, tokens
+from hostmesh.ca.errors import CAUnavailable
 from hostmesh.ca.service import CAService
 from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.http import Response
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
 from tests.support import ConsulDev, async_wait_until
 
@@ -166,3 +169,10 @@ async def test_bad_tokens_are_refused_without_asking_consul(
             assert status == 503 and "temporarily unavailable" in error
         finally:
             await svc.close(deregister=False)
+
+
+def test_an_agent_takes_429_as_retry_later_not_as_a_refusal() -> None:
+    shed = Response.error(429, "too many requests from 10.0.0.5")
+    shed.headers["retry-after"] = "1"
+    with pytest.raises(CAUnavailable, match="answered 429: too many requests"):  # retried with backoff
+        ca_client._json(shed, "https://ca:15012")

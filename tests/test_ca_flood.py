@@ -3,13 +3,14 @@
 What an operator relies on: while one client floods the CA with well-formed but unknown join tokens
 (2,000 requests, 500 at a time, each on a new TLS connection), the CA answers promptly (401 or 429,
 no 5xx), opens no more Consul connections than the client's cap, keeps `/v1/health` answering, a
-legitimate bootstrap from another address succeeds at once afterwards, and the CA's memory is back
-near where it started.
+legitimate bootstrap from another address succeeds at once afterwards, a neighbour's Consul watch
+keeps working, and the CA's memory is back near where it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -18,15 +19,20 @@ import statistics
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from hostmesh.agent.localmesh import LocalMesh
 from hostmesh.ca import pki, store, tls, tokens
+from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import MAX_CONNECTIONS_PER_CLIENT, HTTPClient
 from tests.ca_support import csr_for
 from tests.support import ConsulDev
 
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 FLOOD_REQUESTS = 2000
 FLOOD_CONCURRENCY = 500
 FLOOD_SOURCE = "127.0.0.2"  # the flooding client; the legitimate one is 127.0.0.1
@@ -35,6 +41,7 @@ RSS_SETTLE_TIMEOUT = 30.0  # bound on waiting for the CA's memory to come back a
 RSS_TOLERANCE = 1.20  # "back within 20 % of its start"
 SAMPLE_EVERY = 0.02  # seconds between samples of the CA's Consul connections
 HEALTH_EVERY = 0.2  # seconds between health probes during the flood
+NEIGHBOUR_KEY = "flood-test/neighbour"
 
 
 def rss_kib(pid: int) -> int:
@@ -73,7 +80,10 @@ class ConnectionSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(SAMPLE_EVERY):
-            self.peak = max(self.peak, connections_to(self.pid, self.port))
+            try:
+                self.peak = max(self.peak, connections_to(self.pid, self.port))
+            except OSError:  # the CA is gone: the test says so
+                return
             self.samples += 1
 
     def stop(self) -> None:
@@ -103,6 +113,30 @@ class HealthProbe(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(IO_TIMEOUT + 10)
+
+
+class NeighbourWatch(threading.Thread):
+    """A co-located agent's watch: blocking queries on NEIGHBOUR_KEY until its value changes (its own
+    thread and connections, as another process on the host would have)."""
+
+    def __init__(self, consul_url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{consul_url}/v1/kv/{NEIGHBOUR_KEY}"
+        self.seen: bytes | None = None
+        self.error = ""
+
+    def run(self) -> None:
+        index = "0"
+        try:
+            for _ in range(20):  # each wait is 60 s at most; the change comes within the flood
+                with urllib.request.urlopen(f"{self.url}?index={index}&wait=60s", timeout=90) as resp:
+                    index = resp.headers["X-Consul-Index"]
+                    value = base64.b64decode(json.loads(resp.read())[0]["Value"])
+                if value != b"before":
+                    self.seen = value
+                    return
+        except OSError as exc:
+            self.error = f"the watch failed: {exc}"
 
 
 async def one_request(port: int, ctx: ssl.SSLContext, request: bytes) -> str:
@@ -162,14 +196,30 @@ async def test_a_flood_of_unknown_tokens_leaves_the_ca_serving_bounded_and_lean(
         sampler.start()
         probe = HealthProbe(mesh.ca_port)
         probe.start()
+        # A neighbour on the CA's host (same source address towards Consul) watches a key with
+        # blocking queries; halfway through the flood the key changes, and the watch must see it.
+        neighbour = ConsulClient(private_consul.url)
+        await neighbour.kv_put(NEIGHBOUR_KEY, b"before")
+        watch = NeighbourWatch(private_consul.url)
+        watch.start()
         gate = asyncio.Semaphore(FLOOD_CONCURRENCY)
+        done: list[str] = []
+        changes: list[asyncio.Task[None]] = []
 
         async def limited() -> str:
             async with gate:
-                return await one_request(mesh.ca_port, flood_ctx, request())
+                outcome = await one_request(mesh.ca_port, flood_ctx, request())
+            done.append(outcome)
+            if len(done) == FLOOD_REQUESTS // 2:
+                changes.append(asyncio.ensure_future(neighbour.kv_put(NEIGHBOUR_KEY, b"changed mid-flood")))
+            return outcome
 
         outcomes = Counter(await asyncio.gather(*(limited() for _ in range(FLOOD_REQUESTS))))
         probe.stop()
+        await changes[0]
+        watch.join(IO_TIMEOUT)
+        await neighbour.close()
+        assert watch.seen == b"changed mid-flood", watch.error
         rss_peak = rss_kib(pid)
 
         # A legitimate bootstrap right after the flood succeeds at once (first try).
