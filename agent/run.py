@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -158,6 +159,8 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
+        self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
+        self._cert_check: asyncio.Task[None] | None = None
 
     # --- start ------------------------------------------------------------------------------
 
@@ -188,25 +191,33 @@ class Agent:
             from hostmesh.agent.certs import CertManager
 
             self.certs = CertManager.from_config(cfg, self.consul)
-        try:
-            await self.certs.start()
-        except (CAError, OSError) as exc:
-            raise AgentStartError(f"cannot obtain certificates: {exc}") from None
-        self._publish_cert_expiry()
+        # A restart serves from what it stored: the certificate files load into TLS contexts at once,
+        # while the helper (an interpreter and `cryptography`, the longest step of a restart) checks
+        # them, and recovers expired ones, in the background. A first start waits for the helper.
+        checking = self._stored_certs_usable()
+        if not checking:
+            try:
+                await self.certs.start()
+            except (CAError, OSError) as exc:
+                raise AgentStartError(f"cannot obtain certificates: {exc}") from None
+            self._publish_cert_expiry()
+        phases = {"certs": time.perf_counter() - t0}
 
         self.builder = SnapshotBuilder(
             cfg, self._tls_material, on_rejected=self._on_rejected, on_applied=self._on_applied
         )
         self.certs.subscribe(self._on_certs_changed)
+        if checking:
+            self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
+            self._tasks.append(self._cert_check)
         saved = self.builder.load_saved()
         self.discovery = Discovery(self.consul, self.builder)
         self.discovery.start()
-        synced = await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT)
-        if not synced:
-            log.warning(
-                "Consul has not answered every watch yet; serving from %s state",
-                "the saved" if saved else "an empty",
-            )
+        # With a saved snapshot the listeners open at once and Consul's answers update it as they
+        # come (as when Consul is down); with none, start-up gives Consul a moment first.
+        if not saved and not await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
+            log.warning("Consul has not answered every watch yet; serving from an empty state")
+        phases["snapshot"] = time.perf_counter() - t0
 
         holder = self.builder.holder
         reuse = cfg.workers > 1
@@ -259,13 +270,41 @@ class Agent:
         if watchdog is not None:
             self._tasks.append(watchdog)
         log.info(
-            "agent %s ready in %.0f ms: inbound %s, %d upstream listener(s), admin %s",
+            "agent %s ready in %.0f ms (%s; from %s): inbound %s, %d upstream listener(s), admin %s",
             cfg.node,
             (time.perf_counter() - t0) * 1000,
+            ", ".join(f"{k} at {v * 1000:.0f} ms" for k, v in phases.items()),
+            "stored certificates being checked" if checking else "checked certificates",
             cfg.inbound,
             len(self.outbound),
             cfg.admin,
         )
+
+    def _stored_certs_usable(self) -> bool:
+        """A restart of the primary: every certificate, key and the trust bundle are on disk and load
+        as TLS contexts (so the listeners can use them before the helper has checked them)."""
+        stored = getattr(self.certs, "adopt_stored", None)
+        if self.worker or stored is None or not stored():
+            return False
+        try:
+            self._tls_material()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.info("stored certificates do not load (%s): checking them before serving", exc)
+            return False
+        return True
+
+    async def _check_stored_certs(self) -> None:
+        """The helper's start-up check of the stored certificates, after the listeners opened: new
+        TLS contexts if it recovered any; if it cannot obtain certificates, the agent stops with
+        the error a first start would have given."""
+        try:
+            await self.certs.start()
+        except (CAError, OSError) as exc:
+            self.fatal = f"cannot obtain certificates: {exc}"
+            log.error("%s; stopping", self.fatal)
+            self.stop_requested.set()
+            return
+        self._on_certs_changed()
 
     def _release_startup_memory(self) -> None:
         if self._trimmer is not None:
@@ -604,6 +643,8 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         log.info("stopping: draining for up to %gs", config.drain_seconds)
     finally:
         await agent.stop()
+    if agent.fatal:
+        raise AgentStartError(agent.fatal)
 
 
 def _setup_logging(level: str, worker: int = 0) -> None:
