@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -196,6 +197,7 @@ class Agent:
         # them, and recovers expired ones, in the background. A first start waits for the helper.
         checking = self._stored_certs_usable()
         if not checking:
+            gc.enable()  # a first start may wait long for the CA: collect meanwhile
             try:
                 await self.certs.start()
             except (CAError, OSError) as exc:
@@ -207,9 +209,6 @@ class Agent:
             cfg, self._tls_material, on_rejected=self._on_rejected, on_applied=self._on_applied
         )
         self.certs.subscribe(self._on_certs_changed)
-        if checking:
-            self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
-            self._tasks.append(self._cert_check)
         saved = self.builder.load_saved()
         self.discovery = Discovery(self.consul, self.builder)
         self.discovery.start()
@@ -234,6 +233,10 @@ class Agent:
         self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
+        phases["listeners"] = time.perf_counter() - t0
+        if checking:  # only now: its interpreter start would compete with ours for the CPU
+            self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
+            self._tasks.append(self._cert_check)
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
@@ -270,10 +273,13 @@ class Agent:
         if watchdog is not None:
             self._tasks.append(watchdog)
         log.info(
-            "agent %s ready in %.0f ms (%s; from %s): inbound %s, %d upstream listener(s), admin %s",
+            "agent %s ready in %.0f ms (%s; process up %s, %.0f ms of CPU; from %s): inbound %s, "
+            "%d upstream listener(s), admin %s",
             cfg.node,
             (time.perf_counter() - t0) * 1000,
             ", ".join(f"{k} at {v * 1000:.0f} ms" for k, v in phases.items()),
+            _process_age(),
+            time.process_time() * 1000,
             "stored certificates being checked" if checking else "checked certificates",
             cfg.inbound,
             len(self.outbound),
@@ -307,6 +313,7 @@ class Agent:
         self._on_certs_changed()
 
     def _release_startup_memory(self) -> None:
+        gc.enable()  # agent/cli.py disables it while the modules load
         if self._trimmer is not None:
             self._trimmer.now()
 
@@ -619,6 +626,16 @@ class Agent:
         if hasattr(self, "certs"):
             await self.certs.close()
         await self.consul.close()
+
+
+def _process_age() -> str:
+    """How long ago this process started (exec included), from /proc; '?' where there is none."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, in clock ticks since boot
+        return f"{(time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000:.0f} ms"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return "?"
 
 
 async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> None:

@@ -198,6 +198,10 @@ def _serves_after_restart(fleet: Fleet, h: Host, check: Callable[[], bool]) -> f
     took = time.monotonic() - started
     cpu = h.mesh.cpu_seconds()
     print(f"restarted agent on {h.name} served {took:.2f} s after spawn, having used {cpu:.2f} s of CPU")
+    ready = (
+        [line for line in h.mesh.proc.log(20000).splitlines() if " ready in " in line] if h.mesh.proc else []
+    )
+    print(f"its own account: {ready[-1].split(': ', 1)[-1] if ready else '(no ready line)'}")
     h.mesh.wait_ready()
     fleet.wait_settled()  # and its peers choose it again
     return took
@@ -327,7 +331,9 @@ def test_shipped_acl_policies_suffice_and_an_agent_token_is_refused(fleet: Fleet
     trust bundle gets a one-line permission error."""
     w1, w2, w3 = fleet.workloads
     assert fleet.ca_proc is not None and fleet.ca_proc.alive()
-    assert fleet.passing_hosts("hostmesh-ca") == {"ca"}  # `ca serve` registered itself with its token
+    wait_for(  # `ca serve` registered itself with its token (a previous test may just have restarted it)
+        partial(fleet.passing_hosts_are, "hostmesh-ca", {"ca"}), CHANGE_TIMEOUT, "hostmesh-ca passing"
+    )
     for h in fleet.workloads:
         assert h.mesh.admin("/v1/certs")["certs"], h.name
     try:
