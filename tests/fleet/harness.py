@@ -1055,11 +1055,24 @@ class Fleet:
                 )
 
     def maintenance(self, host: Host, enable: bool) -> None:
-        """Consul maintenance mode for every service of `host`'s agent (peers stop choosing it)."""
+        """Consul maintenance mode for every service of `host`'s agent (peers stop choosing it). An
+        agent registers in the background once it serves, so a just-(re)started one is waited for."""
         assert host.consul is not None
+        self.wait_registered(host)
         for svc in host.mesh.services:
             flag = "true&reason=fleet-test" if enable else "false"
             host.consul.api_ok("PUT", f"/v1/agent/service/maintenance/{svc.name}-{host.name}?enable={flag}")
+
+    def wait_registered(self, host: Host) -> None:
+        """Every service of `host`'s agent is registered with the host's Consul agent."""
+        assert host.consul is not None
+        consul, want = host.consul, {f"{s.name}-{host.name}" for s in host.mesh.services}
+
+        def registered() -> bool:
+            status, services = consul.api("GET", "/v1/agent/services")
+            return status == 200 and want <= set(services)
+
+        wait_for(registered, CHANGE_TIMEOUT, f"the agent on {host.name} to register {sorted(want)}")
 
     def repair(self) -> list[str]:
         """Bring back whatever an earlier (failed) test left down, so one failure does not cascade:
