@@ -162,6 +162,7 @@ class Agent:
         self._trimmer: Trimmer | None = None
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
         self._cert_check: asyncio.Task[None] | None = None
+        self._prebuilt_tls: TLSMaterial | None = None
 
     # --- start ------------------------------------------------------------------------------
 
@@ -293,7 +294,7 @@ class Agent:
         if self.worker or stored is None or not stored():
             return False
         try:
-            self._tls_material()
+            self._prebuilt_tls = self._tls_material()  # the snapshot builder's first, not built twice
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.info("stored certificates do not load (%s): checking them before serving", exc)
             return False
@@ -370,6 +371,9 @@ class Agent:
                 self.outbound[key] = listener
 
     def _tls_material(self) -> TLSMaterial:
+        if self._prebuilt_tls is not None:  # built (and so checked) by _stored_certs_usable
+            material, self._prebuilt_tls = self._prebuilt_tls, None
+            return material
         roots = self.certs.roots_pem
         server, client, client_http = {}, {}, {}
         for svc in self.config.services:
