@@ -56,6 +56,9 @@ from hostmesh.registry.watch import backoff_delay
 log = logging.getLogger("hostmesh.agent")
 
 FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers before serving what it has
+# A restart serving from stored state puts off what need not compete with its first requests for the
+# CPU: the certificate helper's interpreter start (~0.3 s of CPU) and the start-up full collection.
+RESTART_DEFER = 1.0
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
@@ -235,7 +238,7 @@ class Agent:
         await self.inbound.start()
         await self._sync_outbound()
         phases["listeners"] = time.perf_counter() - t0
-        if checking:  # only now: its interpreter start would compete with ours for the CPU
+        if checking:  # only once serving: its interpreter start would compete with ours for the CPU
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
             self._tasks.append(self._cert_check)
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
@@ -258,6 +261,8 @@ class Agent:
             self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
         for server in self._servers:
             await server.start()
+        if checking:
+            self._tasks.append(asyncio.create_task(self._release_startup_memory_later(), name="trim"))
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
         self._tasks.append(self._registration_task)
@@ -267,7 +272,10 @@ class Agent:
             sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
             self.workers = WorkerSet(self.config_path, cfg.workers, self.inbound.port)
             await self.workers.start()
-        self._release_startup_memory()
+        if checking:
+            gc.enable()  # its full collection comes RESTART_DEFER later
+        else:
+            self._release_startup_memory()
         self.ready = True
         sdnotify.ready()
         watchdog = sdnotify.start_watchdog()
@@ -304,6 +312,7 @@ class Agent:
         """The helper's start-up check of the stored certificates, after the listeners opened: new
         TLS contexts if it recovered any; if it cannot obtain certificates, the agent stops with
         the error a first start would have given."""
+        await asyncio.sleep(RESTART_DEFER)
         try:
             await self.certs.start()
         except (CAError, OSError) as exc:
@@ -312,6 +321,10 @@ class Agent:
             self.stop_requested.set()
             return
         self._on_certs_changed()
+
+    async def _release_startup_memory_later(self) -> None:
+        await asyncio.sleep(RESTART_DEFER)
+        self._release_startup_memory()
 
     def _release_startup_memory(self) -> None:
         gc.enable()  # agent/cli.py disables it while the modules load
