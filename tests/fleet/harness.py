@@ -6,8 +6,10 @@
 
 Every host is a network namespace with one interface `eth0` in 198.18.0.0/24 (RFC 2544's
 benchmarking range, used nowhere outside these namespaces) and its own loopback: each host's
-Consul client listens on its own `127.0.0.1:8501` (HTTPS, verified against a throwaway CA), the
-hostmesh agent and the CLI on that host talk to it there, as in production. Interfaces are
+Consul client listens on its own `127.0.0.1:8501` (HTTPS, verified against a throwaway CA, which
+also issues the client certificates Consul requires of every HTTPS caller except on a host kept
+for a 0.1 agent, `legacy_hosts`), the hostmesh agent and the CLI on that host talk to it there,
+as in production. Interfaces are
 created directly inside the namespaces, so nothing is added to the root namespace, and deleting
 the namespaces (`Fleet.close`, always run) removes every link.
 

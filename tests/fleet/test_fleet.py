@@ -3,8 +3,11 @@
 One fleet for the module (tests/fleet/harness.py): Consul servers s1-s3 (Raft, ACLs default deny,
 HTTPS with verification, TLS on server RPC), the hostmesh CA on host `ca`, workloads w1-w3 each
 with a Consul client and a hostmesh agent installed from the built wheel. w1 runs `client`, which
-calls `bulk` (L4) and `shop` (L7); w2 and w3 serve both and call them too. Every byte is checked
-against a deterministic pattern or its SHA-256. Each test leaves the fleet whole for the next.
+calls `bulk` (L4) and `shop` (L7); w2 and w3 serve both and call them too. Every process talks to
+Consul as production has it: agent.toml `[consul]` token_file/ca_file/cert_file/key_file for the
+agents, Consul's environment for the CA and the CLI, tokens with the rules `hostmesh acl policy`
+prints. Every byte is checked against a deterministic pattern or its SHA-256. Each test leaves the
+fleet whole for the next; the mixed-version test runs release 0.1.0 on w3 and puts w3 back after.
 """
 
 from __future__ import annotations
