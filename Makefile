@@ -36,9 +36,11 @@ unit: $(STAMP) consul
 
 # The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
 # its wheel. Needs root (CI is) and iproute2, installed here when missing; skips without root.
+# -s and --durations: the measurements each test prints (restart times, leader election), the
+# fleet's bring-up time, each test's duration; pytest's last line is the tier's run time.
 fleet: $(STAMP) consul
 	@[ "$$(id -u)" != 0 ] || ./packaging/ensure-tools.sh ip
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m fleet tests/fleet $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m fleet -s --durations=0 tests/fleet $(PYTEST_ARGS)
 
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo

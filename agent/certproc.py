@@ -124,6 +124,19 @@ class CertProcess:
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
+    def adopt_stored(self) -> bool:
+        """True when every service's certificate and key and the trust bundle are on disk (a
+        restart); the bundle is then read, so the agent may serve these files while `start()`
+        has the helper check them."""
+        files = [roots_path(self.dir), *(p for s in self.services for p in cert_paths(self.dir, s))]
+        try:
+            if not all(f.is_file() for f in files):
+                return False
+            self._roots_pem = roots_path(self.dir).read_text()
+        except OSError:
+            return False
+        return bool(self._roots_pem.strip())
+
     async def start(self) -> None:
         answer = await self._run("start")
         self._apply(answer)

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +56,9 @@ from hostmesh.registry.watch import backoff_delay
 log = logging.getLogger("hostmesh.agent")
 
 FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers before serving what it has
+# A restart serving from stored state puts off what need not compete with its first requests for the
+# CPU: the certificate helper's interpreter start (~0.3 s of CPU) and the start-up full collection.
+RESTART_DEFER = 1.0
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
@@ -158,6 +163,9 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
+        self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
+        self._cert_check: asyncio.Task[None] | None = None
+        self._prebuilt_tls: TLSMaterial | None = None
 
     # --- start ------------------------------------------------------------------------------
 
@@ -188,11 +196,18 @@ class Agent:
             from hostmesh.agent.certs import CertManager
 
             self.certs = CertManager.from_config(cfg, self.consul)
-        try:
-            await self.certs.start()
-        except (CAError, OSError) as exc:
-            raise AgentStartError(f"cannot obtain certificates: {exc}") from None
-        self._publish_cert_expiry()
+        # A restart serves from what it stored: the certificate files load into TLS contexts at once,
+        # while the helper (an interpreter and `cryptography`, the longest step of a restart) checks
+        # them, and recovers expired ones, in the background. A first start waits for the helper.
+        checking = self._stored_certs_usable()
+        if not checking:
+            gc.enable()  # a first start may wait long for the CA: collect meanwhile
+            try:
+                await self.certs.start()
+            except (CAError, OSError) as exc:
+                raise AgentStartError(f"cannot obtain certificates: {exc}") from None
+            self._publish_cert_expiry()
+        phases = {"certs": time.perf_counter() - t0}
 
         self.builder = SnapshotBuilder(
             cfg, self._tls_material, on_rejected=self._on_rejected, on_applied=self._on_applied
@@ -201,12 +216,11 @@ class Agent:
         saved = self.builder.load_saved()
         self.discovery = Discovery(self.consul, self.builder)
         self.discovery.start()
-        synced = await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT)
-        if not synced:
-            log.warning(
-                "Consul has not answered every watch yet; serving from %s state",
-                "the saved" if saved else "an empty",
-            )
+        # With a saved snapshot the listeners open at once and Consul's answers update it as they
+        # come (as when Consul is down); with none, start-up gives Consul a moment first.
+        if not saved and not await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
+            log.warning("Consul has not answered every watch yet; serving from an empty state")
+        phases["snapshot"] = time.perf_counter() - t0
 
         holder = self.builder.holder
         reuse = cfg.workers > 1
@@ -223,6 +237,10 @@ class Agent:
         self._ensure_http_inbound()
         await self.inbound.start()
         await self._sync_outbound()
+        phases["listeners"] = time.perf_counter() - t0
+        if checking:  # only once serving: its interpreter start would compete with ours for the CPU
+            self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
+            self._tasks.append(self._cert_check)
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
@@ -243,6 +261,8 @@ class Agent:
             self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
         for server in self._servers:
             await server.start()
+        if checking:
+            self._tasks.append(asyncio.create_task(self._release_startup_memory_later(), name="trim"))
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
         self._tasks.append(self._registration_task)
@@ -252,22 +272,62 @@ class Agent:
             sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
             self.workers = WorkerSet(self.config_path, cfg.workers, self.inbound.port)
             await self.workers.start()
-        self._release_startup_memory()
+        if checking:
+            gc.enable()  # its full collection comes RESTART_DEFER later
+        else:
+            self._release_startup_memory()
         self.ready = True
         sdnotify.ready()
         watchdog = sdnotify.start_watchdog()
         if watchdog is not None:
             self._tasks.append(watchdog)
         log.info(
-            "agent %s ready in %.0f ms: inbound %s, %d upstream listener(s), admin %s",
+            "agent %s ready in %.0f ms (%s; process up %s, %.0f ms of CPU; from %s): inbound %s, "
+            "%d upstream listener(s), admin %s",
             cfg.node,
             (time.perf_counter() - t0) * 1000,
+            ", ".join(f"{k} at {v * 1000:.0f} ms" for k, v in phases.items()),
+            _process_age(),
+            time.process_time() * 1000,
+            "stored certificates being checked" if checking else "checked certificates",
             cfg.inbound,
             len(self.outbound),
             cfg.admin,
         )
 
+    def _stored_certs_usable(self) -> bool:
+        """A restart of the primary: every certificate, key and the trust bundle are on disk and load
+        as TLS contexts (so the listeners can use them before the helper has checked them)."""
+        stored = getattr(self.certs, "adopt_stored", None)
+        if self.worker or stored is None or not stored():
+            return False
+        try:
+            self._prebuilt_tls = self._tls_material()  # the snapshot builder's first, not built twice
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.info("stored certificates do not load (%s): checking them before serving", exc)
+            return False
+        return True
+
+    async def _check_stored_certs(self) -> None:
+        """The helper's start-up check of the stored certificates, after the listeners opened: new
+        TLS contexts if it recovered any; if it cannot obtain certificates, the agent stops with
+        the error a first start would have given."""
+        await asyncio.sleep(RESTART_DEFER)
+        try:
+            await self.certs.start()
+        except (CAError, OSError) as exc:
+            self.fatal = f"cannot obtain certificates: {exc}"
+            log.error("%s; stopping", self.fatal)
+            self.stop_requested.set()
+            return
+        self._on_certs_changed()
+
+    async def _release_startup_memory_later(self) -> None:
+        await asyncio.sleep(RESTART_DEFER)
+        self._release_startup_memory()
+
     def _release_startup_memory(self) -> None:
+        gc.enable()  # agent/cli.py disables it while the modules load
         if self._trimmer is not None:
             self._trimmer.now()
 
@@ -324,6 +384,9 @@ class Agent:
                 self.outbound[key] = listener
 
     def _tls_material(self) -> TLSMaterial:
+        if self._prebuilt_tls is not None:  # built (and so checked) by _stored_certs_usable
+            material, self._prebuilt_tls = self._prebuilt_tls, None
+            return material
         roots = self.certs.roots_pem
         server, client, client_http = {}, {}, {}
         for svc in self.config.services:
@@ -582,6 +645,16 @@ class Agent:
         await self.consul.close()
 
 
+def _process_age() -> str:
+    """How long ago this process started (exec included), from /proc; '?' where there is none."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, in clock ticks since boot
+        return f"{(time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000:.0f} ms"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return "?"
+
+
 async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> None:
     agent = Agent(config, worker=worker, config_path=config_path)
     loop = asyncio.get_running_loop()
@@ -604,6 +677,8 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         log.info("stopping: draining for up to %gs", config.drain_seconds)
     finally:
         await agent.stop()
+    if agent.fatal:
+        raise AgentStartError(agent.fatal)
 
 
 def _setup_logging(level: str, worker: int = 0) -> None:

@@ -8,8 +8,9 @@ them. What each role does against Consul, hence what it is granted:
   any service (its upstreams, the CA), which Consul filters by service *and* node read; reads its
   config under `hostmesh/` (routes, policies, intentions, the trust bundle) but not the join
   tokens, which are secrets the CA alone handles.
-- ca: writes `hostmesh/ca/` (trust bundle, join-token records) and registers itself as
-  `hostmesh-ca`.
+- ca: writes `hostmesh/ca/` (trust bundle, join-token records), registers itself as
+  `hostmesh-ca`, and reads the catalog: an expired leaf is re-issued on a sibling's proof only if
+  Consul lists both services on the requesting node (ca/service.py).
 - operator: writes the config documents and their history, reads the rest of `hostmesh/`
   (not the join tokens) and the catalog (`hostmesh services`).
 
@@ -66,10 +67,14 @@ def ca_policy() -> str:
     rules = [
         _rule("key_prefix", CA_PREFIX, "write"),
         _rule("service", CA_SERVICE, "write"),
+        # re-issuing an expired leaf on a sibling's proof checks both services' catalog entries
+        # (same node, same address: ca/service.py), which Consul filters by service and node read
+        _rule("service_prefix", "", "read"),
+        _rule("node_prefix", "", "read"),
     ]
     return _join(
         f"hostmesh CA: publishes the trust bundle and join tokens under {CA_PREFIX},\n"
-        f"registers itself as {CA_SERVICE}.",
+        f"registers itself as {CA_SERVICE}, reads the catalog (expired-certificate recovery).",
         rules,
     )
 

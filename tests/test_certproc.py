@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from hostmesh.agent.certproc import CertProcess
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh
 from hostmesh.ca.errors import Unauthorized
+from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.registry.consul import ConsulClient
 from tests.support import ConsulDev
 
@@ -96,3 +98,26 @@ async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMe
     finally:
         await cp.close()
         await consul.close()
+
+
+def test_a_restart_whose_stored_certificate_the_helper_rejects_stops_with_one_line(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    """A restart serves its stored files while the certificate helper checks them (agent/run.py);
+    when the helper then cannot obtain a certificate (here api's files hold web's certificate, so
+    api must bootstrap again, and its join token is spent) the agent does not run on: it stops
+    with the one-line error a first start would have given."""
+    m, _ = mesh
+    h = m.write_agent_config("node-r", [{"name": "api", "port": 9}, {"name": "web", "port": 10}])
+    m.start_agent(h)
+    assert h.proc.stop() == 0
+    certs = cert_dir(h.data_dir)
+    for src, dst in zip(cert_paths(certs, "web"), cert_paths(certs, "api"), strict=True):
+        shutil.copyfile(src, dst)  # loads as a TLS context (key and certificate match), wrong identity
+    m.start_agent(h, wait=False)
+    code = h.proc.popen.wait(WAIT)
+    log = h.proc.log()
+    assert "stored certificates being checked" in log, log  # it did serve from the files first
+    errors = [line for line in log.splitlines() if line.startswith("Error:")]
+    assert code == 1 and len(errors) == 1, (code, log)
+    assert errors[0].startswith("Error: cannot obtain certificates: "), errors

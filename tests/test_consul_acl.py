@@ -287,3 +287,26 @@ def test_agent_token_registers_only_its_own_services(secure: SecureConsulDev, to
             )
 
     asyncio.run(main())
+
+
+def test_ca_token_sees_the_catalog_it_checks_before_a_sibling_renewal(
+    secure: SecureConsulDev, tokens: Tokens
+) -> None:
+    """An expired leaf is re-issued on a sibling's proof only if the catalog lists both services on
+    the requesting node (ca/service.py). Consul filters a token's catalog reads silently (no 403),
+    so a CA policy without service and node read would see no instance and refuse every recovery."""
+
+    async def main() -> None:
+        async with client(secure, tokens.agent) as c:
+            await c.register_service(
+                ServiceRegistration("acltest", "acltest-ca1", "127.0.0.1", 7, {"hostmesh": "1"})
+            )
+        try:
+            async with client(secure, tokens.ca) as c:
+                _, instances = await c.catalog_service("acltest")
+            assert [(i.id, i.port) for i in instances] == [("acltest-ca1", 7)]
+        finally:
+            async with client(secure, tokens.agent) as c:
+                await c.deregister_service("acltest-ca1")
+
+    asyncio.run(main())

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.fleet.harness import Fleet, Venv, install
+from tests.releases import release_command
+
+LEGACY_HOST = "w3"  # the host test_mixed_versions runs the 0.1.0 agent on
 
 REUSE_VENV = "HOSTMESH_FLEET_VENV"  # a venv with hostmesh already installed: skips the build (local runs)
 
@@ -31,7 +34,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("fleet")
     t0 = time.monotonic()
-    f = Fleet(workdir / "hosts", None)
+    f = Fleet(workdir / "hosts", None, legacy_hosts=[LEGACY_HOST])
     try:
         with ThreadPoolExecutor(1) as pool:  # the wheel builds and installs while Consul comes up
             reuse = os.environ.get(REUSE_VENV)
@@ -45,3 +48,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture(scope="session")
+def release_0_1(fleet: Fleet) -> str:
+    """Release 0.1.0 (commit 0569bee) installed beside the fleet's own; returns its venv's name."""
+    t0 = time.monotonic()
+    hostmesh = Path(release_command("0.1.0")[0])  # built once per clone, under .cache/releases
+    fleet.add_venv("0.1.0", Venv.open(hostmesh.parents[1]))
+    print(f"\nrelease 0.1.0 ready in {time.monotonic() - t0:.1f} s")
+    return "0.1.0"

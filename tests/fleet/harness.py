@@ -6,8 +6,10 @@
 
 Every host is a network namespace with one interface `eth0` in 198.18.0.0/24 (RFC 2544's
 benchmarking range, used nowhere outside these namespaces) and its own loopback: each host's
-Consul client listens on its own `127.0.0.1:8501` (HTTPS, verified against a throwaway CA), the
-hostmesh agent and the CLI on that host talk to it there, as in production. Interfaces are
+Consul client listens on its own `127.0.0.1:8501` (HTTPS, verified against a throwaway CA, which
+also issues the client certificates Consul requires of every HTTPS caller except on a host kept
+for a 0.1 agent, `legacy_hosts`), the hostmesh agent and the CLI on that host talk to it there,
+as in production. Interfaces are
 created directly inside the namespaces, so nothing is added to the root namespace, and deleting
 the namespaces (`Fleet.close`, always run) removes every link.
 
@@ -98,6 +100,21 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and out.returncode != 0:
         raise FleetError(f"ip {' '.join(args)}: {out.stderr.strip()}")
     return out
+
+
+def _base_env() -> dict[str, str]:
+    """The test process's environment without Consul client settings: every process of the fleet
+    is given its own explicitly (agent.toml, the CLI's environment), as on a real host."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP") and k not in _CONSUL_ENV}
+
+
+_CONSUL_ENV = {
+    "CONSUL_CACERT",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+    "CONSUL_TLS_SERVER_NAME",
+    "SSL_CERT_FILE",
+}
 
 
 def _enter_netns(path: str) -> None:
@@ -279,7 +296,7 @@ class Host:
     ) -> subprocess.CompletedProcess[str]:
         out = subprocess.run(
             ["ip", "netns", "exec", self.ns, *argv],
-            env={**os.environ, **(env or {})},
+            env={**_base_env(), **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -295,7 +312,7 @@ class Host:
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, *argv],  # ip execs the command: the pid is the program's
-                env={**os.environ, **(env or {})},
+                env={**_base_env(), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -400,12 +417,18 @@ class Venv:
     def open(cls, path: Path, wheel: Path | None = None) -> Venv:
         """An existing venv with hostmesh installed: learn its version and which settings it reads."""
         venv = cls(path, wheel or path)
-        probe = (
-            "import dataclasses, importlib.metadata as m; from hostmesh.agent.config import ConsulConfig; "
-            "print(m.version('hostmesh')); print(' '.join(f.name for f in dataclasses.fields(ConsulConfig)))"
+        probe = (  # 0.2 lists its [consul] keys in CONSUL_KEYS; 0.1 had a ConsulConfig dataclass
+            "import dataclasses, importlib.metadata as m; from hostmesh.agent import config as c\n"
+            "keys = getattr(c, 'CONSUL_KEYS', None) or [f.name for f in dataclasses.fields(c.ConsulConfig)]\n"
+            "print(m.version('hostmesh')); print(' '.join(sorted(keys)))"
         )
         lines = subprocess.run(
-            [venv.python, "-c", probe], capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT
+            [venv.python, "-I", "-c", probe],  # isolated: a source tree in the cwd must not answer
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=path,
+            timeout=COMMAND_TIMEOUT,
         ).stdout.splitlines()
         venv.version, venv.consul_toml_keys = lines[0], frozenset(lines[1].split())
         venv.cli_options = subprocess.run(
@@ -468,7 +491,9 @@ class ConsulAgent:
             "key_file": str(key),
             "verify_outgoing": True,
             "verify_incoming_rpc": True,
-            "verify_incoming_https": False,  # hostmesh presents no client certificate to Consul (yet)
+            # Every HTTPS client presents a certificate of the fleet's Consul CA (hostmesh's
+            # [consul] cert_file); a host that may run a 0.1 agent, which cannot, is the exception.
+            "verify_incoming_https": host.name not in fleet.legacy_hosts,
             "verify_server_hostname": True,
             "acl": acl,
             "performance": {"raft_multiplier": RAFT_MULTIPLIER},
@@ -571,14 +596,18 @@ class MeshAgent:
         consul_token.write_text(self.token + "\n")
         consul_token.chmod(0o600)
         consul = [f'address = "https://127.0.0.1:{CONSUL_HTTPS}"']
-        # TODO(issue 11.1): once every venv's agent reads these keys, drop the environment fallback
-        # in `env()`; today's agent knows only `address` and `token`.
-        if "token_file" in self.venv.consul_toml_keys:
-            consul.append(f'token_file = "{consul_token}"')
-        else:
+        if self.legacy:
+            # 0.1's parser rejects unknown [consul] keys and its client reads the token only from
+            # `token` (or $CONSUL_HTTP_TOKEN), verifying Consul's HTTPS with $SSL_CERT_FILE (`env()`).
             consul.append(f'token = "{self.token}"')
-        if "ca_file" in self.venv.consul_toml_keys:
-            consul.append(f'ca_file = "{fleet.pki.ca_file}"')
+        else:
+            cert, key = fleet.consul_client_cert(self.host)
+            consul += [
+                f'token_file = "{consul_token}"',
+                f'ca_file = "{fleet.pki.ca_file}"',
+                f'cert_file = "{cert}"',
+                f'key_file = "{key}"',
+            ]
         lines = [
             f'node = "{self.host.name}"',
             f'mesh_address = "{self.host.ip}"',
@@ -612,15 +641,17 @@ class MeshAgent:
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{port}"']
         self.config_path.write_text("\n".join(lines) + "\n")
 
+    @property
+    def legacy(self) -> bool:
+        """A 0.1 agent: its agent.toml knows only [consul] address and token."""
+        return "token_file" not in self.venv.consul_toml_keys
+
     def env(self) -> dict[str, str]:
-        fleet = self.host.fleet
-        return {
-            "PYTHONUNBUFFERED": "1",
-            "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{CONSUL_HTTPS}",
-            "CONSUL_CACERT": str(fleet.pki.ca_file),
-            "CONSUL_HTTP_TOKEN": self.token,  # same token as agent.toml: the precedence cannot matter
-            "SSL_CERT_FILE": str(fleet.pki.ca_file),  # what today's agent verifies Consul's HTTPS with
-        }
+        """Everything Consul-related is in agent.toml; only 0.1 needs the environment for TLS."""
+        env = {"PYTHONUNBUFFERED": "1"}
+        if self.legacy:
+            env["SSL_CERT_FILE"] = str(self.host.fleet.pki.ca_file)
+        return env
 
     def start(self, wait: bool = True) -> float:
         """Spawn the agent; with `wait`, return the seconds from spawn to `/ready`."""
@@ -703,47 +734,6 @@ class Policy:
     rules: str
 
 
-def agent_policy(name: str, services: Iterable[str]) -> Policy:
-    # TODO(issue 11.3): take these from `hostmesh acl policy agent` once it exists.
-    own = "\n".join(f'service "{s}" {{ policy = "write" }}' for s in services)
-    return Policy(
-        name,
-        own
-        + """
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-agent_prefix "" { policy = "read" }
-key_prefix "hostmesh/" { policy = "read" }
-key_prefix "hostmesh/ca/tokens/" { policy = "deny" }
-""",
-    )
-
-
-CA_POLICY = Policy(
-    "hostmesh-ca",
-    """
-key_prefix "hostmesh/ca/" { policy = "write" }
-service "hostmesh-ca" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-agent_prefix "" { policy = "read" }
-""",
-)  # TODO(issue 11.3): `hostmesh acl policy ca`
-
-OPERATOR_POLICY = Policy(
-    "hostmesh-operator",
-    """
-key_prefix "hostmesh/" { policy = "read" }
-key_prefix "hostmesh/ca/tokens/" { policy = "deny" }
-key_prefix "hostmesh/routes/" { policy = "write" }
-key_prefix "hostmesh/policies/" { policy = "write" }
-key_prefix "hostmesh/intentions/" { policy = "write" }
-key_prefix "hostmesh/history/" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-""",
-)  # TODO(issue 11.3): `hostmesh acl policy operator`
-
 CONSUL_AGENT_POLICY = Policy(
     "consul-agent",
     """
@@ -772,7 +762,12 @@ class Fleet:
     """Build with `Fleet(...).build()`; `close()` always removes every namespace and process."""
 
     def __init__(
-        self, workdir: Path, venv: Venv | None, workloads: int = 3, consul_bin: str | None = None
+        self,
+        workdir: Path,
+        venv: Venv | None,
+        workloads: int = 3,
+        consul_bin: str | None = None,
+        legacy_hosts: Iterable[str] = (),
     ) -> None:
         self.workdir = workdir
         self.prefix = f"hmf{os.getpid()}{next(_FLEET_LETTERS)}"  # unique per fleet: a session may build two
@@ -781,7 +776,12 @@ class Fleet:
         self.consul_bin = consul_bin or consul_binary()
         self.procs: list[Proc] = []
         self.pki = ConsulPKI(workdir / "consul-pki")
+        # Hosts whose Consul client accepts HTTPS without a client certificate: where a mixed-version
+        # test runs a 0.1 agent (it has no cert_file).
+        self.legacy_hosts = set(legacy_hosts)
         self.consul_tls = ssl.create_default_context(cafile=str(self.pki.ca_file))
+        self.consul_tls.load_cert_chain(*self.pki.issue("fleet-admin", ["fleet-admin"], []))
+        self._client_certs: dict[str, tuple[Path, Path]] = {}
         self.tokens: dict[str, str] = {"master": _uuid()}
         self.servers = [Host(self, name, n) for name, n in SERVER_IPS.items()]
         self.ca_host = Host(self, "ca", CA_HOST_IP)
@@ -791,6 +791,24 @@ class Fleet:
         self.ca_proc: Proc | None = None
         self._switch_created = False
         self.timings: dict[str, float] = {}
+
+    def consul_client_cert(self, host: Host) -> tuple[Path, Path]:
+        """The client certificate hostmesh on `host` (agent, CA, CLI) presents to its Consul."""
+        if host.name not in self._client_certs:
+            name = f"hostmesh-{host.name}"
+            self._client_certs[host.name] = self.pki.issue(name, [name], [])
+        return self._client_certs[host.name]
+
+    def consul_env(self, host: Host, token: str) -> dict[str, str]:
+        """Consul's usual client environment for hostmesh's CLI and CA on `host`."""
+        cert, key = self.consul_client_cert(host)
+        return {
+            "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{CONSUL_HTTPS}",
+            "CONSUL_HTTP_TOKEN": token,
+            "CONSUL_CACERT": str(self.pki.ca_file),
+            "CONSUL_CLIENT_CERT": str(cert),
+            "CONSUL_CLIENT_KEY": str(key),
+        }
 
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
@@ -827,6 +845,7 @@ class Fleet:
         """The hostmesh CA on its host, then the agents (each from the venv `agent_venvs` names for
         its host, else the fleet's own) with their apps, until every agent sees every instance."""
         t0 = time.monotonic()
+        self._hostmesh_tokens()
         self._hostmesh_ca()
         self._agents(agent_venvs or {})
         self.timings["hostmesh"] = time.monotonic() - t0
@@ -877,20 +896,26 @@ class Fleet:
         raise FleetError("no Consul server is running")
 
     def _acl_tokens(self) -> None:
+        """The Consul client agents' own token (they need it to join); hostmesh's come later."""
+        self._create_token("consul-agent", CONSUL_AGENT_POLICY)
+
+    def _hostmesh_tokens(self) -> None:
+        """One token per role, with the rules `hostmesh acl policy` prints, as the README has an
+        operator create them: the CA's, the operator's, and one per workload host for its agent."""
+        roles: list[tuple[str, str, list[str]]] = [("ca", "ca", []), ("operator", "operator", [])]
+        roles += [(f"agent-{h.name}", "agent", [s.name for s in self._services(h)]) for h in self.workloads]
+        for name, role, services in roles:
+            args = [self.venv.hostmesh, "acl", "policy", role]
+            for svc in services:
+                args += ["--service", svc]
+            rules = subprocess.run(args, capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT)
+            self._create_token(name, Policy(f"hostmesh-{name}", rules.stdout))
+
+    def _create_token(self, role: str, policy: Policy) -> None:
         c = self.admin_consul
-        policies = [CONSUL_AGENT_POLICY, CA_POLICY, OPERATOR_POLICY]
-        for h in self.workloads:
-            policies.append(agent_policy(f"hostmesh-agent-{h.name}", [s.name for s in self._services(h)]))
-        for p in policies:
-            c.api_ok("PUT", "/v1/acl/policy", {"Name": p.name, "Rules": p.rules})
-        for role, policy in [
-            ("consul-agent", CONSUL_AGENT_POLICY.name),
-            ("ca", CA_POLICY.name),
-            ("operator", OPERATOR_POLICY.name),
-            *[(f"agent-{h.name}", f"hostmesh-agent-{h.name}") for h in self.workloads],
-        ]:
-            tok = c.api_ok("PUT", "/v1/acl/token", {"Description": role, "Policies": [{"Name": policy}]})
-            self.tokens[role] = tok["SecretID"]
+        c.api_ok("PUT", "/v1/acl/policy", {"Name": policy.name, "Rules": policy.rules})
+        tok = c.api_ok("PUT", "/v1/acl/token", {"Description": role, "Policies": [{"Name": policy.name}]})
+        self.tokens[role] = tok["SecretID"]
 
     def _consul_clients(self) -> None:
         clients = [self.ca_host, *self.workloads]
@@ -910,13 +935,7 @@ class Fleet:
         wait_for(joined, CONSUL_READY_TIMEOUT, f"the Consul client on {h.name} to join")
 
     def ca_env(self) -> dict[str, str]:
-        return {
-            "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{CONSUL_HTTPS}",
-            "CONSUL_HTTP_TOKEN": self.tokens["ca"],
-            "CONSUL_CACERT": str(self.pki.ca_file),
-            "SSL_CERT_FILE": str(self.pki.ca_file),
-            "PYTHONUNBUFFERED": "1",
-        }
+        return {**self.consul_env(self.ca_host, self.tokens["ca"]), "PYTHONUNBUFFERED": "1"}
 
     @property
     def ca_data(self) -> Path:
@@ -1003,12 +1022,19 @@ class Fleet:
         self.wait_settled()
 
     def run_agent_from(self, host: Host, venv_name: str) -> float:
-        """Restart `host`'s agent from another installed venv (say an older release), keeping its
-        data dir (stored certificates, snapshot); returns the seconds from spawn to ready."""
+        """Restart `host`'s agent from another installed venv; returns the seconds from spawn to
+        ready. The fleet's own release keeps the host's data dir (stored certificates, snapshot);
+        any other release runs as a host that has always run it: its own data dir, bootstrapped
+        with a fresh join token."""
         agent = host.mesh
         agent.stop()
         agent.venv = self.venvs[venv_name]
-        agent.write_config()  # the [consul] keys that release reads
+        head = venv_name == "head"
+        agent.data_dir = agent.dir / ("data" if head else f"data-{agent.venv.version}")
+        join = None
+        if not head and not agent.data_dir.exists():
+            join = self.join_token([s.name for s in agent.services])
+        agent.write_config(join)  # the [consul] keys that release reads
         return agent.start()
 
     @property
@@ -1031,11 +1057,24 @@ class Fleet:
                 )
 
     def maintenance(self, host: Host, enable: bool) -> None:
-        """Consul maintenance mode for every service of `host`'s agent (peers stop choosing it)."""
+        """Consul maintenance mode for every service of `host`'s agent (peers stop choosing it). An
+        agent registers in the background once it serves, so a just-(re)started one is waited for."""
         assert host.consul is not None
+        self.wait_registered(host)
         for svc in host.mesh.services:
             flag = "true&reason=fleet-test" if enable else "false"
             host.consul.api_ok("PUT", f"/v1/agent/service/maintenance/{svc.name}-{host.name}?enable={flag}")
+
+    def wait_registered(self, host: Host) -> None:
+        """Every service of `host`'s agent is registered with the host's Consul agent."""
+        assert host.consul is not None
+        consul, want = host.consul, {f"{s.name}-{host.name}" for s in host.mesh.services}
+
+        def registered() -> bool:
+            status, services = consul.api("GET", "/v1/agent/services")
+            return status == 200 and want <= set(services)
+
+        wait_for(registered, CHANGE_TIMEOUT, f"the agent on {host.name} to register {sorted(want)}")
 
     def repair(self) -> list[str]:
         """Bring back whatever an earlier (failed) test left down, so one failure does not cascade:
@@ -1074,16 +1113,12 @@ class Fleet:
     # operations ---------------------------------------------------------------------------
 
     def cli(
-        self, *args: str, host: Host | None = None, check: bool = True
+        self, *args: str, host: Host | None = None, check: bool = True, token: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """The operator's `hostmesh` on a workload host (its local Consul client), operator token."""
+        """The operator's `hostmesh` on a workload host (its local Consul client), with the operator's
+        token unless `token` is given."""
         h = host or self.workloads[0]
-        env = {
-            "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{CONSUL_HTTPS}",
-            "CONSUL_HTTP_TOKEN": self.tokens["operator"],
-            "CONSUL_CACERT": str(self.pki.ca_file),
-            "SSL_CERT_FILE": str(self.pki.ca_file),
-        }
+        env = self.consul_env(h, token or self.tokens["operator"])
         return h.run([self.venv.hostmesh, *args], env, check=check)
 
     def wait_applied(self, key: str, hosts: list[Host], timeout: float = CHANGE_TIMEOUT) -> None:

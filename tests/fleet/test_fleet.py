@@ -3,13 +3,18 @@
 One fleet for the module (tests/fleet/harness.py): Consul servers s1-s3 (Raft, ACLs default deny,
 HTTPS with verification, TLS on server RPC), the hostmesh CA on host `ca`, workloads w1-w3 each
 with a Consul client and a hostmesh agent installed from the built wheel. w1 runs `client`, which
-calls `bulk` (L4) and `shop` (L7); w2 and w3 serve both and call them too. Every byte is checked
-against a deterministic pattern or its SHA-256. Each test leaves the fleet whole for the next.
+calls `bulk` (L4) and `shop` (L7); w2 and w3 serve both and call them too. Every process talks to
+Consul as production has it: agent.toml `[consul]` token_file/ca_file/cert_file/key_file for the
+agents, Consul's environment for the CA and the CLI, tokens with the rules `hostmesh acl policy`
+prints. Every byte is checked against a deterministic pattern or its SHA-256. Each test leaves the
+fleet whole for the next; the mixed-version test runs release 0.1.0 on w3 and puts w3 back after.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,12 +85,7 @@ def test_consul_leader_killed_while_traffic_flows(fleet: Fleet) -> None:
 
     try:
         # Config made after the election reaches every agent concerned, through the operator CLI.
-        out = fleet.cli("intention", "deny", "client", "bulk", check=False)
-        if out.returncode != 0 and "--token-file" not in fleet.venv.cli_options:
-            pytest.xfail(
-                f"issue 11.1 not landed: the CLI's KV transaction carries no ACL token: {out.stderr.strip()}"
-            )
-        assert out.returncode == 0, out.stderr
+        fleet.cli("intention", "deny", "client", "bulk")
         fleet.wait_applied("intentions/bulk", fleet.servers_of)
         refused = l4_download(w1, 1024)
         assert refused.outcome == Outcome.RESET and refused.received == 0, refused
@@ -201,6 +201,10 @@ def _serves_after_restart(fleet: Fleet, h: Host, check: Callable[[], bool]) -> f
     took = time.monotonic() - started
     cpu = h.mesh.cpu_seconds()
     print(f"restarted agent on {h.name} served {took:.2f} s after spawn, having used {cpu:.2f} s of CPU")
+    ready = (
+        [line for line in h.mesh.proc.log(20000).splitlines() if " ready in " in line] if h.mesh.proc else []
+    )
+    print(f"its own account: {ready[-1].split(': ', 1)[-1] if ready else '(no ready line)'}")
     h.mesh.wait_ready()
     fleet.wait_settled()  # and its peers choose it again
     return took
@@ -301,3 +305,162 @@ def test_ca_host_down_nothing_fails(fleet: Fleet) -> None:
         ca.consul.start()
         fleet.wait_consul_client(ca)
         fleet.start_ca()
+
+
+def _shop_route(fleet: Fleet, host: str) -> str:
+    """A route document sending every `shop` call to `host`'s instance; returns its path on w1."""
+    path = fleet.workloads[0].workdir / f"shop-to-{host}.json"
+    doc = {
+        "service": "shop",
+        "subsets": {host: {"host": host}},
+        "routes": [{"to": [{"subset": host, "weight": 100}]}],
+    }
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _one_line_refusal(out: subprocess.CompletedProcess[str], key: str) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1, (out.returncode, out.stderr)
+    assert f"Consul ACL denied write of {key}" in lines[0], lines
+    return lines[0]
+
+
+def test_shipped_acl_policies_suffice_and_an_agent_token_is_refused(fleet: Fleet) -> None:
+    """Every token of this fleet carries the rules `hostmesh acl policy agent|ca|operator` prints
+    (Consul: ACLs default deny, HTTPS with client certificates): the CA serves (it issued every
+    agent's certificate and publishes the roots), the agents run, and the operator's intention
+    allow|deny, route apply and rollback reach the agents; an agent's token writing a route or the
+    trust bundle gets a one-line permission error."""
+    w1, w2, w3 = fleet.workloads
+    assert fleet.ca_proc is not None and fleet.ca_proc.alive()
+    wait_for(  # `ca serve` registered itself with its token (a previous test may just have restarted it)
+        partial(fleet.passing_hosts_are, "hostmesh-ca", {"ca"}), CHANGE_TIMEOUT, "hostmesh-ca passing"
+    )
+    for h in fleet.workloads:
+        assert h.mesh.admin("/v1/certs")["certs"], h.name
+    try:
+        fleet.cli("intention", "deny", "client", "bulk")
+        fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        assert l4_download(w1, 1024).outcome == Outcome.RESET
+        fleet.cli("intention", "allow", "client", "bulk")
+        fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        assert l4_download(w1, 1024 * 1024).outcome == Outcome.OK
+
+        fleet.cli("route", "apply", "-f", _shop_route(fleet, "w3"))  # version 1
+        fleet.wait_applied("routes/shop", fleet.workloads)
+        assert {l7_get(w1).instance for _ in range(4)} == {"w3"}
+        fleet.cli("route", "apply", "-f", _shop_route(fleet, "w2"))  # version 2
+        fleet.wait_applied("routes/shop", fleet.workloads)
+        assert {l7_get(w1).instance for _ in range(4)} == {"w2"}
+        fleet.cli("route", "rollback", "shop", "--to", "1")  # version 3 = version 1's content
+        fleet.wait_applied("routes/shop", fleet.workloads)
+        assert {l7_get(w1).instance for _ in range(4)} == {"w3"}
+    finally:
+        if fleet.cli("intention", "delete", "client", "bulk", check=False).returncode == 0:
+            fleet.wait_applied("intentions/bulk", fleet.servers_of)
+        if fleet.cli("route", "delete", "shop", check=False).returncode == 0:
+            fleet.wait_applied("routes/shop", fleet.workloads)
+
+    # w2's agent token, used from w2 (its own host and Consul client).
+    agent_token = fleet.tokens["agent-w2"]
+    route_x = w2.workdir / "route-x.json"
+    route_x.write_text(json.dumps({"service": "x", "routes": []}))
+    line = _one_line_refusal(
+        fleet.cli("route", "apply", "-f", str(route_x), host=w2, token=agent_token, check=False),
+        "hostmesh/routes/x",
+    )
+    assert fleet.kv_index("hostmesh/routes/x") == 0
+    # The trust bundle is written by `ca serve`: run one on w2 with the agent's token, from a copy of
+    # the CA's files with a new root (so its bundle differs from the published one and it must write).
+    roots_before = fleet.kv_index("hostmesh/ca/roots")
+    ca_copy = w2.workdir / "ca-data-copy"
+    shutil.rmtree(ca_copy, ignore_errors=True)
+    shutil.copytree(fleet.ca_data, ca_copy)
+    w2.run([fleet.venv.hostmesh, "ca", "rotate", "--data-dir", str(ca_copy)])  # files only
+    rogue = w2.spawn(
+        "ca-with-agent-token",
+        [fleet.venv.hostmesh, "ca", "serve", "--data-dir", str(ca_copy), "--listen", "127.0.0.1:15013"],
+        fleet.consul_env(w2, agent_token),
+    )
+    try:
+        denied = "Consul ACL denied write of hostmesh/ca/roots"
+        wait_for(
+            lambda: denied in rogue.log(), CHANGE_TIMEOUT, "`ca serve` with an agent token to be refused"
+        )
+        line2 = next(x for x in rogue.log().splitlines() if denied in x)
+        assert "lacks key:write" in line2 and "Traceback" not in rogue.log(), rogue.log()
+    finally:
+        rogue.stop()
+    assert fleet.kv_index("hostmesh/ca/roots") == roots_before
+    print(f"\nagent token: {line}\nagent token: {line2}")
+    assert {l7_get(w3).status for _ in range(2)} == {200}  # and the fleet never noticed
+
+
+def test_mixed_versions_release_0_1_beside_head(fleet: Fleet, release_0_1: str) -> None:
+    """w3 runs the 0.1.0 agent (built from commit 0569bee, agent.toml with only the keys it knows),
+    w1 and w2 this tree's: L4 and L7 traffic both ways, checked byte for byte, and intentions
+    refused by the 0.1.0 side (on calls from this tree's agent) and by this tree's side (on calls
+    from the 0.1.0 agent)."""
+    w1, w2, w3 = fleet.workloads
+    fleet.run_agent_from(w3, release_0_1)
+    try:
+        assert w3.mesh.venv.version == "0.1.0"
+        fleet.wait_settled()
+        _both_protocols_between(fleet, caller=w1, server=w3, other=w2, caller_service="client")
+        _both_protocols_between(fleet, caller=w3, server=w2, other=w3, caller_service="bulk")
+    finally:
+        for h in fleet.workloads:
+            fleet.maintenance(h, False)
+        fleet.run_agent_from(w3, "head")
+        fleet.wait_settled()
+
+
+def _both_protocols_between(
+    fleet: Fleet, caller: Host, server: Host, other: Host, caller_service: str
+) -> None:
+    """`caller`'s upstream listeners reach only `server` (`other` in Consul maintenance); L4 and L7
+    are carried intact, then denied by intentions that `server`'s agent enforces."""
+    fleet.maintenance(other, True)
+    try:
+        for svc in ("bulk", "shop"):
+            wait_for(
+                partial(caller.mesh.chooses, svc, {server.name}),
+                CHANGE_TIMEOUT,
+                f"{caller.name} to choose only {server.name} for {svc}",
+            )
+        where = f"{caller.name} ({caller.mesh.venv.version}) -> {server.name} ({server.mesh.venv.version})"
+        down = l4_download(caller, 8 * 1024 * 1024, seed=21)
+        assert down.outcome == Outcome.OK, (where, down)
+        assert l4_upload_ok(caller, 8 * 1024 * 1024, seed=22), where
+        gets = [l7_get(caller, 256 * 1024, seed) for seed in range(6)]
+        assert all(r.ok and r.instance == server.name for r in gets), (where, gets)
+        try:
+            for dst in ("bulk", "shop"):
+                fleet.cli("intention", "deny", caller_service, dst)
+                wait_for(
+                    partial(
+                        server.mesh.applied, f"intentions/{dst}", fleet.kv_index(f"hostmesh/intentions/{dst}")
+                    ),
+                    CHANGE_TIMEOUT,
+                    f"{server.name} to apply intentions/{dst}",
+                )
+            refused = l4_download(caller, 1024, seed=23)
+            assert refused.outcome == Outcome.RESET and refused.received == 0, (where, refused)
+            denied = l7_get(caller, 1024, seed=24)
+            assert denied.status == 403 and "AUTHZ" in denied.flags, (where, denied)
+        finally:
+            for dst in ("bulk", "shop"):
+                fleet.cli("intention", "delete", caller_service, dst, check=False)
+            for dst in ("bulk", "shop"):
+                wait_for(
+                    partial(
+                        server.mesh.applied, f"intentions/{dst}", fleet.kv_index(f"hostmesh/intentions/{dst}")
+                    ),
+                    CHANGE_TIMEOUT,
+                    f"{server.name} to apply the intentions' clean-up",
+                )
+        assert l4_download(caller, 1024 * 1024, seed=25).outcome == Outcome.OK, where
+        print(f"\n{where}: L4 and L7 intact, intentions enforced by {server.name}")
+    finally:
+        fleet.maintenance(other, False)
