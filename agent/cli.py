@@ -255,6 +255,27 @@ def click_agent() -> click.Group:
         except AgentStartError as exc:
             raise click.ClickException(str(exc)) from None
 
+    @agent.command("wait-ready")
+    @click.option(
+        "--admin",
+        default=None,
+        metavar="ADDR",
+        help="The agent's admin address [default: $NOMAD_ADDR_hostmesh_admin, else the one the agent "
+        "wrote to $NOMAD_ALLOC_DIR/hostmesh/admin.addr, else 127.0.0.1:15000].",
+    )
+    @click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds.")
+    def wait_ready_command(admin: str | None, timeout: float) -> None:
+        """Exit 0 once the agent serves (its /ready is 200), 1 after TIMEOUT: a Nomad prestart task
+        (sidecar = false) that holds the app back until its upstream ports accept connections."""
+        import os
+
+        from hostmesh.agent.waitready import wait_ready
+
+        ok, detail = wait_ready(admin, os.environ, timeout)
+        if not ok:
+            raise click.ClickException(f"agent not ready after {timeout:g}s: {detail}")
+        click.echo(f"agent at {detail} is ready")
+
     return agent
 
 
