@@ -100,12 +100,17 @@ class NomadMesh:
         self.m, self.nomad, self.consul = m, nomad, consul
 
     def allocation(
-        self, job: str, group: str, meta: dict[str, str], ports: dict[str, int] | None = None
+        self,
+        job: str,
+        group: str,
+        meta: dict[str, str],
+        ports: dict[str, int] | None = None,
+        file: bool = True,
     ) -> tuple[Allocation, dict[str, str]]:
         labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
         alloc = self.nomad.add_allocation(job, group, (group, "hostmesh"), **labels)
         root = self.m.workdir / "nomad"
-        env = self.nomad.task_environment(alloc, "hostmesh", root)
+        env = self.nomad.task_environment(alloc, "hostmesh", root, file=file)
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
         env.update(
             NOMAD_META_hostmesh_ca_pin=self.m.pin,
@@ -237,7 +242,9 @@ def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: Nom
             "shop", "web",
             {"hostmesh_service": "web", "hostmesh_port": "app", "hostmesh_upstreams": "db:db_up"},
             {"app": free_port(), "db_up": free_port()},
+            file=False,  # identity { env = true }: the workload identity in NOMAD_TOKEN, no file
         )  # fmt: skip
+        assert "NOMAD_TOKEN" in env and not (Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token").exists()
         del env["NOMAD_ADDR_hostmesh_admin"]  # the gate finds the agent through the alloc dir, as documented
         gate_env = dict(m.env, **env)
         # Nomad starts the prestart gate and the sidecar together; the app only after the gate exits 0
