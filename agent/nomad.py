@@ -8,8 +8,10 @@ NOMAD_ADDR_<label>). agent.toml, when present, always wins:
 - node: NOMAD_ALLOC_ID (service IDs are `<service>-<allocation id>`)
 - data_dir: ${NOMAD_ALLOC_DIR}/hostmesh (shared with the allocation's tasks)
 - cert_dir: ${NOMAD_SECRETS_DIR}/hostmesh (the task's private secrets dir: the keys)
-- ca.token_file, ca.token_env: ${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN: the workload
-  identity (`identity { file = true }`, `env = true`); no join token
+- ca.token_file, ca.token_env: the workload identity, no join token: the one named `hostmesh`
+  (`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`:
+  ${NOMAD_SECRETS_DIR}/nomad_hostmesh.jwt, or NOMAD_TOKEN_hostmesh with `env = true`) when the
+  task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN)
 - ca.pin, ca.address: meta `hostmesh_ca_pin`, `hostmesh_ca_address`
 - inbound, mesh_address: port `hostmesh_inbound` (NOMAD_ADDR_/NOMAD_IP_hostmesh_inbound), else an
   ephemeral port
@@ -50,6 +52,10 @@ METRICS_LABEL = "hostmesh_metrics"
 NOMAD_DRAIN_SECONDS = 2.0  # below Nomad's default kill_timeout (5s), with room to deregister
 ADMIN_ADDRESS_FILE = "admin.addr"  # in data_dir: where `wait-ready` finds an ephemeral admin port
 META = "NOMAD_META_"
+NAMED_IDENTITY_FILE = (
+    "nomad_hostmesh.jwt"  # identity { name = "hostmesh", file = true }: secrets/nomad_<name>.jwt
+)
+NAMED_IDENTITY_ENV = "NOMAD_TOKEN_hostmesh"  # ... env = true: NOMAD_TOKEN_<name>
 
 
 class NomadEnvError(ValueError):
@@ -86,13 +92,15 @@ def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> 
         out.setdefault("data_dir", str(Path(alloc_dir) / "hostmesh"))
     if secrets_dir:
         out.setdefault("cert_dir", str(Path(secrets_dir) / "hostmesh"))
-    identity = str(Path(secrets_dir) / "nomad_token") if secrets_dir else None
+    identity = str(Path(secrets_dir) / "nomad_token") if secrets_dir else None  # the default identity
+    named = Path(secrets_dir) / NAMED_IDENTITY_FILE if secrets_dir else None
 
     ca = dict(out.get("ca") or {}) if isinstance(out.get("ca", {}), dict) else out["ca"]
     if isinstance(ca, dict):
-        if identity and "token_file" not in ca:
-            ca["token_file"] = identity
-        ca.setdefault("token_env", "NOMAD_TOKEN")
+        # the identity named "hostmesh" (aud hostmesh) when the job has one, else the default identity
+        if named is not None and "token_file" not in ca:
+            ca["token_file"] = str(named) if named.exists() else identity
+        ca.setdefault("token_env", NAMED_IDENTITY_ENV if env.get(NAMED_IDENTITY_ENV) else "NOMAD_TOKEN")
         for key, meta_key in (("pin", "hostmesh_ca_pin"), ("address", "hostmesh_ca_address")):
             if key not in ca and meta(env, meta_key):
                 ca[key] = meta(env, meta_key)

@@ -174,10 +174,19 @@ class NomadDouble:
         )
 
     def task_environment(
-        self, alloc: Allocation, task: str, root: Path, *, token: str | None = None, file: bool = True
+        self,
+        alloc: Allocation,
+        task: str,
+        root: Path,
+        *,
+        token: str | None = None,
+        file: bool = True,
+        identity_name: str | None = None,
     ) -> dict[str, str]:
         """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
-        `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file)."""
+        `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
+        `identity_name`: the identity is a named one (`identity { name = ... }`): secrets/nomad_<name>.jwt
+        or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token."""
         alloc_dir = root / alloc.id / "alloc"
         task_dir = root / alloc.id / task
         secrets_dir = task_dir / "secrets"
@@ -205,12 +214,18 @@ class NomadDouble:
             env[f"NOMAD_IP_{label}"] = "127.0.0.1"
             env[f"NOMAD_HOST_PORT_{label}"] = str(port)
             env[f"NOMAD_ADDR_{label}"] = f"127.0.0.1:{port}"
+        if identity_name is not None:
+            default = self.identity(alloc, task, aud="nomadproject.io")
+            (secrets_dir / "nomad_token").write_text(default)
+            (secrets_dir / "nomad_token").chmod(0o600)
+        file_name = f"nomad_{identity_name}.jwt" if identity_name else "nomad_token"
+        env_name = f"NOMAD_TOKEN_{identity_name}" if identity_name else "NOMAD_TOKEN"
         if file:
-            path = secrets_dir / "nomad_token"
+            path = secrets_dir / file_name
             path.write_text(jwt_text)
             path.chmod(0o600)
         else:
-            env["NOMAD_TOKEN"] = jwt_text
+            env[env_name] = jwt_text
         return env
 
     # --- payloads (held to nomad_samples/ by tests/test_nomad_double.py) ------------------------

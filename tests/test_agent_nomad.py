@@ -120,3 +120,15 @@ def test_a_nomad_table_outside_an_allocation_needs_the_allocation_id() -> None:
     raw = {"ca": {"pin": PIN}, "services": [{"name": "web", "port": 8080}], "nomad": {}}
     with pytest.raises(ConfigError, match=r"nomad\.alloc_id: is required outside a Nomad allocation"):
         parse_config(with_allocation_defaults(raw, {}))
+
+
+def test_the_identity_named_hostmesh_is_preferred_over_the_default_one(tmp_path: Path) -> None:
+    env = task_env(tmp_path)
+    cfg = parse_config(with_allocation_defaults({}, env))
+    assert (cfg.ca.token_file, cfg.ca.token_env) == (tmp_path / "secrets" / "nomad_token", "NOMAD_TOKEN")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "nomad_hostmesh.jwt").write_text("eyJ...")
+    env["NOMAD_TOKEN_hostmesh"] = "eyJ..."
+    cfg = parse_config(with_allocation_defaults({}, env))
+    assert cfg.ca.token_file == tmp_path / "secrets" / "nomad_hostmesh.jwt"
+    assert cfg.ca.token_env == "NOMAD_TOKEN_hostmesh"

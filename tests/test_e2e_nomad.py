@@ -106,11 +106,12 @@ class NomadMesh:
         meta: dict[str, str],
         ports: dict[str, int] | None = None,
         file: bool = True,
+        identity_name: str | None = None,
     ) -> tuple[Allocation, dict[str, str]]:
         labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
         alloc = self.nomad.add_allocation(job, group, (group, "hostmesh"), **labels)
         root = self.m.workdir / "nomad"
-        env = self.nomad.task_environment(alloc, "hostmesh", root, file=file)
+        env = self.nomad.task_environment(alloc, "hostmesh", root, file=file, identity_name=identity_name)
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
         env.update(
             NOMAD_META_hostmesh_ca_pin=self.m.pin,
@@ -187,6 +188,7 @@ def test_two_allocations_and_a_vm_form_one_mesh_with_workload_identities(mesh: N
             {"hostmesh_service": "api", "hostmesh_port": "http", "hostmesh_protocol": "http",
              "hostmesh_health": "tcp", "hostmesh_upstreams": "db:db_up"},
             {"http": api_app.port, "db_up": free_port()},
+            identity_name="hostmesh",  # identity "hostmesh" { aud = ["hostmesh"] }; the default one beside it
         )  # fmt: skip
         web_alloc, web_env = mesh.allocation(
             "shop", "web",
