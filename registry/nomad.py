@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class NomadAPI:
     """python-nomad over `settings`; each method is a coroutine that runs the blocking call in a thread."""
 
     def __init__(self, settings: NomadSettings) -> None:
-        import nomad  # python-nomad: imported on use, it pulls in requests
+        # python-nomad, imported on use (it pulls in requests); by name, since the repository's own
+        # nomad/ folder (example jobs) would shadow it for mypy's module search
+        nomad: Any = importlib.import_module("nomad")
 
         self.settings = settings
         s = settings
@@ -97,7 +100,7 @@ class NomadAPI:
         return AllocationState.GONE if alloc is None else allocation_state(alloc)
 
     def _allocation(self, alloc_id: str) -> dict[str, Any] | None:
-        import nomad.api.exceptions as nex
+        nex: Any = importlib.import_module("nomad.api.exceptions")
 
         try:
             doc = self._client.allocation.get_allocation(alloc_id)
