@@ -266,3 +266,21 @@ def test_mapping_apply_get_history_rollback(consul: ConsulDev, tmp_path: Path) -
     ]
     assert '"version": 3' in ca_cli(consul, "get", "-o", "json").output  # nothing lost
     asyncio.run(clear())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nomad-audience", "x"], "--nomad-audience and --nomad-check-allocations need --nomad-jwks"),
+        (
+            ["--nomad-jwks", "ftp://nomad/jwks"],
+            "JWKS URL 'ftp://nomad/jwks' must start with http:// or https://",
+        ),
+    ],
+)
+def test_ca_serve_refuses_unusable_nomad_options_in_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli, ["ca", "serve", "--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
