@@ -37,6 +37,16 @@ SUBCOMMANDS: dict[str, str] = {
 DEFAULT_AGENT_CONFIG = Path("/etc/hostmesh/agent.toml")
 
 
+def default_agent_config() -> Path:
+    """/etc/hostmesh/agent.toml, but in a Nomad allocation the task dir's agent.toml: a host's own
+    agent.toml (a VM agent on the Nomad client) must never configure an allocation's agent."""
+    import os
+
+    if os.environ.get("NOMAD_ALLOC_ID"):
+        return Path(os.environ.get("NOMAD_TASK_DIR") or ".") / "agent.toml"
+    return DEFAULT_AGENT_CONFIG
+
+
 def agent_run_config(argv: list[str]) -> Path | None:
     """The agent.toml path of a plain `[--consul URL] agent run [--config PATH]` command line (what
     systemd, workers and tests run), else None: click then parses it, with its help and errors.
@@ -50,7 +60,7 @@ def agent_run_config(argv: list[str]) -> Path | None:
         return None
     rest = args[2:]
     if not rest:
-        return DEFAULT_AGENT_CONFIG
+        return default_agent_config()
     if len(rest) == 2 and rest[0] == "--config":
         value = rest[1]
     elif len(rest) == 1 and rest[0].startswith("--config="):
@@ -225,9 +235,9 @@ def click_agent() -> click.Group:
         "--config",
         "config_path",
         type=click.Path(path_type=Path),
-        default=DEFAULT_AGENT_CONFIG,
-        show_default=True,
-        help="agent.toml",
+        default=default_agent_config,
+        show_default=str(DEFAULT_AGENT_CONFIG),
+        help="agent.toml [in a Nomad allocation: $NOMAD_TASK_DIR/agent.toml, which may be absent]",
     )
     @click.pass_context
     def run_command(ctx: click.Context, config_path: Path) -> None:

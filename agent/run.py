@@ -594,6 +594,10 @@ class Agent:
                     await self.consul.deregister_service(self._service_id(svc))
         for server in self._servers:
             await server.close()
+        if cfg.nomad is not None and not self.worker:  # `wait-ready` must not find a stopped agent
+            from hostmesh.agent.nomad import ADMIN_ADDRESS_FILE
+
+            (cfg.data_dir / ADMIN_ADDRESS_FILE).unlink(missing_ok=True)
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)

@@ -132,3 +132,14 @@ def test_the_identity_named_hostmesh_is_preferred_over_the_default_one(tmp_path:
     cfg = parse_config(with_allocation_defaults({}, env))
     assert cfg.ca.token_file == tmp_path / "secrets" / "nomad_hostmesh.jwt"
     assert cfg.ca.token_env == "NOMAD_TOKEN_hostmesh"
+
+
+def test_in_an_allocation_the_default_config_is_the_task_dirs_never_the_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hostmesh.agent.cli import DEFAULT_AGENT_CONFIG, agent_run_config
+
+    assert agent_run_config(["agent", "run"]) == DEFAULT_AGENT_CONFIG
+    monkeypatch.setenv("NOMAD_ALLOC_ID", ALLOC)
+    monkeypatch.setenv("NOMAD_TASK_DIR", str(tmp_path / "local"))
+    assert agent_run_config(["agent", "run"]) == tmp_path / "local" / "agent.toml"

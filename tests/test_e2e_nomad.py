@@ -290,6 +290,7 @@ def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMes
         assert code == 0, agent.proc.log()
         assert mesh.catalog_ids("api") == set()
         assert f"allocation {agent.alloc.id} is stopped in Nomad: draining and exiting" in agent.proc.log()
+        assert not (Path(agent.env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr").exists()
         assert took < KILL_TIMEOUT + POLL_INTERVAL, (
             took
         )  # noticed within a poll, then out within kill_timeout
