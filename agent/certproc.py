@@ -75,9 +75,17 @@ def _pem_blocks(text: str) -> set[str]:
 class CertProcess:
     """The agent's certificates, with the crypto work done by `python -m hostmesh.agent.certproc`."""
 
-    def __init__(self, *, config_path: Path, data_dir: Path, services: list[str], consul: Any) -> None:
+    def __init__(
+        self,
+        *,
+        config_path: Path,
+        data_dir: Path,
+        services: list[str],
+        consul: Any,
+        certs_dir: Path | None = None,  # agent.toml's cert_dir; None: <data_dir>/certs
+    ) -> None:
         self.config_path = config_path
-        self.dir = cert_dir(data_dir)
+        self.dir = certs_dir if certs_dir is not None else cert_dir(data_dir)
         self.services = list(dict.fromkeys(services))
         self.consul = consul
         self._roots_pem = ""

@@ -32,6 +32,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class CertManager:
             token_file=cfg.ca.token_file,
             consul=consul,
             node=cfg.node,
+            certs_dir=cfg.certs_dir,
+            token_env=cfg.ca.token_env,
         )
 
     def __init__(
@@ -113,18 +116,21 @@ class CertManager:
         node: str | None = None,
         renew_fraction: float = 2 / 3,
         bootstrap_timeout: float = BOOTSTRAP_TIMEOUT,
+        certs_dir: Path | None = None,
+        token_env: str | None = None,
     ) -> None:
         if not 0 < renew_fraction < 1:
             raise InvalidRequest("renew_fraction must be between 0 and 1")
         for name in services:
             if not pki.valid_service_name(name):
                 raise InvalidRequest(f"invalid service name {name!r}")
-        self.dir = cert_dir(data_dir)
+        self.dir = certs_dir if certs_dir is not None else cert_dir(data_dir)
         self.trust_domain = trust_domain
         self.services = list(dict.fromkeys(services))
         self.pin = pin
         self.ca_address = ca_address
         self.token_file = token_file
+        self.token_env = token_env  # the credential's environment variable when token_file has none
         self.consul = consul
         self.node = node  # the name our services are registered under; None: no sibling recovery
         self.renew_fraction = renew_fraction
@@ -330,17 +336,27 @@ class CertManager:
         ]
 
     def _read_token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        try:
-            text = self.token_file.read_text().strip()
-        except OSError:
-            return None
+        """The bootstrap credential: a join token, or in a Nomad allocation the workload identity
+        (the CA tells them apart). Re-read on every try: Nomad renews the identity file."""
+        text = ""
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text().strip()
+            except OSError:
+                text = ""
+        if not text and self.token_env:
+            text = os.environ.get(self.token_env, "").strip()
         return text or None
 
     async def _bootstrap(self, missing: dict[str, str]) -> None:
         """Token + pin for every service in `missing`; retries an unreachable CA up to bootstrap_timeout."""
         token = self._read_token()
+        if token is None and self.token_env:
+            service, why = next(iter(missing.items()))
+            raise Unauthorized(
+                f"{why} for {service!r} and no workload identity in {self.token_file} or "
+                f"${self.token_env}: give the task `identity {{ file = true }}` (aud, ttl)"
+            )
         if token is None:
             service, why = next(iter(missing.items()))
             where = f"write one to {self.token_file}" if self.token_file else "set [ca] token_file"
@@ -369,6 +385,11 @@ class CertManager:
                 await asyncio.sleep(max(delay, 0))
             except Unauthorized as exc:
                 service = next(iter(missing))
+                if self.token_env:
+                    raise Unauthorized(
+                        f"workload identity refused for {service!r} ({exc}): the CA's mapping "
+                        f"(`hostmesh ca nomad get`) must give this task {service!r}"
+                    ) from None
                 raise Unauthorized(
                     f"join token in {self.token_file} refused for {service!r} ({exc}): issue a new "
                     f"one with `hostmesh ca token create --service {service}`"

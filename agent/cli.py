@@ -38,6 +38,16 @@ SUBCOMMANDS: dict[str, str] = {
 DEFAULT_AGENT_CONFIG = Path("/etc/hostmesh/agent.toml")
 
 
+def default_agent_config() -> Path:
+    """/etc/hostmesh/agent.toml, but in a Nomad allocation the task dir's agent.toml: a host's own
+    agent.toml (a VM agent on the Nomad client) must never configure an allocation's agent."""
+    import os
+
+    if os.environ.get("NOMAD_ALLOC_ID"):
+        return Path(os.environ.get("NOMAD_TASK_DIR") or ".") / "agent.toml"
+    return DEFAULT_AGENT_CONFIG
+
+
 def agent_run_config(argv: list[str]) -> Path | None:
     """The agent.toml path of a plain `[--consul URL] agent run [--config PATH]` command line (what
     systemd, workers and tests run), else None: click then parses it, with its help and errors.
@@ -51,7 +61,7 @@ def agent_run_config(argv: list[str]) -> Path | None:
         return None
     rest = args[2:]
     if not rest:
-        return DEFAULT_AGENT_CONFIG
+        return default_agent_config()
     if len(rest) == 2 and rest[0] == "--config":
         value = rest[1]
     elif len(rest) == 1 and rest[0].startswith("--config="):
@@ -229,9 +239,9 @@ def click_agent() -> click.Group:
         "--config",
         "config_path",
         type=click.Path(path_type=Path),
-        default=DEFAULT_AGENT_CONFIG,
-        show_default=True,
-        help="agent.toml",
+        default=default_agent_config,
+        show_default=str(DEFAULT_AGENT_CONFIG),
+        help="agent.toml [in a Nomad allocation: $NOMAD_TASK_DIR/agent.toml, which may be absent]",
     )
     @click.pass_context
     def run_command(ctx: click.Context, config_path: Path) -> None:
@@ -258,6 +268,27 @@ def click_agent() -> click.Group:
             run_agent(config_path)
         except AgentStartError as exc:
             raise click.ClickException(str(exc)) from None
+
+    @agent.command("wait-ready")
+    @click.option(
+        "--admin",
+        default=None,
+        metavar="ADDR",
+        help="The agent's admin address [default: $NOMAD_ADDR_hostmesh_admin, else the one the agent "
+        "wrote to $NOMAD_ALLOC_DIR/hostmesh/admin.addr, else 127.0.0.1:15000].",
+    )
+    @click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds.")
+    def wait_ready_command(admin: str | None, timeout: float) -> None:
+        """Exit 0 once the agent serves (its /ready is 200), 1 after TIMEOUT: a Nomad prestart task
+        (sidecar = false) that holds the app back until its upstream ports accept connections."""
+        import os
+
+        from hostmesh.agent.waitready import wait_ready
+
+        ok, detail = wait_ready(admin, os.environ, timeout)
+        if not ok:
+            raise click.ClickException(f"agent not ready after {timeout:g}s: {detail}")
+        click.echo(f"agent at {detail} is ready")
 
     return agent
 

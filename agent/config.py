@@ -85,6 +85,25 @@ class CAConfig:
     pin: str
     address: str | None = None  # None: discover `hostmesh-ca` in Consul
     token_file: Path | None = None
+    # an environment variable holding the bootstrap credential when token_file has none (in a Nomad
+    # allocation: NOMAD_TOKEN, the workload identity of `identity { env = true }`)
+    token_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NomadConfig:
+    """`[nomad]`, or implied by NOMAD_ALLOC_ID: the agent is an allocation's sidecar (agent/nomad.py).
+    Nomad API settings left out here come from NOMAD_ADDR, NOMAD_TOKEN, … as Nomad's tools read them;
+    without a token the agent uses its workload identity (Nomad 1.7+ accepts it for its own allocation)."""
+
+    alloc_id: str
+    address: str | None = None
+    token: str | None = None
+    namespace: str | None = None
+    region: str | None = None
+    ca_file: str | None = None
+    identity_file: Path | None = None  # ${NOMAD_SECRETS_DIR}/nomad_token
+    poll_interval: float = 5.0  # seconds between reads of the allocation: a stopped one drains and exits
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +151,12 @@ class AgentConfig:
     stream_idle_timeout: float = (
         DEFAULT_STREAM_IDLE_TIMEOUT  # an L4 connection silent this long is reset; 0: never
     )
+    cert_dir: Path | None = None  # keys and certificates; None: <data_dir>/certs (Nomad: the secrets dir)
+    nomad: NomadConfig | None = None  # running as a Nomad allocation's sidecar
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.cert_dir if self.cert_dir is not None else cert_dir(self.data_dir)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -316,6 +341,18 @@ TOP_KEYS = {
     "http",
     "max_connections",
     "stream_idle_timeout",
+    "cert_dir",
+    "nomad",
+}
+NOMAD_KEYS = {
+    "alloc_id",
+    "address",
+    "token",
+    "namespace",
+    "region",
+    "ca_file",
+    "identity_file",
+    "poll_interval",
 }
 
 
@@ -354,13 +391,16 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     ca_raw = raw.get("ca")
     if not isinstance(ca_raw, dict):
         raise _fail("ca", 'is required: a table with at least pin = "sha256:…"')
-    _check_keys(ca_raw, {"address", "pin", "token_file"}, "ca")
+    _check_keys(ca_raw, {"address", "pin", "token_file", "token_env"}, "ca")
     pin = _str(ca_raw, "pin", "ca.")
     if not pin or not pin.startswith("sha256:") or len(pin) != 7 + 64:
         raise _fail("ca.pin", "must be 'sha256:<64 hex>' as printed by `hostmesh ca init`")
     token_file = _str(ca_raw, "token_file", "ca.")
     ca = CAConfig(
-        pin=pin, address=_str(ca_raw, "address", "ca."), token_file=Path(token_file) if token_file else None
+        pin=pin,
+        address=_str(ca_raw, "address", "ca."),
+        token_file=Path(token_file) if token_file else None,
+        token_env=_str(ca_raw, "token_env", "ca.") or None,
     )
 
     services_raw = raw.get("services", [])
@@ -398,6 +438,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         or not 1 <= max_connections <= MAX_MAX_CONNECTIONS
     ):
         raise _fail("max_connections", f"must be an integer in 1..{MAX_MAX_CONNECTIONS}")
+    cert_dir_raw = _str(raw, "cert_dir", "")
     return AgentConfig(
         node=node,
         mesh_address=mesh_address,
@@ -419,21 +460,48 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         stream_idle_timeout=_number(
             raw, "stream_idle_timeout", "", DEFAULT_STREAM_IDLE_TIMEOUT, 0, 7 * 86400
         ),
+        cert_dir=Path(cert_dir_raw) if cert_dir_raw else None,
+        nomad=_parse_nomad(raw["nomad"]) if "nomad" in raw else None,
+    )
+
+
+def _parse_nomad(raw: Any) -> NomadConfig:
+    if not isinstance(raw, dict):
+        raise _fail("nomad", "must be a table")
+    _check_keys(raw, NOMAD_KEYS, "nomad")
+    alloc_id = _str(raw, "alloc_id", "nomad.")
+    if not alloc_id:
+        raise _fail("nomad.alloc_id", "is required outside a Nomad allocation (NOMAD_ALLOC_ID unset)")
+    identity = _str(raw, "identity_file", "nomad.")
+    s = {k: _str(raw, k, "nomad.") or None for k in ("address", "token", "namespace", "region", "ca_file")}
+    return NomadConfig(
+        alloc_id=alloc_id,
+        identity_file=Path(identity) if identity else None,
+        poll_interval=_number(raw, "poll_interval", "nomad.", 5.0, 0.1, 3600),
+        **s,
     )
 
 
 def load_config(path: Path) -> AgentConfig:
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        if not os.environ.get("NOMAD_ALLOC_ID"):
+            raise ConfigError(f"{path}: cannot read: No such file or directory") from None
+        data = b""  # in a Nomad allocation the job's meta and ports may say it all (agent/nomad.py)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         raw = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    from hostmesh.agent.nomad import NomadEnvError, in_allocation, with_allocation_defaults
+
     try:
+        if in_allocation(raw, os.environ):  # a Nomad allocation's sidecar: defaults from its environment
+            raw = with_allocation_defaults(raw, os.environ)
         cfg = parse_config(raw)
-    except ConfigError as exc:
+    except (ConfigError, NomadEnvError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
         settings = cfg.consul_settings()
@@ -461,7 +529,7 @@ def check_permissions(cfg: AgentConfig) -> None:
         token = cfg.ca.token_file
         _check_mode(token, 0o077, "readable", f"chmod 600 {token}", "[ca] token_file")
     for svc in cfg.services:
-        key = cert_paths(cert_dir(cfg.data_dir), svc.name)[1]
+        key = cert_paths(cfg.certs_dir, svc.name)[1]
         _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
 
 

@@ -179,13 +179,16 @@ class LocalMesh:
 
     # --- CA ---------------------------------------------------------------------------------
 
-    def start_ca(self) -> str:
+    def start_ca(self, *extra_args: str, env: dict[str, str] | None = None) -> str:
+        """`extra_args` go to `ca serve` (e.g. --nomad-jwks URL); `env` is added to its environment."""
         ca_dir = self.workdir / "ca"
         out = self.hostmesh("ca", "init", "--data-dir", str(ca_dir), "--trust-domain", self.trust_domain)
         self.pin = next(word for word in out.stdout.split() if word.startswith("sha256:"))
         self.ca_port = free_port()
         proc = self._spawn(
-            "ca", ["ca", "serve", "--data-dir", str(ca_dir), "--listen", f"127.0.0.1:{self.ca_port}"]
+            "ca",
+            ["ca", "serve", "--data-dir", str(ca_dir), "--listen", f"127.0.0.1:{self.ca_port}", *extra_args],
+            dict(self.env, **env) if env else None,
         )
         wait_for(lambda: port_open(self.ca_port) or not proc.alive(), READY_TIMEOUT, "the CA to listen")
         if not proc.alive():

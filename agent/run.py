@@ -182,7 +182,7 @@ class Agent:
         if self.worker:
             from hostmesh.agent.workers import DiskCerts
 
-            self.certs: Any = DiskCerts(cfg.data_dir, [s.name for s in cfg.services])
+            self.certs: Any = DiskCerts(cfg.data_dir, [s.name for s in cfg.services], cfg.certs_dir)
         elif self.config_path is not None:  # crypto work in short-lived children (agent/certproc.py)
             from hostmesh.agent.certproc import CertProcess
 
@@ -191,6 +191,7 @@ class Agent:
                 data_dir=cfg.data_dir,
                 services=[s.name for s in cfg.services],
                 consul=self.consul,
+                certs_dir=cfg.certs_dir,
             )
         else:
             from hostmesh.agent.certs import CertManager
@@ -263,6 +264,10 @@ class Agent:
             await server.start()
         if checking:
             self._tasks.append(asyncio.create_task(self._release_startup_memory_later(), name="trim"))
+        if cfg.admin.port == 0:  # an ephemeral admin port (a Nomad allocation without one): use the bound one
+            self.config = cfg = replace(cfg, admin=replace(cfg.admin, port=self._servers[0].port))
+        if cfg.nomad is not None:
+            self._start_nomad(cfg)
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
         self._tasks.append(self._registration_task)
@@ -325,6 +330,25 @@ class Agent:
     async def _release_startup_memory_later(self) -> None:
         await asyncio.sleep(RESTART_DEFER)
         self._release_startup_memory()
+
+    def _start_nomad(self, cfg: AgentConfig) -> None:
+        """In a Nomad allocation: tell `wait-ready` where the admin API is, and stop (drain, deregister,
+        exit) once Nomad reports the allocation stopped (agent/nomad.py)."""
+        from hostmesh.agent import nomad
+        from hostmesh.ca.files import write_private
+
+        assert cfg.nomad is not None
+        write_private(cfg.data_dir / nomad.ADMIN_ADDRESS_FILE, f"{cfg.admin}\n".encode())
+        api = nomad.api_for(cfg, os.environ)
+
+        def gone(reason: str) -> None:
+            log.warning("%s: draining and exiting", reason)
+            self.stop_requested.set()
+
+        task = asyncio.create_task(
+            nomad.watch_allocation(api, cfg.nomad.alloc_id, cfg.nomad.poll_interval, gone), name="nomad-alloc"
+        )
+        self._tasks.append(task)
 
     def _release_startup_memory(self) -> None:
         gc.enable()  # agent/cli.py disables it while the modules load
@@ -633,6 +657,10 @@ class Agent:
                     await self.consul.deregister_service(self._service_id(svc))
         for server in self._servers:
             await server.close()
+        if cfg.nomad is not None and not self.worker:  # `wait-ready` must not find a stopped agent
+            from hostmesh.agent.nomad import ADMIN_ADDRESS_FILE
+
+            (cfg.data_dir / ADMIN_ADDRESS_FILE).unlink(missing_ok=True)
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)

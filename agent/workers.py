@@ -80,8 +80,8 @@ class DiskCerts:
     `roots.pem`. The primary writes each file atomically and tells workers (`certs`) only after
     both files of a pair are in place, so a reload never sees a chain with another key."""
 
-    def __init__(self, data_dir: Path, services: Iterable[str]) -> None:
-        self.dir = data_dir / "certs"
+    def __init__(self, data_dir: Path, services: Iterable[str], certs_dir: Path | None = None) -> None:
+        self.dir = certs_dir if certs_dir is not None else data_dir / "certs"
         self.services = list(services)
         self._roots_pem = ""
         self._callbacks: list[Callable[[], None]] = []

@@ -1,8 +1,9 @@
 """The CA's audit trail: one JSON line per issuance and per refusal.
 
 Every line has the same keys (null when not applicable), so it greps and loads cleanly:
-`ts, event (issue|refuse), via (sign|renew|tls), identity, serial, not_after, token, reason, peer`.
-`token` is the join token's id, never its secret.
+`ts, event (issue|refuse), via (sign|renew|renew-sibling|nomad|tls), identity, serial, not_after, token,
+reason, peer`. `token` is the join token's id, never its secret; for via=nomad (a Nomad workload
+identity) it is `nomad:<allocation id>`, never the JWT.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
     hostmesh ca roots --data-dir D                        list roots, pins, the signing one
     hostmesh ca rotate --data-dir D                       add a new signing root
     hostmesh ca retire-root ID --data-dir D               remove an old root from the bundle
+    hostmesh ca nomad apply -f F | get | history | rollback --to N
+                                                          which Nomad workloads obtain which identities
 
 Errors are one line on stderr and exit status 1; never a traceback.
 """
@@ -153,19 +155,69 @@ def retire_root(root_id: str, data_dir: Path) -> None:
     "--audit-log", default="-", show_default=True, help="Append audit JSON lines here ('-': stdout)."
 )
 @click.option("--leaf-ttl", default="24h", show_default=True, help="Lifetime of issued certificates.")
+@click.option(
+    "--nomad-jwks",
+    default=None,
+    metavar="URL",
+    help="Also accept Nomad workload identities at /v1/sign, signed by the keys at URL "
+    "(Nomad's https://<server>:4646/.well-known/jwks.json); the mapping hostmesh/ca/nomad decides.",
+)
+@click.option(
+    "--nomad-audience",
+    default=None,
+    metavar="AUD",
+    help="The aud a workload identity must carry [default: hostmesh].",
+)
+@click.option(
+    "--nomad-check-allocations/--no-nomad-check-allocations",
+    default=None,
+    help="Ask Nomad (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_CACERT) that the JWT's allocation still runs "
+    "[default: when NOMAD_ADDR is set].",
+)
 @click.pass_context
 @one_line_errors
 def serve(
-    ctx: click.Context, data_dir: Path, listen: str, advertise: str | None, audit_log: str, leaf_ttl: str
+    ctx: click.Context,
+    data_dir: Path,
+    listen: str,
+    advertise: str | None,
+    audit_log: str,
+    leaf_ttl: str,
+    nomad_jwks: str | None = None,
+    nomad_audience: str | None = None,
+    nomad_check_allocations: bool | None = None,
 ) -> None:
     """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
     ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")
+    nomad = _nomad_trust(nomad_jwks, nomad_audience, nomad_check_allocations)
     settings = _consul_settings(ctx)
     consul = ConsulClient(settings)  # settings and token file checked before serving anything
-    asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, consul))
+    asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, consul, nomad))
+
+
+def _nomad_trust(jwks: str | None, audience: str | None, check: bool | None) -> Any:
+    """The CA's trust in a Nomad cluster (ca/nomad.py), or None without --nomad-jwks."""
+    import os
+
+    if jwks is None:
+        if audience is not None or check:
+            raise click.ClickException("--nomad-audience and --nomad-check-allocations need --nomad-jwks")
+        return None
+    from hostmesh.ca import nomad
+    from hostmesh.registry.nomad import NomadAPI, NomadSettings
+
+    settings = NomadSettings.resolve()
+    try:
+        cache = nomad.JWKSCache(jwks, settings.ca_file)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if check is None:
+        check = bool(os.environ.get("NOMAD_ADDR"))
+    api = NomadAPI(settings) if check else None
+    return nomad.NomadTrust(cache, audience=audience or nomad.DEFAULT_AUDIENCE, api=api)
 
 
 async def _serve(
@@ -176,12 +228,14 @@ async def _serve(
     audit: AuditLog,
     ttl: Any,
     consul: ConsulClient,
+    nomad: Any = None,
 ) -> None:
     log = logging.getLogger("hostmesh.ca")
     try:
         service = CAService(
-            data_dir, consul=consul, audit=audit, host=host, port=port, advertise=advertise, leaf_ttl=ttl
-        )
+            data_dir, consul=consul, audit=audit, host=host, port=port, advertise=advertise, leaf_ttl=ttl,
+            nomad=nomad,
+        )  # fmt: skip
         bound = await service.start()
         a = service.authority
         log.info(
@@ -276,3 +330,12 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
         f"expires {record.expires:%Y-%m-%d %H:%M:%S} UTC",
         err=True,
     )
+
+
+def _add_nomad_group() -> None:
+    from hostmesh.registry.cli import nomad_mapping_group
+
+    ca.add_command(nomad_mapping_group())
+
+
+_add_nomad_group()

@@ -1,6 +1,7 @@
 """The CA service: the HTTPS API of DESIGN.md, its Consul registration and the trust bundle in KV.
 
     POST /v1/sign    Authorization: Bearer <join token>, {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
+                     or Bearer <Nomad workload identity JWT> when started with --nomad-jwks (ca/nomad.py)
     POST /v1/renew   mTLS with the current leaf,         {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
                      or, for an expired identity of the same host, mTLS with a valid sibling's leaf and
                      {"csr", "node", "expired": PEM, "proof": base64} (see CAService._check_sibling)
@@ -69,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostmesh.ca import admission, pki, store, tls, tokens
+from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -313,6 +315,7 @@ class CAService:
         advertise: str | None = None,
         leaf_ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL,
         register: bool = True,
+        nomad: nomad_trust.NomadTrust | None = None,
     ) -> None:
         if _is_wildcard(host) and not advertise and register:
             raise InvalidRequest(f"listening on {host or 'all interfaces'}: give --advertise ADDR for Consul")
@@ -341,6 +344,7 @@ class CAService:
         self._rates = admission.ClientRates()
         self.rate_limited = 0  # requests answered 429 for their client's rate
         self._unknown_tokens: dict[str, float] = {}  # token id -> loop time Consul said it had no record
+        self.nomad = nomad  # trusts Nomad workload identities at /v1/sign (ca/nomad.py); None: tokens only
 
     @property
     def service_id(self) -> str:
@@ -575,6 +579,8 @@ class CAService:
             scheme, _, text = auth.partition(" ")
             if scheme.lower() != "bearer" or not text.strip():
                 raise Unauthorized("missing join token (Authorization: Bearer <token>)")
+            if nomad_trust.looks_like_jwt(text.strip()):
+                return await self._sign_nomad(req, text.strip(), peer)
             if self.consul is None:
                 raise _Unavailable("join tokens need Consul, which this CA instance is not using")
             token_id = tokens.parse_token(text).id  # malformed: refused before any Consul read
@@ -592,6 +598,24 @@ class CAService:
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
         return self._issue("sign", csr, ident, ttl, peer, token_id)
+
+    async def _sign_nomad(self, req: Request, jwt_text: str, peer: str | None) -> Response:
+        """A Nomad workload identity instead of a join token (ca/nomad.py has the checks and why)."""
+        credential: str | None = None
+        identity: str | None = None
+        try:
+            if self.nomad is None:
+                raise Unauthorized("this CA does not trust Nomad workload identities (see --nomad-jwks)")
+            if self.consul is None:
+                raise _Unavailable("Nomad workload identities need Consul (the mapping); this CA has none")
+            workload = await self.nomad.authenticate(jwt_text)
+            credential = workload.credential
+            csr, ident, ttl = self._parse_body(req)
+            identity = ident.spiffe_id
+            await self.nomad.authorize(self.consul, workload, ident.service)
+        except (CAError, RegistryError, _Unavailable) as exc:
+            return self._refuse("nomad", exc, peer, identity, credential)
+        return self._issue("nomad", csr, ident, ttl, peer, credential)
 
     def _check_not_unknown(self, token_id: str) -> None:
         """Refuse a token id that Consul did not know moments ago, without asking Consul again."""
@@ -822,7 +846,7 @@ class _Unavailable(Exception):
 
 
 def _status_of(exc: Exception) -> int:
-    if isinstance(exc, (_Forbidden, tokens.OutOfScope)):
+    if isinstance(exc, (_Forbidden, tokens.OutOfScope, nomad_trust.NotAllowed)):
         return 403
     if isinstance(exc, Unauthorized):
         return 401

@@ -28,6 +28,7 @@ CA_SERVICE = "hostmesh-ca"  # what `hostmesh ca serve` registers (ca/service.py)
 CA_PREFIX = f"{ROOT}/ca/"
 TOKENS_PREFIX = f"{ROOT}/ca/tokens/"  # join-token records: single-use secrets, the CA's alone
 HISTORY_PREFIX = f"{ROOT}/history/"
+NOMAD_MAPPING_KEY = f"{ROOT}/ca/nomad"  # which Nomad workloads obtain which identities (ca/nomad.py)
 # Documents an operator edits: the versioned kinds of registry/schema.py, plus the Wave 2 ones.
 OPERATOR_DOCUMENTS = tuple(dict.fromkeys((*KINDS, "gateways", "external")))
 ROLES = ("agent", "ca", "operator")
@@ -82,6 +83,7 @@ def ca_policy() -> str:
 def operator_policy() -> str:
     rules = [_rule("key_prefix", f"{ROOT}/{kind}/", "write") for kind in OPERATOR_DOCUMENTS]
     rules += [
+        _rule("key", NOMAD_MAPPING_KEY, "write"),  # `hostmesh ca nomad apply`: this one key under ca/
         _rule("key_prefix", HISTORY_PREFIX, "write"),
         _rule("key_prefix", f"{ROOT}/", "read"),
         _rule("key_prefix", TOKENS_PREFIX, "deny"),
@@ -89,8 +91,8 @@ def operator_policy() -> str:
         _rule("node_prefix", "", "read"),
     ]
     return _join(
-        "hostmesh operator: writes routes, policies, intentions (and their history), reads the\n"
-        "rest of hostmesh/ except the CA's join tokens, and the catalog.",
+        "hostmesh operator: writes routes, policies, intentions, the CA's Nomad mapping (and their\n"
+        "history), reads the rest of hostmesh/ except the CA's join tokens, and the catalog.",
         rules,
     )
 

@@ -27,7 +27,10 @@ from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
 from hostmesh.registry.schema import (
+    NOMAD_MAPPING_KIND,
+    NOMAD_MAPPING_NAME,
     Intentions,
+    NomadMapping,
     PolicyDocument,
     RouteDocument,
     parse_document,
@@ -140,7 +143,8 @@ def _content(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _versioned(content: dict[str, Any], version: int) -> dict[str, Any]:
-    return {"service": content.get("service"), "version": version, **content}
+    head = {"service": content["service"]} if "service" in content else {}  # hostmesh/ca/nomad has none
+    return {**head, "version": version, **content}
 
 
 def _summary(kind: str, data: dict[str, Any]) -> str:
@@ -157,6 +161,8 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
             if getattr(doc, name) is not None:
                 parts.append(name)
         return ", ".join(parts)
+    if isinstance(doc, NomadMapping):
+        return f"{len(doc.rules)} rule(s), {len({s for r in doc.rules for s in r.services})} service(s)"
     assert isinstance(doc, Intentions)
     default = "agent default" if doc.default is None else ("default allow" if doc.default else "default deny")
     return f"{default}, {len(doc.rules)} rule(s)"
@@ -554,3 +560,62 @@ def acl_policy(role: str, services: tuple[str, ...]) -> None:
         click.echo(acl_rules(role, services), nl=False)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# --- ca nomad (wired in by ca/cli.py) ------------------------------------------------------------
+
+
+def nomad_mapping_group() -> click.Group:
+    """`hostmesh ca nomad apply|get|history|rollback`: the one document hostmesh/ca/nomad, with the
+    same validation, diff, check-and-set and history as routes (apply is the very same command)."""
+    kind, name = NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+
+    @click.group(
+        name="nomad",
+        help="Which Nomad workloads may obtain which identities (hostmesh/ca/nomad in Consul KV).",
+    )
+    def group() -> None:
+        pass
+
+    _add_document_verbs(group, kind, "ca nomad", "Nomad mapping", ("apply",))
+
+    @group.command("get")
+    @click.option("-o", "--output", "fmt", type=click.Choice(["json", "yaml"]), default=None)
+    @click.pass_context
+    def get(ctx: click.Context, fmt: str | None) -> None:
+        """Print the live mapping."""
+        doc = _run(ctx, lambda store: store.get(kind, name))
+        if doc is None:
+            raise click.ClickException(f"no Nomad mapping at hostmesh/{kind}/{name}")
+        click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
+
+    @group.command("history")
+    @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
+    @click.pass_context
+    def history(ctx: click.Context, fmt: str | None) -> None:
+        """List the kept versions of the mapping, oldest first."""
+
+        async def run(store: DocumentStore) -> tuple[list[Document], Document | None]:
+            return await store.history(kind, name), await store.get(kind, name)
+
+        versions, live = _run(ctx, run)
+        out = _output(ctx, fmt)
+        if out != "table":
+            click.echo(_dump([d.data for d in versions], out))
+            return
+        if not versions:
+            raise click.ClickException(f"no history for {kind}/{name}")
+        live_version = live.version if live is not None else None
+        rows = [[str(d.version), "*" if live_version == d.version else "", _summary(kind, d.data)]
+                for d in versions]  # fmt: skip
+        click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
+
+    @group.command("rollback")
+    @click.option("--to", "to", type=click.IntRange(min=1), required=True, help="The version to bring back.")
+    @click.pass_context
+    def rollback(ctx: click.Context, to: int) -> None:
+        """Write a new version of the mapping whose content is version N."""
+        doc = _run(ctx, lambda store: store.rollback(kind, name, to))
+        click.echo(f"{kind}/{name}: version {doc.version} written with the content of version {to}")
+
+    return group

@@ -29,7 +29,7 @@ from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound
-from hostmesh.registry.schema import KINDS, parse_document
+from hostmesh.registry.schema import KINDS, NOMAD_MAPPING_KIND, parse_document
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
@@ -49,9 +49,12 @@ def history_key(kind: str, service: str, version: int) -> str:
     return f"{history_prefix(kind, service)}{version}"
 
 
+STORED_KINDS = (*KINDS, NOMAD_MAPPING_KIND)  # `ca`: the one document hostmesh/ca/nomad (ca/nomad.py)
+
+
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown document kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind not in STORED_KINDS:
+        raise ValueError(f"unknown document kind {kind!r} (one of {', '.join(STORED_KINDS)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +77,9 @@ def encode(data: dict[str, Any]) -> str:
 
 
 def _with_version(data: dict[str, Any], version: int) -> dict[str, Any]:
-    """`data` with `version` set, placed right after `service` for readability."""
-    out: dict[str, Any] = {"service": data["service"], "version": version}
+    """`data` with `version` set, placed right after `service` (when it has one) for readability."""
+    out: dict[str, Any] = {"service": data["service"]} if "service" in data else {}
+    out["version"] = version
     out.update((k, v) for k, v in data.items() if k not in ("service", "version"))
     return out
 
@@ -193,7 +197,7 @@ class DocumentStore:
             window = f"kept: {min(kept)}..{max(kept)}" if kept else "no history"
             raise NotFound(f"{kind} for {service} has no version {to} ({window})")
         data = _decode(entry, history_key(kind, service, to))
-        if data.get("service") != service:
+        if data.get("service", None if kind != NOMAD_MAPPING_KIND else service) != service:
             raise InvalidDocument(
                 "service", f"history entry {to} names {data.get('service')!r}, not {service!r}"
             )

@@ -1054,16 +1054,91 @@ def parse_policy(data: object) -> PolicyDocument:
     return PolicyDocument(service, _version(f), lb, limits, outlier, rate, locality)
 
 
+# --- the CA's Nomad mapping (hostmesh/ca/nomad) ---------------------------------------------
+
+NOMAD_MAPPING_KIND = "ca"  # stored like the other documents: live at hostmesh/ca/nomad, history under
+NOMAD_MAPPING_NAME = "nomad"  # hostmesh/history/ca/nomad/<version>; one document, not one per service
+MAX_NOMAD_RULES = 1024  # scanned per workload-identity bootstrap; same bound as intention rules
+_NOMAD_ID_RE = re.compile(r"[A-Za-z0-9_.-]+|\*")  # Nomad namespace/job/task names, or "*"
+MAX_NOMAD_NAME = 128  # Nomad's own limit on job IDs and names is 128
+
+
+@dataclass(frozen=True, slots=True)
+class NomadRule:
+    """Workloads of `namespace`/`job`[/`task`] ("*": any) may obtain the identities `services`."""
+
+    namespace: str
+    job: str
+    task: str | None  # None: any task of the job
+    services: tuple[str, ...]
+
+    def matches(self, namespace: str, job: str, task: str) -> bool:
+        return (
+            self.namespace in ("*", namespace)
+            and self.job in ("*", job)
+            and (self.task is None or self.task in ("*", task))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NomadMapping:
+    """Which Nomad workloads may obtain which identities at the CA (ca/nomad.py)."""
+
+    version: int
+    rules: tuple[NomadRule, ...]
+    service: str = NOMAD_MAPPING_NAME  # the document's name in the store (it has one name, not a service)
+
+    def allowed(self, namespace: str, job: str, task: str) -> frozenset[str]:
+        """The identities a workload may obtain: the union over every rule that matches it."""
+        return frozenset(s for r in self.rules if r.matches(namespace, job, task) for s in r.services)
+
+
+def _nomad_name(v: object, path: str) -> str:
+    s = _str(v, path, max_len=MAX_NOMAD_NAME)
+    if not _NOMAD_ID_RE.fullmatch(s):
+        raise InvalidDocument(path, 'must be a Nomad name (letters, digits, "_", ".", "-") or "*"')
+    return s
+
+
+def parse_nomad_mapping(data: object) -> NomadMapping:
+    f = _fields(data, "", required=("rules",), optional=("version",))
+    rules = []
+    for i, raw in enumerate(_list(f["rules"], "rules", max_len=MAX_NOMAD_RULES, allow_empty=True)):
+        p = _idx("rules", i)
+        rf = _fields(raw, p, required=("namespace", "job", "services"), optional=("task", "description"))
+        if "description" in rf:
+            _str(rf["description"], _key(p, "description"), allow_empty=True)
+        services = tuple(
+            _name(s, _idx(_key(p, "services"), j))
+            for j, s in enumerate(_list(rf["services"], _key(p, "services"), max_len=MAX_RULES))
+        )
+        rules.append(
+            NomadRule(
+                _nomad_name(rf["namespace"], _key(p, "namespace")),
+                _nomad_name(rf["job"], _key(p, "job")),
+                _nomad_name(rf["task"], _key(p, "task")) if "task" in rf else None,
+                tuple(dict.fromkeys(services)),
+            )
+        )
+    return NomadMapping(_version(f), tuple(rules))
+
+
 # --- any kind --------------------------------------------------------------------------------
 
-PARSERS: dict[str, Any] = {"routes": parse_routes, "policies": parse_policy, "intentions": parse_intentions}
+PARSERS: dict[str, Any] = {
+    "routes": parse_routes,
+    "policies": parse_policy,
+    "intentions": parse_intentions,
+    NOMAD_MAPPING_KIND: parse_nomad_mapping,
+}
+AnyDocument = RouteDocument | PolicyDocument | Intentions | NomadMapping
 
 
-def parse_document(kind: str, data: object) -> RouteDocument | PolicyDocument | Intentions:
-    """Dispatch on the KV folder name (`routes`, `policies`, `intentions`)."""
+def parse_document(kind: str, data: object) -> AnyDocument:
+    """Dispatch on the KV folder name (`routes`, `policies`, `intentions`, `ca` for hostmesh/ca/nomad)."""
     try:
         parser = PARSERS[kind]
     except KeyError:
         raise ValueError(f"unknown document kind {kind!r}") from None
-    result: RouteDocument | PolicyDocument | Intentions = parser(data)
+    result: AnyDocument = parser(data)
     return result

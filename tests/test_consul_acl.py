@@ -310,3 +310,15 @@ def test_ca_token_sees_the_catalog_it_checks_before_a_sibling_renewal(
                 await c.deregister_service("acltest-ca1")
 
     asyncio.run(main())
+
+
+def test_operator_policy_writes_the_ca_nomad_mapping_and_an_agent_cannot(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("rules:\n  - namespace: default\n    job: shop\n    services: [web]\n")
+    ok(hm(secure, "ca", "nomad", "apply", "-f", str(mapping), env_token=tokens.operator))
+    assert json.loads(ok(hm(secure, "ca", "nomad", "get", "-o", "json", env_token=tokens.operator)))["rules"]
+    mapping.write_text("rules:\n  - namespace: '*'\n    job: '*'\n    services: [web]\n")  # a grab for all
+    line = fails(hm(secure, "ca", "nomad", "apply", "-f", str(mapping), token=tokens.agent))
+    assert line.startswith("Error: Consul ACL denied") and "hostmesh/ca/nomad" in line, line

@@ -1,0 +1,209 @@
+"""The agent as a Nomad allocation's sidecar task.
+
+When NOMAD_ALLOC_ID is set (Nomad sets it in every task) or agent.toml has a `[nomad]` table,
+`load_config` fills what agent.toml leaves out from the task's environment (Nomad's runtime
+environment: NOMAD_*; the job's `meta` as NOMAD_META_<key>, its ports as NOMAD_PORT_/NOMAD_IP_/
+NOMAD_ADDR_<label>). agent.toml, when present, always wins:
+
+- node: NOMAD_ALLOC_ID (service IDs are `<service>-<allocation id>`)
+- data_dir: ${NOMAD_ALLOC_DIR}/hostmesh (shared with the allocation's tasks)
+- cert_dir: ${NOMAD_SECRETS_DIR}/hostmesh (the task's private secrets dir: the keys)
+- ca.token_file, ca.token_env: the workload identity, no join token: the one named `hostmesh`
+  (`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`:
+  ${NOMAD_SECRETS_DIR}/nomad_hostmesh.jwt, or NOMAD_TOKEN_hostmesh with `env = true`) when the
+  task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN)
+- ca.pin, ca.address: meta `hostmesh_ca_pin`, `hostmesh_ca_address`
+- inbound, mesh_address: port `hostmesh_inbound` (NOMAD_ADDR_/NOMAD_IP_hostmesh_inbound), else an
+  ephemeral port
+- admin: port `hostmesh_admin` on 127.0.0.1, else an ephemeral port; either way written to
+  `<data_dir>/admin.addr` for `hostmesh agent wait-ready`
+- metrics: port `hostmesh_metrics`, else off
+- drain_seconds: 2 (Nomad's default kill_timeout is 5s: drain, deregister and exit within it)
+- [[services]] (when there is none): meta `hostmesh_service` (name), `hostmesh_port` (the app's
+  port: a label or a number), `hostmesh_protocol` (tcp/http), `hostmesh_health` (`tcp` or an HTTP
+  path), `hostmesh_upstreams`
+- [nomad] alloc_id, identity_file: NOMAD_ALLOC_ID, ${NOMAD_SECRETS_DIR}/nomad_token
+
+`hostmesh_upstreams` is a comma-separated list of `SERVICE:PORT[:PROTOCOL]`; PORT is a port label of
+the group (the upstream listens on 127.0.0.1:NOMAD_PORT_<label>, so two allocations on one client
+never clash) or a number. Example: `api:api_up:http,db:15432`.
+
+While it runs, the agent reads its allocation from Nomad every `[nomad] poll_interval` seconds
+(python-nomad, in a thread: `watch_allocation`); once Nomad reports it stopped or no longer knows it,
+the agent drains, deregisters its services and exits, as on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
+
+log = logging.getLogger(__name__)
+
+INBOUND_LABEL = "hostmesh_inbound"
+ADMIN_LABEL = "hostmesh_admin"
+METRICS_LABEL = "hostmesh_metrics"
+NOMAD_DRAIN_SECONDS = 2.0  # below Nomad's default kill_timeout (5s), with room to deregister
+ADMIN_ADDRESS_FILE = "admin.addr"  # in data_dir: where `wait-ready` finds an ephemeral admin port
+META = "NOMAD_META_"
+NAMED_IDENTITY_FILE = (
+    "nomad_hostmesh.jwt"  # identity { name = "hostmesh", file = true }: secrets/nomad_<name>.jwt
+)
+NAMED_IDENTITY_ENV = "NOMAD_TOKEN_hostmesh"  # ... env = true: NOMAD_TOKEN_<name>
+
+
+class NomadEnvError(ValueError):
+    """The allocation's metadata cannot describe a service; str() names the meta key."""
+
+
+def in_allocation(raw: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    return bool(env.get("NOMAD_ALLOC_ID")) or "nomad" in raw
+
+
+def meta(env: Mapping[str, str], key: str) -> str | None:
+    """NOMAD_META_<key> as written in the job, or upper-cased as Nomad also exports it."""
+    return env.get(META + key) or env.get(META + key.upper()) or None
+
+
+def _port(env: Mapping[str, str], value: str, what: str) -> int:
+    """A port label of the group (NOMAD_PORT_<label>) or a number."""
+    text = env.get(f"NOMAD_PORT_{value}", value)
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise NomadEnvError(f"{what}: {value!r} is neither a port label of the group nor a port number")
+    return int(text)
+
+
+def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """`raw` (agent.toml as parsed) with the allocation's defaults filled in (module docstring).
+    Pure: the environment is an argument. Raises NomadEnvError for unusable metadata."""
+    out: dict[str, Any] = dict(raw)
+    alloc_id = env.get("NOMAD_ALLOC_ID", "")
+    alloc_dir = env.get("NOMAD_ALLOC_DIR")
+    secrets_dir = env.get("NOMAD_SECRETS_DIR")
+    if alloc_id:
+        out.setdefault("node", alloc_id)
+    if alloc_dir:
+        out.setdefault("data_dir", str(Path(alloc_dir) / "hostmesh"))
+    if secrets_dir:
+        out.setdefault("cert_dir", str(Path(secrets_dir) / "hostmesh"))
+    identity = str(Path(secrets_dir) / "nomad_token") if secrets_dir else None  # the default identity
+    named = Path(secrets_dir) / NAMED_IDENTITY_FILE if secrets_dir else None
+
+    ca = dict(out.get("ca") or {}) if isinstance(out.get("ca", {}), dict) else out["ca"]
+    if isinstance(ca, dict):
+        # the identity named "hostmesh" (aud hostmesh) when the job has one, else the default identity
+        if named is not None and "token_file" not in ca:
+            ca["token_file"] = str(named) if named.exists() else identity
+        ca.setdefault("token_env", NAMED_IDENTITY_ENV if env.get(NAMED_IDENTITY_ENV) else "NOMAD_TOKEN")
+        for key, meta_key in (("pin", "hostmesh_ca_pin"), ("address", "hostmesh_ca_address")):
+            if key not in ca and meta(env, meta_key):
+                ca[key] = meta(env, meta_key)
+        out["ca"] = ca
+
+    ip = env.get(f"NOMAD_IP_{INBOUND_LABEL}")
+    if ip:
+        out.setdefault("mesh_address", ip)
+    inbound = env.get(f"NOMAD_ADDR_{INBOUND_LABEL}")
+    out.setdefault("inbound", inbound or f"{out.get('mesh_address', '127.0.0.1')}:0")
+    admin_port = env.get(f"NOMAD_PORT_{ADMIN_LABEL}")
+    out.setdefault("admin", f"127.0.0.1:{admin_port or 0}")
+    out.setdefault("metrics", env.get(f"NOMAD_ADDR_{METRICS_LABEL}") or "off")
+    out.setdefault("drain_seconds", NOMAD_DRAIN_SECONDS)
+
+    if not out.get("services") and meta(env, "hostmesh_service"):
+        out["services"] = [_service_from_meta(env)]
+
+    nomad = dict(out.get("nomad") or {}) if isinstance(out.get("nomad", {}), dict) else out["nomad"]
+    if isinstance(nomad, dict):
+        if alloc_id:
+            nomad.setdefault("alloc_id", alloc_id)
+        if identity:
+            nomad.setdefault("identity_file", identity)
+        out["nomad"] = nomad
+    return out
+
+
+def _service_from_meta(env: Mapping[str, str]) -> dict[str, Any]:
+    name = meta(env, "hostmesh_service") or ""
+    port_text = meta(env, "hostmesh_port")
+    if not port_text:
+        raise NomadEnvError("meta hostmesh_port: required with hostmesh_service (the app's port label)")
+    svc: dict[str, Any] = {"name": name, "port": _port(env, port_text, "meta hostmesh_port")}
+    protocol = meta(env, "hostmesh_protocol")
+    if protocol:
+        svc["protocol"] = protocol
+    health = meta(env, "hostmesh_health")
+    if health:
+        svc["health"] = {"tcp": True} if health == "tcp" else {"http": health}
+    upstreams = []
+    for i, item in enumerate(p.strip() for p in (meta(env, "hostmesh_upstreams") or "").split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise NomadEnvError(
+                f"meta hostmesh_upstreams[{i}]: {item!r} is not SERVICE:PORT[:PROTOCOL] "
+                "(PORT a port label or number)"
+            )
+        up: dict[str, Any] = {
+            "service": parts[0],
+            "bind": f"127.0.0.1:{_port(env, parts[1], f'meta hostmesh_upstreams[{i}]')}",
+        }
+        if len(parts) == 3:
+            up["protocol"] = parts[2]
+        upstreams.append(up)
+    if upstreams:
+        svc["upstreams"] = upstreams
+    return svc
+
+
+def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
+    """A Nomad client for the agent: [nomad] over NOMAD_* ; without any token, the workload identity."""
+    n = cfg.nomad
+    settings = NomadSettings.resolve(
+        env,
+        address=n.address,
+        token=n.token,
+        namespace=n.namespace,
+        region=n.region,
+        ca_file=n.ca_file,
+    )
+    if settings.token is None and n.identity_file is not None:
+        try:
+            token = Path(n.identity_file).read_text().strip() or None
+        except OSError:
+            token = None
+        if token:
+            from dataclasses import replace
+
+            settings = replace(settings, token=token)
+    return NomadAPI(settings)
+
+
+async def watch_allocation(
+    api: NomadAPI, alloc_id: str, interval: float, on_gone: Callable[[str], None]
+) -> None:
+    """Read the allocation every `interval` seconds; call `on_gone(reason)` once Nomad reports it
+    stopped or unknown. Nomad unreachable or refusing: logged once, the agent keeps serving."""
+    failing: str | None = None
+    while True:
+        try:
+            state = await api.allocation_state(alloc_id)
+        except RegistryError as exc:
+            if failing != str(exc):
+                log.warning("cannot read allocation %s from Nomad (%s); still serving", alloc_id, exc)
+            failing = str(exc)
+        else:
+            if failing is not None:
+                log.info("Nomad answers again for allocation %s", alloc_id)
+                failing = None
+            if state is not AllocationState.LIVE:
+                on_gone(f"allocation {alloc_id} is {state.value} in Nomad")
+                return
+        await asyncio.sleep(interval)

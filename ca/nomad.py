@@ -1,0 +1,245 @@
+"""Bootstrap from Nomad workload identity: `/v1/sign` with `Authorization: Bearer <Nomad JWT>`.
+
+Trust (`hostmesh ca serve --nomad-jwks URL [--nomad-audience A] [--nomad-check-allocations]`):
+
+1. the JWT is signed by a key of Nomad's keyring, as published at `/.well-known/jwks.json`
+   (PyJWT verifies it; we never check a signature by hand). Accepted algorithms are the asymmetric
+   ones Nomad signs with (RS256 since Nomad 1.7, EdDSA before); `alg=none` and HMAC are refused
+   before any key is looked up, and the key's own `alg`, when published, must be the header's.
+2. The key is found by the header's `kid` in a cached JWKS. An unknown `kid` refreshes the JWKS once
+   (Nomad rotated its keyring) but at most every JWKS_MIN_REFRESH seconds, so a flood of made-up
+   `kid`s cannot turn the CA into a load generator against Nomad.
+3. `exp` is required and checked (a workload identity without `ttl` never expires: hostmesh does not
+   take one), as are `nbf`/`iat` when present, with CLOCK_LEEWAY; `aud` must contain the audience
+   (default `hostmesh`, the `aud` of the job's `identity` block), so a JWT minted for Vault or Consul
+   is refused here.
+4. The claims `nomad_namespace`, `nomad_job_id`, `nomad_allocation_id`, `nomad_task` must be there.
+5. The mapping document `hostmesh/ca/nomad` (registry/schema.py NomadMapping, read from Consul on
+   every request: bootstraps are rare and an operator's change applies at once) must give that
+   namespace/job/task the requested service. No document, no rule: refused.
+6. With Nomad API access (NOMAD_ADDR/NOMAD_TOKEN/NOMAD_CACERT), the allocation must be one Nomad
+   still runs, of the job and namespace the JWT names: a JWT copied out of a stopped allocation
+   buys nothing.
+
+A JWT is not single-use (a restarted agent re-bootstraps with the same identity file); what limits it
+is its `exp` and, with 6., its allocation's life. Each refusal is one audit line via="nomad" whose
+`token` is `nomad:<allocation id>` when the JWT was readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import urllib.request
+from dataclasses import dataclass
+
+import jwt
+
+from hostmesh.ca.errors import Unauthorized
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.documents import DocumentStore
+from hostmesh.registry.errors import InvalidDocument, Unavailable
+from hostmesh.registry.nomad import AllocationState, NomadAPI, allocation_state
+from hostmesh.registry.schema import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, NomadMapping, parse_nomad_mapping
+
+DEFAULT_AUDIENCE = "hostmesh"
+ACCEPTED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")  # asymmetric only
+CLOCK_LEEWAY = 30  # seconds of clock difference between Nomad's servers and the CA that we forgive
+JWKS_MIN_REFRESH = 10.0  # seconds between JWKS fetches caused by unknown kids
+JWKS_TIMEOUT = 5.0  # seconds for one JWKS fetch
+MAX_JWKS_BYTES = 256 * 1024  # a keyring publishes a handful of keys; refuse to buffer more
+MAX_JWT_CHARS = 16 * 1024  # a workload identity is ~1 KiB; bound what we parse
+CLAIMS = ("nomad_namespace", "nomad_job_id", "nomad_allocation_id", "nomad_task")
+MAPPING_KEY = f"hostmesh/{NOMAD_MAPPING_KIND}/{NOMAD_MAPPING_NAME}"
+
+
+class NotAllowed(Unauthorized):
+    """A valid workload identity asked for an identity the mapping does not give it: 403."""
+
+
+def looks_like_jwt(text: str) -> bool:
+    """A compact JWS (three base64url parts, a JSON header) rather than a hostmesh join token."""
+    return text.count(".") == 2 and text.startswith("eyJ")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    namespace: str
+    job: str
+    allocation: str
+    task: str
+
+    @property
+    def credential(self) -> str:
+        """What the audit line names in its `token` field."""
+        return f"nomad:{self.allocation}"
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.job}/{self.task} (allocation {self.allocation})"
+
+
+class JWKSCache:
+    """Nomad's public keys by kid, fetched from `url` and refreshed on an unknown kid (bounded)."""
+
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"JWKS URL {url!r} must start with http:// or https://")
+        self.url = url
+        self.ca_file = ca_file
+        self._keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}  # kid -> (key, its published alg)
+        self._fetched_at: float | None = None
+        self._lock = asyncio.Lock()
+        self.fetches = 0  # how many times the JWKS was fetched (tests, /v1/health)
+        self.min_refresh = JWKS_MIN_REFRESH
+
+    async def key(self, kid: str) -> tuple[jwt.PyJWK, str | None]:
+        found = self._keys.get(kid)
+        if found is not None:
+            return found
+        async with self._lock:
+            found = self._keys.get(kid)  # another request refreshed while we waited
+            if found is not None:
+                return found
+            now = asyncio.get_running_loop().time()
+            if self._fetched_at is None or now - self._fetched_at >= self.min_refresh:
+                self._fetched_at = now
+                self._keys = await asyncio.to_thread(self._fetch)
+            found = self._keys.get(kid)
+        if found is None:
+            raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
+        return found
+
+    def _fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
+        self.fetches += 1
+        context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
+        try:
+            with urllib.request.urlopen(self.url, timeout=JWKS_TIMEOUT, context=context) as resp:
+                body = resp.read(MAX_JWKS_BYTES + 1)
+        except OSError as exc:
+            raise Unavailable(f"cannot fetch Nomad's JWKS from {self.url}: {exc}") from None
+        if len(body) > MAX_JWKS_BYTES:
+            raise Unavailable(f"Nomad's JWKS at {self.url} is larger than {MAX_JWKS_BYTES} bytes")
+        try:
+            doc = json.loads(body)
+            keys = doc["keys"]
+        except (ValueError, KeyError, TypeError):
+            raise Unavailable(f"Nomad's JWKS at {self.url} is not a JSON key set") from None
+        out: dict[str, tuple[jwt.PyJWK, str | None]] = {}
+        for raw in keys if isinstance(keys, list) else []:
+            if not isinstance(raw, dict) or not isinstance(raw.get("kid"), str):
+                continue
+            try:
+                alg = raw.get("alg")
+                out[raw["kid"]] = (jwt.PyJWK(raw), alg if isinstance(alg, str) else None)
+            except jwt.PyJWTError:
+                continue  # a key type we cannot use: its JWTs are refused as from an unknown key
+        return out
+
+
+class NomadTrust:
+    """Everything the CA needs to decide on a Nomad workload identity (module docstring, 1.-6.)."""
+
+    def __init__(
+        self,
+        jwks: JWKSCache,
+        *,
+        audience: str = DEFAULT_AUDIENCE,
+        api: NomadAPI | None = None,
+    ) -> None:
+        self.jwks = jwks
+        self.audience = audience
+        self.api = api
+
+    async def authenticate(self, token: str) -> Workload:
+        """Verify the JWT (1.-4.); Unauthorized with a one-line reason otherwise."""
+        if len(token) > MAX_JWT_CHARS:
+            raise Unauthorized("malformed JWT (too long)")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("malformed JWT") from None
+        alg = header.get("alg")
+        if alg not in ACCEPTED_ALGORITHMS:
+            accepted = ", ".join(ACCEPTED_ALGORITHMS)
+            raise Unauthorized(f"JWT algorithm {alg!r} is not accepted (one of {accepted})")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthorized("JWT has no kid: cannot tell which Nomad key signed it")
+        key, key_alg = await self.jwks.key(kid)
+        if key_alg is not None and key_alg != alg:
+            raise Unauthorized(f"JWT algorithm {alg} does not match its key's {key_alg}")
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=self.audience,
+                leeway=CLOCK_LEEWAY,
+                options={"require": ["exp", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("JWT expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("JWT not valid yet (nbf/iat in the future)") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized(f"JWT audience is not {self.audience!r}") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized(f"JWT signature does not verify with Nomad key {kid[:64]!r}") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"JWT has no {exc.claim!r} claim (set the identity block's ttl/aud)") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"JWT refused: {_one_line(str(exc))}") from None
+        values = []
+        for name in CLAIMS:
+            value = claims.get(name)
+            if not isinstance(value, str) or not value:
+                raise Unauthorized(f"JWT has no {name} claim: not a Nomad workload identity")
+            values.append(value)
+        namespace, job, allocation, task = values
+        return Workload(namespace, job, allocation, task)
+
+    async def authorize(self, consul: ConsulClient, workload: Workload, service: str) -> None:
+        """5.: the mapping gives `workload` the identity `service`; 6.: Nomad still runs it."""
+        mapping = await read_mapping(consul)
+        if mapping is None:
+            raise NotAllowed(f"no Nomad mapping at {MAPPING_KEY}: apply one with `hostmesh ca nomad apply`")
+        allowed = mapping.allowed(workload.namespace, workload.job, workload.task)
+        if service not in allowed:
+            raise NotAllowed(
+                f"{workload.namespace}/{workload.job}/{workload.task} may not obtain {service!r} "
+                f"(mapping version {mapping.version} allows {', '.join(sorted(allowed)) or 'nothing'})"
+            )
+        if self.api is not None:
+            await self.check_allocation(workload)
+
+    async def check_allocation(self, workload: Workload) -> None:
+        assert self.api is not None
+        alloc = await self.api.allocation(workload.allocation)
+        if alloc is None:
+            raise NotAllowed(f"Nomad does not know allocation {workload.allocation}")
+        state = allocation_state(alloc)
+        if state is not AllocationState.LIVE:
+            raise NotAllowed(
+                f"allocation {workload.allocation} is {alloc.get('ClientStatus')} "
+                f"(desired {alloc.get('DesiredStatus')}) in Nomad"
+            )
+        if (alloc.get("JobID"), alloc.get("Namespace", "default")) != (workload.job, workload.namespace):
+            raise NotAllowed(
+                f"allocation {workload.allocation} belongs to {alloc.get('Namespace')}/{alloc.get('JobID')}, "
+                f"not {workload.namespace}/{workload.job}"
+            )
+
+
+async def read_mapping(consul: ConsulClient) -> NomadMapping | None:
+    doc = await DocumentStore(consul).get(NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME)
+    if doc is None:
+        return None
+    try:
+        return parse_nomad_mapping(doc.data)
+    except InvalidDocument as exc:
+        raise NotAllowed(f"the Nomad mapping at {MAPPING_KEY} is invalid ({exc})") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]

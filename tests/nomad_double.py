@@ -1,0 +1,331 @@
+"""A test double of the parts of Nomad's HTTP API hostmesh uses (no Nomad binary can be had here).
+
+Serves, on a loopback port, from a thread (so sync tests, async tests and subprocess agents all reach it):
+
+    GET /v1/allocation/:alloc_id     the allocation, shaped like the documented sample (nomad_samples/)
+    GET /.well-known/jwks.json       the keyring's public keys (no token needed, as in Nomad)
+
+Token-authenticated like Nomad with ACLs on: `X-Nomad-Token` must be a management token the double
+was given, or a workload identity it signed for that very allocation; otherwise 403 "Permission
+denied" (Nomad's body), and 404 "alloc not found" for an unknown allocation. It also mints workload
+identities (RS256 JWTs with Nomad's claims and header), builds the environment Nomad gives a task
+(`NOMAD_*`, the alloc/secrets dirs, `secrets/nomad_token`), and stops allocations as the scheduler
+would (DesiredStatus stop, ClientStatus complete). `tests/test_nomad_double.py` holds its payloads to
+the samples in Nomad's docs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+SAMPLES = Path(__file__).parent / "nomad_samples"
+
+
+def sample(name: str) -> Any:
+    return json.loads((SAMPLES / name).read_text())
+
+
+@dataclass
+class Allocation:
+    id: str
+    namespace: str
+    job: str
+    group: str
+    tasks: tuple[str, ...]
+    ports: dict[str, int] = field(default_factory=dict)
+    client_status: str = "running"
+    desired_status: str = "run"
+    modify_index: int = 57
+
+
+class NomadDouble:
+    def __init__(self, *, region: str = "global") -> None:
+        self.region = region
+        self.management_token = str(uuid.uuid4())  # a Nomad ACL token's SecretID is a UUID
+        self._keys: list[tuple[str, rsa.RSAPrivateKey]] = [(str(uuid.uuid4()), _rsa())]
+        self.allocations: dict[str, Allocation] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, X-Nomad-Token)
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.index = 100
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                double._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="nomad-double", daemon=True)
+        self._thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.url}/.well-known/jwks.json"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> NomadDouble:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- state -------------------------------------------------------------------------------
+
+    def add_allocation(
+        self, job: str, group: str, tasks: tuple[str, ...], *, namespace: str = "default", **ports: int
+    ) -> Allocation:
+        alloc = Allocation(str(uuid.uuid4()), namespace, job, group, tasks, dict(ports))
+        with self._lock:
+            self.allocations[alloc.id] = alloc
+        return alloc
+
+    def stop_allocation(self, alloc_id: str) -> None:
+        """What `nomad alloc stop` leaves behind once the client has killed the tasks."""
+        with self._lock:
+            alloc = self.allocations[alloc_id]
+            alloc.desired_status = "stop"
+            alloc.client_status = "complete"
+            self.index += 1
+            alloc.modify_index = self.index
+
+    def forget_allocation(self, alloc_id: str) -> None:
+        """Garbage-collected: Nomad answers 404."""
+        with self._lock:
+            del self.allocations[alloc_id]
+
+    def rotate_key(self) -> str:
+        """`nomad operator root keyring rotate`: a new signing key; the old one stays published."""
+        kid = str(uuid.uuid4())
+        with self._lock:
+            self._keys.insert(0, (kid, _rsa()))
+        return kid
+
+    @property
+    def kid(self) -> str:
+        return self._keys[0][0]
+
+    # --- identities --------------------------------------------------------------------------
+
+    def identity(
+        self,
+        alloc: Allocation,
+        task: str,
+        *,
+        aud: str | list[str] | None = "hostmesh",
+        ttl: float | None = 3600,
+        issued_at: float | None = None,
+        kid: str | None = None,
+        key: rsa.RSAPrivateKey | None = None,
+        **claims: Any,
+    ) -> str:
+        """The workload identity Nomad writes to `secrets/nomad_token` for `task` of `alloc`."""
+        now = time.time() if issued_at is None else issued_at
+        body: dict[str, Any] = {
+            "nomad_namespace": alloc.namespace,
+            "nomad_job_id": alloc.job,
+            "nomad_allocation_id": alloc.id,
+            "nomad_task": task,
+            "sub": f"{self.region}:{alloc.namespace}:{alloc.job}:{alloc.group}:{task}",
+            "iat": int(now),
+            "nbf": int(now),
+            "jti": str(uuid.uuid4()),
+        }
+        if aud is not None:
+            body["aud"] = aud
+        if ttl is not None:
+            body["exp"] = int(now + ttl)
+        body.update(claims)
+        signing_kid, signing_key = self._keys[0]
+        return jwt.encode(
+            body, key or signing_key, algorithm="RS256", headers={"kid": kid or signing_kid, "typ": "JWT"}
+        )
+
+    def task_environment(
+        self,
+        alloc: Allocation,
+        task: str,
+        root: Path,
+        *,
+        token: str | None = None,
+        file: bool = True,
+        identity_name: str | None = None,
+    ) -> dict[str, str]:
+        """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
+        `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
+        `identity_name`: the identity is a named one (`identity { name = ... }`): secrets/nomad_<name>.jwt
+        or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token."""
+        alloc_dir = root / alloc.id / "alloc"
+        task_dir = root / alloc.id / task
+        secrets_dir = task_dir / "secrets"
+        for d in (alloc_dir, task_dir / "local", secrets_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        jwt_text = token if token is not None else self.identity(alloc, task)
+        env = {
+            "NOMAD_ALLOC_ID": alloc.id,
+            "NOMAD_ALLOC_NAME": f"{alloc.job}.{alloc.group}[0]",
+            "NOMAD_ALLOC_INDEX": "0",
+            "NOMAD_ALLOC_DIR": str(alloc_dir),
+            "NOMAD_TASK_DIR": str(task_dir / "local"),
+            "NOMAD_SECRETS_DIR": str(secrets_dir),
+            "NOMAD_TASK_NAME": task,
+            "NOMAD_GROUP_NAME": alloc.group,
+            "NOMAD_JOB_ID": alloc.job,
+            "NOMAD_JOB_NAME": alloc.job,
+            "NOMAD_NAMESPACE": alloc.namespace,
+            "NOMAD_REGION": self.region,
+            "NOMAD_DC": "dc1",
+            "NOMAD_ADDR": self.url,
+        }
+        for label, port in alloc.ports.items():
+            env[f"NOMAD_PORT_{label}"] = str(port)
+            env[f"NOMAD_IP_{label}"] = "127.0.0.1"
+            env[f"NOMAD_HOST_PORT_{label}"] = str(port)
+            env[f"NOMAD_ADDR_{label}"] = f"127.0.0.1:{port}"
+        if identity_name is not None:
+            default = self.identity(alloc, task, aud="nomadproject.io")
+            (secrets_dir / "nomad_token").write_text(default)
+            (secrets_dir / "nomad_token").chmod(0o600)
+        file_name = f"nomad_{identity_name}.jwt" if identity_name else "nomad_token"
+        env_name = f"NOMAD_TOKEN_{identity_name}" if identity_name else "NOMAD_TOKEN"
+        if file:
+            path = secrets_dir / file_name
+            path.write_text(jwt_text)
+            path.chmod(0o600)
+        else:
+            env[env_name] = jwt_text
+        return env
+
+    # --- payloads (held to nomad_samples/ by tests/test_nomad_double.py) ------------------------
+
+    def jwks(self) -> dict[str, Any]:
+        keys = []
+        for kid, key in self._keys:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            keys.append(
+                {"alg": "RS256", "e": jwk["e"], "kid": kid, "kty": "RSA", "n": jwk["n"], "use": "sig"}
+            )
+        return {"keys": keys}
+
+    def allocation_payload(self, alloc: Allocation) -> dict[str, Any]:
+        doc: dict[str, Any] = copy.deepcopy(sample("allocation_read.json"))
+        doc.update(
+            ID=alloc.id,
+            Name=f"{alloc.job}.{alloc.group}[0]",
+            Namespace=alloc.namespace,
+            JobID=alloc.job,
+            TaskGroup=alloc.group,
+            ClientStatus=alloc.client_status,
+            DesiredStatus=alloc.desired_status,
+            ModifyIndex=alloc.modify_index,
+        )
+        job = doc["Job"]
+        job.update(ID=alloc.job, Name=alloc.job, Namespace=alloc.namespace, Status="running")
+        group = job["TaskGroups"][0]
+        group["Name"] = alloc.group
+        template_task = group["Tasks"][0]
+        group["Tasks"] = [dict(copy.deepcopy(template_task), Name=t, Driver="exec") for t in alloc.tasks]
+        template_resources = doc["TaskResources"].pop("redis")
+        doc["TaskResources"] = {t: copy.deepcopy(template_resources) for t in alloc.tasks}
+        template_state = doc["TaskStates"].pop("redis")
+        state = "dead" if alloc.client_status in ("complete", "failed", "lost") else "running"
+        doc["TaskStates"] = {t: dict(copy.deepcopy(template_state), State=state) for t in alloc.tasks}
+        ports = [{"Label": k, "Value": v} for k, v in alloc.ports.items()]
+        doc["Resources"]["Networks"][0]["DynamicPorts"] = ports
+        return doc
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        token = h.headers.get("X-Nomad-Token")
+        with self._lock:
+            self.requests.append(("GET", path, token))
+        if path == "/.well-known/jwks.json":
+            return _reply(h, 200, self.jwks())
+        prefix = "/v1/allocation/"
+        if path.startswith(prefix):
+            alloc_id = path[len(prefix) :]
+            if not self._authorized(token, alloc_id):
+                return _reply_text(h, 403, "Permission denied")
+            with self._lock:
+                alloc = self.allocations.get(alloc_id)
+                payload = self.allocation_payload(alloc) if alloc else None
+            if payload is None:
+                return _reply_text(h, 404, "alloc not found")
+            return _reply(h, 200, payload, index=payload["ModifyIndex"])
+        return _reply_text(h, 404, "Invalid URL")
+
+    def _authorized(self, token: str | None, alloc_id: str) -> bool:
+        if token is None:
+            return False
+        if secrets.compare_digest(token, self.management_token):
+            return True
+        for kid, key in self._keys:  # a workload identity may read its own allocation
+            try:
+                claims = jwt.decode(
+                    token, key.public_key(), algorithms=["RS256"], options={"verify_aud": False}
+                )
+            except jwt.PyJWTError:
+                continue
+            if jwt.get_unverified_header(token).get("kid") == kid:
+                return bool(claims.get("nomad_allocation_id") == alloc_id)
+        return False
+
+
+def _rsa() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _reply(h: BaseHTTPRequestHandler, status: int, body: Any, index: int | None = None) -> None:
+    data = json.dumps(body).encode()
+    h.send_response(status)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    if index is not None:
+        h.send_header("X-Nomad-Index", str(index))
+        h.send_header("X-Nomad-Knownleader", "true")
+        h.send_header("X-Nomad-Lastcontact", "0")
+    h.end_headers()
+    h.wfile.write(data)
+
+
+def _reply_text(h: BaseHTTPRequestHandler, status: int, text: str) -> None:
+    data = text.encode()
+    h.send_response(status)
+    h.send_header("Content-Type", "text/plain; charset=utf-8")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)

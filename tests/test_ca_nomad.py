@@ -1,0 +1,286 @@
+"""The CA trusting a Nomad cluster: `/v1/sign` with a workload-identity JWT, over real TLS, with a
+real Consul holding the mapping document, and the Nomad test double (tests/nomad_double.py) as
+Nomad: its JWKS endpoint, its allocation API, its identities. Every refusal is a 4xx with a one-line
+error and an audit line."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hostmesh.agent.cli import cli
+from hostmesh.ca import nomad as ca_nomad
+from hostmesh.ca.service import CAService
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.documents import DocumentStore
+from hostmesh.registry.nomad import NomadAPI, NomadSettings
+from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
+from tests.nomad_double import NomadDouble
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.nomad_double]
+
+MAPPING = {
+    "rules": [
+        {"namespace": "default", "job": "shop", "task": "web", "services": ["web"]},
+        {"namespace": "*", "job": "batch", "services": ["reports"]},
+    ]
+}
+
+
+@pytest.fixture
+def nomad() -> Iterator[NomadDouble]:
+    with NomadDouble() as double:
+        yield double
+
+
+@pytest.fixture
+async def client(consul: ConsulDev) -> AsyncIterator[ConsulClient]:
+    async with ConsulClient(consul.url) as c:
+        await DocumentStore(c).put("ca", MAPPING)
+        yield c
+        await c.kv_delete("hostmesh/ca/nomad")
+
+
+def trust(nomad: NomadDouble, *, api: bool = False, min_refresh: float | None = None) -> ca_nomad.NomadTrust:
+    cache = ca_nomad.JWKSCache(nomad.jwks_url)
+    if min_refresh is not None:
+        cache.min_refresh = min_refresh
+    settings = NomadSettings.resolve({}, address=nomad.url, token=nomad.management_token)
+    return ca_nomad.NomadTrust(cache, api=NomadAPI(settings) if api else None)
+
+
+@pytest.fixture
+async def ca(
+    tmp_path: Path, client: ConsulClient, nomad: NomadDouble
+) -> AsyncIterator[tuple[CAService, AuditSink]]:
+    sink = AuditSink()
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=trust(nomad, api=True))
+    try:
+        yield svc, sink
+    finally:
+        await svc.close()
+
+
+async def sign(svc: CAService, token: str, service: str) -> tuple[int, dict[str, Any]]:
+    _, csr = csr_for(service)
+    resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=token)
+    return resp.status, resp.json()
+
+
+def assert_refused(
+    sink: AuditSink, status: int, body: dict[str, Any], want: int, fragment: str
+) -> dict[str, Any]:
+    assert status == want, body
+    assert set(body) == {"error"} and "\n" not in body["error"] and fragment in body["error"], body
+    line = sink.last()
+    assert line["event"] == "refuse" and line["via"] == "nomad" and fragment in line["reason"], line
+    assert line["peer"].startswith("127.0.0.1:")
+    return line
+
+
+# --- issuance -------------------------------------------------------------------------------
+
+
+async def test_workload_identity_buys_the_mapped_identity_audited_by_allocation(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+    token = nomad.identity(alloc, "web")
+    status, body = await sign(svc, token, "web")
+    assert status == 200, body
+    line = sink.last()
+    assert line["event"] == "issue" and line["via"] == "nomad"
+    assert line["identity"] == "spiffe://hostmesh.local/svc/web" and line["token"] == f"nomad:{alloc.id}"
+    assert token.split(".")[2] not in "".join(sink.lines)  # the JWT never reaches the audit log
+    # the allocation was checked with Nomad, with the CA's token
+    assert ("GET", f"/v1/allocation/{alloc.id}", nomad.management_token) in nomad.requests
+
+
+async def test_a_task_may_obtain_only_what_the_mapping_gives_it(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web", "worker"))
+    status, body = await sign(svc, nomad.identity(alloc, "worker"), "web")
+    line = assert_refused(sink, status, body, 403, "default/shop/worker may not obtain 'web'")
+    assert line["token"] == f"nomad:{alloc.id}" and line["identity"] == "spiffe://hostmesh.local/svc/web"
+    status, body = await sign(svc, nomad.identity(alloc, "web"), "api")  # the right task, another name
+    assert_refused(sink, status, body, 403, "may not obtain 'api'")
+    other = nomad.add_allocation("batch", "run", ("report",), namespace="ops")  # wildcard rules
+    assert (await sign(svc, nomad.identity(other, "report"), "reports"))[0] == 200
+
+
+async def test_no_mapping_document_refuses_every_workload(ca, nomad, client) -> None:
+    svc, sink = ca
+    await client.kv_delete("hostmesh/ca/nomad")
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    status, body = await sign(svc, nomad.identity(alloc, "web"), "web")
+    assert_refused(sink, status, body, 403, "no Nomad mapping at hostmesh/ca/nomad")
+
+
+# --- refusals of the JWT itself ---------------------------------------------------------------
+
+
+async def test_jwt_signed_by_another_key_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    forged = nomad.identity(alloc, "web", key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    status, body = await sign(svc, forged, "web")
+    assert_refused(sink, status, body, 401, "JWT signature does not verify")
+
+
+async def test_alg_none_is_refused_before_any_key_lookup(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    claims = jwt.decode(nomad.identity(alloc, "web"), options={"verify_signature": False})
+    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": nomad.kid})
+    status, body = await sign(svc, unsigned, "web")
+    assert_refused(sink, status, body, 401, "JWT algorithm 'none' is not accepted")
+    assert not any(p == "/.well-known/jwks.json" for _, p, _ in nomad.requests)
+    hmac = jwt.encode(
+        claims, "a-secret-guessed-by-an-attacker-of-32-bytes", algorithm="HS256", headers={"kid": nomad.kid}
+    )
+    status, body = await sign(svc, hmac, "web")
+    assert_refused(sink, status, body, 401, "JWT algorithm 'HS256' is not accepted")
+
+
+async def test_expired_jwt_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    old = nomad.identity(alloc, "web", issued_at=time.time() - 7200, ttl=3600)
+    status, body = await sign(svc, old, "web")
+    assert_refused(sink, status, body, 401, "JWT expired")
+
+
+async def test_jwt_not_valid_yet_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    early = nomad.identity(alloc, "web", issued_at=time.time() + 600)
+    status, body = await sign(svc, early, "web")
+    assert_refused(sink, status, body, 401, "JWT not valid yet")
+
+
+async def test_jwt_for_another_audience_or_without_expiry_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    status, body = await sign(svc, nomad.identity(alloc, "web", aud="vault.io"), "web")
+    assert_refused(sink, status, body, 401, "JWT audience is not 'hostmesh'")
+    status, body = await sign(svc, nomad.identity(alloc, "web", ttl=None), "web")  # Nomad's default identity
+    assert_refused(sink, status, body, 401, "JWT has no 'exp' claim")
+
+
+async def test_jwt_without_nomad_claims_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    status, body = await sign(svc, nomad.identity(alloc, "web", nomad_task=None), "web")
+    assert_refused(sink, status, body, 401, "JWT has no nomad_task claim")
+
+
+async def test_jwt_of_a_stopped_or_unknown_allocation_is_refused(ca, nomad) -> None:
+    svc, sink = ca
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    token = nomad.identity(alloc, "web")
+    nomad.stop_allocation(alloc.id)
+    status, body = await sign(svc, token, "web")
+    assert_refused(sink, status, body, 403, f"allocation {alloc.id} is complete (desired stop) in Nomad")
+    nomad.forget_allocation(alloc.id)
+    status, body = await sign(svc, token, "web")
+    assert_refused(sink, status, body, 403, f"Nomad does not know allocation {alloc.id}")
+
+
+async def test_unknown_kid_refreshes_the_jwks_once_and_known_kids_are_cached(tmp_path, client, nomad) -> None:
+    sink = AuditSink()
+    nomad_trust = trust(nomad)
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=nomad_trust)
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        for _ in range(3):
+            assert (await sign(svc, nomad.identity(alloc, "web"), "web"))[0] == 200
+        assert nomad_trust.jwks.fetches == 1  # cached
+        for i in range(5):  # made-up kids: at most one refresh within JWKS_MIN_REFRESH
+            status, body = await sign(svc, nomad.identity(alloc, "web", kid=f"made-up-{i}"), "web")
+            assert_refused(sink, status, body, 401, "JWT signed by unknown key")
+        assert nomad_trust.jwks.fetches == 1
+        nomad_trust.jwks.min_refresh = 0.0  # past the refresh bound: Nomad rotated its keyring
+        nomad.rotate_key()
+        status, body = await sign(svc, nomad.identity(alloc, "web"), "web")
+        assert status == 200, body
+        assert nomad_trust.jwks.fetches == 2
+    finally:
+        await svc.close()
+
+
+async def test_a_ca_without_nomad_trust_refuses_workload_identities(tmp_path, client, nomad) -> None:
+    sink = AuditSink()
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink)
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        status, body = await sign(svc, nomad.identity(alloc, "web"), "web")
+        assert_refused(sink, status, body, 401, "does not trust Nomad workload identities")
+    finally:
+        await svc.close()
+
+
+# --- the mapping document -----------------------------------------------------------------------
+
+
+def ca_cli(consul: ConsulDev, *args: str) -> Any:
+    return CliRunner().invoke(cli, ["--consul", consul.url, "ca", "nomad", *args], catch_exceptions=False)
+
+
+def test_mapping_apply_get_history_rollback(consul: ConsulDev, tmp_path: Path) -> None:
+    import asyncio
+
+    async def clear() -> None:
+        async with ConsulClient(consul.url) as c:
+            await c.kv_delete("hostmesh/ca/nomad")
+            await c.kv_delete("hostmesh/history/ca/nomad/", recurse=True)
+
+    asyncio.run(clear())
+    first = tmp_path / "m1.yaml"
+    first.write_text("rules:\n  - namespace: default\n    job: shop\n    task: web\n    services: [web]\n")
+    result = ca_cli(consul, "apply", "-f", str(first))
+    assert result.exit_code == 0, result.output
+    assert "ca/nomad: version 1 written" in result.output
+    second = tmp_path / "m2.yaml"
+    second.write_text("rules:\n  - namespace: '*'\n    job: shop\n    services: [web, api]\n")
+    assert "version 2 written" in ca_cli(consul, "apply", "-f", str(second)).output
+    got = ca_cli(consul, "get", "-o", "json")
+    assert '"version": 2' in got.output and '"api"' in got.output
+    hist = ca_cli(consul, "history")
+    assert hist.exit_code == 0 and "1 rule(s), 2 service(s)" in hist.output
+    back = ca_cli(consul, "rollback", "--to", "1")
+    assert "version 3 written with the content of version 1" in back.output
+    assert '"task": "web"' in ca_cli(consul, "get", "-o", "json").output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - namespace: default\n    job: shop\n    services: [Web]\n")
+    result = ca_cli(consul, "apply", "-f", str(bad))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {bad}: rules[0].services[0]: must be a service name (lowercase letters, digits and '-')"
+    ]
+    assert '"version": 3' in ca_cli(consul, "get", "-o", "json").output  # nothing lost
+    asyncio.run(clear())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nomad-audience", "x"], "--nomad-audience and --nomad-check-allocations need --nomad-jwks"),
+        (
+            ["--nomad-jwks", "ftp://nomad/jwks"],
+            "JWKS URL 'ftp://nomad/jwks' must start with http:// or https://",
+        ),
+    ],
+)
+def test_ca_serve_refuses_unusable_nomad_options_in_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli, ["ca", "serve", "--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {message}"]

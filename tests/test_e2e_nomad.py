@@ -1,0 +1,309 @@
+"""End to end under Nomad (the test double tests/nomad_double.py stands in for Nomad: no Nomad binary
+can be had here): a real Consul, the real CA trusting the double's workload identities, agents run
+as Nomad runs a task (a subprocess with the task's NOMAD_* environment, its alloc and secrets dirs,
+the identity file, no agent.toml and no join token), next to a VM agent with a join token.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmesh.agent.localmesh import (
+    HOSTMESH,
+    AgentHandle,
+    EchoServer,
+    LocalMesh,
+    Proc,
+    free_port,
+    http_json,
+    roundtrip,
+    wait_for,
+)
+from tests.nomad_double import Allocation, NomadDouble
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.nomad_double]
+
+KILL_TIMEOUT = 5.0  # Nomad's default kill_timeout: SIGKILL follows the kill_signal after this long
+POLL_INTERVAL = 0.5  # [nomad] poll_interval of the agents here
+
+MAPPING = """
+rules:
+  - namespace: default
+    job: shop
+    task: hostmesh
+    services: [api, web]
+"""
+
+
+class NamedHTTP:
+    """An HTTP app answering `<name> <path>`."""
+
+    def __init__(self, name: str) -> None:
+        outer = name
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = f"{outer} {self.path}".encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class AllocAgent:
+    alloc: Allocation
+    env: dict[str, str]
+    proc: Proc
+
+    @property
+    def admin(self) -> str:
+        return self.env["NOMAD_ADDR_hostmesh_admin"]
+
+    def port(self, label: str) -> int:
+        return int(self.env[f"NOMAD_PORT_{label}"])
+
+    def ready(self) -> bool:
+        if not self.proc.alive():
+            raise RuntimeError(f"agent of {self.alloc.id} exited:\n{self.proc.log()}")
+        try:
+            return http_json(f"http://{self.admin}/ready", 0.5)[0] == 200
+        except OSError:
+            return False
+
+
+class NomadMesh:
+    def __init__(self, m: LocalMesh, nomad: NomadDouble, consul: ConsulDev) -> None:
+        self.m, self.nomad, self.consul = m, nomad, consul
+
+    def allocation(
+        self,
+        job: str,
+        group: str,
+        meta: dict[str, str],
+        ports: dict[str, int] | None = None,
+        file: bool = True,
+        identity_name: str | None = None,
+    ) -> tuple[Allocation, dict[str, str]]:
+        labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
+        alloc = self.nomad.add_allocation(job, group, (group, "hostmesh"), **labels)
+        root = self.m.workdir / "nomad"
+        env = self.nomad.task_environment(alloc, "hostmesh", root, file=file, identity_name=identity_name)
+        env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
+        env.update(
+            NOMAD_META_hostmesh_ca_pin=self.m.pin,
+            NOMAD_META_hostmesh_ca_address=f"https://127.0.0.1:{self.m.ca_port}",
+        )
+        task_dir = Path(env["NOMAD_TASK_DIR"])
+        (task_dir / "agent.toml").write_text(f"[nomad]\npoll_interval = {POLL_INTERVAL}\n")
+        return alloc, env
+
+    def run(self, alloc: Allocation, env: dict[str, str], wait: bool = True) -> AllocAgent:
+        """`hostmesh agent run` as Nomad's exec driver runs the task: its environment, cwd the task dir."""
+        config = str(Path(env["NOMAD_TASK_DIR"]) / "agent.toml")
+        proc = self.m._spawn(
+            f"alloc-{alloc.id[:8]}", ["agent", "run", "--config", config], dict(self.m.env, **env)
+        )
+        agent = AllocAgent(alloc, env, proc)
+        if wait:
+            wait_for(agent.ready, 30, f"the agent of allocation {alloc.id} to be ready")
+        return agent
+
+    def catalog_ids(self, service: str) -> set[str]:
+        return {s["ServiceID"] for s in self.consul.get_json(f"/v1/catalog/service/{service}")}
+
+    def audit(self) -> list[dict[str, Any]]:
+        lines = (self.m.workdir / "ca.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.fixture
+def nomad() -> Iterator[NomadDouble]:
+    with NomadDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def mesh(private_consul: ConsulDev, tmp_path: Path, nomad: NomadDouble) -> Iterator[NomadMesh]:
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca(
+            "--nomad-jwks",
+            nomad.jwks_url,
+            env={"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": nomad.management_token},
+        )
+        mapping = tmp_path / "mapping.yaml"
+        mapping.write_text(MAPPING)
+        m.hostmesh("ca", "nomad", "apply", "-f", str(mapping))
+        yield NomadMesh(m, nomad, private_consul)
+    finally:
+        m.close()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_two_allocations_and_a_vm_form_one_mesh_with_workload_identities(mesh: NomadMesh) -> None:
+    m = mesh.m
+    db = EchoServer()
+    api_app = NamedHTTP("api")
+    web_app = EchoServer()
+    try:
+        vm: AgentHandle = m.write_agent_config("vm-1", [{"name": "db", "port": db.port}])
+        m.start_agent(vm)
+        api_alloc, api_env = mesh.allocation(
+            "shop", "api",
+            {"hostmesh_service": "api", "hostmesh_port": "http", "hostmesh_protocol": "http",
+             "hostmesh_health": "tcp", "hostmesh_upstreams": "db:db_up"},
+            {"http": api_app.port, "db_up": free_port()},
+            identity_name="hostmesh",  # identity "hostmesh" { aud = ["hostmesh"] }; the default one beside it
+        )  # fmt: skip
+        web_alloc, web_env = mesh.allocation(
+            "shop", "web",
+            {"hostmesh_service": "web", "hostmesh_port": "app",
+             "hostmesh_upstreams": "api:api_up:http,db:db_up"},
+            {"app": web_app.port, "api_up": free_port(), "db_up": free_port()},
+        )  # fmt: skip
+        api = mesh.run(api_alloc, api_env)
+        web = mesh.run(web_alloc, web_env)
+
+        # identities came from the workload identities, audited per allocation; no join token for them
+        issued = {
+            (a["identity"], a["token"]) for a in mesh.audit() if a["event"] == "issue" and a["via"] == "nomad"
+        }
+        assert issued == {
+            ("spiffe://hostmesh.local/svc/api", f"nomad:{api_alloc.id}"),
+            ("spiffe://hostmesh.local/svc/web", f"nomad:{web_alloc.id}"),
+        }
+        assert not any(p.name == "join-token" for p in (m.workdir / "nomad").rglob("*"))
+        # registered under the allocation IDs, keys in the task's secrets dir
+        assert mesh.catalog_ids("api") == {f"api-{api_alloc.id}"}
+        assert (Path(api_env["NOMAD_SECRETS_DIR"]) / "hostmesh" / "api.key").stat().st_mode & 0o077 == 0
+
+        wait_for(
+            lambda: http_json(f"http://{web.admin}/v1/config")[1]["endpoints"].get("api"), 20, "web sees api"
+        )
+        wait_for(
+            lambda: http_json(f"http://{api.admin}/v1/config")[1]["endpoints"].get("db"), 20, "api sees db"
+        )
+        # L7: web's allocation calls api's allocation; L4: api's allocation calls the VM's db
+        assert http_get(web.port("api_up"), "/orders") == (200, b"api /orders")
+        assert roundtrip(api.port("db_up"), b"ping over the mesh\n") == b"ping over the mesh\n"
+        assert roundtrip(web.port("db_up"), b"web to db\n") == b"web to db\n"
+
+        # intentions hold for allocation identities: deny web -> db (L4) and web -> api (L7)
+        m.hostmesh("intention", "deny", "web", "db")
+        wait_for(lambda: roundtrip(web.port("db_up"), b"x") == b"", 20, "web -> db to be denied")
+        assert roundtrip(api.port("db_up"), b"still\n") == b"still\n"
+        m.hostmesh("intention", "deny", "web", "api")
+        wait_for(lambda: http_get(web.port("api_up"), "/orders")[0] == 403, 20, "web -> api to be denied")
+    finally:
+        db.close()
+        api_app.close()
+        web_app.close()
+
+
+def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: NomadMesh) -> None:
+    m = mesh.m
+    db = EchoServer()
+    try:
+        m.start_agent(m.write_agent_config("vm-1", [{"name": "db", "port": db.port}]))
+        alloc, env = mesh.allocation(
+            "shop", "web",
+            {"hostmesh_service": "web", "hostmesh_port": "app", "hostmesh_upstreams": "db:db_up"},
+            {"app": free_port(), "db_up": free_port()},
+            file=False,  # identity { env = true }: the workload identity in NOMAD_TOKEN, no file
+        )  # fmt: skip
+        assert "NOMAD_TOKEN" in env and not (Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token").exists()
+        del env["NOMAD_ADDR_hostmesh_admin"]  # the gate finds the agent through the alloc dir, as documented
+        gate_env = dict(m.env, **env)
+        # Nomad starts the prestart gate and the sidecar together; the app only after the gate exits 0
+        gate = subprocess.Popen([*HOSTMESH, "agent", "wait-ready", "--timeout", "60"], env=gate_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        agent = mesh.run(alloc, env, wait=False)
+        out, _ = gate.communicate(timeout=90)
+        assert gate.returncode == 0, out
+        # the app starts now: its very first connection to its upstream succeeds
+        assert roundtrip(agent.port("db_up"), b"first connection\n") == b"first connection\n"
+        assert f"agent at 127.0.0.1:{agent.port('hostmesh_admin')} is ready" in out.decode()
+        # and without an agent the gate fails after its timeout with one line
+        idle = free_port()
+        gate_args = ["agent", "wait-ready", "--admin", f"127.0.0.1:{idle}", "--timeout", "0.3"]
+        late = subprocess.run([*HOSTMESH, *gate_args], env=m.env, capture_output=True, text=True, timeout=30)
+        assert late.returncode == 1
+        assert late.stderr.strip().splitlines() == [
+            f"Error: agent not ready after 0.3s: 127.0.0.1:{idle}: Connection refused"
+        ]
+    finally:
+        db.close()
+
+
+def allocation_agent(mesh: NomadMesh) -> tuple[AllocAgent, EchoServer]:
+    app = EchoServer()
+    alloc, env = mesh.allocation(
+        "shop", "api", {"hostmesh_service": "api", "hostmesh_port": "app"}, {"app": app.port}
+    )
+    agent = mesh.run(alloc, env)
+    wait_for(lambda: mesh.catalog_ids("api") == {f"api-{alloc.id}"}, 20, "api to be registered")
+    return agent, app
+
+
+def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMesh) -> None:
+    agent, app = allocation_agent(mesh)
+    try:
+        stopped_at = time.monotonic()
+        mesh.nomad.stop_allocation(agent.alloc.id)  # no signal: the agent learns it from Nomad's API
+        code = agent.proc.popen.wait(timeout=KILL_TIMEOUT + POLL_INTERVAL + 5)
+        took = time.monotonic() - stopped_at
+        assert code == 0, agent.proc.log()
+        assert mesh.catalog_ids("api") == set()
+        assert f"allocation {agent.alloc.id} is stopped in Nomad: draining and exiting" in agent.proc.log()
+        assert not (Path(agent.env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr").exists()
+        assert took < KILL_TIMEOUT + POLL_INTERVAL, (
+            took
+        )  # noticed within a poll, then out within kill_timeout
+    finally:
+        app.close()
+
+
+def test_kill_signal_deregisters_and_exits_within_kill_timeout(mesh: NomadMesh) -> None:
+    agent, app = allocation_agent(mesh)
+    try:
+        agent.proc.popen.send_signal(signal.SIGINT)  # kill_signal = "SIGINT"; SIGTERM is the default
+        code = agent.proc.popen.wait(timeout=KILL_TIMEOUT)  # Nomad would SIGKILL after this
+        assert code == 0, agent.proc.log()
+        assert mesh.catalog_ids("api") == set()
+    finally:
+        app.close()

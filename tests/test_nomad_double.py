@@ -1,0 +1,163 @@
+"""Contract tests: the Nomad test double (tests/nomad_double.py) answers like the samples in Nomad's
+API docs (tests/nomad_samples/, each file naming its doc page), and python-nomad, the client hostmesh
+uses, reads it as it reads Nomad. What hostmesh's Nomad tests prove is only as good as this."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from hostmesh.registry.errors import PermissionDenied
+from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings, allocation_state
+from tests.nomad_double import NomadDouble, sample
+
+pytestmark = pytest.mark.nomad_double
+
+
+@pytest.fixture
+def nomad() -> Iterator[NomadDouble]:
+    with NomadDouble() as double:
+        yield double
+
+
+def same_shape(doc: Any, want: Any, path: str = "$") -> list[str]:
+    """Where `doc` differs in shape from the documented `want`: every documented key present with a
+    value of the same JSON type (null in the sample says nothing of the type), recursively. Maps
+    keyed by data (task names, score names) are compared through their first entry."""
+    problems: list[str] = []
+    if want is None:
+        return problems
+    if isinstance(want, dict):
+        if not isinstance(doc, dict):
+            return [f"{path}: {type(doc).__name__}, documented object"]
+        data_keyed = path.endswith(("TaskStates", "TaskResources", "Scores", "NodesAvailable"))
+        if data_keyed:
+            if want and doc:
+                problems += same_shape(next(iter(doc.values())), next(iter(want.values())), f"{path}.*")
+            return problems
+        for key, value in want.items():
+            if key not in doc:
+                problems.append(f"{path}.{key}: missing")
+            else:
+                problems += same_shape(doc[key], value, f"{path}.{key}")
+        return problems
+    if isinstance(want, list):
+        if not isinstance(doc, list):
+            return [f"{path}: {type(doc).__name__}, documented list"]
+        if want and doc:
+            problems += same_shape(doc[0], want[0], f"{path}[0]")
+        return problems
+    kinds = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, int | float) else (str,)
+    if not isinstance(doc, kinds) or (isinstance(doc, bool) and not isinstance(want, bool)):
+        return [f"{path}: {doc!r}, documented like {want!r}"]
+    return problems
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str, dict[str, str]]:
+    req = urllib.request.Request(url, headers={"X-Nomad-Token": token} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def test_the_shape_check_catches_a_drift() -> None:
+    documented = sample("allocation_read.json")
+    drifted = json.loads(json.dumps(documented))
+    del drifted["ClientStatus"]
+    drifted["Job"]["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = "5s"
+    assert same_shape(drifted, documented) == [
+        "$.Job.TaskGroups[0].Tasks[0].KillTimeout: '5s', documented like 5000000000",
+        "$.ClientStatus: missing",
+    ]
+
+
+def test_allocation_read_has_the_documented_shape(nomad: NomadDouble) -> None:
+    alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"), http=24001)
+    status, body, headers = get(f"{nomad.url}/v1/allocation/{alloc.id}", nomad.management_token)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    doc = json.loads(body)
+    assert same_shape(doc, sample("allocation_read.json")) == []
+    assert (doc["ID"], doc["JobID"], doc["TaskGroup"], doc["Namespace"]) == (
+        alloc.id,
+        "shop",
+        "web",
+        "default",
+    )
+    assert (
+        set(doc["TaskStates"]) == {"web", "hostmesh"} and int(headers["X-Nomad-Index"]) == doc["ModifyIndex"]
+    )
+    assert allocation_state(doc) is AllocationState.LIVE
+    nomad.stop_allocation(alloc.id)  # as `nomad alloc stop` leaves it
+    doc = json.loads(get(f"{nomad.url}/v1/allocation/{alloc.id}", nomad.management_token)[1])
+    assert (doc["DesiredStatus"], doc["ClientStatus"], doc["TaskStates"]["web"]["State"]) == (
+        "stop", "complete", "dead"
+    )  # fmt: skip
+    assert allocation_state(doc) is AllocationState.STOPPED
+
+
+def test_tokens_are_checked_as_nomad_checks_them(nomad: NomadDouble) -> None:
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    other = nomad.add_allocation("shop", "web", ("web",))
+    url = f"{nomad.url}/v1/allocation/{alloc.id}"
+    assert get(url)[:2] == (403, "Permission denied")
+    assert get(url, "not-a-token")[:2] == (403, "Permission denied")
+    assert get(url, nomad.identity(alloc, "web"))[0] == 200  # a workload identity reads its own allocation
+    assert get(url, nomad.identity(other, "web"))[0] == 403  # ... and no other
+    unknown = f"{nomad.url}/v1/allocation/{'0' * 8}-0000-0000-0000-{'0' * 12}"
+    assert get(unknown, nomad.management_token)[:2] == (404, "alloc not found")
+
+
+def test_jwks_has_the_documented_shape_and_verifies_identities(nomad: NomadDouble) -> None:
+    status, body, _ = get(nomad.jwks_url)  # no token: Nomad serves its public keys to anyone
+    assert status == 200
+    doc = json.loads(body)
+    documented = sample("jwks.json")
+    assert same_shape(doc, documented) == []
+    assert {k for key in doc["keys"] for k in key} == set(documented["keys"][0])
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    token = nomad.identity(alloc, "web")
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "RS256", "kid": doc["keys"][0]["kid"], "typ": "JWT"}
+    key = jwt.PyJWK(doc["keys"][0])
+    claims = jwt.decode(token, key.key, algorithms=["RS256"], audience="hostmesh")
+    documented_claims = sample("workload_identity_claims.json")
+    assert set(documented_claims) <= set(claims)
+    assert same_shape(claims, documented_claims) == []
+    assert claims["sub"] == "global:default:shop:web:web"
+    assert {"iat", "nbf", "exp", "jti", "aud"} <= set(claims)
+
+
+def test_task_environment_is_what_nomad_documents(nomad: NomadDouble, tmp_path) -> None:
+    alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"), hostmesh_inbound=24100)
+    env = nomad.task_environment(alloc, "hostmesh", tmp_path)
+    secrets = env["NOMAD_SECRETS_DIR"]
+    token = Path(secrets, "nomad_token").read_text()
+    assert jwt.decode(token, options={"verify_signature": False})["nomad_task"] == "hostmesh"
+    assert (
+        env["NOMAD_PORT_hostmesh_inbound"] == "24100"
+        and env["NOMAD_ADDR_hostmesh_inbound"] == "127.0.0.1:24100"
+    )
+    assert "NOMAD_TOKEN" not in env
+    assert "NOMAD_TOKEN" in nomad.task_environment(alloc, "web", tmp_path, file=False)
+
+
+async def test_python_nomad_reads_the_double(nomad: NomadDouble) -> None:
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    api = NomadAPI(NomadSettings.resolve({"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": nomad.management_token}))
+    assert await api.allocation_state(alloc.id) is AllocationState.LIVE
+    nomad.stop_allocation(alloc.id)
+    assert await api.allocation_state(alloc.id) is AllocationState.STOPPED
+    nomad.forget_allocation(alloc.id)
+    assert await api.allocation_state(alloc.id) is AllocationState.GONE
+    denied = NomadAPI(NomadSettings.resolve({"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": "wrong"}))
+    with pytest.raises(PermissionDenied, match="needs namespace read-job"):
+        await denied.allocation_state(alloc.id)
