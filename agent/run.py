@@ -73,6 +73,7 @@ RESTART_KEYS = (
     "workers",
     "max_connections",  # the cap is shared by every listener of the process
     "stream_idle_timeout",
+    "dns",  # the DNS server's sockets
 )
 
 
@@ -158,6 +159,7 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
+        self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
 
     # --- start ------------------------------------------------------------------------------
 
@@ -243,6 +245,16 @@ class Agent:
             self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
         for server in self._servers:
             await server.start()
+        if cfg.dns is not None:
+            from hostmesh.agent.dns import DnsServer, dns_table
+
+            self.dns = DnsServer(cfg.dns, dns_table(cfg))
+            try:
+                await self.dns.start()
+            except OSError as exc:
+                raise AgentStartError(
+                    f'dns {cfg.dns}: cannot listen: {exc.strerror} (dns = "" turns mesh DNS off)'
+                ) from None
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
         self._tasks.append(self._registration_task)
@@ -322,6 +334,10 @@ class Agent:
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
+        if self.dns is not None:  # names follow the upstreams (reload)
+            from hostmesh.agent.dns import dns_table
+
+            self.dns.table = dns_table(self.config)
 
     def _tls_material(self) -> TLSMaterial:
         roots = self.certs.roots_pem
@@ -570,6 +586,8 @@ class Agent:
                     await self.consul.deregister_service(self._service_id(svc))
         for server in self._servers:
             await server.close()
+        if self.dns is not None:
+            await self.dns.close()
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)
