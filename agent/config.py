@@ -33,7 +33,7 @@ MAX_MAX_CONNECTIONS = 1_000_000  # a larger cap is a typo: no host holds that ma
 DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databases, brokers) send
 # keepalives well within it, and a connection whose peer vanished without a FIN frees its slot in an hour
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
-PROTOCOLS = ("tcp", "http")
+PROTOCOLS = ("tcp", "http", "udp")
 DEFAULT_DNS = "127.0.0.1:15053"  # DESIGN.md's DNS port; loopback: only this host's resolver asks it
 DEFAULT_DNS_DOMAIN = "mesh."
 # bind = "auto": upstream addresses are hashed into this /16. Not 127.0.0.1 (apps' own ports) and not
@@ -333,7 +333,8 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
         port=port,
         protocol=protocol,
         meta=dict(meta),
-        health=_parse_health(raw.get("health", {"tcp": True}), f"{path}.health"),
+        # UDP has no connect to probe: a udp service is probed only if its health table says how
+        health=_parse_health(raw.get("health", {} if protocol == "udp" else {"tcp": True}), f"{path}.health"),
         upstreams=upstreams,
     )
 

@@ -223,6 +223,7 @@ class Agent:
         self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
                                        stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
+        self._ensure_udp_inbound()
         await self.inbound.start()
         await self._sync_outbound()
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
@@ -312,6 +313,13 @@ class Agent:
         for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
             self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
 
+    def _ensure_udp_inbound(self) -> None:
+        """DGRAM flows (agent/proxy/udp.py) are accepted once a local service speaks udp."""
+        if self.inbound.udp is None and any(s.protocol == "udp" for s in self.config.services):
+            from hostmesh.agent.proxy.udp import UdpInbound
+
+            self.inbound.udp = UdpInbound(self.builder.holder, self.telemetry)
+
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
         from hostmesh.agent.proxy.outbound import OutboundListener
@@ -320,7 +328,15 @@ class Agent:
         for key in [k for k in self.outbound if k not in wanted]:
             await self.outbound.pop(key).close(self.config.drain_seconds)
         for key, (svc, up) in wanted.items():
-            if key not in self.outbound:
+            if key not in self.outbound and up.protocol == "udp":
+                if self.worker:  # a flow's datagrams must meet one process: the primary serves UDP
+                    continue
+                from hostmesh.agent.proxy.udp import UdpOutbound
+
+                udp = UdpOutbound(self.builder.holder, svc.name, up, self.telemetry)
+                await udp.start()
+                self.outbound[key] = udp
+            elif key not in self.outbound:
                 listener = OutboundListener(
                     self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1,
                     cap=self.cap, stream_idle_timeout=self.config.stream_idle_timeout,
@@ -503,6 +519,7 @@ class Agent:
             await stale.stop()
         await self._sync_outbound()
         self._ensure_http_inbound()  # a service switched to protocol http
+        self._ensure_udp_inbound()
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
@@ -576,6 +593,8 @@ class Agent:
         listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
         if getattr(self, "http_inbound", None) is not None:
             listeners.append(self.http_inbound)
+        if self.inbound is not None and self.inbound.udp is not None:
+            listeners.append(self.inbound.udp)
         closing = [x.close(cfg.drain_seconds) for x in listeners]
         if self.workers is not None:
             closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us
