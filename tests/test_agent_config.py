@@ -80,8 +80,8 @@ def test_defaults_are_safe() -> None:
         ),
         (minimal(services=[{"name": "Web_1", "port": 1}]), "services[0].name: must be a lowercase DNS label"),
         (
-            minimal(services=[{"name": "web", "port": 1, "protocol": "udp"}]),
-            "services[0].protocol: must be one of",
+            minimal(services=[{"name": "web", "port": 1, "protocol": "sctp"}]),
+            "services[0].protocol: must be one of tcp, http, udp",
         ),
         ({"services": [{"name": "web", "port": 1}]}, "ca: is required"),
         (minimal(ca={"pin": "md5:00"}), "ca.pin: must be 'sha256:<64 hex>'"),
