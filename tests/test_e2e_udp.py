@@ -293,3 +293,50 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
         )
 
     wait_for(denied, 5, "the deny to be counted")
+
+
+def test_a_peer_agent_of_0_1_cannot_carry_udp_and_says_so(private_consul: ConsulDev, tmp_path: Path) -> None:
+    """DGRAM frames are sent only on connections that agreed protocol v2: an instance behind a 0.1
+    agent (which agrees v1) is skipped, the client's datagram dropped and counted, and the log names
+    that agent and says to upgrade it."""
+    from hostmesh.agent.localmesh import EchoServer
+    from tests.releases import ReleaseUnavailable, release_command
+
+    try:
+        previous = release_command("0.1.0")
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    bind = free_port()
+    try:
+        m.start_ca()
+        old = m.write_agent_config("node-old", [{"name": "legacy", "port": echo.port}], dns=None)
+        new = m.write_agent_config(
+            "node-new",
+            [{"name": "web", "port": free_port(), "upstreams": ["legacy"]}],
+            upstream_keys={"legacy": f'bind = "127.0.0.1:{bind}"\nprotocol = "udp"'},
+        )
+        m.start_agent(old, command=previous)
+        m.start_agent(new)
+        m.wait_endpoints(new, "legacy", 1)
+
+        async def send() -> None:
+            stream = await asyncio_dgram.connect(("127.0.0.1", bind))
+            try:
+                await stream.send(b"over udp?")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(stream.recv(), 2.0)
+            finally:
+                stream.close()
+
+        asyncio.run(send())
+        wait_for(lambda: "cannot carry UDP; upgrade it" in new.proc.log(), 10, "the v1 error line")
+        line = next(x for x in new.proc.log().splitlines() if "cannot carry UDP" in x)
+        assert "speaks agent protocol v1 (hostmesh 0.1)" in line and f":{old.inbound_port}" in line
+        text = new.metrics()
+        assert metric_value(text, "hostmesh_udp_flows_total", flags="UF", destination_service="legacy") == 1
+        assert metric_value(text, "hostmesh_udp_dropped_total", reason="no_upstream") == 1
+    finally:
+        m.close()
+        echo.close()

@@ -441,8 +441,14 @@ class UdpInbound:
             conn.last_id = sid
             conn.write(control(RESET, sid))
             return
-        stream = conn.add(sid)
         snap = self.holder.current
+        # the caller's certificate, as for a TCP stream (inbound.py _open): still trusted, not expired
+        if snap.tls.roots_pem != c.roots_pem and not c.listener._reverify(c, snap.tls.roots_pem):
+            return
+        if time.time() >= c.not_after:
+            c.refuse("caller certificate has expired")
+            return
+        stream = conn.add(sid)
         svc = snap.local.get(c.service)
         counters = _Counters(self.telemetry, "destination", c.source.service, c.service)
         if svc is None or svc.protocol != "udp":
