@@ -27,6 +27,7 @@ import dns.rrset
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from tests.releases import BUILD_TIMEOUT
 from tests.support import ConsulDev
 from tests.test_e2e_l4 import metric_value
 
@@ -295,6 +296,7 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
     wait_for(denied, 5, "the deny to be counted")
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT + 120)  # a cold machine builds 0.1.0 first
 def test_a_peer_agent_of_0_1_cannot_carry_udp_and_says_so(private_consul: ConsulDev, tmp_path: Path) -> None:
     """DGRAM frames are sent only on connections that agreed protocol v2: an instance behind a 0.1
     agent (which agrees v1) is skipped, the client's datagram dropped and counted, and the log names
