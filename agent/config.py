@@ -34,6 +34,7 @@ DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databa
 # keepalives well within it, and a connection whose peer vanished without a FIN frees its slot in an hour
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http", "udp")
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0  # seconds; Envoy's UDP proxy default (a DNS/statsd client is long gone)
 DEFAULT_DNS = "127.0.0.1:15053"  # DESIGN.md's DNS port; loopback: only this host's resolver asks it
 DEFAULT_DNS_DOMAIN = "mesh."
 # bind = "auto": upstream addresses are hashed into this /16. Not 127.0.0.1 (apps' own ports) and not
@@ -143,6 +144,7 @@ class AgentConfig:
     stream_idle_timeout: float = (
         DEFAULT_STREAM_IDLE_TIMEOUT  # an L4 connection silent this long is reset; 0: never
     )
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # a UDP flow without a datagram this long ends
     dns: Address | None = None  # mesh DNS (agent/dns.py), UDP and TCP; None: off (dns = "")
     dns_domain: str = DEFAULT_DNS_DOMAIN  # absolute, lowercase: "<upstream>.mesh." is answered
 
@@ -384,6 +386,7 @@ TOP_KEYS = {
     "stream_idle_timeout",
     "dns",
     "dns_domain",
+    "udp_idle_timeout",
 }
 
 
@@ -505,6 +508,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         ),
         dns=None if raw.get("dns", DEFAULT_DNS) == "" else parse_address(raw.get("dns", DEFAULT_DNS), "dns"),
         dns_domain=_parse_dns_domain(raw),
+        udp_idle_timeout=_number(raw, "udp_idle_timeout", "", DEFAULT_UDP_IDLE_TIMEOUT, 0.05, 86400),
     )
 
 

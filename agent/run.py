@@ -74,6 +74,7 @@ RESTART_KEYS = (
     "max_connections",  # the cap is shared by every listener of the process
     "stream_idle_timeout",
     "dns",  # the DNS server's sockets
+    "udp_idle_timeout",  # given to the UDP listeners when they start
 )
 
 
@@ -318,7 +319,8 @@ class Agent:
         if self.inbound.udp is None and any(s.protocol == "udp" for s in self.config.services):
             from hostmesh.agent.proxy.udp import UdpInbound
 
-            self.inbound.udp = UdpInbound(self.builder.holder, self.telemetry)
+            self.inbound.udp = UdpInbound(self.builder.holder, self.telemetry,
+                                          idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
 
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
@@ -333,7 +335,8 @@ class Agent:
                     continue
                 from hostmesh.agent.proxy.udp import UdpOutbound
 
-                udp = UdpOutbound(self.builder.holder, svc.name, up, self.telemetry)
+                udp = UdpOutbound(self.builder.holder, svc.name, up, self.telemetry,
+                                  idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
                 await udp.start()
                 self.outbound[key] = udp
             elif key not in self.outbound:

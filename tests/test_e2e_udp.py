@@ -38,6 +38,7 @@ FLOWS = 4  # client sockets (flows) sending at once
 WINDOW = 32  # datagrams in flight per client: the test measures integrity, not overload
 SOCKET_BUFFER = 4 << 20  # the test's own sockets (Linux caps it at net.core.rmem_max)
 RECV_TIMEOUT = 10.0  # seconds for the echo of a datagram in flight
+IDLE_TIMEOUT = 2.0  # node-a's udp_idle_timeout: short enough to watch a flow end, long for a test's gaps
 DNS_ANSWER = "127.0.0.9"  # what the DNS app answers for svc.example. (data, never dialed)
 
 
@@ -120,6 +121,7 @@ def udp_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[UdpMesh]:
         a = m.write_agent_config(
             "node-a",
             [{"name": "web", "port": free_port(), "upstreams": ["echo", "dns"]}],
+            extra=f"udp_idle_timeout = {IDLE_TIMEOUT}",
             upstream_keys={
                 "echo": f'bind = "127.0.0.1:{echo_bind}"\nprotocol = "udp"',
                 "dns": f'bind = "127.0.0.1:{dns_bind}"\nprotocol = "udp"',
@@ -237,6 +239,33 @@ def test_overload_drops_whole_datagrams_and_counts_them(udp_mesh: UdpMesh) -> No
         f"overload: {sent} sent in one burst, {received} echoed intact, {dropped:.0f} dropped by the agents"
     )
     assert 0 < received <= sent
+
+
+def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(udp_mesh: UdpMesh) -> None:
+    _m, a, _b, _apps, echo_bind, _ = udp_mesh
+
+    def flows() -> int:
+        ups = a.get("/v1/clusters")[1]["upstreams"]
+        return int(next(u for u in ups if u["upstream"] == "echo")["flows"])
+
+    async def run() -> None:
+        stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+        try:
+            await stream.send(b"one")
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0] == b"one"
+            assert flows() == 1
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, wait_for, lambda: flows() == 0, 4 * IDLE_TIMEOUT, "the idle flow to end"
+            )
+            await stream.send(b"two")  # the same client address: a new flow
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0] == b"two"
+        finally:
+            stream.close()
+
+    asyncio.run(run())
+    text = a.metrics()
+    assert metric_value(text, "hostmesh_udp_flows_total", reporter="source", destination_service="echo") == 2
 
 
 def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:

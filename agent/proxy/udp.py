@@ -20,8 +20,8 @@ Decisions:
   flat under overload.
 - A peer agent that only speaks protocol v1 (0.1.x) cannot carry DGRAM frames: the flow tries
   another instance and one error line (rate-limited) names the peer and says to upgrade it.
-- Flows end after FLOW_IDLE_TIMEOUT without a datagram either way (each side sweeps its own; RESET
-  tells the other), on a deny, or when the connection goes.
+- Flows end after `udp_idle_timeout` (agent.toml, default 60 s) without a datagram either way
+  (each side sweeps its own; RESET tells the other), on a deny, or when the connection goes.
 - The sockets are the loop's own DatagramProtocol, not asyncio-dgram's streams: those queue
   received datagrams without bound and await a drain per send, where the proxy must drop instead.
 """
@@ -39,7 +39,7 @@ from typing import Any, cast
 
 from hostmesh.agent import audit
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
-from hostmesh.agent.config import UpstreamConfig
+from hostmesh.agent.config import DEFAULT_UDP_IDLE_TIMEOUT, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
@@ -51,7 +51,7 @@ from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.udp")
 
-FLOW_IDLE_TIMEOUT = 60.0  # seconds without a datagram either way (Envoy's UDP proxy default)
+FLOW_IDLE_TIMEOUT = DEFAULT_UDP_IDLE_TIMEOUT  # seconds without a datagram either way (agent.toml)
 FLOW_QUEUE = 256  # datagrams held per flow while its mesh connection is being dialed
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
