@@ -11,6 +11,7 @@ declare -A pkg_of=(
   [adduser]=adduser
   [fakeroot]=fakeroot
   [dig]=dnsutils
+  [dnsmasq]=dnsmasq-base
 )
 missing=()
 for cmd in "$@"; do

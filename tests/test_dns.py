@@ -2,9 +2,10 @@
 
 The core is checked on bytes (dnspython builds the queries), the server with Debian's `dig` over UDP
 and TCP, and end to end an unmodified HTTP client (curl, the C library's resolver) calls
-`http://api.mesh/` through the mesh with an upstream on `bind = "auto"`: only its resolv.conf
-points at the agent, in a private mount namespace, as `ip netns exec` does with
-/etc/netns/<name>/resolv.conf (the host's resolv.conf is never touched).
+`http://api.mesh/` through the mesh with an upstream on `bind = "auto"`: its resolv.conf names a
+dnsmasq that carries the packaged split-DNS drop-in (packaging/dns/), in a private mount
+namespace, as `ip netns exec` does with /etc/netns/<name>/resolv.conf (the host's resolv.conf is
+never touched).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -30,7 +33,7 @@ from hypothesis import strategies as st
 
 from hostmesh.agent.config import Address, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer, dns_table
-from hostmesh.agent.localmesh import LocalMesh, free_port
+from hostmesh.agent.localmesh import LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
 from tests.support import ConsulDev
 
@@ -179,15 +182,31 @@ async def _wait_open(server: DnsServer, n: int) -> None:
 
 # --- end to end: an unmodified client calls http://api.mesh/ ---------------------------------------
 
-MESH_DNS = "127.1.0.53"  # the agent's DNS on port 53 here, since resolv.conf cannot name a port
+RESOLVER = "127.1.0.53"  # the host resolver of this test: dnsmasq on port 53 (resolv.conf names no port)
+
+
+class DnsMesh(NamedTuple):
+    backends: Backends
+    api_addr: str  # the address bind = "auto" gave api
+    agent_dns: int  # the agent's DNS port on 127.0.0.1
 
 
 @pytest.fixture
-def dns_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[tuple[LocalMesh, Backends, str]]:
+def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[DnsMesh]:
+    """node-a calls api (node-b, HTTP) on bind = "auto"; node-a's agent answers DNS on a free port of
+    127.0.0.1, and a real dnsmasq with the packaged drop-in (only its port changed) is the host's
+    resolver, forwarding just the mesh domain to it."""
     if shutil.which("unshare") is None or shutil.which("curl") is None:
         pytest.skip("needs util-linux unshare and curl")
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "dnsmasq"], check=True, timeout=600)
     backends = Backends("api1")
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    agent_dns = free_port()
+    dropin = (ROOT / "packaging/dns/dnsmasq-hostmesh.conf").read_text()
+    assert "127.0.0.1#15053" in dropin
+    conf = tmp_path / "dnsmasq-hostmesh.conf"
+    conf.write_text(dropin.replace("127.0.0.1#15053", f"127.0.0.1#{agent_dns}"))
+    dnsmasq = None
     try:
         m.start_ca()
         b = m.write_agent_config(
@@ -196,32 +215,50 @@ def dns_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[tuple[LocalM
         a = m.write_agent_config(
             "node-a",
             [{"name": "web", "port": free_port(), "upstreams": ["api"]}],
-            dns=f"{MESH_DNS}:53",
+            dns=f"127.0.0.1:{agent_dns}",
             upstream_keys={"api": 'bind = "auto"\nprotocol = "http"'},
         )
         m.start_agent(b)
         m.start_agent(a)
         m.wait_endpoints(a, "api", 1)
-        yield m, backends, auto_bind("api")
+        dnsmasq = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+             f"--listen-address={RESOLVER}", "--port=53", "--pid-file=", f"--conf-file={conf}",
+             "--log-facility=-"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        def resolver_up() -> bool:
+            try:
+                q = dns.message.make_query("api.mesh", "A")
+                return bool(dns.query.udp(q, RESOLVER, timeout=0.5).answer)
+            except (OSError, dns.exception.Timeout):
+                return False
+
+        wait_for(resolver_up, 20, "dnsmasq to forward api.mesh")
+        yield DnsMesh(backends, auto_bind("api"), agent_dns)
     finally:
+        if dnsmasq is not None:
+            dnsmasq.terminate()
+            dnsmasq.wait(10)
         m.close()
         backends.close()
 
 
 @pytest.mark.consul
 @pytest.mark.e2e
-def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: tuple[LocalMesh, Backends, str], dig: str,
-                                                   tmp_path: Path) -> None:  # fmt: skip
-    _m, backends, api_addr = dns_mesh
-    out = subprocess.run([dig, f"@{MESH_DNS}", "-p", "53", "+short", "api.mesh"], capture_output=True,
-                         text=True, timeout=DIG_TIMEOUT, check=True)  # fmt: skip
-    assert out.stdout.split() == [api_addr]
+def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: DnsMesh, dig: str, tmp_path: Path) -> None:
+    """curl, with the C library's resolver, through the host resolver (dnsmasq + our drop-in) to
+    the agent's DNS, then through the mesh to api."""
+    out = subprocess.run([dig, "@127.0.0.1", "-p", str(dns_mesh.agent_dns), "+short", "api.mesh"],
+                         capture_output=True, text=True, timeout=DIG_TIMEOUT, check=True)  # fmt: skip
+    assert out.stdout.split() == [dns_mesh.api_addr]
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text(f"nameserver {MESH_DNS}\noptions timeout:2 attempts:2\n")
+    resolv.write_text(f"nameserver {RESOLVER}\noptions timeout:2 attempts:2\n")
     script = f'mount --bind "{resolv}" /etc/resolv.conf && exec curl -sS -m 20 http://api.mesh/hello'
     got = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert got.returncode == 0, got.stderr
     assert got.stdout == "GET /hello\n"
-    assert backends["api1"].hits == 1  # through the mesh to api's app
+    assert dns_mesh.backends["api1"].hits == 1  # through the mesh to api's app
     assert Path("/etc/resolv.conf").read_text() != resolv.read_text()  # the host resolver: untouched
