@@ -329,6 +329,11 @@ class Agent:
         wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
         for key in [k for k in self.outbound if k not in wanted]:
             await self.outbound.pop(key).close(self.config.drain_seconds)
+        for key, (_, up) in wanted.items():  # an upstream switched between udp and tcp/http: a new socket
+            if key in self.outbound and (
+                getattr(self.outbound[key], "transport_protocol", "tcp") == "udp"
+            ) != (up.protocol == "udp"):
+                await self.outbound.pop(key).close(self.config.drain_seconds)
         for key, (svc, up) in wanted.items():
             if key not in self.outbound and up.protocol == "udp":
                 if self.worker:  # a flow's datagrams must meet one process: the primary serves UDP

@@ -187,6 +187,8 @@ class _OutProtocol(asyncio.DatagramProtocol):
 class UdpOutbound:
     """The UDP listener of one upstream with `protocol = "udp"`."""
 
+    transport_protocol = "udp"  # what agent/run.py compares on reload (TCP listeners have none)
+
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
                  telemetry: Telemetry, *, idle_timeout: float = FLOW_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
@@ -325,6 +327,7 @@ class UdpOutbound:
             "bind": str(self.upstream.bind),
             "protocol": "udp",
             "flows": len(self.flows),
+            "active_connections": len(self.flows),  # the field TCP listeners show: a flow is UDP's one
             "pool": {"connections": self.pool.connection_count(), "handshakes": self.pool.handshakes},
         }
 
