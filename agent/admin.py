@@ -32,6 +32,8 @@ PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
 async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
     """Is the app behind `svc` healthy? HTTP 2xx/3xx on its health path, or a TCP connect."""
     timeout = min(svc.health.timeout, PROBE_TIMEOUT_CAP)
+    if svc.protocol == "udp" and not svc.health.http and not svc.health.tcp:
+        return True, "UDP service without a probe: healthy while the agent is"
     if svc.health.http:
         client = HTTPClient(f"http://127.0.0.1:{svc.port}")
         try:

@@ -33,7 +33,15 @@ MAX_MAX_CONNECTIONS = 1_000_000  # a larger cap is a typo: no host holds that ma
 DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databases, brokers) send
 # keepalives well within it, and a connection whose peer vanished without a FIN frees its slot in an hour
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
-PROTOCOLS = ("tcp", "http")
+PROTOCOLS = ("tcp", "http", "udp")
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0  # seconds; Envoy's UDP proxy default (a DNS/statsd client is long gone)
+DEFAULT_DNS = "127.0.0.1:15053"  # DESIGN.md's DNS port; loopback: only this host's resolver asks it
+DEFAULT_DNS_DOMAIN = "mesh."
+# bind = "auto": upstream addresses are hashed into this /16. Not 127.0.0.1 (apps' own ports) and not
+# 127.64.0.0/10 (the fake instances of scale tests); 65,536 addresses make a collision rare, and a
+# collision on the same port is refused at load like any two upstreams on one address.
+AUTO_BIND_NET = ipaddress.ip_network("127.128.0.0/16")
+AUTO_HTTP_PORT = 80  # bind = "auto" on an http upstream: apps call http://<name>.mesh/ unchanged
 LOAD_BALANCERS = ("round_robin", "least_connections")
 
 
@@ -60,6 +68,10 @@ class UpstreamConfig:
     # what the upstream speaks while the registry does not say (no route document, no healthy
     # instance): "http" answers 503 UH then, not a reset; None: what the registry said last
     protocol: str | None = None
+    # the app-facing listener may be on a non-loopback address (everyone who reaches it calls with the
+    # local service's identity): refused at load unless the operator says so
+    shared: bool = False
+    auto: bool = False  # bind = "auto": the address was derived from the name (auto_bind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +170,10 @@ class AgentConfig:
     def certs_dir(self) -> Path:
         return self.cert_dir if self.cert_dir is not None else cert_dir(self.data_dir)
 
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # a UDP flow without a datagram this long ends
+    dns: Address | None = None  # mesh DNS (agent/dns.py), UDP and TCP; None: off (dns = "")
+    dns_domain: str = DEFAULT_DNS_DOMAIN  # absolute, lowercase: "<upstream>.mesh." is answered
+
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
 
@@ -219,11 +235,61 @@ def parse_address(text: Any, path: str) -> Address:
     return Address(host, int(port_s))
 
 
+def auto_bind(service: str) -> str:
+    """The loopback address of `bind = "auto"`: stable across hosts and restarts (a hash of the name,
+    not of anything local), never the network or broadcast-looking .0/.255 host parts."""
+    import hashlib
+
+    n = int.from_bytes(hashlib.sha256(service.encode()).digest()[:2], "big")
+    if n & 0xFF in (0, 0xFF):
+        n ^= 0x01
+    return str(AUTO_BIND_NET.network_address + n)
+
+
+def _upstream_bind(raw: dict[str, Any], service: str, protocol: str | None, path: str) -> Address:
+    port = raw.get("port")
+    if raw["bind"] != "auto":
+        if port is not None:
+            raise _fail(f"{path}.port", 'only with bind = "auto" (otherwise the port is part of bind)')
+        bind = parse_address(raw["bind"], f"{path}.bind")
+    else:
+        if port is None:
+            if protocol != "http":
+                raise _fail(
+                    f"{path}.port", 'is required with bind = "auto" unless protocol = "http" (port 80)'
+                )
+            port = AUTO_HTTP_PORT
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise _fail(f"{path}.port", "must be an integer in 1..65535")
+        bind = Address(auto_bind(service), port)
+    shared = raw.get("shared", False)
+    if not isinstance(shared, bool):
+        raise _fail(f"{path}.shared", "must be true or false")
+    if not shared and not ipaddress.ip_address(bind.host).is_loopback:
+        raise _fail(
+            f"{path}.bind",
+            f"{bind.host} is not a loopback address: anyone who reaches it would call {service} with "
+            "this service's identity (set shared = true on the upstream if that is intended)",
+        )
+    return bind
+
+
 def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
     _check_keys(
-        raw, {"service", "bind", "load_balancer", "connect_timeout", "connect_budget", "protocol"}, path
+        raw,
+        {
+            "service",
+            "bind",
+            "load_balancer",
+            "connect_timeout",
+            "connect_budget",
+            "protocol",
+            "port",
+            "shared",
+        },
+        path,
     )
     service = _str(raw, "service", f"{path}.")
     if not service or not valid_service_name(service):
@@ -238,7 +304,9 @@ def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
         raise _fail(f"{path}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
     return UpstreamConfig(
         service=service,
-        bind=parse_address(raw["bind"], f"{path}.bind"),
+        bind=_upstream_bind(raw, service, protocol, path),
+        shared=bool(raw.get("shared", False)),
+        auto=raw["bind"] == "auto",
         load_balancer=lb,
         connect_timeout=_number(raw, "connect_timeout", f"{path}.", 1.0, 0.01, 60),
         connect_budget=_number(raw, "connect_budget", f"{path}.", 3.0, 0.01, 300),
@@ -293,7 +361,8 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
         port=port,
         protocol=protocol,
         meta=dict(meta),
-        health=_parse_health(raw.get("health", {"tcp": True}), f"{path}.health"),
+        # UDP has no connect to probe: a udp service is probed only if its health table says how
+        health=_parse_health(raw.get("health", {} if protocol == "udp" else {"tcp": True}), f"{path}.health"),
         upstreams=upstreams,
     )
 
@@ -341,6 +410,9 @@ TOP_KEYS = {
     "http",
     "max_connections",
     "stream_idle_timeout",
+    "dns",
+    "dns_domain",
+    "udp_idle_timeout",
     "cert_dir",
     "nomad",
 }
@@ -354,6 +426,14 @@ NOMAD_KEYS = {
     "identity_file",
     "poll_interval",
 }
+
+
+def _parse_dns_domain(raw: dict[str, Any]) -> str:
+    domain = (_str(raw, "dns_domain", "", DEFAULT_DNS_DOMAIN) or "").lower().rstrip(".")
+    labels = domain.split(".")
+    if not domain or not all(valid_service_name(label) for label in labels):
+        raise _fail("dns_domain", "must be a DNS name like 'mesh' (lowercase labels a-z, 0-9, -)")
+    return domain + "."
 
 
 def parse_config(raw: dict[str, Any]) -> AgentConfig:
@@ -410,9 +490,17 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     names = [s.name for s in services]
     if len(set(names)) != len(names):
         raise _fail("services", "service names must be unique")
-    binds = [str(u.bind) for s in services for u in s.upstreams]
-    if len(set(binds)) != len(binds):
-        raise _fail("services", "two upstreams bind the same address")
+    seen: dict[str, str] = {}
+    for s in services:
+        for u in s.upstreams:
+            name = f"{s.name}->{u.service}"
+            if str(u.bind) in seen:
+                why = ' (bind = "auto" derives it from the name: give one an explicit bind)' if u.auto else ""
+                raise _fail(
+                    "services",
+                    f"two upstreams bind the same address {u.bind}: {seen[str(u.bind)]}, {name}{why}",
+                )
+            seen[str(u.bind)] = name
 
     default_intention = _str(raw, "default_intention", "", "allow")
     if default_intention not in ("allow", "deny"):
@@ -460,6 +548,9 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         stream_idle_timeout=_number(
             raw, "stream_idle_timeout", "", DEFAULT_STREAM_IDLE_TIMEOUT, 0, 7 * 86400
         ),
+        dns=None if raw.get("dns", DEFAULT_DNS) == "" else parse_address(raw.get("dns", DEFAULT_DNS), "dns"),
+        dns_domain=_parse_dns_domain(raw),
+        udp_idle_timeout=_number(raw, "udp_idle_timeout", "", DEFAULT_UDP_IDLE_TIMEOUT, 0.05, 86400),
         cert_dir=Path(cert_dir_raw) if cert_dir_raw else None,
         nomad=_parse_nomad(raw["nomad"]) if "nomad" in raw else None,
     )

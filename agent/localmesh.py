@@ -212,11 +212,16 @@ class LocalMesh:
         inbound_port: int | None = None,
         extra: str = "",
         consul_token: str | None = None,
+        dns: str | None = "",
+        upstream_keys: dict[str, str] | None = None,
     ) -> AgentHandle:
         """Write agent.toml for `node`. `services` items: name, port, protocol, meta, health, upstreams
         (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`).
         `consul_token`: the agent's own Consul token (`[consul] token`); it then runs without the
-        mesh's CONSUL_HTTP_TOKEN in its environment."""
+        mesh's CONSUL_HTTP_TOKEN in its environment. `dns`: the mesh DNS address; "" (default) turns it
+        off, since several agents share this host and 15053; None writes no `dns` key (a release
+        before 0.2 has none). `upstream_keys`: upstream name -> TOML keys replacing its `bind` line
+        (e.g. 'bind = "auto"\nport = 80'); its `binds` entry is then the port (or 0)."""
         data_dir = self.workdir / node
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = data_dir / "join-token"
@@ -233,6 +238,7 @@ class LocalMesh:
             f'admin = "127.0.0.1:{admin_port}"',
             f'metrics = "127.0.0.1:{metrics_port}"',
             "drain_seconds = 2",
+            "" if dns is None else f"dns = {json.dumps(dns)}",
             extra,
             "[consul]",
             f'address = "{self.consul_url}"',
@@ -255,6 +261,9 @@ class LocalMesh:
                 f"health = {{ {health_s} }}",
             ]
             for up in svc.get("upstreams", []):
+                if upstream_keys and up in upstream_keys:
+                    lines += ["[[services.upstreams]]", f'service = "{up}"', upstream_keys[up]]
+                    continue
                 binds[up] = self._unused_port(binds.values())
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
         config_path = data_dir / "agent.toml"

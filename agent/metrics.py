@@ -320,6 +320,22 @@ class Telemetry:
             "hostmesh_overload_rejected_total", "connections refused at the agent's connection cap",
             ("listener",), registry=r,
         )  # fmt: skip
+        # UDP (agent/proxy/udp.py). direction: "request" (source -> destination), "response" (back)
+        udp = ("reporter", "source_service", "destination_service")
+        self.udp_datagrams = Counter(
+            "hostmesh_udp_datagrams_total", "UDP datagrams carried", (*udp, "direction"), registry=r
+        )
+        self.udp_bytes = Counter(
+            "hostmesh_udp_bytes_total", "UDP payload bytes carried", (*udp, "direction"), registry=r
+        )
+        self.udp_dropped = Counter(
+            "hostmesh_udp_dropped_total", "UDP datagrams dropped whole (never truncated), by reason",
+            (*udp, "reason"), registry=r,
+        )  # fmt: skip
+        self.udp_flows = Counter(
+            "hostmesh_udp_flows_total", "UDP flows (one per client address and port) opened, by flags",
+            (*udp, "flags"), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

@@ -78,6 +78,8 @@ RESTART_KEYS = (
     "workers",
     "max_connections",  # the cap is shared by every listener of the process
     "stream_idle_timeout",
+    "dns",  # the DNS server's sockets
+    "udp_idle_timeout",  # given to the UDP listeners when they start
 )
 
 
@@ -166,6 +168,7 @@ class Agent:
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
         self._cert_check: asyncio.Task[None] | None = None
         self._prebuilt_tls: TLSMaterial | None = None
+        self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
 
     # --- start ------------------------------------------------------------------------------
 
@@ -236,6 +239,7 @@ class Agent:
         self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
                                        stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
+        self._ensure_udp_inbound()
         await self.inbound.start()
         await self._sync_outbound()
         phases["listeners"] = time.perf_counter() - t0
@@ -268,6 +272,16 @@ class Agent:
             self.config = cfg = replace(cfg, admin=replace(cfg.admin, port=self._servers[0].port))
         if cfg.nomad is not None:
             self._start_nomad(cfg)
+        if cfg.dns is not None:
+            from hostmesh.agent.dns import DnsServer, dns_table
+
+            self.dns = DnsServer(cfg.dns, dns_table(cfg))
+            try:
+                await self.dns.start()
+            except OSError as exc:
+                raise AgentStartError(
+                    f'dns {cfg.dns}: cannot listen: {exc.strerror} (dns = "" turns mesh DNS off)'
+                ) from None
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
         self._tasks.append(self._registration_task)
@@ -384,6 +398,14 @@ class Agent:
         for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
             self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
 
+    def _ensure_udp_inbound(self) -> None:
+        """DGRAM flows (agent/proxy/udp.py) are accepted once a local service speaks udp."""
+        if self.inbound.udp is None and any(s.protocol == "udp" for s in self.config.services):
+            from hostmesh.agent.proxy.udp import UdpInbound
+
+            self.inbound.udp = UdpInbound(self.builder.holder, self.telemetry,
+                                          idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
+
     async def _sync_outbound(self) -> None:
         """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
         from hostmesh.agent.proxy.outbound import OutboundListener
@@ -391,8 +413,22 @@ class Agent:
         wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
         for key in [k for k in self.outbound if k not in wanted]:
             await self.outbound.pop(key).close(self.config.drain_seconds)
+        for key, (_, up) in wanted.items():  # an upstream switched between udp and tcp/http: a new socket
+            if key in self.outbound and (
+                getattr(self.outbound[key], "transport_protocol", "tcp") == "udp"
+            ) != (up.protocol == "udp"):
+                await self.outbound.pop(key).close(self.config.drain_seconds)
         for key, (svc, up) in wanted.items():
-            if key not in self.outbound:
+            if key not in self.outbound and up.protocol == "udp":
+                if self.worker:  # a flow's datagrams must meet one process: the primary serves UDP
+                    continue
+                from hostmesh.agent.proxy.udp import UdpOutbound
+
+                udp = UdpOutbound(self.builder.holder, svc.name, up, self.telemetry,
+                                  idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
+                await udp.start()
+                self.outbound[key] = udp
+            elif key not in self.outbound:
                 listener = OutboundListener(
                     self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1,
                     cap=self.cap, stream_idle_timeout=self.config.stream_idle_timeout,
@@ -406,6 +442,10 @@ class Agent:
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
+        if self.dns is not None:  # names follow the upstreams (reload)
+            from hostmesh.agent.dns import dns_table
+
+            self.dns.table = dns_table(self.config)
 
     def _tls_material(self) -> TLSMaterial:
         if self._prebuilt_tls is not None:  # built (and so checked) by _stored_certs_usable
@@ -574,6 +614,7 @@ class Agent:
             await stale.stop()
         await self._sync_outbound()
         self._ensure_http_inbound()  # a service switched to protocol http
+        self._ensure_udp_inbound()
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
@@ -647,6 +688,8 @@ class Agent:
         listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
         if getattr(self, "http_inbound", None) is not None:
             listeners.append(self.http_inbound)
+        if self.inbound is not None and self.inbound.udp is not None:
+            listeners.append(self.inbound.udp)
         closing = [x.close(cfg.drain_seconds) for x in listeners]
         if self.workers is not None:
             closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us
@@ -661,6 +704,8 @@ class Agent:
             from hostmesh.agent.nomad import ADMIN_ADDRESS_FILE
 
             (cfg.data_dir / ADMIN_ADDRESS_FILE).unlink(missing_ok=True)
+        if self.dns is not None:
+            await self.dns.close()
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)

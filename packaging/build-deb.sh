@@ -63,6 +63,9 @@ ln -s "$prefix/bin/hostmesh" "$root/usr/bin/hostmesh"
 install -m 0644 systemd/hostmesh-agent.service systemd/hostmesh-ca.service "$root/lib/systemd/system/"
 install -m 0644 packaging/agent.toml.example "$root/etc/hostmesh/agent.toml.example"
 [ -f README.md ] && install -m 0644 README.md "$root/usr/share/doc/hostmesh/README.md"
+# split-DNS drop-ins for mesh names: examples to copy into the host's resolver config, not installed live
+install -d "$root/usr/share/doc/hostmesh/dns"
+install -m 0644 packaging/dns/* "$root/usr/share/doc/hostmesh/dns/"
 
 # 5. control files and the archive.
 install -d "$root/DEBIAN"

@@ -11,6 +11,8 @@ declare -A pkg_of=(
   [adduser]=adduser
   [fakeroot]=fakeroot
   [ip]=iproute2
+  [dig]=dnsutils
+  [dnsmasq]=dnsmasq-base
 )
 missing=()
 for cmd in "$@"; do

@@ -80,8 +80,8 @@ def test_defaults_are_safe() -> None:
         ),
         (minimal(services=[{"name": "Web_1", "port": 1}]), "services[0].name: must be a lowercase DNS label"),
         (
-            minimal(services=[{"name": "web", "port": 1, "protocol": "udp"}]),
-            "services[0].protocol: must be one of",
+            minimal(services=[{"name": "web", "port": 1, "protocol": "sctp"}]),
+            "services[0].protocol: must be one of tcp, http, udp",
         ),
         ({"services": [{"name": "web", "port": 1}]}, "ca: is required"),
         (minimal(ca={"pin": "md5:00"}), "ca.pin: must be 'sha256:<64 hex>'"),
@@ -210,3 +210,64 @@ def test_connection_cap_and_stream_idle_timeout() -> None:
         parse_config(minimal(max_connections=0))
     with pytest.raises(ConfigError, match=r"^stream_idle_timeout: must be a number"):
         parse_config(minimal(stream_idle_timeout=-1))
+
+
+def _with_upstream(**kw: object) -> dict[str, object]:
+    return minimal(services=[{"name": "web", "port": 8080, "upstreams": [{"service": "api", **kw}]}])
+
+
+def test_an_upstream_on_a_non_loopback_address_is_refused_unless_shared() -> None:
+    """An upstream listener on 0.0.0.0 lets anyone on the network call api as `web`: refused with
+    one line saying why; `shared = true` is the operator saying it is intended."""
+    for host in ("0.0.0.0", "198.18.0.5", "[::]"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_with_upstream(bind=f"{host}:9091"))
+        msg = str(err.value)
+        assert msg.startswith("services[0].upstreams[0].bind: ") and "\n" not in msg
+        assert "not a loopback address" in msg and "call api with this service's identity" in msg
+        assert "shared = true" in msg
+        shared = parse_config(_with_upstream(bind=f"{host}:9091", shared=True)).services[0].upstreams[0]
+        assert shared.shared and shared.bind.port == 9091
+    for host in ("127.0.0.1", "127.5.6.7", "[::1]", "localhost"):
+        assert not parse_config(_with_upstream(bind=f"{host}:9091")).services[0].upstreams[0].shared
+    with pytest.raises(ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.shared: must be true or false"):
+        parse_config(_with_upstream(bind="127.0.0.1:9091", shared="yes"))
+
+
+def test_bind_auto_derives_a_stable_loopback_address_and_the_natural_port() -> None:
+    from hostmesh.agent.config import auto_bind
+
+    up = parse_config(_with_upstream(bind="auto", protocol="http")).services[0].upstreams[0]
+    assert up.auto and up.bind.port == 80 and up.bind.host == auto_bind("api")
+    import ipaddress
+
+    addr = ipaddress.ip_address(up.bind.host)
+    assert addr in ipaddress.ip_network("127.128.0.0/16")  # not 127.0.0.1, not the tests' 127.64/10
+    assert auto_bind("api") == auto_bind("api") != auto_bind("apj")  # a function of the name only
+    tcp = parse_config(_with_upstream(bind="auto", port=5432)).services[0].upstreams[0]
+    assert str(tcp.bind) == f"{auto_bind('api')}:5432"
+    with pytest.raises(ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.port: is required with bind"):
+        parse_config(_with_upstream(bind="auto"))
+    with pytest.raises(ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.port: only with bind = \"auto\""):
+        parse_config(_with_upstream(bind="127.0.0.1:9091", port=80))
+    # two local services with an auto upstream to the same name would share one listener (one identity)
+    two = minimal(services=[
+        {"name": "web", "port": 8080, "upstreams": [{"service": "api", "bind": "auto", "port": 81}]},
+        {"name": "cron", "port": 8081, "upstreams": [{"service": "api", "bind": "auto", "port": 81}]},
+    ])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^services: two upstreams bind the same address .*web->api, cron->api"
+    ):
+        parse_config(two)
+
+
+def test_dns_keys() -> None:
+    cfg = parse_config(minimal())
+    assert str(cfg.dns) == "127.0.0.1:15053" and cfg.dns_domain == "mesh."
+    cfg = parse_config(minimal(dns="127.0.0.1:5353", dns_domain="Mesh.Example."))
+    assert str(cfg.dns) == "127.0.0.1:5353" and cfg.dns_domain == "mesh.example."
+    assert parse_config(minimal(dns="")).dns is None
+    with pytest.raises(ConfigError, match=r"^dns_domain: must be a DNS name"):
+        parse_config(minimal(dns_domain="me sh"))
+    with pytest.raises(ConfigError, match=r"^dns: 'nope' is not host:port"):
+        parse_config(minimal(dns="nope"))

@@ -118,7 +118,10 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
             "protocol": "http",
             "meta": {"version": "v1", "zone": "a"},
             "health": {"http": "/healthz"},
-            "upstreams": [{"service": "api", "bind": "127.0.0.1:9091"}],
+            "upstreams": [
+                {"service": "api", "bind": "127.0.0.1:9091"},
+                {"service": "search", "bind": "auto", "port": 9200},
+            ],
         },
         {"name": "cache", "port": 6379, "protocol": "tcp", "health": {"tcp": True}},
     ]
@@ -128,6 +131,7 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
         "hostmesh_agent_services": services,
         "hostmesh_agent_mesh_address": "127.0.0.1",
         "hostmesh_agent_node": "ansible-test",
+        "hostmesh_agent_dns_resolver": "dnsmasq",  # this host has none: the drop-in is asked for
     }
     common = {
         "hostmesh_become": False,
@@ -135,6 +139,10 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
         "hostmesh_install_root": str(root),
         "hostmesh_install_systemd": False,
         "hostmesh_install_method": "pip",
+        # the wheel built from this tree (the role's default names the previous release)
+        "hostmesh_install_version": tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+            "version"
+        ],
         "hostmesh_install_pip_python": sys.executable,
         "hostmesh_install_pip_extra_args": f"--no-index --find-links {wheels} --find-links {cache}",
         # One Consul ACL token per role (the test Consul has ACLs off, so it ignores them).
@@ -176,7 +184,16 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
     assert config["node"] == "ansible-test" and config["mesh_address"] == "127.0.0.1"
     assert [s["name"] for s in config["services"]] == ["web", "cache"]
     assert config["services"][0]["meta"] == {"version": "v1", "zone": "a"}
-    assert config["services"][0]["upstreams"] == [{"service": "api", "bind": "127.0.0.1:9091"}]
+    assert config["services"][0]["upstreams"] == [
+        {"service": "api", "bind": "127.0.0.1:9091"},
+        {"service": "search", "bind": "auto", "port": 9200},
+    ]
+    assert config["dns"] == "127.0.0.1:15053" and config["dns_domain"] == "mesh"
+    # split DNS: a dnsmasq drop-in forwarding only the mesh domain, the same as the packaged one
+    dnsmasq = (root / "etc/dnsmasq.d/hostmesh.conf").read_text()
+    assert "server=/mesh/127.0.0.1#15053" in dnsmasq and "rebind-domain-ok=/mesh/" in dnsmasq
+    assert "server=/mesh/127.0.0.1#15053" in (REPO / "packaging/dns/dnsmasq-hostmesh.conf").read_text()
+    assert not (root / "etc/resolv.conf").exists()
     assert config["services"][1]["health"] == {"tcp": True}
     assert stat.S_IMODE(config_path.stat().st_mode) == 0o640
     token = root / "etc/hostmesh/join-token"

@@ -41,10 +41,11 @@ def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     m = LocalMesh(tmp_path_factory.mktemp("mixed"), consul.url)
     try:
         m.start_ca()
+        # dns=None: 0.1.0 knows no `dns` key
         old = m.write_agent_config("node-old", [
             {"name": "mxold", "port": echo_old.port, "upstreams": ["mxnew", "mxnewh"]},
             {"name": "mxoldh", "port": backends["oldh"].port, "protocol": "http"},
-        ])  # fmt: skip
+        ], dns=None)  # fmt: skip
         new = m.write_agent_config("node-new", [
             {"name": "mxnew", "port": echo_new.port, "upstreams": ["mxold", "mxoldh"]},
             {"name": "mxnewh", "port": backends["newh"].port, "protocol": "http"},

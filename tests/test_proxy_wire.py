@@ -108,3 +108,21 @@ def test_huge_write_is_split_into_legal_frames() -> None:
     events = wire.Decoder().feed(encoded)
     assert sum(len(p) for _, _, p in events) == n
     assert {sid for _, sid, _ in events} == {9}
+
+
+def test_a_datagram_frame_arrives_whole_and_oversized_ones_are_refused() -> None:
+    """DGRAM frames (UDP flows, protocol v2) carry one whole datagram each, however the TLS
+    records cut them, and an empty datagram is a datagram; a frame above MAX_DATAGRAM is a
+    broken peer."""
+
+    datagrams = [b"", b"x", bytes(range(256)) * 5, b"\xff" * wire.MAX_DATAGRAM]
+    data = wire.control(wire.DGRAM_OPEN, 3) + b"".join(wire.dgram_frame(3, d) for d in datagrams)
+    for cut in (1, 7, 1000, len(data)):
+        dec = wire.Decoder()
+        events = []
+        for i in range(0, len(data), cut):
+            events += dec.feed(data[i : i + cut])
+        assert events[0] == (wire.DGRAM_OPEN, 3, b"")
+        assert [(t, s, bytes(p)) for t, s, p in events[1:]] == [(wire.DGRAM, 3, d) for d in datagrams]
+    with pytest.raises(wire.WireError):
+        wire.Decoder().feed(wire.HEADER.pack((wire.DGRAM << 24) | (wire.MAX_DATAGRAM + 1), 3))

@@ -159,6 +159,13 @@ class InboundConnection(MuxConnection):
             return
         self.listener._open(self, self.add(sid))
 
+    def dgram_open_received(self, sid: int) -> None:
+        udp = self.listener.udp
+        if udp is None:  # no udp service on this host
+            self.protocol_error(f"DGRAM_OPEN of flow {sid}: no UDP service here")
+            return
+        udp.dgram_open(self, sid)
+
     def lost(self, exc: Exception | None) -> None:
         self.listener._conns.discard(self)
         if self.admission is not None:
@@ -212,6 +219,7 @@ class InboundListener(ListenerLifecycle):
         self.telemetry = telemetry
         self.reuse_port = reuse_port
         self.alpn_handlers: dict[str, AlpnHandler] = {}
+        self.udp: Any = None  # agent/proxy/udp.py UdpInbound, when a local service speaks udp
         self.tracker = Tracker()
         self.reaper = IdleReaper(self.tracker, stream_idle_timeout)
         self.handshakes = 0  # completed TLS handshakes (for tests and stats)

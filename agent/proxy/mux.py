@@ -30,6 +30,8 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.wire import (
     DATA,
+    DGRAM,
+    DGRAM_OPEN,
     FIN,
     GOAWAY,
     MAX_FRAME_PAYLOAD,
@@ -63,8 +65,8 @@ class Stream:
     """One downstream connection on a mux connection; a pipe end."""
 
     __slots__ = ("_on_data", "_on_eof", "blocked", "conn", "consumed", "credit", "credit_paused",
-                 "done", "fin_pending", "got_fin", "id", "linger", "parked", "peer", "pipe",
-                 "reader_paused", "recv_window")  # fmt: skip
+                 "done", "fin_pending", "got_fin", "id", "linger", "on_datagram", "parked", "peer",
+                 "pipe", "reader_paused", "recv_window")  # fmt: skip
 
     def __init__(self, conn: MuxConnection, sid: int) -> None:
         self.conn = conn
@@ -84,6 +86,7 @@ class Stream:
         self.got_fin = False
         self.linger = False  # finished by the pipe, still flushing `blocked` and FIN
         self.done = False
+        self.on_datagram: Callable[[Chunk], None] | None = None  # a UDP flow (agent/proxy/udp.py)
 
     @property
     def write_paused(self) -> bool:
@@ -288,10 +291,14 @@ class MuxConnection(asyncio.BufferedProtocol):
                     stream.fin_received()
                 elif ftype == RESET:
                     stream.reset_received()
+                elif ftype == DGRAM and stream.on_datagram is not None:
+                    stream.on_datagram(payload)
                 else:
                     self.protocol_error(f"frame type {ftype} on open stream {sid}")
             elif ftype == OPEN:
                 self.open_received(sid)
+            elif ftype == DGRAM_OPEN:
+                self.dgram_open_received(sid)
             elif ftype == GOAWAY:
                 self.goaway_received()
             elif sid == 0 or sid > self.last_id:
@@ -384,6 +391,9 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def open_received(self, sid: int) -> None:
         self.protocol_error(f"unexpected OPEN of stream {sid}")
+
+    def dgram_open_received(self, sid: int) -> None:
+        self.protocol_error(f"unexpected DGRAM_OPEN of flow {sid}")
 
     def goaway_received(self) -> None:
         self.draining = True

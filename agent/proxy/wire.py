@@ -17,6 +17,9 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     WINDOW  both ways         payload: 4-byte increment; the receiver has passed that many bytes
                               of the stream on and the sender may send that many more
     GOAWAY  both ways, id 0   the sender opens/accepts no new streams; the open ones finish
+    DGRAM_OPEN client -> server  (protocol v2+) start datagram flow <id>: a UDP client of the caller
+    DGRAM   both ways         (v2+) one whole datagram of flow <id>; no window: UDP may drop, and a
+                              datagram that cannot be sent is dropped and counted (agent/proxy/udp.py)
 
 Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
 stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
@@ -37,7 +40,11 @@ FIN: Final = 2
 RESET: Final = 3
 WINDOW: Final = 4
 GOAWAY: Final = 5
-KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY))
+DGRAM_OPEN: Final = 6
+DGRAM: Final = 7
+KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM))
+DGRAM_MIN_VERSION = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSIONS) that knows DGRAM frames
+MAX_DATAGRAM = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
 
 HEADER = struct.Struct(">II")  # (type << 24 | length), stream id
 HEADER_SIZE: Final = HEADER.size
@@ -79,6 +86,11 @@ def data_frame(stream: int, data: Chunk) -> bytes:
     view = memoryview(data)
     step = MAX_FRAME_PAYLOAD
     return b"".join(data_frame(stream, view[i : i + step]) for i in range(0, n, step))
+
+
+def dgram_frame(stream: int, data: bytes) -> bytes:
+    """One DGRAM frame: a whole datagram (at most MAX_DATAGRAM bytes, which the caller ensures)."""
+    return HEADER.pack((DGRAM << 24) | len(data), stream) + data
 
 
 def increment(payload: Chunk) -> int:
@@ -134,7 +146,7 @@ class Decoder:
                 ftype, length = word >> 24, word & 0xFFFFFF
                 if ftype not in KNOWN:
                     raise WireError(f"unknown frame type {ftype}")
-                if ftype != DATA and length > MAX_CONTROL_PAYLOAD:
+                if ftype != DATA and length > (MAX_DATAGRAM if ftype == DGRAM else MAX_CONTROL_PAYLOAD):
                     raise WireError(f"control frame of {length} bytes")
                 if length == 0:
                     if ftype != DATA:

@@ -1,0 +1,264 @@
+"""Mesh DNS (agent/dns.py): `<upstream>.mesh` is this host's listener for it; other names REFUSED.
+
+The core is checked on bytes (dnspython builds the queries), the server with Debian's `dig` over UDP
+and TCP, and end to end an unmodified HTTP client (curl, the C library's resolver) calls
+`http://api.mesh/` through the mesh with an upstream on `bind = "auto"`: its resolv.conf names a
+dnsmasq that carries the packaged split-DNS drop-in (packaging/dns/), in a private mount
+namespace, as `ip netns exec` does with /etc/netns/<name>/resolv.conf (the host's resolv.conf is
+never touched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostmesh.agent.config import Address, auto_bind, parse_config
+from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer, dns_table
+from hostmesh.agent.localmesh import LocalMesh, free_port, wait_for
+from tests.l7_support import Backends
+from tests.support import ConsulDev
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN = "sha256:" + "ab" * 32
+DIG_TIMEOUT = 30  # seconds for one dig run (it retries itself with +tries)
+TABLE = DnsTable(dns.name.from_text("mesh."), {"api": "127.128.1.2", "db": "::1"})
+
+
+def ask(name: str, rdtype: str = "A", table: DnsTable = TABLE) -> dns.message.Message:
+    wire = answer(dns.message.make_query(name, rdtype).to_wire(), table)
+    assert wire is not None
+    return dns.message.from_wire(wire)
+
+
+def test_an_upstream_name_is_its_listener_address_and_other_names_are_refused() -> None:
+    r = ask("api.mesh", "A")
+    assert r.rcode() == dns.rcode.NOERROR and r.flags & dns.flags.AA and r.flags & dns.flags.QR
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["127.128.1.2"]
+    assert ask("API.Mesh.", "A").answer[0][0].to_text() == "127.128.1.2"  # names are case-blind
+    aaaa = ask("api.mesh", "AAAA")  # the name exists: NODATA, so clients use the A record
+    assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
+    assert ask("db.mesh", "AAAA").answer[0][0].to_text() == "::1"
+    assert ask("nope.mesh").rcode() == dns.rcode.NXDOMAIN
+    assert ask("x.api.mesh").rcode() == dns.rcode.NXDOMAIN
+    for outside in ("example.com", "mesh.example.com", "api"):
+        refused = ask(outside)
+        assert refused.rcode() == dns.rcode.REFUSED and not refused.answer
+    assert not ask("api.mesh").flags & dns.flags.RA  # we recurse for nobody
+
+
+def test_garbage_gets_formerr_or_is_dropped() -> None:
+    assert answer(b"", TABLE) is None
+    assert answer(b"\x12\x34", TABLE) is None  # no header: nothing to answer to
+    junk = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff\xff"  # a question that is not one
+    reply = answer(junk, TABLE)
+    assert reply is not None
+    assert reply[:2] == b"\x12\x34" and struct.unpack("!H", reply[2:4])[0] & 0xF == dns.rcode.FORMERR
+    response = dns.message.make_response(dns.message.make_query("api.mesh", "A"))
+    assert answer(response.to_wire(), TABLE) is None  # a response is never answered (no reflection)
+    two = dns.message.make_query("api.mesh", "A")
+    two.question.append(two.question[0])
+    got = answer(two.to_wire(), TABLE)
+    assert got is not None and dns.message.from_wire(got).rcode() == dns.rcode.FORMERR
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_never_crash_the_core(data: bytes) -> None:
+    reply = answer(data, TABLE)
+    if reply is not None:
+        assert len(reply) >= 12 and reply[2] & 0x80  # a response, with the query's id
+        assert reply[:2] == data[:2]
+
+
+def test_the_table_is_the_config_upstreams_first_one_wins() -> None:
+    cfg = parse_config({"ca": {"pin": PIN}, "dns_domain": "corp.mesh", "services": [
+        {"name": "web", "port": 8080, "upstreams": [{"service": "api", "bind": "auto", "protocol": "http"},
+                                                    {"service": "db", "bind": "127.0.0.1:5432"}]},
+        {"name": "cron", "port": 8081, "upstreams": [{"service": "api", "bind": "127.0.0.1:9000"}]},
+    ]})  # fmt: skip
+    table = dns_table(cfg)
+    assert table.addresses == {"api": auto_bind("api"), "db": "127.0.0.1"}
+    assert ask("api.corp.mesh", table=table).answer[0][0].to_text() == auto_bind("api")
+    assert ask("api.mesh", table=table).rcode() == dns.rcode.REFUSED
+
+
+# --- the server, with dig -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dig() -> str:
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "dig"], check=True, timeout=600)
+    path = shutil.which("dig")
+    assert path is not None
+    return path
+
+
+async def run_dig(dig: str, port: int, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        dig, "@127.0.0.1", "-p", str(port), "+tries=2", "+time=2", *args, stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), DIG_TIMEOUT)
+    assert proc.returncode == 0, out
+    return out.decode()
+
+
+async def test_dig_over_udp_and_tcp(dig: str) -> None:
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    try:
+        port = server.bind.port
+        for transport in ("+notcp", "+tcp"):
+            assert (await run_dig(dig, port, transport, "+short", "api.mesh")).split() == ["127.128.1.2"]
+            refused = await run_dig(dig, port, transport, "example.com")
+            assert "status: REFUSED" in refused and "ANSWER: 0" in refused
+            assert "status: NXDOMAIN" in await run_dig(dig, port, transport, "nope.mesh")
+        # dnspython's resolver pointed at the agent, as any stub resolver would be
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], port
+        got = await asyncio.get_running_loop().run_in_executor(None, resolver.resolve, "api.mesh", "A")
+        assert [r.to_text() for r in got] == ["127.128.1.2"]
+    finally:
+        await server.close()
+
+
+async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server() -> None:
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    held: list[asyncio.StreamWriter] = []
+    try:
+        port = server.bind.port
+        for _ in range(MAX_TCP_CONNECTIONS):
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            held.append(w)
+        await asyncio.wait_for(_wait_open(server, MAX_TCP_CONNECTIONS), 10)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:  # one too many: closed at once
+            assert await asyncio.wait_for(r.read(1), 10) == b""
+        except ConnectionResetError:
+            pass
+        w.close()
+        # garbage over UDP and a bad length over TCP: the server keeps answering
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        await loop.sock_sendto(sock, b"\xff" * 40, ("127.0.0.1", port))
+        sock.close()
+        held[0].write(b"\x00\x05abcde")
+        q = dns.message.make_query("api.mesh", "A")
+        got = await loop.run_in_executor(None, lambda: dns.query.udp(q, "127.0.0.1", timeout=5, port=port))
+        assert got.answer[0][0].to_text() == "127.128.1.2"
+    finally:
+        for w in held:
+            w.close()
+        await server.close()
+
+
+async def _wait_open(server: DnsServer, n: int) -> None:
+    for _ in range(1000):
+        if len(server._clients) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("TCP connections not accepted")
+
+
+# --- end to end: an unmodified client calls http://api.mesh/ ---------------------------------------
+
+RESOLVER = "127.1.0.53"  # the host resolver of this test: dnsmasq on port 53 (resolv.conf names no port)
+
+
+class DnsMesh(NamedTuple):
+    backends: Backends
+    api_addr: str  # the address bind = "auto" gave api
+    agent_dns: int  # the agent's DNS port on 127.0.0.1
+
+
+@pytest.fixture
+def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[DnsMesh]:
+    """node-a calls api (node-b, HTTP) on bind = "auto"; node-a's agent answers DNS on a free port of
+    127.0.0.1, and a real dnsmasq with the packaged drop-in (only its port changed) is the host's
+    resolver, forwarding just the mesh domain to it."""
+    if shutil.which("unshare") is None or shutil.which("curl") is None:
+        pytest.skip("needs util-linux unshare and curl")
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "dnsmasq"], check=True, timeout=600)
+    backends = Backends("api1")
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    agent_dns = free_port()
+    dropin = (ROOT / "packaging/dns/dnsmasq-hostmesh.conf").read_text()
+    assert "127.0.0.1#15053" in dropin
+    conf = tmp_path / "dnsmasq-hostmesh.conf"
+    conf.write_text(dropin.replace("127.0.0.1#15053", f"127.0.0.1#{agent_dns}"))
+    dnsmasq = None
+    try:
+        m.start_ca()
+        b = m.write_agent_config(
+            "node-b", [{"name": "api", "port": backends["api1"].port, "protocol": "http"}]
+        )
+        a = m.write_agent_config(
+            "node-a",
+            [{"name": "web", "port": free_port(), "upstreams": ["api"]}],
+            dns=f"127.0.0.1:{agent_dns}",
+            upstream_keys={"api": 'bind = "auto"\nprotocol = "http"'},
+        )
+        m.start_agent(b)
+        m.start_agent(a)
+        m.wait_endpoints(a, "api", 1)
+        dnsmasq = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+             f"--listen-address={RESOLVER}", "--port=53", "--pid-file=", f"--conf-file={conf}",
+             "--log-facility=-"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        def resolver_up() -> bool:
+            try:
+                q = dns.message.make_query("api.mesh", "A")
+                return bool(dns.query.udp(q, RESOLVER, timeout=0.5).answer)
+            except (OSError, dns.exception.Timeout):
+                return False
+
+        wait_for(resolver_up, 20, "dnsmasq to forward api.mesh")
+        yield DnsMesh(backends, auto_bind("api"), agent_dns)
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.terminate()
+            dnsmasq.wait(10)
+        m.close()
+        backends.close()
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: DnsMesh, dig: str, tmp_path: Path) -> None:
+    """curl, with the C library's resolver, through the host resolver (dnsmasq + our drop-in) to
+    the agent's DNS, then through the mesh to api."""
+    out = subprocess.run([dig, "@127.0.0.1", "-p", str(dns_mesh.agent_dns), "+short", "api.mesh"],
+                         capture_output=True, text=True, timeout=DIG_TIMEOUT, check=True)  # fmt: skip
+    assert out.stdout.split() == [dns_mesh.api_addr]
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {RESOLVER}\noptions timeout:2 attempts:2\n")
+    script = f'mount --bind "{resolv}" /etc/resolv.conf && exec curl -sS -m 20 http://api.mesh/hello'
+    got = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == "GET /hello\n"
+    assert dns_mesh.backends["api1"].hits == 1  # through the mesh to api's app
+    assert Path("/etc/resolv.conf").read_text() != resolv.read_text()  # the host resolver: untouched

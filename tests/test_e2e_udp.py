@@ -1,0 +1,373 @@
+"""End to end, UDP (`protocol = "udp"`, agent/proxy/udp.py): datagrams of client flows ride the
+agents' mTLS mux connections. A real Consul, the real CA, two agents as processes on loopback.
+
+web (node-a) has UDP upstreams `echo` (a UDP echo app on node-b) and `dns` (a DNS server built on
+dnspython on node-b). Clients are asyncio-dgram sockets, as an app's would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import asyncio_dgram
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from tests.releases import BUILD_TIMEOUT
+from tests.support import ConsulDev
+from tests.test_e2e_l4 import metric_value
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+
+DATAGRAMS = 10_000
+FLOWS = 4  # client sockets (flows) sending at once
+WINDOW = 32  # datagrams in flight per client: the test measures integrity, not overload
+SOCKET_BUFFER = 4 << 20  # the test's own sockets (Linux caps it at net.core.rmem_max)
+RECV_TIMEOUT = 10.0  # seconds for the echo of a datagram in flight
+IDLE_TIMEOUT = 2.0  # node-a's udp_idle_timeout: short enough to watch a flow end, long for a test's gaps
+DNS_ANSWER = "127.0.0.9"  # what the DNS app answers for svc.example. (data, never dialed)
+
+
+class UdpApps:
+    """A UDP echo app and a DNS app (dnspython wire format) on one loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.echo_port, self.dns_port = free_port(), free_port()
+        self.echoed = 0
+        self.dns_queries = 0
+        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        self.transports = fut.result(10)
+
+    async def _start(self) -> list[Any]:
+        apps = self
+
+        class Echo(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.t = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                apps.echoed += 1
+                self.t.sendto(data, addr)
+
+        class Dns(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.t = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                apps.dns_queries += 1
+                q = dns.message.from_wire(data)
+                r = dns.message.make_response(q)
+                if q.question[0].name.to_text() == "svc.example." and q.question[0].rdtype == dns.rdatatype.A:
+                    r.answer.append(
+                        dns.rrset.from_text(
+                            "svc.example.", 30, dns.rdataclass.IN, dns.rdatatype.A, DNS_ANSWER
+                        )
+                    )
+                else:
+                    r.set_rcode(dns.rcode.NXDOMAIN)
+                self.t.sendto(r.to_wire(), addr)
+
+        loop = asyncio.get_running_loop()
+        e, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", self.echo_port))
+        d, _ = await loop.create_datagram_endpoint(Dns, local_addr=("127.0.0.1", self.dns_port))
+        for t in (e, d):  # this app shares the test's GIL with the clients: room for bursts
+            t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        return [e, d]
+
+    def close(self) -> None:
+        for t in self.transports:
+            self.loop.call_soon_threadsafe(t.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class UdpMesh(NamedTuple):
+    m: LocalMesh
+    a: AgentHandle
+    b: AgentHandle
+    apps: UdpApps
+    echo_bind: int
+    dns_bind: int
+
+
+@pytest.fixture
+def udp_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[UdpMesh]:
+    apps = UdpApps()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    echo_bind, dns_bind = free_port(), free_port()
+    try:
+        m.start_ca()
+        b = m.write_agent_config("node-b", [
+            {"name": "echo", "port": apps.echo_port, "protocol": "udp", "health": {"interval": 1}},
+            {"name": "dns", "port": apps.dns_port, "protocol": "udp", "health": {"interval": 1}},
+        ])  # fmt: skip
+        a = m.write_agent_config(
+            "node-a",
+            [{"name": "web", "port": free_port(), "upstreams": ["echo", "dns"]}],
+            extra=f"udp_idle_timeout = {IDLE_TIMEOUT}",
+            upstream_keys={
+                "echo": f'bind = "127.0.0.1:{echo_bind}"\nprotocol = "udp"',
+                "dns": f'bind = "127.0.0.1:{dns_bind}"\nprotocol = "udp"',
+            },
+        )
+        m.start_agent(b)
+        m.start_agent(a)
+        m.wait_endpoints(a, "echo", 1)
+        m.wait_endpoints(a, "dns", 1)
+        yield UdpMesh(m, a, b, apps, echo_bind, dns_bind)
+    finally:
+        m.close()
+        apps.close()
+
+
+def _payload(flow: int, seq: int, rng: random.Random) -> bytes:
+    """1..1,400 bytes: a header (flow, seq, digest of the body) when it fits, then the body."""
+    size = rng.randint(1, 1400)
+    body = rng.randbytes(max(0, size - 28))
+    head = struct.pack("!II", flow, seq) + hashlib.sha256(body).digest()[:20]
+    return (head + body)[:size] if size >= 28 else rng.randbytes(size)
+
+
+async def _client(port: int, flow: int, n: int) -> tuple[int, int]:
+    """Send n datagrams with at most WINDOW in flight; every echo must equal a datagram sent."""
+    rng = random.Random(flow)
+    stream = await asyncio_dgram.connect(("127.0.0.1", port))
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    outstanding: dict[bytes, int] = {}
+    sent = received = 0
+    sizes = 0
+    try:
+        while received < n:
+            while sent < n and len(outstanding) < WINDOW:
+                data = _payload(flow, sent, rng)
+                outstanding[data] = outstanding.get(data, 0) + 1
+                await stream.send(data)
+                sent += 1
+                sizes += len(data)
+            data, _ = await asyncio.wait_for(stream.recv(), RECV_TIMEOUT)
+            count = outstanding.get(data)
+            assert count, f"flow {flow}: a datagram came back that was never sent ({len(data)} bytes)"
+            if len(data) >= 28:  # its own checksum holds too
+                assert hashlib.sha256(data[28:]).digest()[:20] == data[8:28]
+            if count == 1:
+                del outstanding[data]
+            else:
+                outstanding[data] = count - 1
+            received += 1
+    finally:
+        stream.close()
+    return received, sizes
+
+
+def test_10000_datagrams_arrive_intact(udp_mesh: UdpMesh) -> None:
+    _m, a, b, apps, echo_bind, _ = udp_mesh
+
+    async def run() -> list[tuple[int, int]]:
+        return await asyncio.gather(*(_client(echo_bind, f, DATAGRAMS // FLOWS) for f in range(FLOWS)))
+
+    results = asyncio.run(run())
+    assert sum(r for r, _ in results) == DATAGRAMS
+    total_bytes = sum(s for _, s in results)
+    text_a, text_b = a.metrics(), b.metrics()
+    labels = {"source_service": "web", "destination_service": "echo"}
+    for text, reporter in ((text_a, "source"), (text_b, "destination")):
+        for direction in ("request", "response"):
+            got = metric_value(
+                text, "hostmesh_udp_datagrams_total", reporter=reporter, direction=direction, **labels
+            )
+            assert got == DATAGRAMS, (reporter, direction, got)
+            nbytes = metric_value(
+                text, "hostmesh_udp_bytes_total", reporter=reporter, direction=direction, **labels
+            )
+            assert nbytes == total_bytes
+        assert metric_value(text, "hostmesh_udp_dropped_total") == 0
+    assert metric_value(text_a, "hostmesh_udp_flows_total", reporter="source", flags="", **labels) == FLOWS
+    assert (
+        metric_value(text_b, "hostmesh_udp_flows_total", reporter="destination", flags="", **labels) == FLOWS
+    )
+    assert apps.echoed == DATAGRAMS
+
+
+def test_overload_drops_whole_datagrams_and_counts_them(udp_mesh: UdpMesh) -> None:
+    """A burst far beyond what is in flight: what arrives is intact, what is lost is dropped whole;
+    the agents' own drops are counted (the kernel's socket buffers may drop more, uncounted)."""
+    _m, a, b, _apps, echo_bind, _ = udp_mesh
+    burst = 20_000
+
+    async def run() -> tuple[int, int]:
+        stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+        sent: set[bytes] = set()
+        received = 0
+        try:
+            for i in range(burst):
+                data = struct.pack("!I", i) + bytes([i % 251]) * (1400 - 4)
+                sent.add(data)
+                await stream.send(data)
+            while True:
+                try:
+                    data, _ = await asyncio.wait_for(stream.recv(), 2.0)
+                except TimeoutError:
+                    break  # the burst is over: nothing more is in flight
+                assert data in sent and len(data) == 1400  # never truncated nor corrupted
+                received += 1
+        finally:
+            stream.close()
+        return burst, received
+
+    sent, received = asyncio.run(run())
+    dropped = metric_value(a.metrics(), "hostmesh_udp_dropped_total") + metric_value(
+        b.metrics(), "hostmesh_udp_dropped_total"
+    )
+    print(
+        f"overload: {sent} sent in one burst, {received} echoed intact, {dropped:.0f} dropped by the agents"
+    )
+    assert 0 < received <= sent
+
+
+def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(udp_mesh: UdpMesh) -> None:
+    _m, a, _b, _apps, echo_bind, _ = udp_mesh
+
+    def flows() -> int:
+        ups = a.get("/v1/clusters")[1]["upstreams"]
+        return int(next(u for u in ups if u["upstream"] == "echo")["flows"])
+
+    async def run() -> None:
+        stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+        try:
+            await stream.send(b"one")
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0] == b"one"
+            assert flows() == 1
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, wait_for, lambda: flows() == 0, 4 * IDLE_TIMEOUT, "the idle flow to end"
+            )
+            await stream.send(b"two")  # the same client address: a new flow
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0] == b"two"
+        finally:
+            stream.close()
+
+    asyncio.run(run())
+    text = a.metrics()
+    assert metric_value(text, "hostmesh_udp_flows_total", reporter="source", destination_service="echo") == 2
+
+
+def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:
+    _m, _a, _b, apps, _, dns_bind = udp_mesh
+    for _ in range(3):  # three queries, each its own flow (a new source port)
+        q = dns.message.make_query("svc.example.", "A")
+        r = dns.query.udp(q, "127.0.0.1", port=dns_bind, timeout=5)
+        assert r.id == q.id and r.rcode() == dns.rcode.NOERROR
+        assert [rr.to_text() for rrset in r.answer for rr in rrset] == [DNS_ANSWER]
+    nx = dns.query.udp(dns.message.make_query("nope.example.", "A"), "127.0.0.1", port=dns_bind, timeout=5)
+    assert nx.rcode() == dns.rcode.NXDOMAIN
+    assert apps.dns_queries == 4
+
+
+def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
+    m, _a, b, apps, echo_bind, _ = udp_mesh
+
+    async def run() -> None:
+        stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+        try:
+            await stream.send(b"before")
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0] == b"before"
+            await asyncio.get_running_loop().run_in_executor(
+                None, m.hostmesh, "intention", "deny", "web", "echo"
+            )
+            # the same flow (same client port): probes until one is not echoed any more
+            for i in range(200):
+                probe = b"probe %d" % i
+                await stream.send(probe)
+                try:
+                    data, _ = await asyncio.wait_for(stream.recv(), 0.5)
+                except TimeoutError:
+                    break
+                assert data.startswith(b"probe")
+            else:
+                raise AssertionError("the flow still carries datagrams after the deny")
+            echoed = apps.echoed
+            for _ in range(5):  # and stays stopped
+                await stream.send(b"after")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(stream.recv(), 1.0)
+            assert apps.echoed == echoed  # the app saw none of them
+        finally:
+            stream.close()
+
+    asyncio.run(run())
+
+    def denied() -> bool:
+        text = b.metrics()
+        return (
+            metric_value(
+                text, "hostmesh_authz_denied_total", source_service="web", destination_service="echo"
+            )
+            >= 1
+        )
+
+    wait_for(denied, 5, "the deny to be counted")
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + 120)  # a cold machine builds 0.1.0 first
+def test_a_peer_agent_of_0_1_cannot_carry_udp_and_says_so(private_consul: ConsulDev, tmp_path: Path) -> None:
+    """DGRAM frames are sent only on connections that agreed protocol v2: an instance behind a 0.1
+    agent (which agrees v1) is skipped, the client's datagram dropped and counted, and the log names
+    that agent and says to upgrade it."""
+    from hostmesh.agent.localmesh import EchoServer
+    from tests.releases import ReleaseUnavailable, release_command
+
+    try:
+        previous = release_command("0.1.0")
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    bind = free_port()
+    try:
+        m.start_ca()
+        old = m.write_agent_config("node-old", [{"name": "legacy", "port": echo.port}], dns=None)
+        new = m.write_agent_config(
+            "node-new",
+            [{"name": "web", "port": free_port(), "upstreams": ["legacy"]}],
+            upstream_keys={"legacy": f'bind = "127.0.0.1:{bind}"\nprotocol = "udp"'},
+        )
+        m.start_agent(old, command=previous)
+        m.start_agent(new)
+        m.wait_endpoints(new, "legacy", 1)
+
+        async def send() -> None:
+            stream = await asyncio_dgram.connect(("127.0.0.1", bind))
+            try:
+                await stream.send(b"over udp?")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(stream.recv(), 2.0)
+            finally:
+                stream.close()
+
+        asyncio.run(send())
+        wait_for(lambda: "cannot carry UDP; upgrade it" in new.proc.log(), 10, "the v1 error line")
+        line = next(x for x in new.proc.log().splitlines() if "cannot carry UDP" in x)
+        assert "speaks agent protocol v1 (hostmesh 0.1)" in line and f":{old.inbound_port}" in line
+        text = new.metrics()
+        assert metric_value(text, "hostmesh_udp_flows_total", flags="UF", destination_service="legacy") == 1
+        assert metric_value(text, "hostmesh_udp_dropped_total", reason="no_upstream") == 1
+    finally:
+        m.close()
+        echo.close()
