@@ -27,6 +27,8 @@ from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
 from hostmesh.registry.schema import (
+    ExternalService,
+    GatewayDocument,
     Intentions,
     PolicyDocument,
     RouteDocument,
@@ -37,6 +39,7 @@ from hostmesh.registry.schema import (
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 HOSTMESH_META = "hostmesh"  # Consul service meta marking services registered by hostmesh agents
+KIND_META = "hostmesh-kind"  # meta of a gateway's registration: ingress-gateway | egress-gateway
 
 T = TypeVar("T")
 OUTPUTS = ("table", "json", "yaml")
@@ -157,6 +160,13 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
             if getattr(doc, name) is not None:
                 parts.append(name)
         return ", ".join(parts)
+    if isinstance(doc, GatewayDocument):
+        targets = ", ".join(sorted(doc.services()))
+        return f"{len(doc.http)} http route(s), {len(doc.tls)} tls route(s) -> {targets}"
+    if isinstance(doc, ExternalService):
+        tls = f", tls sni {doc.tls.sni}" if doc.tls else ""
+        via = f", via {doc.via}" if doc.via else ""
+        return f"{doc.protocol} {', '.join(map(str, doc.addresses))}{tls}{via}"
     assert isinstance(doc, Intentions)
     default = "agent default" if doc.default is None else ("default allow" if doc.default else "default deny")
     return f"{default}, {len(doc.rules)} rule(s)"
@@ -314,6 +324,9 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
 
 route = _document_group("routes", "route", "route")
 policy = _document_group("policies", "policy", "policy")
+# the mesh's edges: what an ingress gateway hands in, and services outside the mesh (README "Gateways")
+gateway = _document_group("gateways", "gateway", "gateway")
+external = _document_group("external", "external", "external service")
 
 
 # --- intention ---------------------------------------------------------------------------------
@@ -494,6 +507,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
                         "address": f"{inst.address}:{inst.port}",
                         "health": inst.status,
                         "protocol": inst.meta.get("protocol", ""),
+                        "kind": inst.meta.get(KIND_META, ""),
                         "version": inst.meta.get("version", ""),
                         "zone": inst.meta.get("zone", ""),
                         "meta": inst.meta,
@@ -513,9 +527,12 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         [r["service"], r["id"], r["node"], r["address"], r["health"], r["protocol"], r["version"], r["zone"]]
         for r in rows
     ]
-    click.echo(
-        _table(["SERVICE", "INSTANCE", "NODE", "ADDRESS", "HEALTH", "PROTOCOL", "VERSION", "ZONE"], table)
-    )
+    headers = ["SERVICE", "INSTANCE", "NODE", "ADDRESS", "HEALTH", "PROTOCOL", "VERSION", "ZONE"]
+    if any(r["kind"] for r in rows):  # gateways on the mesh: say which instances are which
+        headers.append("KIND")
+        for line, r in zip(table, rows, strict=True):
+            line.append(r["kind"])
+    click.echo(_table(headers, table))
     by_service: dict[str, list[str]] = {}
     for r in rows:
         by_service.setdefault(r["service"], []).append(r["health"])
