@@ -209,15 +209,17 @@ class LocalMesh:
         inbound_port: int | None = None,
         extra: str = "",
         consul_token: str | None = None,
+        gateways: dict[str, str] | None = None,
     ) -> AgentHandle:
         """Write agent.toml for `node`. `services` items: name, port, protocol, meta, health, upstreams
         (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`).
         `consul_token`: the agent's own Consul token (`[consul] token`); it then runs without the
-        mesh's CONSUL_HTTP_TOKEN in its environment."""
+        mesh's CONSUL_HTTP_TOKEN in its environment. `gateways`: name -> the TOML of its
+        [[gateways]] table (kind, listeners), appended; the join token covers their names too."""
         data_dir = self.workdir / node
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = data_dir / "join-token"
-        token_file.write_text(self.token(*[s["name"] for s in services]) + "\n")
+        token_file.write_text(self.token(*[s["name"] for s in services], *(gateways or {})) + "\n")
         token_file.chmod(0o600)
         inbound_port = inbound_port or free_port()
         admin_port, metrics_port = free_port(), free_port()
@@ -254,6 +256,8 @@ class LocalMesh:
             for up in svc.get("upstreams", []):
                 binds[up] = self._unused_port(binds.values())
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
+        for name, body in (gateways or {}).items():
+            lines += ["[[gateways]]", f'name = "{name}"', body]
         config_path = data_dir / "agent.toml"
         config_path.write_text("\n".join(lines) + "\n")
         handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds,  # type: ignore[arg-type]

@@ -73,6 +73,7 @@ RESTART_KEYS = (
     "workers",
     "max_connections",  # the cap is shared by every listener of the process
     "stream_idle_timeout",
+    "gateways",  # listeners and identities; a SIGHUP re-reads the ingress certificate files
 )
 
 
@@ -158,6 +159,7 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
+        self.gateways: list[Any] = []  # edges.IngressGateway of each ingress [[gateways]] (primary only)
 
     # --- start ------------------------------------------------------------------------------
 
@@ -221,8 +223,11 @@ class Agent:
         self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
                                        stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
+        self.inbound.egress_gateways = frozenset(g.name for g in cfg.gateways if g.kind == "egress")
         await self.inbound.start()
         await self._sync_outbound()
+        if not self.worker:
+            await self._start_gateways()
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
@@ -266,6 +271,22 @@ class Agent:
             len(self.outbound),
             cfg.admin,
         )
+
+    async def _start_gateways(self) -> None:
+        """Ingress gateways' listeners (agent/proxy/edges.py); in the primary process only."""
+        from hostmesh.agent.proxy.edges import IngressGateway
+
+        cfg = self.config
+        for gw in cfg.gateways:
+            if gw.kind != "ingress":
+                continue
+            ingress = IngressGateway(gw, self.builder.holder, self.telemetry, cfg.http, self.cap,
+                                     cfg.stream_idle_timeout, on_load=self._after_lazy_import)  # fmt: skip
+            try:
+                await ingress.start()
+            except (OSError, ValueError) as exc:
+                raise AgentStartError(f"gateway {gw.name}: {getattr(exc, 'strerror', None) or exc}") from None
+            self.gateways.append(ingress)
 
     def _release_startup_memory(self) -> None:
         if self._trimmer is not None:
@@ -487,6 +508,8 @@ class Agent:
             await stale.stop()
         await self._sync_outbound()
         self._ensure_http_inbound()  # a service switched to protocol http
+        for gateway in self.gateways:
+            gateway.reload_certificates()
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
@@ -557,7 +580,7 @@ class Agent:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):
                     await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
-        listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
+        listeners = [x for x in [self.inbound, *self.outbound.values(), *self.gateways] if x is not None]
         if getattr(self, "http_inbound", None) is not None:
             listeners.append(self.http_inbound)
         closing = [x.close(cfg.drain_seconds) for x in listeners]
