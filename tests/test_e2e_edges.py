@@ -199,6 +199,7 @@ class Edges(NamedTuple):
     m: LocalMesh
     consul: ConsulDev
     gw: AgentHandle
+    egress: AgentHandle
     caller: AgentHandle
     backends: Backends
     https_port: int
@@ -292,7 +293,9 @@ def edges(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for svc in ("web", "shop", "db"):
             m.wait_endpoints(gw, svc, 1)
         m.wait_endpoints(caller, EGRESS, 1)
-        yield Edges(m, consul, gw, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs)
+        yield Edges(
+            m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
+        )
     finally:
         m.close()
         backends.close()
@@ -392,6 +395,16 @@ def test_a_mesh_service_calls_an_external_https_server(edges: Edges, upstream: s
     assert len(edges.ext.requests) == before + 1
     metrics = edges.caller.metrics()
     assert f'destination_service="{upstream}"' in metrics
+    at_gateway = [
+        line
+        for line in edges.egress.metrics().splitlines()
+        if line.startswith("hostmesh_tcp_connections_opened_total{")
+        and 'destination_service="ext-via"' in line
+        and 'reporter="destination"' in line
+        and 'source_service="caller"' in line
+    ]
+    # via: the egress gateway's agent originated it (and counted it); direct: it never saw it
+    assert bool(at_gateway) == (upstream == "ext-via")
 
 
 @pytest.mark.parametrize("upstream", ["ext-direct", "ext-via"])

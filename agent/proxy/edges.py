@@ -82,6 +82,28 @@ def external_context(tls: ExternalTLS) -> ssl.SSLContext:
     return ctx
 
 
+class _OutsideEnd(RawEnd):
+    """The connection out to an external service. A TLS server that closes ends the whole connection
+    (a TLS transport cannot stay half-open): what it sent is flushed to the caller, then the caller's
+    side is closed, not reset. A close without close_notify counts as a close, as HTTP clients treat
+    it (message framing catches a truncated answer)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pipe = self.pipe
+        clean = self.eof or exc is None or isinstance(exc, ssl.SSLEOFError) or "EOF" in str(exc)
+        if pipe is None or pipe.done or not clean:
+            super().connection_lost(exc)
+            return
+        if not self.eof:
+            self.eof_received()  # the caller sees the end of what the server sent
+        self.closed = True
+        if not pipe.done:
+            pipe.a.finish()
+            pipe.b.finish()
+            pipe.done = True
+            pipe.on_done(pipe)
+
+
 class OriginateError(Exception):
     """No address of the external service could be reached (or verified); str() says why."""
 
@@ -157,7 +179,7 @@ class EgressPipes:
     async def connect_out(self, down: Any, ext: ExternalService, source: str,
                           on_fail: Callable[[], None]) -> None:  # fmt: skip
         """Originate to `ext` and pump `down` (a paused RawEnd or a mesh stream) to it."""
-        out = RawEnd()
+        out = _OutsideEnd()
         try:
             address = await originate(ext, out)
         except OriginateError as exc:
