@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
 import ssl
 import threading
@@ -440,3 +441,22 @@ def test_an_intention_deny_blocks_the_external_service(edges: Edges, upstream: s
     finally:
         m.hostmesh("intention", "allow", "caller", upstream)
     wait_for(lambda: plain_get(port) is not None, 10, "the allow to come back")
+
+
+def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) -> None:
+    def served_serial() -> int:
+        raw = socket.create_connection(("127.0.0.1", edges.https_port), timeout=IO_TIMEOUT)
+        with client_tls(edges).wrap_socket(raw, server_hostname="a.example.test") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = served_serial()
+    new_cert, new_key = edges.ops_ca.leaf("a.example.test", serial_tag="-renewed")
+    new_serial = x509.load_pem_x509_certificate(new_cert.read_bytes()).serial_number
+    cert_path, key_path = edges.certs["a"]
+    os.replace(new_key, key_path)  # the pair is briefly mismatched: that load fails, the old one stays
+    os.replace(new_cert, cert_path)
+    wait_for(lambda: served_serial() == new_serial, 15, "the renewed certificate to be served")
+    assert before != new_serial
+    assert http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200
