@@ -406,12 +406,12 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     services_raw = raw.get("services", [])
     gateways = _parse_gateways(raw.get("gateways", []))
     if not isinstance(services_raw, list) or not (services_raw or gateways):
-        raise _fail("services", "at least one [[services]] (or [[gateways]]) table is required")
+        raise _fail("services", "at least one [[services]] table is required (or a [[gateways]] table)")
     services = tuple(_parse_service(s, f"services[{i}]") for i, s in enumerate(services_raw))
     services += tuple(_gateway_service(g) for g in gateways)
     names = [s.name for s in services]
     if len(set(names)) != len(names):
-        raise _fail("services", "service and gateway names must be unique")
+        raise _fail("services", "service names must be unique (gateway names included)")
     binds = [str(u.bind) for s in services for u in s.upstreams]
     if len(set(binds)) != len(binds):
         raise _fail("services", "two upstreams bind the same address")

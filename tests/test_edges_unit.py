@@ -109,5 +109,5 @@ def test_gateway_mistakes_are_one_line_naming_the_key(gateway: dict[str, Any], m
 
 def test_gateway_and_service_names_are_unique() -> None:
     svc = {"name": "edge", "port": 80}
-    with pytest.raises(ConfigError, match="service and gateway names must be unique"):
+    with pytest.raises(ConfigError, match="service names must be unique"):
         parse_config(base(services=[svc], gateways=[INGRESS]))
