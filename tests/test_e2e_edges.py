@@ -164,10 +164,15 @@ def parse_reply(data: bytes) -> Reply:
 
 
 def http_get(
-    port: int, host: str, path: str = "/", tls: ssl.SSLContext | None = None, sni: str | None = None
+    port: int,
+    host: str,
+    path: str = "/",
+    tls: ssl.SSLContext | None = None,
+    sni: str | None = None,
+    source: str = "127.0.0.1",
 ) -> Reply:
-    """One request on a fresh connection (optionally TLS with `sni`), read to the end."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    """One request on a fresh connection from `source` (optionally TLS with `sni`), read to the end."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=(source, 0))
     sock = tls.wrap_socket(raw, server_hostname=sni or host) if tls is not None else raw
     with sock:
         sock.sendall(
@@ -460,3 +465,22 @@ def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) ->
     wait_for(lambda: served_serial() == new_serial, 15, "the renewed certificate to be served")
     assert before != new_serial
     assert http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200
+
+
+def test_rate_limit_per_client_address_at_the_gateway(edges: Edges) -> None:
+    def policy_version() -> int:
+        return int(edges.gw.get("/v1/config")[1]["versions"].get(f"policies/{GW}", 0))
+
+    doc = {"service": GW, "rate_limit": {"requests_per_second": 0.01, "burst": 2}}
+    apply(edges.m, "policy", doc, edges.tmp)
+    wait_for(lambda: policy_version() > 0, 10, "the gateway's policy to apply")
+    try:
+        first = [http_get(edges.http_port, "a.example.test", source="127.0.0.2") for _ in range(3)]
+        assert [r.status for r in first] == [200, 200, 429]
+        assert first[2].headers["x-hostmesh-response-flags"] == "RL"
+        other = http_get(edges.http_port, "a.example.test", source="127.0.0.3")  # its own bucket
+        assert other.status == 200
+        assert edges.backends["web"].last_headers[b"x-forwarded-for"] == b"127.0.0.3"
+    finally:
+        edges.m.hostmesh("policy", "delete", GW)
+        wait_for(lambda: policy_version() == 0, 10, "the gateway's policy to be gone")

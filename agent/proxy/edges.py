@@ -19,6 +19,8 @@ Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listene
       -> the agent's L7 server (same framing, hygiene, limits and slow-client bounds)
       -> host (Host header, port dropped) + path -> mesh service, by the gateway document
          `hostmesh/gateways/<name>`; none: 404, flag NR
+      -> the gateway's own policy (hostmesh/policies/<name>) `rate_limit`, per client address: a token
+         bucket per address (429, flag RL)
       -> x-forwarded-for / forwarded set to the client's address (replacing what the client sent:
          the gateway is where the mesh meets the untrusted network)
       -> that service's L7 outbound as the gateway's identity (http_outbound.HttpOutbound: its routes,
@@ -37,6 +39,7 @@ import logging
 import os
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +63,9 @@ CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes th
 CLIENT_HELLO_MAX = 16 * 1024 + 5  # one TLS record: a ClientHello larger than this is not one we route
 CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello within this
 BACKLOG = 1024
+MAX_CLIENT_BUCKETS = (
+    65536  # per-client rate-limit buckets kept (least recently used go first): bounded memory
+)
 
 
 # --- egress ------------------------------------------------------------------------------------
@@ -335,12 +341,38 @@ class IngressHttp:
         self.body_min_rate = http.body_min_rate
         self.conns: set[Any] = set()
         self._owner: dict[Any, Any] = {}  # exchange -> the HttpOutbound serving it
+        self._buckets: OrderedDict[str, Any] = OrderedDict()  # client address -> TokenBucket (LRU)
+        self._bucket_policy: Any = None  # the rate limit the buckets were made for
+
+    def _rate_limited(self, snap: Snapshot, client: str) -> bool:
+        """The gateway's policy `rate_limit`, applied per client address (not per gateway)."""
+        policy = snap.policies.get(self.gateway.name)
+        rl = policy.rate_limit if policy is not None else None
+        if rl is None:
+            return False
+        from hostmesh.agent.l7.ratelimit import TokenBucket
+
+        now = time.monotonic()
+        if rl is not self._bucket_policy:
+            self._buckets.clear()
+            self._bucket_policy = rl
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = TokenBucket.from_doc(rl, now)
+            if len(self._buckets) > MAX_CLIENT_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+        return not bucket.allow(now)
 
     def start(self, ex: Any) -> None:
         gw = self.gateway
         snap = gw.holder.current
         doc = snap.gateways.get(gw.name)
         head = ex.head
+        if self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
+            ex.respond(429, flags.RL, "rate limited")
+            return
         host = _request_host(head.headers)
         route = doc.http_route(host, head.target) if doc is not None else None
         if route is None:
