@@ -14,6 +14,7 @@ multi-host variant (network namespaces) is not here yet; see the README's Gatewa
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -97,14 +98,14 @@ class OutsideCA:
 class TLSServer:
     """A TLS server outside the mesh in a thread: HTTP (answers with the SNI it saw) or an echo."""
 
-    def __init__(self, cert: tuple[Path, Path], mode: str) -> None:
+    def __init__(self, cert: tuple[Path, Path], mode: str, host: str = "127.0.0.1") -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(*cert)
         self.snis: list[str | None] = []
         self.ctx.sni_callback = lambda obj, name, ctx: self.snis.append(name)  # type: ignore[assignment,func-returns-value]
         self.mode = mode
         self.requests: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server((host, 0))
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -169,10 +170,12 @@ def http_get(
     path: str = "/",
     tls: ssl.SSLContext | None = None,
     sni: str | None = None,
-    source: str = "127.0.0.1",
+    source: str | None = None,
+    addr: str = "127.0.0.1",
 ) -> Reply:
-    """One request on a fresh connection from `source` (optionally TLS with `sni`), read to the end."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=(source, 0))
+    """One request to `addr` on a fresh connection (from `source`; TLS with `sni`), read to the end."""
+    src = (source, 0) if source else None
+    raw = socket.create_connection((addr, port), timeout=IO_TIMEOUT, source_address=src)
     sock = tls.wrap_socket(raw, server_hostname=sni or host) if tls is not None else raw
     with sock:
         sock.sendall(
@@ -223,96 +226,116 @@ def apply(m: LocalMesh, kind: str, doc: dict[str, Any], tmp: Path) -> None:
     m.hostmesh(kind, "apply", "-f", str(path))
 
 
-@pytest.fixture(scope="module")
-def edges(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edges]:
-    tmp = tmp_path_factory.mktemp("edges")
-    ops_ca, ext_ca = OutsideCA(tmp, "operator"), OutsideCA(tmp, "external")
+def start_edges(
+    consul: ConsulDev,
+    tmp: Path,
+    stack: contextlib.ExitStack,
+    *,
+    listen: str = "127.0.0.1",
+    ext: TLSServer | None = None,
+    ext_ca: OutsideCA | None = None,
+    ext_address: str = "127.0.0.1",
+) -> Edges:
+    """The whole picture of the module docstring; everything it starts is closed by `stack`. `listen`:
+    the gateway listeners' address; `ext`: an external server started elsewhere (another namespace)."""
+    ops_ca = OutsideCA(tmp, "operator")
+    if ext is None or ext_ca is None:
+        ext_ca = OutsideCA(tmp, "external")
+        ext = TLSServer(ext_ca.leaf("ext.example.test"), "http")
+        stack.callback(ext.close)
     certs = {"a": ops_ca.leaf("a.example.test"), "b": ops_ca.leaf("b.example.test", "www.b.example.test")}
     db_tls = TLSServer(ops_ca.leaf("db.example.test"), "echo")
-    ext = TLSServer(ext_ca.leaf("ext.example.test"), "http")
+    stack.callback(db_tls.close)
     backends = Backends("web", "shop")
+    stack.callback(backends.close)
+    stack.callback(_forget_documents, consul)
     m = LocalMesh(tmp / "mesh", consul.url)
+    stack.callback(m.close)
     https_port, http_port, tls_port = free_port(), free_port(), free_port()
-    try:
-        m.start_ca()
-        for name, addr in (("ext-direct", None), ("ext-via", EGRESS)):
-            doc: dict[str, Any] = {
-                "service": name,
-                "addresses": [f"127.0.0.1:{ext.port}"],
-                "protocol": "http",
-                "tls": {"sni": "ext.example.test", "ca_file": str(ext_ca.path)},
-            }
-            if addr:
-                doc["via"] = addr
-            apply(m, "external", doc, tmp)
-            m.hostmesh("intention", "allow", "caller", name)
-            m.hostmesh("intention", "deny", "*", name)
-        apply(
-            m,
-            "gateway",
-            {
-                "service": GW,
-                "http": [
-                    {"hosts": ["a.example.test"], "service": "web"},
-                    {"hosts": ["*.b.example.test", "b.example.test"], "service": "shop"},
-                ],
-                "tls": [{"hosts": ["db.example.test"], "service": "db"}],
-            },
-            tmp,
-        )
-        apps = m.write_agent_config(
-            "node-apps",
-            [
-                {"name": "web", "port": backends["web"].port, "protocol": "http"},
-                {"name": "shop", "port": backends["shop"].port, "protocol": "http"},
-                {"name": "db", "port": db_tls.port},
+    m.start_ca()
+    for name, addr in (("ext-direct", None), ("ext-via", EGRESS)):
+        doc: dict[str, Any] = {
+            "service": name,
+            "addresses": [f"{ext_address}:{ext.port}"],
+            "protocol": "http",
+            "tls": {"sni": "ext.example.test", "ca_file": str(ext_ca.path)},
+        }
+        if addr:
+            doc["via"] = addr
+        apply(m, "external", doc, tmp)
+        m.hostmesh("intention", "allow", "caller", name)
+        m.hostmesh("intention", "deny", "*", name)
+    apply(
+        m,
+        "gateway",
+        {
+            "service": GW,
+            "http": [
+                {"hosts": ["a.example.test"], "service": "web"},
+                {"hosts": ["*.b.example.test", "b.example.test"], "service": "shop"},
             ],
+            "tls": [{"hosts": ["db.example.test"], "service": "db"}],
+        },
+        tmp,
+    )
+    apps = m.write_agent_config(
+        "node-apps",
+        [
+            {"name": "web", "port": backends["web"].port, "protocol": "http"},
+            {"name": "shop", "port": backends["shop"].port, "protocol": "http"},
+            {"name": "db", "port": db_tls.port},
+        ],
+    )
+    listeners = (
+        'kind = "ingress"\n'
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{https_port}"\nprotocol = "https"\n'
+        "certificates = [\n"
+        + "".join(
+            f'  {{ hosts = ["{h}"], cert_file = "{certs[k][0]}", key_file = "{certs[k][1]}" }},\n'
+            for k, h in (("a", "a.example.test"), ("b", "*.b.example.test"), ("b", "b.example.test"))
         )
-        listeners = (
-            'kind = "ingress"\n'
-            "[[gateways.listeners]]\n"
-            f'bind = "127.0.0.1:{https_port}"\nprotocol = "https"\n'
-            "certificates = [\n"
-            + "".join(
-                f'  {{ hosts = ["{h}"], cert_file = "{certs[k][0]}", key_file = "{certs[k][1]}" }},\n'
-                for k, h in (("a", "a.example.test"), ("b", "*.b.example.test"), ("b", "b.example.test"))
-            )
-            + "]\n"
-            "[[gateways.listeners]]\n"
-            f'bind = "127.0.0.1:{http_port}"\nprotocol = "http"\n'
-            "[[gateways.listeners]]\n"
-            f'bind = "127.0.0.1:{tls_port}"\nprotocol = "tls"\n'
-        )
-        gw = m.write_agent_config("node-gw", [], gateways={GW: listeners})
-        egress = m.write_agent_config("node-egress", [], gateways={EGRESS: 'kind = "egress"'})
-        caller = m.write_agent_config(
-            "node-caller",
-            [
-                {"name": "caller", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
-                {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
-            ],
-        )
-        for a in (apps, gw, egress, caller):
-            m.start_agent(a, wait=False)
-        for a in (apps, gw, egress, caller):
-            m.wait_ready(a)
-        for svc in ("web", "shop", "db"):
-            m.wait_endpoints(gw, svc, 1)
-        m.wait_endpoints(caller, EGRESS, 1)
-        yield Edges(
-            m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
-        )
-    finally:
-        m.close()
-        backends.close()
-        db_tls.close()
-        ext.close()
+        + "]\n"
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{http_port}"\nprotocol = "http"\n'
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{tls_port}"\nprotocol = "tls"\n'
+    )
+    gw = m.write_agent_config("node-gw", [], gateways={GW: listeners})
+    egress = m.write_agent_config("node-egress", [], gateways={EGRESS: 'kind = "egress"'})
+    caller = m.write_agent_config(
+        "node-caller",
+        [
+            {"name": "caller", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
+            {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
+        ],
+    )
+    for a in (apps, gw, egress, caller):
+        m.start_agent(a, wait=False)
+    for a in (apps, gw, egress, caller):
+        m.wait_ready(a)
+    for svc in ("web", "shop", "db"):
+        m.wait_endpoints(gw, svc, 1)
+    m.wait_endpoints(caller, EGRESS, 1)
+    return Edges(
+        m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
+    )
+
+
+def _forget_documents(consul: ConsulDev) -> None:
+    with contextlib.suppress(OSError):  # a Consul of the test's own may be gone already
         for kind, name in (("gateways", GW), ("external", "ext-direct"), ("external", "ext-via")):
             consul.kv_delete(f"hostmesh/{kind}/{name}")
             consul.kv_delete(f"hostmesh/history/{kind}/{name}", recurse=True)
         for name in ("web", "shop", "db", "ext-direct", "ext-via"):
             consul.kv_delete(f"hostmesh/intentions/{name}")
             consul.kv_delete(f"hostmesh/history/intentions/{name}", recurse=True)
+
+
+@pytest.fixture(scope="module")
+def edges(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edges]:
+    with contextlib.ExitStack() as stack:
+        yield start_edges(consul, tmp_path_factory.mktemp("edges"), stack)
 
 
 def client_tls(e: Edges) -> ssl.SSLContext:
