@@ -507,3 +507,21 @@ def test_rate_limit_per_client_address_at_the_gateway(edges: Edges) -> None:
     finally:
         edges.m.hostmesh("policy", "delete", GW)
         wait_for(lambda: policy_version() == 0, 10, "the gateway's policy to be gone")
+
+
+def test_the_gateway_applies_the_agents_http_hygiene(edges: Edges) -> None:
+    """Same L7 code as the agent: a smuggling-shaped request is refused at the edge (400 DPE) and
+    never reaches the app."""
+    hits = edges.backends["web"].hits
+    smuggle = (
+        b"POST / HTTP/1.1\r\nhost: a.example.test\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", edges.http_port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(smuggle)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply = parse_reply(data)
+    assert (reply.status, reply.headers["x-hostmesh-response-flags"]) == (400, "DPE")
+    assert edges.backends["web"].hits == hits
