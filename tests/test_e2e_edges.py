@@ -246,7 +246,7 @@ def start_edges(
     certs = {"a": ops_ca.leaf("a.example.test"), "b": ops_ca.leaf("b.example.test", "www.b.example.test")}
     db_tls = TLSServer(ops_ca.leaf("db.example.test"), "echo")
     stack.callback(db_tls.close)
-    backends = Backends("web", "shop")
+    backends = Backends("web", "shop", "shop2")
     stack.callback(backends.close)
     stack.callback(_forget_documents, consul)
     m = LocalMesh(tmp / "mesh", consul.url)
@@ -301,6 +301,9 @@ def start_edges(
         "[[gateways.listeners]]\n"
         f'bind = "{listen}:{tls_port}"\nprotocol = "tls"\n'
     )
+    apps2 = m.write_agent_config(  # a second instance of shop (consistent hashing on the client)
+        "node-apps2", [{"name": "shop", "port": backends["shop2"].port, "protocol": "http"}]
+    )
     gw = m.write_agent_config("node-gw", [], gateways={GW: listeners})
     egress = m.write_agent_config("node-egress", [], gateways={EGRESS: 'kind = "egress"'})
     caller = m.write_agent_config(
@@ -310,12 +313,12 @@ def start_edges(
             {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
         ],
     )
-    for a in (apps, gw, egress, caller):
+    for a in (apps, apps2, gw, egress, caller):
         m.start_agent(a, wait=False)
-    for a in (apps, gw, egress, caller):
+    for a in (apps, apps2, gw, egress, caller):
         m.wait_ready(a)
-    for svc in ("web", "shop", "db"):
-        m.wait_endpoints(gw, svc, 1)
+    for svc, count in (("web", 1), ("shop", 2), ("db", 1)):
+        m.wait_endpoints(gw, svc, count)
     m.wait_endpoints(caller, EGRESS, 1)
     return Edges(
         m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
@@ -360,15 +363,16 @@ def test_https_ingress_routes_by_host_with_the_operators_certificate(edges: Edge
     a = http_get(edges.https_port, "a.example.test", "/hello", tls=ctx)
     assert (a.status, a.headers["x-instance"]) == (200, "web")
     b = http_get(edges.https_port, "www.b.example.test", "/cart", tls=ctx)
-    assert (b.status, b.headers["x-instance"]) == (200, "shop")
+    assert (b.status, b.headers["x-instance"][:4]) == (200, "shop")
     # the client verified the certificate chosen by SNI: a name only b's certificate carries
     raw = socket.create_connection(("127.0.0.1", edges.https_port), timeout=IO_TIMEOUT)
     with ctx.wrap_socket(raw, server_hostname="www.b.example.test") as tls:
         peer = tls.getpeercert()
     assert ("DNS", "www.b.example.test") in peer["subjectAltName"]
     # and the client's address, not what it claimed, reaches the app
-    assert edges.backends["shop"].last_headers[b"x-forwarded-for"] == b"127.0.0.1"
-    assert edges.backends["shop"].last_headers[b"forwarded"].startswith(b"for=127.0.0.1;proto=https")
+    seen = edges.backends[b.headers["x-instance"]].last_headers
+    assert seen[b"x-forwarded-for"] == b"127.0.0.1"
+    assert seen[b"forwarded"].startswith(b"for=127.0.0.1;proto=https")
 
 
 def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
@@ -525,3 +529,27 @@ def test_the_gateway_applies_the_agents_http_hygiene(edges: Edges) -> None:
     reply = parse_reply(data)
     assert (reply.status, reply.headers["x-hostmesh-response-flags"]) == (400, "DPE")
     assert edges.backends["web"].hits == hits
+
+
+def test_consistent_hash_on_source_is_the_real_client_at_the_gateway(edges: Edges) -> None:
+    """shop's own policy (consistent_hash on source_ip) applies to the gateway's calls, and the
+    source is the outside client, not the gateway: one client sticks to one instance, many spread."""
+
+    def policy_version() -> int:
+        return int(edges.gw.get("/v1/config")[1]["versions"].get("policies/shop", 0))
+
+    doc = {"service": "shop", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
+    apply(edges.m, "policy", doc, edges.tmp)
+    wait_for(lambda: policy_version() > 0, 10, "shop's policy to apply at the gateway")
+    try:
+
+        def instance(source: str) -> str:
+            return http_get(edges.http_port, "b.example.test", source=source).headers["x-instance"]
+
+        for source in ("127.0.0.21", "127.0.0.22"):
+            assert len({instance(source) for _ in range(6)}) == 1  # sticky per client
+        spread = {instance(f"127.0.1.{i}") for i in range(1, 21)}  # 20 clients: both (1 - 2^-19)
+        assert spread == {"shop", "shop2"}
+    finally:
+        edges.m.hostmesh("policy", "delete", "shop")
+        wait_for(lambda: policy_version() == 0, 10, "shop's policy to be gone")

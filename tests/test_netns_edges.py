@@ -125,8 +125,12 @@ def test_outside_client_through_https_ingress_by_host_name(world: World) -> None
     assert (a.status, a.headers["x-instance"]) == (200, "web")
     assert e.backends["web"].last_headers[b"x-forwarded-for"] == OUTSIDE_IP.encode()
     b = out.run(lambda: http_get(e.https_port, "www.b.example.test", tls=outside_tls(world), addr=MESH_IP))
-    assert (b.status, b.headers["x-instance"]) == (200, "shop")
-    assert e.backends["shop"].last_headers[b"forwarded"].startswith(f"for={OUTSIDE_IP};proto=https".encode())
+    assert (b.status, b.headers["x-instance"][:4]) == (200, "shop")
+    assert (
+        e.backends[b.headers["x-instance"]]
+        .last_headers[b"forwarded"]
+        .startswith(f"for={OUTSIDE_IP};proto=https".encode())
+    )
     unknown = out.run(lambda: http_get(e.http_port, "nobody.example.test", addr=MESH_IP))
     assert (unknown.status, unknown.headers["x-hostmesh-response-flags"]) == (404, "NR")
 
