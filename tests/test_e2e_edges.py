@@ -265,6 +265,9 @@ def start_edges(
         apply(m, "external", doc, tmp)
         m.hostmesh("intention", "allow", "caller", name)
         m.hostmesh("intention", "deny", "*", name)
+    open_doc = {"service": "ext-open", "addresses": [f"{ext_address}:{ext.port}"], "via": EGRESS,
+                "tls": {"sni": "ext.example.test", "ca_file": str(ext_ca.path)}}  # fmt: skip
+    apply(m, "external", open_doc, tmp)  # no intentions: each agent's default_intention decides
     apply(
         m,
         "gateway",
@@ -305,11 +308,17 @@ def start_edges(
         "node-apps2", [{"name": "shop", "port": backends["shop2"].port, "protocol": "http"}]
     )
     gw = m.write_agent_config("node-gw", [], gateways={GW: listeners})
-    egress = m.write_agent_config("node-egress", [], gateways={EGRESS: 'kind = "egress"'})
+    egress = m.write_agent_config(  # caller-side the default is allow: only the gateway refuses ext-open
+        "node-egress", [], gateways={EGRESS: 'kind = "egress"'}, extra='default_intention = "deny"'
+    )
     caller = m.write_agent_config(
         "node-caller",
         [
-            {"name": "caller", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
+            {
+                "name": "caller",
+                "port": backends["web"].port,
+                "upstreams": ["ext-direct", "ext-via", "ext-open"],
+            },
             {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
         ],
     )
@@ -327,7 +336,10 @@ def start_edges(
 
 def _forget_documents(consul: ConsulDev) -> None:
     with contextlib.suppress(OSError):  # a Consul of the test's own may be gone already
-        for kind, name in (("gateways", GW), ("external", "ext-direct"), ("external", "ext-via")):
+        for kind, name in (
+            ("gateways", GW),
+            *(("external", n) for n in ("ext-direct", "ext-via", "ext-open")),
+        ):
             consul.kv_delete(f"hostmesh/{kind}/{name}")
             consul.kv_delete(f"hostmesh/history/{kind}/{name}", recurse=True)
         for name in ("web", "shop", "db", "ext-direct", "ext-via"):
@@ -553,3 +565,23 @@ def test_consistent_hash_on_source_is_the_real_client_at_the_gateway(edges: Edge
     finally:
         edges.m.hostmesh("policy", "delete", "shop")
         wait_for(lambda: policy_version() == 0, 10, "shop's policy to be gone")
+
+
+def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
+    """ext-open has no intentions: the caller's agent (default allow) lets the call go, the egress
+    gateway's agent (default deny) refuses it, and the server never sees it."""
+    port = _bind_of(edges.caller, "caller", "ext-open")
+    before = len(edges.ext.requests)
+    assert plain_get(port) is None
+    assert len(edges.ext.requests) == before
+
+    def refused_at_gateway() -> bool:
+        return any(
+            line.startswith("hostmesh_tcp_connections_opened_total{")
+            and 'destination_service="ext-open"' in line
+            and 'reporter="destination"' in line
+            and 'response_flags="AUTHZ"' in line
+            for line in edges.egress.metrics().splitlines()
+        )
+
+    assert refused_at_gateway()
