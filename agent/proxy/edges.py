@@ -59,6 +59,7 @@ log = logging.getLogger("hostmesh.proxy.edges")
 
 EXTERNAL_CONNECT_TIMEOUT = 5.0  # per address: outside the mesh, a WAN round trip or two plus DNS
 EXTERNAL_HANDSHAKE_TIMEOUT = 10.0  # TLS origination to a server on the internet
+MAX_EXTERNAL_CONTEXTS = 256  # (SNI, CA file) pairs kept; each context holds a parsed trust store
 CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes this often (cheap stat)
 CLIENT_HELLO_MAX = 16 * 1024 + 5  # one TLS record: a ClientHello larger than this is not one we route
 CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello within this
@@ -83,7 +84,10 @@ def external_context(tls: ExternalTLS) -> ssl.SSLContext:
     if ctx is None:
         ctx = ssl.create_default_context(cafile=tls.ca_file)  # verify + check_hostname
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        _contexts.clear()  # one generation: an old CA file's context is never used again
+        for stale in [k for k in _contexts if k[:2] == key[:2]]:  # that CA file changed: never again
+            del _contexts[stale]
+        if len(_contexts) >= MAX_EXTERNAL_CONTEXTS:
+            _contexts.clear()
         _contexts[key] = ctx
     return ctx
 
@@ -230,9 +234,8 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
         pipes = listener.egress = EgressPipes(listener.telemetry, "source", listener.tracker)
     allowed, reason, flag = external_decision(snap, ext.service, source)
     if not allowed:
-        pipes.refused(source, ext.service, flag, reason)
+        pipes.refused(source, ext.service, flag, reason)  # counted and audited (one line per denial)
         reset_transport(end.transport)
-        log.info("outbound %s: refused: %s [%s]", listener.name, reason, flag)
         return
     if ext.via is None:
         pipes.spawn(pipes.connect_out(end, ext, source, lambda: reset_transport(end.transport)))
