@@ -31,6 +31,8 @@ PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
 
 async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
     """Is the app behind `svc` healthy? HTTP 2xx/3xx on its health path, or a TCP connect."""
+    if svc.kind:  # a gateway: no app behind it, the agent itself serves it
+        return True, f"{svc.kind} served by this agent"
     timeout = min(svc.health.timeout, PROBE_TIMEOUT_CAP)
     if svc.protocol == "udp" and not svc.health.http and not svc.health.tcp:
         return True, "UDP service without a probe: healthy while the agent is"

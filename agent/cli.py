@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "hostmesh.agent.status:status",
     "route": "hostmesh.registry.cli:route",
     "policy": "hostmesh.registry.cli:policy",
+    "gateway": "hostmesh.registry.cli:gateway",
+    "external": "hostmesh.registry.cli:external",
     "intention": "hostmesh.registry.cli:intention",
     "services": "hostmesh.registry.cli:services",
     "acl": "hostmesh.registry.cli:acl",

@@ -90,6 +90,42 @@ class ServiceConfig:
     meta: dict[str, str] = field(default_factory=dict)
     health: HealthConfig = field(default_factory=HealthConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    kind: str = ""  # "": a service with an app; a gateway's identity: GATEWAY_KINDS[kind of [[gateways]]]
+
+
+GATEWAY_KINDS = {"ingress": "ingress-gateway", "egress": "egress-gateway"}  # -> Consul meta hostmesh-kind
+KIND_META = "hostmesh-kind"
+GATEWAY_PROTOCOLS = ("http", "https", "tls")  # tls: passthrough by SNI to a TCP mesh service
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCertificate:
+    """An operator's certificate for `hosts` on an HTTPS listener (chosen by SNI; re-read when the
+    files change and on SIGHUP)."""
+
+    hosts: tuple[str, ...]
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayListener:
+    bind: Address
+    protocol: str  # http | https | tls
+    certificates: tuple[GatewayCertificate, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """`[[gateways]]`: a mesh identity this agent serves as a gateway (README "Gateways").
+
+    ingress: its listeners take traffic from outside and hand it to mesh services as `name`, routed by
+    the document hostmesh/gateways/<name>. egress: it originates the connections to the external
+    services whose document says `via = name`, for the callers each external's intentions allow."""
+
+    name: str
+    kind: str  # ingress | egress
+    listeners: tuple[GatewayListener, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +209,9 @@ class AgentConfig:
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # a UDP flow without a datagram this long ends
     dns: Address | None = None  # mesh DNS (agent/dns.py), UDP and TCP; None: off (dns = "")
     dns_domain: str = DEFAULT_DNS_DOMAIN  # absolute, lowercase: "<upstream>.mesh." is answered
+    # [[gateways]]; each one is also in `services` (kind set, no app), so it gets a certificate,
+    # a registration and its intentions like a service
+    gateways: tuple[GatewayConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -415,6 +454,7 @@ TOP_KEYS = {
     "udp_idle_timeout",
     "cert_dir",
     "nomad",
+    "gateways",
 }
 NOMAD_KEYS = {
     "alloc_id",
@@ -484,12 +524,14 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     )
 
     services_raw = raw.get("services", [])
-    if not isinstance(services_raw, list) or not services_raw:
-        raise _fail("services", "at least one [[services]] table is required")
+    gateways = _parse_gateways(raw.get("gateways", []))
+    if not isinstance(services_raw, list) or not (services_raw or gateways):
+        raise _fail("services", "at least one [[services]] table is required (or a [[gateways]] table)")
     services = tuple(_parse_service(s, f"services[{i}]") for i, s in enumerate(services_raw))
+    services += tuple(_gateway_service(g) for g in gateways)
     names = [s.name for s in services]
     if len(set(names)) != len(names):
-        raise _fail("services", "service names must be unique")
+        raise _fail("services", "service names must be unique (gateway names included)")
     seen: dict[str, str] = {}
     for s in services:
         for u in s.upstreams:
@@ -553,6 +595,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         udp_idle_timeout=_number(raw, "udp_idle_timeout", "", DEFAULT_UDP_IDLE_TIMEOUT, 0.05, 86400),
         cert_dir=Path(cert_dir_raw) if cert_dir_raw else None,
         nomad=_parse_nomad(raw["nomad"]) if "nomad" in raw else None,
+        gateways=gateways,
     )
 
 
@@ -571,6 +614,70 @@ def _parse_nomad(raw: Any) -> NomadConfig:
         poll_interval=_number(raw, "poll_interval", "nomad.", 5.0, 0.1, 3600),
         **s,
     )
+
+
+def _gateway_service(g: GatewayConfig) -> ServiceConfig:
+    """A gateway's identity as a local service: certificate, registration (meta hostmesh-kind) and
+    intentions come from the service machinery; there is no app behind it (port 0, never probed)."""
+    return ServiceConfig(
+        name=g.name, port=0, meta={KIND_META: GATEWAY_KINDS[g.kind]}, kind=GATEWAY_KINDS[g.kind]
+    )
+
+
+def _parse_gateways(raw: Any) -> tuple[GatewayConfig, ...]:
+    if not isinstance(raw, list):
+        raise _fail("gateways", "must be an array of tables ([[gateways]])")
+    out = []
+    for i, g in enumerate(raw):
+        path = f"gateways[{i}]"
+        if not isinstance(g, dict):
+            raise _fail(path, "must be a table")
+        _check_keys(g, {"name", "kind", "listeners"}, path)
+        name = _str(g, "name", f"{path}.")
+        if not name or not valid_service_name(name):
+            raise _fail(f"{path}.name", "must be a lowercase DNS label (a-z, 0-9, -)")
+        kind = _str(g, "kind", f"{path}.")
+        if kind not in GATEWAY_KINDS:
+            raise _fail(f"{path}.kind", "must be ingress or egress")
+        listeners_raw = g.get("listeners", [])
+        if not isinstance(listeners_raw, list) or (kind == "ingress" and not listeners_raw):
+            raise _fail(f"{path}.listeners", "an ingress gateway needs at least one [[gateways.listeners]]")
+        if kind == "egress" and listeners_raw:
+            raise _fail(f"{path}.listeners", "an egress gateway takes mesh traffic on the inbound port only")
+        listeners = tuple(_parse_listener(x, f"{path}.listeners[{j}]") for j, x in enumerate(listeners_raw))
+        out.append(GatewayConfig(name, kind, listeners))
+    return tuple(out)
+
+
+def _parse_listener(raw: Any, path: str) -> GatewayListener:
+    if not isinstance(raw, dict):
+        raise _fail(path, "must be a table")
+    _check_keys(raw, {"bind", "protocol", "certificates"}, path)
+    if "bind" not in raw:
+        raise _fail(f"{path}.bind", "is required")
+    protocol = _str(raw, "protocol", f"{path}.", "http")
+    if protocol not in GATEWAY_PROTOCOLS:
+        raise _fail(f"{path}.protocol", f"must be one of {', '.join(GATEWAY_PROTOCOLS)}")
+    certs_raw = raw.get("certificates", [])
+    if not isinstance(certs_raw, list) or (protocol == "https") != bool(certs_raw):
+        raise _fail(f"{path}.certificates", "an https listener needs certificates; others take none")
+    certs = []
+    for k, c in enumerate(certs_raw):
+        cpath = f"{path}.certificates[{k}]"
+        if not isinstance(c, dict):
+            raise _fail(cpath, "must be a table")
+        _check_keys(c, {"hosts", "cert_file", "key_file"}, cpath)
+        hosts = c.get("hosts")
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
+            raise _fail(f"{cpath}.hosts", "must be a non-empty array of host names")
+        files = []
+        for key in ("cert_file", "key_file"):
+            value = _str(c, key, f"{cpath}.")
+            if not value:
+                raise _fail(f"{cpath}.{key}", "is required")
+            files.append(Path(value))
+        certs.append(GatewayCertificate(tuple(h.lower() for h in hosts), files[0], files[1]))
+    return GatewayListener(parse_address(raw["bind"], f"{path}.bind"), protocol, tuple(certs))
 
 
 def load_config(path: Path) -> AgentConfig:

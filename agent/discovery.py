@@ -61,7 +61,17 @@ from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
-from hostmesh.registry.schema import Intentions, PolicyDocument, parse_intentions, parse_policy, parse_routes
+from hostmesh.registry.schema import (
+    ExternalService,
+    GatewayDocument,
+    Intentions,
+    PolicyDocument,
+    parse_external,
+    parse_gateway,
+    parse_intentions,
+    parse_policy,
+    parse_routes,
+)
 from hostmesh.registry.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -71,6 +81,8 @@ STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored,
 INTENTIONS_PREFIX = "hostmesh/intentions/"
 ROUTES_PREFIX = "hostmesh/routes/"
 POLICIES_PREFIX = "hostmesh/policies/"
+GATEWAYS_PREFIX = "hostmesh/gateways/"
+EXTERNAL_PREFIX = "hostmesh/external/"
 NOT_READ_YET = "intentions not read from Consul yet"
 
 
@@ -116,6 +128,13 @@ class SnapshotBuilder:
         self.raw_routes: dict[str, Any] = {}
         self.raw_policies: dict[str, Any] = {}
         self.versions: dict[str, int] = {}
+        self.gateways: dict[str, GatewayDocument] = {}  # local ingress gateway -> its routing document
+        self.externals: dict[str, ExternalService] = {}
+        self.external_intentions: dict[
+            str, Intentions | None
+        ] = {}  # read (None: no document); missing: unread
+        self.raw_gateways: dict[str, Any] = {}
+        self.raw_externals: dict[str, Any] = {}
         # local service -> what is known of its intentions, and why it is refused (module docstring)
         self.intentions_state: dict[str, IntentionsState] = {}
         self.intentions_reason: dict[str, str] = {}
@@ -234,6 +253,48 @@ class SnapshotBuilder:
 
         return self._set_doc("policies", service, index, raw, check, self.policies, self.raw_policies)
 
+    def set_gateway(self, name: str, index: int, raw: bytes | None) -> bool:
+        """A local ingress gateway's routing document (validated); False keeps the old one."""
+
+        def check(data: Any) -> GatewayDocument:
+            doc = parse_gateway(data)
+            if doc.service != name:
+                raise InvalidDocument("service", f"is {doc.service!r} but the key is for {name!r}")
+            return doc
+
+        return self._set_doc("gateways", name, index, raw, check, self.gateways, self.raw_gateways)
+
+    def set_external(self, name: str, index: int, raw: bytes | None) -> bool:
+        """An external service's document (validated); False keeps the old one."""
+
+        def check(data: Any) -> ExternalService:
+            doc = parse_external(data)
+            if doc.service != name:
+                raise InvalidDocument("service", f"is {doc.service!r} but the key is for {name!r}")
+            return doc
+
+        return self._set_doc("external", name, index, raw, check, self.externals, self.raw_externals)
+
+    def set_external_intentions(self, name: str, index: int, raw: bytes | Exception | None) -> None:
+        """Intentions of an external service, enforced by the caller's agent (direct) or the egress
+        gateway (via). Unreadable or invalid with nothing valid before: unread, so refused (fail closed)."""
+        if isinstance(raw, Exception):
+            self.external_intentions.pop(name, None)
+        elif raw is None:
+            self.external_intentions[name] = None
+        else:
+            try:
+                doc = parse_intentions(json.loads(raw))
+            except (ValueError, InvalidDocument) as exc:
+                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+                log.error("rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, name, reason)
+                if self._on_rejected:
+                    self._on_rejected(f"intentions/{name}", reason)
+                return
+            self.external_intentions[name] = doc
+        self.versions[f"external-intentions/{name}"] = index
+        self._mark()
+
     def _set_doc(self, kind: str, service: str, index: int, raw: bytes | None, parse: Callable[[Any], Any],
                  store: dict[str, Any], raw_store: dict[str, Any]) -> bool:  # fmt: skip
         if raw is None:
@@ -286,6 +347,9 @@ class SnapshotBuilder:
             versions=MappingProxyType(dict(self.versions)),
             intentions_unavailable=MappingProxyType(dict(self.intentions_reason)),
             intentions_state=MappingProxyType(dict(self.intentions_state)),
+            gateways=MappingProxyType(dict(self.gateways)),
+            externals=MappingProxyType(dict(self.externals)),
+            external_intentions=MappingProxyType(dict(self.external_intentions)),
         )
 
     def _mark(self) -> None:
@@ -329,6 +393,8 @@ class SnapshotBuilder:
             "intentions": self.raw_intentions,
             "routes": self.raw_routes,
             "policies": self.raw_policies,
+            "gateways": self.raw_gateways,
+            "externals": self.raw_externals,
             "versions": self.versions,
             "intentions_refused": {  # DENIED / INVALID survive a restart (UNREAD is what no entry means)
                 svc: {"state": state.value, "reason": self.intentions_reason.get(svc, "")}
@@ -366,6 +432,10 @@ class SnapshotBuilder:
             self.set_routes(svc, 0, json.dumps(raw).encode())
         for svc, raw in state.get("policies", {}).items():
             self.set_policy(svc, 0, json.dumps(raw).encode())
+        for name, raw in state.get("gateways", {}).items():  # (external intentions are not saved: refused
+            self.set_gateway(name, 0, json.dumps(raw).encode())  # until read again, fail closed)
+        for name, raw in state.get("externals", {}).items():
+            self.set_external(name, 0, json.dumps(raw).encode())
         self.versions.update({k: int(v) for k, v in state.get("versions", {}).items() if k not in unparsed})
         refused = state.get("intentions_refused", {})
         for svc in self.local:
@@ -454,6 +524,9 @@ class Discovery:
         self._doc_index: dict[str, int] = {}  # key -> ModifyIndex last applied (0: absent)
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
         self._denied: set[str] = set()  # documents the token could not read at the last look
+        self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
+        self._followed: set[str] = set()  # the upstreams the registrations watch was started for
+        self._stopping: set[asyncio.Task[None]] = set()
         self._running = False
         self.watches: dict[str, Watch[Any]] = {}
         self.sync_watches()
@@ -461,7 +534,17 @@ class Discovery:
     # --- what this agent follows ------------------------------------------------------------
 
     def _upstreams(self) -> list[str]:
-        return sorted({u.service for s in self._builder.config.services for u in s.upstreams})
+        """Services whose instances this agent follows: declared upstreams, the mesh services a local
+        ingress gateway's document routes to, and the egress gateways its external upstreams go via."""
+        b = self._builder
+        names = {u.service for s in b.config.services for u in s.upstreams}
+        for gw in b.gateways.values():
+            names |= gw.services()
+        names |= {e.via for e in b.externals.values() if e.via is not None}
+        return sorted(names)
+
+    def _egress_gateways(self) -> set[str]:
+        return {g.name for g in self._builder.config.gateways if g.kind == "egress"}
 
     def _documents(self) -> dict[str, tuple[str, str]]:
         """KV key -> (kind, service) for every document this agent applies."""
@@ -472,6 +555,15 @@ class Discovery:
             docs[f"{POLICIES_PREFIX}{name}"] = ("policies", name)
         for svc in config.services:
             docs[f"{INTENTIONS_PREFIX}{svc.name}"] = ("intentions", svc.name)
+        for gw in config.gateways:
+            if gw.kind == "ingress":
+                docs[f"{GATEWAYS_PREFIX}{gw.name}"] = ("gateways", gw.name)
+        local = {s.name for s in config.services}
+        # any upstream may be an external service; so may those an egress gateway here was listed for
+        for name in sorted({u.service for s in config.services for u in s.upstreams} | self._served):
+            if name not in local:
+                docs[f"{EXTERNAL_PREFIX}{name}"] = ("external", name)
+                docs[f"{INTENTIONS_PREFIX}{name}"] = ("external-intentions", name)
         return docs
 
     def sync_watches(self) -> list[Watch[Any]]:
@@ -479,6 +571,7 @@ class Discovery:
         stop. The new ones read everything afresh and apply only what moved."""
         stale = list(self.watches.values())
         upstreams = set(self._upstreams())
+        self._followed = upstreams
         for name in [n for n in self._table.members if n not in upstreams]:
             del self._table.members[name]
             self._service_index.pop(name, None)
@@ -507,6 +600,17 @@ class Discovery:
         idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
         if idx == index and not self._denied:
             return idx, None  # the wait ran out with nothing changed
+        egress = self._egress_gateways()
+        if egress:  # which externals go via us: only their documents say so
+            served = set()
+            for entry in await self._consul.kv_list(EXTERNAL_PREFIX):
+                try:
+                    via = json.loads(entry.value).get("via")
+                except (ValueError, AttributeError):
+                    continue
+                if via in egress:
+                    served.add(entry.key[len(EXTERNAL_PREFIX) :])
+            self._served = served
         docs = self._documents()
         return idx, (docs, await self._consul.kv_read_many(list(docs)))
 
@@ -518,6 +622,8 @@ class Discovery:
         for key, result in results.items():
             kind, name = docs[key]
             if isinstance(result, PermissionDenied):
+                if kind == "external-intentions":
+                    self._builder.set_external_intentions(name, 0, result)
                 if kind == "intentions":  # fail closed: who may call is unknown (SnapshotBuilder)
                     self._builder.intentions_unreadable(name, str(result))
                 else:
@@ -531,10 +637,39 @@ class Discovery:
             raw = result.value if result is not None else None
             if kind == "intentions":
                 self._builder.set_intentions(name, modify, raw)
+            elif kind == "external-intentions":
+                self._builder.set_external_intentions(name, modify, raw)
+            elif kind == "gateways":
+                self._builder.set_gateway(name, modify, raw)
+            elif kind == "external":
+                self._builder.set_external(name, modify, raw)
             elif kind == "routes":
                 self._builder.set_routes(name, modify, raw)
             else:
                 self._builder.set_policy(name, modify, raw)
+
+        self._follow_new_upstreams()
+
+    def _follow_new_upstreams(self) -> None:
+        """A document named services this agent did not follow yet (a gateway's targets, an external's
+        egress gateway): restart the registrations watch so it reads their instances now, not at the
+        next catalog change. The next documents round brings their routes and policies."""
+        names = set(self._upstreams())
+        if names <= self._followed or not self._running:
+            return
+        self._followed = names
+        old = self.watches["registrations"]
+        new = self.watches["registrations"] = Watch("registrations", self._fetch_members, self._apply_members)
+        new.start()
+        task = asyncio.get_running_loop().create_task(old.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        self._consul_nudge()
+
+    def _consul_nudge(self) -> None:
+        """Read the documents again at once: the new upstreams' routes and policies are in them."""
+        watch = self.watches["documents"]
+        watch.index = None
 
     def _documents_failed(self, exc: Exception) -> None:
         """The documents could not be read at all. Consul's refusal (ACLs, a rejected read) means

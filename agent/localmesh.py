@@ -214,6 +214,7 @@ class LocalMesh:
         consul_token: str | None = None,
         dns: str | None = "",
         upstream_keys: dict[str, str] | None = None,
+        gateways: dict[str, str] | None = None,
     ) -> AgentHandle:
         """Write agent.toml for `node`. `services` items: name, port, protocol, meta, health, upstreams
         (a list of upstream service names; each gets a free local bind port, see `AgentHandle.binds`).
@@ -221,11 +222,13 @@ class LocalMesh:
         mesh's CONSUL_HTTP_TOKEN in its environment. `dns`: the mesh DNS address; "" (default) turns it
         off, since several agents share this host and 15053; None writes no `dns` key (a release
         before 0.2 has none). `upstream_keys`: upstream name -> TOML keys replacing its `bind` line
-        (e.g. 'bind = "auto"\nport = 80'); its `binds` entry is then the port (or 0)."""
+        (e.g. 'bind = "auto"\nport = 80'); its `binds` entry is then the port (or 0). `gateways`:
+        name -> the TOML of its [[gateways]] table (kind, listeners), appended; the join token covers
+        their names too."""
         data_dir = self.workdir / node
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = data_dir / "join-token"
-        token_file.write_text(self.token(*[s["name"] for s in services]) + "\n")
+        token_file.write_text(self.token(*[s["name"] for s in services], *(gateways or {})) + "\n")
         token_file.chmod(0o600)
         inbound_port = inbound_port or free_port()
         admin_port, metrics_port = free_port(), free_port()
@@ -266,6 +269,8 @@ class LocalMesh:
                     continue
                 binds[up] = self._unused_port(binds.values())
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{binds[up]}"']
+        for name, body in (gateways or {}).items():
+            lines += ["[[gateways]]", f'name = "{name}"', body]
         config_path = data_dir / "agent.toml"
         config_path.write_text("\n".join(lines) + "\n")
         handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds,  # type: ignore[arg-type]

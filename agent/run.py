@@ -80,6 +80,7 @@ RESTART_KEYS = (
     "stream_idle_timeout",
     "dns",  # the DNS server's sockets
     "udp_idle_timeout",  # given to the UDP listeners when they start
+    "gateways",  # listeners and identities; a SIGHUP re-reads the ingress certificate files
 )
 
 
@@ -169,6 +170,7 @@ class Agent:
         self._cert_check: asyncio.Task[None] | None = None
         self._prebuilt_tls: TLSMaterial | None = None
         self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
+        self.gateways: list[Any] = []  # edges.IngressGateway of each ingress [[gateways]] (primary only)
 
     # --- start ------------------------------------------------------------------------------
 
@@ -240,8 +242,11 @@ class Agent:
                                        stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
         self._ensure_http_inbound()
         self._ensure_udp_inbound()
+        self.inbound.egress_gateways = frozenset(g.name for g in cfg.gateways if g.kind == "egress")
         await self.inbound.start()
         await self._sync_outbound()
+        if not self.worker:
+            await self._start_gateways()
         phases["listeners"] = time.perf_counter() - t0
         if checking:  # only once serving: its interpreter start would compete with ours for the CPU
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
@@ -363,6 +368,22 @@ class Agent:
             nomad.watch_allocation(api, cfg.nomad.alloc_id, cfg.nomad.poll_interval, gone), name="nomad-alloc"
         )
         self._tasks.append(task)
+
+    async def _start_gateways(self) -> None:
+        """Ingress gateways' listeners (agent/proxy/edges.py); in the primary process only."""
+        from hostmesh.agent.proxy.edges import IngressGateway
+
+        cfg = self.config
+        for gw in cfg.gateways:
+            if gw.kind != "ingress":
+                continue
+            ingress = IngressGateway(gw, self.builder.holder, self.telemetry, cfg.http, self.cap,
+                                     cfg.stream_idle_timeout, on_load=self._after_lazy_import)  # fmt: skip
+            try:
+                await ingress.start()
+            except (OSError, ValueError) as exc:
+                raise AgentStartError(f"gateway {gw.name}: {getattr(exc, 'strerror', None) or exc}") from None
+            self.gateways.append(ingress)
 
     def _release_startup_memory(self) -> None:
         gc.enable()  # agent/cli.py disables it while the modules load
@@ -615,6 +636,8 @@ class Agent:
         await self._sync_outbound()
         self._ensure_http_inbound()  # a service switched to protocol http
         self._ensure_udp_inbound()
+        for gateway in self.gateways:
+            gateway.reload_certificates()
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
@@ -685,7 +708,7 @@ class Agent:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):
                     await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
-        listeners = [x for x in [self.inbound, *self.outbound.values()] if x is not None]
+        listeners = [x for x in [self.inbound, *self.outbound.values(), *self.gateways] if x is not None]
         if getattr(self, "http_inbound", None) is not None:
             listeners.append(self.http_inbound)
         if self.inbound is not None and self.inbound.udp is not None:

@@ -107,6 +107,12 @@ class Snapshot:
     # local service -> why its intentions cannot be read: its traffic is refused (flag NI), it is not ready
     intentions_unavailable: Mapping[str, str] = field(default_factory=_empty)
     intentions_state: Mapping[str, IntentionsState] = field(default_factory=_empty)  # local service -> state
+    # the mesh's edges (agent/proxy/edges.py): local ingress gateway -> its GatewayDocument; external
+    # service (an upstream, or one whose `via` is a local egress gateway) -> its ExternalService; and
+    # the intentions of those externals as read (None: Consul says there are none; missing: unread)
+    gateways: Mapping[str, Any] = field(default_factory=_empty)
+    externals: Mapping[str, Any] = field(default_factory=_empty)
+    external_intentions: Mapping[str, Intentions | None] = field(default_factory=_empty)
 
     def local_by_sni(self, sni: str | None) -> LocalService | None:
         if not sni:

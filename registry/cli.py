@@ -29,6 +29,8 @@ from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, Regist
 from hostmesh.registry.schema import (
     NOMAD_MAPPING_KIND,
     NOMAD_MAPPING_NAME,
+    ExternalService,
+    GatewayDocument,
     Intentions,
     NomadMapping,
     PolicyDocument,
@@ -40,6 +42,7 @@ from hostmesh.registry.schema import (
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 HOSTMESH_META = "hostmesh"  # Consul service meta marking services registered by hostmesh agents
+KIND_META = "hostmesh-kind"  # meta of a gateway's registration: ingress-gateway | egress-gateway
 
 T = TypeVar("T")
 OUTPUTS = ("table", "json", "yaml")
@@ -163,6 +166,13 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
         return ", ".join(parts)
     if isinstance(doc, NomadMapping):
         return f"{len(doc.rules)} rule(s), {len({s for r in doc.rules for s in r.services})} service(s)"
+    if isinstance(doc, GatewayDocument):
+        targets = ", ".join(sorted(doc.services()))
+        return f"{len(doc.http)} http route(s), {len(doc.tls)} tls route(s) -> {targets}"
+    if isinstance(doc, ExternalService):
+        tls = f", tls sni {doc.tls.sni}" if doc.tls else ""
+        via = f", via {doc.via}" if doc.via else ""
+        return f"{doc.protocol} {', '.join(map(str, doc.addresses))}{tls}{via}"
     assert isinstance(doc, Intentions)
     default = "agent default" if doc.default is None else ("default allow" if doc.default else "default deny")
     return f"{default}, {len(doc.rules)} rule(s)"
@@ -320,6 +330,9 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
 
 route = _document_group("routes", "route", "route")
 policy = _document_group("policies", "policy", "policy")
+# the mesh's edges: what an ingress gateway hands in, and services outside the mesh (README "Gateways")
+gateway = _document_group("gateways", "gateway", "gateway")
+external = _document_group("external", "external", "external service")
 
 
 # --- intention ---------------------------------------------------------------------------------
@@ -500,6 +513,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
                         "address": f"{inst.address}:{inst.port}",
                         "health": inst.status,
                         "protocol": inst.meta.get("protocol", ""),
+                        "kind": inst.meta.get(KIND_META, ""),
                         "version": inst.meta.get("version", ""),
                         "zone": inst.meta.get("zone", ""),
                         "meta": inst.meta,
@@ -519,9 +533,12 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         [r["service"], r["id"], r["node"], r["address"], r["health"], r["protocol"], r["version"], r["zone"]]
         for r in rows
     ]
-    click.echo(
-        _table(["SERVICE", "INSTANCE", "NODE", "ADDRESS", "HEALTH", "PROTOCOL", "VERSION", "ZONE"], table)
-    )
+    headers = ["SERVICE", "INSTANCE", "NODE", "ADDRESS", "HEALTH", "PROTOCOL", "VERSION", "ZONE"]
+    if any(r["kind"] for r in rows):  # gateways on the mesh: say which instances are which
+        headers.append("KIND")
+        for line, r in zip(table, rows, strict=True):
+            line.append(r["kind"])
+    click.echo(_table(headers, table))
     by_service: dict[str, list[str]] = {}
     for r in rows:
         by_service.setdefault(r["service"], []).append(r["health"])

@@ -33,7 +33,7 @@ MAX_DURATION = 24 * 3600.0  # a timeout or backoff above a day is a unit mistake
 MAX_RETRY_ATTEMPTS = 10  # more retries only amplify an outage
 MAX_HEADER_OPS = 64  # per header-manipulation block
 
-KINDS = ("routes", "policies", "intentions")  # KV folders under hostmesh/
+KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _SUBSET_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
@@ -1123,19 +1123,179 @@ def parse_nomad_mapping(data: object) -> NomadMapping:
     return NomadMapping(_version(f), tuple(rules))
 
 
+# --- gateways and external services (the mesh's edges) ------------------------------------------
+
+MAX_GATEWAY_ROUTES = 256  # host routes are looked up per request at the gateway; keep the document small
+MAX_HOSTS = 64  # per gateway route: a certificate rarely names more
+MAX_EXTERNAL_ADDRESSES = 32  # addresses are tried in turn per connection; more is a list, not a service
+_HOST_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+EXTERNAL_PROTOCOLS = ("tcp", "http")
+
+
+def _host(v: object, path: str) -> str:
+    """A lowercase DNS name as clients send it in Host/SNI, or `*.suffix` for any one-or-more labels."""
+    s = _str(v, path, max_len=253).lower()
+    if not _HOST_RE.fullmatch(s):
+        raise InvalidDocument(path, f"{s!r} is not a host name (a.example.com or *.example.com)")
+    return s
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """`host` (lowercase, no port) against an exact name or a `*.suffix` wildcard."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRoute:
+    """Requests (HTTP) or connections (TLS passthrough, by SNI) for `hosts` go to mesh service `service`."""
+
+    hosts: tuple[str, ...]
+    service: str
+    prefix: str = "/"  # HTTP only: the request path must start with it
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayDocument:
+    """`hostmesh/gateways/<name>`: what an ingress gateway hands in, by host (and path)."""
+
+    service: str  # the gateway's name: its mesh identity, as in agent.toml [[gateways]]
+    version: int
+    http: tuple[GatewayRoute, ...]
+    tls: tuple[GatewayRoute, ...]
+
+    def http_route(self, host: str, path: bytes | str) -> GatewayRoute | None:
+        """The first HTTP route whose hosts match `host` and whose prefix starts `path`."""
+        p = path.decode("latin-1") if isinstance(path, bytes) else path
+        for r in self.http:
+            if p.startswith(r.prefix) and any(host_matches(h, host) for h in r.hosts):
+                return r
+        return None
+
+    def tls_route(self, host: str) -> GatewayRoute | None:
+        for r in self.tls:
+            if any(host_matches(h, host) for h in r.hosts):
+                return r
+        return None
+
+    def services(self) -> frozenset[str]:
+        return frozenset(r.service for r in (*self.http, *self.tls))
+
+
+def _gateway_route(v: object, path: str, http: bool) -> GatewayRoute:
+    f = _fields(v, path, ("hosts", "service"), ("prefix",) if http else ())
+    hp = _key(path, "hosts")
+    hosts = tuple(_host(h, _idx(hp, i)) for i, h in enumerate(_list(f["hosts"], hp, max_len=MAX_HOSTS)))
+    prefix = "/"
+    if "prefix" in f:
+        prefix = _str(f["prefix"], _key(path, "prefix"))
+        if not prefix.startswith("/"):
+            raise InvalidDocument(_key(path, "prefix"), "must start with /")
+    return GatewayRoute(hosts, _name(f["service"], _key(path, "service")), prefix)
+
+
+def parse_gateway(data: object) -> GatewayDocument:
+    f = _fields(data, "", ("service",), ("version", "description", "http", "tls"))
+    if "description" in f:
+        _str(f["description"], "description", allow_empty=True)
+    routes = {}
+    for kind in ("http", "tls"):
+        items = _list(f.get(kind, []), kind, max_len=MAX_GATEWAY_ROUTES, allow_empty=True)
+        routes[kind] = tuple(_gateway_route(r, _idx(kind, i), kind == "http") for i, r in enumerate(items))
+    if not routes["http"] and not routes["tls"]:
+        raise InvalidDocument("http", "a gateway needs at least one http or tls route")
+    return GatewayDocument(_name(f["service"], "service"), _version(f), routes["http"], routes["tls"])
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalAddress:
+    host: str  # an IP address or a DNS name (resolved when a connection is made)
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalTLS:
+    """TLS originated by the mesh towards the external service (the app speaks plaintext to its agent)."""
+
+    sni: str  # server name sent and verified against the server's certificate
+    ca_file: str | None = None  # PEM bundle on the originating host; None: the system's trust store
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalService:
+    """`hostmesh/external/<name>`: a service outside the mesh that mesh services call as `name`."""
+
+    service: str
+    version: int
+    addresses: tuple[ExternalAddress, ...]
+    protocol: str = "tcp"
+    tls: ExternalTLS | None = None
+    via: str | None = None  # an egress gateway: only its hosts connect out
+
+
+def _external_address(v: object, path: str) -> ExternalAddress:
+    s = _str(v, path, max_len=260)
+    host, sep, port_s = s.rpartition(":")
+    host = host.strip("[]").lower()
+    if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535 or not host:
+        raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_RE.fullmatch(host) or host.startswith("*"):
+            raise InvalidDocument(path, f"{host!r} is neither an IP address nor a DNS name") from None
+    return ExternalAddress(host, int(port_s))
+
+
+def parse_external(data: object) -> ExternalService:
+    f = _fields(data, "", ("service", "addresses"), ("version", "description", "protocol", "tls", "via"))
+    if "description" in f:
+        _str(f["description"], "description", allow_empty=True)
+    addrs = _list(f["addresses"], "addresses", max_len=MAX_EXTERNAL_ADDRESSES)
+    tls = None
+    if "tls" in f:
+        t = _fields(f["tls"], "tls", ("sni",), ("ca_file",))
+        ca_file = None
+        if "ca_file" in t:
+            ca_file = _str(t["ca_file"], "tls.ca_file")
+            if not ca_file.startswith("/"):
+                raise InvalidDocument("tls.ca_file", "must be an absolute path on the originating hosts")
+        sni = _host(t["sni"], "tls.sni")
+        if sni.startswith("*"):
+            raise InvalidDocument("tls.sni", "must be one server name, not a wildcard")
+        tls = ExternalTLS(sni, ca_file)
+    return ExternalService(
+        service=_name(f["service"], "service"),
+        version=_version(f),
+        addresses=tuple(_external_address(a, _idx("addresses", i)) for i, a in enumerate(addrs)),
+        protocol=_choice(f.get("protocol", "tcp"), "protocol", EXTERNAL_PROTOCOLS),
+        tls=tls,
+        via=_name(f["via"], "via") if "via" in f else None,
+    )
+
+
 # --- any kind --------------------------------------------------------------------------------
 
 PARSERS: dict[str, Any] = {
     "routes": parse_routes,
     "policies": parse_policy,
     "intentions": parse_intentions,
+    "gateways": parse_gateway,
+    "external": parse_external,
     NOMAD_MAPPING_KIND: parse_nomad_mapping,
 }
-AnyDocument = RouteDocument | PolicyDocument | Intentions | NomadMapping
+AnyDocument = RouteDocument | PolicyDocument | Intentions | GatewayDocument | ExternalService | NomadMapping
 
 
 def parse_document(kind: str, data: object) -> AnyDocument:
-    """Dispatch on the KV folder name (`routes`, `policies`, `intentions`, `ca` for hostmesh/ca/nomad)."""
+    """Dispatch on the KV folder name (`routes`, `policies`, `intentions`, `gateways`, `external`;
+    `ca` for hostmesh/ca/nomad)."""
     try:
         parser = PARSERS[kind]
     except KeyError:

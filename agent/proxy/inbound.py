@@ -92,6 +92,7 @@ class InboundConnection(MuxConnection):
         self.leaf: Any = None
         self.not_after = 0.0
         self.admission: Admission | None = None  # its slot under the agent's connection cap (L4)
+        self.external: str | None = None  # egress gateway: the external service the SNI named
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called once the TLS handshake has completed: identify the caller."""
@@ -122,11 +123,14 @@ class InboundConnection(MuxConnection):
         if source.trust_domain != snap.trust_domain:
             return self.refuse(f"caller {source.spiffe_id} is not in trust domain {snap.trust_domain}")
         self.service, self.source = svc.name, source
+        self.external = getattr(ssl_obj, "_hostmesh_external", None)
         self.leaf = ssl_obj.getpeercert(binary_form=True)  # DER; parsed only if the bundle changes
         self.not_after = peer_not_after(ssl_obj)
         self.roots_pem = snap.tls.roots_pem
         alpn = ssl_obj.selected_alpn_protocol()
         set_keepalive(transport)
+        if self.external is not None and alpn not in TCP_ALPN:
+            return self.refuse(f"external service {self.external} is reached over {TCP_ALPN[0]} only")
         if alpn not in TCP_ALPN:
             handler = lst.alpn_handlers.get(alpn or "")
             if handler is None:
@@ -220,6 +224,8 @@ class InboundListener(ListenerLifecycle):
         self.reuse_port = reuse_port
         self.alpn_handlers: dict[str, AlpnHandler] = {}
         self.udp: Any = None  # agent/proxy/udp.py UdpInbound, when a local service speaks udp
+        self.egress_gateways: frozenset[str] = frozenset()  # local egress gateways (agent/proxy/edges.py)
+        self.egress: Any = None  # edges.EgressPipes of those gateways (made on first use)
         self.tracker = Tracker()
         self.reaper = IdleReaper(self.tracker, stream_idle_timeout)
         self.handshakes = 0  # completed TLS handshakes (for tests and stats)
@@ -295,6 +301,13 @@ class InboundListener(ListenerLifecycle):
     def _sni(self, ssl_obj: Any, name: str | None, _ctx: ssl.SSLContext) -> int | None:
         snap = self.holder.current
         svc = snap.local_by_sni(name)
+        if svc is None and self.egress_gateways:  # an external service routed via a gateway here?
+            from hostmesh.agent.proxy.edges import egress_target
+
+            target = egress_target(snap, name, self.egress_gateways)
+            if target is not None:
+                svc = snap.local.get(target[1])
+                ssl_obj._hostmesh_external = target[0]  # the gateway's own certificate answers
         ctx = snap.tls.server.get(svc.name) if svc is not None else None
         ssl_obj._hostmesh_sni = name
         if svc is None or ctx is None:
@@ -321,6 +334,11 @@ class InboundListener(ListenerLifecycle):
             return
         if time.time() >= conn.not_after:
             conn.refuse("caller certificate has expired")
+            return
+        if conn.external is not None:  # egress gateway: the external's intentions, then out
+            from hostmesh.agent.proxy.edges import egress_stream
+
+            egress_stream(self, conn, stream, snap)
             return
         unavailable = snap.intentions_unavailable.get(svc.name)
         if unavailable is not None:  # fail closed: this agent cannot read the service's intentions

@@ -90,6 +90,7 @@ class OutboundListener(ListenerLifecycle):
         self._last_log = 0.0
         self._suppressed = 0
         self.http: Any = None  # http_outbound.HttpOutbound: takes connections when the upstream speaks HTTP
+        self.egress: Any = None  # edges.EgressPipes: connections to an external service (made on first use)
         self.name = f"{local_service}->{upstream.service}"
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -112,6 +113,8 @@ class OutboundListener(ListenerLifecycle):
         self.pool.close()
         if self.http is not None:
             await self.http.close(drain_seconds)
+        if self.egress is not None:
+            self.egress.close()
         for end in list(self._pending):
             reset_transport(end.transport)
         self._pending.clear()
@@ -137,6 +140,12 @@ class OutboundListener(ListenerLifecycle):
             if end.admission is None:
                 self._shed(end, snap)
                 return
+        ext = snap.externals.get(self.upstream.service)
+        if ext is not None:  # a service outside the mesh: agent/proxy/edges.py
+            from hostmesh.agent.proxy.edges import egress_connection
+
+            egress_connection(self, end, snap, ext)
+            return
         if self.http is not None and self.http.takes(snap):
             self.http.accept(end)  # L7: agent/proxy/http_outbound.py
             return

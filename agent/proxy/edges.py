@@ -1,0 +1,675 @@
+"""The mesh's edges: external services (egress, direct or via an egress gateway) and ingress gateways.
+
+Egress. An external service is a document (`hostmesh/external/<name>`, registry/schema.py) that a mesh
+service calls as an ordinary upstream by name. Pipeline per connection on the upstream's listener:
+    accept -> read the snapshot once -> authorize the *caller* against the external's intentions
+    (read by this agent; unread: refused, flag NI, fail closed; denied: reset, flag AUTHZ)
+    -> direct: connect one of the external's addresses in turn (DNS names resolved then) and, when
+       its document says so, originate TLS with its SNI, verified against its CA file or the
+       system's trust store -> pump
+    -> via an egress gateway: an ordinary mesh stream (pooled mTLS, our identity) to one of the
+       gateway's instances, with SNI `<external>.svc.<td>` and the gateway's SPIFFE ID required of
+       the peer; the gateway authorizes the caller again (its own read of the intentions) and alone
+       originates the connection out (`egress_stream`), so only its hosts need a firewall opening.
+The app speaks plaintext to its listener either way (HTTP included: TLS is originated below it).
+Metrics and access lines name the external as the destination.
+
+Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listeners outside the mesh:
+    http / https (operator certificates chosen by SNI, re-read when their files change and on SIGHUP)
+      -> the agent's L7 server (same framing, hygiene, limits and slow-client bounds)
+      -> host (Host header, port dropped) + path -> mesh service, by the gateway document
+         `hostmesh/gateways/<name>`; none: 404, flag NR
+      -> the gateway's own policy (hostmesh/policies/<name>) `rate_limit`, per client address: a token
+         bucket per address (429, flag RL)
+      -> x-forwarded-for / forwarded set to the client's address (replacing what the client sent:
+         the gateway is where the mesh meets the untrusted network)
+      -> that service's L7 outbound as the gateway's identity (http_outbound.HttpOutbound: its routes,
+         splits, retries, faults, policy; consistent_hash `source` is the real client's address)
+    tls (passthrough) -> read the ClientHello's SNI -> the TCP mesh service routed for that host
+      -> the agent's L4 outbound as the gateway's identity (the bytes, ClientHello included, are
+         relayed untouched; the service terminates TLS itself); none: reset.
+The destination's agent checks its intentions with the gateway's identity as the source, so a deny
+of the gateway blocks it like any caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from hostmesh.agent import audit
+from hostmesh.agent.authz import authorize_connection, refuse_unavailable
+from hostmesh.agent.config import GatewayConfig, GatewayListener, HttpConfig, UpstreamConfig
+from hostmesh.agent.l7 import flags
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.pool import DialError
+from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
+from hostmesh.ca.identity import Identity
+from hostmesh.registry.schema import ExternalService, ExternalTLS
+
+log = logging.getLogger("hostmesh.proxy.edges")
+
+EXTERNAL_CONNECT_TIMEOUT = 5.0  # per address: outside the mesh, a WAN round trip or two plus DNS
+EXTERNAL_HANDSHAKE_TIMEOUT = 10.0  # TLS origination to a server on the internet
+MAX_EXTERNAL_CONTEXTS = 256  # (SNI, CA file) pairs kept; each context holds a parsed trust store
+CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes this often (cheap stat)
+CLIENT_HELLO_MAX = 16 * 1024 + 5  # one TLS record: a ClientHello larger than this is not one we route
+CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello within this
+BACKLOG = 1024
+MAX_CLIENT_BUCKETS = (
+    65536  # per-client rate-limit buckets kept (least recently used go first): bounded memory
+)
+
+
+# --- egress ------------------------------------------------------------------------------------
+
+
+_contexts: dict[tuple[str, str | None, float], ssl.SSLContext] = {}
+
+
+def external_context(tls: ExternalTLS) -> ssl.SSLContext:
+    """The client context that originates TLS to an external service: certificate verified against
+    `ca_file` (re-read when it changes) or the system's trust store, host name checked against SNI."""
+    mtime = os.stat(tls.ca_file).st_mtime if tls.ca_file else 0.0
+    key = (tls.sni, tls.ca_file, mtime)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=tls.ca_file)  # verify + check_hostname
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        for stale in [k for k in _contexts if k[:2] == key[:2]]:  # that CA file changed: never again
+            del _contexts[stale]
+        if len(_contexts) >= MAX_EXTERNAL_CONTEXTS:
+            _contexts.clear()
+        _contexts[key] = ctx
+    return ctx
+
+
+class _OutsideEnd(RawEnd):
+    """The connection out to an external service. A TLS server that closes ends the whole connection
+    (a TLS transport cannot stay half-open): what it sent is flushed to the caller, then the caller's
+    side is closed, not reset. A close without close_notify counts as a close, as HTTP clients treat
+    it (message framing catches a truncated answer)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pipe = self.pipe
+        clean = self.eof or exc is None or isinstance(exc, ssl.SSLEOFError) or "EOF" in str(exc)
+        if pipe is None or pipe.done or not clean:
+            super().connection_lost(exc)
+            return
+        if not self.eof:
+            self.eof_received()  # the caller sees the end of what the server sent
+        self.closed = True
+        if not pipe.done:
+            pipe.a.finish()
+            pipe.b.finish()
+            pipe.done = True
+            pipe.on_done(pipe)
+
+
+class OriginateError(Exception):
+    """No address of the external service could be reached (or verified); str() says why."""
+
+
+async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str:
+    """Connect `protocol` to the first address of `ext` that answers (TLS originated when the document
+    says so); returns that address. Raises OriginateError."""
+    loop = asyncio.get_running_loop()
+    ctx: ssl.SSLContext | None = None
+    if ext.tls is not None:
+        try:
+            ctx = external_context(ext.tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise OriginateError(
+                f"CA file {ext.tls.ca_file}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+    last = "no address"
+    for addr in ext.addresses:
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: protocol, addr.host, addr.port, ssl=ctx,
+                    server_hostname=ext.tls.sni if ext.tls is not None else None,
+                    ssl_handshake_timeout=EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else None,
+                ),
+                EXTERNAL_CONNECT_TIMEOUT + (EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else 0),
+            )  # fmt: skip
+            return str(addr)
+        except ssl.SSLCertVerificationError as exc:
+            sni = ext.tls.sni if ext.tls else "?"
+            last = f"{addr}: certificate not trusted for {sni}: {exc.verify_message}"
+            log.warning("external %s: %s", ext.service, last)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            last = f"{addr}: {getattr(exc, 'strerror', None) or exc or 'timed out'}"
+    raise OriginateError(last)
+
+
+def external_decision(snap: Snapshot, external: str, source: str) -> tuple[bool, str, str]:
+    """May `source` call `external`? (allowed, reason, flag) from the intentions as read here."""
+    if external not in snap.external_intentions:
+        reason = f"intentions of external service {external} not read from Consul"
+        return refuse_unavailable(reason).allowed, reason, flags.NI
+    decision = authorize_connection(snap.external_intentions[external], source, snap.default_allow, l7=False)
+    return decision.allowed, decision.reason, flags.AUTHZ
+
+
+class EgressPipes:
+    """Pipes to external services opened by one listener (the caller's outbound, or the inbound of an
+    egress gateway): metrics, access lines, drain."""
+
+    def __init__(self, telemetry: Telemetry, reporter: str, tracker: Any) -> None:
+        self.telemetry = telemetry
+        self.reporter = reporter
+        self.tracker = tracker
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def refused(self, source: str, destination: str, flag: str, reason: str, peer: str = "") -> None:
+        series = self.telemetry.tcp_series(self.reporter, source, destination, "", flag)
+        series.opened.inc()
+        series.closed.inc()
+        if flag == flags.AUTHZ:
+            self.telemetry.denied(self.reporter, source, destination)
+        elif flag == flags.NI:
+            self.telemetry.unavailable(self.reporter, source, destination)
+        if flag in (flags.AUTHZ, flags.NI):
+            audit.denied(layer="l4", source=source, destination=destination, reason=reason, peer=peer)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def connect_out(self, down: Any, ext: ExternalService, source: str,
+                          on_fail: Callable[[], None]) -> None:  # fmt: skip
+        """Originate to `ext` and pump `down` (a paused RawEnd or a mesh stream) to it."""
+        out = _OutsideEnd()
+        try:
+            address = await originate(ext, out)
+        except OriginateError as exc:
+            log.warning("external %s (called by %s): %s", ext.service, source, exc)
+            self.refused(source, ext.service, flags.UF, str(exc))
+            on_fail()
+            return
+        if getattr(down, "closed", False) or getattr(down, "done", False):
+            out.reset()
+            return
+        series = self.telemetry.tcp_series(self.reporter, source, ext.service)
+        series.opened.inc()
+        pipe = Pipe(down, out, series, self._done, info=(source, ext.service, address))
+        self.tracker.add(pipe)
+        pipe.start()
+
+    def _done(self, pipe: Pipe) -> None:
+        self.tracker.remove(pipe)
+        source, destination, address = pipe.info
+        series = pipe.series
+        if pipe.flags:
+            series = self.telemetry.tcp_series(self.reporter, source, destination, "", pipe.flags)
+        pipe.flush_metrics(series)
+        series.closed.inc()
+        if audit.access_sampled(always=bool(pipe.flags)):
+            audit.access({
+                "ts": round(time.time(), 3), "reporter": self.reporter, "source": source,
+                "destination": destination, "external": address, "received": pipe.up, "sent": pipe.down,
+                "flags": pipe.flags, "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
+            })  # fmt: skip
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalService) -> None:
+    """An app connection on the listener of upstream `ext` (outbound.OutboundListener hook)."""
+    source = listener.local_service
+    pipes: EgressPipes | None = getattr(listener, "egress", None)
+    if pipes is None:
+        pipes = listener.egress = EgressPipes(listener.telemetry, "source", listener.tracker)
+    allowed, reason, flag = external_decision(snap, ext.service, source)
+    if not allowed:
+        pipes.refused(source, ext.service, flag, reason)  # counted and audited (one line per denial)
+        reset_transport(end.transport)
+        return
+    if ext.via is None:
+        pipes.spawn(pipes.connect_out(end, ext, source, lambda: reset_transport(end.transport)))
+        return
+    ctx = snap.tls.client.get(source)
+    endpoints = snap.endpoints.get(ext.via, ())
+    if ctx is None or not endpoints:
+        why = f"no healthy instance of egress gateway {ext.via}" if ctx is not None else "no certificate"
+        listener._refuse(end, flags.UH if ctx is not None else flags.UF, why)
+        return
+    listener._pending.add(end)
+    pipes.spawn(_via(listener, end, ctx, snap, ext, endpoints))
+
+
+async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext: ExternalService,
+               endpoints: tuple[Any, ...]) -> None:  # fmt: skip
+    """A mesh stream to an instance of the egress gateway, SNI naming the external service."""
+    assert ext.via is not None
+    sni = Identity(snap.trust_domain, ext.service).dns_name
+    gateway = Identity(snap.trust_domain, ext.via)
+    up: UpstreamConfig = listener.upstream
+    deadline = time.monotonic() + up.connect_budget
+    tried: set[Any] = set()
+    last = "connect budget spent"
+    ep = listener._pick(endpoints, tried)
+    while ep is not None and not end.closed:
+        key = (ep.address, ep.port)
+        timeout = min(up.connect_timeout, deadline - time.monotonic())
+        if timeout <= 0:
+            break
+        try:
+            conn = listener.pool.acquire(key, ctx)
+            if conn is None:
+                conn = await listener.pool.dial(key, ctx, sni, gateway, timeout)
+        except DialError as exc:
+            last = str(exc)
+            tried.add(key)
+            ep = listener._pick(endpoints, tried)
+            continue
+        listener._pending.discard(end)
+        if not end.closed:
+            listener._attach(end, conn, ep)
+        return
+    listener._pending.discard(end)
+    if not end.closed:
+        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {last}")
+
+
+def egress_target(snap: Snapshot, sni: str | None, gateways: frozenset[str]) -> tuple[str, str] | None:
+    """(external, local egress gateway) when `sni` names an external service routed via one of
+    `gateways` (the inbound's SNI callback: the gateway's certificate answers for it)."""
+    ident = Identity.from_sni(sni) if sni else None
+    if ident is None or ident.trust_domain != snap.trust_domain:
+        return None
+    ext = snap.externals.get(ident.service)
+    if ext is None or ext.via not in gateways:
+        return None
+    return ext.service, ext.via
+
+
+def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None:
+    """At an egress gateway: a caller's stream for the external service its SNI named."""
+    pipes: EgressPipes | None = getattr(listener, "egress", None)
+    if pipes is None:
+        pipes = listener.egress = EgressPipes(listener.telemetry, "destination", listener.tracker)
+    external = conn.external
+    source = conn.source.service if conn.source else ""
+    ext = snap.externals.get(external)
+    if ext is None or ext.via != conn.service:
+        pipes.refused(source, external, flags.NR, "not an external service of this gateway any more")
+        stream.reset()
+        return
+    allowed, reason, flag = external_decision(snap, external, source)
+    if not allowed:
+        pipes.refused(source, external, flag, reason, conn.peer_addr)
+        stream.reset()
+        return
+    pipes.spawn(pipes.connect_out(stream, ext, source, stream.reset))
+
+
+# --- ingress -----------------------------------------------------------------------------------
+
+
+def _request_host(headers: list[tuple[bytes, bytes]]) -> str:
+    for n, v in headers:
+        if n == b"host":
+            host = v.decode("latin-1").strip().lower()
+            if host.startswith("["):
+                return host.split("]")[0] + "]"
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return ""
+
+
+FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-forwarded-proto")
+
+
+class IngressHttp:
+    """The L7 handler of an ingress gateway's http/https listeners (http_conn.Handler)."""
+
+    def __init__(self, gateway: IngressGateway, scheme: str) -> None:
+        http = gateway.http
+        self.gateway = gateway
+        self.scheme = scheme.encode()
+        self.header_timeout = http.header_read_timeout
+        self.body_idle_timeout = http.body_idle_timeout
+        self.body_min_rate = http.body_min_rate
+        self.conns: set[Any] = set()
+        self._owner: dict[Any, Any] = {}  # exchange -> the HttpOutbound serving it
+        self._buckets: OrderedDict[str, Any] = OrderedDict()  # client address -> TokenBucket (LRU)
+        self._bucket_policy: Any = None  # the rate limit the buckets were made for
+
+    def _rate_limited(self, snap: Snapshot, client: str) -> bool:
+        """The gateway's policy `rate_limit`, applied per client address (not per gateway)."""
+        policy = snap.policies.get(self.gateway.name)
+        rl = policy.rate_limit if policy is not None else None
+        if rl is None:
+            return False
+        from hostmesh.agent.l7.ratelimit import TokenBucket
+
+        now = time.monotonic()
+        if rl is not self._bucket_policy:
+            self._buckets.clear()
+            self._bucket_policy = rl
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = TokenBucket.from_doc(rl, now)
+            if len(self._buckets) > MAX_CLIENT_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+        return not bucket.allow(now)
+
+    def start(self, ex: Any) -> None:
+        gw = self.gateway
+        snap = gw.holder.current
+        doc = snap.gateways.get(gw.name)
+        head = ex.head
+        if self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
+            ex.respond(429, flags.RL, "rate limited")
+            return
+        host = _request_host(head.headers)
+        route = doc.http_route(host, head.target) if doc is not None else None
+        if route is None:
+            ex.respond(404, flags.NR, f"no gateway route for host {host!r}")
+            return
+        client = ex.conn.peer_ip
+        node = f'"[{client}]"' if ":" in client else client
+        headers = [(n, v) for n, v in head.headers if n not in FORWARDED_HEADERS]
+        headers += [
+            (b"x-forwarded-for", client.encode()),
+            (b"x-forwarded-proto", self.scheme),
+            (b"forwarded", f"for={node};proto={self.scheme.decode()};host={host}".encode()),
+        ]
+        ex.head = head._replace(headers=headers)
+        out = gw.outbound(route.service)
+        self._owner[ex] = out
+        out.start(ex)
+
+    def finished(self, ex: Any) -> None:
+        out = self._owner.pop(ex, None)
+        if out is not None:
+            out.finished(ex)
+            return
+        gw = self.gateway
+        gw.metrics.observe(gw.name, "-", "", ex.status, ex.flags or flags.NONE, time.monotonic() - ex.started)
+        from hostmesh.agent.proxy.http_conn import access_due, access_line
+
+        if access_due(ex):
+            access_line(ex, "source", gw.name, "-", "")
+
+    def rejected(self, conn: Any, status: int, reason: str, flag: str) -> None:
+        gw = self.gateway
+        gw.metrics.observe(gw.name, "-", "", status, flag, 0.0)
+        log.info("ingress %s: client %s broke HTTP/1.1 (%s): answered %d", gw.name, conn.peer_ip, reason,
+                 status)  # fmt: skip
+        self.conns.discard(conn)
+
+    def conn_lost(self, conn: Any) -> None:
+        self.conns.discard(conn)
+
+
+class _CertSet:
+    """An HTTPS listener's operator certificates, one context per certificate, chosen by SNI."""
+
+    def __init__(self, listener: GatewayListener) -> None:
+        self.listener = listener
+        self.contexts: list[tuple[tuple[str, ...], ssl.SSLContext]] = []
+        self.stamp: tuple[Any, ...] = ()
+        self.reload(force=True)
+
+    def _stamp(self) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for c in self.listener.certificates:
+            for p in (c.cert_file, c.key_file):
+                try:
+                    st = os.stat(p)
+                    out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+                except OSError:
+                    out.append(None)
+        return tuple(out)
+
+    def reload(self, force: bool = False) -> bool:
+        """Re-read the files when they changed; a pair that does not load keeps the previous set."""
+        stamp = self._stamp()
+        if stamp == self.stamp and not force:
+            return False
+        contexts = []
+        for c in self.listener.certificates:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_alpn_protocols(["http/1.1"])
+            try:
+                ctx.load_cert_chain(c.cert_file, c.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                msg = f"ingress listener {self.listener.bind}: {c.cert_file}: {why}"
+                if force and not self.contexts:
+                    raise OSError(msg) from None
+                log.error("%s; keeping the certificates in use", msg)
+                return False
+            contexts.append((c.hosts, ctx))
+        self.contexts, self.stamp = contexts, stamp
+        if not force:
+            log.info("ingress listener %s: certificates reloaded", self.listener.bind)
+        return True
+
+    def pick(self, sni: str | None) -> ssl.SSLContext:
+        from hostmesh.registry.schema import host_matches
+
+        name = (sni or "").lower()
+        for hosts, ctx in self.contexts:
+            if any(host_matches(h, name) for h in hosts):
+                return ctx
+        return self.contexts[0][1]  # no SNI or an unknown name: the first certificate (the client decides)
+
+
+class _ClientHello(RawEnd):
+    """A passthrough connection until its ClientHello is read (kept as early data for the pipe)."""
+
+    def __init__(self, gateway: IngressGateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.timer = asyncio.get_running_loop().call_later(CLIENT_HELLO_TIMEOUT, self._give_up)
+        transport.resume_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.pipe is not None or self._on_data is not None:
+            super().data_received(data)
+            return
+        self._early.append(data)
+        self.buf += data
+        sni, complete = client_hello_sni(self.buf)
+        if not complete and len(self.buf) < CLIENT_HELLO_MAX:
+            return
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.gateway.passthrough(self, sni)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timer is not None:
+            self.timer.cancel()
+        admission = getattr(self, "admission", None)
+        if admission is not None:  # the outbound took a slot under the agent's cap for it
+            admission.release()
+
+    def _give_up(self) -> None:
+        if self.pipe is None:
+            reset_transport(self.transport)
+
+
+def client_hello_sni(data: bytes) -> tuple[str | None, bool]:
+    """(server name, complete) from the first TLS record of a connection: pure, never raises.
+    `complete` is False while more bytes are needed; a record that is not a ClientHello is complete
+    with no name."""
+    if len(data) < 5:
+        return None, False
+    if data[0] != 0x16:
+        return None, True
+    rec_len = int.from_bytes(data[3:5], "big")
+    if len(data) < 5 + rec_len:
+        return None, False
+    body = data[5 : 5 + rec_len]
+    try:
+        if body[0] != 0x01:
+            return None, True
+        p = 4 + 2 + 32  # handshake header, version, random
+        p += 1 + body[p]  # session id
+        p += 2 + int.from_bytes(body[p : p + 2], "big")  # cipher suites
+        p += 1 + body[p]  # compression methods
+        end = p + 2 + int.from_bytes(body[p : p + 2], "big")
+        p += 2
+        while p + 4 <= end:
+            etype = int.from_bytes(body[p : p + 2], "big")
+            elen = int.from_bytes(body[p + 2 : p + 4], "big")
+            if etype == 0:  # server_name: list length, then (type 0, length, name)
+                q = p + 4 + 2
+                if body[q] == 0:
+                    n = int.from_bytes(body[q + 1 : q + 3], "big")
+                    return body[q + 3 : q + 3 + n].decode("ascii").lower(), True
+            p += 4 + elen
+    except (IndexError, UnicodeDecodeError):
+        pass
+    return None, True
+
+
+class IngressGateway:
+    """One ingress gateway of this agent: its listeners, and the outbound paths it calls as `name`."""
+
+    def __init__(self, config: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, http: HttpConfig,
+                 cap: ConnectionCap | None, stream_idle_timeout: float,
+                 on_load: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        from hostmesh.agent.proxy.http_conn import RequestMetrics
+
+        self.config = config
+        self.name = config.name
+        self.holder = holder
+        self.telemetry = telemetry
+        self.http = http
+        self.cap = cap
+        self.stream_idle_timeout = stream_idle_timeout
+        self.metrics = RequestMetrics(telemetry, "source")
+        self._http_out: dict[str, Any] = {}  # mesh service -> HttpOutbound as this gateway
+        self._tcp_out: dict[str, Any] = {}  # mesh service -> OutboundListener (never bound) as this gateway
+        self._servers: list[asyncio.Server] = []
+        self._handlers: list[IngressHttp] = []
+        self._certs: list[_CertSet] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._on_load = on_load
+        self.ports: list[int] = []
+
+    async def start(self) -> None:
+        from hostmesh.agent.proxy.http_conn import ServerConn, TlsServerConn
+
+        loop = asyncio.get_running_loop()
+        for lst in self.config.listeners:
+            bind = lst.bind
+            if lst.protocol == "tls":
+                server = await loop.create_server(lambda: _ClientHello(self), bind.host, bind.port,
+                                                  reuse_address=True, backlog=BACKLOG)  # fmt: skip
+            else:
+                handler = IngressHttp(self, "https" if lst.protocol == "https" else "http")
+                self._handlers.append(handler)
+                ctx = None
+                if lst.protocol == "https":
+                    certs = _CertSet(lst)
+                    self._certs.append(certs)
+                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    ctx.load_cert_chain(lst.certificates[0].cert_file, lst.certificates[0].key_file)
+                    ctx.set_alpn_protocols(["http/1.1"])
+
+                    def choose(obj: Any, name: str | None, _ctx: Any, certs: _CertSet = certs) -> None:
+                        obj.context = certs.pick(name)
+
+                    ctx.sni_callback = choose
+
+                def factory(handler: IngressHttp = handler, tls: bool = ctx is not None) -> Any:
+                    conn = (TlsServerConn if tls else ServerConn)(handler)
+                    handler.conns.add(conn)
+                    return conn
+
+                server = await loop.create_server(factory, bind.host, bind.port, ssl=ctx, reuse_address=True,
+                                                  backlog=BACKLOG)  # fmt: skip
+            self._servers.append(server)
+            self.ports.append(int(server.sockets[0].getsockname()[1]))
+        if self._certs:
+            self._poller = loop.create_task(self._poll_certs())
+        log.info("ingress gateway %s listening on %s", self.name,
+                 ", ".join(f"{lst.protocol}://{lst.bind.host}:{p}"
+                           for lst, p in zip(self.config.listeners, self.ports, strict=True)))  # fmt: skip
+
+    async def _poll_certs(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_POLL_SECONDS)
+            self.reload_certificates()
+
+    def reload_certificates(self) -> None:
+        """SIGHUP, or a change seen by the poll: every HTTPS listener re-reads its files if they changed."""
+        for certs in self._certs:
+            certs.reload()
+
+    def outbound(self, service: str) -> Any:
+        out = self._http_out.get(service)
+        if out is None:
+            from hostmesh.agent.proxy.http_outbound import HttpOutbound
+
+            out = self._http_out[service] = HttpOutbound(
+                self.holder, self.name, service, self.telemetry, header_timeout=self.http.header_read_timeout,
+                protocol="http", body_idle_timeout=self.http.body_idle_timeout,
+                body_min_rate=self.http.body_min_rate,
+            )  # fmt: skip
+            self._on_load()
+        return out
+
+    def passthrough(self, end: _ClientHello, sni: str | None) -> None:
+        from hostmesh.agent.config import Address
+        from hostmesh.agent.proxy.outbound import OutboundListener
+
+        snap = self.holder.current
+        doc = snap.gateways.get(self.name)
+        route = doc.tls_route(sni) if doc is not None and sni else None
+        if route is None:
+            log.info("ingress %s: no tls route for SNI %r; reset", self.name, sni)
+            series = self.telemetry.tcp_series("source", self.name, "-", "", flags.NR)
+            series.opened.inc()
+            series.closed.inc()
+            reset_transport(end.transport)
+            return
+        out = self._tcp_out.get(route.service)
+        if out is None:
+            up = UpstreamConfig(service=route.service, bind=Address("127.0.0.1", 0))
+            out = self._tcp_out[route.service] = OutboundListener(
+                self.holder, self.name, up, self.telemetry, cap=self.cap,
+                stream_idle_timeout=self.stream_idle_timeout,
+            )  # fmt: skip
+        end.listener = out  # type: ignore[attr-defined]
+        end.admission = None  # type: ignore[attr-defined]
+        end.shed = False  # type: ignore[attr-defined]
+        out._accepted(end)  # type: ignore[arg-type]  # a RawEnd with the same attributes
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for server in self._servers:
+            server.close()
+        for out in [*self._http_out.values(), *self._tcp_out.values()]:
+            await out.close(drain_seconds)
+        for handler in self._handlers:
+            for conn in list(handler.conns):
+                conn.close()

@@ -1,0 +1,587 @@
+"""End to end, the mesh's edges: a real Consul, the real CA and agents as processes on loopback.
+
+    outside client ─https (operator certs, SNI)─► node-gw: gateway edge ─mTLS as edge─► node-apps:
+                   ─http───────────────────────►   (ingress)                         web, shop (http)
+                   ─tls passthrough (SNI)──────►                                     db (tcp, own TLS)
+
+    node-caller: caller ─► ext-direct ─TLS (SNI, its CA)────────────────────► external HTTPS server
+                        ─► ext-via ─mTLS─► node-egress: gateway out ─TLS────► the same server
+                 intruder ─► the same two upstreams (no intention allows it)
+
+The external server and the operator's certificates have their own CAs, unknown to the mesh. The
+multi-host variant (network namespaces) is not here yet; see the README's Gateways section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from tests.l7_support import Backends
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+
+IO_TIMEOUT = 10.0
+GW = "edge"
+EGRESS = "out"
+
+
+# --- PKI outside the mesh ----------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+class OutsideCA:
+    def __init__(self, tmp: Path, cn: str) -> None:
+        self.tmp = tmp
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(_name(cn))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = tmp / f"{cn}-ca.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(self, *hosts: str, serial_tag: str = "") -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(hosts[0]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        stem = self.tmp / f"{hosts[0]}{serial_tag}"
+        cert_path, key_path = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+
+class TLSServer:
+    """A TLS server outside the mesh in a thread: HTTP (answers with the SNI it saw) or an echo."""
+
+    def __init__(self, cert: tuple[Path, Path], mode: str, host: str = "127.0.0.1") -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*cert)
+        self.snis: list[str | None] = []
+        self.ctx.sni_callback = lambda obj, name, ctx: self.snis.append(name)  # type: ignore[assignment,func-returns-value]
+        self.mode = mode
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, raw: socket.socket) -> None:
+        raw.settimeout(IO_TIMEOUT)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                if self.mode == "echo":
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+                    return
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                self.requests.append(head)
+                body = f"external saw sni={self.snis[-1]}\n".encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                    % (len(body), body)
+                )
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_reply(data: bytes) -> Reply:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return Reply(int(lines[0].split()[1]), headers, body)
+
+
+def http_get(
+    port: int,
+    host: str,
+    path: str = "/",
+    tls: ssl.SSLContext | None = None,
+    sni: str | None = None,
+    source: str | None = None,
+    addr: str = "127.0.0.1",
+) -> Reply:
+    """One request to `addr` on a fresh connection (from `source`; TLS with `sni`), read to the end."""
+    src = (source, 0) if source else None
+    raw = socket.create_connection((addr, port), timeout=IO_TIMEOUT, source_address=src)
+    sock = tls.wrap_socket(raw, server_hostname=sni or host) if tls is not None else raw
+    with sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n"
+            f"x-forwarded-for: 6.6.6.6\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return parse_reply(data)
+
+
+def plain_get(port: int, path: str = "/") -> Reply | None:
+    """An app's plaintext request to its upstream listener; None when the mesh reset it."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nhost: external\r\nconnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    return parse_reply(data) if data else None
+
+
+# --- the mesh ----------------------------------------------------------------------------------
+
+
+class Edges(NamedTuple):
+    m: LocalMesh
+    consul: ConsulDev
+    gw: AgentHandle
+    egress: AgentHandle
+    caller: AgentHandle
+    backends: Backends
+    https_port: int
+    http_port: int
+    tls_port: int
+    ops_ca: OutsideCA
+    ext: TLSServer
+    tmp: Path
+    certs: dict[str, tuple[Path, Path]]
+
+
+def apply(m: LocalMesh, kind: str, doc: dict[str, Any], tmp: Path) -> None:
+    path = tmp / f"{kind}-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(doc))
+    m.hostmesh(kind, "apply", "-f", str(path))
+
+
+def start_edges(
+    consul: ConsulDev,
+    tmp: Path,
+    stack: contextlib.ExitStack,
+    *,
+    listen: str = "127.0.0.1",
+    ext: TLSServer | None = None,
+    ext_ca: OutsideCA | None = None,
+    ext_address: str = "127.0.0.1",
+) -> Edges:
+    """The whole picture of the module docstring; everything it starts is closed by `stack`. `listen`:
+    the gateway listeners' address; `ext`: an external server started elsewhere (another namespace)."""
+    ops_ca = OutsideCA(tmp, "operator")
+    if ext is None or ext_ca is None:
+        ext_ca = OutsideCA(tmp, "external")
+        ext = TLSServer(ext_ca.leaf("ext.example.test"), "http")
+        stack.callback(ext.close)
+    certs = {"a": ops_ca.leaf("a.example.test"), "b": ops_ca.leaf("b.example.test", "www.b.example.test")}
+    db_tls = TLSServer(ops_ca.leaf("db.example.test"), "echo")
+    stack.callback(db_tls.close)
+    backends = Backends("web", "shop", "shop2")
+    stack.callback(backends.close)
+    stack.callback(_forget_documents, consul)
+    m = LocalMesh(tmp / "mesh", consul.url)
+    stack.callback(m.close)
+    https_port, http_port, tls_port = free_port(), free_port(), free_port()
+    m.start_ca()
+    for name, addr in (("ext-direct", None), ("ext-via", EGRESS)):
+        doc: dict[str, Any] = {
+            "service": name,
+            "addresses": [f"{ext_address}:{ext.port}"],
+            "protocol": "http",
+            "tls": {"sni": "ext.example.test", "ca_file": str(ext_ca.path)},
+        }
+        if addr:
+            doc["via"] = addr
+        apply(m, "external", doc, tmp)
+        m.hostmesh("intention", "allow", "caller", name)
+        m.hostmesh("intention", "deny", "*", name)
+    open_doc = {"service": "ext-open", "addresses": [f"{ext_address}:{ext.port}"], "via": EGRESS,
+                "tls": {"sni": "ext.example.test", "ca_file": str(ext_ca.path)}}  # fmt: skip
+    apply(m, "external", open_doc, tmp)  # no intentions: each agent's default_intention decides
+    apply(
+        m,
+        "gateway",
+        {
+            "service": GW,
+            "http": [
+                {"hosts": ["a.example.test"], "service": "web"},
+                {"hosts": ["*.b.example.test", "b.example.test"], "service": "shop"},
+            ],
+            "tls": [{"hosts": ["db.example.test"], "service": "db"}],
+        },
+        tmp,
+    )
+    apps = m.write_agent_config(
+        "node-apps",
+        [
+            {"name": "web", "port": backends["web"].port, "protocol": "http"},
+            {"name": "shop", "port": backends["shop"].port, "protocol": "http"},
+            {"name": "db", "port": db_tls.port},
+        ],
+    )
+    listeners = (
+        'kind = "ingress"\n'
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{https_port}"\nprotocol = "https"\n'
+        "certificates = [\n"
+        + "".join(
+            f'  {{ hosts = ["{h}"], cert_file = "{certs[k][0]}", key_file = "{certs[k][1]}" }},\n'
+            for k, h in (("a", "a.example.test"), ("b", "*.b.example.test"), ("b", "b.example.test"))
+        )
+        + "]\n"
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{http_port}"\nprotocol = "http"\n'
+        "[[gateways.listeners]]\n"
+        f'bind = "{listen}:{tls_port}"\nprotocol = "tls"\n'
+    )
+    apps2 = m.write_agent_config(  # a second instance of shop (consistent hashing on the client)
+        "node-apps2", [{"name": "shop", "port": backends["shop2"].port, "protocol": "http"}]
+    )
+    gw = m.write_agent_config("node-gw", [], gateways={GW: listeners})
+    egress = m.write_agent_config(  # caller-side the default is allow: only the gateway refuses ext-open
+        "node-egress", [], gateways={EGRESS: 'kind = "egress"'}, extra='default_intention = "deny"'
+    )
+    caller = m.write_agent_config(
+        "node-caller",
+        [
+            {
+                "name": "caller",
+                "port": backends["web"].port,
+                "upstreams": ["ext-direct", "ext-via", "ext-open"],
+            },
+            {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
+        ],
+    )
+    for a in (apps, apps2, gw, egress, caller):
+        m.start_agent(a, wait=False)
+    for a in (apps, apps2, gw, egress, caller):
+        m.wait_ready(a)
+    for svc, count in (("web", 1), ("shop", 2), ("db", 1)):
+        m.wait_endpoints(gw, svc, count)
+    m.wait_endpoints(caller, EGRESS, 1)
+    return Edges(
+        m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
+    )
+
+
+def _forget_documents(consul: ConsulDev) -> None:
+    with contextlib.suppress(OSError):  # a Consul of the test's own may be gone already
+        for kind, name in (
+            ("gateways", GW),
+            *(("external", n) for n in ("ext-direct", "ext-via", "ext-open")),
+        ):
+            consul.kv_delete(f"hostmesh/{kind}/{name}")
+            consul.kv_delete(f"hostmesh/history/{kind}/{name}", recurse=True)
+        for name in ("web", "shop", "db", "ext-direct", "ext-via"):
+            consul.kv_delete(f"hostmesh/intentions/{name}")
+            consul.kv_delete(f"hostmesh/history/intentions/{name}", recurse=True)
+
+
+@pytest.fixture(scope="module")
+def edges(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edges]:
+    with contextlib.ExitStack() as stack:
+        yield start_edges(consul, tmp_path_factory.mktemp("edges"), stack)
+
+
+def client_tls(e: Edges) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(e.ops_ca.path))  # verifies the operator's certificate
+
+
+# --- ingress -----------------------------------------------------------------------------------
+
+
+def test_gateway_is_registered_with_its_kind(edges: Edges) -> None:
+    out = edges.m.hostmesh("services").stdout
+    row = next(line for line in out.splitlines() if line.startswith(GW + " "))
+    assert row.rstrip().endswith("ingress-gateway")
+    assert any(
+        line.startswith(EGRESS + " ") and line.rstrip().endswith("egress-gateway")
+        for line in out.splitlines()
+    )
+
+
+def test_https_ingress_routes_by_host_with_the_operators_certificate(edges: Edges) -> None:
+    ctx = client_tls(edges)
+    a = http_get(edges.https_port, "a.example.test", "/hello", tls=ctx)
+    assert (a.status, a.headers["x-instance"]) == (200, "web")
+    b = http_get(edges.https_port, "www.b.example.test", "/cart", tls=ctx)
+    assert (b.status, b.headers["x-instance"][:4]) == (200, "shop")
+    # the client verified the certificate chosen by SNI: a name only b's certificate carries
+    raw = socket.create_connection(("127.0.0.1", edges.https_port), timeout=IO_TIMEOUT)
+    with ctx.wrap_socket(raw, server_hostname="www.b.example.test") as tls:
+        peer = tls.getpeercert()
+    assert ("DNS", "www.b.example.test") in peer["subjectAltName"]
+    # and the client's address, not what it claimed, reaches the app
+    seen = edges.backends[b.headers["x-instance"]].last_headers
+    assert seen[b"x-forwarded-for"] == b"127.0.0.1"
+    assert seen[b"forwarded"].startswith(b"for=127.0.0.1;proto=https")
+
+
+def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
+    ok = http_get(edges.http_port, "a.example.test")
+    assert (ok.status, ok.headers["x-instance"]) == (200, "web")
+    assert edges.backends["web"].last_headers[b"x-forwarded-for"] == b"127.0.0.1"
+    unknown = http_get(edges.http_port, "nobody.example.test")
+    assert unknown.status == 404
+    assert unknown.headers["x-hostmesh-response-flags"] == "NR"
+
+
+def test_tls_passthrough_by_sni_to_a_tcp_service(edges: Edges) -> None:
+    ctx = client_tls(edges)
+    raw = socket.create_connection(("127.0.0.1", edges.tls_port), timeout=IO_TIMEOUT)
+    with ctx.wrap_socket(raw, server_hostname="db.example.test") as tls:  # the service's own cert
+        tls.sendall(b"ping through the gateway")
+        assert tls.recv(65536) == b"ping through the gateway"
+    raw = socket.create_connection(("127.0.0.1", edges.tls_port), timeout=IO_TIMEOUT)
+    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):  # no route for that name: reset
+        ctx.wrap_socket(raw, server_hostname="nobody.example.test")
+
+
+def test_an_intention_denying_the_gateway_blocks_it(edges: Edges) -> None:
+    m = edges.m
+    m.hostmesh("intention", "deny", GW, "web")
+    try:
+
+        def denied() -> bool:
+            r = http_get(edges.https_port, "a.example.test", tls=client_tls(edges))
+            return r.status == 403 and r.headers.get("x-hostmesh-response-flags") == "AUTHZ"
+
+        wait_for(denied, 10, "the deny of edge -> web to apply")
+        assert http_get(edges.https_port, "www.b.example.test", tls=client_tls(edges)).status == 200
+    finally:
+        m.hostmesh("intention", "delete", GW, "web")
+    wait_for(
+        lambda: http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200,
+        10,
+        "the allow to come back",
+    )
+
+
+# --- egress ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream", ["ext-direct", "ext-via"])
+def test_a_mesh_service_calls_an_external_https_server(edges: Edges, upstream: str) -> None:
+    before = len(edges.ext.requests)
+    port = _bind_of(edges.caller, "caller", upstream)
+    r = wait_for(lambda: plain_get(port), 10, f"{upstream} to answer")
+    assert r.status == 200
+    assert r.body == b"external saw sni=ext.example.test\n"  # SNI set, certificate verified by the agent
+    assert len(edges.ext.requests) == before + 1
+    metrics = edges.caller.metrics()
+    assert f'destination_service="{upstream}"' in metrics
+    at_gateway = [
+        line
+        for line in edges.egress.metrics().splitlines()
+        if line.startswith("hostmesh_tcp_connections_opened_total{")
+        and 'destination_service="ext-via"' in line
+        and 'reporter="destination"' in line
+        and 'source_service="caller"' in line
+    ]
+    # via: the egress gateway's agent originated it (and counted it); direct: it never saw it
+    assert bool(at_gateway) == (upstream == "ext-via")
+
+
+@pytest.mark.parametrize("upstream", ["ext-direct", "ext-via"])
+def test_a_caller_not_allowed_never_reaches_the_external_server(edges: Edges, upstream: str) -> None:
+    caller_port = _bind_of(edges.caller, "caller", upstream)
+    intruder_port = _bind_of(edges.caller, "intruder", upstream)
+    before = len(edges.ext.requests)
+    assert plain_get(intruder_port) is None  # reset, nothing answered
+    assert len(edges.ext.requests) == before
+    assert plain_get(caller_port) is not None
+
+
+def _bind_of(agent: AgentHandle, service: str, upstream: str) -> int:
+    """The bind port of `service`'s upstream from the agent's agent.toml (binds maps by upstream)."""
+    import tomllib
+
+    cfg = tomllib.loads(agent.config_path.read_text())
+    svc = next(s for s in cfg["services"] if s["name"] == service)
+    up = next(u for u in svc["upstreams"] if u["service"] == upstream)
+    return int(up["bind"].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("upstream", ["ext-direct", "ext-via"])
+def test_an_intention_deny_blocks_the_external_service(edges: Edges, upstream: str) -> None:
+    m = edges.m
+    port = _bind_of(edges.caller, "caller", upstream)
+    m.hostmesh("intention", "deny", "caller", upstream)
+    try:
+        wait_for(lambda: plain_get(port) is None, 10, f"the deny of caller -> {upstream} to apply")
+        before = len(edges.ext.requests)
+        assert plain_get(port) is None
+        assert len(edges.ext.requests) == before
+    finally:
+        m.hostmesh("intention", "allow", "caller", upstream)
+    wait_for(lambda: plain_get(port) is not None, 10, "the allow to come back")
+
+
+def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) -> None:
+    def served_serial() -> int:
+        raw = socket.create_connection(("127.0.0.1", edges.https_port), timeout=IO_TIMEOUT)
+        with client_tls(edges).wrap_socket(raw, server_hostname="a.example.test") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = served_serial()
+    new_cert, new_key = edges.ops_ca.leaf("a.example.test", serial_tag="-renewed")
+    new_serial = x509.load_pem_x509_certificate(new_cert.read_bytes()).serial_number
+    cert_path, key_path = edges.certs["a"]
+    os.replace(new_key, key_path)  # the pair is briefly mismatched: that load fails, the old one stays
+    os.replace(new_cert, cert_path)
+    wait_for(lambda: served_serial() == new_serial, 15, "the renewed certificate to be served")
+    assert before != new_serial
+    assert http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200
+
+
+def test_rate_limit_per_client_address_at_the_gateway(edges: Edges) -> None:
+    def policy_version() -> int:
+        return int(edges.gw.get("/v1/config")[1]["versions"].get(f"policies/{GW}", 0))
+
+    doc = {"service": GW, "rate_limit": {"requests_per_second": 0.01, "burst": 2}}
+    apply(edges.m, "policy", doc, edges.tmp)
+    wait_for(lambda: policy_version() > 0, 10, "the gateway's policy to apply")
+    try:
+        first = [http_get(edges.http_port, "a.example.test", source="127.0.0.2") for _ in range(3)]
+        assert [r.status for r in first] == [200, 200, 429]
+        assert first[2].headers["x-hostmesh-response-flags"] == "RL"
+        other = http_get(edges.http_port, "a.example.test", source="127.0.0.3")  # its own bucket
+        assert other.status == 200
+        assert edges.backends["web"].last_headers[b"x-forwarded-for"] == b"127.0.0.3"
+    finally:
+        edges.m.hostmesh("policy", "delete", GW)
+        wait_for(lambda: policy_version() == 0, 10, "the gateway's policy to be gone")
+
+
+def test_the_gateway_applies_the_agents_http_hygiene(edges: Edges) -> None:
+    """Same L7 code as the agent: a smuggling-shaped request is refused at the edge (400 DPE) and
+    never reaches the app."""
+    hits = edges.backends["web"].hits
+    smuggle = (
+        b"POST / HTTP/1.1\r\nhost: a.example.test\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", edges.http_port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(smuggle)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply = parse_reply(data)
+    assert (reply.status, reply.headers["x-hostmesh-response-flags"]) == (400, "DPE")
+    assert edges.backends["web"].hits == hits
+
+
+def test_consistent_hash_on_source_is_the_real_client_at_the_gateway(edges: Edges) -> None:
+    """shop's own policy (consistent_hash on source_ip) applies to the gateway's calls, and the
+    source is the outside client, not the gateway: one client sticks to one instance, many spread."""
+
+    def policy_version() -> int:
+        return int(edges.gw.get("/v1/config")[1]["versions"].get("policies/shop", 0))
+
+    doc = {"service": "shop", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
+    apply(edges.m, "policy", doc, edges.tmp)
+    wait_for(lambda: policy_version() > 0, 10, "shop's policy to apply at the gateway")
+    try:
+
+        def instance(source: str) -> str:
+            return http_get(edges.http_port, "b.example.test", source=source).headers["x-instance"]
+
+        for source in ("127.0.0.21", "127.0.0.22"):
+            assert len({instance(source) for _ in range(6)}) == 1  # sticky per client
+        spread = {instance(f"127.0.1.{i}") for i in range(1, 21)}  # 20 clients: both (1 - 2^-19)
+        assert spread == {"shop", "shop2"}
+    finally:
+        edges.m.hostmesh("policy", "delete", "shop")
+        wait_for(lambda: policy_version() == 0, 10, "shop's policy to be gone")
+
+
+def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
+    """ext-open has no intentions: the caller's agent (default allow) lets the call go, the egress
+    gateway's agent (default deny) refuses it, and the server never sees it."""
+    port = _bind_of(edges.caller, "caller", "ext-open")
+    before = len(edges.ext.requests)
+    assert plain_get(port) is None
+    assert len(edges.ext.requests) == before
+
+    def refused_at_gateway() -> bool:
+        return any(
+            line.startswith("hostmesh_tcp_connections_opened_total{")
+            and 'destination_service="ext-open"' in line
+            and 'reporter="destination"' in line
+            and 'response_flags="AUTHZ"' in line
+            for line in edges.egress.metrics().splitlines()
+        )
+
+    assert refused_at_gateway()

@@ -1,0 +1,116 @@
+"""Gateway and external-service documents (`hostmesh/gateways/<name>`, `hostmesh/external/<name>`):
+validation (pure) and the `hostmesh gateway|external` verbs against the real Consul dev agent, with
+the same versioned, check-and-set machinery as routes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmesh.registry.documents import doc_key
+from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.schema import parse_external, parse_gateway
+from tests.support import ConsulDev
+from tests.test_cli_ops import fails, ok, run, svc, write
+
+GATEWAY = {
+    "service": "edge",
+    "http": [
+        {"hosts": ["a.example.test"], "service": "web"},
+        {"hosts": ["*.b.example.test"], "prefix": "/api", "service": "api"},
+    ],
+    "tls": [{"hosts": ["db.example.test"], "service": "db"}],
+}
+EXTERNAL = {
+    "service": "payments",
+    "addresses": ["pay.example.test:443", "10.1.2.3:8443"],
+    "protocol": "http",
+    "tls": {"sni": "pay.example.test", "ca_file": "/etc/hostmesh/pay-ca.pem"},
+    "via": "egress",
+}
+
+
+def test_gateway_routes_by_host_and_path() -> None:
+    gw = parse_gateway(GATEWAY)
+    assert gw.http_route("a.example.test", b"/x") is not None
+    assert gw.http_route("a.example.test", b"/x").service == "web"  # type: ignore[union-attr]
+    assert gw.http_route("x.b.example.test", b"/api/1").service == "api"  # type: ignore[union-attr]
+    assert gw.http_route("x.b.example.test", b"/other") is None
+    assert gw.http_route("b.example.test", b"/api") is None  # the wildcard needs a label before it
+    assert gw.http_route("unknown.test", b"/") is None
+    assert gw.tls_route("db.example.test").service == "db"  # type: ignore[union-attr]
+    assert gw.services() == {"web", "api", "db"}
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"service": "edge"}, "http"),
+        ({**GATEWAY, "http": [{"hosts": ["a b"], "service": "web"}]}, "http[0].hosts[0]"),
+        ({**GATEWAY, "http": [{"hosts": ["a.test"], "service": "Web"}]}, "http[0].service"),
+        ({**GATEWAY, "http": [{"hosts": ["a.test"], "service": "web", "prefix": "x"}]}, "http[0].prefix"),
+        ({**GATEWAY, "tls": [{"hosts": ["a.test"], "service": "db", "prefix": "/"}]}, "tls[0].prefix"),
+        ({**GATEWAY, "listeners": []}, "listeners"),
+    ],
+)
+def test_invalid_gateway_names_the_field(data: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidDocument) as err:
+        parse_gateway(data)
+    assert err.value.path == field
+
+
+def test_external_service_parses() -> None:
+    ext = parse_external(EXTERNAL)
+    assert [str(a) for a in ext.addresses] == ["pay.example.test:443", "10.1.2.3:8443"]
+    assert ext.tls is not None and ext.tls.sni == "pay.example.test" and ext.via == "egress"
+    plain = parse_external({"service": "db-ext", "addresses": ["[::1]:5432"]})
+    assert plain.protocol == "tcp" and plain.tls is None and plain.via is None
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"service": "x"}, "addresses"),
+        ({"service": "x", "addresses": ["nope"]}, "addresses[0]"),
+        ({"service": "x", "addresses": ["a.test:0"]}, "addresses[0]"),
+        ({"service": "x", "addresses": ["a.test:1"], "protocol": "udp"}, "protocol"),
+        ({"service": "x", "addresses": ["a.test:1"], "tls": {"ca_file": "/x"}}, "tls.sni"),
+        (
+            {"service": "x", "addresses": ["a.test:1"], "tls": {"sni": "a.test", "ca_file": "x"}},
+            "tls.ca_file",
+        ),
+        ({"service": "x", "addresses": ["a.test:1"], "via": "Egress"}, "via"),
+    ],
+)
+def test_invalid_external_names_the_field(data: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidDocument) as err:
+        parse_external(data)
+    assert err.value.path == field
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize(
+    ("group", "kind", "base"), [("gateway", "gateways", GATEWAY), ("external", "external", EXTERNAL)]
+)
+def test_cli_manages_edge_documents_like_routes(
+    consul: ConsulDev, tmp_path: Path, group: str, kind: str, base: dict[str, Any]
+) -> None:
+    name = svc(group)
+    f = write(tmp_path, {**base, "service": name})
+    assert ok(run(consul, group, "apply", "-f", f)).strip().endswith(f"{kind}/{name}: version 1 written")
+    assert json.loads(consul.kv_get(doc_key(kind, name)) or b"")["version"] == 1
+    changed = {**base, "service": name, "description": "second"}
+    ok(run(consul, group, "apply", "-f", write(tmp_path, changed, "v2.yaml")))
+    assert "description: second" in ok(run(consul, group, "get", name))
+    listing = ok(run(consul, group, "list"))
+    assert name in listing and "INVALID" not in listing
+    assert "*" in ok(run(consul, group, "history", name))
+    ok(run(consul, group, "rollback", name, "--to", "1"))
+    assert "description" not in ok(run(consul, group, "get", name, "-o", "json"))
+    ok(run(consul, group, "delete", name))
+    assert consul.kv_get(doc_key(kind, name)) is None
+    bad = write(tmp_path, {**base, "service": name, "bogus": 1}, "bad.yaml")
+    assert "bogus: unknown field" in fails(run(consul, group, "apply", "-f", bad))
