@@ -320,6 +320,13 @@ class Telemetry:
             "hostmesh_overload_rejected_total", "connections refused at the agent's connection cap",
             ("listener",), registry=r,
         )  # fmt: skip
+        self.spans_exported = Counter(
+            "hostmesh_tracing_spans_exported_total", "spans the OTLP collector accepted", registry=r
+        )
+        self.spans_dropped = Counter(
+            "hostmesh_tracing_spans_dropped_total",
+            "spans dropped: export queue full or the collector failed", ("reason",), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

@@ -30,7 +30,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -170,6 +169,7 @@ class Agent:
         t0 = time.perf_counter()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.telemetry = Telemetry()
+        self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")
         if self.worker:
             from hostmesh.agent.workers import DiskCerts
@@ -267,6 +267,18 @@ class Agent:
             cfg.admin,
         )
 
+    def _new_tracer(self) -> Any:
+        """agent/tracing.py's Tracer when agent.toml has `[tracing] otlp_endpoint`, else None (no span
+        code runs and opentelemetry-proto is never imported)."""
+        tc = self.config.tracing
+        if tc.otlp_endpoint is None:
+            return None
+        from hostmesh.agent.tracing import Tracer
+
+        tracer = Tracer(tc.otlp_endpoint, tc.sample, tc.errors, self.config.node, self.telemetry)
+        tracer.start_exporting()
+        return tracer
+
     def _release_startup_memory(self) -> None:
         if self._trimmer is not None:
             self._trimmer.now()
@@ -296,6 +308,7 @@ class Agent:
             header_timeout=self.config.http.header_read_timeout,
             body_idle_timeout=self.config.http.body_idle_timeout,
             body_min_rate=self.config.http.body_min_rate,
+            tracer=self.tracer,
         )
         for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
             self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
@@ -318,7 +331,7 @@ class Agent:
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
                     protocol=up.protocol, body_idle_timeout=self.config.http.body_idle_timeout,
-                    body_min_rate=self.config.http.body_min_rate,
+                    body_min_rate=self.config.http.body_min_rate, tracer=self.tracer,
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
@@ -570,6 +583,8 @@ class Agent:
                     await self.consul.deregister_service(self._service_id(svc))
         for server in self._servers:
             await server.close()
+        if getattr(self, "tracer", None) is not None:
+            await self.tracer.close()  # what is queued goes out (one bounded attempt)
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)
@@ -606,13 +621,11 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         await agent.stop()
 
 
-def _setup_logging(level: str, worker: int = 0) -> None:
-    who = f"[worker {worker}] " if worker else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, worker: int = 0, fmt: str = "auto") -> None:
+    """One JSON object per line (or text at a terminal): registry/logs.py."""
+    from hostmesh.registry import logs
+
+    logs.setup(level, fmt, {"worker": worker} if worker else None)
 
 
 def main(config_path: Path) -> None:
@@ -627,7 +640,7 @@ def main(config_path: Path) -> None:
     from hostmesh.agent.workers import worker_index
 
     worker = worker_index()
-    _setup_logging(config.log_level, worker)
+    _setup_logging(config.log_level, worker, config.log_format)
     audit.configure_access(config.access_log.sample)
     loop = new_event_loop()
     try:

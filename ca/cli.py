@@ -153,13 +153,22 @@ def retire_root(root_id: str, data_dir: Path) -> None:
     "--audit-log", default="-", show_default=True, help="Append audit JSON lines here ('-': stdout)."
 )
 @click.option("--leaf-ttl", default="24h", show_default=True, help="Lifetime of issued certificates.")
+@click.option(
+    "--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
+    help="Log lines as JSON objects or text (auto: text only on a terminal outside systemd).",
+)  # fmt: skip
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
 @click.pass_context
 @one_line_errors
 def serve(
-    ctx: click.Context, data_dir: Path, listen: str, advertise: str | None, audit_log: str, leaf_ttl: str
-) -> None:
+    ctx: click.Context, data_dir: Path, listen: str, advertise: str | None, audit_log: str, leaf_ttl: str,
+    log_format: str = "auto", log_level: str = "info",
+) -> None:  # fmt: skip
     """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from hostmesh.registry import logs
+
+    logs.setup(log_level, log_format)
     host, port = parse_listen(listen)
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
     ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")
