@@ -625,7 +625,8 @@ def _setup_logging(level: str, worker: int = 0, fmt: str = "auto") -> None:
     """One JSON object per line (or text at a terminal): registry/logs.py."""
     from hostmesh.registry import logs
 
-    logs.setup(level, fmt, {"worker": worker} if worker else None)
+    chosen = logs.setup(level, fmt, {"worker": worker} if worker else None)
+    os.environ[logs.LOG_FORMAT_ENV] = chosen  # the certificate helpers (agent/certproc.py) write alike
 
 
 def main(config_path: Path) -> None:

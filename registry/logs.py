@@ -24,6 +24,7 @@ import time
 from typing import Any, TextIO
 
 FORMATS = ("auto", "json", "text")
+LOG_FORMAT_ENV = "HOSTMESH_LOG_FORMAT"  # the format a parent chose, for its helper processes
 LEVELS = ("debug", "info", "warning", "error")
 # syslog priorities (RFC 5424) of Python's levels, for journald's `<N>` prefix
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
