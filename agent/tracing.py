@@ -128,7 +128,7 @@ def incoming_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
             ctx = parse_traceparent(v)
             if ctx is not None:
                 return ctx
-        elif n[:2] == _B3 and (n in (_B3, _B3_TRACE)):
+        elif n in (_B3, _B3_TRACE):
             b3 = True
     return parse_b3(headers) if b3 else None
 
