@@ -14,9 +14,6 @@ from collections import defaultdict
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from hostmesh.agent.tracing import Span as MeshSpan
 from hostmesh.registry.http import HTTPClient
@@ -24,18 +21,17 @@ from hostmesh.registry.http import HTTPClient
 SCOPE = "hostmesh"
 
 
-def _value(v: Any) -> AnyValue:
+def _set(kv: Any, key: str, v: Any) -> None:
+    """Fill KeyValue `kv` in place (building messages in place, not by constructor: no copies)."""
+    kv.key = key
     if isinstance(v, bool):
-        return AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return AnyValue(int_value=v)
-    if isinstance(v, float):
-        return AnyValue(double_value=v)
-    return AnyValue(string_value=str(v))
-
-
-def _attrs(d: dict[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=_value(v)) for k, v in d.items()]
+        kv.value.bool_value = v
+    elif isinstance(v, int):
+        kv.value.int_value = v
+    elif isinstance(v, float):
+        kv.value.double_value = v
+    else:
+        kv.value.string_value = str(v)
 
 
 def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
@@ -45,25 +41,36 @@ def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
     for s in spans:
         by_service[s.service].append(s)
     req = ExportTraceServiceRequest()
-    scope = InstrumentationScope(name=SCOPE, version=version)
     for service, group in by_service.items():
-        resource = Resource(attributes=_attrs({
-            "service.name": service, "host.name": node, "service.instance.id": f"{service}-{node}",
-            "telemetry.sdk.name": SCOPE,
-        }))  # fmt: skip
-        out = []
+        rs = req.resource_spans.add()
+        for key, value in (("service.name", service), ("host.name", node),
+                           ("service.instance.id", f"{service}-{node}"), ("telemetry.sdk.name", SCOPE)):  # fmt: skip
+            _set(rs.resource.attributes.add(), key, value)
+        ss = rs.scope_spans.add()
+        ss.scope.name = SCOPE
+        ss.scope.version = version
+        out = ss.spans
         for s in group:
-            out.append(Span(
-                trace_id=s.trace_id, span_id=s.span_id, parent_span_id=s.parent, name=s.name,
-                kind=s.kind,  # type: ignore[arg-type]
-                start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
-                attributes=_attrs(s.attributes),
-                events=[Span.Event(time_unix_nano=t, name=n, attributes=_attrs(a)) for t, n, a in s.events],
-                status=Status(code=s.status),  # type: ignore[arg-type]
-            ))  # fmt: skip
-        req.resource_spans.append(
-            ResourceSpans(resource=resource, scope_spans=[ScopeSpans(scope=scope, spans=out)])
-        )
+            p = out.add()
+            p.trace_id = s.trace_id
+            p.span_id = s.span_id
+            if s.parent:
+                p.parent_span_id = s.parent
+            p.name = s.name
+            p.kind = s.kind  # type: ignore[assignment]
+            p.start_time_unix_nano = s.start_ns
+            p.end_time_unix_nano = s.end_ns
+            attrs = p.attributes
+            for k, v in s.attributes.items():
+                _set(attrs.add(), k, v)
+            for t, n, a in s.events:
+                ev = p.events.add()
+                ev.time_unix_nano = t
+                ev.name = n
+                for k, v in a.items():
+                    _set(ev.attributes.add(), k, v)
+            if s.status:
+                p.status.code = s.status  # type: ignore[assignment]
     return req.SerializeToString()
 
 
