@@ -43,8 +43,9 @@ def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
     req = ExportTraceServiceRequest()
     for service, group in by_service.items():
         rs = req.resource_spans.add()
-        for key, value in (("service.name", service), ("host.name", node),
-                           ("service.instance.id", f"{service}-{node}"), ("telemetry.sdk.name", SCOPE)):  # fmt: skip
+        resource = {"service.name": service, "host.name": node, "service.instance.id": f"{service}-{node}",
+                    "telemetry.sdk.name": SCOPE}  # fmt: skip
+        for key, value in resource.items():
             _set(rs.resource.attributes.add(), key, value)
         ss = rs.scope_spans.add()
         ss.scope.name = SCOPE
