@@ -58,7 +58,7 @@ def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
             if s.parent:
                 p.parent_span_id = s.parent
             p.name = s.name
-            p.kind = s.kind  # type: ignore[assignment]
+            p.kind = s.kind
             p.start_time_unix_nano = s.start_ns
             p.end_time_unix_nano = s.end_ns
             attrs = p.attributes
@@ -71,7 +71,7 @@ def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
                 for k, v in a.items():
                     _set(ev.attributes.add(), k, v)
             if s.status:
-                p.status.code = s.status  # type: ignore[assignment]
+                p.status.code = s.status
     return req.SerializeToString()
 
 
