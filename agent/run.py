@@ -168,7 +168,7 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(cfg.trust_domain)
         self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")
         if self.worker:
@@ -387,7 +387,7 @@ class Agent:
             id=sid,
             address=self.config.mesh_address,
             port=self.inbound.port,
-            meta={"hostmesh": "1", "protocol": svc.protocol, **svc.meta},
+            meta={"hostmesh": "1", "protocol": svc.protocol, **self._metrics_meta(), **svc.meta},
             checks=(
                 {
                     "CheckID": f"{sid}:app",
@@ -406,6 +406,13 @@ class Agent:
                 },
             ),
         )
+
+    def _metrics_meta(self) -> dict[str, str]:
+        """`metrics_addr` = host:port of /metrics, for Prometheus' consul_sd_configs (observability/)."""
+        from hostmesh.agent.observe import metrics_addr
+
+        addr = metrics_addr(self.config, self._servers)
+        return {"metrics_addr": addr} if addr else {}
 
     async def _register(self, svc: ServiceConfig, why: str) -> None:
         await self.consul.register_service(await self._registration(svc))
@@ -541,16 +548,21 @@ class Agent:
         }
 
     async def _metrics(self, req: Request) -> Response:
-        from hostmesh.agent.metrics import CONTENT_TYPE_LATEST, generate_latest
+        from hostmesh.agent.metrics import CONTENT_TYPE_LATEST
 
         if req.path != "/metrics":
             return Response.error(404, "metrics are served at /metrics")
         if self.workers is not None:
+            from hostmesh.agent.observe import health_families, refresh_health
             from hostmesh.agent.workers import exposition, merge_samples, samples_of
 
+            refresh_health(self)
             groups = [samples_of(self.telemetry.registry), *await self.workers.samples()]
-            return Response(200, exposition(merge_samples(groups)), {"content-type": CONTENT_TYPE_LATEST})
-        return Response(200, generate_latest(self.telemetry.registry), {"content-type": CONTENT_TYPE_LATEST})
+            body = exposition([*merge_samples(groups), *health_families()])
+            return Response(200, body, {"content-type": CONTENT_TYPE_LATEST})
+        from hostmesh.agent.observe import agent_exposition
+
+        return Response(200, agent_exposition(self), {"content-type": CONTENT_TYPE_LATEST})
 
     # --- stop -------------------------------------------------------------------------------
 

@@ -117,19 +117,32 @@ class RequestMetrics:
     def __init__(self, telemetry: Telemetry, reporter: str) -> None:
         self.telemetry = telemetry
         self.reporter = reporter
-        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, Any]] = {}
+        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, ...]] = {}
 
-    def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float) -> None:
+    def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
+                request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
         key = (source, dest, subset, code, flags)
-        pair = self._cache.get(key)
-        if pair is None:
+        ops = self._cache.get(key)
+        if ops is None:
             labels = (self.reporter, source, dest, subset, str(code), flags)
             t = self.telemetry
-            pair = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
+            ist = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
+            ops = (
+                t.requests.labels(*labels).inc,
+                t.request_duration.labels(*labels).observe,
+                t.istio_requests.labels(*ist).inc,
+                t.istio_duration.labels(*ist).observe,
+                t.istio_request_bytes.labels(*ist).observe,
+                t.istio_response_bytes.labels(*ist).observe,
+            )
             if len(self._cache) < MAX_CACHED_SERIES:
-                self._cache[key] = pair
-        pair[0]()
-        pair[1](seconds)
+                self._cache[key] = ops
+        ops[0]()
+        ops[1](seconds)
+        ops[2]()
+        ops[3](seconds * 1000.0)
+        ops[4](request_bytes)
+        ops[5](response_bytes)
 
 
 def access_due(ex: Exchange) -> bool:

@@ -272,7 +272,7 @@ class HttpInbound:
         caller: Caller = ex.conn.info
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, ex.flags or fl.NONE,
-                             time.monotonic() - ex.started)  # fmt: skip
+                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         req: _Req | None = ex.state
         tracer = self.tracer
         if tracer is not None and (ex.trace is not None or tracer.errors):

@@ -485,6 +485,7 @@ class HttpOutbound:
                     ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
                 self._relay(ex, outcome)
                 return True
+            self.telemetry.retries.labels(self.local_service, self.service, "5xx").inc()  # rare: no cache
             if ex.trace is not None:
                 ex.trace.event("retry", reason=f"status {status}", endpoint=f"{ep.address}:{ep.port}")
             return False
@@ -496,6 +497,9 @@ class HttpOutbound:
                 ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
             ex.respond(status, flag)
             return True
+        self.telemetry.retries.labels(
+            self.local_service, self.service, RETRY_REASONS.get(outcome, "other")
+        ).inc()
         if ex.trace is not None:
             ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, str(outcome)),
                            endpoint=f"{ep.address}:{ep.port}")  # fmt: skip
@@ -699,7 +703,7 @@ class HttpOutbound:
                 subset = st.subset
         flags = ex.flags or fl.NONE
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
-                             time.monotonic() - ex.started)  # fmt: skip
+                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
         if tracer is not None and (ex.trace is not None or tracer.errors):
             td = self.holder.current.trust_domain
