@@ -136,6 +136,7 @@ class AgentConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     workers: int = 1
     log_level: str = "info"
+    istio_metrics: bool = False  # also export Istio-compatible series (istio_requests_total, ...)
     log_format: str = "auto"  # json | text | auto (text only on a terminal outside systemd): registry/logs.py
     tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
@@ -328,6 +329,7 @@ TOP_KEYS = {
     "log_level",
     "log_format",
     "tracing",
+    "istio_metrics",
     "access_log",
     "http",
     "max_connections",
@@ -410,6 +412,9 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     if log_format not in ("auto", "json", "text"):
         raise _fail("log_format", "must be json, text or auto")
     tracing = _parse_tracing(raw.get("tracing", {}))
+    istio_metrics = raw.get("istio_metrics", False)
+    if not isinstance(istio_metrics, bool):
+        raise _fail("istio_metrics", "must be true or false")
     metrics_raw = raw.get("metrics", DEFAULT_METRICS)
     max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
     if (
@@ -435,6 +440,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         log_level=log_level or "info",
         log_format=log_format,
         tracing=tracing,
+        istio_metrics=istio_metrics,
         access_log=access_log,
         http=_parse_http(raw.get("http", {})),
         max_connections=max_connections,

@@ -92,9 +92,10 @@ class TcpSeries:
 
 
 class Telemetry:
-    def __init__(self, trust_domain: str = "hostmesh.local") -> None:
+    def __init__(self, trust_domain: str = "hostmesh.local", istio: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.trust_domain = trust_domain  # for the Istio series' *_principal labels
+        self.istio = istio  # agent.toml `istio_metrics`: also export the Istio-compatible series
         r = self.registry
         self.requests = Counter("hostmesh_requests_total", "HTTP requests", TCP_LABELS, registry=r)
         self.request_duration = Histogram(
@@ -153,53 +154,55 @@ class Telemetry:
             "spans dropped: export queue full or the collector failed", ("reason",), registry=r,
         )  # fmt: skip
         # Istio-compatible twins of the request and TCP series (Istio's names, labels and units)
+        # (opt-in: `istio_request_duration_milliseconds` is Istio's name, which promtool's lint flags)
+        ir = r if istio else None
         self.istio_requests = Counter(
-            "istio_requests_total", "HTTP requests (Istio-compatible)", ISTIO_LABELS, registry=r
+            "istio_requests_total", "HTTP requests (Istio-compatible)", ISTIO_LABELS, registry=ir
         )
         self.istio_duration = Histogram(
             "istio_request_duration_milliseconds",
             "HTTP request duration in ms (Istio-compatible)",
             ISTIO_LABELS,
             buckets=ISTIO_MS_BUCKETS,
-            registry=r,
+            registry=ir,
         )
         self.istio_request_bytes = Histogram(
             "istio_request_bytes",
             "HTTP request body sizes (Istio-compatible)",
             ISTIO_LABELS,
             buckets=ISTIO_BYTES_BUCKETS,
-            registry=r,
+            registry=ir,
         )
         self.istio_response_bytes = Histogram(
             "istio_response_bytes",
             "HTTP response body sizes (Istio-compatible)",
             ISTIO_LABELS,
             buckets=ISTIO_BYTES_BUCKETS,
-            registry=r,
+            registry=ir,
         )
         self.istio_tcp_opened = Counter(
             "istio_tcp_connections_opened_total",
             "TCP connections opened (Istio-compatible)",
             ISTIO_LABELS,
-            registry=r,
+            registry=ir,
         )
         self.istio_tcp_closed = Counter(
             "istio_tcp_connections_closed_total",
             "TCP connections closed (Istio-compatible)",
             ISTIO_LABELS,
-            registry=r,
+            registry=ir,
         )
         self.istio_tcp_sent = Counter(
             "istio_tcp_sent_bytes_total",
             "bytes sent from destination to source (Istio-compatible)",
             ISTIO_LABELS,
-            registry=r,
+            registry=ir,
         )
         self.istio_tcp_received = Counter(
             "istio_tcp_received_bytes_total",
             "bytes received from source for destination (Istio-compatible)",
             ISTIO_LABELS,
-            registry=r,
+            registry=ir,
         )
         # mesh health (set at scrape time by the agent from its state, or counted where it happens)
         self.consul_sync = Gauge(
@@ -246,13 +249,21 @@ class Telemetry:
         series = self._tcp.get(key)
         if series is None:
             labels = (reporter, source, destination, subset, "", flags)
-            ist = self.istio_labels(reporter, source, destination, subset, "tcp", "", flags)
-            series = TcpSeries(
-                _Both(self.tcp_opened.labels(*labels), self.istio_tcp_opened.labels(*ist)),
-                _Both(self.tcp_closed.labels(*labels), self.istio_tcp_closed.labels(*ist)),
-                _Both(self.tcp_sent.labels(*labels), self.istio_tcp_sent.labels(*ist)),
-                _Both(self.tcp_received.labels(*labels), self.istio_tcp_received.labels(*ist)),
-            )
+            if self.istio:
+                ist = self.istio_labels(reporter, source, destination, subset, "tcp", "", flags)
+                series = TcpSeries(
+                    _Both(self.tcp_opened.labels(*labels), self.istio_tcp_opened.labels(*ist)),
+                    _Both(self.tcp_closed.labels(*labels), self.istio_tcp_closed.labels(*ist)),
+                    _Both(self.tcp_sent.labels(*labels), self.istio_tcp_sent.labels(*ist)),
+                    _Both(self.tcp_received.labels(*labels), self.istio_tcp_received.labels(*ist)),
+                )
+            else:
+                series = TcpSeries(
+                    self.tcp_opened.labels(*labels),
+                    self.tcp_closed.labels(*labels),
+                    self.tcp_sent.labels(*labels),
+                    self.tcp_received.labels(*labels),
+                )
             if len(self._tcp) < MAX_CACHED_SERIES:
                 self._tcp[key] = series
         return series

@@ -72,6 +72,9 @@ RESTART_KEYS = (
     "workers",
     "max_connections",  # the cap is shared by every listener of the process
     "stream_idle_timeout",
+    "istio_metrics",  # the series are registered once, at start
+    "tracing",  # the tracer and its exporter are built at start
+    "log_format",
 )
 
 
@@ -168,7 +171,7 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.telemetry = Telemetry(cfg.trust_domain)
+        self.telemetry = Telemetry(cfg.trust_domain, istio=cfg.istio_metrics)
         self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")
         if self.worker:

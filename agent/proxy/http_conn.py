@@ -126,23 +126,24 @@ class RequestMetrics:
         if ops is None:
             labels = (self.reporter, source, dest, subset, str(code), flags)
             t = self.telemetry
-            ist = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
-            ops = (
-                t.requests.labels(*labels).inc,
-                t.request_duration.labels(*labels).observe,
-                t.istio_requests.labels(*ist).inc,
-                t.istio_duration.labels(*ist).observe,
-                t.istio_request_bytes.labels(*ist).observe,
-                t.istio_response_bytes.labels(*ist).observe,
-            )
+            ops = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
+            if t.istio:
+                ist = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
+                ops += (
+                    t.istio_requests.labels(*ist).inc,
+                    t.istio_duration.labels(*ist).observe,
+                    t.istio_request_bytes.labels(*ist).observe,
+                    t.istio_response_bytes.labels(*ist).observe,
+                )
             if len(self._cache) < MAX_CACHED_SERIES:
                 self._cache[key] = ops
         ops[0]()
         ops[1](seconds)
-        ops[2]()
-        ops[3](seconds * 1000.0)
-        ops[4](request_bytes)
-        ops[5](response_bytes)
+        if len(ops) > 2:  # istio_metrics on
+            ops[2]()
+            ops[3](seconds * 1000.0)
+            ops[4](request_bytes)
+            ops[5](response_bytes)
 
 
 def access_due(ex: Exchange) -> bool:
