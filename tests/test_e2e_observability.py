@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
+import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from hostmesh.ca.files import cert_dir, roots_path
 from tests.l7_support import Backends, Client
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
+ROOT = Path(__file__).resolve().parent.parent
 SVC, WEB = "obsapi", "obsweb"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -120,8 +126,12 @@ def log_objects(handle: AgentHandle) -> list[dict[str, Any]]:
 
 
 def metric(handle: AgentHandle, name: str, **labels: str) -> float:
+    return metric_text(handle.metrics(), name, **labels)
+
+
+def metric_text(text: str, name: str, **labels: str) -> float:
     total = 0.0
-    for line in handle.metrics().splitlines():
+    for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
         if not m or m.group(1) != name:
             continue
@@ -223,6 +233,46 @@ def test_every_log_line_of_the_run_is_one_json_object(mesh: Mesh) -> None:
     ca_lines = [json.loads(x) for x in ca_log.splitlines() if x.strip()]
     assert any(o["logger"] == "hostmesh.ca.audit" and o["event"] == "issue" for o in ca_lines)
     assert all({"timestamp", "level", "logger", "message"} <= set(o) for o in ca_lines)
+
+
+def ca_metrics(mesh: Mesh) -> str:
+    """The CA's /metrics over its HTTPS API, the CA verified against the trust bundle agents hold."""
+    ctx = ssl.create_default_context(cafile=str(roots_path(cert_dir(mesh.web.data_dir))))
+    ctx.check_hostname = False  # the CA's certificate names its SPIFFE identity, not 127.0.0.1
+    with urllib.request.urlopen(f"https://127.0.0.1:{mesh.m.ca_port}/metrics", timeout=5, context=ctx) as r:
+        return r.read().decode()
+
+
+def test_promtool_finds_the_metrics_of_both_agents_and_the_ca_clean(mesh: Mesh) -> None:
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "promtool"], check=True, timeout=600)
+    Client(mesh.web.binds[SVC]).get("/metrics-check")  # request series on both sides
+    texts = {"node-oweb": mesh.web.metrics(), "node-oapi": mesh.api.metrics(), "ca": ca_metrics(mesh)}
+    for who, text in texts.items():
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (who, lint)
+        assert re.search(r'^hostmesh_build_info\{.*version="', text, re.M), who
+        assert re.search(r"^process_resident_memory_bytes \d", text, re.M), who
+    web = texts["node-oweb"]
+    assert re.search(r"^hostmesh_consul_sync_healthy 1\.0$", web, re.M)
+    assert re.search(r'^hostmesh_upstream_healthy_endpoints\{upstream="obsapi"\} 1\.0$', web, re.M)
+    assert re.search(r'^hostmesh_cert_renewal_failing\{service="obsweb"\} 0\.0$', web, re.M)
+    ca = texts["ca"]
+    assert metric_text(ca, "hostmesh_ca_issued_total", via="sign") >= 2  # both agents' certificates
+    assert metric_text(ca, "hostmesh_ca_roots") == 1
+    assert metric_text(ca, "hostmesh_ca_root_expiry_timestamp_seconds", active="true") > time.time()
+
+
+def test_each_service_advertises_its_agents_metrics_address_in_consul(mesh: Mesh, consul: ConsulDev) -> None:
+    for handle, svc in ((mesh.web, WEB), (mesh.api, SVC)):
+        (entry,) = consul.get_json(f"/v1/catalog/service/{svc}")
+        addr = entry["ServiceMeta"]["metrics_addr"]
+        assert addr == f"127.0.0.1:{handle.metrics_port}"
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+            assert b"hostmesh_build_info" in r.read()
+    (ca,) = consul.get_json("/v1/catalog/service/hostmesh-ca")
+    assert ca["ServiceMeta"]["metrics_addr"] == f"127.0.0.1:{mesh.m.ca_port}"
+    assert ca["ServiceMeta"]["metrics_scheme"] == "https"
 
 
 def test_with_the_collector_down_requests_pass_and_drops_are_counted(mesh: Mesh) -> None:
