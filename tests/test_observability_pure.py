@@ -179,3 +179,38 @@ def test_log_level_write_only_from_loopback() -> None:
         assert resp.status == 405
     finally:
         logs.set_level(before)
+
+
+def test_istio_series_carry_istio_labels_only_when_enabled() -> None:
+    from hostmesh.agent.metrics import Telemetry
+    from hostmesh.agent.proxy.http_conn import RequestMetrics
+
+    def samples(t: Telemetry) -> dict[str, list[dict[str, str]]]:
+        out: dict[str, list[dict[str, str]]] = {}
+        for fam in t.registry.collect():
+            for s in fam.samples:
+                out.setdefault(s.name, []).append({**s.labels, "value": str(s.value)})
+        return out
+
+    off = Telemetry()
+    RequestMetrics(off, "destination").observe("web", "api", "v1", 503, "URX", 0.25, 10, 20)
+    assert not any(name.startswith("istio_") for name in samples(off))
+    on = Telemetry("corp.example", istio=True)
+    RequestMetrics(on, "destination").observe("web", "api", "v1", 503, "URX", 0.25, 10, 20)
+    on.tcp_series("source", "web", "db", "", "").sent.inc(100)
+    got = samples(on)
+    (req,) = got["istio_requests_total"]
+    assert req == {
+        "reporter": "destination", "source_workload": "web",
+        "source_principal": "spiffe://corp.example/svc/web", "destination_service_name": "api",
+        "destination_principal": "spiffe://corp.example/svc/api", "destination_version": "v1",
+        "request_protocol": "http", "response_code": "503", "response_flags": "URX",
+        "connection_security_policy": "mutual_tls", "value": "1.0",
+    }  # fmt: skip
+    assert [s["value"] for s in got["istio_request_duration_milliseconds_sum"]] == ["250.0"]
+    assert [s["value"] for s in got["istio_request_bytes_sum"]] == ["10.0"]
+    assert [s["value"] for s in got["istio_response_bytes_sum"]] == ["20.0"]
+    (tcp,) = got["istio_tcp_sent_bytes_total"]
+    assert tcp["request_protocol"] == "tcp" and tcp["value"] == "100.0"
+    (mine,) = got["hostmesh_tcp_sent_bytes_total"]  # the hostmesh_* twin counts the same bytes
+    assert mine["value"] == "100.0"
