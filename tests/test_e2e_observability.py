@@ -235,6 +235,58 @@ def test_every_log_line_of_the_run_is_one_json_object(mesh: Mesh) -> None:
     assert all({"timestamp", "level", "logger", "message"} <= set(o) for o in ca_lines)
 
 
+def test_retries_and_faults_are_span_events_and_failures_are_traced_unsampled(
+    mesh: Mesh, consul: ConsulDev, tmp_path: Path
+) -> None:
+    doc = {"service": SVC, "routes": [
+        {"match": {"path": {"prefix": "/fault"}}, "to": [{"weight": 100}],
+         "fault": {"abort": {"status": 503, "percent": 100}}},
+        {"to": [{"weight": 100}], "retries": {"attempts": 2, "on": ["5xx"], "backoff": {"base": "1ms"}}},
+    ]}  # fmt: skip
+    path = tmp_path / "route.json"
+    path.write_text(json.dumps(doc))
+    mesh.m.hostmesh("route", "apply", "-f", str(path))
+    try:
+        wait_for(
+            lambda: f"routes/{SVC}" in mesh.web.get("/v1/config")[1]["versions"], 10, "the route applied"
+        )
+        client = Client(mesh.web.binds[SVC])
+        mesh.backends["app"].mode = "fail_once"
+        retried, faulted = "5" * 32, "6" * 32
+        assert client.get("/once", {"traceparent": f"00-{retried}-{'1' * 16}-01"}).status == 200
+        resp = client.get("/fault", {"traceparent": f"00-{faulted}-{'1' * 16}-01"})
+        assert (resp.status, resp.flags) == (503, "FI")
+        # not sampled (no context, sample = 0), but failed: traced anyway ([tracing] errors)
+        assert client.get("/fault-unsampled").status == 503
+
+        def client_span(trace: str) -> Any:
+            spans = [s for _, s in mesh.collector.of_trace(trace) if s.kind == KIND_CLIENT]
+            return spans[0] if spans else None
+
+        span = wait_for(lambda: client_span(retried), 15, "the retried request's span")
+        assert [e.name for e in span.events] == ["retry"]
+        assert {kv.key: kv.value.string_value for kv in span.events[0].attributes}["reason"] == "status 503"
+        span = wait_for(lambda: client_span(faulted), 15, "the faulted request's span")
+        assert [e.name for e in span.events] == ["fault"] and span.status.code == 2  # ERROR
+        flags = {kv.key: kv.value.string_value for kv in span.attributes}["hostmesh.response_flags"]
+        assert flags == "FI"
+
+        def unsampled() -> Any:
+            for _, s in list(mesh.collector.spans):
+                attrs = {kv.key: kv.value.string_value for kv in s.attributes}
+                if attrs.get("url.path") == "/fault-unsampled":
+                    return s
+            return None
+
+        span = wait_for(unsampled, 15, "the unsampled failure's span")
+        assert span.status.code == 2 and span.parent_span_id == b""
+        assert metric(mesh.web, "hostmesh_retries_total", source_service=WEB, reason="5xx") >= 1
+    finally:
+        mesh.backends["app"].mode = "ok"
+        consul.kv_delete(f"hostmesh/routes/{SVC}", recurse=True)
+        wait_for(lambda: Client(mesh.web.binds[SVC]).get("/fault").status == 200, 10, "the fault route gone")
+
+
 def ca_metrics(mesh: Mesh) -> str:
     """The CA's /metrics over its HTTPS API, the CA verified against the trust bundle agents hold."""
     ctx = ssl.create_default_context(cafile=str(roots_path(cert_dir(mesh.web.data_dir))))
