@@ -16,6 +16,8 @@ instance critical and callers pick instances that can enforce their policy.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,8 @@ from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import HTTPClient, Request, Response
+
+log = logging.getLogger("hostmesh.admin")
 
 PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
 
@@ -84,9 +88,11 @@ class AdminAPI:
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
-        if req.method not in ("GET", "HEAD"):
-            return Response.error(405, "the admin API is read-only")
         path = req.path.rstrip("/") or "/"
+        if path == "/v1/log-level":
+            return self.log_level(req)
+        if req.method not in ("GET", "HEAD"):
+            return Response.error(405, "the admin API is read-only (but for PUT /v1/log-level)")
         if path == "/live":
             return Response.of_json(200, {"live": True})
         if path == "/ready":
@@ -116,6 +122,34 @@ class AdminAPI:
                 200 if ok else 503, {"service": svc.name, "healthy": ok, "detail": detail}
             )
         return Response.error(404, f"no such admin endpoint {path!r}")
+
+    def log_level(self, req: Request) -> Response:
+        """GET: the process's log level; PUT `{"level": "debug"}`: change it until the next reload or
+        restart. The one write of the admin API, taken from a loopback peer only (the admin port may be
+        bound wider, and a remote caller turning debug logging on could flood the disk)."""
+        from hostmesh.registry import logs
+
+        if req.method in ("GET", "HEAD"):
+            return Response.of_json(200, {"level": logs.current_level()})
+        if req.method != "PUT":
+            return Response.error(405, "use GET or PUT on /v1/log-level")
+        peer = req.peer[0] if req.peer else ""
+        try:
+            loopback = ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return Response.error(403, "the log level may be changed from this host's loopback only")
+        try:
+            body = req.json()
+            level = body.get("level") if isinstance(body, dict) else None
+            if not isinstance(level, str):
+                raise ValueError('the body must be {"level": "debug|info|warning|error"}')
+            logs.set_level(level)
+        except ValueError as exc:
+            return Response.error(400, str(exc))
+        log.warning("log level set to %s through the admin API (from %s)", level, peer)
+        return Response.of_json(200, {"level": level})
 
     def config_view(self) -> dict[str, Any]:
         snap = self.holder.current

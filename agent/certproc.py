@@ -32,6 +32,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -358,11 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--service")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s [certs] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from hostmesh.registry import logs
+
+    # the agent's format (its stderr is ours): agent/run.py passes what it chose in LOG_FORMAT_ENV
+    logs.setup("info", os.environ.get(logs.LOG_FORMAT_ENV, "auto"), {"process": "certs"})
     try:
         answer = asyncio.run(_child(args.op, args.config, args.service))
     except CAError as exc:

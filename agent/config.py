@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,17 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """`[tracing] otlp_endpoint = "http://host:4318"`, `sample = 0.01`: spans of proxied HTTP requests,
+    head-sampled (a sampled caller's `traceparent` is always followed; errors are kept too), exported
+    as OTLP/HTTP protobuf to `<otlp_endpoint>/v1/traces` (agent/tracing.py). No endpoint: off."""
+
+    otlp_endpoint: str | None = None
+    sample: float = 0.01
+    errors: bool = True  # a request ending in a 5xx or with a response flag: exported whatever the sample
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConfig:
     """`http = { header_read_timeout = 10, body_idle_timeout = 15, body_min_rate = 240 }`: limits of
     the L7 (protocol = "http") data path."""
@@ -191,6 +203,9 @@ class AgentConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     workers: int = 1
     log_level: str = "info"
+    istio_metrics: bool = False  # also export Istio-compatible series (istio_requests_total, ...)
+    log_format: str = "auto"  # json | text | auto (text only on a terminal outside systemd): registry/logs.py
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     # downstream connections held at once (app connections to upstream listeners, mesh connections,
@@ -445,6 +460,9 @@ TOP_KEYS = {
     "drain_seconds",
     "workers",
     "log_level",
+    "log_format",
+    "tracing",
+    "istio_metrics",
     "access_log",
     "http",
     "max_connections",
@@ -560,6 +578,13 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     access_log = AccessLogConfig(
         sample=_number(access_raw, "sample", "access_log.", DEFAULT_ACCESS_SAMPLE, 0.0, 1.0)
     )
+    log_format = _str(raw, "log_format", "", "auto") or "auto"
+    if log_format not in ("auto", "json", "text"):
+        raise _fail("log_format", "must be json, text or auto")
+    tracing = _parse_tracing(raw.get("tracing", {}))
+    istio_metrics = raw.get("istio_metrics", False)
+    if not isinstance(istio_metrics, bool):
+        raise _fail("istio_metrics", "must be true or false")
     metrics_raw = raw.get("metrics", DEFAULT_METRICS)
     max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
     if (
@@ -584,6 +609,9 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         drain_seconds=_number(raw, "drain_seconds", "", DEFAULT_DRAIN_SECONDS, 0, 3600),
         workers=workers,
         log_level=log_level or "info",
+        log_format=log_format,
+        tracing=tracing,
+        istio_metrics=istio_metrics,
         access_log=access_log,
         http=_parse_http(raw.get("http", {})),
         max_connections=max_connections,
@@ -678,6 +706,25 @@ def _parse_listener(raw: Any, path: str) -> GatewayListener:
             files.append(Path(value))
         certs.append(GatewayCertificate(tuple(h.lower() for h in hosts), files[0], files[1]))
     return GatewayListener(parse_address(raw["bind"], f"{path}.bind"), protocol, tuple(certs))
+
+
+def _parse_tracing(raw: Any) -> TracingConfig:
+    if not isinstance(raw, dict):
+        raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
+    _check_keys(raw, {"otlp_endpoint", "sample", "errors"}, "tracing")
+    endpoint = _str(raw, "otlp_endpoint", "tracing.") or None
+    if endpoint is not None:
+        parsed = urllib.parse.urlsplit(endpoint)
+        try:
+            parsed.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            parsed = parsed._replace(netloc="")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise _fail("tracing.otlp_endpoint", "must be an http:// or https:// URL like http://host:4318")
+    errors = raw.get("errors", True)
+    if not isinstance(errors, bool):
+        raise _fail("tracing.errors", "must be true or false")
+    return TracingConfig(endpoint, _number(raw, "sample", "tracing.", 0.01, 0.0, 1.0), errors)
 
 
 def load_config(path: Path) -> AgentConfig:

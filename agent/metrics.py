@@ -23,226 +23,19 @@ the exposition and the memory per label set, and rate() does not need them).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class Sample(NamedTuple):
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-class Family:
-    """One metric family as exported: name (without `_total` for counters), help, type, samples."""
-
-    __slots__ = ("documentation", "name", "samples", "type")
-
-    def __init__(self, name: str, documentation: str, typ: str) -> None:
-        self.name, self.documentation, self.type = name, documentation, typ
-        self.samples: list[Sample] = []
-
-    def add_sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        self.samples.append(Sample(name, labels, value))
-
-
-class CollectorRegistry:
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
-
-    def register(self, metric: _Metric) -> None:
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"duplicate metric {metric.name}")
-        self._metrics.append(metric)
-
-    def collect(self) -> list[Family]:
-        return [m.collect() for m in self._metrics]
-
-
-class _Value:
-    """One time series of a counter or gauge."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        self.value += amount
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-
-class _Buckets:
-    """One time series of a histogram: per-bucket counts (not cumulative until exported), sum."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        i = 0
-        for bound in self.bounds:  # <= 15 buckets: a scan beats bisect's call overhead
-            if value <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
-
-
-class _Metric:
-    typ = ""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 registry: CollectorRegistry | None = None) -> None:  # fmt: skip
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], Any] = {}
-        if registry is not None:
-            registry.register(self)
-
-    def _new(self) -> Any:
-        raise NotImplementedError
-
-    def labels(self, *values: str, **by_name: str) -> Any:
-        """The child for these label values (created on first use, then a dict lookup)."""
-        if by_name:
-            if values or set(by_name) != set(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}")
-            values = tuple(by_name[n] for n in self.labelnames)
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {len(key)} values")
-            child = self._children[key] = self._new()
-        return child
-
-    def _only(self) -> Any:
-        if self.labelnames:
-            raise ValueError(f"{self.name} has labels: use .labels(...)")
-        return self.labels()
-
-    def _labels_of(self, key: tuple[str, ...]) -> dict[str, str]:
-        return dict(zip(self.labelnames, key, strict=True))
-
-    def collect(self) -> Family:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    typ = "counter"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 registry: CollectorRegistry | None = None) -> None:  # fmt: skip
-        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
-
-    def _new(self) -> _Value:
-        return _Value()
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._only().inc(amount)
-
-    def collect(self) -> Family:
-        fam = Family(self.name, self.documentation, self.typ)
-        for key, child in self._children.items():
-            fam.add_sample(self.name + "_total", self._labels_of(key), child.value)
-        return fam
-
-
-class Gauge(_Metric):
-    typ = "gauge"
-
-    def _new(self) -> _Value:
-        return _Value()
-
-    def set(self, value: float) -> None:
-        self._only().set(value)
-
-    def collect(self) -> Family:
-        fam = Family(self.name, self.documentation, self.typ)
-        if not self.labelnames and not self._children:
-            self.labels()  # an unlabelled gauge exists (at 0) from the start, as in prometheus-client
-        for key, child in self._children.items():
-            fam.add_sample(self.name, self._labels_of(key), child.value)
-        return fam
-
-
-class Histogram(_Metric):
-    typ = "histogram"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 registry: CollectorRegistry | None = None,
-                 buckets: Iterable[float] = ()) -> None:  # fmt: skip
-        self.bounds = tuple(sorted(float(b) for b in buckets if b != math.inf))
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _new(self) -> _Buckets:
-        return _Buckets(self.bounds)
-
-    def observe(self, value: float) -> None:
-        self._only().observe(value)
-
-    def collect(self) -> Family:
-        fam = Family(self.name, self.documentation, self.typ)
-        for key, child in self._children.items():
-            labels = self._labels_of(key)
-            total = 0
-            for bound, count in zip((*self.bounds, math.inf), child.counts, strict=True):
-                total += count
-                fam.add_sample(self.name + "_bucket", {**labels, "le": _num(bound)}, float(total))
-            fam.add_sample(self.name + "_count", labels, float(total))
-            fam.add_sample(self.name + "_sum", labels, child.sum)
-        return fam
-
-
-def _num(value: float) -> str:
-    """Go's float formatting, as Prometheus writes and parses it (prometheus-client's rule)."""
-    if value == math.inf:
-        return "+Inf"
-    if value == -math.inf:
-        return "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    text = repr(float(value))
-    dot = text.find(".")
-    if value > 0 and dot > 6:  # Go switches to exponents sooner than Python
-        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return text
-
-
-def _escape(value: str, help_text: bool = False) -> str:
-    value = value.replace("\\", "\\\\").replace("\n", "\\n")
-    return value if help_text else value.replace('"', '\\"')
-
-
-def generate_latest(registry: Any) -> bytes:
-    """The Prometheus text exposition format 0.0.4 of everything `registry.collect()` returns."""
-    out: list[str] = []
-    for fam in registry.collect():
-        name = fam.name + "_total" if fam.type == "counter" else fam.name
-        out.append(f"# HELP {name} {_escape(fam.documentation, help_text=True)}\n")
-        out.append(f"# TYPE {name} {fam.type}\n")
-        for s in fam.samples:
-            if s.labels:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(s.labels.items()))
-                out.append(f"{s.name}{{{labels}}} {_num(s.value)}\n")
-            else:
-                out.append(f"{s.name} {_num(s.value)}\n")
-    return "".join(out).encode()
-
+from hostmesh.registry.promtext import (  # noqa: F401 (re-exported: the agent's metrics API)
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Family,
+    Gauge,
+    Histogram,
+    Sample,
+    generate_latest,
+)
 
 TCP_LABELS = (
     "reporter",
@@ -257,6 +50,37 @@ APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 MAX_CACHED_SERIES = 10_000  # label sets are services x subsets x flags; beyond this something is wrong
 
 
+ISTIO_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_principal",
+    "destination_service_name",
+    "destination_principal",
+    "destination_version",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+)
+# Istio's default buckets (ms, and bytes), so Istio's and Kiali's dashboards read the same quantiles
+ISTIO_MS_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
+ISTIO_BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
+MTLS = "mutual_tls"  # every hop between agents is mutual TLS 1.3 (Istio's connection_security_policy)
+
+
+class _Both:
+    """One counter child that also counts in its Istio twin (TCP series: one call site, two series)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.a.inc(amount)
+        self.b.inc(amount)
+
+
 @dataclass(frozen=True, slots=True)
 class TcpSeries:
     """The four TCP counters' children for one label set, resolved once per connection."""
@@ -268,8 +92,10 @@ class TcpSeries:
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    def __init__(self, trust_domain: str = "hostmesh.local", istio: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.trust_domain = trust_domain  # for the Istio series' *_principal labels
+        self.istio = istio  # agent.toml `istio_metrics`: also export the Istio-compatible series
         r = self.registry
         self.requests = Counter("hostmesh_requests_total", "HTTP requests", TCP_LABELS, registry=r)
         self.request_duration = Histogram(
@@ -336,6 +162,100 @@ class Telemetry:
             "hostmesh_udp_flows_total", "UDP flows (one per client address and port) opened, by flags",
             (*udp, "flags"), registry=r,
         )  # fmt: skip
+        self.spans_exported = Counter(
+            "hostmesh_tracing_spans_exported_total", "spans the OTLP collector accepted", registry=r
+        )
+        self.spans_dropped = Counter(
+            "hostmesh_tracing_spans_dropped_total",
+            "spans dropped: export queue full or the collector failed", ("reason",), registry=r,
+        )  # fmt: skip
+        # Istio-compatible twins of the request and TCP series (Istio's names, labels and units)
+        # (opt-in: `istio_request_duration_milliseconds` is Istio's name, which promtool's lint flags)
+        ir = r if istio else None
+        self.istio_requests = Counter(
+            "istio_requests_total", "HTTP requests (Istio-compatible)", ISTIO_LABELS, registry=ir
+        )
+        self.istio_duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration in ms (Istio-compatible)",
+            ISTIO_LABELS,
+            buckets=ISTIO_MS_BUCKETS,
+            registry=ir,
+        )
+        self.istio_request_bytes = Histogram(
+            "istio_request_bytes",
+            "HTTP request body sizes (Istio-compatible)",
+            ISTIO_LABELS,
+            buckets=ISTIO_BYTES_BUCKETS,
+            registry=ir,
+        )
+        self.istio_response_bytes = Histogram(
+            "istio_response_bytes",
+            "HTTP response body sizes (Istio-compatible)",
+            ISTIO_LABELS,
+            buckets=ISTIO_BYTES_BUCKETS,
+            registry=ir,
+        )
+        self.istio_tcp_opened = Counter(
+            "istio_tcp_connections_opened_total",
+            "TCP connections opened (Istio-compatible)",
+            ISTIO_LABELS,
+            registry=ir,
+        )
+        self.istio_tcp_closed = Counter(
+            "istio_tcp_connections_closed_total",
+            "TCP connections closed (Istio-compatible)",
+            ISTIO_LABELS,
+            registry=ir,
+        )
+        self.istio_tcp_sent = Counter(
+            "istio_tcp_sent_bytes_total",
+            "bytes sent from destination to source (Istio-compatible)",
+            ISTIO_LABELS,
+            registry=ir,
+        )
+        self.istio_tcp_received = Counter(
+            "istio_tcp_received_bytes_total",
+            "bytes received from source for destination (Istio-compatible)",
+            ISTIO_LABELS,
+            registry=ir,
+        )
+        # mesh health (set at scrape time by the agent from its state, or counted where it happens)
+        self.consul_sync = Gauge(
+            "hostmesh_consul_sync_healthy",
+            "1 while every Consul watch of the agent answers, else 0",
+            registry=r,
+        )
+        self.consul_registered = Gauge(
+            "hostmesh_consul_registered", "1 once the agent's services are registered in Consul", registry=r
+        )
+        self.cert_renewal_failing = Gauge(
+            "hostmesh_cert_renewal_failing",
+            "1 while the service's certificate renewal fails (retrying or expired)",
+            ("service",),
+            registry=r,
+        )
+        self.active_connections = Gauge(
+            "hostmesh_active_connections", "open downstream connections", ("listener",), registry=r
+        )
+        self.retries = Counter(
+            "hostmesh_retries_total",
+            "HTTP request retries",
+            ("source_service", "destination_service", "reason"),
+            registry=r,
+        )
+        self.ejected = Gauge(
+            "hostmesh_upstream_ejected_endpoints",
+            "instances ejected by outlier detection",
+            ("upstream",),
+            registry=r,
+        )
+        self.healthy_endpoints = Gauge(
+            "hostmesh_upstream_healthy_endpoints",
+            "healthy instances the agent knows of an upstream",
+            ("upstream",),
+            registry=r,
+        )
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 
@@ -345,15 +265,32 @@ class Telemetry:
         series = self._tcp.get(key)
         if series is None:
             labels = (reporter, source, destination, subset, "", flags)
-            series = TcpSeries(
-                self.tcp_opened.labels(*labels),
-                self.tcp_closed.labels(*labels),
-                self.tcp_sent.labels(*labels),
-                self.tcp_received.labels(*labels),
-            )
+            if self.istio:
+                ist = self.istio_labels(reporter, source, destination, subset, "tcp", "", flags)
+                series = TcpSeries(
+                    _Both(self.tcp_opened.labels(*labels), self.istio_tcp_opened.labels(*ist)),
+                    _Both(self.tcp_closed.labels(*labels), self.istio_tcp_closed.labels(*ist)),
+                    _Both(self.tcp_sent.labels(*labels), self.istio_tcp_sent.labels(*ist)),
+                    _Both(self.tcp_received.labels(*labels), self.istio_tcp_received.labels(*ist)),
+                )
+            else:
+                series = TcpSeries(
+                    self.tcp_opened.labels(*labels),
+                    self.tcp_closed.labels(*labels),
+                    self.tcp_sent.labels(*labels),
+                    self.tcp_received.labels(*labels),
+                )
             if len(self._tcp) < MAX_CACHED_SERIES:
                 self._tcp[key] = series
         return series
+
+    def istio_labels(self, reporter: str, source: str, destination: str, subset: str, protocol: str,
+                     code: str, flags: str) -> tuple[str, ...]:  # fmt: skip
+        """ISTIO_LABELS values for one series (called once per label set: the children are cached)."""
+        td = self.trust_domain
+        return (reporter, source, f"spiffe://{td}/svc/{source}" if source else "unknown", destination,
+                f"spiffe://{td}/svc/{destination}", subset or "unknown", protocol, code or "0", flags or "-",
+                MTLS)  # fmt: skip
 
     def denied(self, reporter: str, source: str, destination: str) -> None:
         key = (reporter, source, destination)

@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -81,6 +80,9 @@ RESTART_KEYS = (
     "dns",  # the DNS server's sockets
     "udp_idle_timeout",  # given to the UDP listeners when they start
     "gateways",  # listeners and identities; a SIGHUP re-reads the ingress certificate files
+    "istio_metrics",  # the series are registered once, at start
+    "tracing",  # the tracer and its exporter are built at start
+    "log_format",
 )
 
 
@@ -182,7 +184,8 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(cfg.trust_domain, istio=cfg.istio_metrics)
+        self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")
         if self.worker:
             from hostmesh.agent.workers import DiskCerts
@@ -385,6 +388,18 @@ class Agent:
                 raise AgentStartError(f"gateway {gw.name}: {getattr(exc, 'strerror', None) or exc}") from None
             self.gateways.append(ingress)
 
+    def _new_tracer(self) -> Any:
+        """agent/tracing.py's Tracer when agent.toml has `[tracing] otlp_endpoint`, else None (no span
+        code runs and opentelemetry-proto is never imported)."""
+        tc = self.config.tracing
+        if tc.otlp_endpoint is None:
+            return None
+        from hostmesh.agent.tracing import Tracer
+
+        tracer = Tracer(tc.otlp_endpoint, tc.sample, tc.errors, self.config.node, self.telemetry)
+        tracer.start_exporting()
+        return tracer
+
     def _release_startup_memory(self) -> None:
         gc.enable()  # agent/cli.py disables it while the modules load
         if self._trimmer is not None:
@@ -415,6 +430,7 @@ class Agent:
             header_timeout=self.config.http.header_read_timeout,
             body_idle_timeout=self.config.http.body_idle_timeout,
             body_min_rate=self.config.http.body_min_rate,
+            tracer=self.tracer,
         )
         for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
             self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
@@ -459,7 +475,7 @@ class Agent:
                     telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
                     connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
                     protocol=up.protocol, body_idle_timeout=self.config.http.body_idle_timeout,
-                    body_min_rate=self.config.http.body_min_rate,
+                    body_min_rate=self.config.http.body_min_rate, tracer=self.tracer,
                 ), on_load=self._after_lazy_import)  # fmt: skip
                 await listener.start()
                 self.outbound[key] = listener
@@ -522,7 +538,7 @@ class Agent:
             id=sid,
             address=self.config.mesh_address,
             port=self.inbound.port,
-            meta={"hostmesh": "1", "protocol": svc.protocol, **svc.meta},
+            meta={"hostmesh": "1", "protocol": svc.protocol, **self._metrics_meta(), **svc.meta},
             checks=(
                 {
                     "CheckID": f"{sid}:app",
@@ -541,6 +557,13 @@ class Agent:
                 },
             ),
         )
+
+    def _metrics_meta(self) -> dict[str, str]:
+        """`metrics_addr` = host:port of /metrics, for Prometheus' consul_sd_configs (observability/)."""
+        from hostmesh.agent.observe import metrics_addr
+
+        addr = metrics_addr(self.config, self._servers)
+        return {"metrics_addr": addr} if addr else {}
 
     async def _register(self, svc: ServiceConfig, why: str) -> None:
         await self.consul.register_service(await self._registration(svc))
@@ -679,16 +702,21 @@ class Agent:
         }
 
     async def _metrics(self, req: Request) -> Response:
-        from hostmesh.agent.metrics import CONTENT_TYPE_LATEST, generate_latest
+        from hostmesh.agent.metrics import CONTENT_TYPE_LATEST
 
         if req.path != "/metrics":
             return Response.error(404, "metrics are served at /metrics")
         if self.workers is not None:
+            from hostmesh.agent.observe import health_families, refresh_health
             from hostmesh.agent.workers import exposition, merge_samples, samples_of
 
+            refresh_health(self)
             groups = [samples_of(self.telemetry.registry), *await self.workers.samples()]
-            return Response(200, exposition(merge_samples(groups)), {"content-type": CONTENT_TYPE_LATEST})
-        return Response(200, generate_latest(self.telemetry.registry), {"content-type": CONTENT_TYPE_LATEST})
+            body = exposition([*merge_samples(groups), *health_families()])
+            return Response(200, body, {"content-type": CONTENT_TYPE_LATEST})
+        from hostmesh.agent.observe import agent_exposition
+
+        return Response(200, agent_exposition(self), {"content-type": CONTENT_TYPE_LATEST})
 
     # --- stop -------------------------------------------------------------------------------
 
@@ -729,6 +757,8 @@ class Agent:
             (cfg.data_dir / ADMIN_ADDRESS_FILE).unlink(missing_ok=True)
         if self.dns is not None:
             await self.dns.close()
+        if getattr(self, "tracer", None) is not None:
+            await self.tracer.close()  # what is queued goes out (one bounded attempt)
         for task in self._tasks:
             task.cancel()
         trimmer = getattr(self, "_trimmer", None)
@@ -777,13 +807,12 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         raise AgentStartError(agent.fatal)
 
 
-def _setup_logging(level: str, worker: int = 0) -> None:
-    who = f"[worker {worker}] " if worker else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, worker: int = 0, fmt: str = "auto") -> None:
+    """One JSON object per line (or text at a terminal): registry/logs.py."""
+    from hostmesh.registry import logs
+
+    chosen = logs.setup(level, fmt, {"worker": worker} if worker else None)
+    os.environ[logs.LOG_FORMAT_ENV] = chosen  # the certificate helpers (agent/certproc.py) write alike
 
 
 def main(config_path: Path) -> None:
@@ -798,7 +827,7 @@ def main(config_path: Path) -> None:
     from hostmesh.agent.workers import worker_index
 
     worker = worker_index()
-    _setup_logging(config.log_level, worker)
+    _setup_logging(config.log_level, worker, config.log_format)
     audit.configure_access(config.access_log.sample)
     loop = new_event_loop()
     try:

@@ -1,9 +1,11 @@
 """The CA's audit trail: one JSON line per issuance and per refusal.
 
-Every line has the same keys (null when not applicable), so it greps and loads cleanly:
-`ts, event (issue|refuse), via (sign|renew|renew-sibling|nomad|tls), identity, serial, not_after, token,
-reason, peer`. `token` is the join token's id, never its secret; for via=nomad (a Nomad workload
-identity) it is `nomad:<allocation id>`, never the JWT.
+Every line has the same keys (null when not applicable), so it greps and loads cleanly, and the
+shape of every other hostmesh log line (registry/logs.py): `timestamp` (RFC 3339 UTC), `level`,
+`logger` (hostmesh.ca.audit), `message` (= event), then `event (issue|refuse), via
+(sign|renew|renew-sibling|nomad|tls), identity, serial, not_after, token, reason, peer`.
+`token` is the join token's id, never its secret; for via=nomad (a Nomad workload identity) it is
+`nomad:<allocation id>`, never the JWT.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from hostmesh.registry.logs import rfc3339
 
 
 class AuditLog:
@@ -77,7 +82,10 @@ class AuditLog:
 
     def _emit(self, event: str, via: str, **fields: str | None) -> None:
         line = {
-            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "timestamp": rfc3339(time.time()),
+            "level": "info" if event == "issue" else "warning",
+            "logger": "hostmesh.ca.audit",
+            "message": event,
             "event": event,
             "via": via,
             "identity": None,

@@ -174,6 +174,12 @@ def retire_root(root_id: str, data_dir: Path) -> None:
     help="Ask Nomad (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_CACERT) that the JWT's allocation still runs "
     "[default: when NOMAD_ADDR is set].",
 )
+@click.option(
+    "--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
+    help="Log lines as JSON objects or text (auto: text only on a terminal outside systemd).",
+)  # fmt: skip
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
 @click.pass_context
 @one_line_errors
 def serve(
@@ -186,9 +192,13 @@ def serve(
     nomad_jwks: str | None = None,
     nomad_audience: str | None = None,
     nomad_check_allocations: bool | None = None,
+    log_format: str = "auto",
+    log_level: str = "info",
 ) -> None:
     """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from hostmesh.registry import logs
+
+    logs.setup(log_level, log_format)
     host, port = parse_listen(listen)
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
     ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")

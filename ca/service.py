@@ -73,9 +73,11 @@ from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
+from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,7 @@ class _AuditedTLSServer(HTTPServer):
             else:
                 detail = str(exc) or exc.__class__.__name__
             if reason == tls.FAILURE_CERTIFICATE:
+                self._service.metrics.refused.labels("tls", "client_certificate").inc()
                 self._service.audit.refuse(
                     via="tls", reason=f"client certificate refused: {detail}", peer=peer
                 )
@@ -343,6 +346,7 @@ class CAService:
         self.reloaded = asyncio.Event()  # set after each successful reload that changed something
         self._rates = admission.ClientRates()
         self.rate_limited = 0  # requests answered 429 for their client's rate
+        self.metrics = CAMetrics()
         self._unknown_tokens: dict[str, float] = {}  # token id -> loop time Consul said it had no record
         self.nomad = nomad  # trusts Nomad workload identities at /v1/sign (ca/nomad.py); None: tokens only
 
@@ -527,7 +531,9 @@ class CAService:
             "Status": "passing",  # we register only once serving; skip Consul's first-run stagger
             "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
         }
-        meta = {"hostmesh": "1", "trust_domain": self.authority.trust_domain}
+        meta = {"hostmesh": "1", "trust_domain": self.authority.trust_domain,
+                # /metrics is on the API port (HTTPS): for Prometheus' consul_sd_configs (observability/)
+                "metrics_addr": f"{self.advertise}:{self.port}", "metrics_scheme": "https"}  # fmt: skip
         return ServiceRegistration(
             CA_SERVICE_NAME, self.service_id, self.advertise, self.port, meta, (), (check,)
         )
@@ -540,6 +546,7 @@ class CAService:
             "/v1/renew": ("POST", self._renew),
             "/v1/roots": ("GET", self._roots),
             "/v1/health": ("GET", self._health),
+            "/metrics": ("GET", self._metrics),
         }
         if req.path not in UNLIMITED_PATHS:
             wait = self._rates.take(admission.client_key(req.peer), asyncio.get_running_loop().time())
@@ -554,6 +561,11 @@ class CAService:
         if req.method != route[0]:
             return Response.error(405, f"{req.path} takes {route[0]}")
         return await route[1](req)
+
+    async def _metrics(self, req: Request) -> Response:
+        """Prometheus exposition (ca/metrics.py): issuances, refusals by reason, roots and expiry."""
+        body = self.metrics.exposition(self.authority, self.rate_limited)
+        return Response(200, body, {"content-type": CONTENT_TYPE_LATEST})
 
     async def _roots(self, req: Request) -> Response:
         return Response.of_json(200, self.authority.bundle_json())
@@ -777,6 +789,7 @@ class CAService:
         ttl = min(ttl, self.leaf_ttl)  # every path, whatever parsed the request: --leaf-ttl is the ceiling
         public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
         leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
+        self.metrics.issued.labels(via).inc()
         self.audit.issue(
             via=via,
             identity=ident.spiffe_id,
@@ -794,6 +807,7 @@ class CAService:
         status = _status_of(exc)
         if status >= 500:
             reason = f"temporarily unavailable: {reason}"
+        self.metrics.refused.labels(via, refusal_reason(exc)).inc()
         self.audit.refuse(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
         return Response.error(status, reason)
 

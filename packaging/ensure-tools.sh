@@ -13,6 +13,7 @@ declare -A pkg_of=(
   [ip]=iproute2
   [dig]=dnsutils
   [dnsmasq]=dnsmasq-base
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "$@"; do

@@ -37,6 +37,9 @@ NEVER_IN_AN_AGENT = (
     "difflib",  # only for an unknown-field message (registry/schema.py, agent/config.py)
     "requests",
     "aiohttp",
+    "hostmesh.agent.otlp",  # OTLP export: only with [tracing] otlp_endpoint (agent/tracing.py)
+    "opentelemetry",
+    "google.protobuf",
 )
 
 

@@ -427,7 +427,20 @@ async def test_audit_lines_have_one_fixed_shape(ca, client) -> None:
     svc, sink = ca
     await sign(svc, await token_for(client, "web"), "web")
     await sign(svc, "garbage", "web")
-    keys = {"ts", "event", "via", "identity", "serial", "not_after", "token", "reason", "peer"}
+    keys = {
+        "timestamp",
+        "level",
+        "logger",
+        "message",
+        "event",
+        "via",
+        "identity",
+        "serial",
+        "not_after",
+        "token",
+        "reason",
+        "peer",
+    }
     assert [set(r) for r in sink.records] == [keys, keys]
     assert [r["event"] for r in sink.records] == ["issue", "refuse"]
 

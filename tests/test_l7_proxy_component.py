@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import select
 import socket
@@ -214,7 +213,7 @@ async def test_l7_intention_denies_a_path_with_403_and_an_audit_line(
     c.close()
     assert r_ok.status == 200
     assert r_denied.status == 403 and r_denied.flags == "AUTHZ"
-    line = json.loads([r.message for r in caplog.records if r.name == "hostmesh.audit"][-1])
+    line = [r.fields for r in caplog.records if r.name == "hostmesh.audit"][-1]  # type: ignore[attr-defined]
     assert line["layer"] == "l7" and line["path"] == "/admin/x"
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="403", response_flags="AUTHZ") == 1
 
@@ -233,7 +232,7 @@ async def test_unreadable_intentions_answer_503_ni_and_the_app_sees_nothing(
     r = await asyncio.to_thread(lambda: c.get("/public"))
     assert r.status == 503 and r.flags == "NI"
     assert sum(app.hits for app in mesh.apps) == 0
-    line = json.loads([r.message for r in caplog.records if r.name == "hostmesh.audit"][-1])
+    line = [r.fields for r in caplog.records if r.name == "hostmesh.audit"][-1]  # type: ignore[attr-defined]
     assert (line["layer"], line["reason"], line["path"]) == ("l7", reason, "/public")
     assert sample(mesh.tel_b, "hostmesh_authz_unavailable_total", source_service="web") >= 1
     assert sample(mesh.tel_b, "hostmesh_requests_total", response_code="503", response_flags="NI") >= 1

@@ -5,6 +5,7 @@ several processes' samples for `workers = N` (agent/workers.py)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,3 +86,32 @@ def test_workers_merge_adds_counts_and_keeps_the_largest_gauge() -> None:
     assert "config_version 12.0" in text
     assert 'lat_seconds_bucket{le="1.0"} 2.0' in text and "lat_seconds_count 2.0" in text
     assert text.count("# TYPE conns_total counter") == 1
+
+
+def test_process_series_match_prometheus_client_process_collector() -> None:
+    """process_* (registry/promtext.py) are prometheus-client's ProcessCollector's: names, help, types,
+    order; values read in the same instant agree (the ones that move between two reads are compared
+    loosely)."""
+    import prometheus_client as prom
+
+    from hostmesh.registry.promtext import Families, ProcessMetrics
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("process_* are read from /proc")
+    theirs_reg = prom.CollectorRegistry()
+    prom.ProcessCollector(registry=theirs_reg)
+    theirs = prom.generate_latest(theirs_reg).decode().splitlines()
+    ours = m.generate_latest(Families(ProcessMetrics().families())).decode().splitlines()
+    assert [x for x in ours if x.startswith("#")] == [x for x in theirs if x.startswith("#")]
+    moving = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+              "process_open_fds")  # fmt: skip
+    for a, b in zip(ours, theirs, strict=True):
+        if a.startswith("#"):
+            continue
+        name_a, value_a = a.split(" ")
+        name_b, value_b = b.split(" ")
+        assert name_a == name_b
+        if name_a in moving:
+            assert math.isclose(float(value_a), float(value_b), rel_tol=0.5, abs_tol=2.0), (a, b)
+        else:
+            assert value_a == value_b, (a, b)

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import json
 import logging
 import ssl
 import time
@@ -246,9 +245,10 @@ async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
     assert metric_sample(mesh.tel_b, "hostmesh_tcp_sent_bytes_total", source_service="web") == 10
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", reporter="source",
                        destination_subset="v1", response_flags="") == 1  # fmt: skip
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.access"]
+    lines = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
     inbound_line = next(x for x in lines if x["reporter"] == "destination")
-    assert inbound_line["source"] == "spiffe://hostmesh.local/svc/web"
+    assert inbound_line["source_principal"] == "spiffe://hostmesh.local/svc/web"
+    assert inbound_line["source_workload"] == "web" and inbound_line["protocol"] == "tcp"
 
 
 async def test_half_close_client_first(mesh: Mesh) -> None:
@@ -348,7 +348,7 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     w.write(b"let me in")
     assert await closed_by_peer(r) in ("reset", "eof")
     assert mesh.app.connections == 0
-    audit = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.audit"]
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
     assert len(audit) == 1
     assert audit[0]["event"] == "authz_denied"
     assert audit[0]["source"] == "spiffe://hostmesh.local/svc/web"
@@ -371,7 +371,7 @@ async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(
     w.write(b"let me in")
     assert await closed_by_peer(r) in ("reset", "eof")
     assert mesh.app.connections == 0
-    audit = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hostmesh.audit"]
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
     assert [(a["layer"], a["destination"], a["reason"]) for a in audit] == [("l4", "api", reason)]
     assert metric_sample(mesh.tel_b, "hostmesh_authz_unavailable_total", source_service="web") == 1
     assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total") == 0

@@ -404,7 +404,7 @@ class IngressHttp:
         from hostmesh.agent.proxy.http_conn import access_due, access_line
 
         if access_due(ex):
-            access_line(ex, "source", gw.name, "-", "")
+            access_line(ex, "source", gw.name, "", "-", "")
 
     def rejected(self, conn: Any, status: int, reason: str, flag: str) -> None:
         gw = self.gateway

@@ -117,19 +117,33 @@ class RequestMetrics:
     def __init__(self, telemetry: Telemetry, reporter: str) -> None:
         self.telemetry = telemetry
         self.reporter = reporter
-        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, Any]] = {}
+        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, ...]] = {}
 
-    def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float) -> None:
+    def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
+                request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
         key = (source, dest, subset, code, flags)
-        pair = self._cache.get(key)
-        if pair is None:
+        ops = self._cache.get(key)
+        if ops is None:
             labels = (self.reporter, source, dest, subset, str(code), flags)
             t = self.telemetry
-            pair = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
+            ops = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
+            if t.istio:
+                ist = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
+                ops += (
+                    t.istio_requests.labels(*ist).inc,
+                    t.istio_duration.labels(*ist).observe,
+                    t.istio_request_bytes.labels(*ist).observe,
+                    t.istio_response_bytes.labels(*ist).observe,
+                )
             if len(self._cache) < MAX_CACHED_SERIES:
-                self._cache[key] = pair
-        pair[0]()
-        pair[1](seconds)
+                self._cache[key] = ops
+        ops[0]()
+        ops[1](seconds)
+        if len(ops) > 2:  # istio_metrics on
+            ops[2]()
+            ops[3](seconds * 1000.0)
+            ops[4](request_bytes)
+            ops[5](response_bytes)
 
 
 def access_due(ex: Exchange) -> bool:
@@ -138,30 +152,42 @@ def access_due(ex: Exchange) -> bool:
     return audit.access_sampled(always=bool(ex.flags) or ex.status >= 500)
 
 
-def access_line(ex: Exchange, reporter: str, source: str, dest: str, subset: str, **extra: Any) -> None:
-    """One JSON access line (when `access_due(ex)`)."""
+def access_line(
+    ex: Exchange,
+    reporter: str,
+    source: str,
+    source_principal: str,
+    dest: str,
+    subset: str,
+    upstream_host: str = "",
+    peer: str = "",
+) -> None:
+    """One access line (when `access_due(ex)`), in the field set shared with the L4 path (audit.py)."""
     h = ex.head
     rid = b""
     for n, v in h.headers:
         if n == REQUEST_ID:
             rid = v
             break
-    record = {
-        "ts": round(time.time(), 3),
-        "reporter": reporter,
-        "source": source,
-        "destination": dest,
-        "subset": subset,
-        "method": h.method.decode("latin-1"),
-        "path": h.target.decode("latin-1")[:512],
-        "status": ex.status,
-        "flags": ex.flags or fl.NONE,
-        "duration_ms": round((time.monotonic() - ex.started) * 1000, 2),
-        "request_id": rid.decode("latin-1"),
-        "sent_bytes": ex.sent,
-    }
-    record.update(extra)
-    audit.access(record)
+    span = ex.trace
+    audit.access(audit.access_record(
+        protocol="http", reporter=reporter, source_workload=source, source_principal=source_principal,
+        destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
+        downstream_remote_address=peer, response_code=ex.status, response_flags=ex.flags or fl.NONE,
+        duration_ms=round((time.monotonic() - ex.started) * 1000, 2), bytes_received=ex.received,
+        bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
+        request_id=rid.decode("latin-1"),
+        trace_id=span.trace_id_hex if span is not None else _trace_of(h.headers),
+        span_id=span.span_id_hex if span is not None else "",
+    ))  # fmt: skip
+
+
+def _trace_of(headers: http1.Headers) -> str:
+    """The trace ID of an incoming `traceparent` (an unsampled request still names its trace)."""
+    for n, v in headers:
+        if n == b"traceparent" and len(v) >= 55:
+            return v[3:35].decode("latin-1")
+    return ""
 
 
 # --------------------------------------------------------------------------- client side of a proxy
@@ -547,6 +573,7 @@ class Exchange:
         "on_fail",
         "on_response_head",
         "plan",
+        "received",
         "replayable",
         "request_done",
         "resp_pending",
@@ -555,6 +582,7 @@ class Exchange:
         "started",
         "state",
         "status",
+        "trace",
         "trailers",
         "upstream",
         "waiter",
@@ -578,6 +606,8 @@ class Exchange:
         self.status = 0
         self.flags = ""
         self.sent = 0
+        self.received = 0  # request body bytes from the client (istio_request_bytes, the access line)
+        self.trace: Any = None  # the request's span when it is traced (agent/tracing.py), else None
         self.plan = NO_BODY
         self.keep_alive = head.keep_alive
         self.response_ops: Any = None  # the route's HeaderOps when it has any
@@ -589,6 +619,7 @@ class Exchange:
 
     # ---- request body (from the client)
     def request_body(self, data: bytes) -> None:
+        self.received += len(data)
         enc = http1.chunk_header(len(data)) + data + CRLF if self.chunked else data
         up = self.upstream
         if up is not None and up.transport is not None:

@@ -55,6 +55,7 @@ from hostmesh.agent.proxy.http_conn import (
     drain,
 )
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.agent.tracing import KIND_SERVER, set_traceparent
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
@@ -94,8 +95,9 @@ class HttpInbound:
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
                  subsets: Mapping[str, str] | None = None,
                  header_timeout: float = HEADER_READ_TIMEOUT, body_idle_timeout: float = BODY_IDLE_TIMEOUT,
-                 body_min_rate: float = BODY_MIN_RATE) -> None:  # fmt: skip
+                 body_min_rate: float = BODY_MIN_RATE, tracer: Any = None) -> None:  # fmt: skip
         self.holder = holder
+        self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.header_timeout = header_timeout
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
@@ -142,6 +144,8 @@ class HttpInbound:
         snap = self.holder.current
         svc = snap.local.get(caller.service)
         head = ex.head
+        if self.tracer is not None:
+            ex.trace = self.tracer.start(caller.service, "", KIND_SERVER, head.headers)
         if svc is None or self.closing:
             ex.keep_alive = False
             ex.respond(503, fl.UH, "service not on this host")
@@ -190,6 +194,8 @@ class HttpInbound:
             ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
         complete_request_headers(headers, svc.name)
+        if ex.trace is not None:  # the app's own spans are children of this one
+            set_traceparent(headers, ex.trace.traceparent())
         ex.state = req = _Req(svc.port, headers)
         ex.on_response_head = Exchange.relay
         ex.on_fail = self._on_fail
@@ -266,9 +272,20 @@ class HttpInbound:
         caller: Caller = ex.conn.info
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, ex.flags or fl.NONE,
-                             time.monotonic() - ex.started)  # fmt: skip
+                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+        req: _Req | None = ex.state
+        tracer = self.tracer
+        if tracer is not None and (ex.trace is not None or tracer.errors):
+            ex.trace = tracer.end_http(
+                ex.trace, ex, reporter=REPORTER, source=caller.source.service,
+                source_principal=caller.source.spiffe_id, destination=caller.service,
+                destination_principal=f"spiffe://{caller.source.trust_domain}/svc/{caller.service}",
+                subset=subset, upstream_host=f"127.0.0.1:{req.port}" if req is not None else "",
+                peer=caller.peer,
+            )  # fmt: skip
         if access_due(ex):
-            access_line(ex, REPORTER, caller.source.spiffe_id, caller.service, subset, peer=caller.peer)
+            access_line(ex, REPORTER, caller.source.service, caller.source.spiffe_id, caller.service, subset,
+                        f"127.0.0.1:{req.port}" if req is not None else "", caller.peer)  # fmt: skip
 
     def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
         caller: Caller = conn.info

@@ -83,6 +83,7 @@ from hostmesh.agent.proxy.http_conn import (
 )
 from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
+from hostmesh.agent.tracing import KIND_CLIENT, set_traceparent
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.schema import PolicyDocument
@@ -92,6 +93,7 @@ log = logging.getLogger("hostmesh.proxy.http_outbound")
 REPORTER = "source"
 CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
 PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
+RETRY_REASONS = {CONNECT_FAILURE: "connect-failure", RESET: "reset", TIMEOUT: "per-try timeout"}
 OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
 
 
@@ -262,8 +264,9 @@ class HttpOutbound:
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
-                 rng: random.Random | None = None) -> None:  # fmt: skip
+                 rng: random.Random | None = None, tracer: Any = None) -> None:  # fmt: skip
         self.holder = holder
+        self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
@@ -342,6 +345,8 @@ class HttpOutbound:
         cl = self.cluster(snap)
         ex.state = st = _Req(cl)
         head = ex.head
+        if self.tracer is not None:
+            ex.trace = self.tracer.start(self.local_service, "", KIND_CLIENT, head.headers)
         if self.closing:
             ex.keep_alive = False
             ex.respond(503, fl.UH, "shutting down")
@@ -354,6 +359,9 @@ class HttpOutbound:
         subset = route.pick_subset(self.rng)
         st.subset = subset or ""
         delay, abort = route.fault(self.rng) if route.delay_percent or route.abort_percent else (0.0, 0)
+        span = ex.trace
+        if span is not None and (delay or abort):
+            span.event("fault", delay_ms=round(delay * 1000, 1), abort_status=abort)
         if delay:
             self._spawn(self._delayed(ex, snap, subset, delay, abort))
             return
@@ -401,6 +409,8 @@ class HttpOutbound:
                 headers = list(headers)
             route.request_ops.apply(headers)
         complete_request_headers(headers, self.service)
+        if ex.trace is not None:  # the peer agent's span is this one's child
+            set_traceparent(headers, ex.trace.traceparent())
         target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
         ident = self._ident
         if ident is None or ident.trust_domain != snap.trust_domain:
@@ -450,6 +460,8 @@ class HttpOutbound:
         assert st.endpoint is not None
         if ex.replayable and ex.head.method in IDEMPOTENT and not st.redone:
             st.redone = True  # a keep-alive race on a reused connection: once more on another one
+            if ex.trace is not None:
+                ex.trace.event("redo", reason="pooled connection closed by the peer")
             self._spawn(self._loop(ex, first=st.endpoint))
         elif not self._settle(ex, st, st.endpoint, RESET):
             self._spawn(self._loop(ex, retrying=True))
@@ -473,6 +485,9 @@ class HttpOutbound:
                     ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
                 self._relay(ex, outcome)
                 return True
+            self.telemetry.retries.labels(self.local_service, self.service, "5xx").inc()  # rare: no cache
+            if ex.trace is not None:
+                ex.trace.event("retry", reason=f"status {status}", endpoint=f"{ep.address}:{ep.port}")
             return False
         cl.report(ep, 0, now)
         decision = st.retry_state().decide(outcome, 0, ex.replayable)
@@ -482,6 +497,12 @@ class HttpOutbound:
                 ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
             ex.respond(status, flag)
             return True
+        self.telemetry.retries.labels(
+            self.local_service, self.service, RETRY_REASONS.get(outcome, "other")
+        ).inc()
+        if ex.trace is not None:
+            ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, str(outcome)),
+                           endpoint=f"{ep.address}:{ep.port}")  # fmt: skip
         return False
 
     async def _loop(self, ex: Exchange, first: lb.Endpoint | None = None, retrying: bool = False) -> None:
@@ -663,7 +684,7 @@ class HttpOutbound:
 
     def finished(self, ex: Exchange) -> None:
         st: _Req | None = ex.state
-        subset = ""
+        subset = upstream_host = ""
         if st is not None:
             cl = st.cluster
             if st.admitted:
@@ -677,13 +698,25 @@ class HttpOutbound:
                 ep.active -= 1
                 st.endpoint = None
                 subset = st.subset or ep.meta.get("version", "")
+                upstream_host = f"{ep.address}:{ep.port}"
             else:
                 subset = st.subset
         flags = ex.flags or fl.NONE
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
-                             time.monotonic() - ex.started)  # fmt: skip
+                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+        tracer = self.tracer
+        if tracer is not None and (ex.trace is not None or tracer.errors):
+            td = self.holder.current.trust_domain
+            ex.trace = tracer.end_http(
+                ex.trace, ex, reporter=REPORTER, source=self.local_service,
+                source_principal=f"spiffe://{td}/svc/{self.local_service}", destination=self.service,
+                destination_principal=f"spiffe://{td}/svc/{self.service}", subset=subset,
+                upstream_host=upstream_host, peer=ex.conn.peer_ip,
+            )  # fmt: skip
         if access_due(ex):
-            access_line(ex, REPORTER, self.local_service, self.service, subset)
+            principal = f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}"
+            access_line(ex, REPORTER, self.local_service, principal, self.service, subset, upstream_host,
+                        ex.conn.peer_ip)  # fmt: skip
 
     def conn_lost(self, conn: ServerConn) -> None:
         self.conns.discard(conn)

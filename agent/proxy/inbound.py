@@ -440,13 +440,13 @@ class InboundListener(ListenerLifecycle):
         series.closed.inc()
         if audit.access_sampled(always=bool(pipe.flags)):
             spiffe = conn.source.spiffe_id if conn.source else ""
-            audit.access({
-                "ts": round(time.time(), 3), "reporter": REPORTER,
-                "source": spiffe,
-                "destination": service, "peer": conn.peer_addr, "received": pipe.up,
-                "sent": pipe.down, "flags": pipe.flags,
-                "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
-            })  # fmt: skip
+            audit.access(audit.access_record(
+                protocol="tcp", reporter=REPORTER, source_workload=source, source_principal=spiffe,
+                destination_service=service, destination_subset="", upstream_host="",
+                downstream_remote_address=conn.peer_addr, response_code=0, response_flags=pipe.flags,
+                duration_ms=round((time.monotonic() - pipe.started) * 1000, 1), bytes_received=pipe.up,
+                bytes_sent=pipe.down,
+            ))  # fmt: skip
 
     # --- views --------------------------------------------------------------------------------
 

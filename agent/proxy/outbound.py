@@ -268,12 +268,14 @@ class OutboundListener(ListenerLifecycle):
         pipe.flush_metrics(series)
         series.closed.inc()
         if audit.access_sampled(always=bool(pipe.flags)):
-            audit.access({
-                "ts": round(time.time(), 3), "reporter": REPORTER, "source": self.local_service,
-                "destination": self.upstream.service, "endpoint": f"{key[0]}:{key[1]}", "subset": subset,
-                "received": pipe.up, "sent": pipe.down, "flags": pipe.flags,
-                "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
-            })  # fmt: skip
+            audit.access(audit.access_record(
+                protocol="tcp", reporter=REPORTER, source_workload=self.local_service,
+                source_principal=f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}",
+                destination_service=self.upstream.service, destination_subset=subset,
+                upstream_host=f"{key[0]}:{key[1]}", downstream_remote_address="", response_code=0,
+                response_flags=pipe.flags, duration_ms=round((time.monotonic() - pipe.started) * 1000, 1),
+                bytes_received=pipe.up, bytes_sent=pipe.down,
+            ))  # fmt: skip
 
     def _refuse(self, end: RawEnd, flag: str, reason: str) -> None:
         series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, "", flag)

@@ -1,0 +1,99 @@
+"""What the agent's /metrics adds at scrape time: mesh-health gauges read from the agent's state, the
+`process_*` series and `hostmesh_build_info`; and the `metrics_addr` it advertises in Consul.
+
+Decision: health gauges (Consul sync, registration, certificate renewal, active connections,
+ejections, healthy endpoints per upstream) are set when Prometheus scrapes, from the state the
+agent keeps anyway, so they cost nothing on the data path and cannot drift from /v1/clusters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import platform
+import sys
+from typing import Any
+
+from hostmesh.agent.renewal import CertState
+from hostmesh.registry.promtext import Family, ProcessMetrics, build_info, exposition_with_process
+
+_process: ProcessMetrics | None = None
+
+
+def version() -> str:
+    """hostmesh's installed version, read from its dist-info folder's name (importlib.metadata would
+    cost ~2 MiB of RSS in every agent, see agent/cli.py)."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("hostmesh-") and name.endswith(".dist-info"):
+                return name[len("hostmesh-") : -len(".dist-info")]
+    return "unknown"
+
+
+_VERSION: str | None = None
+
+
+def health_families() -> list[Family]:
+    """`process_*` and `hostmesh_build_info` of this process."""
+    global _process, _VERSION
+    if _process is None:
+        _process = ProcessMetrics()
+    if _VERSION is None:
+        _VERSION = version()
+    info = build_info(
+        "hostmesh_build_info",
+        "hostmesh version and Python running this agent",
+        {"version": _VERSION, "python": platform.python_version(), "component": "agent"},
+    )
+    return [*_process.families(), info]
+
+
+def refresh_health(agent: Any) -> None:
+    """Set the health gauges from `agent`'s state (agent/run.py's Agent)."""
+    t = agent.telemetry
+    discovery = getattr(agent, "discovery", None)
+    t.consul_sync.set(1.0 if discovery is not None and discovery.healthy else 0.0)
+    t.consul_registered.set(1.0 if agent.registered else 0.0)
+    certs = getattr(agent, "certs", None)
+    if certs is not None:
+        for info in certs.infos():
+            t.cert_renewal_failing.labels(info.service).set(0.0 if info.state is CertState.VALID else 1.0)
+    if agent.inbound is not None:
+        t.active_connections.labels("inbound").set(float(agent.inbound.active_connections))
+    snap = agent.builder.holder.current if hasattr(agent, "builder") else None
+    for (local, upstream, _bind), listener in agent.outbound.items():
+        stats = listener.stats() or {}
+        t.active_connections.labels(f"{local}->{upstream}").set(float(stats.get("active_connections", 0)))
+        http = listener.http.stats() if getattr(listener, "http", None) is not None else None
+        t.ejected.labels(upstream).set(float(len(http.get("ejected", ()))) if http else 0.0)
+        if snap is not None:
+            t.healthy_endpoints.labels(upstream).set(float(len(snap.endpoints.get(upstream, ()))))
+
+
+def agent_exposition(agent: Any) -> bytes:
+    refresh_health(agent)
+    return exposition_with_process(agent.telemetry.registry, health_families())
+
+
+def metrics_addr(config: Any, servers: list[Any]) -> str:
+    """host:port where Prometheus reaches /metrics: the bound port (an ephemeral one once bound), the
+    mesh address when bound to a wildcard; "" without a metrics listener."""
+    if config.metrics is None:
+        return ""
+    port = config.metrics.port
+    for server in servers:  # the second server is /metrics once started (agent/run.py)
+        if getattr(server, "host", None) == config.metrics.host and (port == 0 or server.port == port):
+            port = server.port
+    host = config.metrics.host
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            host = config.mesh_address
+    except ValueError:
+        pass
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"

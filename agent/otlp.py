@@ -1,0 +1,104 @@
+"""OTLP/HTTP protobuf export of agent/tracing.py's spans (`POST <endpoint>/v1/traces`).
+
+The wire format comes from the OpenTelemetry project's `opentelemetry-proto` (generated protobuf
+classes); this module is the only one that imports it, and only agents with `[tracing]
+otlp_endpoint` set load it, so an agent without tracing pays nothing. Not the OpenTelemetry SDK:
+its tracer, context and processor layers cost more RSS and per-request work than the ~100 lines of
+agent/tracing.py the agent needs, and the SDK's exporter would pull in `requests`.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections import defaultdict
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from hostmesh.agent.tracing import Span as MeshSpan
+from hostmesh.registry.http import HTTPClient
+
+SCOPE = "hostmesh"
+
+
+def _set(kv: Any, key: str, v: Any) -> None:
+    """Fill KeyValue `kv` in place (building messages in place, not by constructor: no copies)."""
+    kv.key = key
+    if isinstance(v, bool):
+        kv.value.bool_value = v
+    elif isinstance(v, int):
+        kv.value.int_value = v
+    elif isinstance(v, float):
+        kv.value.double_value = v
+    else:
+        kv.value.string_value = str(v)
+
+
+def encode(spans: list[MeshSpan], node: str, version: str = "") -> bytes:
+    """One ExportTraceServiceRequest: a ResourceSpans per mesh service (service.name = the service
+    whose sidecar recorded the span, host.name = the agent's node)."""
+    by_service: dict[str, list[MeshSpan]] = defaultdict(list)
+    for s in spans:
+        by_service[s.service].append(s)
+    req = ExportTraceServiceRequest()
+    for service, group in by_service.items():
+        rs = req.resource_spans.add()
+        resource = {"service.name": service, "host.name": node, "service.instance.id": f"{service}-{node}",
+                    "telemetry.sdk.name": SCOPE}  # fmt: skip
+        for key, value in resource.items():
+            _set(rs.resource.attributes.add(), key, value)
+        ss = rs.scope_spans.add()
+        ss.scope.name = SCOPE
+        ss.scope.version = version
+        out = ss.spans
+        for s in group:
+            p = out.add()
+            p.trace_id = s.trace_id
+            p.span_id = s.span_id
+            if s.parent:
+                p.parent_span_id = s.parent
+            p.name = s.name
+            p.kind = s.kind
+            p.start_time_unix_nano = s.start_ns
+            p.end_time_unix_nano = s.end_ns
+            attrs = p.attributes
+            for k, v in s.attributes.items():
+                _set(attrs.add(), k, v)
+            for t, n, a in s.events:
+                ev = p.events.add()
+                ev.time_unix_nano = t
+                ev.name = n
+                for k, v in a.items():
+                    _set(ev.attributes.add(), k, v)
+            if s.status:
+                p.status.code = s.status
+    return req.SerializeToString()
+
+
+class ExportError(Exception):
+    """The collector did not take a batch."""
+
+
+class OtlpExporter:
+    def __init__(self, endpoint: str, node: str) -> None:
+        parsed = urllib.parse.urlsplit(endpoint)
+        self.path = (parsed.path.rstrip("/") or "") + "/v1/traces"
+        self.client = HTTPClient(f"{parsed.scheme}://{parsed.netloc}", max_connections=1)
+        self.node = node
+        try:
+            from importlib.metadata import version
+
+            self.version = version("hostmesh")
+        except Exception:
+            self.version = ""
+
+    async def export(self, spans: list[MeshSpan], timeout: float) -> None:
+        body = encode(spans, self.node, self.version)
+        resp = await self.client.request(
+            "POST", self.path, body, {"content-type": "application/x-protobuf"}, timeout=timeout
+        )
+        if resp.status >= 300:
+            raise ExportError(f"collector answered {resp.status}")
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,333 @@
+"""Spans of the HTTP requests an agent proxies, and their export to an OTLP collector.
+
+Each traced request gets one span per agent side: the outbound records a CLIENT span (the app's
+request leaving for the upstream), the inbound a SERVER span (the peer's request arriving for the
+local app). Retries, the redo of a request on a fresh connection and injected faults are span
+events; the response code, response flags and both mesh identities are attributes.
+
+Decisions:
+- Context: W3C `traceparent` is continued (and `tracestate` passed on untouched); a request without
+  one is read for B3 (`b3` single header, or `x-b3-traceid`/`x-b3-spanid`/`x-b3-sampled`). The
+  request leaves each agent with a `traceparent` naming that agent's span, so the next hop (the
+  peer agent, then the app) is its child.
+- Head sampling: a caller's sampling decision (the `traceparent` flags, B3's sampled bit) is
+  followed; a request without a context is sampled at agent.toml `[tracing] sample` (0.01). An
+  unsampled request builds nothing (no span, no header rewrite) unless it ends in a 5xx or with a
+  response flag and `[tracing] errors` is on (the default): then its span is built at the end, so
+  failures are always visible.
+- Export is off the hot path: a finished span goes into a bounded queue (MAX_QUEUED_SPANS); a
+  background task sends batches (MAX_BATCH) every FLUSH_INTERVAL as OTLP/HTTP protobuf
+  (`POST /v1/traces`, agent/otlp.py, the only module that imports opentelemetry-proto, loaded only
+  when tracing is configured). A full queue or a collector that fails drops spans and counts them
+  in `hostmesh_tracing_spans_dropped_total{reason}`; requests never wait for the collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from typing import Any
+
+log = logging.getLogger("hostmesh.tracing")
+
+MAX_QUEUED_SPANS = 2048  # ~1 KiB each: a collector outage costs at most ~2 MiB, then spans drop
+MAX_BATCH = 512  # spans per export request (the OpenTelemetry SDK's default batch size)
+FLUSH_INTERVAL = 1.0  # seconds between exports while spans wait (the SDK's default is 5 s)
+EXPORT_TIMEOUT = 5.0  # one export attempt; a slow collector delays only the exporter task
+MAX_ATTRIBUTE = 512  # characters of a path or other request-controlled attribute kept
+
+KIND_SERVER = 2  # OTLP Span.SpanKind values
+KIND_CLIENT = 3
+STATUS_UNSET = 0
+STATUS_ERROR = 2
+
+TRACEPARENT = b"traceparent"
+_B3 = b"b3"
+_B3_TRACE = b"x-b3-traceid"
+_B3_SPAN = b"x-b3-spanid"
+_B3_SAMPLED = b"x-b3-sampled"
+_HEX = frozenset(b"0123456789abcdef")
+
+_rng = random.Random()
+
+
+class Context:
+    """An incoming trace context: trace ID (16 bytes), the caller's span ID (8 bytes), sampled."""
+
+    __slots__ = ("parent", "sampled", "trace_id")
+
+    def __init__(self, trace_id: bytes, parent: bytes, sampled: bool) -> None:
+        self.trace_id, self.parent, self.sampled = trace_id, parent, sampled
+
+
+def _hex_id(value: bytes, size: int) -> bytes | None:
+    """`value` (hex, `size` bytes long, not all zero) as bytes, else None."""
+    if len(value) != 2 * size or not _HEX.issuperset(value):
+        value = value.lower()
+        if len(value) != 2 * size or not _HEX.issuperset(value):
+            return None
+    raw = bytes.fromhex(value.decode("ascii"))
+    return None if raw == bytes(size) else raw
+
+
+def parse_traceparent(value: bytes) -> Context | None:
+    """W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later versions: their first 4 fields)."""
+    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+        return None
+    if value[:2] == b"ff" or (value[:2] == b"00" and len(value) != 55):
+        return None
+    trace = _hex_id(value[3:35], 16)
+    span = _hex_id(value[36:52], 8)
+    if trace is None or span is None:
+        return None
+    try:
+        flags = int(value[53:55], 16)
+    except ValueError:
+        return None
+    return Context(trace, span, bool(flags & 1))
+
+
+def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """B3 single (`b3: <trace>-<span>[-<sampled>[-<parent>]]`) or multi headers; 64-bit trace IDs
+    are left-padded to 128 bits as Zipkin does."""
+    single = trace = span = sampled = None
+    for n, v in headers:
+        if n == _B3:
+            single = v
+        elif n == _B3_TRACE:
+            trace = v
+        elif n == _B3_SPAN:
+            span = v
+        elif n == _B3_SAMPLED:
+            sampled = v
+    if single is not None:
+        parts = single.split(b"-")
+        if len(parts) < 2:
+            return None
+        trace, span = parts[0], parts[1]
+        sampled = parts[2] if len(parts) > 2 else None
+    if trace is None or span is None:
+        return None
+    if len(trace) == 16:
+        trace = b"0" * 16 + trace
+    tid, sid = _hex_id(trace, 16), _hex_id(span, 8)
+    if tid is None or sid is None:
+        return None
+    return Context(tid, sid, sampled in (None, b"1", b"d", b"true"))
+
+
+def incoming_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """The trace context a request carries: `traceparent` first, then B3."""
+    b3 = False
+    for n, v in headers:
+        if n == TRACEPARENT:
+            ctx = parse_traceparent(v)
+            if ctx is not None:
+                return ctx
+        elif n in (_B3, _B3_TRACE):
+            b3 = True
+    return parse_b3(headers) if b3 else None
+
+
+class Span:
+    """One finished or running span (plain data; agent/otlp.py encodes it)."""
+
+    __slots__ = ("attributes", "end_ns", "events", "kind", "name", "parent", "service", "span_id",
+                 "start_ns", "status", "trace_id")  # fmt: skip
+
+    def __init__(self, service: str, name: str, kind: int, trace_id: bytes, parent: bytes,
+                 start_ns: int) -> None:  # fmt: skip
+        self.service = service  # the mesh service whose sidecar records it (the resource's service.name)
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = _rng.getrandbits(64).to_bytes(8, "big") or b"\x00" * 7 + b"\x01"
+        self.parent = parent
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.status = STATUS_UNSET
+        self.attributes: dict[str, Any] = {}
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+
+    @property
+    def trace_id_hex(self) -> str:
+        return self.trace_id.hex()
+
+    @property
+    def span_id_hex(self) -> str:
+        return self.span_id.hex()
+
+    def traceparent(self) -> bytes:
+        """The `traceparent` that makes the next hop this span's child."""
+        return b"00-%s-%s-01" % (self.trace_id.hex().encode(), self.span_id.hex().encode())
+
+    def event(self, name: str, **attributes: Any) -> None:
+        self.events.append((time.time_ns(), name, attributes))
+
+
+def set_traceparent(headers: list[tuple[bytes, bytes]], value: bytes) -> None:
+    """Replace the request's `traceparent` (in place), or add one."""
+    for i, (n, _) in enumerate(headers):
+        if n == TRACEPARENT:
+            headers[i] = (TRACEPARENT, value)
+            return
+    headers.append((TRACEPARENT, value))
+
+
+class Tracer:
+    """The agent's sampling decision, span factory and export queue (one per agent process)."""
+
+    def __init__(self, endpoint: str, sample: float, errors: bool, node: str, telemetry: Any = None,
+                 exporter: Any = None) -> None:  # fmt: skip
+        self.endpoint = endpoint
+        self.sample = sample
+        self.errors = errors
+        self.node = node
+        self.queue: deque[Span] = deque()
+        self.exported = 0
+        self.dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
+        self._telemetry = telemetry
+        self._exporter = exporter
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- per request (hot path: keep it small) --------------------------------------------------
+
+    def start(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
+              start_ns: int = 0) -> Span | None:  # fmt: skip
+        """A span for a request with these headers when it is sampled, else None (nothing built)."""
+        ctx = incoming_context(headers)
+        if ctx is not None:
+            if not ctx.sampled:
+                return None
+            trace_id, parent = ctx.trace_id, ctx.parent
+        else:
+            s = self.sample
+            if s <= 0.0 or (s < 1.0 and _rng.random() >= s):
+                return None
+            trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
+        return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
+
+    def late(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
+             started_monotonic: float) -> Span:  # fmt: skip
+        """A failed, unsampled request's span, built at its end (`[tracing] errors`)."""
+        ctx = incoming_context(headers)
+        start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
+        if ctx is not None:
+            return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
+        return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
+
+    def finish(self, span: Span) -> None:
+        span.end_ns = time.time_ns()
+        if len(self.queue) >= MAX_QUEUED_SPANS:
+            self._drop("queue_full", 1)
+            return
+        self.queue.append(span)
+        if len(self.queue) >= MAX_BATCH:
+            self._wake.set()
+
+    def end_http(self, span: Span | None, ex: Any, *, reporter: str, source: str, source_principal: str,
+                 destination: str, destination_principal: str, subset: str, upstream_host: str,
+                 peer: str) -> Span | None:  # fmt: skip
+        """Finish the span of HTTP exchange `ex` (building it now for an unsampled failure when
+        `errors` is on) with its attributes; returns it (the access line names it), or None."""
+        failed = ex.status >= 500 or bool(ex.flags)
+        if span is None:
+            if not (failed and self.errors):
+                return None
+            kind = KIND_CLIENT if reporter == "source" else KIND_SERVER
+            span = self.late(source if kind == KIND_CLIENT else destination, "", kind, ex.head.headers,
+                             ex.started)  # fmt: skip
+        head = ex.head
+        method = head.method.decode("latin-1")
+        if not span.name:
+            span.name = f"{method} {destination}"
+        rid = ""
+        for n, v in head.headers:
+            if n == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        a = span.attributes
+        a["http.request.method"] = method
+        a["url.path"] = head.target.decode("latin-1")[:MAX_ATTRIBUTE]
+        a["http.response.status_code"] = ex.status
+        a["hostmesh.response_flags"] = ex.flags or "-"
+        a["hostmesh.reporter"] = reporter
+        a["hostmesh.source.service"] = source
+        a["hostmesh.source.principal"] = source_principal
+        a["hostmesh.destination.service"] = destination
+        a["hostmesh.destination.principal"] = destination_principal
+        a["hostmesh.destination.subset"] = subset
+        a["hostmesh.node"] = self.node
+        a["hostmesh.request_id"] = rid
+        a["http.request.body.size"] = ex.received
+        a["http.response.body.size"] = ex.sent
+        if upstream_host:
+            a["server.address"] = upstream_host
+        if peer:
+            a["network.peer.address"] = peer
+        if failed:
+            span.status = STATUS_ERROR
+        self.finish(span)
+        return span
+
+    # --- export (background) --------------------------------------------------------------------
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped[reason] += n
+        if self._telemetry is not None:
+            self._telemetry.spans_dropped.labels(reason).inc(n)
+
+    def start_exporting(self) -> None:
+        if self._exporter is None:
+            from hostmesh.agent.otlp import OtlpExporter
+
+            self._exporter = OtlpExporter(self.endpoint, self.node)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="otlp-export")
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            self._wake.clear()
+            while self.queue:
+                batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
+                try:
+                    await self._exporter.export(batch, EXPORT_TIMEOUT)
+                except Exception as exc:  # any failure of the collector drops the batch, never the agent
+                    self._drop("export_failed", len(batch))
+                    failures += 1
+                    if failures == 1 or failures % 100 == 0:
+                        log.warning("OTLP export to %s failed (%d spans dropped, %d failures): %s",
+                                    self.endpoint, len(batch), failures, exc)  # fmt: skip
+                    break  # the next batch waits for the next tick: no tight loop on a dead collector
+                else:
+                    if failures:
+                        log.info("OTLP export to %s works again after %d failure(s)", self.endpoint, failures)
+                    failures = 0
+                    self.exported += len(batch)
+                    if self._telemetry is not None:
+                        self._telemetry.spans_exported.inc(len(batch))
+
+    async def close(self) -> None:
+        """Send what is queued (one bounded attempt), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.queue and self._exporter is not None:
+            batch = list(self.queue)[:MAX_BATCH]
+            self.queue.clear()
+            try:
+                await self._exporter.export(batch, EXPORT_TIMEOUT)
+                self.exported += len(batch)
+            except Exception:
+                self._drop("export_failed", len(batch))
+        if self._exporter is not None:
+            await self._exporter.close()

@@ -1,0 +1,86 @@
+"""The CA's /metrics (on its API port, HTTPS): issuances, refusals by reason, roots and their expiry,
+`process_*` and a build-info series, in the same hand-written exposition as the agents'
+(registry/promtext.py).
+
+Refusal reasons are a small fixed vocabulary (the error class, not its message: messages name
+identities and tokens, which would make one series per caller)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from hostmesh.ca.errors import CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.registry.promtext import (
+    CollectorRegistry,
+    Counter,
+    Family,
+    ProcessMetrics,
+    build_info,
+    exposition_with_process,
+)
+
+_REASONS = (
+    (Unauthorized, "unauthorized"),
+    (TrustError, "untrusted"),
+    (InvalidRequest, "invalid_request"),
+    (CAUnavailable, "unavailable"),
+    (StorageError, "storage"),
+)
+
+
+def refusal_reason(exc: Exception) -> str:
+    for cls, name in _REASONS:
+        if isinstance(exc, cls):
+            return name
+    return "other"
+
+
+def _version() -> str:
+    for entry in sys.path:  # the dist-info folder's name: no importlib.metadata (see agent/observe.py)
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("hostmesh-") and name.endswith(".dist-info"):
+                return name[len("hostmesh-") : -len(".dist-info")]
+    return "unknown"
+
+
+class CAMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.issued = Counter(
+            "hostmesh_ca_issued_total", "certificates issued, by path (sign|renew)", ("via",), registry=r
+        )
+        self.refused = Counter(
+            "hostmesh_ca_refused_total", "requests refused, by path and reason", ("via", "reason"), registry=r
+        )
+        self._process = ProcessMetrics()
+        self._version = _version()
+
+    def exposition(self, authority: Any, rate_limited: int) -> bytes:
+        roots = Family("hostmesh_ca_roots", "roots in the trust bundle", "gauge")
+        roots.add_sample("hostmesh_ca_roots", {}, float(len(authority.roots)))
+        expiry = Family("hostmesh_ca_root_expiry_timestamp_seconds", "not-after of each root", "gauge")
+        for root in authority.roots:
+            expiry.add_sample(
+                "hostmesh_ca_root_expiry_timestamp_seconds",
+                {"root_id": root.id, "active": "true" if root.id == authority.active.id else "false"},
+                root.cert.not_valid_after_utc.timestamp(),
+            )
+        limited = Family(
+            "hostmesh_ca_rate_limited", "requests answered 429 for their client's rate", "counter"
+        )
+        limited.add_sample("hostmesh_ca_rate_limited_total", {}, float(rate_limited))
+        info = build_info(
+            "hostmesh_build_info",
+            "hostmesh version and Python running this CA",
+            {"version": self._version, "python": platform.python_version(), "component": "ca"},
+        )
+        return exposition_with_process(
+            self.registry, [roots, expiry, limited, *self._process.families(), info]
+        )

@@ -1,0 +1,144 @@
+"""observability/: the alert rules pass `promtool check rules` and their unit tests, the scrape config
+finds agents and CAs by the Consul meta they register, and every query of the Grafana dashboards
+names a series that hostmesh exports (agents and the CA).
+
+promtool comes from Debian's `prometheus` package, installed by packaging/ensure-tools.sh when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.observe import health_families
+from hostmesh.ca.metrics import CAMetrics
+from hostmesh.registry.promtext import exposition_with_process
+
+ROOT = Path(__file__).resolve().parent.parent
+OBS = ROOT / "observability"
+DASHBOARDS = sorted((OBS / "grafana").glob("*.json"))
+
+# PromQL words that are not series names (functions are recognised by their "(")
+PROMQL_WORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"}) | frozenset(
+    {"and", "or", "unless", "offset", "bool", "inf", "nan"}
+)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "promtool"], check=True, timeout=600)
+    path = shutil.which("promtool")
+    assert path is not None
+    return path
+
+
+def exported_series() -> set[str]:
+    """Every series name an agent (with istio_metrics on) or a CA can export, from their own code."""
+
+    class _Authority:  # the CA's exposition reads the roots of its authority; none needed for names
+        roots: tuple[()] = ()
+        active = None
+
+    texts = [
+        exposition_with_process(Telemetry(istio=True).registry, health_families()).decode(),
+        CAMetrics().exposition(_Authority(), 0).decode(),
+    ]
+    names: set[str] = set()
+    for text in texts:
+        for name, typ in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+            if typ == "histogram":
+                names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+            else:
+                names.add(name)
+    return names
+
+
+def series_in(expr: str) -> set[str]:
+    """The series names a PromQL expression selects (label matchers, ranges, grouping, strings and
+    function names removed)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", "", e)
+    e = re.sub(r"\[[^\]]*\]", "", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w:$.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(\s*\()?", e):
+        word, call = m.group(1), m.group(2)
+        if call or word in PROMQL_WORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def test_the_alert_rules_pass_promtool_and_their_unit_tests(promtool: str) -> None:
+    rules = OBS / "rules"
+    check = subprocess.run([promtool, "check", "rules", str(rules / "hostmesh.rules.yml")],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", "hostmesh.rules.test.yml"], cwd=rules,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "SUCCESS" in test.stdout
+
+
+def test_alert_rules_name_only_exported_series() -> None:
+    doc = yaml.safe_load((OBS / "rules/hostmesh.rules.yml").read_text())
+    recorded = {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+    alerts = {r["alert"] for g in doc["groups"] for r in g["rules"] if "alert" in r}
+    assert {"HostmeshCertificateNearExpiry", "HostmeshCertificateRenewalFailing", "HostmeshConsulSyncLost",
+            "HostmeshConfigRejected", "HostmeshErrorBudgetBurnFast",
+            "HostmeshLatencyBudgetBurnFast"} <= alerts  # fmt: skip
+    known = exported_series() | recorded
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            unknown = series_in(rule["expr"]) - known
+            assert not unknown, f"{rule.get('record') or rule.get('alert')} names {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
+def test_every_dashboard_query_names_an_exported_series(path: Path) -> None:
+    board = json.loads(path.read_text())
+    assert board["uid"].startswith("hostmesh-") and board["panels"], path.name
+    known = exported_series()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), f"{path.name}: panel ids repeat"
+    queries = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    queries += [v["definition"] for v in board["templating"]["list"] if v["type"] == "query"]
+    assert queries
+    for expr in queries:
+        names = series_in(re.sub(r"label_values\((\w+).*\)", r"\1", expr))
+        assert names, f"{path.name}: {expr!r} selects no series"
+        assert names <= known, f"{path.name}: {expr!r} names {sorted(names - known)}, not exported"
+
+
+def test_the_dashboards_cover_the_mesh_a_service_and_an_agent() -> None:
+    assert {p.stem for p in DASHBOARDS} == {"mesh-overview", "service", "agent"}
+
+
+def test_the_query_parser_sees_series_and_skips_functions_and_labels() -> None:
+    expr = 'histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b{c}"}[5m]))) / on (i) y_total - time()'
+    assert series_in(expr) == {"x_bucket", "y_total"}
+
+
+def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register() -> None:
+    """(Debian's promtool is built without consul_sd_configs, so `promtool check config` cannot read
+    this file here; its shape is checked instead, against the meta keys the code registers.)"""
+    doc = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert set(jobs) == {"hostmesh-agents", "hostmesh-ca"}
+    for job in jobs.values():
+        assert job["consul_sd_configs"]
+        targets = [r for r in job["relabel_configs"] if r.get("target_label") == "__address__"]
+        assert targets[0]["source_labels"] == ["__meta_consul_service_metadata_metrics_addr"]
+    assert jobs["hostmesh-ca"]["scheme"] == "https"
+    assert all((OBS / f).exists() for f in doc["rule_files"])
+    # the meta keys the agent and the CA really register
+    run_src = (ROOT / "agent/run.py").read_text() + (ROOT / "agent/observe.py").read_text()
+    assert '"metrics_addr"' in run_src
+    assert '"metrics_addr"' in (ROOT / "ca/service.py").read_text()

@@ -1,0 +1,216 @@
+"""Pure tests: trace context parsing and sampling (agent/tracing.py), the OTLP encoding (agent/otlp.py),
+log line formats and journald priorities (registry/logs.py), the admin API's one write."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from hostmesh.agent import tracing
+from hostmesh.agent.admin import AdminAPI
+from hostmesh.agent.config import ConfigError, parse_config
+from hostmesh.agent.otlp import encode
+from hostmesh.registry import logs
+from hostmesh.registry.http import Request
+
+TID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SID = "00f067aa0ba902b7"
+
+
+def test_traceparent_is_parsed_and_garbage_refused() -> None:
+    ctx = tracing.parse_traceparent(f"00-{TID}-{SID}-01".encode())
+    assert ctx is not None and ctx.trace_id.hex() == TID and ctx.parent.hex() == SID and ctx.sampled
+    assert not tracing.parse_traceparent(f"00-{TID}-{SID}-00".encode()).sampled  # type: ignore[union-attr]
+    for bad in (
+        f"00-{'0' * 32}-{SID}-01",  # all-zero trace ID
+        f"00-{TID}-{'0' * 16}-01",  # all-zero span ID
+        f"ff-{TID}-{SID}-01",  # version ff is invalid
+        f"00-{TID}-{SID}-01-extra",  # version 00 has exactly four fields
+        f"00-{TID[:-1]}x-{SID}-01",
+        "00-short",
+    ):
+        assert tracing.parse_traceparent(bad.encode()) is None, bad
+    # a later version: its first four fields are read
+    assert tracing.parse_traceparent(f"01-{TID}-{SID}-01-whatever".encode()) is not None
+
+
+def test_b3_single_and_multi_headers() -> None:
+    ctx = tracing.incoming_context([(b"b3", f"{TID}-{SID}-1".encode())])
+    assert ctx is not None and ctx.trace_id.hex() == TID and ctx.sampled
+    ctx = tracing.incoming_context([(b"b3", f"{TID[16:]}-{SID}-0".encode())])  # 64-bit trace ID
+    assert ctx is not None and ctx.trace_id.hex() == "0" * 16 + TID[16:] and not ctx.sampled
+    multi = [(b"x-b3-traceid", TID.encode()), (b"x-b3-spanid", SID.encode()), (b"x-b3-sampled", b"1")]
+    ctx = tracing.incoming_context(multi)
+    assert ctx is not None and ctx.parent.hex() == SID
+    # traceparent wins over B3
+    both = [(b"traceparent", f"00-{'1' * 32}-{SID}-01".encode()), *multi]
+    assert tracing.incoming_context(both).trace_id.hex() == "1" * 32  # type: ignore[union-attr]
+
+
+def test_sampling_follows_the_caller_and_the_rate() -> None:
+    never = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    always = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    sampled = [(b"traceparent", f"00-{TID}-{SID}-01".encode())]
+    unsampled = [(b"traceparent", f"00-{TID}-{SID}-00".encode())]
+    span = never.start("web", "", tracing.KIND_CLIENT, sampled)
+    assert span is not None and span.trace_id.hex() == TID and span.parent.hex() == SID
+    assert always.start("web", "", tracing.KIND_CLIENT, unsampled) is None  # the caller decided
+    assert never.start("web", "", tracing.KIND_CLIENT, []) is None
+    root = always.start("web", "", tracing.KIND_CLIENT, [])
+    assert root is not None and root.parent == b"" and len(root.trace_id) == 16
+    headers: list[tuple[bytes, bytes]] = list(sampled)
+    tracing.set_traceparent(headers, span.traceparent())
+    assert headers == [(b"traceparent", f"00-{TID}-{span.span_id.hex()}-01".encode())]
+
+
+def test_the_export_queue_is_bounded_and_counts_drops() -> None:
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    for _ in range(tracing.MAX_QUEUED_SPANS + 5):
+        span = t.start("web", "x", tracing.KIND_CLIENT, [])
+        assert span is not None
+        t.finish(span)
+    assert len(t.queue) == tracing.MAX_QUEUED_SPANS and t.dropped["queue_full"] == 5
+
+
+def test_otlp_encoding_decodes_with_the_opentelemetry_protobufs() -> None:
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "vm-1")
+    span = t.start("web", "GET api", tracing.KIND_CLIENT, [(b"traceparent", f"00-{TID}-{SID}-01".encode())])
+    assert span is not None
+    span.attributes.update({"http.response.status_code": 503, "hostmesh.response_flags": "URX"})
+    span.event("retry", reason="status 503")
+    span.status = tracing.STATUS_ERROR
+    t.finish(span)
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(encode(list(t.queue), "vm-1", "0.2.0"))
+    (rs,) = req.resource_spans
+    res = {kv.key: kv.value.string_value for kv in rs.resource.attributes}
+    assert res["service.name"] == "web" and res["host.name"] == "vm-1"
+    (s,) = rs.scope_spans[0].spans
+    assert s.trace_id.hex() == TID and s.parent_span_id.hex() == SID and s.kind == tracing.KIND_CLIENT
+    assert s.name == "GET api" and s.status.code == tracing.STATUS_ERROR
+    attrs = {kv.key: kv.value for kv in s.attributes}
+    assert attrs["http.response.status_code"].int_value == 503
+    assert [e.name for e in s.events] == ["retry"]
+
+
+def test_tracing_config_keys() -> None:
+    base = {"ca": {"pin": "sha256:" + "a" * 64}, "services": [{"name": "web", "port": 8080}]}
+    cfg = parse_config({**base, "tracing": {"otlp_endpoint": "http://127.0.0.1:4318", "sample": 0.5}})
+    assert cfg.tracing.otlp_endpoint == "http://127.0.0.1:4318" and cfg.tracing.sample == 0.5
+    assert parse_config(base).tracing.otlp_endpoint is None
+    with pytest.raises(ConfigError, match=r"^tracing\.otlp_endpoint: must be an http"):
+        parse_config({**base, "tracing": {"otlp_endpoint": "grpc://x:4317"}})
+    with pytest.raises(ConfigError, match=r"^tracing\.sample: must be a number in 0\.\.1$"):
+        parse_config({**base, "tracing": {"sample": 2}})
+    with pytest.raises(ConfigError, match=r"^log_format: must be json, text or auto$"):
+        parse_config({**base, "log_format": "xml"})
+
+
+def _record(level: int = logging.INFO, fields: dict[str, object] | None = None) -> logging.LogRecord:
+    rec = logging.LogRecord("hostmesh.access", level, __file__, 1, "access %s", ("x",), None)
+    rec.created = 1796150516.547
+    if fields is not None:
+        rec.fields = fields
+    return rec
+
+
+def test_json_lines_carry_rfc3339_level_logger_message_and_fields() -> None:
+    line = logs.JsonFormatter({"worker": 2}).format(_record(fields={"trace_id": TID, "message": "shadow"}))
+    obj = json.loads(line)
+    assert obj["timestamp"] == "2026-12-01T18:41:56.547Z"
+    assert (obj["level"], obj["logger"], obj["message"]) == ("info", "hostmesh.access", "access x")
+    assert obj["worker"] == 2 and obj["trace_id"] == TID
+    assert obj["field.message"] == "shadow"  # a field never overwrites the line's own keys
+
+
+def test_journald_gets_priorities_when_stderr_is_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (tmp_path / "stream").open("w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        assert logs.under_journald(stream) and logs.resolve_format("auto", stream) == "json"
+        fmt = logs.JsonFormatter(priority_prefix=logs.under_journald(stream))
+        assert fmt.format(_record(logging.ERROR)).startswith("<3>{")
+        assert fmt.format(_record(logging.WARNING)).startswith("<4>{")
+        assert fmt.format(_record(logging.INFO)).startswith("<6>{")
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")  # another stream: no prefix
+        assert not logs.under_journald(stream)
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert logs.resolve_format("auto", io.StringIO()) == "json"  # not a terminal
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_text_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert logs.resolve_format("auto", _Tty()) == "text"
+    line = logs.TextFormatter().format(_record(fields={"trace_id": TID}))
+    assert line.startswith("2026-12-01T18:41:56.547Z INFO hostmesh.access: access x {")
+
+
+def test_log_level_write_only_from_loopback() -> None:
+    api = AdminAPI.__new__(AdminAPI)  # log_level() reads nothing of the agent's
+
+    def put(peer: str, body: bytes) -> tuple[int, object]:
+        req = Request("PUT", "/v1/log-level", {}, {}, body, (peer, 40000))
+        resp = asyncio.run(api.handle(req))
+        return resp.status, json.loads(resp.body)
+
+    before = logs.current_level()
+    try:
+        status, body = put("198.18.0.9", b'{"level": "debug"}')
+        assert status == 403 and "loopback only" in body["error"]  # type: ignore[index]
+        assert logs.current_level() == before
+        assert put("127.0.0.1", b'{"level": "error"}') == (200, {"level": "error"})
+        assert logs.current_level() == "error"
+        assert put("127.0.0.1", b"[]")[0] == 400
+        resp = asyncio.run(api.handle(Request("POST", "/v1/config", {}, {}, b"", ("127.0.0.1", 1))))
+        assert resp.status == 405
+    finally:
+        logs.set_level(before)
+
+
+def test_istio_series_carry_istio_labels_only_when_enabled() -> None:
+    from hostmesh.agent.metrics import Telemetry
+    from hostmesh.agent.proxy.http_conn import RequestMetrics
+
+    def samples(t: Telemetry) -> dict[str, list[dict[str, str]]]:
+        out: dict[str, list[dict[str, str]]] = {}
+        for fam in t.registry.collect():
+            for s in fam.samples:
+                out.setdefault(s.name, []).append({**s.labels, "value": str(s.value)})
+        return out
+
+    off = Telemetry()
+    RequestMetrics(off, "destination").observe("web", "api", "v1", 503, "URX", 0.25, 10, 20)
+    assert not any(name.startswith("istio_") for name in samples(off))
+    on = Telemetry("corp.example", istio=True)
+    RequestMetrics(on, "destination").observe("web", "api", "v1", 503, "URX", 0.25, 10, 20)
+    on.tcp_series("source", "web", "db", "", "").sent.inc(100)
+    got = samples(on)
+    (req,) = got["istio_requests_total"]
+    assert req == {
+        "reporter": "destination", "source_workload": "web",
+        "source_principal": "spiffe://corp.example/svc/web", "destination_service_name": "api",
+        "destination_principal": "spiffe://corp.example/svc/api", "destination_version": "v1",
+        "request_protocol": "http", "response_code": "503", "response_flags": "URX",
+        "connection_security_policy": "mutual_tls", "value": "1.0",
+    }  # fmt: skip
+    assert [s["value"] for s in got["istio_request_duration_milliseconds_sum"]] == ["250.0"]
+    assert [s["value"] for s in got["istio_request_bytes_sum"]] == ["10.0"]
+    assert [s["value"] for s in got["istio_response_bytes_sum"]] == ["20.0"]
+    (tcp,) = got["istio_tcp_sent_bytes_total"]
+    assert tcp["request_protocol"] == "tcp" and tcp["value"] == "100.0"
+    (mine,) = got["hostmesh_tcp_sent_bytes_total"]  # the hostmesh_* twin counts the same bytes
+    assert mine["value"] == "100.0"
