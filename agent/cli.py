@@ -29,7 +29,8 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "hostmesh.agent.status:status",
     "route": "hostmesh.registry.cli:route",
     "policy": "hostmesh.registry.cli:policy",
-    "intention": "hostmesh.registry.cli:intention",
+    "intention": "hostmesh.agent.check:intention",  # the registry's group plus `intention check`
+    "check": "hostmesh.agent.check:check",
     "services": "hostmesh.registry.cli:services",
     "acl": "hostmesh.registry.cli:acl",
 }
@@ -255,6 +256,9 @@ def click_agent() -> click.Group:
         except AgentStartError as exc:
             raise click.ClickException(str(exc)) from None
 
+    from hostmesh.agent.check import validate
+
+    agent.add_command(validate)
     return agent
 
 

@@ -46,6 +46,7 @@ from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
@@ -374,7 +375,12 @@ class Agent:
             id=sid,
             address=self.config.mesh_address,
             port=self.inbound.port,
-            meta={"hostmesh": "1", "protocol": svc.protocol, **svc.meta},
+            meta={
+                "hostmesh": "1",
+                "protocol": svc.protocol,
+                **upstreams_meta(u.service for u in svc.upstreams),
+                **svc.meta,
+            },
             checks=(
                 {
                     "CheckID": f"{sid}:app",
