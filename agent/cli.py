@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, str] = {
     "policy": "hostmesh.registry.cli:policy",
     "intention": "hostmesh.agent.check:intention",  # the registry's group plus `intention check`
     "check": "hostmesh.agent.check:check",
+    "top": "hostmesh.agent.top:top",
+    "ui": "hostmesh.agent.ui:ui",
     "services": "hostmesh.registry.cli:services",
     "acl": "hostmesh.registry.cli:acl",
 }

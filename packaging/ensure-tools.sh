@@ -11,6 +11,7 @@ declare -A pkg_of=(
   [adduser]=adduser
   [fakeroot]=fakeroot
   [ip]=iproute2
+  [chromium]=chromium
 )
 missing=()
 for cmd in "$@"; do
