@@ -50,6 +50,7 @@ from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
+from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.watch import backoff_delay
 
 log = logging.getLogger("hostmesh.agent")
@@ -353,6 +354,9 @@ class Agent:
 
     def _on_applied(self, snap: Snapshot, seconds: float) -> None:
         self.telemetry.config_version.set(snap.generation)
+        for source, index in snap.versions.items():  # what `hostmesh ui` compares with Consul's indexes
+            if source.partition("/")[0] in DOCUMENT_KINDS:
+                self.telemetry.config_source_index.labels(source=source).set(index)
         self.telemetry.config_apply_seconds.observe(seconds)
 
     # --- registration -----------------------------------------------------------------------

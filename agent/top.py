@@ -55,11 +55,12 @@ async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> lis
             if i.meta.get("hostmesh") != "1" or "protocol" not in i.meta:
                 continue  # not served by an agent (the CA registers as hostmesh=1 too)
             url = metrics_url(i.meta, i.address, port)
-            found.setdefault(url, Target(url, i.node)).services.add(i.service)
+            node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)
+            found.setdefault(url, Target(url, node)).services.add(i.service)
     return sorted(found.values(), key=lambda t: (t.node, t.url))
 
 
-async def scrape(target: Target) -> list[meshstats.Sample]:
+async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> list[meshstats.Sample]:
     base, _, path = target.url.partition("//")[2].partition("/")
     client = HTTPClient(f"http://{base}")
     try:
@@ -71,7 +72,7 @@ async def scrape(target: Target) -> list[meshstats.Sample]:
             target.error = "exposition too large"
             return []
         target.error = ""
-        return meshstats.parse_exposition(resp.body.decode("utf-8", "replace"))
+        return meshstats.parse_exposition(resp.body.decode("utf-8", "replace"), wanted)
     except RegistryError as exc:
         target.error = " ".join(str(exc).split())
         return []
