@@ -16,15 +16,17 @@ from typing import Any
 
 import click
 
-from hostmesh.registry.analysis import Catalog, Finding, Instance, analyze, has_errors
+from hostmesh.registry.analysis import COMMAND, Catalog, Finding, Instance, analyze, has_errors
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import resolve
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.http import HTTPClient
 from hostmesh.registry.schema import KINDS, Intentions, parse_document
 
 CA_SERVICE_NAME = "hostmesh-ca"
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
+WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
+WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has
 CHECK_TIMEOUT = 5.0  # per request to an agent or the CA: a preflight should answer quickly
 
 
@@ -62,6 +64,13 @@ async def _consul_and_documents(
             )
         )
         return out, {}, None
+    for kind in KINDS:  # a recursive read is silently filtered by ACLs: probe one key's read first
+        try:
+            await consul.kv_get(f"hostmesh/{kind}/{WRITE_PROBE_KEY}")  # one key's read is ACL-checked
+        except PermissionDenied as exc:
+            fix = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
+            out.append(Finding("error", "consul-acl", subject, str(exc), fix))
+            return out, {}, None
     documents: dict[str, dict[str, object]] = {}
     for kind in KINDS:
         prefix = f"hostmesh/{kind}/"
@@ -94,6 +103,7 @@ async def _consul_and_documents(
                         f"re-apply the document with `hostmesh` (or delete {entry.key})",
                     )
                 )
+    out += await _write_rights(consul, subject)
     instances: list[Instance] = []
     try:
         names = sorted(await consul.catalog_services())
@@ -115,6 +125,30 @@ async def _consul_and_documents(
         )
         return out, documents, None
     return out, documents, Catalog(tuple(instances))
+
+
+async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
+    """Whether the token may write each document folder, probed without writing: a check-and-set
+    against an index no key has fails after the ACL check, so a refusal can only be the ACL's."""
+    out = []
+    for kind in KINDS:
+        key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
+        try:
+            await consul.txn([{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": WRITE_PROBE_INDEX}}])
+        except Conflict:
+            continue  # allowed (and nothing written)
+        except PermissionDenied:
+            out.append(
+                Finding(
+                    "warning",
+                    "consul-acl-write",
+                    subject,
+                    f"the token may not write hostmesh/{kind}/: "
+                    f"`hostmesh {COMMAND[kind]} apply` would be refused",
+                    "use a token with `hostmesh acl policy operator`'s rules to change the mesh",
+                )
+            )
+    return out
 
 
 async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_domain: str) -> list[Finding]:
