@@ -32,7 +32,10 @@ SUBCOMMANDS: dict[str, str] = {
     "policy": "hostmesh.registry.cli:policy",
     "gateway": "hostmesh.registry.cli:gateway",
     "external": "hostmesh.registry.cli:external",
-    "intention": "hostmesh.registry.cli:intention",
+    "intention": "hostmesh.agent.check:intention",  # the registry's group plus `intention check`
+    "check": "hostmesh.agent.check:check",
+    "top": "hostmesh.agent.top:top",
+    "ui": "hostmesh.agent.ui:ui",
     "services": "hostmesh.registry.cli:services",
     "acl": "hostmesh.registry.cli:acl",
 }
@@ -292,6 +295,9 @@ def click_agent() -> click.Group:
             raise click.ClickException(f"agent not ready after {timeout:g}s: {detail}")
         click.echo(f"agent at {detail} is ready")
 
+    from hostmesh.agent.check import validate
+
+    agent.add_command(validate)
     return agent
 
 

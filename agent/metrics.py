@@ -118,6 +118,11 @@ class Telemetry:
         self.config_version = Gauge(
             "hostmesh_config_version", "generation of the applied snapshot", registry=r
         )
+        self.config_source_index = Gauge(
+            "hostmesh_config_source_index",
+            "Consul ModifyIndex of each applied config document (routes/…, policies/…, intentions/…)",
+            ("source",), registry=r,
+        )  # fmt: skip
         self.config_apply_seconds = Histogram(
             "hostmesh_config_apply_seconds", "time to build and swap a snapshot", buckets=APPLY_BUCKETS,
             registry=r,

@@ -47,9 +47,11 @@ from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
+from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.watch import backoff_delay
 
 log = logging.getLogger("hostmesh.agent")
@@ -516,6 +518,9 @@ class Agent:
 
     def _on_applied(self, snap: Snapshot, seconds: float) -> None:
         self.telemetry.config_version.set(snap.generation)
+        for source, index in snap.versions.items():  # what `hostmesh ui` compares with Consul's indexes
+            if source.partition("/")[0] in DOCUMENT_KINDS:
+                self.telemetry.config_source_index.labels(source=source).set(index)
         self.telemetry.config_apply_seconds.observe(seconds)
 
     # --- registration -----------------------------------------------------------------------
@@ -538,7 +543,13 @@ class Agent:
             id=sid,
             address=self.config.mesh_address,
             port=self.inbound.port,
-            meta={"hostmesh": "1", "protocol": svc.protocol, **self._metrics_meta(), **svc.meta},
+            meta={
+                "hostmesh": "1",
+                "protocol": svc.protocol,
+                **self._metrics_meta(),
+                **upstreams_meta(u.service for u in svc.upstreams),
+                **svc.meta,
+            },
             checks=(
                 {
                     "CheckID": f"{sid}:app",

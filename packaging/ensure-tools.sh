@@ -14,6 +14,7 @@ declare -A pkg_of=(
   [dig]=dnsutils
   [dnsmasq]=dnsmasq-base
   [promtool]=prometheus
+  [chromium]=chromium
 )
 missing=()
 for cmd in "$@"; do

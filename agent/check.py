@@ -1,0 +1,518 @@
+"""`hostmesh check` (preflight + document analysis) and `hostmesh intention check SRC DST`.
+
+Thin I/O around pure decisions: the analysis of documents against the catalog is
+`hostmesh.registry.analysis.analyze`; the intention answer is `hostmesh.agent.authz`'s decision,
+the same function the inbound data path calls, on the path `hostmesh.agent.l7.normalize` gives.
+Each preflight step turns what it saw into `Finding`s, so one table (or `-o json`) shows all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hostmesh.registry.analysis import COMMAND, Catalog, Finding, Instance, analyze, has_errors
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import resolve
+from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.http import HTTPClient
+from hostmesh.registry.schema import KINDS, Intentions, parse_document
+
+CA_SERVICE_NAME = "hostmesh-ca"
+ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
+WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
+WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has
+CHECK_TIMEOUT = 5.0  # per request to an agent or the CA: a preflight should answer quickly
+
+
+def _settings(ctx: click.Context) -> Any:
+    return resolve(cli=(ctx.find_root().obj or {}).get("consul"))
+
+
+def _output(ctx: click.Context, local: str | None) -> str:
+    return local or ((ctx.find_root().obj or {}).get("output") or "table")
+
+
+# --- preflight steps ---------------------------------------------------------------------------
+
+
+async def _consul_and_documents(
+    consul: ConsulClient,
+) -> tuple[list[Finding], dict[str, dict[str, object]], Catalog | None]:
+    out: list[Finding] = []
+    subject = f"consul {consul.url}"
+    try:
+        await consul.catalog_services()
+    except PermissionDenied as exc:
+        out.append(
+            Finding("error", "consul-acl", subject, str(exc), "give the token service:read and node:read")
+        )
+        return out, {}, None
+    except RegistryError as exc:
+        out.append(
+            Finding(
+                "error",
+                "consul-unreachable",
+                subject,
+                str(exc),
+                "check --consul / CONSUL_HTTP_ADDR and that Consul runs",
+            )
+        )
+        return out, {}, None
+    for kind in KINDS:  # a recursive read is silently filtered by ACLs: probe one key's read first
+        try:
+            await consul.kv_get(f"hostmesh/{kind}/{WRITE_PROBE_KEY}")  # one key's read is ACL-checked
+        except PermissionDenied as exc:
+            fix = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
+            out.append(Finding("error", "consul-acl", subject, str(exc), fix))
+            return out, {}, None
+    documents: dict[str, dict[str, object]] = {}
+    for kind in KINDS:
+        prefix = f"hostmesh/{kind}/"
+        try:
+            entries = await consul.kv_list(prefix)
+        except PermissionDenied as exc:
+            out.append(
+                Finding(
+                    "error",
+                    "consul-acl",
+                    subject,
+                    str(exc),
+                    'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)',
+                )
+            )
+            return out, {}, None
+        for entry in entries:
+            key = entry.key[len(prefix) :]
+            if not key or "/" in key:
+                continue
+            try:
+                documents.setdefault(kind, {})[key] = json.loads(entry.value)
+            except (ValueError, UnicodeDecodeError):
+                out.append(
+                    Finding(
+                        "error",
+                        "invalid",
+                        f"{kind}/{key}",
+                        "not JSON: agents reject it",
+                        f"re-apply the document with `hostmesh` (or delete {entry.key})",
+                    )
+                )
+    out += await _write_rights(consul, subject)
+    instances: list[Instance] = []
+    try:
+        names = sorted(await consul.catalog_services())
+        for name in names:
+            _, found = await consul.health_service(name, passing=False)
+            for i in found:
+                inst = Instance(i.service, i.id, i.node, i.meta, i.status == "passing")
+                if i.meta.get("hostmesh") == "1":
+                    instances.append(inst)
+    except PermissionDenied as exc:
+        out.append(
+            Finding(
+                "error",
+                "consul-acl",
+                subject,
+                str(exc),
+                'give the token service_prefix "" read and node_prefix "" read',
+            )
+        )
+        return out, documents, None
+    return out, documents, Catalog(tuple(instances))
+
+
+async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
+    """Whether the token may write each document folder, probed without writing: a check-and-set
+    against an index no key has fails after the ACL check, so a refusal can only be the ACL's."""
+    out = []
+    for kind in KINDS:
+        key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
+        try:
+            await consul.txn([{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": WRITE_PROBE_INDEX}}])
+        except Conflict:
+            continue  # allowed (and nothing written)
+        except PermissionDenied:
+            out.append(
+                Finding(
+                    "warning",
+                    "consul-acl-write",
+                    subject,
+                    f"the token may not write hostmesh/{kind}/: "
+                    f"`hostmesh {COMMAND[kind]} apply` would be refused",
+                    "use a token with `hostmesh acl policy operator`'s rules to change the mesh",
+                )
+            )
+    return out
+
+
+async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_domain: str) -> list[Finding]:
+    from hostmesh.agent.ca_client import CAClient, match_pin
+    from hostmesh.ca.errors import CAError
+
+    addresses: list[str] = []
+    if address:
+        addresses = [address]
+    else:
+        try:
+            _, instances = await consul.health_service(CA_SERVICE_NAME, passing=True)
+        except RegistryError as exc:
+            return [
+                Finding(
+                    "error",
+                    "ca-discovery",
+                    "ca",
+                    f"cannot discover {CA_SERVICE_NAME}: {exc}",
+                    "fix Consul access first",
+                )
+            ]
+        if not instances:
+            return [
+                Finding(
+                    "error",
+                    "ca-missing",
+                    "ca",
+                    f"no passing {CA_SERVICE_NAME} instance in Consul",
+                    "start `hostmesh ca serve` (or pass --ca URL)",
+                )
+            ]
+        addresses = [f"https://{i.address}:{i.port}" for i in instances]
+    out: list[Finding] = []
+    now = dt.datetime.now(dt.UTC)
+    for addr in addresses:
+        subject = f"ca {addr}"
+        try:
+            roots = await asyncio.wait_for(CAClient(addr, trust_domain).roots_unverified(), CHECK_TIMEOUT)
+        except (CAError, RegistryError, TimeoutError, OSError) as exc:
+            out.append(
+                Finding(
+                    "error",
+                    "ca-unreachable",
+                    subject,
+                    " ".join(str(exc).split()) or "timed out",
+                    "check that the CA runs and this host can reach it",
+                )
+            )
+            continue
+        if pin:
+            try:
+                match_pin(roots, pin)
+            except CAError as exc:
+                out.append(
+                    Finding(
+                        "error",
+                        "ca-pin",
+                        subject,
+                        str(exc),
+                        "compare with `hostmesh ca init`'s pin; a different root means a different CA",
+                    )
+                )
+        for root in roots:
+            left = root.not_valid_after_utc - now
+            if left.total_seconds() <= 0:
+                out.append(
+                    Finding(
+                        "error",
+                        "root-expired",
+                        subject,
+                        f"root {root.subject.rfc4514_string()} expired",
+                        "rotate the root (`hostmesh ca` root rotation)",
+                    )
+                )
+            elif left.days < ROOT_WARN_DAYS:
+                out.append(
+                    Finding(
+                        "warning",
+                        "root-expiring",
+                        subject,
+                        f"root expires in {left.days} day(s)",
+                        "start a root rotation now",
+                    )
+                )
+    return out
+
+
+async def _agent(address: str) -> list[Finding]:
+    subject = f"agent {address}"
+    client = HTTPClient(address if "//" in address else f"http://{address}")
+    out: list[Finding] = []
+    try:
+        ready = await client.request("GET", "/ready", timeout=CHECK_TIMEOUT)
+        if ready.status != 200:
+            detail = ready.body.decode("utf-8", "replace").strip()
+            out.append(
+                Finding(
+                    "error",
+                    "agent-not-ready",
+                    subject,
+                    f"not ready: {' '.join(detail.split())[:300]}",
+                    f"`hostmesh status --agent {address}` and the agent's journal",
+                )
+            )
+        certs = await client.request("GET", "/v1/certs", timeout=CHECK_TIMEOUT)
+        now = dt.datetime.now(dt.UTC)
+        for cert in (certs.json() or {}).get("certs", []) if certs.status == 200 else []:
+            service = cert.get("service", "?")
+            not_after = dt.datetime.fromisoformat(cert["not_after"])
+            renew_at = cert.get("renew_at")
+            if not_after <= now or cert.get("state") == "expired":
+                out.append(
+                    Finding(
+                        "error",
+                        "cert-expired",
+                        subject,
+                        f"certificate of {service} expired at {not_after:%Y-%m-%d %H:%M}Z",
+                        "check that the CA is reachable from this host; the agent renews on its own",
+                    )
+                )
+            elif cert.get("state") == "retrying" or (
+                renew_at and dt.datetime.fromisoformat(renew_at) < now - dt.timedelta(minutes=5)
+            ):
+                hours = (not_after - now).total_seconds() / 3600
+                out.append(
+                    Finding(
+                        "warning",
+                        "cert-renewal",
+                        subject,
+                        f"certificate of {service} is past its renewal point, {hours:.1f} h left",
+                        "see the agent's log for the renewal error",
+                    )
+                )
+    except RegistryError as exc:
+        out.append(
+            Finding(
+                "error",
+                "agent-unreachable",
+                subject,
+                str(exc),
+                "start the agent or pass its admin address with --agent",
+            )
+        )
+    finally:
+        await client.close()
+    return out
+
+
+async def run_check(
+    settings: Any, agents: list[str], ca: str | None, pin: str | None, trust_domain: str, skip_ca: bool
+) -> list[Finding]:
+    async with ConsulClient(settings) as consul:
+        findings, documents, catalog = await _consul_and_documents(consul)
+        if catalog is not None:
+            findings += analyze(documents, catalog)
+        if not skip_ca and catalog is not None:
+            findings += await _ca(consul, ca, pin, trust_domain)
+    for address in agents:
+        findings += await _agent(address)
+    return findings
+
+
+def render(findings: list[Finding]) -> str:
+    if not findings:
+        return "no findings"
+    lines = []
+    for f in findings:
+        lines.append(f"{f.severity.upper():<8} {f.subject}: {f.message}")
+        lines.append(f"{'':<8} fix: {f.fix}")
+    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    lines.append(f"\n{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
+    return "\n".join(lines)
+
+
+@click.command("check")
+@click.option(
+    "--agent", "agents", multiple=True, metavar="ADDR", help="An agent's admin address to check (repeatable)."
+)
+@click.option(
+    "--ca",
+    "ca",
+    default=None,
+    metavar="URL",
+    help=f"The CA to check [default: every passing {CA_SERVICE_NAME} in Consul].",
+)
+@click.option(
+    "--pin",
+    default=None,
+    metavar="sha256:HEX",
+    help="The root pin the CA must present (`hostmesh ca init` printed it).",
+)
+@click.option("--trust-domain", default="hostmesh.local", show_default=True)
+@click.option("--no-ca", "skip_ca", is_flag=True, help="Do not check the CA.")
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default=None)
+@click.pass_context
+def check(
+    ctx: click.Context,
+    agents: tuple[str, ...],
+    ca: str | None,
+    pin: str | None,
+    trust_domain: str,
+    skip_ca: bool,
+    fmt: str | None,
+) -> None:
+    """Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and
+    certificates) and an analysis of the routes, policies and intentions in Consul against the
+    catalog. Exit 1 when there is an error."""
+    try:
+        findings = asyncio.run(run_check(_settings(ctx), list(agents), ca, pin, trust_domain, skip_ca))
+    except RegistryError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    if _output(ctx, fmt) == "json":
+        click.echo(
+            json.dumps(
+                {"findings": [f.to_json() for f in findings], "errors": has_errors(findings)}, indent=2
+            )
+        )
+    else:
+        click.echo(render(findings))
+    if has_errors(findings):
+        ctx.exit(1)
+
+
+# --- intention check ---------------------------------------------------------------------------
+
+
+def decide(
+    intentions: Intentions | None,
+    protocol: str,
+    source: str,
+    method: str | None,
+    path: str | None,
+    default_allow: bool,
+) -> tuple[bool, str, str]:
+    """(allowed, reason, what was decided) as the destination's agent decides it: tcp services per
+    connection, http services per request on the normalised path. Raises ValueError for a path the
+    agent refuses with 400 before any decision."""
+    from hostmesh.agent.authz import authorize_connection, authorize_request, fixed_request_decision
+
+    if protocol == "tcp":
+        d = authorize_connection(intentions, source, default_allow, l7=False)
+        return d.allowed, d.reason, "tcp connection"
+    if method is None and path is None:
+        fixed = fixed_request_decision(intentions, source, default_allow)
+        if fixed is not None:
+            return fixed.allowed, fixed.reason, "every request"
+    method = (method or "GET").upper()
+    norm = normalize_path(path or "/")
+    d = authorize_request(intentions, source, method, norm, default_allow)
+    return d.allowed, d.reason, f"{method} {norm}"
+
+
+def normalize_path(path: str) -> str:
+    from hostmesh.agent.l7.errors import ProtocolError
+    from hostmesh.agent.l7.normalize import normalize_target
+
+    try:
+        target = normalize_target(path.encode("utf-8"), [(b"host", b"check")]).decode("latin-1")
+    except ProtocolError as exc:
+        raise ValueError(f"the agent refuses path {path!r} with 400 ({exc})") from None
+    q = target.find("?")
+    return target if q < 0 else target[:q]
+
+
+async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None, str]:
+    async with ConsulClient(settings) as consul:
+        entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
+        _, instances = await consul.health_service(dst, passing=False)
+    protocols = {i.meta.get("protocol", "") for i in instances if i.meta.get("hostmesh") == "1"}
+    protocol = "tcp" if protocols == {"tcp"} else "http" if protocols == {"http"} else ""
+    if entry is None:
+        return None, protocol
+    try:
+        doc = parse_document("intentions", json.loads(entry.value))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(
+            f"intentions/{dst} is not valid JSON ({exc}); agents keep their last valid version"
+        ) from None
+    except InvalidDocument as exc:
+        raise click.ClickException(
+            f"intentions/{dst} is invalid ({exc}); agents keep their last valid version"
+        ) from None
+    assert isinstance(doc, Intentions)
+    return doc, protocol
+
+
+@click.command("check")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--path", default=None, help="Request path (http services); normalised as the agent does.")
+@click.option(
+    "--method", default=None, help="Request method (http services) [default: GET when --path is given]."
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["http", "tcp"]),
+    default=None,
+    help="DST's protocol [default: from the catalog].",
+)
+@click.option(
+    "--default-intention", type=click.Choice(["allow", "deny"]), default="allow", show_default=True,
+    help="The destination agents' default_intention (agent.toml), used when no document or rule decides.",
+)  # fmt: skip
+@click.pass_context
+def intention_check(
+    ctx: click.Context,
+    src: str,
+    dst: str,
+    path: str | None,
+    method: str | None,
+    protocol: str | None,
+    default_intention: str,
+) -> None:
+    """Would SRC be allowed to call DST? Answers with the rule that decides, as DST's agent does.
+    Exit 0 allowed, 2 denied, 1 error (as `consul intention check`)."""
+    try:
+        intentions, found = asyncio.run(_intention_inputs(_settings(ctx), dst))
+    except RegistryError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    proto = protocol or found or "http"
+    try:
+        allowed, reason, what = decide(intentions, proto, src, method, path, default_intention == "allow")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    verdict = "Allowed" if allowed else "Denied"
+    if _output(ctx, None) == "json":
+        click.echo(json.dumps({"allowed": allowed, "reason": reason, "for": what, "protocol": proto,
+                               "version": intentions.version if intentions else None}))  # fmt: skip
+    else:
+        version = (
+            f" (intentions/{dst} version {intentions.version})"
+            if intentions
+            else f" (no intentions for {dst})"
+        )
+        click.echo(f"{verdict}: {src} -> {dst}, {what}: {reason}{version}")
+    ctx.exit(0 if allowed else 2)
+
+
+def __getattr__(name: str) -> Any:
+    """`intention`: the registry's intention group with `check` added (the decision lives in the
+    agent package, which the registry must not import)."""
+    if name == "intention":
+        from hostmesh.registry.cli import intention
+
+        intention.add_command(intention_check)
+        return intention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- agent validate ----------------------------------------------------------------------------
+
+
+@click.command("validate")
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="agent.toml to validate."
+)
+def validate(config_path: Path) -> None:
+    """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
+    validate --config %s`). Exit 0 and "ok", or 1 and the one-line error."""
+    from hostmesh.agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    click.echo(f"{config_path}: ok ({len(cfg.services)} service(s))")

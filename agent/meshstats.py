@@ -1,0 +1,262 @@
+"""Mesh traffic statistics from two scrapes of the agents' Prometheus metrics: what `hostmesh top`
+and `hostmesh ui` show. Pure: text in, numbers out; the scraping is in agent/top.py.
+
+Decision: an edge is (source service, destination service). Each request is counted twice, by the
+caller's agent (`reporter="source"`) and by the callee's (`reporter="destination"`); an edge's
+numbers come from the destination's reports when any were scraped (they also see callers outside
+the scrape), else from the source's. Rates are deltas between the two scrapes over the time
+between them (a counter that went down, an agent restart, counts from zero, as Prometheus's
+rate() does); p50/p99 interpolate within the histogram buckets' deltas as `histogram_quantile`
+does; success is the share of requests without a 5xx answer (Linkerd's definition); TCP
+connections are opened minus closed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+REQUESTS = "hostmesh_requests_total"
+DURATION_BUCKET = "hostmesh_request_duration_seconds_bucket"
+TCP_OPENED = "hostmesh_tcp_connections_opened_total"
+TCP_CLOSED = "hostmesh_tcp_connections_closed_total"
+DENIED = "hostmesh_authz_denied_total"
+WANTED = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})
+
+_LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+class Sample(NamedTuple):
+    name: str
+    labels: Mapping[str, str]
+    value: float
+
+
+def parse_exposition(text: str, wanted: frozenset[str] = WANTED) -> list[Sample]:
+    """The samples of the text exposition format (0.0.4) whose name is in `wanted`; other lines and
+    malformed ones are skipped (a scrape is best effort, one odd line must not hide the rest)."""
+    out = []
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = _LINE.fullmatch(line.strip())
+        if m is None or m.group(1) not in wanted:
+            continue
+        labels = {
+            k: re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], v)
+            for k, v in _LABEL.findall(m.group(2) or "")
+        }
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out.append(Sample(m.group(1), labels, value))
+    return out
+
+
+Edge = tuple[str, str]  # (source service, destination service)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeStats:
+    source: str
+    destination: str
+    rps: float  # requests per second
+    success: float | None  # share of non-5xx answers; None without requests in the window
+    p50: float | None  # seconds
+    p99: float | None
+    tcp_active: float  # connections open now
+    tcp_per_s: float  # connections opened per second
+    denied_per_s: float  # requests/connections denied by intentions per second
+    requests: float  # requests in the window
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "rps": round(self.rps, 3),
+            "success": None if self.success is None else round(self.success, 4),
+            "p50_ms": None if self.p50 is None else round(self.p50 * 1000, 2),
+            "p99_ms": None if self.p99 is None else round(self.p99 * 1000, 2),
+            "tcp_active": self.tcp_active,
+            "tcp_per_s": round(self.tcp_per_s, 3),
+            "denied_per_s": round(self.denied_per_s, 3),
+        }
+
+
+def _key(s: Sample) -> tuple[str, str, str]:
+    return (
+        s.labels.get("reporter", ""),
+        s.labels.get("source_service", ""),
+        s.labels.get("destination_service", ""),
+    )
+
+
+def _sums(samples: Iterable[Sample], name: str, extra: str | None = None) -> dict[tuple[str, ...], float]:
+    out: dict[tuple[str, ...], float] = defaultdict(float)
+    for s in samples:
+        if s.name == name:
+            out[(*_key(s), s.labels.get(extra, "")) if extra else _key(s)] += s.value
+    return out
+
+
+def _delta(
+    cur: Mapping[tuple[str, ...], float], prev: Mapping[tuple[str, ...], float]
+) -> dict[tuple[str, ...], float]:
+    out = {}
+    for k, v in cur.items():
+        before = prev.get(k, 0.0)
+        out[k] = v - before if v >= before else v  # a reset: the agent restarted, count from zero
+    return out
+
+
+def quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """`histogram_quantile(q, …)` over cumulative bucket counts keyed by upper bound (+Inf included)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    total = buckets[bounds[-1]]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for b in bounds:
+        count = buckets[b]
+        if count >= rank:
+            if math.isinf(b):
+                return lower  # beyond the last finite bucket: its bound is the best answer
+            if count == below:
+                return b
+            return lower + (b - lower) * (rank - below) / (count - below)
+        lower, below = b, count
+    return lower
+
+
+def edge_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list[EdgeStats]:
+    """Per-edge numbers between two merged scrapes (every agent's samples) `seconds` apart."""
+    seconds = max(seconds, 1e-6)
+    req = _delta(_sums(cur, REQUESTS), _sums(prev, REQUESTS))
+    codes = _delta(_sums(cur, REQUESTS, "response_code"), _sums(prev, REQUESTS, "response_code"))
+    buckets = _delta(_sums(cur, DURATION_BUCKET, "le"), _sums(prev, DURATION_BUCKET, "le"))
+    opened_now, closed_now = _sums(cur, TCP_OPENED), _sums(cur, TCP_CLOSED)
+    opened = _delta(opened_now, _sums(prev, TCP_OPENED))
+    denied = _delta(_sums(cur, DENIED), _sums(prev, DENIED))
+    keys = {k for d in (req, opened_now, denied) for k in d}
+    edges: dict[Edge, set[str]] = defaultdict(set)
+    for reporter, src, dst in keys:
+        if src and dst:
+            edges[(src, dst)].add(reporter)
+    out = []
+    for (src, dst), reporters in sorted(edges.items()):
+        rep = "destination" if "destination" in reporters else "source"
+        k = (rep, src, dst)
+        n = req.get(k, 0.0)
+        errors = sum(v for (r, s, d, code), v in codes.items() if (r, s, d) == k and code.startswith("5"))
+        hist = {float(le): v for (r, s, d, le), v in buckets.items() if (r, s, d) == k and le}
+        out.append(
+            EdgeStats(
+                src,
+                dst,
+                n / seconds,
+                (n - errors) / n if n > 0 else None,
+                quantile(0.5, hist),
+                quantile(0.99, hist),
+                max(opened_now.get(k, 0.0) - closed_now.get(k, 0.0), 0.0),
+                opened.get(k, 0.0) / seconds,
+                denied.get(k, 0.0) / seconds,
+                n,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    service: str
+    rps: float
+    success: float | None
+    p50: float | None
+    p99: float | None
+    tcp_active: float
+    tcp_per_s: float
+
+
+def service_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list[ServiceStats]:
+    """Per destination service, over every caller; sorted by request rate, then TCP, then name."""
+    seconds = max(seconds, 1e-6)
+    by_dst: dict[str, list[EdgeStats]] = defaultdict(list)
+    for e in edge_stats(prev, cur, seconds):
+        by_dst[e.destination].append(e)
+    buckets = _delta(_sums(cur, DURATION_BUCKET, "le"), _sums(prev, DURATION_BUCKET, "le"))
+    out = []
+    for dst, edges in by_dst.items():
+        n = sum(e.requests for e in edges)
+        ok = sum(e.requests * (e.success or 0.0) for e in edges)
+        hist: dict[float, float] = defaultdict(float)
+        for e in edges:
+            rep = _reporter_of(e, buckets)
+            for (r, s, d, le), v in buckets.items():
+                if (r, s, d) == (rep, e.source, dst) and le:
+                    hist[float(le)] += v
+        out.append(
+            ServiceStats(
+                dst,
+                n / seconds,
+                ok / n if n > 0 else None,
+                quantile(0.5, hist),
+                quantile(0.99, hist),
+                sum(e.tcp_active for e in edges),
+                sum(e.tcp_per_s for e in edges),
+            )
+        )
+    return sorted(out, key=lambda s: (-s.rps, -s.tcp_per_s, -s.tcp_active, s.service))
+
+
+def _reporter_of(e: EdgeStats, buckets: Mapping[tuple[str, ...], float]) -> str:
+    return (
+        "destination" if any(k[:3] == ("destination", e.source, e.destination) for k in buckets) else "source"
+    )
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}ms"
+
+
+def render_top(services: list[ServiceStats], edges: list[EdgeStats], header: str = "") -> str:
+    """The text frame of `hostmesh top`."""
+    rows = [["SERVICE", "RPS", "SUCCESS", "P50", "P99", "TCP_CONNS", "TCP/s"]]
+    for s in services:
+        rows.append(
+            [
+                s.service,
+                f"{s.rps:.1f}",
+                "-" if s.success is None else f"{s.success * 100:.2f}%",
+                _ms(s.p50),
+                _ms(s.p99),
+                f"{s.tcp_active:.0f}",
+                f"{s.tcp_per_s:.1f}",
+            ]
+        )
+    rows.append([])
+    rows.append(["SOURCE -> DESTINATION", "RPS", "SUCCESS", "P50", "P99", "TCP_CONNS", "DENIED/s"])
+    for e in sorted(edges, key=lambda e: (-e.rps, -e.tcp_per_s, e.source, e.destination)):
+        rows.append(
+            [
+                f"{e.source} -> {e.destination}",
+                f"{e.rps:.1f}",
+                "-" if e.success is None else f"{e.success * 100:.2f}%",
+                _ms(e.p50),
+                _ms(e.p99),
+                f"{e.tcp_active:.0f}",
+                f"{e.denied_per_s:.1f}",
+            ]
+        )
+    widths = [max((len(r[i]) for r in rows if len(r) > i), default=0) for i in range(7)]
+    lines = [header] if header else []
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""`hostmesh top`: per-service request rate, success rate, p50/p99 and TCP connections, live.
+
+The agents are found through Consul (mesh instances, meta hostmesh=1); each agent's metrics
+address is its `metrics_addr` service meta when the agent advertises it, else the instance's
+address with the default metrics port (`--metrics-port`). Every agent is scraped twice, `--interval`
+apart; the numbers are agent/meshstats.py's. `--once` prints one frame and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import click
+
+from hostmesh.agent import meshstats
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul_settings import resolve
+from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.http import HTTPClient
+
+DEFAULT_METRICS_PORT = 15090  # DESIGN.md's default `metrics` port of an agent
+METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics address under
+SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
+MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd
+
+
+@dataclass
+class Target:
+    """One agent's metrics endpoint and the services it serves."""
+
+    url: str  # http://host:port/metrics
+    node: str
+    services: set[str] = field(default_factory=set)
+    error: str = ""
+
+
+def metrics_url(meta: dict[str, str], address: str, port: int) -> str:
+    """The agent's metrics URL: its advertised `metrics_addr` (host:port or a URL), else derived."""
+    given = meta.get(METRICS_META, "").strip()
+    if given:
+        url = given if "//" in given else f"http://{given}"
+        return url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/metrics"
+
+
+async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> list[Target]:
+    found: dict[str, Target] = {}
+    for name in sorted(await consul.catalog_services()):
+        _, instances = await consul.health_service(name, passing=False)
+        for i in instances:
+            if i.meta.get("hostmesh") != "1" or "protocol" not in i.meta:
+                continue  # not served by an agent (the CA registers as hostmesh=1 too)
+            url = metrics_url(i.meta, i.address, port)
+            node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)
+            found.setdefault(url, Target(url, node)).services.add(i.service)
+    return sorted(found.values(), key=lambda t: (t.node, t.url))
+
+
+async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> list[meshstats.Sample]:
+    base, _, path = target.url.partition("//")[2].partition("/")
+    client = HTTPClient(f"http://{base}")
+    try:
+        resp = await client.request("GET", "/" + path, timeout=SCRAPE_TIMEOUT)
+        if resp.status != 200:
+            target.error = f"HTTP {resp.status}"
+            return []
+        if len(resp.body) > MAX_SCRAPE_BYTES:
+            target.error = "exposition too large"
+            return []
+        target.error = ""
+        return meshstats.parse_exposition(resp.body.decode("utf-8", "replace"), wanted)
+    except RegistryError as exc:
+        target.error = " ".join(str(exc).split())
+        return []
+    finally:
+        await client.close()
+
+
+async def scrape_all(ts: list[Target]) -> list[meshstats.Sample]:
+    results = await asyncio.gather(*(scrape(t) for t in ts))
+    return [s for r in results for s in r]
+
+
+def render_frame(
+    ts: list[Target], prev: list[meshstats.Sample], cur: list[meshstats.Sample], seconds: float
+) -> str:
+    services = meshstats.service_stats(prev, cur, seconds)
+    edges = meshstats.edge_stats(prev, cur, seconds)
+    down = [t for t in ts if t.error]
+    header = (
+        f"{len(ts) - len(down)}/{len(ts)} agents scraped, window {seconds:.1f}s, {time.strftime('%H:%M:%S')}"
+    )
+    text = meshstats.render_top(services, edges, header)
+    for t in down:
+        text += f"\nunreachable: {t.node} {t.url}: {t.error}"
+    return text
+
+
+def frame_json(
+    ts: list[Target], prev: list[meshstats.Sample], cur: list[meshstats.Sample], seconds: float
+) -> str:
+    services = meshstats.service_stats(prev, cur, seconds)
+    edges = meshstats.edge_stats(prev, cur, seconds)
+    return json.dumps(
+        {
+            "window_seconds": round(seconds, 3),
+            "services": [
+                {
+                    "service": s.service,
+                    "rps": round(s.rps, 3),
+                    "success": s.success,
+                    "p50_ms": None if s.p50 is None else round(s.p50 * 1000, 2),
+                    "p99_ms": None if s.p99 is None else round(s.p99 * 1000, 2),
+                    "tcp_active": s.tcp_active,
+                    "tcp_per_s": round(s.tcp_per_s, 3),
+                }
+                for s in services
+            ],
+            "edges": [e.to_json() for e in edges],
+            "agents": [{"node": t.node, "url": t.url, "error": t.error} for t in ts],
+        },
+        indent=2,
+    )
+
+
+async def _run(ctx: click.Context, interval: float, once: bool, port: int, fmt: str) -> None:
+    settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
+    async with ConsulClient(settings) as consul:
+        ts = await targets(consul, port)
+        if not ts:
+            raise click.ClickException(
+                "no hostmesh agents registered in Consul (services with meta hostmesh=1)"
+            )
+        prev, t0 = await scrape_all(ts), time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            cur, t1 = await scrape_all(ts), time.monotonic()
+            if fmt == "json":
+                click.echo(frame_json(ts, prev, cur, t1 - t0))
+            else:
+                if not once:
+                    click.echo("\x1b[H\x1b[2J", nl=False)  # clear the terminal: one frame in place
+                click.echo(render_frame(ts, prev, cur, t1 - t0))
+            if once:
+                return
+            prev, t0 = cur, t1
+            ts = await targets(consul, port)  # agents come and go
+
+
+@click.command("top")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between frames (and the rate window).",
+)
+@click.option("--once", is_flag=True, help="Print one frame (two scrapes, --interval apart) and exit.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=DEFAULT_METRICS_PORT,
+    show_default=True,
+    help=f"Agents' metrics port where they do not advertise {METRICS_META}.",
+)
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default=None)
+@click.pass_context
+def top(ctx: click.Context, interval: float, once: bool, metrics_port: int, fmt: str | None) -> None:
+    """Live per-service traffic from the agents' metrics: request rate, success rate, p50/p99
+    latency, TCP connections; services sorted by request rate. Ctrl-C stops it."""
+    out = fmt or ((ctx.find_root().obj or {}).get("output") or "table")
+    try:
+        asyncio.run(_run(ctx, interval, once, metrics_port, out))
+    except RegistryError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    except KeyboardInterrupt:
+        pass

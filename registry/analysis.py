@@ -1,0 +1,424 @@
+"""Cross-check the documents in Consul KV against the catalog: what `hostmesh check` reports.
+
+Pure: `analyze(documents, catalog)` reads already-fetched raw documents (the JSON values under
+`hostmesh/<kind>/<service>`) and the mesh's registered instances, and returns findings; no I/O.
+The schema (hostmesh.registry.schema) says whether one document is well formed on its own; this
+module says whether the documents make sense *together with the mesh*: a route for a service
+nobody registered, a subset no instance carries, an L7 permission on a TCP service (the agent
+then denies or grants the whole connection), a rule that can never decide because another one
+always wins first.
+
+Severity: `error` — traffic does not do what the document says (a request is sent to a subset
+with no instance, a document the agents reject, an L7 rule on TCP); `warning` — probably a
+mistake but traffic is as written (an unknown service, a policy nobody uses, a shadowed rule);
+`info` — a fact worth knowing. `hostmesh check` exits non-zero on errors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.schema import (
+    Intentions,
+    Match,
+    PathMatch,
+    Permission,
+    PolicyDocument,
+    RouteDocument,
+    parse_document,
+)
+
+Severity = Literal["error", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
+HOSTMESH_META = "hostmesh"  # meta marking instances registered by hostmesh agents
+
+CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
+
+
+def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
+    """The service meta an agent registers to say which upstreams the service calls (what lets
+    `hostmesh check` tell a policy nobody applies); nothing when it would not fit in one value."""
+    value = ",".join(sorted(set(names)))
+    return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}
+
+
+COMMAND = {"routes": "route", "policies": "policy", "intentions": "intention"}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: Severity
+    code: str  # stable identifier: unknown-service, empty-subset, weights, …
+    subject: str  # "routes/web", "intentions/api rule 2", "consul", "agent 127.0.0.1:15000"
+    message: str
+    fix: str  # one line: what to do about it
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "subject": self.subject,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One registered mesh instance (meta hostmesh=1) as the catalog lists it."""
+
+    service: str
+    id: str
+    node: str
+    meta: Mapping[str, str] = field(default_factory=dict)
+    passing: bool = True
+
+    @property
+    def protocol(self) -> str:
+        return self.meta.get("protocol", "")
+
+    @property
+    def upstreams(self) -> frozenset[str] | None:
+        """The upstream services this instance's agent calls, None when its agent does not say."""
+        raw = self.meta.get(UPSTREAMS_META)
+        if raw is None:
+            return None
+        return frozenset(s for s in raw.split(",") if s)
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    instances: tuple[Instance, ...] = ()
+
+    def services(self) -> frozenset[str]:
+        return frozenset(i.service for i in self.instances)
+
+    def of(self, service: str) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.service == service)
+
+    def protocols(self, service: str) -> frozenset[str]:
+        return frozenset(i.protocol for i in self.of(service) if i.protocol)
+
+    def callers(self, service: str) -> tuple[frozenset[str], bool]:
+        """(services whose agents list `service` as an upstream, whether every agent said). Only
+        instances with a protocol are served by agents (the CA registers as hostmesh=1 too)."""
+        out = {i.service for i in self.instances if service in (i.upstreams or ())}
+        return frozenset(out), all(i.upstreams is not None for i in self.instances if i.protocol)
+
+
+Documents = Mapping[str, Mapping[str, object]]  # kind -> service (the KV key's last part) -> raw JSON
+
+
+def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
+    """Every finding about `documents` against `catalog`, errors first."""
+    out: list[Finding] = []
+    known = catalog.services()
+    parsed: dict[str, dict[str, Any]] = {}
+    for kind in ("routes", "policies", "intentions"):
+        for key, raw in sorted((documents.get(kind) or {}).items()):
+            doc = _parse(kind, key, raw, out)
+            if doc is not None:
+                parsed.setdefault(kind, {})[key] = doc
+    for key, route in parsed.get("routes", {}).items():
+        out += _check_route(key, route, catalog, known)
+    for key, policy in parsed.get("policies", {}).items():
+        out += _check_policy(key, policy, catalog, known)
+    for key, intentions in parsed.get("intentions", {}).items():
+        out += _check_intentions(key, intentions, catalog, known)
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted(out, key=lambda f: (order[f.severity], f.subject, f.code))
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(f.severity == "error" for f in findings)
+
+
+# --- one document ------------------------------------------------------------------------------
+
+
+def _parse(kind: str, key: str, raw: object, out: list[Finding]) -> Any:
+    subject = f"{kind}/{key}"
+    cmd = COMMAND[kind]
+    if kind == "routes":
+        for i, total in _raw_weight_sums(raw):
+            out.append(
+                Finding(
+                    "error",
+                    "weights",
+                    subject,
+                    f"routes[{i}].to weights sum to {total}, not 100; agents reject it and keep the "
+                    "previous one",
+                    f"make the weights of routes[{i}].to add up to 100 and `hostmesh {cmd} apply` it",
+                )
+            )
+    try:
+        doc = parse_document(kind, raw)
+    except InvalidDocument as exc:
+        if kind == "routes" and any(True for _ in _raw_weight_sums(raw)):
+            return None  # already said, more precisely
+        out.append(
+            Finding(
+                "error",
+                "invalid",
+                subject,
+                f"rejected by agents: {' '.join(str(exc).split())}",
+                f"fix that field and `hostmesh {cmd} apply` it (or `hostmesh {cmd} rollback {key} --to N`)",
+            )
+        )
+        return None
+    if doc.service != key:
+        out.append(
+            Finding(
+                "error",
+                "key-mismatch",
+                subject,
+                f"stored under {key} but names service {doc.service}",
+                f"delete hostmesh/{kind}/{key} and `hostmesh {cmd} apply` the document for {doc.service}",
+            )
+        )
+        return None
+    return doc
+
+
+def _raw_weight_sums(raw: object) -> Iterable[tuple[int, int]]:
+    """(route index, sum) of raw routes whose explicit integer weights do not sum to 100."""
+    routes = raw.get("routes") if isinstance(raw, Mapping) else None
+    if not isinstance(routes, list):
+        return
+    for i, route in enumerate(routes):
+        to = route.get("to") if isinstance(route, Mapping) else None
+        if not isinstance(to, list) or len(to) < 2:
+            continue
+        weights = [d.get("weight") for d in to if isinstance(d, Mapping)]
+        if len(weights) != len(to) or not all(
+            isinstance(w, int) and not isinstance(w, bool) for w in weights
+        ):
+            continue
+        total = sum(w for w in weights if isinstance(w, int))
+        if total != 100:
+            yield i, total
+
+
+def _unknown(kind: str, key: str) -> Finding:
+    cmd = COMMAND[kind]
+    return Finding(
+        "warning",
+        "unknown-service",
+        f"{kind}/{key}",
+        f"no mesh instance of {key} is registered in Consul",
+        f"check the name; if {key} is gone, `hostmesh {cmd} delete {key}`"
+        if kind != "intentions"
+        else f"check the name; if {key} is gone, delete hostmesh/intentions/{key}",
+    )
+
+
+def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+    subject = f"routes/{key}"
+    if key not in known:
+        return [_unknown("routes", key)]
+    out: list[Finding] = []
+    protocols = catalog.protocols(key)
+    if "tcp" in protocols and doc.protocol == "http" and any(r.match is not None for r in doc.routes):
+        out.append(
+            Finding(
+                "error",
+                "route-on-tcp",
+                subject,
+                f"{key} is registered as tcp, but its routes match on HTTP requests; tcp callers only split "
+                "by weight",
+                f'set protocol: tcp with one weighted route, or register {key} with protocol = "http"',
+            )
+        )
+    elif "http" in protocols and doc.protocol == "tcp":
+        out.append(
+            Finding(
+                "warning",
+                "protocol-mismatch",
+                subject,
+                f"the document says tcp but {key} is registered as http",
+                "set protocol: http in the route document (or tcp in the services' agent.toml)",
+            )
+        )
+    instances = catalog.of(key)
+    sent: dict[str, int] = {}
+    for route in doc.routes:
+        for dest in route.to:
+            if dest.subset is not None:
+                sent[dest.subset] = max(sent.get(dest.subset, 0), dest.weight)
+        if route.mirror is not None and route.mirror.subset is not None:
+            sent.setdefault(route.mirror.subset, 0)
+    for subset in doc.subsets:
+        members = [i for i in instances if subset.matches(i.meta)]
+        selector = ", ".join(f"{k}={v}" for k, v in subset.selector)
+        if not members:
+            weight = sent.get(subset.name, 0)
+            out.append(
+                Finding(
+                    "error" if weight > 0 else "warning",
+                    "empty-subset",
+                    subject,
+                    f"subset {subset.name} ({selector}) has no instance"
+                    + (f"; requests routed to it ({weight}%) fail with 503" if weight > 0 else ""),
+                    f"register an instance with meta {selector}, or route away from {subset.name}",
+                )
+            )
+        elif not any(i.passing for i in members):
+            out.append(
+                Finding(
+                    "warning",
+                    "subset-unhealthy",
+                    subject,
+                    f"subset {subset.name} ({selector}) has {len(members)} instance(s), none passing",
+                    f"see `hostmesh services` for the failing checks of {key}",
+                )
+            )
+    for j, later in enumerate(doc.routes):
+        for i, earlier in enumerate(doc.routes[:j]):
+            if (
+                earlier.match is not None
+                and later.match is not None
+                and _match_covers(earlier.match, later.match)
+            ):
+                out.append(
+                    Finding(
+                        "warning",
+                        "shadowed-route",
+                        subject,
+                        f"routes[{j}] never matches: routes[{i}] takes every request it would",
+                        f"move routes[{j}] before routes[{i}] or delete it",
+                    )
+                )
+                break
+    return out
+
+
+def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+    if key not in known:
+        return [_unknown("policies", key)]
+    callers, complete = catalog.callers(key)
+    if not callers and complete:
+        return [
+            Finding(
+                "warning",
+                "unused-policy",
+                f"policies/{key}",
+                f"no registered service has {key} as an upstream, so no caller applies this policy",
+                f"add {key} as an upstream where it is called, or `hostmesh policy delete {key}`",
+            )
+        ]
+    return []
+
+
+def _check_intentions(key: str, doc: Intentions, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+    out: list[Finding] = []
+    if key not in known:
+        out.append(_unknown("intentions", key))
+    tcp = "tcp" in catalog.protocols(key)
+    for i, rule in enumerate(doc.rules):
+        subject = f"intentions/{key} rule {i}"
+        if rule.source != "*" and rule.source not in known:
+            out.append(
+                Finding(
+                    "warning",
+                    "unknown-source",
+                    subject,
+                    f"{rule.action} {rule.source}: no mesh instance of {rule.source} is registered",
+                    f"check the name; if it is gone: hostmesh intention delete {rule.source} {key}",
+                )
+            )
+        if tcp and rule.permissions:
+            effect = (
+                "grants nothing (tcp connections are decided without it)"
+                if rule.allow
+                else "denies every connection of the source"
+            )
+            out.append(
+                Finding(
+                    "error",
+                    "l7-on-tcp",
+                    subject,
+                    f"{key} is tcp, so this L7 rule ({rule.action} {rule.source} with permissions) {effect}",
+                    'drop the permissions (an L4 rule) or serve the service as protocol = "http"',
+                )
+            )
+    out += _shadowed_rules(key, doc)
+    return out
+
+
+def _shadowed_rules(key: str, doc: Intentions) -> list[Finding]:
+    """Rules that never decide: at equal specificity a deny wins (hostmesh.agent.authz), so an allow
+    whose requests a same-source deny also covers is dead, and a repeat of a rule adds nothing."""
+    out: list[Finding] = []
+    for j, rule in enumerate(doc.rules):
+        for i, other in enumerate(doc.rules):
+            if i == j or other.source != rule.source or bool(other.permissions) != bool(rule.permissions):
+                continue
+            covers = not rule.permissions or all(
+                any(_permission_covers(p, q) for p in other.permissions) for q in rule.permissions
+            )
+            if not covers:
+                continue
+            if rule.allow and not other.allow:
+                why = f"rule {i} denies the same requests and a deny wins"
+            elif rule.action == other.action and i < j:
+                why = f"rule {i} already {rule.action}s the same requests"
+            else:
+                continue
+            out.append(
+                Finding(
+                    "warning",
+                    "shadowed-rule",
+                    f"intentions/{key} rule {j}",
+                    f"{rule.action} {rule.source} never decides: {why}",
+                    f"delete rule {j} or narrow rule {i} (`hostmesh intention get {key}`, edit, apply)",
+                )
+            )
+            break
+    return out
+
+
+# --- coverage: does every request one matcher takes also meet an earlier one? ------------------
+
+
+def _path_covers(a: PathMatch | None, b: PathMatch | None) -> bool:
+    if a is None:
+        return True
+    if b is None:
+        return False
+    if a.kind == "prefix" and b.kind in ("prefix", "exact"):
+        return b.value.startswith(a.value)
+    return a.kind == b.kind and a.value == b.value
+
+
+def _methods_cover(a: frozenset[str], b: frozenset[str]) -> bool:
+    return not a or (bool(b) and b <= a)
+
+
+def _match_covers(a: Match, b: Match) -> bool:
+    return (
+        _path_covers(a.path, b.path)
+        and _methods_cover(a.methods, b.methods)
+        and set(a.headers) <= set(b.headers)
+        and set(a.query) <= set(b.query)
+    )
+
+
+def _permission_covers(a: Permission, b: Permission) -> bool:
+    return _path_covers(a.path, b.path) and _methods_cover(a.methods, b.methods)
+
+
+# --- catalog from Consul's answers -------------------------------------------------------------
+
+
+def instance_from_health(service: str, entry: Mapping[str, Any]) -> Instance | None:
+    """An `Instance` from the fields of a health answer, None when it is not a mesh instance."""
+    meta = dict(entry.get("meta") or {})
+    if meta.get(HOSTMESH_META) != "1":
+        return None
+    return Instance(
+        service, str(entry.get("id", "")), str(entry.get("node", "")), meta, entry.get("status") == "passing"
+    )

@@ -1,0 +1,221 @@
+"""Pure tests of hostmesh.registry.analysis: documents against a catalog, no Consul."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hostmesh.registry.analysis import Catalog, Finding, Instance, analyze, has_errors
+
+
+def inst(
+    service: str, node: str = "vm-1", protocol: str = "http", upstreams: str = "", **meta: str
+) -> Instance:
+    return Instance(
+        service,
+        f"{service}-{node}",
+        node,
+        {"hostmesh": "1", "protocol": protocol, "upstreams": upstreams, **meta},
+    )
+
+
+CATALOG = Catalog(
+    (
+        inst("web", upstreams="api,db"),
+        inst("api", "vm-2", version="v1"),
+        inst("api", "vm-3", version="v2"),
+        inst("db", "vm-4", protocol="tcp"),
+    )
+)
+
+CLEAN: dict[str, dict[str, Any]] = {
+    "routes": {
+        "api": {
+            "service": "api",
+            "version": 3,
+            "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+            "routes": [
+                {"match": {"path": {"prefix": "/api/v2"}}, "to": [{"subset": "v2"}]},
+                {
+                    "match": {"path": {"prefix": "/api"}},
+                    "to": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}],
+                },
+                {"to": [{"subset": "v1"}]},
+            ],
+        },
+        "db": {"service": "db", "protocol": "tcp", "routes": [{"to": [{"weight": 100}]}]},
+    },
+    "policies": {"api": {"service": "api", "load_balancer": {"type": "least_request"}}},
+    "intentions": {
+        "api": {
+            "service": "api",
+            "default": "deny",
+            "rules": [
+                {"source": "web", "action": "allow"},
+                {"source": "web", "action": "deny", "permissions": [{"path": {"prefix": "/admin"}}]},
+            ],
+        },
+        "db": {
+            "service": "db",
+            "rules": [{"source": "api", "action": "deny"}, {"source": "*", "action": "allow"}],
+        },
+    },
+}
+
+
+def codes(findings: list[Finding]) -> set[tuple[str, str, str]]:
+    return {(f.severity, f.code, f.subject) for f in findings}
+
+
+def with_doc(kind: str, key: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    docs = {k: dict(v) for k, v in CLEAN.items()}
+    docs.setdefault(kind, {})[key] = data
+    return docs
+
+
+def test_clean_mesh_has_no_findings() -> None:
+    assert analyze(CLEAN, CATALOG) == []
+
+
+def test_route_for_unknown_service() -> None:
+    found = analyze(
+        with_doc("routes", "billing", {"service": "billing", "routes": [{"to": [{"weight": 100}]}]}), CATALOG
+    )
+    assert codes(found) == {("warning", "unknown-service", "routes/billing")}
+    assert "hostmesh route delete billing" in found[0].fix
+
+
+def test_subset_without_instances_is_an_error_when_traffic_goes_there() -> None:
+    doc = {
+        "service": "api",
+        "subsets": {"v1": {"version": "v1"}, "v3": {"version": "v3"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 50}, {"subset": "v3", "weight": 50}]}],
+    }
+    found = analyze(with_doc("routes", "api", doc), CATALOG)
+    assert codes(found) == {("error", "empty-subset", "routes/api")}
+    assert "v3" in found[0].message and "503" in found[0].message
+    assert has_errors(found)
+    doc["routes"] = [{"to": [{"subset": "v1"}]}]
+    assert codes(analyze(with_doc("routes", "api", doc), CATALOG)) == {
+        ("warning", "empty-subset", "routes/api")
+    }
+
+
+def test_l7_route_on_tcp_service() -> None:
+    doc = {"service": "db", "routes": [{"match": {"path": {"prefix": "/"}}, "to": [{"weight": 100}]}]}
+    assert codes(analyze(with_doc("routes", "db", doc), CATALOG)) == {("error", "route-on-tcp", "routes/db")}
+
+
+def test_weights_that_do_not_add_up_written_around_the_cli() -> None:
+    doc = {
+        "service": "api",
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 20}]}],
+    }
+    found = analyze(with_doc("routes", "api", doc), CATALOG)
+    assert codes(found) == {("error", "weights", "routes/api")}
+    assert "110" in found[0].message
+
+
+def test_other_invalid_document() -> None:
+    found = analyze(
+        with_doc("policies", "api", {"service": "api", "load_balancer": {"type": "fastest"}}), CATALOG
+    )
+    assert codes(found) == {("error", "invalid", "policies/api")}
+    assert "load_balancer.type" in found[0].message
+
+
+def test_document_stored_under_another_name() -> None:
+    found = analyze(with_doc("policies", "web", {"service": "api"}), CATALOG)
+    assert codes(found) == {("error", "key-mismatch", "policies/web")}
+
+
+def test_policy_no_upstream_uses() -> None:
+    found = analyze(with_doc("policies", "web", {"service": "web"}), CATALOG)
+    assert codes(found) == {("warning", "unused-policy", "policies/web")}
+
+
+def test_unused_policy_is_not_claimed_when_an_agent_does_not_advertise_its_upstreams() -> None:
+    old_agent = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http"})
+    catalog = Catalog((*CATALOG.instances, old_agent))
+    assert analyze(with_doc("policies", "web", {"service": "web"}), catalog) == []
+
+
+def test_intention_naming_unknown_services() -> None:
+    doc = {"service": "billing", "rules": [{"source": "wbe", "action": "allow"}]}
+    found = analyze(with_doc("intentions", "billing", doc), CATALOG)
+    assert codes(found) == {
+        ("warning", "unknown-service", "intentions/billing"),
+        ("warning", "unknown-source", "intentions/billing rule 0"),
+    }
+
+
+def test_l7_permission_on_tcp_service() -> None:
+    doc = {
+        "service": "db",
+        "rules": [{"source": "web", "action": "allow", "permissions": [{"methods": ["GET"]}]}],
+    }
+    found = analyze(with_doc("intentions", "db", doc), CATALOG)
+    assert codes(found) == {("error", "l7-on-tcp", "intentions/db rule 0")}
+    assert "grants nothing" in found[0].message
+
+
+def test_shadowed_intention_rules() -> None:
+    doc = {
+        "service": "api",
+        "rules": [
+            {"source": "web", "action": "deny", "permissions": [{"path": {"prefix": "/admin"}}]},
+            {
+                "source": "web",
+                "action": "allow",
+                "permissions": [{"path": {"exact": "/admin/users"}, "methods": ["GET"]}],
+            },
+            {"source": "web", "action": "allow", "permissions": [{"path": {"exact": "/health"}}]},
+            {"source": "*", "action": "deny"},
+            {"source": "*", "action": "deny"},
+        ],
+    }
+    found = analyze(with_doc("intentions", "api", doc), CATALOG)
+    assert codes(found) == {
+        ("warning", "shadowed-rule", "intentions/api rule 1"),
+        ("warning", "shadowed-rule", "intentions/api rule 4"),
+    }
+
+
+def test_shadowed_route() -> None:
+    doc = {
+        "service": "api",
+        "routes": [
+            {"match": {"path": {"prefix": "/api"}}, "to": [{"weight": 100}]},
+            {"match": {"path": {"prefix": "/api/v2"}, "methods": ["GET"]}, "to": [{"weight": 100}]},
+            {
+                "match": {"path": {"prefix": "/api"}, "headers": {"x-canary": {"exact": "1"}}},
+                "to": [{"weight": 100}],
+            },
+        ],
+    }
+    found = analyze(with_doc("routes", "api", doc), CATALOG)
+    assert {(f.code, f.message.split(":")[0]) for f in found} == {
+        ("shadowed-route", "routes[1] never matches"),
+        ("shadowed-route", "routes[2] never matches"),
+    }
+
+
+def test_errors_come_first_and_serialise() -> None:
+    docs = with_doc("routes", "billing", {"service": "billing"})
+    docs["intentions"] = {
+        "db": {
+            "service": "db",
+            "rules": [{"source": "web", "action": "deny", "permissions": [{"methods": ["POST"]}]}],
+        }
+    }
+    found = analyze(docs, CATALOG)
+    assert [f.severity for f in found] == ["error", "warning"]
+    assert set(found[0].to_json()) == {"severity", "code", "subject", "message", "fix"}
+
+
+def test_the_ca_instance_does_not_hide_an_unused_policy() -> None:
+    ca = Instance("hostmesh-ca", "hostmesh-ca-1", "vm-0", {"hostmesh": "1", "trust_domain": "hostmesh.local"})
+    catalog = Catalog((*CATALOG.instances, ca))
+    assert {f.code for f in analyze(with_doc("policies", "web", {"service": "web"}), catalog)} == {
+        "unused-policy"
+    }

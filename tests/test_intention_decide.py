@@ -1,0 +1,62 @@
+"""Pure tests of `hostmesh intention check`'s decision (agent/check.py `decide`): the data path's
+own authz functions, on the path as the agent normalises it, per the destination's protocol."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmesh.agent.check import decide, normalize_path
+from hostmesh.registry.schema import parse_intentions
+
+DOC_RULE_ALLOW_L7 = {"source": "web", "action": "allow", "permissions": [{"methods": ["GET"]}]}
+DOC = parse_intentions(
+    {
+        "service": "api",
+        "default": "deny",
+        "rules": [
+            {
+                "source": "web",
+                "action": "allow",
+                "permissions": [{"path": {"prefix": "/api"}, "methods": ["GET"]}],
+            },
+            {"source": "web", "action": "deny", "permissions": [{"path": {"prefix": "/api/admin"}}]},
+            {"source": "cron", "action": "allow"},
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed", "reason"),
+    [
+        ("GET", "/api/users", True, "rule 0 allow web l7"),
+        ("GET", "/api/admin", False, "rule 1 deny web l7"),
+        ("GET", "//api/admin", False, "rule 1 deny web l7"),
+        ("get", "/%61pi/./admin/x", False, "rule 1 deny web l7"),
+        ("POST", "/api/users", False, "default deny"),
+        (None, None, False, "default deny"),  # GET / when the request decides and none is given
+    ],
+)
+def test_http_requests(method: str | None, path: str | None, allowed: bool, reason: str) -> None:
+    assert decide(DOC, "http", "web", method, path, True)[:2] == (allowed, reason)
+
+
+def test_a_decision_the_request_cannot_change_is_given_for_every_request() -> None:
+    assert decide(DOC, "http", "cron", None, None, True) == (True, "rule 2 allow cron", "every request")
+
+
+def test_tcp_decides_per_connection_where_an_l7_deny_denies_it_all() -> None:
+    assert decide(DOC, "tcp", "web", "GET", "/api", True) == (False, "rule 1 deny web l7", "tcp connection")
+    allow_l7 = parse_intentions({"service": "db", "rules": [DOC_RULE_ALLOW_L7]})
+    assert decide(allow_l7, "tcp", "web", None, None, False) == (
+        False,
+        "agent default deny",
+        "tcp connection",
+    )
+    assert decide(None, "tcp", "web", None, None, False) == (False, "agent default deny", "tcp connection")
+
+
+def test_a_path_the_agent_refuses() -> None:
+    with pytest.raises(ValueError, match="400"):
+        normalize_path("/api%2Fadmin")
+    assert normalize_path("/a/../api?x=1") == "/api"
