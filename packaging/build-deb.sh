@@ -63,6 +63,17 @@ ln -s "$prefix/bin/hostmesh" "$root/usr/bin/hostmesh"
 install -m 0644 systemd/hostmesh-agent.service systemd/hostmesh-ca.service "$root/lib/systemd/system/"
 install -m 0644 packaging/agent.toml.example "$root/etc/hostmesh/agent.toml.example"
 [ -f README.md ] && install -m 0644 README.md "$root/usr/share/doc/hostmesh/README.md"
+# The operator's reference (docs/, generated parts included) and the examples it points to.
+doc="$root/usr/share/doc/hostmesh"
+cp -r docs "$doc/docs" && cp -r examples "$doc/examples"
+rm -rf "$doc/docs/man" "$doc/docs/completion"
+find "$doc" -type d -exec chmod 0755 {} + && find "$doc" -type f -exec chmod 0644 {} +
+install -d "$root/usr/share/man/man1"
+gzip -9n <docs/man/hostmesh.1 >"$root/usr/share/man/man1/hostmesh.1.gz"
+chmod 0644 "$root/usr/share/man/man1/hostmesh.1.gz"
+install -D -m 0644 docs/completion/hostmesh.bash "$root/usr/share/bash-completion/completions/hostmesh"
+install -D -m 0644 docs/completion/hostmesh.zsh "$root/usr/share/zsh/vendor-completions/_hostmesh"
+install -D -m 0644 docs/completion/hostmesh.fish "$root/usr/share/fish/vendor_completions.d/hostmesh.fish"
 
 # 5. control files and the archive.
 install -d "$root/DEBIAN"
