@@ -325,13 +325,23 @@ def walk_commands() -> Iterator[tuple[list[str], click.Command]]:
     yield from walk(["hostmesh"], root)
 
 
+def _context(path: list[str], cmd: click.Command) -> click.Context:
+    """As when the command runs under the root (whose -h/--help its help option inherits; click caches
+    the help option per command, so a context without that parent would document it differently)."""
+    from hostmesh.agent.cli import click_root
+
+    root = click_root()
+    parent = click.Context(root, info_name="hostmesh", **root.context_settings)
+    return parent if cmd is root else click.Context(cmd, info_name=" ".join(path), parent=parent)
+
+
 def _usage(path: list[str], cmd: click.Command) -> str:
-    ctx = click.Context(cmd, info_name=" ".join(path))
+    ctx = _context(path, cmd)
     return " ".join([*path, *cmd.collect_usage_pieces(ctx)])
 
 
 def _options(path: list[str], cmd: click.Command) -> list[tuple[str, str]]:
-    ctx = click.Context(cmd, info_name=" ".join(path))
+    ctx = _context(path, cmd)
     out = []
     for p in cmd.get_params(ctx):
         if isinstance(p, click.Argument):
