@@ -10,6 +10,7 @@ declare -A pkg_of=(
   [python3.11]=python3.11
   [adduser]=adduser
   [fakeroot]=fakeroot
+  [lintian]=lintian
 )
 missing=()
 for cmd in "$@"; do
