@@ -11,6 +11,8 @@ declare -A pkg_of=(
   [adduser]=adduser
   [fakeroot]=fakeroot
   [lintian]=lintian
+  [strip]=binutils
+  [objdump]=binutils
 )
 missing=()
 for cmd in "$@"; do
