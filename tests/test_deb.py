@@ -31,12 +31,18 @@ import pytest
 
 from tests.support import REPO, ConsulDev, free_port, wait_until
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("dpkg") is None, reason="installs a .deb: needs root and dpkg"
-)
-
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
 DPKG_TIMEOUT = 120
+LINTIAN_TIMEOUT = 900  # lintian reads every file of the ~1,000 in the package: minutes on a busy machine
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("dpkg") is None, reason="installs a .deb: needs root and dpkg"
+    ),
+    # each test may build the package (the module's first) and install, upgrade and purge it
+    # (man-db's trigger runs on each): far beyond the suite's default per-test bound
+    pytest.mark.timeout(BUILD_TIMEOUT + 4 * DPKG_TIMEOUT + LINTIAN_TIMEOUT),
+]
+
 AGENT_READY_TIMEOUT = 30.0  # the agent is ready in ~1 s with Consul and the CA up; CI can be slow
 INSTALLED_PATHS = [
     "/opt/hostmesh",
@@ -243,12 +249,12 @@ def test_maintainer_scripts_with_running_systemd(
 
 def test_lintian_is_clean(deb: Path) -> None:
     """No error or warning outside packaging/debian/lintian-overrides, whose every entry has a reason."""
-    subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "lintian"], check=True, timeout=900)
+    subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "lintian"], check=True, timeout=LINTIAN_TIMEOUT)
     result = subprocess.run(
         ["lintian", "--fail-on", "error,warning", "--tag-display-limit", "0", str(deb)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=LINTIAN_TIMEOUT,
     )
     tags = [ln for ln in result.stdout.splitlines() if re.match(r"^[EW]: ", ln)]
     assert result.returncode == 0 and tags == [], "\n".join(tags) or result.stderr
