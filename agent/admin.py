@@ -30,6 +30,14 @@ from hostmesh.registry.http import HTTPClient, Request, Response
 
 log = logging.getLogger("hostmesh.admin")
 
+
+def agent_version() -> str:
+    """The installed distribution's version; importlib.metadata is imported only when asked (RSS)."""
+    from hostmesh.agent.cli import _version
+
+    return _version()
+
+
 PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
 
 
@@ -111,6 +119,8 @@ class AdminAPI:
             return Response.of_json(200, {"certs": self._certs()})
         if path == "/v1/clusters":
             return Response.of_json(200, self._clusters())
+        if path == "/v1/version":
+            return Response.of_json(200, {"version": agent_version()})
         if path == "/v1/memory":
             return Response.of_json(200, memory.usage())
         if path.startswith("/health/"):
@@ -158,7 +168,17 @@ class AdminAPI:
             "trust_domain": snap.trust_domain,
             "generation": snap.generation,
             "built_at": snap.built_at,
-            "versions": dict(snap.versions),
+            # document versions (what `hostmesh route history` lists), not Consul indexes
+            "versions": {
+                f"{kind}/{svc}": doc.version
+                for kind, docs in (
+                    ("routes", snap.routes),
+                    ("policies", snap.policies),
+                    ("intentions", snap.intentions),
+                )
+                for svc, doc in sorted(docs.items())
+            },
+            "consul_indexes": dict(snap.versions),  # Consul's index per watched source (debugging)
             "tls_generation": snap.tls.generation,
             "default_intention": "allow" if snap.default_allow else "deny",
             "services": [

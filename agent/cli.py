@@ -38,6 +38,37 @@ SUBCOMMANDS: dict[str, str] = {
     "ui": "hostmesh.agent.ui:ui",
     "services": "hostmesh.registry.cli:services",
     "acl": "hostmesh.registry.cli:acl",
+    "apply": "hostmesh.registry.cli:apply_any",
+    "version": "hostmesh.agent.status:version",
+}
+
+# `hostmesh --help` lists these instead of importing every subcommand's module (1.4 s -> well under
+# 0.3 s); tests/test_cli_habits.py checks each equals the command's own first sentence.
+SUMMARIES: dict[str, str] = {
+    "acl": "Consul ACL rules for hostmesh's roles.",
+    "agent": "The sidecar agent.",
+    "apply": "Apply every document of FILE (route, policy, intention, by their kind: field).",
+    "ca": "Run and manage the hostmesh certificate authority.",
+    "intention": "Manage intentions: which services may call a service (hostmesh/intentions/<dst>).",
+    "policy": "Manage policy documents (hostmesh/policies/<service> in Consul KV).",
+    "route": "Manage route documents (hostmesh/routes/<service> in Consul KV).",
+    "services": "Mesh services in Consul (meta hostmesh=1): instances, health and version.",
+    "status": "What an agent has applied (document versions), and when its certificates expire "
+    "(root_id: the root that signed each).",
+    "version": "Print the client's version (and, with --agent, the running agent's).",
+}
+
+# Root options that may also follow the subcommand (`hostmesh status -o json`): name -> takes a value.
+GLOBAL_OPTIONS: dict[str, bool] = {
+    "--consul": True,
+    "--token": True,
+    "--token-file": True,
+    "--ca-file": True,
+    "--client-cert": True,
+    "--client-key": True,
+    "--tls-server-name": True,
+    "-o": True,
+    "--output": True,
 }
 
 DEFAULT_AGENT_CONFIG = Path("/etc/hostmesh/agent.toml")
@@ -113,6 +144,49 @@ def _version() -> str:
         return "0+unknown"
 
 
+def hoist_global_options(root: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """Move root options found after the subcommand to the front, unless the command they follow
+    defines an option of that name itself (`route get -o yaml` keeps its own `-o`)."""
+    import click
+
+    i = 0
+    while i < len(args) and args[i].startswith("-"):  # the root's own options come first
+        name = args[i].split("=", 1)[0]
+        i += 2 if GLOBAL_OPTIONS.get(name) and "=" not in args[i] else 1
+    if i >= len(args):
+        return args
+    head, rest = args[:i], args[i:]
+    cmd: click.Command | None = root
+    depth = 0
+    while isinstance(cmd, click.Group) and depth < len(rest):  # find the command the options belong to
+        sub = cmd.get_command(ctx, rest[depth])
+        if sub is None:
+            break
+        cmd, depth = sub, depth + 1
+    own: set[str] = set()
+    if cmd is not None and cmd is not root:
+        for p in cmd.params:
+            own.update(getattr(p, "opts", ()))
+            own.update(getattr(p, "secondary_opts", ()))
+    moved: list[str] = []
+    kept: list[str] = rest[:depth]
+    j = depth
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            kept += rest[j:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS and name not in own:
+            takes = GLOBAL_OPTIONS[name] and "=" not in arg
+            moved += rest[j : j + (2 if takes else 1)]
+            j += 2 if takes else 1
+            continue
+        kept.append(arg)
+        j += 1
+    return [*head, *moved, *kept]
+
+
 @functools.cache
 def click_root() -> click.Group:
     """The root group (`hostmesh ...`)."""
@@ -126,8 +200,18 @@ def click_root() -> click.Group:
     class LazyGroup(click.Group):
         """A group that imports a subcommand's module only when that subcommand is invoked."""
 
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            if ctx.parent is None:
+                args = hoist_global_options(self, ctx, args)
+            return super().parse_args(ctx, args)
+
         def list_commands(self, ctx: click.Context) -> list[str]:
             return sorted(SUBCOMMANDS)
+
+        def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
         def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
             target = SUBCOMMANDS.get(cmd_name)

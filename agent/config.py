@@ -1,6 +1,6 @@
 """agent.toml: parsed once into frozen dataclasses; every mistake is one line naming the key.
 
-The keys of DESIGN.md are the contract; additions are documented on the dataclass fields below.
+The keys of docs/architecture.md are the contract; additions are documented on the dataclass fields below.
 Validation is pure (`parse_config(dict)`), so tests need no files.
 """
 
@@ -237,6 +237,18 @@ class AgentConfig:
         return resolve(file=self.consul)
 
 
+# The keys of each table. Every table's set is named here and listed in KEY_TABLES, from which the
+# agent.toml reference (docs/reference/agent-toml.md) is checked: a key added here needs its line there.
+UPSTREAM_KEYS = {
+    "service", "bind", "load_balancer", "connect_timeout", "connect_budget", "protocol", "port", "shared",
+}  # fmt: skip
+HEALTH_KEYS = {"http", "tcp", "interval", "timeout"}
+SERVICE_KEYS = {"name", "port", "protocol", "meta", "health", "upstreams"}
+HTTP_KEYS = {"header_read_timeout", "body_idle_timeout", "body_min_rate"}
+CA_KEYS = {"address", "pin", "token_file", "token_env"}
+ACCESS_LOG_KEYS = {"sample"}
+
+
 # --- parsing --------------------------------------------------------------------------------
 
 
@@ -331,20 +343,7 @@ def _upstream_bind(raw: dict[str, Any], service: str, protocol: str | None, path
 def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
-    _check_keys(
-        raw,
-        {
-            "service",
-            "bind",
-            "load_balancer",
-            "connect_timeout",
-            "connect_budget",
-            "protocol",
-            "port",
-            "shared",
-        },
-        path,
-    )
+    _check_keys(raw, UPSTREAM_KEYS, path)
     service = _str(raw, "service", f"{path}.")
     if not service or not valid_service_name(service):
         raise _fail(f"{path}.service", "must be a lowercase DNS label")
@@ -371,7 +370,7 @@ def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
 def _parse_health(raw: Any, path: str) -> HealthConfig:
     if not isinstance(raw, dict):
         raise _fail(path, 'must be a table like { http = "/healthz" } or { tcp = true }')
-    _check_keys(raw, {"http", "tcp", "interval", "timeout"}, path)
+    _check_keys(raw, HEALTH_KEYS, path)
     http = _str(raw, "http", f"{path}.")
     if http is not None and not http.startswith("/"):
         raise _fail(f"{path}.http", "must be a path starting with /")
@@ -389,7 +388,7 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
 def _parse_service(raw: Any, path: str) -> ServiceConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
-    _check_keys(raw, {"name", "port", "protocol", "meta", "health", "upstreams"}, path)
+    _check_keys(raw, SERVICE_KEYS, path)
     name = _str(raw, "name", f"{path}.")
     if not name or not valid_service_name(name):
         raise _fail(f"{path}.name", "must be a lowercase DNS label (a-z, 0-9, -)")
@@ -424,7 +423,7 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
 def _parse_http(raw: Any) -> HttpConfig:
     if not isinstance(raw, dict):
         raise _fail("http", "must be a table like { header_read_timeout = 10 }")
-    _check_keys(raw, {"header_read_timeout", "body_idle_timeout", "body_min_rate"}, "http")
+    _check_keys(raw, HTTP_KEYS, "http")
     return HttpConfig(
         header_read_timeout=_number(
             raw, "header_read_timeout", "http.", DEFAULT_HEADER_READ_TIMEOUT, 0.05, 600
@@ -494,6 +493,19 @@ def _parse_dns_domain(raw: dict[str, Any]) -> str:
     return domain + "."
 
 
+# table path (`[]`: each entry of an array of tables) -> its keys
+KEY_TABLES: dict[str, set[str]] = {
+    "": TOP_KEYS,
+    "consul": CONSUL_KEYS,
+    "ca": CA_KEYS,
+    "services[]": SERVICE_KEYS,
+    "services[].health": HEALTH_KEYS,
+    "services[].upstreams[]": UPSTREAM_KEYS,
+    "http": HTTP_KEYS,
+    "access_log": ACCESS_LOG_KEYS,
+}
+
+
 def parse_config(raw: dict[str, Any]) -> AgentConfig:
     _check_keys(raw, TOP_KEYS, "")
     node = _str(raw, "node", "", None) or socket.gethostname()
@@ -529,7 +541,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     ca_raw = raw.get("ca")
     if not isinstance(ca_raw, dict):
         raise _fail("ca", 'is required: a table with at least pin = "sha256:…"')
-    _check_keys(ca_raw, {"address", "pin", "token_file", "token_env"}, "ca")
+    _check_keys(ca_raw, CA_KEYS, "ca")
     pin = _str(ca_raw, "pin", "ca.")
     if not pin or not pin.startswith("sha256:") or len(pin) != 7 + 64:
         raise _fail("ca.pin", "must be 'sha256:<64 hex>' as printed by `hostmesh ca init`")
@@ -574,7 +586,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     access_raw = raw.get("access_log", {})
     if not isinstance(access_raw, dict):
         raise _fail("access_log", "must be a table like { sample = 0.01 }")
-    _check_keys(access_raw, {"sample"}, "access_log")
+    _check_keys(access_raw, ACCESS_LOG_KEYS, "access_log")
     access_log = AccessLogConfig(
         sample=_number(access_raw, "sample", "access_log.", DEFAULT_ACCESS_SAMPLE, 0.0, 1.0)
     )

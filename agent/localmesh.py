@@ -148,6 +148,8 @@ class LocalMesh:
         self.ca_port = 0
         workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, CONSUL_HTTP_ADDR=consul_url, PYTHONUNBUFFERED="1")
+        # the CLI's record of the document versions this operator read: one per mesh, not the user's
+        self.env["HOSTMESH_STATE_DIR"] = str(self.workdir / "cli-state")
         if consul_token:
             self.env["CONSUL_HTTP_TOKEN"] = consul_token
 

@@ -1,4 +1,4 @@
-"""Telemetry: every metric of DESIGN.md "Telemetry names", owned by one `Telemetry` object.
+"""Telemetry: every metric of docs/reference/metrics.md, owned by one `Telemetry` object.
 
 Decision: one registry per agent (not a process-global default), so tests and several agents in
 one process never share counters, and `/metrics` exports exactly what is listed here.
@@ -9,7 +9,7 @@ periodically while it lives, see agent/proxy/pump.py).
 TCP byte counters follow Istio's meaning: `received` = bytes from the source (the caller) towards
 the destination, `sent` = bytes from the destination back to the source.
 
-Why not prometheus-client (DESIGN.md's choice; this is the written reason to change it): its
+Why not prometheus-client (docs/architecture.md's choice; this is the written reason to change it): its
 package import pulls in http.server, wsgiref, urllib.request, email and gzip — ~70 modules and
 ~3 MiB of RSS in every agent process, 10 % of the 30 MiB idle budget — and every `inc()` takes a
 threading lock, on the data path of a single-threaded event loop. The agent needs four things of

@@ -36,7 +36,7 @@ def render_table(status: dict[str, Any]) -> str:
         f"node        {cfg['node']}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
         f"snapshot    generation {cfg['generation']}, default intention {cfg['default_intention']}",
         "",
-        "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL",
+        "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL            ROOT_ID",
     ]
     by_service = {c["service"]: c for c in certs}
     for svc in cfg["services"]:
@@ -48,10 +48,10 @@ def render_table(status: dict[str, Any]) -> str:
             left = f"({delta.total_seconds() / 3600:.1f} h)"
         lines.append(
             f"{svc['name']:<16} {svc['protocol']:<9} {svc['port']:<6} {expires[:19]} {left:<8} "
-            f"{cert.get('serial', '-')[:16]}"
+            f"{cert.get('serial', '-')[:16]:<17} {cert.get('root_id', '-')}"
         )
-    lines += ["", "SOURCE                         VERSION/INDEX"]
-    lines += [f"{k:<30} {v}" for k, v in sorted(cfg["versions"].items())]
+    lines += ["", "DOCUMENT                       VERSION"]
+    lines += [f"{k:<30} {v}" for k, v in sorted(cfg["versions"].items())] or ["(none: default routing)"]
     lines += ["", "UPSTREAM         HEALTHY ENDPOINTS"]
     lines += [
         f"{svc:<16} {', '.join(e['address'] for e in eps) or '(none)'}"
@@ -66,12 +66,54 @@ def render_table(status: dict[str, Any]) -> str:
 )
 @click.pass_context
 def status(ctx: click.Context, address: str) -> None:
-    """What an agent has applied, and when its certificates expire."""
+    """What an agent has applied (document versions), and when its certificates expire (root_id:
+    the root that signed each)."""
     try:
         result = asyncio.run(fetch_status(address))
     except RegistryError as exc:
         raise click.ClickException(f"cannot reach the agent's admin API: {exc}") from None
-    if (ctx.obj or {}).get("output") == "json":
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    out = (ctx.find_root().obj or {}).get("output")
+    if out in ("json", "yaml"):
+        click.echo(dump(result, out))
     else:
         click.echo(render_table(result))
+
+
+def dump(data: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2, sort_keys=True)
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n")
+
+
+@click.command()
+@click.option("--agent", "address", default=None, help="Also ask the agent at this admin address.")
+@click.pass_context
+def version(ctx: click.Context, address: str | None) -> None:
+    """Print the client's version (and, with --agent, the running agent's)."""
+    from hostmesh.agent.cli import _version
+
+    result: dict[str, Any] = {"client": _version()}
+    if address is not None:
+        result["agent"] = asyncio.run(_agent_version(address))
+    out = (ctx.find_root().obj or {}).get("output")
+    if out in ("json", "yaml"):
+        click.echo(dump(result, out))
+        return
+    click.echo(f"client  {result['client']}")
+    if "agent" in result:
+        click.echo(f"agent   {result['agent']}")
+
+
+async def _agent_version(address: str) -> str:
+    client = HTTPClient(address if "//" in address else f"http://{address}")
+    try:
+        resp = await client.request("GET", "/v1/version", timeout=5)
+    except RegistryError as exc:
+        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {exc}") from None
+    finally:
+        await client.close()
+    if resp.status != 200:
+        raise click.ClickException(f"agent at {address} answered {resp.status} for /v1/version")
+    return str(resp.json().get("version", "unknown"))

@@ -1,4 +1,4 @@
-"""Pure builders for the hostmesh pair: agent.toml documents (DESIGN.md "Agent config") as TOML text."""
+"""Pure builders for the hostmesh pair: agent.toml documents (docs/reference/agent-toml.md) as TOML."""
 
 from __future__ import annotations
 

@@ -397,7 +397,7 @@ def start_hostmesh_ca(env: Env) -> HostmeshCA:
 
 class HostmeshPair(System):
     """Two `hostmesh agent run` processes on loopback (client side with one upstream, server side
-    with the backend as its local service), built only from the DESIGN.md contracts."""
+    with the backend as its local service), built only from the docs/architecture.md contracts."""
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol

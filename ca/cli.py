@@ -108,6 +108,11 @@ def init(ctx: click.Context, data_dir: Path, trust_domain: str) -> None:
 def roots(ctx: click.Context, data_dir: Path) -> None:
     """List the roots in the bundle and which one signs."""
     info = describe(store.load(data_dir))
+    if _root_obj(ctx).get("output") == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(info, sort_keys=False).rstrip("\n"))
+        return
     if _json_output(ctx):
         click.echo(json.dumps(info, indent=2))
         return

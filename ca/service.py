@@ -1,4 +1,4 @@
-"""The CA service: the HTTPS API of DESIGN.md, its Consul registration and the trust bundle in KV.
+"""The CA service: the HTTPS API of docs/architecture.md, its Consul registration and the trust bundle in KV.
 
     POST /v1/sign    Authorization: Bearer <join token>, {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
                      or Bearer <Nomad workload identity JWT> when started with --nomad-jwks (ca/nomad.py)

@@ -8,7 +8,8 @@
 #
 # Environment: PYTHON (build frontend, default .venv/bin/python), TARGET_PYTHON (default
 # /usr/bin/python3.11), DIST (output folder, default dist), HOSTMESH_CACHE (default .cache),
-# WHEELS_ONLY=1 (stop after the sdist, the wheel and the dependency wheels; prints the wheel).
+# WHEELS_ONLY=1 (stop after the sdist, the wheel and the dependency wheels; prints the wheel),
+# DEB_MAINTAINER ("Name <mail>" for the control file and changelog; set the real one for a release).
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$top"
@@ -19,7 +20,8 @@ cache="${HOSTMESH_CACHE:-$top/.cache}"
 wheels="$cache/wheels"
 prefix=/opt/hostmesh
 
-"$top/packaging/ensure-tools.sh" dpkg-deb "$(basename "$target_py")"
+"$top/packaging/ensure-tools.sh" dpkg-deb "$(basename "$target_py")" strip objdump
+maintainer="${DEB_MAINTAINER:-hostmesh developers <hostmesh-maintainers@example.org>}"
 version=$("$py" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 arch=$(dpkg --print-architecture)
 mkdir -p "$dist" "$wheels"
@@ -50,6 +52,14 @@ mkdir -p "$root"
 grep -rlI --null -- "$venv" "$venv" | xargs -0 -r sed -i "s|$venv|$prefix|g"
 sed -i '/^command = /d' "$venv/pyvenv.cfg"
 find "$venv" -name '__pycache__' -prune -exec rm -rf {} +
+# Debian's rules for shipped objects and library files: stripped shared objects (debug info is
+# ~60 % of their size), no executable bit or #! line on modules that are imported, never run.
+find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
+site="$venv/lib/python3.11/site-packages"
+find "$site" -name '*.py' -type f -perm /111 -exec chmod a-x {} +
+{ grep -rlI --include='*.py' -m1 '^#!' "$site" || true; } | while read -r f; do
+  if head -n1 "$f" | grep -q '^#!'; then sed -i '1d' "$f"; fi
+done
 rm -rf "$venv"/bin/Activate.ps1 "$venv"/lib/python3.11/site-packages/*.dist-info/RECORD.jws
 # Byte-compile as installed (shipped, so dpkg tracks and removes the .pyc files).
 "$target_py" -m compileall -q -j 0 -s "$root" -p / "$venv/lib" >/dev/null
@@ -66,11 +76,36 @@ install -m 0644 packaging/agent.toml.example "$root/etc/hostmesh/agent.toml.exam
 # split-DNS drop-ins for mesh names: examples to copy into the host's resolver config, not installed live
 install -d "$root/usr/share/doc/hostmesh/dns"
 install -m 0644 packaging/dns/* "$root/usr/share/doc/hostmesh/dns/"
+# The operator's reference (docs/, generated parts included) and the examples it points to.
+doc="$root/usr/share/doc/hostmesh"
+cp -r docs "$doc/docs" && cp -r examples "$doc/examples"
+rm -rf "$doc/docs/man" "$doc/docs/completion"
+find "$doc" -type d -exec chmod 0755 {} + && find "$doc" -type f -exec chmod 0644 {} +
+install -d "$root/usr/share/man/man1"
+gzip -9n <docs/man/hostmesh.1 >"$root/usr/share/man/man1/hostmesh.1.gz"
+chmod 0644 "$root/usr/share/man/man1/hostmesh.1.gz"
+install -D -m 0644 docs/completion/hostmesh.bash "$root/usr/share/bash-completion/completions/hostmesh"
+install -D -m 0644 docs/completion/hostmesh.zsh "$root/usr/share/zsh/vendor-completions/_hostmesh"
+install -D -m 0644 docs/completion/hostmesh.fish "$root/usr/share/fish/vendor_completions.d/hostmesh.fish"
+
+# Debian's per-package documentation: copyright, changelog, lintian overrides with their reasons.
+install -m 0644 packaging/debian/copyright "$doc/copyright"
+{
+  printf 'hostmesh (%s) unstable; urgency=medium\n\n' "$version"
+  printf '  * hostmesh %s. Changes: the git history of the repository.\n\n' "$version"
+  printf ' -- %s  %s\n' "$maintainer" "$(date -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")"
+} | gzip -9n >"$doc/changelog.gz"
+chmod 0644 "$doc/changelog.gz"
+install -D -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/hostmesh"
+# The libc the shipped shared objects need: the newest GLIBC_ symbol version they reference.
+glibc=$(find "$venv" -name '*.so' -type f -exec objdump -T {} + 2>/dev/null |
+  grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
 
 # 5. control files and the archive.
 install -d "$root/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
-sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" packaging/debian/control.in \
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+  -e "s|@MAINTAINER@|$maintainer|" -e "s/@GLIBC@/${glibc:-2.28}/" packaging/debian/control.in \
   >"$root/DEBIAN/control"
 install -m 0644 packaging/debian/conffiles "$root/DEBIAN/conffiles"
 install -m 0755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$root/DEBIAN/"

@@ -15,6 +15,9 @@ declare -A pkg_of=(
   [dnsmasq]=dnsmasq-base
   [promtool]=prometheus
   [chromium]=chromium
+  [lintian]=lintian
+  [strip]=binutils
+  [objdump]=binutils
 )
 missing=()
 for cmd in "$@"; do

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,6 +47,17 @@ KIND_META = "hostmesh-kind"  # meta of a gateway's registration: ingress-gateway
 
 T = TypeVar("T")
 OUTPUTS = ("table", "json", "yaml")
+# `kind:` in a file -> KV folder (singular as the CLI groups, plural as the folders)
+KIND_FOLDERS = {
+    "route": "routes",
+    "routes": "routes",
+    "policy": "policies",
+    "policies": "policies",
+    "intention": "intentions",
+    "intentions": "intentions",
+}
+CLI_NAMES = {"routes": "route", "policies": "policy", "intentions": "intention"}
+STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 
 
 # --- plumbing --------------------------------------------------------------------------------
@@ -109,8 +121,8 @@ def _check_service(name: str, what: str, wildcard: bool = False) -> str:
     return name
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    """Load one YAML or JSON document from `path` (`-` for stdin) as a mapping."""
+def _read_documents(path: str) -> list[dict[str, Any]]:
+    """Load the YAML (`---`-separated) or JSON documents of `path` (`-` for stdin) as mappings."""
     try:
         if path == "-":
             text = sys.stdin.read(MAX_FILE_BYTES + 1)
@@ -134,11 +146,31 @@ def _read_file(path: str) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise click.ClickException(_one_line(f"{path}: invalid YAML/JSON{where}: {problem}")) from None
-    if len(docs) != 1:
-        raise click.ClickException(f"{path}: expected exactly one document, found {len(docs)}")
-    if not isinstance(docs[0], dict):
-        raise click.ClickException(f"{path}: the document must be a mapping (service: ..., ...)")
-    return docs[0]
+    if not docs:
+        raise click.ClickException(f"{path}: no document")
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            where = f" (document {i + 1})" if len(docs) > 1 else ""
+            raise click.ClickException(f"{path}{where}: the document must be a mapping (service: ..., ...)")
+    return docs
+
+
+def _split_kind(
+    path: str, data: dict[str, Any], index: int, expected: str | None
+) -> tuple[str, dict[str, Any]]:
+    """(KV folder, document without `kind:`). `expected`: the folder of `hostmesh <kind> apply`, where
+    `kind:` is optional; `hostmesh apply` needs it in every document."""
+    where = f"{path} (document {index + 1})" if index or expected is None else path
+    if "kind" not in data:
+        if expected is None:
+            raise click.ClickException(f"{where}: kind: is required (route, policy or intention)")
+        return expected, data
+    found = KIND_FOLDERS.get(data["kind"]) if isinstance(data["kind"], str) else None
+    if found is None:
+        raise click.ClickException(f"{where}: kind: must be route, policy or intention")
+    if expected is not None and found != expected:
+        raise click.ClickException(f"{where}: is a {data['kind']}, not a {expected} document")
+    return found, {k: v for k, v in data.items() if k != "kind"}
 
 
 def _content(data: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +210,143 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
     return f"{default}, {len(doc.rules)} rule(s)"
 
 
+# --- apply: check-and-set, and the overwrite rule for files without version: --------------------
+
+
+def _state_file() -> Path:
+    base = os.environ.get(STATE_ENV)
+    if base:
+        return Path(base) / "read-versions.json"
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "hostmesh" / "read-versions.json"
+
+
+def _load_state() -> dict[str, dict[str, int]]:
+    try:
+        data = json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return {}  # never read anything (or a damaged file): every replace then needs version: or --force
+    return data if isinstance(data, dict) else {}
+
+
+def last_read(ctx: click.Context, kind: str, service: str) -> int | None:
+    """The version of kind/service this user last read (`get`) or wrote (`apply`) on this Consul."""
+    entry = _load_state().get(consul_settings(ctx).url, {})
+    value = entry.get(f"{kind}/{service}") if isinstance(entry, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def remember_read(ctx: click.Context, kind: str, service: str, version: int) -> None:
+    """Best effort: a state file that cannot be written only means the next replace needs --force."""
+    state = _load_state()
+    entry = state.setdefault(consul_settings(ctx).url, {})
+    if not isinstance(entry, dict):
+        entry = state[consul_settings(ctx).url] = {}
+    entry[f"{kind}/{service}"] = version
+    target = _state_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.replace(target)
+    except OSError as exc:
+        click.echo(f"warning: cannot record the version read in {target}: {exc.strerror or exc}", err=True)
+
+
+def _apply_all(
+    ctx: click.Context, path: str, docs: list[tuple[str, dict[str, Any]]], dry_run: bool, force: bool
+) -> None:
+    """Validate every document first (nothing is written if one is invalid), then apply each."""
+    parsed = []
+    for i, (kind, data) in enumerate(docs):
+        where = f"{path} (document {i + 1})" if len(docs) > 1 else path
+        try:
+            doc = parse_document(kind, data)
+        except InvalidDocument as exc:
+            raise click.ClickException(_one_line(f"{where}: {exc}")) from None
+        parsed.append((kind, data, doc.service, doc.version if "version" in data else None))
+    seen = {(k, s) for k, _, s, _ in parsed}
+    if len(seen) != len(parsed):
+        raise click.ClickException(f"{path}: the same document appears twice")
+    bases = {(k, s): last_read(ctx, k, s) for k, _, s, based in parsed if based is None}
+
+    async def run(store: DocumentStore) -> list[tuple[str, str, int]]:
+        written = []
+        for kind, data, service, based_on in parsed:
+            version = await _apply_one(store, path, kind, data, service, based_on, bases.get((kind, service)),
+                                       dry_run, force)  # fmt: skip
+            if version is not None:
+                written.append((kind, service, version))
+        return written
+
+    for kind, service, version in _run(ctx, run):
+        remember_read(ctx, kind, service, version)
+
+
+async def _apply_one(
+    store: DocumentStore,
+    path: str,
+    kind: str,
+    data: dict[str, Any],
+    service: str,
+    based_on: int | None,
+    last_seen: int | None,
+    dry_run: bool,
+    force: bool,
+) -> int | None:
+    """Diff and write one document; the version now live (None for a dry run)."""
+    name = CLI_NAMES[kind]
+    try:
+        current = await store.get(kind, service)
+    except InvalidDocument as exc:  # garbage written around the CLI: let a valid document replace it
+        click.echo(f"warning: {_one_line(str(exc))}; it will be replaced", err=True)
+        current = None
+    have = current.version if current else 0
+    if based_on is not None and based_on != have:
+        state = f"is at version {have}" if current else "does not exist"
+        raise Conflict(
+            f"{kind}/{service} {state} but {path} is based on version {based_on}; "
+            f"re-read it with `hostmesh {name} get {service}`"
+        )
+    old = _content(current.data) if current else None
+    new = _content(data)
+    if old == new:
+        click.echo(f"{kind}/{service}: unchanged (version {have})")
+        return have
+    old_text = (_dump(_versioned(old, have), "yaml") + "\n") if old is not None else ""
+    new_text = _dump(_versioned(new, have + 1), "yaml") + "\n"
+    diff = difflib.unified_diff(
+        old_text.splitlines(keepends=True),
+        new_text.splitlines(keepends=True),
+        fromfile=f"{kind}/{service} (live, version {have})" if current else "/dev/null",
+        tofile=f"{path} (new)",
+    )
+    for line in diff:
+        color = "green" if line.startswith("+") else "red" if line.startswith("-") else None
+        click.secho(line.rstrip("\n"), fg=color)
+    # The overwrite rule: a file without version: replaces a live document only at the version this
+    # user last read or wrote; anything else (someone else's write since, or never read) needs --force.
+    unseen = current is not None and based_on is None and last_seen != have
+    if dry_run:
+        if unseen and not force:
+            click.echo(f"{kind}/{service}: applying would need version: {have} in the file or --force")
+        click.echo(f"{kind}/{service}: dry run, nothing written")
+        return None
+    if unseen and not force:
+        why = (
+            f"changed since you read version {last_seen}"
+            if last_seen is not None
+            else "exists and you have not read it"
+        )
+        raise Conflict(
+            f"{kind}/{service} is at version {have} and {why}: review the diff above, then put "
+            f"`version: {have}` in {path} or add --force"
+        )
+    stored = await store.put(kind, data, expect_version=have)
+    click.echo(f"{kind}/{service}: version {stored.version} written")
+    return stored.version
+
+
 # --- route / policy ----------------------------------------------------------------------------
 
 
@@ -201,53 +370,16 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     @click.command("apply")
     @click.option("-f", "--file", "path", required=True, help="YAML or JSON document ('-' for stdin).")
     @click.option("--dry-run", is_flag=True, help="Validate and show the diff; write nothing.")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Replace a live document this user has not read at its current version (file without version:).",
+    )
     @click.pass_context
-    def apply(ctx: click.Context, path: str, dry_run: bool) -> None:
+    def apply(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
         """Validate FILE, show the diff against the live version, and write it with check-and-set."""
-        data = _read_file(path)
-        try:
-            doc = parse_document(kind, data)
-        except InvalidDocument as exc:
-            raise click.ClickException(_one_line(f"{path}: {exc}")) from None
-        service = doc.service
-        based_on = doc.version if "version" in data else None
-
-        async def run(store: DocumentStore) -> None:
-            try:
-                current = await store.get(kind, service)
-            except InvalidDocument as exc:  # garbage written around the CLI: let a valid document replace it
-                click.echo(f"warning: {_one_line(str(exc))}; it will be replaced", err=True)
-                current = None
-            have = current.version if current else 0
-            if based_on is not None and based_on != have:
-                state = f"is at version {have}" if current else "does not exist"
-                raise Conflict(
-                    f"{kind}/{service} {state} but {path} is based on version {based_on}; "
-                    f"re-read it with `hostmesh {name} get {service}`"
-                )
-            old = _content(current.data) if current else None
-            new = _content(data)
-            if old == new:
-                click.echo(f"{kind}/{service}: unchanged (version {have})")
-                return
-            old_text = (_dump(_versioned(old, have), "yaml") + "\n") if old is not None else ""
-            new_text = _dump(_versioned(new, have + 1), "yaml") + "\n"
-            diff = difflib.unified_diff(
-                old_text.splitlines(keepends=True),
-                new_text.splitlines(keepends=True),
-                fromfile=f"{kind}/{service} (live, version {have})" if current else "/dev/null",
-                tofile=f"{path} (new)",
-            )
-            for line in diff:
-                color = "green" if line.startswith("+") else "red" if line.startswith("-") else None
-                click.secho(line.rstrip("\n"), fg=color)
-            if dry_run:
-                click.echo(f"{kind}/{service}: dry run, nothing written")
-                return
-            stored = await store.put(kind, data, expect_version=have)
-            click.echo(f"{kind}/{service}: version {stored.version} written")
-
-        _run(ctx, run)
+        docs = [_split_kind(path, d, i, kind) for i, d in enumerate(_read_documents(path))]
+        _apply_all(ctx, path, docs, dry_run, force)
 
     @click.command("get")
     @click.argument("service")
@@ -259,6 +391,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
         doc = _run(ctx, lambda store: store.get(kind, service))
         if doc is None:
             raise click.ClickException(f"no {noun} document for {service}")
+        remember_read(ctx, kind, service, doc.version)
         click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
 
     @click.command("list")
@@ -333,6 +466,24 @@ policy = _document_group("policies", "policy", "policy")
 # the mesh's edges: what an ingress gateway hands in, and services outside the mesh (README "Gateways")
 gateway = _document_group("gateways", "gateway", "gateway")
 external = _document_group("external", "external", "external service")
+
+
+@click.command("apply")
+@click.option(
+    "-f", "--file", "path", required=True, help="YAML or JSON documents ('-' for stdin), each with kind:."
+)
+@click.option("--dry-run", is_flag=True, help="Validate and show the diffs; write nothing.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace live documents this user has not read at their current version (files without version:).",
+)
+@click.pass_context
+def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
+    """Apply every document of FILE (route, policy, intention, by their kind: field). All are validated
+    before any is written; each is written with check-and-set."""
+    docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
+    _apply_all(ctx, path, docs, dry_run, force)
 
 
 # --- intention ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Versioned config documents in Consul KV: get, list, put, delete, history, rollback.
 
-Layout (DESIGN.md): the live document of kind K (`routes`, `policies`, `intentions`) for service S
+Layout (docs/architecture.md): the live document of kind K (`routes`, `policies`, `intentions`) for service S
 is JSON at `hostmesh/K/S`; every version ever written is also kept at
 `hostmesh/history/K/S/<version>` (bounded to the last `HISTORY_KEEP`), so after the next write the
 previous version is still there for `history` and `rollback`.

@@ -1,4 +1,4 @@
-"""agent.toml: defaults, the contract keys of DESIGN.md, and one-line errors that name the key."""
+"""agent.toml: defaults, the contract keys of docs/architecture.md, and one-line errors that name the key."""
 
 from __future__ import annotations
 

@@ -142,8 +142,10 @@ def test_invalid_document_names_the_field(consul: ConsulDev, tmp_path: Path) -> 
     [
         ("service: [unclosed", "invalid YAML/JSON at line 1"),
         ("- a\n- b\n", "the document must be a mapping"),
-        ("service: a\n---\nservice: b\n", "expected exactly one document, found 2"),
-        ("", "expected exactly one document, found 0"),
+        ("service: a\n---\nkind: policy\nservice: b\n", "(document 2): is a policy, not a routes document"),
+        ("service: a\n---\nservice: a\n", "the same document appears twice"),
+        ("kind: gateway\nservice: a\n", "kind: must be route, policy or intention"),
+        ("", "no document"),
     ],
 )
 def test_bad_files_are_one_line(consul: ConsulDev, tmp_path: Path, content: str, message: str) -> None:

@@ -91,7 +91,7 @@ def wait_applied(mesh: Mesh, kind: str, agents: list[AgentHandle], timeout: floa
     index = kv_index(mesh, kind)
 
     def done() -> bool:
-        return all(a.get("/v1/config")[1]["versions"].get(f"{kind}/{SVC}") == index for a in agents)
+        return all(a.get("/v1/config")[1]["consul_indexes"].get(f"{kind}/{SVC}") == index for a in agents)
 
     wait_for(done, timeout, f"{kind} index {index} on {len(agents)} agent(s)")
     return index
@@ -104,8 +104,8 @@ def clear(mesh: Mesh) -> None:
             mesh.m.hostmesh("route" if kind == "routes" else "policy", "delete", SVC)
             wait_for(
                 lambda k=kind: (
-                    f"{k}/{SVC}" not in mesh.web.get("/v1/config")[1]["versions"]
-                    or mesh.web.get("/v1/config")[1]["versions"][f"{k}/{SVC}"] == 0
+                    f"{k}/{SVC}" not in mesh.web.get("/v1/config")[1]["consul_indexes"]
+                    or mesh.web.get("/v1/config")[1]["consul_indexes"][f"{k}/{SVC}"] == 0
                 ),
                 5.0,
                 f"{kind} deletion",

@@ -203,7 +203,7 @@ def test_intentions_garbage_never_crashes(data: Any) -> None:
 
 # --- routes ----------------------------------------------------------------------------------
 
-DESIGN_ROUTES: dict[str, Any] = {  # the example of DESIGN.md "Config model"
+DESIGN_ROUTES: dict[str, Any] = {  # the example of docs/architecture.md "Config model"
     "service": "web",
     "protocol": "http",
     "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},

@@ -18,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["hostmesh-agent.service", "hostmesh-ca.service"]
 HOST_UNIT_DIR = Path("/usr/lib/systemd/system")
-MAX_EXPOSURE = 3.0  # `systemd-analyze security` scale 0..10; hardened services score below 3
+MAX_EXPOSURE = (
+    1.5  # `systemd-analyze security` scale 0..10; both units score 1.3 (network daemons need the network)
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,558 @@
+"""The reference of the config documents (route, policy, intentions): one table per kind, from which
+docs/reference/documents.md and the JSON Schemas in docs/schema/ are generated.
+
+The parsers in registry/schema.py stay the authority on what is valid; this table says what each field
+means. `parser_fields` asks the parser itself which fields an object takes (it names them when it
+refuses an unknown one), so tests/test_reference.py fails as soon as a field exists in one place and
+not in the other: a field added to the parser must be described here before the docs can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.schema import (
+    DEFAULT_BACKOFF_BASE,
+    DEFAULT_BASE_EJECTION,
+    DEFAULT_BUDGET_PERCENT,
+    DEFAULT_CONSECUTIVE_5XX,
+    DEFAULT_MAX_EJECTION_PERCENT,
+    DEFAULT_MIN_RETRY_CONCURRENCY,
+    DEFAULT_OUTLIER_INTERVAL,
+    DEFAULT_RETRY_ON,
+    LB_TYPES,
+    MAX_PERMISSIONS,
+    MAX_RETRY_ATTEMPTS,
+    MAX_ROUTES,
+    MAX_RULES,
+    PARSERS,
+    RETRY_CONDITIONS,
+    SERVICE_NAME_MAX,
+    format_duration,
+)
+
+SERVICE_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h))+$"
+PROBE = "xyzzy_unknown"  # a key no field resembles, so the parser lists all fields instead of a hint
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One field: `path` uses `[]` for list items and `<name>` for a key the operator chooses."""
+
+    path: str
+    type: str  # object, map, list, string, service, integer, number, percent, boolean, duration, enum, true
+    doc: str
+    required: bool = False
+    default: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    one_of: bool = False  # an object that takes exactly one of its fields
+    item: str = ""  # for a list of scalars: the item type (string, integer, enum)
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    name: str  # what `kind:` says in a multi-document file, and the CLI group
+    folder: str  # the KV folder under hostmesh/ and the parser's key
+    title: str
+    doc: str
+    fields: tuple[Field, ...]
+
+
+def _common(what: str) -> tuple[Field, ...]:
+    return (
+        Field("service", "service", f"The service {what} (one lowercase DNS label).", required=True),
+        Field(
+            "version",
+            "integer",
+            "The version this file was read at. `apply` writes only if the live document is still at "
+            "this version (check-and-set); omit it to create a document, see the overwrite rule.",
+            minimum=0,
+        ),
+    )
+
+
+_PATH_MATCH = (
+    ("exact", "The path equals this (after normalisation, e.g. `/admin`)."),
+    ("prefix", "The path starts with this; must start with `/`."),
+    ("regex", "The whole path matches this RE2 regular expression."),
+)
+
+
+def _path_match(prefix: str) -> tuple[Field, ...]:
+    return (
+        Field(f"{prefix}", "object", "Match on the request path (query string excluded).", one_of=True),
+        *(Field(f"{prefix}.{k}", "string", d) for k, d in _PATH_MATCH),
+    )
+
+
+def _value_match(prefix: str, what: str) -> tuple[Field, ...]:
+    return (
+        Field(prefix, "map", f"{what} conditions, keyed by name; all must hold."),
+        Field(f"{prefix}.<name>", "object", "Exactly one condition on this value.", one_of=True),
+        Field(f"{prefix}.<name>.exact", "string", "The value equals this."),
+        Field(f"{prefix}.<name>.prefix", "string", "The value starts with this."),
+        Field(f"{prefix}.<name>.regex", "string", "The whole value matches this RE2 regular expression."),
+        Field(f"{prefix}.<name>.present", "boolean", "true: the name is present; false: it is absent."),
+    )
+
+
+def _header_ops(prefix: str, side: str) -> tuple[Field, ...]:
+    return (
+        Field(prefix, "object", f"Changes to the {side} headers."),
+        Field(f"{prefix}.set", "map", "Headers set to these values (replacing any)."),
+        Field(f"{prefix}.set.<name>", "string", "The value (no CR, LF or NUL)."),
+        Field(f"{prefix}.add", "map", "Headers added with these values (keeping existing ones)."),
+        Field(f"{prefix}.add.<name>", "string", "The value (no CR, LF or NUL)."),
+        Field(f"{prefix}.remove", "list", "Header names removed.", item="string"),
+    )
+
+
+ROUTE = Kind(
+    "route",
+    "routes",
+    "Route document",
+    "Traffic rules for calls to a service: subsets of its instances, and ordered routes that match "
+    "requests and split them across subsets. Stored at `hostmesh/routes/<service>`. The first route "
+    "whose match holds takes the request; a route without `match` takes every request, so it must be "
+    "last. A `tcp` service takes one route, a weighted split with no match.",
+    (
+        *_common("whose callers follow these routes"),
+        Field("protocol", "enum", "What the service speaks.", default="http", choices=("http", "tcp")),
+        Field("subsets", "map", "Named subsets of the service's instances."),
+        Field(
+            "subsets.<name>",
+            "map",
+            "Selector: an instance is in the subset when its Consul meta has every key with this value "
+            "(`[[services]] meta` in agent.toml). Names: letters, digits, `_`, `.`, `-`.",
+        ),
+        Field("subsets.<name>.<key>", "string", "The meta value required."),
+        Field("routes", "list", f"Ordered routes (at most {MAX_ROUTES}); none: every instance, round robin."),
+        Field("routes[]", "object", "One route."),
+        Field("routes[].name", "string", "A label shown in logs and `route list`."),
+        Field(
+            "routes[].match", "object", "Conditions a request must meet (all of them); none: every request."
+        ),
+        *_path_match("routes[].match.path"),
+        Field(
+            "routes[].match.methods", "list", "HTTP methods (any of them), e.g. `[GET, HEAD]`.", item="string"
+        ),
+        *_value_match("routes[].match.headers", "Request header"),
+        *_value_match("routes[].match.query", "Query parameter"),
+        Field("routes[].to", "list", "Where matching requests go: weighted subsets.", required=True),
+        Field("routes[].to[]", "object", "One destination."),
+        Field("routes[].to[].subset", "string", "A subset named under `subsets`; omitted: every instance."),
+        Field(
+            "routes[].to[].weight",
+            "integer",
+            "Percent of the route's requests; the weights of a route sum to 100.",
+            default="100 when the route has one destination",
+            minimum=0,
+            maximum=100,
+        ),
+        Field("routes[].timeout", "duration", "Time for the whole request, retries included; then 504 `UT`."),
+        Field("routes[].retries", "object", "Retry policy."),
+        Field(
+            "routes[].retries.attempts",
+            "integer",
+            "Retries after the first try.",
+            required=True,
+            minimum=0,
+            maximum=MAX_RETRY_ATTEMPTS,
+        ),
+        Field("routes[].retries.per_try_timeout", "duration", "Time for each try; at most `timeout`."),
+        Field(
+            "routes[].retries.on",
+            "list",
+            "Conditions that cause a retry.",
+            default=", ".join(sorted(DEFAULT_RETRY_ON)),
+            item="enum",
+            choices=RETRY_CONDITIONS,
+        ),
+        Field(
+            "routes[].retries.retriable_status_codes",
+            "list",
+            "Status codes retried; needs `retriable-status-codes` in `on`.",
+            item="integer",
+        ),
+        Field("routes[].retries.backoff", "object", "Wait between tries: exponential with jitter."),
+        Field(
+            "routes[].retries.backoff.base",
+            "duration",
+            "First wait, doubling per retry.",
+            default=format_duration(DEFAULT_BACKOFF_BASE),
+        ),
+        Field(
+            "routes[].retries.backoff.max", "duration", "Longest wait.", default="10 x base, at least 250ms"
+        ),
+        Field("routes[].retries.budget", "object", "Caps retries so they cannot amplify an outage."),
+        Field(
+            "routes[].retries.budget.percent",
+            "percent",
+            "Retries in flight may be at most this share of active requests.",
+            default=f"{DEFAULT_BUDGET_PERCENT:g}",
+        ),
+        Field(
+            "routes[].retries.budget.min_retry_concurrency",
+            "integer",
+            "Retries always allowed in flight, whatever the share.",
+            default=str(DEFAULT_MIN_RETRY_CONCURRENCY),
+            minimum=0,
+        ),
+        Field("routes[].fault", "object", "Fault injection for testing resilience (delay and/or abort)."),
+        Field("routes[].fault.delay", "object", "Delay some requests (flag `DI`)."),
+        Field("routes[].fault.delay.fixed", "duration", "How long.", required=True),
+        Field("routes[].fault.delay.percent", "percent", "Share of requests delayed.", default="100"),
+        Field("routes[].fault.abort", "object", "Answer some requests without calling the service (`FI`)."),
+        Field(
+            "routes[].fault.abort.status",
+            "integer",
+            "The status answered.",
+            required=True,
+            minimum=200,
+            maximum=599,
+        ),
+        Field("routes[].fault.abort.percent", "percent", "Share of requests aborted.", default="100"),
+        Field("routes[].headers", "object", "Header changes on requests and responses."),
+        *_header_ops("routes[].headers.request", "request"),
+        *_header_ops("routes[].headers.response", "response"),
+        Field("routes[].rewrite", "object", "Rewrite the path before forwarding."),
+        Field(
+            "routes[].rewrite.prefix",
+            "string",
+            "Replaces the part matched by `match.path.prefix` (which it needs).",
+            required=True,
+        ),
+        Field("routes[].mirror", "object", "Copy requests to a subset; its answers are dropped."),
+        Field("routes[].mirror.subset", "string", "A subset named under `subsets`.", required=True),
+        Field("routes[].mirror.percent", "percent", "Share of requests copied.", default="100"),
+    ),
+)
+
+POLICY = Kind(
+    "policy",
+    "policies",
+    "Policy document",
+    "How callers treat the instances of a service: load balancing, limits, outlier ejection, a local "
+    "rate limit, zone preference. Stored at `hostmesh/policies/<service>`; applies to HTTP calls.",
+    (
+        *_common("whose callers apply this policy"),
+        Field("load_balancer", "object", "How a caller picks an instance.", default="round_robin"),
+        Field("load_balancer.type", "enum", "The algorithm.", required=True, choices=LB_TYPES),
+        Field(
+            "load_balancer.hash_on",
+            "object",
+            "What `consistent_hash` hashes (required for it, refused for the others).",
+            one_of=True,
+        ),
+        Field("load_balancer.hash_on.header", "string", "A request header's value."),
+        Field("load_balancer.hash_on.cookie", "string", "A cookie's value."),
+        Field("load_balancer.hash_on.source_ip", "true", "The caller's address (`true`)."),
+        Field("connection_limits", "object", "Circuit breaker per caller agent; overflow is 503 `UO`."),
+        Field("connection_limits.max_connections", "integer", "Connections to the service.", minimum=1),
+        Field("connection_limits.max_pending_requests", "integer", "Requests waiting for one.", minimum=1),
+        Field("connection_limits.max_requests", "integer", "Requests in flight.", minimum=1),
+        Field("outlier_detection", "object", "Eject instances that keep failing."),
+        Field(
+            "outlier_detection.consecutive_5xx",
+            "integer",
+            "5xx answers in a row that eject an instance.",
+            default=f"{DEFAULT_CONSECUTIVE_5XX} (none when only consecutive_gateway_errors is set)",
+            minimum=1,
+        ),
+        Field(
+            "outlier_detection.consecutive_gateway_errors",
+            "integer",
+            "502/503/504 or connection failures in a row that eject an instance.",
+            minimum=1,
+        ),
+        Field(
+            "outlier_detection.interval",
+            "duration",
+            "How often ejections are re-evaluated.",
+            default=format_duration(DEFAULT_OUTLIER_INTERVAL),
+        ),
+        Field(
+            "outlier_detection.base_ejection_time",
+            "duration",
+            "The first ejection; the n-th lasts n times this.",
+            default=format_duration(DEFAULT_BASE_EJECTION),
+        ),
+        Field(
+            "outlier_detection.max_ejection_percent",
+            "percent",
+            "Never eject more than this share of the instances.",
+            default=f"{DEFAULT_MAX_EJECTION_PERCENT:g}",
+        ),
+        Field("rate_limit", "object", "Local token bucket in each caller agent; excess gets 429 `RL`."),
+        Field("rate_limit.requests_per_second", "number", "Refill rate (> 0).", required=True),
+        Field(
+            "rate_limit.burst", "integer", "Bucket size.", default="requests_per_second rounded up", minimum=1
+        ),
+        Field("locality", "object", "Prefer instances in the caller's zone."),
+        Field("locality.prefer_zone", "boolean", "Turn the preference on.", default="true"),
+        Field("locality.zone_key", "string", "The meta key that names the zone.", default="zone"),
+        Field(
+            "locality.min_local_instances",
+            "integer",
+            "Below this many healthy local instances, use every zone.",
+            default="1",
+            minimum=1,
+        ),
+    ),
+)
+
+INTENTIONS = Kind(
+    "intention",
+    "intentions",
+    "Intentions document",
+    "Who may call a service, checked by the destination's agent on every connection (TCP) or request "
+    "(HTTP). Stored at `hostmesh/intentions/<service>`. Rules are read in order; the first whose source "
+    "(the caller's service, or `*`) and permissions match decides. No rule matches: `default`.",
+    (
+        *_common("these rules protect (the destination)"),
+        Field(
+            "default",
+            "enum",
+            "For callers no rule matches.",
+            default="the agent's `default_intention`",
+            choices=("allow", "deny"),
+        ),
+        Field("rules", "list", f"Ordered rules (at most {MAX_RULES})."),
+        Field("rules[]", "object", "One rule."),
+        Field("rules[].source", "string", "The calling service, or `*` for any caller.", required=True),
+        Field("rules[].action", "enum", "What the rule decides.", required=True, choices=("allow", "deny")),
+        Field(
+            "rules[].permissions",
+            "list",
+            f"L7 conditions (at most {MAX_PERMISSIONS}); the rule applies to a request matching any one. "
+            "None: the rule applies to every connection and request.",
+        ),
+        Field("rules[].permissions[]", "object", "A path and/or methods condition."),
+        *_path_match("rules[].permissions[].path"),
+        Field("rules[].permissions[].methods", "list", "HTTP methods, e.g. `[GET]`.", item="string"),
+        Field("rules[].description", "string", "Free text kept with the rule."),
+    ),
+)
+
+KINDS: tuple[Kind, ...] = (ROUTE, POLICY, INTENTIONS)
+
+
+def kind_by_name(name: str) -> Kind | None:
+    """`route`/`routes`, `policy`/`policies`, `intention`/`intentions`."""
+    return next((k for k in KINDS if name in (k.name, k.folder)), None)
+
+
+# --- the parser's own view, for the drift test -----------------------------------------------------
+
+
+def _norm(path: str) -> str:
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _walk(node: Any, path: str, kind: Kind) -> Iterator[tuple[str, list[Any], Any]]:
+    """Yield (normalised path, concrete key path, node) for every closed object in a document."""
+    types = {f.path: f.type for f in kind.fields}
+    yield from _walk_in(node, path, [], types)
+
+
+def _walk_in(
+    node: Any, path: str, keys: list[Any], types: dict[str, str]
+) -> Iterator[tuple[str, list[Any], Any]]:
+    if isinstance(node, dict):
+        is_map = types.get(path) == "map"
+        if not is_map:
+            yield path, keys, node
+        for k, v in node.items():
+            child = f"{path}.<name>" if is_map else (f"{path}.{k}" if path else k)
+            if is_map and f"{path}.<name>" not in types:
+                child = f"{path}.<key>"
+            yield from _walk_in(v, child, [*keys, k], types)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk_in(v, f"{path}[]", [*keys, i], types)
+
+
+_UNKNOWN = re.compile(r"unknown field \(expected one of (?P<names>[^)]*)\)$")
+
+
+def parser_fields(kind: Kind, example: dict[str, Any]) -> dict[str, set[str]]:
+    """For every closed object in `example` (a valid document): the fields the parser accepts there,
+    found by adding an unknown key and reading the parser's refusal."""
+    parse = PARSERS[kind.folder]
+    found: dict[str, set[str]] = {}
+    for path, keys, _node in list(_walk(example, "", kind)):
+        probe = copy.deepcopy(example)
+        target: Any = probe
+        for k in keys:
+            target = target[k]
+        target[PROBE] = 1
+        try:
+            parse(probe)
+        except InvalidDocument as exc:
+            m = _UNKNOWN.search(str(exc))
+            if m is None:
+                raise AssertionError(f"{kind.name} {path or '(top)'}: unexpected refusal {exc}") from None
+            found[path] = {n.strip() for n in m["names"].split(",")}
+        else:
+            raise AssertionError(f"{kind.name} {path or '(top)'}: the parser accepts an unknown key")
+    return found
+
+
+def documented_fields(kind: Kind) -> dict[str, set[str]]:
+    """The same shape from this table: closed object path -> its field names."""
+    out: dict[str, set[str]] = {}
+    for f in kind.fields:
+        if f.type == "object":
+            out.setdefault(f.path, set())
+    out.setdefault("", set())
+    for f in kind.fields:
+        parent, _, name = f.path.rpartition(".")
+        if name.endswith("[]"):
+            continue
+        if parent in out or parent == "":
+            out.setdefault(parent, set()).add(name)
+    return out
+
+
+# --- JSON Schema ------------------------------------------------------------------------------------
+
+
+def _scalar(f: Field, t: str) -> dict[str, Any]:
+    s: dict[str, Any]
+    if t == "service":
+        s = {"type": "string", "pattern": SERVICE_PATTERN, "maxLength": SERVICE_NAME_MAX}
+    elif t == "string":
+        s = {"type": "string"}
+    elif t == "integer":
+        s = {"type": "integer"}
+    elif t == "number":
+        s = {"type": "number"}
+    elif t == "percent":
+        s = {"type": "number", "minimum": 0, "maximum": 100}
+    elif t == "boolean":
+        s = {"type": "boolean"}
+    elif t == "true":
+        s = {"const": True}
+    elif t == "duration":
+        s = {"type": "string", "pattern": DURATION_PATTERN}
+    elif t == "enum":
+        s = {"enum": list(f.choices)}
+    else:
+        raise ValueError(f"{f.path}: unknown type {t}")
+    if t in ("integer", "number"):
+        if f.minimum is not None:
+            s["minimum"] = f.minimum
+        if f.maximum is not None:
+            s["maximum"] = f.maximum
+    return s
+
+
+def _schema_of(kind: Kind, path: str, by_path: dict[str, Field]) -> dict[str, Any]:
+    f = by_path.get(path)
+    children = [
+        g
+        for g in kind.fields
+        if g.path.rpartition(".")[0] == path and not g.path.endswith("[]") and g.path != path
+    ]
+    t = f.type if f else "object"
+    s: dict[str, Any]
+    if t == "object":
+        s = {"type": "object", "additionalProperties": False, "properties": {}}
+        for c in children:
+            s["properties"][c.path.rpartition(".")[2]] = _schema_of(kind, c.path, by_path)
+        req = [c.path.rpartition(".")[2] for c in children if c.required]
+        if req:
+            s["required"] = req
+        if f is not None and f.one_of:
+            s["minProperties"] = s["maxProperties"] = 1
+    elif t == "map":
+        value = f"{path}.<name>" if f"{path}.<name>" in by_path else f"{path}.<key>"
+        s = {"type": "object", "additionalProperties": _schema_of(kind, value, by_path)}
+    elif t == "list":
+        assert f is not None
+        if f.item:
+            item = _scalar(Field(f.path, f.item, "", choices=f.choices), f.item)
+        else:
+            item = _schema_of(kind, f"{path}[]", by_path)
+        s = {"type": "array", "items": item}
+    else:
+        assert f is not None
+        s = _scalar(f, t)
+    if f is not None and f.doc:
+        s["description"] = f.doc
+    return s
+
+
+def json_schema(kind: Kind) -> dict[str, Any]:
+    """A JSON Schema (2020-12) of `kind`'s document, for editors and CI linters. It describes the
+    shape; the parser also checks what a schema cannot say (weights summing to 100, subset names
+    that exist, RE2 syntax), so `hostmesh <kind> apply --dry-run` is the final word."""
+    by_path = {f.path: f for f in kind.fields}
+    body = _schema_of(kind, "", by_path)
+    body["properties"]["kind"] = {
+        "enum": [kind.name, kind.folder],
+        "description": "The document kind, for files holding several kinds (`hostmesh apply -f`).",
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://hostmesh.invalid/schema/{kind.name}.json",
+        "title": f"hostmesh {kind.title.lower()}",
+        "description": kind.doc,
+        **body,
+    }
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+
+def _type_text(f: Field) -> str:
+    if f.type == "enum":
+        return " \\| ".join(f"`{c}`" for c in f.choices)
+    if f.type == "list" and f.item:
+        inner = " \\| ".join(f"`{c}`" for c in f.choices) if f.choices else f.item
+        return f"list of {inner}"
+    if f.type == "list":
+        return "list of objects"
+    text = f.type
+    if f.minimum is not None or f.maximum is not None:
+        lo = "" if f.minimum is None else f"{f.minimum:g}"
+        hi = "" if f.maximum is None else f"{f.maximum:g}"
+        text += f" {lo}..{hi}"
+    if f.one_of:
+        text += " (exactly one field)"
+    return text
+
+
+def markdown() -> str:
+    lines = [
+        "# Config documents reference",
+        "",
+        "<!-- generated by `python -m hostmesh.agent.reference` from registry/reference.py; do not edit -->",
+        "",
+        "Documents are YAML (or JSON) files applied with `hostmesh <kind> apply -f FILE`, and JSON in",
+        "Consul KV. Durations are strings with a unit: `500ms`, `2s`, `1m`, `1h`, `1m30s` (a bare number",
+        "is refused). Unknown fields are refused, with the path of the field in the message. A path such",
+        "as `routes[].to[].weight` means: the `weight` of each entry of `to` of each entry of `routes`;",
+        "`<name>` is a key you choose. JSON Schemas: [docs/schema/](../schema/). Examples:",
+        "[examples/](../../examples/).",
+        "",
+    ]
+    for kind in KINDS:
+        lines += [f"## {kind.title} (`kind: {kind.name}`)", "", kind.doc, ""]
+        lines += ["| field | type | required | default | meaning |", "| --- | --- | --- | --- | --- |"]
+        for f in kind.fields:
+            default = f.default.replace("|", "\\|")
+            lines.append(
+                f"| `{f.path}` | {_type_text(f)} | {'yes' if f.required else ''} | "
+                f"{f'`{default}`' if default else ''} | {f.doc} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""The Ansible roles as a reference: every agent.toml key is reachable from inventory variables,
+and every role documents its options (meta/argument_specs.yml, read by `ansible-doc -t role`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+import yaml
+
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.reference import AGENT_KEYS
+from tests.support import REPO
+
+ROLES = REPO / "ansible/roles"
+BIN = Path(sys.executable).parent
+NOT_IN_INVENTORY = {"consul.token"}  # the role writes the token to consul.token_file, never agent.toml
+
+
+def render_agent_toml(variables: dict[str, Any]) -> str:
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["to_json"] = json.dumps
+    text = (ROLES / "hostmesh_agent/templates/agent.toml.j2").read_text()
+    return env.from_string(text).render(ansible_managed="test", **variables)
+
+
+def full_inventory() -> dict[str, Any]:
+    """Every agent.toml key as an inventory variable (values from examples/agent.toml)."""
+    ex = tomllib.loads((REPO / "examples/agent.toml").read_text())
+    v: dict[str, Any] = {
+        f"hostmesh_agent_{k}": ex[k]
+        for k in (
+            "node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "trust_domain",
+            "default_intention", "drain_seconds", "log_level", "workers", "max_connections",
+            "stream_idle_timeout",
+        )
+    }  # fmt: skip
+    v["hostmesh_agent_access_log_sample"] = ex["access_log"]["sample"]
+    for k, val in ex["http"].items():
+        v[f"hostmesh_agent_http_{k}"] = val
+    for k in ("address", "token_file", "ca_file", "cert_file", "key_file", "tls_server_name"):
+        v[f"hostmesh_agent_consul_{k}"] = ex["consul"][k]
+    v["hostmesh_agent_consul_token"] = "secret"
+    v["hostmesh_agent_consul_token_file_only"] = False
+    v["hostmesh_agent_ca_address"] = ex["ca"]["address"]
+    v["hostmesh_agent_ca_pin"] = ex["ca"]["pin"]
+    v["hostmesh_agent_token_file"] = ex["ca"]["token_file"]
+    v["hostmesh_agent_services"] = ex["services"]
+    return v
+
+
+def set_keys(node: Any, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for k, val in node.items():
+            path = f"{prefix}.{k}" if prefix else k
+            out.add(path)
+            if k != "meta":
+                out |= set_keys(val, path)
+    elif isinstance(node, list):
+        for item in node:
+            out |= set_keys(item, f"{prefix}[]")
+    return out
+
+
+def test_every_agent_toml_key_is_reachable_from_inventory() -> None:
+    raw = tomllib.loads(render_agent_toml(full_inventory()))
+    parse_config(raw)
+    missing = {k.path for k in AGENT_KEYS} - set_keys(raw) - NOT_IN_INVENTORY
+    assert missing == set(), f"agent.toml keys the role cannot set: {sorted(missing)}"
+    assert "token" not in raw["consul"]
+
+
+def test_role_defaults_render_a_valid_agent_toml() -> None:
+    defaults = yaml.safe_load((ROLES / "hostmesh_agent/defaults/main.yml").read_text())
+    plain = {k: v for k, v in defaults.items() if not (isinstance(v, str) and "{{" in v)}
+    plain |= {
+        "hostmesh_agent_node": "vm-1",
+        "hostmesh_agent_mesh_address": "10.0.0.5",
+        "hostmesh_agent_ca_pin": "sha256:" + "0" * 64,
+        "hostmesh_agent_services": [{"name": "web", "port": 8080}],
+    }
+    cfg = parse_config(tomllib.loads(render_agent_toml(plain)))
+    assert cfg.workers == 1 and cfg.max_connections == 10000
+
+
+@pytest.mark.parametrize("role", sorted(p.name for p in ROLES.iterdir()))
+def test_every_role_documents_its_variables(role: str) -> None:
+    spec = yaml.safe_load((ROLES / role / "meta/argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]
+    defaults = yaml.safe_load((ROLES / role / "defaults/main.yml").read_text()) or {}
+    derived = {k for k in defaults if k in DERIVED}
+    assert set(defaults) - derived <= set(options), sorted(set(defaults) - derived - set(options))
+    for name, opt in options.items():
+        assert opt.get("description"), f"{role}: {name} has no description"
+    assert (ROLES / role / "README.md").read_text().strip()
+
+
+DERIVED = {  # internal variables computed from others: not options
+    "hostmesh_install_prefix",
+    "hostmesh_install_owner",
+    "hostmesh_install_owner_group",
+    "hostmesh_install_root_owner",
+}
+
+
+@pytest.mark.skipif(shutil.which("ansible-doc", path=str(BIN)) is None, reason="ansible-core: make venv")
+def test_ansible_doc_prints_the_role_options(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "ansible-doc"), "-t", "role", "-r", str(ROLES), "hostmesh_agent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "ANSIBLE_HOME": str(tmp_path), "ANSIBLE_NOCOLOR": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "hostmesh_agent_services" in out.stdout and "hostmesh_agent_max_connections" in out.stdout
