@@ -38,7 +38,7 @@ from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
-from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
+from hostmesh.registry.schema import Intentions, parse_intentions, parse_policy, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
 from tests.support import metric_sample as sample
 
@@ -653,3 +653,32 @@ def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
                 assert any(c._read_view is not None for c in inbound)  # uvloop read into the buffer
 
     uvloop.run(run_all())
+
+
+async def test_requests_beyond_max_connections_queue_and_are_served_when_it_frees(mesh: Mesh) -> None:
+    """Issue 12: with max_connections 1, concurrent requests wait as pending and each is served on the
+    connection as soon as the one before it released it (they used to wait 5 s for a 504 UT); beyond
+    the pending limit a request gets 503 UO at once."""
+    # two instances, picked in turn: the one connection must move between them
+    policy = parse_policy({"service": "api", "connection_limits": {"max_connections": 1}})
+    mesh.set_a(policies={"api": policy})
+
+    def call(path: str) -> Any:
+        c = mesh.client()
+        try:
+            return c.get(path)
+        finally:
+            c.close()
+
+    resps = await asyncio.gather(*(asyncio.to_thread(call, "/delay/50") for _ in range(8)))
+    assert [(r.status, r.flags) for r in resps] == [(200, "")] * 8
+    assert {r.instance for r in resps} == {"api-0", "api-1"}
+
+    tight = parse_policy(
+        {"service": "api", "connection_limits": {"max_connections": 1, "max_pending_requests": 2}}
+    )
+    mesh.set_a(policies={"api": tight})
+    resps = await asyncio.gather(*(asyncio.to_thread(call, "/delay/300") for _ in range(8)))
+    codes = sorted((r.status, r.flags) for r in resps)
+    assert (200, "") in codes and (503, "UO") in codes
+    assert all(c in ((200, ""), (503, "UO")) for c in codes)  # never a timeout

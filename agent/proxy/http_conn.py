@@ -1032,6 +1032,16 @@ class UpstreamPool:
             if self.on_lost is not None:
                 self.on_lost(conn)
 
+    def close_idle_one(self, pred: Callable[[UpstreamConn], bool]) -> bool:
+        """Close one idle connection `pred` accepts, the oldest of its key (its slot is wanted for
+        another key under a connection limit). False: there is none."""
+        for idle in self._idle.values():
+            for c in idle:
+                if pred(c):
+                    c.close()
+                    return True
+        return False
+
     def idle_count(self, key: Any = None) -> int:
         if key is not None:
             return len(self._idle.get(key, ()))

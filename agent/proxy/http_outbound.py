@@ -424,7 +424,8 @@ class HttpOutbound:
             if ep is None:
                 ex.respond(503, fl.UH)
                 return
-            up = self.pool.acquire((ep.address, ep.port), ctx)
+            # waiters for a connection go first: a new request does not take an idle one from them
+            up = self.pool.acquire((ep.address, ep.port), ctx) if not self._conn_waiters else None
             if up is not None:  # inline: no task, no future, no timer
                 st.use(ep)
                 ex.on_response_head = self._inline_head
@@ -579,33 +580,36 @@ class HttpOutbound:
 
     async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
                        timeout: float | None) -> Any:  # fmt: skip
-        """A new connection (within the connection limit, else waiting as pending), or an outcome code."""
+        """A new connection (within the connection limit, else waiting as pending), or an outcome code.
+
+        At the limit a request waits (within the pending limit; beyond it: OVERFLOW, 503 UO) until a
+        connection is released or lost, then takes it, or its slot (an idle connection to another
+        instance is closed for it); a wake-up it cannot use goes back to the queue's front, so no
+        waiter sleeps while a connection is free."""
         limits = cl.limits
-        t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
-        if not limits.admit_connection():
+        if not self._take_slot(limits):
             if limits.admit_pending() is not None:
                 return OVERFLOW  # the caller answers 503 UO
             try:
-                fut = asyncio.get_running_loop().create_future()
-                self._conn_waiters.append(fut)
-                try:
-                    await asyncio.wait_for(fut, PENDING_WAIT if timeout is None else timeout)
-                except TimeoutError:
-                    return TIMEOUT
-                up = self.pool.acquire(key, ctx)
-                if up is not None:
-                    return up
-                if not limits.admit_connection():
-                    return OVERFLOW
+                got = await self._wait_slot(limits, key, ctx, PENDING_WAIT if timeout is None else timeout)
             finally:
                 limits.pending.release()
+            if got is None:
+                return TIMEOUT
+            if isinstance(got, UpstreamConn):
+                return got
+            if timeout is not None:  # the time waited counts against the try's timeout
+                timeout -= got
+        t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
         if t <= 0:
             limits.connections.release()
+            self._wake_one()
             return TIMEOUT
         try:
             up = await self._dial(key, ctx, ident, t)
         except DialError as exc:
             limits.connections.release()
+            self._wake_one()
             if exc.security:
                 log.warning("outbound %s: %s", self.name, exc)
             else:
@@ -613,6 +617,45 @@ class HttpOutbound:
             return CONNECT_FAILURE
         up.limit = limits.connections  # type: ignore[attr-defined]
         return up
+
+    def _take_slot(self, limits: UpstreamLimits) -> bool:
+        """A connection slot for a new dial: a free one, or one an idle connection gives up."""
+        if limits.admit_connection():
+            return True
+        held = limits.connections
+        if self.pool.close_idle_one(lambda c: getattr(c, "limit", None) is held):
+            return limits.admit_connection()
+        return False
+
+    async def _wait_slot(self, limits: UpstreamLimits, key: tuple[str, int], ctx: Any,
+                         wait: float) -> UpstreamConn | float | None:  # fmt: skip
+        """Wait as pending: an idle connection to `key`, a slot taken (the seconds waited), or None
+        (nothing freed up within `wait`)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        front = False
+        while True:
+            left = started + wait - loop.time()
+            if left <= 0:
+                return None
+            fut: asyncio.Future[None] = loop.create_future()
+            if front:
+                self._conn_waiters.insert(0, fut)
+            else:
+                self._conn_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return None
+            finally:
+                if fut in self._conn_waiters:
+                    self._conn_waiters.remove(fut)
+            up = self.pool.acquire(key, ctx)
+            if up is not None:
+                return up
+            if self._take_slot(limits):
+                return loop.time() - started
+            front = True  # someone else took it first: keep our place
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
         up = TlsUpstreamConn(self.pool, key)
