@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
-from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound
-from hostmesh.registry.schema import KINDS, parse_document
+from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
+from hostmesh.registry.schema import KINDS, check_protocol, parse_document
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
@@ -152,6 +152,10 @@ class DocumentStore:
         doc = parse_document(kind, data)
         assert isinstance(data, dict)  # parse_document accepted it, so it is an object
         service = doc.service
+        if kind != "routes":
+            protocol = await self.protocol_of(service)
+            if protocol is not None:
+                check_protocol(doc, protocol)
         current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
@@ -199,6 +203,22 @@ class DocumentStore:
             )
         current = await self._live(kind, service)
         return await self.put(kind, data, expect_version=current.version if current else 0)
+
+    async def protocol_of(self, service: str) -> str | None:
+        """What `service` speaks, as its callers' agents will decide it: its route document's
+        `protocol` when there is one; else, from the catalog, `http` when any instance has meta
+        `protocol = http`, `tcp` when instances exist and none has; None when nothing says (no
+        instance yet, or the catalog is not readable with this token): then nothing is refused."""
+        route = await self._live("routes", service)
+        if route is not None and route.data:
+            return "tcp" if route.data.get("protocol") == "tcp" else "http"
+        try:
+            _, instances = await self.consul.catalog_service(service)
+        except PermissionDenied:
+            return None
+        if not instances:
+            return None
+        return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
 
     async def _live(self, kind: str, service: str) -> Document | None:
         """Like `get`, but a live value that is not a JSON object (written around the CLI) reads as

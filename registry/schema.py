@@ -1054,6 +1054,33 @@ def parse_policy(data: object) -> PolicyDocument:
     return PolicyDocument(service, _version(f), lb, limits, outlier, rate, locality)
 
 
+# --- what a tcp service can take --------------------------------------------------------------
+
+# Policy fields the L4 (tcp) path never reads: it picks an instance per connection by agent.toml's
+# upstream `load_balancer` and has no requests to limit, eject on or rate.
+_HTTP_ONLY_POLICY = ("load_balancer", "connection_limits", "outlier_detection", "rate_limit", "locality")
+
+
+def check_protocol(doc: RouteDocument | PolicyDocument | Intentions, protocol: str) -> None:
+    """Refuse (InvalidDocument naming the field) what cannot apply to a service speaking `protocol`:
+    on a tcp service, every destination-policy field (the default round_robin balancer aside) and
+    L7 permissions in intentions (a connection has no method or path)."""
+    if protocol != "tcp":
+        return
+    if isinstance(doc, PolicyDocument):
+        for name in _HTTP_ONLY_POLICY:
+            value = getattr(doc, name)
+            if value is not None and not (name == "load_balancer" and value == LoadBalancer()):
+                raise InvalidDocument(name, f"applies to HTTP only; {doc.service} is a tcp service")
+    elif isinstance(doc, Intentions):
+        for i, rule in enumerate(doc.rules):
+            if rule.permissions:
+                raise InvalidDocument(
+                    _key(_idx("rules", i), "permissions"),
+                    f"L7 permissions need HTTP; {doc.service} is a tcp service (allow or deny it whole)",
+                )
+
+
 # --- any kind --------------------------------------------------------------------------------
 
 PARSERS: dict[str, Any] = {"routes": parse_routes, "policies": parse_policy, "intentions": parse_intentions}
