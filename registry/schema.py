@@ -893,7 +893,7 @@ DEFAULT_MAX_EJECTION_PERCENT = 10.0  # never eject more than this share of a clu
 @dataclass(frozen=True, slots=True)
 class HashOn:
     kind: Literal["header", "cookie", "source_ip"]
-    name: str = ""  # header (lowercase) or cookie name; empty for source_ip
+    name: str = ""  # header (lowercase) or cookie name; empty for source_ip (caller SPIFFE ID, node, address)
 
 
 @dataclass(frozen=True, slots=True)

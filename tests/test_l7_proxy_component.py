@@ -682,3 +682,36 @@ async def test_requests_beyond_max_connections_queue_and_are_served_when_it_free
     codes = sorted((r.status, r.flags) for r in resps)
     assert (200, "") in codes and (503, "UO") in codes
     assert all(c in ((200, ""), (503, "UO")) for c in codes)  # never a timeout
+
+
+async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(mesh: Mesh) -> None:
+    """Issue 12: `hash_on: {source_ip: true}` hashed the app's address, 127.0.0.1 for every local
+    caller on every host, so all callers of the fleet landed on one instance. The key is now the
+    caller's SPIFFE ID and node (and address): one caller sticks to one instance, callers spread."""
+    policy = parse_policy(
+        {"service": "api", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
+    )
+    mesh.set_a(policies={"api": policy})
+    base = mesh.holder_a.current
+    listeners = []
+    try:
+        for i in range(8):  # eight hosts' agents, each with its local `web`
+            holder = SnapshotHolder(dataclasses.replace(base, node=f"host-{i}"))
+            ob = OutboundListener(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a)
+            ob.http = HttpOutbound(holder, "web", "api", mesh.tel_a)
+            await ob.start()
+            listeners.append(ob)
+
+        def calls(port: int) -> set[str]:
+            c = Client(port)
+            try:
+                return {c.get(f"/n{n}").instance for n in range(4)}
+            finally:
+                c.close()
+
+        seen = [await asyncio.to_thread(calls, ob.port) for ob in listeners]
+    finally:
+        for ob in listeners:
+            await ob.close()
+    assert all(len(s) == 1 for s in seen)  # each caller sticks to one instance
+    assert set().union(*seen) == {"api-0", "api-1"}  # and the hosts do not all share one

@@ -414,7 +414,8 @@ class HttpOutbound:
         st.ctx, st.ident, st.target, st.headers = ctx, ident, target, headers
         st.balancer = bal = cl.balancer(subset)
         if cl.hash is not None:
-            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, ex.conn.peer_ip)
+            source = self._source_key(snap, ex.conn.peer_ip) if cl.hash[0] == lb.HASH_SOURCE else None
+            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, source)
         st.budget = budget = cl.budget(route)
         budget.request_started()
         if route.timeout is None and route.retry.per_try_timeout is None:
@@ -436,6 +437,14 @@ class HttpOutbound:
             return
         st.deadline = time.monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
+
+    def _source_key(self, snap: Snapshot, peer_ip: str | None) -> str:
+        """The caller as `consistent_hash` on source sees it: the calling service's SPIFFE ID, this
+        agent's node and the app's address (every local caller comes from loopback, so the address
+        alone would send every host's requests to one instance)."""
+        local = snap.local.get(self.local_service)
+        ident = local.identity.spiffe_id if local is not None else self.local_service
+        return f"{ident}|{snap.node}|{peer_ip or ''}"
 
     def _inline_head(self, ex: Exchange, resp: http1.ResponseHead) -> None:
         ex.on_response_head = ex.on_fail = None
