@@ -715,3 +715,41 @@ async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(m
             await ob.close()
     assert all(len(s) == 1 for s in seen)  # each caller sticks to one instance
     assert set().union(*seen) == {"api-0", "api-1"}  # and the hosts do not all share one
+
+
+def mirror_routes() -> RouteConfig:
+    return route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "mirror": {"subset": "v2", "percent": 100}}],
+    })  # fmt: skip
+
+
+async def test_a_request_body_is_mirrored_as_it_streams(mesh: Mesh) -> None:
+    """Issue 12: only requests whose body was complete when forwarded were mirrored (in practice,
+    bodyless ones); a body still arriving is now copied to the mirror as it streams."""
+    mesh.set_a(routes={"api": mirror_routes()})
+    body = bytes(range(256)) * 4096  # 1 MiB: far from complete when the request is forwarded
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/upload", None, "POST", body)
+    c.close()
+    assert r.status == 200 and r.instance == "api-0" and mesh.apps[0].last_body == body
+    for _ in range(500):  # the copy reaches v2 on its own time (bounded wait)
+        if mesh.apps[1].hits:
+            break
+        await asyncio.sleep(0.01)
+    assert mesh.apps[1].hits == 1 and mesh.apps[1].last_body == body
+    assert mesh.http_out.mirror_dropped == 0
+
+
+async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) -> None:
+    """The copy never holds the real request back: once more than MIRROR_MAX_BUFFER waits for a
+    mirror that does not read, the copy is dropped and counted, and the request is served."""
+    mesh.set_a(routes={"api": mirror_routes()})
+    mesh.apps[1].deaf = True
+    body = b"m" * (16 << 20)  # beyond what the sockets and the peer agent's buffers absorb
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/big-upload", None, "POST", body)
+    c.close()
+    assert r.status == 200 and r.instance == "api-0" and len(mesh.apps[0].last_body) == len(body)
+    assert mesh.http_out.mirror_dropped == 1
+    assert mesh.http_out.stats()["mirror_dropped"] == 1

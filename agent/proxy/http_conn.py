@@ -555,6 +555,7 @@ class Exchange:
         "started",
         "state",
         "status",
+        "tee",
         "trailers",
         "upstream",
         "waiter",
@@ -582,6 +583,7 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.response_ops: Any = None  # the route's HeaderOps when it has any
         self.state: Any = None  # side-specific per-request data (route, endpoint, ...)
+        self.tee: Any = None  # a copy of the request body as it streams (a mirror): feed(bytes), end(bytes)
         # callback mode (no coroutine): called with the response head instead of waking `waiter`
         self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
         # called when the upstream failed before any response byte; True: the side took over (redial)
@@ -590,6 +592,8 @@ class Exchange:
     # ---- request body (from the client)
     def request_body(self, data: bytes) -> None:
         enc = http1.chunk_header(len(data)) + data + CRLF if self.chunked else data
+        if self.tee is not None:
+            self.tee.feed(enc)
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.write(enc)
@@ -609,6 +613,8 @@ class Exchange:
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.request_done = True
         self.trailers = trailers
+        if self.tee is not None:
+            self.tee.end(http1.last_chunk(trailers) if self.chunked else b"")
         if self.chunked:
             enc = http1.last_chunk(trailers)
             up = self.upstream
