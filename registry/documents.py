@@ -29,7 +29,7 @@ from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
-from hostmesh.registry.schema import KINDS, check_protocol, parse_document
+from hostmesh.registry.schema import KINDS, RouteDocument, check_protocol, parse_document
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
@@ -156,6 +156,8 @@ class DocumentStore:
             protocol = await self.protocol_of(service)
             if protocol is not None:
                 check_protocol(doc, protocol)
+        elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
+            await self._check_others_fit_tcp(service)
         current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
@@ -219,6 +221,24 @@ class DocumentStore:
         if not instances:
             return None
         return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
+
+    async def _check_others_fit_tcp(self, service: str) -> None:
+        """A route document turning `service` tcp is refused while its live policy or intentions
+        hold what a tcp service cannot take (they would be ignored from then on)."""
+        for other in ("policies", "intentions"):
+            live = await self._live(other, service)
+            if live is None or not live.data:
+                continue
+            try:
+                parsed = parse_document(other, live.data)
+            except InvalidDocument:  # invalid under today's schema: not this write's business
+                continue
+            try:
+                check_protocol(parsed, "tcp")
+            except InvalidDocument as exc:
+                raise InvalidDocument(
+                    "protocol", f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take"
+                ) from None
 
     async def _live(self, kind: str, service: str) -> Document | None:
         """Like `get`, but a live value that is not a JSON object (written around the CLI) reads as

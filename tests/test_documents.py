@@ -252,3 +252,20 @@ async def test_http_only_policy_fields_and_l7_permissions_are_refused_for_a_tcp_
         finally:
             for name in (by_catalog, http):
                 await c.deregister_service(f"{name}-1")
+
+
+async def test_a_route_document_turning_a_service_tcp_is_refused_while_http_only_documents_hold(
+    consul: ConsulDev,
+) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("policies", {"service": s, "outlier_detection": {"consecutive_5xx": 3}})
+        with pytest.raises(InvalidDocument) as ei:
+            await store.put("routes", {"service": s, "protocol": "tcp"})
+        assert str(ei.value) == (
+            f"protocol: tcp, but policies/{s} has outlier_detection, which a tcp service cannot take"
+        )
+        assert await store.get("routes", s) is None
+        await store.delete("policies", s)
+        assert (await store.put("routes", {"service": s, "protocol": "tcp"})).version == 1
