@@ -203,6 +203,10 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
                 click.echo(f"warning: {_one_line(str(exc))}; it will be replaced", err=True)
                 current = None
             have = current.version if current else 0
+            try:
+                await store.check_fits(kind, doc)  # before the diff: a refused change shows none
+            except InvalidDocument as exc:
+                raise click.ClickException(_one_line(f"{path}: {exc}")) from None
             if based_on is not None and based_on != have:
                 state = f"is at version {have}" if current else "does not exist"
                 raise Conflict(

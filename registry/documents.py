@@ -29,7 +29,14 @@ from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
-from hostmesh.registry.schema import KINDS, RouteDocument, check_protocol, parse_document
+from hostmesh.registry.schema import (
+    KINDS,
+    Intentions,
+    PolicyDocument,
+    RouteDocument,
+    check_protocol,
+    parse_document,
+)
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
@@ -152,12 +159,7 @@ class DocumentStore:
         doc = parse_document(kind, data)
         assert isinstance(data, dict)  # parse_document accepted it, so it is an object
         service = doc.service
-        if kind != "routes":
-            protocol = await self.protocol_of(service)
-            if protocol is not None:
-                check_protocol(doc, protocol)
-        elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
-            await self._check_others_fit_tcp(service)
+        await self.check_fits(kind, doc)
         current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
@@ -205,6 +207,15 @@ class DocumentStore:
             )
         current = await self._live(kind, service)
         return await self.put(kind, data, expect_version=current.version if current else 0)
+
+    async def check_fits(self, kind: str, doc: RouteDocument | PolicyDocument | Intentions) -> None:
+        """Refuse (InvalidDocument naming the field) what the service's protocol cannot take."""
+        if kind != "routes":
+            protocol = await self.protocol_of(doc.service)
+            if protocol is not None:
+                check_protocol(doc, protocol)
+        elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
+            await self._check_others_fit_tcp(doc.service)
 
     async def protocol_of(self, service: str) -> str | None:
         """What `service` speaks, as its callers' agents will decide it: its route document's
