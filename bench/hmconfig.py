@@ -107,3 +107,14 @@ def agent_config(
 def intentions_doc(service: str, source: str) -> dict[str, Any]:
     """`hostmesh/intentions/<service>`: allow the bench client, whatever the agent-wide default."""
     return {"service": service, "version": 1, "rules": [{"source": source, "action": "allow"}]}
+
+
+def routes_doc(service: str, n: int) -> dict[str, Any]:
+    """`hostmesh/routes/<service>` with `n` routes: n - 1 path prefixes no bench request matches, then
+    the catch-all that takes them all (the worst case for a route-by-route scan)."""
+    routes: list[dict[str, Any]] = [
+        {"name": f"r{i}", "match": {"path": {"prefix": f"/api/v{i}/"}}, "to": [{"weight": 100}]}
+        for i in range(n - 1)
+    ]
+    routes.append({"name": "rest", "to": [{"weight": 100}]})
+    return {"service": service, "version": 1, "routes": routes}

@@ -18,9 +18,10 @@ CONSUL = "consul"
 HAPROXY = "haproxy"
 HM_L4 = "hostmesh-l4"
 HM_L7 = "hostmesh-l7"
+HM_L7_ROUTES = "hostmesh-l7-r256"  # the L7 pair with a 256-route document, catch-all last (HM_L7 has 1 route)
 PEERS = (CONSUL, HAPROXY)
 HOSTMESH = (HM_L4, HM_L7)
-ALL_SYSTEMS = (DIRECT, CONSUL, HAPROXY, HM_L4, HM_L7)
+ALL_SYSTEMS = (DIRECT, CONSUL, HAPROXY, HM_L4, HM_L7, HM_L7_ROUTES)
 LATENCY_KEYS = ("mean", "p50", "p90", "p99", "max")
 
 Summary = dict[str, dict[str, float]]  # system -> metric ("ka.rps") -> median
@@ -70,6 +71,14 @@ TARGETS: tuple[Target, ...] = (
     Target("L7 added p99 ≤ consul pair's", HM_L7, "added.p99", CONSUL, "<=", 1.0),
     Target("L4 RSS under load ≤ 0.6 x a consul proxy's", HM_L4, "ka.peak_rss_mib", CONSUL, "<=", 0.6),
     Target("L7 RSS under load ≤ 0.6 x a consul proxy's", HM_L7, "ka.peak_rss_mib", CONSUL, "<=", 0.6),
+    Target(
+        "L7 256-route document CPU per request ≤ 1.05 x 1 route",
+        HM_L7_ROUTES,
+        "ka.cpu_us_per_req",
+        HM_L7,
+        "<=",
+        1.05,
+    ),
     Target("L4 idle RSS ≤ 30 MiB", HM_L4, "idle.rss_mib", None, "<=", 30.0),
     Target("L7 idle RSS ≤ 30 MiB", HM_L7, "idle.rss_mib", None, "<=", 30.0),
 )

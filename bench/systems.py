@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import hmconfig
 from bench.procs import Procs, StartError, free_port, tcp_open, wait_until
-from bench.report import CONSUL, DIRECT, HAPROXY, HM_L4, HM_L7
+from bench.report import CONSUL, DIRECT, HAPROXY, HM_L4, HM_L7, HM_L7_ROUTES
 from hostmesh.agent.localmesh import ConsulDev
 
 TRUST_DOMAIN = "hostmesh.local"
@@ -399,10 +399,14 @@ class HostmeshPair(System):
     """Two `hostmesh agent run` processes on loopback (client side with one upstream, server side
     with the backend as its local service), built only from the docs/architecture.md contracts."""
 
-    def __init__(self, protocol: str) -> None:
+    def __init__(self, protocol: str, routes: int = 0) -> None:
         self.protocol = protocol
-        self.name = HM_L4 if protocol == "tcp" else HM_L7
-        self.service = f"bench-{'l4' if protocol == 'tcp' else 'l7'}"
+        self.routes = routes  # > 0: a route document with this many routes (catch-all last)
+        if routes:
+            self.name, self.service = HM_L7_ROUTES, f"bench-l7r{routes}"
+        else:
+            self.name = HM_L4 if protocol == "tcp" else HM_L7
+            self.service = f"bench-{'l4' if protocol == 'tcp' else 'l7'}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._admin: dict[str, int] = {}
 
@@ -427,6 +431,13 @@ class HostmeshPair(System):
             f"/v1/kv/hostmesh/intentions/{self.service}",
             hmconfig.intentions_doc(self.service, client_svc),
         )
+        if self.routes:
+            _consul_call(
+                env.consul_url,
+                "PUT",
+                f"/v1/kv/hostmesh/routes/{self.service}",
+                hmconfig.routes_doc(self.service, self.routes),
+            )
         self.port = free_port()
         base = env.workdir / self.name
         sides = (
@@ -492,5 +503,6 @@ def make_systems(names: list[str]) -> list[System]:
         HAPROXY: HAProxyPair,
         HM_L4: lambda: HostmeshPair("tcp"),
         HM_L7: lambda: HostmeshPair("http"),
+        HM_L7_ROUTES: lambda: HostmeshPair("http", routes=256),
     }
     return [factories[n]() for n in names]

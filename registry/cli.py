@@ -302,6 +302,10 @@ async def _apply_one(
         click.echo(f"warning: {_one_line(str(exc))}; it will be replaced", err=True)
         current = None
     have = current.version if current else 0
+    try:
+        await store.check_fits(kind, parse_document(kind, data))  # before the diff: a refusal shows none
+    except InvalidDocument as exc:
+        raise click.ClickException(_one_line(f"{path}: {exc}")) from None
     if based_on is not None and based_on != have:
         state = f"is at version {have}" if current else "does not exist"
         raise Conflict(

@@ -28,8 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
-from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound
-from hostmesh.registry.schema import KINDS, NOMAD_MAPPING_KIND, parse_document
+from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
+from hostmesh.registry.schema import (
+    KINDS,
+    NOMAD_MAPPING_KIND,
+    AnyDocument,
+    RouteDocument,
+    check_protocol,
+    parse_document,
+)
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
@@ -156,6 +163,7 @@ class DocumentStore:
         doc = parse_document(kind, data)
         assert isinstance(data, dict)  # parse_document accepted it, so it is an object
         service = doc.service
+        await self.check_fits(kind, doc)
         current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
@@ -203,6 +211,51 @@ class DocumentStore:
             )
         current = await self._live(kind, service)
         return await self.put(kind, data, expect_version=current.version if current else 0)
+
+    async def check_fits(self, kind: str, doc: AnyDocument) -> None:
+        """Refuse (InvalidDocument naming the field) what the service's protocol cannot take."""
+        if kind not in ("routes", "policies", "intentions"):
+            return  # gateways, external services, the Nomad mapping: no service protocol to fit
+        if kind != "routes":
+            protocol = await self.protocol_of(doc.service)
+            if protocol is not None:
+                check_protocol(doc, protocol)
+        elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
+            await self._check_others_fit_tcp(doc.service)
+
+    async def protocol_of(self, service: str) -> str | None:
+        """What `service` speaks, as its callers' agents will decide it: its route document's
+        `protocol` when there is one; else, from the catalog, `http` when any instance has meta
+        `protocol = http`, `tcp` when instances exist and none has; None when nothing says (no
+        instance yet, or the catalog is not readable with this token): then nothing is refused."""
+        route = await self._live("routes", service)
+        if route is not None and route.data:
+            return "tcp" if route.data.get("protocol") == "tcp" else "http"
+        try:
+            _, instances = await self.consul.catalog_service(service)
+        except PermissionDenied:
+            return None
+        if not instances:
+            return None
+        return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
+
+    async def _check_others_fit_tcp(self, service: str) -> None:
+        """A route document turning `service` tcp is refused while its live policy or intentions
+        hold what a tcp service cannot take (they would be ignored from then on)."""
+        for other in ("policies", "intentions"):
+            live = await self._live(other, service)
+            if live is None or not live.data:
+                continue
+            try:
+                parsed = parse_document(other, live.data)
+            except InvalidDocument:  # invalid under today's schema: not this write's business
+                continue
+            try:
+                check_protocol(parsed, "tcp")
+            except InvalidDocument as exc:
+                raise InvalidDocument(
+                    "protocol", f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take"
+                ) from None
 
     async def _live(self, kind: str, service: str) -> Document | None:
         """Like `get`, but a live value that is not a JSON object (written around the CLI) reads as

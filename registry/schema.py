@@ -893,7 +893,7 @@ DEFAULT_MAX_EJECTION_PERCENT = 10.0  # never eject more than this share of a clu
 @dataclass(frozen=True, slots=True)
 class HashOn:
     kind: Literal["header", "cookie", "source_ip"]
-    name: str = ""  # header (lowercase) or cookie name; empty for source_ip
+    name: str = ""  # header (lowercase) or cookie name; empty for source_ip (caller SPIFFE ID, node, address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1278,6 +1278,33 @@ def parse_external(data: object) -> ExternalService:
         tls=tls,
         via=_name(f["via"], "via") if "via" in f else None,
     )
+
+
+# --- what a tcp service can take --------------------------------------------------------------
+
+# Policy fields the L4 (tcp) path never reads: it picks an instance per connection by agent.toml's
+# upstream `load_balancer` and has no requests to limit, eject on or rate.
+_HTTP_ONLY_POLICY = ("load_balancer", "connection_limits", "outlier_detection", "rate_limit", "locality")
+
+
+def check_protocol(doc: object, protocol: str) -> None:
+    """Refuse (InvalidDocument naming the field) what cannot apply to a service speaking `protocol`:
+    on a tcp service, every destination-policy field (the default round_robin balancer aside) and
+    L7 permissions in intentions (a connection has no method or path)."""
+    if protocol != "tcp":
+        return
+    if isinstance(doc, PolicyDocument):
+        for name in _HTTP_ONLY_POLICY:
+            value = getattr(doc, name)
+            if value is not None and not (name == "load_balancer" and value == LoadBalancer()):
+                raise InvalidDocument(name, f"applies to HTTP only; {doc.service} is a tcp service")
+    elif isinstance(doc, Intentions):
+        for i, rule in enumerate(doc.rules):
+            if rule.permissions:
+                raise InvalidDocument(
+                    _key(_idx("rules", i), "permissions"),
+                    f"L7 permissions need HTTP; {doc.service} is a tcp service (allow or deny it whole)",
+                )
 
 
 # --- any kind --------------------------------------------------------------------------------

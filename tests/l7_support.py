@@ -55,17 +55,25 @@ class Backend:
         self.failed_once = False
         self.port = 0
         self.last_headers: dict[bytes, bytes] = {}
+        self.last_body = b""
+        self.deaf = False  # True: new connections are held open without being read until close()
+        self._closing: asyncio.Event | None = None
         self.seen: list[bytes] = []  # every request target that reached this app, in order
         self.server: asyncio.Server | None = None
         self.connections = 0
         self.closed = 0  # connections that ended (the peer closed or broke them)
 
     async def start(self) -> None:
+        self._closing = asyncio.Event()
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = int(self.server.sockets[0].getsockname()[1])
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.deaf and self._closing is not None:
+            await self._closing.wait()
+            w.close()
+            return
         try:
             while True:
                 req = _Req()
@@ -91,6 +99,7 @@ class Backend:
         self.hits += 1
         self.seen.append(req.url)
         self.last_headers = req.headers
+        self.last_body = bytes(req.body)
         path = req.url.split(b"?")[0]
         method = parser.get_method()
         status = 200
@@ -137,6 +146,8 @@ class Backend:
         return parser.should_keep_alive()
 
     def close(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
         if self.server is not None:
             self.server.close()
 

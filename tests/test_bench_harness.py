@@ -341,3 +341,17 @@ def test_intentions_doc_allows_the_bench_client() -> None:
 
     parsed = parse_intentions(doc)
     assert parsed.service == "bench-l4" and parsed.rules[0].allow
+
+
+def test_routes_doc_is_256_routes_with_the_catch_all_last() -> None:
+    """The hostmesh-l7-r256 system's document: valid for the agent, and every bench request (/small,
+    /big) falls through 255 routes to the catch-all, the worst case of a route-by-route scan."""
+    from hostmesh.agent.l7.match import CompiledRoutes
+    from hostmesh.registry.schema import parse_routes
+
+    doc = parse_routes(hmconfig.routes_doc("bench-l7r256", 256))
+    assert len(doc.routes) == 256 and doc.routes[-1].match is None
+    compiled = CompiledRoutes.compile(doc)
+    for target in (b"/small", b"/big"):
+        assert compiled.select(b"GET", target, []) is compiled.routes[-1]
+        assert compiled.select_linear(b"GET", target, []) is compiled.routes[-1]

@@ -367,3 +367,15 @@ def test_apply_replaces_garbage_written_around_the_cli(consul: ConsulDev, tmp_pa
     assert f"routes/{s}: version 1 written" in ok(
         run(consul, "route", "apply", "-f", write(tmp_path, route_doc(s)))
     )
+
+
+def test_apply_of_an_http_only_policy_for_a_tcp_service_names_the_field(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    s = svc()
+    ok(run(consul, "route", "apply", "-f", write(tmp_path, {"service": s, "protocol": "tcp"}, "r.yaml")))
+    f = write(tmp_path, {"service": s, "rate_limit": {"requests_per_second": 5}})
+    out = run(consul, "policy", "apply", "-f", f)
+    assert fails(out) == f"Error: {f}: rate_limit: applies to HTTP only; {s} is a tcp service"
+    assert out.stdout == ""  # no diff shown for a change that cannot be written
+    assert consul.kv_get(doc_key("policies", s)) is None

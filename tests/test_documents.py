@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.documents import HISTORY_KEEP, DocumentStore, doc_key, history_key
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, Unavailable
 from tests.support import ConsulDev, free_port
@@ -212,3 +212,60 @@ async def test_garbage_in_kv_can_be_replaced_and_deleted(consul: ConsulDev) -> N
         consul.kv_put(doc_key("policies", s), b"[1, 2]")
         await store.delete("policies", s)
         assert consul.kv_get(doc_key("policies", s)) is None
+
+
+async def test_http_only_policy_fields_and_l7_permissions_are_refused_for_a_tcp_service(
+    consul: ConsulDev,
+) -> None:
+    """Issue 12: such documents used to be accepted and then ignored by the L4 path (or deny every
+    connection); now the write is refused with the field named and nothing is written. What the
+    service speaks comes from its route document, else from its instances' `protocol` meta."""
+    by_route, by_catalog, http = svc(), svc(), svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("routes", {"service": by_route, "protocol": "tcp"})
+        for name, proto in ((by_catalog, "tcp"), (http, "http")):
+            await c.register_service(
+                ServiceRegistration(name, f"{name}-1", "127.0.0.1", 9, {"protocol": proto})
+            )
+        try:
+            for s in (by_route, by_catalog):
+                with pytest.raises(InvalidDocument) as ei:
+                    await store.put("policies", {"service": s, "connection_limits": {"max_connections": 1}})
+                assert str(ei.value) == f"connection_limits: applies to HTTP only; {s} is a tcp service"
+                with pytest.raises(InvalidDocument, match=r"^load_balancer: applies to HTTP only"):
+                    await store.put("policies", {"service": s, "load_balancer": {"type": "least_request"}})
+                l7 = {"service": s, "rules": [
+                    {"source": "a", "action": "allow"},
+                    {"source": "web", "action": "allow", "permissions": [{"path": {"prefix": "/admin"}}]},
+                ]}  # fmt: skip
+                with pytest.raises(
+                    InvalidDocument, match=r"^rules\[1\]\.permissions: L7 permissions need HTTP"
+                ):
+                    await store.put("intentions", l7)
+                assert await store.get("policies", s) is None and await store.get("intentions", s) is None
+                # what does apply to a tcp service is still accepted
+                assert (await store.put("intentions", {"service": s, "rules": [l7["rules"][0]]})).version == 1
+            # the same documents for an http service are fine
+            await store.put("policies", {"service": http, "connection_limits": {"max_connections": 1}})
+            await store.put("intentions", {**l7, "service": http})
+        finally:
+            for name in (by_catalog, http):
+                await c.deregister_service(f"{name}-1")
+
+
+async def test_a_route_document_turning_a_service_tcp_is_refused_while_http_only_documents_hold(
+    consul: ConsulDev,
+) -> None:
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("policies", {"service": s, "outlier_detection": {"consecutive_5xx": 3}})
+        with pytest.raises(InvalidDocument) as ei:
+            await store.put("routes", {"service": s, "protocol": "tcp"})
+        assert str(ei.value) == (
+            f"protocol: tcp, but policies/{s} has outlier_detection, which a tcp service cannot take"
+        )
+        assert await store.get("routes", s) is None
+        await store.delete("policies", s)
+        assert (await store.put("routes", {"service": s, "protocol": "tcp"})).version == 1

@@ -336,3 +336,74 @@ def test_helpers() -> None:
     assert split_target(b"/a/b?c=d") == ("/a/b", b"c=d")
     assert split_target(b"/a") == ("/a", b"")
     assert parse_query(b"a=1&a=2&b=%41&c") == {"a": "1", "b": "A", "c": ""}
+
+
+# ---- compiled selection equals the naive first-match scan (issue 12 item 5)
+
+_SEG = st.text(alphabet="ab/", max_size=4)
+_PATHS = st.builds(lambda s: "/" + s, _SEG)
+_HNAMES = st.sampled_from(["x-a", "x-b"])
+_HVALUES = st.text(alphabet="ab", min_size=1, max_size=2)
+
+
+def _value_cond(regex_alphabet: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.one_of(
+        st.builds(lambda v: {"exact": v}, _HVALUES),
+        st.builds(lambda v: {"prefix": v}, _HVALUES),
+        st.builds(lambda v: {"regex": v + ".*"}, st.text(alphabet=regex_alphabet, max_size=2)),
+        st.builds(lambda v: {"present": v}, st.booleans()),
+    )
+
+
+_MATCH = st.fixed_dictionaries(
+    {},
+    optional={
+        "methods": st.lists(st.sampled_from(["GET", "POST", "PUT"]), min_size=1, max_size=2),
+        "path": st.one_of(
+            st.builds(lambda p: {"exact": p}, _PATHS),
+            st.builds(lambda p: {"prefix": p}, _PATHS),
+            st.builds(lambda p: {"regex": p + ".*"}, _PATHS),
+        ),
+        "headers": st.dictionaries(_HNAMES, _value_cond("ab"), max_size=2),
+        "query": st.dictionaries(st.sampled_from(["q", "r"]), _value_cond("ab"), max_size=1),
+    },
+)
+_ROUTE = st.builds(lambda m: {"match": m, "to": [{}]}, _MATCH)
+_REQUEST = st.tuples(
+    st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]),
+    st.builds(
+        lambda p, q: (p + q).encode(),
+        _PATHS,
+        st.sampled_from(["", "?q=a", "?q=ab&r=b", "?r=", "?q=b&q=a"]),
+    ),
+    st.lists(
+        st.tuples(st.sampled_from([b"x-a", b"x-b", b"x-c"]), st.sampled_from([b"", b"a", b"b", b"ab"])),
+        max_size=3,
+    ),
+)
+
+
+@given(st.lists(_ROUTE, min_size=1, max_size=12), st.lists(_REQUEST, min_size=1, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_compiled_select_equals_first_match_scan(
+    routes: list[dict[str, Any]], requests: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]]
+) -> None:
+    compiled = compile_doc({"routes": routes})
+    for method, target, headers in requests:
+        want = compiled.select_linear(method, target, headers)
+        got = compiled.select(method, target, headers)
+        assert (None if got is None else got.index) == (None if want is None else want.index)
+
+
+def test_many_routes_catch_all_last_selects_by_index() -> None:
+    """256 exact/prefix routes then a catch-all: each request tries only its own few candidates."""
+    routes: list[dict[str, Any]] = [
+        {"name": f"r{i}", "match": {"path": {"exact" if i % 2 else "prefix": f"/svc{i}/"}}, "to": [{}]}
+        for i in range(255)
+    ]
+    routes.append({"name": "rest", "to": [{}]})
+    compiled = compile_doc({"routes": routes})
+    assert name_of(compiled, b"GET", b"/svc7/", []) == "r7"
+    assert name_of(compiled, b"GET", b"/svc8/x?y=1", []) == "r8"
+    assert name_of(compiled, b"GET", b"/svc7/x", []) == "rest"
+    assert name_of(compiled, b"GET", b"/elsewhere", []) == "rest"

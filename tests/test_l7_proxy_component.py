@@ -37,7 +37,7 @@ from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
-from hostmesh.registry.schema import Intentions, parse_intentions, parse_routes
+from hostmesh.registry.schema import Intentions, parse_intentions, parse_policy, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
 from tests.support import metric_sample as sample
 
@@ -652,3 +652,103 @@ def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
                 assert any(c._read_view is not None for c in inbound)  # uvloop read into the buffer
 
     uvloop.run(run_all())
+
+
+async def test_requests_beyond_max_connections_queue_and_are_served_when_it_frees(mesh: Mesh) -> None:
+    """Issue 12: with max_connections 1, concurrent requests wait as pending and each is served on the
+    connection as soon as the one before it released it (they used to wait 5 s for a 504 UT); beyond
+    the pending limit a request gets 503 UO at once."""
+    # two instances, picked in turn: the one connection must move between them
+    policy = parse_policy({"service": "api", "connection_limits": {"max_connections": 1}})
+    mesh.set_a(policies={"api": policy})
+
+    def call(path: str) -> Any:
+        c = mesh.client()
+        try:
+            return c.get(path)
+        finally:
+            c.close()
+
+    resps = await asyncio.gather(*(asyncio.to_thread(call, "/delay/50") for _ in range(8)))
+    assert [(r.status, r.flags) for r in resps] == [(200, "")] * 8
+    assert {r.instance for r in resps} == {"api-0", "api-1"}
+
+    tight = parse_policy(
+        {"service": "api", "connection_limits": {"max_connections": 1, "max_pending_requests": 2}}
+    )
+    mesh.set_a(policies={"api": tight})
+    resps = await asyncio.gather(*(asyncio.to_thread(call, "/delay/300") for _ in range(8)))
+    codes = sorted((r.status, r.flags) for r in resps)
+    assert (200, "") in codes and (503, "UO") in codes
+    assert all(c in ((200, ""), (503, "UO")) for c in codes)  # never a timeout
+
+
+async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(mesh: Mesh) -> None:
+    """Issue 12: `hash_on: {source_ip: true}` hashed the app's address, 127.0.0.1 for every local
+    caller on every host, so all callers of the fleet landed on one instance. The key is now the
+    caller's SPIFFE ID and node (and address): one caller sticks to one instance, callers spread."""
+    policy = parse_policy(
+        {"service": "api", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
+    )
+    mesh.set_a(policies={"api": policy})
+    base = mesh.holder_a.current
+    listeners = []
+    try:
+        for i in range(8):  # eight hosts' agents, each with its local `web`
+            holder = SnapshotHolder(dataclasses.replace(base, node=f"host-{i}"))
+            ob = OutboundListener(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a)
+            ob.http = HttpOutbound(holder, "web", "api", mesh.tel_a)
+            await ob.start()
+            listeners.append(ob)
+
+        def calls(port: int) -> set[str]:
+            c = Client(port)
+            try:
+                return {c.get(f"/n{n}").instance for n in range(4)}
+            finally:
+                c.close()
+
+        seen = [await asyncio.to_thread(calls, ob.port) for ob in listeners]
+    finally:
+        for ob in listeners:
+            await ob.close()
+    assert all(len(s) == 1 for s in seen)  # each caller sticks to one instance
+    assert set().union(*seen) == {"api-0", "api-1"}  # and the hosts do not all share one
+
+
+def mirror_routes() -> RouteConfig:
+    return route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "mirror": {"subset": "v2", "percent": 100}}],
+    })  # fmt: skip
+
+
+async def test_a_request_body_is_mirrored_as_it_streams(mesh: Mesh) -> None:
+    """Issue 12: only requests whose body was complete when forwarded were mirrored (in practice,
+    bodyless ones); a body still arriving is now copied to the mirror as it streams."""
+    mesh.set_a(routes={"api": mirror_routes()})
+    body = bytes(range(256)) * 4096  # 1 MiB: far from complete when the request is forwarded
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/upload", None, "POST", body)
+    c.close()
+    assert r.status == 200 and r.instance == "api-0" and mesh.apps[0].last_body == body
+    for _ in range(500):  # the copy reaches v2 on its own time (bounded wait)
+        if mesh.apps[1].hits:
+            break
+        await asyncio.sleep(0.01)
+    assert mesh.apps[1].hits == 1 and mesh.apps[1].last_body == body
+    assert mesh.http_out.mirror_dropped == 0
+
+
+async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) -> None:
+    """The copy never holds the real request back: once more than MIRROR_MAX_BUFFER waits for a
+    mirror that does not read, the copy is dropped and counted, and the request is served."""
+    mesh.set_a(routes={"api": mirror_routes()})
+    mesh.apps[1].deaf = True
+    body = b"m" * (16 << 20)  # beyond what the sockets and the peer agent's buffers absorb
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/big-upload", None, "POST", body)
+    c.close()
+    assert r.status == 200 and r.instance == "api-0" and len(mesh.apps[0].last_body) == len(body)
+    assert mesh.http_out.mirror_dropped == 1
+    assert mesh.http_out.stats()["mirror_dropped"] == 1

@@ -21,9 +21,15 @@ Decision: a validated :class:`hostmesh.registry.schema.RouteDocument` is compile
 - Retries: compiled to :class:`hostmesh.agent.l7.retry.RetryPolicy`; a route without a policy gets
   :data:`hostmesh.agent.l7.retry.DEFAULT_POLICY` (connect failures only: always safe).
 
-Per request: the path is sliced and decoded (latin-1) once; header values are decoded only for the
-conditions that read them; the query string is parsed only if a route being tested has query
-conditions. Randomness comes from an injected ``random.Random``.
+Selection does not scan the document: per method (the method pre-filter) routes are indexed by
+their cheapest necessary condition (exact path -> a map; path prefix -> a map per prefix length,
+walked for the lengths not longer than the path; else an exact header value -> a map), and only the
+request's candidates, merged in document order, are checked: the first that matches wins, so the
+result is exactly the first-match scan's (:meth:`CompiledRoutes.select_linear`, property-tested).
+A candidate whose only conditions are the index's (method, exact/prefix path) needs no check.
+Per request: the path is decoded (latin-1) only if a candidate needs a check; header values are
+decoded only for the conditions that read them; the query string is parsed only if the document has
+query conditions. Randomness comes from an injected ``random.Random``.
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ def _header(headers: Headers, name: bytes) -> str | None:
         if n == name:
             found = v if found is None else found + b"," + v
     return None if found is None else found.decode("latin-1")
+
+
+def _header_bytes(headers: Headers, name: bytes) -> bytes | None:
+    found: bytes | None = None
+    for n, v in headers:
+        if n == name:
+            found = v if found is None else found + b"," + v
+    return found
 
 
 def _hb(s: str) -> bytes:
@@ -125,6 +139,7 @@ class CompiledRoute:
         "has_request_ops",
         "has_response_ops",
         "header_conds",
+        "implied",
         "index",
         "methods",
         "mirror",
@@ -162,6 +177,10 @@ class CompiledRoute:
                 self.path_regex = m.path.regex
             self.header_conds = tuple((_hb(c[0].lower()), c) for c in _value_conds(m.headers))
             self.query_conds = _value_conds(m.query)
+        # everything it asks is checked by the index (method pre-filter, exact/prefix path key)
+        self.implied = (
+            self.path_kind in (-1, _EXACT, _PREFIX) and not self.header_conds and not self.query_conds
+        )
         self.destinations: tuple[str | None, ...] = tuple(d.subset for d in route.to)
         cum, acc = [], 0
         for d in route.to:
@@ -288,10 +307,131 @@ def parse_query(query: bytes) -> dict[str, str]:
     return out
 
 
-class CompiledRoutes:
-    """Everything the proxy needs per request from one route document, ready to use."""
+# A route's cheapest necessary condition, used to index it: only routes whose key holds are tried.
+_KEY_EXACT_PATH, _KEY_PREFIX_PATH, _KEY_HEADER, _KEY_NONE, _KEY_NEVER = range(5)
+PATH_MEMO_MAX = 4096  # paths whose candidates one method index remembers: bounded under a path scan
 
-    __slots__ = ("_any_query", "_first_matches_all", "routes", "service", "subsets", "version")
+_Bucket = tuple[CompiledRoute, ...]  # routes in document order
+
+
+def _route_key(route: CompiledRoute) -> tuple[int, bytes, bytes]:
+    """(key kind, literal, header name): exact path > path prefix > exact header > none.
+
+    Paths are matched as latin-1 decoded bytes, so a path literal outside latin-1 never matches."""
+    if route.path_kind in (_EXACT, _PREFIX):
+        try:
+            literal = route.path_value.encode("latin-1")
+        except UnicodeEncodeError:
+            return _KEY_NEVER, b"", b""
+        return (_KEY_EXACT_PATH if route.path_kind == _EXACT else _KEY_PREFIX_PATH), literal, b""
+    for name, cond in route.header_conds:
+        if cond[1] == _EXACT:
+            try:
+                return _KEY_HEADER, cond[2].encode("latin-1"), name
+            except UnicodeEncodeError:
+                return _KEY_NEVER, b"", b""
+    return _KEY_NONE, b"", b""
+
+
+def _in_order(buckets: Sequence[_Bucket]) -> _Bucket:
+    """The union of buckets in document order."""
+    if len(buckets) == 1:
+        return buckets[0]
+    return tuple(sorted({r.index: r for b in buckets for r in b}.values(), key=lambda r: r.index))
+
+
+class _MethodIndex:
+    """The routes one request method can reach, indexed by their key (each bucket in document order).
+
+    Per request: the path's candidates (its exact-path bucket, the buckets of its prefixes, the
+    unkeyed routes, merged in document order) come from a memo by path, else from one dict lookup
+    plus one slice and lookup per distinct prefix length not longer than the path (a prefix trie
+    walked by length: bounded by the path, not by the route count); routes keyed by an exact header
+    value add one header scan and lookup per keyed header name. Only candidates are checked.
+    """
+
+    __slots__ = ("exact", "header_names", "headers", "memo", "prefix_lens", "prefixes", "unkeyed")
+
+    def __init__(self, routes: Sequence[CompiledRoute]) -> None:
+        exact: dict[bytes, list[CompiledRoute]] = {}
+        prefixes: dict[int, dict[bytes, list[CompiledRoute]]] = {}
+        headers: dict[bytes, dict[bytes, list[CompiledRoute]]] = {}
+        unkeyed: list[CompiledRoute] = []
+        for r in routes:
+            kind, literal, hname = _route_key(r)
+            if kind == _KEY_EXACT_PATH:
+                exact.setdefault(literal, []).append(r)
+            elif kind == _KEY_PREFIX_PATH:
+                prefixes.setdefault(len(literal), {}).setdefault(literal, []).append(r)
+            elif kind == _KEY_HEADER:
+                headers.setdefault(hname, {}).setdefault(literal, []).append(r)
+            elif kind == _KEY_NONE:
+                unkeyed.append(r)
+        self.exact: dict[bytes, _Bucket] = {k: tuple(v) for k, v in exact.items()}
+        self.prefix_lens = tuple(sorted(prefixes))
+        self.prefixes: dict[int, dict[bytes, _Bucket]] = {
+            n: {k: tuple(v) for k, v in d.items()} for n, d in prefixes.items()
+        }
+        self.headers: dict[bytes, dict[bytes, _Bucket]] = {
+            n: {k: tuple(v) for k, v in d.items()} for n, d in headers.items()
+        }
+        self.header_names = tuple(self.headers)
+        self.unkeyed: _Bucket = tuple(unkeyed)
+        self.memo: dict[bytes, _Bucket] = {}  # path -> its candidates (a cache; the snapshot is unchanged)
+
+    def path_candidates(self, path: bytes) -> _Bucket:
+        """The routes whose path key (or no key) the path satisfies, in document order."""
+        found = self.memo.get(path)
+        if found is not None:
+            return found
+        out = [self.unkeyed] if self.unkeyed else []
+        b = self.exact.get(path)
+        if b is not None:
+            out.append(b)
+        if self.prefix_lens:
+            n = len(path)
+            prefixes = self.prefixes
+            for length in self.prefix_lens:
+                if length > n:
+                    break
+                b = prefixes[length].get(path[:length])
+                if b is not None:
+                    out.append(b)
+        found = _in_order(out) if out else ()
+        if len(self.memo) < PATH_MEMO_MAX:
+            self.memo[path] = found
+        return found
+
+    def header_candidates(self, headers: Headers) -> list[_Bucket]:
+        """The buckets of routes keyed by an exact header value the request carries."""
+        out = []
+        for name in self.header_names:
+            value = _header_bytes(headers, name)
+            if value is not None:
+                b = self.headers[name].get(value)
+                if b is not None:
+                    out.append(b)
+        return out
+
+
+class CompiledRoutes:
+    """Everything the proxy needs per request from one route document, ready to use.
+
+    Selection is first match in document order, but only routes whose cheapest necessary
+    condition holds are tried (see :class:`_MethodIndex`), so the cost per request does not grow
+    with the number of routes: a 256-route document costs about what a 1-route one does.
+    """
+
+    __slots__ = (
+        "_any_query",
+        "_by_method",
+        "_first_matches_all",
+        "_other_methods",
+        "routes",
+        "service",
+        "subsets",
+        "version",
+    )
 
     def __init__(
         self,
@@ -307,6 +447,12 @@ class CompiledRoutes:
         self._any_query = any(r.query_conds for r in self.routes)
         # first match wins: a first route without conditions is every request's (the common default)
         self._first_matches_all = self.routes[0] if self.routes and self.routes[0].matches_all else None
+        # method pre-filter: one index per method some route names, one for every other method
+        named = sorted({m for r in self.routes if r.methods is not None for m in r.methods})
+        self._by_method = {
+            m: _MethodIndex([r for r in self.routes if r.methods is None or m in r.methods]) for m in named
+        }
+        self._other_methods = _MethodIndex([r for r in self.routes if r.methods is None])
 
     @classmethod
     def compile(cls, doc: schema.RouteDocument | None, service: str = "") -> CompiledRoutes:
@@ -327,6 +473,27 @@ class CompiledRoutes:
         """The first route matching the request, or None (answer 404, flag NR)."""
         if self._first_matches_all is not None:
             return self._first_matches_all
+        index = self._by_method.get(method, self._other_methods)
+        path, _, raw_query = target.partition(b"?")
+        cands = index.path_candidates(path)
+        if index.header_names:
+            extra = index.header_candidates(headers)
+            if extra:
+                cands = _in_order([cands, *extra])
+        spath: str | None = None
+        query: dict[str, str] | None = None
+        for route in cands:
+            if route.implied:  # being a candidate is all it asks
+                return route
+            if spath is None:
+                spath = path.decode("latin-1")
+                query = parse_query(raw_query) if self._any_query and raw_query else None
+            if route.matches(method, spath, headers, query):
+                return route
+        return None
+
+    def select_linear(self, method: bytes, target: bytes, headers: Headers) -> CompiledRoute | None:
+        """The reference first-match scan over every route (what :meth:`select` must equal)."""
         path, _, raw_query = target.partition(b"?")
         spath = path.decode("latin-1")
         query = parse_query(raw_query) if self._any_query and raw_query else None

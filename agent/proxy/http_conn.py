@@ -582,6 +582,7 @@ class Exchange:
         "started",
         "state",
         "status",
+        "tee",
         "trace",
         "trailers",
         "upstream",
@@ -612,6 +613,7 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.response_ops: Any = None  # the route's HeaderOps when it has any
         self.state: Any = None  # side-specific per-request data (route, endpoint, ...)
+        self.tee: Any = None  # a copy of the request body as it streams (a mirror): feed(bytes), end(bytes)
         # callback mode (no coroutine): called with the response head instead of waking `waiter`
         self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
         # called when the upstream failed before any response byte; True: the side took over (redial)
@@ -621,6 +623,8 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         self.received += len(data)
         enc = http1.chunk_header(len(data)) + data + CRLF if self.chunked else data
+        if self.tee is not None:
+            self.tee.feed(enc)
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.write(enc)
@@ -640,6 +644,8 @@ class Exchange:
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.request_done = True
         self.trailers = trailers
+        if self.tee is not None:
+            self.tee.end(http1.last_chunk(trailers) if self.chunked else b"")
         if self.chunked:
             enc = http1.last_chunk(trailers)
             up = self.upstream
@@ -1062,6 +1068,16 @@ class UpstreamPool:
             self.open[conn.key] -= 1
             if self.on_lost is not None:
                 self.on_lost(conn)
+
+    def close_idle_one(self, pred: Callable[[UpstreamConn], bool]) -> bool:
+        """Close one idle connection `pred` accepts, the oldest of its key (its slot is wanted for
+        another key under a connection limit). False: there is none."""
+        for idle in self._idle.values():
+            for c in idle:
+                if pred(c):
+                    c.close()
+                    return True
+        return False
 
     def idle_count(self, key: Any = None) -> int:
         if key is not None:

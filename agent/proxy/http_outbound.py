@@ -21,9 +21,10 @@ checked at dial time; the peer re-runs the intentions check on every request; co
 kept past UPSTREAM_MAX_AGE nor the peer certificate's expiry; a request that did not end cleanly
 closes its connection.
 
-Mirroring copies a request whose body is complete when it is forwarded (in practice: requests
-without a body) to one instance of the mirror subset and drops the answer; it never delays or
-fails the real request.
+Mirroring copies a request to one instance of the mirror subset, its body streamed as the client
+sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
+not take fast enough (more than MIRROR_MAX_BUFFER held) is dropped and counted (`mirror_dropped`
+in the listener's stats).
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import time
@@ -95,6 +97,7 @@ CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one i
 PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
 RETRY_REASONS = {CONNECT_FAILURE: "connect-failure", RESET: "reset", TIMEOUT: "per-try timeout"}
 OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
+MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 
 
 class _Req:
@@ -232,8 +235,18 @@ class Cluster:
             self.refresh(now)
 
 
-class _Discard:
-    """Owner of a mirrored request's connection: reads the response and drops it."""
+class MirrorState(enum.Enum):
+    DIALING = "dialing"  # no connection yet: the copy is buffered (up to MIRROR_MAX_BUFFER)
+    STREAMING = "streaming"  # head and body so far written; the rest follows as the client sends it
+    SENT = "sent"  # the whole request is written; the answer is read and dropped
+    DROPPED = "dropped"  # given up (slow mirror, dial failure, the real request ended first)
+
+
+class _MirrorTap:
+    """One mirrored request: a copy of the head and of the body as it streams (Exchange.tee), sent
+    to one instance of the mirror subset; the answer is read and dropped. It never slows the real
+    request: a copy that would buffer more than MIRROR_MAX_BUFFER (dial pending, or the mirror not
+    reading) is dropped and counted (`HttpOutbound.mirror_dropped`)."""
 
     class _NoConn:
         def pause_reading(self) -> None: ...
@@ -243,18 +256,91 @@ class _Discard:
 
     conn = _NoConn()
 
+    def __init__(self, outbound: HttpOutbound, method: bytes, data: bytes, done: bool) -> None:
+        self.outbound = outbound
+        self.method = method
+        self.state = MirrorState.DIALING
+        self.buffered = [data]
+        self.nbytes = len(data)
+        self.done = done  # the client's request (and so the copy) is complete
+        self.up: UpstreamConn | None = None
+        self._check_bound()
+
+    # --- Exchange.tee
+    def feed(self, data: bytes) -> None:
+        if self.state == MirrorState.DIALING:
+            self.buffered.append(data)
+            self.nbytes += len(data)
+            self._check_bound()
+        elif self.state == MirrorState.STREAMING:
+            up = self.up
+            assert up is not None and up.transport is not None
+            up.transport.write(data)
+            self._check_bound()
+
+    def end(self, data: bytes) -> None:
+        self.done = True
+        if data:
+            self.feed(data)
+        if self.state == MirrorState.STREAMING:
+            self.state = MirrorState.SENT
+
+    def abandon(self) -> None:
+        """The real request ended before its body did: the copy cannot be completed."""
+        if not self.done:
+            self.drop(counted=False)
+
+    # --- the mirror connection
+    def connected(self, up: UpstreamConn) -> None:
+        if self.state != MirrorState.DIALING or up.transport is None:
+            up.close() if self.state == MirrorState.DROPPED else up.release()
+            return
+        self.up = up
+        up.owner = self  # type: ignore[assignment]
+        up.framer.expect(self.method)
+        data, self.buffered, self.nbytes = b"".join(self.buffered), [], 0
+        up.transport.write(data)
+        self.state = MirrorState.SENT if self.done else MirrorState.STREAMING
+
+    def drop(self, counted: bool = True) -> None:
+        if self.state == MirrorState.DROPPED:
+            return
+        self.state = MirrorState.DROPPED
+        self.buffered, self.nbytes = [], 0
+        if counted:
+            self.outbound.mirror_dropped += 1
+        up, self.up = self.up, None
+        if up is not None:
+            up.owner = None
+            up.close()
+
+    def _check_bound(self) -> None:
+        up = self.up
+        held = self.nbytes if up is None or up.transport is None else up.transport.get_write_buffer_size()
+        if held > MIRROR_MAX_BUFFER:
+            self.drop()
+
+    # --- owner of the mirror connection (UpstreamConn calls these)
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
         t = type(ev)
         if t is http1.EndOfMessage:
-            if up.keep_alive_ok():
+            self.up = None
+            up.owner = None
+            if self.state == MirrorState.SENT and up.keep_alive_ok():
                 up.release()
-            else:
+            else:  # answered before the copy was complete: nothing more will be read from it
+                self.state = MirrorState.DROPPED
                 up.close()
         elif t is http1.Reject:
+            self.up = None
+            self.state = MirrorState.DROPPED
             up.close()
 
     def upstream_lost(self, up: UpstreamConn) -> None:
-        pass
+        if self.up is up:
+            self.up = None
+            if self.state != MirrorState.SENT:
+                self.state = MirrorState.DROPPED
 
 
 class HttpOutbound:
@@ -290,6 +376,7 @@ class HttpOutbound:
         self._ident: Identity | None = None
         self.closing = False
         self.rejected_total = 0
+        self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
         self.pool.on_lost = self._conn_lost
         self.pool.on_release = self._wake_one
         self.name = f"{local_service}->{upstream} (http)"
@@ -415,16 +502,16 @@ class HttpOutbound:
         ident = self._ident
         if ident is None or ident.trust_domain != snap.trust_domain:
             ident = self._ident = Identity(snap.trust_domain, self.service)
-        if route.mirror and ex.request_done and ex.replayable and route.should_mirror(self.rng):
-            body = b"".join(ex.chunks)  # a complete body already read (bodyless or small): copy it too
+        if route.mirror and not head.upgrade and route.should_mirror(self.rng):
             shadow_headers = list(headers)
             if ex.chunked:
                 shadow_headers.append((b"transfer-encoding", b"chunked"))
-            self._mirror(cl, route.mirror_subset, ctx, ident, head.method, target, shadow_headers, body)
+            self._mirror(ex, cl, route.mirror_subset, ctx, ident, target, shadow_headers)
         st.ctx, st.ident, st.target, st.headers = ctx, ident, target, headers
         st.balancer = bal = cl.balancer(subset)
         if cl.hash is not None:
-            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, ex.conn.peer_ip)
+            source = self._source_key(snap, ex.conn.peer_ip) if cl.hash[0] == lb.HASH_SOURCE else None
+            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, source)
         st.budget = budget = cl.budget(route)
         budget.request_started()
         if route.timeout is None and route.retry.per_try_timeout is None:
@@ -434,7 +521,8 @@ class HttpOutbound:
             if ep is None:
                 ex.respond(503, fl.UH)
                 return
-            up = self.pool.acquire((ep.address, ep.port), ctx)
+            # waiters for a connection go first: a new request does not take an idle one from them
+            up = self.pool.acquire((ep.address, ep.port), ctx) if not self._conn_waiters else None
             if up is not None:  # inline: no task, no future, no timer
                 st.use(ep)
                 ex.on_response_head = self._inline_head
@@ -445,6 +533,14 @@ class HttpOutbound:
             return
         st.deadline = time.monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
+
+    def _source_key(self, snap: Snapshot, peer_ip: str | None) -> str:
+        """The caller as `consistent_hash` on source sees it: the calling service's SPIFFE ID, this
+        agent's node and the app's address (every local caller comes from loopback, so the address
+        alone would send every host's requests to one instance)."""
+        local = snap.local.get(self.local_service)
+        ident = local.identity.spiffe_id if local is not None else self.local_service
+        return f"{ident}|{snap.node}|{peer_ip or ''}"
 
     def _inline_head(self, ex: Exchange, resp: http1.ResponseHead) -> None:
         ex.on_response_head = ex.on_fail = None
@@ -600,33 +696,36 @@ class HttpOutbound:
 
     async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
                        timeout: float | None) -> Any:  # fmt: skip
-        """A new connection (within the connection limit, else waiting as pending), or an outcome code."""
+        """A new connection (within the connection limit, else waiting as pending), or an outcome code.
+
+        At the limit a request waits (within the pending limit; beyond it: OVERFLOW, 503 UO) until a
+        connection is released or lost, then takes it, or its slot (an idle connection to another
+        instance is closed for it); a wake-up it cannot use goes back to the queue's front, so no
+        waiter sleeps while a connection is free."""
         limits = cl.limits
-        t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
-        if not limits.admit_connection():
+        if not self._take_slot(limits):
             if limits.admit_pending() is not None:
                 return OVERFLOW  # the caller answers 503 UO
             try:
-                fut = asyncio.get_running_loop().create_future()
-                self._conn_waiters.append(fut)
-                try:
-                    await asyncio.wait_for(fut, PENDING_WAIT if timeout is None else timeout)
-                except TimeoutError:
-                    return TIMEOUT
-                up = self.pool.acquire(key, ctx)
-                if up is not None:
-                    return up
-                if not limits.admit_connection():
-                    return OVERFLOW
+                got = await self._wait_slot(limits, key, ctx, PENDING_WAIT if timeout is None else timeout)
             finally:
                 limits.pending.release()
+            if got is None:
+                return TIMEOUT
+            if isinstance(got, UpstreamConn):
+                return got
+            if timeout is not None:  # the time waited counts against the try's timeout
+                timeout -= got
+        t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
         if t <= 0:
             limits.connections.release()
+            self._wake_one()
             return TIMEOUT
         try:
             up = await self._dial(key, ctx, ident, t)
         except DialError as exc:
             limits.connections.release()
+            self._wake_one()
             if exc.security:
                 log.warning("outbound %s: %s", self.name, exc)
             else:
@@ -634,6 +733,45 @@ class HttpOutbound:
             return CONNECT_FAILURE
         up.limit = limits.connections  # type: ignore[attr-defined]
         return up
+
+    def _take_slot(self, limits: UpstreamLimits) -> bool:
+        """A connection slot for a new dial: a free one, or one an idle connection gives up."""
+        if limits.admit_connection():
+            return True
+        held = limits.connections
+        if self.pool.close_idle_one(lambda c: getattr(c, "limit", None) is held):
+            return limits.admit_connection()
+        return False
+
+    async def _wait_slot(self, limits: UpstreamLimits, key: tuple[str, int], ctx: Any,
+                         wait: float) -> UpstreamConn | float | None:  # fmt: skip
+        """Wait as pending: an idle connection to `key`, a slot taken (the seconds waited), or None
+        (nothing freed up within `wait`)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        front = False
+        while True:
+            left = started + wait - loop.time()
+            if left <= 0:
+                return None
+            fut: asyncio.Future[None] = loop.create_future()
+            if front:
+                self._conn_waiters.insert(0, fut)
+            else:
+                self._conn_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return None
+            finally:
+                if fut in self._conn_waiters:
+                    self._conn_waiters.remove(fut)
+            up = self.pool.acquire(key, ctx)
+            if up is not None:
+                return up
+            if self._take_slot(limits):
+                return loop.time() - started
+            front = True  # someone else took it first: keep our place
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
         up = TlsUpstreamConn(self.pool, key)
@@ -657,13 +795,19 @@ class HttpOutbound:
                 fut.set_result(None)
                 return
 
-    def _mirror(self, cl: Cluster, subset: str | None, ctx: Any, ident: Identity, method: bytes,
-                target: bytes, headers: http1.Headers, body: bytes = b"") -> None:  # fmt: skip
-        """Fire-and-forget copy of a request whose body is complete; the answer is read and dropped."""
+    def _mirror(self, ex: Exchange, cl: Cluster, subset: str | None, ctx: Any, ident: Identity,
+                target: bytes, headers: http1.Headers) -> None:  # fmt: skip
+        """Fire-and-forget copy of the request, its body streamed as it arrives (see _MirrorTap)."""
         ep = cl.balancer(subset).pick(None)
         if ep is None:
             return
-        data = http1.serialize_request_head(method, target, b"1.1", headers) + body
+        method = ex.head.method
+        data = http1.serialize_request_head(method, target, b"1.1", headers) + b"".join(ex.chunks)
+        tap = _MirrorTap(self, method, data, ex.request_done)
+        if tap.state == MirrorState.DROPPED:
+            return
+        if not ex.request_done:
+            ex.tee = tap
 
         async def shadow() -> None:
             key = (ep.address, ep.port)
@@ -672,17 +816,19 @@ class HttpOutbound:
                 try:
                     up = await self._dial(key, ctx, ident, self.connect_timeout)
                 except DialError:
+                    tap.drop()
                     return
-            up.owner = _Discard()  # type: ignore[assignment]
-            up.framer.expect(method)
-            if up.transport is not None:
-                up.transport.write(data)
+            tap.connected(up)
 
         self._spawn(shadow())
 
     # --- outcomes ------------------------------------------------------------------------------
 
     def finished(self, ex: Exchange) -> None:
+        tee = ex.tee
+        if tee is not None:
+            ex.tee = None
+            tee.abandon()
         st: _Req | None = ex.state
         subset = upstream_host = ""
         if st is not None:
@@ -749,4 +895,5 @@ class HttpOutbound:
             "pool": {"idle": self.pool.idle_count(), "dials": self.pool.dials, "reused": self.pool.reused},
             "ejected": sorted(cl.outlier.ejected(time.monotonic())) if cl and cl.outlier else [],
             "client_connections": len(self.conns),
+            "mirror_dropped": self.mirror_dropped,
         }
