@@ -104,8 +104,27 @@ def ca_cli_available() -> bool:
     return importlib.util.find_spec("hostmesh.ca.cli") is not None
 
 
-@pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT + BUILD_TIMEOUT)
-def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+@pytest.fixture(scope="module")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb that `make deb` builds (dependency wheels from .cache/wheels)."""
+    out = tmp_path_factory.mktemp("deb")
+    env = {**os.environ, "DIST": str(out), "PYTHON": sys.executable}
+    result = subprocess.run(
+        [str(REPO / "packaging/build-deb.sh")], env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    (deb,) = out.glob("hostmesh_*.deb")
+    return deb
+
+
+@pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT + 2 * BUILD_TIMEOUT)
+@pytest.mark.parametrize("method", ["pip", "deb"])
+def test_playbook_run_is_idempotent(
+    wheels: Path, tmp_path: Path, request: pytest.FixtureRequest, method: str
+) -> None:
+    """pip: a virtualenv in the test root; deb: the package installed there with dpkg --root."""
+    if method == "deb" and (shutil.which("dpkg") is None or os.geteuid() != 0):
+        pytest.skip("dpkg --root into the test root needs dpkg and root")
     root = tmp_path / "root"
     root.mkdir()
     real_ca = ca_cli_available()
@@ -145,6 +164,9 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
         ],
         "hostmesh_install_pip_python": sys.executable,
         "hostmesh_install_pip_extra_args": f"--no-index --find-links {wheels} --find-links {cache}",
+        "hostmesh_install_version": tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+            "version"
+        ],
         # One Consul ACL token per role (the test Consul has ACLs off, so it ignores them).
         "hostmesh_agent_consul_token": "11111111-aaaa-4aaa-8aaa-agent0000000",
         "hostmesh_ca_consul_token": "22222222-bbbb-4bbb-8bbb-ca000000000",
@@ -160,6 +182,9 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
         common["hostmesh_agent_join_token"] = "test-join-token"
         common["hostmesh_agent_ca_pin"] = "sha256:" + "ab" * 32
         groups = {"hostmesh_agents": {"hosts": {"localhost": host}}}
+    if method == "deb":
+        common["hostmesh_install_method"] = "deb"
+        common["hostmesh_install_deb_src"] = str(request.getfixturevalue("deb_package"))
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"all": {"vars": common, "children": groups}}))
 
@@ -217,7 +242,13 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
     for unit in ("hostmesh-agent.service", "hostmesh-ca.service"):
         assert (root / "lib/systemd/system" / unit).read_text() == (REPO / "systemd" / unit).read_text()
     venv_hostmesh = root / "opt/hostmesh/bin/hostmesh"
-    version = subprocess.run([str(venv_hostmesh), "--version"], capture_output=True, text=True, timeout=60)
+    # with the venv's interpreter: the .deb's scripts name /opt/hostmesh/bin/python, outside the test root
+    version = subprocess.run(
+        [str(root / "opt/hostmesh/bin/python"), str(venv_hostmesh), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert version.stdout.startswith("hostmesh, version "), version.stderr
     # The rendered file is valid for the agent's own parser (its paths are the host's, outside the
     # test root, so the pure parser: load_config would also open the Consul token file).
@@ -234,6 +265,11 @@ def test_playbook_run_is_idempotent(wheels: Path, tmp_path: Path, request: pytes
     assert parsed.returncode == 0, parsed.stderr
     if real_ca:
         assert config["ca"]["pin"] == (root / "etc/hostmesh/ca.pin").read_text().strip()
+
+    if method == "deb":  # installed by dpkg, recorded in the root's own database
+        status = (root / "var/lib/dpkg/status").read_text()
+        assert "Package: hostmesh\nStatus: install ok installed" in status
+        assert (root / "usr/share/man/man1/hostmesh.1.gz").exists()
 
     second, output = play()
     assert second["failed"] == 0 and second["changed"] == 0, output[-6000:]

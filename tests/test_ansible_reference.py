@@ -122,3 +122,9 @@ def test_ansible_doc_prints_the_role_options(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "hostmesh_agent_services" in out.stdout and "hostmesh_agent_max_connections" in out.stdout
+
+
+def test_install_role_defaults_to_this_release() -> None:
+    defaults = yaml.safe_load((ROLES / "hostmesh_install/defaults/main.yml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert str(defaults["hostmesh_install_version"]) == project["version"]
