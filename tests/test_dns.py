@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -33,7 +34,7 @@ from hypothesis import strategies as st
 
 from hostmesh.agent.config import Address, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer, dns_table
-from hostmesh.agent.localmesh import LocalMesh, free_port, wait_for
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
 from tests.support import ConsulDev
 
@@ -186,6 +187,7 @@ RESOLVER = "127.1.0.53"  # the host resolver of this test: dnsmasq on port 53 (r
 
 
 class DnsMesh(NamedTuple):
+    a: AgentHandle
     backends: Backends
     api_addr: str  # the address bind = "auto" gave api
     agent_dns: int  # the agent's DNS port on 127.0.0.1
@@ -236,7 +238,7 @@ def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[Dn
                 return False
 
         wait_for(resolver_up, 20, "dnsmasq to forward api.mesh")
-        yield DnsMesh(backends, auto_bind("api"), agent_dns)
+        yield DnsMesh(a, backends, auto_bind("api"), agent_dns)
     finally:
         if dnsmasq is not None:
             dnsmasq.terminate()
@@ -262,3 +264,20 @@ def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: DnsMesh, dig: str, t
     assert got.stdout == "GET /hello\n"
     assert dns_mesh.backends["api1"].hits == 1  # through the mesh to api's app
     assert Path("/etc/resolv.conf").read_text() != resolv.read_text()  # the host resolver: untouched
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
+    def ask_agent(name: str) -> dns.message.Message:
+        return dns.query.udp(
+            dns.message.make_query(name, "A"), "127.0.0.1", port=dns_mesh.agent_dns, timeout=2
+        )
+
+    assert ask_agent("search.mesh").rcode() == dns.rcode.NXDOMAIN
+    with dns_mesh.a.config_path.open("a") as cfg:  # web is the last [[services]] table
+        cfg.write('[[services.upstreams]]\nservice = "search"\nbind = "auto"\nport = 9200\n')
+    dns_mesh.a.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: ask_agent("search.mesh").answer, 10, "search.mesh after the reload")
+    assert [rr.to_text() for rr in ask_agent("search.mesh").answer[0]] == [auto_bind("search")]
+    assert ask_agent("api.mesh").answer[0][0].to_text() == dns_mesh.api_addr
