@@ -129,7 +129,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         reply = answer(data, self.server.table, UDP_MAX_ANSWER)
-        self.server.queries += 1
+        self.server.count(reply)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -140,13 +140,20 @@ class _Udp(asyncio.DatagramProtocol):
 class DnsServer:
     """Mesh DNS on one address, UDP and TCP. `table` is replaced on reload."""
 
-    def __init__(self, bind: Address, table: DnsTable) -> None:
+    def __init__(self, bind: Address, table: DnsTable, telemetry: Any = None) -> None:
         self.bind = bind
         self.table = table
+        self.telemetry = telemetry  # agent/metrics.py Telemetry: hostmesh_dns_queries_total{rcode}
         self.queries = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+
+    def count(self, reply: bytes | None) -> None:
+        self.queries += 1
+        if self.telemetry is not None:
+            rcode = "DROPPED" if reply is None else dns.rcode.to_text(dns.rcode.Rcode(reply[3] & 0xF))
+            self.telemetry.dns_queries.labels(rcode).inc()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,7 +179,7 @@ class DnsServer:
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
                     return
                 reply = answer(wire, self.table)
-                self.queries += 1
+                self.count(reply)
                 if reply is None:
                     return
                 writer.write(struct.pack("!H", len(reply)) + reply)

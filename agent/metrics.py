@@ -336,6 +336,10 @@ class Telemetry:
             "hostmesh_udp_flows_total", "UDP flows (one per client address and port) opened, by flags",
             (*udp, "flags"), registry=r,
         )  # fmt: skip
+        self.dns_queries = Counter(
+            "hostmesh_dns_queries_total", "mesh DNS queries, by the answer's rcode (DROPPED: not answered)",
+            ("rcode",), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

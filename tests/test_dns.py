@@ -37,6 +37,7 @@ from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer,
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
 from tests.support import ConsulDev
+from tests.test_e2e_l4 import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "sha256:" + "ab" * 32
@@ -281,3 +282,6 @@ def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
     wait_for(lambda: ask_agent("search.mesh").answer, 10, "search.mesh after the reload")
     assert [rr.to_text() for rr in ask_agent("search.mesh").answer[0]] == [auto_bind("search")]
     assert ask_agent("api.mesh").answer[0][0].to_text() == dns_mesh.api_addr
+    text = dns_mesh.a.metrics()
+    assert metric_value(text, "hostmesh_dns_queries_total", rcode="NXDOMAIN") >= 1  # search, before
+    assert metric_value(text, "hostmesh_dns_queries_total", rcode="NOERROR") >= 3
