@@ -42,7 +42,7 @@ from tests.test_e2e_l4 import metric_value
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "sha256:" + "ab" * 32
 DIG_TIMEOUT = 30  # seconds for one dig run (it retries itself with +tries)
-TABLE = DnsTable(dns.name.from_text("mesh."), {"api": "127.128.1.2", "db": "::1"})
+TABLE = DnsTable("mesh.", {"api": "127.128.1.2", "db": "::1"})
 
 
 def ask(name: str, rdtype: str = "A", table: DnsTable = TABLE) -> dns.message.Message:
@@ -285,3 +285,17 @@ def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
     text = dns_mesh.a.metrics()
     assert metric_value(text, "hostmesh_dns_queries_total", rcode="NXDOMAIN") >= 1  # search, before
     assert metric_value(text, "hostmesh_dns_queries_total", rcode="NOERROR") >= 3
+
+
+def test_the_server_loads_dnspython_only_with_the_first_query() -> None:
+    """dnspython is ~8 MiB of RSS: an agent whose host never asks mesh names does not carry it."""
+    import sys
+
+    code = (
+        "import sys, asyncio; from hostmesh.agent.dns import DnsServer, DnsTable, answer;"
+        "from hostmesh.agent.config import Address;"
+        "assert 'dns.message' not in sys.modules, 'imported at start';"
+        "answer(b'x' * 12, DnsTable('mesh.', {}));"
+        "assert 'dns.message' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
