@@ -4,7 +4,8 @@ No iptables, no /etc/resolv.conf: the host's resolver forwards only the mesh dom
 split-DNS drop-ins in packaging/dns/), and every other name is REFUSED, so a misrouted query never
 gets a wrong answer from us and the host's resolver stays in charge of the rest.
 
-`answer()` is the sans-IO core (bytes in, bytes or None out; dnspython does the wire format);
+`answer()` is the sans-IO core (bytes in, bytes or None out; dnspython does the wire format, in
+agent/dns_wire.py);
 `DnsServer` carries it over UDP and TCP on `dns` (default 127.0.0.1:15053). Answers:
 
 - `<upstream>.<domain>` A (or AAAA for an IPv6 bind): the upstream's bind address, authoritative;
@@ -17,38 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
-
 from hostmesh.agent.config import Address, AgentConfig
 
 log = logging.getLogger("hostmesh.dns")
 
-ANSWER_TTL = 5  # seconds: addresses change only with a reload of agent.toml; short so one is seen soon
 UDP_MAX_ANSWER = 512  # RFC 1035 without EDNS; our answers (one record) are far below it anyway
 MAX_TCP_CONNECTIONS = 64  # the host's resolver holds one or two; beyond this a local client misbehaves
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may keep a connection without sending a query (RFC 7766)
-HEADER_LEN = 12
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
 @dataclass(frozen=True, slots=True)
 class DnsTable:
     """What the server answers: one immutable snapshot, swapped whole on reload."""
 
-    domain: dns.name.Name
+    domain: str  # absolute, lowercase: "mesh."
     addresses: dict[str, str] = field(default_factory=dict)  # first label (upstream name) -> IP
 
 
@@ -59,61 +48,15 @@ def dns_table(cfg: AgentConfig) -> DnsTable:
     for svc in cfg.services:
         for up in svc.upstreams:
             addresses.setdefault(up.service, up.bind.host)
-    return DnsTable(dns.name.from_text(cfg.dns_domain), addresses)
-
-
-def _formerr(wire: bytes) -> bytes | None:
-    """A FORMERR echoing the query's id, opcode and RD; None if not even the header is readable."""
-    if len(wire) < HEADER_LEN:
-        return None
-    qid, flags = struct.unpack_from("!HH", wire)
-    if flags & dns.flags.QR:
-        return None  # a response (or a reflection of one): never answer it
-    out_flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD)) | dns.rcode.FORMERR  # 0x7800: opcode
-    return struct.pack("!HHHHHH", qid, out_flags, 0, 0, 0, 0)
+    return DnsTable(cfg.dns_domain, addresses)
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:
-    """The reply to one query message, or None to drop it."""
-    try:
-        query = dns.message.from_wire(wire)
-    except Exception:  # untrusted bytes: whatever dnspython rejects (or trips on) is a malformed query
-        return _formerr(wire)
-    if query.flags & dns.flags.QR:
-        return None
-    response = dns.message.make_response(query)
-    response.flags &= ~dns.flags.RA  # we recurse for nobody
-    if query.opcode() != dns.opcode.QUERY:
-        response.set_rcode(dns.rcode.NOTIMP)
-    elif len(query.question) != 1:
-        response.set_rcode(dns.rcode.FORMERR)
-    else:
-        _resolve(query.question[0], table, response)
-    try:
-        return response.to_wire(max_size=max_size)
-    except dns.exception.TooBig:  # cannot happen with one record, but never send a cut message
-        response.answer.clear()
-        response.flags |= dns.flags.TC
-        return response.to_wire(max_size=max_size)
+    """The reply to one query message, or None to drop it (agent/dns_wire.py). dnspython is imported
+    on the first query (~8 MiB of RSS), so agents on hosts that never ask mesh names do not carry it."""
+    from hostmesh.agent.dns_wire import answer as wire_answer
 
-
-def _resolve(question: dns.rrset.RRset, table: DnsTable, response: dns.message.Message) -> None:
-    name, rdtype = question.name, question.rdtype
-    if question.rdclass != dns.rdataclass.IN or not name.is_subdomain(table.domain):
-        response.set_rcode(dns.rcode.REFUSED)
-        return
-    response.flags |= dns.flags.AA
-    labels = name.relativize(table.domain).labels
-    if not labels:  # the domain itself: it exists, holds no records of its own
-        return
-    addr = table.addresses.get(labels[0].decode("ascii", "replace").lower()) if len(labels) == 1 else None
-    if addr is None:
-        response.set_rcode(dns.rcode.NXDOMAIN)
-        return
-    family = dns.rdatatype.A if ipaddress.ip_address(addr).version == 4 else dns.rdatatype.AAAA
-    if rdtype in (family, dns.rdatatype.ANY):
-        response.answer.append(dns.rrset.from_text(name, ANSWER_TTL, dns.rdataclass.IN, family, addr))
-    # any other type of an existing name: NOERROR, no records (NODATA)
+    return wire_answer(wire, table.domain, table.addresses, max_size)
 
 
 # --- sockets ------------------------------------------------------------------------------------
@@ -129,7 +72,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         reply = answer(data, self.server.table, UDP_MAX_ANSWER)
-        self.server.queries += 1
+        self.server.count(reply)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -140,13 +83,20 @@ class _Udp(asyncio.DatagramProtocol):
 class DnsServer:
     """Mesh DNS on one address, UDP and TCP. `table` is replaced on reload."""
 
-    def __init__(self, bind: Address, table: DnsTable) -> None:
+    def __init__(self, bind: Address, table: DnsTable, telemetry: Any = None) -> None:
         self.bind = bind
         self.table = table
+        self.telemetry = telemetry  # agent/metrics.py Telemetry: hostmesh_dns_queries_total{rcode}
         self.queries = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+
+    def count(self, reply: bytes | None) -> None:
+        self.queries += 1
+        if self.telemetry is not None:
+            rcode = "DROPPED" if reply is None else RCODES.get(reply[3] & 0xF, str(reply[3] & 0xF))
+            self.telemetry.dns_queries.labels(rcode).inc()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,7 +122,7 @@ class DnsServer:
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
                     return
                 reply = answer(wire, self.table)
-                self.queries += 1
+                self.count(reply)
                 if reply is None:
                     return
                 writer.write(struct.pack("!H", len(reply)) + reply)

@@ -261,6 +261,10 @@ class Telemetry:
             ("upstream",),
             registry=r,
         )
+        self.dns_queries = Counter(
+            "hostmesh_dns_queries_total", "mesh DNS queries, by the answer's rcode (DROPPED: not answered)",
+            ("rcode",), registry=r,
+        )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
 

@@ -285,7 +285,7 @@ class Agent:
         if cfg.dns is not None:
             from hostmesh.agent.dns import DnsServer, dns_table
 
-            self.dns = DnsServer(cfg.dns, dns_table(cfg))
+            self.dns = DnsServer(cfg.dns, dns_table(cfg), self.telemetry)
             try:
                 await self.dns.start()
             except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -33,14 +34,15 @@ from hypothesis import strategies as st
 
 from hostmesh.agent.config import Address, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer, dns_table
-from hostmesh.agent.localmesh import LocalMesh, free_port, wait_for
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
 from tests.support import ConsulDev
+from tests.test_e2e_l4 import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "sha256:" + "ab" * 32
 DIG_TIMEOUT = 30  # seconds for one dig run (it retries itself with +tries)
-TABLE = DnsTable(dns.name.from_text("mesh."), {"api": "127.128.1.2", "db": "::1"})
+TABLE = DnsTable("mesh.", {"api": "127.128.1.2", "db": "::1"})
 
 
 def ask(name: str, rdtype: str = "A", table: DnsTable = TABLE) -> dns.message.Message:
@@ -186,6 +188,7 @@ RESOLVER = "127.1.0.53"  # the host resolver of this test: dnsmasq on port 53 (r
 
 
 class DnsMesh(NamedTuple):
+    a: AgentHandle
     backends: Backends
     api_addr: str  # the address bind = "auto" gave api
     agent_dns: int  # the agent's DNS port on 127.0.0.1
@@ -236,7 +239,7 @@ def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[Dn
                 return False
 
         wait_for(resolver_up, 20, "dnsmasq to forward api.mesh")
-        yield DnsMesh(backends, auto_bind("api"), agent_dns)
+        yield DnsMesh(a, backends, auto_bind("api"), agent_dns)
     finally:
         if dnsmasq is not None:
             dnsmasq.terminate()
@@ -262,3 +265,37 @@ def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: DnsMesh, dig: str, t
     assert got.stdout == "GET /hello\n"
     assert dns_mesh.backends["api1"].hits == 1  # through the mesh to api's app
     assert Path("/etc/resolv.conf").read_text() != resolv.read_text()  # the host resolver: untouched
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
+    def ask_agent(name: str) -> dns.message.Message:
+        return dns.query.udp(
+            dns.message.make_query(name, "A"), "127.0.0.1", port=dns_mesh.agent_dns, timeout=2
+        )
+
+    assert ask_agent("search.mesh").rcode() == dns.rcode.NXDOMAIN
+    with dns_mesh.a.config_path.open("a") as cfg:  # web is the last [[services]] table
+        cfg.write('[[services.upstreams]]\nservice = "search"\nbind = "auto"\nport = 9200\n')
+    dns_mesh.a.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: ask_agent("search.mesh").answer, 10, "search.mesh after the reload")
+    assert [rr.to_text() for rr in ask_agent("search.mesh").answer[0]] == [auto_bind("search")]
+    assert ask_agent("api.mesh").answer[0][0].to_text() == dns_mesh.api_addr
+    text = dns_mesh.a.metrics()
+    assert metric_value(text, "hostmesh_dns_queries_total", rcode="NXDOMAIN") >= 1  # search, before
+    assert metric_value(text, "hostmesh_dns_queries_total", rcode="NOERROR") >= 3
+
+
+def test_the_server_loads_dnspython_only_with_the_first_query() -> None:
+    """dnspython is ~8 MiB of RSS: an agent whose host never asks mesh names does not carry it."""
+    import sys
+
+    code = (
+        "import sys, asyncio; from hostmesh.agent.dns import DnsServer, DnsTable, answer;"
+        "from hostmesh.agent.config import Address;"
+        "assert 'dns.message' not in sys.modules, 'imported at start';"
+        "answer(b'x' * 12, DnsTable('mesh.', {}));"
+        "assert 'dns.message' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
