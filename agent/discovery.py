@@ -648,7 +648,18 @@ class Discovery:
             else:
                 self._builder.set_policy(name, modify, raw)
 
+        self._forget_externals({name for kind, name in docs.values() if kind == "external"})
         self._follow_new_upstreams()
+
+    def _forget_externals(self, followed: set[str]) -> None:
+        """Externals this agent no longer follows (deleted, or no longer `via` an egress gateway here)
+        are dropped with their intentions: a gateway never originates for a document it stopped reading."""
+        b = self._builder
+        for name in [n for n in {*b.externals, *b.external_intentions} if n not in followed]:
+            b.set_external(name, 0, None)
+            b.set_external_intentions(name, 0, LookupError("no longer followed"))
+            self._doc_index.pop(f"{EXTERNAL_PREFIX}{name}", None)
+            self._doc_index.pop(f"{INTENTIONS_PREFIX}{name}", None)
 
     def _follow_new_upstreams(self) -> None:
         """A document named services this agent did not follow yet (a gateway's targets, an external's

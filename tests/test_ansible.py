@@ -164,9 +164,6 @@ def test_playbook_run_is_idempotent(
         ],
         "hostmesh_install_pip_python": sys.executable,
         "hostmesh_install_pip_extra_args": f"--no-index --find-links {wheels} --find-links {cache}",
-        "hostmesh_install_version": tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-            "version"
-        ],
         # One Consul ACL token per role (the test Consul has ACLs off, so it ignores them).
         "hostmesh_agent_consul_token": "11111111-aaaa-4aaa-8aaa-agent0000000",
         "hostmesh_ca_consul_token": "22222222-bbbb-4bbb-8bbb-ca000000000",

@@ -585,3 +585,34 @@ def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
         )
 
     assert refused_at_gateway()
+
+
+def test_the_egress_gateway_stops_serving_an_external_no_longer_via_it(edges: Edges) -> None:
+    """The egress gateway answers (mTLS, SNI naming the external) only for externals whose document
+    says `via` it: once the document changes, its handshake for that name is refused."""
+    from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+
+    certs = cert_dir(edges.caller.data_dir)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the gateway presents its own SPIFFE identity, not the external's name
+    ctx.load_verify_locations(str(roots_path(certs)))
+    ctx.load_cert_chain(*cert_paths(certs, "caller"))
+    ctx.set_alpn_protocols(["hostmesh/tcp/2"])
+
+    def gateway_accepts(name: str) -> bool:
+        raw = socket.create_connection(("127.0.0.1", edges.egress.inbound_port), timeout=IO_TIMEOUT)
+        try:
+            with ctx.wrap_socket(raw, server_hostname=f"{name}.svc.hostmesh.local"):
+                return True
+        except (ssl.SSLError, OSError):
+            return False
+
+    doc = {"service": "ext-temp", "addresses": ["127.0.0.1:9"], "via": EGRESS}
+    apply(edges.m, "external", doc, edges.tmp)
+    try:
+        wait_for(lambda: gateway_accepts("ext-temp"), 10, "the gateway to serve ext-temp")
+        apply(edges.m, "external", {"service": "ext-temp", "addresses": ["127.0.0.1:9"]}, edges.tmp)
+        wait_for(lambda: not gateway_accepts("ext-temp"), 10, "the gateway to stop serving ext-temp")
+        assert not gateway_accepts("nothing-here")
+    finally:
+        edges.m.hostmesh("external", "delete", "ext-temp")

@@ -602,6 +602,9 @@ class IngressGateway:
                 def factory(handler: IngressHttp = handler, tls: bool = ctx is not None) -> Any:
                     conn = (TlsServerConn if tls else ServerConn)(handler)
                     handler.conns.add(conn)
+                    if self.cap is not None:  # the agent's connection cap: over it, 503 OM then close
+                        conn.admission = self.cap.admit("ingress")
+                        conn.shed = conn.admission is None
                     return conn
 
                 server = await loop.create_server(factory, bind.host, bind.port, ssl=ctx, reuse_address=True,
