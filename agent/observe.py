@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import platform
 import sys
 from typing import Any
 
@@ -47,7 +46,7 @@ def health_families() -> list[Family]:
     info = build_info(
         "hostmesh_build_info",
         "hostmesh version and Python running this agent",
-        {"version": _VERSION, "python": platform.python_version(), "component": "agent"},
+        {"version": _VERSION, "python": sys.version.split()[0], "component": "agent"},
     )
     return [*_process.families(), info]
 

@@ -8,7 +8,6 @@ identities and tokens, which would make one series per caller)."""
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from typing import Any
 
@@ -79,7 +78,7 @@ class CAMetrics:
         info = build_info(
             "hostmesh_build_info",
             "hostmesh version and Python running this CA",
-            {"version": self._version, "python": platform.python_version(), "component": "ca"},
+            {"version": self._version, "python": sys.version.split()[0], "component": "ca"},
         )
         return exposition_with_process(
             self.registry, [roots, expiry, limited, *self._process.families(), info]

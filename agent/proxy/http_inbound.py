@@ -275,7 +275,9 @@ class HttpInbound:
                              time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         req: _Req | None = ex.state
         tracer = self.tracer
-        if tracer is not None and (ex.trace is not None or tracer.errors):
+        if tracer is not None and (  # an unsampled success costs these two tests, nothing more
+            ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
+        ):
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=caller.source.service,
                 source_principal=caller.source.spiffe_id, destination=caller.service,

@@ -851,7 +851,9 @@ class HttpOutbound:
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        if tracer is not None and (ex.trace is not None or tracer.errors):
+        if tracer is not None and (  # an unsampled success costs these two tests, nothing more
+            ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
+        ):
             td = self.holder.current.trust_domain
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service,
