@@ -32,6 +32,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostmesh.agent import dns as dns_server
 from hostmesh.agent.config import Address, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, DnsServer, DnsTable, answer, dns_table
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
@@ -41,6 +42,7 @@ from tests.test_e2e_l4 import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "sha256:" + "ab" * 32
+IO_BOUND = 30.0  # seconds for a local socket event; generous, as the test machine may be very busy
 DIG_TIMEOUT = 30  # seconds for one dig run (it retries itself with +tries)
 TABLE = DnsTable("mesh.", {"api": "127.128.1.2", "db": "::1"})
 
@@ -142,7 +144,10 @@ async def test_dig_over_udp_and_tcp(dig: str) -> None:
         await server.close()
 
 
-async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server() -> None:
+async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)  # the held ones stay while we look
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
     await server.start()
     held: list[asyncio.StreamWriter] = []
@@ -151,10 +156,10 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
         for _ in range(MAX_TCP_CONNECTIONS):
             _r, w = await asyncio.open_connection("127.0.0.1", port)
             held.append(w)
-        await asyncio.wait_for(_wait_open(server, MAX_TCP_CONNECTIONS), 10)
+        await _wait_open(server, MAX_TCP_CONNECTIONS)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         try:  # one too many: closed at once
-            assert await asyncio.wait_for(r.read(1), 10) == b""
+            assert await asyncio.wait_for(r.read(1), IO_BOUND) == b""
         except ConnectionResetError:
             pass
         w.close()
@@ -166,7 +171,9 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
         sock.close()
         held[0].write(b"\x00\x05abcde")
         q = dns.message.make_query("api.mesh", "A")
-        got = await loop.run_in_executor(None, lambda: dns.query.udp(q, "127.0.0.1", timeout=5, port=port))
+        got = await loop.run_in_executor(
+            None, lambda: dns.query.udp(q, "127.0.0.1", timeout=IO_BOUND, port=port)
+        )
         assert got.answer[0][0].to_text() == "127.128.1.2"
     finally:
         for w in held:
@@ -174,9 +181,22 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
         await server.close()
 
 
-async def _wait_open(server: DnsServer, n: int) -> None:
-    for _ in range(1000):
-        if len(server._clients) >= n:
+async def test_an_idle_tcp_client_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 0.2)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.bind.port)
+        assert await asyncio.wait_for(r.read(1), IO_BOUND) == b""  # closed by the server, not by us
+        w.close()
+        await _wait_open(server, 0, at_most=True)
+    finally:
+        await server.close()
+
+
+async def _wait_open(server: DnsServer, n: int, at_most: bool = False) -> None:
+    for _ in range(int(IO_BOUND / 0.01)):
+        if (len(server._clients) <= n) if at_most else (len(server._clients) >= n):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("TCP connections not accepted")
