@@ -308,9 +308,9 @@ async def _apply_one(
         raise click.ClickException(_one_line(f"{path}: {exc}")) from None
     if based_on is not None and based_on != have:
         state = f"is at version {have}" if current else "does not exist"
+        get = f"hostmesh {name} get" + ("" if kind == NOMAD_MAPPING_KIND else f" {service}")
         raise Conflict(
-            f"{kind}/{service} {state} but {path} is based on version {based_on}; "
-            f"re-read it with `hostmesh {name} get {service}`"
+            f"{kind}/{service} {state} but {path} is based on version {based_on}; re-read it with `{get}`"
         )
     old = _content(current.data) if current else None
     new = _content(data)

@@ -265,6 +265,13 @@ def test_mapping_apply_get_history_rollback(consul: ConsulDev, tmp_path: Path) -
         f"Error: {bad}: rules[0].services[0]: must be a service name (lowercase letters, digits and '-')"
     ]
     assert '"version": 3' in ca_cli(consul, "get", "-o", "json").output  # nothing lost
+    stale = tmp_path / "stale.yaml"
+    stale.write_text("version: 1\n" + first.read_text())
+    result = ca_cli(consul, "apply", "-f", str(stale))
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: ca/nomad is at version 3 but {stale} is based on version 1; "
+        "re-read it with `hostmesh ca nomad get`"
+    ]
     asyncio.run(clear())
 
 
