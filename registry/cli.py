@@ -55,8 +55,18 @@ KIND_FOLDERS = {
     "policies": "policies",
     "intention": "intentions",
     "intentions": "intentions",
+    "gateway": "gateways",
+    "gateways": "gateways",
+    "external": "external",
 }
-CLI_NAMES = {"routes": "route", "policies": "policy", "intentions": "intention"}
+CLI_NAMES = {
+    "routes": "route",
+    "policies": "policy",
+    "intentions": "intention",
+    "gateways": "gateway",
+    "external": "external",
+    NOMAD_MAPPING_KIND: "ca nomad",
+}
 STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 
 
@@ -163,11 +173,13 @@ def _split_kind(
     where = f"{path} (document {index + 1})" if index or expected is None else path
     if "kind" not in data:
         if expected is None:
-            raise click.ClickException(f"{where}: kind: is required (route, policy or intention)")
+            raise click.ClickException(
+                f"{where}: kind: is required (route, policy, intention, gateway or external)"
+            )
         return expected, data
     found = KIND_FOLDERS.get(data["kind"]) if isinstance(data["kind"], str) else None
     if found is None:
-        raise click.ClickException(f"{where}: kind: must be route, policy or intention")
+        raise click.ClickException(f"{where}: kind: must be route, policy, intention, gateway or external")
     if expected is not None and found != expected:
         raise click.ClickException(f"{where}: is a {data['kind']}, not a {expected} document")
     return found, {k: v for k, v in data.items() if k != "kind"}
