@@ -322,7 +322,10 @@ def test_each_service_advertises_its_agents_metrics_address_in_consul(mesh: Mesh
         assert addr == f"127.0.0.1:{handle.metrics_port}"
         with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
             assert b"hostmesh_build_info" in r.read()
-    (ca,) = consul.get_json("/v1/catalog/service/hostmesh-ca")
+    # The shared test Consul may list other tests' CAs too: this mesh's is the one on its port.
+    (ca,) = [
+        c for c in consul.get_json("/v1/catalog/service/hostmesh-ca") if c["ServicePort"] == mesh.m.ca_port
+    ]
     assert ca["ServiceMeta"]["metrics_addr"] == f"127.0.0.1:{mesh.m.ca_port}"
     assert ca["ServiceMeta"]["metrics_scheme"] == "https"
 
