@@ -1,0 +1,72 @@
+"""`hostmesh check` against a Consul that enforces ACLs (default deny): the token's rights are
+reported as what they are, read refused as an error, write refused as a warning, never written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.localmesh import HOSTMESH
+from hostmesh.registry.acl import policy as acl_rules
+from tests.support import ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+
+MASTER = "5d6b4c3a-0000-4000-8000-00000000c4ec"
+READER = (
+    'key_prefix "hostmesh/" { policy = "read" }\n'
+    'service_prefix "" { policy = "read" }\n'
+    'node_prefix "" { policy = "read" }\n'
+)
+
+
+@pytest.fixture
+def acl_consul(tmp_path: Path) -> Iterator[ConsulDev]:
+    dev = ConsulDev(tmp_path, node="hostmesh-acl", acl_master=MASTER)
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+def check(consul: ConsulDev, token: str) -> tuple[int, list[dict[str, str]]]:
+    out = subprocess.run(
+        [*HOSTMESH, "--consul", consul.url, "--token", token, "check", "--no-ca", "-o", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)["findings"]
+
+
+def test_the_tokens_rights(acl_consul: ConsulDev) -> None:
+    acl_consul.acl_policy("operator", acl_rules("operator", ()))
+    acl_consul.acl_policy("reader", READER)
+    acl_consul.acl_policy("nothing", 'node_prefix "" { policy = "read" }\n')
+
+    assert check(acl_consul, acl_consul.acl_token("operator")) == (0, [])
+
+    rc, findings = check(acl_consul, acl_consul.acl_token("reader"))
+    assert rc == 0
+    assert [(f["severity"], f["code"]) for f in findings] == [("warning", "consul-acl-write")] * 3
+    assert {f["message"].split("`")[1] for f in findings} == {
+        "hostmesh route apply",
+        "hostmesh policy apply",
+        "hostmesh intention apply",
+    }
+
+    rc, findings = check(acl_consul, acl_consul.acl_token("nothing"))
+    assert rc == 1
+    assert [(f["severity"], f["code"]) for f in findings] == [("error", "consul-acl")]
+    assert "key:read" in findings[0]["message"]
+
+    # the write probe wrote nothing
+    try:
+        keys = acl_consul.get_json("/v1/kv/hostmesh/?keys")
+    except OSError:  # 404: no key under hostmesh/ at all
+        keys = []
+    assert keys == []
