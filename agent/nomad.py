@@ -18,6 +18,7 @@ NOMAD_ADDR_<label>). agent.toml, when present, always wins:
 - admin: port `hostmesh_admin` on 127.0.0.1, else an ephemeral port; either way written to
   `<data_dir>/admin.addr` for `hostmesh agent wait-ready`
 - metrics: port `hostmesh_metrics`, else off
+- dns: port `hostmesh_dns` on 127.0.0.1, else off (allocations share the client's loopback)
 - drain_seconds: 2 (Nomad's default kill_timeout is 5s: drain, deregister and exit within it)
 - [[services]] (when there is none): meta `hostmesh_service` (name), `hostmesh_port` (the app's
   port: a label or a number), `hostmesh_protocol` (tcp/http), `hostmesh_health` (`tcp` or an HTTP
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 INBOUND_LABEL = "hostmesh_inbound"
 ADMIN_LABEL = "hostmesh_admin"
 METRICS_LABEL = "hostmesh_metrics"
+DNS_LABEL = "hostmesh_dns"
 NOMAD_DRAIN_SECONDS = 2.0  # below Nomad's default kill_timeout (5s), with room to deregister
 ADMIN_ADDRESS_FILE = "admin.addr"  # in data_dir: where `wait-ready` finds an ephemeral admin port
 META = "NOMAD_META_"
@@ -114,6 +116,9 @@ def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> 
     admin_port = env.get(f"NOMAD_PORT_{ADMIN_LABEL}")
     out.setdefault("admin", f"127.0.0.1:{admin_port or 0}")
     out.setdefault("metrics", env.get(f"NOMAD_ADDR_{METRICS_LABEL}") or "off")
+    # Several allocations share a client's 127.0.0.1: mesh DNS only on a port Nomad gave this one.
+    dns_port = env.get(f"NOMAD_PORT_{DNS_LABEL}")
+    out.setdefault("dns", f"127.0.0.1:{dns_port}" if dns_port else "")
     out.setdefault("drain_seconds", NOMAD_DRAIN_SECONDS)
 
     if not out.get("services") and meta(env, "hostmesh_service"):

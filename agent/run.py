@@ -290,7 +290,7 @@ class Agent:
                 await self.dns.start()
             except OSError as exc:
                 raise AgentStartError(
-                    f'dns {cfg.dns}: cannot listen: {exc.strerror} (dns = "" turns mesh DNS off)'
+                    f'dns {cfg.dns}: cannot listen: {exc.strerror or exc} (dns = "" turns mesh DNS off)'
                 ) from None
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")

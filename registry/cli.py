@@ -25,6 +25,7 @@ from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
+from hostmesh.registry.documents import GATEWAY_KIND_META as KIND_META
 from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
 from hostmesh.registry.schema import (
@@ -43,7 +44,6 @@ from hostmesh.registry.schema import (
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 HOSTMESH_META = "hostmesh"  # Consul service meta marking services registered by hostmesh agents
-KIND_META = "hostmesh-kind"  # meta of a gateway's registration: ingress-gateway | egress-gateway
 
 T = TypeVar("T")
 OUTPUTS = ("table", "json", "yaml")

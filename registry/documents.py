@@ -38,6 +38,8 @@ from hostmesh.registry.schema import (
     parse_document,
 )
 
+GATEWAY_KIND_META = "hostmesh-kind"  # a gateway's registration meta (agent/config.py KIND_META)
+
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
 MAX_TXN_OPS = 64  # Consul's limit on operations in one /v1/txn
@@ -237,6 +239,8 @@ class DocumentStore:
             return None
         if not instances:
             return None
+        if any(i.meta.get(GATEWAY_KIND_META) for i in instances):
+            return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
         return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
 
     async def _check_others_fit_tcp(self, service: str) -> None:

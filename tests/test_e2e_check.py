@@ -199,14 +199,14 @@ def test_intention_check_agrees_with_traffic(mesh: Mesh) -> None:
     api = mesh.agents[0]
     index = int(mesh.consul.get_json("/v1/kv/hostmesh/intentions/chapi")[0]["ModifyIndex"])
     wait_for(
-        lambda: api.get("/v1/config")[1]["versions"].get("intentions/chapi") == index,
+        lambda: api.get("/v1/config")[1]["consul_indexes"].get("intentions/chapi") == index,
         10,
         "intentions on n-api",
     )
     db_index = int(mesh.consul.get_json("/v1/kv/hostmesh/intentions/chdb")[0]["ModifyIndex"])
     db = mesh.agents[1]
     wait_for(
-        lambda: db.get("/v1/config")[1]["versions"].get("intentions/chdb") == db_index,
+        lambda: db.get("/v1/config")[1]["consul_indexes"].get("intentions/chdb") == db_index,
         10,
         "intentions on n-db",
     )

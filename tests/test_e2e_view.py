@@ -119,7 +119,7 @@ def apply_intentions(mesh: Mesh, dst: str, rules: list[dict[str, Any]], node: st
     if node is not None:
         agent = mesh.agents[node]
         wait_for(
-            lambda: agent.get("/v1/config")[1]["versions"].get(f"intentions/{dst}") == index,
+            lambda: agent.get("/v1/config")[1]["consul_indexes"].get(f"intentions/{dst}") == index,
             10,
             f"{dst} on {node}",
         )
