@@ -748,7 +748,9 @@ def _parse_tracing(raw: Any) -> TracingConfig:
     return TracingConfig(endpoint, _number(raw, "sample", "tracing.", 0.01, 0.0, 1.0), errors)
 
 
-def load_config(path: Path) -> AgentConfig:
+def load_config(path: Path, check_files: bool = True) -> AgentConfig:
+    """agent.toml at `path`, parsed (in a Nomad allocation, with its environment's defaults); with
+    `check_files`, also the Consul token and TLS files it names must be usable."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -769,6 +771,8 @@ def load_config(path: Path) -> AgentConfig:
         cfg = parse_config(raw)
     except (ConfigError, NomadEnvError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if not check_files:
+        return cfg
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
         settings = cfg.consul_settings()
         settings.load_token()
