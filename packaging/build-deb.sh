@@ -57,6 +57,8 @@ find "$venv" -name '__pycache__' -prune -exec rm -rf {} +
 find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
 site="$venv/lib/python3.11/site-packages"
 find "$site" -name '*.py' -type f -perm /111 -exec chmod a-x {} +
+# some wheels (protobuf's) ship their metadata executable
+find "$site" -path '*.dist-info/*' -type f -perm /111 -exec chmod a-x {} +
 { grep -rlI --include='*.py' -m1 '^#!' "$site" || true; } | while read -r f; do
   if head -n1 "$f" | grep -q '^#!'; then sed -i '1d' "$f"; fi
 done
