@@ -506,13 +506,18 @@ def __getattr__(name: str) -> Any:
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="agent.toml to validate."
 )
-def validate(config_path: Path) -> None:
+@click.option(
+    "--no-files",
+    is_flag=True,
+    help="Skip the Consul token and TLS files agent.toml names (they belong to another root, or come later).",
+)
+def validate(config_path: Path, no_files: bool) -> None:
     """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
     validate --config %s`). Exit 0 and "ok", or 1 and the one-line error."""
     from hostmesh.agent.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, check_files=not no_files)
     except ConfigError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(f"{config_path}: ok ({len(cfg.services)} service(s))")

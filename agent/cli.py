@@ -47,14 +47,23 @@ SUBCOMMANDS: dict[str, str] = {
 SUMMARIES: dict[str, str] = {
     "acl": "Consul ACL rules for hostmesh's roles.",
     "agent": "The sidecar agent.",
-    "apply": "Apply every document of FILE (route, policy, intention, by their kind: field).",
+    "apply": "Apply every document of FILE (route, policy, intention, gateway, external, by their kind: "
+    "field).",
     "ca": "Run and manage the hostmesh certificate authority.",
+    "check": "Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and "
+    "certificates) and an analysis of the routes, policies and intentions in Consul against the catalog.",
+    "external": "Manage external service documents (hostmesh/external/<service> in Consul KV).",
+    "gateway": "Manage gateway documents (hostmesh/gateways/<service> in Consul KV).",
     "intention": "Manage intentions: which services may call a service (hostmesh/intentions/<dst>).",
     "policy": "Manage policy documents (hostmesh/policies/<service> in Consul KV).",
     "route": "Manage route documents (hostmesh/routes/<service> in Consul KV).",
     "services": "Mesh services in Consul (meta hostmesh=1): instances, health and version.",
     "status": "What an agent has applied (document versions), and when its certificates expire "
     "(root_id: the root that signed each).",
+    "top": "Live per-service traffic from the agents' metrics: request rate, success rate, p50/p99 "
+    "latency, TCP connections; services sorted by request rate.",
+    "ui": "Serve a live web view of the mesh: service graph with rates, errors and p99, intentions, "
+    "agents' config lag behind Consul, certificate expiry.",
     "version": "Print the client's version (and, with --agent, the running agent's).",
 }
 

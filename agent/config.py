@@ -247,6 +247,10 @@ SERVICE_KEYS = {"name", "port", "protocol", "meta", "health", "upstreams"}
 HTTP_KEYS = {"header_read_timeout", "body_idle_timeout", "body_min_rate"}
 CA_KEYS = {"address", "pin", "token_file", "token_env"}
 ACCESS_LOG_KEYS = {"sample"}
+TRACING_KEYS = {"otlp_endpoint", "sample", "errors"}
+GATEWAY_KEYS = {"name", "kind", "listeners"}
+LISTENER_KEYS = {"bind", "protocol", "certificates"}
+CERTIFICATE_KEYS = {"hosts", "cert_file", "key_file"}
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -503,6 +507,11 @@ KEY_TABLES: dict[str, set[str]] = {
     "services[].upstreams[]": UPSTREAM_KEYS,
     "http": HTTP_KEYS,
     "access_log": ACCESS_LOG_KEYS,
+    "tracing": TRACING_KEYS,
+    "nomad": NOMAD_KEYS,
+    "gateways[]": GATEWAY_KEYS,
+    "gateways[].listeners[]": LISTENER_KEYS,
+    "gateways[].listeners[].certificates[]": CERTIFICATE_KEYS,
 }
 
 
@@ -672,7 +681,7 @@ def _parse_gateways(raw: Any) -> tuple[GatewayConfig, ...]:
         path = f"gateways[{i}]"
         if not isinstance(g, dict):
             raise _fail(path, "must be a table")
-        _check_keys(g, {"name", "kind", "listeners"}, path)
+        _check_keys(g, GATEWAY_KEYS, path)
         name = _str(g, "name", f"{path}.")
         if not name or not valid_service_name(name):
             raise _fail(f"{path}.name", "must be a lowercase DNS label (a-z, 0-9, -)")
@@ -692,7 +701,7 @@ def _parse_gateways(raw: Any) -> tuple[GatewayConfig, ...]:
 def _parse_listener(raw: Any, path: str) -> GatewayListener:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
-    _check_keys(raw, {"bind", "protocol", "certificates"}, path)
+    _check_keys(raw, LISTENER_KEYS, path)
     if "bind" not in raw:
         raise _fail(f"{path}.bind", "is required")
     protocol = _str(raw, "protocol", f"{path}.", "http")
@@ -706,7 +715,7 @@ def _parse_listener(raw: Any, path: str) -> GatewayListener:
         cpath = f"{path}.certificates[{k}]"
         if not isinstance(c, dict):
             raise _fail(cpath, "must be a table")
-        _check_keys(c, {"hosts", "cert_file", "key_file"}, cpath)
+        _check_keys(c, CERTIFICATE_KEYS, cpath)
         hosts = c.get("hosts")
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
             raise _fail(f"{cpath}.hosts", "must be a non-empty array of host names")
@@ -723,7 +732,7 @@ def _parse_listener(raw: Any, path: str) -> GatewayListener:
 def _parse_tracing(raw: Any) -> TracingConfig:
     if not isinstance(raw, dict):
         raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
-    _check_keys(raw, {"otlp_endpoint", "sample", "errors"}, "tracing")
+    _check_keys(raw, TRACING_KEYS, "tracing")
     endpoint = _str(raw, "otlp_endpoint", "tracing.") or None
     if endpoint is not None:
         parsed = urllib.parse.urlsplit(endpoint)
@@ -739,7 +748,9 @@ def _parse_tracing(raw: Any) -> TracingConfig:
     return TracingConfig(endpoint, _number(raw, "sample", "tracing.", 0.01, 0.0, 1.0), errors)
 
 
-def load_config(path: Path) -> AgentConfig:
+def load_config(path: Path, check_files: bool = True) -> AgentConfig:
+    """agent.toml at `path`, parsed (in a Nomad allocation, with its environment's defaults); with
+    `check_files`, also the Consul token and TLS files it names must be usable."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -760,6 +771,8 @@ def load_config(path: Path) -> AgentConfig:
         cfg = parse_config(raw)
     except (ConfigError, NomadEnvError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if not check_files:
+        return cfg
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
         settings = cfg.consul_settings()
         settings.load_token()

@@ -75,6 +75,18 @@ AGENT_KEYS: tuple[Key, ...] = (
     ),
     Key("log_level", "debug | info | warning | error", "info", "Log verbosity (access lines need info)."),
     Key(
+        "log_format",
+        "json | text | auto",
+        "auto",
+        "Log line format; `auto`: text only on a terminal outside systemd, JSON otherwise.",
+    ),
+    Key(
+        "istio_metrics",
+        "boolean",
+        "false",
+        "Also export Istio-compatible series (`istio_requests_total`, …) on `/metrics`.",
+    ),
+    Key(
         "max_connections",
         f"integer 1..{C.MAX_MAX_CONNECTIONS}",
         str(C.DEFAULT_MAX_CONNECTIONS),
@@ -86,6 +98,31 @@ AGENT_KEYS: tuple[Key, ...] = (
         "seconds 0..604800",
         _g(C.DEFAULT_STREAM_IDLE_TIMEOUT),
         "A TCP connection moving no byte for this long is reset (flag `SI`); 0: never.",
+    ),
+    Key(
+        "udp_idle_timeout",
+        "seconds 0.05..86400",
+        _g(C.DEFAULT_UDP_IDLE_TIMEOUT),
+        "A UDP flow with no datagram for this long ends.",
+    ),
+    Key(
+        "dns",
+        'host:port or ""',
+        C.DEFAULT_DNS,
+        'Mesh DNS (UDP and TCP) answering `<upstream>.<dns_domain>`; `""` turns it off.',
+    ),
+    Key(
+        "dns_domain",
+        "DNS name",
+        C.DEFAULT_DNS_DOMAIN,
+        "The domain mesh DNS answers under (lowercase labels).",
+    ),
+    Key(
+        "cert_dir",
+        "path",
+        "<data_dir>/certs",
+        "Where the service keys and certificates are kept (in Nomad: the task's secrets dir).",
+        restart=True,
     ),
     Key("consul", "table", "", "Consul client settings; each beats the environment variable named."),
     Key(
@@ -117,6 +154,12 @@ AGENT_KEYS: tuple[Key, ...] = (
         "Join token (mode 0600), re-read on every try; needed for a first certificate.",
     ),
     Key(
+        "ca.token_env",
+        "environment variable name",
+        "none",
+        "Variable holding the credential when token_file has none (Nomad: `NOMAD_TOKEN`, the workload identity).",
+    ),
+    Key(
         "services",
         "array of tables",
         "(at least one)",
@@ -130,7 +173,12 @@ AGENT_KEYS: tuple[Key, ...] = (
         restart=True,
     ),
     Key("services[].port", "integer 1..65535", "(required)", "The app listens on 127.0.0.1:port."),
-    Key("services[].protocol", "tcp | http", "tcp", "`http` puts the service on the L7 path."),
+    Key(
+        "services[].protocol",
+        "tcp | http | udp",
+        "tcp",
+        "`http` puts the service on the L7 path; `udp` proxies datagrams (no health probe by default).",
+    ),
     Key(
         "services[].meta",
         "table of strings",
@@ -151,7 +199,24 @@ AGENT_KEYS: tuple[Key, ...] = (
         "services[].upstreams", "array of tables", "[]", "`[[services.upstreams]]`: services this app calls."
     ),
     Key("services[].upstreams[].service", "service name", "(required)", "The upstream service."),
-    Key("services[].upstreams[].bind", "host:port", "(required)", "Local address the app calls it at."),
+    Key(
+        "services[].upstreams[].bind",
+        'host:port or "auto"',
+        "(required)",
+        "Local address the app calls it at; `auto`: an address in 127.128.0.0/16 hashed from the name.",
+    ),
+    Key(
+        "services[].upstreams[].port",
+        "integer 1..65535",
+        '80 if protocol = "http", else (required)',
+        'The port with bind = "auto" (refused otherwise).',
+    ),
+    Key(
+        "services[].upstreams[].shared",
+        "boolean",
+        "false",
+        "Allow a non-loopback bind (everyone reaching it calls with this service's identity).",
+    ),
     Key(
         "services[].upstreams[].load_balancer",
         "round_robin | least_connections",
@@ -172,7 +237,7 @@ AGENT_KEYS: tuple[Key, ...] = (
     ),
     Key(
         "services[].upstreams[].protocol",
-        "tcp | http",
+        "tcp | http | udp",
         "what Consul said last",
         "What the upstream speaks while Consul has no route document and no healthy instance.",
     ),
@@ -182,6 +247,25 @@ AGENT_KEYS: tuple[Key, ...] = (
         "number 0..1",
         _g(DEFAULT_ACCESS_SAMPLE),
         "Share of successful calls logged; failures always.",
+    ),
+    Key("tracing", "table", "", "OTLP tracing of proxied HTTP requests; off without an endpoint."),
+    Key(
+        "tracing.otlp_endpoint",
+        "URL",
+        "none (off)",
+        "OTLP/HTTP collector (`http://host:4318`); spans go to `<otlp_endpoint>/v1/traces`.",
+    ),
+    Key(
+        "tracing.sample",
+        "number 0..1",
+        "0.01",
+        "Share of requests traced (a sampled caller's `traceparent` is always followed).",
+    ),
+    Key(
+        "tracing.errors",
+        "boolean",
+        "true",
+        "Also export requests ending in a 5xx or with a response flag, whatever the sample.",
     ),
     Key("http", "table", "", "Limits of the L7 data path."),
     Key(
@@ -202,6 +286,98 @@ AGENT_KEYS: tuple[Key, ...] = (
         _g(C.DEFAULT_BODY_MIN_RATE),
         "Minimum body rate after that grace; 0: none.",
     ),
+    Key(
+        "nomad",
+        "table",
+        "implied by NOMAD_ALLOC_ID",
+        "The agent is a Nomad allocation's sidecar; unset keys come from NOMAD_* as Nomad's tools read them.",
+        restart=True,
+    ),
+    Key(
+        "nomad.alloc_id",
+        "string",
+        "$NOMAD_ALLOC_ID",
+        "The allocation whose sidecar this is; once Nomad reports it stopped, the agent drains and exits.",
+        restart=True,
+    ),
+    Key(
+        "nomad.address",
+        "URL",
+        "$NOMAD_ADDR, else http://127.0.0.1:4646",
+        "Nomad's HTTP(S) API address.",
+        restart=True,
+    ),
+    Key("nomad.token", "string", "$NOMAD_TOKEN", "Nomad ACL token (beats identity_file).", restart=True),
+    Key("nomad.namespace", "string", "$NOMAD_NAMESPACE", "The allocation's Nomad namespace.", restart=True),
+    Key("nomad.region", "string", "$NOMAD_REGION", "The allocation's Nomad region.", restart=True),
+    Key("nomad.ca_file", "path", "$NOMAD_CACERT", "CA bundle for Nomad's HTTPS.", restart=True),
+    Key(
+        "nomad.identity_file",
+        "path",
+        "${NOMAD_SECRETS_DIR}/nomad_token",
+        "Workload identity used as the Nomad token when none is set.",
+        restart=True,
+    ),
+    Key(
+        "nomad.poll_interval",
+        "seconds 0.1..3600",
+        "5",
+        "How often the allocation is read from Nomad.",
+        restart=True,
+    ),
+    Key(
+        "gateways",
+        "array of tables",
+        "[]",
+        "`[[gateways]]`: mesh identities this agent serves as an ingress or egress gateway.",
+    ),
+    Key(
+        "gateways[].name",
+        "service name",
+        "(required)",
+        "The gateway's mesh identity; ingress routes come from hostmesh/gateways/<name>.",
+    ),
+    Key(
+        "gateways[].kind",
+        "ingress | egress",
+        "(required)",
+        "ingress: takes outside traffic into the mesh; egress: originates calls to external services "
+        "whose document says `via = name`.",
+    ),
+    Key(
+        "gateways[].listeners",
+        "array of tables",
+        "[]",
+        "`[[gateways.listeners]]`: an ingress gateway's listeners (at least one; an egress takes none).",
+    ),
+    Key(
+        "gateways[].listeners[].bind", "host:port", "(required)", "Where the listener takes outside traffic."
+    ),
+    Key(
+        "gateways[].listeners[].protocol",
+        "http | https | tls",
+        "http",
+        "`tls`: passthrough by SNI to a TCP mesh service.",
+    ),
+    Key(
+        "gateways[].listeners[].certificates",
+        "array of tables",
+        "[]",
+        "An https listener's certificates, chosen by SNI (required for https, refused otherwise).",
+    ),
+    Key(
+        "gateways[].listeners[].certificates[].hosts",
+        "array of host names",
+        "(required)",
+        "The host names this certificate serves.",
+    ),
+    Key(
+        "gateways[].listeners[].certificates[].cert_file",
+        "path",
+        "(required)",
+        "PEM certificate chain; re-read when it changes and on SIGHUP.",
+    ),
+    Key("gateways[].listeners[].certificates[].key_file", "path", "(required)", "Its PEM key."),
 )
 
 

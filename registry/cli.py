@@ -67,6 +67,7 @@ CLI_NAMES = {
     "external": "external",
     NOMAD_MAPPING_KIND: "ca nomad",
 }
+KIND_CHOICES = "route, policy, intention, gateway or external"
 STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 
 
@@ -173,13 +174,11 @@ def _split_kind(
     where = f"{path} (document {index + 1})" if index or expected is None else path
     if "kind" not in data:
         if expected is None:
-            raise click.ClickException(
-                f"{where}: kind: is required (route, policy, intention, gateway or external)"
-            )
+            raise click.ClickException(f"{where}: kind: is required ({KIND_CHOICES})")
         return expected, data
     found = KIND_FOLDERS.get(data["kind"]) if isinstance(data["kind"], str) else None
     if found is None:
-        raise click.ClickException(f"{where}: kind: must be route, policy, intention, gateway or external")
+        raise click.ClickException(f"{where}: kind: must be {KIND_CHOICES}")
     if expected is not None and found != expected:
         raise click.ClickException(f"{where}: is a {data['kind']}, not a {expected} document")
     return found, {k: v for k, v in data.items() if k != "kind"}
@@ -496,8 +495,8 @@ external = _document_group("external", "external", "external service")
 )
 @click.pass_context
 def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
-    """Apply every document of FILE (route, policy, intention, by their kind: field). All are validated
-    before any is written; each is written with check-and-set."""
+    """Apply every document of FILE (route, policy, intention, gateway, external, by their kind:
+    field). All are validated before any is written; each is written with check-and-set."""
     docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
     _apply_all(ctx, path, docs, dry_run, force)
 

@@ -1,5 +1,5 @@
-"""The reference of the config documents (route, policy, intentions): one table per kind, from which
-docs/reference/documents.md and the JSON Schemas in docs/schema/ are generated.
+"""The reference of the config documents (route, policy, intentions, gateway, external): one table
+per kind, from which docs/reference/documents.md and the JSON Schemas in docs/schema/ are generated.
 
 The parsers in registry/schema.py stay the authority on what is valid; this table says what each field
 means. `parser_fields` asks the parser itself which fields an object takes (it names them when it
@@ -25,7 +25,11 @@ from hostmesh.registry.schema import (
     DEFAULT_MIN_RETRY_CONCURRENCY,
     DEFAULT_OUTLIER_INTERVAL,
     DEFAULT_RETRY_ON,
+    EXTERNAL_PROTOCOLS,
     LB_TYPES,
+    MAX_EXTERNAL_ADDRESSES,
+    MAX_GATEWAY_ROUTES,
+    MAX_HOSTS,
     MAX_PERMISSIONS,
     MAX_RETRY_ATTEMPTS,
     MAX_ROUTES,
@@ -342,11 +346,90 @@ INTENTIONS = Kind(
     ),
 )
 
-KINDS: tuple[Kind, ...] = (ROUTE, POLICY, INTENTIONS)
+_HOSTS_DOC = f"Host names (at most {MAX_HOSTS}): `a.example.com`, or `*.example.com` for any subdomain."
+
+GATEWAY = Kind(
+    "gateway",
+    "gateways",
+    "Gateway document",
+    "What an ingress gateway (agent.toml `[[gateways]]`, kind ingress) hands in to mesh services. "
+    "Stored at `hostmesh/gateways/<name>`. HTTP requests take the first `http` route whose hosts match "
+    "their Host and whose prefix starts their path; TLS connections on a `tls` listener take the first "
+    "`tls` route whose hosts match their SNI. The destination's intentions decide with the gateway's "
+    "name as the caller. At least one route.",
+    (
+        *_common("names: the gateway's mesh identity, as in agent.toml `[[gateways]]`"),
+        Field("description", "string", "Free text kept with the document."),
+        Field(
+            "http", "list", f"Routes for HTTP and HTTPS listeners, in order (at most {MAX_GATEWAY_ROUTES})."
+        ),
+        Field("http[]", "object", "One HTTP route."),
+        Field("http[].hosts", "list", _HOSTS_DOC, required=True, item="string"),
+        Field("http[].service", "service", "The mesh service the requests go to.", required=True),
+        Field(
+            "http[].prefix", "string", "The request path must start with this; starts with `/`.", default="/"
+        ),
+        Field(
+            "tls", "list", f"Routes for TLS passthrough listeners, in order (at most {MAX_GATEWAY_ROUTES})."
+        ),
+        Field("tls[]", "object", "One TLS passthrough route (by SNI)."),
+        Field("tls[].hosts", "list", _HOSTS_DOC, required=True, item="string"),
+        Field("tls[].service", "service", "The mesh (TCP) service the connections go to.", required=True),
+    ),
+)
+
+EXTERNAL = Kind(
+    "external",
+    "external",
+    "External service document",
+    "A service outside the mesh that mesh services call by name, like a mesh service (an upstream in "
+    "agent.toml). Stored at `hostmesh/external/<name>`; who may call it is its intentions document. "
+    "The caller's agent (or, with `via`, an egress gateway) connects to the addresses in turn.",
+    (
+        *_common("mesh services call it as"),
+        Field("description", "string", "Free text kept with the document."),
+        Field(
+            "addresses",
+            "list",
+            f"`host:port` (an IP address or a DNS name resolved per connection), tried in turn "
+            f"(at most {MAX_EXTERNAL_ADDRESSES}).",
+            required=True,
+            item="string",
+        ),
+        Field(
+            "protocol",
+            "enum",
+            "What the service speaks to the caller.",
+            default="tcp",
+            choices=EXTERNAL_PROTOCOLS,
+        ),
+        Field("tls", "object", "Originate TLS to the service (the app speaks plaintext to its agent)."),
+        Field(
+            "tls.sni",
+            "string",
+            "Server name sent and verified in its certificate (no wildcard).",
+            required=True,
+        ),
+        Field(
+            "tls.ca_file",
+            "string",
+            "Absolute path of a PEM bundle on the originating hosts.",
+            default="the system's trust store",
+        ),
+        Field(
+            "via",
+            "service",
+            "An egress gateway (agent.toml `[[gateways]]`, kind egress): only its hosts connect out.",
+        ),
+    ),
+)
+
+KINDS: tuple[Kind, ...] = (ROUTE, POLICY, INTENTIONS, GATEWAY, EXTERNAL)
 
 
 def kind_by_name(name: str) -> Kind | None:
-    """`route`/`routes`, `policy`/`policies`, `intention`/`intentions`."""
+    """`route`/`routes`, `policy`/`policies`, `intention`/`intentions`, `gateway`/`gateways`,
+    `external`."""
     return next((k for k in KINDS if name in (k.name, k.folder)), None)
 
 

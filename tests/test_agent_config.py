@@ -271,3 +271,22 @@ def test_dns_keys() -> None:
         parse_config(minimal(dns_domain="me sh"))
     with pytest.raises(ConfigError, match=r"^dns: 'nope' is not host:port"):
         parse_config(minimal(dns="nope"))
+
+
+def test_validate_without_files_checks_the_config_only(tmp_path: Path) -> None:
+    """`hostmesh agent validate --no-files` (Ansible installing into another root, where the token
+    file agent.toml names is that root's): the config is checked, the files it names are not."""
+    from click.testing import CliRunner
+
+    from hostmesh.agent.check import validate
+
+    path = tmp_path / "agent.toml"
+    body = f'[consul]\ntoken_file = "{tmp_path}/absent"\n[ca]\npin = "{PIN}"\n[[services]]\nname = "web"\n'
+    path.write_text(body + "port = 8080\n")
+    with_files = CliRunner().invoke(validate, ["--config", str(path)])
+    assert with_files.exit_code == 1 and "cannot read" in with_files.output
+    without = CliRunner().invoke(validate, ["--config", str(path), "--no-files"])
+    assert without.exit_code == 0, without.output
+    path.write_text(body + "port = 0\n")
+    bad = CliRunner().invoke(validate, ["--config", str(path), "--no-files"])
+    assert bad.exit_code == 1 and "services[0].port" in bad.output

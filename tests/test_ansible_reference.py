@@ -39,9 +39,12 @@ def full_inventory() -> dict[str, Any]:
         for k in (
             "node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "trust_domain",
             "default_intention", "drain_seconds", "log_level", "workers", "max_connections",
-            "stream_idle_timeout",
+            "stream_idle_timeout", "log_format", "istio_metrics", "udp_idle_timeout", "cert_dir", "dns",
+            "dns_domain", "nomad", "gateways",
         )
     }  # fmt: skip
+    for k, val in ex["tracing"].items():
+        v[f"hostmesh_agent_tracing_{k}"] = val
     v["hostmesh_agent_access_log_sample"] = ex["access_log"]["sample"]
     for k, val in ex["http"].items():
         v[f"hostmesh_agent_http_{k}"] = val
@@ -52,6 +55,7 @@ def full_inventory() -> dict[str, Any]:
     v["hostmesh_agent_ca_address"] = ex["ca"]["address"]
     v["hostmesh_agent_ca_pin"] = ex["ca"]["pin"]
     v["hostmesh_agent_token_file"] = ex["ca"]["token_file"]
+    v["hostmesh_agent_ca_token_env"] = ex["ca"]["token_env"]
     v["hostmesh_agent_services"] = ex["services"]
     return v
 

@@ -144,7 +144,8 @@ def test_invalid_document_names_the_field(consul: ConsulDev, tmp_path: Path) -> 
         ("- a\n- b\n", "the document must be a mapping"),
         ("service: a\n---\nkind: policy\nservice: b\n", "(document 2): is a policy, not a routes document"),
         ("service: a\n---\nservice: a\n", "the same document appears twice"),
-        ("kind: gateway\nservice: a\n", "kind: must be route, policy or intention"),
+        ("kind: widget\nservice: a\n", "kind: must be route, policy, intention, gateway or external"),
+        ("kind: gateway\nservice: a\n", "is a gateway, not a routes document"),
         ("", "no document"),
     ],
 )
@@ -379,3 +380,20 @@ def test_apply_of_an_http_only_policy_for_a_tcp_service_names_the_field(
     assert fails(out) == f"Error: {f}: rate_limit: applies to HTTP only; {s} is a tcp service"
     assert out.stdout == ""  # no diff shown for a change that cannot be written
     assert consul.kv_get(doc_key("policies", s)) is None
+
+
+def test_apply_takes_gateway_and_external_documents_by_kind(consul: ConsulDev, tmp_path: Path) -> None:
+    """`hostmesh apply -f` with the edges' kinds beside a route: each lands in its own folder."""
+    gw, ext, web = svc("gw"), svc("ext"), svc("web")
+    docs = [
+        {"kind": "route", **route_doc(web)},
+        {"kind": "gateway", "service": gw, "http": [{"hosts": ["shop.example.com"], "service": web}]},
+        {"kind": "external", "service": ext, "addresses": ["api.example.com:443"]},
+    ]
+    f = write(tmp_path, "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
+    ok(run(consul, "apply", "-f", f))
+    assert json.loads(consul.kv_get(doc_key("gateways", gw)) or b"{}")["http"][0]["service"] == web
+    assert json.loads(consul.kv_get(doc_key("external", ext)) or b"{}")["addresses"] == [
+        "api.example.com:443"
+    ]
+    assert consul.kv_get(doc_key("routes", web)) is not None
