@@ -259,27 +259,8 @@ class CertProcess:
         self._problems[service] = str(exc)
         view = self._views[service]
         left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
-        if left <= 0 or view.state is CertState.EXPIRED:
-            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
-                return
-            self._said[service] = str(exc)
-            log.error(
-                "certificate for %s is not usable: %s; trying again within %.0fs%s",
-                service,
-                exc,
-                renewal.RECOVER_RETRY_MAX,
-                f" or as soon as {self.token_file} changes" if self.token_file else "",
-            )
-            return
-        self._said.pop(service, None)
-        log.warning(
-            "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
-            "retrying before it expires",
-            service,
-            failures,
-            exc,
-            left,
-        )
+        unusable = "expired" if left <= 0 or view.state is CertState.EXPIRED else None
+        renewal.log_failure(log, self._said, service, str(exc), failures, left, unusable, self.token_file)
 
     # --- trust bundle -----------------------------------------------------------------------------
 

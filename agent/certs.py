@@ -501,28 +501,10 @@ class CertManager:
         self._problems[service] = str(exc)
         held = self._held.get(service)
         left = (held.not_after - pki.now()).total_seconds() if held else 0.0
+        unusable = None
         if self._unusable(service):
-            if self._said.get(service) == str(exc):  # said once; /ready and /v1/certs keep showing it
-                return
-            self._said[service] = str(exc)
-            log.error(
-                "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
-                service,
-                f"expired at {_utc(held.not_after)}" if held and left <= 0 else "no usable certificate",
-                exc,
-                renewal.RECOVER_RETRY_MAX,
-                f" or as soon as {self.token_file} changes" if self.token_file else "",
-            )
-            return
-        self._said.pop(service, None)
-        log.warning(
-            "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
-            "retrying before it expires",
-            service,
-            failures,
-            exc,
-            left,
-        )
+            unusable = f"expired at {_utc(held.not_after)}" if held and left <= 0 else "no usable certificate"
+        renewal.log_failure(log, self._said, service, str(exc), failures, left, unusable, self.token_file)
 
     async def renew_once(self, service: str) -> None:
         """One renewal of `service`'s certificate, now (the renewal loop's step); raises CAError."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import random
 from pathlib import Path
@@ -71,3 +72,40 @@ async def wait_or_token(seconds: float, token_file: Path | None) -> None:
         await asyncio.sleep(min(left, TOKEN_POLL))
         if token_stamp(token_file) != before:
             return
+
+
+def log_failure(
+    log: logging.Logger,
+    said: dict[str, str],
+    service: str,
+    error: str,
+    failures: int,
+    left: float,
+    unusable: str | None,
+    token_file: Path | str | None,
+) -> None:
+    """One log line per failed renewal: a usable certificate is kept and retried before it expires;
+    an unusable one (`unusable` says why) is reported once per distinct error, since /ready and
+    /v1/certs keep showing it. `said` remembers what was reported, per service."""
+    if unusable is not None:
+        if said.get(service) == error:
+            return
+        said[service] = error
+        log.error(
+            "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
+            service,
+            unusable,
+            error,
+            RECOVER_RETRY_MAX,
+            f" or as soon as {token_file} changes" if token_file else "",
+        )
+        return
+    said.pop(service, None)
+    log.warning(
+        "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
+        "retrying before it expires",
+        service,
+        failures,
+        error,
+        left,
+    )
