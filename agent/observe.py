@@ -9,28 +9,14 @@ agent keeps anyway, so they cost nothing on the data path and cannot drift from 
 from __future__ import annotations
 
 import ipaddress
-import os
 import sys
 from typing import Any
 
 from hostmesh.agent.renewal import CertState
 from hostmesh.registry.promtext import Family, ProcessMetrics, build_info, exposition_with_process
+from hostmesh.registry.version import installed_version
 
 _process: ProcessMetrics | None = None
-
-
-def version() -> str:
-    """hostmesh's installed version, read from its dist-info folder's name (importlib.metadata would
-    cost ~2 MiB of RSS in every agent, see agent/cli.py)."""
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith("hostmesh-") and name.endswith(".dist-info"):
-                return name[len("hostmesh-") : -len(".dist-info")]
-    return "unknown"
 
 
 _VERSION: str | None = None
@@ -42,7 +28,7 @@ def health_families() -> list[Family]:
     if _process is None:
         _process = ProcessMetrics()
     if _VERSION is None:
-        _VERSION = version()
+        _VERSION = installed_version()
     info = build_info(
         "hostmesh_build_info",
         "hostmesh version and Python running this agent",

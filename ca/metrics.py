@@ -7,7 +7,6 @@ identities and tokens, which would make one series per caller)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -20,6 +19,7 @@ from hostmesh.registry.promtext import (
     build_info,
     exposition_with_process,
 )
+from hostmesh.registry.version import installed_version
 
 _REASONS = (
     (Unauthorized, "unauthorized"),
@@ -37,18 +37,6 @@ def refusal_reason(exc: Exception) -> str:
     return "other"
 
 
-def _version() -> str:
-    for entry in sys.path:  # the dist-info folder's name: no importlib.metadata (see agent/observe.py)
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith("hostmesh-") and name.endswith(".dist-info"):
-                return name[len("hostmesh-") : -len(".dist-info")]
-    return "unknown"
-
-
 class CAMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -59,7 +47,7 @@ class CAMetrics:
             "hostmesh_ca_refused_total", "requests refused, by path and reason", ("via", "reason"), registry=r
         )
         self._process = ProcessMetrics()
-        self._version = _version()
+        self._version = installed_version()
 
     def exposition(self, authority: Any, rate_limited: int) -> bytes:
         roots = Family("hostmesh_ca_roots", "roots in the trust bundle", "gauge")
