@@ -46,7 +46,13 @@ def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
     return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}
 
 
-COMMAND = {"routes": "route", "policies": "policy", "intentions": "intention"}
+COMMAND = {  # KV folder -> the CLI group that manages it
+    "routes": "route",
+    "policies": "policy",
+    "intentions": "intention",
+    "gateways": "gateway",
+    "external": "external",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import yaml
 
 from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
+from hostmesh.registry.analysis import COMMAND
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.documents import GATEWAY_KIND_META as KIND_META
@@ -59,14 +60,7 @@ KIND_FOLDERS = {
     "gateways": "gateways",
     "external": "external",
 }
-CLI_NAMES = {
-    "routes": "route",
-    "policies": "policy",
-    "intentions": "intention",
-    "gateways": "gateway",
-    "external": "external",
-    NOMAD_MAPPING_KIND: "ca nomad",
-}
+CLI_NAMES = {**COMMAND, NOMAD_MAPPING_KIND: "ca nomad"}  # KV folder -> its CLI group
 KIND_CHOICES = "route, policy, intention, gateway or external"
 STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 

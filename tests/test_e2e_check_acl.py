@@ -52,11 +52,13 @@ def test_the_tokens_rights(acl_consul: ConsulDev) -> None:
 
     rc, findings = check(acl_consul, acl_consul.acl_token("reader"))
     assert rc == 0
-    assert [(f["severity"], f["code"]) for f in findings] == [("warning", "consul-acl-write")] * 3
+    assert [(f["severity"], f["code"]) for f in findings] == [("warning", "consul-acl-write")] * 5
     assert {f["message"].split("`")[1] for f in findings} == {
         "hostmesh route apply",
         "hostmesh policy apply",
         "hostmesh intention apply",
+        "hostmesh gateway apply",
+        "hostmesh external apply",
     }
 
     rc, findings = check(acl_consul, acl_consul.acl_token("nothing"))
