@@ -149,14 +149,24 @@ def test_consul_restart_watches_resume_without_agent_restart(
 ) -> None:
     m, a, b, _ = mesh
     private_consul.restart()  # dev mode: Consul forgets everything; the agents must re-register
+    # Until api's agent has registered again (and its check passed) the new Consul lists no api, and
+    # web's agent, following Consul, has no endpoint: wait for the registration itself.
+    wait_for(lambda: private_consul.get_json("/v1/health/service/api?passing"), 30, "api registered again")
     m.wait_endpoints(a, "api", 1, timeout=30)
-    assert roundtrip(a.binds["api"], b"after restart") == b"after restart"
+    wait_for(lambda: roundtrip(a.binds["api"], b"after restart", timeout=1) == b"after restart", 15.0,
+             "traffic after Consul restart")  # fmt: skip
     m.hostmesh("intention", "deny", "web", "api")
     # After a restart a watch may be sleeping in its error backoff (capped at 5 s): allow for that; the
-    # 1 s bound of the steady state is the other test's.
-    wait_for(lambda: roundtrip(a.binds["api"], b"x", timeout=1) == b"", 15.0, "deny after Consul restart")
-    # Refused by api's agent, not reset by web's for want of an api instance (which also reads b"").
-    assert metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
+    # 1 s bound of the steady state is the other test's. Refused by api's agent (counted there), not
+    # reset by web's for want of an api instance (which also reads b"").
+    wait_for(
+        lambda: (
+            roundtrip(a.binds["api"], b"x", timeout=1) == b""
+            and metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
+        ),
+        15.0,
+        "deny by api's agent after Consul restart",
+    )
 
 
 def test_agent_restarted_while_consul_is_down_serves_from_saved_snapshot(
