@@ -722,7 +722,10 @@ class MeshAgent:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def versions(self) -> dict[str, int]:
-        return dict(self.admin("/v1/config")["versions"])
+        """Consul's index of each document the agent applied: `consul_indexes` since 0.2 (whose
+        `versions` are document versions), `versions` in 0.1."""
+        config = self.admin("/v1/config")
+        return dict(config.get("consul_indexes", config["versions"]))
 
 
 # --- the fleet ------------------------------------------------------------------------------
