@@ -36,7 +36,7 @@ DEFAULT_STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default: pools (databa
 MAX_WORKERS = 64  # more processes than this cannot help a sidecar; catches typos like 1000
 PROTOCOLS = ("tcp", "http", "udp")
 DEFAULT_UDP_IDLE_TIMEOUT = 60.0  # seconds; Envoy's UDP proxy default (a DNS/statsd client is long gone)
-DEFAULT_DNS = "127.0.0.1:15053"  # DESIGN.md's DNS port; loopback: only this host's resolver asks it
+DEFAULT_DNS = "127.0.0.1:15053"  # the documented mesh DNS port; loopback: only this host's resolver asks it
 DEFAULT_DNS_DOMAIN = "mesh."
 # bind = "auto": upstream addresses are hashed into this /16. Not 127.0.0.1 (apps' own ports) and not
 # 127.64.0.0/10 (the fake instances of scale tests); 65,536 addresses make a collision rare, and a

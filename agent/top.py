@@ -21,7 +21,7 @@ from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import HTTPClient
 
-DEFAULT_METRICS_PORT = 15090  # DESIGN.md's default `metrics` port of an agent
+DEFAULT_METRICS_PORT = 15090  # an agent's default `metrics` port (docs/reference/agent-toml.md)
 METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics address under
 SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd

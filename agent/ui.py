@@ -30,7 +30,7 @@ from hostmesh.registry.errors import InvalidDocument, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
 from hostmesh.registry.schema import KINDS, Intentions, parse_document
 
-DEFAULT_LISTEN = "127.0.0.1:15080"  # DESIGN.md's port for `hostmesh ui`
+DEFAULT_LISTEN = "127.0.0.1:15080"  # `hostmesh ui`'s documented default
 CERT_EXPIRY = "hostmesh_cert_expiry_timestamp_seconds"
 SOURCE_INDEX = "hostmesh_config_source_index"
 CONFIG_VERSION = "hostmesh_config_version"
