@@ -34,16 +34,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition", poll: float = POLL) -> Any:
     """Poll `predicate` until it returns a truthy value; bounded in time and count."""
     deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / POLL) + 1):
+    for _ in range(int(timeout / poll) + 1):
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             break
-        time.sleep(POLL)
+        time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 

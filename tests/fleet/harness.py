@@ -46,6 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from hostmesh.agent import localmesh
 from tests.fleet.apps import BlobServer, HttpApp
 from tests.fleet.pki import ConsulPKI
 
@@ -84,15 +85,10 @@ class FleetError(Exception):
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll until `predicate` is truthy; bounded in time and count. Raises FleetError naming `what`."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / POLL) + 1):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL)
-    raise FleetError(f"timed out after {timeout:g}s waiting for {what}")
+    try:
+        return localmesh.wait_for(predicate, timeout, what, poll=POLL)
+    except TimeoutError as exc:
+        raise FleetError(str(exc)) from None
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
