@@ -10,6 +10,16 @@ import pytest
 from tests.support import ConsulDev
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The CLI's remembered read versions (the overwrite rule) go to a throwaway dir, not the
+    user's ~/.local/state: tests neither grow the operator's file nor depend on what it holds."""
+    state = tmp_path_factory.mktemp("cli-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOSTMESH_STATE_DIR", str(state))
+        yield state
+
+
 @pytest.fixture(scope="session")
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
     """One real Consul dev agent for the whole session. Tests use their own KV prefixes/service names."""
