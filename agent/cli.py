@@ -49,8 +49,8 @@ SUBCOMMANDS: dict[str, str] = {
 SUMMARIES: dict[str, str] = {
     "acl": "Consul ACL rules for hostmesh's roles.",
     "agent": "The sidecar agent.",
-    "apply": "Apply every document of FILE (route, policy, intention, gateway, external, by their kind: "
-    "field).",
+    "apply": "Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their "
+    "kind: field).",
     "ca": "Run and manage the hostmesh certificate authority.",
     "check": "Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and "
     "certificates) and an analysis of the routes, policies and intentions in Consul against the catalog.",

@@ -49,9 +49,10 @@ KIND_FOLDERS = {
     "gateway": "gateways",
     "gateways": "gateways",
     "external": "external",
+    "nomad": NOMAD_MAPPING_KIND,  # the CA's Nomad mapping, hostmesh/ca/nomad (`hostmesh ca nomad`)
 }
 CLI_NAMES = {**COMMAND, NOMAD_MAPPING_KIND: "ca nomad"}  # KV folder -> its CLI group
-KIND_CHOICES = "route, policy, intention, gateway or external"
+KIND_CHOICES = "route, policy, intention, gateway, external or nomad"
 STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 
 
@@ -174,7 +175,8 @@ def _split_kind(
     if found is None:
         raise click.ClickException(f"{where}: kind: must be {KIND_CHOICES}")
     if expected is not None and found != expected:
-        raise click.ClickException(f"{where}: is a {data['kind']}, not a {expected} document")
+        noun = "nomad" if expected == NOMAD_MAPPING_KIND else expected  # `ca`: the CA's folder, not a kind
+        raise click.ClickException(f"{where}: is a {data['kind']}, not a {noun} document")
     return found, {k: v for k, v in data.items() if k != "kind"}
 
 
@@ -505,8 +507,8 @@ external = _document_group("external", "external", "external service")
 )
 @click.pass_context
 def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
-    """Apply every document of FILE (route, policy, intention, gateway, external, by their kind:
-    field). All are validated before any is written; each is written with check-and-set."""
+    """Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their
+    kind: field). All are validated before any is written; each is written with check-and-set."""
     docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
     _apply_all(ctx, path, docs, dry_run, force)
 
