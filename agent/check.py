@@ -8,20 +8,24 @@ Each preflight step turns what it saw into `Finding`s, so one table (or `-o json
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from hostmesh.registry.analysis import COMMAND, Catalog, Finding, Instance, analyze, has_errors
-from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
-from hostmesh.registry.http import HTTPClient
-from hostmesh.registry.schema import KINDS, Intentions, parse_document
+from hostmesh.registry.layout import COMMAND, KINDS
+
+if TYPE_CHECKING:
+    from hostmesh.registry.analysis import Catalog, Finding
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.schema import Intentions
+
+# The analysis, the schema, asyncio and the Consul and HTTP clients are imported where a command
+# runs, so that `hostmesh check --help`, `intention --help` and completion do not load them.
 
 CA_SERVICE_NAME = "hostmesh-ca"
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
@@ -44,6 +48,8 @@ def _output(ctx: click.Context, local: str | None) -> str:
 async def _consul_and_documents(
     consul: ConsulClient,
 ) -> tuple[list[Finding], dict[str, dict[str, object]], Catalog | None]:
+    from hostmesh.registry.analysis import Catalog, Finding, Instance
+
     out: list[Finding] = []
     subject = f"consul {consul.url}"
     try:
@@ -130,6 +136,8 @@ async def _consul_and_documents(
 async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
     """Whether the token may write each document folder, probed without writing: a check-and-set
     against an index no key has fails after the ACL check, so a refusal can only be the ACL's."""
+    from hostmesh.registry.analysis import Finding
+
     out = []
     for kind in KINDS:
         key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
@@ -152,8 +160,11 @@ async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
 
 
 async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_domain: str) -> list[Finding]:
+    import asyncio
+
     from hostmesh.agent.ca_client import CAClient, match_pin
     from hostmesh.ca.errors import CAError
+    from hostmesh.registry.analysis import Finding
 
     addresses: list[str] = []
     if address:
@@ -238,6 +249,9 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
 
 
 async def _agent(address: str) -> list[Finding]:
+    from hostmesh.registry.analysis import Finding
+    from hostmesh.registry.http import HTTPClient
+
     subject = f"agent {address}"
     client = HTTPClient(address if "//" in address else f"http://{address}")
     out: list[Finding] = []
@@ -301,6 +315,9 @@ async def _agent(address: str) -> list[Finding]:
 async def run_check(
     settings: Any, agents: list[str], ca: str | None, pin: str | None, trust_domain: str, skip_ca: bool
 ) -> list[Finding]:
+    from hostmesh.registry.analysis import analyze
+    from hostmesh.registry.consul import ConsulClient
+
     async with ConsulClient(settings) as consul:
         findings, documents, catalog = await _consul_and_documents(consul)
         if catalog is not None:
@@ -357,6 +374,10 @@ def check(
     """Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and
     certificates) and an analysis of the routes, policies and intentions in Consul against the
     catalog. Exit 1 when there is an error."""
+    import asyncio
+
+    from hostmesh.registry.analysis import has_errors
+
     try:
         findings = asyncio.run(run_check(_settings(ctx), list(agents), ca, pin, trust_domain, skip_ca))
     except RegistryError as exc:
@@ -415,6 +436,9 @@ def normalize_path(path: str) -> str:
 
 
 async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None, str]:
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.schema import Intentions, parse_document
+
     async with ConsulClient(settings) as consul:
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
@@ -465,6 +489,8 @@ def intention_check(
 ) -> None:
     """Would SRC be allowed to call DST? Answers with the rule that decides, as DST's agent does.
     Exit 0 allowed, 2 denied, 1 error (as `consul intention check`)."""
+    import asyncio
+
     try:
         intentions, found = asyncio.run(_intention_inputs(_settings(ctx), dst))
     except RegistryError as exc:

@@ -43,12 +43,14 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 # `hostmesh --help` lists these instead of importing every subcommand's module (1.4 s -> well under
-# 0.3 s); tests/test_cli_habits.py checks each equals the command's own first sentence.
+# 0.3 s); tests/test_cli_habits.py checks each equals the command's own first sentence. The modules
+# themselves import their heavy code (asyncio, YAML, the schema, Consul, cryptography) only where a
+# command runs, so `hostmesh <group> --help` and completion stay as cheap (the same test file checks).
 SUMMARIES: dict[str, str] = {
     "acl": "Consul ACL rules for hostmesh's roles.",
     "agent": "The sidecar agent.",
-    "apply": "Apply every document of FILE (route, policy, intention, gateway, external, by their kind: "
-    "field).",
+    "apply": "Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their "
+    "kind: field).",
     "ca": "Run and manage the hostmesh certificate authority.",
     "check": "Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and "
     "certificates) and an analysis of the routes, policies and intentions in Consul against the catalog.",
@@ -144,13 +146,12 @@ def main() -> None:
 
 
 def _version() -> str:
-    # importlib.metadata (email, zipfile, csv, …) costs ~2 MiB of RSS: loaded for --version only
-    from importlib.metadata import PackageNotFoundError, version
+    # the dist-info folder's name, as the agent's build info reads it: importlib.metadata (email,
+    # zipfile, csv, …) would double what `hostmesh version` imports and cost ~2 MiB of RSS
+    from hostmesh.registry.version import installed_version
 
-    try:
-        return version("hostmesh")
-    except PackageNotFoundError:  # running from a source tree without an install
-        return "0+unknown"
+    found = installed_version()
+    return "0+unknown" if found == "unknown" else found  # "unknown": a source tree without an install
 
 
 def hoist_global_options(root: click.Group, ctx: click.Context, args: list[str]) -> list[str]:

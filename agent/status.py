@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 from typing import Any
@@ -10,12 +9,16 @@ from typing import Any
 import click
 
 from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.http import HTTPClient
+
+# asyncio and the HTTP client are imported where a command runs: `hostmesh version` and `--help`
+# need neither.
 
 DEFAULT_AGENT = "127.0.0.1:15000"
 
 
 async def fetch_status(address: str) -> dict[str, Any]:
+    from hostmesh.registry.http import HTTPClient
+
     client = HTTPClient(address if "//" in address else f"http://{address}")
     try:
         out: dict[str, Any] = {}
@@ -68,6 +71,8 @@ def render_table(status: dict[str, Any]) -> str:
 def status(ctx: click.Context, address: str) -> None:
     """What an agent has applied (document versions), and when its certificates expire (root_id:
     the root that signed each)."""
+    import asyncio
+
     try:
         result = asyncio.run(fetch_status(address))
     except RegistryError as exc:
@@ -96,6 +101,8 @@ def version(ctx: click.Context, address: str | None) -> None:
 
     result: dict[str, Any] = {"client": _version()}
     if address is not None:
+        import asyncio
+
         result["agent"] = asyncio.run(_agent_version(address))
     out = (ctx.find_root().obj or {}).get("output")
     if out in ("json", "yaml"):
@@ -107,6 +114,8 @@ def version(ctx: click.Context, address: str | None) -> None:
 
 
 async def _agent_version(address: str) -> str:
+    from hostmesh.registry.http import HTTPClient
+
     client = HTTPClient(address if "//" in address else f"http://{address}")
     try:
         resp = await client.request("GET", "/v1/version", timeout=5)

@@ -8,18 +8,22 @@ apart; the numbers are agent/meshstats.py's. `--once` prints one frame and exits
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import click
 
 from hostmesh.agent import meshstats
-from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.http import HTTPClient
+
+if TYPE_CHECKING:
+    from hostmesh.registry.consul import ConsulClient
+
+# asyncio and the Consul and HTTP clients are imported where the command runs (`top --help` and
+# completion need none of them).
 
 DEFAULT_METRICS_PORT = 15090  # an agent's default `metrics` port (docs/reference/agent-toml.md)
 METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics address under
@@ -61,6 +65,8 @@ async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> lis
 
 
 async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> list[meshstats.Sample]:
+    from hostmesh.registry.http import HTTPClient
+
     base, _, path = target.url.partition("//")[2].partition("/")
     client = HTTPClient(f"http://{base}")
     try:
@@ -81,6 +87,8 @@ async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> l
 
 
 async def scrape_all(ts: list[Target]) -> list[meshstats.Sample]:
+    import asyncio
+
     results = await asyncio.gather(*(scrape(t) for t in ts))
     return [s for r in results for s in r]
 
@@ -128,6 +136,10 @@ def frame_json(
 
 
 async def _run(ctx: click.Context, interval: float, once: bool, port: int, fmt: str) -> None:
+    import asyncio
+
+    from hostmesh.registry.consul import ConsulClient
+
     settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
     async with ConsulClient(settings) as consul:
         ts = await targets(consul, port)
@@ -172,6 +184,8 @@ async def _run(ctx: click.Context, interval: float, once: bool, port: int, fmt: 
 def top(ctx: click.Context, interval: float, once: bool, metrics_port: int, fmt: str | None) -> None:
     """Live per-service traffic from the agents' metrics: request rate, success rate, p50/p99
     latency, TCP connections; services sorted by request rate. Ctrl-C stops it."""
+    import asyncio
+
     out = fmt or ((ctx.find_root().obj or {}).get("output") or "table")
     try:
         asyncio.run(_run(ctx, interval, once, metrics_port, out))

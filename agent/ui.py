@@ -16,19 +16,26 @@ certificates expire. An agent that stops answering keeps its last known versions
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hostmesh.agent import meshstats, top
-from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import InvalidDocument, RegistryError
-from hostmesh.registry.http import HTTPServer, Request, Response
-from hostmesh.registry.schema import KINDS, Intentions, parse_document
+from hostmesh.registry.layout import KINDS
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.http import Request, Response
+    from hostmesh.registry.schema import Intentions
+
+# asyncio, the schema and the Consul and HTTP code are imported where the page is served (`ui --help`
+# and completion need none of them).
 
 DEFAULT_LISTEN = "127.0.0.1:15080"  # `hostmesh ui`'s documented default
 CERT_EXPIRY = "hostmesh_cert_expiry_timestamp_seconds"
@@ -58,6 +65,8 @@ class Collector:
             self.state = {**self.state, "error": " ".join(str(exc).split())}
 
     async def _collect(self) -> dict[str, Any]:
+        import asyncio
+
         now = time.time()
         targets = await top.targets(self.consul, self.metrics_port)
         per_agent = await asyncio.gather(*(top.scrape(t, UI_WANTED) for t in targets))
@@ -121,6 +130,8 @@ class Collector:
         return out
 
     async def _intentions(self) -> dict[str, Intentions]:
+        from hostmesh.registry.schema import Intentions, parse_document
+
         out = {}
         for entry in await self.consul.kv_list("hostmesh/intentions/"):
             name = entry.key.rpartition("/")[2]
@@ -302,6 +313,11 @@ setInterval(() => fetch("/api/state").then(r => r.json()).then(render).catch(() 
 
 async def serve(settings: Any, host: str, port: int, interval: float, metrics_port: int,
                 ready: asyncio.Event | None = None) -> None:  # fmt: skip
+    import asyncio
+
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.http import HTTPServer, Response
+
     async with ConsulClient(settings) as consul:
         collector = Collector(consul, metrics_port)
         await collector.poll()
@@ -361,6 +377,8 @@ def ui(ctx: click.Context, listen: str, interval: float, metrics_port: int) -> N
     host, _, port_s = listen.rpartition(":")
     if not host or not port_s.isdigit():
         raise click.ClickException(f"--listen {listen!r}: expected HOST:PORT")
+    import asyncio
+
     settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
     try:
         asyncio.run(serve(settings, host.strip("[]"), int(port_s), interval, metrics_port))

@@ -14,25 +14,27 @@ Errors are one line on stderr and exit status 1; never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
-import logging
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from hostmesh.ca import pki, store, tokens
-from hostmesh.ca.audit import AuditLog
-from hostmesh.ca.errors import CAError
-from hostmesh.ca.service import DEFAULT_HOST, DEFAULT_PORT, CAService, describe, parse_listen, sd_notify
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
+from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.errors import RegistryError
+
+if TYPE_CHECKING:
+    from hostmesh.ca import tokens
+    from hostmesh.ca.audit import AuditLog
+    from hostmesh.registry.consul import ConsulClient
+
+# The CA's code (cryptography, its server, the Consul client) is imported where a command runs:
+# `hostmesh ca --help` and completion build these commands from the modules above alone.
 
 DEFAULT_DATA_DIR = "/var/lib/hostmesh-ca"
 
@@ -53,6 +55,8 @@ def one_line_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from hostmesh.ca.errors import CAError
+
         try:
             return fn(*args, **kwargs)
         except (CAError, RegistryError) as exc:
@@ -84,11 +88,14 @@ def ca() -> None:
 
 @ca.command()
 @data_dir_option
-@click.option("--trust-domain", default=pki.DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
 @click.pass_context
 @one_line_errors
 def init(ctx: click.Context, data_dir: Path, trust_domain: str) -> None:
     """Create the root (ECDSA P-256) and print its pin for agents' config."""
+    from hostmesh.ca import store
+    from hostmesh.ca.service import describe
+
     authority = store.init(data_dir, trust_domain)
     if _json_output(ctx):
         click.echo(json.dumps(describe(authority), indent=2))
@@ -107,6 +114,9 @@ def init(ctx: click.Context, data_dir: Path, trust_domain: str) -> None:
 @one_line_errors
 def roots(ctx: click.Context, data_dir: Path) -> None:
     """List the roots in the bundle and which one signs."""
+    from hostmesh.ca import store
+    from hostmesh.ca.service import describe
+
     info = describe(store.load(data_dir))
     if _root_obj(ctx).get("output") == "yaml":
         import yaml
@@ -127,6 +137,8 @@ def roots(ctx: click.Context, data_dir: Path) -> None:
 @one_line_errors
 def rotate(ctx: click.Context, data_dir: Path) -> None:
     """Add a new root and sign with it (the old roots stay trusted until retired)."""
+    from hostmesh.ca import store
+
     authority, root = store.rotate(data_dir)
     click.echo(root.pin)
     click.echo(
@@ -143,6 +155,8 @@ def rotate(ctx: click.Context, data_dir: Path) -> None:
 @one_line_errors
 def retire_root(root_id: str, data_dir: Path) -> None:
     """Remove an old root from the bundle (never the active signing root)."""
+    from hostmesh.ca import store
+
     authority, root = store.retire(data_dir, root_id)
     click.echo(f"retired root {root.id}; bundle has {len(authority.roots)} root(s)", err=True)
 
@@ -201,7 +215,13 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
+    import asyncio
+
+    from hostmesh.ca import tokens
+    from hostmesh.ca.audit import AuditLog
+    from hostmesh.ca.service import parse_listen
     from hostmesh.registry import logs
+    from hostmesh.registry.consul import ConsulClient
 
     logs.setup(log_level, log_format)
     host, port = parse_listen(listen)
@@ -245,6 +265,12 @@ async def _serve(
     consul: ConsulClient,
     nomad: Any = None,
 ) -> None:
+    import asyncio
+    import logging
+    import signal
+
+    from hostmesh.ca.service import CAService, sd_notify
+
     log = logging.getLogger("hostmesh.ca")
     try:
         service = CAService(
@@ -317,6 +343,11 @@ def token() -> None:
 @one_line_errors
 def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_dir: Path | None) -> None:
     """Print a single-use join token (stdout only, so `> /etc/hostmesh/join-token` works)."""
+    import asyncio
+
+    from hostmesh.ca import store, tokens
+    from hostmesh.registry.consul import ConsulClient
+
     if data_dir is not None:
         store.load(data_dir)
     duration = tokens.parse_duration(ttl, "token ttl")

@@ -72,6 +72,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
+from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
 from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -84,8 +85,6 @@ log = logging.getLogger(__name__)
 
 CA_SERVICE_NAME = "hostmesh-ca"
 ROOTS_KEY = "hostmesh/ca/roots"
-DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator opens it with --listen: the CA is not for the world
-DEFAULT_PORT = 15012
 MAX_REQUEST_BYTES = 64 * 1024  # a request is a <1 KiB CSR plus a TTL; bound what we buffer per client
 MIN_LEAF_TTL = dt.timedelta(seconds=1)  # below a second a leaf expires in flight; 0/negative is a unit slip
 SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued from the active root

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hostmesh.registry.schema import KINDS
+from hostmesh.registry.layout import KINDS
 
 ROOT = "hostmesh"
 CA_SERVICE = "hostmesh-ca"  # what `hostmesh ca serve` registers (ca/service.py)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.layout import COMMAND
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -44,15 +45,6 @@ def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
     `hostmesh check` tell a policy nobody applies); nothing when it would not fit in one value."""
     value = ",".join(sorted(set(names)))
     return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}
-
-
-COMMAND = {  # KV folder -> the CLI group that manages it
-    "routes": "route",
-    "policies": "policy",
-    "intentions": "intention",
-    "gateways": "gateway",
-    "external": "external",
-}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,38 +9,28 @@ document, version conflict, Consul down or refusing) is one line on stderr and e
 
 from __future__ import annotations
 
-import asyncio
-import difflib
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import yaml
 
 from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
-from hostmesh.registry.analysis import COMMAND
-from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
-from hostmesh.registry.documents import GATEWAY_KIND_META as KIND_META
-from hostmesh.registry.documents import Document, DocumentStore
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
-from hostmesh.registry.schema import (
-    NOMAD_MAPPING_KIND,
-    NOMAD_MAPPING_NAME,
-    ExternalService,
-    GatewayDocument,
-    Intentions,
-    NomadMapping,
-    PolicyDocument,
-    RouteDocument,
-    parse_document,
-    valid_service_name,
-)
+from hostmesh.registry.layout import COMMAND, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.layout import GATEWAY_KIND_META as KIND_META
+
+if TYPE_CHECKING:
+    from hostmesh.registry.documents import Document, DocumentStore
+
+# Building these commands imports only the modules above: asyncio, YAML, the schema and the Consul
+# client are imported by the code that runs a command, so `hostmesh route --help` and shell
+# completion stay cheap (tests/test_cli_habits.py checks what a help run imports).
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
@@ -59,9 +49,10 @@ KIND_FOLDERS = {
     "gateway": "gateways",
     "gateways": "gateways",
     "external": "external",
+    "nomad": NOMAD_MAPPING_KIND,  # the CA's Nomad mapping, hostmesh/ca/nomad (`hostmesh ca nomad`)
 }
 CLI_NAMES = {**COMMAND, NOMAD_MAPPING_KIND: "ca nomad"}  # KV folder -> its CLI group
-KIND_CHOICES = "route, policy, intention, gateway or external"
+KIND_CHOICES = "route, policy, intention, gateway, external or nomad"
 STATE_ENV = "HOSTMESH_STATE_DIR"  # where the CLI remembers the versions this user read (default below)
 
 
@@ -85,6 +76,10 @@ def _output(ctx: click.Context, local: str | None, default: str = "table") -> st
 
 def _run(ctx: click.Context, fn: Callable[[DocumentStore], Awaitable[T]]) -> T:
     """Run `fn(store)` against Consul; registry errors become one line on stderr and exit 1."""
+    import asyncio
+
+    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.documents import DocumentStore
 
     async def main() -> T:
         async with ConsulClient(consul_settings(ctx)) as consul:
@@ -103,6 +98,8 @@ def _one_line(text: str) -> str:
 def _dump(data: Any, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False)
+    import yaml
+
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
 
 
@@ -116,6 +113,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _check_service(name: str, what: str, wildcard: bool = False) -> str:
+    from hostmesh.registry.schema import valid_service_name
+
     if wildcard and name == "*":
         return name
     if not valid_service_name(name):
@@ -128,6 +127,8 @@ def _check_service(name: str, what: str, wildcard: bool = False) -> str:
 
 def _read_documents(path: str) -> list[dict[str, Any]]:
     """Load the YAML (`---`-separated) or JSON documents of `path` (`-` for stdin) as mappings."""
+    import yaml
+
     try:
         if path == "-":
             text = sys.stdin.read(MAX_FILE_BYTES + 1)
@@ -174,7 +175,8 @@ def _split_kind(
     if found is None:
         raise click.ClickException(f"{where}: kind: must be {KIND_CHOICES}")
     if expected is not None and found != expected:
-        raise click.ClickException(f"{where}: is a {data['kind']}, not a {expected} document")
+        noun = "nomad" if expected == NOMAD_MAPPING_KIND else expected  # `ca`: the CA's folder, not a kind
+        raise click.ClickException(f"{where}: is a {data['kind']}, not a {noun} document")
     return found, {k: v for k, v in data.items() if k != "kind"}
 
 
@@ -188,6 +190,16 @@ def _versioned(content: dict[str, Any], version: int) -> dict[str, Any]:
 
 
 def _summary(kind: str, data: dict[str, Any]) -> str:
+    from hostmesh.registry.schema import (
+        ExternalService,
+        GatewayDocument,
+        Intentions,
+        NomadMapping,
+        PolicyDocument,
+        RouteDocument,
+        parse_document,
+    )
+
     try:
         doc = parse_document(kind, data)
     except InvalidDocument as exc:
@@ -262,6 +274,8 @@ def _apply_all(
     ctx: click.Context, path: str, docs: list[tuple[str, dict[str, Any]]], dry_run: bool, force: bool
 ) -> None:
     """Validate every document first (nothing is written if one is invalid), then apply each."""
+    from hostmesh.registry.schema import parse_document
+
     parsed = []
     for i, (kind, data) in enumerate(docs):
         where = f"{path} (document {i + 1})" if len(docs) > 1 else path
@@ -300,6 +314,10 @@ async def _apply_one(
     force: bool,
 ) -> int | None:
     """Diff and write one document; the version now live (None for a dry run)."""
+    import difflib
+
+    from hostmesh.registry.schema import parse_document
+
     name = CLI_NAMES[kind]
     try:
         current = await store.get(kind, service)
@@ -489,8 +507,8 @@ external = _document_group("external", "external", "external service")
 )
 @click.pass_context
 def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
-    """Apply every document of FILE (route, policy, intention, gateway, external, by their kind:
-    field). All are validated before any is written; each is written with check-and-set."""
+    """Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their
+    kind: field). All are validated before any is written; each is written with check-and-set."""
     docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
     _apply_all(ctx, path, docs, dry_run, force)
 
@@ -614,6 +632,8 @@ def intention_delete(ctx: click.Context, src: str, dst: str) -> None:
 @click.pass_context
 def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None:
     """List intentions (of DST only, when given): one line per rule."""
+    from hostmesh.registry.schema import Intentions, parse_document
+
     if dst is not None:
         _check_service(dst, "destination")
 

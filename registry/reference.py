@@ -1,4 +1,5 @@
-"""The reference of the config documents (route, policy, intentions, gateway, external): one table
+"""The reference of the config documents (route, policy, intentions, gateway, external, the CA's Nomad
+mapping): one table
 per kind, from which docs/reference/documents.md and the JSON Schemas in docs/schema/ are generated.
 
 The parsers in registry/schema.py stay the authority on what is valid; this table says what each field
@@ -30,6 +31,8 @@ from hostmesh.registry.schema import (
     MAX_EXTERNAL_ADDRESSES,
     MAX_GATEWAY_ROUTES,
     MAX_HOSTS,
+    MAX_NOMAD_NAME,
+    MAX_NOMAD_RULES,
     MAX_PERMISSIONS,
     MAX_RETRY_ATTEMPTS,
     MAX_ROUTES,
@@ -68,6 +71,17 @@ class Kind:
     title: str
     doc: str
     fields: tuple[Field, ...]
+    command: str = ""  # the CLI group, when it is not `name` (`ca nomad`)
+    folder_is_kind: bool = True  # `kind:` may also say the folder (`routes`); not `ca`, the CA's folder
+
+    @property
+    def kind_values(self) -> tuple[str, ...]:
+        """What a document's `kind:` may say."""
+        return (self.name, self.folder) if self.folder_is_kind else (self.name,)
+
+    @property
+    def cli_group(self) -> tuple[str, ...]:
+        return tuple((self.command or self.name).split())
 
 
 def _common(what: str) -> tuple[Field, ...]:
@@ -424,13 +438,61 @@ EXTERNAL = Kind(
     ),
 )
 
-KINDS: tuple[Kind, ...] = (ROUTE, POLICY, INTENTIONS, GATEWAY, EXTERNAL)
+_NOMAD_NAME_DOC = f'(letters, digits, `_`, `.`, `-`; at most {MAX_NOMAD_NAME}), or `"*"` for any'
+
+NOMAD = Kind(
+    "nomad",
+    "ca",
+    "Nomad mapping document",
+    "Which Nomad workloads may obtain which mesh identities from the CA (`hostmesh ca serve "
+    "--nomad-jwks`). A workload's identity JWT names its namespace, job and task; the CA signs a "
+    "certificate for a service only if a rule matching that workload lists the service (the union "
+    "over every matching rule). No document or no matching rule: refused. One document, stored at "
+    "`hostmesh/ca/nomad` and edited with `hostmesh ca nomad apply|get|history|rollback`; it has no "
+    "`service` field.",
+    (
+        Field(
+            "version",
+            "integer",
+            "The version this file was read at. `apply` writes only if the live document is still at "
+            "this version (check-and-set); omit it to create a document, see the overwrite rule.",
+            minimum=0,
+        ),
+        Field(
+            "rules",
+            "list",
+            f"The rules (at most {MAX_NOMAD_RULES}); an empty list refuses every workload.",
+            required=True,
+        ),
+        Field("rules[]", "object", "Workloads and the identities they may obtain."),
+        Field("rules[].namespace", "string", f"The Nomad namespace {_NOMAD_NAME_DOC}.", required=True),
+        Field("rules[].job", "string", f"The Nomad job ID {_NOMAD_NAME_DOC}.", required=True),
+        Field(
+            "rules[].task",
+            "string",
+            f"The task holding the identity, usually the hostmesh sidecar task {_NOMAD_NAME_DOC}.",
+            default="any task",
+        ),
+        Field(
+            "rules[].services",
+            "list",
+            f"The services these workloads may obtain certificates for (at most {MAX_RULES}).",
+            required=True,
+            item="service",
+        ),
+        Field("rules[].description", "string", "Free text kept with the rule."),
+    ),
+    command="ca nomad",
+    folder_is_kind=False,
+)
+
+KINDS: tuple[Kind, ...] = (ROUTE, POLICY, INTENTIONS, GATEWAY, EXTERNAL, NOMAD)
 
 
 def kind_by_name(name: str) -> Kind | None:
     """`route`/`routes`, `policy`/`policies`, `intention`/`intentions`, `gateway`/`gateways`,
-    `external`."""
-    return next((k for k in KINDS if name in (k.name, k.folder)), None)
+    `external`, `nomad`."""
+    return next((k for k in KINDS if name in k.kind_values), None)
 
 
 # --- the parser's own view, for the drift test -----------------------------------------------------
@@ -581,7 +643,7 @@ def json_schema(kind: Kind) -> dict[str, Any]:
     by_path = {f.path: f for f in kind.fields}
     body = _schema_of(kind, "", by_path)
     body["properties"]["kind"] = {
-        "enum": [kind.name, kind.folder],
+        "enum": list(kind.kind_values),
         "description": "The document kind, for files holding several kinds (`hostmesh apply -f`).",
     }
     return {

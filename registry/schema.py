@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
+from hostmesh.registry.layout import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
 
 SERVICE_NAME_MAX = 63  # one DNS label: names appear in SPIFFE IDs and DNS SANs (same rule as hostmesh.ca.pki)
 MAX_RULES = 1024  # intention rules are scanned per connection/request; keep that scan bounded
@@ -32,8 +34,6 @@ MAX_STRING_LEN = 4096  # any single string value (header values, descriptions, p
 MAX_DURATION = 24 * 3600.0  # a timeout or backoff above a day is a unit mistake, not intent
 MAX_RETRY_ATTEMPTS = 10  # more retries only amplify an outage
 MAX_HEADER_OPS = 64  # per header-manipulation block
-
-KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _SUBSET_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
@@ -1056,8 +1056,6 @@ def parse_policy(data: object) -> PolicyDocument:
 
 # --- the CA's Nomad mapping (hostmesh/ca/nomad) ---------------------------------------------
 
-NOMAD_MAPPING_KIND = "ca"  # stored like the other documents: live at hostmesh/ca/nomad, history under
-NOMAD_MAPPING_NAME = "nomad"  # hostmesh/history/ca/nomad/<version>; one document, not one per service
 MAX_NOMAD_RULES = 1024  # scanned per workload-identity bootstrap; same bound as intention rules
 _NOMAD_ID_RE = re.compile(r"[A-Za-z0-9_.-]+|\*")  # Nomad namespace/job/task names, or "*"
 MAX_NOMAD_NAME = 128  # Nomad's own limit on job IDs and names is 128

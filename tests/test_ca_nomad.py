@@ -275,6 +275,35 @@ def test_mapping_apply_get_history_rollback(consul: ConsulDev, tmp_path: Path) -
     asyncio.run(clear())
 
 
+def test_mapping_with_kind_nomad_in_a_multi_document_file(consul: ConsulDev, tmp_path: Path) -> None:
+    """`kind: nomad` (what examples/ and the JSON Schema say) is accepted by `hostmesh ca nomad apply`
+    and, beside other kinds, by `hostmesh apply`; another kind is refused by `ca nomad apply`."""
+    import asyncio
+
+    async def clear() -> None:
+        async with ConsulClient(consul.url) as c:
+            await c.kv_delete("hostmesh/ca/nomad")
+            await c.kv_delete("hostmesh/history/ca/nomad/", recurse=True)
+            await c.kv_delete("hostmesh/routes/nomad-kind-web")
+
+    asyncio.run(clear())
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(
+        "kind: route\nservice: nomad-kind-web\n---\n"
+        "kind: nomad\nrules:\n  - namespace: default\n    job: shop\n    services: [nomad-kind-web]\n"
+    )
+    runner = CliRunner(env={"HOSTMESH_STATE_DIR": str(tmp_path / "state")})
+    result = runner.invoke(cli, ["--consul", consul.url, "apply", "-f", str(mixed)])
+    assert result.exit_code == 0, result.output
+    assert "routes/nomad-kind-web: version 1 written" in result.output
+    assert "ca/nomad: version 1 written" in result.output
+    assert '"nomad-kind-web"' in ca_cli(consul, "get", "-o", "json").output
+    result = ca_cli(consul, "apply", "-f", str(mixed))
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {mixed}: is a route, not a nomad document"
+    asyncio.run(clear())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

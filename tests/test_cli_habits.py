@@ -109,6 +109,84 @@ def test_help_lists_commands_without_importing_them() -> None:
         assert name in out.stdout
 
 
+# What a help, `version` or completion run must not import: the Consul client and the document
+# code, the CA's cryptography, and every heavy dependency (the agent's, the CA's, the YAML parser).
+NOT_FOR_HELP = (
+    "asyncio", "ssl", "yaml", "cryptography", "jwt", "httptools", "uvloop", "dns", "re2", "nomad",
+    "prometheus_client", "opentelemetry", "asyncio_dgram", "importlib.metadata",
+    "hostmesh.registry.consul", "hostmesh.registry.http", "hostmesh.registry.documents",
+    "hostmesh.registry.schema", "hostmesh.registry.analysis", "hostmesh.ca.pki", "hostmesh.ca.service",
+    "hostmesh.ca.store", "hostmesh.agent.run",
+)  # fmt: skip
+
+# Runs in a fresh interpreter through the console script's entry point (hostmesh.agent.cli:main):
+# every command line below, one after the other, then which of NOT_FOR_HELP each one loaded first.
+HELP_RUNS = """
+import json, os, sys
+from hostmesh.agent.cli import SUBCOMMANDS, click_root, main
+import click
+
+heavy = json.loads(sys.argv[1])
+def loaded():
+    return {h for h in heavy for m in list(sys.modules) if m == h or m.startswith(h + ".")}
+
+def run(argv, env=None):
+    sys.argv = ["hostmesh", *argv]
+    os.environ.update(env or {})
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None), (argv, exc.code)
+    for k in env or {}:
+        del os.environ[k]
+
+first, runs = {}, 0
+def help_of(*words):
+    global runs
+    run([*words, "--help"])  # before the walk below looks into the command: the run is the first to load it
+    runs += 1
+    for h in loaded() - set(first):
+        first[h] = " ".join(["hostmesh", *words, "--help"])
+
+for argv in (["--version"], ["version"], ["version", "-o", "json"]):
+    run(argv)
+    for h in loaded() - set(first):
+        first[h] = " ".join(["hostmesh", *argv])
+help_of()
+for name in sorted(SUBCOMMANDS):
+    help_of(name)
+    cmd = click_root().get_command(click.Context(click_root()), name)
+    for sub, subcmd in getattr(cmd, "commands", {}).items():
+        help_of(name, sub)
+        for subsub in getattr(subcmd, "commands", {}):
+            help_of(name, sub, subsub)
+for words in ("hostmesh ", "hostmesh route ", "hostmesh ca nomad ", "hostmesh route apply --"):
+    cword = str(len(words.split()) - (0 if words.endswith(" ") else 1))
+    run([], {"_HOSTMESH_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": cword})
+    for h in loaded() - set(first):
+        first[h] = "completion of " + repr(words)
+run([], {"_HOSTMESH_COMPLETE": "bash_source"})
+print(json.dumps({"first": first, "runs": runs}), file=sys.stderr)
+"""
+
+
+def test_help_version_and_completion_import_no_command_code() -> None:
+    """`hostmesh --help`, every `hostmesh <group> [<command>] --help`, `hostmesh version` and shell
+    completion build the click commands only: none of them loads asyncio, YAML, the schema, the
+    Consul client or cryptography (what made them take most of a second)."""
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_RUNS, json.dumps(NOT_FOR_HELP)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    assert report["runs"] > 60  # every group's commands were walked, not just the root
+    assert report["first"] == {}, f"loaded by (module: first command line): {report['first']}"
+    assert "route" in out.stdout and "_HOSTMESH_COMPLETE" in out.stdout  # help and completion did run
+
+
 def test_help_summaries_are_the_commands_own() -> None:
     root = click_root()
     ctx = click.Context(root)

@@ -144,7 +144,7 @@ def test_invalid_document_names_the_field(consul: ConsulDev, tmp_path: Path) -> 
         ("- a\n- b\n", "the document must be a mapping"),
         ("service: a\n---\nkind: policy\nservice: b\n", "(document 2): is a policy, not a routes document"),
         ("service: a\n---\nservice: a\n", "the same document appears twice"),
-        ("kind: widget\nservice: a\n", "kind: must be route, policy, intention, gateway or external"),
+        ("kind: widget\nservice: a\n", "kind: must be route, policy, intention, gateway, external or nomad"),
         ("kind: gateway\nservice: a\n", "is a gateway, not a routes document"),
         ("", "no document"),
     ],

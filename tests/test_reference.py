@@ -29,7 +29,7 @@ from hostmesh.agent import reference
 from hostmesh.agent.cli import cli
 from hostmesh.registry import reference as documents
 from hostmesh.registry.documents import doc_key
-from hostmesh.registry.schema import KINDS, parse_document
+from hostmesh.registry.schema import PARSERS, parse_document
 from tests.support import ConsulDev
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +49,19 @@ def without_kind(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k != "kind"}
 
 
+def stored_name(doc: dict[str, Any]) -> str:
+    """The name the document is stored under: its service, or the Nomad mapping's one name."""
+    kind = documents.kind_by_name(doc["kind"])
+    assert kind is not None
+    return parse_document(kind.folder, without_kind(doc)).service
+
+
 def test_every_document_kind_is_in_the_reference() -> None:
-    assert {k.folder for k in documents.KINDS} == set(KINDS)
+    """Every document a parser reads (the Nomad mapping at hostmesh/ca/nomad included) has a table,
+    hence a reference section, a JSON Schema and an example."""
+    assert {k.folder for k in documents.KINDS} == set(PARSERS)
+    kinds_with_example = {documents.kind_by_name(doc["kind"]) for _, _, doc in example_documents()}
+    assert kinds_with_example == set(documents.KINDS)
 
 
 @pytest.mark.parametrize("kind", documents.KINDS, ids=lambda k: k.name)
@@ -176,19 +187,20 @@ def test_schema_refuses_what_the_parser_refuses() -> None:
 
 @pytest.mark.consul
 def test_every_example_applies_to_consul(consul: ConsulDev, tmp_path: Path) -> None:
-    """`hostmesh <kind> apply -f` for single-kind files, `hostmesh apply -f` for mixed ones."""
+    """`hostmesh <kind> apply -f` (`hostmesh ca nomad apply -f` for the Nomad mapping) for
+    single-kind files, `hostmesh apply -f` for mixed ones."""
     runner = CliRunner(env={"HOSTMESH_STATE_DIR": str(tmp_path / "state")})
     for path in sorted(EXAMPLES.glob("*.yaml")):
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         kinds = {documents.kind_by_name(d["kind"]) for d in docs}
         assert None not in kinds
-        group = [next(iter(kinds)).name] if len(kinds) == 1 else []  # type: ignore[union-attr]
+        group = list(next(iter(kinds)).cli_group) if len(kinds) == 1 else []  # type: ignore[union-attr]
         for d in docs:
-            consul.kv_delete(doc_key(documents.kind_by_name(d["kind"]).folder, d["service"]))  # type: ignore[union-attr]
+            consul.kv_delete(doc_key(documents.kind_by_name(d["kind"]).folder, stored_name(d)))  # type: ignore[union-attr]
         result = runner.invoke(cli, ["--consul", consul.url, *group, "apply", "-f", str(path)])
         assert result.exit_code == 0, (path.name, result.output)
         for d in docs:
             kind = documents.kind_by_name(d["kind"])
             assert kind is not None
-            stored = json.loads(consul.kv_get(doc_key(kind.folder, d["service"])) or b"{}")
+            stored = json.loads(consul.kv_get(doc_key(kind.folder, stored_name(d))) or b"{}")
             assert {k: v for k, v in stored.items() if k != "version"} == without_kind(d), path.name
