@@ -29,6 +29,7 @@ from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
+from hostmesh.registry.layout import GATEWAY_KIND_META
 from hostmesh.registry.schema import (
     KINDS,
     NOMAD_MAPPING_KIND,
@@ -37,8 +38,6 @@ from hostmesh.registry.schema import (
     check_protocol,
     parse_document,
 )
-
-GATEWAY_KIND_META = "hostmesh-kind"  # a gateway's registration meta (agent/config.py KIND_META)
 
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
