@@ -20,6 +20,7 @@ from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
 from hostmesh.registry.errors import InvalidSettings
+from hostmesh.registry.layout import GATEWAY_KIND_META
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -95,7 +96,6 @@ class ServiceConfig:
 
 
 GATEWAY_KINDS = {"ingress": "ingress-gateway", "egress": "egress-gateway"}  # -> Consul meta hostmesh-kind
-KIND_META = "hostmesh-kind"
 GATEWAY_PROTOCOLS = ("http", "https", "tls")  # tls: passthrough by SNI to a TCP mesh service
 
 
@@ -669,7 +669,7 @@ def _gateway_service(g: GatewayConfig) -> ServiceConfig:
     """A gateway's identity as a local service: certificate, registration (meta hostmesh-kind) and
     intentions come from the service machinery; there is no app behind it (port 0, never probed)."""
     return ServiceConfig(
-        name=g.name, port=0, meta={KIND_META: GATEWAY_KINDS[g.kind]}, kind=GATEWAY_KINDS[g.kind]
+        name=g.name, port=0, meta={GATEWAY_KIND_META: GATEWAY_KINDS[g.kind]}, kind=GATEWAY_KINDS[g.kind]
     )
 
 

@@ -331,6 +331,7 @@ class LocalMesh:
 
 PORT_RACE_RETRIES = 3  # fresh-port retries when another process took a free port before Consul bound it
 CONSUL_START_TIMEOUT = 30.0  # a dev agent elects itself leader in ~1 s; CI machines can be slow
+CONSUL_INSTALL_TIMEOUT = 600.0  # scripts/install-consul.sh: an apt update and download from a slow mirror
 
 
 def consul_binary() -> str:
@@ -345,6 +346,7 @@ def consul_binary() -> str:
         check=True,
         capture_output=True,
         text=True,
+        timeout=CONSUL_INSTALL_TIMEOUT,
     )
     return out.stdout.strip().splitlines()[-1]
 

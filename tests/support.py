@@ -7,12 +7,22 @@ which `make demo` uses too; it is re-exported here for the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from hostmesh.agent.localmesh import ConsulDev, consul_binary, free_port, wait_for
+from hostmesh.agent.localmesh import (
+    AgentHandle,
+    ConsulDev,
+    EchoServer,
+    LocalMesh,
+    consul_binary,
+    free_port,
+    wait_for,
+)
+from tests.l7_support import Backends
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.02  # readiness polling step: bounded by count and total time in every wait
@@ -36,7 +46,17 @@ async def async_wait_until(
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-__all__ = ["REPO", "ConsulDev", "async_wait_until", "consul_binary", "free_port", "wait_for", "wait_until"]
+__all__ = [
+    "REPO",
+    "ConsulDev",
+    "WebMesh",
+    "async_wait_until",
+    "consul_binary",
+    "free_port",
+    "wait_for",
+    "wait_until",
+    "web_api_db_mesh",
+]
 
 
 def metric_sample(tel: Any, name: str, **labels: str) -> float:
@@ -47,3 +67,75 @@ def metric_sample(tel: Any, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+class WebMesh(NamedTuple):
+    m: LocalMesh
+    consul: ConsulDev
+    agents: dict[str, AgentHandle]  # by node: n-api, n-db, the extra ones, n-web
+    tmp: Path
+
+    @property
+    def web(self) -> AgentHandle:
+        return self.agents["n-web"]
+
+
+@contextlib.contextmanager
+def web_api_db_mesh(
+    tmp: Path,
+    prefix: str,
+    consul_node: str,
+    *,
+    api_meta: Mapping[str, str] | None = None,
+    more_tcp: Mapping[str, str] | None = None,
+    prepare: Callable[[AgentHandle], None] | None = None,
+) -> Iterator[WebMesh]:
+    """A Consul of the caller's own (so no other test's documents or services show up), the real CA
+    and one agent per service, all ready, n-web seeing an instance of each upstream:
+
+        <prefix>web (http, on n-web; upstreams <prefix>api, <prefix>db)
+        <prefix>api (http, on n-api; Consul meta `api_meta`)
+        <prefix>db  (tcp echo, on n-db)
+        `more_tcp`: node -> service, more tcp services on the same echo server
+
+    `prepare` may edit each agent's config before it starts."""
+    consul = ConsulDev(tmp, node=consul_node)
+    consul.start()
+    backends = Backends("api", "web")
+    echo = EchoServer()
+    m = LocalMesh(tmp, consul.url)
+    try:
+        m.start_ca()
+        api = {
+            "name": f"{prefix}api",
+            "port": backends["api"].port,
+            "protocol": "http",
+            "meta": dict(api_meta or {}),
+        }
+        agents = {
+            "n-api": m.write_agent_config("n-api", [api]),
+            "n-db": m.write_agent_config(
+                "n-db", [{"name": f"{prefix}db", "port": echo.port, "protocol": "tcp"}]
+            ),
+        }
+        for node, service in (more_tcp or {}).items():
+            agents[node] = m.write_agent_config(
+                node, [{"name": service, "port": echo.port, "protocol": "tcp"}]
+            )
+        web = {"name": f"{prefix}web", "port": backends["web"].port, "protocol": "http",
+               "upstreams": [f"{prefix}api", f"{prefix}db"]}  # fmt: skip
+        agents["n-web"] = m.write_agent_config("n-web", [web])
+        for a in agents.values():
+            if prepare is not None:
+                prepare(a)
+            m.start_agent(a, wait=False)
+        for a in agents.values():
+            m.wait_ready(a)
+        m.wait_endpoints(agents["n-web"], f"{prefix}api", 1)
+        m.wait_endpoints(agents["n-web"], f"{prefix}db", 1)
+        yield WebMesh(m, consul, agents, tmp)
+    finally:
+        m.close()
+        backends.close()
+        echo.close()
+        consul.stop()

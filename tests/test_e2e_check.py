@@ -11,67 +11,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
-from tests.l7_support import Backends, Client
-from tests.support import ConsulDev
+from hostmesh.agent.localmesh import roundtrip, wait_for
+from tests.l7_support import Client
+from tests.support import WebMesh, web_api_db_mesh
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 
-class Mesh(NamedTuple):
-    m: LocalMesh
-    consul: ConsulDev
-    web: AgentHandle
-    agents: list[AgentHandle]
-    tmp: Path
-
-
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebMesh]:
     tmp = tmp_path_factory.mktemp("checkmesh")
-    consul = ConsulDev(tmp, node="hostmesh-check")
-    consul.start()
-    backends = Backends("api", "web")
-    echo = EchoServer()
-    m = LocalMesh(tmp, consul.url)
-    try:
-        m.start_ca()
-        api = m.write_agent_config(
-            "n-api",
-            [{"name": "chapi", "port": backends["api"].port, "protocol": "http", "meta": {"version": "v1"}}],
-        )
-        db = m.write_agent_config("n-db", [{"name": "chdb", "port": echo.port, "protocol": "tcp"}])
-        web = m.write_agent_config(
-            "n-web",
-            [
-                {
-                    "name": "chweb",
-                    "port": backends["web"].port,
-                    "protocol": "http",
-                    "upstreams": ["chapi", "chdb"],
-                }
-            ],
-        )
-        agents = [api, db, web]
-        for a in agents:
-            m.start_agent(a, wait=False)
-        for a in agents:
-            m.wait_ready(a)
-        m.wait_endpoints(web, "chapi", 1)
-        m.wait_endpoints(web, "chdb", 1)
-        yield Mesh(m, consul, web, agents, tmp)
-    finally:
-        m.close()
-        backends.close()
-        echo.close()
-        consul.stop()
+    with web_api_db_mesh(tmp, "ch", "hostmesh-check", api_meta={"version": "v1"}) as mesh:
+        yield mesh
 
 
-def apply(mesh: Mesh, kind: str, doc: dict[str, Any]) -> None:
+def apply(mesh: WebMesh, kind: str, doc: dict[str, Any]) -> None:
     path = mesh.tmp / f"{kind}-{doc['service']}.json"
     path.write_text(json.dumps(doc))
     mesh.m.hostmesh(
@@ -79,8 +37,8 @@ def apply(mesh: Mesh, kind: str, doc: dict[str, Any]) -> None:
     )
 
 
-def check(mesh: Mesh, *extra: str) -> tuple[int, list[dict[str, str]]]:
-    agents = [arg for a in mesh.agents for arg in ("--agent", f"127.0.0.1:{a.admin_port}")]
+def check(mesh: WebMesh, *extra: str) -> tuple[int, list[dict[str, str]]]:
+    agents = [arg for a in mesh.agents.values() for arg in ("--agent", f"127.0.0.1:{a.admin_port}")]
     out = mesh.m.hostmesh("check", "--pin", mesh.m.pin, *agents, "-o", "json", *extra, check=False)
     assert out.returncode in (0, 1), out.stderr
     return out.returncode, json.loads(out.stdout)["findings"]
@@ -111,7 +69,7 @@ CLEAN: dict[str, dict[str, Any]] = {
 }
 
 
-def test_check_reports_nothing_on_a_clean_mesh_then_each_seeded_mistake(mesh: Mesh) -> None:
+def test_check_reports_nothing_on_a_clean_mesh_then_each_seeded_mistake(mesh: WebMesh) -> None:
     for kind, doc in CLEAN.items():
         apply(mesh, kind, doc)
     apply(mesh, "intentions", {"service": "chdb", "rules": [{"source": "chweb", "action": "allow"}]})
@@ -162,7 +120,7 @@ def test_check_reports_nothing_on_a_clean_mesh_then_each_seeded_mistake(mesh: Me
     assert all(f["fix"] for f in findings)
 
     # the table form: one line per finding plus its fix, and the exit status
-    agents = [arg for a in mesh.agents for arg in ("--agent", f"127.0.0.1:{a.admin_port}")]
+    agents = [arg for a in mesh.agents.values() for arg in ("--agent", f"127.0.0.1:{a.admin_port}")]
     table = mesh.m.hostmesh("check", "--pin", mesh.m.pin, *agents, check=False)
     assert table.returncode == 1
     assert "ERROR    routes/chdb:" in table.stdout and "fix: " in table.stdout
@@ -170,7 +128,7 @@ def test_check_reports_nothing_on_a_clean_mesh_then_each_seeded_mistake(mesh: Me
 
 
 def test_check_preflight_names_a_wrong_pin_a_dead_agent_and_a_stopped_consul(
-    mesh: Mesh, tmp_path: Path
+    mesh: WebMesh, tmp_path: Path
 ) -> None:
     _, findings = check(mesh, "--no-ca")
     assert not [f for f in findings if f["code"].startswith(("ca", "agent", "consul"))]
@@ -185,18 +143,18 @@ def test_check_preflight_names_a_wrong_pin_a_dead_agent_and_a_stopped_consul(
     assert down.returncode == 1
 
 
-def intention_check(mesh: Mesh, dst: str, *args: str) -> tuple[bool, str]:
+def intention_check(mesh: WebMesh, dst: str, *args: str) -> tuple[bool, str]:
     out = mesh.m.hostmesh("intention", "check", "chweb", dst, *args, check=False)
     assert out.returncode in (0, 2), out.stderr
     return out.returncode == 0, out.stdout.strip()
 
 
-def test_intention_check_agrees_with_traffic(mesh: Mesh) -> None:
+def test_intention_check_agrees_with_traffic(mesh: WebMesh) -> None:
     apply(mesh, "routes", CLEAN["routes"])
     mesh.m.hostmesh("route", "delete", "chdb", check=False)  # the earlier test's L7 route on this tcp service
     apply(mesh, "intentions", CLEAN["intentions"])
     apply(mesh, "intentions", {"service": "chdb", "rules": [{"source": "chweb", "action": "deny"}]})
-    api = mesh.agents[0]
+    api = mesh.agents["n-api"]
     index = int(mesh.consul.get_json("/v1/kv/hostmesh/intentions/chapi")[0]["ModifyIndex"])
     wait_for(
         lambda: api.get("/v1/config")[1]["consul_indexes"].get("intentions/chapi") == index,
@@ -204,7 +162,7 @@ def test_intention_check_agrees_with_traffic(mesh: Mesh) -> None:
         "intentions on n-api",
     )
     db_index = int(mesh.consul.get_json("/v1/kv/hostmesh/intentions/chdb")[0]["ModifyIndex"])
-    db = mesh.agents[1]
+    db = mesh.agents["n-db"]
     wait_for(
         lambda: db.get("/v1/config")[1]["consul_indexes"].get("intentions/chdb") == db_index,
         10,
@@ -238,7 +196,7 @@ def test_intention_check_agrees_with_traffic(mesh: Mesh) -> None:
     wait_for(lambda: roundtrip(mesh.web.binds["chdb"], b"ping") == b"ping", 10, "chweb -> chdb allowed")
 
 
-def test_agent_validate(mesh: Mesh, tmp_path: Path) -> None:
+def test_agent_validate(mesh: WebMesh, tmp_path: Path) -> None:
     ok = mesh.m.hostmesh("agent", "validate", "--config", str(mesh.web.config_path))
     assert ok.returncode == 0 and "ok" in ok.stdout
     bad = tmp_path / "agent.toml"

@@ -20,34 +20,25 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
 from hostmesh.agent.localmesh import (
     AgentHandle,
-    EchoServer,
-    LocalMesh,
     free_port,
     http_json,
     port_open,
     roundtrip,
     wait_for,
 )
-from tests.l7_support import Backends, Client
-from tests.support import REPO, ConsulDev
+from tests.l7_support import Client
+from tests.support import REPO, WebMesh, web_api_db_mesh
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 TRAFFIC_MAX_ITERATIONS = 20_000  # the traffic thread stops on its event, or after this many rounds
 CHROMIUM_TIMEOUT = 120  # seconds for one headless Chromium run on a loaded 2-core machine
-
-
-class Mesh(NamedTuple):
-    m: LocalMesh
-    consul: ConsulDev
-    agents: dict[str, AgentHandle]
-    tmp: Path
 
 
 def with_metrics_meta(handle: AgentHandle) -> None:
@@ -60,58 +51,22 @@ def with_metrics_meta(handle: AgentHandle) -> None:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebMesh]:
     tmp = tmp_path_factory.mktemp("viewmesh")
-    consul = ConsulDev(tmp, node="hostmesh-view")
-    consul.start()
-    backends = Backends("api", "web")
-    echo = EchoServer()
-    m = LocalMesh(tmp, consul.url)
-    try:
-        m.start_ca()
-        agents = {
-            "n-api": m.write_agent_config(
-                "n-api", [{"name": "uiapi", "port": backends["api"].port, "protocol": "http"}]
-            ),
-            "n-db": m.write_agent_config("n-db", [{"name": "uidb", "port": echo.port, "protocol": "tcp"}]),
-            "n-batch": m.write_agent_config(
-                "n-batch", [{"name": "uibatch", "port": echo.port, "protocol": "tcp"}]
-            ),
-            "n-web": m.write_agent_config(
-                "n-web",
-                [
-                    {
-                        "name": "uiweb",
-                        "port": backends["web"].port,
-                        "protocol": "http",
-                        "upstreams": ["uiapi", "uidb"],
-                    }
-                ],
-            ),
-        }
-        for a in agents.values():
-            with_metrics_meta(a)
-            m.start_agent(a, wait=False)
-        for a in agents.values():
-            m.wait_ready(a)
-        m.wait_endpoints(agents["n-web"], "uiapi", 1)
-        m.wait_endpoints(agents["n-web"], "uidb", 1)
-        view = Mesh(m, consul, agents, tmp)
-        apply_intentions(view, "uiapi", [{"source": "uiweb", "action": "allow"}], "n-api")
-        apply_intentions(view, "uidb", [{"source": "uiweb", "action": "deny"}], "n-db")
-        apply_intentions(view, "uibatch", [{"source": "uiweb", "action": "allow"}], "n-batch")
-        yield view
-    finally:
-        for a in m.agents.values():
-            if a.proc is not None and a.proc.alive():
-                os.killpg(a.proc.popen.pid, signal.SIGCONT)
-        m.close()
-        backends.close()
-        echo.close()
-        consul.stop()
+    more = {"n-batch": "uibatch"}
+    with web_api_db_mesh(tmp, "ui", "hostmesh-view", more_tcp=more, prepare=with_metrics_meta) as view:
+        try:
+            apply_intentions(view, "uiapi", [{"source": "uiweb", "action": "allow"}], "n-api")
+            apply_intentions(view, "uidb", [{"source": "uiweb", "action": "deny"}], "n-db")
+            apply_intentions(view, "uibatch", [{"source": "uiweb", "action": "allow"}], "n-batch")
+            yield view
+        finally:  # an agent a test froze (SIGSTOP) must run again to be stopped
+            for a in view.m.agents.values():
+                if a.proc is not None and a.proc.alive():
+                    os.killpg(a.proc.popen.pid, signal.SIGCONT)
 
 
-def apply_intentions(mesh: Mesh, dst: str, rules: list[dict[str, Any]], node: str | None = None) -> int:
+def apply_intentions(mesh: WebMesh, dst: str, rules: list[dict[str, Any]], node: str | None = None) -> int:
     path = mesh.tmp / f"intentions-{dst}.json"
     path.write_text(json.dumps({"service": dst, "rules": rules}))
     mesh.m.hostmesh("intention", "apply", "-f", str(path))
@@ -156,7 +111,7 @@ class Traffic:
 
 
 @pytest.fixture
-def traffic(mesh: Mesh) -> Iterator[Traffic]:
+def traffic(mesh: WebMesh) -> Iterator[Traffic]:
     t = Traffic(mesh.agents["n-web"])
     try:
         wait_for(lambda: t.ok >= 5, 20, "traffic through the mesh")
@@ -165,7 +120,7 @@ def traffic(mesh: Mesh) -> Iterator[Traffic]:
         t.close()
 
 
-def test_top_once_shows_rates_success_latency_and_the_denied_edge(mesh: Mesh, traffic: Traffic) -> None:
+def test_top_once_shows_rates_success_latency_and_the_denied_edge(mesh: WebMesh, traffic: Traffic) -> None:
     out = mesh.m.hostmesh("top", "--once", "--interval", "1.5", "-o", "json")
     frame = json.loads(out.stdout)
     services = {s["service"]: s for s in frame["services"]}
@@ -199,7 +154,7 @@ def tag_attrs(dom: str, tag: str) -> list[dict[str, str]]:
     return out
 
 
-def test_ui_in_headless_chromium(mesh: Mesh, traffic: Traffic, tmp_path: Path) -> None:
+def test_ui_in_headless_chromium(mesh: WebMesh, traffic: Traffic, tmp_path: Path) -> None:
     subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "chromium"], check=True, timeout=900)
     port = free_port()
     ui = mesh.m._spawn("ui", ["ui", "--listen", f"127.0.0.1:{port}", "--interval", "1"])

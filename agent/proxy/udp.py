@@ -105,13 +105,47 @@ def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: s
         counters.carried(direction, len(data))
 
 
+# --- a flow of either direction ------------------------------------------------------------------
+
+
+class _Flow:
+    """What an outbound and an inbound flow share: they are their stream's `pipe`, and end the same
+    way (once; detach from the stream, resetting it unless the mux already ended it)."""
+
+    __slots__ = ("state", "stream")
+    state: FlowState
+    stream: Stream | None
+
+    def close(self, reset: bool = True) -> None:
+        if self.state is FlowState.CLOSED:
+            return
+        self.state = FlowState.CLOSED
+        self._release()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.on_datagram = None
+            if reset:
+                stream.reset()
+
+    def _release(self) -> None:
+        """What this side holds besides the stream: queued datagrams, its place among the flows."""
+        raise NotImplementedError
+
+    # the mux's pipe interface: the peer reset the flow, or the connection is gone
+    def lost(self, stream: Stream, exc: Exception | None) -> None:
+        self.close(reset=False)
+
+    def fail(self, flag: str) -> None:
+        self.close(reset=False)
+
+
 # --- outbound -------------------------------------------------------------------------------------
 
 
-class _OutFlow:
+class _OutFlow(_Flow):
     """One client address of a UDP upstream listener. It is its stream's `pipe` (lost/fail)."""
 
-    __slots__ = ("addr", "last", "owner", "queue", "state", "stream")
+    __slots__ = ("addr", "last", "owner", "queue")
 
     def __init__(self, owner: UdpOutbound, addr: Any) -> None:
         self.owner = owner
@@ -150,27 +184,12 @@ class _OutFlow:
         transport.sendto(data, self.addr)
         self.owner.counters.carried(RESPONSE, len(data))
 
-    def close(self, reset: bool = True) -> None:
-        if self.state is FlowState.CLOSED:
-            return
-        self.state = FlowState.CLOSED
+    def _release(self) -> None:
         if self.queue:
             for _ in self.queue:
                 self.owner.counters.dropped("no_upstream")
             self.queue.clear()
         self.owner.flows.pop(self.addr, None)
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            stream.on_datagram = None
-            if reset:
-                stream.reset()
-
-    # the mux's pipe interface: the peer reset the flow, or the connection is gone
-    def lost(self, stream: Stream, exc: Exception | None) -> None:
-        self.close(reset=False)
-
-    def fail(self, flag: str) -> None:
-        self.close(reset=False)
 
 
 class _OutProtocol(asyncio.DatagramProtocol):
@@ -338,7 +357,7 @@ class UdpOutbound:
 # --- inbound --------------------------------------------------------------------------------------
 
 
-class _InFlow(asyncio.DatagramProtocol):
+class _InFlow(_Flow, asyncio.DatagramProtocol):
     """One caller flow to a local UDP app: its stream's `pipe`, and the app socket's protocol."""
 
     def __init__(self, owner: UdpInbound, conn: Any, stream: Stream, service: str, snap: Snapshot) -> None:
@@ -398,28 +417,13 @@ class _InFlow(asyncio.DatagramProtocol):
         # ICMP port unreachable: nothing listens on the app port (now); the next datagram may find it
         log.debug("udp inbound %s->%s: app socket: %s", self.source, self.service, exc)
 
-    def close(self, reset: bool = True) -> None:
-        if self.state is FlowState.CLOSED:
-            return
-        self.state = FlowState.CLOSED
+    def _release(self) -> None:
         for _ in self.queue:
             self.counters.dropped("closed")
         self.queue.clear()
         self.owner.flows.discard(self)
         if self.transport is not None:
             self.transport.close()
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            stream.on_datagram = None
-            if reset:
-                stream.reset()
-
-    # the mux's pipe interface
-    def lost(self, stream: Stream, exc: Exception | None) -> None:
-        self.close(reset=False)
-
-    def fail(self, flag: str) -> None:
-        self.close(reset=False)
 
 
 class UdpInbound:

@@ -436,23 +436,6 @@ class Venv:
 # --- Consul ---------------------------------------------------------------------------------
 
 
-def consul_binary() -> str:
-    env = os.environ.get("CONSUL_BIN")
-    if env and Path(env).is_file():
-        return env
-    found = shutil.which("consul")
-    if found:
-        return found
-    out = subprocess.run(
-        [str(REPO / "scripts" / "install-consul.sh")],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=INSTALL_TIMEOUT,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 class ConsulAgent:
     """A Consul agent (server or client) of one host; HTTPS on the host's 127.0.0.1:8501 only."""
 
@@ -772,7 +755,7 @@ class Fleet:
         self.prefix = f"hmf{os.getpid()}{next(_FLEET_LETTERS)}"  # unique per fleet: a session may build two
         self.switch_ns = f"{self.prefix}-sw"
         self.venvs: dict[str, Venv] = {} if venv is None else {"head": venv}
-        self.consul_bin = consul_bin or consul_binary()
+        self.consul_bin = consul_bin or localmesh.consul_binary()
         self.procs: list[Proc] = []
         self.pki = ConsulPKI(workdir / "consul-pki")
         # Hosts whose Consul client accepts HTTPS without a client certificate: where a mixed-version
