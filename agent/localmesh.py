@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,10 +29,24 @@ POLL = 0.02
 HOSTMESH = [sys.executable, "-m", "hostmesh.agent.cli"]
 
 
+FREE_PORT_TRIES = 50  # a repeat is rare; 50 in a row would mean the range is nearly used up
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, never one this process handed out before: the kernel may
+    offer a port again once its probe socket closes, and a test that takes several ports before
+    starting anything would give two listeners the same one ("address already in use")."""
+    for _ in range(FREE_PORT_TRIES):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise OSError(f"no unused port on {host} after {FREE_PORT_TRIES} tries")
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition", poll: float = POLL) -> Any:

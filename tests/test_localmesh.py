@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hostmesh.agent.localmesh import free_port
 from tests.support import ConsulDev
 
 pytestmark = pytest.mark.consul
@@ -26,3 +27,10 @@ def test_consul_dev_moves_to_fresh_ports_when_one_was_taken(tmp_path: Path) -> N
             assert dev.serving()
         finally:
             dev.stop()
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """Tests take several ports before starting anything; the kernel may offer a closed probe's
+    port again, so the kit remembers what it handed out."""
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
