@@ -62,7 +62,16 @@ from hostmesh.agent.l7.http1 import (
     TunnelData,
 )
 from hostmesh.agent.l7.normalize import normalize_target
-from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
+from hostmesh.agent.l7.retry import (
+    CLIENT_GONE,
+    CONNECT_FAILURE,
+    MAX_REPLAY_BODY_BYTES,
+    OVERFLOW,
+    RESET,
+    RESPONSE,
+    TIMEOUT,
+    Outcome,
+)
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
@@ -82,7 +91,6 @@ MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serv
 POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
 REQUEST_ID = b"x-request-id"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
 
 _rng = random.Random()
 
@@ -600,7 +608,7 @@ class Exchange:
         self.replayable = True
         self.trailers: list[tuple[bytes, bytes]] = []
         self.upstream: UpstreamConn | None = None
-        self.waiter: asyncio.Future[Any] | None = None
+        self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
         self.resp_pending: list[Any] | None = None  # response events that came before the relay started
         self.head_sent = False
         self.done = False
@@ -682,8 +690,8 @@ class Exchange:
         if not self.request_done:
             self.conn.resume_reading()
 
-    async def wait_response(self, timeout: float | None) -> Any:
-        """RESPONSE with the head, or RESET / TIMEOUT / CLIENT_GONE."""
+    async def wait_response(self, timeout: float | None) -> ResponseHead | Outcome:
+        """The response head, or RESET / TIMEOUT / CLIENT_GONE."""
         loop = asyncio.get_running_loop()
         fut = self.waiter = loop.create_future()
         timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
@@ -877,7 +885,7 @@ class Exchange:
         self.conn.exchange_done(self, keep_alive)
 
 
-def _expire(fut: asyncio.Future[Any]) -> None:
+def _expire(fut: asyncio.Future[ResponseHead | Outcome]) -> None:
     if not fut.done():
         fut.set_result(TIMEOUT)
 
@@ -1150,10 +1158,12 @@ __all__ = [
     "CLIENT_GONE",
     "CONNECT_FAILURE",
     "IDEMPOTENT",
+    "OVERFLOW",
     "RESET",
     "RESPONSE",
     "TIMEOUT",
     "Exchange",
+    "Outcome",
     "RequestMetrics",
     "ServerConn",
     "TlsServerConn",

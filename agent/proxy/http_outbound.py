@@ -68,10 +68,12 @@ from hostmesh.agent.proxy.http_conn import (
     CONNECT_FAILURE,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
+    OVERFLOW,
     RESET,
     RESPONSE,
     TIMEOUT,
     Exchange,
+    Outcome,
     RequestMetrics,
     ServerConn,
     TlsUpstreamConn,
@@ -95,8 +97,11 @@ log = logging.getLogger("hostmesh.proxy.http_outbound")
 REPORTER = "source"
 CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
 PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
-RETRY_REASONS = {CONNECT_FAILURE: "connect-failure", RESET: "reset", TIMEOUT: "per-try timeout"}
-OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
+RETRY_REASONS: dict[Outcome, str] = {
+    CONNECT_FAILURE: "connect-failure",
+    RESET: "reset",
+    TIMEOUT: "per-try timeout",
+}
 MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 
 
@@ -563,7 +568,7 @@ class HttpOutbound:
             self._spawn(self._loop(ex, retrying=True))
         return True
 
-    def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: Any) -> bool:
+    def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: http1.ResponseHead | Outcome) -> bool:
         """Feed one try's outcome to outlier detection and the retry policy. True: answered (relayed
         or a local error); False: retry (a budget slot is held)."""
         route = st.route
@@ -597,7 +602,7 @@ class HttpOutbound:
             self.local_service, self.service, RETRY_REASONS.get(outcome, "other")
         ).inc()
         if ex.trace is not None:
-            ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, str(outcome)),
+            ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, outcome.name.lower()),
                            endpoint=f"{ep.address}:{ep.port}")  # fmt: skip
         return False
 
@@ -660,7 +665,8 @@ class HttpOutbound:
         ex.relay(resp)
 
     async def _attempt(self, ex: Exchange, cl: Cluster, ep: lb.Endpoint, ctx: Any, ident: Identity,
-                       target: bytes, headers: http1.Headers, timeout: float | None) -> Any:  # fmt: skip
+                       target: bytes, headers: http1.Headers,
+                       timeout: float | None) -> http1.ResponseHead | Outcome:  # fmt: skip
         """One try on one instance: a ResponseHead, or CONNECT_FAILURE / RESET / TIMEOUT / CLIENT_GONE."""
         key = (ep.address, ep.port)
         started = time.monotonic()
@@ -669,13 +675,14 @@ class HttpOutbound:
             up = self.pool.acquire(key, ctx)
             if up is None:
                 left = None if timeout is None else timeout - (time.monotonic() - started)
-                up = await self._connect(cl, key, ctx, ident, left)
+                dialed = await self._connect(cl, key, ctx, ident, left)
                 if ex.done:
-                    if isinstance(up, UpstreamConn):
-                        up.release()
+                    if isinstance(dialed, UpstreamConn):
+                        dialed.release()
                     return CLIENT_GONE
-                if not isinstance(up, UpstreamConn):
-                    return up
+                if not isinstance(dialed, UpstreamConn):
+                    return dialed
+                up = dialed
             ex.send(up, ex.head.method, target, list(headers) if ex.chunked else headers)
             left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
             outcome = await ex.wait_response(left)
@@ -695,8 +702,8 @@ class HttpOutbound:
             return outcome
 
     async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
-                       timeout: float | None) -> Any:  # fmt: skip
-        """A new connection (within the connection limit, else waiting as pending), or an outcome code.
+                       timeout: float | None) -> UpstreamConn | Outcome:  # fmt: skip
+        """A new connection (within the connection limit, else waiting as pending), or how the try ended.
 
         At the limit a request waits (within the pending limit; beyond it: OVERFLOW, 503 UO) until a
         connection is released or lost, then takes it, or its slot (an idle connection to another
