@@ -181,7 +181,7 @@ def access_line(
     audit.access(audit.access_record(
         protocol="http", reporter=reporter, source_workload=source, source_principal=source_principal,
         destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
-        downstream_remote_address=peer, response_code=ex.status, response_flags=ex.flags or fl.NONE,
+        downstream_remote_address=peer, response_code=ex.status, response_flags=fl.render(ex.flags),
         duration_ms=round((time.monotonic() - ex.started) * 1000, 2), bytes_received=ex.received,
         bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
         request_id=rid.decode("latin-1"),
@@ -420,7 +420,7 @@ class ServerConn(asyncio.BaseProtocol):
         """The request body stopped or trickles: 408 SI (or a reset once the response began); the
         upstream attempt is dropped with it, so nothing waits on this client any more."""
         self._body_deadline = 0.0
-        ex.flags = fl.SI if not ex.flags else ex.flags + "," + fl.SI
+        ex.flags = fl.add(ex.flags, fl.SI)
         if ex.head_sent:
             ex.abandon_upstream()
             self.abort()
@@ -766,7 +766,7 @@ class Exchange:
         if self.done:
             return
         if self.head_sent:  # the client cannot be told any more: a reset shows the truncation
-            self.flags = flag if not self.flags else self.flags + "," + flag
+            self.flags = fl.add(self.flags, flag)
             self.conn.abort()
             self._finish(False)
         elif self.on_fail is not None and self.on_fail(self, flag):
@@ -857,11 +857,10 @@ class Exchange:
         if self.done:
             return
         self.abandon_upstream()
-        if flag and flag not in self.flags.split(","):
-            self.flags = flag if not self.flags else self.flags + "," + flag
+        self.flags = fl.add(self.flags, flag)
         self.status = status
         keep = self.keep_alive and self.request_done
-        self.conn.write(http1.error_response(status, self.flags or fl.NONE, keep, detail))
+        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail))
         self.head_sent = True
         self._finish(keep)
 
@@ -874,7 +873,7 @@ class Exchange:
             self.abandon_upstream()
             if not self.head_sent:
                 self.status = 499 if not self.status else self.status
-            self.flags = self.flags or "DC"
+            self.flags = self.flags or fl.DC  # only when nothing else explains the end
             self._finish(False)
 
     def _finish(self, keep_alive: bool, release: bool = True) -> None:
@@ -1145,12 +1144,13 @@ def complete_request_headers(headers: http1.Headers, host: str) -> http1.Headers
 
 
 def response_flag(resp: ResponseHead) -> str:
-    """The flag a proxy further along put on its own error response (``-`` passes as empty)."""
+    """The flags a proxy further along put on its own error response (``-`` passes as empty)."""
     if resp.status < 400:
         return ""
     for n, v in resp.headers:
         if n == fl.HEADER:
-            return v.decode("latin-1")
+            flags = v.decode("latin-1")
+            return "" if flags == fl.NONE else flags
     return ""
 
 

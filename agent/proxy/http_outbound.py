@@ -465,7 +465,7 @@ class HttpOutbound:
     async def _delayed(
         self, ex: Exchange, snap: Snapshot, subset: str | None, delay: float, abort: int
     ) -> None:
-        ex.flags = fl.DI
+        ex.flags = fl.add(ex.flags, fl.DI)
         await asyncio.sleep(delay)
         if ex.done:
             return
@@ -583,7 +583,7 @@ class HttpOutbound:
             decision = st.retry_state().decide(RESPONSE, status, ex.replayable)
             if decision != RETRY:
                 if decision == EXHAUSTED:
-                    ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                    ex.flags = fl.add(ex.flags, fl.URX)
                 self._relay(ex, outcome)
                 return True
             self.telemetry.retries.labels(self.local_service, self.service, "5xx").inc()  # rare: no cache
@@ -595,7 +595,7 @@ class HttpOutbound:
         if decision != RETRY:
             status, flag = FAILURE_RESPONSE[outcome]
             if decision == EXHAUSTED:
-                ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                ex.flags = fl.add(ex.flags, fl.URX)
             ex.respond(status, flag)
             return True
         self.telemetry.retries.labels(
@@ -660,8 +660,8 @@ class HttpOutbound:
 
     def _relay(self, ex: Exchange, resp: http1.ResponseHead) -> None:
         flag = response_flag(resp)
-        if flag and flag != fl.NONE:
-            ex.flags = flag if not ex.flags else ex.flags + "," + flag
+        if flag:
+            ex.flags = fl.add(ex.flags, flag)
         ex.relay(resp)
 
     async def _attempt(self, ex: Exchange, cl: Cluster, ep: lb.Endpoint, ctx: Any, ident: Identity,
@@ -854,7 +854,7 @@ class HttpOutbound:
                 upstream_host = f"{ep.address}:{ep.port}"
             else:
                 subset = st.subset
-        flags = ex.flags or fl.NONE
+        flags = fl.render(ex.flags)
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
