@@ -38,6 +38,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -346,7 +347,7 @@ class ServerConn(asyncio.BaseProtocol):
         """A protocol error from the client: answer (when no response started yet) and close."""
         self.handler.rejected(self, status, reason, flag)
         ex = self.ex
-        if ex is not None and ex.head_sent:
+        if ex is not None and ex.progress is RELAYING:
             self.abort()
             return
         if ex is not None:
@@ -421,7 +422,7 @@ class ServerConn(asyncio.BaseProtocol):
         upstream attempt is dropped with it, so nothing waits on this client any more."""
         self._body_deadline = 0.0
         ex.flags = fl.add(ex.flags, fl.SI)
-        if ex.head_sent:
+        if ex.progress is RELAYING:
             ex.abandon_upstream()
             self.abort()
             ex.client_lost()
@@ -448,7 +449,7 @@ class ServerConn(asyncio.BaseProtocol):
         timeout = self.handler.header_timeout
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
-            if self._body_deadline and not ex.request_done and not ex.done:
+            if self._body_deadline and not ex.request_done and ex.progress is not DONE:
                 now = time.monotonic()
                 if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
                     self._body_deadline = max(self._body_deadline, now + self.handler.body_idle_timeout)
@@ -565,26 +566,40 @@ class TlsServerConn(TlsReads, ServerConn):
 # --------------------------------------------------------------------------- one request/response
 
 
+class Progress(enum.Enum):
+    """Where an exchange's response stands. It moves forward only, except HELD -> AWAITING when a
+    held response is dropped for another try."""
+
+    AWAITING = 1  # no response head yet (an upstream try may be in flight)
+    HELD = 2  # a response head came: it and what follows wait (`held`) until the side relays or retries
+    RELAYING = 3  # the response head went to the client: a failure now can only reset the client
+    DONE = 4  # finished: relayed, answered by the proxy, turned into a tunnel, or the client left
+
+
+AWAITING, HELD, RELAYING, DONE = Progress.AWAITING, Progress.HELD, Progress.RELAYING, Progress.DONE
+NOTHING_HELD: list[Any] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
+
+
 class Exchange:
-    """One request from the client and its response; owns the link to the upstream connection."""
+    """One request from the client and its response; owns the link to the upstream connection.
+    `progress` is the response's state (Progress); `request_done` says whether the request ended."""
 
     __slots__ = (
         "chunked",
         "chunks",
         "conn",
-        "done",
         "flags",
         "head",
-        "head_sent",
+        "held",
         "keep_alive",
         "nbytes",
         "on_fail",
         "on_response_head",
         "plan",
+        "progress",
         "received",
         "replayable",
         "request_done",
-        "resp_pending",
         "response_ops",
         "sent",
         "started",
@@ -609,9 +624,8 @@ class Exchange:
         self.trailers: list[tuple[bytes, bytes]] = []
         self.upstream: UpstreamConn | None = None
         self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
-        self.resp_pending: list[Any] | None = None  # response events that came before the relay started
-        self.head_sent = False
-        self.done = False
+        self.progress = AWAITING
+        self.held = NOTHING_HELD  # HELD: the response events that came after the head
         self.status = 0
         self.flags = ""
         self.sent = 0
@@ -664,7 +678,7 @@ class Exchange:
 
     def continue_100(self) -> None:
         """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
-        if self.head.expect_continue and not self.request_done and not self.head_sent:
+        if self.head.expect_continue and not self.request_done and self.progress is AWAITING:
             self.conn.write(http1.CONTINUE)
             self.conn.body_clock()  # the client waited for this: its body's time starts now
 
@@ -672,7 +686,7 @@ class Exchange:
     def send(self, up: UpstreamConn, method: bytes, target: bytes, headers: http1.Headers) -> None:
         """Write the request head and what we have of the body to `up`; stream the rest to it."""
         self.upstream = up
-        self.resp_pending = None
+        self.progress, self.held = AWAITING, NOTHING_HELD
         up.owner = self
         up.framer.expect(method)
         framing = self.head.framing
@@ -690,6 +704,10 @@ class Exchange:
         if not self.request_done:
             self.conn.resume_reading()
 
+    @property
+    def done(self) -> bool:
+        return self.progress is DONE
+
     async def wait_response(self, timeout: float | None) -> ResponseHead | Outcome:
         """The response head, or RESET / TIMEOUT / CLIENT_GONE."""
         loop = asyncio.get_running_loop()
@@ -706,7 +724,8 @@ class Exchange:
         """Drop the current attempt's connection (not reusable: its response is unread)."""
         up = self.upstream
         self.upstream = None
-        self.resp_pending = None
+        if self.progress is HELD:
+            self.progress, self.held = AWAITING, NOTHING_HELD
         if up is not None:
             up.owner = None
             up.close()
@@ -716,23 +735,21 @@ class Exchange:
         t = type(ev)
         if up is not self.upstream:
             return
-        pending = self.resp_pending
         if t is ResponseHead:
+            self.progress, self.held = HELD, []
             waiter = self.waiter
             cb = self.on_response_head
             if cb is not None and waiter is None:
-                self.resp_pending = []
                 cb(self, ev)
                 return
-            self.resp_pending = []
             up.pause_reading()  # until the relay decision (retry or pass on)
             if waiter is not None and not waiter.done():
                 waiter.set_result(ev)
             return
         if t is Informational:
             return  # the proxy answered 100-continue itself; other 1xx are not relayed
-        if pending is not None:
-            pending.append(ev)
+        if self.progress is HELD:
+            self.held.append(ev)
             return
         if t is Body:
             self._relay_body(ev.data)
@@ -750,9 +767,9 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(RESET)
             return
-        if self.resp_pending is not None:  # head seen, relay not started: end what will be relayed
-            self.resp_pending.append(Reject(502, "upstream-reset", fl.UC))
-        elif not self.done:
+        if self.progress is HELD:  # head seen, relay not started: end what will be relayed
+            self.held.append(Reject(502, "upstream-reset", fl.UC))
+        elif self.progress is not DONE:
             self._upstream_failed(up, fl.UC)
 
     def _upstream_failed(self, up: UpstreamConn, flag: str) -> None:
@@ -763,9 +780,10 @@ class Exchange:
         self.upstream = None
         up.owner = None
         up.close()
-        if self.done:
+        progress = self.progress
+        if progress is DONE:
             return
-        if self.head_sent:  # the client cannot be told any more: a reset shows the truncation
+        if progress is RELAYING:  # the client cannot be told any more: a reset shows the truncation
             self.flags = fl.add(self.flags, flag)
             self.conn.abort()
             self._finish(False)
@@ -805,12 +823,12 @@ class Exchange:
             headers.append((b"transfer-encoding", b"chunked"))
         self.status = resp.status
         data = http1.serialize_response_head(b"1.1", resp.status, resp.reason or None, headers)
-        self.head_sent = True
+        self.progress = RELAYING
         self.conn.write(data)
-        pending, self.resp_pending = self.resp_pending, None
+        pending, self.held = self.held, NOTHING_HELD
         if pending:
             for ev in pending:
-                if self.done:
+                if self.progress is DONE:
                     return
                 if up is not None:
                     self.on_upstream(up, ev)
@@ -823,8 +841,8 @@ class Exchange:
         headers = http1.forward_headers(resp.headers, tunnel=True)
         self.status = 101
         self.conn.write(http1.serialize_response_head(b"1.1", 101, resp.reason or None, headers))
-        self.head_sent = True
-        pending, self.resp_pending = self.resp_pending, None
+        self.progress = RELAYING
+        pending, self.held = self.held, NOTHING_HELD
         for ev in pending or ():
             if type(ev) is TunnelData:
                 self.conn.write(ev.data)
@@ -854,14 +872,13 @@ class Exchange:
 
     def respond(self, status: int, flag: str, detail: str = "") -> None:
         """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
-        if self.done:
+        if self.progress is DONE:
             return
         self.abandon_upstream()
         self.flags = fl.add(self.flags, flag)
         self.status = status
         keep = self.keep_alive and self.request_done
         self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail))
-        self.head_sent = True
         self._finish(keep)
 
     def client_lost(self) -> None:
@@ -869,17 +886,17 @@ class Exchange:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(CLIENT_GONE)
-        if not self.done:
+        if self.progress is not DONE:
             self.abandon_upstream()
-            if not self.head_sent:
+            if self.progress is not RELAYING:
                 self.status = 499 if not self.status else self.status
             self.flags = self.flags or fl.DC  # only when nothing else explains the end
             self._finish(False)
 
     def _finish(self, keep_alive: bool, release: bool = True) -> None:
-        if self.done:
+        if self.progress is DONE:
             return
-        self.done = True
+        self.progress = DONE
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 
