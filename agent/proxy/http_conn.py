@@ -202,6 +202,19 @@ def _trace_of(headers: http1.Headers) -> str:
 # --------------------------------------------------------------------------- client side of a proxy
 
 
+class Reading(enum.Enum):
+    """Where a client connection's events go. Orthogonal to it, and flags of their own: a head begun
+    (`_partial`, its timer), the client's half-close (`_eof`), reads paused by us (`_paused`), closed."""
+
+    HTTP = 1  # to the current exchange, or a request head starts the next one
+    HOLDING = 2  # a request ended, its response is pending: events wait in `backlog`, more bytes pause reads
+    TUNNEL = 3  # answered 101: the bytes go to the upstream connection as they are (`_tunnel`)
+
+
+HTTP, HOLDING, TUNNEL = Reading.HTTP, Reading.HOLDING, Reading.TUNNEL
+NO_BACKLOG: list[Any] = []  # `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+
+
 class ServerConn(asyncio.BaseProtocol):
     """The proxy's server end of one HTTP/1.1 connection (a local app's, or a peer agent's over mTLS).
 
@@ -216,7 +229,8 @@ class ServerConn(asyncio.BaseProtocol):
         self.transport: asyncio.Transport | None = None
         self.framer = http1.RequestFramer()
         self.ex: Exchange | None = None
-        self.backlog: list[Any] | None = None
+        self.reading = HTTP
+        self.backlog = NO_BACKLOG  # HOLDING: the events read after the current request's end
         self.closed = False
         self.write_paused = False
         self.peer_ip = ""
@@ -243,16 +257,17 @@ class ServerConn(asyncio.BaseProtocol):
         self._arm(self.handler.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        tunnel = self._tunnel
-        if tunnel is not None:
-            if tunnel.transport is not None:
+        reading = self.reading
+        if reading is TUNNEL:
+            tunnel = self._tunnel
+            if tunnel is not None and tunnel.transport is not None:
                 tunnel.transport.write(data)
             return
-        busy = self.backlog is not None
+        busy = reading is HOLDING
         for ev in self.framer.feed(data):
             if self.closed:
                 return
-            if self.backlog is not None:
+            if self.reading is HOLDING:
                 self.backlog.append(ev)
             else:
                 self._event(ev)
@@ -263,18 +278,18 @@ class ServerConn(asyncio.BaseProtocol):
             self._head_started = time.monotonic()
 
     def eof_received(self) -> bool | None:
-        if self._tunnel is not None:
-            t = self._tunnel.transport
+        if self.reading is TUNNEL:
+            t = self._tunnel.transport if self._tunnel is not None else None
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
             return True
         self._eof = True
         for ev in self.framer.eof():
-            if self.backlog is not None:
+            if self.reading is HOLDING:
                 self.backlog.append(ev)
             else:
                 self._event(ev)
-        if self.ex is None and self.backlog is None:
+        if self.ex is None and self.reading is not HOLDING:
             self.close()
         return True  # a response may still be on its way (half-close)
 
@@ -318,7 +333,7 @@ class ServerConn(asyncio.BaseProtocol):
                 self._body_deadline = 0.0
                 ex.request_end(ev.trailers)
                 if self.ex is not None and not self.closed:  # the response is not done: hold what follows
-                    self.backlog = []  # reading stops only if more bytes come meanwhile (data_received)
+                    self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
         elif t is RequestHead:
             self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
@@ -370,18 +385,19 @@ class ServerConn(asyncio.BaseProtocol):
         self._last = time.monotonic()
         if self._timer is None:
             self._arm(self.handler.header_timeout)
-        backlog, self.backlog = self.backlog, None
+        backlog = self.backlog
+        self.reading, self.backlog = HTTP, NO_BACKLOG
         if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
-            backlog = self.framer.upgrade_refused() + (backlog or [])
+            backlog = self.framer.upgrade_refused() + backlog
         if backlog:
             for i, ev in enumerate(backlog):
                 if self.closed:
                     return
-                if self.backlog is not None:  # the next exchange is waiting again: queue the rest
+                if self.reading is HOLDING:  # the next exchange is waiting again: queue the rest
                     self.backlog.extend(backlog[i:])
                     return
                 self._event(ev)
-        if self.backlog is None:
+        if self.reading is not HOLDING:
             if self._eof and self.ex is None and not self.closed:
                 self.close()  # the client half-closed and got its last answer
                 return
@@ -390,7 +406,7 @@ class ServerConn(asyncio.BaseProtocol):
     def start_tunnel(self, up: UpstreamConn) -> None:
         """The upstream answered the upgrade with 101: both connections are one byte tunnel now."""
         self.ex = None
-        self.backlog = None
+        self.reading, self.backlog = TUNNEL, NO_BACKLOG
         self._tunnel = up
         self._cancel_timer()
         for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
@@ -444,7 +460,7 @@ class ServerConn(asyncio.BaseProtocol):
     def _timed_out(self) -> None:
         """One lazy timer per connection (not one per request): it looks at the state when it fires."""
         self._timer = None
-        if self.closed or self._tunnel is not None:
+        if self.closed or self.reading is TUNNEL:
             return
         timeout = self.handler.header_timeout
         ex = self.ex
@@ -503,7 +519,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not self._paused:
             return
         t = self.transport
-        if t is not None and not self.closed and not t.is_closing() and self.backlog is None:
+        if t is not None and not self.closed and not t.is_closing() and self.reading is not HOLDING:
             self._paused = False
             t.resume_reading()
             if self._body_deadline:  # the client gets its full idle time from now
