@@ -19,6 +19,8 @@ import logging
 import random
 from typing import Any
 
+from hostmesh.agent.l7 import flags
+
 audit_log = logging.getLogger("hostmesh.audit")
 access_log = logging.getLogger("hostmesh.access")
 
@@ -91,7 +93,7 @@ def access_record(*, protocol: str, reporter: str, source_workload: str, source_
         "method": method,
         "path": path,
         "response_code": response_code,
-        "response_flags": response_flags or "-",
+        "response_flags": flags.render(response_flags),
         "duration_ms": duration_ms,
         "bytes_received": bytes_received,
         "bytes_sent": bytes_sent,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hostmesh.agent.l7.flags import render as render_flags
 from hostmesh.registry.promtext import (  # noqa: F401 (re-exported: the agent's metrics API)
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -298,8 +299,8 @@ class Telemetry:
         """ISTIO_LABELS values for one series (called once per label set: the children are cached)."""
         td = self.trust_domain
         return (reporter, source, f"spiffe://{td}/svc/{source}" if source else "unknown", destination,
-                f"spiffe://{td}/svc/{destination}", subset or "unknown", protocol, code or "0", flags or "-",
-                MTLS)  # fmt: skip
+                f"spiffe://{td}/svc/{destination}", subset or "unknown", protocol, code or "0",
+                render_flags(flags), MTLS)  # fmt: skip
 
     def denied(self, reporter: str, source: str, destination: str) -> None:
         key = (reporter, source, destination)

@@ -33,6 +33,8 @@ import time
 from collections import deque
 from typing import Any
 
+from hostmesh.agent.l7 import flags as fl
+
 log = logging.getLogger("hostmesh.tracing")
 
 MAX_QUEUED_SPANS = 2048  # ~1 KiB each: a collector outage costs at most ~2 MiB, then spans drop
@@ -257,7 +259,7 @@ class Tracer:
         a["http.request.method"] = method
         a["url.path"] = head.target.decode("latin-1")[:MAX_ATTRIBUTE]
         a["http.response.status_code"] = ex.status
-        a["hostmesh.response_flags"] = ex.flags or "-"
+        a["hostmesh.response_flags"] = fl.render(ex.flags)
         a["hostmesh.reporter"] = reporter
         a["hostmesh.source.service"] = source
         a["hostmesh.source.principal"] = source_principal

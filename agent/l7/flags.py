@@ -1,11 +1,19 @@
-"""Response flags: the one place that names why the proxy, not the upstream app, shaped a response.
+"""Response flags: the one place that names why the proxy, not the upstream app, shaped a response
+or closed a connection, for the L4 and the L7 path alike.
 
 Decision: Envoy's short flags (so operators can reuse what they know), joined with "," in the
 ``response_flags`` metric label, the access log and the ``x-hostmesh-response-flags`` header that
-every proxy-generated error carries. Intention denial uses ``AUTHZ`` (Envoy's RBAC flag is ``RBAC``/
-``UAEX``; ours names the mesh concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot
-read the destination's intentions (Consul's ACL refuses it, never read yet, only an invalid document),
-so it refuses rather than guess (fail closed; agent/discovery.py) — a 503, because it is the
+every proxy-generated error carries. A request's or connection's flags are one ``str`` (``""``: none)
+that only :func:`add` grows, in the order the flags were raised (a flag raised twice counts once), and
+that only :func:`render` turns into the value shown (``-`` for none). A plain string, not a set or
+bit mask: a flag set further along (the peer agent's header) is passed on as it came, and an
+unflagged request costs nothing. One exception kept for compatibility: the ``hostmesh_tcp_*`` and
+``hostmesh_udp_*`` series label an unflagged connection ``""``, not ``-``.
+
+Intention denial uses ``AUTHZ`` (Envoy's RBAC flag is ``RBAC``/``UAEX``; ours names the mesh
+concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot read the destination's
+intentions (Consul's ACL refuses it, never read yet, only an invalid document), so it refuses rather
+than guess (fail closed; agent/discovery.py) — a 503, because it is the
 agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
 """
 
@@ -30,8 +38,9 @@ NI = "NI"  # no intentions: the destination's intentions cannot be read, the age
 
 SI = "SI"  # stream idle: the request body stalled or trickled below the minimum rate -> 408 (or a reset)
 OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
+DC = "DC"  # downstream connection terminated: the caller left before the end, or the agent shut down
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM)
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM, DC)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -50,15 +59,25 @@ DESCRIPTIONS: dict[str, str] = {
     NI: "refused: the destination's intentions cannot be read (fail closed)",
     SI: "request body idle or too slow",
     OM: "agent overloaded (connection cap)",
+    DC: "downstream connection terminated (the caller left, or the agent shut down)",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself
 
 
-def join(flags: list[str] | tuple[str, ...]) -> str:
-    """Label/log value of a set of flags, in the order they were raised; ``-`` when empty."""
+def add(flags: str, flag: str) -> str:
+    """`flags` with `flag` raised after them (`flag` may itself be several, joined, as a peer sent
+    them); flags already there are not repeated."""
     if not flags:
-        return NONE
-    if len(flags) == 1:
-        return flags[0]
-    return ",".join(dict.fromkeys(flags))
+        return flag
+    if not flag or flag == flags:
+        return flags
+    have = flags.split(",")
+    new = [f for f in flag.split(",") if f not in have]
+    return ",".join(have + new) if new else flags
+
+
+def render(flags: str) -> str:
+    """The value shown for `flags` in a request metric label, an access line, a span and the response
+    header: the flags in the order raised, ``-`` for none (no copy: the string is already joined)."""
+    return flags or NONE

@@ -24,6 +24,7 @@ docs: ``config.route.v3.RetryPolicy``, ``config.core.v3.BackoffStrategy``,
 
 from __future__ import annotations
 
+import enum
 import random
 from dataclasses import dataclass
 
@@ -37,14 +38,29 @@ DEFAULT_MIN_RETRY_CONCURRENCY = 3  # Envoy's retry_budget.min_retry_concurrency 
 MAX_ATTEMPTS = 10  # more retries than this only deepen an outage; the schema refuses larger values
 MAX_REPLAY_BODY_BYTES = 64 * 1024  # request bodies up to this size are kept for a retry; longer ones stream
 
-# failure outcomes of one try (what the proxy observed)
-CONNECT_FAILURE = 1  # could not connect / TLS handshake failed
-RESET = 2  # connection closed or reset before a complete response head
-RESPONSE = 3  # a response head arrived with a status code
-TIMEOUT = 4  # the per-try timeout fired before a response head (Envoy retries it like a reset)
+
+class Outcome(enum.Enum):
+    """How one try ended, as the proxy observed it. The retry policy judges the first four; the last
+    two end the request without a retry decision (the proxy answers them itself)."""
+
+    CONNECT_FAILURE = 1  # could not connect / TLS handshake failed
+    RESET = 2  # connection closed or reset before a complete response head
+    RESPONSE = 3  # a response head arrived with a status code
+    TIMEOUT = 4  # the per-try timeout fired before a response head (Envoy retries it like a reset)
+    CLIENT_GONE = 9  # the client left while the try was waiting: nobody to answer
+    OVERFLOW = 10  # the connection and pending limits are both full: 503 UO, never retried
+
+
+# module-level names: what the hot path and callers use (no enum class lookup per request)
+CONNECT_FAILURE = Outcome.CONNECT_FAILURE
+RESET = Outcome.RESET
+RESPONSE = Outcome.RESPONSE
+TIMEOUT = Outcome.TIMEOUT
+CLIENT_GONE = Outcome.CLIENT_GONE
+OVERFLOW = Outcome.OVERFLOW
 
 # what the client gets when the last try failed locally: (status, response flag)
-FAILURE_RESPONSE: dict[int, tuple[int, str]] = {
+FAILURE_RESPONSE: dict[Outcome, tuple[int, str]] = {
     CONNECT_FAILURE: (503, flags.UF),
     RESET: (503, flags.UC),
     TIMEOUT: (504, flags.UT),
@@ -113,7 +129,7 @@ class RetryPolicy:
             raise RouteConfigError(f"{path}.per_try_timeout", "must be > 0")
         return cls(attempts, per_try_timeout, bits, code_set, base, top)
 
-    def retryable(self, outcome: int, status: int = 0) -> bool:
+    def retryable(self, outcome: Outcome, status: int = 0) -> bool:
         """Whether this failure kind is one the policy retries (attempts and budget aside)."""
         on = self.on
         if outcome == CONNECT_FAILURE:
@@ -186,10 +202,17 @@ class RetryBudget:
         self.active_retries -= 1
 
 
-# what the proxy does after a failed try
-RETRY = 1
-GIVE_UP = 2  # not retryable: pass the failure on (the upstream's response or our own UF/UC/UT)
-EXHAUSTED = 3  # retryable, but attempts or budget are spent: pass it on with flag URX
+class Decision(enum.Enum):
+    """What the proxy does after a failed try."""
+
+    RETRY = 1
+    GIVE_UP = 2  # not retryable: pass the failure on (the upstream's response or our own UF/UC/UT)
+    EXHAUSTED = 3  # retryable, but attempts or budget are spent: pass it on with flag URX
+
+
+RETRY = Decision.RETRY
+GIVE_UP = Decision.GIVE_UP
+EXHAUSTED = Decision.EXHAUSTED
 
 
 class RetryState:
@@ -202,7 +225,7 @@ class RetryState:
         self.budget = budget
         self.retries_done = 0
 
-    def decide(self, outcome: int, status: int = 0, replayable: bool = True) -> int:
+    def decide(self, outcome: Outcome, status: int = 0, replayable: bool = True) -> Decision:
         """RETRY, GIVE_UP or EXHAUSTED for a try that ended in ``outcome`` (and ``status``).
 
         RETRY acquired a budget slot: the proxy calls ``budget.release()`` when that try ends.

@@ -400,7 +400,7 @@ class IngressHttp:
             out.finished(ex)
             return
         gw = self.gateway
-        gw.metrics.observe(gw.name, "-", "", ex.status, ex.flags or flags.NONE, time.monotonic() - ex.started)
+        gw.metrics.observe(gw.name, "-", "", ex.status, flags.render(ex.flags), time.monotonic() - ex.started)
         from hostmesh.agent.proxy.http_conn import access_due, access_line
 
         if access_due(ex):

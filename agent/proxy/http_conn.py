@@ -38,6 +38,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -62,7 +63,16 @@ from hostmesh.agent.l7.http1 import (
     TunnelData,
 )
 from hostmesh.agent.l7.normalize import normalize_target
-from hostmesh.agent.l7.retry import CONNECT_FAILURE, MAX_REPLAY_BODY_BYTES, RESET, RESPONSE, TIMEOUT
+from hostmesh.agent.l7.retry import (
+    CLIENT_GONE,
+    CONNECT_FAILURE,
+    MAX_REPLAY_BODY_BYTES,
+    OVERFLOW,
+    RESET,
+    RESPONSE,
+    TIMEOUT,
+    Outcome,
+)
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
@@ -82,7 +92,6 @@ MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serv
 POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
 REQUEST_ID = b"x-request-id"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-CLIENT_GONE = 9  # outcome of waiting for a response head besides retry.py's: the client left
 
 _rng = random.Random()
 
@@ -173,7 +182,7 @@ def access_line(
     audit.access(audit.access_record(
         protocol="http", reporter=reporter, source_workload=source, source_principal=source_principal,
         destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
-        downstream_remote_address=peer, response_code=ex.status, response_flags=ex.flags or fl.NONE,
+        downstream_remote_address=peer, response_code=ex.status, response_flags=fl.render(ex.flags),
         duration_ms=round((time.monotonic() - ex.started) * 1000, 2), bytes_received=ex.received,
         bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
         request_id=rid.decode("latin-1"),
@@ -193,6 +202,19 @@ def _trace_of(headers: http1.Headers) -> str:
 # --------------------------------------------------------------------------- client side of a proxy
 
 
+class Reading(enum.Enum):
+    """Where a client connection's events go. Orthogonal to it, and flags of their own: a head begun
+    (`_partial`, its timer), the client's half-close (`_eof`), reads paused by us (`_paused`), closed."""
+
+    HTTP = 1  # to the current exchange, or a request head starts the next one
+    HOLDING = 2  # a request ended, its response is pending: events wait in `backlog`, more bytes pause reads
+    TUNNEL = 3  # answered 101: the bytes go to the upstream connection as they are (`_tunnel`)
+
+
+HTTP, HOLDING, TUNNEL = Reading.HTTP, Reading.HOLDING, Reading.TUNNEL
+NO_BACKLOG: list[Any] = []  # `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+
+
 class ServerConn(asyncio.BaseProtocol):
     """The proxy's server end of one HTTP/1.1 connection (a local app's, or a peer agent's over mTLS).
 
@@ -207,7 +229,8 @@ class ServerConn(asyncio.BaseProtocol):
         self.transport: asyncio.Transport | None = None
         self.framer = http1.RequestFramer()
         self.ex: Exchange | None = None
-        self.backlog: list[Any] | None = None
+        self.reading = HTTP
+        self.backlog = NO_BACKLOG  # HOLDING: the events read after the current request's end
         self.closed = False
         self.write_paused = False
         self.peer_ip = ""
@@ -234,16 +257,17 @@ class ServerConn(asyncio.BaseProtocol):
         self._arm(self.handler.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        tunnel = self._tunnel
-        if tunnel is not None:
-            if tunnel.transport is not None:
+        reading = self.reading
+        if reading is TUNNEL:
+            tunnel = self._tunnel
+            if tunnel is not None and tunnel.transport is not None:
                 tunnel.transport.write(data)
             return
-        busy = self.backlog is not None
+        busy = reading is HOLDING
         for ev in self.framer.feed(data):
             if self.closed:
                 return
-            if self.backlog is not None:
+            if self.reading is HOLDING:
                 self.backlog.append(ev)
             else:
                 self._event(ev)
@@ -254,18 +278,18 @@ class ServerConn(asyncio.BaseProtocol):
             self._head_started = time.monotonic()
 
     def eof_received(self) -> bool | None:
-        if self._tunnel is not None:
-            t = self._tunnel.transport
+        if self.reading is TUNNEL:
+            t = self._tunnel.transport if self._tunnel is not None else None
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
             return True
         self._eof = True
         for ev in self.framer.eof():
-            if self.backlog is not None:
+            if self.reading is HOLDING:
                 self.backlog.append(ev)
             else:
                 self._event(ev)
-        if self.ex is None and self.backlog is None:
+        if self.ex is None and self.reading is not HOLDING:
             self.close()
         return True  # a response may still be on its way (half-close)
 
@@ -309,7 +333,7 @@ class ServerConn(asyncio.BaseProtocol):
                 self._body_deadline = 0.0
                 ex.request_end(ev.trailers)
                 if self.ex is not None and not self.closed:  # the response is not done: hold what follows
-                    self.backlog = []  # reading stops only if more bytes come meanwhile (data_received)
+                    self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
         elif t is RequestHead:
             self._partial = False  # the timer stays armed: it checks the state when it fires
             self.requests += 1
@@ -338,7 +362,7 @@ class ServerConn(asyncio.BaseProtocol):
         """A protocol error from the client: answer (when no response started yet) and close."""
         self.handler.rejected(self, status, reason, flag)
         ex = self.ex
-        if ex is not None and ex.head_sent:
+        if ex is not None and ex.progress is RELAYING:
             self.abort()
             return
         if ex is not None:
@@ -361,18 +385,19 @@ class ServerConn(asyncio.BaseProtocol):
         self._last = time.monotonic()
         if self._timer is None:
             self._arm(self.handler.header_timeout)
-        backlog, self.backlog = self.backlog, None
+        backlog = self.backlog
+        self.reading, self.backlog = HTTP, NO_BACKLOG
         if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
-            backlog = self.framer.upgrade_refused() + (backlog or [])
+            backlog = self.framer.upgrade_refused() + backlog
         if backlog:
             for i, ev in enumerate(backlog):
                 if self.closed:
                     return
-                if self.backlog is not None:  # the next exchange is waiting again: queue the rest
+                if self.reading is HOLDING:  # the next exchange is waiting again: queue the rest
                     self.backlog.extend(backlog[i:])
                     return
                 self._event(ev)
-        if self.backlog is None:
+        if self.reading is not HOLDING:
             if self._eof and self.ex is None and not self.closed:
                 self.close()  # the client half-closed and got its last answer
                 return
@@ -381,7 +406,7 @@ class ServerConn(asyncio.BaseProtocol):
     def start_tunnel(self, up: UpstreamConn) -> None:
         """The upstream answered the upgrade with 101: both connections are one byte tunnel now."""
         self.ex = None
-        self.backlog = None
+        self.reading, self.backlog = TUNNEL, NO_BACKLOG
         self._tunnel = up
         self._cancel_timer()
         for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
@@ -412,8 +437,8 @@ class ServerConn(asyncio.BaseProtocol):
         """The request body stopped or trickles: 408 SI (or a reset once the response began); the
         upstream attempt is dropped with it, so nothing waits on this client any more."""
         self._body_deadline = 0.0
-        ex.flags = fl.SI if not ex.flags else ex.flags + "," + fl.SI
-        if ex.head_sent:
+        ex.flags = fl.add(ex.flags, fl.SI)
+        if ex.progress is RELAYING:
             ex.abandon_upstream()
             self.abort()
             ex.client_lost()
@@ -435,12 +460,12 @@ class ServerConn(asyncio.BaseProtocol):
     def _timed_out(self) -> None:
         """One lazy timer per connection (not one per request): it looks at the state when it fires."""
         self._timer = None
-        if self.closed or self._tunnel is not None:
+        if self.closed or self.reading is TUNNEL:
             return
         timeout = self.handler.header_timeout
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
-            if self._body_deadline and not ex.request_done and not ex.done:
+            if self._body_deadline and not ex.request_done and ex.progress is not DONE:
                 now = time.monotonic()
                 if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
                     self._body_deadline = max(self._body_deadline, now + self.handler.body_idle_timeout)
@@ -494,7 +519,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not self._paused:
             return
         t = self.transport
-        if t is not None and not self.closed and not t.is_closing() and self.backlog is None:
+        if t is not None and not self.closed and not t.is_closing() and self.reading is not HOLDING:
             self._paused = False
             t.resume_reading()
             if self._body_deadline:  # the client gets its full idle time from now
@@ -557,26 +582,40 @@ class TlsServerConn(TlsReads, ServerConn):
 # --------------------------------------------------------------------------- one request/response
 
 
+class Progress(enum.Enum):
+    """Where an exchange's response stands. It moves forward only, except HELD -> AWAITING when a
+    held response is dropped for another try."""
+
+    AWAITING = 1  # no response head yet (an upstream try may be in flight)
+    HELD = 2  # a response head came: it and what follows wait (`held`) until the side relays or retries
+    RELAYING = 3  # the response head went to the client: a failure now can only reset the client
+    DONE = 4  # finished: relayed, answered by the proxy, turned into a tunnel, or the client left
+
+
+AWAITING, HELD, RELAYING, DONE = Progress.AWAITING, Progress.HELD, Progress.RELAYING, Progress.DONE
+NOTHING_HELD: list[Any] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
+
+
 class Exchange:
-    """One request from the client and its response; owns the link to the upstream connection."""
+    """One request from the client and its response; owns the link to the upstream connection.
+    `progress` is the response's state (Progress); `request_done` says whether the request ended."""
 
     __slots__ = (
         "chunked",
         "chunks",
         "conn",
-        "done",
         "flags",
         "head",
-        "head_sent",
+        "held",
         "keep_alive",
         "nbytes",
         "on_fail",
         "on_response_head",
         "plan",
+        "progress",
         "received",
         "replayable",
         "request_done",
-        "resp_pending",
         "response_ops",
         "sent",
         "started",
@@ -600,10 +639,9 @@ class Exchange:
         self.replayable = True
         self.trailers: list[tuple[bytes, bytes]] = []
         self.upstream: UpstreamConn | None = None
-        self.waiter: asyncio.Future[Any] | None = None
-        self.resp_pending: list[Any] | None = None  # response events that came before the relay started
-        self.head_sent = False
-        self.done = False
+        self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
+        self.progress = AWAITING
+        self.held = NOTHING_HELD  # HELD: the response events that came after the head
         self.status = 0
         self.flags = ""
         self.sent = 0
@@ -656,7 +694,7 @@ class Exchange:
 
     def continue_100(self) -> None:
         """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
-        if self.head.expect_continue and not self.request_done and not self.head_sent:
+        if self.head.expect_continue and not self.request_done and self.progress is AWAITING:
             self.conn.write(http1.CONTINUE)
             self.conn.body_clock()  # the client waited for this: its body's time starts now
 
@@ -664,7 +702,7 @@ class Exchange:
     def send(self, up: UpstreamConn, method: bytes, target: bytes, headers: http1.Headers) -> None:
         """Write the request head and what we have of the body to `up`; stream the rest to it."""
         self.upstream = up
-        self.resp_pending = None
+        self.progress, self.held = AWAITING, NOTHING_HELD
         up.owner = self
         up.framer.expect(method)
         framing = self.head.framing
@@ -682,8 +720,12 @@ class Exchange:
         if not self.request_done:
             self.conn.resume_reading()
 
-    async def wait_response(self, timeout: float | None) -> Any:
-        """RESPONSE with the head, or RESET / TIMEOUT / CLIENT_GONE."""
+    @property
+    def done(self) -> bool:
+        return self.progress is DONE
+
+    async def wait_response(self, timeout: float | None) -> ResponseHead | Outcome:
+        """The response head, or RESET / TIMEOUT / CLIENT_GONE."""
         loop = asyncio.get_running_loop()
         fut = self.waiter = loop.create_future()
         timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
@@ -698,7 +740,8 @@ class Exchange:
         """Drop the current attempt's connection (not reusable: its response is unread)."""
         up = self.upstream
         self.upstream = None
-        self.resp_pending = None
+        if self.progress is HELD:
+            self.progress, self.held = AWAITING, NOTHING_HELD
         if up is not None:
             up.owner = None
             up.close()
@@ -708,23 +751,21 @@ class Exchange:
         t = type(ev)
         if up is not self.upstream:
             return
-        pending = self.resp_pending
         if t is ResponseHead:
+            self.progress, self.held = HELD, []
             waiter = self.waiter
             cb = self.on_response_head
             if cb is not None and waiter is None:
-                self.resp_pending = []
                 cb(self, ev)
                 return
-            self.resp_pending = []
             up.pause_reading()  # until the relay decision (retry or pass on)
             if waiter is not None and not waiter.done():
                 waiter.set_result(ev)
             return
         if t is Informational:
             return  # the proxy answered 100-continue itself; other 1xx are not relayed
-        if pending is not None:
-            pending.append(ev)
+        if self.progress is HELD:
+            self.held.append(ev)
             return
         if t is Body:
             self._relay_body(ev.data)
@@ -742,9 +783,9 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(RESET)
             return
-        if self.resp_pending is not None:  # head seen, relay not started: end what will be relayed
-            self.resp_pending.append(Reject(502, "upstream-reset", fl.UC))
-        elif not self.done:
+        if self.progress is HELD:  # head seen, relay not started: end what will be relayed
+            self.held.append(Reject(502, "upstream-reset", fl.UC))
+        elif self.progress is not DONE:
             self._upstream_failed(up, fl.UC)
 
     def _upstream_failed(self, up: UpstreamConn, flag: str) -> None:
@@ -755,10 +796,11 @@ class Exchange:
         self.upstream = None
         up.owner = None
         up.close()
-        if self.done:
+        progress = self.progress
+        if progress is DONE:
             return
-        if self.head_sent:  # the client cannot be told any more: a reset shows the truncation
-            self.flags = flag if not self.flags else self.flags + "," + flag
+        if progress is RELAYING:  # the client cannot be told any more: a reset shows the truncation
+            self.flags = fl.add(self.flags, flag)
             self.conn.abort()
             self._finish(False)
         elif self.on_fail is not None and self.on_fail(self, flag):
@@ -797,12 +839,12 @@ class Exchange:
             headers.append((b"transfer-encoding", b"chunked"))
         self.status = resp.status
         data = http1.serialize_response_head(b"1.1", resp.status, resp.reason or None, headers)
-        self.head_sent = True
+        self.progress = RELAYING
         self.conn.write(data)
-        pending, self.resp_pending = self.resp_pending, None
+        pending, self.held = self.held, NOTHING_HELD
         if pending:
             for ev in pending:
-                if self.done:
+                if self.progress is DONE:
                     return
                 if up is not None:
                     self.on_upstream(up, ev)
@@ -815,8 +857,8 @@ class Exchange:
         headers = http1.forward_headers(resp.headers, tunnel=True)
         self.status = 101
         self.conn.write(http1.serialize_response_head(b"1.1", 101, resp.reason or None, headers))
-        self.head_sent = True
-        pending, self.resp_pending = self.resp_pending, None
+        self.progress = RELAYING
+        pending, self.held = self.held, NOTHING_HELD
         for ev in pending or ():
             if type(ev) is TunnelData:
                 self.conn.write(ev.data)
@@ -846,15 +888,13 @@ class Exchange:
 
     def respond(self, status: int, flag: str, detail: str = "") -> None:
         """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
-        if self.done:
+        if self.progress is DONE:
             return
         self.abandon_upstream()
-        if flag and flag not in self.flags.split(","):
-            self.flags = flag if not self.flags else self.flags + "," + flag
+        self.flags = fl.add(self.flags, flag)
         self.status = status
         keep = self.keep_alive and self.request_done
-        self.conn.write(http1.error_response(status, self.flags or fl.NONE, keep, detail))
-        self.head_sent = True
+        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail))
         self._finish(keep)
 
     def client_lost(self) -> None:
@@ -862,22 +902,22 @@ class Exchange:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(CLIENT_GONE)
-        if not self.done:
+        if self.progress is not DONE:
             self.abandon_upstream()
-            if not self.head_sent:
+            if self.progress is not RELAYING:
                 self.status = 499 if not self.status else self.status
-            self.flags = self.flags or "DC"
+            self.flags = self.flags or fl.DC  # only when nothing else explains the end
             self._finish(False)
 
     def _finish(self, keep_alive: bool, release: bool = True) -> None:
-        if self.done:
+        if self.progress is DONE:
             return
-        self.done = True
+        self.progress = DONE
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 
 
-def _expire(fut: asyncio.Future[Any]) -> None:
+def _expire(fut: asyncio.Future[ResponseHead | Outcome]) -> None:
     if not fut.done():
         fut.set_result(TIMEOUT)
 
@@ -1137,12 +1177,13 @@ def complete_request_headers(headers: http1.Headers, host: str) -> http1.Headers
 
 
 def response_flag(resp: ResponseHead) -> str:
-    """The flag a proxy further along put on its own error response (``-`` passes as empty)."""
+    """The flags a proxy further along put on its own error response (``-`` passes as empty)."""
     if resp.status < 400:
         return ""
     for n, v in resp.headers:
         if n == fl.HEADER:
-            return v.decode("latin-1")
+            flags = v.decode("latin-1")
+            return "" if flags == fl.NONE else flags
     return ""
 
 
@@ -1150,10 +1191,12 @@ __all__ = [
     "CLIENT_GONE",
     "CONNECT_FAILURE",
     "IDEMPOTENT",
+    "OVERFLOW",
     "RESET",
     "RESPONSE",
     "TIMEOUT",
     "Exchange",
+    "Outcome",
     "RequestMetrics",
     "ServerConn",
     "TlsServerConn",

@@ -271,7 +271,7 @@ class HttpInbound:
     def finished(self, ex: Exchange) -> None:
         caller: Caller = ex.conn.info
         subset = self.subsets.get(caller.service, "")
-        self.metrics.observe(caller.source.service, caller.service, subset, ex.status, ex.flags or fl.NONE,
+        self.metrics.observe(caller.source.service, caller.service, subset, ex.status, fl.render(ex.flags),
                              time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         req: _Req | None = ex.state
         tracer = self.tracer

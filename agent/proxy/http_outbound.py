@@ -68,10 +68,12 @@ from hostmesh.agent.proxy.http_conn import (
     CONNECT_FAILURE,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
+    OVERFLOW,
     RESET,
     RESPONSE,
     TIMEOUT,
     Exchange,
+    Outcome,
     RequestMetrics,
     ServerConn,
     TlsUpstreamConn,
@@ -95,8 +97,11 @@ log = logging.getLogger("hostmesh.proxy.http_outbound")
 REPORTER = "source"
 CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
 PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
-RETRY_REASONS = {CONNECT_FAILURE: "connect-failure", RESET: "reset", TIMEOUT: "per-try timeout"}
-OVERFLOW = 10  # attempt outcome besides retry.py's: the connection and pending limits are both full
+RETRY_REASONS: dict[Outcome, str] = {
+    CONNECT_FAILURE: "connect-failure",
+    RESET: "reset",
+    TIMEOUT: "per-try timeout",
+}
 MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 
 
@@ -460,7 +465,7 @@ class HttpOutbound:
     async def _delayed(
         self, ex: Exchange, snap: Snapshot, subset: str | None, delay: float, abort: int
     ) -> None:
-        ex.flags = fl.DI
+        ex.flags = fl.add(ex.flags, fl.DI)
         await asyncio.sleep(delay)
         if ex.done:
             return
@@ -470,22 +475,47 @@ class HttpOutbound:
         self._begin(ex, snap, subset)
 
     def _begin(self, ex: Exchange, snap: Snapshot, subset: str | None) -> None:
-        """Admit, prepare the request once, then forward: inline on a pooled connection when no timer
-        is involved (the common case), else in a coroutine (dial, timeouts, retries)."""
+        """Admit -> prepare the request once -> mirror -> plan the tries -> forward: inline on a pooled
+        connection when no timer is involved (the common case), else in a coroutine (dial, timeouts,
+        retries). A stage that has to answer the request itself (503 UO, UF, UH) ends it there."""
         st: _Req = ex.state
-        cl, route = st.cluster, st.route
-        if cl.limits.admit_request() is not None:
-            ex.respond(503, fl.UO)
+        if not self._admit(ex, st, snap):
             return
+        self._prepare(ex, st, snap)
+        route = st.route
+        if route.mirror and not ex.head.upgrade and route.should_mirror(self.rng):
+            self._mirror(ex, st)
+        self._plan(ex, st, snap, subset)
+        if route.timeout is None and route.retry.per_try_timeout is None:
+            self._forward_inline(ex, st)
+            return
+        st.deadline = time.monotonic() + route.timeout if route.timeout else None
+        self._spawn(self._loop(ex))
+
+    def _admit(self, ex: Exchange, st: _Req, snap: Snapshot) -> bool:
+        """The upstream's request limit (over it: 503 UO at once; only connections wait as pending),
+        then the calling service's client certificate (none: 503 UF). Pooled connections made with an
+        older certificate are dropped when a new one is first used."""
+        if st.cluster.limits.admit_request() is not None:
+            ex.respond(503, fl.UO)
+            return False
         st.admitted = True
         ctx = snap.tls.client_http.get(self.local_service)
         if ctx is None:
             ex.respond(503, fl.UF, "no certificate for the calling service")
-            return
+            return False
         if ctx is not self._ctx:
             if self._ctx is not None:
                 self.pool.drop_stale(ctx)
             self._ctx = ctx
+        st.ctx = ctx
+        return True
+
+    def _prepare(self, ex: Exchange, st: _Req, snap: Snapshot) -> None:
+        """The forwarded request, built once for every try: hop-by-hop headers dropped, the route's
+        header ops and rewrite applied, x-request-id/Host completed, the trace context set; the
+        client is told to send its body (100-continue) now that local checks passed."""
+        route = st.route
         ex.response_ops = route.response_ops if route.has_response_ops else None
         head = ex.head
         if head.expect_continue:
@@ -498,41 +528,44 @@ class HttpOutbound:
         complete_request_headers(headers, self.service)
         if ex.trace is not None:  # the peer agent's span is this one's child
             set_traceparent(headers, ex.trace.traceparent())
-        target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
+        st.target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
+        st.headers = headers
         ident = self._ident
         if ident is None or ident.trust_domain != snap.trust_domain:
             ident = self._ident = Identity(snap.trust_domain, self.service)
-        if route.mirror and not head.upgrade and route.should_mirror(self.rng):
-            shadow_headers = list(headers)
-            if ex.chunked:
-                shadow_headers.append((b"transfer-encoding", b"chunked"))
-            self._mirror(ex, cl, route.mirror_subset, ctx, ident, target, shadow_headers)
-        st.ctx, st.ident, st.target, st.headers = ctx, ident, target, headers
-        st.balancer = bal = cl.balancer(subset)
+        st.ident = ident
+
+    def _plan(self, ex: Exchange, st: _Req, snap: Snapshot, subset: str | None) -> None:
+        """What every try uses: the subset's balancer, the consistent-hash key (when the policy hashes),
+        and the retry budget, which counts this request as active from now."""
+        cl = st.cluster
+        st.balancer = cl.balancer(subset)
         if cl.hash is not None:
             source = self._source_key(snap, ex.conn.peer_ip) if cl.hash[0] == lb.HASH_SOURCE else None
-            st.key = lb.hash_key(cl.hash[0], cl.hash[1], head.headers, source)
-        st.budget = budget = cl.budget(route)
-        budget.request_started()
-        if route.timeout is None and route.retry.per_try_timeout is None:
-            if cl.outlier is not None:
-                cl.refresh(time.monotonic())
-            ep = bal.pick(st.key)
-            if ep is None:
-                ex.respond(503, fl.UH)
-                return
-            # waiters for a connection go first: a new request does not take an idle one from them
-            up = self.pool.acquire((ep.address, ep.port), ctx) if not self._conn_waiters else None
-            if up is not None:  # inline: no task, no future, no timer
-                st.use(ep)
-                ex.on_response_head = self._inline_head
-                ex.on_fail = self._inline_fail
-                ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
-                return
+            st.key = lb.hash_key(cl.hash[0], cl.hash[1], ex.head.headers, source)
+        st.budget = cl.budget(st.route)
+        st.budget.request_started()
+
+    def _forward_inline(self, ex: Exchange, st: _Req) -> None:
+        """No timer involved: pick an instance (none: 503 UH) and send on an idle pooled connection to
+        it, with no task, future or timer; without one (or while requests wait for a connection, which
+        go first), the coroutine dials."""
+        cl = st.cluster
+        if cl.outlier is not None:
+            cl.refresh(time.monotonic())
+        ep = st.balancer.pick(st.key)
+        if ep is None:
+            ex.respond(503, fl.UH)
+            return
+        up = self.pool.acquire((ep.address, ep.port), st.ctx) if not self._conn_waiters else None
+        if up is None:
             self._spawn(self._loop(ex, first=ep))
             return
-        st.deadline = time.monotonic() + route.timeout if route.timeout else None
-        self._spawn(self._loop(ex))
+        st.use(ep)
+        ex.on_response_head = self._inline_head
+        ex.on_fail = self._inline_fail
+        headers = st.headers
+        ex.send(up, ex.head.method, st.target, list(headers) if ex.chunked else headers)
 
     def _source_key(self, snap: Snapshot, peer_ip: str | None) -> str:
         """The caller as `consistent_hash` on source sees it: the calling service's SPIFFE ID, this
@@ -563,7 +596,7 @@ class HttpOutbound:
             self._spawn(self._loop(ex, retrying=True))
         return True
 
-    def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: Any) -> bool:
+    def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: http1.ResponseHead | Outcome) -> bool:
         """Feed one try's outcome to outlier detection and the retry policy. True: answered (relayed
         or a local error); False: retry (a budget slot is held)."""
         route = st.route
@@ -578,7 +611,7 @@ class HttpOutbound:
             decision = st.retry_state().decide(RESPONSE, status, ex.replayable)
             if decision != RETRY:
                 if decision == EXHAUSTED:
-                    ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                    ex.flags = fl.add(ex.flags, fl.URX)
                 self._relay(ex, outcome)
                 return True
             self.telemetry.retries.labels(self.local_service, self.service, "5xx").inc()  # rare: no cache
@@ -590,14 +623,14 @@ class HttpOutbound:
         if decision != RETRY:
             status, flag = FAILURE_RESPONSE[outcome]
             if decision == EXHAUSTED:
-                ex.flags = fl.URX if not ex.flags else ex.flags + "," + fl.URX
+                ex.flags = fl.add(ex.flags, fl.URX)
             ex.respond(status, flag)
             return True
         self.telemetry.retries.labels(
             self.local_service, self.service, RETRY_REASONS.get(outcome, "other")
         ).inc()
         if ex.trace is not None:
-            ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, str(outcome)),
+            ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, outcome.name.lower()),
                            endpoint=f"{ep.address}:{ep.port}")  # fmt: skip
         return False
 
@@ -655,12 +688,13 @@ class HttpOutbound:
 
     def _relay(self, ex: Exchange, resp: http1.ResponseHead) -> None:
         flag = response_flag(resp)
-        if flag and flag != fl.NONE:
-            ex.flags = flag if not ex.flags else ex.flags + "," + flag
+        if flag:
+            ex.flags = fl.add(ex.flags, flag)
         ex.relay(resp)
 
     async def _attempt(self, ex: Exchange, cl: Cluster, ep: lb.Endpoint, ctx: Any, ident: Identity,
-                       target: bytes, headers: http1.Headers, timeout: float | None) -> Any:  # fmt: skip
+                       target: bytes, headers: http1.Headers,
+                       timeout: float | None) -> http1.ResponseHead | Outcome:  # fmt: skip
         """One try on one instance: a ResponseHead, or CONNECT_FAILURE / RESET / TIMEOUT / CLIENT_GONE."""
         key = (ep.address, ep.port)
         started = time.monotonic()
@@ -669,13 +703,14 @@ class HttpOutbound:
             up = self.pool.acquire(key, ctx)
             if up is None:
                 left = None if timeout is None else timeout - (time.monotonic() - started)
-                up = await self._connect(cl, key, ctx, ident, left)
+                dialed = await self._connect(cl, key, ctx, ident, left)
                 if ex.done:
-                    if isinstance(up, UpstreamConn):
-                        up.release()
+                    if isinstance(dialed, UpstreamConn):
+                        dialed.release()
                     return CLIENT_GONE
-                if not isinstance(up, UpstreamConn):
-                    return up
+                if not isinstance(dialed, UpstreamConn):
+                    return dialed
+                up = dialed
             ex.send(up, ex.head.method, target, list(headers) if ex.chunked else headers)
             left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
             outcome = await ex.wait_response(left)
@@ -695,8 +730,8 @@ class HttpOutbound:
             return outcome
 
     async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
-                       timeout: float | None) -> Any:  # fmt: skip
-        """A new connection (within the connection limit, else waiting as pending), or an outcome code.
+                       timeout: float | None) -> UpstreamConn | Outcome:  # fmt: skip
+        """A new connection (within the connection limit, else waiting as pending), or how the try ended.
 
         At the limit a request waits (within the pending limit; beyond it: OVERFLOW, 503 UO) until a
         connection is released or lost, then takes it, or its slot (an idle connection to another
@@ -795,14 +830,18 @@ class HttpOutbound:
                 fut.set_result(None)
                 return
 
-    def _mirror(self, ex: Exchange, cl: Cluster, subset: str | None, ctx: Any, ident: Identity,
-                target: bytes, headers: http1.Headers) -> None:  # fmt: skip
-        """Fire-and-forget copy of the request, its body streamed as it arrives (see _MirrorTap)."""
-        ep = cl.balancer(subset).pick(None)
+    def _mirror(self, ex: Exchange, st: _Req) -> None:
+        """Fire-and-forget copy of the prepared request to one instance of the route's mirror subset,
+        its body streamed as it arrives (see _MirrorTap)."""
+        ep = st.cluster.balancer(st.route.mirror_subset).pick(None)
         if ep is None:
             return
+        headers = list(st.headers)
+        if ex.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        ctx, ident = st.ctx, st.ident
         method = ex.head.method
-        data = http1.serialize_request_head(method, target, b"1.1", headers) + b"".join(ex.chunks)
+        data = http1.serialize_request_head(method, st.target, b"1.1", headers) + b"".join(ex.chunks)
         tap = _MirrorTap(self, method, data, ex.request_done)
         if tap.state == MirrorState.DROPPED:
             return
@@ -847,7 +886,7 @@ class HttpOutbound:
                 upstream_host = f"{ep.address}:{ep.port}"
             else:
                 subset = st.subset
-        flags = ex.flags or fl.NONE
+        flags = fl.render(ex.flags)
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer

@@ -55,7 +55,7 @@ from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_keepalive
-from hostmesh.agent.proxy.pump import DC, ListenerLifecycle, Pipe, RawEnd, Tracker
+from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.wire import RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca import tls as catls
@@ -420,7 +420,7 @@ class InboundListener(ListenerLifecycle):
             raise
         if stream.done or self._closing:
             app.reset()
-            self.telemetry.tcp_series(REPORTER, source, svc.name, "", DC).closed.inc()
+            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.DC).closed.inc()
             stream.reset()
             return False
         pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name, admission))

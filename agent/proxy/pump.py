@@ -39,8 +39,6 @@ WRITE_LOW_WATER = 64 * 1024  # resume the other side while a quarter is still qu
 TLS_READ_BYTES = 256 * 1024  # uvloop's own TLS read size; one buffer of it per event loop (loop_read_buffer)
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
-DC = "DC"  # downstream connection terminated abnormally (Envoy's flag; not in l7/flags, no HTTP use)
-
 
 def reset_transport(transport: Any) -> None:
     """Abort `transport` so the peer sees a TCP reset (not an orderly EOF)."""
@@ -163,7 +161,7 @@ class Pipe:
     def lost(self, end: End, exc: BaseException | None) -> None:
         """An end's transport is gone before the pipe finished: reset the other side."""
         if not self.done:
-            self.fail(DC if end is self.a else flags.UC)
+            self.fail(flags.DC if end is self.a else flags.UC)
 
     # outcomes ------------------------------------------------------------------------------
 
@@ -358,7 +356,7 @@ class Tracker:
             except TimeoutError:
                 pass
         for pipe in list(self.pipes):
-            pipe.fail(DC)
+            pipe.fail(flags.DC)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -1,0 +1,31 @@
+"""The response-flag vocabulary (agent/l7/flags.py): how a request's flags grow and how they are shown,
+the same in the L4 and L7 paths' metrics, access lines and the response header."""
+
+from __future__ import annotations
+
+from hostmesh.agent.l7 import flags
+
+
+def test_flags_keep_the_order_they_were_raised_and_count_once() -> None:
+    f = flags.add("", flags.DI)
+    f = flags.add(f, flags.URX)
+    f = flags.add(f, flags.UF)
+    f = flags.add(f, flags.UF)  # a flag raised again is not repeated
+    assert f == "DI,URX,UF"
+
+
+def test_a_peer_agents_flags_are_passed_on_as_they_came() -> None:
+    assert flags.add("", "UH,URX") == "UH,URX"
+    assert flags.add(flags.URX, "UF,URX") == "URX,UF"  # only what is new is appended
+    assert flags.add(flags.URX, "") == flags.URX
+
+
+def test_no_flag_renders_as_a_dash_and_flags_render_as_joined() -> None:
+    assert flags.render("") == flags.NONE == "-"
+    assert flags.render("URX,UF") == "URX,UF"
+
+
+def test_every_flag_is_documented_once() -> None:
+    assert len(set(flags.ALL)) == len(flags.ALL)
+    assert set(flags.DESCRIPTIONS) == set(flags.ALL)
+    assert flags.DC in flags.ALL  # the L4 path's "caller went away" flag is part of the one vocabulary
