@@ -11,6 +11,7 @@ declare -A pkg_of=(
   [adduser]=adduser
   [fakeroot]=fakeroot
   [ip]=iproute2
+  [setpriv]=util-linux
   [dig]=dnsutils
   [curl]=curl
   [dnsmasq]=dnsmasq-base

@@ -54,16 +54,22 @@ ROOT_DS = ". DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC6834571042
 
 
 @pytest.fixture(scope="module")
-def tools() -> None:
+def tools() -> str:
+    """Debian's dig, curl, dnsmasq, unbound installed; returns systemd-resolved's path, or why not."""
     subprocess.run(
-        [str(REPO / "packaging/ensure-tools.sh"), "dig", "curl", "dnsmasq", "unbound", "unbound-checkconf"],
+        [str(REPO / "packaging/ensure-tools.sh"), "dig", "curl", "dnsmasq", "unbound", "unbound-checkconf",
+         "systemd-analyze", "setpriv"],
         check=True,
         timeout=600,
+    )  # fmt: skip
+    out = subprocess.run(
+        [str(REPO / "scripts/fetch-resolved.sh")], capture_output=True, text=True, timeout=600
     )
+    return out.stdout.strip() if out.returncode == 0 else f"no systemd-resolved: {out.stderr.strip()}"
 
 
 @pytest.fixture
-def edges(fleet: Fleet, tools: None) -> Iterator[tuple[Host, Host]]:
+def edges(fleet: Fleet, tools: str) -> Iterator[tuple[Host, Host]]:
     """w1 and the edge host, w1 choosing the edge host for every edge service."""
     w1, edge = fleet.workloads[0], fleet.edge_host
     for svc in ("api", "echo", "names"):
@@ -84,60 +90,121 @@ def test_mesh_dns_names_the_upstream_and_refuses_other_names(edges: tuple[Host, 
     assert "status: REFUSED" in dig(w1, "@127.0.0.1", "-p", str(DNS_PORT), "+tcp", "example.com")
 
 
-def start_resolver(w1: Host, kind: str) -> Proc:
-    """`kind` on w1's 127.0.0.1:53 with the shipped drop-in, unmodified."""
+SITE_DNS = "127.0.0.3"  # the host's own DNS server of w1 (dnsmasq): it knows example.com, not mesh.
+SITE_ANSWER = "198.18.0.99"  # its answer for example.com (data, never dialed)
+RESOLVER_ADDRESS = {"dnsmasq": "127.0.0.1", "unbound": "127.0.0.1", "systemd-resolved": "127.0.0.53"}
+NOBODY = 65534  # systemd-resolved runs unprivileged, as its unit has it (see start_resolver)
+
+
+@pytest.fixture
+def site_dns(edges: tuple[Host, Host]) -> Iterator[None]:
+    """w1's DNS server for everything but the mesh, as a host has one: it answers NXDOMAIN for mesh
+    names, so a resolver that asked it instead of the agent would fail the test."""
+    w1, _ = edges
+    proc = w1.spawn("site-dns", [
+        "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+        f"--listen-address={SITE_DNS}", "--port=53", "--pid-file=", "--log-facility=-",
+        f"--address=/example.com/{SITE_ANSWER}", "--local=/mesh/",
+    ])  # fmt: skip
+    try:
+        wait_for(lambda: answers(w1, proc, SITE_DNS, "example.com"), RESOLVER_READY_TIMEOUT, "the site DNS")
+        yield
+    finally:
+        proc.stop()
+
+
+def start_resolver(w1: Host, kind: str, resolved_bin: str) -> Proc:
+    """`kind` as w1's resolver (RESOLVER_ADDRESS, port 53) with the shipped drop-in, unmodified,
+    where the resolver reads it; other names go to the site DNS as they did before the drop-in."""
+    workdir = w1.workdir / kind
+    workdir.mkdir(exist_ok=True)
     if kind == "dnsmasq":
         return w1.spawn("dnsmasq", [
             "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
             "--listen-address=127.0.0.1", "--port=53", "--pid-file=", "--log-facility=-",
-            f"--conf-file={DROPINS / 'dnsmasq-hostmesh.conf'}",
+            f"--server={SITE_DNS}", f"--conf-file={DROPINS / 'dnsmasq-hostmesh.conf'}",
         ])  # fmt: skip
-    workdir = w1.workdir / "unbound"
-    workdir.mkdir(exist_ok=True)
-    conf = workdir / "unbound.conf"
-    conf.write_text(  # what Debian's /etc/unbound/unbound.conf amounts to, on w1's loopback
-        "server:\n"
-        "    interface: 127.0.0.1\n    port: 53\n    do-ip6: no\n"
-        f'    username: ""\n    chroot: ""\n    directory: "{workdir}"\n'
-        f'    pidfile: "{workdir}/unbound.pid"\n    use-syslog: no\n    logfile: ""\n'
-        f'    trust-anchor: "{ROOT_DS}"\n'
-        f'include: "{DROPINS / "unbound-hostmesh.conf"}"\n'
+    if kind == "unbound":
+        conf = workdir / "unbound.conf"
+        conf.write_text(  # what Debian's /etc/unbound/unbound.conf amounts to, on w1's loopback
+            "server:\n"
+            "    interface: 127.0.0.1\n    port: 53\n    do-ip6: no\n"
+            f'    username: ""\n    chroot: ""\n    directory: "{workdir}"\n'
+            f'    pidfile: "{workdir}/unbound.pid"\n    use-syslog: no\n    logfile: ""\n'
+            f'    trust-anchor: "{ROOT_DS}"\n'
+            '    domain-insecure: "example.com."  # the site zone is unsigned\n'
+            f'forward-zone:\n    name: "."\n    forward-addr: {SITE_DNS}\n'
+            f'include: "{DROPINS / "unbound-hostmesh.conf"}"\n'
+        )
+        w1.run(["unbound-checkconf", str(conf)])
+        return w1.spawn("unbound", ["unbound", "-d", "-c", str(conf)])
+    # systemd-resolved without systemd as PID 1 or D-Bus (it waits for the bus and serves meanwhile),
+    # in a mount namespace of its own: a tmpfs on /etc/systemd holds only the drop-in, at its
+    # documented place; /run/systemd is its runtime folder, where networkd's state file gives eth0
+    # the site DNS (a link's DNS, as DHCP sets it); /etc/resolv.conf is its stub, as the package
+    # makes it. It runs as nobody with the capabilities of its unit (as root it would switch to its
+    # own user, which only the package creates).
+    stub = workdir / "stub-resolv.conf"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n")
+    script = f"""set -e
+        idx=$(ip -o link show eth0 | cut -d: -f1)
+        mount -t tmpfs -o mode=755 tmpfs /etc/systemd
+        mkdir /etc/systemd/resolved.conf.d
+        cp "{DROPINS / "resolved-hostmesh.conf"}" /etc/systemd/resolved.conf.d/hostmesh.conf
+        mount -t tmpfs -o mode=755 tmpfs /run/systemd
+        mkdir -p /run/systemd/resolve /run/systemd/netif/links
+        chown {NOBODY}:{NOBODY} /run/systemd/resolve
+        printf 'ADMIN_STATE=configured\\nOPER_STATE=routable\\nDNS={SITE_DNS}\\n' \\
+            > /run/systemd/netif/links/$idx
+        mount --bind "{stub}" /etc/resolv.conf
+        exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \\
+            --inh-caps=+net_bind_service,+setpcap --ambient-caps=+net_bind_service,+setpcap "{resolved_bin}"
+    """
+    return w1.spawn(
+        "systemd-resolved",
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        {"SYSTEMD_LOG_LEVEL": "debug", "SYSTEMD_LOG_TARGET": "console"},
     )
-    w1.run(["unbound-checkconf", str(conf)])
-    return w1.spawn("unbound", ["unbound", "-d", "-c", str(conf)])
 
 
-def resolves_api(w1: Host, proc: Proc) -> bool:
+def answers(w1: Host, proc: Proc, server: str, name: str) -> bool:
     if not proc.alive():
         raise AssertionError(f"{proc.name} exited:\n{proc.log()}")
     try:
-        q = dns.message.make_query("api.mesh", "A")
-        return bool(w1.call(lambda: dns.query.udp(q, "127.0.0.1", timeout=1).answer))
+        q = dns.message.make_query(name, "A")
+        return bool(w1.call(lambda: dns.query.udp(q, server, timeout=1).answer))
     except (OSError, dns.exception.Timeout):
         return False
 
 
-@pytest.mark.parametrize("resolver", ["dnsmasq", "unbound"])
+@pytest.mark.parametrize("resolver", ["dnsmasq", "unbound", "systemd-resolved"])
 def test_an_unmodified_client_calls_http_api_mesh_on_another_host(
-    edges: tuple[Host, Host], resolver: str
+    edges: tuple[Host, Host], site_dns: None, tools: str, resolver: str
 ) -> None:
+    """curl on w1 (the C library's resolver, resolv.conf naming the resolver) calls api on w2 by
+    name; the same resolver still answers other names from the site DNS."""
+    if resolver == "systemd-resolved" and not tools.startswith("/"):
+        pytest.skip(tools)
     w1, edge = edges
-    proc = start_resolver(w1, resolver)
+    address = RESOLVER_ADDRESS[resolver]
+    proc = start_resolver(w1, resolver, tools)
     try:
-        wait_for(lambda: resolves_api(w1, proc), RESOLVER_READY_TIMEOUT, f"{resolver} to forward api.mesh")
-        resolv = w1.workdir / f"resolv-{resolver}.conf"
-        resolv.write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+        ready = f"{resolver} to forward api.mesh"
+        wait_for(lambda: answers(w1, proc, address, "api.mesh"), RESOLVER_READY_TIMEOUT, ready)
+        resolv = w1.workdir / resolver / "resolv.conf"
+        resolv.write_text(f"nameserver {address}\noptions timeout:2 attempts:2\n")
         served = edge.apps["api"].served.finished
         size, seed = 64 * 1024, 7
+        out = w1.workdir / resolver
         script = (  # w1's resolv.conf in a mount namespace of curl's own, as /etc/netns/ would give it
-            f'mount --bind "{resolv}" /etc/resolv.conf && '
-            f'exec curl -sS -m 20 -D "{w1.workdir}/curl-headers" -o "{w1.workdir}/curl-body" '
-            f"http://api.mesh/blob/{size}/{seed}"
+            f'mount --bind "{resolv}" /etc/resolv.conf && getent ahostsv4 example.com && '
+            f'exec curl -sS -m 20 -D "{out}/headers" -o "{out}/body" http://api.mesh/blob/{size}/{seed}'
         )
-        w1.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=60)
-        headers = (w1.workdir / "curl-headers").read_text().lower()
+        got = w1.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=60)
+        assert got.stdout.split()[0] == SITE_ANSWER  # other names: the site DNS, as before
+        headers = (out / "headers").read_text().lower()
         assert headers.startswith("http/1.1 200") and "x-instance: w2" in headers, headers
-        assert (w1.workdir / "curl-body").read_bytes() == Pattern(seed).slice(0, size)
+        assert (out / "body").read_bytes() == Pattern(seed).slice(0, size)
         assert edge.apps["api"].served.finished == served + 1  # the app on the other host answered
     finally:
         proc.stop()
