@@ -8,95 +8,29 @@ dnspython on node-b). Clients are asyncio-dgram sockets, as an app's would be.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
-import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncio_dgram
 import dns.message
 import dns.query
 import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.releases import BUILD_TIMEOUT
 from tests.support import ConsulDev
 from tests.test_e2e_l4 import metric_value
+from tests.udp_support import DNS_ANSWER, RECV_TIMEOUT, UdpApps, echo_clients, probe_until_dropped
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 DATAGRAMS = 10_000
 FLOWS = 4  # client sockets (flows) sending at once
-WINDOW = 32  # datagrams in flight per client: the test measures integrity, not overload
-SOCKET_BUFFER = 4 << 20  # the test's own sockets (Linux caps it at net.core.rmem_max)
-RECV_TIMEOUT = 10.0  # seconds for the echo of a datagram in flight
 IDLE_TIMEOUT = 2.0  # node-a's udp_idle_timeout: short enough to watch a flow end, long for a test's gaps
-DNS_ANSWER = "127.0.0.9"  # what the DNS app answers for svc.example. (data, never dialed)
-
-
-class UdpApps:
-    """A UDP echo app and a DNS app (dnspython wire format) on one loop in a thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.echo_port, self.dns_port = free_port(), free_port()
-        self.echoed = 0
-        self.dns_queries = 0
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
-        self.transports = fut.result(10)
-
-    async def _start(self) -> list[Any]:
-        apps = self
-
-        class Echo(asyncio.DatagramProtocol):
-            def connection_made(self, transport: Any) -> None:
-                self.t = transport
-
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                apps.echoed += 1
-                self.t.sendto(data, addr)
-
-        class Dns(asyncio.DatagramProtocol):
-            def connection_made(self, transport: Any) -> None:
-                self.t = transport
-
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                apps.dns_queries += 1
-                q = dns.message.from_wire(data)
-                r = dns.message.make_response(q)
-                if q.question[0].name.to_text() == "svc.example." and q.question[0].rdtype == dns.rdatatype.A:
-                    r.answer.append(
-                        dns.rrset.from_text(
-                            "svc.example.", 30, dns.rdataclass.IN, dns.rdatatype.A, DNS_ANSWER
-                        )
-                    )
-                else:
-                    r.set_rcode(dns.rcode.NXDOMAIN)
-                self.t.sendto(r.to_wire(), addr)
-
-        loop = asyncio.get_running_loop()
-        e, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", self.echo_port))
-        d, _ = await loop.create_datagram_endpoint(Dns, local_addr=("127.0.0.1", self.dns_port))
-        for t in (e, d):  # this app shares the test's GIL with the clients: room for bursts
-            t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        return [e, d]
-
-    def close(self) -> None:
-        for t in self.transports:
-            self.loop.call_soon_threadsafe(t.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class UdpMesh(NamedTuple):
@@ -138,53 +72,11 @@ def udp_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[UdpMesh]:
         apps.close()
 
 
-def _payload(flow: int, seq: int, rng: random.Random) -> bytes:
-    """1..1,400 bytes: a header (flow, seq, digest of the body) when it fits, then the body."""
-    size = rng.randint(1, 1400)
-    body = rng.randbytes(max(0, size - 28))
-    head = struct.pack("!II", flow, seq) + hashlib.sha256(body).digest()[:20]
-    return (head + body)[:size] if size >= 28 else rng.randbytes(size)
-
-
-async def _client(port: int, flow: int, n: int) -> tuple[int, int]:
-    """Send n datagrams with at most WINDOW in flight; every echo must equal a datagram sent."""
-    rng = random.Random(flow)
-    stream = await asyncio_dgram.connect(("127.0.0.1", port))
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    outstanding: dict[bytes, int] = {}
-    sent = received = 0
-    sizes = 0
-    try:
-        while received < n:
-            while sent < n and len(outstanding) < WINDOW:
-                data = _payload(flow, sent, rng)
-                outstanding[data] = outstanding.get(data, 0) + 1
-                await stream.send(data)
-                sent += 1
-                sizes += len(data)
-            data, _ = await asyncio.wait_for(stream.recv(), RECV_TIMEOUT)
-            count = outstanding.get(data)
-            assert count, f"flow {flow}: a datagram came back that was never sent ({len(data)} bytes)"
-            if len(data) >= 28:  # its own checksum holds too
-                assert hashlib.sha256(data[28:]).digest()[:20] == data[8:28]
-            if count == 1:
-                del outstanding[data]
-            else:
-                outstanding[data] = count - 1
-            received += 1
-    finally:
-        stream.close()
-    return received, sizes
-
-
 def test_10000_datagrams_arrive_intact(udp_mesh: UdpMesh) -> None:
     _m, a, b, apps, echo_bind, _ = udp_mesh
 
-    async def run() -> list[tuple[int, int]]:
-        return await asyncio.gather(*(_client(echo_bind, f, DATAGRAMS // FLOWS) for f in range(FLOWS)))
-
     started = time.perf_counter()
-    results = asyncio.run(run())
+    results = asyncio.run(echo_clients(echo_bind, FLOWS, DATAGRAMS))
     elapsed = time.perf_counter() - started
     assert sum(r for r, _ in results) == DATAGRAMS
     total_bytes = sum(s for _, s in results)
@@ -295,17 +187,7 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
             await asyncio.get_running_loop().run_in_executor(
                 None, m.hostmesh, "intention", "deny", "web", "echo"
             )
-            # the same flow (same client port): probes until one is not echoed any more
-            for i in range(200):
-                probe = b"probe %d" % i
-                await stream.send(probe)
-                try:
-                    data, _ = await asyncio.wait_for(stream.recv(), 0.5)
-                except TimeoutError:
-                    break
-                assert data.startswith(b"probe")
-            else:
-                raise AssertionError("the flow still carries datagrams after the deny")
+            await probe_until_dropped(stream)  # the same flow (same client port)
             echoed = apps.echoed
             for _ in range(5):  # and stays stopped
                 await stream.send(b"after")

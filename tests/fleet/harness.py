@@ -49,6 +49,7 @@ from typing import Any
 from hostmesh.agent import localmesh
 from tests.fleet.apps import BlobServer, HttpApp
 from tests.fleet.pki import ConsulPKI
+from tests.udp_support import UdpApps, udp_socket
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,14 @@ ADMIN_PORT = 15000
 METRICS_PORT = 15090
 TRUST_DOMAIN = "hostmesh.local"
 DATACENTER = "dc1"
+# The edge host's extra services (name -> protocol, app port) and how w1's `client` calls them.
+EDGE_SERVICES = {"api": ("http", 8003), "echo": ("udp", 8004), "names": ("udp", 8005)}
+UDP_ECHO_PORT, UDP_NAMES_PORT = 9003, 9004  # w1's binds for upstreams echo and names
+EDGE_UPSTREAMS = {
+    "api": 'bind = "auto"\nprotocol = "http"',  # http://api.mesh/ on port 80 of its own loopback address
+    "echo": f'bind = "127.0.0.1:{UDP_ECHO_PORT}"\nprotocol = "udp"',
+    "names": f'bind = "127.0.0.1:{UDP_NAMES_PORT}"\nprotocol = "udp"',
+}
 RAFT_MULTIPLIER = 2  # 1 is Consul's production tuning; 2 keeps a loaded 2-core CI from flapping leaders
 
 CLONE_NEWNET = 0x40000000
@@ -199,6 +208,7 @@ class Host:
         self.consul: ConsulAgent | None = None
         self.agent: MeshAgent | None = None
         self.apps: dict[str, BlobServer | HttpApp] = {}
+        self.udp_apps: UdpApps | None = None  # the edge host's UDP echo and DNS apps
 
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.ip})"
@@ -241,6 +251,10 @@ class Host:
 
     def connect(self, port: int, addr: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
         return self._in_ns(socket.create_connection, (addr, port), timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a thread of this host's namespace: its sockets (and threads) live there."""
+        return self._in_ns(fn, *args)
 
     def listen(self, port: int = 0, addr: str = "127.0.0.1") -> socket.socket:
         def make() -> socket.socket:
@@ -318,7 +332,7 @@ class Host:
         return proc
 
     def close(self) -> None:
-        for app in self.apps.values():
+        for app in [*self.apps.values(), *([self.udp_apps] if self.udp_apps else [])]:
             with contextlib.suppress(Exception):
                 app.close()
         if self._executor is not None:
@@ -545,9 +559,10 @@ class ConsulAgent:
 @dataclass
 class Service:
     name: str
-    protocol: str  # tcp | http
+    protocol: str  # tcp | http | udp
     app_port: int
     upstreams: dict[str, int] = field(default_factory=dict)  # upstream -> local bind port
+    upstream_keys: dict[str, str] = field(default_factory=dict)  # upstream -> its TOML keys (bind, protocol)
 
 
 class MeshAgent:
@@ -603,11 +618,11 @@ class MeshAgent:
             f'token_file = "{join}"',
         ]
         for svc in self.services:
-            health = (
-                "{ tcp = true, interval = 1 }"
-                if svc.protocol == "tcp"
-                else '{ http = "/healthz", interval = 1 }'
-            )
+            health = {  # UDP has no connect to probe: the agent's own TTL check stands for it
+                "tcp": "{ tcp = true, interval = 1 }",
+                "http": '{ http = "/healthz", interval = 1 }',
+                "udp": "{}",
+            }[svc.protocol]
             lines += [
                 "[[services]]",
                 f'name = "{svc.name}"',
@@ -618,6 +633,8 @@ class MeshAgent:
             ]
             for up, port in svc.upstreams.items():
                 lines += ["[[services.upstreams]]", f'service = "{up}"', f'bind = "127.0.0.1:{port}"']
+            for up, keys in svc.upstream_keys.items():
+                lines += ["[[services.upstreams]]", f'service = "{up}"', keys]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     @property
@@ -668,6 +685,13 @@ class MeshAgent:
         if status != 200:
             raise FleetError(f"agent on {self.host.name}: GET {path} -> {status}")
         return json.loads(body)
+
+    def metrics(self) -> str:
+        """The agent's Prometheus exposition (its metrics port on the host's loopback)."""
+        status, body = self.host.http("GET", METRICS_PORT, "/metrics", timeout=3)
+        if status != 200:
+            raise FleetError(f"agent on {self.host.name}: GET /metrics -> {status}")
+        return body.decode()
 
     def endpoint_hosts(self, service: str) -> set[str]:
         """The hosts this agent currently chooses among for `service` (from its applied snapshot)."""
@@ -978,20 +1002,35 @@ class Fleet:
 
     # workloads ----------------------------------------------------------------------------
 
+    @property
+    def edge_host(self) -> Host:
+        """The host of the mesh's edge services (w2): never w3, which a test runs a 0.1 agent on."""
+        return self.workloads[1]
+
     def _services(self, h: Host) -> list[Service]:
         """w1 is the caller (`client`, upstreams bulk and shop); every other workload serves `bulk`
-        (L4) and `shop` (L7) and calls them too, so a change to either concerns every agent."""
+        (L4) and `shop` (L7) and calls them too, so a change to either concerns every agent. The
+        edge host also serves `api` (HTTP, which w1 calls as http://api.mesh/ through bind = "auto"
+        and its mesh DNS), `echo` and `names` (UDP: an echo app and a DNS server)."""
         ups = {"bulk": 9001, "shop": 9002}
         if h is self.workloads[0]:
-            return [Service("client", "tcp", 8001, dict(ups))]
-        return [Service("bulk", "tcp", 8001, dict(ups)), Service("shop", "http", 8002)]
+            return [Service("client", "tcp", 8001, dict(ups), dict(EDGE_UPSTREAMS))]
+        services = [Service("bulk", "tcp", 8001, dict(ups)), Service("shop", "http", 8002)]
+        if h is self.edge_host:
+            services += [Service(name, proto, port) for name, (proto, port) in EDGE_SERVICES.items()]
+        return services
 
     def _agents(self, agent_venvs: dict[str, str]) -> None:
         for h in self.workloads:
             services = self._services(h)
             for s in services:
+                if s.protocol == "udp":
+                    continue
                 sock = h.listen(s.app_port)
                 h.apps[s.name] = BlobServer(sock, h.name) if s.protocol == "tcp" else HttpApp(sock, h.name)
+            if any(s.protocol == "udp" for s in services):
+                echo, names = (h.call(udp_socket, EDGE_SERVICES[n][1]) for n in ("echo", "names"))
+                h.udp_apps = UdpApps(echo, names)
             venv = self.venvs[agent_venvs.get(h.name, "head")]
             h.agent = MeshAgent(h, venv, services, self.tokens[f"agent-{h.name}"])
             h.agent.write_config(self.join_token([s.name for s in services]))
