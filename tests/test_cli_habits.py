@@ -194,3 +194,39 @@ def test_help_summaries_are_the_commands_own() -> None:
         cmd = root.get_command(ctx, name)
         assert cmd is not None
         assert SUMMARIES[name] == cmd.get_short_help_str(limit=200), name
+
+
+# Every command that prints data, with what it needs in Consul (the route below): each must print the
+# same data as JSON and as YAML, with -o given after the subcommand.
+DATA_COMMANDS = (
+    ("services",),
+    ("route", "list"),
+    ("route", "get", "out-web"),
+    ("route", "history", "out-web"),
+    ("policy", "list"),
+    ("intention", "list"),
+    ("gateway", "list"),
+    ("external", "list"),
+    ("version",),
+)
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("command", DATA_COMMANDS, ids=" ".join)
+def test_every_data_command_honours_output(
+    consul: ConsulDev, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    runner = operator(tmp_path / "state")
+    doc = {"service": "out-web", "routes": [{"to": [{"weight": 100}]}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    applied = runner.invoke(
+        cli, ["--consul", consul.url, "route", "apply", "--force", "-f", str(tmp_path / "r.yaml")]
+    )
+    assert applied.exit_code == 0, applied.output
+    parsed = {}
+    for fmt in ("json", "yaml"):
+        r = runner.invoke(cli, ["--consul", consul.url, *command, "-o", fmt])
+        assert r.exit_code == 0, (fmt, r.output)
+        parsed[fmt] = json.loads(r.stdout) if fmt == "json" else yaml.safe_load(r.stdout)
+        assert isinstance(parsed[fmt], dict | list), (fmt, r.stdout)
+    assert parsed["json"] == parsed["yaml"]
