@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,23 +30,40 @@ POLL = 0.02
 HOSTMESH = [sys.executable, "-m", "hostmesh.agent.cli"]
 
 
-FREE_PORT_TRIES = 50  # a repeat is rare; 50 in a row would mean the range is nearly used up
+FREE_PORT_TRIES = 200  # a taken port is rare below the ephemeral range; 200 in a row means it is full
+LISTEN_PORTS = 12000  # how many ports just below the kernel's ephemeral range free_port draws from
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
+_port_draw = random.Random()
+
+
+def _listen_port_range() -> range:
+    """Ports below the kernel's ephemeral range: an outgoing connection (an agent dialling Consul)
+    never takes one of them between the pick and the listener's bind, as it can take a port the
+    kernel offered for bind(0)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return range(max(1024, low - LISTEN_PORTS), low)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, never one this process handed out before: the kernel may
-    offer a port again once its probe socket closes, and a test that takes several ports before
-    starting anything would give two listeners the same one ("address already in use")."""
+    """A port nothing listens on now, outside the ephemeral range, and never one this process
+    handed out before (a test takes several ports before starting anything)."""
+    ports = _listen_port_range()
     for _ in range(FREE_PORT_TRIES):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
+        port = _port_draw.choice(ports)
         with _handed_out_lock:
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
+            if port in _handed_out:
+                continue
+            _handed_out.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use here: keep it marked, draw another
+        return port
     raise OSError(f"no unused port on {host} after {FREE_PORT_TRIES} tries")
 
 

@@ -31,6 +31,9 @@ def test_consul_dev_moves_to_fresh_ports_when_one_was_taken(tmp_path: Path) -> N
 
 def test_free_port_never_hands_out_a_port_twice() -> None:
     """Tests take several ports before starting anything; the kernel may offer a closed probe's
-    port again, so the kit remembers what it handed out."""
+    port again, so the kit remembers what it handed out, and draws below the ephemeral range."""
     ports = [free_port() for _ in range(500)]
     assert len(set(ports)) == len(ports)
+    # and never from the ephemeral range, where an outgoing connection may take it before the bind
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(ports) < low
