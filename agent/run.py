@@ -2,7 +2,8 @@
 
 Start:  config -> certificates (cert manager, run in short-lived helper processes so the agent never
         loads `cryptography`: agent/certproc.py) -> saved snapshot -> watches -> listeners (inbound,
-        one outbound per upstream, admin, metrics) -> register in Consul -> READY.
+        one outbound per upstream, each stack built by agent/proxy/stacks.py; admin, metrics)
+        -> register in Consul -> READY.
 Stop:   (SIGTERM/SIGINT) not ready -> TTL check critical (peers stop picking us) -> stop accepting
         -> drain open connections up to `drain_seconds` -> deregister -> exit 0.
 
@@ -33,7 +34,6 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,45 +111,6 @@ class AgentStartError(Exception):
     """The agent cannot start; str() is one line for the operator."""
 
 
-class LazyHttpOutbound:
-    """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
-    holds anything HTTP about the upstream: a route document, an instance registered with
-    protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
-    without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
-    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
-    answer: the real one is False in that case too."""
-
-    def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
-        self._kwargs = kwargs
-        self._on_load = on_load  # the L7 modules were just imported (the agent trims after it)
-        self.service: str = kwargs["upstream"]
-        self.real: Any = None
-
-    def takes(self, snap: Snapshot) -> bool:
-        if self.real is None:
-            if (
-                self.service not in snap.routes
-                and self._kwargs.get("protocol") != "http"
-                and not any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
-            ):
-                return False
-            from hostmesh.agent.proxy.http_outbound import HttpOutbound
-
-            self.real = HttpOutbound(**self._kwargs)
-            self._on_load()
-        return bool(self.real.takes(snap))
-
-    def accept(self, end: Any) -> None:
-        self.real.accept(end)
-
-    async def close(self, drain_seconds: float = 0.0) -> None:
-        if self.real is not None:
-            await self.real.close(drain_seconds)
-
-    def stats(self) -> dict[str, Any] | None:
-        return self.real.stats() if self.real is not None else None
-
-
 class Agent:
     def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None) -> None:
         self.config = config
@@ -181,7 +142,7 @@ class Agent:
     async def start(self) -> None:
         from hostmesh.agent.discovery import Discovery, SnapshotBuilder
         from hostmesh.agent.metrics import Telemetry
-        from hostmesh.agent.proxy.inbound import InboundListener
+        from hostmesh.agent.proxy.stacks import build_inbound
 
         cfg = self.config
         t0 = time.perf_counter()
@@ -234,7 +195,6 @@ class Agent:
         phases["snapshot"] = time.perf_counter() - t0
 
         holder = self.builder.holder
-        reuse = cfg.workers > 1
         bind = cfg.inbound
         if self.worker and bind.port == 0:  # the primary bound an ephemeral port: share that one
             from hostmesh.agent.workers import INBOUND_PORT_ENV
@@ -243,11 +203,7 @@ class Agent:
         from hostmesh.agent.proxy.limits import ConnectionCap
 
         self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
-        self.inbound = InboundListener(holder, bind, self.telemetry, reuse_port=reuse, cap=self.cap,
-                                       stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
-        self._ensure_http_inbound()
-        self._ensure_udp_inbound()
-        self.inbound.egress_gateways = frozenset(g.name for g in cfg.gateways if g.kind == "egress")
+        self.inbound = build_inbound(cfg, bind, holder, self.telemetry, cap=self.cap, tracer=self.tracer)
         await self.inbound.start()
         await self._sync_outbound()
         if not self.worker:
@@ -413,41 +369,10 @@ class Agent:
         if self._trimmer is not None:
             asyncio.get_running_loop().call_soon(self._trimmer.now, False)
 
-    def _ensure_http_inbound(self) -> None:
-        """The L7 inbound (ALPN hostmesh/http/2, and 0.1's hostmesh/http1), loaded only once a local
-        service speaks HTTP: a TCP-only agent never imports the L7 modules (~1 MiB of RSS). Peers call
-        a local service over HTTP only when its registration says protocol=http, so until then the
-        ALPN has nothing to serve."""
-        if getattr(self, "http_inbound", None) is not None:
-            return
-        if not any(s.protocol == "http" for s in self.config.services):
-            self.http_inbound = None
-            return
-        from hostmesh.agent.proxy.http_inbound import HttpInbound
-
-        self.http_inbound = HttpInbound(
-            self.builder.holder,
-            self.telemetry,
-            {s.name: s.meta.get("version", "") for s in self.config.services},
-            header_timeout=self.config.http.header_read_timeout,
-            body_idle_timeout=self.config.http.body_idle_timeout,
-            body_min_rate=self.config.http.body_min_rate,
-            tracer=self.tracer,
-        )
-        for alpn in HTTP_ALPN:  # both versions carry the same HTTP/1.1 messages (ca/tls.py)
-            self.inbound.alpn_handlers[alpn] = self.http_inbound.handler
-
-    def _ensure_udp_inbound(self) -> None:
-        """DGRAM flows (agent/proxy/udp.py) are accepted once a local service speaks udp."""
-        if self.inbound.udp is None and any(s.protocol == "udp" for s in self.config.services):
-            from hostmesh.agent.proxy.udp import UdpInbound
-
-            self.inbound.udp = UdpInbound(self.builder.holder, self.telemetry,
-                                          idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
-
     async def _sync_outbound(self) -> None:
-        """One listener per declared upstream: start the new ones, drain and close the dropped ones."""
-        from hostmesh.agent.proxy.outbound import OutboundListener
+        """One outbound stack per declared upstream (agent/proxy/stacks.py): start the new ones, drain and
+        close the dropped ones."""
+        from hostmesh.agent.proxy.stacks import build_outbound
 
         wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
         for key in [k for k in self.outbound if k not in wanted]:
@@ -458,29 +383,12 @@ class Agent:
             ) != (up.protocol == "udp"):
                 await self.outbound.pop(key).close(self.config.drain_seconds)
         for key, (svc, up) in wanted.items():
-            if key not in self.outbound and up.protocol == "udp":
-                if self.worker:  # a flow's datagrams must meet one process: the primary serves UDP
-                    continue
-                from hostmesh.agent.proxy.udp import UdpOutbound
-
-                udp = UdpOutbound(self.builder.holder, svc.name, up, self.telemetry,
-                                  idle_timeout=self.config.udp_idle_timeout)  # fmt: skip
-                await udp.start()
-                self.outbound[key] = udp
-            elif key not in self.outbound:
-                listener = OutboundListener(
-                    self.builder.holder, svc.name, up, self.telemetry, reuse_port=self.config.workers > 1,
-                    cap=self.cap, stream_idle_timeout=self.config.stream_idle_timeout,
-                )  # fmt: skip
-                listener.http = LazyHttpOutbound(dict(
-                    holder=self.builder.holder, local_service=svc.name, upstream=up.service,
-                    telemetry=self.telemetry, local_zone=svc.meta.get("zone"),
-                    connect_timeout=up.connect_timeout, header_timeout=self.config.http.header_read_timeout,
-                    protocol=up.protocol, body_idle_timeout=self.config.http.body_idle_timeout,
-                    body_min_rate=self.config.http.body_min_rate, tracer=self.tracer,
-                ), on_load=self._after_lazy_import)  # fmt: skip
-                await listener.start()
-                self.outbound[key] = listener
+            if key in self.outbound or (up.protocol == "udp" and self.worker):
+                continue  # a udp flow's datagrams must meet one process: the primary serves UDP
+            listener = build_outbound(self.config, svc, up, self.builder.holder, self.telemetry, cap=self.cap,
+                                      tracer=self.tracer, on_load=self._after_lazy_import)  # fmt: skip
+            await listener.start()
+            self.outbound[key] = listener
         if self.dns is not None:  # names follow the upstreams (reload)
             from hostmesh.agent.dns import dns_table
 
@@ -668,8 +576,10 @@ class Agent:
         for stale in self.discovery.sync_watches():
             await stale.stop()
         await self._sync_outbound()
-        self._ensure_http_inbound()  # a service switched to protocol http
-        self._ensure_udp_inbound()
+        from hostmesh.agent.proxy.stacks import extend_inbound
+
+        # a service switched to protocol http or udp
+        extend_inbound(self.inbound, new, self.builder.holder, self.telemetry, tracer=self.tracer)
         for gateway in self.gateways:
             gateway.reload_certificates()
         if new.services != old.services:
@@ -748,10 +658,8 @@ class Agent:
                 with contextlib.suppress(RegistryError):
                     await self.consul.check_ttl(f"{self._service_id(svc)}:agent", "fail", "agent stopping")
         listeners = [x for x in [self.inbound, *self.outbound.values(), *self.gateways] if x is not None]
-        if getattr(self, "http_inbound", None) is not None:
-            listeners.append(self.http_inbound)
-        if self.inbound is not None and self.inbound.udp is not None:
-            listeners.append(self.inbound.udp)
+        if self.inbound is not None:
+            listeners.extend(x for x in (self.inbound.http, self.inbound.udp) if x is not None)
         closing = [x.close(cfg.drain_seconds) for x in listeners]
         if self.workers is not None:
             closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us

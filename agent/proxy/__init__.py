@@ -4,7 +4,8 @@
                          pool.py reuses mTLS connections      pump.py moves the bytes both ways
 
 Modules: `wire` (frame codec, sans-IO), `pump` (ends, pipe, backpressure, half-close), `pool`
-(handshake amortization and its security argument), `outbound`, `inbound`. Everything reads the
-config only through `SnapshotHolder.current`, once per downstream connection; nothing here talks
-to Consul.
+(handshake amortization and its security argument), `outbound`, `inbound`, and `stacks`, where
+each direction's stack (accept -> identify -> authorize -> route -> balance -> forward) is assembled
+in one function. Everything reads the config only through `SnapshotHolder.current`, once per
+downstream connection; nothing here talks to Consul.
 """

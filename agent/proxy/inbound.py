@@ -223,6 +223,7 @@ class InboundListener(ListenerLifecycle):
         self.telemetry = telemetry
         self.reuse_port = reuse_port
         self.alpn_handlers: dict[str, AlpnHandler] = {}
+        self.http: Any = None  # http_inbound.HttpInbound serving the HTTP ALPNs (agent/proxy/stacks.py)
         self.udp: Any = None  # agent/proxy/udp.py UdpInbound, when a local service speaks udp
         self.egress_gateways: frozenset[str] = frozenset()  # local egress gateways (agent/proxy/edges.py)
         self.egress: Any = None  # edges.EgressPipes of those gateways (made on first use)

@@ -89,7 +89,7 @@ class OutboundListener(ListenerLifecycle):
         self._closed: asyncio.Task[None] | None = None
         self._last_log = 0.0
         self._suppressed = 0
-        self.http: Any = None  # http_outbound.HttpOutbound: takes connections when the upstream speaks HTTP
+        self.http: Any = None  # the L7 path (stacks.build_outbound): takes connections of an HTTP upstream
         self.egress: Any = None  # edges.EgressPipes: connections to an external service (made on first use)
         self.name = f"{local_service}->{upstream.service}"
 

@@ -1,0 +1,170 @@
+"""The agent's two proxy stacks, each assembled in one function that reads in pipeline order.
+
+    outbound (`build_outbound`, one per declared upstream): app -> accept -> identify -> authorize
+        -> route -> balance -> forward -> the upstream instance's agent
+    inbound (`build_inbound`, one per process; `extend_inbound` on reload): a peer agent -> accept
+        -> identify -> authorize -> route -> balance -> forward -> 127.0.0.1:<app>
+
+The functions only construct and connect the pieces; they run when the agent starts and when a
+SIGHUP changes the upstreams or a service's protocol, never per connection or per request. Which
+stage decides what is written in each function's docstring; the per-connection order itself is in
+the pieces (`OutboundListener._accepted`, `InboundConnection.identify`, `InboundListener._open`,
+`HttpOutbound.start`, `HttpInbound.start`). The L7 and UDP pieces load only once a service needs
+them, so an agent whose services are all TCP never imports those modules (~1.3 MiB of RSS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hostmesh.agent.config import Address, AgentConfig, ServiceConfig, UpstreamConfig
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
+from hostmesh.ca.tls import HTTP_ALPN
+
+
+class LazyHttpOutbound:
+    """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
+    holds anything HTTP about the upstream: a route document, an instance registered with
+    protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
+    without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
+    then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
+    answer: the real one is False in that case too."""
+
+    def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
+        self._kwargs = kwargs
+        self._on_load = on_load  # the L7 modules were just imported (the agent trims after it)
+        self.service: str = kwargs["upstream"]
+        self.real: Any = None
+
+    def takes(self, snap: Snapshot) -> bool:
+        if self.real is None:
+            if (
+                self.service not in snap.routes
+                and self._kwargs.get("protocol") != "http"
+                and not any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
+            ):
+                return False
+            from hostmesh.agent.proxy.http_outbound import HttpOutbound
+
+            self.real = HttpOutbound(**self._kwargs)
+            self._on_load()
+        return bool(self.real.takes(snap))
+
+    def accept(self, end: Any) -> None:
+        self.real.accept(end)
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        if self.real is not None:
+            await self.real.close(drain_seconds)
+
+    def stats(self) -> dict[str, Any] | None:
+        return self.real.stats() if self.real is not None else None
+
+
+def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, holder: SnapshotHolder,
+                   telemetry: Telemetry, *, cap: ConnectionCap | None, tracer: Any = None,
+                   on_load: Callable[[], None] = lambda: None) -> Any:  # fmt: skip
+    """The outbound stack of local service `svc`'s upstream `up`, not yet started: an
+    OutboundListener with its L7 path attached, or a UdpOutbound for a udp upstream.
+
+    accept     the listener on `up.bind`; over the agent's connection cap (`cap`, shared by every
+               listener of the process) a connection is shed: reset (TCP) or `503 OM` (HTTP).
+    identify   the caller is `svc`, the service that declared the upstream: its client
+               certificate from the current snapshot is what the peer agent will see; none
+               (not issued yet): reset, flag UF.
+    authorize  not here for a mesh upstream: the destination's agent decides, per stream or per
+               request, on the identity it verified. An external service (edges.py) is the one
+               exception: its intentions are read and enforced here (NI, AUTHZ) before going out.
+    route      an external service -> edges.egress_connection (direct or via an egress gateway);
+               anything HTTP in the snapshot about the upstream (route document, an instance's
+               protocol=http, `up.protocol`) -> the L7 path, whose route document picks the route
+               (none matches: 404 NR), subsets and weights; otherwise the L4 path to the upstream.
+    balance    L4: round robin or least connections (`up.load_balancer`) over the healthy
+               instances (none: reset, UH); L7: the upstream's policy balancer, outlier ejections
+               and zone preference (`svc`'s `zone` meta) within the chosen subset (none: 503 UH).
+    forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
+               within `connect_timeout`/`connect_budget`, other instances tried on failure; L7: a
+               pooled mTLS HTTP connection, retried as the route says within its budget; udp: a
+               flow of datagrams over the mux (udp.py).
+    """
+    if up.protocol == "udp":  # forward differs from the first stage on: datagrams, not a stream
+        from hostmesh.agent.proxy.udp import UdpOutbound
+
+        return UdpOutbound(holder, svc.name, up, telemetry, idle_timeout=cfg.udp_idle_timeout)
+    # accept, identify, L4 route/balance/forward; egress pipes are made by edges.py on first use
+    listener = OutboundListener(holder, svc.name, up, telemetry, reuse_port=cfg.workers > 1, cap=cap,
+                                stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
+    # route/balance/forward of HTTP: the L7 path, built once the snapshot first says HTTP
+    listener.http = LazyHttpOutbound(dict(
+        holder=holder, local_service=svc.name, upstream=up.service, telemetry=telemetry,
+        local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
+        header_timeout=cfg.http.header_read_timeout, protocol=up.protocol,
+        body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+    ), on_load=on_load)  # fmt: skip
+    return listener
+
+
+def build_inbound(cfg: AgentConfig, bind: Address, holder: SnapshotHolder, telemetry: Telemetry, *,
+                  cap: ConnectionCap | None, tracer: Any = None) -> InboundListener:  # fmt: skip
+    """The inbound stack of this process, not yet started: the mTLS listener on `bind` with the
+    handlers of the protocols the local services speak (`extend_inbound`).
+
+    accept     TLS 1.3 on `bind`, client certificate required, chain verified against the trust
+               bundle; SNI selects the local service (or an external service routed via one of
+               this host's egress gateways), an unknown name fails the handshake (counted, logged).
+               Over the agent's connection cap (`cap`) a mesh connection or stream is reset; an HTTP
+               connection's request gets `503 OM`.
+    identify   the caller's SPIFFE ID from its certificate, in our trust domain, else the whole
+               connection is refused; ALPN picks the handler: `hostmesh/tcp` streams and datagram
+               flows stay on the L4 listener, the HTTP ALPNs go to HttpInbound; an ALPN without a
+               handler is refused. Re-checked before each stream/request: bundle change, expiry.
+    authorize  the service's intentions against the caller, on the current snapshot: per stream on
+               L4 (`l7=False`; denied: the stream is reset, AUTHZ), per request on L7 (HTTP
+               permissions; 403 AUTHZ, then the service's local rate limit, 429 RL), per flow on udp
+               (again on every snapshot change); intentions this agent cannot read: refused, NI
+               (fail closed). At an egress gateway: the external service's intentions.
+    route      the local service named by SNI (one app port per service; no route table here); at an
+               egress gateway, the external service named by SNI.
+    balance    none: one app per service on loopback; the caller's agent chose this instance.
+    forward    127.0.0.1:<app port>: a pipe per stream (L4), a pooled keep-alive app connection per
+               request (L7, an idempotent request redone once when a reused connection was closed),
+               a socket per flow (udp); at an egress gateway, out to the external service.
+    """
+    # accept + identify + L4 authorize/route/forward
+    listener = InboundListener(holder, bind, telemetry, reuse_port=cfg.workers > 1, cap=cap,
+                               stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
+    # route: externals named by SNI when this host runs their egress gateway
+    listener.egress_gateways = frozenset(g.name for g in cfg.gateways if g.kind == "egress")
+    # identify -> authorize -> forward of HTTP and udp, for the services that speak them
+    extend_inbound(listener, cfg, holder, telemetry, tracer=tracer)
+    return listener
+
+
+def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: SnapshotHolder, telemetry: Telemetry,
+                   *, tracer: Any = None) -> None:  # fmt: skip
+    """Attach the L7 and UDP handlers once a local service speaks http or udp (start-up, and a reload
+    that switched a service's protocol); never detached while the agent runs. Idempotent.
+
+    HTTP: HttpInbound serves both HTTP ALPNs (`hostmesh/http/2` and 0.1's `hostmesh/http1` carry the
+    same HTTP/1.1 messages, ca/tls.py); loaded only then, since peers call a service over HTTP only
+    when its registration says protocol=http. UDP: UdpInbound takes the DGRAM_OPEN flows."""
+    services = cfg.services
+    if listener.http is None and any(s.protocol == "http" for s in services):
+        from hostmesh.agent.proxy.http_inbound import HttpInbound
+
+        listener.http = HttpInbound(
+            holder, telemetry, {s.name: s.meta.get("version", "") for s in services},
+            header_timeout=cfg.http.header_read_timeout, body_idle_timeout=cfg.http.body_idle_timeout,
+            body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+        )  # fmt: skip
+        for alpn in HTTP_ALPN:
+            listener.alpn_handlers[alpn] = listener.http.handler
+    if listener.udp is None and any(s.protocol == "udp" for s in services):
+        from hostmesh.agent.proxy.udp import UdpInbound
+
+        listener.udp = UdpInbound(holder, telemetry, idle_timeout=cfg.udp_idle_timeout)

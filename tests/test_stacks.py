@@ -1,0 +1,98 @@
+"""agent/proxy/stacks.py: what each direction's stack is assembled from, for the protocols the
+services speak. Construction only (no socket opens): the traffic through the assembled stacks is
+the e2e tests' (test_e2e_l4, test_e2e_l7*, test_e2e_udp, test_e2e_edges)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Any
+
+from hostmesh.agent.config import Address, AgentConfig, parse_config
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.http_inbound import HttpInbound
+from hostmesh.agent.proxy.http_outbound import HttpOutbound
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.stacks import build_inbound, build_outbound, extend_inbound
+from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.ca.tls import HTTP_ALPN
+
+PIN = "sha256:" + "ab" * 32
+ANY_PORT = Address("127.0.0.1", 0)
+
+
+def config(*services: dict[str, Any]) -> AgentConfig:
+    return parse_config({"ca": {"pin": PIN}, "services": list(services)})
+
+
+def _switched(cfg: AgentConfig, name: str, protocol: str) -> AgentConfig:
+    """`cfg` after a reload that changed service `name`'s protocol."""
+    services = [replace(s, protocol=protocol) if s.name == name else s for s in cfg.services]
+    return replace(cfg, services=services)
+
+
+def holder() -> SnapshotHolder:
+    tls = TLSMaterial(1, "", {}, {})
+    return SnapshotHolder(Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, tls))
+
+
+def test_the_inbound_serves_http_on_every_http_alpn_and_a_reload_adds_udp_keeping_it() -> None:
+    cfg = config({"name": "web", "port": 8080, "protocol": "http"}, {"name": "db", "port": 5432})
+    hold, tel = holder(), Telemetry()
+    inbound = build_inbound(cfg, ANY_PORT, hold, tel, cap=None)
+    assert isinstance(inbound.http, HttpInbound)
+    assert inbound.alpn_handlers == dict.fromkeys(HTTP_ALPN, inbound.http.handler)  # both versions
+    assert inbound.udp is None  # no service speaks udp: a DGRAM_OPEN is a protocol error
+    http = inbound.http
+    # SIGHUP: db now speaks udp; the HTTP side already serving connections is the same object
+    extend_inbound(inbound, _switched(cfg, "db", "udp"), hold, tel)
+    assert isinstance(inbound.udp, UdpInbound)
+    assert inbound.http is http
+
+
+def test_each_upstream_gets_the_stack_of_its_protocol() -> None:
+    cfg = config({
+        "name": "web", "port": 8080, "meta": {"zone": "z1"},
+        "upstreams": [
+            {"service": "api", "bind": "127.0.0.1:9001", "protocol": "http"},  # never bound: not started
+            {"service": "dns", "bind": "127.0.0.1:9002", "protocol": "udp"},
+            {"service": "db", "bind": "127.0.0.1:9003"},
+        ],
+    })  # fmt: skip
+    svc = cfg.services[0]
+    hold, tel = holder(), Telemetry()
+    api, dns, db = (build_outbound(cfg, svc, up, hold, tel, cap=None) for up in svc.upstreams)
+    assert isinstance(dns, UdpOutbound)
+    assert isinstance(api, OutboundListener) and isinstance(db, OutboundListener)
+    # An upstream declared http takes connections on the L7 path, built as `web` in zone z1
+    assert api.http.takes(hold.current)
+    assert isinstance(api.http.real, HttpOutbound)
+    assert (api.http.real.local_service, api.http.real.local_zone) == ("web", "z1")
+    # A tcp upstream with nothing HTTP about it in the snapshot stays on the L4 path
+    assert not db.http.takes(hold.current) and db.http.real is None
+
+
+def test_a_tcp_only_agent_assembles_its_stacks_without_loading_the_l7_or_udp_modules() -> None:
+    """~1.3 MiB of RSS an all-TCP agent does not pay (the lazy pieces stay lazy through assembly)."""
+    script = """
+import sys
+from hostmesh.agent.config import Address, parse_config
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.stacks import build_inbound, build_outbound
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+cfg = parse_config({"ca": {"pin": "sha256:" + "ab" * 32}, "services": [
+    {"name": "web", "port": 8080, "upstreams": [{"service": "db", "bind": "127.0.0.1:0"}]}]})
+hold = SnapshotHolder(Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {})))
+tel = Telemetry()
+inbound = build_inbound(cfg, Address("127.0.0.1", 0), hold, tel, cap=None)
+out = build_outbound(cfg, cfg.services[0], cfg.services[0].upstreams[0], hold, tel, cap=None)
+assert inbound.http is None and not inbound.alpn_handlers and inbound.udp is None
+assert not out.http.takes(hold.current)
+lazy = ("http_inbound", "http_outbound", "http_conn", "udp")
+print(" ".join(m for m in lazy if "hostmesh.agent.proxy." + m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
