@@ -281,6 +281,15 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
     # /v1/memory reads /proc/self/status (ProcSubset=pid) and calls malloc_trim through ctypes
     # (MemoryDenyWriteExecute): both allowed by the hardening.
     assert box.http("http://127.0.0.1:15000/v1/memory")[0] == 200
+    # The hardening is in force on the running processes: a seccomp filter, no new privileges, not
+    # root, and a /proc of their own (ProtectProc=invisible, ProcSubset=pid).
+    for unit in ("hostmesh-agent", "hostmesh-ca"):
+        pid = box.show(unit, "MainPID")["MainPID"]
+        status = box.sh(f"grep -E '^(Seccomp|NoNewPrivs|Uid):' /proc/{pid}/status")
+        assert re.search(r"Seccomp:\s+2", status) and re.search(r"NoNewPrivs:\s+1", status), status
+        assert not re.search(r"Uid:\s+0\s", status), status
+        proc = box.sh(f"grep ' /proc ' /proc/{pid}/mountinfo")  # the process's own mount table
+        assert "hidepid=invisible" in proc and "subset=pid" in proc, proc
 
     # A request through the mesh: upstream listener -> mTLS -> the agent's inbound -> the app.
     assert box.http("http://127.0.0.1:9091/") == (200, "hello-from-web")
@@ -291,6 +300,20 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
     )
     assert inbound and float(inbound.group(1)) >= 1, metrics  # the inbound saw web's certificate
     wait_for("web registered in Consul", lambda: catalog(box, "web") == ["web-nspawn-1"], 30)
+
+    # Restart=on-failure: a killed agent comes back, ready again, from the certificates it kept.
+    box.run("systemctl", "kill", "--signal=SIGKILL", "hostmesh-agent")
+    wait_for(
+        "the agent's restart",
+        lambda: (
+            box.show("hostmesh-agent", "NRestarts", "ActiveState")
+            == {"NRestarts": "1", "ActiveState": "active"}
+        ),
+        60,
+    )
+    wait_for("/ready after the restart", lambda: box.http("http://127.0.0.1:15000/ready")[0] == 200, 60)
+    assert box.http("http://127.0.0.1:9091/") == (200, "hello-from-web")
+    agent = box.show("hostmesh-agent", "MainPID", "StatusText")
 
     # The watchdog: systemd records each WATCHDOG=1 keep-alive the event loop sends.
     first = box.show("hostmesh-agent", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
@@ -309,7 +332,7 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
         "the reloaded upstream", lambda: box.http("http://127.0.0.1:9092/") == (200, "hello-from-web"), 30
     )
     after = box.show("hostmesh-agent", "MainPID", "ActiveState", "NRestarts", "StatusText")
-    assert (after["MainPID"], after["ActiveState"], after["NRestarts"]) == (agent["MainPID"], "active", "0")
+    assert (after["MainPID"], after["ActiveState"], after["NRestarts"]) == (agent["MainPID"], "active", "1")
     assert after["StatusText"] == "serving 1 service(s); reloaded /etc/hostmesh/agent.toml"
     # A broken file: refused, the agent keeps serving and says so in `systemctl status`.
     box.sh("cp /etc/hostmesh/agent.toml /tmp/agent.toml.good && echo 'node = ' >> /etc/hostmesh/agent.toml")
