@@ -35,6 +35,8 @@ STEP_TIMEOUT = 90  # one command in the container (dpkg -i runs man-db's trigger
 SHUTDOWN_TIMEOUT = 60  # poweroff of the container after SIGTERM to systemd-nspawn
 # WatchdogSec=30s: the agent pings every 15 s; one interval plus slack on a busy machine.
 WATCHDOG_WAIT = 40.0
+MESH_WAIT = 30.0  # web's first passing health check after (re-)registration: Consul runs it at once
+HELLO = "hello-from-web"
 MAX_EXPOSURE = 1.5  # `systemd-analyze security`, 0..10; the issue's bound for both units
 SUITE = "bookworm"
 PACKAGES = "systemd,systemd-sysv,dbus,python3.11,adduser,init-system-helpers,curl"
@@ -264,7 +266,7 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
     wait_for("the CA in Consul", lambda: catalog(box, "hostmesh-ca") != [], 30)
 
     # The app: a static file server, and the agent that serves it with an upstream to itself.
-    box.sh("mkdir -p /srv/www && echo hello-from-web > /srv/www/index.html")
+    box.sh(f"mkdir -p /srv/www && echo {HELLO} > /srv/www/index.html")
     box.run("systemd-run", "--unit=webapp", "--property=DynamicUser=yes", "/usr/bin/python3.11", "-m",
             "http.server", "8080", "--bind", "127.0.0.1", "--directory", "/srv/www")  # fmt: skip
     box.sh(
@@ -291,8 +293,12 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
         proc = box.sh(f"grep ' /proc ' /proc/{pid}/mountinfo")  # the process's own mount table
         assert "hidepid=invisible" in proc and "subset=pid" in proc, proc
 
-    # A request through the mesh: upstream listener -> mTLS -> the agent's inbound -> the app.
-    assert box.http("http://127.0.0.1:9091/") == (200, "hello-from-web")
+    # A request through the mesh: upstream listener -> mTLS -> the agent's inbound -> the app. Until
+    # Consul has run web's health check once (it starts critical at each registration) the
+    # upstream resets the caller with UH: wait for that, bounded.
+    wait_for(
+        "a request through the mesh", lambda: box.http("http://127.0.0.1:9091/") == (200, HELLO), MESH_WAIT
+    )
     metrics = box.http("http://127.0.0.1:15090/metrics")[1]
     inbound = re.search(
         r'hostmesh_requests_total\{[^}]*reporter="destination"[^}]*source_service="web"[^}]*\} ([0-9.]+)',
@@ -312,7 +318,9 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
         60,
     )
     wait_for("/ready after the restart", lambda: box.http("http://127.0.0.1:15000/ready")[0] == 200, 60)
-    assert box.http("http://127.0.0.1:9091/") == (200, "hello-from-web")
+    wait_for(
+        "the mesh after the restart", lambda: box.http("http://127.0.0.1:9091/") == (200, HELLO), MESH_WAIT
+    )
     agent = box.show("hostmesh-agent", "MainPID", "StatusText")
 
     # The watchdog: systemd records each WATCHDOG=1 keep-alive the event loop sends.
@@ -328,9 +336,7 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
     # systemctl reload: SIGHUP, same process, the new upstream listens.
     box.sh(f"cat >> /etc/hostmesh/agent.toml <<'EOF'\n{SECOND_UPSTREAM}EOF")
     box.run("systemctl", "reload", "hostmesh-agent")
-    wait_for(
-        "the reloaded upstream", lambda: box.http("http://127.0.0.1:9092/") == (200, "hello-from-web"), 30
-    )
+    wait_for("the reloaded upstream", lambda: box.http("http://127.0.0.1:9092/") == (200, HELLO), 30)
     after = box.show("hostmesh-agent", "MainPID", "ActiveState", "NRestarts", "StatusText")
     assert (after["MainPID"], after["ActiveState"], after["NRestarts"]) == (agent["MainPID"], "active", "1")
     assert after["StatusText"] == "serving 1 service(s); reloaded /etc/hostmesh/agent.toml"
@@ -342,7 +348,7 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
         lambda: "reload refused" in box.show("hostmesh-agent", "StatusText")["StatusText"],
         30,
     )
-    assert box.http("http://127.0.0.1:9091/") == (200, "hello-from-web")
+    assert box.http("http://127.0.0.1:9091/") == (200, HELLO)
     box.sh("cp /tmp/agent.toml.good /etc/hostmesh/agent.toml")
     box.run("systemctl", "reload", "hostmesh-ca")  # the CA's reload path exists and keeps it up
     assert box.show("hostmesh-ca", "ActiveState")["ActiveState"] == "active"
@@ -365,5 +371,9 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
             "ExecMainStatus": "0",
         }
         assert catalog(box, service) == [], f"{unit} left {service} registered"
-        denials = [ln for ln in box.journal(unit).splitlines() if HARDENING_DENIALS.search(ln)]
+        journal = box.journal(unit).splitlines()
+        denials = [ln for ln in journal if HARDENING_DENIALS.search(ln)]
         assert denials == [], f"{unit}: {denials}"
+        for line in journal:  # shown with -s: what an operator would see in `journalctl -p warning`
+            if re.search(r'"level":"(warning|error|critical)"', line):
+                print(f"{unit} journal: {line}")
