@@ -233,6 +233,10 @@ service = "web"
 bind = "127.0.0.1:9091"
 """
 SECOND_UPSTREAM = '[[services.upstreams]]\nservice = "web"\nbind = "127.0.0.1:9092"\n'
+LOW_PORT_DROPIN = (
+    "[Service]\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+)
+LOW_PORT_UPSTREAM = '[[services.upstreams]]\nservice = "web"\nbind = "127.0.0.1:81"\n'
 HARDENING_DENIALS = re.compile(r"Operation not permitted|Permission denied|Bad system call|PermissionError")
 
 
@@ -359,6 +363,18 @@ def test_units_run_hardened_under_systemd(container: Container) -> None:
         score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", report)
         assert score and float(score.group(1)) < MAX_EXPOSURE, report
         print(f"systemd-analyze security {unit}: {score.group(1)}")
+
+    # A port below 1024 with the drop-in the README gives (the capability in the bounding set too:
+    # AmbientCapabilities= alone was refused, "permission denied" on bind).
+    box.sh(
+        f"mkdir -p /etc/systemd/system/hostmesh-agent.service.d\n"
+        f"printf '%s' '{LOW_PORT_DROPIN}' > /etc/systemd/system/hostmesh-agent.service.d/low-port.conf\n"
+        f"printf '%s' '{LOW_PORT_UPSTREAM}' >> /etc/hostmesh/agent.toml\n"
+        "systemctl daemon-reload"
+    )
+    box.run("systemctl", "restart", "hostmesh-agent")
+    assert box.show("hostmesh-agent", "ActiveState")["ActiveState"] == "active", box.journal("hostmesh-agent")
+    wait_for("the upstream on port 81", lambda: box.http("http://127.0.0.1:81/") == (200, HELLO), MESH_WAIT)
 
     # A clean stop: exit 0 (not a signal), deregistered from Consul.
     for unit, service in (("hostmesh-agent", "web"), ("hostmesh-ca", "hostmesh-ca")):
