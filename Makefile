@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
 
-.PHONY: test lint typecheck unit fleet consul demo bench clean deb
+.PHONY: test lint typecheck unit fleet consul demo bench clean deb systemd-boot
 
 test: lint typecheck unit fleet
 
@@ -53,6 +53,11 @@ bench: $(STAMP) consul
 # dist/hostmesh-<v>.tar.gz, the wheel, and dist/hostmesh_<v>_<arch>.deb (venv in /opt/hostmesh).
 deb: $(STAMP)
 	PYTHON=$(BIN)/python ./packaging/build-deb.sh
+
+# Opt-in, not part of `test`: both units under a real systemd (a Debian 12 tree booted with
+# systemd-nspawn, the .deb installed in it). Root; docs/systemd-boot-test.md.
+systemd-boot: $(STAMP) consul
+	HOSTMESH_SYSTEMD_BOOT=1 CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -s tests/test_systemd_boot.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .typecheck build dist *.egg-info

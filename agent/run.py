@@ -262,7 +262,8 @@ class Agent:
         else:
             self._release_startup_memory()
         self.ready = True
-        sdnotify.ready()
+        # STATUS replaces "obtaining certificates", which `systemctl status` showed until the next one
+        sdnotify.ready(f"serving {len(cfg.services)} service(s)")
         watchdog = sdnotify.start_watchdog()
         if watchdog is not None:
             self._tasks.append(watchdog)
@@ -556,7 +557,7 @@ class Agent:
             new = load_config(path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
-            sdnotify.ready()
+            sdnotify.ready(f"serving the previous config; reload refused: {exc}")
             return
         old = self.config
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
@@ -586,7 +587,7 @@ class Agent:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
         log.info("reloaded %s", path)
-        sdnotify.ready()
+        sdnotify.ready(f"serving {len(new.services)} service(s); reloaded {path}")
 
     # --- views ------------------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ WATCHDOG_PING_FRACTION = 0.5
 MIN_WATCHDOG_INTERVAL = 0.01
 # A notification is a few dozen bytes; systemd reads at most one page-ish datagram per message.
 MAX_MESSAGE_BYTES = 4096
+# `systemctl status` shows STATUS on one line; a long error must not overflow the datagram.
+MAX_STATUS_CHARS = 400
 
 
 def _socket_address(value: str) -> str | bytes | None:
@@ -151,7 +153,8 @@ class Notifier:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_STATUS_CHARS else line[: MAX_STATUS_CHARS - 1] + "…"
 
 
 _default = Notifier()

@@ -22,6 +22,9 @@ declare -A pkg_of=(
   [lintian]=lintian
   [strip]=binutils
   [objdump]=binutils
+  [debootstrap]=debootstrap
+  [systemd-nspawn]=systemd-container
+  [nsenter]=util-linux
 )
 missing=()
 for cmd in "$@"; do

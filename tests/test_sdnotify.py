@@ -86,6 +86,18 @@ def test_messages_reach_the_socket(fake_systemd: tuple[socket.socket, str]) -> N
     assert_nothing_pending(sock)
 
 
+def test_a_long_status_is_cut_not_fatal(fake_systemd: tuple[socket.socket, str]) -> None:
+    """A reload refused for a long list of config errors still reports READY=1 (it once could not:
+    the datagram exceeded MAX_MESSAGE_BYTES and notify raised)."""
+    sock, path = fake_systemd
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert n.ready("reload refused: " + "bad key; " * 1000)
+    fields = recv_fields(sock)
+    assert fields["READY"] == "1"
+    assert fields["STATUS"].startswith("reload refused: bad key;")
+    assert len(fields["STATUS"]) == sdnotify.MAX_STATUS_CHARS and fields["STATUS"].endswith("…")
+
+
 def test_abstract_namespace_socket() -> None:
     name = f"hostmesh-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
