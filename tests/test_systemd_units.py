@@ -42,7 +42,14 @@ def make_root(base: Path, units: dict[str, str]) -> Path:
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     shutil.copy2("/bin/sh", root / "usr/bin/sh")  # ExecReload's shell (its builtin kill)
-    shutil.copytree(HOST_UNIT_DIR, root / "usr/lib/systemd/system", symlinks=True)
+    # the host's own hostmesh units (and dpkg's temporary files of an install running meanwhile) are
+    # left out: the units under test are written below
+    shutil.copytree(
+        HOST_UNIT_DIR,
+        root / "usr/lib/systemd/system",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("hostmesh*"),
+    )
     for name, text in units.items():
         (root / "usr/lib/systemd/system" / name).write_text(text)
     return root
