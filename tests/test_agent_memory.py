@@ -20,7 +20,7 @@ import pytest
 
 from hostmesh.agent import memory
 from hostmesh.agent.cli import agent_run_config
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
 from tests.l7_support import Backends, Client
 from tests.support import ConsulDev
 
@@ -173,3 +173,17 @@ print("hostmesh.agent.l7.match" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_a_peer_agent_going_away_leaves_no_asyncio_warning(mesh: Mesh) -> None:
+    """The client agent stops: its mTLS connections to the server end, and the server must not log
+    asyncio's "returning true from eof_received() has no effect when using ssl" (only a TCP
+    transport can stay half-open). Operators read every warning line as something to act on."""
+    assert Client(mesh.client.binds["memhttp"]).get("/hello").status == 200
+    mesh.client.proc.stop()
+    wait_for(lambda: mesh.server.get("/v1/clusters")[1]["inbound_active_connections"] == 0, 20.0,
+             "the server to see the client's mesh connections end")  # fmt: skip
+    log = mesh.server.proc.log().splitlines()
+    assert [line for line in log if '"logger":"asyncio"' in line and '"warning"' in line] == []

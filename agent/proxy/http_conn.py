@@ -282,7 +282,7 @@ class ServerConn(asyncio.BaseProtocol):
             t = self._tunnel.transport if self._tunnel is not None else None
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
-            return True
+            return half_close_kept(self.transport)
         self._eof = True
         for ev in self.framer.eof():
             if self.reading is HOLDING:
@@ -291,7 +291,7 @@ class ServerConn(asyncio.BaseProtocol):
                 self._event(ev)
         if self.ex is None and self.reading is not HOLDING:
             self.close()
-        return True  # a response may still be on its way (half-close)
+        return half_close_kept(self.transport)  # a response may still be on its way (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -922,6 +922,12 @@ def _expire(fut: asyncio.Future[ResponseHead | Outcome]) -> None:
         fut.set_result(TIMEOUT)
 
 
+def half_close_kept(transport: asyncio.BaseTransport | None) -> bool:
+    """What eof_received answers: keep the transport open for the other direction (half-close) on
+    TCP; over TLS asyncio closes it whatever we answer, and warns on every such close if asked to keep it."""
+    return transport is not None and transport.get_extra_info("ssl_object") is None
+
+
 # --------------------------------------------------------------------------- upstream side
 
 
@@ -978,7 +984,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             t = self._tunnel.transport
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
-            return True
+            return half_close_kept(self.transport)
         owner = self.owner
         for ev in self.framer.eof():
             if owner is not None and self.owner is owner:
