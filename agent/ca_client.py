@@ -25,8 +25,8 @@ from hostmesh.ca import pki, tls
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.registry.errors import Unavailable
 from hostmesh.registry.http import HTTPClient, Response
+from hostmesh.registry.layout import CA_SERVICE_NAME
 
-CA_SERVICE_NAME = "hostmesh-ca"
 REQUEST_TIMEOUT = 10.0  # signing is milliseconds; anything slower is an unhealthy CA, try another
 MAX_ROOTS = 16  # a bundle larger than this is not a rotation, it is garbage
 _PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")

@@ -49,6 +49,7 @@ from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageEr
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.layout import CA_SERVICE_NAME
 from hostmesh.registry.watch import Watch, backoff_delay
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOTS_KEY = "hostmesh/ca/roots"
-CA_SERVICE_NAME = "hostmesh-ca"
 RENEW_JITTER = 0.05  # ± this fraction of the lifetime around the renewal point: spreads a fleet's renewals
 BOOTSTRAP_TIMEOUT = 30.0  # how long start() keeps trying an unreachable CA before giving up
 

@@ -17,7 +17,7 @@ import click
 
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
-from hostmesh.registry.layout import COMMAND, KINDS
+from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS
 
 if TYPE_CHECKING:
     from hostmesh.registry.analysis import Catalog, Finding
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # The analysis, the schema, asyncio and the Consul and HTTP clients are imported where a command
 # runs, so that `hostmesh check --help`, `intention --help` and completion do not load them.
 
-CA_SERVICE_NAME = "hostmesh-ca"
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
 WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
 WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has

@@ -78,12 +78,12 @@ from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
+from hostmesh.registry.layout import CA_SERVICE_NAME
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-CA_SERVICE_NAME = "hostmesh-ca"
 ROOTS_KEY = "hostmesh/ca/roots"
 MAX_REQUEST_BYTES = 64 * 1024  # a request is a <1 KiB CSR plus a TTL; bound what we buffer per client
 MIN_LEAF_TTL = dt.timedelta(seconds=1)  # below a second a leaf expires in flight; 0/negative is a unit slip

@@ -24,6 +24,7 @@ from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.errors import Conflict
+from hostmesh.registry.layout import CA_SERVICE_NAME
 
 KV_PREFIX = "hostmesh/ca/tokens/"
 TOKEN_PREFIX = "hmt1"
@@ -32,7 +33,7 @@ MAX_TOKEN_TTL = dt.timedelta(days=30)  # a join token bootstraps a host soon; it
 MAX_TOKEN_CHARS = 256  # a real token is ~70 characters; anything longer is garbage, refuse before parsing
 MAX_TOKEN_SERVICES = 64  # one host runs a handful of services; the list is scanned per redemption
 PRUNE_GRACE = dt.timedelta(days=1)  # expired records stay a day so "expired" beats "unknown" in errors
-RESERVED_SERVICES = frozenset({"hostmesh-ca"})  # the CA's own serving identity is never issued to a host
+RESERVED_SERVICES = frozenset({CA_SERVICE_NAME})  # the CA's own serving identity is never issued to a host
 
 _ID_RE = re.compile(r"[0-9a-f]{16}")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{32,86}")

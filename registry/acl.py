@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hostmesh.registry.layout import KINDS
+from hostmesh.registry.layout import CA_SERVICE_NAME, KINDS
 
 ROOT = "hostmesh"
-CA_SERVICE = "hostmesh-ca"  # what `hostmesh ca serve` registers (ca/service.py)
 CA_PREFIX = f"{ROOT}/ca/"
 TOKENS_PREFIX = f"{ROOT}/ca/tokens/"  # join-token records: single-use secrets, the CA's alone
 HISTORY_PREFIX = f"{ROOT}/history/"
@@ -67,7 +66,7 @@ def agent_policy(services: Sequence[str]) -> str:
 def ca_policy() -> str:
     rules = [
         _rule("key_prefix", CA_PREFIX, "write"),
-        _rule("service", CA_SERVICE, "write"),
+        _rule("service", CA_SERVICE_NAME, "write"),
         # re-issuing an expired leaf on a sibling's proof checks both services' catalog entries
         # (same node, same address: ca/service.py), which Consul filters by service and node read
         _rule("service_prefix", "", "read"),
@@ -75,7 +74,7 @@ def ca_policy() -> str:
     ]
     return _join(
         f"hostmesh CA: publishes the trust bundle and join tokens under {CA_PREFIX},\n"
-        f"registers itself as {CA_SERVICE}, reads the catalog (expired-certificate recovery).",
+        f"registers itself as {CA_SERVICE_NAME}, reads the catalog (expired-certificate recovery).",
         rules,
     )
 
