@@ -17,7 +17,7 @@ import click
 
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
-from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS
+from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, is_hostmesh
 
 if TYPE_CHECKING:
     from hostmesh.registry.analysis import Catalog, Finding
@@ -116,7 +116,7 @@ async def _consul_and_documents(
             _, found = await consul.health_service(name, passing=False)
             for i in found:
                 inst = Instance(i.service, i.id, i.node, i.meta, i.status == "passing")
-                if i.meta.get("hostmesh") == "1":
+                if is_hostmesh(i.meta):
                     instances.append(inst)
     except PermissionDenied as exc:
         out.append(
@@ -441,7 +441,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
     async with ConsulClient(settings) as consul:
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
-    protocols = {i.meta.get("protocol", "") for i in instances if i.meta.get("hostmesh") == "1"}
+    protocols = {i.meta.get("protocol", "") for i in instances if is_hostmesh(i.meta)}
     protocol = "tcp" if protocols == {"tcp"} else "http" if protocols == {"http"} else ""
     if entry is None:
         return None, protocol

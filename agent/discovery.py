@@ -61,6 +61,7 @@ from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
+from hostmesh.registry.layout import is_hostmesh
 from hostmesh.registry.schema import (
     ExternalService,
     GatewayDocument,
@@ -474,7 +475,7 @@ class EndpointTable:
         eps = [
             Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
             for i in instances
-            if i.meta.get("hostmesh") == "1"
+            if is_hostmesh(i.meta)
         ]
         self.members[upstream] = tuple(sorted(eps, key=lambda e: e.instance_id))
 

@@ -51,6 +51,7 @@ from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
+from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.watch import backoff_delay
 
@@ -453,7 +454,7 @@ class Agent:
             address=self.config.mesh_address,
             port=self.inbound.port,
             meta={
-                "hostmesh": "1",
+                HOSTMESH_META: HOSTMESH_META_VALUE,
                 "protocol": svc.protocol,
                 **self._metrics_meta(),
                 **upstreams_meta(u.service for u in svc.upstreams),

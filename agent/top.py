@@ -18,6 +18,7 @@ import click
 from hostmesh.agent import meshstats
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.layout import is_hostmesh
 
 if TYPE_CHECKING:
     from hostmesh.registry.consul import ConsulClient
@@ -56,7 +57,7 @@ async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> lis
     for name in sorted(await consul.catalog_services()):
         _, instances = await consul.health_service(name, passing=False)
         for i in instances:
-            if i.meta.get("hostmesh") != "1" or "protocol" not in i.meta:
+            if not is_hostmesh(i.meta) or "protocol" not in i.meta:
                 continue  # not served by an agent (the CA registers as hostmesh=1 too)
             url = metrics_url(i.meta, i.address, port)
             node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)

@@ -78,7 +78,7 @@ from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
-from hostmesh.registry.layout import CA_SERVICE_NAME
+from hostmesh.registry.layout import CA_SERVICE_NAME, HOSTMESH_META, HOSTMESH_META_VALUE
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -530,7 +530,7 @@ class CAService:
             "Status": "passing",  # we register only once serving; skip Consul's first-run stagger
             "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
         }
-        meta = {"hostmesh": "1", "trust_domain": self.authority.trust_domain,
+        meta = {HOSTMESH_META: HOSTMESH_META_VALUE, "trust_domain": self.authority.trust_domain,
                 # /metrics is on the API port (HTTPS): for Prometheus' consul_sd_configs (observability/)
                 "metrics_addr": f"{self.advertise}:{self.port}", "metrics_scheme": "https"}  # fmt: skip
         return ServiceRegistration(

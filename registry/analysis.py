@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostmesh.registry.errors import InvalidDocument
-from hostmesh.registry.layout import COMMAND
+from hostmesh.registry.layout import COMMAND, is_hostmesh
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -35,7 +35,6 @@ from hostmesh.registry.schema import (
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
-HOSTMESH_META = "hostmesh"  # meta marking instances registered by hostmesh agents
 
 CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
 
@@ -415,7 +414,7 @@ def _permission_covers(a: Permission, b: Permission) -> bool:
 def instance_from_health(service: str, entry: Mapping[str, Any]) -> Instance | None:
     """An `Instance` from the fields of a health answer, None when it is not a mesh instance."""
     meta = dict(entry.get("meta") or {})
-    if meta.get(HOSTMESH_META) != "1":
+    if not is_hostmesh(meta):
         return None
     return Instance(
         service, str(entry.get("id", "")), str(entry.get("node", "")), meta, entry.get("status") == "passing"

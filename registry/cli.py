@@ -22,7 +22,7 @@ from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
-from hostmesh.registry.layout import COMMAND, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.layout import COMMAND, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, is_hostmesh
 from hostmesh.registry.layout import GATEWAY_KIND_META as KIND_META
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
-HOSTMESH_META = "hostmesh"  # Consul service meta marking services registered by hostmesh agents
 
 T = TypeVar("T")
 OUTPUTS = ("table", "json", "yaml")
@@ -683,7 +682,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         for name in names:
             _, instances = await consul.health_service(name, passing=False)
             for inst in instances:
-                if inst.meta.get(HOSTMESH_META) != "1":
+                if not is_hostmesh(inst.meta):
                     continue
                 found.append(
                     {

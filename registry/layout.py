@@ -5,6 +5,11 @@ documents.py, analysis.py, acl.py and agent/config.py take these from here."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
 COMMAND = {  # KV folder -> the CLI group that manages it
@@ -21,3 +26,11 @@ NOMAD_MAPPING_NAME = "nomad"  # hostmesh/history/ca/nomad/<version>; one documen
 GATEWAY_KIND_META = "hostmesh-kind"  # a gateway's registration meta (agent/config.py sets it)
 
 CA_SERVICE_NAME = "hostmesh-ca"  # what `hostmesh ca serve` registers in Consul; agents find the CA by it
+
+HOSTMESH_META = "hostmesh"  # registration meta marking a service as hostmesh's (agents and the CA set it)
+HOSTMESH_META_VALUE = "1"
+
+
+def is_hostmesh(meta: Mapping[str, object]) -> bool:
+    """Whether a Consul service's meta marks it as registered by hostmesh (an agent or the CA)."""
+    return meta.get(HOSTMESH_META) == HOSTMESH_META_VALUE
