@@ -414,11 +414,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     def get(ctx: click.Context, service: str, fmt: str | None) -> None:
         """Print the live document of SERVICE."""
         _check_service(service, "service")
-        doc = _run(ctx, lambda store: store.get(kind, service))
-        if doc is None:
-            raise click.ClickException(f"no {noun} document for {service}")
-        remember_read(ctx, kind, service, doc.version)
-        click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
+        _print_live(ctx, kind, service, fmt, f"no {noun} document for {service}", remember=True)
 
     @click.command("list")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
@@ -455,22 +451,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     def history(ctx: click.Context, service: str, fmt: str | None) -> None:
         """List the kept versions of SERVICE's document, oldest first."""
         _check_service(service, "service")
-
-        async def run(store: DocumentStore) -> tuple[list[Document], Document | None]:
-            return await store.history(kind, service), await store.get(kind, service)
-
-        versions, live = _run(ctx, run)
-        out = _output(ctx, fmt)
-        if out != "table":
-            click.echo(_dump([d.data for d in versions], out))
-            return
-        if not versions:
-            raise click.ClickException(f"no history for {kind}/{service}")
-        rows = []
-        for d in versions:
-            mark = "*" if live is not None and live.version == d.version else ""
-            rows.append([str(d.version), mark, _summary(kind, d.data)])
-        click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
+        _print_history(ctx, kind, service, fmt)
 
     @click.command("rollback")
     @click.argument("service")
@@ -479,12 +460,53 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     def rollback(ctx: click.Context, service: str, to: int) -> None:
         """Write a new version of SERVICE's document whose content is version N."""
         _check_service(service, "service")
-        doc = _run(ctx, lambda store: store.rollback(kind, service, to))
-        click.echo(f"{kind}/{service}: version {doc.version} written with the content of version {to}")
+        _roll_back(ctx, kind, service, to)
 
     for cmd in (apply, get, list_, delete, history, rollback):
         if cmd.name in verbs:
             group.add_command(cmd)
+
+
+# The bodies of get/history/rollback, shared by the per-service groups and `ca nomad` (whose one
+# document has a fixed name instead of a SERVICE argument).
+
+
+def _print_live(
+    ctx: click.Context, kind: str, name: str, fmt: str | None, missing: str, remember: bool
+) -> None:
+    """Print the live document kind/name; `missing` is the error when there is none. `remember`
+    records the version read, so that a later apply of that document without version: may replace it."""
+    doc = _run(ctx, lambda store: store.get(kind, name))
+    if doc is None:
+        raise click.ClickException(missing)
+    if remember:
+        remember_read(ctx, kind, name, doc.version)
+    click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
+
+
+def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) -> None:
+    """Print the kept versions of kind/name, oldest first, the live one marked in the table."""
+
+    async def run(store: DocumentStore) -> tuple[list[Document], Document | None]:
+        return await store.history(kind, name), await store.get(kind, name)
+
+    versions, live = _run(ctx, run)
+    out = _output(ctx, fmt)
+    if out != "table":
+        click.echo(_dump([d.data for d in versions], out))
+        return
+    if not versions:
+        raise click.ClickException(f"no history for {kind}/{name}")
+    live_version = live.version if live is not None else None
+    rows = [
+        [str(d.version), "*" if live_version == d.version else "", _summary(kind, d.data)] for d in versions
+    ]
+    click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
+
+
+def _roll_back(ctx: click.Context, kind: str, name: str, to: int) -> None:
+    doc = _run(ctx, lambda store: store.rollback(kind, name, to))
+    click.echo(f"{kind}/{name}: version {doc.version} written with the content of version {to}")
 
 
 route = _document_group("routes", "route", "route")
@@ -780,38 +802,20 @@ def nomad_mapping_group() -> click.Group:
     @click.pass_context
     def get(ctx: click.Context, fmt: str | None) -> None:
         """Print the live mapping."""
-        doc = _run(ctx, lambda store: store.get(kind, name))
-        if doc is None:
-            raise click.ClickException(f"no Nomad mapping at hostmesh/{kind}/{name}")
-        click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
+        _print_live(ctx, kind, name, fmt, f"no Nomad mapping at hostmesh/{kind}/{name}", remember=False)
 
     @group.command("history")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
     @click.pass_context
     def history(ctx: click.Context, fmt: str | None) -> None:
         """List the kept versions of the mapping, oldest first."""
-
-        async def run(store: DocumentStore) -> tuple[list[Document], Document | None]:
-            return await store.history(kind, name), await store.get(kind, name)
-
-        versions, live = _run(ctx, run)
-        out = _output(ctx, fmt)
-        if out != "table":
-            click.echo(_dump([d.data for d in versions], out))
-            return
-        if not versions:
-            raise click.ClickException(f"no history for {kind}/{name}")
-        live_version = live.version if live is not None else None
-        rows = [[str(d.version), "*" if live_version == d.version else "", _summary(kind, d.data)]
-                for d in versions]  # fmt: skip
-        click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
+        _print_history(ctx, kind, name, fmt)
 
     @group.command("rollback")
     @click.option("--to", "to", type=click.IntRange(min=1), required=True, help="The version to bring back.")
     @click.pass_context
     def rollback(ctx: click.Context, to: int) -> None:
         """Write a new version of the mapping whose content is version N."""
-        doc = _run(ctx, lambda store: store.rollback(kind, name, to))
-        click.echo(f"{kind}/{name}: version {doc.version} written with the content of version {to}")
+        _roll_back(ctx, kind, name, to)
 
     return group
