@@ -103,6 +103,7 @@ class CertProcess:
         self._bundle_task: asyncio.Task[None] | None = None
         self._bundle_again = False
         self._rng = random.Random()
+        self._adopted = False  # serving stored files that the start-up helper has not answered for yet
 
     # --- what the agent uses (same as CertManager's) --------------------------------------------
 
@@ -126,6 +127,11 @@ class CertProcess:
             out.append(dataclasses.replace(view, state=state, problem=self._problems.get(s)))
         return out
 
+    def checking(self) -> list[str]:
+        """After a restart, until the start-up helper answers: the services served from their stored
+        certificate, which `infos()` cannot describe yet (this process does not parse certificates)."""
+        return [s for s in self.services if s not in self._views] if self._adopted else []
+
     def problems(self) -> dict[str, str]:
         """Services whose certificate is not (or soon not) usable, and one line each saying why."""
         return dict(self._problems)
@@ -144,11 +150,15 @@ class CertProcess:
             self._roots_pem = roots_path(self.dir).read_text()
         except OSError:
             return False
-        return bool(self._roots_pem.strip())
+        self._adopted = bool(self._roots_pem.strip())
+        return self._adopted
 
     async def start(self) -> None:
-        answer = await self._run("start")
-        self._apply(answer)
+        try:
+            answer = await self._run("start")
+            self._apply(answer)
+        finally:
+            self._adopted = False  # answered (or failed, and the agent stops): nothing is being checked
         self._problems.update(answer.get("problems", {}))
         for service in self._problems:
             self._failures[service] = 1

@@ -271,6 +271,8 @@ async def _agent(address: str) -> list[Finding]:
         now = dt.datetime.now(dt.UTC)
         for cert in (certs.json() or {}).get("certs", []) if certs.status == 200 else []:
             service = cert.get("service", "?")
+            if cert.get("state") == "checking":  # a restart's stored certificate: no dates until checked
+                continue
             not_after = dt.datetime.fromisoformat(cert["not_after"])
             renew_at = cert.get("renew_at")
             if not_after <= now or cert.get("state") == "expired":

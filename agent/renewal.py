@@ -36,6 +36,9 @@ class CertState(enum.Enum):
     VALID = "valid"  # in use; renewed at its renewal point
     RETRYING = "retrying"  # the last renewal failed; the certificate is still valid, retrying before expiry
     EXPIRED = "expired"  # expired (or its root retired): recovering; `problem` says what is missing
+    # After a restart: the stored certificate is in use and the helper has not answered its check yet
+    # (the agent does not parse certificates itself), so serial, not_after and root_id are unknown.
+    CHECKING = "checking"
 
 
 def state_of(remaining: float, failures: int) -> CertState:

@@ -46,6 +46,7 @@ from hostmesh.agent.memory import Trimmer, start_trimming
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
+from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -593,6 +594,9 @@ class Agent:
     # --- views ------------------------------------------------------------------------------
 
     def _cert_view(self) -> list[dict[str, Any]]:
+        """Every service's certificate; right after a restart, the stored ones the helper is still
+        checking are listed as `checking`, with what is known without parsing them (agent/certproc.py)."""
+        checking: list[str] = getattr(self.certs, "checking", list)()  # only CertProcess serves unchecked
         return [
             {
                 "service": i.service,
@@ -604,6 +608,17 @@ class Agent:
                 "problem": i.problem,
             }
             for i in self.certs.infos()
+        ] + [
+            {
+                "service": service,
+                "spiffe_id": Identity(self.config.trust_domain, service).spiffe_id,
+                "serial": None,
+                "not_after": None,
+                "root_id": None,
+                "state": CertState.CHECKING.value,
+                "problem": None,
+            }
+            for service in checking
         ]
 
     def _cert_problems(self) -> dict[str, str]:

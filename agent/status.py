@@ -44,14 +44,16 @@ def render_table(status: dict[str, Any]) -> str:
     by_service = {c["service"]: c for c in certs}
     for svc in cfg["services"]:
         cert = by_service.get(svc["name"], {})
-        expires = cert.get("not_after", "-")
+        expires = cert.get("not_after") or "-"
         left = ""
-        if cert:
+        if cert.get("state") == "checking":  # just restarted: serving the stored one, not yet checked
+            expires, left = "(stored, checking)", ""
+        elif cert:
             delta = dt.datetime.fromisoformat(expires) - now
             left = f"({delta.total_seconds() / 3600:.1f} h)"
         lines.append(
-            f"{svc['name']:<16} {svc['protocol']:<9} {svc['port']:<6} {expires[:19]} {left:<8} "
-            f"{cert.get('serial', '-')[:16]:<17} {cert.get('root_id', '-')}"
+            f"{svc['name']:<16} {svc['protocol']:<9} {svc['port']:<6} {expires[:19]:<19} {left:<8} "
+            f"{(cert.get('serial') or '-')[:16]:<17} {cert.get('root_id') or '-'}"
         )
     lines += ["", "DOCUMENT                       VERSION"]
     lines += [f"{k:<30} {v}" for k, v in sorted(cfg["versions"].items())] or ["(none: default routing)"]

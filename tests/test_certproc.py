@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.certproc import CertProcess
-from hostmesh.agent.localmesh import AgentHandle, LocalMesh
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
+from hostmesh.agent.status import fetch_status, render_table
 from hostmesh.ca.errors import Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.registry.consul import ConsulClient
@@ -121,3 +122,37 @@ def test_a_restart_whose_stored_certificate_the_helper_rejects_stops_with_one_li
     errors = [line for line in log.splitlines() if line.startswith("Error:")]
     assert code == 1 and len(errors) == 1, (code, log)
     assert errors[0].startswith("Error: cannot obtain certificates: "), errors
+
+
+def test_after_a_restart_every_certificate_is_listed_while_the_helper_checks_it(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    """A restart serves its stored certificates before the helper has checked them (agent/run.py).
+    From the moment it is ready, /v1/certs lists every service: `checking` with its SPIFFE ID until
+    the helper answers, then the checked certificate; `hostmesh status` renders both."""
+    m, _ = mesh
+    h = m.write_agent_config("node-s", [{"name": "api", "port": 9}, {"name": "web", "port": 10}])
+    m.start_agent(h)
+    assert h.proc.stop() == 0
+    m.start_agent(h)  # returns once /ready answers 200
+    address = h.admin_url.removeprefix("http://")
+    states: list[set[str]] = []
+
+    def checked() -> bool:
+        status = asyncio.run(fetch_status(address))
+        certs = {c["service"]: c for c in status["certs"]["certs"]}
+        assert set(certs) == {"api", "web"}, status["certs"]  # never empty, never partial
+        table = render_table(status)
+        for service, cert in certs.items():
+            assert cert["spiffe_id"] == f"spiffe://hostmesh.local/svc/{service}"
+            row = next(line for line in table.splitlines() if line.startswith(f"{service} "))
+            if cert["state"] == "checking":
+                assert cert["not_after"] is None and "checking" in row, row
+            else:
+                assert cert["not_after"][:19] in row and cert["serial"][:16] in row, row
+        states.append({c["state"] for c in certs.values()})
+        return "checking" not in states[-1]
+
+    wait_for(checked, WAIT, "the helper's check of the stored certificates")
+    assert states[0] == {"checking"}, states  # the window was seen: the helper starts a second after ready
+    assert states[-1] == {"valid"}, states
