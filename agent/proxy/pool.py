@@ -68,11 +68,8 @@ MAX_IDLE_PER_KEY = 8  # per peer endpoint: stream-less connections kept beyond t
 # A live peer's kernel ACKs within ms whatever its agent is doing; 10 s of silence is an outage, and it
 # ends well before the peers' TTL health check (15 s) has taken the host out of rotation.
 MESH_USER_TIMEOUT = 10  # s: data or a probe unacknowledged this long aborts the connection (TCP_USER_TIMEOUT)
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = (
-    5,
-    5,
-    2,
-)  # an idle dead peer: first probe at 5 s, aborted at MESH_USER_TIMEOUT (15 s without it)
+# An idle dead peer: first probe after 5 s, aborted at MESH_USER_TIMEOUT (at 15 s without that option).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 5, 2
 
 PoolKey = tuple[str, int]  # the peer agent's (address, inbound port)
 
