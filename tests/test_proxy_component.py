@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
@@ -497,6 +499,28 @@ async def test_pool_amortizes_handshakes(mesh: Mesh) -> None:
     assert mesh.outbound.pool.handshakes == 1
     assert mesh.inbound.handshakes == 1
     assert mesh.outbound.pool.reused == n - 1
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
+async def test_both_ends_of_a_mesh_connection_bound_the_wait_for_a_vanished_peer(mesh: Mesh) -> None:
+    """A partitioned peer sends no reset: both sides' kernels abort the mesh connection once data or a
+    keepalive probe stays unacknowledged for MESH_USER_TIMEOUT, instead of streams hanging for
+    minutes (the abort itself is shown across namespaces in tests/fleet: test_partitioned_host_...)."""
+    r, w = await mesh.connect()
+    w.write(b"x")
+    assert await asyncio.wait_for(r.readexactly(1), IO_TIMEOUT) == b"x"
+    clients = [c for conns in mesh.outbound.pool._conns.values() for c in conns]
+    servers = list(mesh.inbound._conns)
+    assert len(clients) == 1 and len(servers) == 1
+    for conn in (clients[0], servers[0]):
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == MESH_USER_TIMEOUT * 1000
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE < MESH_USER_TIMEOUT
+    w.write_eof()
+    assert await read_all(r) == b""
+    w.close()
 
 
 async def test_concurrent_connections_and_least_connections(mesh: Mesh) -> None:

@@ -54,7 +54,7 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
-from hostmesh.agent.proxy.pool import set_keepalive
+from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.wire import RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
@@ -128,7 +128,7 @@ class InboundConnection(MuxConnection):
         self.not_after = peer_not_after(ssl_obj)
         self.roots_pem = snap.tls.roots_pem
         alpn = ssl_obj.selected_alpn_protocol()
-        set_keepalive(transport)
+        set_liveness(transport)
         if self.external is not None and alpn not in TCP_ALPN:
             return self.refuse(f"external service {self.external} is reached over {TCP_ALPN[0]} only")
         if alpn not in TCP_ALPN:

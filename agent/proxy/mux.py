@@ -311,6 +311,9 @@ class MuxConnection(asyncio.BufferedProtocol):
         return False  # TLS close_notify / TCP FIN on the mesh connection: it is over
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, TimeoutError):  # the kernel gave up on the peer (pool.MESH_USER_TIMEOUT)
+            log.warning("mesh connection %s: peer unreachable (%s); failing its %d streams",
+                        self.peername(), exc.strerror or exc, len(self.streams))  # fmt: skip
         self.closed = True
         self._fail_streams(exc)
         self.lost(exc)

@@ -63,7 +63,13 @@ POOL_IDLE_SECONDS = 30.0  # idle connections are closed by the client first (ser
 POOL_SWEEP_SECONDS = 5.0  # how often idle connections are checked for age/idleness (one timer per pool)
 MAX_CONN_AGE = 600.0  # one handshake's authentication is relied on for at most 10 minutes
 MAX_IDLE_PER_KEY = 8  # per peer endpoint: stream-less connections kept beyond this are closed at once
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3  # a vanished peer host is noticed in ~60 s
+# A peer host that vanishes (partition, power loss) sends no reset: without a bound, streams in flight
+# on its connection wait for TCP's ~15 min of retransmissions, or ~60 s of keepalive when idle.
+# A live peer's kernel ACKs within ms whatever its agent is doing; 10 s of silence is an outage, and it
+# ends well before the peers' TTL health check (15 s) has taken the host out of rotation.
+MESH_USER_TIMEOUT = 10  # s: data or a probe unacknowledged this long aborts the connection (TCP_USER_TIMEOUT)
+# An idle dead peer: first probe after 5 s, aborted at MESH_USER_TIMEOUT (at 15 s without that option).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 5, 2
 
 PoolKey = tuple[str, int]  # the peer agent's (address, inbound port)
 
@@ -82,7 +88,10 @@ class DialError(ProxyError):
         self.security = security  # the peer is not who it should be: always logged
 
 
-def set_keepalive(transport: asyncio.BaseTransport) -> None:
+def set_liveness(transport: asyncio.BaseTransport) -> None:
+    """Bound how long a mesh connection (either side) outlives its vanished peer: the kernel aborts it
+    with ETIMEDOUT once data (or a keepalive probe) stays unacknowledged for MESH_USER_TIMEOUT; its
+    streams then fail with UC (mux.py) and new streams go on a fresh connection."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
@@ -92,6 +101,8 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux; elsewhere keepalive alone bounds an idle peer
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, MESH_USER_TIMEOUT * 1000)
     except (OSError, AttributeError):
         pass
 
@@ -128,7 +139,7 @@ def verify_peer(
     transport: asyncio.Transport, key: PoolKey, offered: tuple[str, ...], expected: Identity
 ) -> Agreed:
     """Check a fresh connection: the agreed ALPN protocol is one we offered (any version we speak)
-    and the peer's SPIFFE ID is `expected`. Turns on TCP keepalive; on a failed check the
+    and the peer's SPIFFE ID is `expected`. Bounds a dead peer's life (set_liveness); on a failed check the
     connection is aborted and DialError raised."""
     try:
         ssl_obj = transport.get_extra_info("ssl_object")
@@ -150,7 +161,7 @@ def verify_peer(
     except DialError:
         reset_transport(transport)
         raise
-    set_keepalive(transport)
+    set_liveness(transport)
     not_after = peer_not_after(ssl_obj)
     expires = time.monotonic() + max(0.0, not_after - time.time()) if not_after else math.inf
     return Agreed(PROTOCOL_VERSIONS[agreed], expires)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -23,9 +24,10 @@ from functools import partial
 
 import pytest
 
+from hostmesh.agent.proxy.pool import MESH_USER_TIMEOUT
 from tests.fleet.apps import Download, Outcome, Pattern, download
 from tests.fleet.harness import CHANGE_TIMEOUT, Fleet, Host, wait_for
-from tests.fleet.traffic import L4_PORT, Load, l4_download, l4_upload_ok, l7_get
+from tests.fleet.traffic import CALL_TIMEOUT, L4_PORT, Load, l4_download, l4_upload_ok, l7_get
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
@@ -36,6 +38,9 @@ PARTITION_SECONDS = 20.0  # issue 11: how long the host stays cut off
 DETECT_BOUND = 15.0
 # A healed host's Consul client is rejoined by Serf's reconnect loop, which runs every 30 s.
 HEAL_TIMEOUT = 75.0
+# A call in flight to a cut-off host ends (reset) within the mesh connection's TCP user timeout, plus
+# the time for the kernel's timer to fire and both agents to pass the reset on.
+IN_FLIGHT_BOUND = MESH_USER_TIMEOUT + 5.0
 BIG = 200 * 1024 * 1024  # issue 11: the L4 transfer an agent is killed during
 
 
@@ -118,14 +123,60 @@ def _raft_voters(fleet: Fleet) -> int:
     return sum(1 for s in cfg["Servers"] if s["Voter"]) if status == 200 else 0
 
 
+class InFlight:
+    """An L4 download from `host` held in flight (its reader paused after the first bytes, so the
+    mesh's flow control holds the rest) until `resume()`; records how and when it ended."""
+
+    def __init__(self, host: Host, size: int, seed: int, stall_after: float) -> None:
+        self.first_bytes, self._resume = threading.Event(), threading.Event()
+        self.result: Download | None = None
+        self.ended_at = 0.0
+        sock = host.connect(L4_PORT, timeout=stall_after)
+        self._thread = threading.Thread(target=self._run, args=(sock, size, seed), daemon=True)
+        self._thread.start()
+
+    def _hold(self, _offset: int) -> None:
+        if not self.first_bytes.is_set():
+            self.first_bytes.set()
+            self._resume.wait(HEAL_TIMEOUT + PARTITION_SECONDS)
+
+    def _run(self, sock: socket.socket, size: int, seed: int) -> None:
+        try:
+            self.result = download(sock, Pattern(seed), size, on_progress=self._hold)
+        finally:
+            self.ended_at = time.monotonic()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def join(self, timeout: float) -> Download | None:
+        self._thread.join(timeout)
+        return self.result
+
+
+def _in_flight_to(src: Host, dst: Host, size: int) -> InFlight:
+    """An in-flight download from `src` that `dst`'s bulk instance serves (others are let finish)."""
+    for seed in range(300, 316):  # bounded: the balancer alternates between two instances
+        before = dst.apps["bulk"].served.started
+        call = InFlight(src, size, seed, stall_after=PARTITION_SECONDS + HEAL_TIMEOUT)
+        wait_for(call.first_bytes.is_set, CHANGE_TIMEOUT, "the first bytes of a held download")
+        if dst.apps["bulk"].served.started > before:
+            return call
+        call.resume()
+        call.join(CHANGE_TIMEOUT)
+    raise AssertionError(f"no download from {src.name} reached {dst.name} in 16 tries")
+
+
 def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
     w1, w3 = fleet.workloads[0], fleet.workloads[2]
     pids = {h.name: h.mesh.pid for h in fleet.workloads}
     others = {h.name for h in fleet.servers_of} - {w3.name}
+    held = _in_flight_to(w1, w3, BIG)  # before the load starts, so w3's count is this call's alone
     with Load(w1) as load:
         load.wait_ok(3, since=0)
         cut_at = time.monotonic()
         w3.cut()
+        held.resume()  # its client reads again: the agents' window credit and keepalive meet the cut
         try:
             for svc in ("bulk", "shop"):
                 wait_for(
@@ -135,6 +186,7 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
                 )
             avoided_at = time.monotonic()
             load.wait_ok(5, since=avoided_at)
+            in_flight = held.join(IN_FLIGHT_BOUND + cut_at - time.monotonic())
             time.sleep(max(0.0, cut_at + PARTITION_SECONDS - time.monotonic()))  # the scenario's length
         finally:
             w3.heal()
@@ -153,10 +205,16 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
             CHANGE_TIMEOUT,
             f"{w3.name} to serve w1's calls again",
         )
+    final = held.join(CALL_TIMEOUT)  # (only for the report when it outlived the bound)
     print(
         f"\npartition: peers stopped choosing {w3.name} after {avoided_at - cut_at:.1f} s, chose it again "
-        f"{back_at - healed_at:.1f} s after healing; {load.summary()}"
+        f"{back_at - healed_at:.1f} s after healing; a call in flight to it ended "
+        f"{(held.ended_at or time.monotonic()) - cut_at:.1f} s after the cut: {final}; {load.summary()}"
     )
+    # The call in flight to the cut-off host had a defined end within the bound (not a hang until the
+    # partition healed or the client gave up): a reset, never corrupted or stalled bytes.
+    assert in_flight is not None and in_flight.outcome == Outcome.RESET, in_flight
+    assert held.ended_at - cut_at <= IN_FLIGHT_BOUND
     assert not [c for c in load.calls if c.corrupt], load.summary()
     # Once peers stopped choosing the cut-off host nothing failed (calls already in flight to it may).
     assert not load.failures(since=avoided_at), load.summary()
