@@ -95,6 +95,7 @@ def agent_config(
         "inbound": f"127.0.0.1:{ports.inbound}",
         "admin": f"127.0.0.1:{ports.admin}",
         "metrics": f"127.0.0.1:{ports.metrics}",
+        "dns": "",  # both agents of a pair share one loopback: mesh DNS's fixed port would collide
     }
     if workers > 1:
         doc["workers"] = workers  # only when asked: an agent without the key must still accept the file

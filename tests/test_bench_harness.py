@@ -355,3 +355,24 @@ def test_routes_doc_is_256_routes_with_the_catch_all_last() -> None:
     for target in (b"/small", b"/big"):
         assert compiled.select(b"GET", target, []) is compiled.routes[-1]
         assert compiled.select_linear(b"GET", target, []) is compiled.routes[-1]
+
+
+def test_the_two_agents_of_a_pair_listen_on_no_common_address() -> None:
+    """Both agents of a pair run on one loopback: every address either listens on (mesh DNS
+    included, whose default port is fixed) must differ, as the agent's own parser reads them."""
+    from hostmesh.agent.config import parse_config
+
+    def listens(ports: hmconfig.AgentPorts, service: str) -> set[str]:
+        cfg = parse_config(
+            hmconfig.agent_config(
+                node=service, data_dir="d", ports=ports, consul_url="http://127.0.0.1:8500",
+                ca_url="https://127.0.0.1:15012", pin="sha256:" + "ab" * 32, token_file="t",
+                service=service, app_port=8080, protocol="tcp",
+            )
+        )  # fmt: skip
+        addrs = {str(cfg.inbound), str(cfg.admin), str(cfg.metrics)}
+        return addrs | ({str(cfg.dns)} if cfg.dns is not None else set())
+
+    server = listens(hmconfig.AgentPorts(20001, 20002, 20003), "bench-l4")
+    client = listens(hmconfig.AgentPorts(20011, 20012, 20013), "bench-l4-client")
+    assert server & client == set()
