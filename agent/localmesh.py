@@ -88,6 +88,19 @@ def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET `path` from 127.0.0.1:`port` on a connection of its own: (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)

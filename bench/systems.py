@@ -24,7 +24,7 @@ from typing import Any
 from bench import hmconfig
 from bench.procs import Procs, StartError, free_port, tcp_open, wait_until
 from bench.report import CONSUL, DIRECT, HAPROXY, HM_L4, HM_L7, HM_L7_ROUTES
-from hostmesh.agent.localmesh import ConsulDev
+from hostmesh.agent.localmesh import ConsulDev, http_get
 
 TRUST_DOMAIN = "hostmesh.local"
 SMALL_BODY = b"hostmesh bench: a small response body of sixty-four bytes......\n"
@@ -44,21 +44,11 @@ class Env:
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. the hostmesh CA, started once
 
 
-def _http_get(port: int, path: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def serves_backend(port: int) -> bool:
     """Both backend paths come back complete through `port` (the system's front door)."""
     try:
-        s1, small = _http_get(port, "/small")
-        s2, big = _http_get(port, "/big")
+        s1, small = http_get(port, "/small", PROBE_TIMEOUT_S)
+        s2, big = http_get(port, "/big", PROBE_TIMEOUT_S)
     except (OSError, http.client.HTTPException):
         return False
     return s1 == 200 and small == SMALL_BODY and s2 == 200 and len(big) == BIG_SIZE
@@ -480,7 +470,7 @@ class HostmeshPair(System):
             def ready(name: str = name, port: int = port) -> bool:
                 env.procs.check_alive(name, self._procs[name])
                 try:
-                    return _http_get(port, "/ready")[0] == 200
+                    return http_get(port, "/ready", PROBE_TIMEOUT_S)[0] == 200
                 except (OSError, http.client.HTTPException):
                     return False
 

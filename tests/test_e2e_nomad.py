@@ -26,6 +26,7 @@ from hostmesh.agent.localmesh import (
     LocalMesh,
     Proc,
     free_port,
+    http_get,
     http_json,
     roundtrip,
     wait_for,
@@ -162,18 +163,6 @@ def mesh(private_consul: ConsulDev, tmp_path: Path, nomad: NomadDouble) -> Itera
         yield NomadMesh(m, nomad, private_consul)
     finally:
         m.close()
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def test_two_allocations_and_a_vm_form_one_mesh_with_workload_identities(mesh: NomadMesh) -> None:
