@@ -48,8 +48,8 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import GatewayConfig, GatewayListener, HttpConfig, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import ConnectionCap
-from hostmesh.agent.proxy.pool import DialError
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -252,36 +252,22 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
 
 async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext: ExternalService,
                endpoints: tuple[Any, ...]) -> None:  # fmt: skip
-    """A mesh stream to an instance of the egress gateway, SNI naming the external service."""
+    """A mesh stream to an instance of the egress gateway, SNI naming the external service, within
+    the upstream's connect budget (connect.py); none answered in time: reset, flag UF."""
     assert ext.via is not None
-    sni = Identity(snap.trust_domain, ext.service).dns_name
-    gateway = Identity(snap.trust_domain, ext.via)
     up: UpstreamConfig = listener.upstream
-    deadline = time.monotonic() + up.connect_budget
-    tried: set[Any] = set()
-    last = "connect budget spent"
-    ep = listener._pick(endpoints, tried)
-    while ep is not None and not end.closed:
-        key = (ep.address, ep.port)
-        timeout = min(up.connect_timeout, deadline - time.monotonic())
-        if timeout <= 0:
-            break
-        try:
-            conn = listener.pool.acquire(key, ctx)
-            if conn is None:
-                conn = await listener.pool.dial(key, ctx, sni, gateway, timeout)
-        except DialError as exc:
-            last = str(exc)
-            tried.add(key)
-            ep = listener._pick(endpoints, tried)
-            continue
-        listener._pending.discard(end)
-        if not end.closed:
-            listener._attach(end, conn, ep)
-        return
+    got = await connect_within_budget(
+        listener.pool, ctx, endpoints, listener._pick, sni=Identity(snap.trust_domain, ext.service).dns_name,
+        peer=Identity(snap.trust_domain, ext.via), connect_timeout=up.connect_timeout,
+        connect_budget=up.connect_budget, wanted=lambda: not end.closed,
+    )  # fmt: skip
     listener._pending.discard(end)
-    if not end.closed:
-        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {last}")
+    if end.closed:
+        return
+    if isinstance(got, Connected):
+        listener._attach(end, got.conn, got.endpoint)
+    else:
+        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {got.last}")
 
 
 def egress_target(snap: Snapshot, sni: str | None, gateways: frozenset[str]) -> tuple[str, str] | None:

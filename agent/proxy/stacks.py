@@ -88,9 +88,10 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
                instances (none: reset, UH); L7: the upstream's policy balancer, outlier ejections
                and zone preference (`svc`'s `zone` meta) within the chosen subset (none: 503 UH).
     forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
-               within `connect_timeout`/`connect_budget`, other instances tried on failure; L7: a
-               pooled mTLS HTTP connection, retried as the route says within its budget; udp: a
-               flow of datagrams over the mux (udp.py).
+               within `connect_timeout`/`connect_budget`, other instances tried on failure
+               (connect.py, also for udp flows and egress via a gateway); L7: a pooled mTLS HTTP
+               connection, retried as the route says within its budget; udp: a flow of datagrams
+               over the mux (udp.py).
     """
     if up.protocol == "udp":  # forward differs from the first stage on: datagrams, not a stream
         from hostmesh.agent.proxy.udp import UdpOutbound
