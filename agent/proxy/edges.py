@@ -14,7 +14,8 @@ service calls as an ordinary upstream by name. Pipeline per connection on the up
 The app speaks plaintext to its listener either way (HTTP included: TLS is originated below it).
 Metrics and access lines name the external as the destination.
 
-Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listeners outside the mesh:
+Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listeners outside the mesh
+(its stack is assembled by agent/proxy/stacks.py `build_gateway`, whose docstring names the stages):
     http / https (operator certificates chosen by SNI, re-read when their files change and on SIGHUP)
       -> the agent's L7 server (same framing, hygiene, limits and slow-client bounds)
       -> host (Host header, port dropped) + path -> mesh service, by the gateway document
@@ -376,7 +377,7 @@ class IngressHttp:
             (b"forwarded", f"for={node};proto={self.scheme.decode()};host={host}".encode()),
         ]
         ex.head = head._replace(headers=headers)
-        out = gw.outbound(route.service)
+        out = gw.http_outbound(route.service)
         self._owner[ex] = out
         out.start(ex)
 
@@ -536,11 +537,13 @@ def client_hello_sni(data: bytes) -> tuple[str | None, bool]:
 
 
 class IngressGateway:
-    """One ingress gateway of this agent: its listeners, and the outbound paths it calls as `name`."""
+    """One ingress gateway of this agent: its listeners, and the outbound paths it calls mesh services
+    by as `name`, one per destination service, made on first use by the factories its stack gave it
+    (agent/proxy/stacks.py `build_gateway`, which says what each stage decides)."""
 
     def __init__(self, config: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, http: HttpConfig,
-                 cap: ConnectionCap | None, stream_idle_timeout: float,
-                 on_load: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 cap: ConnectionCap | None, *, new_http_outbound: Callable[[str], Any],
+                 new_tcp_outbound: Callable[[str], Any]) -> None:  # fmt: skip
         from hostmesh.agent.proxy.http_conn import RequestMetrics
 
         self.config = config
@@ -549,15 +552,15 @@ class IngressGateway:
         self.telemetry = telemetry
         self.http = http
         self.cap = cap
-        self.stream_idle_timeout = stream_idle_timeout
         self.metrics = RequestMetrics(telemetry, "source")
-        self._http_out: dict[str, Any] = {}  # mesh service -> HttpOutbound as this gateway
-        self._tcp_out: dict[str, Any] = {}  # mesh service -> OutboundListener (never bound) as this gateway
+        self._new_http_outbound = new_http_outbound  # mesh service -> HttpOutbound as this gateway
+        self._new_tcp_outbound = new_tcp_outbound  # mesh service -> OutboundListener (never bound)
+        self._http_out: dict[str, Any] = {}
+        self._tcp_out: dict[str, Any] = {}
         self._servers: list[asyncio.Server] = []
         self._handlers: list[IngressHttp] = []
         self._certs: list[_CertSet] = []
         self._poller: asyncio.Task[None] | None = None
-        self._on_load = on_load
         self.ports: list[int] = []
 
     async def start(self) -> None:
@@ -613,23 +616,21 @@ class IngressGateway:
         for certs in self._certs:
             certs.reload()
 
-    def outbound(self, service: str) -> Any:
+    def http_outbound(self, service: str) -> Any:
+        """The L7 outbound to mesh service `service` as this gateway (made on its first request)."""
         out = self._http_out.get(service)
         if out is None:
-            from hostmesh.agent.proxy.http_outbound import HttpOutbound
+            out = self._http_out[service] = self._new_http_outbound(service)
+        return out
 
-            out = self._http_out[service] = HttpOutbound(
-                self.holder, self.name, service, self.telemetry, header_timeout=self.http.header_read_timeout,
-                protocol="http", body_idle_timeout=self.http.body_idle_timeout,
-                body_min_rate=self.http.body_min_rate,
-            )  # fmt: skip
-            self._on_load()
+    def tcp_outbound(self, service: str) -> Any:
+        """The L4 outbound to mesh service `service` as this gateway (made on its first connection)."""
+        out = self._tcp_out.get(service)
+        if out is None:
+            out = self._tcp_out[service] = self._new_tcp_outbound(service)
         return out
 
     def passthrough(self, end: _ClientHello, sni: str | None) -> None:
-        from hostmesh.agent.config import Address
-        from hostmesh.agent.proxy.outbound import OutboundListener
-
         snap = self.holder.current
         doc = snap.gateways.get(self.name)
         route = doc.tls_route(sni) if doc is not None and sni else None
@@ -640,17 +641,11 @@ class IngressGateway:
             series.closed.inc()
             reset_transport(end.transport)
             return
-        out = self._tcp_out.get(route.service)
-        if out is None:
-            up = UpstreamConfig(service=route.service, bind=Address("127.0.0.1", 0))
-            out = self._tcp_out[route.service] = OutboundListener(
-                self.holder, self.name, up, self.telemetry, cap=self.cap,
-                stream_idle_timeout=self.stream_idle_timeout,
-            )  # fmt: skip
+        out = self.tcp_outbound(route.service)
         end.listener = out  # type: ignore[attr-defined]
         end.admission = None  # type: ignore[attr-defined]
         end.shed = False  # type: ignore[attr-defined]
-        out._accepted(end)  # type: ignore[arg-type]  # a RawEnd with the same attributes
+        out._accepted(end)  # a RawEnd with the same attributes
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self._poller is not None:
