@@ -334,15 +334,15 @@ class Agent:
         self._tasks.append(task)
 
     async def _start_gateways(self) -> None:
-        """Ingress gateways' listeners (agent/proxy/edges.py); in the primary process only."""
-        from hostmesh.agent.proxy.edges import IngressGateway
+        """Ingress gateways' stacks (agent/proxy/stacks.py, edges.py); in the primary process only."""
+        from hostmesh.agent.proxy.stacks import build_gateway
 
         cfg = self.config
         for gw in cfg.gateways:
             if gw.kind != "ingress":
                 continue
-            ingress = IngressGateway(gw, self.builder.holder, self.telemetry, cfg.http, self.cap,
-                                     cfg.stream_idle_timeout, on_load=self._after_lazy_import)  # fmt: skip
+            ingress = build_gateway(cfg, gw, self.builder.holder, self.telemetry, cap=self.cap,
+                                    on_load=self._after_lazy_import)  # fmt: skip
             try:
                 await ingress.start()
             except (OSError, ValueError) as exc:

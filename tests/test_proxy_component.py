@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -28,11 +28,12 @@ import uvloop
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
+from hostmesh.agent.proxy.connect import Connected, Unreachable, connect_within_budget
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import OutboundListener
-from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT
+from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
@@ -903,3 +904,100 @@ async def test_an_idle_l4_connection_is_reset_after_the_stream_idle_timeout(mesh
     await echo_once(busy_r, busy_w, b"busy one still up")
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="SI") == 1
     busy_w.close()
+
+
+# --- connect within budget (agent/proxy/connect.py: L4 streams, UDP flows, egress via a gateway) -----
+
+
+def in_order(endpoints: tuple[Endpoint, ...], tried: Collection[tuple[str, int]]) -> Endpoint | None:
+    """A balancer that makes the order of attempts the order of the endpoints."""
+    return next((e for e in endpoints if (e.address, e.port) not in tried), None)
+
+
+def api_endpoints(*ports: int) -> tuple[Endpoint, ...]:
+    return tuple(
+        Endpoint(f"api-{i}", f"node{i}", "127.0.0.1", p, MappingProxyType({})) for i, p in enumerate(ports)
+    )
+
+
+async def connect_api(mesh: Mesh, pool: ConnectionPool, endpoints: tuple[Endpoint, ...], failures: list[Any],
+                      **kw: Any) -> Connected | Unreachable:  # fmt: skip
+    ident = pki.Identity(TD, "api")
+    budget = {"connect_timeout": 1.0, "connect_budget": 5.0, **kw}
+    return await connect_within_budget(
+        pool, mesh.holder_a.current.tls.client["web"], endpoints, in_order, sni=ident.dns_name, peer=ident,
+        wanted=lambda: True, on_failure=lambda key, exc: failures.append((key, exc)), **budget,
+    )  # fmt: skip
+
+
+async def test_connect_within_budget_moves_past_a_refusing_instance_and_reports_each_failure(
+    mesh: Mesh,
+) -> None:
+    """First instance refuses, second answers: connected to the second, one failure reported; every
+    instance refusing: unreachable after trying each once, the last failure's flag UF to report."""
+    dead, dead2 = free_port(), free_port()  # nothing listens: connection refused
+    pool, failures = ConnectionPool(), []
+    try:
+        got = await connect_api(mesh, pool, api_endpoints(dead, mesh.inbound.port), failures)
+        assert isinstance(got, Connected) and got.endpoint.port == mesh.inbound.port
+        assert [key for key, _ in failures] == [("127.0.0.1", dead)]
+        assert f"connect to 127.0.0.1:{dead} failed" in str(failures[0][1])
+        failures.clear()
+        got = await connect_api(mesh, pool, api_endpoints(dead, dead2), failures)
+        assert isinstance(got, Unreachable) and got.tried == 2 and got.last.flag == "UF"
+        assert [key for key, _ in failures] == [("127.0.0.1", dead), ("127.0.0.1", dead2)]
+        assert got.last is failures[-1][1]
+    finally:
+        pool.close()
+
+
+async def test_connect_within_budget_starts_no_attempt_once_the_budget_is_spent(mesh: Mesh) -> None:
+    """Two instances that never answer the handshake eat the budget (the second attempt only gets
+    what is left of it): the answering third is never dialed."""
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    silent2 = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    ports = [int(s.sockets[0].getsockname()[1]) for s in (silent, silent2)]
+    pool, failures = ConnectionPool(), []
+    try:
+        got = await connect_api(mesh, pool, api_endpoints(*ports, mesh.inbound.port), failures,
+                                connect_timeout=0.2, connect_budget=0.3)  # fmt: skip
+        assert isinstance(got, Unreachable) and "timed out" in str(got.last)
+        assert 1 <= got.tried <= 2 and len(failures) == got.tried
+        assert mesh.inbound.handshakes == 0 and pool.handshakes == 0
+    finally:
+        pool.close()
+        for s in (silent, silent2):
+            s.close()
+        for w in held:
+            w.transport.abort()
+
+
+async def test_connect_within_budget_takes_a_pooled_connection_and_moves_past_one_turned_down(
+    mesh: Mesh,
+) -> None:
+    """An established connection with room is taken without a handshake; one the caller turns down
+    (`usable`, as a UDP flow does a protocol v1 peer) sends it to the next instance, reported by the
+    caller alone (not a dial failure)."""
+    other = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b)
+    await other.start()
+    mesh.extra.append(other)
+    pool, failures = ConnectionPool(), []
+    eps = api_endpoints(mesh.inbound.port, other.port)
+    try:
+        first = await connect_api(mesh, pool, eps, failures)
+        again = await connect_api(mesh, pool, eps, failures)
+        assert isinstance(first, Connected) and isinstance(again, Connected) and again.conn is first.conn
+        assert pool.handshakes == 1
+        turned_down: list[Any] = []
+
+        def usable(conn: Any, key: tuple[str, int]) -> bool:
+            turned_down.append(key)
+            return key[1] != mesh.inbound.port
+
+        got = await connect_api(mesh, pool, eps, failures, usable=usable)
+        assert isinstance(got, Connected) and got.endpoint.port == other.port
+        assert turned_down == [("127.0.0.1", mesh.inbound.port), ("127.0.0.1", other.port)]
+        assert failures == [] and pool.handshakes == 2
+    finally:
+        pool.close()

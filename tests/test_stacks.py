@@ -13,8 +13,9 @@ from hostmesh.agent.config import Address, AgentConfig, parse_config
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
-from hostmesh.agent.proxy.stacks import build_inbound, build_outbound, extend_inbound
+from hostmesh.agent.proxy.stacks import build_gateway, build_inbound, build_outbound, extend_inbound
 from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca.tls import HTTP_ALPN
@@ -96,3 +97,27 @@ print(" ".join(m for m in lazy if "hostmesh.agent.proxy." + m in sys.modules))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_defaults_and_no_tracer() -> (
+    None
+):
+    """The gateway's two forwards, made per destination on first use: the L7 outbound and the
+    passthrough's L4 outbound call as the gateway, dial with an undeclared upstream's connect
+    settings (1 s per dial, 3 s budget), share the agent's connection cap, and trace nothing."""
+    cfg = parse_config({
+        "ca": {"pin": PIN}, "stream_idle_timeout": 42,
+        "gateways": [{"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:0"}]}],
+    })  # fmt: skip
+    hold, tel = holder(), Telemetry()
+    cap = ConnectionCap(10, tel)
+    gateway = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
+    http = gateway.http_outbound("web")
+    assert isinstance(http, HttpOutbound) and gateway.http_outbound("web") is http
+    assert (http.local_service, http.service, http.local_zone) == ("edge", "web", None)
+    assert http.connect_timeout == 1.0 and http.tracer is None
+    tcp = gateway.tcp_outbound("db")
+    assert isinstance(tcp, OutboundListener) and gateway.tcp_outbound("db") is tcp
+    assert (tcp.local_service, tcp.upstream.service, tcp.cap) == ("edge", "db", cap)
+    assert (tcp.upstream.connect_timeout, tcp.upstream.connect_budget) == (1.0, 3.0)
+    assert tcp.reaper.timeout == 42.0

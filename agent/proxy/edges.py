@@ -14,7 +14,8 @@ service calls as an ordinary upstream by name. Pipeline per connection on the up
 The app speaks plaintext to its listener either way (HTTP included: TLS is originated below it).
 Metrics and access lines name the external as the destination.
 
-Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listeners outside the mesh:
+Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listeners outside the mesh
+(its stack is assembled by agent/proxy/stacks.py `build_gateway`, whose docstring names the stages):
     http / https (operator certificates chosen by SNI, re-read when their files change and on SIGHUP)
       -> the agent's L7 server (same framing, hygiene, limits and slow-client bounds)
       -> host (Host header, port dropped) + path -> mesh service, by the gateway document
@@ -48,8 +49,8 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import GatewayConfig, GatewayListener, HttpConfig, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import ConnectionCap
-from hostmesh.agent.proxy.pool import DialError
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -252,36 +253,22 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
 
 async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext: ExternalService,
                endpoints: tuple[Any, ...]) -> None:  # fmt: skip
-    """A mesh stream to an instance of the egress gateway, SNI naming the external service."""
+    """A mesh stream to an instance of the egress gateway, SNI naming the external service, within
+    the upstream's connect budget (connect.py); none answered in time: reset, flag UF."""
     assert ext.via is not None
-    sni = Identity(snap.trust_domain, ext.service).dns_name
-    gateway = Identity(snap.trust_domain, ext.via)
     up: UpstreamConfig = listener.upstream
-    deadline = time.monotonic() + up.connect_budget
-    tried: set[Any] = set()
-    last = "connect budget spent"
-    ep = listener._pick(endpoints, tried)
-    while ep is not None and not end.closed:
-        key = (ep.address, ep.port)
-        timeout = min(up.connect_timeout, deadline - time.monotonic())
-        if timeout <= 0:
-            break
-        try:
-            conn = listener.pool.acquire(key, ctx)
-            if conn is None:
-                conn = await listener.pool.dial(key, ctx, sni, gateway, timeout)
-        except DialError as exc:
-            last = str(exc)
-            tried.add(key)
-            ep = listener._pick(endpoints, tried)
-            continue
-        listener._pending.discard(end)
-        if not end.closed:
-            listener._attach(end, conn, ep)
-        return
+    got = await connect_within_budget(
+        listener.pool, ctx, endpoints, listener._pick, sni=Identity(snap.trust_domain, ext.service).dns_name,
+        peer=Identity(snap.trust_domain, ext.via), connect_timeout=up.connect_timeout,
+        connect_budget=up.connect_budget, wanted=lambda: not end.closed,
+    )  # fmt: skip
     listener._pending.discard(end)
-    if not end.closed:
-        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {last}")
+    if end.closed:
+        return
+    if isinstance(got, Connected):
+        listener._attach(end, got.conn, got.endpoint)
+    else:
+        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {got.last}")
 
 
 def egress_target(snap: Snapshot, sni: str | None, gateways: frozenset[str]) -> tuple[str, str] | None:
@@ -390,7 +377,7 @@ class IngressHttp:
             (b"forwarded", f"for={node};proto={self.scheme.decode()};host={host}".encode()),
         ]
         ex.head = head._replace(headers=headers)
-        out = gw.outbound(route.service)
+        out = gw.http_outbound(route.service)
         self._owner[ex] = out
         out.start(ex)
 
@@ -550,11 +537,13 @@ def client_hello_sni(data: bytes) -> tuple[str | None, bool]:
 
 
 class IngressGateway:
-    """One ingress gateway of this agent: its listeners, and the outbound paths it calls as `name`."""
+    """One ingress gateway of this agent: its listeners, and the outbound paths it calls mesh services
+    by as `name`, one per destination service, made on first use by the factories its stack gave it
+    (agent/proxy/stacks.py `build_gateway`, which says what each stage decides)."""
 
     def __init__(self, config: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, http: HttpConfig,
-                 cap: ConnectionCap | None, stream_idle_timeout: float,
-                 on_load: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 cap: ConnectionCap | None, *, new_http_outbound: Callable[[str], Any],
+                 new_tcp_outbound: Callable[[str], Any]) -> None:  # fmt: skip
         from hostmesh.agent.proxy.http_conn import RequestMetrics
 
         self.config = config
@@ -563,15 +552,15 @@ class IngressGateway:
         self.telemetry = telemetry
         self.http = http
         self.cap = cap
-        self.stream_idle_timeout = stream_idle_timeout
         self.metrics = RequestMetrics(telemetry, "source")
-        self._http_out: dict[str, Any] = {}  # mesh service -> HttpOutbound as this gateway
-        self._tcp_out: dict[str, Any] = {}  # mesh service -> OutboundListener (never bound) as this gateway
+        self._new_http_outbound = new_http_outbound  # mesh service -> HttpOutbound as this gateway
+        self._new_tcp_outbound = new_tcp_outbound  # mesh service -> OutboundListener (never bound)
+        self._http_out: dict[str, Any] = {}
+        self._tcp_out: dict[str, Any] = {}
         self._servers: list[asyncio.Server] = []
         self._handlers: list[IngressHttp] = []
         self._certs: list[_CertSet] = []
         self._poller: asyncio.Task[None] | None = None
-        self._on_load = on_load
         self.ports: list[int] = []
 
     async def start(self) -> None:
@@ -627,23 +616,21 @@ class IngressGateway:
         for certs in self._certs:
             certs.reload()
 
-    def outbound(self, service: str) -> Any:
+    def http_outbound(self, service: str) -> Any:
+        """The L7 outbound to mesh service `service` as this gateway (made on its first request)."""
         out = self._http_out.get(service)
         if out is None:
-            from hostmesh.agent.proxy.http_outbound import HttpOutbound
+            out = self._http_out[service] = self._new_http_outbound(service)
+        return out
 
-            out = self._http_out[service] = HttpOutbound(
-                self.holder, self.name, service, self.telemetry, header_timeout=self.http.header_read_timeout,
-                protocol="http", body_idle_timeout=self.http.body_idle_timeout,
-                body_min_rate=self.http.body_min_rate,
-            )  # fmt: skip
-            self._on_load()
+    def tcp_outbound(self, service: str) -> Any:
+        """The L4 outbound to mesh service `service` as this gateway (made on its first connection)."""
+        out = self._tcp_out.get(service)
+        if out is None:
+            out = self._tcp_out[service] = self._new_tcp_outbound(service)
         return out
 
     def passthrough(self, end: _ClientHello, sni: str | None) -> None:
-        from hostmesh.agent.config import Address
-        from hostmesh.agent.proxy.outbound import OutboundListener
-
         snap = self.holder.current
         doc = snap.gateways.get(self.name)
         route = doc.tls_route(sni) if doc is not None and sni else None
@@ -654,17 +641,11 @@ class IngressGateway:
             series.closed.inc()
             reset_transport(end.transport)
             return
-        out = self._tcp_out.get(route.service)
-        if out is None:
-            up = UpstreamConfig(service=route.service, bind=Address("127.0.0.1", 0))
-            out = self._tcp_out[route.service] = OutboundListener(
-                self.holder, self.name, up, self.telemetry, cap=self.cap,
-                stream_idle_timeout=self.stream_idle_timeout,
-            )  # fmt: skip
+        out = self.tcp_outbound(route.service)
         end.listener = out  # type: ignore[attr-defined]
         end.admission = None  # type: ignore[attr-defined]
         end.shed = False  # type: ignore[attr-defined]
-        out._accepted(end)  # type: ignore[arg-type]  # a RawEnd with the same attributes
+        out._accepted(end)  # a RawEnd with the same attributes
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self._poller is not None:

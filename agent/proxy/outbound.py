@@ -11,7 +11,8 @@ Pipeline per accepted connection (all visible in `_accepted` / `_dial`):
 Decisions:
 - The downstream is not read until a stream is attached (no buffering of our own while dialing).
 - A connect failure, timeout, TLS failure or wrong peer identity moves to another instance not yet
-  tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most.
+  tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most (one loop for
+  streams, UDP flows and egress via a gateway: connect.py).
 - No healthy instance, or every instance failed: the downstream is reset at once (the client sees
   a reset rather than an EOF that could pass for an empty answer) and one log line says why.
 - Over the agent's connection cap (limits.py) a new connection is shed: reset (L4) or answered
@@ -32,6 +33,7 @@ from hostmesh.agent import audit
 from hostmesh.agent.config import UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
@@ -175,43 +177,31 @@ class OutboundListener(ListenerLifecycle):
         task.add_done_callback(self._tasks.discard)
 
     async def _dial(self, end: _Downstream, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...],
-                    ep: Endpoint | None) -> None:  # fmt: skip
+                    ep: Endpoint) -> None:  # fmt: skip
+        """No pooled connection to `ep` had room: connect within the budget (connect.py), trying the
+        other instances; none answered in time: reset with the last failure's flag."""
         up = self.upstream
-        deadline = time.monotonic() + up.connect_budget
-        tried: set[PoolKey] = set()
-        last = DialError("connect budget spent")
-        while ep is not None:
-            key = (ep.address, ep.port)
-            timeout = min(up.connect_timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                break
-            try:
-                conn = self.pool.acquire(key, ctx) if tried else None  # a dial may have finished
-                if conn is None:
-                    conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
-            except DialError as exc:
-                last = exc
-                self._failures[key] = self._failures.get(key, 0) + 1
-                tried.add(key)
-                if exc.security:
-                    log.warning("outbound %s: %s", self.name, exc)
-                else:
-                    log.debug("outbound %s: %s; trying another instance", self.name, exc)
-                if end.closed:
-                    break
-                ep = self._pick(endpoints, tried)
-                continue
-            self._pending.discard(end)
-            if end.closed or self._closing:
-                return  # the connection stays in the pool for the next downstream connection
-            self._attach(end, conn, ep)
-            return
+        got = await connect_within_budget(
+            self.pool, ctx, endpoints, self._pick, first=ep, sni=ident.dns_name, peer=ident,
+            connect_timeout=up.connect_timeout, connect_budget=up.connect_budget,
+            wanted=lambda: not end.closed, on_failure=self._dial_failed,
+        )  # fmt: skip
         self._pending.discard(end)
+        if isinstance(got, Connected):
+            if not (end.closed or self._closing):  # else it stays in the pool for the next one
+                self._attach(end, got.conn, got.endpoint)
+            return
         if not end.closed:
-            tries = len(tried)
-            self._refuse(
-                end, last.flag, f"{tries} instance(s) of {up.service} failed within the budget: {last}"
-            )
+            why = f"{got.tried} instance(s) of {up.service} failed within the budget: {got.last}"
+            self._refuse(end, got.last.flag, why)
+
+    def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
+        """Counted per instance (stats: connect_failures); a peer with the wrong identity is always logged."""
+        self._failures[key] = self._failures.get(key, 0) + 1
+        if exc.security:
+            log.warning("outbound %s: %s", self.name, exc)
+        else:
+            log.debug("outbound %s: %s; trying another instance", self.name, exc)
 
     def _shed(self, end: _Downstream, snap: Any) -> None:
         """Over the agent's connection cap: HTTP answers 503 OM and closes, TCP is reset (the cap

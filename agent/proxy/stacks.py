@@ -1,16 +1,20 @@
-"""The agent's two proxy stacks, each assembled in one function that reads in pipeline order.
+"""The agent's proxy stacks, each assembled in one function that reads in pipeline order.
 
     outbound (`build_outbound`, one per declared upstream): app -> accept -> identify -> authorize
         -> route -> balance -> forward -> the upstream instance's agent
     inbound (`build_inbound`, one per process; `extend_inbound` on reload): a peer agent -> accept
         -> identify -> authorize -> route -> balance -> forward -> 127.0.0.1:<app>
+    ingress gateway (`build_gateway`, one per [[gateways]] of kind ingress, primary process only):
+        a client outside the mesh -> accept -> identify -> authorize -> route -> balance -> forward
+        -> the mesh service instance's agent, as the gateway
 
 The functions only construct and connect the pieces; they run when the agent starts and when a
 SIGHUP changes the upstreams or a service's protocol, never per connection or per request. Which
 stage decides what is written in each function's docstring; the per-connection order itself is in
 the pieces (`OutboundListener._accepted`, `InboundConnection.identify`, `InboundListener._open`,
-`HttpOutbound.start`, `HttpInbound.start`). The L7 and UDP pieces load only once a service needs
-them, so an agent whose services are all TCP never imports those modules (~1.3 MiB of RSS).
+`HttpOutbound.start`, `HttpInbound.start`, `IngressHttp.start`, `IngressGateway.passthrough`). The
+L7, UDP and gateway pieces load only once a service or gateway needs them, so an agent whose services
+are all TCP never imports those modules (~1.3 MiB of RSS).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hostmesh.agent.config import Address, AgentConfig, ServiceConfig, UpstreamConfig
+from hostmesh.agent.config import Address, AgentConfig, GatewayConfig, ServiceConfig, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
@@ -88,9 +92,10 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
                instances (none: reset, UH); L7: the upstream's policy balancer, outlier ejections
                and zone preference (`svc`'s `zone` meta) within the chosen subset (none: 503 UH).
     forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
-               within `connect_timeout`/`connect_budget`, other instances tried on failure; L7: a
-               pooled mTLS HTTP connection, retried as the route says within its budget; udp: a
-               flow of datagrams over the mux (udp.py).
+               within `connect_timeout`/`connect_budget`, other instances tried on failure
+               (connect.py, also for udp flows and egress via a gateway); L7: a pooled mTLS HTTP
+               connection, retried as the route says within its budget; udp: a flow of datagrams
+               over the mux (udp.py).
     """
     if up.protocol == "udp":  # forward differs from the first stage on: datagrams, not a stream
         from hostmesh.agent.proxy.udp import UdpOutbound
@@ -168,3 +173,64 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
         from hostmesh.agent.proxy.udp import UdpInbound
 
         listener.udp = UdpInbound(holder, telemetry, idle_timeout=cfg.udp_idle_timeout)
+
+
+def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, *,
+                  cap: ConnectionCap | None, on_load: Callable[[], None] = lambda: None) -> Any:  # fmt: skip
+    """The stack of ingress gateway `gw`, not yet started: an edges.IngressGateway whose listeners face
+    clients outside the mesh and call mesh services as the gateway's identity `gw.name`.
+
+    accept     `gw.listeners`: http; https with the operator's certificates chosen by SNI (re-read when
+               their files change, and on SIGHUP); tls (passthrough): the ClientHello is read for its
+               SNI and kept to be relayed. Over the agent's connection cap (`cap`): `503 OM` on
+               http/https, reset on tls.
+    identify   the client by its address only: no certificate, it is outside. Towards the mesh the
+               caller is the gateway: `gw.name`'s certificate, whose identity the destination checks.
+    authorize  the gateway's own policy `rate_limit` (hostmesh/policies/<gw.name>), a token bucket per
+               client address, before routing (429 RL). The intentions are checked by the
+               destination's agent with the gateway as the source: a deny of it blocks it like any caller.
+    route      the gateway document (hostmesh/gateways/<gw.name>): Host (port dropped) and path -> a
+               mesh service, none: 404 NR; x-forwarded-for/-proto and forwarded are set to the
+               client's (what the client sent is dropped). tls: SNI -> a mesh service, none: reset, NR.
+    balance    the destination service's own: http by its policy (consistent_hash on `source` hashes
+               the real client's address; no zone preference, a gateway has no zone); tls by round
+               robin over its healthy instances (none: reset, UH).
+    forward    http: that service's L7 outbound (HttpOutbound) as the gateway, with its routes,
+               splits, retries and faults; tls: a stream of an OutboundListener that is never bound,
+               over a pooled mux connection, the bytes untouched (the service terminates TLS itself).
+               Both made per destination service on first use.
+
+    Two settings differ from an app's upstream (`build_outbound`), deliberately:
+    - connect timeout: the gateway declares no [[upstreams]], so no `connect_timeout` /
+      `connect_budget` is configured for its destinations: both forwards use an upstream's defaults
+      (UpstreamConfig: 1 s per dial, 3 s across instances for tls), which is also HttpOutbound's own
+      default of 1 s.
+    - tracer: none, so the gateway records no client span. Its requests come from outside the mesh
+      with whatever `traceparent` the client chose; whether the gateway continues that trace or starts
+      its own is not decided, and until it is the gateway keeps out of tracing (the destination's
+      agent still records its server span when it traces).
+    """
+    from hostmesh.agent.proxy.edges import IngressGateway
+
+    defaults = UpstreamConfig(service="", bind=Address("127.0.0.1", 0))  # nothing configures them
+
+    def http_outbound(service: str) -> Any:  # forward (http/https), with route/balance of `service`
+        from hostmesh.agent.proxy.http_outbound import HttpOutbound
+
+        out = HttpOutbound(
+            holder, gw.name, service, telemetry, connect_timeout=defaults.connect_timeout, tracer=None,
+            header_timeout=cfg.http.header_read_timeout, protocol="http",
+            body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate,
+        )  # fmt: skip
+        on_load()  # the L7 modules may just have been imported (the agent trims after it)
+        return out
+
+    def tcp_outbound(service: str) -> OutboundListener:  # forward (tls): balance and dial as the L4 outbound
+        up = UpstreamConfig(service=service, bind=defaults.bind, connect_timeout=defaults.connect_timeout,
+                            connect_budget=defaults.connect_budget)  # fmt: skip
+        return OutboundListener(holder, gw.name, up, telemetry, cap=cap,
+                                stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
+
+    # accept + identify (listeners, the gateway's certificate) + authorize (rate limit) + route (document)
+    return IngressGateway(gw, holder, telemetry, cfg.http, cap, new_http_outbound=http_outbound,
+                          new_tcp_outbound=tcp_outbound)  # fmt: skip

@@ -35,6 +35,7 @@ import enum
 import logging
 import socket
 import time
+from collections.abc import Collection
 from typing import Any, cast
 
 from hostmesh.agent import audit
@@ -42,8 +43,9 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import DEFAULT_UDP_IDLE_TIMEOUT, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
-from hostmesh.agent.proxy.pool import ConnectionPool, DialError, PoolKey
+from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -282,7 +284,7 @@ class UdpOutbound:
         task.add_done_callback(self._tasks.discard)
         return flow
 
-    def _pick(self, endpoints: tuple[Endpoint, ...], tried: set[PoolKey]) -> Endpoint | None:
+    def _pick(self, endpoints: tuple[Endpoint, ...], tried: Collection[PoolKey]) -> Endpoint | None:
         cands = [e for e in endpoints if (e.address, e.port) not in tried]
         if not cands:
             return None
@@ -290,43 +292,41 @@ class UdpOutbound:
         return cands[self._rr % len(cands)]
 
     async def _open(self, flow: _OutFlow, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...]) -> None:
+        """The flow's mux connection, within the upstream's connect budget (connect.py), on an agent that
+        speaks protocol v2+; then DGRAM_OPEN. None in time: the flow is closed and counted UF."""
         up = self.upstream
-        deadline = time.monotonic() + up.connect_budget
-        tried: set[PoolKey] = set()
-        ep = self._pick(endpoints, tried)
-        while ep is not None and flow.state is FlowState.OPENING:
-            key = (ep.address, ep.port)
-            timeout = min(up.connect_timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                break
-            try:
-                conn = self.pool.acquire(key, ctx)
-                if conn is None:
-                    conn = await self.pool.dial(key, ctx, ident.dns_name, ident, timeout)
-            except DialError as exc:
-                log.debug("udp outbound %s: %s; trying another instance", self.name, exc)
-                tried.add(key)
-                ep = self._pick(endpoints, tried)
-                continue
-            if conn.version < DGRAM_MIN_VERSION:
-                self._v1_log(
-                    "udp outbound %s: the agent at %s:%d speaks agent protocol v%d (hostmesh 0.1), which "
-                    "cannot carry UDP; upgrade it", self.name, key[0], key[1], conn.version,
-                )  # fmt: skip
-                tried.add(key)
-                ep = self._pick(endpoints, tried)
-                continue
-            if flow.state is not FlowState.OPENING:
-                return
+        got = await connect_within_budget(
+            self.pool, ctx, endpoints, self._pick, sni=ident.dns_name, peer=ident,
+            connect_timeout=up.connect_timeout, connect_budget=up.connect_budget,
+            wanted=lambda: flow.state is FlowState.OPENING, usable=self._carries_datagrams,
+            on_failure=self._dial_failed,
+        )  # fmt: skip
+        if flow.state is not FlowState.OPENING:
+            return
+        if isinstance(got, Connected):
+            conn = got.conn
             stream = conn.add(conn.last_id + 1)
             conn.write(control(DGRAM_OPEN, stream.id))
             flow.attach(stream)
             return
-        if flow.state is FlowState.OPENING:
-            log.warning("udp outbound %s: no instance of %s could take the flow of %s", self.name,
-                        up.service, flow.addr)  # fmt: skip
-            self.counters.flow(flags.UF)
-            flow.close()
+        log.warning("udp outbound %s: no instance of %s could take the flow of %s", self.name,
+                    up.service, flow.addr)  # fmt: skip
+        self.counters.flow(flags.UF)
+        flow.close()
+
+    def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
+        log.debug("udp outbound %s: %s; trying another instance", self.name, exc)
+
+    def _carries_datagrams(self, conn: MeshClient, key: PoolKey) -> bool:
+        """A peer agent of 0.1 (protocol v1) cannot: the flow tries another instance; an error line
+        (rate-limited) says so."""
+        if conn.version >= DGRAM_MIN_VERSION:
+            return True
+        self._v1_log(
+            "udp outbound %s: the agent at %s:%d speaks agent protocol v%d (hostmesh 0.1), which "
+            "cannot carry UDP; upgrade it", self.name, key[0], key[1], conn.version,
+        )  # fmt: skip
+        return False
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self._sweeper is not None:
