@@ -43,6 +43,15 @@ def _output(ctx: click.Context, local: str | None) -> str:
 
 # --- preflight steps ---------------------------------------------------------------------------
 
+KV_READ_FIX = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
+
+
+def _acl_refused(subject: str, exc: PermissionDenied, fix: str) -> Finding:
+    """A read the token is refused: an error naming Consul's refusal, never "unreachable"."""
+    from hostmesh.registry.analysis import Finding
+
+    return Finding("error", "consul-acl", subject, str(exc), fix)
+
 
 async def _consul_and_documents(
     consul: ConsulClient,
@@ -54,9 +63,7 @@ async def _consul_and_documents(
     try:
         await consul.catalog_services()
     except PermissionDenied as exc:
-        out.append(
-            Finding("error", "consul-acl", subject, str(exc), "give the token service:read and node:read")
-        )
+        out.append(_acl_refused(subject, exc, "give the token service:read and node:read"))
         return out, {}, None
     except RegistryError as exc:
         out.append(
@@ -73,8 +80,7 @@ async def _consul_and_documents(
         try:
             await consul.kv_get(f"hostmesh/{kind}/{WRITE_PROBE_KEY}")  # one key's read is ACL-checked
         except PermissionDenied as exc:
-            fix = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
-            out.append(Finding("error", "consul-acl", subject, str(exc), fix))
+            out.append(_acl_refused(subject, exc, KV_READ_FIX))
             return out, {}, None
     documents: dict[str, dict[str, object]] = {}
     for kind in KINDS:
@@ -82,15 +88,7 @@ async def _consul_and_documents(
         try:
             entries = await consul.kv_list(prefix)
         except PermissionDenied as exc:
-            out.append(
-                Finding(
-                    "error",
-                    "consul-acl",
-                    subject,
-                    str(exc),
-                    'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)',
-                )
-            )
+            out.append(_acl_refused(subject, exc, KV_READ_FIX))
             return out, {}, None
         for entry in entries:
             key = entry.key[len(prefix) :]
@@ -120,13 +118,7 @@ async def _consul_and_documents(
                     instances.append(inst)
     except PermissionDenied as exc:
         out.append(
-            Finding(
-                "error",
-                "consul-acl",
-                subject,
-                str(exc),
-                'give the token service_prefix "" read and node_prefix "" read',
-            )
+            _acl_refused(subject, exc, 'give the token service_prefix "" read and node_prefix "" read')
         )
         return out, documents, None
     return out, documents, Catalog(tuple(instances))
