@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry.consul_settings import resolve
-from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, is_hostmesh
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
 WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
-WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has
 CHECK_TIMEOUT = 5.0  # per request to an agent or the CA: a preflight should answer quickly
 
 
@@ -125,17 +124,14 @@ async def _consul_and_documents(
 
 
 async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
-    """Whether the token may write each document folder, probed without writing: a check-and-set
-    against an index no key has fails after the ACL check, so a refusal can only be the ACL's."""
+    """Whether the token may write each document folder, probed without writing (probe_write)."""
     from hostmesh.registry.analysis import Finding
 
     out = []
     for kind in KINDS:
         key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
         try:
-            await consul.txn([{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": WRITE_PROBE_INDEX}}])
-        except Conflict:
-            continue  # allowed (and nothing written)
+            await consul.probe_write(key)
         except PermissionDenied:
             out.append(
                 Finding(
