@@ -48,9 +48,10 @@ fix it. At start, before listening, the CA checks that its token may write ROOTS
 writing it); a refusal then, or in the first sync (bundle, registration), stops `start()` with that
 one line: a unit with a wrong token fails at deploy, not at the next rotation, when agents would
 never learn the new root. A refusal after the CA has served (the token's policy changed) does not
-stop it: signing and renewal need no Consul write, and a stopped CA would take issuance away from
-the whole fleet; it logs the refusal as an error (again every DENIED_LOG_INTERVAL while it lasts),
-shows it in the systemd status line and `/v1/health`, and checks again every MAINTENANCE_INTERVAL.
+stop it: renewal writes nothing to Consul and join-token signing writes only hostmesh/ca/tokens/,
+and a stopped CA would take issuance away from the whole fleet. It logs the refusal as an error
+(again every DENIED_LOG_INTERVAL while it lasts), shows it in the systemd status line and
+`/v1/health`, and checks again every MAINTENANCE_INTERVAL.
 """
 
 from __future__ import annotations

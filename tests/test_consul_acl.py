@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,6 +379,26 @@ def test_ca_serve_whose_token_cannot_write_the_trust_bundle_exits_with_one_line(
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [BUNDLE_DENIED]
     assert done.stdout == ""  # no audit line: it never served
+
+
+async def test_a_ca_whose_token_may_not_register_it_does_not_start(
+    secure: SecureConsulDev, tmp_path: Path
+) -> None:
+    """The registration is refused like the bundle: `start()` fails with the one line, and the port
+    it had opened is closed again (nothing half-started stays behind)."""
+    token = secure.token_for(
+        svc("hostmesh-ca-unregistered"), 'key_prefix "hostmesh/ca/" {\n  policy = "write"\n}\n'
+    )
+    async with client(secure, token) as c:
+        with pytest.raises(PermissionDenied) as refused:
+            await start_ca(new_ca_dir(tmp_path), c, AuditSink(), port=(port := free_port()))
+    assert str(refused.value) == (
+        "Consul ACL denied registration of hostmesh-ca-127.0.0.1-"
+        f"{port}: the token lacks service:write on hostmesh-ca (the CA's token needs the rules of "
+        "`hostmesh acl policy ca`)"
+    )
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # closed again
 
 
 def set_policy(secure: SecureConsulDev, name: str, rules: str) -> None:
