@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry.consul_settings import resolve
-from hostmesh.registry.errors import Conflict, InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, is_hostmesh
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
 WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
-WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has
 CHECK_TIMEOUT = 5.0  # per request to an agent or the CA: a preflight should answer quickly
 
 
@@ -43,6 +42,15 @@ def _output(ctx: click.Context, local: str | None) -> str:
 
 # --- preflight steps ---------------------------------------------------------------------------
 
+KV_READ_FIX = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
+
+
+def _acl_refused(subject: str, exc: PermissionDenied, fix: str) -> Finding:
+    """A read the token is refused: an error naming Consul's refusal, never "unreachable"."""
+    from hostmesh.registry.analysis import Finding
+
+    return Finding("error", "consul-acl", subject, str(exc), fix)
+
 
 async def _consul_and_documents(
     consul: ConsulClient,
@@ -54,9 +62,7 @@ async def _consul_and_documents(
     try:
         await consul.catalog_services()
     except PermissionDenied as exc:
-        out.append(
-            Finding("error", "consul-acl", subject, str(exc), "give the token service:read and node:read")
-        )
+        out.append(_acl_refused(subject, exc, "give the token service:read and node:read"))
         return out, {}, None
     except RegistryError as exc:
         out.append(
@@ -73,8 +79,7 @@ async def _consul_and_documents(
         try:
             await consul.kv_get(f"hostmesh/{kind}/{WRITE_PROBE_KEY}")  # one key's read is ACL-checked
         except PermissionDenied as exc:
-            fix = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
-            out.append(Finding("error", "consul-acl", subject, str(exc), fix))
+            out.append(_acl_refused(subject, exc, KV_READ_FIX))
             return out, {}, None
     documents: dict[str, dict[str, object]] = {}
     for kind in KINDS:
@@ -82,15 +87,7 @@ async def _consul_and_documents(
         try:
             entries = await consul.kv_list(prefix)
         except PermissionDenied as exc:
-            out.append(
-                Finding(
-                    "error",
-                    "consul-acl",
-                    subject,
-                    str(exc),
-                    'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)',
-                )
-            )
+            out.append(_acl_refused(subject, exc, KV_READ_FIX))
             return out, {}, None
         for entry in entries:
             key = entry.key[len(prefix) :]
@@ -120,30 +117,21 @@ async def _consul_and_documents(
                     instances.append(inst)
     except PermissionDenied as exc:
         out.append(
-            Finding(
-                "error",
-                "consul-acl",
-                subject,
-                str(exc),
-                'give the token service_prefix "" read and node_prefix "" read',
-            )
+            _acl_refused(subject, exc, 'give the token service_prefix "" read and node_prefix "" read')
         )
         return out, documents, None
     return out, documents, Catalog(tuple(instances))
 
 
 async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
-    """Whether the token may write each document folder, probed without writing: a check-and-set
-    against an index no key has fails after the ACL check, so a refusal can only be the ACL's."""
+    """Whether the token may write each document folder, probed without writing (probe_write)."""
     from hostmesh.registry.analysis import Finding
 
     out = []
     for kind in KINDS:
         key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
         try:
-            await consul.txn([{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": WRITE_PROBE_INDEX}}])
-        except Conflict:
-            continue  # allowed (and nothing written)
+            await consul.probe_write(key)
         except PermissionDenied:
             out.append(
                 Finding(

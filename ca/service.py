@@ -42,6 +42,16 @@ CONSUL_RETRY_INTERVAL while Consul fails) reads `hostmesh/ca/roots` and rewrites
 missing, unreadable or differs from our roots, and registers the CA again when the Consul agent does
 not list the service or its check. A Consul that lost its state, or a bundle overwritten by hand, is
 repaired within one round.
+
+A Consul that refuses the CA's token (ACL, PermissionDenied) is not an outage, and retrying does not
+fix it. At start, before listening, the CA checks that its token may write ROOTS_KEY (without
+writing it); a refusal then, or in the first sync (bundle, registration), stops `start()` with that
+one line: a unit with a wrong token fails at deploy, not at the next rotation, when agents would
+never learn the new root. A refusal after the CA has served (the token's policy changed) does not
+stop it: renewal writes nothing to Consul and join-token signing writes only hostmesh/ca/tokens/,
+and a stopped CA would take issuance away from the whole fleet. It logs the refusal as an error
+(again every DENIED_LOG_INTERVAL while it lasts), shows it in the systemd status line and
+`/v1/health`, and checks again every MAINTENANCE_INTERVAL.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import base64
 import contextlib
 import ctypes
 import datetime as dt
+import enum
 import gc
 import ipaddress
 import json
@@ -60,6 +71,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -76,7 +88,7 @@ from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
 from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.errors import PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
 from hostmesh.registry.layout import CA_SERVICE_NAME, HOSTMESH_META, HOSTMESH_META_VALUE
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
@@ -93,6 +105,8 @@ HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
+DENIED_LOG_INTERVAL = 60.0  # a refused token's error line again this often: loud in the journal, not a flood
+TOKEN_HINT = "the CA's token needs the rules of `hostmesh acl policy ca`"
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
@@ -303,6 +317,14 @@ def _malloc_trim() -> None:
         return
 
 
+class ConsulState(enum.Enum):
+    """How the last round of keeping Consul current (trust bundle, registration) went."""
+
+    IN_SYNC = "in_sync"
+    UNAVAILABLE = "unavailable"  # unreachable, timed out, 5xx: retried every CONSUL_RETRY_INTERVAL
+    DENIED = "denied"  # Consul's ACL refused the CA's token: an operator must fix the token
+
+
 class CAService:
     """One CA instance. `await start()` -> bound port (serving, registered, bundle published)."""
 
@@ -337,7 +359,9 @@ class CAService:
         self._server_cert_expires = pki.now()
         self._server_cert_issued = pki.now()
         self._registered = False  # registered at least once: close() then deregisters
-        self._consul_ok = True  # the last Consul round succeeded (failures are logged once)
+        self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
+        self._denial = ""  # the refusal while DENIED (/v1/health)
+        self._denial_logged = float("-inf")  # monotonic time of its last error line
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
         self._dir_state = self._data_dir_state()
         self._maintenance: asyncio.Task[None] | None = None
@@ -356,6 +380,9 @@ class CAService:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> int:
+        """Serve, publish the bundle and register; raises PermissionDenied (one line naming the key and
+        the permission) when Consul's ACL refuses the token what the CA needs, before serving if it can."""
+        await self._check_token()
         cert_file, key_file = self._write_server_cert()
         self._tls = tls.ca_server_context(cert_file, key_file, "".join(self.authority.bundle))
         self._server = _AuditedTLSServer(self, self.host, self.port, self._tls)
@@ -367,7 +394,14 @@ class CAService:
             self._write_server_cert()
             cert_file.unlink(missing_ok=True)
             key_file.unlink(missing_ok=True)
-        await self._sync_consul()
+        try:
+            await self._sync_once()
+        except PermissionDenied as exc:
+            await self._server.close()
+            self._server = None
+            raise PermissionDenied(f"{exc} ({TOKEN_HINT})") from None
+        except RegistryError as exc:
+            self._note_consul(ConsulState.UNAVAILABLE, exc)
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="ca-maintenance")
         return self.port
 
@@ -401,6 +435,8 @@ class CAService:
         self._tls.load_verify_locations(cadata="".join(new.bundle))  # a store only grows: see docstring
         try:
             await self._publish(new)  # agents learn the new root before any leaf signed by it exists
+        except PermissionDenied as exc:  # agents will refuse leaves of the new root until it is fixed
+            self._note_consul(ConsulState.DENIED, exc)
         except RegistryError as exc:  # maintenance republishes; the CA must not stay on the old root
             log.warning("could not publish the new trust bundle yet: %s", exc)
         self.authority = new
@@ -429,8 +465,9 @@ class CAService:
                 life = self._server_cert_expires - self._server_cert_issued
                 if pki.now() >= self._server_cert_issued + life * SERVER_CERT_REFRESH:
                     self._write_server_cert()
-                in_sync = await self._sync_consul()
-                delay = MAINTENANCE_INTERVAL if in_sync else CONSUL_RETRY_INTERVAL
+                state = await self._sync_consul()
+                # retrying a refused token every second would not fix it, only fill Consul's log
+                delay = CONSUL_RETRY_INTERVAL if state is ConsulState.UNAVAILABLE else MAINTENANCE_INTERVAL
                 if self.consul is not None and loop.time() - self._last_prune > TOKEN_PRUNE_INTERVAL:
                     self._last_prune = loop.time()
                     removed = await tokens.prune(self.consul, pki.now())
@@ -456,23 +493,61 @@ class CAService:
 
     # --- Consul -------------------------------------------------------------------------------
 
-    async def _sync_consul(self) -> bool:
-        """Make Consul hold our trust bundle and registration; False (logged) when Consul failed."""
+    async def _check_token(self) -> None:
+        """Before serving: may the token write the trust bundle? Probed without writing, so a bundle
+        already current in Consul does not hide a token that could not publish the next rotation.
+        Consul unreachable: the CA starts anyway and maintenance retries."""
         if self.consul is None:
-            return True
+            return
         try:
-            await self._publish(self.authority)
-            if self.register:
-                await self._ensure_registered(self.consul)
+            await self.consul.probe_write(ROOTS_KEY)
+        except PermissionDenied as exc:
+            raise PermissionDenied(f"{exc} ({TOKEN_HINT})") from None
+        except RegistryError:
+            return  # the first sync says so (once) and maintenance retries
+
+    async def _sync_once(self) -> None:
+        if self.consul is None:
+            return
+        await self._publish(self.authority)
+        if self.register:
+            await self._ensure_registered(self.consul)
+
+    async def _sync_consul(self) -> ConsulState:
+        """Make Consul hold our trust bundle and registration; the outcome is logged on each change."""
+        try:
+            await self._sync_once()
+        except PermissionDenied as exc:
+            return self._note_consul(ConsulState.DENIED, exc)
         except RegistryError as exc:
-            if self._consul_ok:
+            return self._note_consul(ConsulState.UNAVAILABLE, exc)
+        return self._note_consul(ConsulState.IN_SYNC)
+
+    def _note_consul(self, state: ConsulState, exc: RegistryError | None = None) -> ConsulState:
+        before, self.consul_state = self.consul_state, state
+        if state is ConsulState.DENIED:
+            now = time.monotonic()
+            self._denial = str(exc)
+            if before is not state or now - self._denial_logged >= DENIED_LOG_INTERVAL:
+                self._denial_logged = now
+                log.error(
+                    "%s; the CA keeps signing, but Consul's trust bundle and registration are not kept "
+                    "current until the token is fixed (%s)",
+                    exc,
+                    TOKEN_HINT,
+                )
+                sd_notify(f"STATUS=Consul refuses the CA's token: {exc}")
+        elif state is ConsulState.UNAVAILABLE:
+            if before is not state:
                 log.warning("Consul: %s; the CA keeps serving and retries", exc)
-            self._consul_ok = False
-            return False
-        if not self._consul_ok:
+        elif before is ConsulState.DENIED:
+            log.info("Consul accepts the CA's token again; trust bundle and registration checked")
+            sd_notify("STATUS=serving")
+        elif before is ConsulState.UNAVAILABLE:
             log.info("Consul answers again; trust bundle and registration checked")
-        self._consul_ok = True
-        return True
+        if state is not ConsulState.DENIED:
+            self._denial = ""
+        return state
 
     async def _publish(self, authority: store.Authority) -> None:
         """Write the trust bundle to KV when what is there is not it (missing, unreadable, other roots);
@@ -572,6 +647,10 @@ class CAService:
     async def _health(self, req: Request) -> Response:
         a = self.authority
         doc: dict[str, Any] = {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)}
+        doc["consul"] = {
+            "state": self.consul_state.value,
+            **({"denied": self._denial} if self._denial else {}),
+        }
         if self._server is not None:
             doc["admission"] = {
                 "shed_busy": self._server.shed,

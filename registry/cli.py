@@ -414,7 +414,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     def get(ctx: click.Context, service: str, fmt: str | None) -> None:
         """Print the live document of SERVICE."""
         _check_service(service, "service")
-        _print_live(ctx, kind, service, fmt, f"no {noun} document for {service}", remember=True)
+        _print_live(ctx, kind, service, fmt, f"no {noun} document for {service}")
 
     @click.command("list")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
@@ -471,16 +471,14 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
 # document has a fixed name instead of a SERVICE argument).
 
 
-def _print_live(
-    ctx: click.Context, kind: str, name: str, fmt: str | None, missing: str, remember: bool
-) -> None:
-    """Print the live document kind/name; `missing` is the error when there is none. `remember`
-    records the version read, so that a later apply of that document without version: may replace it."""
+def _print_live(ctx: click.Context, kind: str, name: str, fmt: str | None, missing: str) -> None:
+    """Print the live document kind/name; `missing` is the error when there is none. Records the
+    version read, so that a later apply of that document without version: may replace it (the
+    overwrite rule, the same for a service's document and the CA's Nomad mapping)."""
     doc = _run(ctx, lambda store: store.get(kind, name))
     if doc is None:
         raise click.ClickException(missing)
-    if remember:
-        remember_read(ctx, kind, name, doc.version)
+    remember_read(ctx, kind, name, doc.version)
     click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
 
 
@@ -802,7 +800,7 @@ def nomad_mapping_group() -> click.Group:
     @click.pass_context
     def get(ctx: click.Context, fmt: str | None) -> None:
         """Print the live mapping."""
-        _print_live(ctx, kind, name, fmt, f"no Nomad mapping at hostmesh/{kind}/{name}", remember=False)
+        _print_live(ctx, kind, name, fmt, f"no Nomad mapping at hostmesh/{kind}/{name}")
 
     @group.command("history")
     @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)

@@ -42,6 +42,7 @@ UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
 TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
 TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
 NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
+WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and-set always fails
 _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
 
 
@@ -350,6 +351,15 @@ class ConsulClient:
                     )
             raise Conflict("a concurrent write changed the document first (check-and-set failed)")
         return list(result.get("Results") or [])
+
+    async def probe_write(self, key: str) -> None:
+        """Raise `PermissionDenied` (naming the key) if the token may not write `key`; writes nothing:
+        a check-and-set against an index no key has fails after the ACL check, so a refusal can only
+        be the ACL's, and an allowed write is a Conflict."""
+        try:
+            await self.txn([{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": WRITE_PROBE_INDEX}}])
+        except Conflict:
+            return
 
     # --- services and health ----------------------------------------------------------------
 

@@ -84,16 +84,20 @@ class Kind:
         return tuple((self.command or self.name).split())
 
 
+# Every kind's `version`: one description, so the check-and-set rule is stated the same way everywhere.
+VERSION_FIELD = Field(
+    "version",
+    "integer",
+    "The version this file was read at. `apply` writes only if the live document is still at "
+    "this version (check-and-set); omit it to create a document, see the overwrite rule.",
+    minimum=0,
+)
+
+
 def _common(what: str) -> tuple[Field, ...]:
     return (
         Field("service", "service", f"The service {what} (one lowercase DNS label).", required=True),
-        Field(
-            "version",
-            "integer",
-            "The version this file was read at. `apply` writes only if the live document is still at "
-            "this version (check-and-set); omit it to create a document, see the overwrite rule.",
-            minimum=0,
-        ),
+        VERSION_FIELD,
     )
 
 
@@ -451,13 +455,7 @@ NOMAD = Kind(
     "`hostmesh/ca/nomad` and edited with `hostmesh ca nomad apply|get|history|rollback`; it has no "
     "`service` field.",
     (
-        Field(
-            "version",
-            "integer",
-            "The version this file was read at. `apply` writes only if the live document is still at "
-            "this version (check-and-set); omit it to create a document, see the overwrite rule.",
-            minimum=0,
-        ),
+        VERSION_FIELD,
         Field(
             "rules",
             "list",

@@ -24,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support import REPO, ConsulDev
 
@@ -86,6 +87,84 @@ def test_syntax_check(tmp_path: Path) -> None:
         timeout=LINT_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+RESOLVED_WARNING = "the systemd-resolved drop-in makes the agent (127.0.0.1:15053) a global DNS= server"
+
+
+def agent_role_without_install(tmp: Path) -> Path:
+    """A roles folder holding hostmesh_agent as shipped except its dependency on hostmesh_install, so
+    its DNS tasks (tasks/dns.yml, the drop-in templates, the handlers) run without installing hostmesh."""
+    roles = tmp / "roles"
+    shutil.copytree(ANSIBLE_DIR / "roles/hostmesh_agent", roles / "hostmesh_agent")
+    meta = roles / "hostmesh_agent/meta/main.yml"
+    meta.write_text(yaml.safe_dump({**yaml.safe_load(meta.read_text()), "dependencies": []}))
+    return roles
+
+
+@pytest.mark.parametrize(
+    ("resolver", "present", "warns"),
+    [
+        ("systemd-resolved", None, True),
+        ("auto", "run/systemd/resolve", True),  # found on the host
+        ("dnsmasq", None, False),
+    ],
+)
+def test_role_warns_what_the_resolved_drop_in_changes(
+    tmp_path: Path, resolver: str, present: str | None, warns: bool
+) -> None:
+    """The resolved drop-in sets a global DNS= (packaging/dns/README.md): whenever the role installs it,
+    the play's output says what that turns off and when mesh names fail, and the run still succeeds."""
+    root = tmp_path / "root"
+    root.mkdir()
+    if present:
+        (root / present).mkdir(parents=True)
+    play = [
+        {
+            "name": "Split DNS only",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "The agent role's DNS tasks",
+                    "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"},
+                }
+            ],
+        }
+    ]
+    playbook = tmp_path / "dns.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    variables = {
+        "ansible_python_interpreter": sys.executable,
+        "hostmesh_install_prefix": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_dns_resolver": resolver,
+    }
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(agent_role_without_install(tmp_path))}
+    result = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            json.dumps(variables),
+            str(playbook),
+        ],
+        cwd=ANSIBLE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LINT_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert recap(result.stdout)["failed"] == 0
+    assert (root / "etc/systemd/resolved.conf.d/hostmesh.conf").exists() == warns
+    assert (RESOLVED_WARNING in result.stdout) == warns, result.stdout[-4000:]
+    if warns:
+        assert "turns resolved's FallbackDNS= off" in result.stdout
+        assert "*.mesh asked of them comes back NXDOMAIN" in result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -304,6 +304,43 @@ def test_mapping_with_kind_nomad_in_a_multi_document_file(consul: ConsulDev, tmp
     asyncio.run(clear())
 
 
+def test_mapping_get_counts_for_the_overwrite_rule(consul: ConsulDev, tmp_path: Path) -> None:
+    """Like a route: a mapping file without `version:` replaces the live mapping only at the version
+    this operator last read (`ca nomad get`) or wrote, so a colleague's newer rules are never lost."""
+    import asyncio
+
+    async def clear() -> None:
+        async with ConsulClient(consul.url) as c:
+            await c.kv_delete("hostmesh/ca/nomad")
+            await c.kv_delete("hostmesh/history/ca/nomad/", recurse=True)
+
+    def as_operator(state: str, *args: str) -> Any:
+        runner = CliRunner(env={"HOSTMESH_STATE_DIR": str(tmp_path / state)})
+        return runner.invoke(cli, ["--consul", consul.url, "ca", "nomad", *args], catch_exceptions=False)
+
+    def mapping(name: str, service: str) -> str:
+        p = tmp_path / name
+        p.write_text(f"rules:\n  - namespace: default\n    job: shop\n    services: [{service}]\n")
+        return str(p)
+
+    asyncio.run(clear())
+    alice, bob = mapping("alice.yaml", "web"), mapping("bob.yaml", "api")
+    assert as_operator("alice", "apply", "-f", alice).exit_code == 0  # creating needs nothing
+    refused = as_operator("bob", "apply", "-f", bob)  # Bob never read version 1
+    assert refused.exit_code == 1 and "is at version 1 and exists and you have not read it" in refused.stderr
+    assert '"web"' in ca_cli(consul, "get", "-o", "json").output
+
+    # Having read it with `ca nomad get`, Bob may replace it...
+    assert as_operator("bob", "get").exit_code == 0
+    result = as_operator("bob", "apply", "-f", bob)
+    assert result.exit_code == 0 and "ca/nomad: version 2 written" in result.output
+    # ...and Alice, who last wrote version 1, cannot replace Bob's version 2 without reading it.
+    refused = as_operator("alice", "apply", "-f", mapping("alice2.yaml", "shop"))
+    assert refused.exit_code == 1 and "changed since you read version 1" in refused.stderr
+    assert '"api"' in ca_cli(consul, "get", "-o", "json").output
+    asyncio.run(clear())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -267,6 +267,34 @@ async def test_consul_down_during_sign_is_503_not_a_refusal_of_the_token(tmp_pat
             await svc.close(deregister=False)
 
 
+async def test_ca_started_while_consul_is_down_serves_and_publishes_when_it_answers(
+    tmp_path: Path, private_consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage is not a refusal: `start()` does not fail on it (unlike a token Consul's ACL
+    refuses, tests/test_consul_acl.py), the CA serves, and the bundle is published once Consul is back."""
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "CONSUL_RETRY_INTERVAL", 0.05)
+    async with ConsulClient(private_consul.url) as c:
+        private_consul.stop()
+        svc = await start_ca(new_ca_dir(tmp_path), c, AuditSink())
+        try:
+            health = (await call(svc, "GET", "/v1/health")).json()
+            assert health["status"] == "ok" and health["consul"] == {"state": "unavailable"}
+            private_consul.start()  # empty: the bundle must be written again
+            want = svc.authority.bundle_json()
+
+            async def published() -> bool:
+                entry = await c.kv_get(ROOTS_KEY)
+                return entry is not None and json.loads(entry.value) == want
+
+            await async_wait_until(published, 20, "the bundle published once Consul answered")
+            health = (await call(svc, "GET", "/v1/health")).json()
+            assert health["consul"] == {"state": "in_sync"}
+        finally:
+            await svc.close(deregister=False)
+
+
 # --- renewal ----------------------------------------------------------------------------------
 
 

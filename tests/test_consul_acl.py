@@ -12,6 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
+import os
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,16 +23,31 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hostmesh.agent.cli import cli
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
+from hostmesh.agent.localmesh import (
+    HOSTMESH,
+    AgentHandle,
+    EchoServer,
+    LocalMesh,
+    free_port,
+    roundtrip,
+    wait_for,
+)
+from hostmesh.ca import service as ca_service
+from hostmesh.ca import store
+from hostmesh.ca import tokens as join_tokens
+from hostmesh.ca.service import ROOTS_KEY, ConsulState
 from hostmesh.registry import acl
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied, Unavailable
+from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
 from tests.consul_secure import SecureConsulDev
+from tests.support import async_wait_until
 from tests.test_cli_ops import fails, ok, route_doc, write
 
 pytestmark = pytest.mark.consul
 
+CA_EXIT_TIMEOUT = 60  # a refused `ca serve` exits at its first Consul request; the bound for a regression
 WRONG_TOKEN = "00000000-0000-4000-8000-000000000000"  # well-formed, unknown to Consul
 _names = itertools.count()
 
@@ -322,3 +341,113 @@ def test_operator_policy_writes_the_ca_nomad_mapping_and_an_agent_cannot(
     mapping.write_text("rules:\n  - namespace: '*'\n    job: '*'\n    services: [web]\n")  # a grab for all
     line = fails(hm(secure, "ca", "nomad", "apply", "-f", str(mapping), token=tokens.agent))
     assert line.startswith("Error: Consul ACL denied") and "hostmesh/ca/nomad" in line, line
+
+
+# --- the CA's own token -----------------------------------------------------------------------
+
+REFUSED = "Consul ACL denied write of hostmesh/ca/roots: the token lacks key:write on it"
+BUNDLE_DENIED = f"Error: {REFUSED} (the CA's token needs the rules of `hostmesh acl policy ca`)"
+
+
+@pytest.mark.parametrize("bundle", ["missing", "current"])
+def test_ca_serve_whose_token_cannot_write_the_trust_bundle_exits_with_one_line(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path, bundle: str
+) -> None:
+    """`hostmesh ca serve` with a token that may not write hostmesh/ca/roots (an agent's) stops at once
+    with one line naming the key and the permission, and a non-zero status (systemd: unit failed),
+    instead of serving and retrying forever; also when the bundle in Consul is already current (no
+    write needed now, but the next rotation could never be published)."""
+    data_dir = new_ca_dir(tmp_path)
+
+    async def prepare() -> None:
+        async with client(secure, secure.master_token) as admin:
+            if bundle == "missing":
+                await admin.kv_delete(ROOTS_KEY)
+            else:
+                await admin.kv_put(ROOTS_KEY, json.dumps(store.load(data_dir).bundle_json(), sort_keys=True))
+
+    asyncio.run(prepare())
+    port = free_port()
+    done = subprocess.run(
+        [*HOSTMESH, "ca", "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+        env={**os.environ, **secure.client_env(tokens.agent)},
+        capture_output=True,
+        text=True,
+        timeout=CA_EXIT_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [BUNDLE_DENIED]
+    assert done.stdout == ""  # no audit line: it never served
+
+
+async def test_a_ca_whose_token_may_not_register_it_does_not_start(
+    secure: SecureConsulDev, tmp_path: Path
+) -> None:
+    """The registration is refused like the bundle: `start()` fails with the one line, and the port
+    it had opened is closed again (nothing half-started stays behind)."""
+    token = secure.token_for(
+        svc("hostmesh-ca-unregistered"), 'key_prefix "hostmesh/ca/" {\n  policy = "write"\n}\n'
+    )
+    async with client(secure, token) as c:
+        with pytest.raises(PermissionDenied) as refused:
+            await start_ca(new_ca_dir(tmp_path), c, AuditSink(), port=(port := free_port()))
+    assert str(refused.value) == (
+        "Consul ACL denied registration of hostmesh-ca-127.0.0.1-"
+        f"{port}: the token lacks service:write on hostmesh-ca (the CA's token needs the rules of "
+        "`hostmesh acl policy ca`)"
+    )
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # closed again
+
+
+def set_policy(secure: SecureConsulDev, name: str, rules: str) -> None:
+    path = secure.log_path.parent / f"policy-{name}-update.hcl"
+    path.write_text(rules)
+    secure.consul_cli("acl", "policy", "update", "-name", name, "-rules", f"@{path}")
+
+
+async def test_a_ca_whose_token_loses_the_bundle_write_keeps_signing_and_says_so(
+    secure: SecureConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the CA has served, a refusal does not stop it (issuance needs no Consul write): it logs an
+    error naming the key and permission, `/v1/health` shows it, it keeps signing, and once the token
+    is fixed it repairs the bundle within a round, without a restart."""
+    monkeypatch.setattr(ca_service, "MAINTENANCE_INTERVAL", 0.05)
+    name = svc("hostmesh-ca-revocable")
+    token = secure.token_for(name, acl.ca_policy())
+    data_dir = new_ca_dir(tmp_path)
+    caplog.set_level(logging.INFO, logger="hostmesh.ca.service")
+    async with client(secure, token) as c, client(secure, secure.master_token) as admin:
+        ca = await start_ca(data_dir, c, AuditSink())
+        try:
+            set_policy(secure, name, acl.ca_policy() + 'key "hostmesh/ca/roots" {\n  policy = "read"\n}\n')
+            await admin.kv_put(ROOTS_KEY, b"overwritten by hand")  # the CA must repair it, and may not
+
+            def refusal_logged() -> bool:
+                return any(
+                    r.levelno == logging.ERROR and r.getMessage().startswith(REFUSED) for r in caplog.records
+                )
+
+            await async_wait_until(refusal_logged, 20, "the refused repair logged as an error")
+            health = (await call(ca, "GET", "/v1/health")).json()
+            assert health["status"] == "ok" and health["consul"]["state"] == "denied"
+            assert "hostmesh/ca/roots" in health["consul"]["denied"]
+
+            join, _ = await join_tokens.create(c, ["revoked-web"], join_tokens.DEFAULT_TOKEN_TTL)
+            _, csr = csr_for("revoked-web")
+            signed = await call(ca, "POST", "/v1/sign", {"csr": csr}, token=str(join))
+            assert signed.status == 200, signed.json()
+
+            set_policy(secure, name, acl.ca_policy())
+            want = ca.authority.bundle_json()
+
+            async def repaired() -> bool:
+                entry = await admin.kv_get(ROOTS_KEY)
+                return entry is not None and entry.value != b"overwritten by hand" and entry.json() == want
+
+            await async_wait_until(repaired, 20, "the bundle repaired once the token was fixed")
+            await async_wait_until(lambda: ca.consul_state is ConsulState.IN_SYNC, 20, "the CA back in sync")
+            assert any("accepts the CA's token again" in r.getMessage() for r in caplog.records)
+        finally:
+            await ca.close()
