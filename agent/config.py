@@ -11,6 +11,7 @@ import os
 import socket
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -763,13 +764,11 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         raw = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    from hostmesh.agent.nomad import NomadEnvError, in_allocation, with_allocation_defaults
-
     try:
         if in_allocation(raw, os.environ):  # a Nomad allocation's sidecar: defaults from its environment
-            raw = with_allocation_defaults(raw, os.environ)
+            raw = _with_nomad_defaults(raw)
         cfg = parse_config(raw)
-    except (ConfigError, NomadEnvError) as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not check_files:
         return cfg
@@ -782,6 +781,21 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     except InvalidSettings as exc:
         raise ConfigError(f"{path}: [consul]: {exc}") from None
     return cfg
+
+
+def in_allocation(raw: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    """agent.toml is a Nomad allocation's sidecar's (agent/nomad.py fills in its defaults)."""
+    return bool(env.get("NOMAD_ALLOC_ID")) or "nomad" in raw
+
+
+def _with_nomad_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """agent.toml completed from the allocation's environment; agent/nomad.py is loaded only here."""
+    from hostmesh.agent.nomad import NomadEnvError, with_allocation_defaults
+
+    try:
+        return with_allocation_defaults(raw, os.environ)
+    except NomadEnvError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def env_or(value: str | None, env: str) -> str | None:

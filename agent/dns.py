@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostmesh.agent.config import Address, AgentConfig
+from hostmesh.registry.listen import server_address
 
 log = logging.getLogger("hostmesh.dns")
 
@@ -105,7 +106,7 @@ class DnsServer:
         if port == 0:  # tests: TCP on the port the kernel gave UDP
             port = self._udp.get_extra_info("sockname")[1]
             self.bind = Address(host, port)
-        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        self._tcp = await asyncio.start_server(self._serve_tcp, **server_address(host, port))
         log.info("mesh DNS for %s on %s (udp, tcp)", self.table.domain, self.bind)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

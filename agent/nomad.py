@@ -64,10 +64,6 @@ class NomadEnvError(ValueError):
     """The allocation's metadata cannot describe a service; str() names the meta key."""
 
 
-def in_allocation(raw: Mapping[str, Any], env: Mapping[str, str]) -> bool:
-    return bool(env.get("NOMAD_ALLOC_ID")) or "nomad" in raw
-
-
 def meta(env: Mapping[str, str], key: str) -> str | None:
     """NOMAD_META_<key> as written in the job, or upper-cased as Nomad also exports it."""
     return env.get(META + key) or env.get(META + key.upper()) or None

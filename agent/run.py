@@ -48,11 +48,10 @@ from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
-from hostmesh.registry.analysis import upstreams_meta
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
-from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE
+from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE, upstreams_meta
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.watch import backoff_delay
 
@@ -65,6 +64,9 @@ RESTART_DEFER = 1.0
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
+# Set (to the worker's index, 1..N-1) in a worker's environment by agent/workers.py; read here so an
+# agent without workers never loads that module.
+WORKER_ENV = "HOSTMESH_WORKER"
 
 
 # agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
@@ -338,9 +340,8 @@ class Agent:
         from hostmesh.agent.proxy.stacks import build_gateway
 
         cfg = self.config
-        for gw in cfg.gateways:
-            if gw.kind != "ingress":
-                continue
+        # edges.py is loaded (by build_gateway) only where a gateway is configured
+        for gw in (gw for gw in cfg.gateways if gw.kind == "ingress"):
             ingress = build_gateway(cfg, gw, self.builder.holder, self.telemetry, cap=self.cap,
                                     on_load=self._after_lazy_import)  # fmt: skip
             try:
@@ -743,6 +744,14 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         raise AgentStartError(agent.fatal)
 
 
+def worker_index() -> int:
+    """This process's worker index: 0 for the primary (or an agent without workers)."""
+    try:
+        return max(0, int(os.environ.get(WORKER_ENV, "0")))
+    except ValueError:
+        return 0
+
+
 def _setup_logging(level: str, worker: int = 0, fmt: str = "auto") -> None:
     """One JSON object per line (or text at a terminal): registry/logs.py."""
     from hostmesh.registry import logs
@@ -760,8 +769,6 @@ def main(config_path: Path) -> None:
         check_permissions(config)
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from None
-    from hostmesh.agent.workers import worker_index
-
     worker = worker_index()
     _setup_logging(config.log_level, worker, config.log_format)
     audit.configure_access(config.access_log.sample)

@@ -49,9 +49,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from hostmesh.agent.run import WORKER_ENV  # the primary sets it in each worker's environment
+
 log = logging.getLogger("hostmesh.agent.workers")
 
-WORKER_ENV = "HOSTMESH_WORKER"  # set (to the worker's index, 1..N-1) in a worker's environment
 INBOUND_PORT_ENV = "HOSTMESH_WORKER_INBOUND_PORT"  # the primary's bound inbound port (for `inbound = …:0`)
 READY_TIMEOUT = 30.0  # a worker loads certs from disk and binds; slow only on a starved machine
 STOP_GRACE = 5.0  # beyond drain_seconds, how long a stopping worker may take before SIGKILL
@@ -60,14 +61,6 @@ RESPAWN_DELAY = 1.0  # a crashed worker is restarted after this
 RESPAWN_BURST, RESPAWN_WINDOW = 5, 60.0  # ... at most this many times per window, then left down
 MAX_LINE = 16 * 1024 * 1024  # a metrics answer (JSON samples); far above any real label cardinality
 SD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # systemd talks to the primary only
-
-
-def worker_index() -> int:
-    """This process's worker index: 0 for the primary (or an agent without workers)."""
-    try:
-        return max(0, int(os.environ.get(WORKER_ENV, "0")))
-    except ValueError:
-        return 0
 
 
 # --- certificates, as a worker sees them ------------------------------------------------------

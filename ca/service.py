@@ -91,6 +91,7 @@ from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
 from hostmesh.registry.layout import CA_SERVICE_NAME, HOSTMESH_META, HOSTMESH_META_VALUE
+from hostmesh.registry.listen import server_address
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -222,7 +223,7 @@ class _AuditedTLSServer(HTTPServer):
             reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
             return _UnreadStreamProtocol(reader, self._accepted, loop=loop)
 
-        self._server = await loop.create_server(accepted, self.host, self.port)
+        self._server = await loop.create_server(accepted, **server_address(self.host, self.port))
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

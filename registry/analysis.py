@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostmesh.registry.errors import InvalidDocument
-from hostmesh.registry.layout import COMMAND, is_hostmesh
+from hostmesh.registry.layout import COMMAND, UPSTREAMS_META, is_hostmesh
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -34,16 +34,6 @@ from hostmesh.registry.schema import (
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
-UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
-
-CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
-
-
-def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
-    """The service meta an agent registers to say which upstreams the service calls (what lets
-    `hostmesh check` tell a policy nobody applies); nothing when it would not fit in one value."""
-    value = ",".join(sorted(set(names)))
-    return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}
 
 
 @dataclass(frozen=True, slots=True)

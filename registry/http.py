@@ -23,6 +23,7 @@ from typing import Any
 import httptools
 
 from hostmesh.registry.errors import Unavailable
+from hostmesh.registry.listen import server_address
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,7 @@ class HTTPServer:
     async def start(self) -> int:
         self._server = await asyncio.start_server(
             self._serve,
-            self.host,
-            self.port,
+            **server_address(self.host, self.port),
             ssl=self._ssl,
             limit=MAX_HEAD_BYTES,
             ssl_handshake_timeout=SERVER_HEAD_TIMEOUT if self._ssl else None,

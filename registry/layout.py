@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
@@ -34,3 +34,14 @@ HOSTMESH_META_VALUE = "1"
 def is_hostmesh(meta: Mapping[str, object]) -> bool:
     """Whether a Consul service's meta marks it as registered by hostmesh (an agent or the CA)."""
     return meta.get(HOSTMESH_META) == HOSTMESH_META_VALUE
+
+
+UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
+CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
+
+
+def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
+    """The service meta an agent registers to say which upstreams the service calls (what lets
+    `hostmesh check` tell a policy nobody applies); nothing when it would not fit in one value."""
+    value = ",".join(sorted(set(names)))
+    return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}

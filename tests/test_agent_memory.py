@@ -1,13 +1,14 @@
 """The agent's footprint: what a running agent must not hold, and agent/memory.py's helpers.
 
-The idle-RSS target itself is the benchmark's to check (bench/run.py, machine-dependent); these
-tests guard its causes without timing anything: after real L4 and L7 traffic through a real mesh,
-an agent's /v1/memory lists none of the modules kept out of it.
+After real L4 and L7 traffic through a real mesh, an agent's /v1/memory lists none of the modules
+kept out of it and one thread; and an idle pair configured exactly as `make bench` configures its
+L7 pair (bench/hmconfig.py) stays within the idle-RSS budget the benchmark reports on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import compileall
 import gc
 import subprocess
 import sys
@@ -18,11 +19,24 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import hostmesh.agent
+import hostmesh.ca
+import hostmesh.registry
+from bench import hmconfig
 from hostmesh.agent import memory
 from hostmesh.agent.cli import agent_run_config
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
 from tests.l7_support import Backends, Client
 from tests.support import ConsulDev
+
+MIB = 1024 * 1024
+# VmRSS of each idle agent of the bench's L7 pair after the bench's readiness probe. Issue 12 asks
+# <= 30 MiB in `make bench`; measured here 30.9 (client) and 30.6 MiB (server), of which ~0.5 MiB
+# per side is the pooled mesh TLS connection that carried the 1 MiB answer (uvloop's 256 KiB TLS
+# read buffer and OpenSSL's incoming BIO, both touched and kept while the connection lives). Not
+# the target yet: a budget that fails on growth from here.
+IDLE_RSS_BUDGET = 31.5 * MIB
+IDLE_SETTLE = 10.0  # malloc_trim runs every second: what start-up and the first request left is back
 
 # Modules an agent process never loads, and where each is kept out.
 NEVER_IN_AN_AGENT = (
@@ -40,6 +54,16 @@ NEVER_IN_AN_AGENT = (
     "hostmesh.agent.otlp",  # OTLP export: only with [tracing] otlp_endpoint (agent/tracing.py)
     "opentelemetry",
     "google.protobuf",
+)
+
+# Modules loaded only where their feature is configured; the mesh below has none of these features.
+NOT_WITHOUT_THEIR_FEATURE = (
+    "hostmesh.agent.proxy.edges",  # [[gateways]] of kind ingress (agent/run.py _start_gateways)
+    "hostmesh.agent.workers",  # workers > 1 (a worker knows itself by its environment: run.worker_index)
+    "hostmesh.agent.nomad",  # a Nomad allocation (agent/config.py in_allocation)
+    "hostmesh.registry.nomad",
+    "hostmesh.registry.analysis",  # `hostmesh check`; the agent's upstreams meta is in registry/layout.py
+    "hashlib",  # consistent_hash / ring balancing only (agent/l7/balancer.py stable_hash)
 )
 
 
@@ -90,9 +114,10 @@ def test_a_running_agent_holds_none_of_the_lazy_modules(mesh: Mesh) -> None:
         loaded = set(view["modules"])
         assert "hostmesh.agent.run" in loaded  # the agent's own list
         assert sorted(loaded.intersection(NEVER_IN_AN_AGENT)) == [], agent.node
+        assert sorted(loaded.intersection(NOT_WITHOUT_THEIR_FEATURE)) == [], agent.node
         if sys.platform.startswith("linux"):
             assert view["rss_bytes"] > 0 and view["peak_rss_bytes"] >= view["rss_bytes"]
-            assert view["threads"] >= 1
+            assert view["threads"] == 1  # listeners bound without libuv's resolver (registry/listen.py)
     # The L7 paths really ran (they load their modules on first use).
     assert "hostmesh.agent.proxy.http_inbound" in mesh.server.get("/v1/memory")[1]["modules"]
     assert "hostmesh.agent.proxy.http_outbound" in mesh.client.get("/v1/memory")[1]["modules"]
@@ -187,3 +212,64 @@ def test_a_peer_agent_going_away_leaves_no_asyncio_warning(mesh: Mesh) -> None:
              "the server to see the client's mesh connections end")  # fmt: skip
     log = mesh.server.proc.log().splitlines()
     assert [line for line in log if '"logger":"asyncio"' in line and '"warning"' in line] == []
+
+
+@pytest.fixture
+def bench_l7_pair(consul: ConsulDev, tmp_path: Path) -> Iterator[Mesh]:
+    """The bench's L7 pair (bench/systems.py HostmeshPair("http")): each agent.toml written by
+    bench/hmconfig.py, one http service per agent, the client with one upstream to the server."""
+    for pkg in (hostmesh.agent, hostmesh.registry, hostmesh.ca):  # as installed: from .pyc, not source
+        compileall.compile_dir(Path(pkg.__file__).parent, quiet=2)
+    backends = Backends("bench-l7")
+    m = LocalMesh(tmp_path / "mesh", consul.url)
+    try:
+        m.start_ca()
+        app = backends["bench-l7"].port
+        server_svc = {"name": "bench-l7", "port": app, "protocol": "http"}
+        client_svc = {"name": "bench-l7-client", "port": app, "protocol": "http", "upstreams": ["bench-l7"]}
+        server = m.write_agent_config("bench-server", [server_svc])
+        client = m.write_agent_config("bench-client", [client_svc])
+        sides = (
+            (server, "bench-l7", None),
+            (client, "bench-l7-client", ("bench-l7", client.binds["bench-l7"])),
+        )
+        for handle, service, upstream in sides:
+            doc = hmconfig.agent_config(
+                node=handle.node, data_dir=str(handle.data_dir),
+                ports=hmconfig.AgentPorts(handle.inbound_port, handle.admin_port, handle.metrics_port),
+                consul_url=consul.url, ca_url=f"https://127.0.0.1:{m.ca_port}", pin=m.pin,
+                token_file=str(handle.data_dir / "join-token"), service=service, app_port=app,
+                protocol="http", upstream=upstream,
+            )  # fmt: skip
+            handle.config_path.write_text(hmconfig.toml_dumps(doc))
+        m.start_agent(server, wait=False)
+        m.start_agent(client, wait=False)
+        m.wait_ready(server)
+        m.wait_ready(client)
+        m.wait_endpoints(client, "bench-l7", 1)
+        yield Mesh(server, client)
+    finally:
+        m.close()
+        backends.close()
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmRSS from /proc")
+def test_the_bench_l7_pair_idles_within_the_rss_budget(bench_l7_pair: Mesh) -> None:
+    # as the bench's readiness probe: a small and a 1 MiB answer through the pair (bench/systems.py)
+    client = Client(bench_l7_pair.client.binds["bench-l7"])
+    assert client.get("/small").status == 200
+    big = bytes(range(256)) * 4096
+    assert client.get("/echo", method="POST", body=big).body.endswith(big)
+    rss: dict[str, float] = {}
+
+    def within_budget() -> bool:
+        for agent in bench_l7_pair:
+            rss[agent.node] = agent.get("/v1/memory")[1]["rss_bytes"] / MIB
+        return max(rss.values()) <= IDLE_RSS_BUDGET / MIB
+
+    try:
+        wait_for(within_budget, IDLE_SETTLE, "both idle agents within the RSS budget")
+    except TimeoutError:
+        pytest.fail(f"idle RSS {rss} MiB, budget {IDLE_RSS_BUDGET / MIB:g} MiB")

@@ -27,7 +27,6 @@ date by the proxy; pickers only read them. Randomness comes from an injected ``r
 from __future__ import annotations
 
 import bisect
-import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +82,9 @@ def reuse_endpoints(previous: Sequence[Endpoint], fresh: Sequence[Endpoint]) -> 
 
 def stable_hash(data: bytes) -> int:
     """64-bit hash, identical in every process (Python's ``hash`` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    from hashlib import blake2b  # only with consistent_hash or ring; once loaded, a dict lookup
+
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
 
 
 def hash_key(

@@ -62,6 +62,7 @@ from hostmesh.ca import tls as catls
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import MESH_ALPN, PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
+from hostmesh.registry.listen import server_address
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.inbound")
@@ -262,9 +263,8 @@ class InboundListener(ListenerLifecycle):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: InboundConnection(self), self.bind.host, self.bind.port, ssl=self._ctx,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True,
-            reuse_port=self.reuse_port or None, backlog=BACKLOG,
+            lambda: InboundConnection(self), ssl=self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            backlog=BACKLOG, **server_address(self.bind.host, self.bind.port, reuse_port=self.reuse_port),
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.call_later(IDLE_SWEEP_SECONDS, self._sweep)

@@ -39,6 +39,7 @@ from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, Poo
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.listen import server_address
 
 log = logging.getLogger("hostmesh.proxy.outbound")
 
@@ -101,8 +102,8 @@ class OutboundListener(ListenerLifecycle):
         loop = asyncio.get_running_loop()
         bind = self.upstream.bind
         self._server = await loop.create_server(
-            lambda: _Downstream(self), bind.host, bind.port, reuse_address=True,
-            reuse_port=self.reuse_port or None, backlog=BACKLOG,
+            lambda: _Downstream(self), backlog=BACKLOG,
+            **server_address(bind.host, bind.port, reuse_port=self.reuse_port),
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
         self.reaper.start()

@@ -1,0 +1,104 @@
+"""RSS of one hostmesh pair alone, idle and after each load run: `python -m bench.rss` (not `make bench`).
+
+Starts nginx, a Consul dev agent, the CA and one pair exactly as `make bench` does (bench/systems.py),
+measures its idle RSS as the bench does (peak of 0.1 s samples over IDLE_S, after the bench's own
+readiness probe, which pulls a 1 MiB answer through the pair), then runs the given wrk scenarios in
+turn and prints each process's peak RSS during the run, its RSS after it, its socket count and the
+anonymous / file-backed split (/proc/<pid>/smaps_rollup). For seeing where an agent's memory goes
+and what a change does to it in a minute, on a shared machine: one pair, no peers, no rounds.
+
+    .venv/bin/python -m bench.rss --system hostmesh-l7 --sequence ka,big,ka
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import load
+from bench.procs import Procs, Sampler, rss_kib
+from bench.report import HM_L4, HM_L7
+from bench.run import ensure_tools
+from bench.systems import Env, HostmeshPair, start_consul, start_nginx
+
+IDLE_S = 3.0  # as bench/run.py's Settings.idle_s
+CONNECTIONS = {"ka": 50, "close": 50, "big": 10}  # as bench/run.py: (a), (b) and (c)
+
+
+def smaps_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1])
+    except OSError:
+        pass
+    return out
+
+
+def sockets(pid: int) -> int:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        return sum(1 for fd in os.listdir(fd_dir) if os.readlink(f"{fd_dir}/{fd}").startswith("socket:"))
+    except OSError:
+        return 0
+
+
+def describe(roots: dict[str, int]) -> str:
+    parts = []
+    for role, pid in roots.items():
+        sm = smaps_kib(pid)
+        parts.append(
+            f"{role} {rss_kib(pid) / 1024:.1f} MiB (anon {sm.get('Anonymous', 0) / 1024:.1f}, "
+            f"file {(sm.get('Rss', 0) - sm.get('Anonymous', 0)) / 1024:.1f}) {sockets(pid)} sockets"
+        )
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rss", description=__doc__.split("\n\n")[0])
+    p.add_argument("--system", choices=(HM_L4, HM_L7), default=HM_L7)
+    p.add_argument("--sequence", default="ka", help="comma-separated wrk runs: ka, close, big (default ka)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per run (the bench's default)")
+    args = p.parse_args(argv)
+    runs = [s for s in args.sequence.split(",") if s]
+    bad = [s for s in runs if s not in CONNECTIONS]
+    if bad:
+        p.error(f"unknown run(s): {', '.join(bad)}")
+    consul_bin = ensure_tools()
+    workdir = Path(tempfile.mkdtemp(prefix="hostmesh-rss-"))
+    (workdir / "logs").mkdir()
+    procs = Procs(workdir / "logs")
+    env = Env(procs, workdir, consul_bin)
+    try:
+        start_nginx(env)
+        start_consul(env)
+        pair = HostmeshPair("tcp" if args.system == HM_L4 else "http")
+        pair.start(env)
+        roots = pair.roots()
+        with Sampler(roots) as smp:
+            time.sleep(IDLE_S)  # the measurement window itself, as the bench's
+        print(f"idle   peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)
+        script = load.write_wrk_script(workdir)
+        for run in runs:
+            path = "/big" if run == "big" else "/small"
+            with Sampler(roots) as smp:
+                w = load.wrk(f"{pair.url}{path}", script=script, connections=CONNECTIONS[run],
+                             duration_s=args.duration, threads=2, close=run == "close")  # fmt: skip
+            print(f"{run:<6} peak {smp.metrics()['peak_rss_mib']} MiB at {w.rps:,.0f} req/s; after: "
+                  f"{describe(roots)}", flush=True)  # fmt: skip
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
