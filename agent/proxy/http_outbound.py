@@ -76,16 +76,16 @@ from hostmesh.agent.proxy.http_conn import (
     Outcome,
     RequestMetrics,
     ServerConn,
-    TlsUpstreamConn,
-    UpstreamConn,
-    UpstreamPool,
     access_due,
     access_line,
     complete_request_headers,
     drain,
     response_flag,
 )
-from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
+from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
+from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
+from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.agent.tracing import KIND_CLIENT, set_traceparent
 from hostmesh.ca.identity import Identity
@@ -103,6 +103,7 @@ RETRY_REASONS: dict[Outcome, str] = {
     TIMEOUT: "per-try timeout",
 }
 MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
+PEER_VERSION_TTL = 60.0  # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 
 
 class _Req:
@@ -355,8 +356,13 @@ class HttpOutbound:
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
-                 rng: random.Random | None = None, tracer: Any = None) -> None:  # fmt: skip
+                 rng: random.Random | None = None, tracer: Any = None,
+                 mesh: ConnectionPool | None = None) -> None:  # fmt: skip
         self.holder = holder
+        # the mux connections HTTP streams ride: the L4 listener's when given (its streams share them)
+        self.mesh = mesh if mesh is not None else ConnectionPool()
+        self._own_mesh = mesh is None
+        self._peer_version: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (agreed, until)
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
@@ -809,10 +815,51 @@ class HttpOutbound:
             front = True  # someone else took it first: keep our place
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
+        """A new upstream connection to the peer agent at `key` (the transport decision in the module
+        docstring): a stream on a mux connection to it (dialed only when none is up with room), or an
+        mTLS connection of its own when that peer agreed a protocol below HTTP_MIN_VERSION."""
+        stream = self._open_stream(key, ctx, True)
+        if stream is not None:
+            return stream
+        if self._mux_wanted(key):
+            mux_ctx = self.holder.current.tls.client.get(self.local_service)
+            if mux_ctx is not None:
+                conn = await self.mesh.dial(key, mux_ctx, ident.dns_name, ident, timeout)
+                self._peer_version[key] = (conn.version, time.monotonic() + PEER_VERSION_TTL)
+                stream = self._open_stream(key, ctx, False, conn)
+                if stream is not None:
+                    return stream
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
         transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
         up.expires = min(up.expires, verify_peer(transport, key, HTTP_ALPN, ident).expires)
+        self.pool.opened(up)
+        return up
+
+    def _mux_wanted(self, key: tuple[str, int]) -> bool:
+        """Whether HTTP to `key` goes over the mux: unless the peer agreed a version below
+        HTTP_MIN_VERSION within the last PEER_VERSION_TTL (an older release; asked again after it)."""
+        known = self._peer_version.get(key)
+        return known is None or known[0] >= HTTP_MIN_VERSION or time.monotonic() >= known[1]
+
+    def _open_stream(self, key: tuple[str, int], ctx: Any, acquire: bool,
+                     conn: MeshClient | None = None) -> StreamUpstreamConn | None:  # fmt: skip
+        """An HTTP stream (HTTP_OPEN) on `conn`, or on an established mux connection to `key` with room
+        (`acquire`); None when there is none or it speaks a version below HTTP_MIN_VERSION. No await:
+        opening a stream is a frame."""
+        if conn is None:
+            if not acquire:
+                return None
+            mux_ctx = self.holder.current.tls.client.get(self.local_service)
+            conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+            if conn is None:
+                return None
+        if conn.version < HTTP_MIN_VERSION or conn.closed:
+            return None
+        up = StreamUpstreamConn(self.pool, key)
+        up.ctx = ctx
+        up.expires = min(up.expires, conn.expires)
+        up.connection_made(StreamTransport(conn.open_stream(HTTP_OPEN), up))
         self.pool.opened(up)
         return up
 
@@ -928,12 +975,16 @@ class HttpOutbound:
             task.cancel()
         with contextlib.suppress(Exception):
             self.pool.close()
+        if self._own_mesh:
+            with contextlib.suppress(Exception):
+                self.mesh.close()
 
     def stats(self) -> dict[str, Any]:
         cl = self._cluster
         return {
             "protocol": "http",
             "pool": {"idle": self.pool.idle_count(), "dials": self.pool.dials, "reused": self.pool.reused},
+            "mux": {"connections": self.mesh.connection_count(), "handshakes": self.mesh.handshakes},
             "ejected": sorted(cl.outlier.ejected(time.monotonic())) if cl and cl.outlier else [],
             "client_connections": len(self.conns),
             "mirror_dropped": self.mirror_dropped,

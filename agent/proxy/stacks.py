@@ -105,6 +105,7 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
         local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
         header_timeout=cfg.http.header_read_timeout, protocol=up.protocol,
         body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+        mesh=listener.pool,  # HTTP streams share the L4 path's mux connections to each peer agent
     ), on_load=on_load)  # fmt: skip
     return listener
 
