@@ -5,21 +5,29 @@ Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
     once -> route (match: first route that matches; no route: 404 NR) -> fault (delay DI, abort FI)
     -> request limit (503 UO) ->
     weighted split to a subset -> balancer pick (policy LB, outlier ejections, locality; none: 503 UH)
-    -> pooled mTLS connection to that instance's agent -> forward (header ops, rewrite,
-    x-request-id) -> retry decision (policy, budget; URX when spent) -> relay the response
-    (response header ops) -> metrics reporter=source, sampled access line.
+    -> a stream on the mux connection to that instance's agent (an older peer: a pooled mTLS
+    connection) -> forward (header ops, rewrite, x-request-id) -> retry decision (policy, budget;
+    URX when spent) -> relay the response (response header ops) -> metrics reporter=source,
+    sampled access line.
 
-Transport decision: agent to agent, a request travels as plain HTTP/1.1 on its own mutual-TLS 1.3
-connection negotiated with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), not as a
-stream inside ``hostmesh/tcp`` frames: the peer agent parses HTTP anyway, so framing it again
-would only add a copy per write.
-The connections are pooled per instance (http_conn.UpstreamPool) and carry one request at a time,
-back to back, for any downstream connection of this listener; the security argument is pool.py's:
-a pooled connection is only reused for the same caller identity (one pool per listener, dropped
-when our TLS context changes), the same SNI/destination and the same peer agent whose SPIFFE ID was
-checked at dial time; the peer re-runs the intentions check on every request; connections are not
-kept past UPSTREAM_MAX_AGE nor the peer certificate's expiry; a request that did not end cleanly
-closes its connection.
+Transport decision: agent to agent, a request travels as plain HTTP/1.1 on a *stream* of the
+multiplexed mutual-TLS connection the L4 path keeps to that peer agent (``hostmesh/tcp/3``, frame
+HTTP_OPEN: wire.py, pool.py, stream_transport.py), shared with this listener's L4 streams: the
+requests of every downstream connection in flight to one peer share its TLS records, syscalls and
+flow control, and opening one is a frame, so there is no TLS handshake and no dial in the request
+path while a connection to the peer is up (one is dialed when none is, or all are full:
+MAX_STREAMS_PER_CONN). A stream carries one request at a time, back to back, and is pooled per
+instance like a connection (http_upstream.UpstreamPool); the peer agent parses HTTP anyway, so the
+stream carries the HTTP/1.1 bytes as they are. A peer of an older release agrees a version below 3
+on that connection (it knows no HTTP_OPEN): to it a request travels on an mTLS connection of its own
+with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), pooled the same way; what a peer agreed
+is remembered for PEER_VERSION_TTL, so the request path does not try the mux each time.
+The security argument is pool.py's: a stream or pooled connection is only used for the same caller
+identity (one pool per listener, dropped when our TLS context changes), the same SNI/destination
+and the same peer agent whose SPIFFE ID was checked at dial time; the peer re-runs the intentions
+check on every request; neither is used past UPSTREAM_MAX_AGE nor the peer certificate's expiry
+(nor, for a stream, its mux connection's age); a request that did not end cleanly closes its
+connection or resets its stream, which is never reused.
 
 Mirroring copies a request to one instance of the mirror subset, its body streamed as the client
 sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
