@@ -571,7 +571,10 @@ class HttpOutbound:
         if ep is None:
             ex.respond(503, fl.UH)
             return
-        up = self.pool.acquire((ep.address, ep.port), st.ctx) if not self._conn_waiters else None
+        up = None
+        if not self._conn_waiters:
+            key = (ep.address, ep.port)
+            up = self.pool.acquire(key, st.ctx) or self._stream_now(cl, key, st.ctx)
         if up is None:
             self._spawn(self._loop(ex, first=ep))
             return
@@ -580,6 +583,20 @@ class HttpOutbound:
         ex.on_fail = self._inline_fail
         headers = st.headers
         ex.send(up, ex.head.method, st.target, list(headers) if ex.chunked else headers)
+
+    def _stream_now(self, cl: Cluster, key: tuple[str, int], ctx: Any) -> UpstreamConn | None:
+        """A new stream on an established mux connection to `key`, within the connection limit (a
+        stream counts as a connection), without a task; None: the coroutine path decides (dial, wait)."""
+        mux_ctx = self.holder.current.tls.client.get(self.local_service)
+        conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+        if conn is None or conn.version < HTTP_MIN_VERSION or not self._take_slot(cl.limits):
+            return None
+        up = self._open_stream(key, ctx, False, conn)
+        if up is None:  # (not reached: the connection was checked just now)
+            cl.limits.connections.release()
+            return None
+        up.limit = cl.limits.connections  # type: ignore[attr-defined]
+        return up
 
     def _source_key(self, snap: Snapshot, peer_ip: str | None) -> str:
         """The caller as `consistent_hash` on source sees it: the calling service's SPIFFE ID, this
