@@ -112,3 +112,16 @@ async def test_http_open_on_a_connection_that_agreed_version_2_is_a_protocol_err
     finally:
         pool.close()
         conn.reset()
+
+
+async def test_a_request_in_flight_on_a_stream_finishes_while_the_inbound_drains(mesh: Mesh) -> None:
+    """Shutdown (run.py closes the inbound listener and its HttpInbound side by side, with a drain):
+    the mux connection under an HTTP stream stays up until the request in flight is answered, as its
+    TLS connection of its own used to (before: the listener reset its mux connections at once)."""
+    _one_instance(mesh)
+    assert await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm") is not None  # a stream is up
+    inbound, http_in = mesh.inbounds[0], mesh.http_ins[0]
+    slow = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/delay/800"))
+    await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
+    await asyncio.gather(inbound.close(5.0), http_in.close(5.0))
+    assert (await slow).status == 200

@@ -28,6 +28,7 @@ from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.http1 import ResponseHead
 from hostmesh.agent.proxy.http_conn import Exchange, ServerConn, TlsReads, half_close_kept
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from hostmesh.agent.proxy.stream_transport import StreamTransport
 
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
 UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
@@ -136,6 +137,10 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.owner = None
         self.pool.lost(self)  # a tunnel never returns to the pool
 
+    def usable(self) -> bool:
+        """Whether a pooled connection may take another request (beyond closed / expired)."""
+        return True
+
     def keep_alive_ok(self) -> bool:
         return self._last_keep and not self.closed and not self.framer.broken
 
@@ -177,7 +182,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.closed or conn.ctx is not ctx or now >= conn.expires:
+            if conn.closed or conn.ctx is not ctx or now >= conn.expires or not conn.usable():
                 conn.close()
                 continue
             conn.reused = True
@@ -269,6 +274,13 @@ class UpstreamPool:
 
 class StreamUpstreamConn(UpstreamConn):
     """UpstreamConn on a stream of a mux connection to a peer agent (protocol v3+, HTTP_OPEN)."""
+
+    def usable(self) -> bool:
+        """Not once its mux connection is going away (GOAWAY either way, closed): the peer agent is
+        shutting down or the connection aged out; a new stream goes on another connection."""
+        t = self.transport
+        mux = t.stream.conn if isinstance(t, StreamTransport) else None
+        return mux is not None and not mux.draining and not mux.closed
 
     def close(self) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""

@@ -74,6 +74,7 @@ BACKLOG = 1024  # accept queue for bursts of new mesh connections
 HANDSHAKE_TIMEOUT = 5.0  # a peer agent needs one round trip; slow or silent clients are cut off
 INBOUND_IDLE_SECONDS = 90.0  # stream-less connections; above pool.POOL_IDLE_SECONDS so clients close first
 IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
+DRAIN_POLL = 0.05  # shutdown: how often HTTP requests in flight on mux streams are checked
 APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 REPORTER = "destination"
 LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
@@ -303,7 +304,14 @@ class InboundListener(ListenerLifecycle):
             task.cancel()
         for conn in list(self._conns):
             conn.goaway()  # callers open no new streams here; idle connections close now
+        deadline = time.monotonic() + drain_seconds
         await self.tracker.drain(drain_seconds)
+        # HTTP streams ride these connections: their requests in flight finish first (HttpInbound.close
+        # drains them and then closes the streams)
+        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
+            if time.monotonic() >= deadline or not self._http_in_flight():
+                break
+            await asyncio.sleep(DRAIN_POLL)
         for conn in list(self._conns):
             conn.reset()
         self._conns.clear()
@@ -312,6 +320,15 @@ class InboundListener(ListenerLifecycle):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             except TimeoutError:
                 pass
+
+    def _http_in_flight(self) -> bool:
+        """Whether an HTTP stream on one of our connections has a request in flight."""
+        for conn in self._conns:
+            for stream in conn.streams.values():
+                t = stream.pipe
+                if isinstance(t, StreamTransport) and getattr(t.get_protocol(), "ex", None) is not None:
+                    return True
+        return False
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - INBOUND_IDLE_SECONDS
