@@ -13,8 +13,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+import uvloop
 
-from hostmesh.agent.proxy.http_conn import TlsServerConn
+from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
 from hostmesh.agent.proxy.pool import ConnectionPool
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_OPEN
@@ -125,3 +126,26 @@ async def test_a_request_in_flight_on_a_stream_finishes_while_the_inbound_drains
     await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
     await asyncio.gather(inbound.close(5.0), http_in.close(5.0))
     assert (await slow).status == 200
+
+
+def test_the_fallback_on_uvloop_reads_tls_into_the_proxy_buffer(tmp_path: Path) -> None:
+    """The HTTP-ALPN path (to a peer of an older protocol) on the agent's own loop: uvloop reads the
+    TLS plaintext into the proxy's buffer (http_conn.TlsReads), as it did before HTTP rode the mux."""
+
+    async def run() -> None:
+        async with build_mesh(tmp_path) as mesh:
+            _one_instance(mesh)
+            _old_caller_tls(mesh, tmp_path)
+            c = Client(mesh.outbound.port)
+
+            def requests() -> list[int]:
+                out = [c.get("/echo", method="POST", body=b"x" * 100_000).status for _ in range(3)]
+                c.close()
+                return out
+
+            assert await asyncio.to_thread(requests) == [200, 200, 200]
+            inbound = list(mesh.http_ins[0].conns)
+            assert inbound and all(isinstance(c, TlsReads) for c in inbound)
+            assert any(c._read_view is not None for c in inbound)
+
+    uvloop.run(run())
