@@ -39,17 +39,28 @@ if TYPE_CHECKING:
 # the server's list that the client offers), so two agents always agree on the newest they share.
 # An agent speaks its own release's versions and the previous minor release's: 0.1.0 named its
 # protocols without a version (`hostmesh/tcp`, `hostmesh/http1`); those are version 1.
-# Version 2 of both carries the same frames and messages as version 1: it exists so that a later
-# release can add frame types (sent only on connections that agreed to a version knowing them)
-# while a fleet is mid-upgrade. `MeshConnection.version` (proxy/mux.py) records what was agreed.
-ALPN_TCP_V2 = "hostmesh/tcp/2"
+# Version 2 of both carries the same frames and messages as version 1 plus datagram frames (0.2);
+# a release adds frame types that are sent only on connections that agreed to a version knowing
+# them, so a fleet mid-upgrade keeps working. `MuxConnection.version` (proxy/mux.py) records what
+# was agreed. Version 3 of `hostmesh/tcp` (0.3) adds HTTP_OPEN: HTTP/1.1 exchanges on streams of the
+# mux connection (proxy/wire.py), so an L7 caller of this release offers TCP_ALPN and falls back to
+# HTTP_ALPN (one TLS connection per in-flight request) only for a peer that agreed a version below 3.
+# There is no `hostmesh/http/3`: HTTP rides the mux from version 3 on.
+ALPN_TCP_V3 = "hostmesh/tcp/3"
+ALPN_TCP_V2 = "hostmesh/tcp/2"  # 0.2.x
 ALPN_TCP_V1 = "hostmesh/tcp"  # 0.1.x
 ALPN_HTTP_V2 = "hostmesh/http/2"
 ALPN_HTTP_V1 = "hostmesh/http1"  # 0.1.x
-TCP_ALPN = (ALPN_TCP_V2, ALPN_TCP_V1)  # what an L4 caller offers, newest first
-HTTP_ALPN = (ALPN_HTTP_V2, ALPN_HTTP_V1)  # what an L7 caller offers, newest first
+TCP_ALPN = (
+    ALPN_TCP_V3,
+    ALPN_TCP_V2,
+    ALPN_TCP_V1,
+)  # what a mux caller (L4, and L7 first) offers, newest first
+HTTP_ALPN = (ALPN_HTTP_V2, ALPN_HTTP_V1)  # what an L7 caller offers to a peer older than version 3
 MESH_ALPN = TCP_ALPN + HTTP_ALPN  # what the inbound accepts, in its order of preference
-PROTOCOL_VERSIONS: dict[str, int] = {ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1}
+PROTOCOL_VERSIONS: dict[str, int] = {
+    ALPN_TCP_V3: 3, ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1,
+}  # fmt: skip
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # AEAD with forward secrecy only (see the docstring)
 
 # Why a handshake failed, as a bounded label: the peer's certificate (missing, unverifiable),

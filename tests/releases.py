@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.support import REPO
 
 # Release -> commit. Tags (`v0.1.0`) are not kept by every clone, so the commit is what we build.
-RELEASES = {"0.1.0": "0569bee"}
+RELEASES = {"0.1.0": "0569bee", "0.2.0": "102ce70"}
 BUILD_TIMEOUT = 600  # venv + dependencies from the package index on a cold cache
 
 

@@ -2,7 +2,7 @@
 
 The mesh (one module-scoped fixture, reconfigured per test through the operator CLI / Consul KV):
 
-    client ─► node-web outbound (upstream l7api) ══mTLS hostmesh/http1══► node-v1a  l7api v1 ─► app v1a
+    client ─► node-web outbound (upstream l7api) ══mTLS hostmesh/tcp/3══► node-v1a  l7api v1 ─► app v1a
                                                                        ├► node-v1b  l7api v1 ─► app v1b
                                                                        └► node-v2   l7api v2 ─► app v2
 

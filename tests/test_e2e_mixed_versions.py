@@ -1,9 +1,12 @@
-"""End to end, mixed releases: an agent of the previous release (0.1.0, built from this repository's
-history, tests/releases.py) and an agent of this tree serve side by side on one real Consul and CA.
+"""End to end, mixed releases: an agent of a previous release (0.1.0 and 0.2.0, each built from this
+repository's history, tests/releases.py) and an agent of this tree serve side by side on one real
+Consul and CA.
 
 Each host runs a TCP service and an HTTP service and calls the other host's two services, so L4 and
 L7 traffic cross the version boundary in both directions; intentions are enforced by whichever
-agent is on the receiving side, old or new. This is the skew a rolling upgrade goes through.
+agent is on the receiving side, old or new. This is the skew a rolling upgrade goes through. Toward
+either old release the current agent's HTTP cannot ride the mux (protocol 3, HTTP_OPEN): it falls
+back to the HTTP ALPNs, while its L4 streams agree version 2 (0.2.0) or 1 (0.1.0).
 """
 
 from __future__ import annotations
@@ -20,20 +23,23 @@ from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
-PREVIOUS = "0.1.0"
+PREVIOUS = ("0.1.0", "0.2.0")  # every release the current agent still speaks with
 APPLY_BOUND = 5.0  # an intention change reaches an agent's watch well within this
 
 
 class Mixed(NamedTuple):
     m: LocalMesh
-    old: AgentHandle  # 0.1.0: services mxold (tcp) and mxoldh (http)
+    old: AgentHandle  # a previous release: services mxold (tcp) and mxoldh (http)
     new: AgentHandle  # this tree: services mxnew (tcp) and mxnewh (http)
+    version: str  # the old agent's release
 
 
-@pytest.fixture(scope="module")
-def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+@pytest.fixture(scope="module", params=PREVIOUS)
+def mixed(request: pytest.FixtureRequest, consul: ConsulDev,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:  # fmt: skip
+    version: str = request.param
     try:
-        previous = release_command(PREVIOUS)
+        previous = release_command(version)
     except ReleaseUnavailable as exc:
         pytest.skip(str(exc))
     echo_old, echo_new = EchoServer(), EchoServer()
@@ -41,11 +47,11 @@ def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     m = LocalMesh(tmp_path_factory.mktemp("mixed"), consul.url)
     try:
         m.start_ca()
-        # dns=None: 0.1.0 knows no `dns` key
+        # dns=None: 0.1.0 knows no `dns` key; "" turns 0.2.0's off (both agents share this host)
         old = m.write_agent_config("node-old", [
             {"name": "mxold", "port": echo_old.port, "upstreams": ["mxnew", "mxnewh"]},
             {"name": "mxoldh", "port": backends["oldh"].port, "protocol": "http"},
-        ], dns=None)  # fmt: skip
+        ], dns=None if version == "0.1.0" else "")  # fmt: skip
         new = m.write_agent_config("node-new", [
             {"name": "mxnew", "port": echo_new.port, "upstreams": ["mxold", "mxoldh"]},
             {"name": "mxnewh", "port": backends["newh"].port, "protocol": "http"},
@@ -57,7 +63,7 @@ def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for handle, ups in ((old, ("mxnew", "mxnewh")), (new, ("mxold", "mxoldh"))):
             for up in ups:
                 m.wait_endpoints(handle, up, 1)
-        yield Mixed(m, old, new)
+        yield Mixed(m, old, new, version)
     finally:
         m.close()
         echo_old.close()
@@ -70,13 +76,13 @@ def mixed(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_the_old_agent_is_the_previous_release(mixed: Mixed) -> None:
     out = mixed.m.hostmesh("--version")
-    assert PREVIOUS not in out.stdout  # this tree is a newer release
+    assert mixed.version not in out.stdout  # this tree is a newer release
     import subprocess
 
     old = subprocess.run(
-        [*release_command(PREVIOUS), "--version"], capture_output=True, text=True, check=True
+        [*release_command(mixed.version), "--version"], capture_output=True, text=True, check=True
     )
-    assert old.stdout.strip().endswith(PREVIOUS)
+    assert old.stdout.strip().endswith(mixed.version)
 
 
 def test_l4_both_ways(mixed: Mixed) -> None:

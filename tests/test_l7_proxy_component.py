@@ -1,7 +1,7 @@
 """Component tier, L7: both agents' HTTP paths in one event loop over real loopback sockets and real
-mutual TLS 1.3 (ALPN hostmesh/http1), snapshots built by hand (no Consul), a throwaway CA. The tests run on
-the standard loop; `test_the_same_flows_on_uvloop` runs them again on the agent's own loop (uvloop,
-whose TLS layer reads into the proxy's buffer: http_conn.TlsReads).
+mutual TLS 1.3 (HTTP on streams of the agents' mux connection, ALPN hostmesh/tcp/3), snapshots built
+by hand (no Consul), a throwaway CA. The tests run on the standard loop; `test_the_same_flows_on_uvloop`
+runs them again on the agent's own loop (uvloop, whose TLS layer reads into the proxy's buffer).
 
 web's outbound (HttpOutbound on an OutboundListener) -> api's inbound (HttpInbound via the L4
 inbound's ALPN hand-over) -> an asyncio HTTP app. Clients are blocking sockets run in a thread.
@@ -28,12 +28,12 @@ from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy.http_conn import TlsReads
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
@@ -648,8 +648,9 @@ def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
             async with build_mesh(d) as m:
                 await flow(m)
                 inbound = [c for hi in m.http_ins for c in hi.conns]  # kept open by the caller's pool
-                assert inbound and all(isinstance(c, TlsReads) for c in inbound)
-                assert any(c._read_view is not None for c in inbound)  # uvloop read into the buffer
+                assert inbound and all(isinstance(c.transport, StreamTransport) for c in inbound)
+                # the mux connections under them are buffered protocols (uvloop reads into the loop's buffer)
+                assert all(isinstance(c.transport.stream.conn, asyncio.BufferedProtocol) for c in inbound)
 
     uvloop.run(run_all())
 

@@ -38,7 +38,7 @@ from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_TCP_V1, MESH_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, MESH_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import Intentions, Rule
 from tests.support import async_wait_until, free_port, metric_sample
@@ -749,12 +749,15 @@ async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
             w.transport.abort()
 
 
-@pytest.mark.parametrize(("caller_offers", "agreed"), [(MESH_ALPN, 2), ((ALPN_TCP_V1,), 1)])
+@pytest.mark.parametrize(
+    ("caller_offers", "agreed"), [(MESH_ALPN, 3), ((ALPN_TCP_V2, ALPN_TCP_V1), 2), ((ALPN_TCP_V1,), 1)]
+)
 async def test_agents_agree_on_the_newest_protocol_version_both_speak(
     mesh: Mesh, caller_offers: tuple[str, ...], agreed: int
 ) -> None:
-    """A caller of this release gets version 2; a 0.1.0 caller (offering only `hostmesh/tcp`) gets
-    version 1 from the same inbound, and its bytes flow the same."""
+    """A caller of this release gets version 3; a 0.2.0 caller (offering `hostmesh/tcp/2` and
+    `hostmesh/tcp`) gets version 2 and a 0.1.0 caller (only `hostmesh/tcp`) version 1 from the same
+    inbound, and their bytes flow the same."""
     old = mesh.holder_a.current
     tls = mesh.ca.material(["web"], gen=2, offer=caller_offers)
     mesh.holder_a.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))

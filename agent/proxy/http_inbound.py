@@ -1,4 +1,6 @@
-"""Inbound L7: HTTP/1.1 requests arriving over mutual TLS (ALPN ``hostmesh/http1``) for a local service.
+"""Inbound L7: HTTP/1.1 requests from peer agents for a local service, on streams of their mux
+connection (HTTP_OPEN, protocol v3: agent/proxy/wire.py) or, from an older release, on a mutual-TLS
+connection of their own (ALPN ``hostmesh/http/2`` or 0.1's ``hostmesh/http1``).
 
 Pipeline per request (visible in `HttpInbound.start`):
     frame + hygiene + normalise the target (http1, normalize, in ServerConn: 400/431/408/417/405/501
@@ -10,11 +12,14 @@ Pipeline per request (visible in `HttpInbound.start`):
 
 Decisions:
 - Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
-  connection is closed (http_conn.ServerConn.shed).
-- The connection is handed over by the L4 inbound (`InboundListener.alpn_handlers`) after the TLS
-  handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection level the
-  L4 code did not authorize, so every request is authorized here, against the *current* snapshot:
-  an intention change applies to the next request, even on a pooled connection.
+  connection is closed (http_conn.ServerConn.shed). The cap counts sockets: an HTTP stream is
+  covered by its mux connection's slot (taken when that connection was identified) and bounded per
+  connection by inbound.MAX_STREAMS_ACCEPTED; app connections are pooled and not counted, as before.
+- The connection (a TLS connection, or one stream of a mux connection: the same `handler`) is handed
+  over by the L4 inbound (`InboundListener.alpn_handlers`, `InboundConnection.http_open_received`)
+  after the TLS handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection
+  level the L4 code did not authorize, so every request is authorized here, against the *current*
+  snapshot: an intention change applies to the next request, even on a pooled connection or stream.
 - The rate limit is one token bucket per local service per agent (ratelimit.py), rebuilt when the
   service's policy document changes.
 - No retries here: the caller's agent owns retry decisions (it knows the route). The only redo is
@@ -47,13 +52,13 @@ from hostmesh.agent.proxy.http_conn import (
     RequestMetrics,
     ServerConn,
     TlsServerConn,
-    UpstreamConn,
-    UpstreamPool,
     access_due,
     access_line,
     complete_request_headers,
     drain,
 )
+from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
+from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.agent.tracing import KIND_SERVER, set_traceparent
 from hostmesh.ca.errors import TrustError
@@ -90,7 +95,7 @@ class _Req:
 
 
 class HttpInbound:
-    """HTTP side of the inbound listener: serves every ``hostmesh/http1`` connection of this agent."""
+    """HTTP side of the inbound listener: serves every HTTP stream and HTTP ALPN connection of this agent."""
 
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
                  subsets: Mapping[str, str] | None = None,
@@ -125,12 +130,14 @@ class HttpInbound:
             self.holder.current.tls.roots_pem,
             f"{peer[0]}:{peer[1]}" if peer else "?",
         )
-        conn = TlsServerConn(self, caller)
+        # a stream of a mux connection delivers bytes itself (stream_transport.py); TLS reads into a buffer
+        on_stream = isinstance(transport, StreamTransport)
+        conn = ServerConn(self, caller) if on_stream else TlsServerConn(self, caller)
         if self.closing:
             transport.close()
             return
         cap = listener.cap  # the agent's connection cap (InboundListener.cap; None: unlimited)
-        if cap is not None:
+        if cap is not None and not on_stream:  # a stream holds no socket: its mux connection counts
             conn.admission = cap.admit("inbound")
             conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
         self.conns.add(conn)

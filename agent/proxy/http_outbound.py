@@ -5,21 +5,29 @@ Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
     once -> route (match: first route that matches; no route: 404 NR) -> fault (delay DI, abort FI)
     -> request limit (503 UO) ->
     weighted split to a subset -> balancer pick (policy LB, outlier ejections, locality; none: 503 UH)
-    -> pooled mTLS connection to that instance's agent -> forward (header ops, rewrite,
-    x-request-id) -> retry decision (policy, budget; URX when spent) -> relay the response
-    (response header ops) -> metrics reporter=source, sampled access line.
+    -> a stream on the mux connection to that instance's agent (an older peer: a pooled mTLS
+    connection) -> forward (header ops, rewrite, x-request-id) -> retry decision (policy, budget;
+    URX when spent) -> relay the response (response header ops) -> metrics reporter=source,
+    sampled access line.
 
-Transport decision: agent to agent, a request travels as plain HTTP/1.1 on its own mutual-TLS 1.3
-connection negotiated with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), not as a
-stream inside ``hostmesh/tcp`` frames: the peer agent parses HTTP anyway, so framing it again
-would only add a copy per write.
-The connections are pooled per instance (http_conn.UpstreamPool) and carry one request at a time,
-back to back, for any downstream connection of this listener; the security argument is pool.py's:
-a pooled connection is only reused for the same caller identity (one pool per listener, dropped
-when our TLS context changes), the same SNI/destination and the same peer agent whose SPIFFE ID was
-checked at dial time; the peer re-runs the intentions check on every request; connections are not
-kept past UPSTREAM_MAX_AGE nor the peer certificate's expiry; a request that did not end cleanly
-closes its connection.
+Transport decision: agent to agent, a request travels as plain HTTP/1.1 on a *stream* of the
+multiplexed mutual-TLS connection the L4 path keeps to that peer agent (``hostmesh/tcp/3``, frame
+HTTP_OPEN: wire.py, pool.py, stream_transport.py), shared with this listener's L4 streams: the
+requests of every downstream connection in flight to one peer share its TLS records, syscalls and
+flow control, and opening one is a frame, so there is no TLS handshake and no dial in the request
+path while a connection to the peer is up (one is dialed when none is, or all are full:
+MAX_STREAMS_PER_CONN). A stream carries one request at a time, back to back, and is pooled per
+instance like a connection (http_upstream.UpstreamPool); the peer agent parses HTTP anyway, so the
+stream carries the HTTP/1.1 bytes as they are. A peer of an older release agrees a version below 3
+on that connection (it knows no HTTP_OPEN): to it a request travels on an mTLS connection of its own
+with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), pooled the same way; what a peer agreed
+is remembered for PEER_VERSION_TTL, so the request path does not try the mux each time.
+The security argument is pool.py's: a stream or pooled connection is only used for the same caller
+identity (one pool per listener, dropped when our TLS context changes), the same SNI/destination
+and the same peer agent whose SPIFFE ID was checked at dial time; the peer re-runs the intentions
+check on every request; neither is used past UPSTREAM_MAX_AGE nor the peer certificate's expiry
+(nor, for a stream, its mux connection's age); a request that did not end cleanly closes its
+connection or resets its stream, which is never reused.
 
 Mirroring copies a request to one instance of the mirror subset, its body streamed as the client
 sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
@@ -76,16 +84,16 @@ from hostmesh.agent.proxy.http_conn import (
     Outcome,
     RequestMetrics,
     ServerConn,
-    TlsUpstreamConn,
-    UpstreamConn,
-    UpstreamPool,
     access_due,
     access_line,
     complete_request_headers,
     drain,
     response_flag,
 )
-from hostmesh.agent.proxy.pool import DialError, connect_tls, verify_peer
+from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
+from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
+from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.agent.tracing import KIND_CLIENT, set_traceparent
 from hostmesh.ca.identity import Identity
@@ -103,6 +111,7 @@ RETRY_REASONS: dict[Outcome, str] = {
     TIMEOUT: "per-try timeout",
 }
 MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
+PEER_VERSION_TTL = 60.0  # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 
 
 class _Req:
@@ -355,8 +364,13 @@ class HttpOutbound:
                  *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
-                 rng: random.Random | None = None, tracer: Any = None) -> None:  # fmt: skip
+                 rng: random.Random | None = None, tracer: Any = None,
+                 mesh: ConnectionPool | None = None) -> None:  # fmt: skip
         self.holder = holder
+        # the mux connections HTTP streams ride: the L4 listener's when given (its streams share them)
+        self.mesh = mesh if mesh is not None else ConnectionPool()
+        self._own_mesh = mesh is None
+        self._peer_version: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (agreed, until)
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
@@ -557,7 +571,10 @@ class HttpOutbound:
         if ep is None:
             ex.respond(503, fl.UH)
             return
-        up = self.pool.acquire((ep.address, ep.port), st.ctx) if not self._conn_waiters else None
+        up = None
+        if not self._conn_waiters:
+            key = (ep.address, ep.port)
+            up = self.pool.acquire(key, st.ctx) or self._stream_now(cl, key, st.ctx)
         if up is None:
             self._spawn(self._loop(ex, first=ep))
             return
@@ -566,6 +583,20 @@ class HttpOutbound:
         ex.on_fail = self._inline_fail
         headers = st.headers
         ex.send(up, ex.head.method, st.target, list(headers) if ex.chunked else headers)
+
+    def _stream_now(self, cl: Cluster, key: tuple[str, int], ctx: Any) -> UpstreamConn | None:
+        """A new stream on an established mux connection to `key`, within the connection limit (a
+        stream counts as a connection), without a task; None: the coroutine path decides (dial, wait)."""
+        mux_ctx = self.holder.current.tls.client.get(self.local_service)
+        conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+        if conn is None or conn.version < HTTP_MIN_VERSION or not self._take_slot(cl.limits):
+            return None
+        up = self._open_stream(key, ctx, False, conn)
+        if up is None:  # (not reached: the connection was checked just now)
+            cl.limits.connections.release()
+            return None
+        up.limit = cl.limits.connections  # type: ignore[attr-defined]
+        return up
 
     def _source_key(self, snap: Snapshot, peer_ip: str | None) -> str:
         """The caller as `consistent_hash` on source sees it: the calling service's SPIFFE ID, this
@@ -809,10 +840,51 @@ class HttpOutbound:
             front = True  # someone else took it first: keep our place
 
     async def _dial(self, key: tuple[str, int], ctx: Any, ident: Identity, timeout: float) -> UpstreamConn:
+        """A new upstream connection to the peer agent at `key` (the transport decision in the module
+        docstring): a stream on a mux connection to it (dialed only when none is up with room), or an
+        mTLS connection of its own when that peer agreed a protocol below HTTP_MIN_VERSION."""
+        stream = self._open_stream(key, ctx, True)
+        if stream is not None:
+            return stream
+        if self._mux_wanted(key):
+            mux_ctx = self.holder.current.tls.client.get(self.local_service)
+            if mux_ctx is not None:
+                conn = await self.mesh.dial(key, mux_ctx, ident.dns_name, ident, timeout)
+                self._peer_version[key] = (conn.version, time.monotonic() + PEER_VERSION_TTL)
+                stream = self._open_stream(key, ctx, False, conn)
+                if stream is not None:
+                    return stream
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
         transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
         up.expires = min(up.expires, verify_peer(transport, key, HTTP_ALPN, ident).expires)
+        self.pool.opened(up)
+        return up
+
+    def _mux_wanted(self, key: tuple[str, int]) -> bool:
+        """Whether HTTP to `key` goes over the mux: unless the peer agreed a version below
+        HTTP_MIN_VERSION within the last PEER_VERSION_TTL (an older release; asked again after it)."""
+        known = self._peer_version.get(key)
+        return known is None or known[0] >= HTTP_MIN_VERSION or time.monotonic() >= known[1]
+
+    def _open_stream(self, key: tuple[str, int], ctx: Any, acquire: bool,
+                     conn: MeshClient | None = None) -> StreamUpstreamConn | None:  # fmt: skip
+        """An HTTP stream (HTTP_OPEN) on `conn`, or on an established mux connection to `key` with room
+        (`acquire`); None when there is none or it speaks a version below HTTP_MIN_VERSION. No await:
+        opening a stream is a frame."""
+        if conn is None:
+            if not acquire:
+                return None
+            mux_ctx = self.holder.current.tls.client.get(self.local_service)
+            conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+            if conn is None:
+                return None
+        if conn.version < HTTP_MIN_VERSION or conn.closed:
+            return None
+        up = StreamUpstreamConn(self.pool, key)
+        up.ctx = ctx
+        up.expires = min(up.expires, conn.expires)
+        up.connection_made(StreamTransport(conn.open_stream(HTTP_OPEN), up))
         self.pool.opened(up)
         return up
 
@@ -928,12 +1000,16 @@ class HttpOutbound:
             task.cancel()
         with contextlib.suppress(Exception):
             self.pool.close()
+        if self._own_mesh:
+            with contextlib.suppress(Exception):
+                self.mesh.close()
 
     def stats(self) -> dict[str, Any]:
         cl = self._cluster
         return {
             "protocol": "http",
             "pool": {"idle": self.pool.idle_count(), "dials": self.pool.dials, "reused": self.pool.reused},
+            "mux": {"connections": self.mesh.connection_count(), "handshakes": self.mesh.handshakes},
             "ejected": sorted(cl.outlier.ejected(time.monotonic())) if cl and cl.outlier else [],
             "client_connections": len(self.conns),
             "mirror_dropped": self.mirror_dropped,

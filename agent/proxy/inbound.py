@@ -30,8 +30,11 @@ Decisions:
   loop a peer gone mid-handshake leaves a cycle for the GC). Each counts
   `hostmesh_tls_handshake_failures_total{listener="inbound",reason}` and logs a line, at a bounded
   rate (registry/ratelog.py). The peer's address is not known there.
-- Other ALPN protocols (`hostmesh/http1`, the L7 work) are handed over through `alpn_handlers`
-  after identification; without a handler such a connection is refused.
+- HTTP arrives two ways, both served by `http` (http_inbound.HttpInbound): from a caller of this
+  release as HTTP_OPEN streams on a `hostmesh/tcp/3` connection (wire.py; each stream is handed over
+  as a stream_transport.StreamTransport), from an older caller on a TLS connection of its own (ALPN
+  `hostmesh/http/2` or `hostmesh/http1`), handed over through `alpn_handlers` after identification;
+  without a handler such a connection is refused. Either way every request is authorized there.
 - Over the agent's connection cap (limits.py; mesh connections and each stream's app connection
   count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM itself); an L4
   stream idle for ``stream_idle_timeout`` is reset (flag SI).
@@ -56,12 +59,13 @@ from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, Connecti
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
-from hostmesh.agent.proxy.wire import RESET, control
+from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, RESET, control
 from hostmesh.agent.snapshot import LocalService, SnapshotHolder
 from hostmesh.ca import tls as catls
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
-from hostmesh.ca.tls import MESH_ALPN, PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
+from hostmesh.ca.tls import HTTP_ALPN, MESH_ALPN, PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -71,6 +75,7 @@ BACKLOG = 1024  # accept queue for bursts of new mesh connections
 HANDSHAKE_TIMEOUT = 5.0  # a peer agent needs one round trip; slow or silent clients are cut off
 INBOUND_IDLE_SECONDS = 90.0  # stream-less connections; above pool.POOL_IDLE_SECONDS so clients close first
 IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
+DRAIN_POLL = 0.05  # shutdown: how often HTTP requests in flight on mux streams are checked
 APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 REPORTER = "destination"
 LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
@@ -163,6 +168,24 @@ class InboundConnection(MuxConnection):
             self.write(control(RESET, sid))  # refused: the client resets that one downstream connection
             return
         self.listener._open(self, self.add(sid))
+
+    def http_open_received(self, sid: int) -> None:
+        """A stream of HTTP/1.1 exchanges (protocol v3+): served by HttpInbound, which authorizes each
+        request as it does on a connection of its own."""
+        if self.source is None or sid <= self.last_id or self.version < HTTP_MIN_VERSION:
+            self.protocol_error(f"HTTP_OPEN of stream {sid} (last {self.last_id}, version {self.version})")
+            return
+        handler = self.listener.alpn_handlers.get(HTTP_ALPN[0])  # whoever serves HTTP serves its streams
+        if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED or handler is None or self.external:
+            self.last_id = sid  # refused (or no HTTP service here): that one request's try fails
+            self.write(control(RESET, sid))
+            return
+        transport = StreamTransport(self.add(sid))
+        svc = self.listener.holder.current.local.get(self.service)
+        if svc is None:
+            transport.abort()
+            return
+        handler(self.listener, transport, self.source, svc, [])
 
     def dgram_open_received(self, sid: int) -> None:
         udp = self.listener.udp
@@ -281,7 +304,14 @@ class InboundListener(ListenerLifecycle):
             task.cancel()
         for conn in list(self._conns):
             conn.goaway()  # callers open no new streams here; idle connections close now
+        deadline = time.monotonic() + drain_seconds
         await self.tracker.drain(drain_seconds)
+        # HTTP streams ride these connections: their requests in flight finish first (HttpInbound.close
+        # drains them and then closes the streams)
+        for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
+            if time.monotonic() >= deadline or not self._http_in_flight():
+                break
+            await asyncio.sleep(DRAIN_POLL)
         for conn in list(self._conns):
             conn.reset()
         self._conns.clear()
@@ -290,6 +320,15 @@ class InboundListener(ListenerLifecycle):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             except TimeoutError:
                 pass
+
+    def _http_in_flight(self) -> bool:
+        """Whether an HTTP stream on one of our connections has a request in flight."""
+        for conn in self._conns:
+            for stream in conn.streams.values():
+                t = stream.pipe
+                if isinstance(t, StreamTransport) and getattr(t.get_protocol(), "ex", None) is not None:
+                    return True
+        return False
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - INBOUND_IDLE_SECONDS

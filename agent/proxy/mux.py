@@ -34,6 +34,7 @@ from hostmesh.agent.proxy.wire import (
     DGRAM_OPEN,
     FIN,
     GOAWAY,
+    HTTP_OPEN,
     MAX_FRAME_PAYLOAD,
     OPEN,
     RESET,
@@ -299,6 +300,8 @@ class MuxConnection(asyncio.BufferedProtocol):
                 self.open_received(sid)
             elif ftype == DGRAM_OPEN:
                 self.dgram_open_received(sid)
+            elif ftype == HTTP_OPEN:
+                self.http_open_received(sid)
             elif ftype == GOAWAY:
                 self.goaway_received()
             elif sid == 0 or sid > self.last_id:
@@ -397,6 +400,9 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def dgram_open_received(self, sid: int) -> None:
         self.protocol_error(f"unexpected DGRAM_OPEN of flow {sid}")
+
+    def http_open_received(self, sid: int) -> None:
+        self.protocol_error(f"unexpected HTTP_OPEN of stream {sid}")
 
     def goaway_received(self) -> None:
         self.draining = True

@@ -186,11 +186,12 @@ class MeshClient(MuxConnection):
             return False
         return len(self.streams) < MAX_STREAMS_PER_CONN
 
-    def open_stream(self) -> Stream:
+    def open_stream(self, ftype: int = OPEN) -> Stream:
+        """A new stream: OPEN (a downstream TCP connection) or HTTP_OPEN (HTTP exchanges, v3+)."""
         if self.last_id:
             self.pool.reused += 1
         stream = self.add(self.last_id + 1)
-        self.write(control(OPEN, stream.id))
+        self.write(control(ftype, stream.id))
         return stream
 
     def became_idle(self) -> None:

@@ -93,9 +93,10 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
                and zone preference (`svc`'s `zone` meta) within the chosen subset (none: 503 UH).
     forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
                within `connect_timeout`/`connect_budget`, other instances tried on failure
-               (connect.py, also for udp flows and egress via a gateway); L7: a pooled mTLS HTTP
-               connection, retried as the route says within its budget; udp: a flow of datagrams
-               over the mux (udp.py).
+               (connect.py, also for udp flows and egress via a gateway); L7: a stream (HTTP_OPEN)
+               on those same connections (`mesh=listener.pool`), or a pooled mTLS HTTP connection
+               to a peer of an older release, retried as the route says within its budget; udp: a
+               flow of datagrams over the mux (udp.py).
     """
     if up.protocol == "udp":  # forward differs from the first stage on: datagrams, not a stream
         from hostmesh.agent.proxy.udp import UdpOutbound
@@ -110,6 +111,7 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
         local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
         header_timeout=cfg.http.header_read_timeout, protocol=up.protocol,
         body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+        mesh=listener.pool,  # HTTP streams share the L4 path's mux connections to each peer agent
     ), on_load=on_load)  # fmt: skip
     return listener
 
@@ -156,8 +158,10 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
     that switched a service's protocol); never detached while the agent runs. Idempotent.
 
     HTTP: HttpInbound serves both HTTP ALPNs (`hostmesh/http/2` and 0.1's `hostmesh/http1` carry the
-    same HTTP/1.1 messages, ca/tls.py); loaded only then, since peers call a service over HTTP only
-    when its registration says protocol=http. UDP: UdpInbound takes the DGRAM_OPEN flows."""
+    same HTTP/1.1 messages, ca/tls.py) and, through the handler registered for them, the HTTP_OPEN
+    streams of `hostmesh/tcp/3` connections (InboundConnection.http_open_received); loaded only
+    then, since peers call a service over HTTP only when its registration says protocol=http.
+    UDP: UdpInbound takes the DGRAM_OPEN flows."""
     services = cfg.services
     if listener.http is None and any(s.protocol == "http" for s in services):
         from hostmesh.agent.proxy.http_inbound import HttpInbound

@@ -20,6 +20,10 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     DGRAM_OPEN client -> server  (protocol v2+) start datagram flow <id>: a UDP client of the caller
     DGRAM   both ways         (v2+) one whole datagram of flow <id>; no window: UDP may drop, and a
                               datagram that cannot be sent is dropped and counted (agent/proxy/udp.py)
+    HTTP_OPEN client -> server  (protocol v3+) start stream <id> carrying HTTP/1.1 exchanges, back to
+                              back (keep-alive), for the connection's SNI service; after it the
+                              stream is an ordinary one (DATA, FIN, RESET, WINDOW). The server
+                              authorizes each request (agent/proxy/http_inbound.py), not the stream.
 
 Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
 stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
@@ -42,8 +46,10 @@ WINDOW: Final = 4
 GOAWAY: Final = 5
 DGRAM_OPEN: Final = 6
 DGRAM: Final = 7
-KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM))
+HTTP_OPEN: Final = 8
+KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM, HTTP_OPEN))
 DGRAM_MIN_VERSION = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSIONS) that knows DGRAM frames
+HTTP_MIN_VERSION = 3  # the version that knows HTTP_OPEN; below it HTTP takes a TLS connection of its own
 MAX_DATAGRAM = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
 
 HEADER = struct.Struct(">II")  # (type << 24 | length), stream id
@@ -70,7 +76,7 @@ def header(ftype: int, stream: int, n: int) -> bytes:
 
 
 def control(ftype: int, stream: int) -> bytes:
-    """A payload-less control frame (OPEN, FIN, RESET, GOAWAY)."""
+    """A payload-less control frame (OPEN, HTTP_OPEN, FIN, RESET, GOAWAY)."""
     return HEADER.pack(ftype << 24, stream)
 
 

@@ -1,0 +1,292 @@
+"""The upstream end of the L7 path: the proxy's client connection to the next hop, and its pool.
+
+    ServerConn ─ Exchange ─► UpstreamConn ──► next hop          (http_conn.py: the client side)
+                              TlsUpstreamConn     a peer agent, one mTLS connection (ALPN hostmesh/http/2)
+                              StreamUpstreamConn  a peer agent, one stream of the mux (protocol v3+)
+                              UpstreamConn        the local app (inbound), plain TCP on loopback
+
+Decisions:
+- One request at a time per connection (no pipelining upstream); a connection carries requests back
+  to back (keep-alive). Upstream connections are pooled per key (LIFO, bounded, aged out); one is
+  returned to the pool only when both the request and the response ended cleanly and the response
+  allows keep-alive; any other end closes it, so a connection with an unread response is never reused.
+- To a peer agent of this release the "connection" is a stream (stream_transport.StreamTransport)
+  on the multiplexed mTLS connection that the L4 path uses (pool.ConnectionPool): opening one is a
+  frame, not a TCP connect and a TLS handshake, and the streams of every in-flight request share the
+  connection's TLS records and syscalls. The pool treats it like any connection; closing it sends a
+  RESET, so the peer agent abandons the request (as it did when the TLS connection closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from hostmesh.agent.l7 import http1
+from hostmesh.agent.l7.http1 import ResponseHead
+from hostmesh.agent.proxy.http_conn import Exchange, ServerConn, TlsReads, half_close_kept
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from hostmesh.agent.proxy.stream_transport import StreamTransport
+
+UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
+UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
+MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serves a burst that passed
+POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
+
+
+class UpstreamConn(asyncio.BaseProtocol):
+    """The proxy's client end of one HTTP/1.1 connection to the next hop; pooled between requests.
+
+    A BaseProtocol, not an asyncio.Protocol: see ServerConn (TlsUpstreamConn reads into a buffer).
+    """
+
+    def __init__(self, pool: UpstreamPool, key: Any) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.framer = http1.ResponseFramer()
+        self.owner: Exchange | None = None
+        self.closed = False
+        self.reused = False
+        self.expires = time.monotonic() + UPSTREAM_MAX_AGE
+        self.idle_since = 0.0
+        self.ctx: Any = None
+        self._tunnel: ServerConn | None = None
+        self._last_keep = True
+        self._paused = False  # we paused the transport's reading
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        owner = self.owner
+        events = self.framer.feed(data)
+        if owner is None:
+            if events:
+                self.close()  # bytes nobody asked for: this connection cannot be trusted any more
+            return
+        conn = owner.conn
+        conn.cork()
+        try:
+            for ev in events:
+                if type(ev) is ResponseHead:
+                    self._last_keep = ev.keep_alive
+                owner.on_upstream(self, ev)
+                if self.owner is not owner:
+                    return
+        finally:
+            conn.uncork()
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            t = self._tunnel.transport
+            if t is not None and not t.is_closing() and t.can_write_eof():
+                t.write_eof()
+            return half_close_kept(self.transport)
+        owner = self.owner
+        for ev in self.framer.eof():
+            if owner is not None and self.owner is owner:
+                owner.on_upstream(self, ev)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.conn.pause_reading()
+        elif self._tunnel is not None:
+            self._tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.conn.resume_reading()
+        elif self._tunnel is not None:
+            self._tunnel.resume_reading()
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self._paused:
+            self._paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if t is not None and self._paused and not self.closed:
+            self._paused = False
+            t.resume_reading()
+
+    def tunnel_to(self, conn: ServerConn) -> None:
+        self._tunnel = conn
+        self.owner = None
+        self.pool.lost(self)  # a tunnel never returns to the pool
+
+    def usable(self) -> bool:
+        """Whether a pooled connection may take another request (beyond closed / expired)."""
+        return True
+
+    def keep_alive_ok(self) -> bool:
+        return self._last_keep and not self.closed and not self.framer.broken
+
+    def release(self) -> None:
+        self.owner = None
+        self.pool.release(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            if self.transport is not None:
+                self.transport.close()
+            self.pool.lost(self)
+
+
+class TlsUpstreamConn(TlsReads, UpstreamConn):
+    """UpstreamConn to a peer agent over mutual TLS (the outbound side)."""
+
+
+class UpstreamPool:
+    """Idle upstream connections by key (LIFO: the warmest first); counts open connections."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Any, list[UpstreamConn]] = {}
+        self.open: dict[Any, int] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.dials = 0
+        self.reused = 0
+        self.on_lost: Callable[[UpstreamConn], None] | None = None
+        self.on_release: Callable[[UpstreamConn], None] | None = None  # a connection became idle
+        self._counted: set[UpstreamConn] = set()
+
+    def acquire(self, key: Any, ctx: Any = None) -> UpstreamConn | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.ctx is not ctx or now >= conn.expires or not conn.usable():
+                conn.close()
+                continue
+            conn.reused = True
+            self.reused += 1
+            return conn
+        return None
+
+    def opened(self, conn: UpstreamConn) -> None:
+        self.dials += 1
+        self._counted.add(conn)
+        self.open[conn.key] = self.open.get(conn.key, 0) + 1
+
+    def release(self, conn: UpstreamConn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        now = time.monotonic()
+        if self.closing or conn.closed or now >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
+            conn.close()
+            return
+        conn.idle_since = now
+        conn.resume_reading()  # an idle connection must notice the peer closing it
+        idle.append(conn)
+        if self.on_release is not None:
+            self.on_release(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+
+    def lost(self, conn: UpstreamConn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        if conn in self._counted:
+            self._counted.discard(conn)
+            self.open[conn.key] -= 1
+            if self.on_lost is not None:
+                self.on_lost(conn)
+
+    def close_idle_one(self, pred: Callable[[UpstreamConn], bool]) -> bool:
+        """Close one idle connection `pred` accepts, the oldest of its key (its slot is wanted for
+        another key under a connection limit). False: there is none."""
+        for idle in self._idle.values():
+            for c in idle:
+                if pred(c):
+                    c.close()
+                    return True
+        return False
+
+    def idle_count(self, key: Any = None) -> int:
+        if key is not None:
+            return len(self._idle.get(key, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        cutoff = now - UPSTREAM_IDLE_SECONDS
+        left = 0
+        for key, idle in list(self._idle.items()):
+            for c in [c for c in idle if c.idle_since <= cutoff or now >= c.expires]:
+                c.close()
+            left += len(idle)
+            if not idle:
+                self._idle.pop(key, None)
+        if left and not self.closing:
+            self._sweeper = asyncio.get_running_loop().call_later(POOL_SWEEP_SECONDS, self._sweep)
+
+    def drop_idle(self) -> None:
+        """Close every idle connection (limits changed: new ones are counted from zero)."""
+        for idle in list(self._idle.values()):
+            for c in list(idle):
+                c.close()
+
+    def drop_stale(self, ctx: Any) -> None:
+        for idle in list(self._idle.values()):
+            for c in [c for c in idle if c.ctx is not ctx]:
+                c.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in list(self._idle.values()):
+            for c in list(idle):
+                c.close()
+        self._idle.clear()
+
+
+class StreamUpstreamConn(UpstreamConn):
+    """UpstreamConn on a stream of a mux connection to a peer agent (protocol v3+, HTTP_OPEN)."""
+
+    def usable(self) -> bool:
+        """Not once its mux connection is going away (GOAWAY either way, closed): the peer agent is
+        shutting down or the connection aged out; a new stream goes on another connection."""
+        t = self.transport
+        mux = t.stream.conn if isinstance(t, StreamTransport) else None
+        return mux is not None and not mux.draining and not mux.closed
+
+    def close(self) -> None:
+        """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool.lost(self)

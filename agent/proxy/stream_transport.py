@@ -1,0 +1,208 @@
+"""A stream of an agent-to-agent mux connection (agent/proxy/mux.py) as an asyncio transport, so that
+the HTTP/1.1 protocols of the L7 path (http_conn.ServerConn, http_upstream.UpstreamConn) run on it
+unchanged, exactly as on a TLS connection of their own.
+
+    protocol.write / close / abort    ->  DATA frames (within the stream's credit) / FIN / RESET
+    DATA / FIN / RESET, mux loss      ->  data_received / eof_received / connection_lost
+    stream credit or the mux's TLS write buffer full  ->  pause_writing (resume_writing when it clears)
+    pause_reading                     ->  the stream's credit is held back (the sender stops within
+                                          one window); what is in flight is held here, not delivered
+
+Decisions:
+- TLS semantics, not TCP's: an end of stream from the peer closes this end too (whatever
+  eof_received answers), and there is no half-close to offer (`can_write_eof` is False), exactly as
+  on the TLS connection this replaces, so both protocols behave as they did there.
+- `close` is orderly: our bytes still waiting for credit go first, then FIN; the stream ends when the
+  peer's FIN (or RESET) arrives, and what the peer sends meanwhile is dropped. `abort` is a RESET now.
+  The protocol is told `connection_lost` once, right after close/abort or when the peer or the mux
+  connection ends the stream.
+- `get_extra_info` answers for the mux connection (peername, ssl_object: the caller's certificate and
+  ALPN, so identity checks read the same objects), except `socket`: the socket is shared by every
+  stream, and a caller that would set SO_LINGER on it to reset "its" connection must not find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Any
+
+from hostmesh.agent.proxy.mux import Stream
+from hostmesh.agent.proxy.wire import STREAM_WINDOW, Chunk
+
+_NO_PROTOCOL = asyncio.BaseProtocol()
+
+
+class State(enum.Enum):
+    OPEN = 1  # both ways
+    CLOSING = 2  # we closed (FIN queued or sent): waiting for the peer's FIN; its bytes are dropped
+    CLOSED = 3  # the stream is over for us; the protocol was (or is about to be) told
+
+
+OPEN, CLOSING, CLOSED = State.OPEN, State.CLOSING, State.CLOSED
+
+
+class StreamTransport(asyncio.Transport):
+    """One mux stream as the transport of one HTTP/1.1 protocol. It is also the stream's pipe and
+    the stream's source end (the interface of agent/proxy/pump.py that `Stream` calls)."""
+
+    def __init__(self, stream: Stream, protocol: asyncio.BaseProtocol | None = None) -> None:
+        super().__init__()
+        self.stream = stream
+        self.state = OPEN
+        self._protocol: asyncio.BaseProtocol = protocol or _NO_PROTOCOL
+        self._read_paused = False
+        self._held: list[Chunk | None] = []  # received while reading is paused (None: the FIN)
+        self._write_paused = False  # we told the protocol to pause writing
+        self._lost = False  # connection_lost was called
+        stream.attach(self, True, self)  # type: ignore[arg-type]
+
+    # --- the stream's pipe (called by mux.Stream / MuxConnection) -----------------------------
+
+    def callbacks(self, source_side: bool) -> tuple[Any, Any]:
+        return self._data, self._eof
+
+    def _data(self, data: Chunk) -> None:
+        if self.state is not OPEN:
+            return  # we closed: the peer's late bytes are dropped (it will see our FIN)
+        if self._read_paused or self._held:
+            self._held.append(data)
+            return
+        self._protocol.data_received(data)  # type: ignore[attr-defined]
+
+    def _eof(self) -> None:
+        if self.state is CLOSING:
+            self.stream.finish()  # both FINs: the stream is over
+            self.state = CLOSED
+            return
+        if self.state is CLOSED:
+            return
+        if self._read_paused or self._held:
+            self._held.append(None)
+            return
+        self._eof_now()
+
+    def _eof_now(self) -> None:
+        self._protocol.eof_received()  # type: ignore[attr-defined]
+        self.close()  # TLS semantics (see the docstring): the other direction ends too
+
+    def lost(self, end: Any, exc: BaseException | None) -> None:
+        """The peer reset the stream, or the mux connection is gone (mux.Stream, MuxConnection)."""
+        if self.state is CLOSED and self._lost:
+            return
+        self.state = CLOSED
+        self._held = []
+        self._tell_lost(exc if isinstance(exc, Exception) else ConnectionResetError("mesh stream reset"))
+
+    def fail(self, flag: str) -> None:
+        """The mux connection broke its framing (MuxConnection.protocol_error): this stream is lost."""
+        self.stream.reset()
+        self.lost(self, ConnectionResetError(f"mesh connection protocol error ({flag})"))
+
+    def pause(self) -> None:
+        """The stream cannot take more bytes now (no credit, or the mux's TLS buffer is full)."""
+        if not self._write_paused and self.state is OPEN:
+            self._write_paused = True
+            self._protocol.pause_writing()
+
+    def resume(self) -> None:
+        if self._write_paused:
+            self._write_paused = False
+            if self.state is OPEN:
+                self._protocol.resume_writing()
+
+    # --- asyncio.Transport ------------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return default  # shared by every stream: never the protocol's to reset (see the docstring)
+        if name == "mux_stream":
+            return self.stream
+        t = self.stream.conn.transport
+        return t.get_extra_info(name, default) if t is not None else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self.state is not OPEN
+
+    def is_reading(self) -> bool:
+        return not self._read_paused
+
+    def pause_reading(self) -> None:
+        if not self._read_paused:
+            self._read_paused = True
+            self.stream.pause()  # credit is held back: the peer stops within a window
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            self.stream.resume()
+            if self._held:
+                asyncio.get_running_loop().call_soon(self._replay)
+
+    def _replay(self) -> None:
+        while self._held and not self._read_paused and self.state is OPEN:
+            item = self._held.pop(0)
+            if item is None:
+                self._eof_now()
+            else:
+                self._protocol.data_received(item)  # type: ignore[attr-defined]
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # a stream's buffer is its credit window (wire.STREAM_WINDOW), the mux's its TLS buffer
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, STREAM_WINDOW)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.stream.blocked)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state is OPEN and data:
+            self.stream.send(data if not isinstance(data, bytearray) else bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False  # as on the TLS connection this stands for (see the docstring)
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("a mesh stream carrying HTTP has no half-close")
+
+    def close(self) -> None:
+        """Orderly: what waits for credit, then FIN; the stream ends with the peer's FIN."""
+        if self.state is not OPEN:
+            return
+        stream = self.stream
+        self._held = []
+        stream.send_eof()
+        if stream.got_fin:
+            stream.finish()
+            self.state = CLOSED
+        else:
+            self.state = CLOSING
+        self._lost_soon()
+
+    def abort(self) -> None:
+        """RESET: the peer drops the stream and whatever it still had to say on it."""
+        if self.state is CLOSED and self._lost:
+            return
+        self.state = CLOSED
+        self._held = []
+        self.stream.reset()
+        self._lost_soon()
+
+    def _lost_soon(self) -> None:
+        if not self._lost:
+            asyncio.get_running_loop().call_soon(self._tell_lost, None)
+
+    def _tell_lost(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self._protocol.connection_lost(exc)

@@ -1,0 +1,151 @@
+"""Component tier, L7 over the agents' mux (protocol v3, HTTP_OPEN streams: agent/proxy/wire.py,
+stream_transport.py): the same in-process mesh as tests/test_l7_proxy_component.py (real loopback
+sockets, real mutual TLS 1.3, a throwaway CA, snapshots built by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import uvloop
+
+from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
+from hostmesh.agent.proxy.pool import ConnectionPool
+from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.wire import HTTP_OPEN
+from hostmesh.ca import pki
+from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context
+from tests.l7_support import Client
+from tests.support import async_wait_until
+from tests.test_l7_proxy_component import TD, Mesh, build_mesh, snap
+
+CONCURRENT = 8  # requests in flight at once from one caller
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with build_mesh(tmp_path) as m:
+        yield m
+
+
+def _one_instance(mesh: Mesh) -> None:
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+
+
+def _old_caller_tls(mesh: Mesh, tmp: Path) -> None:
+    """web's mux context offers only what a 0.2.0 agent offers (`hostmesh/tcp/2`, `hostmesh/tcp`):
+    the inbound agrees version 2, which knows no HTTP_OPEN."""
+    chain, key = tmp / "web.pem", tmp / "web.key"
+    old = mesh.holder_a.current
+    client = mesh_client_context(chain, key, mesh.ca.roots, alpn=(ALPN_TCP_V2, ALPN_TCP_V1))
+    tls = dataclasses.replace(old.tls, generation=2, client=MappingProxyType({"web": client}))
+    mesh.holder_a.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))
+
+
+async def test_concurrent_requests_of_one_caller_share_one_tls_connection(mesh: Mesh) -> None:
+    """Issue 12: the requests a caller has in flight to one peer agent ride streams of one mTLS
+    connection (one handshake on the inbound) instead of a TLS connection each (before: one
+    handshake per concurrent request), and the streams are reused back to back afterwards."""
+    _one_instance(mesh)
+    inbound, http_in = mesh.inbounds[0], mesh.http_ins[0]
+
+    def one(i: int) -> int:
+        c = Client(mesh.outbound.port)
+        try:
+            return c.get(f"/delay/500?n={i}").status
+        finally:
+            c.close()
+
+    statuses = await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(CONCURRENT)))
+    assert statuses == [200] * CONCURRENT
+    streams = [c for c in http_in.conns if isinstance(c.transport, StreamTransport)]
+    assert len(streams) >= 2  # several requests were in flight at once (each stream is kept, pooled)
+    assert len(streams) == len(http_in.conns)  # no request took a TLS connection of its own
+    assert inbound.handshakes == 1  # ... and all of them rode one
+    assert mesh.http_out.mesh.handshakes == 1
+    again = await asyncio.to_thread(one, CONCURRENT)
+    assert again == 200 and inbound.handshakes == 1  # the pooled streams serve the next request
+
+
+async def test_http_falls_back_to_tls_for_a_peer_of_an_older_protocol(mesh: Mesh, tmp_path: Path) -> None:
+    """A peer agent that agrees a version below 3 (a 0.2.0 agent) knows no HTTP_OPEN: the outbound
+    sends HTTP on a TLS connection of its own (HTTP ALPN), and remembers the peer's version, so later
+    requests do not dial the mux again."""
+    _one_instance(mesh)
+    _old_caller_tls(mesh, tmp_path)
+    c = Client(mesh.outbound.port)
+
+    def run() -> list[int]:
+        out = [c.get(f"/old/{i}").status for i in range(3)]
+        c.close()
+        return out
+
+    assert await asyncio.to_thread(run) == [200, 200, 200]
+    conns = list(mesh.http_ins[0].conns)
+    assert conns and all(isinstance(c, TlsServerConn) for c in conns)  # TLS connections, not streams
+    assert mesh.http_out.mesh.handshakes == 1  # the mux was asked once, then remembered
+    (mux,) = mesh.http_out.mesh._iter(None)
+    assert mux.version == 2
+
+
+async def test_http_open_on_a_connection_that_agreed_version_2_is_a_protocol_error(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP_OPEN is a version 3 frame: on a connection that agreed version 2 the inbound treats it as
+    a broken peer and aborts the connection (a 0.2.0 agent would do the same to an unknown frame)."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    chain, key = tmp_path / "web.pem", tmp_path / "web.key"
+    ctx = mesh_client_context(chain, key, mesh.ca.roots, alpn=(ALPN_TCP_V2,))
+    pool = ConnectionPool()
+    ident = pki.Identity(TD, "api")
+    conn = await pool.dial(("127.0.0.1", mesh.inbounds[0].port), ctx, ident.dns_name, ident, 5.0)
+    try:
+        assert conn.version == 2
+        conn.open_stream(HTTP_OPEN)
+        await async_wait_until(lambda: conn.closed, what="the inbound aborted the connection")
+        assert "protocol error: HTTP_OPEN of stream 1" in caplog.text
+    finally:
+        pool.close()
+        conn.reset()
+
+
+async def test_a_request_in_flight_on_a_stream_finishes_while_the_inbound_drains(mesh: Mesh) -> None:
+    """Shutdown (run.py closes the inbound listener and its HttpInbound side by side, with a drain):
+    the mux connection under an HTTP stream stays up until the request in flight is answered, as its
+    TLS connection of its own used to (before: the listener reset its mux connections at once)."""
+    _one_instance(mesh)
+    assert await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm") is not None  # a stream is up
+    inbound, http_in = mesh.inbounds[0], mesh.http_ins[0]
+    slow = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/delay/800"))
+    await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
+    await asyncio.gather(inbound.close(5.0), http_in.close(5.0))
+    assert (await slow).status == 200
+
+
+def test_the_fallback_on_uvloop_reads_tls_into_the_proxy_buffer(tmp_path: Path) -> None:
+    """The HTTP-ALPN path (to a peer of an older protocol) on the agent's own loop: uvloop reads the
+    TLS plaintext into the proxy's buffer (http_conn.TlsReads), as it did before HTTP rode the mux."""
+
+    async def run() -> None:
+        async with build_mesh(tmp_path) as mesh:
+            _one_instance(mesh)
+            _old_caller_tls(mesh, tmp_path)
+            c = Client(mesh.outbound.port)
+
+            def requests() -> list[int]:
+                out = [c.get("/echo", method="POST", body=b"x" * 100_000).status for _ in range(3)]
+                c.close()
+                return out
+
+            assert await asyncio.to_thread(requests) == [200, 200, 200]
+            inbound = list(mesh.http_ins[0].conns)
+            assert inbound and all(isinstance(c, TlsReads) for c in inbound)
+            assert any(c._read_view is not None for c in inbound)
+
+    uvloop.run(run())
