@@ -65,6 +65,87 @@ _DECISION_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"proxy-connection"}
 )
 
+# Header names as clients and apps commonly spell them -> (lower-case name, kind): one dict lookup per
+# field instead of lower() (a new bytes object) plus two set tests; other names take the slow path.
+# A fixed table, never grown by traffic (a peer cannot fill it).
+_PLAIN, _DECISION, _HOST = 0, 1, 2
+_COMMON_NAMES = (
+    b"Accept",
+    b"Accept-Charset",
+    b"Accept-Encoding",
+    b"Accept-Language",
+    b"Accept-Ranges",
+    b"Age",
+    b"Allow",
+    b"Authorization",
+    b"Cache-Control",
+    b"Connection",
+    b"Content-Disposition",
+    b"Content-Encoding",
+    b"Content-Language",
+    b"Content-Length",
+    b"Content-Location",
+    b"Content-Range",
+    b"Content-Type",
+    b"Cookie",
+    b"Date",
+    b"ETag",
+    b"Expect",
+    b"Expires",
+    b"Forwarded",
+    b"Host",
+    b"If-Match",
+    b"If-Modified-Since",
+    b"If-None-Match",
+    b"If-Range",
+    b"If-Unmodified-Since",
+    b"Keep-Alive",
+    b"Last-Modified",
+    b"Link",
+    b"Location",
+    b"Origin",
+    b"Pragma",
+    b"Proxy-Connection",
+    b"Range",
+    b"Referer",
+    b"Retry-After",
+    b"Server",
+    b"Set-Cookie",
+    b"TE",
+    b"Trailer",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"User-Agent",
+    b"Vary",
+    b"Via",
+    b"WWW-Authenticate",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Host",
+    b"X-Forwarded-Proto",
+    b"X-Request-Id",
+    b"X-Real-IP",
+    b"Traceparent",
+    b"Tracestate",
+    b"X-B3-TraceId",
+    b"X-B3-SpanId",
+    b"X-B3-ParentSpanId",
+    b"X-B3-Sampled",
+    b"X-Hostmesh-Response-Flags",
+)
+
+
+def _name_kind(lname: bytes) -> int:
+    if lname in _DECISION_FIELDS:
+        return _DECISION
+    return _HOST if lname == b"host" else _PLAIN
+
+
+_KNOWN_NAMES: dict[bytes, tuple[bytes, int]] = {
+    spelling: (n.lower(), _name_kind(n.lower()))
+    for n in _COMMON_NAMES
+    for spelling in (n, n.lower(), n.upper())
+}
+
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
@@ -211,20 +292,25 @@ def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> boo
     return up is not None and b"websocket" in _tokens(up) and b"upgrade" in connection_tokens(headers)
 
 
+@functools.lru_cache(maxsize=64)
+def _dropped(named: frozenset[bytes]) -> frozenset[bytes]:
+    """The names forward_headers drops given the Connection tokens; cached like `_token_set`."""
+    return _NOT_FORWARDED | named
+
+
 def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     """Headers without hop-by-hop fields (and without ``Expect``, answered locally).
 
     With ``tunnel`` (a WebSocket upgrade or its 101 answer) ``Upgrade`` is kept and
     ``Connection: upgrade`` set. Returns the input list itself when nothing needs dropping.
     """
-    named: frozenset[bytes] | None = None
     for n, _ in headers:
         if n in _NOT_FORWARDED:
-            named = connection_tokens(headers)
             break
-    if named is None:
+    else:
         return headers
-    out = [(n, v) for n, v in headers if n not in _NOT_FORWARDED and n not in named]
+    drop = _dropped(connection_tokens(headers))
+    out = [h for h in headers if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")
         if up is not None:
@@ -404,7 +490,9 @@ class _Framer:
 
     __slots__ = (
         "_cb_bytes",
+        "_decisive",
         "_events",
+        "_feed_len",
         "_head_raw",
         "_headers",
         "_heads_done",
@@ -414,7 +502,6 @@ class _Framer:
         "_max_headers",
         "_parser",
         "_reason",
-        "_special",
         "_state",
         "_trailer_bytes",
         "_trailers",
@@ -432,13 +519,14 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
+        self._decisive: Headers = []  # the fields of _DECISION_FIELDS in the head, in order
         self._trailers: Headers = []
         self._cb_bytes = 0
         self._head_raw = 0
+        self._feed_len = 0
         self._heads_done = 0
         self._trailer_bytes = 0
         self._upgrade_ok = False
-        self._special = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
         self._parser = self._new_parser()
@@ -467,11 +555,11 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers = []
+        self._decisive = []
         self._trailers = []
         self._cb_bytes = 0
         self._head_raw = 0
         self._trailer_bytes = 0
-        self._special = False
         self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
@@ -490,20 +578,37 @@ class _Framer:
                 self._fail(400, "trailers-too-large")
             self._trailers.append((name.lower(), value))
             return
-        lname = name.lower()
-        if lname in _DECISION_FIELDS:
-            self._special = True
-        elif lname == b"host":
-            self._hosts += 1
+        # The field count is checked here; the head's byte size after each read and when the head is
+        # complete (on_headers_complete), where it is known without summing fields in most cases.
+        known = _KNOWN_NAMES.get(name)
+        if known is None:
+            lname = name.lower()
+            kind = _name_kind(lname)
+        else:
+            lname, kind = known
+        if kind:  # rare: a field that decides framing, persistence, Expect or Upgrade, or Host
+            if kind == _DECISION:
+                self._decisive.append((lname, value))
+            else:
+                self._hosts += 1
         headers = self._headers
         headers.append((lname, value))
-        size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
-        if size > self._max_head or len(headers) > self._max_headers:
-            self._fail(431, "head-too-large" if size > self._max_head else "too-many-headers")
+        if len(headers) > self._max_headers:
+            self._fail(431, "too-many-headers")
+
+    def _head_size(self) -> int:
+        """Bytes of the head so far as the callbacks saw it: target, and each field plus ': ' and CRLF."""
+        size = self._cb_bytes
+        for n, v in self._headers:
+            size += len(n) + len(v) + 4
+        return size
 
     def on_headers_complete(self) -> None:
         self._heads_done += 1
         self._state = _BODY
+        # the head is at most its bytes in earlier reads plus this whole read: summed only above the limit
+        if self._head_raw + self._feed_len > self._max_head and self._head_size() > self._max_head:
+            self._fail(431, "head-too-large")
         try:
             self._events.append(self._head_event())
         except ProtocolError as exc:
@@ -546,6 +651,7 @@ class _Framer:
             return events
         start_state = self._state
         heads_before = self._heads_done
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -576,7 +682,7 @@ class _Framer:
             if start_state in (_IDLE, _HEAD) and self._heads_done == heads_before:
                 self._head_raw += len(data)
             else:
-                self._head_raw = self._cb_bytes
+                self._head_raw = self._head_size()
             if self._head_raw > self._max_head:
                 events.append(Reject(self._error_status(431), "head-too-large", self._error_flag()))
                 self._state = _DEAD
@@ -660,23 +766,24 @@ class RequestFramer(_Framer):
         if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
             raise ProtocolError(400, "repeated-host")
         headers = self._headers
-        if not self._special:  # fast path: nothing that changes the decisions below
+        decisive = self._decisive  # the decisions below read only these fields
+        if not decisive:  # fast path: nothing that changes the decisions below
             self._upgrade_ok = False
             return _make(
                 RequestHead, (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False)
             )
-        framing, length = request_framing(version, headers)
-        upgrade = is_websocket_upgrade(method, version, headers)
+        framing, length = request_framing(version, decisive)
+        upgrade = is_websocket_upgrade(method, version, decisive)
         self._upgrade_ok = upgrade
         return RequestHead(
             method,
             self._url,
             version,
             headers,
-            request_keep_alive(version, headers),
+            request_keep_alive(version, decisive),
             framing,
             length,
-            expects_continue(version, headers),
+            expects_continue(version, decisive),
             upgrade,
         )
 
@@ -767,8 +874,9 @@ class ResponseFramer(_Framer):
             self._informational = True
             return Informational(status, headers)
         self._informational = False
-        framing, length = response_framing(self._method, status, headers)
+        decisive = self._decisive  # framing and persistence read only these fields
+        framing, length = response_framing(self._method, status, decisive)
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
-        keep = response_keep_alive(version, headers, framing)
+        keep = response_keep_alive(version, decisive, framing)
         return _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
