@@ -503,6 +503,7 @@ class _Framer:
         "_parser",
         "_reason",
         "_state",
+        "_tally",
         "_trailer_bytes",
         "_trailers",
         "_upgrade_ok",
@@ -529,6 +530,7 @@ class _Framer:
         self._upgrade_ok = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
+        self._tally = False  # count field bytes as they arrive (see _feed)
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -561,6 +563,7 @@ class _Framer:
         self._head_raw = 0
         self._trailer_bytes = 0
         self._hosts = 0
+        self._tally = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -595,6 +598,10 @@ class _Framer:
         headers.append((lname, value))
         if len(headers) > self._max_headers:
             self._fail(431, "too-many-headers")
+        if self._tally:
+            size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
+            if size > self._max_head:
+                self._fail(431, "head-too-large")
 
     def _head_size(self) -> int:
         """Bytes of the head so far as the callbacks saw it: target, and each field plus ': ' and CRLF."""
@@ -606,8 +613,13 @@ class _Framer:
     def on_headers_complete(self) -> None:
         self._heads_done += 1
         self._state = _BODY
-        # the head is at most its bytes in earlier reads plus this whole read: summed only above the limit
-        if self._head_raw + self._feed_len > self._max_head and self._head_size() > self._max_head:
+        # the head is at most its bytes in earlier reads plus this whole read: summed only above the
+        # limit (with _tally on, on_header has counted every field already)
+        if (
+            not self._tally
+            and self._head_raw + self._feed_len > self._max_head
+            and self._head_size() > self._max_head
+        ):
             self._fail(431, "head-too-large")
         try:
             self._events.append(self._head_event())
@@ -681,8 +693,10 @@ class _Framer:
             # callback estimate (the remainder of this read is bounded by the transport's read size)
             if start_state in (_IDLE, _HEAD) and self._heads_done == heads_before:
                 self._head_raw += len(data)
-            else:
-                self._head_raw = self._head_size()
+            elif not self._tally:  # from here on on_header counts each field as it arrives (the
+                # field still open in this read is not known yet), as the old callback estimate did
+                self._tally = True
+                self._head_raw = self._cb_bytes = self._head_size()
             if self._head_raw > self._max_head:
                 events.append(Reject(self._error_status(431), "head-too-large", self._error_flag()))
                 self._state = _DEAD
