@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import httptools
 
@@ -155,7 +155,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 _COLON_SP = b": "
-_END_OF_HEAD = b"\r\n\r\n"
 
 _V10 = b"1.0"
 _V11 = b"1.1"
@@ -352,23 +351,20 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # --------------------------------------------------------------------------- serialization
 
 
-def _fields(headers: Headers) -> bytes:
-    """``name: value`` lines and the blank line that ends a head (joins in C, no per-field Python)."""
-    if not headers:
-        return CRLF
-    return CRLF.join(map(_COLON_SP.join, headers)) + _END_OF_HEAD
-
-
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    return b"%s %s HTTP/%s\r\n" % (method, target, version) + _fields(headers)
+    if not headers:
+        return b"%s %s HTTP/%s\r\n\r\n" % (method, target, version)
+    return b"%s %s HTTP/%s\r\n%s\r\n\r\n" % (method, target, version, CRLF.join(map(_COLON_SP.join, headers)))
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    return b"HTTP/%s %d %s\r\n" % (version, status, reason) + _fields(headers)
+    if not headers:
+        return b"HTTP/%s %d %s\r\n\r\n" % (version, status, reason)
+    return b"HTTP/%s %d %s\r\n%s\r\n\r\n" % (version, status, reason, CRLF.join(map(_COLON_SP.join, headers)))
 
 
 def chunk_header(size: int) -> bytes:
@@ -610,36 +606,22 @@ class _Framer:
             size += len(n) + len(v) + 4
         return size
 
-    def on_headers_complete(self) -> None:
-        self._heads_done += 1
-        self._state = _BODY
-        # the head is at most its bytes in earlier reads plus this whole read: summed only above the
-        # limit (with _tally on, on_header has counted every field already)
-        if (
-            not self._tally
-            and self._head_raw + self._feed_len > self._max_head
-            and self._head_size() > self._max_head
-        ):
+    # on_headers_complete (in each framer, the head event built inline: one Python call per head)
+    # begins with: count the head, enter _BODY, then the size check. The head is at most its bytes in
+    # earlier reads plus this whole read, so fields are summed only when that exceeds the limit (with
+    # _tally on, on_header has counted every field already).
+    def _check_head_size(self) -> None:
+        if self._head_size() > self._max_head:
             self._fail(431, "head-too-large")
-        try:
-            self._events.append(self._head_event())
-        except ProtocolError as exc:
-            self._fail(exc.status, exc.reason, exc.flag)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(_make(Body, (body,)))
 
     def on_message_complete(self) -> None:
         self._state = _IDLE
-        self._complete()
-
-    def _complete(self) -> None:
         self._events.append(_make(EndOfMessage, (self._trailers,)))
 
-    def _head_event(self) -> Event:
-        raise NotImplementedError
-
-    def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> None:
+    def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
         self._events.append(Reject(status, reason, flag))
         self._state = _DEAD
         raise _Stop
@@ -769,36 +751,43 @@ class RequestFramer(_Framer):
             return [Reject(400, "truncated-request", flags.DPE)]
         return []
 
-    def _head_event(self) -> RequestHead:
+    def on_headers_complete(self) -> None:
+        self._heads_done += 1
+        self._state = _BODY
+        if not self._tally and self._head_raw + self._feed_len > self._max_head:
+            self._check_head_size()
         p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
-            raise ProtocolError(400, "unsupported-version")
+            self._fail(400, "unsupported-version")
         method = p.get_method()
         if method == b"CONNECT":
-            raise ProtocolError(405, "connect-unsupported")
+            self._fail(405, "connect-unsupported")
         if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
-            raise ProtocolError(400, "repeated-host")
+            self._fail(400, "repeated-host")
         headers = self._headers
         decisive = self._decisive  # the decisions below read only these fields
         if not decisive:  # fast path: nothing that changes the decisions below
             self._upgrade_ok = False
-            return _make(
-                RequestHead, (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False)
+            self._events.append(
+                _make(
+                    RequestHead,
+                    (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False),
+                )
             )
-        framing, length = request_framing(version, decisive)
-        upgrade = is_websocket_upgrade(method, version, decisive)
+            return
+        try:
+            framing, length = request_framing(version, decisive)
+            upgrade = is_websocket_upgrade(method, version, decisive)
+            keep_alive = request_keep_alive(version, decisive)
+            expect_continue = expects_continue(version, decisive)
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
         self._upgrade_ok = upgrade
-        return RequestHead(
-            method,
-            self._url,
-            version,
-            headers,
-            request_keep_alive(version, decisive),
-            framing,
-            length,
-            expects_continue(version, decisive),
-            upgrade,
+        self._events.append(
+            RequestHead(
+                method, self._url, version, headers, keep_alive, framing, length, expect_continue, upgrade
+            )
         )
 
 
@@ -873,24 +862,35 @@ class ResponseFramer(_Framer):
     def _error_status(self, status: int) -> int:
         return 502
 
-    def _complete(self) -> None:
+    def on_message_complete(self) -> None:
+        self._state = _IDLE
         if self._informational:
             return
         self._awaiting = False
         self._events.append(_make(EndOfMessage, (self._trailers,)))
 
-    def _head_event(self) -> Event:
+    def on_headers_complete(self) -> None:
+        self._heads_done += 1
+        self._state = _BODY
+        if not self._tally and self._head_raw + self._feed_len > self._max_head:
+            self._check_head_size()
         p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
         version = _VERSIONS.get(p.get_http_version(), _V10)
         if 100 <= status < 200 and status != 101:
             self._informational = True
-            return Informational(status, headers)
+            self._events.append(Informational(status, headers))
+            return
         self._informational = False
         decisive = self._decisive  # framing and persistence read only these fields
-        framing, length = response_framing(self._method, status, decisive)
+        try:
+            framing, length = response_framing(self._method, status, decisive)
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
-        keep = response_keep_alive(version, decisive, framing)
-        return _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+        keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
+        self._events.append(
+            _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+        )
