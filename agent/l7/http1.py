@@ -260,7 +260,10 @@ def _parse_length(v: bytes) -> int:
 
 def request_keep_alive(version: bytes, headers: Headers) -> bool:
     """Whether the client's connection may carry another request after this one."""
-    toks = connection_tokens(headers)
+    toks = _NO_TOKENS  # connection_tokens(headers), inline: this runs for nearly every response
+    for n, v in headers:
+        if n == b"connection":
+            toks = _token_set(v) if not toks else toks | _token_set(v)
     if b"close" in toks:
         return False
     if version == _V11:
@@ -308,7 +311,11 @@ def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
             break
     else:
         return headers
-    drop = _dropped(connection_tokens(headers))
+    named = _NO_TOKENS  # connection_tokens(headers), inline
+    for n, v in headers:
+        if n == b"connection":
+            named = _token_set(v) if not named else named | _token_set(v)
+    drop = _dropped(named)
     out = [h for h in headers if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")
