@@ -533,7 +533,7 @@ class _Framer:
         self._upgrade_ok = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
-        self._tally = False  # count field bytes as they arrive (see _feed)
+        self._tally = False  # count field bytes as they arrive (see feed)
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -640,7 +640,8 @@ class _Framer:
         return status
 
     # ---- feeding
-    def _feed(self, data: bytes | memoryview) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        """Bytes in, events out (RequestFramer uses this directly: no wrapper call per read)."""
         events = self._events = []
         if self._state == _DEAD or not data:
             return events
@@ -663,7 +664,7 @@ class _Framer:
             else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
                 self._parser = self._new_parser()
                 self._state = _IDLE
-                events.extend(self._feed(rest))
+                events.extend(_Framer.feed(self, rest))
                 self._events = events
             return events
         except httptools.HttpParserCallbackError:
@@ -723,9 +724,6 @@ class RequestFramer(_Framer):
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
 
-    def feed(self, data: bytes | memoryview) -> list[Event]:
-        return self._feed(data)
-
     def upgrade_accepted(self) -> list[TunnelData]:
         """The upstream answered the upgrade request with 101: from now on every byte is tunnel data
         (the bytes held since the request first)."""
@@ -744,7 +742,7 @@ class RequestFramer(_Framer):
         self._parser = self._new_parser()
         self._state = _IDLE
         self._upgrade_ok = False
-        return self._feed(held) if held else []
+        return self.feed(held) if held else []
 
     def _upgraded(self, rest: bytes, events: list[Event]) -> None:
         self._state = _UPGRADING  # not a tunnel before the upstream's 101: it may refuse
@@ -829,7 +827,7 @@ class ResponseFramer(_Framer):
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         if not self._head_pending:
-            return self._feed(data)
+            return _Framer.feed(self, data)
         # HEAD: llhttp cannot be told to skip a body, so feed it exactly the head and end it here
         buf = self._pending + data if self._pending else bytes(data)
         end = buf.find(b"\r\n\r\n")
@@ -841,7 +839,7 @@ class ResponseFramer(_Framer):
             return []
         self._pending = b""
         self._head_pending = False
-        events = self._feed(buf[: end + 4])
+        events = _Framer.feed(self, buf[: end + 4])
         if self._state == _BODY:  # llhttp now waits for a body that will not come: end it here
             events.append(EndOfMessage([]))
             self._awaiting = False
