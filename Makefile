@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
 
-.PHONY: test lint typecheck unit fleet consul demo bench clean deb systemd-boot
+.PHONY: test lint typecheck unit fleet consul demo bench profile clean deb systemd-boot
 
 test: lint typecheck unit fleet
 
@@ -49,6 +49,12 @@ demo: $(STAMP) consul
 bench: $(STAMP) consul
 	$(BIN)/python -m compileall -q $(PKGS)
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Per-request Python calls, allocator calls and syscalls of an L7 and an L4 pair, per side (counts,
+# not times: valid on a loaded machine). bench/README.md.
+profile: $(STAMP) consul
+	$(BIN)/python -m compileall -q $(PKGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/profile_l7.py $(PROFILE_ARGS)
 
 # dist/hostmesh-<v>.tar.gz, the wheel, and dist/hostmesh_<v>_<arch>.deb (venv in /opt/hostmesh).
 deb: $(STAMP)

@@ -360,6 +360,18 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
     return "\n".join(lines)
 
 
+PROFILE_HEADING = "## Per-request profile"  # written by hand from `make profile`; a full run keeps it
+
+
+def kept_profile_section() -> str:
+    try:
+        text = RESULTS_MD.read_text()
+    except OSError:
+        return ""
+    at = text.find(PROFILE_HEADING)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short durations and 1 run, for development")
@@ -496,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         say("bench: --quick run: bench/RESULTS.md left as is (it keeps full runs only)")
     else:
-        RESULTS_MD.write_text(build_markdown(doc, tables, f"results/{out.name}"))
+        RESULTS_MD.write_text(build_markdown(doc, tables, f"results/{out.name}") + kept_profile_section())
         say(f"bench: wrote {RESULTS_MD.relative_to(REPO)}")
     return 0
 

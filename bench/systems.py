@@ -399,6 +399,7 @@ class HostmeshPair(System):
             self.service = f"bench-{'l4' if protocol == 'tcp' else 'l7'}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._admin: dict[str, int] = {}
+        self.agent_cmd: list[str] | None = None  # instead of `hostmesh`: bench/profile_l7.py's hook
 
     def _token(self, env: Env, ca: HostmeshCA, service: str) -> str:
         try:
@@ -461,7 +462,7 @@ class HostmeshPair(System):
             name = f"{self.name}-{role}"
             self._procs[name] = env.procs.start(
                 name,
-                [*hostmesh_cmd(), "agent", "run", "--config", str(cfg)],
+                [*(self.agent_cmd or hostmesh_cmd()), "agent", "run", "--config", str(cfg)],
                 env={**os.environ, "CONSUL_HTTP_ADDR": env.consul_url},
             )
         for role, port in self._admin.items():

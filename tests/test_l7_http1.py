@@ -223,6 +223,70 @@ def test_custom_limits() -> None:
     assert isinstance(f.feed(b"GET /" + b"x" * 80 + b" HTTP/1.1\r\n\r\n")[-1], Reject)
 
 
+def test_head_above_limit_after_a_complete_request_in_the_same_read_is_431() -> None:
+    """A read that ends one request and begins the next: the next head's size so far is counted from its
+    fields, and later reads add to it, so dribbling the rest of it still ends in 431."""
+    f = RequestFramer()
+    first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    events = f.feed(
+        first + b"GET /b HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES - 2000) + b"\r\n"
+    )
+    assert [type(e) for e in events] == [RequestHead, EndOfMessage]
+    n = 0
+    while not events or not isinstance(events[-1], Reject):
+        events = f.feed(b"X-More: " + b"m" * 990 + b"\r\n")
+        n += 1
+        assert n < 10, "the second head grew past the limit without a 431"
+    assert events[-1].status == 431
+    assert n <= 3
+
+
+@pytest.mark.parametrize(
+    "spelling", [b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"cOnTeNt-LeNgTh"]
+)
+def test_decision_fields_decide_in_any_spelling(spelling: bytes) -> None:
+    """Field names are case-insensitive: a known spelling and any other one frame the same way."""
+    events = one_shot(b"POST / HTTP/1.1\r\nHost: a\r\n" + spelling + b": 5\r\nConnection: close\r\n\r\nhello")
+    head = events[0]
+    assert isinstance(head, RequestHead)
+    assert (head.framing, head.content_length, head.keep_alive) == (LENGTH, 5, False)
+    assert (b"content-length", b"5") in head.headers
+    assert events[1:] == [Body(b"hello"), EndOfMessage([])]
+
+
+@pytest.mark.parametrize("second", [b"Host", b"host", b"HOST", b"hOsT"])
+def test_repeated_host_in_any_spelling_is_400(second: bytes) -> None:
+    assert reject_of(b"GET / HTTP/1.1\r\nHost: a\r\n" + second + b": b\r\n\r\n").reason == "repeated-host"
+
+
+def test_response_framing_reads_the_decision_fields_among_many() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    head = (
+        b"HTTP/1.1 200 OK\r\nServer: x\r\nDate: y\r\nX-Custom: z\r\nTransfer-Encoding: chunked\r\n"
+        b"Vary: a\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    events = merged(r.feed(head))
+    resp = events[0]
+    assert isinstance(resp, ResponseHead)
+    assert (resp.framing, resp.keep_alive) == (CHUNKED, False)
+    assert [n for n, _ in resp.headers] == [
+        b"server",
+        b"date",
+        b"x-custom",
+        b"transfer-encoding",
+        b"vary",
+        b"connection",
+    ]
+    assert forward_headers(resp.headers) == [
+        (b"server", b"x"),
+        (b"date", b"y"),
+        (b"x-custom", b"z"),
+        (b"vary", b"a"),
+    ]
+    assert events[1:] == [Body(b"abc"), EndOfMessage([])]
+
+
 # ------------------------------------------------------------------ streaming framer
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import httptools
 
@@ -65,6 +65,87 @@ _DECISION_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"proxy-connection"}
 )
 
+# Header names as clients and apps commonly spell them -> (lower-case name, kind): one dict lookup per
+# field instead of lower() (a new bytes object) plus two set tests; other names take the slow path.
+# A fixed table, never grown by traffic (a peer cannot fill it).
+_PLAIN, _DECISION, _HOST = 0, 1, 2
+_COMMON_NAMES = (
+    b"Accept",
+    b"Accept-Charset",
+    b"Accept-Encoding",
+    b"Accept-Language",
+    b"Accept-Ranges",
+    b"Age",
+    b"Allow",
+    b"Authorization",
+    b"Cache-Control",
+    b"Connection",
+    b"Content-Disposition",
+    b"Content-Encoding",
+    b"Content-Language",
+    b"Content-Length",
+    b"Content-Location",
+    b"Content-Range",
+    b"Content-Type",
+    b"Cookie",
+    b"Date",
+    b"ETag",
+    b"Expect",
+    b"Expires",
+    b"Forwarded",
+    b"Host",
+    b"If-Match",
+    b"If-Modified-Since",
+    b"If-None-Match",
+    b"If-Range",
+    b"If-Unmodified-Since",
+    b"Keep-Alive",
+    b"Last-Modified",
+    b"Link",
+    b"Location",
+    b"Origin",
+    b"Pragma",
+    b"Proxy-Connection",
+    b"Range",
+    b"Referer",
+    b"Retry-After",
+    b"Server",
+    b"Set-Cookie",
+    b"TE",
+    b"Trailer",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"User-Agent",
+    b"Vary",
+    b"Via",
+    b"WWW-Authenticate",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Host",
+    b"X-Forwarded-Proto",
+    b"X-Request-Id",
+    b"X-Real-IP",
+    b"Traceparent",
+    b"Tracestate",
+    b"X-B3-TraceId",
+    b"X-B3-SpanId",
+    b"X-B3-ParentSpanId",
+    b"X-B3-Sampled",
+    b"X-Hostmesh-Response-Flags",
+)
+
+
+def _name_kind(lname: bytes) -> int:
+    if lname in _DECISION_FIELDS:
+        return _DECISION
+    return _HOST if lname == b"host" else _PLAIN
+
+
+_KNOWN_NAMES: dict[bytes, tuple[bytes, int]] = {
+    spelling: (n.lower(), _name_kind(n.lower()))
+    for n in _COMMON_NAMES
+    for spelling in (n, n.lower(), n.upper())
+}
+
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
@@ -74,7 +155,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 _COLON_SP = b": "
-_END_OF_HEAD = b"\r\n\r\n"
 
 _V10 = b"1.0"
 _V11 = b"1.1"
@@ -180,7 +260,10 @@ def _parse_length(v: bytes) -> int:
 
 def request_keep_alive(version: bytes, headers: Headers) -> bool:
     """Whether the client's connection may carry another request after this one."""
-    toks = connection_tokens(headers)
+    toks = _NO_TOKENS  # connection_tokens(headers), inline: this runs for nearly every response
+    for n, v in headers:
+        if n == b"connection":
+            toks = _token_set(v) if not toks else toks | _token_set(v)
     if b"close" in toks:
         return False
     if version == _V11:
@@ -211,20 +294,29 @@ def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> boo
     return up is not None and b"websocket" in _tokens(up) and b"upgrade" in connection_tokens(headers)
 
 
+@functools.lru_cache(maxsize=64)
+def _dropped(named: frozenset[bytes]) -> frozenset[bytes]:
+    """The names forward_headers drops given the Connection tokens; cached like `_token_set`."""
+    return _NOT_FORWARDED | named
+
+
 def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     """Headers without hop-by-hop fields (and without ``Expect``, answered locally).
 
     With ``tunnel`` (a WebSocket upgrade or its 101 answer) ``Upgrade`` is kept and
     ``Connection: upgrade`` set. Returns the input list itself when nothing needs dropping.
     """
-    named: frozenset[bytes] | None = None
     for n, _ in headers:
         if n in _NOT_FORWARDED:
-            named = connection_tokens(headers)
             break
-    if named is None:
+    else:
         return headers
-    out = [(n, v) for n, v in headers if n not in _NOT_FORWARDED and n not in named]
+    named = _NO_TOKENS  # connection_tokens(headers), inline
+    for n, v in headers:
+        if n == b"connection":
+            named = _token_set(v) if not named else named | _token_set(v)
+    drop = _dropped(named)
+    out = [h for h in headers if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")
         if up is not None:
@@ -266,23 +358,20 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # --------------------------------------------------------------------------- serialization
 
 
-def _fields(headers: Headers) -> bytes:
-    """``name: value`` lines and the blank line that ends a head (joins in C, no per-field Python)."""
-    if not headers:
-        return CRLF
-    return CRLF.join(map(_COLON_SP.join, headers)) + _END_OF_HEAD
-
-
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    return b"%s %s HTTP/%s\r\n" % (method, target, version) + _fields(headers)
+    if not headers:
+        return b"%s %s HTTP/%s\r\n\r\n" % (method, target, version)
+    return b"%s %s HTTP/%s\r\n%s\r\n\r\n" % (method, target, version, CRLF.join(map(_COLON_SP.join, headers)))
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    return b"HTTP/%s %d %s\r\n" % (version, status, reason) + _fields(headers)
+    if not headers:
+        return b"HTTP/%s %d %s\r\n\r\n" % (version, status, reason)
+    return b"HTTP/%s %d %s\r\n%s\r\n\r\n" % (version, status, reason, CRLF.join(map(_COLON_SP.join, headers)))
 
 
 def chunk_header(size: int) -> bytes:
@@ -404,7 +493,9 @@ class _Framer:
 
     __slots__ = (
         "_cb_bytes",
+        "_decisive",
         "_events",
+        "_feed_len",
         "_head_raw",
         "_headers",
         "_heads_done",
@@ -414,8 +505,8 @@ class _Framer:
         "_max_headers",
         "_parser",
         "_reason",
-        "_special",
         "_state",
+        "_tally",
         "_trailer_bytes",
         "_trailers",
         "_upgrade_ok",
@@ -432,15 +523,17 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
+        self._decisive: Headers = []  # the fields of _DECISION_FIELDS in the head, in order
         self._trailers: Headers = []
         self._cb_bytes = 0
         self._head_raw = 0
+        self._feed_len = 0
         self._heads_done = 0
         self._trailer_bytes = 0
         self._upgrade_ok = False
-        self._special = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
+        self._tally = False  # count field bytes as they arrive (see feed)
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -467,12 +560,13 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers = []
+        self._decisive = []
         self._trailers = []
         self._cb_bytes = 0
         self._head_raw = 0
         self._trailer_bytes = 0
-        self._special = False
         self._hosts = 0
+        self._tally = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -490,39 +584,51 @@ class _Framer:
                 self._fail(400, "trailers-too-large")
             self._trailers.append((name.lower(), value))
             return
-        lname = name.lower()
-        if lname in _DECISION_FIELDS:
-            self._special = True
-        elif lname == b"host":
-            self._hosts += 1
+        # The field count is checked here; the head's byte size after each read and when the head is
+        # complete (on_headers_complete), where it is known without summing fields in most cases.
+        known = _KNOWN_NAMES.get(name)
+        if known is None:
+            lname = name.lower()
+            kind = _name_kind(lname)
+        else:
+            lname, kind = known
+        if kind:  # rare: a field that decides framing, persistence, Expect or Upgrade, or Host
+            if kind == _DECISION:
+                self._decisive.append((lname, value))
+            else:
+                self._hosts += 1
         headers = self._headers
         headers.append((lname, value))
-        size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
-        if size > self._max_head or len(headers) > self._max_headers:
-            self._fail(431, "head-too-large" if size > self._max_head else "too-many-headers")
+        if len(headers) > self._max_headers:
+            self._fail(431, "too-many-headers")
+        if self._tally:
+            size = self._cb_bytes = self._cb_bytes + len(name) + len(value) + 4
+            if size > self._max_head:
+                self._fail(431, "head-too-large")
 
-    def on_headers_complete(self) -> None:
-        self._heads_done += 1
-        self._state = _BODY
-        try:
-            self._events.append(self._head_event())
-        except ProtocolError as exc:
-            self._fail(exc.status, exc.reason, exc.flag)
+    def _head_size(self) -> int:
+        """Bytes of the head so far as the callbacks saw it: target, and each field plus ': ' and CRLF."""
+        size = self._cb_bytes
+        for n, v in self._headers:
+            size += len(n) + len(v) + 4
+        return size
+
+    # on_headers_complete (in each framer, the head event built inline: one Python call per head)
+    # begins with: count the head, enter _BODY, then the size check. The head is at most its bytes in
+    # earlier reads plus this whole read, so fields are summed only when that exceeds the limit (with
+    # _tally on, on_header has counted every field already).
+    def _check_head_size(self) -> None:
+        if self._head_size() > self._max_head:
+            self._fail(431, "head-too-large")
 
     def on_body(self, body: bytes) -> None:
         self._events.append(_make(Body, (body,)))
 
     def on_message_complete(self) -> None:
         self._state = _IDLE
-        self._complete()
-
-    def _complete(self) -> None:
         self._events.append(_make(EndOfMessage, (self._trailers,)))
 
-    def _head_event(self) -> Event:
-        raise NotImplementedError
-
-    def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> None:
+    def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
         self._events.append(Reject(status, reason, flag))
         self._state = _DEAD
         raise _Stop
@@ -534,7 +640,8 @@ class _Framer:
         return status
 
     # ---- feeding
-    def _feed(self, data: bytes | memoryview) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        """Bytes in, events out (RequestFramer uses this directly: no wrapper call per read)."""
         events = self._events = []
         if self._state == _DEAD or not data:
             return events
@@ -546,6 +653,7 @@ class _Framer:
             return events
         start_state = self._state
         heads_before = self._heads_done
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -556,7 +664,7 @@ class _Framer:
             else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
                 self._parser = self._new_parser()
                 self._state = _IDLE
-                events.extend(self._feed(rest))
+                events.extend(_Framer.feed(self, rest))
                 self._events = events
             return events
         except httptools.HttpParserCallbackError:
@@ -575,8 +683,10 @@ class _Framer:
             # callback estimate (the remainder of this read is bounded by the transport's read size)
             if start_state in (_IDLE, _HEAD) and self._heads_done == heads_before:
                 self._head_raw += len(data)
-            else:
-                self._head_raw = self._cb_bytes
+            elif not self._tally:  # from here on on_header counts each field as it arrives (the
+                # field still open in this read is not known yet), as the old callback estimate did
+                self._tally = True
+                self._head_raw = self._cb_bytes = self._head_size()
             if self._head_raw > self._max_head:
                 events.append(Reject(self._error_status(431), "head-too-large", self._error_flag()))
                 self._state = _DEAD
@@ -614,9 +724,6 @@ class RequestFramer(_Framer):
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
 
-    def feed(self, data: bytes | memoryview) -> list[Event]:
-        return self._feed(data)
-
     def upgrade_accepted(self) -> list[TunnelData]:
         """The upstream answered the upgrade request with 101: from now on every byte is tunnel data
         (the bytes held since the request first)."""
@@ -635,7 +742,7 @@ class RequestFramer(_Framer):
         self._parser = self._new_parser()
         self._state = _IDLE
         self._upgrade_ok = False
-        return self._feed(held) if held else []
+        return self.feed(held) if held else []
 
     def _upgraded(self, rest: bytes, events: list[Event]) -> None:
         self._state = _UPGRADING  # not a tunnel before the upstream's 101: it may refuse
@@ -649,35 +756,43 @@ class RequestFramer(_Framer):
             return [Reject(400, "truncated-request", flags.DPE)]
         return []
 
-    def _head_event(self) -> RequestHead:
+    def on_headers_complete(self) -> None:
+        self._heads_done += 1
+        self._state = _BODY
+        if not self._tally and self._head_raw + self._feed_len > self._max_head:
+            self._check_head_size()
         p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
-            raise ProtocolError(400, "unsupported-version")
+            self._fail(400, "unsupported-version")
         method = p.get_method()
         if method == b"CONNECT":
-            raise ProtocolError(405, "connect-unsupported")
+            self._fail(405, "connect-unsupported")
         if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
-            raise ProtocolError(400, "repeated-host")
+            self._fail(400, "repeated-host")
         headers = self._headers
-        if not self._special:  # fast path: nothing that changes the decisions below
+        decisive = self._decisive  # the decisions below read only these fields
+        if not decisive:  # fast path: nothing that changes the decisions below
             self._upgrade_ok = False
-            return _make(
-                RequestHead, (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False)
+            self._events.append(
+                _make(
+                    RequestHead,
+                    (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False),
+                )
             )
-        framing, length = request_framing(version, headers)
-        upgrade = is_websocket_upgrade(method, version, headers)
+            return
+        try:
+            framing, length = request_framing(version, decisive)
+            upgrade = is_websocket_upgrade(method, version, decisive)
+            keep_alive = request_keep_alive(version, decisive)
+            expect_continue = expects_continue(version, decisive)
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
         self._upgrade_ok = upgrade
-        return RequestHead(
-            method,
-            self._url,
-            version,
-            headers,
-            request_keep_alive(version, headers),
-            framing,
-            length,
-            expects_continue(version, headers),
-            upgrade,
+        self._events.append(
+            RequestHead(
+                method, self._url, version, headers, keep_alive, framing, length, expect_continue, upgrade
+            )
         )
 
 
@@ -712,7 +827,7 @@ class ResponseFramer(_Framer):
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         if not self._head_pending:
-            return self._feed(data)
+            return _Framer.feed(self, data)
         # HEAD: llhttp cannot be told to skip a body, so feed it exactly the head and end it here
         buf = self._pending + data if self._pending else bytes(data)
         end = buf.find(b"\r\n\r\n")
@@ -724,7 +839,7 @@ class ResponseFramer(_Framer):
             return []
         self._pending = b""
         self._head_pending = False
-        events = self._feed(buf[: end + 4])
+        events = _Framer.feed(self, buf[: end + 4])
         if self._state == _BODY:  # llhttp now waits for a body that will not come: end it here
             events.append(EndOfMessage([]))
             self._awaiting = False
@@ -752,23 +867,35 @@ class ResponseFramer(_Framer):
     def _error_status(self, status: int) -> int:
         return 502
 
-    def _complete(self) -> None:
+    def on_message_complete(self) -> None:
+        self._state = _IDLE
         if self._informational:
             return
         self._awaiting = False
         self._events.append(_make(EndOfMessage, (self._trailers,)))
 
-    def _head_event(self) -> Event:
+    def on_headers_complete(self) -> None:
+        self._heads_done += 1
+        self._state = _BODY
+        if not self._tally and self._head_raw + self._feed_len > self._max_head:
+            self._check_head_size()
         p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
         version = _VERSIONS.get(p.get_http_version(), _V10)
         if 100 <= status < 200 and status != 101:
             self._informational = True
-            return Informational(status, headers)
+            self._events.append(Informational(status, headers))
+            return
         self._informational = False
-        framing, length = response_framing(self._method, status, headers)
+        decisive = self._decisive  # framing and persistence read only these fields
+        try:
+            framing, length = response_framing(self._method, status, decisive)
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
-        keep = response_keep_alive(version, headers, framing)
-        return _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+        keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
+        self._events.append(
+            _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+        )
