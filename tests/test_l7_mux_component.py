@@ -17,8 +17,9 @@ import uvloop
 
 from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
 from hostmesh.agent.proxy.pool import ConnectionPool
+from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_OPEN
+from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW
 from hostmesh.ca import pki
 from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context
 from tests.l7_support import Client
@@ -149,3 +150,50 @@ def test_the_fallback_on_uvloop_reads_tls_into_the_proxy_buffer(tmp_path: Path) 
             assert any(c._read_view is not None for c in inbound)
 
     uvloop.run(run())
+
+
+FILL_STREAMS = 60  # raw streams of a window each: far more than loopback's socket buffers hold
+BACKED_UP = 2 * TLS_READ_BYTES  # a client paused in time leaves at most a read or two waiting for credit
+
+
+async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pauses_the_client(
+    mesh: Mesh,
+) -> None:
+    """Backpressure through a pooled HTTP stream: its mux connection's TLS buffer filled up (the peer
+    agent stopped reading) while the stream sat idle in the pool; a request with a large body that
+    takes it must stop reading its client until the connection drains, not pile the body up in the
+    stream's credit queue (before: the pause had gone to nobody, so the body was read and queued
+    whole, memory bounded only by what the client sends), and the request completes once it drains."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    (up,) = [c for idle in mesh.http_out.pool._idle.values() for c in idle]
+    assert isinstance(up.transport, StreamTransport)
+    stream = up.transport.stream
+    mux = stream.conn
+    (peer,) = mesh.inbounds[0]._conns
+    assert peer.transport is not None
+    peer.transport.pause_reading()  # the peer agent reads nothing more (a stuck or slow host)
+    fillers = []
+    for _ in range(FILL_STREAMS):
+        if mux.write_paused:
+            break
+        s = mux.open_stream()
+        s.send(b"\0" * STREAM_WINDOW)
+        fillers.append(s)
+        await asyncio.sleep(0)  # let the transport push what the kernel takes
+    await async_wait_until(lambda: mux.write_paused, what="the mux connection's TLS buffer is full")
+    body = b"b" * (4 * STREAM_WINDOW)
+    sender = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/sink", method="POST",
+                                                   body=body))  # fmt: skip
+    await async_wait_until(
+        lambda: up.owner is not None and (up.owner.conn._paused or len(stream.blocked) > BACKED_UP),
+        what="the request took the pooled stream and its client was paused (or its body piled up)",
+    )
+    assert len(stream.blocked) <= BACKED_UP
+    assert up.owner.conn._paused
+    for s in fillers:
+        s.reset()
+    peer.transport.resume_reading()
+    resp = await sender
+    assert resp.status == 200
+    assert mesh.apps[0].last_body == body

@@ -56,6 +56,9 @@ class UpstreamConn(asyncio.BaseProtocol):
         self._tunnel: ServerConn | None = None
         self._last_keep = True
         self._paused = False  # we paused the transport's reading
+        # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
+        # is paused with its connection, so a request taking it must start with its client paused)
+        self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
@@ -107,6 +110,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             owner.upstream_lost(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         owner = self.owner
         if owner is not None:
             owner.conn.pause_reading()
@@ -114,6 +118,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             self._tunnel.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         owner = self.owner
         if owner is not None:
             owner.conn.resume_reading()
