@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool
 from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
@@ -197,3 +198,20 @@ async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pause
     resp = await sender
     assert resp.status == 200
     assert mesh.apps[0].last_body == body
+
+
+async def test_the_inbound_connection_cap_counts_each_http_stream(mesh: Mesh) -> None:
+    """max_connections on the inbound bounds the requests callers have in flight, as it did when each
+    one took a TLS connection of its own: an HTTP stream holds a slot like an L4 stream's app
+    connection (before: only its mux connection did, so one slot carried up to 200 requests, each with
+    an app connection). Beyond it the request gets 503 OM; the mux connection and its other streams go on."""
+    _one_instance(mesh)
+    cap = ConnectionCap(2, mesh.tel_b)  # the mux connection, and one stream
+    mesh.inbounds[0].cap = cap
+    http_in = mesh.http_ins[0]
+    slow = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/delay/800"))
+    await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
+    over = await asyncio.to_thread(Client(mesh.outbound.port).get, "/over-the-cap")
+    assert (over.status, over.flags) == (503, "OM")
+    assert (await slow).status == 200
+    assert mesh.inbounds[0].handshakes == 1  # both rode the one mux connection

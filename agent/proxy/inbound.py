@@ -35,9 +35,9 @@ Decisions:
   as a stream_transport.StreamTransport), from an older caller on a TLS connection of its own (ALPN
   `hostmesh/http/2` or `hostmesh/http1`), handed over through `alpn_handlers` after identification;
   without a handler such a connection is refused. Either way every request is authorized there.
-- Over the agent's connection cap (limits.py; mesh connections and each stream's app connection
-  count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM itself); an L4
-  stream idle for ``stream_idle_timeout`` is reset (flag SI).
+- Over the agent's connection cap (limits.py; mesh connections, each L4 stream's app connection and
+  each HTTP stream count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM
+  itself); an L4 stream idle for ``stream_idle_timeout`` is reset (flag SI).
 """
 
 from __future__ import annotations
