@@ -22,10 +22,10 @@ from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context
+from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context, mesh_server_context
 from tests.l7_support import Client
 from tests.support import async_wait_until
-from tests.test_l7_proxy_component import TD, Mesh, build_mesh, snap
+from tests.test_l7_proxy_component import CA, TD, Mesh, build_mesh, snap
 
 CONCURRENT = 8  # requests in flight at once from one caller
 
@@ -215,3 +215,28 @@ async def test_the_inbound_connection_cap_counts_each_http_stream(mesh: Mesh) ->
     assert (over.status, over.flags) == (503, "OM")
     assert (await slow).status == 200
     assert mesh.inbounds[0].handshakes == 1  # both rode the one mux connection
+
+
+async def test_a_new_stream_after_a_trust_bundle_change_reverifies_the_caller(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A caller whose certificate the new trust bundle no longer covers gets no new HTTP stream on its
+    established mux connection (as it gets no new L4 stream): the stream's identity was verified
+    against the bundle of the handshake, not the current one (before: HttpInbound took the current
+    bundle as the one the caller was verified against, so the new stream was served)."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/a")).status == 200
+    (mux,) = mesh.http_out.mesh._iter(None)
+    mesh.http_out.pool.drop_idle()  # the pooled stream goes (as after its idle time); the connection stays
+    await async_wait_until(lambda: not mux.streams, what="the stream of /a ended")
+    other = CA(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    h = mesh.inbounds[0].holder  # the bundle now holds another root only, as the agent builds it:
+    server = mesh_server_context(
+        tmp_path / "api.pem", tmp_path / "api.key", other.roots
+    )  # new handshakes too
+    tls = dataclasses.replace(h.current.tls, roots_pem=other.roots, server=MappingProxyType({"api": server}))
+    h.swap(dataclasses.replace(h.current, tls=tls))
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/after-the-bundle-change")
+    assert r.status != 200
+    assert b"/after-the-bundle-change" not in mesh.apps[0].seen
