@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 import uvloop
@@ -157,20 +158,11 @@ FILL_STREAMS = 60  # raw streams of a window each: far more than loopback's sock
 BACKED_UP = 2 * TLS_READ_BYTES  # a client paused in time leaves at most a read or two waiting for credit
 
 
-async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pauses_the_client(
-    mesh: Mesh,
-) -> None:
-    """Backpressure through a pooled HTTP stream: its mux connection's TLS buffer filled up (the peer
-    agent stopped reading) while the stream sat idle in the pool; a request with a large body that
-    takes it must stop reading its client until the connection drains, not pile the body up in the
-    stream's credit queue (before: the pause had gone to nobody, so the body was read and queued
-    whole, memory bounded only by what the client sends), and the request completes once it drains."""
-    _one_instance(mesh)
-    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
-    (up,) = [c for idle in mesh.http_out.pool._idle.values() for c in idle]
-    assert isinstance(up.transport, StreamTransport)
-    stream = up.transport.stream
-    mux = stream.conn
+async def _back_up(mesh: Mesh) -> tuple[Any, Any, list[Any]]:
+    """A mux connection to api-0 whose TLS write buffer is over its high-water mark (MuxConnection
+    told its streams to pause writing): the peer agent stopped reading its socket, and raw streams
+    filled what the kernel holds. Returns (the mux connection, the peer's side, the raw streams)."""
+    (mux,) = mesh.http_out.mesh._iter(None)
     (peer,) = mesh.inbounds[0]._conns
     assert peer.transport is not None
     peer.transport.pause_reading()  # the peer agent reads nothing more (a stuck or slow host)
@@ -183,21 +175,62 @@ async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pause
         fillers.append(s)
         await asyncio.sleep(0)  # let the transport push what the kernel takes
     await async_wait_until(lambda: mux.write_paused, what="the mux connection's TLS buffer is full")
+    return mux, peer, fillers
+
+
+async def _big_request_waits_for_the_backed_up_connection(mesh: Mesh, pooled: bool) -> None:
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    if not pooled:
+        mesh.http_out.pool.drop_idle()  # the next request opens a new stream on the connection
+    mux, peer, fillers = await _back_up(mesh)
     body = b"b" * (4 * STREAM_WINDOW)
     sender = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/sink", method="POST",
                                                    body=body))  # fmt: skip
+
+    def taken() -> Any:
+        return next((ex for c in mesh.http_out.conns if (ex := c.ex) is not None and ex.upstream), None)
+
+    def settled() -> bool:
+        ex = taken()
+        if ex is None:
+            return False
+        stream = ex.upstream.transport.stream
+        return bool(ex.conn._paused or len(stream.blocked) > BACKED_UP)
+
     await async_wait_until(
-        lambda: up.owner is not None and (up.owner.conn._paused or len(stream.blocked) > BACKED_UP),
-        what="the request took the pooled stream and its client was paused (or its body piled up)",
+        settled, what="the request took a stream and its client was paused (or its body piled up)"
     )
+    ex = taken()
+    stream = ex.upstream.transport.stream
+    assert stream.conn is mux
     assert len(stream.blocked) <= BACKED_UP
-    assert up.owner.conn._paused
+    assert STREAM_WINDOW - stream.credit <= BACKED_UP  # hardly any of its body went into the full TLS buffer
+    assert ex.conn._paused
     for s in fillers:
         s.reset()
     peer.transport.resume_reading()
     resp = await sender
     assert resp.status == 200
     assert mesh.apps[0].last_body == body
+
+
+async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pauses_the_client(
+    mesh: Mesh,
+) -> None:
+    """Backpressure through a pooled HTTP stream: its mux connection's TLS buffer filled up (the peer
+    agent stopped reading) while the stream sat idle in the pool; a request with a large body that
+    takes it must stop reading its client until the connection drains, not pile the body up in the
+    stream's credit queue (before: the pause had gone to nobody, so the body was read and queued
+    whole, memory bounded only by what the client sends), and the request completes once it drains."""
+    await _big_request_waits_for_the_backed_up_connection(mesh, pooled=True)
+
+
+async def test_a_new_stream_on_a_backed_up_mux_connection_starts_paused(mesh: Mesh) -> None:
+    """The same for a stream opened on a mux connection that is backed up already: it starts paused,
+    as an L4 stream's pipe does (before: nothing told it, and its request body went on into the full
+    TLS buffer until its credit, a window, was spent; a window per new stream)."""
+    await _big_request_waits_for_the_backed_up_connection(mesh, pooled=False)
 
 
 async def test_the_inbound_connection_cap_counts_each_http_stream(mesh: Mesh) -> None:
