@@ -158,8 +158,11 @@ class UpstreamConn(asyncio.BaseProtocol):
             self.closed = True
             self.owner = None
             if self.transport is not None:
-                self.transport.close()
+                self._end(self.transport)
             self.pool.lost(self)
+
+    def _end(self, transport: asyncio.Transport) -> None:
+        transport.close()
 
 
 class TlsUpstreamConn(TlsReads, UpstreamConn):
@@ -287,11 +290,6 @@ class StreamUpstreamConn(UpstreamConn):
         mux = t.stream.conn if isinstance(t, StreamTransport) else None
         return mux is not None and not mux.draining and not mux.closed
 
-    def close(self) -> None:
+    def _end(self, transport: asyncio.Transport) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""
-        if not self.closed:
-            self.closed = True
-            self.owner = None
-            if self.transport is not None:
-                self.transport.abort()
-            self.pool.lost(self)
+        transport.abort()
