@@ -128,6 +128,8 @@ class HttpInbound:
             source,
             svc.name,
             ssl_obj,
+            # the bundle the caller was verified against: the handshake's just now, or for a stream
+            # the one InboundConnection.http_open_received re-checked it against
             self.holder.current.tls.roots_pem,
             f"{peer[0]}:{peer[1]}" if peer else "?",
         )
