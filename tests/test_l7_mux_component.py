@@ -273,3 +273,24 @@ async def test_a_new_stream_after_a_trust_bundle_change_reverifies_the_caller(
     r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/after-the-bundle-change")
     assert r.status != 200
     assert b"/after-the-bundle-change" not in mesh.apps[0].seen
+
+
+@pytest.mark.parametrize("end", ["reset", "goaway"])
+async def test_a_pooled_stream_is_not_reused_once_its_mux_connection_ends(mesh: Mesh, end: str) -> None:
+    """A request that is not safe to redo (POST) after the mux connection under the pooled stream was
+    lost (the peer agent restarted: reset) or is going away (the peer agent drains: GOAWAY): the dead
+    or draining stream is not taken, the request rides a new connection and is answered."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    (mux,) = mesh.http_out.mesh._iter(None)
+    (peer,) = mesh.inbounds[0]._conns
+    if end == "reset":
+        peer.reset()
+        await async_wait_until(lambda: mux.closed, what="the outbound saw its mux connection lost")
+        assert mesh.http_out.pool.idle_count() == 0  # the pooled stream went with it
+    else:
+        peer.goaway()
+        await async_wait_until(lambda: mux.draining, what="the outbound saw GOAWAY")
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/post", method="POST", body=b"once")
+    assert r.status == 200 and mesh.apps[0].last_body == b"once"
+    assert mesh.inbounds[0].handshakes == 2
