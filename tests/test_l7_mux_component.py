@@ -294,3 +294,19 @@ async def test_a_pooled_stream_is_not_reused_once_its_mux_connection_ends(mesh: 
     r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/post", method="POST", body=b"once")
     assert r.status == 200 and mesh.apps[0].last_body == b"once"
     assert mesh.inbounds[0].handshakes == 2
+
+
+async def test_renewed_caller_certificate_moves_http_to_a_new_mux_connection(mesh: Mesh) -> None:
+    """The caller's TLS material changed (renewal): its pooled streams and the mux connection made
+    with the old context take no new request; the next one rides a new connection (a new handshake,
+    the new certificate), and the old connection closes once its streams are gone."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    (old,) = mesh.http_out.mesh._iter(None)
+    renewed = mesh.ca.material("web")
+    h = mesh.holder_a
+    h.swap(dataclasses.replace(h.current, generation=h.current.generation + 1, tls=renewed))
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/after-renewal")
+    assert r.status == 200
+    assert mesh.inbounds[0].handshakes == 2
+    await async_wait_until(lambda: old.closed, what="the old mux connection closed")
