@@ -11,19 +11,22 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 import uvloop
 
 from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool
+from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_OPEN
+from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context
+from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context, mesh_server_context
 from tests.l7_support import Client
 from tests.support import async_wait_until
-from tests.test_l7_proxy_component import TD, Mesh, build_mesh, snap
+from tests.test_l7_proxy_component import CA, TD, Mesh, build_mesh, snap
 
 CONCURRENT = 8  # requests in flight at once from one caller
 
@@ -149,3 +152,161 @@ def test_the_fallback_on_uvloop_reads_tls_into_the_proxy_buffer(tmp_path: Path) 
             assert any(c._read_view is not None for c in inbound)
 
     uvloop.run(run())
+
+
+FILL_STREAMS = 60  # raw streams of a window each: far more than loopback's socket buffers hold
+BACKED_UP = 2 * TLS_READ_BYTES  # a client paused in time leaves at most a read or two waiting for credit
+
+
+async def _back_up(mesh: Mesh) -> tuple[Any, Any, list[Any]]:
+    """A mux connection to api-0 whose TLS write buffer is over its high-water mark (MuxConnection
+    told its streams to pause writing): the peer agent stopped reading its socket, and raw streams
+    filled what the kernel holds. Returns (the mux connection, the peer's side, the raw streams)."""
+    (mux,) = mesh.http_out.mesh._iter(None)
+    (peer,) = mesh.inbounds[0]._conns
+    assert peer.transport is not None
+    peer.transport.pause_reading()  # the peer agent reads nothing more (a stuck or slow host)
+    fillers = []
+    for _ in range(FILL_STREAMS):
+        if mux.write_paused:
+            break
+        s = mux.open_stream()
+        s.send(b"\0" * STREAM_WINDOW)
+        fillers.append(s)
+        await asyncio.sleep(0)  # let the transport push what the kernel takes
+    await async_wait_until(lambda: mux.write_paused, what="the mux connection's TLS buffer is full")
+    return mux, peer, fillers
+
+
+async def _big_request_waits_for_the_backed_up_connection(mesh: Mesh, pooled: bool) -> None:
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    if not pooled:
+        mesh.http_out.pool.drop_idle()  # the next request opens a new stream on the connection
+    mux, peer, fillers = await _back_up(mesh)
+    body = b"b" * (4 * STREAM_WINDOW)
+    sender = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/sink", method="POST",
+                                                   body=body))  # fmt: skip
+
+    def taken() -> Any:
+        return next((ex for c in mesh.http_out.conns if (ex := c.ex) is not None and ex.upstream), None)
+
+    def settled() -> bool:
+        ex = taken()
+        if ex is None:
+            return False
+        stream = ex.upstream.transport.stream
+        return bool(ex.conn._paused or len(stream.blocked) > BACKED_UP)
+
+    await async_wait_until(
+        settled, what="the request took a stream and its client was paused (or its body piled up)"
+    )
+    ex = taken()
+    stream = ex.upstream.transport.stream
+    assert stream.conn is mux
+    assert len(stream.blocked) <= BACKED_UP
+    assert STREAM_WINDOW - stream.credit <= BACKED_UP  # hardly any of its body went into the full TLS buffer
+    assert ex.conn._paused
+    for s in fillers:
+        s.reset()
+    peer.transport.resume_reading()
+    resp = await sender
+    assert resp.status == 200
+    assert mesh.apps[0].last_body == body
+
+
+async def test_a_pooled_stream_taken_while_its_mux_connection_is_backed_up_pauses_the_client(
+    mesh: Mesh,
+) -> None:
+    """Backpressure through a pooled HTTP stream: its mux connection's TLS buffer filled up (the peer
+    agent stopped reading) while the stream sat idle in the pool; a request with a large body that
+    takes it must stop reading its client until the connection drains, not pile the body up in the
+    stream's credit queue (before: the pause had gone to nobody, so the body was read and queued
+    whole, memory bounded only by what the client sends), and the request completes once it drains."""
+    await _big_request_waits_for_the_backed_up_connection(mesh, pooled=True)
+
+
+async def test_a_new_stream_on_a_backed_up_mux_connection_starts_paused(mesh: Mesh) -> None:
+    """The same for a stream opened on a mux connection that is backed up already: it starts paused,
+    as an L4 stream's pipe does (before: nothing told it, and its request body went on into the full
+    TLS buffer until its credit, a window, was spent; a window per new stream)."""
+    await _big_request_waits_for_the_backed_up_connection(mesh, pooled=False)
+
+
+async def test_the_inbound_connection_cap_counts_each_http_stream(mesh: Mesh) -> None:
+    """max_connections on the inbound bounds the requests callers have in flight, as it did when each
+    one took a TLS connection of its own: an HTTP stream holds a slot like an L4 stream's app
+    connection (before: only its mux connection did, so one slot carried up to 200 requests, each with
+    an app connection). Beyond it the request gets 503 OM; the mux connection and its other streams go on."""
+    _one_instance(mesh)
+    cap = ConnectionCap(2, mesh.tel_b)  # the mux connection, and one stream
+    mesh.inbounds[0].cap = cap
+    http_in = mesh.http_ins[0]
+    slow = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/delay/800"))
+    await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
+    over = await asyncio.to_thread(Client(mesh.outbound.port).get, "/over-the-cap")
+    assert (over.status, over.flags) == (503, "OM")
+    assert (await slow).status == 200
+    assert mesh.inbounds[0].handshakes == 1  # both rode the one mux connection
+
+
+async def test_a_new_stream_after_a_trust_bundle_change_reverifies_the_caller(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A caller whose certificate the new trust bundle no longer covers gets no new HTTP stream on its
+    established mux connection (as it gets no new L4 stream): the stream's identity was verified
+    against the bundle of the handshake, not the current one (before: HttpInbound took the current
+    bundle as the one the caller was verified against, so the new stream was served)."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/a")).status == 200
+    (mux,) = mesh.http_out.mesh._iter(None)
+    mesh.http_out.pool.drop_idle()  # the pooled stream goes (as after its idle time); the connection stays
+    await async_wait_until(lambda: not mux.streams, what="the stream of /a ended")
+    other = CA(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    h = mesh.inbounds[0].holder  # the bundle now holds another root only, as the agent builds it:
+    server = mesh_server_context(
+        tmp_path / "api.pem", tmp_path / "api.key", other.roots
+    )  # new handshakes too
+    tls = dataclasses.replace(h.current.tls, roots_pem=other.roots, server=MappingProxyType({"api": server}))
+    h.swap(dataclasses.replace(h.current, tls=tls))
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/after-the-bundle-change")
+    assert r.status != 200
+    assert b"/after-the-bundle-change" not in mesh.apps[0].seen
+
+
+@pytest.mark.parametrize("end", ["reset", "goaway"])
+async def test_a_pooled_stream_is_not_reused_once_its_mux_connection_ends(mesh: Mesh, end: str) -> None:
+    """A request that is not safe to redo (POST) after the mux connection under the pooled stream was
+    lost (the peer agent restarted: reset) or is going away (the peer agent drains: GOAWAY): the dead
+    or draining stream is not taken, the request rides a new connection and is answered."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    (mux,) = mesh.http_out.mesh._iter(None)
+    (peer,) = mesh.inbounds[0]._conns
+    if end == "reset":
+        peer.reset()
+        await async_wait_until(lambda: mux.closed, what="the outbound saw its mux connection lost")
+        assert mesh.http_out.pool.idle_count() == 0  # the pooled stream went with it
+    else:
+        peer.goaway()
+        await async_wait_until(lambda: mux.draining, what="the outbound saw GOAWAY")
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/post", method="POST", body=b"once")
+    assert r.status == 200 and mesh.apps[0].last_body == b"once"
+    assert mesh.inbounds[0].handshakes == 2
+
+
+async def test_renewed_caller_certificate_moves_http_to_a_new_mux_connection(mesh: Mesh) -> None:
+    """The caller's TLS material changed (renewal): its pooled streams and the mux connection made
+    with the old context take no new request; the next one rides a new connection (a new handshake,
+    the new certificate), and the old connection closes once its streams are gone."""
+    _one_instance(mesh)
+    assert (await asyncio.to_thread(Client(mesh.outbound.port).get, "/warm")).status == 200
+    (old,) = mesh.http_out.mesh._iter(None)
+    renewed = mesh.ca.material("web")
+    h = mesh.holder_a
+    h.swap(dataclasses.replace(h.current, generation=h.current.generation + 1, tls=renewed))
+    r = await asyncio.to_thread(Client(mesh.outbound.port).get, "/after-renewal")
+    assert r.status == 200
+    assert mesh.inbounds[0].handshakes == 2
+    await async_wait_until(lambda: old.closed, what="the old mux connection closed")

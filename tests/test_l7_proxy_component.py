@@ -516,7 +516,8 @@ async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Me
 async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
     """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
     connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""
-    cap_a, cap_b = ConnectionCap(1, mesh.tel_a), ConnectionCap(1, mesh.tel_b)
+    # the inbound: one slot for the mux connection, one for the HTTP stream on it
+    cap_a, cap_b = ConnectionCap(1, mesh.tel_a), ConnectionCap(2, mesh.tel_b)
     mesh.outbound.cap = cap_a
     mesh.inbounds[0].cap = cap_b
     mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))

@@ -720,7 +720,10 @@ class Exchange:
         else:
             t.write(data)
         if not self.request_done:
-            self.conn.resume_reading()
+            if up.write_paused:  # its transport is backed up already: the body waits for resume_writing
+                self.conn.pause_reading()
+            else:
+                self.conn.resume_reading()
 
     @property
     def done(self) -> bool:

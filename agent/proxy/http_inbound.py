@@ -12,9 +12,10 @@ Pipeline per request (visible in `HttpInbound.start`):
 
 Decisions:
 - Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
-  connection is closed (http_conn.ServerConn.shed). The cap counts sockets: an HTTP stream is
-  covered by its mux connection's slot (taken when that connection was identified) and bounded per
-  connection by inbound.MAX_STREAMS_ACCEPTED; app connections are pooled and not counted, as before.
+  connection (or stream) is closed (http_conn.ServerConn.shed). An HTTP stream takes a slot of its
+  own, besides its mux connection's, as an L4 stream's app connection does: it stands for what a TLS
+  connection of its own did before protocol v3 (one request in flight, an app connection), so the cap
+  still bounds the requests callers have in flight; app connections are pooled and not counted.
 - The connection (a TLS connection, or one stream of a mux connection: the same `handler`) is handed
   over by the L4 inbound (`InboundListener.alpn_handlers`, `InboundConnection.http_open_received`)
   after the TLS handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection
@@ -127,6 +128,8 @@ class HttpInbound:
             source,
             svc.name,
             ssl_obj,
+            # the bundle the caller was verified against: the handshake's just now, or for a stream
+            # the one InboundConnection.http_open_received re-checked it against
             self.holder.current.tls.roots_pem,
             f"{peer[0]}:{peer[1]}" if peer else "?",
         )
@@ -137,7 +140,7 @@ class HttpInbound:
             transport.close()
             return
         cap = listener.cap  # the agent's connection cap (InboundListener.cap; None: unlimited)
-        if cap is not None and not on_stream:  # a stream holds no socket: its mux connection counts
+        if cap is not None:  # a stream too: its requests hold app connections, as an L4 stream's does
             conn.admission = cap.admit("inbound")
             conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
         self.conns.add(conn)

@@ -370,7 +370,9 @@ class HttpOutbound:
         # the mux connections HTTP streams ride: the L4 listener's when given (its streams share them)
         self.mesh = mesh if mesh is not None else ConnectionPool()
         self._own_mesh = mesh is None
-        self._peer_version: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (agreed, until)
+        # peer agents that agreed a version below HTTP_MIN_VERSION -> until when that is believed; only
+        # those of the last PEER_VERSION_TTL are kept (pruned as one is added): bounded by the old peers
+        self._old_peers: dict[tuple[str, int], float] = {}
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
@@ -850,7 +852,8 @@ class HttpOutbound:
             mux_ctx = self.holder.current.tls.client.get(self.local_service)
             if mux_ctx is not None:
                 conn = await self.mesh.dial(key, mux_ctx, ident.dns_name, ident, timeout)
-                self._peer_version[key] = (conn.version, time.monotonic() + PEER_VERSION_TTL)
+                if conn.version < HTTP_MIN_VERSION:
+                    self._remember_old(key)
                 stream = self._open_stream(key, ctx, False, conn)
                 if stream is not None:
                     return stream
@@ -864,8 +867,13 @@ class HttpOutbound:
     def _mux_wanted(self, key: tuple[str, int]) -> bool:
         """Whether HTTP to `key` goes over the mux: unless the peer agreed a version below
         HTTP_MIN_VERSION within the last PEER_VERSION_TTL (an older release; asked again after it)."""
-        known = self._peer_version.get(key)
-        return known is None or known[0] >= HTTP_MIN_VERSION or time.monotonic() >= known[1]
+        until = self._old_peers.get(key)
+        return until is None or time.monotonic() >= until
+
+    def _remember_old(self, key: tuple[str, int]) -> None:
+        now = time.monotonic()
+        old = self._old_peers = {k: t for k, t in self._old_peers.items() if t > now}
+        old[key] = now + PEER_VERSION_TTL
 
     def _open_stream(self, key: tuple[str, int], ctx: Any, acquire: bool,
                      conn: MeshClient | None = None) -> StreamUpstreamConn | None:  # fmt: skip

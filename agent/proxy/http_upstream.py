@@ -56,6 +56,9 @@ class UpstreamConn(asyncio.BaseProtocol):
         self._tunnel: ServerConn | None = None
         self._last_keep = True
         self._paused = False  # we paused the transport's reading
+        # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
+        # is paused with its connection, so a request taking it must start with its client paused)
+        self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
@@ -107,6 +110,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             owner.upstream_lost(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         owner = self.owner
         if owner is not None:
             owner.conn.pause_reading()
@@ -114,6 +118,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             self._tunnel.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         owner = self.owner
         if owner is not None:
             owner.conn.resume_reading()
@@ -153,8 +158,11 @@ class UpstreamConn(asyncio.BaseProtocol):
             self.closed = True
             self.owner = None
             if self.transport is not None:
-                self.transport.close()
+                self._end(self.transport)
             self.pool.lost(self)
+
+    def _end(self, transport: asyncio.Transport) -> None:
+        transport.close()
 
 
 class TlsUpstreamConn(TlsReads, UpstreamConn):
@@ -282,11 +290,6 @@ class StreamUpstreamConn(UpstreamConn):
         mux = t.stream.conn if isinstance(t, StreamTransport) else None
         return mux is not None and not mux.draining and not mux.closed
 
-    def close(self) -> None:
+    def _end(self, transport: asyncio.Transport) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""
-        if not self.closed:
-            self.closed = True
-            self.owner = None
-            if self.transport is not None:
-                self.transport.abort()
-            self.pool.lost(self)
+        transport.abort()

@@ -35,9 +35,9 @@ Decisions:
   as a stream_transport.StreamTransport), from an older caller on a TLS connection of its own (ALPN
   `hostmesh/http/2` or `hostmesh/http1`), handed over through `alpn_handlers` after identification;
   without a handler such a connection is refused. Either way every request is authorized there.
-- Over the agent's connection cap (limits.py; mesh connections and each stream's app connection
-  count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM itself); an L4
-  stream idle for ``stream_idle_timeout`` is reset (flag SI).
+- Over the agent's connection cap (limits.py; mesh connections, each L4 stream's app connection and
+  each HTTP stream count) an L4 mesh connection or a stream is reset (the HTTP handler answers 503 OM
+  itself); an L4 stream idle for ``stream_idle_timeout`` is reset (flag SI).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, RESET, control
-from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca import tls as catls
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
@@ -175,17 +175,22 @@ class InboundConnection(MuxConnection):
         if self.source is None or sid <= self.last_id or self.version < HTTP_MIN_VERSION:
             self.protocol_error(f"HTTP_OPEN of stream {sid} (last {self.last_id}, version {self.version})")
             return
-        handler = self.listener.alpn_handlers.get(HTTP_ALPN[0])  # whoever serves HTTP serves its streams
+        lst = self.listener
+        # as for OPEN, before the hand-over: HttpInbound takes the bundle current now as the one the
+        # caller was verified against (refused: the connection is reset)
+        if not lst._still_trusted(self, lst.holder.current):
+            return
+        handler = lst.alpn_handlers.get(HTTP_ALPN[0])  # whoever serves HTTP serves its streams
         if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED or handler is None or self.external:
             self.last_id = sid  # refused (or no HTTP service here): that one request's try fails
             self.write(control(RESET, sid))
             return
         transport = StreamTransport(self.add(sid))
-        svc = self.listener.holder.current.local.get(self.service)
+        svc = lst.holder.current.local.get(self.service)
         if svc is None:
             transport.abort()
             return
-        handler(self.listener, transport, self.source, svc, [])
+        handler(lst, transport, self.source, svc, [])
 
     def dgram_open_received(self, sid: int) -> None:
         udp = self.listener.udp
@@ -370,10 +375,7 @@ class InboundListener(ListenerLifecycle):
         if svc is None:
             conn.refuse(f"service {conn.service} is no longer on this host")
             return
-        if snap.tls.roots_pem != conn.roots_pem and not self._reverify(conn, snap.tls.roots_pem):
-            return
-        if time.time() >= conn.not_after:
-            conn.refuse("caller certificate has expired")
+        if not self._still_trusted(conn, snap):
             return
         if conn.external is not None:  # egress gateway: the external's intentions, then out
             from hostmesh.agent.proxy.edges import egress_stream
@@ -409,6 +411,16 @@ class InboundListener(ListenerLifecycle):
         task = asyncio.get_running_loop().create_task(self._connect_app(conn, stream, svc, series, admission))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _still_trusted(self, conn: InboundConnection, snap: Snapshot) -> bool:
+        """Before a new stream: the caller's certificate under the current trust bundle (re-checked when
+        it changed since the handshake) and not expired; else the connection is refused (False)."""
+        if snap.tls.roots_pem != conn.roots_pem and not self._reverify(conn, snap.tls.roots_pem):
+            return False
+        if time.time() >= conn.not_after:
+            conn.refuse("caller certificate has expired")
+            return False
+        return True
 
     def _reverify(self, conn: InboundConnection, roots_pem: str) -> bool:
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy

@@ -3,8 +3,9 @@
 Decisions:
 - **Connection cap** (agent.toml ``max_connections``): one `ConnectionCap` per agent process counts
   the connections held on behalf of callers: app connections accepted by the outbound listeners,
-  mesh connections accepted by the inbound listener, and the app connection the inbound opens for
-  each L4 stream. Beyond the cap nothing new is served (overload shedding): an HTTP connection gets
+  mesh connections accepted by the inbound listener, the app connection the inbound opens for
+  each L4 stream, and each HTTP stream (or HTTP connection of an older caller) the inbound serves.
+  Beyond the cap nothing new is served (overload shedding): an HTTP connection (or stream) gets
   ``503`` with flag ``OM`` to its request and is closed, an L4 connection or stream is reset. Every
   refusal counts in ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per
   :data:`LOG_EVERY`. With ``workers = N`` each process holds ``max_connections / N`` (the kernel

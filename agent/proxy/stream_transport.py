@@ -4,7 +4,8 @@ unchanged, exactly as on a TLS connection of their own.
 
     protocol.write / close / abort    ->  DATA frames (within the stream's credit) / FIN / RESET
     DATA / FIN / RESET, mux loss      ->  data_received / eof_received / connection_lost
-    stream credit or the mux's TLS write buffer full  ->  pause_writing (resume_writing when it clears)
+    stream credit or the mux's TLS write buffer full  ->  pause_writing (resume_writing when it clears;
+                                          also from the start, or to a protocol set later)
     pause_reading                     ->  the stream's credit is held back (the sender stops within
                                           one window); what is in flight is held here, not delivered
 
@@ -56,6 +57,8 @@ class StreamTransport(asyncio.Transport):
         self._write_paused = False  # we told the protocol to pause writing
         self._lost = False  # connection_lost was called
         stream.attach(self, True, self)  # type: ignore[arg-type]
+        if stream.write_paused:  # opened on a backed-up connection: paused from the start (as Pipe.start)
+            self.pause()
 
     # --- the stream's pipe (called by mux.Stream / MuxConnection) -----------------------------
 
@@ -123,6 +126,8 @@ class StreamTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
+        if self._write_paused and self.state is OPEN:  # a pause the previous protocol was told of
+            protocol.pause_writing()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
