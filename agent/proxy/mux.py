@@ -270,6 +270,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
 
     _read_view: memoryview | None = None  # the loop's buffer, looked up once (each lookup is a getpid)
+    _loop: asyncio.AbstractEventLoop | None = None  # ours, for the end-of-turn flush of small frames
 
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self._read_view
@@ -354,7 +355,10 @@ class MuxConnection(asyncio.BufferedProtocol):
         out = self._out
         out.append(frame)
         if len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:  # looked up once: on Python 3.11 each lookup is a getpid syscall
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def write_data(self, sid: int, data: Chunk) -> None:
         n = len(data)
