@@ -20,11 +20,12 @@ L4 pair 29.4 -> 28.8 MiB against a 5 s period). Not glibc (musl, macOS): nothing
 Between ticks, the heap is kept (`hold_heap`): glibc's thresholds are set so that bulk traffic's
 buffers (256 KiB reads, the TLS records of a whole write) neither come from mmap nor have the heap
 top shrunk under them by `free` (up to HEAP_TOP_KEPT), so the next chunk reuses pages already there.
-With glibc's defaults (dynamic thresholds: mmap from 128 KiB until the first such block is freed,
-then the heap top given back above twice the largest freed block) every 1 MiB through an L4 pair
-cost ~370 page faults and brk calls, a third of its CPU (measured, bench scenario (c): 5.5 -> 3.7 ms
-of pair CPU per MiB, 370 -> 6 faults per MiB). A *low* fixed mmap threshold was tried before and
-cost 75 % of 1 MiB throughput (an mmap, munmap and 64 page faults per 256 KiB chunk).
+With glibc's defaults (dynamic thresholds: mmap from 128 KiB until such a block is freed, then the
+heap top given back above twice the largest block freed so far) an L4 pair's first ~600 MiB of 1 MiB
+responses cost ~370 page faults and brk calls per MiB, until a large enough block happened to be
+freed (measured on bench scenario (c) alone: pair CPU per MiB 6.0 -> 3.8 ms in that phase; after it
+~7 faults per MiB either way). A *low* fixed mmap threshold was tried before and cost 75 % of 1 MiB
+throughput (an mmap, munmap and 64 page faults per 256 KiB chunk).
 """
 
 from __future__ import annotations

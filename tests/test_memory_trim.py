@@ -63,9 +63,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_bulk_buffers_reuse_the_heap_without_page_faults() -> None:
-    """What made 1 MiB transfers through an agent cost a third more CPU: with glibc's dynamic
-    thresholds each burst's pages are given back by `free` and faulted in again (~25,000 faults
-    here). Held, the 50 bursts fault in (almost) nothing: fewer pages than one buffer has."""
+    """What made an agent's first hundreds of MiB of 1 MiB transfers cost ~60 % more CPU: with
+    glibc's dynamic thresholds each burst's pages are given back by `free` and faulted in again
+    (~24,000 faults here). Held, the 50 bursts fault in (almost) nothing: fewer pages than one
+    buffer has."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run(
         [sys.executable, "-c", _BULK_ROUNDS, "held"], capture_output=True, text=True, timeout=60, env=env
