@@ -15,9 +15,17 @@ when the agent is ready, instead of idling on it until the first tick.
 ~1 µs when there is nothing to give back and ~40 µs per 8 MiB given back (measured), so it runs
 every second: what the first seconds of an agent's life leave (registration, the first watch
 answers, the first mesh connections) and any burst are back within a second (bench idle RSS of an
-L4 pair 29.4 -> 28.8 MiB against a 5 s period). A fixed mmap threshold was the alternative and
-cost 75 % of 1 MiB throughput (an mmap, munmap and 64 page faults per 256 KiB chunk). Not glibc
-(musl, macOS): nothing to do, nothing loaded.
+L4 pair 29.4 -> 28.8 MiB against a 5 s period). Not glibc (musl, macOS): nothing to do, nothing loaded.
+
+Between ticks, the heap is kept (`hold_heap`): glibc's thresholds are set so that bulk traffic's
+buffers (256 KiB reads, the TLS records of a whole write) neither come from mmap nor have the heap
+top shrunk under them by `free` (up to HEAP_TOP_KEPT), so the next chunk reuses pages already there.
+With glibc's defaults (dynamic thresholds: mmap from 128 KiB until such a block is freed, then the
+heap top given back above twice the largest block freed so far) an L4 pair's first ~600 MiB of 1 MiB
+responses cost ~370 page faults and brk calls per MiB, until a large enough block happened to be
+freed (measured on bench scenario (c) alone: pair CPU per MiB 6.0 -> 3.8 ms in that phase; after it
+~7 faults per MiB either way). A *low* fixed mmap threshold was tried before and cost 75 % of 1 MiB
+throughput (an mmap, munmap and 64 page faults per 256 KiB chunk).
 """
 
 from __future__ import annotations
@@ -28,6 +36,25 @@ import sys
 from typing import Any
 
 TRIM_SECONDS = 1.0  # a burst's memory is back within this; ~1 µs a tick when there is nothing to give
+# mallopt parameters (malloc.h) and the values `hold_heap` sets:
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 2 * 1024 * 1024  # above any data-path buffer (a 1 MiB mux write buffer plus a read chunk)
+HEAP_TOP_KEPT = 4 * 1024 * 1024  # free heap top kept by `free` for the next buffers; the timer trims it
+
+
+def hold_heap(mallopt: Any = None) -> bool:
+    """Set glibc's mmap and trim thresholds (see the module docstring); False when not glibc."""
+    if mallopt is None:  # tests pass their own
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return False
+    # Both, and in this order: setting either one turns glibc's dynamic thresholds off.
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
 
 
 def start_trimming(loop: asyncio.AbstractEventLoop, trim: Any = None) -> Trimmer | None:

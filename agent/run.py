@@ -42,7 +42,7 @@ from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, service_health
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
 from hostmesh.agent.loops import new_event_loop
-from hostmesh.agent.memory import Trimmer, start_trimming
+from hostmesh.agent.memory import Trimmer, hold_heap, start_trimming
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
@@ -216,6 +216,7 @@ class Agent:
         if checking:  # only once serving: its interpreter start would compete with ours for the CPU
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
             self._tasks.append(self._cert_check)
+        hold_heap()  # bulk buffers reuse the heap between trims (no page faults per chunk)
         self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line

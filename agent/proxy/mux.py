@@ -80,7 +80,7 @@ class Stream:
         self.credit = STREAM_WINDOW  # bytes we may still send
         self.recv_window = STREAM_WINDOW  # bytes the peer may still send us
         self.consumed = 0  # received bytes handed on and not yet credited back
-        self.blocked = b""  # bytes from our source waiting for credit
+        self.blocked: Chunk = b""  # bytes from our source waiting for credit (a view: its unsent part)
         self.credit_paused = False  # our source was paused for lack of credit
         self.reader_paused = False  # our reader is backed up: hold the credit back
         self.fin_pending = False  # FIN to send once `blocked` is out
@@ -164,10 +164,11 @@ class Stream:
             if self.fin_pending:
                 self.fin_pending = False
                 self.conn.write(control(FIN, self.id))
-        elif c:
-            self.blocked = blocked[c:]
+        elif c:  # the part that fits now and the rest, as views: neither is copied
+            view = memoryview(blocked)
+            self.blocked = view[c:]
             self.credit = 0
-            self.conn.write_data(self.id, blocked[:c])
+            self.conn.write_data(self.id, view[:c])
 
     # End (agent/proxy/pump.py) ---------------------------------------------------------------
 
@@ -194,7 +195,12 @@ class Stream:
             self.credit -= n
             self.conn.write_data(self.id, data)
             return
-        self.blocked += data  # bounded: the source is paused now, at most one read chunk more
+        # bytes are kept as they are (a view may be of a buffer its owner reuses: copied); joined only
+        # when more comes, which is bounded: the source is paused now, at most one read chunk more.
+        if self.blocked:
+            self.blocked = b"".join((self.blocked, data))
+        else:
+            self.blocked = data if isinstance(data, bytes) else bytes(data)
         self._flush_blocked()
         if self.blocked and not self.credit_paused:
             self.credit_paused = True
@@ -264,12 +270,19 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
 
+    _read_view: memoryview | None = None  # the loop's buffer, looked up once (each lookup is a getpid)
+    _loop: asyncio.AbstractEventLoop | None = None  # ours, for the end-of-turn flush of small frames
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        return loop_read_buffer()
+        view = self._read_view
+        if view is None:
+            view = self._read_view = loop_read_buffer()
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self._read_view is not None
         # Copied out at once (the buffer is the loop's); DATA pieces are views of this copy.
-        self.data_received(bytes(loop_read_buffer()[:nbytes]))
+        self.data_received(bytes(self._read_view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -345,7 +358,10 @@ class MuxConnection(asyncio.BufferedProtocol):
         out = self._out
         out.append(frame)
         if len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:  # looked up once: on Python 3.11 each lookup is a getpid syscall
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def write_data(self, sid: int, data: Chunk) -> None:
         n = len(data)
