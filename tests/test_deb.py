@@ -12,6 +12,7 @@ calls first on PATH (dpkg passes PATH through to maintainer scripts).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from hostmesh.agent.compiled import MODULES
 from tests.support import REPO, ConsulDev, free_port, wait_until
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
@@ -146,6 +148,11 @@ def test_artifacts(dist: Path, deb: Path) -> None:
         assert path in contents, path
     assert re.search(r"\./usr/bin/hostmesh -> /opt/hostmesh/bin/hostmesh", contents)
     assert "__pycache__" in contents  # byte-code shipped, so dpkg owns and removes it
+    # the compiled build (setup.py): the hot modules as extensions for the interpreter it depends on
+    site = r"\./opt/hostmesh/lib/python3\.11/site-packages/hostmesh/"
+    for module in MODULES:
+        path = module.removeprefix("hostmesh.").replace(".", "/")
+        assert re.search(site + re.escape(path) + r"\.cpython-311-[\w-]+\.so\n", contents), module
     conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True)
     assert conffiles.stdout.split() == ["/etc/hostmesh/agent.toml.example"]
 
@@ -156,6 +163,8 @@ def test_install_run_purge_without_systemd(deb: Path, clean_machine: None) -> No
     run("dpkg", "-i", str(deb))
     assert installed()
     assert run("/usr/bin/hostmesh", "--version").startswith("hostmesh, version ")
+    build = json.loads(run("/usr/bin/hostmesh", "version", "-o", "json"))
+    assert build["compiled"] is True and build["compiled_modules"] == list(MODULES)
     # The service user can run it too (the units run as `hostmesh`).
     assert user_exists("hostmesh")
     assert "version" in run("runuser", "-u", "hostmesh", "--", "/usr/bin/hostmesh", "--version")
