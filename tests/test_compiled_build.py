@@ -122,6 +122,13 @@ def test_http_crosses_two_compiled_agents(pair: Pair, tmp_path: Path) -> None:
     for handle in (pair.client, pair.server):  # the running agents, not just the install, are compiled
         status, body = handle.get("/v1/version")
         assert status == 200 and body["compiled"] == list(MODULES), body
+    # ... and the operator's `hostmesh version --agent` (here the source tree's, pure) says so
+    address = f"127.0.0.1:{pair.server.admin_port}"
+    report = json.loads(pair.m.hostmesh("version", "--agent", address, "-o", "json").stdout)
+    assert report["compiled"] is False and report["agent_compiled"] is True
+    assert report["agent_compiled_modules"] == list(MODULES)
+    text = pair.m.hostmesh("version", "--agent", address).stdout.splitlines()
+    assert text[0].endswith("(pure Python)") and text[1].endswith(f"(compiled: {len(MODULES)} modules)")
     backend = pair.backends["cb"]
     client = Client(pair.client.binds[SVC])
     try:
