@@ -11,6 +11,7 @@ installed from the machine's apt sources, as on CI). A cold build takes a few mi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -122,6 +123,7 @@ def test_http_crosses_two_compiled_agents(pair: Pair, tmp_path: Path) -> None:
     for handle in (pair.client, pair.server):  # the running agents, not just the install, are compiled
         status, body = handle.get("/v1/version")
         assert status == 200 and body["compiled"] == list(MODULES), body
+        assert re.search(r'^hostmesh_build_info\{.*compiled="true"', handle.metrics(), re.M)
     # ... and the operator's `hostmesh version --agent` (here the source tree's, pure) says so
     address = f"127.0.0.1:{pair.server.admin_port}"
     report = json.loads(pair.m.hostmesh("version", "--agent", address, "-o", "json").stdout)
