@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "compiled"
 SOURCES = ("agent", "registry", "ca", "packaging/backend")
 BUILD_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in")  # README.md too, but no code reads it
-# the sans-IO suites run against the compiled modules (tests/test_compiled_build.py)
+# what tests/test_compiled_build.py runs the compiled modules' test suites with
 TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "pytest-asyncio>=0.23", "hypothesis>=6.100")
 BUILD_TIMEOUT = 1200  # mypy + gcc at -O3 on a loaded 2-core machine, plus a cold package download
 
@@ -72,7 +72,7 @@ def source_key() -> str:
 
 def compiled_venv() -> Path:
     """The venv of the compiled build of this tree, built on first use (see the module docstring)."""
-    reason = missing_compiler()
+    reason = ensure_compiler()
     if reason:
         raise CompiledBuildError(reason)
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The compiled build (HOSTMESH_COMPILE=1, setup.py; what the .deb ships and `make bench` measures):
 built from this tree into a venv of its own (bench/compiled.py, cached under .cache/compiled/ until
-a source changes), its extensions loaded, the sans-IO suites of the compiled modules run against
-them, and HTTP crossing two agents of that build. `make unit` itself runs the pure-Python tree.
+a source changes), its extensions loaded, the compiled modules' test suites and the L7 proxy's
+component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
+runs the pure-Python tree.
 
 Skipped, with the reason, only where no C compiler or Python headers can be had (as root they are
 installed from the machine's apt sources, as on CI). A cold build takes a few minutes on a loaded
@@ -28,9 +29,11 @@ from tests.support import REPO, ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 300)]
 
-# the sans-IO suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter
+# the suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter: their
+# sans-IO tests, and the L7 proxy's component tests, where the interpreted connection code calls them
+# (a compiled function refuses an argument its annotation does not allow, e.g. a bytearray for bytes)
 SUITES = ("test_l7_http1.py", "test_l7_normalize.py", "test_l7_match.py", "test_l7_flags.py",
-          "test_l7_retry.py", "test_proxy_wire.py")  # fmt: skip
+          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py")  # fmt: skip
 SUITE_TIMEOUT = 300
 SVC = "cbapi"
 
@@ -76,7 +79,7 @@ def test_the_source_tree_runs_pure_python() -> None:
     assert not list((REPO / "agent").rglob("*.so"))
 
 
-def test_sans_io_suites_pass_against_the_extensions(venv: Path) -> None:
+def test_the_compiled_modules_suites_pass_against_the_extensions(venv: Path) -> None:
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          *(f"tests/{s}" for s in SUITES)],
