@@ -47,11 +47,13 @@ demo: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo
 
 # Bytecode compiled first, as an installed package has it: an agent must not compile its sources at start.
+# The agents run the compiled build (bench/compiled.py, built into .cache/compiled on first use).
 bench: $(STAMP) consul
 	$(BIN)/python -m compileall -q $(PKGS)
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# dist/hostmesh-<v>.tar.gz, the wheel, and dist/hostmesh_<v>_<arch>.deb (venv in /opt/hostmesh).
+# dist/hostmesh-<v>.tar.gz, the pure and the compiled wheel, and dist/hostmesh_<v>_<arch>.deb (venv in
+# /opt/hostmesh) with the compiled one (README "The compiled build"; HOSTMESH_COMPILE=0: the pure one).
 deb: $(STAMP)
 	PYTHON=$(BIN)/python ./packaging/build-deb.sh
 
