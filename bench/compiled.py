@@ -104,10 +104,18 @@ def _build(home: Path) -> None:
     shutil.rmtree(home, ignore_errors=True)  # an interrupted build has no `complete` marker
     home.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="hostmesh-compiled-") as tmp:
-        # the sdist, then the wheel from it (`python -m build` without --sdist/--wheel; given both, it
-        # would build the wheel in the tree, with whatever a previous build left in build/)
+        # From a copy of what the sdist holds: a build writes into its tree (egg-info), and `make deb`
+        # may be building in this one. The sdist, then the wheel from it (`python -m build` without
+        # --sdist/--wheel; given both, it would build the wheel in the tree, with what build/ holds).
+        src = Path(tmp) / "src"
+        for name in (*SOURCES, *BUILD_FILES, "README.md"):
+            if (REPO / name).is_dir():
+                shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, src / name)
         env = {**os.environ, "HOSTMESH_COMPILE": "1"}
-        _run([sys.executable, "-m", "build", "--outdir", tmp, str(REPO)], env=env)
+        _run([sys.executable, "-m", "build", "--outdir", tmp, str(src)], env=env)
         (wheel,) = Path(tmp).glob("hostmesh-*-cp*.whl")
         venv = home / "venv"
         # a venv's scripts name their interpreter by path, so it is built where it stays
