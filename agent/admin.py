@@ -120,7 +120,9 @@ class AdminAPI:
         if path == "/v1/clusters":
             return Response.of_json(200, self._clusters())
         if path == "/v1/version":
-            return Response.of_json(200, {"version": agent_version()})
+            from hostmesh.agent.compiled import compiled_modules
+
+            return Response.of_json(200, {"version": agent_version(), "compiled": compiled_modules()})
         if path == "/v1/memory":
             return Response.of_json(200, memory.usage())
         if path.startswith("/health/"):

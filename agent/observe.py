@@ -20,19 +20,25 @@ _process: ProcessMetrics | None = None
 
 
 _VERSION: str | None = None
+_COMPILED = "false"  # set with _VERSION: "true" when the compiled build's extensions run
 
 
 def health_families() -> list[Family]:
     """`process_*` and `hostmesh_build_info` of this process."""
-    global _process, _VERSION
+    global _process, _VERSION, _COMPILED
     if _process is None:
         _process = ProcessMetrics()
     if _VERSION is None:
+        from hostmesh.agent.compiled import compiled_modules
+
         _VERSION = installed_version()
+        _COMPILED = "true" if compiled_modules() else "false"
+    python = sys.version.split()[0]
+    labels = {"version": _VERSION, "python": python, "component": "agent", "compiled": _COMPILED}
     info = build_info(
         "hostmesh_build_info",
-        "hostmesh version and Python running this agent",
-        {"version": _VERSION, "python": sys.version.split()[0], "component": "agent"},
+        "hostmesh version and Python running this agent; compiled: the compiled build runs (README)",
+        labels,
     )
     return [*_process.families(), info]
 

@@ -100,22 +100,33 @@ def dump(data: Any, fmt: str) -> str:
 def version(ctx: click.Context, address: str | None) -> None:
     """Print the client's version (and, with --agent, the running agent's)."""
     from hostmesh.agent.cli import _version
+    from hostmesh.agent.compiled import compiled_modules
 
-    result: dict[str, Any] = {"client": _version()}
+    modules = compiled_modules()
+    result: dict[str, Any] = {"client": _version(), "compiled": bool(modules), "compiled_modules": modules}
     if address is not None:
         import asyncio
 
-        result["agent"] = asyncio.run(_agent_version(address))
+        agent = asyncio.run(_agent_version(address))
+        result["agent"] = str(agent.get("version", "unknown"))
+        if isinstance(agent.get("compiled"), list):  # agents before the compiled build do not say
+            result["agent_compiled"] = bool(agent["compiled"])
+            result["agent_compiled_modules"] = agent["compiled"]
     out = (ctx.find_root().obj or {}).get("output")
     if out in ("json", "yaml"):
         click.echo(dump(result, out))
         return
-    click.echo(f"client  {result['client']}")
+    click.echo(f"client  {result['client']} {_build(modules)}")
     if "agent" in result:
-        click.echo(f"agent   {result['agent']}")
+        agent_build = _build(result["agent_compiled_modules"]) if "agent_compiled" in result else ""
+        click.echo(f"agent   {result['agent']} {agent_build}".rstrip())
 
 
-async def _agent_version(address: str) -> str:
+def _build(modules: list[str]) -> str:
+    return f"(compiled: {len(modules)} modules)" if modules else "(pure Python)"
+
+
+async def _agent_version(address: str) -> dict[str, Any]:
     from hostmesh.registry.http import HTTPClient
 
     client = HTTPClient(address if "//" in address else f"http://{address}")
@@ -127,4 +138,5 @@ async def _agent_version(address: str) -> str:
         await client.close()
     if resp.status != 200:
         raise click.ClickException(f"agent at {address} answered {resp.status} for /v1/version")
-    return str(resp.json().get("version", "unknown"))
+    body = resp.json()
+    return body if isinstance(body, dict) else {}

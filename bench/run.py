@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
 from bench.procs import Procs, Sampler, StartError, log_tail  # noqa: E402
-from bench.systems import Env, System, make_systems, start_consul, start_nginx  # noqa: E402
+from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
 
 SCENARIOS = ("ka", "close", "big", "lat")
 RESULTS_DIR = REPO / "bench" / "results"
@@ -215,12 +215,13 @@ class Harness:
         scenarios: list[str],
         workdir: Path,
         consul_bin: str,
+        hostmesh: list[str],
     ) -> None:
         self.s = settings
         self.scenarios = scenarios
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.procs = Procs(workdir / "logs")
-        self.env = Env(self.procs, workdir, consul_bin, workers=settings.workers)
+        self.env = Env(self.procs, workdir, consul_bin, workers=settings.workers, hostmesh=hostmesh)
         self.systems = make_systems(system_names)
         self.unavailable: dict[str, str] = {}
         self.unavailable_logs: dict[str, str] = {}
@@ -340,7 +341,8 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "# hostmesh benchmark results",
         "",
         f"Produced by `{doc['command']}` on {doc['date']} (hostmesh {v['hostmesh_commit']}), "
-        f"{doc['machine']['cpus']} cores, {doc['machine']['kernel']}; "
+        f"{doc['machine']['cpus']} cores, {doc['machine']['kernel']}; hostmesh build: "
+        f"{v.get('hostmesh_build', 'pure Python')}; "
         f"{doc['duration_s']:.0f} s in all; 1-min load average {_load(doc, 'before')} before, "
         f"{_load(doc, 'after')} after. Raw data (every run): [{json_rel}]({json_rel}).",
         "",
@@ -395,6 +397,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="subset of: " + ", ".join(SCENARIOS))
     p.add_argument("--workers", type=int, default=1, help="hostmesh agent `workers` (written only when > 1)")
+    p.add_argument(
+        "--build",
+        choices=("compiled", "pure"),
+        default="compiled",
+        help="hostmesh build the agents run: the compiled one the .deb ships (default; built into "
+        ".cache/compiled on first use) or the source tree's pure Python",
+    )
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (printed path)")
     p.add_argument("--no-write", action="store_true", help="print only; write neither JSON nor RESULTS.md")
     args = p.parse_args(argv)
@@ -410,6 +419,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         p.error(f"unknown scenario(s): {', '.join(bad)}")
     return args
+
+
+def hostmesh_build(which: str) -> tuple[list[str], str]:
+    """The `hostmesh` command of the build to measure, and a line saying which build it is."""
+    if which == "compiled":
+        from bench.compiled import CompiledBuildError, compiled_venv
+
+        say("bench: the compiled build (HOSTMESH_COMPILE=1) of this tree: a few minutes on first use")
+        try:
+            venv = compiled_venv()
+        except CompiledBuildError as exc:
+            loud(f"bench: no compiled build ({exc}); measuring pure Python instead")
+            return hostmesh_cmd(), f"pure Python (the compiled build failed: {str(exc).splitlines()[0]})"
+        out = subprocess.run(
+            [str(venv / "bin" / "hostmesh"), "version", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        modules = json.loads(out.stdout)["compiled_modules"]
+        return [str(venv / "bin" / "hostmesh")], f"compiled ({len(modules)} modules: {', '.join(modules)})"
+    return hostmesh_cmd(), "pure Python (--build pure)"
 
 
 def _on_signal(signum: int, _frame: object) -> None:
@@ -435,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (background job)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
+    hostmesh, build = hostmesh_build(args.build)
+    say(f"bench: hostmesh build: {build}")
     workdir = Path(tempfile.mkdtemp(prefix="hostmesh-bench-"))
     say(
         f"bench: {len(args.system_names)} systems, {settings.runs} run(s), about "
@@ -443,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     date = dt.datetime.now(dt.UTC)
     load_before = loadavg()
-    h = Harness(settings, args.system_names, args.scenario_names, workdir, consul_bin)
+    h = Harness(settings, args.system_names, args.scenario_names, workdir, consul_bin, hostmesh)
     interrupted = False
     try:
         h.start()
@@ -484,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
         },
-        "versions": versions(consul_bin),
+        "versions": {**versions(consul_bin), "hostmesh_build": build},
         "systems": args.system_names,
         "unavailable": h.unavailable,
         "unavailable_logs": h.unavailable_logs,

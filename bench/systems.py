@@ -39,6 +39,7 @@ class Env:
     workdir: Path
     consul_bin: str
     workers: int = 1
+    hostmesh: list[str] = field(default_factory=lambda: hostmesh_cmd())  # the build under test
     nginx_port: int = 0
     consul_url: str = ""
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. the hostmesh CA, started once
@@ -316,13 +317,15 @@ CLI_TIMEOUT_S = 30.0
 
 
 def hostmesh_cmd() -> list[str]:
+    """This interpreter's `hostmesh` (the source tree's, pure Python); bench/run.py passes the compiled
+    build's instead (Env.hostmesh) unless told `--build pure`."""
     script = Path(sys.executable).parent / "hostmesh"
     return [str(script)] if script.exists() else [sys.executable, "-m", "hostmesh.agent.cli"]
 
 
 def _hostmesh(env: Env, *args: str) -> str:
     """Run one hostmesh CLI command; its one-line error becomes the StartError."""
-    cmd = [*hostmesh_cmd(), "--consul", env.consul_url, *args]
+    cmd = [*env.hostmesh, "--consul", env.consul_url, *args]
     try:
         out = subprocess.run(
             cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL
@@ -360,7 +363,7 @@ def start_hostmesh_ca(env: Env) -> HostmeshCA:
         proc = env.procs.start(
             "hostmesh-ca",
             [
-                *hostmesh_cmd(),
+                *env.hostmesh,
                 "--consul",
                 env.consul_url,
                 "ca",
@@ -462,7 +465,7 @@ class HostmeshPair(System):
             name = f"{self.name}-{role}"
             self._procs[name] = env.procs.start(
                 name,
-                [*(self.agent_cmd or hostmesh_cmd()), "agent", "run", "--config", str(cfg)],
+                [*(self.agent_cmd or env.hostmesh), "agent", "run", "--config", str(cfg)],
                 env={**os.environ, "CONSUL_HTTP_ADDR": env.consul_url},
             )
         for role, port in self._admin.items():

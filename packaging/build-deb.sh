@@ -8,7 +8,8 @@
 #
 # Environment: PYTHON (build frontend, default .venv/bin/python), TARGET_PYTHON (default
 # /usr/bin/python3.11), DIST (output folder, default dist), HOSTMESH_CACHE (default .cache),
-# WHEELS_ONLY=1 (stop after the sdist, the wheel and the dependency wheels; prints the wheel),
+# WHEELS_ONLY=1 (stop after the sdist, the pure wheel and the dependency wheels; prints the wheel),
+# HOSTMESH_COMPILE=0 (the .deb ships the pure wheel instead of the compiled one),
 # DEB_MAINTAINER ("Name <mail>" for the control file and changelog; set the real one for a release).
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,7 +29,9 @@ mkdir -p "$dist" "$wheels"
 
 # 1. sdist and wheel; the wheel is built from the sdist, which proves the sdist is complete.
 rm -f "$dist"/hostmesh-"$version"*.whl "$dist"/hostmesh-"$version".tar.gz
-"$py" -m build --sdist --wheel --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log" >&2; exit 1; }
+# (No --sdist --wheel: given both, build makes the wheel in the tree, with what build/ holds.)
+HOSTMESH_COMPILE=0 "$py" -m build --outdir "$dist" . >"$dist/build.log" 2>&1 ||
+  { cat "$dist/build.log" >&2; exit 1; }
 wheel=$(ls "$dist"/hostmesh-"$version"-*.whl)
 
 # 2. dependency wheels for the target interpreter, from the cache when it already has them.
@@ -38,6 +41,34 @@ if ! "${pip_target[@]}" wheel -q --no-index --find-links "$wheels" -w "$wheels" 
 fi
 rm -f "$wheels"/hostmesh-*.whl  # only dependencies are cached; ours is always the fresh build
 if [ -n "${WHEELS_ONLY:-}" ]; then echo "$wheel"; exit 0; fi  # sdist, wheel and the dependency cache
+
+# The .deb ships the compiled build (setup.py, HOSTMESH_COMPILE=1: the L7 hot modules as C extensions;
+# HOSTMESH_COMPILE=0 ships the pure wheel). It is built from the sdist by the target interpreter, so
+# the extensions match the Python the package depends on; a compiler and that Python's headers are
+# needed (installed here when missing, as root). The wheel is kept in .cache/compiled-wheels under a
+# hash of the sdist's contents: an unchanged source does not compile again.
+if [ "${HOSTMESH_COMPILE:-1}" = 1 ]; then
+  "$top/packaging/ensure-tools.sh" gcc "$(basename "$target_py")-config"
+  sdist="$dist/hostmesh-$version.tar.gz"
+  key=$("$py" - "$sdist" "$target_py" <<'EOF'
+import hashlib, subprocess, sys, tarfile
+h = hashlib.sha256(subprocess.check_output([sys.argv[2], "-c", "import sys; print(sys.version)"]))
+with tarfile.open(sys.argv[1]) as tar:
+    for m in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
+        h.update(m.name.encode() + b"\0" + tar.extractfile(m).read() + b"\0")
+print(h.hexdigest()[:16])
+EOF
+)
+  compiled="$cache/compiled-wheels/$key"
+  if ! ls "$compiled"/hostmesh-"$version"-cp*.whl >/dev/null 2>&1; then
+    rm -rf "$cache/compiled-wheels" && mkdir -p "$compiled.tmp"
+    HOSTMESH_COMPILE=1 "${pip_target[@]}" wheel --no-deps -w "$compiled.tmp" "$sdist" >>"$dist/build.log" 2>&1 ||
+      { tail -n 40 "$dist/build.log" >&2; exit 1; }
+    mv "$compiled.tmp" "$compiled"
+  fi
+  cp "$compiled"/hostmesh-"$version"-cp*.whl "$dist/"
+  wheel=$(ls "$dist"/hostmesh-"$version"-cp*.whl)
+fi
 
 # 3. the virtualenv, built in a staging tree and then pointed at its installed location.
 stage=$(mktemp -d "${TMPDIR:-/tmp}/hostmesh-deb.XXXXXX")

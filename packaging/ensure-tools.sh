@@ -25,6 +25,10 @@ declare -A pkg_of=(
   [debootstrap]=debootstrap
   [systemd-nspawn]=systemd-container
   [nsenter]=util-linux
+  [gcc]=gcc
+  [python3.11-config]=python3.11-dev  # Python.h: the compiled build (setup.py, HOSTMESH_COMPILE=1)
+  [python3.12-config]=python3.12-dev
+  [python3.13-config]=python3.13-dev
 )
 missing=()
 for cmd in "$@"; do

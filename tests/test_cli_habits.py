@@ -90,7 +90,7 @@ def test_global_options_after_the_subcommand(consul: ConsulDev) -> None:
     assert isinstance(json.loads(r.stdout), list)
     r = CliRunner().invoke(cli, ["version", "-o", "json"])
     assert r.exit_code == 0, r.output
-    assert set(json.loads(r.stdout)) == {"client"}
+    assert set(json.loads(r.stdout)) == {"client", "compiled", "compiled_modules"}
     r = CliRunner().invoke(cli, ["version", "--output=yaml"])
     assert yaml.safe_load(r.stdout)["client"]
 

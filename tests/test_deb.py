@@ -12,6 +12,7 @@ calls first on PATH (dpkg passes PATH through to maintainer scripts).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from hostmesh.agent.compiled import MODULES
 from tests.support import REPO, ConsulDev, free_port, wait_until
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
@@ -128,6 +130,7 @@ def test_artifacts(dist: Path, deb: Path) -> None:
         assert "hostmesh = hostmesh.agent.cli:main" in whl.read(entry_points).decode()
     assert "hostmesh/agent/sdnotify.py" in wnames and "hostmesh/ca/pki.py" in wnames
     assert not any(n.startswith(("agent/", "ca/", "registry/")) for n in wnames)  # namespaced only
+    assert not any(n.endswith(".so") for n in wnames)  # the pure wheel: no extension, whatever build/ held
     # Every package of the source tree is in the wheel (an editable install hides a missing one).
     for top in ("agent", "registry", "ca"):
         for init in sorted((REPO / top).glob("**/__init__.py")):
@@ -146,6 +149,11 @@ def test_artifacts(dist: Path, deb: Path) -> None:
         assert path in contents, path
     assert re.search(r"\./usr/bin/hostmesh -> /opt/hostmesh/bin/hostmesh", contents)
     assert "__pycache__" in contents  # byte-code shipped, so dpkg owns and removes it
+    # the compiled build (setup.py): the hot modules as extensions for the interpreter it depends on
+    site = r"\./opt/hostmesh/lib/python3\.11/site-packages/hostmesh/"
+    for module in MODULES:
+        path = module.removeprefix("hostmesh.").replace(".", "/")
+        assert re.search(site + re.escape(path) + r"\.cpython-311-[\w-]+\.so\n", contents), module
     conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True)
     assert conffiles.stdout.split() == ["/etc/hostmesh/agent.toml.example"]
 
@@ -324,6 +332,9 @@ def test_installed_agent_runs_against_consul(
 ) -> None:
     run("dpkg", "-i", str(deb))
     assert command_exists("agent", "run") and command_exists("ca", "serve")
+    # the compiled build's extensions load on the interpreter the package depends on
+    build = json.loads(run("/usr/bin/hostmesh", "version", "-o", "json"))
+    assert build["compiled"] is True and build["compiled_modules"] == list(MODULES)
 
     env = {**os.environ, "CONSUL_HTTP_ADDR": consul.url}
     env.pop("NOTIFY_SOCKET", None)

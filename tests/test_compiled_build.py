@@ -1,0 +1,171 @@
+"""The compiled build (HOSTMESH_COMPILE=1, setup.py; what the .deb ships and `make bench` measures):
+built from this tree into a venv of its own (bench/compiled.py, cached under .cache/compiled/ until
+a source changes), its extensions loaded, the compiled modules' test suites and the L7 proxy's
+component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
+runs the pure-Python tree.
+
+Skipped, with the reason, only where no C compiler or Python headers can be had (as root they are
+installed from the machine's apt sources, as on CI). A cold build takes a few minutes on a loaded
+2-core machine; with the cache, this module takes well under two.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from bench.compiled import BUILD_TIMEOUT, CompiledBuildError, compiled_venv, ensure_compiler
+from hostmesh.agent.compiled import MODULES
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
+from tests.l7_support import Backends, Client
+from tests.support import REPO, ConsulDev
+
+pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 300)]
+
+# the suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter: their
+# sans-IO tests, and the L7 proxy's component tests, where the interpreted connection code calls them
+# (a compiled function refuses an argument its annotation does not allow, e.g. a bytearray for bytes)
+SUITES = ("test_l7_http1.py", "test_l7_normalize.py", "test_l7_match.py", "test_l7_flags.py",
+          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py")  # fmt: skip
+SUITE_TIMEOUT = 300
+SVC = "cbapi"
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    reason = ensure_compiler()
+    if reason:
+        pytest.skip(f"the compiled build needs a C compiler and Python headers: {reason}")
+    try:
+        return compiled_venv()
+    except CompiledBuildError as exc:
+        pytest.fail(f"the compiled build failed: {exc}")
+
+
+def version_json(hostmesh: str) -> dict[str, object]:
+    out = subprocess.run([hostmesh, "version", "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_the_compiled_build_loads_its_extensions(venv: Path) -> None:
+    report = version_json(str(venv / "bin" / "hostmesh"))
+    assert report["compiled"] is True and report["compiled_modules"] == list(MODULES)
+    code = (
+        "import importlib, json, sys\n"
+        "print(json.dumps([importlib.import_module(m).__file__ for m in sys.argv[1:]]))"
+    )
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code, *MODULES], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name, path in zip(MODULES, json.loads(out.stdout), strict=True):
+        assert path.endswith(".so") and "/site-packages/hostmesh/" in path, (name, path)
+    # a platform wheel (its .py files ride along), unlike the pure one
+    (wheel_meta,) = (venv / "lib").glob("python3.*/site-packages/hostmesh-*.dist-info/WHEEL")
+    meta = wheel_meta.read_text()
+    assert "Root-Is-Purelib: false" in meta and "Tag: cp3" in meta and "py3-none-any" not in meta
+
+
+def test_the_source_tree_runs_pure_python() -> None:
+    """What `make unit` tests is the interpreter running the source, with no extension beside it."""
+    report = version_json(str(Path(sys.executable).parent / "hostmesh"))
+    assert report["compiled"] is False and report["compiled_modules"] == []
+    assert not list((REPO / "agent").rglob("*.so"))
+
+
+def test_the_compiled_modules_suites_pass_against_the_extensions(venv: Path) -> None:
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         *(f"tests/{s}" for s in SUITES)],
+        cwd=REPO, capture_output=True, text=True, timeout=SUITE_TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout.splitlines()[-1]
+
+
+class Pair(NamedTuple):
+    m: LocalMesh
+    client: AgentHandle
+    server: AgentHandle
+    backends: Backends
+
+
+@pytest.fixture(scope="module")
+def pair(venv: Path, consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    command = [str(venv / "bin" / "hostmesh")]
+    backends = Backends("cb")
+    m = LocalMesh(tmp_path_factory.mktemp("compiled"), consul.url)
+    try:
+        m.start_ca()
+        server = m.write_agent_config(
+            "node-cbsrv", [{"name": SVC, "port": backends["cb"].port, "protocol": "http"}]
+        )
+        client = m.write_agent_config(
+            "node-cbcli", [{"name": "cbweb", "port": backends["cb"].port, "upstreams": [SVC]}]
+        )
+        for handle in (server, client):
+            m.start_agent(handle, wait=False, command=command)
+        for handle in (server, client):
+            m.wait_ready(handle)
+        m.wait_endpoints(client, SVC, 1)
+        yield Pair(m, client, server, backends)
+    finally:
+        m.close()
+        backends.close()
+        for kind in ("routes", "intentions", "history"):
+            consul.kv_delete(f"hostmesh/{kind}/{SVC}", recurse=True)
+
+
+def test_http_crosses_two_compiled_agents(pair: Pair, tmp_path: Path) -> None:
+    for handle in (pair.client, pair.server):  # the running agents, not just the install, are compiled
+        status, body = handle.get("/v1/version")
+        assert status == 200 and body["compiled"] == list(MODULES), body
+        assert re.search(r'^hostmesh_build_info\{.*compiled="true"', handle.metrics(), re.M)
+    # ... and the operator's `hostmesh version --agent` (here the source tree's, pure) says so
+    address = f"127.0.0.1:{pair.server.admin_port}"
+    report = json.loads(pair.m.hostmesh("version", "--agent", address, "-o", "json").stdout)
+    assert report["compiled"] is False and report["agent_compiled"] is True
+    assert report["agent_compiled_modules"] == list(MODULES)
+    text = pair.m.hostmesh("version", "--agent", address).stdout.splitlines()
+    assert text[0].endswith("(pure Python)") and text[1].endswith(f"(compiled: {len(MODULES)} modules)")
+    backend = pair.backends["cb"]
+    client = Client(pair.client.binds[SVC])
+    try:
+        payload = bytes(range(256)) * 64
+        r = client.get("/echo", body=payload, method="POST")  # a body, over one kept-alive connection
+        assert (r.status, r.instance, r.body) == (200, "cb", payload)
+        r = client.get("/chunked")
+        assert (r.status, r.body) == (200, b"hello chunked world\n")
+        r = client.get("/%61dmin/./x//y")  # normalize: the app serves the path that was authorised
+        assert r.status == 200 and backend.seen[-1] == b"/admin/x/y"
+        r = client.get("/a%2Fb")
+        assert r.status == 400 and r.flags == "DPE"
+    finally:
+        client.close()
+
+    # match + retry: a route with retries turns one 503 into a 200
+    doc = tmp_path / "route.json"
+    doc.write_text(
+        json.dumps(
+            {"service": SVC, "routes": [{"to": [{"weight": 100}], "retries": {"attempts": 2, "on": ["5xx"]}}]}
+        )
+    )
+    pair.m.hostmesh("route", "apply", "-f", str(doc))
+
+    def applied() -> bool:
+        return bool(pair.client.get("/v1/config")[1]["consul_indexes"].get(f"routes/{SVC}"))
+
+    wait_for(applied, 10.0, "the route document on the client agent")
+    backend.mode, backend.failed_once, hits = "fail_once", False, backend.hits
+    client = Client(pair.client.binds[SVC])
+    try:
+        r = client.get("/retried")
+    finally:
+        client.close()
+    assert r.status == 200 and backend.hits - hits == 2, r  # the 503, then the retried 200
