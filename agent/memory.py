@@ -42,32 +42,32 @@ MMAP_THRESHOLD = 2 * 1024 * 1024  # above any data-path buffer (a 1 MiB mux writ
 HEAP_TOP_KEPT = 4 * 1024 * 1024  # free heap top kept by `free` for the next buffers; the timer trims it
 
 
+def _glibc(name: str) -> Any:
+    """glibc's function `name`, or None when the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def hold_heap(mallopt: Any = None) -> bool:
     """Set glibc's mmap and trim thresholds (see the module docstring); False when not glibc."""
-    if mallopt is None:  # tests pass their own
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            import ctypes
-
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-        except (OSError, AttributeError):
-            return False
+    mallopt = mallopt or _glibc("mallopt")  # tests pass their own
+    if mallopt is None:
+        return False
     # Both, and in this order: setting either one turns glibc's dynamic thresholds off.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
 
 
 def start_trimming(loop: asyncio.AbstractEventLoop, trim: Any = None) -> Trimmer | None:
     """Schedule malloc_trim every TRIM_SECONDS on `loop`; None when the C library is not glibc."""
-    if trim is None:  # tests pass their own
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            import ctypes
-
-            trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            return None
+    trim = trim or _glibc("malloc_trim")  # tests pass their own
+    if trim is None:
+        return None
     handle: list[asyncio.TimerHandle] = []
 
     def tick() -> None:
