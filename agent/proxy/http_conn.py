@@ -43,7 +43,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from hostmesh.agent import audit
@@ -753,33 +753,39 @@ class Exchange:
 
     # ---- events from the upstream connection
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
-        t = type(ev)
-        if up is not self.upstream:
-            return
-        if t is ResponseHead:
-            self.progress, self.held = HELD, []
-            waiter = self.waiter
-            cb = self.on_response_head
-            if cb is not None and waiter is None:
-                cb(self, ev)
+        self.on_upstream_events(up, (ev,))
+
+    def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None:
+        """The events of one upstream read, in order (one call per read: the common response is a
+        head, a body and its end in one read); stops once `up` is no longer this exchange's."""
+        for ev in events:
+            if up is not self.upstream or up.owner is not self:
                 return
-            up.pause_reading()  # until the relay decision (retry or pass on)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(ev)
-            return
-        if t is Informational:
-            return  # the proxy answered 100-continue itself; other 1xx are not relayed
-        if self.progress is HELD:
-            self.held.append(ev)
-            return
-        if t is Body:
-            self._relay_body(ev.data)
-        elif t is EndOfMessage:
-            self._relay_end(up, ev.trailers)
-        elif t is TunnelData:
-            self.conn.write(ev.data)
-        elif t is Reject:
-            self._upstream_failed(up, ev.flag)
+            t = type(ev)
+            if t is ResponseHead:
+                up.last_keep = ev.keep_alive
+                self.progress, self.held = HELD, []
+                waiter = self.waiter
+                cb = self.on_response_head
+                if cb is not None and waiter is None:
+                    cb(self, ev)
+                    continue
+                up.pause_reading()  # until the relay decision (retry or pass on)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
+                continue
+            if t is Informational:
+                continue  # the proxy answered 100-continue itself; other 1xx are not relayed
+            if self.progress is HELD:
+                self.held.append(ev)
+            elif t is Body:
+                self._relay_body(ev.data)
+            elif t is EndOfMessage:
+                self._relay_end(up, ev.trailers)
+            elif t is TunnelData:
+                self.conn.write(ev.data)
+            elif t is Reject:
+                self._upstream_failed(up, ev.flag)
 
     def upstream_lost(self, up: UpstreamConn) -> None:
         if up is not self.upstream:

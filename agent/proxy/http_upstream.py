@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from hostmesh.agent.l7 import http1
-from hostmesh.agent.l7.http1 import ResponseHead
 from hostmesh.agent.proxy.http_conn import Exchange, ServerConn, TlsReads, half_close_kept
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from hostmesh.agent.proxy.stream_transport import StreamTransport
@@ -54,7 +53,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.idle_since = 0.0
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
-        self._last_keep = True
+        self.last_keep = True  # the last response head's keep-alive (set by the owner that reads it)
         self._paused = False  # we paused the transport's reading
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
         # is paused with its connection, so a request taking it must start with its client paused)
@@ -77,13 +76,8 @@ class UpstreamConn(asyncio.BaseProtocol):
             return
         conn = owner.conn
         conn.cork()
-        try:
-            for ev in events:
-                if type(ev) is ResponseHead:
-                    self._last_keep = ev.keep_alive
-                owner.on_upstream(self, ev)
-                if self.owner is not owner:
-                    return
+        try:  # one call per read, not per event (the owner stops when it lets this connection go)
+            owner.on_upstream_events(self, events)
         finally:
             conn.uncork()
 
@@ -147,7 +141,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         return True
 
     def keep_alive_ok(self) -> bool:
-        return self._last_keep and not self.closed and not self.framer.broken
+        return self.last_keep and not self.closed and not self.framer.broken
 
     def release(self) -> None:
         self.owner = None
