@@ -43,7 +43,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from hostmesh.agent import audit
@@ -266,13 +266,7 @@ class ServerConn(asyncio.BaseProtocol):
                 tunnel.transport.write(data)
             return
         busy = reading is HOLDING
-        for ev in self.framer.feed(data):
-            if self.closed:
-                return
-            if self.reading is HOLDING:
-                self.backlog.append(ev)
-            else:
-                self._event(ev)
+        self._events(self.framer.feed(data))
         if busy or self.backlog:  # pipelined bytes while a response is pending: hold them, stop reading
             self.pause_reading()
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
@@ -286,11 +280,7 @@ class ServerConn(asyncio.BaseProtocol):
                 t.write_eof()
             return half_close_kept(self.transport)
         self._eof = True
-        for ev in self.framer.eof():
-            if self.reading is HOLDING:
-                self.backlog.append(ev)
-            else:
-                self._event(ev)
+        self._events(self.framer.eof())
         if self.ex is None and self.reading is not HOLDING:
             self.close()
         return half_close_kept(self.transport)  # a response may still be on its way (half-close)
@@ -323,42 +313,50 @@ class ServerConn(asyncio.BaseProtocol):
             up.resume_reading()
 
     # ---- events
-    def _event(self, ev: Any) -> None:
-        t = type(ev)
-        ex = self.ex
-        if t is Body:
-            if ex is not None:
-                self._body_progress(len(ev.data))
-                ex.request_body(ev.data)
-        elif t is EndOfMessage:
-            if ex is not None:
-                self._body_deadline = 0.0
-                ex.request_end(ev.trailers)
-                if self.ex is not None and not self.closed:  # the response is not done: hold what follows
-                    self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
-        elif t is RequestHead:
-            self._partial = False  # the timer stays armed: it checks the state when it fires
-            self.requests += 1
-            try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
-                target = normalize_target(ev.target, ev.headers)
-            except ProtocolError as exc:
-                self.reject(exc.status, exc.reason, exc.flag)
+    def _events(self, events: Iterable[Any]) -> None:
+        """Client events in order, one call per read (not per event): to the current exchange, or a
+        head starts the next one; while a response is pending (HOLDING) they wait in `backlog`."""
+        for ev in events:
+            if self.closed:
                 return
-            if target is not ev.target:
-                ev = ev._replace(target=target)
-            ex = self.ex = Exchange(self, ev)
-            if self.shed:  # overload: answered here, nothing reaches a route or an upstream
-                ex.keep_alive = False
-                ex.respond(503, fl.OM, "agent overloaded")
-                return
-            if ev.framing != NO_BODY:
-                self.body_clock()
-            self.handler.start(ex)
-        elif t is TunnelData:
-            if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-                ex.upstream.transport.write(ev.data)
-        elif t is Reject:
-            self.reject(ev.status, ev.reason, ev.flag)
+            if self.reading is HOLDING:
+                self.backlog.append(ev)
+                continue
+            t = type(ev)
+            ex = self.ex
+            if t is Body:
+                if ex is not None:
+                    self._body_progress(len(ev.data))
+                    ex.request_body(ev.data)
+            elif t is EndOfMessage:
+                if ex is not None:
+                    self._body_deadline = 0.0
+                    ex.request_end(ev.trailers)
+                    if self.ex is not None and not self.closed:  # the response is not done: hold what follows
+                        self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
+            elif t is RequestHead:
+                self._partial = False  # the timer stays armed: it checks the state when it fires
+                self.requests += 1
+                try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
+                    target = normalize_target(ev.target, ev.headers)
+                except ProtocolError as exc:
+                    self.reject(exc.status, exc.reason, exc.flag)
+                    continue
+                if target is not ev.target:
+                    ev = ev._replace(target=target)
+                ex = self.ex = Exchange(self, ev)
+                if self.shed:  # overload: answered here, nothing reaches a route or an upstream
+                    ex.keep_alive = False
+                    ex.respond(503, fl.OM, "agent overloaded")
+                    continue
+                if ev.framing != NO_BODY:
+                    self.body_clock()
+                self.handler.start(ex)
+            elif t is TunnelData:
+                if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+                    ex.upstream.transport.write(ev.data)
+            elif t is Reject:
+                self.reject(ev.status, ev.reason, ev.flag)
 
     def reject(self, status: int, reason: str, flag: str) -> None:
         """A protocol error from the client: answer (when no response started yet) and close."""
@@ -391,14 +389,8 @@ class ServerConn(asyncio.BaseProtocol):
         self.reading, self.backlog = HTTP, NO_BACKLOG
         if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
             backlog = self.framer.upgrade_refused() + backlog
-        if backlog:
-            for i, ev in enumerate(backlog):
-                if self.closed:
-                    return
-                if self.reading is HOLDING:  # the next exchange is waiting again: queue the rest
-                    self.backlog.extend(backlog[i:])
-                    return
-                self._event(ev)
+        if backlog:  # the next exchange may be waiting again: _events queues the rest
+            self._events(backlog)
         if self.reading is not HOLDING:
             if self._eof and self.ex is None and not self.closed:
                 self.close()  # the client half-closed and got its last answer
