@@ -185,7 +185,7 @@ def access_line(
         protocol="http", reporter=reporter, source_workload=source, source_principal=source_principal,
         destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
         downstream_remote_address=peer, response_code=ex.status, response_flags=fl.render(ex.flags),
-        duration_ms=round((time.monotonic() - ex.started) * 1000, 2), bytes_received=ex.received,
+        duration_ms=round((ex.ended - ex.started) * 1000, 2), bytes_received=ex.received,
         bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
         request_id=rid.decode("latin-1"),
         trace_id=span.trace_id_hex if span is not None else _trace_of(h.headers),
@@ -382,7 +382,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not keep_alive or not ex.request_done:
             self.close()
             return
-        self._last = time.monotonic()
+        self._last = ex.ended or time.monotonic()  # ended: set by Exchange._finish, which calls this
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog = self.backlog
@@ -598,6 +598,7 @@ class Exchange:
         "chunked",
         "chunks",
         "conn",
+        "ended",
         "flags",
         "head",
         "held",
@@ -626,6 +627,7 @@ class Exchange:
         self.conn = conn
         self.head = head
         self.started = time.monotonic()
+        self.ended = 0.0  # when it finished (_finish): its duration, and when its connection became idle
         self.chunked = head.framing == CHUNKED
         self.request_done = head.framing == NO_BODY
         self.chunks: list[bytes] = []  # encoded request body pieces kept for a replay
@@ -883,11 +885,12 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
+        now = time.monotonic()  # one clock reading for the pool, the metrics and the idle clock
         if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
-            up.release()
+            up.release(now)
         else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
             up.close()
-        self._finish(self.plan != UNTIL_CLOSE and self.keep_alive)
+        self._finish(self.plan != UNTIL_CLOSE and self.keep_alive, now=now)
 
     def respond(self, status: int, flag: str, detail: str = "") -> None:
         """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
@@ -912,10 +915,13 @@ class Exchange:
             self.flags = self.flags or fl.DC  # only when nothing else explains the end
             self._finish(False)
 
-    def _finish(self, keep_alive: bool, release: bool = True) -> None:
+    def _finish(self, keep_alive: bool, release: bool = True, now: float = 0.0) -> None:
+        """Done: the side counts it (metrics, access line), then the connection goes on or closes.
+        `now`: the caller's clock reading of this moment, when it has one."""
         if self.progress is DONE:
             return
         self.progress = DONE
+        self.ended = now or time.monotonic()
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 

@@ -237,7 +237,7 @@ class HttpInbound:
         ex.state = req = _Req(svc.port, headers)
         ex.on_response_head = Exchange.relay
         ex.on_fail = self._on_fail
-        up = self.pool.acquire(svc.port)
+        up = self.pool.acquire(svc.port, now=ex.started)  # started in this same read
         if up is not None:
             ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
             return
@@ -310,7 +310,7 @@ class HttpInbound:
         caller: Caller = ex.conn.info
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, fl.render(ex.flags),
-                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+                             ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         req: _Req | None = ex.state
         tracer = self.tracer
         if tracer is not None and (  # an unsampled success costs these two tests, nothing more

@@ -977,7 +977,7 @@ class HttpOutbound:
                 subset = st.subset
         flags = fl.render(ex.flags)
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
-                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+                             ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
         if tracer is not None and (  # an unsampled success costs these two tests, nothing more
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))

@@ -143,9 +143,10 @@ class UpstreamConn(asyncio.BaseProtocol):
     def keep_alive_ok(self) -> bool:
         return self.last_keep and not self.closed and not self.framer.broken
 
-    def release(self) -> None:
+    def release(self, now: float = 0.0) -> None:
+        """Back to the pool (`now`: the caller's monotonic clock reading, when it has one)."""
         self.owner = None
-        self.pool.release(self)
+        self.pool.release(self, now)
 
     def close(self) -> None:
         if not self.closed:
@@ -177,11 +178,12 @@ class UpstreamPool:
         self.on_release: Callable[[UpstreamConn], None] | None = None  # a connection became idle
         self._counted: set[UpstreamConn] = set()
 
-    def acquire(self, key: Any, ctx: Any = None) -> UpstreamConn | None:
+    def acquire(self, key: Any, ctx: Any = None, now: float = 0.0) -> UpstreamConn | None:
+        """An idle connection for `key` (`now`: the caller's monotonic clock reading, when it has one)."""
         idle = self._idle.get(key)
         if not idle:
             return None
-        now = time.monotonic()
+        now = now or time.monotonic()
         while idle:
             conn = idle.pop()
             if conn.closed or conn.ctx is not ctx or now >= conn.expires or not conn.usable():
@@ -197,11 +199,11 @@ class UpstreamPool:
         self._counted.add(conn)
         self.open[conn.key] = self.open.get(conn.key, 0) + 1
 
-    def release(self, conn: UpstreamConn) -> None:
+    def release(self, conn: UpstreamConn, now: float = 0.0) -> None:
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
-        now = time.monotonic()
+        now = now or time.monotonic()
         if self.closing or conn.closed or now >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
             conn.close()
             return
