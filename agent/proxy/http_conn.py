@@ -853,8 +853,8 @@ class Exchange:
                     return
                 if up is not None:
                     self.on_upstream(up, ev)
-        if up is not None and not self.conn.write_paused:
-            up.resume_reading()  # when paused at the head (see on_upstream)
+        if up is not None and up.reading_paused and not self.conn.write_paused:
+            up.resume_reading()  # when paused at the head (see on_upstream_events)
 
     def _relay_upgrade(self, resp: ResponseHead) -> None:
         up = self.upstream

@@ -54,7 +54,8 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
         self.last_keep = True  # the last response head's keep-alive (set by the owner that reads it)
-        self._paused = False  # we paused the transport's reading
+        # we paused the transport's reading (read by callers too: resuming an unpaused one is a no-op call)
+        self.reading_paused = False
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
         # is paused with its connection, so a request taking it must start with its client paused)
         self.write_paused = False
@@ -121,14 +122,14 @@ class UpstreamConn(asyncio.BaseProtocol):
 
     def pause_reading(self) -> None:
         t = self.transport
-        if t is not None and not self._paused:
-            self._paused = True
+        if t is not None and not self.reading_paused:
+            self.reading_paused = True
             t.pause_reading()
 
     def resume_reading(self) -> None:
         t = self.transport
-        if t is not None and self._paused and not self.closed:
-            self._paused = False
+        if t is not None and self.reading_paused and not self.closed:
+            self.reading_paused = False
             t.resume_reading()
 
     def tunnel_to(self, conn: ServerConn) -> None:
@@ -208,7 +209,8 @@ class UpstreamPool:
             conn.close()
             return
         conn.idle_since = now
-        conn.resume_reading()  # an idle connection must notice the peer closing it
+        if conn.reading_paused:  # an idle connection must notice the peer closing it
+            conn.resume_reading()
         idle.append(conn)
         if self.on_release is not None:
             self.on_release(conn)
