@@ -218,6 +218,23 @@ async def test_l7_intention_denies_a_path_with_403_and_an_audit_line(
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="403", response_flags="AUTHZ") == 1
 
 
+async def test_an_intention_change_decides_the_next_request_on_a_kept_alive_connection(mesh: Mesh) -> None:
+    """The inbound looks a caller's service, intentions and policy up once per snapshot, not once per
+    request: a new snapshot still decides the very next request of a connection that stays open."""
+    c = mesh.client()
+    n = 2 * len(mesh.inbounds)  # each instance serves some: a stream to each has looked its caller up
+    before = await asyncio.to_thread(lambda: [c.get("/public") for _ in range(n)])
+    doc = parse_intentions({"service": "api", "rules": [{"source": "web", "action": "deny"}]})
+    for ib in mesh.inbounds:
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions=MappingProxyType({"api": doc})))
+    after = await asyncio.to_thread(lambda: [c.get("/public") for _ in range(n)])
+    c.close()
+    assert [r.status for r in before] == [200] * n
+    assert [(r.status, r.flags) for r in after] == [(403, "AUTHZ")] * n
+    assert sum(app.hits for app in mesh.apps) == n
+
+
 async def test_unreadable_intentions_answer_503_ni_and_the_app_sees_nothing(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:

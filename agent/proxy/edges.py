@@ -387,7 +387,7 @@ class IngressHttp:
             out.finished(ex)
             return
         gw = self.gateway
-        gw.metrics.observe(gw.name, "-", "", ex.status, flags.render(ex.flags), time.monotonic() - ex.started)
+        gw.metrics.observe(gw.name, "-", "", ex.status, flags.render(ex.flags), ex.ended - ex.started)
         from hostmesh.agent.proxy.http_conn import access_due, access_line
 
         if access_due(ex):

@@ -43,7 +43,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from hostmesh.agent import audit
@@ -185,7 +185,7 @@ def access_line(
         protocol="http", reporter=reporter, source_workload=source, source_principal=source_principal,
         destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
         downstream_remote_address=peer, response_code=ex.status, response_flags=fl.render(ex.flags),
-        duration_ms=round((time.monotonic() - ex.started) * 1000, 2), bytes_received=ex.received,
+        duration_ms=round((ex.ended - ex.started) * 1000, 2), bytes_received=ex.received,
         bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
         request_id=rid.decode("latin-1"),
         trace_id=span.trace_id_hex if span is not None else _trace_of(h.headers),
@@ -266,13 +266,7 @@ class ServerConn(asyncio.BaseProtocol):
                 tunnel.transport.write(data)
             return
         busy = reading is HOLDING
-        for ev in self.framer.feed(data):
-            if self.closed:
-                return
-            if self.reading is HOLDING:
-                self.backlog.append(ev)
-            else:
-                self._event(ev)
+        self._events(self.framer.feed(data))
         if busy or self.backlog:  # pipelined bytes while a response is pending: hold them, stop reading
             self.pause_reading()
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
@@ -286,11 +280,7 @@ class ServerConn(asyncio.BaseProtocol):
                 t.write_eof()
             return half_close_kept(self.transport)
         self._eof = True
-        for ev in self.framer.eof():
-            if self.reading is HOLDING:
-                self.backlog.append(ev)
-            else:
-                self._event(ev)
+        self._events(self.framer.eof())
         if self.ex is None and self.reading is not HOLDING:
             self.close()
         return half_close_kept(self.transport)  # a response may still be on its way (half-close)
@@ -323,42 +313,50 @@ class ServerConn(asyncio.BaseProtocol):
             up.resume_reading()
 
     # ---- events
-    def _event(self, ev: Any) -> None:
-        t = type(ev)
-        ex = self.ex
-        if t is Body:
-            if ex is not None:
-                self._body_progress(len(ev.data))
-                ex.request_body(ev.data)
-        elif t is EndOfMessage:
-            if ex is not None:
-                self._body_deadline = 0.0
-                ex.request_end(ev.trailers)
-                if self.ex is not None and not self.closed:  # the response is not done: hold what follows
-                    self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
-        elif t is RequestHead:
-            self._partial = False  # the timer stays armed: it checks the state when it fires
-            self.requests += 1
-            try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
-                target = normalize_target(ev.target, ev.headers)
-            except ProtocolError as exc:
-                self.reject(exc.status, exc.reason, exc.flag)
+    def _events(self, events: Iterable[Any]) -> None:
+        """Client events in order, one call per read (not per event): to the current exchange, or a
+        head starts the next one; while a response is pending (HOLDING) they wait in `backlog`."""
+        for ev in events:
+            if self.closed:
                 return
-            if target is not ev.target:
-                ev = ev._replace(target=target)
-            ex = self.ex = Exchange(self, ev)
-            if self.shed:  # overload: answered here, nothing reaches a route or an upstream
-                ex.keep_alive = False
-                ex.respond(503, fl.OM, "agent overloaded")
-                return
-            if ev.framing != NO_BODY:
-                self.body_clock()
-            self.handler.start(ex)
-        elif t is TunnelData:
-            if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-                ex.upstream.transport.write(ev.data)
-        elif t is Reject:
-            self.reject(ev.status, ev.reason, ev.flag)
+            if self.reading is HOLDING:
+                self.backlog.append(ev)
+                continue
+            t = type(ev)
+            ex = self.ex
+            if t is Body:
+                if ex is not None:
+                    self._body_progress(len(ev.data))
+                    ex.request_body(ev.data)
+            elif t is EndOfMessage:
+                if ex is not None:
+                    self._body_deadline = 0.0
+                    ex.request_end(ev.trailers)
+                    if self.ex is not None and not self.closed:  # the response is not done: hold what follows
+                        self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
+            elif t is RequestHead:
+                self._partial = False  # the timer stays armed: it checks the state when it fires
+                self.requests += 1
+                try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
+                    target = normalize_target(ev.target, ev.headers)
+                except ProtocolError as exc:
+                    self.reject(exc.status, exc.reason, exc.flag)
+                    continue
+                if target is not ev.target:
+                    ev = ev._replace(target=target)
+                ex = self.ex = Exchange(self, ev)
+                if self.shed:  # overload: answered here, nothing reaches a route or an upstream
+                    ex.keep_alive = False
+                    ex.respond(503, fl.OM, "agent overloaded")
+                    continue
+                if ev.framing != NO_BODY:
+                    self.body_clock()
+                self.handler.start(ex)
+            elif t is TunnelData:
+                if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+                    ex.upstream.transport.write(ev.data)
+            elif t is Reject:
+                self.reject(ev.status, ev.reason, ev.flag)
 
     def reject(self, status: int, reason: str, flag: str) -> None:
         """A protocol error from the client: answer (when no response started yet) and close."""
@@ -384,21 +382,15 @@ class ServerConn(asyncio.BaseProtocol):
         if not keep_alive or not ex.request_done:
             self.close()
             return
-        self._last = time.monotonic()
+        self._last = ex.ended or time.monotonic()  # ended: set by Exchange._finish, which calls this
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog = self.backlog
         self.reading, self.backlog = HTTP, NO_BACKLOG
         if ex.head.upgrade:  # answered with anything but 101: plain HTTP/1.1 goes on (RFC 9110 §7.8)
             backlog = self.framer.upgrade_refused() + backlog
-        if backlog:
-            for i, ev in enumerate(backlog):
-                if self.closed:
-                    return
-                if self.reading is HOLDING:  # the next exchange is waiting again: queue the rest
-                    self.backlog.extend(backlog[i:])
-                    return
-                self._event(ev)
+        if backlog:  # the next exchange may be waiting again: _events queues the rest
+            self._events(backlog)
         if self.reading is not HOLDING:
             if self._eof and self.ex is None and not self.closed:
                 self.close()  # the client half-closed and got its last answer
@@ -606,6 +598,7 @@ class Exchange:
         "chunked",
         "chunks",
         "conn",
+        "ended",
         "flags",
         "head",
         "held",
@@ -634,6 +627,7 @@ class Exchange:
         self.conn = conn
         self.head = head
         self.started = time.monotonic()
+        self.ended = 0.0  # when it finished (_finish): its duration, and when its connection became idle
         self.chunked = head.framing == CHUNKED
         self.request_done = head.framing == NO_BODY
         self.chunks: list[bytes] = []  # encoded request body pieces kept for a replay
@@ -753,33 +747,39 @@ class Exchange:
 
     # ---- events from the upstream connection
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
-        t = type(ev)
-        if up is not self.upstream:
-            return
-        if t is ResponseHead:
-            self.progress, self.held = HELD, []
-            waiter = self.waiter
-            cb = self.on_response_head
-            if cb is not None and waiter is None:
-                cb(self, ev)
+        self.on_upstream_events(up, (ev,))
+
+    def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None:
+        """The events of one upstream read, in order (one call per read: the common response is a
+        head, a body and its end in one read); stops once `up` is no longer this exchange's."""
+        for ev in events:
+            if up is not self.upstream or up.owner is not self:
                 return
-            up.pause_reading()  # until the relay decision (retry or pass on)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(ev)
-            return
-        if t is Informational:
-            return  # the proxy answered 100-continue itself; other 1xx are not relayed
-        if self.progress is HELD:
-            self.held.append(ev)
-            return
-        if t is Body:
-            self._relay_body(ev.data)
-        elif t is EndOfMessage:
-            self._relay_end(up, ev.trailers)
-        elif t is TunnelData:
-            self.conn.write(ev.data)
-        elif t is Reject:
-            self._upstream_failed(up, ev.flag)
+            t = type(ev)
+            if t is ResponseHead:
+                up.last_keep = ev.keep_alive
+                self.progress, self.held = HELD, []
+                waiter = self.waiter
+                cb = self.on_response_head
+                if cb is not None and waiter is None:
+                    cb(self, ev)
+                    continue
+                up.pause_reading()  # until the relay decision (retry or pass on)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
+                continue
+            if t is Informational:
+                continue  # the proxy answered 100-continue itself; other 1xx are not relayed
+            if self.progress is HELD:
+                self.held.append(ev)
+            elif t is Body:
+                self._relay_body(ev.data)
+            elif t is EndOfMessage:
+                self._relay_end(up, ev.trailers)
+            elif t is TunnelData:
+                self.conn.write(ev.data)
+            elif t is Reject:
+                self._upstream_failed(up, ev.flag)
 
     def upstream_lost(self, up: UpstreamConn) -> None:
         if up is not self.upstream:
@@ -853,8 +853,8 @@ class Exchange:
                     return
                 if up is not None:
                     self.on_upstream(up, ev)
-        if up is not None and not self.conn.write_paused:
-            up.resume_reading()  # when paused at the head (see on_upstream)
+        if up is not None and up.reading_paused and not self.conn.write_paused:
+            up.resume_reading()  # when paused at the head (see on_upstream_events)
 
     def _relay_upgrade(self, resp: ResponseHead) -> None:
         up = self.upstream
@@ -885,11 +885,12 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
+        now = time.monotonic()  # one clock reading for the pool, the metrics and the idle clock
         if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
-            up.release()
+            up.release(now)
         else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
             up.close()
-        self._finish(self.plan != UNTIL_CLOSE and self.keep_alive)
+        self._finish(self.plan != UNTIL_CLOSE and self.keep_alive, now=now)
 
     def respond(self, status: int, flag: str, detail: str = "") -> None:
         """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
@@ -914,10 +915,13 @@ class Exchange:
             self.flags = self.flags or fl.DC  # only when nothing else explains the end
             self._finish(False)
 
-    def _finish(self, keep_alive: bool, release: bool = True) -> None:
+    def _finish(self, keep_alive: bool, release: bool = True, now: float = 0.0) -> None:
+        """Done: the side counts it (metrics, access line), then the connection goes on or closes.
+        `now`: the caller's clock reading of this moment, when it has one."""
         if self.progress is DONE:
             return
         self.progress = DONE
+        self.ended = now or time.monotonic()
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 

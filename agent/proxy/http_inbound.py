@@ -36,10 +36,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from hostmesh.agent import audit
-from hostmesh.agent.authz import authorize_request, fixed_request_decision, refuse_unavailable
+from hostmesh.agent.authz import Decision, authorize_request, fixed_request_decision, refuse_unavailable
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.ratelimit import TokenBucket
@@ -60,7 +60,7 @@ from hostmesh.agent.proxy.http_conn import (
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.snapshot import LocalService, SnapshotHolder
+from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.agent.tracing import KIND_SERVER, set_traceparent
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
@@ -75,7 +75,7 @@ APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is re
 class Caller:
     """Who is on the other end of one inbound mTLS connection (ServerConn.info)."""
 
-    __slots__ = ("leaf", "not_after", "peer", "roots_pem", "service", "source")
+    __slots__ = ("leaf", "not_after", "peer", "resolved", "roots_pem", "service", "source")
 
     def __init__(self, source: Identity, service: str, ssl_obj: Any, roots_pem: str, peer: str) -> None:
         self.source = source
@@ -84,6 +84,32 @@ class Caller:
         self.not_after = peer_not_after(ssl_obj) or float("inf")
         self.roots_pem = roots_pem
         self.peer = peer
+        # what its requests look up in a snapshot, for the snapshot it was looked up in (Resolved)
+        self.resolved: Resolved | None = None
+
+
+class Resolved(NamedTuple):
+    """What every request of one caller looks up in one snapshot, looked up once: the next request
+    after a snapshot change looks it up again (the snapshot is immutable; identity says it changed)."""
+
+    snap: Snapshot
+    svc: LocalService | None  # None: the service is not on this host
+    unavailable: str | None  # why its intentions cannot be read (fail closed), else None
+    intentions: Any
+    fixed: Decision | None  # authz.fixed_request_decision: the answer when method and path cannot matter
+    policy: Any
+
+
+def resolve(snap: Snapshot, caller: Caller) -> Resolved:
+    svc = snap.local.get(caller.service)
+    if svc is None:
+        return Resolved(snap, None, None, None, None, None)
+    intentions = snap.intentions.get(svc.name)
+    return Resolved(
+        snap, svc, snap.intentions_unavailable.get(svc.name), intentions,
+        fixed_request_decision(intentions, caller.source.service, snap.default_allow),
+        snap.policies.get(svc.name),
+    )  # fmt: skip
 
 
 class _Req:
@@ -152,7 +178,10 @@ class HttpInbound:
     def start(self, ex: Exchange) -> None:
         caller: Caller = ex.conn.info
         snap = self.holder.current
-        svc = snap.local.get(caller.service)
+        r = caller.resolved
+        if r is None or r.snap is not snap:
+            r = caller.resolved = resolve(snap, caller)
+        svc = r.svc
         head = ex.head
         if self.tracer is not None:
             ex.trace = self.tracer.start(caller.service, "", KIND_SERVER, head.headers)
@@ -168,12 +197,11 @@ class HttpInbound:
             ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
             return
         target = head.target
-        unavailable = snap.intentions_unavailable.get(svc.name)
-        if unavailable is not None:  # fail closed: this agent cannot read the service's intentions
-            self._refuse_unavailable(ex, caller, svc.name, unavailable)
+        if r.unavailable is not None:  # fail closed: this agent cannot read the service's intentions
+            self._refuse_unavailable(ex, caller, svc.name, r.unavailable)
             return
-        intentions = snap.intentions.get(svc.name)
-        decision = fixed_request_decision(intentions, caller.source.service, snap.default_allow)
+        intentions = r.intentions
+        decision = r.fixed
         if decision is None or not decision.allowed:  # the method and path decide, or the denial names them
             q = target.find(b"?")
             path = (target if q < 0 else target[:q]).decode("latin-1")
@@ -189,7 +217,7 @@ class HttpInbound:
             self.telemetry.denied(REPORTER, caller.source.service, svc.name)
             ex.respond(403, fl.AUTHZ)
             return
-        policy = snap.policies.get(svc.name)
+        policy = r.policy
         if policy is not None:
             entry = self._buckets.get(svc.name)
             if entry is None or entry[0] is not policy:
@@ -209,7 +237,7 @@ class HttpInbound:
         ex.state = req = _Req(svc.port, headers)
         ex.on_response_head = Exchange.relay
         ex.on_fail = self._on_fail
-        up = self.pool.acquire(svc.port)
+        up = self.pool.acquire(svc.port, now=ex.started)  # started in this same read
         if up is not None:
             ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
             return
@@ -282,7 +310,7 @@ class HttpInbound:
         caller: Caller = ex.conn.info
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, fl.render(ex.flags),
-                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+                             ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         req: _Req | None = ex.state
         tracer = self.tracer
         if tracer is not None and (  # an unsampled success costs these two tests, nothing more

@@ -53,6 +53,7 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from hostmesh.agent.l7 import balancer as lb
@@ -335,9 +336,17 @@ class _MirrorTap:
             self.drop()
 
     # --- owner of the mirror connection (UpstreamConn calls these)
+    def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None:
+        for ev in events:
+            if up.owner is not self:
+                return
+            self.on_upstream(up, ev)
+
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
         t = type(ev)
-        if t is http1.EndOfMessage:
+        if t is http1.ResponseHead:
+            up.last_keep = ev.keep_alive
+        elif t is http1.EndOfMessage:
             self.up = None
             up.owner = None
             if self.state == MirrorState.SENT and up.keep_alive_ok():
@@ -968,7 +977,7 @@ class HttpOutbound:
                 subset = st.subset
         flags = fl.render(ex.flags)
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
-                             time.monotonic() - ex.started, ex.received, ex.sent)  # fmt: skip
+                             ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
         if tracer is not None and (  # an unsampled success costs these two tests, nothing more
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from hostmesh.agent.l7 import http1
-from hostmesh.agent.l7.http1 import ResponseHead
 from hostmesh.agent.proxy.http_conn import Exchange, ServerConn, TlsReads, half_close_kept
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from hostmesh.agent.proxy.stream_transport import StreamTransport
@@ -54,8 +53,9 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.idle_since = 0.0
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
-        self._last_keep = True
-        self._paused = False  # we paused the transport's reading
+        self.last_keep = True  # the last response head's keep-alive (set by the owner that reads it)
+        # we paused the transport's reading (read by callers too: resuming an unpaused one is a no-op call)
+        self.reading_paused = False
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
         # is paused with its connection, so a request taking it must start with its client paused)
         self.write_paused = False
@@ -77,13 +77,8 @@ class UpstreamConn(asyncio.BaseProtocol):
             return
         conn = owner.conn
         conn.cork()
-        try:
-            for ev in events:
-                if type(ev) is ResponseHead:
-                    self._last_keep = ev.keep_alive
-                owner.on_upstream(self, ev)
-                if self.owner is not owner:
-                    return
+        try:  # one call per read, not per event (the owner stops when it lets this connection go)
+            owner.on_upstream_events(self, events)
         finally:
             conn.uncork()
 
@@ -127,14 +122,14 @@ class UpstreamConn(asyncio.BaseProtocol):
 
     def pause_reading(self) -> None:
         t = self.transport
-        if t is not None and not self._paused:
-            self._paused = True
+        if t is not None and not self.reading_paused:
+            self.reading_paused = True
             t.pause_reading()
 
     def resume_reading(self) -> None:
         t = self.transport
-        if t is not None and self._paused and not self.closed:
-            self._paused = False
+        if t is not None and self.reading_paused and not self.closed:
+            self.reading_paused = False
             t.resume_reading()
 
     def tunnel_to(self, conn: ServerConn) -> None:
@@ -147,11 +142,12 @@ class UpstreamConn(asyncio.BaseProtocol):
         return True
 
     def keep_alive_ok(self) -> bool:
-        return self._last_keep and not self.closed and not self.framer.broken
+        return self.last_keep and not self.closed and not self.framer.broken
 
-    def release(self) -> None:
+    def release(self, now: float = 0.0) -> None:
+        """Back to the pool (`now`: the caller's monotonic clock reading, when it has one)."""
         self.owner = None
-        self.pool.release(self)
+        self.pool.release(self, now)
 
     def close(self) -> None:
         if not self.closed:
@@ -183,11 +179,12 @@ class UpstreamPool:
         self.on_release: Callable[[UpstreamConn], None] | None = None  # a connection became idle
         self._counted: set[UpstreamConn] = set()
 
-    def acquire(self, key: Any, ctx: Any = None) -> UpstreamConn | None:
+    def acquire(self, key: Any, ctx: Any = None, now: float = 0.0) -> UpstreamConn | None:
+        """An idle connection for `key` (`now`: the caller's monotonic clock reading, when it has one)."""
         idle = self._idle.get(key)
         if not idle:
             return None
-        now = time.monotonic()
+        now = now or time.monotonic()
         while idle:
             conn = idle.pop()
             if conn.closed or conn.ctx is not ctx or now >= conn.expires or not conn.usable():
@@ -203,16 +200,17 @@ class UpstreamPool:
         self._counted.add(conn)
         self.open[conn.key] = self.open.get(conn.key, 0) + 1
 
-    def release(self, conn: UpstreamConn) -> None:
+    def release(self, conn: UpstreamConn, now: float = 0.0) -> None:
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
-        now = time.monotonic()
+        now = now or time.monotonic()
         if self.closing or conn.closed or now >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
             conn.close()
             return
         conn.idle_since = now
-        conn.resume_reading()  # an idle connection must notice the peer closing it
+        if conn.reading_paused:  # an idle connection must notice the peer closing it
+            conn.resume_reading()
         idle.append(conn)
         if self.on_release is not None:
             self.on_release(conn)
