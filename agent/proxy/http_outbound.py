@@ -598,14 +598,10 @@ class HttpOutbound:
     def _stream_now(self, cl: Cluster, key: tuple[str, int], ctx: Any) -> UpstreamConn | None:
         """A new stream on an established mux connection to `key`, within the connection limit (a
         stream counts as a connection), without a task; None: the coroutine path decides (dial, wait)."""
-        mux_ctx = self.holder.current.tls.client.get(self.local_service)
-        conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
-        if conn is None or conn.version < HTTP_MIN_VERSION or not self._take_slot(cl.limits):
+        conn = self._mux_conn(key)
+        if conn is None or not self._take_slot(cl.limits):
             return None
-        up = self._open_stream(key, ctx, False, conn)
-        if up is None:  # (not reached: the connection was checked just now)
-            cl.limits.connections.release()
-            return None
+        up = self._open_stream(conn, key, ctx)
         up.limit = cl.limits.connections  # type: ignore[attr-defined]
         return up
 
@@ -854,18 +850,16 @@ class HttpOutbound:
         """A new upstream connection to the peer agent at `key` (the transport decision in the module
         docstring): a stream on a mux connection to it (dialed only when none is up with room), or an
         mTLS connection of its own when that peer agreed a protocol below HTTP_MIN_VERSION."""
-        stream = self._open_stream(key, ctx, True)
-        if stream is not None:
-            return stream
-        if self._mux_wanted(key):
+        conn = self._mux_conn(key)
+        if conn is None and self._mux_wanted(key):
             mux_ctx = self.holder.current.tls.client.get(self.local_service)
             if mux_ctx is not None:
                 conn = await self.mesh.dial(key, mux_ctx, ident.dns_name, ident, timeout)
                 if conn.version < HTTP_MIN_VERSION:
                     self._remember_old(key)
-                stream = self._open_stream(key, ctx, False, conn)
-                if stream is not None:
-                    return stream
+                    conn = None
+        if conn is not None and not conn.closed:
+            return self._open_stream(conn, key, ctx)
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
         transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
@@ -884,20 +878,15 @@ class HttpOutbound:
         old = self._old_peers = {k: t for k, t in self._old_peers.items() if t > now}
         old[key] = now + PEER_VERSION_TTL
 
-    def _open_stream(self, key: tuple[str, int], ctx: Any, acquire: bool,
-                     conn: MeshClient | None = None) -> StreamUpstreamConn | None:  # fmt: skip
-        """An HTTP stream (HTTP_OPEN) on `conn`, or on an established mux connection to `key` with room
-        (`acquire`); None when there is none or it speaks a version below HTTP_MIN_VERSION. No await:
-        opening a stream is a frame."""
-        if conn is None:
-            if not acquire:
-                return None
-            mux_ctx = self.holder.current.tls.client.get(self.local_service)
-            conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
-            if conn is None:
-                return None
-        if conn.version < HTTP_MIN_VERSION or conn.closed:
-            return None
+    def _mux_conn(self, key: tuple[str, int]) -> MeshClient | None:
+        """An established mux connection to `key` with room that speaks HTTP_OPEN, else None."""
+        mux_ctx = self.holder.current.tls.client.get(self.local_service)
+        conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+        return conn if conn is not None and conn.version >= HTTP_MIN_VERSION else None
+
+    def _open_stream(self, conn: MeshClient, key: tuple[str, int], ctx: Any) -> StreamUpstreamConn:
+        """An HTTP stream (HTTP_OPEN) on `conn`, an open connection that speaks it. No await: opening a
+        stream is a frame."""
         up = StreamUpstreamConn(self.pool, key)
         up.ctx = ctx
         up.expires = min(up.expires, conn.expires)
