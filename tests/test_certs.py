@@ -254,13 +254,13 @@ async def test_ca_down_during_renewal_keeps_cert_retries_and_logs(
 
 
 async def test_expired_stored_cert_is_reported_and_a_fresh_token_is_used_without_restart(env: Env) -> None:
-    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=3))  # 3 s: see host_with_expired_web
     token_file = await env.token_file("web")
     mgr = env.manager(["web"], token_file)
     await mgr.start()
     await mgr.close()
     not_after = mgr.infos()[0].not_after
-    await async_wait_until(lambda: pki.now() > not_after, 5, "the stored cert to expire")
+    await async_wait_until(lambda: pki.now() > not_after, 10, "the stored cert to expire")
     spent = env.manager(["web"], token_file)  # the token file still holds the used token
     await spent.start()  # starts, reporting what is missing (there is a certificate to serve with)
     (info,) = spent.infos()
@@ -351,13 +351,15 @@ def test_bad_constructor_arguments() -> None:
 async def host_with_expired_web(env: Env, node: str) -> tuple[CertManager, dt.datetime]:
     """A host whose `web` expired (the CA was down) while `api` is valid; web's join token is spent
     and the token file holds one scoped to api only. Returns the running manager and web's old expiry."""
-    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=1))
+    # 3 s, not 1: notAfter has whole seconds, so a 1 s leaf issued late in a second could be expired
+    # by the time the manager checks it (seen once in CI: "not within its validity period")
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=3))
     first = env.manager(["web"], await env.token_file("web"), node=node)
     await first.start()
     await first.close()
     svc.leaf_ttl = dt.timedelta(seconds=30)
     old = first.infos()[0].not_after
-    await async_wait_until(lambda: pki.now() > old, 5, "web's certificate to expire")
+    await async_wait_until(lambda: pki.now() > old, 10, "web's certificate to expire")
     mgr = env.manager(["web", "api"], await env.token_file("api"), node=node, renew_fraction=0.1)
     await mgr.start()
     return mgr, old
