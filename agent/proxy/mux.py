@@ -59,6 +59,12 @@ MAX_STREAMS_PER_CONN = 100  # concurrent streams on one connection (both sides e
 MUX_HIGH_WATER = 4 * WRITE_HIGH_WATER
 MUX_LOW_WATER = WRITE_HIGH_WATER
 SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a header (write_data)
+# A loop turn that serves many streams writes its small frames in groups of this many instead of all
+# at its end, so the peer agent starts on the first while this one works on the rest. With 50
+# keep-alive clients on 2 cores, waiting for the turn's end moved requests through the pair in
+# convoys that left a core idle a quarter of the time (vmstat: 25 % idle, L7 3,300-3,980 req/s);
+# groups of 8: 9-10 % idle, 4,450-4,840 req/s. Groups of 2, 4 and 16 did no better than 8.
+FLUSH_EVERY_FRAMES = 8
 MAX_CREDIT = 1 << 31  # a peer granting more than this has lost count of our window
 
 
@@ -348,20 +354,24 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     # writing -------------------------------------------------------------------------------------
 
-    # Small frames are collected for the rest of the loop turn and written as one buffer: one TLS
-    # record to encrypt (and for the peer to decrypt) instead of one per frame, where most of the
-    # cost of a small frame lies. Large DATA goes out at once, after what was collected (in order).
+    # Small frames are collected for the rest of the loop turn, or until FLUSH_EVERY_FRAMES of them,
+    # and written as one buffer: one TLS record to encrypt (and for the peer to decrypt) instead of
+    # one per frame, where most of the cost of a small frame lies. Large DATA goes out at once,
+    # after what was collected (in order).
 
     def write(self, frame: bytes) -> None:
         if self.closed or self.transport is None:
             return
         out = self._out
         out.append(frame)
-        if len(out) == 1:
+        n = len(out)
+        if n == 1:
             loop = self._loop
             if loop is None:  # looked up once: on Python 3.11 each lookup is a getpid syscall
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._flush)
+        elif n >= FLUSH_EVERY_FRAMES:
+            self._flush()
 
     def write_data(self, sid: int, data: Chunk) -> None:
         n = len(data)
