@@ -62,6 +62,10 @@ class LazyHttpOutbound:
     def accept(self, end: Any) -> None:
         self.real.accept(end)
 
+    def app_conn(self, cap: Any) -> Any:
+        """The real one's (called only after `takes()` answered True, so it exists)."""
+        return self.real.app_conn(cap)
+
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self.real is not None:
             await self.real.close(drain_seconds)
