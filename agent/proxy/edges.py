@@ -327,6 +327,7 @@ class IngressHttp:
         self.gateway = gateway
         self.scheme = scheme.encode()
         self.header_timeout = http.header_read_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None  # its connections' (ServerConn.connection_made)
         self.body_idle_timeout = http.body_idle_timeout
         self.body_min_rate = http.body_min_rate
         self.conns: set[Any] = set()

@@ -44,7 +44,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hostmesh.agent import audit
 from hostmesh.agent.l7 import flags as fl
@@ -109,6 +109,8 @@ class Handler(Protocol):
     header_timeout: float
     body_idle_timeout: float
     body_min_rate: float
+    # its connections' loop, looked up by the first one (on Python 3.11 each lookup is a getpid syscall)
+    loop: asyncio.AbstractEventLoop | None
 
     def start(self, ex: Exchange) -> None: ...
     def finished(self, ex: Exchange) -> None: ...
@@ -251,12 +253,17 @@ class ServerConn(asyncio.BaseProtocol):
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)
+        t: asyncio.Transport = transport  # type: ignore[assignment]  # no cast(): a call per connection
+        self.transport = t
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = t.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self._last = time.monotonic()
-        self._arm(self.handler.header_timeout)
+        h = self.handler
+        loop = h.loop
+        if loop is None:
+            loop = h.loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(h.header_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         reading = self.reading
@@ -287,7 +294,8 @@ class ServerConn(asyncio.BaseProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if self.admission is not None:
             self.admission.release()
         self.handler.conn_lost(self)
@@ -444,7 +452,8 @@ class ServerConn(asyncio.BaseProtocol):
     def _arm(self, seconds: float) -> None:
         self._cancel_timer()
         if self.transport is not None and not self.closed:
-            self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)
+            loop = self.handler.loop or asyncio.get_running_loop()  # set by connection_made
+            self._timer = loop.call_later(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -523,9 +532,11 @@ class ServerConn(asyncio.BaseProtocol):
 
     def close(self) -> None:
         if not self.closed:
-            self.uncork()
+            if self._cork is not None:
+                self.uncork()
             self.closed = True
-            self._cancel_timer()
+            if self._timer is not None:
+                self._cancel_timer()
             if self.transport is not None:
                 self.transport.close()
 

@@ -131,6 +131,7 @@ class HttpInbound:
         self.holder = holder
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.header_timeout = header_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None  # its connections' (ServerConn.connection_made)
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
         self.telemetry = telemetry

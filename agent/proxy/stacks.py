@@ -55,8 +55,11 @@ class LazyHttpOutbound:
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
-            self.real = HttpOutbound(**self._kwargs)
+            self.real = real = HttpOutbound(**self._kwargs)
             self._on_load()
+            # from now on the listener calls the real one's methods itself (no hop per connection)
+            self.takes = real.takes  # type: ignore[method-assign]
+            self.app_conn = real.app_conn  # type: ignore[method-assign]
         return bool(self.real.takes(snap))
 
     def accept(self, end: Any) -> None:
