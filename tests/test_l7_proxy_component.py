@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import select
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -771,3 +772,91 @@ async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) ->
     assert r.status == 200 and r.instance == "api-0" and len(mesh.apps[0].last_body) == len(body)
     assert mesh.http_out.mirror_dropped == 1
     assert mesh.http_out.stats()["mirror_dropped"] == 1
+
+
+def one_api(mesh: Mesh) -> None:
+    """web's upstream api has one instance (api-0): the counts below are that instance's."""
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+
+
+async def test_a_new_connection_per_request_reuses_one_app_connection_and_one_mux_connection(
+    mesh: Mesh,
+) -> None:
+    """Callers that open a connection per request (`Connection: close`) cost the app no connection
+    each: the inbound keeps its app connection alive across them, and the outbound opens no mesh
+    connection for them (their requests ride a stream of the one it holds). Each caller's connection
+    is closed after its answer, and its slot under the agent's connection cap comes back."""
+    one_api(mesh)
+    cap = ConnectionCap(100, mesh.tel_a)
+    mesh.outbound.cap = cap
+    app, hi = mesh.apps[0], mesh.http_ins[0]
+
+    def run() -> list[Any]:
+        out = []
+        for i in range(6):
+            c = mesh.client()
+            r = c.get(f"/one-shot/{i}", headers={"connection": "close"})
+            out.append((r.status, r.headers.get("connection"), c.sock is None))
+            c.close()
+        return out
+
+    got = await asyncio.to_thread(run)
+    assert got == [(200, "close", True)] * 6  # answered, told and closed: each its own connection
+    assert app.hits == 6
+    assert app.connections == 1  # one app connection served them all
+    assert (hi.pool.dials, hi.pool.reused) == (1, 5)
+    assert mesh.http_out.mesh.handshakes == 1  # one mux connection to api-0's agent
+    assert (mesh.http_out.pool.dials, mesh.http_out.pool.reused) == (1, 5)  # and one stream on it
+    for _ in range(200):  # bounded: 10 s for the last caller's close to reach the outbound
+        if cap.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert cap.open == 0
+
+
+async def test_an_app_connection_the_app_closes_is_never_reused(mesh: Mesh) -> None:
+    """An app answer with `connection: close` ends that app connection: the next request, from
+    another caller connection, goes on a new one (the pool never hands the closed one out, so no
+    request depends on the transparent redo of a stale connection)."""
+    one_api(mesh)
+    app, hi = mesh.apps[0], mesh.http_ins[0]
+
+    def run() -> list[int]:
+        first = mesh.client().get("/close", headers={"connection": "close"})
+        second = mesh.client().get("/after", headers={"connection": "close"})
+        return [first.status, second.status]
+
+    assert await asyncio.to_thread(run) == [200, 200]
+    assert app.seen == [b"/close", b"/after"]
+    assert app.connections == 2
+    assert (hi.pool.dials, hi.pool.reused) == (2, 0)
+
+
+async def test_an_app_connection_whose_response_was_not_read_is_never_reused(mesh: Mesh) -> None:
+    """A caller that resets its connection before its answer: the app connection carrying that
+    unread response is closed, never pooled; the next caller's request goes on a new app connection.
+    (A caller that only half-closes still gets its answer, so that one would be read in full.)"""
+    one_api(mesh)
+    app, hi = mesh.apps[0], mesh.http_ins[0]
+
+    def leave_early() -> None:
+        c = mesh.client()
+        sock = c.connect()
+        sock.sendall(b"GET /delay/1000 HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+        for _ in range(200):  # bounded: 10 s for the request to reach the app
+            if app.seen:
+                break
+            time.sleep(0.05)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # a reset: the caller is gone
+
+    await asyncio.to_thread(leave_early)
+    for _ in range(200):  # bounded: 10 s for the abandoned app connection to be closed
+        if app.closed >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (app.connections, app.closed) == (1, 1)
+    r = await asyncio.to_thread(mesh.client().get, "/next", {"connection": "close"})
+    assert r.status == 200
+    assert app.connections == 2
+    assert (hi.pool.dials, hi.pool.reused) == (2, 0)
