@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import select
 import socket
@@ -860,3 +861,37 @@ async def test_an_app_connection_whose_response_was_not_read_is_never_reused(mes
     assert r.status == 200
     assert app.connections == 2
     assert (hi.pool.dials, hi.pool.reused) == (2, 0)
+
+
+def test_a_connection_per_request_leaves_no_cyclic_garbage_on_uvloop(tmp_path: Path) -> None:
+    """On the agent's loop, a caller connection that ends leaves nothing for the garbage collector:
+    each one's HTTP parser and framer (a reference cycle) used to, 17 objects per connection, which
+    made the collector run every ~40 connections at a `Connection: close` load."""
+    requests = 50
+
+    async def run() -> int:
+        async with build_mesh(tmp_path) as m:
+            one_api(m)
+
+            def calls(n: int) -> list[int]:
+                out = []
+                for i in range(n):
+                    c = m.client()
+                    out.append(c.get(f"/gc/{i}", headers={"connection": "close"}).status)
+                    c.close()
+                return out
+
+            assert await asyncio.to_thread(calls, 5) == [200] * 5  # warm: pools and mux connection up
+            gc.collect()
+            gc.disable()
+            try:
+                assert await asyncio.to_thread(calls, requests) == [200] * requests
+                for _ in range(200):  # bounded: 10 s for the last caller connection to be gone
+                    if not m.http_out.conns:
+                        break
+                    await asyncio.sleep(0.05)
+                return gc.collect()  # the objects only the collector could free
+            finally:
+                gc.enable()
+
+    assert uvloop.run(run()) < requests  # was 17 per connection

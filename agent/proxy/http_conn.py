@@ -294,6 +294,7 @@ class ServerConn(asyncio.BaseProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.framer.release()  # no cyclic garbage per connection (it had the collector run every ~40)
         if self._timer is not None:
             self._cancel_timer()
         if self.admission is not None:
