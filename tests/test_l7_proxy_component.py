@@ -895,3 +895,29 @@ def test_a_connection_per_request_leaves_no_cyclic_garbage_on_uvloop(tmp_path: P
                 gc.enable()
 
     assert uvloop.run(run()) < requests  # was 17 per connection
+
+
+async def test_a_first_head_has_the_header_timeout_even_behind_connections_made_under_a_longer_one(
+    mesh: Mesh,
+) -> None:
+    """A new connection's first head must be complete within the header-read timeout (408 DPE), also
+    when connections made earlier under a longer timeout are still open: the connections' first
+    checks share one timer (http_conn.HeadChecks), and one due later must not hold back this one."""
+    mesh.http_out.header_timeout = 30.0
+    early = mesh.client()
+    early.connect()  # opened under the 30 s timeout; it sends nothing
+    try:
+        for _ in range(200):  # bounded: 10 s for the outbound to have accepted it
+            if mesh.http_out.conns:
+                break
+            await asyncio.sleep(0.05)
+        assert mesh.http_out.conns
+        mesh.http_out.header_timeout = 0.5
+        data = await asyncio.to_thread(
+            send_raw_and_read_all, mesh.outbound.port, b"GET /slow HTTP/1.1\r\nhost: api\r\n"
+        )  # ... and never the rest of the head
+        assert b"HTTP/1.1 408 " in data and b"x-hostmesh-response-flags: DPE" in data
+        checks = mesh.http_out.head_checks
+        assert checks is not None and len(checks) == 1  # the early connection's check is still due
+    finally:
+        early.close()

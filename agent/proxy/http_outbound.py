@@ -82,6 +82,7 @@ from hostmesh.agent.proxy.http_conn import (
     RESPONSE,
     TIMEOUT,
     Exchange,
+    HeadChecks,
     Outcome,
     RequestMetrics,
     ServerConn,
@@ -408,7 +409,7 @@ class HttpOutbound:
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
         self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
-        self.loop: asyncio.AbstractEventLoop | None = None  # its connections' (ServerConn.connection_made)
+        self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.local_service = local_service
         self.service = upstream
         self.telemetry = telemetry
