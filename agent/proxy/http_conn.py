@@ -565,7 +565,7 @@ class _InHeadChecks:
 
     __slots__ = ()
 
-    def cancel(self) -> None: ...
+    def cancel(self) -> None: ...  # never called (ServerConn._cancel_timer tells them apart): typing
 
 
 HEAD_CHECK = _InHeadChecks()
