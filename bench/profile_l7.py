@@ -4,7 +4,8 @@
 Two real `hostmesh agent run` processes (client side with one upstream, server side with nginx as
 its local service; the same pair as `make bench`), each started through bench/profhook.py. After a
 warm-up, the driver sends N requests one at a time, round robin over a few keep-alive connections,
-in three windows: allocator calls (a C hook, bench/allocount.c, built here with the system
+in three windows (`--close`: a new connection per request, asking `Connection: close`, as make bench's
+(b) does): allocator calls (a C hook, bench/allocount.c, built here with the system
 compiler), Python and C function calls (cProfile), syscalls (`strace -c -f`, if strace runs here).
 Each figure is that window's total divided by N. One request in flight at a time keeps the counts
 independent of timing, so they stay valid on a loaded machine (batching under concurrency is what
@@ -72,20 +73,26 @@ def build_allocount(workdir: Path) -> Path | None:
 
 
 class Clients:
-    """K keep-alive connections to the pair's front door; one request in flight at a time."""
+    """K keep-alive connections to the pair's front door; one request in flight at a time. With
+    `close`: a new connection per request, which asks `Connection: close` (make bench's (b))."""
 
-    def __init__(self, port: int, k: int) -> None:
-        self.conns = [
-            http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S) for _ in range(k)
-        ]
+    def __init__(self, port: int, k: int, close: bool = False) -> None:
+        self.port = port
+        self.close_each = close
+        self.conns = [] if close else [self._connect() for _ in range(k)]
         self.sent = 0
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT_S)
 
     def run(self, n: int) -> None:
         for _ in range(n):
-            c = self.conns[self.sent % len(self.conns)]
-            c.request("GET", PATH)
+            c = self._connect() if self.close_each else self.conns[self.sent % len(self.conns)]
+            c.request("GET", PATH, headers={"Connection": "close"} if self.close_each else {})
             r = c.getresponse()
             r.read()
+            if self.close_each:
+                c.close()
             if r.status != 200:
                 raise StartError(f"request {self.sent}: HTTP {r.status}")
             self.sent += 1
@@ -177,7 +184,7 @@ def profile_pair(env: Env, protocol: str, args: argparse.Namespace, say: Callabl
     sides = [Side("client", roles["client"]), Side("server", roles["server"])]
     pids = [s.pid for s in sides]
     by_pid = {s.pid: s for s in sides}
-    clients = Clients(pair.port, args.connections)
+    clients = Clients(pair.port, args.connections, close=args.close)
     window = Window(Path(os.environ["HOSTMESH_PROFILE_DIR"]), pids)
     try:
         clients.run(args.warmup)
@@ -216,7 +223,7 @@ def summarize(side: Side, n: int, top: int) -> dict[str, Any]:
         "raw_alloc_calls": a["raw_calls"] / n if "raw_calls" in a else None,
         "net_blocks": a.get("blocks", 0) / n,
         "syscalls": sum(side.syscalls.values()) / n if side.syscalls else None,
-        "syscalls_by_name": {k: v / n for k, v in sorted(side.syscalls.items(), key=lambda kv: -kv[1])[:8]},
+        "syscalls_by_name": {k: v / n for k, v in sorted(side.syscalls.items(), key=lambda kv: -kv[1])[:top]},
         "modules": {
             m: [py_calls / n, c_calls / n]
             for m, (py_calls, c_calls) in sorted(side.modules.items(), key=lambda kv: -sum(kv[1]))[:top]
@@ -234,7 +241,7 @@ def side_name(path: str, role: str) -> str:
     return f"{path.upper()} {'outbound' if role == 'client' else 'inbound'}"
 
 
-def render(results: dict[str, dict[str, dict[str, Any]]], n: int) -> str:
+def render(results: dict[str, dict[str, dict[str, Any]]], n: int, close: bool = False) -> str:
     rows = [
         ("Python calls", "python_calls", 1),
         ("C calls (from Python)", "c_calls", 1),
@@ -245,12 +252,13 @@ def render(results: dict[str, dict[str, dict[str, Any]]], n: int) -> str:
         ("syscalls", "syscalls", 2),
     ]
     cols = [(p, role) for p in results for role in ("client", "server")]
+    close = ", a new connection each (`Connection: close`)" if close else ""
     head = "| per request | " + " | ".join(side_name(p, r) for p, r in cols)
     lines = [head + " |", "|---|" + "---:|" * len(cols)]
     for label, key, digits in rows:
         lines.append(f"| {label} | " + " | ".join(fmt(results[p][r][key], digits) for p, r in cols) + " |")
     lines.append("")
-    lines.append(f"({n:,} requests per window, one in flight.)")
+    lines.append(f"({n:,} requests per window, one in flight{close}.)")
     for p, r in cols:
         s = results[p][r]
         lines.append("")
@@ -274,6 +282,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=4, help="keep-alive connections, used round robin")
     p.add_argument("--paths", default="l7,l4", help="comma list of l7, l4 (default both)")
     p.add_argument("--top", type=int, default=15, help="functions listed per side")
+    p.add_argument("--close", action="store_true",
+                   help="a new connection per request, `Connection: close` (make bench's (b))")  # fmt: skip
     p.add_argument("--no-strace", dest="strace", action="store_false", help="skip the syscall window")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep-workdir", action="store_true")
@@ -318,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"profile: workdir kept at {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(render(results, args.requests))
+    print(render(results, args.requests, args.close))
     if args.json:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        doc = {"date": when, "requests": args.requests, **results}
+        doc = {"date": when, "requests": args.requests, "close": args.close, **results}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 

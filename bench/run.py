@@ -147,7 +147,16 @@ def scenario_ka(system: System, s: Settings, script: Path) -> dict[str, Any]:
 
 
 def scenario_close(system: System, s: Settings, script: Path) -> dict[str, Any]:
-    return _wrk_metrics(_wrk(system, s, script, close=True))
+    roots = system.roots()
+    if not roots:
+        return _wrk_metrics(_wrk(system, s, script, close=True))
+    with Sampler(roots) as smp:  # CPU per new connection, per process (which side pays for it)
+        w = _wrk(system, s, script, close=True)
+    m = _wrk_metrics(w)
+    m["cpu_s"] = round(sum(smp.cpu.values()), 3)
+    m["cpu_us_per_req"] = round(m["cpu_s"] / w.requests * 1e6, 2)
+    m["cpu_us_per_req_by_process"] = {k: round(v / w.requests * 1e6, 2) for k, v in smp.cpu.items()}
+    return m
 
 
 def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
@@ -201,6 +210,9 @@ def _brief(scenario: str, m: dict[str, Any]) -> str:
         text += f"  {m['mib_s']:,.1f} MiB/s"
     if "peak_rss_mib" in m:
         text += f"  rss {m['peak_rss_mib']:.1f} MiB  cpu {m['cpu_s']:.2f} s"
+    if "cpu_us_per_req_by_process" in m:
+        by = ", ".join(f"{k} {v:.0f}" for k, v in m["cpu_us_per_req_by_process"].items())
+        text += f"  cpu µs/req {m['cpu_us_per_req']:.0f} ({by})"
     return text
 
 

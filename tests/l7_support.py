@@ -6,7 +6,8 @@ subprocess agents can call them; each `Backend` answers with ``x-instance: <name
 is switched by the test (`mode`): ``ok``, ``fail`` (503 always), ``fail_once`` (one 503 then 200),
 plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo after 101,
 ``/refuse-upgrade`` a 426 to an upgrade request on a connection kept alive, ``/chunked``, ``/echo``
-body echo).
+body echo, ``/close`` an answer with ``connection: close``, after which the app holds that connection
+open and reads nothing more until it stops: a proxy that reused it would wait in vain).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class Backend:
             await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
         if path == b"/echo":
             body = bytes(req.body)
+        if path == b"/close":  # this connection is not reusable: the app says so (and reads no more)
+            extra += b"connection: close\r\n"
         if self.mode == "fail" or (self.mode == "fail_once" and not self.failed_once):
             self.failed_once = True
             status = 503
@@ -143,6 +146,9 @@ class Backend:
             % (status, self.name.encode(), len(body), extra, body if method != b"HEAD" else b"")
         )
         await w.drain()
+        if path == b"/close" and self._closing is not None:
+            await self._closing.wait()
+            return False
         return parser.should_keep_alive()
 
     def close(self) -> None:

@@ -754,3 +754,23 @@ def test_framer_never_accepts_what_the_pure_decision_rejects(lines: list[bytes],
     if first.framing == LENGTH:
         got = b"".join(e.data for e in events[1 : events.index(EndOfMessage([]))] if isinstance(e, Body))
         assert len(got) == first.content_length
+
+
+def test_a_released_framer_is_no_reference_cycle_and_ignores_input() -> None:
+    """A connection's framer is released when the connection is gone: its parser (which holds the
+    framer's callbacks) is dropped, so the pair is freed by reference counting, not by the collector."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            f = RequestFramer()
+            assert len(f.feed(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")) == 2  # head, end
+            f.release()
+            assert f.feed(b"GET /b HTTP/1.1\r\nhost: a\r\n\r\n") == [] and f.broken
+            assert f.eof() == [] and f.upgrade_refused() == [] and f.upgrade_accepted() == []
+            del f
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

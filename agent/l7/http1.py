@@ -482,6 +482,7 @@ Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | Tunne
 _make = tuple.__new__
 
 _IDLE, _HEAD, _BODY, _TUNNEL, _DEAD, _UPGRADING = range(6)  # _UPGRADING: asked, not answered yet
+_NO_PARSER = httptools.HttpRequestParser(object())  # a released framer's (_Framer.release): calls nobody
 
 
 class _Stop(Exception):
@@ -553,6 +554,13 @@ class _Framer:
     def broken(self) -> bool:
         """True once a Reject was emitted; further input is ignored."""
         return self._state == _DEAD
+
+    def release(self) -> None:
+        """Its connection is gone: drop the parser, which holds this framer's callbacks (a reference
+        cycle that the garbage collector would otherwise have to find, once per connection). Further
+        input is ignored."""
+        self._state = _DEAD
+        self._parser = _NO_PARSER
 
     # ---- httptools callbacks
     def on_message_begin(self) -> None:

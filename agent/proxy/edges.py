@@ -42,7 +42,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostmesh.agent import audit
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
@@ -55,6 +55,9 @@ from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.schema import ExternalService, ExternalTLS
+
+if TYPE_CHECKING:  # the L7 modules load only once a gateway needs them
+    from hostmesh.agent.proxy.http_conn import HeadChecks
 
 log = logging.getLogger("hostmesh.proxy.edges")
 
@@ -327,6 +330,7 @@ class IngressHttp:
         self.gateway = gateway
         self.scheme = scheme.encode()
         self.header_timeout = http.header_read_timeout
+        self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = http.body_idle_timeout
         self.body_min_rate = http.body_min_rate
         self.conns: set[Any] = set()

@@ -50,6 +50,7 @@ from hostmesh.agent.proxy.http_conn import (
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
     Exchange,
+    HeadChecks,
     RequestMetrics,
     ServerConn,
     TlsServerConn,
@@ -131,6 +132,7 @@ class HttpInbound:
         self.holder = holder
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.header_timeout = header_timeout
+        self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
         self.telemetry = telemetry

@@ -82,6 +82,7 @@ from hostmesh.agent.proxy.http_conn import (
     RESPONSE,
     TIMEOUT,
     Exchange,
+    HeadChecks,
     Outcome,
     RequestMetrics,
     ServerConn,
@@ -92,6 +93,7 @@ from hostmesh.agent.proxy.http_conn import (
     response_flag,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
@@ -366,6 +368,25 @@ class _MirrorTap:
                 self.state = MirrorState.DROPPED
 
 
+class AppConn(ServerConn):
+    """A local app's connection, accepted straight into the L7 path (OutboundListener._protocol).
+    Its slot under the agent's connection cap is taken when the connection is made (over the cap:
+    its request gets 503 OM, then close), and released when it closes (ServerConn.connection_lost)."""
+
+    def __init__(self, handler: HttpOutbound, cap: ConnectionCap | None) -> None:
+        super().__init__(handler)
+        self.cap = cap
+        self.open_conns = handler.conns
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cap = self.cap
+        if cap is not None:
+            self.admission = cap.admit("outbound")
+            self.shed = self.admission is None
+        self.open_conns.add(self)
+        super().connection_made(transport)
+
+
 class HttpOutbound:
     """The HTTP side of one OutboundListener (one local service -> one upstream service)."""
 
@@ -388,6 +409,7 @@ class HttpOutbound:
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
         self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
+        self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.local_service = local_service
         self.service = upstream
         self.telemetry = telemetry
@@ -431,6 +453,10 @@ class HttpOutbound:
         self._known = answer
         self._takes = (snap, answer)
         return answer
+
+    def app_conn(self, cap: ConnectionCap | None) -> AppConn:
+        """The protocol of a local app's connection being accepted (OutboundListener._protocol)."""
+        return AppConn(self, cap)
 
     def accept(self, end: Any) -> None:
         """Take over an accepted downstream connection (a paused RawEnd) as HTTP."""

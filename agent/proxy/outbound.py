@@ -102,7 +102,7 @@ class OutboundListener(ListenerLifecycle):
         loop = asyncio.get_running_loop()
         bind = self.upstream.bind
         self._server = await loop.create_server(
-            lambda: _Downstream(self), backlog=BACKLOG,
+            self._protocol, backlog=BACKLOG,
             **server_address(bind.host, bind.port, reuse_port=self.reuse_port),
         )  # fmt: skip
         self._port = int(self._server.sockets[0].getsockname()[1])
@@ -131,6 +131,19 @@ class OutboundListener(ListenerLifecycle):
                 pass
 
     # --- per connection -----------------------------------------------------------------------
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        """The protocol of a connection being accepted. When the upstream is HTTP in the current
+        snapshot (and no external service of that name), the L7 path's own (http_outbound.AppConn),
+        which takes the connection's slot under the cap and reads at once: no raw end to set up,
+        pause and hand over per connection. Anything else (closing, L4, an external service) gets a
+        raw end, paused until `_accepted` decides, in the same order as ever."""
+        http = self.http
+        if http is not None and not self._closing:
+            snap = self.holder.current
+            if self.upstream.service not in snap.externals and http.takes(snap):
+                return http.app_conn(self.cap)
+        return _Downstream(self)
 
     def _accepted(self, end: _Downstream) -> None:
         assert end.transport is not None  # not reading yet (RawEnd.connection_made)

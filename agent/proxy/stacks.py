@@ -55,12 +55,19 @@ class LazyHttpOutbound:
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
-            self.real = HttpOutbound(**self._kwargs)
+            self.real = real = HttpOutbound(**self._kwargs)
             self._on_load()
+            # from now on the listener calls the real one's methods itself (no hop per connection)
+            self.takes = real.takes  # type: ignore[method-assign]
+            self.app_conn = real.app_conn  # type: ignore[method-assign]
         return bool(self.real.takes(snap))
 
     def accept(self, end: Any) -> None:
         self.real.accept(end)
+
+    def app_conn(self, cap: Any) -> Any:
+        """The real one's (called only after `takes()` answered True, so it exists)."""
+        return self.real.app_conn(cap)
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self.real is not None:
