@@ -754,3 +754,12 @@ def test_framer_never_accepts_what_the_pure_decision_rejects(lines: list[bytes],
     if first.framing == LENGTH:
         got = b"".join(e.data for e in events[1 : events.index(EndOfMessage([]))] if isinstance(e, Body))
         assert len(got) == first.content_length
+
+
+def test_reason_phrases_are_the_standard_librarys() -> None:
+    """REASONS is written out (no `http` import in the agent); it must say what http.HTTPStatus says."""
+    from http import HTTPStatus
+
+    from hostmesh.agent.l7.http1 import REASONS
+
+    assert {s.value: s.phrase.encode() for s in HTTPStatus} == REASONS
