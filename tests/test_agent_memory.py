@@ -54,6 +54,7 @@ NEVER_IN_AN_AGENT = (
     "hostmesh.agent.otlp",  # OTLP export: only with [tracing] otlp_endpoint (agent/tracing.py)
     "opentelemetry",
     "google.protobuf",
+    "http",  # the standard library's package, for HTTPStatus's phrases: written out in agent/l7/http1.py
 )
 
 # Modules loaded only where their feature is configured; the mesh below has none of these features.
@@ -273,3 +274,27 @@ def test_the_bench_l7_pair_idles_within_the_rss_budget(bench_l7_pair: Mesh) -> N
         wait_for(within_budget, IDLE_SETTLE, "both idle agents within the RSS budget")
     except TimeoutError:
         pytest.fail(f"idle RSS {rss} MiB, budget {IDLE_RSS_BUDGET / MIB:g} MiB")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED zero-fills on Linux")
+def test_the_trim_gives_the_loops_read_buffer_back() -> None:
+    """What a large transfer wrote into the loop's 256 KiB TLS read buffer is not kept by an idle
+    agent: the trim timer's release drops the pages (they read as zeros, faulted in again on use)."""
+    from hostmesh.agent.proxy.pump import loop_read_buffer, release_read_buffer
+
+    view = loop_read_buffer()
+    view[:] = b"\xab" * len(view)
+    trimmed: list[int] = []
+
+    async def tick_once() -> None:
+        trimmer = memory.start_trimming(asyncio.get_running_loop(), trimmed.append, release_read_buffer)
+        assert trimmer is not None
+        trimmer.now(collect=False)
+        trimmer.cancel()
+
+    asyncio.run(tick_once())
+    assert trimmed == [0]
+    assert view.tobytes() == bytes(len(view))
+    assert loop_read_buffer() is view  # the same buffer, still usable
+    view[:4] = b"read"
+    assert view[:4] == b"read"
