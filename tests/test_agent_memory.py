@@ -54,6 +54,7 @@ NEVER_IN_AN_AGENT = (
     "hostmesh.agent.otlp",  # OTLP export: only with [tracing] otlp_endpoint (agent/tracing.py)
     "opentelemetry",
     "google.protobuf",
+    "tomllib",  # agent.toml is parsed, then the parser let go (agent/config.py _parse_toml)
     "http",  # the standard library's package, for HTTPStatus's phrases: written out in agent/l7/http1.py
 )
 
@@ -298,3 +299,31 @@ def test_the_trim_gives_the_loops_read_buffer_back() -> None:
     assert loop_read_buffer() is view  # the same buffer, still usable
     view[:4] = b"read"
     assert view[:4] == b"read"
+
+
+def test_reading_agent_toml_lets_the_parser_go(tmp_path: Path) -> None:
+    """agent.toml is read at start and on every reload; tomllib is not held in between, and a
+    second read (a reload) and a broken file still work as before."""
+    good = tmp_path / "agent.toml"
+    pin = "sha256:" + "ab" * 32
+    good.write_text(
+        f'data_dir = "{tmp_path}"\n[ca]\npin = "{pin}"\n[[services]]\nname = "web"\nport = 8080\n'
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("data_dir = \n")
+    code = f"""
+import sys
+from pathlib import Path
+from hostmesh.agent.config import ConfigError, load_config
+for _ in range(2):
+    load_config(Path({str(good)!r}), check_files=False)
+    print("tomllib" in sys.modules)
+try:
+    load_config(Path({str(bad)!r}), check_files=False)
+except ConfigError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    broken = f"{bad}: not valid TOML: Invalid value (at line 1, column 12)"
+    assert out.stdout.splitlines() == ["False", "False", broken]
