@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from collections.abc import Callable
 from typing import Any
 
 TRIM_SECONDS = 1.0  # a burst's memory is back within this; ~1 µs a tick when there is nothing to give
@@ -63,33 +64,42 @@ def hold_heap(mallopt: Any = None) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
 
 
-def start_trimming(loop: asyncio.AbstractEventLoop, trim: Any = None) -> Trimmer | None:
-    """Schedule malloc_trim every TRIM_SECONDS on `loop`; None when the C library is not glibc."""
+def start_trimming(
+    loop: asyncio.AbstractEventLoop, trim: Any = None, release: Callable[[], None] | None = None
+) -> Trimmer | None:
+    """Schedule malloc_trim every TRIM_SECONDS on `loop`, after `release` (which gives back memory
+    that is not malloc's, e.g. the loop's read buffer); None when the C library is not glibc."""
     trim = trim or _glibc("malloc_trim")  # tests pass their own
     if trim is None:
         return None
     handle: list[asyncio.TimerHandle] = []
+    trimmer = Trimmer(handle, trim, release)
 
     def tick() -> None:
-        trim(0)
+        trimmer.now(collect=False)
         handle[0] = loop.call_later(TRIM_SECONDS, tick)
 
     handle.append(loop.call_later(TRIM_SECONDS, tick))
-    return Trimmer(handle, trim)
+    return trimmer
 
 
 class Trimmer:
     """The running trim timer; `now()` trims at once, `cancel()` stops it."""
 
-    def __init__(self, handle: list[asyncio.TimerHandle], trim: Any) -> None:
+    def __init__(
+        self, handle: list[asyncio.TimerHandle], trim: Any, release: Callable[[], None] | None = None
+    ) -> None:
         self._handle = handle
         self._trim = trim
+        self._release = release
 
     def now(self, collect: bool = True) -> None:
         """Give free pages back at once (after start-up, or a late import); `collect` first frees
         cyclic garbage (a full collection: for start-up, not for the middle of traffic)."""
         if collect:
             gc.collect()
+        if self._release is not None:
+            self._release()
         self._trim(0)
 
     def cancel(self) -> None:

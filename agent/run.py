@@ -217,7 +217,10 @@ class Agent:
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
             self._tasks.append(self._cert_check)
         hold_heap()  # bulk buffers reuse the heap between trims (no page faults per chunk)
-        self._trimmer = start_trimming(asyncio.get_running_loop())  # memory back after bursts
+        from hostmesh.agent.proxy.pump import release_read_buffer
+
+        # memory back after bursts, the loop's read buffer included
+        self._trimmer = start_trimming(asyncio.get_running_loop(), release=release_read_buffer)
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
 

@@ -1,13 +1,14 @@
 """RSS of one hostmesh pair alone, idle and after each load run: `python -m bench.rss` (not `make bench`).
 
-Starts nginx, a Consul dev agent, the CA and one pair exactly as `make bench` does (bench/systems.py),
+Starts nginx, a Consul dev agent, the CA and one pair exactly as `make bench` does (bench/systems.py;
+the compiled build by default, as bench/run.py),
 measures its idle RSS as the bench does (peak of 0.1 s samples over IDLE_S, after the bench's own
 readiness probe, which pulls a 1 MiB answer through the pair), then runs the given wrk scenarios in
 turn and prints each process's peak RSS during the run, its RSS after it, its socket count and the
 anonymous / file-backed split (/proc/<pid>/smaps_rollup). For seeing where an agent's memory goes
 and what a change does to it in a minute, on a shared machine: one pair, no peers, no rounds.
 
-    .venv/bin/python -m bench.rss --system hostmesh-l7 --sequence ka,big,ka
+    .venv/bin/python -m bench.rss --system hostmesh-l7 --sequence ka,big,ka   # --build pure: the source tree
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench import load
 from bench.procs import Procs, Sampler, rss_kib
 from bench.report import HM_L4, HM_L7
-from bench.run import ensure_tools
+from bench.run import ensure_tools, hostmesh_build
 from bench.systems import Env, HostmeshPair, start_consul, start_nginx
 
 IDLE_S = 3.0  # as bench/run.py's Settings.idle_s
@@ -67,16 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", choices=(HM_L4, HM_L7), default=HM_L7)
     p.add_argument("--sequence", default="ka", help="comma-separated wrk runs: ka, close, big (default ka)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per run (the bench's default)")
+    p.add_argument(
+        "--build",
+        choices=("compiled", "pure"),
+        default="compiled",
+        help="the hostmesh build the pair runs, as bench/run.py's --build (default: compiled, as make bench)",
+    )
     args = p.parse_args(argv)
     runs = [s for s in args.sequence.split(",") if s]
     bad = [s for s in runs if s not in CONNECTIONS]
     if bad:
         p.error(f"unknown run(s): {', '.join(bad)}")
     consul_bin = ensure_tools()
+    hostmesh, build = hostmesh_build(args.build)
+    print(f"hostmesh build: {build}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="hostmesh-rss-"))
     (workdir / "logs").mkdir()
     procs = Procs(workdir / "logs")
-    env = Env(procs, workdir, consul_bin)
+    env = Env(procs, workdir, consul_bin, hostmesh=hostmesh)
     try:
         start_nginx(env)
         start_consul(env)

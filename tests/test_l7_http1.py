@@ -774,3 +774,12 @@ def test_a_released_framer_is_no_reference_cycle_and_ignores_input() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_reason_phrases_are_the_standard_librarys() -> None:
+    """REASONS is written out (no `http` import in the agent); it must say what http.HTTPStatus says."""
+    from http import HTTPStatus
+
+    from hostmesh.agent.l7.http1 import REASONS
+
+    assert {s.value: s.phrase.encode() for s in HTTPStatus} == REASONS

@@ -76,8 +76,23 @@ def loop_read_buffer() -> memoryview:
     tid = threading.get_ident()
     view = _read_buffers.get(tid)
     if view is None:
-        view = _read_buffers[tid] = memoryview(mmap.mmap(-1, TLS_READ_BYTES))  # pages count in RSS once used
+        # private (mmap's default for -1 is shared memory, which MADV_DONTNEED would only unmap);
+        # pages count in RSS once used
+        view = _read_buffers[tid] = memoryview(mmap.mmap(-1, TLS_READ_BYTES, flags=_PRIVATE_ANON))
     return view
+
+
+def release_read_buffer() -> None:
+    """Give the pages of this thread's read buffer back to the system (an idle agent does not keep
+    the 256 KiB a large transfer touched); the next reads fault in what they use, as zeros. Safe
+    between callbacks (the trim timer calls it): every read is consumed within its callback."""
+    view = _read_buffers.get(threading.get_ident())
+    if view is not None and _MADV_DONTNEED is not None:
+        cast(mmap.mmap, view.obj).madvise(_MADV_DONTNEED)
+
+
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)  # Linux, the BSDs, macOS
+_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 
 class End(Protocol):
