@@ -30,11 +30,15 @@ from tests.support import REPO, ConsulDev
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 300)]
 
 # the suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter: their
-# sans-IO tests, and the L7 proxy's component tests, where the interpreted connection code calls them
-# (a compiled function refuses an argument its annotation does not allow, e.g. a bytearray for bytes)
+# sans-IO tests, and the component tests of the connection modules (L7 over TLS and over the mux, L4
+# over the mux), where compiled and interpreted code call each other: a compiled function refuses an
+# argument its annotation does not allow (a memoryview for bytes), and an attribute narrowed by mypy
+# is checked against the narrowed type when read
 SUITES = ("test_l7_http1.py", "test_l7_normalize.py", "test_l7_match.py", "test_l7_flags.py",
-          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py")  # fmt: skip
-SUITE_TIMEOUT = 300
+          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py",
+          "test_l7_mux_component.py", "test_l7_normalize_component.py",
+          "test_proxy_component.py")  # fmt: skip
+SUITE_TIMEOUT = 600  # the component suites of the connection modules: 1-2 min on a loaded 2-core machine
 SVC = "cbapi"
 
 

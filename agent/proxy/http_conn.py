@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from hostmesh.agent import audit
+from hostmesh.agent.compiled import trait
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.errors import ProtocolError
@@ -242,7 +243,9 @@ class ServerConn(asyncio.BaseProtocol):
         self._head_started = 0.0  # when they began
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
-        self._cork: list[bytes] | None = None  # writes gathered while one upstream read is processed
+        self._cork: list[bytes | memoryview] | None = (
+            None  # writes gathered while one upstream read is processed
+        )
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
@@ -258,7 +261,7 @@ class ServerConn(asyncio.BaseProtocol):
         self._last = time.monotonic()
         self._arm(self.handler.header_timeout)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         reading = self.reading
         if reading is TUNNEL:
             tunnel = self._tunnel
@@ -486,7 +489,7 @@ class ServerConn(asyncio.BaseProtocol):
             self.close()
 
     # ---- transport helpers
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._cork is not None:
             self._cork.append(data)
         elif self.transport is not None and not self.closed:
@@ -548,6 +551,7 @@ async def drain(busy: Callable[[], bool], seconds: float) -> None:
         await asyncio.sleep(DRAIN_POLL)
 
 
+@trait  # a mixin of compiled classes (mypyc: a trait, listed after the class's one base)
 class TlsReads:
     """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn):
     the plaintext lands in the loop's read buffer (pump.loop_read_buffer says why), and the framer
@@ -569,7 +573,7 @@ class TlsReads:
         self.data_received(data if self._tunnel is None else bytes(data))  # type: ignore[attr-defined]
 
 
-class TlsServerConn(TlsReads, ServerConn):
+class TlsServerConn(ServerConn, TlsReads):
     """ServerConn of a peer agent's mutual-TLS connection (the inbound side)."""
 
 
