@@ -1,7 +1,7 @@
 """The compiled build (HOSTMESH_COMPILE=1, setup.py; what the .deb ships and `make bench` measures):
 built from this tree into a venv of its own (bench/compiled.py, cached under .cache/compiled/ until
-a source changes), its extensions loaded, the compiled modules' test suites and the L7 proxy's
-component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
+a source changes), its extensions loaded, the compiled modules' test suites and the L7 and L4
+proxies' component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
 runs the pure-Python tree.
 
 Skipped, with the reason, only where no C compiler or Python headers can be had (as root they are
