@@ -243,9 +243,7 @@ class ServerConn(asyncio.BaseProtocol):
         self._head_started = 0.0  # when they began
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
-        self._cork: list[bytes | memoryview] | None = (
-            None  # writes gathered while one upstream read is processed
-        )
+        self._cork: list[bytes | memoryview] | None = None  # writes gathered during one upstream read
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
