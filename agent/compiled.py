@@ -32,12 +32,13 @@ except ImportError:
 # Chosen by profile (py-spy on an L7 pair under wrk load; shares of each agent's samples, which count
 # the C calls a line makes, writes and TLS included). Sans-IO: http1 held 17-18 %, normalize 1-1.3 %,
 # retry and flags 0.5 %, match 0.2 %; wire frames every mux stream. With those six compiled, the
-# connection modules held the rest: http_conn 39-42 %, mux 20-22 %, http_upstream 12 %, http_outbound
+# connection modules held most of it: http_conn 39-42 %, mux 20-22 %, http_upstream 12 %, http_outbound
 # 8 % (caller side), http_inbound 2.5 % (app side; 23 % with what it calls), stream_transport 1-1.6 %
 # (39-48 % with what it calls). Compiling them too took pair CPU per keep-alive request from 257-263 to
 # 187-208 µs (medians of 6-8 interleaved runs; pure Python 298), for +0.7 MiB idle RSS per agent
-# (31.4 -> 32.1, the extension's pages); without stream_transport and http_inbound it was 206-212 µs
-# for 0.2 MiB less, so they stay. Left to the interpreter: balancer, outlier, ratelimit (<= 0.1 %),
+# (31.4 -> 32.1, the extension's pages); without stream_transport and http_inbound it was 205-212 µs
+# for 0.1-0.2 MiB less (without either alone: within the noise), so they stay. -Os instead of -O3
+# saved 0.4 MiB and cost 15 % more CPU. Left to the interpreter: balancer, outlier, ratelimit (<= 0.1 %),
 # and pump (no L7 samples; its classes have interpreted subclasses in edges, inbound and outbound).
 # setup.py reads this tuple.
 MODULES = (
