@@ -5,6 +5,8 @@ modules below into C extensions with mypyc; the pure build is the same code run 
 A compiled wheel also carries the .py files, and Python imports the extension when both are there,
 so what counts is where each module is (or would be) loaded from. This module imports nothing of
 hostmesh's: `hostmesh version` must not load the data plane to answer (tests/test_cli_habits.py).
+It also gives the compiled modules mypyc's class decorators (`trait`, `mypyc_attr`): mypyc reads them
+at build time; at run time, where mypy is not installed (the .deb), they are the identity.
 """
 
 from __future__ import annotations
@@ -12,11 +14,33 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
+from typing import Any, TypeVar
 
-# Sans-IO, on every request's (or mux frame's) path, chosen by profile: with py-spy on an L7 pair
-# under load, http1 held 17-18 % of each agent's samples, normalize 1-1.3 %, retry and flags 0.5 %,
-# match 0.2 %; wire frames every L4 (and mux) stream. balancer, outlier and ratelimit (<= 0.1 %) are
-# left to the interpreter: compiling them would not pay. setup.py reads this tuple.
+_T = TypeVar("_T")
+
+try:  # mypyc's class decorators: read at build time, the identity at run time (no mypy installed)
+    from mypy_extensions import mypyc_attr, trait
+except ImportError:
+
+    def trait(cls: _T) -> _T:
+        return cls
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
+
+# Chosen by profile (py-spy on an L7 pair under wrk load; shares of each agent's samples, which count
+# the C calls a line makes, writes and TLS included). Sans-IO: http1 held 17-18 %, normalize 1-1.3 %,
+# retry and flags 0.5 %, match 0.2 %; wire frames every mux stream. With those six compiled, the
+# connection modules held most of it: http_conn 39-42 %, mux 20-22 %, http_upstream 12 %, http_outbound
+# 8 % (caller side), http_inbound 2.5 % (app side; 23 % with what it calls), stream_transport 1-1.6 %
+# (39-48 % with what it calls). Compiling them too took pair CPU per keep-alive request from 257-263 to
+# 187-208 µs (medians of 6-8 interleaved runs; pure Python 298), for +0.7 MiB idle RSS per agent
+# (31.4 -> 32.1, the extension's pages); without stream_transport and http_inbound it was 205-212 µs
+# for 0.1-0.2 MiB less (without either alone: within the noise), so they stay. -Os instead of -O3
+# saved 0.4 MiB and cost 15 % more CPU. Left to the interpreter: balancer, outlier, ratelimit (<= 0.1 %),
+# and pump (no L7 samples; its classes have interpreted subclasses in edges, inbound and outbound).
+# setup.py reads this tuple.
 MODULES = (
     "hostmesh.agent.l7.http1",
     "hostmesh.agent.l7.normalize",
@@ -24,6 +48,12 @@ MODULES = (
     "hostmesh.agent.l7.flags",
     "hostmesh.agent.l7.retry",
     "hostmesh.agent.proxy.wire",
+    "hostmesh.agent.proxy.http_conn",
+    "hostmesh.agent.proxy.http_upstream",
+    "hostmesh.agent.proxy.stream_transport",
+    "hostmesh.agent.proxy.mux",
+    "hostmesh.agent.proxy.http_outbound",
+    "hostmesh.agent.proxy.http_inbound",
 )
 
 

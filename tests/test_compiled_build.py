@@ -1,7 +1,7 @@
 """The compiled build (HOSTMESH_COMPILE=1, setup.py; what the .deb ships and `make bench` measures):
 built from this tree into a venv of its own (bench/compiled.py, cached under .cache/compiled/ until
-a source changes), its extensions loaded, the compiled modules' test suites and the L7 proxy's
-component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
+a source changes), its extensions loaded, the compiled modules' test suites and the L7 and L4
+proxies' component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
 runs the pure-Python tree.
 
 Skipped, with the reason, only where no C compiler or Python headers can be had (as root they are
@@ -30,11 +30,15 @@ from tests.support import REPO, ConsulDev
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 300)]
 
 # the suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter: their
-# sans-IO tests, and the L7 proxy's component tests, where the interpreted connection code calls them
-# (a compiled function refuses an argument its annotation does not allow, e.g. a bytearray for bytes)
+# sans-IO tests, and the component tests of the connection modules (L7 over TLS and over the mux, L4
+# over the mux), where compiled and interpreted code call each other: a compiled function refuses an
+# argument its annotation does not allow (a memoryview for bytes), and an attribute narrowed by mypy
+# is checked against the narrowed type when read
 SUITES = ("test_l7_http1.py", "test_l7_normalize.py", "test_l7_match.py", "test_l7_flags.py",
-          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py")  # fmt: skip
-SUITE_TIMEOUT = 300
+          "test_l7_retry.py", "test_proxy_wire.py", "test_l7_proxy_component.py",
+          "test_l7_mux_component.py", "test_l7_normalize_component.py",
+          "test_proxy_component.py")  # fmt: skip
+SUITE_TIMEOUT = 600  # the component suites of the connection modules: 1-2 min on a loaded 2-core machine
 SVC = "cbapi"
 
 
@@ -58,8 +62,10 @@ def version_json(hostmesh: str) -> dict[str, object]:
 def test_the_compiled_build_loads_its_extensions(venv: Path) -> None:
     report = version_json(str(venv / "bin" / "hostmesh"))
     assert report["compiled"] is True and report["compiled_modules"] == list(MODULES)
+    # as in the .deb, mypy is not installed: the extensions import without mypyc's decorators
     code = (
-        "import importlib, json, sys\n"
+        "import importlib, importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('mypy_extensions') is None\n"
         "print(json.dumps([importlib.import_module(m).__file__ for m in sys.argv[1:]]))"
     )
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code, *MODULES], capture_output=True, text=True)

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hostmesh.agent import audit
+from hostmesh.agent.compiled import trait
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.errors import ProtocolError
@@ -245,7 +246,7 @@ class ServerConn(asyncio.BaseProtocol):
         self._head_started = 0.0  # when they began
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
-        self._cork: list[bytes] | None = None  # writes gathered while one upstream read is processed
+        self._cork: list[bytes | memoryview] | None = None  # writes gathered during one upstream read
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
@@ -269,7 +270,7 @@ class ServerConn(asyncio.BaseProtocol):
         else:
             self._timer = checks.loop.call_later(h.header_timeout, self._timed_out)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         reading = self.reading
         if reading is TUNNEL:
             tunnel = self._tunnel
@@ -508,7 +509,7 @@ class ServerConn(asyncio.BaseProtocol):
             self.close()
 
     # ---- transport helpers
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._cork is not None:
             self._cork.append(data)
         elif self.transport is not None and not self.closed:
@@ -633,6 +634,7 @@ async def drain(busy: Callable[[], bool], seconds: float) -> None:
         await asyncio.sleep(DRAIN_POLL)
 
 
+@trait  # a mixin of compiled classes (mypyc: a trait, listed after the class's one base)
 class TlsReads:
     """Buffered reads for the TLS connections of the L7 path (mixin of TlsServerConn, TlsUpstreamConn):
     the plaintext lands in the loop's read buffer (pump.loop_read_buffer says why), and the framer
@@ -654,7 +656,7 @@ class TlsReads:
         self.data_received(data if self._tunnel is None else bytes(data))  # type: ignore[attr-defined]
 
 
-class TlsServerConn(TlsReads, ServerConn):
+class TlsServerConn(ServerConn, TlsReads):
     """ServerConn of a peer agent's mutual-TLS connection (the inbound side)."""
 
 

@@ -54,7 +54,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from hostmesh.agent.l7 import balancer as lb
 from hostmesh.agent.l7 import flags as fl
@@ -259,19 +259,20 @@ class MirrorState(enum.Enum):
     DROPPED = "dropped"  # given up (slow mirror, dial failure, the real request ended first)
 
 
+class _NoConn:
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+
+
 class _MirrorTap:
     """One mirrored request: a copy of the head and of the body as it streams (Exchange.tee), sent
     to one instance of the mirror subset; the answer is read and dropped. It never slows the real
     request: a copy that would buffer more than MIRROR_MAX_BUFFER (dial pending, or the mirror not
     reading) is dropped and counted (`HttpOutbound.mirror_dropped`)."""
 
-    class _NoConn:
-        def pause_reading(self) -> None: ...
-        def resume_reading(self) -> None: ...
-        def cork(self) -> None: ...
-        def uncork(self) -> None: ...
-
-    conn = _NoConn()
+    conn: ClassVar[_NoConn] = _NoConn()  # ClassVar: mypyc compiles no instance default of a class
 
     def __init__(self, outbound: HttpOutbound, method: bytes, data: bytes, done: bool) -> None:
         self.outbound = outbound
@@ -313,7 +314,7 @@ class _MirrorTap:
             up.close() if self.state == MirrorState.DROPPED else up.release()
             return
         self.up = up
-        up.owner = self  # type: ignore[assignment]
+        up.owner = self
         up.framer.expect(self.method)
         data, self.buffered, self.nbytes = b"".join(self.buffered), [], 0
         up.transport.write(data)

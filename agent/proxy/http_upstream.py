@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import http1
-from hostmesh.agent.proxy.http_conn import Exchange, ServerConn, TlsReads, half_close_kept
+from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, half_close_kept
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 
@@ -33,6 +33,16 @@ UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are
 UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
 MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serves a burst that passed
 POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
+
+
+class Owner(Protocol):
+    """Who reads an upstream connection: an Exchange, or a mirrored request (http_outbound)."""
+
+    @property
+    def conn(self) -> Any: ...
+    def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None: ...
+    def on_upstream(self, up: UpstreamConn, ev: Any) -> None: ...
+    def upstream_lost(self, up: UpstreamConn) -> None: ...
 
 
 class UpstreamConn(asyncio.BaseProtocol):
@@ -46,7 +56,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.framer = http1.ResponseFramer()
-        self.owner: Exchange | None = None
+        self.owner: Owner | None = None
         self.closed = False
         self.reused = False
         self.expires = time.monotonic() + UPSTREAM_MAX_AGE
@@ -64,7 +74,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.write(data)
@@ -161,7 +171,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         transport.close()
 
 
-class TlsUpstreamConn(TlsReads, UpstreamConn):
+class TlsUpstreamConn(UpstreamConn, TlsReads):
     """UpstreamConn to a peer agent over mutual TLS (the outbound side)."""
 
 

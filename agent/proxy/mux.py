@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from hostmesh.agent.compiled import mypyc_attr
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.wire import (
@@ -204,9 +205,10 @@ class Stream:
         # bytes are kept as they are (a view may be of a buffer its owner reuses: copied); joined only
         # when more comes, which is bounded: the source is paused now, at most one read chunk more.
         if self.blocked:
-            self.blocked = b"".join((self.blocked, data))
+            kept: Chunk = b"".join((self.blocked, data))
         else:
-            self.blocked = data if isinstance(data, bytes) else bytes(data)
+            kept = data if isinstance(data, bytes) else bytes(data)
+        self.blocked = kept  # a Chunk, not narrowed to bytes: _flush_blocked may leave a view (mypyc)
         self._flush_blocked()
         if self.blocked and not self.credit_paused:
             self.credit_paused = True
@@ -255,6 +257,7 @@ class Stream:
         self._on_data = self._on_eof = None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # pool.MeshClient, inbound.InboundConnection
 class MuxConnection(asyncio.BufferedProtocol):
     """The frames of one agent-to-agent TLS connection, dispatched to its streams. A buffered
     protocol: TLS plaintext is read into the loop's buffer (pump.loop_read_buffer), not a new
