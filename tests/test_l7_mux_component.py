@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
@@ -156,6 +157,11 @@ def test_the_fallback_on_uvloop_reads_tls_into_the_proxy_buffer(tmp_path: Path) 
 
 FILL_STREAMS = 60  # raw streams of a window each: far more than loopback's socket buffers hold
 BACKED_UP = 2 * TLS_READ_BYTES  # a client paused in time leaves at most a read or two waiting for credit
+# Fixed kernel buffers for the backed-up connection: a set size turns the kernel's autotuning off,
+# which under load could otherwise grow them after the fill, drain the TLS buffer below its
+# low-water mark and so un-back the connection these tests need backed up (seen 1 run in 8 with the
+# CPUs busy: the new stream then sent its whole window, as it should on a connection with room).
+PINNED_SOCKET_BUFFER = 256 * 1024
 
 
 async def _back_up(mesh: Mesh) -> tuple[Any, Any, list[Any]]:
@@ -165,6 +171,12 @@ async def _back_up(mesh: Mesh) -> tuple[Any, Any, list[Any]]:
     (mux,) = mesh.http_out.mesh._iter(None)
     (peer,) = mesh.inbounds[0]._conns
     assert peer.transport is not None
+    mux.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, PINNED_SOCKET_BUFFER
+    )
+    peer.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, PINNED_SOCKET_BUFFER
+    )
     peer.transport.pause_reading()  # the peer agent reads nothing more (a stuck or slow host)
     fillers = []
     for _ in range(FILL_STREAMS):
