@@ -833,10 +833,12 @@ class ResponseFramer(_Framer):
     come out as :class:`Reject` with status 502 and flag UPE. A close-delimited body ends at :meth:`eof`.
     """
 
-    __slots__ = ("_awaiting", "_head_pending", "_informational", "_method", "_pending", "_until_close")
+    __slots__ = ("_awaiting", "_head_pending", "_informational", "_method", "_pending", "_until_close",
+                 "keep_alive")  # fmt: skip
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADER_COUNT) -> None:
         super().__init__(max_head_bytes, max_headers)
+        self.keep_alive = True  # the last response head's: may the connection carry another request
         self._method = b"GET"
         self._head_pending = False
         self._pending = b""
@@ -924,6 +926,7 @@ class ResponseFramer(_Framer):
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
         keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
+        self.keep_alive = keep
         self._events.append(
             _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
         )

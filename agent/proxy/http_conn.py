@@ -844,7 +844,6 @@ class Exchange:
                 return
             t = type(ev)
             if t is ResponseHead:
-                up.last_keep = ev.keep_alive
                 self.progress, self.held = HELD, []
                 waiter = self.waiter
                 cb = self.on_response_head

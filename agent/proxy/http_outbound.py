@@ -347,9 +347,7 @@ class _MirrorTap:
 
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None:
         t = type(ev)
-        if t is http1.ResponseHead:
-            up.last_keep = ev.keep_alive
-        elif t is http1.EndOfMessage:
+        if t is http1.EndOfMessage:
             self.up = None
             up.owner = None
             if self.state == MirrorState.SENT and up.keep_alive_ok():

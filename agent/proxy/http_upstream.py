@@ -63,7 +63,6 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.idle_since = 0.0
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
-        self.last_keep = True  # the last response head's keep-alive (set by the owner that reads it)
         # we paused the transport's reading (read by callers too: resuming an unpaused one is a no-op call)
         self.reading_paused = False
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
@@ -152,7 +151,8 @@ class UpstreamConn(asyncio.BaseProtocol):
         return True
 
     def keep_alive_ok(self) -> bool:
-        return self.last_keep and not self.closed and not self.framer.broken
+        framer = self.framer
+        return framer.keep_alive and not self.closed and not framer.broken
 
     def release(self, now: float = 0.0) -> None:
         """Back to the pool (`now`: the caller's monotonic clock reading, when it has one)."""
