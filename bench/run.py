@@ -153,7 +153,7 @@ def scenario_close(system: System, s: Settings, script: Path) -> dict[str, Any]:
     with Sampler(roots) as smp:  # CPU per new connection, per process (which side pays for it)
         w = _wrk(system, s, script, close=True)
     m = _wrk_metrics(w)
-    m["cpu_s"] = round(sum(smp.cpu.values()), 3)
+    m["cpu_s"] = smp.metrics()["cpu_s"]
     m["cpu_us_per_req"] = round(m["cpu_s"] / w.requests * 1e6, 2)
     m["cpu_us_per_req_by_process"] = {k: round(v / w.requests * 1e6, 2) for k, v in smp.cpu.items()}
     return m
