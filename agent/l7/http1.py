@@ -37,38 +37,45 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 import httptools
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import ProtocolError
 
-MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
-MAX_HEADER_COUNT = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
-MAX_TRAILER_BYTES = 16 * 1024  # trailers are rare and small; bounds what a chunked body can make us hold
-MAX_EARLY_UPGRADE_BYTES = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
+# Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
+MAX_HEAD_BYTES: Final = 60 * 1024
+MAX_HEADER_COUNT: Final = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
+# trailers are rare and small; bounds what a chunked body can make us hold
+MAX_TRAILER_BYTES: Final = 16 * 1024
+MAX_EARLY_UPGRADE_BYTES: Final = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
 # proxy stops reading meanwhile); a WebSocket client sends nothing until the 101 (RFC 6455 §4.1)
 
 Headers = list[tuple[bytes, bytes]]
 
+# Module constants are Final: compiled code (mypyc) reads a Final name as a C constant or static, any
+# other module-level name with a dict lookup per use.
+
 # body framing kinds
-NO_BODY = 0
-LENGTH = 1
-CHUNKED = 2
-UNTIL_CLOSE = 3  # responses only: the body ends when the upstream closes
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3  # responses only: the body ends when the upstream closes
 
 # fields that change framing, persistence, Expect or Upgrade decisions: a head without any of them
 # takes the framers' fast path (no body, default persistence) without scanning the fields again
-_DECISION_FIELDS = frozenset(
+_DECISION_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"proxy-connection"}
 )
 
 # Header names as clients and apps commonly spell them -> (lower-case name, kind): one dict lookup per
 # field instead of lower() (a new bytes object) plus two set tests; other names take the slow path.
 # A fixed table, never grown by traffic (a peer cannot fill it).
-_PLAIN, _DECISION, _HOST = 0, 1, 2
-_COMMON_NAMES = (
+_PLAIN: Final = 0
+_DECISION: Final = 1
+_HOST: Final = 2
+_COMMON_NAMES: Final = (
     b"Accept",
     b"Accept-Charset",
     b"Accept-Encoding",
@@ -139,25 +146,26 @@ def _name_kind(lname: bytes) -> int:
     return _HOST if lname == b"host" else _PLAIN
 
 
-_KNOWN_NAMES: dict[bytes, tuple[bytes, int]] = {
+_KNOWN_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {
     spelling: (n.lower(), _name_kind(n.lower()))
     for n in _COMMON_NAMES
     for spelling in (n, n.lower(), n.upper())
 }
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-_NOT_FORWARDED = HOP_BY_HOP | {b"expect"}  # forward_headers drops these (and fields named in Connection)
+# forward_headers drops these (and fields named in Connection)
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"expect"}
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CRLF = b"\r\n"
-_COLON_SP = b": "
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+_COLON_SP: Final = b": "
 
-_V10 = b"1.0"
-_V11 = b"1.1"
-_VERSIONS = {"1.1": _V11, "1.0": _V10}
+_V10: Final = b"1.0"
+_V11: Final = b"1.1"
+_VERSIONS: Final = {"1.1": _V11, "1.0": _V10}
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -191,7 +199,7 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return toks
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
@@ -387,7 +395,7 @@ def last_chunk(trailers: Headers | tuple[()] = ()) -> bytes:
 
 # The reason phrases of http.HTTPStatus, written out: importing the `http` package for them held
 # ~65 KiB of enum in every L7 agent (tests/test_l7_http1.py checks the two agree).
-REASONS: dict[int, bytes] = {
+REASONS: Final[dict[int, bytes]] = {
     100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints", 200: b"OK",
     201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information", 204: b"No Content",
     205: b"Reset Content", 206: b"Partial Content", 207: b"Multi-Status", 208: b"Already Reported",
@@ -497,12 +505,28 @@ class Reject(NamedTuple):  # the peer broke the protocol: answer ``status`` (if 
 
 Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | TunnelData | Reject
 
+# The event classes under Final names, for the type dispatch of compiled readers (`type(ev) is EV_BODY`,
+# http_conn): NamedTuples are not native classes, so their class names are module-dict lookups there.
+EV_REQUEST_HEAD: Final = RequestHead
+EV_RESPONSE_HEAD: Final = ResponseHead
+EV_INFORMATIONAL: Final = Informational
+EV_BODY: Final = Body
+EV_END: Final = EndOfMessage
+EV_TUNNEL: Final = TunnelData
+EV_REJECT: Final = Reject
+
 # The framers build their per-message events with tuple.__new__ (a C call): a NamedTuple's class call
 # goes through a generated Python __new__, about twice the cost, four times per request and side.
-_make = tuple.__new__
+_make: Final = tuple.__new__
 
-_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD, _UPGRADING = range(6)  # _UPGRADING: asked, not answered yet
-_NO_PARSER = httptools.HttpRequestParser(object())  # a released framer's (_Framer.release): calls nobody
+_IDLE: Final = 0
+_HEAD: Final = 1
+_BODY: Final = 2
+_TUNNEL: Final = 3
+_DEAD: Final = 4
+_UPGRADING: Final = 5  # asked, not answered yet
+# a released framer's (_Framer.release): calls nobody
+_NO_PARSER: Final = httptools.HttpRequestParser(object())
 
 
 class _Stop(Exception):
@@ -650,11 +674,11 @@ class _Framer:
             self._fail(431, "head-too-large")
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(_make(Body, (body,)))
+        self._events.append(_make(EV_BODY, (body,)))
 
     def on_message_complete(self) -> None:
         self._state = _IDLE
-        self._events.append(_make(EndOfMessage, (self._trailers,)))
+        self._events.append(_make(EV_END, (self._trailers,)))
 
     def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
         self._events.append(Reject(status, reason, flag))
@@ -804,7 +828,7 @@ class RequestFramer(_Framer):
             self._upgrade_ok = False
             self._events.append(
                 _make(
-                    RequestHead,
+                    EV_REQUEST_HEAD,
                     (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False),
                 )
             )
@@ -902,7 +926,7 @@ class ResponseFramer(_Framer):
         if self._informational:
             return
         self._awaiting = False
-        self._events.append(_make(EndOfMessage, (self._trailers,)))
+        self._events.append(_make(EV_END, (self._trailers,)))
 
     def on_headers_complete(self) -> None:
         self._heads_done += 1
@@ -928,5 +952,5 @@ class ResponseFramer(_Framer):
         keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
         self.keep_alive = keep
         self._events.append(
-            _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+            _make(EV_RESPONSE_HEAD, (status, self._reason, version, headers, keep, framing, length))
         )

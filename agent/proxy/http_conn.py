@@ -44,7 +44,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from hostmesh.agent import audit
 from hostmesh.agent.compiled import trait
@@ -54,15 +54,18 @@ from hostmesh.agent.l7.errors import ProtocolError
 from hostmesh.agent.l7.http1 import (
     CHUNKED,
     CRLF,
+    EV_BODY,
+    EV_END,
+    EV_INFORMATIONAL,
+    EV_REJECT,
+    EV_REQUEST_HEAD,
+    EV_RESPONSE_HEAD,
+    EV_TUNNEL,
     NO_BODY,
     UNTIL_CLOSE,
-    Body,
-    EndOfMessage,
-    Informational,
     Reject,
     RequestHead,
     ResponseHead,
-    TunnelData,
 )
 from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.agent.l7.retry import (
@@ -84,19 +87,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hostmesh.proxy.http")
 
-HEADER_READ_TIMEOUT = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
+# Module constants are Final: compiled code reads those as C constants or statics, not from the
+# module dict at every use.
+HEADER_READ_TIMEOUT: Final = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
 # ^ from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s); the environment
 #   variable exists for tests that need a short one
-BODY_IDLE_TIMEOUT = 15.0  # default; agent.toml `http.body_idle_timeout`: a request body may pause this long
-BODY_MIN_RATE = 240.0  # default; `http.body_min_rate`: bytes/s a body must keep up (Kestrel's default;
+# default; agent.toml `http.body_idle_timeout`: a request body may pause this long
+BODY_IDLE_TIMEOUT: Final = 15.0
+BODY_MIN_RATE: Final = 240.0  # default; `http.body_min_rate`: bytes/s a body must keep up (Kestrel's default;
 # 0: off): each byte buys 1/rate s, never more than the idle timeout ahead, so 1 byte / 5 s is cut
-IDLE_TIMEOUT = (
-    90.0  # keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS so callers close first
-)
-REQUEST_ID = b"x-request-id"
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS: callers close first
+IDLE_TIMEOUT: Final = 90.0
+REQUEST_ID: Final = b"x-request-id"
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-_rng = random.Random()
+_rng: Final = random.Random()
 
 
 def request_id() -> bytes:
@@ -216,8 +221,11 @@ class Reading(enum.Enum):
     TUNNEL = 3  # answered 101: the bytes go to the upstream connection as they are (`_tunnel`)
 
 
-HTTP, HOLDING, TUNNEL = Reading.HTTP, Reading.HOLDING, Reading.TUNNEL
-NO_BACKLOG: list[Any] = []  # `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+HTTP: Final = Reading.HTTP
+HOLDING: Final = Reading.HOLDING
+TUNNEL: Final = Reading.TUNNEL
+# `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+NO_BACKLOG: Final[list[Any]] = []
 
 
 class ServerConn(asyncio.BaseProtocol):
@@ -338,17 +346,17 @@ class ServerConn(asyncio.BaseProtocol):
                 continue
             t = type(ev)
             ex = self.ex
-            if t is Body:
+            if t is EV_BODY:
                 if ex is not None:
                     self._body_progress(len(ev.data))
                     ex.request_body(ev.data)
-            elif t is EndOfMessage:
+            elif t is EV_END:
                 if ex is not None:
                     self._body_deadline = 0.0
                     ex.request_end(ev.trailers)
                     if self.ex is not None and not self.closed:  # the response is not done: hold what follows
                         self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
-            elif t is RequestHead:
+            elif t is EV_REQUEST_HEAD:
                 self._partial = False  # the timer stays armed: it checks the state when it fires
                 self.requests += 1
                 try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
@@ -366,10 +374,10 @@ class ServerConn(asyncio.BaseProtocol):
                 if ev.framing != NO_BODY:
                     self.body_clock()
                 self.handler.start(ex)
-            elif t is TunnelData:
+            elif t is EV_TUNNEL:
                 if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
                     ex.upstream.transport.write(ev.data)
-            elif t is Reject:
+            elif t is EV_REJECT:
                 self.reject(ev.status, ev.reason, ev.flag)
 
     def reject(self, status: int, reason: str, flag: str) -> None:
@@ -569,7 +577,7 @@ class _InHeadChecks:
     def cancel(self) -> None: ...  # never called (ServerConn._cancel_timer tells them apart): typing
 
 
-HEAD_CHECK = _InHeadChecks()
+HEAD_CHECK: Final = _InHeadChecks()
 
 
 class HeadChecks:
@@ -622,7 +630,7 @@ class HeadChecks:
                 conn._timed_out()
 
 
-DRAIN_POLL = 0.05  # shutdown: how often open connections are checked while draining
+DRAIN_POLL: Final = 0.05  # shutdown: how often open connections are checked while draining
 
 
 async def drain(busy: Callable[[], bool], seconds: float) -> None:
@@ -673,8 +681,11 @@ class Progress(enum.Enum):
     DONE = 4  # finished: relayed, answered by the proxy, turned into a tunnel, or the client left
 
 
-AWAITING, HELD, RELAYING, DONE = Progress.AWAITING, Progress.HELD, Progress.RELAYING, Progress.DONE
-NOTHING_HELD: list[Any] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
+AWAITING: Final = Progress.AWAITING
+HELD: Final = Progress.HELD
+RELAYING: Final = Progress.RELAYING
+DONE: Final = Progress.DONE
+NOTHING_HELD: Final[list[Any]] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
 
 
 class Exchange:
@@ -843,7 +854,7 @@ class Exchange:
             if up is not self.upstream or up.owner is not self:
                 return
             t = type(ev)
-            if t is ResponseHead:
+            if t is EV_RESPONSE_HEAD:
                 self.progress, self.held = HELD, []
                 waiter = self.waiter
                 cb = self.on_response_head
@@ -854,17 +865,17 @@ class Exchange:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(ev)
                 continue
-            if t is Informational:
+            if t is EV_INFORMATIONAL:
                 continue  # the proxy answered 100-continue itself; other 1xx are not relayed
             if self.progress is HELD:
                 self.held.append(ev)
-            elif t is Body:
+            elif t is EV_BODY:
                 self._relay_body(ev.data)
-            elif t is EndOfMessage:
+            elif t is EV_END:
                 self._relay_end(up, ev.trailers)
-            elif t is TunnelData:
+            elif t is EV_TUNNEL:
                 self.conn.write(ev.data)
-            elif t is Reject:
+            elif t is EV_REJECT:
                 self._upstream_failed(up, ev.flag)
 
     def upstream_lost(self, up: UpstreamConn) -> None:
@@ -951,7 +962,7 @@ class Exchange:
         self.progress = RELAYING
         pending, self.held = self.held, NOTHING_HELD
         for ev in pending or ():
-            if type(ev) is TunnelData:
+            if type(ev) is EV_TUNNEL:
                 self.conn.write(ev.data)
         up.tunnel_to(self.conn)
         self.conn.start_tunnel(up)

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from hostmesh.agent import audit
 from hostmesh.agent.authz import Decision, authorize_request, fixed_request_decision, refuse_unavailable
@@ -69,8 +69,8 @@ from hostmesh.ca.tls import peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.http_inbound")
 
-REPORTER = "destination"
-APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
+REPORTER: Final = "destination"
+APP_CONNECT_TIMEOUT: Final = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 
 
 class Caller:

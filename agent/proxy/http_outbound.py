@@ -54,7 +54,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from hostmesh.agent.l7 import balancer as lb
 from hostmesh.agent.l7 import flags as fl
@@ -105,16 +105,19 @@ from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
 
-REPORTER = "source"
-CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
-PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
-RETRY_REASONS: dict[Outcome, str] = {
+REPORTER: Final = "source"
+# per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
+CONNECT_TIMEOUT: Final = 1.0
+# a request waiting for a free connection (max_connections reached) gives up after this
+PENDING_WAIT: Final = 5.0
+RETRY_REASONS: Final[dict[Outcome, str]] = {
     CONNECT_FAILURE: "connect-failure",
     RESET: "reset",
     TIMEOUT: "per-try timeout",
 }
-MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
-PEER_VERSION_TTL = 60.0  # a peer that agreed a version below 3 is asked again after this (it may upgrade)
+MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
+# a peer that agreed a version below 3 is asked again after this (it may upgrade)
+PEER_VERSION_TTL: Final = 60.0
 
 
 class _Req:
@@ -665,7 +668,7 @@ class HttpOutbound:
         route = st.route
         cl = st.cluster
         now = time.monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
-        if isinstance(outcome, http1.ResponseHead):
+        if isinstance(outcome, http1.EV_RESPONSE_HEAD):
             status = outcome.status
             cl.report(ep, status, now)
             if not route.retry.retryable(RESPONSE, status):

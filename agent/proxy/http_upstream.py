@@ -22,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from hostmesh.agent.l7 import http1
 from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, half_close_kept
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 
-UPSTREAM_IDLE_SECONDS = 30.0  # pooled upstream connections unused this long are closed
-UPSTREAM_MAX_AGE = 600.0  # a pooled mTLS connection's authentication is relied on for 10 minutes at most
-MAX_IDLE_PER_KEY = 128  # idle upstream connections kept per key: more only serves a burst that passed
-POOL_SWEEP_SECONDS = 5.0  # how often idle upstream connections are checked (one timer per pool)
+UPSTREAM_IDLE_SECONDS: Final = 30.0  # pooled upstream connections unused this long are closed
+# a pooled mTLS connection's authentication is relied on for 10 minutes at most
+UPSTREAM_MAX_AGE: Final = 600.0
+MAX_IDLE_PER_KEY: Final = 128  # idle upstream connections kept per key: more only serves a burst that passed
+POOL_SWEEP_SECONDS: Final = 5.0  # how often idle upstream connections are checked (one timer per pool)
 
 
 class Owner(Protocol):
