@@ -365,20 +365,34 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # --------------------------------------------------------------------------- serialization
 
 
+# Both serializers gather every piece in one list and join once: a join per field (the former
+# CRLF.join(map(b": ".join, headers))) made a bytes object per field, and `%` formatting of bytes is
+# slow; one join cost about a third of the instructions (compiled build).
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    if not headers:
-        return b"%s %s HTTP/%s\r\n\r\n" % (method, target, version)
-    return b"%s %s HTTP/%s\r\n%s\r\n\r\n" % (method, target, version, CRLF.join(map(_COLON_SP.join, headers)))
+    parts = [method, b" ", target, b" HTTP/", version, CRLF]
+    for n, v in headers:
+        parts.append(n)
+        parts.append(_COLON_SP)
+        parts.append(v)
+        parts.append(CRLF)
+    parts.append(CRLF)
+    return b"".join(parts)
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    if not headers:
-        return b"HTTP/%s %d %s\r\n\r\n" % (version, status, reason)
-    return b"HTTP/%s %d %s\r\n%s\r\n\r\n" % (version, status, reason, CRLF.join(map(_COLON_SP.join, headers)))
+    code = _STATUS_PIECES.get(status)
+    parts = [b"HTTP/", version, code if code is not None else b" %d " % status, reason, CRLF]
+    for n, v in headers:
+        parts.append(n)
+        parts.append(_COLON_SP)
+        parts.append(v)
+        parts.append(CRLF)
+    parts.append(CRLF)
+    return b"".join(parts)
 
 
 def chunk_header(size: int) -> bytes:
@@ -415,6 +429,8 @@ REASONS: Final[dict[int, bytes]] = {
     506: b"Variant Also Negotiates", 507: b"Insufficient Storage", 508: b"Loop Detected",
     510: b"Not Extended", 511: b"Network Authentication Required",
 }  # fmt: skip
+
+_STATUS_PIECES: Final = {status: b" %d " % status for status in REASONS}  # the status line's middle
 
 
 @functools.lru_cache(maxsize=256)
