@@ -549,6 +549,33 @@ class _Stop(Exception):
     """Raised inside a parser callback to abandon the message (the reason is already recorded)."""
 
 
+# The version and method of a head from its start line, when the read the message began at byte 0 of
+# holds that line whole (the common case): the parser's getters build them anew per head (the version
+# with str.format), several times the instructions. llhttp has validated the line by then; anything
+# unexpected (leading blank lines, a line across reads, a bare LF) leaves it to the getters.
+_GET: Final = b"GET"
+_GET_SP: Final = b"GET "
+
+
+def _request_line_version(line: bytes) -> bytes | None:
+    lf = line.find(b"\n")  # the request line's end: llhttp parsed exactly the text before it
+    if lf < 10:
+        return None
+    if line.startswith(b" HTTP/1.1\r", lf - 10):
+        return _V11
+    if line.startswith(b" HTTP/1.0\r", lf - 10):
+        return _V10
+    return None
+
+
+def _status_line_version(line: bytes) -> bytes | None:
+    if line.startswith(b"HTTP/1.1 "):
+        return _V11
+    if line.startswith(b"HTTP/1.0 "):
+        return _V10
+    return None
+
+
 class _Framer:
     """Shared state machine over an httptools parser; subclasses build the head event."""
 
@@ -557,11 +584,13 @@ class _Framer:
         "_decisive",
         "_events",
         "_feed_len",
+        "_fresh",
         "_head_raw",
         "_headers",
         "_heads_done",
         "_held",
         "_hosts",
+        "_line",
         "_max_head",
         "_max_headers",
         "_parser",
@@ -595,6 +624,10 @@ class _Framer:
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
         self._tally = False  # count field bytes as they arrive (see feed)
+        # the read being fed when a message would begin at its first byte (else b""), and the read the
+        # current message began at the first byte of (else b""): its start line, read by _line_version
+        self._fresh = b""
+        self._line = b""
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -621,10 +654,12 @@ class _Framer:
         input is ignored."""
         self._state = _DEAD
         self._parser = _NO_PARSER
+        self._line = b""
 
     # ---- httptools callbacks
     def on_message_begin(self) -> None:
         self._state = _HEAD
+        self._line, self._fresh = self._fresh, b""  # only the read's first message begins at its byte 0
         self._url = b""
         self._reason = b""
         self._headers = []
@@ -722,9 +757,11 @@ class _Framer:
         start_state = self._state
         heads_before = self._heads_done
         self._feed_len = len(data)
+        self._fresh = data if start_state == _IDLE and type(data) is bytes else b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self._fresh = b""
             offset = int(exc.args[0]) if exc.args else len(data)
             rest = bytes(data[offset:])
             if self._upgrade_ok:
@@ -737,8 +774,10 @@ class _Framer:
             return events
         except httptools.HttpParserCallbackError:
             self._state = _DEAD  # _fail recorded the Reject
+            self._fresh = b""
             return events
         except httptools.HttpParserError as exc:
+            self._fresh = b""
             if "after `Connection: close`" in str(exc):
                 self._state = _DEAD  # bytes after a last request are ignored: the proxy closes
                 return events
@@ -746,6 +785,7 @@ class _Framer:
             events.append(Reject(self._error_status(status), reason, self._error_flag()))
             self._state = _DEAD
             return events
+        self._fresh = b""  # no reference to the read beyond this call (a message not begun in it)
         if self._state == _HEAD:
             # head bytes across reads: exact when the whole read belongs to this head, else the
             # callback estimate (the remainder of this read is bounded by the transport's read size)
@@ -830,10 +870,11 @@ class RequestFramer(_Framer):
         if not self._tally and self._head_raw + self._feed_len > self._max_head:
             self._check_head_size()
         p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
-        version = _VERSIONS.get(p.get_http_version())
+        line, self._line = self._line, b""
+        version = _request_line_version(line) or _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail(400, "unsupported-version")
-        method = p.get_method()
+        method = _GET if line.startswith(_GET_SP) else p.get_method()
         if method == b"CONNECT":
             self._fail(405, "connect-unsupported")
         if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
@@ -952,7 +993,8 @@ class ResponseFramer(_Framer):
         p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
-        version = _VERSIONS.get(p.get_http_version(), _V10)
+        line, self._line = self._line, b""
+        version = _status_line_version(line) or _VERSIONS.get(p.get_http_version(), _V10)
         if 100 <= status < 200 and status != 101:
             self._informational = True
             self._events.append(Informational(status, headers))
