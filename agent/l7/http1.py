@@ -200,6 +200,9 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# A head's decision fields and a message's trailers until it has any: most have none, and a list
+# made per message only to be dropped costs two allocator calls. Never appended to.
+NO_FIELDS: Final[Headers] = []
 
 
 def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
@@ -530,6 +533,7 @@ EV_BODY: Final = Body
 EV_END: Final = EndOfMessage
 EV_TUNNEL: Final = TunnelData
 EV_REJECT: Final = Reject
+END_OF_MESSAGE: Final = EndOfMessage(NO_FIELDS)  # the end of a message without trailers (immutable)
 
 # The framers build their per-message events with tuple.__new__ (a C call): a NamedTuple's class call
 # goes through a generated Python __new__, about twice the cost, four times per request and side.
@@ -613,8 +617,8 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
-        self._decisive: Headers = []  # the fields of _DECISION_FIELDS in the head, in order
-        self._trailers: Headers = []
+        self._decisive = NO_FIELDS  # the fields of _DECISION_FIELDS in the head, in order
+        self._trailers = NO_FIELDS
         self._cb_bytes = 0
         self._head_raw = 0
         self._feed_len = 0
@@ -663,8 +667,8 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers = []
-        self._decisive = []
-        self._trailers = []
+        self._decisive = NO_FIELDS
+        self._trailers = NO_FIELDS
         self._cb_bytes = 0
         self._head_raw = 0
         self._trailer_bytes = 0
@@ -685,6 +689,8 @@ class _Framer:
             self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > MAX_TRAILER_BYTES:
                 self._fail(400, "trailers-too-large")
+            if self._trailers is NO_FIELDS:
+                self._trailers = []
             self._trailers.append((name.lower(), value))
             return
         # The field count is checked here; the head's byte size after each read and when the head is
@@ -697,6 +703,8 @@ class _Framer:
             lname, kind = known
         if kind:  # rare: a field that decides framing, persistence, Expect or Upgrade, or Host
             if kind == _DECISION:
+                if self._decisive is NO_FIELDS:
+                    self._decisive = []
                 self._decisive.append((lname, value))
             else:
                 self._hosts += 1
@@ -729,7 +737,8 @@ class _Framer:
 
     def on_message_complete(self) -> None:
         self._state = _IDLE
-        self._events.append(_make(EV_END, (self._trailers,)))
+        trailers = self._trailers  # a message without trailers (nearly all) ends with the shared event
+        self._events.append(END_OF_MESSAGE if trailers is NO_FIELDS else _make(EV_END, (trailers,)))
 
     def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
         self._events.append(Reject(status, reason, flag))
@@ -983,7 +992,8 @@ class ResponseFramer(_Framer):
         if self._informational:
             return
         self._awaiting = False
-        self._events.append(_make(EV_END, (self._trailers,)))
+        trailers = self._trailers  # a message without trailers (nearly all) ends with the shared event
+        self._events.append(END_OF_MESSAGE if trailers is NO_FIELDS else _make(EV_END, (trailers,)))
 
     def on_headers_complete(self) -> None:
         self._heads_done += 1

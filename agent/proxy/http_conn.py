@@ -176,7 +176,7 @@ class RequestMetrics:
 def access_due(ex: Exchange) -> bool:
     """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, flagged and 5xx
     answers always (asked first, so that nothing is formatted for the unsampled majority)."""
-    return audit.access_sampled(always=bool(ex.flags) or ex.status >= 500)
+    return audit.access_sampled(bool(ex.flags) or ex.status >= 500)  # positional: no keyword parsing
 
 
 def access_line(
@@ -743,7 +743,7 @@ class Exchange:
         self.chunks: list[bytes] = []  # encoded request body pieces kept for a replay
         self.nbytes = 0
         self.replayable = True
-        self.trailers: list[tuple[bytes, bytes]] = []
+        self.trailers: http1.Headers = http1.NO_FIELDS  # the request's, once it ended
         self.upstream: UpstreamConn | None = None
         self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
         self.progress = AWAITING
