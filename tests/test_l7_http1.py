@@ -783,3 +783,36 @@ def test_reason_phrases_are_the_standard_librarys() -> None:
     from hostmesh.agent.l7.http1 import REASONS
 
     assert {s.value: s.phrase.encode() for s in HTTPStatus} == REASONS
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.0\r\nX: a HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a HTTP/1.0\r\n\r\n",
+        b"\r\nGET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.0\nX: y HTTP/1.1\r\n\r\n",
+        b"POST /p HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+        b"GETX / HTTP/1.1\r\n\r\n",
+        b"DELETE /GET HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_version_and_method_from_the_start_line_agree_with_the_parser(data: bytes) -> None:
+    """A head whose start line is whole in the read it began at the first byte of is read from that
+    line (RequestFramer's fast path, bytes only); a memoryview of the same read takes the parser's
+    getters. Both must give the same events, whatever the line looks like."""
+    fast = RequestFramer().feed(data)
+    slow = RequestFramer().feed(memoryview(data))
+    assert fast == slow
+    assert fast, data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 204 No Content\r\nX: HTTP/1.0 \r\n\r\n"],
+)
+def test_response_version_from_the_status_line_agrees_with_the_parser(data: bytes) -> None:
+    fast, slow = ResponseFramer(), ResponseFramer()
+    fast.expect(b"GET")
+    slow.expect(b"GET")
+    assert fast.feed(data) == slow.feed(memoryview(data))

@@ -37,38 +37,45 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 import httptools
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import ProtocolError
 
-MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
-MAX_HEADER_COUNT = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
-MAX_TRAILER_BYTES = 16 * 1024  # trailers are rare and small; bounds what a chunked body can make us hold
-MAX_EARLY_UPGRADE_BYTES = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
+# Envoy's default max_request_headers_kb: real heads are < 8 KiB, more is abuse
+MAX_HEAD_BYTES: Final = 60 * 1024
+MAX_HEADER_COUNT: Final = 100  # Envoy's default max_headers_count: bounds per-request work on field lists
+# trailers are rare and small; bounds what a chunked body can make us hold
+MAX_TRAILER_BYTES: Final = 16 * 1024
+MAX_EARLY_UPGRADE_BYTES: Final = 256 * 1024  # bytes after an upgrade request before its answer: one read (the
 # proxy stops reading meanwhile); a WebSocket client sends nothing until the 101 (RFC 6455 §4.1)
 
 Headers = list[tuple[bytes, bytes]]
 
+# Module constants are Final: compiled code (mypyc) reads a Final name as a C constant or static, any
+# other module-level name with a dict lookup per use.
+
 # body framing kinds
-NO_BODY = 0
-LENGTH = 1
-CHUNKED = 2
-UNTIL_CLOSE = 3  # responses only: the body ends when the upstream closes
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3  # responses only: the body ends when the upstream closes
 
 # fields that change framing, persistence, Expect or Upgrade decisions: a head without any of them
 # takes the framers' fast path (no body, default persistence) without scanning the fields again
-_DECISION_FIELDS = frozenset(
+_DECISION_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"proxy-connection"}
 )
 
 # Header names as clients and apps commonly spell them -> (lower-case name, kind): one dict lookup per
 # field instead of lower() (a new bytes object) plus two set tests; other names take the slow path.
 # A fixed table, never grown by traffic (a peer cannot fill it).
-_PLAIN, _DECISION, _HOST = 0, 1, 2
-_COMMON_NAMES = (
+_PLAIN: Final = 0
+_DECISION: Final = 1
+_HOST: Final = 2
+_COMMON_NAMES: Final = (
     b"Accept",
     b"Accept-Charset",
     b"Accept-Encoding",
@@ -139,25 +146,26 @@ def _name_kind(lname: bytes) -> int:
     return _HOST if lname == b"host" else _PLAIN
 
 
-_KNOWN_NAMES: dict[bytes, tuple[bytes, int]] = {
+_KNOWN_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {
     spelling: (n.lower(), _name_kind(n.lower()))
     for n in _COMMON_NAMES
     for spelling in (n, n.lower(), n.upper())
 }
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-_NOT_FORWARDED = HOP_BY_HOP | {b"expect"}  # forward_headers drops these (and fields named in Connection)
+# forward_headers drops these (and fields named in Connection)
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"expect"}
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CRLF = b"\r\n"
-_COLON_SP = b": "
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+_COLON_SP: Final = b": "
 
-_V10 = b"1.0"
-_V11 = b"1.1"
-_VERSIONS = {"1.1": _V11, "1.0": _V10}
+_V10: Final = b"1.0"
+_V11: Final = b"1.1"
+_VERSIONS: Final = {"1.1": _V11, "1.0": _V10}
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -191,7 +199,10 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return toks
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# A head's decision fields and a message's trailers until it has any: most have none, and a list
+# made per message only to be dropped costs two allocator calls. Never appended to.
+NO_FIELDS: Final[Headers] = []
 
 
 def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
@@ -357,20 +368,34 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # --------------------------------------------------------------------------- serialization
 
 
+# Both serializers gather every piece in one list and join once: a join per field (the former
+# CRLF.join(map(b": ".join, headers))) made a bytes object per field, and `%` formatting of bytes is
+# slow; one join cost about a third of the instructions (compiled build).
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    if not headers:
-        return b"%s %s HTTP/%s\r\n\r\n" % (method, target, version)
-    return b"%s %s HTTP/%s\r\n%s\r\n\r\n" % (method, target, version, CRLF.join(map(_COLON_SP.join, headers)))
+    parts = [method, b" ", target, b" HTTP/", version, CRLF]
+    for n, v in headers:
+        parts.append(n)
+        parts.append(_COLON_SP)
+        parts.append(v)
+        parts.append(CRLF)
+    parts.append(CRLF)
+    return b"".join(parts)
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    if not headers:
-        return b"HTTP/%s %d %s\r\n\r\n" % (version, status, reason)
-    return b"HTTP/%s %d %s\r\n%s\r\n\r\n" % (version, status, reason, CRLF.join(map(_COLON_SP.join, headers)))
+    code = _STATUS_PIECES.get(status)
+    parts = [b"HTTP/", version, code if code is not None else b" %d " % status, reason, CRLF]
+    for n, v in headers:
+        parts.append(n)
+        parts.append(_COLON_SP)
+        parts.append(v)
+        parts.append(CRLF)
+    parts.append(CRLF)
+    return b"".join(parts)
 
 
 def chunk_header(size: int) -> bytes:
@@ -387,7 +412,7 @@ def last_chunk(trailers: Headers | tuple[()] = ()) -> bytes:
 
 # The reason phrases of http.HTTPStatus, written out: importing the `http` package for them held
 # ~65 KiB of enum in every L7 agent (tests/test_l7_http1.py checks the two agree).
-REASONS: dict[int, bytes] = {
+REASONS: Final[dict[int, bytes]] = {
     100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints", 200: b"OK",
     201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information", 204: b"No Content",
     205: b"Reset Content", 206: b"Partial Content", 207: b"Multi-Status", 208: b"Already Reported",
@@ -407,6 +432,8 @@ REASONS: dict[int, bytes] = {
     506: b"Variant Also Negotiates", 507: b"Insufficient Storage", 508: b"Loop Detected",
     510: b"Not Extended", 511: b"Network Authentication Required",
 }  # fmt: skip
+
+_STATUS_PIECES: Final = {status: b" %d " % status for status in REASONS}  # the status line's middle
 
 
 @functools.lru_cache(maxsize=256)
@@ -497,16 +524,60 @@ class Reject(NamedTuple):  # the peer broke the protocol: answer ``status`` (if 
 
 Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | TunnelData | Reject
 
+# The event classes under Final names, for the type dispatch of compiled readers (`type(ev) is EV_BODY`,
+# http_conn): NamedTuples are not native classes, so their class names are module-dict lookups there.
+EV_REQUEST_HEAD: Final = RequestHead
+EV_RESPONSE_HEAD: Final = ResponseHead
+EV_INFORMATIONAL: Final = Informational
+EV_BODY: Final = Body
+EV_END: Final = EndOfMessage
+EV_TUNNEL: Final = TunnelData
+EV_REJECT: Final = Reject
+END_OF_MESSAGE: Final = EndOfMessage(NO_FIELDS)  # the end of a message without trailers (immutable)
+
 # The framers build their per-message events with tuple.__new__ (a C call): a NamedTuple's class call
 # goes through a generated Python __new__, about twice the cost, four times per request and side.
-_make = tuple.__new__
+_make: Final = tuple.__new__
 
-_IDLE, _HEAD, _BODY, _TUNNEL, _DEAD, _UPGRADING = range(6)  # _UPGRADING: asked, not answered yet
-_NO_PARSER = httptools.HttpRequestParser(object())  # a released framer's (_Framer.release): calls nobody
+_IDLE: Final = 0
+_HEAD: Final = 1
+_BODY: Final = 2
+_TUNNEL: Final = 3
+_DEAD: Final = 4
+_UPGRADING: Final = 5  # asked, not answered yet
+# a released framer's (_Framer.release): calls nobody
+_NO_PARSER: Final = httptools.HttpRequestParser(object())
 
 
 class _Stop(Exception):
     """Raised inside a parser callback to abandon the message (the reason is already recorded)."""
+
+
+# The version and method of a head from its start line, when the read the message began at byte 0 of
+# holds that line whole (the common case): the parser's getters build them anew per head (the version
+# with str.format), several times the instructions. llhttp has validated the line by then; anything
+# unexpected (leading blank lines, a line across reads, a bare LF) leaves it to the getters.
+_GET: Final = b"GET"
+_GET_SP: Final = b"GET "
+
+
+def _request_line_version(line: bytes) -> bytes | None:
+    lf = line.find(b"\n")  # the request line's end: llhttp parsed exactly the text before it
+    if lf < 10:
+        return None
+    if line.startswith(b" HTTP/1.1\r", lf - 10):
+        return _V11
+    if line.startswith(b" HTTP/1.0\r", lf - 10):
+        return _V10
+    return None
+
+
+def _status_line_version(line: bytes) -> bytes | None:
+    if line.startswith(b"HTTP/1.1 "):
+        return _V11
+    if line.startswith(b"HTTP/1.0 "):
+        return _V10
+    return None
 
 
 class _Framer:
@@ -517,11 +588,13 @@ class _Framer:
         "_decisive",
         "_events",
         "_feed_len",
+        "_fresh",
         "_head_raw",
         "_headers",
         "_heads_done",
         "_held",
         "_hosts",
+        "_line",
         "_max_head",
         "_max_headers",
         "_parser",
@@ -544,8 +617,8 @@ class _Framer:
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
-        self._decisive: Headers = []  # the fields of _DECISION_FIELDS in the head, in order
-        self._trailers: Headers = []
+        self._decisive = NO_FIELDS  # the fields of _DECISION_FIELDS in the head, in order
+        self._trailers = NO_FIELDS
         self._cb_bytes = 0
         self._head_raw = 0
         self._feed_len = 0
@@ -555,6 +628,10 @@ class _Framer:
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
         self._tally = False  # count field bytes as they arrive (see feed)
+        # the read being fed when a message would begin at its first byte (else b""), and the read the
+        # current message began at the first byte of (else b""): its start line, read by _line_version
+        self._fresh = b""
+        self._line = b""
         self._parser = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
@@ -581,15 +658,17 @@ class _Framer:
         input is ignored."""
         self._state = _DEAD
         self._parser = _NO_PARSER
+        self._line = b""
 
     # ---- httptools callbacks
     def on_message_begin(self) -> None:
         self._state = _HEAD
+        self._line, self._fresh = self._fresh, b""  # only the read's first message begins at its byte 0
         self._url = b""
         self._reason = b""
         self._headers = []
-        self._decisive = []
-        self._trailers = []
+        self._decisive = NO_FIELDS
+        self._trailers = NO_FIELDS
         self._cb_bytes = 0
         self._head_raw = 0
         self._trailer_bytes = 0
@@ -610,6 +689,8 @@ class _Framer:
             self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > MAX_TRAILER_BYTES:
                 self._fail(400, "trailers-too-large")
+            if self._trailers is NO_FIELDS:
+                self._trailers = []
             self._trailers.append((name.lower(), value))
             return
         # The field count is checked here; the head's byte size after each read and when the head is
@@ -622,6 +703,8 @@ class _Framer:
             lname, kind = known
         if kind:  # rare: a field that decides framing, persistence, Expect or Upgrade, or Host
             if kind == _DECISION:
+                if self._decisive is NO_FIELDS:
+                    self._decisive = []
                 self._decisive.append((lname, value))
             else:
                 self._hosts += 1
@@ -650,11 +733,12 @@ class _Framer:
             self._fail(431, "head-too-large")
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(_make(Body, (body,)))
+        self._events.append(_make(EV_BODY, (body,)))
 
     def on_message_complete(self) -> None:
         self._state = _IDLE
-        self._events.append(_make(EndOfMessage, (self._trailers,)))
+        trailers = self._trailers  # a message without trailers (nearly all) ends with the shared event
+        self._events.append(END_OF_MESSAGE if trailers is NO_FIELDS else _make(EV_END, (trailers,)))
 
     def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
         self._events.append(Reject(status, reason, flag))
@@ -682,9 +766,11 @@ class _Framer:
         start_state = self._state
         heads_before = self._heads_done
         self._feed_len = len(data)
+        self._fresh = data if start_state == _IDLE and type(data) is bytes else b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self._fresh = b""
             offset = int(exc.args[0]) if exc.args else len(data)
             rest = bytes(data[offset:])
             if self._upgrade_ok:
@@ -697,8 +783,10 @@ class _Framer:
             return events
         except httptools.HttpParserCallbackError:
             self._state = _DEAD  # _fail recorded the Reject
+            self._fresh = b""
             return events
         except httptools.HttpParserError as exc:
+            self._fresh = b""
             if "after `Connection: close`" in str(exc):
                 self._state = _DEAD  # bytes after a last request are ignored: the proxy closes
                 return events
@@ -706,6 +794,7 @@ class _Framer:
             events.append(Reject(self._error_status(status), reason, self._error_flag()))
             self._state = _DEAD
             return events
+        self._fresh = b""  # no reference to the read beyond this call (a message not begun in it)
         if self._state == _HEAD:
             # head bytes across reads: exact when the whole read belongs to this head, else the
             # callback estimate (the remainder of this read is bounded by the transport's read size)
@@ -790,10 +879,11 @@ class RequestFramer(_Framer):
         if not self._tally and self._head_raw + self._feed_len > self._max_head:
             self._check_head_size()
         p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
-        version = _VERSIONS.get(p.get_http_version())
+        line, self._line = self._line, b""
+        version = _request_line_version(line) or _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail(400, "unsupported-version")
-        method = p.get_method()
+        method = _GET if line.startswith(_GET_SP) else p.get_method()
         if method == b"CONNECT":
             self._fail(405, "connect-unsupported")
         if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
@@ -804,7 +894,7 @@ class RequestFramer(_Framer):
             self._upgrade_ok = False
             self._events.append(
                 _make(
-                    RequestHead,
+                    EV_REQUEST_HEAD,
                     (method, self._url, version, headers, version == _V11, NO_BODY, 0, False, False),
                 )
             )
@@ -902,7 +992,8 @@ class ResponseFramer(_Framer):
         if self._informational:
             return
         self._awaiting = False
-        self._events.append(_make(EndOfMessage, (self._trailers,)))
+        trailers = self._trailers  # a message without trailers (nearly all) ends with the shared event
+        self._events.append(END_OF_MESSAGE if trailers is NO_FIELDS else _make(EV_END, (trailers,)))
 
     def on_headers_complete(self) -> None:
         self._heads_done += 1
@@ -912,7 +1003,8 @@ class ResponseFramer(_Framer):
         p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
-        version = _VERSIONS.get(p.get_http_version(), _V10)
+        line, self._line = self._line, b""
+        version = _status_line_version(line) or _VERSIONS.get(p.get_http_version(), _V10)
         if 100 <= status < 200 and status != 101:
             self._informational = True
             self._events.append(Informational(status, headers))
@@ -928,5 +1020,5 @@ class ResponseFramer(_Framer):
         keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
         self.keep_alive = keep
         self._events.append(
-            _make(ResponseHead, (status, self._reason, version, headers, keep, framing, length))
+            _make(EV_RESPONSE_HEAD, (status, self._reason, version, headers, keep, framing, length))
         )

@@ -39,12 +39,13 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import binascii
 import enum
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from hostmesh.agent import audit
 from hostmesh.agent.compiled import trait
@@ -54,15 +55,20 @@ from hostmesh.agent.l7.errors import ProtocolError
 from hostmesh.agent.l7.http1 import (
     CHUNKED,
     CRLF,
+    EV_BODY,
+    EV_END,
+    EV_INFORMATIONAL,
+    EV_REJECT,
+    EV_REQUEST_HEAD,
+    EV_RESPONSE_HEAD,
+    EV_TUNNEL,
     NO_BODY,
     UNTIL_CLOSE,
     Body,
     EndOfMessage,
-    Informational,
     Reject,
     RequestHead,
     ResponseHead,
-    TunnelData,
 )
 from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.agent.l7.retry import (
@@ -84,24 +90,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hostmesh.proxy.http")
 
-HEADER_READ_TIMEOUT = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
+# Module constants are Final: compiled code reads those as C constants or statics, not from the
+# module dict at every use.
+HEADER_READ_TIMEOUT: Final = 10.0  # default; agent.toml `http.header_read_timeout` sets the running value
 # ^ from a head's first byte to its end: bounds slowloris clients (Envoy: 60 s); the environment
 #   variable exists for tests that need a short one
-BODY_IDLE_TIMEOUT = 15.0  # default; agent.toml `http.body_idle_timeout`: a request body may pause this long
-BODY_MIN_RATE = 240.0  # default; `http.body_min_rate`: bytes/s a body must keep up (Kestrel's default;
+# default; agent.toml `http.body_idle_timeout`: a request body may pause this long
+BODY_IDLE_TIMEOUT: Final = 15.0
+BODY_MIN_RATE: Final = 240.0  # default; `http.body_min_rate`: bytes/s a body must keep up (Kestrel's default;
 # 0: off): each byte buys 1/rate s, never more than the idle timeout ahead, so 1 byte / 5 s is cut
-IDLE_TIMEOUT = (
-    90.0  # keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS so callers close first
-)
-REQUEST_ID = b"x-request-id"
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS: callers close first
+IDLE_TIMEOUT: Final = 90.0
+REQUEST_ID: Final = b"x-request-id"
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-_rng = random.Random()
+_rng: Final = random.Random()
+# time.monotonic as a Final name: compiled code calls it from a C static (`_monotonic()` is a
+# module attribute lookup per call)
+_monotonic: Final = time.monotonic
+_hexlify: Final = binascii.hexlify
 
 
 def request_id() -> bytes:
-    """128 random bits as 32 hex digits (an id, not a secret: no syscall per request)."""
-    return b"%032x" % _rng.getrandbits(128)
+    """128 random bits as 32 hex digits (an id, not a secret: no syscall per request). The hex of the
+    bits' bytes: half the instructions of `b"%032x" % bits` (bytes formatting of a 128-bit int)."""
+    return _hexlify(_rng.getrandbits(128).to_bytes(16, "little"))
 
 
 class Handler(Protocol):
@@ -163,7 +176,7 @@ class RequestMetrics:
 def access_due(ex: Exchange) -> bool:
     """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, flagged and 5xx
     answers always (asked first, so that nothing is formatted for the unsampled majority)."""
-    return audit.access_sampled(always=bool(ex.flags) or ex.status >= 500)
+    return audit.access_sampled(bool(ex.flags) or ex.status >= 500)  # positional: no keyword parsing
 
 
 def access_line(
@@ -216,8 +229,11 @@ class Reading(enum.Enum):
     TUNNEL = 3  # answered 101: the bytes go to the upstream connection as they are (`_tunnel`)
 
 
-HTTP, HOLDING, TUNNEL = Reading.HTTP, Reading.HOLDING, Reading.TUNNEL
-NO_BACKLOG: list[Any] = []  # `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+HTTP: Final = Reading.HTTP
+HOLDING: Final = Reading.HOLDING
+TUNNEL: Final = Reading.TUNNEL
+# `backlog` outside HOLDING; never appended to (entering HOLDING makes a new list)
+NO_BACKLOG: Final[list[Any]] = []
 
 
 class ServerConn(asyncio.BaseProtocol):
@@ -260,7 +276,7 @@ class ServerConn(asyncio.BaseProtocol):
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = t.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        self._last = time.monotonic()
+        self._last = _monotonic()
         h = self.handler
         checks = h.head_checks
         if checks is None:
@@ -283,7 +299,7 @@ class ServerConn(asyncio.BaseProtocol):
             self.pause_reading()
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
             self._partial = True
-            self._head_started = time.monotonic()
+            self._head_started = _monotonic()
 
     def eof_received(self) -> bool | None:
         if self.reading is TUNNEL:
@@ -336,40 +352,46 @@ class ServerConn(asyncio.BaseProtocol):
             if self.reading is HOLDING:
                 self.backlog.append(ev)
                 continue
+            # each branch reads its event through a typed local: compiled code then reads the fields
+            # as tuple items, where an untyped `ev.data` is a by-name attribute lookup
             t = type(ev)
             ex = self.ex
-            if t is Body:
+            if t is EV_BODY:
                 if ex is not None:
-                    self._body_progress(len(ev.data))
-                    ex.request_body(ev.data)
-            elif t is EndOfMessage:
+                    body: Body = ev
+                    data = body.data
+                    self._body_progress(len(data))
+                    ex.request_body(data)
+            elif t is EV_END:
                 if ex is not None:
+                    end: EndOfMessage = ev
                     self._body_deadline = 0.0
-                    ex.request_end(ev.trailers)
+                    ex.request_end(end.trailers)
                     if self.ex is not None and not self.closed:  # the response is not done: hold what follows
                         self.reading, self.backlog = HOLDING, []  # reads pause only if more bytes come
-            elif t is RequestHead:
+            elif t is EV_REQUEST_HEAD:
+                head: RequestHead = ev
                 self._partial = False  # the timer stays armed: it checks the state when it fires
                 self.requests += 1
                 try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
-                    target = normalize_target(ev.target, ev.headers)
+                    target = normalize_target(head.target, head.headers)
                 except ProtocolError as exc:
                     self.reject(exc.status, exc.reason, exc.flag)
                     continue
-                if target is not ev.target:
-                    ev = ev._replace(target=target)
-                ex = self.ex = Exchange(self, ev)
+                if target is not head.target:
+                    head = head._replace(target=target)
+                ex = self.ex = Exchange(self, head)
                 if self.shed:  # overload: answered here, nothing reaches a route or an upstream
                     ex.keep_alive = False
                     ex.respond(503, fl.OM, "agent overloaded")
                     continue
-                if ev.framing != NO_BODY:
+                if head.framing != NO_BODY:
                     self.body_clock()
                 self.handler.start(ex)
-            elif t is TunnelData:
+            elif t is EV_TUNNEL:
                 if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
                     ex.upstream.transport.write(ev.data)
-            elif t is Reject:
+            elif t is EV_REJECT:
                 self.reject(ev.status, ev.reason, ev.flag)
 
     def reject(self, status: int, reason: str, flag: str) -> None:
@@ -396,7 +418,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not keep_alive or not ex.request_done:
             self.close()
             return
-        self._last = ex.ended or time.monotonic()  # ended: set by Exchange._finish, which calls this
+        self._last = ex.ended or _monotonic()  # ended: set by Exchange._finish, which calls this
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog = self.backlog
@@ -426,14 +448,14 @@ class ServerConn(asyncio.BaseProtocol):
     def body_clock(self) -> None:
         """(Re)start the body's idle clock: at its head, and when the client is told to send it (100)."""
         idle = self.handler.body_idle_timeout
-        self._body_deadline = time.monotonic() + idle
+        self._body_deadline = _monotonic() + idle
         if self._timer is None or idle < self.handler.header_timeout:
             self._arm(idle)
 
     def _body_progress(self, n: int) -> None:
         """`n` body bytes came: they buy time at the minimum rate, never beyond the idle timeout."""
         h = self.handler
-        now = time.monotonic()
+        now = _monotonic()
         cap = now + h.body_idle_timeout
         rate = h.body_min_rate
         if rate <= 0:
@@ -483,7 +505,7 @@ class ServerConn(asyncio.BaseProtocol):
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
             if self._body_deadline and not ex.request_done and ex.progress is not DONE:
-                now = time.monotonic()
+                now = _monotonic()
                 if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
                     self._body_deadline = max(self._body_deadline, now + self.handler.body_idle_timeout)
                 left = self._body_deadline - now
@@ -494,7 +516,7 @@ class ServerConn(asyncio.BaseProtocol):
                 return
             self._arm(timeout)
             return
-        now = time.monotonic()
+        now = _monotonic()
         if self._partial:  # a head began: it must be complete `timeout` after its first byte
             left = self._head_started + timeout - now
             if left <= 0:
@@ -540,9 +562,7 @@ class ServerConn(asyncio.BaseProtocol):
             self._paused = False
             t.resume_reading()
             if self._body_deadline:  # the client gets its full idle time from now
-                self._body_deadline = max(
-                    self._body_deadline, time.monotonic() + self.handler.body_idle_timeout
-                )
+                self._body_deadline = max(self._body_deadline, _monotonic() + self.handler.body_idle_timeout)
 
     def close(self) -> None:
         if not self.closed:
@@ -569,7 +589,7 @@ class _InHeadChecks:
     def cancel(self) -> None: ...  # never called (ServerConn._cancel_timer tells them apart): typing
 
 
-HEAD_CHECK = _InHeadChecks()
+HEAD_CHECK: Final = _InHeadChecks()
 
 
 class HeadChecks:
@@ -622,14 +642,14 @@ class HeadChecks:
                 conn._timed_out()
 
 
-DRAIN_POLL = 0.05  # shutdown: how often open connections are checked while draining
+DRAIN_POLL: Final = 0.05  # shutdown: how often open connections are checked while draining
 
 
 async def drain(busy: Callable[[], bool], seconds: float) -> None:
     """Wait while `busy()` holds, for up to `seconds` (a listener's graceful close)."""
-    deadline = time.monotonic() + seconds
+    deadline = _monotonic() + seconds
     for _ in range(int(seconds / DRAIN_POLL) + 1):
-        if not busy() or time.monotonic() >= deadline:
+        if not busy() or _monotonic() >= deadline:
             return
         await asyncio.sleep(DRAIN_POLL)
 
@@ -673,8 +693,11 @@ class Progress(enum.Enum):
     DONE = 4  # finished: relayed, answered by the proxy, turned into a tunnel, or the client left
 
 
-AWAITING, HELD, RELAYING, DONE = Progress.AWAITING, Progress.HELD, Progress.RELAYING, Progress.DONE
-NOTHING_HELD: list[Any] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
+AWAITING: Final = Progress.AWAITING
+HELD: Final = Progress.HELD
+RELAYING: Final = Progress.RELAYING
+DONE: Final = Progress.DONE
+NOTHING_HELD: Final[list[Any]] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
 
 
 class Exchange:
@@ -713,14 +736,14 @@ class Exchange:
     def __init__(self, conn: ServerConn, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.started = time.monotonic()
+        self.started = _monotonic()
         self.ended = 0.0  # when it finished (_finish): its duration, and when its connection became idle
         self.chunked = head.framing == CHUNKED
         self.request_done = head.framing == NO_BODY
         self.chunks: list[bytes] = []  # encoded request body pieces kept for a replay
         self.nbytes = 0
         self.replayable = True
-        self.trailers: list[tuple[bytes, bytes]] = []
+        self.trailers: http1.Headers = http1.NO_FIELDS  # the request's, once it ended
         self.upstream: UpstreamConn | None = None
         self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
         self.progress = AWAITING
@@ -843,7 +866,7 @@ class Exchange:
             if up is not self.upstream or up.owner is not self:
                 return
             t = type(ev)
-            if t is ResponseHead:
+            if t is EV_RESPONSE_HEAD:
                 self.progress, self.held = HELD, []
                 waiter = self.waiter
                 cb = self.on_response_head
@@ -854,17 +877,19 @@ class Exchange:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(ev)
                 continue
-            if t is Informational:
+            if t is EV_INFORMATIONAL:
                 continue  # the proxy answered 100-continue itself; other 1xx are not relayed
             if self.progress is HELD:
                 self.held.append(ev)
-            elif t is Body:
-                self._relay_body(ev.data)
-            elif t is EndOfMessage:
-                self._relay_end(up, ev.trailers)
-            elif t is TunnelData:
+            elif t is EV_BODY:
+                body: Body = ev  # typed: a tuple item read in compiled code, not a by-name lookup
+                self._relay_body(body.data)
+            elif t is EV_END:
+                end: EndOfMessage = ev
+                self._relay_end(up, end.trailers)
+            elif t is EV_TUNNEL:
                 self.conn.write(ev.data)
-            elif t is Reject:
+            elif t is EV_REJECT:
                 self._upstream_failed(up, ev.flag)
 
     def upstream_lost(self, up: UpstreamConn) -> None:
@@ -951,7 +976,7 @@ class Exchange:
         self.progress = RELAYING
         pending, self.held = self.held, NOTHING_HELD
         for ev in pending or ():
-            if type(ev) is TunnelData:
+            if type(ev) is EV_TUNNEL:
                 self.conn.write(ev.data)
         up.tunnel_to(self.conn)
         self.conn.start_tunnel(up)
@@ -971,7 +996,7 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
-        now = time.monotonic()  # one clock reading for the pool, the metrics and the idle clock
+        now = _monotonic()  # one clock reading for the pool, the metrics and the idle clock
         if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
             up.release(now)
         else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
@@ -1007,7 +1032,7 @@ class Exchange:
         if self.progress is DONE:
             return
         self.progress = DONE
-        self.ended = now or time.monotonic()
+        self.ended = now or _monotonic()
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 

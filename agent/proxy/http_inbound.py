@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from hostmesh.agent import audit
 from hostmesh.agent.authz import Decision, authorize_request, fixed_request_decision, refuse_unavailable
@@ -69,8 +69,12 @@ from hostmesh.ca.tls import peer_not_after
 
 log = logging.getLogger("hostmesh.proxy.http_inbound")
 
-REPORTER = "destination"
-APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
+REPORTER: Final = "destination"
+APP_CONNECT_TIMEOUT: Final = 2.0  # the app is on loopback: a connect succeeds or is refused at once
+# time.monotonic and time.time as Final names: compiled code calls it from a C static (`_monotonic()` is a
+# module attribute lookup per call)
+_monotonic: Final = time.monotonic
+_time: Final = time.time
 
 
 class Caller:
@@ -192,9 +196,7 @@ class HttpInbound:
             ex.respond(503, fl.UH, "service not on this host")
             return
         roots = snap.tls.roots_pem
-        if (
-            roots != caller.roots_pem and not self._reverify(caller, roots)
-        ) or time.time() >= caller.not_after:
+        if (roots != caller.roots_pem and not self._reverify(caller, roots)) or _time() >= caller.not_after:
             ex.keep_alive = False
             ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
             return
@@ -224,10 +226,10 @@ class HttpInbound:
             entry = self._buckets.get(svc.name)
             if entry is None or entry[0] is not policy:
                 rl = policy.rate_limit
-                entry = (policy, TokenBucket.from_doc(rl, time.monotonic()) if rl is not None else None)
+                entry = (policy, TokenBucket.from_doc(rl, _monotonic()) if rl is not None else None)
                 self._buckets[svc.name] = entry
             bucket = entry[1]
-            if bucket is not None and not bucket.allow(time.monotonic()):
+            if bucket is not None and not bucket.allow(_monotonic()):
                 ex.respond(429, fl.RL)
                 return
         if head.expect_continue:

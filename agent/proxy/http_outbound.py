@@ -54,7 +54,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from hostmesh.agent.l7 import balancer as lb
 from hostmesh.agent.l7 import flags as fl
@@ -105,16 +105,22 @@ from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
 
-REPORTER = "source"
-CONNECT_TIMEOUT = 1.0  # per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
-PENDING_WAIT = 5.0  # a request waiting for a free connection (max_connections reached) gives up after this
-RETRY_REASONS: dict[Outcome, str] = {
+REPORTER: Final = "source"
+# per dial of a peer agent (loopback/LAN): a slower one is a failure, try another
+CONNECT_TIMEOUT: Final = 1.0
+# a request waiting for a free connection (max_connections reached) gives up after this
+PENDING_WAIT: Final = 5.0
+RETRY_REASONS: Final[dict[Outcome, str]] = {
     CONNECT_FAILURE: "connect-failure",
     RESET: "reset",
     TIMEOUT: "per-try timeout",
 }
-MIRROR_MAX_BUFFER = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
-PEER_VERSION_TTL = 60.0  # a peer that agreed a version below 3 is asked again after this (it may upgrade)
+MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
+# a peer that agreed a version below 3 is asked again after this (it may upgrade)
+PEER_VERSION_TTL: Final = 60.0
+# time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a
+# module attribute lookup per call)
+_monotonic: Final = time.monotonic
 
 
 class _Req:
@@ -532,14 +538,14 @@ class HttpOutbound:
         if not self._admit(ex, st, snap):
             return
         self._prepare(ex, st, snap)
-        route = st.route
+        route: CompiledRoute = st.route  # typed: compiled code reads its fields natively
         if route.mirror and not ex.head.upgrade and route.should_mirror(self.rng):
             self._mirror(ex, st)
         self._plan(ex, st, snap, subset)
         if route.timeout is None and route.retry.per_try_timeout is None:
             self._forward_inline(ex, st)
             return
-        st.deadline = time.monotonic() + route.timeout if route.timeout else None
+        st.deadline = _monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
 
     def _admit(self, ex: Exchange, st: _Req, snap: Snapshot) -> bool:
@@ -565,7 +571,7 @@ class HttpOutbound:
         """The forwarded request, built once for every try: hop-by-hop headers dropped, the route's
         header ops and rewrite applied, x-request-id/Host completed, the trace context set; the
         client is told to send its body (100-continue) now that local checks passed."""
-        route = st.route
+        route: CompiledRoute = st.route
         ex.response_ops = route.response_ops if route.has_response_ops else None
         head = ex.head
         if head.expect_continue:
@@ -602,7 +608,7 @@ class HttpOutbound:
         go first), the coroutine dials."""
         cl = st.cluster
         if cl.outlier is not None:
-            cl.refresh(time.monotonic())
+            cl.refresh(_monotonic())
         ep = st.balancer.pick(st.key)
         if ep is None:
             ex.respond(503, fl.UH)
@@ -662,10 +668,10 @@ class HttpOutbound:
     def _settle(self, ex: Exchange, st: _Req, ep: lb.Endpoint, outcome: http1.ResponseHead | Outcome) -> bool:
         """Feed one try's outcome to outlier detection and the retry policy. True: answered (relayed
         or a local error); False: retry (a budget slot is held)."""
-        route = st.route
+        route: CompiledRoute = st.route
         cl = st.cluster
-        now = time.monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
-        if isinstance(outcome, http1.ResponseHead):
+        now = _monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
+        if isinstance(outcome, http1.EV_RESPONSE_HEAD):
             status = outcome.status
             cl.report(ep, status, now)
             if not route.retry.retryable(RESPONSE, status):
@@ -972,7 +978,8 @@ class HttpOutbound:
             ex.tee = None
             tee.abandon()
         st: _Req | None = ex.state
-        subset = upstream_host = ""
+        subset = ""
+        used: lb.Endpoint | None = None  # its address only for a trace or an access line (most have none)
         if st is not None:
             cl = st.cluster
             if st.admitted:
@@ -986,7 +993,7 @@ class HttpOutbound:
                 ep.active -= 1
                 st.endpoint = None
                 subset = st.subset or ep.meta.get("version", "")
-                upstream_host = f"{ep.address}:{ep.port}"
+                used = ep
             else:
                 subset = st.subset
         flags = fl.render(ex.flags)
@@ -997,6 +1004,7 @@ class HttpOutbound:
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
         ):
             td = self.holder.current.trust_domain
+            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service,
                 source_principal=f"spiffe://{td}/svc/{self.local_service}", destination=self.service,
@@ -1005,6 +1013,7 @@ class HttpOutbound:
             )  # fmt: skip
         if access_due(ex):
             principal = f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}"
+            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
             access_line(ex, REPORTER, self.local_service, principal, self.service, subset, upstream_host,
                         ex.conn.peer_ip)  # fmt: skip
 

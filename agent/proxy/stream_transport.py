@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Any
+from typing import Any, Final
 
 from hostmesh.agent.proxy.mux import Stream
 from hostmesh.agent.proxy.wire import STREAM_WINDOW, Chunk
 
-_NO_PROTOCOL = asyncio.BaseProtocol()
+_NO_PROTOCOL: Final = asyncio.BaseProtocol()
 
 
 class State(enum.Enum):
@@ -40,7 +40,10 @@ class State(enum.Enum):
     CLOSED = 3  # the stream is over for us; the protocol was (or is about to be) told
 
 
-OPEN, CLOSING, CLOSED = State.OPEN, State.CLOSING, State.CLOSED
+# Final: compiled code reads them as C statics, not from the module dict at every use
+OPEN: Final = State.OPEN
+CLOSING: Final = State.CLOSING
+CLOSED: Final = State.CLOSED
 
 
 class StreamTransport(asyncio.Transport):

@@ -47,20 +47,22 @@ GOAWAY: Final = 5
 DGRAM_OPEN: Final = 6
 DGRAM: Final = 7
 HTTP_OPEN: Final = 8
-KNOWN = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM, HTTP_OPEN))
-DGRAM_MIN_VERSION = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSIONS) that knows DGRAM frames
-HTTP_MIN_VERSION = 3  # the version that knows HTTP_OPEN; below it HTTP takes a TLS connection of its own
-MAX_DATAGRAM = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
+KNOWN: Final = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM, HTTP_OPEN))
+DGRAM_MIN_VERSION: Final = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSIONS) that knows DGRAM frames
+# the version that knows HTTP_OPEN; below it HTTP takes a TLS connection of its own
+HTTP_MIN_VERSION: Final = 3
+MAX_DATAGRAM: Final = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
 
-HEADER = struct.Struct(">II")  # (type << 24 | length), stream id
+HEADER: Final = struct.Struct(">II")  # (type << 24 | length), stream id
 HEADER_SIZE: Final = HEADER.size
-MAX_FRAME_PAYLOAD = (1 << 24) - 1  # what 3 length bytes can say; larger writes are split
-MAX_CONTROL_PAYLOAD = 4096  # control frames carry (almost) nothing; more is a broken or hostile peer
-MAX_STREAM_ID = (1 << 32) - 1
-STREAM_WINDOW = 1024 * 1024  # per stream, each way: bytes in flight or parked at the receiver
-WINDOW_UPDATE_AT = STREAM_WINDOW // 4  # credit is returned in batches of at least this much
-_INCREMENT = struct.Struct(">I")
-VIEW_FROM = 4096  # DATA pieces from this size on are passed as memoryviews: a copy costs more than a view
+MAX_FRAME_PAYLOAD: Final = (1 << 24) - 1  # what 3 length bytes can say; larger writes are split
+MAX_CONTROL_PAYLOAD: Final = 4096  # control frames carry (almost) nothing; more is a broken or hostile peer
+MAX_STREAM_ID: Final = (1 << 32) - 1
+STREAM_WINDOW: Final = 1024 * 1024  # per stream, each way: bytes in flight or parked at the receiver
+WINDOW_UPDATE_AT: Final = STREAM_WINDOW // 4  # credit is returned in batches of at least this much
+_INCREMENT: Final = struct.Struct(">I")
+# DATA pieces from this size on are passed as memoryviews: a copy costs more than a view
+VIEW_FROM: Final = 4096
 
 Chunk = bytes | memoryview  # stream bytes: a view when it is a piece of a larger received chunk
 Event = tuple[int, int, Chunk]  # (frame type, stream id, payload or payload piece)
