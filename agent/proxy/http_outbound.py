@@ -436,6 +436,8 @@ class HttpOutbound:
         self._cluster: Cluster | None = None
         self._cluster_snap: Snapshot | None = None  # the snapshot `_cluster` was last checked against
         self._takes: tuple[Any, bool] = (None, False)
+        self._accepts_snap: Snapshot | None = None  # the snapshot `_accepts` (app_conn's answer) is for
+        self._accepts = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx: Any = None
         self._conn_waiters: list[asyncio.Future[None]] = []
@@ -474,9 +476,10 @@ class HttpOutbound:
         (the listener's raw end: L4, an external service). Decided here, in one call from the
         listener, rather than by the listener: this module is compiled, outbound.py is not."""
         snap = self.holder.current
-        if self.service in snap.externals or not self.takes(snap):
-            return None
-        return AppConn(self, cap)
+        if snap is not self._accepts_snap:  # once per snapshot, not per connection
+            self._accepts_snap = snap
+            self._accepts = self.service not in snap.externals and self.takes(snap)
+        return AppConn(self, cap) if self._accepts else None
 
     def accept(self, end: Any) -> None:
         """Take over an accepted downstream connection (a paused RawEnd) as HTTP."""
