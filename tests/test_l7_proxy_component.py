@@ -26,10 +26,12 @@ from typing import Any
 import pytest
 import uvloop
 
+from hostmesh.agent import audit
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
@@ -813,6 +815,125 @@ async def test_a_new_connection_per_request_reuses_one_app_connection_and_one_mu
             break
         await asyncio.sleep(0.05)
     assert cap.open == 0
+
+
+class _Recorder:
+    """A mux connection's transport that records what goes through it (and passes it on as it is)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+        self.real.write(data)
+
+    def writelines(self, parts: Any) -> None:
+        parts = [bytes(p) for p in parts]
+        self.writes.append(b"".join(parts))
+        self.real.writelines(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_caller_connection_per_request_costs_the_mesh_connection_one_write_of_one_frame(
+    mesh: Mesh,
+) -> None:
+    """A caller that opens a connection per request (`Connection: close`) costs the outbound's mesh
+    connection what a kept-alive caller's request does: the request in one DATA frame on a pooled
+    stream, in one TLS write. The caller connection's accept and close write nothing there (no
+    HTTP_OPEN once a stream is pooled, no FIN, RESET or credit on its account)."""
+    one_api(mesh)
+    cap = ConnectionCap(100, mesh.tel_a)
+    mesh.outbound.cap = cap
+
+    def one_shot(path: str) -> Any:
+        c = mesh.client()
+        try:
+            return c.get(path, headers={"connection": "close"})
+        finally:
+            c.close()
+
+    assert (await asyncio.to_thread(one_shot, "/warm")).status == 200  # a stream is pooled now
+    [conn] = [c for conns in mesh.http_out.mesh._conns.values() for c in conns]
+    recorder = _Recorder(conn.transport)
+    conn.transport = recorder  # type: ignore[assignment]
+    try:
+        assert (await asyncio.to_thread(one_shot, "/one-shot")).status == 200
+        for _ in range(200):  # bounded: 10 s for the caller's close to reach the outbound
+            if cap.open == 0:
+                break
+            await asyncio.sleep(0.05)
+        turn = asyncio.get_running_loop().create_future()  # what the close scheduled has been flushed
+        asyncio.get_running_loop().call_soon(turn.set_result, None)
+        await turn
+    finally:
+        conn.transport = recorder.real
+    assert cap.open == 0
+    frames = wire.Decoder().feed(b"".join(recorder.writes))
+    assert len(recorder.writes) == 1
+    assert [ftype for ftype, _sid, _payload in frames] == [wire.DATA]
+    assert bytes(frames[0][2]).startswith(b"GET /one-shot HTTP/1.1\r\n")
+
+
+class _AccessLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.fields: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.fields.append(record.fields)  # type: ignore[attr-defined]
+
+
+async def _caller_address_in_access_lines(mesh: Mesh) -> None:
+    one_api(mesh)
+    logger, lines = logging.getLogger("hostmesh.access"), _AccessLines()
+    level, rate = logger.level, audit.access_sample()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    audit.configure_access(1.0)
+    try:
+
+        def run() -> None:
+            mesh.client().get("/one-shot", headers={"connection": "close"})
+            gone = Client(mesh.outbound.port).connect()  # sends its request, resets before the answer
+            gone.sendall(b"GET /delay/300 HTTP/1.1\r\nhost: api\r\n\r\n")
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            deadline = time.monotonic() + IO_TIMEOUT  # the app has the request before the caller resets
+            while mesh.apps[0].hits < 2 and time.monotonic() < deadline:
+                select.select([], [], [], 0.01)
+            gone.close()
+
+        await asyncio.to_thread(run)
+        for _ in range(200):  # bounded: 10 s for the departed caller's line (written when it is noticed)
+            if len([f for f in lines.fields if f["reporter"] == "source"]) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+        audit.configure_access(rate)
+    out = [(f["path"], f["response_flags"], f["downstream_remote_address"]) for f in lines.fields
+           if f["reporter"] == "source"]  # fmt: skip
+    assert out == [("/one-shot", "-", "127.0.0.1"), ("/delay/300", "DC", "127.0.0.1")]
+
+
+async def test_an_access_line_names_the_callers_address_also_once_its_connection_ended(mesh: Mesh) -> None:
+    """The caller's address (ServerConn.peer_ip) is looked up only when something asks for it (an
+    access line, consistent hashing on source, a log line), which may be after the connection ended:
+    the line of a caller that left before its answer (flag DC) names it as well as an answered one."""
+    await _caller_address_in_access_lines(mesh)
+
+
+def test_the_callers_address_on_uvloop(tmp_path: Path) -> None:
+    """The same on the agent's loop: uvloop's transports answer `peername` after they closed, too."""
+
+    async def run() -> None:
+        async with build_mesh(tmp_path) as m:
+            await _caller_address_in_access_lines(m)
+
+    uvloop.run(run())
 
 
 async def test_an_app_connection_the_app_closes_is_never_reused(mesh: Mesh) -> None:

@@ -75,6 +75,33 @@ def test_each_upstream_gets_the_stack_of_its_protocol() -> None:
     assert not db.http.takes(hold.current) and db.http.real is None
 
 
+def test_an_accepted_connection_goes_to_the_l7_path_only_for_an_http_upstream_outside_the_externals() -> None:
+    """The listener's protocol for a connection being accepted (OutboundListener._protocol, which asks
+    the L7 path's app_conn): the L7 path's AppConn for an upstream HTTP in the current snapshot,
+    a raw end for a tcp upstream (the L7 modules not loaded for it) and for an upstream that an
+    external service of the same name shadows (edges.py decides those), in the same snapshot."""
+    from hostmesh.agent.proxy.http_outbound import AppConn
+    from hostmesh.agent.proxy.outbound import _Downstream
+
+    cfg = config({
+        "name": "web", "port": 8080,
+        "upstreams": [
+            {"service": "api", "bind": "127.0.0.1:9001", "protocol": "http"},  # never bound: not started
+            {"service": "db", "bind": "127.0.0.1:9003"},
+        ],
+    })  # fmt: skip
+    svc = cfg.services[0]
+    hold, tel = holder(), Telemetry()
+    cap = ConnectionCap(10, tel)
+    api, db = (build_outbound(cfg, svc, up, hold, tel, cap=cap) for up in svc.upstreams)
+    conn = api._protocol()
+    assert isinstance(conn, AppConn) and conn.cap is cap and isinstance(api.http.real, HttpOutbound)
+    assert isinstance(db._protocol(), _Downstream) and db.http.real is None
+    hold.swap(replace(hold.current, generation=2, externals={"api": object()}))
+    assert isinstance(api._protocol(), _Downstream)
+    assert cap.open == 0  # a slot is taken when a connection is made, not when its protocol is
+
+
 def test_a_tcp_only_agent_assembles_its_stacks_without_loading_the_l7_or_udp_modules() -> None:
     """~1.3 MiB of RSS an all-TCP agent does not pay (the lazy pieces stay lazy through assembly)."""
     script = """

@@ -65,6 +65,12 @@ class ConnectionCap:
         if self.open < self.limit:
             self.open += 1
             return Admission(self)
+        self.refuse(listener)
+        return None
+
+    def refuse(self, listener: str) -> None:
+        """Count and log (at a bounded rate) a connection refused at the cap. For an owner that keeps
+        its slot without an Admission (http_outbound.AppConn: `open` taken and given back itself)."""
         self.rejected += 1
         if self._counter is not None:
             self._counter.labels(listener).inc()
@@ -76,7 +82,6 @@ class ConnectionCap:
             self._last_log, self._suppressed = now, 0
         else:
             self._suppressed += 1
-        return None
 
 
 class IdleReaper:

@@ -134,15 +134,16 @@ class OutboundListener(ListenerLifecycle):
 
     def _protocol(self) -> asyncio.BaseProtocol:
         """The protocol of a connection being accepted. When the upstream is HTTP in the current
-        snapshot (and no external service of that name), the L7 path's own (http_outbound.AppConn),
-        which takes the connection's slot under the cap and reads at once: no raw end to set up,
-        pause and hand over per connection. Anything else (closing, L4, an external service) gets a
-        raw end, paused until `_accepted` decides, in the same order as ever."""
+        snapshot (and no external service of that name), the L7 path's own (http_outbound.AppConn,
+        which decides that: HttpOutbound.app_conn), which takes the connection's slot under the cap
+        and reads at once: no raw end to set up, pause and hand over per connection. Anything else
+        (closing, L4, an external service) gets a raw end, paused until `_accepted` decides, in the
+        same order as ever."""
         http = self.http
         if http is not None and not self._closing:
-            snap = self.holder.current
-            if self.upstream.service not in snap.externals and http.takes(snap):
-                return http.app_conn(self.cap)
+            conn = http.app_conn(self.cap)
+            if conn is not None:
+                return conn
         return _Downstream(self)
 
     def _accepted(self, end: _Downstream) -> None:

@@ -66,7 +66,12 @@ class LazyHttpOutbound:
         self.real.accept(end)
 
     def app_conn(self, cap: Any) -> Any:
-        """The real one's (called only after `takes()` answered True, so it exists)."""
+        """The real one's, once it exists; until then None unless this connection's snapshot makes
+        it (HttpOutbound.app_conn: an external service of that name is never HTTP here)."""
+        if self.real is None:
+            snap = self._kwargs["holder"].current
+            if self.service in snap.externals or not self.takes(snap):
+                return None
         return self.real.app_conn(cap)
 
     async def close(self, drain_seconds: float = 0.0) -> None:
