@@ -36,12 +36,12 @@ permissions, the L7 decision is the same for every request of that caller, so it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from hostmesh.registry.records import record
 from hostmesh.registry.schema import Intentions, Rule
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     allowed: bool
     reason: str

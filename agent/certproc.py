@@ -36,7 +36,6 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from hostmesh.agent.renewal import CertState
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.registry.records import record
 from hostmesh.registry.watch import Watch
 
 log = logging.getLogger("hostmesh.agent.certs")
@@ -54,7 +54,7 @@ CHILD_TIMEOUT = 120.0  # a child covers bootstrap's own 30 s CA retry budget and
 MAX_ANSWER = 1024 * 1024  # the child's JSON answer: a few hundred bytes per service
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CertView:
     """What the agent shows and schedules from (agent/certs.py's CertInfo, plus the renewal point)."""
 

@@ -12,7 +12,7 @@ import socket
 import sys
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
 from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.layout import GATEWAY_KIND_META
+from hostmesh.registry.records import record
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -52,7 +53,7 @@ class ConfigError(Exception):
     """agent.toml is unusable; str() is one line naming the key."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Address:
     host: str
     port: int
@@ -61,7 +62,7 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UpstreamConfig:
     service: str
     bind: Address
@@ -77,7 +78,7 @@ class UpstreamConfig:
     auto: bool = False  # bind = "auto": the address was derived from the name (auto_bind)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HealthConfig:
     http: str | None = None  # path probed on 127.0.0.1:<port>
     tcp: bool = False  # connect probe
@@ -85,7 +86,7 @@ class HealthConfig:
     timeout: float = 2.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceConfig:
     name: str
     port: int
@@ -100,7 +101,7 @@ GATEWAY_KINDS = {"ingress": "ingress-gateway", "egress": "egress-gateway"}  # ->
 GATEWAY_PROTOCOLS = ("http", "https", "tls")  # tls: passthrough by SNI to a TCP mesh service
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GatewayCertificate:
     """An operator's certificate for `hosts` on an HTTPS listener (chosen by SNI; re-read when the
     files change and on SIGHUP)."""
@@ -110,14 +111,14 @@ class GatewayCertificate:
     key_file: Path
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GatewayListener:
     bind: Address
     protocol: str  # http | https | tls
     certificates: tuple[GatewayCertificate, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GatewayConfig:
     """`[[gateways]]`: a mesh identity this agent serves as a gateway (README "Gateways").
 
@@ -130,7 +131,7 @@ class GatewayConfig:
     listeners: tuple[GatewayListener, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CAConfig:
     pin: str
     address: str | None = None  # None: discover `hostmesh-ca` in Consul
@@ -140,7 +141,7 @@ class CAConfig:
     token_env: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NomadConfig:
     """`[nomad]`, or implied by NOMAD_ALLOC_ID: the agent is an allocation's sidecar (agent/nomad.py).
     Nomad API settings left out here come from NOMAD_ADDR, NOMAD_TOKEN, … as Nomad's tools read them;
@@ -156,7 +157,7 @@ class NomadConfig:
     poll_interval: float = 5.0  # seconds between reads of the allocation: a stopped one drains and exits
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AccessLogConfig:
     """`access_log = { sample = 0.01 }`: the fraction of allowed connections/requests that write a JSON
     access line (failures always do; agent/audit.py). 1.0 logs every one, 0 none; lines need the
@@ -165,7 +166,7 @@ class AccessLogConfig:
     sample: float = DEFAULT_ACCESS_SAMPLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TracingConfig:
     """`[tracing] otlp_endpoint = "http://host:4318"`, `sample = 0.01`: spans of proxied HTTP requests,
     head-sampled (a sampled caller's `traceparent` is always followed; errors are kept too), exported
@@ -176,7 +177,7 @@ class TracingConfig:
     errors: bool = True  # a request ending in a 5xx or with a response flag: exported whatever the sample
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HttpConfig:
     """`http = { header_read_timeout = 10, body_idle_timeout = 15, body_min_rate = 240 }`: limits of
     the L7 (protocol = "http") data path."""
@@ -188,7 +189,7 @@ class HttpConfig:
     body_min_rate: float = DEFAULT_BODY_MIN_RATE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AgentConfig:
     node: str
     mesh_address: str

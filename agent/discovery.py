@@ -44,7 +44,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -62,6 +61,7 @@ from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.layout import is_hostmesh
+from hostmesh.registry.records import record
 from hostmesh.registry.schema import (
     ExternalService,
     GatewayDocument,
@@ -87,7 +87,7 @@ EXTERNAL_PREFIX = "hostmesh/external/"
 NOT_READ_YET = "intentions not read from Consul yet"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RouteConfig:
     """An accepted route document compiled once: what `Snapshot.routes[<upstream>]` holds."""
 

@@ -23,7 +23,6 @@ the exposition and the memory per label set, and rate() does not need them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.agent.l7.flags import render as render_flags
@@ -37,6 +36,7 @@ from hostmesh.registry.promtext import (  # noqa: F401 (re-exported: the agent's
     Sample,
     generate_latest,
 )
+from hostmesh.registry.records import record
 
 TCP_LABELS = (
     "reporter",
@@ -82,7 +82,7 @@ class _Both:
         self.b.inc(amount)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TcpSeries:
     """The four TCP counters' children for one label set, resolved once per connection."""
 

@@ -18,11 +18,12 @@ import enum
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.records import record
 
 if TYPE_CHECKING:
     from hostmesh.registry.schema import Intentions
@@ -49,7 +50,7 @@ class IntentionsState(enum.Enum):
         return self not in (IntentionsState.PRESENT, IntentionsState.ABSENT)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Endpoint:
     """One healthy instance of an upstream: the address of *its agent's* inbound mTLS port."""
 
@@ -64,7 +65,7 @@ class Endpoint:
         return self.meta.get("zone")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LocalService:
     name: str
     port: int  # the app listens on 127.0.0.1:<port>
@@ -72,7 +73,7 @@ class LocalService:
     identity: Identity
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TLSMaterial:
     """SSL contexts built from the current certs and trust bundle; rebuilt only when those change."""
 
@@ -84,7 +85,7 @@ class TLSMaterial:
     client_http: Mapping[str, ssl.SSLContext] = field(default_factory=_empty)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Snapshot:
     generation: int
     node: str

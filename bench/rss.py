@@ -5,8 +5,18 @@ the compiled build by default, as bench/run.py),
 measures its idle RSS as the bench does (peak of 0.1 s samples over IDLE_S, after the bench's own
 readiness probe, which pulls a 1 MiB answer through the pair), then runs the given wrk scenarios in
 turn and prints each process's peak RSS during the run, its RSS after it, its socket count and the
-anonymous / file-backed split (/proc/<pid>/smaps_rollup). For seeing where an agent's memory goes
-and what a change does to it in a minute, on a shared machine: one pair, no peers, no rounds.
+anonymous / file-backed split (/proc/<pid>/smaps_rollup).
+
+Idle is measured in two windows in a row: the first at once (what `make bench` reports for the
+system it started last), the second `settled`, after the agents' trim ticks (agent/memory.py; what
+`make bench` reports for the others, started seconds before its idle window: RESULTS.md's
+hostmesh-l4 and -l7 figures). Right after the probe an agent still holds ~1 MiB of that answer's
+buffers until its tick. Each agent's RSS is also split into private (its own pages) and shared
+(pages other processes map too, mostly clean library pages): a change that only moves shared pages
+saves the host nothing.
+
+For seeing where an agent's memory goes and what a change does to it in a minute, on a shared
+machine: one pair, no peers, no rounds.
 
     .venv/bin/python -m bench.rss --system hostmesh-l7 --sequence ka,big,ka   # --build pure: the source tree
 """
@@ -27,7 +37,8 @@ from bench.report import HM_L4, HM_L7
 from bench.run import ensure_tools, hostmesh_build
 from bench.systems import Env, HostmeshPair, start_consul, start_nginx
 
-IDLE_S = 3.0  # as bench/run.py's Settings.idle_s
+IDLE_S = 3.0  # as bench/run.py's Settings.idle_s; > agent/memory.py's TRIM_SECONDS, so the second
+# idle window starts after the agents' first trim ticks
 CONNECTIONS = {"ka": 50, "close": 50, "big": 10}  # as bench/run.py: (a), (b) and (c)
 
 
@@ -52,13 +63,21 @@ def sockets(pid: int) -> int:
         return 0
 
 
+def private_shared_kib(sm: dict[str, int]) -> tuple[int, int]:
+    """(private, shared) KiB of a smaps_rollup: pages only this process maps, and the rest of its RSS."""
+    private = sm.get("Private_Clean", 0) + sm.get("Private_Dirty", 0)
+    return private, sm.get("Rss", 0) - private
+
+
 def describe(roots: dict[str, int]) -> str:
     parts = []
     for role, pid in roots.items():
         sm = smaps_kib(pid)
+        private, shared = private_shared_kib(sm)
         parts.append(
             f"{role} {rss_kib(pid) / 1024:.1f} MiB (anon {sm.get('Anonymous', 0) / 1024:.1f}, "
-            f"file {(sm.get('Rss', 0) - sm.get('Anonymous', 0)) / 1024:.1f}) {sockets(pid)} sockets"
+            f"file {(sm.get('Rss', 0) - sm.get('Anonymous', 0)) / 1024:.1f}; private {private / 1024:.1f}, "
+            f"shared {shared / 1024:.1f}) {sockets(pid)} sockets"
         )
     return "; ".join(parts)
 
@@ -95,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         with Sampler(roots) as smp:
             time.sleep(IDLE_S)  # the measurement window itself, as the bench's
         print(f"idle   peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)
+        with Sampler(roots) as smp:
+            time.sleep(IDLE_S)
+        print(f"settled peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)
         script = load.write_wrk_script(workdir)
         for run in runs:
             path = "/big" if run == "big" else "/small"

@@ -19,7 +19,7 @@ import base64
 import json
 import ssl
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, NamedTuple
 
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
@@ -32,6 +32,7 @@ from hostmesh.registry.errors import (
     Unavailable,
 )
 from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
+from hostmesh.registry.records import record
 
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
@@ -46,7 +47,7 @@ WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and
 _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KVEntry:
     key: str
     value: bytes
@@ -56,7 +57,7 @@ class KVEntry:
         return json.loads(self.value)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceInstance:
     """One passing (or not) instance of a service, as the health endpoint reports it."""
 
@@ -70,7 +71,7 @@ class ServiceInstance:
     status: str = "passing"  # worst check status: passing | warning | critical
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceRegistration:
     name: str
     id: str
@@ -81,7 +82,7 @@ class ServiceRegistration:
     checks: tuple[dict[str, Any], ...] = ()  # Consul check definitions (Name, CheckID, HTTP/TTL, …)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CatalogInstance:
     """One registered instance of a service as the catalog lists it (health not included)."""
 
@@ -103,7 +104,7 @@ class NotPassing(NamedTuple):
         return node not in self.nodes and (node, service_id) not in self.instances
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Op:
     """What a request does, for error messages: "write of hostmesh/routes/x" needing "key:write"."""
 

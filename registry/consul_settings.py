@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from hostmesh.registry.errors import InvalidSettings
+from hostmesh.registry.records import record
 
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"  # Consul's own default (a local agent)
 MAX_TOKEN_FILE_BYTES = 4096  # an ACL token is a 36-character UUID; refuse to slurp a wrong file
@@ -32,7 +32,7 @@ _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConsulLayer:
     """The Consul settings one source gives; None (or "") means this source does not set it."""
 
@@ -62,7 +62,7 @@ class ConsulLayer:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConsulSettings:
     """The resolved settings: one immutable snapshot that every Consul client of a process uses."""
 

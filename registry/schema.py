@@ -18,12 +18,13 @@ import importlib.util
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal, TypeVar
 
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
 from hostmesh.registry.layout import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.records import record
 
 SERVICE_NAME_MAX = 63  # one DNS label: names appear in SPIFFE IDs and DNS SANs (same rule as hostmesh.ca.pki)
 MAX_RULES = 1024  # intention rules are scanned per connection/request; keep that scan bounded
@@ -283,7 +284,7 @@ def _version(fields: Mapping[str, Any], path: str = "version") -> int:
 # --- shared match pieces ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PathMatch:
     """Match on the request path (without the query string): exact, prefix, or full-match regex."""
 
@@ -327,7 +328,7 @@ def _methods(v: object, path: str) -> frozenset[str]:
 # --- intentions ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Permission:
     """An L7 condition: matches a request when its path (if given) and method (if given) match."""
 
@@ -340,7 +341,7 @@ class Permission:
         return self.path is None or self.path.matches(path)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rule:
     source: str  # a service name or "*"
     action: Literal["allow", "deny"]
@@ -352,7 +353,7 @@ class Rule:
         return self.action == "allow"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Intentions:
     """Who may call `service`: ordered rules by source plus an optional document default.
 
@@ -462,7 +463,7 @@ PROTECTED_HEADERS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ValueMatch:
     """Match on one header or query parameter value: exact, prefix, full-match regex, or presence."""
 
@@ -485,7 +486,7 @@ class ValueMatch:
         return self.regex.fullmatch(value)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Match:
     """All given conditions must hold. Header names are lowercase."""
 
@@ -505,25 +506,25 @@ class Match:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Destination:
     subset: str | None  # None: every instance of the service
     weight: int  # percent; the weights of one route sum to 100
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Backoff:
     base: float = DEFAULT_BACKOFF_BASE
     max: float = DEFAULT_BACKOFF_MAX
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RetryBudget:
     percent: float = DEFAULT_BUDGET_PERCENT
     min_retry_concurrency: int = DEFAULT_MIN_RETRY_CONCURRENCY
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Retries:
     attempts: int  # retries after the first try (Istio's meaning): 3 -> at most 4 tries
     per_try_timeout: float | None = None
@@ -533,25 +534,25 @@ class Retries:
     budget: RetryBudget = RetryBudget()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delay:
     fixed: float
     percent: float = 100.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Abort:
     status: int
     percent: float = 100.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Fault:
     delay: Delay | None = None
     abort: Abort | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeaderOps:
     """Applied in this order: remove, set (replace), add (append)."""
 
@@ -560,19 +561,19 @@ class HeaderOps:
     remove: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeaderRules:
     request: HeaderOps = HeaderOps()
     response: HeaderOps = HeaderOps()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Mirror:
     subset: str | None
     percent: float = 100.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Route:
     to: tuple[Destination, ...]
     match: Match | None = None  # None: every request
@@ -585,7 +586,7 @@ class Route:
     mirror: Mirror | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Subset:
     name: str
     selector: tuple[tuple[str, str], ...]  # Consul service meta key/value pairs, all must match
@@ -594,7 +595,7 @@ class Subset:
         return all(meta.get(k) == v for k, v in self.selector)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RouteDocument:
     """Traffic rules for calls *to* `service` (`hostmesh/routes/<service>`); first matching route wins."""
 
@@ -890,19 +891,19 @@ DEFAULT_BASE_EJECTION = 30.0  # first ejection; the n-th lasts n x this (Envoy's
 DEFAULT_MAX_EJECTION_PERCENT = 10.0  # never eject more than this share of a cluster (Envoy's default)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HashOn:
     kind: Literal["header", "cookie", "source_ip"]
     name: str = ""  # header (lowercase) or cookie name; empty for source_ip (caller SPIFFE ID, node, address)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LoadBalancer:
     type: Literal["round_robin", "least_request", "random", "consistent_hash"] = "round_robin"
     hash_on: HashOn | None = None  # set iff type == consistent_hash
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConnectionLimits:
     """None: unlimited. Overflow answers 503 with a response flag."""
 
@@ -911,7 +912,7 @@ class ConnectionLimits:
     max_requests: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutlierDetection:
     consecutive_5xx: int | None = DEFAULT_CONSECUTIVE_5XX
     consecutive_gateway_errors: int | None = None
@@ -920,7 +921,7 @@ class OutlierDetection:
     max_ejection_percent: float = DEFAULT_MAX_EJECTION_PERCENT
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RateLimit:
     """Local token bucket per agent: `requests_per_second` refill, `burst` capacity; excess gets 429."""
 
@@ -928,7 +929,7 @@ class RateLimit:
     burst: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Locality:
     """Prefer instances whose `zone_key` meta equals the caller's; spill over below `min_local_instances`."""
 
@@ -937,7 +938,7 @@ class Locality:
     min_local_instances: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PolicyDocument:
     """How callers treat instances of `service` (`hostmesh/policies/<service>`)."""
 
@@ -1061,7 +1062,7 @@ _NOMAD_ID_RE = re.compile(r"[A-Za-z0-9_.-]+|\*")  # Nomad namespace/job/task nam
 MAX_NOMAD_NAME = 128  # Nomad's own limit on job IDs and names is 128
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NomadRule:
     """Workloads of `namespace`/`job`[/`task`] ("*": any) may obtain the identities `services`."""
 
@@ -1078,7 +1079,7 @@ class NomadRule:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NomadMapping:
     """Which Nomad workloads may obtain which identities at the CA (ca/nomad.py)."""
 
@@ -1145,7 +1146,7 @@ def host_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GatewayRoute:
     """Requests (HTTP) or connections (TLS passthrough, by SNI) for `hosts` go to mesh service `service`."""
 
@@ -1154,7 +1155,7 @@ class GatewayRoute:
     prefix: str = "/"  # HTTP only: the request path must start with it
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GatewayDocument:
     """`hostmesh/gateways/<name>`: what an ingress gateway hands in, by host (and path)."""
 
@@ -1206,7 +1207,7 @@ def parse_gateway(data: object) -> GatewayDocument:
     return GatewayDocument(_name(f["service"], "service"), _version(f), routes["http"], routes["tls"])
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExternalAddress:
     host: str  # an IP address or a DNS name (resolved when a connection is made)
     port: int
@@ -1215,7 +1216,7 @@ class ExternalAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExternalTLS:
     """TLS originated by the mesh towards the external service (the app speaks plaintext to its agent)."""
 
@@ -1223,7 +1224,7 @@ class ExternalTLS:
     ca_file: str | None = None  # PEM bundle on the originating host; None: the system's trust store
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExternalService:
     """`hostmesh/external/<name>`: a service outside the mesh that mesh services call as `name`."""
 

@@ -376,3 +376,17 @@ def test_the_two_agents_of_a_pair_listen_on_no_common_address() -> None:
     server = listens(hmconfig.AgentPorts(20001, 20002, 20003), "bench-l4")
     client = listens(hmconfig.AgentPorts(20011, 20012, 20013), "bench-l4-client")
     assert server & client == set()
+
+
+def test_rss_splits_private_from_shared_pages() -> None:
+    from bench.rss import private_shared_kib
+
+    rollup = {
+        "Rss": 32000,
+        "Anonymous": 17000,
+        "Private_Clean": 100,
+        "Private_Dirty": 17100,
+        "Shared_Clean": 14800,
+    }
+    assert private_shared_kib(rollup) == (17200, 14800)
+    assert private_shared_kib({}) == (0, 0)

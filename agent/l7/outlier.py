@@ -20,10 +20,9 @@ Time is always passed in (seconds, monotonic); the detector never reads a clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
+from hostmesh.registry.records import record
 
 DEFAULT_CONSECUTIVE_5XX = 5  # Envoy's default: a few failures are noise, five in a row are a pattern
 DEFAULT_BASE_EJECTION_TIME = 30.0  # Envoy's default base_ejection_time
@@ -34,7 +33,7 @@ DEFAULT_INTERVAL = 10.0  # Envoy's analysis interval; here: how fast the ejectio
 _GATEWAY = frozenset({502, 503, 504})
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutlierPolicy:
     consecutive_5xx: int | None = DEFAULT_CONSECUTIVE_5XX
     consecutive_gateway_errors: int | None = None
