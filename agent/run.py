@@ -42,7 +42,7 @@ from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, service_health
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
 from hostmesh.agent.loops import new_event_loop
-from hostmesh.agent.memory import Trimmer, hold_heap, start_trimming
+from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, start_trimming
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
@@ -368,8 +368,9 @@ class Agent:
 
     def _release_startup_memory(self) -> None:
         gc.enable()  # agent/cli.py disables it while the modules load
+        freeze_startup_objects()
         if self._trimmer is not None:
-            self._trimmer.now()
+            self._trimmer.now(collect=False)
 
     def _after_lazy_import(self) -> None:
         """The L7 modules were loaded mid-traffic: the import's garbage (their compilation, when the

@@ -49,6 +49,7 @@ ROWS: tuple[Row, ...] = (
     Row("ka.cpu_s", "(e) CPU s of the pair during (a)", False, ".2f"),
     Row("ka.cpu_us_per_req", "(e) CPU µs of the pair per request in (a)", False, ".1f"),
     Row("big.cpu_ms_per_mib", "(e) CPU ms of the pair per MiB in (c)", False, ".2f"),
+    Row("lat.cpu_us_per_req", "(e) CPU µs of the pair per request in (d)", False, ".1f"),
 )
 
 

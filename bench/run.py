@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
-from bench.procs import Procs, Sampler, StartError, log_tail  # noqa: E402
+from bench.procs import Procs, Sampler, StartError, cpu_s, log_tail, tree  # noqa: E402
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
 
 SCENARIOS = ("ka", "close", "big", "lat")
@@ -177,14 +177,22 @@ def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
 
 
 def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
+    # The pair's CPU per request at this rate: what its added latency follows (hey's workers send
+    # their requests together, so each agent works through a burst of `lat_connections` in turn).
+    # Read before and after only: no sampling thread beside a latency measurement.
+    pids = [p for root in system.roots().values() for p in tree(root)]
+    cpu0 = sum(cpu_s(p) for p in pids)
     r = load.hey_fixed_rate(
         f"{system.url}/small", rate=s.lat_rate, connections=s.lat_connections, duration_s=s.lat_duration_s
     )
+    cpu = sum(cpu_s(p) for p in pids) - cpu0
     if r.errors > MAX_ERROR_FRACTION * r.requests:
         raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
     m: dict[str, Any] = {k: round(v, 4) for k, v in r.summary().items()}
     m["achieved_rps"] = round(r.achieved_rps, 1)
     m["requests"] = r.requests
+    if pids and r.requests:
+        m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
     m["errors"] = r.errors
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON

@@ -176,6 +176,28 @@ async def test_now_collects_and_trims_once() -> None:
         gc.enable()
 
 
+def test_start_up_objects_are_frozen_after_their_garbage_is_collected() -> None:
+    class Node:
+        other: Any = None
+
+    gc.disable()  # only freeze_startup_objects' collection may free the cycle
+    try:
+        kept = Node()  # made at start-up, lives as long as the agent
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        memory.freeze_startup_objects()
+        assert gone() is None  # start-up's garbage is freed, not frozen with the rest
+        # kept is out of every generation: the collections traffic triggers no longer walk it
+        assert not any(o is kept for o in gc.get_objects())
+        later = Node()  # what traffic makes is collected as before
+        assert any(o is later for o in gc.get_objects(generation=0))
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 def test_usage_reports_this_process() -> None:
     view = memory.usage()
     assert "hostmesh.agent.memory" in view["modules"] and view["modules"] == sorted(view["modules"])
