@@ -39,16 +39,12 @@ class Buckets:
 
     def observe(self, value: float) -> None:
         self.sum += value
-        bounds = self.bounds
-        lo = 0
-        hi = len(bounds)
-        while lo < hi:  # bisect: 4 comparisons for 14-16 bounds; NaN lands in +Inf, as promtext's scan
-            mid = (lo + hi) >> 1
-            if value <= bounds[mid]:
-                hi = mid
-            else:
-                lo = mid + 1
-        self.counts[lo] += 1
+        i = 0
+        for bound in self.bounds:  # <= 16 bounds, most requests in the first few: a scan beats bisect
+            if value <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
 
 
 MS_PER_SECOND: Final = 1000.0  # istio_request_duration_milliseconds
