@@ -140,21 +140,31 @@ class RequestMetrics:
     """hostmesh_requests_total / _duration_seconds (and the Istio twins) for one reporter: each label
     set's compiled children resolved once (agent/reqstats.py), so a request is one native call."""
 
-    __slots__ = ("_cache", "reporter", "telemetry")
+    __slots__ = ("_cache", "_last", "_last_key", "reporter", "telemetry")
 
     def __init__(self, telemetry: Telemetry, reporter: str) -> None:
         self.telemetry = telemetry
         self.reporter = reporter
         self._cache: dict[tuple[str, str, str, int, str], RequestSeries] = {}
+        # the label set of the previous request and its series: most requests repeat it, and five
+        # field comparisons cost about a tenth of hashing and looking up the key (code -1: no request)
+        self._last_key: tuple[str, str, str, int, str] = ("", "", "", -1, "")
+        self._last: RequestSeries | None = None
 
     def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
                 request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
-        key = (source, dest, subset, code, flags)
-        series = self._cache.get(key)
-        if series is None:
-            series = self._resolve(source, dest, subset, code, flags)
-            if len(self._cache) < MAX_CACHED_SERIES:
-                self._cache[key] = series
+        last = self._last_key
+        series = self._last
+        if (series is None or code != last[3] or flags != last[4] or dest != last[1] or source != last[0]
+                or subset != last[2]):  # fmt: skip
+            key = (source, dest, subset, code, flags)
+            series = self._cache.get(key)
+            if series is None:
+                series = self._resolve(source, dest, subset, code, flags)
+                if len(self._cache) < MAX_CACHED_SERIES:
+                    self._cache[key] = series
+            self._last_key = key
+            self._last = series
         series.record(seconds, request_bytes, response_bytes)
 
     def _resolve(self, source: str, dest: str, subset: str, code: int, flags: str) -> RequestSeries:
