@@ -44,7 +44,9 @@ except ImportError:
 # every new app connection; interpreted, those were attribute reads and writes of an interpreted
 # object (~1,100 instructions per connection of ~50,000, callgrind, `Connection: close`).
 # reqstats: the request series' children (agent/metrics.py's were interpreted promtext objects: two to
-# six calls and bucket scans per request per agent; compiled, one native call).
+# six calls and bucket scans per request per agent). RequestMetrics.observe went from 4,100-4,700 to
+# 570-690 instructions per request per agent (callgrind, keep-alive GETs; 16,100 -> 2,250 with
+# `istio_metrics`), about 3.4 % of each agent's request path.
 # setup.py reads this tuple.
 MODULES = (
     "hostmesh.agent.l7.http1",
