@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from hostmesh.agent.l7.flags import render as render_flags
+from hostmesh.agent.reqstats import Buckets, Count
 from hostmesh.registry.promtext import (  # noqa: F401 (re-exported: the agent's metrics API)
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -69,6 +70,21 @@ ISTIO_BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 10000
 MTLS = "mutual_tls"  # every hop between agents is mutual TLS 1.3 (Istio's connection_security_policy)
 
 
+class _RequestCounter(Counter):
+    """A request counter whose children are compiled (agent/reqstats.py): the per-request path adds to
+    their fields natively; exposition and `labels()` are promtext's, unchanged."""
+
+    def _new(self) -> Any:  # a reqstats.Count: promtext's _Value interface, not its class
+        return Count()
+
+
+class _RequestHistogram(Histogram):
+    """A request histogram whose children are compiled (see _RequestCounter)."""
+
+    def _new(self) -> Any:  # a reqstats.Buckets: promtext's _Buckets interface, not its class
+        return Buckets(self.bounds)
+
+
 class _Both:
     """One counter child that also counts in its Istio twin (TCP series: one call site, two series)."""
 
@@ -98,8 +114,8 @@ class Telemetry:
         self.trust_domain = trust_domain  # for the Istio series' *_principal labels
         self.istio = istio  # agent.toml `istio_metrics`: also export the Istio-compatible series
         r = self.registry
-        self.requests = Counter("hostmesh_requests_total", "HTTP requests", TCP_LABELS, registry=r)
-        self.request_duration = Histogram(
+        self.requests = _RequestCounter("hostmesh_requests_total", "HTTP requests", TCP_LABELS, registry=r)
+        self.request_duration = _RequestHistogram(
             "hostmesh_request_duration_seconds", "HTTP request duration", TCP_LABELS,
             buckets=REQUEST_BUCKETS, registry=r,
         )  # fmt: skip
@@ -178,24 +194,24 @@ class Telemetry:
         # Istio-compatible twins of the request and TCP series (Istio's names, labels and units)
         # (opt-in: `istio_request_duration_milliseconds` is Istio's name, which promtool's lint flags)
         ir = r if istio else None
-        self.istio_requests = Counter(
+        self.istio_requests = _RequestCounter(
             "istio_requests_total", "HTTP requests (Istio-compatible)", ISTIO_LABELS, registry=ir
         )
-        self.istio_duration = Histogram(
+        self.istio_duration = _RequestHistogram(
             "istio_request_duration_milliseconds",
             "HTTP request duration in ms (Istio-compatible)",
             ISTIO_LABELS,
             buckets=ISTIO_MS_BUCKETS,
             registry=ir,
         )
-        self.istio_request_bytes = Histogram(
+        self.istio_request_bytes = _RequestHistogram(
             "istio_request_bytes",
             "HTTP request body sizes (Istio-compatible)",
             ISTIO_LABELS,
             buckets=ISTIO_BYTES_BUCKETS,
             registry=ir,
         )
-        self.istio_response_bytes = Histogram(
+        self.istio_response_bytes = _RequestHistogram(
             "istio_response_bytes",
             "HTTP response body sizes (Istio-compatible)",
             ISTIO_LABELS,

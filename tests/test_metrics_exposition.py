@@ -115,3 +115,95 @@ def test_process_series_match_prometheus_client_process_collector() -> None:
             assert math.isclose(float(value_a), float(value_b), rel_tol=0.5, abs_tol=2.0), (a, b)
         else:
             assert value_a == value_b, (a, b)
+
+
+# --- the request series (agent/reqstats.py's compiled children, recorded through RequestMetrics) ---
+
+# (reporter, source, destination, subset, code, flags, seconds, request bytes, response bytes): bounds hit
+# exactly (a value equal to a bound is in its bucket), beyond the last bound, zero, and two label sets
+# whose Istio labels are the same (subset "" and "unknown"), so their Istio series are one
+REQUESTS = [
+    ("source", "web", "api", "", 200, "", 0.005, 0, 512),
+    ("source", "web", "api", "", 200, "", 0.0049, 10, 100),
+    ("source", "web", "api", "", 200, "", 1.0, 1, 1_000_000),
+    ("source", "web", "api", "unknown", 200, "", 0.0, 0, 0),
+    ("source", "web", "api", "v1", 503, "UO", 31.5, 10_000_001, 7),
+    ("destination", "web", "api", "", 200, "", 0.0007, 3, 300_000_000),
+    ("destination", "", "api", "", 403, "DI", 0.25, 0, 19),
+]
+
+
+def test_request_series_export_what_prometheus_client_exports_for_the_same_requests() -> None:
+    """The contract of the compiled recorder: for the same requests, /metrics's request families
+    (hostmesh's and the Istio twins) are byte for byte what prometheus-client's own Counter and
+    Histogram export (names, help, label names and values, `le` bounds, _bucket/_count/_sum; no
+    `_created`, as the agent never exported them)."""
+    import prometheus_client as prom
+
+    from hostmesh.agent.proxy.http_conn import RequestMetrics
+    from hostmesh.registry.promtext import Families
+
+    prom.disable_created_metrics()
+    tel = m.Telemetry(istio=True)
+    recorders = {r: RequestMetrics(tel, r) for r in ("source", "destination")}
+    edge = RequestMetrics(tel, "source")  # an ingress/egress edge reports as a source too: same series
+    reg = prom.CollectorRegistry()
+    theirs = (
+        prom.Counter("hostmesh_requests_total", "HTTP requests", m.TCP_LABELS, registry=reg),
+        prom.Histogram("hostmesh_request_duration_seconds", "HTTP request duration", m.TCP_LABELS,
+                       buckets=m.REQUEST_BUCKETS, registry=reg),
+        prom.Counter("istio_requests_total", "HTTP requests (Istio-compatible)", m.ISTIO_LABELS,
+                     registry=reg),
+        prom.Histogram("istio_request_duration_milliseconds",
+                       "HTTP request duration in ms (Istio-compatible)", m.ISTIO_LABELS,
+                       buckets=m.ISTIO_MS_BUCKETS, registry=reg),
+        prom.Histogram("istio_request_bytes", "HTTP request body sizes (Istio-compatible)", m.ISTIO_LABELS,
+                       buckets=m.ISTIO_BYTES_BUCKETS, registry=reg),
+        prom.Histogram("istio_response_bytes", "HTTP response body sizes (Istio-compatible)", m.ISTIO_LABELS,
+                       buckets=m.ISTIO_BYTES_BUCKETS, registry=reg),
+    )  # fmt: skip
+    for n, (reporter, src, dst, subset, code, flags, seconds, req, resp) in enumerate(REQUESTS * 3):
+        (edge if n % 2 and reporter == "source" else recorders[reporter]).observe(
+            src, dst, subset, code, flags, seconds, req, resp
+        )
+        labels = (reporter, src, dst, subset, str(code), flags)
+        ist = tel.istio_labels(reporter, src, dst, subset, "http", str(code), flags)
+        theirs[0].labels(*labels).inc()
+        theirs[1].labels(*labels).observe(seconds)
+        theirs[2].labels(*ist).inc()
+        theirs[3].labels(*ist).observe(seconds * 1000.0)
+        theirs[4].labels(*ist).observe(req)
+        theirs[5].labels(*ist).observe(resp)
+    names = {
+        "hostmesh_requests",
+        "hostmesh_request_duration_seconds",
+        "istio_requests",
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+    }
+    ours = m.generate_latest(Families([f for f in tel.registry.collect() if f.name in names])).decode()
+    assert ours == prom.generate_latest(reg).decode()
+    # 5 hostmesh label sets; subset "" and "unknown" share one Istio series
+    assert ours.count("hostmesh_requests_total{") == 5 and ours.count("istio_requests_total{") == 4
+
+
+def test_request_series_cache_stops_at_its_cap_and_later_label_sets_still_count() -> None:
+    """A reporter caches at most MAX_CACHED_SERIES label sets (a bound on its memory when labels run
+    away); a label set past the cap is resolved per request and still counted in full."""
+    from hostmesh.agent.proxy.http_conn import RequestMetrics
+
+    tel = m.Telemetry()
+    rm = RequestMetrics(tel, "source")
+    for i in range(m.MAX_CACHED_SERIES + 10):
+        rm.observe("web", f"svc{i}", "", 200, "", 0.003)
+    for _ in range(3):
+        rm.observe("web", "late", "", 504, "UT", 2.0)
+    assert len(rm._cache) == m.MAX_CACHED_SERIES
+    labels = ("source", "web", "late", "", "504", "UT")
+    assert tel.requests.labels(*labels).value == 3.0
+    duration = tel.request_duration.labels(*labels)
+    assert (sum(duration.counts), duration.sum) == (3, 6.0)
+    assert tel.requests.labels("source", "web", f"svc{m.MAX_CACHED_SERIES + 9}", "", "200", "").value == 1.0
+    with pytest.raises(ValueError):  # the compiled children keep the counter's rule
+        tel.requests.labels(*labels).inc(-1)

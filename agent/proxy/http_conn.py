@@ -84,6 +84,7 @@ from hostmesh.agent.l7.retry import (
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
+from hostmesh.agent.reqstats import IstioSeries, RequestSeries
 
 if TYPE_CHECKING:
     from hostmesh.agent.proxy.http_upstream import UpstreamConn
@@ -136,41 +137,50 @@ class Handler(Protocol):
 
 
 class RequestMetrics:
-    """Cached label children of hostmesh_requests_total / _duration_seconds for one reporter (their
-    bound `inc` / `observe`, ready to call)."""
+    """hostmesh_requests_total / _duration_seconds (and the Istio twins) for one reporter: each label
+    set's compiled children resolved once (agent/reqstats.py), so a request is one native call."""
 
-    __slots__ = ("_cache", "reporter", "telemetry")
+    __slots__ = ("_cache", "_last", "_last_key", "reporter", "telemetry")
 
     def __init__(self, telemetry: Telemetry, reporter: str) -> None:
         self.telemetry = telemetry
         self.reporter = reporter
-        self._cache: dict[tuple[str, str, str, int, str], tuple[Any, ...]] = {}
+        self._cache: dict[tuple[str, str, str, int, str], RequestSeries] = {}
+        # the label set of the previous request and its series: most requests repeat it, and five
+        # field comparisons cost about a tenth of hashing and looking up the key (code -1: no request)
+        self._last_key: tuple[str, str, str, int, str] = ("", "", "", -1, "")
+        self._last: RequestSeries | None = None
 
     def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
                 request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
-        key = (source, dest, subset, code, flags)
-        ops = self._cache.get(key)
-        if ops is None:
-            labels = (self.reporter, source, dest, subset, str(code), flags)
-            t = self.telemetry
-            ops = (t.requests.labels(*labels).inc, t.request_duration.labels(*labels).observe)
-            if t.istio:
-                ist = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
-                ops += (
-                    t.istio_requests.labels(*ist).inc,
-                    t.istio_duration.labels(*ist).observe,
-                    t.istio_request_bytes.labels(*ist).observe,
-                    t.istio_response_bytes.labels(*ist).observe,
-                )
-            if len(self._cache) < MAX_CACHED_SERIES:
-                self._cache[key] = ops
-        ops[0]()
-        ops[1](seconds)
-        if len(ops) > 2:  # istio_metrics on
-            ops[2]()
-            ops[3](seconds * 1000.0)
-            ops[4](request_bytes)
-            ops[5](response_bytes)
+        last = self._last_key
+        series = self._last
+        if (series is None or code != last[3] or flags != last[4] or dest != last[1] or source != last[0]
+                or subset != last[2]):  # fmt: skip
+            key = (source, dest, subset, code, flags)
+            series = self._cache.get(key)
+            if series is None:
+                series = self._resolve(source, dest, subset, code, flags)
+                if len(self._cache) < MAX_CACHED_SERIES:
+                    self._cache[key] = series
+            self._last_key = key
+            self._last = series
+        series.record(seconds, request_bytes, response_bytes)
+
+    def _resolve(self, source: str, dest: str, subset: str, code: int, flags: str) -> RequestSeries:
+        """The children of one label set (promtext's `labels()`: made on first use, then shared)."""
+        labels = (self.reporter, source, dest, subset, str(code), flags)
+        t = self.telemetry
+        ist: IstioSeries | None = None
+        if t.istio:
+            il = t.istio_labels(self.reporter, source, dest, subset, "http", str(code), flags)
+            ist = IstioSeries(
+                t.istio_requests.labels(*il),
+                t.istio_duration.labels(*il),
+                t.istio_request_bytes.labels(*il),
+                t.istio_response_bytes.labels(*il),
+            )
+        return RequestSeries(t.requests.labels(*labels), t.request_duration.labels(*labels), ist)
 
 
 def access_due(ex: Exchange) -> bool:

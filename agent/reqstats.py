@@ -1,0 +1,81 @@
+"""The per-request series' storage, compiled (agent/compiled.py MODULES): plain fields, no lock.
+
+Every L7 request adds to hostmesh_requests_total and hostmesh_request_duration_seconds on each agent
+(and to four Istio series with `istio_metrics`). Interpreted, that was two to six method calls with
+a bucket scan each (registry/promtext.py's children); here a request is one native call
+(`RequestSeries.record`) that adds to native fields. These are the children of those metrics
+(agent/metrics.py creates them through promtext's `labels()`), so the exposition is promtext's own
+code reading the same attributes (`value`; `bounds`, `counts`, `sum`): byte-identical by
+construction, compared with prometheus-client in tests/test_metrics_exposition.py.
+Not thread-safe, like the rest of the agent's metrics: each agent process records from its event
+loop only (`workers = N` are processes, merged at scrape time by agent/workers.py).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Count:
+    """One series of a counter (promtext `_Value`'s interface: `value`, `inc`)."""
+
+    def __init__(self) -> None:
+        self.value: float = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class Buckets:
+    """One series of a histogram (promtext `_Buckets`'s interface): per-bucket counts, not cumulative
+    until exported, the last one +Inf; a value equal to a bound counts in that bound's bucket (`le`)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts: list[int] = [0] * (len(bounds) + 1)
+        self.sum: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        i = 0
+        for bound in self.bounds:  # <= 16 bounds, most requests in the first few: a scan beats bisect
+            if value <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+
+
+MS_PER_SECOND: Final = 1000.0  # istio_request_duration_milliseconds
+
+
+class IstioSeries:
+    """The Istio twins' children for one label set (shared by hostmesh label sets that map to it)."""
+
+    def __init__(self, requests: Count, duration_ms: Buckets, request_bytes: Buckets,
+                 response_bytes: Buckets) -> None:  # fmt: skip
+        self.requests = requests
+        self.duration_ms = duration_ms
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
+
+
+class RequestSeries:
+    """One label set's request children, resolved once and cached by its reporter (RequestMetrics)."""
+
+    def __init__(self, requests: Count, duration: Buckets, istio: IstioSeries | None) -> None:
+        self.requests = requests
+        self.duration = duration
+        self.istio = istio  # None unless agent.toml `istio_metrics`
+
+    def record(self, seconds: float, request_bytes: int, response_bytes: int) -> None:
+        """One request: counted, its duration (and with Istio, its body sizes) observed."""
+        self.requests.value += 1.0
+        self.duration.observe(seconds)
+        ist = self.istio
+        if ist is not None:
+            ist.requests.value += 1.0
+            ist.duration_ms.observe(seconds * MS_PER_SECOND)
+            ist.request_bytes.observe(float(request_bytes))
+            ist.response_bytes.observe(float(response_bytes))
