@@ -30,22 +30,25 @@ import bisect
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
 
-VNODES_PER_ENDPOINT = 160  # ketama's count: keeps each instance's share within a few % of 1/N
+# Module constants are Final: the compiled build (agent/compiled.py) reads a Final name as a C constant,
+# any other module global from the module's dict at every use.
+VNODES_PER_ENDPOINT: Final = 160  # ketama's count: keeps each instance's share within a few % of 1/N
 
-ROUND_ROBIN = "round_robin"
-LEAST_REQUEST = "least_request"
-RANDOM = "random"
-CONSISTENT_HASH = "consistent_hash"
-LEAST_CONNECTIONS = "least_connections"  # L4 only
-POLICIES = frozenset({ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS})
+ROUND_ROBIN: Final = "round_robin"
+LEAST_REQUEST: Final = "least_request"
+RANDOM: Final = "random"
+CONSISTENT_HASH: Final = "consistent_hash"
+LEAST_CONNECTIONS: Final = "least_connections"  # L4 only
+POLICIES: Final = frozenset({ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS})
 
-HASH_HEADER = "header"
-HASH_COOKIE = "cookie"
-HASH_SOURCE = "source_ip"
+HASH_HEADER: Final = "header"
+HASH_COOKIE: Final = "cookie"
+HASH_SOURCE: Final = "source_ip"
 
 
 @dataclass(eq=False, slots=True)

@@ -15,16 +15,19 @@ Decisions:
 
 from __future__ import annotations
 
+from typing import Final
+
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
 
-DEFAULT_MAX_CONNECTIONS = 1024  # Envoy's default circuit-breaker threshold per upstream
-DEFAULT_MAX_PENDING = 1024  # Envoy's default: requests waiting for an upstream connection
-DEFAULT_MAX_REQUESTS = 1024  # Envoy's default: concurrent requests per upstream
+# Final: the compiled build reads these as constants, not from the module's dict at every use
+DEFAULT_MAX_CONNECTIONS: Final = 1024  # Envoy's default circuit-breaker threshold per upstream
+DEFAULT_MAX_PENDING: Final = 1024  # Envoy's default: requests waiting for an upstream connection
+DEFAULT_MAX_REQUESTS: Final = 1024  # Envoy's default: concurrent requests per upstream
 
-RATE_LIMITED = (429, flags.RL)
-OVERFLOW = (503, flags.UO)
+RATE_LIMITED: Final = (429, flags.RL)
+OVERFLOW: Final = (503, flags.UO)
 
 
 class TokenBucket:
