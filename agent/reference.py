@@ -453,7 +453,7 @@ def metric_families() -> list[tuple[str, str, str, tuple[str, ...]]]:
     out = [
         (
             m.name + ("_total" if isinstance(m, Counter) else ""),
-            type(m).__name__.lower(),
+            m.typ,  # the exposition's TYPE, also for subclasses (agent/metrics.py _RequestCounter)
             m.documentation,
             m.labelnames,
         )
