@@ -18,7 +18,6 @@ from typing import Any
 
 from hostmesh.agent.renewal import CertState
 from hostmesh.registry.promtext import Family, ProcessMetrics, build_info, exposition_with_process
-from hostmesh.registry.version import installed_version
 
 _process: ProcessMetrics | None = None
 
@@ -115,6 +114,7 @@ def health_families() -> list[Family]:
         _process = ProcessMetrics()
     if _VERSION is None:
         from hostmesh.agent.compiled import compiled_modules
+        from hostmesh.registry.version import installed_version  # at the first scrape, not at start
 
         _VERSION = installed_version()
         _COMPILED = "true" if compiled_modules() else "false"
