@@ -478,7 +478,15 @@ def metrics_md() -> str:
     ]
     for name, typ, doc, labels in metric_families():
         lines.append(f"| `{name}` | {typ} | {', '.join(f'`{x}`' for x in labels)} | {doc} |")
-    lines.append("")
+    lines += [
+        "",
+        "Read when scraped, of the agent process itself: prometheus-client's `process_*` series,",
+        "`hostmesh_build_info`, and what kept its event loop from running: `hostmesh_process_cpu_wait_seconds_total`",
+        "(its threads ready to run but waiting for a CPU, from Linux's schedstat: on a busy host, most of a",
+        "request's added latency), `hostmesh_gc_collections_total` and `hostmesh_gc_pause_seconds_total`",
+        "(by `generation`).",
+        "",
+    ]
     return "\n".join(lines)
 
 

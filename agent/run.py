@@ -367,8 +367,11 @@ class Agent:
         return tracer
 
     def _release_startup_memory(self) -> None:
+        from hostmesh.agent.observe import LOOP_DELAYS
+
         gc.enable()  # agent/cli.py disables it while the modules load
         freeze_startup_objects()
+        LOOP_DELAYS.install()  # traffic's collections and their pauses on /metrics, not start-up's
         if self._trimmer is not None:
             self._trimmer.now(collect=False)
 

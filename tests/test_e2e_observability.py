@@ -305,6 +305,9 @@ def test_promtool_finds_the_metrics_of_both_agents_and_the_ca_clean(mesh: Mesh) 
         assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (who, lint)
         assert re.search(r'^hostmesh_build_info\{.*version="', text, re.M), who
         assert re.search(r"^process_resident_memory_bytes \d", text, re.M), who
+    for who in ("node-oweb", "node-oapi"):  # what kept the loop from running (agent/observe.py LoopDelays)
+        assert re.search(r"^hostmesh_process_cpu_wait_seconds_total \d", texts[who], re.M), who
+        assert re.search(r'^hostmesh_gc_pause_seconds_total\{generation="0"\} \d', texts[who], re.M), who
     web = texts["node-oweb"]
     assert re.search(r"^hostmesh_consul_sync_healthy 1\.0$", web, re.M)
     assert re.search(r'^hostmesh_upstream_healthy_endpoints\{upstream="obsapi"\} 1\.0$', web, re.M)
