@@ -2,8 +2,8 @@
 
 It runs on the interpreter the .deb ships on and depends on, Debian's python3.11 (TARGET_PYTHON, as
 packaging/build-deb.sh; installed from the machine's apt sources when missing, as root): what users
-run is what the bench measures and the tests test. (A self-built CPython links libpython and
-differs in memory and speed: the same imports take ~3 MiB more RSS on pyenv's 3.11.7.)
+run is what the bench measures and the tests test (a self-built CPython differs: bench/README.md).
+`pure_venv()` is the pure build (HOSTMESH_COMPILE=0) on the same interpreter, for comparisons.
 
 `compiled_venv()` builds the sdist of a copy of the sources and gets the compiled wheel of it from
 packaging/compiled_wheel.py (HOSTMESH_COMPILE=1, setup.py; kept in .cache/compiled-wheels, where
