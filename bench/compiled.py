@@ -32,7 +32,8 @@ WHEELS = REPO / ".cache" / "compiled-wheels"  # packaging/compiled_wheel.py's ca
 # the .deb's interpreter, as packaging/build-deb.sh (which TARGET_PYTHON also overrides)
 TARGET_PYTHON = os.environ.get("TARGET_PYTHON", "/usr/bin/python3.11")
 SOURCES = ("agent", "registry", "ca", "packaging/backend")
-BUILD_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in")  # README.md too, but no code reads it
+# README.md too: the wheel's metadata carries it, so it is in the compiled wheel's key (compiled_wheel.py)
+BUILD_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md")
 # what tests/test_compiled_build.py runs the compiled modules' test suites with
 TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "pytest-asyncio>=0.23", "hypothesis>=6.100")
 BUILD_TIMEOUT = 1200  # mypy + gcc at -O3 on a loaded 2-core machine, plus a cold package download
@@ -175,7 +176,7 @@ def _build(home: Path, build: str) -> None:
         # `make deb` may be building in this one. The sdist, then the wheel from it, for the target
         # (the copy has no tests/, which the compiled wheel's key leaves out: build-deb.sh's sdist has).
         src = Path(tmp) / "src"
-        for name in (*SOURCES, *BUILD_FILES, "README.md"):
+        for name in (*SOURCES, *BUILD_FILES):
             if (REPO / name).is_dir():
                 shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
             else:
