@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
-BUILD   := setup.py packaging/backend
+BUILD   := setup.py packaging/backend packaging/compiled_wheel.py
 
 .PHONY: test lint typecheck unit fleet consul demo bench profile clean deb systemd-boot
 

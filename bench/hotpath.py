@@ -4,8 +4,8 @@ build this interpreter imports: CPU µs per operation, the best of interleaved r
 
 `python -m bench.hotpath` with the source tree's venv times pure Python; with the compiled build's
 interpreter (`python -m bench.hotpath --compare` builds it, see bench/compiled.py) the extensions.
-`--compare` runs both and prints the ratio. Operations, each what one proxied request (or one mux
-frame) costs in these modules:
+`--compare` runs both builds on the .deb's interpreter (bench/compiled.py) and prints the ratio.
+Operations, each what one proxied request (or one mux frame) costs in these modules:
 
 - request head: frame a keep-alive request (httptools + the framer's callbacks), normalize its target,
   drop hop-by-hop fields, serialize the head to forward;
@@ -128,9 +128,10 @@ def main() -> None:
         for name, us in result["us_per_op"].items():  # type: ignore[attr-defined]
             print(f"{name:16} {us:8.2f} µs")
         return
-    from bench.compiled import compiled_python
+    from bench.compiled import compiled_python, pure_python
 
-    builds = {"pure": sys.executable, "compiled": compiled_python()}
+    # both builds of this tree on one interpreter (the .deb's), so the ratio is the compiler's alone
+    builds = {"pure": pure_python(), "compiled": compiled_python()}
     best: dict[str, dict[str, float]] = {"pure": {}, "compiled": {}}
     for _ in range(COMPARE_RUNS):  # alternated, so a change in the machine's load hits both
         for build, python in builds.items():

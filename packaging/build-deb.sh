@@ -45,29 +45,16 @@ if [ -n "${WHEELS_ONLY:-}" ]; then echo "$wheel"; exit 0; fi  # sdist, wheel and
 # The .deb ships the compiled build (setup.py, HOSTMESH_COMPILE=1: the L7 hot modules as C extensions;
 # HOSTMESH_COMPILE=0 ships the pure wheel). It is built from the sdist by the target interpreter, so
 # the extensions match the Python the package depends on; a compiler and that Python's headers are
-# needed (installed here when missing, as root). The wheel is kept in .cache/compiled-wheels under a
-# hash of the sdist's contents: an unchanged source does not compile again.
+# needed (installed here when missing, as root). packaging/compiled_wheel.py keeps the wheel in
+# .cache/compiled-wheels under a hash of the sdist's sources and the target: an unchanged source does
+# not compile again, and the wheel bench/compiled.py built for the same target (tests/test_compiled_build.py
+# runs first in `make unit`) is reused. It says on stderr which it did.
 if [ "${HOSTMESH_COMPILE:-1}" = 1 ]; then
   "$top/packaging/ensure-tools.sh" gcc "$(basename "$target_py")-config"
-  sdist="$dist/hostmesh-$version.tar.gz"
-  key=$("$py" - "$sdist" "$target_py" <<'EOF'
-import hashlib, subprocess, sys, tarfile
-h = hashlib.sha256(subprocess.check_output([sys.argv[2], "-c", "import sys; print(sys.version)"]))
-with tarfile.open(sys.argv[1]) as tar:
-    for m in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
-        h.update(m.name.encode() + b"\0" + tar.extractfile(m).read() + b"\0")
-print(h.hexdigest()[:16])
-EOF
-)
-  compiled="$cache/compiled-wheels/$key"
-  if ! ls "$compiled"/hostmesh-"$version"-cp*.whl >/dev/null 2>&1; then
-    rm -rf "$cache/compiled-wheels" && mkdir -p "$compiled.tmp"
-    HOSTMESH_COMPILE=1 "${pip_target[@]}" wheel --no-deps -w "$compiled.tmp" "$sdist" >>"$dist/build.log" 2>&1 ||
-      { tail -n 40 "$dist/build.log" >&2; exit 1; }
-    mv "$compiled.tmp" "$compiled"
-  fi
-  cp "$compiled"/hostmesh-"$version"-cp*.whl "$dist/"
-  wheel=$(ls "$dist"/hostmesh-"$version"-cp*.whl)
+  compiled=$("$py" "$top/packaging/compiled_wheel.py" "$dist/hostmesh-$version.tar.gz" "$target_py" \
+    "$cache/compiled-wheels")
+  cp "$compiled" "$dist/"
+  wheel="$dist/$(basename "$compiled")"
 fi
 
 # 3. the virtualenv, built in a staging tree and then pointed at its installed location.

@@ -1,6 +1,7 @@
 """The compiled build (HOSTMESH_COMPILE=1, setup.py; what the .deb ships and `make bench` measures):
-built from this tree into a venv of its own (bench/compiled.py, cached under .cache/compiled/ until
-a source changes), its extensions loaded, the compiled modules' test suites and the L7 and L4
+built from this tree into a venv of its own on the .deb's interpreter (bench/compiled.py, cached
+under .cache/compiled/ until a source changes; its wheel is the one build-deb.sh reuses), its
+extensions loaded, the compiled modules' test suites and the L7 and L4
 proxies' component tests run against them, and HTTP crossing two agents of that build. `make unit` itself
 runs the pure-Python tree.
 
@@ -12,7 +13,9 @@ installed from the machine's apt sources, as on CI). A cold build takes a few mi
 from __future__ import annotations
 
 import json
+import os
 import re
+import runpy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +24,14 @@ from typing import NamedTuple
 
 import pytest
 
-from bench.compiled import BUILD_TIMEOUT, CompiledBuildError, compiled_venv, ensure_compiler
+from bench.compiled import (
+    BUILD_TIMEOUT,
+    TARGET_PYTHON,
+    WHEELS,
+    CompiledBuildError,
+    compiled_venv,
+    ensure_compiler,
+)
 from hostmesh.agent.compiled import MODULES
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from tests.l7_support import Backends, Client
@@ -76,6 +86,36 @@ def test_the_compiled_build_loads_its_extensions(venv: Path) -> None:
     (wheel_meta,) = (venv / "lib").glob("python3.*/site-packages/hostmesh-*.dist-info/WHEEL")
     meta = wheel_meta.read_text()
     assert "Root-Is-Purelib: false" in meta and "Tag: cp3" in meta and "py3-none-any" not in meta
+
+
+def test_the_build_runs_on_the_interpreter_the_deb_ships_on(venv: Path) -> None:
+    """What the bench measures and these tests test is what users run: Debian's python3.11."""
+    code = "import os, sys; print(os.path.realpath(sys.executable)); print(sys.version)"
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True
+    )
+    exe, version = out.stdout.splitlines()
+    want = subprocess.run([TARGET_PYTHON, "-c", code], capture_output=True, text=True, check=True)
+    assert [exe, version] == want.stdout.splitlines()
+
+
+def test_the_deb_build_finds_this_wheel(venv: Path, tmp_path: Path) -> None:
+    """packaging/build-deb.sh (tests/test_deb.py, after this module in `make unit`) makes its sdist from
+    the tree, tests included: the compiled wheel's key of that sdist is the one this build left in the
+    shared cache, so `make test` compiles once."""
+    env = {**os.environ, "HOSTMESH_COMPILE": "0"}  # as build-deb.sh makes it
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (sdist,) = tmp_path.glob("hostmesh-*.tar.gz")
+    wheel_key = runpy.run_path(str(REPO / "packaging" / "compiled_wheel.py"))["wheel_key"]
+    key = wheel_key(sdist, TARGET_PYTHON)
+    assert list((WHEELS / key).glob("hostmesh-*-cp311-*.whl")), (
+        key,
+        sorted(p.name for p in WHEELS.iterdir()),
+    )
 
 
 def test_the_source_tree_runs_pure_python() -> None:

@@ -84,7 +84,15 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "DIST": str(out), "PYTHON": str(REPO / ".venv/bin/python")}
     if not Path(env["PYTHON"]).exists():
         env["PYTHON"] = shutil.which("python3") or "python3"
-    run(str(REPO / "packaging/build-deb.sh"), env=env, timeout=BUILD_TIMEOUT)
+    built = subprocess.run(
+        [str(REPO / "packaging/build-deb.sh")], capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT
+    )
+    assert built.returncode == 0, f"build-deb.sh -> {built.returncode}\n{built.stdout}\n{built.stderr}"
+    # whether the compiled wheel was built or reused (tests/test_compiled_build.py, run before this
+    # module in `make unit`, leaves it in the shared cache): shown with -s and in a failure's report
+    print(
+        "".join(line for line in built.stderr.splitlines(keepends=True) if line.startswith("compiled wheel:"))
+    )
     return out
 
 
