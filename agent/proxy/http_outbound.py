@@ -377,9 +377,9 @@ class AppConn(ServerConn):
     """A local app's connection, accepted straight into the L7 path (OutboundListener._protocol).
     Its slot under the agent's connection cap is taken when the connection is made (over the cap:
     its request gets 503 OM, then close), and given back when it closes. It is the slot's only
-    owner, so it counts the slot in the cap itself instead of holding a limits.Admission: no object
-    and no calls per connection (with limits.py compiled too: about 2,800 instructions less of the
-    ~50,000 a new connection cost the compiled build, callgrind)."""
+    owner, so it takes and gives back the slot itself (ConnectionCap.take/give_back, native calls
+    with limits.py compiled) instead of holding a limits.Admission: no object per connection (about
+    2,800 instructions less of the ~50,000 a new connection cost the compiled build, callgrind)."""
 
     def __init__(self, handler: HttpOutbound, cap: ConnectionCap | None) -> None:
         super().__init__(handler)
@@ -390,12 +390,10 @@ class AppConn(ServerConn):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cap = self.cap
         if cap is not None:
-            if cap.open < cap.limit:
-                cap.open += 1
+            if cap.take("outbound"):
                 self.slot = cap
             else:
                 self.shed = True
-                cap.refuse("outbound")
         self.open_conns.add(self)
         super().connection_made(transport)
 
@@ -403,7 +401,7 @@ class AppConn(ServerConn):
         slot = self.slot
         if slot is not None:
             self.slot = None
-            slot.open -= 1
+            slot.give_back()
         super().connection_lost(exc)
 
 
