@@ -1022,20 +1022,22 @@ class HttpOutbound:
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        if tracer is not None and (  # an unsampled success costs these two tests, nothing more
+        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        ):
-            td = self.holder.current.trust_domain
-            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        )
+        logged = access_due(ex)
+        if not (traced or logged):
+            return
+        td = self.holder.current.trust_domain
+        principal = f"spiffe://{td}/svc/{self.local_service}"
+        upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        if traced and tracer is not None:
             ex.trace = tracer.end_http(
-                ex.trace, ex, reporter=REPORTER, source=self.local_service,
-                source_principal=f"spiffe://{td}/svc/{self.local_service}", destination=self.service,
-                destination_principal=f"spiffe://{td}/svc/{self.service}", subset=subset,
-                upstream_host=upstream_host, peer=ex.conn.peer_ip,
+                ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,
+                destination=self.service, destination_principal=f"spiffe://{td}/svc/{self.service}",
+                subset=subset, upstream_host=upstream_host, peer=ex.conn.peer_ip,
             )  # fmt: skip
-        if access_due(ex):
-            principal = f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}"
-            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        if logged:
             access_line(ex, REPORTER, self.local_service, principal, self.service, subset, upstream_host,
                         ex.conn.peer_ip)  # fmt: skip
 
