@@ -90,6 +90,7 @@ from hostmesh.agent.proxy.http_conn import (
     access_line,
     complete_request_headers,
     drain,
+    monotonic,
     response_flag,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
@@ -118,9 +119,6 @@ RETRY_REASONS: Final[dict[Outcome, str]] = {
 MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 PEER_VERSION_TTL: Final = 60.0
-# time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a
-# module attribute lookup per call)
-_monotonic: Final = time.monotonic
 
 
 class _Req:
@@ -567,7 +565,7 @@ class HttpOutbound:
         if route.timeout is None and route.retry.per_try_timeout is None:
             self._forward_inline(ex, st)
             return
-        st.deadline = _monotonic() + route.timeout if route.timeout else None
+        st.deadline = monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
 
     def _admit(self, ex: Exchange, st: _Req, snap: Snapshot) -> bool:
@@ -630,7 +628,7 @@ class HttpOutbound:
         go first), the coroutine dials."""
         cl = st.cluster
         if cl.outlier is not None:
-            cl.refresh(_monotonic())
+            cl.refresh(monotonic())
         ep = st.balancer.pick(st.key)
         if ep is None:
             ex.respond(503, fl.UH)
@@ -692,7 +690,7 @@ class HttpOutbound:
         or a local error); False: retry (a budget slot is held)."""
         route: CompiledRoute = st.route
         cl = st.cluster
-        now = _monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
+        now = monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
         if isinstance(outcome, http1.EV_RESPONSE_HEAD):
             status = outcome.status
             cl.report(ep, status, now)
