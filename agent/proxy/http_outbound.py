@@ -133,7 +133,7 @@ class _Req:
         self.endpoint: lb.Endpoint | None = None
         self.subset = ""
         self.route: Any = None
-        self.balancer: Any = None
+        self.balancer: lb.Balancer | None = None  # typed: compiled code calls its pick natively
         self.budget: RetryBudget | None = None
         self.rs: RetryState | None = None
         self.key: bytes | None = None
@@ -629,7 +629,9 @@ class HttpOutbound:
         cl = st.cluster
         if cl.outlier is not None:
             cl.refresh(monotonic())
-        ep = st.balancer.pick(st.key)
+        balancer = st.balancer
+        assert balancer is not None  # set by _plan
+        ep = balancer.pick(st.key)
         if ep is None:
             ex.respond(503, fl.UH)
             return
@@ -745,7 +747,9 @@ class HttpOutbound:
                     first = None
                 else:
                     cl.refresh(now)
-                    ep = st.balancer.pick(st.key)
+                    balancer = st.balancer
+                    assert balancer is not None  # set by _plan
+                    ep = balancer.pick(st.key)
                 if ep is None:
                     ex.respond(503, fl.UH)
                     return
