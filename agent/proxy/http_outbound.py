@@ -53,7 +53,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Final
 
 from hostmesh.agent.l7 import balancer as lb
@@ -449,6 +449,10 @@ class HttpOutbound:
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
         self.pool.on_lost = self._conn_lost
         self.pool.on_release = self._wake_one
+        # the inline path's callbacks, bound once: a bound method made per request is a generic attribute
+        # read and an object (_forward_inline 10,600 -> 10,220 instructions per request, callgrind)
+        self._on_inline_head: Callable[[Exchange, http1.ResponseHead], None] = self._inline_head
+        self._on_inline_fail: Callable[[Exchange, str], bool] = self._inline_fail
         self.name = f"{local_service}->{upstream} (http)"
 
     # --- which connections are ours ------------------------------------------------------------
@@ -643,8 +647,8 @@ class HttpOutbound:
             self._spawn(self._loop(ex, first=ep))
             return
         st.use(ep)
-        ex.on_response_head = self._inline_head
-        ex.on_fail = self._inline_fail
+        ex.on_response_head = self._on_inline_head
+        ex.on_fail = self._on_inline_fail
         headers = st.headers
         ex.send(up, ex.head.method, st.target, list(headers) if ex.chunked else headers)
 
