@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from hostmesh.agent import audit
@@ -148,6 +148,8 @@ class HttpInbound:
         self._buckets: dict[str, tuple[Any, TokenBucket | None]] = {}
         self._roots: tuple[str, list[Any]] = ("", [])
         self._tasks: set[asyncio.Task[None]] = set()
+        # bound once, not per request (a generic attribute read and an object; as http_outbound's)
+        self._on_fail_cb: Callable[[Exchange, str], bool] = self._on_fail
 
     # --- hand-over from the L4 inbound (InboundListener.alpn_handlers) ------------------------
 
@@ -239,7 +241,7 @@ class HttpInbound:
             set_traceparent(headers, ex.trace.traceparent())
         ex.state = req = _Req(svc.port, headers)
         ex.on_response_head = Exchange.relay
-        ex.on_fail = self._on_fail
+        ex.on_fail = self._on_fail_cb
         up = self.pool.acquire(svc.port, now=ex.started)  # started in this same read
         if up is not None:
             ex.send(up, head.method, target, list(headers) if ex.chunked else headers)
