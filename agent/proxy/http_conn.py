@@ -106,9 +106,10 @@ REQUEST_ID: Final = b"x-request-id"
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 _rng: Final = random.Random()
-# time.monotonic as a Final name: compiled code calls it from a C static (`_monotonic()` is a
-# module attribute lookup per call)
-_monotonic: Final = time.monotonic
+# time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a
+# module attribute lookup per call). The other compiled http_* modules import this one: a Final of
+# another module of the compiled group is the same C static, read as cheaply (callgrind).
+monotonic: Final = time.monotonic
 _hexlify: Final = binascii.hexlify
 
 
@@ -284,7 +285,7 @@ class ServerConn(asyncio.BaseProtocol):
         t: asyncio.Transport = transport  # type: ignore[assignment]  # no cast(): a call per connection
         self.transport = t
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self._last = _monotonic()
+        self._last = monotonic()
         h = self.handler
         checks = h.head_checks
         if checks is None:
@@ -319,7 +320,7 @@ class ServerConn(asyncio.BaseProtocol):
             self.pause_reading()
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
             self._partial = True
-            self._head_started = _monotonic()
+            self._head_started = monotonic()
 
     def eof_received(self) -> bool | None:
         if self.reading is TUNNEL:
@@ -438,7 +439,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not keep_alive or not ex.request_done:
             self.close()
             return
-        self._last = ex.ended or _monotonic()  # ended: set by Exchange._finish, which calls this
+        self._last = ex.ended or monotonic()  # ended: set by Exchange._finish, which calls this
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog = self.backlog
@@ -468,14 +469,14 @@ class ServerConn(asyncio.BaseProtocol):
     def body_clock(self) -> None:
         """(Re)start the body's idle clock: at its head, and when the client is told to send it (100)."""
         idle = self.handler.body_idle_timeout
-        self._body_deadline = _monotonic() + idle
+        self._body_deadline = monotonic() + idle
         if self._timer is None or idle < self.handler.header_timeout:
             self._arm(idle)
 
     def _body_progress(self, n: int) -> None:
         """`n` body bytes came: they buy time at the minimum rate, never beyond the idle timeout."""
         h = self.handler
-        now = _monotonic()
+        now = monotonic()
         cap = now + h.body_idle_timeout
         rate = h.body_min_rate
         if rate <= 0:
@@ -525,7 +526,7 @@ class ServerConn(asyncio.BaseProtocol):
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
             if self._body_deadline and not ex.request_done and ex.progress is not DONE:
-                now = _monotonic()
+                now = monotonic()
                 if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
                     self._body_deadline = max(self._body_deadline, now + self.handler.body_idle_timeout)
                 left = self._body_deadline - now
@@ -536,7 +537,7 @@ class ServerConn(asyncio.BaseProtocol):
                 return
             self._arm(timeout)
             return
-        now = _monotonic()
+        now = monotonic()
         if self._partial:  # a head began: it must be complete `timeout` after its first byte
             left = self._head_started + timeout - now
             if left <= 0:
@@ -582,7 +583,7 @@ class ServerConn(asyncio.BaseProtocol):
             self._paused = False
             t.resume_reading()
             if self._body_deadline:  # the client gets its full idle time from now
-                self._body_deadline = max(self._body_deadline, _monotonic() + self.handler.body_idle_timeout)
+                self._body_deadline = max(self._body_deadline, monotonic() + self.handler.body_idle_timeout)
 
     def close(self) -> None:
         if not self.closed:
@@ -667,9 +668,9 @@ DRAIN_POLL: Final = 0.05  # shutdown: how often open connections are checked whi
 
 async def drain(busy: Callable[[], bool], seconds: float) -> None:
     """Wait while `busy()` holds, for up to `seconds` (a listener's graceful close)."""
-    deadline = _monotonic() + seconds
+    deadline = monotonic() + seconds
     for _ in range(int(seconds / DRAIN_POLL) + 1):
-        if not busy() or _monotonic() >= deadline:
+        if not busy() or monotonic() >= deadline:
             return
         await asyncio.sleep(DRAIN_POLL)
 
@@ -756,7 +757,7 @@ class Exchange:
     def __init__(self, conn: ServerConn, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.started = _monotonic()
+        self.started = monotonic()
         self.ended = 0.0  # when it finished (_finish): its duration, and when its connection became idle
         self.chunked = head.framing == CHUNKED
         self.request_done = head.framing == NO_BODY
@@ -1016,7 +1017,7 @@ class Exchange:
             self.conn.write(http1.last_chunk(trailers))
         self.upstream = None
         up.owner = None
-        now = _monotonic()  # one clock reading for the pool, the metrics and the idle clock
+        now = monotonic()  # one clock reading for the pool, the metrics and the idle clock
         if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
             up.release(now)
         else:  # an upgrade the next hop refused: it should speak HTTP/1.1 on, but never trust a pool to it
@@ -1052,7 +1053,7 @@ class Exchange:
         if self.progress is DONE:
             return
         self.progress = DONE
-        self.ended = now or _monotonic()
+        self.ended = now or monotonic()
         self.conn.handler.finished(self)
         self.conn.exchange_done(self, keep_alive)
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from hostmesh.agent import audit
@@ -58,6 +58,7 @@ from hostmesh.agent.proxy.http_conn import (
     access_line,
     complete_request_headers,
     drain,
+    monotonic,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.stream_transport import StreamTransport
@@ -71,9 +72,7 @@ log = logging.getLogger("hostmesh.proxy.http_inbound")
 
 REPORTER: Final = "destination"
 APP_CONNECT_TIMEOUT: Final = 2.0  # the app is on loopback: a connect succeeds or is refused at once
-# time.monotonic and time.time as Final names: compiled code calls it from a C static (`_monotonic()` is a
-# module attribute lookup per call)
-_monotonic: Final = time.monotonic
+# time.time as a Final name: compiled code calls it from a C static (like http_conn.monotonic)
 _time: Final = time.time
 
 
@@ -149,6 +148,8 @@ class HttpInbound:
         self._buckets: dict[str, tuple[Any, TokenBucket | None]] = {}
         self._roots: tuple[str, list[Any]] = ("", [])
         self._tasks: set[asyncio.Task[None]] = set()
+        # bound once, not per request (a generic attribute read and an object; as http_outbound's)
+        self._on_fail_cb: Callable[[Exchange, str], bool] = self._on_fail
 
     # --- hand-over from the L4 inbound (InboundListener.alpn_handlers) ------------------------
 
@@ -226,10 +227,10 @@ class HttpInbound:
             entry = self._buckets.get(svc.name)
             if entry is None or entry[0] is not policy:
                 rl = policy.rate_limit
-                entry = (policy, TokenBucket.from_doc(rl, _monotonic()) if rl is not None else None)
+                entry = (policy, TokenBucket.from_doc(rl, monotonic()) if rl is not None else None)
                 self._buckets[svc.name] = entry
             bucket = entry[1]
-            if bucket is not None and not bucket.allow(_monotonic()):
+            if bucket is not None and not bucket.allow(monotonic()):
                 ex.respond(429, fl.RL)
                 return
         if head.expect_continue:
@@ -240,7 +241,7 @@ class HttpInbound:
             set_traceparent(headers, ex.trace.traceparent())
         ex.state = req = _Req(svc.port, headers)
         ex.on_response_head = Exchange.relay
-        ex.on_fail = self._on_fail
+        ex.on_fail = self._on_fail_cb
         up = self.pool.acquire(svc.port, now=ex.started)  # started in this same read
         if up is not None:
             ex.send(up, head.method, target, list(headers) if ex.chunked else headers)

@@ -53,7 +53,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Final
 
 from hostmesh.agent.l7 import balancer as lb
@@ -90,6 +90,7 @@ from hostmesh.agent.proxy.http_conn import (
     access_line,
     complete_request_headers,
     drain,
+    monotonic,
     response_flag,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
@@ -118,9 +119,6 @@ RETRY_REASONS: Final[dict[Outcome, str]] = {
 MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 PEER_VERSION_TTL: Final = 60.0
-# time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a
-# module attribute lookup per call)
-_monotonic: Final = time.monotonic
 
 
 class _Req:
@@ -135,7 +133,7 @@ class _Req:
         self.endpoint: lb.Endpoint | None = None
         self.subset = ""
         self.route: Any = None
-        self.balancer: Any = None
+        self.balancer: lb.Balancer | None = None  # typed: compiled code calls its pick natively
         self.budget: RetryBudget | None = None
         self.rs: RetryState | None = None
         self.key: bytes | None = None
@@ -377,9 +375,9 @@ class AppConn(ServerConn):
     """A local app's connection, accepted straight into the L7 path (OutboundListener._protocol).
     Its slot under the agent's connection cap is taken when the connection is made (over the cap:
     its request gets 503 OM, then close), and given back when it closes. It is the slot's only
-    owner, so it counts the slot in the cap itself instead of holding a limits.Admission: no object
-    and no calls per connection (with limits.py compiled too: about 2,800 instructions less of the
-    ~50,000 a new connection cost the compiled build, callgrind)."""
+    owner, so it takes and gives back the slot itself (ConnectionCap.take/give_back, native calls
+    with limits.py compiled) instead of holding a limits.Admission: no object per connection (about
+    2,800 instructions less of the ~50,000 a new connection cost the compiled build, callgrind)."""
 
     def __init__(self, handler: HttpOutbound, cap: ConnectionCap | None) -> None:
         super().__init__(handler)
@@ -390,12 +388,10 @@ class AppConn(ServerConn):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cap = self.cap
         if cap is not None:
-            if cap.open < cap.limit:
-                cap.open += 1
+            if cap.take("outbound"):
                 self.slot = cap
             else:
                 self.shed = True
-                cap.refuse("outbound")
         self.open_conns.add(self)
         super().connection_made(transport)
 
@@ -403,7 +399,7 @@ class AppConn(ServerConn):
         slot = self.slot
         if slot is not None:
             self.slot = None
-            slot.open -= 1
+            slot.give_back()
         super().connection_lost(exc)
 
 
@@ -453,6 +449,10 @@ class HttpOutbound:
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
         self.pool.on_lost = self._conn_lost
         self.pool.on_release = self._wake_one
+        # the inline path's callbacks, bound once: a bound method made per request is a generic attribute
+        # read and an object (_forward_inline 10,600 -> 10,220 instructions per request, callgrind)
+        self._on_inline_head: Callable[[Exchange, http1.ResponseHead], None] = self._inline_head
+        self._on_inline_fail: Callable[[Exchange, str], bool] = self._inline_fail
         self.name = f"{local_service}->{upstream} (http)"
 
     # --- which connections are ours ------------------------------------------------------------
@@ -569,7 +569,7 @@ class HttpOutbound:
         if route.timeout is None and route.retry.per_try_timeout is None:
             self._forward_inline(ex, st)
             return
-        st.deadline = _monotonic() + route.timeout if route.timeout else None
+        st.deadline = monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
 
     def _admit(self, ex: Exchange, st: _Req, snap: Snapshot) -> bool:
@@ -632,8 +632,10 @@ class HttpOutbound:
         go first), the coroutine dials."""
         cl = st.cluster
         if cl.outlier is not None:
-            cl.refresh(_monotonic())
-        ep = st.balancer.pick(st.key)
+            cl.refresh(monotonic())
+        balancer = st.balancer
+        assert balancer is not None  # set by _plan
+        ep = balancer.pick(st.key)
         if ep is None:
             ex.respond(503, fl.UH)
             return
@@ -645,8 +647,8 @@ class HttpOutbound:
             self._spawn(self._loop(ex, first=ep))
             return
         st.use(ep)
-        ex.on_response_head = self._inline_head
-        ex.on_fail = self._inline_fail
+        ex.on_response_head = self._on_inline_head
+        ex.on_fail = self._on_inline_fail
         headers = st.headers
         ex.send(up, ex.head.method, st.target, list(headers) if ex.chunked else headers)
 
@@ -694,7 +696,7 @@ class HttpOutbound:
         or a local error); False: retry (a budget slot is held)."""
         route: CompiledRoute = st.route
         cl = st.cluster
-        now = _monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
+        now = monotonic() if cl.outlier is not None else 0.0  # only outlier detection reads it
         if isinstance(outcome, http1.EV_RESPONSE_HEAD):
             status = outcome.status
             cl.report(ep, status, now)
@@ -749,7 +751,9 @@ class HttpOutbound:
                     first = None
                 else:
                     cl.refresh(now)
-                    ep = st.balancer.pick(st.key)
+                    balancer = st.balancer
+                    assert balancer is not None  # set by _plan
+                    ep = balancer.pick(st.key)
                 if ep is None:
                     ex.respond(503, fl.UH)
                     return
@@ -1024,20 +1028,22 @@ class HttpOutbound:
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        if tracer is not None and (  # an unsampled success costs these two tests, nothing more
+        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        ):
-            td = self.holder.current.trust_domain
-            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        )
+        logged = access_due(ex)
+        if not (traced or logged):
+            return
+        td = self.holder.current.trust_domain
+        principal = f"spiffe://{td}/svc/{self.local_service}"
+        upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        if traced and tracer is not None:
             ex.trace = tracer.end_http(
-                ex.trace, ex, reporter=REPORTER, source=self.local_service,
-                source_principal=f"spiffe://{td}/svc/{self.local_service}", destination=self.service,
-                destination_principal=f"spiffe://{td}/svc/{self.service}", subset=subset,
-                upstream_host=upstream_host, peer=ex.conn.peer_ip,
+                ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,
+                destination=self.service, destination_principal=f"spiffe://{td}/svc/{self.service}",
+                subset=subset, upstream_host=upstream_host, peer=ex.conn.peer_ip,
             )  # fmt: skip
-        if access_due(ex):
-            principal = f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}"
-            upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        if logged:
             access_line(ex, REPORTER, self.local_service, principal, self.service, subset, upstream_host,
                         ex.conn.peer_ip)  # fmt: skip
 

@@ -20,12 +20,11 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, cast
 
 from hostmesh.agent.l7 import http1
-from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, half_close_kept
+from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, half_close_kept, monotonic
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 
@@ -34,9 +33,6 @@ UPSTREAM_IDLE_SECONDS: Final = 30.0  # pooled upstream connections unused this l
 UPSTREAM_MAX_AGE: Final = 600.0
 MAX_IDLE_PER_KEY: Final = 128  # idle upstream connections kept per key: more only serves a burst that passed
 POOL_SWEEP_SECONDS: Final = 5.0  # how often idle upstream connections are checked (one timer per pool)
-# time.monotonic as a Final name: compiled code calls it from a C static (`_monotonic()` is a
-# module attribute lookup per call)
-_monotonic: Final = time.monotonic
 
 
 class Owner(Protocol):
@@ -63,7 +59,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.owner: Owner | None = None
         self.closed = False
         self.reused = False
-        self.expires = _monotonic() + UPSTREAM_MAX_AGE
+        self.expires = monotonic() + UPSTREAM_MAX_AGE
         self.idle_since = 0.0
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
@@ -198,7 +194,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         if not idle:
             return None
-        now = now or _monotonic()
+        now = now or monotonic()
         while idle:
             conn = idle.pop()
             if conn.closed or conn.ctx is not ctx or now >= conn.expires or not conn.usable():
@@ -218,7 +214,7 @@ class UpstreamPool:
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
-        now = now or _monotonic()
+        now = now or monotonic()
         if self.closing or conn.closed or now >= conn.expires or len(idle) >= MAX_IDLE_PER_KEY:
             conn.close()
             return
@@ -258,7 +254,7 @@ class UpstreamPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        now = _monotonic()
+        now = monotonic()
         cutoff = now - UPSTREAM_IDLE_SECONDS
         left = 0
         for key, idle in list(self._idle.items()):

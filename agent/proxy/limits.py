@@ -46,7 +46,7 @@ class Admission:
     def release(self) -> None:
         cap, self._cap = self._cap, None
         if cap is not None:
-            cap.open -= 1
+            cap.give_back()
 
 
 class ConnectionCap:
@@ -61,16 +61,25 @@ class ConnectionCap:
         self._suppressed = 0
 
     def admit(self, listener: str) -> Admission | None:
-        """A slot for one more connection, or None (counted, logged at a bounded rate) at the cap."""
+        """A slot for one more connection (an Admission gives it back), or None at the cap."""
+        return Admission(self) if self.take(listener) else None
+
+    def take(self, listener: str) -> bool:
+        """One more connection's slot, or False (counted, logged at a bounded rate) at the cap. The
+        taker gives it back with `give_back` once; `admit` wraps the pair in an Admission for owners
+        that share the slot (http_outbound.AppConn, its only owner, calls both itself)."""
         if self.open < self.limit:
             self.open += 1
-            return Admission(self)
+            return True
         self.refuse(listener)
-        return None
+        return False
+
+    def give_back(self) -> None:
+        """The slot of a connection that closed (`take` returned True for it)."""
+        self.open -= 1
 
     def refuse(self, listener: str) -> None:
-        """Count and log (at a bounded rate) a connection refused at the cap. For an owner that keeps
-        its slot without an Admission (http_outbound.AppConn: `open` taken and given back itself)."""
+        """Count and log (at a bounded rate) a connection refused at the cap."""
         self.rejected += 1
         if self._counter is not None:
             self._counter.labels(listener).inc()
