@@ -17,6 +17,15 @@ every second: what the first seconds of an agent's life leave (registration, the
 answers, the first mesh connections) and any burst are back within a second (bench idle RSS of an
 L4 pair 29.4 -> 28.8 MiB against a 5 s period). Not glibc (musl, macOS): nothing to do, nothing loaded.
 
+Each agent-to-agent TLS connection also has a ciphertext read buffer of its own: uvloop's SSLProtocol
+mallocs 256 KiB per connection and reads the socket into all of it, so one large transfer leaves up
+to 256 KiB of it resident for the connection's life (in use, so malloc_trim cannot give it back; on
+the client of the bench's pair, after its 1 MiB readiness probe: 0.25 MiB of its 31.6). A tick gives
+those pages back (MADV_DONTNEED on the buffer's whole pages) for every tracked connection that
+carries no stream (`track_tls_reads`): between callbacks the buffer holds nothing (uvloop copies each
+read into its BIO at once), and zero-filled pages are what it would be given anyway. A connection
+with streams is left alone: its next read would fault the pages in again.
+
 Between ticks, the heap is kept (`hold_heap`): glibc's thresholds are set so that bulk traffic's
 buffers (256 KiB reads, the TLS records of a whole write) neither come from mmap nor have the heap
 top shrunk under them by `free` (up to HEAP_TOP_KEPT), so the next chunk reuses pages already there.
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import mmap
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +72,49 @@ def hold_heap(mallopt: Any = None) -> bool:
         return False
     # Both, and in this order: setting either one turns glibc's dynamic thresholds off.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux: the pages are freed, read back as zeros
+_tls_reads: dict[int, tuple[Any, Any, int, int]] = {}  # id(conn) -> (conn, its SSL protocol, start, length)
+_madvise: Any = None
+
+
+def track_tls_reads(conn: Any) -> None:
+    """Have the trim tick give back the pages of `conn`'s TLS read buffer while it carries no stream
+    (see the module docstring). `conn` is a mux connection (`transport`, `streams`, `closed`); on a
+    plain transport, a loop other than uvloop's or a C library other than glibc, nothing is done."""
+    global _madvise
+    transport = conn.transport
+    proto = next((r for r in gc.get_referents(transport) if type(r).__name__ == "SSLProtocol"), None)
+    if proto is None or not hasattr(proto, "get_buffer"):
+        return
+    if _madvise is None:
+        _madvise = _glibc("madvise")
+        if _madvise is None:
+            return
+        import ctypes
+
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    import ctypes
+
+    view = proto.get_buffer(0)  # uvloop: the whole buffer, allocated once per connection at its full size
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    page = mmap.PAGESIZE
+    start, end = -(-addr // page) * page, (addr + len(view)) // page * page  # whole pages inside it only
+    if end > start:
+        # the protocol is held so its buffer stays allocated while listed; dropped at the tick after close
+        _tls_reads[id(conn)] = (conn, proto, start, end - start)
+
+
+def release_tls_reads() -> None:
+    """Give back the read buffer pages of the tracked TLS connections that carry no stream; forget
+    the closed ones."""
+    for key, (conn, _proto, start, length) in list(_tls_reads.items()):
+        transport = conn.transport
+        if conn.closed or transport is None or transport.is_closing():
+            del _tls_reads[key]
+        elif not conn.streams:
+            _madvise(start, length, MADV_DONTNEED)
 
 
 def start_trimming(
@@ -111,6 +164,8 @@ class Trimmer:
             gc.collect()
         if self._release is not None:
             self._release()
+        if _tls_reads:
+            release_tls_reads()
         self._trim(0)
 
     def cancel(self) -> None:
