@@ -364,6 +364,17 @@ def _resident_pages(start: int, length: int) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
+def _bio_spare_pages(bio: int) -> tuple[int, int]:
+    """The whole pages of an (empty) memory BIO's buffer: (start, length)."""
+    import ctypes
+
+    ptr = ctypes.c_void_p()
+    assert memory._lib["BIO_ctrl"](bio, memory.BIO_C_GET_BUF_MEM_PTR, 0, ctypes.byref(ptr))
+    mem = memory._BufMem.from_address(ptr.value)
+    assert mem.length == 0
+    return memory._interior(mem.data, mem.max)
+
+
 class _Receiver(MuxConnection):
     """A mux connection that only counts what arrives (the test's peer sends raw bytes, not frames)."""
 
@@ -420,11 +431,15 @@ def test_an_idle_mesh_connections_tls_read_buffer_goes_back_at_the_tick(tmp_path
             )  # fmt: skip
             assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLObject)
             listed = memory._tls_reads[id(conn)]  # connection_made listed it
-            start, length = listed[2], listed[3]
+            bios, start, length = listed[2], listed[3], listed[4]
+            assert len(bios) == 2  # incoming and outgoing
             await async_wait_until(lambda: bool(sent), 10.0, "the server side of the connection")
             sent[0].write(b"\x5a" * big)
             await asyncio.wait_for(conn.done, 30.0)
             assert _resident_pages(start, length) > length // mmap.PAGESIZE // 2  # a large read touched it
+            grown = [r for r in map(_bio_spare_pages, bios) if r[1] >= 16 * mmap.PAGESIZE]
+            assert grown, "the incoming BIO grew with the transfer"
+            assert all(_resident_pages(*r) for r in grown)
 
             trimmer = memory.start_trimming(loop, lambda _pad: 1)
             assert trimmer is not None
@@ -434,6 +449,10 @@ def test_an_idle_mesh_connections_tls_read_buffer_goes_back_at_the_tick(tmp_path
             conn.streams.clear()  # idle: given back
             trimmer.now(collect=False)
             assert _resident_pages(start, length) == 0
+            assert [_resident_pages(*r) for r in grown] == [0] * len(grown)
+            assert [
+                _bio_spare_pages(b) for b in bios if _bio_spare_pages(b) in grown
+            ] == grown  # kept, not freed
 
             conn.want, conn.done = 2 * big, loop.create_future()  # still reads correctly afterwards
             sent[0].write(b"\x5a" * big)
