@@ -144,7 +144,6 @@ def track_tls_reads(conn: Any) -> None:
 
     view = proto.get_buffer(0)  # uvloop: the whole buffer, allocated once per connection at its full size
     start, length = _interior(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
-    view.release()
     bios = tuple(_bio_ptr(r) for r in gc.get_referents(proto) if isinstance(r, ssl.MemoryBIO))
     if "BIO_ctrl" not in _lib:
         bios = ()
