@@ -22,11 +22,11 @@ malloc_trim cannot give them back: uvloop's SSLProtocol mallocs a 256 KiB cipher
 connection and reads the socket into all of it, and copies each read into OpenSSL's incoming memory
 BIO (its outgoing BIO takes a whole write's records before any is sent). One large transfer (the
 bench's 1 MiB readiness probe) leaves the receiving agent ~0.5 MiB of them for the connection's life.
-For every tracked connection that carries no stream (`track_tls_reads`), a tick gives back the
+For every tracked connection quiet for a whole tick (`track_tls_reads`), a tick gives back the
 whole pages of the read buffer and of each *empty* BIO's spare room (MADV_DONTNEED): between
 callbacks the read buffer holds nothing (uvloop copies each read into its BIO at once), an empty
 BIO's bytes are unused, and zero-filled pages are what either gets when written again. A connection
-with streams is left alone: its next read would fault the pages in again. The BIOs are reached
+with traffic is left alone: its next read would fault the pages in again. The BIOs are reached
 through the public BIO_ctrl, their BIO* read where CPython's _ssl keeps it (checked on a fresh
 MemoryBIO first; without the match only the read buffer is given back).
 
@@ -48,7 +48,6 @@ import ctypes
 import gc
 import mmap
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,8 +82,8 @@ def hold_heap(mallopt: Any = None) -> bool:
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux: the pages are freed, read back as zeros
 BIO_CTRL_PENDING, BIO_C_GET_BUF_MEM_PTR = 10, 115  # <openssl/bio.h>
 _tls_reads: dict[int, list[Any]] = {}
-# id(conn) -> [conn, its SSL protocol, its memory BIOs' BIO*, read buffer start, length, the conn's
-# last stream id when last given back (None: not yet)]
+# id(conn) -> [conn, its SSL protocol, its memory BIOs' BIO*, read buffer start, length, its traffic
+# count at the last tick, whether given back since]
 _lib: dict[str, Any] = {}  # "madvise", and "BIO_ctrl" where memory BIOs can be reached
 
 
@@ -105,13 +104,15 @@ def _load() -> bool:
             import _ssl
             import ssl
 
-            ctrl = ctypes.CDLL(_ssl.__file__).BIO_ctrl  # the libcrypto the ssl module uses
+            crypto = ctypes.CDLL(_ssl.__file__)  # the libcrypto the ssl module uses
+            ctrl, moved = crypto.BIO_ctrl, crypto.BIO_number_written
             ctrl.restype = ctypes.c_long
             ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
+            moved.restype, moved.argtypes = ctypes.c_uint64, (ctypes.c_void_p,)
             probe = ssl.MemoryBIO()
             probe.write(b"probe")
-            if ctrl(_bio_ptr(probe), BIO_CTRL_PENDING, 0, None) == 5:
-                _lib["BIO_ctrl"] = ctrl
+            if ctrl(_bio_ptr(probe), BIO_CTRL_PENDING, 0, None) == 5 and moved(_bio_ptr(probe)) == 5:
+                _lib["BIO_ctrl"], _lib["BIO_number_written"] = ctrl, moved
         except (OSError, AttributeError, ImportError):
             pass
     return True
@@ -133,7 +134,7 @@ def _interior(addr: int, size: int) -> tuple[int, int]:
 
 
 def track_tls_reads(conn: Any) -> None:
-    """Have the trim tick give back the pages of `conn`'s TLS buffers while it carries no stream
+    """Have the trim tick give back the pages of `conn`'s TLS buffers once it is quiet
     (see the module docstring). `conn` is a mux connection (`transport`, `streams`, `closed`); on a
     plain transport, a loop other than uvloop's or a C library other than glibc, nothing is done."""
     transport = conn.transport
@@ -148,30 +149,43 @@ def track_tls_reads(conn: Any) -> None:
     if "BIO_ctrl" not in _lib:
         bios = ()
     # the protocol is held so its buffers stay allocated while listed; dropped at the tick after close
-    _tls_reads[id(conn)] = [conn, proto, bios, start, length, None]
+    _tls_reads[id(conn)] = [conn, proto, bios, start, length, None, False]
 
 
-def _no_ctrl(*_args: Any) -> int:  # no BIOs are listed without BIO_ctrl
+def _no_ctrl(*_args: Any) -> int:  # no BIOs are listed without these functions
     return -1
 
 
 def release_tls_reads() -> None:
-    """Give back the pages of the tracked TLS connections' read buffers and empty memory BIOs where
-    have carried no stream for a tick (not between the requests of steady traffic) and carried one
-    since the last time (a madvise of 256 KiB costs ~10 µs even with nothing resident); forget the
-    closed ones."""
-    madvise, ctrl = _lib["madvise"], _lib.get("BIO_ctrl", _no_ctrl)
+    """Give back the pages of the tracked TLS connections' read buffers and empty memory BIOs once a
+    connection has been quiet for a whole tick (nothing through its BIOs since the last tick: not
+    between the requests of steady traffic; an L7 connection keeps pooled streams open, so "no
+    stream" would never hold), and only once per quiet spell (a madvise of 256 KiB costs ~10 µs even
+    with nothing resident); forget the closed ones."""
+    madvise, ctrl, moved = (
+        _lib["madvise"],
+        _lib.get("BIO_ctrl", _no_ctrl),
+        _lib.get("BIO_number_written", _no_ctrl),
+    )
     ptr = ctypes.c_void_p()
-    idle_before = time.monotonic() - TRIM_SECONDS
     for key, entry in list(_tls_reads.items()):
-        conn, _proto, bios, start, length, done_at = entry
+        conn, _proto, bios, start, length, seen, given = entry
         transport = conn.transport
         if conn.closed or transport is None or transport.is_closing():
             del _tls_reads[key]
             continue
-        if conn.streams or conn.last_id == done_at or conn.idle_since > idle_before:
-            continue  # busy, no stream since it was last given back, or not idle for a tick yet
-        entry[5] = conn.last_id
+        if bios:
+            sig = sum(moved(bio) for bio in bios)  # bytes in and out so far
+        elif conn.streams:
+            continue
+        else:
+            sig = conn.last_id  # without the BIOs: streams opened so far
+        if sig != seen:  # traffic since the last tick: wait for a quiet one
+            entry[5], entry[6] = sig, False
+            continue
+        if given:
+            continue
+        entry[6] = True
         if length:
             madvise(start, length, MADV_DONTNEED)
         for bio in bios:  # a BIO's buffer is only ever grown; what lies beyond its data is unused
