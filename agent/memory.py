@@ -28,7 +28,9 @@ callbacks the read buffer holds nothing (uvloop copies each read into its BIO at
 BIO's bytes are unused, and zero-filled pages are what either gets when written again. A connection
 with traffic is left alone: its next read would fault the pages in again. The BIOs are reached
 through the public BIO_ctrl, their BIO* read where CPython's _ssl keeps it (checked on a fresh
-MemoryBIO first; without the match only the read buffer is given back).
+MemoryBIO first; without the match only the read buffer is given back). Measured with bench/rss.py
+(settled idle, larger agent of the pair, A/B in one build): L7 31.7 -> 31.2 MiB, L4 30.9 -> 30.6;
+a quiet tick costs two BIO_number_written calls per connection, a busy one the same.
 
 Between ticks, the heap is kept (`hold_heap`): glibc's thresholds are set so that bulk traffic's
 buffers (256 KiB reads, the TLS records of a whole write) neither come from mmap nor have the heap

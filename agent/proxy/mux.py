@@ -279,7 +279,7 @@ class MuxConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
-        track_tls_reads(self)  # an idle connection's TLS read buffer goes back at the trim tick
+        track_tls_reads(self)  # a quiet connection's TLS buffers go back at the trim tick (agent/memory.py)
 
     _read_view: memoryview | None = None  # the loop's buffer, looked up once (each lookup is a getpid)
     _loop: asyncio.AbstractEventLoop | None = None  # ours, for the end-of-turn flush of small frames
