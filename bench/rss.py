@@ -11,9 +11,10 @@ Idle is measured in two windows in a row: the first at once (what `make bench` r
 system it started last), the second `settled`, after the agents' trim ticks (agent/memory.py; what
 `make bench` reports for the others, started seconds before its idle window: RESULTS.md's
 hostmesh-l4 and -l7 figures). Right after the probe an agent still holds ~1 MiB of that answer's
-buffers until its tick. Each agent's RSS is also split into private (its own pages) and shared
-(pages other processes map too, mostly clean library pages): a change that only moves shared pages
-saves the host nothing.
+buffers: the heap's free pages and the loop's read buffer go back at its next tick, the mesh
+connection's TLS buffers at the first tick after a quiet one (within 2 s). Each agent's RSS is also
+split into private (its own pages) and shared (pages other processes map too, mostly clean library
+pages): a change that only moves shared pages saves the host nothing.
 
 For seeing where an agent's memory goes and what a change does to it in a minute, on a shared
 machine: one pair, no peers, no rounds.

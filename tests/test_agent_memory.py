@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import compileall
 import gc
+import mmap
 import subprocess
 import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -26,8 +27,9 @@ from bench import hmconfig
 from hostmesh.agent import memory
 from hostmesh.agent.cli import agent_run_config
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
+from hostmesh.agent.proxy.mux import MuxConnection
 from tests.l7_support import Backends, Client
-from tests.support import ConsulDev
+from tests.support import ConsulDev, async_wait_until
 
 MIB = 1024 * 1024
 # VmRSS of each idle agent of the bench's L7 pair after the bench's readiness probe. Issue 12 asks
@@ -349,3 +351,126 @@ except ConfigError as exc:
     assert out.returncode == 0, out.stderr
     broken = f"{bad}: not valid TOML: Invalid value (at line 1, column 12)"
     assert out.stdout.splitlines() == ["False", "False", broken]
+
+
+def _resident_pages(start: int, length: int) -> int:
+    """How many of the pages in [start, start + length) are resident (mincore(2))."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    vec = ctypes.create_string_buffer(length // mmap.PAGESIZE)
+    assert libc.mincore(start, length, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw)
+
+
+def _bio_spare_pages(bio: int) -> tuple[int, int]:
+    """The whole pages of an (empty) memory BIO's buffer: (start, length)."""
+    import ctypes
+
+    ptr = ctypes.c_void_p()
+    assert memory._lib["BIO_ctrl"](bio, memory.BIO_C_GET_BUF_MEM_PTR, 0, ctypes.byref(ptr))
+    mem = memory._BufMem.from_address(ptr.value)
+    assert mem.length == 0
+    return memory._interior(mem.data, mem.max)
+
+
+class _Receiver(MuxConnection):
+    """A mux connection that only counts what arrives (the test's peer sends raw bytes, not frames)."""
+
+    def __init__(self, want: int) -> None:
+        super().__init__()
+        self.got = 0
+        self.want = want
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got >= self.want and not self.done.done():
+            self.done.set_result(None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED and mincore as on Linux")
+def test_an_idle_mesh_connections_tls_read_buffer_goes_back_at_the_tick(tmp_path: Path) -> None:
+    """After a large transfer, uvloop's per-connection 256 KiB ciphertext read buffer is resident; the
+    trim tick gives its pages back once the connection carries no stream (and not while it does),
+    the connection still works afterwards, and a closed one is forgotten. Real TLS over real sockets."""
+    import ssl
+
+    import uvloop
+
+    from hostmesh.ca import pki
+    from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+
+    root_key, root = pki.make_root("hostmesh.local")
+    roots = pki.cert_pem(root).decode()
+    files = {}
+    for name in ("a", "b"):
+        key = pki.new_key()
+        leaf = pki.sign_leaf(root_key, root, key.public_key(), pki.Identity("hostmesh.local", name))
+        chain, keyf = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        pki.write_private(chain, pki.cert_pem(leaf))
+        pki.write_private(keyf, pki.key_pem(key))
+        files[name] = (chain, keyf)
+    big = 1024 * 1024
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        sent: list[asyncio.Transport] = []
+
+        class Sender(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sent.append(cast(asyncio.Transport, transport))
+
+        server = await loop.create_server(Sender, "127.0.0.1", 0, ssl=mesh_server_context(*files["b"], roots))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            transport, conn = await loop.create_connection(
+                lambda: _Receiver(big), "127.0.0.1", port, ssl=mesh_client_context(*files["a"], roots),
+                server_hostname="b",
+            )  # fmt: skip
+            assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLObject)
+            listed = memory._tls_reads[id(conn)]  # connection_made listed it
+            bios, start, length = listed[2], listed[3], listed[4]
+            assert len(bios) == 2  # incoming and outgoing
+            await async_wait_until(lambda: bool(sent), 10.0, "the server side of the connection")
+            sent[0].write(b"\x5a" * big)
+            await asyncio.wait_for(conn.done, 30.0)
+            assert _resident_pages(start, length) > length // mmap.PAGESIZE // 2  # a large read touched it
+            grown = [r for r in map(_bio_spare_pages, bios) if r[1] >= 16 * mmap.PAGESIZE]
+            assert grown, "the incoming BIO grew with the transfer"
+            assert all(_resident_pages(*r) for r in grown)
+
+            trimmer = memory.start_trimming(loop, lambda _pad: 1)
+            assert trimmer is not None
+            conn.streams[1] = object()  # type: ignore[assignment]  # a pooled L7 stream stays open
+            trimmer.now(collect=False)  # traffic since the last look: left alone
+            assert _resident_pages(start, length) > length // mmap.PAGESIZE // 2
+            trimmer.now(collect=False)  # quiet for a tick: given back, open stream or not
+            assert _resident_pages(start, length) == 0
+            assert [_resident_pages(*r) for r in grown] == [0] * len(grown)
+            assert [
+                _bio_spare_pages(b) for b in bios if _bio_spare_pages(b) in grown
+            ] == grown  # kept, not freed
+
+            conn.want, conn.done = 2 * big, loop.create_future()  # still reads correctly afterwards
+            sent[0].write(b"\x5a" * big)
+            await asyncio.wait_for(conn.done, 30.0)
+            assert conn.got == 2 * big
+            assert _resident_pages(start, length) > 0
+            trimmer.now(collect=False)  # traffic again: left alone
+            assert _resident_pages(start, length) > 0
+            trimmer.now(collect=False)
+            assert _resident_pages(start, length) == 0
+
+            transport.close()
+            await async_wait_until(lambda: conn.closed, 10.0, "the connection closed")
+            trimmer.now(collect=False)
+            assert id(conn) not in memory._tls_reads
+            trimmer.cancel()
+        finally:
+            server.close()
+            for t in sent:
+                t.close()
+
+    uvloop.run(scenario())

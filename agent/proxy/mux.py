@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from hostmesh.agent.compiled import mypyc_attr
 from hostmesh.agent.l7 import flags
+from hostmesh.agent.memory import track_tls_reads
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.wire import (
     DATA,
@@ -278,6 +279,7 @@ class MuxConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
+        track_tls_reads(self)  # a quiet connection's TLS buffers go back at the trim tick (agent/memory.py)
 
     _read_view: memoryview | None = None  # the loop's buffer, looked up once (each lookup is a getpid)
     _loop: asyncio.AbstractEventLoop | None = None  # ours, for the end-of-turn flush of small frames
