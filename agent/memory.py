@@ -83,9 +83,23 @@ def hold_heap(mallopt: Any = None) -> bool:
 
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux: the pages are freed, read back as zeros
 BIO_CTRL_PENDING, BIO_C_GET_BUF_MEM_PTR = 10, 115  # <openssl/bio.h>
-_tls_reads: dict[int, list[Any]] = {}
-# id(conn) -> [conn, its SSL protocol, its memory BIOs' BIO*, read buffer start, length, its traffic
-# count at the last tick, whether given back since]
+
+
+class _TlsBuffers:
+    """A tracked mesh connection's TLS buffers, and what the trim tick saw of it."""
+
+    __slots__ = ("bios", "conn", "given", "length", "proto", "seen", "start")
+
+    def __init__(self, conn: Any, proto: Any, bios: tuple[int, ...], start: int, length: int) -> None:
+        self.conn = conn
+        self.proto = proto  # held so its buffers stay allocated while listed; dropped after close
+        self.bios = bios  # its memory BIOs' BIO*; () where they cannot be reached
+        self.start, self.length = start, length  # the read buffer's whole pages
+        self.seen: int | None = None  # its traffic count at the last tick
+        self.given = False  # its pages given back since that traffic
+
+
+_tls_reads: dict[int, _TlsBuffers] = {}  # by id(conn)
 _lib: dict[str, Any] = {}  # "madvise", and "BIO_ctrl" where memory BIOs can be reached
 
 
@@ -150,12 +164,7 @@ def track_tls_reads(conn: Any) -> None:
     bios = tuple(_bio_ptr(r) for r in gc.get_referents(proto) if isinstance(r, ssl.MemoryBIO))
     if "BIO_ctrl" not in _lib:
         bios = ()
-    # the protocol is held so its buffers stay allocated while listed; dropped at the tick after close
-    _tls_reads[id(conn)] = [conn, proto, bios, start, length, None, False]
-
-
-def _no_ctrl(*_args: Any) -> int:  # no BIOs are listed without these functions
-    return -1
+    _tls_reads[id(conn)] = _TlsBuffers(conn, proto, bios, start, length)
 
 
 def release_tls_reads() -> None:
@@ -164,14 +173,13 @@ def release_tls_reads() -> None:
     between the requests of steady traffic; an L7 connection keeps pooled streams open, so "no
     stream" would never hold), and only once per quiet spell (a madvise of 256 KiB costs ~10 µs even
     with nothing resident); forget the closed ones."""
-    madvise, ctrl, moved = (
-        _lib["madvise"],
-        _lib.get("BIO_ctrl", _no_ctrl),
-        _lib.get("BIO_number_written", _no_ctrl),
-    )
+    # BIOs are only listed where BIO_ctrl and BIO_number_written were found (_load)
+    madvise = _lib["madvise"]
+    ctrl: Any = _lib.get("BIO_ctrl")
+    moved: Any = _lib.get("BIO_number_written")
     ptr = ctypes.c_void_p()
-    for key, entry in list(_tls_reads.items()):
-        conn, _proto, bios, start, length, seen, given = entry
+    for key, bufs in list(_tls_reads.items()):
+        conn, bios = bufs.conn, bufs.bios
         transport = conn.transport
         if conn.closed or transport is None or transport.is_closing():
             del _tls_reads[key]
@@ -182,14 +190,14 @@ def release_tls_reads() -> None:
             continue
         else:
             sig = conn.last_id  # without the BIOs: streams opened so far
-        if sig != seen:  # traffic since the last tick: wait for a quiet one
-            entry[5], entry[6] = sig, False
+        if sig != bufs.seen:  # traffic since the last tick: wait for a quiet one
+            bufs.seen, bufs.given = sig, False
             continue
-        if given:
+        if bufs.given:
             continue
-        entry[6] = True
-        if length:
-            madvise(start, length, MADV_DONTNEED)
+        bufs.given = True
+        if bufs.length:
+            madvise(bufs.start, bufs.length, MADV_DONTNEED)
         for bio in bios:  # a BIO's buffer is only ever grown; what lies beyond its data is unused
             if ctrl(bio, BIO_CTRL_PENDING, 0, None) == 0 and ctrl(
                 bio, BIO_C_GET_BUF_MEM_PTR, 0, ctypes.byref(ptr)

@@ -431,7 +431,7 @@ def test_an_idle_mesh_connections_tls_read_buffer_goes_back_at_the_tick(tmp_path
             )  # fmt: skip
             assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLObject)
             listed = memory._tls_reads[id(conn)]  # connection_made listed it
-            bios, start, length = listed[2], listed[3], listed[4]
+            bios, start, length = listed.bios, listed.start, listed.length
             assert len(bios) == 2  # incoming and outgoing
             await async_wait_until(lambda: bool(sent), 10.0, "the server side of the connection")
             sent[0].write(b"\x5a" * big)
