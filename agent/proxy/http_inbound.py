@@ -316,21 +316,25 @@ class HttpInbound:
         subset = self.subsets.get(caller.service, "")
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, fl.render(ex.flags),
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
-        req: _Req | None = ex.state
         tracer = self.tracer
-        if tracer is not None and (  # an unsampled success costs these two tests, nothing more
+        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
             ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        ):
+        )
+        logged = access_due(ex)
+        if not (traced or logged):
+            return
+        req: _Req | None = ex.state
+        upstream_host = f"127.0.0.1:{req.port}" if req is not None else ""
+        if traced and tracer is not None:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=caller.source.service,
                 source_principal=caller.source.spiffe_id, destination=caller.service,
                 destination_principal=f"spiffe://{caller.source.trust_domain}/svc/{caller.service}",
-                subset=subset, upstream_host=f"127.0.0.1:{req.port}" if req is not None else "",
-                peer=caller.peer,
+                subset=subset, upstream_host=upstream_host, peer=caller.peer,
             )  # fmt: skip
-        if access_due(ex):
+        if logged:
             access_line(ex, REPORTER, caller.source.service, caller.source.spiffe_id, caller.service, subset,
-                        f"127.0.0.1:{req.port}" if req is not None else "", caller.peer)  # fmt: skip
+                        upstream_host, caller.peer)  # fmt: skip
 
     def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
         caller: Caller = conn.info
