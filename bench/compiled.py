@@ -17,6 +17,7 @@ machine), and an unchanged tree reuses the venv. Only the newest build is kept.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ class CompiledBuildError(RuntimeError):
     """The compiled build could not be made; the message says why (e.g. no C compiler)."""
 
 
+@functools.cache  # asked by missing_compiler (up to twice) and source_key: one run of the interpreter
 def _target_config() -> dict[str, str]:
     code = (
         "import json, sys, sysconfig\n"
@@ -57,10 +59,17 @@ def _target_config() -> dict[str, str]:
     return {"cc": cc, "include": include, "version": version}
 
 
-def missing_compiler() -> str | None:
-    """Why this machine cannot build C extensions for the target interpreter, or None when it can."""
+def _no_target() -> str | None:
     if not Path(TARGET_PYTHON).exists():
         return f"no {TARGET_PYTHON} (the interpreter the .deb ships on; TARGET_PYTHON names another)"
+    return None
+
+
+def missing_compiler() -> str | None:
+    """Why this machine cannot build C extensions for the target interpreter, or None when it can."""
+    reason = _no_target()
+    if reason:
+        return reason
     config = _target_config()
     cc = config["cc"].split()[0]
     if shutil.which(cc) is None:
@@ -85,9 +94,7 @@ def ensure_target() -> str | None:
     """Why the target interpreter cannot run, or None; installed from apt first when missing, as root."""
     if not Path(TARGET_PYTHON).exists() and _can_install() and _debian_python():
         subprocess.run([str(ENSURE), _debian_python()[0]], timeout=BUILD_TIMEOUT)
-    if not Path(TARGET_PYTHON).exists():
-        return f"no {TARGET_PYTHON} (the interpreter the .deb ships on; TARGET_PYTHON names another)"
-    return None
+    return _no_target()
 
 
 def ensure_compiler() -> str | None:
