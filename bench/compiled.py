@@ -37,7 +37,9 @@ SOURCES = ("agent", "registry", "ca", "packaging/backend")
 BUILD_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md")
 # what tests/test_compiled_build.py runs the compiled modules' test suites with
 TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "pytest-asyncio>=0.23", "hypothesis>=6.100")
-BUILD_TIMEOUT = 1200  # mypy + gcc at -O3 on a loaded 2-core machine, plus a cold package download
+# each step run here (apt, sdist, venv, pip, the wheel helper): above the compile's own bound in
+# packaging/compiled_wheel.py (1,200 s), so a compile that runs out says so itself
+STEP_TIMEOUT = 1500
 ENSURE = REPO / "packaging" / "ensure-tools.sh"
 
 
@@ -93,7 +95,7 @@ def _debian_python() -> list[str]:
 def ensure_target() -> str | None:
     """Why the target interpreter cannot run, or None; installed from apt first when missing, as root."""
     if not Path(TARGET_PYTHON).exists() and _can_install() and _debian_python():
-        subprocess.run([str(ENSURE), _debian_python()[0]], timeout=BUILD_TIMEOUT)
+        subprocess.run([str(ENSURE), _debian_python()[0]], timeout=STEP_TIMEOUT)
     return _no_target()
 
 
@@ -104,7 +106,7 @@ def ensure_compiler() -> str | None:
     if reason is None or not _can_install():
         return reason
     tools = ([] if shutil.which("gcc") else ["gcc"]) + _debian_python()
-    if tools and subprocess.run([str(ENSURE), *tools], timeout=BUILD_TIMEOUT).returncode != 0:
+    if tools and subprocess.run([str(ENSURE), *tools], timeout=STEP_TIMEOUT).returncode != 0:
         return f"{reason}; installing {' '.join(tools)} failed"
     return missing_compiler()
 
@@ -166,7 +168,7 @@ def _venv(build: str) -> Path:
 def _run(cmd: list[str], env: dict[str, str] | None = None, relay: bool = False) -> str:
     """`cmd`'s stdout; with `relay`, its stderr is passed on (the compiled wheel's helper says there
     whether it built the wheel or reused it)."""
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
     if out.returncode != 0:
         tail = (out.stdout + out.stderr).strip().splitlines()[-25:]
         raise CompiledBuildError(f"{' '.join(cmd[:4])} … failed:\n" + "\n".join(tail))

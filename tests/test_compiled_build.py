@@ -25,7 +25,7 @@ from typing import NamedTuple
 import pytest
 
 from bench.compiled import (
-    BUILD_TIMEOUT,
+    STEP_TIMEOUT,
     TARGET_PYTHON,
     WHEELS,
     CompiledBuildError,
@@ -37,7 +37,7 @@ from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from tests.l7_support import Backends, Client
 from tests.support import REPO, ConsulDev
 
-pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 300)]
+pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(STEP_TIMEOUT + 300)]
 
 # the suites of the compiled modules (agent/compiled.py), run by the compiled build's interpreter: their
 # sans-IO tests, and the component tests of the connection modules (L7 over TLS and over the mux, L4
@@ -106,7 +106,7 @@ def test_the_deb_build_finds_this_wheel(venv: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HOSTMESH_COMPILE": "0"}  # as build-deb.sh makes it
     out = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT,
+        capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (sdist,) = tmp_path.glob("hostmesh-*.tar.gz")
