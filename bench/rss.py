@@ -7,12 +7,12 @@ readiness probe, which pulls a 1 MiB answer through the pair), then runs the giv
 turn and prints each process's peak RSS during the run, its RSS after it, its socket count and the
 anonymous / file-backed split (/proc/<pid>/smaps_rollup).
 
-Idle is measured in two windows in a row: the first at once (what `make bench` reports for the
-system it started last), the second `settled`, after the agents' trim ticks (agent/memory.py; what
-`make bench` reports for the others, started seconds before its idle window: RESULTS.md's
-hostmesh-l4 and -l7 figures). Right after the probe an agent still holds ~1 MiB of that answer's
-buffers: the heap's free pages and the loop's read buffer go back at its next tick, the mesh
-connection's TLS buffers at the first tick after a quiet one (within 2 s). Each agent's RSS is also
+Idle is measured in two windows in a row: the first at once, right after the probe, the second
+`settled`, opening bench/run.py's SETTLE_S after it, after the agents' trim ticks (agent/memory.py),
+as `make bench` measures every system's idle RSS (RESULTS.md's hostmesh-l4 and -l7 figures). Right
+after the probe an agent still holds ~1 MiB of that answer's buffers: the heap's free pages and the
+loop's read buffer go back at its next tick, the mesh connection's TLS buffers at the first tick
+after a quiet one (within 2 s). Each agent's RSS is also
 split into private (its own pages) and shared (pages other processes map too, mostly clean library
 pages): a change that only moves shared pages saves the host nothing.
 
@@ -35,11 +35,10 @@ from pathlib import Path
 from bench import load
 from bench.procs import Procs, Sampler, rss_kib
 from bench.report import HM_L4, HM_L7
-from bench.run import ensure_tools, hostmesh_build
+from bench.run import SETTLE_S, ensure_tools, hostmesh_build
 from bench.systems import Env, HostmeshPair, start_consul, start_nginx
 
-IDLE_S = 3.0  # as bench/run.py's Settings.idle_s; > agent/memory.py's TRIM_SECONDS, so the second
-# idle window starts after the agents' first trim ticks
+IDLE_S = 3.0  # as bench/run.py's Settings.idle_s
 CONNECTIONS = {"ka": 50, "close": 50, "big": 10}  # as bench/run.py: (a), (b) and (c)
 
 
@@ -111,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         start_consul(env)
         pair = HostmeshPair("tcp" if args.system == HM_L4 else "http")
         pair.start(env)
+        ready = time.monotonic()
         roots = pair.roots()
         with Sampler(roots) as smp:
             time.sleep(IDLE_S)  # the measurement window itself, as the bench's
         print(f"idle   peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)
+        time.sleep(max(ready + SETTLE_S - time.monotonic(), 0.0))  # as bench/run.py's idle window
         with Sampler(roots) as smp:
             time.sleep(IDLE_S)
         print(f"settled peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)

@@ -37,12 +37,19 @@ from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
 from bench.procs import Procs, Sampler, StartError, cpu_s, log_tail, tree  # noqa: E402
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
+from hostmesh.agent.memory import TRIM_SECONDS  # noqa: E402
 
 SCENARIOS = ("ka", "close", "big", "lat")
 RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 MAX_ERROR_FRACTION = 0.01  # a run with more failed requests than this is not a throughput figure
 RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is flagged
+# (e) idle is the agents' steady state, so its window opens this long after the last system's
+# readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
+# (agent/memory.py: free heap pages at the next tick, a quiet mesh connection's TLS buffers at the
+# first tick after a quiet one), plus one tick of slack for a loaded machine. Without it the systems
+# started last were measured still holding ~1 MiB of the probe (bench.rss: L7 31.6 vs 30.4 MiB).
+SETTLE_S = 3 * TRIM_SECONDS
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class Settings:
 
     def estimate_s(self, n_systems: int) -> float:
         per_round = n_systems * (3 * (self.duration_s + 0.5) + self.lat_duration_s + 0.5)
-        return 30 + self.idle_s + n_systems * self.warmup_s + self.runs * per_round
+        return 30 + SETTLE_S + self.idle_s + n_systems * self.warmup_s + self.runs * per_round
 
     @classmethod
     def quick(cls, **kw: Any) -> Settings:
@@ -247,6 +254,7 @@ class Harness:
         self.unavailable_logs: dict[str, str] = {}
         self.records: list[dict[str, Any]] = []
         self.script = load.write_wrk_script(workdir)
+        self.last_ready = 0.0  # time.monotonic() when the last system started became ready
 
     def _system_logs(self, system: System) -> str:
         parts = []
@@ -278,10 +286,14 @@ class Harness:
             except StartError as exc:
                 self.mark_unavailable(system, str(exc))
                 continue
-            took = time.monotonic() - t0
+            self.last_ready = time.monotonic()
+            took = self.last_ready - t0
             say(f"{system.name:<12} ready on {system.url} in {took:.1f}s  pids {system.roots()}")
 
     def idle(self) -> None:
+        settle = self.last_ready + SETTLE_S - time.monotonic()
+        if settle > 0:  # see SETTLE_S: a measurement of the steady state, not a wait for readiness
+            time.sleep(settle)
         measured = [(s, Sampler(s.roots())) for s in self.live if s.roots()]
         for _, smp in measured:
             smp.__enter__()

@@ -6,7 +6,9 @@ No load and no processes here: `make bench` is a benchmark, never a timed test.
 from __future__ import annotations
 
 import math
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -390,3 +392,16 @@ def test_rss_splits_private_from_shared_pages() -> None:
     }
     assert private_shared_kib(rollup) == (17200, 14800)
     assert private_shared_kib({}) == (0, 0)
+
+
+def test_idle_window_opens_after_the_last_started_system_settled(tmp_path: Path) -> None:
+    """(e) measures the steady state: the idle window opens SETTLE_S after the last system's readiness
+    probe, at least the two trim ticks in which an agent gives that probe's buffers back."""
+    from bench.run import SETTLE_S, Harness, Settings
+    from hostmesh.agent.memory import TRIM_SECONDS
+
+    assert SETTLE_S >= 2 * TRIM_SECONDS
+    h = Harness(Settings(idle_s=0.0), [], ["ka"], tmp_path, "consul", ["hostmesh"])
+    h.last_ready = time.monotonic()
+    h.idle()
+    assert time.monotonic() >= h.last_ready + SETTLE_S
