@@ -84,7 +84,7 @@ from hostmesh.agent.l7.retry import (
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
-from hostmesh.agent.reqstats import IstioSeries, RequestSeries
+from hostmesh.agent.reqstats import ACCESS_SAMPLE, IstioSeries, RequestSeries
 
 if TYPE_CHECKING:
     from hostmesh.agent.proxy.http_upstream import UpstreamConn
@@ -184,10 +184,22 @@ class RequestMetrics:
         return RequestSeries(t.requests.labels(*labels), t.request_duration.labels(*labels), ist)
 
 
+def failed(ex: Exchange) -> bool:
+    """A flagged or 5xx answer: it always gets its access line, and its span with `[tracing] errors`."""
+    return bool(ex.flags) or ex.status >= 500
+
+
 def access_due(ex: Exchange) -> bool:
-    """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, flagged and 5xx
-    answers always (asked first, so that nothing is formatted for the unsampled majority)."""
-    return audit.access_sampled(bool(ex.flags) or ex.status >= 500)  # positional: no keyword parsing
+    """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, failures always
+    (asked first, so that nothing is formatted for the unsampled majority). The sample's countdown is
+    read natively; only a due line asks whether the access logger is on (audit.access_sampled's order)."""
+    return (failed(ex) or ACCESS_SAMPLE.due()) and audit.access_enabled()
+
+
+def trace_due(tracer: Any, ex: Exchange) -> bool:
+    """Whether `ex` ends a span: sampled at its start (it has one), or unsampled but failed with
+    `[tracing] errors` on; without a tracer, never. An unsampled success costs these tests, nothing more."""
+    return tracer is not None and (ex.trace is not None or (tracer.errors and failed(ex)))
 
 
 def access_line(
@@ -1111,4 +1123,5 @@ __all__ = [
     "TlsServerConn",
     "access_due",
     "access_line",
+    "trace_due",
 ]

@@ -59,6 +59,7 @@ from hostmesh.agent.proxy.http_conn import (
     complete_request_headers,
     drain,
     monotonic,
+    trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.stream_transport import StreamTransport
@@ -317,15 +318,13 @@ class HttpInbound:
         self.metrics.observe(caller.source.service, caller.service, subset, ex.status, fl.render(ex.flags),
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
-            ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        )
+        traced = trace_due(tracer, ex)
         logged = access_due(ex)
         if not (traced or logged):
             return
         req: _Req | None = ex.state
         upstream_host = f"127.0.0.1:{req.port}" if req is not None else ""
-        if traced and tracer is not None:
+        if traced:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=caller.source.service,
                 source_principal=caller.source.spiffe_id, destination=caller.service,

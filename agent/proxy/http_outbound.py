@@ -92,6 +92,7 @@ from hostmesh.agent.proxy.http_conn import (
     drain,
     monotonic,
     response_flag,
+    trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import ConnectionCap
@@ -1028,16 +1029,14 @@ class HttpOutbound:
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
-            ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        )
+        traced = trace_due(tracer, ex)
         logged = access_due(ex)
         if not (traced or logged):
             return
         td = self.holder.current.trust_domain
         principal = f"spiffe://{td}/svc/{self.local_service}"
         upstream_host = f"{used.address}:{used.port}" if used is not None else ""
-        if traced and tracer is not None:
+        if traced:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,
                 destination=self.service, destination_principal=f"spiffe://{td}/svc/{self.service}",
