@@ -106,6 +106,8 @@ REQUEST_ID: Final = b"x-request-id"
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 _rng: Final = random.Random()
+# its bound method, once: `_rng.getrandbits(…)` looks the method up on a Python class per call
+_getrandbits: Final = _rng.getrandbits
 # time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a
 # module attribute lookup per call). The other compiled http_* modules import this one: a Final of
 # another module of the compiled group is the same C static, read as cheaply (callgrind).
@@ -116,7 +118,7 @@ _hexlify: Final = binascii.hexlify
 def request_id() -> bytes:
     """128 random bits as 32 hex digits (an id, not a secret: no syscall per request). The hex of the
     bits' bytes: half the instructions of `b"%032x" % bits` (bytes formatting of a 128-bit int)."""
-    return _hexlify(_rng.getrandbits(128).to_bytes(16, "little"))
+    return _hexlify(_getrandbits(128).to_bytes(16, "little"))
 
 
 class Handler(Protocol):
@@ -894,7 +896,18 @@ class Exchange:
 
     def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None:
         """The events of one upstream read, in order (one call per read: the common response is a
-        head, a body and its end in one read); stops once `up` is no longer this exchange's."""
+        head, a body and its end in one read); stops once `up` is no longer this exchange's. What they
+        write to the client leaves in one write (cork): corked here, where the client is a typed
+        ServerConn, not by the upstream connection through its owner (generic calls: ~600
+        instructions per read, callgrind)."""
+        conn = self.conn
+        conn.cork()
+        try:
+            self._upstream_events(up, events)
+        finally:
+            conn.uncork()
+
+    def _upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None:
         for ev in events:
             if up is not self.upstream or up.owner is not self:
                 return
