@@ -177,8 +177,9 @@ def _tokens(value: bytes) -> list[bytes]:
 
 def _token_set(value: bytes) -> frozenset[bytes]:
     """`_tokens` of one Connection value as a set. Nearly every value is `keep-alive` or `close`: those
-    are answered by a comparison, the rest from a cache (a call through lru_cache is a generic call:
-    ~550 instructions, twice per proxied response, callgrind)."""
+    are answered by a comparison, the rest from a cache (a call through lru_cache is a generic call and
+    a module lookup: forward_headers + request_keep_alive of an app's `keep-alive` response went from
+    6,500 to 4,400 instructions, callgrind)."""
     if value == b"keep-alive":
         return _KEEP_ALIVE
     if value == b"close":

@@ -521,6 +521,7 @@ class HttpOutbound:
     # --- per request ---------------------------------------------------------------------------
 
     def reads(self, snap: Snapshot) -> SnapReads:
+        """What requests read from `snap` (SnapReads), made on the first request that sees it."""
         r = self._reads
         if r is None or r.snap is not snap:
             r = self._reads = SnapReads(snap, self.local_service, self.service, r)
