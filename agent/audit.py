@@ -9,25 +9,22 @@ Decisions:
   for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`).
   Why a sample by default: formatting and writing one JSON line per connection cost ~40 % of the
   agent's new-connection throughput, and the metrics already count every connection; the sample
-  keeps a representative trail for debugging at ~1 % of that cost.
+  keeps a representative trail for debugging at ~1 % of that cost. The sample is drawn in compiled
+  code (reqstats.Sample, a countdown over geometric gaps): an unsampled request costs a decrement.
 - Either way nothing is formatted unless the `hostmesh.access` logger is enabled at INFO.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 from hostmesh.agent.l7 import flags
+from hostmesh.agent.reqstats import ACCESS_SAMPLE
+from hostmesh.agent.reqstats import DEFAULT_ACCESS_SAMPLE as DEFAULT_ACCESS_SAMPLE  # agent.toml's (config.py)
 
 audit_log = logging.getLogger("hostmesh.audit")
 access_log = logging.getLogger("hostmesh.access")
-
-DEFAULT_ACCESS_SAMPLE = 0.01  # fraction of allowed connections/requests with an access line (see above)
-
-_sample = DEFAULT_ACCESS_SAMPLE
-_random = random.Random().random
 
 
 def denied(*, layer: str, source: str, destination: str, reason: str, peer: str = "", **extra: Any) -> None:
@@ -46,14 +43,13 @@ def denied(*, layer: str, source: str, destination: str, reason: str, peer: str 
 
 def configure_access(sample: float) -> None:
     """Set the access-log sample (0..1); the agent calls this at start and on reload."""
-    global _sample
     if not 0.0 <= sample <= 1.0:
         raise ValueError(f"access log sample must be in 0..1, got {sample!r}")
-    _sample = sample
+    ACCESS_SAMPLE.configure(sample)
 
 
 def access_sample() -> float:
-    return _sample
+    return ACCESS_SAMPLE.fraction
 
 
 def access_enabled() -> bool:
@@ -63,10 +59,8 @@ def access_enabled() -> bool:
 
 def access_sampled(always: bool = False) -> bool:
     """Should this connection/request write its access line? `always` for failures (see module doc)."""
-    if not always:
-        s = _sample
-        if s < 1.0 and (s <= 0.0 or _random() >= s):
-            return False
+    if not always and not ACCESS_SAMPLE.due():
+        return False
     return access_log.isEnabledFor(logging.INFO)
 
 

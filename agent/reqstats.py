@@ -1,4 +1,5 @@
-"""The per-request series' storage, compiled (agent/compiled.py MODULES): plain fields, no lock.
+"""The per-request series' storage and the access-log sample, compiled (agent/compiled.py MODULES):
+plain fields, no lock.
 
 Every L7 request adds to hostmesh_requests_total and hostmesh_request_duration_seconds on each agent
 (and to four Istio series with `istio_metrics`). Interpreted, that was two to six method calls with
@@ -13,6 +14,8 @@ loop only (`workers = N` are processes, merged at scrape time by agent/workers.p
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Final
 
 
@@ -79,3 +82,48 @@ class RequestSeries:
             ist.duration_ms.observe(seconds * MS_PER_SECOND)
             ist.request_bytes.observe(float(request_bytes))
             ist.response_bytes.observe(float(response_bytes))
+
+
+NEVER: Final = 1 << 62  # a countdown that does not end (sample 0; also caps a gap of a tiny fraction)
+DEFAULT_ACCESS_SAMPLE: Final = 0.01  # fraction of allowed connections/requests with an access line (audit.py)
+
+
+class Sample:
+    """Each request in, independently, with probability `fraction` (audit.py's access-log sample),
+    drawn as a countdown: the gaps between Bernoulli(p) successes are geometric, so one draw per
+    sampled request decides the same as one `random() < p` per request, and an unsampled request
+    costs a decrement (the draw per request, interpreted: ~1,400 instructions per request per agent,
+    callgrind). `due()` is the only per-request call; `configure` starts a new countdown."""
+
+    def __init__(self, fraction: float, rng: random.Random | None = None) -> None:
+        self.fraction = 0.0
+        self.left = 0  # requests until the next sampled one, this one included
+        self._rng = rng or random.Random()
+        self.configure(fraction)
+
+    def configure(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.left = self._gap()
+
+    def due(self) -> bool:
+        """Whether this request is in the sample."""
+        self.left -= 1
+        if self.left > 0:
+            return False
+        self.left = self._gap()
+        return self.fraction > 0.0
+
+    def _gap(self) -> int:
+        """Requests up to and including the next sampled one: Geometric(fraction) on 1, 2, …"""
+        p = self.fraction
+        if p >= 1.0:
+            return 1
+        if p <= 0.0:
+            return NEVER
+        u = 1.0 - self._rng.random()  # in (0, 1]: log is finite
+        return min(int(math.log(u) / math.log1p(-p)) + 1, NEVER)
+
+
+# the access-log sample of this process: a Final of the compiled group, so the L7 handlers read it as a C
+# static (http_conn.access_due); audit.configure_access sets it
+ACCESS_SAMPLE: Final = Sample(DEFAULT_ACCESS_SAMPLE)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
 
 from hostmesh.agent import audit
 from hostmesh.agent.config import ConfigError, parse_config
+from hostmesh.agent.reqstats import Sample
 
 PIN = "sha256:" + "ab" * 32
 DRAWS = 20_000  # bounded loop; enough that 1 % sampling lands well inside the asserted band
@@ -79,3 +82,29 @@ def test_nothing_is_logged_when_the_logger_is_off() -> None:
 def test_configure_rejects_out_of_range() -> None:
     with pytest.raises(ValueError):
         audit.configure_access(2.0)
+
+
+@pytest.mark.usefixtures("access_on")
+def test_a_new_sample_applies_to_the_next_request() -> None:
+    """A reload's sample takes effect at once, not after the countdown drawn for the old one (the
+    sample is drawn as gaps between sampled requests: reqstats.Sample)."""
+    audit.configure_access(0.0)
+    assert not any(audit.access_sampled() for _ in range(100))
+    audit.configure_access(1.0)
+    assert audit.access_sampled()
+    audit.configure_access(1e-9)  # a gap of about a billion requests
+    audit.configure_access(1.0)
+    assert all(audit.access_sampled() for _ in range(100))
+    audit.configure_access(0.0)
+    assert not any(audit.access_sampled() for _ in range(100))
+
+
+def test_the_countdown_samples_each_request_with_the_fraction() -> None:
+    """Gaps drawn from one seeded generator: the share of sampled requests is the fraction, and the
+    gaps are memoryless (as many sampled requests right after a sampled one as the fraction says)."""
+    sample = Sample(0.1, random.Random(7))
+    draws = [sample.due() for _ in range(DRAWS)]
+    hits = sum(draws)
+    assert 0.09 * DRAWS < hits < 0.11 * DRAWS  # expected 2,000, sigma 42
+    after_hit = [b for a, b in itertools.pairwise(draws) if a]
+    assert 0.06 * len(after_hit) < sum(after_hit) < 0.14 * len(after_hit)  # expected 10 %, sigma 0.7 %

@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from hostmesh.agent.audit import access_sample, configure_access
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
@@ -226,11 +227,20 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> str:
 # --- tests ------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def every_access_line() -> Iterator[None]:
+    """Every access line (default: 1 in 100), the previous sample back after the test."""
+    before = access_sample()
+    configure_access(1.0)
+    yield
+    configure_access(before)
+
+
+@pytest.mark.usefixtures("every_access_line")
 async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
-    mesh: Mesh, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="hostmesh.access")
-    monkeypatch.setattr("hostmesh.agent.audit._sample", 1.0)  # every access line (default: 1 in 100)
     r, w = await mesh.connect()
     w.write(b"hello mesh")
     w.write_eof()

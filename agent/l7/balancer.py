@@ -58,6 +58,8 @@ class Endpoint:
     port: int
     zone: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
+    # meta `version`, read once: the destination_subset of its requests when the route names no subset
+    version: str = ""
     active: int = 0  # in-flight requests (least_request, overload)
     connections: int = 0  # open connections (L4 least_connections)
 

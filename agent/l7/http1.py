@@ -175,9 +175,20 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t for t in (p.strip().lower() for p in value.split(b",")) if t]
 
 
-@functools.lru_cache(maxsize=64)
 def _token_set(value: bytes) -> frozenset[bytes]:
-    """`_tokens` of one Connection value as a set; cached: nearly every value is `keep-alive` or `close`."""
+    """`_tokens` of one Connection value as a set. Nearly every value is `keep-alive` or `close`: those
+    are answered by a comparison, the rest from a cache (a call through lru_cache is a generic call and
+    a module lookup: forward_headers + request_keep_alive of an app's `keep-alive` response went from
+    6,500 to 4,400 instructions, callgrind)."""
+    if value == b"keep-alive":
+        return _KEEP_ALIVE
+    if value == b"close":
+        return _CLOSE
+    return _parsed_token_set(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_token_set(value: bytes) -> frozenset[bytes]:
     return frozenset(_tokens(value))
 
 
@@ -200,6 +211,8 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_KEEP_ALIVE: Final = frozenset({b"keep-alive"})
+_CLOSE: Final = frozenset({b"close"})
 # A head's decision fields and a message's trailers until it has any: most have none, and a list
 # made per message only to be dropped costs two allocator calls. Never appended to.
 NO_FIELDS: Final[Headers] = []
@@ -325,7 +338,8 @@ def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     for n, v in headers:
         if n == b"connection":
             named = _token_set(v) if not named else named | _token_set(v)
-    drop = _dropped(named)
+    # `keep-alive` names a field dropped anyway: no cached call (see _token_set)
+    drop = _NOT_FORWARDED if not named or named is _KEEP_ALIVE else _dropped(named)
     out = [h for h in headers if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")

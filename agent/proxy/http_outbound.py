@@ -92,6 +92,7 @@ from hostmesh.agent.proxy.http_conn import (
     drain,
     monotonic,
     response_flag,
+    trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import ConnectionCap
@@ -158,6 +159,25 @@ class _Req:
         return rs
 
 
+class SnapReads:
+    """What every request of this listener reads from one snapshot besides its Cluster, read once per
+    snapshot: attributes of the snapshot's objects (interpreted) are generic reads and calls from
+    compiled code (`_admit` and `_prepare` ~700 instructions per request, callgrind)."""
+
+    __slots__ = ("ctx", "ident", "snap")
+
+    def __init__(self, snap: Snapshot, local_service: str, service: str, prev: SnapReads | None) -> None:
+        self.snap = snap
+        # the calling service's client context for HTTP (ALPN ca/tls.py HTTP_ALPN); None: no certificate
+        self.ctx: Any = snap.tls.client_http.get(local_service)
+        td = snap.trust_domain
+        # the upstream's identity, checked on the peer agent's certificate: the same object while the
+        # trust domain stays
+        self.ident: Identity = (
+            prev.ident if prev is not None and prev.ident.trust_domain == td else Identity(td, service)
+        )
+
+
 class Cluster:
     """Everything this listener knows about its upstream for one (endpoints, routes, policy) triple."""
 
@@ -172,7 +192,9 @@ class Cluster:
         policy = self.policy
         zkey = lb.zone_key(policy)
         eps: tuple[lb.Endpoint, ...] = tuple(
-            lb.Endpoint(e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta)
+            lb.Endpoint(
+                e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta, e.meta.get("version", "")
+            )
             for e in self.src_endpoints
         )
         if prev is not None:
@@ -266,8 +288,6 @@ class MirrorState(enum.Enum):
 class _NoConn:
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
-    def cork(self) -> None: ...
-    def uncork(self) -> None: ...
 
 
 class _MirrorTap:
@@ -441,9 +461,9 @@ class HttpOutbound:
         self._accepts_snap: Snapshot | None = None  # the snapshot `_accepts` (app_conn's answer) is for
         self._accepts = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ctx: Any = None
+        self._ctx: Any = None  # the client context of the last request: pooled connections made with it
         self._conn_waiters: list[asyncio.Future[None]] = []
-        self._ident: Identity | None = None
+        self._reads: SnapReads | None = None
         self.closing = False
         self.rejected_total = 0
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
@@ -499,6 +519,13 @@ class HttpOutbound:
         transport.resume_reading()
 
     # --- per request ---------------------------------------------------------------------------
+
+    def reads(self, snap: Snapshot) -> SnapReads:
+        """What requests read from `snap` (SnapReads), made on the first request that sees it."""
+        r = self._reads
+        if r is None or r.snap is not snap:
+            r = self._reads = SnapReads(snap, self.local_service, self.service, r)
+        return r
 
     def cluster(self, snap: Snapshot) -> Cluster:
         cl = self._cluster
@@ -559,9 +586,10 @@ class HttpOutbound:
         connection when no timer is involved (the common case), else in a coroutine (dial, timeouts,
         retries). A stage that has to answer the request itself (503 UO, UF, UH) ends it there."""
         st: _Req = ex.state
-        if not self._admit(ex, st, snap):
+        reads = self.reads(snap)
+        if not self._admit(ex, st, reads):
             return
-        self._prepare(ex, st, snap)
+        self._prepare(ex, st, reads)
         route: CompiledRoute = st.route  # typed: compiled code reads its fields natively
         if route.mirror and not ex.head.upgrade and route.should_mirror(self.rng):
             self._mirror(ex, st)
@@ -572,7 +600,7 @@ class HttpOutbound:
         st.deadline = monotonic() + route.timeout if route.timeout else None
         self._spawn(self._loop(ex))
 
-    def _admit(self, ex: Exchange, st: _Req, snap: Snapshot) -> bool:
+    def _admit(self, ex: Exchange, st: _Req, reads: SnapReads) -> bool:
         """The upstream's request limit (over it: 503 UO at once; only connections wait as pending),
         then the calling service's client certificate (none: 503 UF). Pooled connections made with an
         older certificate are dropped when a new one is first used."""
@@ -580,7 +608,7 @@ class HttpOutbound:
             ex.respond(503, fl.UO)
             return False
         st.admitted = True
-        ctx = snap.tls.client_http.get(self.local_service)
+        ctx = reads.ctx
         if ctx is None:
             ex.respond(503, fl.UF, "no certificate for the calling service")
             return False
@@ -591,7 +619,7 @@ class HttpOutbound:
         st.ctx = ctx
         return True
 
-    def _prepare(self, ex: Exchange, st: _Req, snap: Snapshot) -> None:
+    def _prepare(self, ex: Exchange, st: _Req, reads: SnapReads) -> None:
         """The forwarded request, built once for every try: hop-by-hop headers dropped, the route's
         header ops and rewrite applied, x-request-id/Host completed, the trace context set; the
         client is told to send its body (100-continue) now that local checks passed."""
@@ -610,10 +638,7 @@ class HttpOutbound:
             set_traceparent(headers, ex.trace.traceparent())
         st.target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
         st.headers = headers
-        ident = self._ident
-        if ident is None or ident.trust_domain != snap.trust_domain:
-            ident = self._ident = Identity(snap.trust_domain, self.service)
-        st.ident = ident
+        st.ident = reads.ident
 
     def _plan(self, ex: Exchange, st: _Req, snap: Snapshot, subset: str | None) -> None:
         """What every try uses: the subset's balancer, the consistent-hash key (when the policy hashes),
@@ -1020,7 +1045,7 @@ class HttpOutbound:
             if ep is not None:
                 ep.active -= 1
                 st.endpoint = None
-                subset = st.subset or ep.meta.get("version", "")
+                subset = st.subset or ep.version
                 used = ep
             else:
                 subset = st.subset
@@ -1028,16 +1053,14 @@ class HttpOutbound:
         self.metrics.observe(self.local_service, self.service, subset, ex.status, flags,
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip
         tracer = self.tracer
-        traced = tracer is not None and (  # an unsampled success costs these three tests, nothing more
-            ex.trace is not None or (tracer.errors and (ex.status >= 500 or bool(ex.flags)))
-        )
+        traced = trace_due(tracer, ex)
         logged = access_due(ex)
         if not (traced or logged):
             return
         td = self.holder.current.trust_domain
         principal = f"spiffe://{td}/svc/{self.local_service}"
         upstream_host = f"{used.address}:{used.port}" if used is not None else ""
-        if traced and tracer is not None:
+        if traced:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,
                 destination=self.service, destination_principal=f"spiffe://{td}/svc/{self.service}",

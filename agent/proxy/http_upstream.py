@@ -84,12 +84,9 @@ class UpstreamConn(asyncio.BaseProtocol):
             if events:
                 self.close()  # bytes nobody asked for: this connection cannot be trusted any more
             return
-        conn = owner.conn
-        conn.cork()
-        try:  # one call per read, not per event (the owner stops when it lets this connection go)
-            owner.on_upstream_events(self, events)
-        finally:
-            conn.uncork()
+        # one call per read, not per event (the owner stops when it lets this connection go, and
+        # corks its client's writes for the read: Exchange.on_upstream_events)
+        owner.on_upstream_events(self, events)
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
