@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -282,6 +283,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         track_tls_reads(self)  # a quiet connection's TLS buffers go back at the trim tick (agent/memory.py)
 
     _read_view: memoryview | None = None  # the loop's buffer, looked up once (each lookup is a getpid)
+    _read_map: mmap.mmap | None = None  # the same buffer's mmap: a slice of it is bytes at once
     # `loop.call_soon` and our `_flush`, as bound methods made once (see _write); dropped when the
     # connection is lost (the second refers to us)
     _call_soon: Callable[[Callable[[], None]], object] | None = None
@@ -291,12 +293,14 @@ class MuxConnection(asyncio.BufferedProtocol):
         view = self._read_view
         if view is None:
             view = self._read_view = loop_read_buffer()
+            self._read_map = cast(mmap.mmap, view.obj)
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
-        assert self._read_view is not None
-        # Copied out at once (the buffer is the loop's); DATA pieces are views of this copy.
-        _frames(self, bytes(self._read_view[:nbytes]))
+        assert self._read_map is not None
+        # Copied out at once (the buffer is the loop's); DATA pieces are views of this copy. Sliced
+        # from the mmap, not the view: one copy, no memoryview slice in between (~600 instructions).
+        _frames(self, self._read_map[:nbytes])
 
     def data_received(self, data: bytes) -> None:
         _frames(self, data)
