@@ -384,8 +384,8 @@ class _Receiver(MuxConnection):
         self.want = want
         self.done = asyncio.get_running_loop().create_future()
 
-    def data_received(self, data: bytes) -> None:
-        self.got += len(data)
+    def buffer_updated(self, nbytes: int) -> None:  # the read callback itself: it decodes frames directly
+        self.got += nbytes
         if self.got >= self.want and not self.done.done():
             self.done.set_result(None)
 

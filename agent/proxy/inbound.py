@@ -212,7 +212,7 @@ def _watching(report: Callable[[str, str, str | None], None]) -> type[ssl.SSLObj
     """An SSLObject class that calls `report(reason, detail, sni)` when its server-side handshake
     fails, or when it is dropped with the handshake begun and not finished (see the docstring)."""
 
-    class WatchedSSLObject(ssl.SSLObject):
+    class WatchedSSLObject(catls.MeshSSLObject):
         _hs_state = _HS_NEW
 
         def do_handshake(self) -> None:
