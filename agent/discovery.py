@@ -11,6 +11,16 @@ yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
 
+Which instances are used: those whose own checks and whose node's checks pass (Consul's `?passing`).
+When no instance of an upstream passes, those whose own checks pass and whose node fails Serf's
+`serfHealth` alone are used until one passes (Envoy's panic routing, narrowed to gossip): Serf's
+verdict is gossip, and a host rejoining after a partition can spread a stale "failed" about a live
+peer, which Consul's servers record until the peer refutes it a few milliseconds later. With the
+cut-off host itself still failed, that left an upstream without any instance, and every call in
+that window failed (503 UH, L4 reset). An instance whose own check fails, or whose node is in
+maintenance or fails another node check, is never used so; with none left, still 503 UH. Either
+case is logged once, naming each instance and why it fails.
+
 Intentions fail closed. Each local service's intentions are in one `IntentionsState`
 (agent/snapshot.py); the data path and readiness read only the snapshot's result:
 
@@ -470,6 +480,7 @@ class EndpointTable:
         self.not_passing = NotPassing(frozenset(), frozenset())
         self.health_index = 0
         self.current: dict[str, tuple[Endpoint, ...]] = {}
+        self.panicking: set[str] = set()  # upstreams served by the panic rule right now
 
     def set_members(self, upstream: str, instances: list[CatalogInstance]) -> None:
         eps = [
@@ -488,11 +499,15 @@ class EndpointTable:
         return True
 
     def changed(self) -> dict[str, tuple[Endpoint, ...]]:
-        """Upstreams whose healthy endpoints differ from the last call's, with their new list."""
+        """Upstreams whose usable endpoints differ from the last call's, with their new list: the
+        healthy ones; with none, those failed by gossip alone (the panic rule, module docstring)."""
         np = self.not_passing
         out = {}
         for upstream, members in self.members.items():
             healthy = tuple(e for e in members if np.healthy(e.node, e.instance_id))
+            panic = not healthy and bool(members)
+            if panic:
+                healthy = tuple(e for e in members if np.only_gossip_failed(e.node, e.instance_id))
             before = self.current.get(upstream)
             if (
                 before is None
@@ -500,7 +515,35 @@ class EndpointTable:
                 or any(a is not b for a, b in zip(before, healthy, strict=True))
             ):
                 self.current[upstream] = out[upstream] = healthy
+                if panic:
+                    self._say_unhealthy(upstream, members, healthy)
+                elif before is not None and upstream in self.panicking:
+                    log.warning("%s has instances passing their checks again: %d", upstream, len(healthy))
+            if not panic:
+                self.panicking.discard(upstream)
         return out
+
+    def _say_unhealthy(
+        self, upstream: str, members: tuple[Endpoint, ...], used: tuple[Endpoint, ...]
+    ) -> None:
+        """One line when no instance of `upstream` passes its checks: which are used, why each fails."""
+        np = self.not_passing
+
+        def why(e: Endpoint) -> str:
+            if (e.node, e.instance_id) in np.instances:
+                return f"{e.instance_id} (its own check fails)"
+            if e.node in np.gossip_failed:
+                return f"{e.instance_id} (node {e.node} failed by gossip alone)"
+            return f"{e.instance_id} (node {e.node} has a failing node check)"
+
+        reasons = ", ".join(why(e) for e in members)
+        if used:
+            self.panicking.add(upstream)
+            log.warning("no instance of %s passes its checks: %s; using the %d whose own checks pass "
+                        "until one does (panic routing)", upstream, reasons, len(used))  # fmt: skip
+        else:
+            self.panicking.discard(upstream)
+            log.warning("no healthy instance of %s: %s", upstream, reasons)
 
 
 class Discovery:
@@ -757,6 +800,11 @@ class Discovery:
     @property
     def healthy(self) -> bool:
         return all(w.healthy for w in self.watches.values())
+
+    @property
+    def health_index(self) -> int:
+        """Consul's index of the failing-check view in force (to wait for a change to be seen)."""
+        return self._table.health_index
 
     async def stop(self) -> None:
         self._running = False
