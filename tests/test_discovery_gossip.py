@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.config import parse_config
-from hostmesh.agent.discovery import Discovery, SnapshotBuilder
+from hostmesh.agent.discovery import GOSSIP_GRACE, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import TLSMaterial
 from hostmesh.registry.consul import SERF_CHECK, ConsulClient
 from tests.support import ConsulDev, async_wait_until
@@ -73,7 +73,7 @@ class Agent:
     """The agent's discovery against `consul`: Discovery -> SnapshotBuilder -> the snapshot the data
     path reads (its endpoints are what the L4 and L7 balancers pick from; none: 503 UH / reset)."""
 
-    def __init__(self, client: ConsulClient, tmp_path: Path) -> None:
+    def __init__(self, client: ConsulClient, tmp_path: Path, grace: float) -> None:
         upstream = {"service": UPSTREAM, "bind": "127.0.0.1:1"}  # (no listener is opened here)
         raw = {
             "ca": {"pin": "sha256:" + "ab" * 32},
@@ -81,7 +81,7 @@ class Agent:
             "services": [{"name": "client", "port": 8080, "upstreams": [upstream]}],
         }
         self.builder = SnapshotBuilder(parse_config(raw), lambda: TLSMaterial(1, "", {}, {}))
-        self.discovery = Discovery(client, self.builder)
+        self.discovery = Discovery(client, self.builder, gossip_grace=grace)
         self._consul = client
 
     def hosts(self) -> set[str]:
@@ -107,10 +107,13 @@ def reconciled(consul: ConsulDev) -> bool:
 
 
 @pytest.fixture
-async def agent(private_consul: ConsulDev, tmp_path: Path) -> AsyncIterator[Agent]:
+async def agent(
+    private_consul: ConsulDev, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Agent]:
+    grace = getattr(request, "param", GOSSIP_GRACE)
     await async_wait_until(partial(reconciled, private_consul), SEEN_TIMEOUT, "the leader's first reconcile")
     async with ConsulClient(private_consul.url) as client:
-        a = Agent(client, tmp_path)
+        a = Agent(client, tmp_path, grace)
         register(private_consul, "g-w2")
         register(private_consul, "g-w3")
         a.discovery.start()
@@ -141,6 +144,32 @@ async def test_a_stale_gossip_failure_of_the_last_healthy_host_leaves_its_instan
     assert "gossip-shop has instances passing their checks again: 1" in caplog.text
     register(private_consul, "g-w3")  # w3 alive again
     await agent.sees({"g-w2", "g-w3"})
+
+
+SHORT_GRACE = 2.0  # seconds: the grace is awaited below as an event (the snapshot emptied), not slept
+
+
+@pytest.mark.parametrize("agent", [SHORT_GRACE], indirect=True)
+async def test_hosts_failed_by_gossip_are_given_up_after_the_grace(
+    agent: Agent, private_consul: ConsulDev, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every host of the upstream really gone (no refutation comes): after the grace the upstream has
+    no instance (503 UH), without waiting for another change from Consul."""
+    caplog.set_level(logging.WARNING, "hostmesh.agent.discovery")
+    register(private_consul, "g-w3", serf="critical")
+    await agent.sees({"g-w2"})
+    register(private_consul, "g-w2", serf="critical")
+    await agent.sees({"g-w2", "g-w3"})
+    seen = agent.discovery.health_index
+    await agent.sees(set())
+    assert agent.discovery.health_index == seen  # the grace ran out; Consul had nothing new to say
+    assert "for 2 s at most (panic routing)" in caplog.text
+    assert (
+        "no healthy instance of gossip-shop: gossip-shop-g-w2 (node g-w2 failed by gossip alone)"
+        in caplog.text
+    )
+    register(private_consul, "g-w3")
+    await agent.sees({"g-w3"})
 
 
 async def test_an_instance_whose_own_check_fails_is_never_used_by_the_panic_rule(
