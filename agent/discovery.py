@@ -16,7 +16,7 @@ When an upstream loses its last passing instance, those whose own checks pass an
 Serf's `serfHealth` alone stay in use until one passes, for `GOSSIP_GRACE` at most (Envoy's panic
 routing, narrowed to gossip and bounded): Serf's verdict is gossip, and a host rejoining after a
 partition can spread a stale "failed" about a live peer, which Consul's servers record until the
-peer refutes it a few milliseconds later. With the cut-off host itself still failed, that left an
+peer refutes it (20 to 400 ms in tests/fleet). With the cut-off host itself still failed, that left an
 upstream without any instance, and every call in that window failed (503 UH, L4 reset). An
 instance whose own check fails, or whose node is in maintenance or fails another node check, is
 never used so; past the grace, or with none left, 503 UH as before, so a host that is really gone
