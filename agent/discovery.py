@@ -11,6 +11,17 @@ yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json`, and an agent that starts while Consul is down serves from it.
 
+Which instances are used: those whose own checks and whose node's checks pass (Consul's `?passing`).
+When an upstream loses its last passing instance, those whose own checks pass and whose node fails
+Serf's `serfHealth` alone stay in use until one passes, for `GOSSIP_GRACE` at most (Envoy's panic
+routing, narrowed to gossip and bounded): Serf's verdict is gossip, and a host rejoining after a
+partition can spread a stale "failed" about a live peer, which Consul's servers record until the
+peer refutes it (20 to 400 ms in tests/fleet). With the cut-off host itself still failed, that left an
+upstream without any instance, and every call in that window failed (503 UH, L4 reset). An
+instance whose own check fails, or whose node is in maintenance or fails another node check, is
+never used so; past the grace, or with none left, 503 UH as before, so a host that is really gone
+is not dialled for long. Either case is logged once, naming each instance and why it fails.
+
 Intentions fail closed. Each local service's intentions are in one `IntentionsState`
 (agent/snapshot.py); the data path and readiness read only the snapshot's result:
 
@@ -458,6 +469,10 @@ class SnapshotBuilder:
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
+# How long an upstream that lost its last passing instance keeps those failed by gossip alone: a live
+# node refutes a stale verdict within a few gossip rounds (200 ms each), while Serf itself takes
+# seconds to call a node failed; past this, a host that is really gone is no longer dialled.
+GOSSIP_GRACE = 5.0
 
 
 class EndpointTable:
@@ -465,11 +480,16 @@ class EndpointTable:
     upstream's healthy mesh endpoints. `Endpoint` objects are built once per registration read, so
     a health change costs one set lookup per instance, not a rebuild of the instance list."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = GOSSIP_GRACE, clock: Callable[[], float] = time.monotonic) -> None:
         self.members: dict[str, tuple[Endpoint, ...]] = {}  # mesh instances (Meta hostmesh=1), by id
         self.not_passing = NotPassing(frozenset(), frozenset())
         self.health_index = 0
         self.current: dict[str, tuple[Endpoint, ...]] = {}
+        self.panicking: set[str] = set()  # upstreams served by the panic rule right now
+        self.grace = grace
+        self._clock = clock
+        # upstream -> when the panic rule's grace for it ends (-inf: it had nothing usable before)
+        self._panic_until: dict[str, float] = {}
 
     def set_members(self, upstream: str, instances: list[CatalogInstance]) -> None:
         eps = [
@@ -488,19 +508,70 @@ class EndpointTable:
         return True
 
     def changed(self) -> dict[str, tuple[Endpoint, ...]]:
-        """Upstreams whose healthy endpoints differ from the last call's, with their new list."""
+        """Upstreams whose usable endpoints differ from the last call's, with their new list: the
+        healthy ones; with none, those failed by gossip alone (the panic rule, module docstring)."""
         np = self.not_passing
+        now = self._clock()
         out = {}
         for upstream, members in self.members.items():
-            healthy = tuple(e for e in members if np.healthy(e.node, e.instance_id))
+            passing = tuple(e for e in members if np.healthy(e.node, e.instance_id))
             before = self.current.get(upstream)
-            if (
+            was_panicking = upstream in self.panicking
+            used = passing
+            if passing or not members:
+                self._panic_until.pop(upstream, None)
+                self.panicking.discard(upstream)
+                if was_panicking:
+                    log.warning("%s has instances passing their checks again: %d", upstream, len(passing))
+            else:
+                until = self._panic_until.setdefault(upstream, now + self.grace if before else float("-inf"))
+                if now < until:
+                    used = tuple(e for e in members if np.only_gossip_failed(e.node, e.instance_id))
+                if used:
+                    self.panicking.add(upstream)
+                else:
+                    self.panicking.discard(upstream)
+            differs = (
                 before is None
-                or len(before) != len(healthy)
-                or any(a is not b for a, b in zip(before, healthy, strict=True))
-            ):
-                self.current[upstream] = out[upstream] = healthy
+                or len(before) != len(used)
+                or any(a is not b for a, b in zip(before, used, strict=True))
+            )
+            if differs:
+                self.current[upstream] = out[upstream] = used
+            if not passing and members and (differs or (used and not was_panicking)):
+                self._say_unhealthy(upstream, members, used, now)
         return out
+
+    def forget(self, upstream: str) -> None:
+        """No longer followed: its instances and any panic state go."""
+        self.members.pop(upstream, None)
+        self.panicking.discard(upstream)
+        self._panic_until.pop(upstream, None)
+
+    def next_expiry(self) -> float | None:
+        """When the grace of an upstream served by the panic rule runs out (`clock` time), if any."""
+        return min((self._panic_until[u] for u in self.panicking), default=None)
+
+    def _say_unhealthy(
+        self, upstream: str, members: tuple[Endpoint, ...], used: tuple[Endpoint, ...], now: float
+    ) -> None:
+        """One line when no instance of `upstream` passes its checks: which are used, why each fails."""
+        np = self.not_passing
+
+        def why(e: Endpoint) -> str:
+            if (e.node, e.instance_id) in np.instances:
+                return f"{e.instance_id} (its own check fails)"
+            if e.node in np.gossip_failed:
+                return f"{e.instance_id} (node {e.node} failed by gossip alone)"
+            return f"{e.instance_id} (node {e.node} has a failing node check)"
+
+        reasons = ", ".join(why(e) for e in members)
+        if used:
+            log.warning("no instance of %s passes its checks: %s; using the %d whose own checks pass "
+                        "until one does, for %g s at most (panic routing)", upstream, reasons, len(used),
+                        round(self._panic_until[upstream] - now, 1))  # fmt: skip
+        else:
+            log.warning("no healthy instance of %s: %s", upstream, reasons)
 
 
 class Discovery:
@@ -518,10 +589,13 @@ class Discovery:
     lookup per instance, not a re-read of the whole instance list.
     """
 
-    def __init__(self, consul: ConsulClient, builder: SnapshotBuilder) -> None:
+    def __init__(
+        self, consul: ConsulClient, builder: SnapshotBuilder, gossip_grace: float = GOSSIP_GRACE
+    ) -> None:
         self._consul = consul
         self._builder = builder
-        self._table = EndpointTable()
+        self._table = EndpointTable(gossip_grace)
+        self._grace_timer: asyncio.TimerHandle | None = None  # re-publishes when a panic grace ends
         self._doc_index: dict[str, int] = {}  # key -> ModifyIndex last applied (0: absent)
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
         self._denied: set[str] = set()  # documents the token could not read at the last look
@@ -574,7 +648,7 @@ class Discovery:
         upstreams = set(self._upstreams())
         self._followed = upstreams
         for name in [n for n in self._table.members if n not in upstreams]:
-            del self._table.members[name]
+            self._table.forget(name)
             self._service_index.pop(name, None)
         self.watches = {
             "documents": Watch(
@@ -733,9 +807,17 @@ class Discovery:
             self._publish()
 
     def _publish(self) -> None:
-        index = self._table.health_index
-        for name, endpoints in self._table.changed().items():
+        table = self._table
+        index = table.health_index
+        for name, endpoints in table.changed().items():
             self._builder.set_endpoints(name, max(index, self._service_index.get(name, 0)), endpoints)
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        expiry = table.next_expiry()
+        if expiry is not None and self._running:
+            delay = max(0.0, expiry - time.monotonic())
+            self._grace_timer = asyncio.get_running_loop().call_later(delay, self._publish)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -758,6 +840,14 @@ class Discovery:
     def healthy(self) -> bool:
         return all(w.healthy for w in self.watches.values())
 
+    @property
+    def health_index(self) -> int:
+        """Consul's index of the failing-check view in force (to wait for a change to be seen)."""
+        return self._table.health_index
+
     async def stop(self) -> None:
         self._running = False
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         await asyncio.gather(*(w.stop() for w in self.watches.values()))

@@ -43,6 +43,7 @@ UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
 TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
 TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
 NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
+SERF_CHECK = "serfHealth"  # the node check Consul's servers keep from Serf's gossip (alive/failed)
 WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and-set always fails
 _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
 
@@ -99,9 +100,16 @@ class NotPassing(NamedTuple):
 
     instances: frozenset[tuple[str, str]]  # (node, service id) with a warning/critical service check
     nodes: frozenset[str]  # nodes with a warning/critical node-level check (serfHealth, maintenance)
+    # nodes whose only failing node-level check is SERF_CHECK: failed by gossip, which a host that
+    # rejoins after a partition can briefly spread about a live peer (agent/discovery.py's panic rule)
+    gossip_failed: frozenset[str] = frozenset()
 
     def healthy(self, node: str, service_id: str) -> bool:
         return node not in self.nodes and (node, service_id) not in self.instances
+
+    def only_gossip_failed(self, node: str, service_id: str) -> bool:
+        """The instance's own checks pass and its node fails Serf's check alone."""
+        return node in self.gossip_failed and (node, service_id) not in self.instances
 
 
 @record
@@ -541,10 +549,12 @@ class ConsulClient:
         resp = await self._request(
             "GET", "/v1/health/state/any", op, params=params, blocking_wait=wait if index else None
         )
-        instances, nodes = set(), set()
+        instances, nodes, other = set(), set(), set()
         for c in self._json(resp, op) or []:
             if c.get("ServiceID"):
                 instances.add((c["Node"], c["ServiceID"]))
             else:
                 nodes.add(c["Node"])
-        return _index(resp), NotPassing(frozenset(instances), frozenset(nodes))
+                if c.get("CheckID") != SERF_CHECK:
+                    other.add(c["Node"])
+        return _index(resp), NotPassing(frozenset(instances), frozenset(nodes), frozenset(nodes - other))

@@ -13,6 +13,7 @@ fleet whole for the next; the mixed-version test runs release 0.1.0 on w3 and pu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -217,9 +218,28 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
     assert held.ended_at - cut_at <= IN_FLIGHT_BOUND
     assert not [c for c in load.calls if c.corrupt], load.summary()
     # Once peers stopped choosing the cut-off host nothing failed (calls already in flight to it may).
-    assert not load.failures(since=avoided_at), load.summary()
+    assert not load.failures(since=avoided_at), f"{load.summary()}\n{_health_story(fleet)}"
     assert {h.name: h.mesh.pid for h in fleet.workloads} == pids
     assert all(h.mesh.alive() for h in fleet.workloads)
+
+
+STORY_LINES = 40  # the latest health events a failure report quotes
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z")
+
+
+def _health_story(fleet: Fleet) -> str:
+    """What Consul's leader recorded of node health, and what each agent's discovery said of its
+    upstreams (no passing instance, the panic rule): the first clue when calls failed after a cut."""
+    lines = []
+    for h in fleet.hosts:
+        for proc, mark in ((h.consul.proc if h.consul else None, "marking health"),
+                           (h.agent.proc if h.agent else None, "hostmesh.agent.discovery")):  # fmt: skip
+            if proc is not None:
+                lines += [
+                    f"{h.name}: {line.strip()}" for line in proc.log(1 << 22).splitlines() if mark in line
+                ]
+    lines.sort(key=lambda line: m.group() if (m := TIMESTAMP.search(line)) else "")  # Consul's and ours: UTC
+    return "\n".join(lines[-STORY_LINES:])
 
 
 def test_consul_client_restart_agent_reregisters_and_watches_resume(fleet: Fleet) -> None:
