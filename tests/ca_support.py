@@ -31,6 +31,23 @@ class AuditSink:
         return json.loads(self.lines[-1])
 
 
+def mesh_identities(
+    tmp: Path, names: tuple[str, ...] = ("a", "b")
+) -> tuple[str, dict[str, tuple[Path, Path]]]:
+    """A throwaway root (its PEM) and, per name, a leaf of that name's service written as (chain, key)
+    files: what two agents' mesh TLS contexts need, without a CA service."""
+    root_key, root = pki.make_root("hostmesh.local")
+    files = {}
+    for name in names:
+        key = pki.new_key()
+        leaf = pki.sign_leaf(root_key, root, key.public_key(), pki.Identity("hostmesh.local", name))
+        chain, keyf = tmp / f"{name}.pem", tmp / f"{name}.key"
+        pki.write_private(chain, pki.cert_pem(leaf))
+        pki.write_private(keyf, pki.key_pem(key))
+        files[name] = (chain, keyf)
+    return pki.cert_pem(root).decode(), files
+
+
 async def start_ca(
     data_dir: Path, consul: ConsulClient, sink: AuditSink, port: int = 0, **kw: Any
 ) -> CAService:

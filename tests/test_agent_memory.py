@@ -399,19 +399,10 @@ def test_an_idle_mesh_connections_tls_read_buffer_goes_back_at_the_tick(tmp_path
 
     import uvloop
 
-    from hostmesh.ca import pki
     from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+    from tests.ca_support import mesh_identities
 
-    root_key, root = pki.make_root("hostmesh.local")
-    roots = pki.cert_pem(root).decode()
-    files = {}
-    for name in ("a", "b"):
-        key = pki.new_key()
-        leaf = pki.sign_leaf(root_key, root, key.public_key(), pki.Identity("hostmesh.local", name))
-        chain, keyf = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        pki.write_private(chain, pki.cert_pem(leaf))
-        pki.write_private(keyf, pki.key_pem(key))
-        files[name] = (chain, keyf)
+    roots, files = mesh_identities(tmp_path)
     big = 1024 * 1024
 
     async def scenario() -> None:

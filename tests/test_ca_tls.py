@@ -75,17 +75,9 @@ def test_mesh_ssl_objects_hand_out_the_c_methods_and_still_carry_records(tmp_pat
     certificate and ALPN."""
     from hostmesh.ca import pki
     from hostmesh.ca.tls import MeshSSLObject, mesh_client_context, mesh_server_context, peer_identity
+    from tests.ca_support import mesh_identities
 
-    root_key, root = pki.make_root("hostmesh.local")
-    roots = pki.cert_pem(root).decode()
-    files = {}
-    for name in ("a", "b"):
-        key = pki.new_key()
-        leaf = pki.sign_leaf(root_key, root, key.public_key(), pki.Identity("hostmesh.local", name))
-        chain, keyf = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        pki.write_private(chain, pki.cert_pem(leaf))
-        pki.write_private(keyf, pki.key_pem(key))
-        files[name] = (chain, keyf)
+    roots, files = mesh_identities(tmp_path)
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = mesh_client_context(*files["a"], roots).wrap_bio(to_client, to_server, server_hostname="b")
     server = mesh_server_context(*files["b"], roots).wrap_bio(to_server, to_client, server_side=True)
