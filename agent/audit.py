@@ -20,11 +20,12 @@ import logging
 from typing import Any
 
 from hostmesh.agent.l7 import flags
-from hostmesh.agent.reqstats import ACCESS_SAMPLE
+from hostmesh.agent.reqstats import ACCESS_LOG, ACCESS_SAMPLE
 from hostmesh.agent.reqstats import DEFAULT_ACCESS_SAMPLE as DEFAULT_ACCESS_SAMPLE  # agent.toml's (config.py)
+from hostmesh.agent.reqstats import access_sampled as access_sampled  # L4 and L7 alike
 
 audit_log = logging.getLogger("hostmesh.audit")
-access_log = logging.getLogger("hostmesh.access")
+access_log = ACCESS_LOG
 
 
 def denied(*, layer: str, source: str, destination: str, reason: str, peer: str = "", **extra: Any) -> None:
@@ -50,18 +51,6 @@ def configure_access(sample: float) -> None:
 
 def access_sample() -> float:
     return ACCESS_SAMPLE.fraction
-
-
-def access_enabled() -> bool:
-    """Is the access logger on at all (before sampling)?"""
-    return access_log.isEnabledFor(logging.INFO)
-
-
-def access_sampled(always: bool = False) -> bool:
-    """Should this connection/request write its access line? `always` for failures (see module doc)."""
-    if not always and not ACCESS_SAMPLE.due():
-        return False
-    return access_log.isEnabledFor(logging.INFO)
 
 
 def access_record(*, protocol: str, reporter: str, source_workload: str, source_principal: str,

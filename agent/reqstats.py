@@ -14,6 +14,7 @@ loop only (`workers = N` are processes, merged at scrape time by agent/workers.p
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Final
@@ -125,5 +126,16 @@ class Sample:
 
 
 # the access-log sample of this process: a Final of the compiled group, so the L7 handlers read it as a C
-# static (http_conn.access_due); audit.configure_access sets it
+# static; audit.configure_access sets it
 ACCESS_SAMPLE: Final = Sample(DEFAULT_ACCESS_SAMPLE)
+ACCESS_LOG: Final = logging.getLogger("hostmesh.access")  # audit.py's access log
+
+
+def access_sampled(always: bool = False) -> bool:
+    """Whether a connection or request writes its access line: `always` for failures (a response
+    flag, a 5xx), else per the sample; then only if the access logger is on. Asked before anything
+    is formatted, so the unsampled majority costs a countdown. The one rule of every access line
+    (L4 and L7, audit.py's module doc); here, compiled, because each L7 request asks it."""
+    if not always and not ACCESS_SAMPLE.due():
+        return False
+    return ACCESS_LOG.isEnabledFor(logging.INFO)

@@ -84,7 +84,7 @@ from hostmesh.agent.l7.retry import (
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
 from hostmesh.agent.proxy.limits import Admission
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
-from hostmesh.agent.reqstats import ACCESS_SAMPLE, IstioSeries, RequestSeries
+from hostmesh.agent.reqstats import IstioSeries, RequestSeries, access_sampled
 
 if TYPE_CHECKING:
     from hostmesh.agent.proxy.http_upstream import UpstreamConn
@@ -192,10 +192,8 @@ def failed(ex: Exchange) -> bool:
 
 
 def access_due(ex: Exchange) -> bool:
-    """Whether `ex` gets an access line: sampled per agent.toml `access_log.sample`, failures always
-    (asked first, so that nothing is formatted for the unsampled majority). The sample's countdown is
-    read natively; only a due line asks whether the access logger is on (audit.access_sampled's order)."""
-    return (failed(ex) or ACCESS_SAMPLE.due()) and audit.access_enabled()
+    """Whether `ex` gets an access line (reqstats.access_sampled: failures always, else sampled)."""
+    return access_sampled(failed(ex))
 
 
 def trace_due(tracer: Any, ex: Exchange) -> bool:
