@@ -548,9 +548,11 @@ class EndpointTable:
         self.panicking.discard(upstream)
         self._panic_until.pop(upstream, None)
 
-    def next_expiry(self) -> float | None:
-        """When the grace of an upstream served by the panic rule runs out (`clock` time), if any."""
-        return min((self._panic_until[u] for u in self.panicking), default=None)
+    def grace_left(self) -> float | None:
+        """Seconds (by the table's clock) until the grace of an upstream served by the panic rule
+        runs out, if any: when `changed()` must be asked again."""
+        until = min((self._panic_until[u] for u in self.panicking), default=None)
+        return None if until is None else max(0.0, until - self._clock())
 
     def _say_unhealthy(
         self, upstream: str, members: tuple[Endpoint, ...], used: tuple[Endpoint, ...], now: float
@@ -814,9 +816,8 @@ class Discovery:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
-        expiry = table.next_expiry()
-        if expiry is not None and self._running:
-            delay = max(0.0, expiry - time.monotonic())
+        delay = table.grace_left()
+        if delay is not None and self._running:
             self._grace_timer = asyncio.get_running_loop().call_later(delay, self._publish)
 
     # --- lifecycle --------------------------------------------------------------------------

@@ -47,18 +47,18 @@ def test_losing_the_last_host_to_gossip_keeps_the_gossip_failed_ones_for_the_gra
     t.changed()
     t.set_not_passing(*failing(2, gossip=("w3",)))  # w3 cut off
     assert t.changed() == {UP: t.current[UP]} and used(t) == ["w2"]
-    assert t.next_expiry() is None
+    assert t.grace_left() is None
     t.set_not_passing(*failing(3, gossip=("w2", "w3")))  # w3's stale verdict on w2, not yet refuted
     t.changed()
     assert used(t) == ["w2", "w3"]
-    assert t.next_expiry() == 100.0 + GRACE
+    assert t.grace_left() == GRACE
     clock.now += 1.0
     t.set_not_passing(*failing(4, gossip=("w2", "w3")))  # another change meanwhile: same grace
     t.changed()
-    assert used(t) == ["w2", "w3"] and t.next_expiry() == 100.0 + GRACE
+    assert used(t) == ["w2", "w3"] and t.grace_left() == GRACE - 1.0
     t.set_not_passing(*failing(5, gossip=("w3",)))  # w2 refuted it
     t.changed()
-    assert used(t) == ["w2"] and t.next_expiry() is None
+    assert used(t) == ["w2"] and t.grace_left() is None
 
 
 def test_past_the_grace_the_upstream_has_no_instance() -> None:
@@ -72,7 +72,7 @@ def test_past_the_grace_the_upstream_has_no_instance() -> None:
     assert t.changed() == {}
     clock.now = 100.0 + GRACE
     assert t.changed() == {UP: ()}  # what the grace timer's re-publication finds
-    assert t.next_expiry() is None
+    assert t.grace_left() is None
     t.set_not_passing(*failing(4, gossip=("w2", "w3")))  # no second grace without a passing instance
     assert t.changed() == {}
 
@@ -82,7 +82,7 @@ def test_no_grace_for_an_upstream_that_had_nothing_usable() -> None:
     t = table(clock)
     t.set_not_passing(*failing(2, gossip=("w2", "w3")))  # first sight: every host failed
     t.changed()
-    assert used(t) == [] and t.next_expiry() is None
+    assert used(t) == [] and t.grace_left() is None
 
 
 def test_own_check_failing_and_maintenance_are_never_overridden() -> None:
@@ -103,6 +103,6 @@ def test_an_upstream_no_longer_followed_leaves_no_grace_pending() -> None:
     t.changed()
     t.set_not_passing(*failing(2, gossip=("w2", "w3")))  # both at once: the set in use does not change
     assert t.changed() == {}
-    assert used(t) == ["w2", "w3"] and t.next_expiry() == 100.0 + GRACE  # ... and the grace is armed
+    assert used(t) == ["w2", "w3"] and t.grace_left() == GRACE  # ... and the grace is armed
     t.forget(UP)
-    assert t.next_expiry() is None
+    assert t.grace_left() is None
