@@ -11,7 +11,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 WRK_JSON_MARKER = "BENCH_JSON "  # printed by the Lua `done` hook in WRK_LUA_SCRIPT
@@ -59,6 +59,11 @@ class WrkResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    def histogram(self) -> dict[str, int]:
+        """The run's latencies as counts per 0.1 ms step (hey's resolution, so nothing is lost),
+        keyed by the step number as a string (JSON): what lets the rounds' samples be pooled."""
+        return latency_histogram(self.latencies_ms)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -168,6 +173,11 @@ class LatencyResult:
             "max": s[-1] if s else math.nan,
         }
 
+    def histogram(self) -> dict[str, int]:
+        """The run's latencies as counts per 0.1 ms step (hey's resolution, so nothing is lost),
+        keyed by the step number as a string (JSON): what lets the rounds' samples be pooled."""
+        return latency_histogram(self.latencies_ms)
+
     def to_json(self) -> dict[str, object]:
         return {
             "requests": self.requests,
@@ -229,6 +239,41 @@ def parse_hey_summary(text: str) -> dict[str, float]:
 
 
 # --- statistics -----------------------------------------------------------------------------
+
+
+HIST_STEP_MS = 0.1  # hey 0.1.4's resolution: a histogram of this step keeps every sample as it was
+
+
+def latency_histogram(latencies_ms: Iterable[float]) -> dict[str, int]:
+    """Counts per HIST_STEP_MS step, keyed by the step number as a string (JSON keys are strings)."""
+    counts: dict[int, int] = {}
+    for v in latencies_ms:
+        step = round(v / HIST_STEP_MS)
+        counts[step] = counts.get(step, 0) + 1
+    return {str(k): n for k, n in sorted(counts.items())}
+
+
+def histogram_summary(hists: Iterable[Mapping[str, int]]) -> dict[str, float]:
+    """mean, p50, p90, p99 and max of the samples of all `hists` pooled, the percentiles by
+    `percentile`'s nearest rank (so a single histogram gives its run's own figures)."""
+    counts: dict[int, int] = {}
+    for h in hists:
+        for k, n in h.items():
+            counts[int(k)] = counts.get(int(k), 0) + n
+    steps = sorted(counts)
+    total = sum(counts.values())
+    if not total:
+        return {k: math.nan for k in ("mean", "p50", "p90", "p99", "max")}
+    out = {"mean": sum(k * n for k, n in counts.items()) * HIST_STEP_MS / total}
+    for key, pct in (("p50", 50), ("p90", 90), ("p99", 99)):
+        rank, seen = max(1, math.ceil(pct / 100.0 * total)), 0
+        for k in steps:
+            seen += counts[k]
+            if seen >= rank:
+                out[key] = k * HIST_STEP_MS
+                break
+    out["max"] = steps[-1] * HIST_STEP_MS
+    return out
 
 
 def percentile(values: Sequence[float], pct: float, *, presorted: bool = False) -> float:

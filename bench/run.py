@@ -197,6 +197,7 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
         raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
     m: dict[str, Any] = {k: round(v, 4) for k, v in r.summary().items()}
     m["achieved_rps"] = round(r.achieved_rps, 1)
+    m["histogram_0_1ms"] = r.histogram()  # not a number: kept in the JSON, pooled by report.added_latency
     m["requests"] = r.requests
     if pids and r.requests:
         m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
@@ -382,7 +383,9 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"keep-alive connections, {s['duration_s']:g} s, small response; (b) the same with "
         f"`Connection: close`; (c) 1 MiB responses over {s['big_connections']} connections; (d) hey at "
         f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
-        f"{s['lat_duration_s']:g} s, percentiles minus direct's of the same round; (e) RSS from "
+        f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
+        "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
+        "(e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",

@@ -14,7 +14,9 @@ import pytest
 
 from bench import hmconfig, report
 from bench.parse import (
+    LatencyResult,
     ParseError,
+    histogram_summary,
     parse_hey_csv,
     parse_hey_summary,
     parse_stat,
@@ -194,7 +196,40 @@ def _rec(rnd: int, system: str, scenario: str, **metrics: float) -> dict[str, ob
     return {"round": rnd, "system": system, "scenario": scenario, "ok": True, "metrics": metrics}
 
 
-def test_added_latency_is_per_round_then_median() -> None:
+def _lat(rnd: int, system: str, samples_ms: list[float]) -> dict[str, object]:
+    r = LatencyResult(tuple(samples_ms), {200: len(samples_ms)}, 1.0)
+    return _rec(rnd, system, "lat", **r.summary(), histogram_0_1ms=r.histogram())  # type: ignore[arg-type]
+
+
+def test_a_histogram_gives_the_runs_own_figures_at_heys_resolution() -> None:
+    samples = [0.3, 0.2, 0.2, 0.4, 1.7, 0.2, 0.3, 9.9, 0.2, 0.5]
+    r = LatencyResult(tuple(samples), {200: 10}, 1.0)
+    pooled = histogram_summary([r.histogram()])
+    for key, value in r.summary().items():
+        assert pooled[key] == pytest.approx(value), key
+
+
+def test_added_latency_pools_the_rounds_samples() -> None:
+    # 3.3 % of the peer's requests are slow, all of them in round 3: its p99 is the slow time. The
+    # median of per-round p99s (0.5, 0.5, 4.0) would vote that round away.
+    direct = [0.2] * 100
+    recs = [
+        _lat(1, "direct", direct),
+        _lat(1, "consul", [0.5] * 100),
+        _lat(2, "direct", direct),
+        _lat(2, "consul", [0.5] * 100),
+        _lat(3, "direct", direct),
+        _lat(3, "consul", [0.5] * 90 + [4.0] * 10),
+    ]
+    s = report.summarize(recs)
+    assert s["consul"]["added.p99"] == pytest.approx(3.8)
+    assert s["consul"]["added.p50"] == pytest.approx(0.3)
+    assert s["consul"]["added.max"] == pytest.approx(3.8)
+    assert s["direct"]["added.p99"] == 0.0
+    assert [r["round"] for r in report.added_latency(recs)] == ["pooled", "pooled"]
+
+
+def test_added_latency_of_runs_without_histograms_is_per_round_then_median() -> None:
     recs = [
         _rec(1, "direct", "lat", p50=0.2, p99=1.0),
         _rec(1, "consul", "lat", p50=0.7, p99=2.0),
