@@ -60,11 +60,6 @@ class WrkResult:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
-    def histogram(self) -> dict[str, int]:
-        """The run's latencies as counts per 0.1 ms step (hey's resolution, so nothing is lost),
-        keyed by the step number as a string (JSON): what lets the rounds' samples be pooled."""
-        return latency_histogram(self.latencies_ms)
-
     def to_json(self) -> dict[str, object]:
         return {
             "requests": self.requests,
@@ -254,26 +249,10 @@ def latency_histogram(latencies_ms: Iterable[float]) -> dict[str, int]:
 
 
 def histogram_summary(hists: Iterable[Mapping[str, int]]) -> dict[str, float]:
-    """mean, p50, p90, p99 and max of the samples of all `hists` pooled, the percentiles by
-    `percentile`'s nearest rank (so a single histogram gives its run's own figures)."""
-    counts: dict[int, int] = {}
-    for h in hists:
-        for k, n in h.items():
-            counts[int(k)] = counts.get(int(k), 0) + n
-    steps = sorted(counts)
-    total = sum(counts.values())
-    if not total:
-        return {k: math.nan for k in ("mean", "p50", "p90", "p99", "max")}
-    out = {"mean": sum(k * n for k, n in counts.items()) * HIST_STEP_MS / total}
-    for key, pct in (("p50", 50), ("p90", 90), ("p99", 99)):
-        rank, seen = max(1, math.ceil(pct / 100.0 * total)), 0
-        for k in steps:
-            seen += counts[k]
-            if seen >= rank:
-                out[key] = k * HIST_STEP_MS
-                break
-    out["max"] = steps[-1] * HIST_STEP_MS
-    return out
+    """`LatencyResult.summary` of the samples of all `hists` pooled (so a single histogram gives its
+    run's own figures): the same mean and nearest-rank percentiles, from one definition."""
+    samples = [int(k) * HIST_STEP_MS for h in hists for k, n in h.items() for _ in range(n)]
+    return LatencyResult(tuple(samples), {}, 0.0).summary()
 
 
 def percentile(values: Sequence[float], pct: float, *, presorted: bool = False) -> float:
