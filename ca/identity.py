@@ -7,9 +7,8 @@ everything here, so `pki.Identity` and friends keep working.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hostmesh.ca.errors import InvalidRequest
+from hostmesh.registry.records import record
 
 DEFAULT_TRUST_DOMAIN = "hostmesh.local"
 SERVICE_NAME_MAX = 63  # one DNS label
@@ -27,7 +26,7 @@ def valid_trust_domain(td: str) -> bool:
     return 0 < len(td) <= 255 and all(valid_service_name(label) for label in labels)
 
 
-@dataclass(frozen=True, slots=True)
+@record  # not a plain frozen dataclass: every agent holds it, and record frees the leftover class
 class Identity:
     """A workload identity: `spiffe://<trust_domain>/svc/<service>`."""
 

@@ -24,6 +24,7 @@ import httptools
 
 from hostmesh.registry.errors import Unavailable
 from hostmesh.registry.listen import server_address
+from hostmesh.registry.records import without_leftover_class
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ SERVER_IDLE_TIMEOUT = 60.0  # keep-alive idle bound on the admin/CA servers
 RETRY_AFTER_SECONDS = 1  # what a shed request is told: the burst that filled the server is short-lived
 
 
+@without_leftover_class
 @dataclass(slots=True)
 class Response:
     status: int
@@ -263,6 +265,7 @@ def _describe(exc: BaseException) -> str:
 # --- server ---------------------------------------------------------------------------------
 
 
+@without_leftover_class
 @dataclass(slots=True)
 class Request:
     method: str
