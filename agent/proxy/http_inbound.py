@@ -64,7 +64,6 @@ from hostmesh.agent.proxy.http_conn import (
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
-from hostmesh.agent.tracing import KIND_SERVER, set_traceparent
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
@@ -211,7 +210,7 @@ class HttpInbound:
         name = r.name
         head = ex.head
         if self.tracer is not None:
-            ex.trace = self.tracer.start(caller.service, "", KIND_SERVER, head.headers)
+            ex.trace = self.tracer.start(caller.service, "", self.tracer.SERVER, head.headers)
         if not name or self.closing:
             ex.keep_alive = False
             ex.respond(503, fl.UH, "service not on this host")
@@ -256,7 +255,7 @@ class HttpInbound:
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
         complete_request_headers(headers, name)
         if ex.trace is not None:  # the app's own spans are children of this one
-            set_traceparent(headers, ex.trace.traceparent())
+            ex.trace.propagate(headers)
         ex.state = req = _Req(r.port, headers)
         ex.on_response_head = _RELAY
         ex.on_fail = self._on_fail_cb

@@ -100,7 +100,6 @@ from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, con
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
-from hostmesh.agent.tracing import KIND_CLIENT, set_traceparent
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.schema import PolicyDocument
@@ -545,7 +544,7 @@ class HttpOutbound:
         ex.state = st = _Req(cl)
         head = ex.head
         if self.tracer is not None:
-            ex.trace = self.tracer.start(self.local_service, "", KIND_CLIENT, head.headers)
+            ex.trace = self.tracer.start(self.local_service, "", self.tracer.CLIENT, head.headers)
         if self.closing:
             ex.keep_alive = False
             ex.respond(503, fl.UH, "shutting down")
@@ -635,7 +634,7 @@ class HttpOutbound:
             route.request_ops.apply(headers)
         complete_request_headers(headers, self.service)
         if ex.trace is not None:  # the peer agent's span is this one's child
-            set_traceparent(headers, ex.trace.traceparent())
+            ex.trace.propagate(headers)
         st.target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
         st.headers = headers
         st.ident = reads.ident
