@@ -97,6 +97,25 @@ class MeshSSLObject(ssl.SSLObject):
         return obj
 
 
+class MeshContext(ssl.SSLContext):
+    """The mesh's TLS contexts: an ASCII server name goes to ssl as bytes, which it takes as the
+    A-label it already is. As a str, ssl.py IDNA-encodes it first, and that loads encodings.idna,
+    stringprep and unicodedata (~50 KiB in every agent) for names ASCII by construction (SNI is an
+    Identity's dns_name)."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if isinstance(server_hostname, str) and server_hostname.isascii():
+            server_hostname = server_hostname.encode("ascii")
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
 def _base(
     purpose: ssl.Purpose,
     cert_file: Path | None,
@@ -104,7 +123,7 @@ def _base(
     roots_pem: str | None,
     minimum: ssl.TLSVersion,
 ) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(
+    ctx = MeshContext(
         ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     )
     ctx.minimum_version = minimum

@@ -110,3 +110,43 @@ def test_mesh_ssl_objects_hand_out_the_c_methods_and_still_carry_records(tmp_pat
     assert client.read(1024) == b"456789"
     with pytest.raises(ssl.SSLWantReadError):
         client.read(1024)
+
+
+_SNI_PROBE = """
+import ssl, sys
+from pathlib import Path
+from hostmesh.ca.tls import mesh_client_context, mesh_server_context
+from tests.ca_support import mesh_identities
+
+roots, files = mesh_identities(Path(sys.argv[1]))
+seen = []
+server_ctx = mesh_server_context(*files["b"], roots)
+server_ctx.sni_callback = lambda obj, name, ctx: seen.append(name)
+for name in sys.argv[2:]:
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = mesh_client_context(*files["a"], roots).wrap_bio(to_client, to_server, server_hostname=name)
+    server = server_ctx.wrap_bio(to_server, to_client, server_side=True)
+    for _ in range(10):  # a few flights; the server sees the name in the first
+        for obj in (client, server):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+    print(seen[-1], "encodings.idna" in sys.modules)
+"""
+
+
+def test_an_ascii_server_name_does_not_load_the_idna_codec(tmp_path: Path) -> None:
+    """The SNI a mesh client sends is the name asked for, and an ASCII one (every Identity.dns_name)
+    reaches OpenSSL without ssl.py's IDNA encoding, which would load encodings.idna, stringprep and
+    unicodedata into every agent; a non-ASCII name is still IDNA-encoded. A fresh interpreter: this
+    one has the codec loaded already."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _SNI_PROBE, str(tmp_path), "b.svc.hostmesh.local", "bücher.example"],
+        capture_output=True, text=True, cwd=root, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == ["b.svc.hostmesh.local False", "xn--bcher-kva.example True"]
