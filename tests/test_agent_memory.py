@@ -70,6 +70,7 @@ NOT_WITHOUT_THEIR_FEATURE = (
     "hostmesh.registry.analysis",  # `hostmesh check`; the agent's upstreams meta is in registry/layout.py
     "hashlib",  # consistent_hash / ring balancing only (agent/l7/balancer.py stable_hash)
     "hostmesh.agent.tracing",  # [tracing] otlp_endpoint (agent/run.py builds the Tracer the L7 stacks use)
+    "hostmesh.registry.schema_parsers",  # a route/policy/gateway/external/nomad document (registry/schema.py)
 )
 
 
