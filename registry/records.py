@@ -66,8 +66,10 @@ def without_leftover_class(cls: type[_T]) -> type[_T]:
     """Drop the first class's `__weakref__` descriptor that Python 3.11.2 copies into a slotted
     dataclass (see the module docstring), so that class is freed. Instances lose nothing: a class
     whose `__slots__` lacks `__weakref__` has no weak references, and the copied descriptor only
-    raised TypeError on them. Use it on every `@dataclass(slots=True)` that is not frozen (`record`
-    does it for the frozen ones, whose generated `__setattr__` would keep the first class too)."""
+    raised TypeError on them. For a non-frozen `@dataclass(slots=True)` an agent process holds
+    (registry/http's Request and Response); `record` does it for its classes, and replaces the
+    generated `__setattr__` that keeps a plain frozen one's first class on any 3.11. Classes in
+    mypyc-compiled modules are native and need neither."""
     stale = cls.__dict__.get("__weakref__")
     if stale is not None and getattr(stale, "__objclass__", cls) is not cls:
         type.__delattr__(cls, "__weakref__")
