@@ -195,6 +195,7 @@ class HttpInbound:
         if cap is not None:  # a stream too: its requests hold app connections, as an L4 stream's does
             conn.admission = cap.admit("inbound")
             conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
+        conn.stream = transport if isinstance(transport, StreamTransport) else None  # see on_stream
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

@@ -147,6 +147,10 @@ class UpstreamConn(asyncio.BaseProtocol):
         """Whether a pooled connection may take another request (beyond closed / expired)."""
         return True
 
+    def flush(self) -> None:
+        """Nothing to do: a socket or TLS connection of its own writes at once (StreamUpstreamConn's
+        holds its frames for the end of the loop turn)."""
+
     def keep_alive_ok(self) -> bool:
         framer = self.framer
         return framer.keep_alive and not self.closed and not framer.broken
@@ -294,6 +298,13 @@ class StreamUpstreamConn(UpstreamConn):
         t = self.transport
         mux = t.stream.conn if isinstance(t, StreamTransport) else None
         return mux is not None and not mux.draining and not mux.closed
+
+    def flush(self) -> None:
+        """The request written so far leaves now, not with the loop turn's other frames (Exchange.send
+        asks when its exchange is the only one in flight: http_conn.Live)."""
+        t = self.transport
+        if isinstance(t, StreamTransport):
+            t.flush()
 
     def _end(self, transport: asyncio.Transport) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""

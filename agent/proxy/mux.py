@@ -491,6 +491,13 @@ def _write(self: MuxConnection, frame: bytes) -> None:
         _flush(self)
 
 
+def flush_now(self: MuxConnection) -> None:
+    """Write the frames collected so far at once, not at the end of the loop turn: for a writer that
+    knows no other stream will add to them this turn (stream_transport.StreamTransport.flush). The
+    flush `_write` scheduled then finds nothing to write."""
+    _flush(self)
+
+
 def _write_data(self: MuxConnection, sid: int, data: Chunk) -> None:
     n = len(data)
     if n < SPLIT_FRAME_AT:

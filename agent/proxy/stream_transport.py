@@ -28,7 +28,7 @@ import asyncio
 import enum
 from typing import Any, Final
 
-from hostmesh.agent.proxy.mux import Stream
+from hostmesh.agent.proxy.mux import Stream, flush_now
 from hostmesh.agent.proxy.wire import STREAM_WINDOW, Chunk
 
 _NO_PROTOCOL: Final = asyncio.BaseProtocol()
@@ -173,6 +173,12 @@ class StreamTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.state is OPEN and data:
             self.stream.send(data if not isinstance(data, bytearray) else bytes(data))
+
+    def flush(self) -> None:
+        """What was written leaves now rather than with the loop turn's other frames (mux._write):
+        for an HTTP message end that nothing else will join this turn (http_conn.alone)."""
+        if self.state is OPEN:
+            flush_now(self.stream.conn)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
