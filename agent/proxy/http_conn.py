@@ -250,7 +250,8 @@ class Live:
     turn and writes them together at its end (mux._write), so that the responses of many streams
     share a TLS record and a syscall; a frame that nothing will join still waits for the turn's end,
     which with one request in flight is pure delay: the rest of the callback, the loop's timers and
-    a callback of its own, cold at a low request rate (~7-10 µs per hop, measured with uprobes)."""
+    a callback of its own, cold at a low request rate (~7-10 µs per hop, measured with uprobes). Such
+    an end is written with `write_now` (StreamTransport, UpstreamConn), which schedules no flush."""
 
     __slots__ = ("exchanges",)
 
@@ -320,7 +321,7 @@ class ServerConn(asyncio.BaseProtocol):
         self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
         self.admission: Admission | None = None  # its slot under the cap, released when it closes
         # the mux stream this connection runs on (an inbound HTTP stream, protocol v3; set by the
-        # handler), flushed at once at a response's end when it is alone (_relay_end); else None
+        # handler), written at once at a response's end when it is alone (_relay_end); else None
         self.stream: StreamTransport | None = None
 
     # ---- asyncio.Protocol
@@ -607,10 +608,17 @@ class ServerConn(asyncio.BaseProtocol):
         if self._cork is None:
             self._cork = []
 
-    def uncork(self) -> None:
+    def uncork(self, end: bool = False) -> None:
+        """`end`: a response's end whose exchange is alone (Live): on a mux stream it leaves at once."""
         cork, self._cork = self._cork, None
-        if cork and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+        t = self.transport
+        if cork and t is not None and not t.is_closing():
+            data = cork[0] if len(cork) == 1 else b"".join(cork)
+            stream = self.stream
+            if end and stream is not None:
+                stream.write_now(data)
+            else:
+                t.write(data)
 
     def pause_reading(self) -> None:
         t = self.transport
@@ -855,15 +863,16 @@ class Exchange:
         self.trailers = trailers
         if self.tee is not None:
             self.tee.end(http1.last_chunk(trailers) if self.chunked else b"")
-        up = self.upstream
         if self.chunked:
             enc = http1.last_chunk(trailers)
+            up = self.upstream
             if up is not None and up.transport is not None:
-                up.transport.write(enc)
+                if alone():  # the request's end: on a mux stream it leaves now (Live)
+                    up.write_now(enc)
+                else:
+                    up.transport.write(enc)
             if self.replayable or up is None:
                 self.chunks.append(enc)
-        if up is not None and alone():  # the request's last bytes: on a mux stream they leave now (Live)
-            up.flush()
 
     def continue_100(self) -> None:
         """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
@@ -885,18 +894,18 @@ class Exchange:
         t = up.transport
         assert t is not None
         if self.chunks:
-            t.write(data + b"".join(self.chunks))
+            data += b"".join(self.chunks)
             if not self.replayable:
                 self.chunks = []
+        if self.request_done and alone():  # the whole request: on a mux stream it leaves now (Live)
+            up.write_now(data)
         else:
             t.write(data)
-        if self.request_done:
-            if alone():  # the whole request is written: on a mux stream it leaves now (Live)
-                up.flush()
-        elif up.write_paused:  # its transport is backed up already: the body waits for resume_writing
-            self.conn.pause_reading()
-        else:
-            self.conn.resume_reading()
+        if not self.request_done:
+            if up.write_paused:  # its transport is backed up already: the body waits for resume_writing
+                self.conn.pause_reading()
+            else:
+                self.conn.resume_reading()
 
     @property
     def done(self) -> bool:
@@ -1081,10 +1090,7 @@ class Exchange:
         # pool, the metrics, the access line and the connection's next state below, which the client
         # does not wait for. With one request in flight that work ran cold between the upstream's
         # read and the client's write.
-        conn.uncork()
-        stream = conn.stream
-        if stream is not None and alone():
-            stream.flush()
+        conn.uncork(alone())
         now = monotonic()  # one clock reading for the pool, the metrics and the idle clock
         if self.request_done and up.keep_alive_ok() and not self.head.upgrade:
             up.release(now)

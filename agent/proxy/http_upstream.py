@@ -147,9 +147,13 @@ class UpstreamConn(asyncio.BaseProtocol):
         """Whether a pooled connection may take another request (beyond closed / expired)."""
         return True
 
-    def flush(self) -> None:
-        """Nothing to do: a socket or TLS connection of its own writes at once (StreamUpstreamConn's
-        holds its frames for the end of the loop turn)."""
+    def write_now(self, data: bytes) -> None:
+        """Write `data`, the end of a request, when its exchange is alone (http_conn.Live): a socket
+        or TLS connection of its own writes at once anyway (StreamUpstreamConn's would hold it for
+        the end of the loop turn)."""
+        t = self.transport
+        if t is not None:
+            t.write(data)
 
     def keep_alive_ok(self) -> bool:
         framer = self.framer
@@ -299,12 +303,14 @@ class StreamUpstreamConn(UpstreamConn):
         mux = t.stream.conn if isinstance(t, StreamTransport) else None
         return mux is not None and not mux.draining and not mux.closed
 
-    def flush(self) -> None:
-        """The request written so far leaves now, not with the loop turn's other frames (Exchange.send
-        asks when its exchange is the only one in flight: http_conn.Live)."""
+    def write_now(self, data: bytes) -> None:
+        """The request's end leaves now, not with the loop turn's other frames (Exchange.send asks
+        when its exchange is the only one in flight: http_conn.Live)."""
         t = self.transport
         if isinstance(t, StreamTransport):
-            t.flush()
+            t.write_now(data)
+        elif t is not None:
+            t.write(data)
 
     def _end(self, transport: asyncio.Transport) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""

@@ -276,6 +276,9 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.idle_since = time.monotonic()
         self.decoder = Decoder()
         self._out: list[bytes] = []  # small frames of this loop turn, written together by _flush
+        # a writer that flushes what it writes itself is writing (StreamTransport.write_now): the
+        # frames it queues first in a turn schedule no flush for the turn's end
+        self.writing_now = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -481,7 +484,7 @@ def _write(self: MuxConnection, frame: bytes) -> None:
     out = self._out
     out.append(frame)
     n = len(out)
-    if n == 1:
+    if n == 1 and not self.writing_now:
         call_soon, cb = self._call_soon, self._flush_cb
         if call_soon is None or cb is None:  # made once: on Python 3.11 each loop lookup is a getpid syscall
             call_soon = self._call_soon = asyncio.get_running_loop().call_soon
@@ -493,8 +496,8 @@ def _write(self: MuxConnection, frame: bytes) -> None:
 
 def flush_now(self: MuxConnection) -> None:
     """Write the frames collected so far at once, not at the end of the loop turn: for a writer that
-    knows no other stream will add to them this turn (stream_transport.StreamTransport.flush). The
-    flush `_write` scheduled then finds nothing to write."""
+    knows no other stream will add to them this turn (stream_transport.StreamTransport.write_now). A
+    flush scheduled by an earlier frame of the turn then finds nothing to write."""
     _flush(self)
 
 

@@ -174,11 +174,19 @@ class StreamTransport(asyncio.Transport):
         if self.state is OPEN and data:
             self.stream.send(data if not isinstance(data, bytearray) else bytes(data))
 
-    def flush(self) -> None:
-        """What was written leaves now rather than with the loop turn's other frames (mux._write):
-        for an HTTP message end that nothing else will join this turn (http_conn.alone)."""
-        if self.state is OPEN:
-            flush_now(self.stream.conn)
+    def write_now(self, data: bytes | bytearray | memoryview) -> None:
+        """`write`, and what it queued leaves at once rather than with the loop turn's other frames
+        (mux._write), with no flush scheduled for the turn's end on its account: for an HTTP message
+        end that nothing else will join this turn (http_conn.alone)."""
+        if self.state is not OPEN or not data:
+            return
+        conn = self.stream.conn
+        conn.writing_now = True
+        try:
+            self.stream.send(data if not isinstance(data, bytearray) else bytes(data))
+        finally:
+            conn.writing_now = False
+        flush_now(conn)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
