@@ -269,6 +269,17 @@ def alone() -> bool:
     return LIVE.exchanges == 1
 
 
+def _write_request_end(up: UpstreamConn, data: bytes) -> None:
+    """A request's last bytes to `up`: on a mux stream at once when its exchange is alone, else with
+    the loop turn's other frames."""
+    if alone():
+        up.write_now(data)
+    else:
+        t = up.transport
+        if t is not None:
+            t.write(data)
+
+
 # --------------------------------------------------------------------------- client side of a proxy
 
 
@@ -867,10 +878,7 @@ class Exchange:
             enc = http1.last_chunk(trailers)
             up = self.upstream
             if up is not None and up.transport is not None:
-                if alone():  # the request's end: on a mux stream it leaves now (Live)
-                    up.write_now(enc)
-                else:
-                    up.transport.write(enc)
+                _write_request_end(up, enc)
             if self.replayable or up is None:
                 self.chunks.append(enc)
 
@@ -897,8 +905,8 @@ class Exchange:
             data += b"".join(self.chunks)
             if not self.replayable:
                 self.chunks = []
-        if self.request_done and alone():  # the whole request: on a mux stream it leaves now (Live)
-            up.write_now(data)
+        if self.request_done:  # the whole request
+            _write_request_end(up, data)
         else:
             t.write(data)
         if not self.request_done:
