@@ -289,8 +289,11 @@ async def test_ca_started_while_consul_is_down_serves_and_publishes_when_it_answ
                 return entry is not None and json.loads(entry.value) == want
 
             await async_wait_until(published, 20, "the bundle published once Consul answered")
-            health = (await call(svc, "GET", "/v1/health")).json()
-            assert health["consul"] == {"state": "in_sync"}
+
+            async def in_sync() -> bool:  # the state turns after the registration, which follows the bundle
+                return (await call(svc, "GET", "/v1/health")).json()["consul"] == {"state": "in_sync"}
+
+            await async_wait_until(in_sync, 20, "the CA's health reporting Consul in sync")
         finally:
             await svc.close(deregister=False)
 
