@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -44,7 +45,7 @@ from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, start_trimming
 from hostmesh.agent.renewal import CertState
-from hostmesh.agent.snapshot import Snapshot, TLSMaterial
+from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
@@ -416,8 +417,9 @@ class Agent:
             chain, key = self.certs.paths(svc.name)
             server[svc.name] = mesh_server_context(chain, key, roots)
             client[svc.name] = mesh_client_context(chain, key, roots, alpn=TCP_ALPN)
-            client_http[svc.name] = mesh_client_context(chain, key, roots, alpn=HTTP_ALPN)
-        return TLSMaterial(next(self._tls_generation), roots, server, client, client_http)
+            # only for peers older than protocol version 3: built when one is first dialed
+            client_http[svc.name] = functools.partial(mesh_client_context, chain, key, roots, alpn=HTTP_ALPN)
+        return TLSMaterial(next(self._tls_generation), roots, server, client, LazyContexts(client_http))
 
     def _on_certs_changed(self) -> None:
         self.builder.tls_changed()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -73,6 +73,44 @@ class LocalService:
     identity: Identity
 
 
+class LazyContexts(Mapping[str, ssl.SSLContext]):
+    """Local service -> SSL context, each built on its first lookup and then kept: for contexts an
+    agent may never use (TLSMaterial.client_http serves only peers older than protocol version 3),
+    ~26 KiB of OpenSSL heap each (its certificate, key and trust store) not spent at start.
+
+    The files are read at that first lookup, which may come after a renewal rewrote them; a context
+    built from the newer certificate is as good, and one caught between the two files' writes fails
+    to build and is not kept (the next lookup builds it again). Equal only to itself: comparing the
+    contents would build every context."""
+
+    __slots__ = ("_build", "_built")
+
+    def __init__(self, build: Mapping[str, Callable[[], ssl.SSLContext]]) -> None:
+        self._build = dict(build)
+        self._built: dict[str, ssl.SSLContext] = {}
+
+    def __getitem__(self, service: str) -> ssl.SSLContext:
+        ctx = self._built.get(service)
+        if ctx is None:
+            ctx = self._built[service] = self._build[service]()  # KeyError: no such service
+        return ctx
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build)
+
+    def __len__(self) -> int:
+        return len(self._build)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def built(self) -> list[str]:
+        """The services whose context has been built."""
+        return list(self._built)
+
+
 @record
 class TLSMaterial:
     """SSL contexts built from the current certs and trust bundle; rebuilt only when those change."""
@@ -81,7 +119,8 @@ class TLSMaterial:
     roots_pem: str
     server: Mapping[str, ssl.SSLContext]  # local service -> inbound context presenting its cert
     client: Mapping[str, ssl.SSLContext]  # local service -> outbound context presenting its cert
-    # local service -> outbound context offering only ca/tls.py HTTP_ALPN (L7, proxy/http_outbound.py)
+    # local service -> outbound context offering only ca/tls.py HTTP_ALPN, for a peer older than
+    # protocol version 3 (L7, proxy/http_outbound.py); the agent's is a LazyContexts
     client_http: Mapping[str, ssl.SSLContext] = field(default_factory=_empty)
 
 

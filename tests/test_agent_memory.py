@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import ctypes
 import gc
 import mmap
 import subprocess
@@ -326,6 +327,60 @@ def test_the_trim_gives_the_loops_read_buffer_back() -> None:
     assert loop_read_buffer() is view  # the same buffer, still usable
     view[:4] = b"read"
     assert view[:4] == b"read"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED and mincore as on Linux")
+def test_the_trim_gives_uvloops_receive_buffer_back() -> None:
+    """uvloop's Loop holds the buffer every plain protocol's reads land in (zero-filled, so resident,
+    from the start): the pages loop_recv_pages names lie inside it, a tick gives them back, and the
+    loop reads as before afterwards. Real sockets, real uvloop."""
+    import random
+    import socket
+
+    import uvloop
+
+    page = mmap.PAGESIZE
+    sent = random.Random(12).randbytes(200_000)
+
+    class Collect(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+            self.done = asyncio.get_running_loop().create_future()
+
+        def data_received(self, data: bytes) -> None:
+            self.chunks.append(data)
+            if sum(map(len, self.chunks)) >= len(sent) and not self.done.done():
+                self.done.set_result(None)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        start, length = memory.loop_recv_pages(loop)
+        assert length >= 60 * page
+        ours, theirs = socket.socketpair()
+        try:
+            for _ in range(2):  # before the tick, and reading into the given-back pages after it
+                transport, proto = await loop.connect_accepted_socket(Collect, sock=ours.dup())
+                theirs.sendall(sent)
+                await asyncio.wait_for(proto.done, 10.0)
+                assert b"".join(proto.chunks) == sent
+                # the last read is still at the buffer's start: the pages named lie inside the buffer
+                base = next(c for c in type(loop).__mro__ if c.__module__ == "uvloop.loop")
+                at = ctypes.string_at(id(loop), base.__basicsize__).find(proto.chunks[-1][:64])
+                assert at > 0 and id(loop) + at <= start
+                assert start + length <= id(loop) + at + memory.UVLOOP_RECV_BUF
+                assert _resident_pages(start, length) > 0
+                trimmer = memory.start_trimming(loop, lambda _pad: 1)
+                assert trimmer is not None
+                trimmer.now(collect=False)
+                trimmer.cancel()
+                assert _resident_pages(start, length) == 0
+                transport.close()
+        finally:
+            ours.close()
+            theirs.close()
+
+    assert memory.loop_recv_pages(asyncio.new_event_loop()) == (0, 0)  # not uvloop's: nothing
+    uvloop.run(scenario())
 
 
 def test_reading_agent_toml_lets_the_parser_go(tmp_path: Path) -> None:

@@ -75,6 +75,7 @@ async def test_concurrent_requests_of_one_caller_share_one_tls_connection(mesh: 
     assert mesh.http_out.mesh.handshakes == 1
     again = await asyncio.to_thread(one, CONCURRENT)
     assert again == 200 and inbound.handshakes == 1  # the pooled streams serve the next request
+    assert mesh.tls_a.client_http.built() == []  # type: ignore[attr-defined]  # the HTTP-ALPN context: never needed
 
 
 async def test_http_falls_back_to_tls_for_a_peer_of_an_older_protocol(mesh: Mesh, tmp_path: Path) -> None:
@@ -83,6 +84,7 @@ async def test_http_falls_back_to_tls_for_a_peer_of_an_older_protocol(mesh: Mesh
     requests do not dial the mux again."""
     _one_instance(mesh)
     _old_caller_tls(mesh, tmp_path)
+    assert mesh.tls_a.client_http.built() == []  # type: ignore[attr-defined]  # built on first use, below
     c = Client(mesh.outbound.port)
 
     def run() -> list[int]:
@@ -96,6 +98,7 @@ async def test_http_falls_back_to_tls_for_a_peer_of_an_older_protocol(mesh: Mesh
     assert mesh.http_out.mesh.handshakes == 1  # the mux was asked once, then remembered
     (mux,) = mesh.http_out.mesh._iter(None)
     assert mux.version == 2
+    assert mesh.tls_a.client_http.built() == ["web"]  # type: ignore[attr-defined]
 
 
 async def test_http_open_on_a_connection_that_agreed_version_2_is_a_protocol_error(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import select
@@ -38,7 +39,14 @@ from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.agent.snapshot import (
+    Endpoint,
+    LazyContexts,
+    LocalService,
+    Snapshot,
+    SnapshotHolder,
+    TLSMaterial,
+)
 from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_policy, parse_routes
@@ -65,7 +73,10 @@ class CA:
             self.roots,
             MappingProxyType({service: mesh_server_context(chain, keyf, self.roots)}),
             MappingProxyType({service: mesh_client_context(chain, keyf, self.roots)}),
-            MappingProxyType({service: mesh_client_context(chain, keyf, self.roots, alpn=HTTP_ALPN)}),
+            # as the agent builds it (agent/run.py): the HTTP-ALPN context only when an older peer is dialed
+            LazyContexts(
+                {service: functools.partial(mesh_client_context, chain, keyf, self.roots, alpn=HTTP_ALPN)}
+            ),
         )
 
 

@@ -167,8 +167,10 @@ class SnapReads:
 
     def __init__(self, snap: Snapshot, local_service: str, service: str, prev: SnapReads | None) -> None:
         self.snap = snap
-        # the calling service's client context for HTTP (ALPN ca/tls.py HTTP_ALPN); None: no certificate
-        self.ctx: Any = snap.tls.client_http.get(local_service)
+        # the calling service's mux client context; None: no certificate. Also the tag of the pooled
+        # connections made with this TLS material (an older peer's are dialed with its client_http
+        # context, built only then: _http_context)
+        self.ctx: Any = snap.tls.client.get(local_service)
         td = snap.trust_domain
         # the upstream's identity, checked on the peer agent's certificate: the same object while the
         # trust domain stays
@@ -945,10 +947,21 @@ class HttpOutbound:
             return self._open_stream(conn, key, ctx)
         up = TlsUpstreamConn(self.pool, key)
         up.ctx = ctx
-        transport = await connect_tls(up, key, ctx, ident.dns_name, timeout)
+        transport = await connect_tls(up, key, self._http_context(), ident.dns_name, timeout)
         up.expires = min(up.expires, verify_peer(transport, key, HTTP_ALPN, ident).expires)
         self.pool.opened(up)
         return up
+
+    def _http_context(self) -> Any:
+        """The calling service's client context offering HTTP_ALPN, for a peer older than
+        HTTP_MIN_VERSION: built on its first use (agent/snapshot.py LazyContexts); raises DialError."""
+        try:
+            ctx = self.holder.current.tls.client_http.get(self.local_service)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: files caught mid-renewal
+            raise DialError(f"client certificate of {self.local_service} unusable: {exc}") from None
+        if ctx is None:
+            raise DialError(f"no HTTP client context for {self.local_service}")
+        return ctx
 
     def _mux_wanted(self, key: tuple[str, int]) -> bool:
         """Whether HTTP to `key` goes over the mux: unless the peer agreed a version below
