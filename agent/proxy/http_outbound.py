@@ -681,7 +681,7 @@ class HttpOutbound:
     def _stream_now(self, cl: Cluster, key: tuple[str, int], ctx: Any) -> UpstreamConn | None:
         """A new stream on an established mux connection to `key`, within the connection limit (a
         stream counts as a connection), without a task; None: the coroutine path decides (dial, wait)."""
-        conn = self._mux_conn(key)
+        conn = self._mux_conn(key, ctx)
         if conn is None or not self._take_slot(cl.limits):
             return None
         up = self._open_stream(conn, key, ctx)
@@ -935,14 +935,12 @@ class HttpOutbound:
         """A new upstream connection to the peer agent at `key` (the transport decision in the module
         docstring): a stream on a mux connection to it (dialed only when none is up with room), or an
         mTLS connection of its own when that peer agreed a protocol below HTTP_MIN_VERSION."""
-        conn = self._mux_conn(key)
+        conn = self._mux_conn(key, ctx)
         if conn is None and self._mux_wanted(key):
-            mux_ctx = self.holder.current.tls.client.get(self.local_service)
-            if mux_ctx is not None:
-                conn = await self.mesh.dial(key, mux_ctx, ident.dns_name, ident, timeout)
-                if conn.version < HTTP_MIN_VERSION:
-                    self._remember_old(key)
-                    conn = None
+            conn = await self.mesh.dial(key, ctx, ident.dns_name, ident, timeout)
+            if conn.version < HTTP_MIN_VERSION:
+                self._remember_old(key)
+                conn = None
         if conn is not None and not conn.closed:
             return self._open_stream(conn, key, ctx)
         up = TlsUpstreamConn(self.pool, key)
@@ -974,10 +972,10 @@ class HttpOutbound:
         old = self._old_peers = {k: t for k, t in self._old_peers.items() if t > now}
         old[key] = now + PEER_VERSION_TTL
 
-    def _mux_conn(self, key: tuple[str, int]) -> MeshClient | None:
-        """An established mux connection to `key` with room that speaks HTTP_OPEN, else None."""
-        mux_ctx = self.holder.current.tls.client.get(self.local_service)
-        conn = self.mesh.acquire(key, mux_ctx) if mux_ctx is not None else None
+    def _mux_conn(self, key: tuple[str, int], ctx: Any) -> MeshClient | None:
+        """An established mux connection to `key` with room that speaks HTTP_OPEN, made with the
+        request's client context `ctx` (SnapReads.ctx), else None."""
+        conn = self.mesh.acquire(key, ctx)
         return conn if conn is not None and conn.version >= HTTP_MIN_VERSION else None
 
     def _open_stream(self, conn: MeshClient, key: tuple[str, int], ctx: Any) -> StreamUpstreamConn:
