@@ -281,3 +281,13 @@ def parse_stat(text: str) -> tuple[int, int, int]:
     rest = text[text.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); ppid is field 4, utime 14, stime 15 (1-based, man 5 proc)
     return int(rest[1]), int(rest[11]), int(rest[12])
+
+
+def parse_proc_stat_steal(text: str) -> int | None:
+    """`steal` from /proc/stat's `cpu` line, in clock ticks summed over CPUs: time the hypervisor
+    gave to other guests while this machine's CPUs wanted to run (8th value; None where absent)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return int(fields[8]) if len(fields) > 8 else None
+    return None

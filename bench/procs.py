@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from bench.parse import parse_stat, parse_status_rss_kib
+from bench.parse import parse_proc_stat_steal, parse_stat, parse_status_rss_kib
 from hostmesh.agent.localmesh import free_port, wait_for
 from hostmesh.agent.localmesh import port_open as tcp_open
 
@@ -168,6 +168,13 @@ def tree(pid: int) -> list[int]:
 def rss_kib(pid: int) -> int:
     text = _read(f"/proc/{pid}/status")
     return parse_status_rss_kib(text) if text else 0
+
+
+def host_steal_s() -> float | None:
+    """CPU seconds the hypervisor has taken from this machine so far (None: not kept here)."""
+    text = _read("/proc/stat")
+    ticks = parse_proc_stat_steal(text) if text else None
+    return None if ticks is None else ticks / CLK_TCK
 
 
 def cpu_s(pid: int) -> float:

@@ -36,6 +36,7 @@ class Row:
     label: str
     higher_is_better: bool
     fmt: str  # format spec for absolute values
+    ratios: bool = True  # False: a figure of the machine, not of the system ("—" in the ratio columns)
 
 
 ROWS: tuple[Row, ...] = (
@@ -53,6 +54,7 @@ ROWS: tuple[Row, ...] = (
     Row("ka.cpu_us_per_req", "(e) CPU µs of the pair per request in (a)", False, ".1f"),
     Row("big.cpu_ms_per_mib", "(e) CPU ms of the pair per MiB in (c)", False, ".2f"),
     Row("lat.cpu_us_per_req", "(e) CPU µs of the pair per request in (d)", False, ".1f"),
+    Row("lat.steal_pct", "host CPU steal during (d), % of the CPUs", False, ".2f", ratios=False),
 )
 
 
@@ -210,6 +212,9 @@ def render_tables(
         for s in shown:
             cells.append("n/a" if s in unavailable else _cell(summary.get(s, {}).get(row.metric), row.fmt))
         for h, p in pairs:
+            if not row.ratios:
+                cells.append("—")
+                continue
             mine = summary.get(h, {}).get(row.metric, math.nan)
             cells.append(_ratio_cell(ratio(mine, summary.get(p, {}).get(row.metric, math.nan))))
         lines.append("| " + " | ".join(cells) + " |")

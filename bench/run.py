@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
-from bench.procs import Procs, Sampler, StartError, cpu_s, log_tail, tree  # noqa: E402
+from bench.procs import Procs, Sampler, StartError, cpu_s, host_steal_s, log_tail, tree  # noqa: E402
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
 from hostmesh.agent.memory import TRIM_SECONDS  # noqa: E402
 
@@ -44,6 +44,11 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 MAX_ERROR_FRACTION = 0.01  # a run with more failed requests than this is not a throughput figure
 RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is flagged
+# (d) also records the CPU time the hypervisor took from this machine during the run (`steal` in
+# /proc/stat, % of the CPUs): on a VM, a disturbed run's p99 is 2-4x a quiet one's for every system.
+# It is shown, not used to set runs aside: it follows the system under test too. On the 2-core VM
+# (2026-12-03, one run, 2 rounds) the L7 pair's runs saw 2.2-17.9 % while HAProxy's and the L4
+# pair's, interleaved with them, saw 0.2-1.7 %.
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
 # readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
 # (agent/memory.py: free heap pages at the next tick, a quiet mesh connection's TLS buffers at the
@@ -189,9 +194,11 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     # Read before and after only: no sampling thread beside a latency measurement.
     pids = [p for root in system.roots().values() for p in tree(root)]
     cpu0 = sum(cpu_s(p) for p in pids)
+    steal0, t0 = host_steal_s(), time.monotonic()
     r = load.hey_fixed_rate(
         f"{system.url}/small", rate=s.lat_rate, connections=s.lat_connections, duration_s=s.lat_duration_s
     )
+    steal1, elapsed = host_steal_s(), time.monotonic() - t0
     cpu = sum(cpu_s(p) for p in pids) - cpu0
     if r.errors > MAX_ERROR_FRACTION * r.requests:
         raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
@@ -204,6 +211,8 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     m["errors"] = r.errors
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON
+    if steal0 is not None and steal1 is not None:
+        m["steal_pct"] = round(100 * (steal1 - steal0) / (elapsed * (os.cpu_count() or 1)), 2)
     return m
 
 
@@ -220,6 +229,7 @@ def _brief(scenario: str, m: dict[str, Any]) -> str:
         return (
             f"p50 {m['p50']:.3f} p90 {m['p90']:.3f} p99 {m['p99']:.3f} max {m['max']:.3f} ms"
             f" @ {m['achieved_rps']:,.0f}/s"
+            + (f", host steal {m['steal_pct']:.1f} %" if "steal_pct" in m else "")
         )
     text = f"{m['rps']:>10,.0f} req/s"
     if "mib_s" in m:
@@ -385,7 +395,8 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
         f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
         "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
-        "(e) RSS from "
+        "with the CPU time the hypervisor took from the machine meanwhile (steal, /proc/stat: a "
+        "virtual machine's tail moves with it); (e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",

@@ -19,6 +19,7 @@ from bench.parse import (
     histogram_summary,
     parse_hey_csv,
     parse_hey_summary,
+    parse_proc_stat_steal,
     parse_stat,
     parse_status_rss_kib,
     parse_wrk,
@@ -187,6 +188,23 @@ def test_proc_status_and_stat() -> None:
     # the comm field may contain spaces and parentheses
     stat = "1234 (we ird) name)) S 77 1234 1234 0 -1 4194560 500 0 0 0 150 25 0 0 20 0 1 0 100 0 0"
     assert parse_stat(stat) == (77, 150, 25)
+
+
+def test_proc_stat_steal() -> None:
+    text = "cpu  2013460 370 424150 8073852 10932 0 115630 262113 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n"
+    assert parse_proc_stat_steal(text) == 262113  # the all-CPU line, not cpu0's
+    assert parse_proc_stat_steal("cpu  1 2 3 4 5 6 7\n") is None  # a kernel that keeps no steal
+    assert parse_proc_stat_steal("intr 1\n") is None
+
+
+def test_the_steal_row_has_no_ratios() -> None:
+    s = _summary()
+    for system in s:
+        s[system]["lat.steal_pct"] = 0.5
+    row = next(ln for ln in report.render_tables(s, {}).splitlines() if ln.startswith("| host CPU steal"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["0.50"] * 4  # direct, consul, haproxy, hostmesh-l4
+    assert cells[5:] == ["—", "—"]  # L4/consul, L4/haproxy
 
 
 # --- aggregation and tables -----------------------------------------------------------------
