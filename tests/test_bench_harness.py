@@ -197,6 +197,29 @@ def test_proc_stat_steal() -> None:
     assert parse_proc_stat_steal("intr 1\n") is None
 
 
+def test_a_disturbed_latency_run_is_run_again_a_bounded_number_of_times() -> None:
+    from bench.run import MAX_STEAL_PCT, unless_disturbed
+
+    stolen = [MAX_STEAL_PCT * 3, MAX_STEAL_PCT / 2, MAX_STEAL_PCT * 5]
+    runs = iter([{"p99": 9.0, "steal_pct": stolen[0]}, {"p99": 2.0, "steal_pct": stolen[1]}])
+    kept, discarded = unless_disturbed(lambda: next(runs), retries=2)
+    assert kept == {"p99": 2.0, "steal_pct": stolen[1]}
+    assert discarded == [{"p99": 9.0, "steal_pct": stolen[0]}]
+
+    calls: list[int] = []
+
+    def always_disturbed() -> dict[str, float]:
+        calls.append(1)
+        return {"p99": 9.0, "steal_pct": stolen[2]}
+
+    kept, discarded = unless_disturbed(always_disturbed, retries=2)
+    assert len(calls) == 3 and len(discarded) == 2
+    assert kept["steal_high"] is True  # kept, and flagged in the JSON
+
+    quiet_or_unknown = iter([{"p99": 1.0}])  # no /proc/stat steal: the run stands
+    assert unless_disturbed(lambda: next(quiet_or_unknown)) == ({"p99": 1.0}, [])
+
+
 def test_the_steal_row_has_no_ratios() -> None:
     s = _summary()
     for system in s:
