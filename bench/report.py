@@ -160,7 +160,10 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
 
 
 def ratio(a: float, b: float) -> float:
-    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+    """a / b; n/a (NaN) unless both are finite, b > 0 and a >= 0. Only added latency can go below
+    zero: a system's percentile under direct's, when direct's runs were the disturbed ones. Such a
+    figure measures the machine, not the system, so it passes or fails no target."""
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0 or a < 0:
         return math.nan
     return a / b
 

@@ -54,6 +54,11 @@ RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is 
 # the JSON (`discarded`), and the steal of the kept runs is a row of the table.
 MAX_STEAL_PCT = 2.0
 LAT_RETRIES = 2
+# Disturbed spells come in clusters (in one run, direct's latency runs right after the 1 MiB
+# scenario lost 13-26 % three times in a row), so each latency run first waits for one window of
+# QUIET_WINDOW_S in which the host took at most MAX_STEAL_PCT, for at most QUIET_WAIT_S.
+QUIET_WINDOW_S = 1.0
+QUIET_WAIT_S = 30.0
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
 # readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
 # (agent/memory.py: free heap pages at the next tick, a quiet mesh connection's TLS buffers at the
@@ -193,10 +198,31 @@ def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
     return m
 
 
+def wait_for_quiet_host(
+    steal: Callable[[], float | None] = host_steal_s,
+    sleep: Callable[[float], None] = time.sleep,
+    cpus: int = os.cpu_count() or 1,
+) -> int:
+    """Watch the host's steal in windows of QUIET_WINDOW_S until one is at most MAX_STEAL_PCT of the
+    CPUs, for at most QUIET_WAIT_S: the number of windows watched (0 where no steal is kept)."""
+    windows = 0
+    while windows < QUIET_WAIT_S / QUIET_WINDOW_S:
+        before = steal()
+        if before is None:
+            break
+        sleep(QUIET_WINDOW_S)  # the measurement window itself
+        windows += 1
+        after = steal()
+        if after is None or 100 * (after - before) / (QUIET_WINDOW_S * cpus) <= MAX_STEAL_PCT:
+            break
+    return windows
+
+
 def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     # The pair's CPU per request at this rate: what its added latency follows (hey's workers send
     # their requests together, so each agent works through a burst of `lat_connections` in turn).
     # Read before and after only: no sampling thread beside a latency measurement.
+    quiet_windows = wait_for_quiet_host()
     pids = [p for root in system.roots().values() for p in tree(root)]
     cpu0 = sum(cpu_s(p) for p in pids)
     steal0, t0 = host_steal_s(), time.monotonic()
@@ -214,6 +240,7 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     if pids and r.requests:
         m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
     m["errors"] = r.errors
+    m["quiet_windows"] = quiet_windows
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON
     if steal0 is not None and steal1 is not None:
@@ -434,9 +461,11 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
         f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
         "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
-        f"a (d) run during which the host took more than {MAX_STEAL_PCT:g} % of the CPUs (steal, "
-        f"/proc/stat) is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
-        "kept in the JSON as `discarded`); (e) RSS from "
+        f"each (d) run waits up to {QUIET_WAIT_S:g} s for a {QUIET_WINDOW_S:g} s window in which the host "
+        f"took at most {MAX_STEAL_PCT:g} % of the CPUs (steal, /proc/stat), and a run during which it "
+        f"took more is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
+        "kept in the JSON as `discarded`; an added percentile below zero, direct's runs being the "
+        "disturbed ones, gives no ratio); (e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",

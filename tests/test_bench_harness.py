@@ -176,6 +176,8 @@ def test_ratio() -> None:
     assert report.ratio(6.0, 3.0) == 2.0
     assert math.isnan(report.ratio(1.0, 0.0))
     assert math.isnan(report.ratio(math.nan, 1.0))
+    assert math.isnan(report.ratio(-0.1, 2.4))  # added p99 below direct's: no verdict either way
+    assert report.ratio(0.0, 2.4) == 0.0
 
 
 # --- /proc ----------------------------------------------------------------------------------
@@ -218,6 +220,22 @@ def test_a_disturbed_latency_run_is_run_again_a_bounded_number_of_times() -> Non
 
     quiet_or_unknown = iter([{"p99": 1.0}])  # no /proc/stat steal: the run stands
     assert unless_disturbed(lambda: next(quiet_or_unknown)) == ({"p99": 1.0}, [])
+
+
+def test_a_latency_run_waits_a_bounded_time_for_a_quiet_host() -> None:
+    from bench.run import MAX_STEAL_PCT, QUIET_WAIT_S, QUIET_WINDOW_S, wait_for_quiet_host
+
+    slept: list[float] = []
+    busy = MAX_STEAL_PCT * 5 / 100 * QUIET_WINDOW_S  # seconds stolen per window on one CPU
+    quiet = MAX_STEAL_PCT / 2 / 100 * QUIET_WINDOW_S
+    readings = iter([0.0, busy, busy, 2 * busy, 2 * busy, 2 * busy + quiet])
+    assert wait_for_quiet_host(lambda: next(readings), slept.append, cpus=1) == 3
+    assert slept == [QUIET_WINDOW_S] * 3
+
+    clock = iter(range(10_000))  # always disturbed: gives up after QUIET_WAIT_S
+    n = wait_for_quiet_host(lambda: float(next(clock)), slept.append, cpus=1)
+    assert n == QUIET_WAIT_S / QUIET_WINDOW_S
+    assert wait_for_quiet_host(lambda: None, slept.append) == 0  # no steal kept: no wait
 
 
 def test_the_steal_row_has_no_ratios() -> None:
