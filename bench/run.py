@@ -35,7 +35,16 @@ if str(REPO) not in sys.path:
 
 from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
-from bench.procs import Procs, Sampler, StartError, cpu_s, host_steal_s, log_tail, tree  # noqa: E402
+from bench.procs import (  # noqa: E402
+    Procs,
+    Sampler,
+    StartError,
+    busy_steal_pct,
+    cpu_s,
+    host_steal_s,
+    log_tail,
+    tree,
+)
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
 from hostmesh.agent.memory import TRIM_SECONDS  # noqa: E402
 
@@ -54,9 +63,11 @@ RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is 
 # the JSON (`discarded`), and the steal of the kept runs is a row of the table.
 MAX_STEAL_PCT = 2.0
 LAT_RETRIES = 2
-# Disturbed spells come in clusters (in one run, direct's latency runs right after the 1 MiB
-# scenario lost 13-26 % three times in a row), so each latency run first waits for one window of
-# QUIET_WINDOW_S in which the host took at most MAX_STEAL_PCT, for at most QUIET_WAIT_S.
+# Disturbed spells come in clusters (in two runs, direct's latency runs, first after the 1 MiB
+# scenario, lost 5-19 % in all of their 3 tries, in every round), so each latency run first waits
+# for a window of QUIET_WINDOW_S with every CPU kept busy in which the host took at most
+# MAX_STEAL_PCT, for at most QUIET_WAIT_S. Busy, because an idle machine shows no steal: it is time
+# a CPU wanted and did not get.
 QUIET_WINDOW_S = 1.0
 QUIET_WAIT_S = 30.0
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
@@ -199,21 +210,16 @@ def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
 
 
 def wait_for_quiet_host(
-    steal: Callable[[], float | None] = host_steal_s,
-    sleep: Callable[[float], None] = time.sleep,
-    cpus: int = os.cpu_count() or 1,
+    probe: Callable[[float, int], float | None] = busy_steal_pct, cpus: int = os.cpu_count() or 1
 ) -> int:
-    """Watch the host's steal in windows of QUIET_WINDOW_S until one is at most MAX_STEAL_PCT of the
-    CPUs, for at most QUIET_WAIT_S: the number of windows watched (0 where no steal is kept)."""
+    """Probe the host (`probe`: % stolen over a busy window) until a window of QUIET_WINDOW_S
+    loses at most MAX_STEAL_PCT, for at most QUIET_WAIT_S: the number of windows probed (1 when
+    the host is quiet; where no steal is kept, 1 and no wait beyond it)."""
     windows = 0
     while windows < QUIET_WAIT_S / QUIET_WINDOW_S:
-        before = steal()
-        if before is None:
-            break
-        sleep(QUIET_WINDOW_S)  # the measurement window itself
+        stolen = probe(QUIET_WINDOW_S, cpus)
         windows += 1
-        after = steal()
-        if after is None or 100 * (after - before) / (QUIET_WINDOW_S * cpus) <= MAX_STEAL_PCT:
+        if stolen is None or stolen <= MAX_STEAL_PCT:
             break
     return windows
 
@@ -461,8 +467,9 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
         f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
         "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
-        f"each (d) run waits up to {QUIET_WAIT_S:g} s for a {QUIET_WINDOW_S:g} s window in which the host "
-        f"took at most {MAX_STEAL_PCT:g} % of the CPUs (steal, /proc/stat), and a run during which it "
+        f"each (d) run waits up to {QUIET_WAIT_S:g} s for a {QUIET_WINDOW_S:g} s window, every CPU "
+        f"kept busy, in which the host took at most {MAX_STEAL_PCT:g} % of the CPUs (steal, "
+        "/proc/stat), and a run during which it "
         f"took more is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
         "kept in the JSON as `discarded`; an added percentile below zero, direct's runs being the "
         "disturbed ones, gives no ratio); (e) RSS from "
