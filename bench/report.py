@@ -154,9 +154,26 @@ def samples(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[fl
     return out
 
 
+DISTURBED = "lat.disturbed_runs"  # latency runs kept although the host took too much (steal_high)
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
-    """Median of every metric of every system over its successful runs (plus added latency)."""
-    return {s: {k: median(vs) for k, vs in per.items()} for s, per in samples(records).items()}
+    """Median of every metric of every system over its successful runs (plus added latency), and
+    the count of its latency runs flagged `steal_high` (DISTURBED)."""
+    out = {s: {k: median(vs) for k, vs in per.items()} for s, per in samples(records).items()}
+    for r in records:
+        if r["ok"] and r["scenario"] == "lat" and r["metrics"].get("steal_high"):
+            per = out.setdefault(r["system"], {})
+            per[DISTURBED] = per.get(DISTURBED, 0) + 1
+    return out
+
+
+def host_disturbed(summary: Summary, t: Target) -> bool:
+    """An added-latency target whose system, peer or baseline (direct) kept a run the host
+    disturbed: the figure measures the host, so the target gets no verdict."""
+    if not t.metric.startswith("added."):
+        return False
+    return any(summary.get(s, {}).get(DISTURBED, 0) for s in (t.system, t.peer, DIRECT) if s)
 
 
 def ratio(a: float, b: float) -> float:
@@ -169,6 +186,8 @@ def ratio(a: float, b: float) -> float:
 
 
 def target_value(summary: Summary, t: Target) -> float:
+    if host_disturbed(summary, t):
+        return math.nan
     mine = summary.get(t.system, {}).get(t.metric, math.nan)
     if t.peer is None:
         return mine
@@ -234,6 +253,8 @@ def render_tables(
         shown_v = (
             _ratio_cell(v) if t.peer is not None else _cell(v, ".1f") + (" MiB" if math.isfinite(v) else "")
         )
+        if host_disturbed(summary, t):
+            shown_v = "host disturbed"
         met = target_met(v, t)
         mark = "n/a" if t.system in unavailable or met is None else ("yes" if met else "**no**")
         lines.append(f"| {t.label} | {shown_v} | {mark} |")

@@ -248,6 +248,22 @@ def test_a_busy_probe_sees_the_steal_of_its_own_window() -> None:
         assert stolen is not None and 0.0 <= stolen <= 100.0
 
 
+def test_a_disturbed_latency_run_kept_leaves_the_latency_targets_without_verdict() -> None:
+    lat = [_lat(1, "direct", [0.4] * 99 + [2.0]), _lat(1, "haproxy", [1.0] * 99 + [2.0])]
+    lat.append(_lat(1, "hostmesh-l7", [1.2] * 99 + [9.0]))
+    quiet = report.summarize(lat)
+    t = next(t for t in report.TARGETS if t.metric == "added.p99" and t.system == "hostmesh-l7")
+    assert report.target_met(report.target_value(quiet, t), t) is False  # 8.6 ms vs 1.6: a miss
+    lat[0]["metrics"]["steal_high"] = True  # type: ignore[index]  # direct's run: the baseline
+    disturbed = report.summarize(lat)
+    assert disturbed["direct"][report.DISTURBED] == 1
+    assert math.isnan(report.target_value(disturbed, t))
+    md = report.render_tables(disturbed, {}, ["direct", "haproxy", "hostmesh-l7"])
+    assert "| L7 added p99 @1000 rps ≤ 1.2 x HAProxy pair's | host disturbed | n/a |" in md
+    ka = next(t for t in report.TARGETS if t.metric == "ka.rps" and t.system == "hostmesh-l7")
+    assert not report.host_disturbed(disturbed, ka)  # throughput targets are judged as before
+
+
 def test_the_steal_row_has_no_ratios() -> None:
     s = _summary()
     for system in s:
