@@ -11,9 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -170,21 +168,6 @@ def tree(pid: int) -> list[int]:
 def rss_kib(pid: int) -> int:
     text = _read(f"/proc/{pid}/status")
     return parse_status_rss_kib(text) if text else 0
-
-
-def busy_steal_pct(seconds: float, cpus: int) -> float | None:
-    """Keep every CPU busy for `seconds` (one spinning process each) and return the share of that
-    time the hypervisor took, in % (None where /proc/stat keeps no steal). An idle machine shows
-    no steal whatever the host does: steal is time a CPU wanted and did not get."""
-    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
-    before, t0 = host_steal_s(), time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cpus)]
-    for p in procs:
-        p.wait(timeout=seconds + 10)
-    after, elapsed = host_steal_s(), time.monotonic() - t0
-    if before is None or after is None:
-        return None
-    return 100 * (after - before) / (elapsed * cpus)
 
 
 def host_steal_s() -> float | None:

@@ -39,7 +39,6 @@ from bench.procs import (  # noqa: E402
     Procs,
     Sampler,
     StartError,
-    busy_steal_pct,
     cpu_s,
     host_steal_s,
     log_tail,
@@ -56,20 +55,15 @@ RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is 
 # (d)'s tail follows the host as much as the system under test: a virtual machine's hypervisor
 # takes its CPUs for other guests in episodes of tens of seconds (`steal` in /proc/stat), and on the
 # 2-core VM a disturbed run's p99 was 2-4x a quiet one's for every system, HAProxy and direct
-# included (2026-12-03: 0.2-1.8 % of the CPUs stolen in quiet 10 s runs, 2.2-32 % in disturbed
+# included (2026-12-03: 0.2-1.8 % of the CPUs stolen in quiet 10 s runs, 2.2-46 % in disturbed
 # ones; one run had only the L7 pair's runs disturbed, the next every system's). So a latency run
 # during which the host took more than MAX_STEAL_PCT is run again, up to LAT_RETRIES times, whatever
 # the system; a run still disturbed is kept and flagged (`steal_high`), the ones set aside stay in
 # the JSON (`discarded`), and the steal of the kept runs is a row of the table.
 MAX_STEAL_PCT = 2.0
 LAT_RETRIES = 2
-# Disturbed spells come in clusters (in two runs, direct's latency runs, first after the 1 MiB
-# scenario, lost 5-19 % in all of their 3 tries, in every round), so each latency run first waits
-# for a window of QUIET_WINDOW_S with every CPU kept busy in which the host took at most
-# MAX_STEAL_PCT, for at most QUIET_WAIT_S. Busy, because an idle machine shows no steal: it is time
-# a CPU wanted and did not get.
-QUIET_WINDOW_S = 1.0
-QUIET_WAIT_S = 30.0
+# A wait for a quiet host before each run was tried and dropped: a 1 s window with every CPU kept
+# busy showed the host quiet, and direct's last try of each round still lost 13-27 % (one run).
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
 # readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
 # (agent/memory.py: free heap pages at the next tick, a quiet mesh connection's TLS buffers at the
@@ -209,26 +203,10 @@ def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
     return m
 
 
-def wait_for_quiet_host(
-    probe: Callable[[float, int], float | None] = busy_steal_pct, cpus: int = os.cpu_count() or 1
-) -> int:
-    """Probe the host (`probe`: % stolen over a busy window) until a window of QUIET_WINDOW_S
-    loses at most MAX_STEAL_PCT, for at most QUIET_WAIT_S: the number of windows probed (1 when
-    the host is quiet; where no steal is kept, 1 and no wait beyond it)."""
-    windows = 0
-    while windows < QUIET_WAIT_S / QUIET_WINDOW_S:
-        stolen = probe(QUIET_WINDOW_S, cpus)
-        windows += 1
-        if stolen is None or stolen <= MAX_STEAL_PCT:
-            break
-    return windows
-
-
 def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     # The pair's CPU per request at this rate: what its added latency follows (hey's workers send
     # their requests together, so each agent works through a burst of `lat_connections` in turn).
     # Read before and after only: no sampling thread beside a latency measurement.
-    quiet_windows = wait_for_quiet_host()
     pids = [p for root in system.roots().values() for p in tree(root)]
     cpu0 = sum(cpu_s(p) for p in pids)
     steal0, t0 = host_steal_s(), time.monotonic()
@@ -246,7 +224,6 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     if pids and r.requests:
         m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
     m["errors"] = r.errors
-    m["quiet_windows"] = quiet_windows
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON
     if steal0 is not None and steal1 is not None:
@@ -467,12 +444,11 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
         f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
         "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
-        f"each (d) run waits up to {QUIET_WAIT_S:g} s for a {QUIET_WINDOW_S:g} s window, every CPU "
-        f"kept busy, in which the host took at most {MAX_STEAL_PCT:g} % of the CPUs (steal, "
-        "/proc/stat), and a run during which it "
-        f"took more is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
-        "kept in the JSON as `discarded`; an added percentile below zero, direct's runs being the "
-        "disturbed ones, gives no ratio); (e) RSS from "
+        f"a (d) run during which the host took more than {MAX_STEAL_PCT:g} % of the CPUs (steal, "
+        f"/proc/stat) is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
+        "kept in the JSON as `discarded`); an added-latency target whose system, peer or direct kept a "
+        "run still disturbed gets no verdict, nor does an added percentile below zero; "
+        "(e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",

@@ -222,32 +222,6 @@ def test_a_disturbed_latency_run_is_run_again_a_bounded_number_of_times() -> Non
     assert unless_disturbed(lambda: next(quiet_or_unknown)) == ({"p99": 1.0}, [])
 
 
-def test_a_latency_run_waits_a_bounded_time_for_a_quiet_host() -> None:
-    from bench.run import MAX_STEAL_PCT, QUIET_WAIT_S, QUIET_WINDOW_S, wait_for_quiet_host
-
-    asked: list[tuple[float, int]] = []
-    stolen = iter([MAX_STEAL_PCT * 5, MAX_STEAL_PCT * 2, MAX_STEAL_PCT / 2, 0.0])
-
-    def probe(seconds: float, cpus: int) -> float | None:
-        asked.append((seconds, cpus))
-        return next(stolen)
-
-    assert wait_for_quiet_host(probe, cpus=2) == 3  # the third window was quiet
-    assert asked == [(QUIET_WINDOW_S, 2)] * 3
-    assert wait_for_quiet_host(lambda s, c: MAX_STEAL_PCT * 3, cpus=2) == QUIET_WAIT_S / QUIET_WINDOW_S
-    assert wait_for_quiet_host(lambda s, c: None, cpus=2) == 1  # no steal kept: nothing to wait for
-
-
-def test_a_busy_probe_sees_the_steal_of_its_own_window() -> None:
-    from bench.procs import busy_steal_pct, host_steal_s
-
-    stolen = busy_steal_pct(0.2, 1)
-    if host_steal_s() is None:
-        assert stolen is None
-    else:
-        assert stolen is not None and 0.0 <= stolen <= 100.0
-
-
 def test_a_disturbed_latency_run_kept_leaves_the_latency_targets_without_verdict() -> None:
     lat = [_lat(1, "direct", [0.4] * 99 + [2.0]), _lat(1, "haproxy", [1.0] * 99 + [2.0])]
     lat.append(_lat(1, "hostmesh-l7", [1.2] * 99 + [9.0]))
