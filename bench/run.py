@@ -52,18 +52,13 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 MAX_ERROR_FRACTION = 0.01  # a run with more failed requests than this is not a throughput figure
 RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is flagged
-# (d)'s tail follows the host as much as the system under test: a virtual machine's hypervisor
-# takes its CPUs for other guests in episodes of tens of seconds (`steal` in /proc/stat), and on the
-# 2-core VM a disturbed run's p99 was 2-4x a quiet one's for every system, HAProxy and direct
-# included (2026-12-03: 0.2-1.8 % of the CPUs stolen in quiet 10 s runs, 2.2-46 % in disturbed
-# ones; one run had only the L7 pair's runs disturbed, the next every system's). So a latency run
-# during which the host took more than MAX_STEAL_PCT is run again, up to LAT_RETRIES times, whatever
-# the system; a run still disturbed is kept and flagged (`steal_high`), the ones set aside stay in
-# the JSON (`discarded`), and the steal of the kept runs is a row of the table.
+# (d)'s tail follows the host: a VM's hypervisor takes its CPUs in episodes (`steal`, /proc/stat),
+# and a disturbed run's p99 is 2-4x a quiet one's for every system (measurements and the wait tried
+# and dropped: bench/README.md). A latency run that lost more than MAX_STEAL_PCT of the CPUs is run
+# again, up to LAT_RETRIES times, whatever the system; one still disturbed is kept and flagged
+# `steal_high`, which leaves the added-latency targets without a verdict (report.host_disturbed).
 MAX_STEAL_PCT = 2.0
 LAT_RETRIES = 2
-# A wait for a quiet host before each run was tried and dropped: a 1 s window with every CPU kept
-# busy showed the host quiet, and direct's last try of each round still lost 13-27 % (one run).
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
 # readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
 # (agent/memory.py: free heap pages at the next tick, a quiet mesh connection's TLS buffers at the
