@@ -432,10 +432,9 @@ async def test_peer_with_the_wrong_identity_is_refused(mesh: Mesh, caplog: pytes
 
 async def test_no_healthy_instance_closes_promptly(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
     mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, endpoints=MappingProxyType({"api": ()})))
-    t0 = time.monotonic()
     r, _w = await mesh.connect()
     assert await closed_by_peer(r) == "reset"
-    assert time.monotonic() - t0 < 1.0
+    assert mesh.outbound.pool.handshakes == 0  # refused at once: nothing dialled, no budget spent
     assert "no healthy instance of api" in caplog.text
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UH") == 1
 
@@ -444,10 +443,10 @@ async def test_instance_dying_mid_connection(mesh: Mesh) -> None:
     r, w = await mesh.connect()
     w.write(b"ping")
     assert await asyncio.wait_for(r.readexactly(4), IO_TIMEOUT) == b"ping"
-    t0 = time.monotonic()
     await mesh.inbound.close()  # the peer agent goes away with the connection open
+    # Seen from the connection itself: closed_by_peer's IO_TIMEOUT is shorter than TCP keepalive's
+    # detection (pool.KEEPALIVE_*), so the caller is not waiting for a probe to fail.
     assert await closed_by_peer(r) in ("reset", "eof")
-    assert time.monotonic() - t0 < 2.0
     assert mesh.outbound.active_connections == 0
 
 
@@ -455,10 +454,8 @@ async def test_app_dying_mid_connection(mesh: Mesh) -> None:
     r, w = await mesh.connect()
     w.write(b"ping")
     assert await asyncio.wait_for(r.readexactly(4), IO_TIMEOUT) == b"ping"
-    t0 = time.monotonic()
     await mesh.app.close()  # the app aborts its sockets
     assert await closed_by_peer(r) in ("reset", "eof")
-    assert time.monotonic() - t0 < 2.0
 
 
 async def test_snapshot_swap_applies_to_new_connections_only(mesh: Mesh) -> None:
@@ -684,8 +681,10 @@ async def test_close_drains_then_aborts(mesh: Mesh) -> None:
     w.write(b"ab")
     assert await asyncio.wait_for(r.readexactly(2), IO_TIMEOUT) == b"ab"
     t0 = time.monotonic()
-    await asyncio.gather(mesh.outbound.close(0.3), mesh.outbound.close(0.3))  # idempotent
-    assert 0.25 <= time.monotonic() - t0 < 2.0
+    # idempotent; the open connection is given its grace, then aborted (a close that waited for it
+    # to end would not return within IO_TIMEOUT)
+    await asyncio.wait_for(asyncio.gather(mesh.outbound.close(0.3), mesh.outbound.close(0.3)), IO_TIMEOUT)
+    assert time.monotonic() - t0 >= 0.25
     assert await closed_by_peer(r) in ("reset", "eof")
     with pytest.raises(OSError):
         await mesh.connect()  # no longer accepting
@@ -747,12 +746,10 @@ async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
         holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
         ob = await mesh.add_outbound(holder, connect_timeout=0.2, connect_budget=2.0)
         for i in range(2):  # round robin: one of the two starts on the silent instance
-            t0 = time.monotonic()
             r, w = await mesh.connect(ob)
             w.write(b"t%d" % i)
             w.write_eof()
-            assert await read_all(r) == b"t%d" % i
-            assert time.monotonic() - t0 < 1.5
+            assert await read_all(r) == b"t%d" % i  # within the 2 s budget: moved on after 0.2 s
             w.close()
             await async_wait_until(lambda: ob.active_connections == 0, what="finished")
         endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]
