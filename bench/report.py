@@ -54,6 +54,9 @@ ROWS: tuple[Row, ...] = (
     Row("ka.cpu_us_per_req", "(e) CPU µs of the pair per request in (a)", False, ".1f"),
     Row("big.cpu_ms_per_mib", "(e) CPU ms of the pair per MiB in (c)", False, ".2f"),
     Row("lat.cpu_us_per_req", "(e) CPU µs of the pair per request in (d)", False, ".1f"),
+    Row("ka.steal_pct", "host CPU steal during (a), % of the CPUs", False, ".2f", ratios=False),
+    Row("close.steal_pct", "host CPU steal during (b), % of the CPUs", False, ".2f", ratios=False),
+    Row("big.steal_pct", "host CPU steal during (c), % of the CPUs", False, ".2f", ratios=False),
     Row("lat.steal_pct", "host CPU steal during (d), % of the CPUs", False, ".2f", ratios=False),
 )
 

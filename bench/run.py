@@ -204,11 +204,9 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     # Read before and after only: no sampling thread beside a latency measurement.
     pids = [p for root in system.roots().values() for p in tree(root)]
     cpu0 = sum(cpu_s(p) for p in pids)
-    steal0, t0 = host_steal_s(), time.monotonic()
     r = load.hey_fixed_rate(
         f"{system.url}/small", rate=s.lat_rate, connections=s.lat_connections, duration_s=s.lat_duration_s
     )
-    steal1, elapsed = host_steal_s(), time.monotonic() - t0
     cpu = sum(cpu_s(p) for p in pids) - cpu0
     if r.errors > MAX_ERROR_FRACTION * r.requests:
         raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
@@ -221,7 +219,16 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     m["errors"] = r.errors
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON
-    if steal0 is not None and steal1 is not None:
+    return m
+
+
+def with_steal(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run`'s metrics plus `steal_pct`: the host's steal during it, as a percentage of the CPUs'
+    time (absent where the kernel keeps none)."""
+    steal0, t0 = host_steal_s(), time.monotonic()
+    m = run()
+    steal1, elapsed = host_steal_s(), time.monotonic() - t0
+    if steal0 is not None and steal1 is not None and elapsed > 0:
         m["steal_pct"] = round(100 * (steal1 - steal0) / (elapsed * (os.cpu_count() or 1)), 2)
     return m
 
@@ -266,6 +273,8 @@ def _brief(scenario: str, m: dict[str, Any]) -> str:
     if "cpu_us_per_req_by_process" in m:
         by = ", ".join(f"{k} {v:.0f}" for k, v in m["cpu_us_per_req_by_process"].items())
         text += f"  cpu µs/req {m['cpu_us_per_req']:.0f} ({by})"
+    if "steal_pct" in m:
+        text += f"  host steal {m['steal_pct']:.1f} %"
     return text
 
 
@@ -383,9 +392,9 @@ class Harness:
 
     def _measure(self, rec: dict[str, Any], system: System, scenario: str) -> dict[str, Any]:
         def run() -> dict[str, Any]:
-            return RUNNERS[scenario](system, self.s, self.script)
+            return with_steal(lambda: RUNNERS[scenario](system, self.s, self.script))
 
-        if scenario != "lat":
+        if scenario != "lat":  # throughput runs are recorded with their steal, not run again
             return run()
         metrics, discarded = unless_disturbed(run)
         if discarded:
@@ -442,8 +451,9 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"a (d) run during which the host took more than {MAX_STEAL_PCT:g} % of the CPUs (steal, "
         f"/proc/stat) is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
         "kept in the JSON as `discarded`); an added-latency target whose system, peer or direct kept a "
-        "run still disturbed gets no verdict, nor does an added percentile below zero; "
-        "(e) RSS from "
+        "run still disturbed gets no verdict, nor does an added percentile below zero; (a)-(c) runs "
+        "record their steal too and are not run again (the host steal rows: a throughput ratio measured "
+        "while one system lost much more than its peer is the host's as much as the proxies'); (e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",

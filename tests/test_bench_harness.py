@@ -238,14 +238,30 @@ def test_a_disturbed_latency_run_kept_leaves_the_latency_targets_without_verdict
     assert not report.host_disturbed(disturbed, ka)  # throughput targets are judged as before
 
 
-def test_the_steal_row_has_no_ratios() -> None:
+def test_the_steal_rows_have_no_ratios() -> None:
     s = _summary()
     for system in s:
-        s[system]["lat.steal_pct"] = 0.5
-    row = next(ln for ln in report.render_tables(s, {}).splitlines() if ln.startswith("| host CPU steal"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:5] == ["0.50"] * 4  # direct, consul, haproxy, hostmesh-l4
-    assert cells[5:] == ["—", "—"]  # L4/consul, L4/haproxy
+        s[system]["big.steal_pct"] = 0.5
+        s[system]["lat.steal_pct"] = 0.25
+    lines = report.render_tables(s, {}).splitlines()
+    for label, value in (("(c)", "0.50"), ("(d)", "0.25")):
+        row = next(ln for ln in lines if ln.startswith(f"| host CPU steal during {label}"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:5] == [value] * 4  # direct, consul, haproxy, hostmesh-l4
+        assert cells[5:] == ["—", "—"]  # L4/consul, L4/haproxy
+
+
+def test_every_run_records_the_host_steal_during_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.run
+
+    clock = iter([100.0, 103.0])  # the host's steal seconds before and after the run
+    monkeypatch.setattr(bench.run, "host_steal_s", lambda: next(clock))
+    m = bench.run.with_steal(lambda: {"rps": 1.0})
+    assert m["rps"] == 1.0
+    assert m["steal_pct"] > 0  # 3 s stolen during a run that took a few microseconds
+
+    monkeypatch.setattr(bench.run, "host_steal_s", lambda: None)  # a kernel that keeps no steal
+    assert bench.run.with_steal(lambda: {"rps": 1.0}) == {"rps": 1.0}
 
 
 # --- aggregation and tables -----------------------------------------------------------------
