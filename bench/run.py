@@ -35,15 +35,7 @@ if str(REPO) not in sys.path:
 
 from bench import load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
-from bench.procs import (  # noqa: E402
-    Procs,
-    Sampler,
-    StartError,
-    cpu_s,
-    host_steal_s,
-    log_tail,
-    tree,
-)
+from bench.procs import Procs, Sampler, StartError, cpu_s, host_steal_s, log_tail, tree  # noqa: E402
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
 from hostmesh.agent.memory import TRIM_SECONDS  # noqa: E402
 
@@ -259,11 +251,11 @@ RUNNERS: dict[str, Callable[[System, Settings, Path], dict[str, Any]]] = {
 
 
 def _brief(scenario: str, m: dict[str, Any]) -> str:
+    steal = f"  host steal {m['steal_pct']:.1f} %" if "steal_pct" in m else ""
     if scenario == "lat":
         return (
             f"p50 {m['p50']:.3f} p90 {m['p90']:.3f} p99 {m['p99']:.3f} max {m['max']:.3f} ms"
-            f" @ {m['achieved_rps']:,.0f}/s"
-            + (f", host steal {m['steal_pct']:.1f} %" if "steal_pct" in m else "")
+            f" @ {m['achieved_rps']:,.0f}/s{steal}"
         )
     text = f"{m['rps']:>10,.0f} req/s"
     if "mib_s" in m:
@@ -273,9 +265,7 @@ def _brief(scenario: str, m: dict[str, Any]) -> str:
     if "cpu_us_per_req_by_process" in m:
         by = ", ".join(f"{k} {v:.0f}" for k, v in m["cpu_us_per_req_by_process"].items())
         text += f"  cpu µs/req {m['cpu_us_per_req']:.0f} ({by})"
-    if "steal_pct" in m:
-        text += f"  host steal {m['steal_pct']:.1f} %"
-    return text
+    return text + steal
 
 
 # --- orchestration --------------------------------------------------------------------------
