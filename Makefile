@@ -32,8 +32,12 @@ typecheck: $(STAMP)
 	@for p in $(PKGS); do ln -sfn ../../$$p .typecheck/hostmesh/$$p; done
 	$(BIN)/mypy -p hostmesh.agent -p hostmesh.registry -p hostmesh.ca
 
+# Two pytest-xdist workers: most of the tier's time is waiting (agents starting, Consul answering,
+# timers running out), so two keep the 2-core CI machine busier; each module stays on one worker
+# (tests/conftest.py). UNIT_WORKERS=0 runs it in this process.
+UNIT_WORKERS ?= 2
 unit: $(STAMP) consul
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m "not fleet" $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" $(PYTEST_ARGS)
 
 # The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
 # its wheel. Needs root (CI is) and iproute2, installed here when missing; skips without root.

@@ -48,7 +48,7 @@ if [ -n "${WHEELS_ONLY:-}" ]; then echo "$wheel"; exit 0; fi  # sdist, wheel and
 # needed (installed here when missing, as root). packaging/compiled_wheel.py keeps the wheel in
 # .cache/compiled-wheels under a hash of the sdist's sources and the target: an unchanged source does
 # not compile again, and the wheel bench/compiled.py built for the same target (tests/test_compiled_build.py
-# runs first in `make unit`) is reused. It says on stderr which it did.
+# in `make unit`) is reused. It says on stderr which it did.
 if [ "${HOSTMESH_COMPILE:-1}" = 1 ]; then
   "$top/packaging/ensure-tools.sh" gcc "$(basename "$target_py")-config"
   compiled=$("$py" "$top/packaging/compiled_wheel.py" "$dist/hostmesh-$version.tar.gz" "$target_py" \

@@ -30,18 +30,28 @@ declare -A pkg_of=(
   [python3.12-config]=python3.12-dev
   [python3.13-config]=python3.13-dev
 )
-missing=()
-for cmd in "$@"; do
-  command -v "$cmd" >/dev/null 2>&1 && continue
-  pkg="${pkg_of[$cmd]:-}"
-  [ -n "$pkg" ] || { echo "ensure-tools: no Debian package known for '$cmd'" >&2; exit 2; }
-  missing+=("$pkg")
-done
+missing_packages() {
+  missing=()
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null 2>&1 && continue
+    pkg="${pkg_of[$cmd]:-}"
+    [ -n "$pkg" ] || { echo "ensure-tools: no Debian package known for '$cmd'" >&2; exit 2; }
+    missing+=("$pkg")
+  done
+}
+missing_packages "$@"
 [ "${#missing[@]}" -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "ensure-tools: need root to install ${missing[*]} (apt-get install ${missing[*]})" >&2
   exit 1
 fi
+# One dpkg user at a time: test workers (make unit runs several) may ask at once, and apt-get fails
+# rather than waits while another holds dpkg's lock. tests/test_deb.py takes the same lock around
+# its installs. What the holder installed is not asked for again.
+exec 9>/run/lock/hostmesh-dpkg.lock
+flock 9
+missing_packages "$@"
+[ "${#missing[@]}" -eq 0 ] && exit 0
 echo "ensure-tools: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >&2

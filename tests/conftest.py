@@ -9,6 +9,19 @@ import pytest
 
 from tests.support import ConsulDev
 
+# `make unit` runs on pytest-xdist workers with `--dist loadgroup`: every test is grouped with its
+# module, so a module's fixtures are set up once, on one worker. These modules share what is not
+# safe to share at once (the machine's dpkg database, packaging/build-deb.sh's dist and wheel
+# caches), so they form one group and run one after another on one worker.
+PACKAGING_MODULES = frozenset({"test_ansible", "test_deb", "test_compiled_build", "test_systemd_boot"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("packaging" if module in PACKAGING_MODULES else module))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

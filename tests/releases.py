@@ -7,6 +7,7 @@ as `make venv`). Tests then start agents from that venv beside agents of the wor
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import tarfile
@@ -31,8 +32,12 @@ def release_command(version: str) -> list[str]:
     venv = home / "venv"
     done = home / "complete"
     if not done.exists():
-        _build(version, commit, venv)
-        done.write_text(commit + "\n")
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / ".lock", "w") as lock:  # test workers (make unit runs several) may ask at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                _build(version, commit, venv)
+                done.write_text(commit + "\n")
     return [str(venv / "bin" / "hostmesh")]
 
 

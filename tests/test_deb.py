@@ -106,8 +106,9 @@ def deb(dist: Path) -> Path:
 @pytest.fixture
 def clean_machine() -> Iterator[None]:
     """No hostmesh package before or after; one such test at a time on this machine (several
-    checkouts may run their suites at once, and they share dpkg's database)."""
-    with open("/tmp/hostmesh-deb-test.lock", "w") as lock:
+    checkouts may run their suites at once, and they share dpkg's database). The lock is the one
+    packaging/ensure-tools.sh takes to install, so no apt-get of another test worker runs meanwhile."""
+    with open("/run/lock/hostmesh-dpkg.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for seconds by the other run: its own tests are bounded
         purge()
         try:
