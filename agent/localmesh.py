@@ -32,6 +32,9 @@ HOSTMESH = [sys.executable, "-m", "hostmesh.agent.cli"]
 
 FREE_PORT_TRIES = 200  # a taken port is rare below the ephemeral range; 200 in a row means it is full
 LISTEN_PORTS = 12000  # how many ports just below the kernel's ephemeral range free_port draws from
+# "k/n": free_port draws from the k-th of n disjoint slices of those ports only. Parallel test
+# workers (tests/conftest.py) each take one, as each remembers only the ports it handed out itself.
+PORT_SLICE_ENV = "HOSTMESH_LOCALMESH_PORTS"
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
 _port_draw = random.Random()
@@ -45,7 +48,23 @@ def _listen_port_range() -> range:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768  # Linux's default
-    return range(max(1024, low - LISTEN_PORTS), low)
+    ports = range(max(1024, low - LISTEN_PORTS), low)
+    k, n = _port_slice()
+    size = len(ports) // n
+    return ports[k * size : (k + 1) * size]
+
+
+def _port_slice() -> tuple[int, int]:
+    value = os.environ.get(PORT_SLICE_ENV, "")
+    if not value:
+        return 0, 1
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ValueError(f"{PORT_SLICE_ENV}={value!r}: expected k/n with 0 <= k < n")
+    return k, n
 
 
 def free_port(host: str = "127.0.0.1") -> int:

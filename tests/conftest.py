@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hostmesh.agent.localmesh import PORT_SLICE_ENV
 from tests.support import ConsulDev
 
 # `make unit` runs on pytest-xdist workers with `--dist loadgroup`: every test is grouped with its
@@ -14,6 +16,16 @@ from tests.support import ConsulDev
 # safe to share at once (the machine's dpkg database, packaging/build-deb.sh's dist and wheel
 # caches), so they form one group and run one after another on one worker.
 PACKAGING_MODULES = frozenset({"test_ansible", "test_deb", "test_compiled_build", "test_systemd_boot"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker (PYTEST_XDIST_WORKER "gw0", "gw1", ...) picks listening ports from its own
+    slice: a port one worker picked and has not bound yet is never another's pick."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        os.environ[PORT_SLICE_ENV] = (
+            f"{int(worker.removeprefix('gw'))}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+        )
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into node ids

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.localmesh import free_port
+from hostmesh.agent.localmesh import PORT_SLICE_ENV, free_port
 from tests.support import ConsulDev
 
 pytestmark = pytest.mark.consul
@@ -37,3 +37,21 @@ def test_free_port_never_hands_out_a_port_twice() -> None:
     # and never from the ephemeral range, where an outgoing connection may take it before the bind
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert max(ports) < low
+
+
+def test_parallel_workers_draw_ports_from_disjoint_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two test workers remember only their own picks: each draws from its own slice, so a port
+    one picked and has not bound yet is never the other's."""
+    drawn = []
+    for k in (0, 1):
+        monkeypatch.setenv(PORT_SLICE_ENV, f"{k}/2")
+        drawn.append({free_port() for _ in range(200)})
+    first, second = drawn
+    assert max(first) < min(second)
+
+
+@pytest.mark.parametrize("value", ["2/2", "1", "a/b", "-1/2"])
+def test_a_malformed_port_slice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(PORT_SLICE_ENV, value)
+    with pytest.raises(ValueError, match=PORT_SLICE_ENV):
+        free_port()
