@@ -158,6 +158,12 @@ def samples(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[fl
 
 
 DISTURBED = "lat.disturbed_runs"  # latency runs kept although the host took too much (steal_high)
+# A VM's hypervisor takes its CPUs in episodes (`steal` in /proc/stat; bench/README.md): a run that
+# lost more than this share of the CPUs measured the host as much as the proxies.
+MAX_STEAL_PCT = 2.0
+# Throughput and CPU runs are not run again when disturbed (the bench's length would follow the
+# host), so a ratio target on them compares its system and peer over the rounds both were quiet in.
+QUIET_ROUND_SCENARIOS = ("ka", "close", "big")
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
@@ -171,9 +177,37 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
     return out
 
 
-def host_disturbed(summary: Summary, t: Target) -> bool:
-    """An added-latency target whose system, peer or baseline (direct) kept a run the host
-    disturbed: the figure measures the host, so the target gets no verdict."""
+def _scenario(t: Target) -> str:
+    return t.metric.partition(".")[0]
+
+
+def judged_on_quiet_rounds(t: Target) -> bool:
+    return t.peer is not None and _scenario(t) in QUIET_ROUND_SCENARIOS
+
+
+def quiet_rounds(records: Sequence[Mapping[str, Any]], t: Target) -> tuple[list[int], list[int]]:
+    """(rounds, quiet): the rounds in which t's system and its peer both have a successful run of
+    t's scenario, and those of them in which neither run lost more than MAX_STEAL_PCT of the CPUs
+    (a run without a steal figure, on a kernel that keeps none, counts as quiet)."""
+    runs = {
+        (r["system"], r["round"]): r["metrics"] for r in records if r["ok"] and r["scenario"] == _scenario(t)
+    }
+    rounds = sorted(rnd for (s, rnd) in runs if s == t.system and (t.peer, rnd) in runs)
+    quiet = [
+        rnd
+        for rnd in rounds
+        if all(runs[(s, rnd)].get("steal_pct", 0.0) <= MAX_STEAL_PCT for s in (t.system, t.peer))
+    ]
+    return rounds, quiet
+
+
+def host_disturbed(summary: Summary, t: Target, records: Sequence[Mapping[str, Any]] | None = None) -> bool:
+    """The figure measures the host, so the target gets no verdict: an added-latency target whose
+    system, peer or baseline (direct) kept a run the host disturbed; given the runs, a throughput or
+    CPU ratio target with no round in which both sides were quiet."""
+    if records is not None and judged_on_quiet_rounds(t):
+        rounds, quiet = quiet_rounds(records, t)
+        return bool(rounds) and not quiet
     if not t.metric.startswith("added."):
         return False
     return any(summary.get(s, {}).get(DISTURBED, 0) for s in (t.system, t.peer, DIRECT) if s)
@@ -188,9 +222,23 @@ def ratio(a: float, b: float) -> float:
     return a / b
 
 
-def target_value(summary: Summary, t: Target) -> float:
-    if host_disturbed(summary, t):
+def target_value(summary: Summary, t: Target, records: Sequence[Mapping[str, Any]] | None = None) -> float:
+    """The target's figure: from the medians over all runs, or, given the runs, a throughput or CPU
+    ratio from the medians over the rounds both sides were quiet in (quiet_rounds)."""
+    if host_disturbed(summary, t, records):
         return math.nan
+    if records is not None and judged_on_quiet_rounds(t):
+        _, quiet = quiet_rounds(records, t)
+        key = t.metric.partition(".")[2]
+
+        def over_quiet(system: str | None) -> float:
+            return median(
+                r["metrics"].get(key)
+                for r in records
+                if r["ok"] and r["system"] == system and r["scenario"] == _scenario(t) and r["round"] in quiet
+            )
+
+        return ratio(over_quiet(t.system), over_quiet(t.peer))
     mine = summary.get(t.system, {}).get(t.metric, math.nan)
     if t.peer is None:
         return mine
@@ -217,9 +265,14 @@ def _ratio_cell(value: float) -> str:
 
 
 def render_tables(
-    summary: Summary, unavailable: Mapping[str, str], systems: Sequence[str] = ALL_SYSTEMS
+    summary: Summary,
+    unavailable: Mapping[str, str],
+    systems: Sequence[str] = ALL_SYSTEMS,
+    records: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """Markdown: absolute medians per system, ratios hostmesh/peer, and the issue's targets."""
+    """Markdown: absolute medians per system, ratios hostmesh/peer (over all runs), and the issue's
+    targets (given the runs, throughput and CPU ratios over the quiet rounds, which are named when
+    some were not)."""
     shown = [s for s in systems if s in summary or s in unavailable]
     lines: list[str] = []
     for s, why in unavailable.items():
@@ -252,12 +305,16 @@ def render_tables(
     for t in TARGETS:
         if t.system not in shown:
             continue
-        v = target_value(summary, t)
+        v = target_value(summary, t, records)
         shown_v = (
             _ratio_cell(v) if t.peer is not None else _cell(v, ".1f") + (" MiB" if math.isfinite(v) else "")
         )
-        if host_disturbed(summary, t):
+        if host_disturbed(summary, t, records):
             shown_v = "host disturbed"
+        elif records is not None and judged_on_quiet_rounds(t):
+            rounds, quiet = quiet_rounds(records, t)
+            if len(quiet) < len(rounds):
+                shown_v += f" (quiet rounds {', '.join(map(str, quiet))} of {len(rounds)})"
         met = target_met(v, t)
         mark = "n/a" if t.system in unavailable or met is None else ("yes" if met else "**no**")
         lines.append(f"| {t.label} | {shown_v} | {mark} |")

@@ -49,7 +49,7 @@ RATE_SHORTFALL = 0.9  # below this fraction of the asked rate, a latency run is 
 # and dropped: bench/README.md). A latency run that lost more than MAX_STEAL_PCT of the CPUs is run
 # again, up to LAT_RETRIES times, whatever the system; one still disturbed is kept and flagged
 # `steal_high`, which leaves the added-latency targets without a verdict (report.host_disturbed).
-MAX_STEAL_PCT = 2.0
+MAX_STEAL_PCT = report.MAX_STEAL_PCT
 LAT_RETRIES = 2
 # (e) idle is the agents' steady state, so its window opens this long after the last system's
 # readiness probe (its last traffic): an agent gives the probe's buffers back within two trim ticks
@@ -442,8 +442,9 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         f"/proc/stat) is run again, up to {LAT_RETRIES} times ({_set_aside(doc)} run(s) set aside here, "
         "kept in the JSON as `discarded`); an added-latency target whose system, peer or direct kept a "
         "run still disturbed gets no verdict, nor does an added percentile below zero; (a)-(c) runs "
-        "record their steal too and are not run again (the host steal rows: a throughput ratio measured "
-        "while one system lost much more than its peer is the host's as much as the proxies'); (e) RSS from "
+        "record their steal too and are not run again, so a target on them is judged over the rounds in "
+        "which neither side lost more than that (named in the target's row when some did; none: no "
+        "verdict), while the tables show every run; (e) RSS from "
         "/proc/<pid>/status (VmRSS, peak of 0.1 s samples, the larger of the pair's two processes, workers "
         "included), CPU from /proc/<pid>/stat (utime+stime, both processes).",
         "",
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     summary = report.summarize(h.records)
-    tables = report.render_tables(summary, h.unavailable, args.system_names)
+    tables = report.render_tables(summary, h.unavailable, args.system_names, h.records)
     elapsed = time.monotonic() - started
     doc: dict[str, Any] = {
         "date": date.isoformat(timespec="seconds"),
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [
             {
                 "target": t.label,
-                "value": None if not math.isfinite(v := report.target_value(summary, t)) else v,
+                "value": None if not math.isfinite(v := report.target_value(summary, t, h.records)) else v,
                 "met": report.target_met(v, t),
             }
             for t in report.TARGETS
