@@ -60,11 +60,11 @@ def _port_slice() -> tuple[int, int]:
         return 0, 1
     try:
         k, n = (int(part) for part in value.split("/"))
+        if 0 <= k < n:
+            return k, n
     except ValueError:
-        k, n = -1, 0
-    if not 0 <= k < n:
-        raise ValueError(f"{PORT_SLICE_ENV}={value!r}: expected k/n with 0 <= k < n")
-    return k, n
+        pass
+    raise ValueError(f"{PORT_SLICE_ENV}={value!r}: expected k/n with 0 <= k < n")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -185,13 +185,20 @@ def judged_on_quiet_rounds(t: Target) -> bool:
     return t.peer is not None and _scenario(t) in QUIET_ROUND_SCENARIOS
 
 
+def _scenario_runs(
+    records: Sequence[Mapping[str, Any]], t: Target
+) -> dict[tuple[str, int], Mapping[str, Any]]:
+    """The metrics of every successful run of t's scenario, by (system, round)."""
+    return {
+        (r["system"], r["round"]): r["metrics"] for r in records if r["ok"] and r["scenario"] == _scenario(t)
+    }
+
+
 def quiet_rounds(records: Sequence[Mapping[str, Any]], t: Target) -> tuple[list[int], list[int]]:
     """(rounds, quiet): the rounds in which t's system and its peer both have a successful run of
     t's scenario, and those of them in which neither run lost more than MAX_STEAL_PCT of the CPUs
     (a run without a steal figure, on a kernel that keeps none, counts as quiet)."""
-    runs = {
-        (r["system"], r["round"]): r["metrics"] for r in records if r["ok"] and r["scenario"] == _scenario(t)
-    }
+    runs = _scenario_runs(records, t)
     rounds = sorted(rnd for (s, rnd) in runs if s == t.system and (t.peer, rnd) in runs)
     quiet = [
         rnd
@@ -229,16 +236,9 @@ def target_value(summary: Summary, t: Target, records: Sequence[Mapping[str, Any
         return math.nan
     if records is not None and judged_on_quiet_rounds(t):
         _, quiet = quiet_rounds(records, t)
-        key = t.metric.partition(".")[2]
-
-        def over_quiet(system: str | None) -> float:
-            return median(
-                r["metrics"].get(key)
-                for r in records
-                if r["ok"] and r["system"] == system and r["scenario"] == _scenario(t) and r["round"] in quiet
-            )
-
-        return ratio(over_quiet(t.system), over_quiet(t.peer))
+        runs, key = _scenario_runs(records, t), t.metric.partition(".")[2]
+        mine, theirs = (median(runs[(s, rnd)].get(key) for rnd in quiet) for s in (t.system, t.peer))
+        return ratio(mine, theirs)
     mine = summary.get(t.system, {}).get(t.metric, math.nan)
     if t.peer is None:
         return mine
