@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
 
 import pytest
 
-from hostmesh.registry.listen import listening_socket, server_address
+from hostmesh.registry.listen import ACCEPT_FDS, listening_socket, server_address, start_servers
 
 uvloop = pytest.importorskip("uvloop")
 
@@ -73,3 +74,109 @@ def test_a_name_is_left_to_the_loop() -> None:
     assert listening_socket("localhost", 0) is None
     assert server_address("localhost", 8080) == {
         "host": "localhost", "port": 8080, "reuse_address": True, "reuse_port": None}  # fmt: skip
+
+
+def _sockets() -> int:
+    """This process's open socket descriptors."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def _queued_clients(port: int, n: int) -> list[socket.socket]:
+    """`n` connections the kernel completed into the listener's queue (none accepted yet)."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fds", [1, ACCEPT_FDS])
+def test_one_loop_turn_accepts_up_to_one_connection_per_descriptor(fds: int) -> None:
+    """libuv accepts one connection per readable descriptor per loop turn: with `fds` descriptors
+    of one socket, a turn takes `fds` of the queued connections, and the rest follow on later turns."""
+    loop = uvloop.new_event_loop()
+    try:
+        made: list[asyncio.BaseTransport] = []
+
+        class Count(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(transport)
+
+        servers = loop.run_until_complete(start_servers(Count, "127.0.0.1", 0, backlog=64, accept_fds=fds))
+        port = servers[0].sockets[0].getsockname()[1]
+        clients = _queued_clients(port, 8)
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # one turn
+        assert len(made) == fds
+        for _ in range(8):  # bounded: each turn accepts at least one
+            if len(made) == len(clients):
+                break
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+        assert len(made) == len(clients)
+        for c in clients:
+            c.close()
+        for t in made:
+            t.close()
+        for s in servers:
+            s.close()
+
+        async def closed() -> None:
+            await asyncio.gather(*(s.wait_closed() for s in servers))
+
+        loop.run_until_complete(closed())
+    finally:
+        loop.close()
+
+
+def test_the_descriptors_share_one_socket_and_close_with_the_servers() -> None:
+    async def scenario() -> tuple[set[int], int, OSError | None, bool]:
+        servers = await start_servers(asyncio.Protocol, "127.0.0.1", 0, backlog=8, accept_fds=ACCEPT_FDS)
+        socks = [s.sockets[0] for s in servers]
+        inodes = {os.fstat(s.fileno()).st_ino for s in socks}
+        port = socks[0].getsockname()[1]
+        reuse_port = any(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
+        try:  # the port is not shared: a second socket cannot bind it
+            listening_socket("127.0.0.1", port, reuse_port=True)
+            taken: OSError | None = None
+        except OSError as exc:
+            taken = exc
+        for s in servers:
+            s.close()
+        await asyncio.gather(*(s.wait_closed() for s in servers))
+        return inodes, port, taken, reuse_port
+
+    inodes, port, taken, reuse_port = uvloop.run(scenario())
+    assert len(inodes) == 1 and not reuse_port
+    assert taken is not None and "address already in use" in str(taken.strerror)
+    with pytest.raises(ConnectionRefusedError):  # every descriptor closed: nothing listens
+        socket.create_connection(("127.0.0.1", port), timeout=10.0).close()
+
+
+def test_a_failed_start_leaves_no_descriptor_open() -> None:
+    async def scenario() -> None:
+        def refuse(*_a: object, **_k: object) -> None:
+            raise OSError("refused by the test")
+
+        loop = asyncio.get_running_loop()
+        real = loop.create_server
+        calls = 0
+
+        async def second_fails(*a: object, **k: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                refuse()
+            return await real(*a, **k)  # type: ignore[arg-type]
+
+        loop.create_server = second_fails  # type: ignore[method-assign]
+        before = _sockets()
+        with pytest.raises(OSError, match="refused by the test"):
+            await start_servers(asyncio.Protocol, "127.0.0.1", 0, backlog=8, accept_fds=ACCEPT_FDS)
+        for _ in range(10):  # bounded: a closed server's handle is released on a later turn
+            if _sockets() == before:
+                break
+            await asyncio.sleep(0)
+        assert _sockets() == before
+
+    uvloop.run(scenario())

@@ -54,6 +54,7 @@ from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.schema import ExternalService, ExternalTLS
 
 if TYPE_CHECKING:  # the L7 modules load only once a gateway needs them
@@ -561,7 +562,7 @@ class IngressGateway:
         self._new_tcp_outbound = new_tcp_outbound  # mesh service -> OutboundListener (never bound)
         self._http_out: dict[str, Any] = {}
         self._tcp_out: dict[str, Any] = {}
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server] = []  # per listener, one per descriptor of its socket
         self._handlers: list[IngressHttp] = []
         self._certs: list[_CertSet] = []
         self._poller: asyncio.Task[None] | None = None
@@ -571,11 +572,12 @@ class IngressGateway:
         from hostmesh.agent.proxy.http_conn import ServerConn, TlsServerConn
 
         loop = asyncio.get_running_loop()
+        # clients outside the mesh may open a connection per request: several accepts per turn
         for lst in self.config.listeners:
             bind = lst.bind
             if lst.protocol == "tls":
-                server = await loop.create_server(lambda: _ClientHello(self), bind.host, bind.port,
-                                                  reuse_address=True, backlog=BACKLOG)  # fmt: skip
+                servers = await start_servers(lambda: _ClientHello(self), bind.host, bind.port,
+                                              backlog=BACKLOG, accept_fds=ACCEPT_FDS)  # fmt: skip
             else:
                 handler = IngressHttp(self, "https" if lst.protocol == "https" else "http")
                 self._handlers.append(handler)
@@ -600,10 +602,10 @@ class IngressGateway:
                         conn.shed = conn.admission is None
                     return conn
 
-                server = await loop.create_server(factory, bind.host, bind.port, ssl=ctx, reuse_address=True,
-                                                  backlog=BACKLOG)  # fmt: skip
-            self._servers.append(server)
-            self.ports.append(int(server.sockets[0].getsockname()[1]))
+                servers = await start_servers(factory, bind.host, bind.port, backlog=BACKLOG,
+                                              accept_fds=ACCEPT_FDS, ssl=ctx)  # fmt: skip
+            self._servers += servers
+            self.ports.append(int(servers[0].sockets[0].getsockname()[1]))
         if self._certs:
             self._poller = loop.create_task(self._poll_certs())
         log.info("ingress gateway %s listening on %s", self.name,

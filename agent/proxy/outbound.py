@@ -39,7 +39,7 @@ from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, Poo
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.listen import server_address
+from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 
 log = logging.getLogger("hostmesh.proxy.outbound")
 
@@ -80,7 +80,7 @@ class OutboundListener(ListenerLifecycle):
         self.pool = ConnectionPool()
         self.tracker = Tracker()
         self.reaper = IdleReaper(self.tracker, stream_idle_timeout)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []  # one per descriptor of the listening socket
         self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[PoolKey, int] = {}
@@ -99,20 +99,18 @@ class OutboundListener(ListenerLifecycle):
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         bind = self.upstream.bind
-        self._server = await loop.create_server(
-            self._protocol, backlog=BACKLOG,
-            **server_address(bind.host, bind.port, reuse_port=self.reuse_port),
-        )  # fmt: skip
-        self._port = int(self._server.sockets[0].getsockname()[1])
+        # an app may open a connection per request: several descriptors, several accepts per turn
+        self._servers = await start_servers(self._protocol, bind.host, bind.port, backlog=BACKLOG,
+                                            reuse_port=self.reuse_port, accept_fds=ACCEPT_FDS)  # fmt: skip
+        self._port = int(self._servers[0].sockets[0].getsockname()[1])
         self.reaper.start()
 
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True
         self.reaper.stop()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         self.pool.close()
         if self.http is not None:
             await self.http.close(drain_seconds)
@@ -124,9 +122,9 @@ class OutboundListener(ListenerLifecycle):
         for task in list(self._tasks):
             task.cancel()
         await self.tracker.drain(drain_seconds)
-        if self._server is not None:
+        if self._servers:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in self._servers)), 1.0)
             except TimeoutError:
                 pass
 
