@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -40,6 +41,7 @@ from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
 from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, MESH_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry.listen import ACCEPT_FDS
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import Intentions, Rule
 from tests.support import async_wait_until, free_port, metric_sample
@@ -853,6 +855,43 @@ async def test_refused_handshakes_are_counted_by_reason_and_logged_at_a_bounded_
 async def echo_once(r: asyncio.StreamReader, w: asyncio.StreamWriter, msg: bytes = b"ping") -> None:
     w.write(msg)
     assert await asyncio.wait_for(r.readexactly(len(msg)), IO_TIMEOUT) == msg
+
+
+def _listening_descriptors(port: int) -> int:
+    """This process's descriptors of the socket listening on 127.0.0.1:`port` (0: none listens)."""
+    inode = ""
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            f = line.split()
+            if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":  # 0A: LISTEN
+                inode = f[9]
+    if not inode:
+        return 0
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]"
+    return count
+
+
+async def test_the_outbound_accepts_on_several_descriptors_and_frees_its_port_on_close(mesh: Mesh) -> None:
+    """An app may open a connection per request: the outbound registers its one listening socket
+    under ACCEPT_FDS descriptors (registry/listen.py), every connection is served whichever takes
+    it, and closing the listener frees the port for the next one (a reload binds it again)."""
+    ob = await mesh.add_outbound(mesh.holder_a)
+    assert _listening_descriptors(ob.port) == ACCEPT_FDS
+    conns = [await mesh.connect(ob) for _ in range(3 * ACCEPT_FDS)]
+    for r, w in conns:
+        await echo_once(r, w)
+        w.close()
+    await ob.close()
+    assert _listening_descriptors(ob.port) == 0
+    same_port = UpstreamConfig("api", Address("127.0.0.1", ob.port))
+    again = OutboundListener(mesh.holder_a, "web", same_port, mesh.tel_a)
+    await again.start()
+    mesh.extra.append(again)
+    r, w = await mesh.connect(again)
+    await echo_once(r, w)
 
 
 async def test_the_connection_cap_resets_l4_connections_beyond_it_and_counts_them(mesh: Mesh) -> None:
