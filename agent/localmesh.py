@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -124,6 +125,47 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+BIND_CONFLICT = re.compile(r"bind on address \('([^']*)', (\d+)\): address already in use")
+
+
+def port_listeners(port: int) -> list[str]:
+    """Who listens on TCP `port`, any address, from /proc: "pid <n> (<command>)" per process holding
+    such a socket, "inode <n> (no process)" for one no process holds (a close the kernel has not
+    finished). Empty where /proc cannot tell."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f[9])
+    found: list[str] = []
+    held: set[str] = set()
+    if not inodes:
+        return found
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):  # the process is gone, or not ours to read
+            links = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):  # closed since the listing (e.g. the listing's own)
+                    links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            mine = {i for i in inodes if f"socket:[{i}]" in links}
+            if mine:
+                held |= mine
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"pid {pid} ({cmd.strip()})")
+    return found + [f"inode {i} (no process)" for i in sorted(inodes - held)]
+
+
+def bind_conflict_report(log: str) -> str:
+    """For an agent log that ends in "address already in use": who listens on that port now."""
+    m = BIND_CONFLICT.search(log)
+    if m is None:
+        return ""
+    holders = port_listeners(int(m.group(2)))
+    return f"\nlistening on port {m.group(2)} now: {'; '.join(holders) or 'nothing'}"
 
 
 def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
@@ -371,7 +413,8 @@ class LocalMesh:
     def wait_ready(self, handle: AgentHandle, timeout: float = READY_TIMEOUT) -> None:
         def ready() -> bool:
             if not handle.proc.alive():
-                raise RuntimeError(f"agent {handle.node} exited:\n{handle.proc.log()}")
+                log = handle.proc.log()
+                raise RuntimeError(f"agent {handle.node} exited:\n{log}{bind_conflict_report(log)}")
             try:
                 return http_json(handle.admin_url + "/ready", 0.5)[0] == 200
             except OSError:

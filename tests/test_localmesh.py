@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.localmesh import PORT_SLICE_ENV, free_port
+from hostmesh.agent.localmesh import PORT_SLICE_ENV, bind_conflict_report, free_port, port_listeners
 from tests.support import ConsulDev
 
 pytestmark = pytest.mark.consul
@@ -55,3 +56,20 @@ def test_a_malformed_port_slice_is_refused_by_name(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(PORT_SLICE_ENV, value)
     with pytest.raises(ValueError, match=PORT_SLICE_ENV):
         free_port()
+
+
+def test_an_agent_that_found_its_port_taken_names_who_listens_there() -> None:
+    """LocalMesh's "agent exited" error, when the agent could not bind: which process (or a socket
+    no process holds any more) listens on that port at that moment."""
+    holder = socket.socket()
+    with holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        log = f"Error: cannot start: error while attempting to bind on address ('127.0.0.1', {port}): "
+        log += "address already in use\n"
+        report = bind_conflict_report(log)
+        assert report.startswith(f"\nlistening on port {port} now: pid {os.getpid()} (")
+        assert port_listeners(port) == [report.split("now: ", 1)[1]]
+    assert bind_conflict_report(log) == f"\nlistening on port {port} now: nothing"
+    assert bind_conflict_report("Error: cannot start: something else\n") == ""
