@@ -132,8 +132,8 @@ BIND_CONFLICT = re.compile(r"bind on address \('([^']*)', (\d+)\): address alrea
 
 def port_listeners(port: int) -> list[str]:
     """Who listens on TCP `port`, any address, from /proc: "pid <n> (<command>)" per process holding
-    such a socket, "inode <n> (no process)" for one no process holds (a close the kernel has not
-    finished). Empty where /proc cannot tell."""
+    such a socket, "inode <n> (no process)" for one no process holds any more (or none this process
+    may look into). Empty where /proc cannot tell."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
