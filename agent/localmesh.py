@@ -130,10 +130,18 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 BIND_CONFLICT = re.compile(r"bind on address \('([^']*)', (\d+)\): address already in use")
 
 
-def port_listeners(port: int) -> list[str]:
-    """Who listens on TCP `port`, any address, from /proc: "pid <n> (<command>)" per process holding
-    such a socket, "inode <n> (no process)" for one no process holds any more (or none this process
-    may look into). Empty where /proc cannot tell."""
+def fd_links(pid: int | str = "self") -> list[str]:
+    """What each open descriptor of process `pid` refers to (e.g. "socket:[123]"), from /proc;
+    descriptors closed while being listed (the listing's own among them) are left out."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
+def listening_inodes(port: int) -> set[str]:
+    """The inodes of the TCP sockets listening on `port`, any address (/proc/net/tcp and tcp6)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
@@ -141,16 +149,21 @@ def port_listeners(port: int) -> list[str]:
                 f = line.split()
                 if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                     inodes.add(f[9])
+    return inodes
+
+
+def port_listeners(port: int) -> list[str]:
+    """Who listens on TCP `port`, any address, from /proc: "pid <n> (<command>)" per process holding
+    such a socket, "inode <n> (no process)" for one no process holds any more (or none this process
+    may look into). Empty where /proc cannot tell."""
+    inodes = listening_inodes(port)
     found: list[str] = []
     held: set[str] = set()
     if not inodes:
         return found
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         with contextlib.suppress(OSError):  # the process is gone, or not ours to read
-            links = set()
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):  # closed since the listing (e.g. the listing's own)
-                    links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            links = set(fd_links(pid))
             mine = {i for i in inodes if f"socket:[{i}]" in links}
             if mine:
                 held |= mine

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import sys
 
 import pytest
 
+from hostmesh.agent.localmesh import fd_links
 from hostmesh.registry.listen import ACCEPT_FDS, listening_socket, server_address, start_servers
 
 uvloop = pytest.importorskip("uvloop")
@@ -78,11 +78,7 @@ def test_a_name_is_left_to_the_loop() -> None:
 
 def _sockets() -> int:
     """This process's open socket descriptors."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
+    return sum(link.startswith("socket:") for link in fd_links())
 
 
 def _queued_clients(port: int, n: int) -> list[socket.socket]:
@@ -155,9 +151,6 @@ def test_the_descriptors_share_one_socket_and_close_with_the_servers() -> None:
 
 def test_a_failed_start_leaves_no_descriptor_open() -> None:
     async def scenario() -> None:
-        def refuse(*_a: object, **_k: object) -> None:
-            raise OSError("refused by the test")
-
         loop = asyncio.get_running_loop()
         real = loop.create_server
         calls = 0
@@ -166,7 +159,7 @@ def test_a_failed_start_leaves_no_descriptor_open() -> None:
             nonlocal calls
             calls += 1
             if calls == 2:
-                refuse()
+                raise OSError("refused by the test")
             return await real(*a, **k)  # type: ignore[arg-type]
 
         loop.create_server = second_fails  # type: ignore[method-assign]

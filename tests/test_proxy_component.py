@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import hashlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -28,6 +27,7 @@ import uvloop
 
 from hostmesh.agent.audit import access_sample, configure_access
 from hostmesh.agent.config import Address, UpstreamConfig
+from hostmesh.agent.localmesh import fd_links, listening_inodes
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.connect import Connected, Unreachable, connect_within_budget
@@ -858,20 +858,9 @@ async def echo_once(r: asyncio.StreamReader, w: asyncio.StreamWriter, msg: bytes
 
 
 def _listening_descriptors(port: int) -> int:
-    """This process's descriptors of the socket listening on 127.0.0.1:`port` (0: none listens)."""
-    inode = ""
-    with open("/proc/net/tcp") as fh:
-        for line in fh.readlines()[1:]:
-            f = line.split()
-            if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":  # 0A: LISTEN
-                inode = f[9]
-    if not inode:
-        return 0
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
-            count += os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]"
-    return count
+    """This process's descriptors of the socket listening on `port` (0: none listens)."""
+    sockets = {f"socket:[{inode}]" for inode in listening_inodes(port)}
+    return sum(link in sockets for link in fd_links())
 
 
 async def test_the_outbound_accepts_on_several_descriptors_and_frees_its_port_on_close(mesh: Mesh) -> None:
