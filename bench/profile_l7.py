@@ -177,7 +177,7 @@ def straced(pids: list[int], workdir: Path) -> Iterator[dict[int, dict[str, int]
 
 
 def profile_pair(env: Env, protocol: str, args: argparse.Namespace, say: Callable[[str], None]) -> list[Side]:
-    pair = HostmeshPair(protocol)
+    pair = HostmeshPair(protocol, routes=args.routes if protocol == "http" else 0)
     pair.agent_cmd = [sys.executable, str(HOOK)]
     pair.start(env)
     roles = pair.roots()  # {"client": pid, "server": pid}
@@ -284,6 +284,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="functions listed per side")
     p.add_argument("--close", action="store_true",
                    help="a new connection per request, `Connection: close` (make bench's (b))")  # fmt: skip
+    p.add_argument("--routes", type=int, default=0,
+                   help="L7: a route document of this many routes, catch-all last")  # fmt: skip
     p.add_argument("--no-strace", dest="strace", action="store_false", help="skip the syscall window")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep-workdir", action="store_true")
