@@ -320,32 +320,87 @@ def test_added_latency_of_runs_without_histograms_is_per_round_then_median() -> 
 
 
 def test_a_cpu_ratio_target_is_judged_over_the_rounds_both_sides_were_quiet() -> None:
-    """The run of 2026-12-03 15:46 UTC: the 256-route pair's keep-alive runs lost 9.8 % and 11.4 % of
-    the CPUs in rounds 1 and 2, the 1-route pair's 27.5 % in round 2, and CPU per request rises with
-    steal for every system. The medians over all runs gave 1.14x, a miss; the quiet round 1.02x."""
-    t = next(t for t in report.TARGETS if t.system == "hostmesh-l7-r256")
+    """CPU per request rises with steal for every system (bench/README.md): here the L7 pair's runs of
+    rounds 1 and 2 lost 9.8 % and 11.4 % of the CPUs and HAProxy's of round 2 27.5 %. The medians over
+    all runs would fail the target; the one round both were quiet in meets it."""
+    t = next(t for t in report.TARGETS if t.label == "L7 pair CPU per request ≤ 2.0 x HAProxy pair's")
     runs = [
-        _rec(1, "hostmesh-l7", "ka", cpu_us_per_req=97.9, steal_pct=1.86),
-        _rec(1, "hostmesh-l7-r256", "ka", cpu_us_per_req=113.1, steal_pct=9.76),
-        _rec(2, "hostmesh-l7", "ka", cpu_us_per_req=133.2, steal_pct=27.54),
-        _rec(2, "hostmesh-l7-r256", "ka", cpu_us_per_req=111.5, steal_pct=11.43),
-        _rec(3, "hostmesh-l7", "ka", cpu_us_per_req=85.2, steal_pct=0.06),
-        _rec(3, "hostmesh-l7-r256", "ka", cpu_us_per_req=86.5, steal_pct=0.06),
+        _rec(1, "haproxy", "ka", cpu_us_per_req=60.0, steal_pct=0.1),
+        _rec(1, "hostmesh-l7", "ka", cpu_us_per_req=130.0, steal_pct=9.76),
+        _rec(2, "haproxy", "ka", cpu_us_per_req=62.0, steal_pct=27.54),
+        _rec(2, "hostmesh-l7", "ka", cpu_us_per_req=128.0, steal_pct=11.43),
+        _rec(3, "haproxy", "ka", cpu_us_per_req=58.0, steal_pct=0.06),
+        _rec(3, "hostmesh-l7", "ka", cpu_us_per_req=110.0, steal_pct=0.06),
     ]
     s = report.summarize(runs)
-    assert report.target_met(report.target_value(s, t), t) is False  # medians of every run: 1.14x
+    assert report.target_met(report.target_value(s, t), t) is False  # medians of every run: 128 / 60
     assert report.quiet_rounds(runs, t) == ([1, 2, 3], [3])
     v = report.target_value(s, t, runs)
-    assert v == pytest.approx(86.5 / 85.2) and report.target_met(v, t) is True
-    md = report.render_tables(s, {}, ["hostmesh-l7", "hostmesh-l7-r256"], runs)
-    assert (
-        "| L7 256-route document CPU per request ≤ 1.05 x 1 route | 1.02x (quiet rounds 3 of 3) | yes |" in md
-    )
+    assert v == pytest.approx(110 / 58) and report.target_met(v, t) is True
+    md = report.render_tables(s, {}, ["haproxy", "hostmesh-l7"], runs)
+    assert "| L7 pair CPU per request ≤ 2.0 x HAProxy pair's | 1.90x (quiet rounds 3 of 3) | yes |" in md
 
     runs[5]["metrics"]["steal_pct"] = 5.0  # type: ignore[index]  # no round left with both quiet
     assert report.host_disturbed(s, t, runs) and math.isnan(report.target_value(s, t, runs))
+    md = report.render_tables(s, {}, ["haproxy", "hostmesh-l7"], runs)
+    assert "| L7 pair CPU per request ≤ 2.0 x HAProxy pair's | host disturbed | n/a |" in md
+
+
+def _routes_round(rnd: int, one_us: float, many_us: float, steal: float) -> list[dict[str, object]]:
+    """The two records of one (f) run, as run.Harness.routes_round writes them."""
+    return [
+        _rec(rnd, "hostmesh-l7", "routes", rps=7000.0, cpu_us_per_req=one_us, steal_pct=steal),
+        _rec(
+            rnd,
+            "hostmesh-l7-r256",
+            "routes",
+            rps=7000.0,
+            cpu_us_per_req=many_us,
+            cpu_ratio=many_us / one_us,
+            steal_pct=steal,
+        ),
+    ]
+
+
+def test_the_route_count_target_is_the_median_of_the_ratios_within_each_paired_run() -> None:
+    """(f) loads both pairs at once, so each run's ratio compares them on the same host: the target
+    is the median of those ratios over every round, disturbed or not, and the one-after-the-other
+    keep-alive runs (a) play no part (here they alone would give 1.16x, the figure of 2026-12-03 17:49
+    UTC's round 1)."""
+    t = next(t for t in report.TARGETS if t.system == "hostmesh-l7-r256")
+    runs = [
+        _rec(1, "hostmesh-l7", "ka", cpu_us_per_req=68.11, steal_pct=0.0),
+        _rec(1, "hostmesh-l7-r256", "ka", cpu_us_per_req=79.28, steal_pct=0.0),
+        *_routes_round(1, 100.0, 99.0, 0.1),
+        *_routes_round(2, 140.0, 147.0, 12.0),  # the host took 12 %: both pairs paid for it alike
+        *_routes_round(3, 90.0, 91.8, 0.0),
+    ]
+    s = report.summarize(runs)
+    v = report.target_value(s, t, runs)
+    assert v == pytest.approx(1.02)  # median of 0.99, 1.05, 1.02
+    assert report.target_met(v, t) is True
     md = report.render_tables(s, {}, ["hostmesh-l7", "hostmesh-l7-r256"], runs)
-    assert "| L7 256-route document CPU per request ≤ 1.05 x 1 route | host disturbed | n/a |" in md
+    assert "| L7 256-route document CPU per request ≤ 1.05 x 1 route | 1.02x | yes |" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| (f) … CPU µs"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["100.0", "99.0"]
+
+    runs[-1]["metrics"]["cpu_ratio"] = 1.09  # type: ignore[index]  # a third ratio over the bound
+    runs[-3]["metrics"]["cpu_ratio"] = 1.06  # type: ignore[index]
+    s = report.summarize(runs)
+    assert report.target_met(report.target_value(s, t, runs), t) is False  # median 1.06
+
+
+def test_a_run_without_the_paired_route_runs_leaves_the_route_target_without_verdict() -> None:
+    """`--scenarios` without routes, or a result file from before (f): no figure, so no verdict."""
+    t = next(t for t in report.TARGETS if t.system == "hostmesh-l7-r256")
+    runs = [
+        _rec(1, "hostmesh-l7", "ka", cpu_us_per_req=68.0, steal_pct=0.0),
+        _rec(1, "hostmesh-l7-r256", "ka", cpu_us_per_req=69.0, steal_pct=0.0),
+    ]
+    s = report.summarize(runs)
+    assert report.target_met(report.target_value(s, t, runs), t) is None
+    md = report.render_tables(s, {}, ["hostmesh-l7", "hostmesh-l7-r256"], runs)
+    assert "| L7 256-route document CPU per request ≤ 1.05 x 1 route | — | n/a |" in md
 
 
 def test_runs_without_steal_figures_are_all_quiet() -> None:
