@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ log = logging.getLogger("hostmesh.dns")
 UDP_MAX_ANSWER = 512  # RFC 1035 without EDNS; our answers (one record) are far below it anyway
 MAX_TCP_CONNECTIONS = 64  # the host's resolver holds one or two; beyond this a local client misbehaves
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may keep a connection without sending a query (RFC 7766)
+PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
@@ -100,14 +103,39 @@ class DnsServer:
             self.telemetry.dns_queries.labels(rcode).inc()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         host, port = self.bind.host, self.bind.port
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
-        if port == 0:  # tests: TCP on the port the kernel gave UDP
-            port = self._udp.get_extra_info("sockname")[1]
-            self.bind = Address(host, port)
-        self._tcp = await asyncio.start_server(self._serve_tcp, **server_address(host, port))
+        if port:
+            await self._listen(host, port)
+        else:  # tests: TCP on the port the kernel gave UDP, which a TCP socket may already hold
+            for attempt in range(PORT_ZERO_TRIES):
+                try:
+                    await self._listen(host, 0)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or attempt == PORT_ZERO_TRIES - 1:
+                        raise
         log.info("mesh DNS for %s on %s (udp, tcp)", self.table.domain, self.bind)
+
+    async def _listen(self, host: str, port: int) -> None:
+        """UDP and TCP on `host`:`port` (0: the port the kernel gives UDP), or neither: the UDP socket
+        is closed at once, not a loop turn later, when TCP cannot have the port."""
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            try:
+                udp.bind((host, port))
+            except OSError as exc:
+                why = (exc.strerror or str(exc)).lower()
+                raise OSError(
+                    exc.errno, f"error while attempting to bind on address {(host, port)!r}: {why}"
+                ) from None
+            port = udp.getsockname()[1]
+            self._tcp = await asyncio.start_server(self._serve_tcp, **server_address(host, port))
+        except BaseException:
+            udp.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        self.bind = Address(host, port)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._clients) >= MAX_TCP_CONNECTIONS:

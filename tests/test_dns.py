@@ -181,6 +181,51 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
         await server.close()
 
 
+async def test_a_port_taken_for_tcp_is_a_clear_error_and_leaves_nothing_bound() -> None:
+    """A configured DNS port that another process holds for TCP: start fails with the address in
+    the message, and the UDP socket it had bound on that port is given back."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = DnsServer(Address("127.0.0.1", port), TABLE)
+        with pytest.raises(OSError, match=f"'127.0.0.1', {port}.*address already in use"):
+            await server.start()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", port))  # free again: start kept no UDP socket on it
+
+
+async def test_port_zero_tries_another_port_when_tcp_holds_the_one_udp_got(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Port 0 (tests): the kernel picks UDP's port and TCP takes the same number, which a TCP socket
+    of some other test may hold; start tries again on a new port instead of failing. The first try
+    is steered onto a port a real listening socket holds."""
+    real_listen = DnsServer._listen
+    tries: list[int] = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+
+        async def listen(self: DnsServer, host: str, port: int) -> None:
+            tries.append(port)
+            await real_listen(self, host, held if len(tries) == 1 else port)
+
+        monkeypatch.setattr(DnsServer, "_listen", listen)
+        server = DnsServer(Address("127.0.0.1", 0), TABLE)
+        await server.start()
+    try:
+        assert tries == [0, 0] and server.bind.port not in (0, held)
+        q = dns.message.make_query("api.mesh", "A")
+        got = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: dns.query.tcp(q, "127.0.0.1", timeout=IO_BOUND, port=server.bind.port)
+        )
+        assert got.answer[0][0].to_text() == "127.128.1.2"
+    finally:
+        await server.close()
+
+
 async def test_an_idle_tcp_client_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 0.2)
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
