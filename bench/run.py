@@ -168,8 +168,9 @@ def scenario_routes(one: System, many: System, s: Settings, script: Path) -> dic
     """(f) The route-count target's figure: `one` (1 route) and `many` (256) loaded at the same time,
     each by its own wrk with half of (a)'s connections and one thread, so that both pairs run on the
     same host at the same moment. Run one after the other as in (a), the two pairs' CPU per request
-    moved by 10-20 % from one run to the next with the host (A/A runs of two 1-route pairs included),
-    more than the 5 % the target allows; run together, A/A ratios stayed within 0.97-1.04 (bench/README.md).
+    moved by 10-20 % from one run to the next with the host (two identical pairs as much as these),
+    more than the 5 % the target allows; run together, A/A ratios were 0.96-1.05 per run and their
+    medians within 1.5 % of 1 (bench/README.md).
     Metrics per system; `many`'s carry `cpu_ratio`, its CPU per request over `one`'s."""
 
     def sampled(system: System) -> dict[str, Any]:
