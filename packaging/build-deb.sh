@@ -35,11 +35,18 @@ HOSTMESH_COMPILE=0 "$py" -m build --outdir "$dist" . >"$dist/build.log" 2>&1 ||
 wheel=$(ls "$dist"/hostmesh-"$version"-*.whl)
 
 # 2. dependency wheels for the target interpreter, from the cache when it already has them.
+# `pip wheel -w` writes the whole install set, ours included, so it writes to a folder of its own and
+# only the dependencies are moved into the cache (rename: each appears whole): a pip reading the cache
+# meanwhile (--find-links, tests/test_ansible.py) never finds our wheel there, come and gone.
 pip_target=("$py" -m pip --disable-pip-version-check --python "$target_py")
-if ! "${pip_target[@]}" wheel -q --no-index --find-links "$wheels" -w "$wheels" "$wheel" >/dev/null 2>&1; then
-  "${pip_target[@]}" wheel -q --find-links "$wheels" -w "$wheels" "$wheel" >&2
+fetched=$(mktemp -d "$cache/.wheels-fetch.XXXXXX")
+trap 'rm -rf "$fetched"' EXIT
+if ! "${pip_target[@]}" wheel -q --no-index --find-links "$wheels" -w "$fetched" "$wheel" >/dev/null 2>&1; then
+  "${pip_target[@]}" wheel -q --find-links "$wheels" -w "$fetched" "$wheel" >&2
 fi
-rm -f "$wheels"/hostmesh-*.whl  # only dependencies are cached; ours is always the fresh build
+rm -f "$fetched"/hostmesh-*.whl  # only dependencies are cached; ours is always the fresh build
+find "$fetched" -maxdepth 1 -name '*.whl' -exec mv -f -t "$wheels" {} +
+rm -rf "$fetched"
 if [ -n "${WHEELS_ONLY:-}" ]; then echo "$wheel"; exit 0; fi  # sdist, wheel and the dependency cache
 
 # The .deb ships the compiled build (setup.py, HOSTMESH_COMPILE=1: the L7 hot modules as C extensions;
