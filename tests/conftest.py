@@ -35,6 +35,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group("packaging" if module in PACKAGING_MODULES else module))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker under `--dist loadgroup`: stop at once if the groups did not reach the node
+    ids, where xdist's scheduler reads them, rather than run one module on both workers at once.
+    pytest 9.2 with pytest-xdist 3.8 did that silently (xdist writes the group into `_nodeid`,
+    which 9.2's `nodeid` no longer reads; pyproject.toml keeps pytest below 9.2)."""
+    grouped = getattr(session.config.option, "loadgroup", False)
+    if grouped and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError(
+            f"--dist loadgroup: no group in the node id {session.items[0].nodeid!r}: pytest "
+            f"{pytest.__version__} and this pytest-xdist do not agree on where the group goes"
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The CLI's remembered read versions (the overwrite rule) go to a throwaway dir, not the
