@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostmesh.agent.config import Address, AgentConfig
-from hostmesh.registry.listen import server_address
+from hostmesh.registry.listen import bind_explained, server_address
 
 log = logging.getLogger("hostmesh.dns")
 
@@ -121,13 +121,7 @@ class DnsServer:
         is closed at once, not a loop turn later, when TCP cannot have the port."""
         udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            try:
-                udp.bind((host, port))
-            except OSError as exc:
-                why = (exc.strerror or str(exc)).lower()
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {(host, port)!r}: {why}"
-                ) from None
+            bind_explained(udp, host, port)
             port = udp.getsockname()[1]
             self._tcp = await asyncio.start_server(self._serve_tcp, **server_address(host, port))
         except BaseException:

@@ -44,16 +44,22 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            why = (exc.strerror or str(exc)).lower()
-            reason = f"error while attempting to bind on address {(host, port)!r}: {why}"
-            raise OSError(exc.errno, reason) from None
+        bind_explained(sock, host, port)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def bind_explained(sock: socket.socket, host: str, port: int) -> None:
+    """`sock.bind((host, port))`, failing as the loop's `create_server` does: the same errno, and
+    "error while attempting to bind on address" with the address, so the operator sees which one."""
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).lower()
+        reason = f"error while attempting to bind on address {(host, port)!r}: {why}"
+        raise OSError(exc.errno, reason) from None
 
 
 def server_address(host: str, port: int, *, reuse_port: bool = False) -> dict[str, Any]:
