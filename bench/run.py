@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +140,14 @@ def _wrk_metrics(w: Any) -> dict[str, Any]:
 
 
 def _wrk(system: System, s: Settings, script: Path, *, path: str = "/small", connections: int = 0,
-         threads: int = 0, close: bool = False) -> WrkResult:  # fmt: skip
+         close: bool = False) -> WrkResult:  # fmt: skip
     """One wrk run against `system` with the settings' duration and threads."""
     return load.wrk(
         f"{system.url}{path}",
         script=script,
         connections=connections or s.connections,
         duration_s=s.duration_s,
-        threads=threads or s.wrk_threads,
+        threads=s.wrk_threads,
         close=close,
     )
 
@@ -171,18 +171,10 @@ def scenario_routes(one: System, many: System, s: Settings, script: Path) -> dic
     moved by 10-20 % from one run to the next with the host (two identical pairs as much as these),
     more than the 5 % the target allows; run together, A/A ratios were 0.96-1.05 per run and their
     medians within 1.5 % of 1 (bench/README.md).
-    Metrics per system; `many`'s carry `cpu_ratio`, its CPU per request over `one`'s."""
-
-    def sampled(system: System) -> dict[str, Any]:
-        with Sampler(system.roots()) as smp:
-            w = _wrk(system, s, script, connections=max(1, s.connections // 2), threads=1)
-        m = _wrk_metrics(w)
-        m["cpu_s"] = smp.metrics()["cpu_s"]
-        m["cpu_us_per_req"] = round(m["cpu_s"] / w.requests * 1e6, 2)
-        return m
-
+    Metrics per system, (a)'s; `many`'s carry `cpu_ratio`, its CPU per request over `one`'s."""
+    half = replace(s, connections=max(1, s.connections // 2), wrk_threads=1)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="routes-wrk") as pool:
-        futures = {system.name: pool.submit(sampled, system) for system in (one, many)}
+        futures = {system.name: pool.submit(scenario_ka, system, half, script) for system in (one, many)}
         out = {name: f.result() for name, f in futures.items()}  # a wrk failure raises here
     out[many.name]["cpu_ratio"] = round(out[many.name]["cpu_us_per_req"] / out[one.name]["cpu_us_per_req"], 4)
     return out
