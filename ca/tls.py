@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,13 @@ PROTOCOL_VERSIONS: dict[str, int] = {
     ALPN_TCP_V3: 3, ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1,
 }  # fmt: skip
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # AEAD with forward secrecy only (see the docstring)
+# TLS 1.3 suites of mesh connections, the server's order deciding (Python's contexts prefer their
+# own). OpenSSL's default puts AES-256-GCM first; AES-128-GCM is TLS 1.3's mandatory suite, 128-bit
+# security, and first in Go's and BoringSSL's order on CPUs with AES instructions (so Consul's own
+# proxies use it). Every byte an agent proxies is encrypted once and decrypted once: on the bench
+# machine (`openssl speed -evp`, 16 KiB records) AES-128-GCM runs 2.73 GB/s, AES-256-GCM 2.00,
+# ChaCha20-Poly1305 1.84, i.e. 0.38 against 0.52 ms of CPU per MiB and side.
+MESH_TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 # Why a handshake failed, as a bounded label: the peer's certificate (missing, unverifiable),
 # the protocol (version, cipher, ALPN, not TLS at all), an unknown SNI name, the peer closing or
@@ -129,11 +137,55 @@ def _base(
     ctx.minimum_version = minimum
     ctx.check_hostname = False
     ctx.sslobject_class = MeshSSLObject
+    if minimum is ssl.TLSVersion.TLSv1_3:
+        set_mesh_suites(ctx)
     if cert_file is not None:
         ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     if roots_pem:
         ctx.load_verify_locations(cadata=roots_pem)
     return ctx
+
+
+def set_mesh_suites(ctx: ssl.SSLContext) -> bool:
+    """Give `ctx` the TLS 1.3 suites MESH_TLS13_SUITES; False where that cannot be done, and then
+    OpenSSL's default order stays (as safe, slower).
+
+    Python's ssl module has no call for TLS 1.3 suites (`set_ciphers` is TLS 1.2's), so OpenSSL's
+    SSL_CTX_set_ciphersuites is called through ctypes on the SSL_CTX* where CPython's _ssl keeps
+    it: the first field after the object header. Only once SSL_CTX_get_options at that address
+    agrees with `ctx.options`, and the result is checked with `ctx.get_ciphers()`."""
+    fns = _openssl_ctx_calls()
+    if fns is None:
+        return False
+    import ctypes
+
+    get_options, set_suites = fns
+    ptr = ctypes.c_void_p.from_address(id(ctx) + _OBJECT_HEADER).value
+    if not ptr or get_options(ptr) != ctx.options or set_suites(ptr, MESH_TLS13_SUITES.encode()) != 1:
+        return False
+    return bool(ctx.get_ciphers()) and ctx.get_ciphers()[0]["name"] == MESH_TLS13_SUITES.split(":")[0]
+
+
+_openssl_fns: list[Any] = []  # [(SSL_CTX_get_options, SSL_CTX_set_ciphersuites) or None], once loaded
+
+
+def _openssl_ctx_calls() -> Any:
+    if not _openssl_fns:
+        try:
+            import _ssl
+            import ctypes
+
+            lib = ctypes.CDLL(_ssl.__file__)  # resolves in the libssl the ssl module is linked with
+            get_options, set_suites = lib.SSL_CTX_get_options, lib.SSL_CTX_set_ciphersuites
+            get_options.restype, get_options.argtypes = ctypes.c_uint64, (ctypes.c_void_p,)
+            set_suites.restype, set_suites.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_char_p)
+            _openssl_fns.append((get_options, set_suites))
+        except (ImportError, OSError, AttributeError):
+            _openssl_fns.append(None)
+    return _openssl_fns[0]
+
+
+_OBJECT_HEADER = 2 * 8 if sys.maxsize > 2**32 else 2 * 4  # PyObject_HEAD: refcount and type pointer
 
 
 def mesh_server_context(

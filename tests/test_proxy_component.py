@@ -515,6 +515,32 @@ async def test_pool_amortizes_handshakes(mesh: Mesh) -> None:
     assert mesh.outbound.pool.reused == n - 1
 
 
+async def test_mesh_connections_are_aes_128_gcm_whatever_order_the_caller_offers(mesh: Mesh) -> None:
+    """Mesh bytes are sealed with TLS_AES_128_GCM_SHA256 (ca/tls.py MESH_TLS13_SUITES: the fastest
+    AEAD here), on the pool's connections and on one from a caller with OpenSSL's default order
+    (AES-256-GCM first, as an agent before this change): the inbound's order decides, also after its
+    SNI callback has swapped in the service's context."""
+    r, w = await mesh.connect()
+    w.write(b"x")
+    assert await asyncio.wait_for(r.readexactly(1), IO_TIMEOUT) == b"x"
+    (client,) = [c for conns in mesh.outbound.pool._conns.values() for c in conns]
+    assert client.transport is not None
+    assert client.transport.get_extra_info("ssl_object").cipher()[0] == "TLS_AES_128_GCM_SHA256"
+    w.close()
+
+    default_order = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    default_order.check_hostname = False
+    default_order.load_cert_chain(*mesh.ca.files("web"))
+    default_order.load_verify_locations(cadata=mesh.ca.roots_pem)
+    default_order.set_alpn_protocols(["hostmesh/tcp/3"])
+    assert default_order.get_ciphers()[0]["name"] == "TLS_AES_256_GCM_SHA384"
+    sni = "api.svc." + TD
+    dial = asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=default_order, server_hostname=sni)
+    _, old = await asyncio.wait_for(dial, IO_TIMEOUT)
+    assert old.get_extra_info("ssl_object").cipher()[0] == "TLS_AES_128_GCM_SHA256"
+    old.close()
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
 async def test_both_ends_of_a_mesh_connection_bound_the_wait_for_a_vanished_peer(mesh: Mesh) -> None:
     """A partitioned peer sends no reset: both sides' kernels abort the mesh connection once data or a

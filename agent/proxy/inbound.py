@@ -280,6 +280,7 @@ class InboundListener(ListenerLifecycle):
         ctx.set_alpn_protocols(list(MESH_ALPN))
         ctx.sni_callback = self._sni
         ctx.sslobject_class = _watching(self._handshake_failed)
+        catls.set_mesh_suites(ctx)  # the connection keeps this context's suites when `_sni` swaps
         return ctx
 
     def _handshake_failed(self, reason: str, detail: str, sni: str | None) -> None:
