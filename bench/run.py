@@ -523,7 +523,8 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "Peers: the consul pair is Consul's built-in proxy (L4 only, one mTLS connection per downstream "
         "connection, an authorize call to the local agent per inbound connection); the HAProxy pair "
         "verifies the peer chain and the server name, not the client's SPIFFE ID, and reuses its "
-        "backend connections. hey 0.1.4 paces each worker with a ticker (a slow system gets fewer "
+        "backend connections. All three pairs seal with TLS 1.3 AES-128-GCM (the HAProxy pair is "
+        "configured to). hey 0.1.4 paces each worker with a ticker (a slow system gets fewer "
         "requests, see `achieved_rps` per run) and prints times with 0.1 ms resolution, hence the mean.",
         "",
         tables,

@@ -273,6 +273,12 @@ class HAProxyPair(System):
             pki.write_private(d / f"{role}.pem", pki.cert_pem(leaf) + pki.key_pem(key))
         mtls_port = free_port()
         self.port = free_port()
+        # the TLS 1.3 suite order of hostmesh's agents (AES-128-GCM first). The consul pair seals with
+        # AES-128-GCM too: its server proxy takes the client's order (openssl s_client offering
+        # AES-256 first gets AES-256), and Go's client order puts AES-128 first. So all three pairs
+        # seal the same way, not HAProxy alone with OpenSSL's default (AES-256-GCM first).
+        from hostmesh.ca.tls import MESH_TLS13_SUITES as SUITES
+
         common = """\
 global
   maxconn 4000
@@ -290,11 +296,12 @@ frontend fe
 backend mesh
   http-reuse always
   server peer 127.0.0.1:{mtls_port} ssl crt {d}/client.pem ca-file {d}/root.pem verify required \
-verifyhost {server_id.dns_name} sni str({server_id.dns_name}) alpn http/1.1
+verifyhost {server_id.dns_name} sni str({server_id.dns_name}) alpn http/1.1 ciphersuites {SUITES}
 """)
         (d / "server.cfg").write_text(f"""{common}
 frontend fe
-  bind 127.0.0.1:{mtls_port} ssl crt {d}/server.pem ca-file {d}/root.pem verify required alpn http/1.1
+  bind 127.0.0.1:{mtls_port} ssl crt {d}/server.pem ca-file {d}/root.pem verify required alpn http/1.1 \
+ciphersuites {SUITES}
   default_backend app
 backend app
   http-reuse always
