@@ -150,3 +150,17 @@ def test_an_ascii_server_name_does_not_load_the_idna_codec(tmp_path: Path) -> No
         capture_output=True, text=True, cwd=root, timeout=60, check=True,
     ).stdout.splitlines()  # fmt: skip
     assert out == ["b.svc.hostmesh.local False", "xn--bcher-kva.example True"]
+
+
+def test_mesh_contexts_offer_aes_128_gcm_first_and_the_ca_api_keeps_openssls_order(tmp_path: Path) -> None:
+    """Mesh contexts (both sides) order the TLS 1.3 suites as MESH_TLS13_SUITES says, set through
+    OpenSSL itself (ssl has no call for it); the CA API's contexts are left as OpenSSL orders them."""
+    from hostmesh.ca.tls import MESH_TLS13_SUITES, ca_server_context, mesh_client_context, mesh_server_context
+    from tests.ca_support import mesh_identities
+
+    roots, files = mesh_identities(tmp_path)
+    wanted = MESH_TLS13_SUITES.split(":")
+    for ctx in (mesh_client_context(*files["a"], roots), mesh_server_context(*files["b"], roots)):
+        assert [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"] == wanted
+    ca = ca_server_context(*files["b"], roots)
+    assert next(c["name"] for c in ca.get_ciphers() if c["protocol"] == "TLSv1.3") == "TLS_AES_256_GCM_SHA384"
