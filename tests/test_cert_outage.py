@@ -134,11 +134,17 @@ def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Pat
             assert scheduled and min(scheduled) >= 0, scheduled
             print(f"\n{h.node}: {len(left_at_failure)} failed tries of web before expiry, with "
                   f"{', '.join(f'{x:g}' for x in left_at_failure)} s left")  # fmt: skip
-            # during the outage the still-valid api is untouched and web's state says why
-            now = certs(h)
-            assert now["api"]["state"] == "valid" and now["api"]["serial"] == start[h.node]["api"]["serial"]
+            # during the outage the still-valid api is untouched and web's state says why. api's own
+            # renewal point (2/3 of its life, ± jitter) can come inside the outage when the setup was
+            # quick: then it is `retrying` (its renewals fail like web's did: the CA is down), still
+            # the same certificate, and /ready names web alone
+            api = certs(h)["api"]
+            assert api["serial"] == start[h.node]["api"]["serial"] and not expired(api["not_after"])
+            renewals_failed = "renewal of api failed" in h.proc.log()
+            assert api["state"] == "valid" or (api["state"] == "retrying" and renewals_failed), api
             status, body = ready(h)
             assert status == 503 and "unreachable" in body["certificates"]["web"], body
+            assert "api" not in body["certificates"], body
             wait_for(
                 lambda h=h: "certificate for web is not usable" in h.proc.log(), WAIT, "the expiry logged"
             )
