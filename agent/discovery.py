@@ -22,6 +22,15 @@ instance whose own check fails, or whose node is in maintenance or fails another
 never used so; past the grace, or with none left, 503 UH as before, so a host that is really gone
 is not dialled for long. Either case is logged once, naming each instance and why it fails.
 
+The two watches race on one event: a check leaves the failing list when it passes, and also when
+it is deregistered with its service (an agent stopping, `consul leave`), and the failing-checks
+watch answers before the registrations watch has read the instance's removal. Taken at its word,
+that answer made a stopping host's instance healthy again for tens of milliseconds, after its
+agent had failed its check and drained, and calls were dialled to its closed listener (503 URX,UF:
+seen in tests/fleet). So an instance whose failing check or node check clears is *held* until its
+upstream's instances have been read after that answer (one catalog read, asked for at once): while
+held, it is used only if no other instance of its upstream is usable.
+
 Intentions fail closed. Each local service's intentions are in one `IntentionsState`
 (agent/snapshot.py); the data path and readiness read only the snapshot's result:
 
@@ -51,6 +60,7 @@ key older agents ignore), so a restart does not turn a refusal into the default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -70,7 +80,7 @@ from hostmesh.agent.snapshot import (
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.layout import is_hostmesh
 from hostmesh.registry.records import record
 from hostmesh.registry.schema import (
@@ -473,6 +483,9 @@ PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requ
 # node refutes a stale verdict within a few gossip rounds (200 ms each), while Serf itself takes
 # seconds to call a node failed; past this, a host that is really gone is no longer dialled.
 GOSSIP_GRACE = 5.0
+# The pause before reading again the instances of an upstream with a held instance (_confirm) when
+# Consul did not answer: the instance stays out of use meanwhile.
+CONFIRM_RETRY = 1.0
 
 
 class EndpointTable:
@@ -490,22 +503,48 @@ class EndpointTable:
         self._clock = clock
         # upstream -> when the panic rule's grace for it ends (-inf: it had nothing usable before)
         self._panic_until: dict[str, float] = {}
+        # (node, instance id) -> index of the failing-checks view in which its failure cleared: not
+        # used until its upstream's instances are read after that view (module docstring)
+        self._held: dict[tuple[str, str], int] = {}
 
-    def set_members(self, upstream: str, instances: list[CatalogInstance]) -> None:
+    def set_members(self, upstream: str, instances: list[CatalogInstance], read_after: int = 0) -> None:
+        """The registered instances of `upstream`, from a read issued while the failing-checks view
+        at index `read_after` was in force: it releases the instances held since that view or before."""
         eps = [
             Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
             for i in instances
             if is_hostmesh(i.meta)
         ]
+        if self._held:
+            kept = {(e.node, e.instance_id) for e in eps}
+            for e in self.members.get(upstream, ()):
+                key = (e.node, e.instance_id)
+                if key in self._held and (self._held[key] <= read_after or key not in kept):
+                    del self._held[key]
         self.members[upstream] = tuple(sorted(eps, key=lambda e: e.instance_id))
 
     def set_not_passing(self, index: int, not_passing: NotPassing) -> bool:
         """Adopt a newer view of the failing checks; an older answer (a read that raced a blocking
-        query) is ignored."""
+        query) is ignored. Members whose failure the new view clears are held (module docstring)."""
         if index < self.health_index:
             return False
+        old = self.not_passing
+        cleared, cleared_nodes = old.instances - not_passing.instances, old.nodes - not_passing.nodes
+        if cleared or cleared_nodes:
+            for members in self.members.values():
+                for e in members:
+                    key = (e.node, e.instance_id)
+                    if key in cleared or e.node in cleared_nodes:
+                        self._held[key] = index
         self.health_index, self.not_passing = index, not_passing
         return True
+
+    def awaiting_read(self) -> list[str]:
+        """Upstreams with an instance held until their instances are read again."""
+        held = self._held
+        if not held:
+            return []
+        return [u for u, ms in self.members.items() if any((e.node, e.instance_id) in held for e in ms)]
 
     def changed(self) -> dict[str, tuple[Endpoint, ...]]:
         """Upstreams whose usable endpoints differ from the last call's, with their new list: the
@@ -513,8 +552,11 @@ class EndpointTable:
         np = self.not_passing
         now = self._clock()
         out = {}
+        held = self._held
         for upstream, members in self.members.items():
             passing = tuple(e for e in members if np.healthy(e.node, e.instance_id))
+            if held:  # a held instance only when no other passes (then a 503 UF is no worse than UH)
+                passing = tuple(e for e in passing if (e.node, e.instance_id) not in held) or passing
             before = self.current.get(upstream)
             was_panicking = upstream in self.panicking
             used = passing
@@ -527,6 +569,8 @@ class EndpointTable:
                 until = self._panic_until.setdefault(upstream, now + self.grace if before else float("-inf"))
                 if now < until:
                     used = tuple(e for e in members if np.only_gossip_failed(e.node, e.instance_id))
+                    if held:
+                        used = tuple(e for e in used if (e.node, e.instance_id) not in held) or used
                 if used:
                     self.panicking.add(upstream)
                 else:
@@ -544,7 +588,8 @@ class EndpointTable:
 
     def forget(self, upstream: str) -> None:
         """No longer followed: its instances and any panic state go."""
-        self.members.pop(upstream, None)
+        for e in self.members.pop(upstream, ()):
+            self._held.pop((e.node, e.instance_id), None)
         self.panicking.discard(upstream)
         self._panic_until.pop(upstream, None)
 
@@ -600,10 +645,12 @@ class Discovery:
         self._grace_timer: asyncio.TimerHandle | None = None  # re-publishes when a panic grace ends
         self._doc_index: dict[str, int] = {}  # key -> ModifyIndex last applied (0: absent)
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
+        self._read_after: dict[str, int] = {}  # upstream -> failing-checks view its last read followed
         self._denied: set[str] = set()  # documents the token could not read at the last look
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._stopping: set[asyncio.Task[None]] = set()
+        self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
         self._running = False
         self.watches: dict[str, Watch[Any]] = {}
         self.sync_watches()
@@ -652,6 +699,7 @@ class Discovery:
         for name in [n for n in self._table.members if n not in upstreams]:
             self._table.forget(name)
             self._service_index.pop(name, None)
+            self._read_after.pop(name, None)
         self.watches = {
             "documents": Watch(
                 "documents",
@@ -775,6 +823,7 @@ class Discovery:
 
     async def _fetch_members(self, index: int | None) -> tuple[int, Any]:
         idx = await self._consul.catalog_services_index(index)
+        read_after = self._table.health_index  # the instance reads below are issued after this view
         gate = asyncio.Semaphore(PROBE_CONCURRENCY)
 
         async def probe(name: str) -> tuple[str, int, list[CatalogInstance]] | None:
@@ -789,16 +838,23 @@ class Discovery:
         # New instances start with failing checks: read those now, so that an instance is never
         # taken as healthy because its checks were not seen yet.
         health = await self._consul.checks_not_passing(None) if moved else None
-        return idx, (moved, health)
+        return idx, (moved, health, read_after)
 
-    def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any]) -> None:
-        moved, health = value
+    def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:
+        moved, health, read_after = value
         for name, sidx, instances in moved:
-            self._service_index[name] = sidx
-            self._table.set_members(name, instances)
+            self._set_members(name, sidx, instances, read_after)
         if health is not None:
             self._table.set_not_passing(*health)
+        self._confirm_held()
         self._publish()
+
+    def _set_members(self, name: str, sidx: int, instances: list[CatalogInstance], read_after: int) -> None:
+        if read_after < self._read_after.get(name, 0):
+            return  # issued before one already applied (the watch's read and _confirm's crossed)
+        self._read_after[name] = read_after
+        self._service_index[name] = sidx
+        self._table.set_members(name, instances, read_after)
 
     async def _fetch_health(self, index: int | None) -> tuple[int, tuple[int, NotPassing]]:
         idx, not_passing = await self._consul.checks_not_passing(index)
@@ -806,7 +862,32 @@ class Discovery:
 
     def _apply_health(self, value: tuple[int, NotPassing]) -> None:
         if self._table.set_not_passing(*value):
+            self._confirm_held()
             self._publish()
+
+    def _confirm_held(self) -> None:
+        """Read again, at once, the instances of upstreams with an instance held (EndpointTable): a
+        cleared check is either a passing one or a deregistered one, and only that read tells."""
+        if self._confirming is None and self._running and self._table.awaiting_read():
+            self._confirming = asyncio.get_running_loop().create_task(self._confirm())
+
+    async def _confirm(self) -> None:
+        try:
+            while self._running and (names := self._table.awaiting_read()):
+                read_after = self._table.health_index
+                try:
+                    for name in names:
+                        sidx, instances = await self._consul.catalog_service(name)
+                        self._set_members(name, sidx, instances, read_after)
+                except RegistryError as exc:  # still held: not used until Consul answers
+                    log.debug("instances of %s not read again: %s", names, exc)
+                    await asyncio.sleep(CONFIRM_RETRY)
+                    continue
+                self._publish()
+                if self._table.awaiting_read() and self._table.health_index == read_after:
+                    await asyncio.sleep(CONFIRM_RETRY)  # not expected (each read frees its holds)
+        finally:
+            self._confirming = None
 
     def _publish(self) -> None:
         table = self._table
@@ -842,12 +923,21 @@ class Discovery:
         return all(w.healthy for w in self.watches.values())
 
     @property
+    def held_upstreams(self) -> list[str]:
+        """Upstreams with an instance held until their instances are read again (EndpointTable)."""
+        return self._table.awaiting_read()
+
+    @property
     def health_index(self) -> int:
         """Consul's index of the failing-check view in force (to wait for a change to be seen)."""
         return self._table.health_index
 
     async def stop(self) -> None:
         self._running = False
+        if self._confirming is not None:
+            self._confirming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._confirming
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None

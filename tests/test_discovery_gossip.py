@@ -1,5 +1,5 @@
 """Component tier, real Consul: which instances of an upstream an agent uses while Consul's Serf
-check (`serfHealth`) calls its hosts failed.
+check (`serfHealth`) calls its hosts failed, and while a stopping host's instance is deregistered.
 
 The fleet's partition test (tests/fleet) failed now and then with a burst of `503 UH` about 20 ms
 long, after the cut-off host w3 came back: w3, rejoining, spread its stale "failed" verdict on w2
@@ -58,6 +58,14 @@ def register(consul: ConsulDev, node: str, serf: str = "passing", own: str = "pa
         "Checks": checks,
     }  # fmt: skip
     req = urllib.request.Request(f"{consul.url}/v1/catalog/register", json.dumps(body).encode(), method="PUT")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+
+
+def deregister(consul: ConsulDev, node: str) -> None:
+    """Remove `node`'s instance of UPSTREAM, and with it its checks (the node stays)."""
+    body = json.dumps({"Node": node, "ServiceID": f"{UPSTREAM}-{node}"}).encode()
+    req = urllib.request.Request(f"{consul.url}/v1/catalog/deregister", body, method="PUT")
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200
 
@@ -197,3 +205,32 @@ async def test_nodes_in_maintenance_or_own_checks_failing_leave_no_instance(
     drop_maintenance(private_consul, "g-w2")
     register(private_consul, "g-w2")
     await agent.sees({"g-w2"})
+
+
+async def test_an_instance_deregistered_after_its_check_failed_is_not_used_in_between(
+    agent: Agent, private_consul: ConsulDev
+) -> None:
+    """A stopping agent fails its check, drains, then deregisters, which removes the failing check
+    too. The failing-checks watch answers that before the registrations watch has read the removal:
+    the fleet saw a call dialled to the stopped host then (503 URX,UF). The registrations watch is
+    stopped here to hold that order; the agent's own read of the instances must keep w3 out."""
+    register(private_consul, "g-w3", own="critical")
+    await agent.sees({"g-w2"})
+    await agent.discovery.watches["registrations"].stop()
+    deregister(private_consul, "g-w3")
+    assert await agent.settled() == {"g-w2"}  # before the fix: {"g-w2", "g-w3"}
+    await async_wait_until(lambda: not agent.discovery.held_upstreams, SEEN_TIMEOUT, "w3's removal read")
+    assert agent.hosts() == {"g-w2"}
+
+
+async def test_an_instance_whose_check_passes_again_is_used_without_a_catalog_change(
+    agent: Agent, private_consul: ConsulDev
+) -> None:
+    """The other way a check leaves the failing list: it passes. The held instance comes back after
+    the agent's own read, with the registrations watch stopped (nothing else would read it)."""
+    register(private_consul, "g-w3", own="critical")
+    await agent.sees({"g-w2"})
+    await agent.discovery.watches["registrations"].stop()
+    register(private_consul, "g-w3")
+    await agent.sees({"g-w2", "g-w3"})
+    assert not agent.discovery.held_upstreams

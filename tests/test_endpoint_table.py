@@ -106,3 +106,53 @@ def test_an_upstream_no_longer_followed_leaves_no_grace_pending() -> None:
     assert used(t) == ["w2", "w3"] and t.grace_left() == GRACE  # ... and the grace is armed
     t.forget(UP)
     assert t.grace_left() is None
+
+
+def instances(*nodes: str) -> list[CatalogInstance]:
+    return [CatalogInstance(f"shop-{n}", n, "127.64.0.9", 15001, {"hostmesh": "1"}) for n in nodes]
+
+
+def test_an_instance_whose_failing_check_clears_waits_for_a_read_of_its_registration() -> None:
+    """A check leaves the failing list when it passes and when it is deregistered with its service
+    (an agent stopping): only a read of the instances issued after that view tells which."""
+    t = table(Clock())
+    t.set_not_passing(*failing(2, own=("w3",)))  # w3's agent stopping: its check fails
+    t.changed()
+    assert used(t) == ["w2"] and t.awaiting_read() == []
+    t.set_not_passing(*failing(3))  # ... then deregistered: its check leaves the list
+    t.changed()
+    assert used(t) == ["w2"]  # before: ["w2", "w3"] until the registrations watch read the removal
+    assert t.awaiting_read() == [UP]
+    t.set_members(UP, instances("w2", "w3"), read_after=2)  # a read issued before that view: no answer
+    t.changed()
+    assert used(t) == ["w2"] and t.awaiting_read() == [UP]
+    t.set_members(UP, instances("w2"), read_after=3)  # w3 is gone
+    t.changed()
+    assert used(t) == ["w2"] and t.awaiting_read() == []
+
+
+def test_an_instance_whose_check_passes_again_is_used_after_that_read() -> None:
+    t = table(Clock())
+    t.set_not_passing(*failing(2, own=("w3",)))
+    t.changed()
+    t.set_not_passing(*failing(3))  # w3's check passes again
+    t.changed()
+    assert used(t) == ["w2"]
+    t.set_members(UP, instances("w2", "w3"), read_after=3)  # still registered: it passes
+    t.changed()
+    assert used(t) == ["w2", "w3"] and t.awaiting_read() == []
+
+
+def test_a_node_check_that_clears_holds_the_nodes_instances_alike() -> None:
+    t = table(Clock())
+    t.set_not_passing(*failing(2, maintenance=("w3",)))
+    t.changed()
+    assert used(t) == ["w2"]
+    t.set_not_passing(*failing(3))  # the node left the catalog (`consul leave`), or left maintenance
+    t.changed()
+    assert used(t) == ["w2"] and t.awaiting_read() == [UP]
+    t.set_members(UP, instances("w2", "w3"), read_after=3)
+    t.changed()
+    assert used(t) == ["w2", "w3"]
+    t.forget(UP)
+    assert t.awaiting_read() == []
