@@ -29,7 +29,9 @@ that answer made a stopping host's instance healthy again for tens of millisecon
 agent had failed its check and drained, and calls were dialled to its closed listener (503 URX,UF:
 seen in tests/fleet). So an instance whose failing check or node check clears is *held* until its
 upstream's instances have been read after that answer (one catalog read, asked for at once): while
-held, it is used only if no other instance of its upstream is usable.
+held, it is used only if no other instance of its upstream passes its checks. It is still preferred
+to those failed by gossip alone (the panic rule): its checks pass in Consul's latest view; theirs
+do not. The panic grace is neither ended nor re-armed by a hold.
 
 Intentions fail closed. Each local service's intentions are in one `IntentionsState`
 (agent/snapshot.py); the data path and readiness read only the snapshot's result:
@@ -80,7 +82,7 @@ from hostmesh.agent.snapshot import (
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError, Rejected
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.layout import is_hostmesh
 from hostmesh.registry.records import record
 from hostmesh.registry.schema import (
@@ -554,24 +556,25 @@ class EndpointTable:
         out = {}
         held = self._held
         for upstream, members in self.members.items():
-            passing = tuple(e for e in members if np.healthy(e.node, e.instance_id))
-            if held:  # a held instance only when no other passes (then a 503 UF is no worse than UH)
-                passing = tuple(e for e in passing if (e.node, e.instance_id) not in held) or passing
+            healthy = tuple(e for e in members if np.healthy(e.node, e.instance_id))
+            passing = tuple(e for e in healthy if (e.node, e.instance_id) not in held) if held else healthy
             before = self.current.get(upstream)
             was_panicking = upstream in self.panicking
             used = passing
+            if was_panicking and healthy:
+                log.warning("%s has instances passing their checks again: %d", upstream, len(healthy))
             if passing or not members:
                 self._panic_until.pop(upstream, None)
                 self.panicking.discard(upstream)
-                if was_panicking:
-                    log.warning("%s has instances passing their checks again: %d", upstream, len(passing))
             else:
                 until = self._panic_until.setdefault(upstream, now + self.grace if before else float("-inf"))
-                if now < until:
+                if healthy:  # only held ones pass: used until the read tells (a 503 UF is no worse than UH)
+                    used = healthy
+                elif now < until:
                     used = tuple(e for e in members if np.only_gossip_failed(e.node, e.instance_id))
                     if held:
                         used = tuple(e for e in used if (e.node, e.instance_id) not in held) or used
-                if used:
+                if used and not healthy:
                     self.panicking.add(upstream)
                 else:
                     self.panicking.discard(upstream)
@@ -582,7 +585,7 @@ class EndpointTable:
             )
             if differs:
                 self.current[upstream] = out[upstream] = used
-            if not passing and members and (differs or (used and not was_panicking)):
+            if not healthy and members and (differs or (used and not was_panicking)):
                 self._say_unhealthy(upstream, members, used, now)
         return out
 
@@ -850,6 +853,8 @@ class Discovery:
         self._publish()
 
     def _set_members(self, name: str, sidx: int, instances: list[CatalogInstance], read_after: int) -> None:
+        if name not in self._followed:
+            return  # no longer followed (a reload while the read was out)
         if read_after < self._read_after.get(name, 0):
             return  # issued before one already applied (the watch's read and _confirm's crossed)
         self._read_after[name] = read_after
@@ -872,20 +877,25 @@ class Discovery:
             self._confirming = asyncio.get_running_loop().create_task(self._confirm())
 
     async def _confirm(self) -> None:
+        reported = False
         try:
             while self._running and (names := self._table.awaiting_read()):
                 read_after = self._table.health_index
-                try:
-                    for name in names:
+                failed = False
+                for name in names:  # one at a time, each on its own: one failing read holds no other
+                    try:
                         sidx, instances = await self._consul.catalog_service(name)
-                        self._set_members(name, sidx, instances, read_after)
-                except RegistryError as exc:  # still held: not used until Consul answers
-                    log.debug("instances of %s not read again: %s", names, exc)
-                    await asyncio.sleep(CONFIRM_RETRY)
-                    continue
+                    except Exception as exc:  # Consul's errors, or an answer not shaped as its own
+                        if not reported:  # still held: not used while another instance passes
+                            log.warning("instances of %s not read again (retrying): %s", name, exc)
+                            reported = True
+                        failed = True
+                        continue
+                    self._set_members(name, sidx, instances, read_after)
                 self._publish()
-                if self._table.awaiting_read() and self._table.health_index == read_after:
-                    await asyncio.sleep(CONFIRM_RETRY)  # not expected (each read frees its holds)
+                # (the second case is not expected: each read frees the holds it was asked for)
+                if failed or (self._table.awaiting_read() and self._table.health_index == read_after):
+                    await asyncio.sleep(CONFIRM_RETRY)
         finally:
             self._confirming = None
 

@@ -156,3 +156,21 @@ def test_a_node_check_that_clears_holds_the_nodes_instances_alike() -> None:
     assert used(t) == ["w2", "w3"]
     t.forget(UP)
     assert t.awaiting_read() == []
+
+
+def test_a_hold_neither_ends_nor_rearms_the_panic_grace() -> None:
+    clock = Clock()
+    t = table(clock)
+    t.changed()
+    t.set_not_passing(*failing(2, own=("w3",)))  # w3's agent stopping
+    t.changed()
+    t.set_not_passing(*failing(3, gossip=("w2",), own=("w3",)))  # a stale gossip verdict on w2
+    t.changed()
+    assert used(t) == ["w2"] and t.grace_left() == GRACE
+    clock.now += 1.0
+    t.set_not_passing(*failing(4, gossip=("w2",)))  # w3 deregistered, or its check passing again
+    t.changed()
+    assert used(t) == ["w3"]  # its checks pass in Consul's latest view, w2's do not: until the read
+    t.set_members(UP, instances("w2"), read_after=4)  # it was the deregistration
+    t.changed()
+    assert used(t) == ["w2"] and t.grace_left() == GRACE - 1.0  # the same grace, not a new one
