@@ -9,7 +9,7 @@
                  intruder ─► the same two upstreams (no intention allows it)
 
 The external server and the operator's certificates have their own CAs, unknown to the mesh. The
-multi-host variant (network namespaces) is not here yet; see the README's Gateways section.
+same scenario across network namespaces, the client outside the mesh's host: tests/test_netns_edges.py.
 """
 
 from __future__ import annotations
