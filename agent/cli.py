@@ -13,9 +13,11 @@ which is built on first use (`cli`, `agent` below are module attributes made on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,7 +123,12 @@ def agent_run_config(argv: list[str]) -> Path | None:
 def main() -> None:
     config_path = agent_run_config(sys.argv[1:])
     if config_path is None:
-        click_root()(prog_name="hostmesh")
+        try:
+            click_root()(prog_name="hostmesh")
+        except OSError as exc:
+            if not _echo_failed(exc):
+                raise
+            _output_error(exc)
         return
     # No cyclic collections while the agent's modules load (they allocate only long-lived objects;
     # ~12 % of the start's CPU): Agent.start turns it back on, with one full collection, at READY.
@@ -143,6 +150,29 @@ def main() -> None:
         click.echo(file=sys.stderr)
         click.echo("Aborted!", file=sys.stderr)
         sys.exit(1)
+
+
+def _echo_failed(exc: OSError) -> bool:
+    """Was `exc` raised by click.echo writing a command's output (a full disk, a broken terminal)?
+    Every command prints through it; any other OSError is the command's own and keeps its traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    frame = tb.tb_frame
+    return frame.f_code.co_name == "echo" and frame.f_globals.get("__name__") == "click.utils"
+
+
+def _output_error(exc: OSError) -> None:
+    """One line for a command whose output could not be written (click handles only EPIPE itself)."""
+    import click
+
+    # stdout points at /dev/null from here on: the interpreter's flush at exit would fail again
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError):  # (stderr may be what failed)
+        click.echo(f"Error: cannot write the output: {exc.strerror or exc}", err=True)
+    sys.exit(1)
 
 
 def _version() -> str:

@@ -295,8 +295,11 @@ def parse_address(text: Any, path: str) -> Address:
     if not isinstance(text, str):
         raise _fail(path, "must be a string like '127.0.0.1:15000'")
     host, sep, port_s = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address in brackets
+        host = host[1:-1]
+    # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)
+    port_ok = port_s.isascii() and port_s.isdigit() and int(port_s) <= 65535
+    if not sep or not host or not port_ok or "[" in host or "]" in host:
         raise _fail(path, f"{text!r} is not host:port")
     try:
         ipaddress.ip_address(host)
@@ -522,9 +525,11 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     node = _str(raw, "node", "", None) or socket.gethostname()
     mesh_address = _str(raw, "mesh_address", "", "127.0.0.1") or "127.0.0.1"
     try:
-        ipaddress.ip_address(mesh_address)
+        dialable = not ipaddress.ip_address(mesh_address).is_unspecified
     except ValueError:
-        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial") from None
+        dialable = False
+    if not dialable:
+        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial")
     trust_domain = _str(raw, "trust_domain", "", DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN
     if not valid_trust_domain(trust_domain):
         raise _fail("trust_domain", "must be a lowercase DNS name")
@@ -554,12 +559,15 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         raise _fail("ca", 'is required: a table with at least pin = "sha256:…"')
     _check_keys(ca_raw, CA_KEYS, "ca")
     pin = _str(ca_raw, "pin", "ca.")
-    if not pin or not pin.startswith("sha256:") or len(pin) != 7 + 64:
+    if not pin or not _pin_valid(pin):
         raise _fail("ca.pin", "must be 'sha256:<64 hex>' as printed by `hostmesh ca init`")
     token_file = _str(ca_raw, "token_file", "ca.")
+    ca_address = _str(ca_raw, "address", "ca.")
+    if ca_address:
+        _check_ca_address(ca_address)
     ca = CAConfig(
         pin=pin,
-        address=_str(ca_raw, "address", "ca."),
+        address=ca_address,
         token_file=Path(token_file) if token_file else None,
         token_env=_str(ca_raw, "token_env", "ca.") or None,
     )
@@ -731,6 +739,36 @@ def _parse_listener(raw: Any, path: str) -> GatewayListener:
     return GatewayListener(parse_address(raw["bind"], f"{path}.bind"), protocol, tuple(certs))
 
 
+def _pin_valid(pin: str) -> bool:
+    """The pin as the CA client will read it (agent/ca_client.py: one rule for both)."""
+    from hostmesh.agent.ca_client import normalize_pin
+    from hostmesh.ca.errors import InvalidRequest
+
+    try:
+        normalize_pin(pin)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def _check_ca_address(address: str) -> None:
+    """`[ca] address`: the CA's https:// URL, or host:port (https:// is implied, agent/ca_client.py)."""
+    url = address if "//" in address else f"https://{address}"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        parsed = None
+    if (
+        parsed is None
+        or parsed.scheme != "https"
+        or not parsed.hostname
+        or any(c.isspace() for c in address)
+        or parsed.path not in ("", "/")
+    ):
+        raise _fail("ca.address", f"{address!r} must be the CA's URL, like https://10.0.0.2:15012")
+
+
 def _parse_tracing(raw: Any) -> TracingConfig:
     if not isinstance(raw, dict):
         raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
@@ -765,6 +803,8 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         raw = _parse_toml(data.decode())
     except ValueError as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays or inline tables
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     try:
         if in_allocation(raw, os.environ):  # a Nomad allocation's sidecar: defaults from its environment
             raw = _with_nomad_defaults(raw)
@@ -823,6 +863,8 @@ def check_permissions(cfg: AgentConfig) -> None:
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
     the host could swap them. The join token and the keys are credentials: no group/world access.
     Files that do not exist yet are fine (the agent creates them 0600 itself)."""
+    if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
+        raise ConfigError(f"data_dir {cfg.data_dir} is not a directory")
     _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir")
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file

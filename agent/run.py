@@ -786,6 +786,7 @@ def main(config_path: Path) -> None:
     try:
         loop.run_until_complete(run_agent(config, config_path, worker))
     except OSError as exc:
-        raise AgentStartError(f"cannot start: {exc.strerror or exc}") from None
+        where = f"{exc.filename}: " if exc.filename else ""  # which path: data_dir, a key, a socket file
+        raise AgentStartError(f"cannot start: {where}{exc.strerror or exc}") from None
     finally:
         loop.close()

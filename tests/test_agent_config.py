@@ -86,6 +86,19 @@ def test_defaults_are_safe() -> None:
         ({"services": [{"name": "web", "port": 1}]}, "ca: is required"),
         (minimal(ca={"pin": "md5:00"}), "ca.pin: must be 'sha256:<64 hex>'"),
         (minimal(admin="localhost"), "admin: 'localhost' is not host:port"),
+        # str.isdigit() takes both; int() refuses the first and reads the second as port 3
+        (minimal(admin="127.0.0.1:\u00b2"), "admin: '127.0.0.1:\u00b2' is not host:port"),
+        (minimal(admin="127.0.0.1:\u0663"), "admin: '127.0.0.1:\u0663' is not host:port"),
+        (minimal(admin="1.2.3.4]:1"), "admin: '1.2.3.4]:1' is not host:port"),
+        (minimal(admin="[[127.0.0.1]]:1"), "admin: '[[127.0.0.1]]:1' is not host:port"),
+        (minimal(ca={"pin": "sha256:" + "z" * 64}), "ca.pin: must be 'sha256:<64 hex>'"),
+        (minimal(ca={"pin": PIN, "address": "not a url"}), "ca.address: 'not a url' must be the CA's URL"),
+        (minimal(ca={"pin": PIN, "address": "http://10.0.0.2:15012"}), "ca.address: 'http://10.0.0.2:15012'"),
+        (
+            minimal(ca={"pin": PIN, "address": "https://10.0.0.2:99999"}),
+            "ca.address: 'https://10.0.0.2:99999'",
+        ),
+        (minimal(mesh_address="0.0.0.0"), "mesh_address: '0.0.0.0' must be an IP address peers can dial"),
         (minimal(workers=0), "workers: must be an integer in 1..64"),
         (minimal(services=[]), "services: at least one [[services]] table is required"),
         (
@@ -110,6 +123,9 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "agent.toml"
     bad.write_text("node = \n")
     with pytest.raises(ConfigError, match=r"agent\.toml: not valid TOML"):
+        load_config(bad)
+    bad.write_text("node = " + "[" * 2000 + "]" * 2000 + "\n")  # tomllib recurses per level
+    with pytest.raises(ConfigError, match=r"agent\.toml: not valid TOML: nested too deeply$"):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")

@@ -50,6 +50,16 @@ def test_world_writable_data_dir_is_refused_with_the_fix(tmp_path: Path) -> None
     assert not (data_dir / "certs").exists()  # refused before anything was written
 
 
+def test_a_data_dir_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path) -> None:
+    config, data_dir, _ = write_config(tmp_path)
+    data_dir.rmdir()
+    data_dir.write_text("")
+    assert one_line_error(run(config)) == f"Error: data_dir {data_dir} is not a directory"
+    unmakeable = Path("/proc/hostmesh-test")  # no directory can be created in /proc, even by root
+    config.write_text(config.read_text().replace(f'data_dir = "{data_dir}"', f'data_dir = "{unmakeable}"'))
+    assert one_line_error(run(config)) == f"Error: cannot start: {unmakeable}: No such file or directory"
+
+
 def test_token_file_readable_by_others_is_refused_with_the_fix(tmp_path: Path) -> None:
     config, _, token = write_config(tmp_path)
     token.chmod(0o644)

@@ -230,3 +230,12 @@ def test_every_data_command_honours_output(
         parsed[fmt] = json.loads(r.stdout) if fmt == "json" else yaml.safe_load(r.stdout)
         assert isinstance(parsed[fmt], dict | list), (fmt, r.stdout)
     assert parsed["json"] == parsed["yaml"]
+
+
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback() -> None:
+    """A full disk under `hostmesh … > file` (here /dev/full): the command says so and fails."""
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "hostmesh.agent.cli", "acl", "policy", "operator"],
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr == "Error: cannot write the output: No space left on device\n"
