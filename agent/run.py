@@ -62,6 +62,8 @@ FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers b
 # A restart serving from stored state puts off what need not compete with its first requests for the
 # CPU: the certificate helper's interpreter start (~0.3 s of CPU) and the start-up full collection.
 RESTART_DEFER = 1.0
+# A start that failed this soon before a stop was asked for is taken as stopped (_start_unless_stopped)
+STOP_SIGNAL_GRACE = 0.5
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
@@ -744,7 +746,9 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         task.add_done_callback(reloads.discard)
 
     try:
-        await agent.start()
+        if not await _start_unless_stopped(agent, stop):
+            log.info("stopping: asked to stop before the agent was ready")
+            return
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         log.info("stopping: draining for up to %gs", config.drain_seconds)
@@ -752,6 +756,33 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         await agent.stop()
     if agent.fatal:
         raise AgentStartError(agent.fatal)
+
+
+async def _start_unless_stopped(agent: Agent, stop: asyncio.Event) -> bool:
+    """agent.start(), given up when a stop is asked for first (a first start waits for the CA as long
+    as it takes); True once started. A stop is not a failure: systemd's SIGTERM reaches the whole
+    group, so it may end the certificate helper too, and the start fails of that just before the
+    agent's own handler has run: such a failure within STOP_SIGNAL_GRACE of it is a stop."""
+    starting = asyncio.ensure_future(agent.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()  # (agent.stop() ends what it left: the helper, watches, listeners)
+        with contextlib.suppress(asyncio.CancelledError, AgentStartError):
+            await starting
+        return False
+    try:
+        starting.result()
+    except AgentStartError:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STOP_SIGNAL_GRACE)
+        if stop.is_set():
+            return False
+        raise
+    return True
 
 
 def worker_index() -> int:

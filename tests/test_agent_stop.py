@@ -1,0 +1,46 @@
+"""A stop asked for while the agent is still waiting for its first certificate (the CA unreachable):
+a clean stop, exit 0, whether SIGTERM reaches the agent alone or, as systemd sends it, the whole
+group (the certificate helper included)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.localmesh import HOSTMESH
+from tests.test_agent_permissions import write_config
+
+WAITING = "bootstrap: CA at https://127.0.0.1:9 unreachable"  # the helper's retry line (nothing listens)
+LINES_BOUND = 200  # stderr lines read while waiting for it
+STOP_TIMEOUT = 30.0
+
+
+@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "agent-alone"])
+def test_a_stop_while_waiting_for_the_first_certificate_is_clean(tmp_path: Path, whole_group: bool) -> None:
+    config, _, _ = write_config(tmp_path)
+    agent = subprocess.Popen([*HOSTMESH, "agent", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert agent.stderr is not None
+        seen = []
+        for _ in range(LINES_BOUND):  # ends at the retry line, or at EOF if the agent exited
+            line = agent.stderr.readline()
+            seen.append(line)
+            if not line or WAITING in line:
+                break
+        assert WAITING in seen[-1], "".join(seen)
+        if whole_group:
+            os.killpg(agent.pid, signal.SIGTERM)
+        else:
+            agent.send_signal(signal.SIGTERM)
+        rest = agent.communicate(timeout=STOP_TIMEOUT)[1]
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    assert agent.returncode == 0, rest
+    assert "Error" not in rest and "asked to stop before the agent was ready" in rest, rest
