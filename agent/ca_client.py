@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import ssl
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hostmesh.agent.config import normalized_pin
 from hostmesh.ca import pki, tls
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.registry.errors import Unavailable
@@ -29,7 +29,6 @@ from hostmesh.registry.layout import CA_SERVICE_NAME
 
 REQUEST_TIMEOUT = 10.0  # signing is milliseconds; anything slower is an unhealthy CA, try another
 MAX_ROOTS = 16  # a bundle larger than this is not a rotation, it is garbage
-_PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # TLS alerts that mean "the CA does not accept our client certificate" rather than "CA down".
 _CLIENT_CERT_ALERTS = (
     "UNKNOWN_CA",
@@ -42,8 +41,8 @@ _CLIENT_CERT_ALERTS = (
 
 
 def normalize_pin(pin: str) -> str:
-    value = pin.strip().lower()
-    if not _PIN_RE.fullmatch(value):
+    value = normalized_pin(pin)
+    if value is None:
         raise InvalidRequest(
             f"invalid CA pin {pin!r} (expected sha256:<64 hex>, as `hostmesh ca init` prints)"
         )

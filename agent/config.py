@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import sys
 import urllib.parse
@@ -45,6 +46,7 @@ DEFAULT_DNS_DOMAIN = "mesh."
 # 127.64.0.0/10 (the fake instances of scale tests); 65,536 addresses make a collision rare, and a
 # collision on the same port is refused at load like any two upstreams on one address.
 AUTO_BIND_NET = ipaddress.ip_network("127.128.0.0/16")
+PIN_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")  # the CA root's pin, as `hostmesh ca init` prints it
 AUTO_HTTP_PORT = 80  # bind = "auto" on an http upstream: apps call http://<name>.mesh/ unchanged
 LOAD_BALANCERS = ("round_robin", "least_connections")
 
@@ -559,7 +561,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         raise _fail("ca", 'is required: a table with at least pin = "sha256:…"')
     _check_keys(ca_raw, CA_KEYS, "ca")
     pin = _str(ca_raw, "pin", "ca.")
-    if not pin or not _pin_valid(pin):
+    if not pin or normalized_pin(pin) is None:
         raise _fail("ca.pin", "must be 'sha256:<64 hex>' as printed by `hostmesh ca init`")
     token_file = _str(ca_raw, "token_file", "ca.")
     ca_address = _str(ca_raw, "address", "ca.")
@@ -739,16 +741,10 @@ def _parse_listener(raw: Any, path: str) -> GatewayListener:
     return GatewayListener(parse_address(raw["bind"], f"{path}.bind"), protocol, tuple(certs))
 
 
-def _pin_valid(pin: str) -> bool:
-    """The pin as the CA client will read it (agent/ca_client.py: one rule for both)."""
-    from hostmesh.agent.ca_client import normalize_pin
-    from hostmesh.ca.errors import InvalidRequest
-
-    try:
-        normalize_pin(pin)
-    except InvalidRequest:
-        return False
-    return True
+def normalized_pin(pin: str) -> str | None:
+    """`sha256:<64 hex>` as the CA client compares it (agent/ca_client.py), None if `pin` is none."""
+    value = pin.strip().lower()
+    return value if PIN_PATTERN.fullmatch(value) else None
 
 
 def _check_ca_address(address: str) -> None:
