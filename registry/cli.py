@@ -2,30 +2,42 @@
 
 Every command is one short asyncio run against Consul through `DocumentStore`. Writes are
 check-and-set: `apply` writes only over the version whose diff it showed, and refuses when
-someone changed the document meanwhile; intention edits are small read-modify-writes that re-read
-and retry a few times on a concurrent change. Every user mistake (unreadable file, invalid
-document, version conflict, Consul down or refusing) is one line on stderr and exit status 1.
+someone changed the document meanwhile; the documents of one file are all checked before any is
+written, then written in one Consul transaction, all or none. Intention edits are small
+read-modify-writes that re-read and retry a few times on a concurrent change. Every user mistake
+(unreadable file, invalid document, version conflict, Consul down or refusing) is one line on
+stderr and exit status 1.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import click
 
 from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
-from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, RegistryError
+from hostmesh.registry.errors import (
+    Conflict,
+    InvalidDocument,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+    Unavailable,
+)
 from hostmesh.registry.layout import COMMAND, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, is_hostmesh
 from hostmesh.registry.layout import GATEWAY_KIND_META as KIND_META
 
 if TYPE_CHECKING:
+    import yaml
+
     from hostmesh.registry.documents import Document, DocumentStore
 
 # Building these commands imports only the modules above: asyncio, YAML, the schema and the Consul
@@ -33,6 +45,9 @@ if TYPE_CHECKING:
 # completion stay cheap (tests/test_cli_habits.py checks what a help run imports).
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
+# A document is a handful of levels deep; YAML's composer recurses per level and ran out of Python's
+# stack at about 500, so deeper input is refused well before that, naming where.
+MAX_NESTING = 64
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 
 T = TypeVar("T")
@@ -124,6 +139,53 @@ def _check_service(name: str, what: str, wildcard: bool = False) -> str:
     return name
 
 
+class RefusedInput(ValueError):
+    """YAML/JSON that parses, but that a plain safe load would take wrongly or crash on."""
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+@functools.cache
+def _strict_loader() -> type[yaml.SafeLoader]:
+    """yaml.SafeLoader refusing (RefusedInput) a duplicate mapping key, which it would take as its
+    last value, and nesting deeper than MAX_NESTING. Built on first use: yaml is not imported for
+    `--help` (tests/test_cli_habits.py)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        nesting = 0
+
+        def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+            self.nesting += 1
+            try:
+                if self.nesting > MAX_NESTING:
+                    where = _at(self.peek_event().start_mark)
+                    raise RefusedInput(f"nested deeper than {MAX_NESTING} levels at {where}")
+                return super().compose_node(parent, index)  # type: ignore[arg-type]
+            finally:
+                self.nesting -= 1
+
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            first: dict[Hashable, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: keys written out beside it override the merged ones
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base class refuses it, naming the place
+                if key in first:
+                    raise RefusedInput(
+                        f"duplicate key {key!r} at {_at(key_node.start_mark)} "
+                        f"(first at {_at(first[key].start_mark)})"
+                    )
+                first[key] = key_node
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def _read_documents(path: str) -> list[dict[str, Any]]:
     """Load the YAML (`---`-separated) or JSON documents of `path` (`-` for stdin) as mappings."""
     import yaml
@@ -145,7 +207,10 @@ def _read_documents(path: str) -> list[dict[str, Any]]:
     if len(text) > MAX_FILE_BYTES:
         raise click.ClickException(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB")
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        # JSON is YAML: one loader reads both (and refuses a duplicate key in either)
+        docs = [d for d in yaml.load_all(text, Loader=_strict_loader()) if d is not None]
+    except RefusedInput as exc:
+        raise click.ClickException(_one_line(f"{path}: {exc}")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -272,7 +337,9 @@ def remember_read(ctx: click.Context, kind: str, service: str, version: int) -> 
 def _apply_all(
     ctx: click.Context, path: str, docs: list[tuple[str, dict[str, Any]]], dry_run: bool, force: bool
 ) -> None:
-    """Validate every document first (nothing is written if one is invalid), then apply each."""
+    """Validate every document; then read each one's live version, run every check (protocol fit,
+    version:, the overwrite rule) and show the diffs; only then write the changed ones, all in one
+    Consul transaction, so a refusal (a check, Consul's ACLs, a concurrent writer) writes none."""
     from hostmesh.registry.schema import parse_document
 
     parsed = []
@@ -282,42 +349,121 @@ def _apply_all(
             doc = parse_document(kind, data)
         except InvalidDocument as exc:
             raise click.ClickException(_one_line(f"{where}: {exc}")) from None
-        parsed.append((kind, data, doc.service, doc.version if "version" in data else None))
-    seen = {(k, s) for k, _, s, _ in parsed}
+        based_on = doc.version if "version" in data else None
+        parsed.append(_Planned(kind, data, doc.service, based_on, where))
+    seen = {(p.kind, p.service) for p in parsed}
     if len(seen) != len(parsed):
         raise click.ClickException(f"{path}: the same document appears twice")
-    bases = {(k, s): last_read(ctx, k, s) for k, _, s, based in parsed if based is None}
+    bases = {(p.kind, p.service): last_read(ctx, p.kind, p.service) for p in parsed if p.based_on is None}
 
     async def run(store: DocumentStore) -> list[tuple[str, str, int]]:
-        written = []
-        for kind, data, service, based_on in parsed:
-            version = await _apply_one(store, path, kind, data, service, based_on, bases.get((kind, service)),
-                                       dry_run, force)  # fmt: skip
-            if version is not None:
-                written.append((kind, service, version))
-        return written
+        try:
+            return await _apply_together(store, path, parsed, bases, dry_run, force)
+        except (RegistryError, click.ClickException) as exc:
+            # Unavailable: Consul may have gone away in the middle of the write, which then may have happened
+            if len(parsed) == 1 or isinstance(exc, Unavailable):
+                raise
+            text = exc.message if isinstance(exc, click.ClickException) else str(exc)
+            raise click.ClickException(_one_line(f"{text}; nothing of {path} was written")) from None
 
     for kind, service, version in _run(ctx, run):
         remember_read(ctx, kind, service, version)
 
 
-async def _apply_one(
+class _Planned(NamedTuple):
+    """A document of the file, validated."""
+
+    kind: str
+    data: dict[str, Any]
+    service: str
+    based_on: int | None  # its version:, when it has one
+    where: str  # the file, and the document's place in it when there are several
+
+
+class _Checked(NamedTuple):
+    """A document of the file, checked against its live version; not written yet."""
+
+    kind: str
+    service: str
+    data: dict[str, Any]
+    current: Document | None
+    have: int  # the live version (0: none)
+    unseen: bool  # it replaces a live version this user has not read, without version: (the overwrite rule)
+
+    @property
+    def changed(self) -> bool:
+        return self.current is None or _content(self.current.data) != _content(self.data)
+
+
+async def _apply_together(
     store: DocumentStore,
     path: str,
-    kind: str,
-    data: dict[str, Any],
-    service: str,
-    based_on: int | None,
-    last_seen: int | None,
+    planned: list[_Planned],
+    bases: dict[tuple[str, str], int | None],
     dry_run: bool,
     force: bool,
-) -> int | None:
-    """Diff and write one document; the version now live (None for a dry run)."""
-    import difflib
+) -> list[tuple[str, str, int]]:
+    """Check and show every document, then write the changed ones in one transaction; returns each
+    document's version now live (unchanged ones included; written ones only without --dry-run)."""
+    from hostmesh.registry.documents import MAX_DOCUMENTS_PER_WRITE, MAX_TXN_OPS
 
+    pending = {(p.kind, p.service): p.data for p in planned}
+    checked = [await _check_one(store, path, p, bases.get((p.kind, p.service)), pending) for p in planned]
+    for c in checked:
+        _show_diff(path, c)
+        if c.changed and dry_run:
+            if c.unseen and not force:
+                click.echo(
+                    f"{c.kind}/{c.service}: applying would need version: {c.have} in the file or --force"
+                )
+            click.echo(f"{c.kind}/{c.service}: dry run, nothing written")
+    changed = [c for c in checked if c.changed]
+    live = [(c.kind, c.service, c.have) for c in checked if not c.changed]
+    too_many = len(changed) > MAX_DOCUMENTS_PER_WRITE  # each changed one: its live key and a history entry
+    if dry_run:
+        if too_many:
+            click.echo(
+                f"{path}: applying would need more than {MAX_TXN_OPS} operations in one transaction "
+                f"({len(changed)} changed documents); split the file"
+            )
+        return live
+    for c in changed:
+        if c.unseen and not force:
+            last_seen = bases.get((c.kind, c.service))
+            why = (
+                f"changed since you read version {last_seen}"
+                if last_seen is not None
+                else "exists and you have not read it"
+            )
+            raise Conflict(
+                f"{c.kind}/{c.service} is at version {c.have} and {why}: review the diff above, then put "
+                f"`version: {c.have}` in {path} or add --force"
+            )
+    if too_many:
+        raise click.ClickException(
+            f"{path}: {len(changed)} changed documents need more than {MAX_TXN_OPS} operations in one "
+            "transaction; split the file"
+        )
+    if not changed:
+        return live
+    stored = await store.put_many([(c.kind, c.data, c.have) for c in changed])
+    for d in stored:
+        click.echo(f"{d.kind}/{d.service}: version {d.version} written")
+    return live + [(d.kind, d.service, d.version) for d in stored]
+
+
+async def _check_one(
+    store: DocumentStore,
+    path: str,
+    planned: _Planned,
+    last_seen: int | None,
+    pending: dict[tuple[str, str], dict[str, Any]],
+) -> _Checked:
+    """Read the live version of one document and run the checks that refuse it before any diff:
+    protocol fit (judged with the whole file written: `pending`) and its version:."""
     from hostmesh.registry.schema import parse_document
 
-    name = CLI_NAMES[kind]
+    kind, service, based_on = planned.kind, planned.service, planned.based_on
     try:
         current = await store.get(kind, service)
     except InvalidDocument as exc:  # garbage written around the CLI: let a valid document replace it
@@ -325,52 +471,57 @@ async def _apply_one(
         current = None
     have = current.version if current else 0
     try:
-        await store.check_fits(kind, parse_document(kind, data))  # before the diff: a refusal shows none
+        await store.check_fits(kind, parse_document(kind, planned.data), pending)
     except InvalidDocument as exc:
-        raise click.ClickException(_one_line(f"{path}: {exc}")) from None
+        raise click.ClickException(_one_line(f"{planned.where}: {exc}")) from None
     if based_on is not None and based_on != have:
         state = f"is at version {have}" if current else "does not exist"
-        get = f"hostmesh {name} get" + ("" if kind == NOMAD_MAPPING_KIND else f" {service}")
+        get = f"hostmesh {CLI_NAMES[kind]} get" + ("" if kind == NOMAD_MAPPING_KIND else f" {service}")
         raise Conflict(
             f"{kind}/{service} {state} but {path} is based on version {based_on}; re-read it with `{get}`"
         )
-    old = _content(current.data) if current else None
-    new = _content(data)
-    if old == new:
-        click.echo(f"{kind}/{service}: unchanged (version {have})")
-        return have
-    old_text = (_dump(_versioned(old, have), "yaml") + "\n") if old is not None else ""
-    new_text = _dump(_versioned(new, have + 1), "yaml") + "\n"
+    # The overwrite rule: a file without version: replaces a live document only at the version this
+    # user last read or wrote; anything else (someone else's write since, or never read) needs --force.
+    unseen = current is not None and based_on is None and last_seen != have
+    return _Checked(kind, service, planned.data, current, have, unseen)
+
+
+def _show_diff(path: str, c: _Checked) -> None:
+    """The change `c` makes to the live version, as a unified diff of YAML ("unchanged" when none)."""
+    import difflib
+
+    if not c.changed:
+        click.echo(f"{c.kind}/{c.service}: unchanged (version {c.have})")
+        return
+    old_text = (_dump(_versioned(_content(c.current.data), c.have), "yaml") + "\n") if c.current else ""
+    new_text = _dump(_versioned(_content(c.data), c.have + 1), "yaml") + "\n"
     diff = difflib.unified_diff(
         old_text.splitlines(keepends=True),
         new_text.splitlines(keepends=True),
-        fromfile=f"{kind}/{service} (live, version {have})" if current else "/dev/null",
+        fromfile=f"{c.kind}/{c.service} (live, version {c.have})" if c.current else "/dev/null",
         tofile=f"{path} (new)",
     )
     for line in diff:
         color = "green" if line.startswith("+") else "red" if line.startswith("-") else None
         click.secho(line.rstrip("\n"), fg=color)
-    # The overwrite rule: a file without version: replaces a live document only at the version this
-    # user last read or wrote; anything else (someone else's write since, or never read) needs --force.
-    unseen = current is not None and based_on is None and last_seen != have
-    if dry_run:
-        if unseen and not force:
-            click.echo(f"{kind}/{service}: applying would need version: {have} in the file or --force")
-        click.echo(f"{kind}/{service}: dry run, nothing written")
-        return None
-    if unseen and not force:
-        why = (
-            f"changed since you read version {last_seen}"
-            if last_seen is not None
-            else "exists and you have not read it"
-        )
-        raise Conflict(
-            f"{kind}/{service} is at version {have} and {why}: review the diff above, then put "
-            f"`version: {have}` in {path} or add --force"
-        )
-    stored = await store.put(kind, data, expect_version=have)
-    click.echo(f"{kind}/{service}: version {stored.version} written")
-    return stored.version
+
+
+async def _list_readable(store: DocumentStore, kind: str) -> list[Document]:
+    """Every live document of `kind` the token may read. Consul leaves the others out of a list
+    without a word (1.8 has no header saying so), but refuses reading the folder key itself: when
+    it does, an empty list is that refusal, not "no documents", and a partial list is said to be."""
+    from hostmesh.registry.documents import folder_key
+
+    docs = await store.list_all(kind)
+    if await store.folder_readable(kind):
+        return docs
+    folder = folder_key(kind)
+    if not docs:
+        raise PermissionDenied(f"Consul ACL denied list of {folder}: the token lacks key:read on it")
+    click.echo(
+        f"warning: the token lacks key:read on {folder}: documents it may not read are not listed", err=True
+    )
+    return docs
 
 
 # --- route / policy ----------------------------------------------------------------------------
@@ -421,7 +572,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     @click.pass_context
     def list_(ctx: click.Context, fmt: str | None) -> None:
         """List the live documents with their versions."""
-        docs = _run(ctx, lambda store: store.list_all(kind))
+        docs = _run(ctx, lambda store: _list_readable(store, kind))
         out = _output(ctx, fmt)
         if out != "table":
             click.echo(_dump([d.data for d in docs], out))
@@ -527,7 +678,8 @@ external = _document_group("external", "external", "external service")
 @click.pass_context
 def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
     """Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their
-    kind: field). All are validated before any is written; each is written with check-and-set."""
+    kind: field). All are read and checked before any is written, then written together in one
+    check-and-set transaction: if one is refused, none is written."""
     docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
     _apply_all(ctx, path, docs, dry_run, force)
 
@@ -658,7 +810,7 @@ def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None
 
     async def run(store: DocumentStore) -> list[Document]:
         if dst is None:
-            return await store.list_all("intentions")
+            return await _list_readable(store, "intentions")
         doc = await store.get("intentions", dst)
         return [doc] if doc else []
 

@@ -17,6 +17,11 @@ cas=0 never do, and a transaction applies all of its parts or none. Versions are
 reused (after a delete the next write continues after the highest version in history), so each
 version number names exactly one content for good.
 
+Several documents (`apply -f` of a file with several) are written the same way, all of their
+parts in ONE transaction: every document is checked first, and a refusal (a check, Consul's ACLs,
+a concurrent writer) writes none of them. Parts 1 and 2 cannot wait, so one transaction holds at
+most `MAX_DOCUMENTS_PER_WRITE` documents; deletes of part 3 that do not fit wait for a later write.
+
 Documents are validated with hostmesh.registry.schema before anything is written; the stored
 value is the caller's JSON with `version` set, so what an operator applied is what `get` shows.
 """
@@ -24,11 +29,12 @@ value is the caller's JSON with `version` set, so what an operator applied is wh
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
-from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied
+from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied, RegistryError
 from hostmesh.registry.layout import GATEWAY_KIND_META
 from hostmesh.registry.schema import (
     KINDS,
@@ -42,11 +48,18 @@ from hostmesh.registry.schema import (
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
 MAX_TXN_OPS = 64  # Consul's limit on operations in one /v1/txn
+OPS_PER_DOCUMENT = 2  # what a write cannot do without: the live key's check-and-set, the new history entry
+MAX_DOCUMENTS_PER_WRITE = MAX_TXN_OPS // OPS_PER_DOCUMENT
 MAX_DOCUMENT_BYTES = 256 * 1024  # Consul's default KV value limit is 512 KiB; leave room for the txn encoding
 
 
 def doc_key(kind: str, service: str) -> str:
     return f"{ROOT}/{kind}/{service}"
+
+
+def folder_key(kind: str) -> str:
+    """The prefix of `kind`'s live documents (itself a key no document is stored at)."""
+    return f"{ROOT}/{kind}/"
 
 
 def history_prefix(kind: str, service: str) -> str:
@@ -58,6 +71,28 @@ def history_key(kind: str, service: str, version: int) -> str:
 
 
 STORED_KINDS = (*KINDS, NOMAD_MAPPING_KIND)  # `ca`: the one document hostmesh/ca/nomad (ca/nomad.py)
+
+
+# What a batch is about to write, by (kind, service): its checks judge the state the whole batch
+# leaves (a route turning a service tcp beside a policy only HTTP can take), not the live one.
+Pending = Mapping[tuple[str, str], dict[str, Any]]
+
+
+class TooManyDocuments(RegistryError):
+    """A batch needs more operations than one Consul transaction holds; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One document's part of a transaction, every check passed."""
+
+    kind: str
+    service: str
+    version: int
+    stored: dict[str, Any]
+    value: str
+    live_index: int  # the ModifyIndex read (0: must not exist): the check-and-set of part 1
+    stale: list[int]  # history versions that fell out of the window (part 3)
 
 
 def _check_kind(kind: str) -> None:
@@ -124,7 +159,7 @@ class DocumentStore:
     async def list_all(self, kind: str) -> list[Document]:
         """Every live document of `kind`, by service name. Values that are not JSON objects are skipped."""
         _check_kind(kind)
-        prefix = f"{ROOT}/{kind}/"
+        prefix = folder_key(kind)
         out = []
         for entry in await self.consul.kv_list(prefix):
             service = entry.key[len(prefix) :]
@@ -136,6 +171,18 @@ class DocumentStore:
                 continue
             out.append(Document(kind, service, _version_of(data), data, entry.modify_index))
         return sorted(out, key=lambda d: d.service)
+
+    async def folder_readable(self, kind: str) -> bool:
+        """Whether the token may read `kind`'s folder, so that `list_all` lists all of it. Consul
+        leaves the keys a token may not read out of a list, saying nothing, but refuses (403) a
+        single-key read: so read the folder key itself. (A rule denying one key below a readable
+        folder still hides that key.)"""
+        _check_kind(kind)
+        try:
+            await self.consul.kv_get(folder_key(kind))
+        except PermissionDenied:
+            return False
+        return True
 
     async def history(self, kind: str, service: str) -> list[Document]:
         """Kept versions, oldest first (the live version is the last one unless it was deleted)."""
@@ -160,11 +207,39 @@ class DocumentStore:
         (0: must not exist). Without it the write is still check-and-set against what this call
         read, so a concurrent writer is never silently overwritten.
         """
-        _check_kind(kind)
-        doc = parse_document(kind, data)
-        assert isinstance(data, dict)  # parse_document accepted it, so it is an object
-        service = doc.service
-        await self.check_fits(kind, doc)
+        return (await self.put_many([(kind, data, expect_version)]))[0]
+
+    async def put_many(self, items: Sequence[tuple[str, object, int | None]]) -> list[Document]:
+        """`put` of several documents ((kind, data, expect_version) each), all or none: every one is
+        validated and checked, each against what the others make of the services, before the one
+        transaction that writes them all. Raises `TooManyDocuments` when they do not fit in one."""
+        parsed = []
+        for kind, data, expect_version in items:
+            _check_kind(kind)
+            doc = parse_document(kind, data)
+            assert isinstance(data, dict)  # parse_document accepted it, so it is an object
+            parsed.append((kind, doc, data, expect_version))
+        pending = {(kind, doc.service): data for kind, doc, data, _ in parsed}
+        if len(pending) != len(parsed):
+            raise ValueError("the same document twice in one write")
+        if len(parsed) > MAX_DOCUMENTS_PER_WRITE:
+            raise TooManyDocuments(
+                f"{len(parsed)} documents need more than {MAX_TXN_OPS} operations in one transaction"
+            )
+        writes = []
+        for kind, doc, data, expect_version in parsed:
+            await self.check_fits(kind, doc, pending)
+            writes.append(await self._prepare(kind, doc.service, data, expect_version))
+        await self._commit(writes)
+        out = []
+        for w in writes:
+            entry = await self.consul.kv_get(doc_key(w.kind, w.service))
+            out.append(Document(w.kind, w.service, w.version, w.stored, entry.modify_index if entry else 0))
+        return out
+
+    async def _prepare(
+        self, kind: str, service: str, data: dict[str, Any], expect_version: int | None
+    ) -> _Write:
         current = await self._live(kind, service)
         have = current.version if current else 0
         if expect_version is not None and expect_version != have:
@@ -178,11 +253,8 @@ class DocumentStore:
         value = encode(stored)
         if len(value.encode()) > MAX_DOCUMENT_BYTES:
             raise InvalidDocument("document", f"is larger than {MAX_DOCUMENT_BYTES // 1024} KiB")
-        index = current.modify_index if current else 0
-        live_op = {"Verb": "cas", "Key": doc_key(kind, service), "Value": value, "Index": index}
-        await self._commit(kind, service, version, kept, live_op, value)
-        entry = await self.consul.kv_get(doc_key(kind, service))
-        return Document(kind, service, version, stored, entry.modify_index if entry else 0)
+        stale = [v for v in kept if v <= version - HISTORY_KEEP]
+        return _Write(kind, service, version, stored, value, current.modify_index if current else 0, stale)
 
     async def delete(self, kind: str, service: str, *, expect_version: int | None = None) -> Document:
         """Delete the live document (history stays, so `rollback` can bring it back)."""
@@ -213,25 +285,26 @@ class DocumentStore:
         current = await self._live(kind, service)
         return await self.put(kind, data, expect_version=current.version if current else 0)
 
-    async def check_fits(self, kind: str, doc: AnyDocument) -> None:
-        """Refuse (InvalidDocument naming the field) what the service's protocol cannot take."""
+    async def check_fits(self, kind: str, doc: AnyDocument, pending: Pending | None = None) -> None:
+        """Refuse (InvalidDocument naming the field) what the service's protocol cannot take.
+        `pending`: the documents written together with this one, which count as live."""
         if kind not in ("routes", "policies", "intentions"):
             return  # gateways, external services, the Nomad mapping: no service protocol to fit
         if kind != "routes":
-            protocol = await self.protocol_of(doc.service)
+            protocol = await self.protocol_of(doc.service, pending)
             if protocol is not None:
                 check_protocol(doc, protocol)
         elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
-            await self._check_others_fit_tcp(doc.service)
+            await self._check_others_fit_tcp(doc.service, pending)
 
-    async def protocol_of(self, service: str) -> str | None:
+    async def protocol_of(self, service: str, pending: Pending | None = None) -> str | None:
         """What `service` speaks, as its callers' agents will decide it: its route document's
         `protocol` when there is one; else, from the catalog, `http` when any instance has meta
         `protocol = http`, `tcp` when instances exist and none has; None when nothing says (no
         instance yet, or the catalog is not readable with this token): then nothing is refused."""
-        route = await self._live("routes", service)
-        if route is not None and route.data:
-            return "tcp" if route.data.get("protocol") == "tcp" else "http"
+        route = await self._content("routes", service, pending)
+        if route:
+            return "tcp" if route.get("protocol") == "tcp" else "http"
         try:
             _, instances = await self.consul.catalog_service(service)
         except PermissionDenied:
@@ -242,15 +315,15 @@ class DocumentStore:
             return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
         return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
 
-    async def _check_others_fit_tcp(self, service: str) -> None:
-        """A route document turning `service` tcp is refused while its live policy or intentions
-        hold what a tcp service cannot take (they would be ignored from then on)."""
+    async def _check_others_fit_tcp(self, service: str, pending: Pending | None) -> None:
+        """A route document turning `service` tcp is refused while its policy or intentions
+        (live, or written with it) hold what a tcp service cannot take (they would be ignored)."""
         for other in ("policies", "intentions"):
-            live = await self._live(other, service)
-            if live is None or not live.data:
+            data = await self._content(other, service, pending)
+            if not data:
                 continue
             try:
-                parsed = parse_document(other, live.data)
+                parsed = parse_document(other, data)
             except InvalidDocument:  # invalid under today's schema: not this write's business
                 continue
             try:
@@ -259,6 +332,13 @@ class DocumentStore:
                 raise InvalidDocument(
                     "protocol", f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take"
                 ) from None
+
+    async def _content(self, kind: str, service: str, pending: Pending | None) -> dict[str, Any] | None:
+        """What kind/service holds once `pending` is written: its document there, else the live one."""
+        if pending is not None and (kind, service) in pending:
+            return pending[(kind, service)]
+        live = await self._live(kind, service)
+        return live.data if live is not None else None
 
     async def _live(self, kind: str, service: str) -> Document | None:
         """Like `get`, but a live value that is not a JSON object (written around the CLI) reads as
@@ -278,20 +358,37 @@ class DocumentStore:
         entries = await self.consul.kv_list(prefix)
         return sorted(int(e.key[len(prefix) :]) for e in entries if e.key[len(prefix) :].isdigit())
 
-    async def _commit(
-        self, kind: str, service: str, version: int, kept: list[int], live_op: dict[str, Any], value: str
-    ) -> None:
-        kv_ops = [
-            live_op,
-            {"Verb": "cas", "Key": history_key(kind, service, version), "Value": value, "Index": 0},
+    async def _commit(self, writes: list[_Write]) -> None:
+        """Parts 1 and 2 of every write, and as many of their part 3 as the transaction has room for
+        (the rest stay stale until a later write of that document), in one transaction."""
+        kv_ops: list[dict[str, Any]] = []
+        for w in writes:
+            live = {"Verb": "cas", "Key": doc_key(w.kind, w.service), "Value": w.value, "Index": w.live_index}
+            entry = {
+                "Verb": "cas",
+                "Key": history_key(w.kind, w.service, w.version),
+                "Value": w.value,
+                "Index": 0,
+            }
+            kv_ops += [live, entry]
+        stale = [
+            {"Verb": "delete", "Key": history_key(w.kind, w.service, v)} for w in writes for v in w.stale
         ]
-        stale = [v for v in kept if v <= version - HISTORY_KEEP]
-        room = MAX_TXN_OPS - len(kv_ops)
-        kv_ops += [{"Verb": "delete", "Key": history_key(kind, service, v)} for v in stale[:room]]
+        kv_ops += stale[: MAX_TXN_OPS - len(kv_ops)]
         try:
             await self.consul.txn([{"KV": op} for op in kv_ops])
         except Conflict:
+            changed = writes[0] if len(writes) == 1 else await self._first_changed(writes)
+            what = f"{changed.kind} for {changed.service}" if changed else "one of the documents"
             raise Conflict(
-                f"{kind} for {service} was changed by someone else while this change was made; "
-                "re-read and apply again"
+                f"{what} was changed by someone else while this change was made; re-read and apply again"
             ) from None
+
+    async def _first_changed(self, writes: list[_Write]) -> _Write | None:
+        """The first of `writes` whose live key moved since it was read (None: none did, so a history
+        entry was taken by a concurrent writer of the same version)."""
+        for w in writes:
+            entry = await self.consul.kv_get(doc_key(w.kind, w.service))
+            if (entry.modify_index if entry else 0) != w.live_index:
+                return w
+        return None

@@ -1,0 +1,88 @@
+"""Reading document files (YAML, or JSON, which the same loader reads): what a plain safe load takes
+silently or crashes on is refused in one line naming the place, and nothing is written. A
+duplicate key used to be taken as its last value (an intention file with `default: deny`, then
+`default: allow`, was written as allow); a few hundred levels of nesting ended in a RecursionError."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from hostmesh.registry.cli import MAX_NESTING
+from hostmesh.registry.documents import doc_key
+from tests.support import ConsulDev
+from tests.test_cli_ops import fails, ok, run, write
+
+pytestmark = pytest.mark.consul
+
+_names = itertools.count()
+
+
+def svc() -> str:
+    return f"files-{next(_names)}"
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_it_and_its_lines(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    f = write(tmp_path, f"service: {s}\ndefault: deny\nrules: []\ndefault: allow\n")
+    assert fails(run(consul, "intention", "apply", "-f", f)) == (
+        f"Error: {f}: duplicate key 'default' at line 4, column 1 (first at line 2, column 1)"
+    )
+    assert consul.kv_get(doc_key("intentions", s)) is None
+
+
+def test_a_duplicate_key_deeper_or_in_a_later_document_is_refused(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    text = (
+        f"kind: route\nservice: {s}\n---\n"
+        f"kind: policy\nservice: {s}\nrate_limit:\n  requests_per_second: 5\n  requests_per_second: 50\n"
+    )
+    f = write(tmp_path, text)
+    assert fails(run(consul, "apply", "-f", f)) == (
+        f"Error: {f}: duplicate key 'requests_per_second' at line 8, column 3 (first at line 7, column 3)"
+    )
+    assert consul.kv_get(doc_key("routes", s)) is None
+
+
+def test_a_duplicate_json_key_is_refused(consul: ConsulDev, tmp_path: Path) -> None:
+    s = svc()
+    text = '{"default": "deny", "service": "' + s + '",\n "rules": [], "default": "allow"}'
+    line = fails(run(consul, "intention", "apply", "-f", "-", input=text))
+    assert line == "Error: -: duplicate key 'default' at line 2, column 15 (first at line 1, column 2)"
+    assert consul.kv_get(doc_key("intentions", s)) is None
+
+
+def test_merge_keys_may_still_be_overridden(consul: ConsulDev, tmp_path: Path) -> None:
+    """YAML's `<<` merge is not a duplicate: the keys written out win over the merged ones."""
+    s = svc()
+    f = write(
+        tmp_path, f"service: {s}\nrate_limit:\n  <<: {{requests_per_second: 5}}\n  requests_per_second: 7\n"
+    )
+    assert f"policies/{s}: version 1 written" in ok(run(consul, "policy", "apply", "-f", f))
+    assert json.loads(consul.kv_get(doc_key("policies", s)) or b"")["rate_limit"] == {
+        "requests_per_second": 7
+    }
+
+
+@pytest.mark.parametrize("syntax", ["yaml", "json"])
+def test_deep_nesting_is_one_line(consul: ConsulDev, tmp_path: Path, syntax: str) -> None:
+    depth = 500
+    if syntax == "yaml":
+        text, column = f"service: x\na: {'[' * depth}{']' * depth}\n", 4 + MAX_NESTING - 1
+        line_no = 2
+    else:
+        text, column = '{"service": "x", "a": ' + "[" * depth + "]" * depth + "}", 23 + MAX_NESTING - 1
+        line_no = 1
+    f = write(tmp_path, text)
+    assert fails(run(consul, "apply", "-f", f)) == (
+        f"Error: {f}: nested deeper than {MAX_NESTING} levels at line {line_no}, column {column}"
+    )
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema(consul: ConsulDev, tmp_path: Path) -> None:
+    inner = MAX_NESTING - 1  # the document's mapping is the first level
+    f = write(tmp_path, f"service: x\na: {'[' * inner}{']' * inner}\n")
+    assert ": a: unknown field" in fails(run(consul, "policy", "apply", "-f", f))
