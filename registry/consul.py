@@ -11,14 +11,21 @@ translated here into `registry.errors`, so nothing above this module knows about
 is `PermissionDenied` naming the key or endpoint and the permission the token lacks; a transaction
 that Consul refuses for ACL reasons (409 with "Permission denied" in its errors) is too, never a
 `Conflict`.
+
+Every answer is checked for the shape Consul gives before it is used: anything else (another service
+at that address, a proxy's page) is `UnexpectedAnswer`, one line, never a KeyError. An error answer
+is quoted only as Consul writes its reasons, a short text/plain line: a JSON body can hold KV values.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import json
 import ssl
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import field
 from typing import Any, NamedTuple
 
@@ -30,6 +37,7 @@ from hostmesh.registry.errors import (
     PermissionDenied,
     Rejected,
     Unavailable,
+    UnexpectedAnswer,
 )
 from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
 from hostmesh.registry.records import record
@@ -46,6 +54,7 @@ NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the
 SERF_CHECK = "serfHealth"  # the node check Consul's servers keep from Serf's gossip (alive/failed)
 WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and-set always fails
 _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
+MAX_ERROR_DETAIL = 200  # characters of a Consul error reason quoted in a message (its reasons are short)
 
 
 @record
@@ -148,36 +157,154 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _entry(item: dict[str, Any]) -> KVEntry:
+# --- the shape of Consul's answers ---------------------------------------------------------------
+# Each helper returns the value when it has the shape Consul gives, else raises _WrongShape saying what
+# was expected; ConsulClient._decoding turns that into one UnexpectedAnswer naming the address.
+
+
+class _WrongShape(Exception):
+    """A decoded answer is not what Consul's API returns there; str() says what was expected."""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def _as_list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _WrongShape(f"expected {what} (a list), got {_kind(value)}")
+    return value
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _WrongShape(f"expected {what} (an object), got {_kind(value)}")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, what: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise _WrongShape(f"{what} without a string {key}")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, what: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _WrongShape(f"{what} without a whole-number {key}")
+    return value
+
+
+def _str_map(value: Any, what: str) -> dict[str, str]:
+    """Consul's Meta: string to string (null when empty)."""
+    items = _as_dict(value if value is not None else {}, what)
+    if not all(isinstance(v, str) for v in items.values()):
+        raise _WrongShape(f"{what} with a value that is not a string")
+    return dict(items)
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    """Consul's Tags and the like: a list of strings (null when empty)."""
+    items = _as_list(value if value is not None else [], what)
+    if not all(isinstance(v, str) for v in items):
+        raise _WrongShape(f"{what} with an item that is not a string")
+    return items
+
+
+def _entry(item: Any) -> KVEntry:
+    item = _as_dict(item, "a KV entry")
     raw = item.get("Value")
-    return KVEntry(item["Key"], base64.b64decode(raw) if raw else b"", int(item["ModifyIndex"]))
+    if raw is not None and not isinstance(raw, str):
+        raise _WrongShape("a KV entry whose Value is not a base64 string")
+    try:
+        value = base64.b64decode(raw, validate=True) if raw else b""
+    except binascii.Error:
+        raise _WrongShape("a KV entry whose Value is not base64") from None
+    return KVEntry(_str(item, "Key", "a KV entry"), value, _int(item, "ModifyIndex", "a KV entry"))
 
 
-def _instance(entry: dict[str, Any]) -> ServiceInstance:
-    svc = entry["Service"]
-    node = entry["Node"]
-    statuses = {c.get("Status", "passing") for c in entry.get("Checks", [])}
+def _entries(items: Any) -> list[KVEntry]:
+    """The answer of a KV read that found something (Consul answers 404 when nothing is there)."""
+    return [_entry(i) for i in _as_list(items, "KV entries")]
+
+
+def _instance(entry: Any) -> ServiceInstance:
+    entry = _as_dict(entry, "a health entry")
+    svc = _as_dict(entry.get("Service"), "a health entry's Service")
+    node = _as_dict(entry.get("Node"), "a health entry's Node")
+    checks = [_as_dict(c, "a check") for c in _as_list(entry.get("Checks") or [], "a health entry's Checks")]
+    statuses = {_str(c, "Status", "a check", "passing") for c in checks}
     status = "critical" if "critical" in statuses else "warning" if "warning" in statuses else "passing"
     return ServiceInstance(
-        id=svc["ID"],
-        service=svc["Service"],
-        node=node["Node"],
-        address=svc.get("Address") or node.get("Address", ""),
-        port=int(svc["Port"]),
-        meta=dict(svc.get("Meta") or {}),
-        tags=tuple(svc.get("Tags") or ()),
+        id=_str(svc, "ID", "a service"),
+        service=_str(svc, "Service", "a service"),
+        node=_str(node, "Node", "a node"),
+        address=_str(svc, "Address", "a service", "") or _str(node, "Address", "a node", ""),
+        port=_int(svc, "Port", "a service"),
+        meta=_str_map(svc.get("Meta"), "a service's Meta"),
+        tags=tuple(_str_list(svc.get("Tags"), "a service's Tags")),
         status=status,
     )
 
 
-def _one_line(body: bytes) -> str:
-    text = " ".join(body.decode("utf-8", "replace").split())
-    return text[:200] or "(no detail)"
+def _catalog_instance(entry: Any) -> CatalogInstance:
+    e = _as_dict(entry, "a catalog entry")
+    return CatalogInstance(
+        id=_str(e, "ServiceID", "a catalog entry"),
+        node=_str(e, "Node", "a catalog entry"),
+        address=_str(e, "ServiceAddress", "a catalog entry", "") or _str(e, "Address", "a catalog entry", ""),
+        port=_int(e, "ServicePort", "a catalog entry"),
+        meta=_str_map(e.get("ServiceMeta"), "a catalog entry's ServiceMeta"),
+    )
+
+
+def _txn_answer(result: Any, status: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(Results, Errors) of a transaction's answer. Consul always writes both keys (one null); a 409
+    has at least one error, each with the OpIndex it is about."""
+    result = _as_dict(result, "a transaction result")
+    if "Results" not in result or "Errors" not in result:
+        raise _WrongShape("a transaction result without Results and Errors")
+    errors = [_as_dict(e, "a transaction error") for e in _as_list(result["Errors"] or [], "Errors")]
+    if status == 409 and not errors:
+        raise _WrongShape("a refused transaction (409) without Errors")
+    for err in errors:
+        _int(err, "OpIndex", "a transaction error")
+        _str(err, "What", "a transaction error")
+    return _as_list(result["Results"] or [], "Results"), errors
+
+
+def _bool_body(resp: Response) -> bool:
+    """A KV write's or delete's answer: `true`, or `false` when its check-and-set failed."""
+    answer = resp.body.strip()
+    if answer not in (b"true", b"false"):
+        raise _WrongShape("expected true or false")
+    return answer == b"true"
+
+
+# --- Consul's error answers --------------------------------------------------------------------
+
+
+def _detail(resp: Response) -> str:
+    """What a message may quote of an error answer. Consul writes its reasons as one short text/plain
+    line; any other body (JSON, which can hold stored KV values; a proxy's HTML page) is only
+    described, and a quoted reason is its first line, cut at MAX_ERROR_DETAIL characters."""
+    if not resp.body:
+        return "(no detail)"
+    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    first = resp.body.lstrip().split(b"\n", 1)[0].decode("utf-8", "replace")
+    text = " ".join("".join(c if c.isprintable() else " " for c in first).split())
+    if ctype != "text/plain" or not text or text.startswith(("{", "[")):
+        return f"({len(resp.body)}-byte {ctype or 'untyped'} body, not shown)"
+    return text if len(text) <= MAX_ERROR_DETAIL else text[:MAX_ERROR_DETAIL] + "…"
 
 
 def _denied(op: Op, body: bytes) -> PermissionDenied:
-    detail = _one_line(body)
-    if "acl not found" in detail.lower():
+    if b"acl not found" in body[:MAX_ERROR_DETAIL].lower():
         return PermissionDenied(
             f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)"
         )
@@ -185,10 +312,11 @@ def _denied(op: Op, body: bytes) -> PermissionDenied:
 
 
 def _index(resp: Response) -> int:
-    try:
-        return int(resp.headers.get("x-consul-index", "0"))
-    except ValueError:
-        return 0
+    """X-Consul-Index (0 when absent, as on writes)."""
+    raw = resp.headers.get("x-consul-index", "0")
+    if not raw.isascii() or not raw.isdigit():
+        raise _WrongShape("an X-Consul-Index header that is not a whole number")
+    return int(raw)
 
 
 def _q(path: str) -> str:
@@ -255,27 +383,41 @@ class ConsulClient:
         if resp.status == 403:
             raise _denied(op, resp.body)
         if resp.status == 401:
-            raise PermissionDenied(f"Consul refused {op.what} (401): {_one_line(resp.body)}")
+            raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}")
         if resp.status == 404:
             raise NotFound(f"{op.what}: not found")
         if resp.status < 500:
-            raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_one_line(resp.body)}")
-        raise Unavailable(f"Consul failed {op.what}: {resp.status} {_one_line(resp.body)}")
+            raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
+        raise Unavailable(f"Consul failed {op.what}: {resp.status} {_detail(resp)}")
 
-    @staticmethod
-    def _json(resp: Response, op: Op) -> Any:
+    def _unexpected(self, op: Op, problem: str) -> UnexpectedAnswer:
+        return UnexpectedAnswer(f"unexpected answer from Consul at {self.url} to {op.what}: {problem}")
+
+    def _json(self, resp: Response, op: Op) -> Any:
         try:
             return resp.json()
-        except (ValueError, UnicodeDecodeError):
-            raise Unavailable(f"Consul answered {op.what} with invalid JSON") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (the last: JSON nested too deep)
+            raise self._unexpected(op, "not JSON") from None
+
+    @contextlib.contextmanager
+    def _decoding(self, op: Op) -> Iterator[None]:
+        """Around the reading of an answer: a _WrongShape in it becomes one UnexpectedAnswer."""
+        try:
+            yield
+        except _WrongShape as exc:
+            raise self._unexpected(op, str(exc)) from None
 
     # --- KV ---------------------------------------------------------------------------------
 
     async def kv_get(self, key: str) -> KVEntry | None:
         op = Op(f"read of {key}", "key:read on it")
         resp = await self._request("GET", f"/v1/kv/{_q(key)}", op, allow=(404,))
-        items = None if resp.status == 404 else self._json(resp, op)
-        return _entry(items[0]) if items else None
+        if resp.status == 404:
+            return None
+        items = self._json(resp, op)
+        with self._decoding(op):
+            entries = _entries(items)
+        return entries[0] if entries else None
 
     async def kv_get_blocking(
         self, key: str, index: int | None, wait: float = BLOCKING_WAIT
@@ -288,15 +430,18 @@ class ConsulClient:
         resp = await self._request(
             "GET", f"/v1/kv/{_q(key)}", op, params=params, blocking_wait=wait, allow=(404,)
         )
-        items = None if resp.status == 404 else self._json(resp, op)
-        return _index(resp), (_entry(items[0]) if items else None)
+        items = [] if resp.status == 404 else self._json(resp, op)
+        with self._decoding(op):
+            index, entries = _index(resp), _entries(items)
+        return index, (entries[0] if entries else None)
 
     async def kv_list(self, prefix: str) -> list[KVEntry]:
         """Every key under `prefix` that the token may read (Consul leaves out the others)."""
         op = Op(f"list of {prefix}", "key:read on it")
         resp = await self._request("GET", f"/v1/kv/{_q(prefix)}", op, params={"recurse": ""}, allow=(404,))
-        items = None if resp.status == 404 else self._json(resp, op)
-        return [_entry(i) for i in items or []]
+        items = [] if resp.status == 404 else self._json(resp, op)
+        with self._decoding(op):
+            return _entries(items)
 
     async def kv_put(self, key: str, value: bytes | str, cas: int | None = None) -> None:
         """Write `key`; with `cas` (0 = must not exist) raise `Conflict` when another writer got there first.
@@ -310,7 +455,9 @@ class ConsulClient:
         op = Op(f"write of {key}", "key:write on it")
         params = {"cas": cas} if cas is not None else None
         resp = await self._request("PUT", f"/v1/kv/{_q(key)}", op, params=params, body=data)
-        if resp.body.strip() != b"true":
+        with self._decoding(op):
+            written = _bool_body(resp)
+        if not written:
             raise Conflict(f"{key} was changed by someone else (check-and-set index {cas} is stale)")
 
     async def kv_delete(self, key: str, cas: int | None = None, recurse: bool = False) -> None:
@@ -321,7 +468,9 @@ class ConsulClient:
         if recurse:
             params["recurse"] = ""
         resp = await self._request("DELETE", f"/v1/kv/{_q(key)}", op, params=params)
-        if resp.body.strip() != b"true":
+        with self._decoding(op):
+            deleted = _bool_body(resp)
+        if not deleted:
             raise Conflict(f"{key} was changed by someone else (check-and-set index {cas} is stale)")
 
     async def txn(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -342,13 +491,13 @@ class ConsulClient:
             "key:write on it",
         )
         resp = await self._request("PUT", "/v1/txn", op, body=json.dumps(payload).encode(), allow=(409,))
-        result = self._json(resp, op) or {}
+        with self._decoding(op):
+            results, errors = _txn_answer(self._json(resp, op), resp.status)
         if resp.status == 409:
-            errors = result.get("Errors") or []
             for err in errors:
-                if "permission denied" in str(err.get("What", "")).lower():
-                    i = err.get("OpIndex", 0)
-                    kv = payload[i]["KV"] if isinstance(i, int) and 0 <= i < len(payload) else {}
+                if "permission denied" in err["What"].lower():
+                    i = err["OpIndex"]
+                    kv = payload[i]["KV"] if 0 <= i < len(payload) else {}
                     verb = str(kv.get("Verb", ""))
                     write = verb in _KV_WRITE_VERBS
                     action = ("delete" if verb.startswith("delete") else "write") if write else "read"
@@ -359,7 +508,7 @@ class ConsulClient:
                         b"",
                     )
             raise Conflict("a concurrent write changed the document first (check-and-set failed)")
-        return list(result.get("Results") or [])
+        return results
 
     async def probe_write(self, key: str) -> None:
         """Raise `PermissionDenied` (naming the key) if the token may not write `key`; writes nothing:
@@ -425,26 +574,41 @@ class ConsulClient:
         resp = await self._request(
             "GET", f"/v1/health/service/{_q(name)}", op, params=params, blocking_wait=wait if index else None
         )
-        return _index(resp), [_instance(e) for e in self._json(resp, op) or []]
+        entries = self._json(resp, op)
+        with self._decoding(op):
+            return _index(resp), [_instance(e) for e in _as_list(entries, "health entries")]
 
     async def catalog_services(self) -> dict[str, list[str]]:
         """Services the token may read (Consul leaves out the others)."""
         op = Op("catalog listing", "service:read")
         resp = await self._request("GET", "/v1/catalog/services", op)
-        return dict(self._json(resp, op) or {})
+        answer = self._json(resp, op)
+        with self._decoding(op):
+            services = _as_dict(answer, "service names and their tags")
+            return {name: _str_list(tags, f"the tags of service {name!r}") for name, tags in services.items()}
 
     async def agent_node_name(self) -> str:
         op = Op("agent self", "agent:read on the Consul agent")
         me = self._json(await self._request("GET", "/v1/agent/self", op), op)
-        return str(me["Config"]["NodeName"])
+        with self._decoding(op):
+            config = _as_dict(_as_dict(me, "the agent's description").get("Config"), "its Config")
+            return _str(config, "NodeName", "its Config")
 
     async def agent_services(self) -> dict[str, Any]:
         op = Op("agent services", "service:read")
-        return dict(self._json(await self._request("GET", "/v1/agent/services", op), op) or {})
+        return self._objects(self._json(await self._request("GET", "/v1/agent/services", op), op), op)
 
     async def agent_checks(self) -> dict[str, Any]:
         op = Op("agent checks", "service:read and node:read")
-        return dict(self._json(await self._request("GET", "/v1/agent/checks", op), op) or {})
+        return self._objects(self._json(await self._request("GET", "/v1/agent/checks", op), op), op)
+
+    def _objects(self, answer: Any, op: Op) -> dict[str, Any]:
+        """The agent's services or checks: an object of objects, by ID."""
+        with self._decoding(op):
+            items = _as_dict(answer, "an object by ID")
+            for value in items.values():
+                _as_dict(value, "each item")
+        return dict(items)
 
     # --- few, cluster-wide blocking queries (agent discovery; see agent/discovery.py) ----------
 
@@ -460,7 +624,8 @@ class ConsulClient:
             "GET", f"/v1/kv/{_q(prefix)}", op, params=params, blocking_wait=wait if index else None,
             allow=(404,),  # no key below the prefix (yet): still an index to block on
         )  # fmt: skip
-        return _index(resp)
+        with self._decoding(op):
+            return _index(resp)
 
     async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """The current value of each key (None when absent), in transactions of `TXN_MAX_OPS` reads.
@@ -483,20 +648,25 @@ class ConsulClient:
                 return out
             body = json.dumps([{"KV": {"Verb": "get", "Key": key}} for key in remaining]).encode()
             resp = await self._request("PUT", "/v1/txn", op, body=body, allow=(409,))
+            answer = self._json(resp, op)
+            with self._decoding(op):
+                results, errors = _txn_answer(answer, resp.status)
+                if any(err["OpIndex"] >= len(remaining) for err in errors):
+                    raise _WrongShape("an error about an operation that was not asked for")
+                found = {}
+                for result in results:
+                    entry = _entry(_as_dict(result, "a transaction result").get("KV"))
+                    found[entry.key] = entry
             if resp.status == 409:
                 missing = set()
-                for err in (self._json(resp, op) or {}).get("Errors") or []:
-                    key, what = remaining[int(err.get("OpIndex", 0))], str(err.get("What", ""))
+                for err in errors:
+                    key, what = remaining[err["OpIndex"]], err["What"]
                     if "doesn't exist" not in what:
                         raise Rejected(409, f"Consul rejected a read of {key}: {what}")
                     missing.add(key)
                 out.update(dict.fromkeys(missing))
                 remaining = [k for k in remaining if k not in missing]
                 continue
-            found = {}
-            for result in (self._json(resp, op) or {}).get("Results") or []:
-                entry = _entry(result.get("KV") or {})
-                found[entry.key] = entry
             for key in remaining:
                 out[key] = found.get(key) or PermissionDenied(
                     f"Consul ACL denied read of {key}: the token lacks key:read on it"
@@ -512,7 +682,8 @@ class ConsulClient:
         resp = await self._request(
             "GET", "/v1/catalog/services", op, params=params, blocking_wait=wait if index else None
         )
-        return _index(resp)
+        with self._decoding(op):
+            return _index(resp)
 
     async def catalog_service_index(self, name: str) -> int:
         """The index of `name` alone (its instances and their checks), without listing them."""
@@ -520,22 +691,16 @@ class ConsulClient:
         resp = await self._request(
             "GET", f"/v1/catalog/service/{_q(name)}", op, params={"filter": NO_MATCH_FILTER}
         )
-        return _index(resp)
+        with self._decoding(op):
+            return _index(resp)
 
     async def catalog_service(self, name: str) -> tuple[int, list[CatalogInstance]]:
         """Every registered instance of `name`, healthy or not."""
         op = Op(f"catalog of {name}", f"service:read on {name} and node:read")
         resp = await self._request("GET", f"/v1/catalog/service/{_q(name)}", op)
-        return _index(resp), [
-            CatalogInstance(
-                id=e["ServiceID"],
-                node=e["Node"],
-                address=e.get("ServiceAddress") or e.get("Address", ""),
-                port=int(e["ServicePort"]),
-                meta=dict(e.get("ServiceMeta") or {}),
-            )
-            for e in self._json(resp, op) or []
-        ]
+        entries = self._json(resp, op)
+        with self._decoding(op):
+            return _index(resp), [_catalog_instance(e) for e in _as_list(entries, "catalog entries")]
 
     async def checks_not_passing(
         self, index: int | None, wait: float = BLOCKING_WAIT
@@ -549,12 +714,17 @@ class ConsulClient:
         resp = await self._request(
             "GET", "/v1/health/state/any", op, params=params, blocking_wait=wait if index else None
         )
+        answer = self._json(resp, op)
         instances, nodes, other = set(), set(), set()
-        for c in self._json(resp, op) or []:
-            if c.get("ServiceID"):
-                instances.add((c["Node"], c["ServiceID"]))
-            else:
-                nodes.add(c["Node"])
-                if c.get("CheckID") != SERF_CHECK:
-                    other.add(c["Node"])
-        return _index(resp), NotPassing(frozenset(instances), frozenset(nodes), frozenset(nodes - other))
+        with self._decoding(op):
+            index = _index(resp)
+            for item in _as_list(answer, "checks"):
+                c = _as_dict(item, "a check")
+                node, service_id = _str(c, "Node", "a check"), _str(c, "ServiceID", "a check", "")
+                if service_id:
+                    instances.add((node, service_id))
+                else:
+                    nodes.add(node)
+                    if c.get("CheckID") != SERF_CHECK:
+                        other.add(node)
+        return index, NotPassing(frozenset(instances), frozenset(nodes), frozenset(nodes - other))

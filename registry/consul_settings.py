@@ -12,6 +12,10 @@ then the environment). The token is one setting with two spellings: the first so
 token or a token file decides, and within one source a token beats a token file. An empty value
 counts as not set, as with Consul's tools. `resolve` is pure (it reads no file); the token file is
 read by `ConsulSettings.load_token()` when a client is built, so a bad path is one clear error.
+
+A token goes into an HTTP header as is, so it is checked where it is chosen: surrounding whitespace
+is stripped (as from a token file: `echo` and here-docs add a newline), and what remains must be
+printable ASCII without spaces, else an error naming the source and never the token.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from hostmesh.registry.records import record
 
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"  # Consul's own default (a local agent)
 MAX_TOKEN_FILE_BYTES = 4096  # an ACL token is a 36-character UUID; refuse to slurp a wrong file
+# Where each setting comes from, for error messages: command line, agent.toml, environment.
+ADDRESS_SOURCES = ("--consul", "agent.toml [consul] address", "CONSUL_HTTP_ADDR")
+TOKEN_SOURCES = ("--token", "agent.toml [consul] token", "CONSUL_HTTP_TOKEN")
+TOKEN_RULE = "printable ASCII, no spaces or control characters"  # what valid_token() accepts
+# A host name or IP literal (IPv6 with a zone): anything else (spaces, control characters) would go
+# into the Host header.
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 
 # Go's strconv.ParseBool, which Consul uses for CONSUL_HTTP_SSL.
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -81,7 +92,8 @@ class ConsulSettings:
     def load_token(self) -> str | None:
         """The token to send: the literal one, or the token file's content (whitespace stripped)."""
         if self.token_file is None:
-            return self.token
+            # resolve() checked it already; checked again for settings built by hand
+            return clean_token(self.token, "the settings") if self.token else None
         path = Path(self.token_file)
         try:
             with path.open("rb") as fh:
@@ -94,9 +106,24 @@ class ConsulSettings:
             token = raw.decode().strip()
         except UnicodeDecodeError:
             raise InvalidSettings(f"Consul token file {path}: not text") from None
-        if not token or any(c.isspace() for c in token):
-            raise InvalidSettings(f"Consul token file {path}: must hold one token")
+        if not valid_token(token):
+            raise InvalidSettings(f"Consul token file {path}: must hold one token ({TOKEN_RULE})")
         return token
+
+
+def valid_token(token: str) -> bool:
+    """A token an HTTP header can carry as is: visible ASCII only (Consul's tokens are UUIDs), so no
+    CR/LF that would end the header line and start another."""
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
+def clean_token(raw: str, source: str) -> str:
+    """`raw` without surrounding whitespace, as a token file is read; InvalidSettings naming `source`
+    (never the token: it is a secret) when what remains is not one token."""
+    token = raw.strip()
+    if not valid_token(token):
+        raise InvalidSettings(f"Consul token from {source}: must be one token ({TOKEN_RULE})")
+    return token
 
 
 def _first(*values: str | None) -> str | None:
@@ -110,7 +137,10 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
     text = address.strip()
     if "://" not in text:
         text = f"{'https' if ssl else 'http'}://{text}"
-    parsed = urllib.parse.urlsplit(text)
+    try:
+        parsed = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # an unclosed or invalid [IPv6] literal
+        raise InvalidSettings(f"Consul address {address!r}: not a valid URL ({exc})") from None
     if parsed.scheme not in ("http", "https"):
         raise InvalidSettings(f"Consul address {address!r}: the scheme must be http or https")
     try:
@@ -119,6 +149,8 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
         raise InvalidSettings(f"Consul address {address!r}: invalid port") from None
     if not parsed.hostname or parsed.path.strip("/") or parsed.query:
         raise InvalidSettings(f"Consul address {address!r}: expected [http[s]://]host[:port]")
+    if not _HOST_CHARS.issuperset(parsed.hostname):
+        raise InvalidSettings(f"Consul address {address!r}: the host is not a host name or IP address")
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
     return f"{parsed.scheme}://{host}:{port or (443 if parsed.scheme == 'https' else 80)}"
 
@@ -134,12 +166,22 @@ def resolve(
     ]
     token: str | None = None
     token_file: str | None = None
-    for layer in layers:
-        if layer.token or layer.token_file:
-            token, token_file = (layer.token, None) if layer.token else (None, layer.token_file)
+    for layer, source in zip(layers, TOKEN_SOURCES, strict=True):
+        if layer.token:
+            token = clean_token(layer.token, source)
             break
-    address = _first(*(layer.address for layer in layers)) or DEFAULT_CONSUL_URL
+        if layer.token_file:
+            token_file = layer.token_file
+            break
     ssl = next((layer.ssl for layer in layers if layer.ssl is not None), None)
+    url = normalize_url(DEFAULT_CONSUL_URL)
+    for layer, source in zip(layers, ADDRESS_SOURCES, strict=True):
+        if layer.address:
+            try:
+                url = normalize_url(layer.address, ssl)
+            except InvalidSettings as exc:
+                raise InvalidSettings(f"{source}: {exc}") from None
+            break
     cert_file = _first(*(layer.cert_file for layer in layers))
     key_file = _first(*(layer.key_file for layer in layers))
     if bool(cert_file) != bool(key_file):
@@ -149,7 +191,7 @@ def resolve(
             "--client-cert/--client-key, [consul] cert_file/key_file)"
         )
     return ConsulSettings(
-        url=normalize_url(address, ssl),
+        url=url,
         token=token,
         token_file=token_file,
         ca_file=_first(*(layer.ca_file for layer in layers)),

@@ -15,6 +15,11 @@ class Unavailable(RegistryError):
     """The peer (Consul, the CA, an agent) could not be reached, timed out or answered 5xx: retry later."""
 
 
+class UnexpectedAnswer(Unavailable):
+    """The peer answered, but not in its API's shape (another service at that address, a proxy's
+    page): an Unavailable, so retry loops go on, though the fix is usually the address."""
+
+
 class Conflict(RegistryError):
     """A check-and-set lost against a concurrent writer: re-read, then decide."""
 
@@ -29,6 +34,11 @@ class PermissionDenied(RegistryError):
 
 class InvalidSettings(RegistryError):
     """The Consul client settings cannot work (bad address, unreadable token or TLS file): fix them."""
+
+
+class InvalidAddress(InvalidSettings, ValueError):
+    """An HTTP client's base URL cannot be parsed (an unclosed [IPv6], a bad port); a ValueError too,
+    as HTTPClient raised before."""
 
 
 class Rejected(RegistryError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import httptools
 
-from hostmesh.registry.errors import Unavailable
+from hostmesh.registry.errors import InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.records import without_leftover_class
 
@@ -106,6 +106,20 @@ def _head(start_line: str, headers: dict[str, str], body_len: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def _check_headers(headers: dict[str, str]) -> None:
+    """The last guard before a request goes out: a CR or LF in a value (a token read with its newline,
+    or crafted) would end the header line and start another of the sender's choosing. The message
+    names the header, never its value (the token is a secret)."""
+    for name, value in headers.items():
+        if not name or not all("!" <= c <= "~" and c != ":" for c in name):
+            raise InvalidSettings(f"refusing to send a header named {name!r}: not a header name")
+        if not all(c == "\t" or " " <= c <= "~" or "\xa0" <= c <= "\xff" for c in value):
+            raise InvalidSettings(
+                f"refusing to send the {name} header: its value holds a control character or "
+                "a character outside Latin-1"
+            )
+
+
 # --- client ---------------------------------------------------------------------------------
 
 
@@ -120,13 +134,17 @@ class HTTPClient:
         *,
         max_connections: int | None = MAX_CONNECTIONS_PER_CLIENT,
     ):
-        parsed = urllib.parse.urlsplit(base_url if "//" in base_url else f"//{base_url}")
+        try:
+            parsed = urllib.parse.urlsplit(base_url if "//" in base_url else f"//{base_url}")
+            port = parsed.port
+        except ValueError as exc:  # an unclosed or invalid [IPv6] literal, a port out of range
+            raise InvalidAddress(f"address {base_url!r}: not a valid URL ({exc})") from None
         scheme = parsed.scheme or "http"
         if scheme not in ("http", "https"):
-            raise ValueError(f"unsupported URL scheme {scheme!r} in {base_url!r}")
+            raise InvalidAddress(f"unsupported URL scheme {scheme!r} in {base_url!r}")
         self.scheme = scheme
         self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or (443 if scheme == "https" else 80)
+        self.port = port or (443 if scheme == "https" else 80)
         self.base_url = f"{scheme}://{self.host}:{self.port}"
         if scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -153,6 +171,7 @@ class HTTPClient:
         data = body.encode() if isinstance(body, str) else body
         hdrs = {"host": f"{self.host}:{self.port}", "user-agent": "hostmesh"}
         hdrs.update(headers or {})
+        _check_headers(hdrs)
         head = _head(f"{method} {path} HTTP/1.1", hdrs, len(data))
         # A pooled connection may have been closed by the server meanwhile: retry once on a fresh one
         # for idempotent reads only, so a PUT is never sent twice.

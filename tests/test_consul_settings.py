@@ -11,6 +11,7 @@ import pytest
 
 from hostmesh.registry.consul_settings import (
     DEFAULT_CONSUL_URL,
+    TOKEN_RULE,
     ConsulLayer,
     ConsulSettings,
     normalize_url,
@@ -152,8 +153,9 @@ def test_token_file_is_read_and_stripped(tmp_path: Path) -> None:
     ("content", "message"),
     [
         (None, "cannot read: No such file or directory"),
-        ("", "must hold one token"),
-        ("a b", "must hold one token"),
+        ("", f"must hold one token ({TOKEN_RULE})"),
+        ("a b", f"must hold one token ({TOKEN_RULE})"),
+        ("tok\u00e9n", f"must hold one token ({TOKEN_RULE})"),  # would not fit a Latin-1 header
     ],
 )
 def test_bad_token_file_is_one_line(tmp_path: Path, content: str | None, message: str) -> None:
