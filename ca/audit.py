@@ -6,11 +6,15 @@ shape of every other hostmesh log line (registry/logs.py): `timestamp` (RFC 3339
 (sign|renew|renew-sibling|nomad|tls), identity, serial, not_after, token, reason, peer`.
 `token` is the join token's id, never its secret; for via=nomad (a Nomad workload identity) it is
 `nomad:<allocation id>`, never the JWT.
+
+A line that cannot be written (full disk, file gone read-only) raises AuditError: the service then
+issues nothing (ca/service.py `_issue`), since an issuance missing from the trail must not happen.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import sys
@@ -20,12 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from hostmesh.ca.errors import AuditError
 from hostmesh.registry.logs import rfc3339
+
+APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
 class AuditLog:
-    def __init__(self, write: Callable[[str], None]) -> None:
+    def __init__(self, write: Callable[[str], None], where: str = "") -> None:
         self._write = write
+        self._where = where  # named in errors: the path, or "stdout"
         self._lock = threading.Lock()
 
     @classmethod
@@ -36,18 +44,29 @@ class AuditLog:
             out.write(line)
             out.flush()
 
-        return cls(write)
+        return cls(write, "stdout" if out is sys.stdout else "stream")
 
     @classmethod
     def to_path(cls, path: Path) -> AuditLog:
-        """Append to `path` (created 0600), reopened per line so logrotate's move-and-create works."""
+        """Append to `path` (created 0600), reopened per line so logrotate's move-and-create works.
+        Opened once here, so a path that can never be written (a directory, no such parent, no
+        permission) stops the CA at start instead of at its first issuance; raises AuditError."""
+        try:
+            os.close(os.open(path, APPEND_FLAGS, 0o600))
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {path} for appending: {exc.strerror}") from None
 
         def write(line: str) -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with open(fd, "a", encoding="utf-8") as fh:
-                fh.write(line)
+            fd = os.open(path, APPEND_FLAGS, 0o600)
+            try:
+                data = line.encode()
+                # one write per line: O_APPEND keeps concurrent writers' lines whole; short means full
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
 
-        return cls(write)
+        return cls(write, str(path))
 
     def issue(
         self,
@@ -98,7 +117,11 @@ class AuditLog:
         line.update(fields)
         text = json.dumps(line, separators=(",", ":")) + "\n"
         with self._lock:
-            self._write(text)
+            try:
+                self._write(text)
+            except (OSError, ValueError) as exc:  # ValueError: a closed stream
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise AuditError(f"cannot write audit log {self._where or '(unnamed)'}: {why}") from None
 
 
 def format_peer(peer: object) -> str | None:

@@ -169,7 +169,11 @@ def retire_root(root_id: str, data_dir: Path) -> None:
     show_default=True,
     help="HOST:PORT to serve on. Loopback by default; use e.g. 0.0.0.0:15012 to serve the fleet.",
 )
-@click.option("--advertise", default=None, help="Address registered in Consul (default: the listen host).")
+@click.option(
+    "--advertise",
+    default=None,
+    help="HOST or IP[:PORT] registered in Consul for agents to dial (default: the listen address).",
+)
 @click.option(
     "--audit-log", default="-", show_default=True, help="Append audit JSON lines here ('-': stdout)."
 )
@@ -217,16 +221,19 @@ def serve(
     """Run the CA API, register `hostmesh-ca` in Consul and publish the trust bundle."""
     import asyncio
 
-    from hostmesh.ca import tokens
+    from hostmesh.ca import pki, tokens
     from hostmesh.ca.audit import AuditLog
-    from hostmesh.ca.service import parse_listen
+    from hostmesh.ca.service import parse_advertise, parse_listen
     from hostmesh.registry import logs
     from hostmesh.registry.consul import ConsulClient
 
     logs.setup(log_level, log_format)
     host, port = parse_listen(listen)
+    if advertise is not None:
+        parse_advertise(advertise)  # (CAService parses it again) refused before anything is opened
+    ttl = tokens.parse_duration(leaf_ttl, "leaf ttl", pki.MAX_LEAF_TTL)
+    # opened now, so an audit log that cannot be appended to stops the start, not the first issuance
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
-    ttl = tokens.parse_duration(leaf_ttl, "leaf ttl")
     nomad = _nomad_trust(nomad_jwks, nomad_audience, nomad_check_allocations)
     settings = _consul_settings(ctx)
     consul = ConsulClient(settings)  # settings and token file checked before serving anything
@@ -350,7 +357,7 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
 
     if data_dir is not None:
         store.load(data_dir)
-    duration = tokens.parse_duration(ttl, "token ttl")
+    duration = tokens.parse_duration(ttl, "token ttl", tokens.MAX_TOKEN_TTL)
     scope = tokens.validate_scope(list(services))
 
     async def run() -> tuple[tokens.JoinToken, tokens.TokenRecord]:
@@ -359,23 +366,47 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
 
     tok, record = asyncio.run(run())
     if _json_output(ctx):
-        click.echo(
-            json.dumps(
-                {
-                    "token": str(tok),
-                    "id": tok.id,
-                    "services": list(record.services),
-                    "expires": record.expires.isoformat(),
-                }
-            )
-        )
+        doc = {"token": str(tok), "id": tok.id, "services": list(record.services),
+               "expires": record.expires.isoformat()}  # fmt: skip
+        _deliver_token(ctx, tok, json.dumps(doc))
         return
-    click.echo(str(tok))
+    _deliver_token(ctx, tok, str(tok))
     click.echo(
         f"join token {tok.id} for {', '.join(record.services)}; single use per service; "
         f"expires {record.expires:%Y-%m-%d %H:%M:%S} UTC",
         err=True,
     )
+
+
+def _deliver_token(ctx: click.Context, tok: tokens.JoinToken, text: str) -> None:
+    """Print the token on stdout; when that fails (a full disk, a closed pipe), revoke it: a valid
+    token that nobody received is a credential lying around. Raises a one-line ClickException."""
+    import asyncio
+    import os
+
+    from hostmesh.ca import tokens
+    from hostmesh.registry.consul import ConsulClient
+
+    try:
+        click.echo(text)
+        return
+    except OSError as exc:
+        failed = f"join token {tok.id} was created but could not be written to stdout ({exc.strerror or exc})"
+    # the interpreter flushes stdout again at exit, which would fail again (a second message)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    async def revoke() -> None:
+        async with ConsulClient(_consul_settings(ctx)) as consul:
+            await tokens.revoke(consul, tok.id)
+
+    try:
+        asyncio.run(revoke())
+    except RegistryError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise click.ClickException(
+            f"{failed}, and revoking it failed ({why}): delete {tokens.record_key(tok.id)} in Consul"
+        ) from None
+    raise click.ClickException(f"{failed}; it has been revoked")
 
 
 def _add_nomad_group() -> None:

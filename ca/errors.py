@@ -25,3 +25,7 @@ class CAUnavailable(CAError):
 
 class StorageError(CAError):
     """Key or certificate material on disk is missing or unreadable."""
+
+
+class AuditError(CAError):
+    """The audit log cannot be opened or written: nothing may be issued that it does not record."""

@@ -10,7 +10,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from hostmesh.ca.errors import CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.errors import (
+    AuditError,
+    CAUnavailable,
+    InvalidRequest,
+    StorageError,
+    TrustError,
+    Unauthorized,
+)
 from hostmesh.registry.promtext import (
     CollectorRegistry,
     Counter,
@@ -27,6 +34,7 @@ _REASONS = (
     (InvalidRequest, "invalid_request"),
     (CAUnavailable, "unavailable"),
     (StorageError, "storage"),
+    (AuditError, "audit"),  # the audit log could not be written: nothing was issued
 )
 
 

@@ -68,10 +68,12 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -85,7 +87,7 @@ from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
-from hostmesh.ca.errors import CAError, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.errors import AuditError, CAError, InvalidRequest, StorageError, TrustError, Unauthorized
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import PermissionDenied, RegistryError
@@ -123,6 +125,8 @@ UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused withou
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
 TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
 TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to the trim
+MAX_HOST_NAME = 253  # DNS: a name longer than this cannot be resolved
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -138,6 +142,48 @@ def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     if not 0 <= port <= 65535:
         raise InvalidRequest(f"invalid port in {text!r}")
     return host, port
+
+
+def parse_advertise(text: str) -> tuple[str, int | None]:
+    """`--advertise`: `HOST`, `IP`, `[V6]` or any of them with `:PORT` -> (host, port or None), where
+    HOST is a DNS name and IP not a wildcard: it is what Consul hands out for others to connect to."""
+    bad = InvalidRequest(f"invalid --advertise {text!r} (use HOST, IP or either with :PORT)")
+    host, port = text, None
+    if text.startswith("["):  # [V6] or [V6]:PORT
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise bad
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:  # HOST:PORT or IPv4:PORT; more colons: a bare IPv6 address
+        host, _, port_text = text.partition(":")
+    else:
+        port_text = None
+    if port_text is not None:
+        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise bad
+        port = int(port_text)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.is_unspecified or (text.startswith("[") and ip.version != 6):
+            raise bad
+        return host, port
+    if text.startswith("[") or not _valid_host_name(host):
+        raise bad
+    return host, port
+
+
+def _valid_host_name(name: str) -> bool:
+    """RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens, the last one
+    not all digits (`10.0.5` is a mistyped address, not a name)."""
+    labels = name.split(".")
+    return (
+        len(name) <= MAX_HOST_NAME
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def _is_wildcard(host: str) -> bool:
@@ -261,7 +307,7 @@ class _AuditedTLSServer(HTTPServer):
                 detail = str(exc) or exc.__class__.__name__
             if reason == tls.FAILURE_CERTIFICATE:
                 self._service.metrics.refused.labels("tls", "client_certificate").inc()
-                self._service.audit.refuse(
+                self._service.audit_refusal(
                     via="tls", reason=f"client certificate refused: {detail}", peer=peer
                 )
             self._handshake_failed(reason, writer, detail)
@@ -344,6 +390,7 @@ class CAService:
     ) -> None:
         if _is_wildcard(host) and not advertise and register:
             raise InvalidRequest(f"listening on {host or 'all interfaces'}: give --advertise ADDR for Consul")
+        advertised, advertised_port = parse_advertise(advertise) if advertise else (host, None)
         if not MIN_LEAF_TTL <= leaf_ttl <= pki.MAX_LEAF_TTL:
             raise InvalidRequest(f"leaf ttl must be between {MIN_LEAF_TTL} and {pki.MAX_LEAF_TTL}")
         self.data_dir = data_dir
@@ -351,7 +398,8 @@ class CAService:
         self.audit = audit
         self.host = host
         self.port = port
-        self.advertise = advertise or host
+        self.advertise = advertised
+        self.advertise_port = advertised_port  # None: the port we bind (a port forward may differ)
         self.leaf_ttl = leaf_ttl
         self.register = register
         self.authority = store.load(data_dir)
@@ -375,8 +423,13 @@ class CAService:
         self.nomad = nomad  # trusts Nomad workload identities at /v1/sign (ca/nomad.py); None: tokens only
 
     @property
+    def registered_port(self) -> int:
+        """The port Consul hands out: --advertise's, else the one we listen on."""
+        return self.advertise_port or self.port
+
+    @property
     def service_id(self) -> str:
-        return f"{CA_SERVICE_NAME}-{self.advertise.replace(':', '-')}-{self.port}"
+        return f"{CA_SERVICE_NAME}-{self.advertise.replace(':', '-')}-{self.registered_port}"
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -595,7 +648,8 @@ class CAService:
         self._registered = True
 
     def _registration(self) -> ServiceRegistration:
-        url = f"https://{_url_host(self.advertise)}:{self.port}/v1/health"
+        port = self.registered_port
+        url = f"https://{_url_host(self.advertise)}:{port}/v1/health"
         check = {
             "CheckID": f"{self.service_id}-https",
             "Name": "hostmesh CA API",
@@ -608,10 +662,8 @@ class CAService:
         }
         meta = {HOSTMESH_META: HOSTMESH_META_VALUE, "trust_domain": self.authority.trust_domain,
                 # /metrics is on the API port (HTTPS): for Prometheus' consul_sd_configs (observability/)
-                "metrics_addr": f"{self.advertise}:{self.port}", "metrics_scheme": "https"}  # fmt: skip
-        return ServiceRegistration(
-            CA_SERVICE_NAME, self.service_id, self.advertise, self.port, meta, (), (check,)
-        )
+                "metrics_addr": f"{self.advertise}:{port}", "metrics_scheme": "https"}  # fmt: skip
+        return ServiceRegistration(CA_SERVICE_NAME, self.service_id, self.advertise, port, meta, (), (check,))
 
     # --- API ----------------------------------------------------------------------------------
 
@@ -672,23 +724,32 @@ class CAService:
                 raise Unauthorized("missing join token (Authorization: Bearer <token>)")
             if nomad_trust.looks_like_jwt(text.strip()):
                 return await self._sign_nomad(req, text.strip(), peer)
-            if self.consul is None:
+            consul = self.consul
+            if consul is None:
                 raise _Unavailable("join tokens need Consul, which this CA instance is not using")
             token_id = tokens.parse_token(text).id  # malformed: refused before any Consul read
             self._check_not_unknown(token_id)
             at = pki.now()
             try:
-                record = await tokens.authenticate(self.consul, text, at)
+                record = await tokens.authenticate(consul, text, at)
             except tokens.UnknownToken:
                 self._remember_unknown(token_id)
                 raise
             csr, ident, ttl = self._parse_body(req)
             identity = ident.spiffe_id
             tokens.check_scope(record, ident.service)
-            await tokens.redeem(self.consul, record, ident.service, at)
+            await tokens.redeem(consul, record, ident.service, at)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
-        return self._issue("sign", csr, ident, ttl, peer, token_id)
+
+        async def give_back() -> None:  # the leaf was not sent (audit failed): the token is not spent
+            try:
+                await tokens.release(consul, record, ident.service)
+            except RegistryError as exc:
+                log.error("join token %s stays spent for %r: giving it back failed: %s", record.id,
+                          ident.service, exc)  # fmt: skip
+
+        return await self._issue("sign", csr, ident, ttl, peer, token_id, undo=give_back)
 
     async def _sign_nomad(self, req: Request, jwt_text: str, peer: str | None) -> Response:
         """A Nomad workload identity instead of a join token (ca/nomad.py has the checks and why)."""
@@ -706,7 +767,7 @@ class CAService:
             await self.nomad.authorize(self.consul, workload, ident.service)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("nomad", exc, peer, identity, credential)
-        return self._issue("nomad", csr, ident, ttl, peer, credential)
+        return await self._issue("nomad", csr, ident, ttl, peer, credential)
 
     def _check_not_unknown(self, token_id: str) -> None:
         """Refuse a token id that Consul did not know moments ago, without asking Consul again."""
@@ -746,7 +807,7 @@ class CAService:
                 await self._check_sibling(req, current, csr, ident, sibling)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse(via, exc, peer, identity, None)
-        return self._issue(via, csr, ident, ttl, peer, None)
+        return await self._issue(via, csr, ident, ttl, peer, None)
 
     async def _check_sibling(
         self,
@@ -848,14 +909,10 @@ class CAService:
         if body.get("ttl") is not None:
             if not isinstance(body["ttl"], str):
                 raise InvalidRequest('"ttl" must be a duration string like "1h"')
-            ttl = tokens.parse_duration(body["ttl"])
-            if ttl > pki.MAX_LEAF_TTL:
-                raise InvalidRequest(
-                    f"ttl {body['ttl']} exceeds the maximum {tokens.format_duration(pki.MAX_LEAF_TTL)}"
-                )
+            ttl = tokens.parse_duration(body["ttl"], "ttl", pki.MAX_LEAF_TTL)
         return csr, ident, min(ttl, self.leaf_ttl)  # a client may ask for less than --leaf-ttl, never more
 
-    def _issue(
+    async def _issue(
         self,
         via: str,
         csr: x509.CertificateSigningRequest,
@@ -863,32 +920,61 @@ class CAService:
         ttl: dt.timedelta,
         peer: str | None,
         token_id: str | None,
+        undo: Callable[[], Awaitable[None]] | None = None,
     ) -> Response:
+        """Sign, record, answer. The audit line is written before the certificate leaves the CA; when
+        it cannot be, the leaf is dropped unsent, `undo` gives back what the request spent (its join
+        token), and the client gets a 503 to retry: nothing is issued unaudited, no token is lost."""
         authority = self.authority  # one snapshot for the whole issuance
         ttl = min(ttl, self.leaf_ttl)  # every path, whatever parsed the request: --leaf-ttl is the ceiling
         public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
         leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
+        try:
+            self.audit.issue(
+                via=via,
+                identity=ident.spiffe_id,
+                serial=leaf.serial_number,
+                not_after=leaf.not_valid_after_utc,
+                peer=peer,
+                token=token_id,
+            )
+        except AuditError as exc:
+            log.error("not issuing %s (%s): %s", ident.spiffe_id, via, exc)
+            if undo is not None:
+                await undo()
+            return self._refuse(via, exc, peer, ident.spiffe_id, token_id)
         self.metrics.issued.labels(via).inc()
-        self.audit.issue(
-            via=via,
-            identity=ident.spiffe_id,
-            serial=leaf.serial_number,
-            not_after=leaf.not_valid_after_utc,
-            peer=peer,
-            token=token_id,
-        )
         return Response.of_json(200, {"chain": pki.cert_pem(leaf).decode(), "root": authority.active.id})
 
     def _refuse(
         self, via: str, exc: Exception, peer: str | None, identity: str | None, token_id: str | None
     ) -> Response:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if isinstance(exc, AuditError):  # the path and OS error are for the operator's log, not clients
+            reason = "the CA cannot write its audit log"
         status = _status_of(exc)
         if status >= 500:
             reason = f"temporarily unavailable: {reason}"
         self.metrics.refused.labels(via, refusal_reason(exc)).inc()
-        self.audit.refuse(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
+        self.audit_refusal(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
         return Response.error(status, reason)
+
+    def audit_refusal(
+        self,
+        *,
+        via: str,
+        reason: str,
+        peer: str | None,
+        identity: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        """A refusal's audit line; one that cannot be written goes to the error log instead (the
+        refusal stands: it issued nothing, so there is nothing to hold back)."""
+        try:
+            self.audit.refuse(via=via, reason=reason, peer=peer, identity=identity, token=token)
+        except AuditError as exc:
+            log.error("%s; refusal not recorded there: via=%s peer=%s identity=%s token=%s reason=%s",
+                      exc, via, peer, identity, token, reason)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -945,7 +1031,7 @@ def _status_of(exc: Exception) -> int:
         return 401
     if isinstance(exc, (InvalidRequest, TrustError)):
         return 400
-    if isinstance(exc, (RegistryError, _Unavailable, StorageError)):
+    if isinstance(exc, (RegistryError, _Unavailable, StorageError, AuditError)):
         return 503
     return 400
 

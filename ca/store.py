@@ -10,14 +10,19 @@ Layout (the directory is 0700, every file 0600):
 
 `load()` returns one immutable `Authority` snapshot; the service swaps snapshots on reload.
 Writers (`rotate`, `retire`) write the root files first and `ca.json` last, so a reader that
-sees the new `ca.json` always finds the files it names.
+sees the new `ca.json` always finds the files it names. `rotate` first checks that it can write
+both directories, and removes the new root's files when a later write fails: a failed rotation
+leaves no extra root behind (which `load` would put in the bundle). Every write failure is a
+StorageError naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +126,13 @@ def rotate(data_dir: Path) -> tuple[Authority, Root]:
     current = load(data_dir)
     if len(current.roots) >= MAX_ROOTS:
         raise InvalidRequest(f"already {len(current.roots)} roots in the bundle; retire old ones first")
+    _check_writable(data_dir / "roots", data_dir)
     root = _new_root(data_dir, current.trust_domain)
-    _write_meta(data_dir, current.trust_domain, root.id)
+    try:
+        _write_meta(data_dir, current.trust_domain, root.id)
+    except StorageError as exc:
+        _remove_root(data_dir, root.id)
+        raise StorageError(f"{exc}; no root was added") from None
     return load(data_dir), root
 
 
@@ -133,10 +143,13 @@ def retire(data_dir: Path, root_ref: str) -> tuple[Authority, Root]:
     if root.id == current.active.id:
         raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
     retired = data_dir / "retired"
-    retired.mkdir(mode=0o700, exist_ok=True)
     src = data_dir / "roots" / f"{root.id}.crt"
-    os.replace(src, retired / src.name)
-    (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
+    try:
+        retired.mkdir(mode=0o700, exist_ok=True)
+        os.replace(src, retired / src.name)
+        (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot retire root {root.id} in {data_dir}: {exc.strerror}") from None
     return load(data_dir), root
 
 
@@ -158,15 +171,48 @@ def _new_root(data_dir: Path, trust_domain: str) -> Root:
     key, cert = pki.make_root(trust_domain)
     root = Root(pki.root_id(cert), cert, key)
     roots = data_dir / "roots"
-    roots.mkdir(mode=0o700, exist_ok=True)
-    pki.write_private(roots / f"{root.id}.key", pki.key_pem(key))
-    pki.write_private(roots / f"{root.id}.crt", pki.cert_pem(cert))
+    try:
+        roots.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {roots}: {exc.strerror}") from None
+    try:
+        _write(roots / f"{root.id}.key", pki.key_pem(key))
+        _write(roots / f"{root.id}.crt", pki.cert_pem(cert))
+    except StorageError:
+        _remove_root(data_dir, root.id)
+        raise
     return root
+
+
+def _remove_root(data_dir: Path, root_id: str) -> None:
+    """Best effort: the files of a root that never became part of the CA."""
+    for suffix in (".crt", ".key"):  # the certificate first: without it, load() ignores a key
+        with contextlib.suppress(OSError):
+            (data_dir / "roots" / f"{root_id}{suffix}").unlink(missing_ok=True)
 
 
 def _write_meta(data_dir: Path, trust_domain: str, active: str) -> None:
     body = json.dumps({"trust_domain": trust_domain, "active": active}, indent=2) + "\n"
-    pki.write_private(data_dir / META_FILE, body.encode())
+    _write(data_dir / META_FILE, body.encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        pki.write_private(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _check_writable(*dirs: Path) -> None:
+    """Create and remove a file in each dir: the only test that holds for root, whom permission bits
+    do not stop but a read-only mount or an immutable dir (`chattr +i`) does."""
+    for d in dirs:
+        try:
+            fd, name = tempfile.mkstemp(prefix=".write-check.", dir=d)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            raise StorageError(f"cannot write to {d}: {exc.strerror}; nothing was changed") from None
 
 
 def _make_dir(path: Path) -> None:

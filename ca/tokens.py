@@ -7,7 +7,8 @@ redeemed once per name. Redemption is the creation of `hostmesh/ca/tokens/<id>/r
 with check-and-set index 0: Consul guarantees exactly one concurrent creator wins (a cas=N update
 of the record would not, see ConsulClient.kv_put), so two hosts racing with one token get one cert.
 
-`parse_token`, `TokenRecord` and `check` are pure; `create`, `redeem` and `prune` are the edges.
+`parse_token`, `TokenRecord` and `check` are pure; `create`, `redeem`, `release`, `revoke` and `prune`
+are the edges.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 MAX_TOKEN_TTL = dt.timedelta(days=30)  # a join token bootstraps a host soon; it is not a standing credential
 MAX_TOKEN_CHARS = 256  # a real token is ~70 characters; anything longer is garbage, refuse before parsing
 MAX_TOKEN_SERVICES = 64  # one host runs a handful of services; the list is scanned per redemption
+MAX_DURATION = dt.timedelta(days=3650)  # no CA lifetime is longer: a bigger number is a slip
+MAX_DURATION_DIGITS = 12  # 10**12 seconds is far past MAX_DURATION: longer numbers are not even parsed
 PRUNE_GRACE = dt.timedelta(days=1)  # expired records stay a day so "expired" beats "unknown" in errors
 RESERVED_SERVICES = frozenset({CA_SERVICE_NAME})  # the CA's own serving identity is never issued to a host
 
@@ -77,18 +80,24 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def parse_duration(text: str, what: str = "ttl") -> dt.timedelta:
-    """`"90s"`, `"30m"`, `"1h"`, `"7d"`, `"1h30m"` -> timedelta; InvalidRequest otherwise."""
+def parse_duration(text: str, what: str = "ttl", maximum: dt.timedelta = MAX_DURATION) -> dt.timedelta:
+    """`"90s"`, `"30m"`, `"1h"`, `"7d"`, `"1h30m"` -> timedelta of at most `maximum`; InvalidRequest
+    otherwise. Checked on the number, before a timedelta of it would raise OverflowError."""
     pos, total = 0, 0
     for m in _DURATION_RE.finditer(text):
         if m.start() != pos:
             break
-        total += int(m.group(1)) * _UNITS[m.group(2)]
+        digits = m.group(1)  # a longer number is past any maximum (and int() refuses thousands of digits)
+        value = int(digits) if len(digits) <= MAX_DURATION_DIGITS else 10**MAX_DURATION_DIGITS
+        total += value * _UNITS[m.group(2)]
         pos = m.end()
     if not text or pos != len(text):
-        raise InvalidRequest(f'invalid {what} {text!r} (use e.g. "90s", "30m", "1h", "7d")')
+        raise InvalidRequest(f'invalid {what} {text[:40]!r} (use e.g. "90s", "30m", "1h", "7d")')
     if total <= 0:
         raise InvalidRequest(f"{what} must be greater than 0")
+    if total > maximum.total_seconds():
+        shown = text if len(text) <= 40 else f"{text[:20]}…"
+        raise InvalidRequest(f"{what} {shown} exceeds the maximum {format_duration(maximum)}")
     return dt.timedelta(seconds=total)
 
 
@@ -214,6 +223,19 @@ async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt
         raise Unauthorized(used) from None
 
 
+async def release(consul: ConsulClient, record: TokenRecord, service: str) -> None:
+    """Undo `redeem` for `service` when no certificate was handed out after all (the audit log could
+    not record it): the token may be redeemed again, still once. Only our own marker is removed,
+    since a marker exists only while its (one) creator's issuance is in flight or done."""
+    await consul.kv_delete(redeemed_key(record.id, service))
+
+
+async def revoke(consul: ConsulClient, token_id: str) -> None:
+    """Delete a token's record and its redemption markers: it can obtain nothing from now on."""
+    await consul.kv_delete(f"{record_key(token_id)}/", recurse=True)
+    await consul.kv_delete(record_key(token_id))
+
+
 async def prune(consul: ConsulClient, at: dt.datetime) -> int:
     """Delete records (and their redemption markers) expired for longer than PRUNE_GRACE."""
     removed = 0
@@ -226,7 +248,6 @@ async def prune(consul: ConsulClient, at: dt.datetime) -> int:
         except Unauthorized:
             continue
         if at - record.expires > PRUNE_GRACE:
-            await consul.kv_delete(f"{record_key(token_id)}/", recurse=True)
-            await consul.kv_delete(record_key(token_id))
+            await revoke(consul, token_id)
             removed += 1
     return removed

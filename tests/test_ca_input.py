@@ -1,0 +1,241 @@
+"""Bad input and failed writes in `hostmesh ca …`: one line, exit status 1, no traceback, and nothing
+lost or half-written (no token spent on a certificate nobody got, no token nobody received, no stray
+root left by a failed rotation). Failures are real: /dev/full, directories where files are expected,
+and `chattr +i` (which stops root too), never a patched function."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from hostmesh.agent.cli import cli
+from hostmesh.ca import store, tokens
+from hostmesh.ca.audit import AuditLog
+from hostmesh.ca.errors import AuditError, InvalidRequest
+from hostmesh.ca.service import CAService, parse_advertise
+from hostmesh.registry.consul import ConsulClient
+from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
+from tests.support import ConsulDev
+
+DEV_FULL = Path("/dev/full")  # every write fails with ENOSPC: a full disk, for real
+
+
+def run(*args: str, consul: str = "http://127.0.0.1:1") -> Result:
+    return CliRunner().invoke(cli, ["--consul", consul, *args], catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> str:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert "Traceback" not in result.output
+    return err
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A port `ca serve` cannot bind: a serve that wrongly accepted its input fails fast (instead of
+    serving until killed), with another error than the one a test expects."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+# --- 1. the audit log -------------------------------------------------------------------------
+
+
+def test_serve_refuses_an_audit_log_it_cannot_append_to(tmp_path: Path) -> None:
+    d = new_ca_dir(tmp_path)
+    (tmp_path / "file").write_text("")
+    cases = [(tmp_path, "Is a directory"), (tmp_path / "file" / "audit.log", "Not a directory")]
+    with busy_port() as port:
+        for path, why in cases:
+            result = run("ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+                         "--audit-log", str(path))  # fmt: skip
+            assert_one_line_error(result, f"audit log {path}", why)
+
+
+def test_audit_log_write_failure_is_an_audit_error_naming_the_path() -> None:
+    audit = AuditLog.to_path(DEV_FULL)  # opens fine: only the write fails
+    with pytest.raises(AuditError, match="cannot write audit log /dev/full: No space left on device"):
+        audit.refuse(via="sign", reason="test", peer=None)
+
+
+@pytest.mark.consul
+async def test_a_failed_audit_write_issues_nothing_and_leaves_the_token_redeemable(
+    tmp_path: Path, consul: ConsulDev, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = AuditSink()
+    async with ConsulClient(consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, sink)
+        try:
+            tok, _ = await tokens.create(client, ["web"])
+            svc.audit = AuditLog.to_path(DEV_FULL)  # the disk fills up after the CA started
+            _, csr = csr_for("web")
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 503, resp.body
+            assert "audit log" in resp.json()["error"] and "/dev/full" not in resp.json()["error"]
+            assert await client.kv_get(tokens.redeemed_key(tok.id, "web")) is None
+            assert "No space left on device" in caplog.text  # said loudly where the operator looks
+            assert "Traceback" not in caplog.text
+
+            svc.audit = sink.log  # space again: the same token still works, once
+            _, csr = csr_for("web")
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 200, resp.body
+            assert sink.last()["event"] == "issue" and sink.last()["token"] == tok.id
+            _, csr = csr_for("web")
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 401 and "already used" in resp.json()["error"]
+        finally:
+            await svc.close()
+
+
+# --- 2. a token nobody received ---------------------------------------------------------------
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("output", [[], ["-o", "json"]], ids=["text", "json"])
+def test_token_create_to_a_full_stdout_revokes_the_token(consul: ConsulDev, output: list[str]) -> None:
+    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url, *output]
+    with DEV_FULL.open("w") as full:
+        proc = subprocess.run(
+            [*hm, "ca", "token", "create", "--service", "web"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and err.startswith("Error: ") and "\n" not in err, err
+    assert "could not be written" in err and "revoked" in err, err
+    token_id = re.search(r"join token ([0-9a-f]{16})", err)
+    assert token_id is not None, err
+    assert consul.kv_get(tokens.record_key(token_id.group(1))) is None
+
+
+# --- 3. rotation on a data dir it cannot write ------------------------------------------------
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """`chattr +i`: no entry can be created in (or removed from) the dir, not even by root."""
+    chattr = shutil.which("chattr")
+    if chattr is None or os.geteuid() != 0:
+        pytest.skip("needs chattr and root")
+    done: list[Path] = []
+    try:
+        for p in paths:
+            if subprocess.run([chattr, "+i", str(p)], capture_output=True, timeout=10).returncode != 0:
+                pytest.skip(f"this file system has no immutable flag ({p})")
+            done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run([chattr, "-i", str(p)], check=True, capture_output=True, timeout=10)
+
+
+def _entries(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.parent.name != "server")
+
+
+def test_rotate_on_a_data_dir_it_cannot_write_adds_no_root(tmp_path: Path) -> None:
+    d = new_ca_dir(tmp_path)
+    before = _entries(d)
+    # roots/ writable but not the top dir (ca.json), and then neither
+    for locked in ((d,), (d, d / "roots")):
+        with immutable(*locked):
+            for _ in range(2):  # an operator retrying must not pile up roots either
+                err = assert_one_line_error(run("ca", "rotate", "--data-dir", str(d)), "cannot write")
+                assert "Operation not permitted" in err and str(locked[-1]) in err, err
+        assert _entries(d) == before
+    assert len(store.load(d).roots) == 1
+    assert run("ca", "roots", "--data-dir", str(d)).stdout.count("\n") == 1
+
+
+def test_rotate_failing_after_the_root_files_removes_them(tmp_path: Path) -> None:
+    d = new_ca_dir(tmp_path)
+    before = _entries(d)
+    # a directory where rotate's temporary ca.json goes: the last write fails, for root too
+    blocker = d / f".{store.META_FILE}.{os.getpid()}.tmp"
+    blocker.mkdir()
+    err = assert_one_line_error(
+        run("ca", "rotate", "--data-dir", str(d)), "cannot write", "no root was added"
+    )
+    assert str(d / store.META_FILE) in err, err
+    blocker.rmdir()
+    assert _entries(d) == before
+    assert len(store.load(d).roots) == 1
+
+
+# --- 4. durations -----------------------------------------------------------------------------
+
+
+def test_huge_ttls_are_refused_against_the_maximum(tmp_path: Path) -> None:
+    assert_one_line_error(
+        run("ca", "token", "create", "--service", "web", "--ttl", "99999999999h"),
+        "token ttl 99999999999h exceeds the maximum 30d",
+    )
+    d = new_ca_dir(tmp_path)
+    with busy_port() as port:
+        result = run("ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+                     "--leaf-ttl", "99999999999h")  # fmt: skip
+    assert_one_line_error(result, "leaf ttl 99999999999h exceeds the maximum 7d")
+    for text in ("99999999999h", "9" * 5000 + "d"):  # the API's "ttl" too: 400, not a 500
+        with pytest.raises(InvalidRequest, match="exceeds the maximum"):
+            tokens.parse_duration(text)
+    assert tokens.parse_duration("30d", "token ttl", tokens.MAX_TOKEN_TTL) == tokens.MAX_TOKEN_TTL
+
+
+# --- 5. --advertise -----------------------------------------------------------------------------
+
+
+def test_parse_advertise() -> None:
+    good = {
+        "10.0.0.5": ("10.0.0.5", None),
+        "10.0.0.5:8443": ("10.0.0.5", 8443),
+        "ca-1.corp.internal": ("ca-1.corp.internal", None),
+        "ca-1.corp.internal:15012": ("ca-1.corp.internal", 15012),
+        "::1": ("::1", None),
+        "fd00::5": ("fd00::5", None),
+        "[fd00::5]:15012": ("fd00::5", 15012),
+    }
+    for text, want in good.items():
+        assert parse_advertise(text) == want, text
+    for bad in ["bad host", "", ":15012", "host:", "host:0", "host:65536", "host:x", "a..b", "-a.b", "a_b",
+                "0.0.0.0", "::", "[::]:1", "[fd00::5", "x" * 64, "a." * 130 + "b", "h\n"]:  # fmt: skip
+        with pytest.raises(InvalidRequest, match="invalid --advertise"):
+            parse_advertise(bad)
+
+
+def test_serve_refuses_a_bad_advertise_address(tmp_path: Path) -> None:
+    d = new_ca_dir(tmp_path)
+    with busy_port() as port:
+        result = run("ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+                     "--advertise", "bad host")  # fmt: skip
+    assert_one_line_error(result, "invalid --advertise 'bad host'")
+
+
+def test_advertised_port_is_the_one_registered(tmp_path: Path) -> None:
+    d = new_ca_dir(tmp_path)
+    svc = CAService(d, consul=None, audit=AuditSink().log, host="0.0.0.0", port=15012,
+                    advertise="ca.hostmesh.local:8443")  # fmt: skip
+    reg = svc._registration()
+    assert (reg.address, reg.port) == ("ca.hostmesh.local", 8443)
+    assert svc.service_id == "hostmesh-ca-ca.hostmesh.local-8443"
+    assert reg.checks[0]["HTTP"] == "https://ca.hostmesh.local:8443/v1/health"
+    plain = CAService(d, consul=None, audit=AuditSink().log, host="127.0.0.1", port=15012)
+    assert (plain._registration().address, plain._registration().port) == ("127.0.0.1", 15012)
