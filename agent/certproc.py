@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -185,6 +186,17 @@ class CertProcess:
                 self._child.kill()
             await self._child.wait()
 
+    def interrupt(self) -> bool:
+        """Ask a running child to stop (SIGTERM): it ends at its next wait, never in the middle of a
+        request to the CA, so a join token the CA spent is not lost with the certificate it paid
+        for. False when no child runs."""
+        child = self._child
+        if child is None or child.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            child.terminate()
+        return True
+
     # --- children ---------------------------------------------------------------------------------
 
     async def _run(self, op: str, service: str | None = None) -> dict[str, Any]:
@@ -317,6 +329,9 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
     cfg = load_config(config_path)
     consul = ConsulClient(cfg.consul_settings())
     cm = CertManager.from_config(cfg, consul)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's SIGTERM reaches us too, or the agent's
+        loop.add_signal_handler(sig, cm.stopping.set)
     try:
         await cm.prepare(recover=op == "start")  # a renewal never checks or recovers the other services
         if op == "renew":

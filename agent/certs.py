@@ -29,6 +29,7 @@ Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -145,6 +146,10 @@ class CertManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
         self._rng = random.Random()
+        # Set when the process is asked to stop (agent/certproc.py's child, on SIGTERM): a bootstrap
+        # stops at its next wait, never in the middle of a request (the CA may have spent the single-
+        # use token for a certificate not yet stored).
+        self.stopping = asyncio.Event()
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -370,11 +375,13 @@ class CertManager:
         while True:
             try:
                 for service in list(missing):
+                    if self.stopping.is_set():
+                        raise BootstrapStopped(f"stopped before obtaining a certificate for {service!r}")
                     await self._obtain_with_token(service, token)
                     del missing[service]
                 return
             except CAUnavailable as exc:
-                if loop.time() >= deadline:
+                if loop.time() >= deadline or self.stopping.is_set():
                     raise
                 delay = min(
                     backoff_delay(attempt, renewal.RENEW_RETRY_BASE, renewal.RENEW_RETRY_MAX, self._rng),
@@ -382,7 +389,8 @@ class CertManager:
                 )
                 log.warning("bootstrap: %s; retrying in %.1fs", exc, delay)
                 attempt += 1
-                await asyncio.sleep(max(delay, 0))
+                with contextlib.suppress(TimeoutError):  # the wait ends early on a stop
+                    await asyncio.wait_for(self.stopping.wait(), max(delay, 0))
             except Unauthorized as exc:
                 service = next(iter(missing))
                 if self.token_env:
@@ -649,6 +657,10 @@ class CertManager:
         before = self._roots_pem
         self._on_bundle(entry)
         return self._roots_pem != before
+
+
+class BootstrapStopped(CAError):
+    """The process was asked to stop before the bootstrap obtained every certificate."""
 
 
 class _NoSibling(CAError):

@@ -746,12 +746,12 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         task.add_done_callback(reloads.discard)
 
     try:
-        if not await _start_unless_stopped(agent, stop):
+        if await _start_unless_stopped(agent, stop):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            await stop.wait()
+            log.info("stopping: draining for up to %gs", config.drain_seconds)
+        elif not agent.fatal:
             log.info("stopping: asked to stop before the agent was ready")
-            return
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        await stop.wait()
-        log.info("stopping: draining for up to %gs", config.drain_seconds)
     finally:
         await agent.stop()
     if agent.fatal:
@@ -759,10 +759,12 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
 
 
 async def _start_unless_stopped(agent: Agent, stop: asyncio.Event) -> bool:
-    """agent.start(), given up when a stop is asked for first (a first start waits for the CA as long
-    as it takes); True once started. A stop is not a failure: systemd's SIGTERM reaches the whole
-    group, so it may end the certificate helper too, and the start fails of that just before the
-    agent's own handler has run: such a failure within STOP_SIGNAL_GRACE of it is a stop."""
+    """agent.start(); True once started with no stop asked for. A first start may wait long for the
+    CA: a stop meanwhile asks the certificate helper to stop at its next wait (never in the middle
+    of a request: the CA may have spent the single-use token for a certificate not yet stored) and
+    cancels any other step. A stop is not a failure: systemd's SIGTERM reaches the whole group, so
+    the helper may end first and the start fail of it just before the agent's own handler has run:
+    such a failure within STOP_SIGNAL_GRACE of the stop is a stop."""
     starting = asyncio.ensure_future(agent.start())
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -770,19 +772,21 @@ async def _start_unless_stopped(agent: Agent, stop: asyncio.Event) -> bool:
     finally:
         stopping.cancel()
     if not starting.done():
-        starting.cancel()  # (agent.stop() ends what it left: the helper, watches, listeners)
-        with contextlib.suppress(asyncio.CancelledError, AgentStartError):
-            await starting
+        certs = getattr(agent, "certs", None)
+        if not (certs is not None and hasattr(certs, "interrupt") and certs.interrupt()):
+            starting.cancel()  # (agent.stop() ends what it left: watches, listeners)
+        await asyncio.wait((starting,))  # the helper's answer, or the cancellation
+    if starting.cancelled():
         return False
-    try:
-        starting.result()
-    except AgentStartError:
+    exc = starting.exception()
+    if exc is None:
+        return not stop.is_set()
+    if isinstance(exc, AgentStartError):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STOP_SIGNAL_GRACE)
-        if stop.is_set():
+        if stop.is_set() and not agent.fatal:
             return False
-        raise
-    return True
+    raise exc
 
 
 def worker_index() -> int:
