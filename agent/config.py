@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import sys
 import urllib.parse
 from collections.abc import Mapping
@@ -300,7 +301,7 @@ def parse_address(text: Any, path: str) -> Address:
     if host.startswith("[") and host.endswith("]"):  # an IPv6 address in brackets
         host = host[1:-1]
     # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)
-    port_ok = port_s.isascii() and port_s.isdigit() and int(port_s) <= 65535
+    port_ok = port_s.isascii() and port_s.isdigit() and len(port_s) <= 5 and int(port_s) <= 65535
     if not sep or not host or not port_ok or "[" in host or "]" in host:
         raise _fail(path, f"{text!r} is not host:port")
     try:
@@ -859,9 +860,7 @@ def check_permissions(cfg: AgentConfig) -> None:
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
     the host could swap them. The join token and the keys are credentials: no group/world access.
     Files that do not exist yet are fine (the agent creates them 0600 itself)."""
-    if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
-        raise ConfigError(f"data_dir {cfg.data_dir} is not a directory")
-    _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir")
+    _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir", directory=True)
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file
         _check_mode(token, 0o077, "readable", f"chmod 600 {token}", "[ca] token_file")
@@ -870,13 +869,16 @@ def check_permissions(cfg: AgentConfig) -> None:
         _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
 
 
-def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str) -> None:
+def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str, directory: bool = False) -> None:
     try:
-        mode = path.stat().st_mode & 0o777
+        st = path.stat()
     except FileNotFoundError:
         return
     except OSError as exc:
         raise ConfigError(f"{name} {path}: cannot check its permissions: {exc.strerror}") from None
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{name} {path} is not a directory")
+    mode = st.st_mode & 0o777
     if mode & forbidden:
         bits = mode & forbidden
         who = " and ".join(w for w, mask in (("group", 0o070), ("others", 0o007)) if bits & mask)

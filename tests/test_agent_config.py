@@ -90,6 +90,7 @@ def test_defaults_are_safe() -> None:
         (minimal(admin="127.0.0.1:\u00b2"), "admin: '127.0.0.1:\u00b2' is not host:port"),
         (minimal(admin="127.0.0.1:\u0663"), "admin: '127.0.0.1:\u0663' is not host:port"),
         (minimal(admin="1.2.3.4]:1"), "admin: '1.2.3.4]:1' is not host:port"),
+        (minimal(admin="127.0.0.1:" + "1" * 5000), "admin: '127.0.0.1:111"),  # int() refuses > 4300 digits
         (minimal(admin="[[127.0.0.1]]:1"), "admin: '[[127.0.0.1]]:1' is not host:port"),
         (minimal(ca={"pin": "sha256:" + "z" * 64}), "ca.pin: must be 'sha256:<64 hex>'"),
         (minimal(ca={"pin": PIN, "address": "not a url"}), "ca.address: 'not a url' must be the CA's URL"),
