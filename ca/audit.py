@@ -61,7 +61,9 @@ class AuditLog:
             try:
                 data = line.encode()
                 # one write per line: O_APPEND keeps concurrent writers' lines whole; short means full
-                if os.write(fd, data) != len(data):
+                written = os.write(fd, data)
+                if written != len(data):
+                    _undo_short_write(fd, written)
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             finally:
                 os.close(fd)
@@ -122,6 +124,17 @@ class AuditLog:
             except (OSError, ValueError) as exc:  # ValueError: a closed stream
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise AuditError(f"cannot write audit log {self._where or '(unnamed)'}: {why}") from None
+
+
+def _undo_short_write(fd: int, written: int) -> None:
+    """Cut a partial line (a short write: full disk, file size limit) off again, so it cannot merge
+    with the next line. With O_APPEND the write landed at the end of the file as it was then (not
+    necessarily its size before the call: another process may have appended in between) and left
+    the offset just past its bytes, so it started at offset - written. Not cut when another writer
+    has appended since: that would drop their line."""
+    end = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size == end:
+        os.ftruncate(fd, end - written)
 
 
 def format_peer(peer: object) -> str | None:

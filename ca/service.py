@@ -159,7 +159,10 @@ def parse_advertise(text: str) -> tuple[str, int | None]:
     else:
         port_text = None
     if port_text is not None:
-        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        # at most 5 digits before int(): thousands of them raise ValueError (int max str digits)
+        if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+            raise bad
+        if not 0 < int(port_text) <= 65535:
             raise bad
         port = int(port_text)
     try:

@@ -6,6 +6,7 @@ and `chattr +i` (which stops root too), never a patched function."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -72,6 +73,44 @@ def test_audit_log_write_failure_is_an_audit_error_naming_the_path() -> None:
     audit = AuditLog.to_path(DEV_FULL)  # opens fine: only the write fails
     with pytest.raises(AuditError, match="cannot write audit log /dev/full: No space left on device"):
         audit.refuse(via="sign", reason="test", peer=None)
+
+
+# A file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the kernel cut a write at the limit (a
+# short write) or refuse one at it (EFBIG), for real; set in a child so the test process keeps none.
+_FSIZE_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from hostmesh.ca.audit import AuditLog
+from hostmesh.ca.errors import AuditError
+
+path = Path(sys.argv[1])
+audit = AuditLog.to_path(path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+for room in (10, 0):  # 10 bytes left: a short write; none: EFBIG
+    audit.refuse(via="sign", reason="kept", peer=None)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + room, hard))
+    try:
+        audit.refuse(via="sign", reason="lost", peer=None)
+    except AuditError as exc:
+        print(exc)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+audit.refuse(via="sign", reason="kept", peer=None)
+"""
+
+
+def test_a_short_audit_write_leaves_no_partial_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    proc = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"cannot write audit log {path}: No space left on device",  # the short write
+        f"cannot write audit log {path}: File too large",
+    ], proc.stdout
+    text = path.read_text()
+    assert text.endswith("\n") and "lost" not in text, text
+    assert [json.loads(line)["reason"] for line in text.splitlines()] == ["kept"] * 3
 
 
 @pytest.mark.consul
@@ -216,7 +255,8 @@ def test_parse_advertise() -> None:
     for text, want in good.items():
         assert parse_advertise(text) == want, text
     for bad in ["bad host", "", ":15012", "host:", "host:0", "host:65536", "host:x", "a..b", "-a.b", "a_b",
-                "0.0.0.0", "::", "[::]:1", "[fd00::5", "x" * 64, "a." * 130 + "b", "h\n"]:  # fmt: skip
+                "0.0.0.0", "::", "[::]:1", "[fd00::5", "x" * 64, "a." * 130 + "b", "h\n",
+                "host:" + "9" * 5000, "[::1]:" + "1" * 5000, "host:000080"]:  # fmt: skip
         with pytest.raises(InvalidRequest, match="invalid --advertise"):
             parse_advertise(bad)
 
