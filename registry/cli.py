@@ -147,6 +147,13 @@ def _at(mark: yaml.Mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
+def _value_problem(exc: ValueError) -> str:
+    """A constructor's ValueError as a reason: Python's advice after `;` (set_int_max_str_digits) is
+    not the author's to take."""
+    text = str(exc).split(";", 1)[0].strip()
+    return text or type(exc).__name__
+
+
 @functools.cache
 def _strict_loader() -> type[yaml.SafeLoader]:
     """yaml.SafeLoader refusing (RefusedInput) a duplicate mapping key, which it would take as its
@@ -166,6 +173,18 @@ def _strict_loader() -> type[yaml.SafeLoader]:
                 return super().compose_node(parent, index)  # type: ignore[arg-type]
             finally:
                 self.nesting -= 1
+
+        def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+            """A scalar Python cannot take (an integer past its 4300 digits, a date like 2024-13-45)
+            is a YAML error naming the place, not the ValueError escaping the constructor."""
+            try:
+                return super().construct_object(node, deep=deep)
+            except RefusedInput:
+                raise
+            except ValueError as exc:
+                raise yaml.constructor.ConstructorError(
+                    None, None, _value_problem(exc), node.start_mark
+                ) from None
 
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
             first: dict[Hashable, yaml.Node] = {}
@@ -216,6 +235,8 @@ def _read_documents(path: str) -> list[dict[str, Any]]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise click.ClickException(_one_line(f"{path}: invalid YAML/JSON{where}: {problem}")) from None
+    except ValueError as exc:  # a value the loader's own constructors refuse, if not placed above
+        raise click.ClickException(_one_line(f"{path}: invalid YAML/JSON: {_value_problem(exc)}")) from None
     if not docs:
         raise click.ClickException(f"{path}: no document")
     for i, d in enumerate(docs):
@@ -405,7 +426,14 @@ async def _apply_together(
 ) -> list[tuple[str, str, int]]:
     """Check and show every document, then write the changed ones in one transaction; returns each
     document's version now live (unchanged ones included; written ones only without --dry-run)."""
-    from hostmesh.registry.documents import MAX_DOCUMENTS_PER_WRITE, MAX_TXN_OPS
+    from hostmesh.registry.documents import (
+        MAX_DOCUMENTS_PER_WRITE,
+        MAX_TXN_BYTES,
+        MAX_TXN_OPS,
+        TooManyDocuments,
+        too_large,
+        write_bytes,
+    )
 
     pending = {(p.kind, p.service): p.data for p in planned}
     checked = [await _check_one(store, path, p, bases.get((p.kind, p.service)), pending) for p in planned]
@@ -426,6 +454,13 @@ async def _apply_together(
                 f"{path}: applying would need more than {MAX_TXN_OPS} operations in one transaction "
                 f"({len(changed)} changed documents); split the file"
             )
+        else:  # the versions as they would be unless history holds later ones (a deleted document)
+            size = sum(
+                write_bytes(c.kind, c.service, c.have + 1, c.data, c.current.modify_index if c.current else 0)
+                for c in changed
+            )
+            if size > MAX_TXN_BYTES:
+                click.echo(f"{path}: applying would {too_large(size)}; split the file")
         return live
     for c in changed:
         if c.unseen and not force:
@@ -446,7 +481,10 @@ async def _apply_together(
         )
     if not changed:
         return live
-    stored = await store.put_many([(c.kind, c.data, c.have) for c in changed])
+    try:
+        stored = await store.put_many([(c.kind, c.data, c.have) for c in changed])
+    except TooManyDocuments as exc:  # their values take more than one transaction holds
+        raise click.ClickException(f"{path}: {exc}") from None
     for d in stored:
         click.echo(f"{d.kind}/{d.service}: version {d.version} written")
     return live + [(d.kind, d.service, d.version) for d in stored]

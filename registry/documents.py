@@ -20,7 +20,10 @@ version number names exactly one content for good.
 Several documents (`apply -f` of a file with several) are written the same way, all of their
 parts in ONE transaction: every document is checked first, and a refusal (a check, Consul's ACLs,
 a concurrent writer) writes none of them. Parts 1 and 2 cannot wait, so one transaction holds at
-most `MAX_DOCUMENTS_PER_WRITE` documents; deletes of part 3 that do not fit wait for a later write.
+most `MAX_DOCUMENTS_PER_WRITE` documents, and their values (each twice, base64-encoded) at most
+`MAX_TXN_BYTES`: a batch past either is refused before anything is written. Deletes of part 3 go
+into the room left; the rest follow in transactions of their own once the write succeeded (best
+effort: one that fails leaves extra history entries, which the next write of that document removes).
 
 Documents are validated with hostmesh.registry.schema before anything is written; the stored
 value is the caller's JSON with `version` set, so what an operator applied is what `get` shows.
@@ -29,6 +32,7 @@ value is the caller's JSON with `version` set, so what an operator applied is wh
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +49,19 @@ from hostmesh.registry.schema import (
     parse_document,
 )
 
+log = logging.getLogger(__name__)
+
 ROOT = "hostmesh"
 HISTORY_KEEP = 20  # versions kept per document: enough to walk back a bad day, small enough to list at once
 MAX_TXN_OPS = 64  # Consul's limit on operations in one /v1/txn
 OPS_PER_DOCUMENT = 2  # what a write cannot do without: the live key's check-and-set, the new history entry
 MAX_DOCUMENTS_PER_WRITE = MAX_TXN_OPS // OPS_PER_DOCUMENT
-MAX_DOCUMENT_BYTES = 256 * 1024  # Consul's default KV value limit is 512 KiB; leave room for the txn encoding
+CONSUL_TXN_MAX_BYTES = 512 * 1024  # Consul's limit on a /v1/txn body (limits.txn_max_req_len): 413 past it
+MAX_TXN_BYTES = CONSUL_TXN_MAX_BYTES - 16 * 1024  # what one write sends at most (496 KiB): a margin below it
+# A document goes into its write twice (live key, history entry), base64-encoded there (4 bytes per 3):
+# 2 * 4 * ceil(184 KiB / 3) = 502,448 bytes, which leaves 5,456 of MAX_TXN_BYTES for the two operations'
+# keys and JSON framing (336 bytes at most: longest service name, 20-digit version and index) and deletes.
+MAX_DOCUMENT_BYTES = 184 * 1024
 
 
 def doc_key(kind: str, service: str) -> str:
@@ -79,7 +90,44 @@ Pending = Mapping[tuple[str, str], dict[str, Any]]
 
 
 class TooManyDocuments(RegistryError):
-    """A batch needs more operations than one Consul transaction holds; nothing was written."""
+    """A batch needs more operations, or more bytes, than one Consul transaction holds; nothing was
+    written."""
+
+
+def op_bytes(op: Mapping[str, Any]) -> int:
+    """What the KV operation `op` takes of the /v1/txn body `ConsulClient.txn` sends: `{"KV": op}` as
+    JSON, its Value base64-encoded, and the `, ` that separates it from the next (which makes the
+    sum over a transaction's operations exactly its body: `[` and `]` in place of one separator)."""
+    value = op.get("Value")
+    if not isinstance(value, str):
+        return len(json.dumps({"KV": op}).encode()) + 2
+    framing = len(json.dumps({"KV": {**op, "Value": ""}}).encode())
+    return framing + 4 * ((len(value.encode()) + 2) // 3) + 2
+
+
+def write_ops(kind: str, service: str, version: int, value: str, live_index: int) -> list[dict[str, Any]]:
+    """Parts 1 and 2 of writing `value` (the stored JSON) as `version` of kind/service over the live
+    key's ModifyIndex `live_index` (0: must not exist)."""
+    return [
+        {"Verb": "cas", "Key": doc_key(kind, service), "Value": value, "Index": live_index},
+        {"Verb": "cas", "Key": history_key(kind, service, version), "Value": value, "Index": 0},
+    ]
+
+
+def write_bytes(kind: str, service: str, version: int, data: dict[str, Any], live_index: int = 0) -> int:
+    """What writing `data` as `version` takes of a transaction's body (parts 1 and 2)."""
+    return sum(
+        map(op_bytes, write_ops(kind, service, version, encode(_with_version(data, version)), live_index))
+    )
+
+
+def too_large(size: int) -> str:
+    """Why a transaction body of `size` bytes is refused: `... would <this>; split the file`."""
+    kib = -(-size // 1024)  # rounded up: never "takes 496 KiB, more than 496 KiB"
+    return (
+        f"take {kib} KiB in one transaction, more than the {MAX_TXN_BYTES // 1024} KiB that fit under "
+        f"Consul's {CONSUL_TXN_MAX_BYTES // 1024} KiB"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +183,18 @@ def _decode(entry: KVEntry, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidDocument(what, "stored value is not a JSON object")
     return data
+
+
+def _modify_indexes(results: list[Any]) -> dict[str, int]:
+    """Key -> ModifyIndex of the KV entries in a transaction's Results (anything else is skipped)."""
+    out = {}
+    for result in results:
+        kv = result.get("KV") if isinstance(result, dict) else None
+        if isinstance(kv, dict) and isinstance(kv.get("Key"), str):
+            index = kv.get("ModifyIndex")
+            if isinstance(index, int) and not isinstance(index, bool):
+                out[kv["Key"]] = index
+    return out
 
 
 def _version_of(data: dict[str, Any]) -> int:
@@ -230,12 +290,27 @@ class DocumentStore:
         for kind, doc, data, expect_version in parsed:
             await self.check_fits(kind, doc, pending)
             writes.append(await self._prepare(kind, doc.service, data, expect_version))
-        await self._commit(writes)
-        out = []
-        for w in writes:
-            entry = await self.consul.kv_get(doc_key(w.kind, w.service))
-            out.append(Document(w.kind, w.service, w.version, w.stored, entry.modify_index if entry else 0))
-        return out
+        ops = [op for w in writes for op in write_ops(w.kind, w.service, w.version, w.value, w.live_index)]
+        size = sum(map(op_bytes, ops))
+        if size > MAX_TXN_BYTES:
+            raise TooManyDocuments(f"the changed documents {too_large(size)}; split the file")
+        stale = [
+            {"Verb": "delete", "Key": history_key(w.kind, w.service, v)} for w in writes for v in w.stale
+        ]
+        now = 0  # part 3 in the room left, in operations and in bytes
+        while now < len(stale) and len(ops) < MAX_TXN_OPS and size + op_bytes(stale[now]) <= MAX_TXN_BYTES:
+            size += op_bytes(stale[now])
+            ops.append(stale[now])
+            now += 1
+        results = await self._commit(writes, ops)
+        # Consul answers a transaction with the entry of each cas in it (its value left out): the live
+        # keys' ModifyIndex without reading them again, which could fail after everything was written
+        written = _modify_indexes(results)
+        await self._delete_stale(stale[now:])
+        return [
+            Document(w.kind, w.service, w.version, w.stored, written.get(doc_key(w.kind, w.service), 0))
+            for w in writes
+        ]
 
     async def _prepare(
         self, kind: str, service: str, data: dict[str, Any], expect_version: int | None
@@ -358,31 +433,27 @@ class DocumentStore:
         entries = await self.consul.kv_list(prefix)
         return sorted(int(e.key[len(prefix) :]) for e in entries if e.key[len(prefix) :].isdigit())
 
-    async def _commit(self, writes: list[_Write]) -> None:
-        """Parts 1 and 2 of every write, and as many of their part 3 as the transaction has room for
-        (the rest stay stale until a later write of that document), in one transaction."""
-        kv_ops: list[dict[str, Any]] = []
-        for w in writes:
-            live = {"Verb": "cas", "Key": doc_key(w.kind, w.service), "Value": w.value, "Index": w.live_index}
-            entry = {
-                "Verb": "cas",
-                "Key": history_key(w.kind, w.service, w.version),
-                "Value": w.value,
-                "Index": 0,
-            }
-            kv_ops += [live, entry]
-        stale = [
-            {"Verb": "delete", "Key": history_key(w.kind, w.service, v)} for w in writes for v in w.stale
-        ]
-        kv_ops += stale[: MAX_TXN_OPS - len(kv_ops)]
+    async def _commit(self, writes: list[_Write], ops: list[dict[str, Any]]) -> list[Any]:
+        """Run the transaction `ops` writing `writes`; returns Consul's Results."""
         try:
-            await self.consul.txn([{"KV": op} for op in kv_ops])
+            return await self.consul.txn([{"KV": op} for op in ops])
         except Conflict:
             changed = writes[0] if len(writes) == 1 else await self._first_changed(writes)
             what = f"{changed.kind} for {changed.service}" if changed else "one of the documents"
             raise Conflict(
                 f"{what} was changed by someone else while this change was made; re-read and apply again"
             ) from None
+
+    async def _delete_stale(self, ops: list[dict[str, Any]]) -> None:
+        """Deletes of part 3 that did not fit in the write's transaction, after it succeeded: best
+        effort, as the write is done. One that fails leaves history entries past HISTORY_KEEP, which
+        the next write of the document deletes (its stale versions are all that fell out)."""
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            try:
+                await self.consul.txn([{"KV": op} for op in ops[i : i + MAX_TXN_OPS]])
+            except RegistryError as exc:
+                log.debug("%d stale history entries left for a later write: %s", len(ops) - i, exc)
+                return
 
     async def _first_changed(self, writes: list[_Write]) -> _Write | None:
         """The first of `writes` whose live key moved since it was read (None: none did, so a history

@@ -5,6 +5,7 @@ leaves every document as it was. The error says that nothing was written."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -18,7 +19,22 @@ from click.testing import CliRunner, Result
 from hostmesh.agent.cli import cli
 from hostmesh.registry import acl
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.documents import MAX_TXN_OPS, doc_key, history_key
+from hostmesh.registry.documents import (
+    HISTORY_KEEP,
+    MAX_DOCUMENT_BYTES,
+    MAX_TXN_BYTES,
+    MAX_TXN_OPS,
+    DocumentStore,
+    doc_key,
+    encode,
+    history_key,
+    history_prefix,
+    op_bytes,
+    write_bytes,
+    write_ops,
+)
+from hostmesh.registry.errors import PermissionDenied, Unavailable
+from hostmesh.registry.schema import SERVICE_NAME_MAX
 from tests.consul_secure import SecureConsulDev
 from tests.support import ConsulDev
 from tests.test_cli_ops import fails, ok, route_doc, run
@@ -70,7 +86,7 @@ def test_the_overwrite_rule_is_checked_for_every_document_first(consul: ConsulDe
     consul.kv_put(doc_key("policies", api), json.dumps({"service": api, "version": 1}).encode())
     docs = [
         {"kind": "route", **route_doc(web)},
-        {"kind": "policy", "service": api, "load_balancer": {"type": "random"}},
+        {"kind": "policy", "service": api, "load_balancer": {"type": "least_request"}},
     ]
     f = file_of(tmp_path, docs)
     out = run(consul, "apply", "-f", f)
@@ -78,7 +94,7 @@ def test_the_overwrite_rule_is_checked_for_every_document_first(consul: ConsulDe
         f"Error: policies/{api} is at version 1 and exists and you have not read it: review the diff "
         f"above, then put `version: 1` in {f} or add --force; nothing of {f} was written"
     )
-    assert f"+service: {web}" in out.stdout and "+  type: random" in out.stdout  # both diffs shown
+    assert f"+service: {web}" in out.stdout and "+  type: least_request" in out.stdout  # both diffs shown
     assert nothing_written(consul, doc_key("routes", web))
     assert json.loads(consul.kv_get(doc_key("policies", api)) or b"")["version"] == 1
 
@@ -123,14 +139,14 @@ def test_a_concurrent_change_to_one_document_writes_none(
     async def meddling_txn(self: ConsulClient, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not meddled:  # the first transaction is this apply's write
             meddled.append(True)
-            other = {"service": api, "version": 2, "load_balancer": {"type": "random"}}
+            other = {"service": api, "version": 2, "load_balancer": {"type": "least_request"}}
             consul.kv_put(doc_key("policies", api), json.dumps(other).encode())
         return await real_txn(self, ops)
 
     monkeypatch.setattr(ConsulClient, "txn", meddling_txn)
     docs = [
         {"kind": "route", **route_doc(web)},
-        {"kind": "policy", "service": api, "version": 1, "load_balancer": {"type": "least_request"}},
+        {"kind": "policy", "service": api, "version": 1, "load_balancer": {"type": "round_robin"}},
     ]
     f = file_of(tmp_path, docs)
     assert fails(run(consul, "apply", "-f", f)) == (
@@ -139,7 +155,9 @@ def test_a_concurrent_change_to_one_document_writes_none(
     )
     assert meddled
     assert nothing_written(consul, doc_key("routes", web), history_key("routes", web, 1))
-    assert json.loads(consul.kv_get(doc_key("policies", api)) or b"")["load_balancer"]["type"] == "random"
+    assert (
+        json.loads(consul.kv_get(doc_key("policies", api)) or b"")["load_balancer"]["type"] == "least_request"
+    )
 
 
 def test_more_changes_than_one_transaction_holds_are_refused_before_writing(
@@ -162,6 +180,174 @@ def test_more_changes_than_one_transaction_holds_are_refused_before_writing(
     assert all(consul.kv_get(doc_key("routes", n)) is not None for n in names[:most])
     # unchanged documents need no operation: the file that was too large now applies
     assert f"routes/{names[-1]}: version 1 written" in ok(run(consul, "route", "apply", "-f", f))
+
+
+# --- how much one transaction holds: Consul refuses a /v1/txn body past 512 KiB (413) --------------
+
+
+def stored_size(data: dict[str, Any], version: int = 1) -> int:
+    return len(encode({"service": data["service"], "version": version, **data}).encode())
+
+
+def sized_route(service: str, size: int) -> dict[str, Any]:
+    """A valid route document whose stored JSON (version: 1 included) is exactly `size` bytes."""
+    to = [{"subset": "v1", "weight": 100}]
+    doc: dict[str, Any] = {"service": service, "protocol": "http", "subsets": {"v1": {"version": "v1"}}}
+    full = [{"match": {"path": {"prefix": "/" + "a" * 4000}}, "to": to}]
+    while True:
+        doc["routes"] = [*doc.get("routes", []), {"match": {"path": {"prefix": "/"}}, "to": to}]
+        room = size - stored_size(doc)
+        if room < 4000:
+            assert room >= 0
+            doc["routes"][-1]["match"]["path"]["prefix"] += "b" * room
+            assert stored_size(doc) == size
+            return doc
+        doc["routes"][-1] = full[0]
+
+
+def test_the_largest_document_fits_one_transaction_with_the_longest_keys() -> None:
+    """Both copies of a MAX_DOCUMENT_BYTES value, base64-encoded, under the longest keys and indexes,
+    and a delete of an old history entry, stay within MAX_TXN_BYTES, itself below Consul's 512 KiB."""
+    longest = "s" * SERVICE_NAME_MAX
+    ops = write_ops("intentions", longest, 10**19, "x" * MAX_DOCUMENT_BYTES, 2**64 - 1)
+    ops.append({"Verb": "delete", "Key": history_key("intentions", longest, 10**19 - HISTORY_KEEP)})
+    assert sum(map(op_bytes, ops)) <= MAX_TXN_BYTES < 512 * 1024
+
+
+def test_a_document_of_the_largest_size_is_written(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_DOCUMENT_BYTES was 256 KiB, and a document over ~190 KiB got Consul's 413 (its two
+    base64 copies in the transaction). The size estimate is the body sent, to the byte."""
+    bodies: list[int] = []
+    real_request = ConsulClient._request
+
+    async def recording(self: ConsulClient, method: str, path: str, *args: Any, **kw: Any) -> Any:
+        if path == "/v1/txn":
+            bodies.append(len(kw.get("body", b"")))
+        return await real_request(self, method, path, *args, **kw)
+
+    monkeypatch.setattr(ConsulClient, "_request", recording)
+    s = svc("big")
+    doc = sized_route(s, MAX_DOCUMENT_BYTES)
+    assert f"routes/{s}: version 1 written" in ok(
+        run(consul, "route", "apply", "-f", file_of(tmp_path, [doc]))
+    )
+    assert bodies == [write_bytes("routes", s, 1, doc)]
+    doc["routes"][-1]["match"]["path"]["prefix"] = doc["routes"][-1]["match"]["path"]["prefix"][:-1] + "c"
+    again = file_of(tmp_path, [{**doc, "version": 1}], "again.yaml")
+    assert f"routes/{s}: version 2 written" in ok(run(consul, "route", "apply", "-f", again))
+    assert max(bodies) <= MAX_TXN_BYTES
+    # one byte more: refused as before, nothing written
+    t = svc("big")
+    over = file_of(tmp_path, [sized_route(t, MAX_DOCUMENT_BYTES + 1)], "over.yaml")
+    assert fails(run(consul, "route", "apply", "-f", over)) == (
+        f"Error: document: is larger than {MAX_DOCUMENT_BYTES // 1024} KiB"
+    )
+    assert nothing_written(consul, doc_key("routes", t), history_key("routes", t, 1))
+
+
+def test_changed_documents_past_one_transactions_bytes_are_refused_before_writing(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Three documents of ~84 KB, each written alone, together take ~660 KiB of transaction: Consul
+    refused it (413 Request body too large) after the checks; now it is refused, naming the size,
+    before anything is written (and a dry run says so)."""
+    names = [svc("bulky") for _ in range(3)]
+    docs = [sized_route(n, 84_000) for n in names]
+    f = file_of(tmp_path, docs)
+    kib = -(-sum(write_bytes("routes", n, 1, d) for n, d in zip(names, docs, strict=True)) // 1024)
+    assert kib > 512
+    assert fails(run(consul, "route", "apply", "-f", f)) == (
+        f"Error: {f}: the changed documents take {kib} KiB in one transaction, more than the "
+        f"{MAX_TXN_BYTES // 1024} KiB that fit under Consul's 512 KiB; split the file; "
+        f"nothing of {f} was written"
+    )
+    assert nothing_written(consul, *(doc_key("routes", n) for n in names))
+    dry = ok(run(consul, "route", "apply", "--dry-run", "-f", f))
+    assert f"{f}: applying would take {kib} KiB in one transaction" in dry
+
+    ok(run(consul, "route", "apply", "-f", file_of(tmp_path, docs[:2], "two.yaml")))
+    # unchanged documents take no room: the file that was too large now applies
+    assert f"routes/{names[2]}: version 1 written" in ok(run(consul, "route", "apply", "-f", f))
+
+
+# --- history: at most HISTORY_KEEP versions of each document, however many a write holds ----------
+
+
+async def test_history_stays_bounded_when_many_documents_are_written_together(
+    consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 documents take 60 of a transaction's 64 operations, leaving room to delete 4 old history
+    entries: the others are deleted in transactions of their own after the write. Those are best
+    effort: when they fail the write still succeeds, and the next one deletes what they left."""
+    names = [svc("hist") for _ in range(30)]
+    docs = [("routes", route_doc(n), None) for n in names]
+
+    async def versions(c: ConsulClient, n: str) -> list[int]:
+        prefix = history_prefix("routes", n)
+        return sorted(int(e.key[len(prefix) :]) for e in await c.kv_list(prefix))
+
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        for _ in range(HISTORY_KEEP + 2):
+            await store.put_many(docs)
+        for n in names:
+            assert await versions(c, n) == list(range(3, HISTORY_KEEP + 3)), n
+
+        real_txn = ConsulClient.txn
+
+        async def no_deletes(self: ConsulClient, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if all(op["KV"]["Verb"] == "delete" for op in ops):
+                raise Unavailable("Consul went away")
+            return await real_txn(self, ops)
+
+        monkeypatch.setattr(ConsulClient, "txn", no_deletes)
+        written = await store.put_many(docs)
+        assert [d.version for d in written] == [HISTORY_KEEP + 3] * len(names)
+        assert max([len(await versions(c, n)) for n in names]) == HISTORY_KEEP + 1
+        monkeypatch.setattr(ConsulClient, "txn", real_txn)
+        await store.put_many(docs)
+        for n in names:
+            assert await versions(c, n) == list(range(5, HISTORY_KEEP + 5)), n
+
+
+def test_what_was_written_is_answered_by_the_transaction(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live keys' ModifyIndex comes from the transaction's answer: a read after it that fails
+    (here refused) cannot say 'nothing was written' of a file that was written."""
+    web, api = svc("web"), svc("api")
+    real_txn, real_get = ConsulClient.txn, ConsulClient.kv_get
+    wrote: list[bool] = []
+
+    async def txn(self: ConsulClient, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = await real_txn(self, ops)
+        wrote.append(True)
+        return out
+
+    async def kv_get(self: ConsulClient, key: str, *args: Any, **kw: Any) -> Any:
+        if wrote:
+            raise PermissionDenied(f"Consul ACL denied read of {key}")
+        return await real_get(self, key, *args, **kw)
+
+    monkeypatch.setattr(ConsulClient, "txn", txn)
+    monkeypatch.setattr(ConsulClient, "kv_get", kv_get)
+    f = file_of(tmp_path, [{"kind": "route", **route_doc(web)}, {"kind": "policy", "service": api}])
+    out = ok(run(consul, "apply", "-f", f))
+    assert f"routes/{web}: version 1 written" in out and f"policies/{api}: version 1 written" in out
+    monkeypatch.undo()
+
+    async def again() -> None:
+        async with ConsulClient(consul.url) as c:
+            stored = await DocumentStore(c).put_many(
+                [("routes", route_doc(web, 20), 1), ("policies", {"service": api}, 1)]
+            )
+            for d in stored:
+                entry = await c.kv_get(doc_key(d.kind, d.service))
+                assert entry is not None and d.modify_index == entry.modify_index > 0
+
+    asyncio.run(again())
 
 
 # --- with ACLs: a token that may write routes but not policies -----------------------------------

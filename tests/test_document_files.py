@@ -86,3 +86,28 @@ def test_nesting_up_to_the_limit_reaches_the_schema(consul: ConsulDev, tmp_path:
     inner = MAX_NESTING - 1  # the document's mapping is the first level
     f = write(tmp_path, f"service: x\na: {'[' * inner}{']' * inner}\n")
     assert ": a: unknown field" in fails(run(consul, "policy", "apply", "-f", f))
+
+
+LONG_INT = "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "problem"),
+    [
+        ("service: {s}\nversion: " + "9" * 5000, 10, LONG_INT),
+        ('{{"service": "{s}",\n "version": ' + "9" * 5000 + "}}", 13, LONG_INT),
+        ("service: {s}\nversion: 2024-13-45", 10, "month must be in 1..12"),
+    ],
+    ids=["yaml-int", "json-int", "date"],
+)
+def test_a_value_python_cannot_take_is_one_line(
+    consul: ConsulDev, tmp_path: Path, text: str, column: int, problem: str
+) -> None:
+    """An integer past Python's 4300 digits (or a date that is none) made the loader raise a
+    ValueError: a traceback from `route apply`. It is a YAML error naming the place."""
+    s = svc()
+    f = write(tmp_path, text.format(s=s))
+    assert fails(run(consul, "route", "apply", "-f", f)) == (
+        f"Error: {f}: invalid YAML/JSON at line 2, column {column}: {problem}"
+    )
+    assert consul.kv_get(doc_key("routes", s)) is None
