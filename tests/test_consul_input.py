@@ -21,6 +21,7 @@ import itertools
 import json
 import secrets
 import threading
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -354,6 +355,31 @@ async def test_every_call_accepts_what_a_real_consul_answers(consul: ConsulDev) 
         await client.catalog_services_index(None)
         await client.catalog_service_index("consul")
         await client.kv_delete("input-shapes/", recurse=True)
+
+
+async def test_a_bare_registration_decodes_as_consul_answers_it(consul: ConsulDev) -> None:
+    """Entries as bare as Consul keeps them (no Address, Meta or Tags: null or empty in its answers;
+    one critical TTL check): every read that decodes instances or checks takes them."""
+    sid = "input-shapes-bare-1"
+    bare = {"Name": "input-shapes-bare", "ID": sid, "Check": {"TTL": "60s", "Status": "critical"}}
+    req = urllib.request.Request(f"{consul.url}/v1/agent/service/register", json.dumps(bare).encode(),
+                                 method="PUT")  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    try:
+        async with ConsulClient(consul.url) as client:
+            _, healthy = await client.health_service("input-shapes-bare")
+            _, every = await client.health_service("input-shapes-bare", passing=False)
+            _, listed = await client.catalog_service("input-shapes-bare")
+            _, failing = await client.checks_not_passing(None)
+        assert healthy == []
+        assert [(i.id, i.port, i.meta, i.tags, i.status) for i in every] == [(sid, 0, {}, (), "critical")]
+        assert [(i.id, i.port, i.meta) for i in listed] == [(sid, 0, {})]
+        assert (listed[0].node, sid) in failing.instances
+    finally:
+        req = urllib.request.Request(f"{consul.url}/v1/agent/service/deregister/{sid}", method="PUT")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
 
 
 # --- what an error answer may quote ---------------------------------------------------------------
