@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from hostmesh.agent.localmesh import PORT_SLICE_ENV
 from tests.support import ConsulDev
+
+if TYPE_CHECKING:
+    from tests.consul_secure import SecureConsulDev
 
 # `make unit` runs on pytest-xdist workers with `--dist loadgroup`: every test is grouped with its
 # module, so a module's fixtures are set up once, on one worker. These modules share what is not
@@ -62,6 +66,19 @@ def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
     """One real Consul dev agent for the whole session. Tests use their own KV prefixes/service names."""
     dev = ConsulDev(tmp_path_factory.mktemp("consul"))
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulDev]:
+    """A Consul of the module's own with ACLs (default deny) and HTTPS, as fleets run it."""
+    from tests.consul_secure import SecureConsulDev  # (cryptography: only for the modules that use it)
+
+    dev = SecureConsulDev(tmp_path_factory.mktemp("consul-secure"))
     dev.start()
     try:
         yield dev

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,16 +350,6 @@ def test_what_was_written_is_answered_by_the_transaction(
 
 
 # --- with ACLs: a token that may write routes but not policies -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulDev]:
-    dev = SecureConsulDev(tmp_path_factory.mktemp("consul-secure"))
-    dev.start()
-    try:
-        yield dev
-    finally:
-        dev.stop()
 
 
 def hm(secure: SecureConsulDev, token: str, *args: str) -> Result:

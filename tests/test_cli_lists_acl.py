@@ -6,7 +6,6 @@ something else. The CLI reads the folder key itself, which Consul does refuse (4
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,6 @@ class Tokens:
     def __init__(self, dev: SecureConsulDev) -> None:
         self.operator = dev.token_for("operator-lists", acl.operator_policy())
         self.blind = dev.token_for("blind-lists", BLIND_RULES)
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulDev]:
-    dev = SecureConsulDev(tmp_path_factory.mktemp("consul-secure"))
-    dev.start()
-    try:
-        yield dev
-    finally:
-        dev.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,16 +60,6 @@ class Tokens:
         self.operator = dev.token_for("hostmesh-operator", acl.operator_policy())
         self.agent = dev.token_for("hostmesh-agent-acltest", acl.agent_policy(["acltest"]))
         self.ca = dev.token_for("hostmesh-ca", acl.ca_policy())
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulDev]:
-    dev = SecureConsulDev(tmp_path_factory.mktemp("consul-secure"))
-    dev.start()
-    try:
-        yield dev
-    finally:
-        dev.stop()
 
 
 @pytest.fixture(scope="module")
