@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ def _output(ctx: click.Context, local: str | None) -> str:
 
 # --- preflight steps ---------------------------------------------------------------------------
 
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token: what a request method is
 KV_READ_FIX = 'give the token key_prefix "hostmesh/" read (`hostmesh acl policy operator`)'
 
 
@@ -406,6 +408,8 @@ def decide(
         fixed = fixed_request_decision(intentions, source, default_allow)
         if fixed is not None:
             return fixed.allowed, fixed.reason, "every request"
+    if method is not None and not _HTTP_TOKEN.fullmatch(method):
+        raise ValueError(f"--method {method!r} is not an HTTP method (one token, like GET or POST)")
     method = (method or "GET").upper()
     norm = normalize_path(path or "/")
     d = authorize_request(intentions, source, method, norm, default_allow)

@@ -60,3 +60,10 @@ def test_a_path_the_agent_refuses() -> None:
     with pytest.raises(ValueError, match="400"):
         normalize_path("/api%2Fadmin")
     assert normalize_path("/a/../api?x=1") == "/api"
+
+
+@pytest.mark.parametrize("method", ["G ET", "", "GET\r\n", "GÉT"])
+def test_a_method_no_request_could_carry_is_refused_not_answered(method: str) -> None:
+    """(Before: 'G ET' was answered Allowed, '' taken as GET.)"""
+    with pytest.raises(ValueError, match="is not an HTTP method"):
+        decide(DOC, "http", "web", method, "/api", True)
