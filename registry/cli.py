@@ -675,7 +675,13 @@ def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) ->
     """Print the kept versions of kind/name, oldest first, the live one marked in the table."""
 
     async def run(store: DocumentStore) -> tuple[list[Document], Document | None]:
-        return await store.history(kind, name), await store.get(kind, name)
+        from hostmesh.registry.documents import history_prefix
+
+        versions = await store.history(kind, name)
+        if not versions and not await store.history_readable(kind, name):  # hidden, not absent
+            prefix = history_prefix(kind, name)
+            raise PermissionDenied(f"Consul ACL denied list of {prefix}: the token lacks key:read on it")
+        return versions, await store.get(kind, name)
 
     versions, live = _run(ctx, run)
     out = _output(ctx, fmt)

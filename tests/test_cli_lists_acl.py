@@ -90,3 +90,23 @@ def test_a_token_that_reads_only_some_documents_is_warned(
         "warning: the token lacks key:read on hostmesh/routes/: documents it may not read are not listed"
     )
     assert hm(secure, tokens.operator, "route", "list").stderr == ""  # no warning when all is readable
+
+
+def test_history_a_token_cannot_read_is_a_permission_error_not_no_history(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    s = svc("hist")
+    ok(hm(secure, tokens.operator, "route", "apply", "-f", write(tmp_path, route_doc(s))))
+    live_only = secure.token_for("live-only", f'key "hostmesh/routes/{s}" {{ policy = "read" }}')
+    assert s in ok(hm(secure, live_only, "route", "get", s))  # it may read the document, not its history
+    line = fails(hm(secure, live_only, "route", "history", s))
+    assert (
+        line
+        == f"Error: Consul ACL denied list of hostmesh/history/routes/{s}/: the token lacks key:read on it"
+    )
+    assert "1" in ok(hm(secure, tokens.operator, "route", "history", s))  # (the operator's token: version 1)
+    missing = svc("none")  # a document that never existed, with a token that may read histories
+    assert (
+        fails(hm(secure, tokens.operator, "route", "history", missing))
+        == f"Error: no history for routes/{missing}"
+    )
