@@ -330,8 +330,19 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
     consul = ConsulClient(cfg.consul_settings())
     cm = CertManager.from_config(cfg, consul)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's SIGTERM reaches us too, or the agent's
-        loop.add_signal_handler(sig, cm.stopping.set)
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+
+    def stop_requested() -> None:
+        cm.stopping.set()
+        # A second signal (the agent's after systemd's, to the whole group) changes nothing, and must
+        # not reach asyncio's handler while the loop closes: it closes its wakeup pipe before it
+        # removes the handler, and a signal between the two printed an EBADF traceback.
+        for sig in stop_signals:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+
+    for sig in stop_signals:  # systemd's SIGTERM reaches us too, or the agent's
+        loop.add_signal_handler(sig, stop_requested)
     try:
         await cm.prepare(recover=op == "start")  # a renewal never checks or recovers the other services
         if op == "renew":
