@@ -29,6 +29,10 @@ class Unreachable(NamedTuple):
 
 
 BUDGET_SPENT = "connect budget spent"  # `last` when no dial failed: no instance left, or no time
+# What is left of the budget below this counts as spent: no dial and mTLS handshake completes in it,
+# and such a remainder is the event loop's timer resolution (uvloop's clock counts milliseconds: an
+# attempt given the rest of the budget times out up to ~1 ms before the deadline), not time to use.
+MIN_ATTEMPT_TIME = 0.01
 
 
 async def connect_within_budget(
@@ -45,7 +49,8 @@ async def connect_within_budget(
     - Each attempt takes an established pooled connection with room first (another caller's dial
       may have finished meanwhile), else dials, joining a dial in progress to the same instance
       (pool.py); it gets `connect_timeout` at most, and never more than what is left of
-      `connect_budget`, counted from the call: once it is spent no attempt starts.
+      `connect_budget`, counted from the call: once it is spent (less than MIN_ATTEMPT_TIME left) no
+      attempt starts.
     - A DialError (refused, timed out, TLS failure, wrong peer identity) marks the instance tried
       and is handed to `on_failure` (the caller counts and logs it its way), then the next one.
     - `usable` may turn a connection down (a UDP flow needs agent protocol v2): that instance is
@@ -62,7 +67,7 @@ async def connect_within_budget(
     while ep is not None and wanted():
         key = (ep.address, ep.port)
         timeout = min(connect_timeout, deadline - time.monotonic())
-        if timeout <= 0:
+        if timeout < MIN_ATTEMPT_TIME:
             break
         try:
             conn = pool.acquire(key, ctx)
