@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hostmesh.agent.config import normalized_pin
+from hostmesh.agent.config import ca_url, normalized_pin
 from hostmesh.ca import pki, tls
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.registry.errors import Unavailable
@@ -125,7 +125,7 @@ class CAClient:
     """Calls to one CA instance (`https://host:port`)."""
 
     def __init__(self, address: str, trust_domain: str) -> None:
-        self.url = address if "//" in address else f"https://{address}"
+        self.url = ca_url(address)
         if not self.url.startswith("https://"):
             raise InvalidRequest(f"CA address must be https:// (got {address!r})")
         self.trust_domain = trust_domain

@@ -47,9 +47,9 @@ DEFAULT_DNS_DOMAIN = "mesh."
 # 127.64.0.0/10 (the fake instances of scale tests); 65,536 addresses make a collision rare, and a
 # collision on the same port is refused at load like any two upstreams on one address.
 AUTO_BIND_NET = ipaddress.ip_network("127.128.0.0/16")
-PIN_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")  # the CA root's pin, as `hostmesh ca init` prints it
 AUTO_HTTP_PORT = 80  # bind = "auto" on an http upstream: apps call http://<name>.mesh/ unchanged
 LOAD_BALANCERS = ("round_robin", "least_connections")
+PIN_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")  # the CA root's pin, as `hostmesh ca init` prints it
 
 
 class ConfigError(Exception):
@@ -748,22 +748,27 @@ def normalized_pin(pin: str) -> str | None:
     return value if PIN_PATTERN.fullmatch(value) else None
 
 
+def ca_url(address: str) -> str:
+    """The CA's URL from `[ca] address`: https:// is implied when it names only host:port."""
+    return address if "//" in address else f"https://{address}"
+
+
 def _check_ca_address(address: str) -> None:
-    """`[ca] address`: the CA's https:// URL, or host:port (https:// is implied, agent/ca_client.py)."""
-    url = address if "//" in address else f"https://{address}"
+    """`[ca] address`: the CA's https:// URL, or host:port; nothing after it, no whitespace."""
+    parsed = _url(ca_url(address), ("https",))
+    if parsed is None or any(c.isspace() for c in address) or parsed.path not in ("", "/"):
+        raise _fail("ca.address", f"{address!r} must be the CA's URL, like https://10.0.0.2:15012")
+
+
+def _url(text: str, schemes: tuple[str, ...]) -> urllib.parse.SplitResult | None:
+    """`text` parsed as a URL with one of `schemes` and a host; None if it is not one (an unclosed
+    [IPv6] literal or a port out of range makes urlsplit, or its port, raise ValueError)."""
     try:
-        parsed = urllib.parse.urlsplit(url)
+        parsed = urllib.parse.urlsplit(text)
         parsed.port  # noqa: B018 (raises on a bad port)
     except ValueError:
-        parsed = None
-    if (
-        parsed is None
-        or parsed.scheme != "https"
-        or not parsed.hostname
-        or any(c.isspace() for c in address)
-        or parsed.path not in ("", "/")
-    ):
-        raise _fail("ca.address", f"{address!r} must be the CA's URL, like https://10.0.0.2:15012")
+        return None
+    return parsed if parsed.scheme in schemes and parsed.hostname else None
 
 
 def _parse_tracing(raw: Any) -> TracingConfig:
@@ -771,14 +776,8 @@ def _parse_tracing(raw: Any) -> TracingConfig:
         raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
     _check_keys(raw, TRACING_KEYS, "tracing")
     endpoint = _str(raw, "otlp_endpoint", "tracing.") or None
-    if endpoint is not None:
-        parsed = urllib.parse.urlsplit(endpoint)
-        try:
-            parsed.port  # noqa: B018 (raises on a bad port)
-        except ValueError:
-            parsed = parsed._replace(netloc="")
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise _fail("tracing.otlp_endpoint", "must be an http:// or https:// URL like http://host:4318")
+    if endpoint is not None and _url(endpoint, ("http", "https")) is None:
+        raise _fail("tracing.otlp_endpoint", "must be an http:// or https:// URL like http://host:4318")
     errors = raw.get("errors", True)
     if not isinstance(errors, bool):
         raise _fail("tracing.errors", "must be true or false")

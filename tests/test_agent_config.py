@@ -99,6 +99,7 @@ def test_defaults_are_safe() -> None:
             minimal(ca={"pin": PIN, "address": "https://10.0.0.2:99999"}),
             "ca.address: 'https://10.0.0.2:99999'",
         ),
+        (minimal(tracing={"otlp_endpoint": "http://[::1"}), "tracing.otlp_endpoint: must be an http://"),
         (minimal(mesh_address="0.0.0.0"), "mesh_address: '0.0.0.0' must be an IP address peers can dial"),
         (minimal(workers=0), "workers: must be an integer in 1..64"),
         (minimal(services=[]), "services: at least one [[services]] table is required"),
