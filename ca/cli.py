@@ -60,11 +60,15 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (CAError, RegistryError) as exc:
-            raise click.ClickException(
-                str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            ) from None
+            raise click.ClickException(_first_line(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _first_line(exc: Exception) -> str:
+    """An error's message as one line for the operator (its repr when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def _root_obj(ctx: click.Context) -> dict[str, Any]:
@@ -402,9 +406,9 @@ def _deliver_token(ctx: click.Context, tok: tokens.JoinToken, text: str) -> None
     try:
         asyncio.run(revoke())
     except RegistryError as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        key = tokens.record_key(tok.id)
         raise click.ClickException(
-            f"{failed}, and revoking it failed ({why}): delete {tokens.record_key(tok.id)} in Consul"
+            f"{failed}, and revoking it failed ({_first_line(err)}): delete {key} in Consul"
         ) from None
     raise click.ClickException(f"{failed}; it has been revoked")
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import yaml
 
     from hostmesh.registry.documents import Document, DocumentStore
+    from hostmesh.registry.schema import AnyDocument
 
 # Building these commands imports only the modules above: asyncio, YAML, the schema and the Consul
 # client are imported by the code that runs a command, so `hostmesh route --help` and shell
@@ -232,7 +233,7 @@ def _read_documents(path: str) -> list[dict[str, Any]]:
         raise click.ClickException(_one_line(f"{path}: {exc}")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where = f" at {_at(mark)}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise click.ClickException(_one_line(f"{path}: invalid YAML/JSON{where}: {problem}")) from None
     except ValueError as exc:  # a value the loader's own constructors refuse, if not placed above
@@ -371,7 +372,7 @@ def _apply_all(
         except InvalidDocument as exc:
             raise click.ClickException(_one_line(f"{where}: {exc}")) from None
         based_on = doc.version if "version" in data else None
-        parsed.append(_Planned(kind, data, doc.service, based_on, where))
+        parsed.append(_Planned(kind, data, doc.service, based_on, where, doc))
     seen = {(p.kind, p.service) for p in parsed}
     if len(seen) != len(parsed):
         raise click.ClickException(f"{path}: the same document appears twice")
@@ -399,6 +400,7 @@ class _Planned(NamedTuple):
     service: str
     based_on: int | None  # its version:, when it has one
     where: str  # the file, and the document's place in it when there are several
+    doc: AnyDocument  # `data` parsed (schema.parse_document): what the checks judge
 
 
 class _Checked(NamedTuple):
@@ -499,7 +501,6 @@ async def _check_one(
 ) -> _Checked:
     """Read the live version of one document and run the checks that refuse it before any diff:
     protocol fit (judged with the whole file written: `pending`) and its version:."""
-    from hostmesh.registry.schema import parse_document
 
     kind, service, based_on = planned.kind, planned.service, planned.based_on
     try:
@@ -509,7 +510,7 @@ async def _check_one(
         current = None
     have = current.version if current else 0
     try:
-        await store.check_fits(kind, parse_document(kind, planned.data), pending)
+        await store.check_fits(kind, planned.doc, pending)
     except InvalidDocument as exc:
         raise click.ClickException(_one_line(f"{planned.where}: {exc}")) from None
     if based_on is not None and based_on != have:
@@ -544,6 +545,11 @@ def _show_diff(path: str, c: _Checked) -> None:
         click.secho(line.rstrip("\n"), fg=color)
 
 
+def _list_denied(prefix: str) -> PermissionDenied:
+    """What an empty list under a prefix the token may not read is: Consul's refusal, made visible."""
+    return PermissionDenied(f"Consul ACL denied list of {prefix}: the token lacks key:read on it")
+
+
 async def _list_readable(store: DocumentStore, kind: str) -> list[Document]:
     """Every live document of `kind` the token may read. Consul leaves the others out of a list
     without a word (1.8 has no header saying so), but refuses reading the folder key itself: when
@@ -555,7 +561,7 @@ async def _list_readable(store: DocumentStore, kind: str) -> list[Document]:
         return docs
     folder = folder_key(kind)
     if not docs:
-        raise PermissionDenied(f"Consul ACL denied list of {folder}: the token lacks key:read on it")
+        raise _list_denied(folder)
     click.echo(
         f"warning: the token lacks key:read on {folder}: documents it may not read are not listed", err=True
     )
@@ -680,7 +686,7 @@ def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) ->
         versions = await store.history(kind, name)
         if not versions and not await store.history_readable(kind, name):  # hidden, not absent
             prefix = history_prefix(kind, name)
-            raise PermissionDenied(f"Consul ACL denied list of {prefix}: the token lacks key:read on it")
+            raise _list_denied(prefix)
         return versions, await store.get(kind, name)
 
     versions, live = _run(ctx, run)

@@ -174,7 +174,6 @@ def resolve(
             token_file = layer.token_file
             break
     ssl = next((layer.ssl for layer in layers if layer.ssl is not None), None)
-    url = normalize_url(DEFAULT_CONSUL_URL)
     for layer, source in zip(layers, ADDRESS_SOURCES, strict=True):
         if layer.address:
             try:
@@ -182,6 +181,8 @@ def resolve(
             except InvalidSettings as exc:
                 raise InvalidSettings(f"{source}: {exc}") from None
             break
+    else:
+        url = normalize_url(DEFAULT_CONSUL_URL)
     cert_file = _first(*(layer.cert_file for layer in layers))
     key_file = _first(*(layer.key_file for layer in layers))
     if bool(cert_file) != bool(key_file):
