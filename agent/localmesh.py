@@ -203,6 +203,15 @@ def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A `hostmesh` command that exited non-zero; its message carries what the command said, which
+    is the cause (the plain CalledProcessError shows only the exit status)."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or self.stdout or "").strip()
+        return f"{super().__str__()}: {said[-2000:]}" if said else super().__str__()
+
+
 @dataclass
 class Proc:
     name: str
@@ -274,14 +283,16 @@ class LocalMesh:
             self.env["CONSUL_HTTP_TOKEN"] = consul_token
 
     def hostmesh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        done = subprocess.run(
             [*HOSTMESH, "--consul", self.consul_url, *args],
             env=self.env,
             capture_output=True,
             text=True,
-            check=check,
             timeout=60,
         )
+        if check and done.returncode:
+            raise CommandFailed(done.returncode, done.args, done.stdout, done.stderr)
+        return done
 
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None

@@ -216,7 +216,8 @@ async def test_port_zero_tries_another_port_when_tcp_holds_the_one_udp_got(
         server = DnsServer(Address("127.0.0.1", 0), TABLE)
         await server.start()
     try:
-        assert tries == [0, 0] and server.bind.port not in (0, held)
+        # a third try when the second port's TCP number is held too (other tests' sockets): rare, allowed
+        assert len(tries) >= 2 and set(tries) == {0} and server.bind.port not in (0, held)
         q = dns.message.make_query("api.mesh", "A")
         got = await asyncio.get_running_loop().run_in_executor(
             None, lambda: dns.query.tcp(q, "127.0.0.1", timeout=IO_BOUND, port=server.bind.port)
