@@ -3,6 +3,7 @@
     hostmesh ca init --data-dir D [--trust-domain TD]     create the root, print its sha256 pin
     hostmesh ca serve --data-dir D [--listen ADDR]        run the CA API (default 127.0.0.1:15012)
     hostmesh ca token create --service S [--ttl 1h]       print a single-use join token
+    hostmesh ca token list | revoke ID                    the tokens in Consul; revoke one
     hostmesh ca roots --data-dir D                        list roots, pins, the signing one
     hostmesh ca rotate --data-dir D                       add a new signing root
     hostmesh ca retire-root ID --data-dir D               remove an old root from the bundle
@@ -380,6 +381,82 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
         f"expires {record.expires:%Y-%m-%d %H:%M:%S} UTC",
         err=True,
     )
+
+
+@token.command("list")
+@click.pass_context
+@one_line_errors
+def token_list(ctx: click.Context) -> None:
+    """List the join tokens in Consul: scope, what each was redeemed for, expiry (never the
+    secrets, which are not stored). Expired tokens are removed a day after they expire."""
+    import asyncio
+
+    from hostmesh.ca import pki, tokens
+    from hostmesh.registry.cli import text_table
+    from hostmesh.registry.consul import ConsulClient
+
+    async def run() -> list[tokens.TokenState]:
+        async with ConsulClient(_consul_settings(ctx)) as consul:
+            return await tokens.list_all(consul)
+
+    listed, at = asyncio.run(run()), pki.now()
+    if _json_output(ctx):
+        rows = [
+            {
+                "id": t.id,
+                "state": t.state(at),
+                "services": list(t.record.services) if t.record else [],
+                "redeemed": list(t.redeemed),
+                "expires": t.record.expires.isoformat() if t.record else None,
+            }
+            for t in listed
+        ]
+        click.echo(json.dumps({"tokens": rows}, indent=2))
+        return
+    if not listed:
+        click.echo("no join tokens")
+        return
+    table = [
+        [
+            t.id,
+            t.state(at),
+            f"{t.record.expires:%Y-%m-%d %H:%M:%S}" if t.record else "-",
+            ", ".join(s + (" (redeemed)" if s in t.redeemed else "") for s in t.record.services)
+            if t.record
+            else "-",
+        ]
+        for t in listed
+    ]
+    click.echo(text_table(["ID", "STATE", "EXPIRES (UTC)", "SERVICES"], table))
+
+
+@token.command("revoke")
+@click.argument("token_or_id")
+@click.pass_context
+@one_line_errors
+def token_revoke(ctx: click.Context, token_or_id: str) -> None:
+    """Revoke a join token (its id, as `token create` and `token list` show it, or the whole
+    token): it obtains no certificate from now on. Certificates it already obtained stay valid;
+    their hosts keep renewing them."""
+    import asyncio
+
+    from hostmesh.ca import tokens
+    from hostmesh.registry.consul import ConsulClient
+
+    text = token_or_id.strip()
+    token_id = tokens.parse_token(text).id if text.startswith(f"{tokens.TOKEN_PREFIX}.") else text
+    if not tokens.valid_id(token_id):
+        raise click.ClickException(f"{token_or_id[:40]!r} is neither a join token nor its id (16 hex digits)")
+
+    async def run() -> tuple[str, ...] | None:
+        async with ConsulClient(_consul_settings(ctx)) as consul:
+            return await tokens.revoke_known(consul, token_id)
+
+    redeemed = asyncio.run(run())
+    if redeemed is None:
+        raise click.ClickException(f"no join token {token_id} (expired ones are removed a day after expiry)")
+    used = f"; it had obtained certificates for {', '.join(redeemed)}, which stay valid" if redeemed else ""
+    click.echo(f"join token {token_id} revoked{used}")
 
 
 def _deliver_token(ctx: click.Context, tok: tokens.JoinToken, text: str) -> None:

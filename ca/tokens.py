@@ -6,9 +6,11 @@ printed once and never stored. A token scoped to several names (one host, severa
 redeemed once per name. Redemption is the creation of `hostmesh/ca/tokens/<id>/redeemed/<service>`
 with check-and-set index 0: Consul guarantees exactly one concurrent creator wins (a cas=N update
 of the record would not, see ConsulClient.kv_put), so two hosts racing with one token get one cert.
+The same transaction checks that the record is still the one read: a token revoked (its record
+deleted) while a redemption was in flight obtains nothing.
 
-`parse_token`, `TokenRecord` and `check` are pure; `create`, `redeem`, `release`, `revoke` and `prune`
-are the edges.
+`parse_token`, `TokenRecord` and `check` are pure; `create`, `redeem`, `release`, `revoke`, `list_all`
+and `prune` are the edges.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.errors import Conflict
+from hostmesh.registry.errors import Conflict, PermissionDenied
 from hostmesh.registry.layout import CA_SERVICE_NAME
 
 KV_PREFIX = "hostmesh/ca/tokens/"
@@ -116,6 +118,7 @@ class TokenRecord:
     services: tuple[str, ...]
     created: dt.datetime
     expires: dt.datetime
+    index: int = 0  # the record's ModifyIndex in Consul, when it was read from there
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -128,7 +131,7 @@ class TokenRecord:
         ).encode()
 
     @classmethod
-    def from_json(cls, token_id: str, raw: bytes) -> TokenRecord:
+    def from_json(cls, token_id: str, raw: bytes, index: int = 0) -> TokenRecord:
         try:
             doc = json.loads(raw)
             services = tuple(str(s) for s in doc["services"])
@@ -138,6 +141,7 @@ class TokenRecord:
                 services,
                 dt.datetime.fromisoformat(doc["created"]),
                 dt.datetime.fromisoformat(doc["expires"]),
+                index,
             )
         except (ValueError, KeyError, TypeError):
             raise Unauthorized(f"join token {token_id} has a corrupt record in Consul") from None
@@ -205,22 +209,24 @@ async def authenticate(consul: ConsulClient, text: str, at: dt.datetime) -> Toke
     entry = await consul.kv_get(record_key(token.id))
     if entry is None:
         raise UnknownToken("unknown join token")
-    record = TokenRecord.from_json(token.id, entry.value)
+    record = TokenRecord.from_json(token.id, entry.value, entry.modify_index)
     check(record, token, at)
     return record
 
 
 async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime) -> None:
-    """Spend the token for `service`: exactly one caller wins, every other gets Unauthorized."""
+    """Spend the token for `service`: exactly one caller wins, every other gets Unauthorized; none
+    does once the token is revoked, even when `record` was read before."""
     check_scope(record, service)
-    key = redeemed_key(record.id, service)
-    used = f"join token {record.id} was already used for {service!r}"
-    if await consul.kv_get(key) is not None:
-        raise Unauthorized(used)
+    unchanged = {"Verb": "check-index", "Key": record_key(record.id), "Index": record.index}
+    marker = {"Verb": "cas", "Key": redeemed_key(record.id, service), "Index": 0,
+              "Value": json.dumps({"at": at.isoformat()})}  # fmt: skip
     try:
-        await consul.kv_put(key, json.dumps({"at": at.isoformat()}).encode(), cas=0)
+        await consul.txn([{"KV": unchanged}, {"KV": marker}])
     except Conflict:
-        raise Unauthorized(used) from None
+        if await consul.kv_get(record_key(record.id)) is None:
+            raise UnknownToken(f"join token {record.id} was revoked") from None
+        raise Unauthorized(f"join token {record.id} was already used for {service!r}") from None
 
 
 async def release(consul: ConsulClient, record: TokenRecord, service: str) -> None:
@@ -230,10 +236,66 @@ async def release(consul: ConsulClient, record: TokenRecord, service: str) -> No
     await consul.kv_delete(redeemed_key(record.id, service))
 
 
+def valid_id(text: str) -> bool:
+    return _ID_RE.fullmatch(text) is not None
+
+
+async def revoke_known(consul: ConsulClient, token_id: str) -> tuple[str, ...] | None:
+    """`revoke` a token that exists: the services it was redeemed for, or None (no such token)."""
+    if await consul.kv_get(record_key(token_id)) is None:
+        return None
+    markers = await consul.kv_list(f"{record_key(token_id)}/redeemed/")
+    await revoke(consul, token_id)
+    return tuple(sorted(m.key.rsplit("/", 1)[1] for m in markers))
+
+
 async def revoke(consul: ConsulClient, token_id: str) -> None:
-    """Delete a token's record and its redemption markers: it can obtain nothing from now on."""
-    await consul.kv_delete(f"{record_key(token_id)}/", recurse=True)
-    await consul.kv_delete(record_key(token_id))
+    """Delete a token's record and its redemption markers at once: it can obtain nothing from now
+    on. One recursive delete of the record's key: ids all have the same length, so the keys
+    starting with it are the record and its markers, never another token's."""
+    if not valid_id(token_id):
+        raise ValueError(f"not a join token id: {token_id!r}")
+    await consul.kv_delete(record_key(token_id), recurse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """A join token as `hostmesh ca token list` shows it. `record` is None when it is corrupt."""
+
+    id: str
+    record: TokenRecord | None
+    redeemed: tuple[str, ...]  # the services it has obtained a certificate for
+
+    def state(self, at: dt.datetime) -> str:
+        if self.record is None:
+            return "corrupt"
+        if at >= self.record.expires:
+            return "expired"
+        return "used" if set(self.record.services) <= set(self.redeemed) else "valid"
+
+
+async def list_all(consul: ConsulClient) -> list[TokenState]:
+    """Every join token in Consul, oldest first (corrupt records last); PermissionDenied when the
+    token may not read them all (Consul would leave the unreadable ones out without a word)."""
+    if not await consul.prefix_readable(KV_PREFIX):
+        raise PermissionDenied(f"Consul ACL denied list of {KV_PREFIX}: the token lacks key:read on it")
+    entries = await consul.kv_list(KV_PREFIX)
+    records: dict[str, TokenRecord | None] = {}
+    redeemed: dict[str, list[str]] = {}
+    for entry in entries:
+        token_id, _, rest = entry.key[len(KV_PREFIX) :].partition("/")
+        if not valid_id(token_id):
+            continue  # not ours: a key someone wrote by hand
+        if not rest:
+            try:
+                records[token_id] = TokenRecord.from_json(token_id, entry.value, entry.modify_index)
+            except Unauthorized:
+                records[token_id] = None
+        elif rest.startswith("redeemed/"):
+            redeemed.setdefault(token_id, []).append(rest[len("redeemed/") :])
+    states = [TokenState(i, r, tuple(sorted(redeemed.get(i, ())))) for i, r in records.items()]
+    far = dt.datetime.max.replace(tzinfo=dt.UTC)
+    return sorted(states, key=lambda t: (t.record.created if t.record else far, t.id))
 
 
 async def prune(consul: ConsulClient, at: dt.datetime) -> int:
@@ -241,8 +303,8 @@ async def prune(consul: ConsulClient, at: dt.datetime) -> int:
     removed = 0
     for entry in await consul.kv_list(KV_PREFIX):
         token_id = entry.key[len(KV_PREFIX) :]
-        if "/" in token_id:
-            continue
+        if not valid_id(token_id):
+            continue  # a redemption marker, or a key that is not ours
         try:
             record = TokenRecord.from_json(token_id, entry.value)
         except Unauthorized:

@@ -118,7 +118,8 @@ def _dump(data: Any, fmt: str) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: every CLI listing (the `ca` group's too)."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
@@ -625,7 +626,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
             click.echo(f"no {noun} documents")
             return
         rows = [[d.service, str(d.version), _summary(kind, d.data)] for d in docs]
-        click.echo(_table(["SERVICE", "VERSION", "SUMMARY"], rows))
+        click.echo(text_table(["SERVICE", "VERSION", "SUMMARY"], rows))
 
     @click.command("delete")
     @click.argument("service")
@@ -700,7 +701,7 @@ def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) ->
     rows = [
         [str(d.version), "*" if live_version == d.version else "", _summary(kind, d.data)] for d in versions
     ]
-    click.echo(_table(["VERSION", "LIVE", "SUMMARY"], rows))
+    click.echo(text_table(["VERSION", "LIVE", "SUMMARY"], rows))
 
 
 def _roll_back(ctx: click.Context, kind: str, name: str, to: int) -> None:
@@ -887,7 +888,7 @@ def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None
             rows.append(
                 [d.service, "(default)", "allow" if parsed.default else "deny", "", str(d.version), ""]
             )
-    click.echo(_table(["DESTINATION", "SOURCE", "ACTION", "L7", "VERSION", "DESCRIPTION"], rows))
+    click.echo(text_table(["DESTINATION", "SOURCE", "ACTION", "L7", "VERSION", "DESCRIPTION"], rows))
 
 
 # --- services ----------------------------------------------------------------------------------
@@ -939,7 +940,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         headers.append("KIND")
         for line, r in zip(table, rows, strict=True):
             line.append(r["kind"])
-    click.echo(_table(headers, table))
+    click.echo(text_table(headers, table))
     by_service: dict[str, list[str]] = {}
     for r in rows:
         by_service.setdefault(r["service"], []).append(r["health"])

@@ -443,6 +443,17 @@ class ConsulClient:
         with self._decoding(op):
             return _entries(items)
 
+    async def prefix_readable(self, prefix: str) -> bool:
+        """Whether the token may read all of `prefix`, so that `kv_list` of it leaves nothing out.
+        Consul drops the keys a token may not read from a list without a word (1.8 has no header for
+        it), but refuses (403) a single-key read: so read the prefix itself as a key, where nothing is
+        stored (404 when readable). A rule denying one key below a readable prefix still hides it."""
+        try:
+            await self.kv_get(prefix)
+        except PermissionDenied:
+            return False
+        return True
+
     async def kv_put(self, key: str, value: bytes | str, cas: int | None = None) -> None:
         """Write `key`; with `cas` (0 = must not exist) raise `Conflict` when another writer got there first.
 

@@ -238,20 +238,13 @@ class DocumentStore:
         single-key read: so read the folder key itself. (A rule denying one key below a readable
         folder still hides that key.)"""
         _check_kind(kind)
-        return await self._prefix_readable(folder_key(kind))
+        return await self.consul.prefix_readable(folder_key(kind))
 
     async def history_readable(self, kind: str, service: str) -> bool:
         """Whether the token may read kind/service's history, so that `history` lists all of it
         (as `folder_readable`: Consul hides the versions it may not read, and refuses the prefix)."""
         _check_kind(kind)
-        return await self._prefix_readable(history_prefix(kind, service))
-
-    async def _prefix_readable(self, prefix: str) -> bool:
-        try:
-            await self.consul.kv_get(prefix)  # a key no document is stored at: 404 if readable, else 403
-        except PermissionDenied:
-            return False
-        return True
+        return await self.consul.prefix_readable(history_prefix(kind, service))
 
     async def history(self, kind: str, service: str) -> list[Document]:
         """Kept versions, oldest first (the live version is the last one unless it was deleted)."""

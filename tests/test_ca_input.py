@@ -279,3 +279,34 @@ def test_advertised_port_is_the_one_registered(tmp_path: Path) -> None:
     assert reg.checks[0]["HTTP"] == "https://ca.hostmesh.local:8443/v1/health"
     plain = CAService(d, consul=None, audit=AuditSink().log, host="127.0.0.1", port=15012)
     assert (plain._registration().address, plain._registration().port) == ("127.0.0.1", 15012)
+
+
+@pytest.mark.consul
+def test_token_list_and_revoke_from_the_cli(consul: ConsulDev) -> None:
+    """`ca token list` shows a created token without its secret; `ca token revoke` takes the id or
+    the whole token, says what the token had obtained, and refuses what is not a token."""
+    created = run(
+        "-o", "json", "ca", "token", "create", "--service", "web", "--service", "api", consul=consul.url
+    )
+    assert created.exit_code == 0, created.stderr
+    tok = json.loads(created.stdout)
+    listed = run("-o", "json", "ca", "token", "list", consul=consul.url)
+    assert listed.exit_code == 0, listed.stderr
+    mine = [t for t in json.loads(listed.stdout)["tokens"] if t["id"] == tok["id"]]
+    assert mine == [{"id": tok["id"], "state": "valid", "services": ["web", "api"], "redeemed": [],
+                     "expires": tok["expires"]}]  # fmt: skip
+    table = run("ca", "token", "list", consul=consul.url).stdout
+    assert table.startswith("ID ") and tok["id"] in table and tok["token"].split(".")[2] not in table
+
+    revoked = run("ca", "token", "revoke", tok["token"], consul=consul.url)
+    assert (revoked.exit_code, revoked.stdout) == (0, f"join token {tok['id']} revoked\n")
+    assert tok["id"] not in run("ca", "token", "list", consul=consul.url).stdout
+    assert_one_line_error(
+        run("ca", "token", "revoke", tok["id"], consul=consul.url), f"no join token {tok['id']}"
+    )
+    assert_one_line_error(
+        run("ca", "token", "revoke", "web", consul=consul.url), "is neither a join token nor"
+    )
+    assert_one_line_error(
+        run("ca", "token", "revoke", "hmt1.zz.zz", consul=consul.url), "malformed join token"
+    )

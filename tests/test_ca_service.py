@@ -191,6 +191,15 @@ async def test_reused_token_is_401(ca, client) -> None:
     assert_refused(sink, status, body, 401, "already used for 'web'")
 
 
+async def test_a_revoked_token_is_401_for_what_it_had_not_obtained_yet(ca, client) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web", "api")
+    assert (await sign(svc, tok, "web"))[0] == 200
+    assert await tokens.revoke_known(client, tokens.parse_token(tok).id) == ("web",)
+    status, body = await sign(svc, tok, "api")
+    assert_refused(sink, status, body, 401, "unknown join token")
+
+
 async def test_multi_service_token_is_single_use_per_name(ca, client) -> None:
     svc, _ = ca
     tok = await token_for(client, "web", "api")

@@ -90,3 +90,39 @@ async def test_create_redeem_once_and_prune(consul: ConsulDev) -> None:
         assert await tokens.prune(c, later) >= 1
         assert await c.kv_get(tokens.record_key(tok.id)) is None
         assert await c.kv_get(tokens.redeemed_key(tok.id, "web")) is None
+
+
+@pytest.mark.consul
+async def test_a_token_revoked_during_a_redemption_obtains_nothing(consul: ConsulDev) -> None:
+    """The CA read the record (the secret checked out), then the operator revoked the token: the
+    redemption that follows is refused, and nothing of the token is left in Consul."""
+    async with ConsulClient(consul.url) as c:
+        tok, _ = await tokens.create(c, ["web", "api"], dt.timedelta(minutes=5))
+        got = await tokens.authenticate(c, str(tok), pki.now())
+        await tokens.redeem(c, got, "web", pki.now())
+        assert await tokens.revoke_known(c, tok.id) == ("web",)
+        with pytest.raises(tokens.UnknownToken, match=f"join token {tok.id} was revoked"):
+            await tokens.redeem(c, got, "api", pki.now())
+        assert await c.kv_list(tokens.record_key(tok.id)) == []
+        assert await tokens.revoke_known(c, tok.id) is None  # gone: nothing to revoke twice
+
+
+@pytest.mark.consul
+async def test_list_shows_scope_redemptions_and_state_never_secrets(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        fresh, _ = await tokens.create(c, ["web", "api"], dt.timedelta(minutes=5))
+        used, _ = await tokens.create(c, ["db"], dt.timedelta(minutes=5))
+        await tokens.redeem(c, await tokens.authenticate(c, str(used), pki.now()), "db", pki.now())
+        await c.kv_put(tokens.record_key("0" * 16), b"not json")  # a corrupt record is listed, not fatal
+        try:
+            listed = {t.id: t for t in await tokens.list_all(c)}
+        finally:
+            await tokens.revoke(c, "0" * 16)
+    now = pki.now()
+    assert listed[fresh.id].record is not None and listed[fresh.id].record.services == ("web", "api")
+    assert (listed[fresh.id].redeemed, listed[fresh.id].state(now)) == ((), "valid")
+    assert (listed[used.id].redeemed, listed[used.id].state(now)) == (("db",), "used")
+    assert listed["0" * 16].state(now) == "corrupt"
+    expired_at = listed[fresh.id].record.expires  # type: ignore[union-attr]
+    assert listed[fresh.id].state(expired_at) == "expired"
+    assert all(fresh.secret not in repr(t) for t in listed.values())

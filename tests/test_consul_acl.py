@@ -140,6 +140,26 @@ def test_agent_token_cannot_write_the_trust_bundle_or_read_join_tokens(
     asyncio.run(main())
 
 
+def test_join_tokens_are_listed_and_revoked_with_the_cas_token_only(
+    secure: SecureConsulDev, tokens: Tokens
+) -> None:
+    """The operator's token may not read join tokens: `ca token list` says so instead of listing
+    none, and `ca token revoke` names the key; the CA's token lists and revokes."""
+    created = hm(secure, "-o", "json", "ca", "token", "create", "--service", "web", token=tokens.ca)
+    token_id = json.loads(ok(created))["id"]
+    assert fails(hm(secure, "ca", "token", "list", token=tokens.operator)) == (
+        "Error: Consul ACL denied list of hostmesh/ca/tokens/: the token lacks key:read on it"
+    )
+    assert fails(hm(secure, "ca", "token", "revoke", token_id, token=tokens.operator)) == (
+        f"Error: Consul ACL denied read of hostmesh/ca/tokens/{token_id}: the token lacks key:read on it"
+    )
+    assert token_id in ok(hm(secure, "ca", "token", "list", token=tokens.ca))
+    assert (
+        ok(hm(secure, "ca", "token", "revoke", token_id, token=tokens.ca))
+        == f"join token {token_id} revoked\n"
+    )
+
+
 def test_a_transaction_with_a_wrong_token_is_permission_denied_not_a_conflict(
     secure: SecureConsulDev, tokens: Tokens
 ) -> None:
