@@ -12,8 +12,9 @@ Layout (the directory is 0700, every file 0600):
 Writers (`rotate`, `retire`) write the root files first and `ca.json` last, so a reader that
 sees the new `ca.json` always finds the files it names. `rotate` first checks that it can write
 both directories, and removes the new root's files when a later write fails: a failed rotation
-leaves no extra root behind (which `load` would put in the bundle). Every write failure is a
-StorageError naming the path.
+leaves no extra root behind (which `load` would put in the bundle). A failed `init` likewise
+removes what it wrote, so it can simply be run again. Every write failure is a StorageError
+naming the path.
 """
 
 from __future__ import annotations
@@ -86,17 +87,38 @@ def init(data_dir: Path, trust_domain: str = pki.DEFAULT_TRUST_DOMAIN) -> Author
         raise InvalidRequest(
             f"invalid trust domain {trust_domain!r} (lowercase DNS labels, e.g. hostmesh.local)"
         )
-    if exists(data_dir) or (data_dir / "roots").exists():
+    if exists(data_dir):
         raise StorageError(f"{data_dir} already holds a CA root; refusing to overwrite it")
+    if (data_dir / "roots").exists():
+        raise StorageError(_interrupted(data_dir))
     _make_dir(data_dir)
-    root = _new_root(data_dir, trust_domain)
-    _write_meta(data_dir, trust_domain, root.id)
+    try:
+        root = _new_root(data_dir, trust_domain)
+        try:
+            _write_meta(data_dir, trust_domain, root.id)
+        except StorageError:
+            _remove_root(data_dir, root.id)
+            raise
+    except StorageError as exc:  # leave no roots/ behind, or the next `ca init` would refuse
+        with contextlib.suppress(OSError):
+            (data_dir / "roots").rmdir()
+        raise StorageError(f"{exc}; no CA was created") from None
     return load(data_dir)
+
+
+def _interrupted(data_dir: Path) -> str:
+    """A roots/ folder without ca.json: a `ca init` killed half way (a failed one cleans up)."""
+    return (
+        f"{data_dir} holds {data_dir / 'roots'} but no {META_FILE}: an interrupted `hostmesh ca init`? "
+        f"Remove {data_dir / 'roots'} and run it again"
+    )
 
 
 def load(data_dir: Path) -> Authority:
     meta_path = data_dir / META_FILE
     if not meta_path.exists():
+        if (data_dir / "roots").exists():
+            raise StorageError(_interrupted(data_dir))
         raise StorageError(f"no CA in {data_dir}: run `hostmesh ca init --data-dir {data_dir}` first")
     try:
         meta = json.loads(pki.read_file(meta_path))

@@ -220,6 +220,32 @@ def test_rotate_failing_after_the_root_files_removes_them(tmp_path: Path) -> Non
     assert len(store.load(d).roots) == 1
 
 
+def test_init_failing_at_its_last_write_leaves_nothing_and_can_be_run_again(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    d.mkdir(mode=0o700)
+    blocker = d / f".{store.META_FILE}.{os.getpid()}.tmp"  # where init's temporary ca.json goes
+    blocker.mkdir()
+    err = assert_one_line_error(run("ca", "init", "--data-dir", str(d)), "cannot write", "no CA was created")
+    assert str(d / store.META_FILE) in err, err
+    blocker.rmdir()
+    assert list(d.iterdir()) == []
+    assert run("ca", "init", "--data-dir", str(d)).exit_code == 0
+    assert len(store.load(d).roots) == 1
+
+
+def test_a_data_dir_an_interrupted_init_left_says_what_to_remove(tmp_path: Path) -> None:
+    """A `ca init` killed between its root files and ca.json (a power cut) is named as such by
+    every command, with what to remove, not "no CA here" from one and "already a CA" from another."""
+    d = new_ca_dir(tmp_path)
+    (d / store.META_FILE).unlink()
+    for args in (("init",), ("roots",), ("rotate",)):
+        assert_one_line_error(
+            run("ca", *args, "--data-dir", str(d)),
+            "an interrupted `hostmesh ca init`",
+            f"Remove {d / 'roots'}",
+        )
+
+
 # --- 4. durations -----------------------------------------------------------------------------
 
 
