@@ -603,6 +603,11 @@ class ConsulDev:
         with self._open(path) as resp:
             return json.loads(resp.read())
 
+    def put_json(self, path: str, body: Any) -> None:
+        """PUT `body` as JSON (None: an empty body) to an endpoint that answers 200."""
+        with self._open(path, b"" if body is None else json.dumps(body).encode(), "PUT") as resp:
+            resp.read()
+
     def acl_policy(self, name: str, rules: str) -> None:
         """Create the ACL policy `name`, or replace its rules (tokens holding it see the change at once)."""
         existing = {p["Name"]: p["ID"] for p in self.get_json("/v1/acl/policies")}

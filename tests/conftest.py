@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import urllib.error
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
@@ -52,25 +55,82 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         )
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The CLI's remembered read versions (the overwrite rule) go to a throwaway dir, not the
-    user's ~/.local/state: tests neither grow the operator's file nor depend on what it holds."""
+    user's ~/.local/state, one per module: tests neither grow the operator's file nor depend on
+    what it, or another module, holds."""
     state = tmp_path_factory.mktemp("cli-state")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOSTMESH_STATE_DIR", str(state))
         yield state
 
 
+@pytest.fixture(autouse=True)
+def root_logger_kept() -> Iterator[None]:
+    """What a test does to the root logger (`ca serve` run in-process sets it up as a daemon's: its
+    level, a handler on a stream that is gone afterwards) does not reach the tests after it."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+# the session's `consul` once a test asked for it, and what it held when it had just started
+_shared_consul: list[tuple[ConsulDev, _ConsulState]] = []
+
+
 @pytest.fixture(scope="session")
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
-    """One real Consul dev agent for the whole session. Tests use their own KV prefixes/service names."""
+    """One real Consul dev agent for the whole session (on xdist, per worker), which every module
+    run there shares: `shared_consul_left_as_found` removes what a module added to it."""
     dev = ConsulDev(tmp_path_factory.mktemp("consul"))
     dev.start()
+    _shared_consul.append((dev, _consul_state(dev)))
     try:
         yield dev
     finally:
+        _shared_consul.clear()
         dev.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_consul_left_as_found() -> Iterator[None]:
+    """The next module on this worker finds the shared Consul as this one found it: the keys,
+    catalog nodes and services this module added (documents with real names like `web`, the trust
+    bundle, join tokens, an instance whose agent was killed) are removed after it. Keys it changed
+    keep their new value. Without this, a module's outcome depends on which ran before it."""
+    before = _consul_state(_shared_consul[0][0]) if _shared_consul else None
+    yield
+    if _shared_consul:
+        dev, fresh = _shared_consul[0]  # started during this module: it found the fresh state
+        _consul_state(dev).remove_beyond(dev, before or fresh)
+
+
+class _ConsulState(NamedTuple):
+    keys: set[str]
+    nodes: set[str]
+    services: set[str]  # the dev agent's own services (agent API: anti-entropy would restore them otherwise)
+
+    def remove_beyond(self, dev: ConsulDev, before: _ConsulState) -> None:
+        for key in self.keys - before.keys:
+            dev.kv_delete(urllib.parse.quote(key))
+        for node in self.nodes - before.nodes:
+            dev.put_json("/v1/catalog/deregister", {"Node": node})
+        for sid in self.services - before.services:
+            dev.put_json(f"/v1/agent/service/deregister/{urllib.parse.quote(sid, safe='')}", None)
+
+
+def _consul_state(dev: ConsulDev) -> _ConsulState:
+    try:
+        keys = set(dev.get_json("/v1/kv/?keys"))
+    except urllib.error.HTTPError as exc:  # 404: no key at all
+        if exc.code != 404:
+            raise
+        keys = set()
+    nodes = {n["Node"] for n in dev.get_json("/v1/catalog/nodes")}
+    return _ConsulState(keys, nodes, set(dev.get_json("/v1/agent/services")))
 
 
 @pytest.fixture(scope="module")

@@ -164,8 +164,6 @@ def pair(venv: Path, consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory
     finally:
         m.close()
         backends.close()
-        for kind in ("routes", "intentions", "history"):
-            consul.kv_delete(f"hostmesh/{kind}/{SVC}", recurse=True)
 
 
 def test_http_crosses_two_compiled_agents(pair: Pair, tmp_path: Path) -> None:

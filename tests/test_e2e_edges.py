@@ -248,7 +248,6 @@ def start_edges(
     stack.callback(db_tls.close)
     backends = Backends("web", "shop", "shop2")
     stack.callback(backends.close)
-    stack.callback(_forget_documents, consul)
     m = LocalMesh(tmp / "mesh", consul.url)
     stack.callback(m.close)
     https_port, http_port, tls_port = free_port(), free_port(), free_port()
@@ -332,19 +331,6 @@ def start_edges(
     return Edges(
         m, consul, gw, egress, caller, backends, https_port, http_port, tls_port, ops_ca, ext, tmp, certs
     )
-
-
-def _forget_documents(consul: ConsulDev) -> None:
-    with contextlib.suppress(OSError):  # a Consul of the test's own may be gone already
-        for kind, name in (
-            ("gateways", GW),
-            *(("external", n) for n in ("ext-direct", "ext-via", "ext-open")),
-        ):
-            consul.kv_delete(f"hostmesh/{kind}/{name}")
-            consul.kv_delete(f"hostmesh/history/{kind}/{name}", recurse=True)
-        for name in ("web", "shop", "db", "ext-direct", "ext-via"):
-            consul.kv_delete(f"hostmesh/intentions/{name}")
-            consul.kv_delete(f"hostmesh/history/intentions/{name}", recurse=True)
 
 
 @pytest.fixture(scope="module")

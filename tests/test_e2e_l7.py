@@ -70,8 +70,6 @@ def mesh(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         m.close()
         backends.close()
-        for kind in ("routes", "policies", "intentions", "history"):
-            consul.kv_delete(f"hostmesh/{kind}/{SVC}", recurse=True)
 
 
 def apply(mesh: Mesh, kind: str, doc: dict[str, Any], tmp: Path) -> int:

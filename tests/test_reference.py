@@ -28,7 +28,7 @@ from hostmesh.agent import config as agent_config
 from hostmesh.agent import reference
 from hostmesh.agent.cli import cli
 from hostmesh.registry import reference as documents
-from hostmesh.registry.documents import doc_key, history_prefix
+from hostmesh.registry.documents import doc_key
 from hostmesh.registry.schema import PARSERS, parse_document
 from tests.support import ConsulDev
 
@@ -190,35 +190,21 @@ def test_every_example_applies_to_consul(consul: ConsulDev, tmp_path: Path) -> N
     """`hostmesh <kind> apply -f` (`hostmesh ca nomad apply -f` for the Nomad mapping) for
     single-kind files, `hostmesh apply -f` for mixed ones."""
     runner = CliRunner(env={"HOSTMESH_STATE_DIR": str(tmp_path / "state")})
-    written = {(folder_of(d), stored_name(d)) for _, _, d in example_documents()}
-    forget(consul, written)
-    try:
-        for path in sorted(EXAMPLES.glob("*.yaml")):
-            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-            kinds = {documents.kind_by_name(d["kind"]) for d in docs}
-            assert None not in kinds
-            group = list(next(iter(kinds)).cli_group) if len(kinds) == 1 else []  # type: ignore[union-attr]
-            for d in docs:
-                consul.kv_delete(doc_key(folder_of(d), stored_name(d)))
-            result = runner.invoke(cli, ["--consul", consul.url, *group, "apply", "-f", str(path)])
-            assert result.exit_code == 0, (path.name, result.output)
-            for d in docs:
-                stored = json.loads(consul.kv_get(doc_key(folder_of(d), stored_name(d))) or b"{}")
-                assert {k: v for k, v in stored.items() if k != "version"} == without_kind(d), path.name
-    finally:
-        # The examples use real names (web, shop, edge, …) in the session's shared Consul: a module
-        # run after this one on the same worker must not find their routes, policies or gateway.
-        forget(consul, written)
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        kinds = {documents.kind_by_name(d["kind"]) for d in docs}
+        assert None not in kinds
+        group = list(next(iter(kinds)).cli_group) if len(kinds) == 1 else []  # type: ignore[union-attr]
+        for d in docs:
+            consul.kv_delete(doc_key(folder_of(d), stored_name(d)))
+        result = runner.invoke(cli, ["--consul", consul.url, *group, "apply", "-f", str(path)])
+        assert result.exit_code == 0, (path.name, result.output)
+        for d in docs:
+            stored = json.loads(consul.kv_get(doc_key(folder_of(d), stored_name(d))) or b"{}")
+            assert {k: v for k, v in stored.items() if k != "version"} == without_kind(d), path.name
 
 
 def folder_of(doc: dict[str, Any]) -> str:
     kind = documents.kind_by_name(doc["kind"])
     assert kind is not None, doc["kind"]
     return kind.folder
-
-
-def forget(consul: ConsulDev, docs: set[tuple[str, str]]) -> None:
-    """Delete these documents and their history."""
-    for folder, name in docs:
-        consul.kv_delete(doc_key(folder, name))
-        consul.kv_delete(history_prefix(folder, name), recurse=True)
