@@ -388,11 +388,11 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
 @one_line_errors
 def token_list(ctx: click.Context) -> None:
     """List the join tokens in Consul: scope, what each was redeemed for, expiry (never the
-    secrets, which are not stored). Expired tokens are removed a day after they expire."""
+    secrets, which are not stored). A running CA removes tokens a day after they expire."""
     import asyncio
 
     from hostmesh.ca import pki, tokens
-    from hostmesh.registry.cli import text_table
+    from hostmesh.registry.cli import dump_data, text_table
     from hostmesh.registry.consul import ConsulClient
 
     async def run() -> list[tokens.TokenState]:
@@ -400,18 +400,20 @@ def token_list(ctx: click.Context) -> None:
             return await tokens.list_all(consul)
 
     listed, at = asyncio.run(run()), pki.now()
-    if _json_output(ctx):
+    out = _root_obj(ctx).get("output")
+    if out in ("json", "yaml"):
         rows = [
             {
                 "id": t.id,
                 "state": t.state(at),
                 "services": list(t.record.services) if t.record else [],
                 "redeemed": list(t.redeemed),
+                "created": t.record.created.isoformat() if t.record else None,
                 "expires": t.record.expires.isoformat() if t.record else None,
             }
             for t in listed
         ]
-        click.echo(json.dumps({"tokens": rows}, indent=2))
+        click.echo(dump_data(rows, out))
         return
     if not listed:
         click.echo("no join tokens")
@@ -454,7 +456,9 @@ def token_revoke(ctx: click.Context, token_or_id: str) -> None:
 
     redeemed = asyncio.run(run())
     if redeemed is None:
-        raise click.ClickException(f"no join token {token_id} (expired ones are removed a day after expiry)")
+        raise click.ClickException(
+            f"no join token {token_id} (a running CA removes tokens a day after they expire)"
+        )
     used = f"; it had obtained certificates for {', '.join(redeemed)}, which stay valid" if redeemed else ""
     click.echo(f"join token {token_id} revoked{used}")
 

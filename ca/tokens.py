@@ -22,6 +22,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
@@ -134,6 +135,8 @@ class TokenRecord:
     def from_json(cls, token_id: str, raw: bytes, index: int = 0) -> TokenRecord:
         try:
             doc = json.loads(raw)
+            if not isinstance(doc["services"], list):
+                raise TypeError("services is not a list")
             services = tuple(str(s) for s in doc["services"])
             record = cls(
                 token_id,
@@ -145,7 +148,7 @@ class TokenRecord:
             )
         except (ValueError, KeyError, TypeError):
             raise Unauthorized(f"join token {token_id} has a corrupt record in Consul") from None
-        if record.expires.tzinfo is None:
+        if record.expires.tzinfo is None or record.created.tzinfo is None:
             raise Unauthorized(f"join token {token_id} has a corrupt record in Consul")
         return record
 
@@ -241,21 +244,33 @@ def valid_id(text: str) -> bool:
 
 
 async def revoke_known(consul: ConsulClient, token_id: str) -> tuple[str, ...] | None:
-    """`revoke` a token that exists: the services it was redeemed for, or None (no such token)."""
-    if await consul.kv_get(record_key(token_id)) is None:
+    """`revoke` a token that exists: the services it had been redeemed for, or None (no such
+    token). One transaction reads and deletes, so a redemption either committed before it (and
+    is in the answer) or comes after it (and fails its check of the record)."""
+    if not valid_id(token_id):
+        raise ValueError(f"not a join token id: {token_id!r}")
+    key = record_key(token_id)
+    reads = [{"KV": {"Verb": "get", "Key": key}}, {"KV": {"Verb": "get-tree", "Key": f"{key}/"}}]
+    try:
+        results = await consul.txn([*reads, *_revoke_ops(token_id)])
+    except Conflict:  # the `get` of a record that does not exist fails the transaction
         return None
-    markers = await consul.kv_list(f"{record_key(token_id)}/redeemed/")
-    await revoke(consul, token_id)
-    return tuple(sorted(m.key.rsplit("/", 1)[1] for m in markers))
+    prefix = f"{key}/redeemed/"
+    keys = (str((r.get("KV") or {}).get("Key", "")) for r in results if isinstance(r, dict))
+    return tuple(sorted(k[len(prefix) :] for k in keys if k.startswith(prefix)))
 
 
 async def revoke(consul: ConsulClient, token_id: str) -> None:
-    """Delete a token's record and its redemption markers at once: it can obtain nothing from now
-    on. One recursive delete of the record's key: ids all have the same length, so the keys
-    starting with it are the record and its markers, never another token's."""
+    """Delete a token's record and its redemption markers at once: it can obtain nothing from now on."""
     if not valid_id(token_id):
         raise ValueError(f"not a join token id: {token_id!r}")
-    await consul.kv_delete(record_key(token_id), recurse=True)
+    await consul.txn(_revoke_ops(token_id))
+
+
+def _revoke_ops(token_id: str) -> list[dict[str, Any]]:
+    """The record and the keys below it (its markers); not keys that merely start with its id."""
+    key = record_key(token_id)
+    return [{"KV": {"Verb": "delete-tree", "Key": f"{key}/"}}, {"KV": {"Verb": "delete", "Key": key}}]
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +298,10 @@ async def list_all(consul: ConsulClient) -> list[TokenState]:
     records: dict[str, TokenRecord | None] = {}
     redeemed: dict[str, list[str]] = {}
     for entry in entries:
-        token_id, _, rest = entry.key[len(KV_PREFIX) :].partition("/")
+        token_id, below, rest = entry.key[len(KV_PREFIX) :].partition("/")
         if not valid_id(token_id):
             continue  # not ours: a key someone wrote by hand
-        if not rest:
+        if not below:  # the record itself (`<id>/`, a folder key made by hand, is not)
             try:
                 records[token_id] = TokenRecord.from_json(token_id, entry.value, entry.modify_index)
             except Unauthorized:

@@ -110,7 +110,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "unknown error"
 
 
-def _dump(data: Any, fmt: str) -> str:
+def dump_data(data: Any, fmt: str) -> str:
+    """`data` as JSON or YAML: every CLI command's -o json|yaml (the `ca` group's too)."""
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False)
     import yaml
@@ -533,8 +534,8 @@ def _show_diff(path: str, c: _Checked) -> None:
     if not c.changed:
         click.echo(f"{c.kind}/{c.service}: unchanged (version {c.have})")
         return
-    old_text = (_dump(_versioned(_content(c.current.data), c.have), "yaml") + "\n") if c.current else ""
-    new_text = _dump(_versioned(_content(c.data), c.have + 1), "yaml") + "\n"
+    old_text = (dump_data(_versioned(_content(c.current.data), c.have), "yaml") + "\n") if c.current else ""
+    new_text = dump_data(_versioned(_content(c.data), c.have + 1), "yaml") + "\n"
     diff = difflib.unified_diff(
         old_text.splitlines(keepends=True),
         new_text.splitlines(keepends=True),
@@ -620,7 +621,7 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
         docs = _run(ctx, lambda store: _list_readable(store, kind))
         out = _output(ctx, fmt)
         if out != "table":
-            click.echo(_dump([d.data for d in docs], out))
+            click.echo(dump_data([d.data for d in docs], out))
             return
         if not docs:
             click.echo(f"no {noun} documents")
@@ -675,7 +676,7 @@ def _print_live(ctx: click.Context, kind: str, name: str, fmt: str | None, missi
     if doc is None:
         raise click.ClickException(missing)
     remember_read(ctx, kind, name, doc.version)
-    click.echo(_dump(doc.data, _output(ctx, fmt, default="yaml")))
+    click.echo(dump_data(doc.data, _output(ctx, fmt, default="yaml")))
 
 
 def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) -> None:
@@ -693,7 +694,7 @@ def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) ->
     versions, live = _run(ctx, run)
     out = _output(ctx, fmt)
     if out != "table":
-        click.echo(_dump([d.data for d in versions], out))
+        click.echo(dump_data([d.data for d in versions], out))
         return
     if not versions:
         raise click.ClickException(f"no history for {kind}/{name}")
@@ -868,7 +869,7 @@ def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None
     docs = _run(ctx, run)
     out = _output(ctx, fmt)
     if out != "table":
-        click.echo(_dump([d.data for d in docs], out))
+        click.echo(dump_data([d.data for d in docs], out))
         return
     if not docs:
         click.echo("no intentions" + (f" for {dst}" if dst else ""))
@@ -926,7 +927,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
     rows = _run(ctx, run)
     out = _output(ctx, fmt)
     if out != "table":
-        click.echo(_dump(rows, out))
+        click.echo(dump_data(rows, out))
         return
     if not rows:
         click.echo("no mesh services registered (Consul services with meta hostmesh=1)")

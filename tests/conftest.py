@@ -101,9 +101,12 @@ def shared_consul_left_as_found() -> Iterator[None]:
     catalog nodes and services this module added (documents with real names like `web`, the trust
     bundle, join tokens, an instance whose agent was killed) are removed after it. Keys it changed
     keep their new value. Without this, a module's outcome depends on which ran before it."""
-    before = _consul_state(_shared_consul[0][0]) if _shared_consul else None
+    # (a Consul a test stopped is the failure of that test, not of every module after it)
+    before = (
+        _consul_state(_shared_consul[0][0]) if _shared_consul and _shared_consul[0][0].serving() else None
+    )
     yield
-    if _shared_consul:
+    if _shared_consul and _shared_consul[0][0].serving():
         dev, fresh = _shared_consul[0]  # started during this module: it found the fresh state
         _consul_state(dev).remove_beyond(dev, before or fresh)
 

@@ -318,9 +318,18 @@ def test_token_list_and_revoke_from_the_cli(consul: ConsulDev) -> None:
     tok = json.loads(created.stdout)
     listed = run("-o", "json", "ca", "token", "list", consul=consul.url)
     assert listed.exit_code == 0, listed.stderr
-    mine = [t for t in json.loads(listed.stdout)["tokens"] if t["id"] == tok["id"]]
-    assert mine == [{"id": tok["id"], "state": "valid", "services": ["web", "api"], "redeemed": [],
-                     "expires": tok["expires"]}]  # fmt: skip
+    mine = [t for t in json.loads(listed.stdout) if t["id"] == tok["id"]]
+    assert [{k: v for k, v in t.items() if k != "created"} for t in mine] == [
+        {
+            "id": tok["id"],
+            "state": "valid",
+            "services": ["web", "api"],
+            "redeemed": [],
+            "expires": tok["expires"],
+        }
+    ]
+    as_yaml = run("ca", "token", "list", "-o", "yaml", consul=consul.url)  # -o after the command too
+    assert f"id: {tok['id']}" in as_yaml.stdout, (as_yaml.stdout, as_yaml.stderr)
     table = run("ca", "token", "list", consul=consul.url).stdout
     assert table.startswith("ID ") and tok["id"] in table and tok["token"].split(".")[2] not in table
 

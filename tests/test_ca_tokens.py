@@ -113,16 +113,43 @@ async def test_list_shows_scope_redemptions_and_state_never_secrets(consul: Cons
         fresh, _ = await tokens.create(c, ["web", "api"], dt.timedelta(minutes=5))
         used, _ = await tokens.create(c, ["db"], dt.timedelta(minutes=5))
         await tokens.redeem(c, await tokens.authenticate(c, str(used), pki.now()), "db", pki.now())
-        await c.kv_put(tokens.record_key("0" * 16), b"not json")  # a corrupt record is listed, not fatal
+        corrupt = {  # listed as corrupt, never fatal (no traceback from comparing their dates)
+            "0" * 16: b"not json",
+            "1" * 16: b'{"hash": "x", "services": ["a"], "created": "2026-01-01T00:00:00", '
+            b'"expires": "2026-01-02T00:00:00+00:00"}',
+            "2" * 16: b'{"hash": "x", "services": "web", "created": "2026-01-01T00:00:00+00:00", '
+            b'"expires": "2026-01-02T00:00:00+00:00"}',
+        }
+        for token_id, raw in corrupt.items():
+            await c.kv_put(tokens.record_key(token_id), raw)
+        await c.kv_put(f"{tokens.record_key(fresh.id)}/", b"")  # a folder key made by hand: not a record
         try:
             listed = {t.id: t for t in await tokens.list_all(c)}
         finally:
-            await tokens.revoke(c, "0" * 16)
+            for token_id in corrupt:
+                await tokens.revoke(c, token_id)
     now = pki.now()
     assert listed[fresh.id].record is not None and listed[fresh.id].record.services == ("web", "api")
     assert (listed[fresh.id].redeemed, listed[fresh.id].state(now)) == ((), "valid")
     assert (listed[used.id].redeemed, listed[used.id].state(now)) == (("db",), "used")
-    assert listed["0" * 16].state(now) == "corrupt"
+    assert all(listed[token_id].state(now) == "corrupt" for token_id in corrupt)
     expired_at = listed[fresh.id].record.expires  # type: ignore[union-attr]
     assert listed[fresh.id].state(expired_at) == "expired"
     assert all(fresh.secret not in repr(t) for t in listed.values())
+
+
+@pytest.mark.consul
+async def test_revoke_removes_the_token_and_its_markers_and_nothing_else(consul: ConsulDev) -> None:
+    async with ConsulClient(consul.url) as c:
+        tok, _ = await tokens.create(c, ["web"], dt.timedelta(minutes=5))
+        await tokens.redeem(c, await tokens.authenticate(c, str(tok), pki.now()), "web", pki.now())
+        neighbours = [f"{tokens.record_key(tok.id)}-backup", f"{tokens.record_key(tok.id)}.bak"]
+        for key in neighbours:  # keys that only start with the id, written by hand
+            await c.kv_put(key, b"keep me")
+        try:
+            assert await tokens.revoke_known(c, tok.id) == ("web",)
+            left = [e.key for e in await c.kv_list(tokens.record_key(tok.id))]
+            assert sorted(left) == sorted(neighbours)
+        finally:
+            for key in neighbours:
+                await c.kv_delete(key)

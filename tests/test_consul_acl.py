@@ -151,7 +151,7 @@ def test_join_tokens_are_listed_and_revoked_with_the_cas_token_only(
         "Error: Consul ACL denied list of hostmesh/ca/tokens/: the token lacks key:read on it"
     )
     assert fails(hm(secure, "ca", "token", "revoke", token_id, token=tokens.operator)) == (
-        f"Error: Consul ACL denied read of hostmesh/ca/tokens/{token_id}: the token lacks key:read on it"
+        f"Error: Consul ACL denied delete of hostmesh/ca/tokens/{token_id}/: the token lacks key:write on it"
     )
     assert token_id in ok(hm(secure, "ca", "token", "list", token=tokens.ca))
     assert (
