@@ -26,7 +26,7 @@ from typing import Any
 
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import Conflict, PermissionDenied
 from hostmesh.registry.layout import CA_SERVICE_NAME
 
@@ -294,7 +294,15 @@ async def list_all(consul: ConsulClient) -> list[TokenState]:
     token may not read them all (Consul would leave the unreadable ones out without a word)."""
     if not await consul.prefix_readable(KV_PREFIX):
         raise PermissionDenied(f"Consul ACL denied list of {KV_PREFIX}: the token lacks key:read on it")
-    entries = await consul.kv_list(KV_PREFIX)
+    records, redeemed = _scan(await consul.kv_list(KV_PREFIX))
+    states = [TokenState(i, r, tuple(sorted(redeemed.get(i, ())))) for i, r in records.items()]
+    far = dt.datetime.max.replace(tzinfo=dt.UTC)
+    return sorted(states, key=lambda t: (t.record.created if t.record else far, t.id))
+
+
+def _scan(entries: list[KVEntry]) -> tuple[dict[str, TokenRecord | None], dict[str, list[str]]]:
+    """The keys under KV_PREFIX as {id: its record (None: corrupt)} and {id: the services of its
+    redemption markers}; keys that are not ours are left out."""
     records: dict[str, TokenRecord | None] = {}
     redeemed: dict[str, list[str]] = {}
     for entry in entries:
@@ -308,23 +316,16 @@ async def list_all(consul: ConsulClient) -> list[TokenState]:
                 records[token_id] = None
         elif rest.startswith("redeemed/"):
             redeemed.setdefault(token_id, []).append(rest[len("redeemed/") :])
-    states = [TokenState(i, r, tuple(sorted(redeemed.get(i, ())))) for i, r in records.items()]
-    far = dt.datetime.max.replace(tzinfo=dt.UTC)
-    return sorted(states, key=lambda t: (t.record.created if t.record else far, t.id))
+    return records, redeemed
 
 
 async def prune(consul: ConsulClient, at: dt.datetime) -> int:
-    """Delete records (and their redemption markers) expired for longer than PRUNE_GRACE."""
-    removed = 0
-    for entry in await consul.kv_list(KV_PREFIX):
-        token_id = entry.key[len(KV_PREFIX) :]
-        if not valid_id(token_id):
-            continue  # a redemption marker, or a key that is not ours
-        try:
-            record = TokenRecord.from_json(token_id, entry.value)
-        except Unauthorized:
-            continue
-        if at - record.expires > PRUNE_GRACE:
-            await revoke(consul, token_id)
-            removed += 1
-    return removed
+    """Delete records (and their redemption markers) expired for longer than PRUNE_GRACE, and
+    markers whose record is gone (a redemption by a CA of 0.1, which did not check the record,
+    racing a revoke). Returns how many tokens it removed."""
+    records, redeemed = _scan(await consul.kv_list(KV_PREFIX))
+    expired = [i for i, r in records.items() if r is not None and at - r.expires > PRUNE_GRACE]
+    orphans = [i for i in redeemed if i not in records]
+    for token_id in (*expired, *orphans):
+        await revoke(consul, token_id)
+    return len(expired) + len(orphans)

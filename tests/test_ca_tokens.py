@@ -90,6 +90,11 @@ async def test_create_redeem_once_and_prune(consul: ConsulDev) -> None:
         assert await tokens.prune(c, later) >= 1
         assert await c.kv_get(tokens.record_key(tok.id)) is None
         assert await c.kv_get(tokens.redeemed_key(tok.id, "web")) is None
+        # a marker whose record is gone (a 0.1 CA's redemption racing a revoke) is pruned at once
+        orphan = tokens.new_token().id
+        await c.kv_put(tokens.redeemed_key(orphan, "web"), b"{}")
+        assert await tokens.prune(c, pki.now()) >= 1
+        assert await c.kv_list(tokens.record_key(orphan)) == []
 
 
 @pytest.mark.consul
