@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import httptools
 
 from hostmesh.registry.errors import InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
+from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.records import without_leftover_class
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,28 @@ MAX_IDLE_PER_CLIENT = 4  # keep-alive connections kept per base URL; control-pla
 MAX_CONNECTIONS_PER_CLIENT = 8  # hard cap on open connections per client: Consul refuses a source IP past
 # its http_max_conns_per_client (200), shared by every process of a host, and a burst must not get there
 MAX_WAITING_PER_CLIENT = 512  # requests queued for a free connection; beyond, fail fast instead of piling up
+MiB = 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # request/response head limit for control-plane messages
+# A request target (path and query). The APIs served here have short ones; 8 KiB is what common servers
+# take (nginx, Apache), and well below httptools.parse_url's own 64 KiB ceiling.
+MAX_URL_BYTES = 8 * 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024  # Consul KV values are capped at 512 KiB; catalog lists can be larger
-SERVER_HEAD_TIMEOUT = 10.0  # slow-client bound on the admin/CA servers
+READ_SIZE = 64 * 1024  # bytes asked of a socket per read
+# Slow clients. A request's head must be complete this long after its first byte, however slowly it
+# trickles in (a timeout per read let one byte every 9 s hold a connection forever)...
+SERVER_HEAD_TIMEOUT = 10.0
+SERVER_REQUEST_TIMEOUT = 30.0  # ...and its body within this: 8 MiB at ~300 KB/s; the APIs' are tiny
 SERVER_IDLE_TIMEOUT = 60.0  # keep-alive idle bound on the admin/CA servers
+SERVER_SEND_TIMEOUT = 10.0  # an answer its client does not read for this long (its window full): dropped
+# After an answer that ends the connection, what the client still sends (the rest of a refused upload)
+# is read and dropped for a while: closing a socket with unread data resets the connection, and the
+# reset can reach the client before it has read the answer explaining why.
+SERVER_LINGER_TIMEOUT = 2.0
+SERVER_LINGER_BYTES = 2 * MAX_BODY_BYTES
+# Connections one server holds at once (a socket and up to ~2 x MAX_HEAD_BYTES of buffers each). The
+# admin API and /metrics see a handful of clients (the CLI, Consul's checks, scrapers); without a cap
+# 20,000 slow clients on /metrics took every file descriptor of the agent, and its data path with them.
+SERVER_MAX_CONNECTIONS = 128
 RETRY_AFTER_SECONDS = 1  # what a shed request is told: the burst that filled the server is short-lived
 
 
@@ -63,30 +83,28 @@ class Response:
 
 
 class _Parsed:
-    """httptools callback sink for one message (request or response)."""
+    """httptools callback sink for one response (the client's side)."""
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.body = bytearray()
-        self.url = b""
         self.complete = False
-        self.head_bytes = 0
-        self.parser: httptools.HttpResponseParser | httptools.HttpRequestParser | None = None
+        self.head_done = False
+        self.parser: httptools.HttpResponseParser | None = None
         self.keep_alive = False
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value)
         key = name.decode("latin-1").lower()
         val = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {val}" if key in self.headers else val
 
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > MAX_BODY_BYTES:
-            raise _TooLarge
+            raise _TooLarge(f"answer larger than {_size(MAX_BODY_BYTES)}")
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -96,7 +114,7 @@ class _Parsed:
 
 
 class _TooLarge(Exception):
-    pass
+    """An answer past MAX_HEAD_BYTES or MAX_BODY_BYTES; str() says which."""
 
 
 def _head(start_line: str, headers: dict[str, str], body_len: int) -> bytes:
@@ -142,10 +160,20 @@ class HTTPClient:
         scheme = parsed.scheme or "http"
         if scheme not in ("http", "https"):
             raise InvalidAddress(f"unsupported URL scheme {scheme!r} in {base_url!r}")
+        # A URL without a port uses its scheme's (Consul's settings, an OTLP endpoint may omit it); an
+        # empty host, port 0 or a ':' with no port after it is a mistake (an unset variable in
+        # `host:$PORT`), which used to be read as 127.0.0.1 and port 80.
+        if not parsed.hostname:
+            raise InvalidAddress(f"address {base_url!r}: no host name or IP address")
+        if port == 0:
+            raise InvalidAddress(f"address {base_url!r}: port 0 cannot be connected to")
+        if port is None and parsed.netloc.endswith(":"):
+            raise InvalidAddress(f"address {base_url!r}: no port number after ':'")
         self.scheme = scheme
-        self.host = parsed.hostname or "127.0.0.1"
+        self.host = parsed.hostname
         self.port = port or (443 if scheme == "https" else 80)
-        self.base_url = f"{scheme}://{self.host}:{self.port}"
+        self.authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.base_url = f"{scheme}://{self.authority}"
         if scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
         self._ssl = ssl_context if scheme == "https" else None
@@ -169,7 +197,7 @@ class HTTPClient:
     ) -> Response:
         """One request; raises `Unavailable` for anything at transport level (refused, reset, timeout)."""
         data = body.encode() if isinstance(body, str) else body
-        hdrs = {"host": f"{self.host}:{self.port}", "user-agent": "hostmesh"}
+        hdrs = {"host": self.authority, "user-agent": "hostmesh"}
         hdrs.update(headers or {})
         _check_headers(hdrs)
         head = _head(f"{method} {path} HTTP/1.1", hdrs, len(data))
@@ -195,7 +223,7 @@ class HTTPClient:
             except TimeoutError:
                 raise Unavailable(f"{self.base_url}: no answer within {timeout:g}s") from None
             except (OSError, ssl.SSLError, EOFError, httptools.HttpParserError, _TooLarge) as exc:
-                if attempt == 0 and reused and method in ("GET", "HEAD"):
+                if attempt == 0 and reused and method in ("GET", "HEAD") and not isinstance(exc, _TooLarge):
                     continue
                 raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
         raise AssertionError("unreachable")
@@ -245,16 +273,21 @@ class HTTPClient:
     async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
         sink = _Parsed()
         parser = sink.parser = httptools.HttpResponseParser(sink)
+        head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
         while not sink.complete:
-            chunk = await reader.read(65536)
+            chunk = await reader.read(READ_SIZE)
             if not chunk:
-                if sink.headers and not sink.complete:
-                    parser.feed_data(b"")  # lets a read-until-close body complete
+                if sink.head_done and not sink.complete:
+                    _feed(parser, b"")  # lets a read-until-close body complete
                 if not sink.complete:
                     raise EOFError("connection closed before the response was complete")
                 break
-            parser.feed_data(chunk)
-            if method == "HEAD" and sink.headers:
+            _feed(parser, chunk)
+            if not sink.head_done:
+                head_bytes += len(chunk)
+                if head_bytes > MAX_HEAD_BYTES:
+                    raise _TooLarge(f"answer head larger than {_size(MAX_HEAD_BYTES)}")
+            if method == "HEAD" and sink.head_done:
                 break
         keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
         return Response(parser.get_status_code(), bytes(sink.body), sink.headers), keep
@@ -267,6 +300,17 @@ class HTTPClient:
         for _, writer in idle:
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
+
+
+def _feed(parser: httptools.HttpResponseParser, data: bytes) -> None:
+    """Feed an answer's bytes; a limit hit in a callback comes out as `_TooLarge`, not as the
+    HttpParserCallbackError that httptools wraps it in ("`on_body` callback error")."""
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserCallbackError as exc:
+        if isinstance(exc.__context__, _TooLarge):
+            raise exc.__context__ from None
+        raise
 
 
 def _describe(exc: BaseException) -> str:
@@ -314,8 +358,10 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Payload Too Large",
+    414: "URI Too Long",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
@@ -327,7 +373,13 @@ class HTTPServer:
     """A minimal keep-alive HTTP/1.1 server calling one async handler per request.
 
     Lifecycle: `await start()` binds and returns the port (ready once it returns), `close()` is
-    idempotent, stops accepting and closes tracked connections. Garbage gets a 400 and a close.
+    idempotent, stops accepting and closes tracked connections. Pipelined requests are answered one
+    by one, in order. What one client can cost is bounded, each bound a module constant: at most
+    `max_connections` connections (then the one idle longest makes room, or the new one gets a 503),
+    a head complete within SERVER_HEAD_TIMEOUT of its first byte (408) and MAX_HEAD_BYTES (431; its
+    URL MAX_URL_BYTES: 414), a body within `max_body` (413) and SERVER_REQUEST_TIMEOUT, an answer
+    read within SERVER_SEND_TIMEOUT. Garbage gets a 400 and a close; an `Upgrade` is ignored (the
+    request is answered in HTTP/1.1, then the connection closed); CONNECT gets a 400.
     """
 
     def __init__(
@@ -340,6 +392,7 @@ class HTTPServer:
         *,
         max_inflight: int | None = None,
         unlimited_paths: frozenset[str] = frozenset(),
+        max_connections: int | None = SERVER_MAX_CONNECTIONS,
     ) -> None:
         self._handler = handler
         self.host = host
@@ -350,13 +403,26 @@ class HTTPServer:
         self._unlimited = unlimited_paths  # cheap paths (health) that are answered even when full
         self._inflight = 0
         self.shed = 0  # requests answered 429 because the server was full
+        self._max_connections = max_connections  # None: no cap (a subclass admitting connections itself)
+        self.refused_connections = 0  # answered 503 and closed unread: every connection was in a request
+        self._refusal_log = RateLimitedLog(log, "connections refused at the connection limit")
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._idle: dict[asyncio.StreamWriter, float] = {}  # connections between requests -> since when
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._conns)
+
+    @property
+    def idle_connections(self) -> int:
+        """Of those, the ones waiting for a request (none of it received yet)."""
+        return len(self._idle)
+
     async def start(self) -> int:
         self._server = await asyncio.start_server(
-            self._serve,
+            self._accept,
             **server_address(self.host, self.port),
             ssl=self._ssl,
             limit=MAX_HEAD_BYTES,
@@ -370,38 +436,95 @@ class HTTPServer:
             return
         server, self._server = self._server, None
         server.close()
+        self._refusal_log.flush()
         for writer in list(self._conns):
             writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2.0)
 
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve a new connection within `max_connections`. At the cap, the connection that has waited
+        longest for its next request is closed to make room: no request of its client is lost, and a
+        client reconnects, while a newcomer (a scrape, a health check) would otherwise be locked out
+        by clients that merely hold connections open. If every connection is in a request, the new
+        one gets a prompt 503 and is closed: queueing it would hold a socket, which is what runs out
+        (slow clients end within SERVER_HEAD_TIMEOUT and free their place)."""
+        cap = self._max_connections
+        if cap is not None and len(self._conns) >= cap and not self.close_idle(0.0):
+            self.refused_connections += 1
+            self._refusal_log(
+                "HTTP server on port %s: %d connections open, all in a request (the limit): "
+                "refused one from %s",
+                self.port,
+                len(self._conns),
+                _format_peer(writer.get_extra_info("peername")),
+            )
+            resp = Response.error(503, f"server at its limit of {cap} connections; retry later")
+            resp.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+            resp.headers["connection"] = "close"
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(_head(f"HTTP/1.1 503 {_REASONS[503]}", resp.headers, len(resp.body)) + resp.body)
+            writer.close()
+            return
+        await self._serve(reader, writer)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
         peer = writer.get_extra_info("peername")
         ssl_object = writer.get_extra_info("ssl_object")
+        stream = _RequestStream(self._max_body)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                self._idle[writer] = time.monotonic()
-                try:
-                    req = await self._read_request(reader, peer, ssl_object)
-                except _NoRequest:
+                while stream.ready:
+                    msg = stream.ready.popleft()
+                    try:
+                        req = msg.request(peer, ssl_object)
+                    except _BadRequest as bad:
+                        await self._refuse(reader, writer, bad)
+                        return
+                    resp = await self._admit(req)
+                    await self._send(
+                        writer, resp, msg.keep_alive, head_only=req.method == "HEAD", http10=msg.http10
+                    )
+                    if not msg.keep_alive:
+                        await _linger(reader, writer)
+                        return
+                if stream.failed is not None:  # answered after the requests before it
+                    await self._refuse(reader, writer, stream.failed)
                     return
-                except _BadRequest as bad:
-                    await self._send(writer, Response.error(bad.status, bad.message), keep=False)
+                waiting = stream.started is None  # for a request, none of it received yet
+                if waiting:
+                    self._idle[writer] = time.monotonic()
+                try:
+                    async with asyncio.timeout_at(stream.deadline(loop.time())):
+                        chunk = await reader.read(READ_SIZE)
+                except TimeoutError:
+                    if waiting:
+                        return  # idle: close quietly
+                    if stream.in_head:
+                        late = _BadRequest(408, f"request head not received within {SERVER_HEAD_TIMEOUT:g}s")
+                    else:
+                        late = _BadRequest(408, f"request not received within {SERVER_REQUEST_TIMEOUT:g}s")
+                    await self._refuse(reader, writer, late)
                     return
                 finally:
                     self._idle.pop(writer, None)
-                resp = await self._admit(req)
-                keep = req.headers.get("connection", "").lower() != "close"
-                await self._send(writer, resp, keep)
-                if not keep:
-                    return
+                if not chunk:
+                    return  # the client closed (within a request: nobody left to answer)
+                stream.feed(chunk, loop.time())
         except (OSError, ssl.SSLError, ConnectionError):
             return
         finally:
             self._conns.discard(writer)
             self._idle.pop(writer, None)
             writer.close()
+
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bad: _BadRequest
+    ) -> None:
+        await self._send(writer, Response.error(bad.status, bad.message), keep=False)
+        await _linger(reader, writer)
 
     async def _admit(self, req: Request) -> Response:
         """Run the handler, unless `max_inflight` requests already are in it: then a prompt 429."""
@@ -429,54 +552,262 @@ class HTTPServer:
         if time.monotonic() - since < idle_for:
             return False
         self._idle.pop(writer, None)
+        self._conns.discard(writer)  # gone now, for the count of the connection limit
         writer.close()
         return True
 
-    async def _read_request(self, reader: asyncio.StreamReader, peer: Any, ssl_object: Any) -> Request:
-        sink = _Parsed()
-        parser = httptools.HttpRequestParser(sink)
-        first = True
-        while not sink.complete:
-            try:
-                async with asyncio.timeout(SERVER_IDLE_TIMEOUT if first else SERVER_HEAD_TIMEOUT):
-                    chunk = await reader.read(65536)
-            except TimeoutError:
-                if first:
-                    raise _NoRequest from None
-                raise _BadRequest(408, "request not received in time") from None
-            if not chunk:
-                raise _NoRequest
-            first = False
-            try:
-                parser.feed_data(chunk)
-            except _TooLarge:
-                raise _BadRequest(413, "request body too large") from None
-            except httptools.HttpParserError:
-                raise _BadRequest(400, "malformed HTTP request") from None
-            if sink.head_bytes > MAX_HEAD_BYTES:
-                raise _BadRequest(431, "request head too large")
-            if len(sink.body) > self._max_body:
-                raise _BadRequest(413, "request body too large")
-        url = httptools.parse_url(sink.url)
-        path = urllib.parse.unquote((url.path or b"/").decode("latin-1"))
-        query = dict(urllib.parse.parse_qsl((url.query or b"").decode("latin-1")))
-        method = parser.get_method().decode("latin-1")
-        return Request(method, path, query, sink.headers, bytes(sink.body), peer, ssl_object)
-
-    async def _send(self, writer: asyncio.StreamWriter, resp: Response, keep: bool) -> None:
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        resp: Response,
+        keep: bool,
+        *,
+        head_only: bool = False,
+        http10: bool = False,
+    ) -> None:
         headers = dict(resp.headers)
         if not keep:
             headers["connection"] = "close"
+        elif http10:  # an HTTP/1.0 client keeps the connection only when told so
+            headers["connection"] = "keep-alive"
         reason = _REASONS.get(resp.status, "")
-        writer.write(_head(f"HTTP/1.1 {resp.status} {reason}", headers, len(resp.body)) + resp.body)
-        await writer.drain()
+        head = _head(f"HTTP/1.1 {resp.status} {reason}", headers, len(resp.body))
+        writer.write(head if head_only else head + resp.body)  # HEAD: the length, not the body
+        try:
+            async with asyncio.timeout(SERVER_SEND_TIMEOUT):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise ConnectionAbortedError(f"answer not read within {SERVER_SEND_TIMEOUT:g}s") from None
 
 
-class _NoRequest(Exception):
-    """The client closed or went idle between requests: close quietly."""
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Before closing after an answer: half-close, then read away what the client still sends, for at
+    most SERVER_LINGER_TIMEOUT and SERVER_LINGER_BYTES, so the answer is not lost to a reset."""
+    if writer.can_write_eof():
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+    left = SERVER_LINGER_BYTES
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+        async with asyncio.timeout(SERVER_LINGER_TIMEOUT):
+            while left > 0:
+                chunk = await reader.read(READ_SIZE)
+                if not chunk:
+                    return
+                left -= len(chunk)
+
+
+def _format_peer(peer: Any) -> str:
+    if not peer:
+        return "?"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _size(n: int) -> str:
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} bytes"
 
 
 class _BadRequest(Exception):
+    """A request answered with `status` and `message`, after which the connection is closed."""
+
     def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing; the reason is in `_RequestStream.failed`."""
+
+
+class _Message:
+    """One request as parsed, before it becomes a `Request`."""
+
+    __slots__ = (
+        "body",
+        "framing",
+        "head_size",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "refusal",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.url = bytearray()
+        self.headers: dict[str, str] = {}
+        self.head_size = 0  # bytes of its finished header lines
+        self.body = bytearray()
+        self.keep_alive = False
+        self.http10 = False
+        self.refusal: _BadRequest | None = None  # answered with this instead of the handler's answer
+        self.framing = b""  # an Upgrade request's body framing headers (its body is parsed apart)
+
+    def request(self, peer: Any, ssl_object: Any) -> Request:
+        if self.refusal is not None:
+            raise self.refusal
+        try:
+            url = httptools.parse_url(bytes(self.url))
+        except httptools.HttpParserInvalidURLError:
+            raise _BadRequest(400, "malformed request URL") from None
+        path = urllib.parse.unquote((url.path or b"/").decode("latin-1"))
+        query = dict(urllib.parse.parse_qsl((url.query or b"").decode("latin-1")))
+        return Request(self.method, path, query, self.headers, bytes(self.body), peer, ssl_object)
+
+
+class _RequestStream:
+    """The requests of one connection, parsed by one httptools parser whose callbacks are the methods
+    below: each finished request goes to `ready`, in order, and the bytes after it start the next
+    (pipelining). Limits are checked as bytes arrive, never after buffering them all; a refusal goes
+    to `failed` (answered after the requests before it) and parsing stops."""
+
+    def __init__(self, max_body: int) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.max_body = max_body
+        self.ready: deque[_Message] = deque()
+        self.failed: _BadRequest | None = None
+        self.started: float | None = None  # loop time the unfinished request's first byte came
+        self._msg: _Message | None = None  # the request being parsed
+        self._head_done = False
+        self._head_bytes = 0  # read while its head was unfinished (httptools buffers a partial line)
+        self._now = 0.0
+
+    @property
+    def in_head(self) -> bool:
+        return self._msg is None or not self._head_done
+
+    def deadline(self, now: float) -> float:
+        if self.started is None:
+            return now + SERVER_IDLE_TIMEOUT
+        return self.started + (SERVER_HEAD_TIMEOUT if self.in_head else SERVER_REQUEST_TIMEOUT)
+
+    def feed(self, data: bytes, now: float) -> None:
+        if self.failed is not None:
+            return
+        if self.started is None:
+            self.started = now
+        self._now = now
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:  # not an HttpParserError
+            self._upgraded(data[upgrade.args[0] :], now)
+        except httptools.HttpParserCallbackError:
+            if self.failed is None:  # not one of our refusals: a fault here, not the client's
+                log.exception("parsing an HTTP request failed")
+                self.failed = _BadRequest(500, "internal error")
+        except httptools.HttpParserError as exc:
+            self.failed = _BadRequest(400, f"malformed HTTP request: {exc}")
+        if self.failed is None and self.started is not None and self.in_head:
+            # Raw bytes, while the head is unfinished: httptools buffers an unfinished header line
+            # (copying it per piece), so a head counted by its finished lines only could grow unbounded.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.failed = _BadRequest(431, f"request head larger than {_size(MAX_HEAD_BYTES)}")
+
+    def _upgraded(self, rest: bytes, now: float) -> None:
+        """httptools stops at a request asking for an Upgrade or CONNECT (what follows would be the
+        new protocol's bytes). Such a request is answered in HTTP/1.1 as the last of its connection;
+        if it has a body, which httptools skipped, a second parser reads it, given a head of just
+        the request's framing headers."""
+        msg = self._msg
+        if msg is None or not msg.framing:
+            return  # already in `ready`; nothing after it is read
+        self.parser = httptools.HttpRequestParser(_UpgradeBody(self, msg))
+        self.feed(b"PUT / HTTP/1.1\r\n" + msg.framing + b"\r\n" + rest, now)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.failed = _BadRequest(status, message)
+        raise _Stop
+
+    def _finish(self, msg: _Message) -> None:
+        self.ready.append(msg)
+        self._msg = None
+        self.started = None
+        self._head_bytes = 0
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._msg = _Message()
+        self._head_done = False
+        if self.started is None:  # a pipelined request, begun in the read that finished the last
+            self.started = self._now
+
+    def on_url(self, url: bytes) -> None:
+        assert self._msg is not None
+        self._msg.url += url
+        if len(self._msg.url) > MAX_URL_BYTES:
+            self._refuse(414, f"request URL longer than {_size(MAX_URL_BYTES)}")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        msg = self._msg
+        assert msg is not None
+        # The finished lines of a head that completes within the read that ends it (feed() counts
+        # the reads before): so no head larger than the limit reaches the handler.
+        msg.head_size += len(name) + len(value) + 4  # ": " and CRLF
+        if len(msg.url) + msg.head_size > MAX_HEAD_BYTES:
+            self._refuse(431, f"request head larger than {_size(MAX_HEAD_BYTES)}")
+        headers = msg.headers
+        key = name.decode("latin-1").lower()
+        val = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {val}" if key in headers else val
+
+    def on_headers_complete(self) -> None:
+        msg = self._msg
+        assert msg is not None
+        self._head_done = True
+        msg.method = self.parser.get_method().decode("latin-1")
+        msg.http10 = self.parser.get_http_version() == "1.0"
+        length = msg.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:  # refused before it is sent
+            self._refuse(413, f"request body larger than {_size(self.max_body)}")
+        if self.parser.should_upgrade():
+            if msg.method == "CONNECT":
+                msg.refusal = _BadRequest(400, "CONNECT is not supported: this server is not a proxy")
+            elif "transfer-encoding" in msg.headers:
+                msg.framing = f"transfer-encoding: {msg.headers['transfer-encoding']}\r\n".encode("latin-1")
+            elif length.isdigit() and int(length) > 0:
+                msg.framing = f"content-length: {length}\r\n".encode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        assert self._msg is not None
+        self.add_body(self._msg, body)
+
+    def add_body(self, msg: _Message, body: bytes) -> None:
+        msg.body += body
+        if len(msg.body) > self.max_body:  # a chunked body, whose length is not declared
+            self._refuse(413, f"request body larger than {_size(self.max_body)}")
+
+    def on_message_complete(self) -> None:
+        msg = self._msg
+        assert msg is not None
+        # Only now: httptools answers should_keep_alive() False once the message is done.
+        msg.keep_alive = self.parser.should_keep_alive() and not self.parser.should_upgrade()
+        if not msg.framing:  # else its body comes next, through a second parser (_upgraded)
+            self._finish(msg)
+
+
+class _UpgradeBody:
+    """Callbacks of the parser that reads an Upgrade request's body (`_RequestStream._upgraded`)."""
+
+    def __init__(self, stream: _RequestStream, msg: _Message) -> None:
+        self.stream = stream
+        self.msg = msg
+        self.done = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done:
+            self.stream.add_body(self.msg, body)
+
+    def on_message_complete(self) -> None:
+        if not self.done:  # what follows is not read: the connection closes after this request
+            self.done = True
+            self.stream._finish(self.msg)

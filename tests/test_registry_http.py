@@ -2,7 +2,9 @@
 
 The client holds at most MAX_CONNECTIONS_PER_CLIENT connections to its server however many requests
 are in flight (the rest wait, in a bounded queue), and reuses them; the server answers a prompt 429
-with Retry-After past its in-flight limit, except on the paths exempt from it.
+with Retry-After past its in-flight limit, except on the paths exempt from it. The client refuses an
+address it cannot connect to (no host, port 0) instead of reading it as 127.0.0.1:80, and names an
+answer past its limits. (tests/test_http_server_input.py: the server's side of bad input.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hostmesh.registry import http
-from hostmesh.registry.errors import Unavailable
+from hostmesh.registry.errors import InvalidAddress, Unavailable
 from hostmesh.registry.http import MAX_CONNECTIONS_PER_CLIENT, HTTPClient, HTTPServer, Request, Response
 from tests.support import async_wait_until
 
@@ -130,3 +132,96 @@ async def test_server_sheds_past_its_inflight_limit_with_429_and_retry_after(
     finally:
         for c in clients:
             await c.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("127.0.0.1:0", "port 0 cannot be connected to"),
+        ("http://127.0.0.1:0/", "port 0 cannot be connected to"),
+        (":", "no host name or IP address"),
+        ("http://", "no host name or IP address"),
+        ("http://:8500", "no host name or IP address"),
+        ("127.0.0.1:", "no port number after ':'"),  # `127.0.0.1:$PORT` with PORT unset
+    ],
+)
+def test_client_refuses_an_address_without_a_host_or_a_port(address: str, problem: str) -> None:
+    with pytest.raises(InvalidAddress) as err:
+        HTTPClient(address)  # it used to become http://127.0.0.1:80 and fail as "connection refused"
+    assert str(err.value) == f"address {address!r}: {problem}"
+
+
+@pytest.mark.parametrize(
+    ("address", "base_url"),
+    [
+        ("http://consul.example", "http://consul.example:80"),  # no port: the scheme's
+        ("https://consul.example", "https://consul.example:443"),
+        ("consul.example", "http://consul.example:80"),
+        ("127.0.0.1:8500", "http://127.0.0.1:8500"),
+        ("[::1]:8500", "http://[::1]:8500"),
+        ("https://[fd00::1]", "https://[fd00::1]:443"),
+    ],
+)
+def test_client_base_url_takes_the_scheme_port_and_brackets_ipv6(address: str, base_url: str) -> None:
+    assert HTTPClient(address).base_url == base_url
+
+
+async def test_client_error_names_an_ipv6_peer_in_brackets() -> None:
+    client = HTTPClient("[::1]:1")  # nothing listens on port 1 (or no IPv6: either way an Unavailable)
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/", timeout=5)
+        assert str(err.value).startswith("http://[::1]:1: ")
+    finally:
+        await client.close()
+
+
+async def test_client_names_an_answer_past_its_body_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http, "MAX_BODY_BYTES", 1024 * 1024)
+
+    async def big(req: Request) -> Response:
+        return Response(200, b"x" * (2 * 1024 * 1024))
+
+    server = HTTPServer(big, "127.0.0.1", 0)
+    port = await server.start()
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/big")
+        assert (
+            str(err.value) == f"http://127.0.0.1:{port}: answer larger than 1 MiB"
+        )  # not "`on_body` callback error"
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_client_names_an_answer_head_past_its_limit() -> None:
+    """A peer sending an endless header line: refused once past MAX_HEAD_BYTES, not buffered on."""
+    sent = asyncio.Event()
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        try:
+            for _ in range(1024):  # at most 64 MiB: bounded, far past the limit
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on it: what the test expects
+        finally:
+            sent.set()
+            writer.close()
+
+    peer = await asyncio.start_server(endless_head, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/")
+        assert str(err.value) == f"http://127.0.0.1:{port}: answer head larger than 64 KiB"
+        await asyncio.wait_for(sent.wait(), 10)
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()
