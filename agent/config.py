@@ -670,6 +670,17 @@ def _parse_nomad(raw: Any) -> NomadConfig:
         raise _fail("nomad.alloc_id", "is required outside a Nomad allocation (NOMAD_ALLOC_ID unset)")
     identity = _str(raw, "identity_file", "nomad.")
     s = {k: _str(raw, k, "nomad.") or None for k in ("address", "token", "namespace", "region", "ca_file")}
+    # checked here too (load_config also checks them merged with NOMAD_*), so parse_config alone
+    # refuses what the watch could not use; registry/nomad.py loaded only where [nomad] is
+    from hostmesh.registry.nomad import check_address, clean_token
+
+    try:
+        if s["address"] is not None:
+            s["address"] = check_address(s["address"], "nomad.address")
+        if s["token"] is not None:
+            s["token"] = clean_token(s["token"], "nomad.token")  # the message never holds the token
+    except InvalidSettings as exc:
+        raise ConfigError(str(exc)) from None
     return NomadConfig(
         alloc_id=alloc_id,
         identity_file=Path(identity) if identity else None,
@@ -807,6 +818,8 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         cfg = parse_config(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if cfg.nomad is not None:  # NOMAD_ADDR, NOMAD_TOKEN, …: refused here, not by the watch after the start
+        _check_nomad(cfg.nomad, path, check_files)
     if not check_files:
         return cfg
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
@@ -818,6 +831,18 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     except InvalidSettings as exc:
         raise ConfigError(f"{path}: [consul]: {exc}") from None
     return cfg
+
+
+def _check_nomad(nomad: NomadConfig, path: Path, check_files: bool) -> None:
+    """[nomad] merged with NOMAD_* as the agent's allocation watch will use it (agent/nomad.py): an
+    address or token that cannot work is refused even without `check_files` (it names no file); the
+    identity and TLS files with it. One line naming the setting, never a token's value."""
+    from hostmesh.agent.nomad import check_settings
+
+    try:
+        check_settings(nomad, os.environ, check_files)
+    except InvalidSettings as exc:
+        raise ConfigError(f"{path}: [nomad]: {exc}") from None
 
 
 def _parse_toml(text: str) -> dict[str, Any]:

@@ -31,7 +31,11 @@ never clash) or a number. Example: `api:api_up:http,db:15432`.
 
 While it runs, the agent reads its allocation from Nomad every `[nomad] poll_interval` seconds
 (python-nomad, in a thread: `watch_allocation`); once Nomad reports it stopped or no longer knows it,
-the agent drains, deregisters its services and exits, as on SIGTERM.
+the agent drains, deregisters its services and exits, as on SIGTERM. Anything else (Nomad
+unreachable, a token it refuses, an answer that is not Nomad's: another server at NOMAD_ADDR) is a
+warning and the agent keeps serving. The Nomad settings (NOMAD_ADDR, NOMAD_TOKEN, the identity and TLS
+files) are checked when agent.toml is loaded (`check_settings`), so `agent validate` and a start
+refuse them before anything is spent.
 """
 
 from __future__ import annotations
@@ -39,11 +43,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
+from hostmesh.registry.errors import InvalidSettings, RegistryError
+from hostmesh.registry.nomad import (
+    MAX_TOKEN_CHARS,
+    AllocationState,
+    NomadAPI,
+    NomadSettings,
+    clean_token,
+    redact,
+)
+
+if TYPE_CHECKING:
+    from hostmesh.agent.config import NomadConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,7 @@ NAMED_IDENTITY_FILE = (
     "nomad_hostmesh.jwt"  # identity { name = "hostmesh", file = true }: secrets/nomad_<name>.jwt
 )
 NAMED_IDENTITY_ENV = "NOMAD_TOKEN_hostmesh"  # ... env = true: NOMAD_TOKEN_<name>
+WATCH_MAX_BACKOFF = 60.0  # seconds: the longest pause between reads while Nomad fails or answers oddly
 
 
 class NomadEnvError(ValueError):
@@ -164,25 +180,62 @@ def _service_from_meta(env: Mapping[str, str]) -> dict[str, Any]:
     return svc
 
 
-def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
-    """A Nomad client for the agent: [nomad] over NOMAD_* ; without any token, the workload identity."""
-    n = cfg.nomad
-    settings = NomadSettings.resolve(
+def nomad_settings(n: NomadConfig, env: Mapping[str, str]) -> NomadSettings:
+    """[nomad] over NOMAD_* (registry/nomad.py); InvalidSettings naming the setting, never a token."""
+    return NomadSettings.resolve(
         env,
+        source="agent.toml [nomad]",
         address=n.address,
         token=n.token,
         namespace=n.namespace,
         region=n.region,
         ca_file=n.ca_file,
     )
-    if settings.token is None and n.identity_file is not None:
+
+
+def identity_token(path: Path | None) -> str | None:
+    """The workload identity in `path` (Nomad writes it with `identity { file = true }`), None when
+    there is no such file (the job asked for none). InvalidSettings naming the file, never its
+    content, when it cannot be read (a permission error says so) or does not hold one token."""
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_TOKEN_CHARS + 2)  # the token and a trailing newline
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidSettings(f"Nomad identity file {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidSettings(f"Nomad identity file {path}: not text") from None
+    return clean_token(text, f"Nomad identity file {path}") if text.strip() else None
+
+
+def check_settings(n: NomadConfig, env: Mapping[str, str], check_files: bool = True) -> None:
+    """What `api_for` will use, checked by load_config so that `agent validate` refuses what
+    `agent run` would: the settings, and with `check_files` the identity file and TLS files."""
+    settings = nomad_settings(n, env)
+    if check_files:
+        if settings.token is None:
+            identity_token(n.identity_file)
+        settings.check_files()
+
+
+def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
+    """A Nomad client for the agent: [nomad] over NOMAD_* ; without any token, the workload identity.
+    load_config checked the same settings (`check_settings`); an identity file that went bad since is
+    logged (file name only) and the agent reads without a token: Nomad's 403 is then logged by the
+    watch, and the agent keeps serving."""
+    settings = nomad_settings(cfg.nomad, env)
+    if settings.token is None:
         try:
-            token = Path(n.identity_file).read_text().strip() or None
-        except OSError:
+            token = identity_token(cfg.nomad.identity_file)
+        except InvalidSettings as exc:
+            log.error("%s; reading the allocation from Nomad without a token", exc)
             token = None
         if token:
-            from dataclasses import replace
-
             settings = replace(settings, token=token)
     return NomadAPI(settings)
 
@@ -191,20 +244,39 @@ async def watch_allocation(
     api: NomadAPI, alloc_id: str, interval: float, on_gone: Callable[[str], None]
 ) -> None:
     """Read the allocation every `interval` seconds; call `on_gone(reason)` once Nomad reports it
-    stopped or unknown. Nomad unreachable or refusing: logged once, the agent keeps serving."""
+    stopped or unknown. Nomad unreachable, refusing, or answering what is not an allocation: one
+    warning per distinct problem, the agent keeps serving, and the reads go on, spaced out (doubling
+    up to WATCH_MAX_BACKOFF) while they fail. Nothing but cancellation ends the watch otherwise."""
     failing: str | None = None
+    failures = 0
     while True:
+        problem: str | None = None
         try:
             state = await api.allocation_state(alloc_id)
         except RegistryError as exc:
-            if failing != str(exc):
-                log.warning("cannot read allocation %s from Nomad (%s); still serving", alloc_id, exc)
-            failing = str(exc)
+            problem = str(exc)
+        except Exception as exc:  # a bug or an answer nobody foresaw must not end the watch silently
+            text = redact(" ".join(str(exc).split()), api.settings.token)  # before cutting it short
+            problem = f"unexpected {type(exc).__name__}: {text[:200]}"
         else:
             if failing is not None:
                 log.info("Nomad answers again for allocation %s", alloc_id)
                 failing = None
+            failures = 0
             if state is not AllocationState.LIVE:
                 on_gone(f"allocation {alloc_id} is {state.value} in Nomad")
                 return
-        await asyncio.sleep(interval)
+        if problem is not None:
+            if failing != problem:
+                log.warning("cannot read allocation %s from Nomad (%s); still serving", alloc_id, problem)
+            failing = problem
+            failures += 1
+        await asyncio.sleep(watch_delay(interval, failures))
+
+
+def watch_delay(interval: float, failures: int) -> float:
+    """`interval`, doubled per failed read in a row up to WATCH_MAX_BACKOFF (or `interval` if longer):
+    a Nomad that fails is not asked at full rate by every sidecar of the client."""
+    if failures == 0:
+        return interval
+    return min(interval * 2 ** min(failures, 16), max(interval, WATCH_MAX_BACKOFF))

@@ -2,72 +2,214 @@
 
 Settings are read as Nomad's own tools read them (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE,
 NOMAD_REGION, NOMAD_CACERT, NOMAD_CLIENT_CERT, NOMAD_CLIENT_KEY), an explicit value winning over
-the environment. python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
+the environment, and checked where they are chosen (`NomadSettings.resolve`): an address that is not
+`http[s]://host[:port]` or a token that is not one printable token is an InvalidSettings naming the
+setting (never the token's value), so a start-up refuses it instead of a watch failing later.
+python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
 (`asyncio.to_thread`) and never on the event loop. python-nomad does not verify HTTPS unless told,
 so we always pass `verify` (NOMAD_CACERT, else the system store).
+
+Every failure is a one-line RegistryError: Unavailable (retry later), UnexpectedAnswer (something
+answered that is not Nomad's API: usually a wrong address), PermissionDenied (the token). A 404 means
+"gone" only with Nomad's own body for an unknown allocation; any other 404 is an UnexpectedAnswer, so
+a wrong address never makes a sidecar drain and exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import importlib
+import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+import re
+import ssl
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Unavailable
+from hostmesh.registry.consul_settings import TOKEN_RULE, valid_token
+from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Unavailable, UnexpectedAnswer
 
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"  # Nomad's own default
 REQUEST_TIMEOUT = 5  # seconds per Nomad request; python-nomad's default too
 TERMINAL_CLIENT_STATUSES = frozenset({"complete", "failed", "lost"})  # api-docs/allocations ClientStatus
 STOPPING_DESIRED_STATUSES = frozenset({"stop", "evict"})  # DesiredStatus: the scheduler wants it gone
+# Nomad's body for GET /v1/allocation/:id of an allocation it does not know: its HTTP agent answers
+# `CodedError(404, "alloc not found")` (command/agent/alloc_endpoint.go, every version we could read),
+# which it writes as the plain-text body; tests/nomad_double.py answers the same. Anything else that
+# answers 404 there (Consul, a proxy, a path prefix) is not Nomad telling us the allocation is gone.
+ALLOC_NOT_FOUND = "alloc not found"
+MAX_TOKEN_CHARS = 16 * 1024  # an ACL token is a 36-character UUID, a workload identity JWT ~1 KiB
+MAX_ALLOCATION_BYTES = 4 * 1024 * 1024  # an allocation with its job is tens of KiB; bound the buffer
+MAX_ERROR_BODY_BYTES = 4096  # of an error answer read to tell Nomad's from another server's
+MAX_QUOTED_CHARS = 120  # of an error answer quoted in a message
+CHUNK_BYTES = 64 * 1024
+ENV_NAMES = {
+    "address": "NOMAD_ADDR",
+    "token": "NOMAD_TOKEN",
+    "namespace": "NOMAD_NAMESPACE",
+    "region": "NOMAD_REGION",
+    "ca_file": "NOMAD_CACERT",
+    "cert_file": "NOMAD_CLIENT_CERT",
+    "key_file": "NOMAD_CLIENT_KEY",
+}
+_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\"()\[\]]+)")  # requests' wording of a socket error
+_SSL_TEXT = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"()]+)")
+_REDACTED = "<redacted>"
 
 
 class AllocationState(enum.Enum):
     LIVE = "live"  # pending or running, and meant to run
     STOPPED = "stopped"  # terminal, or the scheduler stopped/evicted it
-    GONE = "gone"  # Nomad does not know it (404): garbage-collected, or never existed
+    GONE = "gone"  # Nomad does not know it (404 "alloc not found"): garbage-collected, or never existed
 
 
 @dataclass(frozen=True, slots=True)
 class NomadSettings:
     address: str = DEFAULT_ADDRESS
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a message
     namespace: str | None = None
     region: str | None = None
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # where each setting came from ("NOMAD_ADDR", "[nomad] address"), for messages
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def resolve(cls, environ: Mapping[str, str] | None = None, **explicit: str | None) -> NomadSettings:
-        """Explicit values (agent.toml [nomad], CLI options) over the environment over the defaults."""
+    def resolve(
+        cls, environ: Mapping[str, str] | None = None, *, source: str = "[nomad]", **explicit: str | None
+    ) -> NomadSettings:
+        """Explicit values (agent.toml [nomad], CLI options; named `<source> <key>` in errors) over the
+        environment over the defaults. An empty value counts as unset, as with Nomad's tools.
+        InvalidSettings, naming the setting and never the token, for a value that cannot work."""
         env = os.environ if environ is None else environ
-        names = {
-            "address": "NOMAD_ADDR",
-            "token": "NOMAD_TOKEN",
-            "namespace": "NOMAD_NAMESPACE",
-            "region": "NOMAD_REGION",
-            "ca_file": "NOMAD_CACERT",
-            "cert_file": "NOMAD_CLIENT_CERT",
-            "key_file": "NOMAD_CLIENT_KEY",
-        }
-        values = {k: explicit.get(k) or env.get(var) or None for k, var in names.items()}
-        address = (values.pop("address") or DEFAULT_ADDRESS).rstrip("/")
-        if not address.startswith(("http://", "https://")):
-            raise InvalidSettings(f"Nomad address {address!r} must start with http:// or https://")
-        return cls(address, **values)
+        values: dict[str, str | None] = {}
+        sources: dict[str, str] = {}
+        for key, var in ENV_NAMES.items():
+            if explicit.get(key):
+                values[key], sources[key] = explicit[key], f"{source} {key}"
+            else:
+                values[key], sources[key] = env.get(var) or None, var
+        address = values.pop("address")
+        token = values.pop("token")
+        if bool(values["cert_file"]) != bool(values["key_file"]):
+            given, missing = ("cert_file", "key_file") if values["cert_file"] else ("key_file", "cert_file")
+            raise InvalidSettings(
+                f"{sources[given]}: a Nomad client certificate needs both files; {sources[missing]} is unset"
+            )
+        return cls(
+            address=check_address(address, sources["address"]) if address else DEFAULT_ADDRESS,
+            token=clean_token(token, sources["token"]) if token else None,
+            sources=sources,
+            **values,
+        )
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, ENV_NAMES[key])
+
+    def check_files(self) -> None:
+        """The TLS files named can be loaded: InvalidSettings naming the file and the setting, so a bad
+        path stops a start-up instead of failing every read. Checked over https only: requests uses
+        them for https only, and an http address with a stray NOMAD_CACERT works."""
+        if not self.address.startswith("https://"):
+            return
+        context = ssl.create_default_context()
+        if self.ca_file:
+            what = f"Nomad CA file {self.ca_file} ({self.source('ca_file')})"
+            _load_tls(what, lambda: context.load_verify_locations(cafile=self.ca_file))
+        if self.cert_file and self.key_file:
+            cert, key = self.cert_file, self.key_file
+            what = f"Nomad client certificate {cert} / key {key} ({self.source('cert_file')})"
+            # a passphrase-protected key gets "" instead of OpenSSL's prompt on the terminal
+            _load_tls(what, lambda: context.load_cert_chain(cert, key, password=lambda: ""))
+
+
+def _load_tls(what: str, load: Callable[[], object]) -> None:
+    try:
+        load()
+    except ssl.SSLError:  # before OSError, which it subclasses
+        raise InvalidSettings(f"{what}: not a usable PEM certificate/key") from None
+    except OSError as exc:
+        raise InvalidSettings(f"{what}: cannot read: {exc.strerror or exc}") from None
+
+
+def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
+    """`text` as python-nomad needs it, `http[s]://host[:port]` without a trailing slash; InvalidSettings
+    naming `source` otherwise. A path is refused: Nomad's own tools ignore one, python-nomad would
+    prefix every request with it."""
+    address = text.strip()  # a NOMAD_ADDR written by a template often ends in a newline
+
+    def bad(problem: str) -> InvalidSettings:
+        return InvalidSettings(f"{source}: Nomad address {address!r} {problem}")
+
+    if not all("!" <= c <= "~" for c in address):
+        raise InvalidSettings(f"{source}: the Nomad address holds a space or a control character")
+    if not address.startswith(("http://", "https://")):
+        raise bad("must start with http:// or https:// (like http://127.0.0.1:4646)")
+    try:
+        parsed = urllib.parse.urlsplit(address)
+    except ValueError:  # an unclosed or invalid [IPv6] literal
+        raise bad("is not a valid URL (like http://127.0.0.1:4646)") from None
+    if "@" in parsed.netloc:  # not quoted back: user:password is a secret
+        raise InvalidSettings(f"{source}: the Nomad address must not hold credentials (use NOMAD_TOKEN)")
+    if not parsed.hostname:
+        raise bad("has no host (like http://127.0.0.1:4646)")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0 or parsed.netloc.endswith(":"):
+        raise bad("has no valid port (1..65535)")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise bad("must be scheme://host[:port], without a path")
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def clean_token(raw: str, source: str = "NOMAD_TOKEN") -> str:
+    """`raw` without surrounding whitespace (as a token file or a template leaves it); InvalidSettings
+    naming `source`, never the token, when what remains cannot go into the X-Nomad-Token header."""
+    token = raw.strip()
+    if len(token) > MAX_TOKEN_CHARS or not valid_token(token):
+        raise InvalidSettings(
+            f"{source}: must be one Nomad token ({TOKEN_RULE}; at most {MAX_TOKEN_CHARS} characters)"
+        )
+    return token
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` without `secret`: requests quotes a header value it refuses, and a server may echo one."""
+    if not secret:
+        return text
+    for form in (secret, repr(secret)[1:-1]):
+        text = text.replace(form, _REDACTED)
+    return text
 
 
 def allocation_state(alloc: Mapping[str, Any]) -> AllocationState:
-    """What an allocation document (GET /v1/allocation/:id) says about its life."""
-    if alloc.get("ClientStatus") in TERMINAL_CLIENT_STATUSES:
-        return AllocationState.STOPPED
-    if alloc.get("DesiredStatus") in STOPPING_DESIRED_STATUSES:
+    """What an allocation document (GET /v1/allocation/:id) says about its life. UnexpectedAnswer when
+    it has no ClientStatus string (Nomad always sends one): not an allocation, so not a verdict."""
+    client = alloc.get("ClientStatus")
+    desired = alloc.get("DesiredStatus", "")
+    if client is None or client == "":
+        raise UnexpectedAnswer("the allocation has no ClientStatus")
+    if not isinstance(client, str):
+        raise UnexpectedAnswer(f"the allocation's ClientStatus is a JSON {_json_type(client)}, not a status")
+    if not isinstance(desired, str):
+        raise UnexpectedAnswer(
+            f"the allocation's DesiredStatus is a JSON {_json_type(desired)}, not a status"
+        )
+    if client in TERMINAL_CLIENT_STATUSES or desired in STOPPING_DESIRED_STATUSES:
         return AllocationState.STOPPED
     return AllocationState.LIVE
+
+
+def _json_type(value: Any) -> str:
+    kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
 class NomadAPI:
@@ -75,13 +217,15 @@ class NomadAPI:
 
     def __init__(self, settings: NomadSettings) -> None:
         # python-nomad, imported on use (it pulls in requests); by name, since the repository's own
-        # nomad/ folder (example jobs) would shadow it for mypy's module search
-        nomad: Any = importlib.import_module("nomad")
+        # nomad/ folder (example jobs) would shadow it for mypy's module search. Its Allocation
+        # endpoint alone: nomad.Nomad() fills what we leave unset (a token, a client certificate) from
+        # os.environ, past the checks of NomadSettings.resolve.
+        api: Any = importlib.import_module("nomad.api")
 
         self.settings = settings
         s = settings
         cert: tuple[str, str] | tuple[()] = (s.cert_file, s.key_file) if s.cert_file and s.key_file else ()
-        self._client = nomad.Nomad(
+        self._allocations = api.Allocation(
             address=s.address,
             token=s.token,
             namespace=s.namespace,
@@ -97,32 +241,129 @@ class NomadAPI:
 
     async def allocation_state(self, alloc_id: str) -> AllocationState:
         alloc = await self.allocation(alloc_id)
-        return AllocationState.GONE if alloc is None else allocation_state(alloc)
+        if alloc is None:
+            return AllocationState.GONE
+        try:
+            return allocation_state(alloc)
+        except UnexpectedAnswer as exc:
+            raise UnexpectedAnswer(f"{self._where}: {exc} ({self._hint})") from None
+
+    @property
+    def _where(self) -> str:
+        return f"Nomad at {self.settings.address}"
+
+    @property
+    def _hint(self) -> str:
+        return f"is {self.settings.source('address')} a Nomad API?"
 
     def _allocation(self, alloc_id: str) -> dict[str, Any] | None:
         nex: Any = importlib.import_module("nomad.api.exceptions")
-
+        path = urllib.parse.quote(alloc_id, safe="")  # python-nomad joins it into the path as is
         try:
-            doc = self._client.allocation.get_allocation(alloc_id)
-        except nex.URLNotFoundNomadException:
-            return None
-        except nex.URLNotAuthorizedNomadException:
-            raise PermissionDenied(
-                f"Nomad at {self.settings.address} refused to read allocation {alloc_id}: "
-                "the token needs namespace read-job"
+            resp = self._allocations.request(path, method="get", stream=True)  # stream: read bounded
+        except nex.URLNotFoundNomadException as exc:
+            answer = _error_body(exc.nomad_resp)
+            if answer == ALLOC_NOT_FOUND:
+                return None
+            raise UnexpectedAnswer(
+                f"{self._where}: HTTP 404 for allocation {alloc_id} without Nomad's {ALLOC_NOT_FOUND!r}"
+                f"{_quote(redact(answer, self.settings.token))} ({self._hint})"
             ) from None
-        except (nex.BaseNomadException, OSError) as exc:
-            raise Unavailable(f"Nomad at {self.settings.address}: {_describe(exc)}") from None
-        except Exception as exc:  # requests' own errors (connection refused, TLS) are not Nomad's
-            raise Unavailable(f"Nomad at {self.settings.address}: {_describe(exc)}") from None
+        except nex.URLNotAuthorizedNomadException as exc:
+            _error_body(exc.nomad_resp)  # read and closed
+            raise PermissionDenied(
+                f"{self._where} refused to read allocation {alloc_id}: the token needs namespace read-job"
+            ) from None
+        except Exception as exc:  # python-nomad's and requests' errors: refused, TLS, timeouts, 5xx
+            raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
+        with contextlib.closing(resp):
+            if resp.status_code != 200:  # python-nomad passes redirects (not followed) and 2xx on
+                raise UnexpectedAnswer(
+                    f"{self._where}: HTTP {resp.status_code} for allocation {alloc_id}, not Nomad's JSON "
+                    f"({self._hint})"
+                )
+            try:
+                body = _read(resp, MAX_ALLOCATION_BYTES)
+            except _TooLarge:
+                raise UnexpectedAnswer(
+                    f"{self._where}: the allocation is larger than {MAX_ALLOCATION_BYTES} bytes "
+                    f"({self._hint})"
+                ) from None
+            except Exception as exc:  # the connection broke while the body came
+                raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's stack
+            raise UnexpectedAnswer(f"{self._where}: the answer is not JSON ({self._hint})") from None
         if not isinstance(doc, dict):
-            raise Unavailable(f"Nomad at {self.settings.address}: the allocation is not a JSON object")
+            raise UnexpectedAnswer(f"{self._where}: the allocation is not a JSON object ({self._hint})")
         return doc
 
+    def _describe(self, exc: BaseException) -> str:
+        return _explain(exc, self.settings.token)
 
-def _describe(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    nomad_exc = getattr(exc, "nomad_resp", None)
-    if nomad_exc is not None and hasattr(nomad_exc, "status_code"):
-        return f"HTTP {nomad_exc.status_code}"
-    return text[:200] or exc.__class__.__name__
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read(resp: Any, limit: int) -> bytes:
+    """The body of `resp` (a streamed requests.Response), at most `limit` bytes, else _TooLarge."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_body(resp: Any) -> str:
+    """The start of an error answer's body as one stripped line; "" when it cannot be read."""
+    try:
+        with contextlib.closing(resp):
+            data = _read(resp, MAX_ERROR_BODY_BYTES)
+    except Exception:  # _TooLarge, a broken connection: not Nomad's short answer either way
+        return ""
+    return " ".join(data.decode("utf-8", "replace").split())
+
+
+def _quote(body: str) -> str:
+    """`: <body>` for a message, or nothing for an empty or HTML body (a page says nothing useful)."""
+    if not body or body.startswith("<"):
+        return ""
+    return f": {body[:MAX_QUOTED_CHARS]!r}"
+
+
+def _explain(exc: BaseException, secret: str | None) -> str:
+    """One line for what went wrong, without python-nomad's "The BaseNomadException was raised due to
+    the following error:" wrapping and requests' connection-pool wording; `secret` (the token) redacted
+    before anything is cut short, so no part of it is left either."""
+    requests: Any = importlib.import_module("requests")
+    nex: Any = importlib.import_module("nomad.api.exceptions")
+    inner = exc
+    for _ in range(3):  # python-nomad wraps requests' error once (TimeoutNomadException when streaming)
+        resp = getattr(inner, "nomad_resp", None)
+        if resp is not None and not isinstance(resp, BaseException):  # an HTTP answer: 5xx, 400, 409
+            return f"HTTP {resp.status_code}{_quote(redact(_error_body(resp), secret))}"
+        if isinstance(resp, BaseException):
+            inner = resp
+        elif (
+            isinstance(inner, nex.TimeoutNomadException)
+            and inner.args
+            and isinstance(inner.args[0], BaseException)
+        ):
+            inner = inner.args[0]
+        else:
+            break
+    text = redact(" ".join(str(inner).split()), secret)
+    if isinstance(inner, requests.exceptions.Timeout):
+        return f"no answer within {REQUEST_TIMEOUT}s"
+    if isinstance(inner, requests.exceptions.SSLError):
+        found = _SSL_TEXT.search(text)
+        return f"TLS: {found.group(1).strip() if found else text[:200]}"
+    if isinstance(inner, requests.exceptions.ConnectionError):
+        found = _ERRNO_TEXT.search(text)
+        return f"cannot connect: {found.group(1).strip() if found else text[:200]}"
+    return text[:200] or inner.__class__.__name__

@@ -74,6 +74,36 @@ class NamedHTTP:
         self.server.server_close()
 
 
+class NotNomad:
+    """An HTTP server that is not Nomad: every GET is Go's default 404 ("404 page not found", as Consul
+    or any Go server answers a path it does not have). Records each request's X-Nomad-Token."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str | None] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.tokens.append(self.headers.get("X-Nomad-Token"))
+                body = b"404 page not found\n"
+                self.send_response(404)
+                self.send_header("content-type", "text/plain; charset=utf-8")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class AllocAgent:
     alloc: Allocation
@@ -285,6 +315,35 @@ def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMes
             took
         )  # noticed within a poll, then out within kill_timeout
     finally:
+        app.close()
+
+
+def test_an_address_that_is_not_nomad_keeps_the_agent_serving_and_the_token_out_of_its_log(
+    mesh: NomadMesh,
+) -> None:
+    """NOMAD_ADDR at a server that answers 404 but is not Nomad: not "allocation gone" (the agent used
+    to drain, deregister and exit 0). One warning, the agent keeps serving, and NOMAD_TOKEN, sent to
+    that server, is nowhere in the agent's log."""
+    secret = "6f1c2b9e-0000-4000-8000-5ec7e75ec7e7"
+    other = NotNomad()
+    app = EchoServer()
+    try:
+        alloc, env = mesh.allocation(
+            "shop", "api", {"hostmesh_service": "api", "hostmesh_port": "app"}, {"app": app.port}
+        )
+        env.update(NOMAD_ADDR=other.url, NOMAD_TOKEN=secret + "\n")  # a template's newline: stripped
+        agent = mesh.run(alloc, env)
+        wait_for(lambda: mesh.catalog_ids("api") == {f"api-{alloc.id}"}, 20, "api to be registered")
+        wait_for(lambda: len(other.tokens) >= 3, 20, "three reads of the allocation")
+        assert agent.ready(), agent.proc.log()  # still serving, still registered
+        assert mesh.catalog_ids("api") == {f"api-{alloc.id}"}
+        log = agent.proc.log()
+        assert log.count("without Nomad's 'alloc not found'") == 1, log  # one warning, not one per read
+        assert "draining and exiting" not in log
+        assert set(other.tokens) == {secret}  # sent without its newline, and never written down
+        assert secret not in log and secret not in (mesh.m.workdir / "ca.log").read_text()
+    finally:
+        other.close()
         app.close()
 
 
