@@ -237,33 +237,55 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
     return out
 
 
+AGENT_ADDRESS_FIX = "pass an agent's admin address (agent.toml `admin`, default 127.0.0.1:15000) with --agent"
+# what `hostmesh check` says about an admin API that answers in a way no agent does, by AdminAnswerError.kind
+AGENT_ANSWER = {
+    "not-agent": ("not-an-agent", AGENT_ADDRESS_FIX),
+    "refused": ("agent-refused", "the admin API takes no credentials: check what stands in front of it"),
+    "failed": ("agent-error", "see the agent's journal"),
+}
+
+
 async def _agent(address: str) -> list[Finding]:
+    from hostmesh.agent.status import (
+        AdminAddressError,
+        AdminAnswerError,
+        admin_base_url,
+        admin_get,
+        certs_problem,
+        printable,
+        ready_problem,
+    )
     from hostmesh.registry.analysis import Finding
     from hostmesh.registry.http import HTTPClient
 
     subject = f"agent {address}"
-    client = HTTPClient(address if "//" in address else f"http://{address}")
+    try:
+        client = HTTPClient(admin_base_url(address))
+    except (AdminAddressError, RegistryError) as exc:
+        return [Finding("error", "agent-address", subject, str(exc), AGENT_ADDRESS_FIX)]
     out: list[Finding] = []
     try:
-        ready = await client.request("GET", "/ready", timeout=CHECK_TIMEOUT)
-        if ready.status != 200:
-            detail = ready.body.decode("utf-8", "replace").strip()
+        status, ready = await admin_get(client, "/ready", ready_problem, (200, 503), CHECK_TIMEOUT)
+        if status != 200 or not ready["ready"]:
+            reasons = {k: v for k, v in ready.items() if k != "ready"}
+            detail = printable(json.dumps(reasons, sort_keys=True), 300) if reasons else "(no reason given)"
             out.append(
                 Finding(
                     "error",
                     "agent-not-ready",
                     subject,
-                    f"not ready: {' '.join(detail.split())[:300]}",
+                    f"not ready: {detail}",
                     f"`hostmesh status --agent {address}` and the agent's journal",
                 )
             )
-        certs = await client.request("GET", "/v1/certs", timeout=CHECK_TIMEOUT)
+        _, certs = await admin_get(client, "/v1/certs", certs_problem, (200,), CHECK_TIMEOUT)
         now = dt.datetime.now(dt.UTC)
-        for cert in (certs.json() or {}).get("certs", []) if certs.status == 200 else []:
-            service = cert.get("service", "?")
+        for cert in certs["certs"]:  # certs_problem: each has a service and dates with a time zone
+            service = printable(cert["service"], 100)
             if cert.get("state") == "checking":  # a restart's stored certificate: no dates until checked
                 continue
-            not_after = dt.datetime.fromisoformat(cert["not_after"])
+            not_after = dt.datetime.fromisoformat(cert["not_after"]).astimezone(dt.UTC)
             renew_at = cert.get("renew_at")
             if not_after <= now or cert.get("state") == "expired":
                 out.append(
@@ -288,6 +310,9 @@ async def _agent(address: str) -> list[Finding]:
                         "see the agent's log for the renewal error",
                     )
                 )
+    except AdminAnswerError as exc:
+        code, fix = AGENT_ANSWER[exc.kind]
+        out.append(Finding("error", code, subject, str(exc), fix))
     except RegistryError as exc:
         out.append(
             Finding(
@@ -367,8 +392,14 @@ def check(
     catalog. Exit 1 when there is an error."""
     import asyncio
 
+    from hostmesh.agent.status import AdminAddressError, parse_admin_address
     from hostmesh.registry.analysis import has_errors
 
+    for address in agents:  # a mistyped address is the command line's error, before anything runs
+        try:
+            parse_admin_address(address)
+        except AdminAddressError as exc:
+            raise click.ClickException(str(exc)) from None
     try:
         findings = asyncio.run(run_check(_settings(ctx), list(agents), ca, pin, trust_domain, skip_ca))
     except RegistryError as exc:

@@ -40,7 +40,9 @@ class Sample(NamedTuple):
 
 def parse_exposition(text: str, wanted: frozenset[str] = WANTED) -> list[Sample]:
     """The samples of the text exposition format (0.0.4) whose name is in `wanted`; other lines and
-    malformed ones are skipped (a scrape is best effort, one odd line must not hide the rest)."""
+    malformed ones are skipped (a scrape is best effort, one odd line must not hide the rest).
+    Malformed includes a value that is not a finite number (NaN, ±Inf: no counter or timestamp
+    of ours is one) and a histogram bucket whose `le` is not a number or is NaN."""
     out = []
     for line in text.splitlines():
         if not line or line[0] == "#":
@@ -48,16 +50,43 @@ def parse_exposition(text: str, wanted: frozenset[str] = WANTED) -> list[Sample]
         m = _LINE.fullmatch(line.strip())
         if m is None or m.group(1) not in wanted:
             continue
+        value = _number(m.group(3))
+        if value is None or math.isinf(value):
+            continue
         labels = {
             k: re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], v)
             for k, v in _LABEL.findall(m.group(2) or "")
         }
-        try:
-            value = float(m.group(3))
-        except ValueError:
+        if "le" in labels and _bound(labels["le"]) is None:
             continue
         out.append(Sample(m.group(1), labels, value))
     return out
+
+
+def is_hostmesh_exposition(text: str) -> bool:
+    """Whether `text` is Prometheus text holding at least one hostmesh_ sample (every agent's has
+    `hostmesh_build_info` and `hostmesh_config_version`): what tells an agent's /metrics from
+    another server's page at that address."""
+    for line in text.splitlines():
+        if line.startswith("hostmesh_"):
+            m = _LINE.fullmatch(line.strip())
+            if m is not None and _number(m.group(3)) is not None:
+                return True
+    return False
+
+
+def _number(text: str) -> float | None:
+    """A sample value or bucket bound: a float, not NaN (None otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def _bound(le: str) -> float | None:
+    """A histogram bucket's upper bound (`+Inf` included), None for anything else."""
+    return _number(le)
 
 
 Edge = tuple[str, str]  # (source service, destination service)
@@ -156,7 +185,9 @@ def edge_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list[Ed
         k = (rep, src, dst)
         n = req.get(k, 0.0)
         errors = sum(v for (r, s, d, code), v in codes.items() if (r, s, d) == k and code.startswith("5"))
-        hist = {float(le): v for (r, s, d, le), v in buckets.items() if (r, s, d) == k and le}
+        hist = {
+            b: v for (r, s, d, le), v in buckets.items() if (r, s, d) == k and (b := _bound(le)) is not None
+        }
         out.append(
             EdgeStats(
                 src,
@@ -200,8 +231,8 @@ def service_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list
         for e in edges:
             rep = _reporter_of(e, buckets)
             for (r, s, d, le), v in buckets.items():
-                if (r, s, d) == (rep, e.source, dst) and le:
-                    hist[float(le)] += v
+                if (r, s, d) == (rep, e.source, dst) and (b := _bound(le)) is not None:
+                    hist[b] += v
         out.append(
             ServiceStats(
                 dst,

@@ -1,33 +1,282 @@
-"""`hostmesh status`: what one agent has applied (snapshot versions, endpoints) and its certificates."""
+"""`hostmesh status`: what one agent has applied (snapshot versions, endpoints) and its certificates.
+
+Also the client side of the agent's admin API that `hostmesh version --agent` and `hostmesh check
+--agent` share: what an admin address may be (`admin_base_url`), and what each endpoint's answer must
+look like (`admin_get` with a `*_problem` shape check). A peer that answers otherwise is reported as
+"not a hostmesh agent's answer" naming the path and why; a 401/403 as a refusal, never as something
+else.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+import re
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hostmesh.registry.errors import RegistryError
 
+if TYPE_CHECKING:
+    from hostmesh.registry.http import HTTPClient, Response
+
 # asyncio and the HTTP client are imported where a command runs: `hostmesh version` and `--help`
 # need neither.
 
 DEFAULT_AGENT = "127.0.0.1:15000"
+ADMIN_TIMEOUT = 5.0  # per request to the admin API: it answers from memory
+MAX_DETAIL = 200  # characters of an error answer quoted in a message
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")  # a name, IPv4 or IPv6 literal
+
+
+# --- the admin address -------------------------------------------------------------------------
+
+
+class AdminAddressError(ValueError):
+    """An admin address that cannot be used as given; str() is one line naming it."""
+
+
+def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str, int]:
+    """(scheme, host, port) of an agent's admin address: HOST:PORT, [IPv6]:PORT or
+    http(s)://HOST[:PORT]. Anything the client would drop or misread (a path, query, fragment or
+    credentials, a port out of range, an unclosed [IPv6]) is refused rather than ignored."""
+    text = address.strip()
+    with_scheme = "//" in text
+    try:
+        parts = urllib.parse.urlsplit(text if with_scheme else f"//{text}")
+        port = parts.port
+    except ValueError as exc:  # an unclosed [IPv6], a port out of range or not a number
+        raise AdminAddressError(f"{option} {address!r}: not a valid URL ({exc})") from None
+    scheme = parts.scheme or "http"
+    if scheme not in ("http", "https"):
+        raise AdminAddressError(f"{option} {address!r}: unsupported scheme {scheme!r} (http or https)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
+        raise AdminAddressError(
+            f"{option} {address!r}: a path, query or fragment is not used: give HOST:PORT "
+            "(or http://HOST:PORT) of the agent's admin API"
+        )
+    if "@" in parts.netloc:
+        raise AdminAddressError(f"{option} {address!r}: the admin API takes no credentials in the address")
+    host = parts.hostname or ""
+    if not host or not _HOST.fullmatch(host):
+        raise AdminAddressError(f"{option} {address!r}: no valid host: expected HOST:PORT")
+    if port is None:
+        if not with_scheme:
+            raise AdminAddressError(f"{option} {address!r}: no port: expected HOST:PORT")
+        port = 443 if scheme == "https" else 80
+    if port == 0:
+        raise AdminAddressError(f"{option} {address!r}: port 0 cannot be connected to")
+    return scheme, host, port
+
+
+def admin_base_url(address: str, option: str = "--agent") -> str:
+    """`http(s)://host:port` for HTTPClient (parse_admin_address's rules)."""
+    scheme, host, port = parse_admin_address(address, option)
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+# --- the admin API's answers -------------------------------------------------------------------
+
+
+class AdminAnswerError(Exception):
+    """The admin API answered, but not as a hostmesh agent does (`kind` "not-agent"), refused
+    (`kind` "refused": 401/403) or failed (`kind` "failed": 5xx). str() is one line naming the path."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def printable(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` on one line, without control characters (a peer's bytes reach a terminal)."""
+    flat = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in flat)[:limit]
+
+
+def _detail(resp: Response) -> str:
+    try:
+        body = json.loads(resp.body)
+    except (ValueError, RecursionError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        text = body["error"]
+    else:
+        text = resp.body.decode("utf-8", "replace")
+    text = printable(text)
+    return f": {text}" if text else ""
+
+
+def _what(value: Any) -> str:
+    """A JSON value's kind, as a message names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else "a number"
+
+
+def _not_agent(path: str, why: str) -> AdminAnswerError:
+    return AdminAnswerError("not-agent", f"GET {path}: not a hostmesh agent's answer ({why})")
+
+
+Shape = Callable[[Any], str | None]  # None: the answer has the shape; else what is wrong
+
+
+async def admin_get(
+    client: HTTPClient,
+    path: str,
+    shape: Shape,
+    statuses: tuple[int, ...] = (200,),
+    timeout: float = ADMIN_TIMEOUT,
+) -> tuple[int, Any]:
+    """(status, JSON body) of GET `path`, the body checked by `shape` (None: fine, else what is
+    wrong). Raises AdminAnswerError for an answer no hostmesh agent gives, RegistryError when there
+    is no answer."""
+    resp = await client.request("GET", path, timeout=timeout)
+    if resp.status in (401, 403, 407):
+        raise AdminAnswerError("refused", f"GET {path} refused (HTTP {resp.status}){_detail(resp)}")
+    if resp.status not in statuses:
+        if resp.status >= 500:
+            raise AdminAnswerError("failed", f"GET {path} failed (HTTP {resp.status}){_detail(resp)}")
+        raise _not_agent(path, f"HTTP {resp.status}")
+    try:
+        body = json.loads(resp.body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        ctype = printable(resp.headers.get("content-type", "").partition(";")[0], 60)
+        why = "invalid JSON" if "json" in ctype else "not JSON"
+        raise _not_agent(path, f"{ctype or 'a body'}, {why}" if resp.body else "an empty body") from None
+    problem = shape(body)
+    if problem is not None:
+        raise _not_agent(path, problem)
+    return resp.status, body
+
+
+def _fields(
+    value: Any, where: str, required: dict[str, Any], optional: dict[str, Any] | None = None
+) -> str | None:
+    """None when `value` is an object whose `required` keys hold values of their type and whose
+    `optional` keys, when present, hold their type or null; else what is wrong."""
+    if not isinstance(value, dict):
+        return f"{where or 'the answer'} is {_what(value)}, not an object"
+    for key, kind in {**required, **(optional or {})}.items():
+        if key not in value:
+            if key in required:
+                return f"{where + '.' if where else ''}{key} is missing"
+            continue
+        v = value[key]
+        if v is None and key not in required:
+            continue
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+            return f"{where + '.' if where else ''}{key} is {_what(v)}"
+    return None
+
+
+def _date(value: str, where: str) -> str | None:
+    try:
+        when = dt.datetime.fromisoformat(value)
+        if when.tzinfo is not None:
+            when.astimezone(dt.UTC)  # (year 1 at +14:00 is before year 1 in UTC)
+    except (ValueError, OverflowError):
+        return f"{where} {printable(value, 40)!r} is not an ISO 8601 date"
+    return None if when.tzinfo is not None else f"{where} {printable(value, 40)!r} has no time zone"
+
+
+def ready_problem(body: Any) -> str | None:
+    """/ready: `{"ready": true|false, …}` (agent/admin.py)."""
+    return _fields(body, "", {"ready": bool})
+
+
+def config_problem(body: Any) -> str | None:
+    """/v1/config: what `render_table` reads of it."""
+    problem = _fields(
+        body,
+        "",
+        {"node": str, "generation": int, "default_intention": str, "services": list, "versions": dict,
+         "endpoints": dict},
+    )  # fmt: skip
+    if problem:
+        return problem
+    for i, svc in enumerate(body["services"]):
+        problem = _fields(svc, f"services[{i}]", {"name": str, "protocol": str, "port": int})
+        if problem:
+            return problem
+    for name, eps in body["endpoints"].items():
+        if not isinstance(eps, list):
+            return f"endpoints[{printable(name, 40)!r}] is {_what(eps)}, not an array"
+        for i, e in enumerate(eps):
+            problem = _fields(e, f"endpoints[{printable(name, 40)!r}][{i}]", {"address": str})
+            if problem:
+                return problem
+    return None
+
+
+def certs_problem(body: Any) -> str | None:
+    """/v1/certs: `{"certs": [...]}`, each with dates an agent writes (ISO 8601 with a time zone);
+    a `checking` one (just restarted, not yet checked) has none."""
+    problem = _fields(body, "", {"certs": list})
+    if problem:
+        return problem
+    for i, cert in enumerate(body["certs"]):
+        where = f"certs[{i}]"
+        problem = _fields(
+            cert,
+            where,
+            {"service": str},
+            {"state": str, "serial": str, "root_id": str, "not_after": str, "renew_at": str},
+        )
+        if problem:
+            return problem
+        if cert.get("state") != "checking" and not isinstance(cert.get("not_after"), str):
+            return f"{where}.not_after is missing"
+        for key in ("not_after", "renew_at"):
+            if isinstance(cert.get(key), str):
+                problem = _date(cert[key], f"{where}.{key}")
+                if problem:
+                    return problem
+    return None
+
+
+def version_problem(body: Any) -> str | None:
+    """/v1/version: `{"version": "0.x", "compiled": [modules]}` (`compiled` since the compiled build)."""
+    problem = _fields(body, "", {"version": str}, {"compiled": list})
+    if problem:
+        return problem
+    if printable(body["version"], 100) != body["version"] or not body["version"]:
+        return "version is not one short line"
+    if not all(isinstance(m, str) and printable(m, 200) == m for m in body.get("compiled") or []):
+        return "compiled is not a list of module names"
+    return None
+
+
+# --- hostmesh status ---------------------------------------------------------------------------
 
 
 async def fetch_status(address: str) -> dict[str, Any]:
     from hostmesh.registry.http import HTTPClient
 
-    client = HTTPClient(address if "//" in address else f"http://{address}")
+    try:
+        base = admin_base_url(address)
+    except AdminAddressError as exc:
+        raise click.ClickException(str(exc)) from None
+    client = HTTPClient(base)
     try:
         out: dict[str, Any] = {}
-        for name, path in (("ready", "/ready"), ("config", "/v1/config"), ("certs", "/v1/certs")):
-            resp = await client.request("GET", path, timeout=5)
-            if name != "ready" and resp.status != 200:
-                raise click.ClickException(f"agent at {address} answered {resp.status} for {path}")
-            out[name] = resp.json()
+        for name, path, shape, statuses in (
+            ("ready", "/ready", ready_problem, (200, 503)),
+            ("config", "/v1/config", config_problem, (200,)),
+            ("certs", "/v1/certs", certs_problem, (200,)),
+        ):
+            _, out[name] = await admin_get(client, path, shape, statuses)
         return out
+    except AdminAnswerError as exc:
+        raise click.ClickException(f"{address}: {exc}") from None
     finally:
         await client.close()
 
@@ -129,14 +378,17 @@ def _build(modules: list[str]) -> str:
 async def _agent_version(address: str) -> dict[str, Any]:
     from hostmesh.registry.http import HTTPClient
 
-    client = HTTPClient(address if "//" in address else f"http://{address}")
     try:
-        resp = await client.request("GET", "/v1/version", timeout=5)
+        client = HTTPClient(admin_base_url(address))
+    except (AdminAddressError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        _, body = await admin_get(client, "/v1/version", version_problem)
     except RegistryError as exc:
         raise click.ClickException(f"cannot reach the agent's admin API at {address}: {exc}") from None
+    except AdminAnswerError as exc:
+        raise click.ClickException(f"{address}: {exc}") from None
     finally:
         await client.close()
-    if resp.status != 200:
-        raise click.ClickException(f"agent at {address} answered {resp.status} for /v1/version")
-    body = resp.json()
-    return body if isinstance(body, dict) else {}
+    assert isinstance(body, dict)
+    return body

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_METRICS_PORT = 15090  # an agent's default `metrics` port (docs/reference/agent-toml.md)
 METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics address under
+METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd
 
@@ -43,13 +44,15 @@ class Target:
 
 
 def metrics_url(meta: dict[str, str], address: str, port: int) -> str:
-    """The agent's metrics URL: its advertised `metrics_addr` (host:port or a URL), else derived."""
+    """The agent's metrics URL: its advertised `metrics_addr` (host:port or a URL), else derived;
+    over `metrics_scheme` (meta, as the CA advertises its HTTPS /metrics) when the address names none."""
+    scheme = meta.get(METRICS_SCHEME_META, "").strip() or "http"
     given = meta.get(METRICS_META, "").strip()
     if given:
-        url = given if "//" in given else f"http://{given}"
+        url = given if "//" in given else f"{scheme}://{given}"
         return url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}/metrics"
+    return f"{scheme}://{host}:{port}/metrics"
 
 
 async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> list[Target]:
@@ -66,25 +69,60 @@ async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> lis
 
 
 async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> list[meshstats.Sample]:
+    """The agent's samples; on any failure none, and `target.error` says why (this agent's row only:
+    one agent's bad address or answer never stops the others' scrapes)."""
     from hostmesh.registry.http import HTTPClient
 
-    base, _, path = target.url.partition("//")[2].partition("/")
-    client = HTTPClient(f"http://{base}")
     try:
-        resp = await client.request("GET", "/" + path, timeout=SCRAPE_TIMEOUT)
+        base, path = _split(target.url)
+        client = HTTPClient(base)
+    except ValueError as exc:  # InvalidAddress is one too
+        target.error = f"bad metrics address (Consul meta {METRICS_META}): {' '.join(str(exc).split())}"
+        return []
+    try:
+        resp = await client.request("GET", path, timeout=SCRAPE_TIMEOUT)
         if resp.status != 200:
             target.error = f"HTTP {resp.status}"
             return []
         if len(resp.body) > MAX_SCRAPE_BYTES:
             target.error = "exposition too large"
             return []
+        text = resp.body.decode("utf-8", "replace")
+        if not meshstats.is_hostmesh_exposition(text):
+            ctype = resp.headers.get("content-type", "").partition(";")[0].strip()
+            what = f"a {_printable(ctype)} answer" if ctype else "an answer"
+            target.error = f"not a hostmesh agent's metrics ({what} without hostmesh_ samples)"
+            return []
         target.error = ""
-        return meshstats.parse_exposition(resp.body.decode("utf-8", "replace"), wanted)
+        return meshstats.parse_exposition(text, wanted)
     except RegistryError as exc:
         target.error = " ".join(str(exc).split())
+        if base.startswith("https:") and "TLS verification failed" in target.error:
+            target.error += (
+                " (https metrics are verified against this host's CA certificates; "
+                "SSL_CERT_FILE names another bundle)"
+            )
         return []
     finally:
         await client.close()
+
+
+def _split(url: str) -> tuple[str, str]:
+    """(scheme://host:port, path?query) of a metrics URL; ValueError naming what is wrong."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    _ = parts.port  # raises ValueError for a port out of range or not a number
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: unsupported scheme {parts.scheme!r} (http or https)")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    path = (parts.path or "/metrics") + (f"?{parts.query}" if parts.query else "")
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", path
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:60]
 
 
 async def scrape_all(ts: list[Target]) -> list[meshstats.Sample]:
@@ -105,7 +143,7 @@ def render_frame(
     )
     text = meshstats.render_top(services, edges, header)
     for t in down:
-        text += f"\nunreachable: {t.node} {t.url}: {t.error}"
+        text += f"\nnot scraped: {t.node} {t.url}: {t.error}"
     return text
 
 

@@ -290,7 +290,7 @@ function render(s) {
     const certs = a.certs.map(c => c.service + " " + c.hours_left.toFixed(1) + " h");
     const low = a.certs.some(c => c.hours_left < __CERT_WARN__);
     tr.appendChild(el("td", {"class": low ? "bad" : "ok"}, certs.join(", ") || "-"));
-    const down = "not answering" + (a.stale ? " (last known shown)" : "");
+    const down = "not scraped: " + a.error + (a.stale ? " (last known shown)" : "");
     tr.appendChild(el("td", {"class": a.error ? "warn" : ""}, a.error ? down : "ok"));
     body.appendChild(tr);
   }
@@ -348,6 +348,24 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
             await server.close()
 
 
+def listen_address(listen: str) -> tuple[str, int]:
+    """(host, port) of `--listen` HOST:PORT ([IPv6]:PORT; port 0: any free one); ValueError, one line."""
+    host, sep, port_s = listen.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not sep or not host or "[" in host or "]" in host or any(c.isspace() for c in host):
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT (an IPv6 address as [::1]:PORT)")
+    if ":" in host and not bracketed:
+        raise ValueError(f"--listen {listen!r}: an IPv6 address goes in brackets, as [::1]:PORT")
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+    if not (port_s.isascii() and port_s.isdigit()):
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT with a numeric port")
+    if len(port_s.lstrip("0")) > 5 or int(port_s) > 65535:
+        raise ValueError(f"--listen {listen!r}: port {port_s[:20]} is out of range (0-65535)")
+    return host, int(port_s)
+
+
 @click.command("ui")
 @click.option(
     "--listen",
@@ -374,14 +392,15 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
 def ui(ctx: click.Context, listen: str, interval: float, metrics_port: int) -> None:
     """Serve a live web view of the mesh: service graph with rates, errors and p99, intentions,
     agents' config lag behind Consul, certificate expiry."""
-    host, _, port_s = listen.rpartition(":")
-    if not host or not port_s.isdigit():
-        raise click.ClickException(f"--listen {listen!r}: expected HOST:PORT")
+    try:
+        host, port = listen_address(listen)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     import asyncio
 
     settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
     try:
-        asyncio.run(serve(settings, host.strip("[]"), int(port_s), interval, metrics_port))
+        asyncio.run(serve(settings, host, port, interval, metrics_port))
     except RegistryError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     except OSError as exc:

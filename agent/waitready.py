@@ -1,11 +1,14 @@
 """`hostmesh agent wait-ready`: block until the agent serves, for a Nomad `prestart` task that gates
 the app (`lifecycle { hook = "prestart", sidecar = false }`), or any start-up script.
 
-"Serves" is the admin API's `/ready` answering 200: certificates held, every inbound and upstream
-listener bound, intentions known (agent/admin.py). So an app started after it never meets a refused
-connection on its upstream port. Where the admin API is: `--admin`, else NOMAD_ADDR_hostmesh_admin,
-else the address the agent wrote to `${NOMAD_ALLOC_DIR}/hostmesh/admin.addr` (an ephemeral port; the
-file is re-read until it appears), else agent.toml's default 127.0.0.1:15000.
+"Serves" is the admin API's `/ready` answering 200 `{"ready": true, …}`: certificates held, every
+inbound and upstream listener bound, intentions known (agent/admin.py). Any other answer (another
+server on that port, a proxy's page) is not ready, named as not a hostmesh agent's answer. So an
+app started after it never meets a refused connection on its upstream port. Where the admin API
+is: `--admin`, else NOMAD_ADDR_hostmesh_admin, else the address the agent wrote to
+`${NOMAD_ALLOC_DIR}/hostmesh/admin.addr` (an ephemeral port; the file is re-read until it appears),
+else agent.toml's default 127.0.0.1:15000. An address given that cannot be one (no port, a port out
+of range) is refused at once; one read from the file is polled, as the agent writes it again.
 """
 
 from __future__ import annotations
@@ -16,59 +19,104 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import click
+
 DEFAULT_ADMIN = "127.0.0.1:15000"
 POLL_INTERVAL = 0.1  # seconds between probes: a sidecar is ready within a second or two
 PROBE_TIMEOUT = 1.0  # seconds for one /ready request on loopback
+MAX_READY_BYTES = 64 * 1024  # an agent's /ready answer is a few hundred bytes; read no more
+MAX_ADDRESS_BYTES = 1024  # of the admin.addr file, which holds one host:port
 
 
-def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None, Path | None]:
-    """(a fixed address, or a file to read it from)."""
+def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None, Path | None, str]:
+    """(a fixed address, or a file to read it from; where the address comes from, for messages)."""
     if option:
-        return option, None
+        return option, None, "--admin"
     if env.get("NOMAD_ADDR_hostmesh_admin"):
-        return env["NOMAD_ADDR_hostmesh_admin"], None
+        return env["NOMAD_ADDR_hostmesh_admin"], None, "NOMAD_ADDR_hostmesh_admin"
     if env.get("NOMAD_ALLOC_DIR"):
-        return None, Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
-    return DEFAULT_ADMIN, None
+        path = Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
+        return None, path, str(path)
+    return DEFAULT_ADMIN, None, "the default"
 
 
-def probe(address: str) -> str | None:
+def _host_port(address: str, source: str) -> tuple[str, int]:
+    """The admin API's host and port (HOST:PORT, [IPv6]:PORT or http://HOST:PORT); ValueError with
+    one line naming `source` otherwise."""
+    from hostmesh.agent.status import parse_admin_address
+
+    scheme, host, port = parse_admin_address(address, source)
+    if scheme != "http":
+        raise ValueError(f"{source} {address!r}: the admin API speaks plain HTTP (give HOST:PORT)")
+    return host, port
+
+
+def probe(address: str, source: str = "--admin") -> str | None:
     """None when the agent at `address` is ready, else why not (one line)."""
-    host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=PROBE_TIMEOUT)
+    try:
+        host, port = _host_port(address, source)
+    except ValueError as exc:
+        return str(exc)
+    conn = http.client.HTTPConnection(host, port, timeout=PROBE_TIMEOUT)
     try:
         conn.request("GET", "/ready")
         resp = conn.getresponse()
-        body = resp.read()
+        body = resp.read(MAX_READY_BYTES)
     except OSError as exc:
         return f"{address}: {exc.strerror or exc}"
+    except http.client.HTTPException as exc:  # a status line that is not HTTP: another server there
+        return f"{address}: not an HTTP server (it answered {_printable(str(exc))})"
     finally:
         conn.close()
-    if resp.status == 200:
-        return None
+    from hostmesh.agent.status import ready_problem
+
+    if resp.status not in (200, 503):
+        return f"{address}: GET /ready: not a hostmesh agent's answer (HTTP {resp.status})"
     try:
-        detail = json.dumps({k: v for k, v in json.loads(body).items() if k != "ready"}, sort_keys=True)
-    except (ValueError, AttributeError):
-        detail = body[:200].decode(errors="replace")
-    return f"{address}: not ready (HTTP {resp.status}) {detail}"
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # (a body cut at MAX_READY_BYTES too)
+        ctype = resp.getheader("content-type", "").partition(";")[0].strip() or "a body"
+        why = f"{_printable(ctype)}, {'invalid JSON' if 'json' in ctype else 'not JSON'}" if body else "empty"
+        return f"{address}: GET /ready: not a hostmesh agent's answer ({why})"
+    problem = ready_problem(doc)
+    if problem is not None:
+        return f"{address}: GET /ready: not a hostmesh agent's answer ({problem})"
+    if resp.status == 200 and doc["ready"]:
+        return None
+    detail = json.dumps({k: v for k, v in doc.items() if k != "ready"}, sort_keys=True)
+    return f"{address}: not ready (HTTP {resp.status}) {_printable(detail)}"
+
+
+def _printable(text: str) -> str:
+    from hostmesh.agent.status import printable
+
+    return printable(text)
 
 
 def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tuple[bool, str]:
-    """Poll until ready or `timeout` seconds: (ready, the address or the last reason)."""
-    fixed, file = admin_source(option, env)
+    """Poll until ready or `timeout` seconds: (ready, the address or the last reason). An address
+    given (--admin, NOMAD_ADDR_hostmesh_admin) that cannot be one is refused at once (a one-line
+    click error); one read from the agent's file is polled, as the agent may write it again."""
+    fixed, file, source = admin_source(option, env)
+    if fixed is not None:
+        try:
+            _host_port(fixed, source)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     deadline = time.monotonic() + timeout
     reason = "never probed"
     while True:
         address = fixed
         if address is None and file is not None:
             try:
-                address = file.read_text().strip() or None
+                with file.open("rb") as f:  # a host:port: the first few bytes are all there is to read
+                    address = f.read(MAX_ADDRESS_BYTES).decode(errors="replace").strip() or None
             except OSError:
                 address = None
             if address is None:
                 reason = f"{file} not written yet (the agent has not started)"
         if address is not None:
-            why = probe(address)
+            why = probe(address, source)
             if why is None:
                 return True, address
             reason = why

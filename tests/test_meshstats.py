@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from hostmesh.agent.meshstats import edge_stats, parse_exposition, quantile, render_top, service_stats
+from hostmesh.agent.meshstats import (
+    edge_stats,
+    is_hostmesh_exposition,
+    parse_exposition,
+    quantile,
+    render_top,
+    service_stats,
+)
 from hostmesh.agent.metrics import REQUEST_BUCKETS, Telemetry, generate_latest
 from hostmesh.agent.top import metrics_url
 
@@ -80,3 +87,41 @@ def test_metrics_address_advertised_or_derived() -> None:
     assert metrics_url({"metrics_addr": "http://h:1/metrics"}, "x", 15090) == "http://h:1/metrics"
     assert metrics_url({}, "10.0.0.5", 15090) == "http://10.0.0.5:15090/metrics"
     assert metrics_url({}, "fd00::5", 15090) == "http://[fd00::5]:15090/metrics"
+
+
+def test_values_and_bucket_bounds_that_are_not_numbers_are_skipped() -> None:
+    line = (
+        'hostmesh_request_duration_seconds_bucket{le="%s",reporter="destination",source_service="a",'
+        'destination_service="b"} %s'
+    )
+    text = "\n".join(
+        [
+            line % ("0.1", "5"),
+            line % ("+Inf", "5"),
+            line % ("abc", "5"),  # a bound that is not a number
+            line % ("NaN", "5"),
+            line % ("0.2", "nan"),  # values no counter of ours has
+            line % ("0.2", "+Inf"),
+            line % ("0.2", "1e400"),
+            line % ("0.2", "notanumber"),
+        ]
+    )
+    samples = parse_exposition(text)
+    assert [(s.labels["le"], s.value) for s in samples] == [("0.1", 5.0), ("+Inf", 5.0)]
+    requests = 'hostmesh_requests_total{reporter="destination",source_service="a",destination_service="b"} 10'
+    (edge,) = edge_stats([], parse_exposition(text + "\n" + requests), 1.0)  # no ValueError on le="abc"
+    assert edge.p50 is not None and edge.p50 <= 0.1
+
+
+def test_is_hostmesh_exposition() -> None:
+    assert is_hostmesh_exposition(scrape(Telemetry()))  # an idle agent's: no traffic yet
+    assert not is_hostmesh_exposition("<html><body>Welcome to nginx</body></html>")
+    assert not is_hostmesh_exposition("node_cpu_seconds_total 5\n")
+
+
+def test_metrics_address_over_the_advertised_scheme() -> None:
+    meta = {"metrics_addr": "10.0.0.5:8443", "metrics_scheme": "https"}
+    assert metrics_url(meta, "x", 15090) == "https://10.0.0.5:8443/metrics"
+    assert (
+        metrics_url({"metrics_addr": "http://h:1", "metrics_scheme": "https"}, "x", 1) == "http://h:1/metrics"
+    )

@@ -1,0 +1,650 @@
+"""The commands that read an agent (`status`, `version --agent`, `check --agent`, `agent wait-ready`,
+`top`, `ui`) pointed at something that is not a hostmesh agent, or given an address they cannot use.
+
+Every outcome is the user's: one line on stderr and a non-zero exit (never a traceback), a `check`
+finding, a `top` row. Answers no agent gives are "not a hostmesh agent's answer" naming the path and
+why; a path, query or fragment in an address is refused rather than dropped; one agent's bad metrics
+address or answer is reported on its own row while the others are still scraped.
+
+The peers are small servers on 127.0.0.1, port 0: http.server with canned answers per path, a TCP
+server that answers with an SSH banner, and an HTTPS one (tests/consul_secure.py's test CA). `top`
+and `ui` find their agents in the session's real Consul, as catalog entries on a node of this
+module's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import http.server
+import json
+import re
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from hostmesh.agent.cli import cli
+from hostmesh.agent.localmesh import LocalMesh, free_port
+from hostmesh.agent.metrics import Telemetry, generate_latest
+from hostmesh.agent.status import admin_base_url
+from hostmesh.agent.ui import Collector, listen_address
+from hostmesh.registry.consul import ConsulClient
+from tests.support import ConsulDev
+from tests.test_cli_ops import fails
+
+HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
+NOT_FOUND = (404, "text/html", b"<h1>404</h1>")
+Answer = tuple[int, str, bytes]
+
+
+def js(payload: Any, status: int = 200) -> Answer:
+    return status, "application/json", json.dumps(payload).encode()
+
+
+def agent_answers(**override: Answer) -> dict[str, Answer]:
+    """What a hostmesh agent's admin API answers (agent/admin.py's shapes), with `override`."""
+    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=20)).isoformat()
+    answers = {
+        "/ready": js({"ready": True}),
+        "/v1/config": js(
+            {
+                "node": "n1",
+                "trust_domain": "hostmesh.local",
+                "generation": 3,
+                "built_at": 0,
+                "versions": {"routes/web": 2},
+                "consul_indexes": {"routes/web": 17},
+                "tls_generation": 1,
+                "default_intention": "allow",
+                "services": [
+                    {"name": "web", "port": 8080, "protocol": "http", "spiffe_id": "spiffe://x/web"}
+                ],
+                "intentions_state": {},
+                "intentions": {},
+                "endpoints": {"api": [{"id": "api-n2", "address": "127.0.0.1:21000", "meta": {}}]},
+            }
+        ),
+        "/v1/certs": js(
+            {
+                "certs": [
+                    {
+                        "service": "web",
+                        "spiffe_id": "spiffe://x/web",
+                        "serial": "ab12",
+                        "not_after": not_after,
+                        "root_id": "r1",
+                        "state": "valid",
+                        "problem": None,
+                    },
+                    {
+                        "service": "db",
+                        "spiffe_id": "spiffe://x/db",
+                        "serial": None,
+                        "not_after": None,
+                        "root_id": None,
+                        "state": "checking",
+                        "problem": None,
+                    },
+                ]
+            }
+        ),
+        "/v1/version": js({"version": "0.9.0", "compiled": []}),
+    }
+    return {**answers, **override}
+
+
+class Peer:
+    """An HTTP server on 127.0.0.1 answering each path with its canned answer (else `default`);
+    optionally over TLS."""
+
+    def __init__(
+        self, answers: dict[str, Answer], default: Answer = NOT_FOUND, tls: ssl.SSLContext | None = None
+    ) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, ctype, body = answers.get(urllib.parse.urlsplit(self.path).path, default)
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+class Banner:
+    """A TCP server on 127.0.0.1 that is not HTTP: every connection gets an SSH banner, then closed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Peer]]:
+    """`serve(answers, default=…, tls=…)`: a Peer stopped after the test."""
+    peers: list[Peer] = []
+
+    def start(
+        answers: dict[str, Answer], default: Answer = NOT_FOUND, tls: ssl.SSLContext | None = None
+    ) -> Peer:
+        peers.append(Peer(answers, default, tls))
+        return peers[-1]
+
+    yield start
+    for p in peers:
+        p.close()
+
+
+@pytest.fixture
+def banner() -> Iterator[Banner]:
+    b = Banner()
+    yield b
+    b.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hm(*args: str, **env: str | None) -> Result:
+    base: dict[str, str | None] = {
+        "CONSUL_HTTP_TOKEN": "",
+        "CONSUL_HTTP_TOKEN_FILE": "",
+        "CONSUL_HTTP_ADDR": "",
+        "NOMAD_ADDR_hostmesh_admin": None,
+        "NOMAD_ALLOC_DIR": None,
+    }
+    return CliRunner().invoke(cli, list(args), env={**base, **env}, catch_exceptions=False)
+
+
+NOT_AGENT_BODIES = {
+    "html": HTML,
+    "404 page": NOT_FOUND,
+    "bad json": (200, "application/json", b'{"ready": tru'),
+    "a list": js([1, 2, 3]),
+    "empty object": js({}),
+    "null": js(None),
+}
+WHY = {
+    "html": "text/html, not JSON",
+    "404 page": "HTTP 404",
+    "bad json": "application/json, invalid JSON",
+    "a list": "the answer is an array, not an object",
+    "empty object": "ready is missing",
+    "null": "the answer is null, not an object",
+}
+
+
+# --- hostmesh status ------------------------------------------------------------------------------
+
+
+def test_status_of_a_real_agents_answers_is_the_table(serve: Callable[..., Peer]) -> None:
+    out = hm("status", "--agent", serve(agent_answers()).address)
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("node        n1   ready: yes")
+    assert re.search(r"^web +http +8080 .* ab12 +r1$", out.stdout, re.M) and "routes/web" in out.stdout
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_AGENT_BODIES))
+def test_status_of_something_else_says_it_is_not_an_agents_answer(
+    kind: str, serve: Callable[..., Peer]
+) -> None:
+    peer = serve({}, default=NOT_AGENT_BODIES[kind])
+    line = fails(hm("status", "--agent", peer.address))
+    assert line == f"Error: {peer.address}: GET /ready: not a hostmesh agent's answer ({WHY[kind]})"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "why"),
+    [
+        (
+            "/v1/certs",
+            {"certs": [{"service": "web", "not_after": "tomorrow", "state": "valid"}]},
+            "certs[0].not_after 'tomorrow' is not an ISO 8601 date",
+        ),
+        (
+            "/v1/certs",
+            {"certs": [{"service": "web", "not_after": "2030-01-01T00:00:00", "state": "valid"}]},
+            "certs[0].not_after '2030-01-01T00:00:00' has no time zone",
+        ),
+        ("/v1/certs", {"certs": [{"service": "web", "state": "valid"}]}, "certs[0].not_after is missing"),
+        ("/v1/config", {"node": "n"}, "generation is missing"),
+        ("/v1/config", [], "the answer is an array, not an object"),
+    ],
+)
+def test_status_names_the_field_an_agent_shaped_answer_gets_wrong(
+    path: str, body: Any, why: str, serve: Callable[..., Peer]
+) -> None:
+    peer = serve(agent_answers(**{path: js(body)}))
+    line = fails(hm("status", "--agent", peer.address))
+    assert line == f"Error: {peer.address}: GET {path}: not a hostmesh agent's answer ({why})"
+
+
+def test_status_reports_a_refusal_as_a_refusal(serve: Callable[..., Peer]) -> None:
+    peer = serve({}, default=js({"error": "forbidden"}, 403))
+    line = fails(hm("status", "--agent", peer.address))
+    assert line == f"Error: {peer.address}: GET /ready refused (HTTP 403): forbidden"
+
+
+# --- addresses: status, version, check ------------------------------------------------------------
+
+BAD_ADDRESSES = {
+    "127.0.0.1:99999": "not a valid URL (Port out of range 0-65535)",
+    "[::1": "not a valid URL (Invalid IPv6 URL)",
+    "ftp://x:1": "unsupported scheme 'ftp' (http or https)",
+    "127.0.0.1": "no port: expected HOST:PORT",
+    "http://127.0.0.1:15000/v1/config": "a path, query or fragment is not used",
+    "127.0.0.1:15000?x=1": "a path, query or fragment is not used",
+    "127.0.0.1:15000#x": "a path, query or fragment is not used",
+}
+
+
+@pytest.mark.parametrize("address", sorted(BAD_ADDRESSES))
+@pytest.mark.parametrize("command", [("status",), ("version",), ("check", "--no-ca")])
+def test_an_address_the_client_cannot_use_as_given_is_one_line(
+    command: tuple[str, ...], address: str
+) -> None:
+    # (check: refused before Consul is asked; the Consul address is one nothing listens on)
+    line = fails(hm("--consul", f"http://127.0.0.1:{closed_port()}", *command, "--agent", address))
+    assert line.startswith(f"Error: --agent {address!r}: {BAD_ADDRESSES[address]}"), line
+
+
+def test_admin_base_url_keeps_what_it_is_given() -> None:
+    assert admin_base_url("127.0.0.1:15000") == "http://127.0.0.1:15000"
+    assert admin_base_url("[::1]:15000") == "http://[::1]:15000"
+    assert admin_base_url("https://h:1/") == "https://h:1"
+
+
+# --- hostmesh version --agent ---------------------------------------------------------------------
+
+
+def test_version_of_a_real_agent(serve: Callable[..., Peer]) -> None:
+    out = hm("version", "--agent", serve(agent_answers()).address)
+    assert out.exit_code == 0 and out.stdout.splitlines()[1] == "agent   0.9.0 (pure Python)", out.output
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (HTML, "text/html, not JSON"),
+        (js({"version": {"x": 1}, "compiled": "yes"}), "version is an object"),
+        (js({"version": "0.9", "compiled": "yes"}), "compiled is a string"),
+        (js({"x": 1}), "version is missing"),
+        (js({"version": "0.9\n\x1b[2J"}), "version is not one short line"),
+    ],
+)
+def test_version_of_something_else_says_it_is_not_an_agents_answer(
+    answer: Answer, why: str, serve: Callable[..., Peer]
+) -> None:
+    peer = serve({"/v1/version": answer})
+    out = hm("version", "--agent", peer.address)
+    assert fails(out) == f"Error: {peer.address}: GET /v1/version: not a hostmesh agent's answer ({why})"
+    assert "agent" not in out.stdout  # no "agent {'x': 1}" line
+
+
+# --- hostmesh check --agent -----------------------------------------------------------------------
+
+
+def check_json(consul: str, *agents: str) -> tuple[int, list[dict[str, Any]]]:
+    """`hostmesh check --no-ca -o json --agent A …` against the Consul at `consul`: (exit, findings)."""
+    out = hm(
+        "--consul", consul, "check", "--no-ca", "-o", "json", *(a for x in agents for a in ("--agent", x))
+    )
+    assert "Traceback" not in out.output and not out.stderr, out.output
+    return out.exit_code, json.loads(out.stdout)["findings"]
+
+
+def agent_findings(findings: list[dict[str, Any]], address: str) -> list[tuple[str, str]]:
+    return [(f["code"], f["message"]) for f in findings if f["subject"] == f"agent {address}"]
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ({"/ready": HTML}, "GET /ready: not a hostmesh agent's answer (text/html, not JSON)"),
+        (
+            {"/ready": js([1, 2, 3])},
+            "GET /ready: not a hostmesh agent's answer (the answer is an array, not an object)",
+        ),
+        (
+            agent_answers(**{"/v1/certs": js({"certs": [{"service": "web", "not_after": "tomorrow"}]})}),
+            "GET /v1/certs: not a hostmesh agent's answer "
+            "(certs[0].not_after 'tomorrow' is not an ISO 8601 date)",
+        ),
+    ],
+)
+def test_check_keeps_the_whole_report_when_an_agent_answers_garbage(
+    answers: dict[str, Answer], expected: str, serve: Callable[..., Peer]
+) -> None:
+    peer = serve(answers)
+    code, findings = check_json(f"http://127.0.0.1:{closed_port()}", peer.address)
+    assert code == 1
+    assert [f["code"] for f in findings if f["subject"].startswith("consul ")] == ["consul-unreachable"]
+    assert agent_findings(findings, peer.address) == [("not-an-agent", expected)]
+
+
+def test_check_reports_a_refusal_and_a_failure_as_such(serve: Callable[..., Peer]) -> None:
+    refused = serve({"/ready": js({"error": "no"}, 403)})
+    failed = serve(agent_answers(**{"/v1/certs": (500, "text/plain", b"boom")}))
+    dead = f"http://127.0.0.1:{closed_port()}"
+    _, findings = check_json(dead, refused.address, failed.address)
+    assert agent_findings(findings, refused.address) == [
+        ("agent-refused", "GET /ready refused (HTTP 403): no")
+    ]
+    assert agent_findings(findings, failed.address) == [
+        ("agent-error", "GET /v1/certs failed (HTTP 500): boom")
+    ]
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("body", [{}, None], ids=["empty", "null"])
+def test_check_of_an_empty_answer_is_a_finding_not_a_clean_report(
+    consul: ConsulDev, body: Any, serve: Callable[..., Peer]
+) -> None:
+    peer = serve({}, default=js(body))
+    code, findings = check_json(consul.url, peer.address)
+    assert code == 1
+    (finding,) = agent_findings(findings, peer.address)
+    assert finding[0] == "not-an-agent" and finding[1].startswith(
+        "GET /ready: not a hostmesh agent's answer ("
+    )
+
+
+@pytest.mark.consul
+def test_check_of_consul_itself_says_it_is_not_an_agent(consul: ConsulDev) -> None:
+    address = f"127.0.0.1:{consul.http_port}"
+    code, findings = check_json(consul.url, address)
+    assert code == 1
+    assert agent_findings(findings, address) == [
+        ("not-an-agent", "GET /ready: not a hostmesh agent's answer (HTTP 404)")
+    ]
+
+
+def test_check_of_a_not_ready_agent_gives_its_reasons(serve: Callable[..., Peer]) -> None:
+    peer = serve(
+        agent_answers(**{"/ready": js({"ready": False, "not_ready": {"api": "no intentions"}}, 503)})
+    )
+    _, findings = check_json(f"http://127.0.0.1:{closed_port()}", peer.address)
+    assert agent_findings(findings, peer.address) == [
+        ("agent-not-ready", 'not ready: {"not_ready": {"api": "no intentions"}}')
+    ]
+
+
+# --- hostmesh agent wait-ready --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("admin", "why"),
+    [
+        ("127.0.0.1", "no port: expected HOST:PORT"),
+        (":abc", "not a valid URL (Port could not be cast to integer value as 'abc')"),
+        ("127.0.0.1:99999", "not a valid URL (Port out of range 0-65535)"),
+        ("https://127.0.0.1:1", "the admin API speaks plain HTTP (give HOST:PORT)"),
+    ],
+)
+def test_wait_ready_refuses_an_address_it_cannot_use_at_once(admin: str, why: str) -> None:
+    # the timeout is long: an address that cannot be one is refused before any wait
+    line = fails(hm("agent", "wait-ready", "--admin", admin, "--timeout", "60"))
+    assert line == f"Error: --admin {admin!r}: {why}"
+
+
+def test_wait_ready_says_a_server_that_is_not_http_is_not_http(banner: Banner) -> None:
+    line = fails(hm("agent", "wait-ready", "--admin", banner.address, "--timeout", "0"))
+    assert line == (
+        f"Error: agent not ready after 0s: {banner.address}: "
+        "not an HTTP server (it answered SSH-2.0-OpenSSH_9.2)"
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_AGENT_BODIES))
+def test_wait_ready_is_not_fooled_by_another_server(kind: str, serve: Callable[..., Peer]) -> None:
+    peer = serve({}, default=NOT_AGENT_BODIES[kind])
+    out = hm("agent", "wait-ready", "--admin", peer.address, "--timeout", "0")
+    assert fails(out) == (
+        f"Error: agent not ready after 0s: {peer.address}: GET /ready: not a hostmesh agent's answer "
+        f"({WHY[kind]})"
+    )
+    assert "is ready" not in out.stdout
+
+
+def test_wait_ready_of_a_ready_agent(serve: Callable[..., Peer]) -> None:
+    peer = serve(agent_answers())
+    out = hm("agent", "wait-ready", "--admin", peer.address, "--timeout", "0")
+    assert out.exit_code == 0 and out.stdout == f"agent at {peer.address} is ready\n", out.output
+
+
+def test_wait_ready_names_a_garbage_admin_addr_file(tmp_path: Path) -> None:
+    (tmp_path / "hostmesh").mkdir()
+    file = tmp_path / "hostmesh" / "admin.addr"
+    file.write_text("garbage\n")
+    line = fails(hm("agent", "wait-ready", "--timeout", "0", NOMAD_ALLOC_DIR=str(tmp_path)))
+    assert line == f"Error: agent not ready after 0s: {file} 'garbage': no port: expected HOST:PORT"
+
+
+# --- hostmesh ui --listen -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "why"),
+    [
+        ("127.0.0.1:99999", "port 99999 is out of range (0-65535)"),
+        ("[::1:8080", "expected HOST:PORT (an IPv6 address as [::1]:PORT)"),
+        ("::1:8080", "an IPv6 address goes in brackets, as [::1]:PORT"),
+        ("127.0.0.1:", "expected HOST:PORT with a numeric port"),
+        ("127.0.0.1", "expected HOST:PORT (an IPv6 address as [::1]:PORT)"),
+    ],
+)
+def test_ui_listen_that_cannot_be_bound_as_given_is_one_line(listen: str, why: str) -> None:
+    assert fails(hm("ui", "--listen", listen)) == f"Error: --listen {listen!r}: {why}"
+
+
+def test_ui_listen_address() -> None:
+    assert listen_address("[::1]:8080") == ("::1", 8080)
+    assert listen_address("localhost:0") == ("localhost", 0)
+
+
+# --- hostmesh top and ui: one agent's bad address or answer stays on its row ----------------------
+
+NODE = "client-input-fakes"  # the catalog node the fake agents are registered on
+
+
+def exposition() -> bytes:
+    """A real agent's exposition with traffic web -> api, and the odd lines a scrape must skip."""
+    tel = Telemetry()
+    for _ in range(4):
+        tel.requests.labels("destination", "web", "api", "", "200", "").inc()
+        tel.request_duration.labels("destination", "web", "api", "", "200", "").observe(0.01)
+    odd = (
+        'hostmesh_request_duration_seconds_bucket{le="abc",reporter="destination",source_service="web",'
+        'destination_service="api"} 5\n'
+        'hostmesh_request_duration_seconds_bucket{le="NaN",reporter="destination",source_service="web",'
+        'destination_service="api"} 5\n'
+        'hostmesh_requests_total{reporter="destination",source_service="web",destination_service="api"} nan\n'
+        'hostmesh_config_source_index{source="routes/x"} inf\n'
+        'hostmesh_cert_expiry_timestamp_seconds{service="web"} 1e999\n'
+    )
+    return generate_latest(tel.registry) + odd.encode()
+
+
+def register(consul: ConsulDev, name: str, meta: dict[str, str]) -> None:
+    consul.put_json(
+        "/v1/catalog/register",
+        {
+            "Node": NODE,
+            "Address": "127.0.0.1",
+            "Service": {
+                "ID": f"{name}-{name}-node",
+                "Service": name,
+                "Address": "127.0.0.1",
+                "Port": 1,
+                "Meta": {"hostmesh": "1", "protocol": "http", **meta},
+            },
+        },
+    )
+
+
+@pytest.fixture
+def fake_agents(consul: ConsulDev, serve: Callable[..., Peer], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Four "agents" in Consul: one good (whose exposition has odd lines), one advertising a metrics
+    address that is not one, one whose metrics address serves a web page, one serving https with a
+    certificate of a CA this host does not trust. node -> the CA file for the https one ("ca")."""
+    from tests.consul_secure import TLSFiles  # (cryptography: only here)
+
+    files = TLSFiles(tmp_path / "tls")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(files.server_cert, files.server_key)
+    metrics = (200, "text/plain; version=0.0.4", exposition())
+    good, page, secure = (
+        serve({"/metrics": metrics}),
+        serve({}, default=HTML),
+        serve({"/metrics": metrics}, tls=tls),
+    )
+    register(consul, "good", {"metrics_addr": good.address})
+    register(consul, "badaddr", {"metrics_addr": "127.0.0.1:99999"})
+    register(consul, "webpage", {"metrics_addr": page.address})
+    register(consul, "secure", {"metrics_addr": secure.address, "metrics_scheme": "https"})
+    try:
+        yield {"ca": str(files.ca_file)}
+    finally:
+        consul.put_json("/v1/catalog/deregister", {"Node": NODE})
+
+
+@pytest.mark.consul
+def test_top_reports_each_agents_problem_on_its_row(consul: ConsulDev, fake_agents: dict[str, str]) -> None:
+    out = hm("--consul", consul.url, "top", "--once", "--interval", "0.2", "-o", "json")
+    assert out.exit_code == 0 and not out.stderr, out.output
+    frame = json.loads(out.stdout)
+    errors = {a["node"]: a["error"] for a in frame["agents"]}
+    assert errors["good-node"] == ""
+    assert errors["badaddr-node"] == (
+        "bad metrics address (Consul meta metrics_addr): Port out of range 0-65535"
+    )
+    assert (
+        errors["webpage-node"]
+        == "not a hostmesh agent's metrics (a text/html answer without hostmesh_ samples)"
+    )
+    assert errors["secure-node"].startswith("https://127.0.0.1:")  # scraped over https, as advertised
+    assert "TLS verification failed" in errors["secure-node"]
+    assert "verified against this host's CA certificates" in errors["secure-node"]
+    assert [e["source"] + "->" + e["destination"] for e in frame["edges"]] == ["web->api"]
+
+    table = hm("--consul", consul.url, "top", "--once", "--interval", "0.2")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("1/4 agents scraped")
+    assert any(
+        line.startswith("not scraped: badaddr-node http://127.0.0.1:99999/metrics: bad") for line in lines
+    )
+
+
+@pytest.mark.consul
+def test_top_scrapes_https_metrics_with_a_trusted_certificate(
+    consul: ConsulDev, fake_agents: dict[str, str]
+) -> None:
+    out = hm(
+        "--consul",
+        consul.url,
+        "top",
+        "--once",
+        "--interval",
+        "0.2",
+        "-o",
+        "json",
+        SSL_CERT_FILE=fake_agents["ca"],
+    )
+    errors = {a["node"]: a["error"] for a in json.loads(out.stdout)["agents"]}
+    assert errors["secure-node"] == "" and errors["good-node"] == ""
+
+
+@pytest.mark.consul
+def test_ui_keeps_every_other_agent_updated(consul: ConsulDev, fake_agents: dict[str, str]) -> None:
+    async def two_polls() -> dict[str, Any]:
+        async with ConsulClient(consul.url) as client:
+            collector = Collector(client, 15090)
+            await collector.poll()
+            await collector.poll()
+            return collector.state
+
+    state = asyncio.run(two_polls())
+    assert state["error"] == ""
+    agents = {a["node"]: a for a in state["agents"]}
+    assert agents["good-node"]["error"] == "" and agents["good-node"]["generation"] == 0
+    assert agents["good-node"]["applied"] == {}  # the `inf` source index is skipped
+    assert agents["badaddr-node"]["error"].startswith("bad metrics address")
+    assert agents["webpage-node"]["error"].startswith("not a hostmesh agent's metrics")
+    json.dumps(state, allow_nan=False)  # what the page fetches is JSON a browser parses
+
+
+# --- and a real agent passes every one of these checks --------------------------------------------
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_a_real_agents_answers_pass_every_check(consul: ConsulDev, tmp_path: Path) -> None:
+    m = LocalMesh(tmp_path / "mesh", consul.url)
+    try:
+        m.start_ca()
+        agent = m.start_agent(
+            m.write_agent_config("n-real", [{"name": "realweb", "port": free_port(), "protocol": "http"}])
+        )
+        address = f"127.0.0.1:{agent.admin_port}"
+        table = hm("status", "--agent", address)
+        assert table.exit_code == 0, table.output
+        assert re.search(r"^realweb +http .* \(\d+\.\d h\)", table.stdout, re.M), table.stdout
+        status = json.loads(hm("-o", "json", "status", "--agent", f"http://{address}").stdout)
+        assert status["ready"]["ready"] is True and status["config"]["node"] == "n-real"
+        version = hm("version", "--agent", address)
+        assert version.exit_code == 0 and version.stdout.splitlines()[1].startswith("agent   "), (
+            version.output
+        )
+        _, findings = check_json(consul.url, address)
+        assert agent_findings(findings, address) == [], findings
+        ready = hm("agent", "wait-ready", "--admin", address, "--timeout", "0")
+        assert ready.exit_code == 0 and "is ready" in ready.stdout, ready.output
+        top = hm("--consul", consul.url, "top", "--once", "--interval", "0.2", "-o", "json")
+        assert top.exit_code == 0, top.output
+        assert {a["node"]: a["error"] for a in json.loads(top.stdout)["agents"]} == {"n-real": ""}
+    finally:
+        m.close()
