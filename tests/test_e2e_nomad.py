@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,16 +48,16 @@ rules:
 """
 
 
-class NamedHTTP:
-    """An HTTP app answering `<name> <path>`."""
+class TinyHTTP:
+    """An HTTP server on 127.0.0.1 whose every GET gets `answer(path, headers)`: (status, content
+    type, body)."""
 
-    def __init__(self, name: str) -> None:
-        outer = name
-
+    def __init__(self, answer: Callable[[str, Any], tuple[int, str, bytes]]) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = f"{outer} {self.path}".encode()
-                self.send_response(200)
+                status, ctype, body = answer(self.path, self.headers)
+                self.send_response(status)
+                self.send_header("content-type", ctype)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -67,6 +67,7 @@ class NamedHTTP:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -74,34 +75,25 @@ class NamedHTTP:
         self.server.server_close()
 
 
-class NotNomad:
+class NamedHTTP(TinyHTTP):
+    """An HTTP app answering `<name> <path>`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(lambda path, _: (200, "text/plain", f"{name} {path}".encode()))
+
+
+class NotNomad(TinyHTTP):
     """An HTTP server that is not Nomad: every GET is Go's default 404 ("404 page not found", as Consul
     or any Go server answers a path it does not have). Records each request's X-Nomad-Token."""
 
     def __init__(self) -> None:
         self.tokens: list[str | None] = []
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.tokens.append(self.headers.get("X-Nomad-Token"))
-                body = b"404 page not found\n"
-                self.send_response(404)
-                self.send_header("content-type", "text/plain; charset=utf-8")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def answer(path: str, headers: Any) -> tuple[int, str, bytes]:
+            self.tokens.append(headers.get("X-Nomad-Token"))
+            return 404, "text/plain; charset=utf-8", b"404 page not found\n"
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(answer)
 
 
 @dataclass
