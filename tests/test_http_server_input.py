@@ -9,6 +9,7 @@ logged as an error (an unhandled exception in a connection's task used to be, wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import socket
@@ -55,6 +56,15 @@ async def served(no_errors_logged: None) -> AsyncIterator[tuple[Recorder, HTTPSe
         yield rec, server
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Raw]:
+    conn = await Raw.open(port)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 class Raw:
@@ -128,12 +138,9 @@ def status_of(raw_answer: bytes) -> int:
 
 async def exchange(port: int, data: bytes) -> bytes:
     """Send `data` on a new connection; what comes back until the server closes it."""
-    conn = await Raw.open(port)
-    try:
+    async with connected(port) as conn:
         await conn.send(data)
         return await conn.until_closed()
-    finally:
-        conn.close()
 
 
 # --- pipelining, HEAD, HTTP/1.0 ---------------------------------------------------------------------
@@ -143,8 +150,7 @@ async def test_pipelined_requests_are_answered_one_by_one_in_order(
     served: tuple[Recorder, HTTPServer],
 ) -> None:
     rec, server = served
-    conn = await Raw.open(server.port)
-    try:
+    async with connected(server.port) as conn:
         await conn.send(
             b"GET /live HTTP/1.1\r\n\r\n"
             b"PUT /v1/log-level HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
@@ -162,23 +168,18 @@ async def test_pipelined_requests_are_answered_one_by_one_in_order(
         assert answers[-1]["headers"]["connection"] == "close"
         assert await conn.until_closed() == b""
         assert [path for _, path, _ in rec.seen] == ["/live", "/v1/log-level", "/ready", "/after"]
-    finally:
-        conn.close()
 
 
 async def test_pipelined_request_then_garbage_gets_its_answer_then_a_400(
     served: tuple[Recorder, HTTPServer],
 ) -> None:
     _, server = served
-    conn = await Raw.open(server.port)
-    try:
+    async with connected(server.port) as conn:
         await conn.send(b"GET /live HTTP/1.1\r\n\r\nnot http\r\n\r\n")
         first, second = await conn.answers(2)
         assert first["status"] == 200 and second["status"] == 400
         assert "malformed HTTP request" in second["body"].decode()
         assert await conn.until_closed() == b""
-    finally:
-        conn.close()
 
 
 async def test_a_head_answer_is_its_head_only(served: tuple[Recorder, HTTPServer]) -> None:
@@ -203,8 +204,7 @@ async def test_an_http10_request_is_answered_then_closed(served: tuple[Recorder,
 
 async def test_an_http10_keep_alive_request_keeps_its_connection(served: tuple[Recorder, HTTPServer]) -> None:
     _, server = served
-    conn = await Raw.open(server.port)
-    try:
+    async with connected(server.port) as conn:
         await conn.send(b"GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         (first,) = await conn.answers(1)
         assert first["status"] == 200 and first["headers"]["connection"] == "keep-alive"
@@ -212,8 +212,6 @@ async def test_an_http10_keep_alive_request_keeps_its_connection(served: tuple[R
         (second,) = await conn.answers(1)
         assert second["body"] == b'{"method":"GET","path":"/two","body":""}\n'
         assert await conn.until_closed() == b""
-    finally:
-        conn.close()
 
 
 # --- Upgrade, CONNECT, malformed requests -----------------------------------------------------------
@@ -364,13 +362,10 @@ async def test_a_declared_body_past_the_limit_is_refused_before_it_is_sent(no_er
     server = HTTPServer(rec.handle, "127.0.0.1", 0, max_body=1024)
     port = await server.start()
     try:
-        conn = await Raw.open(port)
-        try:
+        async with connected(port) as conn:
             await conn.send(b"PUT /x HTTP/1.1\r\nContent-Length: 1025\r\n\r\n")  # and no body
             (answer,) = await conn.answers(1)
             assert answer["status"] == 413 and b"request body larger than 1 KiB" in answer["body"]
-        finally:
-            conn.close()
         chunk = b"200\r\n" + b"a" * 512 + b"\r\n"  # 512 bytes
         chunked = b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + chunk + b"1\r\na\r\n"
         answer = await exchange(port, chunked)  # no length declared: refused at its 1025th byte
@@ -438,14 +433,11 @@ async def test_a_slow_body_gets_408(
 ) -> None:
     monkeypatch.setattr(http, "SERVER_REQUEST_TIMEOUT", 0.5)
     rec, server = served
-    slow = await Raw.open(server.port)
-    try:
+    async with connected(server.port) as slow:
         await slow.send(b"PUT /x HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
         answer, sent = await trickle_until_answered(slow, b"a" * 100000)
         assert status_of(answer) == 408 and b"request not received within 0.5s" in answer
         assert sent < 100000 and rec.seen == []
-    finally:
-        slow.close()
 
 
 async def test_an_idle_connection_is_closed_quietly(
@@ -453,11 +445,8 @@ async def test_an_idle_connection_is_closed_quietly(
 ) -> None:
     monkeypatch.setattr(http, "SERVER_IDLE_TIMEOUT", 0.2)
     _, server = served
-    conn = await Raw.open(server.port)
-    try:
+    async with connected(server.port) as conn:
         assert await conn.until_closed() == b""  # no answer to no request
-    finally:
-        conn.close()
 
 
 # --- the connection cap -----------------------------------------------------------------------------
