@@ -696,8 +696,12 @@ class Agent:
         await asyncio.gather(*closing)
         if self.registered:
             for svc in cfg.services:
-                with contextlib.suppress(RegistryError):
-                    await self.consul.deregister_service(self._service_id(svc))
+                sid = self._service_id(svc)
+                try:
+                    await self.consul.deregister_service(sid)
+                    log.info("deregistered %s from Consul", sid)
+                except RegistryError as exc:  # its TTL check, failed above, keeps callers away meanwhile
+                    log.warning("could not deregister %s from Consul: %s", sid, exc)
         for server in self._servers:
             await server.close()
         if cfg.nomad is not None and not self.worker:  # `wait-ready` must not find a stopped agent
