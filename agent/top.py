@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hostmesh.agent import meshstats
+from hostmesh.agent.status import printable
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.layout import is_hostmesh
@@ -90,7 +91,7 @@ async def scrape(target: Target, wanted: frozenset[str] = meshstats.WANTED) -> l
         text = resp.body.decode("utf-8", "replace")
         if not meshstats.is_hostmesh_exposition(text):
             ctype = resp.headers.get("content-type", "").partition(";")[0].strip()
-            what = f"a {_printable(ctype)} answer" if ctype else "an answer"
+            what = f"a {printable(ctype, 60)} answer" if ctype else "an answer"
             target.error = f"not a hostmesh agent's metrics ({what} without hostmesh_ samples)"
             return []
         target.error = ""
@@ -119,10 +120,6 @@ def _split(url: str) -> tuple[str, str]:
         raise ValueError(f"{url!r}: no host")
     path = (parts.path or "/metrics") + (f"?{parts.query}" if parts.query else "")
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", path
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:60]
 
 
 async def scrape_all(ts: list[Target]) -> list[meshstats.Sample]:

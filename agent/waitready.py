@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from hostmesh.agent.status import parse_admin_address, printable, ready_problem
+
 DEFAULT_ADMIN = "127.0.0.1:15000"
 POLL_INTERVAL = 0.1  # seconds between probes: a sidecar is ready within a second or two
 PROBE_TIMEOUT = 1.0  # seconds for one /ready request on loopback
@@ -43,8 +45,6 @@ def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None
 def _host_port(address: str, source: str) -> tuple[str, int]:
     """The admin API's host and port (HOST:PORT, [IPv6]:PORT or http://HOST:PORT); ValueError with
     one line naming `source` otherwise."""
-    from hostmesh.agent.status import parse_admin_address
-
     scheme, host, port = parse_admin_address(address, source)
     if scheme != "http":
         raise ValueError(f"{source} {address!r}: the admin API speaks plain HTTP (give HOST:PORT)")
@@ -65,18 +65,16 @@ def probe(address: str, source: str = "--admin") -> str | None:
     except OSError as exc:
         return f"{address}: {exc.strerror or exc}"
     except http.client.HTTPException as exc:  # a status line that is not HTTP: another server there
-        return f"{address}: not an HTTP server (it answered {_printable(str(exc))})"
+        return f"{address}: not an HTTP server (it answered {printable(str(exc))})"
     finally:
         conn.close()
-    from hostmesh.agent.status import ready_problem
-
     if resp.status not in (200, 503):
         return f"{address}: GET /ready: not a hostmesh agent's answer (HTTP {resp.status})"
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):  # (a body cut at MAX_READY_BYTES too)
         ctype = resp.getheader("content-type", "").partition(";")[0].strip() or "a body"
-        why = f"{_printable(ctype)}, {'invalid JSON' if 'json' in ctype else 'not JSON'}" if body else "empty"
+        why = f"{printable(ctype)}, {'invalid JSON' if 'json' in ctype else 'not JSON'}" if body else "empty"
         return f"{address}: GET /ready: not a hostmesh agent's answer ({why})"
     problem = ready_problem(doc)
     if problem is not None:
@@ -84,13 +82,7 @@ def probe(address: str, source: str = "--admin") -> str | None:
     if resp.status == 200 and doc["ready"]:
         return None
     detail = json.dumps({k: v for k, v in doc.items() if k != "ready"}, sort_keys=True)
-    return f"{address}: not ready (HTTP {resp.status}) {_printable(detail)}"
-
-
-def _printable(text: str) -> str:
-    from hostmesh.agent.status import printable
-
-    return printable(text)
+    return f"{address}: not ready (HTTP {resp.status}) {printable(detail)}"
 
 
 def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tuple[bool, str]:

@@ -247,28 +247,26 @@ async def revoke_known(consul: ConsulClient, token_id: str) -> tuple[str, ...] |
     """`revoke` a token that exists: the services it had been redeemed for, or None (no such
     token). One transaction reads and deletes, so a redemption either committed before it (and
     is in the answer) or comes after it (and fails its check of the record)."""
-    if not valid_id(token_id):
-        raise ValueError(f"not a join token id: {token_id!r}")
     key = record_key(token_id)
     reads = [{"KV": {"Verb": "get", "Key": key}}, {"KV": {"Verb": "get-tree", "Key": f"{key}/"}}]
     try:
         results = await consul.txn([*reads, *_revoke_ops(token_id)])
     except Conflict:  # the `get` of a record that does not exist fails the transaction
         return None
-    prefix = f"{key}/redeemed/"
+    prefix = redeemed_key(token_id, "")  # the markers' keys, service left out
     keys = (str((r.get("KV") or {}).get("Key", "")) for r in results if isinstance(r, dict))
     return tuple(sorted(k[len(prefix) :] for k in keys if k.startswith(prefix)))
 
 
 async def revoke(consul: ConsulClient, token_id: str) -> None:
     """Delete a token's record and its redemption markers at once: it can obtain nothing from now on."""
-    if not valid_id(token_id):
-        raise ValueError(f"not a join token id: {token_id!r}")
     await consul.txn(_revoke_ops(token_id))
 
 
 def _revoke_ops(token_id: str) -> list[dict[str, Any]]:
     """The record and the keys below it (its markers); not keys that merely start with its id."""
+    if not valid_id(token_id):
+        raise ValueError(f"not a join token id: {token_id!r}")
     key = record_key(token_id)
     return [{"KV": {"Verb": "delete-tree", "Key": f"{key}/"}}, {"KV": {"Verb": "delete", "Key": key}}]
 
