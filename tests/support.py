@@ -26,6 +26,9 @@ from tests.l7_support import Backends
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.02  # readiness polling step: bounded by count and total time in every wait
+# A Consul agent retries a failed sync of its local state at its next anti-entropy round: about a
+# minute on a small cluster.
+ANTI_ENTROPY_BOUND = 90.0
 
 wait_until = wait_for  # bounded in time and count; raises TimeoutError naming what it waited for
 
@@ -46,13 +49,28 @@ async def async_wait_until(
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
+def wait_deregistered(consul: ConsulDev, service: str, service_id: str, agent_log: str) -> None:
+    """A stopped agent deregistered `service_id` where it registers it, its Consul agent, and said
+    so in its log; the catalog then follows through Consul's own sync, which can lag to the next
+    anti-entropy round (a check update the agent made just before, on stop, can delay it)."""
+    assert f"deregistered {service_id} from Consul" in agent_log, agent_log[-4000:]
+    assert service_id not in consul.get_json("/v1/agent/services")
+
+    def left_catalog() -> bool:
+        return all(s["ServiceID"] != service_id for s in consul.get_json(f"/v1/catalog/service/{service}"))
+
+    wait_for(left_catalog, ANTI_ENTROPY_BOUND, f"{service_id} to leave the catalog")
+
+
 __all__ = [
+    "ANTI_ENTROPY_BOUND",
     "REPO",
     "ConsulDev",
     "WebMesh",
     "async_wait_until",
     "consul_binary",
     "free_port",
+    "wait_deregistered",
     "wait_for",
     "wait_until",
     "web_api_db_mesh",

@@ -32,11 +32,10 @@ from hostmesh.agent.localmesh import (
     wait_for,
 )
 from tests.nomad_double import Allocation, NomadDouble
-from tests.support import ConsulDev
+from tests.support import ConsulDev, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.nomad_double]
 
-ANTI_ENTROPY_BOUND = 90.0  # a Consul agent of a small cluster syncs its full state every minute or so
 KILL_TIMEOUT = 5.0  # Nomad's default kill_timeout: SIGKILL follows the kill_signal after this long
 POLL_INTERVAL = 0.5  # [nomad] poll_interval of the agents here
 
@@ -293,16 +292,6 @@ def allocation_agent(mesh: NomadMesh) -> tuple[AllocAgent, EchoServer]:
     return agent, app
 
 
-def wait_deregistered(mesh: NomadMesh, agent: AllocAgent) -> None:
-    """The agent deregistered from its Consul agent before exiting (so that agent no longer holds
-    it); the catalog follows through Consul's own sync, which a check update the agent made just
-    before (its TTL failed on stop) can delay until Consul's next anti-entropy round."""
-    sid = f"api-{agent.alloc.id}"
-    assert f"deregistered {sid} from Consul" in agent.proc.log(), agent.proc.log()
-    assert sid not in mesh.consul.get_json("/v1/agent/services")
-    wait_for(lambda: mesh.catalog_ids("api") == set(), ANTI_ENTROPY_BOUND, "api to leave the catalog")
-
-
 def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMesh) -> None:
     agent, app = allocation_agent(mesh)
     try:
@@ -311,7 +300,7 @@ def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMes
         code = agent.proc.popen.wait(timeout=KILL_TIMEOUT + POLL_INTERVAL + 5)
         took = time.monotonic() - stopped_at
         assert code == 0, agent.proc.log()
-        wait_deregistered(mesh, agent)
+        wait_deregistered(mesh.consul, "api", f"api-{agent.alloc.id}", agent.proc.log())
         assert f"allocation {agent.alloc.id} is stopped in Nomad: draining and exiting" in agent.proc.log()
         assert not (Path(agent.env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr").exists()
         assert took < KILL_TIMEOUT + POLL_INTERVAL, (
@@ -356,6 +345,6 @@ def test_kill_signal_deregisters_and_exits_within_kill_timeout(mesh: NomadMesh) 
         agent.proc.popen.send_signal(signal.SIGINT)  # kill_signal = "SIGINT"; SIGTERM is the default
         code = agent.proc.popen.wait(timeout=KILL_TIMEOUT)  # Nomad would SIGKILL after this
         assert code == 0, agent.proc.log()
-        wait_deregistered(mesh, agent)
+        wait_deregistered(mesh.consul, "api", f"api-{agent.alloc.id}", agent.proc.log())
     finally:
         app.close()

@@ -24,7 +24,7 @@ from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, wait_fo
 from hostmesh.agent.proxy import wire
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.ca.tls import TCP_ALPN, mesh_client_context
-from tests.support import ConsulDev
+from tests.support import ConsulDev, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -210,4 +210,4 @@ def test_two_workers_serve_apply_intentions_register_once_and_stop_together(mesh
     os.kill(primary, signal.SIGTERM)
     assert b.proc.popen.wait(30) == 0
     wait_for(lambda: not Path(f"/proc/{replaced[0]}").exists(), 10, "the worker to exit")
-    assert consul.get_json("/v1/catalog/service/api") == []
+    wait_deregistered(consul, "api", "api-node-b", b.proc.log())
