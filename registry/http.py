@@ -318,8 +318,13 @@ def _describe(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+        # what OpenSSL says when the first bytes back are not TLS: plain HTTP, an SSH banner
+        return "the server did not answer in TLS (an http:// address?)"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, httptools.HttpParserError):  # its text alone ("Expected HTTP/") names no cause
+        return f"the answer is not HTTP ({exc}): is this the right address and port?"
     if isinstance(exc, OSError):
         return exc.strerror or exc.__class__.__name__
     return str(exc) or exc.__class__.__name__

@@ -10,6 +10,7 @@ answer past its limits. (tests/test_http_server_input.py: the server's side of b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -221,6 +222,36 @@ async def test_client_names_an_answer_head_past_its_limit() -> None:
             await client.request("GET", "/")
         assert str(err.value) == f"http://127.0.0.1:{port}: answer head larger than 64 KiB"
         await asyncio.wait_for(sent.wait(), 10)
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) -> None:
+    """An SSH port, or an http port given as https://: the error says what the peer is not, instead
+    of the parser's "Expected HTTP/" or OpenSSL's "WRONG_VERSION_NUMBER"."""
+
+    async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read(65536)  # until the client gives up and closes
+        writer.close()
+
+    peer = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"{scheme}://127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/v1/status/leader", timeout=10)
+        want = {
+            "http": "the answer is not HTTP (Expected HTTP/, RTSP/ or ICE/): "
+            "is this the right address and port?",
+            "https": "the server did not answer in TLS (an http:// address?)",
+        }[scheme]
+        assert str(err.value) == f"{scheme}://127.0.0.1:{port}: {want}"
     finally:
         await client.close()
         peer.close()
