@@ -767,8 +767,19 @@ def ca_url(address: str) -> str:
 def _check_ca_address(address: str) -> None:
     """`[ca] address`: the CA's https:// URL, or host:port; nothing after it, no whitespace."""
     parsed = _url(ca_url(address), ("https",))
+    if parsed is not None and _has_credentials(parsed):
+        raise _fail("ca.address", CREDENTIALS_UNUSED)
     if parsed is None or any(c.isspace() for c in address) or parsed.path not in ("", "/"):
         raise _fail("ca.address", f"{address!r} must be the CA's URL, like https://10.0.0.2:15012")
+
+
+# user:password@ in a URL would be dropped without a word (the CA authenticates agents by their join
+# token and certificate; OTLP export sends no credentials), and an error must not echo a password.
+CREDENTIALS_UNUSED = "user:password@ in the URL is not used by hostmesh: remove it"
+
+
+def _has_credentials(parsed: urllib.parse.SplitResult) -> bool:
+    return "@" in parsed.netloc
 
 
 def _url(text: str, schemes: tuple[str, ...]) -> urllib.parse.SplitResult | None:
@@ -787,7 +798,10 @@ def _parse_tracing(raw: Any) -> TracingConfig:
         raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
     _check_keys(raw, TRACING_KEYS, "tracing")
     endpoint = _str(raw, "otlp_endpoint", "tracing.") or None
-    if endpoint is not None and _url(endpoint, ("http", "https")) is None:
+    parsed = None if endpoint is None else _url(endpoint, ("http", "https"))
+    if parsed is not None and _has_credentials(parsed):
+        raise _fail("tracing.otlp_endpoint", CREDENTIALS_UNUSED)
+    if endpoint is not None and parsed is None:
         raise _fail("tracing.otlp_endpoint", "must be an http:// or https:// URL like http://host:4318")
     errors = raw.get("errors", True)
     if not isinstance(errors, bool):

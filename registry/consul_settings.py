@@ -147,6 +147,11 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
         port = parsed.port
     except ValueError:
         raise InvalidSettings(f"Consul address {address!r}: invalid port") from None
+    if "@" in parsed.netloc:  # (named without the address: it would echo a password)
+        raise InvalidSettings(
+            "Consul address: user:password@ in it is not used: give an ACL token "
+            "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or token_file)"
+        )
     if not parsed.hostname or parsed.path.strip("/") or parsed.query:
         raise InvalidSettings(f"Consul address {address!r}: expected [http[s]://]host[:port]")
     if not _HOST_CHARS.issuperset(parsed.hostname):

@@ -163,6 +163,8 @@ class HTTPClient:
         # A URL without a port uses its scheme's (Consul's settings, an OTLP endpoint may omit it); an
         # empty host, port 0 or a ':' with no port after it is a mistake (an unset variable in
         # `host:$PORT`), which used to be read as 127.0.0.1 and port 80.
+        if "@" in parsed.netloc:  # callers check their settings; never echo a password
+            raise InvalidAddress("address: user:password@ in a URL is not supported")
         if not parsed.hostname:
             raise InvalidAddress(f"address {base_url!r}: no host name or IP address")
         if port == 0:

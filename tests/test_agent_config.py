@@ -121,6 +121,21 @@ def test_mistakes_are_one_line_naming_the_key(doc: dict[str, object], message: s
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        (minimal(ca={"pin": PIN, "address": "https://ops:s3cret@10.0.0.2:15012"}), "ca.address"),
+        (minimal(ca={"pin": PIN, "address": "ops:s3cret@10.0.0.2:15012"}), "ca.address"),
+        (minimal(tracing={"otlp_endpoint": "http://ops:s3cret@127.0.0.1:4318"}), "tracing.otlp_endpoint"),
+    ],
+)
+def test_credentials_in_a_url_are_refused_without_echoing_them(doc: dict[str, object], key: str) -> None:
+    """They would be dropped without a word (neither the CA nor OTLP export uses them)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert str(info.value) == f"{key}: user:password@ in the URL is not used by hostmesh: remove it"
+
+
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "agent.toml"
     bad.write_text("node = \n")

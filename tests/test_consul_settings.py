@@ -137,6 +137,14 @@ def test_unusable_settings_are_one_line(env: dict[str, str], message: str) -> No
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("address", ["http://ops:s3cret@h:8500", "ops:s3cret@h:8500", "https://ops@h"])
+def test_credentials_in_the_address_are_refused_without_echoing_them(address: str) -> None:
+    with pytest.raises(InvalidSettings) as err:
+        resolve(env={"CONSUL_HTTP_ADDR": address})
+    assert str(err.value).startswith("CONSUL_HTTP_ADDR: Consul address: user:password@ in it is not used")
+    assert "s3cret" not in str(err.value) and "ops" not in str(err.value)
+
+
 def test_cert_from_one_level_and_key_from_another_pair_up() -> None:
     got = resolve(cli=ConsulLayer(cert_file="/cli/c.pem"), env={"CONSUL_CLIENT_KEY": "/env/k.pem"})
     assert (got.cert_file, got.key_file) == ("/cli/c.pem", "/env/k.pem")

@@ -167,6 +167,12 @@ def test_client_base_url_takes_the_scheme_port_and_brackets_ipv6(address: str, b
     assert HTTPClient(address).base_url == base_url
 
 
+def test_client_refuses_credentials_in_its_url_without_echoing_them() -> None:
+    with pytest.raises(InvalidAddress) as err:
+        HTTPClient("https://ops:s3cret@127.0.0.1:8501")
+    assert str(err.value) == "address: user:password@ in a URL is not supported"
+
+
 async def test_client_error_names_an_ipv6_peer_in_brackets() -> None:
     client = HTTPClient("[::1]:1")  # nothing listens on port 1 (or no IPv6: either way an Unavailable)
     try:
