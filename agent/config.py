@@ -185,9 +185,11 @@ class HttpConfig:
     """`http = { header_read_timeout = 10, body_idle_timeout = 15, body_min_rate = 240 }`: limits of
     the L7 (protocol = "http") data path."""
 
-    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds for a request head to arrive
+    # seconds for a request head to arrive, and for a new connection's first request to begin
+    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT
     # a request body silent this long, or slower than body_min_rate bytes/s (0: no rate) once that
-    # grace is used, gets 408 (flag SI) and its upstream connection closed: slow bodies hold nothing
+    # grace is used, gets 408 (flag SI) and its upstream connection closed: slow bodies hold nothing;
+    # a client that takes no byte of its response this long is reset (SI) the same way
     body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT
     body_min_rate: float = DEFAULT_BODY_MIN_RATE
 

@@ -545,6 +545,36 @@ async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Me
     assert r.status == 200 and len(r.body) == 40000
 
 
+async def test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_backend(mesh: Mesh) -> None:
+    """A client that asks for 8 MB and reads none of it held its connection, the response buffered
+    for it and the backend connection for as long as it stayed connected. Now: once no byte has left
+    for body_idle_timeout it is reset, counted with flag SI, and the backend connection is closed."""
+    slow_body_mesh(mesh, idle=0.5)
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    app = mesh.apps[0]
+    before = app.closed
+    size = 8 * 1024 * 1024
+    c = mesh.client()
+    sock = c.connect()
+    try:
+        await asyncio.to_thread(  # echoed back once the app has it all: far more than the buffers hold
+            sock.sendall,
+            b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % size + b"x" * size,
+        )
+        await wait_closed(app, before)  # and the client never read a byte
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(size // 65536 + 2):  # bounded: what was in flight, then the reset
+                chunk = await asyncio.to_thread(sock.recv, 65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+        assert got < size  # cut short
+    finally:
+        c.close()
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="200", response_flags="SI") == 1
+
+
 async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
     """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
     connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""

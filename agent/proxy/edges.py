@@ -50,11 +50,12 @@ from hostmesh.agent.config import GatewayConfig, GatewayListener, HttpConfig, Up
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
-from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.limits import Admission, ConnectionCap
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
+from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.schema import ExternalService, ExternalTLS
 
 if TYPE_CHECKING:  # the L7 modules load only once a gateway needs them
@@ -68,6 +69,10 @@ MAX_EXTERNAL_CONTEXTS = 256  # (SNI, CA file) pairs kept; each context holds a p
 CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes this often (cheap stat)
 CLIENT_HELLO_MAX = 16 * 1024 + 5  # one TLS record: a ClientHello larger than this is not one we route
 CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello within this
+# an https client's TLS handshake must be done within this (the loop's default is 60 s): a client
+# outside the mesh may be a few slow round trips away, a peer agent needs one (inbound: 5 s)
+INGRESS_HANDSHAKE_TIMEOUT = 10.0
+MAX_LOGGED_SNI = 64  # characters of a client's SNI quoted in a log line (a ClientHello may carry 16 KiB)
 BACKLOG = 1024
 MAX_CLIENT_BUCKETS = (
     65536  # per-client rate-limit buckets kept (least recently used go first): bounded memory
@@ -339,6 +344,17 @@ class IngressHttp:
         self._buckets: OrderedDict[str, Any] = OrderedDict()  # client address -> TokenBucket (LRU)
         self._bucket_policy: Any = None  # the rate limit the buckets were made for
 
+    def connection(
+        self, kind: Callable[[IngressHttp], Any], admission: Admission | None, capped: bool
+    ) -> Any:
+        """A ServerConn (or TlsServerConn) of this handler holding `admission`, its slot under the
+        agent's cap; `capped` without a slot: over the cap, its request gets 503 OM, then close."""
+        conn = kind(self)
+        self.conns.add(conn)
+        conn.admission = admission
+        conn.shed = capped and admission is None
+        return conn
+
     def _rate_limited(self, snap: Snapshot, client: str) -> bool:
         """The gateway's policy `rate_limit`, applied per client address (not per gateway)."""
         policy = snap.policies.get(self.gateway.name)
@@ -464,17 +480,52 @@ class _CertSet:
         return self.contexts[0][1]  # no SNI or an unknown name: the first certificate (the client decides)
 
 
+class _TlsAccept(asyncio.Protocol):
+    """An https connection until its TLS handshake is done; then the TlsServerConn it becomes takes
+    over its transport and its slot under the agent's cap, which it held from accept (so clients
+    that never finish a handshake count, like HAProxy's maxconn, instead of exhausting descriptors).
+    Neither loop tells the protocol of a failed or abandoned handshake (agent/proxy/inbound.py says
+    why), and a slot taken at accept must come back then: it does when this object is freed, at once
+    on uvloop, by the collector on asyncio's loop (the failed handshake's cycle)."""
+
+    def __init__(self, handler: IngressHttp, admission: Admission | None, capped: bool) -> None:
+        self.handler = handler
+        self.admission = admission
+        self.capped = capped
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from hostmesh.agent.proxy.http_conn import TlsServerConn
+
+        admission, self.admission = self.admission, None  # the connection's now
+        conn = self.handler.connection(TlsServerConn, admission, self.capped)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+    def __del__(self) -> None:
+        if self.admission is not None:  # the handshake failed, timed out, or the client left
+            self.admission.release()
+
+
 class _ClientHello(RawEnd):
-    """A passthrough connection until its ClientHello is read (kept as early data for the pipe)."""
+    """A passthrough connection until its ClientHello is read (kept as early data for the pipe). It
+    holds a slot under the agent's connection cap from accept (over it: reset, counted by the cap),
+    so clients that never send a ClientHello are bounded by the cap, not by file descriptors."""
 
     def __init__(self, gateway: IngressGateway) -> None:
         super().__init__()
         self.gateway = gateway
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
+        self.admission: Admission | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        cap = self.gateway.cap
+        if cap is not None:
+            self.admission = cap.admit("ingress")
+            if self.admission is None:
+                reset_transport(self.transport)
+                return
         self.timer = asyncio.get_running_loop().call_later(CLIENT_HELLO_TIMEOUT, self._give_up)
         transport.resume_reading()  # type: ignore[attr-defined]
 
@@ -491,15 +542,20 @@ class _ClientHello(RawEnd):
             self.transport.pause_reading()
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None  # the ClientHello is in
         self.gateway.passthrough(self, sni)
+
+    def eof_received(self) -> bool:
+        if self.timer is not None:  # gone before its ClientHello: nothing to relay, its slot is free
+            return False  # (the transport closes)
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.timer is not None:
             self.timer.cancel()
-        admission = getattr(self, "admission", None)
-        if admission is not None:  # the outbound took a slot under the agent's cap for it
-            admission.release()
+        if self.admission is not None:  # its own slot, or the one the outbound took for it
+            self.admission.release()
 
     def _give_up(self) -> None:
         if self.pipe is None:
@@ -567,9 +623,11 @@ class IngressGateway:
         self._certs: list[_CertSet] = []
         self._poller: asyncio.Task[None] | None = None
         self.ports: list[int] = []
+        # any client can send a ClientHello naming no route: a line each, at a bounded rate
+        self._no_route_log = RateLimitedLog(log, "unrouted TLS connections", level=logging.INFO)
 
     async def start(self) -> None:
-        from hostmesh.agent.proxy.http_conn import ServerConn, TlsServerConn
+        from hostmesh.agent.proxy.http_conn import ServerConn
 
         loop = asyncio.get_running_loop()
         # clients outside the mesh may open a connection per request: several accepts per turn
@@ -595,15 +653,16 @@ class IngressGateway:
                     ctx.sni_callback = choose
 
                 def factory(handler: IngressHttp = handler, tls: bool = ctx is not None) -> Any:
-                    conn = (TlsServerConn if tls else ServerConn)(handler)
-                    handler.conns.add(conn)
-                    if self.cap is not None:  # the agent's connection cap: over it, 503 OM then close
-                        conn.admission = self.cap.admit("ingress")
-                        conn.shed = conn.admission is None
-                    return conn
+                    admission = self.cap.admit("ingress") if self.cap is not None else None
+                    if tls:
+                        return _TlsAccept(handler, admission, self.cap is not None)
+                    return handler.connection(ServerConn, admission, self.cap is not None)
 
+                tls_args: dict[str, Any] = {}
+                if ctx is not None:
+                    tls_args = {"ssl": ctx, "ssl_handshake_timeout": INGRESS_HANDSHAKE_TIMEOUT}
                 servers = await start_servers(factory, bind.host, bind.port, backlog=BACKLOG,
-                                              accept_fds=ACCEPT_FDS, ssl=ctx)  # fmt: skip
+                                              accept_fds=ACCEPT_FDS, **tls_args)  # fmt: skip
             self._servers += servers
             self.ports.append(int(servers[0].sockets[0].getsockname()[1]))
         if self._certs:
@@ -641,7 +700,8 @@ class IngressGateway:
         doc = snap.gateways.get(self.name)
         route = doc.tls_route(sni) if doc is not None and sni else None
         if route is None:
-            log.info("ingress %s: no tls route for SNI %r; reset", self.name, sni)
+            shown = sni if sni is None or len(sni) <= MAX_LOGGED_SNI else f"{sni[:MAX_LOGGED_SNI]}…"
+            self._no_route_log("ingress %s: no tls route for SNI %r; reset", self.name, shown)
             series = self.telemetry.tcp_series("source", self.name, "-", "", flags.NR)
             series.opened.inc()
             series.closed.inc()
@@ -649,7 +709,9 @@ class IngressGateway:
             return
         out = self.tcp_outbound(route.service)
         end.listener = out  # type: ignore[attr-defined]
-        end.admission = None  # type: ignore[attr-defined]
+        if end.admission is not None:  # the outbound takes the connection's slot under the cap anew
+            end.admission.release()
+            end.admission = None
         end.shed = False  # type: ignore[attr-defined]
         out._accepted(end)  # a RawEnd with the same attributes
 

@@ -22,7 +22,11 @@ Decisions:
   forwarded but not replayed (the exchange becomes non-replayable). Backpressure: a transport past
   its high-water mark pauses reading on the other side.
 - A request's head must arrive within ``HEADER_READ_TIMEOUT`` of its first byte (slow clients get
-  408 and are closed); an idle keep-alive client is closed after ``IDLE_TIMEOUT``. A request body
+  408 and are closed), and a new connection's first request must begin within it (a client that
+  connects and sends nothing is closed: it would otherwise hold a connection slot for the idle
+  time); an idle keep-alive client is closed after ``IDLE_TIMEOUT``. A client that takes none of its
+  response for ``BODY_IDLE_TIMEOUT`` (its transport stayed above the high-water mark, no byte left
+  it) is reset (flag SI), which frees the upstream connection and the response held for it. A request body
   that stalls (nothing for ``BODY_IDLE_TIMEOUT``) or trickles (below ``BODY_MIN_RATE``) gets ``408``
   with flag ``SI`` (a reset once the response has begun), and its upstream connection is closed, so
   a slow client holds no upstream or backend connection. Time when the proxy itself stopped reading
@@ -317,6 +321,9 @@ class ServerConn(asyncio.BaseProtocol):
         self.backlog = NO_BACKLOG  # HOLDING: the events read after the current request's end
         self.closed = False
         self.write_paused = False
+        # the client stopped taking the response then (pause_writing), with this much left to write
+        self._write_paused_at = 0.0
+        self._write_backlog = 0
         self._peer_ip: str | None = None  # the client's address once asked for (peer_ip)
         self.requests = 0
         # its timer; HEAD_CHECK: none of its own yet, its first check is in the handler's HeadChecks
@@ -406,7 +413,12 @@ class ServerConn(asyncio.BaseProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._write_paused_at = monotonic()
+        self._write_backlog = 1 << 62  # what is left is read at the first check
         ex = self.ex
+        if ex is not None and ex.progress is RELAYING:  # the stall check is due within the idle timeout
+            h = self.handler
+            self._arm(min(h.header_timeout, h.body_idle_timeout))
         up = ex.upstream if ex is not None else self._tunnel
         if up is not None:
             up.pause_reading()
@@ -543,14 +555,35 @@ class ServerConn(asyncio.BaseProtocol):
         """The request body stopped or trickles: 408 SI (or a reset once the response began); the
         upstream attempt is dropped with it, so nothing waits on this client any more."""
         self._body_deadline = 0.0
-        ex.flags = fl.add(ex.flags, fl.SI)
         if ex.progress is RELAYING:
-            ex.abandon_upstream()
-            self.abort()
-            ex.client_lost()
+            self._cut(ex)
             return
+        ex.flags = fl.add(ex.flags, fl.SI)
         ex.keep_alive = False
         ex.respond(408, fl.SI, "request body too slow")
+
+    def _check_response_stall(self, ex: Exchange, timeout: float) -> None:
+        """The response is held back by the client: cut it once no byte has left for the body idle
+        timeout (bytes that left since the last check, or a new pause after a resume, restart it)."""
+        now = monotonic()
+        t = self.transport
+        left = t.get_write_buffer_size() if t is not None else 0
+        if left < self._write_backlog:
+            self._write_paused_at = now
+        self._write_backlog = left
+        stalled = now - self._write_paused_at
+        idle = self.handler.body_idle_timeout
+        if stalled >= idle:
+            self._cut(ex)
+            return
+        self._arm(min(timeout, idle - stalled))
+
+    def _cut(self, ex: Exchange) -> None:
+        """A stalled client of a response under way: reset it (SI), dropping the upstream attempt."""
+        ex.flags = fl.add(ex.flags, fl.SI)
+        ex.abandon_upstream()
+        self.abort()
+        ex.client_lost()
 
     # ---- timers
     def _arm(self, seconds: float) -> None:
@@ -580,6 +613,9 @@ class ServerConn(asyncio.BaseProtocol):
         timeout = self.handler.header_timeout
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
+            if self.write_paused and ex.progress is RELAYING:  # is the client taking the response?
+                self._check_response_stall(ex, timeout)
+                return
             if self._body_deadline and not ex.request_done and ex.progress is not DONE:
                 now = monotonic()
                 if self._paused:  # we stopped reading (backpressure, a dial): not the client's time
@@ -600,7 +636,9 @@ class ServerConn(asyncio.BaseProtocol):
             else:
                 self._arm(left)
             return
-        left = self._last + IDLE_TIMEOUT - now
+        # a new connection must begin its first request as a kept-alive one its next: within the
+        # header timeout, the idle timeout
+        left = self._last + (IDLE_TIMEOUT if self.requests else timeout) - now
         if left > 0:
             self._arm(min(left, timeout))
         else:

@@ -1,0 +1,265 @@
+"""Component tier: an ingress gateway's listeners (agent/proxy/edges.py) against hostile clients, over
+real loopback sockets and real TLS, on both event loops (uvloop is the agent's).
+
+Every connection a client opens holds a slot under the agent's connection cap from accept, and gives
+it back however it ends: an https client whose handshake fails, is refused, or never comes; a
+passthrough client that never sends its ClientHello. Clients that open connections and send nothing
+are closed within the header timeout (a kept-alive one, after a request, has the idle timeout), and
+a client that stops reading its response is cut after the body idle timeout. Before, failed
+handshakes kept their slots for good (ten thousand of them shut every listener of the agent until it
+was restarted), silent https clients were held for the loop's 60 s handshake default and silent
+http clients for the 90 s idle timeout, and a client that read nothing of a large response held it
+and its upstream connection for as long as it stayed connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import ssl
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import edges
+from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.stacks import build_gateway
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from tests.support import async_wait_until
+
+PIN = "sha256:" + "ab" * 32
+HOST = "a.example.test"
+CAP = 8  # the agent's connection cap here: small, so a few bad clients would fill it
+HEADER_TIMEOUT = 0.5  # http.header_read_timeout here (seconds)
+BODY_IDLE = 0.5  # http.body_idle_timeout here
+HANDSHAKE_TIMEOUT = 0.5  # edges.INGRESS_HANDSHAKE_TIMEOUT, lowered for the module
+WAIT = 15.0  # bound of every wait for an outcome
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+def run(loop: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(body())
+
+
+def operator_cert(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "op.pem", tmp / "op.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+class Gateway(NamedTuple):
+    gateway: Any
+    cap: ConnectionCap
+    https: int
+    http: int
+    tls: int
+    cert: Path
+    collect: bool  # asyncio's loop: a failed handshake's protocol is freed by the collector
+
+    async def slots_back(self) -> None:
+        """Every slot given back (on asyncio's loop the collector frees a failed handshake's cycle)."""
+
+        def free() -> bool:
+            if self.collect:
+                gc.collect()
+            return self.cap.open == 0
+
+        await async_wait_until(free, WAIT, "every connection's slot to be given back")
+
+    def client_tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    async def get(self) -> bytes:
+        """One https request: the gateway has no document, so a served request is 404 NR."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.https, ssl=self.client_tls(), server_hostname=HOST
+        )
+        try:
+            writer.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+            return await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
+    cert, key = operator_cert(tmp)
+    cfg = parse_config({
+        "ca": {"pin": PIN},
+        "http": {"header_read_timeout": HEADER_TIMEOUT, "body_idle_timeout": BODY_IDLE},
+        "gateways": [{"name": "edge", "kind": "ingress", "listeners": [
+            {"bind": "127.0.0.1:0", "protocol": "https",
+             "certificates": [{"hosts": [HOST], "cert_file": str(cert), "key_file": str(key)}]},
+            {"bind": "127.0.0.1:0", "protocol": "http"},
+            {"bind": "127.0.0.1:0", "protocol": "tls"},
+        ]}],
+    })  # fmt: skip
+    tel = Telemetry()
+    cap = ConnectionCap(CAP, tel)
+    hold = SnapshotHolder(Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {})))
+    gw = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
+    await gw.start()
+    try:
+        yield Gateway(gw, cap, *gw.ports, cert, loop == "asyncio")
+    finally:
+        await gw.close()
+
+
+@pytest.fixture(autouse=True)
+def short_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edges, "INGRESS_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    """The gateway closed (or reset) this connection: reading ends without data."""
+    try:
+        return await asyncio.wait_for(reader.read(65536), WAIT) == b""
+    except ConnectionResetError:
+        return True
+
+
+# --- https: a slot per connection from accept, given back however the handshake ends -------------
+
+
+async def _bare_connect(g: Gateway) -> None:  # a port scan, a load balancer's TCP check
+    _, writer = await asyncio.open_connection("127.0.0.1", g.https)
+    writer.close()
+
+
+async def _plain_http(g: Gateway) -> None:  # not TLS at all
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.https)
+    writer.write(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    await closed_by_peer(reader)
+    writer.close()
+
+
+async def _distrusting_client(g: Gateway) -> None:  # refuses the operator's certificate
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", g.https, ssl=ssl.create_default_context(), server_hostname=HOST
+        )
+        writer.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("client", [_bare_connect, _plain_http, _distrusting_client])
+def test_https_connections_whose_handshake_fails_give_their_slot_back(
+    loop: str, client: Callable[[Gateway], Coroutine[Any, Any, None]], tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            for _ in range(3):  # three times the cap: slots kept would shed every client after
+                await asyncio.gather(*(client(g) for _ in range(CAP)))
+                await g.slots_back()
+            reply = await g.get()
+            assert reply.startswith(b"HTTP/1.1 404"), reply[:200]  # served, not 503 OM
+            assert g.cap.rejected == 0
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_https_client_that_never_handshakes_holds_a_slot_until_the_handshake_timeout(
+    loop: str, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            silent = [await asyncio.open_connection("127.0.0.1", g.https) for _ in range(CAP)]
+            await async_wait_until(lambda: g.cap.open == CAP, WAIT, "the silent clients to hold the cap")
+            for reader, _ in silent:  # cut at the gateway's handshake timeout (the loop's is 60 s)
+                assert await closed_by_peer(reader)
+            await g.slots_back()
+            for _, writer in silent:
+                writer.close()
+            assert (await g.get()).startswith(b"HTTP/1.1 404")
+
+    run(loop, body)
+
+
+# --- tls passthrough: silent clients count ------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_passthrough_clients_hold_a_slot_before_their_client_hello(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """…and give it back when they leave before sending it (not at the ClientHello timeout)."""
+    monkeypatch.setattr(edges, "CLIENT_HELLO_TIMEOUT", 3600.0)
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            silent = [await asyncio.open_connection("127.0.0.1", g.tls) for _ in range(CAP)]
+            await async_wait_until(lambda: g.cap.open == CAP, WAIT, "the silent clients to hold the cap")
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.tls)
+            assert await closed_by_peer(reader)  # over the cap: reset at once, counted
+            writer.close()
+            assert g.cap.rejected == 1
+            for _, w in silent:
+                w.close()
+            await g.slots_back()
+
+    run(loop, body)
+
+
+# --- http: silent and stalled clients -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout_a_kept_alive_one_is_not(
+    loop: str, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            kept_reader, kept = await asyncio.open_connection("127.0.0.1", g.http)
+            kept.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+            head = await asyncio.wait_for(kept_reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 404")
+            length = int(
+                next(ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length"))[15:]
+            )
+            await kept_reader.readexactly(length)
+            silent_reader, silent = await asyncio.open_connection("127.0.0.1", g.http)
+            assert await closed_by_peer(silent_reader)  # nothing sent: closed at the header timeout
+            silent.close()
+            kept.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+            again = await asyncio.wait_for(kept_reader.read(), WAIT)  # still open: the idle timeout is 90 s
+            assert again.startswith(b"HTTP/1.1 404"), again[:200]
+            kept.close()
+            await g.slots_back()
+
+    run(loop, body)
