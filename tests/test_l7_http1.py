@@ -134,6 +134,16 @@ def test_smuggling_rejected_however_the_bytes_are_split(name: str) -> None:
         assert not any(isinstance(e, EndOfMessage) for e in events)
 
 
+def test_an_http09_request_line_is_400_at_once_not_when_the_header_timeout_ends() -> None:
+    """`GET /<CRLF>` and nothing more: an HTTP/0.9 client waits for its answer without a blank line."""
+    assert RequestFramer().feed(b"GET /\r\n") == [Reject(400, "unsupported-version", flags.DPE)]
+    assert RequestFramer().feed(b"GET /index.html\n") == [Reject(400, "unsupported-version", flags.DPE)]
+    for unfinished in (b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n", b"GET /", b"GET / HTT"):
+        assert RequestFramer().feed(unfinished) == [], unfinished  # a head still on its way
+    f = RequestFramer()  # a line split over reads is not seen: its head ends at the header timeout
+    assert f.feed(b"GET /") == [] and f.feed(b"\r\n") == []
+
+
 def test_after_reject_input_is_ignored() -> None:
     f = RequestFramer()
     assert isinstance(f.feed(SMUGGLING["cl-and-te"])[-1], Reject)

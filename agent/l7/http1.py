@@ -820,7 +820,14 @@ class _Framer:
             if self._head_raw > self._max_head:
                 events.append(Reject(self._error_status(431), "head-too-large", self._error_flag()))
                 self._state = _DEAD
+            elif not self._headers and self._http09():
+                events.append(Reject(400, "unsupported-version", flags.DPE))
+                self._state = _DEAD
         return events
+
+    def _http09(self) -> bool:
+        """An unfinished head whose start line is complete and names no version (requests only)."""
+        return False
 
     def _upgraded(self, rest: bytes, events: list[Event]) -> None:
         """The message asked to switch protocols and the parser stopped after it (`rest` follows it)."""
@@ -850,6 +857,13 @@ class RequestFramer(_Framer):
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADER_COUNT) -> None:
         super().__init__(max_head_bytes, max_headers)
+
+    def _http09(self) -> bool:
+        # `GET /<CRLF>`: an HTTP/0.9 client waits for its answer without sending a blank line, so the
+        # head would only end at the header timeout (408); seen when the line came in one read
+        line = self._line
+        end = line.find(b"\n")
+        return end >= 0 and b" HTTP/" not in line[:end]
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
