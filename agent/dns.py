@@ -4,37 +4,52 @@ No iptables, no /etc/resolv.conf: the host's resolver forwards only the mesh dom
 split-DNS drop-ins in packaging/dns/), and every other name is REFUSED, so a misrouted query never
 gets a wrong answer from us and the host's resolver stays in charge of the rest.
 
-`answer()` is the sans-IO core (bytes in, bytes or None out; dnspython does the wire format, in
-agent/dns_wire.py);
+`answer()` is the sans-IO core (bytes in, bytes or None out; the 12-byte header is read first, then
+dnspython does the wire format, in agent/dns_wire.py);
 `DnsServer` carries it over UDP and TCP on `dns` (default 127.0.0.1:15053). Answers:
 
 - `<upstream>.<domain>` A (or AAAA for an IPv6 bind): the upstream's bind address, authoritative;
   the other family and other types: NOERROR with no records (NODATA), so clients do not fall back.
 - another name inside the domain: NXDOMAIN; outside it, or a class other than IN: REFUSED.
-- garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. Never a crash.
+- AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS.
+- garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. A message that
+  cannot be one question (QDCOUNT other than 1, answer records, more than an OPT record and an IXFR's
+  SOA, over 512 bytes: dns_wire.MAX_QUERY_SIZE) is FORMERR from its header alone, never parsed; an
+  opcode other than QUERY is NOTIMP, likewise. Never a crash: a failure of ours is a header-only
+  SERVFAIL, counted and logged at a bounded rate.
+- over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
+  TCP_WRITE_TIMEOUT, is closed, so MAX_TCP_CONNECTIONS clients cannot hold TCP DNS for good.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
 import struct
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from hostmesh.agent.config import Address, AgentConfig
 from hostmesh.registry.listen import bind_explained, server_address
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.dns")
 
 UDP_MAX_ANSWER = 512  # RFC 1035 without EDNS; our answers (one record) are far below it anyway
 MAX_TCP_CONNECTIONS = 64  # the host's resolver holds one or two; beyond this a local client misbehaves
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may keep a connection without sending a query (RFC 7766)
+# seconds a TCP client may leave our answers unread (its window full, our buffer past the high-water
+# mark) before it is cut: as long as it may stay silent. Without it, clients that pipeline queries and
+# never read held their slots for good, and with MAX_TCP_CONNECTIONS of them all TCP DNS.
+TCP_WRITE_TIMEOUT = TCP_IDLE_TIMEOUT
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
+SERVFAIL = 2
+HEADER_LEN = 12
+_QR, _OPCODE, _TC, _RD = 0x8000, 0x7800, 0x0200, 0x0100  # header flag bits (RFC 1035 4.1.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +71,30 @@ def dns_table(cfg: AgentConfig) -> DnsTable:
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:
-    """The reply to one query message, or None to drop it (agent/dns_wire.py). dnspython is imported
-    on the first query (~8 MiB of RSS), so agents on hosts that never ask mesh names do not carry it."""
-    from hostmesh.agent.dns_wire import answer as wire_answer
+    """The reply to one query message, or None to drop it."""
+    return respond(wire, table, max_size)[0]
 
-    return wire_answer(wire, table.domain, table.addresses, max_size)
+
+def respond(wire: bytes, table: DnsTable, max_size: int = 65535) -> tuple[bytes | None, int | None]:
+    """answer() with the reply's rcode (BADVERS is 16); (None, None): dropped (agent/dns_wire.py).
+    dnspython is imported on the first query (~8 MiB of RSS), so agents on hosts that never ask mesh
+    names do not carry it."""
+    from hostmesh.agent.dns_wire import respond as wire_respond
+
+    return wire_respond(wire, table.domain, table.addresses, max_size)
+
+
+def header_reply(wire: bytes, rcode: int, truncated: bool = False) -> bytes | None:
+    """A reply of the 12-byte header alone: the query's id, opcode and RD, `rcode` (0-15), TC if
+    `truncated`; None if `wire` has no header or is a response (never answered: no reflection).
+    Plain struct, no dnspython: for what is refused from its header, and for the server's backstop."""
+    if len(wire) < HEADER_LEN:
+        return None
+    qid, flags = struct.unpack_from("!HH", wire)
+    if flags & _QR:
+        return None
+    out = _QR | (flags & (_OPCODE | _RD)) | (_TC if truncated else 0) | (rcode & 0xF)
+    return struct.pack("!HHHHHH", qid, out, 0, 0, 0, 0)
 
 
 # --- sockets ------------------------------------------------------------------------------------
@@ -75,8 +109,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        reply = answer(data, self.server.table, UDP_MAX_ANSWER)
-        self.server.count(reply)
+        reply = self.server.reply(data, UDP_MAX_ANSWER)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -95,12 +128,26 @@ class DnsServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
 
-    def count(self, reply: bytes | None) -> None:
+    def reply(self, wire: bytes, max_size: int) -> bytes | None:
+        """The reply to one query message (None: dropped), counted. Never raises, whatever the bytes:
+        a failure of ours is a header-only SERVFAIL, logged at a bounded rate."""
+        try:
+            reply, rcode = respond(wire, self.table, max_size)
+        except Exception:
+            self._failure_log("mesh DNS: SERVFAIL for a %d-byte query: %s", len(wire), traceback.format_exc())
+            reply = header_reply(wire, SERVFAIL)
+            rcode = None if reply is None else SERVFAIL
+        self.count(rcode)
+        return reply
+
+    def count(self, rcode: int | None) -> None:
+        """One query answered with `rcode` (None: dropped)."""
         self.queries += 1
         if self.telemetry is not None:
-            rcode = "DROPPED" if reply is None else RCODES.get(reply[3] & 0xF, str(reply[3] & 0xF))
-            self.telemetry.dns_queries.labels(rcode).inc()
+            label = "DROPPED" if rcode is None else RCODES.get(rcode, str(rcode))
+            self.telemetry.dns_queries.labels(label).inc()
 
     async def start(self) -> None:
         host, port = self.bind.host, self.bind.port
@@ -144,19 +191,26 @@ class DnsServer:
                     wire = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE_TIMEOUT)
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
                     return
-                reply = answer(wire, self.table)
-                self.count(reply)
+                reply = self.reply(wire, 65535)
                 if reply is None:
                     return
                 writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
+                try:
+                    await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
+                except TimeoutError:  # it sends queries and does not read the answers
+                    writer.transport.abort()
+                    return
         except OSError:
             return
         finally:
             self._clients.discard(writer)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            writer.close()  # what is buffered still goes out (a client may half-close after its queries)
+            try:  # shielded: a timeout must not cancel the stream's one close future, others await it
+                await asyncio.wait_for(asyncio.shield(writer.wait_closed()), TCP_WRITE_TIMEOUT)
+            except TimeoutError:  # ... unless the client does not read it: no close that waits for good
+                writer.transport.abort()
+            except OSError:
+                pass
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self._udp is not None:

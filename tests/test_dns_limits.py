@@ -1,0 +1,338 @@
+"""Mesh DNS (agent/dns.py) against what a local client can send at will: what cannot be one question
+is refused from its 12-byte header before dnspython parses it (a 64 KiB message of 10,873 questions
+stalled the agent's event loop ~1.5 s), a reply that cannot fit and a failure of ours still answer
+and count, a TCP client that never reads its answers is cut (pipelining, or gone silent with answers
+still buffered), and EDNS versions and zone transfers get their rcodes. The cost is asserted as
+work done (dnspython's parser called or not), not as time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import AsyncGenerator, Iterator
+from types import SimpleNamespace
+
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from hostmesh.agent import dns as dns_server
+from hostmesh.agent import dns_wire
+from hostmesh.agent.config import Address
+from hostmesh.agent.dns import UDP_MAX_ANSWER, DnsServer, answer
+from tests.test_dns import IO_BOUND, TABLE
+
+QID = 0xBEEF
+PIPELINE_CHUNKS = 2000  # x 1000 queries (~56 MiB): far past what the sockets and asyncio buffer
+BAD_ID = 0x0BAD  # the query a test makes fail inside the server
+
+
+def header(qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0, flags: int = 0x0100, qid: int = QID) -> bytes:
+    return struct.pack("!6H", qid, flags, qd, an, ns, ar)
+
+
+def qname(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+
+
+def pointer_bomb() -> bytes:
+    """The audit's message: one 125-label name, then 10,872 questions that are each a 2-byte pointer
+    to it; 65,502 bytes, the most one UDP datagram carries."""
+    body = qname(".".join(["a"] * 124) + ".mesh") + b"\0\x01\0\x01"
+    k = (65507 - 12 - len(body)) // 6
+    return header(qd=k + 1) + body + b"\xc0\x0c\0\x01\0\x01" * k
+
+
+def three_long_questions() -> bytes:
+    """618 bytes: three distinct 197-byte names; a FORMERR that copies them is over 512 bytes."""
+    names = (qname(".".join([chr(97 + i) * 63] * 3) + ".mesh") + b"\0\x01\0\x01" for i in range(3))
+    return header(qd=3) + b"".join(names)
+
+
+def with_opt(size: int) -> bytes:
+    """api.mesh A with an OPT record of local-use options (all empty but the last), `size` bytes."""
+    q = qname("api.mesh") + b"\0\x01\0\x01"
+    rdlen = size - 12 - len(q) - 11
+    n, rest = divmod(rdlen, 4)
+    options = b"\xfd\xe9\0\0" * (n - 1) + b"\xfd\xe9" + struct.pack("!H", rest) + b"x" * rest
+    opt = b"\0" + struct.pack("!HHIH", 41, 1232, 0, rdlen) + options
+    wire = header(ar=1) + q + opt
+    assert len(wire) == size
+    return wire
+
+
+def rcode_of(reply: bytes | None) -> int:
+    assert reply is not None
+    return reply[3] & 0xF
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The sizes of the messages dnspython's parser is given."""
+    seen: list[int] = []
+    real = dns.message.from_wire
+
+    def from_wire(wire: bytes, *args: object, **kwargs: object) -> dns.message.Message:
+        seen.append(len(wire))
+        return real(wire, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dns.message, "from_wire", from_wire)
+    yield seen
+
+
+def test_what_cannot_be_one_question_is_refused_from_its_header_unparsed(parses: list[int]) -> None:
+    ok = dns.message.make_query("api.mesh", "A").to_wire()
+    assert rcode_of(answer(ok, TABLE)) == dns.rcode.NOERROR and parses == [len(ok)]  # the spy sees parses
+    parses.clear()
+    bomb = pointer_bomb()  # the audit's: 1.2-1.7 s of dnspython, which then found QDCOUNT != 1
+    reply = answer(bomb, TABLE)
+    assert parses == [] and reply == header(qd=0, flags=0x8100 | dns.rcode.FORMERR)  # QR, RD; no records
+    notify = header(flags=4 << 11)  # opcode NOTIFY
+    cases = {
+        "three 197-byte questions": (three_long_questions(), dns.rcode.FORMERR),
+        "no question": (header(qd=0), dns.rcode.FORMERR),
+        "an answer record": (header(an=1) + ok[12:], dns.rcode.FORMERR),
+        "two authority records": (header(ns=2) + ok[12:], dns.rcode.FORMERR),
+        "two additional records": (header(ar=2) + ok[12:], dns.rcode.FORMERR),
+        "one byte over MAX_QUERY_SIZE": (with_opt(dns_wire.MAX_QUERY_SIZE + 1), dns.rcode.FORMERR),
+        "opcode NOTIFY": (notify + ok[12:], dns.rcode.NOTIMP),
+    }
+    for what, (wire, rcode) in cases.items():
+        reply = answer(wire, TABLE)
+        assert reply is not None and len(reply) == 12, what  # the header alone
+        assert reply[:2] == wire[:2] and reply[2] & 0x80 and rcode_of(reply) == rcode, what
+        assert struct.unpack("!HHHH", reply[4:]) == (0, 0, 0, 0), what
+    assert parses == []  # none of them reached dnspython
+    # the bound refuses no real query: the longest name, with a cookie and client subnet, padded
+    longest = ".".join(["a" * 63] * 3 + ["b" * 56]) + ".mesh."  # 255 bytes on the wire
+    options = [dns.edns.CookieOption(b"c" * 8, b""), dns.edns.ECSOption("192.0.2.0", 24)]
+    real = dns.message.make_query(longest, "A", use_edns=0, options=options, pad=128).to_wire()
+    assert len(real) <= dns_wire.MAX_QUERY_SIZE
+    assert rcode_of(answer(real, TABLE)) == dns.rcode.NXDOMAIN
+    edge = with_opt(dns_wire.MAX_QUERY_SIZE)
+    assert rcode_of(answer(edge, TABLE)) == dns.rcode.NOERROR
+    assert parses == [len(real), len(edge)]
+
+
+def test_edns_above_version_0_is_badvers_and_zone_transfers_are_notimp() -> None:
+    q = dns.message.make_query("api.mesh", "A", use_edns=1)
+    reply = answer(q.to_wire(), TABLE)
+    assert reply is not None
+    r = dns.message.from_wire(reply)
+    assert r.rcode() == dns.rcode.BADVERS and r.edns == 0 and not r.answer  # RFC 6891 6.1.3
+    for rdtype in ("AXFR", "IXFR"):
+        q = dns.message.make_query("mesh", rdtype)
+        if rdtype == "IXFR":  # the client's SOA in the authority section (RFC 1995 3)
+            soa = "ns.mesh. host.mesh. 1 3600 600 86400 5"
+            q.authority.append(dns.rrset.from_text("mesh.", 5, dns.rdataclass.IN, dns.rdatatype.SOA, soa))
+        r = dns.message.from_wire(answer(q.to_wire(), TABLE) or b"")
+        assert r.rcode() == dns.rcode.NOTIMP and not r.answer, rdtype
+    assert (
+        rcode_of(answer(dns.message.make_query("example.com", "AXFR").to_wire(), TABLE)) == dns.rcode.REFUSED
+    )
+
+
+def test_a_reply_that_cannot_fit_is_the_header_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply over the size the transport allows is never cut, and never an exception: the header
+    alone with TC, so the client asks again over TCP. One question and one record always fit 512
+    bytes (and dnspython renders nothing smaller), so the renderer is made to find every reply too big;
+    the fallback used to render again and raise."""
+    wire = dns.message.make_query("api.mesh", "A").to_wire()
+
+    def too_big(self: dns.message.Message, *args: object, **kwargs: object) -> bytes:
+        raise dns.exception.TooBig
+
+    monkeypatch.setattr(dns.message.Message, "to_wire", too_big)
+    reply = answer(wire, TABLE, max_size=UDP_MAX_ANSWER)
+    assert reply is not None and len(reply) == 12 and reply[:2] == wire[:2]
+    assert reply[2] & 0x82 == 0x82 and rcode_of(reply) == dns.rcode.NOERROR  # QR, TC
+
+
+# --- over the server's sockets ---------------------------------------------------------------------
+
+
+def telemetry() -> SimpleNamespace:
+    counter = Counter("q", "queries", ("rcode",), registry=CollectorRegistry())
+    return SimpleNamespace(dns_queries=counter)
+
+
+def counted(t: SimpleNamespace) -> dict[str, float]:
+    return {
+        s.labels["rcode"]: s.value
+        for m in t.dns_queries.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+
+
+async def udp_exchange(port: int, *wires: bytes) -> AsyncGenerator[bytes, None]:
+    """Send the datagrams in order from one socket, then yield the replies as they come (each awaited
+    only when asked for: a missing one is seen at the next, not after a timeout)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        for wire in wires:
+            await loop.sock_sendall(sock, wire)
+        for _ in wires:
+            yield await asyncio.wait_for(loop.sock_recv(sock, 65535), IO_BOUND)
+
+
+async def tcp_exchange(port: int, *wires: bytes) -> AsyncGenerator[bytes, None]:
+    """The same over one TCP connection, the queries pipelined."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"".join(struct.pack("!H", len(w)) + w for w in wires))
+        for _ in wires:
+            (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), IO_BOUND))
+            yield await asyncio.wait_for(reader.readexactly(n), IO_BOUND)
+    finally:
+        writer.close()
+
+
+async def test_udp_queries_whose_formerr_would_not_fit_are_answered_and_counted() -> None:
+    """The audit's 618-byte query of three long names: its FORMERR, questions copied, is over 512
+    bytes; it was an exception out of the datagram handler (no answer, not counted). Sent before a
+    good query: the first reply must be its own."""
+    t = telemetry()
+    server = DnsServer(Address("127.0.0.1", 0), TABLE, telemetry=t)
+    await server.start()
+    try:
+        good = dns.message.make_query("api.mesh", "A")
+        edns1 = dns.message.make_query("api.mesh", "A", use_edns=1)
+        replies = udp_exchange(server.bind.port, three_long_questions(), good.to_wire(), edns1.to_wire())
+        first = await anext(replies)
+        assert first[:2] == struct.pack("!H", QID) and rcode_of(first) == dns.rcode.FORMERR
+        assert len(first) <= UDP_MAX_ANSWER
+        assert dns.message.from_wire(await anext(replies)).answer[0][0].to_text() == "127.128.1.2"
+        assert dns.message.from_wire(await anext(replies)).rcode() == dns.rcode.BADVERS
+        await replies.aclose()
+        assert server.queries == 3
+        assert counted(t) == {"FORMERR": 1, "NOERROR": 1, "BADVERS": 1}
+    finally:
+        await server.close()
+
+
+async def test_a_failure_of_ours_is_servfail_counted_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception while answering (a bug of ours, simulated in dnspython's make_response for one
+    query id) never leaves the UDP or TCP handler: the client gets SERVFAIL at once, the query is
+    counted, the error logged, and the server answers the next query."""
+    real = dns.message.make_response
+
+    def make_response(query: dns.message.Message, *args: object, **kwargs: object) -> dns.message.Message:
+        if query.id == BAD_ID:
+            raise RuntimeError("a bug of ours")
+        return real(query, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dns.message, "make_response", make_response)
+    t = telemetry()
+    server = DnsServer(Address("127.0.0.1", 0), TABLE, telemetry=t)
+    await server.start()
+    try:
+        bad = dns.message.make_query("api.mesh", "A", id=BAD_ID).to_wire()
+        good = dns.message.make_query("api.mesh", "A").to_wire()
+        with caplog.at_level(logging.ERROR, logger="hostmesh.dns"):
+            for exchange in (udp_exchange, tcp_exchange):
+                replies = exchange(server.bind.port, bad, good)
+                failed = await anext(replies)
+                assert failed[:2] == struct.pack("!H", BAD_ID) and rcode_of(failed) == dns.rcode.SERVFAIL
+                assert len(failed) == 12 and failed[2] & 0x80
+                assert dns.message.from_wire(await anext(replies)).answer[0][0].to_text() == "127.128.1.2"
+                await replies.aclose()
+        assert counted(t) == {"SERVFAIL": 2, "NOERROR": 2}
+        logged = [r.getMessage() for r in caplog.records if r.name == "hostmesh.dns"]
+        assert len(logged) == 2 and all("SERVFAIL" in m and "a bug of ours" in m for m in logged)
+    finally:
+        await server.close()
+
+
+async def test_a_tcp_client_that_never_reads_its_answers_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It pipelines queries and reads nothing: once the socket buffers are full the server's write
+    waits on it, and after TCP_WRITE_TIMEOUT it is cut, its slot given back. One slot here, so a
+    client that held it for good would lock every other TCP client out."""
+    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)  # only the write deadline cuts
+    monkeypatch.setattr(dns_server, "MAX_TCP_CONNECTIONS", 1)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    hog = socket.socket()
+    try:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            hog.setsockopt(socket.SOL_SOCKET, opt, 4096)
+        hog.setblocking(False)
+        await loop.sock_connect(hog, ("127.0.0.1", server.bind.port))
+        q = dns.message.make_query("api.mesh", "A").to_wire()
+        framed = struct.pack("!H", len(q)) + q
+        await loop.sock_sendall(hog, framed)  # one answer read: the server has the connection
+        assert len(await asyncio.wait_for(loop.sock_recv(hog, 4096), IO_BOUND)) > 2
+        # its send buffer small, as the client's receive buffer: the kernel would otherwise let it
+        # grow to MiBs on loopback, ~70,000 answers (~10 s of dnspython) before its write waits
+        (conn,) = server._clients
+        conn.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        chunk = framed * 1000
+
+        async def pipeline() -> str:
+            for _ in range(PIPELINE_CHUNKS):
+                try:
+                    await loop.sock_sendall(hog, chunk)
+                except OSError as exc:  # the server cut the connection
+                    return type(exc).__name__
+            return "all sent: the server never stopped reading"
+
+        outcome = await asyncio.wait_for(pipeline(), IO_BOUND)
+        assert outcome in ("ConnectionResetError", "BrokenPipeError"), outcome
+        assert not server._clients  # the slot is free ...
+        got = await loop.run_in_executor(
+            None, lambda: dns.query.tcp(dns.message.make_query("api.mesh", "A"), "127.0.0.1", IO_BOUND,
+                                        server.bind.port)
+        )  # fmt: skip
+        assert got.answer[0][0].to_text() == "127.128.1.2"  # ... and another client has it
+    finally:
+        hog.close()
+        await server.close()
+
+
+async def test_a_tcp_client_that_stops_reading_then_goes_silent_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answers still buffered (fewer than make the server's write wait) when the idle timeout closes
+    the connection: the close waits for the client to read them at most TCP_WRITE_TIMEOUT, then cuts,
+    so the socket and its task are not kept for good by a client that never reads."""
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await loop.sock_connect(client, ("127.0.0.1", server.bind.port))
+        q = dns.message.make_query("api.mesh", "A").to_wire()
+        framed = struct.pack("!H", len(q)) + q
+        await loop.sock_sendall(client, framed)  # one answer read: the server has the connection
+        assert len(await asyncio.wait_for(loop.sock_recv(client, 4096), IO_BOUND)) > 2
+        (conn,) = server._clients
+        conn.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # ~34 KiB of answers: past the kernel's buffers, below asyncio's 64 KiB high-water mark
+        await loop.sock_sendall(client, framed * 800)
+        await asyncio.wait_for(conn.wait_closed(), IO_BOUND)  # the server's socket, closed
+        assert conn.transport.is_closing() and conn.get_extra_info("socket").fileno() == -1
+        assert server.queries == 801 and not server._clients
+    finally:
+        client.close()
+        await server.close()
