@@ -90,7 +90,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "max_connections",
         f"integer 1..{C.MAX_MAX_CONNECTIONS}",
         str(C.DEFAULT_MAX_CONNECTIONS),
-        "Downstream connections held at once; beyond: 503 `OM` (HTTP) or a reset (TCP). "
+        "Downstream connections held at once (UDP flows' app sockets and gateway clients count); "
+        "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). "
         "With workers = N each process takes 1/N.",
     ),
     Key(

@@ -1,8 +1,10 @@
 """End to end, UDP (`protocol = "udp"`, agent/proxy/udp.py): datagrams of client flows ride the
 agents' mTLS mux connections. A real Consul, the real CA, two agents as processes on loopback.
 
-web (node-a) has UDP upstreams `echo` (a UDP echo app on node-b) and `dns` (a DNS server built on
-dnspython on node-b). Clients are asyncio-dgram sockets, as an app's would be.
+web (node-a) has UDP upstreams `echo` (a UDP echo app on node-b), `dns` (a DNS server built on
+dnspython on node-b) and `push` (an app on node-b that streams to a subscriber). Clients are
+asyncio-dgram sockets, as an app's would be, or plain sockets where a 0-byte datagram is sent (the
+loop's transport would drop it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.releases import BUILD_TIMEOUT
 from tests.support import ConsulDev
 from tests.test_e2e_l4 import metric_value
-from tests.udp_support import DNS_ANSWER, RECV_TIMEOUT, UdpApps, echo_clients, probe_until_dropped
+from tests.udp_support import (
+    DNS_ANSWER,
+    PUSH_EVERY,
+    RECV_TIMEOUT,
+    UdpApps,
+    echo_clients,
+    probe_until_dropped,
+    udp_socket,
+)
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -40,40 +50,43 @@ class UdpMesh(NamedTuple):
     apps: UdpApps
     echo_bind: int
     dns_bind: int
+    push_bind: int
 
 
 @pytest.fixture
 def udp_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[UdpMesh]:
     apps = UdpApps()
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
-    echo_bind, dns_bind = free_port(), free_port()
+    echo_bind, dns_bind, push_bind = free_port(), free_port(), free_port()
     try:
         m.start_ca()
         b = m.write_agent_config("node-b", [
             {"name": "echo", "port": apps.echo_port, "protocol": "udp", "health": {"interval": 1}},
             {"name": "dns", "port": apps.dns_port, "protocol": "udp", "health": {"interval": 1}},
+            {"name": "push", "port": apps.push_port, "protocol": "udp", "health": {"interval": 1}},
         ])  # fmt: skip
         a = m.write_agent_config(
             "node-a",
-            [{"name": "web", "port": free_port(), "upstreams": ["echo", "dns"]}],
+            [{"name": "web", "port": free_port(), "upstreams": ["echo", "dns", "push"]}],
             extra=f"udp_idle_timeout = {IDLE_TIMEOUT}",
             upstream_keys={
                 "echo": f'bind = "127.0.0.1:{echo_bind}"\nprotocol = "udp"',
                 "dns": f'bind = "127.0.0.1:{dns_bind}"\nprotocol = "udp"',
+                "push": f'bind = "127.0.0.1:{push_bind}"\nprotocol = "udp"',
             },
         )
         m.start_agent(b)
         m.start_agent(a)
-        m.wait_endpoints(a, "echo", 1)
-        m.wait_endpoints(a, "dns", 1)
-        yield UdpMesh(m, a, b, apps, echo_bind, dns_bind)
+        for service in ("echo", "dns", "push"):
+            m.wait_endpoints(a, service, 1)
+        yield UdpMesh(m, a, b, apps, echo_bind, dns_bind, push_bind)
     finally:
         m.close()
         apps.close()
 
 
 def test_10000_datagrams_arrive_intact(udp_mesh: UdpMesh) -> None:
-    _m, a, b, apps, echo_bind, _ = udp_mesh
+    _m, a, b, apps, echo_bind, _, _ = udp_mesh
 
     started = time.perf_counter()
     results = asyncio.run(echo_clients(echo_bind, FLOWS, DATAGRAMS))
@@ -104,7 +117,7 @@ def test_10000_datagrams_arrive_intact(udp_mesh: UdpMesh) -> None:
 def test_overload_drops_whole_datagrams_and_counts_them(udp_mesh: UdpMesh) -> None:
     """A burst far beyond what is in flight: what arrives is intact, what is lost is dropped whole;
     the agents' own drops are counted (the kernel's socket buffers may drop more, uncounted)."""
-    _m, a, b, _apps, echo_bind, _ = udp_mesh
+    _m, a, b, _apps, echo_bind, _, _ = udp_mesh
     burst = 20_000
 
     async def run() -> tuple[int, int]:
@@ -138,7 +151,7 @@ def test_overload_drops_whole_datagrams_and_counts_them(udp_mesh: UdpMesh) -> No
 
 
 def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(udp_mesh: UdpMesh) -> None:
-    _m, a, _b, _apps, echo_bind, _ = udp_mesh
+    _m, a, _b, _apps, echo_bind, _, _ = udp_mesh
 
     def flows() -> int:
         ups = a.get("/v1/clusters")[1]["upstreams"]
@@ -165,7 +178,7 @@ def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(udp_mesh: UdpMe
 
 
 def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:
-    _m, _a, _b, apps, _, dns_bind = udp_mesh
+    _m, _a, _b, apps, _, dns_bind, _ = udp_mesh
     for _ in range(3):  # three queries, each its own flow (a new source port)
         q = dns.message.make_query("svc.example.", "A")
         r = dns.query.udp(q, "127.0.0.1", port=dns_bind, timeout=5)
@@ -177,7 +190,7 @@ def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:
 
 
 def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
-    m, _a, b, apps, echo_bind, _ = udp_mesh
+    m, _a, b, apps, echo_bind, _, _ = udp_mesh
 
     async def run() -> None:
         stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
@@ -209,6 +222,62 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
         )
 
     wait_for(denied, 5, "the deny to be counted")
+
+
+def test_a_deny_stops_what_the_app_streams_to_a_running_flow(udp_mesh: UdpMesh) -> None:
+    """The server speaks and the client only listens (telemetry fan-out, one-way media): the app's
+    datagrams alone keep the flow alive, so they must meet the deny too. The client sends nothing
+    after the deny; the flow is closed at node-b (its app socket, RESET to node-a) all the same."""
+    m, _a, b, _apps, _, _, push_bind = udp_mesh
+    gap = 25 * PUSH_EVERY  # this long without a push: the pushes stopped reaching the client
+    stop_within = 15.0  # seconds for the deny to reach node-b's snapshot, and a margin
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stream = await asyncio_dgram.connect(("127.0.0.1", push_bind))
+        try:
+            await stream.send(b"subscribe")
+            assert (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0].startswith(b"push")
+            await loop.run_in_executor(None, m.hostmesh, "intention", "deny", "web", "push")
+            deadline = loop.time() + stop_within
+            while True:  # bounded: by the deadline, and by the push app's PUSH_MAX
+                try:
+                    await asyncio.wait_for(stream.recv(), gap)
+                except TimeoutError:
+                    break
+                assert loop.time() < deadline, "the app's datagrams still reach the denied caller"
+            with pytest.raises(TimeoutError):  # and stay stopped
+                await asyncio.wait_for(stream.recv(), 1.0)
+        finally:
+            stream.close()
+
+    asyncio.run(run())
+    text = b.metrics()
+    labels = {"source_service": "web", "destination_service": "push"}
+    assert metric_value(text, "hostmesh_authz_denied_total", **labels) >= 1
+    denied = metric_value(text, "hostmesh_udp_dropped_total", reason="denied", **labels)
+    assert denied >= 1
+
+
+def test_a_0_byte_datagram_is_carried_both_ways(udp_mesh: UdpMesh) -> None:
+    """A 0-byte datagram is legal UDP (keepalives, probes): it reaches the app and its 0-byte answer
+    reaches the client, counted as carried on both agents (the loops' transports drop b"" silently).
+    A plain socket is the client: asyncio-dgram's transport would drop it before the agent."""
+    _m, a, b, apps, echo_bind, _, _ = udp_mesh
+    with udp_socket() as sock:
+        sock.settimeout(RECV_TIMEOUT)
+        for data in (b"", b"x"):  # and the flow goes on
+            sock.sendto(data, ("127.0.0.1", echo_bind))
+            assert sock.recvfrom(64)[0] == data
+    assert apps.echoed == 2
+    labels = {"source_service": "web", "destination_service": "echo"}
+    for node, reporter in ((a, "source"), (b, "destination")):
+        text = node.metrics()
+        for direction in ("request", "response"):
+            series = {"reporter": reporter, "direction": direction, **labels}
+            assert metric_value(text, "hostmesh_udp_datagrams_total", **series) == 2, (reporter, direction)
+            assert metric_value(text, "hostmesh_udp_bytes_total", **series) == 1, (reporter, direction)
+        assert metric_value(text, "hostmesh_udp_dropped_total") == 0
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + 120)  # a cold machine builds 0.1.0 first

@@ -1,6 +1,7 @@
-"""UDP apps and clients shared by the loopback e2e (test_e2e_udp.py) and the fleet tier (hosts in
-network namespaces): an echo app, a DNS app on dnspython's wire format, and a client that sends
-datagrams of 1..1,400 bytes and checks every echo against what it sent."""
+"""UDP apps and clients shared by the loopback e2e (test_e2e_udp.py, test_udp_limits.py) and the fleet
+tier (hosts in network namespaces): an echo app, a DNS app on dnspython's wire format, a push app
+(streams to whoever subscribed), and a client that sends datagrams of 1..1,400 bytes and checks every
+echo against what it sent."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ SOCKET_BUFFER = 4 << 20  # the test's own sockets (Linux caps it at net.core.rme
 RECV_TIMEOUT = 10.0  # seconds for the echo of a datagram in flight
 DNS_ANSWER = "127.0.0.9"  # what the DNS app answers for svc.example. (data, never dialed)
 HEADER = 28  # flow, seq, 20 bytes of the body's SHA-256
+PUSH_EVERY = 0.02  # seconds between the push app's datagrams to a subscriber
+PUSH_MAX = 1500  # datagrams per subscription (30 s of them): the push app's bound
 
 
 def udp_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
@@ -40,10 +43,13 @@ class UdpApps:
 
     def __init__(self, echo: socket.socket | None = None, dns_sock: socket.socket | None = None) -> None:
         self.echo_sock, self.dns_sock = echo or udp_socket(), dns_sock or udp_socket()
+        self.push_sock = udp_socket()
         self.echo_port = int(self.echo_sock.getsockname()[1])
         self.dns_port = int(self.dns_sock.getsockname()[1])
+        self.push_port = int(self.push_sock.getsockname()[1])
         self.echoed = 0
         self.dns_queries = 0
+        self.pushed = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="udp-apps")
         self.thread.start()
@@ -58,7 +64,10 @@ class UdpApps:
 
             def datagram_received(self, data: bytes, addr: Any) -> None:
                 apps.echoed += 1
-                self.t.sendto(data, addr)
+                if data:
+                    self.t.sendto(data, addr)
+                else:  # the loop's transport drops b"" without a word; a 0-byte datagram is legal UDP
+                    apps.echo_sock.sendto(b"", addr)
 
         class Dns(asyncio.DatagramProtocol):
             def connection_made(self, transport: Any) -> None:
@@ -78,10 +87,29 @@ class UdpApps:
                     r.set_rcode(dns.rcode.NXDOMAIN)
                 self.t.sendto(r.to_wire(), addr)
 
+        class Push(asyncio.DatagramProtocol):
+            """`subscribe` from an address: PUSH_MAX datagrams to it, one per PUSH_EVERY (the server
+            speaks, the client only listens: telemetry fan-out, one-way media)."""
+
+            def connection_made(self, transport: Any) -> None:
+                self.t = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if data == b"subscribe":
+                    self.tick(addr, 0)
+
+            def tick(self, addr: Any, n: int) -> None:
+                if self.t.is_closing() or n >= PUSH_MAX:
+                    return
+                self.t.sendto(b"push %d" % n, addr)
+                apps.pushed += 1
+                asyncio.get_running_loop().call_later(PUSH_EVERY, self.tick, addr, n + 1)
+
         loop = asyncio.get_running_loop()
         e, _ = await loop.create_datagram_endpoint(Echo, sock=self.echo_sock)
         d, _ = await loop.create_datagram_endpoint(Dns, sock=self.dns_sock)
-        return [e, d]
+        p, _ = await loop.create_datagram_endpoint(Push, sock=self.push_sock)
+        return [e, d, p]
 
     def close(self) -> None:
         if not self.thread.is_alive():
@@ -147,3 +175,15 @@ async def probe_until_dropped(stream: asyncio_dgram.DatagramClient, probes: int 
             return
         assert data.startswith(b"probe")
     raise AssertionError("the flow still carries datagrams after the deny")
+
+
+def udp_socket_queue(port: int) -> tuple[int, int]:
+    """(bytes waiting, datagrams dropped by the kernel) of the UDP socket bound to 127.0.0.1:`port`,
+    from /proc/net/udp: an agent has read everything sent to its listener when the first is 0."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local:
+                return int(fields[4].split(":")[1], 16), int(fields[-1])
+    raise LookupError(f"no UDP socket on 127.0.0.1:{port}")

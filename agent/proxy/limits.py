@@ -4,12 +4,14 @@ Decisions:
 - **Connection cap** (agent.toml ``max_connections``): one `ConnectionCap` per agent process counts
   the connections held on behalf of callers: app connections accepted by the outbound listeners,
   mesh connections accepted by the inbound listener, the app connection the inbound opens for
-  each L4 stream, and each HTTP stream (or HTTP connection of an older caller) the inbound serves.
-  Beyond the cap nothing new is served (overload shedding): an HTTP connection (or stream) gets
-  ``503`` with flag ``OM`` to its request and is closed, an L4 connection or stream is reset. Every
-  refusal counts in ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per
-  :data:`LOG_EVERY`. With ``workers = N`` each process holds ``max_connections / N`` (the kernel
-  spreads accepts evenly over SO_REUSEPORT listeners).
+  each L4 stream, the app socket it opens for each UDP flow (udp.py), each HTTP stream (or
+  HTTP connection of an older caller) the inbound serves, and each connection an ingress gateway
+  accepts, from accept (before its TLS handshake or ClientHello: edges.py). Beyond the cap nothing
+  new is served (overload shedding): an HTTP connection (or stream) gets ``503`` with flag ``OM``
+  to its request and is closed, an L4 connection, stream or UDP flow is reset. Every refusal counts in
+  ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per :data:`LOG_EVERY`.
+  With ``workers = N`` each process holds ``max_connections / N`` (the kernel spreads accepts
+  evenly over SO_REUSEPORT listeners).
 - **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
   an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
   (0: never).

@@ -8,18 +8,34 @@ handshake per client.
     outbound  client datagram -> flow of (client addr) -> pick an instance -> a pooled mux connection
               that agreed protocol v2+ -> DGRAM_OPEN -> DGRAM frames; the peer's DGRAM -> sendto(client)
     inbound   DGRAM_OPEN -> the SNI-selected local service must speak udp -> intentions (per flow, and
-              again whenever the snapshot changes, so a deny stops a running flow) -> a UDP socket
-              connected to 127.0.0.1:<app port>; the app's datagrams go back as DGRAM frames
+              again whenever the snapshot changes, so a deny stops a running flow) -> a slot under the
+              agent's connection cap -> a UDP socket connected to 127.0.0.1:<app port>; the app's
+              datagrams go back as DGRAM frames
 
 Decisions:
 - Datagrams are dropped whole and counted (`hostmesh_udp_dropped_total{reason}`), never truncated
-  or merged: while a flow dials its peer at most FLOW_QUEUE datagrams wait (`queue_full` beyond);
-  when the mux connection's write buffer is above its high-water mark, or the app socket's buffer
-  is over APP_WRITE_LIMIT, new datagrams are dropped (`backpressure`), as a full socket buffer would.
+  or merged: while a flow opens (dials its peer, makes its app socket) at most FLOW_QUEUE datagrams
+  and FLOW_QUEUE_BYTES wait, and at most QUEUE_BYTES across the flows of one listener
+  (`queue_full` beyond); when the mux connection's write buffer is above its high-water mark, or
+  the app socket's buffer is over APP_WRITE_LIMIT, new datagrams are dropped (`backpressure`), as a
+  full socket buffer would.
 - No flow control window: UDP applications own their loss and pacing; the bounds above keep memory
   flat under overload.
+- An inbound flow's app socket is a file descriptor opened for a caller: it holds a slot under the
+  agent's connection cap (limits.py, `max_connections`) like an L4 stream's app connection, so
+  callers' client ports cannot exhaust the agent's fds. Over the cap the flow is reset (flag OM,
+  counted in `hostmesh_overload_rejected_total{listener="inbound"}`). An outbound flow holds no
+  socket of its own (the listener's, and one pooled mux connection per MAX_STREAMS_PER_CONN flows):
+  it takes no slot; MAX_FLOWS bounds a listener's flows (`flows` beyond).
+- A deny stops a flow in both directions: a datagram either way first compares the snapshot with
+  the one the flow was authorized against (an identity check) and re-reads intentions only when
+  it changed; denied, the flow is closed (RESET to the caller, app socket closed).
+- A 0-byte datagram is legal UDP and is carried like any other (the loops' transports drop b""
+  silently, so it is written to the socket itself).
 - A peer agent that only speaks protocol v1 (0.1.x) cannot carry DGRAM frames: the flow tries
-  another instance and one error line (rate-limited) names the peer and says to upgrade it.
+  another instance and one error line (rate-limited) names the peer and says to upgrade it. Other
+  per-flow failures a peer or a flood can cause (no instance took it, the app socket could not be
+  made, a flow to a service that is not udp) are logged at a bounded rate too.
 - Flows end after `udp_idle_timeout` (agent.toml, default 60 s) without a datagram either way
   (each side sweeps its own; RESET tells the other), on a deny, or when the connection goes.
 - The sockets are the loop's own DatagramProtocol, not asyncio-dgram's streams: those queue
@@ -44,6 +60,7 @@ from hostmesh.agent.config import DEFAULT_UDP_IDLE_TIMEOUT, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
+from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
@@ -54,7 +71,14 @@ from hostmesh.registry.ratelog import RateLimitedLog
 log = logging.getLogger("hostmesh.proxy.udp")
 
 FLOW_IDLE_TIMEOUT = DEFAULT_UDP_IDLE_TIMEOUT  # seconds without a datagram either way (agent.toml)
-FLOW_QUEUE = 256  # datagrams held per flow while its mesh connection is being dialed
+FLOW_QUEUE = 256  # datagrams held per flow while it opens (its mesh connection dialed, its app socket made)
+# ... and bytes, so datagrams of up to 64 KiB cannot make that 16 MiB a flow: four of the largest,
+# or a burst of small ones, is what a client sends before the answer it waits for
+FLOW_QUEUE_BYTES = 256 << 10
+# bytes held by all the opening flows of one listener (a UdpOutbound, the UdpInbound): MAX_FLOWS flows
+# of FLOW_QUEUE_BYTES would be 2.5 GiB while a peer hangs; this is four listener socket buffers
+QUEUE_BYTES = 4 << 20
+QUEUED_OVERHEAD = 64  # bytes charged per held datagram besides its payload (its bytes object, deque slot)
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
@@ -107,6 +131,20 @@ def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: s
         counters.carried(direction, len(data))
 
 
+def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: str) -> None:
+    """A 0-byte datagram (legal UDP: keepalives, probes). The loops' DatagramTransport.sendto drops
+    b"" without a word (asyncio 3.11, uvloop 0.23), so it is written to the socket itself."""
+    try:
+        if addr is None:
+            sock.send(b"")
+        else:
+            sock.sendto(b"", addr)
+    except OSError:  # the socket buffer is full (EAGAIN), or an ICMP error was pending on it
+        counters.dropped("backpressure")
+        return
+    counters.carried(direction, 0)
+
+
 # --- a flow of either direction ------------------------------------------------------------------
 
 
@@ -114,9 +152,32 @@ class _Flow:
     """What an outbound and an inbound flow share: they are their stream's `pipe`, and end the same
     way (once; detach from the stream, resetting it unless the mux already ended it)."""
 
-    __slots__ = ("state", "stream")
+    __slots__ = ("queue", "queued", "state", "stream")
     state: FlowState
     stream: Stream | None
+    queue: collections.deque[bytes]  # datagrams held while the flow opens
+    queued: int  # what they are charged (payload + QUEUED_OVERHEAD each)
+
+    def hold(self, data: bytes, owner: UdpOutbound | UdpInbound, counters: _Counters) -> None:
+        """Keep `data` until the flow is open, within the flow's bounds and its listener's (`owner`)."""
+        size = len(data) + QUEUED_OVERHEAD
+        if (
+            len(self.queue) >= FLOW_QUEUE
+            or self.queued + size > FLOW_QUEUE_BYTES
+            or owner.queued + size > QUEUE_BYTES
+        ):
+            counters.dropped("queue_full")
+            return
+        self.queue.append(data)
+        self.queued += size
+        owner.queued += size
+
+    def unhold(self, owner: UdpOutbound | UdpInbound) -> collections.deque[bytes]:
+        """The held datagrams, no longer charged to the flow nor its listener."""
+        queue, self.queue = self.queue, collections.deque()
+        owner.queued -= self.queued
+        self.queued = 0
+        return queue
 
     def close(self, reset: bool = True) -> None:
         if self.state is FlowState.CLOSED:
@@ -147,23 +208,21 @@ class _Flow:
 class _OutFlow(_Flow):
     """One client address of a UDP upstream listener. It is its stream's `pipe` (lost/fail)."""
 
-    __slots__ = ("addr", "last", "owner", "queue")
+    __slots__ = ("addr", "last", "owner")
 
     def __init__(self, owner: UdpOutbound, addr: Any) -> None:
         self.owner = owner
         self.addr = addr
         self.state = FlowState.OPENING
         self.stream: Stream | None = None
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue = collections.deque()
+        self.queued = 0
         self.last = time.monotonic()
 
     def send(self, data: bytes) -> None:
         self.last = time.monotonic()
         if self.state is FlowState.OPENING:
-            if len(self.queue) >= FLOW_QUEUE:
-                self.owner.counters.dropped("queue_full")
-            else:
-                self.queue.append(data)
+            self.hold(data, self.owner, self.owner.counters)
         elif self.stream is not None:
             _send_to_mesh(self.stream, data, self.owner.counters, REQUEST)
 
@@ -171,8 +230,7 @@ class _OutFlow(_Flow):
         self.stream, self.state = stream, FlowState.OPEN
         stream.pipe = cast(Any, self)
         stream.on_datagram = self.received
-        queued, self.queue = self.queue, collections.deque()
-        for data in queued:
+        for data in self.unhold(self.owner):
             _send_to_mesh(stream, data, self.owner.counters, REQUEST)
 
     def received(self, payload: Any) -> None:
@@ -183,14 +241,16 @@ class _OutFlow(_Flow):
             self.owner.counters.dropped("backpressure")
             return
         data = bytes(payload)
-        transport.sendto(data, self.addr)
-        self.owner.counters.carried(RESPONSE, len(data))
+        if data:
+            transport.sendto(data, self.addr)
+            self.owner.counters.carried(RESPONSE, len(data))
+        elif self.owner.sock is not None:
+            _send_empty(self.owner.sock, self.addr, self.owner.counters, RESPONSE)
 
     def _release(self) -> None:
         if self.queue:
-            for _ in self.queue:
+            for _ in self.unhold(self.owner):
                 self.owner.counters.dropped("no_upstream")
-            self.queue.clear()
         self.owner.flows.pop(self.addr, None)
 
 
@@ -222,10 +282,13 @@ class UdpOutbound:
         self.pool = ConnectionPool()
         self.flows: dict[Any, _OutFlow] = {}
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None  # the transport's socket, for 0-byte datagrams (_send_empty)
+        self.queued = 0  # bytes held by the flows that are opening (_Flow.hold)
         self._rr = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._v1_log = RateLimitedLog(log, "UDP flows refused by protocol v1 peers", level=logging.ERROR)
+        self._uf_log = RateLimitedLog(log, "UDP flows no instance could take")  # a peer gone: one per client
         self._port = 0
 
     @property
@@ -234,16 +297,21 @@ class UdpOutbound:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        bind = self.upstream.bind
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _OutProtocol(self), local_addr=(bind.host, bind.port)
-        )
+        bind = self.upstream.bind  # an IP address (config.py)
+        # our own socket, not local_addr=: the transports cannot send a 0-byte datagram (_send_empty)
+        sock = socket.socket(socket.AF_INET6 if ":" in bind.host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(OSError):  # every client shares this socket: room for their bursts
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            sock.bind((bind.host, bind.port))
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _OutProtocol(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self.transport = cast(asyncio.DatagramTransport, transport)
-        with contextlib.suppress(OSError):  # every client shares this socket: room for their bursts
-            self.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER
-            )
-        self._port = int(self.transport.get_extra_info("sockname")[1])
+        self.sock = sock
+        self._port = int(sock.getsockname()[1])
         self._schedule_sweep()
 
     def _schedule_sweep(self) -> None:
@@ -309,8 +377,8 @@ class UdpOutbound:
             conn.write(control(DGRAM_OPEN, stream.id))
             flow.attach(stream)
             return
-        log.warning("udp outbound %s: no instance of %s could take the flow of %s", self.name,
-                    up.service, flow.addr)  # fmt: skip
+        self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
+                     up.service, flow.addr)  # fmt: skip
         self.counters.flow(flags.UF)
         flow.close()
 
@@ -347,6 +415,7 @@ class UdpOutbound:
             "protocol": "udp",
             "flows": len(self.flows),
             "active_connections": len(self.flows),  # the field TCP listeners show: a flow is UDP's one
+            "held_bytes": self.queued,  # held by flows still opening, charged as _Flow.hold does
             "pool": {"connections": self.pool.connection_count(), "handshakes": self.pool.handshakes},
         }
 
@@ -368,8 +437,11 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
         self.source = conn.source.service
         self.snap = snap  # the snapshot the flow was authorized against
         self.state = FlowState.OPENING
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue = collections.deque()
+        self.queued = 0
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None  # the transport's socket, for 0-byte datagrams
+        self.cap: ConnectionCap | None = None  # the cap the app socket holds a slot under, until _release
         self.last = time.monotonic()
         self.counters = _Counters(owner.telemetry, "destination", self.source, service)
 
@@ -380,10 +452,7 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
             return
         data = bytes(payload)
         if self.state is FlowState.OPENING:
-            if len(self.queue) >= FLOW_QUEUE:
-                self.counters.dropped("queue_full")
-            else:
-                self.queue.append(data)
+            self.hold(data, self.owner, self.counters)
             return
         self._to_app(data)
 
@@ -393,9 +462,11 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
             self.counters.dropped("closed")
         elif _buffered(t) > APP_WRITE_LIMIT:
             self.counters.dropped("backpressure")
-        else:
+        elif data:
             t.sendto(data)
             self.counters.carried(REQUEST, len(data))
+        elif self.sock is not None:
+            _send_empty(self.sock, None, self.counters, REQUEST)
 
     # the app socket
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -404,26 +475,32 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
             transport.close()
             return
         self.state = FlowState.OPEN
-        queued, self.queue = self.queue, collections.deque()
-        for data in queued:
+        for data in self.unhold(self.owner):
             self._to_app(data)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        stream = self.stream
+        if stream is None:
+            return
         self.last = time.monotonic()
-        if self.stream is not None:
-            _send_to_mesh(self.stream, data, self.counters, RESPONSE)
+        # an app that streams to its caller keeps the flow alive by itself: a deny must stop it too
+        if self.owner.holder.current is not self.snap and not self.owner.reauthorize(self):
+            return
+        _send_to_mesh(stream, data, self.counters, RESPONSE)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable: nothing listens on the app port (now); the next datagram may find it
         log.debug("udp inbound %s->%s: app socket: %s", self.source, self.service, exc)
 
     def _release(self) -> None:
-        for _ in self.queue:
+        for _ in self.unhold(self.owner):
             self.counters.dropped("closed")
-        self.queue.clear()
         self.owner.flows.discard(self)
         if self.transport is not None:
             self.transport.close()
+        cap, self.cap = self.cap, None
+        if cap is not None:
+            cap.give_back()
 
 
 class UdpInbound:
@@ -435,8 +512,12 @@ class UdpInbound:
         self.telemetry = telemetry
         self.idle_timeout = idle_timeout
         self.flows: set[_InFlow] = set()
+        self.queued = 0  # bytes held by the flows whose app socket is being made (_Flow.hold)
         self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # lines a caller (or a flood through one) can cause per flow
+        self._app_log = RateLimitedLog(log, "UDP app socket failures")
+        self._not_udp_log = RateLimitedLog(log, "UDP flows to services that are not udp")
 
     def dgram_open(self, conn: MuxConnection, sid: int) -> None:
         """The caller opens flow `sid` on `conn` (an inbound.InboundConnection)."""
@@ -459,8 +540,8 @@ class UdpInbound:
         svc = snap.local.get(c.service)
         counters = _Counters(self.telemetry, "destination", c.source.service, c.service)
         if svc is None or svc.protocol != "udp":
-            log.warning("udp inbound: %s opened a UDP flow to %s, which is not a udp service here",
-                        c.source.spiffe_id, c.service)  # fmt: skip
+            self._not_udp_log("udp inbound: %s opened a UDP flow to %s, which is not a udp service here",
+                              c.source.spiffe_id, c.service)  # fmt: skip
             counters.flow(flags.UF)
             stream.reset()
             return
@@ -470,6 +551,13 @@ class UdpInbound:
         if not self._authorized(flow, snap):
             counters.flow(flags.AUTHZ)
             return
+        cap = c.listener.cap  # the agent's, shared with the L4 and HTTP paths (None: unlimited)
+        if cap is not None:
+            if not cap.take("inbound"):  # counted and logged (at a bounded rate) by the cap
+                counters.flow(flags.OM)
+                flow.close()
+                return
+            flow.cap = cap  # given back when the flow ends (_InFlow._release)
         counters.flow()
         self.flows.add(flow)
         if self._sweeper is None:
@@ -480,12 +568,22 @@ class UdpInbound:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, flow: _InFlow, port: int) -> None:
+        if flow.state is FlowState.CLOSED:  # reset or denied before its turn: no socket for it
+            return
         loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
         try:
-            await loop.create_datagram_endpoint(lambda: flow, remote_addr=("127.0.0.1", port))
+            # our own socket, not remote_addr=: the transports cannot send a 0-byte datagram (_send_empty)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))  # UDP: no packet, only the peer address is set
+            flow.sock = sock
+            await loop.create_datagram_endpoint(lambda: flow, sock=sock)
         except OSError as exc:
-            log.warning("udp inbound %s->%s: app 127.0.0.1:%d: %s", flow.source, flow.service, port,
-                        exc.strerror or exc)  # fmt: skip
+            if sock is not None:
+                sock.close()
+            self._app_log("udp inbound %s->%s: app 127.0.0.1:%d: %s", flow.source, flow.service, port,
+                          exc.strerror or exc)  # fmt: skip
             flow.close()
 
     def _authorized(self, flow: _InFlow, snap: Snapshot) -> bool:
