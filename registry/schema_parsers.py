@@ -540,13 +540,27 @@ def parse_nomad_mapping(data: object) -> NomadMapping:
 # --- gateways and external services (the mesh's edges) ------------------------------------------
 
 _HOST_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+# RFC 1035 bounds, which the resolver and TLS SNI (Python's IDNA encoding) enforce at connect time:
+# a name past them would be accepted here and fail on every connection instead
+MAX_LABEL = 63  # characters of one label
+MAX_HOST_NAME = 253  # characters of a whole name, dots included
+SHOWN_LABEL = 20  # characters of an over-long label quoted in the error (the error stays one short line)
+
+
+def _check_labels(s: str, path: str) -> None:
+    """Refuse a name (already matching _HOST_RE) with a label longer than MAX_LABEL."""
+    label = next((x for x in s.split(".") if len(x) > MAX_LABEL), None)
+    if label is not None:
+        shown = f"{label[:SHOWN_LABEL]}..."
+        raise InvalidDocument(path, f"label {shown} is {len(label)} characters (at most {MAX_LABEL})")
 
 
 def _host(v: object, path: str) -> str:
     """A lowercase DNS name as clients send it in Host/SNI, or `*.suffix` for any one-or-more labels."""
-    s = _str(v, path, max_len=253).lower()
+    s = _str(v, path, max_len=MAX_HOST_NAME).lower()
     if not _HOST_RE.fullmatch(s):
         raise InvalidDocument(path, f"{s!r} is not a host name (a.example.com or *.example.com)")
+    _check_labels(s, path)
     return s
 
 
@@ -581,13 +595,18 @@ def _external_address(v: object, path: str) -> ExternalAddress:
     host = host.strip("[]").lower()
     if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535 or not host:
         raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")
-    try:
-        import ipaddress
+    import ipaddress
 
+    try:
         ipaddress.ip_address(host)
+        return ExternalAddress(host, int(port_s))
     except ValueError:
-        if not _HOST_RE.fullmatch(host) or host.startswith("*"):
-            raise InvalidDocument(path, f"{host!r} is neither an IP address nor a DNS name") from None
+        pass  # not an IP address: a DNS name, then
+    if not _HOST_RE.fullmatch(host) or host.startswith("*"):
+        raise InvalidDocument(path, f"{host!r} is neither an IP address nor a DNS name")
+    if len(host) > MAX_HOST_NAME:
+        raise InvalidDocument(path, f"the host name is {len(host)} characters (at most {MAX_HOST_NAME})")
+    _check_labels(host, path)
     return ExternalAddress(host, int(port_s))
 
 

@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from hostmesh.registry.documents import doc_key
 from tests.l7_support import Backends
 from tests.support import ConsulDev
 
@@ -316,7 +318,7 @@ def start_edges(
             {
                 "name": "caller",
                 "port": backends["web"].port,
-                "upstreams": ["ext-direct", "ext-via", "ext-open"],
+                "upstreams": ["ext-direct", "ext-via", "ext-open", "ext-stale", "ext-stale-via"],
             },
             {"name": "intruder", "port": backends["web"].port, "upstreams": ["ext-direct", "ext-via"]},
         ],
@@ -571,6 +573,47 @@ def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
         )
 
     assert refused_at_gateway()
+
+
+@pytest.mark.parametrize("upstream", ["ext-stale", "ext-stale-via"])
+def test_an_external_document_no_resolver_takes_is_refused_and_the_app_is_reset(
+    edges: Edges, upstream: str
+) -> None:
+    """A document written before names were bounded (here straight to Consul's KV, which the CLI
+    now refuses to do): its address has a 64-character label. The agents reading it (the caller's,
+    the egress gateway's) refuse it, counted; the app's connection is reset at once, not left open
+    (direct) or hanging on the gateway's stream (via) as when they took it."""
+
+    def modify_index(key: str) -> int:
+        with urllib.request.urlopen(f"{edges.consul.url}/v1/kv/{key}", timeout=IO_TIMEOUT) as resp:
+            return int(json.loads(resp.read())[0]["ModifyIndex"])
+
+    doc: dict[str, Any] = {"service": upstream, "addresses": [f"{'a' * 64}.invalid:443"]}
+    readers, wanted = [edges.caller], {}
+    if upstream.endswith("-via"):  # the gateway's default is deny: allowed, the call would go out
+        doc["via"] = EGRESS
+        readers.append(edges.egress)
+        edges.m.hostmesh("intention", "allow", "caller", upstream)
+        wanted[f"external-intentions/{upstream}"] = modify_index(doc_key("intentions", upstream))
+    key = doc_key("external", upstream)
+    edges.consul.kv_put(key, json.dumps(doc))
+    try:
+        wanted[f"external/{upstream}"] = modify_index(key)
+        rejected = f'hostmesh_config_rejected_total{{source="external/{upstream}"}}'
+
+        def read_by(agent: AgentHandle) -> bool:  # taken (as agents did before) or refused
+            indexes = agent.get("/v1/config")[1]["consul_indexes"]
+            taken = all(indexes.get(k, 0) >= i for k, i in wanted.items())
+            return taken or rejected in agent.metrics()
+
+        for agent in readers:
+            wait_for(lambda agent=agent: read_by(agent), 10, f"{agent.node} to read the document")
+        assert plain_get(_bind_of(edges.caller, "caller", upstream)) is None  # reset (a hang raises)
+        assert all(rejected in agent.metrics() for agent in readers)
+    finally:
+        edges.consul.kv_delete(key)
+        if upstream.endswith("-via"):
+            edges.m.hostmesh("intention", "delete", "caller", upstream)
 
 
 def test_the_egress_gateway_stops_serving_an_external_no_longer_via_it(edges: Edges) -> None:

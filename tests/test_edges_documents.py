@@ -31,6 +31,8 @@ EXTERNAL = {
     "tls": {"sni": "pay.example.test", "ca_file": "/etc/hostmesh/pay-ca.pem"},
     "via": "egress",
 }
+LONG_LABEL = "a" * 64  # one over the DNS bound (63): a resolver or TLS SNI refuses the name at connect time
+NAME_253 = ".".join(["c" * 63] * 3 + ["c" * 61])  # the longest DNS name (253 characters)
 
 
 def test_gateway_routes_by_host_and_path() -> None:
@@ -54,6 +56,11 @@ def test_gateway_routes_by_host_and_path() -> None:
         ({**GATEWAY, "http": [{"hosts": ["a.test"], "service": "web", "prefix": "x"}]}, "http[0].prefix"),
         ({**GATEWAY, "tls": [{"hosts": ["a.test"], "service": "db", "prefix": "/"}]}, "tls[0].prefix"),
         ({**GATEWAY, "listeners": []}, "listeners"),
+        ({**GATEWAY, "http": [{"hosts": [f"{LONG_LABEL}.test"], "service": "web"}]}, "http[0].hosts[0]"),
+        (
+            {**GATEWAY, "tls": [{"hosts": ["a.test", f"*.{LONG_LABEL}.test"], "service": "db"}]},
+            "tls[0].hosts[1]",
+        ),
     ],
 )
 def test_invalid_gateway_names_the_field(data: dict[str, Any], field: str) -> None:
@@ -83,12 +90,33 @@ def test_external_service_parses() -> None:
             "tls.ca_file",
         ),
         ({"service": "x", "addresses": ["a.test:1"], "via": "Egress"}, "via"),
+        ({"service": "x", "addresses": [f"{LONG_LABEL}.invalid:443"]}, "addresses[0]"),
+        ({"service": "x", "addresses": ["a.test:1", f"[{LONG_LABEL}.invalid]:443"]}, "addresses[1]"),
+        ({"service": "x", "addresses": [f"{NAME_253}x:443"]}, "addresses[0]"),
+        ({"service": "x", "addresses": ["a.test:1"], "tls": {"sni": f"{LONG_LABEL}.invalid"}}, "tls.sni"),
     ],
 )
 def test_invalid_external_names_the_field(data: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidDocument) as err:
         parse_external(data)
     assert err.value.path == field
+
+
+def test_dns_bounds_are_checked_where_names_are_written() -> None:
+    """A label is 1..63 characters and a name 253 (RFC 1035): what the resolver and TLS SNI take at
+    connect time. Both bounds themselves pass; one over is refused in one line saying which."""
+    label63 = "b" * 63
+    ext = parse_external({"service": "x", "addresses": [f"{label63}.test:1", f"{NAME_253}:2"],
+                          "tls": {"sni": NAME_253}})  # fmt: skip
+    assert [len(a.host) for a in ext.addresses] == [68, 253]
+    assert ext.tls is not None and len(ext.tls.sni) == 253
+    gw = parse_gateway(
+        {"service": "edge", "http": [{"hosts": [f"*.{label63}.test", NAME_253], "service": "web"}]}
+    )
+    assert gw.http_route(f"x.{label63}.test", b"/") is not None
+    with pytest.raises(InvalidDocument) as err:
+        parse_external({"service": "x", "addresses": [f"{LONG_LABEL}.invalid:443"]})
+    assert str(err.value) == "addresses[0]: label aaaaaaaaaaaaaaaaaaaa... is 64 characters (at most 63)"
 
 
 @pytest.mark.consul
@@ -114,3 +142,16 @@ def test_cli_manages_edge_documents_like_routes(
     assert consul.kv_get(doc_key(kind, name)) is None
     bad = write(tmp_path, {**base, "service": name, "bogus": 1}, "bad.yaml")
     assert "bogus: unknown field" in fails(run(consul, group, "apply", "-f", bad))
+
+
+@pytest.mark.consul
+def test_cli_refuses_an_external_name_no_resolver_takes(consul: ConsulDev, tmp_path: Path) -> None:
+    """Accepted, it failed every connection (the agent could not resolve it, nor send it as SNI)."""
+    name = svc("external")
+    for field, doc in (
+        ("addresses[0]", {**EXTERNAL, "service": name, "addresses": [f"{LONG_LABEL}.invalid:443"]}),
+        ("tls.sni", {**EXTERNAL, "service": name, "tls": {"sni": f"{LONG_LABEL}.invalid"}}),
+    ):
+        line = fails(run(consul, "external", "apply", "-f", write(tmp_path, doc, f"{field}.yaml")))
+        assert f"{field}: label aaaaaaaaaaaaaaaaaaaa... is 64 characters (at most 63)" in line
+    assert consul.kv_get(doc_key("external", name)) is None

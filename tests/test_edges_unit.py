@@ -1,17 +1,46 @@
-"""The edges' pure parts: the ClientHello's SNI (TLS passthrough), [[gateways]] in agent.toml, the
-host of an HTTP request at an ingress gateway."""
+"""The edges: their pure parts (the ClientHello's SNI for TLS passthrough, [[gateways]] in agent.toml,
+the host of an HTTP request at an ingress gateway), then egress failures over real loopback sockets
+(component tier, no Consul: snapshots built by hand, on both the standard loop and uvloop): an
+external that cannot be reached, resolved or verified resets the app's connection (or, at an egress
+gateway, the caller's stream) with flag UF, counted, in one log line per connection at a bounded rate."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import logging
+import socket
 import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
+import uvloop
 
-from hostmesh.agent.config import ConfigError, parse_config
-from hostmesh.agent.proxy.edges import _request_host, client_hello_sni
+from hostmesh.agent.config import Address, ConfigError, UpstreamConfig, parse_config
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import edges
+from hostmesh.agent.proxy.edges import OriginateError, _request_host, client_hello_sni, originate
+from hostmesh.agent.proxy.inbound import InboundListener
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.registry.ratelog import DEFAULT_LINES
+from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
+from tests.support import metric_sample
+from tests.test_e2e_edges import OutsideCA, TLSServer
+from tests.test_proxy_component import CA, closed_by_peer, snapshot
 
 PIN = "sha256:" + "0" * 64
+LONG_LABEL = "a" * 64  # one over the DNS bound: the IDNA codec (resolver, TLS SNI) refuses it
+IO_TIMEOUT = 10.0  # every wait below is bounded by this
+
+# The async tests run on both loops: the module overrides `event_loop_policy` (pytest-asyncio
+# deprecates this in favour of a conftest hook; the override keeps the choice local to this module).
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy":DeprecationWarning')
 
 
 def client_hello(sni: str | None) -> bytes:
@@ -111,3 +140,167 @@ def test_gateway_and_service_names_are_unique() -> None:
     svc = {"name": "edge", "port": 80}
     with pytest.raises(ConfigError, match="service names must be unique"):
         parse_config(base(services=[svc], gateways=[INGRESS]))
+
+
+# --- egress failures over real sockets ----------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reached the loop's exception handler ("Task exception was never retrieved", "SSL
+    handshake failed"): the test asserts none did; the collector runs first so unreferenced tasks
+    report theirs."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+    yield seen
+    loop.set_exception_handler(None)
+
+
+def no_loop_errors(seen: list[dict[str, Any]]) -> None:
+    gc.collect()
+    assert [str(c.get("message")) for c in seen] == []
+
+
+def with_externals(snap: Snapshot, *exts: ExternalService) -> Snapshot:
+    """`snap` calling `exts` (no intentions in Consul: the snapshot's default, allow, decides)."""
+    return dataclasses.replace(
+        snap,
+        externals=MappingProxyType({e.service: e for e in exts}),
+        external_intentions=MappingProxyType(dict.fromkeys((e.service for e in exts), None)),
+    )
+
+
+NO_TLS = TLSMaterial(1, "", MappingProxyType({}), MappingProxyType({}))
+
+
+@contextlib.asynccontextmanager
+async def caller_of(ext: ExternalService, tel: Telemetry, snap: Snapshot | None = None) -> AsyncIterator[int]:
+    """The port of web's outbound listener for upstream `ext` (an app connects there)."""
+    holder = SnapshotHolder(with_externals(snap or snapshot({"web": 1}, NO_TLS), ext))
+    ob = OutboundListener(holder, "web", UpstreamConfig(ext.service, Address("127.0.0.1", 0)), tel)
+    await ob.start()
+    try:
+        yield ob.port
+    finally:
+        await ob.close()
+
+
+async def app_call(port: int) -> str:
+    """An app's request on its upstream listener: how the agent ended it ('reset' or 'eof')."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        return await closed_by_peer(reader)
+    finally:
+        writer.transport.abort()
+
+
+def uf_count(tel: Telemetry, reporter: str, destination: str) -> float:
+    return metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter=reporter,
+                         destination_service=destination, response_flags="UF")  # fmt: skip
+
+
+def lines_about(caplog: pytest.LogCaptureFixture, external: str) -> list[str]:
+    ours = [r for r in caplog.records if r.name == "hostmesh.proxy.edges" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in ours if f"external {external}" in r.getMessage()]
+
+
+@contextlib.contextmanager
+def never_accepting() -> Iterator[int]:
+    """A port whose accept queue is full: a connect to it never completes (its SYNs are dropped)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    held = []
+    for _ in range(8):  # fills the queue (backlog 0 holds one) with room to spare
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        held.append(s)
+    try:
+        yield port
+    finally:
+        for s in [*held, lst]:
+            s.close()
+
+
+async def test_a_connect_timeout_says_it_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 0.5)  # 5 s in the agent
+    with never_accepting() as port:
+        ext = ExternalService("x-full", 1, (ExternalAddress("127.0.0.1", port),))
+        with pytest.raises(OriginateError) as err:
+            await asyncio.wait_for(originate(ext, asyncio.Protocol()), IO_TIMEOUT)
+    assert str(err.value) == f"127.0.0.1:{port}: connect timed out after 0.5s"
+
+
+@pytest.mark.parametrize("where", ["address", "sni"])
+async def test_a_name_the_resolver_refuses_resets_the_app_connection(
+    where: str, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """A document written before the schema bounded labels: refused at connect time, the app's
+    connection reset (flag UF, one line), nothing left to the loop's exception handler."""
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts (its backlog), answers nothing
+        host, tls = f"{LONG_LABEL}.invalid", None
+        if where == "sni":
+            host, tls = "127.0.0.1", ExternalTLS(f"{LONG_LABEL}.invalid")
+        ext = ExternalService("x-long", 1, (ExternalAddress(host, server.getsockname()[1]),), tls=tls)
+        tel = Telemetry()
+        async with caller_of(ext, tel) as port:
+            assert await app_call(port) == "reset"
+    assert uf_count(tel, "source", "x-long") == 1
+    [line] = lines_about(caplog, "x-long")
+    assert "(called by web)" in line and "not a DNS name" in line
+    no_loop_errors(loop_errors)
+
+
+async def test_at_the_egress_gateway_a_name_the_resolver_refuses_resets_the_callers_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """Via an egress gateway the gateway originates: it resets the caller's stream (so the app's
+    connection), instead of leaving it to the stream idle timeout (an hour)."""
+    ca = CA(tmp_path)
+    ext = ExternalService("x-long", 1, (ExternalAddress(f"{LONG_LABEL}.invalid", 443),), via="out")
+    tel_gw, tel = Telemetry(), Telemetry()
+    gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
+    gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), tel_gw)
+    gateway.egress_gateways = frozenset({"out"})
+    await gateway.start()
+    try:
+        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+        async with caller_of(ext, tel, snap) as port:
+            assert await app_call(port) == "reset"
+    finally:
+        await gateway.close()
+    assert uf_count(tel_gw, "destination", "x-long") == 1
+    [line] = lines_about(caplog, "x-long")
+    assert "(called by web)" in line and "not a DNS name" in line
+    no_loop_errors(loop_errors)
+
+
+async def test_an_untrusted_certificate_is_one_line_per_connection_at_a_bounded_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    server = TLSServer(OutsideCA(tmp_path, "theirs").leaf("ext.example.test"), "http")
+    try:
+        ours = OutsideCA(tmp_path, "ours")  # the document's CA file: not the server's issuer
+        ext = ExternalService("x-cert", 1, (ExternalAddress("127.0.0.1", server.port),),
+                              tls=ExternalTLS("ext.example.test", str(ours.path)))  # fmt: skip
+        tel = Telemetry()
+        calls = DEFAULT_LINES + 3
+        async with caller_of(ext, tel) as port:
+            assert [await app_call(port) for _ in range(calls)] == ["reset"] * calls
+    finally:
+        server.close()
+    assert uf_count(tel, "source", "x-cert") == calls  # every one counted
+    lines = lines_about(caplog, "x-cert")
+    assert len(lines) == DEFAULT_LINES  # the rest summed up when the interval ends
+    assert all("(called by web)" in x and "certificate not trusted for ext.example.test" in x for x in lines)
+    assert server.requests == []
+    no_loop_errors(loop_errors)

@@ -6,11 +6,14 @@ service calls as an ordinary upstream by name. Pipeline per connection on the up
     (read by this agent; unread: refused, flag NI, fail closed; denied: reset, flag AUTHZ)
     -> direct: connect one of the external's addresses in turn (DNS names resolved then) and, when
        its document says so, originate TLS with its SNI, verified against its CA file or the
-       system's trust store -> pump
+       system's trust store -> pump; no address connected and verified (whatever the error: a
+       timeout, a certificate not trusted, a name no resolver takes): reset, flag UF, one log line
+       per connection at a bounded rate
     -> via an egress gateway: an ordinary mesh stream (pooled mTLS, our identity) to one of the
        gateway's instances, with SNI `<external>.svc.<td>` and the gateway's SPIFFE ID required of
        the peer; the gateway authorizes the caller again (its own read of the intentions) and alone
-       originates the connection out (`egress_stream`), so only its hosts need a firewall opening.
+       originates the connection out (`egress_stream`), so only its hosts need a firewall opening;
+       failing, it resets the caller's stream (flag UF at the gateway), which resets the app's.
 The app speaks plaintext to its listener either way (HTTP included: TLS is originated below it).
 Metrics and access lines name the external as the destination.
 
@@ -66,6 +69,7 @@ log = logging.getLogger("hostmesh.proxy.edges")
 EXTERNAL_CONNECT_TIMEOUT = 5.0  # per address: outside the mesh, a WAN round trip or two plus DNS
 EXTERNAL_HANDSHAKE_TIMEOUT = 10.0  # TLS origination to a server on the internet
 MAX_EXTERNAL_CONTEXTS = 256  # (SNI, CA file) pairs kept; each context holds a parsed trust store
+MAX_FAILURES_SHOWN = 4  # addresses whose failure a connection's log line names (a document may list 32)
 CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes this often (cheap stat)
 CLIENT_HELLO_MAX = 16 * 1024 + 5  # one TLS record: a ClientHello larger than this is not one we route
 CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello within this
@@ -128,37 +132,63 @@ class OriginateError(Exception):
     """No address of the external service could be reached (or verified); str() says why."""
 
 
+def _unencodable(name: str) -> str | None:
+    """Why `name` can be neither resolved nor sent as SNI, or None. The loop encodes both as IDNA
+    at connect time, where the UnicodeError of a label over 63 characters escaped every handler
+    (for SNI after the TCP connect, with a loop traceback). Documents are held to the same bounds
+    (registry/schema_parsers.py `_host`): this keeps any name they let through a plain failure."""
+    try:
+        name.encode("idna")
+    except UnicodeError as exc:
+        return f"not a DNS name ({exc.__cause__ or exc})"
+    return None
+
+
+def _why(exc: BaseException) -> str:
+    """A connect failure's reason, never empty (some exceptions have no text)."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str:
     """Connect `protocol` to the first address of `ext` that answers (TLS originated when the document
-    says so); returns that address. Raises OriginateError."""
+    says so); returns that address. Raises OriginateError naming each address tried and why it
+    failed; logs nothing (the caller logs one line per connection)."""
     loop = asyncio.get_running_loop()
     ctx: ssl.SSLContext | None = None
+    sni = ext.tls.sni if ext.tls is not None else None
     if ext.tls is not None:
         try:
             ctx = external_context(ext.tls)
         except (OSError, ssl.SSLError) as exc:
-            raise OriginateError(
-                f"CA file {ext.tls.ca_file}: {getattr(exc, 'strerror', None) or exc}"
-            ) from None
-    last = "no address"
+            raise OriginateError(f"CA file {ext.tls.ca_file}: {_why(exc)}") from None
+    if sni is not None and (bad := _unencodable(sni)):
+        raise OriginateError(f"tls.sni {sni!r}: {bad}")
+    budget = EXTERNAL_CONNECT_TIMEOUT + (EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else 0)
+    failures = []
     for addr in ext.addresses:
+        bad = _unencodable(addr.host)
+        if bad:
+            failures.append(f"{addr}: {bad}")
+            continue
         try:
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: protocol, addr.host, addr.port, ssl=ctx,
-                    server_hostname=ext.tls.sni if ext.tls is not None else None,
+                    lambda: protocol, addr.host, addr.port, ssl=ctx, server_hostname=sni,
                     ssl_handshake_timeout=EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else None,
                 ),
-                EXTERNAL_CONNECT_TIMEOUT + (EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else 0),
+                budget,
             )  # fmt: skip
             return str(addr)
         except ssl.SSLCertVerificationError as exc:
-            sni = ext.tls.sni if ext.tls else "?"
-            last = f"{addr}: certificate not trusted for {sni}: {exc.verify_message}"
-            log.warning("external %s: %s", ext.service, last)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            last = f"{addr}: {getattr(exc, 'strerror', None) or exc or 'timed out'}"
-    raise OriginateError(last)
+            failures.append(f"{addr}: certificate not trusted for {sni}: {exc.verify_message}")
+        except TimeoutError:  # wait_for's, which has no text
+            step = "connect and TLS handshake" if ctx is not None else "connect"
+            failures.append(f"{addr}: {step} timed out after {budget:g}s")
+        except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: what the loop refuses to try
+            failures.append(f"{addr}: {_why(exc)}")
+    more = len(failures) - MAX_FAILURES_SHOWN
+    shown = "; ".join(failures[:MAX_FAILURES_SHOWN]) + (f"; and {more} more addresses" if more > 0 else "")
+    raise OriginateError(shown or "no address")
 
 
 def external_decision(snap: Snapshot, external: str, source: str) -> tuple[bool, str, str]:
@@ -179,6 +209,8 @@ class EgressPipes:
         self.reporter = reporter
         self.tracker = tracker
         self.tasks: set[asyncio.Task[None]] = set()
+        # an external down or misconfigured fails every connection to it: a line each, at a bounded rate
+        self._failure_log = RateLimitedLog(log, "failed connections to external services")
 
     def refused(self, source: str, destination: str, flag: str, reason: str, peer: str = "") -> None:
         series = self.telemetry.tcp_series(self.reporter, source, destination, "", flag)
@@ -198,13 +230,16 @@ class EgressPipes:
 
     async def connect_out(self, down: Any, ext: ExternalService, source: str,
                           on_fail: Callable[[], None]) -> None:  # fmt: skip
-        """Originate to `ext` and pump `down` (a paused RawEnd or a mesh stream) to it."""
+        """Originate to `ext` and pump `down` (a paused RawEnd or a mesh stream) to it. Failing,
+        whatever the error, `on_fail` resets `down` (flag UF, counted, logged at a bounded rate):
+        an exception left in this task would leave `down` open, paused and owned by nobody."""
         out = _OutsideEnd()
         try:
             address = await originate(ext, out)
-        except OriginateError as exc:
-            log.warning("external %s (called by %s): %s", ext.service, source, exc)
-            self.refused(source, ext.service, flags.UF, str(exc))
+        except Exception as exc:  # see above; cancellation (the agent stopping) is not caught
+            why = str(exc) if isinstance(exc, OriginateError) else f"{type(exc).__name__}: {_why(exc)}"
+            self._failure_log("external %s (called by %s): %s; reset", ext.service, source, why)
+            self.refused(source, ext.service, flags.UF, why)
             on_fail()
             return
         if getattr(down, "closed", False) or getattr(down, "done", False):
