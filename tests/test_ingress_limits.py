@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import datetime
 import gc
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -44,6 +45,7 @@ CAP = 8  # the agent's connection cap here: small, so a few bad clients would fi
 HEADER_TIMEOUT = 0.5  # http.header_read_timeout here (seconds)
 BODY_IDLE = 0.5  # http.body_idle_timeout here
 HANDSHAKE_TIMEOUT = 0.5  # edges.INGRESS_HANDSHAKE_TIMEOUT, lowered for the module
+SHUTDOWN_TIMEOUT = 0.5  # edges.INGRESS_SHUTDOWN_TIMEOUT, lowered for the module (the loop's: 30 s)
 WAIT = 15.0  # bound of every wait for an outcome
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -141,8 +143,9 @@ async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture(autouse=True)
-def short_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+def short_tls_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(edges, "INGRESS_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT)
+    monkeypatch.setattr(edges, "INGRESS_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT)
 
 
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
@@ -261,5 +264,27 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout_a_kept_
             assert again.startswith(b"HTTP/1.1 404"), again[:200]
             kept.close()
             await g.slots_back()
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_https_client_cut_at_a_timeout_that_reads_nothing_frees_its_slot(
+    loop: str, tmp_path: Path
+) -> None:
+    """A slow head over TLS gets 408; its client, which reads nothing, never answers the close, and
+    the connection's slot comes back after the shutdown timeout, not the loop's 30 s."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            ctx = g.client_tls()
+            raw = socket.create_connection(("127.0.0.1", g.https))
+            tls = await asyncio.to_thread(ctx.wrap_socket, raw, server_hostname=HOST)
+            try:
+                tls.sendall(f"GET / HTTP/1.1\r\nhost: {HOST}\r\n".encode())  # and never the rest
+                await async_wait_until(lambda: g.cap.open == 1, WAIT, "the client to hold a slot")
+                await g.slots_back()  # 408 at the header timeout, then the close gives up waiting
+            finally:
+                tls.close()
 
     run(loop, body)

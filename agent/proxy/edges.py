@@ -76,6 +76,9 @@ CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello wi
 # an https client's TLS handshake must be done within this (the loop's default is 60 s): a client
 # outside the mesh may be a few slow round trips away, a peer agent needs one (inbound: 5 s)
 INGRESS_HANDSHAKE_TIMEOUT = 10.0
+# a closing https connection waits this long for the client's close_notify (the loop's default is
+# 30 s), holding its slot: a client that stopped reading (cut at a timeout) never sends one
+INGRESS_SHUTDOWN_TIMEOUT = 5.0
 MAX_LOGGED_SNI = 64  # characters of a client's SNI quoted in a log line (a ClientHello may carry 16 KiB)
 BACKLOG = 1024
 MAX_CLIENT_BUCKETS = (
@@ -695,7 +698,11 @@ class IngressGateway:
 
                 tls_args: dict[str, Any] = {}
                 if ctx is not None:
-                    tls_args = {"ssl": ctx, "ssl_handshake_timeout": INGRESS_HANDSHAKE_TIMEOUT}
+                    tls_args = {
+                        "ssl": ctx,
+                        "ssl_handshake_timeout": INGRESS_HANDSHAKE_TIMEOUT,
+                        "ssl_shutdown_timeout": INGRESS_SHUTDOWN_TIMEOUT,
+                    }
                 servers = await start_servers(factory, bind.host, bind.port, backlog=BACKLOG,
                                               accept_fds=ACCEPT_FDS, **tls_args)  # fmt: skip
             self._servers += servers
