@@ -18,6 +18,7 @@ import logging
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -575,6 +576,45 @@ async def test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_bac
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="200", response_flags="SI") == 1
 
 
+def read_steadily(port: int, size: int, rate: float) -> tuple[int, bool]:
+    """POST `size` bytes to /echo and read the answer at `rate` bytes/s; (bytes read, reset?)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    head = b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % size
+    sender = threading.Thread(target=sock.sendall, args=(head + b"x" * size,), daemon=True)
+    sender.start()
+    got, started = 0, time.monotonic()
+    try:
+        for _ in range(size // 16384 + 64):  # bounded: the answer is size bytes and a head
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            got += len(chunk)
+            ahead = got / rate - (time.monotonic() - started)
+            if ahead > 0:  # pacing the reader is the behaviour under test, not a wait for an event
+                time.sleep(ahead)
+            if got > size:
+                break
+    except ConnectionResetError:
+        return got, True
+    finally:
+        sock.close()
+        sender.join(IO_TIMEOUT)
+    return got, False
+
+
+async def test_a_client_reading_slowly_but_steadily_is_never_cut(mesh: Mesh) -> None:
+    """The stall cut looks at what the client's kernel acknowledged, not at our buffer, which does not
+    shrink while megabytes of socket buffers take a slow reader's pace: at 2 MB/s, 8 MB with a 0.3 s
+    body idle timeout was cut after 1.2 s when it looked at the buffer."""
+    slow_body_mesh(mesh, idle=0.3, rate=0)
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    size = 8 * 1024 * 1024
+    got, reset = await asyncio.to_thread(read_steadily, mesh.outbound.port, size, 2 * 1024 * 1024)
+    assert not reset and got > size  # the whole body and its head
+    for tel in (mesh.tel_a, mesh.tel_b):
+        assert sample(tel, "hostmesh_requests_total", response_code="200", response_flags="SI") == 0
+
+
 async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
     """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
     connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""
@@ -714,6 +754,23 @@ def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
                 assert inbound and all(isinstance(c.transport, StreamTransport) for c in inbound)
                 # the mux connections under them are buffered protocols (uvloop reads into the loop's buffer)
                 assert all(isinstance(c.transport.stream.conn, asyncio.BufferedProtocol) for c in inbound)
+
+    uvloop.run(run_all())
+
+
+def test_the_response_stall_cut_on_uvloop(tmp_path: Path) -> None:
+    """uvloop's transports give their socket for TCP_INFO in their own way: the same two outcomes."""
+    flows = (
+        test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_backend,
+        test_a_client_reading_slowly_but_steadily_is_never_cut,
+    )
+
+    async def run_all() -> None:
+        for i, flow in enumerate(flows):
+            d = tmp_path / str(i)
+            d.mkdir()
+            async with build_mesh(d) as m:
+                await flow(m)
 
     uvloop.run(run_all())
 

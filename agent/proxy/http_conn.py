@@ -25,8 +25,10 @@ Decisions:
   408 and are closed), and a new connection's first request must begin within it (a client that
   connects and sends nothing is closed: it would otherwise hold a connection slot for the idle
   time); an idle keep-alive client is closed after ``IDLE_TIMEOUT``. A client that takes none of its
-  response for ``BODY_IDLE_TIMEOUT`` (its transport stayed above the high-water mark, no byte left
-  it) is reset (flag SI), which frees the upstream connection and the response held for it. A request body
+  response for ``BODY_IDLE_TIMEOUT`` (its transport stayed above the high-water mark and its kernel
+  acknowledged no byte: TCP_INFO, so a slow but steady reader is never cut, whatever the socket
+  buffers hold) is reset (flag SI), which frees the upstream connection and the response held for
+  it; on a mux stream the calling agent judges its own client instead. A request body
   that stalls (nothing for ``BODY_IDLE_TIMEOUT``) or trickles (below ``BODY_MIN_RATE``) gets ``408``
   with flag ``SI`` (a reset once the response has begun), and its upstream connection is closed, so
   a slow client holds no upstream or backend connection. Time when the proxy itself stopped reading
@@ -47,6 +49,8 @@ import binascii
 import enum
 import logging
 import random
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -321,9 +325,10 @@ class ServerConn(asyncio.BaseProtocol):
         self.backlog = NO_BACKLOG  # HOLDING: the events read after the current request's end
         self.closed = False
         self.write_paused = False
-        # the client stopped taking the response then (pause_writing), with this much left to write
+        # when the client last took a byte of the response while it was held back (pause_writing),
+        # and the bytes its kernel had acknowledged then (_acked; NOT_TCP without a TCP socket)
         self._write_paused_at = 0.0
-        self._write_backlog = 0
+        self._acked = NOT_TCP
         self._peer_ip: str | None = None  # the client's address once asked for (peer_ip)
         self.requests = 0
         # its timer; HEAD_CHECK: none of its own yet, its first check is in the handler's HeadChecks
@@ -413,10 +418,10 @@ class ServerConn(asyncio.BaseProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self._write_paused_at = monotonic()
-        self._write_backlog = 1 << 62  # what is left is read at the first check
         ex = self.ex
         if ex is not None and ex.progress is RELAYING:  # the stall check is due within the idle timeout
+            self._write_paused_at = monotonic()
+            self._acked = _acked(self.transport)
             h = self.handler
             self._arm(min(h.header_timeout, h.body_idle_timeout))
         up = ex.upstream if ex is not None else self._tunnel
@@ -563,14 +568,17 @@ class ServerConn(asyncio.BaseProtocol):
         ex.respond(408, fl.SI, "request body too slow")
 
     def _check_response_stall(self, ex: Exchange, timeout: float) -> None:
-        """The response is held back by the client: cut it once no byte has left for the body idle
-        timeout (bytes that left since the last check, or a new pause after a resume, restart it)."""
+        """The response is held back by the client: cut it once its kernel has acknowledged no byte
+        for the body idle timeout (any byte acknowledged since the last check restarts it). Our
+        buffer's size is no measure: the socket buffers (megabytes) hide a steady slow reader."""
         now = monotonic()
-        t = self.transport
-        left = t.get_write_buffer_size() if t is not None else 0
-        if left < self._write_backlog:
+        acked = _acked(self.transport)
+        if acked == NOT_TCP:  # a mux stream: its agent's own client connection is judged there
+            self._arm(timeout)
+            return
+        if acked != self._acked:
+            self._acked = acked
             self._write_paused_at = now
-        self._write_backlog = left
         stalled = now - self._write_paused_at
         idle = self.handler.body_idle_timeout
         if stalled >= idle:
@@ -700,6 +708,26 @@ class ServerConn(asyncio.BaseProtocol):
         self.closed = True
         self._cancel_timer()
         reset_transport(self.transport)
+
+
+NOT_TCP: Final = -1  # _acked of a transport without a TCP socket (a mux stream)
+_TCP_INFO_LEN: Final = 128  # struct tcp_info up to tcpi_bytes_acked (Linux 4.1+)
+_BYTES_ACKED_AT: Final = 120  # its offset (u64, native byte order)
+
+
+def _acked(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes of this connection the peer's kernel has acknowledged (TCP_INFO tcpi_bytes_acked),
+    NOT_TCP when there is no TCP socket under the transport (or the kernel does not say)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return NOT_TCP
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return NOT_TCP
+    if len(info) < _TCP_INFO_LEN:
+        return NOT_TCP
+    return int(struct.unpack_from("=Q", info, _BYTES_ACKED_AT)[0])
 
 
 class _InHeadChecks:
