@@ -138,7 +138,9 @@ def test_an_http09_request_line_is_400_at_once_not_when_the_header_timeout_ends(
     """`GET /<CRLF>` and nothing more: an HTTP/0.9 client waits for its answer without a blank line."""
     assert RequestFramer().feed(b"GET /\r\n") == [Reject(400, "unsupported-version", flags.DPE)]
     assert RequestFramer().feed(b"GET /index.html\n") == [Reject(400, "unsupported-version", flags.DPE)]
-    for unfinished in (b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n", b"GET /", b"GET / HTT"):
+    unfinished_heads = (b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n", b"GET /", b"GET / HTT",
+                        b"\r\nGET / HTTP/1.1\r\nHost: a\r\n", b"\r\n\r\nGET / HTTP/1.1\r\n")  # fmt: skip
+    for unfinished in unfinished_heads:
         assert RequestFramer().feed(unfinished) == [], unfinished  # a head still on its way
     f = RequestFramer()  # a line split over reads is not seen: its head ends at the header timeout
     assert f.feed(b"GET /") == [] and f.feed(b"\r\n") == []

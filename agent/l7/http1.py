@@ -861,7 +861,7 @@ class RequestFramer(_Framer):
     def _http09(self) -> bool:
         # `GET /<CRLF>`: an HTTP/0.9 client waits for its answer without sending a blank line, so the
         # head would only end at the header timeout (408); seen when the line came in one read
-        line = self._line
+        line = self._line.lstrip(b"\r\n")  # empty lines before a request line are allowed (RFC 9112 2.2)
         end = line.find(b"\n")
         return end >= 0 and b" HTTP/" not in line[:end]
 
