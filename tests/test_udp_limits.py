@@ -20,7 +20,7 @@ from typing import NamedTuple
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
-from hostmesh.agent.proxy.udp import FLOW_QUEUE_BYTES, QUEUE_BYTES, QUEUED_OVERHEAD
+from hostmesh.agent.proxy.udp import FLOW_QUEUE_BYTES, QUEUE_BYTES, QUEUED_OVERHEAD, UDP_CAP_SHARE
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests.support import ConsulDev
 from tests.test_e2e_l4 import metric_value
@@ -109,15 +109,17 @@ def rss_bytes(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-CAP = 10  # node-b's max_connections: node-a's mesh connection takes one slot, its flows the others
+CAP = 10  # node-b's max_connections: node-a's mesh connection takes one slot, its flows UDP_CAP_SHARE of it
 
 
 def test_inbound_flows_hold_slots_under_the_connection_cap(pair: Callable[..., Pair]) -> None:
     """Each inbound flow's app socket is an fd of the peer agent: a caller's client ports must not
     take them all (the audit saw 20,000 fds, /ready and Consul checks failing). Over the cap a flow is
-    reset (OM) and counted by the cap; when flows end, their slots serve new ones."""
+    reset (OM) and counted by the cap; UDP flows hold at most UDP_CAP_SHARE of it (the rest stays for
+    TCP and HTTP callers: here node-a's mesh connection holds one of it); when flows end, their
+    slots serve new ones."""
     p = pair(b_extra=f"max_connections = {CAP}", a_extra="udp_idle_timeout = 2")
-    clients, served = 3 * CAP, CAP - 1
+    clients, served = 3 * CAP, int(CAP * UDP_CAP_SHARE)
     socks = [udp_socket() for _ in range(clients)]
     try:
         for i, s in enumerate(socks):

@@ -23,8 +23,9 @@ Decisions:
   flat under overload.
 - An inbound flow's app socket is a file descriptor opened for a caller: it holds a slot under the
   agent's connection cap (limits.py, `max_connections`) like an L4 stream's app connection, so
-  callers' client ports cannot exhaust the agent's fds. Over the cap the flow is reset (flag OM,
-  counted in `hostmesh_overload_rejected_total{listener="inbound"}`). An outbound flow holds no
+  callers' client ports cannot exhaust the agent's fds; they may hold UDP_CAP_SHARE of it, so a flood
+  of flows leaves the rest to TCP and HTTP callers. Over either the flow is reset (flag OM, counted
+  in `hostmesh_overload_rejected_total{listener="inbound"}`). An outbound flow holds no
   socket of its own (the listener's, and one pooled mux connection per MAX_STREAMS_PER_CONN flows):
   it takes no slot; MAX_FLOWS bounds a listener's flows (`flows` beyond).
 - A deny stops a flow in both directions: a datagram either way first compares the snapshot with
@@ -79,6 +80,9 @@ FLOW_QUEUE_BYTES = 256 << 10
 # of FLOW_QUEUE_BYTES would be 2.5 GiB while a peer hangs; this is four listener socket buffers
 QUEUE_BYTES = 4 << 20
 QUEUED_OVERHEAD = 64  # bytes charged per held datagram besides its payload (its bytes object, deque slot)
+# the share of the agent's connection cap inbound UDP flows may hold: a client spraying source ports
+# makes a flow per port (up to MAX_FLOWS per caller listener), and the rest stays for TCP and HTTP
+UDP_CAP_SHARE = 0.5
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
@@ -501,6 +505,7 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
         cap, self.cap = self.cap, None
         if cap is not None:
             cap.give_back()
+            self.owner.capped -= 1
 
 
 class UdpInbound:
@@ -513,6 +518,7 @@ class UdpInbound:
         self.idle_timeout = idle_timeout
         self.flows: set[_InFlow] = set()
         self.queued = 0  # bytes held by the flows whose app socket is being made (_Flow.hold)
+        self.capped = 0  # flows holding a slot under the agent's cap (at most UDP_CAP_SHARE of it)
         self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # lines a caller (or a flood through one) can cause per flow
@@ -553,11 +559,17 @@ class UdpInbound:
             return
         cap = c.listener.cap  # the agent's, shared with the L4 and HTTP paths (None: unlimited)
         if cap is not None:
-            if not cap.take("inbound"):  # counted and logged (at a bounded rate) by the cap
+            if self.capped >= cap.limit * UDP_CAP_SHARE:  # UDP's share is full: refused as at the cap
+                cap.refuse("inbound")
+                taken = False
+            else:
+                taken = cap.take("inbound")  # (counted and logged, at a bounded rate, by the cap)
+            if not taken:
                 counters.flow(flags.OM)
                 flow.close()
                 return
             flow.cap = cap  # given back when the flow ends (_InFlow._release)
+            self.capped += 1
         counters.flow()
         self.flows.add(flow)
         if self._sweeper is None:
