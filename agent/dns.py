@@ -195,11 +195,12 @@ class DnsServer:
                 if reply is None:
                     return
                 writer.write(struct.pack("!H", len(reply)) + reply)
-                try:
-                    await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
-                except TimeoutError:  # it sends queries and does not read the answers
-                    writer.transport.abort()
-                    return
+                if writer.transport.get_write_buffer_size():  # (else drain returns at once: no task)
+                    try:
+                        await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
+                    except TimeoutError:  # it sends queries and does not read the answers
+                        writer.transport.abort()
+                        return
         except OSError:
             return
         finally:

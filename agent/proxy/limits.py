@@ -6,7 +6,8 @@ Decisions:
   mesh connections accepted by the inbound listener, the app connection the inbound opens for
   each L4 stream, the app socket it opens for each UDP flow (udp.py), each HTTP stream (or
   HTTP connection of an older caller) the inbound serves, and each connection an ingress gateway
-  accepts, from accept (before its TLS handshake or ClientHello: edges.py). Beyond the cap nothing
+  accepts, from accept (before its TLS handshake or ClientHello: edges.py; one over the cap on an
+  https listener still gets its handshake, bounded in time, then its 503). Beyond the cap nothing
   new is served (overload shedding): an HTTP connection (or stream) gets ``503`` with flag ``OM``
   to its request and is closed, an L4 connection, stream or UDP flow is reset. Every refusal counts in
   ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per :data:`LOG_EVERY`.
