@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import gc
 import socket
 import ssl
@@ -26,10 +25,6 @@ from typing import Any, NamedTuple
 
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.metrics import Telemetry
@@ -38,6 +33,7 @@ from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.stacks import build_gateway
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from tests.support import async_wait_until
+from tests.test_e2e_edges import OutsideCA
 
 PIN = "sha256:" + "ab" * 32
 HOST = "a.example.test"
@@ -59,38 +55,13 @@ def run(loop: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
         runner.run(body())
 
 
-def operator_cert(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "op.pem", tmp / "op.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file
-
-
 class Gateway(NamedTuple):
     gateway: Any
     cap: ConnectionCap
     https: int
     http: int
     tls: int
-    cert: Path
+    ca: Path  # the operator's CA, which clients trust
     collect: bool  # asyncio's loop: a failed handshake's protocol is freed by the collector
 
     async def slots_back(self) -> None:
@@ -104,7 +75,7 @@ class Gateway(NamedTuple):
         await async_wait_until(free, WAIT, "every connection's slot to be given back")
 
     def client_tls(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.cert))
+        return ssl.create_default_context(cafile=str(self.ca))
 
     async def get(self) -> bytes:
         """One https request: the gateway has no document, so a served request is 404 NR."""
@@ -120,7 +91,8 @@ class Gateway(NamedTuple):
 
 @contextlib.asynccontextmanager
 async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
-    cert, key = operator_cert(tmp)
+    operator = OutsideCA(tmp, "operator")
+    cert, key = operator.leaf(HOST)
     cfg = parse_config({
         "ca": {"pin": PIN},
         "http": {"header_read_timeout": HEADER_TIMEOUT, "body_idle_timeout": BODY_IDLE},
@@ -137,7 +109,7 @@ async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
     gw = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
     await gw.start()
     try:
-        yield Gateway(gw, cap, *gw.ports, cert, loop == "asyncio")
+        yield Gateway(gw, cap, *gw.ports, operator.path, loop == "asyncio")
     finally:
         await gw.close()
 

@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -736,43 +736,47 @@ async def test_an_accepted_upgrade_is_a_tunnel_both_ways(mesh: Mesh) -> None:
     assert got == [b"PING", b"FRAMES BOTH WAYS"]
 
 
+def on_uvloop(
+    tmp_path: Path, *flows: Callable[[Mesh], Awaitable[None]], after: Callable[[Mesh], None] | None = None
+) -> None:
+    """Each flow on a mesh of its own on the agent's loop (uvloop), then `after` on that mesh."""
+
+    async def run_all() -> None:
+        for i, flow in enumerate(flows):
+            d = tmp_path / str(i)
+            d.mkdir()
+            async with build_mesh(d) as m:
+                await flow(m)
+                if after is not None:
+                    after(m)
+
+    uvloop.run(run_all())
+
+
 def test_the_same_flows_on_uvloop(tmp_path: Path) -> None:
-    flows = (
+    def streams_kept(m: Mesh) -> None:
+        inbound = [c for hi in m.http_ins for c in hi.conns]  # kept open by the caller's pool
+        assert inbound and all(isinstance(c.transport, StreamTransport) for c in inbound)
+        # the mux connections under them are buffered protocols (uvloop reads into the loop's buffer)
+        assert all(isinstance(c.transport.stream.conn, asyncio.BufferedProtocol) for c in inbound)
+
+    on_uvloop(
+        tmp_path,
         test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection,
         test_bodies_stream_both_ways_chunked_and_sized,
         test_pipelined_requests_then_a_half_close,
         test_header_ops_rewrite_and_mirror,
+        after=streams_kept,
     )
-
-    async def run_all() -> None:
-        for i, flow in enumerate(flows):
-            d = tmp_path / str(i)
-            d.mkdir()
-            async with build_mesh(d) as m:
-                await flow(m)
-                inbound = [c for hi in m.http_ins for c in hi.conns]  # kept open by the caller's pool
-                assert inbound and all(isinstance(c.transport, StreamTransport) for c in inbound)
-                # the mux connections under them are buffered protocols (uvloop reads into the loop's buffer)
-                assert all(isinstance(c.transport.stream.conn, asyncio.BufferedProtocol) for c in inbound)
-
-    uvloop.run(run_all())
 
 
 def test_the_response_stall_cut_on_uvloop(tmp_path: Path) -> None:
     """uvloop's transports give their socket for TCP_INFO in their own way: the same two outcomes."""
-    flows = (
+    on_uvloop(
+        tmp_path,
         test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_backend,
         test_a_client_reading_slowly_but_steadily_is_never_cut,
     )
-
-    async def run_all() -> None:
-        for i, flow in enumerate(flows):
-            d = tmp_path / str(i)
-            d.mkdir()
-            async with build_mesh(d) as m:
-                await flow(m)
-
-    uvloop.run(run_all())
 
 
 async def test_requests_beyond_max_connections_queue_and_are_served_when_it_frees(mesh: Mesh) -> None:
