@@ -567,15 +567,15 @@ class ServerConn(asyncio.BaseProtocol):
         ex.keep_alive = False
         ex.respond(408, fl.SI, "request body too slow")
 
-    def _check_response_stall(self, ex: Exchange, timeout: float) -> None:
+    def _check_response_stall(self, ex: Exchange, timeout: float) -> bool:
         """The response is held back by the client: cut it once its kernel has acknowledged no byte
         for the body idle timeout (any byte acknowledged since the last check restarts it). Our
-        buffer's size is no measure: the socket buffers (megabytes) hide a steady slow reader."""
+        buffer's size is no measure: the socket buffers (megabytes) hide a steady slow reader.
+        False: not judged here (a mux stream: its agent judges its own client connection)."""
         now = monotonic()
         acked = _acked(self.transport)
-        if acked == NOT_TCP:  # a mux stream: its agent's own client connection is judged there
-            self._arm(timeout)
-            return
+        if acked == NOT_TCP:
+            return False
         if acked != self._acked:
             self._acked = acked
             self._write_paused_at = now
@@ -583,8 +583,9 @@ class ServerConn(asyncio.BaseProtocol):
         idle = self.handler.body_idle_timeout
         if stalled >= idle:
             self._cut(ex)
-            return
-        self._arm(min(timeout, idle - stalled))
+        else:
+            self._arm(min(timeout, idle - stalled))
+        return True
 
     def _cut(self, ex: Exchange) -> None:
         """A stalled client of a response under way: reset it (SI), dropping the upstream attempt."""
@@ -621,8 +622,8 @@ class ServerConn(asyncio.BaseProtocol):
         timeout = self.handler.header_timeout
         ex = self.ex
         if ex is not None:  # busy: the head timer applies again once this exchange is done
-            if self.write_paused and ex.progress is RELAYING:  # is the client taking the response?
-                self._check_response_stall(ex, timeout)
+            # is the client taking the response? (then the request body's own deadline below)
+            if self.write_paused and ex.progress is RELAYING and self._check_response_stall(ex, timeout):
                 return
             if self._body_deadline and not ex.request_done and ex.progress is not DONE:
                 now = monotonic()
