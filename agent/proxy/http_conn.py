@@ -326,9 +326,11 @@ class ServerConn(asyncio.BaseProtocol):
         self.closed = False
         self.write_paused = False
         # when the client last took a byte of the response while it was held back (pause_writing),
-        # and the bytes its kernel had acknowledged then (_acked; NOT_TCP without a TCP socket)
+        # the bytes its kernel had acknowledged then (_acked; NOT_TCP without a TCP socket), and
+        # whether the check of that is armed (one timer and one TCP_INFO read per check, not per pause)
         self._write_paused_at = 0.0
         self._acked = NOT_TCP
+        self._stall_check = False
         self._peer_ip: str | None = None  # the client's address once asked for (peer_ip)
         self.requests = 0
         # its timer; HEAD_CHECK: none of its own yet, its first check is in the handler's HeadChecks
@@ -419,11 +421,14 @@ class ServerConn(asyncio.BaseProtocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         ex = self.ex
-        if ex is not None and ex.progress is RELAYING:  # the stall check is due within the idle timeout
-            self._write_paused_at = monotonic()
-            self._acked = _acked(self.transport)
-            h = self.handler
-            self._arm(min(h.header_timeout, h.body_idle_timeout))
+        # the stall check is due within the idle timeout (not on a mux stream: _check_response_stall)
+        if ex is not None and ex.progress is RELAYING and self.stream is None:
+            self._write_paused_at = monotonic()  # (a resume before this pause: the client took bytes)
+            if not self._stall_check:
+                self._stall_check = True
+                self._acked = _acked(self.transport)
+                h = self.handler
+                self._arm(min(h.header_timeout, h.body_idle_timeout))
         up = ex.upstream if ex is not None else self._tunnel
         if up is not None:
             up.pause_reading()
@@ -585,6 +590,7 @@ class ServerConn(asyncio.BaseProtocol):
             self._cut(ex)
         else:
             self._arm(min(timeout, idle - stalled))
+            self._stall_check = True
         return True
 
     def _cut(self, ex: Exchange) -> None:
@@ -617,6 +623,7 @@ class ServerConn(asyncio.BaseProtocol):
         """One lazy timer per connection (not one per request; the first is HeadChecks'): it looks at
         the state when it fires."""
         self._timer = None
+        self._stall_check = False
         if self.closed or self.reading is TUNNEL:
             return
         timeout = self.handler.header_timeout
