@@ -32,6 +32,10 @@ Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listene
     tls (passthrough) -> read the ClientHello's SNI -> the TCP mesh service routed for that host
       -> the agent's L4 outbound as the gateway's identity (the bytes, ClientHello included, are
          relayed untouched; the service terminates TLS itself); none: reset.
+Every client connection holds a slot under the agent's connection cap from accept, before its TLS
+handshake (`_TlsAccept`) or its ClientHello (`_ClientHello`), and gives it back however it ends;
+handshakes, ClientHellos and TLS closes are bounded in time (INGRESS_HANDSHAKE_TIMEOUT,
+CLIENT_HELLO_TIMEOUT, INGRESS_SHUTDOWN_TIMEOUT).
 The destination's agent checks its intentions with the gateway's identity as the source, so a deny
 of the gateway blocks it like any caller.
 """
