@@ -88,7 +88,7 @@ def meta(env: Mapping[str, str], key: str) -> str | None:
 def _port(env: Mapping[str, str], value: str, what: str) -> int:
     """A port label of the group (NOMAD_PORT_<label>) or a number."""
     text = env.get(f"NOMAD_PORT_{value}", value)
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 1 <= int(text) <= 65535:
         raise NomadEnvError(f"{what}: {value!r} is neither a port label of the group nor a port number")
     return int(text)
 

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 from hostmesh.ca.errors import InvalidRequest
 from hostmesh.registry.records import record
+from hostmesh.registry.schema import SERVICE_NAME_MAX as SERVICE_NAME_MAX
+from hostmesh.registry.schema import valid_service_name as valid_service_name  # one rule for names
 
 DEFAULT_TRUST_DOMAIN = "hostmesh.local"
-SERVICE_NAME_MAX = 63  # one DNS label
-
-
-def valid_service_name(name: str) -> bool:
-    """A service name is one lowercase DNS label: it appears in SPIFFE IDs and DNS SANs."""
-    if not 0 < len(name) <= SERVICE_NAME_MAX or name[0] == "-" or name[-1] == "-":
-        return False
-    return all(c.isdigit() or ("a" <= c <= "z") or c == "-" for c in name)
 
 
 def valid_trust_domain(td: str) -> bool:

@@ -94,6 +94,12 @@ class TooManyDocuments(RegistryError):
     written."""
 
 
+def version_key(tail: str) -> bool:
+    """A history key's last segment is a version: ASCII digits (a key written by hand as '²' passes
+    str.isdigit() and then fails int(), as '٣' would be read as 3)."""
+    return tail.isascii() and tail.isdigit()
+
+
 def op_bytes(op: Mapping[str, Any]) -> int:
     """What the KV operation `op` takes of the /v1/txn body `ConsulClient.txn` sends: `{"KV": op}` as
     JSON, its Value base64-encoded, and the `, ` that separates it from the next (which makes the
@@ -253,7 +259,7 @@ class DocumentStore:
         out = []
         for entry in await self.consul.kv_list(prefix):
             tail = entry.key[len(prefix) :]
-            if not tail.isdigit():
+            if not version_key(tail):
                 continue
             try:
                 data = _decode(entry, entry.key)
@@ -433,7 +439,7 @@ class DocumentStore:
     async def _history_versions(self, kind: str, service: str) -> list[int]:
         prefix = history_prefix(kind, service)
         entries = await self.consul.kv_list(prefix)
-        return sorted(int(e.key[len(prefix) :]) for e in entries if e.key[len(prefix) :].isdigit())
+        return sorted(int(e.key[len(prefix) :]) for e in entries if version_key(e.key[len(prefix) :]))
 
     async def _commit(self, writes: list[_Write], ops: list[dict[str, Any]]) -> list[Any]:
         """Run the transaction `ops` writing `writes`; returns Consul's Results."""

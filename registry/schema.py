@@ -31,7 +31,8 @@ from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named
 from hostmesh.registry.layout import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
 from hostmesh.registry.records import record
 
-SERVICE_NAME_MAX = 63  # one DNS label: names appear in SPIFFE IDs and DNS SANs (same rule as hostmesh.ca.pki)
+# one DNS label: names appear in SPIFFE IDs and DNS SANs (ca/identity.py applies this rule too)
+SERVICE_NAME_MAX = 63
 MAX_RULES = 1024  # intention rules are scanned per connection/request; keep that scan bounded
 MAX_ROUTES = 256  # routes are matched in order per request; keep that scan bounded
 MAX_PERMISSIONS = 256  # per intention rule, same reason as MAX_RULES

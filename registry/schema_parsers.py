@@ -593,7 +593,9 @@ def _external_address(v: object, path: str) -> ExternalAddress:
     s = _str(v, path, max_len=260)
     host, sep, port_s = s.rpartition(":")
     host = host.strip("[]").lower()
-    if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535 or not host:
+    # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)
+    port_ok = port_s.isascii() and port_s.isdigit() and len(port_s) <= 5 and 1 <= int(port_s) <= 65535
+    if not sep or not port_ok or not host:
         raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")
     import ipaddress
 

@@ -79,6 +79,15 @@ def test_defaults_are_safe() -> None:
             "services[0].port: must be an integer in 1..65535",
         ),
         (minimal(services=[{"name": "Web_1", "port": 1}]), "services[0].name: must be a lowercase DNS label"),
+        # str.isdigit() takes both, so the CA's copy of the rule took them into SPIFFE IDs and DNS SANs
+        (
+            minimal(services=[{"name": "web\u00b2", "port": 1}]),
+            "services[0].name: must be a lowercase DNS label",
+        ),
+        (
+            minimal(services=[{"name": "web\u0663", "port": 1}]),
+            "services[0].name: must be a lowercase DNS label",
+        ),
         (
             minimal(services=[{"name": "web", "port": 1, "protocol": "sctp"}]),
             "services[0].protocol: must be one of tcp, http, udp",

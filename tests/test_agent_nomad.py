@@ -92,6 +92,8 @@ def test_upper_case_meta_and_ephemeral_ports(tmp_path: Path) -> None:
         ("NOMAD_META_hostmesh_upstreams", "api", "meta hostmesh_upstreams[0]: 'api' is not SERVICE:PORT"),
         ("NOMAD_META_hostmesh_upstreams", "api:nolabel", "meta hostmesh_upstreams[0]: 'nolabel' is neither"),
         ("NOMAD_META_hostmesh_port", "nolabel", "meta hostmesh_port: 'nolabel' is neither a port label"),
+        ("NOMAD_META_hostmesh_port", "\u0663", "meta hostmesh_port: '\u0663' is neither a port label"),
+        ("NOMAD_META_hostmesh_port", "\u00b2", "meta hostmesh_port: '\u00b2' is neither a port label"),
     ],
 )
 def test_unusable_meta_is_one_line_naming_the_key(tmp_path: Path, key: str, value: str, message: str) -> None:

@@ -143,6 +143,18 @@ async def test_history_is_bounded(consul: ConsulDev) -> None:
         assert consul.kv_get(history_key("routes", s, 1)) is None
 
 
+async def test_history_skips_a_key_written_by_hand_that_is_no_version(consul: ConsulDev) -> None:
+    """'\u00b2' passes str.isdigit() and then failed int(): history and every write of the document
+    raised ValueError."""
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("routes", route(s, 10))
+        consul.kv_put(history_key("routes", s, 1)[: -len("1")] + "%C2%B2", "{}")
+        assert [h.version for h in await store.history("routes", s)] == [1]
+        assert (await store.put("routes", route(s, 20))).version == 2
+
+
 async def test_rollback_writes_a_new_version_with_old_content(consul: ConsulDev) -> None:
     s = svc()
     async with ConsulClient(consul.url) as c:

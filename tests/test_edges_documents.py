@@ -83,6 +83,8 @@ def test_external_service_parses() -> None:
         ({"service": "x"}, "addresses"),
         ({"service": "x", "addresses": ["nope"]}, "addresses[0]"),
         ({"service": "x", "addresses": ["a.test:0"]}, "addresses[0]"),
+        ({"service": "x", "addresses": ["a.test:\u00b2"]}, "addresses[0]"),  # isdigit(); int() refuses it
+        ({"service": "x", "addresses": ["a.test:\u0663"]}, "addresses[0]"),  # isdigit(); int() reads 3
         ({"service": "x", "addresses": ["a.test:1"], "protocol": "udp"}, "protocol"),
         ({"service": "x", "addresses": ["a.test:1"], "tls": {"ca_file": "/x"}}, "tls.sni"),
         (
