@@ -8,9 +8,9 @@ everything here, so `pki.Identity` and friends keep working.
 from __future__ import annotations
 
 from hostmesh.ca.errors import InvalidRequest
+from hostmesh.registry.names import SERVICE_NAME_MAX as SERVICE_NAME_MAX
+from hostmesh.registry.names import valid_service_name as valid_service_name  # one rule for names
 from hostmesh.registry.records import record
-from hostmesh.registry.schema import SERVICE_NAME_MAX as SERVICE_NAME_MAX
-from hostmesh.registry.schema import valid_service_name as valid_service_name  # one rule for names
 
 DEFAULT_TRUST_DOMAIN = "hostmesh.local"
 

@@ -29,10 +29,11 @@ from typing import Any, Literal, TypeVar
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
 from hostmesh.registry.layout import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.names import NAME_RE
+from hostmesh.registry.names import SERVICE_NAME_MAX as SERVICE_NAME_MAX  # (names.py: the rule)
+from hostmesh.registry.names import valid_service_name as valid_service_name
 from hostmesh.registry.records import record
 
-# one DNS label: names appear in SPIFFE IDs and DNS SANs (ca/identity.py applies this rule too)
-SERVICE_NAME_MAX = 63
 MAX_RULES = 1024  # intention rules are scanned per connection/request; keep that scan bounded
 MAX_ROUTES = 256  # routes are matched in order per request; keep that scan bounded
 MAX_PERMISSIONS = 256  # per intention rule, same reason as MAX_RULES
@@ -42,7 +43,6 @@ MAX_DURATION = 24 * 3600.0  # a timeout or backoff above a day is a unit mistake
 MAX_RETRY_ATTEMPTS = 10  # more retries only amplify an outage
 MAX_HEADER_OPS = 64  # per header-manipulation block
 
-_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _METHOD_RE = re.compile(r"[A-Za-z]+")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -147,14 +147,9 @@ def _choice(v: object, path: str, choices: tuple[str, ...], what: str | None = N
     return v
 
 
-def valid_service_name(name: str) -> bool:
-    """One lowercase DNS label (the rule hostmesh.ca.pki applies to identities)."""
-    return len(name) <= SERVICE_NAME_MAX and _NAME_RE.fullmatch(name) is not None
-
-
 def _name(v: object, path: str) -> str:
     s = _str(v, path, max_len=SERVICE_NAME_MAX)
-    if not _NAME_RE.fullmatch(s):
+    if not NAME_RE.fullmatch(s):
         raise InvalidDocument(path, "must be a service name (lowercase letters, digits and '-')")
     return s
 
