@@ -24,6 +24,7 @@ from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
 from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.layout import GATEWAY_KIND_META
+from hostmesh.registry.names import port_number
 from hostmesh.registry.records import record
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
@@ -302,9 +303,8 @@ def parse_address(text: Any, path: str) -> Address:
     host, sep, port_s = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):  # an IPv6 address in brackets
         host = host[1:-1]
-    # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)
-    port_ok = port_s.isascii() and port_s.isdigit() and len(port_s) <= 5 and int(port_s) <= 65535
-    if not sep or not host or not port_ok or "[" in host or "]" in host:
+    port = port_number(port_s)
+    if not sep or not host or port is None or "[" in host or "]" in host:
         raise _fail(path, f"{text!r} is not host:port")
     try:
         ipaddress.ip_address(host)
@@ -312,7 +312,7 @@ def parse_address(text: Any, path: str) -> Address:
         if host != "localhost":
             raise _fail(path, f"{host!r} must be an IP address (or localhost)") from None
         host = "127.0.0.1"
-    return Address(host, int(port_s))
+    return Address(host, port)
 
 
 def auto_bind(service: str) -> str:

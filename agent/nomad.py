@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostmesh.registry.errors import InvalidSettings, RegistryError
+from hostmesh.registry.names import port_number
 from hostmesh.registry.nomad import (
     MAX_TOKEN_CHARS,
     AllocationState,
@@ -87,10 +88,10 @@ def meta(env: Mapping[str, str], key: str) -> str | None:
 
 def _port(env: Mapping[str, str], value: str, what: str) -> int:
     """A port label of the group (NOMAD_PORT_<label>) or a number."""
-    text = env.get(f"NOMAD_PORT_{value}", value)
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 1 <= int(text) <= 65535:
+    port = port_number(env.get(f"NOMAD_PORT_{value}", value), 1)
+    if port is None:
         raise NomadEnvError(f"{what}: {value!r} is neither a port label of the group nor a port number")
-    return int(text)
+    return port
 
 
 def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:

@@ -94,6 +94,7 @@ from hostmesh.registry.errors import PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
 from hostmesh.registry.layout import CA_SERVICE_NAME, HOSTMESH_META, HOSTMESH_META_VALUE
 from hostmesh.registry.listen import server_address
+from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -125,7 +126,6 @@ UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused withou
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
 TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
 TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to the trim
-MAX_HOST_NAME = 253  # DNS: a name longer than this cannot be resolved
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -159,12 +159,9 @@ def parse_advertise(text: str) -> tuple[str, int | None]:
     else:
         port_text = None
     if port_text is not None:
-        # at most 5 digits before int(): thousands of them raise ValueError (int max str digits)
-        if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        port = port_number(port_text, 1)
+        if port is None:
             raise bad
-        if not 0 < int(port_text) <= 65535:
-            raise bad
-        port = int(port_text)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

@@ -1,16 +1,29 @@
-"""The rule for service names, in one place: one lowercase DNS label. Names appear in SPIFFE IDs and
-DNS SANs (ca/identity.py), documents (registry/schema.py) and agent.toml; this module loads nothing
-else, so a command's `--help` that checks no name does not pay for the schema."""
+"""What operators write as names and ports, one rule each: service names (one lowercase DNS label:
+they appear in SPIFFE IDs and DNS SANs, ca/identity.py; in documents, registry/schema.py; in
+agent.toml), the bounds of DNS names, and port numbers. This module loads nothing else, so a
+command's `--help` that checks no name does not pay for the schema."""
 
 from __future__ import annotations
 
 import re
 
-SERVICE_NAME_MAX = 63  # one DNS label
+MAX_LABEL = 63  # characters of one DNS label (RFC 1035)
+MAX_HOST_NAME = 253  # characters of a whole DNS name, dots included: a longer one cannot be resolved
+SERVICE_NAME_MAX = MAX_LABEL  # a service name is one label
 # ASCII only: str.isdigit() would also take '²' and '٣' (the CA's own copy of the rule once did)
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+MAX_PORT_DIGITS = 5  # before int(): thousands of digits make it raise ValueError (int max str digits)
 
 
 def valid_service_name(name: str) -> bool:
     """One lowercase DNS label of at most SERVICE_NAME_MAX characters."""
     return len(name) <= SERVICE_NAME_MAX and NAME_RE.fullmatch(name) is not None
+
+
+def port_number(text: str, lowest: int = 0) -> int | None:
+    """`text` as a port in lowest..65535, or None: ASCII digits only (str.isdigit() also takes '²',
+    which int() refuses, and '٣', which int() reads as 3), at most MAX_PORT_DIGITS of them."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_PORT_DIGITS:
+        return None
+    port = int(text)
+    return port if lowest <= port <= 65535 else None

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.names import MAX_HOST_NAME, MAX_LABEL, port_number
 from hostmesh.registry.schema import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_MAX,
@@ -542,8 +543,6 @@ def parse_nomad_mapping(data: object) -> NomadMapping:
 _HOST_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 # RFC 1035 bounds, which the resolver and TLS SNI (Python's IDNA encoding) enforce at connect time:
 # a name past them would be accepted here and fail on every connection instead
-MAX_LABEL = 63  # characters of one label
-MAX_HOST_NAME = 253  # characters of a whole name, dots included
 SHOWN_LABEL = 20  # characters of an over-long label quoted in the error (the error stays one short line)
 
 
@@ -593,15 +592,14 @@ def _external_address(v: object, path: str) -> ExternalAddress:
     s = _str(v, path, max_len=260)
     host, sep, port_s = s.rpartition(":")
     host = host.strip("[]").lower()
-    # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)
-    port_ok = port_s.isascii() and port_s.isdigit() and len(port_s) <= 5 and 1 <= int(port_s) <= 65535
-    if not sep or not port_ok or not host:
+    port = port_number(port_s, 1)
+    if not sep or port is None or not host:
         raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")
     import ipaddress
 
     try:
         ipaddress.ip_address(host)
-        return ExternalAddress(host, int(port_s))
+        return ExternalAddress(host, port)
     except ValueError:
         pass  # not an IP address: a DNS name, then
     if not _HOST_RE.fullmatch(host) or host.startswith("*"):
@@ -609,7 +607,7 @@ def _external_address(v: object, path: str) -> ExternalAddress:
     if len(host) > MAX_HOST_NAME:
         raise InvalidDocument(path, f"the host name is {len(host)} characters (at most {MAX_HOST_NAME})")
     _check_labels(host, path)
-    return ExternalAddress(host, int(port_s))
+    return ExternalAddress(host, port)
 
 
 def parse_external(data: object) -> ExternalService:
