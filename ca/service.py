@@ -135,12 +135,9 @@ def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     if not sep or (text.count(":") > 1 and not text.startswith("[")):
         host, port_text = text, str(default_port)
     host = host.strip("[]") or "0.0.0.0"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise InvalidRequest(f"invalid listen address {text!r} (use HOST:PORT)") from None
-    if not 0 <= port <= 65535:
-        raise InvalidRequest(f"invalid port in {text!r}")
+    port = port_number(port_text)
+    if port is None:  # (int() took ' 80', '+80' and '٣', read as port 3)
+        raise InvalidRequest(f"invalid listen address {text!r} (use HOST:PORT, a port of 0-65535)")
     return host, port
 
 

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from hostmesh.agent.ca_client import CAClient
 from hostmesh.ca import pki, store, tokens
-from hostmesh.ca.errors import CAUnavailable, Unauthorized
+from hostmesh.ca.errors import CAUnavailable, InvalidRequest, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
@@ -434,8 +434,9 @@ def test_parse_listen() -> None:
     assert parse_listen(":9000") == ("0.0.0.0", 9000)
     assert parse_listen("[::1]:9000") == ("::1", 9000)
     assert parse_listen("10.0.0.5") == ("10.0.0.5", 15012)
-    with pytest.raises(Exception, match="invalid"):
-        parse_listen("host:port")
+    for bad in ("host:port", "h:99999", "h: 80", "h:+80", "h:\u0663", "h:\u00b2", "h:" + "1" * 5000):
+        with pytest.raises(InvalidRequest, match="invalid listen address"):
+            parse_listen(bad)
 
 
 async def test_rotation_while_consul_is_down_swaps_now_and_publishes_later(
