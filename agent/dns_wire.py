@@ -42,18 +42,11 @@ def _domain(text: str) -> dns.name.Name:
     return dns.name.from_text(text)
 
 
-def answer(
-    wire: bytes, domain_text: str, addresses: Mapping[str, str], max_size: int = 65535
-) -> bytes | None:
-    """The reply to one query message, or None to drop it."""
-    return respond(wire, domain_text, addresses, max_size)[0]
-
-
 def respond(
     wire: bytes, domain_text: str, addresses: Mapping[str, str], max_size: int = 65535
 ) -> tuple[bytes | None, int | None]:
-    """answer(), with the reply's rcode, EDNS-extended (BADVERS is 16: 0 in the header, 1 in the OPT
-    record); (None, None): dropped."""
+    """The reply to one query message and its rcode, EDNS-extended (BADVERS is 16: 0 in the header,
+    1 in the OPT record); (None, None): drop it."""
     if len(wire) < HEADER_LEN:
         return None, None  # not even a header: nothing to answer to
     _qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", wire)
