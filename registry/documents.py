@@ -94,10 +94,13 @@ class TooManyDocuments(RegistryError):
     written."""
 
 
+MAX_VERSION_DIGITS = 18  # a version is a counter: int() refuses thousands of digits (int max str digits)
+
+
 def version_key(tail: str) -> bool:
     """A history key's last segment is a version: ASCII digits (a key written by hand as '²' passes
-    str.isdigit() and then fails int(), as '٣' would be read as 3)."""
-    return tail.isascii() and tail.isdigit()
+    str.isdigit() and then fails int(), as '٣' would be read as 3), not too many of them."""
+    return tail.isascii() and tail.isdigit() and len(tail) <= MAX_VERSION_DIGITS
 
 
 def op_bytes(op: Mapping[str, Any]) -> int:

@@ -144,13 +144,14 @@ async def test_history_is_bounded(consul: ConsulDev) -> None:
 
 
 async def test_history_skips_a_key_written_by_hand_that_is_no_version(consul: ConsulDev) -> None:
-    """'\u00b2' passes str.isdigit() and then failed int(): history and every write of the document
-    raised ValueError."""
+    """'\u00b2' passes str.isdigit() and then failed int(), as did 4,400 digits: history and every
+    write of the document raised ValueError."""
     s = svc()
     async with ConsulClient(consul.url) as c:
         store = DocumentStore(c)
         await store.put("routes", route(s, 10))
         consul.kv_put(history_key("routes", s, 1)[: -len("1")] + "%C2%B2", "{}")
+        consul.kv_put(history_key("routes", s, 1)[: -len("1")] + "1" * 4400, "{}")  # past int()'s 4300 digits
         assert [h.version for h in await store.history("routes", s)] == [1]
         assert (await store.put("routes", route(s, 20))).version == 2
 
