@@ -44,6 +44,8 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
     http(s)://HOST[:PORT]. Anything the client would drop or misread (a path, query, fragment or
     credentials, a port out of range, an unclosed [IPv6]) is refused rather than ignored."""
     text = address.strip()
+    if "@" in text:  # first, and named without the address: an error must not echo a password
+        raise AdminAddressError(f"{option}: user:password@ in the address is not used: give HOST:PORT")
     with_scheme = "//" in text
     try:
         parts = urllib.parse.urlsplit(text if with_scheme else f"//{text}")
@@ -58,8 +60,6 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
             f"{option} {address!r}: a path, query or fragment is not used: give HOST:PORT "
             "(or http://HOST:PORT) of the agent's admin API"
         )
-    if "@" in parts.netloc:
-        raise AdminAddressError(f"{option} {address!r}: the admin API takes no credentials in the address")
     host = parts.hostname or ""
     if not host or not _HOST.fullmatch(host):
         raise AdminAddressError(f"{option} {address!r}: no valid host: expected HOST:PORT")

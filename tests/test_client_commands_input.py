@@ -291,6 +291,12 @@ def test_an_address_the_client_cannot_use_as_given_is_one_line(
     assert line.startswith(f"Error: --agent {address!r}: {BAD_ADDRESSES[address]}"), line
 
 
+@pytest.mark.parametrize("address", ["http://ops:s3cret@127.0.0.1:15000", "ops:s3cret@127.0.0.1:99999"])
+def test_credentials_in_an_agent_address_are_refused_without_echoing_them(address: str) -> None:
+    line = fails(hm("status", "--agent", address))
+    assert line == "Error: --agent: user:password@ in the address is not used: give HOST:PORT"
+
+
 def test_admin_base_url_keeps_what_it_is_given() -> None:
     assert admin_base_url("127.0.0.1:15000") == "http://127.0.0.1:15000"
     assert admin_base_url("[::1]:15000") == "http://[::1]:15000"
