@@ -98,7 +98,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "stream_idle_timeout",
         "seconds 0..604800",
         _g(C.DEFAULT_STREAM_IDLE_TIMEOUT),
-        "A TCP connection moving no byte for this long is reset (flag `SI`); 0: never.",
+        "A TCP connection, or an HTTP connection upgraded by a 101 (WebSocket), moving no byte "
+        "for this long is reset (flag `SI`); 0: never.",
     ),
     Key(
         "udp_idle_timeout",

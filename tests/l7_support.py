@@ -5,9 +5,13 @@ Backends run on their own asyncio loop in a daemon thread (`Backends`), so block
 subprocess agents can call them; each `Backend` answers with ``x-instance: <name>`` and its behaviour
 is switched by the test (`mode`): ``ok``, ``fail`` (503 always), ``fail_once`` (one 503 then 200),
 plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo after 101,
-``/refuse-upgrade`` a 426 to an upgrade request on a connection kept alive, ``/chunked``, ``/echo``
-body echo, ``/close`` an answer with ``connection: close``, after which the app holds that connection
-open and reads nothing more until it stops: a proxy that reused it would wait in vain).
+``/ws-greet`` the same with a greeting in the 101's own write and a farewell after the client's
+end of input (then it closes), ``/refuse-upgrade`` a 426 to an upgrade request on a connection
+kept alive, ``/chunked``, ``/echo`` body echo, ``/close`` an answer with ``connection: close``, after
+which the app holds that connection open and reads nothing more until it stops: a proxy that reused
+it would wait in vain; ``/close-unanswered`` closes its connection without a byte of an answer;
+``/arm-drop`` is answered, and the next request on that connection is closed unanswered, which is
+what a proxy sees when the app closed a kept-alive connection just as it was reused).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Backend:
         self.deaf = False  # True: new connections are held open without being read until close()
         self._closing: asyncio.Event | None = None
         self.seen: list[bytes] = []  # every request target that reached this app, in order
+        self.dropped: list[bytes] = []  # request targets closed unanswered after `/arm-drop`
         self.server: asyncio.Server | None = None
         self.connections = 0
         self.closed = 0  # connections that ended (the peer closed or broke them)
@@ -75,6 +80,7 @@ class Backend:
             await self._closing.wait()
             w.close()
             return
+        drop_next = False
         try:
             while True:
                 req = _Req()
@@ -88,6 +94,10 @@ class Backend:
                     except httptools.HttpParserUpgrade:
                         req.upgrade = True
                         req.done = True
+                if drop_next:  # after /arm-drop: closed with no byte of an answer
+                    self.dropped.append(req.url)
+                    return
+                drop_next = req.url == b"/arm-drop"
                 if not await self._answer(req, parser, r, w):
                     return
         except (ConnectionError, OSError, httptools.HttpParserError):
@@ -110,6 +120,17 @@ class Backend:
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
             while data := await r.read(65536):
                 w.write(data.upper())
+            return False
+        if path == b"/ws-greet" and req.upgrade:
+            w.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nhello"
+            )  # in the 101's own write
+            while data := await r.read(65536):
+                w.write(data.upper())
+            w.write(b"bye")  # after the client's half-close: it must still reach the client
+            await w.drain()
+            return False
+        if path == b"/close-unanswered":
             return False
         if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
@@ -325,3 +326,146 @@ async def test_renewed_caller_certificate_moves_http_to_a_new_mux_connection(mes
     assert r.status == 200
     assert mesh.inbounds[0].handshakes == 2
     await async_wait_until(lambda: old.closed, what="the old mux connection closed")
+
+
+# --- upgraded connections (a 101 makes the client connection, the mux stream and the app connection
+# one tunnel): they are TCP connections as far as their ends go
+
+UPGRADE = (b"GET /ws-greet HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+           b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n")  # fmt: skip
+IO_S = 5.0  # every socket read below gives up after this (a hang fails the test, it does not stall it)
+
+
+def _open_tunnel(port: int) -> tuple[socket.socket, bytes]:
+    """An upgraded client connection through the mesh, and what came with and after the 101 head."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=IO_S)
+    s.sendall(UPGRADE)
+    got = b""
+    for _ in range(100):  # bounded: the head and the greeting come in a few reads
+        if b"\r\n\r\n" in got and got.endswith(b"hello"):
+            break
+        data = s.recv(65536)
+        if not data:
+            break
+        got += data
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), got
+    return s, rest
+
+
+def _read_until_eof(s: socket.socket) -> bytes:
+    got = b""
+    for _ in range(100):  # bounded: a few reads, each within IO_S
+        data = s.recv(65536)
+        if not data:
+            return got
+        got += data
+    raise AssertionError(f"no end of the tunnel after {got!r}")
+
+
+def _tunnels_gone(mesh: Mesh, app_closed: int) -> bool:
+    return not mesh.http_out.conns and not mesh.http_ins[0].conns and mesh.apps[0].closed >= app_closed
+
+
+async def test_a_tunnel_carries_the_apps_first_bytes_and_half_closes_both_ways(mesh: Mesh) -> None:
+    """The app's bytes in the 101's own write reach the client (they were dropped: the inbound stopped
+    reading that upstream read at the head); the client's half-close reaches the app, whose answer to
+    it still reaches the client; then the tunnel ends on both agents and the app connection closes
+    (before: neither end learnt of the other's end, and every closed WebSocket kept a client socket,
+    a mux stream, an app connection and a slot under the inbound's connection cap for good)."""
+    _one_instance(mesh)
+
+    def run() -> tuple[bytes, bytes, bytes]:
+        s, first = _open_tunnel(mesh.outbound.port)
+        with s:
+            s.sendall(b"ping")
+            echo = b""
+            for _ in range(100):
+                if len(echo) >= 4:
+                    break
+                echo += s.recv(65536)
+            s.shutdown(socket.SHUT_WR)  # the client's end of input; it still reads
+            return first, echo, _read_until_eof(s)
+
+    first, echo, last = await asyncio.to_thread(run)
+    assert (first, echo, last) == (b"hello", b"PING", b"bye")
+    await async_wait_until(lambda: _tunnels_gone(mesh, 1), timeout=IO_S)
+
+
+async def test_tunnels_closed_by_their_clients_are_freed_on_both_agents(mesh: Mesh) -> None:
+    """A client that closes its upgraded connection outright: the app sees the end and each agent
+    lets the tunnel go (connection sets, the app connection), ten times over."""
+    _one_instance(mesh)
+    tunnels = 10
+
+    def run() -> None:
+        for _ in range(tunnels):
+            s, first = _open_tunnel(mesh.outbound.port)
+            assert first == b"hello"
+            s.close()
+
+    await asyncio.to_thread(run)
+    await async_wait_until(lambda: _tunnels_gone(mesh, tunnels), timeout=IO_S)
+    assert mesh.apps[0].closed == tunnels
+
+
+async def test_a_tunnel_that_moves_no_byte_for_the_stream_idle_timeout_is_reset(mesh: Mesh) -> None:
+    """`stream_idle_timeout` applies to an upgraded connection as to an L4 stream: one that moves no
+    byte either way for that long is reset on both ends and freed (it was never cut); one with
+    traffic throughout three times that long is left alone."""
+    _one_instance(mesh)
+    mesh.http_out.stream_idle_timeout = 0.4
+
+    def busy() -> int:
+        s, _ = _open_tunnel(mesh.outbound.port)
+        with s:
+            rounds, start = 0, time.monotonic()
+            while time.monotonic() - start < 1.2 and rounds < 10_000:  # bounded in time and count
+                s.sendall(b"x")
+                assert s.recv(16) == b"X"
+                rounds += 1
+        return rounds
+
+    def idle() -> bytes:
+        s, _ = _open_tunnel(mesh.outbound.port)
+        with s:
+            try:
+                return _read_until_eof(s)  # the reset (or its end) comes within IO_S
+            except ConnectionResetError:
+                return b"reset"
+
+    assert await asyncio.to_thread(busy) > 0
+    assert await asyncio.to_thread(idle) in (b"", b"reset")
+    await async_wait_until(lambda: _tunnels_gone(mesh, 2), timeout=IO_S)
+
+
+# --- the inbound's one silent redo is for the keep-alive race only
+
+
+async def test_a_request_on_a_reused_app_connection_the_app_dropped_is_sent_once_more(mesh: Mesh) -> None:
+    """The keep-alive race: the app closed a pooled connection just as a request went on it, with no
+    byte of an answer. Nothing read that request, so an idempotent one goes once more on a new app
+    connection, transparently."""
+    _one_instance(mesh)
+    app = mesh.apps[0]
+
+    def run() -> tuple[int, int]:
+        first = mesh.client().get("/arm-drop")
+        second = mesh.client().get("/put-me", method="PUT", body=b"v")
+        return first.status, second.status
+
+    assert await asyncio.to_thread(run) == (200, 200)
+    assert app.dropped == [b"/put-me"]
+    assert app.seen == [b"/arm-drop", b"/put-me"]  # answered on the second try, a new connection
+    assert mesh.http_ins[0].pool.reused == 1
+
+
+async def test_a_request_a_fresh_app_connection_closed_unanswered_reaches_the_app_once(mesh: Mesh) -> None:
+    """A new app connection closed without an answer is the app's answer, not a race: an idempotent
+    request is not sent again (it was, once by the inbound, and so reached the app twice), and the
+    caller gets 503 with flag UC."""
+    _one_instance(mesh)
+    app = mesh.apps[0]
+    r = await asyncio.to_thread(mesh.client().get, "/close-unanswered", None, "PUT", b"v")
+    assert (r.status, r.flags) == (503, "UC")
+    assert app.seen == [b"/close-unanswered"]

@@ -57,7 +57,7 @@ from hostmesh.agent.config import GatewayConfig, GatewayListener, HttpConfig, Up
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
-from hostmesh.agent.proxy.limits import Admission, ConnectionCap
+from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -381,6 +381,7 @@ class IngressHttp:
         self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = http.body_idle_timeout
         self.body_min_rate = http.body_min_rate
+        self.stream_idle_timeout = gateway.stream_idle_timeout
         self.conns: set[Any] = set()
         self._owner: dict[Any, Any] = {}  # exchange -> the HttpOutbound serving it
         self._buckets: OrderedDict[str, Any] = OrderedDict()  # client address -> TokenBucket (LRU)
@@ -646,7 +647,8 @@ class IngressGateway:
 
     def __init__(self, config: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, http: HttpConfig,
                  cap: ConnectionCap | None, *, new_http_outbound: Callable[[str], Any],
-                 new_tcp_outbound: Callable[[str], Any]) -> None:  # fmt: skip
+                 new_tcp_outbound: Callable[[str], Any],
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         from hostmesh.agent.proxy.http_conn import RequestMetrics
 
         self.config = config
@@ -654,6 +656,7 @@ class IngressGateway:
         self.holder = holder
         self.telemetry = telemetry
         self.http = http
+        self.stream_idle_timeout = stream_idle_timeout  # an upgraded client connection's (http_conn)
         self.cap = cap
         self.metrics = RequestMetrics(telemetry, "source")
         self._new_http_outbound = new_http_outbound  # mesh service -> HttpOutbound as this gateway

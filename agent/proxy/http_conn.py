@@ -35,9 +35,14 @@ Decisions:
   (backpressure, a dial) is not the client's and does not count.
 - A request's target is normalised (``l7/normalize.py``) as soon as its head is framed, before either
   side decides anything; a target it refuses is answered 400 (flag DPE) and the connection closed.
-- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel until either closes;
-  answered otherwise, the client connection goes on as HTTP/1.1 and the upstream one is closed (the
-  next hop's state is not ours to guess: an older peer agent would still be waiting for tunnel bytes).
+- A WebSocket upgrade answered by 101 turns both connections into a byte tunnel; answered
+  otherwise, the client connection goes on as HTTP/1.1 and the upstream one is closed (the next
+  hop's state is not ours to guess: an older peer agent would still be waiting for tunnel bytes).
+  A tunnel is a TCP connection as far as its ends go: a half-close (EOF) is passed on where the
+  other end can take one (TCP, a mux stream that is a tunnel on both agents), the tunnel ends when
+  both directions have, or at once when the other end cannot half-close (TLS), and one that moves
+  no byte either way for the agent's ``stream_idle_timeout`` is reset on both ends, as an L4 stream
+  is (checked every quarter of it on the client connection's timer, nothing per read but a count).
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
 """
@@ -136,6 +141,7 @@ class Handler(Protocol):
     header_timeout: float
     body_idle_timeout: float
     body_min_rate: float
+    stream_idle_timeout: float  # a tunnel (after 101) idle this long either way is reset; 0: never
     # its connections' first header-timeout checks, made by the first connection (HeadChecks)
     head_checks: HeadChecks | None
 
@@ -339,6 +345,9 @@ class ServerConn(asyncio.BaseProtocol):
         self._head_started = 0.0  # when they began
         self._last = 0.0  # when the connection last became idle
         self._tunnel: UpstreamConn | None = None
+        # a tunnel's reads either way (tunnel_moved), and that count and when, at the last idle check
+        self.tunnel_moved = 0
+        self._tunnel_mark = (-1, 0.0)
         self._cork: list[bytes | memoryview] | None = None  # writes gathered during one upstream read
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
@@ -365,6 +374,11 @@ class ServerConn(asyncio.BaseProtocol):
             self._timer = checks.loop.call_later(h.header_timeout, self._timed_out)
 
     @property
+    def eof_seen(self) -> bool:
+        """The client sent its last byte (half-close or close): read by the tunnel's other end."""
+        return self._eof
+
+    @property
     def peer_ip(self) -> str:
         """The client's IP address ("" when unknown), looked up when first asked for: most connections
         never are (access lines are sampled), and under uvloop the lookup formats the address anew
@@ -379,6 +393,7 @@ class ServerConn(asyncio.BaseProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         reading = self.reading
         if reading is TUNNEL:
+            self.tunnel_moved += 1
             tunnel = self._tunnel
             if tunnel is not None and tunnel.transport is not None:
                 tunnel.transport.write(data)
@@ -392,12 +407,10 @@ class ServerConn(asyncio.BaseProtocol):
             self._head_started = monotonic()
 
     def eof_received(self) -> bool | None:
-        if self.reading is TUNNEL:
-            t = self._tunnel.transport if self._tunnel is not None else None
-            if t is not None and not t.is_closing() and t.can_write_eof():
-                t.write_eof()
-            return half_close_kept(self.transport)
         self._eof = True
+        if self.reading is TUNNEL:
+            up = self._tunnel
+            return tunnel_eof(self.transport, up.transport if up is not None else None, up is None or up.eof)
         self._events(self.framer.eof())
         if self.ex is None and self.reading is not HOLDING:
             self.close()
@@ -537,10 +550,41 @@ class ServerConn(asyncio.BaseProtocol):
         self.reading, self.backlog = TUNNEL, NO_BACKLOG
         self._tunnel = up
         self._cancel_timer()
+        t = self.transport
+        if isinstance(t, StreamTransport):
+            t.allow_half_close()
         for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
             if up.transport is not None:
                 up.transport.write(ev.data)
+        if self._eof and not tunnel_eof(t, up.transport, up.eof):  # the client half-closed before the 101
+            self.close()
+            return
+        idle = self.handler.stream_idle_timeout
+        if idle > 0:
+            self._tunnel_mark = (self.tunnel_moved, monotonic())
+            self._arm(_tunnel_check_every(idle))
         self.resume_reading()
+
+    def tunnel_out(self, data: bytes | memoryview) -> None:
+        """The tunnel's upstream end read `data`: to the client as it is."""
+        self.tunnel_moved += 1
+        self.write(data)
+
+    def _tunnel_idle_check(self) -> None:
+        """The tunnel's idle clock (its timer): reset both ends once no byte moved for the timeout."""
+        idle = self.handler.stream_idle_timeout
+        now = monotonic()
+        seen, since = self._tunnel_mark
+        if self.tunnel_moved != seen:
+            self._tunnel_mark = (self.tunnel_moved, now)
+        elif now - since >= idle:
+            log.debug("tunnel idle for %gs: reset (flag %s)", idle, fl.SI)
+            up, self._tunnel = self._tunnel, None
+            self.abort()
+            if up is not None:
+                up.abort()
+            return
+        self._arm(_tunnel_check_every(idle))
 
     # ---- request body pace
     def body_clock(self) -> None:
@@ -624,7 +668,10 @@ class ServerConn(asyncio.BaseProtocol):
         the state when it fires."""
         self._timer = None
         self._stall_check = False
-        if self.closed or self.reading is TUNNEL:
+        if self.closed:
+            return
+        if self.reading is TUNNEL:
+            self._tunnel_idle_check()
             return
         timeout = self.handler.header_timeout
         ex = self.ex
@@ -918,8 +965,10 @@ class Exchange:
         self.tee: Any = None  # a copy of the request body as it streams (a mirror): feed(bytes), end(bytes)
         # callback mode (no coroutine): called with the response head instead of waking `waiter`
         self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
-        # called when the upstream failed before any response byte; True: the side took over (redial)
-        self.on_fail: Callable[[Exchange, str], bool] | None = None
+        # called when the upstream failed before a response head, with whether that was a keep-alive
+        # race (a reused connection closed or reset without a response byte: the request may be sent
+        # again, nothing read it); True: the side took over (redial)
+        self.on_fail: Callable[[Exchange, bool], bool] | None = None
 
     # ---- request body (from the client)
     def request_body(self, data: bytes) -> None:
@@ -1043,6 +1092,9 @@ class Exchange:
                 cb = self.on_response_head
                 if cb is not None and waiter is None:
                     cb(self, ev)
+                    if self.conn.reading is TUNNEL and self.conn._tunnel is up:
+                        _tunnel_rest(self.conn, events, ev)  # relayed a 101: the rest is the tunnel's
+                        return
                     continue
                 up.pause_reading()  # until the relay decision (retry or pass on)
                 if waiter is not None and not waiter.done():
@@ -1090,7 +1142,7 @@ class Exchange:
             self.flags = fl.add(self.flags, flag)
             self.conn.abort()
             self._finish(False)
-        elif self.on_fail is not None and self.on_fail(self, flag):
+        elif self.on_fail is not None and self.on_fail(self, flag == fl.UC and up.reused):
             return
         else:
             self.respond(503 if flag == fl.UC else 502, flag)
@@ -1215,6 +1267,35 @@ class Exchange:
         self.conn.exchange_done(self, keep_alive)
 
 
+def _tunnel_rest(conn: ServerConn, events: Sequence[Any], head: Any) -> None:
+    """The tunnel bytes that followed a relayed 101 in the same upstream read, to the client."""
+    rest = False
+    for ev in events:
+        if rest and type(ev) is EV_TUNNEL:
+            conn.tunnel_out(ev.data)
+        elif ev is head:
+            rest = True
+
+
+def _tunnel_check_every(idle: float) -> float:
+    """How often a tunnel's idle clock is looked at: the cut comes within a quarter of the timeout
+    after it (as limits.IdleReaper's for L4), and a long timeout costs a check a minute at most."""
+    return min(idle / 4, 60.0)
+
+
+def tunnel_eof(
+    mine: asyncio.BaseTransport | None, other: asyncio.Transport | None, other_ended: bool
+) -> bool:
+    """One end of a tunnel read EOF (`mine`'s peer sent its last byte): the half-close goes on to the
+    other end when it can take one and has not ended itself. What eof_received answers: whether
+    `mine` stays open (to write the other direction). False ends the tunnel: `mine` closes, and its
+    connection_lost closes the other end."""
+    if other is not None and not other_ended and not other.is_closing() and other.can_write_eof():
+        other.write_eof()
+        return half_close_kept(mine)
+    return False
+
+
 def _expire(fut: asyncio.Future[ResponseHead | Outcome]) -> None:
     if not fut.done():
         fut.set_result(TIMEOUT)
@@ -1222,7 +1303,10 @@ def _expire(fut: asyncio.Future[ResponseHead | Outcome]) -> None:
 
 def half_close_kept(transport: asyncio.BaseTransport | None) -> bool:
     """What eof_received answers: keep the transport open for the other direction (half-close) on
-    TCP; over TLS asyncio closes it whatever we answer, and warns on every such close if asked to keep it."""
+    TCP and on a mux stream that is a tunnel; over TLS asyncio closes it whatever we answer, and
+    warns on every such close if asked to keep it."""
+    if isinstance(transport, StreamTransport):
+        return transport.half_close
     return transport is not None and transport.get_extra_info("ssl_object") is None
 
 

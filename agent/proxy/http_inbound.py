@@ -62,6 +62,7 @@ from hostmesh.agent.proxy.http_conn import (
     trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
+from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.errors import TrustError
@@ -149,13 +150,15 @@ class HttpInbound:
     def __init__(self, holder: SnapshotHolder, telemetry: Telemetry,
                  subsets: Mapping[str, str] | None = None,
                  header_timeout: float = HEADER_READ_TIMEOUT, body_idle_timeout: float = BODY_IDLE_TIMEOUT,
-                 body_min_rate: float = BODY_MIN_RATE, tracer: Any = None) -> None:  # fmt: skip
+                 body_min_rate: float = BODY_MIN_RATE, tracer: Any = None,
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.header_timeout = header_timeout
         self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
+        self.stream_idle_timeout = stream_idle_timeout  # an upgraded connection's (http_conn)
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
         self.metrics = RequestMetrics(telemetry, REPORTER)
@@ -167,7 +170,7 @@ class HttpInbound:
         self._roots: tuple[str, list[Any]] = ("", [])
         self._tasks: set[asyncio.Task[None]] = set()
         # bound once, not per request (a generic attribute read and an object; as http_outbound's)
-        self._on_fail_cb: Callable[[Exchange, str], bool] = self._on_fail
+        self._on_fail_cb: Callable[[Exchange, bool], bool] = self._on_fail
 
     # --- hand-over from the L4 inbound (InboundListener.alpn_handlers) ------------------------
 
@@ -318,10 +321,13 @@ class HttpInbound:
             return
         ex.send(up, ex.head.method, ex.head.target, list(req.headers) if ex.chunked else req.headers)
 
-    def _on_fail(self, ex: Exchange, flag: str) -> bool:
-        """The app connection failed before any response byte: redo once if that is safe."""
+    def _on_fail(self, ex: Exchange, race: bool) -> bool:
+        """The app connection failed before a response head: redo once if that is safe, i.e. only a
+        keep-alive race (`race`: a reused connection the app had closed, no byte of an answer) of an
+        idempotent request. A fresh connection that fails, or an answer the framer refused, is the
+        app's answer: sending the request again would deliver it twice."""
         req: _Req | None = ex.state
-        if req is None or req.redone or not ex.replayable or ex.head.method not in IDEMPOTENT:
+        if not race or req is None or req.redone or not ex.replayable or ex.head.method not in IDEMPOTENT:
             return False
         req.redone = True
         self._spawn(self._dial_and_send(ex, req))

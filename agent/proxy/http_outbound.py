@@ -95,7 +95,7 @@ from hostmesh.agent.proxy.http_conn import (
     trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
-from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
@@ -432,7 +432,8 @@ class HttpOutbound:
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
                  rng: random.Random | None = None, tracer: Any = None,
-                 mesh: ConnectionPool | None = None) -> None:  # fmt: skip
+                 mesh: ConnectionPool | None = None,
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
         # the mux connections HTTP streams ride: the L4 listener's when given (its streams share them)
         self.mesh = mesh if mesh is not None else ConnectionPool()
@@ -443,6 +444,7 @@ class HttpOutbound:
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
+        self.stream_idle_timeout = stream_idle_timeout  # an upgraded connection's (http_conn)
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
         self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
@@ -473,7 +475,7 @@ class HttpOutbound:
         # the inline path's callbacks, bound once: a bound method made per request is a generic attribute
         # read and an object (_forward_inline 10,600 -> 10,220 instructions per request, callgrind)
         self._on_inline_head: Callable[[Exchange, http1.ResponseHead], None] = self._inline_head
-        self._on_inline_fail: Callable[[Exchange, str], bool] = self._inline_fail
+        self._on_inline_fail: Callable[[Exchange, bool], bool] = self._inline_fail
         self.name = f"{local_service}->{upstream} (http)"
 
     # --- which connections are ours ------------------------------------------------------------
@@ -703,12 +705,13 @@ class HttpOutbound:
         if not self._settle(ex, st, st.endpoint, resp):
             self._spawn(self._loop(ex, retrying=True))
 
-    def _inline_fail(self, ex: Exchange, flag: str) -> bool:
-        """The pooled connection failed before a response head (the peer closed it, or it broke)."""
+    def _inline_fail(self, ex: Exchange, race: bool) -> bool:
+        """The pooled connection failed before a response head (the peer closed it, or it broke);
+        `race`: a keep-alive race (http_conn.Exchange.on_fail), the only failure redone silently."""
         ex.on_response_head = ex.on_fail = None
         st: _Req = ex.state
         assert st.endpoint is not None
-        if ex.replayable and ex.head.method in IDEMPOTENT and not st.redone:
+        if race and ex.replayable and ex.head.method in IDEMPOTENT and not st.redone:
             st.redone = True  # a keep-alive race on a reused connection: once more on another one
             if ex.trace is not None:
                 ex.trace.event("redo", reason="pooled connection closed by the peer")

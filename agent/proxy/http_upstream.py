@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, cast
 
 from hostmesh.agent.l7 import http1
-from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, half_close_kept, monotonic
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from hostmesh.agent.proxy.http_conn import ServerConn, TlsReads, monotonic, tunnel_eof
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, reset_transport
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 
 UPSTREAM_IDLE_SECONDS: Final = 30.0  # pooled upstream connections unused this long are closed
@@ -63,6 +63,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.idle_since = 0.0
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
+        self.eof = False  # the next hop sent its last byte (read while a tunnel: http_conn.tunnel_eof)
         # we paused the transport's reading (read by callers too: resuming an unpaused one is a no-op call)
         self.reading_paused = False
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
@@ -76,7 +77,7 @@ class UpstreamConn(asyncio.BaseProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
-            tunnel.write(data)
+            tunnel.tunnel_out(data)
             return
         owner = self.owner
         events = self.framer.feed(data)
@@ -89,11 +90,10 @@ class UpstreamConn(asyncio.BaseProtocol):
         owner.on_upstream_events(self, events)
 
     def eof_received(self) -> bool | None:
-        if self._tunnel is not None:
-            t = self._tunnel.transport
-            if t is not None and not t.is_closing() and t.can_write_eof():
-                t.write_eof()
-            return half_close_kept(self.transport)
+        self.eof = True
+        conn = self._tunnel
+        if conn is not None:
+            return tunnel_eof(self.transport, conn.transport, conn.eof_seen)
         owner = self.owner
         for ev in self.framer.eof():
             if owner is not None and self.owner is owner:
@@ -142,6 +142,9 @@ class UpstreamConn(asyncio.BaseProtocol):
         self._tunnel = conn
         self.owner = None
         self.pool.lost(self)  # a tunnel never returns to the pool
+        t = self.transport
+        if isinstance(t, StreamTransport):
+            t.allow_half_close()
 
     def usable(self) -> bool:
         """Whether a pooled connection may take another request (beyond closed / expired)."""
@@ -174,6 +177,14 @@ class UpstreamConn(asyncio.BaseProtocol):
 
     def _end(self, transport: asyncio.Transport) -> None:
         transport.close()
+
+    def abort(self) -> None:
+        """Reset it (a tunnel idle too long: the next hop sees a reset, not an orderly end)."""
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            reset_transport(self.transport)
+            self.pool.lost(self)
 
 
 class TlsUpstreamConn(UpstreamConn, TlsReads):

@@ -123,6 +123,7 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
         local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
         header_timeout=cfg.http.header_read_timeout, protocol=up.protocol,
         body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+        stream_idle_timeout=cfg.stream_idle_timeout,
         mesh=listener.pool,  # HTTP streams share the L4 path's mux connections to each peer agent
     ), on_load=on_load)  # fmt: skip
     return listener
@@ -181,7 +182,7 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
         listener.http = HttpInbound(
             holder, telemetry, {s.name: s.meta.get("version", "") for s in services},
             header_timeout=cfg.http.header_read_timeout, body_idle_timeout=cfg.http.body_idle_timeout,
-            body_min_rate=cfg.http.body_min_rate, tracer=tracer,
+            body_min_rate=cfg.http.body_min_rate, tracer=tracer, stream_idle_timeout=cfg.stream_idle_timeout,
         )  # fmt: skip
         for alpn in HTTP_ALPN:
             listener.alpn_handlers[alpn] = listener.http.handler
@@ -237,6 +238,7 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
             holder, gw.name, service, telemetry, connect_timeout=defaults.connect_timeout, tracer=None,
             header_timeout=cfg.http.header_read_timeout, protocol="http",
             body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate,
+            stream_idle_timeout=cfg.stream_idle_timeout,
         )  # fmt: skip
         on_load()  # the L7 modules may just have been imported (the agent trims after it)
         return out
@@ -249,4 +251,5 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
 
     # accept + identify (listeners, the gateway's certificate) + authorize (rate limit) + route (document)
     return IngressGateway(gw, holder, telemetry, cfg.http, cap, new_http_outbound=http_outbound,
-                          new_tcp_outbound=tcp_outbound)  # fmt: skip
+                          new_tcp_outbound=tcp_outbound,
+                          stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip

@@ -10,9 +10,14 @@ unchanged, exactly as on a TLS connection of their own.
                                           one window); what is in flight is held here, not delivered
 
 Decisions:
-- TLS semantics, not TCP's: an end of stream from the peer closes this end too (whatever
-  eof_received answers), and there is no half-close to offer (`can_write_eof` is False), exactly as
-  on the TLS connection this replaces, so both protocols behave as they did there.
+- TLS semantics, not TCP's, while the stream carries HTTP: an end of stream from the peer closes
+  this end too (whatever eof_received answers), and there is no half-close to offer
+  (`can_write_eof` is False), exactly as on the TLS connection this replaces, so both protocols
+  behave as they did there. Once the stream is a tunnel (an upgrade answered 101, on both agents:
+  `allow_half_close`) it has TCP's half-close, because what it stands for then is the client's TCP
+  connection: `write_eof` sends FIN and reading goes on (WRITE_CLOSED), and a FIN from the peer that
+  eof_received asks to keep open leaves writing open (READ_CLOSED). A peer agent of an older
+  release answers our FIN by closing, as before.
 - `close` is orderly: our bytes still waiting for credit go first, then FIN; the stream ends when the
   peer's FIN (or RESET) arrives, and what the peer sends meanwhile is dropped. `abort` is a RESET now.
   The protocol is told `connection_lost` once, right after close/abort or when the peer or the mux
@@ -38,12 +43,16 @@ class State(enum.Enum):
     OPEN = 1  # both ways
     CLOSING = 2  # we closed (FIN queued or sent): waiting for the peer's FIN; its bytes are dropped
     CLOSED = 3  # the stream is over for us; the protocol was (or is about to be) told
+    WRITE_CLOSED = 4  # a tunnel's half-close: we sent FIN (write_eof), the peer's bytes still come
+    READ_CLOSED = 5  # a tunnel's half-close: the peer sent FIN, we may still write
 
 
 # Final: compiled code reads them as C statics, not from the module dict at every use
 OPEN: Final = State.OPEN
 CLOSING: Final = State.CLOSING
 CLOSED: Final = State.CLOSED
+WRITE_CLOSED: Final = State.WRITE_CLOSED
+READ_CLOSED: Final = State.READ_CLOSED
 
 
 class StreamTransport(asyncio.Transport):
@@ -59,6 +68,7 @@ class StreamTransport(asyncio.Transport):
         self._held: list[Chunk | None] = []  # received while reading is paused (None: the FIN)
         self._write_paused = False  # we told the protocol to pause writing
         self._lost = False  # connection_lost was called
+        self.half_close = False  # a tunnel now: TCP's half-close (see the module docstring)
         stream.attach(self, True, self)  # type: ignore[arg-type]
         if stream.write_paused:  # opened on a backed-up connection: paused from the start (as Pipe.start)
             self.pause()
@@ -69,7 +79,8 @@ class StreamTransport(asyncio.Transport):
         return self._data, self._eof
 
     def _data(self, data: Chunk) -> None:
-        if self.state is not OPEN:
+        state = self.state
+        if state is not OPEN and state is not WRITE_CLOSED:
             return  # we closed: the peer's late bytes are dropped (it will see our FIN)
         if self._read_paused or self._held:
             self._held.append(data)
@@ -81,7 +92,7 @@ class StreamTransport(asyncio.Transport):
             self.stream.finish()  # both FINs: the stream is over
             self.state = CLOSED
             return
-        if self.state is CLOSED:
+        if self.state is CLOSED or self.state is READ_CLOSED:
             return
         if self._read_paused or self._held:
             self._held.append(None)
@@ -89,8 +100,16 @@ class StreamTransport(asyncio.Transport):
         self._eof_now()
 
     def _eof_now(self) -> None:
-        self._protocol.eof_received()  # type: ignore[attr-defined]
-        self.close()  # TLS semantics (see the docstring): the other direction ends too
+        keep = self._protocol.eof_received()  # type: ignore[attr-defined]
+        state = self.state
+        if state is WRITE_CLOSED:  # our FIN went first: both directions are over
+            self.stream.finish()
+            self.state = CLOSED
+            self._lost_soon()
+        elif state is OPEN and keep and self.half_close:
+            self.state = READ_CLOSED  # a tunnel's half-close: the protocol may still write
+        else:
+            self.close()  # TLS semantics (see the docstring): the other direction ends too
 
     def lost(self, end: Any, exc: BaseException | None) -> None:
         """The peer reset the stream, or the mux connection is gone (mux.Stream, MuxConnection)."""
@@ -107,15 +126,22 @@ class StreamTransport(asyncio.Transport):
 
     def pause(self) -> None:
         """The stream cannot take more bytes now (no credit, or the mux's TLS buffer is full)."""
-        if not self._write_paused and self.state is OPEN:
+        if not self._write_paused and self._writable():
             self._write_paused = True
             self._protocol.pause_writing()
 
     def resume(self) -> None:
         if self._write_paused:
             self._write_paused = False
-            if self.state is OPEN:
+            if self._writable():
                 self._protocol.resume_writing()
+
+    def _writable(self) -> bool:
+        return self.state is OPEN or self.state is READ_CLOSED
+
+    def allow_half_close(self) -> None:
+        """The stream became a tunnel (an upgrade answered 101): TCP's half-close from now on."""
+        self.half_close = True
 
     # --- asyncio.Transport ------------------------------------------------------------------------
 
@@ -129,14 +155,14 @@ class StreamTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-        if self._write_paused and self.state is OPEN:  # a pause the previous protocol was told of
+        if self._write_paused and self._writable():  # a pause the previous protocol was told of
             protocol.pause_writing()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
 
     def is_closing(self) -> bool:
-        return self.state is not OPEN
+        return self.state is CLOSING or self.state is CLOSED  # (a half-closed socket is not closing)
 
     def is_reading(self) -> bool:
         return not self._read_paused
@@ -154,7 +180,7 @@ class StreamTransport(asyncio.Transport):
                 asyncio.get_running_loop().call_soon(self._replay)
 
     def _replay(self) -> None:
-        while self._held and not self._read_paused and self.state is OPEN:
+        while self._held and not self._read_paused and (self.state is OPEN or self.state is WRITE_CLOSED):
             item = self._held.pop(0)
             if item is None:
                 self._eof_now()
@@ -171,7 +197,7 @@ class StreamTransport(asyncio.Transport):
         return len(self.stream.blocked)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.state is OPEN and data:
+        if data and (self.state is OPEN or self.state is READ_CLOSED):
             self.stream.send(data if not isinstance(data, bytearray) else bytes(data))
 
     def write_now(self, data: bytes | bytearray | memoryview) -> None:
@@ -192,18 +218,31 @@ class StreamTransport(asyncio.Transport):
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False  # as on the TLS connection this stands for (see the docstring)
+        return self.half_close  # HTTP: as on the TLS connection this stands for (see the docstring)
 
     def write_eof(self) -> None:
-        raise NotImplementedError("a mesh stream carrying HTTP has no half-close")
+        """A tunnel's half-close: FIN after what waits for credit; the peer's bytes still come."""
+        if not self.half_close:
+            raise NotImplementedError("a mesh stream carrying HTTP has no half-close")
+        state = self.state
+        if state is OPEN:
+            self.stream.send_eof()
+            self.state = WRITE_CLOSED
+        elif state is READ_CLOSED:  # the peer's FIN came first: both directions are over
+            self.stream.send_eof()
+            self.stream.finish()
+            self.state = CLOSED
+            self._lost_soon()
 
     def close(self) -> None:
         """Orderly: what waits for credit, then FIN; the stream ends with the peer's FIN."""
-        if self.state is not OPEN:
+        state = self.state
+        if state is CLOSING or state is CLOSED:
             return
         stream = self.stream
         self._held = []
-        stream.send_eof()
+        if state is not WRITE_CLOSED:  # (write_eof sent it already: a second FIN breaks the stream)
+            stream.send_eof()
         if stream.got_fin:
             stream.finish()
             self.state = CLOSED
