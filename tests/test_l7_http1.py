@@ -729,6 +729,149 @@ def test_http10_upstream_response_is_not_reusable_without_keep_alive() -> None:
     assert isinstance(head, ResponseHead) and head.version == b"1.0" and not head.keep_alive
 
 
+@pytest.mark.parametrize("informational", [b"100 Continue", b"102 Processing", b"103 Early Hints", b"150 X"])
+def test_response_to_head_has_no_body_after_an_informational_response(informational: bytes) -> None:
+    """RFC 9112 §6.3: the final response to HEAD ends at its head whatever 1xx came before it; the
+    exchange ends, the connection stays reusable, however the reads split."""
+    first = b"HTTP/1.1 " + informational + b"\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    data = first + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    for cut in range(len(data) + 1):
+        r = ResponseFramer()
+        r.expect(b"HEAD")
+        events = feed_all(r, [data[:cut], data[cut:]])
+        assert [type(e) for e in events] == [Informational, ResponseHead, EndOfMessage], (cut, events)
+        assert events[1].framing == NO_BODY and events[1].keep_alive and not r.broken
+        r.expect(b"GET")
+        events = merged(r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"))
+        assert events[1:] == [Body(b"x"), EndOfMessage([])]
+    r = ResponseFramer()
+    r.expect(b"HEAD")
+    events = r.feed(data + b"stale")  # a body sent anyway: never pooled
+    assert events[-1] == Reject(502, "unexpected-data", flags.UPE) and r.broken
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_status_code_outside_100_to_599_is_502_upe(status: bytes) -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    assert r.feed(b"HTTP/1.1 " + status + b" Weird\r\nContent-Length: 2\r\n\r\nok") == [
+        Reject(502, "upstream-bad-status", flags.UPE)
+    ]
+    assert r.broken
+
+
+@pytest.mark.parametrize("status", [b"0", b"99", b"1000"])
+def test_status_code_not_of_three_digits_is_502_upe(status: bytes) -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = r.feed(b"HTTP/1.1 " + status + b" Weird\r\nContent-Length: 2\r\n\r\nok")
+    assert len(events) == 1 and events[0][::2] == (502, flags.UPE)
+
+
+def test_reason_phrase_counts_toward_the_response_head_limit() -> None:
+    reason = b"R" * (MAX_HEAD_BYTES + 1000)
+    data = b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok"
+    half = len(data) // 2
+    for chunks in (
+        [data],
+        [data[:half], data[half:]],
+        [data[i : i + 1000] for i in range(0, len(data), 1000)],
+    ):
+        r = ResponseFramer()
+        r.expect(b"GET")
+        assert feed_all(r, chunks) == [Reject(502, "head-too-large", flags.UPE)], len(chunks)
+
+
+def test_response_head_limits_answer_502_upe_not_the_request_sides_431_dpe() -> None:
+    """The checks both framers share (head size across reads, field count, trailer size) are the
+    upstream's errors on the response side."""
+    big = [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 40_000, b"a" * 40_000 + b"\r\n\r\n"]
+    many = [
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADER_COUNT + 1)) + b"\r\n"
+    ]
+    trailers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: " + b"t" * 20_000 + b"\r\n\r\n"
+    ]
+    for chunks, reason in (
+        (big, "head-too-large"),
+        (many, "too-many-headers"),
+        (trailers, "trailers-too-large"),
+    ):
+        r = ResponseFramer()
+        r.expect(b"GET")
+        assert feed_all(r, chunks)[-1] == Reject(502, reason, flags.UPE)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 199 Weird\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 150 X\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 100 Continue\r\n\r\nok",
+    ],
+)
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_an_informational_response_has_no_body(data: bytes, method: bytes) -> None:
+    """RFC 9112 §6.3: a 1xx ends at its head; bytes after it that are no response head are the upstream's
+    error, never Body events before a final head. (After HEAD, a head is read up to its blank line: an
+    unfinished one ends at the upstream's close, the header timeout or the head limit.)"""
+    for cut in range(len(data) + 1):
+        r = ResponseFramer()
+        r.expect(method)
+        events = feed_all(r, [data[:cut], data[cut:]])
+        if method == b"HEAD" and not r.broken:
+            events += r.eof()
+        assert not any(isinstance(e, Body | ResponseHead) for e in events), (cut, events)
+        assert isinstance(events[-1], Reject) and events[-1].status == 502, (cut, events)
+        assert events[-1].flag == flags.UPE or method == b"HEAD"
+
+
+def test_an_informational_response_without_body_fields_is_followed_by_the_final_one() -> None:
+    data = b"HTTP/1.1 199 X\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = merged(r.feed(data))
+    assert events[0] == Informational(199, [(b"content-length", b"0")])
+    assert isinstance(events[1], ResponseHead) and events[1].status == 200
+    assert events[2:] == [Body(b"ok"), EndOfMessage([])] and not r.broken
+
+
+ONE_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Stale: a\r\n",  # a second head begun
+        b"HTTP/1.1 200 OK\r\nContent-Length: 23\r\n\r\n",  # ... whole, its body to come
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Smuggled: yes\r\n\r\nSMUGGL",  # a whole response
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"stale",
+    ],
+)
+def test_bytes_after_the_response_break_the_connection(extra: bytes) -> None:
+    """We never pipeline: a byte of a response after the one due would answer the next request a pooled
+    connection carries. The exchange ends as it should, and the framer is broken (never pooled)."""
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = merged(r.feed(ONE_RESPONSE + extra))
+    assert isinstance(events[0], ResponseHead)
+    assert events[1:3] == [Body(b"hello"), EndOfMessage([])]
+    assert events[3:] == [Reject(502, "unexpected-data", flags.UPE)] or extra == b"stale"
+    assert isinstance(events[-1], Reject) and r.broken
+    r = ResponseFramer()  # in the next read (the connection idle): the same
+    r.expect(b"GET")
+    assert merged(r.feed(ONE_RESPONSE))[1:] == [Body(b"hello"), EndOfMessage([])] and not r.broken
+    assert isinstance(r.feed(extra)[-1], Reject) and r.broken
+
+
+def test_a_response_before_any_request_breaks_the_connection() -> None:
+    r = ResponseFramer()
+    assert r.feed(ONE_RESPONSE) == [Reject(502, "unexpected-data", flags.UPE)] and r.broken
+
+
 # ------------------------------------------------------------------ property: parser vs pure decision
 
 FIELD_LINES = [

@@ -27,6 +27,13 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   drops ``Expect`` upstream, so refusals (403/429/503) reach the client before it sends the body.
   Any other expectation answers **417**.
 - CONNECT is not a mesh operation: **405**.
+- Responses (:class:`ResponseFramer`): every upstream protocol error is **502** with flag UPE, the
+  request side's head limits included. A status code outside 100-599 is one (RFC 9110 §15 defines no
+  other class; llhttp takes any three digits). A 1xx ends at its head (RFC 9112 §6.3), for HEAD
+  too, and what follows it is the next response; a 1xx other than 100/102/103 announcing a body
+  (Content-Length above 0, Transfer-Encoding: fields a server must not send in it) is refused, as
+  llhttp would read that body. Any byte of a response after the one due (we never pipeline) is one
+  too: the framer is ``broken`` from then on, so the connection is never pooled.
 - Bodies stream: :class:`RequestFramer` / :class:`ResponseFramer` turn bytes into events as they
   arrive and never hold a whole body. ``feed`` also takes a memoryview of a read buffer that the
   caller reuses after the call: no event keeps a reference to it (the parser copies). Header
@@ -272,6 +279,17 @@ def response_framing(request_method: bytes, status: int, headers: Headers) -> tu
     if cl is not None:
         return (LENGTH, cl) if cl else (NO_BODY, 0)
     return UNTIL_CLOSE, 0
+
+
+# 1xx codes llhttp ends at the head whatever their fields say; after any other 1xx it reads the body
+# that Content-Length or Transfer-Encoding announce, and httptools cannot tell it not to
+_LLHTTP_BODILESS_1XX: Final = (100, 102, 103)
+
+
+def _announces_body(headers: Headers) -> bool:
+    """Whether the fields frame a body: Transfer-Encoding, or a Content-Length other than 0 (llhttp has
+    validated it as decimal digits, so anything left after stripping zeros is a positive length)."""
+    return any(n == b"transfer-encoding" or (n == b"content-length" and v.strip(b" \t0")) for n, v in headers)
 
 
 def _parse_length(v: bytes) -> int:
@@ -696,6 +714,9 @@ class _Framer:
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._cb_bytes += len(reason)  # part of the head, as the target is (on_url)
+        if self._cb_bytes > self._max_head:
+            self._fail(431, "head-too-large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._state == _BODY:  # chunked trailer field
@@ -754,6 +775,10 @@ class _Framer:
         self._events.append(END_OF_MESSAGE if trailers is NO_FIELDS else _make(EV_END, (trailers,)))
 
     def _fail(self, status: int, reason: str, flag: str = flags.DPE) -> NoReturn:
+        # the shared checks (head size, field count, trailers) speak the request side's terms: the
+        # response side answers what they find in its own (502 UPE: _error_status, _error_flag)
+        if flag == flags.DPE:
+            status, flag = self._error_status(status), self._error_flag()
         self._events.append(Reject(status, reason, flag))
         self._state = _DEAD
         raise _Stop
@@ -948,6 +973,8 @@ class ResponseFramer(_Framer):
     no body whatever their Content-Length. Events: :class:`Informational`* (1xx), :class:`ResponseHead`,
     :class:`Body`*, :class:`EndOfMessage`; after a 101, :class:`TunnelData`. Upstream protocol errors
     come out as :class:`Reject` with status 502 and flag UPE. A close-delimited body ends at :meth:`eof`.
+    A response begun when none is due (after the end of the one :meth:`expect` announced, in the same
+    read or not) is such an error: ``broken`` then says the connection must not carry another request.
     """
 
     __slots__ = ("_awaiting", "_head_pending", "_informational", "_method", "_pending", "_until_close",
@@ -975,27 +1002,42 @@ class ResponseFramer(_Framer):
     def feed(self, data: bytes | memoryview) -> list[Event]:
         if not self._head_pending:
             return _Framer.feed(self, data)
-        # HEAD: llhttp cannot be told to skip a body, so feed it exactly the head and end it here
+        return self._feed_head_response(data)
+
+    def _feed_head_response(self, data: bytes | memoryview) -> list[Event]:
+        """The response to HEAD has no body, whatever its fields and whatever 1xx came before it (RFC
+        9112 §6.3). llhttp cannot be told to skip a body, so it is fed exactly each head, and a final
+        one is ended here."""
         buf = self._pending + data if self._pending else bytes(data)
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > self._max_head:
-                self._state = _DEAD
-                return [Reject(502, "head-too-large", flags.UPE)]
-            self._pending = buf
-            return []
         self._pending = b""
-        self._head_pending = False
-        events = _Framer.feed(self, buf[: end + 4])
-        if self._state == _BODY:  # llhttp now waits for a body that will not come: end it here
-            events.append(EndOfMessage([]))
-            self._awaiting = False
-            self._parser = self._new_parser()
-            self._state = _IDLE
-        if self._state == _IDLE and len(buf) > end + 4:  # we never pipeline: nothing may follow
-            events.append(Reject(502, "unexpected-data", flags.UPE))
-            self._state = _DEAD
-        return events
+        events: list[Event] = []
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._max_head:
+                    self._state = _DEAD
+                    events.append(Reject(502, "head-too-large", flags.UPE))
+                else:
+                    self._pending = buf
+                return events
+            events += _Framer.feed(self, buf[: end + 4])
+            buf = buf[end + 4 :]
+            state = self._state
+            if state == _IDLE and self._awaiting:  # a 1xx (or blank lines): the final head is still due
+                continue
+            self._head_pending = False
+            if state == _BODY:  # llhttp now waits for a body that will not come: end it here
+                events.append(END_OF_MESSAGE)
+                self._awaiting = False
+                self._parser = self._new_parser()
+                self._state = state = _IDLE
+            if buf and state != _DEAD:
+                if state == _TUNNEL:  # a 101: what follows it is the tunnel's
+                    events.append(TunnelData(buf))
+                else:  # we never pipeline: nothing may follow
+                    events.append(Reject(502, "unexpected-data", flags.UPE))
+                    self._state = _DEAD
+            return events
 
     def eof(self) -> list[Event]:
         """The upstream closed: ends a close-delimited body, else a cut-short response is an error."""
@@ -1014,6 +1056,14 @@ class ResponseFramer(_Framer):
     def _error_status(self, status: int) -> int:
         return 502
 
+    def on_message_begin(self) -> None:
+        # A response nobody asked for: after the end of the one due, in the same read (bytes a pooled
+        # connection would hand to the next request as its answer), or before any request. The
+        # connection cannot be trusted: broken, so it never goes back to a pool.
+        if not self._awaiting:
+            self._fail(502, "unexpected-data", flags.UPE)
+        _Framer.on_message_begin(self)
+
     def on_message_complete(self) -> None:
         self._state = _IDLE
         if self._informational:
@@ -1030,14 +1080,22 @@ class ResponseFramer(_Framer):
         p: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         status = p.get_status_code()
         headers = self._headers
+        decisive = self._decisive  # framing and persistence read only these fields
         line, self._line = self._line, b""
         version = _status_line_version(line) or _VERSIONS.get(p.get_http_version(), _V10)
-        if 100 <= status < 200 and status != 101:
-            self._informational = True
-            self._events.append(Informational(status, headers))
-            return
+        if not 200 <= status < 600:  # rare: a 1xx, or a code llhttp takes (000-999) but RFC 9110 does not
+            if status < 100 or status >= 600:
+                self._fail(502, "upstream-bad-status", flags.UPE)
+            if status != 101:
+                # A 1xx ends at its head (RFC 9112 §6.3). llhttp would read a body after one it does not
+                # know as bodiless: a 1xx with fields a server must not send in it (RFC 9110 §8.6, RFC
+                # 9112 §6.1) is refused, so no Body ever comes before the final head.
+                if decisive and status not in _LLHTTP_BODILESS_1XX and _announces_body(decisive):
+                    self._fail(502, "upstream-informational-body", flags.UPE)
+                self._informational = True
+                self._events.append(Informational(status, headers))
+                return
         self._informational = False
-        decisive = self._decisive  # framing and persistence read only these fields
         try:
             framing, length = response_framing(self._method, status, decisive)
         except ProtocolError as exc:
