@@ -971,3 +971,89 @@ def test_response_version_from_the_status_line_agrees_with_the_parser(data: byte
     fast.expect(b"GET")
     slow.expect(b"GET")
     assert fast.feed(data) == slow.feed(memoryview(data))
+
+
+# ------------------------------------------------------------------ fields a message may not play with
+
+
+@pytest.mark.parametrize("named", [b"content-length", b"Content-Length", b"keep-alive, host"])
+def test_a_request_whose_connection_field_names_its_framing_or_host_is_400(named: bytes) -> None:
+    """`Connection: content-length` made every hop drop the Content-Length as hop-by-hop and forward the
+    body raw: the next hop read the body as a second request, which no authorization saw (the
+    audit's smuggling of `GET /admin/secret` through the gateway and the outbound)."""
+    smuggled = b"GET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n"
+    head = b"POST /ok HTTP/1.1\r\nhost: api\r\nconnection: %s\r\ncontent-length: %d\r\n\r\n" % (
+        named,
+        len(smuggled),
+    )
+    assert RequestFramer().feed(head + smuggled) == [Reject(400, "connection-names-framing", flags.DPE)]
+
+
+def test_a_response_whose_connection_field_names_its_framing_is_502_upe() -> None:
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = r.feed(b"HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 2\r\n\r\nok")
+    assert events == [Reject(502, "upstream-connection-names-framing", flags.UPE)]
+
+
+def test_a_nomination_never_drops_the_forwarding_fields_a_gateway_sets() -> None:
+    """A client's `Connection: x-forwarded-for, forwarded, x-forwarded-proto` stripped the fields the
+    ingress gateway had just set: the app learnt no client address."""
+    headers = [
+        (b"host", b"a"),
+        (b"connection", b"x-forwarded-for, forwarded, x-forwarded-proto, x-other"),
+        (b"x-other", b"1"),
+        (b"x-forwarded-for", b"198.18.0.9"),
+        (b"forwarded", b"for=198.18.0.9;proto=https"),
+        (b"x-forwarded-proto", b"https"),
+    ]
+    assert forward_headers(headers) == [
+        (b"host", b"a"),
+        (b"x-forwarded-for", b"198.18.0.9"),
+        (b"forwarded", b"for=198.18.0.9;proto=https"),
+        (b"x-forwarded-proto", b"https"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [b"connection: upgrade\r\nupgrade: foo\r\n", b"connection: Upgrade\r\nupgrade: websocket\r\n"],
+)
+@pytest.mark.parametrize("framing", [b"content-length: 5\r\n", b"transfer-encoding: chunked\r\n"])
+def test_an_upgrade_request_with_a_body_is_400(upgrade: bytes, framing: bytes) -> None:
+    """llhttp ends a request asking to upgrade at its head, so its body was parsed as the next request
+    (authorized on its own: `POST /ok` carrying `GET /admin/secret` reached the app)."""
+    head = b"POST /ok HTTP/1.1\r\nhost: api\r\n" + upgrade + framing + b"\r\n"
+    events = RequestFramer().feed(head + b"GET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n")
+    assert events == [Reject(400, "upgrade-with-body", flags.DPE)]
+
+
+def test_an_upgrade_request_without_a_body_still_waits_for_its_answer() -> None:
+    f = RequestFramer()
+    events = f.feed(b"GET /ws HTTP/1.1\r\nhost: api\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+    assert isinstance(events[0], RequestHead) and events[0].upgrade
+    assert events[1:] == [EndOfMessage([])]
+
+
+@pytest.mark.parametrize("field", [b"Connection: close", b"host: evil", b"te: trailers", b"upgrade: x"])
+def test_a_trailer_that_frames_persists_or_routes_is_refused(field: bytes) -> None:
+    """llhttp acted on a trailer `Connection: close` (no further request parsed on a connection the
+    proxy kept: the next caller on that pooled stream hung); Host in a trailer reached the app."""
+    req = (
+        b"POST /ok HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n%s\r\n\r\n"
+        % field
+    )
+    events = RequestFramer().feed(req)
+    assert events[-1] == Reject(400, "forbidden-trailer", flags.DPE), events
+    r = ResponseFramer()
+    r.expect(b"GET")
+    events = r.feed(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n%s\r\n\r\n" % field
+    )
+    assert events[-1] == Reject(502, "forbidden-trailer", flags.UPE), events
+
+
+def test_an_ordinary_trailer_is_kept_in_the_end_event() -> None:
+    head = b"POST /ok HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
+    events = RequestFramer().feed(head + b"2\r\nok\r\n0\r\nx-checksum: 1\r\n\r\n")
+    assert events[-1] == EndOfMessage([(b"x-checksum", b"1")])

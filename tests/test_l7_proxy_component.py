@@ -1144,3 +1144,31 @@ async def test_a_first_head_has_the_header_timeout_even_behind_connections_made_
         assert checks is not None and len(checks) == 1  # the early connection's check is still due
     finally:
         early.close()
+
+
+async def test_a_smuggling_nomination_is_refused_before_anything_reaches_the_app(mesh: Mesh) -> None:
+    """The audit's bypass through a caller's outbound: `Connection: content-length` dropped the length
+    hop by hop while the body went on raw, and the app served the body as a second request. Now the
+    outbound answers 400 DPE and nothing reaches any app."""
+    smuggled = b"GET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n"
+    req = b"POST /ok HTTP/1.1\r\nhost: api\r\nconnection: content-length\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(smuggled),
+        smuggled,
+    )
+    r = await asyncio.to_thread(mesh.client().raw, req)
+    assert (r.status, r.flags) == (400, "DPE")
+    assert [app.seen for app in mesh.apps] == [[], []]
+
+
+async def test_request_trailers_are_not_forwarded(mesh: Mesh) -> None:
+    """A request's trailers are read and checked, never forwarded: an app that merged them into its
+    head would take fields (Host, Authorization, X-Forwarded-For) that no decision saw."""
+    one_api(mesh)
+    req = (
+        b"POST /echo HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nx-checksum: 1\r\nauthorization: Bearer admin\r\n\r\n"
+    )
+    r = await asyncio.to_thread(mesh.client().raw, req)
+    assert (r.status, r.body) == (200, b"hello")
+    app = mesh.apps[0]
+    assert b"x-checksum" not in app.last_headers and b"authorization" not in app.last_headers

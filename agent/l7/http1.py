@@ -17,7 +17,20 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   answered ``101`` (:meth:`RequestFramer.upgrade_accepted`); until then it holds what follows the
   request; any other answer (:meth:`RequestFramer.upgrade_refused`) keeps the connection plain
   HTTP/1.1 (RFC 9110 §7.8) and the held bytes are parsed as the next request. Other upgrades (h2c)
-  are ignored: the request is served as plain HTTP/1.1.
+  are ignored: the request is served as plain HTTP/1.1. An upgrade request with a body answers
+  **400**: llhttp ends a request that asks to upgrade at its head (httptools tells it to skip the
+  body), so the body would be read as the next request, past authorization (`curl --http2` with a
+  body over cleartext sends one: without the Upgrade it is served).
+- A Connection field that names Content-Length or Host answers **400** (502 UPE from upstream):
+  the field would be dropped as hop-by-hop while the body is still framed by it, and the next hop
+  would read that body as the next request. Nor can a nomination drop the forwarding fields an
+  ingress gateway sets (X-Forwarded-For, Forwarded, X-Forwarded-Proto).
+- Trailers: a trailer field that frames, persists or routes (hop-by-hop fields, Content-Length,
+  Host; RFC 9110 §6.5.1) answers 400 (502 UPE from upstream); llhttp would act on a trailer
+  ``Connection: close`` and take no further request on a connection the proxy keeps. A request's
+  trailers are read and checked, never forwarded (Envoy's HTTP/1 default): an app that merged them
+  into the head would take a Host, Authorization or X-Forwarded-For from them that no decision saw.
+  A response's trailers are forwarded.
 - Keep-alive: HTTP/1.1 persists unless ``Connection: close``; HTTP/1.0 persists only with
   ``Connection: keep-alive``. A 1.0 client never receives chunked: a response without a length is
   sent until close. A 1.1 client receives a close-delimited upstream body re-chunked, so its
@@ -164,6 +177,12 @@ HOP_BY_HOP: Final = frozenset(
 )
 # forward_headers drops these (and fields named in Connection)
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"expect"}
+# a Connection field naming one of these is refused (the module docstring says why)
+_NOT_NOMINABLE: Final = frozenset({b"content-length", b"host"})
+# ... and a nomination never drops these either: the forwarding fields an ingress gateway sets
+_NEVER_NOMINATED: Final = _NOT_NOMINABLE | {b"x-forwarded-for", b"forwarded", b"x-forwarded-proto"}
+# trailer fields refused (the module docstring says why)
+_NOT_IN_TRAILERS: Final = HOP_BY_HOP | _NOT_NOMINABLE
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -327,6 +346,17 @@ def expects_continue(version: bytes, headers: Headers) -> bool:
     raise ProtocolError(417, "unsupported-expectation")
 
 
+def nominates_framing(headers: Headers) -> bool:
+    """Whether a Connection field names Content-Length or Host (refused: the module docstring)."""
+    toks = connection_tokens(headers)
+    return toks is not _KEEP_ALIVE and toks is not _CLOSE and not toks.isdisjoint(_NOT_NOMINABLE)
+
+
+def asks_upgrade(headers: Headers) -> bool:
+    """An Upgrade field and ``Connection: upgrade``: a request llhttp ends at its head."""
+    return any(n == b"upgrade" for n, _ in headers) and b"upgrade" in connection_tokens(headers)
+
+
 def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> bool:
     """A GET on HTTP/1.1 asking ``Connection: upgrade`` + ``Upgrade: websocket``."""
     if method != b"GET" or version != _V11:
@@ -338,7 +368,7 @@ def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> boo
 @functools.lru_cache(maxsize=64)
 def _dropped(named: frozenset[bytes]) -> frozenset[bytes]:
     """The names forward_headers drops given the Connection tokens; cached like `_token_set`."""
-    return _NOT_FORWARDED | named
+    return _NOT_FORWARDED | (named - _NEVER_NOMINATED)
 
 
 def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
@@ -723,9 +753,12 @@ class _Framer:
             self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > MAX_TRAILER_BYTES:
                 self._fail(400, "trailers-too-large")
+            lname = name.lower()
+            if lname in _NOT_IN_TRAILERS:
+                self._fail(400, "forbidden-trailer")
             if self._trailers is NO_FIELDS:
                 self._trailers = []
-            self._trailers.append((name.lower(), value))
+            self._trailers.append((lname, value))
             return
         # The field count is checked here; the head's byte size after each read and when the head is
         # complete (on_headers_complete), where it is known without summing fields in most cases.
@@ -956,6 +989,10 @@ class RequestFramer(_Framer):
             upgrade = is_websocket_upgrade(method, version, decisive)
             keep_alive = request_keep_alive(version, decisive)
             expect_continue = expects_continue(version, decisive)
+            if nominates_framing(decisive):
+                raise ProtocolError(400, "connection-names-framing")
+            if framing != NO_BODY and asks_upgrade(decisive):
+                raise ProtocolError(400, "upgrade-with-body")
         except ProtocolError as exc:
             self._fail(exc.status, exc.reason, exc.flag)
         self._upgrade_ok = upgrade
@@ -1100,6 +1137,8 @@ class ResponseFramer(_Framer):
             framing, length = response_framing(self._method, status, decisive)
         except ProtocolError as exc:
             self._fail(exc.status, exc.reason, exc.flag)
+        if decisive and nominates_framing(decisive):
+            self._fail(502, "upstream-connection-names-framing", flags.UPE)
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
         keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive

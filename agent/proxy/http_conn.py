@@ -994,11 +994,11 @@ class Exchange:
 
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.request_done = True
-        self.trailers = trailers
+        self.trailers = trailers  # read and checked, not forwarded (l7/http1.py says why)
         if self.tee is not None:
-            self.tee.end(http1.last_chunk(trailers) if self.chunked else b"")
+            self.tee.end(http1.LAST_CHUNK if self.chunked else b"")
         if self.chunked:
-            enc = http1.last_chunk(trailers)
+            enc = http1.LAST_CHUNK
             up = self.upstream
             if up is not None and up.transport is not None:
                 _write_request_end(up, enc)
