@@ -179,7 +179,13 @@ ROUTE = Kind(
             minimum=0,
             maximum=100,
         ),
-        Field("routes[].timeout", "duration", "Time for the whole request, retries included; then 504 `UT`."),
+        Field(
+            "routes[].timeout",
+            "duration",
+            "Time for the whole exchange, retries included, to the "
+            "response's last byte; then 504 `UT`, or once the response began, a reset (flag `UT`). "
+            "Unset: none.",
+        ),
         Field("routes[].retries", "object", "Retry policy."),
         Field(
             "routes[].retries.attempts",

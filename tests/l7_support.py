@@ -9,7 +9,8 @@ plus paths with fixed behaviour (``/delay/<ms>``, ``/ws`` WebSocket-ish echo aft
 end of input (then it closes), ``/refuse-upgrade`` a 426 to an upgrade request on a connection
 kept alive, ``/chunked``, ``/echo`` body echo, ``/close`` an answer with ``connection: close``, after
 which the app holds that connection open and reads nothing more until it stops: a proxy that reused
-it would wait in vain; ``/close-unanswered`` closes its connection without a byte of an answer;
+it would wait in vain; ``/stall-body`` sends half of its body and then nothing until the
+connection ends; ``/close-unanswered`` closes its connection without a byte of an answer;
 ``/arm-drop`` is answered, and the next request on that connection is closed unanswered, which is
 what a proxy sees when the app closed a kept-alive connection just as it was reused).
 """
@@ -131,6 +132,12 @@ class Backend:
             await w.drain()
             return False
         if path == b"/close-unanswered":
+            return False
+        if path == b"/stall-body":  # half of its body, then nothing until the proxy lets go
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf.")
+            await w.drain()
+            with contextlib.suppress(ConnectionError, OSError):
+                await r.read()  # until the connection ends (the proxy closes or resets it)
             return False
         if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")

@@ -52,6 +52,7 @@ from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_policy, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
+from tests.support import async_wait_until
 from tests.support import metric_sample as sample
 
 TD = "hostmesh.local"
@@ -1172,3 +1173,38 @@ async def test_request_trailers_are_not_forwarded(mesh: Mesh) -> None:
     assert (r.status, r.body) == (200, b"hello")
     app = mesh.apps[0]
     assert b"x-checksum" not in app.last_headers and b"authorization" not in app.last_headers
+
+
+async def test_the_route_timeout_covers_a_response_body_that_stalls(mesh: Mesh) -> None:
+    """`routes[].timeout` is the time for the whole exchange: a response whose head and half its body
+    came, then nothing, is cut at the deadline (client reset, flag UT counted, the app connection
+    closed). It bounded only the wait for the head: the client and the app connection were held for
+    as long as the app stayed silent."""
+    one_api(mesh)
+    rc = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "0.3s"}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    app = mesh.apps[0]
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(b"GET /stall-body HTTP/1.1\r\nhost: api\r\n\r\n")
+            got = b""
+            for _ in range(
+                100
+            ):  # bounded: ends when the proxy closes or resets (the socket timeout bounds each read)
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            return got
+
+    got = await asyncio.to_thread(run)
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"half.")
+    await async_wait_until(lambda: app.closed >= 1, timeout=IO_TIMEOUT)
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_flags="UT") == 1

@@ -639,10 +639,7 @@ class ServerConn(asyncio.BaseProtocol):
 
     def _cut(self, ex: Exchange) -> None:
         """A stalled client of a response under way: reset it (SI), dropping the upstream attempt."""
-        ex.flags = fl.add(ex.flags, fl.SI)
-        ex.abandon_upstream()
-        self.abort()
-        ex.client_lost()
+        ex.cut(fl.SI)
 
     # ---- timers
     def _arm(self, seconds: float) -> None:
@@ -1242,6 +1239,16 @@ class Exchange:
         keep = self.keep_alive and self.request_done
         self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail))
         self._finish(keep)
+
+    def cut(self, flag: str) -> None:
+        """End a response under way by resetting the client (its head was sent: a reset is all that
+        can tell it), with `flag` saying why; the upstream attempt is dropped. Done already: nothing."""
+        if self.progress is DONE:
+            return
+        self.flags = fl.add(self.flags, flag)
+        self.abandon_upstream()
+        self.conn.abort()
+        self.client_lost()
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream attempt; count what happened."""

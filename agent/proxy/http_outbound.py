@@ -78,6 +78,7 @@ from hostmesh.agent.proxy.http_conn import (
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
     OVERFLOW,
+    RELAYING,
     RESET,
     RESPONSE,
     TIMEOUT,
@@ -125,7 +126,7 @@ class _Req:
     """Per-request state of the outbound (Exchange.state)."""
 
     __slots__ = ("admitted", "balancer", "budget", "cluster", "ctx", "deadline", "endpoint", "headers",
-                 "ident", "key", "redone", "route", "rs", "subset", "target")  # fmt: skip
+                 "ident", "key", "overdue", "redone", "route", "rs", "subset", "target")  # fmt: skip
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -138,6 +139,8 @@ class _Req:
         self.rs: RetryState | None = None
         self.key: bytes | None = None
         self.deadline: float | None = None
+        # the route timeout's timer over a response under way (_watch_body); cancelled when it ends
+        self.overdue: asyncio.TimerHandle | None = None
         self.redone = False
         self.ctx: Any = None
         self.ident: Any = None
@@ -801,11 +804,21 @@ class HttpOutbound:
                     ex.respond(503, fl.UO)
                     return
                 if self._settle(ex, st, ep, outcome):
+                    self._watch_body(ex, st)
                     return
                 slot = True
         finally:
             if slot:
                 budget.release()
+
+    def _watch_body(self, ex: Exchange, st: _Req) -> None:
+        """The route timeout covers the whole exchange (as Envoy's): a response whose head went to
+        the client and whose body is still coming at the deadline is cut, the client reset with
+        flag UT (nothing else can tell it any more), the upstream attempt dropped."""
+        if st.deadline is not None and ex.progress is RELAYING:
+            st.overdue = asyncio.get_running_loop().call_later(
+                max(0.0, st.deadline - monotonic()), ex.cut, fl.UT
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1047,6 +1060,9 @@ class HttpOutbound:
         subset = ""
         used: lb.Endpoint | None = None  # its address only for a trace or an access line (most have none)
         if st is not None:
+            if st.overdue is not None:
+                st.overdue.cancel()
+                st.overdue = None
             cl = st.cluster
             if st.admitted:
                 cl.limits.requests.release()
