@@ -13,7 +13,10 @@ Decision (pure, no I/O; called once per inbound connection and once per HTTP req
 - The path is the request target's path in the normal form of `hostmesh.agent.l7.normalize`
   (dot segments resolved, unreserved escapes decoded, slashes merged; `%2F` refused), applied by
   http_conn before either side decides, so `//admin` or `/%61dmin` meet a rule on `/admin`, and the
-  app is sent that same normal form.
+  app is sent that same normal form. A path with parameters (`;` in a segment) must be allowed both
+  as it is and with every segment's parameters cut: servlet containers (Tomcat, Jetty, Spring) serve
+  `/admin;x` as `/admin`, so an exact rule on `/admin` or a prefix on `/admin/secret` must meet
+  `/admin;x` and `/admin;x/secret` (normalize refuses the ambiguous `..;` forms outright).
 
 At L4 (`authorize_connection`) the request is not known yet. The connection is admitted when the
 decision without L7 rules allows, or when a more specific L7 allow rule could allow some request;
@@ -87,7 +90,18 @@ def _reason(index: int, rule: Rule, l7: bool = False) -> str:
 def authorize_request(
     intentions: Intentions | None, source: str, method: str, path: str, default_allow: bool
 ) -> Decision:
-    """L7: may `source` send `method path` (path without the query string) to this service?"""
+    """L7: may `source` send `method path` (path without the query string) to this service? A path
+    with parameters is decided as it is and without them (module docstring): either denial denies."""
+    decision = _authorize_path(intentions, source, method, path, default_allow)
+    if decision.allowed and ";" in path:
+        bare = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
+        return _authorize_path(intentions, source, method, bare, default_allow)
+    return decision
+
+
+def _authorize_path(
+    intentions: Intentions | None, source: str, method: str, path: str, default_allow: bool
+) -> Decision:
     if intentions is None:
         return _default(None, default_allow)
     best_rank, best_i = -1, -1

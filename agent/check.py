@@ -442,17 +442,18 @@ def decide(
     if method is not None and not _HTTP_TOKEN.fullmatch(method):
         raise ValueError(f"--method {method!r} is not an HTTP method (one token, like GET or POST)")
     method = (method or "GET").upper()
-    norm = normalize_path(path or "/")
+    norm = normalize_path(path or "/", method)
     d = authorize_request(intentions, source, method, norm, default_allow)
     return d.allowed, d.reason, f"{method} {norm}"
 
 
-def normalize_path(path: str) -> str:
+def normalize_path(path: str, method: str = "GET") -> str:
     from hostmesh.agent.l7.errors import ProtocolError
     from hostmesh.agent.l7.normalize import normalize_target
 
     try:
-        target = normalize_target(path.encode("utf-8"), [(b"host", b"check")]).decode("latin-1")
+        raw = normalize_target(path.encode("utf-8"), [(b"host", b"check")], method.encode())
+        target = raw.decode("latin-1")
     except ProtocolError as exc:
         raise ValueError(f"the agent refuses path {path!r} with 400 ({exc})") from None
     q = target.find("?")

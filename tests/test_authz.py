@@ -301,3 +301,22 @@ def test_no_matching_rule_falls_back_to_doc_then_agent_default(
     expected = d.default if d.default is not None else agent
     assert authorize_request(empty, source, method, path, agent).allowed == expected
     assert authorize_connection(empty, source, agent).allowed == expected
+
+
+@pytest.mark.parametrize(
+    ("deny", "path"),
+    [
+        ({"path": {"exact": "/admin"}}, "/admin;x"),
+        ({"path": {"exact": "/admin"}}, "/admin;jsessionid=1"),
+        ({"path": {"prefix": "/admin/secret"}}, "/admin;x/secret"),
+        ({"path": {"prefix": "/admin/"}}, "/admin;x/y"),
+    ],
+)
+def test_a_path_with_parameters_meets_the_rules_of_the_path_without_them(
+    deny: dict[str, Any], path: str
+) -> None:
+    """Servlet containers serve `/admin;x` as `/admin`: a deny on exact `/admin` (or a prefix that ends
+    beyond the parameters) let the parameterised spelling through to the path it denies."""
+    d = doc(r("*", "deny", deny), r("*", "allow"))
+    assert not authorize_request(d, "web", "GET", path, False).allowed
+    assert authorize_request(d, "web", "GET", "/ok;x", False).allowed  # parameters elsewhere still pass

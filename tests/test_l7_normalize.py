@@ -47,6 +47,12 @@ BYPASS = [
     "/public/..%2fadmin", "http://web/admin", "HTTP://web/admin",
     "/admin", "/admin/", "/admin/x?y=1", "/public/../admin",
 ]  # fmt: skip
+# The path-parameter audit (F5): what a servlet container (Tomcat, Jetty, Spring) serves as /admin
+# once it has cut ';...' from each segment, then two spellings that were already denied.
+PATH_PARAMS = [
+    "/ok/..;/admin", "/;/admin", "/ok/..;x=1/admin/secret", "/ok/%2e%2E;/admin", "/ok/.%2e;/admin",
+    "/./;/admin", "/ok/.;/../admin", "/ok;/../admin", "/admin;",
+]  # fmt: skip
 
 
 def decide(target: bytes, headers: list[tuple[bytes, bytes]] = HOST) -> tuple[str, bytes]:
@@ -86,8 +92,10 @@ def test_every_spelling_of_admin_is_denied_or_rejected(spelling: str) -> None:
         (b"http://web", b"/"),
         (b"http://WEB:80?x=1", b"/?x=1"),
         (b"https://web:443/p", b"/p"),
-        (b"*", b"*"),
         (b"/.well-known/x", b"/.well-known/x"),
+        (b"/a;b/./c;d=1,2?x=/;", b"/a;b/c;d=1,2?x=/;"),  # parameters on ordinary segments are kept
+        (b"/...;/a..;/b", b"/...;/a..;/b"),
+        (b"/x;/../admin", b"/admin"),  # 'x;' is an ordinary segment: a servlet container agrees
     ],
 )
 def test_normal_forms(raw: bytes, normal: bytes) -> None:
@@ -115,12 +123,39 @@ def test_normal_forms(raw: bytes, normal: bytes) -> None:
         (b"ftp://web/admin", "bad-scheme"),
         (b"web/admin", "bad-target"),
         (b"/admin//..", "ambiguous-path"),  # nginx serves '/', RFC 3986 + merge gives '/admin/'
+        (b"/ok/..;/admin", "ambiguous-path-parameters"),  # a servlet container serves /admin
+        (b"/;/admin", "ambiguous-path-parameters"),
+        (b"/ok/%2e%2e;x=1/admin", "ambiguous-path-parameters"),
+        (b"/ok/.;/admin", "ambiguous-path-parameters"),
+        (b"/a/;", "ambiguous-path-parameters"),
+        (b"http://web/ok/..;/admin", "ambiguous-path-parameters"),
     ],
 )
 def test_refused_targets_name_the_rule(raw: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError) as err:
         normalize_target(raw, HOST)
     assert (err.value.status, err.value.reason, err.value.flag) == (400, reason, "DPE")
+
+
+@pytest.mark.parametrize("spelling", PATH_PARAMS)
+def test_dot_segments_with_path_parameters_are_refused_or_denied(spelling: str) -> None:
+    assert decide(spelling.encode())[0] in ("rejected", "denied")
+
+
+@pytest.mark.parametrize("target", [b"/admin;x", b"/admin;jsessionid=1/x", b"/admin;"])
+def test_parameters_on_an_ordinary_segment_are_kept_and_a_prefix_rule_sees_them(target: bytes) -> None:
+    assert decide(target) == ("denied", target)
+
+
+def test_asterisk_form_is_only_for_a_server_wide_options() -> None:
+    """RFC 9112 §3.2.4: `*` with any other method would reach the app as a path no rule can match."""
+    assert normalize_target(b"*", HOST, method=b"OPTIONS") == b"*"
+    for method in (b"GET", b"POST", b"DELETE", b"options", None):
+        with pytest.raises(ProtocolError) as err:
+            normalize_target(b"*", HOST, method=method)
+        assert (err.value.status, err.value.reason, err.value.flag) == (400, "asterisk-form", "DPE")
+    with pytest.raises(ProtocolError, match="asterisk-form"):  # the caller that passes no method
+        normalize_target(b"*", HOST)
 
 
 def test_absolute_form_needs_a_matching_host() -> None:
@@ -132,7 +167,7 @@ def test_absolute_form_needs_a_matching_host() -> None:
 
 
 def test_already_normal_targets_come_back_as_the_same_object() -> None:
-    for t in (b"/", b"/api/v1/users/42?x=%20y&z=//", b"/a-b_c~d/e;f=g"):
+    for t in (b"/", b"/api/v1/users/42?x=%20y&z=//", b"/a-b_c~d/e;f=g", b"/a;b/c;d?;/"):
         assert normalize_target(t, HOST) is t
 
 
@@ -173,6 +208,14 @@ def decode_unreserved(path: str) -> str:
     return re.sub(r"%[0-9A-Fa-f]{2}", one, path)
 
 
+def servlet_paths(target: str) -> set[str]:
+    """The paths a servlet container serves `target` as: `;...` cut from each segment of the path
+    before the rest of `origin_paths` (Tomcat's CoyoteAdapter: path parameters, then decoding, then
+    dot segments)."""
+    path, q, query = target.partition("?")
+    return origin_paths(re.sub(";[^/]*", "", path) + q + query)
+
+
 def merge_slashes(path: str) -> str:
     return re.sub("/{2,}", "/", path)
 
@@ -193,7 +236,8 @@ def origin_paths(target: str) -> set[str]:
 
 _PIECES = st.sampled_from(
     ["admin", "adm%69n", "%61dmin", "ADMIN", "public", "x", "", ".", "..", "%2e", "%2E", ".%2e", "%2e%2e",
-     "%2E.", "..%2f", "%2Fadmin", "%2F", "a%20b", "%7E", ";", "%5C"]
+     "%2E.", "..%2f", "%2Fadmin", "%2F", "a%20b", "%7E", ";", "%5C", "..;", ".;x", "%2e%2e;", ";x=1",
+     "x;y", "admin;"]
 )  # fmt: skip
 
 
@@ -210,10 +254,12 @@ def targets(draw: st.DrawFn) -> str:
 @given(targets())
 @example("/x/..//admin")
 @example("/admin/x/../..//admin")
+@example("/x/..;/admin")
+@example("/;/admin")
 def test_a_target_any_origin_serves_as_admin_is_denied(target: str) -> None:
     outcome, norm = decide(target.encode())
     served_as = origin_paths(target)
-    if any(p.startswith("/admin") for p in served_as):
+    if any(p.startswith("/admin") for p in served_as | servlet_paths(target)):
         assert outcome in ("rejected", "denied"), (target, served_as, norm)
     if outcome != "rejected":
         forwarded = norm.decode()

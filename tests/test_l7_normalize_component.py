@@ -16,7 +16,7 @@ from types import MappingProxyType
 from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.registry.schema import parse_intentions
 from tests.l7_support import IO_TIMEOUT
-from tests.test_l7_normalize import BYPASS, origin_paths
+from tests.test_l7_normalize import BYPASS, PATH_PARAMS, origin_paths, servlet_paths
 from tests.test_l7_proxy_component import TD, Mesh, build_mesh
 
 DENY_ADMIN = parse_intentions(
@@ -76,7 +76,7 @@ def served_admin(mesh: Mesh) -> list[bytes]:
         t
         for app in mesh.apps
         for t in app.seen
-        if any(p.startswith("/admin") for p in origin_paths(t.decode()))
+        if any(p.startswith("/admin") for p in origin_paths(t.decode()) | servlet_paths(t.decode()))
     ]
 
 
@@ -105,3 +105,18 @@ async def test_a_peer_sending_raw_spellings_to_the_inbound_is_refused_too(tmp_pa
         ok = await asyncio.to_thread(send_mtls, port, ctx, "//public")
         assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"GET /public\n")
         assert mesh.apps[0].seen == [normalize_target(b"//public")]
+
+
+async def test_path_parameters_and_a_get_asterisk_are_refused_on_both_sides(tmp_path: Path) -> None:
+    """The F5 audit's spellings a servlet container serves as /admin, and `GET *` (the asterisk form
+    is for OPTIONS only), through the outbound and straight to the inbound."""
+    async with build_mesh(tmp_path) as mesh:
+        deny_admin(mesh)
+        ctx = mesh.tls_a.client_http["web"]
+        out, inb = mesh.outbound.port, mesh.inbounds[0].port
+        for send in (lambda t: send_plain(out, t), lambda t: send_mtls(inb, ctx, t)):
+            answers = {t: await asyncio.to_thread(send, t) for t in [*PATH_PARAMS, "*"]}
+            assert {t: a.split(b"\r\n", 1)[0] for t, a in answers.items() if not refused(a)} == {}
+            assert answers["*"].startswith(b"HTTP/1.1 400")
+        assert served_admin(mesh) == []
+        assert [t for app in mesh.apps for t in app.seen] == []

@@ -16,7 +16,10 @@ The rules, in order:
 1. Refused anywhere in the target: control characters, space, DEL and non-ASCII bytes
    (``control-char``), and ``#`` (``fragment``: a client never sends one; an origin may cut the
    path there).
-2. Form. Origin-form (``/...``) is normalised below. ``*`` (OPTIONS) passes unchanged.
+2. Form. Origin-form (``/...``) is normalised below. ``*`` passes unchanged with ``OPTIONS`` only
+   (``asterisk-form``, RFC 9112 §3.2.4: it is the server-wide OPTIONS; with any other method it
+   would reach the app as a path no intention or route can match). The caller passes the method;
+   without one ``*`` is refused.
    Absolute-form ``scheme://authority[path][?query]`` becomes origin-form: the scheme must be
    ``http`` or ``https`` in any case (``bad-scheme``), the authority must be non-empty and without
    userinfo (``bad-authority``), and it must name the same host as the ``Host`` header
@@ -32,6 +35,13 @@ The rules, in order:
      intention written for the decoded path. An escape of an unreserved character
      (``A-Z a-z 0-9 - . _ ~``, RFC 3986 §2.3) is decoded (so ``%2e`` is a dot and counts in the dot
      segment step below); every other escape is kept, its hex in upper case (§6.2.2.1);
+   - a segment with path parameters (``;``) whose part before the first ``;`` is empty, ``.`` or
+     ``..`` (after that decoding) is refused (``ambiguous-path-parameters``): servlet containers
+     (Tomcat, Jetty, Spring) cut ``;...`` from each segment before removing dot segments, so they
+     serve ``/ok/..;/admin`` and ``/;/admin`` as ``/admin`` while RFC 3986 keeps ``..;`` and ``;``
+     as ordinary segments. Parameters on any other segment are kept as they are (``;jsessionid=``);
+     intentions decide such a path both as it is and without its parameters (authz.py), so an
+     exact rule on ``/admin`` meets ``/admin;x`` as a servlet container would serve it;
    - characters that RFC 3986 does not allow in a path (``"<>[]^`{|}``) are percent-encoded;
    - dot segments are removed (RFC 3986 §5.2.4 ``remove_dot_segments``), then runs of ``/`` are
      merged into one (Envoy's order). Origins that merge slashes first (nginx) map ``/a//..`` to
@@ -41,8 +51,8 @@ The rules, in order:
    themselves and intentions do not look at the query.
 
 The result is a fixed point (normalising it again returns it unchanged), and an already-normal
-target (the common case: starts with ``/``, only plain path characters, no ``%``, ``//`` or ``/.``
-in the path) is recognised by one scan of its path (and one of its query) and returned as it is.
+target (the common case: starts with ``/``, only plain path characters, no ``%``, ``//``, ``/.`` or
+``/;`` in the path) is recognised by one scan of its path (and one of its query) and returned as it is.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ _PATH_CHARS = bytes(_UNRESERVED) + b"!$&'()*+,;=:@/"  # pchar minus pct-encoded,
 _VISIBLE = bytes(range(0x21, 0x7F))  # printable ASCII without space
 # one scan each for the fast path: anything in a path the slow path would change or refuse, and
 # anything in a query it would refuse (bytes other than visible ASCII, and '#')
-_NOT_PLAIN_PATH = re.compile(b"[^" + re.escape(_PATH_CHARS) + rb"]|//|/\.")
+_NOT_PLAIN_PATH = re.compile(b"[^" + re.escape(_PATH_CHARS) + rb"]|/[/.;]")
 _NOT_PLAIN_QUERY = re.compile(rb"[^!-\x22$-~]")
 # the same two scans as one loop over a table, for the compiled build (agent/compiled.py): there it
 # costs ~230 instructions for `/small` and ~4,100 for a 120-byte target against ~4,000 and ~22,700 for
@@ -73,6 +83,7 @@ _PLAIN: Final = bytes(
 )
 _SLASH: Final = 0x2F
 _DOT: Final = 0x2E
+_SEMI: Final = 0x3B
 _QMARK: Final = 0x3F
 _COMPILED: Final = not __file__.endswith(".py")  # this module runs as a C extension (mypyc)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -81,25 +92,31 @@ _SCHEME_RE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
 # bytes to percent-encode in a path: visible ASCII that is neither a path character nor "%" / "\"
 _ENCODE_RE = re.compile(b"[^" + re.escape(_PATH_CHARS + b"%\\") + b"]")
 _SLASHES_RE = re.compile(rb"/{2,}")
+# a segment whose part before its parameters is empty, "." or "..": what a servlet container resolves
+# once it has cut the parameters (the module docstring, rule 3)
+_DOT_PARAMS_RE = re.compile(rb"/\.{0,2};")
+_OPTIONS: Final = b"OPTIONS"  # the one method the asterisk-form target is for
 
 
 def _bad(reason: str) -> ProtocolError:
     return ProtocolError(400, reason)
 
 
-def normalize_target(target: bytes, headers: Headers = ()) -> bytes:
+# `method` is not keyword-only: CPython fills a keyword-only default with a dict lookup on every call
+def normalize_target(target: bytes, headers: Headers = (), method: bytes | None = None) -> bytes:
     """The normal form of ``target`` (see the module docstring), or :class:`ProtocolError` (400).
 
-    ``headers`` (names in lower case) are read only for an absolute-form target's ``Host`` check.
+    ``headers`` (names in lower case) are read only for an absolute-form target's ``Host`` check,
+    ``method`` only for a ``*`` target (refused unless it is ``OPTIONS``; None refuses it too).
     """
     if _plain_scan(target) if _COMPILED else _plain_search(target):  # fast path: already normal
         return target
-    return _slow(target, headers)
+    return _slow(target, headers, method)
 
 
 def _plain_search(target: bytes) -> bool:
-    """Whether `target` is already normal: `/`, then plain path bytes without `//` or `/.` up to an
-    optional `?`, then query bytes (visible ASCII but `#`)."""
+    """Whether `target` is already normal: `/`, then plain path bytes without `//`, `/.` or `/;` up to
+    an optional `?`, then query bytes (visible ASCII but `#`)."""
     q = target.find(b"?")
     return (
         target[:1] == b"/"
@@ -125,20 +142,22 @@ def _plain_scan(target: bytes) -> bool:
                     return False
                 i += 1
             return True
-        if plain[c] != 1 or (prev == _SLASH and c in (_SLASH, _DOT)):
+        if plain[c] != 1 or (prev == _SLASH and c in (_SLASH, _DOT, _SEMI)):
             return False
         prev = c
         i += 1
     return True
 
 
-def _slow(target: bytes, headers: Headers) -> bytes:
+def _slow(target: bytes, headers: Headers, method: bytes | None) -> bytes:
     if target.translate(None, _VISIBLE):
         raise _bad("control-char")
     if b"#" in target:
         raise _bad("fragment")
     if target[:1] != b"/":
         if target == b"*":
+            if method != _OPTIONS:
+                raise _bad("asterisk-form")
             return target
         target = _origin_form(target, headers)
     q = target.find(b"?")
@@ -186,6 +205,11 @@ def _path(path: bytes) -> bytes:
         path = _ENCODE_RE.sub(lambda m: b"%%%02X" % m[0][0], path)
     if b"%" in path:
         path = _decode_unreserved(path)
+    # After decoding, so %2e counts as a dot. Parameters on an ordinary segment are kept (matrix
+    # parameters, ;jsessionid=): a prefix rule ending in that segment (`/admin` for `/admin;x`) matches
+    # as it does without them; exact rules and longer prefixes do not (the module docstring).
+    if b";" in path and _DOT_PARAMS_RE.search(path) is not None:
+        raise _bad("ambiguous-path-parameters")
     if b"//" not in path and b"/." not in path:
         return path
     segments = path.split(b"/")[1:]

@@ -485,7 +485,7 @@ class ServerConn(asyncio.BaseProtocol):
                 self._partial = False  # the timer stays armed: it checks the state when it fires
                 self.requests += 1
                 try:  # every decision and the forwarded request see the normal target (l7/normalize.py)
-                    target = normalize_target(head.target, head.headers)
+                    target = normalize_target(head.target, head.headers, head.method)
                 except ProtocolError as exc:
                     self.reject(exc.status, exc.reason, exc.flag)
                     continue
