@@ -12,6 +12,9 @@ Decisions:
   keeps a representative trail for debugging at ~1 % of that cost. The sample is drawn in compiled
   code (reqstats.Sample, a countdown over geometric gaps): an unsampled request costs a decrement.
 - Either way nothing is formatted unless the `hostmesh.access` logger is enabled at INFO.
+- A field the client chose (path, request id) is cut to MAX_REQUEST_FIELD characters wherever a line
+  or a span carries it: a 60 KB `x-request-id` made 60 KB access lines (journald splits lines above
+  48 KiB into pieces that are not JSON) and 60 KB spans (agent/tracing.py's queue bound assumes ~1 KiB).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.reqstats import ACCESS_LOG, ACCESS_SAMPLE
 from hostmesh.agent.reqstats import DEFAULT_ACCESS_SAMPLE as DEFAULT_ACCESS_SAMPLE  # agent.toml's (config.py)
 from hostmesh.agent.reqstats import access_sampled as access_sampled  # L4 and L7 alike
+
+MAX_REQUEST_FIELD = 512  # characters kept of a request-controlled field (module docstring)
 
 audit_log = logging.getLogger("hostmesh.audit")
 access_log = ACCESS_LOG

@@ -19,6 +19,9 @@ from hostmesh.agent.tracing import Span as MeshSpan
 from hostmesh.registry.http import HTTPClient
 
 SCOPE = "hostmesh"
+# an OTLP answer is an ExportTraceServiceResponse (empty, or a partial-success count and message):
+# a larger one is no collector's, and is not read (the shared client would take 8 MiB)
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def _set(kv: Any, key: str, v: Any) -> None:
@@ -95,9 +98,14 @@ class OtlpExporter:
     async def export(self, spans: list[MeshSpan], timeout: float) -> None:
         body = encode(spans, self.node, self.version)
         resp = await self.client.request(
-            "POST", self.path, body, {"content-type": "application/x-protobuf"}, timeout=timeout
+            "POST",
+            self.path,
+            body,
+            {"content-type": "application/x-protobuf"},
+            timeout=timeout,
+            max_body=MAX_ANSWER_BYTES,
         )
-        if resp.status >= 300:
+        if not 200 <= resp.status < 300:
             raise ExportError(f"collector answered {resp.status}")
 
     async def close(self) -> None:

@@ -33,7 +33,9 @@ import time
 from collections import deque
 from typing import Any, Final
 
+from hostmesh.agent.audit import MAX_REQUEST_FIELD
 from hostmesh.agent.l7 import flags as fl
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.tracing")
 
@@ -42,7 +44,7 @@ MAX_BATCH = 128  # spans per export request: encoding runs on the event loop (~1
 # on a loaded 2-core machine), so one batch holds the loop for a few ms at most
 FLUSH_INTERVAL = 1.0  # seconds between exports while spans wait (the SDK's default is 5 s)
 EXPORT_TIMEOUT = 5.0  # one export attempt; a slow collector delays only the exporter task
-MAX_ATTRIBUTE = 512  # characters of a path or other request-controlled attribute kept
+MAX_ATTRIBUTE = MAX_REQUEST_FIELD  # characters of a path or other request-controlled attribute kept
 
 KIND_SERVER = 2  # OTLP Span.SpanKind values
 KIND_CLIENT = 3
@@ -186,6 +188,33 @@ def set_traceparent(headers: list[tuple[bytes, bytes]], value: bytes) -> None:
     headers.append((TRACEPARENT, value))
 
 
+class ExportLog:
+    """What the exporter says of its collector: the first failure of a streak, every 100th, and every
+    change of cause (a TLS error after a refused connection is news), and that it works again; both
+    kinds at a bounded rate (registry/ratelog.py), so a collector that flaps between answers writes a
+    few lines a minute, not one per batch (81 lines in 37 s before)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.failures = 0  # in the current streak
+        self.cause = ""  # of the last failure
+        self._failed = RateLimitedLog(log, "OTLP export failure lines")
+        self._recovered = RateLimitedLog(log, "OTLP export recovery lines", level=logging.INFO)
+
+    def failed(self, exc: Exception, dropped: int) -> None:
+        self.failures += 1
+        cause = str(exc)
+        if self.failures == 1 or self.failures % 100 == 0 or cause != self.cause:
+            self._failed("OTLP export to %s failed (%d spans dropped, %d failures): %s",
+                         self.endpoint, dropped, self.failures, cause)  # fmt: skip
+        self.cause = cause
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self._recovered("OTLP export to %s works again after %d failure(s)", self.endpoint, self.failures)
+        self.failures, self.cause = 0, ""
+
+
 class Tracer:
     """The agent's sampling decision, span factory and export queue (one per agent process).
 
@@ -263,7 +292,7 @@ class Tracer:
         rid = ""
         for n, v in head.headers:
             if n == b"x-request-id":
-                rid = v.decode("latin-1")
+                rid = v[:MAX_ATTRIBUTE].decode("latin-1")
                 break
         a = span.attributes
         a["http.request.method"] = method
@@ -304,7 +333,7 @@ class Tracer:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="otlp-export")
 
     async def _run(self) -> None:
-        failures = 0
+        report = ExportLog(self.endpoint)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
@@ -315,15 +344,10 @@ class Tracer:
                     await self._exporter.export(batch, EXPORT_TIMEOUT)
                 except Exception as exc:  # any failure of the collector drops the batch, never the agent
                     self._drop("export_failed", len(batch))
-                    failures += 1
-                    if failures == 1 or failures % 100 == 0:
-                        log.warning("OTLP export to %s failed (%d spans dropped, %d failures): %s",
-                                    self.endpoint, len(batch), failures, exc)  # fmt: skip
+                    report.failed(exc, len(batch))
                     break  # the next batch waits for the next tick: no tight loop on a dead collector
                 else:
-                    if failures:
-                        log.info("OTLP export to %s works again after %d failure(s)", self.endpoint, failures)
-                    failures = 0
+                    report.succeeded()
                     self.exported += len(batch)
                     if self._telemetry is not None:
                         self._telemetry.spans_exported.inc(len(batch))

@@ -43,6 +43,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request/response head limit for control-plane mess
 MAX_URL_BYTES = 8 * 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024  # Consul KV values are capped at 512 KiB; catalog lists can be larger
 READ_SIZE = 64 * 1024  # bytes asked of a socket per read
+MAX_INTERIM_ANSWERS = 8  # 1xx answers skipped before a final one; a server sends one or two at most
 # Slow clients. A request's head must be complete this long after its first byte, however slowly it
 # trickles in (a timeout per read let one byte every 9 s hold a connection forever)...
 SERVER_HEAD_TIMEOUT = 10.0
@@ -83,15 +84,24 @@ class Response:
 
 
 class _Parsed:
-    """httptools callback sink for one response (the client's side)."""
+    """httptools callback sink for one response (the client's side). Interim answers (1xx but 101:
+    100 Continue, 103 Early Hints) are skipped, at most MAX_INTERIM_ANSWERS of them: the final answer
+    follows on the same connection (taking a 100 as the answer counted a batch the server had not
+    accepted, and left its real answer to be read as the next request's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int) -> None:
         self.headers: dict[str, str] = {}
         self.body = bytearray()
+        self.max_body = max_body
         self.complete = False
         self.head_done = False
         self.parser: httptools.HttpResponseParser | None = None
         self.keep_alive = False
+        self.interim = 0
+
+    def on_message_begin(self) -> None:
+        self.headers = {}
+        self.head_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
@@ -103,10 +113,16 @@ class _Parsed:
 
     def on_body(self, body: bytes) -> None:
         self.body += body
-        if len(self.body) > MAX_BODY_BYTES:
-            raise _TooLarge(f"answer larger than {_size(MAX_BODY_BYTES)}")
+        if len(self.body) > self.max_body:
+            raise _TooLarge(f"answer larger than {_size(self.max_body)}")
 
     def on_message_complete(self) -> None:
+        status = self.parser.get_status_code() if self.parser is not None else 0
+        if 100 <= status < 200 and status != 101:
+            self.interim += 1
+            if self.interim > MAX_INTERIM_ANSWERS:
+                raise _TooLarge(f"more than {MAX_INTERIM_ANSWERS} interim (1xx) answers")
+            return
         self.complete = True
         # Only now: httptools answers should_keep_alive() False once the message is done, which made
         # every client request open a new connection (Consul saw one per request).
@@ -114,7 +130,7 @@ class _Parsed:
 
 
 class _TooLarge(Exception):
-    """An answer past MAX_HEAD_BYTES or MAX_BODY_BYTES; str() says which."""
+    """An answer past MAX_HEAD_BYTES, its body limit or MAX_INTERIM_ANSWERS; str() says which."""
 
 
 def _head(start_line: str, headers: dict[str, str], body_len: int) -> bytes:
@@ -196,6 +212,7 @@ class HTTPClient:
         body: bytes | str = b"",
         headers: dict[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        max_body: int | None = None,  # None: MAX_BODY_BYTES
     ) -> Response:
         """One request; raises `Unavailable` for anything at transport level (refused, reset, timeout)."""
         data = body.encode() if isinstance(body, str) else body
@@ -213,7 +230,9 @@ class HTTPClient:
                     reader, writer = await self._connection()
                     try:
                         writer.write(head + data)
-                        resp, keep = await self._read_response(reader, method)
+                        resp, keep = await self._read_response(
+                            reader, method, MAX_BODY_BYTES if max_body is None else max_body
+                        )
                     except BaseException:
                         writer.close()
                         raise
@@ -272,9 +291,22 @@ class HTTPClient:
         except TimeoutError:  # not the request's timeout: say which one ran out
             raise OSError(errno.ETIMEDOUT, f"no connection within {CONNECT_TIMEOUT:g}s") from None
 
-    async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
-        sink = _Parsed()
+    async def _read_response(
+        self, reader: asyncio.StreamReader, method: str, max_body: int
+    ) -> tuple[Response, bool]:
+        sink = _Parsed(max_body)
         parser = sink.parser = httptools.HttpResponseParser(sink)
+        try:
+            return await self._read_into(reader, method, sink, parser)
+        finally:
+            # The parser holds the sink and the sink the parser: a cycle only the garbage collector
+            # frees, with the body (up to max_body) in it. A collector answering 8 MiB bodies
+            # swung an agent between 40 and 250 MiB; broken here, the body goes when the answer does.
+            sink.parser = None
+
+    async def _read_into(
+        self, reader: asyncio.StreamReader, method: str, sink: _Parsed, parser: httptools.HttpResponseParser
+    ) -> tuple[Response, bool]:
         head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
         while not sink.complete:
             chunk = await reader.read(READ_SIZE)

@@ -166,6 +166,9 @@ def parse_reply(data: bytes) -> Reply:
     return Reply(int(lines[0].split()[1]), headers, body)
 
 
+FORGED_ID = "chosen-by-the-client"  # http_get sends it: the gateway must replace it
+
+
 def http_get(
     port: int,
     host: str,
@@ -182,7 +185,7 @@ def http_get(
     with sock:
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n"
-            f"x-forwarded-for: 6.6.6.6\r\n\r\n".encode()
+            f"x-forwarded-for: 6.6.6.6\r\nx-request-id: {FORGED_ID}\r\n\r\n".encode()
         )
         data = b""
         while chunk := sock.recv(65536):
@@ -378,7 +381,10 @@ def test_https_ingress_routes_by_host_with_the_operators_certificate(edges: Edge
 def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
     ok = http_get(edges.http_port, "a.example.test")
     assert (ok.status, ok.headers["x-instance"]) == (200, "web")
-    assert edges.backends["web"].last_headers[b"x-forwarded-for"] == b"127.0.0.1"
+    seen = edges.backends["web"].last_headers
+    assert seen[b"x-forwarded-for"] == b"127.0.0.1"
+    # the request id every line and span of the request carries is the gateway's, not the client's
+    assert len(seen[b"x-request-id"]) == 32 and seen[b"x-request-id"] != FORGED_ID.encode()
     unknown = http_get(edges.http_port, "nobody.example.test")
     assert unknown.status == 404
     assert unknown.headers["x-hostmesh-response-flags"] == "NR"

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -214,3 +216,76 @@ def test_istio_series_carry_istio_labels_only_when_enabled() -> None:
     assert tcp["request_protocol"] == "tcp" and tcp["value"] == "100.0"
     (mine,) = got["hostmesh_tcp_sent_bytes_total"]  # the hostmesh_* twin counts the same bytes
     assert mine["value"] == "100.0"
+
+
+def _exchange(headers: list[tuple[bytes, bytes]], target: bytes = b"/x") -> Any:
+    """What end_http and access_line read of an http_conn.Exchange (a failed one: it is always kept)."""
+    head = SimpleNamespace(method=b"GET", target=target, headers=headers)
+    return SimpleNamespace(head=head, status=503, flags="UC", started=1.0, ended=1.5, received=0, sent=0,
+                           trace=None)  # fmt: skip
+
+
+def test_a_client_chosen_request_id_is_cut_in_spans_and_access_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 58 KB `x-request-id` went whole into every span (2,048 queued: ~125 MiB per agent, batches
+    of 7 MB) and every access line (journald splits lines above 48 KiB)."""
+    from hostmesh.agent import audit
+    from hostmesh.agent.proxy.http_conn import access_line
+
+    huge = b"r" * 60_000
+    ex = _exchange([(b"x-request-id", huge)], target=b"/" + b"p" * 60_000)
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    span = t.end_http(None, ex, reporter="source", source="web", source_principal="", destination="api",
+                      destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
+    assert span is not None
+    assert len(span.attributes["hostmesh.request_id"]) == audit.MAX_REQUEST_FIELD
+    assert len(span.attributes["url.path"]) == audit.MAX_REQUEST_FIELD
+    logger = logging.getLogger("hostmesh.access")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="hostmesh.access"):
+            access_line(ex, "source", "web", "", "api", "")
+    finally:
+        logger.setLevel(level)
+    fields = caplog.records[-1].fields  # type: ignore[attr-defined]
+    assert (
+        len(fields["request_id"]) == audit.MAX_REQUEST_FIELD
+        and len(fields["path"]) == audit.MAX_REQUEST_FIELD
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "trace_id"),
+    [
+        (f"00-{TID}-{SID}-00", TID),
+        ("ff-" + '},{"forged":"yes"}AAAAAAAAAAAAA' + f"-{SID}-00", ""),  # not hex: no trace is named
+        (f"00-{'0' * 32}-{SID}-00", ""),
+        (f"00-{TID.upper()}-{SID}-00", ""),
+    ],
+)
+def test_an_access_line_names_only_a_trace_id_that_is_one(value: str, trace_id: str) -> None:
+    from hostmesh.agent.proxy.http_conn import _trace_of
+
+    assert _trace_of([(b"traceparent", value.encode())]) == trace_id
+
+
+def test_export_failures_are_told_once_per_streak_and_cause_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A collector flapping between answers wrote a line per batch (81 in 37 s): a success reset the
+    streak each time. A changed cause within a streak was never told."""
+    report = tracing.ExportLog("http://collector:4318")
+    with caplog.at_level(logging.INFO, logger="hostmesh.tracing"):
+        report.failed(OSError("connection refused"), 128)
+        report.failed(OSError("connection refused"), 128)
+        report.failed(OSError("certificate has expired"), 128)
+        told = [r.getMessage() for r in caplog.records]
+        assert len(told) == 2 and told[1].endswith("certificate has expired")
+        caplog.clear()
+        for _ in range(200):  # flapping: each failure starts a streak, each success ends one
+            report.succeeded()
+            report.failed(OSError("503"), 128)
+    lines = [r for r in caplog.records if "OTLP export" in r.getMessage()]
+    assert len(lines) <= 2 * 10  # two kinds of line, each at most 10 a minute (registry/ratelog.py)

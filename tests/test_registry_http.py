@@ -262,3 +262,88 @@ async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) 
         await client.close()
         peer.close()
         await peer.wait_closed()
+
+
+async def test_client_skips_interim_answers_and_keeps_answers_with_their_requests() -> None:
+    """A 100 Continue (or 103) before the answer is not the answer: taking it as one made a collector
+    that sends `100` then `500` look as if every other batch was accepted, each failure landing on the
+    next request. Both requests here go on one pooled connection."""
+    statuses = iter([b"500 Nope", b"201 Created"])
+
+    async def interim_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            status = next(statuses)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n")
+            writer.write(b"HTTP/1.1 %s\r\ncontent-length: 2\r\n\r\nok" % status)
+            await writer.drain()
+        writer.close()
+
+    peer = await asyncio.start_server(interim_first, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}", max_connections=1)
+    try:
+        first = await client.request("GET", "/one")
+        second = await client.request("GET", "/two")
+        assert (first.status, second.status) == (500, 201)
+        assert "link" not in first.headers  # the interim answer's fields are not the answer's
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_client_bounds_interim_answers() -> None:
+    async def only_interim(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" * (http.MAX_INTERIM_ANSWERS + 1))
+        await writer.drain()
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    peer = await asyncio.start_server(only_interim, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("POST", "/v1/traces", b"x", timeout=5)
+        assert "more than 8 interim (1xx) answers" in str(err.value)
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_a_refused_answer_body_is_freed_without_the_garbage_collector() -> None:
+    """An answer past its body limit was held in a parser/sink reference cycle until the cyclic
+    collector ran: a collector answering large bodies swung an agent by ~200 MiB. With the collector
+    off, the answers' buffers must be gone once the request failed."""
+    import gc
+    import weakref
+
+    async def big(req: Request) -> Response:
+        return Response(200, b"x" * (256 * 1024))
+
+    server = HTTPServer(big, "127.0.0.1", 0)
+    port = await server.start()
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    sinks: list[weakref.ref[object]] = []
+    real = http._Parsed
+
+    def tracked(max_body: int) -> object:
+        sink = real(max_body)
+        sinks.append(weakref.ref(sink))
+        return sink
+
+    gc.disable()
+    try:
+        http._Parsed = tracked  # type: ignore[assignment,misc]
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                await client.request("GET", "/big", max_body=64 * 1024)
+        assert len(sinks) == 3 and all(ref() is None for ref in sinks)
+    finally:
+        http._Parsed = real  # type: ignore[misc]
+        gc.enable()
+        await client.close()
+        await server.close()

@@ -368,6 +368,10 @@ def _request_host(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-forwarded-proto")
+# what the gateway sets itself in place of the client's (the untrusted network ends here): the
+# forwarding fields, and the request id that every access line and span of the request carries (a
+# client could otherwise pick the id other lines are found by; Envoy regenerates it at the edge too)
+REPLACED_AT_EDGE = (*FORWARDED_HEADERS, b"x-request-id")
 
 
 class IngressHttp:
@@ -382,6 +386,8 @@ class IngressHttp:
         self.body_idle_timeout = http.body_idle_timeout
         self.body_min_rate = http.body_min_rate
         self.stream_idle_timeout = gateway.stream_idle_timeout
+        # a client's protocol errors: one line each at a bounded rate (clients can send them at will)
+        self._broke_log = RateLimitedLog(log, "clients that broke HTTP/1.1", level=logging.INFO)
         self.conns: set[Any] = set()
         self._owner: dict[Any, Any] = {}  # exchange -> the HttpOutbound serving it
         self._buckets: OrderedDict[str, Any] = OrderedDict()  # client address -> TokenBucket (LRU)
@@ -434,7 +440,7 @@ class IngressHttp:
             return
         client = ex.conn.peer_ip
         node = f'"[{client}]"' if ":" in client else client
-        headers = [(n, v) for n, v in head.headers if n not in FORWARDED_HEADERS]
+        headers = [(n, v) for n, v in head.headers if n not in REPLACED_AT_EDGE]
         headers += [
             (b"x-forwarded-for", client.encode()),
             (b"x-forwarded-proto", self.scheme),
@@ -460,8 +466,8 @@ class IngressHttp:
     def rejected(self, conn: Any, status: int, reason: str, flag: str) -> None:
         gw = self.gateway
         gw.metrics.observe(gw.name, "-", "", status, flag, 0.0)
-        log.info("ingress %s: client %s broke HTTP/1.1 (%s): answered %d", gw.name, conn.peer_ip, reason,
-                 status)  # fmt: skip
+        self._broke_log("ingress %s: client %s broke HTTP/1.1 (%s): answered %d", gw.name, conn.peer_ip,
+                        reason, status)  # fmt: skip
         self.conns.discard(conn)
 
     def conn_lost(self, conn: Any) -> None:

@@ -240,19 +240,27 @@ def access_line(
         destination_service=dest, destination_subset=subset, upstream_host=upstream_host,
         downstream_remote_address=peer, response_code=ex.status, response_flags=fl.render(ex.flags),
         duration_ms=round((ex.ended - ex.started) * 1000, 2), bytes_received=ex.received,
-        bytes_sent=ex.sent, method=h.method.decode("latin-1"), path=h.target.decode("latin-1")[:512],
-        request_id=rid.decode("latin-1"),
+        bytes_sent=ex.sent, method=h.method.decode("latin-1"),
+        path=h.target[: audit.MAX_REQUEST_FIELD].decode("latin-1"),
+        request_id=rid[: audit.MAX_REQUEST_FIELD].decode("latin-1"),
         trace_id=span.trace_id_hex if span is not None else _trace_of(h.headers),
         span_id=span.span_id_hex if span is not None else "",
     ))  # fmt: skip
 
 
 def _trace_of(headers: http1.Headers) -> str:
-    """The trace ID of an incoming `traceparent` (an unsampled request still names its trace)."""
+    """The trace ID of an incoming `traceparent` (an unsampled request still names its trace), when
+    it is one: 32 lower-case hex digits, not all zero; else "" (a line names no trace it made up)."""
     for n, v in headers:
         if n == b"traceparent" and len(v) >= 55:
-            return v[3:35].decode("latin-1")
+            tid = v[3:35]
+            if not tid.translate(None, _LOWER_HEX) and tid.strip(b"0"):
+                return tid.decode("latin-1")
+            return ""
     return ""
+
+
+_LOWER_HEX: Final = b"0123456789abcdef"
 
 
 # --------------------------------------------------------------------------- exchanges in flight

@@ -239,7 +239,8 @@ class HttpInbound:
                 )
             if not decision.allowed:
                 audit.denied(layer="l7", source=caller.source_id, destination=name, reason=decision.reason,
-                             peer=caller.peer, method=method, path=path[:512])  # fmt: skip
+                             peer=caller.peer, method=method,
+                             path=path[: audit.MAX_REQUEST_FIELD])  # fmt: skip
                 self.telemetry.denied(REPORTER, caller.source_service, name)
                 ex.respond(403, fl.AUTHZ)
                 return
@@ -276,7 +277,8 @@ class HttpInbound:
         audit.denied(layer="l7", source=caller.source.spiffe_id, destination=service,
                      reason=refuse_unavailable(reason).reason, peer=caller.peer,
                      method=ex.head.method.decode("latin-1"),
-                     path=(target if q < 0 else target[:q]).decode("latin-1")[:512])  # fmt: skip
+                     path=(target if q < 0 else target[:q])[: audit.MAX_REQUEST_FIELD]
+                     .decode("latin-1"))  # fmt: skip
         self.telemetry.unavailable(REPORTER, caller.source.service, service)
         ex.respond(503, fl.NI, "intentions unavailable")
 
