@@ -180,12 +180,16 @@ class Span:
 
 
 def set_traceparent(headers: list[tuple[bytes, bytes]], value: bytes) -> None:
-    """Replace the request's `traceparent` (in place), or add one."""
-    for i, (n, _) in enumerate(headers):
-        if n == TRACEPARENT:
-            headers[i] = (TRACEPARENT, value)
-            return
-    headers.append((TRACEPARENT, value))
+    """Replace the request's `traceparent` (in place), or add one. Any further `traceparent` a client
+    sent goes: the app would see two contexts and might parent its spans to the client's, past both
+    of the mesh's spans."""
+    first = next((i for i, (n, _) in enumerate(headers) if n == TRACEPARENT), -1)
+    if first < 0:
+        headers.append((TRACEPARENT, value))
+        return
+    headers[first] = (TRACEPARENT, value)
+    if any(n == TRACEPARENT for n, _ in headers[first + 1 :]):
+        headers[:] = [h for j, h in enumerate(headers) if j <= first or h[0] != TRACEPARENT]
 
 
 class ExportLog:

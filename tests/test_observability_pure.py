@@ -289,3 +289,16 @@ def test_export_failures_are_told_once_per_streak_and_cause_at_a_bounded_rate(
             report.failed(OSError("503"), 128)
     lines = [r for r in caplog.records if "OTLP export" in r.getMessage()]
     assert len(lines) <= 2 * 10  # two kinds of line, each at most 10 a minute (registry/ratelog.py)
+
+
+def test_a_second_traceparent_from_the_client_does_not_reach_the_next_hop() -> None:
+    headers = [
+        (b"traceparent", f"00-{TID}-{SID}-01".encode()),
+        (b"x-a", b"1"),
+        (b"traceparent", b"00-" + b"e" * 32 + b"-" + b"e" * 16 + b"-01"),
+    ]
+    tracing.set_traceparent(headers, b"00-new")
+    assert headers == [(b"traceparent", b"00-new"), (b"x-a", b"1")]
+    one = [(b"x-a", b"1")]
+    tracing.set_traceparent(one, b"00-new")
+    assert one == [(b"x-a", b"1"), (b"traceparent", b"00-new")]
