@@ -993,7 +993,7 @@ def test_a_response_whose_connection_field_names_its_framing_is_502_upe() -> Non
     r = ResponseFramer()
     r.expect(b"GET")
     events = r.feed(b"HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 2\r\n\r\nok")
-    assert events == [Reject(502, "upstream-connection-names-framing", flags.UPE)]
+    assert events == [Reject(502, "connection-names-framing", flags.UPE)]
 
 
 def test_a_nomination_never_drops_the_forwarding_fields_a_gateway_sets() -> None:

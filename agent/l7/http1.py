@@ -319,11 +319,15 @@ def _parse_length(v: bytes) -> int:
 
 
 def request_keep_alive(version: bytes, headers: Headers) -> bool:
-    """Whether the client's connection may carry another request after this one."""
+    """Whether the client's connection may carry another request after this one (a response's
+    fields are read the same way). :class:`ProtocolError` (400) for a Connection field that names
+    Content-Length or Host (the module docstring says why): checked here, where the tokens are."""
     toks = _NO_TOKENS  # connection_tokens(headers), inline: this runs for nearly every response
     for n, v in headers:
         if n == b"connection":
             toks = _token_set(v) if not toks else toks | _token_set(v)
+    if toks and toks is not _KEEP_ALIVE and toks is not _CLOSE and not toks.isdisjoint(_NOT_NOMINABLE):
+        raise ProtocolError(400, "connection-names-framing")
     if b"close" in toks:
         return False
     if version == _V11:
@@ -344,12 +348,6 @@ def expects_continue(version: bytes, headers: Headers) -> bool:
     if expect.strip().lower() == b"100-continue":
         return True
     raise ProtocolError(417, "unsupported-expectation")
-
-
-def nominates_framing(headers: Headers) -> bool:
-    """Whether a Connection field names Content-Length or Host (refused: the module docstring)."""
-    toks = connection_tokens(headers)
-    return toks is not _KEEP_ALIVE and toks is not _CLOSE and not toks.isdisjoint(_NOT_NOMINABLE)
 
 
 def asks_upgrade(headers: Headers) -> bool:
@@ -989,8 +987,6 @@ class RequestFramer(_Framer):
             upgrade = is_websocket_upgrade(method, version, decisive)
             keep_alive = request_keep_alive(version, decisive)
             expect_continue = expects_continue(version, decisive)
-            if nominates_framing(decisive):
-                raise ProtocolError(400, "connection-names-framing")
             if framing != NO_BODY and asks_upgrade(decisive):
                 raise ProtocolError(400, "upgrade-with-body")
         except ProtocolError as exc:
@@ -1137,11 +1133,12 @@ class ResponseFramer(_Framer):
             framing, length = response_framing(self._method, status, decisive)
         except ProtocolError as exc:
             self._fail(exc.status, exc.reason, exc.flag)
-        if decisive and nominates_framing(decisive):
-            self._fail(502, "upstream-connection-names-framing", flags.UPE)
         self._upgrade_ok = status == 101
         self._until_close = framing == UNTIL_CLOSE
-        keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)  # response_keep_alive
+        try:  # response_keep_alive, inline; a refused Connection field is 502 UPE here (_fail)
+            keep = framing != UNTIL_CLOSE and request_keep_alive(version, decisive)
+        except ProtocolError as exc:
+            self._fail(exc.status, exc.reason, exc.flag)
         self.keep_alive = keep
         self._events.append(
             _make(EV_RESPONSE_HEAD, (status, self._reason, version, headers, keep, framing, length))
