@@ -11,6 +11,7 @@ from hostmesh.agent.l7.errors import ProtocolError
 from hostmesh.agent.l7.http1 import (
     CHUNKED,
     CONTINUE,
+    CRLF,
     LENGTH,
     MAX_EARLY_UPGRADE_BYTES,
     MAX_HEAD_BYTES,
@@ -1015,17 +1016,162 @@ def test_a_nomination_never_drops_the_forwarding_fields_a_gateway_sets() -> None
     ]
 
 
-@pytest.mark.parametrize(
-    "upgrade",
-    [b"connection: upgrade\r\nupgrade: foo\r\n", b"connection: Upgrade\r\nupgrade: websocket\r\n"],
-)
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
 @pytest.mark.parametrize("framing", [b"content-length: 5\r\n", b"transfer-encoding: chunked\r\n"])
-def test_an_upgrade_request_with_a_body_is_400(upgrade: bytes, framing: bytes) -> None:
-    """llhttp ends a request asking to upgrade at its head, so its body was parsed as the next request
-    (authorized on its own: `POST /ok` carrying `GET /admin/secret` reached the app)."""
-    head = b"POST /ok HTTP/1.1\r\nhost: api\r\n" + upgrade + framing + b"\r\n"
-    events = RequestFramer().feed(head + b"GET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n")
+def test_a_websocket_upgrade_request_with_a_body_is_400(method: bytes, framing: bytes) -> None:
+    """Nonsense, and the tunnel would carry the body's bytes."""
+    head = method + b" /ok HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n" + framing
+    events = RequestFramer().feed(head + b"\r\nGET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n")
     assert events == [Reject(400, "upgrade-with-body", flags.DPE)]
+
+
+# what Java 11+'s java.net.http.HttpClient (default version HTTP_2) sends to an http:// URL
+_H2C_HEAD = (
+    b"POST /x HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nHost: api\r\n"
+    b"HTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\nUpgrade: h2c\r\n"
+)
+_NEXT = b"GET /next HTTP/1.1\r\nHost: api\r\n\r\n"
+
+
+def _split_everywhere(data: bytes) -> list[list[Event]]:
+    """The events of `data` fed whole, split in two at every offset, and byte by byte."""
+    runs = [merged(RequestFramer().feed(data))]
+    runs += [merged(feed_all(RequestFramer(), [data[:cut], data[cut:]])) for cut in range(len(data) + 1)]
+    runs.append(merged(feed_all(RequestFramer(), [data[i : i + 1] for i in range(len(data))])))
+    return runs
+
+
+def _shape(events: list[Event]) -> list[object]:
+    return [
+        (type(e).__name__, e.method, e.target, e.upgrade) if isinstance(e, RequestHead) else e for e in events
+    ]
+
+
+def test_an_h2c_upgrade_request_with_a_content_length_body_is_served_as_http11() -> None:
+    """llhttp ended it at its head and its body was read as the next request: it was refused with 400,
+    which broke every POST of a Java HttpClient to the local outbound."""
+    data = _H2C_HEAD + b"Content-Length: 5\r\n\r\nhello" + _NEXT
+    for events in _split_everywhere(data):
+        assert _shape(events) == [
+            ("RequestHead", b"POST", b"/x", False),
+            Body(b"hello"),
+            EndOfMessage([]),
+            ("RequestHead", b"GET", b"/next", False),
+            EndOfMessage([]),
+        ]
+        head = events[0]
+        assert isinstance(head, RequestHead) and head.framing == LENGTH and head.content_length == 5
+        # the proxy forwards neither the upgrade nor the fields its Connection names
+        assert forward_headers(head.headers) == [(b"host", b"api"), (b"content-length", b"5")]
+
+
+def test_an_h2c_upgrade_request_with_a_chunked_body_and_trailer_is_served_as_http11() -> None:
+    data = (
+        _H2C_HEAD
+        + b"Transfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\nx-checksum: 1\r\n\r\n"
+        + _NEXT
+    )
+    for events in _split_everywhere(data):
+        assert _shape(events) == [
+            ("RequestHead", b"POST", b"/x", False),
+            Body(b"hello"),
+            EndOfMessage([(b"x-checksum", b"1")]),
+            ("RequestHead", b"GET", b"/next", False),
+            EndOfMessage([]),
+        ]
+        assert isinstance(events[0], RequestHead) and events[0].framing == CHUNKED
+
+
+def test_the_trailers_of_an_h2c_upgrade_request_are_checked() -> None:
+    data = _H2C_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nhost: evil\r\n\r\n" + _NEXT
+    for events in _split_everywhere(data):
+        assert events[-1] == Reject(400, "forbidden-trailer", flags.DPE), events
+        assert [e for e in events if isinstance(e, RequestHead | EndOfMessage)][1:] == []
+
+
+@pytest.mark.parametrize("framing", [b"content-length: %d\r\n", b"transfer-encoding: chunked\r\n"])
+def test_the_body_of_an_upgrade_request_is_never_the_next_request(framing: bytes) -> None:
+    """The audit's shape: `POST /ok` carrying `GET /admin/secret` reached the app, authorized on its own."""
+    smuggled = b"GET /admin/secret HTTP/1.1\r\nhost: api\r\n\r\n"
+    if framing.startswith(b"content-length"):
+        framing, body = framing % len(smuggled), smuggled
+    else:
+        body = chunk_header(len(smuggled)) + smuggled + CRLF + b"0\r\n\r\n"
+    data = (
+        b"POST /ok HTTP/1.1\r\nhost: api\r\nupgrade: foo\r\nconnection: upgrade\r\n" + framing + CRLF + body
+    )
+    for events in _split_everywhere(data):
+        assert _shape(events) == [("RequestHead", b"POST", b"/ok", False), Body(smuggled), EndOfMessage([])]
+
+
+def test_an_upgrade_request_body_arriving_later_is_still_its_body() -> None:
+    f = RequestFramer()
+    events = f.feed(
+        b"POST /ok HTTP/1.1\r\nhost: api\r\nupgrade: h2c\r\nconnection: upgrade\r\ncontent-length: 4\r\n\r\n"
+    )
+    assert [type(e) for e in events] == [RequestHead]
+    assert not f.awaiting_head  # in the body: no header timer
+    assert f.eof() == [Reject(400, "truncated-request", flags.DPE)]
+
+
+def test_no_request_after_an_upgrade_request_with_a_body_and_connection_close() -> None:
+    data = (
+        b"POST /ok HTTP/1.1\r\nhost: api\r\nupgrade: h2c\r\nconnection: upgrade, close\r\n"
+        b"content-length: 2\r\n\r\nok" + _NEXT
+    )
+    for events in _split_everywhere(data):
+        assert _shape(events) == [("RequestHead", b"POST", b"/ok", False), Body(b"ok"), EndOfMessage([])]
+        assert isinstance(events[0], RequestHead) and not events[0].keep_alive
+
+
+def test_h2c_upgrade_requests_with_bodies_back_to_back() -> None:
+    one = _H2C_HEAD + b"Content-Length: 5\r\n\r\nhello"
+    data = one + one.replace(b"/x", b"/y") + _NEXT
+    for events in _split_everywhere(data):
+        assert _shape(events) == [
+            ("RequestHead", b"POST", b"/x", False),
+            Body(b"hello"),
+            EndOfMessage([]),
+            ("RequestHead", b"POST", b"/y", False),
+            Body(b"hello"),
+            EndOfMessage([]),
+            ("RequestHead", b"GET", b"/next", False),
+            EndOfMessage([]),
+        ]
+
+
+def test_the_head_limit_applies_to_the_request_after_an_upgrade_request_body() -> None:
+    """As after any request: the next head's size is counted from its fields and later reads add to it."""
+    data = (
+        _H2C_HEAD
+        + b"Content-Length: 2\r\n\r\nok"
+        + b"GET /n HTTP/1.1\r\nX-Big: "
+        + b"a" * (MAX_HEAD_BYTES - 2000)
+    )
+    for chunks in (
+        [data + CRLF],
+        [data[:150], data[150:] + CRLF],
+        [data[:100], data[100:160], data[160:] + CRLF],
+    ):
+        f = RequestFramer()
+        events = merged(feed_all(f, chunks))
+        assert events[1:] == [Body(b"ok"), EndOfMessage([])], chunks
+        n = 0
+        while not events or not isinstance(events[-1], Reject):
+            events = f.feed(b"X-More: " + b"m" * 990 + b"\r\n")
+            n += 1
+        assert events[-1] == Reject(431, "head-too-large", flags.DPE) and n <= 3, chunks
+
+
+def test_an_h2c_upgrade_request_without_a_body_is_followed_by_the_next_request() -> None:
+    data = _H2C_HEAD.replace(b"POST", b"GET") + b"\r\n" + _NEXT
+    for events in _split_everywhere(data):
+        assert _shape(events) == [
+            ("RequestHead", b"GET", b"/x", False),
+            EndOfMessage([]),
+            ("RequestHead", b"GET", b"/next", False),
+            EndOfMessage([]),
+        ]
 
 
 def test_an_upgrade_request_without_a_body_still_waits_for_its_answer() -> None:

@@ -17,10 +17,12 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   answered ``101`` (:meth:`RequestFramer.upgrade_accepted`); until then it holds what follows the
   request; any other answer (:meth:`RequestFramer.upgrade_refused`) keeps the connection plain
   HTTP/1.1 (RFC 9110 §7.8) and the held bytes are parsed as the next request. Other upgrades (h2c)
-  are ignored: the request is served as plain HTTP/1.1. An upgrade request with a body answers
-  **400**: llhttp ends a request that asks to upgrade at its head (httptools tells it to skip the
-  body), so the body would be read as the next request, past authorization (`curl --http2` with a
-  body over cleartext sends one: without the Upgrade it is served).
+  are ignored: the request is served as plain HTTP/1.1, its body too (Java's HttpClient and
+  `curl --http2` ask for h2c on a POST with a body over cleartext). llhttp ends a request that asks
+  to upgrade at its head (httptools tells it to skip the body), so the body would be read as the
+  next request, past authorization: the framer frames that body as the head says on a fresh parser
+  (:meth:`_Framer._resume_body`) and only what follows it is the next request. A WebSocket upgrade
+  with a body answers **400** (the tunnel would carry the body).
 - A Connection field that names Content-Length or Host answers **400** (502 UPE from upstream):
   the field would be dropped as hop-by-hop while the body is still framed by it, and the next hop
   would read that body as the next request. Nor can a nomination drop the forwarding fields an
@@ -361,6 +363,12 @@ def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> boo
         return False
     up = header_value(headers, b"upgrade")
     return up is not None and b"websocket" in _tokens(up) and b"upgrade" in connection_tokens(headers)
+
+
+def _asks_websocket(headers: Headers) -> bool:
+    """An Upgrade field naming ``websocket`` (whatever the method and version)."""
+    up = header_value(headers, b"upgrade")
+    return up is not None and b"websocket" in _tokens(up)
 
 
 @functools.lru_cache(maxsize=64)
@@ -847,6 +855,10 @@ class _Framer:
             else:  # an upgrade we do not honour (h2c, ...): keep serving HTTP/1.1 on a fresh parser
                 self._parser = self._new_parser()
                 self._state = _IDLE
+                # llhttp ended the request at its head, which it reported with this read's last events
+                head = events[-2] if len(events) > 1 and events[-1] is END_OF_MESSAGE else None
+                if isinstance(head, RequestHead) and head.framing != NO_BODY:
+                    self._resume_body(head, events)
                 events.extend(_Framer.feed(self, rest))
                 self._events = events
             return events
@@ -880,6 +892,25 @@ class _Framer:
                 events.append(Reject(400, "unsupported-version", flags.DPE))
                 self._state = _DEAD
         return events
+
+    def _resume_body(self, head: RequestHead, events: list[Event]) -> None:
+        """`head` asked for an upgrade we do not honour and has a body: llhttp ended the request at its
+        head (httptools tells it to skip the body of a request asking to upgrade), so the body would be
+        parsed as the next request. Drop the end it reported and prime the fresh parser with a head
+        that frames the same body (its head event discarded): the body then comes out as Body events
+        and one EndOfMessage (trailers checked as for any request), and only the bytes after it are
+        the next request. The primer is smaller than the head it stands for (that head named
+        Connection and Upgrade too), so it passes the head limits that head passed."""
+        events.pop()  # the EndOfMessage llhttp reported at the head, before the body
+        if head.framing == CHUNKED:
+            framing = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = b"content-length: " + str(head.content_length).encode() + CRLF
+        persist = b"" if head.keep_alive else b"connection: close\r\n"  # no request after a last one
+        self._events = []  # the primer's RequestHead goes here, not out
+        self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + persist + CRLF)
+        self._heads_done -= 1  # the primer's head is not a request's
+        self._events = events
 
     def _http09(self) -> bool:
         """An unfinished head whose start line is complete and names no version (requests only)."""
@@ -987,7 +1018,9 @@ class RequestFramer(_Framer):
             upgrade = is_websocket_upgrade(method, version, decisive)
             keep_alive = request_keep_alive(version, decisive)
             expect_continue = expects_continue(version, decisive)
-            if framing != NO_BODY and asks_upgrade(decisive):
+            if framing != NO_BODY and asks_upgrade(decisive) and _asks_websocket(decisive):
+                # nonsense, and the tunnel would carry the body's bytes; a body of any other upgrade
+                # request (h2c) is framed as its head says (_resume_body)
                 raise ProtocolError(400, "upgrade-with-body")
         except ProtocolError as exc:
             self._fail(exc.status, exc.reason, exc.flag)
