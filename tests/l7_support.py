@@ -12,7 +12,8 @@ which the app holds that connection open and reads nothing more until it stops: 
 it would wait in vain; ``/stall-body`` sends half of its body and then nothing until the
 connection ends; ``/close-unanswered`` closes its connection without a byte of an answer;
 ``/arm-drop`` is answered, and the next request on that connection is closed unanswered, which is
-what a proxy sees when the app closed a kept-alive connection just as it was reused).
+what a proxy sees when the app closed a kept-alive connection just as it was reused;
+``/arm-partial`` the same, the next request getting half of a response head before the close).
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ class Backend:
                     except httptools.HttpParserUpgrade:
                         req.upgrade = True
                         req.done = True
-                if drop_next:  # after /arm-drop: closed with no byte of an answer
+                if drop_next:  # after /arm-drop: closed with no byte of an answer (or half of a head)
                     self.dropped.append(req.url)
+                    if drop_next == b"/arm-partial":
+                        w.write(b"HTTP/1.1 200 OK\r\nContent-")
+                        await w.drain()
                     return
-                drop_next = req.url == b"/arm-drop"
+                drop_next = req.url if req.url in (b"/arm-drop", b"/arm-partial") else False
                 if not await self._answer(req, parser, r, w):
                     return
         except (ConnectionError, OSError, httptools.HttpParserError):

@@ -350,6 +350,7 @@ def _open_tunnel(port: int) -> tuple[socket.socket, bytes]:
         got += data
     head, _, rest = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 "), got
+    assert b"x-hostmesh-tunnel" not in head.lower()  # the agents' half-close agreement stays theirs
     return s, rest
 
 
@@ -389,6 +390,7 @@ async def test_a_tunnel_carries_the_apps_first_bytes_and_half_closes_both_ways(m
 
     first, echo, last = await asyncio.to_thread(run)
     assert (first, echo, last) == (b"hello", b"PING", b"bye")
+    assert b"x-hostmesh-tunnel" not in mesh.apps[0].last_headers
     await async_wait_until(lambda: _tunnels_gone(mesh, 1), timeout=IO_S)
 
 
@@ -415,6 +417,7 @@ async def test_a_tunnel_that_moves_no_byte_for_the_stream_idle_timeout_is_reset(
     traffic throughout three times that long is left alone."""
     _one_instance(mesh)
     mesh.http_out.stream_idle_timeout = 0.4
+    assert (await asyncio.to_thread(mesh.client().get, "/warm")).status == 200  # connections made
 
     def busy() -> int:
         s, _ = _open_tunnel(mesh.outbound.port)
@@ -469,3 +472,55 @@ async def test_a_request_a_fresh_app_connection_closed_unanswered_reaches_the_ap
     r = await asyncio.to_thread(mesh.client().get, "/close-unanswered", None, "PUT", b"v")
     assert (r.status, r.flags) == (503, "UC")
     assert app.seen == [b"/close-unanswered"]
+
+
+async def test_a_request_a_reused_app_connection_began_to_answer_is_not_sent_again(mesh: Mesh) -> None:
+    """A reused app connection that closed after a byte of an answer (here half a head) read the
+    request: it is not the keep-alive race, and the request is not sent again (it was: the app
+    received the PUT twice)."""
+    _one_instance(mesh)
+    app = mesh.apps[0]
+
+    def run() -> tuple[int, int]:
+        first = mesh.client().get("/arm-partial")
+        second = mesh.client().get("/put-once", method="PUT", body=b"v")
+        return first.status, second.status
+
+    first, second = await asyncio.to_thread(run)
+    assert first == 200 and second >= 500
+    assert app.dropped == [b"/put-once"] and app.seen == [b"/arm-partial"]  # reached the app once
+
+
+async def test_a_fresh_stream_a_draining_peer_refused_is_sent_again(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling restart: the peer agent's GOAWAY crossed our HTTP_OPEN and it reset the new stream
+    unread. Nothing read the request, so it goes again on a new connection (a fresh stream is not a
+    reused one, yet this is no delivery twice)."""
+    from hostmesh.agent.proxy import inbound as inb
+    from hostmesh.agent.proxy.wire import GOAWAY, RESET, control
+
+    _one_instance(mesh)
+    app = mesh.apps[0]
+    opened = 0
+    real = inb.InboundConnection.http_open_received
+
+    def draining_at_the_second(self: Any, sid: int) -> None:
+        nonlocal opened
+        opened += 1
+        if opened == 2:  # going away just as this stream opened: GOAWAY, then the stream refused
+            self.last_id = sid
+            self.write(control(GOAWAY, 0))
+            self.write(control(RESET, sid))
+            return
+        real(self, sid)
+
+    monkeypatch.setattr(inb.InboundConnection, "http_open_received", draining_at_the_second)
+    one = mesh.client()
+    assert (await asyncio.to_thread(one.get, "/warm")).status == 200
+    slow = asyncio.create_task(asyncio.to_thread(mesh.client().get, "/delay/500"))  # holds the pooled stream
+    await async_wait_until(lambda: b"/delay/500" in app.seen, timeout=IO_S)
+    second = await asyncio.to_thread(mesh.client().get, "/second")
+    assert (second.status, second.flags) == (200, "")
+    assert (await slow).status == 200
+    assert app.seen.count(b"/second") == 1

@@ -39,10 +39,14 @@ Decisions:
   otherwise, the client connection goes on as HTTP/1.1 and the upstream one is closed (the next
   hop's state is not ours to guess: an older peer agent would still be waiting for tunnel bytes).
   A tunnel is a TCP connection as far as its ends go: a half-close (EOF) is passed on where the
-  other end can take one (TCP, a mux stream that is a tunnel on both agents), the tunnel ends when
+  other end can take one (TCP, a mux stream both agents agreed to half-close), the tunnel ends when
   both directions have, or at once when the other end cannot half-close (TLS), and one that moves
-  no byte either way for the agent's ``stream_idle_timeout`` is reset on both ends, as an L4 stream
-  is (checked every quarter of it on the client connection's timer, nothing per read but a count).
+  no byte either way for the agent's ``stream_idle_timeout`` is reset on both ends (checked every
+  quarter of it on the client connection's timer, nothing per read but a count; the 101 was counted
+  when it was relayed, so the reset is a debug line, not a second count). The two agents agree on
+  half-close per tunnel (TUNNEL_HALF_CLOSE): an agent of an earlier release ends a stream with FIN
+  only when it closes it for good, and reading its FIN as a half-close would leave the client
+  writing into a stream nobody reads.
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
 """
@@ -117,6 +121,11 @@ BODY_MIN_RATE: Final = 240.0  # default; `http.body_min_rate`: bytes/s a body mu
 # keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS: callers close first
 IDLE_TIMEOUT: Final = 90.0
 REQUEST_ID: Final = b"x-request-id"
+# Sent by the caller's agent on an upgrade request, and by the app's agent on the 101 when it agrees
+# (each strips the other's before the app or the client sees it): the mux stream of this tunnel
+# then has TCP's half-close on both agents (stream_transport.py). Absent either way: TLS semantics.
+TUNNEL_HEADER: Final = b"x-hostmesh-tunnel"
+TUNNEL_HALF_CLOSE: Final = (TUNNEL_HEADER, b"half-close")
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 _rng: Final = random.Random()
@@ -552,14 +561,15 @@ class ServerConn(asyncio.BaseProtocol):
                 return
             self.resume_reading()
 
-    def start_tunnel(self, up: UpstreamConn) -> None:
-        """The upstream answered the upgrade with 101: both connections are one byte tunnel now."""
+    def start_tunnel(self, up: UpstreamConn, half_close: bool = False) -> None:
+        """The upstream answered the upgrade with 101: both connections are one byte tunnel now.
+        `half_close`: this connection is a mux stream whose caller agreed to half-close it."""
         self.ex = None
         self.reading, self.backlog = TUNNEL, NO_BACKLOG
         self._tunnel = up
         self._cancel_timer()
         t = self.transport
-        if isinstance(t, StreamTransport):
+        if half_close and isinstance(t, StreamTransport):
             t.allow_half_close()
         for ev in self.framer.upgrade_accepted():  # what the client sent after its request, in order
             if up.transport is not None:
@@ -970,9 +980,9 @@ class Exchange:
         self.tee: Any = None  # a copy of the request body as it streams (a mirror): feed(bytes), end(bytes)
         # callback mode (no coroutine): called with the response head instead of waking `waiter`
         self.on_response_head: Callable[[Exchange, ResponseHead], None] | None = None
-        # called when the upstream failed before a response head, with whether that was a keep-alive
-        # race (a reused connection closed or reset without a response byte: the request may be sent
-        # again, nothing read it); True: the side took over (redial)
+        # called when the upstream failed before a response head, with whether the request may be sent
+        # again because nothing read it (UpstreamConn.redo_safe: a keep-alive race, or a stream the
+        # peer refused while going away); True: the side took over (redial)
         self.on_fail: Callable[[Exchange, bool], bool] | None = None
 
     # ---- request body (from the client)
@@ -1023,6 +1033,7 @@ class Exchange:
         self.progress, self.held = AWAITING, NOTHING_HELD
         up.owner = self
         up.framer.expect(method)
+        up.answered = False
         framing = self.head.framing
         if framing == CHUNKED:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -1147,7 +1158,7 @@ class Exchange:
             self.flags = fl.add(self.flags, flag)
             self.conn.abort()
             self._finish(False)
-        elif self.on_fail is not None and self.on_fail(self, flag == fl.UC and up.reused):
+        elif self.on_fail is not None and self.on_fail(self, flag == fl.UC and up.redo_safe()):
             return
         else:
             self.respond(503 if flag == fl.UC else 502, flag)
@@ -1198,7 +1209,13 @@ class Exchange:
     def _relay_upgrade(self, resp: ResponseHead) -> None:
         up = self.upstream
         assert up is not None
-        headers = http1.forward_headers(resp.headers, tunnel=True)
+        headers = [h for h in http1.forward_headers(resp.headers, tunnel=True) if h[0] != TUNNEL_HEADER]
+        # the app's agent agrees to half-close when the caller's agent asked (TUNNEL_HALF_CLOSE)
+        asked = TUNNEL_HALF_CLOSE in self.head.headers
+        half_down = asked and isinstance(self.conn.transport, StreamTransport)
+        if half_down:
+            headers.append(TUNNEL_HALF_CLOSE)
+        half_up = isinstance(up.transport, StreamTransport) and TUNNEL_HALF_CLOSE in resp.headers
         self.status = 101
         self.conn.write(http1.serialize_response_head(b"1.1", 101, resp.reason or None, headers))
         self.progress = RELAYING
@@ -1206,8 +1223,8 @@ class Exchange:
         for ev in pending or ():
             if type(ev) is EV_TUNNEL:
                 self.conn.write(ev.data)
-        up.tunnel_to(self.conn)
-        self.conn.start_tunnel(up)
+        up.tunnel_to(self.conn, half_up)
+        self.conn.start_tunnel(up, half_down)
         self.upstream = None
         self._finish(False, release=False)
         up.resume_reading()
@@ -1305,9 +1322,13 @@ def tunnel_eof(
     other end when it can take one and has not ended itself. What eof_received answers: whether
     `mine` stays open (to write the other direction). False ends the tunnel: `mine` closes, and its
     connection_lost closes the other end."""
-    if other is not None and not other_ended and not other.is_closing() and other.can_write_eof():
-        other.write_eof()
-        return half_close_kept(mine)
+    if other is not None and not other.is_closing() and other.can_write_eof():
+        try:
+            other.write_eof()  # (the other end ended too: on a mux stream this FIN ends it cleanly)
+        except OSError:  # its socket is gone already (asyncio's shutdown: ENOTCONN): the tunnel is over
+            return False  # (raised into a mux stream's callback, it ended every stream of the connection)
+        if not other_ended:
+            return half_close_kept(mine)
     return False
 
 

@@ -82,6 +82,8 @@ from hostmesh.agent.proxy.http_conn import (
     RESET,
     RESPONSE,
     TIMEOUT,
+    TUNNEL_HALF_CLOSE,
+    TUNNEL_HEADER,
     Exchange,
     HeadChecks,
     Outcome,
@@ -635,6 +637,9 @@ class HttpOutbound:
         if head.expect_continue:
             ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
+        if head.upgrade:  # the app's agent may agree to half-close the tunnel's stream (http_conn)
+            headers = [h for h in headers if h[0] != TUNNEL_HEADER]
+            headers.append(TUNNEL_HALF_CLOSE)
         if route.has_request_ops:
             if headers is head.headers:
                 headers = list(headers)
@@ -855,7 +860,7 @@ class HttpOutbound:
             outcome = await ex.wait_response(left)
             if (
                 outcome == RESET
-                and up.reused
+                and up.redo_safe()
                 and fresh_redo
                 and ex.replayable
                 and ex.head.method in IDEMPOTENT

@@ -64,6 +64,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.ctx: Any = None
         self._tunnel: ServerConn | None = None
         self.eof = False  # the next hop sent its last byte (read while a tunnel: http_conn.tunnel_eof)
+        self.answered = False  # a byte came since the current request was sent (Exchange.send clears it)
         # we paused the transport's reading (read by callers too: resuming an unpaused one is a no-op call)
         self.reading_paused = False
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
@@ -80,6 +81,7 @@ class UpstreamConn(asyncio.BaseProtocol):
             tunnel.tunnel_out(data)
             return
         owner = self.owner
+        self.answered = True
         events = self.framer.feed(data)
         if owner is None:
             if events:
@@ -138,17 +140,24 @@ class UpstreamConn(asyncio.BaseProtocol):
             self.reading_paused = False
             t.resume_reading()
 
-    def tunnel_to(self, conn: ServerConn) -> None:
+    def tunnel_to(self, conn: ServerConn, half_close: bool = False) -> None:
+        """`half_close`: this connection is a mux stream whose peer agent agreed to half-close it."""
         self._tunnel = conn
         self.owner = None
         self.pool.lost(self)  # a tunnel never returns to the pool
         t = self.transport
-        if isinstance(t, StreamTransport):
+        if half_close and isinstance(t, StreamTransport):
             t.allow_half_close()
 
     def usable(self) -> bool:
         """Whether a pooled connection may take another request (beyond closed / expired)."""
         return True
+
+    def redo_safe(self) -> bool:
+        """Whether a request that failed on this connection before any answer byte can be sent again
+        because nothing read it: the keep-alive race (a reused connection the next hop had closed).
+        A fresh connection that fails took the request: sending it again would deliver it twice."""
+        return self.reused and not self.answered
 
     def write_now(self, data: bytes) -> None:
         """Write `data`, the end of a request, when its exchange is alone (http_conn.Live): a socket
@@ -313,6 +322,15 @@ class StreamUpstreamConn(UpstreamConn):
         t = self.transport
         mux = t.stream.conn if isinstance(t, StreamTransport) else None
         return mux is not None and not mux.draining and not mux.closed
+
+    def redo_safe(self) -> bool:
+        """Also a stream the peer agent refused unread because it is going away (its GOAWAY crossed
+        our HTTP_OPEN: a rolling restart), reused or not."""
+        if self.answered:
+            return False
+        t = self.transport
+        mux = t.stream.conn if isinstance(t, StreamTransport) else None
+        return self.reused or (mux is not None and mux.draining)
 
     def write_now(self, data: bytes) -> None:
         """The request's end leaves now, not with the loop turn's other frames (Exchange.send asks
