@@ -98,8 +98,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "stream_idle_timeout",
         "seconds 0..604800",
         _g(C.DEFAULT_STREAM_IDLE_TIMEOUT),
-        "A TCP connection, or an HTTP connection upgraded by a 101 (WebSocket), moving no byte "
-        "for this long is reset (flag `SI`); 0: never.",
+        "A TCP connection moving no byte for this long is reset (flag `SI`); so is an HTTP "
+        "connection a 101 upgraded (WebSocket), its 101 already counted; 0: never.",
     ),
     Key(
         "udp_idle_timeout",

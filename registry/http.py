@@ -109,7 +109,8 @@ class _Parsed:
         self.headers[key] = f"{self.headers[key]}, {val}" if key in self.headers else val
 
     def on_headers_complete(self) -> None:
-        self.head_done = True
+        status = self.parser.get_status_code() if self.parser is not None else 0
+        self.head_done = not 100 <= status < 200 or status == 101  # an interim head is not the answer's
 
     def on_body(self, body: bytes) -> None:
         self.body += body

@@ -127,7 +127,7 @@ def test_normal_forms(raw: bytes, normal: bytes) -> None:
         (b"/;/admin", "ambiguous-path-parameters"),
         (b"/ok/%2e%2e;x=1/admin", "ambiguous-path-parameters"),
         (b"/ok/.;/admin", "ambiguous-path-parameters"),
-        (b"/a/;", "ambiguous-path-parameters"),
+        (b"/a/;/b", "ambiguous-path-parameters"),
         (b"http://web/ok/..;/admin", "ambiguous-path-parameters"),
     ],
 )
@@ -285,3 +285,12 @@ def test_the_compiled_builds_fast_path_test_is_the_searches(target: bytes) -> No
     """The compiled build decides the fast path with one loop (normalize._plain_scan), the pure build
     with two regex searches (cheaper interpreted): they agree on every target."""
     assert normalize._plain_scan(target) == normalize._plain_search(target), target
+
+
+@pytest.mark.parametrize(
+    "target", [b"/;jsessionid=ABC", b"/app/;jsessionid=ABC", b"/app/;jsessionid=ABC?x=1"]
+)
+def test_a_session_id_on_a_directory_is_kept(target: bytes) -> None:
+    """Tomcat's encodeURL puts `;jsessionid=` on a directory URL: an empty last segment with
+    parameters is that directory either way, nothing to refuse (it was 400)."""
+    assert normalize_target(target) == target

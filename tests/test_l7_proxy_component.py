@@ -1183,10 +1183,12 @@ async def test_the_route_timeout_covers_a_response_body_that_stalls(mesh: Mesh) 
     one_api(mesh)
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}},
-        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "0.3s"}],
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "1s"}],
     })  # fmt: skip
     mesh.set_a(routes={"api": rc})
     app = mesh.apps[0]
+    # warm: the mux connection and the app connection exist, so the deadline is the body's alone
+    assert (await asyncio.to_thread(mesh.client().get, "/warm")).status == 200
 
     def run() -> bytes:
         with socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT) as s:

@@ -347,3 +347,22 @@ async def test_a_refused_answer_body_is_freed_without_the_garbage_collector() ->
         gc.enable()
         await client.close()
         await server.close()
+
+
+async def test_a_head_request_answered_after_an_interim_answer_gets_the_final_status() -> None:
+    async def interim_then_204(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    peer = await asyncio.start_server(interim_then_204, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        assert (await client.request("HEAD", "/", timeout=5)).status == 204
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()

@@ -35,8 +35,9 @@ The rules, in order:
      intention written for the decoded path. An escape of an unreserved character
      (``A-Z a-z 0-9 - . _ ~``, RFC 3986 §2.3) is decoded (so ``%2e`` is a dot and counts in the dot
      segment step below); every other escape is kept, its hex in upper case (§6.2.2.1);
-   - a segment with path parameters (``;``) whose part before the first ``;`` is empty, ``.`` or
-     ``..`` (after that decoding) is refused (``ambiguous-path-parameters``): servlet containers
+   - a segment with path parameters (``;``) whose part before the first ``;`` is ``.`` or ``..``,
+     or empty but not last, (after that decoding) is refused (``ambiguous-path-parameters``; a
+     last empty one is a session id on a directory, ``/app/;jsessionid=…``): servlet containers
      (Tomcat, Jetty, Spring) cut ``;...`` from each segment before removing dot segments, so they
      serve ``/ok/..;/admin`` and ``/;/admin`` as ``/admin`` while RFC 3986 keeps ``..;`` and ``;``
      as ordinary segments. Parameters on any other segment are kept as they are (``;jsessionid=``);
@@ -93,8 +94,9 @@ _SCHEME_RE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
 _ENCODE_RE = re.compile(b"[^" + re.escape(_PATH_CHARS + b"%\\") + b"]")
 _SLASHES_RE = re.compile(rb"/{2,}")
 # a segment whose part before its parameters is empty, "." or "..": what a servlet container resolves
-# once it has cut the parameters (the module docstring, rule 3)
-_DOT_PARAMS_RE = re.compile(rb"/\.{0,2};")
+# once it has cut the parameters (the module docstring, rule 3); an empty one is fine last, where
+# Tomcat's encodeURL puts a session id on a directory (`/app/;jsessionid=…` is `/app/` either way)
+_DOT_PARAMS_RE = re.compile(rb"/\.{1,2};|/;[^/]*/")
 _OPTIONS: Final = b"OPTIONS"  # the one method the asterisk-form target is for
 
 
