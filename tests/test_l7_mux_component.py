@@ -524,3 +524,34 @@ async def test_a_fresh_stream_a_draining_peer_refused_is_sent_again(
     assert (second.status, second.flags) == (200, "")
     assert (await slow).status == 200
     assert app.seen.count(b"/second") == 1
+
+
+async def test_a_stream_whose_handler_raises_is_reset_alone(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of one stream's handler (here a stand-in bug in the inbound's HTTP protocol)
+    resets that stream only: a request in flight on another stream of the same mux connection is
+    answered, and the connection carries the next one. It ended the connection, and every caller's
+    stream on it (the ENOTCONN of a tunnel's half-close did exactly that)."""
+    from hostmesh.agent.proxy import http_conn
+
+    _one_instance(mesh)
+    app = mesh.apps[0]
+    real = http_conn.ServerConn.data_received
+
+    def buggy(self: Any, data: Any) -> None:
+        if isinstance(self.transport, StreamTransport) and b"/boom" in bytes(data):
+            raise RuntimeError("a bug in a stream's handler")
+        real(self, data)
+
+    monkeypatch.setattr(http_conn.ServerConn, "data_received", buggy)
+    assert (await asyncio.to_thread(mesh.client().get, "/warm")).status == 200
+    slow = asyncio.create_task(asyncio.to_thread(mesh.client().get, "/delay/500"))
+    await async_wait_until(lambda: b"/delay/500" in app.seen, timeout=IO_S)
+    with caplog.at_level(logging.ERROR, logger="hostmesh.proxy"):
+        boom = await asyncio.to_thread(mesh.client().get, "/boom")
+    assert (boom.status, boom.flags) == (503, "UC")
+    assert (await slow).status == 200
+    assert (await asyncio.to_thread(mesh.client().get, "/after")).status == 200
+    assert mesh.http_out.mesh.connection_count() == 1  # the same mux connection throughout
+    assert any("failed in its handler" in r.getMessage() for r in caplog.records)

@@ -14,6 +14,10 @@ Decisions:
   TLS transport's write buffer: above its high-water mark every stream's source stops reading.
 - A stream's trouble stays in the stream (RESET frame); only a broken peer (framing, window or
   id violations) or a lost transport ends the connection, and then every stream on it is reset.
+  That includes an exception out of a stream's own handler (a bug, or an error the handler did not
+  expect): the stream is reset and told it is lost, the first few per connection are logged with
+  their traceback (MAX_LOGGED_STREAM_FAILURES), and the other streams go on. Raised into the
+  transport's read callback, it had ended the connection and every caller's stream on it.
 - Frames for a stream that already ended here (late DATA after a local reset, late credit) are
   dropped; frames for ids never opened are a protocol error.
 """
@@ -72,6 +76,7 @@ SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a h
 # interleaved 10 s rounds each, mean 0.82 ms end to end as is, 0.87 with it (bench/README.md).
 FLUSH_EVERY_FRAMES = 8
 MAX_CREDIT = 1 << 31  # a peer granting more than this has lost count of our window
+MAX_LOGGED_STREAM_FAILURES = 3  # per connection: a stream handler's exception logged with its traceback
 
 
 class Stream:
@@ -278,6 +283,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.draining = False  # GOAWAY sent or received: no new streams
         self.idle_since = time.monotonic()
         self.decoder = Decoder()
+        self.stream_failures = 0  # exceptions out of stream handlers (_stream_failed)
         self._out: list[bytes] = []  # small frames of this loop turn, written together by _flush
         # a writer that flushes what it writes itself is writing (StreamTransport.write_now): the
         # frames it queues first in a turn schedule no flush for the turn's end
@@ -450,21 +456,23 @@ def _frames(self: MuxConnection, data: bytes) -> None:
     for ftype, sid, payload in events:
         stream = streams.get(sid)
         if stream is not None:
-            if ftype == DATA:
-                stream.received(payload)
-            elif ftype == WINDOW:
-                try:
+            try:
+                if ftype == DATA:
+                    stream.received(payload)
+                elif ftype == WINDOW:
                     stream.credited(increment(payload))
-                except WireError as exc:
-                    self.protocol_error(str(exc))
-            elif ftype == FIN:
-                stream.fin_received()
-            elif ftype == RESET:
-                stream.reset_received()
-            elif ftype == DGRAM and stream.on_datagram is not None:
-                stream.on_datagram(payload)
-            else:
-                self.protocol_error(f"frame type {ftype} on open stream {sid}")
+                elif ftype == FIN:
+                    stream.fin_received()
+                elif ftype == RESET:
+                    stream.reset_received()
+                elif ftype == DGRAM and stream.on_datagram is not None:
+                    stream.on_datagram(payload)
+                else:
+                    self.protocol_error(f"frame type {ftype} on open stream {sid}")
+            except WireError as exc:  # the peer's window arithmetic: the connection is broken
+                self.protocol_error(str(exc))
+            except Exception as exc:  # the stream's own handler: that stream only (module docstring)
+                _stream_failed(self, stream, exc)
         elif ftype == OPEN:
             self.open_received(sid)
         elif ftype == DGRAM_OPEN:
@@ -478,6 +486,18 @@ def _frames(self: MuxConnection, data: bytes) -> None:
         # else: a stream that already ended here; its late frames are dropped
         if self.closed:
             return
+
+
+def _stream_failed(self: MuxConnection, stream: Stream, exc: Exception) -> None:
+    """A stream's handler raised `exc`: reset the stream, tell its pipe, keep the connection."""
+    self.stream_failures += 1
+    if self.stream_failures <= MAX_LOGGED_STREAM_FAILURES:
+        log.error("mesh connection %s: stream %d failed in its handler; reset", self.peername(), stream.id,
+                  exc_info=exc)  # fmt: skip
+    pipe = stream.pipe
+    stream.reset()
+    if pipe is not None:
+        pipe.lost(stream, exc)
 
 
 def _write(self: MuxConnection, frame: bytes) -> None:
