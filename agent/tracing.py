@@ -62,17 +62,22 @@ _rng = random.Random()
 
 
 class Context:
-    """An incoming trace context: trace ID (16 bytes), the caller's span ID (8 bytes), sampled."""
+    """An incoming trace context: trace ID (16 bytes), the caller's span ID (8 bytes), and whether
+    the caller sampled it (None: it did not say, this agent's rate decides; a B3 `b3: 0` carries no
+    IDs, only the decision)."""
 
     __slots__ = ("parent", "sampled", "trace_id")
 
-    def __init__(self, trace_id: bytes, parent: bytes, sampled: bool) -> None:
+    def __init__(self, trace_id: bytes, parent: bytes, sampled: bool | None) -> None:
         self.trace_id, self.parent, self.sampled = trace_id, parent, sampled
 
 
-def _hex_id(value: bytes, size: int) -> bytes | None:
-    """`value` (hex, `size` bytes long, not all zero) as bytes, else None."""
+def _hex_id(value: bytes, size: int, lenient: bool = False) -> bytes | None:
+    """`value` (lower-case hex, `size` bytes long, not all zero) as bytes, else None; `lenient`
+    takes upper case too (B3's senders vary; W3C says lower case, and a receiver refuses the rest)."""
     if len(value) != 2 * size or not _HEX.issuperset(value):
+        if not lenient:
+            return None
         value = value.lower()
         if len(value) != 2 * size or not _HEX.issuperset(value):
             return None
@@ -81,20 +86,20 @@ def _hex_id(value: bytes, size: int) -> bytes | None:
 
 
 def parse_traceparent(value: bytes) -> Context | None:
-    """W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later versions: their first 4 fields)."""
+    """W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower-case hex; a later version: its first
+    four fields, then a `-` if anything follows)."""
     if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
         return None
-    if value[:2] == b"ff" or (value[:2] == b"00" and len(value) != 55):
+    version, flags = value[:2], value[53:55]
+    if not _HEX.issuperset(version) or not _HEX.issuperset(flags) or version == b"ff":
+        return None
+    if len(value) > 55 and (version == b"00" or value[55:56] != b"-"):
         return None
     trace = _hex_id(value[3:35], 16)
     span = _hex_id(value[36:52], 8)
     if trace is None or span is None:
         return None
-    try:
-        flags = int(value[53:55], 16)
-    except ValueError:
-        return None
-    return Context(trace, span, bool(flags & 1))
+    return Context(trace, span, bool(int(flags, 16) & 1))
 
 
 def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
@@ -111,6 +116,8 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
         elif n == _B3_SAMPLED:
             sampled = v
     if single is not None:
+        if single.strip() == b"0":  # B3's "do not sample", with no IDs
+            return Context(b"", b"", False)
         parts = single.split(b"-")
         if len(parts) < 2:
             return None
@@ -120,10 +127,10 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
         return None
     if len(trace) == 16:
         trace = b"0" * 16 + trace
-    tid, sid = _hex_id(trace, 16), _hex_id(span, 8)
+    tid, sid = _hex_id(trace, 16, lenient=True), _hex_id(span, 8, lenient=True)
     if tid is None or sid is None:
         return None
-    return Context(tid, sid, sampled in (None, b"1", b"d", b"true"))
+    return Context(tid, sid, None if sampled is None else sampled in (b"1", b"d", b"true"))
 
 
 def incoming_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
@@ -248,15 +255,18 @@ class Tracer:
               start_ns: int = 0) -> Span | None:  # fmt: skip
         """A span for a request with these headers when it is sampled, else None (nothing built)."""
         ctx = incoming_context(headers)
-        if ctx is not None:
+        if ctx is not None and ctx.sampled is not None:  # the caller decided
             if not ctx.sampled:
                 return None
             trace_id, parent = ctx.trace_id, ctx.parent
-        else:
+        else:  # no context, or one whose sender left the decision to us: the rate decides
             s = self.sample
             if s <= 0.0 or (s < 1.0 and _rng.random() >= s):
                 return None
-            trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
+            if ctx is not None:
+                trace_id, parent = ctx.trace_id, ctx.parent
+            else:
+                trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
         return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
 
     def late(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
@@ -264,7 +274,7 @@ class Tracer:
         """A failed, unsampled request's span, built at its end (`[tracing] errors`)."""
         ctx = incoming_context(headers)
         start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
-        if ctx is not None:
+        if ctx is not None and ctx.trace_id:
             return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
         return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
 

@@ -302,3 +302,31 @@ def test_a_second_traceparent_from_the_client_does_not_reach_the_next_hop() -> N
     one = [(b"x-a", b"1")]
     tracing.set_traceparent(one, b"00-new")
     assert one == [(b"x-a", b"1"), (b"traceparent", b"00-new")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"zz-{TID}-{SID}-01",  # a version that is not hex
+        f"00-{TID.upper()}-{SID}-01",  # W3C ids are lower-case hex
+        f"00-{TID}-{SID.upper()}-01",
+        f"00-{TID}-{SID}--1",  # int() read these flags as sampled
+        f"00-{TID}-{SID}-+1",
+        f"00-{TID}-{SID}- 1",
+        f"01-{TID}-{SID}-01XYZ",  # a later version's fifth field must follow a '-'
+    ],
+)
+def test_a_traceparent_outside_the_w3c_grammar_is_ignored(value: str) -> None:
+    assert tracing.parse_traceparent(value.encode()) is None
+
+
+def test_a_b3_context_without_a_decision_leaves_it_to_the_rate() -> None:
+    """B3 IDs without `sampled` forced every request to be traced, whatever `sample` said (a client
+    could turn sampling up to 100 %); `b3: 0` (do not sample) was ignored."""
+    ids = [(b"x-b3-traceid", TID.encode()), (b"x-b3-spanid", SID.encode())]
+    never = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    always = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    assert never.start("web", "", tracing.KIND_CLIENT, ids) is None
+    span = always.start("web", "", tracing.KIND_CLIENT, ids)
+    assert span is not None and span.trace_id.hex() == TID and span.parent.hex() == SID  # the trace joined
+    assert always.start("web", "", tracing.KIND_CLIENT, [(b"b3", b"0")]) is None
