@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -55,6 +56,21 @@ async def served() -> AsyncIterator[tuple[Backend, HTTPServer]]:
     finally:
         backend.release.set()
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_peer(serve: Any, **client_args: Any) -> AsyncIterator[HTTPClient]:
+    """A client of a hand-written server (`serve(reader, writer)`, answering exactly the bytes a test
+    means), both closed afterwards."""
+    peer = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}", **client_args)
+    try:
+        yield client
+    finally:
+        await client.close()
+        peer.close()
+        await peer.wait_closed()
 
 
 async def test_client_opens_at_most_its_cap_and_reuses_connections() -> None:
@@ -279,18 +295,11 @@ async def test_client_skips_interim_answers_and_keeps_answers_with_their_request
             await writer.drain()
         writer.close()
 
-    peer = await asyncio.start_server(interim_first, "127.0.0.1", 0)
-    port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"http://127.0.0.1:{port}", max_connections=1)
-    try:
+    async with raw_peer(interim_first, max_connections=1) as client:
         first = await client.request("GET", "/one")
         second = await client.request("GET", "/two")
-        assert (first.status, second.status) == (500, 201)
-        assert "link" not in first.headers  # the interim answer's fields are not the answer's
-    finally:
-        await client.close()
-        peer.close()
-        await peer.wait_closed()
+    assert (first.status, second.status) == (500, 201)
+    assert "link" not in first.headers  # the interim answer's fields are not the answer's
 
 
 async def test_client_bounds_interim_answers() -> None:
@@ -301,17 +310,10 @@ async def test_client_bounds_interim_answers() -> None:
         await reader.read()  # until the client gives up
         writer.close()
 
-    peer = await asyncio.start_server(only_interim, "127.0.0.1", 0)
-    port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"http://127.0.0.1:{port}")
-    try:
+    async with raw_peer(only_interim) as client:
         with pytest.raises(Unavailable) as err:
             await client.request("POST", "/v1/traces", b"x", timeout=5)
-        assert "more than 8 interim (1xx) answers" in str(err.value)
-    finally:
-        await client.close()
-        peer.close()
-        await peer.wait_closed()
+    assert "more than 8 interim (1xx) answers" in str(err.value)
 
 
 async def test_a_refused_answer_body_is_freed_without_the_garbage_collector() -> None:
@@ -357,12 +359,5 @@ async def test_a_head_request_answered_after_an_interim_answer_gets_the_final_st
         await reader.read()
         writer.close()
 
-    peer = await asyncio.start_server(interim_then_204, "127.0.0.1", 0)
-    port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"http://127.0.0.1:{port}")
-    try:
+    async with raw_peer(interim_then_204) as client:
         assert (await client.request("HEAD", "/", timeout=5)).status == 204
-    finally:
-        await client.close()
-        peer.close()
-        await peer.wait_closed()
