@@ -13,11 +13,12 @@ Decisions:
 - TLS semantics, not TCP's, while the stream carries HTTP: an end of stream from the peer closes
   this end too (whatever eof_received answers), and there is no half-close to offer
   (`can_write_eof` is False), exactly as on the TLS connection this replaces, so both protocols
-  behave as they did there. Once the stream is a tunnel (an upgrade answered 101, on both agents:
-  `allow_half_close`) it has TCP's half-close, because what it stands for then is the client's TCP
-  connection: `write_eof` sends FIN and reading goes on (WRITE_CLOSED), and a FIN from the peer that
-  eof_received asks to keep open leaves writing open (READ_CLOSED). A peer agent of an older
-  release answers our FIN by closing, as before.
+  behave as they did there. Once the stream is a tunnel whose two agents agreed to half-close it
+  (an upgrade answered 101 with http_conn.TUNNEL_HALF_CLOSE both ways: `allow_half_close`), it has
+  TCP's half-close, because what it stands for then is the client's TCP connection: `write_eof`
+  sends FIN and reading goes on (WRITE_CLOSED), and a FIN from the peer that eof_received asks to
+  keep open leaves writing open (READ_CLOSED). With a peer agent of an earlier release nothing is
+  agreed, and a FIN stays a full close.
 - `close` is orderly: our bytes still waiting for credit go first, then FIN; the stream ends when the
   peer's FIN (or RESET) arrives, and what the peer sends meanwhile is dropped. `abort` is a RESET now.
   The protocol is told `connection_lost` once, right after close/abort or when the peer or the mux
