@@ -471,8 +471,9 @@ def _frames(self: MuxConnection, data: bytes) -> None:
                     self.protocol_error(f"frame type {ftype} on open stream {sid}")
             except WireError as exc:  # the peer's window arithmetic: the connection is broken
                 self.protocol_error(str(exc))
-            except Exception as exc:  # the stream's own handler: that stream only (module docstring)
-                _stream_failed(self, stream, exc)
+            # (a name of its own: compiled code gives `exc` WireError's type in this whole function)
+            except Exception as failure:  # the stream's own handler: that stream only (module docstring)
+                _stream_failed(self, stream, failure)
         elif ftype == OPEN:
             self.open_received(sid)
         elif ftype == DGRAM_OPEN:
