@@ -445,19 +445,21 @@ async def test_a_tunnel_that_moves_no_byte_for_the_stream_idle_timeout_is_reset(
 # --- the inbound's one silent redo is for the keep-alive race only
 
 
+def _arm_then_put(mesh: Mesh, arm: str, path: str) -> tuple[int, int]:
+    """GET `arm` from one caller connection, then PUT `path` from another: the inbound reuses the app
+    connection that answered `arm` (tests/l7_support.py: what the app does with the next request)."""
+    first = mesh.client().get(arm)
+    second = mesh.client().get(path, method="PUT", body=b"v")
+    return first.status, second.status
+
+
 async def test_a_request_on_a_reused_app_connection_the_app_dropped_is_sent_once_more(mesh: Mesh) -> None:
     """The keep-alive race: the app closed a pooled connection just as a request went on it, with no
     byte of an answer. Nothing read that request, so an idempotent one goes once more on a new app
     connection, transparently."""
     _one_instance(mesh)
     app = mesh.apps[0]
-
-    def run() -> tuple[int, int]:
-        first = mesh.client().get("/arm-drop")
-        second = mesh.client().get("/put-me", method="PUT", body=b"v")
-        return first.status, second.status
-
-    assert await asyncio.to_thread(run) == (200, 200)
+    assert await asyncio.to_thread(_arm_then_put, mesh, "/arm-drop", "/put-me") == (200, 200)
     assert app.dropped == [b"/put-me"]
     assert app.seen == [b"/arm-drop", b"/put-me"]  # answered on the second try, a new connection
     assert mesh.http_ins[0].pool.reused == 1
@@ -480,13 +482,7 @@ async def test_a_request_a_reused_app_connection_began_to_answer_is_not_sent_aga
     received the PUT twice)."""
     _one_instance(mesh)
     app = mesh.apps[0]
-
-    def run() -> tuple[int, int]:
-        first = mesh.client().get("/arm-partial")
-        second = mesh.client().get("/put-once", method="PUT", body=b"v")
-        return first.status, second.status
-
-    first, second = await asyncio.to_thread(run)
+    first, second = await asyncio.to_thread(_arm_then_put, mesh, "/arm-partial", "/put-once")
     assert first == 200 and second >= 500
     assert app.dropped == [b"/put-once"] and app.seen == [b"/arm-partial"]  # reached the app once
 
