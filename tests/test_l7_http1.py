@@ -1203,3 +1203,11 @@ def test_an_ordinary_trailer_is_kept_in_the_end_event() -> None:
     head = b"POST /ok HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
     events = RequestFramer().feed(head + b"2\r\nok\r\n0\r\nx-checksum: 1\r\n\r\n")
     assert events[-1] == EndOfMessage([(b"x-checksum", b"1")])
+
+
+@pytest.mark.parametrize("te", [b"chunked\t", b"chunked\t "])
+def test_a_tab_in_transfer_encoding_is_refused_before_the_head_goes_on(te: bytes) -> None:
+    """llhttp refused `chunked<TAB>` only at the body, after the framer had emitted the head: the app
+    got a request cut short while the client got 400."""
+    req = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: " + te + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    assert RequestFramer().feed(req) == [Reject(400, "bad-transfer-encoding", flags.DPE)]

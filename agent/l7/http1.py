@@ -263,7 +263,9 @@ def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
         if version == _V10:
             raise ProtocolError(400, "te-in-http10")
         codings = _tokens(te)
-        if not codings or codings[-1] != b"chunked":
+        # a tab: llhttp takes `chunked<TAB>` as another coding and refuses the body after the head
+        # went on (the app got a cut-short request); refused here, before anything is forwarded
+        if not codings or codings[-1] != b"chunked" or b"\t" in te:
             raise ProtocolError(400, "bad-transfer-encoding")
         if len(codings) != 1:
             raise ProtocolError(501, "unsupported-transfer-coding")
