@@ -354,23 +354,15 @@ def expects_continue(version: bytes, headers: Headers) -> bool:
     raise ProtocolError(417, "unsupported-expectation")
 
 
-def asks_upgrade(headers: Headers) -> bool:
-    """An Upgrade field and ``Connection: upgrade``: a request llhttp ends at its head."""
-    return any(n == b"upgrade" for n, _ in headers) and b"upgrade" in connection_tokens(headers)
-
-
-def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> bool:
-    """A GET on HTTP/1.1 asking ``Connection: upgrade`` + ``Upgrade: websocket``."""
-    if method != b"GET" or version != _V11:
-        return False
+def asks_websocket(headers: Headers) -> bool:
+    """``Connection: upgrade`` + ``Upgrade: websocket``, whatever the method and version."""
     up = header_value(headers, b"upgrade")
     return up is not None and b"websocket" in _tokens(up) and b"upgrade" in connection_tokens(headers)
 
 
-def _asks_websocket(headers: Headers) -> bool:
-    """An Upgrade field naming ``websocket`` (whatever the method and version)."""
-    up = header_value(headers, b"upgrade")
-    return up is not None and b"websocket" in _tokens(up)
+def is_websocket_upgrade(method: bytes, version: bytes, headers: Headers) -> bool:
+    """A GET on HTTP/1.1 asking ``Connection: upgrade`` + ``Upgrade: websocket``."""
+    return method == b"GET" and version == _V11 and asks_websocket(headers)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1020,7 +1012,7 @@ class RequestFramer(_Framer):
             upgrade = is_websocket_upgrade(method, version, decisive)
             keep_alive = request_keep_alive(version, decisive)
             expect_continue = expects_continue(version, decisive)
-            if framing != NO_BODY and asks_upgrade(decisive) and _asks_websocket(decisive):
+            if framing != NO_BODY and asks_websocket(decisive):
                 # nonsense, and the tunnel would carry the body's bytes; a body of any other upgrade
                 # request (h2c) is framed as its head says (_resume_body)
                 raise ProtocolError(400, "upgrade-with-body")
