@@ -179,6 +179,11 @@ HOP_BY_HOP: Final = frozenset(
 )
 # forward_headers drops these (and fields named in Connection)
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"expect"}
+# The agents' own field on a WebSocket upgrade and its 101, by which two agents agree to half-close
+# the tunnel's mux stream (agent/proxy/http_conn.py TUNNEL_HALF_CLOSE): hop-by-hop between agents,
+# so forward_headers drops it from a tunnel's head; each agent adds its own where it means it.
+TUNNEL_HEADER: Final = b"x-hostmesh-tunnel"
+_TUNNEL_DROPPED: Final = frozenset({TUNNEL_HEADER})
 # a Connection field naming one of these is refused (the module docstring says why)
 _NOT_NOMINABLE: Final = frozenset({b"content-length", b"host"})
 # ... and a nomination never drops these either: the forwarding fields an ingress gateway sets
@@ -374,20 +379,24 @@ def _dropped(named: frozenset[bytes]) -> frozenset[bytes]:
 def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     """Headers without hop-by-hop fields (and without ``Expect``, answered locally).
 
-    With ``tunnel`` (a WebSocket upgrade or its 101 answer) ``Upgrade`` is kept and
-    ``Connection: upgrade`` set. Returns the input list itself when nothing needs dropping.
+    With ``tunnel`` (a WebSocket upgrade or its 101 answer) ``Upgrade`` is kept,
+    ``Connection: upgrade`` set and TUNNEL_HEADER dropped; the result is then always a new list.
+    Otherwise it is the input list itself when nothing needs dropping.
     """
-    for n, _ in headers:
-        if n in _NOT_FORWARDED:
-            break
-    else:
-        return headers
+    if not tunnel:
+        for n, _ in headers:
+            if n in _NOT_FORWARDED:
+                break
+        else:
+            return headers
     named = _NO_TOKENS  # connection_tokens(headers), inline
     for n, v in headers:
         if n == b"connection":
             named = _token_set(v) if not named else named | _token_set(v)
     # `keep-alive` names a field dropped anyway: no cached call (see _token_set)
     drop = _NOT_FORWARDED if not named or named is _KEEP_ALIVE else _dropped(named)
+    if tunnel:
+        drop = drop | _TUNNEL_DROPPED
     out = [h for h in headers if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")

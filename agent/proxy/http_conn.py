@@ -122,10 +122,10 @@ BODY_MIN_RATE: Final = 240.0  # default; `http.body_min_rate`: bytes/s a body mu
 IDLE_TIMEOUT: Final = 90.0
 REQUEST_ID: Final = b"x-request-id"
 # Sent by the caller's agent on an upgrade request, and by the app's agent on the 101 when it agrees
-# (each strips the other's before the app or the client sees it): the mux stream of this tunnel
-# then has TCP's half-close on both agents (stream_transport.py). Absent either way: TLS semantics.
-TUNNEL_HEADER: Final = b"x-hostmesh-tunnel"
-TUNNEL_HALF_CLOSE: Final = (TUNNEL_HEADER, b"half-close")
+# (forward_headers drops the other's before the app or the client sees it): the mux stream of this
+# tunnel then has TCP's half-close on both agents (stream_transport.py). Absent either way: TLS
+# semantics.
+TUNNEL_HALF_CLOSE: Final = (http1.TUNNEL_HEADER, b"half-close")
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 _rng: Final = random.Random()
@@ -1209,7 +1209,7 @@ class Exchange:
     def _relay_upgrade(self, resp: ResponseHead) -> None:
         up = self.upstream
         assert up is not None
-        headers = [h for h in http1.forward_headers(resp.headers, tunnel=True) if h[0] != TUNNEL_HEADER]
+        headers = http1.forward_headers(resp.headers, tunnel=True)
         # the app's agent agrees to half-close when the caller's agent asked (TUNNEL_HALF_CLOSE)
         asked = TUNNEL_HALF_CLOSE in self.head.headers
         half_down = asked and isinstance(self.conn.transport, StreamTransport)

@@ -49,7 +49,6 @@ from hostmesh.agent.proxy.http_conn import (
     BODY_MIN_RATE,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
-    TUNNEL_HEADER,
     Exchange,
     HeadChecks,
     RequestMetrics,
@@ -259,8 +258,6 @@ class HttpInbound:
         if head.expect_continue:
             ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
-        if head.upgrade:  # the caller's agent's half-close offer is for this agent, not the app
-            headers = [h for h in headers if h[0] != TUNNEL_HEADER]
         complete_request_headers(headers, name)
         if ex.trace is not None:  # the app's own spans are children of this one
             ex.trace.propagate(headers)

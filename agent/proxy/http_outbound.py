@@ -83,7 +83,6 @@ from hostmesh.agent.proxy.http_conn import (
     RESPONSE,
     TIMEOUT,
     TUNNEL_HALF_CLOSE,
-    TUNNEL_HEADER,
     Exchange,
     HeadChecks,
     Outcome,
@@ -638,8 +637,7 @@ class HttpOutbound:
             ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
         if head.upgrade:  # the app's agent may agree to half-close the tunnel's stream (http_conn)
-            headers = [h for h in headers if h[0] != TUNNEL_HEADER]
-            headers.append(TUNNEL_HALF_CLOSE)
+            headers.append(TUNNEL_HALF_CLOSE)  # (a new list: forward_headers made it for the tunnel)
         if route.has_request_ops:
             if headers is head.headers:
                 headers = list(headers)
