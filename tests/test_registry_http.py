@@ -59,12 +59,12 @@ async def served() -> AsyncIterator[tuple[Backend, HTTPServer]]:
 
 
 @contextlib.asynccontextmanager
-async def raw_peer(serve: Any, **client_args: Any) -> AsyncIterator[HTTPClient]:
-    """A client of a hand-written server (`serve(reader, writer)`, answering exactly the bytes a test
-    means), both closed afterwards."""
+async def raw_peer(serve: Any, scheme: str = "http", **client_args: Any) -> AsyncIterator[HTTPClient]:
+    """A client (its `port` the server's) of a hand-written server (`serve(reader, writer)`, answering
+    exactly the bytes a test means), both closed afterwards."""
     peer = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"http://127.0.0.1:{port}", **client_args)
+    client = HTTPClient(f"{scheme}://127.0.0.1:{port}", **client_args)
     try:
         yield client
     finally:
@@ -236,18 +236,11 @@ async def test_client_names_an_answer_head_past_its_limit() -> None:
             sent.set()
             writer.close()
 
-    peer = await asyncio.start_server(endless_head, "127.0.0.1", 0)
-    port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"http://127.0.0.1:{port}")
-    try:
+    async with raw_peer(endless_head) as client:
         with pytest.raises(Unavailable) as err:
             await client.request("GET", "/")
-        assert str(err.value) == f"http://127.0.0.1:{port}: answer head larger than 64 KiB"
+        assert str(err.value) == f"http://127.0.0.1:{client.port}: answer head larger than 64 KiB"
         await asyncio.wait_for(sent.wait(), 10)
-    finally:
-        await client.close()
-        peer.close()
-        await peer.wait_closed()
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -262,10 +255,7 @@ async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) 
             await reader.read(65536)  # until the client gives up and closes
         writer.close()
 
-    peer = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
-    port = peer.sockets[0].getsockname()[1]
-    client = HTTPClient(f"{scheme}://127.0.0.1:{port}")
-    try:
+    async with raw_peer(ssh_banner, scheme) as client:
         with pytest.raises(Unavailable) as err:
             await client.request("GET", "/v1/status/leader", timeout=10)
         want = {
@@ -273,11 +263,7 @@ async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) 
             "is this the right address and port?",
             "https": "the server did not answer in TLS (an http:// address?)",
         }[scheme]
-        assert str(err.value) == f"{scheme}://127.0.0.1:{port}: {want}"
-    finally:
-        await client.close()
-        peer.close()
-        await peer.wait_closed()
+        assert str(err.value) == f"{scheme}://127.0.0.1:{client.port}: {want}"
 
 
 async def test_client_skips_interim_answers_and_keeps_answers_with_their_requests() -> None:
