@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import AsyncGenerator, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import dns.edns
 import dns.exception
@@ -259,6 +260,23 @@ async def test_a_failure_of_ours_is_servfail_counted_and_logged(
         await server.close()
 
 
+async def _held_tcp_client(server: DnsServer, sock: socket.socket) -> tuple[bytes, Any]:
+    """`sock` (its buffers set by the caller) connected to `server` and answered once, so the server
+    holds the connection; the server's send buffer for it made as small as a slow reader's receive
+    buffer (the kernel would otherwise let it grow to MiBs on loopback, ~70,000 answers, ~10 s of
+    dnspython, before a write waits). Returns one framed query and the server's connection."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.bind.port))
+    q = dns.message.make_query("api.mesh", "A").to_wire()
+    framed = struct.pack("!H", len(q)) + q
+    await loop.sock_sendall(sock, framed)  # one answer read: the server has the connection
+    assert len(await asyncio.wait_for(loop.sock_recv(sock, 4096), IO_BOUND)) > 2
+    (conn,) = server._clients
+    conn.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return framed, conn
+
+
 async def test_a_tcp_client_that_never_reads_its_answers_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     """It pipelines queries and reads nothing: once the socket buffers are full the server's write
     waits on it, and after TCP_WRITE_TIMEOUT it is cut, its slot given back. One slot here, so a
@@ -273,16 +291,7 @@ async def test_a_tcp_client_that_never_reads_its_answers_is_cut(monkeypatch: pyt
     try:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             hog.setsockopt(socket.SOL_SOCKET, opt, 4096)
-        hog.setblocking(False)
-        await loop.sock_connect(hog, ("127.0.0.1", server.bind.port))
-        q = dns.message.make_query("api.mesh", "A").to_wire()
-        framed = struct.pack("!H", len(q)) + q
-        await loop.sock_sendall(hog, framed)  # one answer read: the server has the connection
-        assert len(await asyncio.wait_for(loop.sock_recv(hog, 4096), IO_BOUND)) > 2
-        # its send buffer small, as the client's receive buffer: the kernel would otherwise let it
-        # grow to MiBs on loopback, ~70,000 answers (~10 s of dnspython) before its write waits
-        (conn,) = server._clients
-        conn.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        framed, _ = await _held_tcp_client(server, hog)
         chunk = framed * 1000
 
         async def pipeline() -> str:
@@ -320,14 +329,7 @@ async def test_a_tcp_client_that_stops_reading_then_goes_silent_is_closed(
     client = socket.socket()
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.setblocking(False)
-        await loop.sock_connect(client, ("127.0.0.1", server.bind.port))
-        q = dns.message.make_query("api.mesh", "A").to_wire()
-        framed = struct.pack("!H", len(q)) + q
-        await loop.sock_sendall(client, framed)  # one answer read: the server has the connection
-        assert len(await asyncio.wait_for(loop.sock_recv(client, 4096), IO_BOUND)) > 2
-        (conn,) = server._clients
-        conn.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        framed, conn = await _held_tcp_client(server, client)
         # ~34 KiB of answers: past the kernel's buffers, below asyncio's 64 KiB high-water mark
         await loop.sock_sendall(client, framed * 800)
         await asyncio.wait_for(conn.wait_closed(), IO_BOUND)  # the server's socket, closed
