@@ -298,34 +298,29 @@ class HTTPClient:
         sink = _Parsed(max_body)
         parser = sink.parser = httptools.HttpResponseParser(sink)
         try:
-            return await self._read_into(reader, method, sink, parser)
+            head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
+            while not sink.complete:
+                chunk = await reader.read(READ_SIZE)
+                if not chunk:
+                    if sink.head_done and not sink.complete:
+                        _feed(parser, b"")  # lets a read-until-close body complete
+                    if not sink.complete:
+                        raise EOFError("connection closed before the response was complete")
+                    break
+                _feed(parser, chunk)
+                if not sink.head_done:
+                    head_bytes += len(chunk)
+                    if head_bytes > MAX_HEAD_BYTES:
+                        raise _TooLarge(f"answer head larger than {_size(MAX_HEAD_BYTES)}")
+                if method == "HEAD" and sink.head_done:
+                    break
+            keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
+            return Response(parser.get_status_code(), bytes(sink.body), sink.headers), keep
         finally:
             # The parser holds the sink and the sink the parser: a cycle only the garbage collector
             # frees, with the body (up to max_body) in it. A collector answering 8 MiB bodies
             # swung an agent between 40 and 250 MiB; broken here, the body goes when the answer does.
             sink.parser = None
-
-    async def _read_into(
-        self, reader: asyncio.StreamReader, method: str, sink: _Parsed, parser: httptools.HttpResponseParser
-    ) -> tuple[Response, bool]:
-        head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
-        while not sink.complete:
-            chunk = await reader.read(READ_SIZE)
-            if not chunk:
-                if sink.head_done and not sink.complete:
-                    _feed(parser, b"")  # lets a read-until-close body complete
-                if not sink.complete:
-                    raise EOFError("connection closed before the response was complete")
-                break
-            _feed(parser, chunk)
-            if not sink.head_done:
-                head_bytes += len(chunk)
-                if head_bytes > MAX_HEAD_BYTES:
-                    raise _TooLarge(f"answer head larger than {_size(MAX_HEAD_BYTES)}")
-            if method == "HEAD" and sink.head_done:
-                break
-        keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
-        return Response(parser.get_status_code(), bytes(sink.body), sink.headers), keep
 
     async def close(self) -> None:
         self._closed = True
