@@ -219,9 +219,8 @@ class AgentConfig:
     # downstream connections held at once (app connections to upstream listeners, mesh connections,
     # the app connection of each inbound L4 stream); beyond: 503 OM (HTTP) or a reset (TCP)
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    stream_idle_timeout: float = (
-        DEFAULT_STREAM_IDLE_TIMEOUT  # an L4 or upgraded (101) connection silent this long is reset; 0: never
-    )
+    # an L4 stream, a tunnel (101) or an HTTP exchange silent this long ends; 0: never
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
     cert_dir: Path | None = None  # keys and certificates; None: <data_dir>/certs (Nomad: the secrets dir)
     nomad: NomadConfig | None = None  # running as a Nomad allocation's sidecar
 

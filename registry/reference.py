@@ -184,7 +184,8 @@ ROUTE = Kind(
             "duration",
             "Time for the whole exchange, retries included, to the "
             "response's last byte; then 504 `UT`, or once the response began, a reset (flag `UT`). "
-            "Unset: none.",
+            "Unset: none, but an exchange in which nothing moves ends after the agent's "
+            "`stream_idle_timeout`.",
         ),
         Field("routes[].retries", "object", "Retry policy."),
         Field(

@@ -143,6 +143,19 @@ class Backend:
             with contextlib.suppress(ConnectionError, OSError):
                 await r.read()  # until the connection ends (the proxy closes or resets it)
             return False
+        if path == b"/no-answer":  # reads the request, answers nothing until the proxy lets go
+            with contextlib.suppress(ConnectionError, OSError):
+                await r.read()
+            return False
+        if path == b"/trickle":  # a chunked body in 12 pieces 0.1 s apart: slow, never silent for long
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(12):
+                await asyncio.sleep(0.1)
+                w.write(b"1\r\n.\r\n")
+                await w.drain()
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+            return True
         if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
             w.write(b"\x81\x05hello")

@@ -442,6 +442,54 @@ async def test_a_tunnel_that_moves_no_byte_for_the_stream_idle_timeout_is_reset(
     await async_wait_until(lambda: _tunnels_gone(mesh, 2), timeout=IO_S)
 
 
+def _idle_after(mesh: Mesh, seconds: float, *, outbound: bool, inbound: bool) -> None:
+    """`stream_idle_timeout` of `seconds` on the chosen agents, their header timeout (the timer an
+    exchange's idle clock rides) shorter still."""
+    handlers = ([mesh.http_out] if outbound else []) + ([mesh.http_ins[0]] if inbound else [])
+    for h in handlers:
+        h.stream_idle_timeout = seconds
+        h.header_timeout = seconds / 2
+
+
+@pytest.mark.parametrize("side", ["inbound", "outbound"])
+async def test_an_app_that_never_answers_gets_504_si_after_the_stream_idle_timeout(
+    mesh: Mesh, side: str
+) -> None:
+    """No route timeout is set, and the app reads the request and answers nothing: the agent whose
+    `stream_idle_timeout` runs out first (the app's, or the caller's) ends the exchange once nothing
+    moved for it (504, flag SI) and the app connection is closed, where before the caller waited as
+    long as the app held on. The caller's connection stays usable."""
+    _one_instance(mesh)
+    app = mesh.apps[0]
+    client = mesh.client()
+    _idle_after(mesh, 0.4, outbound=side == "outbound", inbound=side == "inbound")
+    assert (await asyncio.to_thread(client.get, "/warm")).status == 200
+    resp = await asyncio.to_thread(client.get, "/no-answer")
+    assert (resp.status, resp.flags) == (504, "SI")
+    await async_wait_until(lambda: app.closed >= 1, timeout=IO_S)  # the app connection let go
+    assert (await asyncio.to_thread(client.get, "/after")).status == 200
+
+
+async def test_a_response_body_that_stops_is_cut_after_the_stream_idle_timeout(mesh: Mesh) -> None:
+    """The app sends a head and half its body, then nothing: the caller's agent resets its client
+    once nothing moved for its `stream_idle_timeout` (the head went: a reset is all that can say it)."""
+    _one_instance(mesh)
+    _idle_after(mesh, 0.4, outbound=True, inbound=False)
+    client = mesh.client()
+    resp = await asyncio.to_thread(client.get, "/stall-body")
+    assert (resp.status, resp.body) == (200, b"half.")
+    assert client.sock is None  # the connection ended under the cut response
+
+
+async def test_a_slow_response_that_keeps_moving_is_not_cut_by_the_stream_idle_timeout(mesh: Mesh) -> None:
+    """A response that takes three times the idle timeout but sends a piece every 0.1 s is idle on
+    neither agent: it arrives whole."""
+    _one_instance(mesh)
+    _idle_after(mesh, 0.4, outbound=True, inbound=True)
+    resp = await asyncio.to_thread(mesh.client().get, "/trickle")
+    assert (resp.status, resp.body, resp.flags) == (200, b"." * 12, "")
+
+
 # --- the inbound's one silent redo is for the keep-alive race only
 
 

@@ -36,7 +36,7 @@ DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversiz
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
 NI = "NI"  # no intentions: the destination's intentions cannot be read, the agent refuses -> 503
 
-SI = "SI"  # stream idle: the request body stalled or trickled below the minimum rate -> 408 (or a reset)
+SI = "SI"  # stream idle: a request body stalled or trickled (408), nothing moved (504); else a reset
 OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
 DC = "DC"  # downstream connection terminated: the caller left before the end, or the agent shut down
 
@@ -57,7 +57,7 @@ DESCRIPTIONS: dict[str, str] = {
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
     NI: "refused: the destination's intentions cannot be read (fail closed)",
-    SI: "request body idle or too slow",
+    SI: "stream idle: request body stalled or too slow, or nothing moved for stream_idle_timeout",
     OM: "agent overloaded (connection cap)",
     DC: "downstream connection terminated (the caller left, or the agent shut down)",
 }

@@ -662,7 +662,7 @@ class IngressGateway:
         self.holder = holder
         self.telemetry = telemetry
         self.http = http
-        self.stream_idle_timeout = stream_idle_timeout  # an upgraded client connection's (http_conn)
+        self.stream_idle_timeout = stream_idle_timeout  # a tunnel's or an exchange's (http_conn)
         self.cap = cap
         self.metrics = RequestMetrics(telemetry, "source")
         self._new_http_outbound = new_http_outbound  # mesh service -> HttpOutbound as this gateway

@@ -47,6 +47,11 @@ Decisions:
   half-close per tunnel (TUNNEL_HALF_CLOSE): an agent of an earlier release ends a stream with FIN
   only when it closes it for good, and reading its FIN as a half-close would leave the client
   writing into a stream nobody reads.
+- An exchange in which nothing moves, request body, response or its progress, for the agent's
+  ``stream_idle_timeout`` (a hung app, with no route timeout) ends: 504 with flag ``SI`` before the
+  response head, a reset after it; the upstream connection is closed. It rides the connection's one
+  timer (a quarter of the timeout apart, at most the header timeout), nothing per request or read;
+  a request body still coming has its own clock (``BODY_IDLE_TIMEOUT``).
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
   (``l7/http1.error_response``); a failure after the response head was sent resets the client.
 """
@@ -150,7 +155,7 @@ class Handler(Protocol):
     header_timeout: float
     body_idle_timeout: float
     body_min_rate: float
-    stream_idle_timeout: float  # a tunnel (after 101) idle this long either way is reset; 0: never
+    stream_idle_timeout: float  # a tunnel (after 101) or an exchange idle this long either way ends; 0: never
     # its connections' first header-timeout checks, made by the first connection (HeadChecks)
     head_checks: HeadChecks | None
 
@@ -365,6 +370,9 @@ class ServerConn(asyncio.BaseProtocol):
         # a tunnel's reads either way (tunnel_moved), and that count and when, at the last idle check
         self.tunnel_moved = 0
         self._tunnel_mark = (-1, 0.0)
+        # the exchange in flight, its bytes moved (request body in, response out) and progress, and
+        # since when they stood so, at the last idle check (_exchange_idle)
+        self._exchange_mark: tuple[Exchange | None, int, Progress, float] = NO_MARK
         self._cork: list[bytes | memoryview] | None = None  # writes gathered during one upstream read
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
@@ -580,7 +588,7 @@ class ServerConn(asyncio.BaseProtocol):
         idle = self.handler.stream_idle_timeout
         if idle > 0:
             self._tunnel_mark = (self.tunnel_moved, monotonic())
-            self._arm(_tunnel_check_every(idle))
+            self._arm(_idle_check_every(idle))
         self.resume_reading()
 
     def tunnel_out(self, data: bytes | memoryview) -> None:
@@ -602,7 +610,7 @@ class ServerConn(asyncio.BaseProtocol):
             if up is not None:
                 up.abort()
             return
-        self._arm(_tunnel_check_every(idle))
+        self._arm(_idle_check_every(idle))
 
     # ---- request body pace
     def body_clock(self) -> None:
@@ -704,8 +712,14 @@ class ServerConn(asyncio.BaseProtocol):
                     return
                 self._arm(min(left, timeout))
                 return
+            idle = self.handler.stream_idle_timeout
+            if idle > 0:
+                if self._exchange_idle(ex, idle):
+                    return
+                timeout = min(timeout, _idle_check_every(idle))
             self._arm(timeout)
             return
+        self._exchange_mark = NO_MARK  # idle: holds no finished exchange
         now = monotonic()
         if self._partial:  # a head began: it must be complete `timeout` after its first byte
             left = self._head_started + timeout - now
@@ -721,6 +735,25 @@ class ServerConn(asyncio.BaseProtocol):
             self._arm(min(left, timeout))
         else:
             self.close()
+
+    def _exchange_idle(self, ex: Exchange, idle: float) -> bool:
+        """The exchange's idle clock, read at the connection's timer (nothing per request or read):
+        True once neither a byte of its request body or its response nor its progress moved for
+        `idle` s, and it was then ended (Exchange.idle_out). One that moved nothing at all since it
+        began has been idle since then."""
+        now = monotonic()
+        moved, progress = ex.received + ex.sent, ex.progress
+        seen, count, was, since = self._exchange_mark
+        if seen is not ex:
+            since = ex.started if moved == 0 and progress is AWAITING else now
+        elif count != moved or was is not progress:
+            since = now
+        self._exchange_mark = (ex, moved, progress, since)
+        if now - since < idle:
+            return False
+        log.debug("exchange idle for %gs: ended (flag %s)", idle, fl.SI)
+        ex.idle_out()
+        return True
 
     # ---- transport helpers
     def write(self, data: bytes | memoryview) -> None:
@@ -916,6 +949,8 @@ AWAITING: Final = Progress.AWAITING
 HELD: Final = Progress.HELD
 RELAYING: Final = Progress.RELAYING
 DONE: Final = Progress.DONE
+# ServerConn._exchange_mark with no exchange
+NO_MARK: Final[tuple[Exchange | None, int, Progress, float]] = (None, 0, DONE, 0.0)
 NOTHING_HELD: Final[list[Any]] = []  # `held` outside HELD; never appended to (entering HELD makes a new list)
 
 
@@ -1275,6 +1310,18 @@ class Exchange:
         self.conn.abort()
         self.client_lost()
 
+    def idle_out(self) -> None:
+        """Nothing moved for the stream idle timeout (ServerConn._exchange_idle): 504 SI before the
+        response head, a reset (SI) once it went; the upstream attempt is dropped, and a try waiting
+        for its head ends (as when the client goes: the exchange is over)."""
+        if self.progress is RELAYING:
+            self.cut(fl.SI)
+            return
+        waiter = self.waiter
+        self.respond(504, fl.SI, "no byte moved for the stream idle timeout")
+        if waiter is not None and not waiter.done():
+            waiter.set_result(CLIENT_GONE)
+
     def client_lost(self) -> None:
         """The client went away: drop the upstream attempt; count what happened."""
         waiter = self.waiter
@@ -1309,9 +1356,10 @@ def _tunnel_rest(conn: ServerConn, events: Sequence[Any], head: Any) -> None:
             rest = True
 
 
-def _tunnel_check_every(idle: float) -> float:
-    """How often a tunnel's idle clock is looked at: the cut comes within a quarter of the timeout
-    after it (as limits.IdleReaper's for L4), and a long timeout costs a check a minute at most."""
+def _idle_check_every(idle: float) -> float:
+    """How often a tunnel's or an exchange's idle clock is looked at: the cut comes within a quarter
+    of the timeout after it (as limits.IdleReaper's for L4), and a long timeout costs a check a
+    minute at most."""
     return min(idle / 4, 60.0)
 
 

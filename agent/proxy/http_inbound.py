@@ -158,7 +158,7 @@ class HttpInbound:
         self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
-        self.stream_idle_timeout = stream_idle_timeout  # an upgraded connection's (http_conn)
+        self.stream_idle_timeout = stream_idle_timeout  # a tunnel's or an exchange's (http_conn)
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
         self.metrics = RequestMetrics(telemetry, REPORTER)

@@ -448,7 +448,7 @@ class HttpOutbound:
         self.tracer = tracer  # agent/tracing.Tracer when [tracing] is configured, else None
         self.body_idle_timeout = body_idle_timeout
         self.body_min_rate = body_min_rate
-        self.stream_idle_timeout = stream_idle_timeout  # an upgraded connection's (http_conn)
+        self.stream_idle_timeout = stream_idle_timeout  # a tunnel's or an exchange's (http_conn)
         self.declared = protocol  # agent.toml upstream `protocol`: the answer while the registry has none
         self._known = protocol == "http"  # the last answer (also while the registry has none)
         self.header_timeout = header_timeout
