@@ -32,7 +32,7 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
-from hostmesh.registry.layout import COMMAND, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, is_hostmesh
+from hostmesh.registry.layout import COMMAND, MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, is_hostmesh
 from hostmesh.registry.layout import GATEWAY_KIND_META as KIND_META
 
 if TYPE_CHECKING:
@@ -46,9 +46,6 @@ if TYPE_CHECKING:
 # completion stay cheap (tests/test_cli_habits.py checks what a help run imports).
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
-# A document is a handful of levels deep; YAML's composer recurses per level and ran out of Python's
-# stack at about 500, so deeper input is refused well before that, naming where.
-MAX_NESTING = 64
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 
 T = TypeVar("T")

@@ -12,6 +12,11 @@ if TYPE_CHECKING:
 
 KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
+# A document is a handful of levels deep (no kind goes past 6). Deeper is refused, by the CLI's file
+# reader (YAML's composer recurses per level and ran out of Python's stack at about 500) and by the
+# decoder of stored documents (schema.decode_stored), with the same limit.
+MAX_NESTING = 64
+
 COMMAND = {  # KV folder -> the CLI group that manages it
     "routes": "route",
     "policies": "policy",

@@ -28,6 +28,7 @@ from hostmesh.registry.schema import (
     DEFAULT_RETRY_ON,
     EXTERNAL_PROTOCOLS,
     LB_TYPES,
+    MAX_COUNT,
     MAX_EXTERNAL_ADDRESSES,
     MAX_GATEWAY_ROUTES,
     MAX_HOSTS,
@@ -37,6 +38,7 @@ from hostmesh.registry.schema import (
     MAX_RETRY_ATTEMPTS,
     MAX_ROUTES,
     MAX_RULES,
+    MAX_VERSION,
     PARSERS,
     RETRY_CONDITIONS,
     SERVICE_NAME_MAX,
@@ -91,6 +93,7 @@ VERSION_FIELD = Field(
     "The version this file was read at. `apply` writes only if the live document is still at "
     "this version (check-and-set); omit it to create a document, see the overwrite rule.",
     minimum=0,
+    maximum=MAX_VERSION,
 )
 
 
@@ -234,6 +237,7 @@ ROUTE = Kind(
             "Retries always allowed in flight, whatever the share.",
             default=str(DEFAULT_MIN_RETRY_CONCURRENCY),
             minimum=0,
+            maximum=MAX_COUNT,
         ),
         Field("routes[].fault", "object", "Fault injection for testing resilience (delay and/or abort)."),
         Field("routes[].fault.delay", "object", "Delay some requests (flag `DI`)."),
@@ -285,9 +289,23 @@ POLICY = Kind(
         Field("load_balancer.hash_on.cookie", "string", "A cookie's value."),
         Field("load_balancer.hash_on.source_ip", "true", "The caller's address (`true`)."),
         Field("connection_limits", "object", "Circuit breaker per caller agent; overflow is 503 `UO`."),
-        Field("connection_limits.max_connections", "integer", "Connections to the service.", minimum=1),
-        Field("connection_limits.max_pending_requests", "integer", "Requests waiting for one.", minimum=1),
-        Field("connection_limits.max_requests", "integer", "Requests in flight.", minimum=1),
+        Field(
+            "connection_limits.max_connections",
+            "integer",
+            "Connections to the service.",
+            minimum=1,
+            maximum=MAX_COUNT,
+        ),
+        Field(
+            "connection_limits.max_pending_requests",
+            "integer",
+            "Requests waiting for one.",
+            minimum=1,
+            maximum=MAX_COUNT,
+        ),
+        Field(
+            "connection_limits.max_requests", "integer", "Requests in flight.", minimum=1, maximum=MAX_COUNT
+        ),
         Field("outlier_detection", "object", "Eject instances that keep failing."),
         Field(
             "outlier_detection.consecutive_5xx",
@@ -295,12 +313,14 @@ POLICY = Kind(
             "5xx answers in a row that eject an instance.",
             default=f"{DEFAULT_CONSECUTIVE_5XX} (none when only consecutive_gateway_errors is set)",
             minimum=1,
+            maximum=MAX_COUNT,
         ),
         Field(
             "outlier_detection.consecutive_gateway_errors",
             "integer",
             "502/503/504 or connection failures in a row that eject an instance.",
             minimum=1,
+            maximum=MAX_COUNT,
         ),
         Field(
             "outlier_detection.interval",
@@ -321,9 +341,20 @@ POLICY = Kind(
             default=f"{DEFAULT_MAX_EJECTION_PERCENT:g}",
         ),
         Field("rate_limit", "object", "Local token bucket in each caller agent; excess gets 429 `RL`."),
-        Field("rate_limit.requests_per_second", "number", "Refill rate (> 0).", required=True),
         Field(
-            "rate_limit.burst", "integer", "Bucket size.", default="requests_per_second rounded up", minimum=1
+            "rate_limit.requests_per_second",
+            "number",
+            "Refill rate (> 0).",
+            required=True,
+            maximum=MAX_COUNT,
+        ),
+        Field(
+            "rate_limit.burst",
+            "integer",
+            "Bucket size.",
+            default="requests_per_second rounded up",
+            minimum=1,
+            maximum=MAX_COUNT,
         ),
         Field("locality", "object", "Prefer instances in the caller's zone."),
         Field("locality.prefer_zone", "boolean", "Turn the preference on.", default="true"),
@@ -334,6 +365,7 @@ POLICY = Kind(
             "Below this many healthy local instances, use every zone.",
             default="1",
             minimum=1,
+            maximum=MAX_COUNT,
         ),
     ),
 )
@@ -663,6 +695,11 @@ def json_schema(kind: Kind) -> dict[str, Any]:
 # --- Markdown -------------------------------------------------------------------------------------
 
 
+def _number(x: float) -> str:
+    """An integer bound in full (9007199254740991, not 9.0072e+15); any other number as %g."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _type_text(f: Field) -> str:
     if f.type == "enum":
         return " \\| ".join(f"`{c}`" for c in f.choices)
@@ -673,8 +710,8 @@ def _type_text(f: Field) -> str:
         return "list of objects"
     text = f.type
     if f.minimum is not None or f.maximum is not None:
-        lo = "" if f.minimum is None else f"{f.minimum:g}"
-        hi = "" if f.maximum is None else f"{f.maximum:g}"
+        lo = "" if f.minimum is None else _number(f.minimum)
+        hi = "" if f.maximum is None else _number(f.maximum)
         text += f" {lo}..{hi}"
     if f.one_of:
         text += " (exactly one field)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import field
@@ -28,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
-from hostmesh.registry.layout import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.layout import MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
 from hostmesh.registry.names import NAME_RE
 from hostmesh.registry.names import SERVICE_NAME_MAX as SERVICE_NAME_MAX  # (names.py: the rule)
 from hostmesh.registry.names import valid_service_name as valid_service_name
@@ -44,7 +45,8 @@ MAX_RETRY_ATTEMPTS = 10  # more retries only amplify an outage
 MAX_HEADER_OPS = 64  # per header-manipulation block
 
 _METHOD_RE = re.compile(r"[A-Za-z]+")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")  # ASCII digits: "٣s" is no duration
+_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in JSON ("\ud800"), yet no character: nothing encodes it
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 T = TypeVar("T")
@@ -115,17 +117,31 @@ def _str(v: object, path: str, *, max_len: int = MAX_STRING_LEN, allow_empty: bo
         raise InvalidDocument(path, "must not be empty")
     if len(v) > max_len:
         raise InvalidDocument(path, f"must be at most {max_len} characters")
+    if _SURROGATE.search(v):
+        raise InvalidDocument(path, "must be text: a lone surrogate (\\ud800-\\udfff) is no character")
     return v
 
 
-def _int(v: object, path: str, lo: int, hi: int | None = None) -> int:
+# The largest count a document takes (connections, requests, a bucket, a run of errors, ...): far past
+# any real config, and it keeps every count an exact, printable number (JSON holds integers of any length).
+MAX_COUNT = 10**9
+
+
+def _int(v: object, path: str, lo: int, hi: int | None = None, *, at_most: int = MAX_COUNT) -> int:
+    """An integer in lo..hi ("must be lo..hi"), or without `hi`: at least `lo` ("must be >= lo") and
+    at most `at_most` ("must be at most ..."), so no integer field is unbounded."""
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
             raise InvalidDocument(path, f"must be an integer, got {_typename(v)}")
-    if v < lo or (hi is not None and v > hi):
-        raise InvalidDocument(path, f"must be {lo}..{hi}" if hi is not None else f"must be >= {lo}")
+    if hi is not None:
+        if not lo <= v <= hi:
+            raise InvalidDocument(path, f"must be {lo}..{hi}")
+    elif v < lo:
+        raise InvalidDocument(path, f"must be >= {lo}")
+    elif v > at_most:
+        raise InvalidDocument(path, f"must be at most {at_most}")
     return v
 
 
@@ -199,7 +215,7 @@ def _re2() -> tuple[Any, Any]:
 
 
 def _regex(v: object, path: str) -> Regex:
-    s = _str(v, path, max_len=MAX_REGEX_LEN)
+    s = _str(v, path, max_len=MAX_REGEX_LEN)  # text: RE2 compiles UTF-8, which no lone surrogate has
     try:
         return Regex(s)
     except _re2()[0].error as exc:
@@ -209,8 +225,8 @@ def _regex(v: object, path: str) -> Regex:
         try:
             re.compile(s)  # compiles (never runs) the pattern: tells "not in RE2" from "broken"
             hint = " (valid in Python, not in RE2, the linear-time engine regexes run on)"
-        except re.error:
-            pass
+        except Exception:  # re.error; RecursionError (deep nesting), OverflowError (a count past 2**32)
+            pass  # only the hint is lost
         raise InvalidDocument(path, f"invalid regex: {msg}{hint}") from None
 
 
@@ -247,8 +263,13 @@ def _trim(number: str) -> str:
     return number.rstrip("0").rstrip(".") if "." in number else number
 
 
+# A document's version counts its writes (one per apply), so it never nears this; the bound keeps it an
+# integer every JSON reader holds exactly (a JavaScript number), and printable.
+MAX_VERSION = 2**53 - 1
+
+
 def _version(fields: Mapping[str, Any], path: str = "version") -> int:
-    return _int(fields.get("version", 0), path, 0)
+    return _int(fields.get("version", 0), path, 0, at_most=MAX_VERSION)
 
 
 # --- shared match pieces ---------------------------------------------------------------------
@@ -836,3 +857,52 @@ def parse_document(kind: str, data: object) -> AnyDocument:
         raise ValueError(f"unknown document kind {kind!r}") from None
     result: AnyDocument = parser(data)
     return result
+
+
+# --- a stored document's bytes ---------------------------------------------------------------
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidDocument("", f"not valid JSON: duplicate key {key!r} (which value is meant?)")
+            seen.add(key)
+    return out
+
+
+def decode_stored(raw: bytes | str) -> Any:
+    """A document as Consul KV holds it, decoded as strictly as the CLI reads a file: bytes that are
+    not UTF-8 JSON, a key twice in one object (json would keep the last value, a reader of the raw
+    KV sees the first), or nesting deeper than MAX_NESTING raise InvalidDocument. Agents, `hostmesh
+    check` and the CLI's reads of stored documents all decode with this, so they agree on a document."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except InvalidDocument:
+        raise
+    except RecursionError:
+        raise InvalidDocument("", f"not valid JSON: nested deeper than {MAX_NESTING} levels") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InvalidDocument("", f"not valid JSON ({exc.msg} at {where})") from None
+    except ValueError:  # UnicodeDecodeError, or an integer past Python's digit limit
+        raise InvalidDocument("", "not valid JSON (not UTF-8, or a number too long)") from None
+    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:  # iterative: the depth is what is being checked
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > MAX_NESTING:
+            raise InvalidDocument("", f"not valid JSON: nested deeper than {MAX_NESTING} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return data
+
+
+def rejection(exc: Exception) -> str:
+    """Why a stored document was not applied, in one line: its field and problem when invalid; for
+    any other failure (an input no parser foresaw) the error's type and text. Either way the document
+    is refused and the last good one kept: one bad document never stops the reading of the others."""
+    if isinstance(exc, InvalidDocument):
+        return str(exc)
+    return f"could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"

@@ -28,6 +28,7 @@ from hostmesh.registry.schema import (
     DEFAULT_RETRY_ON,
     EXTERNAL_PROTOCOLS,
     LB_TYPES,
+    MAX_COUNT,
     MAX_EXTERNAL_ADDRESSES,
     MAX_GATEWAY_ROUTES,
     MAX_HEADER_OPS,
@@ -109,7 +110,12 @@ def _bool(v: object, path: str) -> bool:
 
 def _percent(v: object, path: str) -> float:
     """0..100, integer or fractional (`0.5` percent of requests)."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    # an int is finite, whatever its size (math.isfinite of 10**400 raises OverflowError); compared exactly
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or (isinstance(v, float) and not math.isfinite(v))
+    ):
         raise InvalidDocument(path, f"must be a number 0..100, got {_typename(v)}")
     if not 0 <= v <= 100:
         raise InvalidDocument(path, "must be 0..100")
@@ -487,8 +493,10 @@ def parse_policy(data: object) -> PolicyDocument:
         rf = _fields(f[p], p, required=("requests_per_second",), optional=("burst",))
         rps = rf["requests_per_second"]
         rp = _key(p, "requests_per_second")
-        if isinstance(rps, bool) or not isinstance(rps, int | float) or not math.isfinite(rps) or rps <= 0:
+        if isinstance(rps, bool) or not isinstance(rps, int | float) or not rps > 0:  # NaN is not > 0
             raise InvalidDocument(rp, "must be a number > 0")
+        if not rps <= MAX_COUNT:  # exact for an int of any size; Infinity too
+            raise InvalidDocument(rp, f"must be a number at most {MAX_COUNT}")
         burst = _int(rf["burst"], _key(p, "burst"), 1) if "burst" in rf else max(1, math.ceil(rps))
         rate = RateLimit(float(rps), burst)
     locality = None
