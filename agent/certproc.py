@@ -297,7 +297,7 @@ class CertProcess:
             roots = json.loads(entry.value)["roots"]
             if _pem_blocks("".join(roots)) == _pem_blocks(self._roots_pem):
                 return  # what roots.pem already holds: nothing to check or write
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass  # let the cert manager reject (and log) it
         if self._bundle_task is not None and not self._bundle_task.done():
             self._bundle_again = True

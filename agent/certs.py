@@ -637,7 +637,7 @@ class CertManager:
             return
         try:
             roots = parse_bundle(json.loads(entry.value), self.trust_domain)
-        except (ValueError, TrustError) as exc:
+        except (ValueError, TrustError, RecursionError) as exc:  # (RecursionError: nested past json's stack)
             log.error("ignoring invalid trust bundle at %s: %s; keeping the roots in use", ROOTS_KEY, exc)
             return
         if self._set_roots(roots):

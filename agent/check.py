@@ -58,6 +58,7 @@ async def _consul_and_documents(
     consul: ConsulClient,
 ) -> tuple[list[Finding], dict[str, dict[str, object]], Catalog | None]:
     from hostmesh.registry.analysis import Catalog, Finding, Instance
+    from hostmesh.registry.schema import decode_stored
 
     out: list[Finding] = []
     subject = f"consul {consul.url}"
@@ -96,14 +97,14 @@ async def _consul_and_documents(
             if not key or "/" in key:
                 continue
             try:
-                documents.setdefault(kind, {})[key] = json.loads(entry.value)
-            except (ValueError, UnicodeDecodeError):
+                documents.setdefault(kind, {})[key] = decode_stored(entry.value)
+            except InvalidDocument as exc:
                 out.append(
                     Finding(
                         "error",
                         "invalid",
                         f"{kind}/{key}",
-                        "not JSON: agents reject it",
+                        f"{exc}: agents reject it",
                         f"re-apply the document with `hostmesh` (or delete {entry.key})",
                     )
                 )
@@ -462,7 +463,7 @@ def normalize_path(path: str, method: str = "GET") -> str:
 
 async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None, str]:
     from hostmesh.registry.consul import ConsulClient
-    from hostmesh.registry.schema import Intentions, parse_document
+    from hostmesh.registry.schema import Intentions, decode_stored, parse_document
 
     async with ConsulClient(settings) as consul:
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
@@ -472,11 +473,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
     if entry is None:
         return None, protocol
     try:
-        doc = parse_document("intentions", json.loads(entry.value))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise click.ClickException(
-            f"intentions/{dst} is not valid JSON ({exc}); agents keep their last valid version"
-        ) from None
+        doc = parse_document("intentions", decode_stored(entry.value))
     except InvalidDocument as exc:
         raise click.ClickException(
             f"intentions/{dst} is invalid ({exc}); agents keep their last valid version"

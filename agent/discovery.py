@@ -90,11 +90,13 @@ from hostmesh.registry.schema import (
     GatewayDocument,
     Intentions,
     PolicyDocument,
+    decode_stored,
     parse_external,
     parse_gateway,
     parse_intentions,
     parse_policy,
     parse_routes,
+    rejection,
 )
 from hostmesh.registry.watch import Watch
 
@@ -186,12 +188,12 @@ class SnapshotBuilder:
             self.raw_intentions.pop(service, None)
         else:
             try:
-                data = json.loads(raw)
+                data = decode_stored(raw)
                 doc = parse_intentions(data)
                 if doc.service != service:
                     raise InvalidDocument("service", f"is {doc.service!r} but the key is for {service!r}")
-            except (ValueError, InvalidDocument) as exc:
-                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+            except Exception as exc:  # any failure to read a document is its rejection
+                reason = rejection(exc)
                 log.error(
                     "rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, service, reason
                 )
@@ -308,9 +310,9 @@ class SnapshotBuilder:
             self.external_intentions[name] = None
         else:
             try:
-                doc = parse_intentions(json.loads(raw))
-            except (ValueError, InvalidDocument) as exc:
-                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+                doc = parse_intentions(decode_stored(raw))
+            except Exception as exc:  # any failure to read a document is its rejection
+                reason = rejection(exc)
                 log.error("rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, name, reason)
                 if self._on_rejected:
                     self._on_rejected(f"intentions/{name}", reason)
@@ -326,10 +328,10 @@ class SnapshotBuilder:
             raw_store.pop(service, None)
         else:
             try:
-                data = json.loads(raw)
+                data = decode_stored(raw)
                 value = parse(data)
-            except (ValueError, InvalidDocument) as exc:
-                reason = str(exc) if isinstance(exc, InvalidDocument) else "not valid JSON"
+            except Exception as exc:  # any failure to read a document is its rejection
+                reason = rejection(exc)
                 log.error("rejected hostmesh/%s/%s: %s; keeping the previous config", kind, service, reason)
                 if self._on_rejected:
                     self._on_rejected(f"{kind}/{service}", reason)
@@ -733,10 +735,11 @@ class Discovery:
             served = set()
             for entry in await self._consul.kv_list(EXTERNAL_PREFIX):
                 try:
-                    via = json.loads(entry.value).get("via")
-                except (ValueError, AttributeError):
-                    continue
-                if via in egress:
+                    doc = decode_stored(entry.value)
+                except InvalidDocument:
+                    continue  # its own read (set_external) says why
+                via = doc.get("via") if isinstance(doc, dict) else None
+                if isinstance(via, str) and via in egress:
                     served.add(entry.key[len(EXTERNAL_PREFIX) :])
             self._served = served
         docs = self._documents()
@@ -763,21 +766,29 @@ class Discovery:
                 continue
             self._doc_index[key] = modify
             raw = result.value if result is not None else None
-            if kind == "intentions":
-                self._builder.set_intentions(name, modify, raw)
-            elif kind == "external-intentions":
-                self._builder.set_external_intentions(name, modify, raw)
-            elif kind == "gateways":
-                self._builder.set_gateway(name, modify, raw)
-            elif kind == "external":
-                self._builder.set_external(name, modify, raw)
-            elif kind == "routes":
-                self._builder.set_routes(name, modify, raw)
-            else:
-                self._builder.set_policy(name, modify, raw)
+            try:
+                self._apply_document(kind, name, modify, raw)
+            except Exception:  # a bug: this document stays as it was, the others of the round apply
+                log.exception("applying %s failed; keeping what was applied before", key)
+                self._doc_index.pop(key, None)  # tried again at the next round
 
         self._forget_externals({name for kind, name in docs.values() if kind == "external"})
         self._follow_new_upstreams()
+
+    def _apply_document(self, kind: str, name: str, modify: int, raw: bytes | None) -> None:
+        b = self._builder
+        if kind == "intentions":
+            b.set_intentions(name, modify, raw)
+        elif kind == "external-intentions":
+            b.set_external_intentions(name, modify, raw)
+        elif kind == "gateways":
+            b.set_gateway(name, modify, raw)
+        elif kind == "external":
+            b.set_external(name, modify, raw)
+        elif kind == "routes":
+            b.set_routes(name, modify, raw)
+        else:
+            b.set_policy(name, modify, raw)
 
     def _forget_externals(self, followed: set[str]) -> None:
         """Externals this agent no longer follows (deleted, or no longer `via` an egress gateway here)

@@ -130,14 +130,14 @@ class Collector:
         return out
 
     async def _intentions(self) -> dict[str, Intentions]:
-        from hostmesh.registry.schema import Intentions, parse_document
+        from hostmesh.registry.schema import Intentions, decode_stored, parse_document
 
         out = {}
         for entry in await self.consul.kv_list("hostmesh/intentions/"):
             name = entry.key.rpartition("/")[2]
             try:
-                doc = parse_document("intentions", json.loads(entry.value))
-            except (ValueError, UnicodeDecodeError, InvalidDocument):
+                doc = parse_document("intentions", decode_stored(entry.value))
+            except InvalidDocument:
                 continue  # `hostmesh check` reports it; the graph shows what agents can apply
             if isinstance(doc, Intentions) and doc.service == name:
                 out[name] = doc

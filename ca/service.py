@@ -613,7 +613,7 @@ class CAService:
         else:
             try:
                 problem = None if json.loads(current.value) == want else "different"
-            except ValueError:
+            except (ValueError, RecursionError):
                 problem = "unreadable"
         self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if problem == "different" else 0
         if problem is None:

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import COMMAND, UPSTREAMS_META, is_hostmesh
 from hostmesh.registry.schema import (
     Intentions,
@@ -30,6 +29,7 @@ from hostmesh.registry.schema import (
     PolicyDocument,
     RouteDocument,
     parse_document,
+    rejection,
 )
 
 Severity = Literal["error", "warning", "info"]
@@ -105,7 +105,7 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
     out: list[Finding] = []
     known = catalog.services()
     parsed: dict[str, dict[str, Any]] = {}
-    for kind in ("routes", "policies", "intentions"):
+    for kind in COMMAND:  # every document kind the CLI manages: an invalid one is found whatever it is
         for key, raw in sorted((documents.get(kind) or {}).items()):
             doc = _parse(kind, key, raw, out)
             if doc is not None:
@@ -144,7 +144,7 @@ def _parse(kind: str, key: str, raw: object, out: list[Finding]) -> Any:
             )
     try:
         doc = parse_document(kind, raw)
-    except InvalidDocument as exc:
+    except Exception as exc:  # whatever agents refuse it for (schema.rejection)
         if kind == "routes" and any(True for _ in _raw_weight_sums(raw)):
             return None  # already said, more precisely
         out.append(
@@ -152,7 +152,7 @@ def _parse(kind: str, key: str, raw: object, out: list[Finding]) -> Any:
                 "error",
                 "invalid",
                 subject,
-                f"rejected by agents: {' '.join(str(exc).split())}",
+                f"rejected by agents: {' '.join(rejection(exc).split())}",
                 f"fix that field and `hostmesh {cmd} apply` it (or `hostmesh {cmd} rollback {key} --to N`)",
             )
         )

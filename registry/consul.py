@@ -64,7 +64,10 @@ class KVEntry:
     modify_index: int
 
     def json(self) -> Any:
-        return json.loads(self.value)
+        """The value as JSON, decoded as strictly as a stored document (schema.decode_stored)."""
+        from hostmesh.registry.schema import decode_stored
+
+        return decode_stored(self.value)
 
 
 @record

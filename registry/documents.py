@@ -31,6 +31,7 @@ value is the caller's JSON with `version` set, so what an operator applied is wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -38,14 +39,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.registry.consul import ConsulClient, KVEntry
-from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, PermissionDenied, RegistryError
-from hostmesh.registry.layout import GATEWAY_KIND_META
+from hostmesh.registry.errors import (
+    Conflict,
+    InvalidDocument,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+    Unavailable,
+)
+from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META
 from hostmesh.registry.schema import (
     KINDS,
     NOMAD_MAPPING_KIND,
     AnyDocument,
     RouteDocument,
     check_protocol,
+    decode_stored,
     parse_document,
 )
 
@@ -186,9 +195,9 @@ def _with_version(data: dict[str, Any], version: int) -> dict[str, Any]:
 
 def _decode(entry: KVEntry, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(entry.value)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidDocument(what, "stored value is not valid JSON") from None
+        data = decode_stored(entry.value)
+    except InvalidDocument as exc:
+        raise InvalidDocument(what, f"stored value is {exc.problem}") from None
     if not isinstance(data, dict):
         raise InvalidDocument(what, "stored value is not a JSON object")
     return data
@@ -313,10 +322,7 @@ class DocumentStore:
             size += op_bytes(stale[now])
             ops.append(stale[now])
             now += 1
-        results = await self._commit(writes, ops)
-        # Consul answers a transaction with the entry of each cas in it (its value left out): the live
-        # keys' ModifyIndex without reading them again, which could fail after everything was written
-        written = _modify_indexes(results)
+        written = await self._commit(writes, ops)
         await self._delete_stale(stale[now:])
         return [
             Document(w.kind, w.service, w.version, w.stored, written.get(doc_key(w.kind, w.service), 0))
@@ -444,16 +450,44 @@ class DocumentStore:
         entries = await self.consul.kv_list(prefix)
         return sorted(int(e.key[len(prefix) :]) for e in entries if version_key(e.key[len(prefix) :]))
 
-    async def _commit(self, writes: list[_Write], ops: list[dict[str, Any]]) -> list[Any]:
-        """Run the transaction `ops` writing `writes`; returns Consul's Results."""
+    async def _commit(self, writes: list[_Write], ops: list[dict[str, Any]]) -> dict[str, int]:
+        """Run the transaction `ops` writing `writes`; returns the written keys' ModifyIndex. Consul
+        answers a transaction with the entry of each cas in it (its value left out): the indexes come
+        without reading the keys again. When the answer is lost (the request went, no answer came),
+        the live keys say whether the transaction was applied (it is all or nothing)."""
         try:
-            return await self.consul.txn([{"KV": op} for op in ops])
+            return _modify_indexes(await self.consul.txn([{"KV": op} for op in ops]))
+        except Unavailable as exc:
+            return await self._outcome_of(writes, exc)
         except Conflict:
             changed = writes[0] if len(writes) == 1 else await self._first_changed(writes)
             what = f"{changed.kind} for {changed.service}" if changed else "one of the documents"
             raise Conflict(
                 f"{what} was changed by someone else while this change was made; re-read and apply again"
             ) from None
+
+    async def _outcome_of(self, writes: list[_Write], lost: Unavailable) -> dict[str, int]:
+        """A write whose answer was lost: done if its first document is live as written (then all
+        are), else not done (the error as it was); unknown if Consul cannot be read either."""
+        first = writes[0]
+        try:
+            entry = await self.consul.kv_get(doc_key(first.kind, first.service))
+        except RegistryError:
+            cmd = COMMAND.get(first.kind, first.kind)
+            raise Unavailable(
+                f"{lost}; whether the change was written is unknown: `hostmesh {cmd} get {first.service}` "
+                "shows what is live"
+            ) from None
+        if entry is None or entry.value != first.value.encode():
+            raise lost
+        log.info("the answer to the write was lost, but %s is live as written", entry.key)
+        written = {entry.key: entry.modify_index}
+        for w in writes[1:]:  # their indexes only (0 when unread): the transaction was applied whole
+            with contextlib.suppress(RegistryError):
+                again = await self.consul.kv_get(doc_key(w.kind, w.service))
+                if again is not None:
+                    written[again.key] = again.modify_index
+        return written
 
     async def _delete_stale(self, ops: list[dict[str, Any]]) -> None:
         """Deletes of part 3 that did not fit in the write's transaction, after it succeeded: best

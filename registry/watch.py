@@ -78,13 +78,19 @@ class Watch(Generic[T]):
                 await task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # it had died (run() outlives its errors; this is for what it could not)
+                log.exception("watch %s had ended with an error", self.name)
 
     async def run(self) -> None:
         failures = 0
         while True:
             try:
                 returned, value = await self._fetch(self.index)
-            except RegistryError as exc:
+            except Exception as exc:  # a RegistryError; anything else is a bug the watch must outlive
+                if not isinstance(exc, RegistryError):
+                    if failures == 0:  # its traceback once per streak; the line below says the rest
+                        log.error("watch %s: reading failed", self.name, exc_info=exc)
+                    exc = RegistryError(f"reading failed: {type(exc).__name__}: {exc}")
                 self.healthy = False
                 # After an error, read fresh: if Consul restarted, its index restarted lower, and a
                 # blocking query on our old index would sit out its whole wait before noticing.

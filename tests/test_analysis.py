@@ -219,3 +219,13 @@ def test_the_ca_instance_does_not_hide_an_unused_policy() -> None:
     assert {f.code for f in analyze(with_doc("policies", "web", {"service": "web"}), catalog)} == {
         "unused-policy"
     }
+
+
+def test_invalid_gateway_and_external_documents_are_found_too() -> None:
+    """`check` read every document kind but judged only routes, policies and intentions: an external
+    document with a list for `via`, which an egress gateway's agent refuses, passed unseen."""
+    docs = with_doc("external", "pay", {"service": "pay", "via": ["egw"]})
+    docs["gateways"] = {"edge": {"service": "edge", "listeners": "all"}}
+    found = analyze(docs, CATALOG)
+    assert codes(found) == {("error", "invalid", "external/pay"), ("error", "invalid", "gateways/edge")}
+    assert all(f.message.startswith("rejected by agents: ") for f in found)

@@ -365,12 +365,47 @@ def test_intention_documents_with_l7_permissions_and_default(consul: ConsulDev, 
 def test_apply_replaces_garbage_written_around_the_cli(consul: ConsulDev, tmp_path: Path) -> None:
     s = svc()
     consul.kv_put(doc_key("routes", s), b"garbage")
-    assert (
-        fails(run(consul, "route", "get", s)) == f"Error: hostmesh/routes/{s}: stored value is not valid JSON"
+    assert fails(run(consul, "route", "get", s)) == (
+        f"Error: hostmesh/routes/{s}: stored value is not valid JSON (Expecting value at line 1 column 1)"
     )
     assert f"routes/{s}: version 1 written" in ok(
         run(consul, "route", "apply", "-f", write(tmp_path, route_doc(s)))
     )
+
+
+DEEP = b'{"service": "%s", "routes": ' + b"[" * 3000 + b"]" * 3000 + b"}"  # past json's recursion limit
+
+
+@pytest.mark.parametrize(
+    "stored, problem",
+    [
+        (DEEP, "not valid JSON: nested deeper than 64 levels"),
+        (
+            b'{"service": "%s", "service": "other"}',
+            "not valid JSON: duplicate key 'service' (which value is meant?)",
+        ),
+    ],
+    ids=["deep-nesting", "duplicate-key"],
+)
+def test_a_document_written_around_the_cli_is_named_by_get_check_and_can_be_replaced_and_deleted(
+    consul: ConsulDev, tmp_path: Path, stored: bytes, problem: str
+) -> None:
+    """What agents refuse, the CLI says in one line, `check` reports as that document's error (and
+    goes on with the others), and `apply` and `delete` still repair (it ended in a RecursionError
+    traceback, the key left in place)."""
+    s = svc()
+    consul.kv_put(doc_key("routes", s), stored.replace(b"%s", s.encode()))
+    assert fails(run(consul, "route", "get", s)) == f"Error: hostmesh/routes/{s}: stored value is {problem}"
+    out = run(consul, "check", "--no-ca", "-o", "json")
+    assert "Traceback" not in out.output and not out.stderr, out.output
+    mine = [f for f in json.loads(out.stdout)["findings"] if f["subject"] == f"routes/{s}"]
+    assert [(f["code"], f["message"]) for f in mine] == [("invalid", f"{problem}: agents reject it")]
+    assert f"routes/{s}: version 1 written" in ok(
+        run(consul, "route", "apply", "-f", write(tmp_path, route_doc(s)))
+    )
+    consul.kv_put(doc_key("routes", s), stored.replace(b"%s", s.encode()))
+    ok(run(consul, "route", "delete", s))
+    assert consul.kv_get(doc_key("routes", s)) is None
 
 
 def test_apply_of_an_http_only_policy_for_a_tcp_service_names_the_field(

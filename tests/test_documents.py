@@ -282,3 +282,97 @@ async def test_a_route_document_turning_a_service_tcp_is_refused_while_http_only
         assert await store.get("routes", s) is None
         await store.delete("policies", s)
         assert (await store.put("routes", {"service": s, "protocol": "tcp"})).version == 1
+
+
+class AnswerLoser:
+    """A TCP relay on loopback in front of the real Consul that loses the answer to the first
+    transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul
+    answered (the write is done, the client never hears); "before" cuts it without forwarding;
+    "and-then-away" is "after", and then refuses every connection (Consul cannot be read either)."""
+
+    def __init__(self, consul_port: int, mode: str) -> None:
+        self.consul_port = consul_port
+        self.mode = mode
+        self.lost = False
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.lost and self.mode == "and-then-away":
+            w.close()
+            return
+        cr, cw = await asyncio.open_connection("127.0.0.1", self.consul_port)
+        swallow = asyncio.Event()
+
+        async def up() -> None:
+            while data := await r.read(65536):
+                if b"PUT /v1/txn" in data and not self.lost:
+                    self.lost = True
+                    if self.mode == "before":
+                        w.close()
+                        return
+                    swallow.set()
+                cw.write(data)
+                await cw.drain()
+
+        async def down() -> None:
+            while data := await cr.read(65536):
+                if (
+                    swallow.is_set()
+                ):  # Consul answered the transaction: it is applied; the client hears nothing
+                    w.close()
+                    return
+                w.write(data)
+                await w.drain()
+
+        try:
+            await asyncio.wait([asyncio.ensure_future(up()), asyncio.ensure_future(down())],
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        except OSError:
+            pass
+        finally:
+            w.close()
+            cw.close()
+
+
+def _consul_port(consul: ConsulDev) -> int:
+    return int(consul.url.rsplit(":", 1)[1])
+
+
+async def test_a_write_whose_answer_was_lost_is_found_live_and_reported_done(consul: ConsulDev) -> None:
+    """The write reached Consul, its answer did not reach us: the live key says it was applied, so
+    `put` returns it as written (it said "failed", and the operator's retry was then refused as a
+    change over a version never read)."""
+    s = svc()
+    async with AnswerLoser(_consul_port(consul), "after") as url, ConsulClient(url) as c:
+        store = DocumentStore(c)
+        doc = await store.put("routes", route(s, 10))
+        assert (doc.version, doc.modify_index > 0) == (1, True)
+        assert json.loads(consul.kv_get(doc_key("routes", s)) or b"")["version"] == 1
+        assert (await store.put("routes", route(s, 20), expect_version=1)).version == 2
+
+
+async def test_a_write_that_never_reached_consul_still_fails(consul: ConsulDev) -> None:
+    s = svc()
+    async with AnswerLoser(_consul_port(consul), "before") as url, ConsulClient(url) as c:
+        with pytest.raises(Unavailable) as caught:
+            await DocumentStore(c).put("routes", route(s))
+    assert "unknown" not in str(caught.value)
+    assert consul.kv_get(doc_key("routes", s)) is None
+
+
+async def test_a_write_whose_outcome_cannot_be_read_says_it_is_unknown(consul: ConsulDev) -> None:
+    s = svc()
+    async with AnswerLoser(_consul_port(consul), "and-then-away") as url, ConsulClient(url) as c:
+        with pytest.raises(
+            Unavailable, match=rf"whether the change was written is unknown: `hostmesh route get {s}`"
+        ):
+            await DocumentStore(c).put("routes", route(s))
+    assert consul.kv_get(doc_key("routes", s)) is not None  # (it was: the answer alone was lost)

@@ -1,0 +1,156 @@
+"""Component tier, real Consul: documents written straight into KV (around the CLI, which would
+refuse them) never stop an agent from reading the others.
+
+Each bad document is refused with one line naming it, counted as rejected, and the last good state
+kept; a valid document written in the same round, or after, is applied. Before, a `via` that was a
+list killed the documents watch of every agent with an egress gateway (no later change was ever
+applied, and nothing said so), and a huge integer or a deep nesting aborted the round with a
+traceback, skipping the valid documents after it, an intentions deny among them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.discovery import Discovery, SnapshotBuilder
+from hostmesh.agent.snapshot import TLSMaterial
+from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.errors import RegistryError, Unavailable
+from hostmesh.registry.watch import Watch
+from tests.support import ConsulDev, async_wait_until
+
+pytestmark = [pytest.mark.consul]
+
+SEEN_TIMEOUT = 15.0  # a KV write reaching the agent's watch (a blocking query answers at once)
+
+
+class Agent:
+    """An agent's Discovery and SnapshotBuilder against the test's Consul: service `name` (whose
+    intentions and policy it reads) calling `<name>-up`, and an egress gateway `<name>-egw` (which
+    reads every external document, to learn which go via it)."""
+
+    def __init__(self, client: ConsulClient, tmp_path: Path, name: str) -> None:
+        up = {"service": f"{name}-up", "bind": "127.0.0.1:1"}
+        raw = {
+            "ca": {"pin": "sha256:" + "ab" * 32},
+            "data_dir": str(tmp_path),
+            "services": [{"name": name, "port": 8080, "upstreams": [up]}],
+            "gateways": [{"name": f"{name}-egw", "kind": "egress"}],
+        }
+        self.rejected: list[tuple[str, str]] = []
+        self.builder = SnapshotBuilder(
+            parse_config(raw), lambda: TLSMaterial(1, "", {}, {}), on_rejected=self._rejected
+        )
+        self.discovery = Discovery(client, self.builder)
+
+    def _rejected(self, what: str, reason: str) -> None:
+        self.rejected.append((what, reason))
+
+    def rules(self, service: str) -> list[str] | None:
+        doc = self.builder.intentions.get(service)
+        return None if doc is None else [r.action for r in doc.rules]
+
+
+@pytest.fixture
+async def world(consul: ConsulDev, tmp_path: Path) -> AsyncIterator[tuple[Agent, ConsulDev, str]]:
+    name = f"docs-{secrets.token_hex(3)}"  # the agent's service: the documents are the test's own
+    async with ConsulClient(consul.url) as client:
+        agent = Agent(client, tmp_path, name)
+        agent.discovery.start()
+        try:
+            yield agent, consul, name
+        finally:
+            await agent.discovery.stop()
+            for prefix in ("intentions", "policies", "external"):
+                consul.kv_delete(f"hostmesh/{prefix}/{name}", recurse=True)  # and <name>-ext
+
+
+def intentions(service: str, action: str) -> bytes:
+    return json.dumps({"service": service, "rules": [{"source": "web", "action": action}]}).encode()
+
+
+async def test_an_external_document_with_a_list_for_via_leaves_the_watch_reading(
+    world: tuple[Agent, ConsulDev, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, consul, name = world
+    consul.kv_put(f"hostmesh/external/{name}-ext", json.dumps({"service": f"{name}-ext", "via": [
+        f"{name}-egw"]}).encode())  # fmt: skip
+    consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "deny"))
+    await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the deny applied")
+    consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "allow"))
+    await async_wait_until(lambda: agent.rules(name) == ["allow"], SEEN_TIMEOUT, "the allow applied")
+    assert agent.discovery.watches["documents"].healthy
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b'{"service": "%s", "requests_per_second": 1' + b"0" * 400 + b"}", "requests_per_second"),
+        (b'{"service": "%s", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested deeper than 64 levels"),
+        (
+            b'{"service": "%s", "circuit_breaker": {"max_connections": 1, "max_connections": 2}}',
+            "duplicate key",
+        ),
+    ],
+    ids=["huge-integer", "deep-nesting", "duplicate-key"],
+)
+async def test_a_bad_policy_is_refused_alone_and_a_deny_written_with_it_applies(
+    world: tuple[Agent, ConsulDev, str], caplog: pytest.LogCaptureFixture, bad: bytes, reason: str
+) -> None:
+    """One Consul transaction writes the bad policy and an intentions deny: the agent reads both in
+    one round; the policy is rejected with one line naming it, the deny applies."""
+    agent, consul, name = world
+    writes = {
+        f"hostmesh/policies/{name}": bad.replace(b"%s", name.encode()),
+        f"hostmesh/intentions/{name}": intentions(name, "deny"),
+    }
+    ops: list[dict[str, Any]] = [
+        {"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v).decode()}} for k, v in writes.items()
+    ]
+    consul.put_json("/v1/txn", ops)
+    await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the deny applied")
+    await async_wait_until(lambda: bool(agent.rejected), SEEN_TIMEOUT, "the policy rejected")
+    assert [what for what, _ in agent.rejected] == [f"policies/{name}"]
+    assert reason in agent.rejected[0][1]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == [
+        f"rejected hostmesh/policies/{name}: {agent.rejected[0][1]}; keeping the previous config"
+    ]
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_watch_outlives_an_error_that_is_no_registry_error() -> None:
+    """A reading that fails with anything (a bug, an answer no one foresaw) is retried with backoff
+    like Consul being away; the watch does not end, and stopping it never raises."""
+    calls = 0
+    delivered: list[int] = []
+    errors: list[RegistryError] = []
+
+    async def fetch(index: int | None) -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("unhashable type: 'list'")
+        if calls == 2:
+            raise Unavailable("Consul is away")
+        return calls, calls
+
+    watch: Watch[int] = Watch("t", fetch, delivered.append, errors.append)
+    watch.start()
+    await async_wait_until(lambda: bool(delivered), 10.0, "a reading after two failures")
+    assert [type(e) for e in errors] == [RegistryError, Unavailable]
+    assert "TypeError: unhashable type" in str(errors[0])
+    assert watch.healthy
+    await watch.stop()
+    await asyncio.sleep(0)
