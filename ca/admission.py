@@ -75,13 +75,26 @@ class SlotsFull(Exception):
 class ConnectionSlots:
     """At most `total` connections served at once and at most `per_client` of them from one client;
     the others wait, in arrival order, at most `max_waiting` of them. So one client flooding the CA
-    queues behind itself while everyone else still gets a slot at once."""
+    queues behind itself while everyone else still gets a slot at once.
 
-    def __init__(self, total: int, per_client: int, max_waiting: int, on_full: Callable[[], object]) -> None:
+    A client that must wait asks for room first: `on_full()` when all `total` slots are taken, and,
+    when it is only its own share that is taken, `on_client_full(client)` (close that client's
+    longest-idle connection). Otherwise `per_client` idle keep-alive connections would lock their
+    own address out for as long as they stay open."""
+
+    def __init__(
+        self,
+        total: int,
+        per_client: int,
+        max_waiting: int,
+        on_full: Callable[[], object],
+        on_client_full: Callable[[str], object] | None = None,
+    ) -> None:
         self.total = total
         self.per_client = per_client
         self.max_waiting = max_waiting
         self._on_full = on_full  # called when a client waits because all `total` slots are taken
+        self._on_client_full = on_client_full  # ... or because `client` holds `per_client` of them
         self._active: dict[str, int] = {}
         self.active = 0
         self._waiters: deque[tuple[str, asyncio.Future[None]]] = deque()
@@ -106,6 +119,8 @@ class ConnectionSlots:
             raise SlotsFull(f"{len(self._waiters)} connections already waiting")
         if self.active >= self.total:
             self._on_full()
+        elif self._active.get(client, 0) >= self.per_client and self._on_client_full is not None:
+            self._on_client_full(client)  # its own share is taken: room among its own connections
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (client, fut)
         self._waiters.append(entry)

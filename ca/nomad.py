@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
+import time
 import urllib.request
 from dataclasses import dataclass
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from hostmesh.ca.errors import Unauthorized
 from hostmesh.registry.consul import ConsulClient
@@ -88,34 +91,58 @@ class JWKSCache:
         self.url = url
         self.ca_file = ca_file
         self._keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}  # kid -> (key, its published alg)
-        self._fetched_at: float | None = None
-        self._lock = asyncio.Lock()
+        self._fetched_at: float | None = None  # when the last fetch ended (loop time)
+        self._inflight: asyncio.Future[None] | None = None  # the one fetch running now, shared by all waiters
         self.fetches = 0  # how many times the JWKS was fetched (tests, /v1/health)
         self.min_refresh = JWKS_MIN_REFRESH
+        self.timeout = JWKS_TIMEOUT  # for a whole fetch: connect, headers and body
 
     async def key(self, kid: str) -> tuple[jwt.PyJWK, str | None]:
         found = self._keys.get(kid)
         if found is not None:
             return found
-        async with self._lock:
-            found = self._keys.get(kid)  # another request refreshed while we waited
-            if found is not None:
-                return found
+        fetch = self._inflight
+        if fetch is None:
             now = asyncio.get_running_loop().time()
             if self._fetched_at is None or now - self._fetched_at >= self.min_refresh:
-                self._fetched_at = now
-                self._keys = await asyncio.to_thread(self._fetch)
-            found = self._keys.get(kid)
+                fetch = self._inflight = asyncio.ensure_future(self._refresh())
+                fetch.add_done_callback(_retrieve)
+        if fetch is not None:
+            await asyncio.shield(fetch)  # one waiter going away does not cancel the others' fetch
+        found = self._keys.get(kid)
         if found is None:
             raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
         return found
 
+    async def _refresh(self) -> None:
+        """One fetch, bounded by `timeout` as a whole; the refresh interval counts from its end."""
+        try:
+            self._keys = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"cannot fetch Nomad's JWKS from {self.url}: no answer within {self.timeout:g}s"
+            ) from None
+        finally:
+            self._fetched_at = asyncio.get_running_loop().time()
+            self._inflight = None
+
     def _fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
         self.fetches += 1
+        deadline = time.monotonic() + self.timeout
         context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
         try:
-            with urllib.request.urlopen(self.url, timeout=JWKS_TIMEOUT, context=context) as resp:
-                body = resp.read(MAX_JWKS_BYTES + 1)
+            with urllib.request.urlopen(self.url, timeout=self.timeout, context=context) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                while size <= MAX_JWKS_BYTES:  # urlopen's timeout is per read: a trickle is bounded here
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no complete answer within {self.timeout:g}s")
+                    chunk = resp.read1(MAX_JWKS_BYTES + 1 - size)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                body = b"".join(chunks)
         except OSError as exc:
             raise Unavailable(f"cannot fetch Nomad's JWKS from {self.url}: {exc}") from None
         if len(body) > MAX_JWKS_BYTES:
@@ -169,6 +196,9 @@ class NomadTrust:
         key, key_alg = await self.jwks.key(kid)
         if key_alg is not None and key_alg != alg:
             raise Unauthorized(f"JWT algorithm {alg} does not match its key's {key_alg}")
+        mismatch = f"JWT algorithm does not match the key's type ({alg} for {key.key_type} key {kid[:64]!r})"
+        if not _key_fits(alg, key.key):  # PyJWT would raise TypeError or worse on a key of another type
+            raise Unauthorized(mismatch)
         try:
             claims = jwt.decode(
                 token,
@@ -190,6 +220,8 @@ class NomadTrust:
             raise Unauthorized(f"JWT has no {exc.claim!r} claim (set the identity block's ttl/aud)") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"JWT refused: {_one_line(str(exc))}") from None
+        except (TypeError, ValueError):  # a key PyJWT cannot use for `alg` (_key_fits should have said so)
+            raise Unauthorized(mismatch) from None
         values = []
         for name in CLAIMS:
             value = claims.get(name)
@@ -241,5 +273,34 @@ async def read_mapping(consul: ConsulClient) -> NomadMapping | None:
         raise NotAllowed(f"the Nomad mapping at {MAPPING_KEY} is invalid ({exc})") from None
 
 
+# What key each accepted algorithm verifies with (RFC 7518 3.1, RFC 8037): the header's `alg` must fit
+# the key's type, whether or not the JWKS names an `alg` for the key.
+_ALG_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256"), (rsa.RSAPublicKey,)),
+    "ES256": (ec.EllipticCurvePublicKey,),
+    "ES384": (ec.EllipticCurvePublicKey,),
+    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+_ALG_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
+
+
+def _key_fits(alg: str, key: object) -> bool:
+    """Can a signature of `alg` be checked with `key` (a cryptography key object from PyJWK)?"""
+    public = getattr(key, "public_key", None)  # a JWK with its private part ("d") gives a private key
+    if callable(public):
+        key = public()
+    if not isinstance(key, _ALG_KEY_TYPES.get(alg, ())):
+        return False
+    curve = _ALG_CURVES.get(alg)
+    return curve is None or isinstance(getattr(key, "curve", None), curve)
+
+
+def _retrieve(fetch: asyncio.Future[None]) -> None:
+    """Mark a shared fetch's exception as seen: every waiter may have gone (asyncio would log it)."""
+    if not fetch.cancelled():
+        fetch.exception()
+
+
 def _one_line(text: str) -> str:
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "…", text)  # no Python reprs in what a client reads
     return " ".join(text.split())[:200]

@@ -44,8 +44,8 @@ def identities_of(cert: x509.Certificate) -> list[Identity]:
     """The hostmesh identities in a certificate's URI SANs (normally exactly one)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, ValueError):
+        return []  # none, or none we can read: no identity
     out = []
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         try:
@@ -92,8 +92,12 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 def load_certs(pem: bytes) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise InvalidRequest(f"unreadable certificate PEM: {exc}") from None
+        for cert in certs:
+            cert.extensions  # noqa: B018  (parsed lazily: a duplicated or malformed one fails here, not later)
+    except x509.DuplicateExtension as exc:  # not a ValueError
+        raise InvalidRequest(f"unreadable certificate: duplicate extension {exc.oid.dotted_string}") from None
+    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+        raise InvalidRequest(f"unreadable certificate PEM: {_one_line(str(exc))}") from None
     return certs
 
 
@@ -114,7 +118,10 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> bytes:
 
 def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSigningRequest, Identity]:
     """Validate a CSR: well-formed, self-signed correctly, P-256 key, exactly one identity of our domain."""
-    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        data = pem.encode() if isinstance(pem, str) else pem
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800": no PEM has one
+        raise InvalidRequest("malformed CSR: not a PEM certificate request") from None
     if len(data) > MAX_CSR_BYTES:
         raise InvalidRequest(f"CSR larger than {MAX_CSR_BYTES} bytes")
     try:
@@ -134,7 +141,9 @@ def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSign
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise InvalidRequest("CSR has no SPIFFE URI SAN") from None
-    except ValueError:
+    except x509.DuplicateExtension as exc:  # not a ValueError
+        raise InvalidRequest(f"malformed CSR: duplicate extension {exc.oid.dotted_string}") from None
+    except (ValueError, x509.UnsupportedGeneralNameType):
         raise InvalidRequest("malformed CSR extensions") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
@@ -308,3 +317,7 @@ def verify_sibling_proof(old: x509.Certificate, csr: x509.CertificateSigningRequ
         public_key.verify(proof, SIBLING_PROOF_CONTEXT + der, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise TrustError("proof of possession of the expired certificate's key does not verify") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]

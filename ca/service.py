@@ -14,7 +14,7 @@ authorize the name (within the token's scope | the same identity as the client c
 token (a cas=0 create in Consul, exactly one winner) -> sign with the active root, for at most
 --leaf-ttl (a requested "ttl" may shorten it, never lengthen it). Every outcome is
 one audit line. Refusals are 4xx `{"error": "<one line>"}`; a Consul outage during a token check is
-503 (the client retries), never a refusal.
+503 (the client retries), never a refusal; Consul refusing the CA's own token there is 500, naming it.
 
 TLS: the client certificate is optional at the TLS layer (bootstrap has none). A certificate that
 OpenSSL cannot verify against the roots fails the handshake; we run the handshake ourselves so that
@@ -44,14 +44,17 @@ not list the service or its check. A Consul that lost its state, or a bundle ove
 repaired within one round.
 
 A Consul that refuses the CA's token (ACL, PermissionDenied) is not an outage, and retrying does not
-fix it. At start, before listening, the CA checks that its token may write ROOTS_KEY (without
-writing it); a refusal then, or in the first sync (bundle, registration), stops `start()` with that
-one line: a unit with a wrong token fails at deploy, not at the next rotation, when agents would
-never learn the new root. A refusal after the CA has served (the token's policy changed) does not
-stop it: renewal writes nothing to Consul and join-token signing writes only hostmesh/ca/tokens/,
-and a stopped CA would take issuance away from the whole fleet. It logs the refusal as an error
-(again every DENIED_LOG_INTERVAL while it lasts), shows it in the systemd status line and
-`/v1/health`, and checks again every MAINTENANCE_INTERVAL.
+fix it. At start, before listening, the CA checks that its token may write ROOTS_KEY and the join
+tokens' records (without writing); a refusal then, or in the first sync (bundle, registration),
+stops `start()` with that one line: a unit with a wrong token fails at deploy, not at the next
+rotation, when agents would never learn the new root. A refusal after the CA has served (the token's
+policy changed) does not stop it: renewal writes nothing to Consul and join-token signing writes
+only hostmesh/ca/tokens/, and a stopped CA would take issuance away from the whole fleet. It logs
+the refusal as an error (again every DENIED_LOG_INTERVAL while it lasts), shows it in the systemd
+status line and `/v1/health`, and checks again every MAINTENANCE_INTERVAL. A join token's record
+refused while signing answers that request 500 (the CA's token, not the caller's mistake nor an
+outage) and counts as such a refusal: logged, shown, and probed each round until it is allowed
+again.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone ke
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
 DENIED_LOG_INTERVAL = 60.0  # a refused token's error line again this often: loud in the journal, not a flood
 TOKEN_HINT = "the CA's token needs the rules of `hostmesh acl policy ca`"
+TOKENS_PROBE_KEY = f"{tokens.KV_PREFIX}hostmesh-ca-write-probe"  # never written (Consul.probe_write)
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
 DEREGISTER_AFTER = "10m"  # a CA instance critical this long (crashed host) is dropped from the catalog
@@ -251,6 +255,7 @@ class _AuditedTLSServer(HTTPServer):
         self._slots = admission.ConnectionSlots(
             MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, MAX_WAITING_CONNECTIONS,
             on_full=lambda: self.close_idle(IDLE_EVICT_SECONDS),
+            on_client_full=self._close_idle_of,
         )  # fmt: skip
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
@@ -258,6 +263,10 @@ class _AuditedTLSServer(HTTPServer):
         self._since_trim = 0
         self._in_burst = False
         self._trim_timer: asyncio.TimerHandle | None = None
+
+    def _close_idle_of(self, client: str) -> None:
+        """`client` holds its share of the slots: its own longest-idle keep-alive makes room."""
+        self.close_idle(IDLE_EVICT_SECONDS, lambda writer: _client_of(writer) == client)
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -408,6 +417,7 @@ class CAService:
         self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
         self._denial = ""  # the refusal while DENIED (/v1/health)
         self._denial_logged = float("-inf")  # monotonic time of its last error line
+        self._tokens_denied = False  # Consul refused a join token's record: probed each round until it may
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
         self._dir_state = self._data_dir_state()
         self._maintenance: asyncio.Task[None] | None = None
@@ -533,9 +543,16 @@ class CAService:
         key, cert = server_certificate(self.authority, [self.host, self.advertise, "127.0.0.1"])
         cert_file = self.data_dir / "server" / f"{self.port}.crt"
         key_file = cert_file.with_suffix(".key")
-        (self.data_dir / "server").mkdir(mode=0o700, exist_ok=True)
-        pki.write_private(key_file, pki.key_pem(key))
-        pki.write_private(cert_file, pki.cert_pem(cert))
+        try:
+            (self.data_dir / "server").mkdir(mode=0o700, exist_ok=True)
+            pki.write_private(key_file, pki.key_pem(key))
+            pki.write_private(cert_file, pki.cert_pem(cert))
+        except FileExistsError:  # mkdir(exist_ok=True) of a `server` that is not a directory
+            where = cert_file.parent
+            raise StorageError(f"cannot write the serving certificate: {where} is not a directory") from None
+        except OSError as exc:  # e.g. the data dir is read-only
+            where = exc.filename or cert_file.parent
+            raise StorageError(f"cannot write the serving certificate to {where}: {exc.strerror}") from None
         if self._tls is not None:
             self._tls.load_cert_chain(str(cert_file), str(key_file))  # new connections get the new cert
         self._server_cert_issued = cert.not_valid_before_utc + pki.CLOCK_SKEW
@@ -552,6 +569,7 @@ class CAService:
             return
         try:
             await self.consul.probe_write(ROOTS_KEY)
+            await self.consul.probe_write(TOKENS_PROBE_KEY)  # join tokens: read, redeemed, pruned
         except PermissionDenied as exc:
             raise PermissionDenied(f"{exc} ({TOKEN_HINT})") from None
         except RegistryError:
@@ -563,6 +581,9 @@ class CAService:
         await self._publish(self.authority)
         if self.register:
             await self._ensure_registered(self.consul)
+        if self._tokens_denied:  # a join token's record was refused: is it still?
+            await self.consul.probe_write(TOKENS_PROBE_KEY)
+            self._tokens_denied = False
 
     async def _sync_consul(self) -> ConsulState:
         """Make Consul hold our trust bundle and registration; the outcome is logged on each change."""
@@ -581,11 +602,13 @@ class CAService:
             self._denial = str(exc)
             if before is not state or now - self._denial_logged >= DENIED_LOG_INTERVAL:
                 self._denial_logged = now
+                lost = (
+                    "join tokens are refused"
+                    if self._tokens_denied
+                    else "Consul's trust bundle and registration are not kept current"
+                )
                 log.error(
-                    "%s; the CA keeps signing, but Consul's trust bundle and registration are not kept "
-                    "current until the token is fixed (%s)",
-                    exc,
-                    TOKEN_HINT,
+                    "%s; the CA keeps serving, but %s until the token is fixed (%s)", exc, lost, TOKEN_HINT
                 )
                 sd_notify(f"STATUS=Consul refuses the CA's token: {exc}")
         elif state is ConsulState.UNAVAILABLE:
@@ -682,8 +705,11 @@ class CAService:
         route = routes.get(req.path)
         if route is None:
             return Response.error(404, f"no such endpoint {req.path}")
-        if req.method != route[0]:
-            return Response.error(405, f"{req.path} takes {route[0]}")
+        method = "GET" if req.method == "HEAD" else req.method  # HEAD: GET's head (the server drops the body)
+        if method != route[0]:
+            resp = Response.error(405, f"{req.path} takes {route[0]}")
+            resp.headers["allow"] = "GET, HEAD" if route[0] == "GET" else route[0]
+            return resp
         return await route[1](req)
 
     async def _metrics(self, req: Request) -> Response:
@@ -843,7 +869,7 @@ class CAService:
         beyond that. Each grant is audited as via="renew-sibling" with the sibling's identity."""
         try:
             old = pki.load_certs(sibling.expired.encode())[0]
-        except (CAError, IndexError):
+        except (CAError, IndexError, UnicodeEncodeError):  # a lone surrogate is no PEM either
             raise InvalidRequest('"expired" must be the expired certificate (PEM)') from None
         try:
             if pki.identity_of(old) != ident:
@@ -950,7 +976,11 @@ class CAService:
         if isinstance(exc, AuditError):  # the path and OS error are for the operator's log, not clients
             reason = "the CA cannot write its audit log"
         status = _status_of(exc)
-        if status >= 500:
+        if isinstance(exc, PermissionDenied):  # our token, not the caller or an outage: logged, /v1/health
+            self._tokens_denied = True
+            self._note_consul(ConsulState.DENIED, exc)
+            reason = f"the CA's Consul token is refused: {reason}"
+        elif status >= 500:
             reason = f"temporarily unavailable: {reason}"
         self.metrics.refused.labels(via, refusal_reason(exc)).inc()
         self.audit_refusal(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
@@ -1028,9 +1058,15 @@ def _status_of(exc: Exception) -> int:
         return 401
     if isinstance(exc, (InvalidRequest, TrustError)):
         return 400
+    if isinstance(exc, PermissionDenied):  # the CA's misconfiguration: the caller may retry, not soon
+        return 500
     if isinstance(exc, (RegistryError, _Unavailable, StorageError, AuditError)):
         return 503
     return 400
+
+
+def _client_of(writer: asyncio.StreamWriter) -> str:
+    return admission.client_key(writer.get_extra_info("peername"))
 
 
 def _url_host(host: str) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.ca import pki
@@ -78,7 +79,15 @@ class Authority:
 
 
 def exists(data_dir: Path) -> bool:
-    return (data_dir / META_FILE).exists()
+    return _exists(data_dir / META_FILE)
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, but a directory on the way that we may not search is a StorageError, not a traceback."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise StorageError(f"cannot access {path}: {exc.strerror}") from None
 
 
 def init(data_dir: Path, trust_domain: str = pki.DEFAULT_TRUST_DOMAIN) -> Authority:
@@ -89,7 +98,7 @@ def init(data_dir: Path, trust_domain: str = pki.DEFAULT_TRUST_DOMAIN) -> Author
         )
     if exists(data_dir):
         raise StorageError(f"{data_dir} already holds a CA root; refusing to overwrite it")
-    if (data_dir / "roots").exists():
+    if _exists(data_dir / "roots"):
         raise StorageError(_interrupted(data_dir))
     _make_dir(data_dir)
     try:
@@ -116,31 +125,93 @@ def _interrupted(data_dir: Path) -> str:
 
 def load(data_dir: Path) -> Authority:
     meta_path = data_dir / META_FILE
-    if not meta_path.exists():
-        if (data_dir / "roots").exists():
+    if not _exists(meta_path):
+        if _exists(data_dir / "roots"):
             raise StorageError(_interrupted(data_dir))
         raise StorageError(f"no CA in {data_dir}: run `hostmesh ca init --data-dir {data_dir}` first")
     try:
         meta = json.loads(pki.read_file(meta_path))
-        trust_domain, active_id = str(meta["trust_domain"]), str(meta["active"])
-    except (ValueError, KeyError, TypeError):
+        trust_domain, active_id = meta["trust_domain"], str(meta["active"])
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[…" nested past the limit
         raise StorageError(f"{meta_path} is corrupt (expected trust_domain and active)") from None
-    roots = []
-    for crt in sorted((data_dir / "roots").glob("*.crt")):
-        key_path = crt.with_suffix(".key")
-        _check_private(key_path)
-        certs = pki.load_certs(pki.read_file(crt)) if crt.stat().st_size else []
-        if len(certs) != 1:
-            raise StorageError(f"{crt} must hold exactly one certificate")
-        root = Root(pki.root_id(certs[0]), certs[0], pki.load_key(pki.read_file(key_path)))
-        if root.key.public_key() != root.cert.public_key():
-            raise StorageError(f"{key_path} is not the key of {crt}")
-        roots.append(root)
+    if not isinstance(trust_domain, str) or not pki.valid_trust_domain(trust_domain):
+        raise StorageError(
+            f"{meta_path} is corrupt: trust_domain {trust_domain!r:.80} is not a valid trust domain "
+            "(lowercase DNS labels, e.g. hostmesh.local)"
+        )
+    roots = [_load_root(crt) for crt in _root_files(data_dir / "roots")]
     roots.sort(key=lambda r: (r.cert.not_valid_before_utc, r.id == active_id))  # ties: the signing root last
     by_id = {r.id: r for r in roots}
     if active_id not in by_id:
         raise StorageError(f"{meta_path} names active root {active_id}, which is not in {data_dir / 'roots'}")
+    _check_constraints(meta_path, trust_domain, by_id[active_id])
     return Authority(trust_domain, tuple(roots), by_id[active_id])
+
+
+def _root_files(roots_dir: Path) -> list[Path]:
+    """The root certificates in roots/; an unreadable directory is an error, never "no roots"."""
+    try:
+        names = [entry.name for entry in os.scandir(roots_dir)]
+    except OSError as exc:
+        raise StorageError(f"cannot read {roots_dir}: {exc.strerror}") from None
+    return sorted(roots_dir / n for n in names if n.endswith(".crt"))  # what glob("*.crt") matched
+
+
+def _load_root(crt: Path) -> Root:
+    """One root from its .crt and .key; every failure is a StorageError naming the file."""
+    key_path = crt.with_suffix(".key")
+    _check_private(key_path)
+    pem = pki.read_file(crt)
+    try:
+        certs = pki.load_certs(pem) if pem.strip() else []
+    except InvalidRequest as exc:
+        raise StorageError(f"{crt}: {_one_line(exc)}") from None
+    if len(certs) != 1:
+        raise StorageError(f"{crt} must hold exactly one certificate")
+    key_pem = pki.read_file(key_path)
+    try:
+        key = pki.load_key(key_pem)
+    except (StorageError, UnsupportedAlgorithm) as exc:
+        raise StorageError(f"{key_path}: {_one_line(exc)}") from None
+    root = Root(pki.root_id(certs[0]), certs[0], key)
+    if root.key.public_key() != root.cert.public_key():
+        raise StorageError(f"{key_path} is not the key of {crt}")
+    return root
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _check_constraints(meta_path: Path, trust_domain: str, root: Root) -> None:
+    """The trust domain must be one the signing root may sign for: its URI name constraint (every
+    root `init` and `rotate` make has one), when it has one."""
+    try:
+        constraints = root.cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise StorageError(f"root {root.id}: unreadable name constraints") from None
+    permitted = _uri_hosts(constraints.permitted_subtrees)
+    excluded = _uri_hosts(constraints.excluded_subtrees)
+    allowed = not permitted or any(_host_in(trust_domain, c) for c in permitted)
+    if not allowed or any(_host_in(trust_domain, c) for c in excluded):
+        raise StorageError(
+            f"{meta_path} is corrupt: trust_domain {trust_domain!r} is not allowed by the name "
+            f"constraints of the active root {root.id} (permitted: {', '.join(permitted) or 'any'})"
+        )
+
+
+def _uri_hosts(subtrees: list[x509.GeneralName] | None) -> list[str]:
+    return [str(n.value) for n in subtrees or () if isinstance(n, x509.UniformResourceIdentifier)]
+
+
+def _host_in(host: str, constraint: str) -> bool:
+    """RFC 5280 4.2.1.10, a URI constraint: a host exactly, or with a leading "." any host below it."""
+    host, constraint = host.lower(), constraint.lower()
+    if constraint.startswith("."):
+        return host.endswith(constraint)
+    return host == constraint
 
 
 def rotate(data_dir: Path) -> tuple[Authority, Root]:

@@ -43,7 +43,7 @@ RESERVED_SERVICES = frozenset({CA_SERVICE_NAME})  # the CA's own serving identit
 
 _ID_RE = re.compile(r"[0-9a-f]{16}")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{32,86}")
-_DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
+_DURATION_RE = re.compile(r"([0-9]+)(s|m|h|d)")  # not \d: that takes "\u0661" (Arabic-Indic one) too
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

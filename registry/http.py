@@ -378,7 +378,7 @@ class Request:
         """Decode the JSON body; raises ValueError with a one-line reason."""
         try:
             return json.loads(self.body or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested too deep
             raise ValueError("request body is not valid JSON") from None
 
 
@@ -528,6 +528,9 @@ class HTTPServer:
                 if stream.failed is not None:  # answered after the requests before it
                     await self._refuse(reader, writer, stream.failed)
                     return
+                if stream.continue_due:
+                    stream.continue_due = False
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 waiting = stream.started is None  # for a request, none of it received yet
                 if waiting:
                     self._idle[writer] = time.monotonic()
@@ -578,12 +581,16 @@ class HTTPServer:
         finally:
             self._inflight -= limited
 
-    def close_idle(self, idle_for: float) -> bool:
-        """Close the connection that has waited longest for its next request, if that is at least
-        `idle_for` seconds: a server at its connection limit makes room for a new client."""
-        if not self._idle:
+    def close_idle(
+        self, idle_for: float, among: Callable[[asyncio.StreamWriter], bool] | None = None
+    ) -> bool:
+        """Close the connection that has waited longest for its next request (of those `among` takes),
+        if that is at least `idle_for` seconds: a server at its connection limit makes room for a new
+        client (a client at its own limit, among its own connections)."""
+        idle = self._idle if among is None else {w: t for w, t in self._idle.items() if among(w)}
+        if not idle:
             return False
-        writer, since = min(self._idle.items(), key=lambda item: item[1])
+        writer, since = min(idle.items(), key=lambda item: item[1])
         if time.monotonic() - since < idle_for:
             return False
         self._idle.pop(writer, None)
@@ -618,10 +625,14 @@ class HTTPServer:
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Before closing after an answer: half-close, then read away what the client still sends, for at
-    most SERVER_LINGER_TIMEOUT and SERVER_LINGER_BYTES, so the answer is not lost to a reset."""
-    if writer.can_write_eof():
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
+    most SERVER_LINGER_TIMEOUT and SERVER_LINGER_BYTES, so the answer is not lost to a reset. TLS
+    cannot half-close: there the close that follows sends close_notify, the client's end of input, and
+    the TLS shutdown reads away what the client still sends (lingering here held every such answer's
+    client for the whole timeout)."""
+    if not writer.can_write_eof():
+        return
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write_eof()
     left = SERVER_LINGER_BYTES
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
         async with asyncio.timeout(SERVER_LINGER_TIMEOUT):
@@ -714,6 +725,10 @@ class _RequestStream:
         self._head_done = False
         self._head_bytes = 0  # read while its head was unfinished (httptools buffers a partial line)
         self._now = 0.0
+        # the unfinished request asked `Expect: 100-continue` and its body is still to come: the
+        # server says "100 Continue" once the requests before it are answered (curl waits 1 s for it
+        # before sending a body over 1 KiB, other clients until their timeout)
+        self.continue_due = False
 
     @property
     def in_head(self) -> bool:
@@ -764,6 +779,7 @@ class _RequestStream:
 
     def _finish(self, msg: _Message) -> None:
         self.ready.append(msg)
+        self.continue_due = False
         self._msg = None
         self.started = None
         self._head_bytes = 0
@@ -804,6 +820,9 @@ class _RequestStream:
         length = msg.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:  # refused before it is sent
             self._refuse(413, f"request body larger than {_size(self.max_body)}")
+        has_body = (length.isdigit() and int(length) > 0) or "transfer-encoding" in msg.headers
+        if has_body and not msg.http10 and msg.headers.get("expect", "").lower() == "100-continue":
+            self.continue_due = True
         if self.parser.should_upgrade():
             if msg.method == "CONNECT":
                 msg.refusal = _BadRequest(400, "CONNECT is not supported: this server is not a proxy")

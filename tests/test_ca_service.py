@@ -8,6 +8,8 @@ import base64
 import datetime as dt
 import json
 import secrets
+import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from hostmesh.agent.ca_client import CAClient
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
+from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
 from tests.support import ConsulDev, async_wait_until
@@ -126,7 +129,10 @@ async def test_roots_endpoint_and_bundle_in_consul(ca, client) -> None:
     entry = await client.kv_get(ROOTS_KEY)
     assert entry is not None and json.loads(entry.value)["roots"] == svc.authority.bundle
     assert (await call(svc, "GET", "/v1/nope")).status == 404
-    assert (await call(svc, "GET", "/v1/sign")).status == 405
+    wrong = await call(svc, "GET", "/v1/sign")
+    assert (wrong.status, wrong.headers.get("allow")) == (405, "POST")
+    head = await call(svc, "HEAD", "/v1/health")  # a load balancer's check: GET's answer, no body
+    assert (head.status, head.body) == (200, b"")
 
 
 async def test_ca_registers_with_passing_check_and_deregisters_on_close(tmp_path, client) -> None:
@@ -367,6 +373,57 @@ async def test_renew_with_cert_from_another_ca_is_refused_and_audited(ca, tmp_pa
         line["event"] == "refuse" and line["via"] == "tls" and "client certificate refused" in line["reason"]
     )
     assert not [r for r in sink.records if r["event"] == "issue"]
+
+
+async def test_a_client_that_refuses_the_cas_certificate_is_not_blamed_for_its_own(ca, tmp_path) -> None:
+    """A client whose trust bundle lacks the CA's root sends an alert (unknown CA): that is counted
+    as `refused_by_peer`, not audited as a client certificate refused (it had sent none). An agent
+    with a stale bundle after a rotation looked like one presenting a bad certificate."""
+    svc, sink = ca
+    _, other_root = pki.make_root("hostmesh.local")
+    ctx = ssl.create_default_context(cadata=pki.cert_pem(other_root).decode())
+    ctx.check_hostname = False
+
+    def connect() -> None:  # a blocking socket: OpenSSL writes its alert itself (asyncio may not flush it)
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=10) as raw:
+            ctx.wrap_socket(raw)
+
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(connect)
+
+    async def counted() -> bool:
+        health = (await call(svc, "GET", "/v1/health")).json()
+        return health["admission"]["tls_handshake_failures"].get("refused_by_peer") == 1
+
+    await async_wait_until(counted, 10, "the handshake counted as refused by the peer")
+    assert not [r for r in sink.records if r.get("via") == "tls"]
+
+
+async def test_an_answer_with_connection_close_over_tls_ends_at_once(ca, monkeypatch) -> None:
+    """TLS cannot half-close: the server's linger (reading away what a client still sends before the
+    close) held every `Connection: close` answer's client until the linger timed out. Now the close
+    follows the answer, and a client reading until the end gets it however long the linger is."""
+    svc, _ = ca
+    monkeypatch.setattr(http_server, "SERVER_LINGER_TIMEOUT", 3600.0)
+    ctx = ssl.create_default_context(cadata="".join(svc.authority.bundle))
+    ctx.check_hostname = False
+
+    def get_until_eof() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", svc.port), timeout=30) as raw,
+            ctx.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
+            data = b""
+            for _ in range(1000):  # until the end of input (a timeout, before: the linger's hour)
+                chunk = tls.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+            raise AssertionError("no end of input")
+
+    answer = await asyncio.to_thread(get_until_eof)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}\n")
 
 
 async def test_renew_with_cert_of_a_retired_root_is_403(tmp_path, client) -> None:

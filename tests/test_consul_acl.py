@@ -460,3 +460,58 @@ async def test_a_ca_whose_token_loses_the_bundle_write_keeps_signing_and_says_so
             assert any("accepts the CA's token again" in r.getMessage() for r in caplog.records)
         finally:
             await ca.close()
+
+
+TOKENS_DENY = 'key_prefix "hostmesh/ca/tokens/" {\n  policy = "deny"\n}\n'
+
+
+async def test_a_ca_whose_token_loses_the_join_tokens_says_so_instead_of_an_outage(
+    secure: SecureConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A join token the CA may not read was answered 503 "temporarily unavailable", with no line in
+    its log and `in_sync` in its health: agents retried forever and nobody was told. Now the answer
+    names the CA's token (500), the CA logs the refusal as an error and `/v1/health` shows it, and
+    once the token is fixed the next join works and the CA is back in sync."""
+    monkeypatch.setattr(ca_service, "MAINTENANCE_INTERVAL", 0.05)
+    name = svc("hostmesh-ca-tokenless")
+    token = secure.token_for(name, acl.ca_policy())
+    caplog.set_level(logging.INFO, logger="hostmesh.ca.service")
+    async with client(secure, token) as c, client(secure, secure.master_token) as admin:
+        ca = await start_ca(new_ca_dir(tmp_path), c, AuditSink())
+        try:
+            set_policy(secure, name, acl.ca_policy() + TOKENS_DENY)
+            join, _ = await join_tokens.create(admin, ["tokenless-web"], join_tokens.DEFAULT_TOKEN_TTL)
+            _, csr = csr_for("tokenless-web")
+            refused = await call(ca, "POST", "/v1/sign", {"csr": csr}, token=str(join))
+            assert refused.status == 500
+            assert refused.json()["error"].startswith(
+                f"the CA's Consul token is refused: Consul ACL denied read of hostmesh/ca/tokens/{join.id}"
+            )
+            assert any(
+                r.levelno == logging.ERROR and "join tokens are refused" in r.getMessage()
+                for r in caplog.records
+            )
+            health = (await call(ca, "GET", "/v1/health")).json()
+            assert (
+                health["consul"]["state"] == "denied" and "hostmesh/ca/tokens/" in health["consul"]["denied"]
+            )
+
+            set_policy(secure, name, acl.ca_policy())
+            await async_wait_until(lambda: ca.consul_state is ConsulState.IN_SYNC, 20, "the CA back in sync")
+            signed = await call(ca, "POST", "/v1/sign", {"csr": csr}, token=str(join))
+            assert signed.status == 200, signed.json()
+        finally:
+            await ca.close()
+
+
+async def test_a_ca_whose_token_may_not_keep_join_tokens_does_not_start(
+    secure: SecureConsulDev, tmp_path: Path
+) -> None:
+    token = secure.token_for(svc("hostmesh-ca-no-tokens"), acl.ca_policy() + TOKENS_DENY)
+    async with client(secure, token) as c:
+        with pytest.raises(PermissionDenied) as refused:
+            await start_ca(new_ca_dir(tmp_path), c, AuditSink())
+    assert str(refused.value) == (
+        "Consul ACL denied write of hostmesh/ca/tokens/hostmesh-ca-write-probe: the token lacks key:write on "
+        "it (the CA's token needs the rules of `hostmesh acl policy ca`)"
+    )

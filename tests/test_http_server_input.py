@@ -502,3 +502,24 @@ async def test_at_the_connection_cap_the_connection_idle_longest_makes_room(no_e
         first.close()
         second.close()
         await server.close()
+
+
+async def test_a_request_that_expects_100_continue_is_told_to_send_its_body(
+    served: tuple[Recorder, HTTPServer],
+) -> None:
+    """`Expect: 100-continue` (curl's default for a body over 1 KiB) was never answered: the client
+    waited (curl 1 s, others until their timeout) before sending its body. The 100 comes after the
+    answer to the request before it, and the final answer after the body."""
+    rec, server = served
+    async with connected(server.port) as conn:
+        await conn.send(
+            b"GET /first HTTP/1.1\r\n\r\n"
+            b"POST /sign HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        async with asyncio.timeout(WAIT):
+            got = await conn.reader.readuntil(interim)  # (the client sends nothing more until then)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.index(b'"path":"/first"') < got.index(interim)
+        await conn.send(b"hello")
+        assert (await conn.answers(1))[0]["status"] == 200
+    assert rec.seen == [("GET", "/first", b""), ("POST", "/sign", b"hello")]
