@@ -157,12 +157,19 @@ def rotate(ctx: click.Context, data_dir: Path) -> None:
 @ca.command("retire-root")
 @click.argument("root_id")
 @data_dir_option
+@click.option(
+    "--leaf-ttl", default="24h", show_default=True,
+    help="The --leaf-ttl `ca serve` issues with: how long the root's last leaves stay valid.",
+)  # fmt: skip
+@click.option("--force", is_flag=True, help="Retire even while leaves it signed may still be valid.")
 @one_line_errors
-def retire_root(root_id: str, data_dir: Path) -> None:
-    """Remove an old root from the bundle (never the active signing root)."""
-    from hostmesh.ca import store
+def retire_root(root_id: str, data_dir: Path, leaf_ttl: str, force: bool) -> None:
+    """Remove an old root from the bundle (never the active signing root; not while its leaves may
+    still be valid, unless --force)."""
+    from hostmesh.ca import pki, store, tokens
 
-    authority, root = store.retire(data_dir, root_id)
+    ttl = tokens.parse_duration(leaf_ttl, "leaf ttl", pki.MAX_LEAF_TTL)
+    authority, root = store.retire(data_dir, root_id, leaf_ttl=ttl, force=force)
     click.echo(f"retired root {root.id}; bundle has {len(authority.roots)} root(s)", err=True)
 
 

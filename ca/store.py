@@ -20,6 +20,7 @@ naming the path.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import stat
@@ -229,12 +230,32 @@ def rotate(data_dir: Path) -> tuple[Authority, Root]:
     return load(data_dir), root
 
 
-def retire(data_dir: Path, root_ref: str) -> tuple[Authority, Root]:
-    """Remove a root from the bundle (its key is deleted, its cert moved to retired/)."""
+def retire(
+    data_dir: Path,
+    root_ref: str,
+    *,
+    leaf_ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL,
+    force: bool = False,
+    now: dt.datetime | None = None,
+) -> tuple[Authority, Root]:
+    """Remove a root from the bundle (its key is deleted, its cert moved to retired/). Refused, unless
+    `force`, while leaves it signed may still be valid: until `leaf_ttl` (what `ca serve --leaf-ttl`
+    issues) after the next root was made, when it stopped signing. Agents holding such a leaf would
+    otherwise lose every peer's trust at once, and their renewal with it too."""
     current = load(data_dir)
     root = find(current, root_ref)
     if root.id == current.active.id:
         raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
+    made = root.cert.not_valid_before_utc
+    later = [r.cert.not_valid_before_utc for r in current.roots if r.cert.not_valid_before_utc > made]
+    superseded = min(later) if later else current.active.cert.not_valid_before_utc
+    safe = superseded + leaf_ttl + pki.CLOCK_SKEW
+    if not force and (now or pki.now()) < safe:
+        raise InvalidRequest(
+            f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M}Z that stay valid up to "
+            f"{leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M}Z, once agents have renewed, "
+            "or now with --force (agents still holding its leaves lose their peers until they renew)"
+        )
     retired = data_dir / "retired"
     src = data_dir / "roots" / f"{root.id}.crt"
     try:

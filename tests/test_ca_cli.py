@@ -54,7 +54,9 @@ def test_rotate_roots_and_retire(tmp_path: Path) -> None:
     assert first in listing and f"{second}  active" in listing
     assert_one_line_error(run("ca", "retire-root", second, "--data-dir", d), "active signing root")
     assert_one_line_error(run("ca", "retire-root", "nope", "--data-dir", d), "no root matches")
-    assert run("ca", "retire-root", first, "--data-dir", d).exit_code == 0
+    assert_one_line_error(run("ca", "retire-root", first, "--data-dir", d), "or now with --force")
+    assert run("ca", "retire-root", first, "--data-dir", d, "--leaf-ttl", "1h").exit_code == 1  # still 1 h
+    assert run("ca", "retire-root", first, "--data-dir", d, "--force").exit_code == 0
     assert [r.id for r in store.load(Path(d)).roots] == [second]
 
 

@@ -435,7 +435,7 @@ async def test_renew_with_cert_of_a_retired_root_is_403(tmp_path, client) -> Non
         old = svc.authority.active.id
         store.rotate(data_dir)
         assert await svc.reload()
-        store.retire(data_dir, old)
+        store.retire(data_dir, old, force=True)
         assert await svc.reload()
         _, csr = csr_for("web")
         resp = await call(svc, "POST", "/v1/renew", {"csr": csr}, cert=cert, key=key)

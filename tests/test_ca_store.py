@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -58,7 +59,13 @@ def test_rotate_then_retire(tmp_path: Path) -> None:
         store.retire(d, "deadbeefdeadbeef")
     with pytest.raises(InvalidRequest, match="no root matches"):
         store.retire(d, "ab")  # too short a prefix to be unambiguous
-    a, retired = store.retire(d, first.pin)  # by full pin
+    with pytest.raises(InvalidRequest, match=rf"root {first.id} signed leaves until .* --force"):
+        store.retire(d, first.pin)  # just superseded: its leaves are still valid
+    after = second.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW
+    half_an_hour_on = second.cert.not_valid_before_utc + dt.timedelta(minutes=30)
+    with pytest.raises(InvalidRequest, match="--force"):  # leaves of 1 h: not past them yet
+        store.retire(d, first.pin, leaf_ttl=dt.timedelta(hours=1), now=half_an_hour_on)
+    a, retired = store.retire(d, first.pin, now=after)  # by full pin, once its last leaves have expired
     assert retired.id == first.id and [r.id for r in a.roots] == [second.id]
     assert (d / "retired" / f"{first.id}.crt").exists() and not (d / "roots" / f"{first.id}.key").exists()
 

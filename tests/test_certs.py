@@ -297,7 +297,7 @@ async def test_bundle_refresh_from_consul_and_rotation_end_to_end(env: Env) -> N
     assert roots_file.read_text() == mgr.roots_pem and 2 in bundle_changes
     # the next renewal (old-root cert, CA now serving from the new root) yields a new-root leaf
     await async_wait_until(lambda: mgr.infos()[0].root_id == new_root.id, 30, "renewal under the new root")
-    store.retire(env.ca_dir, old_root)
+    store.retire(env.ca_dir, old_root, force=True)  # (every agent here renewed under the new root)
     assert await svc.reload()
     await async_wait_until(
         lambda: mgr.roots_pem.count("BEGIN CERTIFICATE") == 1, 10, "bundle without the old root"
