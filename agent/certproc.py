@@ -27,6 +27,8 @@ Cost: one interpreter start (~0.3 s of CPU) at agent start and per renewal or bu
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import datetime as dt
@@ -44,7 +46,7 @@ from hostmesh.agent import renewal
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
-from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path, write_private
 from hostmesh.registry.records import record
 from hostmesh.registry.watch import Watch
 
@@ -74,6 +76,64 @@ def _pem_blocks(text: str) -> set[str]:
     return {b.strip() + "\n" + end for b in text.split(end) if b.strip()}
 
 
+# --- whether the stored roots.pem may be trusted (no `cryptography`: the agent checks it too) -----
+# roots.pem is trusted after a restart only when it holds the operator's pinned root, or when this
+# host wrote it from a checked source (the pinned bootstrap, or Consul's bundle, which is how every
+# later bundle is accepted, so rotations and retirements keep their chain of trust) under the same
+# pin: `roots.verified` beside it records that pin and the SHA-256 of the roots.pem it vouches for.
+# A cert dir copied from another CA carries no such record for our pin (its own, at most).
+
+
+def verified_path(certs: Path) -> Path:
+    return certs / "roots.verified"
+
+
+def pem_pins(text: str) -> set[str]:
+    """`sha256:<hex>` of each certificate's DER in `text` (ca/pki.py `pin_of`, without parsing)."""
+    import hashlib  # (at a restart only: the running agent holds none of it, tests/test_agent_memory.py)
+
+    pins = set()
+    for block in _pem_blocks(text):
+        body = block.rsplit("-----BEGIN CERTIFICATE-----", 1)[-1].removesuffix("-----END CERTIFICATE-----")
+        try:
+            der = base64.b64decode("".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        pins.add("sha256:" + hashlib.sha256(der).hexdigest())
+    return pins
+
+
+def roots_unvouched(certs: Path, pin: str, text: str) -> str | None:
+    """Why the stored roots.pem (`text`) must not be trusted as it is; None when it may."""
+    import hashlib
+
+    want = pin.strip().lower()
+    if want in pem_pins(text):
+        return None
+    try:
+        doc = json.loads(verified_path(certs).read_text())
+    except (OSError, ValueError, RecursionError):
+        doc = None
+    if (
+        isinstance(doc, dict)
+        and doc.get("pin") == want
+        and doc.get("sha256") == hashlib.sha256(text.encode()).hexdigest()
+    ):
+        return None
+    return (
+        f"{roots_path(certs)} does not contain the pinned root {want} and was not verified under that pin "
+        "(a cert dir from another CA?)"
+    )
+
+
+def mark_roots_verified(certs: Path, pin: str, text: str) -> None:
+    """Record that roots.pem (`text`) came from a source checked under `pin` (see `roots_unvouched`)."""
+    import hashlib
+
+    doc = {"pin": pin.strip().lower(), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    write_private(verified_path(certs), json.dumps(doc).encode())
+
+
 class CertProcess:
     """The agent's certificates, with the crypto work done by `python -m hostmesh.agent.certproc`."""
 
@@ -85,8 +145,10 @@ class CertProcess:
         services: list[str],
         consul: Any,
         certs_dir: Path | None = None,  # agent.toml's cert_dir; None: <data_dir>/certs
+        pin: str | None = None,  # [ca] pin; None: read from config_path when needed
     ) -> None:
         self.config_path = config_path
+        self.pin = pin
         self.dir = certs_dir if certs_dir is not None else cert_dir(data_dir)
         self.services = list(dict.fromkeys(services))
         self.consul = consul
@@ -103,6 +165,7 @@ class CertProcess:
         self._lock = asyncio.Lock()  # one child at a time: they write the same files
         self._bundle_task: asyncio.Task[None] | None = None
         self._bundle_again = False
+        self._wakes: dict[str, asyncio.Event] = {}  # set when a child changed the view: the loop looks again
         self._rng = random.Random()
         self._adopted = False  # serving stored files that the start-up helper has not answered for yet
 
@@ -123,9 +186,11 @@ class CertProcess:
                 continue
             view = self._views[s]
             state = renewal.state_of((view.not_after - now).total_seconds(), self._failures.get(s, 0))
+            problem = self._problems.get(s)
             if view.state is CertState.EXPIRED:  # the helper found it unusable (e.g. its root retired)
                 state = CertState.EXPIRED
-            out.append(dataclasses.replace(view, state=state, problem=self._problems.get(s)))
+                problem = problem or view.problem  # the helper's reason (e.g. not trusted by the bundle)
+            out.append(dataclasses.replace(view, state=state, problem=problem))
         return out
 
     def checking(self) -> list[str]:
@@ -142,17 +207,34 @@ class CertProcess:
 
     def adopt_stored(self) -> bool:
         """True when every service's certificate and key and the trust bundle are on disk (a
-        restart); the bundle is then read, so the agent may serve these files while `start()`
-        has the helper check them."""
+        restart) and the bundle holds the pinned root or was verified under the pin; the bundle is
+        then read, so the agent may serve these files while `start()` has the helper check them.
+        A bundle not vouched for is not served from: the helper checks it first (one line why)."""
         files = [roots_path(self.dir), *(p for s in self.services for p in cert_paths(self.dir, s))]
         try:
             if not all(f.is_file() for f in files):
                 return False
-            self._roots_pem = roots_path(self.dir).read_text()
+            text = roots_path(self.dir).read_text()
         except OSError:
             return False
-        self._adopted = bool(self._roots_pem.strip())
-        return self._adopted
+        if not text.strip():
+            return False
+        why = roots_unvouched(self.dir, self._pin(), text)
+        if why is not None:
+            log.warning(
+                "not serving the stored certificates: %s; checking them with Consul or the CA first", why
+            )
+            return False
+        self._roots_pem = text
+        self._adopted = True
+        return True
+
+    def _pin(self) -> str:
+        if self.pin is None:
+            from hostmesh.agent.config import load_config
+
+            self.pin = load_config(self.config_path, check_files=False).ca.pin
+        return self.pin
 
     async def start(self) -> None:
         try:
@@ -227,11 +309,23 @@ class CertProcess:
         return dict(answer)
 
     def _apply(self, answer: dict[str, Any]) -> None:
+        """Every service's view as the helper just saw it (with the bundle it just read): a changed
+        one wakes that service's renewal loop, which decides again (e.g. recovers one the new bundle
+        does not trust, or stops recovering one a repaired bundle trusts again)."""
         for name, v in answer.get("certs", {}).items():
-            self._views[name] = CertView(
+            view = CertView(
                 name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
                 dt.datetime.fromisoformat(v["renew_at"]), CertState(v.get("state", "valid")),
+                v.get("problem"),
             )  # fmt: skip
+            old = self._views.get(name)
+            self._views[name] = view
+            if (
+                old is not None
+                and (old.serial, old.state) != (view.serial, view.state)
+                and name in self._wakes
+            ):
+                self._wakes[name].set()
         if answer.get("token_file"):
             self.token_file = Path(answer["token_file"])
         self._roots_pem = (roots_path(self.dir)).read_text()
@@ -246,22 +340,30 @@ class CertProcess:
     # --- renewal ----------------------------------------------------------------------------------
 
     async def _renew_loop(self, service: str) -> None:
-        """This service only, forever: a child at its renewal point, retries bounded by its life."""
+        """This service only, forever: a child at its renewal point, retries bounded by its life. A
+        changed view (a trust-bundle change) wakes it to decide again."""
+        wake = self._wakes.setdefault(service, asyncio.Event())
         while True:
+            wake.clear()
             view = self._views[service]
             failures = self._failures.get(service, 0)
             left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
             expired = left <= 0 or view.state is CertState.EXPIRED
             if expired:
                 if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
-                    await renewal.wait_or_token(renewal.retry_delay(failures, 0, self._rng), self.token_file)
+                    delay = renewal.retry_delay(failures, 0, self._rng)
+                    if await renewal.wait_or_token(delay, self.token_file, wake):
+                        continue
             elif failures == 0:
-                await asyncio.sleep(max((view.renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
+                due = max((view.renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
+                if await renewal.wait_or_wake(due, wake):
+                    continue
             else:
                 delay = renewal.retry_delay(failures, left, self._rng)
                 log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
                          left - delay)  # fmt: skip
-                await asyncio.sleep(delay)
+                if await renewal.wait_or_wake(delay, wake):
+                    continue
             before = self._views[service].serial
             try:
                 self._apply(await self._run("renew", service))
@@ -281,7 +383,11 @@ class CertProcess:
         self._problems[service] = str(exc)
         view = self._views[service]
         left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
-        unusable = "expired" if left <= 0 or view.state is CertState.EXPIRED else None
+        unusable = None
+        if left <= 0:
+            unusable = "expired"
+        elif view.state is CertState.EXPIRED:
+            unusable = "not trusted by the current trust bundle"
         renewal.log_failure(log, self._said, service, str(exc), failures, left, unusable, self.token_file)
 
     # --- trust bundle -----------------------------------------------------------------------------
@@ -358,6 +464,7 @@ async def _child(op: str, config_path: Path, service: str | None) -> dict[str, A
                 "root_id": i.root_id,
                 "renew_at": cm.renew_at(i.service).isoformat(),
                 "state": i.state.value,
+                "problem": i.problem,
             }
             for i in cm.infos()
         }

@@ -44,6 +44,7 @@ from cryptography import x509
 
 from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
+from hostmesh.agent.certproc import mark_roots_verified, roots_unvouched
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
@@ -142,6 +143,10 @@ class CertManager:
         self._failures: dict[str, int] = {}  # consecutive failed renewals/recoveries per service
         self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
         self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+        self._unloaded: dict[str, str] = {}  # service -> why its stored certificate was not loaded
+        self._wakes: dict[str, asyncio.Event] = {}  # set on a bundle change: the renewal loop looks again
+        self._unvouched: str | None = None  # why the stored roots are not trusted (none could vouch)
+        self._keep_untrusted = False  # a helper's prepare(recover=False): ours but untrusted is still shown
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
@@ -169,12 +174,14 @@ class CertManager:
             ident = pki.Identity(self.trust_domain, service)
             left = (held.not_after - pki.now()).total_seconds()
             state = renewal.state_of(left, self._failures.get(service, 0))
+            problem = self._problems.get(service)
             if issuing_root(held.leaf, self._roots) is None:
                 state = CertState.EXPIRED  # its root was retired: as unusable as an expired one
+                problem = problem or _untrusted(held.leaf)
             out.append(
                 CertInfo(
                     service, ident.spiffe_id, f"{held.leaf.serial_number:x}", held.not_after, held.root_id,
-                    state, self._problems.get(service),
+                    state, problem,
                 )
             )  # fmt: skip
         return out
@@ -206,12 +213,15 @@ class CertManager:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
-        self._load_roots()
+        unvouched = self._load_roots()
+        if unvouched:
+            await self._vouch_roots(unvouched)
+        self._keep_untrusted = not recover
         missing: dict[str, str] = {}
         for service in self.services:
             problem = self._load_stored(service)
             if problem:
-                missing[service] = problem
+                missing[service] = self._unloaded[service] = problem
         if not recover:
             return
         if missing:
@@ -246,16 +256,46 @@ class CertManager:
 
     # --- stored state ---------------------------------------------------------------------------
 
-    def _load_roots(self) -> None:
+    def _load_roots(self) -> str | None:
+        """roots.pem, if it holds the pinned root or was verified under the pin (agent/certproc.py
+        `roots_unvouched`); otherwise nothing is trusted and the reason is returned."""
         path = roots_path(self.dir)
         if not path.exists():
-            return
+            return None
         try:
-            roots = pki.load_certs(pki.read_file(path))
+            data = pki.read_file(path)
+            roots = pki.load_certs(data)
         except CAError as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
-            return
+            return None
+        why = roots_unvouched(self.dir, self.pin, data.decode(errors="replace"))
+        if why is not None:
+            log.warning("not trusting the stored trust bundle: %s; checking it with Consul or the CA", why)
+            return why
         self._set_roots(roots, save=False)
+        return None
+
+    async def _vouch_roots(self, why: str) -> None:
+        """Stored roots not vouched for: the trust bundle from Consul (accepted as every bundle is),
+        else the CA's roots if one matches the pin. Neither: nothing is trusted, and stored
+        certificates are reported with `why`."""
+        await self._refresh_bundle_now()
+        if self._roots:
+            log.info("trust bundle checked against %s in Consul", ROOTS_KEY)
+            return
+        try:
+            for client in await self._ca_clients():
+                try:
+                    roots = await client.roots_unverified()
+                except CAUnavailable:
+                    continue
+                match_pin(roots, self.pin)
+                self._set_roots(roots)
+                log.info("trust bundle checked against the pinned roots of the CA at %s", client.url)
+                return
+        except CAError as exc:
+            why = f"{why}; cannot check it: {_first_line(exc)}"
+        self._unvouched = why
 
     def _load_stored(self, service: str) -> str | None:
         """Adopt the stored cert if usable; otherwise return why not (None = adopted)."""
@@ -264,17 +304,27 @@ class CertManager:
             return "no stored certificate"
         try:
             chain = pki.load_certs(pki.read_file(chain_file))
+        except CAError as exc:
+            return f"{chain_file.name} unreadable: {_first_line(exc)}"
+        try:
             key = pki.load_key(pki.read_file(key_file))
         except CAError as exc:
-            return f"stored certificate unreadable ({exc})"
+            return f"{key_file.name} unreadable: {_first_line(exc)}"
         if not chain or chain[0].public_key() != key.public_key():
-            return "stored certificate does not match its key"
+            return f"stored certificate {chain_file.name} does not match its key {key_file.name}"
         leaf = chain[0]
         try:
             if pki.identity_of(leaf) != pki.Identity(self.trust_domain, service):
                 return "stored certificate is for another identity"
+            if not self._roots and self._unvouched:
+                return f"stored certificate not trusted ({self._unvouched})"
             pki.verify_leaf(leaf, self._roots)
         except TrustError as exc:
+            if self._keep_untrusted and issuing_root(leaf, self._roots) is None:
+                # ours, but its root is not in the bundle (dropped or retired): shown as unusable and
+                # recovered, and usable again as is if the bundle takes its root back
+                self._adopt(service, leaf)
+                return None
             if pki.now() <= leaf.not_valid_after_utc or issuing_root(leaf, self._roots) is None:
                 return f"stored certificate not trusted ({exc})"
             self._adopt(service, leaf)  # expired, but ours and from a current root: recoverable
@@ -297,6 +347,7 @@ class CertManager:
         fraction = self.renew_fraction + self._rng.uniform(-RENEW_JITTER, RENEW_JITTER)
         fraction = min(max(fraction, 0.05), 0.95)
         self._held[service] = _Held(leaf, pki.root_id(root) if root else "unknown", start + life * fraction)
+        self._unloaded.pop(service, None)
 
     def _store(self, service: str, chain_pem: str, key_pem: bytes) -> None:
         chain_file, key_file = self.paths(service)
@@ -310,8 +361,9 @@ class CertManager:
         pem = bundle_pem(roots)
         if pem == self._roots_pem:
             return False
-        if save:
+        if save:  # every saved bundle was checked (the pin, or Consul's): recorded for a restart
             pki.write_private(roots_path(self.dir), pem.encode())
+            mark_roots_verified(self.dir, self.pin, pem)
         self._roots, self._roots_pem = roots, pem
         return True
 
@@ -478,21 +530,29 @@ class CertManager:
         raise last
 
     async def _renew_loop(self, service: str) -> None:
-        """This service's certificate only, forever: renew at its point, retry bounded by its life."""
+        """This service's certificate only, forever: renew at its point, retry bounded by its life.
+        A trust-bundle change wakes it: a certificate the new bundle does not trust is recovered now,
+        not at its renewal point."""
+        wake = self._wakes.setdefault(service, asyncio.Event())
         while True:
+            wake.clear()
             held = self._held[service]
             failures = self._failures.get(service, 0)
             left = (held.not_after - pki.now()).total_seconds()
             if self._unusable(service):
                 if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
-                    await renewal.wait_or_token(renewal.retry_delay(failures, 0, self._rng), self.token_file)
+                    delay = renewal.retry_delay(failures, 0, self._rng)
+                    if await renewal.wait_or_token(delay, self.token_file, wake):
+                        continue
             elif failures == 0:
-                await asyncio.sleep(max((held.renew_at - pki.now()).total_seconds(), 0.0))
+                if await renewal.wait_or_wake(max((held.renew_at - pki.now()).total_seconds(), 0.0), wake):
+                    continue
             else:
                 delay = renewal.retry_delay(failures, left, self._rng)
                 log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
                          left - delay)  # fmt: skip
-                await asyncio.sleep(delay)
+                if await renewal.wait_or_wake(delay, wake):
+                    continue
             try:
                 await self.renew_once(service)
             except CAError as exc:
@@ -516,6 +576,9 @@ class CertManager:
 
     async def renew_once(self, service: str) -> None:
         """One renewal of `service`'s certificate, now (the renewal loop's step); raises CAError."""
+        held = self._held.get(service)
+        if held is not None and self._unusable(service) and pki.now() < held.not_after:
+            await self._refresh_bundle_now()  # its root is not in our bundle: Consul's may have it back
         if self._unusable(service):
             await self._recover_expired(service)
         else:
@@ -535,11 +598,11 @@ class CertManager:
         this host can (the CA checks both are registered here), else the join token (re-read now)."""
         held = self._held.get(service)
         what = (
-            "no certificate"
+            self._unloaded.get(service, "no certificate")
             if held is None
             else f"certificate expired at {_utc(held.not_after)}"
             if pki.now() >= held.not_after
-            else "certificate's root was retired"
+            else "certificate not trusted by the current trust bundle (its root was dropped or retired)"
         )
         tried: list[str] = []
         if held is not None and pki.now() >= held.not_after:
@@ -645,8 +708,11 @@ class CertManager:
             for service, held in list(self._held.items()):
                 if issuing_root(held.leaf, roots) is None:
                     log.warning(
-                        "certificate for %s is not issued by any root in the new bundle; renew soon", service
+                        "certificate for %s is not issued by any root in the new bundle; renewing now",
+                        service,
                     )
+            for wake in self._wakes.values():  # every service's state is looked at again
+                wake.set()
             self._notify()
 
     async def _refresh_bundle_now(self) -> bool:
@@ -665,6 +731,13 @@ class BootstrapStopped(CAError):
 
 class _NoSibling(CAError):
     """Sibling renewal cannot even be asked for (no valid sibling, no node name, no old key)."""
+
+
+def _untrusted(leaf: x509.Certificate) -> str:
+    return (
+        f"certificate not trusted by the current trust bundle (its issuer {leaf.issuer.rfc4514_string()} "
+        "is not in it); renewing"
+    )
 
 
 def _utc(t: dt.datetime) -> str:

@@ -898,14 +898,22 @@ def check_permissions(cfg: AgentConfig) -> None:
 
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
     the host could swap them. The join token and the keys are credentials: no group/world access.
-    Files that do not exist yet are fine (the agent creates them 0600 itself)."""
+    Files that do not exist yet are fine (the agent creates them 0600 itself). The cert dir, the
+    trust bundle and the certificates decide whom the mesh trusts: no group/world write."""
+    from hostmesh.ca.files import roots_path
+
     _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir", directory=True)
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file
         _check_mode(token, 0o077, "readable", f"chmod 600 {token}", "[ca] token_file")
+    for certs in dict.fromkeys((cert_dir(cfg.data_dir), cfg.certs_dir)):
+        _check_mode(certs, 0o022, "writable", f"chmod 700 {certs}", "cert dir", directory=True)
+    roots = roots_path(cfg.certs_dir)
+    _check_mode(roots, 0o022, "writable", f"chmod 600 {roots}", "the trust bundle")
     for svc in cfg.services:
-        key = cert_paths(cfg.certs_dir, svc.name)[1]
+        chain, key = cert_paths(cfg.certs_dir, svc.name)
         _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
+        _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
 
 
 def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str, directory: bool = False) -> None:

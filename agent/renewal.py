@@ -66,15 +66,32 @@ def token_stamp(path: Path | None) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-async def wait_or_token(seconds: float, token_file: Path | None) -> None:
-    """Sleep `seconds`, or less: until the token file changes (a fresh token was dropped in)."""
+async def wait_or_token(seconds: float, token_file: Path | None, wake: asyncio.Event | None = None) -> bool:
+    """Sleep `seconds`, or less: until the token file changes (a fresh token was dropped in) or
+    `wake` is set (True then: the caller looks at its certificate again before trying)."""
     before = token_stamp(token_file)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while (left := deadline - loop.time()) > 0:
-        await asyncio.sleep(min(left, TOKEN_POLL))
+        if await wait_or_wake(min(left, TOKEN_POLL), wake):
+            return True
         if token_stamp(token_file) != before:
-            return
+            return False
+    return False
+
+
+async def wait_or_wake(seconds: float, wake: asyncio.Event | None) -> bool:
+    """Sleep `seconds`, or less when `wake` is set (a trust-bundle change): True when woken."""
+    if wake is None:
+        await asyncio.sleep(seconds)
+        return False
+    if wake.is_set():
+        return True
+    try:
+        await asyncio.wait_for(wake.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def log_failure(

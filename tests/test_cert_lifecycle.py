@@ -1,0 +1,258 @@
+"""A certificate's life on a host, across restarts and bundle changes, against a real Consul and CA:
+stored roots are trusted only when the pin (or a checked bundle) vouches for them, a bundle that drops
+and restores the root in use is followed at once, cert and trust files others may write are refused,
+and a damaged key is named on the renewal path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hostmesh.agent.certproc import CertProcess
+from hostmesh.agent.certs import CertManager
+from hostmesh.agent.config import ConfigError, check_permissions, load_config
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh
+from hostmesh.agent.renewal import CertState
+from hostmesh.ca import pki
+from hostmesh.ca.errors import Unauthorized
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.registry.consul import ConsulClient
+from tests.ca_support import mesh_identities
+from tests.support import ConsulDev, async_wait_until
+from tests.test_agent_permissions import write_config
+from tests.test_certproc import WAIT, certproc, mesh  # noqa: F401  (mesh: a fixture)
+from tests.test_certs import Env, client, env, fast_retries  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.consul
+
+ROOTS_KEY = "hostmesh/ca/roots"
+
+
+def pem_pins(text: str) -> set[str]:
+    return {pki.pin_of(c) for c in pki.load_certs(text.encode())} if text else set()
+
+
+def offline_manager(data_dir: Path, pin: str, consul: ConsulClient) -> CertManager:
+    """A manager for `web` that finds its CA only through `consul` (here: one that is down)."""
+    return CertManager(
+        data_dir=data_dir,
+        trust_domain="hostmesh.local",
+        services=["web"],
+        pin=pin,
+        ca_address=None,
+        token_file=None,
+        consul=consul,
+    )
+
+
+# --- 1. stored roots from another CA ------------------------------------------------------------
+
+
+async def test_a_cert_dir_from_another_ca_is_not_trusted_on_restart(
+    tmp_path: Path, private_consul: ConsulDev
+) -> None:
+    """A cert dir copied from another CA of the same trust domain: its roots.pem holds neither our pin
+    nor a record of being checked under it, so Consul's bundle decides, and the copied certificate
+    (from the other CA) is not used: the start needs a token, and says so in one line."""
+    async with ConsulClient(private_consul.url) as c:
+        (tmp_path / "other").mkdir()
+        other, ours = Env(tmp_path / "other", c), Env(tmp_path, c)
+        try:
+            await other.start_ca()
+            stale = other.manager(["web"], await other.token_file("web"), data="stale")
+            await stale.prepare()
+            await other.stop_ca()
+            await ours.start_ca()  # publishes our CA's bundle in Consul
+            entry = await c.kv_get(ROOTS_KEY)
+            assert entry is not None and ours.pin in pem_pins("".join(json.loads(entry.value)["roots"]))
+            mgr = ours.manager(["web"], None)
+            shutil.copytree(stale.dir, mgr.dir)
+            with pytest.raises(Unauthorized, match="no join token") as err:
+                await mgr.prepare()
+            assert "\n" not in str(err.value)
+            assert "web" not in {i.service for i in mgr.infos()}
+            assert other.pin not in pem_pins(mgr.roots_pem) and ours.pin in pem_pins(mgr.roots_pem)
+        finally:
+            await other.close()
+            await ours.close()
+
+
+async def test_with_consul_and_the_ca_down_stored_roots_from_another_ca_are_refused(
+    tmp_path: Path,
+    client: ConsulClient,  # noqa: F811
+) -> None:
+    (tmp_path / "other").mkdir()
+    other = Env(tmp_path / "other", client)
+    try:
+        await other.start_ca()
+        stale = other.manager(["web"], await other.token_file("web"), data="stale")
+        await stale.prepare()
+    finally:
+        await other.close()
+    pin = pki.pin_of(pki.make_root("hostmesh.local")[1])  # the operator's CA, not the copied dir's
+    async with ConsulClient("http://127.0.0.1:1") as down:
+        mgr = offline_manager(tmp_path / "host", pin, down)
+        shutil.copytree(stale.dir, mgr.dir)
+        with pytest.raises(Unauthorized) as err:
+            await mgr.prepare()
+    line = str(err.value)
+    assert "\n" not in line and "does not contain the pinned root" in line, line
+    assert mgr.roots_pem == "" and not mgr.infos()
+
+
+async def test_stored_roots_verified_under_the_pin_survive_a_restart_without_consul(
+    env: Env,  # noqa: F811
+) -> None:
+    """The chain of trust across a rotation: a bundle taken from Consul (here without the pinned root,
+    as after its retirement) is recorded as checked under the pin, so a restart with Consul down still
+    trusts it; the same files under another operator's pin are not trusted."""
+    await env.start_ca()
+    mgr = env.manager(["web"], await env.token_file("web"))
+    await mgr.prepare()
+    _, successor = pki.make_root("hostmesh.local")
+    bundle = {"roots": [pki.cert_pem(successor).decode()], "trust_domain": "hostmesh.local"}
+    await env.client.kv_put(ROOTS_KEY, json.dumps(bundle))
+    assert await mgr.refresh_bundle()
+    await mgr.close()
+    assert pem_pins(roots_path(mgr.dir).read_text()) == {pki.pin_of(successor)}  # the pin's root is gone
+    async with ConsulClient("http://127.0.0.1:1") as down:
+        again = offline_manager(env.tmp / "host", env.pin, down)
+        assert again._load_roots() is None
+        assert pem_pins(again.roots_pem) == {pki.pin_of(successor)}
+        other = offline_manager(env.tmp / "host", pki.pin_of(pki.make_root("hostmesh.local")[1]), down)
+        why = other._load_roots()
+        assert why is not None and "was not verified under that pin" in why and other.roots_pem == ""
+
+
+def test_the_agent_does_not_serve_stored_roots_that_the_pin_does_not_vouch_for(tmp_path: Path) -> None:
+    """agent/run.py serves stored files before the helper checks them only if `adopt_stored()`."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    root_pem, files = mesh_identities(tmp_path, ("web",))
+    for src, dst in zip(files["web"], cert_paths(certs, "web"), strict=True):
+        shutil.copyfile(src, dst)
+    roots_path(certs).write_text(root_pem)
+    (other_pin,) = pem_pins(pki.cert_pem(pki.make_root("hostmesh.local")[1]).decode())
+    (own_pin,) = pem_pins(root_pem)
+
+    def cp(pin: str) -> CertProcess:
+        return CertProcess(
+            config_path=tmp_path / "agent.toml",
+            data_dir=tmp_path,
+            services=["web"],
+            consul=None,
+            certs_dir=certs,
+            pin=pin,
+        )
+
+    stale = cp(other_pin)
+    assert stale.adopt_stored() is False and stale.roots_pem == "" and stale.checking() == []
+    assert cp(own_pin).adopt_stored() is True
+
+
+# --- 2. a bundle that drops, then restores, the root in use -------------------------------------
+
+
+async def test_a_dropped_then_restored_root_is_followed_at_once(
+    mesh: tuple[LocalMesh, AgentHandle],  # noqa: F811
+) -> None:
+    m, h = mesh
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    changed = asyncio.Event()
+    cp.subscribe(changed.set)
+    try:
+        await asyncio.wait_for(cp.start(), WAIT)
+        (view,) = cp.infos()
+        assert view.state is CertState.VALID
+        original = await consul.kv_get(ROOTS_KEY)
+        assert original is not None
+        foreign = pki.cert_pem(pki.make_root("hostmesh.local")[1]).decode()
+        await consul.kv_put(ROOTS_KEY, json.dumps({"roots": [foreign], "trust_domain": "hostmesh.local"}))
+
+        def dropped() -> bool:
+            return bool(cp.infos()) and cp.infos()[0].state is CertState.EXPIRED
+
+        await async_wait_until(dropped, WAIT, "the dropped root to be seen")
+        problem = cp.infos()[0].problem or ""
+        assert "not trusted by the current trust bundle" in problem and "expired at" not in problem, problem
+        # the renewal loop is woken (not left asleep until the renewal point): it tries, and fails
+        # (the token is spent), which is reported
+        await async_wait_until(lambda: "api" in cp.problems(), WAIT, "a recovery try")
+        assert "not trusted by the current trust bundle" in cp.problems()["api"], cp.problems()
+
+        await consul.kv_put(ROOTS_KEY, original.value)
+
+        def restored() -> bool:
+            infos = cp.infos()
+            return bool(infos) and infos[0].state is CertState.VALID and not cp.problems()
+
+        await async_wait_until(restored, WAIT, "the restored root to be trusted again")
+    finally:
+        await cp.close()
+        await consul.close()
+
+
+# --- 3. permissions of the cert dir, roots.pem and certificates ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("what", "mode", "expect"),
+    [
+        ("certs", 0o777, "cert dir {path} is writable by group and others (mode 0777); fix: chmod 700"),
+        ("certs", 0o770, "cert dir {path} is writable by group (mode 0770); fix: chmod 700 {path}"),
+        ("roots", 0o666, "the trust bundle {path} is writable by group and others (mode 0666); fix: chmod"),
+        ("crt", 0o666, "the certificate of web {path} is writable by group and others (mode 0666)"),
+    ],
+)
+def test_cert_and_trust_files_others_may_write_are_refused(
+    tmp_path: Path, what: str, mode: int, expect: str
+) -> None:
+    config, data_dir, _ = write_config(tmp_path)
+    certs = cert_dir(data_dir)
+    certs.mkdir(mode=0o700)
+    for f in (roots_path(certs), *cert_paths(certs, "web")):
+        f.write_text("x")
+        f.chmod(0o600)
+    path = {"certs": certs, "roots": roots_path(certs), "crt": cert_paths(certs, "web")[0]}[what]
+    cfg = load_config(config)
+    check_permissions(cfg)  # 0700 and 0600: fine
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as err:
+        check_permissions(cfg)
+    assert expect.format(path=path) in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_a_separate_cert_dir_others_may_write_is_refused(tmp_path: Path) -> None:
+    config, _, _ = write_config(tmp_path)
+    certs = tmp_path / "secrets"
+    certs.mkdir(mode=0o700)
+    config.write_text(config.read_text().replace("[ca]", f'cert_dir = "{certs}"\n[ca]', 1))
+    cfg = load_config(config)
+    check_permissions(cfg)
+    certs.chmod(0o777)
+    with pytest.raises(ConfigError, match=f"cert dir {certs} is writable by group and others"):
+        check_permissions(cfg)
+
+
+# --- 4. a damaged key on the renewal path -------------------------------------------------------
+
+
+async def test_a_damaged_key_is_named_when_the_renewal_cannot_recover(env: Env) -> None:  # noqa: F811
+    await env.start_ca()
+    token_file = await env.token_file("web")
+    first = env.manager(["web"], token_file)
+    await first.prepare()
+    key_file = first.paths("web")[1]
+    key_file.write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    helper = env.manager(["web"], token_file)  # a renewal helper: prepare(recover=False), renew_once
+    await helper.prepare(recover=False)
+    with pytest.raises(Unauthorized) as err:
+        await helper.renew_once("web")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("web: web.key unreadable: "), line
+    assert "no certificate" not in line, line
