@@ -81,6 +81,12 @@ REPORTER = "destination"
 LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
 
 MAX_STREAMS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # a client keeps to its own limit; this bounds a hostile one
+# What an OPEN of a stream the caller is denied costs against the connection's budget of frames without
+# effect (mux.WASTE_BUDGET): each writes an audit line, so a flood of them on one connection ends it
+# after about WASTE_BUDGET lines (and at most WASTE_ALLOWANCE_PER_SECOND a second on average), where
+# 50,000 lines took 5 s. Not more: the connection carries all of the calling host's services, and
+# one of them denied during a policy rollout, retrying its connections, must not end the others'.
+DENIED_OPEN_COST = 1
 
 AlpnHandler = Callable[["InboundListener", asyncio.Transport, Identity, LocalService, list[bytes]], None]
 
@@ -99,6 +105,7 @@ class InboundConnection(MuxConnection):
         self.not_after = 0.0
         self.admission: Admission | None = None  # its slot under the agent's connection cap (L4)
         self.external: str | None = None  # egress gateway: the external service the SNI named
+        self.error_log = listener.protocol_errors  # one limiter per listener (mux.MuxConnection.error_log)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called once the TLS handshake has completed: identify the caller."""
@@ -138,6 +145,8 @@ class InboundConnection(MuxConnection):
         if self.external is not None and alpn not in TCP_ALPN:
             return self.refuse(f"external service {self.external} is reached over {TCP_ALPN[0]} only")
         if alpn not in TCP_ALPN:
+            if svc.protocol != "http":  # else HTTP bytes reach a tcp app under L7 (path) intentions
+                return self.refuse(f"ALPN {alpn!r}: service {svc.name} is not an http service")
             handler = lst.alpn_handlers.get(alpn or "")
             if handler is None:
                 return self.refuse(f"ALPN {alpn!r} is not served here")
@@ -165,7 +174,9 @@ class InboundConnection(MuxConnection):
             return
         if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED:
             self.last_id = sid
-            self.write(control(RESET, sid))  # refused: the client resets that one downstream connection
+            if not self.wasted("OPEN over the stream limit"):  # (a flood of them: mux.py)
+                self.write(control(RESET, sid))  # refused: the client resets that one downstream connection
+                self.answered()
             return
         self.listener._open(self, self.add(sid))
 
@@ -181,12 +192,16 @@ class InboundConnection(MuxConnection):
         if not lst._still_trusted(self, lst.holder.current):
             return
         handler = lst.alpn_handlers.get(HTTP_ALPN[0])  # whoever serves HTTP serves its streams
-        if self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED or handler is None or self.external:
+        svc = lst.holder.current.local.get(self.service)
+        # a tcp service is not served as HTTP: its intentions are L4 ones (an L7 allow is no L4 allow)
+        not_http = self.external is not None or (svc is not None and svc.protocol != "http")
+        if handler is None or not_http or self.draining or len(self.streams) >= MAX_STREAMS_ACCEPTED:
             self.last_id = sid  # refused (or no HTTP service here): that one request's try fails
-            self.write(control(RESET, sid))
+            if not self.wasted("HTTP_OPEN refused"):
+                self.write(control(RESET, sid))
+                self.answered()
             return
         transport = StreamTransport(self.add(sid))
-        svc = lst.holder.current.local.get(self.service)
         if svc is None:
             transport.abort()
             return
@@ -268,6 +283,8 @@ class InboundListener(ListenerLifecycle):
         self._sweeper: asyncio.TimerHandle | None = None
         self._roots: tuple[str, list[Any]] = ("", [])
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes")
+        # protocol errors of its mesh connections (one line each, a peer can open many connections)
+        self.protocol_errors = RateLimitedLog(logging.getLogger("hostmesh.proxy"), "protocol error lines")
         self._ctx = self._base_context()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -393,12 +410,15 @@ class InboundListener(ListenerLifecycle):
             if not decision.allowed:
                 self.telemetry.denied(REPORTER, source.service, svc.name)
         if not decision.allowed:
+            if conn.wasted("OPEN of a denied stream", DENIED_OPEN_COST):  # a flood of them (mux.py)
+                return
             audit.denied(layer="l4", source=source.spiffe_id, destination=svc.name, reason=decision.reason,
                          peer=conn.peer_addr)  # fmt: skip
             series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flag)
             series.opened.inc()
             series.closed.inc()
             stream.reset()  # this downstream connection only; the caller's others go on
+            conn.answered()
             return
         admission = self.cap.admit("inbound") if self.cap is not None else None
         if self.cap is not None and admission is None:  # shed: this stream only
@@ -406,6 +426,7 @@ class InboundListener(ListenerLifecycle):
             series.opened.inc()
             series.closed.inc()
             stream.reset()
+            conn.answered()
             return
         series = self.telemetry.tcp_series(REPORTER, source.service, svc.name)
         series.opened.inc()

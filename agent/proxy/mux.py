@@ -20,6 +20,19 @@ Decisions:
   transport's read callback, it had ended the connection and every caller's stream on it.
 - Frames for a stream that already ended here (late DATA after a local reset, late credit) are
   dropped; frames for ids never opened are a protocol error.
+- Floods of frames that are each legal but do nothing (HTTP/2's "control frame floods"): a peer
+  could keep an agent's loop busy with WINDOW +0, frames for ended streams, OPENs refused over the
+  stream limit, repeated GOAWAYs, or OPENs of a stream it is denied (agent/proxy/inbound.py), each
+  costing it 8-12 bytes. They count against a per-connection budget (`wasted`: WASTE_BUDGET frames,
+  WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it the connection is a broken peer
+  (protocol error). Useful frames (DATA, credit, FIN, RESET on open streams) cost nothing new.
+- A peer that sends but never reads cannot grow our write buffer with the answers it provokes
+  (RESETs of refused or denied streams): an answer written while the connection's write buffer is
+  above its high-water mark stops reading from that peer until the buffer is below its low-water
+  mark (`answered`). Stream data stays bounded by the stream windows, so reading is never paused
+  for it: two agents that both stopped reading while their writes are backed up would deadlock.
+- Protocol errors are logged at a bounded rate (registry/ratelog.py; `error_log`, one limiter per
+  inbound listener): one peer opening many connections must not flood the log.
 """
 
 from __future__ import annotations
@@ -57,8 +70,11 @@ from hostmesh.agent.proxy.wire import (
     increment,
     window,
 )
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy")
+# protocol errors of connections without a limiter of their own (pool.MeshClient); see `error_log`
+_protocol_errors = RateLimitedLog(log, "mesh protocol error lines")
 
 MAX_STREAMS_PER_CONN = 100  # concurrent streams on one connection (both sides enforce it); then another
 # The connection's write buffer is shared by its streams, so it is a few sockets' worth: a burst of
@@ -77,6 +93,14 @@ SPLIT_FRAME_AT = 16 * 1024  # larger DATA payloads are not copied to prepend a h
 FLUSH_EVERY_FRAMES = 8
 MAX_CREDIT = 1 << 31  # a peer granting more than this has lost count of our window
 MAX_LOGGED_STREAM_FAILURES = 3  # per connection: a stream handler's exception logged with its traceback
+# Frames without effect a peer may send on one connection in a burst (module docstring). A well-behaved
+# peer sends a few per stream at most (credit or DATA crossing our reset of that stream, one GOAWAY):
+# far below this even when many streams end at once; a flood of them (1.2 M WINDOW +0 a second made
+# the agent's every request take 2-4 s) is cut off after about a millisecond of loop time.
+WASTE_BUDGET = 1024
+# ... and how many of them a second are forgiven (the budget refills at this rate): a busy connection's
+# stray late frames never add up to a protocol error, a flood is bounded to this rate on average.
+WASTE_ALLOWANCE_PER_SECOND = 512
 
 
 class Stream:
@@ -284,6 +308,10 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.idle_since = time.monotonic()
         self.decoder = Decoder()
         self.stream_failures = 0  # exceptions out of stream handlers (_stream_failed)
+        self.waste = 0  # frames without effect not yet forgiven (`wasted`)
+        self.waste_since = time.monotonic()  # when `waste` was last forgiven its allowance
+        self.reading_paused = False  # we stopped reading: our answers back up (`answered`)
+        self.error_log: Callable[..., None] = _protocol_errors  # InboundConnection: its listener's
         self._out: list[bytes] = []  # small frames of this loop turn, written together by _flush
         # a writer that flushes what it writes itself is writing (StreamTransport.write_now): the
         # frames it queues first in a turn schedule no flush for the turn's end
@@ -337,6 +365,10 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
         for stream in list(self.streams.values()):
             if stream.peer is not None and not stream.credit_paused:
                 stream.peer.resume()
@@ -425,8 +457,31 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._fail_streams(None)
         reset_transport(self.transport)
 
+    def wasted(self, what: str, cost: int = 1) -> bool:
+        """The peer sent a frame without effect (module docstring); True when that was over the
+        connection's budget, which ended the connection (a protocol error)."""
+        self.waste += cost
+        if self.waste <= WASTE_BUDGET:
+            return False
+        now = time.monotonic()
+        forgiven = int((now - self.waste_since) * WASTE_ALLOWANCE_PER_SECOND)
+        if forgiven:
+            self.waste = max(self.waste - forgiven, 0)
+            self.waste_since = now
+        if self.waste <= WASTE_BUDGET or self.closed:
+            return False
+        self.protocol_error(f"more than {WASTE_BUDGET} frames without effect (last: {what})")
+        return True
+
+    def answered(self) -> None:
+        """We wrote an answer the peer provoked (a refused or denied stream's RESET): while our write
+        buffer is above its high-water mark, read nothing more from that peer (module docstring)."""
+        if self.write_paused and not self.reading_paused and not self.closed and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
     def protocol_error(self, reason: str) -> None:
-        log.warning("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
+        self.error_log("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
         streams = list(self.streams.values())
         for stream in streams:
             if stream.pipe is not None:
@@ -460,7 +515,11 @@ def _frames(self: MuxConnection, data: bytes) -> None:
                 if ftype == DATA:
                     stream.received(payload)
                 elif ftype == WINDOW:
-                    stream.credited(increment(payload))
+                    n = increment(payload)
+                    if n:
+                        stream.credited(n)
+                    else:
+                        self.wasted("WINDOW +0")
                 elif ftype == FIN:
                     stream.fin_received()
                 elif ftype == RESET:
@@ -481,10 +540,14 @@ def _frames(self: MuxConnection, data: bytes) -> None:
         elif ftype == HTTP_OPEN:
             self.http_open_received(sid)
         elif ftype == GOAWAY:
-            self.goaway_received()
+            if not self.wasted("GOAWAY"):  # one is useful; more of them count against the budget
+                self.goaway_received()
         elif sid == 0 or sid > self.last_id:
             self.protocol_error(f"frame type {ftype} for stream {sid}, which was never opened")
-        # else: a stream that already ended here; its late frames are dropped
+        elif ftype != DATA or not payload:  # a stream that already ended here: its late frames are dropped
+            # and, but for DATA carrying bytes (up to a window of it may be in flight when a stream is
+            # reset, and its cost is the sender's too), counted: a burst of client aborts is no flood
+            self.wasted("frame for an ended stream")
         if self.closed:
             return
 
