@@ -194,3 +194,22 @@ async def test_the_http_alpn_on_a_tcp_service_is_refused(mesh: Mesh, tmp_path: A
     assert await ended(r) == b""
     assert handled == [] and mesh.app.connections == 0
     w.close()
+
+
+async def test_refused_mesh_connections_are_logged_at_a_bounded_rate(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line per refused mesh connection was unbounded too (a peer can open them at will): at
+    most DEFAULT_LINES per interval, like the protocol errors."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    chain, key = mesh.ca.files("web")
+    ctx = mesh_client_context(chain, key, mesh.ca.roots_pem, alpn=(HTTP_ALPN[0],))
+    for _ in range(DEFAULT_LINES + 5):
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
+            IO_TIMEOUT,
+        )
+        assert await ended(r) == b""
+        w.close()
+    lines = [rec for rec in caplog.records if "refused mesh connection" in rec.getMessage()]
+    assert len(lines) == DEFAULT_LINES

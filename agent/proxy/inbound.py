@@ -163,8 +163,8 @@ class InboundConnection(MuxConnection):
 
     def refuse(self, reason: str) -> bool:
         """The caller may not use this connection any more: abort it (and its streams)."""
-        log.warning("inbound: refused mesh connection from %s%s: %s", self.peer_addr,
-                    f" ({self.source.spiffe_id})" if self.source else "", reason)  # fmt: skip
+        self.listener.refusals("inbound: refused mesh connection from %s%s: %s", self.peer_addr,
+                               f" ({self.source.spiffe_id})" if self.source else "", reason)  # fmt: skip
         self.reset()
         return False
 
@@ -285,6 +285,7 @@ class InboundListener(ListenerLifecycle):
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes")
         # protocol errors of its mesh connections (one line each, a peer can open many connections)
         self.protocol_errors = RateLimitedLog(logging.getLogger("hostmesh.proxy"), "protocol error lines")
+        self.refusals = RateLimitedLog(log, "refused mesh connection lines")  # (the same: one per connection)
         self._ctx = self._base_context()
 
     # --- lifecycle ----------------------------------------------------------------------------
