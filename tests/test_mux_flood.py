@@ -57,6 +57,8 @@ def _flood(case: str) -> bytes:
     w0 = wire.window(1, 0)
     if case == "window-zero":
         return wire.control(wire.OPEN, 1) + w0 * FLOOD
+    if case == "empty-data":  # DATA frames without a byte (the decoder drops them: never dispatched)
+        return wire.control(wire.OPEN, 1) + wire.header(wire.DATA, 1, 0) * FLOOD
     if case == "ended-stream":  # the peer resets stream 1 and then keeps crediting it
         return wire.control(wire.OPEN, 1) + wire.control(wire.RESET, 1) + wire.window(1, 1) * FLOOD
     if case == "goaway":  # draining with a stream open, GOAWAY after GOAWAY
@@ -65,7 +67,7 @@ def _flood(case: str) -> bytes:
     return b"".join(wire.control(wire.OPEN, i) for i in range(1, MAX_STREAMS_ACCEPTED + FLOOD + 1))
 
 
-@pytest.mark.parametrize("case", ["window-zero", "ended-stream", "goaway", "refused-opens"])
+@pytest.mark.parametrize("case", ["window-zero", "empty-data", "ended-stream", "goaway", "refused-opens"])
 async def test_a_flood_of_frames_without_effect_ends_the_connection(
     mesh: Mesh, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:

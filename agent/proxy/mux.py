@@ -21,11 +21,12 @@ Decisions:
 - Frames for a stream that already ended here (late DATA after a local reset, late credit) are
   dropped; frames for ids never opened are a protocol error.
 - Floods of frames that are each legal but do nothing (HTTP/2's "control frame floods"): a peer
-  could keep an agent's loop busy with WINDOW +0, frames for ended streams, OPENs refused over the
-  stream limit, repeated GOAWAYs, or OPENs of a stream it is denied (agent/proxy/inbound.py), each
-  costing it 8-12 bytes. They count against a per-connection budget (`wasted`: WASTE_BUDGET frames,
-  WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it the connection is a broken peer
-  (protocol error). Useful frames (DATA, credit, FIN, RESET on open streams) cost nothing new.
+  could keep an agent's loop busy with WINDOW +0, DATA without a byte, frames for ended streams,
+  OPENs refused over the stream limit, repeated GOAWAYs, or OPENs of a stream it is denied
+  (agent/proxy/inbound.py), each costing it 8-12 bytes. They count against a per-connection budget
+  (`wasted`: WASTE_BUDGET frames, WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it
+  the connection is a broken peer (protocol error). Useful frames (DATA, credit, FIN, RESET on open
+  streams) cost nothing new.
 - A peer that sends but never reads cannot grow our write buffer with the answers it provokes
   (RESETs of refused or denied streams): an answer written while the connection's write buffer is
   above its high-water mark stops reading from that peer until the buffer is below its low-water
@@ -507,6 +508,11 @@ def _frames(self: MuxConnection, data: bytes) -> None:
     except WireError as exc:
         self.protocol_error(str(exc))
         return
+    decoder = self.decoder
+    if decoder.empty_data:  # DATA without a byte does nothing: a flood of them is one (module docstring)
+        empty, decoder.empty_data = decoder.empty_data, 0
+        if self.wasted("DATA without a byte", empty):
+            return
     streams = self.streams
     for ftype, sid, payload in events:
         stream = streams.get(sid)

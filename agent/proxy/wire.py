@@ -119,7 +119,7 @@ class Decoder:
     ``(DATA, id, bytes)`` pieces (a frame's payload may arrive in several pieces) and
     ``(type, id, payload)`` for complete control frames."""
 
-    __slots__ = ("_ctl", "_head", "_need", "_stream", "_type")
+    __slots__ = ("_ctl", "_head", "_need", "_stream", "_type", "empty_data")
 
     def __init__(self) -> None:
         self._head = b""  # partial header carried over from the previous chunk
@@ -127,6 +127,7 @@ class Decoder:
         self._stream = 0
         self._need = 0  # payload bytes still to come for that frame
         self._ctl = b""  # partial control payload
+        self.empty_data = 0  # DATA frames without a byte, dropped here: counted for the flood budget (mux)
 
     @property
     def idle(self) -> bool:
@@ -171,6 +172,8 @@ class Decoder:
                 if length == 0:
                     if ftype != DATA:
                         events.append((ftype, stream, b""))
+                    else:
+                        self.empty_data += 1
                     continue
                 self._type, self._stream, self._need = ftype, stream, length
             n = min(self._need, end - pos)
