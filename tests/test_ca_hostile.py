@@ -10,9 +10,8 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -25,33 +24,16 @@ from cryptography.x509.oid import NameOID
 from hostmesh.ca import nomad as ca_nomad
 from hostmesh.ca import pki, tokens
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
-from hostmesh.ca.service import CAService
-from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.errors import Unavailable
 from hostmesh.registry.http import Request
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
-from tests.support import ConsulDev
 from tests.test_ca_service import Sibling, issued, token_for
-from tests.test_ca_service import sibling as sibling  # the fixture, used by name
+from tests.test_ca_service import ca as ca  # the fixtures, used by name
+from tests.test_ca_service import client as client
+from tests.test_ca_service import sibling as sibling
 
 SAN_OID = b"\x06\x03\x55\x1d\x11"  # subjectAltName
 IAN_OID = b"\x06\x03\x55\x1d\x12"  # issuerAltName: same length, so a byte swap makes a second SAN
-
-
-@pytest.fixture
-async def client(consul: ConsulDev) -> AsyncIterator[ConsulClient]:
-    async with ConsulClient(consul.url) as c:
-        yield c
-
-
-@pytest.fixture
-async def ca(tmp_path: Path, client: ConsulClient) -> AsyncIterator[tuple[CAService, AuditSink]]:
-    sink = AuditSink()
-    svc = await start_ca(new_ca_dir(tmp_path), client, sink)
-    try:
-        yield svc, sink
-    finally:
-        await svc.close()
 
 
 def assert_refused(sink: AuditSink, status: int, body: dict, want: int, fragment: str, via: str) -> None:
