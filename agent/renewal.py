@@ -87,11 +87,14 @@ async def wait_or_wake(seconds: float, wake: asyncio.Event | None) -> bool:
         return False
     if wake.is_set():
         return True
+    # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result when the event is set in
+    # the same turn as the task is cancelled, losing the cancellation (the loop then never stops)
+    waiter = asyncio.ensure_future(wake.wait())
     try:
-        await asyncio.wait_for(wake.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
+        done, _ = await asyncio.wait((waiter,), timeout=seconds)
+    finally:
+        waiter.cancel()
+    return bool(done)
 
 
 def log_failure(

@@ -3,6 +3,7 @@ certificate's remaining life (several tries before expiry, none scheduled past i
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -57,3 +58,16 @@ def test_token_stamp_changes_when_a_fresh_token_is_written(tmp_path) -> None:
     first = renewal.token_stamp(path)
     path.write_text("d.e.f.longer\n")
     assert renewal.token_stamp(path) != first
+
+
+async def test_a_renewal_wait_woken_and_cancelled_in_the_same_turn_ends_cancelled() -> None:
+    """A trust-bundle change wakes the renewal loops; an agent stopping cancels them. Both in one loop
+    turn: asyncio.wait_for on Python 3.11 returned the wake-up and dropped the cancellation, so the
+    loop went on and stopping the agent hung (seen once in CI, a test's teardown, 120 s)."""
+    wake = asyncio.Event()
+    task = asyncio.ensure_future(renewal.wait_or_wake(3600.0, wake))
+    await asyncio.sleep(0)  # it is waiting
+    wake.set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10.0)
