@@ -29,7 +29,6 @@ Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -45,6 +44,7 @@ from cryptography import x509
 from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
 from hostmesh.agent.certproc import mark_roots_verified, roots_unvouched
+from hostmesh.agent.loops import wait_event
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, StorageError, TrustError, Unauthorized
@@ -441,8 +441,7 @@ class CertManager:
                 )
                 log.warning("bootstrap: %s; retrying in %.1fs", exc, delay)
                 attempt += 1
-                with contextlib.suppress(TimeoutError):  # the wait ends early on a stop
-                    await asyncio.wait_for(self.stopping.wait(), max(delay, 0))
+                await wait_event(self.stopping, max(delay, 0))  # the wait ends early on a stop
             except Unauthorized as exc:
                 service = next(iter(missing))
                 if self.token_env:

@@ -22,6 +22,7 @@ import os
 import random
 from pathlib import Path
 
+from hostmesh.agent.loops import wait_event
 from hostmesh.registry.watch import backoff_delay
 
 RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds)
@@ -85,16 +86,7 @@ async def wait_or_wake(seconds: float, wake: asyncio.Event | None) -> bool:
     if wake is None:
         await asyncio.sleep(seconds)
         return False
-    if wake.is_set():
-        return True
-    # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result when the event is set in
-    # the same turn as the task is cancelled, losing the cancellation (the loop then never stops)
-    waiter = asyncio.ensure_future(wake.wait())
-    try:
-        done, _ = await asyncio.wait((waiter,), timeout=seconds)
-    finally:
-        waiter.cancel()
-    return bool(done)
+    return await wait_event(wake, seconds)
 
 
 def log_failure(

@@ -42,7 +42,7 @@ from typing import Any
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, service_health
 from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
-from hostmesh.agent.loops import new_event_loop
+from hostmesh.agent.loops import new_event_loop, wait_event
 from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, start_trimming
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
@@ -551,8 +551,7 @@ class Agent:
                     log.warning("Consul registration/TTL update failed: %s; retrying", exc)
                 failures += 1
                 delay = backoff_delay(failures, cap=RECONCILE_INTERVAL)  # a Consul back is seen within it
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
             self._wake.clear()
 
     # --- reload (SIGHUP) ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from hostmesh.agent.audit import MAX_REQUEST_FIELD
 from hostmesh.agent.l7 import flags as fl
+from hostmesh.agent.loops import wait_event
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.tracing")
@@ -349,8 +350,7 @@ class Tracer:
     async def _run(self) -> None:
         report = ExportLog(self.endpoint)
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            await wait_event(self._wake, FLUSH_INTERVAL)
             self._wake.clear()
             while self.queue:
                 batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hostmesh.agent import renewal
+from hostmesh.agent import loops, renewal
 from hostmesh.agent.renewal import CertState
 
 
@@ -71,3 +71,10 @@ async def test_a_renewal_wait_woken_and_cancelled_in_the_same_turn_ends_cancelle
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 10.0)
+
+
+async def test_wait_event_says_whether_it_was_woken() -> None:
+    event = asyncio.Event()
+    assert await loops.wait_event(event, 0.01) is False
+    event.set()
+    assert await loops.wait_event(event, 3600.0) is True
