@@ -19,6 +19,11 @@ class TrustError(CAError):
     """A peer or CA could not be trusted (pin mismatch, unknown root): never proceed."""
 
 
+class NotYetValid(TrustError):
+    """A certificate of ours (signed by a trusted root) that is valid only later by this host's clock:
+    a clock behind the CA's."""
+
+
 class CAUnavailable(CAError):
     """The CA could not be reached or answered 5xx: keep current state, retry with backoff."""
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostmesh.ca.errors import InvalidRequest, StorageError, TrustError
+from hostmesh.ca.errors import InvalidRequest, NotYetValid, StorageError, TrustError
 from hostmesh.ca.files import read_file, write_private  # noqa: F401  (re-exported)
 from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc. keep working)
     DEFAULT_TRUST_DOMAIN,
@@ -277,10 +277,8 @@ def sign_leaf(
 
 
 def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.datetime | None = None) -> None:
-    """Check that `leaf` was signed by one of `roots` and is within its validity; raise TrustError."""
-    t = at or now()
-    if not leaf.not_valid_before_utc <= t <= leaf.not_valid_after_utc:
-        raise TrustError("certificate is not within its validity period")
+    """Check that `leaf` was signed by one of `roots` and is within its validity; raise TrustError.
+    The signature first: only a certificate of ours is told which side of its validity it is on."""
     for root in roots:
         if root.subject != leaf.issuer:
             continue
@@ -288,8 +286,18 @@ def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.da
             leaf.verify_directly_issued_by(root)
         except (ValueError, TypeError, InvalidSignature):
             continue
-        return
-    raise TrustError("certificate is not issued by a trusted root")
+        break
+    else:
+        raise TrustError("certificate is not issued by a trusted root")
+    t = at or now()
+    if t < leaf.not_valid_before_utc:  # it was issued before it is valid here: this clock is behind
+        behind = (leaf.not_valid_before_utc - t).total_seconds() + CLOCK_SKEW.total_seconds()
+        raise NotYetValid(
+            f"certificate is not valid until {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC, and this "
+            f"host's clock reads {t:%H:%M:%S}: is it about {behind:.0f} s behind the CA's?"
+        )
+    if t > leaf.not_valid_after_utc:
+        raise TrustError(f"certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
 
 
 def new_serial_token(nbytes: int = 32) -> str:

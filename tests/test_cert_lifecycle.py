@@ -6,6 +6,7 @@ and a damaged key is named on the renewal path."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from hostmesh.agent.config import ConfigError, check_permissions, load_config
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki
-from hostmesh.ca.errors import Unauthorized
+from hostmesh.ca.errors import NotYetValid, TrustError, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.consul import ConsulClient
 from tests.ca_support import mesh_identities
@@ -256,3 +257,49 @@ async def test_a_damaged_key_is_named_when_the_renewal_cannot_recover(env: Env) 
     line = str(err.value)
     assert "\n" not in line and line.startswith("web: web.key unreadable: "), line
     assert "no certificate" not in line, line
+
+
+# --- 5. which side of its validity a certificate is on -------------------------------------------
+
+
+def test_a_certificate_not_yet_valid_here_names_this_hosts_clock() -> None:
+    """A host clock behind the CA's saw only "not within its validity period" and no word of the
+    clock (and threw the certificate away). The signature is checked first, so only a certificate
+    of ours gets told which side of its validity it is on."""
+    root_key, root = pki.make_root("hostmesh.local")
+    leaf = pki.sign_leaf(root_key, root, pki.new_key().public_key(), pki.Identity("hostmesh.local", "web"))
+    ten_minutes_behind = pki.now() - dt.timedelta(minutes=10)
+    with pytest.raises(
+        TrustError, match=r"not valid until .* UTC, and this host's clock reads .* about (599|600) s behind"
+    ):
+        pki.verify_leaf(leaf, [root], at=ten_minutes_behind)
+    with pytest.raises(TrustError, match=r"^certificate expired at "):
+        pki.verify_leaf(leaf, [root], at=leaf.not_valid_after_utc + dt.timedelta(seconds=1))
+    _, other = pki.make_root("hostmesh.local")
+    with pytest.raises(TrustError, match=r"^certificate is not issued by a trusted root$"):
+        pki.verify_leaf(leaf, [other], at=ten_minutes_behind)
+    pki.verify_leaf(leaf, [root])
+
+
+async def test_a_certificate_obtained_with_a_clock_behind_is_kept_for_when_it_is_right(
+    env: Env,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The join token is spent when the CA signs: a certificate this host's clock calls not yet valid
+    was thrown away, and the next try said "already used". Now it is kept (with the error naming the
+    clock), and once the clock is right the agent starts with it, no new token needed. The CA's
+    clock is put ahead by issuing leaves that begin 10 minutes on (pki.CLOCK_SKEW backdates them)."""
+    await env.start_ca()
+    token = await env.token_file("web")
+    monkeypatch.setattr(pki, "CLOCK_SKEW", dt.timedelta(minutes=-10))
+    mgr = env.manager(["web"], token)
+    with pytest.raises(NotYetValid, match=r"this host's clock reads .*: is it about"):
+        await mgr.start()
+    assert mgr.paths("web")[0].exists()  # kept
+    monkeypatch.undo()
+    later = pki.now() + dt.timedelta(minutes=11)
+    monkeypatch.setattr(pki, "now", lambda: later)  # this host's clock, set right
+    again = env.manager(["web"], token)
+    await again.start()
+    (info,) = again.infos()
+    assert info.state is CertState.VALID and info.problem is None
