@@ -18,7 +18,7 @@ import pytest
 
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.inbound import DENIED_OPEN_COST, MAX_STREAMS_ACCEPTED, InboundConnection
-from hostmesh.agent.proxy.mux import WASTE_BUDGET
+from hostmesh.agent.proxy.mux import LATE_FRAMES_PER_WASTE, WASTE_BUDGET
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests import test_proxy_component as component
@@ -59,8 +59,9 @@ def _flood(case: str) -> bytes:
         return wire.control(wire.OPEN, 1) + w0 * FLOOD
     if case == "empty-data":  # DATA frames without a byte (the decoder drops them: never dispatched)
         return wire.control(wire.OPEN, 1) + wire.header(wire.DATA, 1, 0) * FLOOD
-    if case == "ended-stream":  # the peer resets stream 1 and then keeps crediting it
-        return wire.control(wire.OPEN, 1) + wire.control(wire.RESET, 1) + wire.window(1, 1) * FLOOD
+    if case == "ended-stream":  # the peer resets stream 1 and then keeps crediting it (each a 32nd)
+        late = wire.window(1, 1) * (FLOOD * LATE_FRAMES_PER_WASTE // 4)
+        return wire.control(wire.OPEN, 1) + wire.control(wire.RESET, 1) + late
     if case == "goaway":  # draining with a stream open, GOAWAY after GOAWAY
         return wire.control(wire.OPEN, 1) + wire.control(wire.GOAWAY, 0) * FLOOD
     assert case == "refused-opens"  # past the per-connection stream limit, each answered with a RESET
@@ -215,3 +216,26 @@ async def test_refused_mesh_connections_are_logged_at_a_bounded_rate(
         w.close()
     lines = [rec for rec in caplog.records if "refused mesh connection" in rec.getMessage()]
     assert len(lines) == DEFAULT_LINES
+
+
+async def test_late_frames_of_ended_streams_in_normal_numbers_keep_the_connection(mesh: Mesh) -> None:
+    """What a well-behaved peer sends after a stream ended is no flood: DATA and datagrams carrying
+    bytes (a window of them in flight; a UDP client of a flow the inbound refused goes on sending) are
+    never counted, and credits, FINs and RESETs crossing a stream's end count a 32nd each. The review
+    found datagrams of a refused UDP flow, and credits after a half-closed client's answer, ending the
+    connection with every caller's streams on it. Here, after all that, a new stream still echoes."""
+    r, w = await _raw_mesh_connection(mesh)
+    late = wire.control(wire.OPEN, 1) + wire.control(wire.RESET, 1)
+    late += (wire.data_frame(1, b"x" * 100) + wire.header(wire.DGRAM, 1, 3) + b"abc") * FLOOD
+    late += wire.window(1, 1) * (LATE_FRAMES_PER_WASTE * WASTE_BUDGET // 2)  # half the budget's worth
+    w.write(late + wire.control(wire.OPEN, 3) + wire.data_frame(3, b"ping"))
+    got, decoder = b"", wire.Decoder()
+    async with asyncio.timeout(IO_TIMEOUT):
+        for _ in range(1000):  # until stream 3's echo
+            chunk = await r.read(65536)
+            assert chunk, "the connection ended"
+            got += b"".join(p for t, sid, p in decoder.feed(chunk) if t == wire.DATA and sid == 3)
+            if got == b"ping":
+                break
+    assert got == b"ping"
+    w.close()

@@ -21,12 +21,13 @@ Decisions:
 - Frames for a stream that already ended here (late DATA after a local reset, late credit) are
   dropped; frames for ids never opened are a protocol error.
 - Floods of frames that are each legal but do nothing (HTTP/2's "control frame floods"): a peer
-  could keep an agent's loop busy with WINDOW +0, DATA without a byte, frames for ended streams,
-  OPENs refused over the stream limit, repeated GOAWAYs, or OPENs of a stream it is denied
-  (agent/proxy/inbound.py), each costing it 8-12 bytes. They count against a per-connection budget
-  (`wasted`: WASTE_BUDGET frames, WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it
-  the connection is a broken peer (protocol error). Useful frames (DATA, credit, FIN, RESET on open
-  streams) cost nothing new.
+  could keep an agent's loop busy with WINDOW +0, DATA without a byte, frames without bytes for
+  ended streams (a 32nd each: a normal peer sends a few per stream that ends), OPENs refused over
+  the stream limit, repeated GOAWAYs, or OPENs of a stream it is denied (agent/proxy/inbound.py),
+  each costing it 8-12 bytes. They count against a per-connection budget (`wasted`: WASTE_BUDGET
+  frames, WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it the connection is a
+  broken peer (protocol error). Useful frames (DATA, credit, FIN, RESET on open streams) cost
+  nothing new.
 - A peer that sends but never reads cannot grow our write buffer with the answers it provokes
   (RESETs of refused or denied streams): an answer written while the connection's write buffer is
   above its high-water mark stops reading from that peer until the buffer is below its low-water
@@ -102,6 +103,11 @@ WASTE_BUDGET = 1024
 # ... and how many of them a second are forgiven (the budget refills at this rate): a busy connection's
 # stray late frames never add up to a protocol error, a flood is bounded to this rate on average.
 WASTE_ALLOWANCE_PER_SECOND = 512
+# Frames without bytes for a stream that already ended count this many to one frame without effect: a
+# busy connection's streams end by the thousand (each with a credit, FIN or RESET crossing its end,
+# up to 4 credits after a 1 MiB answer to a client that half-closed first), so 16,384 a second are
+# forgiven; a flood of them (a million a second) still ends the connection within tens of milliseconds
+LATE_FRAMES_PER_WASTE = 32
 
 
 class Stream:
@@ -310,6 +316,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.decoder = Decoder()
         self.stream_failures = 0  # exceptions out of stream handlers (_stream_failed)
         self.waste = 0  # frames without effect not yet forgiven (`wasted`)
+        self.late_frames = 0  # frames without bytes for streams that ended here (_frames)
         self.waste_since = time.monotonic()  # when `waste` was last forgiven its allowance
         self.reading_paused = False  # we stopped reading: our answers back up (`answered`)
         self.error_log: Callable[..., None] = _protocol_errors  # InboundConnection: its listener's
@@ -550,10 +557,14 @@ def _frames(self: MuxConnection, data: bytes) -> None:
                 self.goaway_received()
         elif sid == 0 or sid > self.last_id:
             self.protocol_error(f"frame type {ftype} for stream {sid}, which was never opened")
-        elif ftype != DATA or not payload:  # a stream that already ended here: its late frames are dropped
-            # and, but for DATA carrying bytes (up to a window of it may be in flight when a stream is
-            # reset, and its cost is the sender's too), counted: a burst of client aborts is no flood
-            self.wasted("frame for an ended stream")
+        elif not payload or (ftype != DATA and ftype != DGRAM):
+            # a stream that already ended here: its late frames are dropped. Those carrying bytes (DATA,
+            # datagrams: a window of them may be in flight, and each costs its sender too) are not
+            # counted; the others (credit, FIN or RESET crossing the stream's end) count a
+            # LATE_FRAMES_PER_WASTE-th each: a normal peer sends a few per stream that ends
+            self.late_frames += 1
+            if self.late_frames % LATE_FRAMES_PER_WASTE == 0:
+                self.wasted("frames for ended streams")
         if self.closed:
             return
 
