@@ -144,8 +144,8 @@ class CertProcess:
         data_dir: Path,
         services: list[str],
         consul: Any,
+        pin: str,  # [ca] pin: what a stored roots.pem is checked against (roots_unvouched)
         certs_dir: Path | None = None,  # agent.toml's cert_dir; None: <data_dir>/certs
-        pin: str | None = None,  # [ca] pin; None: read from config_path when needed
     ) -> None:
         self.config_path = config_path
         self.pin = pin
@@ -219,7 +219,7 @@ class CertProcess:
             return False
         if not text.strip():
             return False
-        why = roots_unvouched(self.dir, self._pin(), text)
+        why = roots_unvouched(self.dir, self.pin, text)
         if why is not None:
             log.warning(
                 "not serving the stored certificates: %s; checking them with Consul or the CA first", why
@@ -228,13 +228,6 @@ class CertProcess:
         self._roots_pem = text
         self._adopted = True
         return True
-
-    def _pin(self) -> str:
-        if self.pin is None:
-            from hostmesh.agent.config import load_config
-
-            self.pin = load_config(self.config_path, check_files=False).ca.pin
-        return self.pin
 
     async def start(self) -> None:
         try:

@@ -169,6 +169,7 @@ class Agent:
                 data_dir=cfg.data_dir,
                 services=[s.name for s in cfg.services],
                 consul=self.consul,
+                pin=cfg.ca.pin,
                 certs_dir=cfg.certs_dir,
             )
         else:

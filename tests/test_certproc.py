@@ -42,7 +42,9 @@ def mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[tuple[LocalMesh,
 
 
 def certproc(m: LocalMesh, h: AgentHandle, consul: ConsulClient) -> CertProcess:
-    return CertProcess(config_path=h.config_path, data_dir=h.data_dir, services=["api"], consul=consul)
+    return CertProcess(
+        config_path=h.config_path, data_dir=h.data_dir, services=["api"], consul=consul, pin=m.pin
+    )
 
 
 async def test_bootstrap_renew_and_notify_without_loading_cryptography(
