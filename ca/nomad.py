@@ -40,6 +40,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from hostmesh.ca.errors import Unauthorized
+from hostmesh.ca.pki import one_line
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.documents import DocumentStore
 from hostmesh.registry.errors import InvalidDocument, Unavailable
@@ -302,5 +303,5 @@ def _retrieve(fetch: asyncio.Future[None]) -> None:
 
 
 def _one_line(text: str) -> str:
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "…", text)  # no Python reprs in what a client reads
-    return " ".join(text.split())[:200]
+    """pki.one_line, without Python reprs (`<… at 0x…>`): a client reads it."""
+    return one_line(re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "…", text))

@@ -97,7 +97,7 @@ def load_certs(pem: bytes) -> list[x509.Certificate]:
     except x509.DuplicateExtension as exc:  # not a ValueError
         raise InvalidRequest(f"unreadable certificate: duplicate extension {exc.oid.dotted_string}") from None
     except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-        raise InvalidRequest(f"unreadable certificate PEM: {_one_line(str(exc))}") from None
+        raise InvalidRequest(f"unreadable certificate PEM: {one_line(str(exc))}") from None
     return certs
 
 
@@ -327,5 +327,6 @@ def verify_sibling_proof(old: x509.Certificate, csr: x509.CertificateSigningRequ
         raise TrustError("proof of possession of the expired certificate's key does not verify") from None
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:200]
+def one_line(text: str, limit: int = 200) -> str:
+    """An error's text as one line of at most `limit` characters, for a one-line error or an answer."""
+    return " ".join(text.split())[:limit]

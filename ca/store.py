@@ -166,22 +166,18 @@ def _load_root(crt: Path) -> Root:
     try:
         certs = pki.load_certs(pem) if pem.strip() else []
     except InvalidRequest as exc:
-        raise StorageError(f"{crt}: {_one_line(exc)}") from None
+        raise StorageError(f"{crt}: {pki.one_line(str(exc), 300)}") from None
     if len(certs) != 1:
         raise StorageError(f"{crt} must hold exactly one certificate")
     key_pem = pki.read_file(key_path)
     try:
         key = pki.load_key(key_pem)
     except (StorageError, UnsupportedAlgorithm) as exc:
-        raise StorageError(f"{key_path}: {_one_line(exc)}") from None
+        raise StorageError(f"{key_path}: {pki.one_line(str(exc), 300)}") from None
     root = Root(pki.root_id(certs[0]), certs[0], key)
     if root.key.public_key() != root.cert.public_key():
         raise StorageError(f"{key_path} is not the key of {crt}")
     return root
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _check_constraints(meta_path: Path, trust_domain: str, root: Root) -> None:
