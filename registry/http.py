@@ -626,10 +626,15 @@ class HTTPServer:
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Before closing after an answer: half-close, then read away what the client still sends, for at
     most SERVER_LINGER_TIMEOUT and SERVER_LINGER_BYTES, so the answer is not lost to a reset. TLS
-    cannot half-close: there the close that follows sends close_notify, the client's end of input, and
-    the TLS shutdown reads away what the client still sends (lingering here held every such answer's
-    client for the whole timeout)."""
+    cannot half-close: there the close sends close_notify, the client's end of input, and the TLS
+    shutdown reads away what the client still sends; it is awaited, within the same bound, so the
+    connection is over (its memory too) when its handler returns (reading here instead held every
+    such answer's client for the whole timeout)."""
     if not writer.can_write_eof():
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(SERVER_LINGER_TIMEOUT):
+                await writer.wait_closed()
         return
     with contextlib.suppress(OSError, RuntimeError):
         writer.write_eof()
