@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import partial
 
 import pytest
@@ -191,7 +192,7 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
             time.sleep(max(0.0, cut_at + PARTITION_SECONDS - time.monotonic()))  # the scenario's length
         finally:
             w3.heal()
-        healed_at = time.monotonic()
+        healed_at, healed_wall = time.monotonic(), time.time()
         for h in fleet.workloads:
             for svc in ("bulk", "shop"):
                 wait_for(
@@ -209,7 +210,8 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
     final = held.join(CALL_TIMEOUT)  # (only for the report when it outlived the bound)
     print(
         f"\npartition: peers stopped choosing {w3.name} after {avoided_at - cut_at:.1f} s, chose it again "
-        f"{back_at - healed_at:.1f} s after healing; a call in flight to it ended "
+        f"{back_at - healed_at:.1f} s after healing (Consul's servers saw it alive "
+        f"{_seen_alive_after(fleet, w3, healed_wall)}); a call in flight to it ended "
         f"{(held.ended_at or time.monotonic()) - cut_at:.1f} s after the cut: {final}; {load.summary()}"
     )
     # The call in flight to the cut-off host had a defined end within the bound (not a hang until the
@@ -225,6 +227,22 @@ def test_partitioned_host_is_avoided_then_serves_again(fleet: Fleet) -> None:
 
 STORY_LINES = 40  # the latest health events a failure report quotes
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z")
+
+
+def _seen_alive_after(fleet: Fleet, host: Host, since_wall: float) -> str:
+    """How long after `since_wall` a Consul server first logged `host` alive again: how much of the
+    time to choose a healed host is Serf's (it retries a failed member every 30 s), not ours."""
+    seen = []
+    for server in fleet.servers:
+        if server.consul is not None and server.consul.proc is not None:
+            for line in server.consul.proc.log(1 << 22).splitlines():
+                if "marking health alive" in line and f"member={host.name}" in line:
+                    stamp = TIMESTAMP.search(line)
+                    if stamp:
+                        at = datetime.fromisoformat(stamp.group().replace("Z", "+00:00")).timestamp()
+                        if at >= since_wall:
+                            seen.append(at - since_wall)
+    return f"{min(seen):.1f} s after healing" if seen else "at a time their logs do not show"
 
 
 def _health_story(fleet: Fleet) -> str:
