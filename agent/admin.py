@@ -10,7 +10,9 @@ Readiness fails closed: a local service whose intentions this agent cannot read
 (`Snapshot.intentions_unavailable`, agent/discovery.py) is not ready. `/ready` answers 503 naming
 each such service with the reason (`{"ready": false, "not_ready": {"api": "<reason>"}}`), and
 `/health/<service>` answers 503 with the reason without probing the app, so Consul marks the
-instance critical and callers pick instances that can enforce their policy.
+instance critical and callers pick instances that can enforce their policy. A service Consul
+refused to register (the agent's token lacks service:write on its name) is not ready either
+(`"not_registered": {"api": "<reason>"}`): no caller can find it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class AdminAPI:
         clusters: Callable[[], dict[str, Any]],
         is_ready: Callable[[], bool],
         cert_problems: Callable[[], dict[str, str]] = dict,
+        refused_registrations: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -93,6 +96,7 @@ class AdminAPI:
         self._clusters = clusters
         self._is_ready = is_ready
         self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
+        self._refused_registrations = refused_registrations  # service -> Consul's refusal to register it
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -112,6 +116,10 @@ class AdminAPI:
                 body["not_ready"] = unavailable
             if problems:
                 body["certificates"] = problems
+            refused = self._refused_registrations()
+            if refused:  # callers cannot find it: Consul's catalog does not hold it
+                body["ready"] = False
+                body["not_registered"] = dict(refused)
             return Response.of_json(200 if body["ready"] else 503, body)
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())

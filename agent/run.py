@@ -50,7 +50,7 @@ from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from hostmesh.registry.errors import NotFound, RegistryError
+from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError
 from hostmesh.registry.http import HTTPServer, Request, Response
 from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE, upstreams_meta
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
@@ -136,6 +136,8 @@ class Agent:
         self._servers: list[HTTPServer] = []
         self.registered = False  # registered at least once in this run: stop() then deregisters
         self._register_all_next = True  # start-up, or a reload changed what we register
+        # service -> Consul's refusal of its registration (the token), until a registration succeeds
+        self.refused_registrations: dict[str, str] = {}
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
@@ -237,7 +239,13 @@ class Agent:
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
             return
         admin = AdminAPI(
-            cfg, holder, self._cert_view, self._clusters_view, lambda: self.ready, self._cert_problems
+            cfg,
+            holder,
+            self._cert_view,
+            self._clusters_view,
+            lambda: self.ready,
+            self._cert_problems,
+            lambda: self.refused_registrations,
         )
         self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
         if cfg.metrics is not None:
@@ -502,9 +510,23 @@ class Agent:
         return {"metrics_addr": addr} if addr else {}
 
     async def _register(self, svc: ServiceConfig, why: str) -> None:
-        await self.consul.register_service(await self._registration(svc))
+        """Register one service. Consul refusing it (the token) is that service's problem alone: it is
+        kept in `refused_registrations` (/ready answers 503 naming it, systemd's status says so) and
+        logged once per streak, and the others are still registered; it is tried again each round,
+        so a token fixed in Consul is picked up without a restart."""
+        try:
+            await self.consul.register_service(await self._registration(svc))
+        except PermissionDenied as exc:
+            reason = f"Consul refused its registration: {exc}"
+            if self.refused_registrations.get(svc.name) != reason:
+                log.error("cannot register %s: %s", svc.name, reason)
+                self.refused_registrations[svc.name] = reason
+                sdnotify.status(f"Consul refused registering {', '.join(sorted(self.refused_registrations))}")
+            return
         self.registered = True
         log.info("registered %s in Consul (%s)", svc.name, why)
+        if self.refused_registrations.pop(svc.name, None) is not None and not self.refused_registrations:
+            sdnotify.status(f"serving {len(self.config.services)} service(s)")
 
     async def _register_all(self) -> None:
         for svc in self.config.services:
@@ -522,6 +544,8 @@ class Agent:
 
     async def _refresh_ttls(self) -> None:
         for svc in self.config.services:
+            if svc.name in self.refused_registrations:
+                continue  # not registered: no check to refresh (the next round tries it again)
             check_id = f"{self._service_id(svc)}:agent"
             try:
                 await self.consul.check_ttl(check_id, "pass")

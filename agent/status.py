@@ -281,11 +281,31 @@ async def fetch_status(address: str) -> dict[str, Any]:
         await client.close()
 
 
+# /ready's reasons (agent/admin.py), each a mapping of service -> why
+NOT_READY_REASONS = (
+    ("not_ready", "intentions"),
+    ("certificates", "certificate"),
+    ("not_registered", "Consul"),
+)
+
+
+def _not_ready_lines(ready: dict[str, Any]) -> list[str]:
+    """Why an agent is not ready, one line per service and reason."""
+    lines = []
+    for key, what in NOT_READY_REASONS:
+        reasons = ready.get(key)
+        if isinstance(reasons, dict):
+            lines += [f"  not ready  {printable(str(svc), 40)} ({what}): {printable(str(why))}"
+                      for svc, why in reasons.items()]  # fmt: skip
+    return lines
+
+
 def render_table(status: dict[str, Any]) -> str:
     cfg, certs = status["config"], status["certs"]["certs"]
     now = dt.datetime.now(dt.UTC)
     lines = [
         f"node        {cfg['node']}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
+        *_not_ready_lines(status["ready"]),
         f"snapshot    generation {cfg['generation']}, default intention {cfg['default_intention']}",
         "",
         "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL            ROOT_ID",

@@ -46,7 +46,8 @@ def _join(header: str, rules: list[str]) -> str:
 
 
 def agent_policy(services: Sequence[str]) -> str:
-    """Rules for one host's agent serving `services` (the [[services]] names of its agent.toml)."""
+    """Rules for one host's agent serving `services` (the [[services]] and [[gateways]] names of its
+    agent.toml: the agent registers a gateway in Consul under its name, like a service)."""
     if not services:
         raise ValueError("the agent policy needs the host's service names (--service, repeatable)")
     rules = [_rule("service", name, "write") for name in dict.fromkeys(services)]

@@ -959,7 +959,7 @@ def acl() -> None:
 @acl.command(
     "policy",
     help="Print the least-privilege Consul ACL rules (HCL) for ROLE: agent, ca or operator. "
-    "The agent policy is per host: name each service of its agent.toml with --service. "
+    "The agent policy is per host: name each service and each gateway of its agent.toml with --service. "
     "Load it with `consul acl policy create -name NAME -rules @FILE`.",
 )
 @click.argument("role", type=click.Choice(ROLES))
@@ -968,7 +968,7 @@ def acl() -> None:
     "services",
     multiple=True,
     metavar="NAME",
-    help="A service the host's agent serves (repeatable; agent policy only).",
+    help="A service or gateway the host's agent serves (repeatable; agent policy only).",
 )
 def acl_policy(role: str, services: tuple[str, ...]) -> None:
     for name in services:

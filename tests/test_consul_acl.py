@@ -288,6 +288,58 @@ def test_ca_and_two_agents_with_the_shipped_policies_over_https(
         echo.close()
 
 
+def test_a_service_consul_refuses_to_register_leaves_the_others_registered_and_is_not_ready(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """An agent whose token lacks service:write on one of its services (say, a gateway left out of
+    its policy): the others are registered all the same, /ready answers 503 naming the refused one
+    and why, `hostmesh status` says so, and once the policy is fixed in Consul the agent registers it
+    and is ready, without a restart."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    refused, allowed = svc("aclaaa"), svc("aclzzz")  # the refused one first: it used to end the round
+    policy = f"hostmesh-agent-{allowed}"
+    try:
+        m.start_ca()
+        h = m.write_agent_config(
+            "acl-half", [{"name": refused, "port": echo.port, "upstreams": []},
+                         {"name": allowed, "port": echo.port, "upstreams": []}],
+        )  # fmt: skip
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(secure.token_for(policy, acl.agent_policy([allowed])))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h, wait=False)
+
+        def catalog() -> set[str]:
+            return set(secure.consul_cli("catalog", "services").split())
+
+        wait_for(lambda: allowed in catalog(), 30.0, f"{allowed} to be registered")
+        wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused registration")
+        _, body = h.get("/ready")
+        assert body["ready"] is False
+        assert body["not_registered"] == {
+            refused: "Consul refused its registration: Consul ACL denied registration of "
+            f"{refused}-acl-half: the token lacks service:write on {refused}"
+        }
+        assert refused not in catalog()
+        shown = CliRunner().invoke(cli, ["status", "--agent", f"127.0.0.1:{h.admin_port}"])
+        assert f"  not ready  {refused} (Consul): Consul refused its registration" in shown.output
+
+        rules = tmp_path / "fixed.hcl"
+        rules.write_text(acl.agent_policy([refused, allowed]))
+        secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service once allowed")
+        assert {refused, allowed} <= catalog()
+        assert h.proc.log().count(f"cannot register {refused}:") == 1  # once per streak
+    finally:
+        m.close()
+        echo.close()
+
+
 def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
     missing = tmp_path / "ca-consul-token"
     result = CliRunner().invoke(
