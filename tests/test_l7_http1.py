@@ -126,6 +126,25 @@ def test_one_host_per_request_on_a_kept_alive_connection() -> None:
     assert [h.target for h in heads] == [b"/1", b"/2"]
 
 
+def test_an_http11_request_without_host_is_400_and_an_http10_one_is_served() -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host (which authority would route and
+    authorize?); HTTP/1.0 may omit it, and an empty value (RFC 9110 §7.2) is still one Host."""
+    missing = Reject(400, "missing-host", flags.DPE)
+    assert reject_of(b"GET / HTTP/1.1\r\n\r\n") == missing
+    data = b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok"
+    for cut in range(len(data) + 1):  # refused at its head, however the reads split: nothing goes on
+        assert feed_all(RequestFramer(), [data[:cut], data[cut:]]) == [missing], cut
+    assert one_shot(b"GET / HTTP/1.0\r\n\r\n") == [
+        RequestHead(b"GET", b"/", b"1.0", [], False, NO_BODY, 0, False, False),
+        EndOfMessage([]),
+    ]
+    for empty in (b"Host:", b"Host: "):
+        assert one_shot(b"GET / HTTP/1.1\r\n" + empty + b"\r\n\r\n") == [
+            RequestHead(b"GET", b"/", b"1.1", [(b"host", b"")], True, NO_BODY, 0, False, False),
+            EndOfMessage([]),
+        ], empty
+
+
 @pytest.mark.parametrize("name", ["cl-and-te", "cl-conflict", "obs-fold", "chunk-size-garbage"])
 def test_smuggling_rejected_however_the_bytes_are_split(name: str) -> None:
     data = SMUGGLING[name]
@@ -221,7 +240,9 @@ def test_too_many_headers_is_431() -> None:
 
 def test_head_just_under_limit_is_accepted_and_body_after_it_does_not_count() -> None:
     head = (
-        b"POST / HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES - 200) + b"\r\nContent-Length: 100000\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: a\r\nX-Big: "
+        + b"a" * (MAX_HEAD_BYTES - 209)
+        + b"\r\nContent-Length: 100000\r\n\r\n"
     )
     events = merged(RequestFramer().feed(head + b"b" * 100_000))
     assert isinstance(events[0], RequestHead)
@@ -322,24 +343,32 @@ REQUESTS: list[tuple[bytes, list[Event]]] = [
         ],
     ),
     (
-        b"POST /up HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world",
+        b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world",
         [
             RequestHead(
-                b"POST", b"/up", b"1.1", [(b"content-length", b"11")], True, LENGTH, 11, False, False
+                b"POST",
+                b"/up",
+                b"1.1",
+                [(b"host", b"a"), (b"content-length", b"11")],
+                True,
+                LENGTH,
+                11,
+                False,
+                False,
             ),
             Body(b"hello world"),
             EndOfMessage([]),
         ],
     ),
     (
-        b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n",
         [
             RequestHead(
                 b"PUT",
                 b"/c",
                 b"1.1",
-                [(b"transfer-encoding", b"chunked"), (b"connection", b"close")],
+                [(b"host", b"a"), (b"transfer-encoding", b"chunked"), (b"connection", b"close")],
                 False,
                 CHUNKED,
                 0,
@@ -364,13 +393,13 @@ REQUESTS: list[tuple[bytes, list[Event]]] = [
         [RequestHead(b"GET", b"/old", b"1.0", [], False, NO_BODY, 0, False, False), EndOfMessage([])],
     ),
     (
-        b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+        b"POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
         [
             RequestHead(
                 b"POST",
                 b"/e",
                 b"1.1",
-                [(b"expect", b"100-continue"), (b"content-length", b"2")],
+                [(b"host", b"a"), (b"expect", b"100-continue"), (b"content-length", b"2")],
                 True,
                 LENGTH,
                 2,
@@ -401,11 +430,11 @@ def test_pipelined_requests_come_out_in_order() -> None:
 
 def test_bytes_after_a_closing_request_are_ignored() -> None:
     f = RequestFramer()
-    events = one_shot(REQUESTS[2][0] + b"GET /smuggled HTTP/1.1\r\n\r\n")
+    events = one_shot(REQUESTS[2][0] + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
     assert events == REQUESTS[2][1]
     f = RequestFramer()
-    assert merged(f.feed(REQUESTS[4][0] + b"GET /next HTTP/1.1\r\n\r\n")) == REQUESTS[4][1]
-    assert f.broken and f.feed(b"GET / HTTP/1.1\r\n\r\n") == []
+    assert merged(f.feed(REQUESTS[4][0] + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")) == REQUESTS[4][1]
+    assert f.broken and f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -440,7 +469,9 @@ def test_chunked_body_round_trip(body: bytes, sizes: list[int]) -> None:
             break
         chunks.append(body[i : i + n])
         i += n
-    wire = serialize_request_head(b"POST", b"/x", b"1.1", [(b"transfer-encoding", b"chunked")])
+    wire = serialize_request_head(
+        b"POST", b"/x", b"1.1", [(b"host", b"a"), (b"transfer-encoding", b"chunked")]
+    )
     wire += b"".join(chunk_header(len(c)) + c + b"\r\n" for c in chunks) + last_chunk()
     events = feed_all(RequestFramer(), [wire[j : j + 512] for j in range(0, len(wire), 512)])
     got = b"".join(e.data for e in events if isinstance(e, Body))
@@ -452,7 +483,7 @@ def test_chunked_body_round_trip(body: bytes, sizes: list[int]) -> None:
 
 def test_large_content_length_body_streams_without_buffering() -> None:
     f = RequestFramer()
-    events = f.feed(b"POST / HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+    events = f.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
     assert isinstance(events[0], RequestHead)
     total = 0
     for _ in range(100):
@@ -465,21 +496,21 @@ def test_large_content_length_body_streams_without_buffering() -> None:
 
 def test_eof_mid_request_is_rejected_and_between_requests_is_clean() -> None:
     f = RequestFramer()
-    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    f.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
     assert f.eof() == [Reject(400, "truncated-request", flags.DPE)]
     f = RequestFramer()
-    f.feed(b"GET / HTTP/1.1\r\n\r\n")
+    f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert f.eof() == []
 
 
 def test_awaiting_head_tracks_header_read_phase() -> None:
     f = RequestFramer()
     assert f.awaiting_head and not f.in_head
-    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+    f.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
     assert not f.awaiting_head and not f.in_head
     f.feed(b"okGET / HT")
     assert f.awaiting_head and f.in_head  # the next head has begun
-    f.feed(b"TP/1.1\r\n\r\n")
+    f.feed(b"TP/1.1\r\nHost: a\r\n\r\n")
     assert f.awaiting_head and not f.in_head
 
 
@@ -529,7 +560,10 @@ def test_bytes_held_before_an_upgrade_answer_are_bounded() -> None:
 
 
 def test_non_websocket_upgrade_is_served_as_http11() -> None:
-    data = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"
+    data = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     events = one_shot(data)
     heads = [e for e in events if isinstance(e, RequestHead)]
     assert [h.target for h in heads] == [b"/", b"/2"]
@@ -548,7 +582,7 @@ def test_expect() -> None:
     with pytest.raises(ProtocolError) as exc:
         expects_continue(b"1.1", [(b"expect", b"something-else")])
     assert exc.value.status == 417
-    assert reject_of(b"GET / HTTP/1.1\r\nExpect: bogus\r\n\r\n").status == 417
+    assert reject_of(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: bogus\r\n\r\n").status == 417
     assert CONTINUE == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -945,7 +979,7 @@ def test_reason_phrases_are_the_standard_librarys() -> None:
     "data",
     [
         b"GET / HTTP/1.0\r\nX: a HTTP/1.1\r\n\r\n",
-        b"GET / HTTP/1.1\r\nX: a HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a HTTP/1.0\r\n\r\n",
         b"\r\nGET / HTTP/1.0\r\n\r\n",
         b"GET / HTTP/1.0\nX: y HTTP/1.1\r\n\r\n",
         b"POST /p HTTP/1.0\r\nContent-Length: 0\r\n\r\n",

@@ -344,6 +344,26 @@ async def test_a_repeated_host_is_400_on_both_public_edges(mesh: Mesh) -> None:
     assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
 
 
+async def test_an_http11_request_without_host_is_400_on_both_public_edges(mesh: Mesh) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request without Host is refused with 400 like a repeated one (no
+    authority to route and authorize); HTTP/1.0 may omit it (test_hygiene_smuggling_oversize_and_http10)."""
+    no_host = b"GET /no-host HTTP/1.1\r\nx-a: 1\r\n\r\n"
+    hits = sum(app.hits for app in mesh.apps)
+
+    def via_inbound() -> Any:
+        c = mtls_client(mesh)
+        try:
+            return c.raw(no_host)
+        finally:
+            c.close()
+
+    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, no_host)
+    direct = await asyncio.to_thread(via_inbound)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"x-hostmesh-response-flags: DPE" in out
+    assert direct.status == 400 and direct.flags == "DPE"
+    assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
+
+
 async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},

@@ -6,8 +6,9 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   a repeated Content-Length (differing or not; llhttp rejects both), a Content-Length that is not a
   plain decimal, obs-fold (a header line starting with SP/HTAB), an invalid chunk size, a
   Transfer-Encoding whose final coding is not ``chunked``, more than one ``Host`` field (RFC 9112
-  §3.2: which authority would route and authorize?). A transfer coding other than plain
-  ``chunked`` answers **501**; Transfer-Encoding in an HTTP/1.0 request answers 400. HTTP/0.9 is 400.
+  §3.2: which authority would route and authorize?), and an HTTP/1.1 request without one (the same
+  section; Envoy too). A transfer coding other than plain ``chunked`` answers **501**;
+  Transfer-Encoding in an HTTP/1.0 request answers 400. HTTP/0.9 is 400.
 - A request head above :data:`MAX_HEAD_BYTES` or with more than :data:`MAX_HEADER_COUNT` fields
   answers **431**. The count is kept across reads, so a slow client cannot grow the parser's buffer.
 - Hop-by-hop fields (RFC 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
@@ -903,7 +904,8 @@ class _Framer:
         that frames the same body (its head event discarded): the body then comes out as Body events
         and one EndOfMessage (trailers checked as for any request), and only the bytes after it are
         the next request. The primer is smaller than the head it stands for (that head named
-        Connection and Upgrade too), so it passes the head limits that head passed."""
+        Connection and Upgrade too; its Host is a stand-in, as 1.1 requires one), so it passes the
+        head limits that head passed."""
         events.pop()  # the EndOfMessage llhttp reported at the head, before the body
         if head.framing == CHUNKED:
             framing = b"transfer-encoding: chunked\r\n"
@@ -911,7 +913,7 @@ class _Framer:
             framing = b"content-length: " + str(head.content_length).encode() + CRLF
         persist = b"" if head.keep_alive else b"connection: close\r\n"  # no request after a last one
         self._events = []  # the primer's RequestHead goes here, not out
-        self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + persist + CRLF)
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: a\r\n" + framing + persist + CRLF)
         self._heads_done -= 1  # the primer's head is not a request's
         self._events = events
 
@@ -1003,8 +1005,11 @@ class RequestFramer(_Framer):
         method = _GET if line.startswith(_GET_SP) else p.get_method()
         if method == b"CONNECT":
             self._fail(405, "connect-unsupported")
-        if self._hosts > 1:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
-            self._fail(400, "repeated-host")
+        if self._hosts != 1:
+            if self._hosts:  # which authority is meant? a smuggling shape (RFC 9112 §3.2: 400)
+                self._fail(400, "repeated-host")
+            elif version == _V11:  # RFC 9112 §3.2 (1.0 may omit it)
+                self._fail(400, "missing-host")
         headers = self._headers
         decisive = self._decisive  # the decisions below read only these fields
         if not decisive:  # fast path: nothing that changes the decisions below
