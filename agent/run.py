@@ -41,7 +41,14 @@ from typing import Any
 
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import AdminAPI, service_health
-from hostmesh.agent.config import AgentConfig, ConfigError, ServiceConfig, check_permissions, load_config
+from hostmesh.agent.config import (
+    AgentConfig,
+    ConfigError,
+    ServiceConfig,
+    UpstreamConfig,
+    check_permissions,
+    load_config,
+)
 from hostmesh.agent.loops import new_event_loop, wait_event
 from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, start_trimming
 from hostmesh.agent.renewal import CertState
@@ -73,6 +80,8 @@ WORKER_ENV = "HOSTMESH_WORKER"
 
 
 # agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
+OutboundKey = tuple[str, str, str]  # (local service, upstream, bind) of one outbound stack
+
 RESTART_KEYS = (
     "node",
     "mesh_address",
@@ -132,7 +141,9 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._tls_generation = itertools.count(1)
         self.inbound: Any = None
-        self.outbound: dict[tuple[str, str, str], Any] = {}  # (local service, upstream, bind) -> listener
+        self.outbound: dict[OutboundKey, Any] = {}  # -> its listener (agent/proxy/stacks.py)
+        self._outbound_built: dict[OutboundKey, tuple[Any, ...]] = {}  # -> what it was built from
+        self._retiring: set[asyncio.Future[None]] = set()  # stacks a reload replaced, draining
         self._servers: list[HTTPServer] = []
         self.registered = False  # registered at least once in this run: stop() then deregisters
         self._register_all_next = True  # start-up, or a reload changed what we register
@@ -144,6 +155,7 @@ class Agent:
         self._cert_check: asyncio.Task[None] | None = None
         self._prebuilt_tls: TLSMaterial | None = None
         self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
+        self.admin: AdminAPI | None = None  # the primary's admin API (its /health/<service> probes the app)
         self.gateways: list[Any] = []  # edges.IngressGateway of each ingress [[gateways]] (primary only)
 
     # --- start ------------------------------------------------------------------------------
@@ -238,7 +250,7 @@ class Agent:
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
             return
-        admin = AdminAPI(
+        self.admin = admin = AdminAPI(
             cfg,
             holder,
             self._cert_view,
@@ -393,26 +405,88 @@ class Agent:
         if self._trimmer is not None:
             asyncio.get_running_loop().call_soon(self._trimmer.now, False)
 
-    async def _sync_outbound(self) -> None:
-        """One outbound stack per declared upstream (agent/proxy/stacks.py): start the new ones, drain and
-        close the dropped ones."""
+    def _wanted_outbound(self, cfg: AgentConfig) -> dict[OutboundKey, tuple[ServiceConfig, UpstreamConfig]]:
+        """The upstreams of `cfg` this process listens for (a udp flow's datagrams must meet one
+        process: the primary serves UDP)."""
+        return {
+            (s.name, u.service, str(u.bind)): (s, u)
+            for s in cfg.services
+            for u in s.upstreams
+            if not (u.protocol == "udp" and self.worker)
+        }
+
+    @staticmethod
+    def _outbound_inputs(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig) -> tuple[Any, ...]:
+        """What an upstream's stack is built from (stacks.build_outbound) that a reload may change."""
+        return (svc.meta.get("zone"), up, cfg.http)
+
+    async def _start_outbound(self, cfg: AgentConfig, key: OutboundKey, svc: ServiceConfig,
+                              up: UpstreamConfig) -> Any:  # fmt: skip
+        """Build and start one upstream's stack; OSError names the upstream and its bind."""
         from hostmesh.agent.proxy.stacks import build_outbound
 
-        wanted = {(s.name, u.service, str(u.bind)): (s, u) for s in self.config.services for u in s.upstreams}
-        for key in [k for k in self.outbound if k not in wanted]:
-            await self.outbound.pop(key).close(self.config.drain_seconds)
-        for key, (_, up) in wanted.items():  # an upstream switched between udp and tcp/http: a new socket
-            if key in self.outbound and (
-                getattr(self.outbound[key], "transport_protocol", "tcp") == "udp"
-            ) != (up.protocol == "udp"):
-                await self.outbound.pop(key).close(self.config.drain_seconds)
-        for key, (svc, up) in wanted.items():
-            if key in self.outbound or (up.protocol == "udp" and self.worker):
-                continue  # a udp flow's datagrams must meet one process: the primary serves UDP
-            listener = build_outbound(self.config, svc, up, self.builder.holder, self.telemetry, cap=self.cap,
-                                      tracer=self.tracer, on_load=self._after_lazy_import)  # fmt: skip
+        listener = build_outbound(cfg, svc, up, self.builder.holder, self.telemetry, cap=self.cap,
+                                  tracer=self.tracer, on_load=self._after_lazy_import)  # fmt: skip
+        try:
             await listener.start()
-            self.outbound[key] = listener
+        except OSError as exc:
+            raise OSError(exc.errno, f"upstream {svc.name}->{up.service}: cannot listen on {up.bind}: "
+                                     f"{exc.strerror or exc}") from None  # fmt: skip
+        self._outbound_built[key] = self._outbound_inputs(cfg, svc, up)
+        return listener
+
+    async def _start_added_outbound(self, cfg: AgentConfig) -> dict[OutboundKey, Any]:
+        """Start the stacks of the upstreams `cfg` adds, before a reload changes anything else: one
+        that cannot listen (its address taken) raises OSError with every one started here closed, so
+        the reload is refused whole."""
+        started: dict[OutboundKey, Any] = {}
+        try:
+            for key, (svc, up) in self._wanted_outbound(cfg).items():
+                if key not in self.outbound:
+                    started[key] = await self._start_outbound(cfg, key, svc, up)
+        except OSError:
+            for listener in started.values():
+                await listener.close()
+            raise
+        return started
+
+    async def _retire(self, listener: Any) -> None:
+        """Stop an upstream's stack taking connections now, and let the ones it holds drain in the
+        background (up to drain_seconds, as on a stop), so a reload does not wait for them."""
+        if hasattr(listener, "stop_accepting"):
+            listener.stop_accepting()
+            retiring = asyncio.ensure_future(listener.close(self.config.drain_seconds))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+        else:  # udp: its flows end at once (no connection to drain)
+            await listener.close()
+
+    async def _sync_outbound(self, started: dict[OutboundKey, Any] | None = None) -> None:
+        """One outbound stack per declared upstream (agent/proxy/stacks.py): take the new ones (`started`
+        by `_start_added_outbound`, else started here), rebuild the ones whose settings changed (the
+        old stack stops accepting at once and drains in the background, as on a stop), drain and
+        close the dropped ones."""
+        cfg = self.config
+        wanted = self._wanted_outbound(cfg)
+        for key in [k for k in self.outbound if k not in wanted]:
+            self._outbound_built.pop(key, None)
+            await self._retire(self.outbound.pop(key))
+        for key, (svc, up) in wanted.items():
+            if key not in self.outbound or self._outbound_built.get(key) == self._outbound_inputs(
+                cfg, svc, up
+            ):
+                continue
+            await self._retire(
+                self.outbound.pop(key)
+            )  # its protocol, balancer, timeouts, limits or zone changed
+            try:
+                self.outbound[key] = await self._start_outbound(cfg, key, svc, up)
+            except OSError as exc:  # the address was free a moment ago: another process took it
+                log.error("reload: %s; the upstream is not served until the next reload", exc.strerror)
+        self.outbound.update(started or {})
+        for key, (svc, up) in wanted.items():
+            if key not in self.outbound:
+                self.outbound[key] = await self._start_outbound(cfg, key, svc, up)
         if self.dns is not None:  # names follow the upstreams (reload)
             from hostmesh.agent.dns import dns_table
 
@@ -584,12 +658,14 @@ class Agent:
     async def reload(self, path: Path) -> None:
         """Re-read agent.toml and apply it without dropping established connections.
 
-        Applied live: upstreams (listeners added/drained), each service's port, protocol, meta and
-        health (re-registered), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
+        Applied live: upstreams (listeners added, drained, or rebuilt when their settings or the
+        `http` limits changed: the old stack stops accepting and drains in the background), each
+        service's port, protocol, meta and health (re-registered, and probed there by Consul's
+        check), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
         (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
         a restart, as do the process-wide limits (max_connections, stream_idle_timeout): they keep
-        their running values and the log says so. A file that does not parse
-        changes nothing.
+        their running values and the log says so. A file that does not parse, or whose new upstreams
+        cannot all listen, changes nothing (one line says why).
         """
         sdnotify.reloading()
         try:
@@ -609,13 +685,21 @@ class Agent:
                 ", ".join(needs_restart),
             )
             new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+        try:
+            started = await self._start_added_outbound(new)
+        except OSError as exc:
+            log.error("reload refused, keeping the running config: %s", exc.strerror)
+            sdnotify.ready(f"serving the previous config; reload refused: {exc.strerror}")
+            return
         self.config = new
+        if self.admin is not None:  # /health/<service>, Consul's check, probes the new port and path
+            self.admin.config = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         audit.configure_access(new.access_log.sample)
         self.builder.reconfigure(new)
         for stale in self.discovery.sync_watches():
             await stale.stop()
-        await self._sync_outbound()
+        await self._sync_outbound(started)
         from hostmesh.agent.proxy.stacks import extend_inbound
 
         # a service switched to protocol http or udp
@@ -714,7 +798,8 @@ class Agent:
         listeners = [x for x in [self.inbound, *self.outbound.values(), *self.gateways] if x is not None]
         if self.inbound is not None:
             listeners.extend(x for x in (self.inbound.http, self.inbound.udp) if x is not None)
-        closing = [x.close(cfg.drain_seconds) for x in listeners]
+        closing: list[Any] = [x.close(cfg.drain_seconds) for x in listeners]
+        closing += list(self._retiring)  # stacks a reload replaced, still draining
         if self.workers is not None:
             closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us
         await asyncio.gather(*closing)
@@ -777,7 +862,7 @@ async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> 
         if await _start_unless_stopped(agent, stop):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
             await stop.wait()
-            log.info("stopping: draining for up to %gs", config.drain_seconds)
+            log.info("stopping: draining for up to %gs", agent.config.drain_seconds)
         elif not agent.fatal:
             log.info("stopping: asked to stop before the agent was ready")
     finally:

@@ -211,3 +211,69 @@ def test_sighup_adds_an_upstream_without_dropping_established_connections(mesh: 
         assert held.recv(16) == b"two"  # the connection established before the reload still flows
     assert a.proc.alive()
     assert m.agents["node-a"] is a
+
+
+def test_a_reload_whose_new_upstream_cannot_listen_changes_nothing(mesh: TwoHosts) -> None:
+    """Two upstreams added by one reload, one of them on an address another process holds: the
+    reload is refused whole, in one line naming the upstream and the address (not a traceback, not
+    half-applied), and the same file applies once the address is free."""
+    m, a = mesh.m, mesh.a
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    blocked, free = taken.getsockname()[1], m._unused_port([*a.binds.values(), taken.getsockname()[1]])
+    with a.config_path.open("a") as cfg:  # web is the last [[services]] table
+        cfg.write(f'[[services.upstreams]]\nservice = "cache"\nbind = "127.0.0.1:{free}"\n')
+        cfg.write(f'[[services.upstreams]]\nservice = "queue"\nbind = "127.0.0.1:{blocked}"\n')
+    a.proc.popen.send_signal(signal.SIGHUP)
+    refused = (
+        "reload refused, keeping the running config: upstream web->queue: cannot listen on "
+        f"127.0.0.1:{blocked}"
+    )
+    wait_for(lambda: refused in a.proc.log(), 10.0, "the reload to be refused")
+    assert "Traceback" not in a.proc.log()
+    with pytest.raises(ConnectionRefusedError):  # the other new upstream was not left listening
+        socket.create_connection(("127.0.0.1", free), timeout=ECHO_TIMEOUT).close()
+    assert a.get("/ready")[0] == 200
+    taken.close()
+    a.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in a.proc.log(), 10.0, "the same file to apply once the address is free")
+    for port in (free, blocked):
+        socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT).close()
+
+
+def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_health_check(
+    mesh: TwoHosts,
+) -> None:
+    """An upstream's load balancer changed by a reload is the one it uses (its stack is rebuilt; a
+    connection made before the reload keeps flowing), and a service moved to a new app port is what
+    Consul's check probes from then on."""
+    a, b = mesh.a, mesh.b
+    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
+        held.sendall(b"one")
+        assert held.recv(16) == b"one"
+        with a.config_path.open("a") as cfg:  # web's upstream api is the file's last table
+            cfg.write('load_balancer = "least_connections"\n')
+        a.proc.popen.send_signal(signal.SIGHUP)
+
+        def balancer() -> str:
+            _, clusters = a.get("/v1/clusters")
+            return next(u["load_balancer"] for u in clusters["upstreams"] if u["upstream"] == "api")
+
+        wait_for(lambda: balancer() == "least_connections", 10.0, "the reloaded upstream's balancer")
+        assert roundtrip(a.binds["api"], b"after") == b"after"
+        held.sendall(b"two")
+        assert held.recv(16) == b"two"  # the connection of the replaced stack still flows
+
+    moved = EchoServer()
+    try:
+        text = b.config_path.read_text()
+        b.config_path.write_text(text.replace(f"port = {mesh.echo.port}\n", f"port = {moved.port}\n", 1))
+        b.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: b.get("/health/api")[1]["detail"] == f"TCP connect to 127.0.0.1:{moved.port} ok",
+            10.0,
+            "Consul's check to probe the new app port",
+        )
+    finally:
+        moved.close()

@@ -106,11 +106,16 @@ class OutboundListener(ListenerLifecycle):
         self._port = int(self._servers[0].sockets[0].getsockname()[1])
         self.reaper.start()
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets now (a reload rebuilding this upstream binds its address again
+        at once); `close` then drains what was accepted."""
+        for server in self._servers:
+            server.close()
+
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True
         self.reaper.stop()
-        for server in self._servers:
-            server.close()
+        self.stop_accepting()
         self.pool.close()
         if self.http is not None:
             await self.http.close(drain_seconds)

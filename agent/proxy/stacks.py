@@ -168,7 +168,8 @@ def build_inbound(cfg: AgentConfig, bind: Address, holder: SnapshotHolder, telem
 def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: SnapshotHolder, telemetry: Telemetry,
                    *, tracer: Any = None) -> None:  # fmt: skip
     """Attach the L7 and UDP handlers once a local service speaks http or udp (start-up, and a reload
-    that switched a service's protocol); never detached while the agent runs. Idempotent.
+    that switched a service's protocol); never detached while the agent runs. Idempotent; on a reload
+    the HTTP handler takes the new `http` limits and `version` meta for the connections that follow.
 
     HTTP: HttpInbound serves both HTTP ALPNs (`hostmesh/http/2` and 0.1's `hostmesh/http1` carry the
     same HTTP/1.1 messages, ca/tls.py) and, through the handler registered for them, the HTTP_OPEN
@@ -176,6 +177,11 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
     then, since peers call a service over HTTP only when its registration says protocol=http.
     UDP: UdpInbound takes the DGRAM_OPEN flows."""
     services = cfg.services
+    if listener.http is not None:  # a reload: new connections and streams take the new settings
+        http = listener.http
+        http.subsets = {s.name: s.meta.get("version", "") for s in services}
+        http.header_timeout, http.body_idle_timeout, http.body_min_rate = (
+            cfg.http.header_read_timeout, cfg.http.body_idle_timeout, cfg.http.body_min_rate)  # fmt: skip
     if listener.http is None and any(s.protocol == "http" for s in services):
         from hostmesh.agent.proxy.http_inbound import HttpInbound
 
