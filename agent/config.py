@@ -23,7 +23,7 @@ from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
 from hostmesh.registry.errors import InvalidSettings
-from hostmesh.registry.layout import GATEWAY_KIND_META
+from hostmesh.registry.layout import CONSUL_META_VALUE_MAX, GATEWAY_KIND_META
 from hostmesh.registry.names import port_number
 from hostmesh.registry.records import record
 
@@ -398,6 +398,32 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
     )
 
 
+# Consul's rules for service meta (it refuses a registration that breaks them, with a 400): keys of
+# ASCII letters, digits, '-' and '_', at most 128 characters, none starting with `consul-`; values of
+# at most 512 characters; at most 64 pairs, the agent's own among them.
+CONSUL_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+CONSUL_META_PAIRS_MAX = 64
+AGENT_META = ("hostmesh", "protocol", "metrics_addr", "upstreams")  # what the agent registers itself
+
+
+def _check_meta(meta: dict[str, str], path: str) -> None:
+    """A service's `meta` as Consul will take it: checked here, since Consul would refuse the
+    registration only once the agent runs."""
+    for key, value in meta.items():
+        if key in AGENT_META:
+            raise _fail(f"{path}.{key}", f"is set by the agent ({', '.join(AGENT_META)} are)")
+        if not CONSUL_META_KEY.fullmatch(key) or key.startswith("consul-"):
+            raise _fail(f"{path}[{key[:140]!r}]", "a meta key is 1-128 of A-Z a-z 0-9 - _ and does "
+                        "not start with consul- (Consul's rule)")  # fmt: skip
+        if len(value) > CONSUL_META_VALUE_MAX:
+            raise _fail(
+                f"{path}.{key}", f"a meta value is at most {CONSUL_META_VALUE_MAX} characters (Consul's rule)"
+            )
+    if len(meta) > CONSUL_META_PAIRS_MAX - len(AGENT_META):
+        raise _fail(path, f"at most {CONSUL_META_PAIRS_MAX - len(AGENT_META)} pairs (Consul takes "
+                    f"{CONSUL_META_PAIRS_MAX}, {len(AGENT_META)} of them the agent's)")  # fmt: skip
+
+
 def _parse_service(raw: Any, path: str) -> ServiceConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "must be a table")
@@ -416,8 +442,7 @@ def _parse_service(raw: Any, path: str) -> ServiceConfig:
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
         raise _fail(f"{path}.meta", "must be a table of strings")
-    if "hostmesh" in meta or "protocol" in meta:
-        raise _fail(f"{path}.meta", "'hostmesh' and 'protocol' are set by the agent")
+    _check_meta(meta, f"{path}.meta")
     ups_raw = raw.get("upstreams", [])
     if not isinstance(ups_raw, list):
         raise _fail(f"{path}.upstreams", "must be an array of tables ([[services.upstreams]])")

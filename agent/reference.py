@@ -187,7 +187,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "services[].meta",
         "table of strings",
         "{}",
-        "Consul service meta (e.g. `version`, `zone`) used by subsets.",
+        "Consul service meta (e.g. `version`, `zone`) used by subsets. Consul's rules are checked: keys "
+        "of `A-Z a-z 0-9 - _` (1-128, not `consul-…`), values up to 512 characters, up to 60 pairs; "
+        "`hostmesh`, `protocol`, `metrics_addr` and `upstreams` are the agent's own.",
     ),
     Key("services[].health", "table", "{ tcp = true }", "How the agent probes the app."),
     Key("services[].health.http", "path", "none", "HTTP GET of this path on the app; 2xx is healthy."),

@@ -57,7 +57,7 @@ from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError
+from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.http import HTTPServer, Request, Response
 from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE, upstreams_meta
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
@@ -584,13 +584,14 @@ class Agent:
         return {"metrics_addr": addr} if addr else {}
 
     async def _register(self, svc: ServiceConfig, why: str) -> None:
-        """Register one service. Consul refusing it (the token) is that service's problem alone: it is
-        kept in `refused_registrations` (/ready answers 503 naming it, systemd's status says so) and
-        logged once per streak, and the others are still registered; it is tried again each round,
-        so a token fixed in Consul is picked up without a restart."""
+        """Register one service. Consul refusing it (the token, or a registration it finds invalid)
+        is that service's problem alone: it is kept in `refused_registrations` (/ready answers 503
+        naming it, systemd's status says so) and logged once per streak, and the others are still
+        registered; it is tried again each round, so a token fixed in Consul is picked up without a
+        restart."""
         try:
             await self.consul.register_service(await self._registration(svc))
-        except PermissionDenied as exc:
+        except (PermissionDenied, Rejected) as exc:
             reason = f"Consul refused its registration: {exc}"
             if self.refused_registrations.get(svc.name) != reason:
                 log.error("cannot register %s: %s", svc.name, reason)

@@ -332,3 +332,34 @@ def test_validate_without_files_checks_the_config_only(tmp_path: Path) -> None:
     path.write_text(body + "port = 0\n")
     bad = CliRunner().invoke(validate, ["--config", str(path), "--no-files"])
     assert bad.exit_code == 1 and "services[0].port" in bad.output
+
+
+def _with_meta(meta: dict[str, str]) -> dict[str, object]:
+    return minimal(services=[{"name": "web", "port": 8080, "meta": meta}])
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"bad.key": "v"}, "services[0].meta['bad.key']: a meta key is 1-128 of A-Z a-z 0-9 - _"),
+        ({"consul-zone": "v"}, "services[0].meta['consul-zone']: a meta key"),
+        ({"k" * 129: "v"}, "a meta key is 1-128"),
+        ({"zone": "v" * 513}, "services[0].meta.zone: a meta value is at most 512 characters"),
+        ({f"k{i}": "v" for i in range(61)}, "services[0].meta: at most 60 pairs"),
+        ({"upstreams": "x"}, "services[0].meta.upstreams: is set by the agent"),
+        ({"metrics_addr": "x"}, "services[0].meta.metrics_addr: is set by the agent"),
+    ],
+)
+def test_service_meta_consul_would_refuse_is_one_line_at_validation(
+    meta: dict[str, str], message: str
+) -> None:
+    """Consul answers 400 to such a registration only once the agent runs (the instance would never
+    appear while `agent validate` had said ok): refused here, naming the key."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with_meta(meta))
+    assert message in str(err.value)
+
+
+def test_service_meta_within_consuls_rules_is_taken() -> None:
+    meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(57)}}
+    assert parse_config(_with_meta(meta)).services[0].meta == meta
