@@ -32,6 +32,29 @@ from hostmesh.registry.http import HTTPClient, Request, Response
 
 log = logging.getLogger("hostmesh.admin")
 
+ADMIN_MAX_BODY = 4096  # bytes of a request body: the one write (PUT /v1/log-level) sends a few; beyond, 413
+
+
+def addressed_locally(host: str | None) -> bool:
+    """Whether a request's Host names an IP address or localhost (any port), or is absent (HTTP/1.0):
+    what a browser sends only for a page loaded from that address. A page that rebinds its own DNS
+    name to 127.0.0.1 sends that name, so its script cannot read the answers (DNS rebinding)."""
+    if not host:
+        return True
+    if host.startswith("["):  # [v6] or [v6]:port
+        name = host[1 : host.find("]")]
+    elif host.count(":") == 1:  # name:port or v4:port
+        name = host.split(":", 1)[0]
+    else:
+        name = host
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
 
 def agent_version() -> str:
     """The installed distribution's version; importlib.metadata is imported only when asked (RSS)."""
@@ -100,6 +123,11 @@ class AdminAPI:
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
+        if not addressed_locally(req.headers.get("host")):
+            return Response.error(
+                403, "the admin API answers requests addressed to an IP address or localhost (Host), "
+                "never a DNS name: a web page could have pointed its own name here"
+            )  # fmt: skip
         path = req.path.rstrip("/") or "/"
         if path == "/v1/log-level":
             return self.log_level(req)

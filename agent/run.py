@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmesh.agent import audit, sdnotify
-from hostmesh.agent.admin import AdminAPI, service_health
+from hostmesh.agent.admin import ADMIN_MAX_BODY, AdminAPI, service_health
 from hostmesh.agent.config import (
     AgentConfig,
     ConfigError,
@@ -259,9 +259,13 @@ class Agent:
             self._cert_problems,
             lambda: self.refused_registrations,
         )
-        self._servers.append(HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port))
+        self._servers.append(
+            HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)
+        )
         if cfg.metrics is not None:
-            self._servers.append(HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port))
+            self._servers.append(
+                HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port, max_body=ADMIN_MAX_BODY)
+            )
         for server in self._servers:
             await server.start()
         if checking:

@@ -59,6 +59,10 @@ SERVER_LINGER_BYTES = 2 * MAX_BODY_BYTES
 # admin API and /metrics see a handful of clients (the CLI, Consul's checks, scrapers); without a cap
 # 20,000 slow clients on /metrics took every file descriptor of the agent, and its data path with them.
 SERVER_MAX_CONNECTIONS = 128
+# At the cap with no idle connection, the one whose request has been arriving longest makes room, if
+# for at least this long: on these servers a request arrives within milliseconds, so 128 clients that
+# trickle heads or bodies (any local process could) no longer lock Consul's health check out.
+SERVER_SLOW_REQUEST_EVICT = 1.0
 RETRY_AFTER_SECONDS = 1  # what a shed request is told: the burst that filled the server is short-lived
 
 
@@ -428,6 +432,7 @@ class HTTPServer:
         max_inflight: int | None = None,
         unlimited_paths: frozenset[str] = frozenset(),
         max_connections: int | None = SERVER_MAX_CONNECTIONS,
+        slow_request_evict: float = SERVER_SLOW_REQUEST_EVICT,
     ) -> None:
         self._handler = handler
         self.host = host
@@ -444,6 +449,9 @@ class HTTPServer:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._idle: dict[asyncio.StreamWriter, float] = {}  # connections between requests -> since when
+        self._arriving: dict[asyncio.StreamWriter, float] = {}  # connections part-way into a request -> since
+        self._slow_request_evict = slow_request_evict
+        self.evicted_slow = 0  # connections closed at the cap because their request kept arriving
 
     @property
     def connections(self) -> int:
@@ -483,9 +491,15 @@ class HTTPServer:
         client reconnects, while a newcomer (a scrape, a health check) would otherwise be locked out
         by clients that merely hold connections open. If every connection is in a request, the new
         one gets a prompt 503 and is closed: queueing it would hold a socket, which is what runs out
-        (slow clients end within SERVER_HEAD_TIMEOUT and free their place)."""
+        (slow clients end within SERVER_HEAD_TIMEOUT and free their place), unless one has been sending
+        its request for SERVER_SLOW_REQUEST_EVICT: that one is closed instead."""
         cap = self._max_connections
-        if cap is not None and len(self._conns) >= cap and not self.close_idle(0.0):
+        if (
+            cap is not None
+            and len(self._conns) >= cap
+            and not self.close_idle(0.0)
+            and not self._evict_slow()
+        ):
             self.refused_connections += 1
             self._refusal_log(
                 "HTTP server on port %s: %d connections open, all in a request (the limit): "
@@ -531,9 +545,12 @@ class HTTPServer:
                 if stream.continue_due:
                     stream.continue_due = False
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                waiting = stream.started is None  # for a request, none of it received yet
-                if waiting:
+                started = stream.started
+                waiting = started is None  # for a request, none of it received yet
+                if started is None:
                     self._idle[writer] = time.monotonic()
+                elif writer not in self._arriving:
+                    self._arriving[writer] = started  # (loop time is time.monotonic())
                 try:
                     async with asyncio.timeout_at(stream.deadline(loop.time())):
                         chunk = await reader.read(READ_SIZE)
@@ -551,11 +568,14 @@ class HTTPServer:
                 if not chunk:
                     return  # the client closed (within a request: nobody left to answer)
                 stream.feed(chunk, loop.time())
+                if stream.ready or stream.started is None:
+                    self._arriving.pop(writer, None)  # its request is in: it is no longer arriving
         except (OSError, ssl.SSLError, ConnectionError):
             return
         finally:
             self._conns.discard(writer)
             self._idle.pop(writer, None)
+            self._arriving.pop(writer, None)
             writer.close()
 
     async def _refuse(
@@ -596,6 +616,20 @@ class HTTPServer:
         self._idle.pop(writer, None)
         self._conns.discard(writer)  # gone now, for the count of the connection limit
         writer.close()
+        return True
+
+    def _evict_slow(self) -> bool:
+        """Close the connection whose request has been arriving longest, if for at least
+        `slow_request_evict` seconds (the server is at its connection limit)."""
+        if not self._arriving:
+            return False
+        writer, since = min(self._arriving.items(), key=lambda item: item[1])
+        if time.monotonic() - since < self._slow_request_evict:
+            return False
+        self._arriving.pop(writer, None)
+        self._conns.discard(writer)
+        self.evicted_slow += 1
+        writer.transport.abort()  # the read it waits on ends; nothing is owed to a half-sent request
         return True
 
     async def _send(

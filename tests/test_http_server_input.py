@@ -456,7 +456,8 @@ async def test_past_the_connection_cap_a_new_connection_gets_503_while_the_other
     no_errors_logged: None,
 ) -> None:
     rec = Recorder()
-    server = HTTPServer(rec.handle, "127.0.0.1", 0, max_connections=3)
+    # (requests arriving for less than a minute are not evicted: see the next test for shorter)
+    server = HTTPServer(rec.handle, "127.0.0.1", 0, max_connections=3, slow_request_evict=60.0)
     port = await server.start()
     held = [await Raw.open(port) for _ in range(3)]
     try:
@@ -474,6 +475,33 @@ async def test_past_the_connection_cap_a_new_connection_gets_503_while_the_other
         answers = [(await conn.answers(1))[0] for conn in held]
         assert [a["status"] for a in answers] == [200, 200, 200]
         assert sorted(path for _, path, _ in rec.seen) == ["/held-0", "/held-1", "/held-2"]
+    finally:
+        for conn in held:
+            conn.close()
+        await server.close()
+
+
+async def test_at_the_connection_cap_the_request_arriving_longest_makes_room(no_errors_logged: None) -> None:
+    """Every connection trickling a request (a local process filling the admin server): past the
+    eviction age the one that began first is cut and the newcomer (Consul's check) is served; a
+    request already in the handler is never cut."""
+    rec = Recorder()
+    server = HTTPServer(rec.handle, "127.0.0.1", 0, max_connections=3, slow_request_evict=0.0)
+    port = await server.start()
+    held: list[Raw] = []
+    try:
+        for i in range(3):  # one by one, so that their order of arrival is known
+            held.append(conn := await Raw.open(port))
+            await conn.send(f"PUT /slow-{i} HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab".encode())
+            await async_wait_until(lambda n=i: server.connections == n + 1 and server.idle_connections == 0,
+                                   what=f"request {i} begun")  # fmt: skip
+        newcomer = await exchange(port, b"GET /health/web HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status_of(newcomer) == 200
+        assert await held[0].until_closed() == b""  # the one arriving longest: cut, unanswered
+        assert server.evicted_slow == 1 and server.refused_connections == 0
+        await held[1].send(b"x" * 998)  # the others go on
+        assert (await held[1].answers(1))[0]["status"] == 200
+        assert sorted(path for _, path, _ in rec.seen) == ["/health/web", "/slow-1"]
     finally:
         for conn in held:
             conn.close()

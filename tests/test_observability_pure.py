@@ -183,6 +183,27 @@ def test_log_level_write_only_from_loopback() -> None:
         logs.set_level(before)
 
 
+def test_the_admin_api_answers_only_requests_addressed_to_an_ip_address_or_localhost() -> None:
+    """DNS rebinding: a web page whose own name now resolves to 127.0.0.1 sends that name as Host;
+    its script must not read the mesh's state or turn debug logging on."""
+    api = AdminAPI.__new__(AdminAPI)  # /live and log_level() read nothing of the agent's
+
+    def call(method: str, path: str, host: str | None, body: bytes = b"") -> int:
+        headers = {} if host is None else {"host": host}
+        return asyncio.run(api.handle(Request(method, path, {}, headers, body, ("127.0.0.1", 40000)))).status
+
+    for host in ("127.0.0.1:15000", "localhost:15000", "LOCALHOST", "[::1]:15000", "198.18.0.9:15000", None):
+        assert call("GET", "/live", host) == 200, host
+    before = logs.current_level()
+    try:
+        for host in ("attacker.example:15000", "127.0.0.1.nip.io:15000", "localhost.attacker.example"):
+            assert call("GET", "/live", host) == 403, host
+            assert call("PUT", "/v1/log-level", host, b'{"level": "debug"}') == 403, host
+        assert logs.current_level() == before
+    finally:
+        logs.set_level(before)
+
+
 def test_istio_series_carry_istio_labels_only_when_enabled() -> None:
     from hostmesh.agent.metrics import Telemetry
     from hostmesh.agent.proxy.http_conn import RequestMetrics
