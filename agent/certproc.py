@@ -32,11 +32,14 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
+import pwd
 import random
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +72,61 @@ class CertView:
     renew_at: dt.datetime
     state: CertState = CertState.VALID
     problem: str | None = None  # one line: why the last renewal or recovery failed, what is missing
+
+
+# --- files the agent may not read (no `cryptography`: the agent reads some of them itself) -------
+# A certificate, key, trust bundle or join token that exists but that the agent may not read is a
+# start error naming the file, its owner and mode, and the user the agent runs as: never taken for a
+# missing or broken file (which would send the agent to spend the join token and overwrite the
+# files). The usual cause: the agent was run once as root, then systemd runs it as User=hostmesh.
+
+
+class FileAccessDenied(ca_errors.StorageError):
+    """A file of the agent's exists but reading it was refused (EACCES/EPERM)."""
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def access_denied(path: Path, exc: OSError) -> FileAccessDenied:
+    """The one-line error for `path`, whose read failed with `exc` (a PermissionError), with the fix."""
+    why = "operation not permitted" if exc.errno == errno.EPERM else "permission denied"
+    runs_as = _user(os.geteuid())
+    try:
+        st = path.stat()
+    except OSError as stat_exc:  # a directory on the way is closed to us: say which one to fix
+        return FileAccessDenied(
+            f"cannot read {path}: {why} (its owner and mode cannot be seen: {stat_exc.strerror}; the "
+            f"agent runs as {runs_as}): fix the owner or mode of its directory {path.parent}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        fix = f"fix its owner: chown {runs_as} {path}"
+    elif not mode & stat.S_IRUSR:
+        fix = f"fix its mode: chmod 600 {path}"
+    else:
+        fix = "its owner and mode allow it: a security policy (SELinux, AppArmor, systemd) denies it"
+    return FileAccessDenied(
+        f"cannot read {path}: {why} (owner {_user(st.st_uid)}, mode {mode:04o}; the agent runs as "
+        f"{runs_as}): {fix}"
+    )
+
+
+def read_existing(path: Path) -> bytes | None:
+    """`path`'s bytes; None when it does not exist. Refused: FileAccessDenied (`access_denied`);
+    any other failure: StorageError."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except PermissionError as exc:
+        raise access_denied(path, exc) from None
+    except OSError as exc:
+        raise ca_errors.StorageError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _pem_blocks(text: str) -> set[str]:
@@ -112,6 +170,8 @@ def roots_unvouched(certs: Path, pin: str, text: str) -> str | None:
         return None
     try:
         doc = json.loads(verified_path(certs).read_text())
+    except PermissionError as exc:  # not "not verified": the record may well vouch for it
+        raise access_denied(verified_path(certs), exc) from None
     except (OSError, ValueError, RecursionError):
         doc = None
     if (
@@ -209,17 +269,19 @@ class CertProcess:
         """True when every service's certificate and key and the trust bundle are on disk (a
         restart) and the bundle holds the pinned root or was verified under the pin; the bundle is
         then read, so the agent may serve these files while `start()` has the helper check them.
-        A bundle not vouched for is not served from: the helper checks it first (one line why)."""
+        A bundle not vouched for is not served from: the helper checks it first (one line why).
+        A file the agent may not read is not served from either: the helper reads it too, and its
+        start error names the file, its owner and mode (`access_denied`), never something else."""
         files = [roots_path(self.dir), *(p for s in self.services for p in cert_paths(self.dir, s))]
         try:
             if not all(f.is_file() for f in files):
                 return False
             text = roots_path(self.dir).read_text()
-        except OSError:
+            why = roots_unvouched(self.dir, self.pin, text) if text.strip() else None
+        except (OSError, FileAccessDenied):  # (the helper's start reports a refused read: see above)
             return False
         if not text.strip():
             return False
-        why = roots_unvouched(self.dir, self.pin, text)
         if why is not None:
             log.warning(
                 "not serving the stored certificates: %s; checking them with Consul or the CA first", why
@@ -295,7 +357,8 @@ class CertProcess:
         except ValueError:
             raise CAError(f"certificate helper ({op}) exited with {code} and no answer") from None
         if not answer.get("ok"):
-            kind = getattr(ca_errors, str(answer.get("kind")), CAError)
+            name = str(answer.get("kind"))  # a hostmesh.ca error, or ours
+            kind = getattr(ca_errors, name, None) or {"FileAccessDenied": FileAccessDenied}.get(name, CAError)
             if not (isinstance(kind, type) and issubclass(kind, CAError)):
                 kind = CAError
             raise kind(str(answer.get("error", "certificate helper failed")))
@@ -321,7 +384,10 @@ class CertProcess:
                 self._wakes[name].set()
         if answer.get("token_file"):
             self.token_file = Path(answer["token_file"])
-        self._roots_pem = (roots_path(self.dir)).read_text()
+        roots = read_existing(roots_path(self.dir))  # (the helper just wrote or read it)
+        if roots is None:
+            raise ca_errors.StorageError(f"{roots_path(self.dir)} is missing")
+        self._roots_pem = roots.decode(errors="replace")
 
     def _notify(self) -> None:
         for callback in list(self._callbacks):

@@ -24,6 +24,10 @@ The trust bundle follows Consul KV `hostmesh/ca/roots` (blocking watch) and is s
 before that.
 
 Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `roots.pem`; 0600.
+One of them, or the join token, that exists but may not be read (EACCES/EPERM: typically left by a
+run as root, while systemd runs the agent as User=hostmesh) is an error naming the file, its owner
+and mode and the user we run as (agent/certproc.py `access_denied`): at start it is the agent's
+start error, before any token is spent or file written; never taken for a missing or broken file.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ from cryptography import x509
 
 from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
-from hostmesh.agent.certproc import mark_roots_verified, roots_unvouched
+from hostmesh.agent.certproc import (
+    FileAccessDenied,
+    access_denied,
+    mark_roots_verified,
+    read_existing,
+    roots_unvouched,
+)
 from hostmesh.agent.loops import wait_event
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import pki
@@ -268,11 +278,13 @@ class CertManager:
         """roots.pem, if it holds the pinned root or was verified under the pin (agent/certproc.py
         `roots_unvouched`); otherwise nothing is trusted and the reason is returned."""
         path = roots_path(self.dir)
-        if not path.exists():
-            return None
         try:
-            data = pki.read_file(path)
+            data = read_existing(path)  # refused: FileAccessDenied, raised (see the module doc)
+            if data is None:
+                return None
             roots = pki.load_certs(data)
+        except FileAccessDenied:
+            raise
         except CAError as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
@@ -308,14 +320,23 @@ class CertManager:
     def _load_stored(self, service: str) -> str | None:
         """Adopt the stored cert if usable; otherwise return why not (None = adopted)."""
         chain_file, key_file = self.paths(service)
-        if not chain_file.exists() or not key_file.exists():
+        stored: dict[Path, bytes | None] = {}
+        for path in (chain_file, key_file):  # both first: a refused one raises, even beside a missing one
+            try:
+                stored[path] = read_existing(path)  # refused: FileAccessDenied (see the module doc)
+            except FileAccessDenied:
+                raise
+            except CAError as exc:
+                return f"{path.name} unreadable: {_first_line(exc)}"
+        chain_pem, key_pem = stored[chain_file], stored[key_file]
+        if chain_pem is None or key_pem is None:
             return "no stored certificate"
         try:
-            chain = pki.load_certs(pki.read_file(chain_file))
+            chain = pki.load_certs(chain_pem)
         except CAError as exc:
             return f"{chain_file.name} unreadable: {_first_line(exc)}"
         try:
-            key = pki.load_key(pki.read_file(key_file))
+            key = pki.load_key(key_pem)
         except CAError as exc:
             return f"{key_file.name} unreadable: {_first_line(exc)}"
         if not chain or chain[0].public_key() != key.public_key():
@@ -391,8 +412,11 @@ class CertManager:
             _, instances = await self.consul.health_service(CA_SERVICE_NAME, passing=True)
         except RegistryError as exc:
             raise CAUnavailable(f"cannot discover {CA_SERVICE_NAME} in Consul: {exc}") from None
-        if not instances:
-            raise CAUnavailable(f"no passing {CA_SERVICE_NAME} instance in Consul")
+        if not instances:  # Consul (1.8) answers a token that may not read it with none, not 403
+            raise CAUnavailable(
+                f"no passing {CA_SERVICE_NAME} instance in Consul, or hidden by the agent's Consul token "
+                f"(it needs service:read on {CA_SERVICE_NAME} and node:read)"
+            )
         self._rng.shuffle(instances)
         hosts = [f"[{i.address}]" if ":" in i.address else i.address for i in instances]
         return [
@@ -407,6 +431,8 @@ class CertManager:
         if self.token_file is not None:
             try:
                 text = self.token_file.read_text().strip()
+            except PermissionError as exc:  # there, but not for us: never "no join token"
+                raise access_denied(self.token_file, exc) from None
             except OSError:
                 text = ""
         if not text and self.token_env:
@@ -451,15 +477,15 @@ class CertManager:
                 attempt += 1
                 await wait_event(self.stopping, max(delay, 0))  # the wait ends early on a stop
             except Unauthorized as exc:
-                service = next(iter(missing))
+                service, why = next(iter(missing.items()))  # why it needed one: what to fix besides
                 if self.token_env:
                     raise Unauthorized(
-                        f"workload identity refused for {service!r} ({exc}): the CA's mapping "
-                        f"(`hostmesh ca nomad get`) must give this task {service!r}"
+                        f"{why} for {service!r}, and the workload identity was refused ({exc}): the "
+                        f"CA's mapping (`hostmesh ca nomad get`) must give this task {service!r}"
                     ) from None
                 raise Unauthorized(
-                    f"join token in {self.token_file} refused for {service!r} ({exc}): issue a new "
-                    f"one with `hostmesh ca token create --service {service}`"
+                    f"{why} for {service!r}, and the join token in {self.token_file} was refused ({exc}): "
+                    f"issue a new one with `hostmesh ca token create --service {service}`"
                 ) from None
 
     async def _obtain_with_token(self, service: str, token: str) -> None:
@@ -652,7 +678,12 @@ class CertManager:
             raise _NoSibling("sibling renewal not possible (node name unknown)")
         key_file = self.paths(service)[1]
         try:
-            old_key = pki.load_key(pki.read_file(key_file))
+            old_data = read_existing(key_file)  # refused: FileAccessDenied, raised (see the module doc)
+            if old_data is None:
+                raise _NoSibling(f"expired key {key_file} is missing")
+            old_key = pki.load_key(old_data)
+        except (FileAccessDenied, _NoSibling):
+            raise
         except CAError as exc:
             raise _NoSibling(f"expired key unreadable ({exc})") from None
         expired_pem = pki.cert_pem(self._held[service].leaf).decode()
