@@ -28,32 +28,11 @@ from hostmesh.agent import memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.http import HTTPClient, Request, Response
+from hostmesh.registry.http import HTTPClient, Request, Response, addressed_locally
 
 log = logging.getLogger("hostmesh.admin")
 
 ADMIN_MAX_BODY = 4096  # bytes of a request body: the one write (PUT /v1/log-level) sends a few; beyond, 413
-
-
-def addressed_locally(host: str | None) -> bool:
-    """Whether a request's Host names an IP address or localhost (any port), or is absent (HTTP/1.0):
-    what a browser sends only for a page loaded from that address. A page that rebinds its own DNS
-    name to 127.0.0.1 sends that name, so its script cannot read the answers (DNS rebinding)."""
-    if not host:
-        return True
-    if host.startswith("["):  # [v6] or [v6]:port
-        name = host[1 : host.find("]")]
-    elif host.count(":") == 1:  # name:port or v4:port
-        name = host.split(":", 1)[0]
-    else:
-        name = host
-    if name.lower() == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def agent_version() -> str:

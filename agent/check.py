@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 ROOT_WARN_DAYS = 30  # a root closer than this to expiry needs a rotation started now
 WRITE_PROBE_KEY = "hostmesh-check-write-probe"  # never written: the probe's check-and-set always fails
 CHECK_TIMEOUT = 5.0  # per request to an agent or the CA: a preflight should answer quickly
+MESSAGE_LIMIT = 1000  # characters of one printed message (printable(): one line, no control bytes)
+NAME_LIMIT = 100  # characters of a catalog name quoted in a finding's subject
 
 
 def _settings(ctx: click.Context) -> Any:
@@ -39,6 +41,13 @@ def _settings(ctx: click.Context) -> Any:
 
 def _output(ctx: click.Context, local: str | None) -> str:
     return local or ((ctx.find_root().obj or {}).get("output") or "table")
+
+
+def _one_line(exc: Exception) -> str:
+    """An error for the terminal: one line, without the control characters a peer's text may hold."""
+    from hostmesh.agent.status import printable
+
+    return printable(str(exc), MESSAGE_LIMIT)
 
 
 # --- preflight steps ---------------------------------------------------------------------------
@@ -57,7 +66,9 @@ def _acl_refused(subject: str, exc: PermissionDenied, fix: str) -> Finding:
 async def _consul_and_documents(
     consul: ConsulClient,
 ) -> tuple[list[Finding], dict[str, dict[str, object]], Catalog | None]:
+    from hostmesh.agent.status import printable
     from hostmesh.registry.analysis import Catalog, Finding, Instance
+    from hostmesh.registry.consul import catalog_health
     from hostmesh.registry.schema import decode_stored
 
     out: list[Finding] = []
@@ -109,20 +120,26 @@ async def _consul_and_documents(
                     )
                 )
     out += await _write_rights(consul, subject)
-    instances: list[Instance] = []
     try:
-        names = sorted(await consul.catalog_services())
-        for name in names:
-            _, found = await consul.health_service(name, passing=False)
-            for i in found:
-                inst = Instance(i.service, i.id, i.node, i.meta, i.status == "passing")
-                if is_hostmesh(i.meta):
-                    instances.append(inst)
+        found, unreadable = await catalog_health(consul)
     except PermissionDenied as exc:
         out.append(
             _acl_refused(subject, exc, 'give the token service_prefix "" read and node_prefix "" read')
         )
         return out, documents, None
+    for name, why in unreadable.items():  # one odd catalog name is one finding, never the whole check
+        out.append(
+            Finding(
+                "warning",
+                "service-unreadable",
+                f"service {printable(name, NAME_LIMIT)}",
+                f"{printable(why, MESSAGE_LIMIT)}: left out of the analysis",
+                "re-register it under a plain name (a DNS label): Consul cannot answer for this one",
+            )
+        )
+    instances = [
+        Instance(i.service, i.id, i.node, i.meta, i.status == "passing") for i in found if is_hostmesh(i.meta)
+    ]
     return out, documents, Catalog(tuple(instances))
 
 
@@ -173,13 +190,16 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                 )
             ]
         if not instances:
+            from hostmesh.registry.consul import HIDDEN_BY_ACL
+
             return [
                 Finding(
                     "error",
                     "ca-missing",
                     "ca",
-                    f"no passing {CA_SERVICE_NAME} instance in Consul",
-                    "start `hostmesh ca serve` (or pass --ca URL)",
+                    f"no passing {CA_SERVICE_NAME} instance in Consul ({HIDDEN_BY_ACL})",
+                    f"start `hostmesh ca serve` (or pass --ca URL); or give the token service:read on "
+                    f"{CA_SERVICE_NAME} and node:read",
                 )
             ]
         addresses = [f"https://{i.address}:{i.port}" for i in instances]
@@ -347,12 +367,17 @@ async def run_check(
 
 
 def render(findings: list[Finding]) -> str:
+    """The table: every text through printable() (names, addresses and errors come from Consul,
+    agents and the CA, and reach a terminal); `-o json` is escaped by JSON instead."""
+    from hostmesh.agent.status import printable
+
     if not findings:
         return "no findings"
     lines = []
     for f in findings:
-        lines.append(f"{f.severity.upper():<8} {f.subject}: {f.message}")
-        lines.append(f"{'':<8} fix: {f.fix}")
+        subject, message, fix = (printable(x, MESSAGE_LIMIT) for x in (f.subject, f.message, f.fix))
+        lines.append(f"{f.severity.upper():<8} {subject}: {message}")
+        lines.append(f"{'':<8} fix: {fix}")
     counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
     lines.append(f"\n{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
     return "\n".join(lines)
@@ -404,7 +429,7 @@ def check(
     try:
         findings = asyncio.run(run_check(_settings(ctx), list(agents), ca, pin, trust_domain, skip_ca))
     except RegistryError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
+        raise click.ClickException(_one_line(exc)) from None
     if _output(ctx, fmt) == "json":
         click.echo(
             json.dumps(
@@ -516,7 +541,7 @@ def intention_check(
     try:
         intentions, found = asyncio.run(_intention_inputs(_settings(ctx), dst))
     except RegistryError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
+        raise click.ClickException(_one_line(exc)) from None
     proto = protocol or found or "http"
     try:
         allowed, reason, what = decide(intentions, proto, src, method, path, default_intention == "allow")

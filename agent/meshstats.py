@@ -20,12 +20,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from hostmesh.agent.status import printable
+
 REQUESTS = "hostmesh_requests_total"
 DURATION_BUCKET = "hostmesh_request_duration_seconds_bucket"
 TCP_OPENED = "hostmesh_tcp_connections_opened_total"
 TCP_CLOSED = "hostmesh_tcp_connections_closed_total"
 DENIED = "hostmesh_authz_denied_total"
 WANTED = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})
+# characters of a label value (a service name) in `hostmesh top`'s table: real ones are DNS labels of
+# at most 63; a scraped peer's may be anything, and printable() also takes its control characters out
+LABEL_LIMIT = 100
 
 _LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
@@ -258,12 +263,13 @@ def _ms(v: float | None) -> str:
 
 
 def render_top(services: list[ServiceStats], edges: list[EdgeStats], header: str = "") -> str:
-    """The text frame of `hostmesh top`."""
+    """The text frame of `hostmesh top`. Service names are the scraped agents' label values: each
+    goes through printable() (one line, no control characters, at most LABEL_LIMIT characters)."""
     rows = [["SERVICE", "RPS", "SUCCESS", "P50", "P99", "TCP_CONNS", "TCP/s"]]
     for s in services:
         rows.append(
             [
-                s.service,
+                printable(s.service, LABEL_LIMIT),
                 f"{s.rps:.1f}",
                 "-" if s.success is None else f"{s.success * 100:.2f}%",
                 _ms(s.p50),
@@ -277,7 +283,7 @@ def render_top(services: list[ServiceStats], edges: list[EdgeStats], header: str
     for e in sorted(edges, key=lambda e: (-e.rps, -e.tcp_per_s, e.source, e.destination)):
         rows.append(
             [
-                f"{e.source} -> {e.destination}",
+                f"{printable(e.source, LABEL_LIMIT)} -> {printable(e.destination, LABEL_LIMIT)}",
                 f"{e.rps:.1f}",
                 "-" if e.success is None else f"{e.success * 100:.2f}%",
                 _ms(e.p50),

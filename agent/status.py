@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_AGENT = "127.0.0.1:15000"
 ADMIN_TIMEOUT = 5.0  # per request to the admin API: it answers from memory
 MAX_DETAIL = 200  # characters of an error answer quoted in a message
+FIELD_LIMIT = 100  # characters of one name, address or version in `hostmesh status`'s table
+ENDPOINTS_LIMIT = 2000  # characters of one upstream's list of healthy endpoints there
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")  # a name, IPv4 or IPv6 literal
 
 
@@ -301,12 +303,19 @@ def _not_ready_lines(ready: dict[str, Any]) -> list[str]:
 
 
 def render_table(status: dict[str, Any]) -> str:
+    """The `hostmesh status` table. Every string in it is the agent's (or whatever answers at that
+    address): each goes through printable(), at most FIELD_LIMIT characters (an endpoint list
+    ENDPOINTS_LIMIT), so none can move the cursor or retitle the operator's terminal."""
     cfg, certs = status["config"], status["certs"]["certs"]
     now = dt.datetime.now(dt.UTC)
+
+    def text(value: Any, limit: int = FIELD_LIMIT) -> str:
+        return printable(str(value), limit)
+
     lines = [
-        f"node        {cfg['node']}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
+        f"node        {text(cfg['node'])}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
         *_not_ready_lines(status["ready"]),
-        f"snapshot    generation {cfg['generation']}, default intention {cfg['default_intention']}",
+        f"snapshot    generation {cfg['generation']}, default intention {text(cfg['default_intention'])}",
         "",
         "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL            ROOT_ID",
     ]
@@ -321,14 +330,16 @@ def render_table(status: dict[str, Any]) -> str:
             delta = dt.datetime.fromisoformat(expires) - now
             left = f"({delta.total_seconds() / 3600:.1f} h)"
         lines.append(
-            f"{svc['name']:<16} {svc['protocol']:<9} {svc['port']:<6} {expires[:19]:<19} {left:<8} "
-            f"{(cert.get('serial') or '-')[:16]:<17} {cert.get('root_id') or '-'}"
+            f"{text(svc['name']):<16} {text(svc['protocol']):<9} {svc['port']:<6} {text(expires, 19):<19} "
+            f"{left:<8} {text(cert.get('serial') or '-', 16):<17} {text(cert.get('root_id') or '-')}"
         )
     lines += ["", "DOCUMENT                       VERSION"]
-    lines += [f"{k:<30} {v}" for k, v in sorted(cfg["versions"].items())] or ["(none: default routing)"]
+    lines += [f"{text(k):<30} {text(v)}" for k, v in sorted(cfg["versions"].items())] or [
+        "(none: default routing)"
+    ]
     lines += ["", "UPSTREAM         HEALTHY ENDPOINTS"]
     lines += [
-        f"{svc:<16} {', '.join(e['address'] for e in eps) or '(none)'}"
+        f"{text(svc):<16} {text(', '.join(text(e['address']) for e in eps), ENDPOINTS_LIMIT) or '(none)'}"
         for svc, eps in cfg["endpoints"].items()
     ]
     return "\n".join(lines)

@@ -32,6 +32,8 @@ METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics add
 METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd
+MESSAGE_LIMIT = 1000  # characters of an error message printed (printable(): one line, no control bytes)
+TEXT_LIMIT = 200  # characters of a node name, URL or scrape error in a frame's "not scraped" lines
 
 
 @dataclass
@@ -57,15 +59,18 @@ def metrics_url(meta: dict[str, str], address: str, port: int) -> str:
 
 
 async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> list[Target]:
+    """The agents' metrics endpoints; a service whose health Consul will not answer is left out
+    (no agent registers such a name: agents' service names are DNS labels)."""
     found: dict[str, Target] = {}
-    for name in sorted(await consul.catalog_services()):
-        _, instances = await consul.health_service(name, passing=False)
-        for i in instances:
-            if not is_hostmesh(i.meta) or "protocol" not in i.meta:
-                continue  # not served by an agent (the CA registers as hostmesh=1 too)
-            url = metrics_url(i.meta, i.address, port)
-            node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)
-            found.setdefault(url, Target(url, node)).services.add(i.service)
+    from hostmesh.registry.consul import catalog_health
+
+    instances, _ = await catalog_health(consul)
+    for i in instances:
+        if not is_hostmesh(i.meta) or "protocol" not in i.meta:
+            continue  # not served by an agent (the CA registers as hostmesh=1 too)
+        url = metrics_url(i.meta, i.address, port)
+        node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)
+        found.setdefault(url, Target(url, node)).services.add(i.service)
     return sorted(found.values(), key=lambda t: (t.node, t.url))
 
 
@@ -139,8 +144,9 @@ def render_frame(
         f"{len(ts) - len(down)}/{len(ts)} agents scraped, window {seconds:.1f}s, {time.strftime('%H:%M:%S')}"
     )
     text = meshstats.render_top(services, edges, header)
-    for t in down:
-        text += f"\nnot scraped: {t.node} {t.url}: {t.error}"
+    for t in down:  # (node, URL and error come from Consul meta and the scraped peer: printable())
+        node, url, error = (printable(x, TEXT_LIMIT) for x in (t.node, t.url, t.error))
+        text += f"\nnot scraped: {node} {url}: {error}"
     return text
 
 
@@ -174,14 +180,14 @@ def frame_json(
 async def _run(ctx: click.Context, interval: float, once: bool, port: int, fmt: str) -> None:
     import asyncio
 
-    from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.consul import HIDDEN_BY_ACL, ConsulClient
 
     settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
     async with ConsulClient(settings) as consul:
         ts = await targets(consul, port)
         if not ts:
             raise click.ClickException(
-                "no hostmesh agents registered in Consul (services with meta hostmesh=1)"
+                f"no hostmesh agents registered in Consul (services with meta hostmesh=1), {HIDDEN_BY_ACL}"
             )
         prev, t0 = await scrape_all(ts), time.monotonic()
         while True:
@@ -226,6 +232,6 @@ def top(ctx: click.Context, interval: float, once: bool, metrics_port: int, fmt:
     try:
         asyncio.run(_run(ctx, interval, once, metrics_port, out))
     except RegistryError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
+        raise click.ClickException(printable(str(exc), MESSAGE_LIMIT)) from None
     except KeyboardInterrupt:
         pass

@@ -12,6 +12,9 @@ each agent's applied config (the Consul index of each document it applied, from 
 `hostmesh_config_source_index` series) against Consul's, so an agent that stopped following
 Consul stands out with the documents it is behind on and since when; and when each agent's
 certificates expire. An agent that stops answering keeps its last known versions, marked so.
+
+The server answers only requests whose Host is an IP address, `localhost` or the `--listen` host
+(403 otherwise): a web page the operator visits cannot read the state through DNS rebinding.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.agent import meshstats, top
+from hostmesh.agent.status import printable
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import InvalidDocument, RegistryError
 from hostmesh.registry.layout import KINDS
@@ -42,6 +46,8 @@ CERT_EXPIRY = "hostmesh_cert_expiry_timestamp_seconds"
 SOURCE_INDEX = "hostmesh_config_source_index"
 CONFIG_VERSION = "hostmesh_config_version"
 UI_WANTED = meshstats.WANTED | {CERT_EXPIRY, SOURCE_INDEX, CONFIG_VERSION}
+# what a request whose Host header is not an IP literal, localhost or the --listen host is answered
+HOST_REFUSED = "Host is not this UI's address: open it by IP address, localhost or its --listen host"
 CERT_WARN_HOURS = 8.0  # a 24 h leaf is renewed at ~16 h: less than this left means renewal is late
 
 
@@ -54,7 +60,9 @@ class Collector:
         self.state: dict[str, Any] = {"services": [], "edges": [], "agents": [], "updated": 0, "error": ""}
         self._prev: list[meshstats.Sample] = []
         self._prev_at = 0.0
-        self._first_seen: dict[tuple[str, int], float] = {}  # (document, Consul index) -> first seen
+        # (document, Consul index) -> when first seen; only the current index of each document in
+        # Consul is kept (the last poll's), so KV churn does not grow it
+        self._first_seen: dict[tuple[str, int], float] = {}
         # agent url -> its last answer (versions, generation, certs), shown while it does not answer
         self._last_known: dict[str, tuple[dict[str, int], float | None, list[dict[str, Any]]]] = {}
 
@@ -62,7 +70,7 @@ class Collector:
         try:
             self.state = await self._collect()
         except RegistryError as exc:
-            self.state = {**self.state, "error": " ".join(str(exc).split())}
+            self.state = {**self.state, "error": printable(str(exc), top.MESSAGE_LIMIT)}
 
     async def _collect(self) -> dict[str, Any]:
         import asyncio
@@ -101,6 +109,8 @@ class Collector:
         agents = [
             self._agent(t, samples, indexes, now) for t, samples in zip(targets, per_agent, strict=True)
         ]
+        current = {t.url for t in targets}  # an agent gone from Consul needs no last known answer
+        self._last_known = {url: v for url, v in self._last_known.items() if url in current}
         return {
             "updated": now,
             "window_seconds": round(window, 2),
@@ -119,6 +129,8 @@ class Collector:
         }
 
     async def _document_indexes(self, now: float) -> dict[str, int]:
+        """Each document's Consul index; and when this one was first seen (for the lag), kept only
+        for the documents and indexes current now: an older index, or a deleted document, is dropped."""
         out = {}
         for kind in KINDS:
             prefix = f"hostmesh/{kind}/"
@@ -126,7 +138,7 @@ class Collector:
                 name = entry.key[len(prefix) :]
                 if name and "/" not in name:
                     out[f"{kind}/{name}"] = entry.modify_index
-                    self._first_seen.setdefault((f"{kind}/{name}", entry.modify_index), now)
+        self._first_seen = {key: self._first_seen.get(key, now) for key in out.items()}
         return out
 
     async def _intentions(self) -> dict[str, Intentions]:
@@ -187,11 +199,25 @@ class Collector:
         }
 
 
+# What the state's JSON must not hold as is inside the page's <script>: "<" could open "<!--" or
+# "<script" (the HTML parser's script-data escape states: the rest of the page becomes script text,
+# and the page stays blank) or close it ("</script>"); ">" and "&" complete them; U+2028/2029 end
+# a line in older JavaScript. Inside JSON they only occur in strings, where the \uXXXX escape reads
+# as the same character.
+_SCRIPT_SAFE = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def script_json(value: Any) -> str:
+    """`value` as JSON that can be embedded in an HTML <script> element as is."""
+    return json.dumps(value).translate(_SCRIPT_SAFE)
+
+
 def page(state: dict[str, Any], interval: float) -> bytes:
-    data = json.dumps(state).replace("</", "<\\/")
-    return (
-        PAGE.replace("__STATE__", data).replace("__INTERVAL_MS__", str(int(interval * 1000))).encode("utf-8")
-    )
+    # (the interval first: a "__INTERVAL_MS__" within the state is text, not a placeholder)
+    html = PAGE.replace("__INTERVAL_MS__", str(int(interval * 1000)))
+    return html.replace("__STATE__", script_json(state)).encode("utf-8")
 
 
 PAGE = r"""<!doctype html>
@@ -325,6 +351,8 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
         await collector.poll()
 
         async def handle(req: Request) -> Response:
+            if not host_allowed(req.headers.get("host"), host):
+                return Response.error(403, HOST_REFUSED)
             if req.method != "GET":
                 return Response.error(405, "GET only")
             if req.path == "/":
@@ -346,6 +374,15 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
                 await collector.poll()
         finally:
             await server.close()
+
+
+def host_allowed(header: str | None, listen_host: str) -> bool:
+    """Whether a request's Host names this UI (registry/http.py `addressed_locally`, or the host it
+    was told to listen on): a name an attacker's DNS points at 127.0.0.1 (DNS rebinding) would
+    otherwise let a web page the operator visits read /api/state from the operator's browser."""
+    from hostmesh.registry.http import addressed_locally
+
+    return addressed_locally(header, also=listen_host)
 
 
 def listen_address(listen: str) -> tuple[str, int]:

@@ -896,29 +896,29 @@ def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None
 @click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default=None)
 @click.pass_context
 def services(ctx: click.Context, fmt: str | None) -> None:
+    from hostmesh.registry.consul import HIDDEN_BY_ACL, catalog_health
+
     async def run(store: DocumentStore) -> list[dict[str, Any]]:
         consul = store.consul
-        names = sorted(await consul.catalog_services())
+        instances, _ = await catalog_health(consul)  # a name Consul cannot take: not a mesh service
         found = []
-        for name in names:
-            _, instances = await consul.health_service(name, passing=False)
-            for inst in instances:
-                if not is_hostmesh(inst.meta):
-                    continue
-                found.append(
-                    {
-                        "service": inst.service,
-                        "id": inst.id,
-                        "node": inst.node,
-                        "address": f"{inst.address}:{inst.port}",
-                        "health": inst.status,
-                        "protocol": inst.meta.get("protocol", ""),
-                        "kind": inst.meta.get(KIND_META, ""),
-                        "version": inst.meta.get("version", ""),
-                        "zone": inst.meta.get("zone", ""),
-                        "meta": inst.meta,
-                    }
-                )
+        for inst in instances:
+            if not is_hostmesh(inst.meta):
+                continue
+            found.append(
+                {
+                    "service": inst.service,
+                    "id": inst.id,
+                    "node": inst.node,
+                    "address": f"{inst.address}:{inst.port}",
+                    "health": inst.status,
+                    "protocol": inst.meta.get("protocol", ""),
+                    "kind": inst.meta.get(KIND_META, ""),
+                    "version": inst.meta.get("version", ""),
+                    "zone": inst.meta.get("zone", ""),
+                    "meta": inst.meta,
+                }
+            )
         return found
 
     rows = _run(ctx, run)
@@ -927,7 +927,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
         click.echo(dump_data(rows, out))
         return
     if not rows:
-        click.echo("no mesh services registered (Consul services with meta hostmesh=1)")
+        click.echo(f"no mesh services registered (Consul services with meta hostmesh=1), {HIDDEN_BY_ACL}")
         return
     table = [
         [r["service"], r["id"], r["node"], r["address"], r["health"], r["protocol"], r["version"], r["zone"]]

@@ -742,3 +742,30 @@ class ConsulClient:
                     if c.get("CheckID") != SERF_CHECK:
                         other.add(node)
         return index, NotPassing(frozenset(instances), frozenset(nodes), frozenset(nodes - other))
+
+
+# What the health read of one catalog name can fail with, for that name alone: Consul refuses a name
+# it cannot take in a URL (a control character: 400; "..": a redirect) or answers it oddly. Those
+# skip the one service; a refused token or Consul down is every service's and stops the reader.
+ONE_SERVICE_ERRORS = (Rejected, NotFound, UnexpectedAnswer)
+# What an empty answer may also mean: Consul 1.8 leaves out, without a 403, what the token may not read.
+HIDDEN_BY_ACL = (
+    "or none this token may read: Consul hides services and nodes it lacks service:read / node:read on"
+)
+
+
+async def catalog_health(consul: ConsulClient) -> tuple[list[ServiceInstance], dict[str, str]]:
+    """Every instance (passing or not) of every catalog service, and {name: why} for the services
+    whose health Consul would not answer (ONE_SERVICE_ERRORS; `why` is Consul's text, to be made
+    printable by whoever shows it): one odd name never hides the others (`hostmesh top`, `check`,
+    `services`, the UI). Raises RegistryError for the rest (a refused token, Consul down)."""
+    instances: list[ServiceInstance] = []
+    failed: dict[str, str] = {}
+    for name in sorted(await consul.catalog_services()):
+        try:
+            _, found = await consul.health_service(name, passing=False)
+        except ONE_SERVICE_ERRORS as exc:
+            failed[name] = str(exc)
+            continue
+        instances += found
+    return instances, failed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import ssl
@@ -406,6 +407,40 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+def addressed_locally(header: str | None, also: str = "") -> bool:
+    """Whether a request's Host header names an IP literal, `localhost` or `also` (a name the server
+    was told to listen on), with any port; or is absent (HTTP/1.0: no browser omits it). A page whose
+    own DNS name an attacker rebinds to 127.0.0.1 sends that name, so a local server that refuses
+    anything else (403) keeps the page's script from reading its answers (DNS rebinding)."""
+    if not header:
+        return True
+    name = header.strip()
+    if name.startswith("["):  # [IPv6] or [IPv6]:port
+        inside, bracket, rest = name[1:].partition("]")
+        if not bracket or (rest and not _port_suffix(rest)):
+            return False
+        name = inside
+    elif name.count(":") == 1:  # host:port (more colons: a bare IPv6 address, checked below)
+        name, _, port = name.partition(":")
+        if not _port_suffix(":" + port):
+            return False
+    name = name.lower()
+    if not name:
+        return False
+    if name == "localhost" or name == also.lower():
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _port_suffix(text: str) -> bool:
+    """`:PORT` with ASCII digits."""
+    return text.startswith(":") and text[1:].isascii() and text[1:].isdigit() and len(text) <= 6
 
 
 class HTTPServer:

@@ -72,3 +72,50 @@ def test_the_tokens_rights(acl_consul: ConsulDev) -> None:
     except OSError:  # 404: no key under hostmesh/ at all
         keys = []
     assert keys == []
+
+
+KV_ONLY = 'key_prefix "hostmesh/" { policy = "read" }\n'  # no service_prefix / node_prefix read
+HIDDEN = "or none this token may read: Consul hides services and nodes it lacks service:read / node:read on"
+
+
+def test_what_consul_hides_from_a_token_is_not_reported_as_missing(acl_consul: ConsulDev) -> None:
+    """Consul 1.8 leaves out of catalog and health reads what the token may not read, without a
+    403: `check`, `top` and `services` say an empty answer may be that, not only "none registered"."""
+    for name, meta in (("hostmesh-ca", {"hostmesh": "1"}), ("aclweb", {"hostmesh": "1", "protocol": "http"})):
+        acl_consul.put_json(
+            "/v1/catalog/register",
+            {"Node": "acl-node", "Address": "127.0.0.1",
+             "Service": {"ID": f"{name}-acl-node", "Service": name, "Port": 8443, "Meta": meta}},
+        )  # fmt: skip
+    acl_consul.acl_policy("kv-only", KV_ONLY)
+    token = acl_consul.acl_token("kv-only")
+
+    def hostmesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HOSTMESH, "--consul", acl_consul.url, "--token", token, *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    top = hostmesh("top", "--once", "--interval", "0.2")
+    assert top.returncode == 1
+    assert top.stderr.strip() == (
+        f"Error: no hostmesh agents registered in Consul (services with meta hostmesh=1), {HIDDEN}"
+    )
+
+    services = hostmesh("services")
+    assert services.returncode == 0, services.stderr
+    assert services.stdout.strip() == (
+        f"no mesh services registered (Consul services with meta hostmesh=1), {HIDDEN}"
+    )
+
+    rc, findings = check(acl_consul, token)  # (--no-ca)
+    assert rc == 0 and {f["code"] for f in findings} == {"consul-acl-write"}  # nothing says "refused"
+    out = hostmesh("check", "-o", "json")
+    missing = [f for f in json.loads(out.stdout)["findings"] if f["code"] == "ca-missing"]
+    assert len(missing) == 1 and out.returncode == 1
+    assert missing[0]["message"] == f"no passing hostmesh-ca instance in Consul ({HIDDEN})"
+    assert "service:read on hostmesh-ca and node:read" in missing[0]["fix"]
+
+    # the same commands with a token that may read them find what is registered
+    acl_consul.acl_policy("kv-only", READER)
+    assert "aclweb" in hostmesh("services").stdout

@@ -41,20 +41,12 @@ TRAFFIC_MAX_ITERATIONS = 20_000  # the traffic thread stops on its event, or aft
 CHROMIUM_TIMEOUT = 120  # seconds for one headless Chromium run on a loaded 2-core machine
 
 
-def with_metrics_meta(handle: AgentHandle) -> None:
-    """Advertise the agent's metrics address in its services' Consul meta (`metrics_addr`)."""
-    text = handle.config_path.read_text()
-    meta = f'metrics_addr = "127.0.0.1:{handle.metrics_port}"'
-    assert "meta = {  }" in text  # the services of this mesh have no other meta
-    text = text.replace("meta = {  }", f"meta = {{ {meta} }}")
-    handle.config_path.write_text(text)
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebMesh]:
     tmp = tmp_path_factory.mktemp("viewmesh")
     more = {"n-batch": "uibatch"}
-    with web_api_db_mesh(tmp, "ui", "hostmesh-view", more_tcp=more, prepare=with_metrics_meta) as view:
+    # (each agent advertises its metrics address in its services' Consul meta, metrics_addr, itself)
+    with web_api_db_mesh(tmp, "ui", "hostmesh-view", more_tcp=more) as view:
         try:
             apply_intentions(view, "uiapi", [{"source": "uiweb", "action": "allow"}], "n-api")
             apply_intentions(view, "uidb", [{"source": "uiweb", "action": "deny"}], "n-db")
