@@ -263,7 +263,13 @@ ROUTE = Kind(
             "Replaces the part matched by `match.path.prefix` (which it needs).",
             required=True,
         ),
-        Field("routes[].mirror", "object", "Copy requests to a subset; its answers are dropped."),
+        Field(
+            "routes[].mirror",
+            "object",
+            "Copy requests to a subset; its answers are dropped. Never delays the real request: a copy "
+            "is dropped (and counted) past 64 in flight per upstream, or unanswered within the route's "
+            "timeout (15 s without one).",
+        ),
         Field("routes[].mirror.subset", "string", "A subset named under `subsets`.", required=True),
         Field("routes[].mirror.percent", "percent", "Share of requests copied.", default="100"),
     ),
@@ -288,7 +294,14 @@ POLICY = Kind(
         Field("load_balancer.hash_on.header", "string", "A request header's value."),
         Field("load_balancer.hash_on.cookie", "string", "A cookie's value."),
         Field("load_balancer.hash_on.source_ip", "true", "The caller's address (`true`)."),
-        Field("connection_limits", "object", "Circuit breaker per caller agent; overflow is 503 `UO`."),
+        Field(
+            "connection_limits",
+            "object",
+            "Circuit breaker in each caller agent process (with `workers = N`, each of the N holds these "
+            "limits); overflow is 503 `UO`. A request waits as pending for a connection at most its "
+            "try's timeout, 5 s without one; then 503 `UO` (504 `UT` at the route's deadline), never "
+            "held against an instance.",
+        ),
         Field(
             "connection_limits.max_connections",
             "integer",
@@ -306,7 +319,11 @@ POLICY = Kind(
         Field(
             "connection_limits.max_requests", "integer", "Requests in flight.", minimum=1, maximum=MAX_COUNT
         ),
-        Field("outlier_detection", "object", "Eject instances that keep failing."),
+        Field(
+            "outlier_detection",
+            "object",
+            "Eject instances that keep failing, as each caller agent process sees them.",
+        ),
         Field(
             "outlier_detection.consecutive_5xx",
             "integer",
@@ -340,7 +357,12 @@ POLICY = Kind(
             "Never eject more than this share of the instances.",
             default=f"{DEFAULT_MAX_EJECTION_PERCENT:g}",
         ),
-        Field("rate_limit", "object", "Local token bucket in each caller agent; excess gets 429 `RL`."),
+        Field(
+            "rate_limit",
+            "object",
+            "Local token bucket in each agent process of the service (the destination side), shared by "
+            "all its callers: a service on 3 hosts admits 3 x the rate; excess gets 429 `RL`.",
+        ),
         Field(
             "rate_limit.requests_per_second",
             "number",

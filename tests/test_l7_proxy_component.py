@@ -35,7 +35,7 @@ from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.http_inbound import HttpInbound
-from hostmesh.agent.proxy.http_outbound import HttpOutbound
+from hostmesh.agent.proxy.http_outbound import MIRROR_MAX_IN_FLIGHT, PENDING_WAIT, HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
@@ -829,6 +829,68 @@ async def test_requests_beyond_max_connections_queue_and_are_served_when_it_free
     assert all(c in ((200, ""), (503, "UO")) for c in codes)  # never a timeout
 
 
+async def test_a_request_that_waited_out_its_pending_time_gets_503_uo_and_ejects_no_instance(
+    mesh: Mesh,
+) -> None:
+    """A request waiting as pending for a connection slot until PENDING_WAIT ran out never reached an
+    instance: it gets 503 UO (it got 504 UT, read as an upstream timeout), is not retried, and is not
+    held against any instance by outlier detection (every healthy instance was ejected)."""
+    policy = parse_policy({
+        "service": "api",
+        "connection_limits": {"max_connections": 1, "max_pending_requests": 50},
+        "outlier_detection": {"consecutive_gateway_errors": 2, "max_ejection_percent": 100},
+    })  # fmt: skip
+    mesh.set_a(policies={"api": policy})
+
+    def call(path: str) -> Any:
+        c = mesh.client()
+        try:
+            return c.get(path)
+        finally:
+            c.close()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(call, f"/delay/{int((PENDING_WAIT + 2) * 1000)}"))
+    await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == 1, what="the one connection in use")
+    waited = await asyncio.gather(*(asyncio.to_thread(call, f"/pending-{i}") for i in range(4)))
+    assert [(r.status, r.flags) for r in waited] == [(503, "UO")] * 4
+    assert (await holder).status == 200
+    assert sum(app.hits for app in mesh.apps) == 1  # nothing was retried, nothing reached an instance
+    assert mesh.http_out.stats()["ejected"] == []
+    assert (await asyncio.to_thread(call, "/after")).status == 200
+
+
+async def test_the_route_timeout_bounds_the_retry_back_off_and_its_expiry_is_no_retry(mesh: Mesh) -> None:
+    """The route timeout covers the whole exchange, back-off included: with a back-off far longer than
+    the timeout, a retried request gets 504 UT at the deadline, not after the back-off. And a try cut
+    by the route's deadline (no per-try timeout) is not counted as a per-try timeout retry, nor
+    flagged URX when the route allows no retry."""
+    one_api(mesh)
+    mesh.apps[0].mode = "fail"
+    rc = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "300ms",
+                    "retries": {"attempts": 3, "on": ["5xx"], "backoff": {"base": "60s", "max": "120s"}}}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    start = time.monotonic()
+    r = await asyncio.to_thread(mesh.client().get, "/fails")
+    assert (r.status, r.flags) == (504, "UT")
+    # the first back-off is drawn from 0-60 s (full jitter); the deadline, 0.3 s on, must cut it. The
+    # bound is the behaviour itself (no event marks "the back-off was cut"), far above the deadline.
+    assert mesh.apps[0].hits == 1 and time.monotonic() - start < 5
+
+    mesh.apps[0].mode = "ok"
+    no_retry = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "300ms", "retries": {"attempts": 0}}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": no_retry})
+    r = await asyncio.to_thread(mesh.client().get, "/delay/1000")
+    assert (r.status, r.flags) == (504, "UT")  # not URX,UT: no retry limit was reached
+    retried = sample(mesh.tel_a, "hostmesh_retries_total", reason="per-try timeout")
+    assert retried in (None, 0)
+
+
 async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(mesh: Mesh) -> None:
     """Issue 12: `hash_on: {source_ip: true}` hashed the app's address, 127.0.0.1 for every local
     caller on every host, so all callers of the fleet landed on one instance. The key is now the
@@ -898,6 +960,34 @@ async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) ->
     assert r.status == 200 and r.instance == "api-0" and len(mesh.apps[0].last_body) == len(body)
     assert mesh.http_out.mirror_dropped == 1
     assert mesh.http_out.stats()["mirror_dropped"] == 1
+
+
+async def test_mirrored_copies_are_bounded_in_number_and_in_time(mesh: Mesh) -> None:
+    """A mirror that never answers: at most MIRROR_MAX_IN_FLIGHT copies wait for it, the rest are
+    dropped and counted (each held a stream, and an app connection of the mirror's agent, without
+    bound), and each waiting copy is dropped once the route's timeout has passed."""
+    rc = route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "timeout": "2s",
+                    "mirror": {"subset": "v2", "percent": 100}}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    mesh.apps[1].deaf = True
+    n = MIRROR_MAX_IN_FLIGHT + 8
+
+    def run() -> list[int]:
+        c = mesh.client()
+        try:
+            return [c.get(f"/copied-{i}").status for i in range(n)]
+        finally:
+            c.close()
+
+    assert await asyncio.to_thread(run) == [200] * n  # the real requests never wait for the mirror
+    out = mesh.http_out
+    assert out.mirrors_in_flight <= MIRROR_MAX_IN_FLIGHT
+    assert out.mirrors_in_flight + out.mirror_dropped == n  # none answered: each waits or was dropped
+    await async_wait_until(lambda: out.mirrors_in_flight == 0, what="the copies to time out")
+    assert out.mirror_dropped == n and mesh.apps[1].hits == 0
 
 
 def one_api(mesh: Mesh) -> None:

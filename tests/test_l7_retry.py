@@ -88,7 +88,10 @@ def test_give_up_when_not_retryable_or_not_replayable() -> None:
 
 def test_zero_attempts_never_retries() -> None:
     assert RetryState(retry.NO_RETRIES, None).decide(CONNECT_FAILURE) == GIVE_UP
-    assert RetryState(policy(("5xx",), attempts=0), None).decide(RESPONSE, 500) == EXHAUSTED
+    # no retry allowed is no limit reached: GIVE_UP, so the answer carries no URX flag
+    assert RetryState(policy(("5xx",), attempts=0), None).decide(RESPONSE, 500) == GIVE_UP
+    state = RetryState(policy(("5xx",), attempts=1), None)
+    assert state.decide(RESPONSE, 500) == RETRY and state.decide(RESPONSE, 500) == EXHAUSTED
 
 
 def test_default_policy_retries_connect_failures_only() -> None:

@@ -50,6 +50,10 @@ class Outcome(enum.Enum):
     TIMEOUT = 4  # the per-try timeout fired before a response head (Envoy retries it like a reset)
     CLIENT_GONE = 9  # the client left while the try was waiting: nobody to answer
     OVERFLOW = 10  # the connection and pending limits are both full: 503 UO, never retried
+    # waited as pending for a connection slot until the try's time (or PENDING_WAIT) ran out: the
+    # instance was never contacted, so it is never held against it, nor retried (Envoy charges no
+    # host for its circuit breakers): 504 UT at the route's deadline, else 503 UO
+    PENDING_EXPIRED = 11
 
 
 # module-level names: what the hot path and callers use (no enum class lookup per request); Final:
@@ -61,6 +65,7 @@ RESPONSE: Final = Outcome.RESPONSE
 TIMEOUT: Final = Outcome.TIMEOUT
 CLIENT_GONE: Final = Outcome.CLIENT_GONE
 OVERFLOW: Final = Outcome.OVERFLOW
+PENDING_EXPIRED: Final = Outcome.PENDING_EXPIRED
 
 # what the client gets when the last try failed locally: (status, response flag)
 FAILURE_RESPONSE: dict[Outcome, tuple[int, str]] = {
@@ -236,7 +241,7 @@ class RetryState:
         if not replayable or not self.policy.retryable(outcome, status):
             return GIVE_UP
         if self.retries_done >= self.policy.attempts:
-            return EXHAUSTED
+            return EXHAUSTED if self.retries_done else GIVE_UP  # no retry allowed: no limit was reached
         if self.budget is not None and not self.budget.try_acquire():
             return EXHAUSTED
         self.retries_done += 1

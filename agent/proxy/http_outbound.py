@@ -31,8 +31,11 @@ connection or resets its stream, which is never reused.
 
 Mirroring copies a request to one instance of the mirror subset, its body streamed as the client
 sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
-not take fast enough (more than MIRROR_MAX_BUFFER held) is dropped and counted (`mirror_dropped`
-in the listener's stats).
+not take fast enough (more than MIRROR_MAX_BUFFER held), one past MIRROR_MAX_IN_FLIGHT copies in
+flight, and one not answered within the route's timeout (MIRROR_TIMEOUT without one) are dropped and
+counted (`mirror_dropped` in the listener's stats). A copy never takes a slot of the connection
+limits (so it cannot make a real request wait), and the connection it dialed is closed after it,
+never pooled, so no real request escapes the limits on it.
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
@@ -65,6 +68,7 @@ from hostmesh.agent.l7.ratelimit import UpstreamLimits
 from hostmesh.agent.l7.retry import (
     EXHAUSTED,
     FAILURE_RESPONSE,
+    PENDING_EXPIRED,
     RETRY,
     RetryBudget,
     RetryState,
@@ -119,6 +123,10 @@ RETRY_REASONS: Final[dict[Outcome, str]] = {
     TIMEOUT: "per-try timeout",
 }
 MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
+# copies in flight at once per upstream listener; beyond, a copy is dropped (a slow or hung mirror
+# would otherwise hold a stream and a connection slot of its agent per request it was sent)
+MIRROR_MAX_IN_FLIGHT: Final = 64
+MIRROR_TIMEOUT: Final = 15.0  # seconds for a copy's answer without a route timeout (Envoy's default)
 # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 PEER_VERSION_TTL: Final = 60.0
 
@@ -311,7 +319,25 @@ class _MirrorTap:
         self.nbytes = len(data)
         self.done = done  # the client's request (and so the copy) is complete
         self.up: UpstreamConn | None = None
+        self.in_flight = True  # counted in outbound.mirrors_in_flight until `_ended`
+        self.expiry: asyncio.TimerHandle | None = None  # drops a copy not answered in time
+        outbound.mirrors_in_flight += 1
         self._check_bound()
+
+    def _ended(self) -> None:
+        """The copy is over (answered, dropped or lost): no longer counted in flight."""
+        if self.in_flight:
+            self.in_flight = False
+            self.outbound.mirrors_in_flight -= 1
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+
+    def expire(self) -> None:
+        """Not answered within its time: dropped, its connection closed."""
+        self.expiry = None
+        if self.in_flight:
+            self.drop()
 
     # --- Exchange.tee
     def feed(self, data: bytes) -> None:
@@ -338,10 +364,14 @@ class _MirrorTap:
             self.drop(counted=False)
 
     # --- the mirror connection
-    def connected(self, up: UpstreamConn) -> None:
+    def connected(self, up: UpstreamConn, timeout: float) -> None:
         if self.state != MirrorState.DIALING or up.transport is None:
-            up.close() if self.state == MirrorState.DROPPED else up.release()
+            up.close() if self.state == MirrorState.DROPPED or getattr(
+                up, "limit", None
+            ) is None else up.release()
+            self._ended()
             return
+        self.expiry = asyncio.get_running_loop().call_later(timeout, self.expire)
         self.up = up
         up.owner = self
         up.framer.expect(self.method)
@@ -352,6 +382,7 @@ class _MirrorTap:
     def drop(self, counted: bool = True) -> None:
         if self.state == MirrorState.DROPPED:
             return
+        self._ended()
         self.state = MirrorState.DROPPED
         self.buffered, self.nbytes = [], 0
         if counted:
@@ -379,19 +410,29 @@ class _MirrorTap:
         if t is http1.EndOfMessage:
             self.up = None
             up.owner = None
-            if self.state == MirrorState.SENT and up.keep_alive_ok():
+            self._ended()
+            # a connection a real request pooled goes back; one dialed for the copy holds no slot of
+            # the connection limits, so it is closed rather than pooled for real requests
+            if (
+                self.state == MirrorState.SENT
+                and up.keep_alive_ok()
+                and getattr(up, "limit", None) is not None
+            ):
                 up.release()
-            else:  # answered before the copy was complete: nothing more will be read from it
-                self.state = MirrorState.DROPPED
+            else:
+                if self.state != MirrorState.SENT:  # answered before the copy was complete
+                    self.state = MirrorState.DROPPED
                 up.close()
         elif t is http1.Reject:
             self.up = None
+            self._ended()
             self.state = MirrorState.DROPPED
             up.close()
 
     def upstream_lost(self, up: UpstreamConn) -> None:
         if self.up is up:
             self.up = None
+            self._ended()
             if self.state != MirrorState.SENT:
                 self.state = MirrorState.DROPPED
 
@@ -474,6 +515,7 @@ class HttpOutbound:
         self.closing = False
         self.rejected_total = 0
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
+        self.mirrors_in_flight = 0  # copies sent or being sent, not yet answered (MIRROR_MAX_IN_FLIGHT)
         self.pool.on_lost = self._conn_lost
         self.pool.on_release = self._wake_one
         # the inline path's callbacks, bound once: a bound method made per request is a generic attribute
@@ -776,6 +818,8 @@ class HttpOutbound:
                 if slot:
                     ex.abandon_upstream()
                     pause = st.retry_state().backoff(self.rng)
+                    if st.deadline is not None:  # the route's timeout covers the back-off too
+                        pause = min(pause, max(0.0, st.deadline - time.monotonic()))
                     if pause > 0:
                         await asyncio.sleep(pause)
                         if ex.done:
@@ -797,14 +841,24 @@ class HttpOutbound:
                 if timeout is not None and timeout <= 0:
                     ex.respond(504, fl.UT)
                     return
+                # the try ends at the route's deadline, not at a per-try timeout of its own
+                per_try = route.retry.per_try_timeout
+                last_chance = st.deadline is not None and (per_try is None or per_try > st.deadline - now)
                 outcome = await self._attempt(ex, cl, ep, st.ctx, st.ident, st.target, st.headers, timeout)
                 if slot:
                     budget.release()
                     slot = False
                 if ex.done or outcome == CLIENT_GONE:
                     return
-                if outcome == OVERFLOW:
-                    ex.respond(503, fl.UO)
+                if outcome in (OVERFLOW, PENDING_EXPIRED):
+                    if outcome == PENDING_EXPIRED and last_chance:
+                        ex.respond(504, fl.UT)
+                    else:
+                        ex.respond(503, fl.UO)
+                    return
+                if outcome == TIMEOUT and last_chance:  # the route's time is up: nothing left to retry in
+                    cl.report(ep, 0, time.monotonic())
+                    ex.respond(504, fl.UT)
                     return
                 if self._settle(ex, st, ep, outcome):
                     self._watch_body(ex, st)
@@ -878,7 +932,8 @@ class HttpOutbound:
         At the limit a request waits (within the pending limit; beyond it: OVERFLOW, 503 UO) until a
         connection is released or lost, then takes it, or its slot (an idle connection to another
         instance is closed for it); a wake-up it cannot use goes back to the queue's front, so no
-        waiter sleeps while a connection is free."""
+        waiter sleeps while a connection is free. It waits as long as the try may (PENDING_WAIT
+        without a timeout): PENDING_EXPIRED then, which is never the instance's failure."""
         limits = cl.limits
         if not self._take_slot(limits):
             if limits.admit_pending() is not None:
@@ -888,16 +943,16 @@ class HttpOutbound:
             finally:
                 limits.pending.release()
             if got is None:
-                return TIMEOUT
+                return PENDING_EXPIRED
             if isinstance(got, UpstreamConn):
                 return got
             if timeout is not None:  # the time waited counts against the try's timeout
                 timeout -= got
         t = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
-        if t <= 0:
+        if t <= 0:  # a slot came as the try's time ran out
             limits.connections.release()
             self._wake_one()
-            return TIMEOUT
+            return PENDING_EXPIRED
         try:
             up = await self._dial(key, ctx, ident, t)
         except DialError as exc:
@@ -1027,6 +1082,9 @@ class HttpOutbound:
         ep = st.cluster.balancer(st.route.mirror_subset).pick(None)
         if ep is None:
             return
+        if self.mirrors_in_flight >= MIRROR_MAX_IN_FLIGHT:
+            self.mirror_dropped += 1
+            return
         headers = list(st.headers)
         if ex.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -1039,6 +1097,8 @@ class HttpOutbound:
         if not ex.request_done:
             ex.tee = tap
 
+        timeout = st.route.timeout or MIRROR_TIMEOUT  # its answer gets what the real request gets
+
         async def shadow() -> None:
             key = (ep.address, ep.port)
             up = self.pool.acquire(key, ctx)
@@ -1048,7 +1108,7 @@ class HttpOutbound:
                 except DialError:
                     tap.drop()
                     return
-            tap.connected(up)
+            tap.connected(up, timeout)
 
         self._spawn(shadow())
 
@@ -1138,4 +1198,5 @@ class HttpOutbound:
             "ejected": sorted(cl.outlier.ejected(time.monotonic())) if cl and cl.outlier else [],
             "client_connections": len(self.conns),
             "mirror_dropped": self.mirror_dropped,
+            "mirrors_in_flight": self.mirrors_in_flight,
         }
