@@ -654,7 +654,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     ):
         raise _fail("max_connections", f"must be an integer in 1..{MAX_MAX_CONNECTIONS}")
     cert_dir_raw = _str(raw, "cert_dir", "")
-    return AgentConfig(
+    cfg = AgentConfig(
         node=node,
         mesh_address=mesh_address,
         data_dir=Path(_str(raw, "data_dir", "", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR),
@@ -685,6 +685,47 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         nomad=_parse_nomad(raw["nomad"]) if "nomad" in raw else None,
         gateways=gateways,
     )
+    _check_binds(cfg)
+    return cfg
+
+
+def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
+    """Every socket the agent binds: (tcp | udp, address, the key that names it)."""
+    out = [("tcp", cfg.inbound, "inbound"), ("tcp", cfg.admin, "admin")]
+    if cfg.metrics is not None:
+        out.append(("tcp", cfg.metrics, "metrics"))
+    if cfg.dns is not None:
+        out += [("tcp", cfg.dns, "dns"), ("udp", cfg.dns, "dns")]
+    for i, svc in enumerate(cfg.services):
+        for j, up in enumerate(svc.upstreams):
+            transport = "udp" if up.protocol == "udp" else "tcp"
+            out.append((transport, up.bind, f"services[{i}].upstreams[{j}].bind"))
+    for i, gw in enumerate(cfg.gateways):
+        for j, listener in enumerate(gw.listeners):
+            out.append(("tcp", listener.bind, f"gateways[{i}].listeners[{j}].bind"))
+    return out
+
+
+def _check_binds(cfg: AgentConfig) -> None:
+    """Two of the agent's own sockets on one address would fail its start (or a reload) with an
+    error naming neither key: refused here, naming both. A wildcard host takes the port on every
+    address; port 0 is any free port."""
+    seen: list[tuple[str, Address, str]] = []
+    for transport, addr, key in _listens(cfg):
+        if addr.port == 0:
+            continue
+        for other_transport, other, other_key in seen:
+            same_host = addr.host == other.host or _wildcard(addr.host) or _wildcard(other.host)
+            if transport == other_transport and addr.port == other.port and same_host and key != other_key:
+                raise _fail(key, f"listens on {addr}, as {other_key} does ({other}): give one another port")
+        seen.append((transport, addr, key))
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _parse_nomad(raw: Any) -> NomadConfig:

@@ -363,3 +363,38 @@ def test_service_meta_consul_would_refuse_is_one_line_at_validation(
 def test_service_meta_within_consuls_rules_is_taken() -> None:
     meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(57)}}
     assert parse_config(_with_meta(meta)).services[0].meta == meta
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"admin": "127.0.0.1:15001"}, "admin: listens on 127.0.0.1:15001, as inbound does (0.0.0.0:15001)"),
+        ({"metrics": "127.0.0.1:15000"}, "metrics: listens on 127.0.0.1:15000, as admin does"),
+        ({"dns": "127.0.0.1:15000"}, "dns: listens on 127.0.0.1:15000, as admin does"),
+        (
+            {"services": [{"name": "web", "port": 8080,
+                           "upstreams": [{"service": "api", "bind": "127.0.0.1:15000"}]}]},
+            "services[0].upstreams[0].bind: listens on 127.0.0.1:15000, as admin does",
+        ),
+    ],
+)  # fmt: skip
+def test_two_of_the_agents_own_sockets_on_one_address_are_refused_naming_both(
+    extra: dict[str, object], message: str
+) -> None:
+    """`agent validate` said ok, and the start failed with an error naming neither key."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(**extra))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_sockets_that_do_not_clash_are_taken() -> None:
+    """Another host with the same port, another transport (a udp upstream on the admin's TCP port),
+    and port 0 are no clash."""
+    doc = minimal(
+        admin="127.0.0.2:15090",
+        metrics="127.0.0.1:15090",  # not a wildcard: 127.0.0.2 is another address
+        inbound="127.0.0.1:0",
+        services=[{"name": "web", "port": 8080, "upstreams": [
+            {"service": "stats", "bind": "127.0.0.1:15000", "protocol": "udp"}]}],
+    )  # fmt: skip
+    assert parse_config(doc).admin.port == 15090

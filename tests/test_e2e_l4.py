@@ -232,14 +232,24 @@ def test_a_reload_whose_new_upstream_cannot_listen_changes_nothing(mesh: TwoHost
     )
     wait_for(lambda: refused in a.proc.log(), 10.0, "the reload to be refused")
     assert "Traceback" not in a.proc.log()
-    with pytest.raises(ConnectionRefusedError):  # the other new upstream was not left listening
-        socket.create_connection(("127.0.0.1", free), timeout=ECHO_TIMEOUT).close()
+    assert not listening(free)  # the other new upstream was not left listening
     assert a.get("/ready")[0] == 200
     taken.close()
     a.proc.popen.send_signal(signal.SIGHUP)
     wait_for(lambda: "reloaded" in a.proc.log(), 10.0, "the same file to apply once the address is free")
-    for port in (free, blocked):
+    assert listening(free) and listening(blocked)
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port`. An upstream without instances
+    resets what it accepts, and the reset may beat connect()'s own check: that is listening too."""
+    try:
         socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT).close()
+    except ConnectionRefusedError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
 
 
 def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_health_check(
