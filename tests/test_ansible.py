@@ -21,11 +21,14 @@ import stat
 import subprocess
 import sys
 import tomllib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hostmesh.registry import acl
 from tests.support import REPO, ConsulDev
 
 ANSIBLE_DIR = REPO / "ansible"
@@ -167,6 +170,260 @@ def test_role_warns_what_the_resolved_drop_in_changes(
         assert "*.mesh asked of them comes back NXDOMAIN" in result.stdout
 
 
+FAKE_SYSTEMCTL = """\
+import json, pathlib, sys, urllib.request
+# systemctl for the rollout test: hostmesh-agent is loaded, enabled and active; a restart records which
+# service instances Consul has in maintenance at that moment (asked with the management token).
+conf = json.loads(pathlib.Path(__file__).with_name("systemctl.json").read_text())
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+call = {"args": args}
+if args[:1] == ["restart"]:
+    url, token = conf["consul"] + "/v1/agent/checks", conf["master"]
+    checks = json.load(urllib.request.urlopen(urllib.request.Request(url, headers={"X-Consul-Token": token})))
+    call["maintenance"] = sorted(
+        c["ServiceID"] for c in checks.values() if c["CheckID"].startswith("_service_maintenance:")
+    )
+with open(conf["log"], "a") as log:
+    log.write(json.dumps(call) + "\\n")
+if args[:1] == ["show"]:
+    print("Id=hostmesh-agent.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running")
+    print("UnitFileState=enabled")
+elif args[:1] == ["is-enabled"]:
+    print("enabled")
+"""
+
+
+class ReadyServer:
+    """The agent's admin API as far as the role asks it: /ready answers 200."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Ready(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if self.path == "/ready" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
+    """A Consul of its own that enforces ACLs, default deny (the shared one has them off)."""
+    dev = ConsulDev(tmp_path_factory.mktemp("acl-consul"), acl_master=str(uuid.uuid4()))
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+def role_alone(tmp: Path, role: str) -> Path:
+    """A roles folder holding `role` as shipped, except that instead of depending on hostmesh_install
+    it carries that role's defaults (the test root, the folders' owners)."""
+    roles = tmp / "roles"
+    shutil.copytree(ANSIBLE_DIR / "roles" / role, roles / role)
+    meta = roles / role / "meta/main.yml"
+    meta.write_text(yaml.safe_dump({**yaml.safe_load(meta.read_text()), "dependencies": []}))
+    defaults = roles / role / "defaults/main.yml"
+    install = yaml.safe_load((ANSIBLE_DIR / "roles/hostmesh_install/defaults/main.yml").read_text())
+    defaults.write_text(yaml.safe_dump({**install, **yaml.safe_load(defaults.read_text())}))
+    return roles
+
+
+def this_checkout_as_the_venv(root: Path) -> None:
+    """The roles run <venv>/bin/python <venv>/bin/hostmesh in the test root: here, this checkout's."""
+    venv = root / "opt/hostmesh/bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv / "python").chmod(0o755)
+    (venv / "hostmesh").symlink_to(BIN / "hostmesh")
+
+
+def run_role(
+    tmp: Path, role: str, variables: dict[str, object], path: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl)."""
+    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
+    playbook = tmp / f"{role}.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    env = ansible_env(tmp)
+    env["ANSIBLE_ROLES_PATH"] = str(role_alone(tmp, role))
+    env["PATH"] = f"{path}:{env['PATH']}" if path else env["PATH"]
+    variables = {"ansible_python_interpreter": sys.executable, **variables}
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
+         str(playbook)],
+        cwd=ANSIBLE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+
+
+def maintained(consul: ConsulDev, node: str) -> list[str]:
+    """The instances of `node` that Consul has in maintenance."""
+    checks = consul.get_json("/v1/agent/checks").values()
+    return sorted(
+        c["ServiceID"]
+        for c in checks
+        if c["CheckID"].startswith("_service_maintenance:") and c["ServiceID"].endswith(f"-{node}")
+    )
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+@pytest.mark.parametrize(
+    ("case", "services", "gateways", "policy_names"),
+    [
+        ("both", ["web"], ["edge"], ["web", "edge"]),
+        ("gateway-only", [], ["edge"], ["edge"]),  # README: a host may run only gateways
+        ("policy-without-gateway", ["web"], ["edge"], ["web"]),
+    ],
+)
+def test_agent_role_drains_services_and_gateways_with_the_token_file(
+    acl_consul: ConsulDev,
+    tmp_path: Path,
+    case: str,
+    services: list[str],
+    gateways: list[str],
+    policy_names: list[str],
+) -> None:
+    """The whole agent role against a Consul with ACLs (default deny), with the Consul token only in a
+    file placed on the host (hostmesh_agent_consul_token_file_only): its join token, created by
+    delegation with the CA's token, names the gateways too; the restart's drain puts the services and
+    the gateways into maintenance with the token read from that file, restarts, and takes them out
+    again. A token whose policy lacks the gateway stops the rollout before the restart with a message
+    naming the token, and leaves nothing in maintenance. systemctl and the agent's /ready stand in."""
+    consul = acl_consul
+    node = f"roll-{case}"
+    names = services + gateways
+    consul.acl_policy(f"agent-{case}", acl.agent_policy(policy_names))
+    agent_token = consul.acl_token(f"agent-{case}")
+    consul.acl_policy("hostmesh-ca", acl.ca_policy())
+    ca_token = consul.acl_token("hostmesh-ca")
+    for name in names:  # as the running agent registered them
+        consul.put_json("/v1/agent/service/register", {"Name": name, "ID": f"{name}-{node}", "Port": 1})
+
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    (root / "etc/hostmesh/consul-token").write_text(agent_token + "\n")  # placed by other means
+    this_checkout_as_the_venv(root)
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    calls = tmp_path / "systemctl.log"
+    (fake / "systemctl.json").write_text(
+        json.dumps({"consul": consul.url, "master": consul.acl_master, "log": str(calls)})
+    )
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
+    (fake / "systemctl").chmod(0o755)
+    ready = ReadyServer()
+
+    variables = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": True,
+        "hostmesh_agent_node": node,
+        "hostmesh_agent_mesh_address": "127.0.0.1",
+        "hostmesh_agent_admin": ready.address,
+        "hostmesh_agent_dns_resolver": "none",
+        "hostmesh_agent_services": [{"name": n, "port": 8080} for n in services],
+        "hostmesh_agent_gateways": [{**GATEWAY, "name": n} for n in gateways],
+        "hostmesh_agent_consul_address": consul.url,
+        "hostmesh_agent_consul_token_file_only": True,
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_ca_host": "localhost",
+        "hostmesh_agent_ca_consul_options": ["--consul", consul.url, "--token", ca_token],
+        "hostmesh_agent_drain_grace": 0,
+        "hostmesh_agent_ready_timeout": 10,
+    }
+    try:
+        result = run_role(tmp_path, "hostmesh_agent", variables, path=str(fake))
+    finally:
+        ready.close()
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    refused = case == "policy-without-gateway"
+    assert (result.returncode != 0) == refused, output
+    assert recap(result.stdout)["failed"] == int(refused), output
+    called = calls.read_text().splitlines() if calls.exists() else []
+    restarts = [  # with this node's instances in maintenance at the time
+        {**c, "maintenance": [i for i in c["maintenance"] if i.endswith(f"-{node}")]}
+        for c in map(json.loads, called)
+        if c["args"][:1] == ["restart"]
+    ]
+
+    # The join token names every service and gateway of the host.
+    assert token_scope(consul, root / "etc/hostmesh/join-token", ca_token) == names, output
+    config = tomllib.loads((root / "etc/hostmesh/agent.toml").read_text())
+    assert [g["name"] for g in config["gateways"]] == gateways
+
+    if refused:  # before the restart, with the token named; web was put in and taken out again
+        assert "Consul refused (403) to put edge into maintenance, so the agent was not restarted" in output
+        assert "/etc/hostmesh/consul-token on the host (hostmesh_agent_consul_token_file_only)" in output
+        assert restarts == []
+    else:  # restarted once, with every service and gateway of the host in maintenance
+        drained = [f"{name}-{node}" for name in sorted(names)]
+        assert restarts == [{"args": ["restart", "hostmesh-agent.service"], "maintenance": drained}], output
+    assert maintained(consul, node) == []  # and none of them left in maintenance
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+@pytest.mark.parametrize("case", ["pin-file-lost", "pin-file-lost-after-rotation", "root-lost"])
+def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: str) -> None:
+    """The CA role asks the data folder (ca.json) whether a root exists, not the pin file: after
+    `apt purge` (which deletes /etc/hostmesh and keeps the CA data folder) it records the root's pin
+    again, that of the signing root after a rotation, instead of running `ca init` (which refuses).
+    A pin file whose root is not in the folder stops the play: no new root replaces a trusted one."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    data = root / "var/lib/hostmesh-ca"
+    pin_file = root / "etc/hostmesh/ca.pin"
+
+    def ca(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "hostmesh"), "ca", *args, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    if case == "root-lost":
+        pin = "sha256:" + "ab" * 32
+        pin_file.write_text(f"{pin}\n")
+    else:
+        pin = ca("init")
+        if case.endswith("rotation"):
+            pin = ca("rotate")  # the new signing root; the first is still in the bundle
+        meta = (data / "ca.json").read_text()
+
+    result = run_role(
+        tmp_path, "hostmesh_ca", {"hostmesh_install_root": str(root), "hostmesh_install_systemd": False}
+    )
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    if case == "root-lost":
+        assert result.returncode != 0
+        assert "/etc/hostmesh/ca.pin records a root pin, but /var/lib/hostmesh-ca holds no root" in output
+        assert not (data / "ca.json").exists()
+        assert pin_file.read_text() == f"{pin}\n"
+        return
+    assert result.returncode == 0, output
+    assert pin_file.read_text() == f"{pin}\n"
+    assert (data / "ca.json").read_text() == meta  # the same root
+
+
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """dist folder with the hostmesh wheel; dependency wheels are in .cache/wheels."""
@@ -196,12 +453,66 @@ def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return deb
 
 
-@pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT + 2 * BUILD_TIMEOUT)
+GATEWAY = {"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:18443", "protocol": "http"}]}
+# pip: folders away from the units' StateDirectory= (the role must make the units serve them);
+# deb: the defaults (no drop-ins, nothing added to HOSTMESH_CA_OPTS).
+CUSTOM_DIRS = {
+    "hostmesh_ca_data_dir": "/srv/hostmesh-ca",
+    "hostmesh_agent_data_dir": "/srv/hostmesh",
+    "hostmesh_agent_cert_dir": "/srv/hostmesh-certs",
+}
+AGENT_DROP_IN = "etc/systemd/system/hostmesh-agent.service.d/writable-paths.conf"
+CA_DROP_IN = "etc/systemd/system/hostmesh-ca.service.d/writable-paths.conf"
+
+
+def token_scope(consul: ConsulDev, token_file: Path, consul_token: str = "") -> list[str]:
+    """The services a delivered join token may obtain certificates for, as the CA's records in Consul
+    say (`hostmesh ca token list`; the token's id is its second dot-separated field)."""
+    token_id = token_file.read_text().strip().split(".")[1]
+    token = ["--token", consul_token] if consul_token else []
+    listed = subprocess.run(
+        [str(BIN / "hostmesh"), "--consul", consul.url, *token, "-o", "json", "ca", "token", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (record,) = [t for t in json.loads(listed.stdout) if t["id"] == token_id]
+    return list(record["services"])
+
+
+def served_ca_data_dir(root: Path) -> Path:
+    """The --data-dir `hostmesh ca serve` runs with under the installed unit: its ExecStart with
+    $HOSTMESH_CA_OPTS from the rendered ca.env split at blanks (as systemd does), parsed by the CLI."""
+    from hostmesh.ca.cli import ca
+
+    (exec_start,) = [
+        line.partition("=")[2]
+        for line in (root / "lib/systemd/system/hostmesh-ca.service").read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    env = dict(
+        line.split("=", 1)
+        for line in (root / "etc/hostmesh/ca.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    argv = exec_start.replace("$HOSTMESH_CA_OPTS", env.get("HOSTMESH_CA_OPTS", "")).split()
+    assert argv[:3] == ["/usr/bin/hostmesh", "ca", "serve"], argv
+    ctx = ca.commands["serve"].make_context("serve", argv[3:])
+    return Path(ctx.params["data_dir"])
+
+
+@pytest.mark.timeout(3 * PLAYBOOK_TIMEOUT + 2 * BUILD_TIMEOUT)
 @pytest.mark.parametrize("method", ["pip", "deb"])
 def test_playbook_run_is_idempotent(
     wheels: Path, tmp_path: Path, request: pytest.FixtureRequest, method: str
 ) -> None:
-    """pip: a virtualenv in the test root; deb: the package installed there with dpkg --root."""
+    """pip: a virtualenv in the test root; deb: the package installed there with dpkg --root.
+
+    The host serves an ingress gateway beside its services (its join token must name it). With pip,
+    the CA and agent data folders are not the units' own (ca.env and drop-ins must make the units
+    use them). A third run finds the root without its pin file (pip: deleted; deb: `dpkg --purge`,
+    which deletes /etc/hostmesh and keeps the CA data folder) and records the same pin again."""
     if method == "deb" and (shutil.which("dpkg") is None or os.geteuid() != 0):
         pytest.skip("dpkg --root into the test root needs dpkg and root")
     root = tmp_path / "root"
@@ -230,7 +541,10 @@ def test_playbook_run_is_idempotent(
         "hostmesh_agent_mesh_address": "127.0.0.1",
         "hostmesh_agent_node": "ansible-test",
         "hostmesh_agent_dns_resolver": "dnsmasq",  # this host has none: the drop-in is asked for
+        "hostmesh_agent_gateways": [GATEWAY],
     }
+    if method == "pip":
+        host |= CUSTOM_DIRS
     common = {
         "hostmesh_become": False,
         "hostmesh_serial": 1,
@@ -284,6 +598,7 @@ def test_playbook_run_is_idempotent(
     config = tomllib.loads(config_path.read_text())
     assert config["node"] == "ansible-test" and config["mesh_address"] == "127.0.0.1"
     assert [s["name"] for s in config["services"]] == ["web", "cache"]
+    assert [g["name"] for g in config["gateways"]] == ["edge"]
     assert config["services"][0]["meta"] == {"version": "v1", "zone": "a"}
     assert config["services"][0]["upstreams"] == [
         {"service": "api", "bind": "127.0.0.1:9091"},
@@ -340,7 +655,31 @@ def test_playbook_run_is_idempotent(
     )
     assert parsed.returncode == 0, parsed.stderr
     if real_ca:
-        assert config["ca"]["pin"] == (root / "etc/hostmesh/ca.pin").read_text().strip()
+        pin = (root / "etc/hostmesh/ca.pin").read_text().strip()
+        assert config["ca"]["pin"] == pin
+        # the join token names the gateway too: the agent obtains a certificate for it as for a service
+        assert consul is not None
+        assert token_scope(consul, token) == ["web", "cache", "edge"]
+
+    # Data folders: the units serve the configured ones and may write them (ProtectSystem=strict).
+    custom = method == "pip"
+    if real_ca:
+        ca_data = CUSTOM_DIRS["hostmesh_ca_data_dir"] if custom else "/var/lib/hostmesh-ca"
+        assert served_ca_data_dir(root) == Path(ca_data)
+        assert (root / ca_data.lstrip("/") / "ca.json").exists()  # the root was created there
+        assert (root / CA_DROP_IN).exists() == custom
+        if custom:
+            ca_drop_in = (root / CA_DROP_IN).read_text().splitlines()
+            assert ca_drop_in[-2:] == ["[Service]", f"ReadWritePaths={ca_data}"]
+    assert (root / AGENT_DROP_IN).exists() == custom
+    if custom:
+        assert config["data_dir"] == "/srv/hostmesh" and config["cert_dir"] == "/srv/hostmesh-certs"
+        assert (root / AGENT_DROP_IN).read_text().splitlines()[-2:] == [
+            "[Service]",
+            "ReadWritePaths=/srv/hostmesh /srv/hostmesh-certs",
+        ]
+        for folder in ("srv/hostmesh", "srv/hostmesh-certs") + (("srv/hostmesh-ca",) if real_ca else ()):
+            assert stat.S_IMODE((root / folder).stat().st_mode) == 0o700, folder
 
     if method == "deb":  # installed by dpkg, recorded in the root's own database
         status = (root / "var/lib/dpkg/status").read_text()
@@ -349,3 +688,23 @@ def test_playbook_run_is_idempotent(
 
     second, output = play()
     assert second["failed"] == 0 and second["changed"] == 0, output[-6000:]
+
+    if not real_ca:
+        return
+    # The root stays, its pin file goes: the role records the same pin again (`ca init` would refuse
+    # a folder that holds a root), and the agent keeps it.
+    if method == "deb":
+        purged = subprocess.run(
+            ["dpkg", f"--root={root}", "--force-script-chrootless", "--log=/dev/null", "--purge", "hostmesh"],
+            capture_output=True,
+            text=True,
+            timeout=PLAYBOOK_TIMEOUT,
+        )
+        assert purged.returncode == 0, purged.stderr
+        assert not (root / "etc/hostmesh").exists() and (root / "var/lib/hostmesh-ca/ca.json").exists()
+    else:
+        (root / "etc/hostmesh/ca.pin").unlink()
+    third, output = play()
+    assert third["failed"] == 0, output[-6000:]
+    assert (root / "etc/hostmesh/ca.pin").read_text() == f"{pin}\n"
+    assert tomllib.loads(config_path.read_text())["ca"]["pin"] == pin

@@ -13,9 +13,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jinja2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ROLES = ROOT / "ansible/roles"
 UNITS = ["hostmesh-agent.service", "hostmesh-ca.service"]
 HOST_UNIT_DIR = Path("/usr/lib/systemd/system")
 MAX_EXPOSURE = (
@@ -137,3 +139,51 @@ def test_ca_unit_contract() -> None:
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["CapabilityBoundingSet"] == [""]
     assert d["Restart"] == ["on-failure"]
+
+
+def test_ca_data_dir_in_the_environment_file_wins() -> None:
+    """The hostmesh_ca role serves another data dir by adding `--data-dir DIR` to HOSTMESH_CA_OPTS
+    (ca.env): that needs $HOSTMESH_CA_OPTS after the unit's own --data-dir, and `ca serve` to take
+    an option's last occurrence (click does)."""
+    cli = pytest.importorskip("hostmesh.ca.cli")
+    (exec_start,) = directives(unit_text("hostmesh-ca.service"))["ExecStart"]
+    opts = "--listen 0.0.0.0:15012 --advertise 10.0.0.2 --data-dir /srv/hostmesh-ca"
+    argv = exec_start.replace("$HOSTMESH_CA_OPTS", opts).split()  # systemd splits $VAR at blanks
+    assert argv[:3] == ["/usr/bin/hostmesh", "ca", "serve"]
+    params = cli.ca.commands["serve"].make_context("serve", argv[3:]).params
+    assert params["data_dir"] == Path("/srv/hostmesh-ca") and params["listen"] == "0.0.0.0:15012"
+
+
+def role_drop_in(role: str, variables: dict[str, object]) -> str:
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    text = (ROLES / role / "templates/writable-paths.conf.j2").read_text()
+    return env.from_string(text).render(ansible_managed="test", **variables)
+
+
+@pytest.mark.parametrize(
+    ("unit", "role", "variables"),
+    [
+        (
+            "hostmesh-agent.service",
+            "hostmesh_agent",
+            {"hostmesh_agent_writable_paths": ["/srv/hostmesh", "/srv/hostmesh-certs"]},
+        ),
+        ("hostmesh-ca.service", "hostmesh_ca", {"hostmesh_ca_data_path": "/srv/hostmesh-ca"}),
+    ],
+)
+def test_role_drop_ins_verify_cleanly(
+    analyze: str, tmp_path: Path, unit: str, role: str, variables: dict[str, object]
+) -> None:
+    """The ReadWritePaths= drop-in the Ansible roles write for data folders other than the units'
+    StateDirectory (ProtectSystem=strict leaves the rest read-only): `verify` reads it and is clean."""
+    root = make_root(tmp_path, {u: unit_text(u) for u in UNITS})
+    drop_in = root / "etc/systemd/system" / f"{unit}.d/writable-paths.conf"
+    drop_in.parent.mkdir(parents=True)
+    text = role_drop_in(role, variables)
+    assert "\nReadWritePaths=/srv/hostmesh" in text
+    drop_in.write_text(text)
+    result = verify(analyze, root, unit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+    drop_in.write_text(text.replace("ReadWritePaths=", "ReadWritePath="))  # the drop-in is read at all
+    assert "Unknown key 'ReadWritePath'" in verify(analyze, root, unit).stderr
