@@ -400,7 +400,7 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
 
 # Consul's rules for service meta (it refuses a registration that breaks them, with a 400): keys of
 # ASCII letters, digits, '-' and '_', at most 128 characters, none starting with `consul-`; values of
-# at most 512 characters; at most 64 pairs, the agent's own among them.
+# at most 512 bytes (UTF-8); at most 64 pairs, the agent's own among them.
 CONSUL_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CONSUL_META_PAIRS_MAX = 64
 AGENT_META = ("hostmesh", "protocol", "metrics_addr", "upstreams")  # what the agent registers itself
@@ -415,9 +415,9 @@ def _check_meta(meta: dict[str, str], path: str) -> None:
         if not CONSUL_META_KEY.fullmatch(key) or key.startswith("consul-"):
             raise _fail(f"{path}[{key[:140]!r}]", "a meta key is 1-128 of A-Z a-z 0-9 - _ and does "
                         "not start with consul- (Consul's rule)")  # fmt: skip
-        if len(value) > CONSUL_META_VALUE_MAX:
+        if len(value.encode()) > CONSUL_META_VALUE_MAX:  # Consul counts bytes
             raise _fail(
-                f"{path}.{key}", f"a meta value is at most {CONSUL_META_VALUE_MAX} characters (Consul's rule)"
+                f"{path}.{key}", f"a meta value is at most {CONSUL_META_VALUE_MAX} bytes (Consul's rule)"
             )
     if len(meta) > CONSUL_META_PAIRS_MAX - len(AGENT_META):
         raise _fail(path, f"at most {CONSUL_META_PAIRS_MAX - len(AGENT_META)} pairs (Consul takes "
@@ -708,24 +708,34 @@ def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
 
 def _check_binds(cfg: AgentConfig) -> None:
     """Two of the agent's own sockets on one address would fail its start (or a reload) with an
-    error naming neither key: refused here, naming both. A wildcard host takes the port on every
-    address; port 0 is any free port."""
+    error naming neither key: refused here, naming both. Port 0 is any free port."""
     seen: list[tuple[str, Address, str]] = []
     for transport, addr, key in _listens(cfg):
         if addr.port == 0:
             continue
         for other_transport, other, other_key in seen:
-            same_host = addr.host == other.host or _wildcard(addr.host) or _wildcard(other.host)
-            if transport == other_transport and addr.port == other.port and same_host and key != other_key:
+            if (transport == other_transport and addr.port == other.port and key != other_key
+                    and _overlap(transport, addr.host, other.host)):  # fmt: skip
                 raise _fail(key, f"listens on {addr}, as {other_key} does ({other}): give one another port")
         seen.append((transport, addr, key))
 
 
-def _wildcard(host: str) -> bool:
+def _overlap(transport: str, a: str, b: str) -> bool:
+    """Whether sockets bound to hosts `a` and `b` (one port) would clash: the same host, or a wildcard
+    of the other's family. The agent's TCP sockets are IPv6-only (registry/listen.py), so `0.0.0.0`
+    and `[::]` both listen; its UDP sockets are dual-stack, so there `[::]` takes IPv4 too."""
+    if a == b:
+        return True
     try:
-        return ipaddress.ip_address(host).is_unspecified
+        ips = ipaddress.ip_address(a), ipaddress.ip_address(b)
     except ValueError:
         return False
+    for wild, other in (ips, ips[::-1]):
+        if wild.is_unspecified and (
+            wild.version == other.version or (transport == "udp" and wild.version == 6)
+        ):
+            return True
+    return False
 
 
 def _parse_nomad(raw: Any) -> NomadConfig:

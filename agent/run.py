@@ -79,9 +79,9 @@ CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (pro
 WORKER_ENV = "HOSTMESH_WORKER"
 
 
-# agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
 OutboundKey = tuple[str, str, str]  # (local service, upstream, bind) of one outbound stack
 
+# agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
 RESTART_KEYS = (
     "node",
     "mesh_address",
@@ -144,6 +144,7 @@ class Agent:
         self.outbound: dict[OutboundKey, Any] = {}  # -> its listener (agent/proxy/stacks.py)
         self._outbound_built: dict[OutboundKey, tuple[Any, ...]] = {}  # -> what it was built from
         self._retiring: set[asyncio.Future[None]] = set()  # stacks a reload replaced, draining
+        self._reloading = asyncio.Lock()
         self._servers: list[HTTPServer] = []
         self.registered = False  # registered at least once in this run: stop() then deregisters
         self._register_all_next = True  # start-up, or a reload changed what we register
@@ -442,11 +443,14 @@ class Agent:
     async def _start_added_outbound(self, cfg: AgentConfig) -> dict[OutboundKey, Any]:
         """Start the stacks of the upstreams `cfg` adds, before a reload changes anything else: one
         that cannot listen (its address taken) raises OSError with every one started here closed, so
-        the reload is refused whole."""
+        the reload is refused whole. One on the address of an upstream the reload drops (renamed,
+        moved to another local service) is left to `_sync_outbound`, which frees the address first."""
+        wanted = self._wanted_outbound(cfg)
+        ours = {key[2] for key in self.outbound if key not in wanted}  # binds this reload frees
         started: dict[OutboundKey, Any] = {}
         try:
-            for key, (svc, up) in self._wanted_outbound(cfg).items():
-                if key not in self.outbound:
+            for key, (svc, up) in wanted.items():
+                if key not in self.outbound and key[2] not in ours:
                     started[key] = await self._start_outbound(cfg, key, svc, up)
         except OSError:
             for listener in started.values():
@@ -475,22 +479,22 @@ class Agent:
         for key in [k for k in self.outbound if k not in wanted]:
             self._outbound_built.pop(key, None)
             await self._retire(self.outbound.pop(key))
-        for key, (svc, up) in wanted.items():
-            if key not in self.outbound or self._outbound_built.get(key) == self._outbound_inputs(
-                cfg, svc, up
-            ):
-                continue
-            await self._retire(
-                self.outbound.pop(key)
-            )  # its protocol, balancer, timeouts, limits or zone changed
-            try:
-                self.outbound[key] = await self._start_outbound(cfg, key, svc, up)
-            except OSError as exc:  # the address was free a moment ago: another process took it
-                log.error("reload: %s; the upstream is not served until the next reload", exc.strerror)
+        built, inputs = self._outbound_built, self._outbound_inputs
+        changed = [key for key, (svc, up) in wanted.items()
+                   if key in self.outbound and built.get(key) != inputs(cfg, svc, up)]  # fmt: skip
+        for key in changed:  # its protocol, balancer, timeouts, limits or zone changed
+            await self._retire(self.outbound.pop(key))
         self.outbound.update(started or {})
         for key, (svc, up) in wanted.items():
-            if key not in self.outbound:
+            if key in self.outbound:
+                continue
+            try:
                 self.outbound[key] = await self._start_outbound(cfg, key, svc, up)
+            except OSError as exc:
+                if started is None:  # start-up: the agent cannot serve what agent.toml asks for
+                    raise
+                # a reload: the address was ours a moment ago (rebuilt or moved); another process took it
+                log.error("reload: %s; the upstream is not served until the next reload", exc.strerror)
         if self.dns is not None:  # names follow the upstreams (reload)
             from hostmesh.agent.dns import dns_table
 
@@ -596,16 +600,25 @@ class Agent:
         try:
             await self.consul.register_service(await self._registration(svc))
         except (PermissionDenied, Rejected) as exc:
+            if isinstance(exc, Rejected) and exc.status != 400:
+                raise  # (429 and the like: the round backs off as for an outage)
             reason = f"Consul refused its registration: {exc}"
             if self.refused_registrations.get(svc.name) != reason:
                 log.error("cannot register %s: %s", svc.name, reason)
                 self.refused_registrations[svc.name] = reason
-                sdnotify.status(f"Consul refused registering {', '.join(sorted(self.refused_registrations))}")
+                sdnotify.status(self._serving())
             return
         self.registered = True
         log.info("registered %s in Consul (%s)", svc.name, why)
-        if self.refused_registrations.pop(svc.name, None) is not None and not self.refused_registrations:
-            sdnotify.status(f"serving {len(self.config.services)} service(s)")
+        if self.refused_registrations.pop(svc.name, None) is not None:
+            sdnotify.status(self._serving())
+
+    def _serving(self, more: str = "") -> str:
+        """systemd's STATUS line while serving: what, and the services Consul refused to register."""
+        line = f"serving {len(self.config.services)} service(s){more}"
+        if self.refused_registrations:
+            line += f"; Consul refused registering {', '.join(sorted(self.refused_registrations))}"
+        return line
 
     async def _register_all(self) -> None:
         for svc in self.config.services:
@@ -672,6 +685,10 @@ class Agent:
         their running values and the log says so. A file that does not parse, or whose new upstreams
         cannot all listen, changes nothing (one line says why).
         """
+        async with self._reloading:  # one at a time: a second SIGHUP waits for the first's sockets
+            await self._reload(path)
+
+    async def _reload(self, path: Path) -> None:
         sdnotify.reloading()
         try:
             new = load_config(path)
@@ -715,7 +732,7 @@ class Agent:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
         log.info("reloaded %s", path)
-        sdnotify.ready(f"serving {len(new.services)} service(s); reloaded {path}")
+        sdnotify.ready(self._serving(f"; reloaded {path}"))
 
     # --- views ------------------------------------------------------------------------------
 

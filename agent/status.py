@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import socket
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -75,9 +76,32 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
 
 
 def admin_base_url(address: str, option: str = "--agent") -> str:
-    """`http(s)://host:port` for HTTPClient (parse_admin_address's rules)."""
+    """`http(s)://host:port` for HTTPClient (parse_admin_address's rules; a name resolved for plain
+    HTTP: `admin_connect_host`)."""
     scheme, host, port = parse_admin_address(address, option)
+    if scheme == "http":
+        host = admin_connect_host(host, port, option)
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def admin_connect_host(host: str, port: int, option: str = "--agent") -> str:
+    """The address to connect to for the admin API at `host`: a DNS name resolved to its first IP
+    address, so that the request's Host names an IP (the admin API answers no other Host but
+    localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AdminAddressError(f"{option} {host}: cannot resolve it: {exc.strerror or exc}") from None
+    return str(found[0][4][0])
 
 
 # --- the admin API's answers -------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from hostmesh.agent.status import parse_admin_address, printable, ready_problem
+from hostmesh.agent.status import admin_connect_host, parse_admin_address, printable, ready_problem
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
 POLL_INTERVAL = 0.1  # seconds between probes: a sidecar is ready within a second or two
@@ -48,7 +48,7 @@ def _host_port(address: str, source: str) -> tuple[str, int]:
     scheme, host, port = parse_admin_address(address, source)
     if scheme != "http":
         raise ValueError(f"{source} {address!r}: the admin API speaks plain HTTP (give HOST:PORT)")
-    return host, port
+    return admin_connect_host(host, port, source), port
 
 
 def probe(address: str, source: str = "--admin") -> str | None:

@@ -344,7 +344,8 @@ def _with_meta(meta: dict[str, str]) -> dict[str, object]:
         ({"bad.key": "v"}, "services[0].meta['bad.key']: a meta key is 1-128 of A-Z a-z 0-9 - _"),
         ({"consul-zone": "v"}, "services[0].meta['consul-zone']: a meta key"),
         ({"k" * 129: "v"}, "a meta key is 1-128"),
-        ({"zone": "v" * 513}, "services[0].meta.zone: a meta value is at most 512 characters"),
+        ({"zone": "v" * 513}, "services[0].meta.zone: a meta value is at most 512 bytes"),
+        ({"zone": "é" * 257}, "services[0].meta.zone: a meta value is at most 512 bytes"),  # 514 bytes
         ({f"k{i}": "v" for i in range(61)}, "services[0].meta: at most 60 pairs"),
         ({"upstreams": "x"}, "services[0].meta.upstreams: is set by the agent"),
         ({"metrics_addr": "x"}, "services[0].meta.metrics_addr: is set by the agent"),
@@ -398,3 +399,8 @@ def test_sockets_that_do_not_clash_are_taken() -> None:
             {"service": "stats", "bind": "127.0.0.1:15000", "protocol": "udp"}]}],
     )  # fmt: skip
     assert parse_config(doc).admin.port == 15090
+    # the agent's TCP sockets are IPv6-only: an IPv4 and an IPv6 wildcard on one port both listen
+    dual = minimal(inbound="[::]:15001", admin="127.0.0.1:15001", metrics="[::1]:15000")
+    assert parse_config(dual).inbound.host == "::"
+    with pytest.raises(ConfigError, match=r"admin: listens on 127\.0\.0\.1:15001, as inbound does"):
+        parse_config(minimal(inbound="0.0.0.0:15001", admin="127.0.0.1:15001", metrics="[::]:15001"))

@@ -30,12 +30,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from hostmesh.agent import waitready
 from hostmesh.agent.cli import cli
 from hostmesh.agent.localmesh import LocalMesh, free_port
 from hostmesh.agent.metrics import Telemetry, generate_latest
-from hostmesh.agent.status import admin_base_url
+from hostmesh.agent.status import AdminAddressError, admin_base_url
 from hostmesh.agent.ui import Collector, listen_address
 from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.http import addressed_locally
 from tests.support import ConsulDev
 from tests.test_cli_ops import fails
 
@@ -300,7 +302,34 @@ def test_credentials_in_an_agent_address_are_refused_without_echoing_them(addres
 def test_admin_base_url_keeps_what_it_is_given() -> None:
     assert admin_base_url("127.0.0.1:15000") == "http://127.0.0.1:15000"
     assert admin_base_url("[::1]:15000") == "http://[::1]:15000"
-    assert admin_base_url("https://h:1/") == "https://h:1"
+    assert admin_base_url("localhost:15000") == "http://localhost:15000"
+    assert admin_base_url("https://h:1/") == "https://h:1"  # TLS checks the name: kept
+
+
+def test_a_name_given_for_the_admin_api_is_resolved_so_its_host_check_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin API answers a Host that is an IP address or localhost only (DNS rebinding): a name
+    given to --agent or --admin is resolved first, so the request names the address (the resolver
+    is stood in for: no name here resolves to this host on every machine)."""
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "admin.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 15000))]
+        if host == "nowhere.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    assert admin_base_url("admin.example:15000") == "http://127.0.0.1:15000"
+    assert addressed_locally("127.0.0.1:15000") and not addressed_locally("admin.example:15000")
+    with pytest.raises(AdminAddressError) as err:
+        admin_base_url("nowhere.example:15000")
+    assert str(err.value) == "--agent nowhere.example: cannot resolve it: Name or service not known"
+    assert waitready.probe("nowhere.example:15000") == (
+        "--admin nowhere.example: cannot resolve it: Name or service not known"
+    )
 
 
 # --- hostmesh version --agent ---------------------------------------------------------------------

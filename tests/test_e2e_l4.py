@@ -287,3 +287,19 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
         )
     finally:
         moved.close()
+
+
+def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHosts) -> None:
+    """A reload that gives an upstream's address to another upstream (renamed, or moved to another
+    local service): the old one frees the address first, so the new one listens there."""
+    a = mesh.a
+    bind = a.binds["api"]
+    text = a.config_path.read_text()
+    assert text.count('service = "api"\n') == 1
+    a.config_path.write_text(text.replace('service = "api"\n', 'service = "api2"\n'))
+    a.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in a.proc.log() or "reload refused" in a.proc.log(), 10.0, "the reload")
+    assert "reload refused" not in a.proc.log()
+    _, clusters = a.get("/v1/clusters")
+    assert [(u["upstream"], u["bind"]) for u in clusters["upstreams"]] == [("api2", f"127.0.0.1:{bind}")]
+    assert listening(bind)

@@ -483,8 +483,8 @@ async def test_past_the_connection_cap_a_new_connection_gets_503_while_the_other
 
 async def test_at_the_connection_cap_the_request_arriving_longest_makes_room(no_errors_logged: None) -> None:
     """Every connection trickling a request (a local process filling the admin server): past the
-    eviction age the one that began first is cut and the newcomer (Consul's check) is served; a
-    request already in the handler is never cut."""
+    eviction age the one that began first is cut and the newcomer (Consul's check) is served, and
+    the others go on."""
     rec = Recorder()
     server = HTTPServer(rec.handle, "127.0.0.1", 0, max_connections=3, slow_request_evict=0.0)
     port = await server.start()

@@ -33,9 +33,9 @@ Mirroring copies a request to one instance of the mirror subset, its body stream
 sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
 not take fast enough (more than MIRROR_MAX_BUFFER held), one past MIRROR_MAX_IN_FLIGHT copies in
 flight, and one not answered within the route's timeout (MIRROR_TIMEOUT without one) are dropped and
-counted (`mirror_dropped` in the listener's stats). A copy never takes a slot of the connection
-limits (so it cannot make a real request wait), and the connection it dialed is closed after it,
-never pooled, so no real request escapes the limits on it.
+counted (`mirror_dropped` in the listener's stats). A copy rides a stream of its own, outside the
+connection limits (it never takes or holds a slot a real request could wait for), closed after it,
+never pooled, so no real request escapes the limits on it either.
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
@@ -366,9 +366,7 @@ class _MirrorTap:
     # --- the mirror connection
     def connected(self, up: UpstreamConn, timeout: float) -> None:
         if self.state != MirrorState.DIALING or up.transport is None:
-            up.close() if self.state == MirrorState.DROPPED or getattr(
-                up, "limit", None
-            ) is None else up.release()
+            up.close()  # dialed for this copy: never pooled (it holds no slot of the limits)
             self._ended()
             return
         self.expiry = asyncio.get_running_loop().call_later(timeout, self.expire)
@@ -411,18 +409,9 @@ class _MirrorTap:
             self.up = None
             up.owner = None
             self._ended()
-            # a connection a real request pooled goes back; one dialed for the copy holds no slot of
-            # the connection limits, so it is closed rather than pooled for real requests
-            if (
-                self.state == MirrorState.SENT
-                and up.keep_alive_ok()
-                and getattr(up, "limit", None) is not None
-            ):
-                up.release()
-            else:
-                if self.state != MirrorState.SENT:  # answered before the copy was complete
-                    self.state = MirrorState.DROPPED
-                up.close()
+            if self.state != MirrorState.SENT:  # answered before the copy was complete
+                self.state = MirrorState.DROPPED
+            up.close()  # dialed for this copy, outside the connection limits: never pooled for requests
         elif t is http1.Reject:
             self.up = None
             self._ended()
@@ -818,12 +807,20 @@ class HttpOutbound:
                 if slot:
                     ex.abandon_upstream()
                     pause = st.retry_state().backoff(self.rng)
-                    if st.deadline is not None:  # the route's timeout covers the back-off too
-                        pause = min(pause, max(0.0, st.deadline - time.monotonic()))
+                    # the route's timeout covers the back-off too: one that reaches the deadline ends
+                    # the exchange there, with no try after it (uvloop's millisecond timers may wake
+                    # the sleep just before the deadline, which would send a doomed try)
+                    deadline = st.deadline
+                    cut = deadline is not None and pause >= deadline - time.monotonic()
+                    if deadline is not None and cut:
+                        pause = max(0.0, deadline - time.monotonic())
                     if pause > 0:
                         await asyncio.sleep(pause)
                         if ex.done:
                             return
+                    if cut:
+                        ex.respond(504, fl.UT)
+                        return
                 now = time.monotonic()
                 if first is not None:
                     ep: lb.Endpoint | None = first
@@ -1100,14 +1097,14 @@ class HttpOutbound:
         timeout = st.route.timeout or MIRROR_TIMEOUT  # its answer gets what the real request gets
 
         async def shadow() -> None:
-            key = (ep.address, ep.port)
-            up = self.pool.acquire(key, ctx)
-            if up is None:
-                try:
-                    up = await self._dial(key, ctx, ident, self.connect_timeout)
-                except DialError:
-                    tap.drop()
-                    return
+            # a stream of its own (no handshake on a mux connection that is up), never a pooled
+            # connection: one of those holds a slot of the connection limits, which a hung copy
+            # would keep from real requests
+            try:
+                up = await self._dial((ep.address, ep.port), ctx, ident, self.connect_timeout)
+            except DialError:
+                tap.drop()
+                return
             tap.connected(up, timeout)
 
         self._spawn(shadow())
