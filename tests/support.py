@@ -157,3 +157,54 @@ def web_api_db_mesh(
         backends.close()
         echo.close()
         consul.stop()
+
+
+@contextlib.contextmanager
+def tmp_dir_others_can_enter(prefix: str) -> Iterator[Path]:
+    """A fresh directory (mode 0711) that a test running code as another uid (nobody) can enter:
+    pytest's tmp_path is 0700 root. Only root can run such a test: others skip it."""
+    import os
+    import shutil
+    import tempfile
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the code under test runs as another uid (nobody) to meet a refusal")
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(d, 0o711)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+NOBODY = 65534  # the uid and gid code runs as to meet a permission refusal (root is not refused)
+
+
+def run_as_nobody(work: Callable[[], Any]) -> Any:
+    """`work()` in a forked child that has become nobody -> what it returned (JSON-able). Forked,
+    not exec'd: the interpreter may live where nobody cannot go (a pyenv under /root), so every
+    module `work` needs must already be loaded."""
+    import json
+    import os
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(write_end, json.dumps(work()).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, f"the child running as nobody failed (wait status {status})"
+    return json.loads(data)

@@ -9,9 +9,7 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +22,9 @@ from hostmesh.ca import admission, service, store
 from hostmesh.ca.errors import StorageError
 from hostmesh.registry.consul import ConsulClient
 from tests.ca_support import AuditSink, new_ca_dir, start_ca
-from tests.support import ConsulDev, async_wait_until
+from tests.support import NOBODY, ConsulDev, async_wait_until, run_as_nobody, tmp_dir_others_can_enter
 from tests.test_ca_admission import IO_TIMEOUT, client_context, http_exchange
 from tests.test_ca_cli import assert_one_line_error, run
-
-NOBODY = 65534
-
 
 # --- idle keep-alive connections and the per-address share ------------------------------------
 
@@ -187,43 +182,22 @@ def test_serve_with_a_file_where_the_server_dir_goes_is_one_line(tmp_path: Path)
 
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
-    """A directory an unprivileged user can enter (pytest's tmp_path is 0700 root)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the check runs as another uid (nobody) to meet a permission error")
-    d = Path(tempfile.mkdtemp(prefix="hm-ca-datadir-"))
-    os.chmod(d, 0o711)
-    try:
+    with tmp_dir_others_can_enter("hm-ca-datadir-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def cli_as_nobody(*args: str) -> tuple[int, str, str]:
     """`hostmesh …` (CliRunner) in a forked child that has become nobody -> (exit code, stderr, the
     exception that escaped the command, if any). Forked, not exec'd: the interpreter itself may live
     where nobody cannot go (a pyenv under /root)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            result = CliRunner().invoke(cli, ["--consul", "http://127.0.0.1:1", *args])
-            escaped = result.exception
-            leaked = "" if escaped is None or isinstance(escaped, SystemExit) else repr(escaped)
-            os.write(write_end, json.dumps([result.exit_code, result.stderr, leaked]).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"the child running as nobody failed (wait status {status})"
-    code, stderr, leaked = json.loads(data)
+
+    def invoke() -> list[object]:
+        result = CliRunner().invoke(cli, ["--consul", "http://127.0.0.1:1", *args])
+        escaped = result.exception
+        leaked = "" if escaped is None or isinstance(escaped, SystemExit) else repr(escaped)
+        return [result.exit_code, result.stderr, leaked]
+
+    code, stderr, leaked = run_as_nobody(invoke)
     return int(code), str(stderr), str(leaked)
 
 

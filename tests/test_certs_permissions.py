@@ -12,13 +12,11 @@ bootstrap's error says why a certificate was needed, and the Consul token that c
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pwd
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,11 +33,10 @@ from hostmesh.registry import acl
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from tests.consul_secure import SecureConsulDev
-from tests.support import ConsulDev
+from tests.support import NOBODY, ConsulDev, run_as_nobody, tmp_dir_others_can_enter
 
 pytestmark = [pytest.mark.consul]
 
-NOBODY = 65534
 WAIT = 30.0  # an agent's failed start (its certificate helper included) ends well within this
 FILES = ("key", "chain", "roots", "token")
 
@@ -102,35 +99,17 @@ def prepare_as_nobody(cfg: AgentConfig) -> tuple[str, str]:
     nobody cannot go (a pyenv under /root); every module it needs was loaded by `prepare_as_root`."""
     consul = ConsulClient(cfg.consul_settings())
     cm = CertManager.from_config(cfg, consul)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 1
+
+    async def start() -> list[str]:
         try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-
-            async def run() -> list[str]:
-                try:
-                    await cm.prepare()
-                    return ["", ""]
-                except Exception as exc:
-                    return [type(exc).__name__, str(exc)]
-                finally:
-                    await consul.close()
-
-            os.write(write_end, json.dumps(asyncio.run(run())).encode())
-            status = 0
+            await cm.prepare()
+            return ["", ""]
+        except Exception as exc:
+            return [type(exc).__name__, str(exc)]
         finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"the child running as nobody failed (wait status {status})"
-    kind, message = json.loads(data)
+            await consul.close()
+
+    kind, message = run_as_nobody(lambda: asyncio.run(start()))
     return str(kind), str(message)
 
 
@@ -139,15 +118,8 @@ def prepare_as_nobody(cfg: AgentConfig) -> tuple[str, str]:
 
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
-    """A directory nobody can enter (pytest's tmp_path is 0700 root)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the cert manager runs as another uid (nobody) to meet a refusal")
-    d = Path(tempfile.mkdtemp(prefix="hm-cert-perm-"))
-    os.chmod(d, 0o711)
-    try:
+    with tmp_dir_others_can_enter("hm-cert-perm-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("which", FILES)
