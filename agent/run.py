@@ -300,7 +300,7 @@ class Agent:
             self._release_startup_memory()
         self.ready = True
         # STATUS replaces "obtaining certificates", which `systemctl status` showed until the next one
-        sdnotify.ready(f"serving {len(cfg.services)} service(s)")
+        sdnotify.ready(self._serving())
         watchdog = sdnotify.start_watchdog()
         if watchdog is not None:
             self._tasks.append(watchdog)
@@ -688,13 +688,18 @@ class Agent:
         async with self._reloading:  # one at a time: a second SIGHUP waits for the first's sockets
             await self._reload(path)
 
+    @staticmethod
+    def _refuse_reload(why: str) -> None:
+        """A reload that changes nothing: one line why, and systemd told the reload is over."""
+        log.error("reload refused, keeping the running config: %s", why)
+        sdnotify.ready(f"serving the previous config; reload refused: {why}")
+
     async def _reload(self, path: Path) -> None:
         sdnotify.reloading()
         try:
             new = load_config(path)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
-            sdnotify.ready(f"serving the previous config; reload refused: {exc}")
+            self._refuse_reload(str(exc))
             return
         old = self.config
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
@@ -710,8 +715,7 @@ class Agent:
         try:
             started = await self._start_added_outbound(new)
         except OSError as exc:
-            log.error("reload refused, keeping the running config: %s", exc.strerror)
-            sdnotify.ready(f"serving the previous config; reload refused: {exc.strerror}")
+            self._refuse_reload(exc.strerror or str(exc))
             return
         self.config = new
         if self.admin is not None:  # /health/<service>, Consul's check, probes the new port and path

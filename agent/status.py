@@ -88,15 +88,10 @@ def admin_connect_host(host: str, port: int, option: str = "--agent") -> str:
     """The address to connect to for the admin API at `host`: a DNS name resolved to its first IP
     address, so that the request's Host names an IP (the admin API answers no other Host but
     localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve."""
-    import ipaddress
+    from hostmesh.registry.http import addressed_locally
 
-    if host.lower() == "localhost":
+    if addressed_locally(host):  # an IP address or localhost already
         return host
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
