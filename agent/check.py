@@ -18,7 +18,7 @@ import click
 
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError
-from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, is_hostmesh
+from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, PROTOCOL_META, is_hostmesh
 
 if TYPE_CHECKING:
     from hostmesh.registry.analysis import Catalog, Finding
@@ -493,7 +493,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
     async with ConsulClient(settings) as consul:
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
-    protocols = {i.meta.get("protocol", "") for i in instances if is_hostmesh(i.meta)}
+    protocols = {i.meta.get(PROTOCOL_META, "") for i in instances if is_hostmesh(i.meta)}
     protocol = "tcp" if protocols == {"tcp"} else "http" if protocols == {"http"} else ""
     if entry is None:
         return None, protocol

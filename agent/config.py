@@ -23,7 +23,14 @@ from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
 from hostmesh.registry.errors import InvalidSettings
-from hostmesh.registry.layout import CONSUL_META_VALUE_MAX, GATEWAY_KIND_META, HOSTMESH_META, UPSTREAMS_META
+from hostmesh.registry.layout import (
+    CONSUL_META_VALUE_MAX,
+    GATEWAY_KIND_META,
+    HOSTMESH_META,
+    METRICS_META,
+    PROTOCOL_META,
+    UPSTREAMS_META,
+)
 from hostmesh.registry.names import port_number
 from hostmesh.registry.records import record
 
@@ -404,7 +411,7 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
 CONSUL_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CONSUL_META_PAIRS_MAX = 64
 # what the agent registers itself (agent/run.py `_registration`)
-AGENT_META = (HOSTMESH_META, "protocol", "metrics_addr", UPSTREAMS_META)
+AGENT_META = (HOSTMESH_META, PROTOCOL_META, METRICS_META, UPSTREAMS_META)
 
 
 def _check_meta(meta: dict[str, str], path: str) -> None:

@@ -59,7 +59,13 @@ from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_serve
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.http import HTTPServer, Request, Response
-from hostmesh.registry.layout import HOSTMESH_META, HOSTMESH_META_VALUE, upstreams_meta
+from hostmesh.registry.layout import (
+    HOSTMESH_META,
+    HOSTMESH_META_VALUE,
+    METRICS_META,
+    PROTOCOL_META,
+    upstreams_meta,
+)
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.watch import backoff_delay
 
@@ -560,7 +566,7 @@ class Agent:
             port=self.inbound.port,
             meta={
                 HOSTMESH_META: HOSTMESH_META_VALUE,
-                "protocol": svc.protocol,
+                PROTOCOL_META: svc.protocol,
                 **self._metrics_meta(),
                 **upstreams_meta(u.service for u in svc.upstreams),
                 **svc.meta,
@@ -585,11 +591,11 @@ class Agent:
         )
 
     def _metrics_meta(self) -> dict[str, str]:
-        """`metrics_addr` = host:port of /metrics, for Prometheus' consul_sd_configs (observability/)."""
+        """The metrics meta = host:port of /metrics, for Prometheus' consul_sd_configs (observability/)."""
         from hostmesh.agent.observe import metrics_addr
 
         addr = metrics_addr(self.config, self._servers)
-        return {"metrics_addr": addr} if addr else {}
+        return {METRICS_META: addr} if addr else {}
 
     async def _register(self, svc: ServiceConfig, why: str) -> None:
         """Register one service. Consul refusing it (the token, or a registration it finds invalid)

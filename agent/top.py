@@ -19,7 +19,7 @@ from hostmesh.agent import meshstats
 from hostmesh.agent.status import printable
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.layout import is_hostmesh
+from hostmesh.registry.layout import METRICS_META, METRICS_SCHEME_META, PROTOCOL_META, is_hostmesh
 
 if TYPE_CHECKING:
     from hostmesh.registry.consul import ConsulClient
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 # completion need none of them).
 
 DEFAULT_METRICS_PORT = 15090  # an agent's default `metrics` port (docs/reference/agent-toml.md)
-METRICS_META = "metrics_addr"  # the meta key agents advertise their metrics address under
-METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd
 MESSAGE_LIMIT = 1000  # characters of an error message printed (printable(): one line, no control bytes)
@@ -66,7 +64,7 @@ async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> lis
 
     instances, _ = await catalog_health(consul)
     for i in instances:
-        if not is_hostmesh(i.meta) or "protocol" not in i.meta:
+        if not is_hostmesh(i.meta) or PROTOCOL_META not in i.meta:
             continue  # not served by an agent (the CA registers as hostmesh=1 too)
         url = metrics_url(i.meta, i.address, port)
         node = i.id.removeprefix(f"{i.service}-")  # the agent's node name (IDs are <service>-<node>)

@@ -95,7 +95,13 @@ from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
-from hostmesh.registry.layout import CA_SERVICE_NAME, HOSTMESH_META, HOSTMESH_META_VALUE
+from hostmesh.registry.layout import (
+    CA_SERVICE_NAME,
+    HOSTMESH_META,
+    HOSTMESH_META_VALUE,
+    METRICS_META,
+    METRICS_SCHEME_META,
+)
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
@@ -682,7 +688,7 @@ class CAService:
         }
         meta = {HOSTMESH_META: HOSTMESH_META_VALUE, "trust_domain": self.authority.trust_domain,
                 # /metrics is on the API port (HTTPS): for Prometheus' consul_sd_configs (observability/)
-                "metrics_addr": f"{self.advertise}:{port}", "metrics_scheme": "https"}  # fmt: skip
+                METRICS_META: f"{self.advertise}:{port}", METRICS_SCHEME_META: "https"}  # fmt: skip
         return ServiceRegistration(CA_SERVICE_NAME, self.service_id, self.advertise, port, meta, (), (check,))
 
     # --- API ----------------------------------------------------------------------------------

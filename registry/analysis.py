@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hostmesh.registry.layout import COMMAND, UPSTREAMS_META, is_hostmesh
+from hostmesh.registry.layout import COMMAND, PROTOCOL_META, UPSTREAMS_META, is_hostmesh
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -66,7 +66,7 @@ class Instance:
 
     @property
     def protocol(self) -> str:
-        return self.meta.get("protocol", "")
+        return self.meta.get(PROTOCOL_META, "")
 
     @property
     def upstreams(self) -> frozenset[str] | None:

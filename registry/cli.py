@@ -32,7 +32,15 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
-from hostmesh.registry.layout import COMMAND, MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, is_hostmesh
+from hostmesh.registry.layout import (
+    COMMAND,
+    MAX_NESTING,
+    NOMAD_MAPPING_KIND,
+    NOMAD_MAPPING_NAME,
+    PROTOCOL_META,
+    SUBSET_META,
+    is_hostmesh,
+)
 from hostmesh.registry.layout import GATEWAY_KIND_META as KIND_META
 
 if TYPE_CHECKING:
@@ -912,9 +920,9 @@ def services(ctx: click.Context, fmt: str | None) -> None:
                     "node": inst.node,
                     "address": f"{inst.address}:{inst.port}",
                     "health": inst.status,
-                    "protocol": inst.meta.get("protocol", ""),
+                    "protocol": inst.meta.get(PROTOCOL_META, ""),
                     "kind": inst.meta.get(KIND_META, ""),
-                    "version": inst.meta.get("version", ""),
+                    "version": inst.meta.get(SUBSET_META, ""),
                     "zone": inst.meta.get("zone", ""),
                     "meta": inst.meta,
                 }

@@ -47,7 +47,7 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
-from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META
+from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META, PROTOCOL_META
 from hostmesh.registry.schema import (
     KINDS,
     NOMAD_MAPPING_KIND,
@@ -405,7 +405,7 @@ class DocumentStore:
             return None
         if any(i.meta.get(GATEWAY_KIND_META) for i in instances):
             return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
-        return "http" if any(i.meta.get("protocol") == "http" for i in instances) else "tcp"
+        return "http" if any(i.meta.get(PROTOCOL_META) == "http" for i in instances) else "tcp"
 
     async def _check_others_fit_tcp(self, service: str, pending: Pending | None) -> None:
         """A route document turning `service` tcp is refused while its policy or intentions

@@ -42,6 +42,10 @@ def is_hostmesh(meta: Mapping[str, object]) -> bool:
 
 
 UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
+PROTOCOL_META = "protocol"  # what the service speaks (http or tcp), as its agent registers it
+METRICS_META = "metrics_addr"  # host:port (or a URL) of the registering process's /metrics
+METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
+SUBSET_META = "version"  # the operator's meta naming the subset an instance belongs to
 CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
 
 

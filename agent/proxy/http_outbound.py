@@ -108,6 +108,7 @@ from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
+from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -206,7 +207,7 @@ class Cluster:
         zkey = lb.zone_key(policy)
         eps: tuple[lb.Endpoint, ...] = tuple(
             lb.Endpoint(
-                e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta, e.meta.get("version", "")
+                e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta, e.meta.get(SUBSET_META, "")
             )
             for e in self.src_endpoints
         )
@@ -525,7 +526,7 @@ class HttpOutbound:
         if rc is not None:
             answer = rc.protocol == "http"
         elif eps:
-            answer = any(e.meta.get("protocol") == "http" for e in eps)
+            answer = any(e.meta.get(PROTOCOL_META) == "http" for e in eps)
         elif self.declared is not None:
             answer = self.declared == "http"
         else:  # no instance to ask: an HTTP upstream stays HTTP (503 UH from _begin, not a reset)

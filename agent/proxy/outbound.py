@@ -39,6 +39,7 @@ from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, Poo
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 
 log = logging.getLogger("hostmesh.proxy.outbound")
@@ -256,7 +257,7 @@ class OutboundListener(ListenerLifecycle):
 
     def _attach(self, end: _Downstream, conn: MeshClient, ep: Endpoint) -> None:
         key = (ep.address, ep.port)
-        subset = ep.meta.get("version", "")
+        subset = ep.meta.get(SUBSET_META, "")
         series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset)
         series.opened.inc()
         pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, subset))
@@ -309,7 +310,7 @@ class OutboundListener(ListenerLifecycle):
             key = (ep.address, ep.port)
             endpoints.append({
                 "instance_id": ep.instance_id, "node": ep.node, "address": f"{ep.address}:{ep.port}",
-                "zone": ep.zone, "subset": ep.meta.get("version", ""), "active_connections":
+                "zone": ep.zone, "subset": ep.meta.get(SUBSET_META, ""), "active_connections":
                 self._active.get(key, 0), "connect_failures": self._failures.get(key, 0),
                 "pool_idle": self.pool.idle_count(key),
             })  # fmt: skip

@@ -29,6 +29,7 @@ from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.tls import HTTP_ALPN
+from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 
 
 class LazyHttpOutbound:
@@ -50,7 +51,7 @@ class LazyHttpOutbound:
             if (
                 self.service not in snap.routes
                 and self._kwargs.get("protocol") != "http"
-                and not any(e.meta.get("protocol") == "http" for e in snap.endpoints.get(self.service, ()))
+                and not any(e.meta.get(PROTOCOL_META) == "http" for e in snap.endpoints.get(self.service, ()))
             ):
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
@@ -179,14 +180,14 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
     services = cfg.services
     if listener.http is not None:  # a reload: new connections and streams take the new settings
         http = listener.http
-        http.subsets = {s.name: s.meta.get("version", "") for s in services}
+        http.subsets = {s.name: s.meta.get(SUBSET_META, "") for s in services}
         http.header_timeout, http.body_idle_timeout, http.body_min_rate = (
             cfg.http.header_read_timeout, cfg.http.body_idle_timeout, cfg.http.body_min_rate)  # fmt: skip
     if listener.http is None and any(s.protocol == "http" for s in services):
         from hostmesh.agent.proxy.http_inbound import HttpInbound
 
         listener.http = HttpInbound(
-            holder, telemetry, {s.name: s.meta.get("version", "") for s in services},
+            holder, telemetry, {s.name: s.meta.get(SUBSET_META, "") for s in services},
             header_timeout=cfg.http.header_read_timeout, body_idle_timeout=cfg.http.body_idle_timeout,
             body_min_rate=cfg.http.body_min_rate, tracer=tracer, stream_idle_timeout=cfg.stream_idle_timeout,
         )  # fmt: skip
