@@ -66,7 +66,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import MappingProxyType
 from typing import Any
 
@@ -351,6 +351,34 @@ class SnapshotBuilder:
                 self._intentions_to(name, IntentionsState.UNREAD, NOT_READ_YET)
         self._mark()
 
+    def forget(self, kinds: Iterable[str], followed: set[tuple[str, str]]) -> None:
+        """Drop the state of `kinds` ("endpoints", or a document kind) for every name that is not
+        `followed` ((kind, name) pairs), with its Consul index: what a reload stopped following."""
+        b = self
+        stores: dict[str, tuple[dict[str, Any], ...]] = {
+            "endpoints": (b.endpoints,),
+            "routes": (b.routes, b.raw_routes),
+            "policies": (b.policies, b.raw_policies),
+            "intentions": (b.intentions, b.raw_intentions, b.intentions_state, b.intentions_reason),
+            "gateways": (b.gateways, b.raw_gateways),
+            "external": (b.externals, b.raw_externals),
+            "external-intentions": (b.external_intentions,),
+        }
+        kinds = set(kinds)
+        gone = False
+        for kind in kinds:
+            for store in stores[kind]:
+                for name in [n for n in store if (kind, n) not in followed]:
+                    del store[name]
+                    gone = True
+        for key in list(self.versions):
+            kind, _, name = key.partition("/")
+            if kind in kinds and (kind, name) not in followed:
+                del self.versions[key]
+                gone = True
+        if gone:
+            self._mark()
+
     def tls_changed(self) -> None:
         self._tls = self._tls_factory()
         self._mark()
@@ -592,7 +620,9 @@ class EndpointTable:
         return out
 
     def forget(self, upstream: str) -> None:
-        """No longer followed: its instances and any panic state go."""
+        """No longer followed: its instances and any panic state go (followed again, it is published
+        afresh, even with no instance)."""
+        self.current.pop(upstream, None)
         for e in self.members.pop(upstream, ()):
             self._held.pop((e.node, e.instance_id), None)
         self.panicking.discard(upstream)
@@ -705,6 +735,13 @@ class Discovery:
             self._table.forget(name)
             self._service_index.pop(name, None)
             self._read_after.pop(name, None)
+        # externals are left to _forget_externals: which go via a local egress gateway is known only
+        # once the documents are read (before that, the saved ones serve)
+        followed = self._documents()
+        kinds = ("endpoints", "routes", "policies", "intentions", "gateways")
+        self._builder.forget(kinds, {*followed.values(), *(("endpoints", name) for name in upstreams)})
+        for key in [k for k in self._doc_index if k not in followed]:
+            del self._doc_index[key]  # followed again later: read afresh
         self.watches = {
             "documents": Watch(
                 "documents",
@@ -795,10 +832,10 @@ class Discovery:
         are dropped with their intentions: a gateway never originates for a document it stopped reading."""
         b = self._builder
         for name in [n for n in {*b.externals, *b.external_intentions} if n not in followed]:
-            b.set_external(name, 0, None)
-            b.set_external_intentions(name, 0, LookupError("no longer followed"))
             self._doc_index.pop(f"{EXTERNAL_PREFIX}{name}", None)
             self._doc_index.pop(f"{INTENTIONS_PREFIX}{name}", None)
+        kinds = ("external", "external-intentions")
+        b.forget(kinds, {(kind, name) for kind in kinds for name in followed})
 
     def _follow_new_upstreams(self) -> None:
         """A document named services this agent did not follow yet (a gateway's targets, an external's

@@ -129,8 +129,11 @@ def health_families() -> list[Family]:
 
 
 def refresh_health(agent: Any) -> None:
-    """Set the health gauges from `agent`'s state (agent/run.py's Agent)."""
+    """Set the health gauges from `agent`'s state (agent/run.py's Agent). The labelled ones are
+    cleared first, so a service or upstream that a reload removed leaves no stale series."""
     t = agent.telemetry
+    for gauge in (t.cert_renewal_failing, t.active_connections, t.ejected, t.healthy_endpoints):
+        gauge.clear()
     discovery = getattr(agent, "discovery", None)
     t.consul_sync.set(1.0 if discovery is not None and discovery.healthy else 0.0)
     t.consul_registered.set(1.0 if agent.registered else 0.0)

@@ -531,6 +531,7 @@ class Agent:
         self.certs.reload()  # calls _on_certs_changed (subscribed) after re-reading the bundle
 
     def _publish_cert_expiry(self) -> None:
+        self.telemetry.cert_expiry.clear()  # a service a reload removed leaves no series
         for info in self.certs.infos():
             self.telemetry.cert_expiry.labels(service=info.service).set(info.not_after.timestamp())
 
@@ -539,6 +540,7 @@ class Agent:
 
     def _on_applied(self, snap: Snapshot, seconds: float) -> None:
         self.telemetry.config_version.set(snap.generation)
+        self.telemetry.config_source_index.clear()  # a document no longer followed leaves no series
         for source, index in snap.versions.items():  # what `hostmesh ui` compares with Consul's indexes
             if source.partition("/")[0] in DOCUMENT_KINDS:
                 self.telemetry.config_source_index.labels(source=source).set(index)

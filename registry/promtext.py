@@ -112,6 +112,10 @@ class _Metric:
             child = self._children[key] = self._new()
         return child
 
+    def clear(self) -> None:
+        """Forget every child: for series set afresh from the current state (gone things then vanish)."""
+        self._children.clear()
+
     def _only(self) -> Any:
         if self.labelnames:
             raise ValueError(f"{self.name} has labels: use .labels(...)")

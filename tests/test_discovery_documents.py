@@ -154,3 +154,61 @@ async def test_a_watch_outlives_an_error_that_is_no_registry_error() -> None:
     assert watch.healthy
     await watch.stop()
     await asyncio.sleep(0)
+
+
+async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_when_added_back(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """After a reload without an upstream, its instances, routes, policy and their Consul indexes
+    are gone from the snapshot (what /v1/config shows); a reload that adds it back reads them again."""
+    name = f"drop-{secrets.token_hex(3)}"
+    kept, dropped = f"{name}-kept", f"{name}-dropped"
+
+    def config(*upstreams: str) -> Any:
+        ups = [{"service": u, "bind": f"127.0.0.1:{i}"} for i, u in enumerate(upstreams, 1)]
+        raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "data_dir": str(tmp_path),
+               "services": [{"name": name, "port": 8080, "upstreams": ups}]}  # fmt: skip
+        return parse_config(raw)
+
+    for i, svc in enumerate((kept, dropped)):
+        consul.put_json("/v1/catalog/register", {  # loopback addresses nothing listens on
+            "Node": f"{name}-node", "Address": "127.64.0.9", "Service": {"ID": f"{svc}-1", "Service": svc,
+            "Port": 9000 + i, "Meta": {"hostmesh": "1"}}})  # fmt: skip
+        consul.kv_put(f"hostmesh/routes/{svc}", json.dumps({"service": svc, "routes": []}))
+        consul.kv_put(f"hostmesh/policies/{svc}", json.dumps({"service": svc, "load_balancer": {
+            "type": "round_robin"}}))  # fmt: skip
+
+    def follows(svc: str) -> bool:
+        snap = builder.holder.current
+        return bool(snap.endpoints.get(svc)) and svc in snap.routes and svc in snap.policies
+
+    builder = SnapshotBuilder(config(kept, dropped), lambda: TLSMaterial(1, "", {}, {}))
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            await async_wait_until(lambda: follows(kept) and follows(dropped), SEEN_TIMEOUT, "both read")
+
+            async def reload(*upstreams: str) -> None:
+                builder.reconfigure(config(*upstreams))
+                for stale in discovery.sync_watches():
+                    await stale.stop()
+
+            await reload(kept)
+            # the instances go at the reload, the externals' documents at the next documents round
+            await async_wait_until(lambda: not [k for k in builder.holder.current.versions if dropped in k],
+                                   SEEN_TIMEOUT, "the dropped upstream forgotten")  # fmt: skip
+            snap = builder.holder.current
+            assert dropped not in snap.endpoints
+            assert dropped not in snap.routes and dropped not in snap.policies
+            assert follows(kept)
+
+            await reload(kept, dropped)
+            await async_wait_until(lambda: follows(dropped), SEEN_TIMEOUT, "the upstream read again")
+            assert [e.port for e in builder.holder.current.endpoints[dropped]] == [9001]
+        finally:
+            await discovery.stop()
+            consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-node"})
+            for svc in (kept, dropped):
+                consul.kv_delete(f"hostmesh/routes/{svc}")
+                consul.kv_delete(f"hostmesh/policies/{svc}")

@@ -296,6 +296,7 @@ def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHos
     bind = a.binds["api"]
     text = a.config_path.read_text()
     assert text.count('service = "api"\n') == 1
+    assert 'upstream="api"' in a.metrics()  # scraped: its gauges are set
     a.config_path.write_text(text.replace('service = "api"\n', 'service = "api2"\n'))
     a.proc.popen.send_signal(signal.SIGHUP)
     wait_for(lambda: "reloaded" in a.proc.log() or "reload refused" in a.proc.log(), 10.0, "the reload")
@@ -303,3 +304,9 @@ def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHos
     _, clusters = a.get("/v1/clusters")
     assert [(u["upstream"], u["bind"]) for u in clusters["upstreams"]] == [("api2", f"127.0.0.1:{bind}")]
     assert listening(bind)
+    # nothing of `api` is left to mislead: no instances or Consul index in the config view, and no
+    # gauge series (its healthy instances would read as current)
+    wait_for(lambda: "api" not in a.get("/v1/config")[1]["endpoints"], 10.0, "api's instances forgotten")
+    _, config = a.get("/v1/config")
+    assert [k for k in config["consul_indexes"] if k.endswith("/api")] == []
+    assert 'upstream="api"' not in a.metrics() and 'listener="web->api"' not in a.metrics()

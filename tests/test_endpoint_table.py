@@ -108,6 +108,17 @@ def test_an_upstream_no_longer_followed_leaves_no_grace_pending() -> None:
     assert t.grace_left() is None
 
 
+def test_an_upstream_followed_again_is_published_afresh_even_with_no_instance() -> None:
+    """A reload drops the upstream from the snapshot; one adding it back must publish it again, or
+    the snapshot would lack it for good (an upstream with no instance was never published anew)."""
+    t = EndpointTable(GRACE, Clock())
+    t.set_members(UP, [])
+    assert t.changed() == {UP: ()}
+    t.forget(UP)
+    t.set_members(UP, [])
+    assert t.changed() == {UP: ()}
+
+
 def instances(*nodes: str) -> list[CatalogInstance]:
     return [CatalogInstance(f"shop-{n}", n, "127.64.0.9", 15001, {"hostmesh": "1"}) for n in nodes]
 
