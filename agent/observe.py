@@ -160,7 +160,9 @@ def agent_exposition(agent: Any) -> bytes:
 
 def metrics_addr(config: Any, servers: list[Any]) -> str:
     """host:port where Prometheus reaches /metrics: the bound port (an ephemeral one once bound), the
-    mesh address when bound to a wildcard; "" without a metrics listener."""
+    mesh address when bound to a wildcard; "" without a metrics listener, and "" for a loopback one
+    on a host whose mesh address is not loopback: advertised, Prometheus or `hostmesh top` on another
+    host would scrape their own host's 127.0.0.1 and show its numbers under this agent's name."""
     if config.metrics is None:
         return ""
     port = config.metrics.port
@@ -169,8 +171,11 @@ def metrics_addr(config: Any, servers: list[Any]) -> str:
             port = server.port
     host = config.metrics.host
     try:
-        if ipaddress.ip_address(host).is_unspecified:
+        ip = ipaddress.ip_address(host)
+        if ip.is_unspecified:
             host = config.mesh_address
+        elif ip.is_loopback and not ipaddress.ip_address(config.mesh_address).is_loopback:
+            return ""
     except ValueError:
         pass
     if ":" in host:

@@ -52,7 +52,12 @@ AGENT_KEYS: tuple[Key, ...] = (
     Key("inbound", "host:port", C.DEFAULT_INBOUND, "The mTLS listener other agents connect to."),
     Key("admin", "host:port", C.DEFAULT_ADMIN, "Admin API (`/ready`, `/v1/config`, …); keep it on loopback."),
     Key(
-        "metrics", "host:port or off", C.DEFAULT_METRICS, 'Prometheus `/metrics`; `off` or `""` disables it.'
+        "metrics",
+        "host:port or off",
+        C.DEFAULT_METRICS,
+        'Prometheus `/metrics`; `off` or `""` disables it. Advertised in Consul meta as `metrics_addr` (a '
+        "wildcard as the mesh address); a loopback address is not advertised unless `mesh_address` is "
+        "loopback too (other hosts would scrape their own).",
     ),
     Key("trust_domain", "DNS name", DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain; must match the CA's."),
     Key(

@@ -275,6 +275,10 @@ class Agent:
             )
         for server in self._servers:
             await server.start()
+        if cfg.metrics is not None and not self._metrics_meta():
+            log.warning("metrics listen on %s only, which is not advertised in Consul: Prometheus and "
+                        "`hostmesh top` elsewhere cannot reach them (bind `metrics` to the mesh address, "
+                        "or 0.0.0.0, to be scraped from other hosts)", cfg.metrics)  # fmt: skip
         if checking:
             self._tasks.append(asyncio.create_task(self._release_startup_memory_later(), name="trim"))
         if cfg.admin.port == 0:  # an ephemeral admin port (a Nomad allocation without one): use the bound one

@@ -351,3 +351,23 @@ def test_a_b3_context_without_a_decision_leaves_it_to_the_rate() -> None:
     span = always.start("web", "", tracing.KIND_CLIENT, ids)
     assert span is not None and span.trace_id.hex() == TID and span.parent.hex() == SID  # the trace joined
     assert always.start("web", "", tracing.KIND_CLIENT, [(b"b3", b"0")]) is None
+
+
+@pytest.mark.parametrize(
+    "mesh, metrics, advertised",
+    [
+        ("198.18.0.5", "0.0.0.0:15090", "198.18.0.5:15090"),  # the default: the mesh address
+        ("198.18.0.5", "198.18.0.5:9100", "198.18.0.5:9100"),
+        ("127.0.0.1", "127.0.0.1:15090", "127.0.0.1:15090"),  # a one-host mesh: reachable as is
+        ("198.18.0.5", "127.0.0.1:15090", ""),  # elsewhere 127.0.0.1 is another host's agent
+        ("198.18.0.5", "[::1]:15090", ""),
+    ],
+)
+def test_the_metrics_address_advertised_is_one_other_hosts_reach_this_agent_at(
+    mesh: str, metrics: str, advertised: str
+) -> None:
+    from hostmesh.agent.observe import metrics_addr
+
+    raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "mesh_address": mesh, "metrics": metrics}
+    cfg = parse_config({**raw, "services": [{"name": "web", "port": 8080}]})
+    assert metrics_addr(cfg, []) == advertised
