@@ -185,12 +185,18 @@ ROUTE = Kind(
         Field(
             "routes[].timeout",
             "duration",
-            "Time for the whole exchange, retries included, to the "
-            "response's last byte; then 504 `UT`, or once the response began, a reset (flag `UT`). "
+            "Time for the whole exchange, from the request's head (the client's upload counts), retries "
+            "included, to the response's last byte; then 504 `UT`, or once the response began, a reset "
+            "(flag `UT`). "
             "Unset: none, but an exchange in which nothing moves ends after the agent's "
             "`stream_idle_timeout`.",
         ),
-        Field("routes[].retries", "object", "Retry policy."),
+        Field(
+            "routes[].retries",
+            "object",
+            "Retry policy. A retry goes to an instance the request has not tried while there is one "
+            "(a consistent hash: the ring's next owner).",
+        ),
         Field(
             "routes[].retries.attempts",
             "integer",
@@ -199,7 +205,12 @@ ROUTE = Kind(
             minimum=0,
             maximum=MAX_RETRY_ATTEMPTS,
         ),
-        Field("routes[].retries.per_try_timeout", "duration", "Time for each try; at most `timeout`."),
+        Field(
+            "routes[].retries.per_try_timeout",
+            "duration",
+            "Time for each try to get the response's head; at most `timeout`. Once the head is there "
+            "the body is bounded by `timeout` (else `stream_idle_timeout`), as in Envoy.",
+        ),
         Field(
             "routes[].retries.on",
             "list",
@@ -280,7 +291,9 @@ POLICY = Kind(
     "policies",
     "Policy document",
     "How callers treat the instances of a service: load balancing, limits, outlier ejection, a local "
-    "rate limit, zone preference. Stored at `hostmesh/policies/<service>`; applies to HTTP calls.",
+    "rate limit, zone preference. Stored at `hostmesh/policies/<service>`; applies to HTTP calls. An "
+    "edit keeps the ejections while `outlier_detection` is unchanged, and the limits count the "
+    "requests and connections in flight across it.",
     (
         *_common("whose callers apply this policy"),
         Field("load_balancer", "object", "How a caller picks an instance.", default="round_robin"),
@@ -342,19 +355,22 @@ POLICY = Kind(
         Field(
             "outlier_detection.interval",
             "duration",
-            "How often ejections are re-evaluated.",
+            "How fast repeated ejections are forgiven: each interval an instance spends back in "
+            "service takes one off the multiplier of its next ejection. (An ejection ends when its "
+            "time is up, not on this clock.)",
             default=format_duration(DEFAULT_OUTLIER_INTERVAL),
         ),
         Field(
             "outlier_detection.base_ejection_time",
             "duration",
-            "The first ejection; the n-th lasts n times this.",
+            "The first ejection; the n-th lasts n times this, at most 300 s (or this, if longer).",
             default=format_duration(DEFAULT_BASE_EJECTION),
         ),
         Field(
             "outlier_detection.max_ejection_percent",
             "percent",
-            "Never eject more than this share of the instances.",
+            "Never eject more than this share of the instances; above 0, one instance may always be "
+            "ejected when none is; 0 ejects none (errors are still counted).",
             default=f"{DEFAULT_MAX_EJECTION_PERCENT:g}",
         ),
         Field(

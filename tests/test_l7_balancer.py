@@ -268,3 +268,29 @@ def test_from_policy_document() -> None:
         {"service": "api", "load_balancer": {"type": "consistent_hash", "hash_on": {"source_ip": True}}}
     )
     assert hash_spec(src) == (HASH_SOURCE, b"")
+
+
+@pytest.mark.parametrize("policy", [ROUND_ROBIN, LEAST_REQUEST, LEAST_CONNECTIONS, RANDOM, CONSISTENT_HASH])
+def test_a_retry_picks_an_instance_not_tried_while_there_is_one(policy: str) -> None:
+    b = Balancer(eps(3), policy, random.Random(3))
+    for i in range(50):
+        key = f"user-{i}".encode()
+        first = b.pick(key)
+        assert first is not None
+        second = b.pick_other(key, {first.key})
+        assert second is not None and second.key != first.key
+        third = b.pick_other(key, {first.key, second.key})
+        assert third is not None and third.key not in (first.key, second.key)
+        assert b.pick_other(key, {e.key for e in b.endpoints}) is not None  # all tried: any
+
+
+def test_a_hashed_retry_goes_to_the_rings_next_owner_and_a_local_zone_spills_over_once_tried() -> None:
+    b = Balancer(eps(4), CONSISTENT_HASH, random.Random(4))
+    key = b"user-7"
+    first = b.pick(key)
+    assert first is not None
+    assert b.pick_other(key, {first.key}) == b.pick_other(key, {first.key})  # the same next owner
+    local = Balancer(eps(4, zones="ab"), ROUND_ROBIN, random.Random(5), local_zone="a")  # api-0, api-2 in a
+    tried = {"api-0"}
+    assert local.pick_other(None, tried).key == "api-2"  # type: ignore[union-attr]
+    assert local.pick_other(None, {"api-0", "api-2"}).zone == "b"  # type: ignore[union-attr]

@@ -96,6 +96,14 @@ def test_max_ejection_percent_caps_but_one_is_always_allowed() -> None:
     assert [d.report(k, 503, 0.0) for k in KEYS[:5]] == [True, True, True, False, False]
 
 
+def test_max_ejection_percent_zero_ejects_none() -> None:
+    """0 turns ejection off (the errors are still counted): the one-instance floor is for shares
+    too small to eject one, not for an operator who said none (Envoy >= 1.31 alike)."""
+    d = detector(consecutive_5xx=1, max_ejection_percent=0.0)
+    assert [d.report(k, 503, 0.0) for k in KEYS[:3]] == [False, False, False]
+    assert d.ejected(0.0) == set()
+
+
 def test_ejected_host_returns_and_another_can_be_ejected() -> None:
     d = detector(consecutive_5xx=1, max_ejection_percent=10.0, base_ejection_time=5.0)
     d.report("api-0", 503, 0.0)

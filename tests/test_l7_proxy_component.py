@@ -1331,3 +1331,70 @@ async def test_the_route_timeout_covers_a_response_body_that_stalls(mesh: Mesh) 
     assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"half.")
     await async_wait_until(lambda: app.closed >= 1, timeout=IO_TIMEOUT)
     assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_flags="UT") == 1
+
+
+async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_flight(mesh: Mesh) -> None:
+    """Editing a policy (here its rate limit) is no reset: an instance outlier detection ejected
+    stays ejected while outlier_detection is unchanged, and requests in flight still count against
+    max_requests (before, the edit brought the ejected instance back at once and admitted a second
+    full set of requests)."""
+    doc: dict[str, Any] = {
+        "service": "api",
+        "connection_limits": {"max_requests": 1},
+        "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 50},
+    }
+    mesh.set_a(policies={"api": parse_policy(doc)})
+    mesh.apps[0].mode = "fail"
+    call = functools.partial(one_call, mesh)
+    for i in range(8):  # round robin: api-0 answers one of the first two
+        await asyncio.to_thread(call, f"/eject-{i}")
+        if mesh.http_out.stats()["ejected"]:
+            break
+    assert mesh.http_out.stats()["ejected"] == ["api-0"]
+
+    hits = mesh.apps[1].hits
+    held = asyncio.ensure_future(asyncio.to_thread(call, "/delay/1500"))
+    await async_wait_until(lambda: mesh.apps[1].hits == hits + 1, what="one request in flight")
+    mesh.set_a(policies={"api": parse_policy({**doc, "rate_limit": {"requests_per_second": 1000}})})
+    second = await asyncio.to_thread(call, "/second")
+    assert (second.status, second.flags) == (503, "UO")  # max_requests 1: the one in flight counts
+    assert (await held).status == 200
+    assert mesh.http_out.stats()["ejected"] == ["api-0"]
+
+
+async def test_a_retry_goes_to_an_instance_the_request_has_not_tried(mesh: Mesh) -> None:
+    """With consistent_hash, a request whose key lands on a failing instance is retried on the other
+    one (the ring's next owner), not on the same instance again (Istio's default)."""
+    hashed = {"service": "api", "load_balancer": {"type": "consistent_hash", "hash_on": {"header": "x-user"}}}
+    retried = {
+        "service": "api",
+        "routes": [{"to": [{"weight": 100}], "retries": {"attempts": 1, "on": ["5xx"]}}],
+    }
+    mesh.set_a(policies={"api": parse_policy(hashed)}, routes={"api": route_config(retried)})
+    mesh.apps[0].mode = "fail"
+
+    def as_user(user: str) -> Any:
+        c = mesh.client()
+        try:
+            return c.get(f"/u/{user}", headers={"x-user": user})
+        finally:
+            c.close()
+
+    answers = [await asyncio.to_thread(as_user, f"user-{i}") for i in range(20)]
+    assert mesh.apps[0].hits >= 1  # some keys land on api-0 (all 20 on api-1: 1 in 2**20)
+    assert [r.status for r in answers] == [200] * 20
+    assert {r.instance for r in answers} == {"api-1"}
+
+
+async def test_a_lowered_max_connections_applies_to_connections_already_open(mesh: Mesh) -> None:
+    """Connections opened before a policy lowered max_connections (idle in the pool, or busy and
+    released later) are not used past the new ceiling: the limit applies at once."""
+    call = functools.partial(one_call, mesh)
+    opened = await asyncio.gather(*(asyncio.to_thread(call, f"/delay/200?{i}") for i in range(6)))
+    assert [r.status for r in opened] == [200] * 6  # several connections, now idle in the pool
+    assert mesh.http_out.pool.idle_count() > 1
+    policy = {"service": "api", "connection_limits": {"max_connections": 1, "max_pending_requests": 1}}
+    mesh.set_a(policies={"api": parse_policy(policy)})
+    resps = await asyncio.gather(*(asyncio.to_thread(call, f"/delay/300?{i}") for i in range(8)))
+    codes = sorted((r.status, r.flags) for r in resps)
+    assert codes.count((503, "UO")) >= 4, codes

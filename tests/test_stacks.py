@@ -70,9 +70,29 @@ def test_each_upstream_gets_the_stack_of_its_protocol() -> None:
     # An upstream declared http takes connections on the L7 path, built as `web` in zone z1
     assert api.http.takes(hold.current)
     assert isinstance(api.http.real, HttpOutbound)
-    assert (api.http.real.local_service, api.http.real.local_zone) == ("web", "z1")
+    assert api.http.real.local_service == "web"
+    assert api.http.real.cluster(hold.current).local_zone == "z1"
     # A tcp upstream with nothing HTTP about it in the snapshot stays on the L4 path
     assert not db.http.takes(hold.current) and db.http.real is None
+
+
+def test_the_callers_zone_is_read_with_the_policys_zone_key() -> None:
+    """locality.zone_key names the zone meta of the caller as well as of the instances (before, the
+    caller's zone was always its `zone` meta, so a policy with another key preferred nothing)."""
+    from types import MappingProxyType
+
+    from hostmesh.registry.schema_parsers import parse_policy
+
+    up = {"service": "api", "bind": "127.0.0.1:9001", "protocol": "http"}
+    cfg = config({"name": "web", "port": 8080, "meta": {"zone": "z2", "az": "a"}, "upstreams": [up]})
+    svc = cfg.services[0]
+    hold, tel = holder(), Telemetry()
+    api = build_outbound(cfg, svc, svc.upstreams[0], hold, tel, cap=None)
+    assert api.http.takes(hold.current)
+    policy = parse_policy({"service": "api", "locality": {"zone_key": "az"}})
+    snap = replace(hold.current, policies=MappingProxyType({"api": policy}))
+    assert api.http.real.cluster(hold.current).local_zone == "z2"  # no policy: the `zone` key
+    assert api.http.real.cluster(snap).local_zone == "a"
 
 
 def test_an_accepted_connection_goes_to_the_l7_path_only_for_an_http_upstream_outside_the_externals() -> None:
@@ -141,7 +161,7 @@ def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_
     gateway = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
     http = gateway.http_outbound("web")
     assert isinstance(http, HttpOutbound) and gateway.http_outbound("web") is http
-    assert (http.local_service, http.service, http.local_zone) == ("edge", "web", None)
+    assert (http.local_service, http.service, http.cluster(hold.current).local_zone) == ("edge", "web", None)
     assert http.connect_timeout == 1.0 and http.tracer is None
     tcp = gateway.tcp_outbound("db")
     assert isinstance(tcp, OutboundListener) and gateway.tcp_outbound("db") is tcp

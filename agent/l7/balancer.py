@@ -254,8 +254,27 @@ class Balancer:
 
     def pick(self, key: bytes | None = None) -> Endpoint | None:
         """An instance for one request/connection, or None when the subset has no instance (UH)."""
-        local = self._use_local()
-        cand = self._local if local else self._all
+        if self._use_local():
+            return self._pick_from(self._local, self._local_idx, key)
+        return self._pick_from(self._all, self._all_idx, key)
+
+    def pick_other(self, key: bytes | None, tried: set[str]) -> Endpoint | None:
+        """For a retry: an instance the request has not tried (keys in `tried`), by the same policy
+        (a consistent hash goes clockwise to the next owner on its ring); the local zone's first,
+        then any zone's; when every candidate was tried, as `pick`. (Istio's default for retries,
+        Envoy's `previous_hosts` predicate.)"""
+        eps = self.endpoints
+        pools = ((self._local, self._local_idx),) if self._use_local() else ()
+        for cand, idx in (*pools, (self._all, self._all_idx)):
+            left = tuple(e for e in cand if e.key not in tried)
+            if left:
+                return self._pick_from(left, frozenset(i for i in idx if eps[i].key not in tried), key)
+        return self.pick(key)
+
+    def _pick_from(
+        self, cand: tuple[Endpoint, ...], cand_idx: frozenset[int], key: bytes | None
+    ) -> Endpoint | None:
+        """`pick` among `cand` (their indexes in `endpoints`: `cand_idx`, for the ring)."""
         n = len(cand)
         if n == 0:
             return None
@@ -274,7 +293,7 @@ class Balancer:
             ea, eb = cand[a], cand[b]
             return eb if eb.active < ea.active else ea
         if policy == CONSISTENT_HASH and key is not None and self._ring is not None:
-            i = self._ring.lookup(stable_hash(key), self._local_idx if local else self._all_idx)
+            i = self._ring.lookup(stable_hash(key), cand_idx)
             return self.endpoints[i] if i >= 0 else None
         if policy == LEAST_CONNECTIONS:
             self._rr += 1

@@ -10,8 +10,9 @@ and ``config.cluster.v3.OutlierDetection``):
 - an ejection lasts ``base_ejection_time x n`` where n is how many times the instance was ejected,
   capped at ``max_ejection_time``; the multiplier decays by one for every ``interval`` the instance
   spends un-ejected, so a host that recovered for good starts from the base again.
-- ``max_ejection_percent`` caps the share of instances ejected at once; as in Envoy, one instance may
-  always be ejected when none is (otherwise a 2-instance service with 10 % could never eject).
+- ``max_ejection_percent`` caps the share of instances ejected at once; above 0, one instance may
+  always be ejected when none is (otherwise a 2-instance service with 10 % could never eject), as
+  Envoy did before its ``always_eject_one_host`` (1.31); 0 ejects none.
 - ejection ends lazily: :meth:`OutlierDetector.ejected` (called by the balancer when ``version``
   changed or the next expiry passed) returns instances whose time is up to service.
 
@@ -130,6 +131,8 @@ class OutlierDetector:
     def _eject(self, h: _Host, now: float) -> bool:
         p = self.policy
         total = len(self._hosts)
+        if p.max_ejection_percent <= 0:
+            return False
         if self._n_ejected and (self._n_ejected + 1) * 100.0 > p.max_ejection_percent * total:
             return False
         if h.ejections and p.interval > 0:  # decay: one step per healthy interval since the return

@@ -87,6 +87,21 @@ class Limit:
         if self.active > 0:
             self.active -= 1
 
+    def over(self) -> bool:
+        """More are held than the ceiling allows (it was lowered while they were held)."""
+        return self.max is not None and self.active > self.max
+
+
+def _maxima(cl: schema.ConnectionLimits | None) -> tuple[int | None, int | None, int | None]:
+    """(max_connections, max_pending_requests, max_requests) of a policy's limits, defaults filled in."""
+    if cl is None:
+        return DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING, DEFAULT_MAX_REQUESTS
+    return (
+        cl.max_connections if cl.max_connections is not None else DEFAULT_MAX_CONNECTIONS,
+        cl.max_pending_requests if cl.max_pending_requests is not None else DEFAULT_MAX_PENDING,
+        cl.max_requests if cl.max_requests is not None else DEFAULT_MAX_REQUESTS,
+    )
+
 
 class UpstreamLimits:
     """Envoy-style circuit-breaker thresholds for one upstream service (per agent)."""
@@ -105,13 +120,12 @@ class UpstreamLimits:
 
     @classmethod
     def from_doc(cls, cl: schema.ConnectionLimits | None) -> UpstreamLimits:
-        if cl is None:
-            return cls()
-        return cls(
-            cl.max_connections if cl.max_connections is not None else DEFAULT_MAX_CONNECTIONS,
-            cl.max_pending_requests if cl.max_pending_requests is not None else DEFAULT_MAX_PENDING,
-            cl.max_requests if cl.max_requests is not None else DEFAULT_MAX_REQUESTS,
-        )
+        return cls(*_maxima(cl))
+
+    def resize(self, cl: schema.ConnectionLimits | None) -> None:
+        """Take a new document's maxima, keeping the counts of what is in flight: a policy edit must
+        not admit a second full set of requests beside those still running."""
+        self.connections.max, self.pending.max, self.requests.max = _maxima(cl)
 
     def admit_request(self) -> tuple[int, str] | None:
         """None when admitted (release with ``requests.release()``), else (503, UO)."""

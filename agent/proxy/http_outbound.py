@@ -56,7 +56,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 from hostmesh.agent.l7 import balancer as lb
@@ -195,7 +195,7 @@ class SnapReads:
 class Cluster:
     """Everything this listener knows about its upstream for one (endpoints, routes, policy) triple."""
 
-    def __init__(self, service: str, snap: Snapshot, local_zone: str | None, rng: random.Random,
+    def __init__(self, service: str, snap: Snapshot, local_meta: Mapping[str, str], rng: random.Random,
                  prev: Cluster | None) -> None:  # fmt: skip
         self.service = service
         self.src_endpoints = snap.endpoints.get(service, ())
@@ -214,24 +214,30 @@ class Cluster:
         if prev is not None:
             eps = lb.reuse_endpoints(prev.endpoints, eps)
         self.endpoints: tuple[lb.Endpoint, ...] = eps
-        self.local_zone = local_zone
+        self.local_zone = local_meta.get(zkey) or None  # the caller's zone, named by the same key
         self.rng = rng
         self.hash = lb.hash_spec(policy)
-        same_policy = prev is not None and prev.policy is policy
+        # A policy edit keeps what its settings did not change: the outlier state (ejections stand)
+        # while outlier_detection is the same, and always the limits' counts of what is in flight
+        # (new maxima apply to them at once).
         od = policy.outlier_detection if policy is not None else None
+        prev_policy = prev.policy if prev is not None else None
+        prev_od = prev_policy.outlier_detection if prev_policy is not None else None
         self.outlier: OutlierDetector | None = None
         if od is not None:
-            if same_policy and prev is not None and prev.outlier is not None:
+            if prev is not None and prev.outlier is not None and prev_od == od:
                 self.outlier = prev.outlier
                 self.outlier.set_hosts([e.key for e in eps])
             else:
                 self.outlier = OutlierDetector(OutlierPolicy.from_doc(od), [e.key for e in eps])
         self._outlier_version = -1
+        limits_doc = policy.connection_limits if policy is not None else None
         self.limits: UpstreamLimits
-        if same_policy and prev is not None:
+        if prev is not None:
             self.limits = prev.limits
+            self.limits.resize(limits_doc)
         else:
-            self.limits = UpstreamLimits.from_doc(policy.connection_limits if policy is not None else None)
+            self.limits = UpstreamLimits.from_doc(limits_doc)
         self.budgets: dict[int, RetryBudget] = {}
         if prev is not None and prev.routes is self.routes:
             self.budgets = prev.budgets
@@ -463,7 +469,7 @@ class HttpOutbound:
     """The HTTP side of one OutboundListener (one local service -> one upstream service)."""
 
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: str, telemetry: Telemetry,
-                 *, local_zone: str | None = None, connect_timeout: float = CONNECT_TIMEOUT,
+                 *, local_meta: Mapping[str, str] | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
                  rng: random.Random | None = None, tracer: Any = None,
@@ -487,7 +493,7 @@ class HttpOutbound:
         self.local_service = local_service
         self.service = upstream
         self.telemetry = telemetry
-        self.local_zone = local_zone
+        self.local_meta: Mapping[str, str] = local_meta or {}  # the local service's (its zone, for locality)
         self.connect_timeout = connect_timeout
         self.rng = rng or random.Random()
         self.pool = UpstreamPool()
@@ -572,10 +578,9 @@ class HttpOutbound:
             return cl
         self._cluster_snap = snap
         if cl is None or not cl.matches(snap):
-            new = self._cluster = Cluster(self.service, snap, self.local_zone, self.rng, cl)
-            if cl is not None and new.limits is not cl.limits:
-                self.pool.drop_idle()  # connections opened under the old limits are not counted
-            cl = new
+            cl = self._cluster = Cluster(self.service, snap, self.local_meta, self.rng, cl)
+            if cl.limits.connections.over():  # max_connections lowered: idle connections past it go
+                self.pool.drop_idle()
         return cl
 
     def start(self, ex: Exchange) -> None:
@@ -803,6 +808,8 @@ class HttpOutbound:
         budget = st.budget
         assert budget is not None
         slot = retrying  # a retry decided by _settle holds a budget slot until its try ends
+        # instances this request tried: a retry goes to another while there is one (Balancer.pick_other)
+        tried: set[str] = {st.endpoint.key} if retrying and st.endpoint is not None else set()
         try:
             while True:
                 if slot:
@@ -830,10 +837,11 @@ class HttpOutbound:
                     cl.refresh(now)
                     balancer = st.balancer
                     assert balancer is not None  # set by _plan
-                    ep = balancer.pick(st.key)
+                    ep = balancer.pick_other(st.key, tried) if tried else balancer.pick(st.key)
                 if ep is None:
                     ex.respond(503, fl.UH)
                     return
+                tried.add(ep.key)
                 st.use(ep)
                 timeout = route.retry.try_timeout(now, st.deadline)
                 if timeout is not None and timeout <= 0:
@@ -1067,7 +1075,11 @@ class HttpOutbound:
             up.limit = None  # type: ignore[attr-defined]
         self._wake_one()
 
-    def _wake_one(self, _released: UpstreamConn | None = None) -> None:
+    def _wake_one(self, released: UpstreamConn | None = None) -> None:
+        limit = getattr(released, "limit", None)
+        if limit is not None and limit.over():  # max_connections was lowered while it was busy
+            released.close()  # type: ignore[union-attr]  # (its loss releases the slot and wakes one)
+            return
         while self._conn_waiters:
             fut = self._conn_waiters.pop(0)
             if not fut.done():

@@ -121,7 +121,7 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
     # route/balance/forward of HTTP: the L7 path, built once the snapshot first says HTTP
     listener.http = LazyHttpOutbound(dict(
         holder=holder, local_service=svc.name, upstream=up.service, telemetry=telemetry,
-        local_zone=svc.meta.get("zone"), connect_timeout=up.connect_timeout,
+        local_meta=svc.meta, connect_timeout=up.connect_timeout,
         header_timeout=cfg.http.header_read_timeout, protocol=up.protocol,
         body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate, tracer=tracer,
         stream_idle_timeout=cfg.stream_idle_timeout,
