@@ -252,12 +252,6 @@ class Balancer:
         """Instances eligible right now (local zone first, then spill-over)."""
         return self._local if self._use_local() else self._all
 
-    def pick(self, key: bytes | None = None) -> Endpoint | None:
-        """An instance for one request/connection, or None when the subset has no instance (UH)."""
-        if self._use_local():
-            return self._pick_from(self._local, self._local_idx, key)
-        return self._pick_from(self._all, self._all_idx, key)
-
     def pick_other(self, key: bytes | None, tried: set[str]) -> Endpoint | None:
         """For a retry: an instance the request has not tried (keys in `tried`), by the same policy
         (a consistent hash goes clockwise to the next owner on its ring); the local zone's first,
@@ -268,13 +262,19 @@ class Balancer:
         for cand, idx in (*pools, (self._all, self._all_idx)):
             left = tuple(e for e in cand if e.key not in tried)
             if left:
-                return self._pick_from(left, frozenset(i for i in idx if eps[i].key not in tried), key)
+                return self.pick(key, left, frozenset(i for i in idx if eps[i].key not in tried))
         return self.pick(key)
 
-    def _pick_from(
-        self, cand: tuple[Endpoint, ...], cand_idx: frozenset[int], key: bytes | None
-    ) -> Endpoint | None:
-        """`pick` among `cand` (their indexes in `endpoints`: `cand_idx`, for the ring)."""
+    def pick(self, key: bytes | None = None, among: tuple[Endpoint, ...] | None = None,
+             among_idx: frozenset[int] = frozenset()) -> Endpoint | None:  # fmt: skip
+        """An instance for one request/connection, or None when the subset has no instance (UH).
+        `among` (with their indexes in `endpoints`, for the ring): pick from those instead."""
+        if among is not None:
+            cand, cand_idx = among, among_idx
+        elif self._use_local():
+            cand, cand_idx = self._local, self._local_idx
+        else:
+            cand, cand_idx = self._all, self._all_idx
         n = len(cand)
         if n == 0:
             return None
