@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import gc
 import itertools
@@ -80,12 +81,27 @@ STOP_SIGNAL_GRACE = 0.5
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
+
+
+class SighupState(enum.Enum):
+    """What a SIGHUP does (run_agent): STARTING and PENDING (one came while starting) wait for the
+    start to finish, then reload once; SERVING reloads."""
+
+    STARTING = "starting"
+    PENDING = "pending"
+    SERVING = "serving"
+
+
 # Set (to the worker's index, 1..N-1) in a worker's environment by agent/workers.py; read here so an
 # agent without workers never loads that module.
 WORKER_ENV = "HOSTMESH_WORKER"
 
 
 OutboundKey = tuple[str, str, str]  # (local service, upstream, bind) of one outbound stack
+
+# A stop's work after the drain: workers' grace (agent/workers.py STOP_GRACE), then a
+# deregistration per service (10 s each at worst) and closing the servers.
+STOP_AFTER_DRAIN = 30.0
 
 # agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
 RESTART_KEYS = (
@@ -134,10 +150,12 @@ class AgentStartError(Exception):
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None,
+                 from_primary: bytes = b"") -> None:  # fmt: skip
         self.config = config
         self.worker = worker  # 0: the primary (or the only process); 1..N-1: a worker (agent/workers.py)
         self.config_path = config_path
+        self.from_primary = from_primary  # a worker: the primary's commands read along with its config
         self.workers: Any = None  # the primary's WorkerSet when config.workers > 1
         self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or the primary telling a worker to stop
         self.consul = ConsulClient(config.consul_settings())
@@ -249,9 +267,9 @@ class Agent:
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
 
-            await listen_to_primary(
-                self._on_primary_certs, lambda: metrics_line(self.telemetry.registry), self.stop_requested.set
-            )
+            samples = functools.partial(metrics_line, self.telemetry.registry)
+            await listen_to_primary(self._on_primary_certs, samples, self.stop_requested.set,
+                                    self._on_primary_config, self.from_primary)  # fmt: skip
             self._release_startup_memory()
             self.ready = True
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
@@ -302,7 +320,7 @@ class Agent:
             from hostmesh.agent.workers import WorkerSet
 
             sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
-            self.workers = WorkerSet(self.config_path, cfg.workers, self.inbound.port)
+            self.workers = WorkerSet(self.config_path, cfg, cfg.workers, self.inbound.port)
             await self.workers.start()
         if checking:
             gc.enable()  # its full collection comes RESTART_DEFER later
@@ -534,6 +552,11 @@ class Agent:
         """Worker: the primary renewed a certificate or the trust bundle changed on disk."""
         self.certs.reload()  # calls _on_certs_changed (subscribed) after re-reading the bundle
 
+    def _on_primary_config(self, config: AgentConfig) -> None:
+        """Worker: the primary applied a reload."""
+        task = asyncio.get_running_loop().create_task(self.reload_from_primary(config))
+        self._tasks.append(task)
+
     def _publish_cert_expiry(self) -> None:
         self.telemetry.cert_expiry.clear()  # a service a reload removed leaves no series
         for info in self.certs.infos():
@@ -713,6 +736,22 @@ class Agent:
         except ConfigError as exc:
             self._refuse_reload(str(exc))
             return
+        new = self._keeping_restart_keys(new)
+        if await self._apply(new):
+            if self.workers is not None:  # they run what the primary runs: never a refused reload
+                self.workers.reconfigure(new)
+            log.info("reloaded %s", path)
+            sdnotify.ready(self._serving(f"; reloaded {path}"))
+
+    async def reload_from_primary(self, new: AgentConfig) -> None:
+        """A worker: the primary applied a reload (agent/workers.py); apply the same config."""
+        async with self._reloading:
+            if await self._apply(new):
+                log.info("reloaded with the primary")
+
+    def _keeping_restart_keys(self, new: AgentConfig) -> AgentConfig:
+        """`new` with the running values of what a reload cannot change (RESTART_KEYS, the set of
+        service names), saying which of them the file changed."""
         old = self.config
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
         if {s.name for s in new.services} != {s.name for s in old.services}:
@@ -724,11 +763,16 @@ class Agent:
                 ", ".join(needs_restart),
             )
             new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+        return new
+
+    async def _apply(self, new: AgentConfig) -> bool:
+        """Apply a reloaded config (RESTART_KEYS already resolved); False: refused, nothing changed."""
+        old = self.config
         try:
             started = await self._start_added_outbound(new)
         except OSError as exc:
             self._refuse_reload(exc.strerror or str(exc))
-            return
+            return False
         self.config = new
         if self.admin is not None:  # /health/<service>, Consul's check, probes the new port and path
             self.admin.config = new
@@ -747,8 +791,7 @@ class Agent:
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()
-        log.info("reloaded %s", path)
-        sdnotify.ready(self._serving(f"; reloaded {path}"))
+        return True
 
     # --- views ------------------------------------------------------------------------------
 
@@ -827,8 +870,10 @@ class Agent:
             self._registration_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._registration_task
-        sdnotify.stopping()
         cfg = self.config
+        # systemd's stop timeout (45 s in the shipped unit) would kill a longer drain before the
+        # deregistration below: it is told how long this stop may take
+        sdnotify.stopping(needs=cfg.drain_seconds + STOP_AFTER_DRAIN)
         if self.registered:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):
@@ -881,24 +926,38 @@ def _process_age() -> str:
         return "?"
 
 
-async def run_agent(config: AgentConfig, config_path: Path, worker: int = 0) -> None:
-    agent = Agent(config, worker=worker, config_path=config_path)
+async def run_agent(
+    config: AgentConfig, config_path: Path, worker: int = 0, from_primary: bytes = b""
+) -> None:
+    agent = Agent(config, worker=worker, config_path=config_path, from_primary=from_primary)
     loop = asyncio.get_running_loop()
     stop = agent.stop_requested
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
+    sighup = SighupState.STARTING
 
     def on_sighup() -> None:
-        if agent.workers is not None:
-            agent.workers.signal(signal.SIGHUP)  # every worker re-reads agent.toml too
-        task = loop.create_task(agent.reload(config_path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        # (installed first: SIGHUP's default action would end the process while it starts)
+        nonlocal sighup
+        if worker:
+            log.info("SIGHUP ignored: a worker runs the config its primary sends")
+        elif stop.is_set():
+            log.info("SIGHUP ignored: the agent is stopping")
+        elif sighup is not SighupState.SERVING:
+            sighup = SighupState.PENDING
+            log.info("SIGHUP while starting: agent.toml is read again once the agent is ready")
+        else:
+            task = loop.create_task(agent.reload(config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
 
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         if await _start_unless_stopped(agent, stop):
-            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            pending, sighup = sighup is SighupState.PENDING, SighupState.SERVING
+            if pending:
+                on_sighup()
             await stop.wait()
             log.info("stopping: draining for up to %gs", agent.config.drain_seconds)
         elif not agent.fatal:
@@ -959,18 +1018,27 @@ def _setup_logging(level: str, worker: int = 0, fmt: str = "auto") -> None:
 def main(config_path: Path) -> None:
     """`hostmesh agent run --config PATH` in the foreground until SIGTERM/SIGINT (systemd runs it as
     hostmesh-agent.service). A start that cannot go on raises AgentStartError, one line for the
-    operator; agent/cli.py shows it as every other command's error (click's "Error: ..." and exit 1)."""
+    operator; agent/cli.py shows it as every other command's error (click's "Error: ..." and exit 1).
+    A worker (agent/workers.py) runs the config its primary sends, not the file's."""
+    worker = worker_index()
+    from_primary = b""
     try:
-        config = load_config(config_path)
-        check_permissions(config)
+        if worker:
+            from hostmesh.agent.workers import config_from_primary
+
+            config, from_primary = config_from_primary()
+        else:
+            config = load_config(config_path)
+            check_permissions(config)
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from None
-    worker = worker_index()
+    except (EOFError, ValueError) as exc:  # a worker whose primary is gone, or did not speak first
+        raise AgentStartError(f"worker {worker}: {exc}") from None
     _setup_logging(config.log_level, worker, config.log_format)
     audit.configure_access(config.access_log.sample)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(run_agent(config, config_path, worker))
+        loop.run_until_complete(run_agent(config, config_path, worker, from_primary))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""  # which path: data_dir, a key, a socket file
         raise AgentStartError(f"cannot start: {where}{exc.strerror or exc}") from None

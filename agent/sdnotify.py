@@ -99,8 +99,12 @@ class Notifier:
             fields.append(f"STATUS={_one_line(status)}")
         return self.notify(*fields)
 
-    def stopping(self, status: str | None = None) -> bool:
+    def stopping(self, status: str | None = None, needs: float | None = None) -> bool:
+        """`needs`: seconds the stop may take; systemd extends its stop timeout to that (systemd >=
+        236, EXTEND_TIMEOUT_USEC), so a long drain is not SIGKILLed before the process cleans up."""
         fields = ["STOPPING=1"]
+        if needs is not None:
+            fields.append(f"EXTEND_TIMEOUT_USEC={int(needs * 1_000_000)}")
         if status:
             fields.append(f"STATUS={_one_line(status)}")
         return self.notify(*fields)
@@ -173,8 +177,8 @@ def ready(status: str | None = None) -> bool:
     return _default.ready(status)
 
 
-def stopping(status: str | None = None) -> bool:
-    return _default.stopping(status)
+def stopping(status: str | None = None, needs: float | None = None) -> bool:
+    return _default.stopping(status, needs)
 
 
 def reloading(status: str | None = None) -> bool:

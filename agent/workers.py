@@ -17,8 +17,11 @@ Who does what:
   contexts built from the files the primary's cert manager writes (`DiskCerts`).
 
 The primary talks to each worker over one pipe pair (the worker's stdin/stdout), one line each way:
+    config …   the config to run (the first line a worker reads, and again after each reload the
+               primary applied): the primary's own AgentConfig, pickled, base64
     certs      the primary's certificates or trust bundle changed on disk: re-read, rebuild TLS
-    metrics    answer one JSON line: the worker's samples, for the primary's /metrics
+    metrics N  answer one line, N and the worker's samples as JSON, for the primary's /metrics (N
+               tells a late answer to an earlier scrape, which is skipped)
     stop       drain and exit (as on SIGTERM)
 End of file on stdin means the primary is gone: the worker drains and exits, so no orphan keeps
 serving with certificates nobody renews.
@@ -30,19 +33,28 @@ half-initialised. A fresh `python -m hostmesh.agent.cli agent run` costs ~0.2 s 
 Signals: SIGTERM/SIGINT to the primary stops accepting, tells every worker to stop, drains
 alongside them, waits for them (bounded: drain_seconds + STOP_GRACE, then SIGKILL) and only then
 deregisters. SIGTERM to the whole group (systemd's KillMode=control-group) does the same, each
-process draining its own connections. SIGHUP is forwarded: every process re-reads agent.toml.
+process draining its own connections.
+
+Config: only the primary reads agent.toml. A worker runs the config the primary runs, sent over
+the pipe: at its start (a worker restarted after a crash runs what the agent runs, not what the
+file says by then: an edit needing a restart, or a half-written file, would otherwise split the
+processes) and after each reload the primary applied (a reload it refused reaches no worker).
+A worker ignores SIGHUP.
 A worker that dies unexpectedly is restarted after RESPAWN_DELAY, at most RESPAWN_BURST times per
-RESPAWN_WINDOW (then the primary logs an error and runs with fewer workers).
+RESPAWN_WINDOW; past that, the primary logs an error, runs with fewer workers for a window, then
+tries again. A dead worker's counters stay in /metrics' sums (its last scraped values), so a
+merged counter never goes backwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import os
-import signal
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -176,6 +188,7 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()  # one request/answer on the pipe at a time
         self.started: list[float] = []  # spawn times, for the respawn budget
+        self.last: list[Sample] = []  # its samples at the last scrape it answered
 
     @property
     def pid(self) -> int | None:
@@ -189,12 +202,16 @@ class Worker:
 class WorkerSet:
     """The primary's N-1 workers: spawn, restart, tell, scrape, stop."""
 
-    def __init__(self, config_path: Path, count: int, inbound_port: int) -> None:
-        self.config_path = config_path
+    def __init__(self, config_path: Path, config: Any, count: int, inbound_port: int) -> None:
+        self.config_path = config_path  # named in the workers' log lines; the config comes on the pipe
+        self.config = config  # what the agent runs (agent/config.py AgentConfig): what workers run
         self.workers = [Worker(i) for i in range(1, count)]
         self.inbound_port = inbound_port
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
+        self._scrapes = 0  # numbers each metrics request, so a late answer is told from the awaited one
+        # exited workers' counters (last scraped values), summed per series: kept in /metrics' sums
+        self.retired: dict[tuple[str, str, tuple[tuple[str, str], ...]], Sample] = {}
 
     def _env(self, index: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SD_ENV}
@@ -216,7 +233,8 @@ class WorkerSet:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self._env(w.index),
                 limit=MAX_LINE,
             )  # fmt: skip
-            assert w.proc.stdout is not None
+            assert w.proc.stdout is not None and w.proc.stdin is not None
+            w.proc.stdin.write(config_line(self.config))
             try:
                 line = await asyncio.wait_for(w.proc.stdout.readline(), READY_TIMEOUT)
             except TimeoutError:
@@ -232,19 +250,31 @@ class WorkerSet:
         while True:
             assert w.proc is not None
             code = await w.proc.wait()
+            self._retire(w)
             if self._stopping:
                 return
             recent = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW]
             if len(recent) >= RESPAWN_BURST:
-                log.error("worker %d exited (%s) %d times within %gs; not restarting it", w.index, code,
-                          len(recent), RESPAWN_WINDOW)  # fmt: skip
-                return
-            log.warning("worker %d (pid %s) exited with %s; restarting it in %gs", w.index, w.pid, code,
-                        RESPAWN_DELAY)  # fmt: skip
-            await asyncio.sleep(RESPAWN_DELAY)
+                log.error("worker %d exited (%s) %d times within %gs; running without it, trying again "
+                          "in %gs", w.index, code, len(recent), RESPAWN_WINDOW, RESPAWN_WINDOW)  # fmt: skip
+                await asyncio.sleep(RESPAWN_WINDOW)
+            else:
+                log.warning("worker %d (pid %s) exited with %s; restarting it in %gs", w.index, w.pid, code,
+                            RESPAWN_DELAY)  # fmt: skip
+                await asyncio.sleep(RESPAWN_DELAY)
             if self._stopping:
                 return
             await self._spawn(w)
+
+    def _retire(self, w: Worker) -> None:
+        """A worker exited: its counters' last scraped values stay in the sums (`retired`)."""
+        for sample in w.last:
+            if sample[1] == "gauge":
+                continue
+            key = (sample[0], sample[3], tuple(sorted(sample[4].items())))
+            kept = self.retired.get(key)
+            self.retired[key] = sample if kept is None else (*sample[:5], kept[5] + sample[5])
+        w.last = []
 
     def _send(self, w: Worker, line: str) -> None:
         if w.alive and w.proc is not None and w.proc.stdin is not None:
@@ -255,34 +285,45 @@ class WorkerSet:
         for w in self.workers:
             self._send(w, "certs")
 
-    def signal(self, sig: int) -> None:
+    def reconfigure(self, config: Any) -> None:
+        """The primary applied a reload: every worker runs `config` too (a restarted one starts with it)."""
+        self.config = config
+        line = config_line(config).decode()[:-1]
         for w in self.workers:
-            if w.alive and w.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.send_signal(sig)
+            self._send(w, line)
 
     async def samples(self) -> list[list[Sample]]:
         """Each live worker's samples (a worker that does not answer in time is left out)."""
 
-        async def one(w: Worker) -> list[Sample] | None:
+        async def one(w: Worker) -> list[Sample]:
+            """The worker's samples; its last ones when it does not answer in time."""
             if not w.alive or w.proc is None or w.proc.stdout is None:
-                return None
-            try:  # a worker being (re)started holds the lock: leave it out of this scrape
+                return w.last
+            try:  # a worker being (re)started holds the lock: its last samples stand in
                 await asyncio.wait_for(w.lock.acquire(), METRICS_TIMEOUT)
             except TimeoutError:
-                return None
+                return w.last
             try:
-                self._send(w, "metrics")
-                line = await asyncio.wait_for(w.proc.stdout.readline(), METRICS_TIMEOUT)
-                return [tuple(x) for x in json.loads(line)]
+                self._scrapes += 1
+                tag = b"%d" % self._scrapes
+                self._send(w, f"metrics {self._scrapes}")
+                async with asyncio.timeout(METRICS_TIMEOUT):
+                    while True:  # an answer to an earlier scrape that timed out is skipped
+                        line = await w.proc.stdout.readline()
+                        if not line:
+                            raise ConnectionError("the worker closed its pipe")
+                        got, _, body = line.partition(b" ")
+                        if got == tag:
+                            break
+                w.last = [tuple(x) for x in json.loads(body)]
             except (TimeoutError, ValueError, ConnectionError) as exc:
                 log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc or "timeout")
-                return None
             finally:
                 w.lock.release()
+            return w.last
 
         got = await asyncio.gather(*(one(w) for w in self.workers))
-        return [g for g in got if g is not None]
+        return [*got, list(self.retired.values())]
 
     def view(self) -> list[dict[str, Any]]:
         return [{"index": w.index, "pid": w.pid, "alive": w.alive} for w in self.workers]
@@ -319,19 +360,31 @@ class PrimaryChannel(asyncio.Protocol):
     """A worker's end of the pipe from the primary (its stdin): line commands, see the module doc."""
 
     def __init__(self, on_certs: Callable[[], None], on_metrics: Callable[[], bytes],
-                 on_stop: Callable[[], None]) -> None:  # fmt: skip
-        self.on_certs, self.on_metrics, self.on_stop = on_certs, on_metrics, on_stop
-        self._buf = b""
+                 on_stop: Callable[[], None], on_config: Callable[[Any], None],
+                 unread: bytes = b"") -> None:  # fmt: skip
+        self.on_certs, self.on_metrics, self.on_stop, self.on_config = (
+            on_certs,
+            on_metrics,
+            on_stop,
+            on_config,
+        )
+        self._buf = unread  # what the config's first read took past its line
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._buf:
+            self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             cmd = line.strip()
-            if cmd == b"certs":
+            if cmd.startswith(CONFIG_PREFIX):
+                self.on_config(decode_config(cmd))
+            elif cmd == b"certs":
                 self.on_certs()
-            elif cmd == b"metrics":
-                _write_stdout(self.on_metrics())
+            elif cmd.startswith(b"metrics"):  # "metrics N": the answer carries N first
+                _write_stdout(cmd[len(b"metrics ") :] + b" " + self.on_metrics())
             elif cmd == b"stop":
                 self.on_stop()
 
@@ -358,17 +411,46 @@ def _write_stdout(data: bytes) -> None:
 
 
 async def listen_to_primary(on_certs: Callable[[], None], on_metrics: Callable[[], bytes],
-                            on_stop: Callable[[], None]) -> None:  # fmt: skip
+                            on_stop: Callable[[], None], on_config: Callable[[Any], None],
+                            unread: bytes = b"") -> None:  # fmt: skip
     """Attach the worker's stdin to `PrimaryChannel` and tell the primary we are ready."""
     loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: PrimaryChannel(on_certs, on_metrics, on_stop), sys.stdin)
+    await loop.connect_read_pipe(
+        lambda: PrimaryChannel(on_certs, on_metrics, on_stop, on_config, unread), sys.stdin
+    )
     _write_stdout(b"ready")
+
+
+# --- the config, primary to worker ------------------------------------------------------------
+
+CONFIG_PREFIX = b"config "
+MAX_CONFIG_LINE = 16 * 1024 * 1024  # a pickled AgentConfig is ~1-50 KiB
+
+
+def config_line(config: Any) -> bytes:
+    """The `config` command carrying `config`. Pickle, over the pipe from the primary to its own
+    child: the exact object the primary runs (restart-only keys resolved), never data from elsewhere."""
+    return CONFIG_PREFIX + base64.b64encode(pickle.dumps(config)) + b"\n"
+
+
+def decode_config(line: bytes) -> Any:
+    return pickle.loads(base64.b64decode(line[len(CONFIG_PREFIX) :]))
+
+
+def config_from_primary() -> tuple[Any, bytes]:
+    """A worker's first read: the config the primary runs, and any bytes read past its line (the next
+    commands, for PrimaryChannel). Read before the event loop starts, straight from fd 0."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(0, 65536)
+        if not chunk or len(buf) > MAX_CONFIG_LINE:
+            raise EOFError("the primary sent no config (it is gone)")
+        buf += chunk
+    line, rest = buf.split(b"\n", 1)
+    if not line.startswith(CONFIG_PREFIX):
+        raise ValueError(f"the primary's first line is not a config: {line[:40]!r}")
+    return decode_config(line), rest
 
 
 def metrics_line(registry: Any) -> bytes:
     return json.dumps(samples_of(registry), separators=(",", ":")).encode()
-
-
-def forward_signal(workers: WorkerSet | None, sig: signal.Signals) -> None:
-    if workers is not None:
-        workers.signal(sig)

@@ -44,3 +44,35 @@ def test_a_stop_while_waiting_for_the_first_certificate_is_clean(tmp_path: Path,
             agent.wait()
     assert agent.returncode == 0, rest
     assert "Error" not in rest and "asked to stop before the agent was ready" in rest, rest
+
+
+def test_a_sighup_while_waiting_for_the_first_certificate_waits_for_the_start(tmp_path: Path) -> None:
+    """A reload asked for before the agent is ready (systemd's `reload` right after `start`) does not
+    end it (SIGHUP's default action did, silently): it is noted and done once the agent is ready."""
+    config, _, _ = write_config(tmp_path)
+    agent = subprocess.Popen([*HOSTMESH, "agent", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert agent.stderr is not None
+        seen = []
+        for _ in range(LINES_BOUND):
+            line = agent.stderr.readline()
+            seen.append(line)
+            if not line or WAITING in line:
+                break
+        assert WAITING in seen[-1], "".join(seen)
+        agent.send_signal(signal.SIGHUP)
+        for _ in range(LINES_BOUND):  # ends at the agent's note, or at EOF if the signal ended it
+            line = agent.stderr.readline()
+            seen.append(line)
+            if not line or "SIGHUP while starting" in line:
+                break
+        assert "SIGHUP while starting" in seen[-1], "".join(seen)
+        assert agent.poll() is None
+        agent.send_signal(signal.SIGTERM)
+        rest = agent.communicate(timeout=STOP_TIMEOUT)[1]
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    assert agent.returncode == 0, rest

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.compiled import MODULES
+from hostmesh.agent.run import STOP_AFTER_DRAIN
 from tests.support import REPO, ConsulDev, free_port, wait_deregistered, wait_until
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
@@ -403,7 +404,10 @@ def test_installed_agent_runs_against_consul(
             assert registered() == ["debtest-debtest-node"]
 
             agent.send_signal(signal.SIGTERM)
-            recv_notify(notify, "STOPPING=1", AGENT_READY_TIMEOUT)
+            stopping = recv_notify(notify, "STOPPING=1", AGENT_READY_TIMEOUT)
+            assert stopping["EXTEND_TIMEOUT_USEC"] == str(
+                int((1 + STOP_AFTER_DRAIN) * 1_000_000)
+            )  # drain 1 s
             assert agent.wait(timeout=AGENT_READY_TIMEOUT) == 0, (tmp_path / "agent.log").read_text()
             wait_deregistered(consul, "debtest", "debtest-debtest-node", (tmp_path / "agent.log").read_text())
     finally:

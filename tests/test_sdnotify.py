@@ -192,3 +192,11 @@ def test_child_process_speaks_to_the_socket(fake_systemd: tuple[socket.socket, s
     env = {**os.environ, "NOTIFY_SOCKET": path}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=30)
     assert recv_fields(sock) == {"READY": "1", "STATUS": "up"}
+
+
+def test_a_stop_tells_how_long_it_may_take(fake_systemd: tuple[socket.socket, str]) -> None:
+    """systemd's stop timeout is extended to the drain and what follows it (EXTEND_TIMEOUT_USEC), so a
+    drain_seconds beyond the unit's TimeoutStopSec is not cut before the agent deregisters."""
+    sock, path = fake_systemd
+    assert Notifier({"NOTIFY_SOCKET": path}).stopping(needs=90.5)
+    assert recv_fields(sock) == {"STOPPING": "1", "EXTEND_TIMEOUT_USEC": "90500000"}

@@ -211,3 +211,48 @@ def test_two_workers_serve_apply_intentions_register_once_and_stop_together(mesh
     assert b.proc.popen.wait(30) == 0
     wait_for(lambda: not Path(f"/proc/{replaced[0]}").exists(), 10, "the worker to exit")
     wait_deregistered(consul, "api", "api-node-b", b.proc.log())
+
+
+def test_a_worker_runs_the_primarys_config_keeps_its_counters_and_reloads_only_with_it(mesh: Mesh) -> None:
+    """Only the primary reads agent.toml: a reload it refuses reaches no worker (a worker once
+    applied it on its own, binding what the primary did not, with another default intention), a
+    worker restarted after a crash runs the agent's config even if the file no longer parses, and
+    the merged counters of /metrics never go backwards when a worker dies."""
+    a, b = mesh.a, mesh.b
+    workers = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")
+    stack, mesh_socks = mesh_connections(a, b.inbound_port, CONNS)  # both processes count some
+    with stack:
+        assert all(stream_echoes(s, b"ping %d" % i) for i, s in enumerate(mesh_socks))
+
+    def opened() -> float:
+        lines = b.metrics().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith("hostmesh_tcp_connections_opened_total{"))  # fmt: skip
+
+    before = wait_for(lambda: opened() >= CONNS and opened(), 10, "the merged counter")
+
+    # a reload the primary refuses: its UDP upstream's port is taken (workers bind no UDP)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    fresh = socket.socket()
+    fresh.bind(("127.0.0.1", 0))
+    new_port = fresh.getsockname()[1]
+    fresh.close()
+    good = b.config_path.read_text()
+    udp_port = taken.getsockname()[1]
+    with taken:
+        b.config_path.write_text(good + (
+            f'[[services.upstreams]]\nservice = "dns"\nprotocol = "udp"\nbind = "127.0.0.1:{udp_port}"\n'
+            f'[[services.upstreams]]\nservice = "web"\nbind = "127.0.0.1:{new_port}"\n'))  # fmt: skip
+        b.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in b.proc.log(), 10, "the primary to refuse the reload")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", new_port), IO_TIMEOUT).close()
+    assert "reloaded" not in b.proc.log()
+
+    # a crashed worker comes back with the running config, whatever the file says by then
+    b.config_path.write_text("workers = [not toml\n")
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: [p for p in worker_pids(b) if p != workers[0]], 20, "a new worker")
+    assert opened() >= before  # the dead worker's connections still count
+    b.config_path.write_text(good)
