@@ -619,6 +619,13 @@ class EndpointTable:
                 self._say_unhealthy(upstream, members, used, now)
         return out
 
+    def index_reset(self) -> None:
+        """Consul's index went back (Discovery._index_reset): any view is newer than none, and the
+        held instances are released by their upstream's next read."""
+        self.health_index = 0
+        for key in self._held:
+            self._held[key] = 0
+
     def forget(self, upstream: str) -> None:
         """No longer followed: its instances and any panic state go (followed again, it is published
         afresh, even with no instance)."""
@@ -750,8 +757,8 @@ class Discovery:
                 self._documents_failed,
                 deliver_unchanged=True,
             ),
-            "registrations": Watch("registrations", self._fetch_members, self._apply_members),
-            "failing-checks": Watch("failing-checks", self._fetch_health, self._apply_health),
+            "registrations": self._registrations_watch(),
+            "failing-checks": self._failing_checks_watch(),
         }
         if self._running:
             for watch in self.watches.values():
@@ -846,12 +853,39 @@ class Discovery:
             return
         self._followed = names
         old = self.watches["registrations"]
-        new = self.watches["registrations"] = Watch("registrations", self._fetch_members, self._apply_members)
+        new = self.watches["registrations"] = self._registrations_watch()
         new.start()
         task = asyncio.get_running_loop().create_task(old.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
         self._consul_nudge()
+
+    def _registrations_watch(self) -> Watch[Any]:
+        return Watch("registrations", self._fetch_members, self._apply_members, on_reset=self._catalog_reset)
+
+    def _failing_checks_watch(self) -> Watch[Any]:
+        return Watch("failing-checks", self._fetch_health, self._apply_health, on_reset=self._index_reset)
+
+    def _index_reset(self) -> None:
+        """Consul's index went back (a Consul restored from a snapshot, rebuilt, or without its
+        data): the indexes this agent orders its reads by are void, or every health change would
+        be taken for an old answer until the new Consul's index passed the old one."""
+        self._table.index_reset()
+        self._service_index.clear()
+        self._read_after.clear()
+
+    def _catalog_reset(self) -> None:
+        """The same, seen by the registrations' reads: the failing-checks watch, blocked on an index
+        the new Consul has not reached (it would answer only when its wait ran out), starts over."""
+        self._index_reset()
+        if not self._running:
+            return
+        old = self.watches["failing-checks"]
+        new = self.watches["failing-checks"] = self._failing_checks_watch()
+        new.start()
+        task = asyncio.get_running_loop().create_task(old.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _consul_nudge(self) -> None:
         """Read the documents again at once: the new upstreams' routes and policies are in them."""
@@ -893,6 +927,11 @@ class Discovery:
 
     def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:
         moved, health, read_after = value
+        if health is not None and health[0] < read_after:  # read after the agent saw read_after
+            log.warning("Consul's check index went back from %d to %d (a Consul restored or rebuilt): "
+                        "reading its failing checks afresh", read_after, health[0])  # fmt: skip
+            self._catalog_reset()
+            read_after = 0
         for name, sidx, instances in moved:
             self._set_members(name, sidx, instances, read_after)
         if health is not None:

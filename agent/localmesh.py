@@ -490,10 +490,11 @@ class ConsulDev:
     that token is both the master and Consul's own agent token; this class's helpers send it."""
 
     def __init__(self, log_dir: Path, node: str = "hostmesh-test", binary: str | None = None,
-                 acl_master: str | None = None) -> None:  # fmt: skip
+                 acl_master: str | None = None, hcl: str = "") -> None:  # fmt: skip
         self.binary = binary or consul_binary()
         self.node = node
         self.acl_master = acl_master
+        self.hcl = hcl  # more agent configuration (e.g. `limits { … }`)
         self.log_path = log_dir / f"consul-{node}.log"
         self.ports = {k: free_port() for k in ("http", "dns", "server", "serf_lan", "serf_wan", "grpc")}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -513,12 +514,14 @@ class ConsulDev:
         flags = {"-node": self.node, "-bind": "127.0.0.1", "-client": "127.0.0.1", "-http-port": p["http"],
                  "-dns-port": p["dns"], "-server-port": p["server"], "-serf-lan-port": p["serf_lan"],
                  "-serf-wan-port": p["serf_wan"], "-grpc-port": p["grpc"], "-log-level": "warn"}  # fmt: skip
+        hcl = [self.hcl] if self.hcl else []
         if self.acl_master:
-            flags["-hcl"] = (
+            hcl.append(
                 'acl { enabled = true, default_policy = "deny", down_policy = "extend-cache", '
                 f'tokens {{ master = "{self.acl_master}", agent = "{self.acl_master}" }} }}'
             )
-        return [self.binary, "agent", "-dev", *(str(x) for kv in flags.items() for x in kv)]
+        more = [x for h in hcl for x in ("-hcl", h)]
+        return [self.binary, "agent", "-dev", *(str(x) for kv in flags.items() for x in kv), *more]
 
     def _open(self, path: str, data: bytes | None = None, method: str = "GET", timeout: float = 5) -> Any:
         headers = {"X-Consul-Token": self.acl_master} if self.acl_master else {}

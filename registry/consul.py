@@ -389,6 +389,8 @@ class ConsulClient:
             raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}")
         if resp.status == 404:
             raise NotFound(f"{op.what}: not found")
+        if resp.status == 429:  # too many connections from this host (http_max_conns_per_client): later
+            raise Unavailable(f"Consul is busy for {op.what}: 429 {_detail(resp)}")
         if resp.status < 500:
             raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
         raise Unavailable(f"Consul failed {op.what}: {resp.status} {_detail(resp)}")

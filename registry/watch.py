@@ -5,6 +5,12 @@ goes backwards (snapshot restore, agent restart) resets the watch to a fresh rea
 error; an index below 1 is treated as 1 so the next call still blocks. Errors back off
 exponentially with full jitter and are reported to `on_error`; the last delivered value stays in
 force meanwhile (the caller's snapshot is never cleared by an outage).
+
+An index lower than any this watch saw before, errors in between or not, is a Consul that lost its
+state (restored from a snapshot, rebuilt, a server without its data): `on_reset` tells the caller,
+whose own ordering by index is void. Rounds whose index does not advance (0, missing, or going
+backwards again and again: a proxy, a broken server) are not retried at once but with backoff, as
+Consul asks of its clients.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ T = TypeVar("T")
 BACKOFF_BASE = 0.1  # first retry after an error; Consul restarts in well under a second in dev
 BACKOFF_MAX = 5.0  # cap, so a recovered Consul is noticed within seconds
 MIN_INTERVAL = 0.005  # floor between two successful polls: protects Consul from a hot loop on churn
+STUCK_WARNING = 3  # rounds in a row without the index advancing before one line says so
 
 
 def backoff_delay(
@@ -52,6 +59,7 @@ class Watch(Generic[T]):
         on_error: Callable[[Exception], None] | None = None,
         *,
         deliver_unchanged: bool = False,
+        on_reset: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         # Also hand over results whose index did not move (the fetch re-read something that can
@@ -60,7 +68,9 @@ class Watch(Generic[T]):
         self._fetch = fetch
         self._on_change = on_change
         self._on_error = on_error
+        self._on_reset = on_reset
         self.index: int | None = None
+        self.highest = 0  # the highest index Consul returned, kept across errors (a reset is lower)
         self.first_result = asyncio.Event()  # set after the first successful read
         self.healthy = False
         self._task: asyncio.Task[None] | None = None
@@ -83,6 +93,7 @@ class Watch(Generic[T]):
 
     async def run(self) -> None:
         failures = 0
+        stuck = 0  # rounds in a row whose index did not advance (module docstring)
         while True:
             try:
                 returned, value = await self._fetch(self.index)
@@ -106,6 +117,15 @@ class Watch(Generic[T]):
                 log.info("watch %s: recovered after %d failed attempts", self.name, failures)
             failures = 0
             self.healthy = True
+            went_back = returned < self.highest
+            if went_back:
+                if not stuck:
+                    log.warning("watch %s: Consul's index went back from %d to %d (a Consul restored or "
+                                "rebuilt): reading afresh", self.name, self.highest, returned)  # fmt: skip
+                if self._on_reset:
+                    self._on_reset()
+            stuck = stuck + 1 if returned <= 0 or went_back else 0
+            self.highest = returned
             changed = self.index is None or returned != self.index or self._deliver_unchanged
             self.index = next_index(self.index, returned)
             if changed:
@@ -114,4 +134,7 @@ class Watch(Generic[T]):
                 except Exception:
                     log.exception("watch %s: change handler failed", self.name)
             self.first_result.set()
-            await asyncio.sleep(MIN_INTERVAL)
+            if stuck == STUCK_WARNING:
+                log.warning("watch %s: Consul's index does not advance (%d); reading with backoff",
+                            self.name, returned)  # fmt: skip
+            await asyncio.sleep(backoff_delay(stuck - 2) if stuck > 1 else MIN_INTERVAL)

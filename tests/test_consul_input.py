@@ -433,3 +433,24 @@ async def test_consuls_own_reasons_are_still_quoted(consul: ConsulDev) -> None:
     assert err.value.status == 413
     assert "too large" in str(err.value)
     assert len(str(err.value)) < 100 + MAX_ERROR_DETAIL
+
+
+async def test_consuls_429_is_an_outage_to_wait_out_never_a_refusal(tmp_path: Path) -> None:
+    """A Consul agent over its RPC rate limit (`limits { rpc_rate }`, a real fleet setting) answers
+    429: Unavailable, which every loop backs off from as from an outage and keeps its last state
+    through. As Rejected it read as a refusal: an agent's intentions went unreadable and it refused
+    its services' traffic, taking the host out of the mesh for a burst of requests."""
+    dev = ConsulDev(tmp_path, node="hostmesh-limited", hcl="limits { rpc_rate = 2, rpc_max_burst = 5 }")
+    dev.start()
+    try:
+        async with ConsulClient(dev.url) as client:
+            for _ in range(100):  # back to back: past the burst of 5 within a second or so
+                try:
+                    await client.kv_get("hostmesh/intentions/web")
+                except Unavailable as exc:
+                    assert not isinstance(exc, Rejected) and "429" in str(exc)
+                    break
+            else:
+                raise AssertionError("no 429 from Consul")
+    finally:
+        dev.stop()

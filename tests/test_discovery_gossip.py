@@ -234,3 +234,39 @@ async def test_an_instance_whose_check_passes_again_is_used_without_a_catalog_ch
     register(private_consul, "g-w3")
     await agent.sees({"g-w2", "g-w3"})
     assert not agent.discovery.held_upstreams
+
+
+def bump_check_index(consul: ConsulDev, rounds: int) -> None:
+    """Move Consul's check index up by `rounds` (a check of a node of its own flips state)."""
+    for i in range(rounds):
+        check = {"CheckID": "bump", "Name": "bump", "Status": "warning" if i % 2 else "passing"}
+        body = {"Node": "g-bump", "Address": "127.64.9.9", "Check": check}
+        req = urllib.request.Request(
+            f"{consul.url}/v1/catalog/register", json.dumps(body).encode(), method="PUT"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+
+async def test_after_consul_lost_its_state_health_changes_still_apply(
+    agent: Agent, private_consul: ConsulDev
+) -> None:
+    """A Consul that comes back without its data (a dev agent restarted; in a fleet, a cluster
+    restored from an old snapshot or rebuilt) starts its indexes low again. The agent must not take
+    every later failing-check view for an old answer: an instance whose check fails is dropped, as
+    before (it stayed in use until the new Consul's index passed the old one)."""
+    bump_check_index(private_consul, 200)
+    before, _ = await agent._consul.checks_not_passing(None)
+    await async_wait_until(lambda: agent.discovery.health_index >= before, SEEN_TIMEOUT, "the bumped index")
+    private_consul.stop()
+    watches = agent.discovery.watches
+    await async_wait_until(lambda: not watches["failing-checks"].healthy, SEEN_TIMEOUT, "the watch to fail")
+    private_consul.start()
+    await async_wait_until(partial(reconciled, private_consul), SEEN_TIMEOUT, "the leader's first reconcile")
+    register(private_consul, "g-w2")
+    register(private_consul, "g-w3")
+    after, _ = await agent._consul.checks_not_passing(None)
+    assert after < before  # the premise: Consul's index went back
+    await agent.sees({"g-w2", "g-w3"})
+    register(private_consul, "g-w3", own="critical")
+    await agent.sees({"g-w2"})

@@ -4,6 +4,7 @@ blocking watches, and error translation at the boundary."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pytest
@@ -145,3 +146,57 @@ def test_next_index_resets_when_index_goes_backwards() -> None:
     assert next_index(None, 0) == 1
     assert next_index(10, 12) == 12
     assert next_index(10, 3) is None
+
+
+@pytest.mark.parametrize("answers", [[0], [50, 40, 30, 20, 10, 5, 4, 3, 2, 1]], ids=["zero", "backwards"])
+async def test_a_watch_whose_index_does_not_advance_reads_with_backoff_and_says_so(
+    answers: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index of 0 (missing) or one going back round after round (a proxy, a broken server) is
+    read again with backoff, not every 5 ms, and one line says so; each fall is a reset."""
+    calls: list[float] = []
+    resets = 0
+
+    async def fetch(index: int | None) -> tuple[int, int]:
+        calls.append(asyncio.get_running_loop().time())
+        return answers[min(len(calls) - 1, len(answers) - 1)] if answers != [0] else 0, len(calls)
+
+    def on_reset() -> None:
+        nonlocal resets
+        resets += 1
+
+    watch: Watch[int] = Watch("stuck", fetch, lambda _: None, on_reset=on_reset)
+    watch.start()
+    try:
+        await async_wait_until(lambda: len(calls) >= 6, 20.0, "six reads")
+    finally:
+        await watch.stop()
+    assert min(b - a for a, b in itertools.pairwise(calls[2:6])) >= 0.05  # backoff's floor, not 5 ms
+    third = 0 if answers == [0] else answers[3]  # the third round in a row that did not advance
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count(f"watch stuck: Consul's index does not advance ({third}); reading with backoff") == 1
+    assert resets == (0 if answers == [0] else len(calls) - 1)
+
+
+async def test_a_watch_tells_when_consuls_index_went_back_even_across_errors() -> None:
+    answers: list[int | Exception] = [100, Unavailable("Consul restarting"), 7, 8]
+    resets = 0
+
+    async def fetch(index: int | None) -> tuple[int, int]:
+        answer = answers.pop(0) if answers else 8
+        if isinstance(answer, Exception):
+            raise answer
+        return answer, answer
+
+    def on_reset() -> None:
+        nonlocal resets
+        resets += 1
+
+    seen: list[int] = []
+    watch: Watch[int] = Watch("restored", fetch, seen.append, on_reset=on_reset)
+    watch.start()
+    try:
+        await async_wait_until(lambda: 8 in seen, 10.0, "the read after the restart")
+    finally:
+        await watch.stop()
+    assert resets == 1 and seen[:3] == [100, 7, 8]
