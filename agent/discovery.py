@@ -82,7 +82,7 @@ from hostmesh.agent.snapshot import (
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied, Rejected
+from hostmesh.registry.errors import AnswerTooLarge, InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.layout import is_hostmesh
 from hostmesh.registry.records import record
 from hostmesh.registry.schema import (
@@ -184,7 +184,9 @@ class SnapshotBuilder:
         Returns False when the document is invalid: the last good state (document or absence) stays;
         with none, the service stays refused and says why (INVALID)."""
         if raw is None:
-            self.intentions.pop(service, None)
+            if self.intentions.pop(service, None) is not None:  # a security change: said, once
+                log.warning("intentions of %s were deleted: its callers are decided by default_intention "
+                            "(%s) now", service, self.config.default_intention)  # fmt: skip
             self.raw_intentions.pop(service, None)
         else:
             try:
@@ -538,14 +540,22 @@ class EndpointTable:
         # (node, instance id) -> index of the failing-checks view in which its failure cleared: not
         # used until its upstream's instances are read after that view (module docstring)
         self._held: dict[tuple[str, str], int] = {}
+        self._bad_port: set[tuple[str, str]] = set()  # (node, instance id) whose port was said unusable
 
     def set_members(self, upstream: str, instances: list[CatalogInstance], read_after: int = 0) -> None:
         """The registered instances of `upstream`, from a read issued while the failing-checks view
         at index `read_after` was in force: it releases the instances held since that view or before."""
+        mesh = [i for i in instances if is_hostmesh(i.meta)]
+        for i in mesh:
+            if not 0 < i.port < 65536 and (i.node, i.id) not in self._bad_port:
+                self._bad_port.add((i.node, i.id))  # (bounded by the registrations that ever were)
+                log.warning(
+                    "instance %s of %s on %s registered port %d: not used", i.id, upstream, i.node, i.port
+                )
         eps = [
             Endpoint(i.id, i.node, i.address, i.port, MappingProxyType(dict(i.meta)))
-            for i in instances
-            if is_hostmesh(i.meta)
+            for i in mesh
+            if 0 < i.port < 65536
         ]
         if self._held:
             kept = {(e.node, e.instance_id) for e in eps}
@@ -691,6 +701,7 @@ class Discovery:
         self._denied: set[str] = set()  # documents the token could not read at the last look
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
+        self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
         self._stopping: set[asyncio.Task[None]] = set()
         self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
         self._running = False
@@ -916,13 +927,26 @@ class Discovery:
                 sidx = await self._consul.catalog_service_index(name)
                 if sidx == self._service_index.get(name):
                     return None
-                sidx, instances = await self._consul.catalog_service(name)
+                try:
+                    sidx, instances = await self._consul.catalog_service(name)
+                except AnswerTooLarge as exc:  # this upstream keeps what it had; the others go on
+                    if name not in self._too_large:
+                        log.error("instances of %s not read: %s; keeping the ones read before", name, exc)
+                        self._too_large.add(name)
+                    return None
+                self._too_large.discard(name)
+                if not instances and self._table.members.get(name) == ():
+                    # still none (an external service, one not deployed yet: its index is the
+                    # catalog's, which any registration anywhere moves): no checks to read for it
+                    self._service_index[name] = sidx
+                    return None
                 return name, sidx, instances
 
-        moved = [r for r in await asyncio.gather(*map(probe, self._upstreams())) if r is not None]
+        upstreams = self._upstreams()
+        moved = [r for r in await asyncio.gather(*map(probe, upstreams)) if r is not None]
         # New instances start with failing checks: read those now, so that an instance is never
         # taken as healthy because its checks were not seen yet.
-        health = await self._consul.checks_not_passing(None) if moved else None
+        health = await self._consul.checks_not_passing(None, services=upstreams) if moved else None
         return idx, (moved, health, read_after)
 
     def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:
@@ -949,7 +973,7 @@ class Discovery:
         self._table.set_members(name, instances, read_after)
 
     async def _fetch_health(self, index: int | None) -> tuple[int, tuple[int, NotPassing]]:
-        idx, not_passing = await self._consul.checks_not_passing(index)
+        idx, not_passing = await self._consul.checks_not_passing(index, services=self._upstreams())
         return idx, (idx, not_passing)
 
     def _apply_health(self, value: tuple[int, NotPassing]) -> None:

@@ -25,7 +25,7 @@ import contextlib
 import json
 import ssl
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import field
 from typing import Any, NamedTuple
 
@@ -48,7 +48,12 @@ TOKEN_HEADER = "X-Consul-Token"
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
 UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
+SERVICE_MAINTENANCE = "_service_maintenance:"  # Consul's check ID of a service in maintenance: + its ID
+MAINTENANCE_HOLD = "87600h"  # a re-registration's stand-in for it, replaced at once by the real one
 TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
+# KV reads per transaction: 8 values at Consul's 512 KiB limit, base64 in JSON, make ~5.5 MiB, under
+# the client's 8 MiB answer limit (64 of them would pass it, and no document could be read at all)
+TXN_MAX_READS = 8
 TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
 NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
 SERF_CHECK = "serfHealth"  # the node check Consul's servers keep from Serf's gossip (alive/failed)
@@ -538,6 +543,14 @@ class ConsulClient:
     # --- services and health ----------------------------------------------------------------
 
     async def register_service(self, reg: ServiceRegistration) -> None:
+        """Register (or re-register) `reg` with exactly its checks (a check an older version
+        registered goes), keeping an operator's maintenance of the service (`consul maint -service`):
+        its check is one of the service's, which the replacement would lift."""
+        reason = await self._service_maintenance(reg.id)
+        checks = list(reg.checks)
+        if reason is not None:  # critical from the registration on, so no reader sees the service pass
+            checks.append({"CheckID": f"{SERVICE_MAINTENANCE}{reg.id}", "Name": "Service Maintenance Mode",
+                           "TTL": MAINTENANCE_HOLD, "Status": "critical", "Notes": reason})  # fmt: skip
         payload: dict[str, Any] = {
             "Name": reg.name,
             "ID": reg.id,
@@ -545,15 +558,30 @@ class ConsulClient:
             "Port": reg.port,
             "Meta": reg.meta,
             "Tags": list(reg.tags),
-            "Checks": list(reg.checks),
+            "Checks": checks,
         }
+        op = Op(f"registration of {reg.id}", f"service:write on {reg.name}")
         await self._request(
             "PUT",
             "/v1/agent/service/register",
-            Op(f"registration of {reg.id}", f"service:write on {reg.name}"),
+            op,
             params={"replace-existing-checks": "true"},
             body=json.dumps(payload).encode(),
         )
+        if reason is not None:  # back to Consul's own maintenance check (what `consul maint` lists)
+            await self._request("PUT", f"/v1/agent/service/maintenance/{_q(reg.id)}", op,
+                                params={"enable": "true", "reason": reason})  # fmt: skip
+
+    async def _service_maintenance(self, service_id: str) -> str | None:
+        """The reason of the service's maintenance on this Consul agent; None when not in maintenance."""
+        op = Op(f"read of {service_id}'s checks", "service:read on its service")
+        check_id = f"{SERVICE_MAINTENANCE}{service_id}"
+        resp = await self._request(
+            "GET", "/v1/agent/checks", op, params={"filter": f"CheckID == {json.dumps(check_id)}"}
+        )
+        with self._decoding(op):
+            check = _as_dict(self._json(resp, op), "the checks").get(check_id)
+            return None if check is None else str(_as_dict(check, "a check").get("Notes", ""))
 
     async def deregister_service(self, service_id: str) -> None:
         await self._request(
@@ -644,11 +672,11 @@ class ConsulClient:
             return _index(resp)
 
     async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
-        """The current value of each key (None when absent), in transactions of `TXN_MAX_OPS` reads.
+        """The current value of each key (None when absent), in transactions of `TXN_MAX_READS` reads.
         A key the token may not read maps to a `PermissionDenied` instead of failing the others."""
         out: dict[str, KVEntry | PermissionDenied | None] = {}
-        for start in range(0, len(keys), TXN_MAX_OPS):
-            out.update(await self._txn_read(keys[start : start + TXN_MAX_OPS]))
+        for start in range(0, len(keys), TXN_MAX_READS):
+            out.update(await self._txn_read(keys[start : start + TXN_MAX_READS]))
         return out
 
     async def _txn_read(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
@@ -719,12 +747,18 @@ class ConsulClient:
             return _index(resp), [_catalog_instance(e) for e in _as_list(entries, "catalog entries")]
 
     async def checks_not_passing(
-        self, index: int | None, wait: float = BLOCKING_WAIT
+        self, index: int | None, wait: float = BLOCKING_WAIT, services: Iterable[str] | None = None
     ) -> tuple[int, NotPassing]:
         """Long-poll the cluster's checks that are not passing (usually a short list); with
-        `index` None, a plain read. The index moves when any check anywhere changes state."""
+        `index` None, a plain read. The index moves when any check anywhere changes state.
+        `services`: only their checks and the nodes' own (the others' failing checks, each with up to
+        4 KiB of output, could pass the answer size limit and stop this read for good)."""
         op = Op("watch of failing checks", "service:read and node:read")
-        params: dict[str, Any] = {"filter": 'Status != "passing"'}
+        expr = 'Status != "passing"'
+        if services is not None:
+            names = " or ".join(f"ServiceName == {json.dumps(name)}" for name in sorted(set(services)))
+            expr += f' and (ServiceID == ""{f" or {names}" if names else ""})'
+        params: dict[str, Any] = {"filter": expr}
         if index:
             params.update(index=index, wait=f"{int(wait)}s")
         resp = await self._request(

@@ -20,6 +20,11 @@ class UnexpectedAnswer(Unavailable):
     page): an Unavailable, so retry loops go on, though the fix is usually the address."""
 
 
+class AnswerTooLarge(Unavailable):
+    """The answer passed the client's size limit (registry/http.py MAX_BODY_BYTES): retrying the same
+    read will not help, but reads of other things may go on."""
+
+
 class Conflict(RegistryError):
     """A check-and-set lost against a concurrent writer: re-read, then decide."""
 

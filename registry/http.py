@@ -24,7 +24,7 @@ from typing import Any
 
 import httptools
 
-from hostmesh.registry.errors import InvalidAddress, InvalidSettings, Unavailable
+from hostmesh.registry.errors import AnswerTooLarge, InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.records import without_leftover_class
@@ -250,7 +250,9 @@ class HTTPClient:
             except TimeoutError:
                 raise Unavailable(f"{self.base_url}: no answer within {timeout:g}s") from None
             except (OSError, ssl.SSLError, EOFError, httptools.HttpParserError, _TooLarge) as exc:
-                if attempt == 0 and reused and method in ("GET", "HEAD") and not isinstance(exc, _TooLarge):
+                if isinstance(exc, _TooLarge):
+                    raise AnswerTooLarge(f"{self.base_url}: {exc}") from None
+                if attempt == 0 and reused and method in ("GET", "HEAD"):
                     continue
                 raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
         raise AssertionError("unreachable")

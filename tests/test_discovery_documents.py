@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -73,6 +74,18 @@ async def world(consul: ConsulDev, tmp_path: Path) -> AsyncIterator[tuple[Agent,
             await agent.discovery.stop()
             for prefix in ("intentions", "policies", "external"):
                 consul.kv_delete(f"hostmesh/{prefix}/{name}", recurse=True)  # and <name>-ext
+
+
+def calling(tmp_path: Path, name: str, *upstreams: str) -> Any:
+    """The config of an agent whose service `name` calls `upstreams` (no listener is opened here)."""
+    ups = [{"service": u, "bind": f"127.0.0.1:{i}"} for i, u in enumerate(upstreams, 1)]
+    raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "data_dir": str(tmp_path),
+           "services": [{"name": name, "port": 8080, "upstreams": ups}]}  # fmt: skip
+    return parse_config(raw)
+
+
+def no_tls() -> TLSMaterial:
+    return TLSMaterial(1, "", {}, {})
 
 
 def intentions(service: str, action: str) -> bytes:
@@ -165,10 +178,7 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
     kept, dropped = f"{name}-kept", f"{name}-dropped"
 
     def config(*upstreams: str) -> Any:
-        ups = [{"service": u, "bind": f"127.0.0.1:{i}"} for i, u in enumerate(upstreams, 1)]
-        raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "data_dir": str(tmp_path),
-               "services": [{"name": name, "port": 8080, "upstreams": ups}]}  # fmt: skip
-        return parse_config(raw)
+        return calling(tmp_path, name, *upstreams)
 
     for i, svc in enumerate((kept, dropped)):
         consul.put_json("/v1/catalog/register", {  # loopback addresses nothing listens on
@@ -182,7 +192,7 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
         snap = builder.holder.current
         return bool(snap.endpoints.get(svc)) and svc in snap.routes and svc in snap.policies
 
-    builder = SnapshotBuilder(config(kept, dropped), lambda: TLSMaterial(1, "", {}, {}))
+    builder = SnapshotBuilder(config(kept, dropped), no_tls)
     async with ConsulClient(consul.url) as client:
         discovery = Discovery(client, builder)
         discovery.start()
@@ -212,3 +222,86 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
             for svc in (kept, dropped):
                 consul.kv_delete(f"hostmesh/routes/{svc}")
                 consul.kv_delete(f"hostmesh/policies/{svc}")
+
+
+class CountingClient(ConsulClient):
+    """The real client, counting the plain (non-blocking) reads of the failing checks."""
+
+    plain_checks_reads = 0
+
+    async def checks_not_passing(self, index: int | None, *args: Any, **kwargs: Any) -> Any:
+        if index is None:
+            self.plain_checks_reads += 1
+        return await super().checks_not_passing(index, *args, **kwargs)
+
+
+def instance(consul: ConsulDev, service: str, n: int, **extra: Any) -> None:
+    consul.put_json("/v1/catalog/register", {"Node": f"{service}-n{n}", "Address": f"127.64.8.{n % 250 + 1}",
+                    "Service": {"ID": f"{service}-{n}", "Service": service, "Port": 9000 + n,
+                                "Meta": {"hostmesh": "1", **extra}}})  # fmt: skip
+
+
+async def test_one_upstream_too_large_to_read_keeps_its_instances_and_stops_no_other(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream whose instance list passes the answer size limit (8 MiB: ~6,000 instances; here
+    the limit is lowered to 64 KiB so that 100 do it) is one line; the other upstreams' changes are
+    still read (every upstream's were stopped, for good)."""
+    from hostmesh.registry import http as registry_http
+
+    name = f"big-{secrets.token_hex(3)}"
+    big, small = f"{name}-big", f"{name}-small"
+    builder = SnapshotBuilder(calling(tmp_path, name, big, small), no_tls)
+    instance(consul, big, 0)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+
+            def instances(service: str) -> int:
+                return len(builder.holder.current.endpoints.get(service, ()))
+
+            await async_wait_until(lambda: instances(big) == 1, SEEN_TIMEOUT, "the first instance of big")
+            monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", 64 * 1024)
+            for n in range(1, 100):
+                instance(consul, big, n, pad="p" * 500)
+            instance(consul, small, 0)
+            await async_wait_until(lambda: instances(small) == 1, SEEN_TIMEOUT, "small's, with big too large")
+            assert instances(big) == 1  # what was read before stays
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(lines) == 1 and lines[0].startswith(f"instances of {big} not read: ")
+        finally:
+            await discovery.stop()
+            for n in range(100):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{big}-n{n}"})
+            consul.put_json("/v1/catalog/deregister", {"Node": f"{small}-n0"})
+
+
+async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_catalog_change(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """An upstream with no instance (an external service, one not deployed yet) has the catalog's own
+    index, which any registration anywhere moves: each used to cost a read of every failing check in
+    the cluster, on every agent calling it."""
+    name = f"none-{secrets.token_hex(3)}"
+    builder = SnapshotBuilder(calling(tmp_path, name, f"{name}-ext"), no_tls)
+    async with CountingClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            await async_wait_until(lambda: f"{name}-ext" in builder.holder.current.endpoints, SEEN_TIMEOUT,
+                                   "the empty upstream read")  # fmt: skip
+            before = client.plain_checks_reads
+
+            def read_up_to(index: int) -> bool:
+                return (discovery.watches["registrations"].index or 0) >= index
+
+            for n in range(10):  # one at a time, each read by the agent
+                instance(consul, f"{name}-other", n)
+                last = await client.catalog_services_index(None)
+                await async_wait_until(functools.partial(read_up_to, last), SEEN_TIMEOUT, "the change read")
+            assert client.plain_checks_reads - before <= 1
+        finally:
+            await discovery.stop()
+            for n in range(10):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-other-n{n}"})

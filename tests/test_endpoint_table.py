@@ -185,3 +185,10 @@ def test_a_hold_neither_ends_nor_rearms_the_panic_grace() -> None:
     t.set_members(UP, instances("w2"), read_after=4)  # it was the deregistration
     t.changed()
     assert used(t) == ["w2"] and t.grace_left() == GRACE - 1.0  # the same grace, not a new one
+
+
+def test_an_instance_registered_without_a_usable_port_is_not_used() -> None:
+    t = EndpointTable(GRACE, Clock())
+    t.set_members(UP, [CatalogInstance("shop-w2", "w2", "127.64.0.1", 0, {"hostmesh": "1"}),
+                       CatalogInstance("shop-w3", "w3", "127.64.0.2", 15001, {"hostmesh": "1"})])  # fmt: skip
+    assert t.changed() == {UP: t.current[UP]} and used(t) == ["w3"]

@@ -6,8 +6,11 @@ API's readiness. No sockets, no Consul: the builder applies each change at once 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from hostmesh.agent.admin import AdminAPI
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
@@ -81,6 +84,22 @@ def test_absent_document_uses_default_intention(tmp_path: Path) -> None:
     b_allow = builder(tmp_path / "allow")
     b_allow.set_intentions("api", 5, None)
     assert allowed(b_allow.holder.current)
+
+
+def test_a_deleted_document_is_one_line_a_missing_one_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting a service's intentions hands its callers to default_intention (allow, by default):
+    a security change, said once; a document that never existed says nothing."""
+    b = builder(tmp_path)
+    b.set_intentions("db", 3, None)
+    b.set_intentions("api", 5, DENY_WEB)
+    b.set_intentions("api", 9, None)
+    b.set_intentions("api", 11, None)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "intentions of api were deleted: its callers are decided by default_intention (allow) now"
+    ]
 
 
 def test_consul_unreachable_keeps_the_last_good_state(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+from hostmesh.registry.consul import ConsulClient, KVEntry, ServiceRegistration
 from hostmesh.registry.errors import Conflict, Unavailable
 from hostmesh.registry.watch import Watch, backoff_delay, next_index
 from tests.support import ConsulDev, async_wait_until, free_port
@@ -200,3 +200,75 @@ async def test_a_watch_tells_when_consuls_index_went_back_even_across_errors() -
     finally:
         await watch.stop()
     assert resets == 1 and seen[:3] == [100, 7, 8]
+
+
+async def test_documents_at_consuls_size_limit_are_read_however_many(consul: ConsulDev) -> None:
+    """13 documents of Consul's 512 KiB make an answer past the client's 8 MiB limit when read in one
+    transaction: read in several, every one of them comes back (none was, before: a deny written
+    next to them was never applied)."""
+    keys = [f"t/big-docs/{i}" for i in range(13)]
+    value = b"x" * (512 * 1024)
+    for key in keys:
+        consul.kv_put(key, value)
+    try:
+        async with ConsulClient(consul.url) as c:
+            got = await c.kv_read_many(keys)
+        assert all(isinstance(e, KVEntry) and e.value == value for e in got.values()) and len(got) == 13
+    finally:
+        consul.kv_delete("t/big-docs", recurse=True)
+
+
+async def test_failing_checks_are_read_for_the_services_asked_and_every_node(consul: ConsulDev) -> None:
+    """The agent reads the failing checks of the services it follows (and every node's own): another
+    service's, each with up to 4 KiB of output, cannot make the answer too large to read."""
+    node = {"Node": "t-checks", "Address": "127.64.9.20"}
+
+    def register(service: str, status: str) -> None:
+        check = {
+            "CheckID": f"{service}:c",
+            "Name": "c",
+            "ServiceID": service,
+            "Status": status,
+            "Output": "o" * 4096,
+        }
+        svc = {"ID": service, "Service": service, "Port": 1}
+        consul.put_json("/v1/catalog/register", {**node, "Service": svc, "Check": check})
+
+    register("t-followed", "critical")
+    register("t-other", "critical")
+    consul.put_json(
+        "/v1/catalog/register", {**node, "Check": {"CheckID": "t-node", "Name": "n", "Status": "critical"}}
+    )
+    try:
+        async with ConsulClient(consul.url) as c:
+            _, some = await c.checks_not_passing(None, services=["t-followed"])
+            _, none = await c.checks_not_passing(None, services=[])
+        assert ("t-checks", "t-followed") in some.instances and ("t-checks", "t-other") not in some.instances
+        assert "t-checks" in some.nodes and "t-checks" in none.nodes and not none.instances
+    finally:
+        consul.put_json("/v1/catalog/deregister", {"Node": "t-checks"})
+
+
+async def test_a_re_registration_keeps_an_operators_maintenance(consul: ConsulDev) -> None:
+    """`consul maint -service` (the rollout's drain, an operator's) survives the agent registering the
+    service again (a reload, a repaired drift): replacing the checks lifted it."""
+    reg = ServiceRegistration(name="t-maint", id="t-maint-n1", address="127.0.0.1", port=15002, meta={},
+                              checks=({"CheckID": "t-maint-n1:agent", "Name": "ttl", "TTL": "60s",
+                                       "Status": "passing"},))  # fmt: skip
+    async with ConsulClient(consul.url) as c:
+        await c.register_service(reg)
+        consul.put_json(
+            "/v1/agent/service/maintenance/t-maint-n1?enable=true&reason=draining+for+upgrade", None
+        )
+        await c.register_service(reg)
+        _, passing = await c.health_service("t-maint")
+        checks = consul.get_json("/v1/agent/checks")
+        await c.deregister_service("t-maint-n1")
+    assert passing == []
+    maint = checks["_service_maintenance:t-maint-n1"]
+    assert (maint["Status"], maint["Notes"], maint["Name"]) == (
+        "critical",
+        "draining for upgrade",
+        "Service Maintenance Mode",
+    )
+    assert "t-maint-n1:agent" in checks
