@@ -858,18 +858,23 @@ class Discovery:
     def _follow_new_upstreams(self) -> None:
         """A document named services this agent did not follow yet (a gateway's targets, an external's
         egress gateway): restart the registrations watch so it reads their instances now, not at the
-        next catalog change. The next documents round brings their routes and policies."""
+        next catalog change, and the failing-checks watch, whose read in flight leaves out their
+        checks (it would clear them). The next documents round brings their routes and policies."""
         names = set(self._upstreams())
         if names <= self._followed or not self._running:
             return
         self._followed = names
-        old = self.watches["registrations"]
-        new = self.watches["registrations"] = self._registrations_watch()
+        self._restart("registrations", self._registrations_watch())
+        self._restart("failing-checks", self._failing_checks_watch())
+        self._consul_nudge()
+
+    def _restart(self, name: str, new: Watch[Any]) -> None:
+        """Replace a running watch: the new one reads afresh, the old one stops in the background."""
+        old, self.watches[name] = self.watches[name], new
         new.start()
         task = asyncio.get_running_loop().create_task(old.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
-        self._consul_nudge()
 
     def _registrations_watch(self) -> Watch[Any]:
         return Watch("registrations", self._fetch_members, self._apply_members, on_reset=self._catalog_reset)
@@ -889,14 +894,8 @@ class Discovery:
         """The same, seen by the registrations' reads: the failing-checks watch, blocked on an index
         the new Consul has not reached (it would answer only when its wait ran out), starts over."""
         self._index_reset()
-        if not self._running:
-            return
-        old = self.watches["failing-checks"]
-        new = self.watches["failing-checks"] = self._failing_checks_watch()
-        new.start()
-        task = asyncio.get_running_loop().create_task(old.stop())
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        if self._running:
+            self._restart("failing-checks", self._failing_checks_watch())
 
     def _consul_nudge(self) -> None:
         """Read the documents again at once: the new upstreams' routes and policies are in them."""
@@ -933,6 +932,7 @@ class Discovery:
                     if name not in self._too_large:
                         log.error("instances of %s not read: %s; keeping the ones read before", name, exc)
                         self._too_large.add(name)
+                    self._service_index[name] = sidx  # read again when they change, not every round
                     return None
                 self._too_large.discard(name)
                 if not instances and self._table.members.get(name) == ():
@@ -990,7 +990,10 @@ class Discovery:
     async def _confirm(self) -> None:
         reported = False
         try:
-            while self._running and (names := self._table.awaiting_read()):
+            # (an upstream too large to read keeps its held instances held: not used while others pass)
+            while self._running and (
+                names := [n for n in self._table.awaiting_read() if n not in self._too_large]
+            ):
                 read_after = self._table.health_index
                 failed = False
                 for name in names:  # one at a time, each on its own: one failing read holds no other

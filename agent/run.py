@@ -99,9 +99,16 @@ WORKER_ENV = "HOSTMESH_WORKER"
 
 OutboundKey = tuple[str, str, str]  # (local service, upstream, bind) of one outbound stack
 
-# A stop's work after the drain: workers' grace (agent/workers.py STOP_GRACE), then a
-# deregistration per service (10 s each at worst) and closing the servers.
-STOP_AFTER_DRAIN = 30.0
+# A stop's work besides the drain, at worst: each service's TTL fail before it and deregistration
+# after it (Consul calls of up to 10 s each), workers' grace (agent/workers.py STOP_GRACE), closing.
+STOP_CONSUL_CALL = 10.0
+STOP_GRACE_SECONDS = 10.0
+
+
+def stop_needs(config: AgentConfig) -> float:
+    """Seconds a stop may take, told to systemd (EXTEND_TIMEOUT_USEC) so it does not kill it first."""
+    return config.drain_seconds + 2 * STOP_CONSUL_CALL * len(config.services) + STOP_GRACE_SECONDS
+
 
 # agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).
 RESTART_KEYS = (
@@ -156,6 +163,7 @@ class Agent:
         self.worker = worker  # 0: the primary (or the only process); 1..N-1: a worker (agent/workers.py)
         self.config_path = config_path
         self.from_primary = from_primary  # a worker: the primary's commands read along with its config
+        self._reloads: set[asyncio.Task[None]] = set()  # a worker's reloads its primary sent, running
         self.workers: Any = None  # the primary's WorkerSet when config.workers > 1
         self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or the primary telling a worker to stop
         self.consul = ConsulClient(config.consul_settings())
@@ -451,7 +459,7 @@ class Agent:
     @staticmethod
     def _outbound_inputs(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig) -> tuple[Any, ...]:
         """What an upstream's stack is built from (stacks.build_outbound) that a reload may change."""
-        return (svc.meta.get("zone"), up, cfg.http)
+        return (tuple(sorted(svc.meta.items())), up, cfg.http)  # meta: the caller's zone, by any zone_key
 
     async def _start_outbound(self, cfg: AgentConfig, key: OutboundKey, svc: ServiceConfig,
                               up: UpstreamConfig) -> Any:  # fmt: skip
@@ -555,7 +563,8 @@ class Agent:
     def _on_primary_config(self, config: AgentConfig) -> None:
         """Worker: the primary applied a reload."""
         task = asyncio.get_running_loop().create_task(self.reload_from_primary(config))
-        self._tasks.append(task)
+        self._reloads.add(task)  # (held until done: one per reload, none kept after)
+        task.add_done_callback(self._reloads.discard)
 
     def _publish_cert_expiry(self) -> None:
         self.telemetry.cert_expiry.clear()  # a service a reload removed leaves no series
@@ -744,10 +753,15 @@ class Agent:
             sdnotify.ready(self._serving(f"; reloaded {path}"))
 
     async def reload_from_primary(self, new: AgentConfig) -> None:
-        """A worker: the primary applied a reload (agent/workers.py); apply the same config."""
+        """A worker: the primary applied a reload (agent/workers.py); apply the same config. One this
+        worker cannot apply (a bind the primary could make) stops it: the primary starts it again
+        with that config, rather than it serving another."""
         async with self._reloading:
             if await self._apply(new):
                 log.info("reloaded with the primary")
+            else:
+                log.error("worker %d stops: it cannot apply the config its primary runs", self.worker)
+                self.stop_requested.set()
 
     def _keeping_restart_keys(self, new: AgentConfig) -> AgentConfig:
         """`new` with the running values of what a reload cannot change (RESTART_KEYS, the set of
@@ -873,7 +887,7 @@ class Agent:
         cfg = self.config
         # systemd's stop timeout (45 s in the shipped unit) would kill a longer drain before the
         # deregistration below: it is told how long this stop may take
-        sdnotify.stopping(needs=cfg.drain_seconds + STOP_AFTER_DRAIN)
+        sdnotify.stopping(needs=stop_needs(cfg))
         if self.registered:
             for svc in cfg.services:
                 with contextlib.suppress(RegistryError):

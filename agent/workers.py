@@ -293,37 +293,39 @@ class WorkerSet:
             self._send(w, line)
 
     async def samples(self) -> list[list[Sample]]:
-        """Each live worker's samples (a worker that does not answer in time is left out)."""
+        """Each worker's samples (its last ones when it does not answer in time), and the retired ones."""
 
-        async def one(w: Worker) -> list[Sample]:
-            """The worker's samples; its last ones when it does not answer in time."""
-            if not w.alive or w.proc is None or w.proc.stdout is None:
-                return w.last
+        async def refresh(w: Worker) -> None:
+            """The worker's samples into `w.last` (left as they were when it does not answer in time)."""
+            proc = w.proc
+            if not w.alive or proc is None or proc.stdout is None:
+                return
             try:  # a worker being (re)started holds the lock: its last samples stand in
                 await asyncio.wait_for(w.lock.acquire(), METRICS_TIMEOUT)
             except TimeoutError:
-                return w.last
+                return
             try:
                 self._scrapes += 1
                 tag = b"%d" % self._scrapes
                 self._send(w, f"metrics {self._scrapes}")
                 async with asyncio.timeout(METRICS_TIMEOUT):
                     while True:  # an answer to an earlier scrape that timed out is skipped
-                        line = await w.proc.stdout.readline()
+                        line = await proc.stdout.readline()
                         if not line:
                             raise ConnectionError("the worker closed its pipe")
                         got, _, body = line.partition(b" ")
                         if got == tag:
                             break
-                w.last = [tuple(x) for x in json.loads(body)]
+                if w.proc is proc and proc.returncode is None:  # (once retired, its samples are in there)
+                    w.last = [tuple(x) for x in json.loads(body)]
             except (TimeoutError, ValueError, ConnectionError) as exc:
                 log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc or "timeout")
             finally:
                 w.lock.release()
-            return w.last
 
-        got = await asyncio.gather(*(one(w) for w in self.workers))
-        return [*got, list(self.retired.values())]
+        await asyncio.gather(*(refresh(w) for w in self.workers))
+        # read together, with no await between: a worker retired meanwhile counts once (in `retired`)
+        return [*(w.last for w in self.workers), list(self.retired.values())]
 
     def view(self) -> list[dict[str, Any]]:
         return [{"index": w.index, "pid": w.pid, "alive": w.alive} for w in self.workers]
@@ -380,7 +382,13 @@ class PrimaryChannel(asyncio.Protocol):
             line, self._buf = self._buf.split(b"\n", 1)
             cmd = line.strip()
             if cmd.startswith(CONFIG_PREFIX):
-                self.on_config(decode_config(cmd))
+                try:
+                    config = decode_config(cmd)
+                except ValueError as exc:  # it cannot run what the primary runs: gone, to be started anew
+                    log.error("worker: %s; stopping", exc)
+                    self.on_stop()
+                    continue
+                self.on_config(config)
             elif cmd == b"certs":
                 self.on_certs()
             elif cmd.startswith(b"metrics"):  # "metrics N": the answer carries N first
@@ -427,14 +435,37 @@ CONFIG_PREFIX = b"config "
 MAX_CONFIG_LINE = 16 * 1024 * 1024  # a pickled AgentConfig is ~1-50 KiB
 
 
+def _config_code() -> bytes:
+    """What the pickled config's layout depends on: agent/config.py as this process loaded it. A
+    worker started after an upgrade replaced the code under a running primary must not unpickle
+    fields into the wrong places (dataclasses with slots pickle by position)."""
+    import hashlib
+
+    from hostmesh.agent import config as config_module
+
+    return hashlib.sha256(Path(config_module.__file__).read_bytes()).hexdigest()[:16].encode()
+
+
+CONFIG_CODE = _config_code()
+
+
 def config_line(config: Any) -> bytes:
     """The `config` command carrying `config`. Pickle, over the pipe from the primary to its own
     child: the exact object the primary runs (restart-only keys resolved), never data from elsewhere."""
-    return CONFIG_PREFIX + base64.b64encode(pickle.dumps(config)) + b"\n"
+    return CONFIG_PREFIX + CONFIG_CODE + b" " + base64.b64encode(pickle.dumps(config)) + b"\n"
 
 
 def decode_config(line: bytes) -> Any:
-    return pickle.loads(base64.b64decode(line[len(CONFIG_PREFIX) :]))
+    """The config of a `config` line; ValueError when it cannot be this code's (see _config_code)."""
+    code, _, data = line[len(CONFIG_PREFIX) :].partition(b" ")
+    if code != CONFIG_CODE:
+        raise ValueError(
+            "the primary runs other hostmesh code (upgraded since it started): restart the agent"
+        )
+    try:
+        return pickle.loads(base64.b64decode(data))  # the primary's own pipe: see config_line
+    except Exception as exc:  # truncated or corrupt: the same verdict, in one line
+        raise ValueError(f"the primary's config does not decode: {type(exc).__name__}: {exc}") from None
 
 
 def config_from_primary() -> tuple[Any, bytes]:

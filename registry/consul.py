@@ -49,7 +49,9 @@ TOKEN_HEADER = "X-Consul-Token"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
 UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
 SERVICE_MAINTENANCE = "_service_maintenance:"  # Consul's check ID of a service in maintenance: + its ID
-MAINTENANCE_HOLD = "87600h"  # a re-registration's stand-in for it, replaced at once by the real one
+# A re-registration puts it back as a TTL check of the same ID that stays critical (Consul 1.8 has no
+# way to register its own kind): `consul maint -disable -service` removes it like the original.
+MAINTENANCE_HOLD = "87600h"
 TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
 # KV reads per transaction: 8 values at Consul's 512 KiB limit, base64 in JSON, make ~5.5 MiB, under
 # the client's 8 MiB answer limit (64 of them would pass it, and no document could be read at all)
@@ -394,7 +396,7 @@ class ConsulClient:
             raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}")
         if resp.status == 404:
             raise NotFound(f"{op.what}: not found")
-        if resp.status == 429:  # too many connections from this host (http_max_conns_per_client): later
+        if resp.status == 429:  # a Consul agent over its RPC rate limit (limits.rpc_rate): later
             raise Unavailable(f"Consul is busy for {op.what}: 429 {_detail(resp)}")
         if resp.status < 500:
             raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
@@ -548,7 +550,7 @@ class ConsulClient:
         its check is one of the service's, which the replacement would lift."""
         reason = await self._service_maintenance(reg.id)
         checks = list(reg.checks)
-        if reason is not None:  # critical from the registration on, so no reader sees the service pass
+        if reason is not None:  # registered with the service: no reader ever sees it pass meanwhile
             checks.append({"CheckID": f"{SERVICE_MAINTENANCE}{reg.id}", "Name": "Service Maintenance Mode",
                            "TTL": MAINTENANCE_HOLD, "Status": "critical", "Notes": reason})  # fmt: skip
         payload: dict[str, Any] = {
@@ -568,9 +570,6 @@ class ConsulClient:
             params={"replace-existing-checks": "true"},
             body=json.dumps(payload).encode(),
         )
-        if reason is not None:  # back to Consul's own maintenance check (what `consul maint` lists)
-            await self._request("PUT", f"/v1/agent/service/maintenance/{_q(reg.id)}", op,
-                                params={"enable": "true", "reason": reason})  # fmt: skip
 
     async def _service_maintenance(self, service_id: str) -> str | None:
         """The reason of the service's maintenance on this Consul agent; None when not in maintenance."""

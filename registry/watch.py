@@ -118,12 +118,11 @@ class Watch(Generic[T]):
             failures = 0
             self.healthy = True
             went_back = returned < self.highest
-            if went_back:
+            if went_back and self._on_reset:  # (a KV prefix's index may go back when keys are reaped)
                 if not stuck:
                     log.warning("watch %s: Consul's index went back from %d to %d (a Consul restored or "
                                 "rebuilt): reading afresh", self.name, self.highest, returned)  # fmt: skip
-                if self._on_reset:
-                    self._on_reset()
+                self._on_reset()
             stuck = stuck + 1 if returned <= 0 or went_back else 0
             self.highest = returned
             changed = self.index is None or returned != self.index or self._deliver_unchanged

@@ -305,3 +305,49 @@ async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_cata
             await discovery.stop()
             for n in range(10):
                 consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-other-n{n}"})
+
+
+async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_used(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """An external's `via` makes the agent follow its egress gateway at runtime. The failing-checks
+    read in flight was asked for the old upstreams only: its answer must not clear the new
+    upstream's failing check (it did, at the next check change anywhere, for good)."""
+    name = f"via-{secrets.token_hex(3)}"
+    ext, egw, other = f"{name}-ext", f"{name}-egw", f"{name}-other"
+
+    def register(service: str, n: int, status: str) -> None:
+        consul.put_json("/v1/catalog/register", {"Node": f"{service}-n", "Address": f"127.64.7.{n}",
+                        "Service": {"ID": f"{service}-1", "Service": service, "Port": 9000 + n,
+                                    "Meta": {"hostmesh": "1"}},
+                        "Check": {"CheckID": f"{service}-1:app", "Name": "app", "ServiceID": f"{service}-1",
+                                  "Status": status}})  # fmt: skip
+
+    register(egw, 1, "critical")
+    register(other, 2, "passing")
+    builder = SnapshotBuilder(calling(tmp_path, name, ext), no_tls)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            assert await discovery.wait_synced(SEEN_TIMEOUT)
+            external = {"service": ext, "addresses": ["127.64.7.9:443"], "via": egw}
+            consul.kv_put(f"hostmesh/external/{ext}", json.dumps(external))
+            versions = builder.holder
+            await async_wait_until(
+                lambda: f"endpoints/{egw}" in versions.current.versions, SEEN_TIMEOUT, "egw followed"
+            )
+            register(other, 2, "critical")  # a check changes somewhere else
+            changed, _ = await client.checks_not_passing(None)
+
+            def settled() -> bool:  # that change read, and what it held read again
+                return discovery.health_index >= changed and not discovery.held_upstreams
+
+            await async_wait_until(settled, SEEN_TIMEOUT, "that change read")
+            await asyncio.sleep(0)  # the rebuild the last read scheduled runs on the next loop turn
+            assert builder.holder.current.endpoints.get(egw) == ()
+        finally:
+            await discovery.stop()
+            consul.kv_delete(f"hostmesh/external/{ext}")
+            for service in (egw, other):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{service}-n"})

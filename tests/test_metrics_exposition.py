@@ -207,3 +207,45 @@ def test_request_series_cache_stops_at_its_cap_and_later_label_sets_still_count(
     assert tel.requests.labels("source", "web", f"svc{m.MAX_CACHED_SERIES + 9}", "", "200", "").value == 1.0
     with pytest.raises(ValueError):  # the compiled children keep the counter's rule
         tel.requests.labels(*labels).inc(-1)
+
+
+class _Proc:
+    """Stands in for a worker's asyncio subprocess: only what WorkerSet.samples reads of it."""
+
+    def __init__(self, returncode: int | None, stdout: Any = None) -> None:
+        self.returncode, self.stdout, self.stdin, self.pid = returncode, stdout, None, 1
+
+
+async def test_a_worker_dying_during_a_scrape_counts_once_in_the_merged_counters() -> None:
+    """A worker exits while a scrape waits for another: its counters are in the sums once (its
+    last samples, then the retired ones), never twice then once, which Prometheus reads as a reset."""
+    import asyncio
+
+    from hostmesh.agent.workers import WorkerSet
+
+    name = "hostmesh_tcp_connections_opened_total"
+    counter = (name, "counter", "", name, {}, 10.0)
+    workers = WorkerSet(Path("/unused"), None, 3, 0)
+    dead, slow = workers.workers
+
+    class SlowAnswer:
+        async def readline(self) -> bytes:
+            await asyncio.sleep(0.05)  # (the other worker's answer comes after the death is handled)
+            return b"%d []\n" % workers._scrapes
+
+    dead.proc, dead.last = _Proc(-9), [counter]  # type: ignore[assignment]
+    slow.proc = _Proc(None, SlowAnswer())  # type: ignore[assignment]
+    workers._send = lambda w, line: None  # type: ignore[method-assign]
+
+    def total(groups: list[Any]) -> float:
+        return sum(s.value for f in merge_samples(groups) for s in f.samples)
+
+    async def watch_sees_the_exit() -> None:
+        await asyncio.sleep(0.01)
+        workers._retire(dead)  # what WorkerSet._watch does once the process is reaped
+
+    seen = asyncio.ensure_future(watch_sees_the_exit())
+    first = await workers.samples()
+    await seen
+    second = await workers.samples()
+    assert total(first) == total(second) == 10.0

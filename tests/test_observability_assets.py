@@ -19,6 +19,7 @@ import yaml
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.observe import health_families
 from hostmesh.ca.metrics import CAMetrics
+from hostmesh.registry.layout import METRICS_META
 from hostmesh.registry.promtext import exposition_with_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,10 +136,9 @@ def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register() 
     for job in jobs.values():
         assert job["consul_sd_configs"]
         targets = [r for r in job["relabel_configs"] if r.get("target_label") == "__address__"]
-        assert targets[0]["source_labels"] == ["__meta_consul_service_metadata_metrics_addr"]
+        assert targets[0]["source_labels"] == [f"__meta_consul_service_metadata_{METRICS_META}"]
     assert jobs["hostmesh-ca"]["scheme"] == "https"
     assert all((OBS / f).exists() for f in doc["rule_files"])
-    # the meta keys the agent and the CA really register
-    run_src = (ROOT / "agent/run.py").read_text() + (ROOT / "agent/observe.py").read_text()
-    assert '"metrics_addr"' in run_src
-    assert '"metrics_addr"' in (ROOT / "ca/service.py").read_text()
+    # the meta key the agent and the CA really register (registry/layout.py names it)
+    assert "METRICS_META: addr" in (ROOT / "agent/run.py").read_text()
+    assert "METRICS_META: f" in (ROOT / "ca/service.py").read_text()

@@ -263,8 +263,10 @@ async def test_a_re_registration_keeps_an_operators_maintenance(consul: ConsulDe
         await c.register_service(reg)
         _, passing = await c.health_service("t-maint")
         checks = consul.get_json("/v1/agent/checks")
+        consul.put_json("/v1/agent/service/maintenance/t-maint-n1?enable=false", None)  # the operator ends it
+        _, after = await c.health_service("t-maint")
         await c.deregister_service("t-maint-n1")
-    assert passing == []
+    assert passing == [] and [i.id for i in after] == ["t-maint-n1"]
     maint = checks["_service_maintenance:t-maint-n1"]
     assert (maint["Status"], maint["Notes"], maint["Name"]) == (
         "critical",

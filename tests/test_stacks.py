@@ -168,3 +168,19 @@ def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_
     assert (tcp.local_service, tcp.upstream.service, tcp.cap) == ("edge", "db", cap)
     assert (tcp.upstream.connect_timeout, tcp.upstream.connect_budget) == (1.0, 3.0)
     assert tcp.reaper.timeout == 42.0
+
+
+def test_a_reload_changing_any_meta_of_the_caller_rebuilds_its_upstreams() -> None:
+    """The caller's zone may be named by any `locality.zone_key`: a reload changing any meta key of
+    the service rebuilds its upstreams' stacks (only `zone` did, so an `az` change waited for a restart)."""
+    from hostmesh.agent.run import Agent
+
+    up = {"service": "api", "bind": "127.0.0.1:9001", "protocol": "http"}
+    old = config({"name": "web", "port": 8080, "meta": {"az": "a"}, "upstreams": [up]})
+    new = config({"name": "web", "port": 8080, "meta": {"az": "b"}, "upstreams": [up]})
+    same = config({"name": "web", "port": 8080, "meta": {"az": "a"}, "upstreams": [up]})
+
+    def inputs(cfg: AgentConfig) -> Any:
+        return Agent._outbound_inputs(cfg, cfg.services[0], cfg.services[0].upstreams[0])
+
+    assert inputs(old) != inputs(new) and inputs(old) == inputs(same)

@@ -1,0 +1,33 @@
+"""Pure tier: the config line the primary sends its workers (agent/workers.py): what the worker
+runs, and the one-line refusal of a line it cannot trust to decode into this code's config."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.workers import CONFIG_CODE, CONFIG_PREFIX, config_line, decode_config
+
+RAW = {"ca": {"pin": "sha256:" + "ab" * 32}, "workers": 2, "services": [{"name": "web", "port": 8080}]}
+
+
+def test_a_worker_decodes_exactly_the_config_its_primary_runs() -> None:
+    config = parse_config(RAW)
+    line = config_line(config)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode_config(line.strip()) == config
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        (CONFIG_PREFIX + b"0123456789abcdef " + b"gASV", "the primary runs other hostmesh code"),
+        (CONFIG_PREFIX + CONFIG_CODE + b" gASVnot-a-pickle", "the primary's config does not decode"),
+    ],
+    ids=["other-code", "corrupt"],
+)
+def test_a_line_from_other_code_or_corrupt_is_a_one_line_refusal(line: bytes, says: str) -> None:
+    """A worker started after an upgrade replaced the code under a running primary (slotted
+    dataclasses unpickle by position: fields would land in the wrong places, silently)."""
+    with pytest.raises(ValueError, match=says):
+        decode_config(line)
