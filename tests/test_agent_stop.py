@@ -4,9 +4,11 @@ group (the certificate helper included)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,29 +21,42 @@ LINES_BOUND = 200  # stderr lines read while waiting for it
 STOP_TIMEOUT = 30.0
 
 
-@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "agent-alone"])
-def test_a_stop_while_waiting_for_the_first_certificate_is_clean(tmp_path: Path, whole_group: bool) -> None:
+@contextlib.contextmanager
+def agent_waiting_for_its_certificate(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """An agent started with its CA unreachable, at its first retry line (with the stderr lines read
+    so far); killed at the end if it is still running."""
     config, _, _ = write_config(tmp_path)
     agent = subprocess.Popen([*HOSTMESH, "agent", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
-        assert agent.stderr is not None
-        seen = []
-        for _ in range(LINES_BOUND):  # ends at the retry line, or at EOF if the agent exited
-            line = agent.stderr.readline()
-            seen.append(line)
-            if not line or WAITING in line:
-                break
-        assert WAITING in seen[-1], "".join(seen)
+        seen: list[str] = []
+        read_until(agent, seen, WAITING)
+        yield agent, seen
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+
+
+def read_until(agent: subprocess.Popen[str], seen: list[str], text: str) -> None:
+    """The agent's stderr lines into `seen` until one holds `text` (or EOF: the agent exited)."""
+    assert agent.stderr is not None
+    for _ in range(LINES_BOUND):
+        line = agent.stderr.readline()
+        seen.append(line)
+        if not line or text in line:
+            break
+    assert text in seen[-1], "".join(seen)
+
+
+@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "agent-alone"])
+def test_a_stop_while_waiting_for_the_first_certificate_is_clean(tmp_path: Path, whole_group: bool) -> None:
+    with agent_waiting_for_its_certificate(tmp_path) as (agent, _):
         if whole_group:
             os.killpg(agent.pid, signal.SIGTERM)
         else:
             agent.send_signal(signal.SIGTERM)
         rest = agent.communicate(timeout=STOP_TIMEOUT)[1]
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
     assert agent.returncode == 0, rest
     assert "Error" not in rest and "asked to stop before the agent was ready" in rest, rest
 
@@ -49,30 +64,10 @@ def test_a_stop_while_waiting_for_the_first_certificate_is_clean(tmp_path: Path,
 def test_a_sighup_while_waiting_for_the_first_certificate_waits_for_the_start(tmp_path: Path) -> None:
     """A reload asked for before the agent is ready (systemd's `reload` right after `start`) does not
     end it (SIGHUP's default action did, silently): it is noted and done once the agent is ready."""
-    config, _, _ = write_config(tmp_path)
-    agent = subprocess.Popen([*HOSTMESH, "agent", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        assert agent.stderr is not None
-        seen = []
-        for _ in range(LINES_BOUND):
-            line = agent.stderr.readline()
-            seen.append(line)
-            if not line or WAITING in line:
-                break
-        assert WAITING in seen[-1], "".join(seen)
+    with agent_waiting_for_its_certificate(tmp_path) as (agent, seen):
         agent.send_signal(signal.SIGHUP)
-        for _ in range(LINES_BOUND):  # ends at the agent's note, or at EOF if the signal ended it
-            line = agent.stderr.readline()
-            seen.append(line)
-            if not line or "SIGHUP while starting" in line:
-                break
-        assert "SIGHUP while starting" in seen[-1], "".join(seen)
+        read_until(agent, seen, "SIGHUP while starting")
         assert agent.poll() is None
         agent.send_signal(signal.SIGTERM)
         rest = agent.communicate(timeout=STOP_TIMEOUT)[1]
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
     assert agent.returncode == 0, rest
