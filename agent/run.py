@@ -275,7 +275,12 @@ class Agent:
         if self.worker:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
 
-            samples = functools.partial(metrics_line, self.telemetry.registry)
+            def samples() -> bytes:  # its gauges set from its own state, as the primary's are
+                from hostmesh.agent.observe import refresh_health
+
+                refresh_health(self)
+                return metrics_line(self.telemetry.registry)
+
             await listen_to_primary(self._on_primary_certs, samples, self.stop_requested.set,
                                     self._on_primary_config, self.from_primary)  # fmt: skip
             self._release_startup_memory()

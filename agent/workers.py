@@ -139,10 +139,14 @@ def samples_of(registry: Any) -> list[Sample]:
     return out
 
 
+# gauges of what each process holds (its own connections): they add up like counters
+SUMMED_GAUGES = frozenset({"hostmesh_active_connections"})
+
+
 def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
     """One set of metric families from several processes': counters, histograms and summaries add
-    up (each process counted its own connections); gauges take the largest value (config version,
-    certificate expiry: the same fact seen by every process)."""
+    up (each process counted its own connections), and so do SUMMED_GAUGES; other gauges take the
+    largest value (config version, certificate expiry: the same fact seen by every process)."""
     from hostmesh.agent.metrics import Family
 
     fams: dict[str, Family] = {}
@@ -154,7 +158,7 @@ def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
             key = (fam_name, name, tuple(sorted(labels.items())))
             if key not in values:
                 values[key] = value
-            elif typ == "gauge":
+            elif typ == "gauge" and fam_name not in SUMMED_GAUGES:
                 values[key] = max(values[key], value)
             else:
                 values[key] += value

@@ -68,7 +68,7 @@ def test_mistakes_raise() -> None:
         m.Counter("x_total", "again", registry=reg)
 
 
-def test_workers_merge_adds_counts_and_keeps_the_largest_gauge() -> None:
+def test_workers_merge_adds_counts_and_connections_and_keeps_the_largest_gauge() -> None:
     regs = []
     for n in (1, 2):
         reg = m.CollectorRegistry()
@@ -77,6 +77,7 @@ def test_workers_merge_adds_counts_and_keeps_the_largest_gauge() -> None:
         c.labels(f"only{n}").inc()
         g = m.Gauge("config_version", "g", registry=reg)
         g.set(10 + n)
+        m.Gauge("hostmesh_active_connections", "a", ("listener",), registry=reg).labels("inbound").set(10)
         h = m.Histogram("lat_seconds", "h", buckets=(1,), registry=reg)
         h.observe(0.5 * n)
         regs.append(reg)
@@ -84,6 +85,7 @@ def test_workers_merge_adds_counts_and_keeps_the_largest_gauge() -> None:
     assert 'conns_total{svc="api"} 3.0' in text
     assert 'conns_total{svc="only1"} 1.0' in text and 'conns_total{svc="only2"} 1.0' in text
     assert "config_version 12.0" in text
+    assert 'hostmesh_active_connections{listener="inbound"} 20.0' in text  # each holds its own
     assert 'lat_seconds_bucket{le="1.0"} 2.0' in text and "lat_seconds_count 2.0" in text
     assert text.count("# TYPE conns_total counter") == 1
 

@@ -165,6 +165,13 @@ def test_two_workers_serve_apply_intentions_register_once_and_stop_together(mesh
     with stack:
         assert all(stream_echoes(s, b"ping %d" % i) for i, s in enumerate(mesh_socks))
         per_process = {pid: established_on(pid, b.inbound_port) for pid in (primary, *workers)}
+
+        def inbound_active() -> float:  # /metrics adds up what each process holds
+            lines = b.metrics().splitlines()
+            return sum(float(x.rsplit(" ", 1)[1]) for x in lines
+                       if x.startswith('hostmesh_active_connections{listener="inbound"}'))  # fmt: skip
+
+        assert inbound_active() >= CONNS
     assert all(n > 0 for n in per_process.values()), per_process
     assert sum(per_process.values()) >= CONNS
 
