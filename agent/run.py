@@ -36,6 +36,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,7 @@ class Agent:
 
         self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
         self.inbound = build_inbound(cfg, bind, holder, self.telemetry, cap=self.cap, tracer=self.tracer)
-        await self.inbound.start()
+        await _listening("inbound", bind, self.inbound.start())
         await self._sync_outbound()
         if not self.worker:
             await self._start_gateways()
@@ -304,8 +305,8 @@ class Agent:
             self._servers.append(
                 HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port, max_body=ADMIN_MAX_BODY)
             )
-        for server in self._servers:
-            await server.start()
+        for key, server in zip(("admin", "metrics"), self._servers, strict=False):
+            await _listening(key, f"{server.host}:{server.port}", server.start())
         if cfg.metrics is not None and not self._metrics_meta():
             log.warning("metrics listen on %s only, which is not advertised in Consul: Prometheus and "
                         "`hostmesh top` elsewhere cannot reach them (bind `metrics` to the mesh address, "
@@ -943,6 +944,16 @@ def _process_age() -> str:
         return f"{(time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000:.0f} ms"
     except (OSError, ValueError, IndexError, AttributeError):
         return "?"
+
+
+async def _listening(key: str, where: Any, start: Awaitable[Any]) -> None:
+    """Await a listener's start; its OSError names the agent.toml key, not only the address (another
+    agent with this config running, on `inbound` with `workers` > 1, binds too, by SO_REUSEPORT)."""
+    try:
+        await start
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # (asyncio's own text repeats the address)
+        raise OSError(exc.errno, f"{key}: cannot listen on {where}: {why}") from None
 
 
 async def run_agent(

@@ -310,3 +310,20 @@ def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHos
     _, config = a.get("/v1/config")
     assert [k for k in config["consul_indexes"] if k.endswith("/api")] == []
     assert 'upstream="api"' not in a.metrics() and 'listener="web->api"' not in a.metrics()
+
+
+def test_a_second_agent_with_a_running_agents_config_names_the_key_it_cannot_listen_on(
+    mesh: TwoHosts,
+) -> None:
+    """An operator starting `agent run` by hand next to the systemd one: one line that names the
+    agent.toml key and address, and the running agent is untouched."""
+    a = mesh.a
+    command = [sys.executable, "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(a.config_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.endswith(f"inbound: cannot listen on 127.0.0.1:{a.inbound_port}: Address already in use"), (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
+    assert a.proc.alive() and roundtrip(a.binds["api"], b"still") == b"still"
