@@ -747,19 +747,8 @@ class Discovery:
         """(Re)create the watches for the current config; returns the old ones, for the caller to
         stop. The new ones read everything afresh and apply only what moved."""
         stale = list(self.watches.values())
-        upstreams = set(self._upstreams())
-        self._followed = upstreams
-        for name in [n for n in self._table.members if n not in upstreams]:
-            self._table.forget(name)
-            self._service_index.pop(name, None)
-            self._read_after.pop(name, None)
-        # externals are left to _forget_externals: which go via a local egress gateway is known only
-        # once the documents are read (before that, the saved ones serve)
-        followed = self._documents()
-        kinds = ("endpoints", "routes", "policies", "intentions", "gateways")
-        self._builder.forget(kinds, {*followed.values(), *(("endpoints", name) for name in upstreams)})
-        for key in [k for k in self._doc_index if k not in followed]:
-            del self._doc_index[key]  # followed again later: read afresh
+        self._followed = set(self._upstreams())
+        self._forget_unfollowed()
         self.watches = {
             "documents": Watch(
                 "documents",
@@ -775,6 +764,23 @@ class Discovery:
             for watch in self.watches.values():
                 watch.start()
         return stale
+
+    def _forget_unfollowed(self) -> None:
+        """Drop what belongs to upstreams and documents no longer followed (`_followed`, `_documents`):
+        they leave the snapshot, and one followed again later is read afresh."""
+        upstreams = self._followed
+        for name in [n for n in self._table.members if n not in upstreams]:
+            self._table.forget(name)
+            self._service_index.pop(name, None)
+            self._read_after.pop(name, None)
+            self._too_large.discard(name)
+        # externals are left to _forget_externals: which go via a local egress gateway is known only
+        # once the documents are read (before that, the saved ones serve)
+        followed = self._documents()
+        kinds = ("endpoints", "routes", "policies", "intentions", "gateways")
+        self._builder.forget(kinds, {*followed.values(), *(("endpoints", name) for name in upstreams)})
+        for key in [k for k in self._doc_index if k not in followed]:
+            del self._doc_index[key]
 
     # --- documents --------------------------------------------------------------------------
 
@@ -828,7 +834,7 @@ class Discovery:
                 self._doc_index.pop(key, None)  # tried again at the next round
 
         self._forget_externals({name for kind, name in docs.values() if kind == "external"})
-        self._follow_new_upstreams()
+        self._follow_upstreams()
 
     def _apply_document(self, kind: str, name: str, modify: int, raw: bytes | None) -> None:
         b = self._builder
@@ -855,18 +861,22 @@ class Discovery:
         kinds = ("external", "external-intentions")
         b.forget(kinds, {(kind, name) for kind in kinds for name in followed})
 
-    def _follow_new_upstreams(self) -> None:
-        """A document named services this agent did not follow yet (a gateway's targets, an external's
-        egress gateway): restart the registrations watch so it reads their instances now, not at the
-        next catalog change, and the failing-checks watch, whose read in flight leaves out their
-        checks (it would clear them). The next documents round brings their routes and policies."""
+    def _follow_upstreams(self) -> None:
+        """The documents changed which services this agent follows (a gateway's targets, an external's
+        egress gateway). Ones no longer named leave the snapshot. For new ones, the registrations
+        watch restarts so it reads their instances now, not at the next catalog change, and so does
+        the failing-checks watch, whose read in flight leaves out their checks (it would clear them);
+        the next documents round brings their routes and policies."""
         names = set(self._upstreams())
-        if names <= self._followed or not self._running:
+        if names == self._followed or not self._running:
             return
+        added = names - self._followed
         self._followed = names
-        self._restart("registrations", self._registrations_watch())
-        self._restart("failing-checks", self._failing_checks_watch())
-        self._consul_nudge()
+        self._forget_unfollowed()
+        if added:
+            self._restart("registrations", self._registrations_watch())
+            self._restart("failing-checks", self._failing_checks_watch())
+            self._consul_nudge()
 
     def _restart(self, name: str, new: Watch[Any]) -> None:
         """Replace a running watch: the new one reads afresh, the old one stops in the background."""

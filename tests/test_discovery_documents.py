@@ -307,7 +307,7 @@ async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_cata
                 consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-other-n{n}"})
 
 
-async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_used(
+async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_used_and_leaves_when_unnamed(
     consul: ConsulDev, tmp_path: Path
 ) -> None:
     """An external's `via` makes the agent follow its egress gateway at runtime. The failing-checks
@@ -346,6 +346,10 @@ async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_us
             await async_wait_until(settled, SEEN_TIMEOUT, "that change read")
             await asyncio.sleep(0)  # the rebuild the last read scheduled runs on the next loop turn
             assert builder.holder.current.endpoints.get(egw) == ()
+            # the external deleted: its egress gateway is no longer followed, and leaves the snapshot
+            consul.kv_delete(f"hostmesh/external/{ext}")
+            await async_wait_until(lambda: egw not in versions.current.endpoints, SEEN_TIMEOUT, "egw dropped")
+            assert not [k for k in versions.current.versions if k.endswith(f"/{egw}")]
         finally:
             await discovery.stop()
             consul.kv_delete(f"hostmesh/external/{ext}")
