@@ -747,8 +747,9 @@ class Discovery:
         """(Re)create the watches for the current config; returns the old ones, for the caller to
         stop. The new ones read everything afresh and apply only what moved."""
         stale = list(self.watches.values())
-        self._followed = set(self._upstreams())
-        self._forget_unfollowed()
+        for _ in range(2):  # twice: a gateway document dropped by the first names services to drop too
+            self._followed = set(self._upstreams())
+            self._forget_unfollowed()
         self.watches = {
             "documents": Watch(
                 "documents",

@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +356,20 @@ async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_us
             consul.kv_delete(f"hostmesh/external/{ext}")
             for service in (egw, other):
                 consul.put_json("/v1/catalog/deregister", {"Node": f"{service}-n"})
+
+
+def test_a_gateway_removed_from_agent_toml_takes_its_targets_out_of_what_is_followed(tmp_path: Path) -> None:
+    """The saved snapshot still holds the routing document of an ingress gateway agent.toml no longer
+    has: at start, that document goes, and so do the services only it named (they were followed for
+    the life of the process)."""
+    gateway = {"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:0"}]}
+    with_gateway = replace(calling(tmp_path, "web"), gateways=parse_config({
+        "ca": {"pin": "sha256:" + "ab" * 32}, "gateways": [gateway]}).gateways)  # fmt: skip
+    before = SnapshotBuilder(with_gateway, no_tls)
+    doc = {"service": "edge", "http": [{"hosts": ["shop.example"], "service": "shop"}]}
+    assert before.set_gateway("edge", 5, json.dumps(doc).encode())
+    before.save()
+    after = SnapshotBuilder(calling(tmp_path, "web"), no_tls)
+    assert after.load_saved() and "edge" in after.gateways
+    discovery = Discovery(ConsulClient("http://127.0.0.1:1"), after)
+    assert "shop" not in discovery._followed and "edge" not in after.gateways
