@@ -356,15 +356,19 @@ class SnapshotBuilder:
     def forget(self, kinds: Iterable[str], followed: set[tuple[str, str]]) -> None:
         """Drop the state of `kinds` ("endpoints", or a document kind) for every name that is not
         `followed` ((kind, name) pairs), with its Consul index: what a reload stopped following."""
-        b = self
         stores: dict[str, tuple[dict[str, Any], ...]] = {
-            "endpoints": (b.endpoints,),
-            "routes": (b.routes, b.raw_routes),
-            "policies": (b.policies, b.raw_policies),
-            "intentions": (b.intentions, b.raw_intentions, b.intentions_state, b.intentions_reason),
-            "gateways": (b.gateways, b.raw_gateways),
-            "external": (b.externals, b.raw_externals),
-            "external-intentions": (b.external_intentions,),
+            "endpoints": (self.endpoints,),
+            "routes": (self.routes, self.raw_routes),
+            "policies": (self.policies, self.raw_policies),
+            "intentions": (
+                self.intentions,
+                self.raw_intentions,
+                self.intentions_state,
+                self.intentions_reason,
+            ),
+            "gateways": (self.gateways, self.raw_gateways),
+            "external": (self.externals, self.raw_externals),
+            "external-intentions": (self.external_intentions,),
         }
         kinds = set(kinds)
         gone = False

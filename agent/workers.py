@@ -368,12 +368,8 @@ class PrimaryChannel(asyncio.Protocol):
     def __init__(self, on_certs: Callable[[], None], on_metrics: Callable[[], bytes],
                  on_stop: Callable[[], None], on_config: Callable[[Any], None],
                  unread: bytes = b"") -> None:  # fmt: skip
-        self.on_certs, self.on_metrics, self.on_stop, self.on_config = (
-            on_certs,
-            on_metrics,
-            on_stop,
-            on_config,
-        )
+        self.on_certs, self.on_metrics, self.on_stop = on_certs, on_metrics, on_stop
+        self.on_config = on_config
         self._buf = unread  # what the config's first read took past its line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
