@@ -385,7 +385,7 @@ def click_agent() -> click.Group:
                 layer.key_file,
                 layer.tls_server_name,
             )
-        ):  # its worker and certificate processes re-read agent.toml: one place for the settings
+        ):  # its certificate processes re-read agent.toml: one place for the settings
             raise click.ClickException(
                 "agent run takes its Consul token and TLS settings from agent.toml [consul] or the "
                 "environment (CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from global options"

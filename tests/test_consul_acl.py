@@ -349,7 +349,7 @@ def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
 
 
 def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
-    """Its worker and certificate processes re-read agent.toml: an option would apply to one only."""
+    """Its certificate processes re-read agent.toml: an option would apply to some processes only."""
     result = CliRunner().invoke(cli, ["--token", "t", "agent", "run", "--config", str(tmp_path / "a.toml")])
     assert fails(result).startswith(
         "Error: agent run takes its Consul token and TLS settings from agent.toml"
