@@ -292,8 +292,8 @@ POLICY = Kind(
     "Policy document",
     "How callers treat the instances of a service: load balancing, limits, outlier ejection, a local "
     "rate limit, zone preference. Stored at `hostmesh/policies/<service>`; applies to HTTP calls. An "
-    "edit keeps the ejections while `outlier_detection` is unchanged, and the limits count the "
-    "requests and connections in flight across it.",
+    "edit keeps the ejections while `outlier_detection` is unchanged, the rate limit's bucket while "
+    "`rate_limit` is, and the limits count the requests and connections in flight across it.",
     (
         *_common("whose callers apply this policy"),
         Field("load_balancer", "object", "How a caller picks an instance.", default="round_robin"),

@@ -1398,3 +1398,23 @@ async def test_a_lowered_max_connections_applies_to_connections_already_open(mes
     resps = await asyncio.gather(*(asyncio.to_thread(call, f"/delay/300?{i}") for i in range(8)))
     codes = sorted((r.status, r.flags) for r in resps)
     assert codes.count((503, "UO")) >= 4, codes
+
+
+async def test_a_policy_edit_keeps_the_rate_limits_bucket(mesh: Mesh) -> None:
+    """The destination's rate limit is one bucket; editing another field of the policy keeps it, so an
+    edit never lets a client past the limit (a new, full bucket did)."""
+    one_api(mesh)
+    inbound = mesh.http_ins[0].holder
+    doc: dict[str, Any] = {"service": "api", "rate_limit": {"requests_per_second": 0.01, "burst": 1}}
+
+    def serve_with(policy: dict[str, Any]) -> None:
+        inbound.swap(
+            snap({"api": mesh.apps[0].port}, inbound.current.tls, policies={"api": parse_policy(policy)})
+        )
+
+    serve_with(doc)
+    call = functools.partial(one_call, mesh)
+    assert (await asyncio.to_thread(call, "/first")).status == 200
+    assert ((r := await asyncio.to_thread(call, "/second")).status, r.flags) == (429, "RL")
+    serve_with({**doc, "connection_limits": {"max_requests": 50}})
+    assert ((r := await asyncio.to_thread(call, "/after-the-edit")).status, r.flags) == (429, "RL")

@@ -249,7 +249,10 @@ class HttpInbound:
             entry = self._buckets.get(name)
             if entry is None or entry[0] is not policy:
                 rl = policy.rate_limit
-                entry = (policy, TokenBucket.from_doc(rl, monotonic()) if rl is not None else None)
+                if entry is not None and entry[0].rate_limit == rl:  # another field edited: same bucket
+                    entry = (policy, entry[1])
+                else:  # (an edit refilling it would let a client past the limit at every edit)
+                    entry = (policy, TokenBucket.from_doc(rl, monotonic()) if rl is not None else None)
                 self._buckets[name] = entry
             bucket = entry[1]
             if bucket is not None and not bucket.allow(monotonic()):
