@@ -474,11 +474,7 @@ class Agent:
 
         listener = build_outbound(cfg, svc, up, self.builder.holder, self.telemetry, cap=self.cap,
                                   tracer=self.tracer, on_load=self._after_lazy_import)  # fmt: skip
-        try:
-            await listener.start()
-        except OSError as exc:
-            raise OSError(exc.errno, f"upstream {svc.name}->{up.service}: cannot listen on {up.bind}: "
-                                     f"{exc.strerror or exc}") from None  # fmt: skip
+        await _listening(f"upstream {svc.name}->{up.service}", up.bind, listener.start())
         self._outbound_built[key] = self._outbound_inputs(cfg, svc, up)
         return listener
 
@@ -947,8 +943,9 @@ def _process_age() -> str:
 
 
 async def _listening(key: str, where: Any, start: Awaitable[Any]) -> None:
-    """Await a listener's start; its OSError names the agent.toml key, not only the address (another
-    agent with this config running, on `inbound` with `workers` > 1, binds too, by SO_REUSEPORT)."""
+    """Await a listener's start; its OSError names the agent.toml key (or the upstream), not only
+    the address (another agent with this config running, on `inbound` with `workers` > 1, binds
+    too, by SO_REUSEPORT)."""
     try:
         await start
     except OSError as exc:

@@ -474,8 +474,10 @@ def config_from_primary() -> tuple[Any, bytes]:
     buf = b""
     while b"\n" not in buf:
         chunk = os.read(0, 65536)
-        if not chunk or len(buf) > MAX_CONFIG_LINE:
+        if not chunk:
             raise EOFError("the primary sent no config (it is gone)")
+        if len(buf) > MAX_CONFIG_LINE:
+            raise ValueError(f"the primary's first line is longer than {MAX_CONFIG_LINE} bytes")
         buf += chunk
     line, rest = buf.split(b"\n", 1)
     if not line.startswith(CONFIG_PREFIX):

@@ -70,7 +70,7 @@ class Watch(Generic[T]):
         self._on_error = on_error
         self._on_reset = on_reset
         self.index: int | None = None
-        self.highest = 0  # the highest index Consul returned, kept across errors (a reset is lower)
+        self.last_index = 0  # what Consul returned last, kept across errors (one lower after it: a reset)
         self.first_result = asyncio.Event()  # set after the first successful read
         self.healthy = False
         self._task: asyncio.Task[None] | None = None
@@ -117,14 +117,14 @@ class Watch(Generic[T]):
                 log.info("watch %s: recovered after %d failed attempts", self.name, failures)
             failures = 0
             self.healthy = True
-            went_back = returned < self.highest
+            went_back = returned < self.last_index
             if went_back and self._on_reset:  # (a KV prefix's index may go back when keys are reaped)
                 if not stuck:
                     log.warning("watch %s: Consul's index went back from %d to %d (a Consul restored or "
-                                "rebuilt): reading afresh", self.name, self.highest, returned)  # fmt: skip
+                                "rebuilt): reading afresh", self.name, self.last_index, returned)  # fmt: skip
                 self._on_reset()
             stuck = stuck + 1 if returned <= 0 or went_back else 0
-            self.highest = returned
+            self.last_index = returned
             changed = self.index is None or returned != self.index or self._deliver_unchanged
             self.index = next_index(self.index, returned)
             if changed:

@@ -1077,7 +1077,8 @@ class HttpOutbound:
 
     def _wake_one(self, released: UpstreamConn | None = None) -> None:
         limit = getattr(released, "limit", None)
-        if limit is not None and limit.max is not None and limit.active > limit.max:  # lowered while busy
+        # Limit.over(), inlined (this runs once per request): the ceiling was lowered while it was busy
+        if limit is not None and limit.max is not None and limit.active > limit.max:
             released.close()  # type: ignore[union-attr]  # (its loss releases the slot and wakes one)
             return
         while self._conn_waiters:
