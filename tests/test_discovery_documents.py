@@ -89,6 +89,21 @@ def no_tls() -> TLSMaterial:
     return TLSMaterial(1, "", {}, {})
 
 
+def instance(consul: ConsulDev, service: str, n: int, status: str | None = None, **meta: str) -> None:
+    """(Re-)register instance `n` of `service`, a mesh instance on a node of its own at a loopback
+    address nothing listens on; with `status`, with a check of its own in that state."""
+    svc = {"ID": f"{service}-{n}", "Service": service, "Port": 9000 + n, "Meta": {"hostmesh": "1", **meta}}
+    body: dict[str, Any] = {"Node": f"{service}-n{n}", "Address": f"127.64.8.{n % 250 + 1}", "Service": svc}
+    if status is not None:
+        body["Check"] = {
+            "CheckID": f"{service}-{n}:app",
+            "Name": "app",
+            "ServiceID": svc["ID"],
+            "Status": status,
+        }
+    consul.put_json("/v1/catalog/register", body)
+
+
 def intentions(service: str, action: str) -> bytes:
     return json.dumps({"service": service, "rules": [{"source": "web", "action": action}]}).encode()
 
@@ -182,9 +197,7 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
         return calling(tmp_path, name, *upstreams)
 
     for i, svc in enumerate((kept, dropped)):
-        consul.put_json("/v1/catalog/register", {  # loopback addresses nothing listens on
-            "Node": f"{name}-node", "Address": "127.64.0.9", "Service": {"ID": f"{svc}-1", "Service": svc,
-            "Port": 9000 + i, "Meta": {"hostmesh": "1"}}})  # fmt: skip
+        instance(consul, svc, i)
         consul.kv_put(f"hostmesh/routes/{svc}", json.dumps({"service": svc, "routes": []}))
         consul.kv_put(f"hostmesh/policies/{svc}", json.dumps({"service": svc, "load_balancer": {
             "type": "round_robin"}}))  # fmt: skip
@@ -219,7 +232,8 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
             assert [e.port for e in builder.holder.current.endpoints[dropped]] == [9001]
         finally:
             await discovery.stop()
-            consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-node"})
+            for i, svc in enumerate((kept, dropped)):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{svc}-n{i}"})
             for svc in (kept, dropped):
                 consul.kv_delete(f"hostmesh/routes/{svc}")
                 consul.kv_delete(f"hostmesh/policies/{svc}")
@@ -234,12 +248,6 @@ class CountingClient(ConsulClient):
         if index is None:
             self.plain_checks_reads += 1
         return await super().checks_not_passing(index, *args, **kwargs)
-
-
-def instance(consul: ConsulDev, service: str, n: int, **extra: Any) -> None:
-    consul.put_json("/v1/catalog/register", {"Node": f"{service}-n{n}", "Address": f"127.64.8.{n % 250 + 1}",
-                    "Service": {"ID": f"{service}-{n}", "Service": service, "Port": 9000 + n,
-                                "Meta": {"hostmesh": "1", **extra}}})  # fmt: skip
 
 
 async def test_one_upstream_too_large_to_read_keeps_its_instances_and_stops_no_other(
@@ -317,15 +325,8 @@ async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_us
     name = f"via-{secrets.token_hex(3)}"
     ext, egw, other = f"{name}-ext", f"{name}-egw", f"{name}-other"
 
-    def register(service: str, n: int, status: str) -> None:
-        consul.put_json("/v1/catalog/register", {"Node": f"{service}-n", "Address": f"127.64.7.{n}",
-                        "Service": {"ID": f"{service}-1", "Service": service, "Port": 9000 + n,
-                                    "Meta": {"hostmesh": "1"}},
-                        "Check": {"CheckID": f"{service}-1:app", "Name": "app", "ServiceID": f"{service}-1",
-                                  "Status": status}})  # fmt: skip
-
-    register(egw, 1, "critical")
-    register(other, 2, "passing")
+    instance(consul, egw, 1, "critical")
+    instance(consul, other, 2, "passing")
     builder = SnapshotBuilder(calling(tmp_path, name, ext), no_tls)
     async with ConsulClient(consul.url) as client:
         discovery = Discovery(client, builder)
@@ -338,7 +339,7 @@ async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_us
             await async_wait_until(
                 lambda: f"endpoints/{egw}" in versions.current.versions, SEEN_TIMEOUT, "egw followed"
             )
-            register(other, 2, "critical")  # a check changes somewhere else
+            instance(consul, other, 2, "critical")  # a check changes somewhere else
             changed, _ = await client.checks_not_passing(None)
 
             def settled() -> bool:  # that change read, and what it held read again
@@ -354,8 +355,8 @@ async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_us
         finally:
             await discovery.stop()
             consul.kv_delete(f"hostmesh/external/{ext}")
-            for service in (egw, other):
-                consul.put_json("/v1/catalog/deregister", {"Node": f"{service}-n"})
+            for n, service in ((1, egw), (2, other)):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{service}-n{n}"})
 
 
 def test_a_gateway_removed_from_agent_toml_takes_its_targets_out_of_what_is_followed(tmp_path: Path) -> None:
