@@ -85,10 +85,11 @@ class CA:
 
 def snap(local: dict[str, int], tls: TLSMaterial, endpoints: list[tuple[str, int, dict[str, str]]] = (),  # type: ignore[assignment]
          intentions: Intentions | None = None, routes: dict[str, Any] | None = None,
-         policies: dict[str, Any] | None = None) -> Snapshot:  # fmt: skip
+         policies: dict[str, Any] | None = None, nodes: list[str] | None = None) -> Snapshot:  # fmt: skip
+    """`nodes` names each endpoint's Consul node (all on node `n` without it)."""
     eps = tuple(
-        Endpoint(iid, "n", "127.0.0.1", port, MappingProxyType({"protocol": "http", **meta}))
-        for iid, port, meta in endpoints
+        Endpoint(iid, node, "127.0.0.1", port, MappingProxyType({"protocol": "http", **meta}))
+        for (iid, port, meta), node in zip(endpoints, nodes or ["n"] * len(endpoints), strict=True)
     )
     return Snapshot(
         generation=1,
@@ -1360,6 +1361,25 @@ async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_fligh
     assert (second.status, second.flags) == (503, "UO")  # max_requests 1: the one in flight counts
     assert (await held).status == 200
     assert mesh.http_out.stats()["ejected"] == ["api-0"]
+
+
+async def test_instances_registered_under_one_id_on_two_nodes_are_told_apart(mesh: Mesh) -> None:
+    """Consul's service IDs are unique per node only, and a service registered as `api` on every host
+    is common: outlier detection ejects the failing instance alone (`api@<node>`), and the other one
+    serves every request (both were ejected as one, `api`)."""
+    eps = [("api", ib.port, {}) for ib in mesh.inbounds]
+    od = {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 50}}
+    policies = {"api": parse_policy(od)}
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, eps, policies=policies, nodes=["h0", "h1"]))
+    mesh.apps[0].mode = "fail"
+    call = functools.partial(one_call, mesh)
+    for i in range(8):  # round robin: api-0 answers one of the first two
+        await asyncio.to_thread(call, f"/eject-{i}")
+        if mesh.http_out.stats()["ejected"]:
+            break
+    assert mesh.http_out.stats()["ejected"] == ["api@h0"]
+    answers = [await asyncio.to_thread(call, f"/after-{i}") for i in range(6)]
+    assert [(r.status, r.instance) for r in answers] == [(200, "api-1")] * 6
 
 
 async def test_a_retry_goes_to_an_instance_the_request_has_not_tried(mesh: Mesh) -> None:

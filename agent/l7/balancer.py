@@ -53,7 +53,7 @@ HASH_SOURCE: Final = "source_ip"
 
 @dataclass(eq=False, slots=True)
 class Endpoint:
-    key: str  # Consul service ID: stable identity of the instance
+    key: str  # stable identity of the instance: its Consul service ID (`id@node` if another node uses the ID)
     address: str
     port: int
     zone: str = ""

@@ -56,6 +56,7 @@ import enum
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
@@ -205,9 +206,18 @@ class Cluster:
         self.routes: CompiledRoutes = rc.compiled if rc is not None else CompiledRoutes.compile(None, service)
         policy = self.policy
         zkey = lb.zone_key(policy)
+        # Consul's service IDs are unique per node only (a service registered as `api` on every
+        # host is common): such an ID is told apart by its node, the others keep their plain ID so
+        # that the hash ring is the same as before for them.
+        ids = Counter(e.instance_id for e in self.src_endpoints)
         eps: tuple[lb.Endpoint, ...] = tuple(
             lb.Endpoint(
-                e.instance_id, e.address, e.port, e.meta.get(zkey, ""), e.meta, e.meta.get(SUBSET_META, "")
+                e.instance_id if ids[e.instance_id] == 1 else f"{e.instance_id}@{e.node}",
+                e.address,
+                e.port,
+                e.meta.get(zkey, ""),
+                e.meta,
+                e.meta.get(SUBSET_META, ""),
             )
             for e in self.src_endpoints
         )
@@ -242,7 +252,6 @@ class Cluster:
         if prev is not None and prev.routes is self.routes:
             self.budgets = prev.budgets
         self.balancers: dict[str | None, lb.Balancer] = {}
-        self.by_key = {e.key: e for e in eps}
 
     def matches(self, snap: Snapshot) -> bool:
         s = self.service
