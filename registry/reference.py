@@ -377,7 +377,8 @@ POLICY = Kind(
             "rate_limit",
             "object",
             "Local token bucket in each agent process of the service (the destination side), shared by "
-            "all its callers: a service on 3 hosts admits 3 x the rate; excess gets 429 `RL`.",
+            "all its callers: a service on 3 hosts admits 3 x the rate; excess gets 429 `RL`, with a "
+            "`Retry-After` of the seconds until its next token.",
         ),
         Field(
             "rate_limit.requests_per_second",

@@ -248,6 +248,7 @@ def test_rate_limit_answers_429_above_its_rate(fresh: Mesh, tmp_path: Path) -> N
     resps = many(fresh.port, 40, clients=2)
     limited = [r for r in resps if r.status == 429]
     assert 20 <= len(limited) <= 35 and all(r.flags == "RL" for r in limited)
+    assert {r.headers["retry-after"] for r in limited} == {"1"}  # the next token is due within 0.2 s
     assert sum(r.status == 200 for r in resps) >= 5
 
 

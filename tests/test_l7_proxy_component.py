@@ -1422,7 +1422,8 @@ async def test_a_lowered_max_connections_applies_to_connections_already_open(mes
 
 async def test_a_policy_edit_keeps_the_rate_limits_bucket(mesh: Mesh) -> None:
     """The destination's rate limit is one bucket; editing another field of the policy keeps it, so an
-    edit never lets a client past the limit (a new, full bucket did)."""
+    edit never lets a client past the limit (a new, full bucket did). A 429 says when the next token
+    is due (`Retry-After`, whole seconds: 1 per 100 s here)."""
     one_api(mesh)
     inbound = mesh.http_ins[0].holder
     doc: dict[str, Any] = {"service": "api", "rate_limit": {"requests_per_second": 0.01, "burst": 1}}
@@ -1436,5 +1437,6 @@ async def test_a_policy_edit_keeps_the_rate_limits_bucket(mesh: Mesh) -> None:
     call = functools.partial(one_call, mesh)
     assert (await asyncio.to_thread(call, "/first")).status == 200
     assert ((r := await asyncio.to_thread(call, "/second")).status, r.flags) == (429, "RL")
+    assert 99 <= int(r.headers["retry-after"]) <= 100
     serve_with({**doc, "connection_limits": {"max_requests": 50}})
     assert ((r := await asyncio.to_thread(call, "/after-the-edit")).status, r.flags) == (429, "RL")

@@ -60,6 +60,7 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Final, NamedTuple, NoReturn
 
 import httptools
@@ -508,13 +509,15 @@ _STATUS_LINES_11: Final = {status: b"HTTP/1.1 %d " % status for status in REASON
 
 
 @functools.lru_cache(maxsize=256)
-def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "") -> bytes:
-    """A complete response the proxy generates itself, carrying the response-flag header."""
+def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "",
+                   extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:  # fmt: skip
+    """A complete response the proxy generates itself, carrying the response-flag header (and `extra`)."""
     body = ((detail or REASONS.get(status, b"").decode()) + "\n").encode()
     headers: Headers = [
         (b"content-type", b"text/plain"),
         (b"content-length", b"%d" % len(body)),
         (flags.HEADER, flag.encode()),
+        *extra,
     ]
     if not keep_alive:
         headers.append((b"connection", b"close"))

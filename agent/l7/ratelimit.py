@@ -15,6 +15,7 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from hostmesh.agent.l7 import flags
@@ -64,6 +65,11 @@ class TokenBucket:
         """Seconds until ``cost`` tokens are available (for a Retry-After hint)."""
         missing = cost - self._tokens
         return 0.0 if missing <= 0 else missing / self.rate
+
+    def retry_after_seconds(self, now: float) -> int:
+        """A 429's ``Retry-After``: whole seconds until the next token (at least 1; the field has no
+        fractions). Callers share the bucket, so it is a hint, not a reservation."""
+        return max(1, math.ceil(self.retry_after(now)))
 
 
 class Limit:

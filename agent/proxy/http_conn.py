@@ -1289,15 +1289,18 @@ class Exchange:
             up.close()
         self._finish(self.plan != UNTIL_CLOSE and self.keep_alive, now=now)
 
-    def respond(self, status: int, flag: str, detail: str = "") -> None:
-        """A response the proxy makes itself (flagged); the upstream attempt, if any, is dropped."""
+    def respond(
+        self, status: int, flag: str, detail: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """A response the proxy makes itself (flagged, with `extra` header fields); the upstream attempt,
+        if any, is dropped."""
         if self.progress is DONE:
             return
         self.abandon_upstream()
         self.flags = fl.add(self.flags, flag)
         self.status = status
         keep = self.keep_alive and self.request_done
-        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail))
+        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail, extra))
         self._finish(keep)
 
     def cut(self, flag: str) -> None:

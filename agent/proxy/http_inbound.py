@@ -255,8 +255,8 @@ class HttpInbound:
                     entry = (policy, TokenBucket.from_doc(rl, monotonic()) if rl is not None else None)
                 self._buckets[name] = entry
             bucket = entry[1]
-            if bucket is not None and not bucket.allow(monotonic()):
-                ex.respond(429, fl.RL)
+            if bucket is not None and not bucket.allow(now := monotonic()):
+                ex.respond(429, fl.RL, extra=((b"retry-after", b"%d" % bucket.retry_after_seconds(now)),))
                 return
         if head.expect_continue:
             ex.continue_100()
