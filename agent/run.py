@@ -101,14 +101,15 @@ WORKER_ENV = "HOSTMESH_WORKER"
 OutboundKey = tuple[str, str, str]  # (local service, upstream, bind) of one outbound stack
 
 # A stop's work besides the drain, at worst: each service's TTL fail before it and deregistration
-# after it (Consul calls of up to 10 s each), workers' grace (agent/workers.py STOP_GRACE), closing.
+# after it (Consul calls of up to 10 s each), then the slack: the workers' grace (agent/workers.py
+# STOP_GRACE, 5 s) and the closing of listeners and connections.
 STOP_CONSUL_CALL = 10.0
-STOP_GRACE_SECONDS = 10.0
+STOP_SLACK_SECONDS = 10.0
 
 
 def stop_needs(config: AgentConfig) -> float:
     """Seconds a stop may take, told to systemd (EXTEND_TIMEOUT_USEC) so it does not kill it first."""
-    return config.drain_seconds + 2 * STOP_CONSUL_CALL * len(config.services) + STOP_GRACE_SECONDS
+    return config.drain_seconds + 2 * STOP_CONSUL_CALL * len(config.services) + STOP_SLACK_SECONDS
 
 
 # agent.toml keys that a SIGHUP cannot change in a running agent (sockets, identity, stores).

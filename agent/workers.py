@@ -57,7 +57,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,14 @@ def samples_of(registry: Any) -> list[Sample]:
 SUMMED_GAUGES = frozenset({"hostmesh_active_connections"})
 
 
+SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (family, sample name, sorted labels)
+
+
+def series_key(family: str, name: str, labels: Mapping[str, str]) -> SeriesKey:
+    """One time series of a family, whichever process reported it (labels in a fixed order)."""
+    return family, name, tuple(sorted(labels.items()))
+
+
 def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
     """One set of metric families from several processes': counters, histograms and summaries add
     up (each process counted its own connections), and so do SUMMED_GAUGES; other gauges take the
@@ -150,12 +158,12 @@ def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
     from hostmesh.agent.metrics import Family
 
     fams: dict[str, Family] = {}
-    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    values: dict[SeriesKey, float] = {}
     for group in groups:
         for fam_name, typ, doc, name, labels, value in group:
             if fam_name not in fams:
                 fams[fam_name] = Family(fam_name, doc, typ)
-            key = (fam_name, name, tuple(sorted(labels.items())))
+            key = series_key(fam_name, name, labels)
             if key not in values:
                 values[key] = value
             elif typ == "gauge" and fam_name not in SUMMED_GAUGES:
@@ -215,7 +223,7 @@ class WorkerSet:
         self._watchers: list[asyncio.Task[None]] = []
         self._scrapes = 0  # numbers each metrics request, so a late answer is told from the awaited one
         # exited workers' counters (last scraped values), summed per series: kept in /metrics' sums
-        self.retired: dict[tuple[str, str, tuple[tuple[str, str], ...]], Sample] = {}
+        self.retired: dict[SeriesKey, Sample] = {}
 
     def _env(self, index: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SD_ENV}
@@ -275,7 +283,7 @@ class WorkerSet:
         for sample in w.last:
             if sample[1] == "gauge":
                 continue
-            key = (sample[0], sample[3], tuple(sorted(sample[4].items())))
+            key = series_key(sample[0], sample[3], sample[4])
             kept = self.retired.get(key)
             self.retired[key] = sample if kept is None else (*sample[:5], kept[5] + sample[5])
         w.last = []

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.compiled import MODULES
-from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_GRACE_SECONDS
+from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_SLACK_SECONDS
 from tests.support import REPO, ConsulDev, free_port, wait_deregistered, wait_until
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
@@ -405,7 +405,7 @@ def test_installed_agent_runs_against_consul(
 
             agent.send_signal(signal.SIGTERM)
             stopping = recv_notify(notify, "STOPPING=1", AGENT_READY_TIMEOUT)
-            needs = 1 + 2 * STOP_CONSUL_CALL + STOP_GRACE_SECONDS  # drain_seconds = 1, one service
+            needs = 1 + 2 * STOP_CONSUL_CALL + STOP_SLACK_SECONDS  # drain_seconds = 1, one service
             assert stopping["EXTEND_TIMEOUT_USEC"] == str(int(needs * 1_000_000))
             assert agent.wait(timeout=AGENT_READY_TIMEOUT) == 0, (tmp_path / "agent.log").read_text()
             wait_deregistered(consul, "debtest", "debtest-debtest-node", (tmp_path / "agent.log").read_text())
