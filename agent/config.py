@@ -618,18 +618,6 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     names = [s.name for s in services]
     if len(set(names)) != len(names):
         raise _fail("services", "service names must be unique (gateway names included)")
-    seen: dict[str, str] = {}
-    for s in services:
-        for u in s.upstreams:
-            name = f"{s.name}->{u.service}"
-            if str(u.bind) in seen:
-                why = ' (bind = "auto" derives it from the name: give one an explicit bind)' if u.auto else ""
-                raise _fail(
-                    "services",
-                    f"two upstreams bind the same address {u.bind}: {seen[str(u.bind)]}, {name}{why}",
-                )
-            seen[str(u.bind)] = name
-
     default_intention = _str(raw, "default_intention", "", "allow")
     if default_intention not in ("allow", "deny"):
         raise _fail("default_intention", "must be allow or deny")
@@ -698,7 +686,8 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
 
 
 def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
-    """Every socket the agent binds: (tcp | udp, address, the key that names it)."""
+    """Every socket the agent binds: (tcp | udp, address, the key that names it, with ` = "auto"`
+    when the address was derived from the upstream's name)."""
     out = [("tcp", cfg.inbound, "inbound"), ("tcp", cfg.admin, "admin")]
     if cfg.metrics is not None:
         out.append(("tcp", cfg.metrics, "metrics"))
@@ -707,7 +696,8 @@ def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
     for i, svc in enumerate(cfg.services):
         for j, up in enumerate(svc.upstreams):
             transport = "udp" if up.protocol == "udp" else "tcp"
-            out.append((transport, up.bind, f"services[{i}].upstreams[{j}].bind"))
+            auto = ' = "auto"' if up.auto else ""
+            out.append((transport, up.bind, f"services[{i}].upstreams[{j}].bind{auto}"))
     for i, gw in enumerate(cfg.gateways):
         for j, listener in enumerate(gw.listeners):
             out.append(("tcp", listener.bind, f"gateways[{i}].listeners[{j}].bind"))
@@ -716,7 +706,8 @@ def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
 
 def _check_binds(cfg: AgentConfig) -> None:
     """Two of the agent's own sockets on one address would fail its start (or a reload) with an
-    error naming neither key: refused here, naming both. Port 0 is any free port."""
+    error naming neither key: refused here, naming both (two local services with an auto upstream to
+    one name derive one address). Port 0 is any free port."""
     seen: list[tuple[str, Address, str]] = []
     for transport, addr, key in _listens(cfg):
         if addr.port == 0:
@@ -724,7 +715,11 @@ def _check_binds(cfg: AgentConfig) -> None:
         for other_transport, other, other_key in seen:
             if (transport == other_transport and addr.port == other.port and key != other_key
                     and _overlap(transport, addr.host, other.host)):  # fmt: skip
-                raise _fail(key, f"listens on {addr}, as {other_key} does ({other}): give one another port")
+                raise _fail(
+                    key.removesuffix(' = "auto"'),
+                    f"listens on {addr}, as {other_key} does ({other}): give one another port"
+                    + (" or an explicit bind" if key.endswith('"auto"') else ""),
+                )
         seen.append((transport, addr, key))
 
 
