@@ -511,9 +511,15 @@ def test_rate_limit_per_client_address_at_the_gateway(edges: Edges) -> None:
         first = [http_get(edges.http_port, "a.example.test", source="127.0.0.2") for _ in range(3)]
         assert [r.status for r in first] == [200, 200, 429]
         assert first[2].headers["x-hostmesh-response-flags"] == "RL"
+        assert 99 <= int(first[2].headers["retry-after"]) <= 100  # the next token, at 1 per 100 s
         other = http_get(edges.http_port, "a.example.test", source="127.0.0.3")  # its own bucket
         assert other.status == 200
         assert edges.backends["web"].last_headers[b"x-forwarded-for"] == b"127.0.0.3"
+        # an edit of another field keeps the clients' buckets (new, full ones let each client past)
+        applied = policy_version()
+        apply(edges.m, "policy", {**doc, "connection_limits": {"max_requests": 50}}, edges.tmp)
+        wait_for(lambda: policy_version() > applied, 10, "the edited policy to apply")
+        assert http_get(edges.http_port, "a.example.test", source="127.0.0.2").status == 429
     finally:
         edges.m.hostmesh("policy", "delete", GW)
         wait_for(lambda: policy_version() == 0, 10, "the gateway's policy to be gone")

@@ -404,16 +404,17 @@ class IngressHttp:
         conn.shed = capped and admission is None
         return conn
 
-    def _rate_limited(self, snap: Snapshot, client: str) -> bool:
-        """The gateway's policy `rate_limit`, applied per client address (not per gateway)."""
+    def _rate_limited(self, snap: Snapshot, client: str) -> int:
+        """The gateway's policy `rate_limit`, applied per client address (not per gateway): 0 when
+        the request may go, else the seconds of its 429's Retry-After."""
         policy = snap.policies.get(self.gateway.name)
         rl = policy.rate_limit if policy is not None else None
         if rl is None:
-            return False
+            return 0
         from hostmesh.agent.l7.ratelimit import TokenBucket
 
         now = time.monotonic()
-        if rl is not self._bucket_policy:
+        if rl != self._bucket_policy:  # by value: an edit of another field keeps the buckets
             self._buckets.clear()
             self._bucket_policy = rl
         bucket = self._buckets.get(client)
@@ -423,15 +424,15 @@ class IngressHttp:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(client)
-        return not bucket.allow(now)
+        return 0 if bucket.allow(now) else bucket.retry_after_seconds(now)
 
     def start(self, ex: Any) -> None:
         gw = self.gateway
         snap = gw.holder.current
         doc = snap.gateways.get(gw.name)
         head = ex.head
-        if self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
-            ex.respond(429, flags.RL, "rate limited")
+        if wait := self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
+            ex.respond(429, flags.RL, "rate limited", extra=((b"retry-after", b"%d" % wait),))
             return
         host = _request_host(head.headers)
         route = doc.http_route(host, head.target) if doc is not None else None
