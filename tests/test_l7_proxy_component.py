@@ -51,6 +51,7 @@ from hostmesh.agent.snapshot import (
 )
 from hostmesh.ca import pki
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import Intentions, parse_intentions, parse_policy, parse_routes
 from tests.l7_support import IO_TIMEOUT, Backend, Client, send_raw_and_read_all
 from tests.support import async_wait_until
@@ -1440,3 +1441,19 @@ async def test_a_policy_edit_keeps_the_rate_limits_bucket(mesh: Mesh) -> None:
     assert 99 <= int(r.headers["retry-after"]) <= 100
     serve_with({**doc, "connection_limits": {"max_requests": 50}})
     assert ((r := await asyncio.to_thread(call, "/after-the-edit")).status, r.flags) == (429, "RL")
+
+
+async def test_an_unreachable_app_gets_503_uf_and_is_logged_at_a_bounded_rate(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request to an app that is down is answered 503 UF; the line saying so comes at a bounded
+    rate (one per request before: callers send requests at will)."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy.http_inbound")
+    one_api(mesh)
+    mesh.apps[0].close()
+    flood = 3 * DEFAULT_LINES
+    call = functools.partial(one_call, mesh)
+    answers = [await asyncio.to_thread(call, f"/down-{i}") for i in range(flood)]
+    assert [(r.status, r.flags) for r in answers] == [(503, "UF")] * flood
+    lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(lines) == DEFAULT_LINES, lines

@@ -68,6 +68,7 @@ from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.http_inbound")
 
@@ -166,6 +167,9 @@ class HttpInbound:
         self.conns: set[ServerConn] = set()
         self.closing = False
         self.rejected_total = 0
+        # one line per request at most, and callers can send many: at a bounded rate
+        self._app_failures = RateLimitedLog(log, "unreachable-app lines")
+        self._broke_log = RateLimitedLog(log, "callers that broke HTTP/1.1", level=logging.INFO)
         self._buckets: dict[str, tuple[Any, TokenBucket | None]] = {}
         self._roots: tuple[str, list[Any]] = ("", [])
         self._tasks: set[asyncio.Task[None]] = set()
@@ -316,8 +320,8 @@ class HttpInbound:
             )
         except (OSError, TimeoutError) as exc:
             if not ex.done:
-                log.warning("inbound: app 127.0.0.1:%d unreachable: %s", req.port,
-                            getattr(exc, "strerror", None) or exc or "timed out")  # fmt: skip
+                self._app_failures("inbound: app 127.0.0.1:%d unreachable: %s", req.port,
+                                   getattr(exc, "strerror", None) or exc or "timed out")  # fmt: skip
                 ex.respond(503, fl.UF)
             return
         self.pool.opened(up)
@@ -367,8 +371,8 @@ class HttpInbound:
         caller: Caller = conn.info
         self.rejected_total += 1
         self.metrics.observe(caller.source_service, caller.service, caller.subset, status, flag, 0.0)
-        log.info("inbound: %s (%s) broke HTTP/1.1 (%s): answered %d", caller.source_id, caller.peer,
-                 reason, status)  # fmt: skip
+        self._broke_log("inbound: %s (%s) broke HTTP/1.1 (%s): answered %d", caller.source_id, caller.peer,
+                        reason, status)  # fmt: skip
 
     def conn_lost(self, conn: ServerConn) -> None:
         self.conns.discard(conn)

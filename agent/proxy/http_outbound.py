@@ -110,6 +110,7 @@ from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
+from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -519,6 +520,7 @@ class HttpOutbound:
         self._reads: SnapReads | None = None
         self.closing = False
         self.rejected_total = 0
+        self._broke_log = RateLimitedLog(log, "clients that broke HTTP/1.1", level=logging.INFO)
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
         self.mirrors_in_flight = 0  # copies sent or being sent, not yet answered (MIRROR_MAX_IN_FLIGHT)
         self.pool.on_lost = self._conn_lost
@@ -1188,8 +1190,8 @@ class HttpOutbound:
     def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
         self.rejected_total += 1
         self.metrics.observe(self.local_service, self.service, "", status, flag, 0.0)
-        log.info("outbound %s: client %s broke HTTP/1.1 (%s): answered %d", self.name, conn.peer_ip, reason,
-                 status)  # fmt: skip
+        self._broke_log("outbound %s: client %s broke HTTP/1.1 (%s): answered %d", self.name, conn.peer_ip,
+                        reason, status)  # fmt: skip
         self.conns.discard(conn)
 
     # --- lifecycle -----------------------------------------------------------------------------

@@ -286,6 +286,7 @@ class InboundListener(ListenerLifecycle):
         # protocol errors of its mesh connections (one line each, a peer can open many connections)
         self.protocol_errors = RateLimitedLog(logging.getLogger("hostmesh.proxy"), "protocol error lines")
         self.refusals = RateLimitedLog(log, "refused mesh connection lines")  # (the same: one per connection)
+        self.app_failures = RateLimitedLog(log, "unreachable-app lines")  # one per stream, callers open many
         self._ctx = self._base_context()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -484,7 +485,7 @@ class InboundListener(ListenerLifecycle):
             )
         except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
-            log.warning(
+            self.app_failures(
                 "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
             )
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
