@@ -162,11 +162,17 @@ def _value_problem(exc: ValueError) -> str:
     return text or type(exc).__name__
 
 
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+_YAML_STR = "tag:yaml.org,2002:str"
+_WORDS = frozenset(("on", "off", "yes", "no"))  # YAML 1.1 booleans that are words
+
+
 @functools.cache
 def _strict_loader() -> type[yaml.SafeLoader]:
     """yaml.SafeLoader refusing (RefusedInput) a duplicate mapping key, which it would take as its
-    last value, and nesting deeper than MAX_NESTING. Built on first use: yaml is not imported for
-    `--help` (tests/test_cli_habits.py)."""
+    last value, and nesting deeper than MAX_NESTING; a bare key written as a YAML 1.1 boolean word
+    (`on`, `off`, `yes`, `no`) is that word (values keep YAML's booleans). Built on first use: yaml
+    is not imported for `--help` (tests/test_cli_habits.py)."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
@@ -197,6 +203,8 @@ def _strict_loader() -> type[yaml.SafeLoader]:
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
             first: dict[Hashable, yaml.Node] = {}
             for key_node, _ in node.value:
+                if key_node.tag == _YAML_BOOL and key_node.style is None and key_node.value.lower() in _WORDS:
+                    key_node.tag = _YAML_STR  # a bare `on:` key is the word (retries.on), not True
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # `<<: *base`: keys written out beside it override the merged ones
                 key = self.construct_object(key_node, deep=True)

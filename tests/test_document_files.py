@@ -111,3 +111,17 @@ def test_a_value_python_cannot_take_is_one_line(
         f"Error: {f}: invalid YAML/JSON at line 2, column {column}: {problem}"
     )
     assert consul.kv_get(doc_key("routes", s)) is None
+
+
+def test_a_bare_on_key_is_the_word_and_values_keep_yamls_booleans(consul: ConsulDev, tmp_path: Path) -> None:
+    """`retries: {on: [...]}` as the reference writes it: YAML 1.1 reads a bare `on` as true, also as
+    a key, and the write was refused ("keys must be strings, got True"). A key is the word; a value
+    written `on` is still a boolean (here refused by the schema, naming the field)."""
+    s = svc()
+    route = f"service: {s}\nroutes:\n  - to: [{{weight: 100}}]\n"
+    text = route + "    retries: {attempts: 2, on: [connect-failure]}\n"
+    ok(run(consul, "route", "apply", "-f", write(tmp_path, text)))
+    stored = json.loads(consul.kv_get(doc_key("routes", s)))
+    assert stored["routes"][0]["retries"]["on"] == ["connect-failure"]
+    bad = route + "    retries: {attempts: on}\n"
+    assert "routes[0].retries.attempts" in fails(run(consul, "route", "apply", "-f", write(tmp_path, bad)))
