@@ -107,6 +107,36 @@ STOP_CONSUL_CALL = 10.0
 STOP_SLACK_SECONDS = 10.0
 
 
+# Descriptors besides two per proxied connection (its client and its app or mesh side): listeners,
+# Consul and CA calls, mesh connections, logs.
+FD_HEADROOM = 256
+FD_RAISE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's nr_open)
+
+
+def check_open_file_limit(connections: int, max_connections: int) -> int:
+    """Raise the soft open-file limit to the hard one (Debian's is 1024 outside systemd; the unit
+    sets 65536), and warn when it is still below what `connections` need: past it the event loop
+    accepts and closes new connections unseen (a clean EOF, no line, no count). The soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_RAISE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    needed = 2 * connections + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-file limit %d (hard limit %s) is below the %d that max_connections = %d needs: "
+            "connections past it are closed unseen; raise LimitNOFILE (ulimit -n) or lower max_connections",
+            soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, max_connections,
+        )  # fmt: skip
+    return soft
+
+
 def stop_needs(config: AgentConfig) -> float:
     """Seconds a stop may take, told to systemd (EXTEND_TIMEOUT_USEC) so it does not kill it first."""
     return config.drain_seconds + 2 * STOP_CONSUL_CALL * len(config.services) + STOP_SLACK_SECONDS
@@ -260,6 +290,7 @@ class Agent:
         from hostmesh.agent.proxy.limits import ConnectionCap
 
         self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
+        check_open_file_limit(self.cap.limit, cfg.max_connections)
         self.inbound = build_inbound(cfg, bind, holder, self.telemetry, cap=self.cap, tracer=self.tracer)
         await _listening("inbound", bind, self.inbound.start())
         await self._sync_outbound()
