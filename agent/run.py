@@ -207,7 +207,7 @@ class Agent:
         self.inbound: Any = None
         self.outbound: dict[OutboundKey, Any] = {}  # -> its listener (agent/proxy/stacks.py)
         self._outbound_built: dict[OutboundKey, tuple[Any, ...]] = {}  # -> what it was built from
-        self._retiring: set[asyncio.Future[None]] = set()  # stacks a reload replaced, draining
+        self._retiring: dict[asyncio.Future[None], Any] = {}  # stacks a reload replaced -> their listener
         self._reloading = asyncio.Lock()
         self._servers: list[HTTPServer] = []
         self.registered = False  # registered at least once in this run: stop() then deregisters
@@ -529,15 +529,21 @@ class Agent:
         return started
 
     async def _retire(self, listener: Any) -> None:
-        """Stop an upstream's stack taking connections now, and let the ones it holds drain in the
-        background (up to drain_seconds, as on a stop), so a reload does not wait for them."""
-        if hasattr(listener, "stop_accepting"):
+        """Stop an upstream's stack taking connections now, and let the ones it holds finish in the
+        background (OutboundListener.retire: HTTP exchanges, TCP connections until they end), so a
+        reload neither waits for them nor cuts them."""
+        if hasattr(listener, "retire"):
             listener.stop_accepting()
-            retiring = asyncio.ensure_future(listener.close(self.config.drain_seconds))
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+            retiring = asyncio.ensure_future(listener.retire(self.config.drain_seconds))
+            self._retiring[retiring] = listener
+            retiring.add_done_callback(self._retired)
         else:  # udp: its flows end at once (no connection to drain)
             await listener.close()
+
+    def _retired(self, retiring: asyncio.Future[None]) -> None:
+        self._retiring.pop(retiring, None)
+        if not retiring.cancelled() and retiring.exception() is not None:
+            log.error("reload: closing a replaced upstream stack failed: %r", retiring.exception())
 
     async def _sync_outbound(self, started: dict[OutboundKey, Any] | None = None) -> None:
         """One outbound stack per declared upstream (agent/proxy/stacks.py): take the new ones (`started`
@@ -930,7 +936,8 @@ class Agent:
         if self.inbound is not None:
             listeners.extend(x for x in (self.inbound.http, self.inbound.udp) if x is not None)
         closing: list[Any] = [x.close(cfg.drain_seconds) for x in listeners]
-        closing += list(self._retiring)  # stacks a reload replaced, still draining
+        # stacks a reload replaced, still holding connections: a stop drains and cuts them as its own
+        closing += [listener.close(cfg.drain_seconds) for listener in self._retiring.values()]
         if self.workers is not None:
             closing.append(self.workers.stop(cfg.drain_seconds))  # they drain alongside us
         await asyncio.gather(*closing)

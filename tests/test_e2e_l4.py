@@ -31,6 +31,7 @@ from tests.support import ConsulDev
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 ECHO_TIMEOUT = 5.0
+DRAIN_SECONDS = 2.0  # what LocalMesh writes into agent.toml
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -256,8 +257,8 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
     mesh: TwoHosts,
 ) -> None:
     """An upstream's load balancer changed by a reload is the one it uses (its stack is rebuilt; a
-    connection made before the reload keeps flowing), and a service moved to a new app port is what
-    Consul's check probes from then on."""
+    connection made before the reload keeps flowing, past the drain), and a service moved to a new
+    app port is what Consul's check probes from then on."""
     a, b = mesh.a, mesh.b
     with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
         held.sendall(b"one")
@@ -274,6 +275,12 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
         assert roundtrip(a.binds["api"], b"after") == b"after"
         held.sendall(b"two")
         assert held.recv(16) == b"two"  # the connection of the replaced stack still flows
+        # ... and is not cut when the drain ends (drain_seconds = 2): it was reset then
+        held.settimeout(DRAIN_SECONDS + 1.0)
+        with pytest.raises(TimeoutError):
+            held.recv(16)
+        held.sendall(b"three")
+        assert held.recv(16) == b"three"
 
     moved = EchoServer()
     try:
@@ -287,6 +294,25 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
         )
     finally:
         moved.close()
+
+
+def test_a_stop_cuts_after_its_drain_what_a_reload_left_to_a_replaced_stack(mesh: TwoHosts) -> None:
+    """A replaced stack's connections run until they end, but a stop does not wait for them beyond
+    its drain: the agent exits cleanly and the connection is cut."""
+    a = mesh.a
+    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
+        held.sendall(b"one")
+        assert held.recv(16) == b"one"
+        with a.config_path.open("a") as cfg:  # web's upstream api is the file's last table
+            cfg.write("connect_timeout = 2\n")
+        a.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in a.proc.log(), 10.0, "the reload")
+        a.proc.popen.send_signal(signal.SIGTERM)
+        assert a.proc.popen.wait(timeout=DRAIN_SECONDS + 20.0) == 0, a.proc.log()
+        try:
+            assert held.recv(16) == b""
+        except ConnectionResetError:
+            pass
 
 
 def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHosts) -> None:

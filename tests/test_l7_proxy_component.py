@@ -1457,3 +1457,22 @@ async def test_an_unreachable_app_gets_503_uf_and_is_logged_at_a_bounded_rate(
     assert [(r.status, r.flags) for r in answers] == [(503, "UF")] * flood
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(lines) == DEFAULT_LINES, lines
+
+
+async def test_requests_on_open_connections_are_served_while_the_outbound_closes(mesh: Mesh) -> None:
+    """A reload that rebuilds the upstream's stack (or a stop's drain) closes the old one: a request
+    it holds, and one a client sends on a keep-alive connection it had no word of the close on, are
+    both served, each response saying `Connection: close` (the second got 503 UH "shutting down")."""
+    idle, busy = mesh.client(), mesh.client()
+    try:
+        assert (await asyncio.to_thread(idle.get, "/first")).status == 200  # now idle, kept alive
+        hits = sum(app.hits for app in mesh.apps)
+        held = asyncio.ensure_future(asyncio.to_thread(busy.get, "/delay/300"))
+        await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == hits + 1, what="one in flight")
+        closing = asyncio.ensure_future(mesh.http_out.close(drain_seconds=IO_TIMEOUT))
+        answers = [await held, await asyncio.to_thread(idle.get, "/after-the-close")]
+        assert [(r.status, r.headers.get("connection")) for r in answers] == [(200, "close")] * 2
+        await asyncio.wait_for(closing, IO_TIMEOUT)  # both connections done: the drain ends early
+    finally:
+        idle.close()
+        busy.close()

@@ -601,10 +601,8 @@ class HttpOutbound:
         head = ex.head
         if self.tracer is not None:
             ex.trace = self.tracer.start(self.local_service, "", self.tracer.CLIENT, head.headers)
-        if self.closing:
+        if self.closing:  # a stop's drain or a reload's: served, then the connection closes
             ex.keep_alive = False
-            ex.respond(503, fl.UH, "shutting down")
-            return
         route = cl.routes.select(head.method, head.target, head.headers)
         if route is None:
             ex.respond(404, fl.NR)
@@ -1197,8 +1195,13 @@ class HttpOutbound:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def close(self, drain_seconds: float = 0.0) -> None:
-        """Stop taking requests, let open ones finish for up to `drain_seconds`, then cut the rest."""
+        """Let open exchanges finish for up to `drain_seconds`, then cut the rest. Until then a client
+        connection's exchanges are still served (one arriving on a keep-alive connection was sent by
+        a client that had no word of the close), each response saying `Connection: close`."""
         self.closing = True
+        for c in self.conns:
+            if c.ex is not None:
+                c.ex.keep_alive = False
         await drain(lambda: any(not c.closed and c.ex is not None for c in self.conns), drain_seconds)
         for c in list(self.conns):
             c.close()

@@ -113,6 +113,20 @@ class OutboundListener(ListenerLifecycle):
         for server in self._servers:
             server.close()
 
+    async def retire(self, drain_seconds: float) -> None:
+        """A reload replaced this stack (its settings changed): it stops accepting; what it holds
+        finishes under the settings it was opened with. HTTP exchanges finish and their connections
+        close (idle keep-alive ones after `drain_seconds`, as on a stop); TCP connections run until
+        they end by themselves (a reload is no reason to cut a database pool's connections), within
+        the idle timeout. A stop meanwhile cuts them after its own drain (`close`). Then it closes."""
+        self._closing = True
+        self.stop_accepting()
+        self.pool.close()  # no new streams on its mesh connections; busy ones close when they end
+        if self.http is not None:
+            await self.http.close(drain_seconds)
+        await self.tracker.emptied()
+        await self.close()
+
     async def _close(self, drain_seconds: float) -> None:
         self._closing = True
         self.reaper.stop()

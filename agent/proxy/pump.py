@@ -345,6 +345,14 @@ class Tracker:
         if not self.pipes and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
+    def emptied(self) -> asyncio.Future[None]:
+        """Done once no pipe is left (at once when none is): shared by every waiter."""
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+            if not self.pipes:
+                self._drained.set_result(None)
+        return self._drained
+
     def buffered_bytes(self) -> int:
         """Bytes queued by these pipes: socket write buffers (a shared mesh connection's counted
         once) plus stream bytes waiting for credit."""
@@ -369,9 +377,8 @@ class Tracker:
     async def drain(self, seconds: float) -> None:
         """Wait up to `seconds` for open pipes to finish by themselves, then abort the rest."""
         if self.pipes and seconds > 0:
-            self._drained = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._drained), seconds)
+                await asyncio.wait_for(asyncio.shield(self.emptied()), seconds)
             except TimeoutError:
                 pass
         for pipe in list(self.pipes):
