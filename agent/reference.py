@@ -105,7 +105,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "stream_idle_timeout",
         "seconds 0..604800",
         _g(C.DEFAULT_STREAM_IDLE_TIMEOUT),
-        "A TCP connection moving no byte for this long is reset (flag `SI`); so is an HTTP "
+        "A TCP connection moving no byte for this long is reset (flag `SI`), bytes still leaving "
+        "the buffers toward a slow reader counting as moving; so is an HTTP "
         "connection a 101 upgraded (WebSocket), its 101 already counted. An HTTP exchange in which "
         "nothing moved for this long (no response yet, or its body stopped) ends with 504 `SI`, or "
         "a reset once the response began; a route's `timeout` is usually shorter. 0: never.",

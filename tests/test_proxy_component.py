@@ -1093,3 +1093,56 @@ async def test_an_unreachable_app_is_logged_at_a_bounded_rate(
     assert await asyncio.gather(*(one() for _ in range(flood))) == ["reset"] * flood
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(lines) == DEFAULT_LINES and "app 127.0.0.1" in lines[0], lines
+
+
+async def test_a_slow_reader_is_not_cut_as_idle_while_bytes_still_reach_it(mesh: Mesh) -> None:
+    """stream_idle_timeout counts bytes leaving toward a slow reader too: once the buffers between
+    (the agent's, the kernel's send queue) are full, nothing enters the agents for a long while
+    though the client reads steadily (a client reading 4 KiB/s was cut after 31 s with an 8 s
+    timeout). Both agents here have a 1 s timeout; the client reads ~400 KiB/s for 3 s, which the
+    ~6 MiB of buffers between take far longer to drain; when it stops reading, it is cut."""
+    source = App(pour)
+    port = await source.start()
+    mesh.extra.append(source)
+    inbound = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b, stream_idle_timeout=1.0)
+    await inbound.start()
+    mesh.extra.append(inbound)
+    mesh.holder_b.swap(snapshot({"api": port}, mesh.ca.material(["api"])))
+    mesh.holder_a.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(inbound.port, {})]}))
+    ob = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a,
+                          stream_idle_timeout=1.0)  # fmt: skip
+    await ob.start()
+    mesh.extra.append(ob)
+
+    def read_slowly() -> tuple[int, str]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.settimeout(IO_TIMEOUT)
+            s.connect(("127.0.0.1", ob.port))
+            got = 0
+            for _ in range(150):  # 3 s at ~400 KiB/s: three timeouts
+                try:
+                    chunk = s.recv(8192)
+                except ConnectionResetError:
+                    return got, "reset"
+                if not chunk:
+                    return got, "eof"
+                got += len(chunk)
+                time.sleep(0.02)  # the client's reading pace, not a wait for the proxy
+            return got, "read steadily"
+
+    got, how = await asyncio.to_thread(read_slowly)
+    assert (how, ob.reaper.reaped, inbound.reaper.reaped) == ("read steadily", 0, 0) and got >= 600 * 1024
+    r, w = await mesh.connect(ob)  # a reader that stops: cut by the agent that holds its socket
+    await r.readexactly(1)
+    await async_wait_until(lambda: ob.reaper.reaped == 1, what="the stalled reader cut")
+    assert inbound.reaper.reaped == 0  # it waited for the caller agent's credit, which decided
+    w.close()
+
+
+async def pour(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """An app that sends as fast as its client takes (a large download)."""
+    block = b"x" * 65536
+    for _ in range(4096):  # 256 MiB at most
+        w.write(block)
+        await w.drain()

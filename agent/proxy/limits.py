@@ -17,14 +17,21 @@ Decisions:
   an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
   (0: never).
   Checked by one timer per listener over its pipes' byte counters (nothing on the per-read path),
-  so the cut comes between the timeout and a quarter of it later.
+  so the cut comes between the timeout and a quarter of it later. A pipe whose counters stand still
+  is still moving while the bytes queued toward its sockets (the agent's write buffer and the
+  kernel's send queue, SIOCOUTQ) go down: a slow reader drains megabytes of buffers before the
+  agent may write again (a client reading 4 KiB/s was cut after 31 s with an 8 s timeout). A pipe
+  waiting for the peer agent's credit is left to that agent, which sees the reader's socket
+  (its reset ends the stream here too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import time
+from typing import Final
 
 from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
 from hostmesh.agent.l7 import flags
@@ -36,6 +43,8 @@ log = logging.getLogger("hostmesh.proxy.limits")
 STREAM_IDLE_TIMEOUT = DEFAULT_STREAM_IDLE_TIMEOUT  # (config.py says why)
 MAX_IDLE_CHECK_SECONDS = 60.0  # the idle sweep runs every timeout/4, at most this far apart
 LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (with a count)
+SIOCOUTQ: Final = 0x5411  # Linux ioctl (= TIOCOUTQ): bytes in a TCP socket's send queue, not yet acked
+WAITS_FOR_PEER: Final = -2  # _queued: the pipe waits for the peer agent's credit
 
 
 class Admission:
@@ -103,7 +112,8 @@ class IdleReaper:
         self.tracker = tracker
         self.timeout = timeout
         self.reaped = 0
-        self._marks: dict[Pipe, tuple[int, int, float]] = {}  # (bytes up, bytes down) and since when
+        # (bytes up, bytes down, bytes queued toward its sockets or -1: not read yet) and since when
+        self._marks: dict[Pipe, tuple[int, int, int, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -122,15 +132,41 @@ class IdleReaper:
     def _sweep(self) -> None:
         now = time.monotonic()
         marks = self._marks
-        fresh: dict[Pipe, tuple[int, int, float]] = {}
+        fresh: dict[Pipe, tuple[int, int, int, float]] = {}
         for pipe in list(self.tracker.pipes):
             mark = marks.get(pipe)
             if mark is None or mark[0] != pipe.up or mark[1] != pipe.down:
-                fresh[pipe] = (pipe.up, pipe.down, now)
-            elif now - mark[2] >= self.timeout:
+                fresh[pipe] = (pipe.up, pipe.down, -1, now)
+                continue
+            queued = _queued(pipe)  # only for pipes whose counters stood still
+            if queued == WAITS_FOR_PEER or 0 <= queued < mark[2]:  # not idle: see the module's docstring
+                fresh[pipe] = (pipe.up, pipe.down, queued, now)
+            elif now - mark[3] >= self.timeout:
                 self.reaped += 1
                 pipe.fail(flags.SI)  # resets both ends; the listener's on_done counts it with the flag
             else:
-                fresh[pipe] = mark
+                fresh[pipe] = (pipe.up, pipe.down, queued, mark[3])
         self._marks = fresh  # pipes that ended meanwhile drop out
         self._timer = asyncio.get_running_loop().call_later(self._every(), self._sweep)
+
+
+def _queued(pipe: Pipe) -> int:
+    """Bytes queued toward the pipe's sockets (the agent's write buffers and the kernel's send
+    queues), or WAITS_FOR_PEER when a mesh stream end holds bytes for want of the peer's credit."""
+    total = 0
+    for end in (pipe.a, pipe.b):
+        if len(getattr(end, "blocked", b"")):
+            return WAITS_FOR_PEER
+        t = getattr(end, "transport", None)
+        if t is None or t.is_closing():
+            continue
+        total += t.get_write_buffer_size()
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            try:
+                buf = bytearray(4)
+                fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
+                total += int.from_bytes(buf, "little")
+            except (OSError, ValueError):
+                pass
+    return total
