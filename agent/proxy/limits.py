@@ -21,8 +21,8 @@ Decisions:
   is still moving while the bytes queued toward its sockets (the agent's write buffer and the
   kernel's send queue, SIOCOUTQ) go down: a slow reader drains megabytes of buffers before the
   agent may write again (a client reading 4 KiB/s was cut after 31 s with an 8 s timeout). A pipe
-  waiting for the peer agent's credit is left to that agent, which sees the reader's socket
-  (its reset ends the stream here too).
+  waiting for the peer agent's credit is left to that agent, which sees the reader's socket (its
+  reset ends the stream here too), for up to PEER_WAIT_TIMEOUTS timeouts.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ MAX_IDLE_CHECK_SECONDS = 60.0  # the idle sweep runs every timeout/4, at most th
 LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (with a count)
 SIOCOUTQ: Final = 0x5411  # Linux ioctl (= TIOCOUTQ): bytes in a TCP socket's send queue, not yet acked
 WAITS_FOR_PEER: Final = -2  # _queued: the pipe waits for the peer agent's credit
+# A pipe waiting for the peer agent's credit is cut after this many timeouts, not one: the peer sees
+# the reader and cuts a stalled one itself; this bounds a peer that hangs (a stopped process's kernel
+# still acknowledges, so its mesh connection never times out).
+PEER_WAIT_TIMEOUTS: Final = 4
 
 
 class Admission:
@@ -139,9 +143,9 @@ class IdleReaper:
                 fresh[pipe] = (pipe.up, pipe.down, -1, now)
                 continue
             queued = _queued(pipe)  # only for pipes whose counters stood still
-            if queued == WAITS_FOR_PEER or 0 <= queued < mark[2]:  # not idle: see the module's docstring
+            if 0 <= queued < mark[2]:  # bytes still leave toward a slow reader: not idle
                 fresh[pipe] = (pipe.up, pipe.down, queued, now)
-            elif now - mark[3] >= self.timeout:
+            elif now - mark[3] >= self.timeout * (PEER_WAIT_TIMEOUTS if queued == WAITS_FOR_PEER else 1):
                 self.reaped += 1
                 pipe.fail(flags.SI)  # resets both ends; the listener's on_done counts it with the flag
             else:
