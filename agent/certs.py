@@ -66,7 +66,7 @@ from hostmesh.ca.errors import (
     TrustError,
     Unauthorized,
 )
-from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path, write_private_pair
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME
@@ -380,11 +380,9 @@ class CertManager:
 
     def _store(self, service: str, chain_pem: str, key_pem: bytes) -> None:
         chain_file, key_file = self.paths(service)
-        try:  # both files before anyone is told: subscribers reload them as a pair
-            pki.write_private(key_file, key_pem)
-            pki.write_private(chain_file, chain_pem.encode())
-        except OSError as exc:
-            raise StorageError(f"cannot write {chain_file}: {exc.strerror}") from None
+        # both files before anyone is told: subscribers reload them as a pair (StorageError names
+        # the file that failed; the stored pair is then the old one)
+        write_private_pair(key_file, key_pem, chain_file, chain_pem.encode())
 
     def _set_roots(self, roots: list[x509.Certificate], save: bool = True) -> bool:
         pem = bundle_pem(roots)

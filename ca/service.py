@@ -91,6 +91,7 @@ from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
 from hostmesh.ca.errors import AuditError, CAError, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import PermissionDenied, RegistryError
@@ -551,8 +552,9 @@ class CAService:
         key_file = cert_file.with_suffix(".key")
         try:
             (self.data_dir / "server").mkdir(mode=0o700, exist_ok=True)
-            pki.write_private(key_file, pki.key_pem(key))
-            pki.write_private(cert_file, pki.cert_pem(cert))
+            write_private_pair(key_file, pki.key_pem(key), cert_file, pki.cert_pem(cert))
+        except StorageError as exc:
+            raise StorageError(f"cannot write the serving certificate: {exc}") from None
         except FileExistsError:  # mkdir(exist_ok=True) of a `server` that is not a directory
             where = cert_file.parent
             raise StorageError(f"cannot write the serving certificate: {where} is not a directory") from None

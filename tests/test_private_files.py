@@ -1,0 +1,51 @@
+"""ca/files.py's writers on a real filesystem: a key and its certificate are replaced as a pair, so
+a failure part way (a full disk, a file that cannot be replaced) leaves the old pair, never a new
+key beside the old certificate (a renewal that failed so lost the host's identity for good: the old
+key gone, the join token spent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hostmesh.ca.errors import StorageError
+from hostmesh.ca.files import write_private_pair
+
+
+def pair(d: Path) -> tuple[Path, Path]:
+    return d / "api.key", d / "api.crt"
+
+
+def test_a_pair_is_written_whole_with_mode_0600_and_nothing_left_beside_it(tmp_path: Path) -> None:
+    key, cert = pair(tmp_path / "certs")
+    write_private_pair(key, b"key-1", cert, b"cert-1")  # a first certificate: no key to keep aside
+    write_private_pair(key, b"key-2", cert, b"cert-2")
+    assert (key.read_bytes(), cert.read_bytes()) == (b"key-2", b"cert-2")
+    assert {p.name for p in key.parent.iterdir()} == {"api.key", "api.crt"}
+    assert {os.stat(p).st_mode & 0o777 for p in (key, cert)} == {0o600}
+
+
+def test_a_certificate_that_cannot_replace_its_file_puts_the_old_key_back(tmp_path: Path) -> None:
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"old-key")
+    cert.mkdir()  # what stands where the certificate goes cannot be replaced by a file
+    (cert / "x").write_bytes(b"")
+    with pytest.raises(StorageError, match=f"^cannot write {cert}: Is a directory$"):
+        write_private_pair(key, b"new-key", cert, b"new-cert")
+    assert key.read_bytes() == b"old-key"
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_a_certificate_that_cannot_be_written_replaces_nothing(tmp_path: Path) -> None:
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"old-key")
+    cert.write_bytes(b"old-cert")
+    staged = cert.with_name(f".{cert.name}.{os.getpid()}.new")
+    staged.mkdir()  # stands for a full disk: the new certificate cannot be written out
+    with pytest.raises(StorageError, match=f"^cannot write {cert}: Is a directory$"):
+        write_private_pair(key, b"new-key", cert, b"new-cert")
+    staged.rmdir()
+    assert (key.read_bytes(), cert.read_bytes()) == (b"old-key", b"old-cert")
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
