@@ -469,17 +469,26 @@ class SnapshotBuilder:
 
     def load_saved(self) -> bool:
         """Adopt the last saved state (before Consul answers). Returns True when there was one."""
+        path = self._state_path
         try:
-            state = json.loads(self._state_path.read_bytes())
-        except (OSError, ValueError):
+            data = path.read_bytes()
+        except FileNotFoundError:  # a first start
             return False
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        except OSError as exc:  # said, above all when Consul is down: it is when the file matters
+            log.warning("cannot read the saved snapshot %s: %s; starting without it", path, exc.strerror)
             return False
-        for svc, eps in state.get("endpoints", {}).items():
-            self.endpoints[svc] = tuple(
-                Endpoint(e["id"], e["node"], e["address"], int(e["port"]), MappingProxyType(dict(e["meta"])))
-                for e in eps
-            )
+        try:
+            state = json.loads(data)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise ValueError(f"not of format {STATE_FORMAT}")
+            endpoints = {
+                svc: tuple(_saved_endpoint(e) for e in eps) for svc, eps in state.get("endpoints", {}).items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = f"no {exc} field" if isinstance(exc, KeyError) else str(exc)
+            log.warning("the saved snapshot %s is unusable (%s); starting without it", path, why)
+            return False
+        self.endpoints.update(endpoints)
         unparsed = set()
         for svc, raw in state.get("intentions", {}).items():
             try:
@@ -508,6 +517,10 @@ class SnapshotBuilder:
         self.rebuild()
         log.info("loaded the saved snapshot from %s", self._state_path)
         return True
+
+
+def _saved_endpoint(e: dict[str, Any]) -> Endpoint:
+    return Endpoint(e["id"], e["node"], e["address"], int(e["port"]), MappingProxyType(dict(e["meta"])))
 
 
 # A few connections to Consul whatever the number of upstreams and documents: three blocking

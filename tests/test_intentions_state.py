@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,31 @@ async def test_ready_and_health_name_the_service_and_the_reason(tmp_path: Path) 
     b.rebuild()
     ready = await admin.handle(get("/ready"))
     assert ready.status == 200 and ready.json() == {"ready": True}
+
+
+@pytest.mark.parametrize(
+    ("spoil", "why"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:150]), "is unusable (Expecting"),  # truncated
+        (
+            lambda p: p.write_text('{"format": 1, "endpoints": {"api": [{"node": "n"}]}}'),
+            "is unusable (no 'id' field)",
+        ),
+        # any OSError but a missing file (run as root, a mode-0000 file would still be read)
+        (lambda p: (p.unlink(), p.mkdir()), "Is a directory; starting without it"),
+    ],
+    ids=["truncated", "malformed", "unreadable"],
+)
+def test_a_saved_snapshot_it_cannot_use_is_said_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: Callable[[Path], object], why: str
+) -> None:
+    """When Consul is down the saved snapshot is what the agent serves from: one it cannot read or
+    use is said (naming the file and why), not passed over in silence; nothing is half loaded."""
+    b = builder(tmp_path)
+    b.set_intentions("api", 5, None)  # something to save
+    spoil(tmp_path / STATE_FILE)
+    again = builder(tmp_path)
+    assert not again.load_saved()
+    line = next(r.getMessage() for r in caplog.records if "saved snapshot" in r.getMessage())
+    assert str(tmp_path / STATE_FILE) in line and why in line, line
+    assert dict(again.endpoints) == {}
