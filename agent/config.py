@@ -995,6 +995,12 @@ def check_permissions(cfg: AgentConfig) -> None:
         _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
 
 
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
 def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str, directory: bool = False) -> None:
     try:
         st = path.stat()
@@ -1004,6 +1010,8 @@ def _check_mode(path: Path, forbidden: int, what: str, fix: str, name: str, dire
         raise ConfigError(f"{name} {path}: cannot check its permissions: {exc.strerror}") from None
     if directory and not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{name} {path} is not a directory")
+    if not directory and not stat.S_ISREG(st.st_mode):  # a FIFO would block its reader for good
+        raise ConfigError(f"{name} {path} is not a regular file ({_file_kind(st.st_mode)})")
     mode = st.st_mode & 0o777
     if mode & forbidden:
         bits = mode & forbidden

@@ -3,6 +3,7 @@ token or key others can read: exit 1 and one line that says what to run to fix i
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -80,3 +81,20 @@ def test_key_file_readable_by_group_is_refused(tmp_path: Path) -> None:
         check_permissions(load_config(config))
     key.chmod(0o600)
     check_permissions(load_config(config))  # 0600 files and a 0700 dir pass; absent files too
+
+
+def test_a_certificate_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO where the certificate goes blocked the certificate helper's read: 120 s of silence,
+    then an error naming no path. Refused at start, naming it (a symlink to a file is still fine)."""
+    config, data_dir, _ = write_config(tmp_path)
+    (data_dir / "certs").mkdir(mode=0o700)
+    chain = data_dir / "certs" / "web.crt"
+    os.mkfifo(chain, 0o600)
+    line = one_line_error(run(config))
+    assert line == f"Error: the certificate of web {chain} is not a regular file (a FIFO)"
+    chain.unlink()
+    real = tmp_path / "web.crt"
+    real.write_text("cert")
+    real.chmod(0o600)
+    chain.symlink_to(real)
+    check_permissions(load_config(config))
