@@ -115,6 +115,7 @@ MAX_REQUEST_BYTES = 64 * 1024  # a request is a <1 KiB CSR plus a TTL; bound wha
 MIN_LEAF_TTL = dt.timedelta(seconds=1)  # below a second a leaf expires in flight; 0/negative is a unit slip
 SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued from the active root
 SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
+SERVER_CERT_FAILURE_LOG_INTERVAL = 600.0  # seconds: a refresh that keeps failing is said this often
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
@@ -420,6 +421,9 @@ class CAService:
         self._tls: ssl.SSLContext | None = None
         self._server_cert_expires = pki.now()
         self._server_cert_issued = pki.now()
+        # a refresh that cannot be written (a full disk) is retried each round; said once in a while
+        self._refresh_failures = RateLimitedLog(log, "serving certificate refresh failures", lines=1,
+                                                interval=SERVER_CERT_FAILURE_LOG_INTERVAL)  # fmt: skip
         self._registered = False  # registered at least once: close() then deregisters
         self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
         self._denial = ""  # the refusal while DENIED (/v1/health)
@@ -530,9 +534,7 @@ class CAService:
             try:
                 if self._data_dir_state() != self._dir_state:
                     await self.reload()
-                life = self._server_cert_expires - self._server_cert_issued
-                if pki.now() >= self._server_cert_issued + life * SERVER_CERT_REFRESH:
-                    self._write_server_cert()
+                self._refresh_server_cert()  # apart: a full disk must not stop the Consul upkeep below
                 state = await self._sync_consul()
                 # retrying a refused token every second would not fix it, only fill Consul's log
                 delay = CONSUL_RETRY_INTERVAL if state is ConsulState.UNAVAILABLE else MAINTENANCE_INTERVAL
@@ -545,6 +547,18 @@ class CAService:
                 log.warning("Consul: %s; retrying", exc)
             except Exception:
                 log.exception("CA maintenance round failed")
+
+    def _refresh_server_cert(self) -> None:
+        """A new serving certificate once the current one is SERVER_CERT_REFRESH through its life;
+        one that cannot be written is said (at a bounded rate) and tried again next round."""
+        life = self._server_cert_expires - self._server_cert_issued
+        if pki.now() < self._server_cert_issued + life * SERVER_CERT_REFRESH:
+            return
+        try:
+            self._write_server_cert()
+        except StorageError as exc:
+            until = self._server_cert_expires.strftime("%Y-%m-%d %H:%M:%S UTC")
+            self._refresh_failures("%s; serving the current one (valid until %s), retrying", exc, until)
 
     def _write_server_cert(self) -> tuple[Path, Path]:
         key, cert = server_certificate(self.authority, [self.host, self.advertise, "127.0.0.1"])

@@ -7,6 +7,8 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import logging
+import os
 import secrets
 import socket
 import ssl
@@ -665,3 +667,41 @@ async def test_sibling_renewal_is_only_for_expired_certificates(sibling, tmp_pat
     valid_cert, valid_key = await issued(sibling.svc, sibling.client, tmp_path / "v", sibling.web)
     status, body = await sibling.renew(sibling.body(proof_key=valid_key, expired=valid_cert))
     assert_refused(sibling.sink, status, body, 403, "is still valid: renew with it")
+
+
+async def test_a_serving_certificate_it_cannot_write_stops_no_other_upkeep(
+    tmp_path: Path,
+    private_consul: ConsulDev,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A serving-certificate refresh that cannot be written (a full disk) is said in one line, not a
+    traceback every round, and the round's Consul upkeep goes on: a deleted trust bundle is
+    published again (the failure ended the whole round, so the bundle stayed missing)."""
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAINTENANCE_INTERVAL", 0.05)
+    caplog.set_level(logging.WARNING, logger="hostmesh.ca")
+    async with ConsulClient(private_consul.url) as c:
+        svc = await start_ca(new_ca_dir(tmp_path), c, AuditSink())
+        try:
+            key_file = svc.data_dir / "server" / f"{svc.port}.key"
+            blocker = key_file.with_name(f".{key_file.name}.{os.getpid()}.new")
+            blocker.mkdir()  # the new key cannot be written: as on a full disk
+            svc._server_cert_issued -= dt.timedelta(days=1)  # the refresh is due (at half its life)
+            await c.kv_delete(ROOTS_KEY)
+
+            async def published() -> bool:
+                return await c.kv_get(ROOTS_KEY) is not None
+
+            await async_wait_until(published, 20, "the trust bundle published again")
+            lines = [r for r in caplog.records if "serving certificate" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in caplog.records]
+            assert f"cannot write the serving certificate: cannot write {key_file}: Is a directory" in (
+                lines[0].getMessage()
+            )
+            blocker.rmdir()
+            await async_wait_until(lambda: svc._server_cert_issued > pki.now() - dt.timedelta(hours=1), 20,
+                                   "the refresh once it can be written")  # fmt: skip
+        finally:
+            await svc.close(deregister=False)
