@@ -223,12 +223,21 @@ class CAClient:
         except Unavailable as exc:
             text = str(exc)
             if "TLS verification failed" in text:
-                raise TrustError(f"CA at {self.url} is not trusted: {text}") from None
+                raise TrustError(f"CA at {self.url} is not trusted: {text}{_clock_hint(text)}") from None
             if client_cert and any(a in text for a in _CLIENT_CERT_ALERTS):
                 raise Unauthorized(f"CA at {self.url} refused our client certificate: {text}") from None
             raise CAUnavailable(f"CA at {self.url} unreachable: {text}") from None
         finally:
             await client.close()
+
+
+def _clock_hint(text: str) -> str:
+    """A verification that failed on time alone is most often a clock that is off (this host's or
+    the CA's), not a CA to distrust: said, with this host's time, so no one goes after the pin."""
+    if "certificate is not yet valid" in text or "certificate has expired" in text:
+        reads = pki.now().strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f" (this host's clock reads {reads}: check its time sync, and the CA host's)"
+    return ""
 
 
 def _body(csr_pem: bytes, ttl: str | None) -> bytes:

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from hostmesh.agent.ca_client import CAClient
 from hostmesh.ca import pki, store, tokens
-from hostmesh.ca.errors import CAUnavailable, InvalidRequest, Unauthorized
+from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -705,3 +705,28 @@ async def test_a_serving_certificate_it_cannot_write_stops_no_other_upkeep(
                                    "the refresh once it can be written")  # fmt: skip
         finally:
             await svc.close(deregister=False)
+
+
+async def test_a_ca_certificate_refused_on_time_alone_names_the_clock(
+    tmp_path: Path, client: ConsulClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA whose clock runs 2 h ahead serves a certificate that is not yet valid here: the agent
+    says so with this host's time and points at the clocks, not only "not trusted" (which sends an
+    operator after the pin)."""
+    from hostmesh.ca import service as service_mod
+
+    data_dir = new_ca_dir(tmp_path)  # its root is valid now
+    real_now = pki.now
+    monkeypatch.setattr(service_mod.pki, "now", lambda: real_now() + dt.timedelta(hours=2))
+    svc = await start_ca(data_dir, client, AuditSink())  # its serving certificate, by the CA's clock
+    monkeypatch.setattr(service_mod.pki, "now", real_now)
+    try:
+        ca = CAClient(f"https://127.0.0.1:{svc.port}", svc.authority.trust_domain)
+        _, csr = csr_for("web")
+        with pytest.raises(TrustError) as err:
+            await ca.sign(await token_for(client, "web"), csr.encode(), "".join(svc.authority.bundle))
+        text = str(err.value)
+        assert "certificate is not yet valid" in text and "this host's clock reads 20" in text, text
+        assert "check its time sync, and the CA host's" in text
+    finally:
+        await svc.close(deregister=False)
