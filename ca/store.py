@@ -326,8 +326,12 @@ def _check_writable(*dirs: Path) -> None:
 
 
 def _make_dir(path: Path) -> None:
+    """`path` 0700, and the directories it needs 0755 whatever the umask (under umask 000 they were
+    0777: anyone on the host could have moved the CA's directory aside and put another in its place)."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
+            parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away
+        path.mkdir(mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
     except OSError as exc:
         raise StorageError(f"cannot create {path}: {exc.strerror}") from None

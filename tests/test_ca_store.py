@@ -25,6 +25,18 @@ def test_init_creates_private_root_and_refuses_to_overwrite(tmp_path: Path) -> N
     assert store.load(d).active.id == a.active.id  # untouched
 
 
+def test_init_makes_the_directories_it_needs_0755_under_any_umask(tmp_path: Path) -> None:
+    """Under umask 000 the parents `ca init` created were 0777: anyone could swap the CA dir."""
+    d = tmp_path / "a" / "b" / "ca"
+    old = os.umask(0)
+    try:
+        store.init(d, "hostmesh.local")
+    finally:
+        os.umask(old)
+    modes = [p.stat().st_mode & 0o777 for p in (tmp_path / "a", tmp_path / "a" / "b", d)]
+    assert modes == [0o755, 0o755, 0o700]
+
+
 def test_init_rejects_bad_trust_domain(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="invalid trust domain"):
         store.init(tmp_path / "ca", "Not A Domain")
