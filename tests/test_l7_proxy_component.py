@@ -1469,9 +1469,12 @@ async def test_requests_on_open_connections_are_served_while_the_outbound_closes
         hits = sum(app.hits for app in mesh.apps)
         held = asyncio.ensure_future(asyncio.to_thread(busy.get, "/delay/300"))
         await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == hits + 1, what="one in flight")
-        closing = asyncio.ensure_future(mesh.http_out.close(drain_seconds=IO_TIMEOUT))
+        handshakes = mesh.outbound.pool.handshakes
+        mesh.outbound.stop_accepting()  # as a reload replacing the stack does (agent/run.py _retire)
+        closing = asyncio.ensure_future(mesh.outbound.retire(drain_seconds=IO_TIMEOUT))
         answers = [await held, await asyncio.to_thread(idle.get, "/after-the-close")]
         assert [(r.status, r.headers.get("connection")) for r in answers] == [(200, "close")] * 2
+        assert mesh.outbound.pool.handshakes == handshakes  # on the mesh connections it had
         await asyncio.wait_for(closing, IO_TIMEOUT)  # both connections done: the drain ends early
     finally:
         idle.close()

@@ -121,9 +121,9 @@ class OutboundListener(ListenerLifecycle):
         the idle timeout. A stop meanwhile cuts them after its own drain (`close`). Then it closes."""
         self._closing = True
         self.stop_accepting()
-        self.pool.close()  # no new streams on its mesh connections; busy ones close when they end
-        if self.http is not None:
+        if self.http is not None:  # its last requests ride the mesh connections it has
             await self.http.close(drain_seconds)
+        self.pool.close()  # no new streams on its mesh connections; busy ones close when they end
         await self.tracker.emptied()
         await self.close()
 
@@ -131,9 +131,9 @@ class OutboundListener(ListenerLifecycle):
         self._closing = True
         self.reaper.stop()
         self.stop_accepting()
-        self.pool.close()
-        if self.http is not None:
+        if self.http is not None:  # its last requests ride the mesh connections it has
             await self.http.close(drain_seconds)
+        self.pool.close()
         if self.egress is not None:
             self.egress.close()
         for end in list(self._pending):
