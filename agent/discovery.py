@@ -477,13 +477,17 @@ class SnapshotBuilder:
         except OSError as exc:  # said, above all when Consul is down: it is when the file matters
             log.warning("cannot read the saved snapshot %s: %s; starting without it", path, exc.strerror)
             return False
-        try:
+        try:  # everything read and checked before anything is taken: nothing half loaded
             state = json.loads(data)
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
                 raise ValueError(f"not of format {STATE_FORMAT}")
+            for section in SAVED_SECTIONS:
+                if not isinstance(state.get(section, {}), dict):
+                    raise ValueError(f"{section} is not an object")
             endpoints = {
                 svc: tuple(_saved_endpoint(e) for e in eps) for svc, eps in state.get("endpoints", {}).items()
             }
+            versions = {str(k): int(v) for k, v in state.get("versions", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             why = f"no {exc} field" if isinstance(exc, KeyError) else str(exc)
             log.warning("the saved snapshot %s is unusable (%s); starting without it", path, why)
@@ -505,10 +509,10 @@ class SnapshotBuilder:
             self.set_gateway(name, 0, json.dumps(raw).encode())  # until read again, fail closed)
         for name, raw in state.get("externals", {}).items():
             self.set_external(name, 0, json.dumps(raw).encode())
-        self.versions.update({k: int(v) for k, v in state.get("versions", {}).items() if k not in unparsed})
+        self.versions.update({k: v for k, v in versions.items() if k not in unparsed})
         refused = state.get("intentions_refused", {})
         for svc in self.local:
-            saved = refused.get(svc) if isinstance(refused, dict) else None
+            saved = refused.get(svc)
             last_good = self._last_good_intentions(svc)
             if isinstance(saved, dict) and saved.get("state") in ("denied", "invalid"):
                 self._intentions_to(svc, IntentionsState(saved["state"]), str(saved.get("reason", "")))
@@ -517,6 +521,11 @@ class SnapshotBuilder:
         self.rebuild()
         log.info("loaded the saved snapshot from %s", self._state_path)
         return True
+
+
+# the saved snapshot's parts that are objects (a missing one is empty)
+SAVED_SECTIONS = ("endpoints", "intentions", "routes", "policies", "gateways", "externals", "versions",
+                  "intentions_refused")  # fmt: skip
 
 
 def _saved_endpoint(e: dict[str, Any]) -> Endpoint:

@@ -199,10 +199,13 @@ async def test_ready_and_health_name_the_service_and_the_reason(tmp_path: Path) 
             lambda p: p.write_text('{"format": 1, "endpoints": {"api": [{"node": "n"}]}}'),
             "is unusable (no 'id' field)",
         ),
+        # a good endpoint before a bad part: not taken either (an uncaught error failed the start)
+        (lambda p: p.write_text(_saved_with(versions={"x": "abc"})), "is unusable (invalid literal"),
+        (lambda p: p.write_text(_saved_with(routes=[])), "is unusable (routes is not an object)"),
         # any OSError but a missing file (run as root, a mode-0000 file would still be read)
         (lambda p: (p.unlink(), p.mkdir()), "Is a directory; starting without it"),
     ],
-    ids=["truncated", "malformed", "unreadable"],
+    ids=["truncated", "malformed", "bad-version", "bad-part", "unreadable"],
 )
 def test_a_saved_snapshot_it_cannot_use_is_said_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: Callable[[Path], object], why: str
@@ -217,3 +220,8 @@ def test_a_saved_snapshot_it_cannot_use_is_said_in_one_line(
     line = next(r.getMessage() for r in caplog.records if "saved snapshot" in r.getMessage())
     assert str(tmp_path / STATE_FILE) in line and why in line, line
     assert dict(again.endpoints) == {}
+
+
+def _saved_with(**part: object) -> str:
+    endpoint = {"id": "api-1", "node": "n", "address": "127.0.0.1", "port": 9, "meta": {}}
+    return json.dumps({"format": 1, "endpoints": {"api": [endpoint]}, **part})
