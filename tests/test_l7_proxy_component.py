@@ -1459,23 +1459,46 @@ async def test_an_unreachable_app_gets_503_uf_and_is_logged_at_a_bounded_rate(
     assert len(lines) == DEFAULT_LINES, lines
 
 
-async def test_requests_on_open_connections_are_served_while_the_outbound_closes(mesh: Mesh) -> None:
-    """A reload that rebuilds the upstream's stack (or a stop's drain) closes the old one: a request
-    it holds, and one a client sends on a keep-alive connection it had no word of the close on, are
-    both served, each response saying `Connection: close` (the second got 503 UH "shutting down")."""
+async def test_a_replaced_stack_serves_its_open_connections_and_finishes_their_exchanges(mesh: Mesh) -> None:
+    """A reload that rebuilds the upstream's stack retires the old one: a request a client sends on
+    a keep-alive connection it had no word of the reload on is served (it got 503 UH "shutting
+    down"), so is one in flight past `drain_seconds` (it was cut), each response saying
+    `Connection: close`, and no new mesh connection is made for them."""
     idle, busy = mesh.client(), mesh.client()
     try:
         assert (await asyncio.to_thread(idle.get, "/first")).status == 200  # now idle, kept alive
         hits = sum(app.hits for app in mesh.apps)
-        held = asyncio.ensure_future(asyncio.to_thread(busy.get, "/delay/300"))
+        held = asyncio.ensure_future(asyncio.to_thread(busy.get, "/delay/2500"))
         await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == hits + 1, what="one in flight")
         handshakes = mesh.outbound.pool.handshakes
         mesh.outbound.stop_accepting()  # as a reload replacing the stack does (agent/run.py _retire)
-        closing = asyncio.ensure_future(mesh.outbound.retire(drain_seconds=IO_TIMEOUT))
-        answers = [await held, await asyncio.to_thread(idle.get, "/after-the-close")]
+        retiring = asyncio.ensure_future(mesh.outbound.retire(drain_seconds=2.0))
+        answers = [await asyncio.to_thread(idle.get, "/after-the-reload"), await held]
         assert [(r.status, r.headers.get("connection")) for r in answers] == [(200, "close")] * 2
         assert mesh.outbound.pool.handshakes == handshakes  # on the mesh connections it had
-        await asyncio.wait_for(closing, IO_TIMEOUT)  # both connections done: the drain ends early
+        await asyncio.wait_for(retiring, IO_TIMEOUT)
+    finally:
+        idle.close()
+        busy.close()
+
+
+async def test_a_stopping_outbound_answers_new_requests_503_and_lets_exchanges_finish(mesh: Mesh) -> None:
+    """A stop's drain: an exchange under way finishes (its response says `Connection: close`); a
+    request sent on an open keep-alive connection meanwhile is answered 503 UH without reaching the
+    app, so the client knows it was not done (started, it could be cut when the drain ends)."""
+    idle, busy = mesh.client(), mesh.client()
+    try:
+        assert (await asyncio.to_thread(idle.get, "/first")).status == 200
+        hits = sum(app.hits for app in mesh.apps)
+        held = asyncio.ensure_future(asyncio.to_thread(busy.get, "/delay/300"))
+        await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == hits + 1, what="one in flight")
+        closing = asyncio.ensure_future(mesh.http_out.close(drain_seconds=IO_TIMEOUT))
+        late = await asyncio.to_thread(idle.get, "/during-the-stop")
+        assert (late.status, late.flags, late.headers.get("connection")) == (503, "UH", "close")
+        assert sum(app.hits for app in mesh.apps) == hits + 1  # it never reached the app
+        finished = await held
+        assert (finished.status, finished.headers.get("connection")) == (200, "close")
+        await asyncio.wait_for(closing, IO_TIMEOUT)
     finally:
         idle.close()
         busy.close()

@@ -80,6 +80,7 @@ from hostmesh.agent.proxy.http_conn import (
     BODY_MIN_RATE,
     CLIENT_GONE,
     CONNECT_FAILURE,
+    DRAIN_POLL,
     HEADER_READ_TIMEOUT,
     IDEMPOTENT,
     OVERFLOW,
@@ -519,6 +520,7 @@ class HttpOutbound:
         self._conn_waiters: list[asyncio.Future[None]] = []
         self._reads: SnapReads | None = None
         self.closing = False
+        self.retiring = False  # closing after a reload replaced it: requests on open connections served
         self.rejected_total = 0
         self._broke_log = RateLimitedLog(log, "clients that broke HTTP/1.1", level=logging.INFO)
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
@@ -601,8 +603,11 @@ class HttpOutbound:
         head = ex.head
         if self.tracer is not None:
             ex.trace = self.tracer.start(self.local_service, "", self.tracer.CLIENT, head.headers)
-        if self.closing:  # a stop's drain or a reload's: served, then the connection closes
+        if self.closing:  # the connection closes after this exchange
             ex.keep_alive = False
+            if not self.retiring:  # a stop: not started, so that the client knows it was not done
+                ex.respond(503, fl.UH, "shutting down")
+                return
         route = cl.routes.select(head.method, head.target, head.headers)
         if route is None:
             ex.respond(404, fl.NR)
@@ -1194,15 +1199,33 @@ class HttpOutbound:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def close(self, drain_seconds: float = 0.0) -> None:
-        """Let open exchanges finish for up to `drain_seconds`, then cut the rest. Until then a client
-        connection's exchanges are still served (one arriving on a keep-alive connection was sent by
-        a client that had no word of the close), each response saying `Connection: close`."""
+    async def close(self, drain_seconds: float = 0.0, retiring: bool = False) -> None:
+        """A stop: exchanges under way finish for up to `drain_seconds`, then the rest is cut; a new
+        request on an open connection is answered 503 UH, not started (it could not be finished).
+
+        `retiring`: a reload replaced this stack, the process goes on. For `drain_seconds` a request
+        a client sends on one of its open connections (it had no word of the reload) is still served;
+        then idle connections close, and exchanges under way run to their end. Either way responses
+        say `Connection: close` from now on. A stop during a retirement takes over."""
+        if retiring and not self.closing:
+            self.retiring = True
+        elif not retiring:
+            self.retiring = False
         self.closing = True
         for c in self.conns:
             if c.ex is not None:
                 c.ex.keep_alive = False
-        await drain(lambda: any(not c.closed and c.ex is not None for c in self.conns), drain_seconds)
+        if self.retiring:
+            await drain(lambda: self.retiring and any(not c.closed for c in self.conns), drain_seconds)
+            for c in list(self.conns):
+                if self.retiring and c.ex is None:
+                    c.close()
+            while self.retiring and any(not c.closed and c.ex is not None for c in self.conns):
+                await asyncio.sleep(DRAIN_POLL)  # bounded by the exchanges' own timeouts, or a stop
+            if not self.retiring:
+                return  # a stop took over: its close cuts what is left
+        else:
+            await drain(lambda: any(not c.closed and c.ex is not None for c in self.conns), drain_seconds)
         for c in list(self.conns):
             c.close()
         self.conns.clear()

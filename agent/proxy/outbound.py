@@ -115,14 +115,15 @@ class OutboundListener(ListenerLifecycle):
 
     async def retire(self, drain_seconds: float) -> None:
         """A reload replaced this stack (its settings changed): it stops accepting; what it holds
-        finishes under the settings it was opened with. HTTP exchanges finish and their connections
-        close (idle keep-alive ones after `drain_seconds`, as on a stop); TCP connections run until
-        they end by themselves (a reload is no reason to cut a database pool's connections), within
-        the idle timeout. A stop meanwhile cuts them after its own drain (`close`). Then it closes."""
+        finishes under the settings it was opened with. Its HTTP connections serve what clients
+        send on them for `drain_seconds` and run their exchanges to the end (HttpOutbound.close,
+        retiring), each response saying `Connection: close`; its TCP connections run until they end
+        by themselves (a reload is no reason to cut a database pool's connections), within the idle
+        timeout. A stop meanwhile cuts them after its own drain (`close`). Then it closes."""
         self._closing = True
         self.stop_accepting()
         if self.http is not None:  # its last requests ride the mesh connections it has
-            await self.http.close(drain_seconds)
+            await self.http.close(drain_seconds, retiring=True)
         self.pool.close()  # no new streams on its mesh connections; busy ones close when they end
         await self.tracker.emptied()
         await self.close()

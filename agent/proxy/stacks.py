@@ -75,9 +75,9 @@ class LazyHttpOutbound:
                 return None
         return self.real.app_conn(cap)
 
-    async def close(self, drain_seconds: float = 0.0) -> None:
+    async def close(self, drain_seconds: float = 0.0, retiring: bool = False) -> None:
         if self.real is not None:
-            await self.real.close(drain_seconds)
+            await self.real.close(drain_seconds, retiring)
 
     def stats(self) -> dict[str, Any] | None:
         return self.real.stats() if self.real is not None else None
