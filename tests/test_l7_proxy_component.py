@@ -1352,7 +1352,7 @@ async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_fligh
         await asyncio.to_thread(call, f"/eject-{i}")
         if mesh.http_out.stats()["ejected"]:
             break
-    assert mesh.http_out.stats()["ejected"] == ["api-0"]
+    assert mesh.http_out.stats()["ejected"] == ["api-0@n"]
 
     hits = mesh.apps[1].hits
     held = asyncio.ensure_future(asyncio.to_thread(call, "/delay/1500"))
@@ -1361,13 +1361,14 @@ async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_fligh
     second = await asyncio.to_thread(call, "/second")
     assert (second.status, second.flags) == (503, "UO")  # max_requests 1: the one in flight counts
     assert (await held).status == 200
-    assert mesh.http_out.stats()["ejected"] == ["api-0"]
+    assert mesh.http_out.stats()["ejected"] == ["api-0@n"]
 
 
 async def test_instances_registered_under_one_id_on_two_nodes_are_told_apart(mesh: Mesh) -> None:
     """Consul's service IDs are unique per node only, and a service registered as `api` on every host
     is common: outlier detection ejects the failing instance alone (`api@<node>`), and the other one
-    serves every request (both were ejected as one, `api`)."""
+    serves every request (both were ejected as one, `api`); an instance stays the same instance when
+    the other leaves."""
     eps = [("api", ib.port, {}) for ib in mesh.inbounds]
     od = {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 50}}
     policies = {"api": parse_policy(od)}
@@ -1381,6 +1382,10 @@ async def test_instances_registered_under_one_id_on_two_nodes_are_told_apart(mes
     assert mesh.http_out.stats()["ejected"] == ["api@h0"]
     answers = [await asyncio.to_thread(call, f"/after-{i}") for i in range(6)]
     assert [(r.status, r.instance) for r in answers] == [(200, "api-1")] * 6
+    # h1's instance leaves (its check fails): h0's stays the same instance, still ejected
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, eps[:1], policies=policies, nodes=["h0"]))
+    await asyncio.to_thread(call, "/alone")
+    assert mesh.http_out.stats()["ejected"] == ["api@h0"]
 
 
 async def test_a_retry_goes_to_an_instance_the_request_has_not_tried(mesh: Mesh) -> None:

@@ -53,7 +53,7 @@ HASH_SOURCE: Final = "source_ip"
 
 @dataclass(eq=False, slots=True)
 class Endpoint:
-    key: str  # stable identity of the instance: its Consul service ID (`id@node` if another node uses the ID)
+    key: str  # stable identity of the instance: `<Consul service ID>@<node>` (IDs are unique per node)
     address: str
     port: int
     zone: str = ""

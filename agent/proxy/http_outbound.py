@@ -56,7 +56,6 @@ import enum
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
@@ -208,13 +207,11 @@ class Cluster:
         self.routes: CompiledRoutes = rc.compiled if rc is not None else CompiledRoutes.compile(None, service)
         policy = self.policy
         zkey = lb.zone_key(policy)
-        # Consul's service IDs are unique per node only (a service registered as `api` on every
-        # host is common): such an ID is told apart by its node, the others keep their plain ID so
-        # that the hash ring is the same as before for them.
-        ids = Counter(e.instance_id for e in self.src_endpoints)
+        # Consul's service IDs are unique per node only (a service registered as `api` on every host
+        # is common): an instance is its ID and its node, whichever others are healthy at the moment
         eps: tuple[lb.Endpoint, ...] = tuple(
             lb.Endpoint(
-                e.instance_id if ids[e.instance_id] == 1 else f"{e.instance_id}@{e.node}",
+                f"{e.instance_id}@{e.node}",
                 e.address,
                 e.port,
                 e.meta.get(zkey, ""),
