@@ -66,7 +66,7 @@ from hostmesh.ca.errors import (
     TrustError,
     Unauthorized,
 )
-from hostmesh.ca.files import cert_dir, cert_paths, roots_path, write_private_pair
+from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME
@@ -320,6 +320,8 @@ class CertManager:
     def _load_stored(self, service: str) -> str | None:
         """Adopt the stored cert if usable; otherwise return why not (None = adopted)."""
         chain_file, key_file = self.paths(service)
+        if finish_pair(key_file, chain_file):
+            log.warning("completed the certificate of %s that an interrupted write left aside", service)
         stored: dict[Path, bytes | None] = {}
         for path in (chain_file, key_file):  # both first: a refused one raises, even beside a missing one
             try:

@@ -6,10 +6,14 @@ other callers that only need files do not load it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from hostmesh.ca.errors import StorageError
+
+NEW = ".new"  # suffix of a file written in full before it replaces its target (with the writer's pid)
+KEPT = ".kept"  # suffix of the key kept aside while its replacement's certificate goes in
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -29,43 +33,75 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
     identity would be lost for good: the old key is gone, the new one has no certificate). Both new
     files are written in full before either replaces anything, and the current key is kept aside
     (a hard link, no space needed) until the certificate is in place: when the certificate cannot
-    replace its file, the old key goes back. StorageError names the file that failed."""
+    replace its file, the old key goes back. A crash between the two renames leaves what
+    `finish_pair` completes. StorageError names the file that failed."""
     pid = os.getpid()
-    staged = [p.with_name(f".{p.name}.{pid}.new") for p in (key_path, cert_path)]
-    kept = key_path.with_name(f".{key_path.name}.{pid}.kept")
-    keeping = False
-    written: list[Path] = []
+    key_new, cert_new = (p.with_name(f".{p.name}.{pid}{NEW}") for p in (key_path, cert_path))
+    kept = key_path.with_name(f".{key_path.name}.{pid}{KEPT}")
+    leftovers: list[Path] = []  # removed at the end, whatever happens
     step = key_path  # the file the step under way is about, for the error
     try:
         key_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_new(staged[0], key)
-        written = staged[:1]
+        _write_new(key_new, key)
+        leftovers.append(key_new)
         step = cert_path
-        _write_new(staged[1], cert)
-        written = staged
+        _write_new(cert_new, cert)
+        leftovers.append(cert_new)
         step = key_path
         kept.unlink(missing_ok=True)
         try:
             os.link(key_path, kept)
-            keeping = True
+            leftovers.append(kept)
         except FileNotFoundError:  # a first certificate: no key to keep
             pass
-        os.replace(staged[0], key_path)
+        os.replace(key_new, key_path)
         step = cert_path
         try:
-            os.replace(staged[1], cert_path)
-        except OSError:
-            if keeping:
-                os.replace(kept, key_path)  # the old pair again
-                keeping = False
+            os.replace(cert_new, cert_path)
+        except OSError as exc:
+            if kept in leftovers:
+                try:
+                    os.replace(kept, key_path)  # the old pair again
+                except OSError:  # left as they are: finish_pair completes the new pair
+                    leftovers.clear()
+                    raise StorageError(
+                        f"cannot write {cert_path}: {exc.strerror}; the new certificate stays at "
+                        f"{cert_new}, completed at the next start"
+                    ) from None
             raise
     except OSError as exc:
         raise StorageError(f"cannot write {step}: {exc.strerror}") from None
     finally:
-        for tmp in written:  # what was not moved into place (a failed _write_new removed its own)
-            tmp.unlink(missing_ok=True)
-        if keeping:
-            kept.unlink(missing_ok=True)
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+
+
+def finish_pair(key_path: Path, cert_path: Path) -> bool:
+    """Complete a `write_private_pair` that a crash (or a failed undo) interrupted between its two
+    renames: the new key is in place and the new certificate still beside it, with the old key kept
+    aside; its certificate is moved into place. Other leftovers of an interrupted write (nothing
+    replaced yet) are removed. True when a pair was completed."""
+    try:
+        names = os.listdir(key_path.parent)
+    except OSError:
+        return False
+    completed = False
+    for name in names:
+        prefix = f".{key_path.name}."
+        if not (name.startswith(prefix) and name.endswith(KEPT)):
+            continue
+        pid = name[len(prefix) : -len(KEPT)]
+        key_new = key_path.with_name(f"{prefix}{pid}{NEW}")
+        cert_new = cert_path.with_name(f".{cert_path.name}.{pid}{NEW}")
+        with contextlib.suppress(OSError):
+            if not key_new.exists() and cert_new.exists():  # the key was replaced, not the certificate
+                os.replace(cert_new, cert_path)
+                completed = True
+    for name in names:  # what is left of interrupted writes: temporary copies, never the live pair
+        if name.startswith((f".{key_path.name}.", f".{cert_path.name}.")) and name.endswith((NEW, KEPT)):
+            with contextlib.suppress(OSError):
+                os.unlink(key_path.parent / name)
+    return completed
 
 
 def _write_new(tmp: Path, data: bytes) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.ca.errors import StorageError
-from hostmesh.ca.files import write_private_pair
+from hostmesh.ca.files import finish_pair, write_private_pair
 
 
 def pair(d: Path) -> tuple[Path, Path]:
@@ -48,4 +48,57 @@ def test_a_certificate_that_cannot_be_written_replaces_nothing(tmp_path: Path) -
         write_private_pair(key, b"new-key", cert, b"new-cert")
     staged.rmdir()
     assert (key.read_bytes(), cert.read_bytes()) == (b"old-key", b"old-cert")
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_a_write_interrupted_between_its_renames_is_completed(tmp_path: Path) -> None:
+    """A crash after the new key went in and before its certificate did: the new certificate waits
+    beside it, the old key kept aside; `finish_pair` moves the certificate in and removes the rest."""
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"new-key")
+    cert.write_bytes(b"old-cert")
+    (tmp_path / ".api.key.77.kept").write_bytes(b"old-key")
+    (tmp_path / ".api.crt.77.new").write_bytes(b"new-cert")
+    assert finish_pair(key, cert)
+    assert (key.read_bytes(), cert.read_bytes()) == (b"new-key", b"new-cert")
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_a_write_interrupted_before_its_renames_leaves_the_old_pair(tmp_path: Path) -> None:
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"old-key")
+    cert.write_bytes(b"old-cert")
+    for name, data in (
+        (".api.key.77.new", b"new-k"),
+        (".api.crt.77.new", b"new-c"),
+        (".api.key.77.kept", b"old-key"),
+    ):
+        (tmp_path / name).write_bytes(data)
+    assert not finish_pair(key, cert)
+    assert (key.read_bytes(), cert.read_bytes()) == (b"old-key", b"old-cert")
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_an_undo_that_fails_leaves_what_completes_the_new_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate cannot go in and the old key cannot go back (every rename after the first
+    fails): nothing is deleted, and the next start completes the new pair (the old key was lost)."""
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"old-key")
+    cert.write_bytes(b"old-cert")
+    real_replace, calls = os.replace, []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) > 1:
+            raise PermissionError(1, "Operation not permitted")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StorageError, match="completed at the next start"):
+        write_private_pair(key, b"new-key", cert, b"new-cert")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert finish_pair(key, cert)
+    assert (key.read_bytes(), cert.read_bytes()) == (b"new-key", b"new-cert")
     assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
