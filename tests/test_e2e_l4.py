@@ -313,6 +313,8 @@ def test_a_stop_cuts_after_its_drain_what_a_reload_left_to_a_replaced_stack(mesh
             assert held.recv(16) == b""
         except ConnectionResetError:
             pass
+    # cut by the agent (its access line, flag DC), not merely dropped with the process
+    assert '"response_flags":"DC"' in a.proc.log().replace(" ", ""), a.proc.log()
 
 
 def test_a_reload_that_renames_an_upstream_on_the_same_bind_applies(mesh: TwoHosts) -> None:
