@@ -99,7 +99,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). "
         "With workers = N each process takes 1/N. Each connection takes two open files: the agent "
         "raises its soft open-file limit to the hard one at start, and says so in a warning when "
-        "that is still below 2 x this + 256 (the shipped unit sets `LimitNOFILE=65536`).",
+        "that is still below 2 x a process's share of this + 256 (the shipped unit sets "
+        "`LimitNOFILE=65536`).",
     ),
     Key(
         "stream_idle_timeout",

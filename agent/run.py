@@ -115,8 +115,9 @@ FD_RAISE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unli
 
 def check_open_file_limit(connections: int, max_connections: int) -> int:
     """Raise the soft open-file limit to the hard one (Debian's is 1024 outside systemd; the unit
-    sets 65536), and warn when it is still below what `connections` need: past it the event loop
-    accepts and closes new connections unseen (a clean EOF, no line, no count). The soft limit."""
+    sets 65536), and warn when it is still below what `connections` (a process's share of
+    `max_connections`) need: past it the event loop accepts and closes new connections unseen (a
+    clean EOF, no line, no count). The soft limit, which a worker started after it inherits."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -130,9 +131,10 @@ def check_open_file_limit(connections: int, max_connections: int) -> int:
     needed = 2 * connections + FD_HEADROOM
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning(
-            "open-file limit %d (hard limit %s) is below the %d that max_connections = %d needs: "
-            "connections past it are closed unseen; raise LimitNOFILE (ulimit -n) or lower max_connections",
-            soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, max_connections,
+            "open-file limit %d (hard limit %s) is below the %d that %d connections need (max_connections = "
+            "%d, per process): past it they are closed unseen; raise LimitNOFILE (ulimit -n) or lower it",
+            soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, connections,
+            max_connections,
         )  # fmt: skip
     return soft
 
@@ -290,7 +292,8 @@ class Agent:
         from hostmesh.agent.proxy.limits import ConnectionCap
 
         self.cap = ConnectionCap(max(1, cfg.max_connections // cfg.workers), self.telemetry)  # per process
-        check_open_file_limit(self.cap.limit, cfg.max_connections)
+        if not self.worker:  # workers inherit the primary's limit, and its line says it for them
+            check_open_file_limit(self.cap.limit, cfg.max_connections)
         self.inbound = build_inbound(cfg, bind, holder, self.telemetry, cap=self.cap, tracer=self.tracer)
         await _listening("inbound", bind, self.inbound.start())
         await self._sync_outbound()

@@ -43,7 +43,7 @@ def test_the_agent_raises_its_soft_open_file_limit_and_warns_below_its_needs(
         # soft 64 (a shell's is 1024), hard 4096; start_agent waits for /ready, after the check
         m.start_agent(h, command=["prlimit", "--nofile=64:4096", "--", *HOSTMESH])
         assert open_files(h.proc.popen.pid) == (4096, 4096)
-        line = "open-file limit 4096 (hard limit 4096) is below the 20256 that max_connections = 10000 needs"
+        line = "open-file limit 4096 (hard limit 4096) is below the 20256 that 10000 connections need"
         assert (line in h.proc.log()) is warned, h.proc.log()
     finally:
         m.close()
