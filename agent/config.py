@@ -715,10 +715,11 @@ def _check_binds(cfg: AgentConfig) -> None:
         for other_transport, other, other_key in seen:
             if (transport == other_transport and addr.port == other.port and key != other_key
                     and _overlap(transport, addr.host, other.host)):  # fmt: skip
+                auto = key.endswith('"auto"') or other_key.endswith('"auto"')
                 raise _fail(
                     key.removesuffix(' = "auto"'),
                     f"listens on {addr}, as {other_key} does ({other}): give one another port"
-                    + (" or an explicit bind" if key.endswith('"auto"') else ""),
+                    + (" or an explicit bind" if auto else ""),
                 )
         seen.append((transport, addr, key))
 

@@ -326,8 +326,9 @@ def _check_writable(*dirs: Path) -> None:
 
 
 def _make_dir(path: Path) -> None:
-    """`path` 0700, and the directories it needs 0755 whatever the umask (under umask 000 they were
-    0777: anyone on the host could have moved the CA's directory aside and put another in its place)."""
+    """`path` 0700, and the directories it needs at most 0755 whatever the umask (under umask 000
+    they were 0777: anyone on the host could have moved the CA's directory aside and put another in
+    its place)."""
     try:
         for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
             parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away

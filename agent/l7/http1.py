@@ -60,7 +60,6 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Final, NamedTuple, NoReturn
 
 import httptools
@@ -508,9 +507,9 @@ REASONS: Final[dict[int, bytes]] = {
 _STATUS_LINES_11: Final = {status: b"HTTP/1.1 %d " % status for status in REASONS}  # but the reason
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)  # `extra` is part of the key: a tuple (a Retry-After's seconds, few values)
 def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "",
-                   extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:  # fmt: skip
+                   extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:  # fmt: skip
     """A complete response the proxy generates itself, carrying the response-flag header (and `extra`)."""
     body = ((detail or REASONS.get(status, b"").decode()) + "\n").encode()
     headers: Headers = [

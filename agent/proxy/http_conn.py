@@ -1290,7 +1290,7 @@ class Exchange:
         self._finish(self.plan != UNTIL_CLOSE and self.keep_alive, now=now)
 
     def respond(
-        self, status: int, flag: str, detail: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
+        self, status: int, flag: str, detail: str = "", extra: tuple[tuple[bytes, bytes], ...] = ()
     ) -> None:
         """A response the proxy makes itself (flagged, with `extra` header fields); the upstream attempt,
         if any, is dropped."""
