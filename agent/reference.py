@@ -76,7 +76,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "workers",
         f"integer 1..{C.MAX_WORKERS}",
         "1",
-        "Processes sharing the listeners; one runs the control plane.",
+        "Processes sharing the listeners; one runs the control plane. Its `/metrics` adds up the "
+        "workers' counters, keeping a dead worker's last scraped values: what a worker killed "
+        "(`kill -9`) counted since the last scrape is lost.",
     ),
     Key("log_level", "debug | info | warning | error", "info", "Log verbosity (access lines need info)."),
     Key(

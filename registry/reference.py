@@ -335,7 +335,9 @@ POLICY = Kind(
         Field(
             "outlier_detection",
             "object",
-            "Eject instances that keep failing, as each caller agent process sees them.",
+            "Eject instances that keep failing, as each caller agent process sees them. When every "
+            "instance a request may go to (its subset's, say) is ejected, it goes to them anyway, as "
+            "Envoy's panic routing does: ejection moves traffic only where there is somewhere to go.",
         ),
         Field(
             "outlier_detection.consecutive_5xx",

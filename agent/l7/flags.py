@@ -59,7 +59,10 @@ DESCRIPTIONS: dict[str, str] = {
     NI: "refused: the destination's intentions cannot be read (fail closed)",
     SI: "stream idle: request body stalled or too slow, or nothing moved for stream_idle_timeout",
     OM: "agent overloaded (connection cap)",
-    DC: "downstream connection terminated (the caller left, or the agent shut down)",
+    DC: "downstream connection terminated (the caller left, or the agent shut down). An HTTP client "
+    "that closes its connection while it waits is seen as gone only when its answer cannot be written "
+    "(HTTP/1.1 lets a client half-close and still read its answer): until then the app's work goes "
+    "on, and a short answer that the kernel takes is counted with the app's status",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself
