@@ -6,6 +6,7 @@ api's agent checks web's identity against the intentions in Consul KV.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -253,6 +254,19 @@ def listening(port: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def held_across_a_reload(a: AgentHandle, line: str) -> Iterator[socket.socket]:
+    """A connection through `a`'s upstream api, open (one echo) before a SIGHUP that reloads its
+    agent.toml with `line` added to that upstream's table (the file's last)."""
+    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
+        held.sendall(b"one")
+        assert held.recv(16) == b"one"
+        with a.config_path.open("a") as cfg:
+            cfg.write(line + "\n")
+        a.proc.popen.send_signal(signal.SIGHUP)
+        yield held
+
+
 def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_health_check(
     mesh: TwoHosts,
 ) -> None:
@@ -260,12 +274,7 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
     connection made before the reload keeps flowing, past the drain), and a service moved to a new
     app port is what Consul's check probes from then on."""
     a, b = mesh.a, mesh.b
-    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
-        held.sendall(b"one")
-        assert held.recv(16) == b"one"
-        with a.config_path.open("a") as cfg:  # web's upstream api is the file's last table
-            cfg.write('load_balancer = "least_connections"\n')
-        a.proc.popen.send_signal(signal.SIGHUP)
+    with held_across_a_reload(a, 'load_balancer = "least_connections"') as held:
 
         def balancer() -> str:
             _, clusters = a.get("/v1/clusters")
@@ -300,12 +309,7 @@ def test_a_stop_cuts_after_its_drain_what_a_reload_left_to_a_replaced_stack(mesh
     """A replaced stack's connections run until they end, but a stop does not wait for them beyond
     its drain: the agent exits cleanly and the connection is cut."""
     a = mesh.a
-    with socket.create_connection(("127.0.0.1", a.binds["api"]), timeout=ECHO_TIMEOUT) as held:
-        held.sendall(b"one")
-        assert held.recv(16) == b"one"
-        with a.config_path.open("a") as cfg:  # web's upstream api is the file's last table
-            cfg.write("connect_timeout = 2\n")
-        a.proc.popen.send_signal(signal.SIGHUP)
+    with held_across_a_reload(a, "connect_timeout = 2") as held:
         wait_for(lambda: "reloaded" in a.proc.log(), 10.0, "the reload")
         a.proc.popen.send_signal(signal.SIGTERM)
         assert a.proc.popen.wait(timeout=DRAIN_SECONDS + 20.0) == 0, a.proc.log()

@@ -1335,6 +1335,15 @@ async def test_the_route_timeout_covers_a_response_body_that_stalls(mesh: Mesh) 
     assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_flags="UT") == 1
 
 
+async def calls_until_ejected(mesh: Mesh) -> None:
+    """Calls until outlier detection ejected an instance (round robin: the failing api-0 answers one
+    of the first two; bounded)."""
+    for i in range(8):
+        await asyncio.to_thread(one_call, mesh, f"/eject-{i}")
+        if mesh.http_out.stats()["ejected"]:
+            return
+
+
 async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_flight(mesh: Mesh) -> None:
     """Editing a policy (here its rate limit) is no reset: an instance outlier detection ejected
     stays ejected while outlier_detection is unchanged, and requests in flight still count against
@@ -1348,10 +1357,7 @@ async def test_a_policy_edit_keeps_ejections_and_the_counts_of_requests_in_fligh
     mesh.set_a(policies={"api": parse_policy(doc)})
     mesh.apps[0].mode = "fail"
     call = functools.partial(one_call, mesh)
-    for i in range(8):  # round robin: api-0 answers one of the first two
-        await asyncio.to_thread(call, f"/eject-{i}")
-        if mesh.http_out.stats()["ejected"]:
-            break
+    await calls_until_ejected(mesh)
     assert mesh.http_out.stats()["ejected"] == ["api-0@n"]
 
     hits = mesh.apps[1].hits
@@ -1375,10 +1381,7 @@ async def test_instances_registered_under_one_id_on_two_nodes_are_told_apart(mes
     mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, eps, policies=policies, nodes=["h0", "h1"]))
     mesh.apps[0].mode = "fail"
     call = functools.partial(one_call, mesh)
-    for i in range(8):  # round robin: api-0 answers one of the first two
-        await asyncio.to_thread(call, f"/eject-{i}")
-        if mesh.http_out.stats()["ejected"]:
-            break
+    await calls_until_ejected(mesh)
     assert mesh.http_out.stats()["ejected"] == ["api@h0"]
     answers = [await asyncio.to_thread(call, f"/after-{i}") for i in range(6)]
     assert [(r.status, r.instance) for r in answers] == [(200, "api-1")] * 6
