@@ -62,7 +62,7 @@ from hostmesh.agent.proxy.http_conn import (
     trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
-from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT
+from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.errors import TrustError
@@ -73,7 +73,6 @@ from hostmesh.registry.ratelog import RateLimitedLog
 log = logging.getLogger("hostmesh.proxy.http_inbound")
 
 REPORTER: Final = "destination"
-APP_CONNECT_TIMEOUT: Final = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 # time.time as a Final name: compiled code calls it from a C static (like http_conn.monotonic)
 _time: Final = time.time
 # the answer's relay, read once: a class attribute read per request is a generic lookup (~120 instructions)

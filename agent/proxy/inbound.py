@@ -55,7 +55,13 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import Address
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
+from hostmesh.agent.proxy.limits import (
+    APP_CONNECT_TIMEOUT,
+    STREAM_IDLE_TIMEOUT,
+    Admission,
+    ConnectionCap,
+    IdleReaper,
+)
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
@@ -76,7 +82,6 @@ HANDSHAKE_TIMEOUT = 5.0  # a peer agent needs one round trip; slow or silent cli
 INBOUND_IDLE_SECONDS = 90.0  # stream-less connections; above pool.POOL_IDLE_SECONDS so clients close first
 IDLE_SWEEP_SECONDS = 10.0  # how often idle connections are checked (one timer per listener)
 DRAIN_POLL = 0.05  # shutdown: how often HTTP requests in flight on mux streams are checked
-APP_CONNECT_TIMEOUT = 2.0  # the app is on loopback: a connect succeeds or is refused at once
 REPORTER = "destination"
 LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
 

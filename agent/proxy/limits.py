@@ -41,6 +41,9 @@ from hostmesh.agent.proxy.pump import Pipe, Tracker
 log = logging.getLogger("hostmesh.proxy.limits")
 
 STREAM_IDLE_TIMEOUT = DEFAULT_STREAM_IDLE_TIMEOUT  # (config.py says why)
+# The inbound's connect to its local app (TCP stream or HTTP request): on loopback a connect succeeds
+# or is refused at once; past this the app is not accepting (its backlog full): reset, or 503 UF
+APP_CONNECT_TIMEOUT: Final = 2.0
 MAX_IDLE_CHECK_SECONDS = 60.0  # the idle sweep runs every timeout/4, at most this far apart
 LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (with a count)
 SIOCOUTQ: Final = 0x5411  # Linux ioctl (= TIOCOUTQ): bytes in a TCP socket's send queue, not yet acked
