@@ -892,6 +892,8 @@ class Agent:
         snap = self.builder.holder.current
         return {
             "upstreams": [listener.stats() for listener in self.outbound.values()],
+            # stacks a reload replaced, still finishing the connections they hold (_retire)
+            "retiring": [listener.stats() for listener in self._retiring.values()],
             "endpoints": {svc: len(eps) for svc, eps in snap.endpoints.items()},
             "inbound_active_connections": self.inbound.active_connections if self.inbound else 0,
             "consul_watches_healthy": self.discovery.healthy,

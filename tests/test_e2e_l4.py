@@ -281,6 +281,8 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
             return next(u["load_balancer"] for u in clusters["upstreams"] if u["upstream"] == "api")
 
         wait_for(lambda: balancer() == "least_connections", 10.0, "the reloaded upstream's balancer")
+        retiring = a.get("/v1/clusters")[1]["retiring"]  # the replaced stack, holding this connection
+        assert [(r["upstream"], r["active_connections"]) for r in retiring] == [("api", 1)], retiring
         assert roundtrip(a.binds["api"], b"after") == b"after"
         held.sendall(b"two")
         assert held.recv(16) == b"two"  # the connection of the replaced stack still flows
