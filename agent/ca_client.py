@@ -40,6 +40,10 @@ _CLIENT_CERT_ALERTS = (
 )
 
 
+# what a call with our client certificate meets when the CA ends the connection at once
+_CLOSED_AT_ONCE = ("Connection reset by peer", "closed before the response")
+
+
 def normalize_pin(pin: str) -> str:
     value = normalized_pin(pin)
     if value is None:
@@ -226,6 +230,13 @@ class CAClient:
                 raise TrustError(f"CA at {self.url} is not trusted: {text}{_clock_hint(text)}") from None
             if client_cert and any(a in text for a in _CLIENT_CERT_ALERTS):
                 raise Unauthorized(f"CA at {self.url} refused our client certificate: {text}") from None
+            if client_cert and any(c in text for c in _CLOSED_AT_ONCE):
+                # a refused client certificate looks like this: the CA's TLS stack (asyncio) closes
+                # without the alert that would say so; still retried as an outage, which it may be
+                text += (
+                    " (if the CA is up, it refused this host's certificate: see its log; a clock that "
+                    "is off, on either host, is a common cause)"
+                )
             raise CAUnavailable(f"CA at {self.url} unreachable: {text}") from None
         finally:
             await client.close()

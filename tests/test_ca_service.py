@@ -730,3 +730,21 @@ async def test_a_ca_certificate_refused_on_time_alone_names_the_clock(
         assert "check its time sync, and the CA host's" in text
     finally:
         await svc.close(deregister=False)
+
+
+async def test_a_client_certificate_the_ca_refuses_is_named_as_a_possible_cause(tmp_path: Path, ca) -> None:
+    """The CA refuses a client certificate it does not accept (another root's, or one not valid by
+    its clock) by closing the connection, without the TLS alert that would say so: the renewal's
+    error says what that may mean instead of only "unreachable"."""
+    svc, _ = ca
+    other = pki.make_root(svc.authority.trust_domain)
+    key, _csr = csr_for("web")
+    leaf = pki.sign_leaf(
+        other[0], other[1], key.public_key(), pki.Identity(svc.authority.trust_domain, "web")
+    )
+    cert_file, key_file = write_leaf(tmp_path, "web", pki.cert_pem(leaf).decode(), key)
+    _, csr = csr_for("web")
+    client = CAClient(f"https://127.0.0.1:{svc.port}", svc.authority.trust_domain)
+    with pytest.raises(CAUnavailable) as err:
+        await client.renew(csr.encode(), "".join(svc.authority.bundle), cert_file, key_file)
+    assert "if the CA is up, it refused this host's certificate" in str(err.value), str(err.value)
