@@ -103,6 +103,11 @@ def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> 
     secrets_dir = env.get("NOMAD_SECRETS_DIR")
     if alloc_id:
         out.setdefault("node", alloc_id)
+        # Nomad sets both in every task; without them the host's defaults would be used, shared with
+        # a VM agent and every other allocation on the client
+        for var, key in (("NOMAD_ALLOC_DIR", "data_dir"), ("NOMAD_SECRETS_DIR", "cert_dir")):
+            if not env.get(var) and key not in out:
+                raise NomadEnvError(f"{var} is not set (Nomad sets it in every task; else set {key})")
     if alloc_dir:
         out.setdefault("data_dir", str(Path(alloc_dir) / "hostmesh"))
     if secrets_dir:
@@ -112,9 +117,14 @@ def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> 
 
     ca = dict(out.get("ca") or {}) if isinstance(out.get("ca", {}), dict) else out["ca"]
     if isinstance(ca, dict):
-        # the identity named "hostmesh" (aud hostmesh) when the job has one, else the default identity
+        # the identity named "hostmesh" (aud hostmesh) when the job has one, as a file or in the
+        # environment, else the default identity; the default one may be exposed beside it (the agent
+        # reads its allocation with it), and is then not the one to give the CA
         if named is not None and "token_file" not in ca:
-            ca["token_file"] = str(named) if named.exists() else identity
+            if named.exists():
+                ca["token_file"] = str(named)
+            elif not env.get(NAMED_IDENTITY_ENV):
+                ca["token_file"] = identity
         ca.setdefault("token_env", NAMED_IDENTITY_ENV if env.get(NAMED_IDENTITY_ENV) else "NOMAD_TOKEN")
         for key, meta_key in (("pin", "hostmesh_ca_pin"), ("address", "hostmesh_ca_address")):
             if key not in ca and meta(env, meta_key):

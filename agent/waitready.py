@@ -5,7 +5,8 @@ the app (`lifecycle { hook = "prestart", sidecar = false }`), or any start-up sc
 inbound and upstream listener bound, intentions known (agent/admin.py). Any other answer (another
 server on that port, a proxy's page) is not ready, named as not a hostmesh agent's answer. So an
 app started after it never meets a refused connection on its upstream port. Where the admin API
-is: `--admin`, else NOMAD_ADDR_hostmesh_admin, else the address the agent wrote to
+is: `--admin`, else 127.0.0.1:NOMAD_PORT_hostmesh_admin (the agent binds the admin API there, on
+loopback; NOMAD_ADDR_hostmesh_admin names the client's host address), else the address the agent wrote to
 `${NOMAD_ALLOC_DIR}/hostmesh/admin.addr` (an ephemeral port; the file is re-read until it appears),
 else agent.toml's default 127.0.0.1:15000. An address given that cannot be one (no port, a port out
 of range) is refused at once; one read from the file is polled, as the agent writes it again.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from hostmesh.agent.nomad import ADMIN_LABEL
 from hostmesh.agent.status import admin_connect_host, parse_admin_address, printable, ready_problem
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -34,8 +36,9 @@ def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None
     """(a fixed address, or a file to read it from; where the address comes from, for messages)."""
     if option:
         return option, None, "--admin"
-    if env.get("NOMAD_ADDR_hostmesh_admin"):
-        return env["NOMAD_ADDR_hostmesh_admin"], None, "NOMAD_ADDR_hostmesh_admin"
+    port_var = f"NOMAD_PORT_{ADMIN_LABEL}"
+    if env.get(port_var):  # where the agent listens: 127.0.0.1, never NOMAD_ADDR_'s host address
+        return f"127.0.0.1:{env[port_var]}", None, port_var
     if env.get("NOMAD_ALLOC_DIR"):
         path = Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
         return None, path, str(path)
@@ -87,7 +90,7 @@ def probe(address: str, source: str = "--admin") -> str | None:
 
 def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tuple[bool, str]:
     """Poll until ready or `timeout` seconds: (ready, the address or the last reason). An address
-    given (--admin, NOMAD_ADDR_hostmesh_admin) that cannot be one is refused at once (a one-line
+    given (--admin, NOMAD_PORT_hostmesh_admin) that cannot be one is refused at once (a one-line
     click error); one read from the agent's file is polled, as the agent may write it again."""
     fixed, file, source = admin_source(option, env)
     if fixed is not None:

@@ -182,11 +182,14 @@ class NomadDouble:
         token: str | None = None,
         file: bool = True,
         identity_name: str | None = None,
+        host_ip: str = "127.0.0.1",
     ) -> dict[str, str]:
         """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
         `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
         `identity_name`: the identity is a named one (`identity { name = ... }`): secrets/nomad_<name>.jwt
-        or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token."""
+        or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token.
+        `host_ip`: the client's address, which NOMAD_IP_<label> and NOMAD_ADDR_<label> name (a real
+        client's is not 127.0.0.1: a test gives another loopback address to tell them apart)."""
         alloc_dir = root / alloc.id / "alloc"
         task_dir = root / alloc.id / task
         secrets_dir = task_dir / "secrets"
@@ -211,9 +214,9 @@ class NomadDouble:
         }
         for label, port in alloc.ports.items():
             env[f"NOMAD_PORT_{label}"] = str(port)
-            env[f"NOMAD_IP_{label}"] = "127.0.0.1"
+            env[f"NOMAD_IP_{label}"] = host_ip
             env[f"NOMAD_HOST_PORT_{label}"] = str(port)
-            env[f"NOMAD_ADDR_{label}"] = f"127.0.0.1:{port}"
+            env[f"NOMAD_ADDR_{label}"] = f"{host_ip}:{port}"
         if identity_name is not None:
             default = self.identity(alloc, task, aud="nomadproject.io")
             (secrets_dir / "nomad_token").write_text(default)

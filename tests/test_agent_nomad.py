@@ -134,6 +134,23 @@ def test_the_identity_named_hostmesh_is_preferred_over_the_default_one(tmp_path:
     cfg = parse_config(with_allocation_defaults({}, env))
     assert cfg.ca.token_file == tmp_path / "secrets" / "nomad_hostmesh.jwt"
     assert cfg.ca.token_env == "NOMAD_TOKEN_hostmesh"
+    # `identity "hostmesh" { env = true }` beside `identity { file = true }` (the default one, exposed
+    # so the agent can read its allocation): the named one goes to the CA, not the default file
+    (tmp_path / "secrets" / "nomad_hostmesh.jwt").unlink()
+    (tmp_path / "secrets" / "nomad_token").write_text("eyJ-default")
+    cfg = parse_config(with_allocation_defaults({}, env))
+    assert (cfg.ca.token_file, cfg.ca.token_env) == (None, "NOMAD_TOKEN_hostmesh")
+
+
+@pytest.mark.parametrize(("var", "key"), [("NOMAD_ALLOC_DIR", "data_dir"), ("NOMAD_SECRETS_DIR", "cert_dir")])
+def test_a_task_environment_without_its_dirs_is_refused(tmp_path: Path, var: str, key: str) -> None:
+    """Without them the host's defaults were used (/var/lib/hostmesh, shared with a VM agent and every
+    other allocation of the client), or an error named "None" as the identity's place."""
+    env = task_env(tmp_path)
+    del env[var]
+    with pytest.raises(NomadEnvError, match=f"^{var} is not set .*else set {key}"):
+        with_allocation_defaults({}, env)
+    with_allocation_defaults({key: str(tmp_path / "given")}, env)  # named in agent.toml: fine
 
 
 def test_in_an_allocation_the_default_config_is_the_task_dirs_never_the_hosts(

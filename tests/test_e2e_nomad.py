@@ -104,7 +104,7 @@ class AllocAgent:
 
     @property
     def admin(self) -> str:
-        return self.env["NOMAD_ADDR_hostmesh_admin"]
+        return f"127.0.0.1:{self.env['NOMAD_PORT_hostmesh_admin']}"  # the agent's admin API is on loopback
 
     def port(self, label: str) -> int:
         return int(self.env[f"NOMAD_PORT_{label}"])
@@ -130,11 +130,14 @@ class NomadMesh:
         ports: dict[str, int] | None = None,
         file: bool = True,
         identity_name: str | None = None,
+        host_ip: str = "127.0.0.1",
     ) -> tuple[Allocation, dict[str, str]]:
         labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
         alloc = self.nomad.add_allocation(job, group, (group, "hostmesh"), **labels)
         root = self.m.workdir / "nomad"
-        env = self.nomad.task_environment(alloc, "hostmesh", root, file=file, identity_name=identity_name)
+        env = self.nomad.task_environment(
+            alloc, "hostmesh", root, file=file, identity_name=identity_name, host_ip=host_ip
+        )
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
         env.update(
             NOMAD_META_hostmesh_ca_pin=self.m.pin,
@@ -257,9 +260,9 @@ def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: Nom
             {"hostmesh_service": "web", "hostmesh_port": "app", "hostmesh_upstreams": "db:db_up"},
             {"app": free_port(), "db_up": free_port()},
             file=False,  # identity { env = true }: the workload identity in NOMAD_TOKEN, no file
+            host_ip="127.0.0.2",  # NOMAD_ADDR_* name the client's address; the admin API is on loopback
         )  # fmt: skip
         assert "NOMAD_TOKEN" in env and not (Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token").exists()
-        del env["NOMAD_ADDR_hostmesh_admin"]  # the gate finds the agent through the alloc dir, as documented
         gate_env = dict(m.env, **env)
         # Nomad starts the prestart gate and the sidecar together; the app only after the gate exits 0
         gate = subprocess.Popen([*HOSTMESH, "agent", "wait-ready", "--timeout", "60"], env=gate_env,
