@@ -8,7 +8,11 @@ Trust (`hostmesh ca serve --nomad-jwks URL [--nomad-audience A] [--nomad-check-a
    before any key is looked up, and the key's own `alg`, when published, must be the header's.
 2. The key is found by the header's `kid` in a cached JWKS. An unknown `kid` refreshes the JWKS once
    (Nomad rotated its keyring) but at most every JWKS_MIN_REFRESH seconds, so a flood of made-up
-   `kid`s cannot turn the CA into a load generator against Nomad.
+   `kid`s cannot turn the CA into a load generator against Nomad. A `kid` is refused as unknown only
+   by a JWKS that was read: while Nomad's cannot be read it is 503, to retry (a rotation during an
+   outage refused the new key's JWTs with 401, which stops an agent's bootstrap for good). The cache
+   is read again when older than JWKS_MAX_AGE, so a key Nomad stopped publishing (after a compromise,
+   say) is refused within that; while the JWKS cannot be read, the keys last read stay in use.
 3. `exp` is required and checked (a workload identity without `ttl` never expires: hostmesh does not
    take one), as are `nbf`/`iat` when present, with CLOCK_LEEWAY; `aud` must contain the audience
    (default `hostmesh`, the `aud` of the job's `identity` block), so a JWT minted for Vault or Consul
@@ -51,6 +55,7 @@ DEFAULT_AUDIENCE = "hostmesh"
 ACCEPTED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")  # asymmetric only
 CLOCK_LEEWAY = 30  # seconds of clock difference between Nomad's servers and the CA that we forgive
 JWKS_MIN_REFRESH = 10.0  # seconds between JWKS fetches caused by unknown kids
+JWKS_MAX_AGE = 300.0  # seconds a JWKS read is trusted before it is read again (a key removed)
 JWKS_TIMEOUT = 5.0  # seconds for one JWKS fetch
 MAX_JWKS_BYTES = 256 * 1024  # a keyring publishes a handful of keys; refuse to buffer more
 MAX_JWT_CHARS = 16 * 1024  # a workload identity is ~1 KiB; bound what we parse
@@ -93,36 +98,52 @@ class JWKSCache:
         self.ca_file = ca_file
         self._keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}  # kid -> (key, its published alg)
         self._fetched_at: float | None = None  # when the last fetch ended (loop time)
+        self._read_at: float | None = None  # when the last fetch that read a key set ended
+        self._failure = ""  # why the last fetch failed ("" when it read a key set)
         self._inflight: asyncio.Future[None] | None = None  # the one fetch running now, shared by all waiters
         self.fetches = 0  # how many times the JWKS was fetched (tests, /v1/health)
         self.min_refresh = JWKS_MIN_REFRESH
+        self.max_age = JWKS_MAX_AGE
         self.timeout = JWKS_TIMEOUT  # for a whole fetch: connect, headers and body
 
     async def key(self, kid: str) -> tuple[jwt.PyJWK, str | None]:
+        """The key `kid` names (module docstring, 2.): Unauthorized when a JWKS that was read lacks
+        it, Unavailable when none could be read since it was asked for."""
+        now = asyncio.get_running_loop().time()
+        found = self._keys.get(kid)
+        stale = self._read_at is None or now - self._read_at >= self.max_age
+        if found is not None and not stale:
+            return found
+        fetch = self._inflight
+        if fetch is None and (self._fetched_at is None or now - self._fetched_at >= self.min_refresh):
+            fetch = self._inflight = asyncio.ensure_future(self._refresh())
+            fetch.add_done_callback(_retrieve)
+        if fetch is not None:
+            try:
+                await asyncio.shield(fetch)  # one waiter going away does not cancel the others' fetch
+            except Unavailable:
+                if found is not None:
+                    return found  # the keys last read stay in use while Nomad's JWKS cannot be read
+                raise
         found = self._keys.get(kid)
         if found is not None:
             return found
-        fetch = self._inflight
-        if fetch is None:
-            now = asyncio.get_running_loop().time()
-            if self._fetched_at is None or now - self._fetched_at >= self.min_refresh:
-                fetch = self._inflight = asyncio.ensure_future(self._refresh())
-                fetch.add_done_callback(_retrieve)
-        if fetch is not None:
-            await asyncio.shield(fetch)  # one waiter going away does not cancel the others' fetch
-        found = self._keys.get(kid)
-        if found is None:
-            raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
-        return found
+        if self._failure:  # no key set read lately: the kid may be a new key of a rotation
+            raise Unavailable(f"cannot check JWT key {kid[:64]!r}: {self._failure}")
+        raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
 
     async def _refresh(self) -> None:
         """One fetch, bounded by `timeout` as a whole; the refresh interval counts from its end."""
         try:
             self._keys = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
+            self._read_at = asyncio.get_running_loop().time()
+            self._failure = ""
         except TimeoutError:
-            raise Unavailable(
-                f"cannot fetch Nomad's JWKS from {self.url}: no answer within {self.timeout:g}s"
-            ) from None
+            self._failure = f"cannot fetch Nomad's JWKS from {self.url}: no answer within {self.timeout:g}s"
+            raise Unavailable(self._failure) from None
+        except Unavailable as exc:
+            self._failure = str(exc)
+            raise
         finally:
             self._fetched_at = asyncio.get_running_loop().time()
             self._inflight = None

@@ -55,6 +55,7 @@ class NomadDouble:
         self.region = region
         self.management_token = str(uuid.uuid4())  # a Nomad ACL token's SecretID is a UUID
         self._keys: list[tuple[str, rsa.RSAPrivateKey]] = [(str(uuid.uuid4()), _rsa())]
+        self.jwks_failing = False  # the JWKS endpoint answers 500 while set (not one of Nomad's samples)
         self.allocations: dict[str, Allocation] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, X-Nomad-Token)
         self._lock = threading.Lock()
@@ -132,6 +133,11 @@ class NomadDouble:
         with self._lock:
             self._keys.insert(0, (kid, _rsa()))
         return kid
+
+    def remove_key(self, kid: str) -> None:
+        """`nomad operator root keyring remove`: the key is no longer published (nor signs)."""
+        with self._lock:
+            self._keys = [(k, key) for k, key in self._keys if k != kid]
 
     @property
     def kid(self) -> str:
@@ -277,6 +283,8 @@ class NomadDouble:
         with self._lock:
             self.requests.append(("GET", path, token))
         if path == "/.well-known/jwks.json":
+            if self.jwks_failing:  # Nomad's servers unreachable behind its HTTP API, say
+                return _reply_text(h, 500, "No cluster leader")
             return _reply(h, 200, self.jwks())
         prefix = "/v1/allocation/"
         if path.startswith(prefix):

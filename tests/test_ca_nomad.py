@@ -215,6 +215,54 @@ async def test_unknown_kid_refreshes_the_jwks_once_and_known_kids_are_cached(tmp
         await svc.close()
 
 
+async def test_a_key_nomad_stopped_publishing_is_refused_once_the_jwks_is_read_again(
+    tmp_path, client, nomad
+) -> None:
+    """A removed key (after a compromise, say) was trusted for good: the JWKS was read again only for
+    an unknown kid. It is read again when older than JWKS_MAX_AGE (0 here)."""
+    sink = AuditSink()
+    nomad_trust = trust(nomad, min_refresh=0.0)
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=nomad_trust)
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        old_kid, old_token = nomad.kid, nomad.identity(alloc, "web")
+        assert (await sign(svc, old_token, "web"))[0] == 200
+        nomad.rotate_key()
+        nomad.remove_key(old_kid)
+        nomad_trust.jwks.max_age = 0.0
+        status, body = await sign(svc, old_token, "web")
+        assert_refused(sink, status, body, 401, "JWT signed by unknown key")
+        assert (await sign(svc, nomad.identity(alloc, "web"), "web"))[0] == 200  # the new key
+    finally:
+        await svc.close()
+
+
+async def test_a_new_key_is_not_refused_while_the_jwks_cannot_be_read(tmp_path, client, nomad) -> None:
+    """Nomad rotated its keyring while its JWKS answers 500: a JWT of the new key is 503 (retry), also
+    when the refresh bound allows no new read, never 401, which ends an agent's bootstrap for good;
+    it is taken once the JWKS answers again. The keys already read stay in use meanwhile."""
+    sink = AuditSink()
+    nomad_trust = trust(nomad, min_refresh=0.0)
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=nomad_trust)
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        old_token = nomad.identity(alloc, "web")
+        assert (await sign(svc, old_token, "web"))[0] == 200
+        nomad.rotate_key()
+        nomad.jwks_failing = True
+        new_token = nomad.identity(alloc, "web")
+        assert (await sign(svc, new_token, "web"))[0] == 503  # its read failed
+        nomad_trust.jwks.min_refresh = 3600.0  # no read allowed now: the last one failed
+        assert (await sign(svc, new_token, "web"))[0] == 503
+        nomad_trust.jwks.max_age = 0.0  # stale, and unreadable: the key already read is still taken
+        assert (await sign(svc, old_token, "web"))[0] == 200
+        nomad.jwks_failing = False
+        nomad_trust.jwks.min_refresh = 0.0
+        assert (await sign(svc, new_token, "web"))[0] == 200
+    finally:
+        await svc.close()
+
+
 async def test_a_ca_without_nomad_trust_refuses_workload_identities(tmp_path, client, nomad) -> None:
     sink = AuditSink()
     svc = await start_ca(new_ca_dir(tmp_path), client, sink)
