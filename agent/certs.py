@@ -479,9 +479,15 @@ class CertManager:
             except Unauthorized as exc:
                 service, why = next(iter(missing.items()))  # why it needed one: what to fix besides
                 if self.token_env:
+                    # the fix is the mapping only when the mapping refused it (not an expired JWT,
+                    # another audience, an unknown key: the reason says those)
+                    fix = (
+                        f": the CA's mapping (`hostmesh ca nomad get`) must give this task {service!r}"
+                        if "mapping" in str(exc)
+                        else ""
+                    )
                     raise Unauthorized(
-                        f"{why} for {service!r}, and the workload identity was refused ({exc}): the "
-                        f"CA's mapping (`hostmesh ca nomad get`) must give this task {service!r}"
+                        f"{why} for {service!r}, and the workload identity was refused ({exc}){fix}"
                     ) from None
                 raise Unauthorized(
                     f"{why} for {service!r}, and the join token in {self.token_file} was refused ({exc}): "

@@ -351,3 +351,27 @@ def test_kill_signal_deregisters_and_exits_within_kill_timeout(mesh: NomadMesh) 
         wait_deregistered(mesh.consul, "api", f"api-{agent.alloc.id}", agent.proc.log())
     finally:
         app.close()
+
+
+@pytest.mark.parametrize(
+    ("job", "aud", "names_the_mapping"),
+    [("shop", "nomadproject.io", False), ("billing", "hostmesh", True)],
+    ids=["wrong-audience", "not-in-the-mapping"],
+)
+def test_a_refused_workload_identity_points_at_the_mapping_only_when_the_mapping_refused_it(
+    mesh: NomadMesh, job: str, aud: str, names_the_mapping: bool
+) -> None:
+    """The agent stops with one line giving the CA's reason; "the CA's mapping must give this task"
+    is added only when the mapping is the cause (it was added to every refusal: an expired JWT or
+    another audience sent operators to the mapping)."""
+    alloc, env = mesh.allocation(job, "web", {"hostmesh_service": "web", "hostmesh_port": "app"},
+                                 {"app": free_port()})  # fmt: skip
+    identity = Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token"
+    identity.write_text(mesh.nomad.identity(alloc, "hostmesh", aud=aud))
+    agent = mesh.run(alloc, env, wait=False)
+    assert agent.proc.popen.wait(timeout=60) == 1
+    log = agent.proc.log()
+    assert "the workload identity was refused" in log, log
+    assert (
+        "the CA's mapping (`hostmesh ca nomad get`) must give this task 'web'" in log
+    ) is names_the_mapping
