@@ -34,7 +34,7 @@ def documented() -> dict[str, Any]:
     return {
         "Job": set(job),
         "TaskGroup": set(group),
-        "Task": set(group["Tasks"][0]) | {"Identities"},
+        "Task": set(group["Tasks"][0]) | {"Identities", "Identity"},
         "Resources": set(group["Tasks"][0]["Resources"]),
         "Network": set(group["Networks"][0]),
         "Port": set(group["Networks"][0]["DynamicPorts"][0]),
@@ -57,6 +57,7 @@ def unknown_keys(job: dict[str, Any]) -> list[str]:
             out += [f"{where}.Lifecycle.{k}" for k in set(t["Lifecycle"] or {}) - LIFECYCLE_KEYS]
             for ident in t.get("Identities") or []:
                 out += [f"{where}.Identities.{k}" for k in set(ident) - IDENTITY_KEYS]
+            out += [f"{where}.Identity.{k}" for k in set(t.get("Identity") or {}) - IDENTITY_KEYS]
     return sorted(out)
 
 
@@ -90,7 +91,10 @@ def test_example_job_is_a_documented_json_job_wired_for_hostmesh(path: Path) -> 
     (ident,) = sidecar["Identities"]
     assert ident["Name"] == "hostmesh" and ident["Audience"] == [DEFAULT_AUDIENCE] and ident["File"] is True
     assert isinstance(ident["TTL"], int) and 0 < ident["TTL"] <= 24 * 3600 * NS
-    assert "Identities" not in app  # the app holds no mesh credential
+    # the default identity as a file: the agent reads its allocation with it (Nomad does not expose
+    # it unless asked; without it the agent never saw its allocation stop)
+    assert sidecar["Identity"]["File"] is True and sidecar["Identity"]["Name"] == "default"
+    assert "Identities" not in app and "Identity" not in app  # the app holds no mesh credential
     # group meta and ports make a valid agent config through the agent's own parser
     ports = {p["Label"]: 20000 + i for i, p in enumerate(group["Networks"][0]["DynamicPorts"])}
     env = {f"NOMAD_META_{k}": v for k, v in group["Meta"].items()}
