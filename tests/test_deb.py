@@ -248,9 +248,30 @@ def test_maintainer_scripts_with_running_systemd(
     run("dpkg", "-i", str(deb), env=env)
     assert take() == ["daemon-reload"]  # fresh install: units known, nothing started or enabled
 
-    run("dpkg", "-i", str(deb), env=env)  # upgrade (same version): running units restarted
+    # upgrade (same version): running units restarted, the agent once this release takes its config
+    agent_toml = Path("/etc/hostmesh/agent.toml")
+    agent_toml.write_text(
+        f'node = "vm-1"\n[ca]\naddress = "https://127.0.0.1:9"\npin = "sha256:{"0" * 64}"\n'
+        '[[services]]\nname = "web"\nport = 9\n'
+    )
+    run("dpkg", "-i", str(deb), env=env)
+    probe = "is-active --quiet hostmesh-agent.service"
     restart = "try-restart hostmesh-agent.service hostmesh-ca.service"
-    assert take() == ["daemon-reload", *([restart] if policy_allows("try-restart") else [])]
+    assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
+
+    # one it refuses (0.1 took a non-loopback upstream bind): the agent is not restarted, it serves on
+    agent_toml.write_text(
+        agent_toml.read_text() + '[[services.upstreams]]\nservice = "api"\nbind = "0.0.0.0:9091"\n'
+    )
+    out = subprocess.run(
+        ["dpkg", "-i", str(deb)], capture_output=True, text=True, env=env, timeout=DPKG_TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "NOT restarting hostmesh-agent" in out.stderr and "is not a loopback address" in out.stderr, (
+        out.stderr
+    )
+    ca_only = "try-restart hostmesh-ca.service"
+    assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
 
     run("dpkg", "-i", str(deb), env={**env, "HOSTMESH_NO_RESTART": "1"})  # the Ansible role drains first
     assert take() == ["daemon-reload"]
