@@ -488,7 +488,7 @@ class SnapshotBuilder:
                 svc: tuple(_saved_endpoint(e) for e in eps) for svc, eps in state.get("endpoints", {}).items()
             }
             versions = {str(k): int(v) for k, v in state.get("versions", {}).items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # int(Infinity)
             why = f"no {exc} field" if isinstance(exc, KeyError) else str(exc)
             log.warning("the saved snapshot %s is unusable (%s); starting without it", path, why)
             return False

@@ -33,8 +33,10 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
     identity would be lost for good: the old key is gone, the new one has no certificate). Both new
     files are written in full before either replaces anything, and the current key is kept aside
     (a hard link, no space needed) until the certificate is in place: when the certificate cannot
-    replace its file, the old key goes back. A crash between the two renames leaves what
-    `finish_pair` completes. StorageError names the file that failed."""
+    replace its file, the old key goes back. When it cannot (or there was none: a first
+    certificate), or a crash comes between the two renames, the new certificate stays beside the
+    new key for `finish_pair`. One writer at a time (the agent runs one certificate helper).
+    StorageError names the file that failed."""
     pid = os.getpid()
     key_new, cert_new = (p.with_name(f".{p.name}.{pid}{NEW}") for p in (key_path, cert_path))
     kept = key_path.with_name(f".{key_path.name}.{pid}{KEPT}")
@@ -59,15 +61,16 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
         try:
             os.replace(cert_new, cert_path)
         except OSError as exc:
-            if kept in leftovers:
-                try:
-                    os.replace(kept, key_path)  # the old pair again
-                except OSError:  # left as they are: finish_pair completes the new pair
-                    leftovers.clear()
-                    raise StorageError(
-                        f"cannot write {cert_path}: {exc.strerror}; the new certificate stays at "
-                        f"{cert_new}, completed at the next start"
-                    ) from None
+            try:
+                if kept not in leftovers:  # a first certificate: nothing to go back to
+                    raise
+                os.replace(kept, key_path)  # the old pair again
+            except OSError:  # left as they are: finish_pair completes the new pair
+                leftovers.clear()
+                raise StorageError(
+                    f"cannot write {cert_path}: {exc.strerror}; the new certificate stays at "
+                    f"{cert_new}, completed at the next start"
+                ) from None
             raise
     except OSError as exc:
         raise StorageError(f"cannot write {step}: {exc.strerror}") from None
@@ -78,29 +81,34 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
 
 def finish_pair(key_path: Path, cert_path: Path) -> bool:
     """Complete a `write_private_pair` that a crash (or a failed undo) interrupted between its two
-    renames: the new key is in place and the new certificate still beside it, with the old key kept
-    aside; its certificate is moved into place. Other leftovers of an interrupted write (nothing
-    replaced yet) are removed. True when a pair was completed."""
+    renames: its new key is in place, its new certificate (`.<cert>.<pid>.new`) still beside it; the
+    certificate is moved in. Leftovers of a write interrupted before it replaced anything are
+    removed; those of a pair it cannot complete are kept (the old key among them). True when a pair
+    was completed."""
     try:
         names = os.listdir(key_path.parent)
     except OSError:
         return False
     completed = False
+    kept_for: set[str] = set()  # writers (pids) whose leftovers stay: their pair could not be completed
+    cert_prefix, key_prefix = f".{cert_path.name}.", f".{key_path.name}."
     for name in names:
-        prefix = f".{key_path.name}."
-        if not (name.startswith(prefix) and name.endswith(KEPT)):
+        if not (name.startswith(cert_prefix) and name.endswith(NEW)):
             continue
-        pid = name[len(prefix) : -len(KEPT)]
-        key_new = key_path.with_name(f"{prefix}{pid}{NEW}")
-        cert_new = cert_path.with_name(f".{cert_path.name}.{pid}{NEW}")
-        with contextlib.suppress(OSError):
-            if not key_new.exists() and cert_new.exists():  # the key was replaced, not the certificate
-                os.replace(cert_new, cert_path)
-                completed = True
+        pid = name[len(cert_prefix) : -len(NEW)]
+        if key_path.with_name(f"{key_prefix}{pid}{NEW}").exists():
+            continue  # the key was not replaced yet: the old pair stands, nothing to complete
+        try:
+            os.replace(cert_path.with_name(name), cert_path)  # the key was: its certificate goes in
+            completed = True
+        except OSError:
+            kept_for.add(pid)
     for name in names:  # what is left of interrupted writes: temporary copies, never the live pair
-        if name.startswith((f".{key_path.name}.", f".{cert_path.name}.")) and name.endswith((NEW, KEPT)):
-            with contextlib.suppress(OSError):
-                os.unlink(key_path.parent / name)
+        for prefix in (key_prefix, cert_prefix):
+            ours = name.startswith(prefix) and name.endswith((NEW, KEPT))
+            if ours and name[len(prefix) :].rsplit(".", 1)[0] not in kept_for:
+                with contextlib.suppress(OSError):
+                    os.unlink(key_path.parent / name)
     return completed
 
 

@@ -202,10 +202,11 @@ async def test_ready_and_health_name_the_service_and_the_reason(tmp_path: Path) 
         # a good endpoint before a bad part: not taken either (an uncaught error failed the start)
         (lambda p: p.write_text(_saved_with(versions={"x": "abc"})), "is unusable (invalid literal"),
         (lambda p: p.write_text(_saved_with(routes=[])), "is unusable (routes is not an object)"),
+        (lambda p: p.write_text(_saved_with(versions={"x": float("inf")})), "is unusable (cannot convert"),
         # any OSError but a missing file (run as root, a mode-0000 file would still be read)
         (lambda p: (p.unlink(), p.mkdir()), "Is a directory; starting without it"),
     ],
-    ids=["truncated", "malformed", "bad-version", "bad-part", "unreadable"],
+    ids=["truncated", "malformed", "bad-version", "bad-part", "infinite-version", "unreadable"],
 )
 def test_a_saved_snapshot_it_cannot_use_is_said_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: Callable[[Path], object], why: str

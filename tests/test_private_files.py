@@ -102,3 +102,40 @@ def test_an_undo_that_fails_leaves_what_completes_the_new_pair(
     assert finish_pair(key, cert)
     assert (key.read_bytes(), cert.read_bytes()) == (b"new-key", b"new-cert")
     assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_a_first_certificate_interrupted_between_its_renames_is_completed(tmp_path: Path) -> None:
+    """No old key to keep aside (a first certificate, its join token spent): the new certificate
+    beside the new key is still moved in."""
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"new-key")
+    (tmp_path / ".api.crt.77.new").write_bytes(b"new-cert")
+    assert finish_pair(key, cert)
+    assert (key.read_bytes(), cert.read_bytes()) == (b"new-key", b"new-cert")
+    assert {p.name for p in tmp_path.iterdir()} == {"api.key", "api.crt"}
+
+
+def test_a_pair_that_cannot_be_completed_keeps_what_it_needs(tmp_path: Path) -> None:
+    """The certificate cannot go in now either: nothing is deleted (the old key kept aside, the new
+    certificate), so a later try can still complete the pair."""
+    key, cert = pair(tmp_path)
+    key.write_bytes(b"new-key")
+    cert.mkdir()  # cannot be replaced by a file
+    (cert / "x").write_bytes(b"")
+    leftovers = {".api.key.77.kept": b"old-key", ".api.crt.77.new": b"new-cert"}
+    for name, data in leftovers.items():
+        (tmp_path / name).write_bytes(data)
+    assert not finish_pair(key, cert)
+    assert {name: (tmp_path / name).read_bytes() for name in leftovers} == leftovers
+
+
+def test_a_first_certificate_that_cannot_go_in_stays_beside_its_key(tmp_path: Path) -> None:
+    key, cert = pair(tmp_path)
+    cert.mkdir()
+    (cert / "x").write_bytes(b"")
+    with pytest.raises(StorageError, match="completed at the next start"):
+        write_private_pair(key, b"new-key", cert, b"new-cert")
+    (cert / "x").unlink()
+    cert.rmdir()
+    assert finish_pair(key, cert)
+    assert (key.read_bytes(), cert.read_bytes()) == (b"new-key", b"new-cert")

@@ -45,8 +45,8 @@ ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
     URX: "upstream retry limit exceeded",
-    UF: "upstream connection failure (at the callee: its local app refused the connection, or did not "
-    "accept it in time)",
+    UF: "upstream connection failure: the peer agent (at the caller) or the local app (at the callee) "
+    "refused the connection or did not accept it in time",
     UT: "upstream request timeout",
     UH: "no healthy upstream",
     FI: "fault injected: abort",
