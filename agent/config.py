@@ -685,22 +685,21 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     return cfg
 
 
-def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str]]:
-    """Every socket the agent binds: (tcp | udp, address, the key that names it, with ` = "auto"`
-    when the address was derived from the upstream's name)."""
-    out = [("tcp", cfg.inbound, "inbound"), ("tcp", cfg.admin, "admin")]
+def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str, bool]]:
+    """Every socket the agent binds: (tcp | udp, address, the key that names it, whether the address
+    was derived from the upstream's name by `bind = "auto"`)."""
+    out = [("tcp", cfg.inbound, "inbound", False), ("tcp", cfg.admin, "admin", False)]
     if cfg.metrics is not None:
-        out.append(("tcp", cfg.metrics, "metrics"))
+        out.append(("tcp", cfg.metrics, "metrics", False))
     if cfg.dns is not None:
-        out += [("tcp", cfg.dns, "dns"), ("udp", cfg.dns, "dns")]
+        out += [("tcp", cfg.dns, "dns", False), ("udp", cfg.dns, "dns", False)]
     for i, svc in enumerate(cfg.services):
         for j, up in enumerate(svc.upstreams):
             transport = "udp" if up.protocol == "udp" else "tcp"
-            auto = ' = "auto"' if up.auto else ""
-            out.append((transport, up.bind, f"services[{i}].upstreams[{j}].bind{auto}"))
+            out.append((transport, up.bind, f"services[{i}].upstreams[{j}].bind", up.auto))
     for i, gw in enumerate(cfg.gateways):
         for j, listener in enumerate(gw.listeners):
-            out.append(("tcp", listener.bind, f"gateways[{i}].listeners[{j}].bind"))
+            out.append(("tcp", listener.bind, f"gateways[{i}].listeners[{j}].bind", False))
     return out
 
 
@@ -708,20 +707,20 @@ def _check_binds(cfg: AgentConfig) -> None:
     """Two of the agent's own sockets on one address would fail its start (or a reload) with an
     error naming neither key: refused here, naming both (two local services with an auto upstream to
     one name derive one address). Port 0 is any free port."""
-    seen: list[tuple[str, Address, str]] = []
-    for transport, addr, key in _listens(cfg):
+    seen: list[tuple[str, Address, str, bool]] = []
+    for transport, addr, key, auto in _listens(cfg):
         if addr.port == 0:
             continue
-        for other_transport, other, other_key in seen:
+        for other_transport, other, other_key, other_auto in seen:
             if (transport == other_transport and addr.port == other.port and key != other_key
                     and _overlap(transport, addr.host, other.host)):  # fmt: skip
-                auto = key.endswith('"auto"') or other_key.endswith('"auto"')
+                shown = f'{other_key} = "auto"' if other_auto else other_key
                 raise _fail(
-                    key.removesuffix(' = "auto"'),
-                    f"listens on {addr}, as {other_key} does ({other}): give one another port"
-                    + (" or an explicit bind" if auto else ""),
+                    key,
+                    f"listens on {addr}, as {shown} does ({other}): give one another port"
+                    + (" or an explicit bind" if auto or other_auto else ""),
                 )
-        seen.append((transport, addr, key))
+        seen.append((transport, addr, key, auto))
 
 
 def _overlap(transport: str, a: str, b: str) -> bool:
