@@ -66,10 +66,10 @@ class TokenBucket:
         missing = cost - self._tokens
         return 0.0 if missing <= 0 else missing / self.rate
 
-    def retry_after_seconds(self, now: float) -> int:
-        """A 429's ``Retry-After``: whole seconds until the next token (at least 1; the field has no
-        fractions). Callers share the bucket, so it is a hint, not a reservation."""
-        return max(1, math.ceil(self.retry_after(now)))
+    def retry_after_field(self, now: float) -> tuple[tuple[bytes, bytes]]:
+        """A 429's ``Retry-After`` header field: whole seconds until the next token (at least 1; the
+        field has no fractions). Callers share the bucket, so it is a hint, not a reservation."""
+        return ((b"retry-after", b"%d" % max(1, math.ceil(self.retry_after(now)))),)
 
 
 class Limit:

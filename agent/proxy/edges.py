@@ -404,13 +404,13 @@ class IngressHttp:
         conn.shed = capped and admission is None
         return conn
 
-    def _rate_limited(self, snap: Snapshot, client: str) -> int:
-        """The gateway's policy `rate_limit`, applied per client address (not per gateway): 0 when
-        the request may go, else the seconds of its 429's Retry-After."""
+    def _rate_limited(self, snap: Snapshot, client: str) -> tuple[tuple[bytes, bytes], ...]:
+        """The gateway's policy `rate_limit`, applied per client address (not per gateway): () when
+        the request may go, else its 429's Retry-After field."""
         policy = snap.policies.get(self.gateway.name)
         rl = policy.rate_limit if policy is not None else None
         if rl is None:
-            return 0
+            return ()
         from hostmesh.agent.l7.ratelimit import TokenBucket
 
         now = time.monotonic()
@@ -424,15 +424,15 @@ class IngressHttp:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(client)
-        return 0 if bucket.allow(now) else bucket.retry_after_seconds(now)
+        return () if bucket.allow(now) else bucket.retry_after_field(now)
 
     def start(self, ex: Any) -> None:
         gw = self.gateway
         snap = gw.holder.current
         doc = snap.gateways.get(gw.name)
         head = ex.head
-        if wait := self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
-            ex.respond(429, flags.RL, "rate limited", extra=((b"retry-after", b"%d" % wait),))
+        if retry_after := self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
+            ex.respond(429, flags.RL, "rate limited", extra=retry_after)
             return
         host = _request_host(head.headers)
         route = doc.http_route(host, head.target) if doc is not None else None

@@ -259,7 +259,7 @@ class HttpInbound:
                 self._buckets[name] = entry
             bucket = entry[1]
             if bucket is not None and not bucket.allow(now := monotonic()):
-                ex.respond(429, fl.RL, extra=((b"retry-after", b"%d" % bucket.retry_after_seconds(now)),))
+                ex.respond(429, fl.RL, extra=bucket.retry_after_field(now))
                 return
         if head.expect_continue:
             ex.continue_100()
