@@ -94,6 +94,13 @@ def _port(env: Mapping[str, str], value: str, what: str) -> int:
     return port
 
 
+def admin_address(env: Mapping[str, str]) -> str:
+    """Where the agent's admin API listens in an allocation: on loopback, at the group's port
+    `hostmesh_admin` (never the client's host address, which NOMAD_ADDR_ names), else an ephemeral
+    port (0; the agent writes the one it got to ADMIN_ADDRESS_FILE)."""
+    return f"127.0.0.1:{env.get(f'NOMAD_PORT_{ADMIN_LABEL}') or 0}"
+
+
 def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """`raw` (agent.toml as parsed) with the allocation's defaults filled in (module docstring).
     Pure: the environment is an argument. Raises NomadEnvError for unusable metadata."""
@@ -136,8 +143,7 @@ def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> 
         out.setdefault("mesh_address", ip)
     inbound = env.get(f"NOMAD_ADDR_{INBOUND_LABEL}")
     out.setdefault("inbound", inbound or f"{out.get('mesh_address', '127.0.0.1')}:0")
-    admin_port = env.get(f"NOMAD_PORT_{ADMIN_LABEL}")
-    out.setdefault("admin", f"127.0.0.1:{admin_port or 0}")
+    out.setdefault("admin", admin_address(env))
     out.setdefault("metrics", env.get(f"NOMAD_ADDR_{METRICS_LABEL}") or "off")
     # Several allocations share a client's 127.0.0.1: mesh DNS only on a port Nomad gave this one.
     dns_port = env.get(f"NOMAD_PORT_{DNS_LABEL}")

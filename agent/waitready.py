@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from hostmesh.agent.nomad import ADMIN_LABEL
+from hostmesh.agent.nomad import ADMIN_LABEL, admin_address
 from hostmesh.agent.status import admin_connect_host, parse_admin_address, printable, ready_problem
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -37,8 +37,8 @@ def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None
     if option:
         return option, None, "--admin"
     port_var = f"NOMAD_PORT_{ADMIN_LABEL}"
-    if env.get(port_var):  # where the agent listens: 127.0.0.1, never NOMAD_ADDR_'s host address
-        return f"127.0.0.1:{env[port_var]}", None, port_var
+    if env.get(port_var):
+        return admin_address(env), None, port_var
     if env.get("NOMAD_ALLOC_DIR"):
         path = Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
         return None, path, str(path)
