@@ -58,6 +58,7 @@ from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.registry import ratelog
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.http import HTTPServer, Request, Response
@@ -974,6 +975,7 @@ class Agent:
         if hasattr(self, "certs"):
             await self.certs.close()
         await self.consul.close()
+        ratelog.flush_all()  # the counts of left-out lines: no timer fires after this
 
 
 def _process_age() -> str:

@@ -106,7 +106,7 @@ from hostmesh.registry.layout import (
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
-from hostmesh.registry.ratelog import RateLimitedLog
+from hostmesh.registry.ratelog import RateLimitedLog, flush_all
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,6 @@ class _AuditedTLSServer(HTTPServer):
     async def close(self) -> None:
         if self._trim_timer is not None:
             self._trim_timer.cancel()
-        self._failure_log.flush()
         await super().close()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -492,6 +491,7 @@ class CAService:
                 self._registered = False
             except RegistryError as exc:
                 log.warning("could not deregister %s from Consul: %s", self.service_id, exc)
+        flush_all()  # the counts of left-out lines: no timer fires after this
 
     async def reload(self) -> bool:
         """Re-read the data dir; returns True when the roots or the signing root changed."""

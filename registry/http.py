@@ -516,7 +516,6 @@ class HTTPServer:
             return
         server, self._server = self._server, None
         server.close()
-        self._refusal_log.flush()
         for writer in list(self._conns):
             writer.close()
         with contextlib.suppress(Exception):

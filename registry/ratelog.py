@@ -3,7 +3,8 @@
 For events a peer can cause at will (refused TLS handshakes, shed requests): each is worth a line
 while they are rare, and a flood of them must not become a flood of log lines (disk, journald's
 rate limit dropping the lines that matter). The count of what was left out is logged when the
-interval ends (by a timer when an event loop runs, else with the next event or `flush()`).
+interval ends (by a timer when an event loop runs, else with the next event or `flush()`), and by
+`flush_all()`, which a process calls as it stops: its loop's timers never fire after that.
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 DEFAULT_LINES = 10  # enough to see the pattern of a burst (peers, reasons) without the whole burst
 DEFAULT_INTERVAL = 60.0  # seconds; the "suppressed" summary comes at most this late
+
+_live: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Log every live log's count of left-out lines: the last thing a stopping process does with them."""
+    for ratelog in list(_live):
+        ratelog.flush()
 
 
 class RateLimitedLog:
@@ -40,6 +50,7 @@ class RateLimitedLog:
         self._logged = 0
         self._suppressed = 0
         self._timer: asyncio.TimerHandle | None = None
+        _live.add(self)
 
     def __call__(self, msg: str, *args: object) -> None:
         now = self._clock()

@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from hostmesh.registry.documents import doc_key
+from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests.l7_support import Backends
 from tests.support import ConsulDev
 
@@ -399,6 +400,34 @@ def test_tls_passthrough_by_sni_to_a_tcp_service(edges: Edges) -> None:
     raw = socket.create_connection(("127.0.0.1", edges.tls_port), timeout=IO_TIMEOUT)
     with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):  # no route for that name: reset
         ctx.wrap_socket(raw, server_hostname="nobody.example.test")
+
+
+def test_a_stopping_gateway_says_how_many_rate_limited_lines_it_left_out(edges: Edges) -> None:
+    """Unrouted TLS connections are logged at a bounded rate, the count of those left out when the
+    interval ends. A stop ends the agent before that: it writes the count as it goes. (A gateway
+    agent of its own, so that the module's keeps serving.)"""
+    tls_port = free_port()
+    gw2 = edges.m.write_agent_config(
+        "node-gw2",
+        [],
+        gateways={
+            GW: f'kind = "ingress"\n[[gateways.listeners]]\nbind = "127.0.0.1:{tls_port}"\nprotocol = "tls"\n'
+        },
+    )
+    edges.m.start_agent(gw2)
+    ctx = client_tls(edges)
+    flood = 3 * DEFAULT_LINES
+    for i in range(flood):
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=IO_TIMEOUT)
+        with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            ctx.wrap_socket(raw, server_hostname=f"nobody{i}.example.test")
+    wait_for(
+        lambda: gw2.proc.log().count("no tls route for SNI") == DEFAULT_LINES, IO_TIMEOUT, "the logged lines"
+    )
+    assert gw2.proc.stop() == 0
+    assert f"suppressed {flood - DEFAULT_LINES} more unrouted TLS connections" in gw2.proc.log(), (
+        gw2.proc.log()
+    )
 
 
 def test_an_intention_denying_the_gateway_blocks_it(edges: Edges) -> None:

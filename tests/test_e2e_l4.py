@@ -27,6 +27,7 @@ from hostmesh.agent.localmesh import (
     roundtrip,
     wait_for,
 )
+from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
@@ -132,6 +133,22 @@ def test_agent_ready_quickly_and_clean_stop_deregisters(mesh: TwoHosts, private_
     assert c.proc.stop() == 0
     ids = [s["Service"]["ID"] for s in private_consul.get_json("/v1/health/service/api")]
     assert "api-node-c" not in ids
+
+
+def test_a_stop_says_how_many_rate_limited_lines_it_left_out(mesh: TwoHosts) -> None:
+    """Lines a peer can cause at will come at a bounded rate, and the count of those left out is
+    written when the interval ends, by a timer. A stop ends the loop before that timer: the agent
+    writes the count as it stops, or a flood's size is never known."""
+    b = mesh.b
+    flood = 3 * DEFAULT_LINES
+    for _ in range(flood):  # plain text where a TLS ClientHello belongs: each is a refused handshake
+        with socket.create_connection(("127.0.0.1", b.inbound_port), timeout=ECHO_TIMEOUT) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(64) == b""
+    wait_for(lambda: b.proc.log().count("refused a TLS handshake") == DEFAULT_LINES, 10.0, "the logged lines")
+    assert b.proc.stop() == 0
+    assert f"suppressed {flood - DEFAULT_LINES} more refused TLS handshakes" in b.proc.log(), b.proc.log()
 
 
 def test_upstream_with_no_healthy_instance_closes_promptly(mesh: TwoHosts) -> None:

@@ -387,8 +387,6 @@ class HttpInbound:
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()
-        self._app_failures.flush()  # the count of what was left out, before the process goes
-        self._broke_log.flush()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -1226,7 +1226,6 @@ class HttpOutbound:
         for c in list(self.conns):
             c.close()
         self.conns.clear()
-        self._broke_log.flush()  # the count of what was left out, before the process goes
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -345,8 +345,6 @@ class InboundListener(ListenerLifecycle):
         for conn in list(self._conns):
             conn.reset()
         self._conns.clear()
-        for lines in (self._failure_log, self.protocol_errors, self.refusals, self.app_failures):
-            lines.flush()  # the count of what was left out, before the process goes
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
