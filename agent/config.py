@@ -31,7 +31,7 @@ from hostmesh.registry.layout import (
     PROTOCOL_META,
     UPSTREAMS_META,
 )
-from hostmesh.registry.names import port_number
+from hostmesh.registry.names import holds_credentials, port_number
 from hostmesh.registry.records import record
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
@@ -846,9 +846,9 @@ def ca_url(address: str) -> str:
 
 def _check_ca_address(address: str) -> None:
     """`[ca] address`: the CA's https:// URL, or host:port; nothing after it, no whitespace."""
-    parsed = _url(ca_url(address), ("https",))
-    if parsed is not None and _has_credentials(parsed):
+    if holds_credentials(address):
         raise _fail("ca.address", CREDENTIALS_UNUSED)
+    parsed = _url(ca_url(address), ("https",))
     if parsed is None or any(c.isspace() for c in address) or parsed.path not in ("", "/"):
         raise _fail("ca.address", f"{address!r} must be the CA's URL, like https://10.0.0.2:15012")
 
@@ -856,10 +856,6 @@ def _check_ca_address(address: str) -> None:
 # user:password@ in a URL would be dropped without a word (the CA authenticates agents by their join
 # token and certificate; OTLP export sends no credentials), and an error must not echo a password.
 CREDENTIALS_UNUSED = "user:password@ in the URL is not used by hostmesh: remove it"
-
-
-def _has_credentials(parsed: urllib.parse.SplitResult) -> bool:
-    return "@" in parsed.netloc
 
 
 def _url(text: str, schemes: tuple[str, ...]) -> urllib.parse.SplitResult | None:
@@ -878,9 +874,9 @@ def _parse_tracing(raw: Any) -> TracingConfig:
         raise _fail("tracing", 'must be a table like { otlp_endpoint = "http://host:4318", sample = 0.01 }')
     _check_keys(raw, TRACING_KEYS, "tracing")
     endpoint = _str(raw, "otlp_endpoint", "tracing.") or None
-    parsed = None if endpoint is None else _url(endpoint, ("http", "https"))
-    if parsed is not None and _has_credentials(parsed):
+    if endpoint is not None and holds_credentials(endpoint):
         raise _fail("tracing.otlp_endpoint", CREDENTIALS_UNUSED)
+    parsed = None if endpoint is None else _url(endpoint, ("http", "https"))
     if endpoint is not None and parsed is None:
         raise _fail("tracing.otlp_endpoint", "must be an http:// or https:// URL like http://host:4318")
     errors = raw.get("errors", True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.names import holds_credentials
 
 if TYPE_CHECKING:
     from hostmesh.registry.http import HTTPClient, Response
@@ -47,7 +48,7 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
     http(s)://HOST[:PORT]. Anything the client would drop or misread (a path, query, fragment or
     credentials, a port out of range, an unclosed [IPv6]) is refused rather than ignored."""
     text = address.strip()
-    if "@" in text:  # first, and named without the address: an error must not echo a password
+    if holds_credentials(text):  # first, and named without the address: an error must not echo a password
         raise AdminAddressError(f"{option}: user:password@ in the address is not used: give HOST:PORT")
     with_scheme = "//" in text
     try:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hostmesh.registry.errors import InvalidSettings
+from hostmesh.registry.names import holds_credentials
 from hostmesh.registry.records import record
 
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"  # Consul's own default (a local agent)
@@ -135,6 +136,11 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
     address wins over CONSUL_HTTP_SSL, and a missing port is the scheme's (80/443), as in Consul's API
     client."""
     text = address.strip()
+    if holds_credentials(text):  # (named without the address: it would echo a password)
+        raise InvalidSettings(
+            "Consul address: user:password@ in it is not used: give an ACL token "
+            "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or token_file)"
+        )
     if "://" not in text:
         text = f"{'https' if ssl else 'http'}://{text}"
     try:
@@ -147,11 +153,6 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
         port = parsed.port
     except ValueError:
         raise InvalidSettings(f"Consul address {address!r}: invalid port") from None
-    if "@" in parsed.netloc:  # (named without the address: it would echo a password)
-        raise InvalidSettings(
-            "Consul address: user:password@ in it is not used: give an ACL token "
-            "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or token_file)"
-        )
     if not parsed.hostname or parsed.path.strip("/") or parsed.query:
         raise InvalidSettings(f"Consul address {address!r}: expected [http[s]://]host[:port]")
     if not _HOST_CHARS.issuperset(parsed.hostname):

@@ -26,6 +26,7 @@ import httptools
 
 from hostmesh.registry.errors import AnswerTooLarge, InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
+from hostmesh.registry.names import holds_credentials
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.records import without_leftover_class
 
@@ -174,6 +175,8 @@ class HTTPClient:
         *,
         max_connections: int | None = MAX_CONNECTIONS_PER_CLIENT,
     ):
+        if holds_credentials(base_url):  # callers check their settings; never echo a password
+            raise InvalidAddress("address: user:password@ in a URL is not supported")
         try:
             parsed = urllib.parse.urlsplit(base_url if "//" in base_url else f"//{base_url}")
             port = parsed.port
@@ -185,8 +188,6 @@ class HTTPClient:
         # A URL without a port uses its scheme's (Consul's settings, an OTLP endpoint may omit it); an
         # empty host, port 0 or a ':' with no port after it is a mistake (an unset variable in
         # `host:$PORT`), which used to be read as 127.0.0.1 and port 80.
-        if "@" in parsed.netloc:  # callers check their settings; never echo a password
-            raise InvalidAddress("address: user:password@ in a URL is not supported")
         if not parsed.hostname:
             raise InvalidAddress(f"address {base_url!r}: no host name or IP address")
         if port == 0:

@@ -1,7 +1,7 @@
 """What operators write as names and ports, one rule each: service names (one lowercase DNS label:
 they appear in SPIFFE IDs and DNS SANs, ca/identity.py; in documents, registry/schema.py; in
-agent.toml), the bounds of DNS names, and port numbers. This module loads nothing else, so a
-command's `--help` that checks no name does not pay for the schema."""
+agent.toml), the bounds of DNS names, port numbers, and credentials in an address. This module loads
+nothing else, so a command's `--help` that checks no name does not pay for the schema."""
 
 from __future__ import annotations
 
@@ -27,3 +27,10 @@ def port_number(text: str, lowest: int = 0) -> int | None:
         return None
     port = int(text)
     return port if lowest <= port <= 65535 else None
+
+
+def holds_credentials(address: str) -> bool:
+    """`user:password@` in an address (a URL, or host:port without a scheme). Checked before anything
+    else about it: an error about its port or its host would quote the address, password and all."""
+    authority = address.split("://", 1)[-1]
+    return "@" in re.split(r"[/?#]", authority, maxsplit=1)[0]

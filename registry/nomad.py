@@ -32,6 +32,7 @@ from typing import Any
 
 from hostmesh.registry.consul_settings import TOKEN_RULE, valid_token
 from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Unavailable, UnexpectedAnswer
+from hostmesh.registry.names import holds_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"  # Nomad's own default
 REQUEST_TIMEOUT = 5  # seconds per Nomad request; python-nomad's default too
@@ -146,6 +147,8 @@ def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
     def bad(problem: str) -> InvalidSettings:
         return InvalidSettings(f"{source}: Nomad address {address!r} {problem}")
 
+    if holds_credentials(address):  # first, and not quoted back: user:password is a secret
+        raise InvalidSettings(f"{source}: the Nomad address must not hold credentials (use NOMAD_TOKEN)")
     if not all("!" <= c <= "~" for c in address):
         raise InvalidSettings(f"{source}: the Nomad address holds a space or a control character")
     if not address.startswith(("http://", "https://")):
@@ -154,8 +157,6 @@ def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
         parsed = urllib.parse.urlsplit(address)
     except ValueError:  # an unclosed or invalid [IPv6] literal
         raise bad("is not a valid URL (like http://127.0.0.1:4646)") from None
-    if "@" in parsed.netloc:  # not quoted back: user:password is a secret
-        raise InvalidSettings(f"{source}: the Nomad address must not hold credentials (use NOMAD_TOKEN)")
     if not parsed.hostname:
         raise bad("has no host (like http://127.0.0.1:4646)")
     try:

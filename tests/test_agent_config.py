@@ -136,6 +136,9 @@ def test_mistakes_are_one_line_naming_the_key(doc: dict[str, object], message: s
         (minimal(ca={"pin": PIN, "address": "https://ops:s3cret@10.0.0.2:15012"}), "ca.address"),
         (minimal(ca={"pin": PIN, "address": "ops:s3cret@10.0.0.2:15012"}), "ca.address"),
         (minimal(tracing={"otlp_endpoint": "http://ops:s3cret@127.0.0.1:4318"}), "tracing.otlp_endpoint"),
+        # refused for the credentials before anything else: an error about the port would quote them
+        (minimal(ca={"pin": PIN, "address": "https://ops:s3cret@10.0.0.2:99999"}), "ca.address"),
+        (minimal(tracing={"otlp_endpoint": "http://ops:s3cret@[::1:4318"}), "tracing.otlp_endpoint"),
     ],
 )
 def test_credentials_in_a_url_are_refused_without_echoing_them(doc: dict[str, object], key: str) -> None:

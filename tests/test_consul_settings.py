@@ -137,7 +137,16 @@ def test_unusable_settings_are_one_line(env: dict[str, str], message: str) -> No
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("address", ["http://ops:s3cret@h:8500", "ops:s3cret@h:8500", "https://ops@h"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://ops:s3cret@h:8500",
+        "ops:s3cret@h:8500",
+        "https://ops@h",
+        "http://ops:s3cret@h:99999",
+        "ops:s3cret@[::1",
+    ],
+)
 def test_credentials_in_the_address_are_refused_without_echoing_them(address: str) -> None:
     with pytest.raises(InvalidSettings) as err:
         resolve(env={"CONSUL_HTTP_ADDR": address})

@@ -195,6 +195,22 @@ def test_a_bad_nomad_addr_is_one_line_at_load_and_validate(
         assert (result.exit_code, result.output.splitlines()) == (1, [f"Error: {expected}"])
 
 
+@pytest.mark.parametrize(
+    "address", ["http://ops:s3cret@127.0.0.1:4646", "htp://ops:s3cret@h:99999", "ops:s3cret@[::1"]
+)
+def test_credentials_in_nomad_addr_are_refused_first_and_never_echoed(
+    tmp_path: Path, no_nomad_env: pytest.MonkeyPatch, address: str
+) -> None:
+    """Whatever else is wrong with the address (its scheme, its port), the refusal never quotes it."""
+    no_nomad_env.setenv("NOMAD_ADDR", address)
+    with pytest.raises(ConfigError) as err:
+        load_config(agent_toml(tmp_path))
+    assert str(err.value).endswith(
+        "NOMAD_ADDR: the Nomad address must not hold credentials (use NOMAD_TOKEN)"
+    )
+    assert "s3cret" not in str(err.value)
+
+
 @pytest.mark.parametrize(("address", "problem"), BAD_ADDRESSES[:3])
 def test_a_bad_address_in_the_nomad_table_names_the_key(
     tmp_path: Path, no_nomad_env: pytest.MonkeyPatch, address: str, problem: str
