@@ -582,15 +582,17 @@ def __getattr__(name: str) -> Any:
 @click.option(
     "--no-files",
     is_flag=True,
-    help="Skip the Consul token and TLS files agent.toml names (they belong to another root, or come later).",
+    help="Skip the files agent.toml names and their permissions (another root's, or made later).",
 )
 def validate(config_path: Path, no_files: bool) -> None:
     """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
     validate --config %s`). Exit 0 and "ok", or 1 and the one-line error."""
-    from hostmesh.agent.config import ConfigError, load_config
+    from hostmesh.agent.config import ConfigError, check_permissions, load_config
 
     try:
         cfg = load_config(config_path, check_files=not no_files)
+        if not no_files:
+            check_permissions(cfg, config_path)  # what the agent would refuse at start
     except ConfigError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(f"{config_path}: ok ({len(cfg.services)} service(s))")

@@ -968,15 +968,28 @@ def env_or(value: str | None, env: str) -> str | None:
     return value if value is not None else os.environ.get(env)
 
 
-def check_permissions(cfg: AgentConfig) -> None:
+def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None:
     """Refuse to start on files others could change or read; ConfigError, one line with the fix.
 
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
-    the host could swap them. The join token and the keys are credentials: no group/world access.
-    Files that do not exist yet are fine (the agent creates them 0600 itself). The cert dir, the
-    trust bundle and the certificates decide whom the mesh trusts: no group/world write."""
+    the host could swap them. The join token, the Consul token file and the keys are credentials:
+    no group/world access; agent.toml holding a token itself: not readable by others (its group is
+    the agent's own). Files that do not exist yet are fine (the agent creates them 0600 itself). The
+    cert dir, the trust bundle and the certificates decide whom the mesh trusts: no group/world
+    write. In a Nomad allocation the Consul token file is the task's own, in its secrets dir (a
+    `template` writes 0644 unless told otherwise): not checked there."""
     from hostmesh.ca.files import roots_path
 
+    if cfg.nomad is None:
+        try:
+            cfg.consul_settings().check_token_file_private()
+        except InvalidSettings as exc:
+            raise ConfigError(str(exc)) from None
+    tokens = (("[consul] token", cfg.consul.token), ("[nomad] token", cfg.nomad and cfg.nomad.token))
+    literal = next((key for key, value in tokens if value), None)
+    if literal is not None and config_path is not None:
+        fix = f"chmod 640 {config_path}, or name a token file instead"
+        _check_mode(config_path, 0o007, "readable", fix, f"agent.toml (it holds {literal})")
     _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir", directory=True)
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file

@@ -1102,7 +1102,7 @@ def main(config_path: Path) -> None:
             config, from_primary = config_from_primary()
         else:
             config = load_config(config_path)
-            check_permissions(config)
+            check_permissions(config, config_path)
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from None
     except (EOFError, ValueError) as exc:  # a worker whose primary is gone, or did not speak first

@@ -90,6 +90,23 @@ class ConsulSettings:
     def https(self) -> bool:
         return self.url.startswith("https://")
 
+    def check_token_file_private(self) -> None:
+        """For a daemon (the agent, the CA): refuse a token file the group or others can read, as a
+        key, where an operator's own tools (the CLI, Consul's) take it as it is. InvalidSettings, one
+        line with the fix; a file that is not there yet is load_token's to report."""
+        if self.token_file is None:
+            return
+        try:
+            mode = os.stat(self.token_file).st_mode & 0o777
+        except OSError:
+            return
+        if mode & 0o077:
+            who = " and ".join(w for w, mask in (("group", 0o070), ("others", 0o007)) if mode & mask)
+            raise InvalidSettings(
+                f"Consul token file {self.token_file} is readable by {who} (mode {mode:04o}); "
+                f"fix: chmod 600 {self.token_file}"
+            )
+
     def load_token(self) -> str | None:
         """The token to send: the literal one, or the token file's content (whitespace stripped)."""
         if self.token_file is None:

@@ -348,6 +348,21 @@ def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
     assert fails(result) == f"Error: Consul token file {missing}: cannot read: No such file or directory"
 
 
+def test_ca_serve_refuses_a_consul_token_file_others_can_read(tmp_path: Path) -> None:
+    """The CA's Consul token may write the trust bundle: a credential, 0600 as its keys."""
+    token = tmp_path / "ca-consul-token"
+    token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
+    token.chmod(0o644)
+    result = CliRunner().invoke(
+        cli, ["--token-file", str(token), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
+    )
+    assert fails(result) == (
+        f"Error: Consul token file {token} is readable by group and others (mode 0644); "
+        f"fix: chmod 600 {token}"
+    )
+    assert not (tmp_path / "ca").exists()  # refused before anything was made
+
+
 def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
     """Its certificate processes re-read agent.toml: an option would apply to some processes only."""
     result = CliRunner().invoke(cli, ["--token", "t", "agent", "run", "--config", str(tmp_path / "a.toml")])
