@@ -539,6 +539,12 @@ def _saved_endpoint(e: dict[str, Any]) -> Endpoint:
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
+# A registration anywhere in the datacenter moves the catalog's index, and each move costs a probe
+# of every upstream (one request each): at most one such round per this many seconds, so a burst of
+# registrations (a rolling deploy) costs one round, and an agent's probes stay under its upstream
+# count per second whatever the churn (measured before: 603 requests/s from an agent with 201
+# upstreams at 5 registrations/s). A new instance is seen this much later at most, only under churn.
+PROBE_ROUND_INTERVAL = 1.0
 # How long an upstream that lost its last passing instance keeps those failed by gossip alone: a live
 # node refutes a stale verdict within a few gossip rounds (200 ms each), while Serf itself takes
 # seconds to call a node failed; past this, a host that is really gone is no longer dialled.
@@ -728,6 +734,7 @@ class Discovery:
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
+        self._probe_round = float("-inf")  # when the last round of per-upstream probes began
         self._stopping: set[asyncio.Task[None]] = set()
         self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
         self._running = False
@@ -955,6 +962,14 @@ class Discovery:
 
     async def _fetch_members(self, index: int | None) -> tuple[int, Any]:
         idx = await self._consul.catalog_services_index(index)
+        if idx == index:
+            return idx, None  # the wait ran out: nothing was registered or deregistered anywhere
+        if index is not None:  # woken by a registration: one round of probes per PROBE_ROUND_INTERVAL
+            pause = self._probe_round + PROBE_ROUND_INTERVAL - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+                idx = await self._consul.catalog_services_index(None)  # what the pause let in is read now
+        self._probe_round = time.monotonic()
         read_after = self._table.health_index  # the instance reads below are issued after this view
         gate = asyncio.Semaphore(PROBE_CONCURRENCY)
 

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +25,9 @@ from typing import Any
 import pytest
 
 from hostmesh.agent.config import parse_config
-from hostmesh.agent.discovery import Discovery, SnapshotBuilder
+from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import TLSMaterial
-from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.consul import BLOCKING_WAIT, ConsulClient
 from hostmesh.registry.errors import RegistryError, Unavailable
 from hostmesh.registry.watch import Watch
 from tests.support import ConsulDev, async_wait_until
@@ -314,6 +315,96 @@ async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_cata
             await discovery.stop()
             for n in range(10):
                 consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-other-n{n}"})
+
+
+class ProbeCountingClient(ConsulClient):
+    """The real client, counting the per-upstream index probes; its blocking reads of the catalog
+    wait `catalog_wait` seconds (Consul's own `wait`), so that a test sees waits run out."""
+
+    probes = 0
+    catalog_wait = BLOCKING_WAIT
+    waits_run_out = 0
+
+    async def catalog_service_index(self, name: str) -> int:
+        self.probes += 1
+        return await super().catalog_service_index(name)
+
+    async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+        returned = await super().catalog_services_index(index, self.catalog_wait)
+        if index is not None and returned == index:
+            self.waits_run_out += 1
+        return returned
+
+
+PROBED_UPSTREAMS = 5
+BURST_REGISTRATIONS = 20
+BURST_SPACING = 0.05  # seconds between the burst's registrations: 20 in about 1 s
+
+
+async def probing_agent(
+    client: ProbeCountingClient, consul: ConsulDev, tmp_path: Path, name: str
+) -> tuple[Discovery, list[str]]:
+    ups = [f"{name}-up{i}" for i in range(PROBED_UPSTREAMS)]
+    for n, up in enumerate(ups):
+        instance(consul, up, n)
+    builder = SnapshotBuilder(calling(tmp_path, name, *ups), no_tls)
+    discovery = Discovery(client, builder)
+    discovery.start()
+    await async_wait_until(lambda: all(builder.holder.current.endpoints.get(u) for u in ups), SEEN_TIMEOUT,
+                           "every upstream's instance")  # fmt: skip
+    return discovery, ups
+
+
+async def test_an_idle_agent_does_not_probe_its_upstreams_when_a_wait_runs_out(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Each blocking read of the catalog whose wait ran out with nothing registered anywhere cost a
+    probe of every upstream (an agent with 201 upstreams: 5.7 requests/s to Consul at idle)."""
+    name = f"idle-{secrets.token_hex(3)}"
+    async with ProbeCountingClient(consul.url) as client:
+        client.catalog_wait = 1.0
+        discovery, ups = await probing_agent(client, consul, tmp_path, name)
+        try:
+            before, runs = client.probes, client.waits_run_out
+            await async_wait_until(
+                lambda: client.waits_run_out >= runs + 3, SEEN_TIMEOUT, "three waits run out"
+            )
+            assert client.probes == before
+        finally:
+            await discovery.stop()
+            for n, up in enumerate(ups):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{up}-n{n}"})
+
+
+async def test_a_burst_of_registrations_elsewhere_costs_one_round_of_probes_per_interval(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """A registration anywhere moves the catalog's index, and each move cost a probe of every
+    upstream: a rolling deploy elsewhere made an agent with 201 upstreams send 603 requests/s."""
+    name = f"burst-{secrets.token_hex(3)}"
+    async with ProbeCountingClient(consul.url) as client:
+        discovery, ups = await probing_agent(client, consul, tmp_path, name)
+        try:
+            before = client.probes
+            started = time.monotonic()
+            for n in range(BURST_REGISTRATIONS):
+                instance(consul, f"{name}-elsewhere", n)
+                await asyncio.sleep(BURST_SPACING)  # the burst's pace (a deploy), not a wait for the agent
+            last = await client.catalog_services_index(None)
+
+            def read_burst() -> bool:
+                return (discovery.watches["registrations"].index or 0) >= last
+
+            await async_wait_until(read_burst, SEEN_TIMEOUT, "the burst read")
+            rounds = (client.probes - before) / PROBED_UPSTREAMS
+            allowed = (time.monotonic() - started) / PROBE_ROUND_INTERVAL + 1
+            assert rounds <= allowed, f"{rounds} rounds of probes for {BURST_REGISTRATIONS} registrations"
+        finally:
+            await discovery.stop()
+            for n, up in enumerate(ups):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{up}-n{n}"})
+            for n in range(BURST_REGISTRATIONS):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-elsewhere-n{n}"})
 
 
 async def test_an_upstream_followed_at_runtime_never_has_its_failing_instance_used_and_leaves_when_unnamed(
