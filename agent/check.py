@@ -595,4 +595,5 @@ def validate(config_path: Path, no_files: bool) -> None:
             check_permissions(cfg, config_path)  # what the agent would refuse at start
     except ConfigError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
-    click.echo(f"{config_path}: ok ({len(cfg.services)} service(s))")
+    apps = sum(1 for s in cfg.services if not s.kind)  # a gateway is in `services` too (agent/config.py)
+    click.echo(f"{config_path}: ok ({apps} service(s), {len(cfg.gateways)} gateway(s))")

@@ -403,8 +403,8 @@ def click_agent() -> click.Group:
         "--admin",
         default=None,
         metavar="ADDR",
-        help="The agent's admin address [default: $NOMAD_ADDR_hostmesh_admin, else the one the agent "
-        "wrote to $NOMAD_ALLOC_DIR/hostmesh/admin.addr, else 127.0.0.1:15000].",
+        help="The agent's admin address [default: 127.0.0.1:$NOMAD_PORT_hostmesh_admin, else the one the "
+        "agent wrote to $NOMAD_ALLOC_DIR/hostmesh/admin.addr, else 127.0.0.1:15000].",
     )
     @click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds.")
     def wait_ready_command(admin: str | None, timeout: float) -> None:

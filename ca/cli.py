@@ -179,7 +179,8 @@ def retire_root(root_id: str, data_dir: Path, leaf_ttl: str, force: bool) -> Non
     "--listen",
     default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
     show_default=True,
-    help="HOST:PORT to serve on. Loopback by default; use e.g. 0.0.0.0:15012 to serve the fleet.",
+    help="HOST:PORT to serve on. Loopback by default; to serve the fleet, e.g. 0.0.0.0:15012 with "
+    "--advertise naming this host's address.",
 )
 @click.option(
     "--advertise",

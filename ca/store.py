@@ -244,8 +244,9 @@ def retire(
         raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
     made = root.cert.not_valid_before_utc
     later = [r.cert.not_valid_before_utc for r in current.roots if r.cert.not_valid_before_utc > made]
-    superseded = min(later) if later else current.active.cert.not_valid_before_utc
-    safe = superseded + leaf_ttl + pki.CLOCK_SKEW
+    # when the next root was made (its not-before is backdated by CLOCK_SKEW): this one signed until then
+    superseded = (min(later) if later else current.active.cert.not_valid_before_utc) + pki.CLOCK_SKEW
+    safe = superseded + leaf_ttl
     if not force and (now or pki.now()) < safe:
         raise InvalidRequest(
             f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M}Z that stay valid up to "
@@ -256,6 +257,7 @@ def retire(
     src = data_dir / "roots" / f"{root.id}.crt"
     try:
         retired.mkdir(mode=0o700, exist_ok=True)
+        _owned_as_its_dir(retired)
         os.replace(src, retired / src.name)
         (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
     except OSError as exc:
@@ -283,6 +285,7 @@ def _new_root(data_dir: Path, trust_domain: str) -> Root:
     roots = data_dir / "roots"
     try:
         roots.mkdir(mode=0o700, exist_ok=True)
+        _owned_as_its_dir(roots)
     except OSError as exc:
         raise StorageError(f"cannot create {roots}: {exc.strerror}") from None
     try:
@@ -309,8 +312,21 @@ def _write_meta(data_dir: Path, trust_domain: str, active: str) -> None:
 def _write(path: Path, data: bytes) -> None:
     try:
         pki.write_private(path, data)
+        _owned_as_its_dir(path)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _owned_as_its_dir(path: Path) -> None:
+    """Run as root (`sudo hostmesh ca rotate`) in a data dir the CA's user owns, give `path` to that
+    user: a root-owned root key is one the running CA cannot read (its reload failed, it kept
+    serving the old bundle), and systemd's StateDirectory= fixes ownership only when the directory
+    itself is not the user's. The directory a first `ca init` makes as root stays root's."""
+    if os.geteuid() != 0:
+        return
+    owner = path.parent.stat()
+    if owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def _check_writable(*dirs: Path) -> None:

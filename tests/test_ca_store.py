@@ -71,7 +71,10 @@ def test_rotate_then_retire(tmp_path: Path) -> None:
         store.retire(d, "deadbeefdeadbeef")
     with pytest.raises(InvalidRequest, match="no root matches"):
         store.retire(d, "ab")  # too short a prefix to be unambiguous
-    with pytest.raises(InvalidRequest, match=rf"root {first.id} signed leaves until .* --force"):
+    rotated = second.cert.not_valid_before_utc + pki.CLOCK_SKEW  # (the not-before is backdated)
+    with pytest.raises(
+        InvalidRequest, match=rf"root {first.id} signed leaves until {rotated:%Y-%m-%d %H:%M}Z"
+    ):
         store.retire(d, first.pin)  # just superseded: its leaves are still valid
     after = second.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW
     half_an_hour_on = second.cert.not_valid_before_utc + dt.timedelta(minutes=30)
@@ -89,3 +92,19 @@ def test_root_count_is_bounded(tmp_path: Path) -> None:
         store.rotate(d)
     with pytest.raises(InvalidRequest, match="retire old ones first"):
         store.rotate(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root only: files given to the data dir's owner")
+def test_a_rotation_run_as_root_leaves_the_new_root_to_the_cas_user(tmp_path: Path) -> None:
+    """`sudo hostmesh ca rotate` in the data dir of a CA that runs as its own user: root-owned files
+    there are ones the running CA cannot read (its reload failed and it kept the old bundle)."""
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    user = 65534  # nobody: the CA's user here
+    for path in (d, *d.rglob("*")):
+        os.chown(path, user, user)
+    _, second = store.rotate(d)
+    made = [d / "roots" / f"{second.id}.key", d / "roots" / f"{second.id}.crt", d / store.META_FILE]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(user, user)}
+    store.retire(d, first.id, force=True)
+    assert (d / "retired").stat().st_uid == user
