@@ -232,6 +232,10 @@ def click_root() -> click.Group:
     """The root group (`hostmesh ...`)."""
     import click
 
+    # A usage mistake (an unknown option, a missing argument) exits 1 like every other error, not
+    # click's 2: `intention check` answers 2 for "denied", and a script must not read a typo as that.
+    click.UsageError.exit_code = 1
+
     def print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         if value and not ctx.resilient_parsing:
             click.echo(f"hostmesh, version {_version()}")

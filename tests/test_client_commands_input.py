@@ -21,6 +21,7 @@ import json
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from click.testing import CliRunner, Result
 
 from hostmesh.agent import waitready
 from hostmesh.agent.cli import cli
-from hostmesh.agent.localmesh import LocalMesh, free_port
+from hostmesh.agent.localmesh import HOSTMESH, LocalMesh, free_port
 from hostmesh.agent.metrics import Telemetry, generate_latest
 from hostmesh.agent.status import AdminAddressError, admin_base_url
 from hostmesh.agent.ui import Collector, listen_address
@@ -683,3 +684,19 @@ def test_a_real_agents_answers_pass_every_check(consul: ConsulDev, tmp_path: Pat
         assert {a["node"]: a["error"] for a in json.loads(top.stdout)["agents"]} == {"n-real": ""}
     finally:
         m.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["intention", "check", "web"],  # DST missing
+        ["intention", "check", "web", "api", "--protocol", "gopher"],
+        ["status", "--no-such-option"],
+    ],
+)
+def test_a_usage_mistake_exits_1_never_intention_checks_denied(args: list[str]) -> None:
+    """`intention check` answers 2 for "denied" (as `consul intention check`); click's 2 for a usage
+    mistake made a script read a typo as a verdict. The real command, as a script runs it."""
+    out = subprocess.run([*HOSTMESH, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    assert out.stderr.rstrip().splitlines()[-1].startswith("Error: "), out.stderr
