@@ -887,7 +887,8 @@ def _parse_tracing(raw: Any) -> TracingConfig:
 
 def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     """agent.toml at `path`, parsed (in a Nomad allocation, with its environment's defaults); with
-    `check_files`, also the Consul token and TLS files it names must be usable."""
+    `check_files`, also the Consul token and TLS files it names must be usable, and an HTTPS
+    gateway listener's certificates must load."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -920,6 +921,13 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         ssl_context(settings)
     except InvalidSettings as exc:
         raise ConfigError(f"{path}: [consul]: {exc}") from None
+    for listener in (lst for gw in cfg.gateways for lst in gw.listeners if lst.certificates):
+        from hostmesh.agent.proxy.edges import CertSet  # loaded as the listener will load them
+
+        try:
+            CertSet(listener)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     return cfg
 
 

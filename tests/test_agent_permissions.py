@@ -147,3 +147,18 @@ def validate(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(tmp_path: Path) -> None:
+    """The agent loads an HTTPS listener's certificates at start and refuses to start without them;
+    `agent validate` (the .deb's and the role's check before a restart) said "ok"."""
+    config, _, _ = write_config(tmp_path)
+    cert, key = tmp_path / "edge.crt", tmp_path / "edge.key"
+    config.write_text(
+        config.read_text() + '[[gateways]]\nname = "edge"\nkind = "ingress"\n[[gateways.listeners]]\n'
+        f'bind = "127.0.0.1:18443"\nprotocol = "https"\n'
+        f'certificates = [{{ hosts = ["a.example.test"], cert_file = "{cert}", key_file = "{key}" }}]\n'
+    )
+    line = one_line_error(validate(config))
+    assert f"ingress listener 127.0.0.1:18443: {cert}: No such file or directory" in line
+    assert validate(config, "--no-files").returncode == 0

@@ -475,7 +475,7 @@ class IngressHttp:
         self.conns.discard(conn)
 
 
-class _CertSet:
+class CertSet:
     """An HTTPS listener's operator certificates, one context per certificate, chosen by SNI."""
 
     def __init__(self, listener: GatewayListener) -> None:
@@ -672,7 +672,7 @@ class IngressGateway:
         self._tcp_out: dict[str, Any] = {}
         self._servers: list[asyncio.Server] = []  # per listener, one per descriptor of its socket
         self._handlers: list[IngressHttp] = []
-        self._certs: list[_CertSet] = []
+        self._certs: list[CertSet] = []
         self._poller: asyncio.Task[None] | None = None
         self.ports: list[int] = []
         # any client can send a ClientHello naming no route: a line each, at a bounded rate
@@ -693,13 +693,13 @@ class IngressGateway:
                 self._handlers.append(handler)
                 ctx = None
                 if lst.protocol == "https":
-                    certs = _CertSet(lst)
+                    certs = CertSet(lst)
                     self._certs.append(certs)
                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                     ctx.load_cert_chain(lst.certificates[0].cert_file, lst.certificates[0].key_file)
                     ctx.set_alpn_protocols(["http/1.1"])
 
-                    def choose(obj: Any, name: str | None, _ctx: Any, certs: _CertSet = certs) -> None:
+                    def choose(obj: Any, name: str | None, _ctx: Any, certs: CertSet = certs) -> None:
                         obj.context = certs.pick(name)
 
                     ctx.sni_callback = choose
