@@ -311,7 +311,9 @@ class Tracer:
                 break
         a = span.attributes
         a["http.request.method"] = method
-        a["url.path"] = head.target.decode("latin-1")[:MAX_ATTRIBUTE]
+        # the path alone, as OpenTelemetry's url.path is: a query string may carry a credential
+        # (`?access_token=`), and spans leave the host for a collector
+        a["url.path"] = head.target.split(b"?", 1)[0].decode("latin-1")[:MAX_ATTRIBUTE]
         a["http.response.status_code"] = ex.status
         a["hostmesh.response_flags"] = fl.render(ex.flags)
         a["hostmesh.reporter"] = reporter

@@ -371,3 +371,14 @@ def test_the_metrics_address_advertised_is_one_other_hosts_reach_this_agent_at(
     raw = {"ca": {"pin": "sha256:" + "ab" * 32}, "mesh_address": mesh, "metrics": metrics}
     cfg = parse_config({**raw, "services": [{"name": "web", "port": 8080}]})
     assert metrics_addr(cfg, []) == advertised
+
+
+def test_a_span_carries_the_path_without_its_query() -> None:
+    """OpenTelemetry's url.path is the path alone; the query may hold a credential
+    (`?access_token=`), and spans leave the host for a collector."""
+    ex = _exchange([], target=b"/login?access_token=SEKRET")
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    span = t.end_http(None, ex, reporter="source", source="web", source_principal="", destination="api",
+                      destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
+    assert span is not None and span.attributes["url.path"] == "/login"
+    assert "SEKRET" not in repr(span.attributes)
