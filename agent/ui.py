@@ -73,11 +73,9 @@ class Collector:
             self.state = {**self.state, "error": printable(str(exc), top.MESSAGE_LIMIT)}
 
     async def _collect(self) -> dict[str, Any]:
-        import asyncio
-
         now = time.time()
         targets = await top.targets(self.consul, self.metrics_port)
-        per_agent = await asyncio.gather(*(top.scrape(t, UI_WANTED) for t in targets))
+        per_agent = await top.scrape_each(targets, UI_WANTED)
         cur = [s for samples in per_agent for s in samples]
         at = time.monotonic()
         window = at - self._prev_at if self._prev_at else 0.0

@@ -700,3 +700,56 @@ def test_a_usage_mistake_exits_1_never_intention_checks_denied(args: list[str]) 
     out = subprocess.run([*HOSTMESH, *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out
     assert out.stderr.rstrip().splitlines()[-1].startswith("Error: "), out.stderr
+
+
+MANY_AGENTS = 300
+LOW_FD_LIMIT = 160  # open files for `top` below: fewer than the agents, more than SCRAPE_CONCURRENCY
+
+
+@pytest.mark.consul
+def test_top_scrapes_more_agents_than_its_open_file_limit(consul: ConsulDev) -> None:
+    """`top` opened one connection per agent at once: past the soft fd limit (1,024 on Debian) every
+    scrape failed ("0/323 agents scraped"). The real command, under a low limit (prlimit)."""
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = MANY_AGENTS  # the listen backlog: a scraper's burst is not the test's subject
+
+    body = exposition()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/plain; version=0.0.4")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    node = "top-many-node"
+    metrics = f"127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        for i in range(MANY_AGENTS):  # each its own metrics URL (top scrapes each URL once)
+            consul.put_json("/v1/catalog/register", {
+                "Node": node, "Address": "127.0.0.1",
+                "Service": {"ID": f"many{i}-{node}", "Service": f"many{i}", "Address": "127.0.0.1", "Port": 1,
+                            "Meta": {"hostmesh": "1", "protocol": "http",
+                                     "metrics_addr": f"{metrics}?agent={i}"}},
+            })  # fmt: skip
+        out = subprocess.run(
+            ["prlimit", f"--nofile={LOW_FD_LIMIT}", "--", *HOSTMESH, "--consul", consul.url, "top", "--once",
+             "--interval", "0.2", "-o", "json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        agents = [a for a in json.loads(out.stdout)["agents"] if a["node"].startswith(node)]
+        assert len(agents) == MANY_AGENTS
+        assert [a["error"] for a in agents if a["error"]] == []
+    finally:
+        consul.put_json("/v1/catalog/deregister", {"Node": node})
+        server.shutdown()
+        server.server_close()
