@@ -34,6 +34,7 @@ from hostmesh.registry.schema import (
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+MAX_NAMED = 5  # services a finding names before "and N more"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,12 @@ class Catalog:
         """(services whose agents list `service` as an upstream, whether every agent said). Only
         instances with a protocol are served by agents (the CA registers as hostmesh=1 too)."""
         out = {i.service for i in self.instances if service in (i.upstreams or ())}
-        return frozenset(out), all(i.upstreams is not None for i in self.instances if i.protocol)
+        return frozenset(out), not self.silent()
+
+    def silent(self) -> frozenset[str]:
+        """Services some agent of which does not say which upstreams it calls (its list would not
+        fit in one Consul meta value, registry/layout.py upstreams_meta; or an agent that predates it)."""
+        return frozenset(i.service for i in self.instances if i.protocol and i.upstreams is None)
 
 
 Documents = Mapping[str, Mapping[str, object]]  # kind -> service (the KV key's last part) -> raw JSON
@@ -114,6 +120,7 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
         out += _check_route(key, route, catalog, known)
     for key, policy in parsed.get("policies", {}).items():
         out += _check_policy(key, policy, catalog, known)
+    out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     for key, intentions in parsed.get("intentions", {}).items():
         out += _check_intentions(key, intentions, catalog, known)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -298,6 +305,30 @@ def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozen
             )
         ]
     return []
+
+
+def _undecided_policies(
+    policies: Mapping[str, object], catalog: Catalog, known: frozenset[str]
+) -> list[Finding]:
+    """One line, not silence, when some agents do not say what they call: the policies no agent
+    that did say calls may be unused or not (an agent with ~50 upstreams registers no list)."""
+    silent = catalog.silent()
+    undecided = [key for key in policies if key in known and silent and not catalog.callers(key)[0]]
+    if not undecided:
+        return []
+    shown = ", ".join(sorted(silent)[:MAX_NAMED])
+    more = f" and {len(silent) - MAX_NAMED} more" if len(silent) > MAX_NAMED else ""
+    return [
+        Finding(
+            "info",
+            "unused-policy-unknown",
+            "policies",
+            f"{len(undecided)} policies have no caller among the agents that list their upstreams, but "
+            f"the agents of {shown}{more} do not list theirs (too many to fit in Consul's meta): "
+            "whether those policies are unused cannot be told",
+            "compare those policies with the upstreams in those services' agent.toml",
+        )
+    ]
 
 
 def _check_intentions(key: str, doc: Intentions, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
