@@ -10,6 +10,11 @@ scheduling and the results:
     renew <svc>    `prepare()` then `renew_once(svc)`, at the renewal point the child reported
     bundle         `prepare()` then `refresh_bundle()`, when Consul's `hostmesh/ca/roots` changes
 
+Each child runs the config the agent runs, sent on its stdin (agent/configwire.py), not agent.toml:
+an edit the agent refused on reload, left on disk, made every renewal fail until the certificates
+expired. A child of newer code than the agent's (an upgrade under a running agent), or one given
+nothing, reads agent.toml as before.
+
 Each child prints one JSON line (every certificate's serial, not-after, root and renewal point, or
 the error as one line and its kind) and exits; its log lines go to the agent's stderr. The child
 writes the files (cert, key, roots.pem; atomically, 0600) before it answers, so the agent re-reads
@@ -201,6 +206,7 @@ class CertProcess:
         self,
         *,
         config_path: Path,
+        config: Callable[[], Any] | None = None,  # the config the agent runs now, for each child
         data_dir: Path,
         services: list[str],
         consul: Any,
@@ -208,6 +214,7 @@ class CertProcess:
         certs_dir: Path | None = None,  # agent.toml's cert_dir; None: <data_dir>/certs
     ) -> None:
         self.config_path = config_path
+        self.config = config
         self.pin = pin
         self.dir = certs_dir if certs_dir is not None else cert_dir(data_dir)
         self.services = list(dict.fromkeys(services))
@@ -341,11 +348,22 @@ class CertProcess:
         args = [sys.executable, "-m", "hostmesh.agent.certproc", op, "--config", str(self.config_path)]
         if service is not None:
             args += ["--service", service]
+        # at start the file is what the agent has just read and checked: sent only from then on
+        config = self.config if op != "start" else None
+        if config is not None:
+            args.append("--config-on-stdin")
         async with self._lock:
+            stdin = asyncio.subprocess.DEVNULL if config is None else asyncio.subprocess.PIPE
             self._child = child = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=MAX_ANSWER
+                *args, stdin=stdin, stdout=asyncio.subprocess.PIPE, limit=MAX_ANSWER
             )
             assert child.stdout is not None
+            if config is not None:
+                from hostmesh.agent.configwire import config_line
+
+                assert child.stdin is not None
+                child.stdin.write(config_line(config()))
+                child.stdin.close()  # (the pipe takes the line, or the child reads it at its start)
             try:
                 line = await asyncio.wait_for(child.stdout.readline(), CHILD_TIMEOUT)
             except TimeoutError:
@@ -486,12 +504,24 @@ class CertProcess:
 # --- the child --------------------------------------------------------------------------------
 
 
-async def _child(op: str, config_path: Path, service: str | None) -> dict[str, Any]:
-    from hostmesh.agent.certs import CertManager
+def _config(config_path: Path, on_stdin: bool) -> Any:
+    """The config the agent sent on stdin (`--config-on-stdin`); agent.toml when it sent none or one
+    this code cannot read (see the module docstring), and for an agent before this rule."""
     from hostmesh.agent.config import load_config
+    from hostmesh.agent.configwire import read_config_line
+
+    if on_stdin:
+        try:
+            return read_config_line(0)[0]
+        except (EOFError, ValueError, OSError) as exc:
+            log.warning("%s; reading %s instead", exc, config_path)
+    return load_config(config_path)
+
+
+async def _child(op: str, cfg: Any, service: str | None) -> dict[str, Any]:
+    from hostmesh.agent.certs import CertManager
     from hostmesh.registry.consul import ConsulClient
 
-    cfg = load_config(config_path)
     consul = ConsulClient(cfg.consul_settings())
     cm = CertManager.from_config(cfg, consul)
     loop = asyncio.get_running_loop()
@@ -541,13 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("op", choices=("start", "renew", "bundle"))
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--service")
+    parser.add_argument("--config-on-stdin", action="store_true", help="the agent's config, on stdin")
     args = parser.parse_args(argv)
     from hostmesh.registry import logs
 
     # the agent's format (its stderr is ours): agent/run.py passes what it chose in LOG_FORMAT_ENV
     logs.setup("info", os.environ.get(logs.LOG_FORMAT_ENV, "auto"), {"process": "certs"})
     try:
-        answer = asyncio.run(_child(args.op, args.config, args.service))
+        answer = asyncio.run(_child(args.op, _config(args.config, args.config_on_stdin), args.service))
     except CAError as exc:
         answer = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
     except Exception as exc:  # anything else is a bug or a broken file: one line for the agent's log

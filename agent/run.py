@@ -248,6 +248,7 @@ class Agent:
 
             self.certs = CertProcess(
                 config_path=self.config_path,
+                config=lambda: self.config,  # a renewal runs what the agent runs, not the file
                 data_dir=cfg.data_dir,
                 services=[s.name for s in cfg.services],
                 consul=self.consul,

@@ -18,7 +18,7 @@ Who does what:
 
 The primary talks to each worker over one pipe pair (the worker's stdin/stdout), one line each way:
     config …   the config to run (the first line a worker reads, and again after each reload the
-               primary applied): the primary's own AgentConfig, pickled, base64
+               primary applied): the primary's own AgentConfig (agent/configwire.py)
     certs      the primary's certificates or trust bundle changed on disk: re-read, rebuild TLS
     metrics N  answer one line, N and the worker's samples as JSON, for the primary's /metrics (N
                tells a late answer to an earlier scrape, which is skipped)
@@ -49,18 +49,17 @@ merged counter never goes backwards.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hostmesh.agent.configwire import CONFIG_PREFIX, config_line, decode_config, read_config_line
 from hostmesh.agent.run import WORKER_ENV  # the primary sets it in each worker's environment
 
 log = logging.getLogger("hostmesh.agent.workers")
@@ -437,60 +436,15 @@ async def listen_to_primary(on_certs: Callable[[], None], on_metrics: Callable[[
     _write_stdout(b"ready")
 
 
-# --- the config, primary to worker ------------------------------------------------------------
-
-CONFIG_PREFIX = b"config "
-MAX_CONFIG_LINE = 16 * 1024 * 1024  # a pickled AgentConfig is ~1-50 KiB
-
-
-def _config_code() -> bytes:
-    """What the pickled config's layout depends on: agent/config.py as this process loaded it. A
-    worker started after an upgrade replaced the code under a running primary must not unpickle
-    fields into the wrong places (dataclasses with slots pickle by position)."""
-    import hashlib
-
-    from hostmesh.agent import config as config_module
-
-    return hashlib.sha256(Path(config_module.__file__).read_bytes()).hexdigest()[:16].encode()
-
-
-CONFIG_CODE = _config_code()
-
-
-def config_line(config: Any) -> bytes:
-    """The `config` command carrying `config`. Pickle, over the pipe from the primary to its own
-    child: the exact object the primary runs (restart-only keys resolved), never data from elsewhere."""
-    return CONFIG_PREFIX + CONFIG_CODE + b" " + base64.b64encode(pickle.dumps(config)) + b"\n"
-
-
-def decode_config(line: bytes) -> Any:
-    """The config of a `config` line; ValueError when it cannot be this code's (see _config_code)."""
-    code, _, data = line[len(CONFIG_PREFIX) :].partition(b" ")
-    if code != CONFIG_CODE:
-        raise ValueError(
-            "the primary runs other hostmesh code (upgraded since it started): restart the agent"
-        )
-    try:
-        return pickle.loads(base64.b64decode(data))  # the primary's own pipe: see config_line
-    except Exception as exc:  # truncated or corrupt: the same verdict, in one line
-        raise ValueError(f"the primary's config does not decode: {type(exc).__name__}: {exc}") from None
+# --- the config, primary to worker (agent/configwire.py) ----------------------------------------
 
 
 def config_from_primary() -> tuple[Any, bytes]:
-    """A worker's first read: the config the primary runs, and any bytes read past its line (the next
-    commands, for PrimaryChannel). Read before the event loop starts, straight from fd 0."""
-    buf = b""
-    while b"\n" not in buf:
-        chunk = os.read(0, 65536)
-        if not chunk:
-            raise EOFError("the primary sent no config (it is gone)")
-        if len(buf) > MAX_CONFIG_LINE:
-            raise ValueError(f"the primary's first line is longer than {MAX_CONFIG_LINE} bytes")
-        buf += chunk
-    line, rest = buf.split(b"\n", 1)
-    if not line.startswith(CONFIG_PREFIX):
-        raise ValueError(f"the primary's first line is not a config: {line[:40]!r}")
-    return decode_config(line), rest
+    """A worker's first read: the config the primary runs, and the next commands read past it."""
+    try:
+        return read_config_line(0)
+    except EOFError:
+        raise EOFError("the primary sent no config (it is gone)") from None
 
 
 def metrics_line(registry: Any) -> bytes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -187,5 +188,34 @@ def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Pat
         print(f"node-b: web recovered {time.monotonic() - dropped:.1f} s after a fresh token was written")
         assert ready(b)[0] == 200 and certs(b)["web"]["problem"] is None
         assert all(h.proc.alive() for h in (a, b))
+    finally:
+        m.close()
+
+
+RENEW_LEAF = 20  # seconds: the renewal comes at ~2/3 of it
+
+
+def test_a_refused_edit_left_in_agent_toml_does_not_stop_renewals(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """A reload refuses a broken agent.toml and keeps the running config; the file stays broken until
+    someone fixes it. Each renewal's helper re-read that file and failed, and the host's certificate
+    expired with the agent running (8 h after the edit, with 24 h leaves; a new join token to
+    recover). The helper now runs the config the agent runs."""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        init = m.hostmesh("ca", "init", "--data-dir", str(m.workdir / "ca"))
+        m.pin = next(w for w in init.stdout.split() if w.startswith("sha256:"))
+        m.ca_port = free_port()
+        ca_serve(m, RENEW_LEAF)
+        h = m.write_agent_config("node-r", [{"name": "web", "port": 9}])
+        m.start_agent(h)
+        first = certs(h)["web"]["serial"]
+        h.config_path.write_text(h.config_path.read_text() + "\n[[services]\n")  # a half-saved edit
+        h.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused, keeping the running config" in h.proc.log(), WAIT, "the refusal")
+        wait_for(lambda: certs(h)["web"]["serial"] != first, WAIT, "web's renewal")
+        renewed = certs(h)["web"]
+        assert not expired(renewed["not_after"]) and renewed["state"] == "valid", renewed
     finally:
         m.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hostmesh.agent.config import parse_config
-from hostmesh.agent.workers import CONFIG_CODE, CONFIG_PREFIX, config_line, decode_config
+from hostmesh.agent.configwire import CONFIG_CODE, CONFIG_PREFIX, config_line, decode_config
 
 RAW = {"ca": {"pin": "sha256:" + "ab" * 32}, "workers": 2, "services": [{"name": "web", "port": 8080}]}
 
@@ -21,8 +21,8 @@ def test_a_worker_decodes_exactly_the_config_its_primary_runs() -> None:
 @pytest.mark.parametrize(
     "line, says",
     [
-        (CONFIG_PREFIX + b"0123456789abcdef " + b"gASV", "the primary runs other hostmesh code"),
-        (CONFIG_PREFIX + CONFIG_CODE + b" gASVnot-a-pickle", "the primary's config does not decode"),
+        (CONFIG_PREFIX + b"0123456789abcdef " + b"gASV", "the agent runs other hostmesh code"),
+        (CONFIG_PREFIX + CONFIG_CODE + b" gASVnot-a-pickle", "the agent's config does not decode"),
     ],
     ids=["other-code", "corrupt"],
 )
