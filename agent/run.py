@@ -78,6 +78,7 @@ FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers b
 # A restart serving from stored state puts off what need not compete with its first requests for the
 # CPU: the certificate helper's interpreter start (~0.3 s of CPU) and the start-up full collection.
 RESTART_DEFER = 1.0
+SUBSET_SWEEP_SECONDS = 300.0  # how often series of subsets gone for SUBSET_SERIES_EXPIRY are dropped
 # A start that failed this soon before a stop was asked for is taken as stopped (_start_unless_stopped)
 STOP_SIGNAL_GRACE = 0.5
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
@@ -302,6 +303,7 @@ class Agent:
         if not self.worker:
             await self._start_gateways()
         phases["listeners"] = time.perf_counter() - t0
+        self._tasks.append(asyncio.create_task(self._forget_gone_subsets(), name="series-expiry"))
         if checking:  # only once serving: its interpreter start would compete with ours for the CPU
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
             self._tasks.append(self._cert_check)
@@ -423,6 +425,15 @@ class Agent:
             self.stop_requested.set()
             return
         self._on_certs_changed()
+
+    async def _forget_gone_subsets(self) -> None:
+        """Now and then, the series of subsets no longer in use go (Telemetry.forget_gone_subsets)."""
+        while True:
+            await asyncio.sleep(SUBSET_SWEEP_SECONDS)
+            snap = self.builder.holder.current
+            dropped = self.telemetry.forget_gone_subsets(snap.subset_in_use, time.monotonic())
+            if dropped:
+                log.info("metrics: dropped %d series of subsets no longer in use", dropped)
 
     async def _release_startup_memory_later(self) -> None:
         await asyncio.sleep(RESTART_DEFER)

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.records import record
 
 if TYPE_CHECKING:
@@ -162,6 +163,14 @@ class Snapshot:
             return None
         svc = self.local.get(ident.service)
         return svc if svc is not None and svc.identity == ident else None
+
+    def subset_in_use(self, destination: str, subset: str) -> bool:
+        """Whether calls to `destination` may still be counted under `subset`: an instance of it has
+        that `version` meta, or its route document names that subset."""
+        if any(e.meta.get(SUBSET_META) == subset for e in self.endpoints.get(destination, ())):
+            return True
+        route = self.routes.get(destination)
+        return route is not None and subset in route.compiled.subsets
 
 
 class SnapshotHolder:

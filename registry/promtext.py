@@ -8,7 +8,7 @@ Why not prometheus-client: see agent/metrics.py. The output is byte-identical to
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
@@ -115,6 +115,18 @@ class _Metric:
     def clear(self) -> None:
         """Forget every child: for series set afresh from the current state (gone things then vanish)."""
         self._children.clear()
+
+    def children(self) -> Iterable[tuple[tuple[str, ...], Any]]:
+        """(label values, child) of every series."""
+        return self._children.items()
+
+    def forget(self, gone: Callable[[tuple[str, ...]], bool]) -> int:
+        """Drop the series whose label values `gone` picks; how many. Whoever holds a dropped child
+        must stop using it (it counts into nothing): see agent/metrics.py forget_gone_subsets."""
+        keys = [key for key in self._children if gone(key)]
+        for key in keys:
+            del self._children[key]
+        return len(keys)
 
     def _only(self) -> Any:
         if self.labelnames:

@@ -251,3 +251,65 @@ async def test_a_worker_dying_during_a_scrape_counts_once_in_the_merged_counters
     await seen
     second = await workers.samples()
     assert total(first) == total(second) == 10.0
+
+
+def test_the_series_of_a_subset_gone_for_an_hour_are_dropped_and_come_back_from_zero() -> None:
+    """Each deploy that stamps a new `version` adds a subset, and a caller kept a full set of series
+    per subset for its life (+18 series, ~9 KiB per name). Series of a subset no longer in use, not
+    moved for SUBSET_SERIES_EXPIRY, go; the caches that held them are emptied, so a subset that comes
+    back (a rollback) counts again, from zero, in the exposition."""
+    from hostmesh.agent.proxy.http_conn import request_metrics
+
+    t = m.Telemetry(istio=True)
+    http = request_metrics(t, "source")
+    assert request_metrics(t, "source") is http  # the listeners of one reporter share it (and its cache)
+
+    def traffic(subset: str) -> None:
+        t.tcp_series("source", "web", "api", subset).opened.inc()
+        http.observe("web", "api", subset, 200, "", 0.01)
+
+    def exposed(subset: str) -> list[str]:
+        text = m.generate_latest(t.registry).decode()
+        return [line for line in text.splitlines() if f'destination_subset="{subset}"' in line
+                or f'destination_version="{subset}"' in line]  # fmt: skip
+
+    traffic("v1")
+    traffic("v2")
+    in_use = {"v2"}  # v1's instances are gone, and no route names it
+
+    def live(dest: str, subset: str) -> bool:
+        return subset in in_use
+
+    expiry = m.SUBSET_SERIES_EXPIRY
+    assert t.forget_gone_subsets(live, 0.0) == 0  # gone from now on
+    traffic("v1")  # still counting (a connection that outlived its instance's registration): kept
+    assert t.forget_gone_subsets(live, expiry) == 0
+    assert t.forget_gone_subsets(live, 2 * expiry - 1) == 0  # an hour after the last move, not before
+    assert t.forget_gone_subsets(live, 2 * expiry) > 0
+    assert exposed("v1") == [] and exposed("v2") != []
+    traffic("v1")  # a rollback: v1 back
+    for family in (
+        "hostmesh_requests_total{",
+        "hostmesh_tcp_connections_opened_total{",
+        "istio_requests_total{",
+    ):
+        assert [line.rsplit(" ", 1)[1] for line in exposed("v1") if line.startswith(family)] == ["1.0"], (
+            family
+        )
+
+
+def test_a_snapshot_says_which_subsets_are_in_use() -> None:
+    from hostmesh.agent.discovery import RouteConfig
+    from hostmesh.agent.l7.match import CompiledRoutes
+    from hostmesh.agent.snapshot import Endpoint, Snapshot, TLSMaterial
+    from hostmesh.registry.schema import parse_routes
+
+    doc = parse_routes({"service": "api", "subsets": {"canary": {"version": "v9"}},
+                        "routes": [{"to": [{"subset": "canary", "weight": 100}]}]})  # fmt: skip
+    v1 = Endpoint("api-1", "n1", "127.64.0.1", 15001, {"version": "v1"})
+    routes = {"api": RouteConfig("http", 1, CompiledRoutes.compile(doc, "api"))}
+    snap = Snapshot(
+        1, "n1", "hostmesh.local", {}, {"api": (v1,)}, {}, True, TLSMaterial(1, "", {}, {}), routes=routes
+    )
+    assert snap.subset_in_use("api", "v1") and snap.subset_in_use("api", "canary")
+    assert not snap.subset_in_use("api", "v0") and not snap.subset_in_use("web", "v1")

@@ -656,7 +656,7 @@ class IngressGateway:
                  cap: ConnectionCap | None, *, new_http_outbound: Callable[[str], Any],
                  new_tcp_outbound: Callable[[str], Any],
                  stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
-        from hostmesh.agent.proxy.http_conn import RequestMetrics
+        from hostmesh.agent.proxy.http_conn import request_metrics
 
         self.config = config
         self.name = config.name
@@ -665,7 +665,7 @@ class IngressGateway:
         self.http = http
         self.stream_idle_timeout = stream_idle_timeout  # a tunnel's or an exchange's (http_conn)
         self.cap = cap
-        self.metrics = RequestMetrics(telemetry, "source")
+        self.metrics = request_metrics(telemetry, "source")
         self._new_http_outbound = new_http_outbound  # mesh service -> HttpOutbound as this gateway
         self._new_tcp_outbound = new_tcp_outbound  # mesh service -> OutboundListener (never bound)
         self._http_out: dict[str, Any] = {}

@@ -183,6 +183,12 @@ class RequestMetrics:
         self._last_key: tuple[str, str, str, int, str] = ("", "", "", -1, "")
         self._last: RequestSeries | None = None
 
+    def forget_cached(self) -> None:
+        """Resolve every label set afresh: Telemetry.forget_gone_subsets dropped some series."""
+        self._cache.clear()
+        self._last_key = ("", "", "", -1, "")
+        self._last = None
+
     def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
                 request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
         last = self._last_key
@@ -278,6 +284,15 @@ _LOWER_HEX: Final = b"0123456789abcdef"
 
 
 # --------------------------------------------------------------------------- exchanges in flight
+
+
+def request_metrics(telemetry: Telemetry, reporter: str) -> RequestMetrics:
+    """The agent's RequestMetrics for `reporter`, shared by its listeners, so that the telemetry can
+    empty its cache when it forgets series (Telemetry.forget_gone_subsets)."""
+    shared = telemetry.request_metrics.get(reporter)
+    if shared is None:
+        shared = telemetry.request_metrics[reporter] = RequestMetrics(telemetry, reporter)
+    return shared
 
 
 class Live:

@@ -51,7 +51,6 @@ from hostmesh.agent.proxy.http_conn import (
     IDEMPOTENT,
     Exchange,
     HeadChecks,
-    RequestMetrics,
     ServerConn,
     TlsServerConn,
     access_due,
@@ -59,6 +58,7 @@ from hostmesh.agent.proxy.http_conn import (
     complete_request_headers,
     drain,
     monotonic,
+    request_metrics,
     trace_due,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
@@ -161,7 +161,7 @@ class HttpInbound:
         self.stream_idle_timeout = stream_idle_timeout  # a tunnel's or an exchange's (http_conn)
         self.telemetry = telemetry
         self.subsets = dict(subsets or {})  # local service -> its `version` meta (destination_subset)
-        self.metrics = RequestMetrics(telemetry, REPORTER)
+        self.metrics = request_metrics(telemetry, REPORTER)
         self.pool = UpstreamPool()
         self.conns: set[ServerConn] = set()
         self.closing = False

@@ -91,13 +91,13 @@ from hostmesh.agent.proxy.http_conn import (
     Exchange,
     HeadChecks,
     Outcome,
-    RequestMetrics,
     ServerConn,
     access_due,
     access_line,
     complete_request_headers,
     drain,
     monotonic,
+    request_metrics,
     response_flag,
     trace_due,
 )
@@ -505,7 +505,7 @@ class HttpOutbound:
         self.connect_timeout = connect_timeout
         self.rng = rng or random.Random()
         self.pool = UpstreamPool()
-        self.metrics = RequestMetrics(telemetry, REPORTER)
+        self.metrics = request_metrics(telemetry, REPORTER)
         self.conns: set[ServerConn] = set()
         self._cluster: Cluster | None = None
         self._cluster_snap: Snapshot | None = None  # the snapshot `_cluster` was last checked against
