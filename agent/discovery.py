@@ -572,15 +572,18 @@ class EndpointTable:
         # (node, instance id) -> index of the failing-checks view in which its failure cleared: not
         # used until its upstream's instances are read after that view (module docstring)
         self._held: dict[tuple[str, str], int] = {}
-        self._bad_port: set[tuple[str, str]] = set()  # (node, instance id) whose port was said unusable
+        # upstream -> (node, instance id) of its instances whose port was said unusable
+        self._bad_port: dict[str, set[tuple[str, str]]] = {}
 
     def set_members(self, upstream: str, instances: list[CatalogInstance], read_after: int = 0) -> None:
         """The registered instances of `upstream`, from a read issued while the failing-checks view
         at index `read_after` was in force: it releases the instances held since that view or before."""
         mesh = [i for i in instances if is_hostmesh(i.meta)]
+        bad = {(i.node, i.id) for i in mesh if not 0 < i.port < 65536}
+        said = self._bad_port.get(upstream, set())
+        self._bad_port[upstream] = bad  # said once per registration; one gone and back is said again
         for i in mesh:
-            if not 0 < i.port < 65536 and (i.node, i.id) not in self._bad_port:
-                self._bad_port.add((i.node, i.id))  # (bounded by the registrations that ever were)
+            if (i.node, i.id) in bad - said:
                 log.warning(
                     "instance %s of %s on %s registered port %d: not used", i.id, upstream, i.node, i.port
                 )
@@ -676,6 +679,7 @@ class EndpointTable:
             self._held.pop((e.node, e.instance_id), None)
         self.panicking.discard(upstream)
         self._panic_until.pop(upstream, None)
+        self._bad_port.pop(upstream, None)
 
     def grace_left(self) -> float | None:
         """Seconds (by the table's clock) until the grace of an upstream served by the panic rule

@@ -4,6 +4,10 @@ Serf's gossip alone. The clock is injected; Consul's real answers are in test_di
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from hostmesh.agent.discovery import EndpointTable
 from hostmesh.registry.consul import CatalogInstance, NotPassing
 
@@ -192,3 +196,27 @@ def test_an_instance_registered_without_a_usable_port_is_not_used() -> None:
     t.set_members(UP, [CatalogInstance("shop-w2", "w2", "127.64.0.1", 0, {"hostmesh": "1"}),
                        CatalogInstance("shop-w3", "w3", "127.64.0.2", 15001, {"hostmesh": "1"})])  # fmt: skip
     assert t.changed() == {UP: t.current[UP]} and used(t) == ["w3"]
+
+
+def test_an_unusable_port_is_said_once_per_registration_and_forgotten_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The set of instances whose port was said unusable kept every one that ever was (fake or
+    mis-registered instances come and go); and one that came back was never said again."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.agent.discovery")
+    t = EndpointTable(GRACE, Clock())
+    good = CatalogInstance("shop-w1", "w1", "127.64.0.1", 15001, {"hostmesh": "1"})
+    bad = CatalogInstance("shop-w2", "w2", "127.64.0.2", 0, {"hostmesh": "1"})
+
+    def said() -> int:
+        return sum("registered port 0: not used" in r.getMessage() for r in caplog.records)
+
+    t.set_members(UP, [good, bad])
+    t.set_members(UP, [good, bad])  # the same registration read again: said once
+    assert said() == 1 and [e.node for e in t.members[UP]] == ["w1"]
+    t.set_members(UP, [good])  # deregistered: forgotten
+    assert t._bad_port == {UP: set()}
+    t.set_members(UP, [good, bad])  # registered again: said again
+    assert said() == 2
+    t.forget(UP)
+    assert UP not in t._bad_port

@@ -34,7 +34,7 @@ from hostmesh.agent.proxy.connect import Connected, Unreachable, connect_within_
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
-from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.outbound import FAILURES_SLACK, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
@@ -763,6 +763,38 @@ async def test_reuse_port_lets_two_workers_share_the_listeners(mesh: Mesh) -> No
     w.write(b"shared")
     w.write_eof()
     assert await read_all(r) == b"shared"
+
+
+CHURNED_INSTANCES = 40
+
+
+async def test_what_the_outbound_keeps_per_instance_goes_with_the_instances(mesh: Mesh) -> None:
+    """Dial failures and open-connection counts were kept per instance address for the agent's
+    life: with addresses that churn (autoscaling, dynamic ports) they only grew, and an address used
+    again showed the old instance's failures in /v1/clusters."""
+    holder = SnapshotHolder(
+        snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(mesh.inbound.port, {})]})
+    )
+    ob = await mesh.add_outbound(holder, connect_timeout=0.5, connect_budget=2.0)
+    first_dead = 0
+    for _ in range(CHURNED_INSTANCES):  # one instance that refuses connections after another
+        dead = free_port()
+        first_dead = first_dead or dead
+        eps = {"api": [(dead, {}), (mesh.inbound.port, {})]}
+        holder.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        for i in range(2):  # round robin: one of the two starts on the dead instance
+            r, w = await mesh.connect(ob)
+            w.write(b"c%d" % i)
+            w.write_eof()
+            assert await read_all(r) == b"c%d" % i
+            w.close()
+        await async_wait_until(lambda: ob.active_connections == 0, what="finished")
+    assert len(ob._failures) <= 2 * 2 + FAILURES_SLACK  # not one per instance that ever was
+    assert ob._active == {}  # no connection open: no counts kept
+    eps = {"api": [(first_dead, {}), (mesh.inbound.port, {})]}
+    holder.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))  # an address used again
+    endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]
+    assert endpoints[0]["connect_failures"] == 0
 
 
 async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:

@@ -201,11 +201,10 @@ class TlsUpstreamConn(UpstreamConn, TlsReads):
 
 
 class UpstreamPool:
-    """Idle upstream connections by key (LIFO: the warmest first); counts open connections."""
+    """Idle upstream connections by key (LIFO: the warmest first), and the connections it counts."""
 
     def __init__(self) -> None:
         self._idle: dict[Any, list[UpstreamConn]] = {}
-        self.open: dict[Any, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False
         self.dials = 0
@@ -233,7 +232,6 @@ class UpstreamPool:
     def opened(self, conn: UpstreamConn) -> None:
         self.dials += 1
         self._counted.add(conn)
-        self.open[conn.key] = self.open.get(conn.key, 0) + 1
 
     def release(self, conn: UpstreamConn, now: float = 0.0) -> None:
         idle = self._idle.get(conn.key)
@@ -258,7 +256,6 @@ class UpstreamPool:
             idle.remove(conn)
         if conn in self._counted:
             self._counted.discard(conn)
-            self.open[conn.key] -= 1
             if self.on_lost is not None:
                 self.on_lost(conn)
 

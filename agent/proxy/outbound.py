@@ -47,6 +47,7 @@ log = logging.getLogger("hostmesh.proxy.outbound")
 BACKLOG = 1024  # accept queue; bursts of new connections wait here rather than being refused
 LOG_EVERY = 1.0  # seconds: refusals are logged at most once per interval (with a count of the rest)
 REPORTER = "source"
+FAILURES_SLACK = 16  # per-instance dial failure counts kept beyond twice the upstream's instances
 
 
 class _Downstream(RawEnd):
@@ -230,8 +231,15 @@ class OutboundListener(ListenerLifecycle):
             self._refuse(end, got.last.flag, why)
 
     def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
-        """Counted per instance (stats: connect_failures); a peer with the wrong identity is always logged."""
-        self._failures[key] = self._failures.get(key, 0) + 1
+        """Counted per instance (stats: connect_failures); a peer with the wrong identity is always logged.
+        The counts of instances no longer among the upstream's go (now and then: when they outnumber
+        the current ones), so an address used again starts from zero and churn does not pile up."""
+        failures = self._failures
+        failures[key] = failures.get(key, 0) + 1
+        current = self.holder.current.endpoints.get(self.upstream.service, ())
+        if len(failures) > 2 * len(current) + FAILURES_SLACK:
+            here = {(e.address, e.port) for e in current}
+            self._failures = {k: n for k, n in failures.items() if k in here or k == key}
         if exc.security:
             log.warning("outbound %s: %s", self.name, exc)
         else:
@@ -283,7 +291,10 @@ class OutboundListener(ListenerLifecycle):
     def _done(self, pipe: Pipe) -> None:
         key, subset = pipe.info
         self.tracker.remove(pipe)
-        self._active[key] -= 1
+        if self._active[key] == 1:
+            del self._active[key]  # (keys of instances long gone would pile up: addresses churn)
+        else:
+            self._active[key] -= 1
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(
