@@ -737,6 +737,7 @@ class Discovery:
         self._denied: set[str] = set()  # documents the token could not read at the last look
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
+        self._watched_documents: set[str] = set()  # the documents the config named at the last sync
         self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
         self._probe_round = float("-inf")  # when the last round of per-upstream probes began
         self._stopping: set[asyncio.Task[None]] = set()
@@ -781,25 +782,37 @@ class Discovery:
         return docs
 
     def sync_watches(self) -> list[Watch[Any]]:
-        """(Re)create the watches for the current config; returns the old ones, for the caller to
-        stop. The new ones read everything afresh and apply only what moved."""
-        stale = list(self.watches.values())
+        """Follow the current config: the watches that must read something new at once (a document
+        or an upstream the config added) are replaced; returns the replaced ones, for the caller to
+        stop. A new watch reads everything afresh and applies only what moved. The others are kept
+        (what was dropped is forgotten here, and their next rounds read only what is followed):
+        a replaced watch leaves its blocking query with Consul until its wait runs out (30 s),
+        counted against Consul's limit of connections per client address (200), and a burst of
+        reloads that replaced every watch each time had Consul refuse the host's agents and CLI."""
+        followed, documents = self._followed, self._watched_documents
         for _ in range(2):  # twice: a gateway document dropped by the first names services to drop too
             self._followed = set(self._upstreams())
             self._forget_unfollowed()
-        self.watches = {
-            "documents": Watch(
+        new: dict[str, Watch[Any]] = {}
+        docs = self._documents()
+        self._watched_documents = set(docs)
+        if self._running:  # (at start the saved externals serve until the documents are read)
+            self._forget_externals({name for kind, name in docs.values() if kind == "external"})
+        if "documents" not in self.watches or not self._watched_documents <= documents:
+            new["documents"] = Watch(
                 "documents",
                 self._fetch_documents,
                 self._apply_documents,
                 self._documents_failed,
                 deliver_unchanged=True,
-            ),
-            "registrations": self._registrations_watch(),
-            "failing-checks": self._failing_checks_watch(),
-        }
+            )
+        if "registrations" not in self.watches or not self._followed <= followed:
+            new["registrations"] = self._registrations_watch()
+            new["failing-checks"] = self._failing_checks_watch()
+        stale = [self.watches[name] for name in new if name in self.watches]
+        self.watches.update(new)
         if self._running:
-            for watch in self.watches.values():
+            for watch in new.values():
                 watch.start()
         return stale
 

@@ -240,6 +240,38 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
                 consul.kv_delete(f"hostmesh/policies/{svc}")
 
 
+RELOAD_BURST = 100  # more than Consul's 200 connections per client address, at 3 watches a reload
+
+
+async def test_a_reload_that_changes_nothing_they_read_keeps_the_watches(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Every reload replaced the three watches, and each replaced one left its blocking query with
+    Consul until the wait ran out (30 s), counted against Consul's 200 connections per client
+    address: a burst of reloads (80 SIGHUPs) had Consul reset every connection from the host, the
+    agents' and the CLI's, for half a minute. Only a watch with something new to read is replaced."""
+    name = f"hup-{secrets.token_hex(3)}"
+    builder = SnapshotBuilder(calling(tmp_path, name, f"{name}-up"), no_tls)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            await async_wait_until(lambda: f"{name}-up" in builder.holder.current.endpoints, SEEN_TIMEOUT,
+                                   "the first read")  # fmt: skip
+            for _ in range(RELOAD_BURST):
+                builder.reconfigure(calling(tmp_path, name, f"{name}-up"))
+                assert discovery.sync_watches() == []
+            builder.reconfigure(calling(tmp_path, name, f"{name}-up", f"{name}-new"))
+            replaced = discovery.sync_watches()
+            assert sorted(w.name for w in replaced) == ["documents", "failing-checks", "registrations"]
+            for stale in replaced:
+                await stale.stop()
+            builder.reconfigure(calling(tmp_path, name, f"{name}-up"))  # one dropped: nothing new to read
+            assert discovery.sync_watches() == []
+        finally:
+            await discovery.stop()
+
+
 class CountingClient(ConsulClient):
     """The real client, counting the plain (non-blocking) reads of the failing checks."""
 
