@@ -21,7 +21,13 @@ from typing import Any
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
-from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, normalize_url, resolve
+from hostmesh.registry.consul_settings import (
+    ConsulLayer,
+    ConsulSettings,
+    normalize_url,
+    others_can_read,
+    resolve,
+)
 from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.layout import (
     CONSUL_META_VALUE_MAX,
@@ -980,9 +986,10 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
     """Refuse to start on files others could change or read; ConfigError, one line with the fix.
 
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
-    the host could swap them. The join token, the Consul token file and the keys are credentials:
-    no group/world access; agent.toml holding a token itself: not readable by others (its group is
-    the agent's own). Files that do not exist yet are fine (the agent creates them 0600 itself). The
+    the host could swap them. The join token and the keys are credentials: no group/world access;
+    the Consul token file, and agent.toml when it holds a token itself: not readable by every user
+    of the host (their group is the agent's own). Files that do not exist yet are fine (the agent
+    creates them 0600 itself). The
     cert dir, the trust bundle and the certificates decide whom the mesh trusts: no group/world
     write. In a Nomad allocation the Consul token file is the task's own, in its secrets dir (a
     `template` writes 0644 unless told otherwise): not checked there."""
@@ -995,9 +1002,11 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
             raise ConfigError(str(exc)) from None
     tokens = (("[consul] token", cfg.consul.token), ("[nomad] token", cfg.nomad and cfg.nomad.token))
     literal = next((key for key, value in tokens if value), None)
-    if literal is not None and config_path is not None:
-        fix = f"chmod 640 {config_path}, or name a token file instead"
-        _check_mode(config_path, 0o007, "readable", fix, f"agent.toml (it holds {literal})")
+    if literal is not None and config_path is not None and (mode := others_can_read(config_path)):
+        raise ConfigError(
+            f"{config_path} holds {literal} and is readable by every user of this host (mode {mode:04o}); "
+            f"fix: chmod 640 {config_path}, or name a token file instead"
+        )
     _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir", directory=True)
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file

@@ -406,6 +406,7 @@ class LocalMesh:
             lines += ["[[gateways]]", f'name = "{name}"', body]
         config_path = data_dir / "agent.toml"
         config_path.write_text("\n".join(lines) + "\n")
+        config_path.chmod(0o640)  # as the packages install it: it may hold a Consul token
         handle = AgentHandle(node, None, config_path, data_dir, inbound_port, admin_port, metrics_port, binds,  # type: ignore[arg-type]
                              own_consul_token=consul_token is not None)  # fmt: skip
         self.agents[node] = handle

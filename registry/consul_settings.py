@@ -91,20 +91,17 @@ class ConsulSettings:
         return self.url.startswith("https://")
 
     def check_token_file_private(self) -> None:
-        """For a daemon (the agent, the CA): refuse a token file the group or others can read, as a
-        key, where an operator's own tools (the CLI, Consul's) take it as it is. InvalidSettings, one
-        line with the fix; a file that is not there yet is load_token's to report."""
+        """For a daemon (the agent, the CA): refuse a token file every user of the host can read,
+        where an operator's own tools (the CLI, Consul's) take it as it is. Its group may (the
+        service's own, as /etc/hostmesh's root:hostmesh). InvalidSettings, one line with the fix; a
+        file that is not there yet is load_token's to report."""
         if self.token_file is None:
             return
-        try:
-            mode = os.stat(self.token_file).st_mode & 0o777
-        except OSError:
-            return
-        if mode & 0o077:
-            who = " and ".join(w for w, mask in (("group", 0o070), ("others", 0o007)) if mode & mask)
+        mode = others_can_read(Path(self.token_file))
+        if mode is not None:
             raise InvalidSettings(
-                f"Consul token file {self.token_file} is readable by {who} (mode {mode:04o}); "
-                f"fix: chmod 600 {self.token_file}"
+                f"Consul token file {self.token_file} is readable by every user of this host "
+                f"(mode {mode:04o}); fix: chmod 600 {self.token_file}"
             )
 
     def load_token(self) -> str | None:
@@ -127,6 +124,20 @@ class ConsulSettings:
         if not valid_token(token):
             raise InvalidSettings(f"Consul token file {path}: must hold one token ({TOKEN_RULE})")
         return token
+
+
+def others_can_read(path: Path) -> int | None:
+    """The mode of `path` when every user of the host can read it (its mode lets others read, and
+    every directory above lets them through), else None; None too when it cannot be looked at."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if not mode & 0o004:
+            return None
+        if any(not parent.stat().st_mode & 0o001 for parent in path.resolve().parents):
+            return None  # a directory on the way keeps them out (/etc/hostmesh is 0750)
+    except OSError:
+        return None
+    return mode
 
 
 def valid_token(token: str) -> bool:

@@ -4,7 +4,10 @@ token or key others can read: exit 1 and one line that says what to run to fix i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,22 +103,38 @@ def test_a_certificate_that_is_not_a_regular_file_is_refused_at_once(tmp_path: P
     check_permissions(load_config(config))
 
 
-def test_a_consul_token_file_readable_by_others_is_refused_at_start_and_by_validate(tmp_path: Path) -> None:
-    """A daemon's Consul token is a credential like its join token (the shipped roles write it 0600);
-    `agent validate`, which the .deb and the Ansible role run before a restart, refuses what the
-    agent would."""
-    config, _, _ = write_config(tmp_path)
-    consul_token = tmp_path / "consul-token"
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user may pass through, as /etc is (pytest's own are 0700: nobody else
+    could read a file there, whatever its mode)."""
+    d = Path(tempfile.mkdtemp(prefix="hostmesh-perm-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_consul_token_file_every_user_can_read_is_refused_at_start_and_by_validate(open_dir: Path) -> None:
+    """A daemon's Consul token is a credential (the shipped roles write it 0600); its group may read
+    it (the service's own), and so may anyone when a directory on the way keeps them out. `agent
+    validate`, which the .deb and the Ansible role run before a restart, refuses what the agent would."""
+    config, _, _ = write_config(open_dir)
+    consul_token = open_dir / "consul-token"
     consul_token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
-    consul_token.chmod(0o640)
+    consul_token.chmod(0o644)
     config.write_text(config.read_text() + f'[consul]\ntoken_file = "{consul_token}"\n')
     expected = (
-        f"Consul token file {consul_token} is readable by group (mode 0640); fix: chmod 600 {consul_token}"
+        f"Consul token file {consul_token} is readable by every user of this host (mode 0644); "
+        f"fix: chmod 600 {consul_token}"
     )
     assert one_line_error(run(config)) == f"Error: {expected}"
     assert one_line_error(validate(config)) == f"Error: {expected}"
     assert validate(config, "--no-files").returncode == 0  # the files belong to another root
-    consul_token.chmod(0o600)
+    consul_token.chmod(0o640)
+    assert validate(config).returncode == 0
+    consul_token.chmod(0o644)
+    open_dir.chmod(0o750)  # as /etc/hostmesh: only its group gets through
     assert validate(config).returncode == 0
 
 
@@ -125,14 +144,14 @@ def test_agent_validate_refuses_a_join_token_others_can_read(tmp_path: Path) -> 
     assert "[ca] token_file" in one_line_error(validate(config))
 
 
-def test_a_literal_token_in_an_agent_toml_others_can_read_is_refused(tmp_path: Path) -> None:
+def test_a_literal_token_in_an_agent_toml_every_user_can_read_is_refused(open_dir: Path) -> None:
     """Group-readable is the shipped layout (root:hostmesh 0640, the agent's own group)."""
-    config, _, _ = write_config(tmp_path)
+    config, _, _ = write_config(open_dir)
     config.write_text(config.read_text() + '[consul]\ntoken = "8f1c0b8e-0000-4000-8000-000000000001"\n')
     config.chmod(0o644)
     line = one_line_error(run(config))
     assert line == (
-        f"Error: agent.toml (it holds [consul] token) {config} is readable by others (mode 0644); "
+        f"Error: {config} holds [consul] token and is readable by every user of this host (mode 0644); "
         f"fix: chmod 640 {config}, or name a token file instead"
     )
     assert "8f1c0b8e" not in line

@@ -14,8 +14,10 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -348,19 +350,25 @@ def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
     assert fails(result) == f"Error: Consul token file {missing}: cannot read: No such file or directory"
 
 
-def test_ca_serve_refuses_a_consul_token_file_others_can_read(tmp_path: Path) -> None:
-    """The CA's Consul token may write the trust bundle: a credential, 0600 as its keys."""
-    token = tmp_path / "ca-consul-token"
-    token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
-    token.chmod(0o644)
-    result = CliRunner().invoke(
-        cli, ["--token-file", str(token), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
-    )
-    assert fails(result) == (
-        f"Error: Consul token file {token} is readable by group and others (mode 0644); "
-        f"fix: chmod 600 {token}"
-    )
-    assert not (tmp_path / "ca").exists()  # refused before anything was made
+def test_ca_serve_refuses_a_consul_token_file_every_user_can_read(tmp_path: Path) -> None:
+    """The CA's Consul token may write the trust bundle: a credential, 0600 as its keys. (In a
+    directory every user may pass through, as /etc: pytest's own are 0700.)"""
+    open_dir = Path(tempfile.mkdtemp(prefix="hostmesh-ca-perm-"))
+    try:
+        open_dir.chmod(0o755)
+        token = open_dir / "ca-consul-token"
+        token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
+        token.chmod(0o644)
+        result = CliRunner().invoke(
+            cli, ["--token-file", str(token), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
+        )
+        assert fails(result) == (
+            f"Error: Consul token file {token} is readable by every user of this host (mode 0644); "
+            f"fix: chmod 600 {token}"
+        )
+        assert not (tmp_path / "ca").exists()  # refused before anything was made
+    finally:
+        shutil.rmtree(open_dir)
 
 
 def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
