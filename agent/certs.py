@@ -435,8 +435,14 @@ class CertManager:
                 raise access_denied(self.token_file, exc) from None
             except OSError:
                 text = ""
+        source = str(self.token_file)
         if not text and self.token_env:
-            text = os.environ.get(self.token_env, "").strip()
+            text, source = os.environ.get(self.token_env, "").strip(), f"${self.token_env}"
+        if any(not "!" <= c <= "~" for c in text):  # it would go out as a header line: say which file
+            raise Unauthorized(
+                f"{source} does not hold one token: a join token or a workload identity is one line "
+                "of printable characters, without spaces"
+            )
         return text or None
 
     async def _bootstrap(self, missing: dict[str, str]) -> None:

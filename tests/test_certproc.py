@@ -158,3 +158,23 @@ def test_after_a_restart_every_certificate_is_listed_while_the_helper_checks_it(
     wait_for(checked, WAIT, "the helper's check of the stored certificates")
     assert states[0] == {"checking"}, states  # the window was seen: the helper starts a second after ready
     assert states[-1] == {"valid"}, states
+
+
+async def test_a_token_file_of_two_lines_is_named_not_sent(mesh: tuple[LocalMesh, AgentHandle]) -> None:
+    """Two tokens in the file (or one with a space) went out as a header the HTTP client refused,
+    and the error spoke of an authorization header, naming no file."""
+    m, h = mesh
+    token_file = h.data_dir / "join-token"
+    token_file.write_text(m.token("api") + "\n" + m.token("api") + "\n")
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    try:
+        with pytest.raises(Unauthorized) as err:
+            await asyncio.wait_for(cp.start(), WAIT)
+        assert str(err.value) == (
+            f"{token_file} does not hold one token: a join token or a workload identity is one line "
+            "of printable characters, without spaces"
+        )
+    finally:
+        await cp.close()
+        await consul.close()
