@@ -454,13 +454,13 @@ def decide(
     default_allow: bool,
 ) -> tuple[bool, str, str]:
     """(allowed, reason, what was decided) as the destination's agent decides it: tcp services per
-    connection, http services per request on the normalised path. Raises ValueError for a path the
-    agent refuses with 400 before any decision."""
+    connection, udp services per flow (as a connection), http services per request on the
+    normalised path. Raises ValueError for a path the agent refuses with 400 before any decision."""
     from hostmesh.agent.authz import authorize_connection, authorize_request, fixed_request_decision
 
-    if protocol == "tcp":
+    if protocol in ("tcp", "udp"):
         d = authorize_connection(intentions, source, default_allow, l7=False)
-        return d.allowed, d.reason, "tcp connection"
+        return d.allowed, d.reason, f"{protocol} {'connection' if protocol == 'tcp' else 'flow'}"
     if method is None and path is None:
         fixed = fixed_request_decision(intentions, source, default_allow)
         if fixed is not None:
@@ -494,7 +494,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
     protocols = {i.meta.get(PROTOCOL_META, "") for i in instances if is_hostmesh(i.meta)}
-    protocol = "tcp" if protocols == {"tcp"} else "http" if protocols == {"http"} else ""
+    protocol = next(iter(protocols)) if len(protocols) == 1 and protocols <= {"tcp", "http", "udp"} else ""
     if entry is None:
         return None, protocol
     try:
@@ -516,7 +516,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["http", "tcp"]),
+    type=click.Choice(["http", "tcp", "udp"]),
     default=None,
     help="DST's protocol [default: from the catalog].",
 )

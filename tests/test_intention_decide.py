@@ -56,6 +56,12 @@ def test_tcp_decides_per_connection_where_an_l7_deny_denies_it_all() -> None:
     assert decide(None, "tcp", "web", None, None, False) == (False, "agent default deny", "tcp connection")
 
 
+def test_udp_decides_per_flow_as_the_agent_does_not_as_http() -> None:
+    """A udp destination was checked as http ("every request", GET /), which its agent never does."""
+    assert decide(DOC, "udp", "web", None, None, True) == (False, "rule 1 deny web l7", "udp flow")
+    assert decide(DOC, "udp", "cron", None, None, False) == (True, "rule 2 allow cron", "udp flow")
+
+
 def test_a_path_the_agent_refuses() -> None:
     with pytest.raises(ValueError, match="400"):
         normalize_path("/api%2Fadmin")
