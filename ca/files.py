@@ -16,11 +16,12 @@ NEW = ".new"  # suffix of a file written in full before it replaces its target (
 KEPT = ".kept"  # suffix of the key kept aside while its replacement's certificate goes in
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly)."""
+def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+    """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly);
+    `owner`: (uid, gid) the file is given before it takes its name (root writing for a service)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_new(tmp, data)
+    _write_new(tmp, data, owner)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -112,15 +113,21 @@ def finish_pair(key_path: Path, cert_path: Path) -> bool:
     return completed
 
 
-def _write_new(tmp: Path, data: bytes) -> None:
-    """`data` in full at `tmp` (mode 0600 from the first byte, synced), or no `tmp` and OSError."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_new(tmp: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+    """`data` in full at `tmp` (mode 0600 from the first byte, synced), or no `tmp` and OSError.
+    A file of its own: whatever was at `tmp` (a leftover, or a symlink someone who may write the
+    directory put there for a root writer to follow) is removed, and O_EXCL follows no symlink."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if owner is not None:
+                os.fchown(fh.fileno(), *owner)  # the file itself, whatever its name points at later
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # O_CREAT honours umask only downwards, but be explicit
+            os.fchmod(fh.fileno(), 0o600)  # O_CREAT honours umask only downwards, but be explicit
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -256,8 +256,7 @@ def retire(
     retired = data_dir / "retired"
     src = data_dir / "roots" / f"{root.id}.crt"
     try:
-        retired.mkdir(mode=0o700, exist_ok=True)
-        _owned_as_its_dir(retired)
+        _own_dir(retired)
         os.replace(src, retired / src.name)
         (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
     except OSError as exc:
@@ -284,8 +283,7 @@ def _new_root(data_dir: Path, trust_domain: str) -> Root:
     root = Root(pki.root_id(cert), cert, key)
     roots = data_dir / "roots"
     try:
-        roots.mkdir(mode=0o700, exist_ok=True)
-        _owned_as_its_dir(roots)
+        _own_dir(roots)
     except OSError as exc:
         raise StorageError(f"cannot create {roots}: {exc.strerror}") from None
     try:
@@ -311,22 +309,34 @@ def _write_meta(data_dir: Path, trust_domain: str, active: str) -> None:
 
 def _write(path: Path, data: bytes) -> None:
     try:
-        pki.write_private(path, data)
-        _owned_as_its_dir(path)
+        pki.write_private(path, data, _service_owner(path.parent))
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _owned_as_its_dir(path: Path) -> None:
-    """Run as root (`sudo hostmesh ca rotate`) in a data dir the CA's user owns, give `path` to that
-    user: a root-owned root key is one the running CA cannot read (its reload failed, it kept
-    serving the old bundle), and systemd's StateDirectory= fixes ownership only when the directory
-    itself is not the user's. The directory a first `ca init` makes as root stays root's."""
+def _service_owner(directory: Path) -> tuple[int, int] | None:
+    """Run as root (`sudo hostmesh ca rotate`) in a data dir the CA's user owns: that user, to whom
+    what root writes there is given (a root-owned root key is one the running CA cannot read: its
+    reload failed and it kept serving the old bundle; systemd's StateDirectory= fixes ownership only
+    when the directory itself is not the user's). None otherwise: a first `ca init` run as root
+    leaves root's. Only files root has just made are given (fchown on their descriptor, _own_dir):
+    never a path the CA's user could have pointed elsewhere."""
     if os.geteuid() != 0:
-        return
-    owner = path.parent.stat()
-    if owner.st_uid != 0:
-        os.chown(path, owner.st_uid, owner.st_gid)
+        return None
+    st = os.stat(directory)
+    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+
+def _own_dir(path: Path) -> None:
+    """`path` (0700) as a real directory, given to the data dir's user when root made it for them:
+    never a symlink the CA's user put there for root to follow (a write into it, a chown of /etc)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{path} is not a directory (a symlink?): nothing written there")
+    owner = _service_owner(path.parent)
+    if owner is not None and st.st_uid == 0:
+        os.chown(path, *owner, follow_symlinks=False)
 
 
 def _check_writable(*dirs: Path) -> None:

@@ -108,3 +108,26 @@ def test_a_rotation_run_as_root_leaves_the_new_root_to_the_cas_user(tmp_path: Pa
     assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(user, user)}
     store.retire(d, first.id, force=True)
     assert (d / "retired").stat().st_uid == user
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root only: what root does in the CA user's directory")
+def test_root_follows_no_symlink_the_cas_user_put_in_its_data_dir(tmp_path: Path) -> None:
+    """The CA's user owns its data dir, so it can put symlinks there for an operator's `sudo hostmesh
+    ca rotate` or `retire-root` to follow: root then chowned the target (`retired -> /etc`) or wrote
+    through a temporary name into another file."""
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    user = 65534  # nobody: the CA's user here
+    for path in (d, *d.rglob("*")):
+        os.chown(path, user, user)
+    victim_dir = tmp_path / "etc"  # root's, as /etc
+    victim_dir.mkdir(mode=0o755)
+    victim = victim_dir / "shadow"
+    victim.write_text("root's\n")
+    (d / f".{store.META_FILE}.{os.getpid()}.tmp").symlink_to(victim)  # where root writes the meta next
+    (d / "retired").symlink_to(victim_dir)
+    store.rotate(d)
+    assert victim.read_text() == "root's\n" and victim.stat().st_uid == 0
+    with pytest.raises(StorageError, match="is not a directory"):
+        store.retire(d, first.id, force=True)
+    assert victim_dir.stat().st_uid == 0 and sorted(p.name for p in victim_dir.iterdir()) == ["shadow"]
