@@ -6,6 +6,7 @@ Validation is pure (`parse_config(dict)`), so tests need no files.
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import os
 import re
@@ -39,6 +40,11 @@ from hostmesh.registry.layout import (
 )
 from hostmesh.registry.names import holds_credentials, port_number
 from hostmesh.registry.records import record
+
+# This file as this process loaded it, CRC-32 (agent/configwire.py): a child of other code (an
+# upgrade under a running agent) must not unpickle this process's AgentConfig, whose records pickle
+# their fields by position. Taken at import, which is the agent's start.
+LAYOUT_CODE = b"%08x" % binascii.crc32(Path(__file__).read_bytes())
 
 DEFAULT_INBOUND = "0.0.0.0:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"

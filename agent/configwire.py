@@ -19,10 +19,10 @@ agent). CRC-32 tells two releases' files apart; nothing adversarial reaches it."
 from __future__ import annotations
 
 import base64
-import binascii
 import os
-from pathlib import Path
 from typing import Any
+
+from hostmesh.agent.config import LAYOUT_CODE
 
 try:
     from _pickle import dumps, loads
@@ -33,13 +33,9 @@ CONFIG_PREFIX = b"config "
 MAX_CONFIG_LINE = 16 * 1024 * 1024  # a pickled AgentConfig is ~1-50 KiB
 
 
-def _config_code() -> bytes:
-    from hostmesh.agent import config as config_module
-
-    return b"%08x" % binascii.crc32(Path(config_module.__file__).read_bytes())
-
-
-CONFIG_CODE = _config_code()
+# agent/config.py as this process loaded it: taken when that module was imported (an agent's start),
+# not here, which the agent imports first at its first renewal, after an upgrade may have replaced it
+CONFIG_CODE = LAYOUT_CODE
 
 
 def config_line(config: Any) -> bytes:
