@@ -23,7 +23,7 @@ the exposition and the memory per label set, and rate() does not need them).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from hostmesh.agent.l7.flags import render as render_flags
@@ -300,9 +300,9 @@ class Telemetry:
         )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
         self._denied: dict[tuple[str, str, str], Any] = {}
-        # reporter -> the RequestMetrics every HTTP listener of that reporter shares (proxy/http_conn.py
-        # request_metrics): its label-set cache must be emptied when series are forgotten
-        self.request_metrics: dict[str, Any] = {}
+        # every HTTP listener's RequestMetrics (proxy/http_conn.py request_metrics): their label-set
+        # caches are emptied when series are forgotten
+        self.request_metrics: set[Any] = set()
         self._gone: dict[tuple[str, str], tuple[float, float]] = {}  # (dest, subset) -> (since, count)
         # every family labelled by destination and subset: (family, their label positions, no subset)
         self._by_subset = [
@@ -313,19 +313,19 @@ class Telemetry:
             if dest in m.labelnames and sub in m.labelnames
         ]
 
-    def forget_gone_subsets(self, live: Callable[[str, str], bool], now: float) -> int:
-        """Drop every series of a (destination, subset) that `live` says is gone and whose counts
-        have not moved for SUBSET_SERIES_EXPIRY; how many series went. Called now and then (a sweep,
-        agent/run.py), so no request pays for it. The caches that hold such series are emptied, so a
-        subset that comes back gets new ones. (A TCP connection still open, idle since, counts its
-        close into the dropped series: an hour idle to an instance no longer registered.)"""
+    def forget_gone_subsets(self, in_use: Mapping[str, Collection[str]], now: float) -> int:
+        """Drop every series of a (destination, subset) not `in_use` (destination -> its subsets)
+        whose counts have not moved for SUBSET_SERIES_EXPIRY; how many series went. Called now and
+        then (a sweep, agent/run.py), so no request pays for it. The caches that hold such series
+        are emptied, so a subset that comes back gets new ones. (A TCP connection still open, idle
+        since, counts its close into the dropped series: an hour idle to an instance gone.)"""
         moved: dict[tuple[str, str], float] = {}
         for family, d, s, none in self._by_subset:
             if isinstance(family, Histogram):
                 continue  # the counters say whether anything moved
             for key, child in family.children():
                 pair = _subset_of(key, d, s, none)
-                if pair[1] and not live(*pair):
+                if pair[1] and pair[1] not in in_use.get(pair[0], ()):
                     moved[pair] = moved.get(pair, 0.0) + child.value
         gone: set[tuple[str, str]] = set()
         kept: dict[tuple[str, str], tuple[float, float]] = {}
@@ -348,7 +348,7 @@ class Telemetry:
 
             dropped += family.forget(of_gone)
         self._tcp = {k: v for k, v in self._tcp.items() if (k[2], k[3]) not in gone}
-        for metrics in self.request_metrics.values():
+        for metrics in self.request_metrics:
             metrics.forget_cached()
         return dropped
 

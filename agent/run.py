@@ -67,6 +67,7 @@ from hostmesh.registry.layout import (
     HOSTMESH_META_VALUE,
     METRICS_META,
     PROTOCOL_META,
+    SUBSET_META,
     upstreams_meta,
 )
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
@@ -303,7 +304,8 @@ class Agent:
         if not self.worker:
             await self._start_gateways()
         phases["listeners"] = time.perf_counter() - t0
-        self._tasks.append(asyncio.create_task(self._forget_gone_subsets(), name="series-expiry"))
+        if cfg.workers == 1:
+            self._tasks.append(asyncio.create_task(self._forget_gone_subsets(), name="series-expiry"))
         if checking:  # only once serving: its interpreter start would compete with ours for the CPU
             self._cert_check = asyncio.create_task(self._check_stored_certs(), name="certs:start")
             self._tasks.append(self._cert_check)
@@ -427,11 +429,18 @@ class Agent:
         self._on_certs_changed()
 
     async def _forget_gone_subsets(self) -> None:
-        """Now and then, the series of subsets no longer in use go (Telemetry.forget_gone_subsets)."""
+        """Now and then, the series of subsets no longer in use go (Telemetry.forget_gone_subsets):
+        an upstream's (snapshot) and this agent's own services' (their `version`, the destination
+        side's subset). Not with `workers` > 1: each process would drop its series on its own
+        timer, and the primary's merged counters would step back, which Prometheus reads as resets."""
         while True:
             await asyncio.sleep(SUBSET_SWEEP_SECONDS)
-            snap = self.builder.holder.current
-            dropped = self.telemetry.forget_gone_subsets(snap.subset_in_use, time.monotonic())
+            in_use = subsets_in_use(self.builder.holder.current, self.config)
+            try:
+                dropped = self.telemetry.forget_gone_subsets(in_use, time.monotonic())
+            except Exception:  # a bug: said, and the next sweep tries again
+                log.exception("metrics: dropping the series of gone subsets failed")
+                continue
             if dropped:
                 log.info("metrics: dropped %d series of subsets no longer in use", dropped)
 
@@ -988,6 +997,15 @@ class Agent:
             await self.certs.close()
         await self.consul.close()
         ratelog.flush_all()  # the counts of left-out lines: no timer fires after this
+
+
+def subsets_in_use(snap: Snapshot, config: AgentConfig) -> dict[str, set[str]]:
+    """Destination -> the subsets its series may still count under: an upstream's (the snapshot's)
+    and this agent's own services' `version` (what the destination side counts under)."""
+    in_use = snap.subsets_in_use()
+    for svc in config.services:
+        in_use.setdefault(svc.name, set()).add(svc.meta.get(SUBSET_META, ""))
+    return in_use
 
 
 def _process_age() -> str:

@@ -164,13 +164,15 @@ class Snapshot:
         svc = self.local.get(ident.service)
         return svc if svc is not None and svc.identity == ident else None
 
-    def subset_in_use(self, destination: str, subset: str) -> bool:
-        """Whether calls to `destination` may still be counted under `subset`: an instance of it has
-        that `version` meta, or its route document names that subset."""
-        if any(e.meta.get(SUBSET_META) == subset for e in self.endpoints.get(destination, ())):
-            return True
-        route = self.routes.get(destination)
-        return route is not None and subset in route.compiled.subsets
+    def subsets_in_use(self) -> dict[str, set[str]]:
+        """Upstream -> the subsets its calls may still be counted under: its instances' `version`
+        meta and the subsets its route document names (built once, for a sweep of the series)."""
+        out: dict[str, set[str]] = {}
+        for name, endpoints in self.endpoints.items():
+            out[name] = {e.meta.get(SUBSET_META, "") for e in endpoints}
+        for name, route in self.routes.items():
+            out.setdefault(name, set()).update(route.compiled.subsets)
+        return out
 
 
 class SnapshotHolder:

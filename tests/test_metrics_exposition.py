@@ -262,7 +262,10 @@ def test_the_series_of_a_subset_gone_for_an_hour_are_dropped_and_come_back_from_
 
     t = m.Telemetry(istio=True)
     http = request_metrics(t, "source")
-    assert request_metrics(t, "source") is http  # the listeners of one reporter share it (and its cache)
+    other = request_metrics(t, "source")  # another listener's (each keeps its own cache)
+    other.observe("web", "api", "v1", 200, "", 0.01)
+    other.release()  # closed: the telemetry lets go of it
+    assert t.request_metrics == {http}
 
     def traffic(subset: str) -> None:
         t.tcp_series("source", "web", "api", subset).opened.inc()
@@ -275,10 +278,7 @@ def test_the_series_of_a_subset_gone_for_an_hour_are_dropped_and_come_back_from_
 
     traffic("v1")
     traffic("v2")
-    in_use = {"v2"}  # v1's instances are gone, and no route names it
-
-    def live(dest: str, subset: str) -> bool:
-        return subset in in_use
+    live = {"api": {"v2"}}  # v1's instances are gone, and no route names it
 
     expiry = m.SUBSET_SERIES_EXPIRY
     assert t.forget_gone_subsets(live, 0.0) == 0  # gone from now on
@@ -311,5 +311,10 @@ def test_a_snapshot_says_which_subsets_are_in_use() -> None:
     snap = Snapshot(
         1, "n1", "hostmesh.local", {}, {"api": (v1,)}, {}, True, TLSMaterial(1, "", {}, {}), routes=routes
     )
-    assert snap.subset_in_use("api", "v1") and snap.subset_in_use("api", "canary")
-    assert not snap.subset_in_use("api", "v0") and not snap.subset_in_use("web", "v1")
+    assert snap.subsets_in_use() == {"api": {"v1", "canary"}}
+    from hostmesh.agent.config import parse_config
+    from hostmesh.agent.run import subsets_in_use
+
+    own = parse_config({"ca": {"pin": "sha256:" + "ab" * 32},
+                        "services": [{"name": "web", "port": 8080, "meta": {"version": "v3"}}]})  # fmt: skip
+    assert subsets_in_use(snap, own) == {"api": {"v1", "canary"}, "web": {"v3"}}  # the destination side's

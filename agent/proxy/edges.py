@@ -772,6 +772,7 @@ class IngressGateway:
         out._accepted(end)  # a RawEnd with the same attributes
 
     async def close(self, drain_seconds: float = 0.0) -> None:
+        self.metrics.release()
         if self._poller is not None:
             self._poller.cancel()
         for server in self._servers:

@@ -189,6 +189,10 @@ class RequestMetrics:
         self._last_key = ("", "", "", -1, "")
         self._last = None
 
+    def release(self) -> None:
+        """The listener closed: the telemetry no longer keeps this one."""
+        self.telemetry.request_metrics.discard(self)
+
     def observe(self, source: str, dest: str, subset: str, code: int, flags: str, seconds: float,
                 request_bytes: int = 0, response_bytes: int = 0) -> None:  # fmt: skip
         last = self._last_key
@@ -287,12 +291,12 @@ _LOWER_HEX: Final = b"0123456789abcdef"
 
 
 def request_metrics(telemetry: Telemetry, reporter: str) -> RequestMetrics:
-    """The agent's RequestMetrics for `reporter`, shared by its listeners, so that the telemetry can
-    empty its cache when it forgets series (Telemetry.forget_gone_subsets)."""
-    shared = telemetry.request_metrics.get(reporter)
-    if shared is None:
-        shared = telemetry.request_metrics[reporter] = RequestMetrics(telemetry, reporter)
-    return shared
+    """A listener's RequestMetrics, known to the telemetry, which empties its cache when it forgets
+    series (Telemetry.forget_gone_subsets), until the listener `release()`s it at its close. One per
+    listener: its last-label-set shortcut holds while its own requests repeat one."""
+    metrics = RequestMetrics(telemetry, reporter)
+    telemetry.request_metrics.add(metrics)
+    return metrics
 
 
 class Live:

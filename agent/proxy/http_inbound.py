@@ -386,6 +386,7 @@ class HttpInbound:
         self.conns.clear()
         for task in list(self._tasks):
             task.cancel()
+        self.metrics.release()
         self.pool.close()
 
     def stats(self) -> dict[str, Any]:

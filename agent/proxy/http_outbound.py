@@ -1228,6 +1228,7 @@ class HttpOutbound:
         self.conns.clear()
         for task in list(self._tasks):
             task.cancel()
+        self.metrics.release()
         with contextlib.suppress(Exception):
             self.pool.close()
         if self._own_mesh:
