@@ -30,7 +30,8 @@ def port_number(text: str, lowest: int = 0) -> int | None:
 
 
 def holds_credentials(address: str) -> bool:
-    """`user:password@` in an address (a URL, or host:port without a scheme). Checked before anything
-    else about it: an error about its port or its host would quote the address, password and all."""
-    authority = address.split("://", 1)[-1]
-    return "@" in re.split(r"[/?#]", authority, maxsplit=1)[0]
+    """Whether an address (a URL, or host:port without a scheme) may hold `user:password@`: any `@`,
+    since a password may hold `/`, `?` or `#` and so end the host part where a parser would not
+    look for it. Checked before anything else about the address: an error about its port or its
+    host would quote it, password and all. (No address hostmesh takes has an `@` of its own.)"""
+    return "@" in address

@@ -145,6 +145,7 @@ def test_unusable_settings_are_one_line(env: dict[str, str], message: str) -> No
         "https://ops@h",
         "http://ops:s3cret@h:99999",
         "ops:s3cret@[::1",
+        "http://ops:s3c/ret@h:8500",  # a password with a / (or ? or #) ends the host part early
     ],
 )
 def test_credentials_in_the_address_are_refused_without_echoing_them(address: str) -> None:
