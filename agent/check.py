@@ -587,12 +587,13 @@ def __getattr__(name: str) -> Any:
 def validate(config_path: Path, no_files: bool) -> None:
     """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
     validate --config %s`). Exit 0 and "ok", or 1 and the one-line error."""
-    from hostmesh.agent.config import ConfigError, check_permissions, load_config
+    from hostmesh.agent.config import ConfigError, check_gateway_certificates, check_permissions, load_config
 
     try:
         cfg = load_config(config_path, check_files=not no_files)
-        if not no_files:
-            check_permissions(cfg, config_path)  # what the agent would refuse at start
+        if not no_files:  # what the agent would refuse at start
+            check_permissions(cfg, config_path)
+            check_gateway_certificates(cfg, config_path)
     except ConfigError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     apps = sum(1 for s in cfg.services if not s.kind)  # a gateway is in `services` too (agent/config.py)

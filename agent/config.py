@@ -899,8 +899,7 @@ def _parse_tracing(raw: Any) -> TracingConfig:
 
 def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     """agent.toml at `path`, parsed (in a Nomad allocation, with its environment's defaults); with
-    `check_files`, also the Consul token and TLS files it names must be usable, and an HTTPS
-    gateway listener's certificates must load."""
+    `check_files`, also the Consul token and TLS files it names must be usable."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -933,14 +932,19 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         ssl_context(settings)
     except InvalidSettings as exc:
         raise ConfigError(f"{path}: [consul]: {exc}") from None
+    return cfg
+
+
+def check_gateway_certificates(cfg: AgentConfig, path: Path) -> None:
+    """An HTTPS gateway listener's certificates load, as the listener will load them at start
+    (`agent validate`; not on a reload, where a pair that does not load keeps the one in use)."""
     for listener in (lst for gw in cfg.gateways for lst in gw.listeners if lst.certificates):
-        from hostmesh.agent.proxy.edges import CertSet  # loaded as the listener will load them
+        from hostmesh.agent.proxy.edges import CertSet
 
         try:
             CertSet(listener)
         except OSError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return cfg
 
 
 def _check_nomad(nomad: NomadConfig, path: Path, check_files: bool) -> None:

@@ -181,3 +181,5 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     line = one_line_error(validate(config))
     assert f"ingress listener 127.0.0.1:18443: {cert}: No such file or directory" in line
     assert validate(config, "--no-files").returncode == 0
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")  # there now; the key is what is missing
+    assert f"ingress listener 127.0.0.1:18443: {key}: " in one_line_error(validate(config))

@@ -509,7 +509,9 @@ class CertSet:
                 ctx.load_cert_chain(c.cert_file, c.key_file)
             except (OSError, ssl.SSLError) as exc:
                 why = getattr(exc, "strerror", None) or exc
-                msg = f"ingress listener {self.listener.bind}: {c.cert_file}: {why}"
+                # the file this process cannot read, when that is why (the key, often), else the pair
+                bad = next((p for p in (c.cert_file, c.key_file) if not os.access(p, os.R_OK)), c.cert_file)
+                msg = f"ingress listener {self.listener.bind}: {bad}: {why}"
                 if force and not self.contexts:
                     raise OSError(msg) from None
                 log.error("%s; keeping the certificates in use", msg)
