@@ -861,6 +861,10 @@ class Discovery:
         if value is None:
             return
         docs, results = value
+        # a reload while this round was read may have dropped some of its documents (the watch goes
+        # on, sync_watches): they stay forgotten
+        followed = self._documents()
+        results = {key: result for key, result in results.items() if key in followed}
         self._denied = {key for key, result in results.items() if isinstance(result, PermissionDenied)}
         for key, result in results.items():
             kind, name = docs[key]
@@ -884,7 +888,7 @@ class Discovery:
                 log.exception("applying %s failed; keeping what was applied before", key)
                 self._doc_index.pop(key, None)  # tried again at the next round
 
-        self._forget_externals({name for kind, name in docs.values() if kind == "external"})
+        self._forget_externals({name for kind, name in followed.values() if kind == "external"})
         self._follow_upstreams()
 
     def _apply_document(self, kind: str, name: str, modify: int, raw: bytes | None) -> None:

@@ -240,6 +240,47 @@ async def test_an_upstream_a_reload_drops_leaves_no_state_and_is_read_afresh_whe
                 consul.kv_delete(f"hostmesh/policies/{svc}")
 
 
+async def test_a_documents_round_read_before_a_reload_does_not_bring_back_what_it_dropped(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """A reload keeps the documents watch when it adds nothing (sync_watches): a round read before
+    the reload, applied after it, re-applied the dropped upstream's route, for good."""
+    name = f"race-{secrets.token_hex(3)}"
+    kept, dropped = f"{name}-kept", f"{name}-dropped"
+    for svc in (kept, dropped):
+        consul.kv_put(f"hostmesh/routes/{svc}", json.dumps({"service": svc, "routes": []}))
+    builder = SnapshotBuilder(calling(tmp_path, name, kept, dropped), no_tls)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            both = {kept, dropped}
+            await async_wait_until(
+                lambda: both <= set(builder.holder.current.routes), SEEN_TIMEOUT, "both routes"
+            )
+            consul.kv_put(
+                f"hostmesh/routes/{dropped}", json.dumps({"service": dropped, "routes": [], "version": 2})
+            )
+            docs = discovery._documents()
+            round_read = (docs, await client.kv_read_many(list(docs)))  # a round read before the reload
+            builder.reconfigure(calling(tmp_path, name, kept))
+            for stale in discovery.sync_watches():
+                await stale.stop()
+
+            def routes() -> set[str]:
+                return set(builder.holder.current.routes)
+
+            await async_wait_until(lambda: dropped not in routes(), SEEN_TIMEOUT, "the reload applied")
+            discovery._apply_documents(round_read)  # ... applied after it
+            for _ in range(3):  # (a change is built into the snapshot on the next loop turn)
+                await asyncio.sleep(0)
+            assert routes() == {kept}
+        finally:
+            await discovery.stop()
+            for svc in (kept, dropped):
+                consul.kv_delete(f"hostmesh/routes/{svc}")
+
+
 RELOAD_BURST = 100  # more than Consul's 200 connections per client address, at 3 watches a reload
 
 
