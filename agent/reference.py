@@ -137,7 +137,6 @@ AGENT_KEYS: tuple[Key, ...] = (
         "path",
         "<data_dir>/certs",
         "Where the service keys and certificates are kept (in Nomad: the task's secrets dir).",
-        restart=True,
     ),
     Key("consul", "table", "", "Consul client settings; each beats the environment variable named."),
     Key(

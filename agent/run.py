@@ -152,6 +152,7 @@ RESTART_KEYS = (
     "node",
     "mesh_address",
     "data_dir",
+    "cert_dir",  # the certificate helper writes where the agent reads: both as at the start
     "inbound",
     "admin",
     "metrics",

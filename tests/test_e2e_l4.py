@@ -151,6 +151,20 @@ def test_a_stop_says_how_many_rate_limited_lines_it_left_out(mesh: TwoHosts) -> 
     assert f"suppressed {flood - DEFAULT_LINES} more refused TLS handshakes" in b.proc.log(), b.proc.log()
 
 
+def test_a_reload_keeps_the_running_cert_dir(mesh: TwoHosts) -> None:
+    """cert_dir was documented as restart-only but taken by a reload: the certificate helper, given
+    the running config, then wrote renewed certificates where the agent no longer read them."""
+    a = mesh.a
+    text = a.config_path.read_text()
+    a.config_path.write_text(
+        text.replace("[consul]\n", f'cert_dir = "{a.data_dir / "elsewhere"}"\n[consul]\n', 1)
+    )
+    a.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: "need a restart and keep their running values" in a.proc.log(), 10.0, "the reload")
+    line = next(x for x in a.proc.log().splitlines() if "need a restart" in x)
+    assert "cert_dir" in line, line
+
+
 def test_upstream_with_no_healthy_instance_closes_promptly(mesh: TwoHosts) -> None:
     _m, a, b, _ = mesh
     assert b.proc.stop() == 0  # api's only agent leaves (deregisters)
