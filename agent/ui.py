@@ -372,6 +372,9 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
                 await collector.poll()
         finally:
             await server.close()
+            from hostmesh.registry.ratelog import flush_all
+
+            flush_all()  # the counts of left-out lines (refused connections), as an agent's stop
 
 
 def host_allowed(header: str | None, listen_host: str) -> bool:
