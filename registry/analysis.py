@@ -323,9 +323,10 @@ def _undecided_policies(
             "info",
             "unused-policy-unknown",
             "policies",
-            f"{len(undecided)} policies have no caller among the agents that list their upstreams, but "
-            f"the agents of {shown}{more} do not list theirs (too many to fit in Consul's meta): "
-            "whether those policies are unused cannot be told",
+            f"{len(undecided)} {'policy has' if len(undecided) == 1 else 'policies have'} no caller among "
+            f"the agents that list their upstreams, but the agents of {shown}{more} do not list theirs "
+            "(too many to fit in Consul's meta, or an agent from before the list): whether "
+            f"{'it is' if len(undecided) == 1 else 'they are'} unused cannot be told",
             "compare those policies with the upstreams in those services' agent.toml",
         )
     ]

@@ -142,7 +142,7 @@ def test_unused_policy_is_not_claimed_when_an_agent_does_not_advertise_its_upstr
     catalog = Catalog((*CATALOG.instances, many))
     found = analyze(with_doc("policies", "web", {"service": "web"}), catalog)
     assert codes(found) == {("info", "unused-policy-unknown", "policies")}
-    assert found[0].message.startswith("1 policies have no caller among the agents that list their upstreams")
+    assert found[0].message.startswith("1 policy has no caller among the agents that list their upstreams")
     assert "the agents of cron do not list theirs" in found[0].message
     assert analyze(with_doc("policies", "api", {"service": "api"}), catalog) == []  # web's agent calls api
 
