@@ -543,7 +543,8 @@ PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requ
 # of every upstream (one request each): at most one such round per this many seconds, so a burst of
 # registrations (a rolling deploy) costs one round, and an agent's probes stay under its upstream
 # count per second whatever the churn (measured before: 603 requests/s from an agent with 201
-# upstreams at 5 registrations/s). A new instance is seen this much later at most, only under churn.
+# upstreams at 5 registrations/s). A registration or deregistration is seen this much later at most,
+# only under churn (a stopping instance's failing check, on the failing-checks watch, is not delayed).
 PROBE_ROUND_INTERVAL = 1.0
 # How long an upstream that lost its last passing instance keeps those failed by gossip alone: a live
 # node refutes a stale verdict within a few gossip rounds (200 ms each), while Serf itself takes
