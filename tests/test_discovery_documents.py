@@ -281,6 +281,23 @@ async def test_a_documents_round_read_before_a_reload_does_not_bring_back_what_i
                 consul.kv_delete(f"hostmesh/routes/{svc}")
 
 
+async def following(
+    client: ConsulClient, tmp_path: Path, name: str, upstream: str
+) -> tuple[SnapshotBuilder, Discovery]:
+    """The discovery of an agent whose service `name` calls `upstream`, started, once it has read
+    the upstream (its instances, or that it has none); the caller stops it."""
+    builder = SnapshotBuilder(calling(tmp_path, name, upstream), no_tls)
+    discovery = Discovery(client, builder)
+    discovery.start()
+    try:
+        await async_wait_until(lambda: upstream in builder.holder.current.endpoints, SEEN_TIMEOUT,
+                               f"{upstream} read")  # fmt: skip
+    except BaseException:
+        await discovery.stop()
+        raise
+    return builder, discovery
+
+
 RELOAD_BURST = 100  # more than Consul's 200 connections per client address, at 3 watches a reload
 
 
@@ -292,13 +309,9 @@ async def test_a_reload_that_changes_nothing_they_read_keeps_the_watches(
     address: a burst of reloads (80 SIGHUPs) had Consul reset every connection from the host, the
     agents' and the CLI's, for half a minute. Only a watch with something new to read is replaced."""
     name = f"hup-{secrets.token_hex(3)}"
-    builder = SnapshotBuilder(calling(tmp_path, name, f"{name}-up"), no_tls)
     async with ConsulClient(consul.url) as client:
-        discovery = Discovery(client, builder)
-        discovery.start()
+        builder, discovery = await following(client, tmp_path, name, f"{name}-up")
         try:
-            await async_wait_until(lambda: f"{name}-up" in builder.holder.current.endpoints, SEEN_TIMEOUT,
-                                   "the first read")  # fmt: skip
             for _ in range(RELOAD_BURST):
                 builder.reconfigure(calling(tmp_path, name, f"{name}-up"))
                 assert discovery.sync_watches() == []
@@ -367,13 +380,9 @@ async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_cata
     index, which any registration anywhere moves: each used to cost a read of every failing check in
     the cluster, on every agent calling it."""
     name = f"none-{secrets.token_hex(3)}"
-    builder = SnapshotBuilder(calling(tmp_path, name, f"{name}-ext"), no_tls)
     async with CountingClient(consul.url) as client:
-        discovery = Discovery(client, builder)
-        discovery.start()
+        _, discovery = await following(client, tmp_path, name, f"{name}-ext")
         try:
-            await async_wait_until(lambda: f"{name}-ext" in builder.holder.current.endpoints, SEEN_TIMEOUT,
-                                   "the empty upstream read")  # fmt: skip
             before = client.plain_checks_reads
 
             def read_up_to(index: int) -> bool:
