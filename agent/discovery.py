@@ -81,9 +81,9 @@ from hostmesh.agent.snapshot import (
 )
 from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.consul import BLOCKING_WAIT, CatalogInstance, ConsulClient, NotPassing
+from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, CatalogInstance, ConsulClient, NotPassing
 from hostmesh.registry.errors import AnswerTooLarge, InvalidDocument, PermissionDenied, Rejected
-from hostmesh.registry.layout import is_hostmesh
+from hostmesh.registry.layout import KINDS, is_hostmesh
 from hostmesh.registry.records import record
 from hostmesh.registry.schema import (
     ExternalService,
@@ -537,6 +537,7 @@ def _saved_endpoint(e: dict[str, Any]) -> Endpoint:
 # and short reads on a small pool. Consul's default limit is 200 connections per client address,
 # shared by every agent, allocation and CLI on a host.
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
+EXTERNAL_FOLDER = "external"  # (EXTERNAL_PREFIX's folder among registry/layout.py KINDS)
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
 # A registration anywhere in the datacenter moves the catalog's index, and each move costs a probe
@@ -739,6 +740,7 @@ class Discovery:
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
+        self._folder_index: dict[str, int] = {}  # document folder -> its index at the last look
         self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
         self._probe_round = float("-inf")  # when the last round of per-upstream probes began
         self._stopping: set[asyncio.Task[None]] = set()
@@ -843,8 +845,12 @@ class Discovery:
         idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
         if idx == index and not self._denied:
             return idx, None  # the wait ran out with nothing changed
+        moved = await self._moved_folders() if index is not None and not self._denied else None
+        if moved is not None and not moved:
+            return idx, None  # a write elsewhere under hostmesh/ (a join token, a document's history)
         egress = self._egress_gateways()
-        if egress:  # which externals go via us: only their documents say so
+        # which externals go via a local egress gateway: their documents say (read when they moved)
+        if egress and (moved is None or EXTERNAL_FOLDER in moved):
             served = set()
             for entry in await self._consul.kv_list(EXTERNAL_PREFIX):
                 try:
@@ -856,7 +862,27 @@ class Discovery:
                     served.add(entry.key[len(EXTERNAL_PREFIX) :])
             self._served = served
         docs = self._documents()
+        if moved is not None:
+            docs = {key: doc for key, doc in docs.items() if key.split("/", 2)[1] in moved}
         return idx, (docs, await self._consul.kv_read_many(list(docs)))
+
+    async def _moved_folders(self) -> set[str] | None:
+        """The document folders (routes, policies, …) with a write or delete since the last look, or
+        None for all of them: when this agent's documents fit in fewer transactions than the folders
+        would take to look at (one short read each), it reads them all, as before. Any write under
+        hostmesh/ wakes the watch, and reading every document of an agent with 200 upstreams took
+        ~100 transactions, on every agent, for each join token spent anywhere."""
+        if len(self._documents()) <= len(KINDS) * TXN_MAX_READS:
+            return None
+        try:
+            indexes = await asyncio.gather(*(self._consul.kv_prefix_index(f"{KV_ROOT}{f}/") for f in KINDS))
+        except (PermissionDenied, Rejected):  # a token that may read the documents but not list them
+            self._folder_index = {}
+            return None
+        now = dict(zip(KINDS, indexes, strict=True))
+        moved = {f for f in KINDS if now[f] != self._folder_index.get(f)}
+        self._folder_index = now
+        return moved
 
     def _apply_documents(self, value: tuple[dict[str, tuple[str, str]], dict[str, Any]] | None) -> None:
         if value is None:

@@ -670,6 +670,19 @@ class ConsulClient:
         with self._decoding(op):
             return _index(resp)
 
+    async def kv_prefix_index(self, prefix: str) -> int:
+        """The index of the newest write or delete below `prefix`, 0 when no key is there (a plain
+        read). Unlike a blocking read's index it does not move with writes elsewhere: Consul gives
+        an empty prefix the whole store's index, which is why 0 stands for it here."""
+        op = Op(f"index of {prefix}", "key:read on it")
+        resp = await self._request(
+            "GET", f"/v1/kv/{_q(prefix)}", op, params={"keys": "", "separator": "/"}, allow=(404,)
+        )
+        if resp.status == 404:
+            return 0
+        with self._decoding(op):
+            return _index(resp)
+
     async def kv_read_many(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """The current value of each key (None when absent), in transactions of `TXN_MAX_READS` reads.
         A key the token may not read maps to a `PermissionDenied` instead of failing the others."""

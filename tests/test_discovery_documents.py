@@ -27,7 +27,7 @@ import pytest
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import TLSMaterial
-from hostmesh.registry.consul import BLOCKING_WAIT, ConsulClient
+from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, ConsulClient
 from hostmesh.registry.errors import RegistryError, Unavailable
 from hostmesh.registry.watch import Watch
 from tests.support import ConsulDev, async_wait_until
@@ -296,6 +296,54 @@ async def following(
         await discovery.stop()
         raise
     return builder, discovery
+
+
+class TxnCountingClient(ConsulClient):
+    """The real client, counting its read transactions (each reads up to TXN_MAX_READS keys)."""
+
+    txns = 0
+
+    async def _txn_read(self, keys: list[str]) -> Any:
+        self.txns += 1
+        return await super()._txn_read(keys)
+
+
+MANY_UPSTREAMS = 20  # their documents take more transactions than a look at each folder
+
+
+async def test_a_write_elsewhere_under_hostmesh_reads_no_document_and_one_reads_its_folder_only(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Any write under hostmesh/ wakes the documents watch, and each woke every agent into reading
+    all of its documents: ~100 transactions for an agent with 200 upstreams, for each join token
+    created or spent anywhere. Now a write elsewhere reads none, and a route only the routes."""
+    name = f"kvw-{secrets.token_hex(3)}"
+    ups = [f"{name}-up{i}" for i in range(MANY_UPSTREAMS)]
+    builder = SnapshotBuilder(calling(tmp_path, name, *ups), no_tls)
+    async with TxnCountingClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+            documents = discovery.watches["documents"]
+            await async_wait_until(documents.first_result.is_set, SEEN_TIMEOUT, "the documents read")
+
+            async def seen(write: str) -> None:
+                last = await client.kv_tree_index("hostmesh/", None)
+                await async_wait_until(lambda: (documents.index or 0) >= last, SEEN_TIMEOUT, write)
+
+            consul.kv_put(f"hostmesh/ca/tokens/{name}", "{}")  # as a join token created or spent
+            await seen("the token write")  # (a first look at the folders reads them all once)
+            before = client.txns
+            consul.kv_put(f"hostmesh/ca/tokens/{name}", '{"spent": true}')  # (the same value moves nothing)
+            await seen("the second token write")
+            assert client.txns == before
+            consul.kv_put(f"hostmesh/routes/{ups[0]}", json.dumps({"service": ups[0], "routes": []}))
+            await async_wait_until(lambda: ups[0] in builder.holder.current.routes, SEEN_TIMEOUT, "the route")
+            assert client.txns - before <= -(-MANY_UPSTREAMS // TXN_MAX_READS)  # the routes folder's keys
+        finally:
+            await discovery.stop()
+            consul.kv_delete(f"hostmesh/ca/tokens/{name}")
+            consul.kv_delete(f"hostmesh/routes/{ups[0]}")
 
 
 RELOAD_BURST = 100  # more than Consul's 200 connections per client address, at 3 watches a reload
