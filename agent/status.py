@@ -357,12 +357,23 @@ def render_table(status: dict[str, Any]) -> str:
     lines += [f"{text(k):<30} {text(v)}" for k, v in sorted(cfg["versions"].items())] or [
         "(none: default routing)"
     ]
-    lines += ["", "UPSTREAM         HEALTHY ENDPOINTS"]
-    lines += [
-        f"{text(svc):<16} {text(', '.join(text(e['address']) for e in eps), ENDPOINTS_LIMIT) or '(none)'}"
-        for svc, eps in cfg["endpoints"].items()
-    ]
+    lines += ["", "UPSTREAM         HEALTHY  ENDPOINTS (instance at address)"]
+    for svc, eps in cfg["endpoints"].items():
+        lines.append(f"{text(svc):<16} {len(eps):<8} {_endpoints(eps, text)}")
     return "\n".join(lines)
+
+
+def _endpoints(eps: list[dict[str, Any]], text: Any) -> str:
+    """One upstream's healthy endpoints as `id at address`, cut at ENDPOINTS_LIMIT characters with
+    the count of those left out (an upstream of 2,000 instances was cut silently, and two instances
+    on one address looked like one listed twice)."""
+    out = ""
+    for n, e in enumerate(eps):
+        item = f"{text(e.get('id', '?'))} at {text(e['address'])}"
+        if out and len(out) + len(item) + 2 > ENDPOINTS_LIMIT:
+            return f"{out}, … and {len(eps) - n} more"
+        out = f"{out}, {item}" if out else item
+    return out or "(none)"
 
 
 @click.command()

@@ -230,6 +230,25 @@ def test_status_of_a_real_agents_answers_is_the_table(serve: Callable[..., Peer]
     assert re.search(r"^web +http +8080 .* ab12 +r1$", out.stdout, re.M) and "routes/web" in out.stdout
 
 
+def test_status_lists_an_upstreams_instances_by_id_and_says_how_many_it_left_out(
+    serve: Callable[..., Peer],
+) -> None:
+    """An upstream of 2,000 instances was cut at 2,000 characters with no marker and no count, and
+    two instances on one address looked like one listed twice."""
+    answers = agent_answers()
+    config = json.loads(answers["/v1/config"][2])
+    config["endpoints"] = {
+        "big": [{"id": f"big-{n}", "address": "127.64.0.1:15001", "meta": {}} for n in range(2000)]
+    }
+    answers["/v1/config"] = js(config)
+    out = hm("status", "--agent", serve(answers).address)
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.stdout.splitlines() if line.startswith("big "))
+    assert row.split()[1] == "2000" and row.split()[2:5] == ["big-0", "at", "127.64.0.1:15001,"]
+    shown = row.count(" at ")
+    assert row.endswith(f", … and {2000 - shown} more") and 0 < shown < 2000
+
+
 @pytest.mark.parametrize("kind", sorted(NOT_AGENT_BODIES))
 def test_status_of_something_else_says_it_is_not_an_agents_answer(
     kind: str, serve: Callable[..., Peer]
