@@ -196,6 +196,7 @@ class AdminAPI:
                 for svc, doc in sorted(docs.items())
             },
             "consul_indexes": dict(snap.versions),  # Consul's index per watched source (debugging)
+            "rejected": dict(snap.rejected),  # source -> why its live document was refused
             "tls_generation": snap.tls.generation,
             "default_intention": "allow" if snap.default_allow else "deny",
             "services": [

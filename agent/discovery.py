@@ -145,6 +145,9 @@ class SnapshotBuilder:
         self._tls = tls()
         self._on_rejected = on_rejected
         self._on_applied = on_applied
+        # source ("routes/api", …) -> why its live document was refused, while the last good one
+        # serves: what `hostmesh status` shows beside the version in force
+        self.rejected: dict[str, str] = {}
         self.local = _local_services(config)
         self.endpoints: dict[str, tuple[Endpoint, ...]] = {}
         self.intentions: dict[str, Intentions] = {}
@@ -199,8 +202,7 @@ class SnapshotBuilder:
                 log.error(
                     "rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, service, reason
                 )
-                if self._on_rejected:
-                    self._on_rejected(f"intentions/{service}", reason)
+                self._rejected(f"intentions/{service}", reason)
                 last_good = self._last_good_intentions(service)
                 if last_good is None:
                     why = f"intentions document invalid, and no valid one before it: {reason}"
@@ -211,6 +213,7 @@ class SnapshotBuilder:
             self.intentions[service] = doc
             self.raw_intentions[service] = data
         self.versions[f"intentions/{service}"] = index
+        self.rejected.pop(f"intentions/{service}", None)
         self._intentions_to(service, IntentionsState.ABSENT if raw is None else IntentionsState.PRESENT, "")
         self._mark()
         return True
@@ -316,11 +319,11 @@ class SnapshotBuilder:
             except Exception as exc:  # any failure to read a document is its rejection
                 reason = rejection(exc)
                 log.error("rejected %s%s: %s; keeping the previous config", INTENTIONS_PREFIX, name, reason)
-                if self._on_rejected:
-                    self._on_rejected(f"intentions/{name}", reason)
+                self._rejected(f"intentions/{name}", reason)
                 return
             self.external_intentions[name] = doc
         self.versions[f"external-intentions/{name}"] = index
+        self.rejected.pop(f"intentions/{name}", None)
         self._mark()
 
     def _set_doc(self, kind: str, service: str, index: int, raw: bytes | None, parse: Callable[[Any], Any],
@@ -335,12 +338,12 @@ class SnapshotBuilder:
             except Exception as exc:  # any failure to read a document is its rejection
                 reason = rejection(exc)
                 log.error("rejected hostmesh/%s/%s: %s; keeping the previous config", kind, service, reason)
-                if self._on_rejected:
-                    self._on_rejected(f"{kind}/{service}", reason)
+                self._rejected(f"{kind}/{service}", reason)
                 return False
             store[service] = value
             raw_store[service] = data
         self.versions[f"{kind}/{service}"] = index
+        self.rejected.pop(f"{kind}/{service}", None)
         self._mark()
         return True
 
@@ -382,8 +385,21 @@ class SnapshotBuilder:
             if kind in kinds and (kind, name) not in followed:
                 del self.versions[key]
                 gone = True
+        for key in list(self.rejected):  # (an external's intentions are refused as "intentions/<name>")
+            kind, _, name = key.partition("/")
+            as_kinds = {kind, "external-intentions"} if kind == "intentions" else {kind}
+            if as_kinds & kinds and not any((k, name) in followed for k in as_kinds):
+                del self.rejected[key]
+                gone = True
         if gone:
             self._mark()
+
+    def _rejected(self, source: str, reason: str) -> None:
+        """A live document was refused (its line is logged by the caller): counted, and shown."""
+        self.rejected[source] = reason
+        self._mark()
+        if self._on_rejected:
+            self._on_rejected(source, reason)
 
     def tls_changed(self) -> None:
         self._tls = self._tls_factory()
@@ -410,6 +426,7 @@ class SnapshotBuilder:
             gateways=MappingProxyType(dict(self.gateways)),
             externals=MappingProxyType(dict(self.externals)),
             external_intentions=MappingProxyType(dict(self.external_intentions)),
+            rejected=MappingProxyType(dict(self.rejected)),
         )
 
     def _mark(self) -> None:

@@ -154,6 +154,8 @@ class Snapshot:
     gateways: Mapping[str, Any] = field(default_factory=_empty)
     externals: Mapping[str, Any] = field(default_factory=_empty)
     external_intentions: Mapping[str, Intentions | None] = field(default_factory=_empty)
+    # source ("routes/api", …) -> why its live document was refused; the last good one serves
+    rejected: Mapping[str, str] = field(default_factory=_empty)
 
     def local_by_sni(self, sni: str | None) -> LocalService | None:
         if not sni:

@@ -357,6 +357,10 @@ def render_table(status: dict[str, Any]) -> str:
     lines += [f"{text(k):<30} {text(v)}" for k, v in sorted(cfg["versions"].items())] or [
         "(none: default routing)"
     ]
+    rejected = cfg.get("rejected")  # (agents before it do not say)
+    for source, why in sorted(rejected.items() if isinstance(rejected, dict) else []):
+        why = text(why, MAX_DETAIL)
+        lines.append(f"{text(source):<30} REFUSED in Consul, the last good one serves: {why}")
     lines += ["", "UPSTREAM         HEALTHY  ENDPOINTS (instance at address)"]
     for svc, eps in cfg["endpoints"].items():
         lines.append(f"{text(svc):<16} {len(eps):<8} {_endpoints(eps, text)}")

@@ -230,6 +230,21 @@ def test_status_of_a_real_agents_answers_is_the_table(serve: Callable[..., Peer]
     assert re.search(r"^web +http +8080 .* ab12 +r1$", out.stdout, re.M) and "routes/web" in out.stdout
 
 
+def test_status_says_which_documents_the_agent_refused(serve: Callable[..., Peer]) -> None:
+    """The version in force of a document whose live one the agent refused, with no hint that the live
+    one was refused (`hostmesh check` and a counter said so)."""
+    answers = agent_answers()
+    config = json.loads(answers["/v1/config"][2])
+    config["rejected"] = {"routes/web": "routes[0].to: must be a non-empty list"}
+    answers["/v1/config"] = js(config)
+    out = hm("status", "--agent", serve(answers).address)
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.stdout.splitlines() if x.startswith("routes/web ") and "REFUSED" in x)
+    assert line.split(None, 1)[1] == (
+        "REFUSED in Consul, the last good one serves: routes[0].to: must be a non-empty list"
+    )
+
+
 def test_status_lists_an_upstreams_instances_by_id_and_says_how_many_it_left_out(
     serve: Callable[..., Peer],
 ) -> None:

@@ -123,6 +123,27 @@ async def test_an_external_document_with_a_list_for_via_leaves_the_watch_reading
     assert "Traceback" not in caplog.text
 
 
+async def test_a_refused_document_is_in_the_snapshot_until_a_good_one_replaces_it(
+    world: tuple[Agent, ConsulDev, str],
+) -> None:
+    """`hostmesh status` showed the last good version of a document Consul holds a refused one of,
+    with no hint (only `hostmesh check` and a counter said so)."""
+    agent, consul, name = world
+    key, source = f"hostmesh/policies/{name}", f"policies/{name}"
+
+    def refused() -> dict[str, str]:
+        return dict(agent.builder.holder.current.rejected)
+
+    consul.kv_put(key, json.dumps({"service": name, "load_balancer": {"type": "fastest"}}))
+    await async_wait_until(lambda: source in refused(), SEEN_TIMEOUT, "the refusal")
+    assert "load_balancer.type" in refused()[source]
+    consul.kv_put(key, json.dumps({"service": name, "load_balancer": {"type": "round_robin"}}))
+    await async_wait_until(
+        lambda: name in agent.builder.holder.current.policies, SEEN_TIMEOUT, "the good one"
+    )
+    assert refused() == {}
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
