@@ -200,7 +200,7 @@ def hostile_status() -> dict[str, Any]:
         node=f"n1{ESC}",
         default_intention=f"allow{ESC}",
         versions={f"routes/{ESC}": f"2{ESC}"},
-        endpoints={f"api{ESC}": [{"id": "api-n2", "address": f"{ESC}10.9.9.9:1"}]},
+        endpoints={f"api{ESC}": [{"id": f"api-n2{ESC}", "address": f"{ESC}10.9.9.9:1"}]},
     )
     certs = json.loads(answers["/v1/certs"][2])
     certs["certs"][0].update(serial=f"ab{ESC}", root_id=f"r1{ESC}")
@@ -210,7 +210,8 @@ def hostile_status() -> dict[str, Any]:
 def test_status_table_prints_no_escapes_from_the_agent() -> None:
     table = render_table(hostile_status())
     assert no_escapes(table), table
-    assert re.search(r"^api\?\]0;PWNED\?\?\[2J +\?\]0;PWNED\?\?\[2J10\.9\.9\.9:1$", table, re.M), table
+    row = r"^api\?\]0;PWNED\?\?\[2J +1 +api-n2\?\]0;PWNED\?\?\[2J at \?\]0;PWNED\?\?\[2J10\.9\.9\.9:1$"
+    assert re.search(row, table, re.M), table
     assert table.startswith("node        n1?]0;PWNED??[2J   ready: yes")
 
 
