@@ -999,10 +999,9 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
     the host could swap them. The join token and the keys are credentials: no group/world access;
     the Consul token file, and agent.toml when it holds a token itself: not readable by every user
     of the host (their group is the agent's own). Files that do not exist yet are fine (the agent
-    creates them 0600 itself). The
-    cert dir, the trust bundle and the certificates decide whom the mesh trusts: no group/world
-    write. In a Nomad allocation the Consul token file is the task's own, in its secrets dir (a
-    `template` writes 0644 unless told otherwise): not checked there."""
+    creates them 0600 itself). The cert dir, the trust bundle and the certificates decide whom the
+    mesh trusts: no group/world write. In a Nomad allocation the Consul token file is the task's
+    own, in its secrets dir (a `template` writes 0644 unless told otherwise): not checked there."""
     from hostmesh.ca.files import roots_path
 
     if cfg.nomad is None:

@@ -44,7 +44,7 @@ def config_line(config: Any) -> bytes:
 
 
 def decode_config(line: bytes) -> Any:
-    """The config of a `config` line; ValueError when it cannot be this code's (see _config_code)."""
+    """The config of a `config` line; ValueError when it cannot be this code's (see CONFIG_CODE)."""
     code, _, data = line[len(CONFIG_PREFIX) :].partition(b" ")
     if code != CONFIG_CODE:
         raise ValueError("the agent runs other hostmesh code (upgraded since it started): restart the agent")

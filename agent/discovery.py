@@ -554,7 +554,6 @@ def _saved_endpoint(e: dict[str, Any]) -> Endpoint:
 # and short reads on a small pool. Consul's default limit is 200 connections per client address,
 # shared by every agent, allocation and CLI on a host.
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
-EXTERNAL_FOLDER = "external"  # (EXTERNAL_PREFIX's folder among registry/layout.py KINDS)
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
 # A registration anywhere in the datacenter moves the catalog's index, and each move costs a probe
@@ -757,7 +756,7 @@ class Discovery:
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
-        self._folder_index: dict[str, int] = {}  # document folder -> its index at the last look
+        self._folder_index: dict[str, int] = {}  # document folder ("hostmesh/routes/") -> its index
         self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
         self._probe_round = float("-inf")  # when the last round of per-upstream probes began
         self._stopping: set[asyncio.Task[None]] = set()
@@ -862,12 +861,13 @@ class Discovery:
         idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
         if idx == index and not self._denied:
             return idx, None  # the wait ran out with nothing changed
-        moved = await self._moved_folders() if index is not None and not self._denied else None
+        docs = self._documents()
+        moved = await self._moved_folders(len(docs)) if index is not None and not self._denied else None
         if moved is not None and not moved:
             return idx, None  # a write elsewhere under hostmesh/ (a join token, a document's history)
         egress = self._egress_gateways()
         # which externals go via a local egress gateway: their documents say (read when they moved)
-        if egress and (moved is None or EXTERNAL_FOLDER in moved):
+        if egress and (moved is None or EXTERNAL_PREFIX in moved):
             served = set()
             for entry in await self._consul.kv_list(EXTERNAL_PREFIX):
                 try:
@@ -878,26 +878,27 @@ class Discovery:
                 if isinstance(via, str) and via in egress:
                     served.add(entry.key[len(EXTERNAL_PREFIX) :])
             self._served = served
-        docs = self._documents()
+            docs = self._documents()  # (which externals it reads follows what it served)
         if moved is not None:
-            docs = {key: doc for key, doc in docs.items() if key.split("/", 2)[1] in moved}
+            docs = {key: doc for key, doc in docs.items() if key[: key.rindex("/") + 1] in moved}
         return idx, (docs, await self._consul.kv_read_many(list(docs)))
 
-    async def _moved_folders(self) -> set[str] | None:
-        """The document folders (routes, policies, …) with a write or delete since the last look, or
-        None for all of them: when this agent's documents fit in fewer transactions than the folders
-        would take to look at (one short read each), it reads them all, as before. Any write under
-        hostmesh/ wakes the watch, and reading every document of an agent with 200 upstreams took
-        ~100 transactions, on every agent, for each join token spent anywhere."""
-        if len(self._documents()) <= len(KINDS) * TXN_MAX_READS:
+    async def _moved_folders(self, documents: int) -> set[str] | None:
+        """The document folders ("hostmesh/routes/", …) with a write or delete since the last look,
+        or None for all of them: when this agent's `documents` fit in fewer transactions than the
+        folders would take to look at (one short read each), it reads them all, as before. Any write
+        under hostmesh/ wakes the watch, and reading every document of an agent with 200 upstreams
+        took ~100 transactions, on every agent, for each join token spent anywhere."""
+        if documents <= len(KINDS) * TXN_MAX_READS:
             return None
+        folders = [f"{KV_ROOT}{kind}/" for kind in KINDS]
         try:
-            indexes = await asyncio.gather(*(self._consul.kv_prefix_index(f"{KV_ROOT}{f}/") for f in KINDS))
+            indexes = await asyncio.gather(*map(self._consul.kv_prefix_index, folders))
         except (PermissionDenied, Rejected):  # a token that may read the documents but not list them
             self._folder_index = {}
             return None
-        now = dict(zip(KINDS, indexes, strict=True))
-        moved = {f for f in KINDS if now[f] != self._folder_index.get(f)}
+        now = dict(zip(folders, indexes, strict=True))
+        moved = {f for f in folders if now[f] != self._folder_index.get(f)}
         self._folder_index = now
         return moved
 

@@ -319,17 +319,17 @@ class Telemetry:
         then (a sweep, agent/run.py), so no request pays for it. The caches that hold such series
         are emptied, so a subset that comes back gets new ones. (A TCP connection still open, idle
         since, counts its close into the dropped series: an hour idle to an instance gone.)"""
-        moved: dict[tuple[str, str], float] = {}
+        counts: dict[tuple[str, str], float] = {}  # of each pair not in use: whether it moved since
         for family, d, s, none in self._by_subset:
             if isinstance(family, Histogram):
                 continue  # the counters say whether anything moved
             for key, child in family.children():
                 pair = _subset_of(key, d, s, none)
                 if pair[1] and pair[1] not in in_use.get(pair[0], ()):
-                    moved[pair] = moved.get(pair, 0.0) + child.value
+                    counts[pair] = counts.get(pair, 0.0) + child.value
         gone: set[tuple[str, str]] = set()
         kept: dict[tuple[str, str], tuple[float, float]] = {}
-        for pair, count in moved.items():
+        for pair, count in counts.items():
             since, seen = self._gone.get(pair, (now, -1.0))
             if seen != count:
                 kept[pair] = (now, count)
