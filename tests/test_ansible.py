@@ -273,6 +273,30 @@ def run_role(
     )  # fmt: skip
 
 
+def test_agent_role_refuses_a_nomad_token_in_agent_toml(tmp_path: Path) -> None:
+    """agent.toml is readable by the hostmesh group and its changes are printed by --diff: a Nomad token
+    given in hostmesh_agent_nomad stops the role before anything is written, without printing it, and
+    names the variable that puts it in agent.env instead."""
+    secret = "nomad-secret-6d1f0c"
+    root = tmp_path / "root"
+    root.mkdir()
+    variables = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_services": [{"name": "web", "port": 8080}],
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_join_token": "test-join-token",
+        "hostmesh_agent_nomad": {"alloc_id": "5b3d7c1e-0000-0000-0000-000000000000", "token": secret},
+    }
+    result = run_role(tmp_path, "hostmesh_agent", variables)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "hostmesh_agent_nomad.token would be written into agent.toml" in output, output[-4000:]
+    assert "set hostmesh_agent_nomad_token instead" in output
+    assert secret not in output
+    assert not (root / "etc/hostmesh/agent.toml").exists()
+
+
 def maintained(consul: ConsulDev, node: str) -> list[str]:
     """The instances of `node` that Consul has in maintenance."""
     checks = consul.get_json("/v1/agent/checks").values()

@@ -21,14 +21,19 @@ from tests.support import REPO
 
 ROLES = REPO / "ansible/roles"
 BIN = Path(sys.executable).parent
-NOT_IN_INVENTORY = {"consul.token"}  # the role writes the token to consul.token_file, never agent.toml
+# the role writes the Consul token to consul.token_file and the Nomad token to agent.env, never agent.toml
+NOT_IN_INVENTORY = {"consul.token", "nomad.token"}
+
+
+def render_agent_template(name: str, variables: dict[str, Any]) -> str:
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["to_json"] = json.dumps
+    text = (ROLES / "hostmesh_agent/templates" / name).read_text()
+    return env.from_string(text).render(ansible_managed="test", **variables)
 
 
 def render_agent_toml(variables: dict[str, Any]) -> str:
-    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    env.filters["to_json"] = json.dumps
-    text = (ROLES / "hostmesh_agent/templates/agent.toml.j2").read_text()
-    return env.from_string(text).render(ansible_managed="test", **variables)
+    return render_agent_template("agent.toml.j2", variables)
 
 
 def full_inventory() -> dict[str, Any]:
@@ -57,6 +62,7 @@ def full_inventory() -> dict[str, Any]:
     v["hostmesh_agent_token_file"] = ex["ca"]["token_file"]
     v["hostmesh_agent_ca_token_env"] = ex["ca"]["token_env"]
     v["hostmesh_agent_services"] = ex["services"]
+    v["hostmesh_agent_nomad"] = {k: val for k, val in ex["nomad"].items() if k != "token"}
     return v
 
 
@@ -80,6 +86,19 @@ def test_every_agent_toml_key_is_reachable_from_inventory() -> None:
     missing = {k.path for k in AGENT_KEYS} - set_keys(raw) - NOT_IN_INVENTORY
     assert missing == set(), f"agent.toml keys the role cannot set: {sorted(missing)}"
     assert "token" not in raw["consul"]
+
+
+@pytest.mark.parametrize("token", ["", "nomad-secret-1"])
+def test_nomad_token_goes_to_agent_env(token: str) -> None:
+    """The Nomad token reaches the agent as NOMAD_TOKEN from agent.env (0600, not logged), which the
+    agent reads for [nomad] settings left out; agent.toml never holds it (the role refuses
+    hostmesh_agent_nomad.token: tests/test_ansible.py)."""
+    inventory = full_inventory() | {"hostmesh_agent_nomad_token": token}
+    env_lines = render_agent_template("agent.env.j2", inventory).splitlines()
+    expected = [f"NOMAD_TOKEN={token}"] if token else []
+    assert [line for line in env_lines if line.startswith("NOMAD_TOKEN")] == expected
+    raw = tomllib.loads(render_agent_toml(inventory))
+    assert "token" not in raw["nomad"] and raw["nomad"]["alloc_id"]
 
 
 def test_role_defaults_render_a_valid_agent_toml() -> None:
