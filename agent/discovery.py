@@ -68,7 +68,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostmesh.agent.config import AgentConfig
 from hostmesh.agent.snapshot import (
@@ -99,6 +99,9 @@ from hostmesh.registry.schema import (
     rejection,
 )
 from hostmesh.registry.watch import Watch
+
+if TYPE_CHECKING:
+    from hostmesh.registry.failing import FailingChecks
 
 log = logging.getLogger(__name__)
 
@@ -746,6 +749,7 @@ class Discovery:
         self, consul: ConsulClient, builder: SnapshotBuilder, gossip_grace: float = GOSSIP_GRACE
     ) -> None:
         self._consul = consul
+        self._failing: FailingChecks | None = None  # from the first answer past the size limit on
         self._builder = builder
         self._table = EndpointTable(gossip_grace)
         self._grace_timer: asyncio.TimerHandle | None = None  # re-publishes when a panic grace ends
@@ -1064,7 +1068,7 @@ class Discovery:
         moved = [r for r in await asyncio.gather(*map(probe, upstreams)) if r is not None]
         # New instances start with failing checks: read those now, so that an instance is never
         # taken as healthy because its checks were not seen yet.
-        health = await self._consul.checks_not_passing(None, services=upstreams) if moved else None
+        health = await self._checks_not_passing(None, upstreams) if moved else None
         return idx, (moved, health, read_after)
 
     def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:
@@ -1091,8 +1095,22 @@ class Discovery:
         self._table.set_members(name, instances, read_after)
 
     async def _fetch_health(self, index: int | None) -> tuple[int, tuple[int, NotPassing]]:
-        idx, not_passing = await self._consul.checks_not_passing(index, services=self._upstreams())
+        idx, not_passing = await self._checks_not_passing(index, self._upstreams())
         return idx, (idx, not_passing)
+
+    async def _checks_not_passing(self, index: int | None, upstreams: list[str]) -> tuple[int, NotPassing]:
+        """The failing checks of `upstreams` and of every node, in one answer; from the first that
+        passes the size limit on, by registry/failing.py, in parts (imported then: 38 KiB that an
+        agent whose failing checks fit one answer does not need)."""
+        if self._failing is None:
+            try:
+                return await self._consul.checks_not_passing(index, services=upstreams)
+            except AnswerTooLarge as exc:
+                from hostmesh.registry.failing import FailingChecks
+
+                self._failing = FailingChecks(self._consul, self._table.not_passing, exc)
+                index = None  # (this change is read now: the blocking wait is over)
+        return await self._failing.read(index, upstreams)
 
     def _apply_health(self, value: tuple[int, NotPassing]) -> None:
         if self._table.set_not_passing(*value):

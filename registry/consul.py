@@ -27,7 +27,7 @@ import ssl
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
 from hostmesh.registry.errors import (
@@ -41,6 +41,9 @@ from hostmesh.registry.errors import (
 )
 from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
 from hostmesh.registry.records import record
+
+if TYPE_CHECKING:
+    from hostmesh.registry.failing import CheckPart
 
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
@@ -764,18 +767,49 @@ class ConsulClient:
         """Long-poll the cluster's checks that are not passing (usually a short list); with
         `index` None, a plain read. The index moves when any check anywhere changes state.
         `services`: only their checks and the nodes' own (the others' failing checks, each with up to
-        4 KiB of output, could pass the answer size limit and stop this read for good)."""
-        op = Op("watch of failing checks", "service:read and node:read")
+        4 KiB of output, could pass the answer size limit; past it, registry/failing.py reads them
+        in parts)."""
         expr = 'Status != "passing"'
         if services is not None:
-            names = " or ".join(f"ServiceName == {json.dumps(name)}" for name in sorted(set(services)))
-            expr += f' and (ServiceID == ""{f" or {names}" if names else ""})'
+            expr += f' and (ServiceID == ""{f" or {names}" if (names := _any_service(services)) else ""})'
+        return self._not_passing(await self._checks(expr, index, wait))
+
+    async def checks_not_passing_part(
+        self, services: Iterable[str], part: CheckPart
+    ) -> tuple[int, NotPassing, int]:
+        """The part of `checks_not_passing(None, services=services)` whose IDs `part` holds: the node
+        checks of the nodes it names, or the checks of `services`' instances it names (a plain read).
+        Also the answer's size in bytes."""
+        if part.field == "Node":
+            expr = f'ServiceID == "" and Node matches {json.dumps(part.pattern)}'
+        else:
+            expr = f"({_any_service(services)}) and ServiceID matches {json.dumps(part.pattern)}"
+        resp = await self._checks(f'Status != "passing" and {expr}', None)
+        index, not_passing = self._not_passing(resp)
+        return index, not_passing, len(resp.body)
+
+    async def checks_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+        """Long-poll the index of the cluster's checks (as `checks_not_passing`'s), with an answer that
+        lists none: for a reader of the failing checks in parts, whose parts are plain reads."""
+        resp = await self._checks('CheckID == ""', index, wait)
+        with self._decoding(FAILING_CHECKS):
+            return _index(resp)
+
+    async def _checks(self, expr: str, index: int | None, wait: float = BLOCKING_WAIT) -> Response:
+        """The cluster's checks that `expr` (a Consul filter) holds; a blocking read with an index."""
         params: dict[str, Any] = {"filter": expr}
         if index:
             params.update(index=index, wait=f"{int(wait)}s")
-        resp = await self._request(
-            "GET", "/v1/health/state/any", op, params=params, blocking_wait=wait if index else None
+        return await self._request(
+            "GET",
+            "/v1/health/state/any",
+            FAILING_CHECKS,
+            params=params,
+            blocking_wait=wait if index else None,
         )
+
+    def _not_passing(self, resp: Response) -> tuple[int, NotPassing]:
+        op = FAILING_CHECKS
         answer = self._json(resp, op)
         instances, nodes, other = set(), set(), set()
         with self._decoding(op):
@@ -790,6 +824,14 @@ class ConsulClient:
                     if c.get("CheckID") != SERF_CHECK:
                         other.add(node)
         return index, NotPassing(frozenset(instances), frozenset(nodes), frozenset(nodes - other))
+
+
+FAILING_CHECKS = Op("watch of failing checks", "service:read and node:read")
+
+
+def _any_service(services: Iterable[str]) -> str:
+    """A filter clause that holds for the checks of any of `services` ("" for none)."""
+    return " or ".join(f"ServiceName == {json.dumps(name)}" for name in sorted(set(services)))
 
 
 # What the health read of one catalog name can fail with, for that name alone: Consul refuses a name
