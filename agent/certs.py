@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 
 ROOTS_KEY = "hostmesh/ca/roots"
 RENEW_JITTER = 0.05  # ± this fraction of the lifetime around the renewal point: spreads a fleet's renewals
+# Consul's and Nomad's ACL secret IDs: a UUID, which no join token (hmt1.<id>.<secret>) or JWT has
+ACL_TOKEN_SHAPE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 BOOTSTRAP_TIMEOUT = 30.0  # how long start() keeps trying an unreachable CA before giving up
 
 
@@ -442,6 +445,11 @@ class CertManager:
             raise Unauthorized(
                 f"{source} does not hold one token: a join token or a workload identity is one line "
                 "of printable characters, without spaces"
+            )
+        if ACL_TOKEN_SHAPE.fullmatch(text):  # no CA takes one: keep a secret of Consul's or Nomad's here
+            raise Unauthorized(
+                f"{source} holds a UUID, the form of a Consul or Nomad ACL token, not a join token "
+                "(hmt1.…) or a workload identity (a JWT): not sent to the CA"
             )
         return text or None
 

@@ -12,6 +12,7 @@ import datetime as dt
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,28 @@ def test_after_a_restart_every_certificate_is_listed_while_the_helper_checks_it(
     wait_for(checked, WAIT, "the helper's check of the stored certificates")
     assert states[0] == {"checking"}, states  # the window was seen: the helper starts a second after ready
     assert states[-1] == {"valid"}, states
+
+
+async def test_a_consul_acl_token_in_the_join_token_file_is_named_not_sent(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    """A Consul (or Nomad) ACL token written where the join token goes, a likely mix-up beside
+    consul-token, was sent to the CA, which refused it as malformed: it stays on the host."""
+    m, h = mesh
+    token_file = h.data_dir / "join-token"
+    token_file.write_text(f"{uuid.uuid4()}\n")
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    try:
+        with pytest.raises(Unauthorized) as err:
+            await asyncio.wait_for(cp.start(), WAIT)
+        assert str(err.value) == (
+            f"{token_file} holds a UUID, the form of a Consul or Nomad ACL token, not a join token "
+            "(hmt1.…) or a workload identity (a JWT): not sent to the CA"
+        )
+    finally:
+        await cp.close()
+        await consul.close()
 
 
 async def test_a_token_file_of_two_lines_is_named_not_sent(mesh: tuple[LocalMesh, AgentHandle]) -> None:
