@@ -28,7 +28,8 @@ watch answers before the registrations watch has read the instance's removal. Ta
 that answer made a stopping host's instance healthy again for tens of milliseconds, after its
 agent had failed its check and drained, and calls were dialled to its closed listener (503 URX,UF:
 seen in tests/fleet). So an instance whose failing check or node check clears is *held* until its
-upstream's instances have been read after that answer (one catalog read, asked for at once): while
+instances have been read after that answer (one catalog read of the held ones by ID, asked for at
+once; the whole list when one is gone or registered otherwise since): while
 held, it is used only if no other instance of its upstream passes its checks. It is still preferred
 to those failed by gossip alone (the panic rule): its checks pass in Consul's latest view; theirs
 do not. The panic grace is neither ended nor re-armed by a hold.
@@ -573,6 +574,10 @@ GOSSIP_GRACE = 5.0
 # The pause before reading again the instances of an upstream with a held instance (_confirm) when
 # Consul did not answer: the instance stays out of use meanwhile.
 CONFIRM_RETRY = 1.0
+# Held instances of an upstream read again by their IDs (a filter of that many terms) rather than
+# with its whole list: an instance's return cost every agent calling an upstream of 2,000 instances
+# a 1.7 MB read. More held at once (a mass recovery) read the whole list, once.
+CONFIRM_BY_ID = 64
 
 
 class EndpointTable:
@@ -635,6 +640,32 @@ class EndpointTable:
                     if key in cleared or e.node in cleared_nodes:
                         self._held[key] = index
         self.health_index, self.not_passing = index, not_passing
+        return True
+
+    def held_of(self, upstream: str) -> list[tuple[str, str]]:
+        """(node, instance id) of the instances of `upstream` held until a read."""
+        held = self._held
+        return [
+            (e.node, e.instance_id) for e in self.members.get(upstream, ()) if (e.node, e.instance_id) in held
+        ]
+
+    def confirm(self, upstream: str, instances: list[CatalogInstance], read_after: int = 0) -> bool:
+        """The held instances of `upstream`, read again by ID (from a read issued while the view at
+        `read_after` was in force): those registered as the table has them are released. False, and
+        nothing released, when one is gone or registered otherwise since: its upstream's whole list
+        must be read (set_members)."""
+        found = {(i.node, i.id): i for i in instances}
+        release = []
+        for e in self.members.get(upstream, ()):
+            key = (e.node, e.instance_id)
+            if key not in self._held or self._held[key] > read_after:
+                continue
+            i = found.get(key)
+            if i is None or (i.address, i.port) != (e.address, e.port) or i.meta != e.meta:
+                return False
+            release.append(key)
+        for key in release:
+            del self._held[key]
         return True
 
     def awaiting_read(self) -> list[str]:
@@ -1134,6 +1165,11 @@ class Discovery:
                 failed = False
                 for name in names:  # one at a time, each on its own: one failing read holds no other
                     try:
+                        held = self._table.held_of(name)
+                        if len(held) <= CONFIRM_BY_ID:  # the held ones alone, if they are as they were
+                            _, instances = await self._consul.catalog_service(name, ids=[i for _, i in held])
+                            if self._table.confirm(name, instances, read_after):
+                                continue
                         sidx, instances = await self._consul.catalog_service(name)
                     except Exception as exc:  # Consul's errors, or an answer not shaped as its own
                         if not reported:  # still held: not used while another instance passes

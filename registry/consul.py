@@ -753,10 +753,13 @@ class ConsulClient:
         with self._decoding(op):
             return _index(resp)
 
-    async def catalog_service(self, name: str) -> tuple[int, list[CatalogInstance]]:
-        """Every registered instance of `name`, healthy or not."""
+    async def catalog_service(self, name: str, ids: Iterable[str] = ()) -> tuple[int, list[CatalogInstance]]:
+        """Every registered instance of `name`, healthy or not; with `ids`, only the instances of
+        those IDs (a short answer, whatever the number of instances)."""
         op = Op(f"catalog of {name}", f"service:read on {name} and node:read")
-        resp = await self._request("GET", f"/v1/catalog/service/{_q(name)}", op)
+        wanted = " or ".join(f"ServiceID == {json.dumps(i)}" for i in sorted(set(ids)))
+        params = {"filter": wanted} if wanted else None
+        resp = await self._request("GET", f"/v1/catalog/service/{_q(name)}", op, params=params)
         entries = self._json(resp, op)
         with self._decoding(op):
             return _index(resp), [_catalog_instance(e) for e in _as_list(entries, "catalog entries")]

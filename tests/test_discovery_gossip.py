@@ -21,9 +21,10 @@ import asyncio
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,16 +225,27 @@ async def test_an_instance_deregistered_after_its_check_failed_is_not_used_in_be
 
 
 async def test_an_instance_whose_check_passes_again_is_used_without_a_catalog_change(
-    agent: Agent, private_consul: ConsulDev
+    agent: Agent, private_consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other way a check leaves the failing list: it passes. The held instance comes back after
-    the agent's own read, with the registrations watch stopped (nothing else would read it)."""
+    the agent's own read, with the registrations watch stopped (nothing else would read it). That
+    read asks for the held instance alone: it was the upstream's whole list (1.7 MB for 2,000
+    instances, on every agent calling it, for each instance's return)."""
     register(private_consul, "g-w3", own="critical")
     await agent.sees({"g-w2"})
     await agent.discovery.watches["registrations"].stop()
+    asked: list[tuple[str, ...]] = []
+    whole_read = agent._consul.catalog_service
+
+    async def read(name: str, ids: Iterable[str] = ()) -> Any:
+        asked.append(tuple(ids))
+        return await whole_read(name, ids)
+
+    monkeypatch.setattr(agent._consul, "catalog_service", read)
     register(private_consul, "g-w3")
     await agent.sees({"g-w2", "g-w3"})
     assert not agent.discovery.held_upstreams
+    assert asked and all(ids == (f"{UPSTREAM}-g-w3",) for ids in asked), asked
 
 
 def bump_check_index(consul: ConsulDev, rounds: int) -> None:

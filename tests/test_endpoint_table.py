@@ -146,6 +146,30 @@ def test_an_instance_whose_failing_check_clears_waits_for_a_read_of_its_registra
     assert used(t) == ["w2"] and t.awaiting_read() == []
 
 
+def test_a_held_instance_read_again_by_its_id_is_released_only_if_registered_as_it_was() -> None:
+    """Discovery reads the held instances alone: one still registered as the table has it is
+    released; one gone, or registered at another address since, needs the whole list (False, and
+    nothing released); one held after the read was issued stays held."""
+    for answer, released in [
+        (instances("w3"), True),
+        ([], False),
+        ([CatalogInstance("shop-w3", "w3", "127.64.0.10", 15001, {"hostmesh": "1"})], False),
+        ([CatalogInstance("shop-w3", "w3", "127.64.0.9", 15001, {"hostmesh": "1", "version": "v2"})], False),
+    ]:
+        t = table(Clock())
+        t.set_members(UP, instances("w2", "w3"))
+        t.set_not_passing(*failing(2, own=("w3",)))
+        t.set_not_passing(*failing(3))  # w3's check passes again: held
+        t.changed()
+        assert t.held_of(UP) == [("w3", "shop-w3")]
+        assert t.confirm(UP, answer, read_after=2) is True  # a read issued before that view: too early
+        assert t.awaiting_read() == [UP]
+        assert t.confirm(UP, answer, read_after=3) is released
+        t.changed()
+        assert used(t) == (["w2", "w3"] if released else ["w2"]), answer
+        assert t.awaiting_read() == ([] if released else [UP])
+
+
 def test_an_instance_whose_check_passes_again_is_used_after_that_read() -> None:
     t = table(Clock())
     t.set_not_passing(*failing(2, own=("w3",)))
