@@ -28,8 +28,8 @@ watch answers before the registrations watch has read the instance's removal. Ta
 that answer made a stopping host's instance healthy again for tens of milliseconds, after its
 agent had failed its check and drained, and calls were dialled to its closed listener (503 URX,UF:
 seen in tests/fleet). So an instance whose failing check or node check clears is *held* until its
-instances have been read after that answer (one catalog read of the held ones by ID, asked for at
-once; the whole list when one is gone or registered otherwise since): while
+registration has been read after that answer (one catalog read of the held instances by ID, asked
+for at once; their upstream's whole list when one is gone or registered otherwise since): while
 held, it is used only if no other instance of its upstream passes its checks. It is still preferred
 to those failed by gossip alone (the panic rule): its checks pass in Consul's latest view; theirs
 do not. The panic grace is neither ended nor re-armed by a hold.
