@@ -391,8 +391,13 @@ class SnapshotBuilder:
                 gone = True
         for key in list(self.rejected):  # (an external's intentions are refused as "intentions/<name>")
             kind, _, name = key.partition("/")
-            as_kinds = {kind, "external-intentions"} if kind == "intentions" else {kind}
-            if as_kinds & kinds and not any((k, name) in followed for k in as_kinds):
+            owners = {kind, "external-intentions"} if kind == "intentions" else {kind}
+            # kept while an owner follows it: one forgotten here by `followed`, another by its state
+            # (forgetting externals erased every local service's refused intentions, for good)
+            if owners & kinds and not any(
+                (k, name) in followed if k in kinds else any(name in store for store in stores[k])
+                for k in owners
+            ):
                 del self.rejected[key]
                 gone = True
         if gone:

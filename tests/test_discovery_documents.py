@@ -123,25 +123,38 @@ async def test_an_external_document_with_a_list_for_via_leaves_the_watch_reading
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["policies", "intentions"])
 async def test_a_refused_document_is_in_the_snapshot_until_a_good_one_replaces_it(
-    world: tuple[Agent, ConsulDev, str],
+    world: tuple[Agent, ConsulDev, str], kind: str
 ) -> None:
     """`hostmesh status` showed the last good version of a document Consul holds a refused one of,
-    with no hint (only `hostmesh check` and a counter said so)."""
+    with no hint (only `hostmesh check` and a counter said so). The refused intentions of a local
+    service were erased again by the same round, on an agent that follows externals (an egress
+    gateway here): the agent that enforces them showed nothing."""
     agent, consul, name = world
-    key, source = f"hostmesh/policies/{name}", f"policies/{name}"
+    key, source = f"hostmesh/{kind}/{name}", f"{kind}/{name}"
+    bad, why, good = {
+        "policies": ({"service": name, "load_balancer": {"type": "fastest"}}, "load_balancer.type",
+                     {"service": name, "load_balancer": {"type": "round_robin"}}),
+        "intentions": ({"service": name, "rules": [{"source": "web", "action": "Deny"}]}, "rules[0].action",
+                       {"service": name, "rules": [{"source": "web", "action": "deny"}]}),
+    }[kind]  # fmt: skip
 
     def refused() -> dict[str, str]:
         return dict(agent.builder.holder.current.rejected)
 
-    consul.kv_put(key, json.dumps({"service": name, "load_balancer": {"type": "fastest"}}))
+    consul.kv_put(key, json.dumps(bad))
     await async_wait_until(lambda: source in refused(), SEEN_TIMEOUT, "the refusal")
-    assert "load_balancer.type" in refused()[source]
-    consul.kv_put(key, json.dumps({"service": name, "load_balancer": {"type": "round_robin"}}))
+    assert why in refused()[source]
+    consul.kv_put(f"hostmesh/policies/{name}-up", json.dumps({"service": f"{name}-up"}))  # another round
+    await async_wait_until(lambda: f"{name}-up" in agent.builder.policies, SEEN_TIMEOUT, "another document")
+    assert why in refused()[source]  # still shown
+    consul.kv_put(key, json.dumps(good))
     await async_wait_until(
-        lambda: name in agent.builder.holder.current.policies, SEEN_TIMEOUT, "the good one"
+        lambda: name in getattr(agent.builder.holder.current, kind), SEEN_TIMEOUT, "the good one"
     )
     assert refused() == {}
+    consul.kv_delete(f"hostmesh/policies/{name}-up")
 
 
 @pytest.mark.parametrize(
