@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hostmesh.agent import memory
+from hostmesh.agent import audit, memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.registry.errors import RegistryError
@@ -175,7 +175,7 @@ class AdminAPI:
             logs.set_level(level)
         except ValueError as exc:
             return Response.error(400, str(exc))
-        log.warning("log level set to %s through the admin API (from %s)", level, peer)
+        audit.log_level_set(level=level, peer=peer)
         return Response.of_json(200, {"level": level})
 
     def config_view(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@ loggers, so operators route them (journald, a file) with ordinary logging config
 
 Decisions:
 - Every authorization decision that *denies* is audited, always (denials are rare and are security
-  events); allowed connections are not audited, they appear in the access log.
+  events), whatever the log level; allowed connections are not audited, they appear in the access log.
 - The access log is *sampled*: agent.toml `access_log = { sample = 0.01 }` (the default) writes the
   line of one allowed connection/request in 100; `sample = 1.0` writes every one, `0` none. Lines
   for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`).
@@ -30,6 +30,9 @@ from hostmesh.agent.reqstats import access_sampled as access_sampled  # L4 and L
 MAX_REQUEST_FIELD = 512  # characters kept of a request-controlled field (module docstring)
 
 audit_log = logging.getLogger("hostmesh.audit")
+# Its own level: audit lines are written whatever the process's level (agent.toml's log_level, a
+# PUT to /v1/log-level), which a local process could lower to silence the trail.
+audit_log.setLevel(logging.WARNING)
 access_log = ACCESS_LOG
 
 
@@ -45,6 +48,15 @@ def denied(*, layer: str, source: str, destination: str, reason: str, peer: str 
     }
     record.update(extra)
     audit_log.warning("authz_denied", extra={"fields": record})
+
+
+def log_level_set(*, level: str, peer: str) -> None:
+    """One line for a change of the process's log level through the admin API, written whatever
+    the level before or after it (its ordinary warning was silenced by the change it reported)."""
+    fields = {"event": "log_level_set", "log_level": level, "peer": peer}
+    audit_log.warning(
+        "log level set to %s through the admin API (from %s)", level, peer, extra={"fields": fields}
+    )
 
 
 def configure_access(sample: float) -> None:

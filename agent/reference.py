@@ -80,7 +80,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "workers' counters, keeping a dead worker's last scraped values: what a worker killed "
         "(`kill -9`) counted since the last scrape is lost.",
     ),
-    Key("log_level", "debug | info | warning | error", "info", "Log verbosity (access lines need info)."),
+    Key("log_level", "debug | info | warning | error", "info", "Log verbosity (access lines need info; audit lines are always written)."),
     Key(
         "log_format",
         "json | text | auto",

@@ -217,9 +217,12 @@ def test_log_level_changes_at_runtime_through_the_admin_api(mesh: Mesh) -> None:
     assert mesh.web.get("/v1/log-level") == (200, {"level": "debug"})
     status, body = put(b'{"level": "loud"}')
     assert status == 400 and "log level must be one of" in body["error"]
+    assert put(b'{"level": "error"}') == (200, {"level": "error"})  # its own line too is written
     assert put(b'{"level": "info"}') == (200, {"level": "info"})
     changes = [o for o in log_objects(mesh.web) if o["message"].startswith("log level set to")]
-    assert [o["level"] for o in changes] == ["warning", "warning"]
+    assert [(o["level"], o["logger"], o["event"], o["log_level"]) for o in changes] == [
+        ("warning", "hostmesh.audit", "log_level_set", level) for level in ("debug", "error", "info")
+    ]
 
 
 def test_every_log_line_of_the_run_is_one_json_object(mesh: Mesh) -> None:

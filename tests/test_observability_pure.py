@@ -183,6 +183,21 @@ def test_log_level_write_only_from_loopback() -> None:
         logs.set_level(before)
 
 
+def test_denials_are_audited_whatever_the_log_level(caplog: pytest.LogCaptureFixture) -> None:
+    """A PUT to /v1/log-level (any local process) or log_level = "error" silenced every denial."""
+    from hostmesh.agent import audit
+
+    before = logs.current_level()
+    try:
+        logs.set_level("error")
+        audit.denied(
+            layer="l7", source="spiffe://hostmesh.local/svc/web", destination="api", reason="rule 0 deny web"
+        )
+    finally:
+        logs.set_level(before)
+    assert [r.fields["event"] for r in caplog.records if r.name == "hostmesh.audit"] == ["authz_denied"]
+
+
 def test_the_admin_api_answers_only_requests_addressed_to_an_ip_address_or_localhost() -> None:
     """DNS rebinding: a web page whose own name now resolves to 127.0.0.1 sends that name as Host;
     its script must not read the mesh's state or turn debug logging on."""
