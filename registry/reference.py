@@ -416,8 +416,11 @@ INTENTIONS = Kind(
     "intentions",
     "Intentions document",
     "Who may call a service, checked by the destination's agent on every connection (TCP) or request "
-    "(HTTP). Stored at `hostmesh/intentions/<service>`. Rules are read in order; the first whose source "
-    "(the caller's service, or `*`) and permissions match decides. No rule matches: `default`.",
+    "(HTTP). Stored at `hostmesh/intentions/<service>`. Of the rules whose source (the caller's service, or "
+    "`*`) and permissions match, the most specific decides, whatever their order: an exact source beats "
+    "`*`, and a rule with permissions beats one without of the same source; at equal rank a deny wins "
+    "(Consul's intention precedence). So `deny *` with `allow web` lets web in, and `deny web` with "
+    "`allow web` on `/health` allows web's `/health` only. No rule matches: `default`.",
     (
         *_common("these rules protect (the destination)"),
         Field(
@@ -427,7 +430,11 @@ INTENTIONS = Kind(
             default="the agent's `default_intention`",
             choices=("allow", "deny"),
         ),
-        Field("rules", "list", f"Ordered rules (at most {MAX_RULES})."),
+        Field(
+            "rules",
+            "list",
+            f"Rules (at most {MAX_RULES}); their order decides nothing, audit lines name their index.",
+        ),
         Field("rules[]", "object", "One rule."),
         Field("rules[].source", "string", "The calling service, or `*` for any caller.", required=True),
         Field("rules[].action", "enum", "What the rule decides.", required=True, choices=("allow", "deny")),
@@ -439,7 +446,12 @@ INTENTIONS = Kind(
         ),
         Field("rules[].permissions[]", "object", "A path and/or methods condition."),
         *_path_match("rules[].permissions[].path"),
-        Field("rules[].permissions[].methods", "list", "HTTP methods, e.g. `[GET]`.", item="string"),
+        Field(
+            "rules[].permissions[].methods",
+            "list",
+            "HTTP methods, e.g. `[GET]`; matched literally, as Envoy does (`GET` does not cover `HEAD`).",
+            item="string",
+        ),
         Field("rules[].description", "string", "Free text kept with the rule."),
     ),
 )
