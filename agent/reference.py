@@ -80,7 +80,12 @@ AGENT_KEYS: tuple[Key, ...] = (
         "workers' counters, keeping a dead worker's last scraped values: what a worker killed "
         "(`kill -9`) counted since the last scrape is lost.",
     ),
-    Key("log_level", "debug | info | warning | error", "info", "Log verbosity (access lines need info; audit lines are always written)."),
+    Key(
+        "log_level",
+        "debug | info | warning | error",
+        "info",
+        "Log verbosity (access lines need info; audit lines are always written).",
+    ),
     Key(
         "log_format",
         "json | text | auto",
@@ -454,6 +459,8 @@ def flags_md() -> str:
         f"`{flags.HEADER.decode()}` header of every response the proxy generates itself. Several",
         f"flags are joined with `,`, in the order they were raised; `{flags.NONE}` means none (the",
         "`hostmesh_tcp_*` and `hostmesh_udp_*` series label an unflagged connection with an empty value).",
+        "Only agents set that header: the destination's agent drops an app's own from its error answers,",
+        "and a caller's agent takes from a peer's only the flags listed here.",
         "",
         "| flag | meaning |",
         "| --- | --- |",

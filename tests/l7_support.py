@@ -164,6 +164,9 @@ class Backend:
         if path == b"/refuse-upgrade" and req.upgrade:  # refused, connection kept (RFC 9110 §15.5.22)
             status = 426
             extra += b"upgrade: websocket\r\nconnection: upgrade\r\n"
+        if path.startswith(b"/forge-flags/"):  # an error answer carrying the mesh's flags field itself
+            status = 403
+            extra += b"x-hostmesh-response-flags: %s\r\n" % path.rsplit(b"/", 1)[1]
         if path.startswith(b"/delay/"):
             await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
         if path == b"/echo":

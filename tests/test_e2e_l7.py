@@ -28,6 +28,7 @@ import pytest
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, http_json, wait_for
 from tests.l7_support import Backends, Client, Response, send_raw_and_read_all
 from tests.support import ConsulDev
+from tests.test_e2e_observability import metric_text
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -449,6 +450,23 @@ def test_an_upgrade_the_backend_refused_breaks_no_other_request(mesh: Mesh) -> N
     finally:
         a.close()
         b.close()
+
+
+def test_an_apps_own_flags_field_is_not_taken_for_the_meshs_verdict(mesh: Mesh) -> None:
+    """An app answering 403 with `x-hostmesh-response-flags: AUTHZ` made its callers count intention
+    denials that never happened, and any value it chose became a metric label value."""
+
+    def flagged(flags: str) -> float:
+        return metric_text(
+            mesh.web.metrics(), "hostmesh_requests_total", reporter="source", response_flags=flags
+        )
+
+    before = flagged("AUTHZ")
+    for value in ("AUTHZ", "FORGED-1", "NI,FORGED-2"):
+        resp = Client(mesh.port).get(f"/forge-flags/{value}")
+        assert resp.status == 403 and resp.flags == "", resp.headers  # the app's answer, as the app's
+    assert flagged("AUTHZ") == before and flagged("NI") == 0
+    assert "FORGED" not in mesh.web.metrics()
 
 
 def test_request_metrics_on_both_sides(mesh: Mesh) -> None:

@@ -81,6 +81,15 @@ def add(flags: str, flag: str) -> str:
     return ",".join(have + new) if new else flags
 
 
+_KNOWN = frozenset(ALL)
+
+
+def known(flags: str) -> str:
+    """`flags` as a peer agent's header gave them, keeping only this vocabulary's: a value of any
+    other shape or length would become a metric label value of its own."""
+    return ",".join(f for f in flags.split(",") if f in _KNOWN)
+
+
 def render(flags: str) -> str:
     """The value shown for `flags` in a request metric label, an access line, a span and the response
     header: the flags in the order raised, ``-`` for none (no copy: the string is already joined)."""

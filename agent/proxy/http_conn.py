@@ -1433,14 +1433,28 @@ def complete_request_headers(headers: http1.Headers, host: str) -> http1.Headers
 
 
 def response_flag(resp: ResponseHead) -> str:
-    """The flags a proxy further along put on its own error response (``-`` passes as empty)."""
+    """The flags a proxy further along put on its own error response (``-`` passes as empty), of the
+    flags' vocabulary only. Only the peer agent sets them: its inbound drops an app's own
+    (`without_app_flags`)."""
     if resp.status < 400:
         return ""
     for n, v in resp.headers:
         if n == fl.HEADER:
-            flags = v.decode("latin-1")
-            return "" if flags == fl.NONE else flags
+            return fl.known(v.decode("latin-1"))
     return ""
+
+
+def without_app_flags(resp: ResponseHead) -> ResponseHead:
+    """An app's error response without a flags field of its own: the callers' agents take that field
+    (response_flag) as the mesh's verdict, so an app could make them count intention denials that
+    never happened. An answer under 400 is passed as it is: no agent reads its flags."""
+    if resp.status < 400:
+        return resp
+    headers = resp.headers
+    for n, _ in headers:
+        if n == fl.HEADER:
+            return resp._replace(headers=[h for h in headers if h[0] != fl.HEADER])
+    return resp
 
 
 __all__ = [

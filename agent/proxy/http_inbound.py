@@ -60,6 +60,7 @@ from hostmesh.agent.proxy.http_conn import (
     monotonic,
     request_metrics,
     trace_due,
+    without_app_flags,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT
@@ -77,6 +78,11 @@ REPORTER: Final = "destination"
 _time: Final = time.time
 # the answer's relay, read once: a class attribute read per request is a generic lookup (~120 instructions)
 _RELAY: Final[Callable[[Exchange, http1.ResponseHead], None]] = Exchange.relay
+
+
+def _relay_app(ex: Exchange, resp: http1.ResponseHead) -> None:
+    """The app's answer, without a response-flags field of its own (http_conn.without_app_flags)."""
+    _RELAY(ex, without_app_flags(resp))
 
 
 class Caller:
@@ -268,7 +274,7 @@ class HttpInbound:
         if ex.trace is not None:  # the app's own spans are children of this one
             ex.trace.propagate(headers)
         ex.state = req = _Req(r.port, headers)
-        ex.on_response_head = _RELAY
+        ex.on_response_head = _relay_app
         ex.on_fail = self._on_fail_cb
         up = self.pool.acquire(r.port, now=ex.started)  # started in this same read
         if up is not None:
