@@ -454,13 +454,18 @@ def decide(
     default_allow: bool,
 ) -> tuple[bool, str, str]:
     """(allowed, reason, what was decided) as the destination's agent decides it: tcp services per
-    connection, udp services per flow (as a connection), http services per request on the
-    normalised path. Raises ValueError for a path the agent refuses with 400 before any decision."""
+    connection, udp services per flow (as a connection), external services per connection (by the
+    caller's agent, whatever their protocol), http services per request on the normalised path.
+    Raises ValueError for a path the agent refuses with 400 before any decision."""
     from hostmesh.agent.authz import authorize_connection, authorize_request, fixed_request_decision
 
-    if protocol in ("tcp", "udp"):
+    if protocol in ("tcp", "udp", "external"):
         d = authorize_connection(intentions, source, default_allow, l7=False)
-        return d.allowed, d.reason, f"{protocol} {'connection' if protocol == 'tcp' else 'flow'}"
+        return (
+            d.allowed,
+            d.reason,
+            {"tcp": "tcp connection", "udp": "udp flow"}.get(protocol, "connection (external service)"),
+        )
     if method is None and path is None:
         fixed = fixed_request_decision(intentions, source, default_allow)
         if fixed is not None:
@@ -492,9 +497,12 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
 
     async with ConsulClient(settings) as consul:
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
+        external = await consul.kv_get(f"hostmesh/external/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
     protocols = {i.meta.get(PROTOCOL_META, "") for i in instances if is_hostmesh(i.meta)}
     protocol = next(iter(protocols)) if len(protocols) == 1 and protocols <= {"tcp", "http", "udp"} else ""
+    if external is not None:  # decided per connection by the caller's agent, whatever its protocol
+        protocol = "external"
     if entry is None:
         return None, protocol
     try:
@@ -518,7 +526,7 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
     "--protocol",
     type=click.Choice(["http", "tcp", "udp"]),
     default=None,
-    help="DST's protocol [default: from the catalog].",
+    help="DST's protocol [default: from the catalog; an external service is decided per connection].",
 )
 @click.option(
     "--default-intention", type=click.Choice(["allow", "deny"]), default="allow", show_default=True,

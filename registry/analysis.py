@@ -121,8 +121,9 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
     for key, policy in parsed.get("policies", {}).items():
         out += _check_policy(key, policy, catalog, known)
     out += _undecided_policies(parsed.get("policies", {}), catalog, known)
+    externals = frozenset(parsed.get("external", {}))
     for key, intentions in parsed.get("intentions", {}).items():
-        out += _check_intentions(key, intentions, catalog, known)
+        out += _check_intentions(key, intentions, catalog, known, externals)
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda f: (order[f.severity], f.subject, f.code))
 
@@ -332,11 +333,19 @@ def _undecided_policies(
     ]
 
 
-def _check_intentions(key: str, doc: Intentions, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+def _check_intentions(
+    key: str, doc: Intentions, catalog: Catalog, known: frozenset[str], externals: frozenset[str]
+) -> list[Finding]:
+    """An external service's intentions are its own (decided per connection by its callers' agents):
+    not an unknown service, whatever the catalog holds."""
     out: list[Finding] = []
-    if key not in known:
+    if key not in known and key not in externals:
         out.append(_unknown("intentions", key))
-    tcp = "tcp" in catalog.protocols(key)
+    decided_as = (
+        "an external service"
+        if key in externals
+        else next((p for p in ("tcp", "udp") if p in catalog.protocols(key)), None)
+    )
     for i, rule in enumerate(doc.rules):
         subject = f"intentions/{key} rule {i}"
         if rule.source != "*" and rule.source not in known:
@@ -349,9 +358,9 @@ def _check_intentions(key: str, doc: Intentions, catalog: Catalog, known: frozen
                     f"check the name; if it is gone: hostmesh intention delete {rule.source} {key}",
                 )
             )
-        if tcp and rule.permissions:
+        if decided_as and rule.permissions:
             effect = (
-                "grants nothing (tcp connections are decided without it)"
+                "grants nothing (its connections are decided without it)"
                 if rule.allow
                 else "denies every connection of the source"
             )
@@ -360,8 +369,10 @@ def _check_intentions(key: str, doc: Intentions, catalog: Catalog, known: frozen
                     "error",
                     "l7-on-tcp",
                     subject,
-                    f"{key} is tcp, so this L7 rule ({rule.action} {rule.source} with permissions) {effect}",
-                    'drop the permissions (an L4 rule) or serve the service as protocol = "http"',
+                    f"{key} is {decided_as}, so this L7 rule ({rule.action} {rule.source} with permissions) "
+                    f"{effect}",
+                    "drop the permissions (an L4 rule)"
+                    + ("" if key in externals else ' or serve the service as protocol = "http"'),
                 )
             )
     out += _shadowed_rules(key, doc)

@@ -380,20 +380,26 @@ class DocumentStore:
     async def check_fits(self, kind: str, doc: AnyDocument, pending: Pending | None = None) -> None:
         """Refuse (InvalidDocument naming the field) what the service's protocol cannot take.
         `pending`: the documents written together with this one, which count as live."""
+        if kind == "external":  # its service is decided per connection from now on
+            await self._check_others_fit(doc.service, "external", pending)
+            return
         if kind not in ("routes", "policies", "intentions"):
-            return  # gateways, external services, the Nomad mapping: no service protocol to fit
+            return  # gateways, the Nomad mapping: no service protocol to fit
         if kind != "routes":
             protocol = await self.protocol_of(doc.service, pending)
             if protocol is not None:
                 check_protocol(doc, protocol)
         elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
-            await self._check_others_fit_tcp(doc.service, pending)
+            await self._check_others_fit(doc.service, "tcp", pending)
 
     async def protocol_of(self, service: str, pending: Pending | None = None) -> str | None:
-        """What `service` speaks, as its callers' agents will decide it: its route document's
-        `protocol` when there is one; else, from the catalog, `http` when any instance has meta
-        `protocol = http`, `tcp` when instances exist and none has; None when nothing says (no
+        """What `service` speaks, as its callers' agents will decide it: `external` when an external
+        document names it (relayed as connections); its route document's `protocol` when there is
+        one; else, from the catalog, `http` when any instance has meta `protocol = http`, `udp` when
+        one has `udp`, `tcp` when instances exist and none has either; None when nothing says (no
         instance yet, or the catalog is not readable with this token): then nothing is refused."""
+        if await self._content("external", service, pending):
+            return "external"
         route = await self._content("routes", service, pending)
         if route:
             return "tcp" if route.get("protocol") == "tcp" else "http"
@@ -405,11 +411,13 @@ class DocumentStore:
             return None
         if any(i.meta.get(GATEWAY_KIND_META) for i in instances):
             return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
-        return "http" if any(i.meta.get(PROTOCOL_META) == "http" for i in instances) else "tcp"
+        protocols = {i.meta.get(PROTOCOL_META) for i in instances}
+        return "http" if "http" in protocols else "udp" if "udp" in protocols else "tcp"
 
-    async def _check_others_fit_tcp(self, service: str, pending: Pending | None) -> None:
-        """A route document turning `service` tcp is refused while its policy or intentions
-        (live, or written with it) hold what a tcp service cannot take (they would be ignored)."""
+    async def _check_others_fit(self, service: str, protocol: str, pending: Pending | None) -> None:
+        """A route document turning `service` tcp, or an external document naming it, is refused
+        while its policy or intentions (live, or written with it) hold what it then cannot take
+        (they would be ignored)."""
         for other in ("policies", "intentions"):
             data = await self._content(other, service, pending)
             if not data:
@@ -419,11 +427,17 @@ class DocumentStore:
             except InvalidDocument:  # invalid under today's schema: not this write's business
                 continue
             try:
-                check_protocol(parsed, "tcp")
+                check_protocol(parsed, protocol)
             except InvalidDocument as exc:
+                if protocol == "tcp":
+                    raise InvalidDocument(
+                        "protocol",
+                        f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take",
+                    ) from None
                 raise InvalidDocument(
-                    "protocol", f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take"
-                ) from None
+                    "service", f"{service} would be an external service, relayed as connections, but "
+                    f"{other}/{service} has {exc.path}, which applies to HTTP requests only",
+                ) from None  # fmt: skip
 
     async def _content(self, kind: str, service: str, pending: Pending | None) -> dict[str, Any] | None:
         """What kind/service holds once `pending` is written: its document there, else the live one."""

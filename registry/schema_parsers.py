@@ -652,21 +652,29 @@ def parse_external(data: object) -> ExternalService:
 _HTTP_ONLY_POLICY = ("load_balancer", "connection_limits", "outlier_detection", "rate_limit", "locality")
 
 
+# What a service is decided per connection (or flow) as: no request for L7 rules to apply to
+CONNECTION_PROTOCOLS = ("tcp", "udp", "external")
+
+
 def check_protocol(doc: object, protocol: str) -> None:
     """Refuse (InvalidDocument naming the field) what cannot apply to a service speaking `protocol`:
-    on a tcp service, every destination-policy field (the default round_robin balancer aside) and
-    L7 permissions in intentions (a connection has no method or path)."""
-    if protocol != "tcp":
+    on a tcp or udp service, every destination-policy field (the default round_robin balancer
+    aside) and L7 permissions in intentions (a connection or a flow has no method or path); on an
+    `external` service (relayed as connections, whatever its protocol), L7 permissions."""
+    if protocol not in CONNECTION_PROTOCOLS:
         return
-    if isinstance(doc, PolicyDocument):
+    what = (
+        "an external service, relayed as connections" if protocol == "external" else f"a {protocol} service"
+    )
+    if isinstance(doc, PolicyDocument) and protocol != "external":
         for name in _HTTP_ONLY_POLICY:
             value = getattr(doc, name)
             if value is not None and not (name == "load_balancer" and value == LoadBalancer()):
-                raise InvalidDocument(name, f"applies to HTTP only; {doc.service} is a tcp service")
+                raise InvalidDocument(name, f"applies to HTTP only; {doc.service} is {what}")
     elif isinstance(doc, Intentions):
         for i, rule in enumerate(doc.rules):
             if rule.permissions:
                 raise InvalidDocument(
                     _key(_idx("rules", i), "permissions"),
-                    f"L7 permissions need HTTP; {doc.service} is a tcp service (allow or deny it whole)",
+                    f"L7 permissions need HTTP; {doc.service} is {what} (allow or deny it whole)",
                 )

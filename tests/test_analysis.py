@@ -166,6 +166,24 @@ def test_l7_permission_on_tcp_service() -> None:
     assert "grants nothing" in found[0].message
 
 
+def test_an_external_services_intentions_are_known_and_decided_per_connection() -> None:
+    """`check` called an external's intentions unknown and advised deleting them (which drops a
+    `default: deny`), and passed L7 rules on it, or on a udp service, that never apply."""
+    ext = {"service": "pay", "addresses": ["pay.example.com:443"]}
+    rule = {"source": "web", "action": "allow", "permissions": [{"methods": ["GET"]}]}
+    docs = {
+        "external": {"pay": ext},
+        "intentions": {"pay": {"service": "pay", "default": "deny", "rules": [rule]}},
+    }
+    found = analyze(docs, CATALOG)
+    assert codes(found) == {("error", "l7-on-tcp", "intentions/pay rule 0")}
+    assert found[0].message.startswith("pay is an external service, so this L7 rule")
+    udp = Catalog((Instance("dns", "dns-1", "n1", {"protocol": "udp"}), Instance("web", "web-1", "n2")))
+    found = analyze({"intentions": {"dns": {"service": "dns", "rules": [rule]}}}, udp)
+    assert codes(found) == {("error", "l7-on-tcp", "intentions/dns rule 0")}
+    assert found[0].message.startswith("dns is udp, so this L7 rule")
+
+
 def test_shadowed_intention_rules() -> None:
     doc = {
         "service": "api",

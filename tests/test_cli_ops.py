@@ -435,3 +435,32 @@ def test_apply_takes_gateway_and_external_documents_by_kind(consul: ConsulDev, t
         "api.example.com:443"
     ]
     assert consul.kv_get(doc_key("routes", web)) is not None
+
+
+def test_an_external_service_is_decided_per_connection_by_apply_and_intention_check(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Its callers' agents decide an external per connection, whatever its protocol: `intention check`
+    answered for http requests ("Allowed" where the agent resets the connection), and `apply` took L7
+    rules that can never apply. An external document over such rules is refused too."""
+    ext, later = svc("ext"), svc("ext")
+    external = {"kind": "external", "service": ext, "addresses": ["api.example.com:443"]}
+    ok(run(consul, "apply", "-f", write(tmp_path, external, "e.yaml")))
+    allow_l7 = {"source": "web", "action": "allow", "permissions": [{"path": {"prefix": "/"}}]}
+    l7 = {"service": ext, "default": "deny", "rules": [allow_l7]}
+    f = write(tmp_path, l7, "i.yaml")
+    assert fails(run(consul, "intention", "apply", "-f", f)) == (
+        f"Error: {f}: rules[0].permissions: L7 permissions need HTTP; {ext} is an external service, "
+        "relayed as connections (allow or deny it whole)"
+    )
+    ok(run(consul, "intention", "default", ext, "deny"))
+    out = run(consul, "intention", "check", "web", ext, "--path", "/public")
+    assert out.exit_code == 2, out.output  # denied, as the caller's agent decides it
+    assert out.stdout.startswith(f"Denied: web -> {ext}, connection (external service): default deny")
+
+    consul.kv_put(
+        doc_key("intentions", later), json.dumps(l7 | {"service": later}).encode()
+    )  # around the CLI
+    e = write(tmp_path, {"kind": "external", "service": later, "addresses": ["b.example.com:443"]}, "e2.yaml")
+    assert "which applies to HTTP requests only" in fails(run(consul, "apply", "-f", e))
+    assert consul.kv_get(doc_key("external", later)) is None

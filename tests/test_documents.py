@@ -233,7 +233,7 @@ async def test_http_only_policy_fields_and_l7_permissions_are_refused_for_a_tcp_
     """Issue 12: such documents used to be accepted and then ignored by the L4 path (or deny every
     connection); now the write is refused with the field named and nothing is written. What the
     service speaks comes from its route document, else from its instances' `protocol` meta."""
-    by_route, by_catalog, http = svc(), svc(), svc()
+    by_route, by_catalog, http, udp = svc(), svc(), svc(), svc()
     async with ConsulClient(consul.url) as c:
         store = DocumentStore(c)
         await store.put("routes", {"service": by_route, "protocol": "tcp"})
@@ -262,8 +262,14 @@ async def test_http_only_policy_fields_and_l7_permissions_are_refused_for_a_tcp_
             # the same documents for an http service are fine
             await store.put("policies", {"service": http, "connection_limits": {"max_connections": 1}})
             await store.put("intentions", {**l7, "service": http})
+            # a udp service is named as one (it was called tcp)
+            await c.register_service(
+                ServiceRegistration(udp, f"{udp}-1", "127.0.0.1", 9, {"protocol": "udp"})
+            )
+            with pytest.raises(InvalidDocument, match=rf"L7 permissions need HTTP; {udp} is a udp service"):
+                await store.put("intentions", {**l7, "service": udp})
         finally:
-            for name in (by_catalog, http):
+            for name in (by_catalog, http, udp):
                 await c.deregister_service(f"{name}-1")
 
 

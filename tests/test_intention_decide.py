@@ -73,3 +73,14 @@ def test_a_method_no_request_could_carry_is_refused_not_answered(method: str) ->
     """(Before: 'G ET' was answered Allowed, '' taken as GET.)"""
     with pytest.raises(ValueError, match="is not an HTTP method"):
         decide(DOC, "http", "web", method, "/api", True)
+
+
+def test_an_external_service_is_decided_per_connection_whatever_its_protocol() -> None:
+    """Its callers' agents relay it as connections (agent/proxy/edges.py): an L7 allow grants nothing."""
+    doc = parse_intentions({"service": "pay", "default": "deny", "rules": [
+        {"source": "web", "action": "allow", "permissions": [{"path": {"prefix": "/"}}]}]})  # fmt: skip
+    assert decide(doc, "external", "web", None, "/public", True) == (
+        False,
+        "default deny",
+        "connection (external service)",
+    )
