@@ -13,9 +13,11 @@ Decisions:
 - ``least_request``: power of two choices: two distinct random candidates, the one with fewer
   in-flight requests wins (ties: the first drawn).
 - ``random``: uniform.
-- ``consistent_hash``: a hash ring with :data:`VNODES_PER_ENDPOINT` points per instance (ketama),
+- ``consistent_hash``: a hash ring with :data:`VNODES_PER_ENDPOINT` points per instance (ketama; fewer
+  past 102 instances, RING_POINTS_MAX),
   hashed with BLAKE2b so every agent and worker maps a key the same way. Adding or removing one of
-  N instances only moves the keys it owns (~1/N). An unavailable owner is skipped clockwise, which
+  N instances only moves the keys it owns (~1/N; past 102 instances also those of the points each
+  instance gains or loses, ~1/points per instance). An unavailable owner is skipped clockwise, which
   moves only that owner's keys. The key is a header value, a cookie value or the source address;
   a request without the key falls back to ``random``.
 - L4: ``round_robin`` and ``least_connections`` (fewest open connections, ties rotated).
@@ -38,6 +40,11 @@ from hostmesh.registry import schema
 # Module constants are Final: the compiled build (agent/compiled.py) reads a Final name as a C constant,
 # any other module global from the module's dict at every use.
 VNODES_PER_ENDPOINT: Final = 160  # ketama's count: keeps each instance's share within a few % of 1/N
+# A ring's points in all, whatever its instances (each has MIN_VNODES at least): its build runs on the
+# first request after an instance change, ~2 µs a point. Envoy's ring_hash likewise sizes the ring,
+# not the points per host (its default minimum ring is 1,024).
+RING_POINTS_MAX: Final = 16384
+MIN_VNODES: Final = 4
 
 ROUND_ROBIN: Final = "round_robin"
 LEAST_REQUEST: Final = "least_request"
@@ -133,6 +140,9 @@ class HashRing:
     __slots__ = ("_hashes", "_owners", "size")
 
     def __init__(self, keys: Sequence[str], vnodes: int = VNODES_PER_ENDPOINT) -> None:
+        # at most RING_POINTS_MAX points in all: up to 102 instances keep their 160 each (the same
+        # ring as before), 2,000 get 8 (a ring of 320,000 cost 0.9 s of CPU per instance change)
+        vnodes = min(vnodes, max(MIN_VNODES, RING_POINTS_MAX // max(len(keys), 1)))
         points = sorted(
             (stable_hash(f"{k}#{i}".encode()), idx) for idx, k in enumerate(keys) for i in range(vnodes)
         )
