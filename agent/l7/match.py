@@ -355,7 +355,8 @@ class _MethodIndex:
     unkeyed routes, merged in document order) come from a memo by path, else from one dict lookup
     plus one slice and lookup per distinct prefix length not longer than the path (a prefix trie
     walked by length: bounded by the path, not by the route count); routes keyed by an exact header
-    value add one header scan and lookup per keyed header name. Only candidates are checked.
+    value add one pass over the request's fields and a lookup per keyed name it carries. Only
+    candidates are checked.
     """
 
     __slots__ = ("exact", "header_names", "headers", "memo", "prefix_lens", "prefixes", "unkeyed")
@@ -411,14 +412,24 @@ class _MethodIndex:
         return found
 
     def header_candidates(self, headers: Headers) -> list[_Bucket]:
-        """The buckets of routes keyed by an exact header value the request carries."""
-        out = []
-        for name in self.header_names:
+        """The buckets of routes keyed by an exact header value the request carries: one pass over
+        the request's fields whatever the number of keyed names (a pass per name cost 255 names
+        times the request's fields)."""
+        keyed = self.headers
+        if len(keyed) == 1:  # the common case: one keyed name, no dict
+            name = self.header_names[0]
             value = _header_bytes(headers, name)
-            if value is not None:
-                b = self.headers[name].get(value)
-                if b is not None:
-                    out.append(b)
+            b = keyed[name].get(value) if value is not None else None
+            return [b] if b is not None else []
+        values: dict[bytes, list[bytes]] = {}
+        for n, v in headers:
+            if n in keyed:
+                values.setdefault(n, []).append(v)
+        out = []
+        for name, vs in values.items():  # (buckets are merged in document order by the caller)
+            b = keyed[name].get(vs[0] if len(vs) == 1 else b",".join(vs))
+            if b is not None:
+                out.append(b)
         return out
 
 
@@ -427,7 +438,10 @@ class CompiledRoutes:
 
     Selection is first match in document order, but only routes whose cheapest necessary
     condition holds are tried (see :class:`_MethodIndex`), so the cost per request does not grow
-    with the number of routes: a 256-route document costs about what a 1-route one does.
+    with the number of routes: a 256-route document costs about what a 1-route one does. Routes
+    keyed by nothing (a regex path and no exact header, or no path and only non-exact headers) are
+    candidates for every request, so they are tried one by one, a regex over the whole path: 256
+    such routes cost ~160 µs a request on a 59 KB path, against ~1 µs for one.
     """
 
     __slots__ = (
