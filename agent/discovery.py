@@ -216,6 +216,14 @@ class SnapshotBuilder:
                 return False
             self.intentions[service] = doc
             self.raw_intentions[service] = data
+            # where and from when a rule was enforced: said once per version applied
+            default = {
+                True: "allow",
+                False: "deny",
+                None: f"default_intention ({self.config.default_intention})",
+            }
+            log.info("intentions of %s in force: version %d, %d rule(s), callers no rule matches: %s",
+                     service, doc.version, len(doc.rules), default[doc.default])  # fmt: skip
         self.versions[f"intentions/{service}"] = index
         self.rejected.pop(f"intentions/{service}", None)
         self._intentions_to(service, IntentionsState.ABSENT if raw is None else IntentionsState.PRESENT, "")

@@ -123,6 +123,30 @@ async def test_an_external_document_with_a_list_for_via_leaves_the_watch_reading
     assert "Traceback" not in caplog.text
 
 
+async def test_each_intentions_version_applied_is_said_on_the_agent_enforcing_it(
+    world: tuple[Agent, ConsulDev, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An investigator could not tell from a host's log from when a rule was enforced there."""
+    agent, consul, name = world
+    caplog.set_level(logging.INFO, logger="hostmesh.agent.discovery")
+    for version, action in ((1, "deny"), (2, "allow")):
+        doc = {
+            "service": name,
+            "version": version,
+            "default": "deny",
+            "rules": [{"source": "web", "action": action}],
+        }
+        consul.kv_put(f"hostmesh/intentions/{name}", json.dumps(doc))
+        await async_wait_until(lambda a=action: agent.rules(name) == [a], SEEN_TIMEOUT, f"version {version}")
+    said = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f"intentions of {name} in force")
+    ]
+    assert said == [
+        f"intentions of {name} in force: version {v}, 1 rule(s), callers no rule matches: deny"
+        for v in (1, 2)
+    ]
+
+
 @pytest.mark.parametrize("kind", ["policies", "intentions"])
 async def test_a_refused_document_is_in_the_snapshot_until_a_good_one_replaces_it(
     world: tuple[Agent, ConsulDev, str], kind: str
