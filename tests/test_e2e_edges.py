@@ -505,9 +505,24 @@ def test_an_intention_deny_blocks_the_external_service(edges: Edges, upstream: s
         before = len(edges.ext.requests)
         assert plain_get(port) is None
         assert len(edges.ext.requests) == before
+
+        # audited by the caller's agent as every denial is: the caller's SPIFFE ID, and the address
+        # of the local app's connection (they named the bare service and no peer)
+        def this_deny() -> list[dict[str, Any]]:  # (other tests' denials of other callers are there too)
+            return [o for o in denied_in_log(edges.caller, upstream) if o["reason"].endswith(" deny caller")]
+
+        denials = wait_for(this_deny, 10, "the denials in the log")
+        assert all(o["source"] == "spiffe://hostmesh.local/svc/caller" for o in denials), denials
+        assert all(o["peer"].startswith("127.0.0.1:") for o in denials), denials
     finally:
         m.hostmesh("intention", "allow", "caller", upstream)
     wait_for(lambda: plain_get(port) is not None, 10, "the allow to come back")
+
+
+def denied_in_log(agent: Any, destination: str) -> list[dict[str, Any]]:
+    """The agent's authz_denied lines for `destination` (its log is JSON, one object per line)."""
+    lines = [json.loads(line) for line in agent.proc.log().splitlines() if '"event":"authz_denied"' in line]
+    return [o for o in lines if o.get("destination") == destination]
 
 
 def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) -> None:
@@ -614,6 +629,8 @@ def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
         )
 
     assert refused_at_gateway()
+    denials = wait_for(lambda: denied_in_log(edges.egress, "ext-open"), 10, "the gateway's denial in its log")
+    assert all(o["source"] == "spiffe://hostmesh.local/svc/caller" and o["peer"] for o in denials), denials
 
 
 @pytest.mark.parametrize("upstream", ["ext-stale", "ext-stale-via"])

@@ -219,7 +219,10 @@ class EgressPipes:
         # an external down or misconfigured fails every connection to it: a line each, at a bounded rate
         self._failure_log = RateLimitedLog(log, "failed connections to external services")
 
-    def refused(self, source: str, destination: str, flag: str, reason: str, peer: str = "") -> None:
+    def refused(self, source: str, destination: str, flag: str, reason: str, peer: str = "",
+                source_id: str = "") -> None:  # fmt: skip
+        """A connection refused before it went out: counted, and a denial audited under the caller's
+        SPIFFE ID (`source_id`) as every other denial is."""
         series = self.telemetry.tcp_series(self.reporter, source, destination, "", flag)
         series.opened.inc()
         series.closed.inc()
@@ -228,7 +231,9 @@ class EgressPipes:
         elif flag == flags.NI:
             self.telemetry.unavailable(self.reporter, source, destination)
         if flag in (flags.AUTHZ, flags.NI):
-            audit.denied(layer="l4", source=source, destination=destination, reason=reason, peer=peer)
+            audit.denied(
+                layer="l4", source=source_id or source, destination=destination, reason=reason, peer=peer
+            )
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -285,8 +290,10 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
     if pipes is None:
         pipes = listener.egress = EgressPipes(listener.telemetry, "source", listener.tracker)
     allowed, reason, flag = external_decision(snap, ext.service, source)
-    if not allowed:
-        pipes.refused(source, ext.service, flag, reason)  # counted and audited (one line per denial)
+    if not allowed:  # counted and audited (one line per denial), naming the local app's address
+        app = end.transport.get_extra_info("peername")
+        pipes.refused(source, ext.service, flag, reason, f"{app[0]}:{app[1]}" if app else "",
+                      Identity(snap.trust_domain, source).spiffe_id)  # fmt: skip
         reset_transport(end.transport)
         return
     if ext.via is None:
@@ -348,7 +355,9 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
         return
     allowed, reason, flag = external_decision(snap, external, source)
     if not allowed:
-        pipes.refused(source, external, flag, reason, conn.peer_addr)
+        pipes.refused(
+            source, external, flag, reason, conn.peer_addr, conn.source.spiffe_id if conn.source else ""
+        )
         stream.reset()
         return
     pipes.spawn(pipes.connect_out(stream, ext, source, stream.reset))
