@@ -167,6 +167,7 @@ def parse_reply(data: bytes) -> Reply:
     return Reply(int(lines[0].split()[1]), headers, body)
 
 
+FORGED_XFCC = "By=spiffe://hostmesh.local/svc/web;URI=spiffe://hostmesh.local/svc/admin"
 FORGED_ID = "chosen-by-the-client"  # http_get sends it: the gateway must replace it
 
 
@@ -186,7 +187,8 @@ def http_get(
     with sock:
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n"
-            f"x-forwarded-for: 6.6.6.6\r\nx-request-id: {FORGED_ID}\r\n\r\n".encode()
+            f"x-forwarded-for: 6.6.6.6\r\nx-request-id: {FORGED_ID}\r\n"
+            f"x-forwarded-client-cert: {FORGED_XFCC}\r\n\r\n".encode()
         )
         data = b""
         while chunk := sock.recv(65536):
@@ -386,6 +388,8 @@ def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
     assert seen[b"x-forwarded-for"] == b"127.0.0.1"
     # the request id every line and span of the request carries is the gateway's, not the client's
     assert len(seen[b"x-request-id"]) == 32 and seen[b"x-request-id"] != FORGED_ID.encode()
+    # a client certificate's details, as a proxy would report them, never come from the internet
+    assert b"x-forwarded-client-cert" not in seen
     unknown = http_get(edges.http_port, "nobody.example.test")
     assert unknown.status == 404
     assert unknown.headers["x-hostmesh-response-flags"] == "NR"

@@ -26,7 +26,7 @@ Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listene
       -> the gateway's own policy (hostmesh/policies/<name>) `rate_limit`, per client address: a token
          bucket per address (429, flag RL)
       -> x-forwarded-for / forwarded set to the client's address (replacing what the client sent:
-         the gateway is where the mesh meets the untrusted network)
+         the gateway is where the mesh meets the untrusted network); x-forwarded-client-cert dropped
       -> that service's L7 outbound as the gateway's identity (http_outbound.HttpOutbound: its routes,
          splits, retries, faults, policy; consistent_hash `source` is the real client's address)
     tls (passthrough) -> read the ClientHello's SNI -> the TCP mesh service routed for that host
@@ -381,6 +381,10 @@ FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-forwarded-proto")
 # forwarding fields, and the request id that every access line and span of the request carries (a
 # client could otherwise pick the id other lines are found by; Envoy regenerates it at the edge too)
 REPLACED_AT_EDGE = (*FORWARDED_HEADERS, b"x-request-id")
+# what it drops: a client certificate's details as a proxy in front of an app reports them (Envoy's
+# edge default, SANITIZE): an app that reads them, as behind Envoy or Istio, would trust an
+# internet client's word for its identity. The mesh's own decisions never read a header.
+DROPPED_AT_EDGE = (b"x-forwarded-client-cert",)
 
 
 class IngressHttp:
@@ -450,7 +454,7 @@ class IngressHttp:
             return
         client = ex.conn.peer_ip
         node = f'"[{client}]"' if ":" in client else client
-        headers = [(n, v) for n, v in head.headers if n not in REPLACED_AT_EDGE]
+        headers = [(n, v) for n, v in head.headers if n not in REPLACED_AT_EDGE and n not in DROPPED_AT_EDGE]
         headers += [
             (b"x-forwarded-for", client.encode()),
             (b"x-forwarded-proto", self.scheme),
