@@ -375,6 +375,12 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert audit[0]["destination"] == "api" and audit[0]["reason"] == "rule 0 deny web"
     assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total", source_service="web") == 1
     assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
+    # and an access line where it was decided, as for any failure (the caller's line says only UC)
+    access = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
+    assert [(a["reporter"], a["source_principal"], a["destination_service"], a["response_flags"])
+            for a in access if a["reporter"] == "destination"] == [
+        ("destination", "spiffe://hostmesh.local/svc/web", "api", "AUTHZ")
+    ]  # fmt: skip
 
 
 async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(

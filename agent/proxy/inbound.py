@@ -421,19 +421,11 @@ class InboundListener(ListenerLifecycle):
                 return
             audit.denied(layer="l4", source=source.spiffe_id, destination=svc.name, reason=decision.reason,
                          peer=conn.peer_addr)  # fmt: skip
-            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flag)
-            series.opened.inc()
-            series.closed.inc()
-            stream.reset()  # this downstream connection only; the caller's others go on
-            conn.answered()
+            self._refused(conn, stream, svc.name, flag)  # this stream only; the caller's others go on
             return
         admission = self.cap.admit("inbound") if self.cap is not None else None
         if self.cap is not None and admission is None:  # shed: this stream only
-            series = self.telemetry.tcp_series(REPORTER, source.service, svc.name, "", flags.OM)
-            series.opened.inc()
-            series.closed.inc()
-            stream.reset()
-            conn.answered()
+            self._refused(conn, stream, svc.name, flags.OM)
             return
         series = self.telemetry.tcp_series(REPORTER, source.service, svc.name)
         series.opened.inc()
@@ -509,6 +501,17 @@ class InboundListener(ListenerLifecycle):
         pipe.start()
         return True
 
+    def _refused(self, conn: Any, stream: Any, service: str, flag: str) -> None:
+        """A stream refused before the app was dialled: reset, counted, and an access line where it
+        was decided (a failure's line is written whatever the sample)."""
+        source = conn.source
+        series = self.telemetry.tcp_series(REPORTER, source.service, service, "", flag)
+        series.opened.inc()
+        series.closed.inc()
+        stream.reset()
+        conn.answered()
+        self._access(conn, source.service, service, flag, 0.0, 0, 0)
+
     def _done(self, pipe: Pipe) -> None:
         self.tracker.remove(pipe)
         conn, source, service, admission = pipe.info
@@ -519,14 +522,17 @@ class InboundListener(ListenerLifecycle):
             series = self.telemetry.tcp_series(REPORTER, source, service, "", pipe.flags)
         pipe.flush_metrics(series)
         series.closed.inc()
-        if audit.access_sampled(always=bool(pipe.flags)):
+        self._access(conn, source, service, pipe.flags, time.monotonic() - pipe.started, pipe.up, pipe.down)
+
+    @staticmethod
+    def _access(conn: Any, source: str, service: str, flag: str, seconds: float, up: int, down: int) -> None:
+        if audit.access_sampled(always=bool(flag)):
             spiffe = conn.source.spiffe_id if conn.source else ""
             audit.access(audit.access_record(
                 protocol="tcp", reporter=REPORTER, source_workload=source, source_principal=spiffe,
                 destination_service=service, destination_subset="", upstream_host="",
-                downstream_remote_address=conn.peer_addr, response_code=0, response_flags=pipe.flags,
-                duration_ms=round((time.monotonic() - pipe.started) * 1000, 1), bytes_received=pipe.up,
-                bytes_sent=pipe.down,
+                downstream_remote_address=conn.peer_addr, response_code=0, response_flags=flag,
+                duration_ms=round(seconds * 1000, 1), bytes_received=up, bytes_sent=down,
             ))  # fmt: skip
 
     # --- views --------------------------------------------------------------------------------
