@@ -170,17 +170,39 @@ def _name(v: object, path: str) -> str:
     return s
 
 
+_REGEX_META = frozenset("\\.^$|?*+()[]{}")
+
+
+def regex_literal_prefix(pattern: str) -> str:
+    """The text every full match of `pattern` starts with ("" when unsure): the characters before
+    its first metacharacter, less the last one when `?`, `*` or `{` makes it optional. A `|`
+    anywhere gives none (an alternation may be at the top level)."""
+    if "|" in pattern:
+        return ""
+    out: list[str] = []
+    for ch in pattern:
+        if ch in _REGEX_META:
+            if ch in "?*{" and out:
+                out.pop()
+            break
+        out.append(ch)
+    return "".join(out)
+
+
 class Regex:
     """An operator-supplied regex, compiled with RE2: matching is linear in the input's length, whatever
     the pattern (`/(a+)+$` against `/aaaa…!` backtracks exponentially in Python's `re`). Full match only,
     on str (RE2 sees its UTF-8 bytes, so `.` is one character as in `re`)."""
 
-    __slots__ = ("_match", "_rx", "pattern")
+    __slots__ = ("_match", "_rx", "literal", "pattern")
 
     def __init__(self, pattern: str) -> None:
         re2, options = _re2()
         self._rx = re2.compile(pattern, options=options)  # re2.error: the caller names the field
         self.pattern = pattern
+        # what every match starts with: a text without it is refused before RE2 (and the copy it
+        # reads) sees it; route indexes key regex routes by it (agent/l7/match.py)
+        self.literal = regex_literal_prefix(pattern)
         low = getattr(self._rx, "_regexp", None)
         # The binding's public fullmatch builds a match object in Python (~7 us a call); its compiled
         # RE2 object answers the same question in one C call (~1.5 us): used when this binding has it.
@@ -189,6 +211,8 @@ class Regex:
             self._match = functools.partial(low.Match, re2._Anchor.ANCHOR_BOTH)
 
     def fullmatch(self, text: str) -> bool:
+        if not text.startswith(self.literal):
+            return False
         if self._match is None:
             return self._rx.fullmatch(text) is not None
         b = text.encode()

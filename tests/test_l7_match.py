@@ -15,10 +15,9 @@ from hostmesh.agent.l7.match import (
     CompiledRoutes,
     _header_bytes,
     parse_query,
-    regex_literal_prefix,
     split_target,
 )
-from hostmesh.registry.schema import parse_routes
+from hostmesh.registry.schema import Regex, parse_routes, regex_literal_prefix
 
 
 def compile_doc(doc: dict[str, Any]) -> CompiledRoutes:
@@ -464,3 +463,26 @@ def test_a_regex_paths_literal_prefix_keys_its_route(pattern: str, prefix: str) 
     """Regex routes with a literal prefix are candidates only for paths that start with it: 256
     unkeyed regex routes cost ~160 µs a request on a long path (each tried in turn)."""
     assert regex_literal_prefix(pattern) == prefix
+
+
+@given(
+    st.lists(
+        st.sampled_from(["/", "a", "b", ".", "*", "?", "+", "|", "(", ")", "[ab]", "{0,2}", "\\."]),
+        max_size=6,
+    ),
+    st.text(alphabet="/ab.", max_size=6),
+)
+@settings(max_examples=400, deadline=None)
+def test_a_regex_refuses_by_its_literal_prefix_only_what_it_would_not_match(
+    parts: list[str], path: str
+) -> None:
+    """Regex.fullmatch answers from its literal prefix first (a long path no intention regex could
+    match cost every regex a copy and a scan): never otherwise than RE2 itself."""
+    import re2
+
+    pattern = "/" + "".join(parts)
+    try:
+        rx = Regex(pattern)
+    except re2.error:
+        return
+    assert rx.fullmatch(path) == (rx._rx.fullmatch(path) is not None), (pattern, rx.literal)

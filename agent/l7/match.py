@@ -322,32 +322,13 @@ PATH_MEMO_KEY_MAX = 200
 _Bucket = tuple[CompiledRoute, ...]  # routes in document order
 
 
-_REGEX_META = frozenset("\\.^$|?*+()[]{}")
-
-
-def regex_literal_prefix(pattern: str) -> str:
-    """The text every full match of `pattern` starts with ("" when unsure): the characters before
-    its first metacharacter, less the last one when `?`, `*` or `{` makes it optional. A `|`
-    anywhere gives none (an alternation may be at the top level)."""
-    if "|" in pattern:
-        return ""
-    out: list[str] = []
-    for ch in pattern:
-        if ch in _REGEX_META:
-            if ch in "?*{" and out:
-                out.pop()
-            break
-        out.append(ch)
-    return "".join(out)
-
-
 def _route_key(route: CompiledRoute) -> tuple[int, bytes, bytes]:
     """(key kind, literal, header name): exact path > path prefix (a regex path's literal prefix
     too) > exact header > none.
 
     Paths are matched as latin-1 decoded bytes, so a path literal outside latin-1 never matches."""
     kind = route.path_kind
-    literal_path = regex_literal_prefix(route.path_value) if kind == _REGEX else route.path_value
+    literal_path = route.path_regex.literal if route.path_regex is not None else route.path_value
     if kind in (_EXACT, _PREFIX) or (kind == _REGEX and literal_path):
         try:
             literal = literal_path.encode("latin-1")
