@@ -400,10 +400,10 @@ class SnapshotBuilder:
         for key in list(self.rejected):  # (an external's intentions are refused as "intentions/<name>")
             kind, _, name = key.partition("/")
             owners = {kind, "external-intentions"} if kind == "intentions" else {kind}
-            # kept while an owner follows it: one forgotten here by `followed`, another by its state
-            # (forgetting externals erased every local service's refused intentions, for good)
+            # kept while an owner follows it, or one not forgotten here still holds it (forgetting
+            # externals erased every local service's refused intentions, for good)
             if owners & kinds and not any(
-                (k, name) in followed if k in kinds else any(name in store for store in stores[k])
+                (k, name) in followed or (k not in kinds and any(name in store for store in stores[k]))
                 for k in owners
             ):
                 del self.rejected[key]
@@ -1179,6 +1179,8 @@ class Discovery:
                 for name in names:  # one at a time, each on its own: one failing read holds no other
                     try:
                         held = self._table.held_of(name)
+                        if not held:  # released meanwhile (a registrations round read them)
+                            continue
                         if len(held) <= CONFIRM_BY_ID:  # the held ones alone, if they are as they were
                             _, instances = await self._consul.catalog_service(name, ids=[i for _, i in held])
                             if self._table.confirm(name, instances, read_after):

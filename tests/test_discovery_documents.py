@@ -147,6 +147,22 @@ async def test_each_intentions_version_applied_is_said_on_the_agent_enforcing_it
     ]
 
 
+def test_a_refused_external_intentions_document_stays_shown_across_a_reload(tmp_path: Path) -> None:
+    """An external's intentions refused with nothing valid before are in no store; a reload's
+    forgetting (what _forget_unfollowed passes) must keep their refusal while the external is followed."""
+    b = SnapshotBuilder(calling(tmp_path, "web", "ext"), no_tls)
+    b.set_external("ext", 3, json.dumps({"service": "ext", "addresses": ["127.64.7.9:443"]}).encode())
+    bad = {"service": "ext", "rules": [{"source": "web", "action": "Deny"}]}
+    b.set_external_intentions("ext", 4, json.dumps(bad).encode())
+    assert "intentions/ext" in b.rejected
+    followed = {("routes", "ext"), ("policies", "ext"), ("policies", "web"), ("intentions", "web"),
+                ("external", "ext"), ("external-intentions", "ext"), ("endpoints", "ext")}  # fmt: skip
+    b.forget(("endpoints", "routes", "policies", "intentions", "gateways"), followed)
+    assert "intentions/ext" in b.rejected
+    b.forget(("external", "external-intentions"), set())  # no longer followed: gone
+    assert "intentions/ext" not in b.rejected
+
+
 @pytest.mark.parametrize("kind", ["policies", "intentions"])
 async def test_a_refused_document_is_in_the_snapshot_until_a_good_one_replaces_it(
     world: tuple[Agent, ConsulDev, str], kind: str
