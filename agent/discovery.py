@@ -655,6 +655,10 @@ class EndpointTable:
         self.health_index, self.not_passing = index, not_passing
         return True
 
+    def known(self, field: str) -> list[str]:
+        """The IDs ("ServiceID") or node names ("Node") of every instance of the upstreams followed."""
+        return [e.instance_id if field == "ServiceID" else e.node for ms in self.members.values() for e in ms]
+
     def held_of(self, upstream: str) -> list[tuple[str, str]]:
         """(node, instance id) of the instances of `upstream` held until a read."""
         held = self._held
@@ -1152,7 +1156,7 @@ class Discovery:
             except AnswerTooLarge as exc:
                 from hostmesh.registry.failing import FailingChecks
 
-                self._failing = FailingChecks(self._consul, self._table.not_passing, exc)
+                self._failing = FailingChecks(self._consul, self._table.known, exc)
                 index = None  # (this change is read now: the blocking wait is over)
         return await self._failing.read(index, upstreams)
 

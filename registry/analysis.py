@@ -341,11 +341,13 @@ def _check_intentions(
     out: list[Finding] = []
     if key not in known and key not in externals:
         out.append(_unknown("intentions", key))
-    decided_as = (
-        "an external service"
-        if key in externals
-        else next((p for p in ("tcp", "udp") if p in catalog.protocols(key)), None)
+    # decided per connection (or flow), as `apply` decides it (registry/documents.py protocol_of)
+    protocols = catalog.protocols(key)
+    decided_as: str | None = (
+        None if "http" in protocols else next((p for p in ("udp", "tcp") if p in protocols), None)
     )
+    if key in externals:
+        decided_as = "an external service"
     for i, rule in enumerate(doc.rules):
         subject = f"intentions/{key} rule {i}"
         if rule.source != "*" and rule.source not in known:

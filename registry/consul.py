@@ -783,10 +783,9 @@ class ConsulClient:
         """The part of `checks_not_passing(None, services=services)` whose IDs `part` holds: the node
         checks of the nodes it names, or the checks of `services`' instances it names (a plain read).
         Also the answer's size in bytes."""
-        if part.field == "Node":
-            expr = f'ServiceID == "" and Node matches {json.dumps(part.pattern)}'
-        else:
-            expr = f"({_any_service(services)}) and ServiceID matches {json.dumps(part.pattern)}"
+        expr = 'ServiceID == ""' if part.field == "Node" else f"({_any_service(services)})"
+        if clauses := part.filter():
+            expr += f" and {clauses}"
         resp = await self._checks(f'Status != "passing" and {expr}', None)
         index, not_passing = self._not_passing(resp)
         return index, not_passing, len(resp.body)

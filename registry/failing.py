@@ -7,26 +7,32 @@ page), so an outage of ~2,000 instances among an agent's upstreams passed the cl
 agent kept the health it had read last, for every upstream, and sent calls to dead instances.
 
 Decision: past the limit, the same checks are read in parts, each a plain read with Consul's
-`matches` filter on the last characters of the instance ID (of the node name, for node checks).
-The parts are complete by construction: every ID, of an instance registered since too, is in
-exactly one of them, so no instance is taken as passing because its part was not read. A part still
-too large is split again by the character before (SUFFIX_CLASSES), up to MAX_SUFFIX characters.
-A part that cannot be split further keeps what the last view said of the IDs it holds (the last
-good state), with one line in the log. Consul's index of each part moves with any check, so the
-view's index is the lowest of its parts': a change after the first part's read wakes the next one.
+`matches` filter on the end of the instance ID (of the node name, for node checks). hostmesh's IDs
+are `<service>-<node>`, and node names often share a long tail (`.prod.example.com`), so a part is
+split after the longest tail its known IDs share (the instances the agent follows, and their
+nodes): by the character before that tail, in classes of the characters seen there, plus one class
+of every other character, one part for the tail itself, and one for the IDs that do not end with
+it. Every ID, of an instance registered since too, is in exactly one part, so none is taken as
+passing because its part was not read. A part still too large is split again; one that cannot be
+(it holds fewer than two known IDs, or MAX_SPLITS or MAX_PARTS is reached) fails the read as a
+whole answer did: the agent keeps the health it read last and its watch says it is not in sync.
+Consul's index of each part moves with any check, so the view's index is the lowest of its parts':
+a change after the first part's read wakes the next one.
 
 While in parts, the blocking wait is a query that lists no check (`checks_index`), and each change
-costs one read per part. Once the parts' answers together are under a quarter of the limit
-(`whole_again`), the next read is whole again. Hosts whose failing checks fit one answer read
-exactly as before (agent/discovery.py imports this module at the first answer past the limit).
+costs one read per part (about ten for one large upstream). Once the parts' answers together are
+under a quarter of the limit (`whole_again`), the next read is whole again. Hosts whose failing
+checks fit one answer read exactly as before (agent/discovery.py imports this module at the first
+answer past the limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from hostmesh.registry import http
@@ -36,11 +42,15 @@ from hostmesh.registry.records import record
 
 log = logging.getLogger("hostmesh.registry")
 
-# The last character of an ID, in classes that split typical IDs (names with a counter or a random
-# suffix) in several parts; the last class holds every other character, so together they hold all.
-SUFFIX_CLASSES = ("[0-4]", "[5-9]", "[a-h]", "[i-q]", "[r-z]", "[^0-9a-z]")
-MAX_SUFFIX = 8  # characters of an ID a part is narrowed by: 6^8 parts at most, never reached in practice
+SPLIT_CLASSES = 6  # classes of the character before a part's shared tail, besides "any other"
+MAX_SPLITS = 6  # times one part is split again: enough for ~4,000 IDs of 2,000 bytes of checks each
+MAX_PARTS = 64  # parts read for one view: past it the read fails as one too large answer did
 PART_READS_AT_ONCE = 4  # parts read concurrently (each is a plain read of at most the answer limit)
+_META = frozenset("\\.^$|?*+()[]{}")  # escaped in a literal (Go's RE2 and Python's re alike)
+_CLASS_META = frozenset("\\]^-[")  # escaped in a character class
+
+Field = Literal["ServiceID", "Node"]
+KnownIds = Callable[[Field], Iterable[str]]  # the IDs (or node names) the agent knows of
 
 
 def whole_again() -> int:
@@ -49,109 +59,159 @@ def whole_again() -> int:
 
 
 @record
-class CheckPart:
-    """The failing checks whose `field` (ServiceID: the instances' own checks; Node: node checks)
-    ends with characters of `suffix`'s classes, in order; `exact`: and has no character before them."""
+class Clause:
+    """The ID ends with `tail` (a regular expression fragment; `^...`: is exactly it), or with
+    `negated`, does not."""
 
-    field: Literal["ServiceID", "Node"]
-    suffix: tuple[str, ...] = ()
-    exact: bool = False
+    tail: str
+    negated: bool = False
 
     @property
     def pattern(self) -> str:
-        """The regular expression of Consul's `matches` (Go's RE2, where `$` is the end of the text)."""
-        return f"(?s){'^' if self.exact else ''}{''.join(self.suffix)}$"
+        """For Consul's `matches` (Go's RE2, where `$` is the end of the text)."""
+        return f"(?s){self.tail}$"
 
     def holds(self, value: str) -> bool:
         """As Consul's `matches` (Python's `$` also matches before a last newline: fullmatch instead)."""
-        return re.fullmatch(f"(?s){'' if self.exact else '.*'}{''.join(self.suffix)}", value) is not None
+        body = self.tail[1:] if self.tail.startswith("^") else f".*{self.tail}"
+        return (re.fullmatch(f"(?s){body}", value) is not None) != self.negated
 
-    def split(self) -> list[CheckPart] | None:
-        """Parts holding together exactly what this one holds, each narrowed by one more character
-        (and the IDs of exactly this one's length); None when it cannot be narrowed."""
-        if self.exact or len(self.suffix) >= MAX_SUFFIX:
+
+@record
+class CheckPart:
+    """The failing checks whose `field` (ServiceID: the instances' own checks; Node: node checks)
+    every clause holds for."""
+
+    field: Field
+    clauses: tuple[Clause, ...] = ()
+
+    def filter(self) -> str:
+        """The part's condition in Consul's filter language ("" for every ID)."""
+        return " and ".join(
+            f"{self.field} {'not matches' if c.negated else 'matches'} {json.dumps(c.pattern)}"
+            for c in self.clauses
+        )
+
+    def holds(self, value: str) -> bool:
+        return all(c.holds(value) for c in self.clauses)
+
+    def split(self, known: Iterable[str]) -> list[CheckPart] | None:
+        """Parts that hold together exactly what this one holds, each with fewer of the `known` IDs
+        it holds; None when it cannot be split (fewer than two known IDs, or split MAX_SPLITS times)."""
+        ids = sorted({v for v in known if self.holds(v)})
+        if len(ids) < 2 or len(self.clauses) >= MAX_SPLITS:
             return None
-        parts = [CheckPart(self.field, (c, *self.suffix)) for c in SUFFIX_CLASSES]
-        return [*parts, CheckPart(self.field, self.suffix, exact=True)] if self.suffix else parts
+        tail = _shared_tail(ids)
+        before = [v[-len(tail) - 1] for v in ids if len(v) > len(tail)]
+        literal = "".join(f"\\{c}" if c in _META else c for c in tail)
+        parts = [self._with(Clause(_class(group) + literal)) for group in _groups(before)]
+        parts.append(self._with(Clause(f"[^{''.join(map(_in_class, sorted(set(before))))}]{literal}")))
+        parts.append(self._with(Clause(f"^{literal}")))  # the tail itself
+        if tail:
+            parts.append(self._with(Clause(literal, negated=True)))
+        return parts
+
+    def _with(self, clause: Clause) -> CheckPart:
+        return CheckPart(self.field, (*self.clauses, clause))
 
 
-FIRST_PARTS = (CheckPart("Node"), *(CheckPart("ServiceID", (c,)) for c in SUFFIX_CLASSES))
+def _shared_tail(ids: Sequence[str]) -> str:
+    """The longest text every one of `ids` ends with."""
+    first, last = min(ids, key=len), ids
+    n = 0
+    while n < len(first) and all(v[-1 - n] == first[-1 - n] for v in last):
+        n += 1
+    return first[len(first) - n :]
+
+
+def _groups(chars: Sequence[str]) -> list[list[str]]:
+    """The distinct characters of `chars` in up to SPLIT_CLASSES groups of about as many IDs each."""
+    counts: dict[str, int] = {}
+    for c in chars:
+        counts[c] = counts.get(c, 0) + 1
+    share = max(1, -(-len(chars) // SPLIT_CLASSES))
+    groups: list[list[str]] = [[]]
+    held = 0
+    for c in sorted(counts):
+        if held >= share and len(groups) < SPLIT_CLASSES:
+            groups.append([])
+            held = 0
+        groups[-1].append(c)
+        held += counts[c]
+    return [g for g in groups if g]
+
+
+def _in_class(c: str) -> str:
+    return f"\\{c}" if c in _CLASS_META else c
+
+
+def _class(chars: Iterable[str]) -> str:
+    return f"[{''.join(map(_in_class, chars))}]"
+
+
+FIRST_PARTS = (CheckPart("Node"), CheckPart("ServiceID"))
 
 
 class FailingChecks:
     """The failing checks of some services and of every node, read in parts from the first answer
     that passed the size limit (`too_large`) on, and whole again once they fit (module docstring).
-    State: `parts`, None while read whole. `last`: the view read before, kept for parts that fail."""
+    State: `parts`, None while read whole. `known`: the IDs (field ServiceID) or node names (Node)
+    of the instances the agent follows, which choose where a part is split."""
 
-    def __init__(self, consul: ConsulClient, last: NotPassing, too_large: AnswerTooLarge) -> None:
+    def __init__(self, consul: ConsulClient, known: KnownIds, too_large: AnswerTooLarge) -> None:
         self._consul = consul
-        self._last = last
+        self._known = known
         log.warning("the failing checks of this agent's upstreams do not fit one answer (%s): "
                     "reading them in parts", too_large)  # fmt: skip
         self.parts: tuple[CheckPart, ...] | None = FIRST_PARTS
 
     async def read(self, index: int | None, services: Iterable[str]) -> tuple[int, NotPassing]:
-        """As `ConsulClient.checks_not_passing(index, services=services)`, past the answer limit too."""
+        """As `ConsulClient.checks_not_passing(index, services=services)`, past the answer limit too.
+        Raises AnswerTooLarge when a part cannot be split small enough (module docstring)."""
         services = sorted(set(services))
         if self.parts is None:
             try:
-                index, self._last = await self._consul.checks_not_passing(index, services=services)
-                return index, self._last
+                return await self._consul.checks_not_passing(index, services=services)
             except AnswerTooLarge as exc:
                 log.warning("the failing checks of this agent's upstreams do not fit one answer again "
                             "(%s): reading them in parts", exc)  # fmt: skip
                 self.parts = FIRST_PARTS
         elif index is not None:
-            now = await self._consul.checks_index(index)
-            if now == index:
-                return index, self._last  # the wait ran out: nothing changed
+            await self._consul.checks_index(index)  # a change anywhere, or the wait ran out: read
         return await self._read_parts(services)
 
     async def _read_parts(self, services: list[str]) -> tuple[int, NotPassing]:
-        last = self._last
         todo = [p for p in self.parts or FIRST_PARTS if services or p.field == "Node"]
         done: list[CheckPart] = []
         views: list[tuple[int, NotPassing, int]] = []
-        held: list[CheckPart] = []
         gate = asyncio.Semaphore(PART_READS_AT_ONCE)
 
-        async def read(part: CheckPart) -> None:
+        async def read(part: CheckPart) -> list[CheckPart]:
+            """The part read, or the parts it is split into (to be read)."""
             async with gate:
                 try:
                     views.append(await self._consul.checks_not_passing_part(services, part))
                     done.append(part)
-                    return
-                except AnswerTooLarge:
-                    split = part.split()
-            if split is None:
-                log.warning("the failing checks whose %s matches %s do not fit one answer even alone: "
-                            "keeping what was read of them before", part.field, part.pattern)  # fmt: skip
-                views.append((0, _held_by(part, last), 0))
-                held.append(part)
-                done.append(part)
-            else:
-                await asyncio.gather(*map(read, split))
+                    return []
+                except AnswerTooLarge as exc:
+                    split = part.split(self._known(part.field))
+                    if split is None:
+                        raise AnswerTooLarge(
+                            f"{exc} even for the failing checks whose {part.filter()}"
+                        ) from None
+                    return split
 
-        await asyncio.gather(*map(read, todo))
+        while todo:
+            if len(done) + len(todo) > MAX_PARTS:
+                self.parts = tuple(done + todo)
+                raise AnswerTooLarge(f"the failing checks would take more than {MAX_PARTS} parts to read")
+            todo = [p for split in await asyncio.gather(*map(read, todo)) for p in split]
         size = sum(v[2] for v in views)
-        self.parts = None if size < whole_again() and not held else tuple(done)
+        self.parts = None if size < whole_again() else tuple(done)
         if self.parts is None:
             log.info("the failing checks of this agent's upstreams fit one answer again (%d bytes)", size)
-        index = min((v[0] for v in views if v[0]), default=0)
-        np = views[0][1] if len(views) == 1 else _union(v[1] for v in views)
-        self._last = np
-        return index, np
-
-
-def _held_by(part: CheckPart, view: NotPassing) -> NotPassing:
-    """What `view` says of the IDs `part` holds."""
-    if part.field == "Node":
-        return NotPassing(
-            frozenset(),
-            frozenset(n for n in view.nodes if part.holds(n)),
-            frozenset(n for n in view.gossip_failed if part.holds(n)),
-        )
-    return NotPassing(frozenset(i for i in view.instances if part.holds(i[1])), frozenset())
+        index = min(v[0] for v in views)
+        return index, views[0][1] if len(views) == 1 else _union(v[1] for v in views)
 
 
 def _union(views: Iterable[NotPassing]) -> NotPassing:

@@ -11,7 +11,8 @@ Decisions:
   line starts with `<N>`, its syslog priority: journald's stream reader strips it and stores
   PRIORITY=N (SyslogLevelPrefix=, on by default), so `journalctl -p warning` works.
 - The level changes at runtime (`set_level`, behind the agent's `PUT /v1/log-level`) on the root
-  logger, which every hostmesh logger inherits from.
+  logger, which every hostmesh logger inherits from but `hostmesh.audit` (its own level: audit
+  lines are written whatever the level, agent/audit.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each check carries up to 4 KiB of output, so an outage of ~2,000 instances among
 passed the client's 8 MiB answer limit: the failing-checks read failed at every try while the outage
 lasted, and the agent kept sending calls to the dead instances of every upstream (and missed the
 next registrations too, whose read of the checks failed the same way). Here the limit is lowered to
-64 KiB so that ~60 failing checks pass it (registry/failing.py reads them in parts).
+64 KiB so that ~30 failing checks pass it (registry/failing.py reads them in parts). Instance IDs
+have hostmesh's own shape, `<service>-<node>`, with node names that share a long tail.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from hostmesh.agent.discovery import Discovery, SnapshotBuilder
 from hostmesh.registry import http as registry_http
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.failing import FIRST_PARTS, MAX_SUFFIX, CheckPart
+from hostmesh.registry.failing import CheckPart
 from tests.support import ConsulDev, async_wait_until
 from tests.test_discovery_documents import calling, no_tls
 
@@ -30,26 +31,34 @@ LOWERED_LIMIT = 64 * 1024
 OUTPUT = "e" * 2048  # an HTTP check quoting an error page: ~30 such checks make 64 KiB
 
 
-def register(consul: ConsulDev, service: str, instance_id: str, status: str, output: str = "") -> None:
-    """(Re-)register a mesh instance on a node of its own, at a loopback address nothing listens on,
-    with one check of its own in `status`."""
+def node(n: int, tag: str) -> str:
+    return f"vm-{n:03d}.{tag}.prod.example.com"
+
+
+def register(
+    consul: ConsulDev, service: str, node_name: str, status: str, output: str = "", checks: int = 1
+) -> str:
+    """(Re-)register `service`'s mesh instance on `node_name` (hostmesh's ID shape), at a loopback
+    address nothing listens on, with `checks` checks of its own in `status`; its ID."""
+    instance_id = f"{service}-{node_name}"
     body = {
-        "Node": f"n-{instance_id}",
+        "Node": node_name,
         "Address": "127.64.9.1",
         "Service": {"ID": instance_id, "Service": service, "Port": 9000, "Meta": {"hostmesh": "1"}},
-        "Check": {"CheckID": f"{instance_id}:app", "Name": "app", "ServiceID": instance_id,
-                  "Status": status, "Output": output},
+        "Checks": [{"CheckID": f"{instance_id}:app{i}", "Name": "app", "ServiceID": instance_id,
+                    "Status": status, "Output": output} for i in range(checks)],
     }  # fmt: skip
     consul.put_json("/v1/catalog/register", body)
+    return instance_id
 
 
 @pytest.fixture
-def cleanup(consul: ConsulDev) -> Iterator[list[str]]:
-    """Instance IDs whose nodes the test deregisters at its end."""
-    ids: list[str] = []
-    yield ids
-    for instance_id in ids:
-        consul.put_json("/v1/catalog/deregister", {"Node": f"n-{instance_id}"})
+def nodes(consul: ConsulDev) -> Iterator[list[str]]:
+    """Node names the test deregisters at its end."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        consul.put_json("/v1/catalog/deregister", {"Node": name})
 
 
 def used(builder: SnapshotBuilder, service: str) -> set[str]:
@@ -69,21 +78,18 @@ async def test_an_outage_past_the_answer_limit_is_followed_in_parts_for_every_up
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-    cleanup: list[str],
+    nodes: list[str],
 ) -> None:
     """All but 3 instances of `big` fail with a long output: the agent uses those 3; a failure of
     another upstream's instance after it, and a new failing instance of `big`, are seen too; once the
     outage is over, everything is used again and the checks are read in one answer again."""
     caplog.set_level(logging.INFO, logger="hostmesh.registry")
     name = f"parts-{secrets.token_hex(3)}"
+    tag = secrets.token_hex(2)
     big, small = f"{name}-big", f"{name}-small"
-    big_ids = [f"{big}-{n}" for n in range(60)]
-    small_ids = [f"{small}-{n}" for n in range(2)]
-    cleanup += [*big_ids, *small_ids, f"{big}-new"]
-    for i in big_ids:
-        register(consul, big, i, "passing")
-    for i in small_ids:
-        register(consul, small, i, "passing")
+    nodes += [node(n, tag) for n in range(64)]
+    big_ids = [register(consul, big, node(n, tag), "passing") for n in range(60)]
+    small_ids = [register(consul, small, node(n, tag), "passing") for n in range(60, 62)]
     builder = SnapshotBuilder(calling(tmp_path, name, big, small), no_tls)
     monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", LOWERED_LIMIT)
     async with ConsulClient(consul.url) as client:
@@ -93,23 +99,22 @@ async def test_an_outage_past_the_answer_limit_is_followed_in_parts_for_every_up
             await seen(builder, big, lambda ids: ids == set(big_ids), "every instance of big used")
             await seen(builder, small, lambda ids: ids == set(small_ids), "every instance of small used")
             alive = {big_ids[7], big_ids[18], big_ids[55]}
-            for i in big_ids:
+            for n, i in enumerate(big_ids):
                 if i not in alive:
-                    register(consul, big, i, "critical", OUTPUT)
+                    register(consul, big, node(n, tag), "critical", OUTPUT)
             await seen(builder, big, lambda ids: ids == alive, "only the 3 alive used")
             assert any("reading them in parts" in r.getMessage() for r in caplog.records)
 
-            register(consul, small, small_ids[0], "critical", OUTPUT)  # the watch goes on, in parts
+            register(consul, small, node(60, tag), "critical", OUTPUT)  # the watch goes on, in parts
             await seen(builder, small, lambda ids: ids == {small_ids[1]}, "small's failing one out of use")
-            register(consul, big, f"{big}-new", "critical", OUTPUT)  # registrations read checks in parts
-            register(consul, small, f"{small}-new", "passing")
-            cleanup.append(f"{small}-new")
-            await seen(builder, small, lambda ids: f"{small}-new" in ids, "small's new instance used")
-            assert used(builder, big) == alive
+            new = register(consul, big, node(62, tag), "critical", OUTPUT)  # registrations read in parts
+            small_new = register(consul, small, node(63, tag), "passing")
+            await seen(builder, small, lambda ids: small_new in ids, "small's new instance used")
+            assert new not in used(builder, big) and used(builder, big) == alive
             assert discovery.healthy
 
-            for i in [*big_ids, *small_ids]:
-                register(consul, big if i in big_ids else small, i, "passing")
+            for n in range(62):
+                register(consul, big if n < 60 else small, node(n, tag), "passing")
             everything = set(big_ids)
             await seen(builder, big, lambda ids: ids == everything, "the outage over")
             assert any("fit one answer again" in r.getMessage() for r in caplog.records)
@@ -118,61 +123,77 @@ async def test_an_outage_past_the_answer_limit_is_followed_in_parts_for_every_up
 
 
 @pytest.mark.consul
-async def test_a_part_that_cannot_be_narrowed_keeps_what_was_read_of_it(
+async def test_a_part_that_cannot_be_split_fails_the_read_as_a_whole_answer_did(
     consul: ConsulDev,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    cleanup: list[str],
+    nodes: list[str],
 ) -> None:
-    """IDs that end alike for MAX_SUFFIX characters cannot be told apart by their last characters:
-    their part keeps the health read before (one line says so; here: passing, although they failed
-    since), and the other parts are read."""
-    name = f"alike-{secrets.token_hex(3)}"
+    """One instance whose own checks pass the limit cannot be told apart from itself: the read fails
+    as before the parts (the watch is not in sync, the health read before stays), and a new
+    instance registered failing meanwhile is not taken as passing."""
+    name = f"alone-{secrets.token_hex(3)}"
+    tag = secrets.token_hex(2)
     svc = f"{name}-up"
-    tail = "z" * MAX_SUFFIX
-    alike = [f"{svc}-{n}-{tail}" for n in range(40)]
-    other = f"{svc}-other-7"
-    cleanup += [*alike, other]
-    for i in [*alike, other]:
-        register(consul, svc, i, "passing")
+    nodes += [node(n, tag) for n in range(3)]
+    heavy, other = (register(consul, svc, node(n, tag), "passing") for n in range(2))
     builder = SnapshotBuilder(calling(tmp_path, name, svc), no_tls)
     monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", LOWERED_LIMIT)
     async with ConsulClient(consul.url) as client:
         discovery = Discovery(client, builder)
         discovery.start()
         try:
-            everything = {*alike, other}
-            await seen(builder, svc, lambda ids: ids == everything, "every instance used")
-            # all at once (one transaction): the last view read has them passing
-            consul.put_json("/v1/txn", [
-                {"Check": {"Verb": "set", "Check": {"Node": f"n-{i}", "CheckID": f"{i}:app", "Name": "app",
-                                                    "ServiceID": i, "Status": "critical", "Output": OUTPUT}}}
-                for i in alike
-            ])  # fmt: skip
-            register(consul, svc, other, "critical")
-            await seen(builder, svc, lambda ids: ids == set(alike), "the other out of use")
-            assert any("do not fit one answer even alone" in r.getMessage() for r in caplog.records)
+            await seen(builder, svc, lambda ids: ids == {heavy, other}, "both used")
+            register(consul, svc, node(0, tag), "critical", OUTPUT, checks=40)  # 80 KiB of its own
+            await async_wait_until(lambda: not discovery.watches["failing-checks"].healthy, SEEN_TIMEOUT,
+                                   "the failing-checks watch out of sync")  # fmt: skip
+            assert not discovery.healthy
+            new = register(consul, svc, node(2, tag), "critical", OUTPUT)
+            await async_wait_until(lambda: not discovery.watches["registrations"].healthy, SEEN_TIMEOUT,
+                                   "the registrations watch out of sync too")  # fmt: skip
+            assert new not in used(builder, svc)
         finally:
             await discovery.stop()
 
 
+@pytest.mark.consul
+async def test_consul_puts_each_id_in_the_part_the_agent_expects(consul: ConsulDev, nodes: list[str]) -> None:
+    """The parts are Go RE2 patterns Consul evaluates; the agent splits them by what Python's re says
+    they hold. With IDs of every awkward shape (dots, brackets, a caret, a backslash, non-ASCII),
+    each failing check comes back in exactly the part the agent computed for it."""
+    svc = f"odd-{secrets.token_hex(3)}"
+    names = ["a.b-1", "a.b-2", "a]b-1", "x[y-1", "c^d-1", "c\\d-9", "é.ü-3", "ab", "b", "zz.b-1"]
+    nodes += names
+    ids = [register(consul, svc, n, "critical") for n in names]
+    async with ConsulClient(consul.url) as client:
+        parts = [CheckPart("ServiceID")]
+        for _ in range(3):  # split, then split the largest again
+            biggest = max(parts, key=lambda p: sum(p.holds(i) for i in ids))
+            parts.remove(biggest)
+            parts += biggest.split(ids) or []
+        for part in parts:
+            _, found, _ = await client.checks_not_passing_part([svc], part)
+            assert {i for _, i in found.instances} == {i for i in ids if part.holds(i)}, part.filter()
+        assert sorted(i for i in ids for p in parts if p.holds(i)) == sorted(ids)  # each in exactly one
+
+
+_IDS = st.text(alphabet="ab.-é\n0]^[\\", min_size=0, max_size=8)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(min_size=1, max_size=12), st.integers(min_value=0, max_value=MAX_SUFFIX))
-def test_each_id_is_in_exactly_one_part_however_far_the_parts_are_split(instance_id: str, depth: int) -> None:
-    """The parts read instead of one answer hold every ID exactly once (no instance is taken as
-    passing because its part was left out), and so do the parts a part is split into."""
-    parts = [p for p in FIRST_PARTS if p.field == "ServiceID"]
+@given(st.lists(_IDS, min_size=2, max_size=12, unique=True), _IDS, st.integers(min_value=1, max_value=4))
+def test_a_part_is_split_into_parts_that_hold_each_id_once_and_fewer_known_ones(
+    known: list[str], probe: str, depth: int
+) -> None:
+    """Whatever the IDs the agent knows, an ID it does not know (registered since) is in exactly one
+    part, and each split leaves every part fewer known IDs: no instance is left out, and splitting
+    ends."""
+    part = CheckPart("ServiceID")
     for _ in range(depth):
-        (holder,) = [p for p in parts if p.holds(instance_id)]
-        split = holder.split()
+        split = part.split(known)
         if split is None:
             break
-        parts = split
-    assert sum(p.holds(instance_id) for p in parts) == 1, (instance_id, [p.pattern for p in parts])
-
-
-def test_a_part_narrowed_to_the_limit_is_not_split() -> None:
-    part = CheckPart("ServiceID", ("[r-z]",) * MAX_SUFFIX)
-    assert part.split() is None
-    assert CheckPart("ServiceID", ("[0-4]",), exact=True).split() is None
+        assert sum(p.holds(probe) for p in split) == int(part.holds(probe)), [p.filter() for p in split]
+        held = sum(part.holds(k) for k in known)
+        assert all(sum(p.holds(k) for k in known) < held for p in split)
+        part = max(split, key=lambda p: sum(p.holds(k) for k in known))

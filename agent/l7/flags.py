@@ -19,6 +19,8 @@ agent's state, not the caller's identity, that is wrong, and another instance ma
 
 from __future__ import annotations
 
+from typing import Final
+
 NONE = "-"  # no flag: the label/log value when the upstream answered by itself
 
 UO = "UO"  # upstream overflow: connection / pending-request limit (circuit breaker) -> 503
@@ -81,7 +83,7 @@ def add(flags: str, flag: str) -> str:
     return ",".join(have + new) if new else flags
 
 
-_KNOWN = frozenset(ALL)
+_KNOWN: Final = frozenset(ALL)  # (a flag a newer release adds is dropped: counted without it)
 
 
 def known(flags: str) -> str:

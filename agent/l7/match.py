@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
+from typing import Final
 from urllib.parse import parse_qsl
 
 from hostmesh.agent.l7 import retry
@@ -317,7 +318,7 @@ _KEY_EXACT_PATH, _KEY_PREFIX_PATH, _KEY_HEADER, _KEY_NONE, _KEY_NEVER = range(5)
 PATH_MEMO_MAX = 4096  # paths whose candidates one method index remembers: bounded under a path scan
 # ... each of at most this many bytes: a memo of 4,096 distinct 59 KB paths (one local client, 404s)
 # held 230 MiB per method index. Longer paths are looked up each time (a few dict probes).
-PATH_MEMO_KEY_MAX = 200
+PATH_MEMO_KEY_MAX: Final = 200
 
 _Bucket = tuple[CompiledRoute, ...]  # routes in document order
 
