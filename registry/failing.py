@@ -164,6 +164,7 @@ class FailingChecks:
         log.warning("the failing checks of this agent's upstreams do not fit one answer (%s): "
                     "reading them in parts", too_large)  # fmt: skip
         self.parts: tuple[CheckPart, ...] | None = FIRST_PARTS
+        self._view: tuple[int, NotPassing] | None = None  # the last parts read: a wait that ran out
 
     async def read(self, index: int | None, services: Iterable[str]) -> tuple[int, NotPassing]:
         """As `ConsulClient.checks_not_passing(index, services=services)`, past the answer limit too.
@@ -177,8 +178,11 @@ class FailingChecks:
                             "(%s): reading them in parts", exc)  # fmt: skip
                 self.parts = FIRST_PARTS
         elif index is not None:
-            await self._consul.checks_index(index)  # a change anywhere, or the wait ran out: read
-        return await self._read_parts(services)
+            now = await self._consul.checks_index(index)  # a change anywhere, or the wait ran out
+            if now == index and self._view is not None and self._view[0] == index:
+                return self._view  # nothing changed: no part read again
+        self._view = await self._read_parts(services)
+        return self._view
 
     async def _read_parts(self, services: list[str]) -> tuple[int, NotPassing]:
         todo = [p for p in self.parts or FIRST_PARTS if services or p.field == "Node"]
