@@ -59,7 +59,10 @@ def match_pin(roots: list[x509.Certificate], pin: str) -> x509.Certificate:
         if pki.pin_of(root) == want:
             return root
     got = ", ".join(pki.pin_of(r) for r in roots) or "none"
-    raise TrustError(f"CA root does not match the pin {want} (CA offers {got}); refusing to trust it")
+    raise TrustError(
+        f"CA root does not match the pin {want} (CA offers {got}); refusing to trust it (the pin's root "
+        "rotated out and retired? `hostmesh ca roots` prints the one to pin)"
+    )
 
 
 def parse_bundle(doc: object, trust_domain: str) -> list[x509.Certificate]:

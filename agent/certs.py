@@ -513,7 +513,7 @@ class CertManager:
         for client in await self._ca_clients():
             try:
                 roots = await client.roots_unverified()
-                match_pin(roots, self.pin)  # TrustError: never proceed
+                self._check_offered(roots)  # TrustError: never proceed
                 key = pki.new_key()
                 ident = pki.Identity(self.trust_domain, service)
                 chain = await client.sign(token, pki.make_csr(key, ident), bundle_pem(roots))
@@ -534,6 +534,15 @@ class CertManager:
             return
         assert last is not None
         raise last
+
+    def _check_offered(self, roots: list[x509.Certificate]) -> None:
+        """A CA is trusted when it offers the pinned root, or a root of the bundle this host already
+        trusts (from Consul, or checked under the pin): after a rotation and `retire-root`, no CA
+        offers the pinned root any more, and a host recovering an expired certificate with a token
+        was refused by the CA it had trusted all along. TrustError otherwise."""
+        trusted = {pki.pin_of(r) for r in self._roots}
+        if not any(pki.pin_of(r) in trusted for r in roots):
+            match_pin(roots, self.pin)
 
     def _merge(self, roots: list[x509.Certificate]) -> list[x509.Certificate]:
         """Roots we already trust (from Consul) plus the CA's pinned bundle, without duplicates."""

@@ -230,7 +230,8 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                         "ca-pin",
                         subject,
                         str(exc),
-                        "compare with `hostmesh ca init`'s pin; a different root means a different CA",
+                        "compare with `hostmesh ca roots`: after a rotation and `retire-root`, pin the "
+                        "new root ([ca] pin, a restart); otherwise a different root means a different CA",
                     )
                 )
         for root in roots:

@@ -305,6 +305,34 @@ async def test_bundle_refresh_from_consul_and_rotation_end_to_end(env: Env) -> N
     assert pki.pin_of(pki.load_certs(mgr.roots_pem.encode())[0]) == new_root.pin
 
 
+async def test_after_a_rotation_and_retirement_a_host_still_bootstraps_a_service_under_its_old_pin(
+    env: Env,
+) -> None:
+    """The documented rotation leaves existing hosts' agent.toml with the retired root's pin: a token
+    recovery (an expired certificate) or a new service there was refused ("CA root does not match the
+    pin"), by the CA the host had trusted all along through its bundle."""
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=6))
+    old_pin = env.pin
+    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.5)  # renews every ~3 s
+    await mgr.start()
+    old_root = svc.authority.active.id
+    _, new_root = store.rotate(env.ca_dir)
+    assert await svc.reload()
+    await async_wait_until(lambda: mgr.infos()[0].root_id == new_root.id, 30, "renewal under the new root")
+    store.retire(env.ca_dir, old_root, force=True)
+    assert await svc.reload()
+    await async_wait_until(lambda: mgr.roots_pem.count("BEGIN CERTIFICATE") == 1, 10, "the old root gone")
+    await mgr.close()
+
+    again = env.manager(["web", "api"], await env.token_file("api", name="api-token"), pin=old_pin)
+    await again.start()
+    assert {(i.service, i.root_id) for i in again.infos()} == {("web", new_root.id), ("api", new_root.id)}
+    # a host that trusts nothing of this CA but the retired pin is still refused
+    stranger = env.manager(["api"], await env.token_file("api", name="t2"), pin=old_pin, data="host2")
+    with pytest.raises(TrustError, match="`hostmesh ca roots` prints the one to pin"):
+        await stranger.start()
+
+
 async def test_invalid_bundle_in_consul_is_ignored(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     await env.start_ca()
     mgr = env.manager(["web"], await env.token_file("web"))
