@@ -134,6 +134,10 @@ MAX_WAITING_CONNECTIONS = 1024  # accepted, unread, waiting for a slot (a socket
 IDLE_EVICT_SECONDS = 1.0  # a keep-alive connection idle this long gives its slot to a waiting client
 MAX_INFLIGHT = 32  # requests in a handler at once: each may wait on Consul (8 connections) or sign
 UNLIMITED_PATHS = frozenset({"/v1/health"})  # no I/O, and Consul's check must stay prompt under load
+# A join token is redeemed only for a client still waiting: past this, a sign whose Consul reads
+# were slow gives the token back and answers 503 instead of issuing (agents wait 10 s for an answer,
+# agent/ca_client.py REQUEST_TIMEOUT, then retry; a token spent for an answer nobody read was lost).
+SIGN_DEADLINE = 8.0
 UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused without asking again this long
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
 TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
@@ -762,6 +766,8 @@ class CAService:
         peer = format_peer(req.peer)
         token_id: str | None = None
         identity: str | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SIGN_DEADLINE
         try:
             auth = req.headers.get("authorization", "")
             scheme, _, text = auth.partition(" ")
@@ -783,17 +789,23 @@ class CAService:
             csr, ident, ttl = self._parse_body(req)
             identity = ident.spiffe_id
             tokens.check_scope(record, ident.service)
+            if loop.time() >= deadline:
+                raise _Unavailable(f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept")
             await tokens.redeem(consul, record, ident.service, at)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
 
-        async def give_back() -> None:  # the leaf was not sent (audit failed): the token is not spent
+        async def give_back() -> None:  # no leaf was sent: the token is not spent
             try:
                 await tokens.release(consul, record, ident.service)
             except RegistryError as exc:
                 log.error("join token %s stays spent for %r: giving it back failed: %s", record.id,
                           ident.service, exc)  # fmt: skip
 
+        if loop.time() >= deadline:  # the client has likely given up: nothing issued, the token back
+            await give_back()
+            slow = _Unavailable(f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept")
+            return self._refuse("sign", slow, peer, identity, token_id)
         return await self._issue("sign", csr, ident, ttl, peer, token_id, undo=give_back)
 
     async def _sign_nomad(self, req: Request, jwt_text: str, peer: str | None) -> Response:

@@ -15,11 +15,12 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
-from hostmesh.agent.ca_client import CAClient
+from hostmesh.agent.ca_client import REQUEST_TIMEOUT, CAClient
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
@@ -189,6 +190,32 @@ async def test_csr_outside_token_scope_is_403(ca, client) -> None:
     assert sink.last()["identity"] == "spiffe://hostmesh.local/svc/db"
     status, body = await sign(svc, tok, "hostmesh-ca")
     assert_refused(sink, status, body, 403, "reserved for the CA")
+
+
+async def test_a_sign_slowed_past_its_deadline_issues_nothing_and_keeps_the_token(
+    ca, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consul slow enough that the agent stopped waiting (its 10 s) before the CA answered: the CA
+    spent the token on a certificate nobody received, and every retry was "already used". Here the
+    deadline is 0.5 s and the redemption (a real Consul transaction) is held 0.6 s."""
+    from hostmesh.ca import service as ca_service
+
+    assert ca_service.SIGN_DEADLINE < REQUEST_TIMEOUT  # an answer in time for the agents
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    monkeypatch.setattr(ca_service, "SIGN_DEADLINE", 0.5)
+    redeem = tokens.redeem
+
+    async def slow_redeem(*args: Any) -> Any:
+        await asyncio.sleep(0.6)
+        return await redeem(*args)
+
+    monkeypatch.setattr(tokens, "redeem", slow_redeem)
+    status, body = await sign(svc, tok, "web")
+    assert_refused(sink, status, body, 503, "the token is kept")
+    assert not [r for r in sink.records if r["event"] == "issue"]
+    monkeypatch.setattr(tokens, "redeem", redeem)
+    assert (await sign(svc, tok, "web"))[0] == 200  # the same token, once Consul answers in time
 
 
 async def test_reused_token_is_401(ca, client) -> None:
