@@ -309,14 +309,18 @@ async def _agent(address: str) -> list[Finding]:
                 continue
             not_after = dt.datetime.fromisoformat(cert["not_after"]).astimezone(dt.UTC)
             renew_at = cert.get("renew_at")
+            # what the agent says is missing (its own words: a spent token, the CA unreachable, …)
+            problem = printable(cert["problem"], 300) if isinstance(cert.get("problem"), str) else ""
             if not_after <= now or cert.get("state") == "expired":
                 out.append(
                     Finding(
                         "error",
                         "cert-expired",
                         subject,
-                        f"certificate of {service} expired at {not_after:%Y-%m-%d %H:%M}Z",
-                        "check that the CA is reachable from this host; the agent renews on its own",
+                        f"certificate of {service} expired at {not_after:%Y-%m-%d %H:%M:%S}Z",
+                        f"the agent says: {problem}"
+                        if problem
+                        else "check that the CA is reachable from this host; the agent renews on its own",
                     )
                 )
             elif cert.get("state") == "retrying" or (
@@ -329,7 +333,9 @@ async def _agent(address: str) -> list[Finding]:
                         "cert-renewal",
                         subject,
                         f"certificate of {service} is past its renewal point, {hours:.1f} h left",
-                        "see the agent's log for the renewal error",
+                        f"the agent says: {problem}"
+                        if problem
+                        else "see the agent's log for the renewal error",
                     )
                 )
     except AdminAnswerError as exc:

@@ -353,6 +353,9 @@ def render_table(status: dict[str, Any]) -> str:
             f"{text(svc['name']):<16} {text(svc['protocol']):<9} {svc['port']:<6} {text(expires, 19):<19} "
             f"{left:<8} {text(cert.get('serial') or '-', 16):<17} {text(cert.get('root_id') or '-')}"
         )
+        state = cert.get("state")
+        if state in ("retrying", "expired") and isinstance(cert.get("problem"), str):  # renewals failing
+            lines.append(f"{'':<16} {text(state).upper()}: {text(cert['problem'], MAX_DETAIL)}")
     lines += ["", "DOCUMENT                       VERSION"]
     lines += [f"{text(k):<30} {text(v)}" for k, v in sorted(cfg["versions"].items())] or [
         "(none: default routing)"

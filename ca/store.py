@@ -249,8 +249,8 @@ def retire(
     safe = superseded + leaf_ttl
     if not force and (now or pki.now()) < safe:
         raise InvalidRequest(
-            f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M}Z that stay valid up to "
-            f"{leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M}Z, once agents have renewed, "
+            f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M:%S}Z that stay valid up to "
+            f"{leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M:%S}Z, once agents have renewed, "
             "or now with --force (agents still holding its leaves lose their peers until they renew)"
         )
     retired = data_dir / "retired"

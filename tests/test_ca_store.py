@@ -72,8 +72,11 @@ def test_rotate_then_retire(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="no root matches"):
         store.retire(d, "ab")  # too short a prefix to be unambiguous
     rotated = second.cert.not_valid_before_utc + pki.CLOCK_SKEW  # (the not-before is backdated)
-    with pytest.raises(
-        InvalidRequest, match=rf"root {first.id} signed leaves until {rotated:%Y-%m-%d %H:%M}Z"
+    safe = rotated + pki.DEFAULT_LEAF_TTL
+    with pytest.raises(  # to the second: a retry at the minute printed was refused for up to 59 s more
+        InvalidRequest,
+        match=rf"root {first.id} signed leaves until {rotated:%Y-%m-%d %H:%M:%S}Z .* retire it after "
+        rf"{safe:%Y-%m-%d %H:%M:%S}Z",
     ):
         store.retire(d, first.pin)  # just superseded: its leaves are still valid
     after = second.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW

@@ -448,6 +448,42 @@ def test_check_reports_a_refusal_and_a_failure_as_such(serve: Callable[..., Peer
     ]
 
 
+def test_check_gives_the_agents_own_words_for_a_certificate_it_cannot_renew(
+    serve: Callable[..., Peer],
+) -> None:
+    """`check` said "the agent renews on its own" for a certificate the agent said needs a new token,
+    and "see the agent's log" where /v1/certs already held the cause."""
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    spent = "join token refused (already used): write a new one with `hostmesh ca token create --service web`"
+    certs = {"certs": [
+        {"service": "web", "spiffe_id": "spiffe://x/web", "serial": "ab", "not_after": past, "root_id": "r1",
+         "state": "expired", "problem": spent},
+        {"service": "api", "spiffe_id": "spiffe://x/api", "serial": "cd", "not_after": soon, "root_id": "r1",
+         "state": "retrying", "problem": "CA at https://ca:15012 unreachable: connection refused"},
+    ]}  # fmt: skip
+    peer = serve(agent_answers(**{"/v1/certs": js(certs)}))
+    out = hm(
+        "--consul",
+        f"http://127.0.0.1:{closed_port()}",
+        "check",
+        "--no-ca",
+        "-o",
+        "json",
+        "--agent",
+        peer.address,
+    )
+    fixes = {
+        f["code"]: f["fix"]
+        for f in json.loads(out.stdout)["findings"]
+        if f["subject"] == f"agent {peer.address}"
+    }
+    assert fixes == {
+        "cert-expired": f"the agent says: {spent}",
+        "cert-renewal": "the agent says: CA at https://ca:15012 unreachable: connection refused",
+    }
+
+
 @pytest.mark.consul
 @pytest.mark.parametrize("body", [{}, None], ids=["empty", "null"])
 def test_check_of_an_empty_answer_is_a_finding_not_a_clean_report(

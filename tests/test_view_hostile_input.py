@@ -215,6 +215,16 @@ def test_status_table_prints_no_escapes_from_the_agent() -> None:
     assert table.startswith("node        n1?]0;PWNED??[2J   ready: yes")
 
 
+def test_status_says_why_a_certificates_renewals_fail() -> None:
+    """A ready agent whose CA is gone showed its certificate like a healthy one: its state and the
+    agent's one-line problem are printed under it (printable, as every field)."""
+    status = hostile_status()
+    status["certs"]["certs"][0].update(state="retrying", problem=f"CA at https://ca:15012 unreachable{ESC}")
+    table = render_table(status)
+    assert re.search(r"^ +RETRYING: CA at https://ca:15012 unreachable\?\]0;PWNED", table, re.M), table
+    assert no_escapes(table)
+
+
 def test_status_command_prints_no_escapes_and_its_json_is_unchanged() -> None:
     status = hostile_status()
     peer = Peer({**agent_answers(), "/v1/config": js(status["config"]), "/v1/certs": js(status["certs"])})
