@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hostmesh.agent.ca_client import check_chain
 from hostmesh.agent.certproc import CertProcess
 from hostmesh.agent.certs import CertManager
 from hostmesh.agent.config import ConfigError, check_permissions, load_config
@@ -279,6 +280,21 @@ def test_a_certificate_not_yet_valid_here_names_this_hosts_clock() -> None:
     with pytest.raises(TrustError, match=r"^certificate is not issued by a trusted root$"):
         pki.verify_leaf(leaf, [other], at=ten_minutes_behind)
     pki.verify_leaf(leaf, [root])
+
+
+def test_a_new_certificate_already_expired_here_names_the_cas_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CA whose clock is behind by more than the leaf's life answered with a certificate this host
+    found expired, and the renewal said only "certificate expired at <minutes ago>"."""
+    root_key, root = pki.make_root("hostmesh.local")
+    key, ident = pki.new_key(), pki.Identity("hostmesh.local", "web")
+    ca_clock = pki.now() - dt.timedelta(minutes=4)
+    monkeypatch.setattr(pki, "now", lambda: ca_clock)  # the CA signs by its clock
+    leaf = pki.sign_leaf(root_key, root, key.public_key(), ident, ttl=dt.timedelta(seconds=60))
+    monkeypatch.undo()
+    with pytest.raises(
+        TrustError, match=r"this host's clock reads .*: is the CA host's clock about 2(39|40|41) s behind"
+    ):
+        check_chain(pki.cert_pem(leaf).decode(), key, ident, [root])
 
 
 async def test_a_certificate_obtained_with_a_clock_behind_is_kept_for_when_it_is_right(
