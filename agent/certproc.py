@@ -420,6 +420,7 @@ class CertProcess:
         """This service only, forever: a child at its renewal point, retries bounded by its life. A
         changed view (a trust-bundle change) wakes it to decide again."""
         wake = self._wakes.setdefault(service, asyncio.Event())
+        tried_with: object = renewal.token_stamp(self.token_file)  # the token file at the last try
         while True:
             wake.clear()
             view = self._views[service]
@@ -429,7 +430,7 @@ class CertProcess:
             if expired:
                 if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
                     delay = renewal.retry_delay(failures, 0, self._rng)
-                    if await renewal.wait_or_token(delay, self.token_file, wake):
+                    if await renewal.wait_or_token(delay, self.token_file, wake, since=tried_with):
                         continue
             elif failures == 0:
                 due = max((view.renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
@@ -442,6 +443,7 @@ class CertProcess:
                 if await renewal.wait_or_wake(delay, wake):
                     continue
             before = self._views[service].serial
+            tried_with = renewal.token_stamp(self.token_file)
             try:
                 self._apply(await self._run("renew", service))
             except CAError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,17 @@ async def test_wait_event_says_whether_it_was_woken() -> None:
     assert await loops.wait_event(event, 0.01) is False
     event.set()
     assert await loops.wait_event(event, 3600.0) is True
+
+
+async def test_a_token_dropped_in_since_the_last_try_ends_the_wait_at_once(tmp_path: Path) -> None:
+    """Each wait took the token file's stamp when it began: a token written while the service's loop
+    looked again (a sibling's answer woke it) went unseen for the whole wait, ~15 s on a host of
+    four services. The stamp of the last try is what a wait compares with."""
+    token = tmp_path / "join-token"
+    tried_with = renewal.token_stamp(token)  # no file at the last try
+    token.write_text("hmt1.fresh\n")
+    assert await asyncio.wait_for(renewal.wait_or_token(30.0, token, since=tried_with), 5) is False
+    tried_with = renewal.token_stamp(token)
+    woken = asyncio.Event()
+    woken.set()
+    assert await renewal.wait_or_token(30.0, token, woken, since=tried_with) is True  # unchanged: woken
