@@ -434,6 +434,7 @@ class CAService:
         self._tokens_denied = False  # Consul refused a join token's record: probed each round until it may
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
         self._dir_state = self._data_dir_state()
+        self._reload_error: str | None = None  # why the last reload failed (said once), None: it did not
         self._maintenance: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self.reloaded = asyncio.Event()  # set after each successful reload that changed something
@@ -498,13 +499,21 @@ class CAService:
         flush_all()  # the counts of left-out lines: no timer fires after this
 
     async def reload(self) -> bool:
-        """Re-read the data dir; returns True when the roots or the signing root changed."""
+        """Re-read the data dir; returns True when the roots or the signing root changed. One that
+        fails is tried again each maintenance round (said once per distinct error): the data dir's
+        state was recorded before the read, so a failed reload (a root file read mid-write, a key the
+        CA's user could not read yet) kept the old signing root until the directory changed again."""
         self._dir_state = self._data_dir_state()
         try:
             new = store.load(self.data_dir)
         except CAError as exc:
-            log.error("reload failed, keeping the current roots: %s", exc)
+            self._dir_state = ()  # not taken in: looked at again next round
+            if str(exc) != self._reload_error:
+                log.error("reload failed, keeping the current roots (retrying every %gs): %s",
+                          MAINTENANCE_INTERVAL, exc)  # fmt: skip
+            self._reload_error = str(exc)
             return False
+        self._reload_error = None
         if new.fingerprint == self.authority.fingerprint and new.trust_domain == self.authority.trust_domain:
             return False
         assert self._tls is not None

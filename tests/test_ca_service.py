@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import ssl
 import subprocess
@@ -509,6 +510,36 @@ async def test_reload_is_noticed_from_the_data_dir_without_a_signal(tmp_path, cl
     svc = await start_ca(data_dir, client, AuditSink())
     try:
         _, new_root = store.rotate(data_dir)
+        await asyncio.wait_for(svc.reloaded.wait(), 10)
+        assert svc.authority.active.id == new_root.id
+    finally:
+        await svc.close()
+
+
+async def test_a_reload_that_failed_is_tried_again_without_another_change(
+    tmp_path, client, monkeypatch, caplog
+) -> None:
+    """A reload that failed (here the new root's certificate read while unreadable) recorded the data
+    dir as seen: the CA signed with the old root until the directory changed again, for good."""
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAINTENANCE_INTERVAL", 0.05)
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, AuditSink())
+    try:
+        caplog.set_level(logging.ERROR, logger="hostmesh.ca")
+        staged = tmp_path / "staged"  # rotated aside, its new certificate unreadable, then moved in
+        shutil.copytree(data_dir, staged)
+        _, new_root = store.rotate(staged)
+        new_files = [f for f in (staged / "roots").iterdir() if not (data_dir / "roots" / f.name).exists()]
+        (new_cert,) = [f for f in new_files if f.suffix == ".crt"]
+        good = new_cert.read_bytes()
+        new_cert.write_bytes(b"x" * len(good))  # the same size: fixing it changes no name, size or meta
+        for f in [*new_files, staged / store.META_FILE]:
+            shutil.copy2(f, data_dir / f.relative_to(staged))
+        await async_wait_until(lambda: any("reload failed" in r.getMessage() for r in caplog.records), 10,
+                               "the failed reload")  # fmt: skip
+        (data_dir / "roots" / new_cert.name).write_bytes(good)
         await asyncio.wait_for(svc.reloaded.wait(), 10)
         assert svc.authority.active.id == new_root.id
     finally:
