@@ -47,7 +47,15 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from hostmesh.agent import renewal
-from hostmesh.agent.ca_client import CAClient, bundle_pem, check_chain, issuing_root, match_pin, parse_bundle
+from hostmesh.agent.ca_client import (
+    CAClient,
+    bundle_pem,
+    check_chain,
+    issuing_root,
+    match_pin,
+    normalize_pin,
+    parse_bundle,
+)
 from hostmesh.agent.certproc import (
     FileAccessDenied,
     access_denied,
@@ -300,8 +308,8 @@ class CertManager:
 
     async def _vouch_roots(self, why: str) -> None:
         """Stored roots not vouched for: the trust bundle from Consul (accepted as every bundle is),
-        else the CA's roots if one matches the pin. Neither: nothing is trusted, and stored
-        certificates are reported with `why`."""
+        else the CA's pinned root. Neither: nothing is trusted, and stored certificates are reported
+        with `why`."""
         await self._refresh_bundle_now()
         if self._roots:
             log.info("trust bundle checked against %s in Consul", ROOTS_KEY)
@@ -312,9 +320,10 @@ class CertManager:
                     roots = await client.roots_unverified()
                 except CAUnavailable:
                     continue
-                match_pin(roots, self.pin)
-                self._set_roots(roots)
-                log.info("trust bundle checked against the pinned roots of the CA at %s", client.url)
+                # the pinned root alone: the others a CA offers are its word only (_trusted_offered);
+                # Consul's bundle brings them once it answers
+                self._set_roots([match_pin(roots, self.pin)])
+                log.info("trust bundle checked against the pinned root of the CA at %s", client.url)
                 return
         except CAError as exc:
             why = f"{why}; cannot check it: {_first_line(exc)}"
@@ -512,11 +521,19 @@ class CertManager:
         last: CAUnavailable | None = None
         for client in await self._ca_clients():
             try:
-                roots = await client.roots_unverified()
-                self._check_offered(roots)  # TrustError: never proceed
+                offered = await client.roots_unverified()
+                roots = self._trusted_offered(offered)  # TrustError: never proceed
                 key = pki.new_key()
                 ident = pki.Identity(self.trust_domain, service)
-                chain = await client.sign(token, pki.make_csr(key, ident), bundle_pem(roots))
+                try:
+                    chain = await client.sign(token, pki.make_csr(key, ident), bundle_pem(roots))
+                except TrustError as exc:  # its TLS certificate is from none of those: the token stayed here
+                    if len(roots) == len(offered):
+                        raise
+                    raise TrustError(
+                        f"{exc}; it also offers roots this host does not trust: if its root was rotated "
+                        "since the pin was taken, pin the active one (`hostmesh ca roots`)"
+                    ) from None
                 try:
                     check_chain(chain, key, ident, roots)
                 except NotYetValid:  # ours, from a pinned root; this clock is behind: the token is spent,
@@ -535,14 +552,19 @@ class CertManager:
         assert last is not None
         raise last
 
-    def _check_offered(self, roots: list[x509.Certificate]) -> None:
-        """A CA is trusted when it offers the pinned root, or a root of the bundle this host already
-        trusts (from Consul, or checked under the pin): after a rotation and `retire-root`, no CA
-        offers the pinned root any more, and a host recovering an expired certificate with a token
-        was refused by the CA it had trusted all along. TrustError otherwise."""
-        trusted = {pki.pin_of(r) for r in self._roots}
-        if not any(pki.pin_of(r) in trusted for r in roots):
-            match_pin(roots, self.pin)
+    def _trusted_offered(self, offered: list[x509.Certificate]) -> list[x509.Certificate]:
+        """Of the roots a CA offers, those this host trusts on its own: the pinned root, and the
+        roots of the bundle it already holds (from Consul, or checked under the pin). Only these
+        verify the CA before the token goes out, and only these are kept. A root certificate is
+        public: a CA on the path offering the pinned root beside one of its own, and serving from
+        its own, received the token and had its root trusted for good. The bundle's roots make an
+        existing host trust its CA after a rotation and `retire-root`, when no CA offers the pinned
+        root any more. TrustError when none is trusted."""
+        want = {pki.pin_of(r) for r in self._roots} | {normalize_pin(self.pin)}
+        trusted = [r for r in offered if pki.pin_of(r) in want]
+        if not trusted:
+            match_pin(offered, self.pin)  # raises, naming the pin and what the CA offers
+        return trusted
 
     def _merge(self, roots: list[x509.Certificate]) -> list[x509.Certificate]:
         """Roots we already trust (from Consul) plus the CA's pinned bundle, without duplicates."""

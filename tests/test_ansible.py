@@ -402,7 +402,9 @@ def test_agent_role_drains_services_and_gateways_with_the_token_file(
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
-@pytest.mark.parametrize("case", ["pin-file-lost", "pin-file-lost-after-rotation", "root-lost"])
+@pytest.mark.parametrize(
+    "case", ["pin-file-lost", "pin-file-lost-after-rotation", "pin-file-kept-across-rotation", "root-lost"]
+)
 def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: str) -> None:
     """The CA role asks the data folder (ca.json) whether a root exists, not the pin file: after
     `apt purge` (which deletes /etc/hostmesh and keeps the CA data folder) it records the root's pin
@@ -429,7 +431,9 @@ def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: st
         pin_file.write_text(f"{pin}\n")
     else:
         pin = ca("init")
-        if case.endswith("rotation"):
+        if case == "pin-file-kept-across-rotation":  # agents verify the CA with the pinned root alone,
+            pin_file.write_text(f"{pin}\n")  # and it serves from its signing root: the pin follows it
+        if "rotation" in case:
             pin = ca("rotate")  # the new signing root; the first is still in the bundle
         meta = (data / "ca.json").read_text()
 

@@ -4,9 +4,12 @@ mTLS, CA down during renewal, trust-bundle refresh from Consul, expired certs an
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -178,6 +181,76 @@ async def test_pin_mismatch_refuses_the_ca_and_keeps_the_token(env: Env) -> None
     assert not [r for r in env.sink.records if r["event"] == "issue"]
     ok = env.manager(["web"], token_file, data="host2")  # the token was never sent to the impostor
     await ok.start()
+
+
+class RogueCA:
+    """An attacker on the path to the CA (a test double of one, not of the CA): it offers the real,
+    public, pinned root beside a root of its own, and serves TLS from its own; it records any
+    request that reaches it past /v1/roots (a join token would be in it)."""
+
+    def __init__(self, tmp: Path, real_root_pem: bytes) -> None:
+        self.real_root_pem = real_root_pem
+        self.key, self.root = pki.make_root("hostmesh.local")
+        leaf_key = pki.new_key()
+        ca_name = pki.Identity("hostmesh.local", "hostmesh-ca")
+        leaf = pki.sign_leaf(self.key, self.root, leaf_key.public_key(), ca_name, server_only=True)
+        self.cert_file, self.key_file = tmp / "rogue.crt", tmp / "rogue.key"
+        self.cert_file.write_bytes(pki.cert_pem(leaf) + pki.cert_pem(self.root))
+        self.key_file.write_bytes(pki.key_pem(leaf_key))
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            w.close()
+            return
+        if head.startswith(b"GET /v1/roots "):
+            pems = [self.real_root_pem.decode(), pki.cert_pem(self.root).decode()]
+            body = json.dumps({"roots": pems, "trust_domain": "hostmesh.local"}).encode()
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        else:
+            self.requests.append(head)
+            w.write(b"HTTP/1.1 500 X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_ca_on_the_path_offering_the_pinned_root_beside_its_own_never_gets_the_token(
+    env: Env, tmp_path: Path
+) -> None:
+    """A root certificate is public: the agent trusted every root a CA offered once one matched the
+    pin, so a CA on the path serving TLS from its own root received the join token, and had that
+    root saved as trusted. The token goes out only to a CA verified by a root this host trusts on
+    its own."""
+    await env.start_ca()
+    real = store.load(env.ca_dir).roots[0]
+    rogue = RogueCA(tmp_path, pki.cert_pem(real.cert))
+    await rogue.start()
+    try:
+        token_file = await env.token_file("web")
+        mgr = env.manager(["web"], token_file, ca_address=f"127.0.0.1:{rogue.port}", bootstrap_timeout=0.5)
+        with pytest.raises(TrustError, match="also offers roots this host does not trust"):
+            await mgr.start()
+        assert rogue.requests == []  # the token never left
+        roots_file = env.tmp / "host" / "certs" / "roots.pem"
+        assert not roots_file.exists() or pki.cert_pem(rogue.root).decode() not in roots_file.read_text()
+        ok = env.manager(["web"], token_file, data="host2")  # the token is still good at the real CA
+        await ok.start()
+    finally:
+        await rogue.close()
 
 
 def test_pin_matching_is_exact() -> None:
