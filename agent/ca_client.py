@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.agent.config import ca_url, normalized_pin
 from hostmesh.ca import pki, tls
-from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, NotYetValid, TrustError, Unauthorized
+from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.registry.errors import Unavailable
 from hostmesh.registry.http import HTTPClient, Response
 from hostmesh.registry.layout import CA_SERVICE_NAME
@@ -114,20 +114,15 @@ def check_chain(
         raise TrustError(
             f"CA returned a certificate for {pki.identity_of(leaf).spiffe_id}, not {identity.spiffe_id}"
         )
-    try:
-        pki.verify_leaf(leaf, roots)
-    except NotYetValid:  # (it names this host's clock itself)
-        raise
-    except TrustError:
-        t = pki.now()
-        if t <= leaf.not_valid_after_utc:
-            raise
-        # issued just now, expired already: the CA's clock is behind (its leaves begin CLOCK_SKEW early)
-        behind = (t - leaf.not_valid_before_utc - pki.CLOCK_SKEW).total_seconds()
+    t = pki.now()
+    if t > leaf.not_valid_after_utc:  # issued just now, expired already: a clock is wrong
+        pki.verify_leaf(leaf, roots, at=leaf.not_valid_before_utc)  # but first, is it from a root we trust
+        behind = (t - leaf.not_valid_before_utc - pki.CLOCK_SKEW).total_seconds()  # (leaves begin early)
         raise TrustError(
             f"the CA's new certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, and this "
             f"host's clock reads {t:%H:%M:%S}: is the CA host's clock about {behind:.0f} s behind?"
-        ) from None
+        )
+    pki.verify_leaf(leaf, roots, at=t)
     return chain
 
 

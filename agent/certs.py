@@ -623,6 +623,7 @@ class CertManager:
         A trust-bundle change wakes it: a certificate the new bundle does not trust is recovered now,
         not at its renewal point."""
         wake = self._wakes.setdefault(service, asyncio.Event())
+        tried_with: object = renewal.token_stamp(self.token_file)  # the token file at the last try
         while True:
             wake.clear()
             held = self._held[service]
@@ -631,7 +632,7 @@ class CertManager:
             if self._unusable(service):
                 if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
                     delay = renewal.retry_delay(failures, 0, self._rng)
-                    if await renewal.wait_or_token(delay, self.token_file, wake):
+                    if await renewal.wait_or_token(delay, self.token_file, wake, since=tried_with):
                         continue
             elif failures == 0:
                 if await renewal.wait_or_wake(max((held.renew_at - pki.now()).total_seconds(), 0.0), wake):
@@ -642,6 +643,7 @@ class CertManager:
                          left - delay)  # fmt: skip
                 if await renewal.wait_or_wake(delay, wake):
                     continue
+            tried_with = renewal.token_stamp(self.token_file)
             try:
                 await self.renew_once(service)
             except CAError as exc:

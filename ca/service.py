@@ -799,7 +799,7 @@ class CAService:
             identity = ident.spiffe_id
             tokens.check_scope(record, ident.service)
             if loop.time() >= deadline:
-                raise _Unavailable(f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept")
+                raise _Unavailable(_too_slow())
             await tokens.redeem(consul, record, ident.service, at)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
@@ -813,8 +813,7 @@ class CAService:
 
         if loop.time() >= deadline:  # the client has likely given up: nothing issued, the token back
             await give_back()
-            slow = _Unavailable(f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept")
-            return self._refuse("sign", slow, peer, identity, token_id)
+            return self._refuse("sign", _Unavailable(_too_slow()), peer, identity, token_id)
         return await self._issue("sign", csr, ident, ttl, peer, token_id, undo=give_back)
 
     async def _sign_nomad(self, req: Request, jwt_text: str, peer: str | None) -> Response:
@@ -1088,6 +1087,10 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 class _Forbidden(Unauthorized):
     """Authenticated, but not allowed to have that identity: 403."""
+
+
+def _too_slow() -> str:
+    return f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept"
 
 
 class _Unavailable(Exception):

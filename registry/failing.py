@@ -15,7 +15,9 @@ of every other character, one part for the tail itself, and one for the IDs that
 it. Every ID, of an instance registered since too, is in exactly one part, so none is taken as
 passing because its part was not read. A part still too large is split again; one that cannot be
 (it holds fewer than two known IDs, or MAX_SPLITS or MAX_PARTS is reached) fails the read as a
-whole answer did: the agent keeps the health it read last and its watch says it is not in sync.
+whole answer did: the agent keeps the health it read last and its watch says it is not in sync; the
+next try starts over. Characters that Consul's filter strings would not carry as they are (`"`,
+control and non-ASCII ones) go into the patterns by their code point.
 Consul's index of each part moves with any check, so the view's index is the lowest of its parts':
 a change after the first part's read wakes the next one.
 
@@ -43,11 +45,11 @@ from hostmesh.registry.records import record
 log = logging.getLogger("hostmesh.registry")
 
 SPLIT_CLASSES = 6  # classes of the character before a part's shared tail, besides "any other"
-MAX_SPLITS = 6  # times one part is split again: enough for ~4,000 IDs of 2,000 bytes of checks each
-MAX_PARTS = 64  # parts read for one view: past it the read fails as one too large answer did
+MAX_SPLITS = 6  # times one part is split again (each split adds up to SPLIT_CLASSES + 3 parts)
+MAX_PARTS = 64  # parts read for one view: past it the read fails as one too large answer did, and the
+# next one starts over
 PART_READS_AT_ONCE = 4  # parts read concurrently (each is a plain read of at most the answer limit)
-_META = frozenset("\\.^$|?*+()[]{}")  # escaped in a literal (Go's RE2 and Python's re alike)
-_CLASS_META = frozenset("\\]^-[")  # escaped in a character class
+_SPECIAL = frozenset("\\.^$|?*+()[]{}-&~#")  # escaped with a backslash (Go's RE2 and Python's re alike)
 
 Field = Literal["ServiceID", "Node"]
 KnownIds = Callable[[Field], Iterable[str]]  # the IDs (or node names) the agent knows of
@@ -58,22 +60,43 @@ def whole_again() -> int:
     return http.MAX_BODY_BYTES // 4
 
 
+def _char(c: str, re2: bool) -> str:
+    """`c` matched literally, in a pattern or a class: printable ASCII as itself (a backslash before
+    a special one), every other character (a `"`, which Consul's filter strings refuse escaped,
+    control and non-ASCII ones, which JSON would write as escapes Consul does not read back as the
+    character) by its code point: `\\x{…}` for RE2, `\\U…` for Python."""
+    if " " <= c <= "~" and c != '"':
+        return f"\\{c}" if c in _SPECIAL else c
+    return f"\\x{{{ord(c):x}}}" if re2 else f"\\U{ord(c):08x}"
+
+
 @record
 class Clause:
-    """The ID ends with `tail` (a regular expression fragment; `^...`: is exactly it), or with
-    `negated`, does not."""
+    """The ID ends with one character of `chars` (with `other`: one not in it; "" and not `other`:
+    no such character) followed by `tail`; with `exact`, is `tail` itself; with `negated`, the
+    opposite of all that."""
 
     tail: str
+    chars: str = ""
+    other: bool = False
+    exact: bool = False
     negated: bool = False
+
+    def _body(self, re2: bool) -> str:
+        cls = ""
+        if self.chars or self.other:
+            cls = f"[{'^' if self.other else ''}{''.join(_char(c, re2) for c in self.chars)}]"
+        return f"{'^' if self.exact else ''}{cls}{''.join(_char(c, re2) for c in self.tail)}"
 
     @property
     def pattern(self) -> str:
         """For Consul's `matches` (Go's RE2, where `$` is the end of the text)."""
-        return f"(?s){self.tail}$"
+        return f"(?s){self._body(re2=True)}$"
 
     def holds(self, value: str) -> bool:
         """As Consul's `matches` (Python's `$` also matches before a last newline: fullmatch instead)."""
-        body = self.tail[1:] if self.tail.startswith("^") else f".*{self.tail}"
+        body = self._body(re2=False)
+        body = body[1:] if self.exact else f".*{body}"
         return (re.fullmatch(f"(?s){body}", value) is not None) != self.negated
 
 
@@ -103,12 +126,11 @@ class CheckPart:
             return None
         tail = _shared_tail(ids)
         before = [v[-len(tail) - 1] for v in ids if len(v) > len(tail)]
-        literal = "".join(f"\\{c}" if c in _META else c for c in tail)
-        parts = [self._with(Clause(_class(group) + literal)) for group in _groups(before)]
-        parts.append(self._with(Clause(f"[^{''.join(map(_in_class, sorted(set(before))))}]{literal}")))
-        parts.append(self._with(Clause(f"^{literal}")))  # the tail itself
+        parts = [self._with(Clause(tail, chars="".join(group))) for group in _groups(before)]
+        parts.append(self._with(Clause(tail, chars="".join(sorted(set(before))), other=True)))
+        parts.append(self._with(Clause(tail, exact=True)))  # the tail itself
         if tail:
-            parts.append(self._with(Clause(literal, negated=True)))
+            parts.append(self._with(Clause(tail, negated=True)))
         return parts
 
     def _with(self, clause: Clause) -> CheckPart:
@@ -117,36 +139,30 @@ class CheckPart:
 
 def _shared_tail(ids: Sequence[str]) -> str:
     """The longest text every one of `ids` ends with."""
-    first, last = min(ids, key=len), ids
+    shortest = min(ids, key=len)
     n = 0
-    while n < len(first) and all(v[-1 - n] == first[-1 - n] for v in last):
+    while n < len(shortest) and all(v[-1 - n] == shortest[-1 - n] for v in ids):
         n += 1
-    return first[len(first) - n :]
+    return shortest[len(shortest) - n :]
 
 
 def _groups(chars: Sequence[str]) -> list[list[str]]:
-    """The distinct characters of `chars` in up to SPLIT_CLASSES groups of about as many IDs each."""
+    """The distinct characters of `chars` in at most SPLIT_CLASSES groups of about as many IDs each,
+    and in two groups at least when there are two distinct characters (a character held by most IDs
+    has a group of its own: a split always leaves each part fewer IDs)."""
     counts: dict[str, int] = {}
     for c in chars:
         counts[c] = counts.get(c, 0) + 1
     share = max(1, -(-len(chars) // SPLIT_CLASSES))
-    groups: list[list[str]] = [[]]
+    groups: list[list[str]] = []
     held = 0
     for c in sorted(counts):
-        if held >= share and len(groups) < SPLIT_CLASSES:
+        if not groups or (held + counts[c] > share and len(groups) < SPLIT_CLASSES):
             groups.append([])
             held = 0
         groups[-1].append(c)
         held += counts[c]
-    return [g for g in groups if g]
-
-
-def _in_class(c: str) -> str:
-    return f"\\{c}" if c in _CLASS_META else c
-
-
-def _class(chars: Iterable[str]) -> str:
-    return f"[{''.join(map(_in_class, chars))}]"
+    return groups
 
 
 FIRST_PARTS = (CheckPart("Node"), CheckPart("ServiceID"))
@@ -164,7 +180,8 @@ class FailingChecks:
         log.warning("the failing checks of this agent's upstreams do not fit one answer (%s): "
                     "reading them in parts", too_large)  # fmt: skip
         self.parts: tuple[CheckPart, ...] | None = FIRST_PARTS
-        self._view: tuple[int, NotPassing] | None = None  # the last parts read: a wait that ran out
+        # the last parts read, and for which services: what a wait that ran out answers
+        self._view: tuple[tuple[str, ...], int, NotPassing] | None = None
 
     async def read(self, index: int | None, services: Iterable[str]) -> tuple[int, NotPassing]:
         """As `ConsulClient.checks_not_passing(index, services=services)`, past the answer limit too.
@@ -179,13 +196,16 @@ class FailingChecks:
                 self.parts = FIRST_PARTS
         elif index is not None:
             now = await self._consul.checks_index(index)  # a change anywhere, or the wait ran out
-            if now == index and self._view is not None and self._view[0] == index:
-                return self._view  # nothing changed: no part read again
-        self._view = await self._read_parts(services)
-        return self._view
+            if now == index and self._view is not None and self._view[:2] == (tuple(services), index):
+                return index, self._view[2]  # nothing changed: no part read again
+        index, view = await self._read_parts(services)
+        self._view = (tuple(services), index, view)
+        return index, view
 
     async def _read_parts(self, services: list[str]) -> tuple[int, NotPassing]:
-        todo = [p for p in self.parts or FIRST_PARTS if services or p.field == "Node"]
+        parts = self.parts or FIRST_PARTS
+        todo = [p for p in parts if services or p.field == "Node"]
+        unread = [p for p in parts if p not in todo]  # (no service to read them for: kept for later)
         done: list[CheckPart] = []
         views: list[tuple[int, NotPassing, int]] = []
         gate = asyncio.Semaphore(PART_READS_AT_ONCE)
@@ -207,11 +227,15 @@ class FailingChecks:
 
         while todo:
             if len(done) + len(todo) > MAX_PARTS:
-                self.parts = tuple(done + todo)
+                self.parts = FIRST_PARTS  # the next read starts over (the outage may be over by then)
                 raise AnswerTooLarge(f"the failing checks would take more than {MAX_PARTS} parts to read")
-            todo = [p for split in await asyncio.gather(*map(read, todo)) for p in split]
+            results = await asyncio.gather(*map(read, todo), return_exceptions=True)  # all ended
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+            todo = [p for split in results if isinstance(split, list) for p in split]
         size = sum(v[2] for v in views)
-        self.parts = None if size < whole_again() else tuple(done)
+        self.parts = None if size < whole_again() and not unread else (*done, *unread)
         if self.parts is None:
             log.info("the failing checks of this agent's upstreams fit one answer again (%d bytes)", size)
         index = min(v[0] for v in views)

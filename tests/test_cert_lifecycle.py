@@ -295,6 +295,9 @@ def test_a_new_certificate_already_expired_here_names_the_cas_clock(monkeypatch:
         TrustError, match=r"this host's clock reads .*: is the CA host's clock about 2(39|40|41) s behind"
     ):
         check_chain(pki.cert_pem(leaf).decode(), key, ident, [root])
+    _, other = pki.make_root("hostmesh.local")  # not from a root this host trusts: said so, no clock
+    with pytest.raises(TrustError, match=r"^certificate is not issued by a trusted root$"):
+        check_chain(pki.cert_pem(leaf).decode(), key, ident, [other])
 
 
 async def test_a_certificate_obtained_with_a_clock_behind_is_kept_for_when_it_is_right(

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hostmesh.agent.discovery import Discovery, SnapshotBuilder
 from hostmesh.registry import http as registry_http
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.failing import CheckPart
+from hostmesh.registry.errors import AnswerTooLarge
+from hostmesh.registry.failing import CheckPart, FailingChecks
 from tests.support import ConsulDev, async_wait_until
 from tests.test_discovery_documents import calling, no_tls
 
@@ -162,12 +163,13 @@ async def test_consul_puts_each_id_in_the_part_the_agent_expects(consul: ConsulD
     they hold. With IDs of every awkward shape (dots, brackets, a caret, a backslash, non-ASCII),
     each failing check comes back in exactly the part the agent computed for it."""
     svc = f"odd-{secrets.token_hex(3)}"
-    names = ["a.b-1", "a.b-2", "a]b-1", "x[y-1", "c^d-1", "c\\d-9", "é.ü-3", "ab", "b", "zz.b-1"]
+    names = ["a.b-1", "a.b-2", "a]b-1", "x[y-1", "c^d-1", "c\\d-9", "é.ü-3", "ab", "b", "zz.b-1",
+             'q"b-1', "🙂.b-1", "t&&b-1", "m|b-7", "sp ace-1"]  # fmt: skip
     nodes += names
     ids = [register(consul, svc, n, "critical") for n in names]
     async with ConsulClient(consul.url) as client:
         parts = [CheckPart("ServiceID")]
-        for _ in range(3):  # split, then split the largest again
+        for _ in range(4):  # split, then split the largest again
             biggest = max(parts, key=lambda p: sum(p.holds(i) for i in ids))
             parts.remove(biggest)
             parts += biggest.split(ids) or []
@@ -177,11 +179,20 @@ async def test_consul_puts_each_id_in_the_part_the_agent_expects(consul: ConsulD
         assert sorted(i for i in ids for p in parts if p.holds(i)) == sorted(ids)  # each in exactly one
 
 
-_IDS = st.text(alphabet="ab.-é\n0]^[\\", min_size=0, max_size=8)
+_IDS = st.text(alphabet='ab.-é\n0]^["&|~🙂\\', min_size=0, max_size=8)
+# many IDs that differ only in one character before a shared tail, most with the same one
+_SKEWED = st.builds(
+    lambda few, many, n: [f"{c}x.tail" for c in few] + [f"{i}{many}x.tail" for i in range(n)],
+    st.lists(st.sampled_from("abc0"), max_size=2, unique=True),
+    st.sampled_from("nz~"),
+    st.integers(2, 20),
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_IDS, min_size=2, max_size=12, unique=True), _IDS, st.integers(min_value=1, max_value=4))
+@given(st.one_of(st.lists(_IDS, min_size=2, max_size=12, unique=True), _SKEWED), _IDS, st.integers(1, 4))
+@example(["a", "b", "0b", ".b", "-b", "éb", "]b"], "x", 1)
+@example(["vm1-blue", *(f"vm{n}-green" for n in range(2, 14))], "vm99-green", 3)
 def test_a_part_is_split_into_parts_that_hold_each_id_once_and_fewer_known_ones(
     known: list[str], probe: str, depth: int
 ) -> None:
@@ -197,3 +208,58 @@ def test_a_part_is_split_into_parts_that_hold_each_id_once_and_fewer_known_ones(
         held = sum(part.holds(k) for k in known)
         assert all(sum(p.holds(k) for k in known) < held for p in split)
         part = max(split, key=lambda p: sum(p.holds(k) for k in known))
+
+
+async def parts_reader(client: ConsulClient, known: list[str]) -> FailingChecks:
+    """A FailingChecks as discovery makes it at the first answer past the limit."""
+    return FailingChecks(client, lambda field: known if field == "ServiceID" else [], AnswerTooLarge("test"))
+
+
+@pytest.mark.consul
+async def test_a_read_past_max_parts_fails_and_the_next_starts_over(
+    consul: ConsulDev, monkeypatch: pytest.MonkeyPatch, nodes: list[str]
+) -> None:
+    """A read that would take more than MAX_PARTS parts kept that list of parts: every later read
+    failed at once, without a request, after the outage too, until the agent restarted."""
+    from hostmesh.registry import failing
+
+    svc = f"many-{secrets.token_hex(3)}"
+    tag = secrets.token_hex(2)
+    nodes += [node(n, tag) for n in range(40)]
+    ids = [register(consul, svc, node(n, tag), "critical", OUTPUT) for n in range(40)]
+    monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", LOWERED_LIMIT)
+    monkeypatch.setattr(failing, "MAX_PARTS", 3)
+    async with ConsulClient(consul.url) as client:
+        reader = await parts_reader(client, ids)
+        with pytest.raises(AnswerTooLarge, match="more than 3 parts"):
+            await reader.read(None, [svc])
+        for n in range(40):  # the outage is over
+            register(consul, svc, node(n, tag), "passing")
+        _, view = await reader.read(None, [svc])
+        assert view.instances == frozenset()
+
+
+@pytest.mark.consul
+async def test_parts_not_read_for_want_of_upstreams_are_read_once_there_are_some(
+    consul: ConsulDev, monkeypatch: pytest.MonkeyPatch, nodes: list[str]
+) -> None:
+    """A read with no upstream (only the node checks, themselves large enough to stay in parts)
+    dropped the instances' parts for good: once upstreams were followed again, their failing
+    instances were never read (taken as passing)."""
+    svc = f"back-{secrets.token_hex(3)}"
+    tag = secrets.token_hex(2)
+    nodes += [node(n, tag) for n in range(40)]
+    ids = [register(consul, svc, node(n, tag), "critical", OUTPUT) for n in range(40)]
+    for n in range(12):  # failing node checks: 24 KiB of them, over a quarter of the limit
+        check = {"CheckID": "disk", "Name": "disk", "Status": "critical", "Output": OUTPUT}
+        consul.put_json(
+            "/v1/catalog/register", {"Node": node(n, tag), "Address": "127.64.9.1", "Check": check}
+        )
+    monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", LOWERED_LIMIT)
+    async with ConsulClient(consul.url) as client:
+        reader = await parts_reader(client, ids)
+        _, first = await reader.read(None, [svc])
+        assert {i for _, i in first.instances} == set(ids)
+        await reader.read(None, [])  # no upstream for a while
+        _, again = await reader.read(None, [svc])
+        assert {i for _, i in again.instances} == set(ids)

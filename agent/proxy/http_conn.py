@@ -1447,7 +1447,8 @@ def response_flag(resp: ResponseHead) -> str:
 def without_app_flags(resp: ResponseHead) -> ResponseHead:
     """An app's error response without a flags field of its own: the callers' agents take that field
     (response_flag) as the mesh's verdict, so an app could make them count intention denials that
-    never happened. An answer under 400 is passed as it is: no agent reads its flags."""
+    never happened. An answer under 400 is passed as it is: no agent reads its flags (http_inbound's
+    _relay_app makes the same test first, to spare a 2xx the call)."""
     if resp.status < 400:
         return resp
     headers = resp.headers
