@@ -161,43 +161,34 @@ def test_after_a_restart_every_certificate_is_listed_while_the_helper_checks_it(
     assert states[-1] == {"valid"}, states
 
 
-async def test_a_consul_acl_token_in_the_join_token_file_is_named_not_sent(
-    mesh: tuple[LocalMesh, AgentHandle],
+@pytest.mark.parametrize("case", ["two-tokens", "acl-token"])
+async def test_a_token_file_that_holds_no_join_token_is_named_not_sent(
+    mesh: tuple[LocalMesh, AgentHandle], case: str
 ) -> None:
-    """A Consul (or Nomad) ACL token written where the join token goes, a likely mix-up beside
-    consul-token, was sent to the CA, which refused it as malformed: it stays on the host."""
-    m, h = mesh
-    token_file = h.data_dir / "join-token"
-    token_file.write_text(f"{uuid.uuid4()}\n")
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    try:
-        with pytest.raises(Unauthorized) as err:
-            await asyncio.wait_for(cp.start(), WAIT)
-        assert str(err.value) == (
-            f"{token_file} holds a UUID, the form of a Consul or Nomad ACL token, not a join token "
-            "(hmt1.…) or a workload identity (a JWT): not sent to the CA"
-        )
-    finally:
-        await cp.close()
-        await consul.close()
-
-
-async def test_a_token_file_of_two_lines_is_named_not_sent(mesh: tuple[LocalMesh, AgentHandle]) -> None:
     """Two tokens in the file (or one with a space) went out as a header the HTTP client refused,
-    and the error spoke of an authorization header, naming no file."""
+    and the error spoke of an authorization header, naming no file. A Consul (or Nomad) ACL token
+    written where the join token goes, a likely mix-up beside consul-token, was sent to the CA,
+    which refused it as malformed: it stays on the host."""
     m, h = mesh
     token_file = h.data_dir / "join-token"
-    token_file.write_text(m.token("api") + "\n" + m.token("api") + "\n")
+    if case == "two-tokens":
+        token_file.write_text(m.token("api") + "\n" + m.token("api") + "\n")
+        why = (
+            "does not hold one token: a join token or a workload identity is one line of printable "
+            "characters, without spaces"
+        )
+    else:
+        token_file.write_text(f"{uuid.uuid4()}\n")
+        why = (
+            "holds a UUID, the form of a Consul or Nomad ACL token, not a join token (hmt1.…) or a "
+            "workload identity (a JWT): not sent to the CA"
+        )
     consul = ConsulClient(m.consul_url)
     cp = certproc(m, h, consul)
     try:
         with pytest.raises(Unauthorized) as err:
             await asyncio.wait_for(cp.start(), WAIT)
-        assert str(err.value) == (
-            f"{token_file} does not hold one token: a join token or a workload identity is one line "
-            "of printable characters, without spaces"
-        )
+        assert str(err.value) == f"{token_file} {why}"
     finally:
         await cp.close()
         await consul.close()
