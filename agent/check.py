@@ -489,8 +489,12 @@ def normalize_path(path: str, method: str = "GET") -> str:
     from hostmesh.agent.l7.errors import ProtocolError
     from hostmesh.agent.l7.normalize import normalize_target
 
+    # an absolute-form target (`http://x/admin`) comes with its own authority as Host, or the agent
+    # refuses it (authority-mismatch) before deciding: asked with one, the check decides as the agent
+    scheme, sep, rest = path.partition("://")
+    host = rest.split("/", 1)[0] if sep and scheme.lower() in ("http", "https") else "check"
     try:
-        raw = normalize_target(path.encode("utf-8"), [(b"host", b"check")], method.encode())
+        raw = normalize_target(path.encode("utf-8"), [(b"host", host.encode("utf-8"))], method.encode())
         target = raw.decode("latin-1")
     except ProtocolError as exc:
         raise ValueError(f"the agent refuses path {path!r} with 400 ({exc})") from None

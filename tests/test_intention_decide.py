@@ -33,6 +33,10 @@ DOC = parse_intentions(
         ("GET", "/api/admin", False, "rule 1 deny web l7"),
         ("GET", "//api/admin", False, "rule 1 deny web l7"),
         ("get", "/%61pi/./admin/x", False, "rule 1 deny web l7"),
+        # absolute form, as a client may send it to the agent (with that authority as Host): it was
+        # refused "with 400 (authority-mismatch)" here, where the agent decides it
+        ("GET", "http://shop.example/api/admin", False, "rule 1 deny web l7"),
+        ("GET", "http://shop.example/api/users?x=1", True, "rule 0 allow web l7"),
         ("POST", "/api/users", False, "default deny"),
         (None, None, False, "default deny"),  # GET / when the request decides and none is given
     ],
