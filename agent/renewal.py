@@ -21,7 +21,6 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Final
 
 from hostmesh.agent.loops import wait_event
 from hostmesh.registry.watch import backoff_delay
@@ -68,25 +67,21 @@ def token_stamp(path: Path | None) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-_NOW: Final = object()  # wait_or_token's `since` when the caller has not tried yet: the file as it is now
-
-
 async def wait_or_token(
-    seconds: float, token_file: Path | None, wake: asyncio.Event | None = None, since: object = _NOW
+    seconds: float, token_file: Path | None, wake: asyncio.Event | None, since: object
 ) -> bool:
     """Sleep `seconds`, or less: until the token file changes (a fresh token was dropped in) or
     `wake` is set (True then: the caller looks at its certificate again before trying). `since`: the
     file's `token_stamp` at the caller's last try; a change since then ends the wait at once (a
     token dropped in while the caller looked again was missed until the whole wait ran out)."""
-    before = token_stamp(token_file) if since is _NOW else since
-    if token_stamp(token_file) != before:
+    if token_stamp(token_file) != since:
         return False
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while (left := deadline - loop.time()) > 0:
         if await wait_or_wake(min(left, TOKEN_POLL), wake):
             return True
-        if token_stamp(token_file) != before:
+        if token_stamp(token_file) != since:
             return False
     return False
 

@@ -88,7 +88,7 @@ async def test_a_token_dropped_in_since_the_last_try_ends_the_wait_at_once(tmp_p
     token = tmp_path / "join-token"
     tried_with = renewal.token_stamp(token)  # no file at the last try
     token.write_text("hmt1.fresh\n")
-    assert await asyncio.wait_for(renewal.wait_or_token(30.0, token, since=tried_with), 5) is False
+    assert await asyncio.wait_for(renewal.wait_or_token(30.0, token, None, since=tried_with), 5) is False
     tried_with = renewal.token_stamp(token)
     woken = asyncio.Event()
     woken.set()
