@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hostmesh.registry.layout import COMMAND, PROTOCOL_META, UPSTREAMS_META, is_hostmesh
+from hostmesh.registry.layout import COMMAND, PROTOCOL_META, UPSTREAMS_META, is_hostmesh, service_protocol
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -343,11 +343,11 @@ def _check_intentions(
         out.append(_unknown("intentions", key))
     # decided per connection (or flow), as `apply` decides it (registry/documents.py protocol_of)
     protocols = catalog.protocols(key)
-    decided_as: str | None = (
-        None if "http" in protocols else next((p for p in ("udp", "tcp") if p in protocols), None)
-    )
+    decided_as: str | None = service_protocol(protocols) if protocols else None
     if key in externals:
         decided_as = "an external service"
+    elif decided_as == "http":
+        decided_as = None
     for i, rule in enumerate(doc.rules):
         subject = f"intentions/{key} rule {i}"
         if rule.source != "*" and rule.source not in known:

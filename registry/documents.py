@@ -47,7 +47,7 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
-from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META, PROTOCOL_META
+from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META, PROTOCOL_META, service_protocol
 from hostmesh.registry.schema import (
     KINDS,
     NOMAD_MAPPING_KIND,
@@ -411,8 +411,7 @@ class DocumentStore:
             return None
         if any(i.meta.get(GATEWAY_KIND_META) for i in instances):
             return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
-        protocols = {i.meta.get(PROTOCOL_META) for i in instances}
-        return "http" if "http" in protocols else "udp" if "udp" in protocols else "tcp"
+        return service_protocol({i.meta.get(PROTOCOL_META) for i in instances})
 
     async def _check_others_fit(self, service: str, protocol: str, pending: Pending | None) -> None:
         """A route document turning `service` tcp, or an external document naming it, is refused

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Collection, Iterable, Mapping
 
 KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
@@ -42,7 +42,7 @@ def is_hostmesh(meta: Mapping[str, object]) -> bool:
 
 
 UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
-PROTOCOL_META = "protocol"  # what the service speaks (http or tcp), as its agent registers it
+PROTOCOL_META = "protocol"  # what the service speaks (http, tcp or udp), as its agent registers it
 METRICS_META = "metrics_addr"  # host:port (or a URL) of the registering process's /metrics
 METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SUBSET_META = "version"  # the operator's meta naming the subset an instance belongs to
@@ -54,3 +54,9 @@ def upstreams_meta(names: Iterable[str]) -> dict[str, str]:
     `hostmesh check` tell a policy nobody applies); nothing when it would not fit in one value."""
     value = ",".join(sorted(set(names)))
     return {UPSTREAMS_META: value} if len(value) <= CONSUL_META_VALUE_MAX else {}
+
+
+def service_protocol(protocols: Collection[str | None]) -> str:
+    """What a service speaks, from its instances' PROTOCOL_META, as its callers' agents decide it:
+    http when any says http, else udp when any says udp, else tcp."""
+    return "http" if "http" in protocols else "udp" if "udp" in protocols else "tcp"

@@ -385,6 +385,7 @@ REPLACED_AT_EDGE = (*FORWARDED_HEADERS, b"x-request-id")
 # edge default, SANITIZE): an app that reads them, as behind Envoy or Istio, would trust an
 # internet client's word for its identity. The mesh's own decisions never read a header.
 DROPPED_AT_EDGE = (b"x-forwarded-client-cert",)
+_NOT_FROM_CLIENT = frozenset((*REPLACED_AT_EDGE, *DROPPED_AT_EDGE))  # one look per field of a request
 
 
 class IngressHttp:
@@ -454,7 +455,7 @@ class IngressHttp:
             return
         client = ex.conn.peer_ip
         node = f'"[{client}]"' if ":" in client else client
-        headers = [(n, v) for n, v in head.headers if n not in REPLACED_AT_EDGE and n not in DROPPED_AT_EDGE]
+        headers = [(n, v) for n, v in head.headers if n not in _NOT_FROM_CLIENT]
         headers += [
             (b"x-forwarded-for", client.encode()),
             (b"x-forwarded-proto", self.scheme),
