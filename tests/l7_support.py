@@ -35,6 +35,7 @@ class _Req:
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
+        self.fields: list[tuple[bytes, bytes]] = []  # every field, in order (repeated names too)
         self.body = bytearray()
         self.done = False
         self.upgrade = False
@@ -44,6 +45,7 @@ class _Req:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.lower()] = value
+        self.fields.append((name.lower(), value))
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -62,6 +64,7 @@ class Backend:
         self.failed_once = False
         self.port = 0
         self.last_headers: dict[bytes, bytes] = {}
+        self.last_fields: list[tuple[bytes, bytes]] = []
         self.last_body = b""
         self.deaf = False  # True: new connections are held open without being read until close()
         self._closing: asyncio.Event | None = None
@@ -115,6 +118,7 @@ class Backend:
         self.hits += 1
         self.seen.append(req.url)
         self.last_headers = req.headers
+        self.last_fields = req.fields
         self.last_body = bytes(req.body)
         path = req.url.split(b"?")[0]
         method = parser.get_method()

@@ -388,8 +388,9 @@ def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
     assert seen[b"x-forwarded-for"] == b"127.0.0.1"
     # the request id every line and span of the request carries is the gateway's, not the client's
     assert len(seen[b"x-request-id"]) == 32 and seen[b"x-request-id"] != FORGED_ID.encode()
-    # a client certificate's details, as a proxy would report them, never come from the internet
-    assert b"x-forwarded-client-cert" not in seen
+    # a client certificate's details, as a proxy would report them, never come from the internet: the
+    # app is told the caller its agent verified, the gateway
+    assert seen[b"x-forwarded-client-cert"] == FORGED_XFCC.replace("admin", "edge").encode()
     unknown = http_get(edges.http_port, "nobody.example.test")
     assert unknown.status == 404
     assert unknown.headers["x-hostmesh-response-flags"] == "NR"

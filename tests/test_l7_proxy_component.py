@@ -194,6 +194,26 @@ async def test_keep_alive_requests_cross_the_mesh_on_one_pooled_connection(mesh:
     assert sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", source_service="web") == 20
 
 
+async def test_the_app_is_told_its_verified_caller_and_never_the_callers_own_claim(mesh: Mesh) -> None:
+    """The app's agent sets `x-forwarded-client-cert` to the caller its mTLS handshake verified and
+    drops any the caller sent, so an app may trust it (as behind Envoy); before, the app was told
+    nothing, and a caller's own field reached it as it was sent."""
+    c = mesh.client()
+    forged = "By=spiffe://hostmesh.local/svc/api;URI=spiffe://hostmesh.local/svc/admin"
+
+    def run() -> list[Any]:
+        out = [c.get("/who"), c.get("/who", {"x-forwarded-client-cert": forged}), c.get("/who")]
+        c.close()
+        return out
+
+    resps = await asyncio.to_thread(run)
+    want = f"By=spiffe://{TD}/svc/api;URI=spiffe://{TD}/svc/web".encode()
+    for r in resps:
+        assert r.status == 200
+        app = mesh.apps[int(r.instance.rsplit("-", 1)[1])]
+        assert [v for n, v in app.last_fields if n == b"x-forwarded-client-cert"] == [want]
+
+
 async def test_bodies_stream_both_ways_chunked_and_sized(mesh: Mesh) -> None:
     c = mesh.client()
     body = b"x" * 200_000  # above the replay buffer: streamed, not replayable

@@ -126,6 +126,10 @@ BODY_MIN_RATE: Final = 240.0  # default; `http.body_min_rate`: bytes/s a body mu
 # keep-alive client idle; above http_upstream.UPSTREAM_IDLE_SECONDS: callers close first
 IDLE_TIMEOUT: Final = 90.0
 REQUEST_ID: Final = b"x-request-id"
+# Who called, as the app's agent verified it in the mTLS handshake (Envoy's XFCC, SANITIZE_SET): the
+# inbound sets it on every request it passes to the app and drops any the caller sent, so an app
+# may trust it; the ingress gateway drops a client's (edges.py); caller_cert_field makes the value.
+CALLER_CERT: Final = b"x-forwarded-client-cert"
 # Sent by the caller's agent on an upgrade request, and by the app's agent on the 101 when it agrees
 # (forward_headers drops the other's before the app or the client sees it): the mux stream of this
 # tunnel then has TCP's half-close on both agents (stream_transport.py). Absent either way: TLS
@@ -1416,20 +1420,37 @@ def half_close_kept(transport: asyncio.BaseTransport | None) -> bool:
     return transport is not None and transport.get_extra_info("ssl_object") is None
 
 
-def complete_request_headers(headers: http1.Headers, host: str) -> http1.Headers:
+def complete_request_headers(
+    headers: http1.Headers, host: str, caller: tuple[bytes, bytes] | None = None
+) -> http1.Headers:
     """`headers` (in place) with an ``x-request-id`` when the client sent none (traceparent/B3 pass
-    unchanged), then a ``Host`` of `host` when it sent none."""
-    rid = has_host = False
+    unchanged), then a ``Host`` of `host` when it sent none. With `caller` (the inbound's, toward the
+    app: caller_cert_field) every ``x-forwarded-client-cert`` the caller sent is dropped and `caller`
+    appended, in the same pass."""
+    rid = has_host = forged = False
     for n, _ in headers:
         if n == REQUEST_ID:
             rid = True
         elif n == b"host":
             has_host = True
+        elif n == CALLER_CERT:
+            forged = True
     if not rid:
         headers.append((REQUEST_ID, request_id()))
     if not has_host:
         headers.append((b"host", host.encode()))
+    if caller is not None:
+        if forged:
+            headers[:] = [h for h in headers if h[0] != CALLER_CERT]
+        headers.append(caller)
     return headers
+
+
+def caller_cert_field(service_id: str, caller_id: str) -> tuple[bytes, bytes]:
+    """The ``x-forwarded-client-cert`` field the app is given: ``By`` the SPIFFE ID of the service it
+    reached, ``URI`` the caller's, as Envoy writes them (no ``Hash``: hashing each caller's
+    certificate would load hashlib into every agent, ~0.7 MiB)."""
+    return CALLER_CERT, f"By={service_id};URI={caller_id}".encode()
 
 
 def response_flag(resp: ResponseHead) -> str:

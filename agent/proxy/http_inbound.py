@@ -55,6 +55,7 @@ from hostmesh.agent.proxy.http_conn import (
     TlsServerConn,
     access_due,
     access_line,
+    caller_cert_field,
     complete_request_headers,
     drain,
     monotonic,
@@ -89,8 +90,8 @@ def _relay_app(ex: Exchange, resp: http1.ResponseHead) -> None:
 class Caller:
     """Who is on the other end of one inbound mTLS connection (ServerConn.info)."""
 
-    __slots__ = ("leaf", "not_after", "peer", "resolved", "roots_pem", "service", "source", "source_id",
-                 "source_service", "subset")  # fmt: skip
+    __slots__ = ("cert_field", "leaf", "not_after", "peer", "resolved", "roots_pem", "service", "source",
+                 "source_id", "source_service", "subset")  # fmt: skip
 
     def __init__(self, source: Identity, service: str, ssl_obj: Any, roots_pem: str, peer: str,
                  subset: str) -> None:  # fmt: skip
@@ -99,6 +100,8 @@ class Caller:
         self.source_service = source.service
         self.source_id = source.spiffe_id
         self.service = service
+        # the caller as its requests tell the app (complete_request_headers), made once per connection
+        self.cert_field = caller_cert_field(f"spiffe://{source.trust_domain}/svc/{service}", source.spiffe_id)
         self.subset = subset  # the local service's `version` meta (destination_subset)
         self.leaf: Any = ssl_obj.getpeercert(binary_form=True)  # DER; parsed only if the bundle changes
         self.not_after = peer_not_after(ssl_obj) or float("inf")
@@ -271,7 +274,7 @@ class HttpInbound:
         if head.expect_continue:
             ex.continue_100()
         headers = http1.forward_headers(head.headers, tunnel=head.upgrade)
-        complete_request_headers(headers, name)
+        complete_request_headers(headers, name, caller.cert_field)
         if ex.trace is not None:  # the app's own spans are children of this one
             ex.trace.propagate(headers)
         ex.state = req = _Req(r.port, headers)
