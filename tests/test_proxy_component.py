@@ -375,12 +375,19 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert audit[0]["destination"] == "api" and audit[0]["reason"] == "rule 0 deny web"
     assert metric_sample(mesh.tel_b, "hostmesh_authz_denied_total", source_service="web") == 1
     assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 1
-    # and an access line where it was decided, as for any failure (the caller's line says only UC)
+    # and an access line on both sides, each saying AUTHZ: the caller's agent reads the reason on the
+    # stream's RESET (its line said UC, a connection that broke, before)
+    await async_wait_until(
+        lambda: metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ"),
+        what="the caller's line",
+    )
     access = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
-    assert [(a["reporter"], a["source_principal"], a["destination_service"], a["response_flags"])
-            for a in access if a["reporter"] == "destination"] == [
-        ("destination", "spiffe://hostmesh.local/svc/web", "api", "AUTHZ")
+    assert sorted((a["reporter"], a["source_principal"], a["destination_service"], a["response_flags"])
+                  for a in access) == [
+        ("destination", "spiffe://hostmesh.local/svc/web", "api", "AUTHZ"),
+        ("source", "spiffe://hostmesh.local/svc/web", "api", "AUTHZ"),
     ]  # fmt: skip
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 0
 
 
 async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(
@@ -1130,6 +1137,8 @@ async def test_an_unreachable_app_is_logged_at_a_bounded_rate(
             w.close()
 
     assert await asyncio.gather(*(one() for _ in range(flood))) == ["reset"] * flood
+    # the caller's agent says why: the app behind the peer was unreachable (UF), not a broken stream
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UF") == flood
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(lines) == DEFAULT_LINES and "app 127.0.0.1" in lines[0], lines
     await mesh.inbound.close()

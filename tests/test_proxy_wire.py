@@ -126,3 +126,11 @@ def test_a_datagram_frame_arrives_whole_and_oversized_ones_are_refused() -> None
         assert [(t, s, bytes(p)) for t, s, p in events[1:]] == [(wire.DGRAM, 3, d) for d in datagrams]
     with pytest.raises(wire.WireError):
         wire.Decoder().feed(wire.HEADER.pack((wire.DGRAM << 24) | (wire.MAX_DATAGRAM + 1), 3))
+
+
+def test_a_reset_says_why_and_a_bare_one_still_decodes() -> None:
+    """A refusal's RESET carries its flags (what the caller's agent then reports); one without
+    payload, as agents of 0.2.0 send, decodes as before."""
+    d = wire.Decoder()
+    got = d.feed(wire.reset_frame(7, "AUTHZ") + wire.control(wire.RESET, 9))
+    assert got == [(wire.RESET, 7, b"AUTHZ"), (wire.RESET, 9, b"")]

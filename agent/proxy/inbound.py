@@ -486,7 +486,7 @@ class InboundListener(ListenerLifecycle):
                 "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
             )
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
-            stream.reset()
+            stream.reset(flags.UF)
             return False
         except asyncio.CancelledError:
             stream.reset()
@@ -508,7 +508,7 @@ class InboundListener(ListenerLifecycle):
         series = self.telemetry.tcp_series(REPORTER, source.service, service, "", flag)
         series.opened.inc()
         series.closed.inc()
-        stream.reset()
+        stream.reset(flag)  # the caller's agent says it too
         conn.answered()
         self._access(conn, source.service, service, flag, 0.0, 0, 0)
 

@@ -65,11 +65,13 @@ from hostmesh.agent.proxy.wire import (
     WINDOW_UPDATE_AT,
     Chunk,
     Decoder,
+    PeerRefused,
     WireError,
     control,
     data_frame,
     header,
     increment,
+    reset_frame,
     window,
 )
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -183,12 +185,12 @@ class Stream:
                 if self.peer is not None and not self.conn.write_paused:
                     self.peer.resume()
 
-    def reset_received(self) -> None:
-        """The peer aborted the stream."""
+    def reset_received(self, why: Chunk) -> None:
+        """The peer aborted the stream; `why`, when it says, is the response flags of its refusal."""
         pipe = self.pipe
         self._end()
         if pipe is not None:
-            pipe.lost(self, None)
+            pipe.lost(self, PeerRefused(flags.known(bytes(why).decode("latin-1"))) if why else None)
 
     def _deliver(self, data: Chunk) -> None:
         """Hand `data` to the pipe; credit goes back in batches, unless our reader is backed up."""
@@ -272,10 +274,11 @@ class Stream:
         if self.consumed and not self.done:
             self._grant()
 
-    def reset(self) -> None:
+    def reset(self, why: str = "") -> None:
+        """Abort the stream; `why`, response flags, tells the peer's agent why it was refused."""
         if self.done:
             return
-        _write(self.conn, control(RESET, self.id))
+        _write(self.conn, reset_frame(self.id, why) if why else control(RESET, self.id))
         self._end()
 
     def finish(self) -> None:
@@ -536,7 +539,7 @@ def _frames(self: MuxConnection, data: bytes) -> None:
                 elif ftype == FIN:
                     stream.fin_received()
                 elif ftype == RESET:
-                    stream.reset_received()
+                    stream.reset_received(payload)
                 elif ftype == DGRAM and stream.on_datagram is not None:
                     stream.on_datagram(payload)
                 else:

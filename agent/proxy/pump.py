@@ -30,7 +30,7 @@ from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import TcpSeries
-from hostmesh.agent.proxy.wire import Chunk
+from hostmesh.agent.proxy.wire import Chunk, PeerRefused
 
 log = logging.getLogger("hostmesh.proxy")
 
@@ -178,9 +178,11 @@ class Pipe:
                 self._finish()
 
     def lost(self, end: End, exc: BaseException | None) -> None:
-        """An end's transport is gone before the pipe finished: reset the other side."""
+        """An end's transport is gone before the pipe finished: reset the other side. A peer agent's
+        refusal names its flags (PeerRefused: AUTHZ for a denial), else the side decides (DC, UC)."""
         if not self.done:
-            self.fail(flags.DC if end is self.a else flags.UC)
+            why = exc.flags if isinstance(exc, PeerRefused) else ""
+            self.fail(why or (flags.DC if end is self.a else flags.UC))
 
     # outcomes ------------------------------------------------------------------------------
 

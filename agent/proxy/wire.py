@@ -13,7 +13,10 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     DATA    both ways         stream bytes, at most the receiver's window (see WINDOW)
     FIN     both ways         the sender's direction of the stream is done (a TCP half-close)
     RESET   both ways         the stream is aborted (reset, app gone, denial); the other stream
-                              on the connection go on
+                              on the connection go on. Payload: empty, or the response flags saying
+                              why the receiver refused it (ASCII, the l7/flags vocabulary: AUTHZ, NI,
+                              OM), which the caller's line then says too. Agents of 0.2.0 and
+                              before send none, and ignore one (they never read a RESET's payload).
     WINDOW  both ways         payload: 4-byte increment; the receiver has passed that many bytes
                               of the stream on and the sender may send that many more
     GOAWAY  both ways, id 0   the sender opens/accepts no new streams; the open ones finish
@@ -86,6 +89,21 @@ def header(ftype: int, stream: int, n: int) -> bytes:
 def control(ftype: int, stream: int) -> bytes:
     """A payload-less control frame (OPEN, HTTP_OPEN, FIN, RESET, GOAWAY)."""
     return ((ftype << 56) | stream).to_bytes(HEADER_SIZE, "big")
+
+
+def reset_frame(stream: int, why: str) -> bytes:
+    """A RESET that says why the stream was refused: `why`, response flags (wire docstring)."""
+    text = why.encode("ascii")
+    return header(RESET, stream, len(text)) + text
+
+
+class PeerRefused(ConnectionResetError):
+    """The peer's agent reset a stream and said why: `flags`, of the vocabulary (flags.known). A
+    reset still, to whoever only asks whether the stream was reset."""
+
+    def __init__(self, flags: str) -> None:
+        super().__init__(flags)
+        self.flags = flags
 
 
 def window(stream: int, increment: int) -> bytes:
