@@ -381,6 +381,9 @@ class Request:
     body: bytes
     peer: tuple[str, int] | None
     ssl_object: ssl.SSLObject | None = None
+    # loop time its first byte came (None: made by hand): a handler with a deadline counts from here,
+    # so the time it waited behind other requests is in it
+    arrived: float | None = None
 
     def json(self) -> Any:
         """Decode the JSON body; raises ValueError with a one-line reason."""
@@ -751,6 +754,7 @@ class _Message:
     """One request as parsed, before it becomes a `Request`."""
 
     __slots__ = (
+        "arrived",
         "body",
         "framing",
         "head_size",
@@ -772,6 +776,7 @@ class _Message:
         self.http10 = False
         self.refusal: _BadRequest | None = None  # answered with this instead of the handler's answer
         self.framing = b""  # an Upgrade request's body framing headers (its body is parsed apart)
+        self.arrived: float | None = None  # loop time of its first byte (_RequestStream._finish)
 
     def request(self, peer: Any, ssl_object: Any) -> Request:
         if self.refusal is not None:
@@ -782,7 +787,8 @@ class _Message:
             raise _BadRequest(400, "malformed request URL") from None
         path = urllib.parse.unquote((url.path or b"/").decode("latin-1"))
         query = dict(urllib.parse.parse_qsl((url.query or b"").decode("latin-1")))
-        return Request(self.method, path, query, self.headers, bytes(self.body), peer, ssl_object)
+        body = bytes(self.body)
+        return Request(self.method, path, query, self.headers, body, peer, ssl_object, self.arrived)
 
 
 class _RequestStream:
@@ -854,6 +860,7 @@ class _RequestStream:
         raise _Stop
 
     def _finish(self, msg: _Message) -> None:
+        msg.arrived = self.started
         self.ready.append(msg)
         self.continue_due = False
         self._msg = None

@@ -27,7 +27,7 @@ from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauth
 from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca, write_leaf
+from tests.ca_support import AuditSink, ca_context, call, csr_for, new_ca_dir, start_ca, write_leaf
 from tests.support import ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.consul
@@ -217,6 +217,48 @@ async def test_a_sign_slowed_past_its_deadline_issues_nothing_and_keeps_the_toke
     assert not [r for r in sink.records if r["event"] == "issue"]
     monkeypatch.setattr(tokens, "redeem", redeem)
     assert (await sign(svc, tok, "web"))[0] == 200  # the same token, once Consul answers in time
+
+
+async def test_a_signs_deadline_counts_from_the_requests_first_byte(
+    ca, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline counted from the handler's start, so time a request spent arriving or waiting
+    behind others was not in it: the CA could still spend the token after the agent had stopped
+    waiting. Here the deadline is 0.5 s, the body comes 0.4 s after the head (a slow client) and
+    the redemption (a real Consul transaction) is held 0.2 s: 0.6 s after the first byte."""
+    from hostmesh.ca import service as ca_service
+
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    monkeypatch.setattr(ca_service, "SIGN_DEADLINE", 0.5)
+    redeem = tokens.redeem
+
+    async def slow_redeem(*args: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return await redeem(*args)
+
+    monkeypatch.setattr(tokens, "redeem", slow_redeem)
+    body = json.dumps({"csr": csr_for("web")[1]}).encode()
+    td = svc.authority.trust_domain
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", svc.port, ssl=ca_context(svc), server_hostname=f"hostmesh-ca.svc.{td}"
+    )
+    try:
+        w.write(
+            b"POST /v1/sign HTTP/1.1\r\nhost: ca\r\nconnection: close\r\nauthorization: Bearer %s\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % (tok.encode(), len(body))
+        )
+        await w.drain()
+        await asyncio.sleep(0.4)  # the slow client itself, not a wait for anything
+        w.write(body)
+        answer = await asyncio.wait_for(r.read(), 10)
+    finally:
+        w.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert b"the token is kept" in answer
+    assert not [rec for rec in sink.records if rec["event"] == "issue"]
+    monkeypatch.setattr(tokens, "redeem", redeem)
+    assert (await sign(svc, tok, "web"))[0] == 200  # the same token, sent in time
 
 
 async def test_reused_token_is_401(ca, client) -> None:
