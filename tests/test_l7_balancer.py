@@ -310,3 +310,87 @@ def test_a_hashed_retry_goes_to_the_rings_next_owner_and_a_local_zone_spills_ove
     tried = {"api-0"}
     assert local.pick_other(None, tried).key == "api-2"  # type: ignore[union-attr]
     assert local.pick_other(None, {"api-0", "api-2"}).zone == "b"  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ picks at scale (D6): same choices
+
+
+def reference_owner(b: Balancer, ring: HashRing, key: bytes, accept: set[str]) -> str:
+    """What the ring answered before per-candidate rings: a walk clockwise on the whole ring past every
+    owner not in `accept`."""
+    idx = frozenset(i for i, e in enumerate(b.endpoints) if e.key in accept)
+    return b.endpoints[ring.lookup(stable_hash(key), idx)].key
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(2, 60),
+    zones=st.sampled_from(["a", "ab", "abc", "abbbbbbbbb"]),
+    ejections=st.lists(st.sets(st.integers(0, 59), max_size=20), min_size=1, max_size=4),
+    min_local=st.integers(1, 3),
+)
+def test_hash_picks_on_candidate_rings_equal_the_walk_on_the_whole_ring(
+    n: int, zones: str, ejections: list[set[int]], min_local: int
+) -> None:
+    """Each candidate list has its own ring (restricted when ejections change): a key still goes to
+    the first available owner clockwise, local first, through any sequence of ejections and returns."""
+    endpoints = eps(n, zones)
+    b = Balancer(endpoints, CONSISTENT_HASH, random.Random(1), local_zone="a", min_local=min_local)
+    keys = [f"k{i}".encode() for i in range(200)]
+    whole = HashRing([e.key for e in endpoints])
+    for gone in ejections:
+        b.set_unavailable(frozenset(f"api-{i}" for i in gone))
+        available = {e.key for e in b.candidates()}
+        for k in keys:
+            first = b.pick(k)
+            assert first is not None and first.key == reference_owner(b, whole, k, available)
+            retry = b.pick_other(k, {first.key})
+            assert retry is not None
+            if len(available) > 1:
+                assert retry.key == reference_owner(b, whole, k, available - {first.key})
+
+
+@pytest.mark.parametrize("policy", [ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS])
+@pytest.mark.parametrize("zones", ["", "ab"])
+def test_a_retry_with_most_instances_tried_still_finds_the_untried_ones(policy: str, zones: str) -> None:
+    """With 38 of 40 tried, every retry goes to one of the 2 left (of the local zone while it has one)."""
+    endpoints = eps(40, zones)
+    b = Balancer(endpoints, policy, random.Random(21), local_zone="a" if zones else None)
+    rng = random.Random(22)
+    for i in range(300):
+        left = set(rng.sample([e.key for e in endpoints], 2))
+        tried = {e.key for e in endpoints} - left
+        got = b.pick_other(f"user-{i}".encode(), tried)
+        assert got is not None and got.key in left
+        local_left = {k for k in left if endpoints[int(k.split("-")[1])].zone == "a"}
+        if zones and local_left:
+            assert got.key in local_left
+
+
+def test_a_least_request_retry_is_p2c_over_the_untried_instances() -> None:
+    """The documented least_request (two distinct random candidates, the less busy wins) among the
+    untried: 6 instances, 1 tried, 2 of the 5 left busy: a busy one wins only when both draws are
+    busy, 2/5 x 1/4 = 1/10 of retries (seeded)."""
+    endpoints = eps(6)
+    endpoints[1].active = endpoints[2].active = 9
+    b = Balancer(endpoints, LEAST_REQUEST, random.Random(23))
+    picks = Counter(b.pick_other(None, {"api-0"}).key for _ in range(20_000))  # type: ignore[union-attr]
+    assert "api-0" not in picks
+    assert abs((picks["api-1"] + picks["api-2"]) / 20_000 - 1 / 10) < 0.01
+    idle = [picks[f"api-{i}"] for i in (3, 4, 5)]
+    assert max(idle) - min(idle) < 600  # the idle ones evenly (each ~6,000)
+
+
+def test_a_random_retry_is_uniform_over_the_untried_instances() -> None:
+    b = Balancer(eps(10), RANDOM, random.Random(24))
+    tried = {"api-0", "api-1", "api-2"}
+    picks = Counter(b.pick_other(None, tried).key for _ in range(14_000))  # type: ignore[union-attr]
+    assert set(picks) == {f"api-{i}" for i in range(3, 10)}
+    assert all(1800 < c < 2200 for c in picks.values()), picks
+
+
+def test_a_round_robin_retry_keeps_rotating_over_the_untried() -> None:
+    b = Balancer(eps(5), ROUND_ROBIN, random.Random(25))
+    picks = Counter(b.pick_other(None, {"api-2"}).key for _ in range(400))  # type: ignore[union-attr]
+    assert set(picks) == {"api-0", "api-1", "api-3", "api-4"}
+    assert set(picks.values()) == {100}  # the rotation is over the untried, not past the tried one

@@ -153,6 +153,35 @@ class HashRing:
         self._owners = [o for _, o in points]
         self.size = len(keys)
 
+    def restricted(self, accept: Sequence[int]) -> HashRing:
+        """The ring of the points whose owner is in ``accept``: its lookup answers what this ring's
+        would with ``accept``, by one bisection instead of a walk past the other owners' points
+        (with 1 % of 2,000 instances local, ~100 points a lookup). Linear in points, ~1 ms at 16,384."""
+        keep = [False] * self.size
+        for i in accept:
+            keep[i] = True
+        ring = HashRing(())  # (an empty ring, filled here: no __new__ games in the compiled build)
+        points = [(h, o) for h, o in zip(self._hashes, self._owners, strict=True) if keep[o]]
+        ring._hashes = [h for h, _ in points]
+        ring._owners = [o for _, o in points]
+        ring.size = self.size
+        return ring
+
+    def lookup_untried(self, h: int, endpoints: Sequence[Endpoint], tried: set[str]) -> int:
+        """Index of the first owner clockwise of ``h`` whose endpoint key is not in ``tried`` (-1: none).
+        Walks past the points of tried owners only: on a restricted ring, a few per retry."""
+        hashes = self._hashes
+        n = len(hashes)
+        if not n:
+            return -1
+        i = bisect.bisect_left(hashes, h)
+        owners = self._owners
+        for step in range(n):
+            owner = owners[(i + step) % n]
+            if endpoints[owner].key not in tried:
+                return owner
+        return -1
+
     def lookup(self, h: int, accept: frozenset[int] | None = None) -> int:
         """Index of the owner of ``h``: first point clockwise whose owner is in ``accept``."""
         hashes = self._hashes
@@ -177,9 +206,11 @@ class Balancer:
 
     __slots__ = (
         "_all",
-        "_all_idx",
+        "_all_pos",
+        "_all_ring",
         "_local",
-        "_local_idx",
+        "_local_pos",
+        "_local_ring",
         "_ring",
         "_rng",
         "_rr",
@@ -212,8 +243,12 @@ class Balancer:
         self._ring = HashRing([e.key for e in self.endpoints], vnodes) if policy == CONSISTENT_HASH else None
         self._all: tuple[Endpoint, ...] = ()
         self._local: tuple[Endpoint, ...] = ()
-        self._all_idx: frozenset[int] = frozenset()
-        self._local_idx: frozenset[int] = frozenset()
+        # consistent_hash: the ring restricted to each candidate list's owners (set_unavailable)
+        self._all_ring: HashRing | None = None
+        self._local_ring: HashRing | None = None
+        # key -> place in each candidate list: where a retry's tried instances are in it
+        self._all_pos: dict[str, int] = {}
+        self._local_pos: dict[str, int] = {}
         self.set_unavailable(frozenset())
 
     @classmethod
@@ -246,11 +281,18 @@ class Balancer:
         if not idx:  # panic: every instance unavailable -> try them all
             idx = list(range(len(eps)))
         self._all = tuple(eps[i] for i in idx)
-        self._all_idx = frozenset(idx)
+        self._all_pos = {e.key: p for p, e in enumerate(self._all)}
+        ring = self._ring
+        if ring is not None:
+            self._all_ring = ring if len(idx) == len(eps) else ring.restricted(idx)
         if self.local_zone is not None:
             lidx = [i for i in idx if eps[i].zone == self.local_zone]
-            self._local = tuple(eps[i] for i in lidx)
-            self._local_idx = frozenset(lidx)
+            local = tuple(eps[i] for i in lidx)
+            # restricting a ring is ~1 ms at 16,384 points: not again when only other zones changed
+            if ring is not None and (self._local_ring is None or local != self._local):
+                self._local_ring = ring.restricted(lidx)
+            self._local = local
+            self._local_pos = {e.key: p for p, e in enumerate(local)}
 
     def _use_local(self) -> bool:
         local = self._local
@@ -265,29 +307,12 @@ class Balancer:
         """Instances eligible right now (local zone first, then spill-over)."""
         return self._local if self._use_local() else self._all
 
-    def pick_other(self, key: bytes | None, tried: set[str]) -> Endpoint | None:
-        """For a retry: an instance the request has not tried (keys in `tried`), by the same policy
-        (a consistent hash goes clockwise to the next owner on its ring); the local zone's first,
-        then any zone's; when every candidate was tried, as `pick`. (Istio's default for retries,
-        Envoy's `previous_hosts` predicate.)"""
-        eps = self.endpoints
-        pools = ((self._local, self._local_idx),) if self._use_local() else ()
-        for cand, idx in (*pools, (self._all, self._all_idx)):
-            left = tuple(e for e in cand if e.key not in tried)
-            if left:
-                return self.pick(key, left, frozenset(i for i in idx if eps[i].key not in tried))
-        return self.pick(key)
-
-    def pick(self, key: bytes | None = None, among: tuple[Endpoint, ...] | None = None,
-             among_idx: frozenset[int] = frozenset()) -> Endpoint | None:  # fmt: skip
-        """An instance for one request/connection, or None when the subset has no instance (UH).
-        `among` (with their indexes in `endpoints`, for the ring): pick from those instead."""
-        if among is not None:
-            cand, cand_idx = among, among_idx
-        elif self._use_local():
-            cand, cand_idx = self._local, self._local_idx
+    def pick(self, key: bytes | None = None) -> Endpoint | None:
+        """An instance for one request/connection, or None when the subset has no instance (UH)."""
+        if self._use_local():
+            cand, ring = self._local, self._local_ring
         else:
-            cand, cand_idx = self._all, self._all_idx
+            cand, ring = self._all, self._all_ring
         n = len(cand)
         if n == 0:
             return None
@@ -305,16 +330,81 @@ class Balancer:
                 b += 1
             ea, eb = cand[a], cand[b]
             return eb if eb.active < ea.active else ea
-        if policy == CONSISTENT_HASH and key is not None and self._ring is not None:
-            i = self._ring.lookup(stable_hash(key), cand_idx)
+        if policy == CONSISTENT_HASH and key is not None and ring is not None:
+            i = ring.lookup(stable_hash(key))  # the candidates' own ring: no walk past the others'
             return self.endpoints[i] if i >= 0 else None
         if policy == LEAST_CONNECTIONS:
-            self._rr += 1
-            start = self._rr % n
-            best = cand[start]
-            for j in range(1, n):
-                e = cand[(start + j) % n]
-                if e.connections < best.connections:
-                    best = e
-            return best
+            return self._least_connections(cand)
         return cand[self._rng.randrange(n)]  # RANDOM, or consistent_hash without a key
+
+    def pick_other(self, key: bytes | None, tried: set[str]) -> Endpoint | None:
+        """For a retry: an instance the request has not tried (keys in `tried`), by the same policy
+        (a consistent hash goes clockwise to the next owner on its ring); the local zone's first,
+        then any zone's; when every candidate was tried, as `pick`. (Istio's default for retries,
+        Envoy's `previous_hosts` predicate.) The same choice as `pick` over the list of untried
+        candidates, without making that list: O(len(tried)), not O(candidates) (115 µs at 2,000
+        instances), least_connections aside."""
+        if self._use_local():
+            ep = self._pick_untried(key, tried, self._local, self._local_pos, self._local_ring)
+            if ep is not None:
+                return ep
+        ep = self._pick_untried(key, tried, self._all, self._all_pos, self._all_ring)
+        return ep if ep is not None else self.pick(key)
+
+    def _least_connections(self, cand: Sequence[Endpoint]) -> Endpoint:
+        # linear: it reads counters the proxy keeps on the Endpoint objects; the L4 outbound keeps
+        # its own with LeastConnections (O(1) a pick)
+        n = len(cand)
+        self._rr += 1
+        start = self._rr % n
+        best = cand[start]
+        for j in range(1, n):
+            e = cand[(start + j) % n]
+            if e.connections < best.connections:
+                best = e
+        return best
+
+    def _pick_untried(
+        self,
+        key: bytes | None,
+        tried: set[str],
+        cand: tuple[Endpoint, ...],
+        pos: dict[str, int],
+        ring: HashRing | None,
+    ) -> Endpoint | None:
+        """What `pick` would answer from the candidates not in `tried` (None: every one was tried). The
+        untried are addressed by rank: the r-th untried is at r plus the tried places at or before it."""
+        policy = self.policy
+        if policy == CONSISTENT_HASH and key is not None and ring is not None:
+            i = ring.lookup_untried(stable_hash(key), self.endpoints, tried)
+            return self.endpoints[i] if i >= 0 else None
+        if policy == LEAST_CONNECTIONS:
+            left = [e for e in cand if e.key not in tried]
+            return (self._least_connections(left) if len(left) > 1 else left[0]) if left else None
+        skip = sorted(p for p in (pos.get(k) for k in tried) if p is not None)
+        m = len(cand) - len(skip)
+        if m <= 0:
+            return None
+        if m == 1:
+            return cand[_untried_place(0, skip)]
+        if policy == ROUND_ROBIN:
+            self._rr += 1
+            return cand[_untried_place(self._rr % m, skip)]
+        rng = self._rng
+        if policy == LEAST_REQUEST:
+            a = rng.randrange(m)
+            b = rng.randrange(m - 1)
+            if b >= a:
+                b += 1
+            ea, eb = cand[_untried_place(a, skip)], cand[_untried_place(b, skip)]
+            return eb if eb.active < ea.active else ea
+        return cand[_untried_place(rng.randrange(m), skip)]  # RANDOM, or consistent_hash without a key
+
+
+def _untried_place(rank: int, skip: list[int]) -> int:
+    """Place in a candidate list of its `rank`-th entry not at a place in `skip` (sorted)."""
+    for p in skip:
+        if p > rank:
+            break
+        rank += 1
+    return rank
