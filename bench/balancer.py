@@ -78,13 +78,13 @@ def l4_least_connections(n: int) -> Callable[[], float]:
     lc = index()
     for i, e in enumerate(eps):
         for _ in range(i % 7):
-            lc.acquire(e.address, e.port)
+            lc.acquire((e.address, e.port))
 
     def run() -> float:
         pick = lc.pick
         t0 = time.process_time()
         for _ in KEYS:
-            pick(eps, ())
+            pick(eps, (), True)
         return (time.process_time() - t0) / CALLS
 
     return run

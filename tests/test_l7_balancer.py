@@ -23,6 +23,7 @@ from hostmesh.agent.l7.balancer import (
     Balancer,
     Endpoint,
     HashRing,
+    LeastConnections,
     hash_key,
     hash_spec,
     reuse_endpoints,
@@ -394,3 +395,57 @@ def test_a_round_robin_retry_keeps_rotating_over_the_untried() -> None:
     picks = Counter(b.pick_other(None, {"api-2"}).key for _ in range(400))  # type: ignore[union-attr]
     assert set(picks) == {"api-0", "api-1", "api-3", "api-4"}
     assert set(picks.values()) == {100}  # the rotation is over the untried, not past the tried one
+
+
+# ------------------------------------------------------------------ L4 least connections (outbound)
+
+
+def l4_eps(n: int, nodes: int) -> tuple[Endpoint, ...]:
+    """`n` instances on `nodes` agents: instances of one node share its address (and count)."""
+    return tuple(Endpoint(f"api-{i}", f"10.0.0.{i % nodes}", 15001) for i in range(n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from("aarpl"), st.integers(0, 30), st.integers(0, 3)), max_size=120))
+def test_l4_least_connections_picks_a_fewest_untried_instance_through_opens_closes_and_churn(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    """The buckets kept as connections open (a) and close (r), across new instance lists (l), pick
+    what a scan of every untried instance would: one with the fewest open connections."""
+    lc = LeastConnections()
+    lists = [l4_eps(12, 12), l4_eps(20, 7), l4_eps(3, 3), l4_eps(31, 31), ()]
+    current = lists[0]
+    expected: Counter[tuple[str, int]] = Counter()
+    for op, x, ntried in ops:
+        key = (f"10.0.0.{x}", 15001)
+        if op == "a":
+            lc.acquire(key)
+            expected[key] += 1
+        elif op == "r":
+            lc.release(key)
+            if expected[key]:
+                expected[key] -= 1
+        elif op == "l":
+            current = lists[x % len(lists)]
+        keys = [(e.address, e.port) for e in current]
+        tried = set(keys[x % len(keys) : x % len(keys) + ntried]) if keys else set()
+        got = lc.pick(current, tried, True)
+        untried = [k for k in keys if k not in tried]
+        if not untried:
+            assert got is None
+            continue
+        assert got is not None and (got.address, got.port) not in tried
+        assert expected[(got.address, got.port)] == min(expected[k] for k in untried)
+        assert lc.counts == {k: c for k, c in expected.items() if c}  # none kept at zero
+
+
+def test_l4_least_connections_rotates_ties_and_round_robin_rotates_over_the_untried() -> None:
+    lc = LeastConnections()
+    endpoints = l4_eps(4, 4)
+    lc.acquire(("10.0.0.0", 15001))
+    picks = Counter(lc.pick(endpoints, (), True).key for _ in range(300))
+    assert picks == {"api-1": 100, "api-2": 100, "api-3": 100}
+    tried = {("10.0.0.2", 15001)}
+    picks = Counter(lc.pick(endpoints, tried, False).key for _ in range(300))
+    assert picks == {"api-0": 100, "api-1": 100, "api-3": 100}
+    assert lc.pick(endpoints, {(e.address, e.port) for e in endpoints}, False) is None

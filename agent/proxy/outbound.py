@@ -17,9 +17,8 @@ Decisions:
   a reset rather than an EOF that could pass for an empty answer) and one log line says why.
 - Over the agent's connection cap (limits.py) a new connection is shed: reset (L4) or answered
   ``503 OM`` (L7); an L4 connection idle for ``stream_idle_timeout`` is reset (flag SI).
-- The L4 pickers are kept here (agent/l7 has no L4 balancer to reuse): round robin over the
-  snapshot's instance list, and least connections over this listener's open streams with a
-  rotating start so ties spread.
+- The L4 picks (agent/l7/balancer.py LeastConnections): round robin over the snapshot's instance
+  list, and least connections over this listener's open streams, ties rotated so they spread.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any
 from hostmesh.agent import audit
 from hostmesh.agent.config import UpstreamConfig
 from hostmesh.agent.l7 import flags
+from hostmesh.agent.l7.balancer import LeastConnections
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
@@ -85,9 +85,9 @@ class OutboundListener(ListenerLifecycle):
         self._servers: list[asyncio.Server] = []  # one per descriptor of the listening socket
         self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
         self._tasks: set[asyncio.Task[None]] = set()
-        self._active: dict[PoolKey, int] = {}
+        self._conns = LeastConnections()  # open streams per instance, and the picks over them
+        self._active: dict[PoolKey, int] = self._conns.counts
         self._failures: dict[PoolKey, int] = {}
-        self._rr = 0
         self._ctx: Any = None
         self._closing = False
         self._port = 0
@@ -261,22 +261,10 @@ class OutboundListener(ListenerLifecycle):
         self._pending.discard(end)
 
     def _pick(self, endpoints: tuple[Endpoint, ...], tried: Any) -> Endpoint | None:
-        cands = [e for e in endpoints if (e.address, e.port) not in tried] if tried else endpoints
-        n = len(cands)
-        if n == 0:
-            return None
-        self._rr += 1
-        start = self._rr % n
-        if n == 1 or self.upstream.load_balancer != "least_connections":
-            return cands[start]
-        active = self._active
-        best, best_n = cands[start], active.get((cands[start].address, cands[start].port), 0)
-        for i in range(1, n):
-            e = cands[(start + i) % n]
-            a = active.get((e.address, e.port), 0)
-            if a < best_n:
-                best, best_n = e, a
-        return best
+        picked: Endpoint | None = self._conns.pick(
+            endpoints, tried, self.upstream.load_balancer == "least_connections"
+        )
+        return picked
 
     def _attach(self, end: _Downstream, conn: MeshClient, ep: Endpoint) -> None:
         key = (ep.address, ep.port)
@@ -284,17 +272,14 @@ class OutboundListener(ListenerLifecycle):
         series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset)
         series.opened.inc()
         pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, subset))
-        self._active[key] = self._active.get(key, 0) + 1
+        self._conns.acquire(key)
         self.tracker.add(pipe)
         pipe.start()
 
     def _done(self, pipe: Pipe) -> None:
         key, subset = pipe.info
         self.tracker.remove(pipe)
-        if self._active[key] == 1:
-            del self._active[key]  # (keys of instances long gone would pile up: addresses churn)
-        else:
-            self._active[key] -= 1
+        self._conns.release(key)  # (no key kept at zero: addresses churn)
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(
