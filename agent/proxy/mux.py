@@ -49,7 +49,7 @@ from typing import Any, cast
 from hostmesh.agent.compiled import mypyc_attr
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.memory import track_tls_reads
-from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, Pipe, loop_read_buffer, reset_transport
+from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, PeerRefused, Pipe, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.wire import (
     DATA,
     DGRAM,
@@ -65,7 +65,6 @@ from hostmesh.agent.proxy.wire import (
     WINDOW_UPDATE_AT,
     Chunk,
     Decoder,
-    PeerRefused,
     WireError,
     control,
     data_frame,

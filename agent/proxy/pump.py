@@ -30,7 +30,7 @@ from typing import Any, Protocol, cast
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import TcpSeries
-from hostmesh.agent.proxy.wire import Chunk, PeerRefused
+from hostmesh.agent.proxy.wire import Chunk
 
 log = logging.getLogger("hostmesh.proxy")
 
@@ -93,6 +93,16 @@ def release_read_buffer() -> None:
 
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)  # Linux, the BSDs, macOS
 _PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+
+
+class PeerRefused(ConnectionResetError):
+    """The peer's agent reset a stream and said why (its RESET's payload, agent/proxy/wire.py):
+    `flags`, of the vocabulary (flags.known). A reset still, to whoever asks only that. (Here, not in
+    the compiled wire.py: mypyc cannot compile a subclass of a builtin exception but Exception.)"""
+
+    def __init__(self, flags: str) -> None:
+        super().__init__(flags)
+        self.flags = flags
 
 
 class End(Protocol):

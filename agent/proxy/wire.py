@@ -97,15 +97,6 @@ def reset_frame(stream: int, why: str) -> bytes:
     return header(RESET, stream, len(text)) + text
 
 
-class PeerRefused(ConnectionResetError):
-    """The peer's agent reset a stream and said why: `flags`, of the vocabulary (flags.known). A
-    reset still, to whoever only asks whether the stream was reset."""
-
-    def __init__(self, flags: str) -> None:
-        super().__init__(flags)
-        self.flags = flags
-
-
 def window(stream: int, increment: int) -> bytes:
     return ((((((WINDOW << 24) | 4) << 32) | stream) << 32) | increment).to_bytes(HEADER_SIZE + 4, "big")
 
