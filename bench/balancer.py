@@ -69,13 +69,7 @@ def retry_pick(b: lb.Balancer) -> Callable[[], float]:
 
 def l4_least_connections(n: int) -> Callable[[], float]:
     eps = tuple(endpoints(n))
-    index = getattr(lb, "LeastConnections", None)
-    if index is None:  # before the index: the linear scan over Endpoint.connections
-        b = lb.Balancer(eps, lb.LEAST_CONNECTIONS, random.Random(1))
-        for i, e in enumerate(eps):
-            e.connections = i % 7
-        return first_pick(b)
-    lc = index()
+    lc = lb.LeastConnections()
     for i, e in enumerate(eps):
         for _ in range(i % 7):
             lc.acquire((e.address, e.port))

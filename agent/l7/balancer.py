@@ -7,7 +7,7 @@ Decisions:
   instance than a certain 503). Discovery only returns instances passing Consul health checks.
 - Locality: with a ``local_zone``, instances whose ``zone`` (the policy's ``zone_key`` meta) equals
   it are used first; traffic spills to every zone when fewer than ``min_local`` local instances are
-  available (not ejected) or when every local one is overloaded (``active >= overload_active``).
+  available (not ejected).
 - ``round_robin``: rotation over the candidates, starting at a random offset so that many agents do
   not all start on the same instance.
 - ``least_request``: power of two choices: two distinct random candidates, the one with fewer
@@ -20,11 +20,11 @@ Decisions:
   instance gains or loses, ~1/points per instance). An unavailable owner is skipped clockwise, which
   moves only that owner's keys. The key is a header value, a cookie value or the source address;
   a request without the key falls back to ``random``.
-- L4: ``round_robin`` and ``least_connections`` (fewest open connections, ties rotated): the
-  outbound's :class:`LeastConnections`.
+- L4 (the outbound's picks, :class:`LeastConnections`): ``round_robin`` and ``least_connections``
+  (fewest open connections, ties rotated).
 
-Counters (``active``, ``connections``) live on the :class:`Endpoint` objects and are kept up to
-date by the proxy; pickers only read them. Randomness comes from an injected ``random.Random``.
+The in-flight count (``active``) lives on the :class:`Endpoint` objects and is kept up to date by
+the proxy; pickers only read it. Randomness comes from an injected ``random.Random``.
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ ROUND_ROBIN: Final = "round_robin"
 LEAST_REQUEST: Final = "least_request"
 RANDOM: Final = "random"
 CONSISTENT_HASH: Final = "consistent_hash"
-LEAST_CONNECTIONS: Final = "least_connections"  # L4 only
-POLICIES: Final = frozenset({ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH, LEAST_CONNECTIONS})
+POLICIES: Final = frozenset({ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH})  # schema.LB_TYPES
 
 HASH_HEADER: Final = "header"
 HASH_COOKIE: Final = "cookie"
@@ -71,8 +70,7 @@ class Endpoint:
     meta: Mapping[str, str] = field(default_factory=dict)
     # meta `version`, read once: the destination_subset of its requests when the route names no subset
     version: str = ""
-    active: int = 0  # in-flight requests (least_request, overload)
-    connections: int = 0  # open connections (L4 least_connections)
+    active: int = 0  # in-flight requests (least_request)
 
 
 def select_subset(endpoints: Sequence[Endpoint], selector: Mapping[str, str] | None) -> tuple[Endpoint, ...]:
@@ -218,7 +216,6 @@ class Balancer:
         "endpoints",
         "local_zone",
         "min_local",
-        "overload_active",
         "policy",
     )
 
@@ -228,7 +225,6 @@ class Balancer:
         policy: str = ROUND_ROBIN,
         rng: random.Random | None = None,
         local_zone: str | None = None,
-        overload_active: int | None = None,
         vnodes: int = VNODES_PER_ENDPOINT,
         min_local: int = 1,
     ) -> None:
@@ -238,7 +234,6 @@ class Balancer:
         self.policy = policy
         self._rng = rng if rng is not None else random.Random()
         self.local_zone = local_zone or None
-        self.overload_active = overload_active
         self.min_local = max(1, min_local)
         self._rr = self._rng.randrange(1 << 16) if self.endpoints else 0
         self._ring = HashRing([e.key for e in self.endpoints], vnodes) if policy == CONSISTENT_HASH else None
@@ -259,7 +254,6 @@ class Balancer:
         policy: schema.PolicyDocument | None,
         rng: random.Random | None = None,
         local_zone: str | None = None,
-        overload_active: int | None = None,
     ) -> Balancer:
         """Balancer for a destination policy document (None: round robin, no locality)."""
         if policy is None:
@@ -271,7 +265,6 @@ class Balancer:
             policy.load_balancer.type,
             rng,
             use_zone,
-            overload_active,
             min_local=loc.min_local_instances if loc is not None else 1,
         )
 
@@ -296,13 +289,7 @@ class Balancer:
             self._local_pos = {e.key: p for p, e in enumerate(local)}
 
     def _use_local(self) -> bool:
-        local = self._local
-        if len(local) < self.min_local:
-            return False
-        limit = self.overload_active
-        if limit is None:
-            return True
-        return any(e.active < limit for e in local)
+        return len(self._local) >= self.min_local
 
     def candidates(self) -> tuple[Endpoint, ...]:
         """Instances eligible right now (local zone first, then spill-over)."""
@@ -334,8 +321,6 @@ class Balancer:
         if policy == CONSISTENT_HASH and key is not None and ring is not None:
             i = ring.lookup(stable_hash(key))  # the candidates' own ring: no walk past the others'
             return self.endpoints[i] if i >= 0 else None
-        if policy == LEAST_CONNECTIONS:
-            return self._least_connections(cand)
         return cand[self._rng.randrange(n)]  # RANDOM, or consistent_hash without a key
 
     def pick_other(self, key: bytes | None, tried: set[str]) -> Endpoint | None:
@@ -344,26 +329,13 @@ class Balancer:
         then any zone's; when every candidate was tried, as `pick`. (Istio's default for retries,
         Envoy's `previous_hosts` predicate.) The same choice as `pick` over the list of untried
         candidates, without making that list: O(len(tried)), not O(candidates) (115 µs at 2,000
-        instances), least_connections aside."""
+        instances)."""
         if self._use_local():
             ep = self._pick_untried(key, tried, self._local, self._local_pos, self._local_ring)
             if ep is not None:
                 return ep
         ep = self._pick_untried(key, tried, self._all, self._all_pos, self._all_ring)
         return ep if ep is not None else self.pick(key)
-
-    def _least_connections(self, cand: Sequence[Endpoint]) -> Endpoint:
-        # linear: it reads counters the proxy keeps on the Endpoint objects; the L4 outbound keeps
-        # its own with LeastConnections (O(1) a pick)
-        n = len(cand)
-        self._rr += 1
-        start = self._rr % n
-        best = cand[start]
-        for j in range(1, n):
-            e = cand[(start + j) % n]
-            if e.connections < best.connections:
-                best = e
-        return best
 
     def _pick_untried(
         self,
@@ -379,9 +351,6 @@ class Balancer:
         if policy == CONSISTENT_HASH and key is not None and ring is not None:
             i = ring.lookup_untried(stable_hash(key), self.endpoints, tried)
             return self.endpoints[i] if i >= 0 else None
-        if policy == LEAST_CONNECTIONS:
-            left = [e for e in cand if e.key not in tried]
-            return (self._least_connections(left) if len(left) > 1 else left[0]) if left else None
         skip = sorted(p for p in (pos.get(k) for k in tried) if p is not None)
         m = len(cand) - len(skip)
         if m <= 0:
