@@ -221,9 +221,7 @@ class CertProcess:
         self.consul = consul
         self._roots_pem = ""
         self._views: dict[str, CertView] = {}
-        self._failures: dict[str, int] = {}  # consecutive failed renewals per service
-        self._problems: dict[str, str] = {}  # service -> one line, as CertManager.problems()
-        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+        self.failures = renewal.RenewalFailures()  # failed renewals per service, and why
         self.token_file: Path | None = None  # [ca] token_file, as the helper reported it
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -252,8 +250,8 @@ class CertProcess:
             if s not in self._views:
                 continue
             view = self._views[s]
-            state = renewal.state_of((view.not_after - now).total_seconds(), self._failures.get(s, 0))
-            problem = self._problems.get(s)
+            state = renewal.state_of((view.not_after - now).total_seconds(), self.failures.count(s))
+            problem = self.failures.problem(s)
             if view.state is CertState.EXPIRED:  # the helper found it unusable (e.g. its root retired)
                 state = CertState.EXPIRED
                 problem = problem or view.problem  # the helper's reason (e.g. not trusted by the bundle)
@@ -267,7 +265,7 @@ class CertProcess:
 
     def problems(self) -> dict[str, str]:
         """Services whose certificate is not (or soon not) usable, and one line each saying why."""
-        return dict(self._problems)
+        return self.failures.problems()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
@@ -304,9 +302,8 @@ class CertProcess:
             self._apply(answer)
         finally:
             self._adopted = False  # answered (or failed, and the agent stops): nothing is being checked
-        self._problems.update(answer.get("problems", {}))
-        for service in self._problems:
-            self._failures[service] = 1
+        for service, problem in answer.get("problems", {}).items():
+            self.failures.failed_elsewhere(service, problem)
         loop = asyncio.get_running_loop()
         for service in self.services:
             self._tasks.append(loop.create_task(self._renew_loop(service), name=f"renew:{service}"))
@@ -417,57 +414,29 @@ class CertProcess:
     # --- renewal ----------------------------------------------------------------------------------
 
     async def _renew_loop(self, service: str) -> None:
-        """This service only, forever: a child at its renewal point, retries bounded by its life. A
-        changed view (a trust-bundle change) wakes it to decide again."""
-        wake = self._wakes.setdefault(service, asyncio.Event())
-        tried_with: object = renewal.token_stamp(self.token_file)  # the token file at the last try
-        while True:
-            wake.clear()
-            view = self._views[service]
-            failures = self._failures.get(service, 0)
-            left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
-            expired = left <= 0 or view.state is CertState.EXPIRED
-            if expired:
-                if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
-                    delay = renewal.retry_delay(failures, 0, self._rng)
-                    if await renewal.wait_or_token(delay, self.token_file, wake, since=tried_with):
-                        continue
-            elif failures == 0:
-                due = max((view.renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
-                if await renewal.wait_or_wake(due, wake):
-                    continue
-            else:
-                delay = renewal.retry_delay(failures, left, self._rng)
-                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
-                         left - delay)  # fmt: skip
-                if await renewal.wait_or_wake(delay, wake):
-                    continue
-            before = self._views[service].serial
-            tried_with = renewal.token_stamp(self.token_file)
-            try:
-                self._apply(await self._run("renew", service))
-            except CAError as exc:
-                self._failed(service, exc)
-                continue
-            self._failures.pop(service, None)
-            self._problems.pop(service, None)
-            log.info(
-                "renewed certificate for %s (serial %s -> %s)", service, before, self._views[service].serial
-            )
-            self._notify()
+        """`service`'s renewal loop (agent/renewal.py `run_renewal`): one task per service."""
+        await renewal.run_renewal(service, self, self._wakes.setdefault(service, asyncio.Event()), self._rng)
 
-    def _failed(self, service: str, exc: CAError) -> None:
-        """One log line per failed try: what is kept, what is missing, when the next try comes."""
-        failures = self._failures[service] = self._failures.get(service, 0) + 1
-        self._problems[service] = str(exc)
+    def renewal_view(self, service: str) -> renewal.RenewalView:
+        """`service`'s certificate as the renewal schedule sees it (agent/renewal.py), from the
+        helper's last answer: a changed answer wakes the loop (`_apply`)."""
         view = self._views[service]
-        left = (view.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        now = dt.datetime.now(dt.UTC)
+        left = (view.not_after - now).total_seconds()
         unusable = None
         if left <= 0:
             unusable = "expired"
         elif view.state is CertState.EXPIRED:
             unusable = "not trusted by the current trust bundle"
-        renewal.log_failure(log, self._said, service, str(exc), failures, left, unusable, self.token_file)
+        return renewal.RenewalView(left, (view.renew_at - now).total_seconds(), unusable)
+
+    async def renew_once(self, service: str) -> None:
+        """One renewal (or recovery) of `service`'s certificate, now, by a helper; raises CAError."""
+        before = self._views[service].serial
+        self._apply(await self._run("renew", service))
+        self.failures.clear(service)
+        log.info("renewed certificate for %s (serial %s -> %s)", service, before, self._views[service].serial)
+        self._notify()
 
     # --- trust bundle -----------------------------------------------------------------------------
 

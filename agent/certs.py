@@ -169,9 +169,7 @@ class CertManager:
         self._roots: list[x509.Certificate] = []
         self._roots_pem = ""
         self._held: dict[str, _Held] = {}
-        self._failures: dict[str, int] = {}  # consecutive failed renewals/recoveries per service
-        self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
-        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+        self.failures = renewal.RenewalFailures()  # failed renewals/recoveries per service, and why
         self._unloaded: dict[str, str] = {}  # service -> why its stored certificate was not loaded
         self._wakes: dict[str, asyncio.Event] = {}  # set on a bundle change: the renewal loop looks again
         self._unvouched: str | None = None  # why the stored roots are not trusted (none could vouch)
@@ -202,8 +200,8 @@ class CertManager:
                 continue
             ident = pki.Identity(self.trust_domain, service)
             left = (held.not_after - pki.now()).total_seconds()
-            state = renewal.state_of(left, self._failures.get(service, 0))
-            problem = self._problems.get(service)
+            state = renewal.state_of(left, self.failures.count(service))
+            problem = self.failures.problem(service)
             if issuing_root(held.leaf, self._roots) is None:
                 state = CertState.EXPIRED  # its root was retired: as unusable as an expired one
                 problem = problem or _untrusted(held.leaf)
@@ -217,7 +215,7 @@ class CertManager:
 
     def problems(self) -> dict[str, str]:
         """Services whose certificate is not (or soon not) usable, and one line each saying why."""
-        return dict(self._problems)
+        return self.failures.problems()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
@@ -260,7 +258,7 @@ class CertManager:
                 try:
                     await self.renew_once(service)
                 except CAError as exc:
-                    self._failed(service, exc)
+                    self.failures.record(service, exc, self.renewal_view(service), self.token_file)
 
     def renew_at(self, service: str) -> dt.datetime:
         """When `service`'s certificate is due for renewal (2/3 of its life, with jitter)."""
@@ -371,7 +369,7 @@ class CertManager:
             if pki.now() <= leaf.not_valid_after_utc or issuing_root(leaf, self._roots) is None:
                 return f"stored certificate not trusted ({exc})"
             self._adopt(service, leaf)  # expired, but ours and from a current root: recoverable
-            self._problems.setdefault(service, f"certificate expired at {_utc(leaf.not_valid_after_utc)}")
+            self.failures.known(service, f"certificate expired at {_utc(leaf.not_valid_after_utc)}")
             log.info("stored certificate for %s expired at %s", service, _utc(leaf.not_valid_after_utc))
             return None
         self._adopt(service, leaf)
@@ -619,51 +617,25 @@ class CertManager:
         raise last
 
     async def _renew_loop(self, service: str) -> None:
-        """This service's certificate only, forever: renew at its point, retry bounded by its life.
-        A trust-bundle change wakes it: a certificate the new bundle does not trust is recovered now,
-        not at its renewal point."""
-        wake = self._wakes.setdefault(service, asyncio.Event())
-        tried_with: object = renewal.token_stamp(self.token_file)  # the token file at the last try
-        while True:
-            wake.clear()
-            held = self._held[service]
-            failures = self._failures.get(service, 0)
-            left = (held.not_after - pki.now()).total_seconds()
-            if self._unusable(service):
-                if failures:  # nothing to renew with: wait for the CA, a sibling, or a fresh token
-                    delay = renewal.retry_delay(failures, 0, self._rng)
-                    if await renewal.wait_or_token(delay, self.token_file, wake, since=tried_with):
-                        continue
-            elif failures == 0:
-                if await renewal.wait_or_wake(max((held.renew_at - pki.now()).total_seconds(), 0.0), wake):
-                    continue
-            else:
-                delay = renewal.retry_delay(failures, left, self._rng)
-                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, delay,
-                         left - delay)  # fmt: skip
-                if await renewal.wait_or_wake(delay, wake):
-                    continue
-            tried_with = renewal.token_stamp(self.token_file)
-            try:
-                await self.renew_once(service)
-            except CAError as exc:
-                self._failed(service, exc)
+        """`service`'s renewal loop (agent/renewal.py `run_renewal`): one task per service."""
+        await renewal.run_renewal(service, self, self._wakes.setdefault(service, asyncio.Event()), self._rng)
+
+    def renewal_view(self, service: str) -> renewal.RenewalView:
+        """`service`'s certificate as the renewal schedule sees it (agent/renewal.py)."""
+        held = self._held.get(service)
+        if held is None:
+            return renewal.RenewalView(0.0, 0.0, "no usable certificate")
+        now = pki.now()
+        left = (held.not_after - now).total_seconds()
+        unusable = None
+        if self._unusable(service):
+            unusable = f"expired at {_utc(held.not_after)}" if left <= 0 else "no usable certificate"
+        return renewal.RenewalView(left, (held.renew_at - now).total_seconds(), unusable)
 
     def _unusable(self, service: str) -> bool:
         """Expired, or its root retired from the bundle: the CA would refuse it in the TLS handshake."""
         held = self._held.get(service)
         return held is None or pki.now() >= held.not_after or issuing_root(held.leaf, self._roots) is None
-
-    def _failed(self, service: str, exc: CAError) -> None:
-        """One log line per failed try, saying what is kept, what is missing and when the next try is."""
-        failures = self._failures[service] = self._failures.get(service, 0) + 1
-        self._problems[service] = str(exc)
-        held = self._held.get(service)
-        left = (held.not_after - pki.now()).total_seconds() if held else 0.0
-        unusable = None
-        if self._unusable(service):
-            unusable = f"expired at {_utc(held.not_after)}" if held and left <= 0 else "no usable certificate"
-        renewal.log_failure(log, self._said, service, str(exc), failures, left, unusable, self.token_file)
 
     async def renew_once(self, service: str) -> None:
         """One renewal of `service`'s certificate, now (the renewal loop's step); raises CAError."""
@@ -681,8 +653,7 @@ class CertManager:
                     raise
                 log.warning("renewal of %s refused (%s); trying the join token", service, exc)
                 await self._obtain_with_token(service, token)
-        self._failures.pop(service, None)
-        self._problems.pop(service, None)
+        self.failures.clear(service)
 
     async def _recover_expired(self, service: str) -> None:
         """An expired (or orphaned) cert cannot authenticate a renewal: a valid sibling certificate of

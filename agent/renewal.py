@@ -1,8 +1,12 @@
 """When a certificate renewal is tried again, and what state a service's certificate is in.
 
-Pure (no crypto, no sockets), shared by the cert manager (agent/certs.py) and the agent's scheduler
-of helper processes (agent/certproc.py), so both follow one policy:
+One renewal loop (`run_renewal`) for both certificate managers: the in-process one (agent/certs.py)
+and the agent's scheduler of helper processes (agent/certproc.py), so both follow one policy. What
+it waits for, and how long, is decided by `next_step`, pure (no clock, no IO); each manager brings
+only its view of a certificate (`RenewalView`) and its own try (`Renewable.renew_once`), and both
+keep their failed tries in a `RenewalFailures`:
 
+- A valid certificate is renewed at its renewal point.
 - A failed renewal of a still-valid certificate is retried with full-jitter exponential backoff,
   each wait capped at RETRY_LIFE_FRACTION of the life left (never below RETRY_FLOOR, never past
   expiry): a CA down near the end of a leaf's life still gets several tries before it expires, the
@@ -10,6 +14,7 @@ of helper processes (agent/certproc.py), so both follow one policy:
 - An expired certificate is recovered (a valid sibling certificate of the host, or the join token
   file, re-read on every try) at most RECOVER_RETRY_MAX apart, and at once when the token file
   changes: an operator who drops a fresh token in is served within TOKEN_POLL.
+- A wake (a trust-bundle change) ends any wait: the loop looks at the certificate and decides again.
 - Each service is scheduled on its own: one service's failure never delays or fails another's.
 """
 
@@ -20,10 +25,15 @@ import enum
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from hostmesh.agent.loops import wait_event
+from hostmesh.ca.errors import CAError
 from hostmesh.registry.watch import backoff_delay
+
+log = logging.getLogger("hostmesh.agent.certs")  # both managers' log lines go out under this name
 
 RENEW_RETRY_BASE = 1.0  # first retry after a failed renewal (seconds)
 RENEW_RETRY_MAX = 300.0  # retry cap: a CA back from an outage is used within five minutes
@@ -54,6 +64,154 @@ def retry_delay(failures: int, remaining: float, rng: random.Random | None = Non
     if remaining <= 0:
         return min(delay, RECOVER_RETRY_MAX)
     return min(delay, max(remaining * RETRY_LIFE_FRACTION, RETRY_FLOOR), remaining)
+
+
+# --- the schedule: pure -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalView:
+    """One service's certificate as the schedule sees it, read afresh (by its manager's clock) before
+    each decision and after each failed try."""
+
+    life_left: float  # seconds until it expires (<= 0: expired)
+    until_renewal: float  # seconds until its renewal point (<= 0: due)
+    unusable: str | None  # why it cannot authenticate a renewal (expired, its root not in the bundle)
+
+
+class Wait(enum.Enum):
+    NONE = "none"  # unusable and not tried yet: try now
+    RENEWAL_POINT = "renewal point"  # valid: until its renewal point
+    RETRY = "retry"  # valid, the last try failed: backoff bounded by the life left
+    RECOVER = "recover"  # unusable, the last try failed: for the CA, a sibling, or a fresh token
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What the loop waits for before its next try, and at most how long (a wake ends any wait; a
+    change of the token file a RECOVER one)."""
+
+    wait: Wait
+    seconds: float
+
+
+def next_step(view: RenewalView, failures: int, rng: random.Random | None = None) -> Step:
+    """The wait before the next try of a certificate in `view` after `failures` consecutive failed ones."""
+    if view.unusable is not None:
+        if not failures:
+            return Step(Wait.NONE, 0.0)
+        return Step(Wait.RECOVER, retry_delay(failures, 0, rng))
+    if not failures:
+        return Step(Wait.RENEWAL_POINT, max(view.until_renewal, 0.0))
+    return Step(Wait.RETRY, retry_delay(failures, view.life_left, rng))
+
+
+# --- failed tries -------------------------------------------------------------------------------
+
+
+class RenewalFailures:
+    """Each service's consecutive failed renewal tries, the one line saying why (`problems()`: what
+    /ready and /v1/certs show), and the log line of each failure."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
+        self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+
+    def count(self, service: str) -> int:
+        return self._counts.get(service, 0)
+
+    def problem(self, service: str) -> str | None:
+        return self._problems.get(service)
+
+    def problems(self) -> dict[str, str]:
+        return dict(self._problems)
+
+    def known(self, service: str, problem: str) -> None:
+        """A problem found before any try (a stored certificate that expired while the host was
+        off): shown until a try succeeds, not counted as a failure."""
+        self._problems.setdefault(service, problem)
+
+    def failed_elsewhere(self, service: str, problem: str) -> None:
+        """A failure reported by another process (the start-up helper): counted once, not logged again."""
+        self._problems[service] = problem
+        self._counts[service] = 1
+
+    def clear(self, service: str) -> None:
+        """A try succeeded."""
+        self._counts.pop(service, None)
+        self._problems.pop(service, None)
+
+    def record(self, service: str, exc: CAError, view: RenewalView, token_file: Path | str | None) -> None:
+        """One failed try of `service`, whose certificate is now as in `view`: one log line saying
+        what is kept, what is missing and when the next try comes. A usable certificate is kept and
+        retried before it expires; an unusable one is reported once per distinct error, since /ready
+        and /v1/certs keep showing it."""
+        failures = self._counts[service] = self.count(service) + 1
+        error = self._problems[service] = str(exc)
+        if view.unusable is not None:
+            if self._said.get(service) == error:
+                return
+            self._said[service] = error
+            log.error(
+                "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
+                service,
+                view.unusable,
+                error,
+                RECOVER_RETRY_MAX,
+                f" or as soon as {token_file} changes" if token_file else "",
+            )
+            return
+        self._said.pop(service, None)
+        log.warning(
+            "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
+            "retrying before it expires",
+            service,
+            failures,
+            error,
+            view.life_left,
+        )
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class Renewable(Protocol):
+    """A certificate manager whose certificates `run_renewal` keeps renewed."""
+
+    token_file: Path | None  # the join token, re-read on every recovery
+    failures: RenewalFailures
+
+    def renewal_view(self, service: str) -> RenewalView: ...
+
+    async def renew_once(self, service: str) -> None:
+        """One try, now: a renewal, or the recovery of an unusable certificate; raises CAError."""
+        ...
+
+
+async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: random.Random) -> None:
+    """`service`'s certificate only, forever: renewed at its point, retried bounded by its life,
+    recovered when unusable. `wake` (a trust-bundle change) makes it look again: a certificate the new
+    bundle does not trust is recovered now, not at its renewal point."""
+    tried_with: object = token_stamp(certs.token_file)  # the token file at the last try
+    while True:
+        wake.clear()
+        view = certs.renewal_view(service)
+        step = next_step(view, certs.failures.count(service), rng)
+        if step.wait is Wait.RECOVER:
+            if await wait_or_token(step.seconds, certs.token_file, wake, since=tried_with):
+                continue
+        elif step.wait is not Wait.NONE:
+            if step.wait is Wait.RETRY:
+                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, step.seconds,
+                         view.life_left - step.seconds)  # fmt: skip
+            if await wait_or_wake(step.seconds, wake):
+                continue
+        tried_with = token_stamp(certs.token_file)
+        try:
+            await certs.renew_once(service)
+        except CAError as exc:
+            certs.failures.record(service, exc, certs.renewal_view(service), certs.token_file)
 
 
 def token_stamp(path: Path | None) -> tuple[int, int, int] | None:
@@ -92,40 +250,3 @@ async def wait_or_wake(seconds: float, wake: asyncio.Event | None) -> bool:
         await asyncio.sleep(seconds)
         return False
     return await wait_event(wake, seconds)
-
-
-def log_failure(
-    log: logging.Logger,
-    said: dict[str, str],
-    service: str,
-    error: str,
-    failures: int,
-    left: float,
-    unusable: str | None,
-    token_file: Path | str | None,
-) -> None:
-    """One log line per failed renewal: a usable certificate is kept and retried before it expires;
-    an unusable one (`unusable` says why) is reported once per distinct error, since /ready and
-    /v1/certs keep showing it. `said` remembers what was reported, per service."""
-    if unusable is not None:
-        if said.get(service) == error:
-            return
-        said[service] = error
-        log.error(
-            "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
-            service,
-            unusable,
-            error,
-            RECOVER_RETRY_MAX,
-            f" or as soon as {token_file} changes" if token_file else "",
-        )
-        return
-    said.pop(service, None)
-    log.warning(
-        "renewal of %s failed (attempt %d): %s; keeping the current certificate (valid for %.1fs), "
-        "retrying before it expires",
-        service,
-        failures,
-        error,
-        left,
-    )

@@ -11,6 +11,7 @@ import pytest
 
 from hostmesh.agent import loops, renewal
 from hostmesh.agent.renewal import CertState
+from hostmesh.ca.errors import CAError
 
 
 def schedule(life_left: float, seed: int) -> list[float]:
@@ -93,3 +94,77 @@ async def test_a_token_dropped_in_since_the_last_try_ends_the_wait_at_once(tmp_p
     woken = asyncio.Event()
     woken.set()
     assert await renewal.wait_or_token(30.0, token, woken, since=tried_with) is True  # unchanged: woken
+
+
+# --- next_step: what the one renewal loop of both managers waits for, decided without IO ---------
+
+VALID = renewal.RenewalView(life_left=3600.0, until_renewal=600.0, unusable=None)
+EXPIRED = renewal.RenewalView(life_left=-5.0, until_renewal=-1000.0, unusable="expired")
+
+
+def test_a_valid_certificate_waits_for_its_renewal_point_and_a_due_one_not_at_all() -> None:
+    assert renewal.next_step(VALID, 0) == renewal.Step(renewal.Wait.RENEWAL_POINT, 600.0)
+    overdue = renewal.RenewalView(life_left=100.0, until_renewal=-30.0, unusable=None)
+    assert renewal.next_step(overdue, 0) == renewal.Step(renewal.Wait.RENEWAL_POINT, 0.0)
+
+
+@pytest.mark.parametrize("failures", [1, 2, 5, 30])
+def test_a_failed_renewal_of_a_valid_certificate_is_retried_within_its_life(failures: int) -> None:
+    view = renewal.RenewalView(life_left=40.0, until_renewal=-10.0, unusable=None)
+    step = renewal.next_step(view, failures, random.Random(failures))
+    assert step.wait is renewal.Wait.RETRY
+    assert step.seconds == renewal.retry_delay(failures, 40.0, random.Random(failures))
+    assert 0 < step.seconds <= 40.0 * renewal.RETRY_LIFE_FRACTION
+
+
+def test_an_unusable_certificate_is_tried_at_once_then_recovered_at_most_a_bound_apart() -> None:
+    assert renewal.next_step(EXPIRED, 0) == renewal.Step(renewal.Wait.NONE, 0.0)
+    for failures in range(1, 40):
+        step = renewal.next_step(EXPIRED, failures, random.Random(failures))
+        assert step.wait is renewal.Wait.RECOVER and 0 < step.seconds <= renewal.RECOVER_RETRY_MAX
+
+
+def test_a_certificate_whose_root_was_retired_is_recovered_though_it_has_life_left() -> None:
+    """Unusable is what the manager says (its root left the bundle), not only its expiry: the CA
+    would refuse it in the handshake, so the loop waits for a sibling or a token, not a renewal."""
+    orphan = renewal.RenewalView(life_left=3600.0, until_renewal=600.0, unusable="not trusted")
+    assert renewal.next_step(orphan, 0).wait is renewal.Wait.NONE
+    assert renewal.next_step(orphan, 1).wait is renewal.Wait.RECOVER
+
+
+# --- RenewalFailures: both managers' bookkeeping of failed tries --------------------------------
+
+
+def test_failures_are_counted_shown_and_cleared(caplog: pytest.LogCaptureFixture) -> None:
+    book = renewal.RenewalFailures()
+    book.known("web", "certificate expired at then")  # found at start: shown, not a failure
+    assert book.count("web") == 0 and book.problems() == {"web": "certificate expired at then"}
+    with caplog.at_level("INFO", logger="hostmesh.agent.certs"):
+        book.record("web", CAError("CA down"), VALID, None)
+        book.record("web", CAError("CA down"), VALID, None)
+    assert book.count("web") == 2 and book.problem("web") == "CA down"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"renewal of web failed (attempt {n}): CA down; keeping the current certificate (valid for "
+        "3600.0s), retrying before it expires"
+        for n in (1, 2)
+    ]
+    book.clear("web")
+    assert book.count("web") == 0 and book.problems() == {}
+    book.failed_elsewhere("api", "no join token")  # the start-up helper's failure: one, not logged
+    assert book.count("api") == 1 and book.problems() == {"api": "no join token"}
+
+
+def test_an_unusable_certificate_is_said_once_per_distinct_error(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    book = renewal.RenewalFailures()
+    token = tmp_path / "join-token"
+    with caplog.at_level("INFO", logger="hostmesh.agent.certs"):
+        for error in ("no token", "no token", "no token", "token refused"):
+            book.record("web", CAError(error), EXPIRED, token)
+    assert book.count("web") == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        f"certificate for web is not usable (expired): {error}; trying again within 15s or as soon as "
+        f"{token} changes"
+        for error in ("no token", "token refused")
+    ]
