@@ -7,7 +7,8 @@ it; the name is reserved, no host can get it). Every chain the CA returns is che
 used (`check_chain`): issued by a root we trust, our identity, our public key.
 
 Errors leave here as hostmesh.ca errors only: 400 -> InvalidRequest, 401/403 -> Unauthorized,
-a CA that fails TLS verification -> TrustError, unreachable/5xx -> CAUnavailable (retry).
+a CA that fails TLS verification -> TrustError, unreachable/5xx/429 -> CAUnavailable (retry; a 429's
+or 503's Retry-After rides on it as `retry_after`, and no try comes sooner: agent/renewal.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.agent.config import ca_url, normalized_pin
+from hostmesh.agent.renewal import RETRY_AFTER_MAX
 from hostmesh.ca import pki, tls
 from hostmesh.ca.errors import CAError, CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.registry.errors import Unavailable
@@ -271,7 +273,7 @@ def _body(csr_pem: bytes, ttl: str | None) -> bytes:
 
 def _json(resp: Response, url: str) -> object:
     if resp.status >= 500 or resp.status == 429:  # 429: the CA sheds load; retry with backoff
-        raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}")
+        raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}", retry_after(resp))
     if resp.status != 200:
         message = _error_text(resp)
         if resp.status in (401, 403):
@@ -283,6 +285,24 @@ def _json(resp: Response, url: str) -> object:
         return resp.json()
     except ValueError:
         raise CAUnavailable(f"CA at {url} answered with invalid JSON") from None
+
+
+def retry_after(resp: Response) -> float | None:
+    """The seconds a 429 or 503 asks to wait (Retry-After as delta-seconds), at most RETRY_AFTER_MAX;
+    None when it asks nothing usable. An HTTP-date is not used: it would be read by this host's clock,
+    which may not be the CA's."""
+    value = resp.headers.get("retry-after", "").strip()
+    if resp.status not in (429, 503) or not value.isascii() or not value.isdigit():
+        return None
+    return RETRY_AFTER_MAX if len(value) > 6 else min(float(value), RETRY_AFTER_MAX)
+
+
+def longest_wait(previous: CAUnavailable | None, exc: CAUnavailable) -> CAUnavailable:
+    """What to raise once every CA instance tried failed: the last failure, asking for the longest
+    wait any of them asked for (the next try may reach any of them again)."""
+    if previous is not None and (previous.retry_after or 0.0) > (exc.retry_after or 0.0):
+        exc.retry_after = previous.retry_after
+    return exc
 
 
 def _chain(resp: Response, url: str) -> str:

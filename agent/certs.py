@@ -52,6 +52,7 @@ from hostmesh.agent.ca_client import (
     bundle_pem,
     check_chain,
     issuing_root,
+    longest_wait,
     match_pin,
     normalize_pin,
     parse_bundle,
@@ -490,11 +491,11 @@ class CertManager:
             except CAUnavailable as exc:
                 if loop.time() >= deadline or self.stopping.is_set():
                     raise
-                delay = min(
-                    backoff_delay(attempt, renewal.RENEW_RETRY_BASE, renewal.RENEW_RETRY_MAX, self._rng),
-                    deadline - loop.time(),
-                )
-                log.warning("bootstrap: %s; retrying in %.1fs", exc, delay)
+                backoff = backoff_delay(attempt, renewal.RENEW_RETRY_BASE, renewal.RENEW_RETRY_MAX, self._rng)
+                asked = exc.retry_after or 0.0  # the CA's Retry-After: no try sooner, none past the deadline
+                delay = min(max(backoff, asked), deadline - loop.time())
+                log.warning("bootstrap: %s; retrying in %.1fs%s", exc, delay,
+                            f" (the CA asked to wait {asked:.0f}s)" if asked else "")  # fmt: skip
                 attempt += 1
                 await wait_event(self.stopping, max(delay, 0))  # the wait ends early on a stop
             except Unauthorized as exc:
@@ -539,7 +540,7 @@ class CertManager:
                     self._store(service, chain, pki.key_pem(key))
                     raise
             except CAUnavailable as exc:
-                last = exc
+                last = longest_wait(last, exc)
                 continue
             self._set_roots(self._merge(roots))
             self._store(service, chain, pki.key_pem(key))
@@ -580,7 +581,7 @@ class CertManager:
         ident = pki.Identity(self.trust_domain, service)
         key = pki.new_key()
         csr = pki.make_csr(key, ident)
-        last: CAError | None = None
+        last: CAUnavailable | None = None
         for client in await self._ca_clients():
             try:
                 chain = await client.renew(csr, self._roots_pem, chain_file, key_file)
@@ -590,11 +591,11 @@ class CertManager:
                 try:
                     chain = await client.renew(csr, self._roots_pem, chain_file, key_file)
                 except CAUnavailable as exc2:
-                    last = exc2
+                    last = longest_wait(last, exc2)
                     continue
                 log.info("renewal of %s succeeded after refreshing the trust bundle (%s)", service, exc)
             except CAUnavailable as exc:
-                last = exc
+                last = longest_wait(last, exc)
                 continue
             try:
                 check_chain(chain, key, ident, self._roots)
@@ -717,7 +718,7 @@ class CertManager:
         proof = pki.sibling_proof(old_key, csr)
         sibling = siblings[0]
         sib_chain, sib_key = self.paths(sibling)
-        last: CAError | None = None
+        last: CAUnavailable | None = None
         for client in await self._ca_clients():
             try:
                 chain = await client.renew_sibling(
@@ -730,7 +731,7 @@ class CertManager:
                     proof=proof,
                 )
             except CAUnavailable as exc:
-                last = exc
+                last = longest_wait(last, exc)
                 continue
             check_chain(chain, key, ident, self._roots)
             self._store(service, chain, pki.key_pem(key))

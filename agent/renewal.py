@@ -41,6 +41,9 @@ RETRY_LIFE_FRACTION = 0.25  # each wait at most this share of the life left: man
 RETRY_FLOOR = 1.0  # ...but the cap never goes below this: a CA that is down is not hammered
 RECOVER_RETRY_MAX = 15.0  # expired: a CA or a credential that is back is used within this
 TOKEN_POLL = 1.0  # expired: how often the token file is looked at for a fresh token
+# The longest wait a CA's Retry-After buys: one asking for more (a bug, or a CA that is not ours on the
+# path) is tried again after this, as after the backoff's own cap.
+RETRY_AFTER_MAX = 300.0
 
 
 class CertState(enum.Enum):

@@ -25,7 +25,12 @@ class NotYetValid(TrustError):
 
 
 class CAUnavailable(CAError):
-    """The CA could not be reached or answered 5xx: keep current state, retry with backoff."""
+    """The CA could not be reached or answered 5xx or 429: keep current state, retry with backoff, and
+    not before `retry_after` seconds when the CA said so (its Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StorageError(CAError):

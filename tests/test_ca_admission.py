@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.agent import ca_client
+from hostmesh.agent import ca_client, renewal
 from hostmesh.ca import admission, tokens
 from hostmesh.ca.errors import CAUnavailable
 from hostmesh.ca.service import CAService
@@ -176,3 +176,39 @@ def test_an_agent_takes_429_as_retry_later_not_as_a_refusal() -> None:
     shed.headers["retry-after"] = "1"
     with pytest.raises(CAUnavailable, match="answered 429: too many requests"):  # retried with backoff
         ca_client._json(shed, "https://ca:15012")
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "seconds"),
+    [
+        (429, "3", 3.0),
+        (429, " 7 ", 7.0),
+        (503, "2", 2.0),  # a CA whose Consul is slow, or registry/http.py's full server
+        (429, "86400", renewal.RETRY_AFTER_MAX),  # a day: clamped, the certificate may not have one left
+        (429, "9" * 5000, renewal.RETRY_AFTER_MAX),  # (int() of it would raise: too many digits)
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", None),  # an HTTP-date: this host's clock is not the CA's
+        (429, "-1", None),
+        (429, "1.5", None),
+        (429, "\u0663", None),  # an Arabic-Indic 3: str.isdigit, but not delta-seconds
+        (429, "", None),
+        (500, "3", None),  # only a 429 or a 503 asks to wait
+    ],
+)
+def test_an_agent_carries_the_cas_retry_after_on_the_error(
+    status: int, header: str, seconds: float | None
+) -> None:
+    shed = Response.error(status, "too many requests from 10.0.0.5")
+    shed.headers["retry-after"] = header
+    with pytest.raises(CAUnavailable) as err:
+        ca_client._json(shed, "https://ca:15012")
+    assert err.value.retry_after == seconds
+
+
+def test_when_every_ca_instance_failed_the_longest_wait_asked_is_kept() -> None:
+    """The next round may reach any instance again: none is asked sooner than it said."""
+    first = CAUnavailable("ca-1 answered 429", retry_after=20.0)
+    last = ca_client.longest_wait(ca_client.longest_wait(None, first), CAUnavailable("ca-2 unreachable"))
+    assert str(last) == "ca-2 unreachable" and last.retry_after == 20.0
+    assert (
+        ca_client.longest_wait(last, CAUnavailable("ca-3 answered 429", retry_after=40.0)).retry_after == 40.0
+    )

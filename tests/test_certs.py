@@ -22,11 +22,11 @@ from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import match_pin
 from hostmesh.agent.certs import CertManager
 from hostmesh.agent.renewal import CertState
-from hostmesh.ca import pki, store, tokens
+from hostmesh.ca import admission, pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
 from hostmesh.ca.service import CAService
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from tests.ca_support import AuditSink, new_ca_dir, start_ca
+from tests.ca_support import AuditSink, call, new_ca_dir, start_ca
 from tests.support import ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.consul
@@ -324,6 +324,50 @@ async def test_ca_down_during_renewal_keeps_cert_retries_and_logs(
     await env.start_ca(leaf_ttl=dt.timedelta(seconds=20))  # back on the same port
     await async_wait_until(lambda: mgr.infos()[0].serial != before[2], 15, "renewal after the CA returned")
     assert env.sink.last()["via"] == "renew"
+
+
+class LoopClock(logging.Handler):
+    """The event loop's time of each cert-manager log line containing `text`: the clock the renewal
+    loop and the bootstrap wait with."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.times: list[float] = []
+        logging.getLogger("hostmesh.agent.certs").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.times.append(asyncio.get_running_loop().time())
+
+    def close(self) -> None:
+        logging.getLogger("hostmesh.agent.certs").removeHandler(self)
+        super().close()
+
+
+async def test_a_bootstrap_the_ca_shed_waits_out_its_retry_after(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bootstrap's retry loop took a 429 for an outage too. The CA's limiter at 2 requests/s,
+    burst 2, emptied by this host just before: Retry-After 1 s, after which the bootstrap's two
+    requests both go through."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.agent.certs")
+    svc = await env.start_ca()
+    svc._rates = admission.ClientRates(rate=2.0, burst=2.0)
+    mgr = env.manager(["web"], await env.token_file("web"))
+    for _ in range(2):  # (the bucket refills in 0.5 s: the bootstrap's first request comes well before)
+        assert (await call(svc, "GET", "/v1/roots")).status == 200
+    retried = LoopClock("bootstrap: ")
+    try:
+        await mgr.start()
+        done = asyncio.get_running_loop().time()
+    finally:
+        retried.close()
+    assert svc.rate_limited == 1, "the bootstrap was tried again while the CA's Retry-After ran"
+    assert done - retried.times[0] >= 1.0  # by the loop's clock: the second try came after the wait asked
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bootstrap: ")]
+    assert "answered 429" in line and line.endswith("(the CA asked to wait 1s)"), line
+    assert mgr.infos()[0].state is CertState.VALID
 
 
 async def test_expired_stored_cert_is_reported_and_a_fresh_token_is_used_without_restart(env: Env) -> None:
