@@ -40,6 +40,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import math
 import os
 import pwd
 import random
@@ -372,11 +373,7 @@ class CertProcess:
         except ValueError:
             raise CAError(f"certificate helper ({op}) exited with {code} and no answer") from None
         if not answer.get("ok"):
-            name = str(answer.get("kind"))  # a hostmesh.ca error, or ours
-            kind = getattr(ca_errors, name, None) or {"FileAccessDenied": FileAccessDenied}.get(name, CAError)
-            if not (isinstance(kind, type) and issubclass(kind, CAError)):
-                kind = CAError
-            raise kind(str(answer.get("error", "certificate helper failed")))
+            raise answer_error(answer)
         return dict(answer)
 
     def _apply(self, answer: dict[str, Any]) -> None:
@@ -472,6 +469,32 @@ class CertProcess:
                 return
 
 
+# --- a child's failure, both ways ---------------------------------------------------------------
+
+
+def error_answer(exc: CAError) -> dict[str, Any]:
+    """The child's answer for `exc`: its kind, its line, and a CA's Retry-After (agent/renewal.py)."""
+    answer: dict[str, Any] = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
+    if isinstance(exc, ca_errors.CAUnavailable) and exc.retry_after:
+        answer["retry_after"] = exc.retry_after
+    return answer
+
+
+def answer_error(answer: dict[str, Any]) -> CAError:
+    """The error a child's failed answer reports, of its kind (a hostmesh.ca error, or ours)."""
+    name = str(answer.get("kind"))
+    kind = getattr(ca_errors, name, None) or {"FileAccessDenied": FileAccessDenied}.get(name, CAError)
+    if not (isinstance(kind, type) and issubclass(kind, CAError)):
+        kind = CAError
+    message = str(answer.get("error", "certificate helper failed"))
+    if not issubclass(kind, ca_errors.CAUnavailable):
+        return kind(message)
+    seconds = answer.get("retry_after")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return kind(message)
+    return kind(message, min(max(float(seconds), 0.0), renewal.RETRY_AFTER_MAX))
+
+
 # --- the child --------------------------------------------------------------------------------
 
 
@@ -551,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         answer = asyncio.run(_child(args.op, _config(args.config, args.config_on_stdin), args.service))
     except CAError as exc:
-        answer = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
+        answer = error_answer(exc)
     except Exception as exc:  # anything else is a bug or a broken file: one line for the agent's log
         answer = {"ok": False, "kind": "CAError", "error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(answer) + "\n")

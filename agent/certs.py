@@ -259,7 +259,8 @@ class CertManager:
                 try:
                     await self.renew_once(service)
                 except CAError as exc:
-                    self.failures.record(service, exc, self.renewal_view(service), self.token_file)
+                    now = asyncio.get_running_loop().time()
+                    self.failures.record(service, exc, self.renewal_view(service), self.token_file, now)
 
     def renew_at(self, service: str) -> dt.datetime:
         """When `service`'s certificate is due for renewal (2/3 of its life, with jitter)."""

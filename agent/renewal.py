@@ -14,6 +14,10 @@ keep their failed tries in a `RenewalFailures`:
 - An expired certificate is recovered (a valid sibling certificate of the host, or the join token
   file, re-read on every try) at most RECOVER_RETRY_MAX apart, and at once when the token file
   changes: an operator who drops a fresh token in is served within TOKEN_POLL.
+- A CA that answered 429 or 503 with Retry-After (agent/ca_client.py `retry_after`) is not tried
+  again sooner, whatever the backoff says; but a valid certificate whose life left does not allow
+  that wait is tried at the latest point that still leaves tries before it expires (`retry_cap`),
+  and the log says so. A fresh token file does not cut the CA's wait short.
 - A wake (a trust-bundle change) ends any wait: the loop looks at the certificate and decides again.
 - Each service is scheduled on its own: one service's failure never delays or fails another's.
 """
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostmesh.agent.loops import wait_event
-from hostmesh.ca.errors import CAError
+from hostmesh.ca.errors import CAError, CAUnavailable
 from hostmesh.registry.watch import backoff_delay
 
 log = logging.getLogger("hostmesh.agent.certs")  # both managers' log lines go out under this name
@@ -66,7 +70,12 @@ def retry_delay(failures: int, remaining: float, rng: random.Random | None = Non
     delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, rng)
     if remaining <= 0:
         return min(delay, RECOVER_RETRY_MAX)
-    return min(delay, max(remaining * RETRY_LIFE_FRACTION, RETRY_FLOOR), remaining)
+    return min(delay, retry_cap(remaining))
+
+
+def retry_cap(remaining: float) -> float:
+    """The longest wait before the next try of a certificate with `remaining` (> 0) seconds of life."""
+    return min(max(remaining * RETRY_LIFE_FRACTION, RETRY_FLOOR), remaining)
 
 
 # --- the schedule: pure -------------------------------------------------------------------------
@@ -96,17 +105,26 @@ class Step:
 
     wait: Wait
     seconds: float
+    # what was left of the wait the CA asked for (Retry-After): more than `seconds` when the life left
+    # did not allow it; in a RECOVER wait, the part no token-file change ends
+    ca_asked: float = 0.0
 
 
-def next_step(view: RenewalView, failures: int, rng: random.Random | None = None) -> Step:
-    """The wait before the next try of a certificate in `view` after `failures` consecutive failed ones."""
+def next_step(
+    view: RenewalView, failures: int, rng: random.Random | None = None, ca_wait: float = 0.0
+) -> Step:
+    """The wait before the next try of a certificate in `view` after `failures` consecutive failed
+    ones, `ca_wait` seconds before the CA's Retry-After of the last one runs out."""
     if view.unusable is not None:
         if not failures:
             return Step(Wait.NONE, 0.0)
-        return Step(Wait.RECOVER, retry_delay(failures, 0, rng))
+        return Step(Wait.RECOVER, max(retry_delay(failures, 0, rng), ca_wait), ca_wait)
     if not failures:
         return Step(Wait.RENEWAL_POINT, max(view.until_renewal, 0.0))
-    return Step(Wait.RETRY, retry_delay(failures, view.life_left, rng))
+    delay = retry_delay(failures, view.life_left, rng)
+    if ca_wait > delay:
+        delay = min(ca_wait, retry_cap(view.life_left))
+    return Step(Wait.RETRY, delay, ca_wait)
 
 
 # --- failed tries -------------------------------------------------------------------------------
@@ -120,6 +138,7 @@ class RenewalFailures:
         self._counts: dict[str, int] = {}
         self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
         self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
+        self._not_before: dict[str, float] = {}  # loop time the CA's Retry-After runs out, per service
 
     def count(self, service: str) -> int:
         return self._counts.get(service, 0)
@@ -140,29 +159,42 @@ class RenewalFailures:
         self._problems[service] = problem
         self._counts[service] = 1
 
+    def ca_wait(self, service: str, now: float) -> float:
+        """Seconds left, at loop time `now`, of the wait the CA asked for after the last failed try."""
+        return max(self._not_before.get(service, now) - now, 0.0)
+
     def clear(self, service: str) -> None:
         """A try succeeded."""
         self._counts.pop(service, None)
         self._problems.pop(service, None)
+        self._not_before.pop(service, None)
 
-    def record(self, service: str, exc: CAError, view: RenewalView, token_file: Path | str | None) -> None:
-        """One failed try of `service`, whose certificate is now as in `view`: one log line saying
-        what is kept, what is missing and when the next try comes. A usable certificate is kept and
-        retried before it expires; an unusable one is reported once per distinct error, since /ready
-        and /v1/certs keep showing it."""
+    def record(
+        self, service: str, exc: CAError, view: RenewalView, token_file: Path | str | None, now: float
+    ) -> None:
+        """One failed try of `service`, at loop time `now`, whose certificate is now as in `view`: one
+        log line saying what is kept, what is missing and when the next try comes. A usable
+        certificate is kept and retried before it expires; an unusable one is reported once per
+        distinct error, since /ready and /v1/certs keep showing it."""
         failures = self._counts[service] = self.count(service) + 1
         error = self._problems[service] = str(exc)
+        asked = exc.retry_after if isinstance(exc, CAUnavailable) else None
+        if asked:
+            self._not_before[service] = now + asked
+        else:
+            self._not_before.pop(service, None)
         if view.unusable is not None:
             if self._said.get(service) == error:
                 return
             self._said[service] = error
             log.error(
-                "certificate for %s is not usable (%s): %s; trying again within %.0fs%s",
+                "certificate for %s is not usable (%s): %s; trying again within %.0fs%s%s",
                 service,
                 view.unusable,
                 error,
-                RECOVER_RETRY_MAX,
+                max(RECOVER_RETRY_MAX, asked or 0.0),
                 f" or as soon as {token_file} changes" if token_file else "",
+                f", not before the {asked:.0f}s the CA asked to wait" if asked else "",
             )
             return
         self._said.pop(service, None)
@@ -196,25 +228,42 @@ async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: 
     """`service`'s certificate only, forever: renewed at its point, retried bounded by its life,
     recovered when unusable. `wake` (a trust-bundle change) makes it look again: a certificate the new
     bundle does not trust is recovered now, not at its renewal point."""
+    loop = asyncio.get_running_loop()
     tried_with: object = token_stamp(certs.token_file)  # the token file at the last try
     while True:
         wake.clear()
         view = certs.renewal_view(service)
-        step = next_step(view, certs.failures.count(service), rng)
+        ca_wait = certs.failures.ca_wait(service, loop.time())
+        step = next_step(view, certs.failures.count(service), rng, ca_wait)
         if step.wait is Wait.RECOVER:
-            if await wait_or_token(step.seconds, certs.token_file, wake, since=tried_with):
+            # the CA's wait first: a fresh token would go to the same CA, which said not yet
+            if step.ca_asked and await wait_or_wake(step.ca_asked, wake):
+                continue
+            if await wait_or_token(step.seconds - step.ca_asked, certs.token_file, wake, since=tried_with):
                 continue
         elif step.wait is not Wait.NONE:
             if step.wait is Wait.RETRY:
-                log.info("next renewal try for %s in %.2fs, %.2fs before it expires", service, step.seconds,
-                         view.life_left - step.seconds)  # fmt: skip
+                log.info("next renewal try for %s in %.2fs, %.2fs before it expires%s", service, step.seconds,
+                         view.life_left - step.seconds, _as_asked(step))  # fmt: skip
             if await wait_or_wake(step.seconds, wake):
                 continue
         tried_with = token_stamp(certs.token_file)
         try:
             await certs.renew_once(service)
         except CAError as exc:
-            certs.failures.record(service, exc, certs.renewal_view(service), certs.token_file)
+            certs.failures.record(service, exc, certs.renewal_view(service), certs.token_file, loop.time())
+
+
+def _as_asked(step: Step) -> str:
+    """What the log line of a retry says of the CA's Retry-After: honoured, or cut to the life left."""
+    if not step.ca_asked:
+        return ""
+    if step.seconds >= step.ca_asked:
+        return f" (the CA asked to wait {step.ca_asked:.2f}s)"
+    return (
+        f" (the CA asked to wait {step.ca_asked:.2f}s, longer than the certificate's life allows: trying at "
+        "the latest point that still leaves tries before it expires)"
+    )
 
 
 def token_stamp(path: Path | None) -> tuple[int, int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.certproc import CertProcess
+from hostmesh.agent import renewal
+from hostmesh.agent.certproc import CertProcess, answer_error, error_answer
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from hostmesh.agent.status import fetch_status, render_table
-from hostmesh.ca.errors import Unauthorized
+from hostmesh.ca.errors import CAUnavailable, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.registry.consul import ConsulClient
 from tests.support import ConsulDev
@@ -88,6 +90,22 @@ def test_the_agent_modules_do_not_import_cryptography() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_helpers_retry_after_reaches_the_agents_renewal_schedule() -> None:
+    """A renewal helper that met a CA's 429 with Retry-After says so on its answer line, and the agent
+    raises the error with those seconds (agent/renewal.py waits them out): the line said only the
+    error, so the agent's loop retried on its own backoff."""
+    shed = CAUnavailable("CA at https://ca:15012 answered 429: too many requests", retry_after=7.0)
+    line = json.dumps(error_answer(shed))  # what the child writes, and the agent reads
+    err = answer_error(json.loads(line))
+    assert type(err) is CAUnavailable and str(err) == str(shed) and err.retry_after == 7.0
+    # from a child of other code (an upgrade under a running agent): no wait rather than a wrong one
+    answer = json.loads(line)
+    for bad in ("7", True, None, float("nan"), float("inf")):
+        assert answer_error({**answer, "retry_after": bad}).retry_after is None, bad
+    assert answer_error({**answer, "retry_after": 10**9}).retry_after == renewal.RETRY_AFTER_MAX
+    assert "retry_after" not in error_answer(Unauthorized("join token refused"))
 
 
 async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMesh, AgentHandle]) -> None:

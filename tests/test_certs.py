@@ -345,6 +345,35 @@ class LoopClock(logging.Handler):
         super().close()
 
 
+async def test_a_renewal_the_ca_shed_is_tried_again_no_sooner_than_its_retry_after(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA answers a client past its rate 429 with Retry-After; the agent took it for an outage and
+    tried again on its own backoff (here within 0.1 s), which the CA shed again, and again. The real
+    CA and its rate limiter, slowed to one request per 5 s after a burst of 2: the bootstrap's two
+    requests (roots, sign) empty it, so the renewal ~2 s later is shed, asked to wait ~3 s."""
+    caplog.set_level(logging.INFO, logger="hostmesh.agent.certs")
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=20))
+    svc._rates = admission.ClientRates(rate=0.2, burst=2.0)
+    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.1)  # renewal at ~2 s
+    failed = LoopClock("renewal of web failed")
+    try:
+        await mgr.start()
+        first = mgr.infos()[0].serial
+        renewed: list[float] = []
+        mgr.subscribe(lambda: renewed.append(asyncio.get_running_loop().time()))
+        await async_wait_until(lambda: mgr.infos()[0].serial != first, 30, "the renewal after the CA's wait")
+    finally:
+        failed.close()
+    assert svc.rate_limited == 1, "the renewal was tried again while the CA's Retry-After ran"
+    line = next(r.getMessage() for r in caplog.records if "next renewal try for web" in r.getMessage())
+    said = re.fullmatch(r".* \(the CA asked to wait ([\d.]+)s\)", line)
+    assert said is not None and float(said[1]) >= 1.0, line
+    asked = float(said[1])
+    # by the loop's clock: from the failed try to the renewal, at least the wait asked (logged to 0.01 s)
+    assert renewed[0] - failed.times[0] >= asked - 0.01, (failed.times, renewed, line)
+
+
 async def test_a_bootstrap_the_ca_shed_waits_out_its_retry_after(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:

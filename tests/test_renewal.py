@@ -11,7 +11,7 @@ import pytest
 
 from hostmesh.agent import loops, renewal
 from hostmesh.agent.renewal import CertState
-from hostmesh.ca.errors import CAError
+from hostmesh.ca.errors import CAError, CAUnavailable
 
 
 def schedule(life_left: float, seed: int) -> list[float]:
@@ -140,8 +140,8 @@ def test_failures_are_counted_shown_and_cleared(caplog: pytest.LogCaptureFixture
     book.known("web", "certificate expired at then")  # found at start: shown, not a failure
     assert book.count("web") == 0 and book.problems() == {"web": "certificate expired at then"}
     with caplog.at_level("INFO", logger="hostmesh.agent.certs"):
-        book.record("web", CAError("CA down"), VALID, None)
-        book.record("web", CAError("CA down"), VALID, None)
+        book.record("web", CAError("CA down"), VALID, None, 0.0)
+        book.record("web", CAError("CA down"), VALID, None, 0.0)
     assert book.count("web") == 2 and book.problem("web") == "CA down"
     assert [r.getMessage() for r in caplog.records] == [
         f"renewal of web failed (attempt {n}): CA down; keeping the current certificate (valid for "
@@ -161,10 +161,47 @@ def test_an_unusable_certificate_is_said_once_per_distinct_error(
     token = tmp_path / "join-token"
     with caplog.at_level("INFO", logger="hostmesh.agent.certs"):
         for error in ("no token", "no token", "no token", "token refused"):
-            book.record("web", CAError(error), EXPIRED, token)
+            book.record("web", CAError(error), EXPIRED, token, 0.0)
     assert book.count("web") == 4
     assert [r.getMessage() for r in caplog.records] == [
         f"certificate for web is not usable (expired): {error}; trying again within 15s or as soon as "
         f"{token} changes"
         for error in ("no token", "token refused")
     ]
+
+
+# --- a CA's Retry-After (429/503): no try sooner, but never past what the certificate's life allows ----
+
+
+def test_a_retry_waits_at_least_what_the_ca_asked() -> None:
+    """The backoff after a first failure is at most RENEW_RETRY_BASE (1 s): a CA that said
+    Retry-After: 30 was asked again within a second."""
+    step = renewal.next_step(VALID, 1, random.Random(1), ca_wait=30.0)
+    assert step == renewal.Step(renewal.Wait.RETRY, 30.0, ca_asked=30.0)
+    assert renewal.next_step(VALID, 1, random.Random(1)).seconds <= renewal.RENEW_RETRY_BASE
+
+
+def test_a_ca_wait_longer_than_the_life_allows_is_cut_to_the_latest_sensible_try() -> None:
+    """40 s of life left: tries at most 10 s apart (a quarter of it), so a CA asking for 60 s gets
+    its try at 10 s, not after the certificate expired."""
+    short = renewal.RenewalView(life_left=40.0, until_renewal=-10.0, unusable=None)
+    step = renewal.next_step(short, 1, random.Random(1), ca_wait=60.0)
+    assert step.wait is renewal.Wait.RETRY and step.ca_asked == 60.0
+    assert step.seconds == renewal.retry_cap(40.0) == 10.0
+
+
+def test_an_unusable_certificate_waits_the_ca_out_whatever_its_token_file_does() -> None:
+    step = renewal.next_step(EXPIRED, 1, random.Random(1), ca_wait=120.0)
+    assert step == renewal.Step(renewal.Wait.RECOVER, 120.0, ca_asked=120.0)
+
+
+def test_the_cas_wait_is_kept_from_the_failure_until_a_try_succeeds() -> None:
+    book = renewal.RenewalFailures()
+    book.record("web", CAUnavailable("CA answered 429", retry_after=5.0), VALID, None, now=100.0)
+    assert book.ca_wait("web", 101.5) == 3.5 and book.ca_wait("web", 200.0) == 0.0
+    assert book.ca_wait("api", 101.5) == 0.0
+    book.record("web", CAUnavailable("CA unreachable"), VALID, None, now=102.0)  # asked nothing this time
+    assert book.ca_wait("web", 102.0) == 0.0
+    book.record("web", CAUnavailable("CA answered 503", retry_after=5.0), VALID, None, now=103.0)
+    book.clear("web")
+    assert book.ca_wait("web", 103.0) == 0.0
