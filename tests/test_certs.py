@@ -350,12 +350,13 @@ async def test_a_renewal_the_ca_shed_is_tried_again_no_sooner_than_its_retry_aft
 ) -> None:
     """A CA answers a client past its rate 429 with Retry-After; the agent took it for an outage and
     tried again on its own backoff (here within 0.1 s), which the CA shed again, and again. The real
-    CA and its rate limiter, slowed to one request per 5 s after a burst of 2: the bootstrap's two
-    requests (roots, sign) empty it, so the renewal ~2 s later is shed, asked to wait ~3 s."""
+    CA and its rate limiter, slowed to one request per 10 s after a burst of 2: the bootstrap's two
+    requests (roots, sign) empty it, so the renewal 3-6 s later (5-10 % of a 60 s leaf) is shed and
+    asked to wait 4-7 s, which its life left (a quarter of >= 54 s) allows in full."""
     caplog.set_level(logging.INFO, logger="hostmesh.agent.certs")
-    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=20))
-    svc._rates = admission.ClientRates(rate=0.2, burst=2.0)
-    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.1)  # renewal at ~2 s
+    svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=60))
+    svc._rates = admission.ClientRates(rate=0.1, burst=2.0)
+    mgr = env.manager(["web"], await env.token_file("web"), renew_fraction=0.05)
     failed = LoopClock("renewal of web failed")
     try:
         await mgr.start()
