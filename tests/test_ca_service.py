@@ -204,19 +204,28 @@ async def test_a_sign_slowed_past_its_deadline_issues_nothing_and_keeps_the_toke
     assert ca_service.SIGN_DEADLINE < REQUEST_TIMEOUT  # an answer in time for the agents
     svc, sink = ca
     tok = await token_for(client, "web")
+    in_time = _slow_redemption_past_a_short_deadline(monkeypatch, 0.6)
+    status, body = await sign(svc, tok, "web")
+    assert_refused(sink, status, body, 503, "the token is kept")
+    assert not [r for r in sink.records if r["event"] == "issue"]
+    in_time()
+    assert (await sign(svc, tok, "web"))[0] == 200  # the same token, once Consul answers in time
+
+
+def _slow_redemption_past_a_short_deadline(monkeypatch: pytest.MonkeyPatch, held: float) -> Any:
+    """SIGN_DEADLINE 0.5 s, and each token redemption (a real Consul transaction) held `held` s
+    first; returns what puts the redemption back as it was."""
+    from hostmesh.ca import service as ca_service
+
     monkeypatch.setattr(ca_service, "SIGN_DEADLINE", 0.5)
     redeem = tokens.redeem
 
     async def slow_redeem(*args: Any) -> Any:
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(held)
         return await redeem(*args)
 
     monkeypatch.setattr(tokens, "redeem", slow_redeem)
-    status, body = await sign(svc, tok, "web")
-    assert_refused(sink, status, body, 503, "the token is kept")
-    assert not [r for r in sink.records if r["event"] == "issue"]
-    monkeypatch.setattr(tokens, "redeem", redeem)
-    assert (await sign(svc, tok, "web"))[0] == 200  # the same token, once Consul answers in time
+    return lambda: monkeypatch.setattr(tokens, "redeem", redeem)
 
 
 async def test_a_signs_deadline_counts_from_the_requests_first_byte(
@@ -226,18 +235,9 @@ async def test_a_signs_deadline_counts_from_the_requests_first_byte(
     behind others was not in it: the CA could still spend the token after the agent had stopped
     waiting. Here the deadline is 0.5 s, the body comes 0.4 s after the head (a slow client) and
     the redemption (a real Consul transaction) is held 0.2 s: 0.6 s after the first byte."""
-    from hostmesh.ca import service as ca_service
-
     svc, sink = ca
     tok = await token_for(client, "web")
-    monkeypatch.setattr(ca_service, "SIGN_DEADLINE", 0.5)
-    redeem = tokens.redeem
-
-    async def slow_redeem(*args: Any) -> Any:
-        await asyncio.sleep(0.2)
-        return await redeem(*args)
-
-    monkeypatch.setattr(tokens, "redeem", slow_redeem)
+    in_time = _slow_redemption_past_a_short_deadline(monkeypatch, 0.2)
     body = json.dumps({"csr": csr_for("web")[1]}).encode()
     td = svc.authority.trust_domain
     r, w = await asyncio.open_connection(
@@ -257,7 +257,7 @@ async def test_a_signs_deadline_counts_from_the_requests_first_byte(
     assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
     assert b"the token is kept" in answer
     assert not [rec for rec in sink.records if rec["event"] == "issue"]
-    monkeypatch.setattr(tokens, "redeem", redeem)
+    in_time()
     assert (await sign(svc, tok, "web"))[0] == 200  # the same token, sent in time
 
 
