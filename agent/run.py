@@ -522,7 +522,11 @@ class Agent:
 
     @staticmethod
     def _outbound_inputs(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig) -> tuple[Any, ...]:
-        """What an upstream's stack is built from (stacks.build_outbound) that a reload may change."""
+        """What an upstream's stack is built from (stacks.build_outbound) that a reload may change. A
+        udp stack is built from its upstream alone: rebuilt for anything else (a `meta` version bump,
+        the HTTP limits), its running flows would end for nothing."""
+        if up.protocol == "udp":
+            return (up,)
         return (tuple(sorted(svc.meta.items())), up, cfg.http)  # meta: the caller's zone, by any zone_key
 
     async def _start_outbound(self, cfg: AgentConfig, key: OutboundKey, svc: ServiceConfig,

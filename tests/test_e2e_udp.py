@@ -10,6 +10,7 @@ loop's transport would drop it).
 from __future__ import annotations
 
 import asyncio
+import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -175,6 +176,55 @@ def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(udp_mesh: UdpMe
     asyncio.run(run())
     text = a.metrics()
     assert metric_value(text, "hostmesh_udp_flows_total", reporter="source", destination_service="echo") == 2
+
+
+def test_a_reload_rebuilds_a_changed_udp_upstream_and_leaves_the_others_flows_alone(
+    udp_mesh: UdpMesh,
+) -> None:
+    """A reload that changed a udp upstream's settings left it with no listener: the old socket was
+    closed on a later loop turn than the new one's bind (EADDRINUSE), while the reload said
+    "reloaded". And a change that is not a udp stack's input (the service's meta, the HTTP limits)
+    rebuilt every udp upstream all the same, ending their flows. Here echo's `connect_timeout`
+    changes, and web's meta and the HTTP limits with it: echo serves again, and the flow running
+    through dns goes on as the same flow."""
+    _m, a, _b, _apps, echo_bind, dns_bind, _ = udp_mesh
+
+    def flows(upstream: str) -> int:
+        return metric_value(
+            a.metrics(), "hostmesh_udp_flows_total", reporter="source", destination_service=upstream
+        )
+
+    async def run() -> None:
+        held = await asyncio_dgram.connect(("127.0.0.1", dns_bind))
+        try:
+            query = dns.message.make_query("svc.example.", "A").to_wire()
+            await held.send(query)
+            assert dns.message.from_wire((await asyncio.wait_for(held.recv(), RECV_TIMEOUT))[0]).answer
+            text = a.config_path.read_text()
+            echo_keys = f'bind = "127.0.0.1:{echo_bind}"\nprotocol = "udp"'
+            assert echo_keys in text
+            text = text.replace(echo_keys, echo_keys + "\nconnect_timeout = 3")
+            text = text.replace("[[services]]", "[http]\nheader_read_timeout = 20\n\n[[services]]", 1)
+            a.config_path.write_text(text.replace("meta = {  }", 'meta = { version = "v2" }'))
+            reloads = a.proc.log().count('"reloaded ')
+            a.proc.popen.send_signal(signal.SIGHUP)
+            await asyncio.get_running_loop().run_in_executor(
+                None, wait_for, lambda: a.proc.log().count('"reloaded ') > reloads, 10.0, "the reload"
+            )
+            assert "cannot listen" not in a.proc.log()
+            await held.send(query)  # the same client socket: the same flow, if it was left alone
+            assert dns.message.from_wire((await asyncio.wait_for(held.recv(), RECV_TIMEOUT))[0]).answer
+            echo = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+            try:
+                await echo.send(b"after the reload")
+                assert (await asyncio.wait_for(echo.recv(), RECV_TIMEOUT))[0] == b"after the reload"
+            finally:
+                echo.close()
+        finally:
+            held.close()
+
+    asyncio.run(run())
+    assert flows("dns") == 1
 
 
 def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:

@@ -86,6 +86,7 @@ UDP_CAP_SHARE = 0.5
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
+SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket to be gone (a loop turn)
 MAX_FLOWS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # per mux connection, like TCP streams (inbound.py)
 REQUEST, RESPONSE = "request", "response"
 
@@ -261,6 +262,11 @@ class _OutFlow(_Flow):
 class _OutProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: UdpOutbound) -> None:
         self.owner = owner
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.owner.datagram(data, addr)
@@ -294,6 +300,7 @@ class UdpOutbound:
         self._v1_log = RateLimitedLog(log, "UDP flows refused by protocol v1 peers", level=logging.ERROR)
         self._uf_log = RateLimitedLog(log, "UDP flows no instance could take")  # a peer gone: one per client
         self._port = 0
+        self._closed: asyncio.Future[None] | None = None  # the socket is gone (_OutProtocol.connection_lost)
 
     @property
     def port(self) -> int:
@@ -309,11 +316,12 @@ class UdpOutbound:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             sock.bind((bind.host, bind.port))
             sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _OutProtocol(self), sock=sock)
+            transport, protocol = await loop.create_datagram_endpoint(lambda: _OutProtocol(self), sock=sock)
         except BaseException:
             sock.close()
             raise
         self.transport = cast(asyncio.DatagramTransport, transport)
+        self._closed = protocol.closed
         self.sock = sock
         self._port = int(sock.getsockname()[1])
         self._schedule_sweep()
@@ -401,6 +409,9 @@ class UdpOutbound:
         return False
 
     async def close(self, drain_seconds: float = 0.0) -> None:
+        """End every flow and close the socket; returns once the socket is closed, so that its
+        address can be bound again at once (a reload rebuilding this upstream: the loop closes a
+        datagram transport's socket only on a later turn, and the new bind failed EADDRINUSE)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         for flow in list(self.flows.values()):
@@ -409,6 +420,9 @@ class UdpOutbound:
             task.cancel()
         if self.transport is not None:
             self.transport.close()
+        if self._closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closed), SOCKET_CLOSE_WAIT)
         self.pool.close()
 
     def stats(self) -> dict[str, object]:
