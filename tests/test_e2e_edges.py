@@ -637,6 +637,17 @@ def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
     denials = wait_for(lambda: denied_in_log(edges.egress, "ext-open"), 10, "the gateway's denial in its log")
     assert all(o["source"] == "spiffe://hostmesh.local/svc/caller" and o["peer"] for o in denials), denials
 
+    def refused_said_at_caller() -> bool:  # the gateway's RESET says why: the caller's series agree
+        return any(
+            line.startswith("hostmesh_tcp_connections_closed_total{")
+            and 'destination_service="ext-open"' in line
+            and 'reporter="source"' in line
+            and 'response_flags="AUTHZ"' in line
+            for line in edges.caller.metrics().splitlines()
+        )
+
+    wait_for(refused_said_at_caller, 10, "the caller's series to say AUTHZ")
+
 
 @pytest.mark.parametrize("upstream", ["ext-stale", "ext-stale-via"])
 def test_an_external_document_no_resolver_takes_is_refused_and_the_app_is_reset(

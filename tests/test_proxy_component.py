@@ -390,6 +390,30 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 0
 
 
+async def test_a_raw_stream_to_an_http_service_is_refused(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An http service is served as HTTP only: a caller's raw stream reached the app past the
+    per-request authorization, with whatever x-forwarded-client-cert it wrote (the field the app is
+    told to trust: the app's agent sets it on the HTTP path only)."""
+    caplog.set_level(logging.INFO)
+    current = mesh.holder_b.current
+    api = current.local["api"]
+    local = MappingProxyType({**current.local, "api": dataclasses.replace(api, protocol="http")})
+    mesh.holder_b.swap(dataclasses.replace(current, local=local))
+    r, w = await mesh.connect()
+    w.write(
+        b"GET / HTTP/1.1\r\nhost: api\r\nx-forwarded-client-cert: URI=spiffe://hostmesh.local/svc/admin\r\n\r\n"
+    )
+    assert await closed_by_peer(r) in ("reset", "eof")
+    assert mesh.app.connections == 0
+    await async_wait_until(
+        lambda: metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="DPE"),
+        what="the caller's line",
+    )
+    assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="DPE") == 1
+
+
 async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -678,6 +702,24 @@ async def _raw_mesh_connection(mesh: Mesh) -> tuple[asyncio.StreamReader, asynci
         asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
         IO_TIMEOUT,
     )
+
+
+async def test_a_callers_reset_reason_is_not_taken_by_the_destination(mesh: Mesh) -> None:
+    """A RESET's reason is the destination's word about its refusal: a caller aborting a stream with
+    one made the destination count an AUTHZ denial that never happened."""
+    _r, w = await _raw_mesh_connection(mesh)
+    try:
+        w.write(wire.control(wire.OPEN, 1) + wire.data_frame(1, b"hello"))
+        await async_wait_until(lambda: mesh.app.connections == 1, what="the app connected")
+        w.write(wire.reset_frame(1, "AUTHZ"))
+        await async_wait_until(
+            lambda: metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total"),
+            what="the stream closed",
+        )
+        assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="DC") == 1
+        assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="AUTHZ") == 0
+    finally:
+        w.close()
 
 
 @pytest.mark.parametrize(

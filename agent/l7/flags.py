@@ -84,12 +84,28 @@ def add(flags: str, flag: str) -> str:
 
 
 _KNOWN: Final = frozenset(ALL)  # (a flag a newer release adds is dropped: counted without it)
+MAX_FROM_PEER: Final = 4  # flags taken from a peer's answer (known): an agent raises up to 3 or 4
+# what a destination's agent says when it refuses a stream (RESET's reason, `refusal`)
+REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR, DPE))
 
 
 def known(flags: str) -> str:
-    """`flags` as a peer agent's header gave them, keeping only this vocabulary's: a value of any
-    other shape or length would become a metric label value of its own."""
-    return ",".join(f for f in flags.split(",") if f in _KNOWN)
+    """`flags` as a peer agent's header gave them, keeping only this vocabulary's, each once and at
+    most MAX_FROM_PEER of them: a value of any other shape or length would become a metric label
+    value of its own."""
+    kept: list[str] = []
+    for f in flags.split(","):
+        if f in _KNOWN and f not in kept:
+            kept.append(f)
+            if len(kept) == MAX_FROM_PEER:
+                break
+    return ",".join(kept)
+
+
+def refusal(why: str) -> str:
+    """The flag a peer agent's RESET gives for refusing a stream (agent/proxy/wire.py): one of
+    REFUSALS, else "" (the stream was reset, for no reason it said)."""
+    return why if why in REFUSALS else ""
 
 
 def render(flags: str) -> str:

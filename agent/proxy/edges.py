@@ -351,16 +351,16 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
     ext = snap.externals.get(external)
     if ext is None or ext.via != conn.service:
         pipes.refused(source, external, flags.NR, "not an external service of this gateway any more")
-        stream.reset()
+        stream.reset(flags.NR)  # the caller's agent says it too (wire.py RESET)
         return
     allowed, reason, flag = external_decision(snap, external, source)
     if not allowed:
         pipes.refused(
             source, external, flag, reason, conn.peer_addr, conn.source.spiffe_id if conn.source else ""
         )
-        stream.reset()
+        stream.reset(flag)
         return
-    pipes.spawn(pipes.connect_out(stream, ext, source, stream.reset))
+    pipes.spawn(pipes.connect_out(stream, ext, source, lambda: stream.reset(flags.UF)))
 
 
 # --- ingress -----------------------------------------------------------------------------------

@@ -407,6 +407,12 @@ class InboundListener(ListenerLifecycle):
 
             egress_stream(self, conn, stream, snap)
             return
+        if svc.protocol == "http":  # served as HTTP only (HTTP_OPEN, or the http ALPN), never as bytes:
+            # a raw stream would reach the app past the per-request authorization, and with any
+            # x-forwarded-client-cert its caller wrote (http_conn.CALLER_CERT)
+            if not conn.wasted("OPEN of a stream to an http service", DENIED_OPEN_COST):
+                self._refused(conn, stream, svc.name, flags.DPE)
+            return
         unavailable = snap.intentions_unavailable.get(svc.name)
         if unavailable is not None:  # fail closed: this agent cannot read the service's intentions
             decision, flag = refuse_unavailable(unavailable), flags.NI

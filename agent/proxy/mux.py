@@ -189,7 +189,7 @@ class Stream:
         pipe = self.pipe
         self._end()
         if pipe is not None:
-            pipe.lost(self, PeerRefused(flags.known(bytes(why).decode("latin-1"))) if why else None)
+            pipe.lost(self, PeerRefused(flags.refusal(bytes(why).decode("latin-1"))) if why else None)
 
     def _deliver(self, data: Chunk) -> None:
         """Hand `data` to the pipe; credit goes back in batches, unless our reader is backed up."""

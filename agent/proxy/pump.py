@@ -97,7 +97,7 @@ _PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 class PeerRefused(ConnectionResetError):
     """The peer's agent reset a stream and said why (its RESET's payload, agent/proxy/wire.py):
-    `flags`, of the vocabulary (flags.known). A reset still, to whoever asks only that. (Here, not in
+    `flags`, one of flags.REFUSALS or "". A reset still, to whoever asks only that. (Here, not in
     the compiled wire.py: mypyc cannot compile a subclass of a builtin exception but Exception.)"""
 
     def __init__(self, flags: str) -> None:
@@ -188,10 +188,12 @@ class Pipe:
                 self._finish()
 
     def lost(self, end: End, exc: BaseException | None) -> None:
-        """An end's transport is gone before the pipe finished: reset the other side. A peer agent's
-        refusal names its flags (PeerRefused: AUTHZ for a denial), else the side decides (DC, UC)."""
+        """An end's transport is gone before the pipe finished: reset the other side. The destination's
+        refusal names its flag (PeerRefused on the upstream end `b`: AUTHZ for a denial); a caller's
+        word is never taken (it could count denials that never happened), and else the side
+        decides (DC, UC)."""
         if not self.done:
-            why = exc.flags if isinstance(exc, PeerRefused) else ""
+            why = exc.flags if isinstance(exc, PeerRefused) and end is self.b else ""
             self.fail(why or (flags.DC if end is self.a else flags.UC))
 
     # outcomes ------------------------------------------------------------------------------

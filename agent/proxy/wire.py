@@ -13,10 +13,11 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     DATA    both ways         stream bytes, at most the receiver's window (see WINDOW)
     FIN     both ways         the sender's direction of the stream is done (a TCP half-close)
     RESET   both ways         the stream is aborted (reset, app gone, denial); the other stream
-                              on the connection go on. Payload: empty, or the response flags saying
-                              why the receiver refused it (ASCII, the l7/flags vocabulary: AUTHZ, NI,
-                              OM), which the caller's line then says too. Agents of 0.2.0 and
-                              before send none, and ignore one (they never read a RESET's payload).
+                              on the connection go on. Payload: empty, or the one response flag
+                              saying why the destination's agent refused the stream (ASCII, of
+                              l7/flags REFUSALS: AUTHZ, NI, OM, UF, NR, DPE), which the caller's
+                              line then says too; the destination ignores a caller's. Agents of
+                              0.2.0 and before send none, and ignore one (they never read it).
     WINDOW  both ways         payload: 4-byte increment; the receiver has passed that many bytes
                               of the stream on and the sender may send that many more
     GOAWAY  both ways, id 0   the sender opens/accepts no new streams; the open ones finish
