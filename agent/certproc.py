@@ -303,8 +303,13 @@ class CertProcess:
             self._apply(answer)
         finally:
             self._adopted = False  # answered (or failed, and the agent stops): nothing is being checked
+        waits = answer.get("ca_waits", {})
+        now = asyncio.get_running_loop().time()
         for service, problem in answer.get("problems", {}).items():
-            self.failures.failed_elsewhere(service, problem)
+            wait = waits.get(service) if isinstance(waits, dict) else None
+            if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait):
+                wait = 0.0
+            self.failures.failed_elsewhere(service, problem, float(wait), now)
         loop = asyncio.get_running_loop()
         for service in self.services:
             self._tasks.append(loop.create_task(self._renew_loop(service), name=f"renew:{service}"))
@@ -552,7 +557,15 @@ async def _child(op: str, cfg: Any, service: str | None) -> dict[str, Any]:
             for i in cm.infos()
         }
         token_file = str(cfg.ca.token_file) if cfg.ca.token_file else None
-        return {"ok": True, "certs": certs, "problems": cm.problems(), "token_file": token_file}
+        # a wait the CA asked for outlives this process: the agent's renewal loop must keep to it
+        waits = cm.failures.ca_waits(asyncio.get_running_loop().time())
+        return {
+            "ok": True,
+            "certs": certs,
+            "problems": cm.problems(),
+            "ca_waits": waits,
+            "token_file": token_file,
+        }
     finally:
         await cm.close()
         await consul.close()

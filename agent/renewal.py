@@ -154,14 +154,23 @@ class RenewalFailures:
         off): shown until a try succeeds, not counted as a failure."""
         self._problems.setdefault(service, problem)
 
-    def failed_elsewhere(self, service: str, problem: str) -> None:
-        """A failure reported by another process (the start-up helper): counted once, not logged again."""
+    def failed_elsewhere(self, service: str, problem: str, ca_wait: float, now: float) -> None:
+        """A failure reported by another process (the start-up helper): counted once, not logged again;
+        `ca_wait`, what it had left of a wait the CA asked for (`ca_waits`), still holds at loop time
+        `now` here."""
         self._problems[service] = problem
         self._counts[service] = 1
+        if ca_wait > 0:
+            self._not_before[service] = now + min(ca_wait, RETRY_AFTER_MAX)
 
     def ca_wait(self, service: str, now: float) -> float:
         """Seconds left, at loop time `now`, of the wait the CA asked for after the last failed try."""
         return max(self._not_before.get(service, now) - now, 0.0)
+
+    def ca_waits(self, now: float) -> dict[str, float]:
+        """The services with a wait the CA asked for still running at loop time `now`, and what is left
+        of it: what a helper process hands over (its loop's times mean nothing to another process)."""
+        return {s: t - now for s, t in self._not_before.items() if t > now}
 
     def clear(self, service: str) -> None:
         """A try succeeded."""

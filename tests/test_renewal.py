@@ -150,7 +150,7 @@ def test_failures_are_counted_shown_and_cleared(caplog: pytest.LogCaptureFixture
     ]
     book.clear("web")
     assert book.count("web") == 0 and book.problems() == {}
-    book.failed_elsewhere("api", "no join token")  # the start-up helper's failure: one, not logged
+    book.failed_elsewhere("api", "no join token", 0.0, 0.0)  # the start-up helper's failure: one, not logged
     assert book.count("api") == 1 and book.problems() == {"api": "no join token"}
 
 
@@ -205,3 +205,21 @@ def test_the_cas_wait_is_kept_from_the_failure_until_a_try_succeeds() -> None:
     book.record("web", CAUnavailable("CA answered 503", retry_after=5.0), VALID, None, now=103.0)
     book.clear("web")
     assert book.ca_wait("web", 103.0) == 0.0
+
+
+def test_a_wait_the_ca_asked_of_the_start_up_helper_is_kept_by_the_agent() -> None:
+    """The start-up helper's recovery met a 429 with Retry-After: its answer carried only the
+    problem, so the agent (certproc) tried again within a second where the in-process manager waited
+    the CA out. What is left of the wait now crosses over (`ca_waits`, by seconds: the two loops'
+    times mean nothing to each other)."""
+    shed = CAUnavailable("CA at https://ca:15012 answered 429: too many requests", retry_after=120.0)
+    child = renewal.RenewalFailures()
+    child.record("web", shed, EXPIRED, None, now=1000.0)
+    waits = child.ca_waits(1000.5)  # as the child answers, half a second on
+    assert waits == {"web": 119.5}
+    agent = renewal.RenewalFailures()
+    agent.failed_elsewhere("web", str(shed), waits["web"], now=7.0)
+    for seed in range(50):
+        step = renewal.next_step(EXPIRED, agent.count("web"), random.Random(seed), agent.ca_wait("web", 7.0))
+        assert step.seconds >= 119.5
+    assert agent.ca_waits(200.0) == {}  # past it: nothing left to hand over
