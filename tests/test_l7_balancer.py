@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import Counter
 
@@ -208,7 +209,7 @@ def test_ring_lookup_wraps_around() -> None:
     assert ring.lookup(2**64 - 1) in (0, 1)
     assert ring.lookup(0) in (0, 1)
     assert HashRing([], 4).lookup(5) == -1
-    assert ring.lookup(5, accept=frozenset()) == -1
+    assert ring.restricted([]).lookup(5) == -1
 
 
 def test_hash_key_sources() -> None:
@@ -297,8 +298,13 @@ def test_a_hashed_retry_goes_to_the_rings_next_owner_and_a_local_zone_spills_ove
 def reference_owner(b: Balancer, ring: HashRing, key: bytes, accept: set[str]) -> str:
     """What the ring answered before per-candidate rings: a walk clockwise on the whole ring past every
     owner not in `accept`."""
-    idx = frozenset(i for i, e in enumerate(b.endpoints) if e.key in accept)
-    return b.endpoints[ring.lookup(stable_hash(key), idx)].key
+    hashes, owners = ring._hashes, ring._owners
+    start = bisect.bisect_left(hashes, stable_hash(key))
+    for step in range(len(hashes)):
+        owner = b.endpoints[owners[(start + step) % len(hashes)]]
+        if owner.key in accept:
+            return owner.key
+    raise AssertionError("no owner accepted")
 
 
 @settings(max_examples=30, deadline=None)
@@ -427,3 +433,16 @@ def test_l4_least_connections_rotates_ties_and_round_robin_rotates_over_the_untr
     picks = Counter(lc.pick(endpoints, tried, False).key for _ in range(300))
     assert picks == {"api-0": 100, "api-1": 100, "api-3": 100}
     assert lc.pick(endpoints, {(e.address, e.port) for e in endpoints}, False) is None
+
+
+def test_l4_least_connections_spreads_retries_once_every_fewest_one_was_tried() -> None:
+    """api-0 has the fewest connections and refused the dial (tried): the retries' ties, api-1 and
+    api-2 with one each, are spread. The scan that takes over then started at the list's head, and
+    sent all of them to api-1."""
+    lc = LeastConnections()
+    endpoints = l4_eps(3, 3)
+    lc.acquire(("10.0.0.1", 15001))
+    lc.acquire(("10.0.0.2", 15001))
+    tried = {("10.0.0.0", 15001)}
+    picks = Counter(lc.pick(endpoints, tried, True).key for _ in range(300))
+    assert picks["api-1"] > 100 and picks["api-2"] > 100, picks

@@ -181,23 +181,15 @@ class HashRing:
                 return owner
         return -1
 
-    def lookup(self, h: int, accept: frozenset[int] | None = None) -> int:
-        """Index of the owner of ``h``: first point clockwise whose owner is in ``accept``."""
+    def lookup(self, h: int) -> int:
+        """Index of the owner of ``h``: the first point clockwise (-1: an empty ring). Only some owners
+        available: the ring `restricted` to them."""
         hashes = self._hashes
         n = len(hashes)
         if not n:
             return -1
         i = bisect.bisect_left(hashes, h)
-        if i == n:
-            i = 0
-        owner = self._owners[i]
-        if accept is None or owner in accept:
-            return owner
-        for step in range(1, n):
-            owner = self._owners[(i + step) % n]
-            if owner in accept:
-                return owner
-        return -1
+        return self._owners[0 if i == n else i]
 
 
 class Balancer:
@@ -387,8 +379,10 @@ class LeastConnections:
     The fewest is read from buckets of list places by count, kept as connections open and close, so
     a pick costs O(1) (a scan of 2,000 instances cost 163 µs a connection); the buckets are made when
     a pick gets another list (a snapshot change: O(instances), once). Instances of one node share
-    their agent's address, hence its count, as before. Retries (``tried``) cost O(len(tried)) but
-    when every fewest-count instance was tried: a scan of the untried, as before."""
+    their agent's address, hence its count, as before: opening or closing a connection moves each
+    of that address's places (one per instance on the node). Ties rotate over the bucket, whose
+    order changes as places move: even over time, not a strict turn. Retries (``tried``) cost
+    O(len(tried)) but when every fewest-count instance was tried: a scan of the untried."""
 
     __slots__ = ("_buckets", "_eps", "_min", "_places", "_rr", "_slot", "counts")
 
@@ -476,9 +470,17 @@ class LeastConnections:
             e = eps[bucket[(self._rr + step) % size]]
             if not tried or (e.address, e.port) not in tried:
                 return e
-        counts, best, fewest = self.counts, None, 0  # every fewest-count one was tried
+        # every fewest-count one was tried: a scan of the untried, its ties taken in turn (the first
+        # in list order took 1,000 such retries of 1,000)
+        counts, fewest = self.counts, 0
+        ties: list[Any] = []
         for e in eps:
             key = (e.address, e.port)
-            if key not in tried and (best is None or counts.get(key, 0) < fewest):
-                best, fewest = e, counts.get(key, 0)
-        return best
+            if key in tried:
+                continue
+            c = counts.get(key, 0)
+            if not ties or c < fewest:
+                ties, fewest = [e], c
+            elif c == fewest:
+                ties.append(e)
+        return ties[self._rr % len(ties)] if ties else None
