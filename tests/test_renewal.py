@@ -4,6 +4,7 @@ certificate's remaining life (several tries before expiry, none scheduled past i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from pathlib import Path
 
@@ -223,3 +224,42 @@ def test_a_wait_the_ca_asked_of_the_start_up_helper_is_kept_by_the_agent() -> No
         step = renewal.next_step(EXPIRED, agent.count("web"), random.Random(seed), agent.ca_wait("web", 7.0))
         assert step.seconds >= 119.5
     assert agent.ca_waits(200.0) == {}  # past it: nothing left to hand over
+
+
+async def test_a_fresh_token_does_not_cut_short_a_wait_the_ca_asked_for(tmp_path: Path) -> None:
+    """An expired certificate's recovery met a 429 asking for 2 s, and a fresh token is dropped in at
+    once: the next try still waits the CA out (the token would go to the CA that said not yet),
+    then goes at once. A token change ends a recovery's own backoff, not the CA's wait."""
+    token = tmp_path / "join-token"
+    token.write_text("hmt1.old\n")
+    loop = asyncio.get_running_loop()
+
+    class Expired:  # a certificate manager (renewal.Renewable) whose certificate stays expired
+        token_file = token
+
+        def __init__(self) -> None:
+            self.failures = renewal.RenewalFailures()
+            self.tries: list[float] = []
+            self.tried = asyncio.Event()
+
+        def renewal_view(self, service: str) -> renewal.RenewalView:
+            return EXPIRED
+
+        async def renew_once(self, service: str) -> None:
+            self.tries.append(loop.time())
+            self.tried.set()
+            if len(self.tries) == 1:
+                raise CAUnavailable("CA at https://ca:15012 answered 429: too many requests", retry_after=2.0)
+
+    certs = Expired()
+    task = loop.create_task(renewal.run_renewal("web", certs, asyncio.Event(), random.Random(3)))
+    try:
+        await asyncio.wait_for(certs.tried.wait(), 10)  # unusable and never tried: at once
+        certs.tried.clear()
+        token.write_text("hmt1.fresh-and-longer\n")
+        await asyncio.wait_for(certs.tried.wait(), 10)
+        assert certs.tries[1] - certs.tries[0] >= 2.0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
