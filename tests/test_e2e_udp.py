@@ -274,6 +274,43 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
     wait_for(denied, 5, "the deny to be counted")
 
 
+def test_a_denied_client_costs_a_flow_a_second_not_one_per_datagram(udp_mesh: UdpMesh) -> None:
+    """A client that keeps sending to a service that refuses it (a resolver's retries): each
+    datagram opened a new flow, a DGRAM_OPEN and an audit line at the destination, and the caller
+    counted every one as carried. The refusal now says why and the caller holds it for a second,
+    dropping the client's datagrams itself (`refused`)."""
+    m, a, b, _apps, echo_bind, _, _ = udp_mesh
+
+    def denials() -> float:
+        return metric_value(
+            b.metrics(), "hostmesh_authz_denied_total", source_service="web", destination_service="echo"
+        )
+
+    m.hostmesh("intention", "deny", "web", "echo")
+
+    async def run() -> tuple[int, float]:
+        stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
+        try:
+            await probe_until_dropped(stream)  # the deny is in force for this client
+            before = denials()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i in range(100):  # 100 datagrams over about half a second
+                await stream.send(b"retry %d" % i)
+                await asyncio.sleep(0.005)  # the client's own pace, not a wait for anything
+            spread = loop.time() - start
+        finally:
+            stream.close()
+        return int(denials() - before), spread
+
+    opened, spread = asyncio.run(run())
+    assert opened <= spread / 1.0 + 2  # one flow (and audit line) per REFUSED_HOLD of 1 s, give or take
+    dropped = metric_value(
+        a.metrics(), "hostmesh_udp_dropped_total", destination_service="echo", reason="refused"
+    )
+    assert dropped >= 50  # the caller says where its client's datagrams went
+
+
 def test_a_deny_stops_what_the_app_streams_to_a_running_flow(udp_mesh: UdpMesh) -> None:
     """The server speaks and the client only listens (telemetry fan-out, one-way media): the app's
     datagrams alone keep the flow alive, so they must meet the deny too. The client sends nothing

@@ -31,6 +31,11 @@ Decisions:
 - A deny stops a flow in both directions: a datagram either way first compares the snapshot with
   the one the flow was authorized against (an identity check) and re-reads intentions only when
   it changed; denied, the flow is closed (RESET to the caller, app socket closed).
+- A refusal says why (the RESET's reason: AUTHZ, NI, OM, UF; wire.py). The caller's flow is then
+  kept REFUSED for REFUSED_HOLD: its client's datagrams are dropped there (`refused`), and the next
+  one after it opens a new flow. A client that keeps sending to a service that refuses it (a
+  resolver's retries) so costs each agent one flow, one DGRAM_OPEN and one audit line a second,
+  not one of each per datagram; an allow reaches it within REFUSED_HOLD.
 - A 0-byte datagram is legal UDP and is carried like any other (the loops' transports drop b""
   silently, so it is written to the socket itself).
 - A peer agent that only speaks protocol v1 (0.1.x) cannot carry DGRAM frames: the flow tries
@@ -64,6 +69,7 @@ from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
+from hostmesh.agent.proxy.pump import PeerRefused
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -86,6 +92,8 @@ UDP_CAP_SHARE = 0.5
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
+# a flow its destination refused drops its client's datagrams this long before one asks again
+REFUSED_HOLD = 1.0
 SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket to be gone (a loop turn)
 MAX_FLOWS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # per mux connection, like TCP streams (inbound.py)
 REQUEST, RESPONSE = "request", "response"
@@ -94,6 +102,7 @@ REQUEST, RESPONSE = "request", "response"
 class FlowState(enum.Enum):
     OPENING = "opening"  # dialing the peer (outbound) or connecting the app (inbound)
     OPEN = "open"
+    REFUSED = "refused"  # outbound: the destination refused it; its client's datagrams are dropped
     CLOSED = "closed"
 
 
@@ -184,7 +193,8 @@ class _Flow:
         self.queued = 0
         return queue
 
-    def close(self, reset: bool = True) -> None:
+    def close(self, reset: bool = True, why: str = "") -> None:
+        """End the flow; `reset` the stream unless the mux ended it, saying `why` (a refusal's flag)."""
         if self.state is FlowState.CLOSED:
             return
         self.state = FlowState.CLOSED
@@ -193,7 +203,7 @@ class _Flow:
         if stream is not None:
             stream.on_datagram = None
             if reset:
-                stream.reset()
+                stream.reset(why)
 
     def _release(self) -> None:
         """What this side holds besides the stream: queued datagrams, its place among the flows."""
@@ -213,7 +223,7 @@ class _Flow:
 class _OutFlow(_Flow):
     """One client address of a UDP upstream listener. It is its stream's `pipe` (lost/fail)."""
 
-    __slots__ = ("addr", "last", "owner")
+    __slots__ = ("addr", "last", "owner", "refused_until")
 
     def __init__(self, owner: UdpOutbound, addr: Any) -> None:
         self.owner = owner
@@ -223,6 +233,18 @@ class _OutFlow(_Flow):
         self.queue = collections.deque()
         self.queued = 0
         self.last = time.monotonic()
+        self.refused_until = 0.0  # REFUSED: the monotonic time its client may open a new flow
+
+    def lost(self, stream: Stream, exc: Exception | None) -> None:
+        """The peer reset the flow, or the connection is gone; a refusal (its flag) is held."""
+        if not isinstance(exc, PeerRefused) or not exc.flags or self.state is not FlowState.OPEN:
+            self.close(reset=False)
+            return
+        self.state = FlowState.REFUSED
+        self.refused_until = time.monotonic() + REFUSED_HOLD
+        if self.stream is not None:
+            self.stream.on_datagram = None
+            self.stream = None
 
     def send(self, data: bytes) -> None:
         self.last = time.monotonic()
@@ -230,6 +252,8 @@ class _OutFlow(_Flow):
             self.hold(data, self.owner, self.owner.counters)
         elif self.stream is not None:
             _send_to_mesh(self.stream, data, self.owner.counters, REQUEST)
+        elif self.state is FlowState.REFUSED:
+            self.owner.counters.dropped("refused")
 
     def attach(self, stream: Stream) -> None:
         self.stream, self.state = stream, FlowState.OPEN
@@ -331,13 +355,18 @@ class UdpOutbound:
         self._sweeper = loop.call_later(max(0.05, self.idle_timeout / 4), self._sweep)
 
     def _sweep(self) -> None:
-        cutoff = time.monotonic() - self.idle_timeout
-        for flow in [f for f in self.flows.values() if f.last < cutoff]:
-            flow.close()
+        now = time.monotonic()
+        cutoff = now - self.idle_timeout
+        for flow in [f for f in self.flows.values() if f.last < cutoff or f.state is FlowState.REFUSED]:
+            if flow.last < cutoff or now >= flow.refused_until:  # idle, or a refusal's hold is over
+                flow.close()
         self._schedule_sweep()
 
     def datagram(self, data: bytes, addr: Any) -> None:
         flow = self.flows.get(addr)
+        if flow is not None and flow.state is FlowState.REFUSED and time.monotonic() >= flow.refused_until:
+            flow.close(reset=False)  # the hold is over: this datagram asks again, on a new flow
+            flow = None
         if flow is None:
             if len(self.flows) >= MAX_FLOWS:
                 self.counters.dropped("flows")
@@ -357,7 +386,6 @@ class UdpOutbound:
             return None
         flow = _OutFlow(self, addr)
         self.flows[addr] = flow
-        self.counters.flow()
         ident = Identity(snap.trust_domain, up)
         task = asyncio.get_running_loop().create_task(self._open(flow, ctx, ident, endpoints))
         self._tasks.add(task)
@@ -387,6 +415,7 @@ class UdpOutbound:
             conn = got.conn
             stream = conn.add(conn.last_id + 1)
             conn.write(control(DGRAM_OPEN, stream.id))
+            self.counters.flow()  # counted once: opened here, or UF below (refused: dropped `refused`)
             flow.attach(stream)
             return
         self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
@@ -426,13 +455,15 @@ class UdpOutbound:
         self.pool.close()
 
     def stats(self) -> dict[str, object]:
+        refused = sum(1 for f in self.flows.values() if f.state is FlowState.REFUSED)
         return {
             "local_service": self.local_service,
             "upstream": self.upstream.service,
             "bind": str(self.upstream.bind),
             "protocol": "udp",
-            "flows": len(self.flows),
-            "active_connections": len(self.flows),  # the field TCP listeners show: a flow is UDP's one
+            "flows": len(self.flows) - refused,
+            "refused_flows": refused,  # clients whose datagrams are dropped here for now (REFUSED_HOLD)
+            "active_connections": len(self.flows) - refused,  # the field TCP listeners show: a flow is UDP's
             "held_bytes": self.queued,  # held by flows still opening, charged as _Flow.hold does
             "pool": {"connections": self.pool.connection_count(), "handshakes": self.pool.handshakes},
         }
@@ -563,7 +594,7 @@ class UdpInbound:
             self._not_udp_log("udp inbound: %s opened a UDP flow to %s, which is not a udp service here",
                               c.source.spiffe_id, c.service)  # fmt: skip
             counters.flow(flags.UF)
-            stream.reset()
+            stream.reset(flags.UF)
             return
         flow = _InFlow(self, c, stream, svc.name, snap)
         stream.pipe = cast(Any, flow)
@@ -580,7 +611,7 @@ class UdpInbound:
                 taken = cap.take("inbound")  # (counted and logged, at a bounded rate, by the cap)
             if not taken:
                 counters.flow(flags.OM)
-                flow.close()
+                flow.close(why=flags.OM)
                 return
             flow.cap = cap  # given back when the flow ends (_InFlow._release)
             self.capped += 1
@@ -610,7 +641,7 @@ class UdpInbound:
                 sock.close()
             self._app_log("udp inbound %s->%s: app 127.0.0.1:%d: %s", flow.source, flow.service, port,
                           exc.strerror or exc)  # fmt: skip
-            flow.close()
+            flow.close(why=flags.UF)
 
     def _authorized(self, flow: _InFlow, snap: Snapshot) -> bool:
         """Intentions for this flow against `snap`; a refusal closes the flow (RESET to the caller)."""
@@ -629,7 +660,7 @@ class UdpInbound:
             return True
         audit.denied(layer="udp", source=source.spiffe_id, destination=service, reason=decision.reason,
                      peer=flow.conn.peer_addr)  # fmt: skip
-        flow.close()
+        flow.close(why=flags.NI if unavailable is not None else flags.AUTHZ)
         return False
 
     def reauthorize(self, flow: _InFlow) -> bool:
