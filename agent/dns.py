@@ -18,7 +18,9 @@ dnspython does the wire format, in agent/dns_wire.py);
   opcode other than QUERY is NOTIMP, likewise. Never a crash: a failure of ours is a header-only
   SERVFAIL, counted and logged at a bounded rate.
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
-  TCP_WRITE_TIMEOUT, is closed, so MAX_TCP_CONNECTIONS clients cannot hold TCP DNS for good.
+  TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
+  a new client past MAX_TCP_CONNECTIONS closes the connection whose last query is the oldest
+  (RFC 7766 6.2.3), so clients that each ask once in a while cannot hold TCP DNS for good either.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may keep a connection without se
 # mark) before it is cut: as long as it may stay silent. Without it, clients that pipeline queries and
 # never read held their slots for good, and with MAX_TCP_CONNECTIONS of them all TCP DNS.
 TCP_WRITE_TIMEOUT = TCP_IDLE_TIMEOUT
+# a TCP client's socket send buffer: the kernel's autotuning grew it to ~4 MB of answers before our
+# own buffer (and TCP_WRITE_TIMEOUT's clock) saw any, and a non-reading client was cut after 17.6 s
+TCP_SEND_BUFFER = 64 * 1024
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 SERVFAIL = 2
@@ -127,8 +132,10 @@ class DnsServer:
         self.queries = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        # each TCP client, and the loop time of its last query (or of its connection)
+        self._clients: dict[asyncio.StreamWriter, float] = {}
         self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
+        self._full_log = RateLimitedLog(log, "TCP DNS clients closed at the connection limit")
 
     def reply(self, wire: bytes, max_size: int) -> bytes | None:
         """The reply to one query message (None: dropped), counted. Never raises, whatever the bytes:
@@ -179,10 +186,21 @@ class DnsServer:
         self.bind = Address(host, port)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_TCP_CONNECTIONS:
-            writer.close()
-            return
-        self._clients.add(writer)
+        loop = asyncio.get_running_loop()
+        clients = self._clients
+        if len(clients) >= MAX_TCP_CONNECTIONS:  # the one whose last query is the oldest makes room
+            oldest = min(clients, key=clients.__getitem__)
+            asked = clients.pop(oldest)
+            oldest.transport.abort()
+            self._full_log("mesh DNS: %d TCP clients (the limit): closed the one that asked last %.1fs ago",
+                           MAX_TCP_CONNECTIONS, loop.time() - asked)  # fmt: skip
+        clients[writer] = loop.time()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_SEND_BUFFER)
+            except OSError:
+                pass
         try:
             while True:  # RFC 7766: several queries per connection, each with a 2-byte length
                 try:
@@ -191,6 +209,8 @@ class DnsServer:
                     wire = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE_TIMEOUT)
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
                     return
+                if writer in clients:
+                    clients[writer] = loop.time()
                 reply = self.reply(wire, 65535)
                 if reply is None:
                     return
@@ -204,7 +224,7 @@ class DnsServer:
         except OSError:
             return
         finally:
-            self._clients.discard(writer)
+            clients.pop(writer, None)
             writer.close()  # what is buffered still goes out (a client may half-close after its queries)
             try:  # shielded: a timeout must not cancel the stream's one close future, others await it
                 await asyncio.wait_for(asyncio.shield(writer.wait_closed()), TCP_WRITE_TIMEOUT)

@@ -162,18 +162,30 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
     await server.start()
     held: list[asyncio.StreamWriter] = []
+    first: asyncio.StreamReader | None = None
     try:
         port = server.bind.port
         for _ in range(MAX_TCP_CONNECTIONS):
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            first = first or r
             held.append(w)
         await _wait_open(server, MAX_TCP_CONNECTIONS)
+        # one too many: served, and the connection that asked last the longest ago (all held ones
+        # asked nothing) is closed for it (RFC 7766 6.2.3). Before, the newcomer was closed unanswered,
+        # so clients that each asked once in a while held TCP DNS for good.
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        try:  # one too many: closed at once
-            assert await asyncio.wait_for(r.read(1), IO_BOUND) == b""
+        wire = dns.message.make_query("api.mesh", "A").to_wire()
+        w.write(struct.pack("!H", len(wire)) + wire)
+        (n,) = struct.unpack("!H", await asyncio.wait_for(r.readexactly(2), IO_BOUND))
+        assert dns.message.from_wire(await r.readexactly(n)).answer[0][0].to_text() == "127.128.1.2"
+        w.close()
+        assert len(server._clients) <= MAX_TCP_CONNECTIONS
+        assert first is not None
+        try:  # the oldest: closed by the server
+            assert await asyncio.wait_for(first.read(1), IO_BOUND) == b""
         except ConnectionResetError:
             pass
-        w.close()
+        held.pop(0).close()
         # garbage over UDP and a bad length over TCP: the server keeps answering
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -338,3 +338,34 @@ async def test_a_tcp_client_that_stops_reading_then_goes_silent_is_closed(
     finally:
         client.close()
         await server.close()
+
+
+async def test_a_tcp_clients_unread_answers_are_bounded_by_the_servers_own_send_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server bounds its send buffer for a TCP client (TCP_SEND_BUFFER): the kernel's autotuning
+    let ~4 MB of answers pile up for a client that reads nothing, ~70,000 of them, answered at full
+    speed for 17.6 s before the write deadline's clock even started (10 s documented)."""
+    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    hog = socket.socket()
+    try:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.setblocking(False)
+        await loop.sock_connect(hog, ("127.0.0.1", server.bind.port))
+        q = dns.message.make_query("api.mesh", "A").to_wire()
+        chunk = (struct.pack("!H", len(q)) + q) * 1000
+        for _ in range(PIPELINE_CHUNKS):
+            try:
+                await asyncio.wait_for(loop.sock_sendall(hog, chunk), IO_BOUND)
+            except OSError:  # the server cut the connection
+                break
+        else:
+            raise AssertionError("all sent: the server never stopped reading")
+        assert server.queries < 20_000, server.queries
+    finally:
+        hog.close()
+        await server.close()
