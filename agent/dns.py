@@ -71,8 +71,13 @@ def dns_table(cfg: AgentConfig) -> DnsTable:
     addresses: dict[str, str] = {}
     for svc in cfg.services:
         for up in svc.upstreams:
-            addresses.setdefault(up.service, up.bind.host)
+            # a listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0
+            # is no address to connect to (browsers and resolvers take it for "blocked")
+            addresses.setdefault(up.service, _WILDCARD_LOOPBACK.get(up.bind.host, up.bind.host))
     return DnsTable(cfg.dns_domain, addresses)
+
+
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:

@@ -116,6 +116,20 @@ def test_the_table_is_the_config_upstreams_first_one_wins() -> None:
     assert ask("api.mesh", table=table).rcode() == dns.rcode.REFUSED
 
 
+def test_a_shared_upstream_on_every_address_is_answered_by_its_loopback_one() -> None:
+    """0.0.0.0 (or ::) was the answer: no address to connect to (browsers and resolvers take 0.0.0.0
+    for "blocked"), where the listener takes connections on loopback too."""
+    cfg = parse_config({"ca": {"pin": PIN}, "services": [
+        {"name": "web", "port": 8080, "upstreams": [
+            {"service": "api", "bind": "0.0.0.0:19091", "shared": True},
+            {"service": "db", "bind": "[::]:19092", "shared": True},
+        ]},
+    ]})  # fmt: skip
+    table = dns_table(cfg)
+    assert ask("api.mesh", table=table).answer[0][0].to_text() == "127.0.0.1"
+    assert ask("db.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"
+
+
 # --- the server, with dig -------------------------------------------------------------------------
 
 
