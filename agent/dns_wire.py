@@ -42,6 +42,14 @@ def _domain(text: str) -> dns.name.Name:
     return dns.name.from_text(text)
 
 
+@functools.lru_cache(maxsize=4)
+def _soa(domain: dns.name.Name) -> dns.rrset.RRset:
+    """The zone's SOA: in the authority section of every negative answer, so the host's resolver may
+    cache it (RFC 2308) for ANSWER_TTL, as it caches an address; and the answer at the zone's apex."""
+    text = f"{domain} hostmaster.{domain} 1 {ANSWER_TTL} {ANSWER_TTL} {ANSWER_TTL} {ANSWER_TTL}"
+    return dns.rrset.from_text(domain, ANSWER_TTL, dns.rdataclass.IN, dns.rdatatype.SOA, text)
+
+
 def respond(
     wire: bytes, domain_text: str, addresses: Mapping[str, str], max_size: int = 65535
 ) -> tuple[bytes | None, int | None]:
@@ -66,7 +74,8 @@ def respond(
         query = dns.message.from_wire(wire)
     except Exception:  # untrusted bytes: whatever dnspython rejects (or trips on) is a malformed query
         return _header_only(wire, dns.rcode.FORMERR)
-    response = dns.message.make_response(query)  # EDNS version 0 if the query had EDNS
+    # EDNS version 0 if the query had EDNS, offering what this server reads: MAX_QUERY_SIZE
+    response = dns.message.make_response(query, our_payload=MAX_QUERY_SIZE)
     response.flags &= ~dns.flags.RA  # we recurse for nobody
     if query.edns > EDNS_VERSION:
         response.set_rcode(dns.rcode.BADVERS)
@@ -96,13 +105,19 @@ def _resolve(question: dns.rrset.RRset, domain: dns.name.Name, addresses: Mappin
         return
     response.flags |= dns.flags.AA
     labels = name.relativize(domain).labels
-    if not labels:  # the domain itself: it exists, holds no records of its own
+    if not labels:  # the domain itself: it exists, holds its SOA only
+        if rdtype in (dns.rdatatype.SOA, dns.rdatatype.ANY):
+            response.answer.append(_soa(domain))
+        else:
+            response.authority.append(_soa(domain))
         return
     addr = addresses.get(labels[0].decode("ascii", "replace").lower()) if len(labels) == 1 else None
     if addr is None:
         response.set_rcode(dns.rcode.NXDOMAIN)
+        response.authority.append(_soa(domain))
         return
     family = dns.rdatatype.A if ipaddress.ip_address(addr).version == 4 else dns.rdatatype.AAAA
     if rdtype in (family, dns.rdatatype.ANY):
         response.answer.append(dns.rrset.from_text(name, ANSWER_TTL, dns.rdataclass.IN, family, addr))
-    # any other type of an existing name: NOERROR, no records (NODATA)
+    else:  # any other type of an existing name: NOERROR, no records (NODATA), cacheable likewise
+        response.authority.append(_soa(domain))

@@ -116,6 +116,25 @@ def test_the_table_is_the_config_upstreams_first_one_wins() -> None:
     assert ask("api.mesh", table=table).rcode() == dns.rcode.REFUSED
 
 
+def test_negative_answers_carry_the_zones_soa_so_resolvers_may_cache_them() -> None:
+    """Without an SOA in the authority section (RFC 2308) an NXDOMAIN or NODATA is not cached: the
+    host's resolver asked the agent again for every AAAA of every mesh name (glibc asks A and AAAA)."""
+    for name, rdtype, rcode in (
+        ("nope.mesh", "A", dns.rcode.NXDOMAIN),
+        ("api.mesh", "AAAA", dns.rcode.NOERROR),
+    ):
+        reply = ask(name, rdtype)
+        assert reply.rcode() == rcode and not reply.answer
+        (soa,) = reply.authority
+        assert soa.rdtype == dns.rdatatype.SOA and soa.name.to_text() == "mesh." and soa.ttl == 5
+        assert soa[0].minimum == 5
+    apex = ask("mesh", "SOA")
+    assert apex.answer[0].rdtype == dns.rdatatype.SOA
+    edns = dns.message.make_query("api.mesh", "A", use_edns=0, payload=4096)
+    reply = dns.message.from_wire(answer(edns.to_wire(), TABLE))  # type: ignore[arg-type]
+    assert reply.payload == 512  # what the server reads (larger queries are FORMERR), not 8192
+
+
 def test_a_shared_upstream_on_every_address_is_answered_by_its_loopback_one() -> None:
     """0.0.0.0 (or ::) was the answer: no address to connect to (browsers and resolvers take 0.0.0.0
     for "blocked"), where the listener takes connections on loopback too."""
