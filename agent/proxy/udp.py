@@ -242,6 +242,7 @@ class _OutFlow(_Flow):
             return
         self.state = FlowState.REFUSED
         self.refused_until = time.monotonic() + REFUSED_HOLD
+        self.owner.refused.append(self)  # in time order (one hold for all): expired from the left
         if self.stream is not None:
             self.stream.on_datagram = None
             self.stream = None
@@ -325,6 +326,9 @@ class UdpOutbound:
         self._uf_log = RateLimitedLog(log, "UDP flows no instance could take")  # a peer gone: one per client
         self._port = 0
         self._closed: asyncio.Future[None] | None = None  # the socket is gone (_OutProtocol.connection_lost)
+        # flows held REFUSED, oldest first: each leaves `flows` as its hold ends, so clients that use a
+        # new port per query cannot fill MAX_FLOWS with refusals that are over (the sweep is 15 s apart)
+        self.refused: collections.deque[_OutFlow] = collections.deque()
 
     @property
     def port(self) -> int:
@@ -356,17 +360,24 @@ class UdpOutbound:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        self._end_refusals(now)
         cutoff = now - self.idle_timeout
-        for flow in [f for f in self.flows.values() if f.last < cutoff or f.state is FlowState.REFUSED]:
-            if flow.last < cutoff or now >= flow.refused_until:  # idle, or a refusal's hold is over
-                flow.close()
+        for flow in [f for f in self.flows.values() if f.last < cutoff]:
+            flow.close()
         self._schedule_sweep()
 
+    def _end_refusals(self, now: float) -> None:
+        """The refusals whose hold is over leave `flows`: their client's next datagram asks again."""
+        refused = self.refused
+        while refused and refused[0].refused_until <= now:
+            flow = refused.popleft()
+            if flow.state is FlowState.REFUSED:
+                flow.close()
+
     def datagram(self, data: bytes, addr: Any) -> None:
+        if self.refused:  # (a deque's truth test: the only cost to a datagram while nothing is refused)
+            self._end_refusals(time.monotonic())
         flow = self.flows.get(addr)
-        if flow is not None and flow.state is FlowState.REFUSED and time.monotonic() >= flow.refused_until:
-            flow.close(reset=False)  # the hold is over: this datagram asks again, on a new flow
-            flow = None
         if flow is None:
             if len(self.flows) >= MAX_FLOWS:
                 self.counters.dropped("flows")
@@ -599,8 +610,9 @@ class UdpInbound:
         flow = _InFlow(self, c, stream, svc.name, snap)
         stream.pipe = cast(Any, flow)
         stream.on_datagram = flow.from_mesh
-        if not self._authorized(flow, snap):
-            counters.flow(flags.AUTHZ)
+        refusal = self._refusal(flow, snap)
+        if refusal:
+            counters.flow(refusal)
             return
         cap = c.listener.cap  # the agent's, shared with the L4 and HTTP paths (None: unlimited)
         if cap is not None:
@@ -643,8 +655,9 @@ class UdpInbound:
                           exc.strerror or exc)  # fmt: skip
             flow.close(why=flags.UF)
 
-    def _authorized(self, flow: _InFlow, snap: Snapshot) -> bool:
-        """Intentions for this flow against `snap`; a refusal closes the flow (RESET to the caller)."""
+    def _refusal(self, flow: _InFlow, snap: Snapshot) -> str:
+        """Intentions for this flow against `snap`: "" (allowed), or the flag of a refusal (AUTHZ,
+        NI), which closes the flow (RESET to the caller, saying it)."""
         source, service = flow.conn.source, flow.service
         unavailable = snap.intentions_unavailable.get(service)
         if unavailable is not None:
@@ -657,11 +670,12 @@ class UdpInbound:
                 self.telemetry.denied("destination", source.service, service)
         if decision.allowed:
             flow.snap = snap
-            return True
+            return ""
         audit.denied(layer="udp", source=source.spiffe_id, destination=service, reason=decision.reason,
                      peer=flow.conn.peer_addr)  # fmt: skip
-        flow.close(why=flags.NI if unavailable is not None else flags.AUTHZ)
-        return False
+        refusal = flags.NI if unavailable is not None else flags.AUTHZ
+        flow.close(why=refusal)
+        return refusal
 
     def reauthorize(self, flow: _InFlow) -> bool:
         """The snapshot changed since the flow's last check (intentions may have): check again."""
@@ -669,7 +683,7 @@ class UdpInbound:
         if snap.local.get(flow.service) is None:
             flow.close()
             return False
-        if self._authorized(flow, snap):
+        if not self._refusal(flow, snap):
             return True
         flow.counters.dropped("denied")
         return False

@@ -1,0 +1,64 @@
+"""Component, in process: the caller's side of UDP flows its destination refused (agent/proxy/udp.py
+UdpOutbound, _OutFlow), driven through their own entry points. The refusal is what the mux hands a
+flow when the peer's RESET says why (PeerRefused, as mux.Stream.reset_received gives it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmesh.agent.config import parse_config
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.proxy import udp
+from hostmesh.agent.proxy.pump import PeerRefused
+from hostmesh.agent.proxy.udp import FlowState, UdpOutbound, _OutFlow
+from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from tests.support import metric_sample
+
+PIN = "sha256:" + "ab" * 32
+
+
+def listener() -> tuple[UdpOutbound, Telemetry]:
+    """A udp upstream listener (not bound) whose snapshot has no instance of its upstream yet."""
+    upstream = {"service": "dns", "bind": "127.0.0.1:9002", "protocol": "udp"}
+    cfg = parse_config(
+        {"ca": {"pin": PIN}, "services": [{"name": "web", "port": 8080, "upstreams": [upstream]}]}
+    )
+    snap = Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {}))
+    tel = Telemetry()
+    return UdpOutbound(SnapshotHolder(snap), "web", cfg.services[0].upstreams[0], tel), tel
+
+
+def refused(out: UdpOutbound, port: int) -> _OutFlow:
+    """A flow of client 127.0.0.1:`port` that its destination refused (AUTHZ)."""
+    flow = _OutFlow(out, ("127.0.0.1", port))
+    out.flows[flow.addr] = flow
+    flow.state = FlowState.OPEN
+    flow.lost(None, PeerRefused("AUTHZ"))  # type: ignore[arg-type]
+    assert flow.state is FlowState.REFUSED
+    return flow
+
+
+def dropped(tel: Telemetry, reason: str) -> float:
+    return metric_sample(tel, "hostmesh_udp_dropped_total", reason=reason)
+
+
+def test_a_refused_client_is_dropped_here_during_its_hold() -> None:
+    out, tel = listener()
+    refused(out, 5000)
+    out.datagram(b"again", ("127.0.0.1", 5000))
+    assert dropped(tel, "refused") == 1 and out.flows[("127.0.0.1", 5000)].state is FlowState.REFUSED
+    assert out.stats()["refused_flows"] == 1 and out.stats()["flows"] == 0
+
+
+def test_refusals_whose_hold_is_over_make_room_for_new_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that use a new port per query (resolvers, statsd) leave one refusal each: they stayed
+    among the listener's flows until its idle sweep (15 s apart by default), counted against
+    MAX_FLOWS, and every new client was dropped (`flows`) after the allow that ended them."""
+    monkeypatch.setattr(udp, "MAX_FLOWS", 5)
+    monkeypatch.setattr(udp, "REFUSED_HOLD", 0.0)  # every hold is over at once: no waiting here
+    out, tel = listener()
+    for port in range(5000, 5005):
+        refused(out, port)
+    out.datagram(b"new client", ("127.0.0.1", 6000))
+    assert dropped(tel, "flows") == 0  # room was made: it went on (no instance yet: no_upstream)
+    assert dropped(tel, "no_upstream") == 1 and not out.flows and not out.refused
