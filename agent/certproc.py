@@ -303,13 +303,7 @@ class CertProcess:
             self._apply(answer)
         finally:
             self._adopted = False  # answered (or failed, and the agent stops): nothing is being checked
-        waits = answer.get("ca_waits", {})
-        now = asyncio.get_running_loop().time()
-        for service, problem in answer.get("problems", {}).items():
-            wait = waits.get(service) if isinstance(waits, dict) else None
-            if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait):
-                wait = 0.0
-            self.failures.failed_elsewhere(service, problem, float(wait), now)
+        take_start_failures(self.failures, answer, asyncio.get_running_loop().time())
         loop = asyncio.get_running_loop()
         for service in self.services:
             self._tasks.append(loop.create_task(self._renew_loop(service), name=f"renew:{service}"))
@@ -475,6 +469,19 @@ class CertProcess:
 
 
 # --- a child's failure, both ways ---------------------------------------------------------------
+
+
+def take_start_failures(failures: renewal.RenewalFailures, answer: dict[str, Any], now: float) -> None:
+    """Book the start-up helper's failed services in the agent's `failures` at loop time `now`, each
+    with what was left of a wait the CA asked for (`ca_waits`: seconds; any other value, none)."""
+    waits = answer.get("ca_waits")
+    for service, problem in answer.get("problems", {}).items():
+        wait = waits.get(service) if isinstance(waits, dict) else None
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait > 0:  # (NaN too)
+            wait = 0.0
+        elif wait > renewal.RETRY_AFTER_MAX:  # (an int of any size compares without a float)
+            wait = renewal.RETRY_AFTER_MAX
+        failures.failed_elsewhere(service, problem, float(wait), now)
 
 
 def error_answer(exc: CAError) -> dict[str, Any]:

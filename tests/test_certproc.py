@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent import renewal
-from hostmesh.agent.certproc import CertProcess, answer_error, error_answer
+from hostmesh.agent.certproc import CertProcess, answer_error, error_answer, take_start_failures
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from hostmesh.agent.status import fetch_status, render_table
 from hostmesh.ca.errors import CAUnavailable, Unauthorized
@@ -106,6 +106,26 @@ def test_a_helpers_retry_after_reaches_the_agents_renewal_schedule() -> None:
         assert answer_error({**answer, "retry_after": bad}).retry_after is None, bad
     assert answer_error({**answer, "retry_after": 10**9}).retry_after == renewal.RETRY_AFTER_MAX
     assert "retry_after" not in error_answer(Unauthorized("join token refused"))
+
+
+def test_the_start_up_helpers_ca_wait_is_booked_by_the_agent() -> None:
+    """The start answer's `ca_waits` (what was left of a wait the CA asked for) is what the agent's
+    renewal loop then keeps to: before, the answer carried only the problem, and the agent asked the
+    CA again within a second. A value of any other shape asks for no wait, or for the longest one."""
+    failures = renewal.RenewalFailures()
+    answer = {
+        "ok": True,
+        "problems": {"web": "CA answered 429", "api": "no join token", "db": "x", "ui": "y", "big": "z"},
+        "ca_waits": {"web": 30.0, "api": True, "db": float("nan"), "ui": -4, "big": 10**400},
+    }
+    take_start_failures(failures, answer, now=100.0)
+    assert failures.ca_wait("web", 100.0) == 30.0
+    assert [failures.ca_wait(s, 100.0) for s in ("api", "db", "ui")] == [0.0, 0.0, 0.0]
+    assert failures.ca_wait("big", 100.0) == renewal.RETRY_AFTER_MAX
+    assert {s: failures.count(s) for s in answer["problems"]} == dict.fromkeys(answer["problems"], 1)
+    take_start_failures(
+        renewal.RenewalFailures(), {"ok": True, "problems": {"web": "p"}, "ca_waits": "x"}, 0.0
+    )
 
 
 async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMesh, AgentHandle]) -> None:

@@ -83,23 +83,18 @@ def add(flags: str, flag: str) -> str:
     return ",".join(have + new) if new else flags
 
 
-_KNOWN: Final = frozenset(ALL)  # (a flag a newer release adds is dropped: counted without it)
 MAX_FROM_PEER: Final = 4  # flags taken from a peer's answer (known): an agent raises up to 3 or 4
 # what a destination's agent says when it refuses a stream (RESET's reason, `refusal`)
 REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR, DPE))
 
 
 def known(flags: str) -> str:
-    """`flags` as a peer agent's header gave them, keeping only this vocabulary's, each once and at
-    most MAX_FROM_PEER of them: a value of any other shape or length would become a metric label
-    value of its own."""
-    kept: list[str] = []
-    for f in flags.split(","):
-        if f in _KNOWN and f not in kept:
-            kept.append(f)
-            if len(kept) == MAX_FROM_PEER:
-                break
-    return ",".join(kept)
+    """`flags` as a peer agent's header gave them, keeping only this vocabulary's, each once, in the
+    vocabulary's order and at most MAX_FROM_PEER of them: a value of any other shape, order or length
+    would become a metric label value of its own (3,213 values at most, not 61,489 in any order). A
+    flag a newer release adds is dropped: counted without it."""
+    said = set(flags.split(","))
+    return ",".join([f for f in ALL if f in said][:MAX_FROM_PEER])
 
 
 def refusal(why: str) -> str:
