@@ -9,10 +9,11 @@ work done (dnspython's parser called or not), not as time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -321,20 +322,30 @@ async def test_a_tcp_client_that_stops_reading_then_goes_silent_is_closed(
     """Answers still buffered (fewer than make the server's write wait) when the idle timeout closes
     the connection: the close waits for the client to read them at most TCP_WRITE_TIMEOUT, then cuts,
     so the socket and its task are not kept for good by a client that never reads."""
-    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 0.2)
-    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
-    server = DnsServer(Address("127.0.0.1", 0), TABLE)
-    await server.start()
     loop = asyncio.get_running_loop()
-    client = socket.socket()
-    try:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with _tcp_server(monkeypatch, idle=0.2) as (server, client):
         framed, conn = await _held_tcp_client(server, client)
         # ~34 KiB of answers: past the kernel's buffers, below asyncio's 64 KiB high-water mark
         await loop.sock_sendall(client, framed * 800)
         await asyncio.wait_for(conn.wait_closed(), IO_BOUND)  # the server's socket, closed
         assert conn.transport.is_closing() and conn.get_extra_info("socket").fileno() == -1
         assert server.queries == 801 and not server._clients
+
+
+@contextlib.asynccontextmanager
+async def _tcp_server(
+    monkeypatch: pytest.MonkeyPatch, idle: float
+) -> AsyncIterator[tuple[DnsServer, socket.socket]]:
+    """A server whose TCP write deadline is 0.2 s and idle timeout `idle`, and a client socket with a
+    4 KiB receive buffer (a slow reader), not connected yet."""
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", idle)
+    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        yield server, client
     finally:
         client.close()
         await server.close()
@@ -346,14 +357,8 @@ async def test_a_tcp_clients_unread_answers_are_bounded_by_the_servers_own_send_
     """The server bounds its send buffer for a TCP client (TCP_SEND_BUFFER): the kernel's autotuning
     let ~4 MB of answers pile up for a client that reads nothing, ~70,000 of them, answered at full
     speed for 17.6 s before the write deadline's clock even started (10 s documented)."""
-    monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
-    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)
-    server = DnsServer(Address("127.0.0.1", 0), TABLE)
-    await server.start()
     loop = asyncio.get_running_loop()
-    hog = socket.socket()
-    try:
-        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with _tcp_server(monkeypatch, idle=4 * IO_BOUND) as (server, hog):
         hog.setblocking(False)
         await loop.sock_connect(hog, ("127.0.0.1", server.bind.port))
         q = dns.message.make_query("api.mesh", "A").to_wire()
@@ -366,6 +371,3 @@ async def test_a_tcp_clients_unread_answers_are_bounded_by_the_servers_own_send_
         else:
             raise AssertionError("all sent: the server never stopped reading")
         assert server.queries < 20_000, server.queries
-    finally:
-        hog.close()
-        await server.close()

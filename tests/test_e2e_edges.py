@@ -624,29 +624,20 @@ def test_the_egress_gateway_enforces_on_its_own(edges: Edges) -> None:
     assert plain_get(port) is None
     assert len(edges.ext.requests) == before
 
-    def refused_at_gateway() -> bool:
+    def authz_series(agent: AgentHandle, series: str, reporter: str) -> bool:
         return any(
-            line.startswith("hostmesh_tcp_connections_opened_total{")
+            line.startswith(f"hostmesh_tcp_connections_{series}_total{{")
             and 'destination_service="ext-open"' in line
-            and 'reporter="destination"' in line
+            and f'reporter="{reporter}"' in line
             and 'response_flags="AUTHZ"' in line
-            for line in edges.egress.metrics().splitlines()
+            for line in agent.metrics().splitlines()
         )
 
-    assert refused_at_gateway()
+    assert authz_series(edges.egress, "opened", "destination")  # refused at the gateway
     denials = wait_for(lambda: denied_in_log(edges.egress, "ext-open"), 10, "the gateway's denial in its log")
     assert all(o["source"] == "spiffe://hostmesh.local/svc/caller" and o["peer"] for o in denials), denials
-
-    def refused_said_at_caller() -> bool:  # the gateway's RESET says why: the caller's series agree
-        return any(
-            line.startswith("hostmesh_tcp_connections_closed_total{")
-            and 'destination_service="ext-open"' in line
-            and 'reporter="source"' in line
-            and 'response_flags="AUTHZ"' in line
-            for line in edges.caller.metrics().splitlines()
-        )
-
-    wait_for(refused_said_at_caller, 10, "the caller's series to say AUTHZ")
+    # the gateway's RESET says why: the caller's series agree
+    wait_for(lambda: authz_series(edges.caller, "closed", "source"), 10, "the caller's series to say AUTHZ")
 
 
 @pytest.mark.parametrize("upstream", ["ext-stale", "ext-stale-via"])
