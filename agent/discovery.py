@@ -836,11 +836,8 @@ class Discovery:
         """KV key -> (kind, service) for every document this agent applies."""
         config = self._builder.config
         upstreams = self._upstreams()
-        docs: dict[str, tuple[str, str]] = {}
-        # a local service's route document too: its `protocol` says whether callers reach it as TCP
-        # (proxy/inbound.py refuses raw streams to an http service otherwise)
+        docs = {f"{ROUTES_PREFIX}{name}": ("routes", name) for name in upstreams}
         for name in sorted({*upstreams, *(s.name for s in config.services)}):
-            docs[f"{ROUTES_PREFIX}{name}"] = ("routes", name)
             docs[f"{POLICIES_PREFIX}{name}"] = ("policies", name)
         for svc in config.services:
             docs[f"{INTENTIONS_PREFIX}{svc.name}"] = ("intentions", svc.name)

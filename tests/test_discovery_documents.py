@@ -74,7 +74,7 @@ async def world(consul: ConsulDev, tmp_path: Path) -> AsyncIterator[tuple[Agent,
             yield agent, consul, name
         finally:
             await agent.discovery.stop()
-            for prefix in ("intentions", "policies", "external", "routes"):
+            for prefix in ("intentions", "policies", "external"):
                 consul.kv_delete(f"hostmesh/{prefix}/{name}", recurse=True)  # and <name>-ext
 
 
@@ -145,22 +145,6 @@ async def test_each_intentions_version_applied_is_said_on_the_agent_enforcing_it
         f"intentions of {name} in force: version {v}, 1 rule(s), callers no rule matches: deny"
         for v in (1, 2)
     ]
-
-
-async def test_a_local_services_route_document_is_read_so_its_inbound_knows_how_callers_reach_it(
-    world: tuple[Agent, ConsulDev, str],
-) -> None:
-    """Only upstreams' route documents were read. A local http service whose document says tcp is
-    reached by raw streams, which its agent refuses to an http service otherwise (proxy/inbound.py)."""
-    agent, consul, name = world
-    doc = {"service": name, "version": 1, "protocol": "tcp", "routes": [{"to": [{"weight": 100}]}]}
-    consul.kv_put(f"hostmesh/routes/{name}", json.dumps(doc))
-
-    def routed_as_tcp() -> bool:
-        routes = agent.builder.routes.get(name)
-        return routes is not None and routes.protocol == "tcp"
-
-    await async_wait_until(routed_as_tcp, SEEN_TIMEOUT, "the local service's route document")
 
 
 def test_a_refused_external_intentions_document_stays_shown_across_a_reload(tmp_path: Path) -> None:

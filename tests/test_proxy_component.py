@@ -27,8 +27,6 @@ import uvloop
 
 from hostmesh.agent.audit import access_sample, configure_access
 from hostmesh.agent.config import Address, UpstreamConfig
-from hostmesh.agent.discovery import RouteConfig
-from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.localmesh import fd_links, listening_inodes
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
@@ -46,7 +44,7 @@ from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, MESH_ALPN, mesh_client_con
 from hostmesh.registry import ratelog
 from hostmesh.registry.listen import ACCEPT_FDS
 from hostmesh.registry.ratelog import DEFAULT_LINES
-from hostmesh.registry.schema import Intentions, Rule, parse_routes
+from hostmesh.registry.schema import Intentions, Rule
 from tests.support import async_wait_until, free_port, metric_sample
 
 TD = "hostmesh.local"
@@ -392,24 +390,6 @@ async def test_valid_cert_denied_by_intention(mesh: Mesh, caplog: pytest.LogCapt
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 0
 
 
-async def test_an_http_service_routed_as_tcp_takes_raw_streams(mesh: Mesh) -> None:
-    """A route document with `protocol: tcp` (`hostmesh check` warns: protocol-mismatch) is the
-    operator's word that callers reach the service as TCP: its callers' raw streams are served."""
-    current = mesh.holder_b.current
-    local = MappingProxyType(
-        {**current.local, "api": dataclasses.replace(current.local["api"], protocol="http")}
-    )
-    doc = parse_routes({"service": "api", "protocol": "tcp", "routes": [{"to": [{"weight": 100}]}]})
-    routes = MappingProxyType(
-        {"api": RouteConfig(doc.protocol, doc.version, CompiledRoutes.compile(doc, "api"))}
-    )
-    mesh.holder_b.swap(dataclasses.replace(current, local=local, routes=routes))
-    r, w = await mesh.connect()
-    w.write(b"ping")
-    assert await asyncio.wait_for(r.readexactly(4), IO_TIMEOUT) == b"ping"
-    w.close()
-
-
 async def test_a_raw_stream_to_an_http_service_is_refused(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -432,6 +412,7 @@ async def test_a_raw_stream_to_an_http_service_is_refused(
         what="the caller's line",
     )
     assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="DPE") == 1
+    assert "raw TCP stream to api, which this agent serves as http: refused (DPE)" in caplog.text
 
 
 async def test_unreadable_intentions_refuse_the_stream_with_flag_ni(

@@ -408,14 +408,15 @@ class InboundListener(ListenerLifecycle):
 
             egress_stream(self, conn, stream, snap)
             return
-        if svc.protocol == "http" and not _routed_as_tcp(snap, svc.name):
-            # served as HTTP only (HTTP_OPEN, or the http ALPN), never as bytes: a raw stream would
-            # reach the app past the per-request authorization, and with any x-forwarded-client-cert
-            # its caller wrote (http_conn.CALLER_CERT). A route document saying tcp is the operator's
-            # word that callers reach it as TCP (`hostmesh check` warns: protocol-mismatch).
+        if svc.protocol == "http":  # served as HTTP only (HTTP_OPEN, or the http ALPN), never as bytes:
+            # a raw stream would reach the app past the per-request authorization, and with any
+            # x-forwarded-client-cert its caller wrote (http_conn.CALLER_CERT)
             if not conn.wasted("OPEN of a stream to an http service", DENIED_OPEN_COST):
-                self._raw_to_http("inbound: %s opened a raw TCP stream to %s, an http service: refused (DPE)",
-                                  source.spiffe_id, svc.name)  # fmt: skip
+                self._raw_to_http(
+                    "inbound: %s opened a raw TCP stream to %s, which this agent serves as http: refused "
+                    "(DPE); a route document saying protocol: tcp for it sends its callers here so",
+                    source.spiffe_id, svc.name,
+                )  # fmt: skip
                 self._refused(conn, stream, svc.name, flags.DPE)
             return
         unavailable = snap.intentions_unavailable.get(svc.name)
@@ -560,10 +561,3 @@ class InboundListener(ListenerLifecycle):
             "streams": sum(len(c.streams) for c in self._conns),
             "handshakes": self.handshakes,
         }
-
-
-def _routed_as_tcp(snap: Snapshot, service: str) -> bool:
-    """Whether `service`'s route document says callers reach it as TCP (agent/discovery.py reads the
-    documents of the local services too)."""
-    routes = snap.routes.get(service)
-    return routes is not None and routes.protocol == "tcp"
