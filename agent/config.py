@@ -543,11 +543,18 @@ NOMAD_KEYS = {
 }
 
 
+# the mesh domain's length: room for "<upstream>." (a service name, 63 at most) and the SOA's "hostmaster."
+MAX_DNS_DOMAIN = 180
+
+
 def _parse_dns_domain(raw: dict[str, Any]) -> str:
     domain = (_str(raw, "dns_domain", "", DEFAULT_DNS_DOMAIN) or "").lower().rstrip(".")
     labels = domain.split(".")
     if not domain or not all(valid_service_name(label) for label in labels):
         raise _fail("dns_domain", "must be a DNS name like 'mesh' (lowercase labels a-z, 0-9, -)")
+    if len(domain) > MAX_DNS_DOMAIN:
+        raise _fail("dns_domain", f"at most {MAX_DNS_DOMAIN} characters (a name in it, and its SOA's "
+                    "hostmaster.<domain>, must fit DNS's 255)")  # fmt: skip
     return domain + "."
 
 

@@ -19,14 +19,16 @@ dnspython does the wire format, in agent/dns_wire.py);
   SERVFAIL, counted and logged at a bounded rate.
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
   TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
-  a new client past MAX_TCP_CONNECTIONS closes the connection whose last query is the oldest
-  (RFC 7766 6.2.3), so clients that each ask once in a while cannot hold TCP DNS for good either.
+  a new client past MAX_TCP_CONNECTIONS closes the connection idle longest, if idle TCP_EVICT_IDLE
+  (RFC 7766 6.2.3; one in a query is never closed so), so clients that each ask once in a while
+  cannot hold TCP DNS for good either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -50,6 +52,10 @@ TCP_WRITE_TIMEOUT = TCP_IDLE_TIMEOUT
 # a TCP client's socket send buffer: the kernel's autotuning grew it to ~4 MB of answers before our
 # own buffer (and TCP_WRITE_TIMEOUT's clock) saw any, and a non-reading client was cut after 17.6 s
 TCP_SEND_BUFFER = 64 * 1024
+# past MAX_TCP_CONNECTIONS, a new client closes the connection idle longest if idle this long (RFC
+# 7766 6.2.3); one in a query or its answer is never closed so (_BUSY), nor one that just asked
+TCP_EVICT_IDLE = 1.0
+_BUSY = float("inf")  # a TCP client's mark while in a query: never the idlest
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 SERVFAIL = 2
@@ -71,13 +77,17 @@ def dns_table(cfg: AgentConfig) -> DnsTable:
     addresses: dict[str, str] = {}
     for svc in cfg.services:
         for up in svc.upstreams:
-            # a listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0
-            # is no address to connect to (browsers and resolvers take it for "blocked")
-            addresses.setdefault(up.service, _WILDCARD_LOOPBACK.get(up.bind.host, up.bind.host))
+            addresses.setdefault(up.service, _connectable(up.bind.host))
     return DnsTable(cfg.dns_domain, addresses)
 
 
-_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+def _connectable(host: str) -> str:
+    """A listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0 is
+    no address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
+    ip = ipaddress.ip_address(host)
+    if not ip.is_unspecified:
+        return host
+    return "127.0.0.1" if ip.version == 4 else "::1"
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:
@@ -193,12 +203,18 @@ class DnsServer:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         clients = self._clients
-        if len(clients) >= MAX_TCP_CONNECTIONS:  # the one whose last query is the oldest makes room
+        if len(clients) >= MAX_TCP_CONNECTIONS:  # the one idle longest makes room, if idle long enough
             oldest = min(clients, key=clients.__getitem__)
-            asked = clients.pop(oldest)
+            idle = loop.time() - clients[oldest]  # (-inf: every one is in a query or its answer)
+            if idle < TCP_EVICT_IDLE:
+                self._full_log("mesh DNS: %d TCP clients (the limit), none idle %gs: refused one",
+                               MAX_TCP_CONNECTIONS, TCP_EVICT_IDLE)  # fmt: skip
+                writer.close()
+                return
+            del clients[oldest]
             oldest.transport.abort()
-            self._full_log("mesh DNS: %d TCP clients (the limit): closed the one that asked last %.1fs ago",
-                           MAX_TCP_CONNECTIONS, loop.time() - asked)  # fmt: skip
+            self._full_log("mesh DNS: %d TCP clients (the limit): closed the one idle %.1fs",
+                           MAX_TCP_CONNECTIONS, idle)  # fmt: skip
         clients[writer] = loop.time()
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -210,12 +226,12 @@ class DnsServer:
             while True:  # RFC 7766: several queries per connection, each with a 2-byte length
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                    if writer in clients:  # in a query until its answer is out: never the one evicted
+                        clients[writer] = _BUSY
                     (n,) = struct.unpack("!H", head)
                     wire = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE_TIMEOUT)
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
                     return
-                if writer in clients:
-                    clients[writer] = loop.time()
                 reply = self.reply(wire, 65535)
                 if reply is None:
                     return
@@ -226,6 +242,8 @@ class DnsServer:
                     except TimeoutError:  # it sends queries and does not read the answers
                         writer.transport.abort()
                         return
+                if writer in clients:
+                    clients[writer] = loop.time()  # idle from here, waiting for its next query
         except OSError:
             return
         finally:

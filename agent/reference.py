@@ -135,7 +135,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "dns_domain",
         "DNS name",
         C.DEFAULT_DNS_DOMAIN,
-        "The domain mesh DNS answers under (lowercase labels).",
+        "The domain mesh DNS answers under (lowercase labels, at most 180 characters).",
     ),
     Key(
         "cert_dir",

@@ -404,7 +404,7 @@ class DocumentStore:
         if any(i.meta.get(PROTOCOL_META) == "http" for i in instances):
             raise InvalidDocument(
                 "protocol",
-                f'tcp, but {service} is registered as http: its agents serve it as HTTP only and refuse '
+                f"tcp, but {service} is registered as http: its agents serve it as HTTP only and refuse "
                 f'raw streams; set protocol = "tcp" in its agent.toml first, or protocol: http here',
             )
 

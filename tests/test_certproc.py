@@ -123,9 +123,9 @@ def test_the_start_up_helpers_ca_wait_is_booked_by_the_agent() -> None:
     assert [failures.ca_wait(s, 100.0) for s in ("api", "db", "ui")] == [0.0, 0.0, 0.0]
     assert failures.ca_wait("big", 100.0) == renewal.RETRY_AFTER_MAX
     assert {s: failures.count(s) for s in answer["problems"]} == dict.fromkeys(answer["problems"], 1)
-    take_start_failures(
-        renewal.RenewalFailures(), {"ok": True, "problems": {"web": "p"}, "ca_waits": "x"}, 0.0
-    )
+    other_shape = renewal.RenewalFailures()  # `ca_waits` not even a table: no wait, the failure kept
+    take_start_failures(other_shape, {"ok": True, "problems": {"web": "p"}, "ca_waits": "x"}, 0.0)
+    assert other_shape.count("web") == 1 and other_shape.ca_wait("web", 0.0) == 0.0
 
 
 async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMesh, AgentHandle]) -> None:

@@ -33,11 +33,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostmesh.agent import dns as dns_server
-from hostmesh.agent.config import Address, auto_bind, parse_config
+from hostmesh.agent.config import Address, ConfigError, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, UDP_MAX_ANSWER, DnsServer, DnsTable, answer, dns_table
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
-from tests.support import ConsulDev
+from tests.support import ConsulDev, async_wait_until
 from tests.test_e2e_l4 import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,11 +142,24 @@ def test_a_shared_upstream_on_every_address_is_answered_by_its_loopback_one() ->
         {"name": "web", "port": 8080, "upstreams": [
             {"service": "api", "bind": "0.0.0.0:19091", "shared": True},
             {"service": "db", "bind": "[::]:19092", "shared": True},
+            {"service": "cache", "bind": "[0:0::0]:19093", "shared": True},
         ]},
     ]})  # fmt: skip
     table = dns_table(cfg)
     assert ask("api.mesh", table=table).answer[0][0].to_text() == "127.0.0.1"
     assert ask("db.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"
+    assert ask("cache.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"  # any spelling
+
+
+def test_a_mesh_domain_too_long_for_its_names_is_refused_by_the_config() -> None:
+    """A domain of ~250 characters passed, then every negative answer failed (SERVFAIL): the SOA's
+    hostmaster.<domain> is past DNS's 255 octets."""
+    long = ".".join(["a" * 60] * 4)  # 243 characters
+    with pytest.raises(ConfigError, match=r"^dns_domain: at most 180 characters"):
+        parse_config({"ca": {"pin": PIN}, "dns_domain": long, "services": [{"name": "web", "port": 8080}]})
+    fits = ".".join(["a" * 59] * 3)  # 179
+    web = [{"name": "web", "port": 8080}]
+    assert parse_config({"ca": {"pin": PIN}, "dns_domain": fits, "services": web}).dns_domain == fits + "."
 
 
 # --- the server, with dig -------------------------------------------------------------------------
@@ -192,6 +205,7 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)  # the held ones stay while we look
+    monkeypatch.setattr(dns_server, "TCP_EVICT_IDLE", 0.0)  # idle since they connected is idle enough
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
     await server.start()
     held: list[asyncio.StreamWriter] = []
@@ -212,7 +226,6 @@ async def test_tcp_connections_are_bounded_and_garbage_does_not_stop_the_server(
         (n,) = struct.unpack("!H", await asyncio.wait_for(r.readexactly(2), IO_BOUND))
         assert dns.message.from_wire(await r.readexactly(n)).answer[0][0].to_text() == "127.128.1.2"
         w.close()
-        assert len(server._clients) <= MAX_TCP_CONNECTIONS
         assert first is not None
         try:  # the oldest: closed by the server
             assert await asyncio.wait_for(first.read(1), IO_BOUND) == b""
@@ -280,6 +293,54 @@ async def test_port_zero_tries_another_port_when_tcp_holds_the_one_udp_got(
         )
         assert got.answer[0][0].to_text() == "127.128.1.2"
     finally:
+        await server.close()
+
+
+async def test_a_tcp_client_in_a_query_is_never_the_one_closed_to_make_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client whose query is half received looked as idle as one that never asked, and 64 newcomers
+    that never asked closed it mid-query. Now it is kept, and with every slot in a query a newcomer
+    is refused instead."""
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)
+    monkeypatch.setattr(dns_server, "TCP_EVICT_IDLE", 0.0)
+    monkeypatch.setattr(dns_server, "MAX_TCP_CONNECTIONS", 2)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    port = server.bind.port
+    wire = dns.message.make_query("api.mesh", "A").to_wire()
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        r_busy, w_busy = await asyncio.open_connection("127.0.0.1", port)
+        opened.append(w_busy)
+        w_busy.write(struct.pack("!H", len(wire)) + wire[:5])  # its length and part of its query
+        await _wait_open(server, 1)
+        await async_wait_until(lambda: dns_server._BUSY in server._clients.values(), IO_BOUND, "in a query")
+        for _ in range(3):  # newcomers that never ask: each closes the previous idle one, not the busy one
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            opened.append(w)
+            await _wait_open(server, 2)
+        w_busy.write(wire[5:])
+        (n,) = struct.unpack("!H", await asyncio.wait_for(r_busy.readexactly(2), IO_BOUND))
+        assert dns.message.from_wire(await r_busy.readexactly(n)).answer[0][0].to_text() == "127.128.1.2"
+        # both slots in a query: a newcomer is refused, and the two keep theirs
+        opened[-1].write(struct.pack("!H", len(wire)) + wire[:5])
+        w_busy.write(struct.pack("!H", len(wire)) + wire[:5])
+        await async_wait_until(
+            lambda: list(server._clients.values()) == [dns_server._BUSY] * 2, IO_BOUND, "both in a query"
+        )
+        r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+        opened.append(w3)
+        try:
+            assert await asyncio.wait_for(r3.read(1), IO_BOUND) == b""
+        except ConnectionResetError:
+            pass
+        w_busy.write(wire[5:])
+        (n,) = struct.unpack("!H", await asyncio.wait_for(r_busy.readexactly(2), IO_BOUND))
+        assert dns.message.from_wire(await r_busy.readexactly(n)).answer
+    finally:
+        for w in opened:
+            w.close()
         await server.close()
 
 
