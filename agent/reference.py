@@ -135,7 +135,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "dns_domain",
         "DNS name",
         C.DEFAULT_DNS_DOMAIN,
-        "The domain mesh DNS answers under (lowercase labels, at most 180 characters).",
+        "The domain mesh DNS answers under (lowercase labels, at most 189 characters).",
     ),
     Key(
         "cert_dir",
@@ -463,7 +463,7 @@ def flags_md() -> str:
         "and a caller's agent takes from a peer's only the flags listed here, each once, at most",
         f"{flags.MAX_FROM_PEER}, in this table's order (so a peer's answer names few label values). A TCP stream the",
         "destination's agent refuses is reset with its flag (`AUTHZ`, `NI`, `OM`; `UF` when the app",
-        "is unreachable; `DPE` for a raw stream to an http service; `NR` at an egress gateway that no",
+        "is unreachable; `NR` at an egress gateway that no",
         "longer serves the external), so the caller's line and series say the same as the",
         "destination's; from an agent of 0.2.0 or before, which sends no reason, the caller says `UC`.",
         "",

@@ -231,11 +231,10 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
     elif "http" in protocols and doc.protocol == "tcp":
         out.append(
             Finding(
-                "error",
+                "warning",
                 "protocol-mismatch",
                 subject,
-                f"the document says tcp but {key} is registered as http: its agents refuse callers' raw "
-                "streams (DPE), so no caller reaches it",
+                f"the document says tcp but {key} is registered as http",
                 "set protocol: http in the route document (or tcp in the services' agent.toml)",
             )
         )

@@ -390,23 +390,7 @@ class DocumentStore:
             if protocol is not None:
                 check_protocol(doc, protocol)
         elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
-            await self._check_registered_fit(doc.service)
             await self._check_others_fit(doc.service, "tcp", pending)
-
-    async def _check_registered_fit(self, service: str) -> None:
-        """A route document turning `service` tcp is refused while an instance is registered http:
-        its agent serves it as HTTP only and refuses raw streams (proxy/inbound.py, flag DPE), so
-        its callers, following the document, could not reach it. Not readable: not refused."""
-        try:
-            _, instances = await self.consul.catalog_service(service)
-        except PermissionDenied:
-            return
-        if any(i.meta.get(PROTOCOL_META) == "http" for i in instances):
-            raise InvalidDocument(
-                "protocol",
-                f"tcp, but {service} is registered as http: its agents serve it as HTTP only and refuse "
-                f'raw streams; set protocol = "tcp" in its agent.toml first, or protocol: http here',
-            )
 
     async def protocol_of(self, service: str, pending: Pending | None = None) -> str | None:
         """What `service` speaks, as its callers' agents will decide it: `external` when an external

@@ -290,23 +290,6 @@ async def test_a_route_document_turning_a_service_tcp_is_refused_while_http_only
         assert (await store.put("routes", {"service": s, "protocol": "tcp"})).version == 1
 
 
-async def test_a_route_document_turning_an_http_registered_service_tcp_is_refused(consul: ConsulDev) -> None:
-    """Its agents serve it as HTTP only and refuse raw streams (DPE): callers following the document
-    could not reach it. Before, the write was accepted and `check` only warned (protocol-mismatch)."""
-    s = svc()
-    async with ConsulClient(consul.url) as c:
-        store = DocumentStore(c)
-        await c.register_service(ServiceRegistration(s, f"{s}-1", "127.0.0.1", 9, {"protocol": "http"}))
-        try:
-            with pytest.raises(InvalidDocument) as ei:
-                await store.put("routes", {"service": s, "protocol": "tcp"})
-            assert str(ei.value).startswith(f"protocol: tcp, but {s} is registered as http")
-            assert await store.get("routes", s) is None
-            assert (await store.put("routes", {"service": s, "protocol": "http"})).version == 1
-        finally:
-            await c.deregister_service(f"{s}-1")
-
-
 class AnswerLoser:
     """A TCP relay on loopback in front of the real Consul that loses the answer to the first
     transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul

@@ -214,6 +214,35 @@ async def test_the_app_is_told_its_verified_caller_and_never_the_callers_own_cla
         assert [v for n, v in app.last_fields if n == b"x-forwarded-client-cert"] == [want]
 
 
+async def test_a_caller_that_takes_an_http_service_for_tcp_is_served_as_http(mesh: Mesh) -> None:
+    """A caller whose agent takes api for tcp (its route document says so, or nothing told it http)
+    sends a plain stream. The stream reached the app byte for byte, past the per-request
+    authorization and with the x-forwarded-client-cert the caller wrote; it is now served as HTTP:
+    the app sees the caller the handshake verified, and only that."""
+    l4 = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a)
+    await l4.start()  # no L7 side: this caller relays bytes
+    try:
+        forged = "By=spiffe://hostmesh.local/svc/api;URI=spiffe://hostmesh.local/svc/admin"
+        c = Client(l4.port)
+
+        def run() -> list[Any]:
+            out = [c.get("/who", {"x-forwarded-client-cert": forged}) for _ in range(4)]
+            c.close()
+            return out
+
+        resps = await asyncio.to_thread(run)
+        want = f"By=spiffe://{TD}/svc/api;URI=spiffe://{TD}/svc/web".encode()
+        for r in resps:
+            assert r.status == 200
+            app = mesh.apps[int(r.instance.rsplit("-", 1)[1])]
+            assert [v for n, v in app.last_fields if n == b"x-forwarded-client-cert"] == [want]
+        assert (
+            sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", source_service="web") == 4
+        )
+    finally:
+        await l4.close()
+
+
 async def test_bodies_stream_both_ways_chunked_and_sized(mesh: Mesh) -> None:
     c = mesh.client()
     body = b"x" * 200_000  # above the replay buffer: streamed, not replayable

@@ -85,7 +85,7 @@ def add(flags: str, flag: str) -> str:
 
 MAX_FROM_PEER: Final = 4  # flags taken from a peer's answer (known): an agent raises up to 3 or 4
 # what a destination's agent says when it refuses a stream (RESET's reason, `refusal`)
-REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR, DPE))
+REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR))
 
 
 def known(flags: str) -> str:

@@ -292,7 +292,6 @@ class InboundListener(ListenerLifecycle):
         self.protocol_errors = RateLimitedLog(logging.getLogger("hostmesh.proxy"), "protocol error lines")
         self.refusals = RateLimitedLog(log, "refused mesh connection lines")  # (the same: one per connection)
         self.app_failures = RateLimitedLog(log, "unreachable-app lines")  # one per stream, callers open many
-        self._raw_to_http = RateLimitedLog(log, "raw streams to http services refused")  # (as above)
         self._ctx = self._base_context()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -408,16 +407,16 @@ class InboundListener(ListenerLifecycle):
 
             egress_stream(self, conn, stream, snap)
             return
-        if svc.protocol == "http":  # served as HTTP only (HTTP_OPEN, or the http ALPN), never as bytes:
-            # a raw stream would reach the app past the per-request authorization, and with any
-            # x-forwarded-client-cert its caller wrote (http_conn.CALLER_CERT)
-            if not conn.wasted("OPEN of a stream to an http service", DENIED_OPEN_COST):
-                self._raw_to_http(
-                    "inbound: %s opened a raw TCP stream to %s, which this agent serves as http: refused "
-                    "(DPE); a route document saying protocol: tcp for it sends its callers here so",
-                    source.spiffe_id, svc.name,
-                )  # fmt: skip
-                self._refused(conn, stream, svc.name, flags.DPE)
+        if svc.protocol == "http":
+            # an http service is served as HTTP whatever way its caller came (a plain stream: its
+            # route document says tcp, or its agent took it for tcp): each request is parsed,
+            # authorized and rate-limited, and the app told the caller the handshake verified; raw
+            # bytes would reach the app past all that, with any x-forwarded-client-cert they carried
+            http = self.alpn_handlers.get(HTTP_ALPN[0])
+            if http is not None:
+                http(self, StreamTransport(stream), source, svc, [])
+            elif not conn.wasted("OPEN of a stream to an http service", DENIED_OPEN_COST):
+                self._refused(conn, stream, svc.name, flags.DPE)  # (no HTTP side: a listener of tests)
             return
         unavailable = snap.intentions_unavailable.get(svc.name)
         if unavailable is not None:  # fail closed: this agent cannot read the service's intentions

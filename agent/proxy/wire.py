@@ -15,7 +15,7 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     RESET   both ways         the stream is aborted (reset, app gone, denial); the other stream
                               on the connection go on. Payload: empty, or the one response flag
                               saying why the destination's agent refused the stream (ASCII, of
-                              l7/flags REFUSALS: AUTHZ, NI, OM, UF, NR, DPE), which the caller's
+                              l7/flags REFUSALS: AUTHZ, NI, OM, UF, NR), which the caller's
                               line then says too; the destination ignores a caller's. Agents of
                               0.2.0 and before send none, and ignore one (they never read it).
     WINDOW  both ways         payload: 4-byte increment; the receiver has passed that many bytes
