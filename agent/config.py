@@ -543,8 +543,9 @@ NOMAD_KEYS = {
 }
 
 
-# the mesh domain's length: room for "<upstream>." (a service name, 63 at most) and the SOA's "hostmaster."
-MAX_DNS_DOMAIN = 180
+# the mesh domain's length: a name "<upstream>.<domain>." takes len(domain) + 66 of DNS's 255 octets
+# (an upstream's label is 63 at most; the length bytes and the root's add 3), the SOA's hostmaster 13
+MAX_DNS_DOMAIN = 189
 
 
 def _parse_dns_domain(raw: dict[str, Any]) -> str:

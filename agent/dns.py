@@ -19,9 +19,9 @@ dnspython does the wire format, in agent/dns_wire.py);
   SERVFAIL, counted and logged at a bounded rate.
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
   TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
-  a new client past MAX_TCP_CONNECTIONS closes the connection idle longest, if idle TCP_EVICT_IDLE
-  (RFC 7766 6.2.3; one in a query is never closed so), so clients that each ask once in a while
-  cannot hold TCP DNS for good either.
+  a new client past MAX_TCP_CONNECTIONS closes a connection idle TCP_EVICT_IDLE or in one query
+  TCP_QUERY_STUCK (RFC 7766 6.2.3), the one longest past it, else it is refused: clients that each
+  ask once in a while, or dribble their queries, cannot hold TCP DNS for good either.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ TCP_WRITE_TIMEOUT = TCP_IDLE_TIMEOUT
 # a TCP client's socket send buffer: the kernel's autotuning grew it to ~4 MB of answers before our
 # own buffer (and TCP_WRITE_TIMEOUT's clock) saw any, and a non-reading client was cut after 17.6 s
 TCP_SEND_BUFFER = 64 * 1024
-# past MAX_TCP_CONNECTIONS, a new client closes the connection idle longest if idle this long (RFC
-# 7766 6.2.3); one in a query or its answer is never closed so (_BUSY), nor one that just asked
+# past MAX_TCP_CONNECTIONS, a new client may close a connection idle this long (RFC 7766 6.2.3) ...
 TCP_EVICT_IDLE = 1.0
-_BUSY = float("inf")  # a TCP client's mark while in a query: never the idlest
+# ... or one this long in a single query and its answer (a query arrives in one read or two on
+# loopback: one still coming after this is dribbled, to hold the slot)
+TCP_QUERY_STUCK = 2.0
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 SERVFAIL = 2
@@ -85,7 +86,10 @@ def _connectable(host: str) -> str:
     """A listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0 is
     no address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
     ip = ipaddress.ip_address(host)
-    if not ip.is_unspecified:
+    if not (
+        ip.is_unspecified
+        or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified)
+    ):
         return host
     return "127.0.0.1" if ip.version == 4 else "::1"
 
@@ -147,7 +151,7 @@ class DnsServer:
         self.queries = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        # each TCP client, and the loop time of its last query (or of its connection)
+        # each TCP client, and the loop time from which a newcomer past the limit may close it
         self._clients: dict[asyncio.StreamWriter, float] = {}
         self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
         self._full_log = RateLimitedLog(log, "TCP DNS clients closed at the connection limit")
@@ -203,19 +207,20 @@ class DnsServer:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         clients = self._clients
-        if len(clients) >= MAX_TCP_CONNECTIONS:  # the one idle longest makes room, if idle long enough
-            oldest = min(clients, key=clients.__getitem__)
-            idle = loop.time() - clients[oldest]  # (-inf: every one is in a query or its answer)
-            if idle < TCP_EVICT_IDLE:
-                self._full_log("mesh DNS: %d TCP clients (the limit), none idle %gs: refused one",
-                               MAX_TCP_CONNECTIONS, TCP_EVICT_IDLE)  # fmt: skip
+        now = loop.time()
+        if len(clients) >= MAX_TCP_CONNECTIONS:  # the one longest past its due makes room, if any
+            due = min(clients, key=clients.__getitem__)
+            if clients[due] > now:
+                self._full_log("mesh DNS: %d TCP clients (the limit), none idle %gs or stuck in a query "
+                               "%gs: refused one", MAX_TCP_CONNECTIONS, TCP_EVICT_IDLE,
+                               TCP_QUERY_STUCK)  # fmt: skip
                 writer.close()
                 return
-            del clients[oldest]
-            oldest.transport.abort()
-            self._full_log("mesh DNS: %d TCP clients (the limit): closed the one idle %.1fs",
-                           MAX_TCP_CONNECTIONS, idle)  # fmt: skip
-        clients[writer] = loop.time()
+            del clients[due]
+            due.transport.abort()
+            self._full_log("mesh DNS: %d TCP clients (the limit): closed one idle or stuck in a query",
+                           MAX_TCP_CONNECTIONS)  # fmt: skip
+        clients[writer] = now + TCP_EVICT_IDLE  # each client: when a newcomer may close it
         sock = writer.get_extra_info("socket")
         if sock is not None:
             try:
@@ -226,8 +231,8 @@ class DnsServer:
             while True:  # RFC 7766: several queries per connection, each with a 2-byte length
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
-                    if writer in clients:  # in a query until its answer is out: never the one evicted
-                        clients[writer] = _BUSY
+                    if writer in clients:  # in a query until its answer is out
+                        clients[writer] = loop.time() + TCP_QUERY_STUCK
                     (n,) = struct.unpack("!H", head)
                     wire = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE_TIMEOUT)
                 except (TimeoutError, asyncio.IncompleteReadError, OSError):
@@ -243,7 +248,7 @@ class DnsServer:
                         writer.transport.abort()
                         return
                 if writer in clients:
-                    clients[writer] = loop.time()  # idle from here, waiting for its next query
+                    clients[writer] = loop.time() + TCP_EVICT_IDLE  # idle from here, until its next query
         except OSError:
             return
         finally:

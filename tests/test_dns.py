@@ -143,21 +143,23 @@ def test_a_shared_upstream_on_every_address_is_answered_by_its_loopback_one() ->
             {"service": "api", "bind": "0.0.0.0:19091", "shared": True},
             {"service": "db", "bind": "[::]:19092", "shared": True},
             {"service": "cache", "bind": "[0:0::0]:19093", "shared": True},
+            {"service": "logs", "bind": "[::ffff:0.0.0.0]:19094", "shared": True},
         ]},
     ]})  # fmt: skip
     table = dns_table(cfg)
     assert ask("api.mesh", table=table).answer[0][0].to_text() == "127.0.0.1"
     assert ask("db.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"
     assert ask("cache.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"  # any spelling
+    assert ask("logs.mesh", "AAAA", table=table).answer[0][0].to_text() == "::1"
 
 
 def test_a_mesh_domain_too_long_for_its_names_is_refused_by_the_config() -> None:
     """A domain of ~250 characters passed, then every negative answer failed (SERVFAIL): the SOA's
     hostmaster.<domain> is past DNS's 255 octets."""
     long = ".".join(["a" * 60] * 4)  # 243 characters
-    with pytest.raises(ConfigError, match=r"^dns_domain: at most 180 characters"):
+    with pytest.raises(ConfigError, match=r"^dns_domain: at most 189 characters"):
         parse_config({"ca": {"pin": PIN}, "dns_domain": long, "services": [{"name": "web", "port": 8080}]})
-    fits = ".".join(["a" * 59] * 3)  # 179
+    fits = ".".join(["a" * 62, "a" * 62, "a" * 63])  # 189
     web = [{"name": "web", "port": 8080}]
     assert parse_config({"ca": {"pin": PIN}, "dns_domain": fits, "services": web}).dns_domain == fits + "."
 
@@ -296,26 +298,32 @@ async def test_port_zero_tries_another_port_when_tcp_holds_the_one_udp_got(
         await server.close()
 
 
-async def test_a_tcp_client_in_a_query_is_never_the_one_closed_to_make_room(
+async def test_past_the_tcp_limit_a_newcomer_closes_only_an_idle_or_stuck_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A client whose query is half received looked as idle as one that never asked, and 64 newcomers
-    that never asked closed it mid-query. Now it is kept, and with every slot in a query a newcomer
-    is refused instead."""
+    """A client whose query was half received looked as idle as one that never asked, and newcomers
+    that never asked closed it mid-query. Now one in a query is kept for TCP_QUERY_STUCK, one idle
+    for TCP_EVICT_IDLE, and a newcomer that finds none past those is refused (limits here: 2 slots,
+    idle clients closable at once, a query kept for the whole test)."""
     monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)
     monkeypatch.setattr(dns_server, "TCP_EVICT_IDLE", 0.0)
+    monkeypatch.setattr(dns_server, "TCP_QUERY_STUCK", 4 * IO_BOUND)
     monkeypatch.setattr(dns_server, "MAX_TCP_CONNECTIONS", 2)
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
     await server.start()
+    loop = asyncio.get_running_loop()
     port = server.bind.port
     wire = dns.message.make_query("api.mesh", "A").to_wire()
     opened: list[asyncio.StreamWriter] = []
+
+    def in_a_query(n: int) -> bool:  # n clients the server marked as in a query (kept long)
+        return sum(due > loop.time() + IO_BOUND for due in server._clients.values()) == n
+
     try:
         r_busy, w_busy = await asyncio.open_connection("127.0.0.1", port)
         opened.append(w_busy)
         w_busy.write(struct.pack("!H", len(wire)) + wire[:5])  # its length and part of its query
-        await _wait_open(server, 1)
-        await async_wait_until(lambda: dns_server._BUSY in server._clients.values(), IO_BOUND, "in a query")
+        await async_wait_until(lambda: in_a_query(1), IO_BOUND, "in a query")
         for _ in range(3):  # newcomers that never ask: each closes the previous idle one, not the busy one
             _r, w = await asyncio.open_connection("127.0.0.1", port)
             opened.append(w)
@@ -326,22 +334,55 @@ async def test_a_tcp_client_in_a_query_is_never_the_one_closed_to_make_room(
         # both slots in a query: a newcomer is refused, and the two keep theirs
         opened[-1].write(struct.pack("!H", len(wire)) + wire[:5])
         w_busy.write(struct.pack("!H", len(wire)) + wire[:5])
-        await async_wait_until(
-            lambda: list(server._clients.values()) == [dns_server._BUSY] * 2, IO_BOUND, "both in a query"
-        )
+        await async_wait_until(lambda: in_a_query(2), IO_BOUND, "both in a query")
         r3, w3 = await asyncio.open_connection("127.0.0.1", port)
         opened.append(w3)
-        try:
-            assert await asyncio.wait_for(r3.read(1), IO_BOUND) == b""
-        except ConnectionResetError:
-            pass
+        await _closed_by_server(r3)
         w_busy.write(wire[5:])
         (n,) = struct.unpack("!H", await asyncio.wait_for(r_busy.readexactly(2), IO_BOUND))
         assert dns.message.from_wire(await r_busy.readexactly(n)).answer
+        # a query dribbled past TCP_QUERY_STUCK no longer holds its slot (here: at once)
+        monkeypatch.setattr(dns_server, "TCP_QUERY_STUCK", 0.0)
+        w_busy.write(struct.pack("!H", len(wire)) + wire[:5])
+        await async_wait_until(lambda: in_a_query(1), IO_BOUND, "the other still in its query")
+        _r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+        opened.append(w4)
+        await _closed_by_server(r_busy)
     finally:
         for w in opened:
             w.close()
         await server.close()
+
+
+async def test_past_the_tcp_limit_a_client_idle_under_a_second_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TCP_EVICT_IDLE holds: clients that just asked (or connected) are not closed for a newcomer."""
+    monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)
+    monkeypatch.setattr(dns_server, "TCP_EVICT_IDLE", 4 * IO_BOUND)
+    monkeypatch.setattr(dns_server, "MAX_TCP_CONNECTIONS", 1)
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", server.bind.port)
+        await _wait_open(server, 1)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", server.bind.port)
+        await _closed_by_server(r2)
+        wire = dns.message.make_query("api.mesh", "A").to_wire()
+        w1.write(struct.pack("!H", len(wire)) + wire)  # the first is still served
+        (n,) = struct.unpack("!H", await asyncio.wait_for(r1.readexactly(2), IO_BOUND))
+        assert dns.message.from_wire(await r1.readexactly(n)).answer
+        w1.close()
+        w2.close()
+    finally:
+        await server.close()
+
+
+async def _closed_by_server(r: asyncio.StreamReader) -> None:
+    try:
+        assert await asyncio.wait_for(r.read(1), IO_BOUND) == b""
+    except ConnectionResetError:
+        pass
 
 
 async def test_an_idle_tcp_client_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
