@@ -198,17 +198,23 @@ async def test_the_app_is_told_its_verified_caller_and_never_the_callers_own_cla
     """The app's agent sets `x-forwarded-client-cert` to the caller its mTLS handshake verified and
     drops any the caller sent, so an app may trust it (as behind Envoy); before, the app was told
     nothing, and a caller's own field reached it as it was sent."""
-    c = mesh.client()
-    forged = "By=spiffe://hostmesh.local/svc/api;URI=spiffe://hostmesh.local/svc/admin"
+    await _told_web_alone(mesh, mesh.client(), [None, FORGED_XFCC, None])
+
+
+FORGED_XFCC = "By=spiffe://hostmesh.local/svc/api;URI=spiffe://hostmesh.local/svc/admin"
+
+
+async def _told_web_alone(mesh: Mesh, c: Client, sent: list[str | None]) -> None:
+    """One request per item of `sent` (the x-forwarded-client-cert the client writes, if any): each
+    answered, and its app told exactly one such field, naming web as the caller."""
 
     def run() -> list[Any]:
-        out = [c.get("/who"), c.get("/who", {"x-forwarded-client-cert": forged}), c.get("/who")]
+        out = [c.get("/who", {"x-forwarded-client-cert": v} if v else None) for v in sent]
         c.close()
         return out
 
-    resps = await asyncio.to_thread(run)
     want = f"By=spiffe://{TD}/svc/api;URI=spiffe://{TD}/svc/web".encode()
-    for r in resps:
+    for r in await asyncio.to_thread(run):
         assert r.status == 200
         app = mesh.apps[int(r.instance.rsplit("-", 1)[1])]
         assert [v for n, v in app.last_fields if n == b"x-forwarded-client-cert"] == [want]
@@ -222,20 +228,7 @@ async def test_a_caller_that_takes_an_http_service_for_tcp_is_served_as_http(mes
     l4 = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a)
     await l4.start()  # no L7 side: this caller relays bytes
     try:
-        forged = "By=spiffe://hostmesh.local/svc/api;URI=spiffe://hostmesh.local/svc/admin"
-        c = Client(l4.port)
-
-        def run() -> list[Any]:
-            out = [c.get("/who", {"x-forwarded-client-cert": forged}) for _ in range(4)]
-            c.close()
-            return out
-
-        resps = await asyncio.to_thread(run)
-        want = f"By=spiffe://{TD}/svc/api;URI=spiffe://{TD}/svc/web".encode()
-        for r in resps:
-            assert r.status == 200
-            app = mesh.apps[int(r.instance.rsplit("-", 1)[1])]
-            assert [v for n, v in app.last_fields if n == b"x-forwarded-client-cert"] == [want]
+        await _told_web_alone(mesh, Client(l4.port), [FORGED_XFCC] * 4)
         assert (
             sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", source_service="web") == 4
         )
