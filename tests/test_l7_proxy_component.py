@@ -236,6 +236,35 @@ async def test_a_caller_that_takes_an_http_service_for_tcp_is_served_as_http(mes
         await l4.close()
 
 
+async def test_a_plain_caller_that_shuts_its_side_after_its_request_still_gets_the_answer(mesh: Mesh) -> None:
+    """A plain stream served as HTTP stands for the client's own TCP connection: a client that sends
+    its request and shuts its write side (HTTP/1.0 style, `printf ... | nc -N`) got an empty EOF,
+    and the destination counted it 499 DC. Several requests sent at once are answered in order."""
+    l4 = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a)
+    await l4.start()
+
+    def exchange(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", l4.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            return got
+
+    try:
+        one = await asyncio.to_thread(exchange, b"GET /hello HTTP/1.1\r\nhost: api\r\n\r\n")
+        assert one.startswith(b"HTTP/1.1 200 ") and one.endswith(b"GET /hello\n"), one
+        old = await asyncio.to_thread(exchange, b"GET /old HTTP/1.0\r\nhost: api\r\n\r\n")
+        assert old.startswith(b"HTTP/1.") and b" 200 " in old.split(b"\r\n")[0], old
+        three = await asyncio.to_thread(
+            exchange, b"".join(b"GET /%d HTTP/1.1\r\nhost: api\r\n\r\n" % i for i in range(3))
+        )
+        assert three.count(b"HTTP/1.1 200 ") == 3 and three.index(b"GET /0") < three.index(b"GET /2"), three
+    finally:
+        await l4.close()
+
+
 async def test_bodies_stream_both_ways_chunked_and_sized(mesh: Mesh) -> None:
     c = mesh.client()
     body = b"x" * 200_000  # above the replay buffer: streamed, not replayable

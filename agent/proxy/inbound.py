@@ -414,7 +414,11 @@ class InboundListener(ListenerLifecycle):
             # bytes would reach the app past all that, with any x-forwarded-client-cert they carried
             http = self.alpn_handlers.get(HTTP_ALPN[0])
             if http is not None:
-                http(self, StreamTransport(stream), source, svc, [])
+                transport = StreamTransport(stream)
+                # it stands for the client's own TCP connection, relayed as is by its agent: TCP's
+                # half-close (a client that sends its request and shuts its side still gets the answer)
+                transport.allow_half_close()
+                http(self, transport, source, svc, [])
             elif not conn.wasted("OPEN of a stream to an http service", DENIED_OPEN_COST):
                 self._refused(conn, stream, svc.name, flags.DPE)  # (no HTTP side: a listener of tests)
             return

@@ -205,7 +205,7 @@ class StreamTransport(asyncio.Transport):
         """`write`, and what it queued leaves at once rather than with the loop turn's other frames
         (mux._write), with no flush scheduled for the turn's end on its account: for an HTTP message
         end that nothing else will join this turn (http_conn.alone)."""
-        if self.state is not OPEN or not data:
+        if not data or (self.state is not OPEN and self.state is not READ_CLOSED):
             return
         conn = self.stream.conn
         conn.writing_now = True
