@@ -21,7 +21,8 @@ dnspython does the wire format, in agent/dns_wire.py);
   TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
   a new client past MAX_TCP_CONNECTIONS closes a connection idle TCP_EVICT_IDLE or in one query
   TCP_QUERY_STUCK (RFC 7766 6.2.3), the one longest past it, else it is refused: clients that each
-  ask once in a while, or dribble their queries, cannot hold TCP DNS for good either.
+  ask once in a while, or dribble their queries, cannot hold TCP DNS for good (one that keeps
+  asking is being served, and keeps its slot).
 """
 
 from __future__ import annotations
@@ -86,10 +87,9 @@ def _connectable(host: str) -> str:
     """A listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0 is
     no address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
     ip = ipaddress.ip_address(host)
-    if not (
-        ip.is_unspecified
-        or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified)
-    ):
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a socket bound to ::ffff:0.0.0.0 takes IPv4 only
+    if not ip.is_unspecified:
         return host
     return "127.0.0.1" if ip.version == 4 else "::1"
 
