@@ -476,12 +476,19 @@ def take_start_failures(failures: renewal.RenewalFailures, answer: dict[str, Any
     with what was left of a wait the CA asked for (`ca_waits`: seconds; any other value, none)."""
     waits = answer.get("ca_waits")
     for service, problem in answer.get("problems", {}).items():
-        wait = waits.get(service) if isinstance(waits, dict) else None
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait > 0:  # (NaN too)
-            wait = 0.0
-        elif wait > renewal.RETRY_AFTER_MAX:  # (an int of any size compares without a float)
-            wait = renewal.RETRY_AFTER_MAX
-        failures.failed_elsewhere(service, problem, float(wait), now)
+        wait = _seconds(waits.get(service) if isinstance(waits, dict) else None)
+        failures.failed_elsewhere(service, problem, wait or 0.0, now)
+
+
+def _seconds(value: object) -> float | None:
+    """A wait in a child's answer (JSON seconds) within 0..RETRY_AFTER_MAX; None for any other shape
+    (a string, a bool, NaN, infinity): from a child of other code, no wait rather than a wrong one.
+    (An int of any size is compared, never made a float first.)"""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return float(min(max(value, 0), renewal.RETRY_AFTER_MAX))
 
 
 def error_answer(exc: CAError) -> dict[str, Any]:
@@ -501,10 +508,8 @@ def answer_error(answer: dict[str, Any]) -> CAError:
     message = str(answer.get("error", "certificate helper failed"))
     if not issubclass(kind, ca_errors.CAUnavailable):
         return kind(message)
-    seconds = answer.get("retry_after")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        return kind(message)
-    return kind(message, min(max(float(seconds), 0.0), renewal.RETRY_AFTER_MAX))
+    seconds = _seconds(answer.get("retry_after"))
+    return kind(message) if seconds is None else kind(message, seconds)
 
 
 # --- the child --------------------------------------------------------------------------------
