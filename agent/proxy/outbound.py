@@ -86,7 +86,6 @@ class OutboundListener(ListenerLifecycle):
         self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns = LeastConnections()  # open streams per instance, and the picks over them
-        self._active: dict[PoolKey, int] = self._conns.counts
         self._failures: dict[PoolKey, int] = {}
         self._ctx: Any = None
         self._closing = False
@@ -322,7 +321,7 @@ class OutboundListener(ListenerLifecycle):
             endpoints.append({
                 "instance_id": ep.instance_id, "node": ep.node, "address": f"{ep.address}:{ep.port}",
                 "zone": ep.zone, "subset": ep.meta.get(SUBSET_META, ""), "active_connections":
-                self._active.get(key, 0), "connect_failures": self._failures.get(key, 0),
+                self._conns.counts.get(key, 0), "connect_failures": self._failures.get(key, 0),
                 "pool_idle": self.pool.idle_count(key),
             })  # fmt: skip
         return {
