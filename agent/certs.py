@@ -259,8 +259,7 @@ class CertManager:
                 try:
                     await self.renew_once(service)
                 except CAError as exc:
-                    now = asyncio.get_running_loop().time()
-                    self.failures.record(service, exc, self.renewal_view(service), self.token_file, now)
+                    renewal.failed_try(self, service, exc)
 
     def renew_at(self, service: str) -> dt.datetime:
         """When `service`'s certificate is due for renewal (2/3 of its life, with jitter)."""

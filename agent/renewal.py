@@ -260,7 +260,13 @@ async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: 
         try:
             await certs.renew_once(service)
         except CAError as exc:
-            certs.failures.record(service, exc, certs.renewal_view(service), certs.token_file, loop.time())
+            failed_try(certs, service, exc)
+
+
+def failed_try(certs: Renewable, service: str, exc: CAError) -> None:
+    """Book a failed try of `service` (RenewalFailures.record), with its certificate as it is now."""
+    now = asyncio.get_running_loop().time()
+    certs.failures.record(service, exc, certs.renewal_view(service), certs.token_file, now)
 
 
 def _as_asked(step: Step) -> str:
