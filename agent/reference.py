@@ -70,7 +70,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "drain_seconds",
         "number 0..3600",
         _g(C.DEFAULT_DRAIN_SECONDS),
-        "On SIGTERM: how long open connections may finish before they are cut.",
+        "On SIGTERM: how long open connections, and UDP flows still talking, may finish before they are cut.",
     ),
     Key(
         "workers",

@@ -4,6 +4,8 @@ flow when the peer's RESET says why (PeerRefused, as mux.Stream.reset_received g
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from hostmesh.agent.config import parse_config
@@ -62,3 +64,36 @@ def test_refusals_whose_hold_is_over_make_room_for_new_clients(monkeypatch: pyte
     out.datagram(b"new client", ("127.0.0.1", 6000))
     assert dropped(tel, "flows") == 0  # room was made: it went on (no instance yet: no_upstream)
     assert dropped(tel, "no_upstream") == 1 and not out.flows and not out.refused
+
+
+def test_a_datagram_no_ipv4_app_socket_could_send_is_dropped_at_the_caller() -> None:
+    """An IPv6 listener takes datagrams of up to 65,527 bytes; every app socket is IPv4 127.0.0.1,
+    whose payloads end at 65,507: such a datagram crossed the mesh to be lost there, unseen."""
+    out, tel = listener()
+    out.datagram(b"x" * (udp.MAX_APP_DATAGRAM + 1), ("::1", 5000, 0, 0))
+    assert dropped(tel, "too_large") == 1 and not out.flows
+    flow = _OutFlow(out, ("::1", 5001, 0, 0))
+    out.flows[flow.addr] = flow  # a running flow drops it too, and stays
+    out.datagram(b"x" * (udp.MAX_APP_DATAGRAM + 1), flow.addr)
+    assert dropped(tel, "too_large") == 2 and out.flows[flow.addr] is flow and not flow.queue
+    out.datagram(b"x" * udp.MAX_APP_DATAGRAM, flow.addr)  # the largest an app can take goes on
+    assert dropped(tel, "too_large") == 2 and len(flow.queue) == 1
+
+
+def test_a_refused_flow_writes_its_access_line_once_with_the_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Written when the refusal comes (whatever the sample: it has a flag), not again as the hold ends."""
+    out, _ = listener()
+    flow = _OutFlow(out, ("127.0.0.1", 5000))
+    out.flows[flow.addr] = flow
+    flow.state = FlowState.OPEN
+    with caplog.at_level(logging.INFO, logger="hostmesh.access"):
+        flow.send(b"before")
+        flow.lost(None, PeerRefused("AUTHZ"))  # type: ignore[arg-type]
+        flow.send(b"during the hold")
+        flow.close()
+    [line] = [r for r in caplog.records if r.name == "hostmesh.access"]
+    fields = line.fields  # type: ignore[attr-defined]
+    assert (fields["protocol"], fields["reporter"], fields["response_flags"]) == ("udp", "source", "AUTHZ")
+    assert (fields["downstream_remote_address"], fields["bytes_received"]) == ("127.0.0.1:5000", 6)

@@ -118,6 +118,8 @@ class UdpApps:
             self.loop.call_soon_threadsafe(t.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        for sock in (self.echo_sock, self.dns_sock, self.push_sock):  # the loop stopped before it closed them
+            sock.close()
 
 
 def payload(flow: int, seq: int, rng: random.Random) -> bytes:

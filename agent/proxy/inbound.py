@@ -336,10 +336,10 @@ class InboundListener(ListenerLifecycle):
             conn.goaway()  # callers open no new streams here; idle connections close now
         deadline = time.monotonic() + drain_seconds
         await self.tracker.drain(drain_seconds)
-        # HTTP streams ride these connections: their requests in flight finish first (HttpInbound.close
-        # drains them and then closes the streams)
+        # HTTP streams and UDP flows ride these connections: requests in flight finish first, and flows
+        # still talking go on (HttpInbound.close and UdpInbound.close drain them, then end them)
         for _ in range(int(drain_seconds / DRAIN_POLL) + 1):
-            if time.monotonic() >= deadline or not self._http_in_flight():
+            if time.monotonic() >= deadline or not (self._http_in_flight() or self._udp_talking()):
                 break
             await asyncio.sleep(DRAIN_POLL)
         for conn in list(self._conns):
@@ -350,6 +350,9 @@ class InboundListener(ListenerLifecycle):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             except TimeoutError:
                 pass
+
+    def _udp_talking(self) -> bool:
+        return self.udp is not None and bool(self.udp.talking())
 
     def _http_in_flight(self) -> bool:
         """Whether an HTTP stream on one of our connections has a request in flight."""

@@ -44,6 +44,20 @@ Decisions:
   made, a flow to a service that is not udp) are logged at a bounded rate too.
 - Flows end after `udp_idle_timeout` (agent.toml, default 60 s) without a datagram either way
   (each side sweeps its own; RESET tells the other), on a deny, or when the connection goes.
+- A running flow follows health: a client's datagram on a flow whose instance's agent is no longer
+  among the upstream's healthy instances (checked when the snapshot changed: an identity test per
+  datagram otherwise) ends that flow and opens a new one, so a client that keeps sending does not
+  stay on an instance Consul marked critical.
+- A stop drains (`drain_seconds`, as TCP connections): new clients are dropped (`draining`) and
+  running flows go on until each has been quiet for DRAIN_QUIET (a query's answer came back) or
+  the drain is over; the inbound keeps its mesh connections open for them as long. A reload that
+  rebuilds a udp upstream still ends its flows at once: the new socket must take the address.
+- Each flow writes one access line when it ends (sampled as TCP connections are, always when it
+  has a flag): `bytes_received` the client's datagrams' bytes, `bytes_sent` those passed back.
+- An ICMP port unreachable from the local app (nothing listens on its port) is counted as a drop
+  (`app_unreachable`) of the datagram the app socket had passed on, and logged at a bounded rate.
+- A datagram larger than an IPv4 payload can be (an IPv6 client may send up to 65,527 bytes) is
+  dropped at the caller (`too_large`): every app socket is IPv4 127.0.0.1.
 - The sockets are the loop's own DatagramProtocol, not asyncio-dgram's streams: those queue
   received datagrams without bound and await a drain per send, where the proxy must drop instead.
 """
@@ -57,7 +71,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, cast
 
 from hostmesh.agent import audit
@@ -73,6 +87,7 @@ from hostmesh.agent.proxy.pump import PeerRefused
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.udp")
@@ -95,6 +110,11 @@ SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the ke
 # a flow its destination refused drops its client's datagrams this long before one asks again
 REFUSED_HOLD = 1.0
 SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket to be gone (a loop turn)
+# a stop's drain ends a flow quiet this long (its answers came back), and ends once every flow is:
+# a resolver's or a game's request/answer turn is well under it; a flow still talking waits out the drain
+DRAIN_QUIET = 1.0
+DRAIN_POLL = 0.05  # how often a drain looks for quiet flows
+MAX_APP_DATAGRAM = 65_507  # the largest UDP payload over IPv4, what the app's 127.0.0.1 socket can send
 MAX_FLOWS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # per mux connection, like TCP streams (inbound.py)
 REQUEST, RESPONSE = "request", "response"
 
@@ -134,7 +154,8 @@ def _buffered(transport: asyncio.BaseTransport) -> int:
     return int(cast(Any, transport).get_write_buffer_size())
 
 
-def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: str) -> None:
+def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: str) -> bool:
+    """Whether `data` went out as a DGRAM frame (else it is counted dropped)."""
     conn = stream.conn
     if stream.done or conn.closed:
         counters.dropped("closed")
@@ -143,6 +164,8 @@ def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: s
     else:
         conn.write(dgram_frame(stream.id, data))
         counters.carried(direction, len(data))
+        return True
+    return False
 
 
 def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: str) -> None:
@@ -159,18 +182,59 @@ def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: 
     counters.carried(direction, 0)
 
 
+def _host_port(addr: Any) -> str:
+    """A socket address as an access line shows it: 127.0.0.1:5353, [::1]:5353."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _drain(flows: Callable[[], Iterable[_Flow]], seconds: float) -> None:
+    """A stop's drain: return once every flow of `flows()` that is still carrying has been quiet
+    DRAIN_QUIET (each is ended as it gets there), or after `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    for _ in range(int(seconds / DRAIN_POLL) + 1):  # bounded: the drain's length
+        quiet = time.monotonic() - DRAIN_QUIET
+        talking = False
+        for flow in list(flows()):
+            if flow.state is FlowState.REFUSED:
+                continue
+            if flow.last <= quiet:
+                flow.close()
+            else:
+                talking = True
+        if not talking or loop.time() >= deadline:
+            return
+        await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
+
+
 # --- a flow of either direction ------------------------------------------------------------------
 
 
 class _Flow:
-    """What an outbound and an inbound flow share: they are their stream's `pipe`, and end the same
-    way (once; detach from the stream, resetting it unless the mux already ended it)."""
+    """What an outbound and an inbound flow share: they are their stream's `pipe`, end the same way
+    (once; detach from the stream, resetting it unless the mux already ended it), and write one
+    access line when they stop carrying."""
 
-    __slots__ = ("queue", "queued", "state", "stream")
+    __slots__ = ("down", "flag", "last", "queue", "queued", "started", "state", "stream", "up")
     state: FlowState
     stream: Stream | None
     queue: collections.deque[bytes]  # datagrams held while the flow opens
     queued: int  # what they are charged (payload + QUEUED_OVERHEAD each)
+    last: float  # monotonic time of its last datagram either way
+    started: float  # monotonic time it was made
+    up: int  # bytes of the client's datagrams it took (the access line's bytes_received)
+    down: int  # bytes of the datagrams it passed back toward the client (bytes_sent)
+    flag: str  # why it was refused or failed ("" for none): its access line's response flag
+
+    def _begin(self) -> None:
+        self.state = FlowState.OPENING
+        self.stream = None
+        self.queue = collections.deque()
+        self.queued = 0
+        self.last = self.started = time.monotonic()
+        self.up = self.down = 0
+        self.flag = ""
 
     def hold(self, data: bytes, owner: UdpOutbound | UdpInbound, counters: _Counters) -> None:
         """Keep `data` until the flow is open, within the flow's bounds and its listener's (`owner`)."""
@@ -197,6 +261,9 @@ class _Flow:
         """End the flow; `reset` the stream unless the mux ended it, saying `why` (a refusal's flag)."""
         if self.state is FlowState.CLOSED:
             return
+        if self.state is not FlowState.REFUSED:  # (a refused flow wrote its line when refused)
+            self.flag = self.flag or why
+            self._log_access()
         self.state = FlowState.CLOSED
         self._release()
         stream, self.stream = self.stream, None
@@ -208,6 +275,13 @@ class _Flow:
     def _release(self) -> None:
         """What this side holds besides the stream: queued datagrams, its place among the flows."""
         raise NotImplementedError
+
+    def _log_access(self) -> None:
+        """Its access line (audit.access_record), if sampled; always with a flag."""
+        raise NotImplementedError
+
+    def _duration_ms(self) -> float:
+        return round((time.monotonic() - self.started) * 1000, 1)
 
     # the mux's pipe interface: the peer reset the flow, or the connection is gone
     def lost(self, stream: Stream, exc: Exception | None) -> None:
@@ -223,16 +297,15 @@ class _Flow:
 class _OutFlow(_Flow):
     """One client address of a UDP upstream listener. It is its stream's `pipe` (lost/fail)."""
 
-    __slots__ = ("addr", "last", "owner", "refused_until")
+    __slots__ = ("addr", "endpoint", "owner", "refused_until", "snap", "subset")
 
-    def __init__(self, owner: UdpOutbound, addr: Any) -> None:
+    def __init__(self, owner: UdpOutbound, addr: Any, snap: Snapshot | None = None) -> None:
+        self._begin()
         self.owner = owner
         self.addr = addr
-        self.state = FlowState.OPENING
-        self.stream: Stream | None = None
-        self.queue = collections.deque()
-        self.queued = 0
-        self.last = time.monotonic()
+        self.snap = snap  # the snapshot its instance was last found healthy in (UdpOutbound.datagram)
+        self.endpoint: PoolKey | None = None  # its instance's agent, once attached
+        self.subset = ""  # its instance's subset (meta `version`), for the access line
         self.refused_until = 0.0  # REFUSED: the monotonic time its client may open a new flow
 
     def lost(self, stream: Stream, exc: Exception | None) -> None:
@@ -240,6 +313,8 @@ class _OutFlow(_Flow):
         if not isinstance(exc, PeerRefused) or not exc.flags or self.state is not FlowState.OPEN:
             self.close(reset=False)
             return
+        self.flag = exc.flags
+        self._log_access()
         self.state = FlowState.REFUSED
         self.refused_until = time.monotonic() + REFUSED_HOLD
         self.owner.refused.append(self)  # in time order (one hold for all): expired from the left
@@ -249,6 +324,7 @@ class _OutFlow(_Flow):
 
     def send(self, data: bytes) -> None:
         self.last = time.monotonic()
+        self.up += len(data)
         if self.state is FlowState.OPENING:
             self.hold(data, self.owner, self.owner.counters)
         elif self.stream is not None:
@@ -256,8 +332,10 @@ class _OutFlow(_Flow):
         elif self.state is FlowState.REFUSED:
             self.owner.counters.dropped("refused")
 
-    def attach(self, stream: Stream) -> None:
+    def attach(self, stream: Stream, endpoint: Endpoint) -> None:
         self.stream, self.state = stream, FlowState.OPEN
+        self.endpoint = (endpoint.address, endpoint.port)
+        self.subset = endpoint.meta.get(SUBSET_META, "")
         stream.pipe = cast(Any, self)
         stream.on_datagram = self.received
         for data in self.unhold(self.owner):
@@ -274,6 +352,7 @@ class _OutFlow(_Flow):
         if data:
             transport.sendto(data, self.addr)
             self.owner.counters.carried(RESPONSE, len(data))
+            self.down += len(data)
         elif self.owner.sock is not None:
             _send_empty(self.owner.sock, self.addr, self.owner.counters, RESPONSE)
 
@@ -282,6 +361,19 @@ class _OutFlow(_Flow):
             for _ in self.unhold(self.owner):
                 self.owner.counters.dropped("no_upstream")
         self.owner.flows.pop(self.addr, None)
+
+    def _log_access(self) -> None:
+        if not audit.access_sampled(always=bool(self.flag)):
+            return
+        owner, key = self.owner, self.endpoint
+        audit.access(audit.access_record(
+            protocol="udp", reporter="source", source_workload=owner.local_service,
+            source_principal=Identity(owner.holder.current.trust_domain, owner.local_service).spiffe_id,
+            destination_service=owner.upstream.service, destination_subset=self.subset,
+            upstream_host=f"{key[0]}:{key[1]}" if key is not None else "",
+            downstream_remote_address=_host_port(self.addr), response_code=0, response_flags=self.flag,
+            duration_ms=self._duration_ms(), bytes_received=self.up, bytes_sent=self.down,
+        ))  # fmt: skip
 
 
 class _OutProtocol(asyncio.DatagramProtocol):
@@ -329,6 +421,9 @@ class UdpOutbound:
         # flows held REFUSED, oldest first: each leaves `flows` as its hold ends, so clients that use a
         # new port per query cannot fill MAX_FLOWS with refusals that are over (the sweep is 15 s apart)
         self.refused: collections.deque[_OutFlow] = collections.deque()
+        self.draining = False  # a stop's drain: no new flows, running ones go on until quiet
+        # (snapshot, the agents of the upstream's healthy instances in it): what running flows check
+        self._healthy: tuple[Snapshot | None, frozenset[PoolKey]] = (None, frozenset())
 
     @property
     def port(self) -> int:
@@ -378,7 +473,16 @@ class UdpOutbound:
         if self.refused:  # (a deque's truth test: the only cost to a datagram while nothing is refused)
             self._end_refusals(time.monotonic())
         flow = self.flows.get(addr)
+        if flow is not None and flow.snap is not self.holder.current and not self._still_healthy(flow):
+            flow.close()  # its instance left the healthy ones: this datagram opens a flow to another
+            flow = None
         if flow is None:
+            if len(data) > MAX_APP_DATAGRAM:  # (only an IPv6 listener can take one)
+                self.counters.dropped("too_large")
+                return
+            if self.draining:
+                self.counters.dropped("draining")
+                return
             if len(self.flows) >= MAX_FLOWS:
                 self.counters.dropped("flows")
                 return
@@ -386,7 +490,25 @@ class UdpOutbound:
             if flow is None:
                 self.counters.dropped("no_upstream")
                 return
+        elif len(data) > MAX_APP_DATAGRAM:
+            self.counters.dropped("too_large")
+            return
         flow.send(data)
+
+    def _still_healthy(self, flow: _OutFlow) -> bool:
+        """The snapshot changed since `flow` last looked: is its instance's agent still among the
+        upstream's healthy instances? (An opening or refused flow has none yet: it stays.)"""
+        snap = self.holder.current
+        if flow.state is not FlowState.OPEN:
+            return True
+        known, agents = self._healthy
+        if known is not snap:
+            agents = frozenset((e.address, e.port) for e in snap.endpoints.get(self.upstream.service, ()))
+            self._healthy = (snap, agents)
+        if flow.endpoint not in agents:
+            return False
+        flow.snap = snap
+        return True
 
     def _new_flow(self, addr: Any) -> _OutFlow | None:
         snap = self.holder.current
@@ -395,7 +517,7 @@ class UdpOutbound:
         endpoints = snap.endpoints.get(up, ())
         if ctx is None or not endpoints:
             return None
-        flow = _OutFlow(self, addr)
+        flow = _OutFlow(self, addr, snap)
         self.flows[addr] = flow
         ident = Identity(snap.trust_domain, up)
         task = asyncio.get_running_loop().create_task(self._open(flow, ctx, ident, endpoints))
@@ -427,12 +549,12 @@ class UdpOutbound:
             stream = conn.add(conn.last_id + 1)
             conn.write(control(DGRAM_OPEN, stream.id))
             self.counters.flow()  # counted once: opened here, or UF below (refused: dropped `refused`)
-            flow.attach(stream)
+            flow.attach(stream, got.endpoint)
             return
         self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
                      up.service, flow.addr)  # fmt: skip
         self.counters.flow(flags.UF)
-        flow.close()
+        flow.close(why=flags.UF)
 
     def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
         log.debug("udp outbound %s: %s; trying another instance", self.name, exc)
@@ -451,7 +573,11 @@ class UdpOutbound:
     async def close(self, drain_seconds: float = 0.0) -> None:
         """End every flow and close the socket; returns once the socket is closed, so that its
         address can be bound again at once (a reload rebuilding this upstream: the loop closes a
-        datagram transport's socket only on a later turn, and the new bind failed EADDRINUSE)."""
+        datagram transport's socket only on a later turn, and the new bind failed EADDRINUSE).
+        With `drain_seconds` (a stop), new clients are dropped first and running flows go on until
+        quiet (_drain)."""
+        self.draining = True
+        await _drain(lambda: self.flows.values(), drain_seconds)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for flow in list(self.flows.values()):
@@ -489,25 +615,25 @@ class UdpOutbound:
 class _InFlow(_Flow, asyncio.DatagramProtocol):
     """One caller flow to a local UDP app: its stream's `pipe`, and the app socket's protocol."""
 
-    def __init__(self, owner: UdpInbound, conn: Any, stream: Stream, service: str, snap: Snapshot) -> None:
+    def __init__(self, owner: UdpInbound, conn: Any, stream: Stream, service: str, snap: Snapshot,
+                 port: int) -> None:  # fmt: skip
+        self._begin()
         self.owner = owner
         self.conn = conn
-        self.stream: Stream | None = stream
+        self.stream = stream
         self.service = service
+        self.port = port  # the app's
         self.source = conn.source.service
         self.snap = snap  # the snapshot the flow was authorized against
-        self.state = FlowState.OPENING
-        self.queue = collections.deque()
-        self.queued = 0
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None  # the transport's socket, for 0-byte datagrams
         self.cap: ConnectionCap | None = None  # the cap the app socket holds a slot under, until _release
-        self.last = time.monotonic()
         self.counters = _Counters(owner.telemetry, "destination", self.source, service)
 
     # from the mesh
     def from_mesh(self, payload: Any) -> None:
         self.last = time.monotonic()
+        self.up += len(payload)
         if self.owner.holder.current is not self.snap and not self.owner.reauthorize(self):
             return
         data = bytes(payload)
@@ -546,11 +672,18 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
         # an app that streams to its caller keeps the flow alive by itself: a deny must stop it too
         if self.owner.holder.current is not self.snap and not self.owner.reauthorize(self):
             return
-        _send_to_mesh(stream, data, self.counters, RESPONSE)
+        if _send_to_mesh(stream, data, self.counters, RESPONSE):
+            self.down += len(data)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable: nothing listens on the app port (now); the next datagram may find it
-        log.debug("udp inbound %s->%s: app socket: %s", self.source, self.service, exc)
+        """An ICMP error for a datagram the app socket passed on: port unreachable means nothing
+        listens on the app's port (now); the next datagram may find it."""
+        if isinstance(exc, ConnectionRefusedError):
+            self.counters.dropped("app_unreachable")
+            self.owner._app_log("udp inbound %s->%s: nothing listens on the app's port 127.0.0.1:%d (a "
+                                "datagram was refused)", self.source, self.service, self.port)  # fmt: skip
+        else:
+            log.debug("udp inbound %s->%s: app socket: %s", self.source, self.service, exc)
 
     def _release(self) -> None:
         for _ in self.unhold(self.owner):
@@ -563,6 +696,16 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
             cap.give_back()
             self.owner.capped -= 1
 
+    def _log_access(self) -> None:
+        if audit.access_sampled(always=bool(self.flag)):
+            audit.access(audit.access_record(
+                protocol="udp", reporter="destination", source_workload=self.source,
+                source_principal=self.conn.source.spiffe_id, destination_service=self.service,
+                destination_subset="", upstream_host="", downstream_remote_address=self.conn.peer_addr,
+                response_code=0, response_flags=self.flag, duration_ms=self._duration_ms(),
+                bytes_received=self.up, bytes_sent=self.down,
+            ))  # fmt: skip
+
 
 class UdpInbound:
     """Accepts the DGRAM_OPEN of callers for local services with `protocol = "udp"`."""
@@ -573,6 +716,7 @@ class UdpInbound:
         self.telemetry = telemetry
         self.idle_timeout = idle_timeout
         self.flows: set[_InFlow] = set()
+        self.draining = False  # a stop's drain: no new flows, running ones go on until quiet
         self.queued = 0  # bytes held by the flows whose app socket is being made (_Flow.hold)
         self.capped = 0  # flows holding a slot under the agent's cap (at most UDP_CAP_SHARE of it)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -587,7 +731,7 @@ class UdpInbound:
         if c.source is None or sid <= conn.last_id or conn.version < DGRAM_MIN_VERSION:
             conn.protocol_error(f"DGRAM_OPEN of flow {sid} (last {conn.last_id}, v{conn.version})")
             return
-        if conn.draining or len(conn.streams) >= MAX_FLOWS_ACCEPTED:
+        if conn.draining or self.draining or len(conn.streams) >= MAX_FLOWS_ACCEPTED:
             conn.last_id = sid
             conn.write(control(RESET, sid))
             return
@@ -607,7 +751,7 @@ class UdpInbound:
             counters.flow(flags.UF)
             stream.reset(flags.UF)
             return
-        flow = _InFlow(self, c, stream, svc.name, snap)
+        flow = _InFlow(self, c, stream, svc.name, snap, svc.port)
         stream.pipe = cast(Any, flow)
         stream.on_datagram = flow.from_mesh
         refusal = self._refusal(flow, snap)
@@ -632,13 +776,14 @@ class UdpInbound:
         if self._sweeper is None:
             self._schedule_sweep()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._connect(flow, svc.port))
+        task = loop.create_task(self._connect(flow))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, flow: _InFlow, port: int) -> None:
+    async def _connect(self, flow: _InFlow) -> None:
         if flow.state is FlowState.CLOSED:  # reset or denied before its turn: no socket for it
             return
+        port = flow.port
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
@@ -697,7 +842,17 @@ class UdpInbound:
             flow.close()
         self._schedule_sweep()
 
+    def talking(self) -> bool:
+        """Whether a flow has carried a datagram within DRAIN_QUIET (what the inbound listener's
+        drain waits for before it closes the mesh connections the flows ride)."""
+        quiet = time.monotonic() - DRAIN_QUIET
+        return any(flow.last > quiet for flow in self.flows)
+
     async def close(self, drain_seconds: float = 0.0) -> None:
+        """End every flow; with `drain_seconds` (a stop), new flows are refused first and running
+        ones go on until quiet (_drain)."""
+        self.draining = True
+        await _drain(lambda: self.flows, drain_seconds)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for flow in list(self.flows):
