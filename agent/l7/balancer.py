@@ -33,7 +33,7 @@ import bisect
 import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
@@ -73,7 +73,17 @@ class Endpoint:
     active: int = 0  # in-flight requests (least_request)
 
 
-def select_subset(endpoints: Sequence[Endpoint], selector: Mapping[str, str] | None) -> tuple[Endpoint, ...]:
+class _HasMeta(Protocol):
+    @property
+    def meta(self) -> Mapping[str, str]: ...
+
+
+_WithMeta = TypeVar("_WithMeta", bound=_HasMeta)  # this module's Endpoint, or the snapshot's (L4 splits)
+
+
+def select_subset(
+    endpoints: Sequence[_WithMeta], selector: Mapping[str, str] | None
+) -> tuple[_WithMeta, ...]:
     """Instances whose meta carries every ``key: value`` of the subset selector."""
     if not selector:
         return tuple(endpoints)
