@@ -838,7 +838,7 @@ async def test_what_the_outbound_keeps_per_instance_goes_with_the_instances(mesh
             w.close()
         await async_wait_until(lambda: ob.active_connections == 0, what="finished")
     assert len(ob._failures) <= 2 * 2 + FAILURES_SLACK  # not one per instance that ever was
-    assert ob._conns.counts == {}  # no connection open: no counts kept
+    assert ob.open_connections() == {}  # no connection open: no counts kept
     eps = {"api": [(first_dead, {}), (mesh.inbound.port, {})]}
     holder.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))  # an address used again
     endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]

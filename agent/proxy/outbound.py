@@ -2,7 +2,8 @@
 healthy instance's agent over mutual TLS, as the calling local service.
 
 Pipeline per accepted connection (all visible in `_accepted` / `_dial`):
-    accept -> read the snapshot once -> pick an instance (round robin | least connections)
+    accept -> read the snapshot once -> the subset the weights of the upstream's tcp route document
+    pick, if it has one (split.py) -> pick an instance of it (round robin | least connections)
     -> take an established mTLS connection to it with room for a stream, or dial one (SNI
        `<upstream>.svc.<td>`, ALPN `hostmesh/tcp`, our client cert; the peer's SPIFFE ID must be
        the upstream's; agent/proxy/pool.py)
@@ -13,18 +14,23 @@ Decisions:
 - A connect failure, timeout, TLS failure or wrong peer identity moves to another instance not yet
   tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most (one loop for
   streams, UDP flows and egress via a gateway: connect.py).
-- No healthy instance, or every instance failed: the downstream is reset at once (the client sees
-  a reset rather than an EOF that could pass for an empty answer) and one log line says why.
+- No healthy instance (of the subset the split picked), or every instance failed: the downstream is
+  reset at once (the client sees a reset rather than an EOF that could pass for an empty answer) and
+  one log line says why. Retries stay within the subset the split picked.
 - Over the agent's connection cap (limits.py) a new connection is shed: reset (L4) or answered
   ``503 OM`` (L7); an L4 connection idle for ``stream_idle_timeout`` is reset (flag SI).
-- The L4 picks (agent/l7/balancer.py LeastConnections): round robin over the snapshot's instance
-  list, and least connections over this listener's open streams, ties rotated so they spread.
+- The L4 picks (agent/l7/balancer.py LeastConnections, one per subset of the split: split.py):
+  round robin over the snapshot's instance list (the subset's), and least connections over this
+  listener's open streams, ties rotated so they spread.
+- The TCP series' `destination_subset` and the access line's are the subset the split picked; without
+  one (no split, or a destination naming no subset), the instance's `version` meta.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -37,6 +43,7 @@ from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
+from hostmesh.agent.proxy.split import Splitter, picker
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.layout import SUBSET_META
@@ -72,7 +79,8 @@ class _Downstream(RawEnd):
 class OutboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
                  telemetry: Telemetry, *, reuse_port: bool = False, cap: ConnectionCap | None = None,
-                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
+                 stream_idle_timeout: float = STREAM_IDLE_TIMEOUT,
+                 rng: random.Random | None = None) -> None:  # fmt: skip
         self.holder = holder
         self.cap = cap  # the agent's connection cap (None: unlimited)
         self.local_service = local_service
@@ -85,7 +93,8 @@ class OutboundListener(ListenerLifecycle):
         self._servers: list[asyncio.Server] = []  # one per descriptor of the listening socket
         self._pending: set[RawEnd] = set()  # accepted, waiting for a dial
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conns = LeastConnections()  # open streams per instance, and the picks over them
+        # the route document's split, and the open streams per instance and picks over them (per subset)
+        self._split = Splitter(upstream.service, "tcp", rng)
         self._failures: dict[PoolKey, int] = {}
         self._ctx: Any = None
         self._closing = False
@@ -194,40 +203,47 @@ class OutboundListener(ListenerLifecycle):
         if not endpoints:
             self._refuse(end, flags.UH, f"no healthy instance of {up}")
             return
+        subset, endpoints, conns = self._split.choose(snap, endpoints)  # the route document's split
+        if not endpoints:
+            self._refuse(end, flags.UH, f"no healthy instance of {up} in subset {subset}", subset or "")
+            return
         if ctx is not self._ctx:
             if self._ctx is not None:
                 self.pool.drop_stale(ctx)
             self._ctx = ctx
-        ep = self._pick(endpoints, ())
+        ep = conns.pick(endpoints, (), self.upstream.load_balancer == "least_connections")
         assert ep is not None
         conn = self.pool.acquire((ep.address, ep.port), ctx)
         if conn is not None:
-            self._attach(end, conn, ep)
+            self._attach(end, conn, ep, subset, conns)
             return
         self._pending.add(end)
         ident = Identity(snap.trust_domain, up)
-        task = asyncio.get_running_loop().create_task(self._dial(end, ctx, ident, endpoints, ep))
+        dial = self._dial(end, ctx, ident, endpoints, ep, subset, conns)
+        task = asyncio.get_running_loop().create_task(dial)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _dial(self, end: _Downstream, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...],
-                    ep: Endpoint) -> None:  # fmt: skip
+                    ep: Endpoint, subset: str | None, conns: LeastConnections) -> None:  # fmt: skip
         """No pooled connection to `ep` had room: connect within the budget (connect.py), trying the
-        other instances; none answered in time: reset with the last failure's flag."""
+        other instances (of `subset`, picked by `conns`); none answered in time: reset with the last
+        failure's flag."""
         up = self.upstream
         got = await connect_within_budget(
-            self.pool, ctx, endpoints, self._pick, first=ep, sni=ident.dns_name, peer=ident,
-            connect_timeout=up.connect_timeout, connect_budget=up.connect_budget,
-            wanted=lambda: not end.closed, on_failure=self._dial_failed,
+            self.pool, ctx, endpoints, picker(conns, up.load_balancer == "least_connections"), first=ep,
+            sni=ident.dns_name, peer=ident, connect_timeout=up.connect_timeout,
+            connect_budget=up.connect_budget, wanted=lambda: not end.closed, on_failure=self._dial_failed,
         )  # fmt: skip
         self._pending.discard(end)
         if isinstance(got, Connected):
             if not (end.closed or self._closing):  # else it stays in the pool for the next one
-                self._attach(end, got.conn, got.endpoint)
+                self._attach(end, got.conn, got.endpoint, subset, conns)
             return
         if not end.closed:
-            why = f"{got.tried} instance(s) of {up.service} failed within the budget: {got.last}"
-            self._refuse(end, got.last.flag, why)
+            where = f" in subset {subset}" if subset is not None else ""
+            why = f"{got.tried} instance(s) of {up.service}{where} failed within the budget: {got.last}"
+            self._refuse(end, got.last.flag, why, subset or "")
 
     def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
         """Counted per instance (stats: connect_failures); a peer with the wrong identity is always logged.
@@ -260,25 +276,30 @@ class OutboundListener(ListenerLifecycle):
         self._pending.discard(end)
 
     def _pick(self, endpoints: tuple[Endpoint, ...], tried: Any) -> Endpoint | None:
-        picked: Endpoint | None = self._conns.pick(
+        """Any of `endpoints` (no split: egress via a gateway, edges.py)."""
+        picked: Endpoint | None = self._split.every.pick(
             endpoints, tried, self.upstream.load_balancer == "least_connections"
         )
         return picked
 
-    def _attach(self, end: _Downstream, conn: MeshClient, ep: Endpoint) -> None:
+    def _attach(self, end: _Downstream, conn: MeshClient, ep: Endpoint, subset: str | None = None,
+                conns: LeastConnections | None = None) -> None:  # fmt: skip
+        """`end`'s stream to `ep` on `conn`, counted open in `conns` (None: every instance's) and
+        labelled `subset` (None: the one `ep`'s meta names)."""
         key = (ep.address, ep.port)
-        subset = ep.meta.get(SUBSET_META, "")
-        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset)
+        label = subset if subset is not None else ep.meta.get(SUBSET_META, "")
+        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, label)
         series.opened.inc()
-        pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, subset))
-        self._conns.acquire(key)
+        counted = conns if conns is not None else self._split.every
+        pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, label, counted))
+        counted.acquire(key)
         self.tracker.add(pipe)
         pipe.start()
 
     def _done(self, pipe: Pipe) -> None:
-        key, subset = pipe.info
+        key, subset, counted = pipe.info
         self.tracker.remove(pipe)
-        self._conns.release(key)  # (no key kept at zero: addresses churn)
+        counted.release(key)  # where it was counted, whatever the split is now (no key kept at zero)
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(
@@ -296,8 +317,8 @@ class OutboundListener(ListenerLifecycle):
                 bytes_received=pipe.up, bytes_sent=pipe.down,
             ))  # fmt: skip
 
-    def _refuse(self, end: RawEnd, flag: str, reason: str) -> None:
-        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, "", flag)
+    def _refuse(self, end: RawEnd, flag: str, reason: str, subset: str = "") -> None:
+        series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, subset, flag)
         series.opened.inc()
         series.closed.inc()
         peer = end.transport.get_extra_info("peername") if end.transport else None
@@ -316,12 +337,13 @@ class OutboundListener(ListenerLifecycle):
     def stats(self) -> dict[str, object]:
         snap = self.holder.current
         endpoints = []
+        open_connections = self._split.open_connections()
         for ep in snap.endpoints.get(self.upstream.service, ()):
             key = (ep.address, ep.port)
             endpoints.append({
                 "instance_id": ep.instance_id, "node": ep.node, "address": f"{ep.address}:{ep.port}",
                 "zone": ep.zone, "subset": ep.meta.get(SUBSET_META, ""), "active_connections":
-                self._conns.counts.get(key, 0), "connect_failures": self._failures.get(key, 0),
+                open_connections.get(key, 0), "connect_failures": self._failures.get(key, 0),
                 "pool_idle": self.pool.idle_count(key),
             })  # fmt: skip
         return {
@@ -340,6 +362,10 @@ class OutboundListener(ListenerLifecycle):
             },
             "http": self.http.stats() if self.http is not None else None,  # L7: pool, ejections
         }
+
+    def open_connections(self) -> dict[PoolKey, int]:
+        """Instance address -> this listener's connections open to it (a key only while some are)."""
+        return self._split.open_connections()
 
     def buffered_bytes(self) -> int:
         """Bytes queued in the write buffers of this listener's open connections (both sides)."""

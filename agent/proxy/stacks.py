@@ -100,10 +100,13 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
     route      an external service -> edges.egress_connection (direct or via an egress gateway);
                anything HTTP in the snapshot about the upstream (route document, an instance's
                protocol=http, `up.protocol`) -> the L7 path, whose route document picks the route
-               (none matches: 404 NR), subsets and weights; otherwise the L4 path to the upstream.
+               (none matches: 404 NR), subsets and weights; otherwise the L4 path to the upstream,
+               whose `protocol: tcp` route document's weights pick a subset per connection
+               (split.py).
     balance    L4: round robin or least connections (`up.load_balancer`) over the healthy
-               instances (none: reset, UH); L7: the upstream's policy balancer, outlier ejections
-               and zone preference (`svc`'s `zone` meta) within the chosen subset (none: 503 UH).
+               instances of that subset, all without a split (none: reset, UH); L7: the upstream's
+               policy balancer, outlier ejections and zone preference (`svc`'s `zone` meta) within
+               the chosen subset (none: 503 UH).
     forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
                within `connect_timeout`/`connect_budget`, other instances tried on failure
                (connect.py, also for udp flows and egress via a gateway); L7: a stream (HTTP_OPEN)
@@ -218,7 +221,8 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
                client's (what the client sent is dropped). tls: SNI -> a mesh service, none: reset, NR.
     balance    the destination service's own: http by its policy (consistent_hash on `source` hashes
                the real client's address; no zone preference, a gateway has no zone); tls by round
-               robin over its healthy instances (none: reset, UH).
+               robin over its healthy instances, within the subset its `protocol: tcp` route
+               document's weights pick (none: reset, UH).
     forward    http: that service's L7 outbound (HttpOutbound) as the gateway, with its routes,
                splits, retries and faults; tls: a stream of an OutboundListener that is never bound,
                over a pooled mux connection, the bytes untouched (the service terminates TLS itself).
