@@ -51,6 +51,7 @@ from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META, PROTOCOL_META, 
 from hostmesh.registry.schema import (
     KINDS,
     NOMAD_MAPPING_KIND,
+    SPLIT_PROTOCOLS,
     AnyDocument,
     RouteDocument,
     check_protocol,
@@ -389,20 +390,22 @@ class DocumentStore:
             protocol = await self.protocol_of(doc.service, pending)
             if protocol is not None:
                 check_protocol(doc, protocol)
-        elif isinstance(doc, RouteDocument) and doc.protocol == "tcp":
-            await self._check_others_fit(doc.service, "tcp", pending)
+        elif isinstance(doc, RouteDocument) and doc.protocol in SPLIT_PROTOCOLS:
+            await self._check_others_fit(doc.service, doc.protocol, pending)
 
     async def protocol_of(self, service: str, pending: Pending | None = None) -> str | None:
         """What `service` speaks, as its callers' agents will decide it: `external` when an external
         document names it (relayed as connections); its route document's `protocol` when there is
-        one; else, from the catalog, `http` when any instance has meta `protocol = http`, `udp` when
-        one has `udp`, `tcp` when instances exist and none has either; None when nothing says (no
-        instance yet, or the catalog is not readable with this token): then nothing is refused."""
+        one (`tcp`, `udp`, else `http`); else, from the catalog, `http` when any instance has meta
+        `protocol = http`, `udp` when one has `udp`, `tcp` when instances exist and none has either;
+        None when nothing says (no instance yet, or the catalog is not readable with this token):
+        then nothing is refused."""
         if await self._content("external", service, pending):
             return "external"
         route = await self._content("routes", service, pending)
         if route:
-            return "tcp" if route.get("protocol") == "tcp" else "http"
+            protocol = route.get("protocol")
+            return protocol if protocol in SPLIT_PROTOCOLS else "http"
         try:
             _, instances = await self.consul.catalog_service(service)
         except PermissionDenied:
@@ -414,7 +417,7 @@ class DocumentStore:
         return service_protocol({i.meta.get(PROTOCOL_META) for i in instances})
 
     async def _check_others_fit(self, service: str, protocol: str, pending: Pending | None) -> None:
-        """A route document turning `service` tcp, or an external document naming it, is refused
+        """A route document turning `service` tcp or udp, or an external document naming it, is refused
         while its policy or intentions (live, or written with it) hold what it then cannot take
         (they would be ignored)."""
         for other in ("policies", "intentions"):
@@ -428,10 +431,11 @@ class DocumentStore:
             try:
                 check_protocol(parsed, protocol)
             except InvalidDocument as exc:
-                if protocol == "tcp":
+                if protocol in SPLIT_PROTOCOLS:
                     raise InvalidDocument(
                         "protocol",
-                        f"tcp, but {other}/{service} has {exc.path}, which a tcp service cannot take",
+                        f"{protocol}, but {other}/{service} has {exc.path}, which a {protocol} service "
+                        "cannot take",
                     ) from None
                 raise InvalidDocument(
                     "service", f"{service} would be an external service, relayed as connections, but "

@@ -41,6 +41,7 @@ from hostmesh.registry.schema import (
     MAX_VERSION,
     PARSERS,
     RETRY_CONDITIONS,
+    ROUTE_PROTOCOLS,
     SERVICE_NAME_MAX,
     format_duration,
 )
@@ -147,10 +148,20 @@ ROUTE = Kind(
     "Traffic rules for calls to a service: subsets of its instances, and ordered routes that match "
     "requests and split them across subsets. Stored at `hostmesh/routes/<service>`. The first route "
     "whose match holds takes the request; a route without `match` takes every request, so it must be "
-    "last. A `tcp` service takes one route, a weighted split with no match.",
+    "last. A `tcp` or `udp` service takes one route, a weighted split with no match: each new "
+    "connection (tcp) or flow (udp) goes to a subset by its weights.",
     (
         *_common("whose callers follow these routes"),
-        Field("protocol", "enum", "What the service speaks.", default="http", choices=("http", "tcp")),
+        Field(
+            "protocol",
+            "enum",
+            "What the service speaks, as its agent.toml `protocol` says; callers' agents treat it so: "
+            "`http` routes each request, `tcp` splits each connection, `udp` each flow. A udp upstream "
+            "follows only a `udp` document, and only udp upstreams follow one. `udp` needs agents of 0.3 "
+            "or later: 0.2 refuses the document and keeps the last good one.",
+            default="http",
+            choices=ROUTE_PROTOCOLS,
+        ),
         Field("subsets", "map", "Named subsets of the service's instances."),
         Field(
             "subsets.<name>",

@@ -610,13 +610,20 @@ class Subset:
         return all(meta.get(k) == v for k, v in self.selector)
 
 
+# What a route document's `protocol` may say: the service's, as its callers' agents treat it. A tcp or
+# udp service's callers decide per connection or flow, so its document is a weighted split only: one
+# route, no match (agent/proxy/split.py).
+ROUTE_PROTOCOLS = ("http", "tcp", "udp")
+SPLIT_PROTOCOLS = ("tcp", "udp")
+
+
 @record
 class RouteDocument:
     """Traffic rules for calls *to* `service` (`hostmesh/routes/<service>`); first matching route wins."""
 
     service: str
     version: int = 0
-    protocol: Literal["http", "tcp"] = "http"
+    protocol: Literal["http", "tcp", "udp"] = "http"
     subsets: tuple[Subset, ...] = ()
     routes: tuple[Route, ...] = ()
 

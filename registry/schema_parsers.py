@@ -41,7 +41,9 @@ from hostmesh.registry.schema import (
     MAX_RULES,
     PROTECTED_HEADERS,
     RETRY_CONDITIONS,
+    ROUTE_PROTOCOLS,
     SERVICE_NAME_MAX,
+    SPLIT_PROTOCOLS,
     Abort,
     Backoff,
     ConnectionLimits,
@@ -315,11 +317,11 @@ def _route(v: object, path: str, subsets: Mapping[str, Subset], protocol: str) -
         required=("to",),
         optional=("name", "match", "timeout", "retries", "fault", "headers", "rewrite", "mirror"),
     )
-    if protocol == "tcp":
+    if protocol in SPLIT_PROTOCOLS:
         for key in f:
             if key not in ("to", "name"):
                 raise InvalidDocument(
-                    _key(path, key), "not supported for tcp services (only weighted to splits)"
+                    _key(path, key), f"not supported for {protocol} services (only weighted to splits)"
                 )
     match = _match(f["match"], _key(path, "match")) if "match" in f else None
     rewrite_prefix = None
@@ -387,7 +389,7 @@ def parse_routes(data: object) -> RouteDocument:
     """Validate a route document (`hostmesh/routes/<service>`) into `RouteDocument`."""
     f = _fields(data, "", required=("service",), optional=("version", "protocol", "subsets", "routes"))
     service = _name(f["service"], "service")
-    protocol = _choice(f.get("protocol", "http"), "protocol", ("http", "tcp"))
+    protocol = _choice(f.get("protocol", "http"), "protocol", ROUTE_PROTOCOLS)
     subsets = _subsets(f["subsets"], "subsets") if "subsets" in f else {}
     routes: list[Route] = []
     if "routes" in f:
@@ -397,8 +399,8 @@ def parse_routes(data: object) -> RouteDocument:
             if routes and routes[-1].match is None:
                 raise InvalidDocument(p, f"unreachable: routes[{i - 1}] has no match and takes every request")
             routes.append(_route(r, p, subsets, protocol))
-    if protocol == "tcp" and len(routes) > 1:
-        raise InvalidDocument("routes", "a tcp service takes one route (a weighted split)")
+    if protocol in SPLIT_PROTOCOLS and len(routes) > 1:
+        raise InvalidDocument("routes", f"a {protocol} service takes one route (a weighted split)")
     return RouteDocument(service, _version(f), protocol, tuple(subsets.values()), tuple(routes))  # type: ignore[arg-type]
 
 

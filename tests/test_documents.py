@@ -290,6 +290,28 @@ async def test_a_route_document_turning_a_service_tcp_is_refused_while_http_only
         assert (await store.put("routes", {"service": s, "protocol": "tcp"})).version == 1
 
 
+async def test_a_route_document_turning_a_service_udp_is_refused_while_http_only_documents_hold(
+    consul: ConsulDev,
+) -> None:
+    """As tcp: a udp service's flows are decided without L7 permissions, and its callers apply no policy."""
+    s = svc()
+    rule = {"source": "web", "action": "allow", "permissions": [{"methods": ["GET"]}]}
+    l7 = {"service": s, "rules": [rule]}
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        await store.put("intentions", l7)
+        with pytest.raises(InvalidDocument) as ei:
+            await store.put("routes", {"service": s, "protocol": "udp"})
+        assert str(ei.value) == (
+            f"protocol: udp, but intentions/{s} has rules[0].permissions, which a udp service cannot take"
+        )
+        await store.delete("intentions", s)
+        assert (await store.put("routes", {"service": s, "protocol": "udp"})).version == 1
+        # from now on its documents are judged as a udp service's, whatever the catalog holds
+        with pytest.raises(InvalidDocument, match=rf"L7 permissions need HTTP; {s} is a udp service"):
+            await store.put("intentions", l7)
+
+
 class AnswerLoser:
     """A TCP relay on loopback in front of the real Consul that loses the answer to the first
     transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul

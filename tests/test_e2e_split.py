@@ -1,18 +1,20 @@
-"""End to end, the weighted split of a tcp service (a route document with `protocol: tcp`;
-agent/proxy/split.py): a real Consul, the real CA and three agents as processes on loopback, the
-document written by `hostmesh route apply`.
+"""End to end, the weighted split of a tcp and of a udp service (route documents with `protocol: tcp`
+and `protocol: udp`; agent/proxy/split.py): a real Consul, the real CA and three agents as processes
+on loopback, the documents written by `hostmesh route apply`.
 
-    client ─► node-web outbound (upstream api: tcp) ══mTLS══► node-v1  api (version v1)
-                                                          └► node-v2  api (version v2)
+    client ─► node-web outbound (upstreams api: tcp, echo: udp) ══mTLS══► node-v1  api, echo (version v1)
+                                                                      └► node-v2  api, echo (version v2)
 
-Each instance's app sends its version on accept. The splits are 100/0 then 0/100 (which instance a
-connection reaches is then certain); every wait is bounded.
+Each instance's app answers with its version: api's sends it on accept, echo's answers any datagram
+with it. The splits are 100/0 then 0/100 (which instance a connection or flow reaches is then
+certain); every wait is bounded.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,33 +34,66 @@ IO_TIMEOUT = 5.0  # every read of an answer
 APPLY_TIMEOUT = 5.0  # a route document live on node-web after `apply` (well under 1 s here)
 
 
+class VersionUdp:
+    """A UDP app on loopback answering every datagram with its name, in a thread."""
+
+    def __init__(self, name: bytes) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.name = name
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"udp-{name.decode()}")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:  # until close(): recvfrom then fails
+            try:
+                _, addr = self.sock.recvfrom(65535)
+                self.sock.sendto(self.name, addr)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Mesh(NamedTuple):
     m: LocalMesh
     consul: ConsulDev
     web: AgentHandle
     api_port: int  # node-web's tcp listener for api
+    echo_port: int  # node-web's udp listener for echo
 
 
 @pytest.fixture(scope="module")
 def mesh(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tcp_apps = {v: EchoServer(greeting=v.encode()) for v in VERSIONS}
+    udp_apps = {v: VersionUdp(v.encode()) for v in VERSIONS}
     m = LocalMesh(tmp_path_factory.mktemp("splitmesh"), consul.url)
     try:
         m.start_ca()
         nodes = []
         for v in VERSIONS:
             api = {"name": "api", "port": tcp_apps[v].port, "meta": {"version": v}}
-            nodes.append(m.write_agent_config(f"node-{v}", [api]))
-        web = m.write_agent_config("node-web", [{"name": "web", "port": free_port(), "upstreams": ["api"]}])
+            echo = {"name": "echo", "port": udp_apps[v].port, "protocol": "udp", "meta": {"version": v},
+                    "health": {"interval": 1}}  # fmt: skip
+            nodes.append(m.write_agent_config(f"node-{v}", [api, echo]))
+        echo_port = free_port()
+        web = m.write_agent_config(
+            "node-web",
+            [{"name": "web", "port": free_port(), "upstreams": ["api", "echo"]}],
+            upstream_keys={"echo": f'bind = "127.0.0.1:{echo_port}"\nprotocol = "udp"'},
+        )
         for node in [*nodes, web]:
             m.start_agent(node, wait=False)
         for node in [*nodes, web]:
             m.wait_ready(node)
         m.wait_endpoints(web, "api", len(VERSIONS))
-        yield Mesh(m, consul, web, web.binds["api"])
+        m.wait_endpoints(web, "echo", len(VERSIONS))
+        yield Mesh(m, consul, web, web.binds["api"], echo_port)
     finally:
         m.close()
-        for app in tcp_apps.values():
+        for app in [*tcp_apps.values(), *udp_apps.values()]:
             app.close()
 
 
@@ -90,11 +125,24 @@ def tcp_versions(port: int) -> set[str]:
     return seen
 
 
+def udp_versions(port: int) -> set[str]:
+    """The version CALLS new flows (a client socket each) to node-web's echo listener reached."""
+    seen = set()
+    for _ in range(CALLS):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(IO_TIMEOUT)
+            s.connect(("127.0.0.1", port))
+            s.send(b"which?")
+            seen.add(s.recv(16).decode())
+    return seen
+
+
 @pytest.fixture
 def cleared(mesh: Mesh) -> Iterator[Mesh]:
     yield mesh
-    if mesh.consul.kv_get("hostmesh/routes/api") is not None:
-        mesh.m.hostmesh("route", "delete", "api")
+    for service in ("api", "echo"):
+        if mesh.consul.kv_get(f"hostmesh/routes/{service}") is not None:
+            mesh.m.hostmesh("route", "delete", service)
 
 
 def test_a_tcp_services_connections_follow_its_route_documents_split(cleared: Mesh, tmp_path: Path) -> None:
@@ -107,3 +155,15 @@ def test_a_tcp_services_connections_follow_its_route_documents_split(cleared: Me
     opened = metric_value(mesh.web.metrics(), "hostmesh_tcp_connections_opened_total", reporter="source",
                           destination_service="api", destination_subset="v2", response_flags="")  # fmt: skip
     assert opened == CALLS
+
+
+def test_a_udp_services_flows_follow_its_route_documents_split(cleared: Mesh, tmp_path: Path) -> None:
+    """A udp service's flows ignored any route document (and no document could say udp)."""
+    mesh = cleared
+    apply_split(mesh, "echo", "udp", 100, 0, tmp_path)
+    assert udp_versions(mesh.echo_port) == {"v1"}
+    apply_split(mesh, "echo", "udp", 0, 100, tmp_path)
+    assert udp_versions(mesh.echo_port) == {"v2"}
+    check = mesh.m.hostmesh("check", "--no-ca", "--output", "json", check=False)
+    findings = [f for f in json.loads(check.stdout)["findings"] if f["subject"] == "routes/echo"]
+    assert findings == []  # the document fits the service: nothing false to say about it

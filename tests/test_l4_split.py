@@ -1,10 +1,11 @@
-"""The weighted split of a tcp upstream's route document (`protocol: tcp`, one route, `to` weighted
-subsets; agent/proxy/split.py): which instances a new connection may go to.
+"""The weighted split of a tcp or udp upstream's route document (`protocol: tcp|udp`, one route, `to`
+weighted subsets; agent/proxy/split.py): which instances a new connection or flow may go to.
 
 Pure: the split's choice from a seeded rng, and the lists it keeps per snapshot. Component: TCP over
 real loopback sockets and real mutual TLS 1.3 (tests/test_proxy_component.py's throwaway CA, snapshots
 built by hand), three instances of `api`, each an inbound listener whose app first sends its name
-(v1a, v1b: meta version v1; v2a: version v2), then echoes. The async tests run on both loops.
+(v1a, v1b: meta version v1; v2a: version v2), then echoes; UDP, the outbound's new flows driven in
+process (each flow's dial recorded, not made). The async tests run on both loops.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import dataclasses
 import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from hostmesh.agent.config import Address, UpstreamConfig
+from hostmesh.agent.config import Address, UpstreamConfig, parse_config
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.proxy.split import Choice, Splitter, split_of
+from hostmesh.agent.proxy.udp import UdpOutbound
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.registry.schema import parse_routes
 from tests.support import async_wait_until, free_port, metric_sample
@@ -183,6 +185,9 @@ def test_no_split_without_a_document_of_the_listeners_own_protocol(tmp_path: Pat
     assert split_of(route("api", [{"weight": 100}]), eps, "tcp") is None  # every instance
     splitter = Splitter("api", "tcp")
     assert splitter.choose(three_instances(tmp_path), eps) == (None, eps, splitter.every)
+    assert split_of(route("api", split(90, 10), protocol="udp"), eps, "tcp") is None
+    assert split_of(route("api", split(90, 10)), eps, "udp") is None
+    assert split_of(route("api", split(90, 10), protocol="udp"), eps, "udp") is not None
 
 
 async def names(ob: OutboundListener, n: int) -> list[str]:
@@ -213,7 +218,7 @@ async def test_each_tcp_connection_goes_to_the_subset_the_route_documents_weight
     assert set(await names(ob, CONNECTIONS)) == {"v2a"}
     # a document of another protocol is not the L4 path's: every instance, as without one (an http
     # one is the L7 path's, which this listener, built without it, does not have)
-    for protocol in ("http",):
+    for protocol in ("http", "udp"):
         other = route("api", split(0, 100), protocol=protocol)
         api.holder.swap(api.with_routes(*api.every_instance(), api=other))
         assert set(await names(ob, CONNECTIONS)) == {"v1a", "v1b", "v2a"}
@@ -295,3 +300,71 @@ async def test_least_connections_within_a_subset_and_the_counts_each_connection_
     await async_wait_until(lambda: ob.active_connections == 0, what="pipes finished")
     assert open_counts() == {"v1a": 0, "v1b": 0, "v2a": 0}
     assert ob.open_connections() == {}  # nothing kept for instances without an open connection
+
+
+# --- udp -----------------------------------------------------------------------------------------
+
+
+def udp_listener(holder: SnapshotHolder) -> UdpOutbound:
+    """A udp upstream listener of `dns` (not bound: its flows' dials are recorded by `dials`)."""
+    upstream = {"service": "dns", "bind": "127.0.0.1:9002", "protocol": "udp"}
+    cfg = parse_config({"ca": {"pin": "sha256:" + "ab" * 32},
+                        "services": [{"name": "web", "port": 8080, "upstreams": [upstream]}]})  # fmt: skip
+    return UdpOutbound(holder, "web", cfg.services[0].upstreams[0], Telemetry())
+
+
+@pytest.fixture
+def dials(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The instance (its inbound port, as a name) each new flow's dial would try first."""
+    seen: list[str] = []
+
+    async def dial(pool: Any, ctx: Any, endpoints: Any, pick: Any, **kw: Any) -> Any:
+        ep = pick(endpoints, set())
+        seen.append(ep.instance_id)
+        return None  # nothing reached: the flow ends (UF)
+
+    monkeypatch.setattr("hostmesh.agent.proxy.udp.connect_within_budget", dial)
+    yield seen
+
+
+async def test_each_udp_flow_goes_to_the_subset_the_route_documents_weights_pick(
+    tmp_path: Path, dials: list[str]
+) -> None:
+    """A udp service's flows ignored any route document: each went round robin over all instances."""
+    instances = tuple(
+        Endpoint(f"i{port}", "n", "127.0.0.1", port, MappingProxyType({"version": version}))
+        for port, version in ((5001, "v1"), (5002, "v1"), (5003, "v2"))
+    )
+    base = dataclasses.replace(snapshot({"web": 1}, CA(tmp_path).material(["web"])),
+                               endpoints=MappingProxyType({"dns": instances}))  # fmt: skip
+    holder = SnapshotHolder(base)
+    out = udp_listener(holder)
+
+    def routed(rc: RouteConfig) -> None:
+        holder.swap(dataclasses.replace(base, routes=MappingProxyType({"dns": rc})))
+
+    async def flows(first_port: int) -> set[str]:
+        """The instances CONNECTIONS new flows (client addresses) go to."""
+        dials.clear()
+        for port in range(first_port, first_port + CONNECTIONS):
+            out.datagram(b"q", ("127.0.0.1", port))
+        await async_wait_until(lambda: len(dials) == CONNECTIONS, what="the flows' dials")
+        return set(dials)
+
+    try:
+        routed(route("dns", split(0, 100), protocol="udp"))
+        assert await flows(6000) == {"i5003"}
+        routed(route("dns", split(100, 0), protocol="udp"))
+        assert await flows(7000) == {"i5001", "i5002"}  # round robin within the subset
+        routed(route("dns", split(100, 0)))  # a tcp document is not the udp path's: every instance
+        assert await flows(8000) == {"i5001", "i5002", "i5003"}
+        # a subset with no healthy instance: the datagram is dropped, no flow made
+        v3 = {**SUBSETS, "v3": {"version": "v3"}}
+        routed(route("dns", [{"subset": "v3", "weight": 100}], protocol="udp", subsets=v3))
+        dials.clear()
+        dropped = metric_sample(out.telemetry, "hostmesh_udp_dropped_total", reason="no_upstream")
+        out.datagram(b"q", ("127.0.0.1", 9000))
+        assert ("127.0.0.1", 9000) not in out.flows and dials == []
+        assert metric_sample(out.telemetry, "hostmesh_udp_dropped_total", reason="no_upstream") == dropped + 1
+    finally:
+        await out.close()

@@ -418,7 +418,7 @@ def _route_with(path: list[Any], value: Any) -> dict[str, Any]:
         (["routes", 1, "match"], KeyError, "routes[2]: unreachable: routes[1] has no match"),
         (["subsets", "v1"], {}, "subsets.v1: must select on at least one meta key"),
         (["subsets", "v1"], {"version": 1}, "subsets.v1.version: must be a string"),
-        (["protocol"], "grpc", "protocol: must be http or tcp"),
+        (["protocol"], "grpc", "protocol: must be one of http, tcp, udp"),
         (["service"], "Web", "service: must be a service name"),
     ],
 )
@@ -426,12 +426,20 @@ def test_route_errors_name_the_field(path: list[Any], value: Any, message: str) 
     assert err(parse_routes, _route_with(path, value)).startswith(message)
 
 
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
 @pytest.mark.parametrize("key", ["match", "timeout", "retries", "fault", "headers", "mirror"])
-def test_tcp_routes_only_split(key: str) -> None:
+def test_tcp_and_udp_routes_only_split(key: str, protocol: str) -> None:
     sample = {**DESIGN_ROUTES["routes"][1], **FULL_ROUTE}
     route = {"to": [{"subset": "v1", "weight": 100}], key: sample[key]}
-    msg = err(parse_routes, {**DESIGN_ROUTES, "protocol": "tcp", "routes": [route]})
-    assert msg == f"routes[0].{key}: not supported for tcp services (only weighted to splits)"
+    msg = err(parse_routes, {**DESIGN_ROUTES, "protocol": protocol, "routes": [route]})
+    assert msg == f"routes[0].{key}: not supported for {protocol} services (only weighted to splits)"
+
+
+def test_udp_route_document() -> None:
+    """A udp service's flows split by weight as a tcp service's connections (agent/proxy/split.py)."""
+    to = [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]
+    d = parse_routes({**DESIGN_ROUTES, "protocol": "udp", "routes": [{"name": "canary", "to": to}]})
+    assert d.protocol == "udp" and [(t.subset, t.weight) for t in d.routes[0].to] == [("v1", 90), ("v2", 10)]
 
 
 def test_tcp_takes_one_route() -> None:

@@ -1,14 +1,16 @@
-"""The weighted split of a tcp upstream: which instances a new connection (outbound.py) may go to,
-from the upstream's route document.
+"""The weighted split of a tcp or udp upstream: which instances a new connection (outbound.py) or
+flow (udp.py) may go to, from the upstream's route document.
 
-A route document with `protocol: tcp` has at most one route, without `match`: its `to` splits by
-weight across subsets (registry/schema_parsers.py). Per new connection the listener picks a subset
-by those weights (`CompiledRoute.pick_subset`, from an injected `random.Random`, as the L7 path picks
-per request), then balances over that subset's healthy instances, a retry taking another of them.
+A route document with `protocol: tcp` or `protocol: udp` has at most one route, without `match`: its
+`to` splits by weight across subsets (registry/schema_parsers.py). Per new connection or flow the
+listener picks a subset by those weights (`CompiledRoute.pick_subset`, from an injected
+`random.Random`, as the L7 path picks per request), then balances over that subset's healthy
+instances, a retry taking another of them.
 
 Decisions:
-- Only the document of the listener's own protocol (`Splitter.protocol`) counts: an `http` document
-  is the L7 path's.
+- Only the document of the listener's own protocol counts: an `http` document is the L7 path's, and
+  a udp document on a tcp upstream (or the other way round) is ignored here, every instance taking
+  part as without a document.
 - A document whose one destination names no subset (or without routes) is no split at all: the
   listener's path is the same as without a document.
 - The subsets' instance lists are made once per snapshot, and kept while the snapshot's endpoints

@@ -101,12 +101,13 @@ def build_outbound(cfg: AgentConfig, svc: ServiceConfig, up: UpstreamConfig, hol
                anything HTTP in the snapshot about the upstream (route document, an instance's
                protocol=http, `up.protocol`) -> the L7 path, whose route document picks the route
                (none matches: 404 NR), subsets and weights; otherwise the L4 path to the upstream,
-               whose `protocol: tcp` route document's weights pick a subset per connection
-               (split.py).
+               whose `protocol: tcp` route document's weights pick a subset per connection (a udp
+               upstream: `protocol: udp`, per flow; split.py).
     balance    L4: round robin or least connections (`up.load_balancer`) over the healthy
-               instances of that subset, all without a split (none: reset, UH); L7: the upstream's
-               policy balancer, outlier ejections and zone preference (`svc`'s `zone` meta) within
-               the chosen subset (none: 503 UH).
+               instances of that subset, all without a split (none: reset, UH; udp: round robin,
+               none: the datagram is dropped); L7: the upstream's policy balancer, outlier
+               ejections and zone preference (`svc`'s `zone` meta) within the chosen subset
+               (none: 503 UH).
     forward    L4: a stream on a pooled multiplexed mTLS connection to the instance's agent, dialed
                within `connect_timeout`/`connect_budget`, other instances tried on failure
                (connect.py, also for udp flows and egress via a gateway); L7: a stream (HTTP_OPEN)

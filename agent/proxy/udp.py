@@ -71,7 +71,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from hostmesh.agent import audit
@@ -79,11 +79,12 @@ from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import DEFAULT_UDP_IDLE_TIMEOUT, UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy.connect import Connected, connect_within_budget
+from hostmesh.agent.proxy.connect import Connected, Picker, connect_within_budget
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import PeerRefused
+from hostmesh.agent.proxy.split import Splitter, picker
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
@@ -305,7 +306,7 @@ class _OutFlow(_Flow):
         self.addr = addr
         self.snap = snap  # the snapshot its instance was last found healthy in (UdpOutbound.datagram)
         self.endpoint: PoolKey | None = None  # its instance's agent, once attached
-        self.subset = ""  # its instance's subset (meta `version`), for the access line
+        self.subset = ""  # the route's subset, else its instance's (meta `version`): the access line's
         self.refused_until = 0.0  # REFUSED: the monotonic time its client may open a new flow
 
     def lost(self, stream: Stream, exc: Exception | None) -> None:
@@ -335,7 +336,7 @@ class _OutFlow(_Flow):
     def attach(self, stream: Stream, endpoint: Endpoint) -> None:
         self.stream, self.state = stream, FlowState.OPEN
         self.endpoint = (endpoint.address, endpoint.port)
-        self.subset = endpoint.meta.get(SUBSET_META, "")
+        self.subset = self.subset or endpoint.meta.get(SUBSET_META, "")
         stream.pipe = cast(Any, self)
         stream.on_datagram = self.received
         for data in self.unhold(self.owner):
@@ -411,7 +412,7 @@ class UdpOutbound:
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None  # the transport's socket, for 0-byte datagrams (_send_empty)
         self.queued = 0  # bytes held by the flows that are opening (_Flow.hold)
-        self._rr = 0
+        self._split = Splitter(upstream.service, "udp")  # its route document's split, a turn per subset
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._v1_log = RateLimitedLog(log, "UDP flows refused by protocol v1 peers", level=logging.ERROR)
@@ -517,27 +518,29 @@ class UdpOutbound:
         endpoints = snap.endpoints.get(up, ())
         if ctx is None or not endpoints:
             return None
+        subset, endpoints, turns = self._split.choose(snap, endpoints)  # per flow, as TCP per connection
+        if not endpoints:  # the datagram is dropped (no_upstream); the client's next one picks again
+            self._uf_log("udp outbound %s: no healthy instance of %s in subset %s for the flow of %s",
+                         self.name, up, subset, addr)  # fmt: skip
+            return None
         flow = _OutFlow(self, addr, snap)
+        flow.subset = subset or ""  # the route's subset, as the L7 path and TCP name it (else the instance's)
         self.flows[addr] = flow
         ident = Identity(snap.trust_domain, up)
-        task = asyncio.get_running_loop().create_task(self._open(flow, ctx, ident, endpoints))
+        opening = self._open(flow, ctx, ident, endpoints, picker(turns, False))
+        task = asyncio.get_running_loop().create_task(opening)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flow
 
-    def _pick(self, endpoints: tuple[Endpoint, ...], tried: Collection[PoolKey]) -> Endpoint | None:
-        cands = [e for e in endpoints if (e.address, e.port) not in tried]
-        if not cands:
-            return None
-        self._rr += 1
-        return cands[self._rr % len(cands)]
-
-    async def _open(self, flow: _OutFlow, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...]) -> None:
-        """The flow's mux connection, within the upstream's connect budget (connect.py), on an agent that
-        speaks protocol v2+; then DGRAM_OPEN. None in time: the flow is closed and counted UF."""
+    async def _open(self, flow: _OutFlow, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...],
+                    pick: Picker) -> None:  # fmt: skip
+        """The flow's mux connection to one of `endpoints` (round robin by `pick`, a retry taking
+        another), within the upstream's connect budget (connect.py), on an agent that speaks protocol
+        v2+; then DGRAM_OPEN. None in time: the flow is closed and counted UF."""
         up = self.upstream
         got = await connect_within_budget(
-            self.pool, ctx, endpoints, self._pick, sni=ident.dns_name, peer=ident,
+            self.pool, ctx, endpoints, pick, sni=ident.dns_name, peer=ident,
             connect_timeout=up.connect_timeout, connect_budget=up.connect_budget,
             wanted=lambda: flow.state is FlowState.OPENING, usable=self._carries_datagrams,
             on_failure=self._dial_failed,
