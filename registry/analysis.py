@@ -238,6 +238,8 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
                 "set protocol: http in the route document (or tcp in the services' agent.toml)",
             )
         )
+    elif protocols and ("udp" in protocols) != (doc.protocol == "udp"):
+        out.append(_udp_mismatch(key, doc, service_protocol(protocols)))
     instances = catalog.of(key)
     sent: dict[str, int] = {}
     for route in doc.routes:
@@ -257,7 +259,7 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
                     "empty-subset",
                     subject,
                     f"subset {subset.name} ({selector}) has no instance"
-                    + (f"; requests routed to it ({weight}%) fail with 503" if weight > 0 else ""),
+                    + (f"; {_EMPTY_SUBSET[doc.protocol].format(weight=weight)}" if weight > 0 else ""),
                     f"register an instance with meta {selector}, or route away from {subset.name}",
                 )
             )
@@ -289,6 +291,40 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
                 )
                 break
     return out
+
+
+# what becomes of the calls a route sends to a subset without an instance, by the document's protocol
+_EMPTY_SUBSET = {
+    "http": "requests routed to it ({weight}%) fail with 503",
+    "tcp": "connections routed to it ({weight}%) are reset (flag UH)",
+    "udp": "flows routed to it ({weight}%) are not opened: their datagrams are dropped",
+}
+
+
+def _udp_mismatch(key: str, doc: RouteDocument, registered: str) -> Finding:
+    """A udp service's document that is not `protocol: udp`, or a `udp` one for another service: its
+    callers do not follow it (agent/proxy/split.py: a listener follows its own protocol's only)."""
+    if registered == "udp":
+        return Finding(
+            "error",
+            "protocol-mismatch",
+            f"routes/{key}",
+            f"{key} is registered as udp, but the document says {doc.protocol}: udp callers follow only a "
+            "protocol: udp document, so they send each flow to any instance",
+            "set protocol: udp, with one route splitting by weight and no match",
+        )
+    callers = (
+        f"http callers take {key} for plain connections (no routes or retries), sent to any instance"
+        if registered == "http"
+        else "tcp callers send each connection to any instance"
+    )
+    return Finding(
+        "error",
+        "protocol-mismatch",
+        f"routes/{key}",
+        f"the document says udp but {key} is registered as {registered}: {callers}",
+        f"set protocol: {registered} in the route document (or udp in the services' agent.toml)",
+    )
 
 
 def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
@@ -361,10 +397,11 @@ def _check_intentions(
                 )
             )
         if decided_as and rule.permissions:
+            unit = "flow" if decided_as == "udp" else "connection"  # what the agent decides on
             effect = (
-                "grants nothing (its connections are decided without it)"
+                f"grants nothing (its {unit}s are decided without it)"
                 if rule.allow
-                else "denies every connection of the source"
+                else f"denies every {unit} of the source"
             )
             out.append(
                 Finding(

@@ -157,8 +157,9 @@ ROUTE = Kind(
             "enum",
             "What the service speaks, as its agent.toml `protocol` says; callers' agents treat it so: "
             "`http` routes each request, `tcp` splits each connection, `udp` each flow. A udp upstream "
-            "follows only a `udp` document, and only udp upstreams follow one. `udp` needs agents of 0.3 "
-            "or later: 0.2 refuses the document and keeps the last good one.",
+            "follows only a `udp` document, and only udp upstreams follow one (`hostmesh check`: "
+            "protocol-mismatch). `udp` needs agents of 0.3 or later: 0.2 refuses the document and keeps "
+            "the last good one.",
             default="http",
             choices=ROUTE_PROTOCOLS,
         ),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from hostmesh.registry.analysis import Catalog, Finding, Instance, analyze, has_errors
 
 
@@ -105,6 +107,58 @@ def test_l7_route_on_tcp_service() -> None:
     assert codes(analyze(with_doc("routes", "db", doc), CATALOG)) == {("error", "route-on-tcp", "routes/db")}
 
 
+UDP = Catalog(
+    (
+        *CATALOG.instances,
+        inst("dns", "vm-5", protocol="udp", version="v1"),
+        inst("dns", "vm-6", protocol="udp", version="v2"),
+    )
+)
+DNS_SPLIT = {
+    "service": "dns",
+    "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+    "routes": [{"to": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]}],
+}
+
+
+def test_a_udp_services_split_is_followed_only_as_protocol_udp() -> None:
+    """A udp service's document saying tcp (or http, the default) was passed in silence, though its
+    callers split no flow by it; a udp document for a tcp or http service is not followed either."""
+    assert analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), UDP) == []
+    for protocol in ("tcp", "http"):
+        found = analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": protocol}), UDP)
+        assert codes(found) == {("error", "protocol-mismatch", "routes/dns")}
+        assert found[0].message.startswith(f"dns is registered as udp, but the document says {protocol}")
+        assert found[0].fix.startswith("set protocol: udp")
+    tcp_doc = {"service": "db", "protocol": "udp", "routes": [{"to": [{"weight": 100}]}]}
+    found = analyze(with_doc("routes", "db", tcp_doc), CATALOG)
+    assert codes(found) == {("error", "protocol-mismatch", "routes/db")}
+    assert "registered as tcp: tcp callers send each connection to any instance" in found[0].message
+    found = analyze(with_doc("routes", "api", {"service": "api", "protocol": "udp"}), CATALOG)
+    assert codes(found) == {("error", "protocol-mismatch", "routes/api")}
+    assert "http callers take api for plain connections" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("service", "protocol", "what"),
+    [
+        ("api", "http", "requests routed to it (10%) fail with 503"),
+        ("db", "tcp", "connections routed to it (10%) are reset (flag UH)"),
+        ("dns", "udp", "flows routed to it (10%) are not opened: their datagrams are dropped"),
+    ],
+)
+def test_an_empty_subset_says_what_becomes_of_the_calls_sent_there(
+    service: str, protocol: str, what: str
+) -> None:
+    """A tcp or udp service's operator was told its connections or flows fail with 503."""
+    subsets = {"v1": {"version": "v1"}, "v2": {"version": "v9"}}
+    doc = {**DNS_SPLIT, "service": service, "protocol": protocol, "subsets": subsets}
+    found = analyze(with_doc("routes", service, doc), UDP)
+    empty = [f for f in found if f.code == "empty-subset" and "subset v2" in f.message]
+    assert [f.severity for f in empty] == ["error"]
+    assert empty[0].message == f"subset v2 (version=v9) has no instance; {what}"
+
+
 def test_weights_that_do_not_add_up_written_around_the_cli() -> None:
     doc = {
         "service": "api",
@@ -182,6 +236,7 @@ def test_an_external_services_intentions_are_known_and_decided_per_connection() 
     found = analyze({"intentions": {"dns": {"service": "dns", "rules": [rule]}}}, udp)
     assert codes(found) == {("error", "l7-on-tcp", "intentions/dns rule 0")}
     assert found[0].message.startswith("dns is udp, so this L7 rule")
+    assert "grants nothing (its flows are decided without it)" in found[0].message
 
 
 def test_shadowed_intention_rules() -> None:

@@ -10,7 +10,7 @@ instances, a retry taking another of them.
 Decisions:
 - Only the document of the listener's own protocol counts: an `http` document is the L7 path's, and
   a udp document on a tcp upstream (or the other way round) is ignored here, every instance taking
-  part as without a document.
+  part as without a document (`hostmesh check` reports it as protocol-mismatch).
 - A document whose one destination names no subset (or without routes) is no split at all: the
   listener's path is the same as without a document.
 - The subsets' instance lists are made once per snapshot, and kept while the snapshot's endpoints
