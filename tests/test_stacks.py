@@ -123,7 +123,8 @@ def test_an_accepted_connection_goes_to_the_l7_path_only_for_an_http_upstream_ou
 
 
 def test_a_tcp_only_agent_assembles_its_stacks_without_loading_the_l7_or_udp_modules() -> None:
-    """~1.3 MiB of RSS an all-TCP agent does not pay (the lazy pieces stay lazy through assembly)."""
+    """~1.3 MiB of RSS an all-TCP agent does not pay (the lazy pieces stay lazy through assembly, and
+    through a tcp route document)."""
     script = """
 import sys
 from hostmesh.agent.config import Address, parse_config
@@ -138,6 +139,10 @@ inbound = build_inbound(cfg, Address("127.0.0.1", 0), hold, tel, cap=None)
 out = build_outbound(cfg, cfg.services[0], cfg.services[0].upstreams[0], hold, tel, cap=None)
 assert inbound.http is None and not inbound.alpn_handlers and inbound.udp is None
 assert not out.http.takes(hold.current)
+from dataclasses import replace
+from types import SimpleNamespace
+hold.swap(replace(hold.current, generation=2, routes={"db": SimpleNamespace(protocol="tcp")}))
+assert not out.http.takes(hold.current)  # a tcp route document: a split the L4 path makes
 lazy = ("http_inbound", "http_outbound", "http_conn", "udp")
 print(" ".join(m for m in lazy if "hostmesh.agent.proxy." + m in sys.modules))
 """

@@ -34,9 +34,10 @@ from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 
 class LazyHttpOutbound:
     """An upstream's L7 path (agent/proxy/http_outbound.py), imported and built only once the snapshot
-    holds anything HTTP about the upstream: a route document, an instance registered with
-    protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then `takes()` is False
-    without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams are all TCP); from
+    holds anything HTTP about the upstream: a route document saying http, or without one an instance
+    registered with protocol=http, or the upstream's agent.toml `protocol = "http"`. Until then
+    `takes()` is False without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams
+    are all TCP, tcp route documents included); from
     then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
     answer: the real one is False in that case too."""
 
@@ -48,11 +49,15 @@ class LazyHttpOutbound:
 
     def takes(self, snap: Snapshot) -> bool:
         if self.real is None:
-            if (
-                self.service not in snap.routes
-                and self._kwargs.get("protocol") != "http"
-                and not any(e.meta.get(PROTOCOL_META) == "http" for e in snap.endpoints.get(self.service, ()))
-            ):
+            rc = snap.routes.get(self.service)
+            if rc is not None:  # a tcp or udp document (a split the L4 path makes) is not HTTP either
+                http = rc.protocol == "http"
+            else:
+                endpoints = snap.endpoints.get(self.service, ())
+                http = self._kwargs.get("protocol") == "http" or any(
+                    e.meta.get(PROTOCOL_META) == "http" for e in endpoints
+                )
+            if not http:
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
