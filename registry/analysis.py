@@ -20,7 +20,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hostmesh.registry.layout import COMMAND, PROTOCOL_META, UPSTREAMS_META, is_hostmesh, service_protocol
+from hostmesh.registry.layout import (
+    COMMAND,
+    GATEWAY_KIND_META,
+    PROTOCOL_META,
+    UPSTREAMS_META,
+    is_hostmesh,
+    service_protocol,
+)
 from hostmesh.registry.schema import (
     Intentions,
     Match,
@@ -217,14 +224,18 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
         return [_unknown("routes", key)]
     out: list[Finding] = []
     protocols = catalog.protocols(key)
-    if "tcp" in protocols and doc.protocol == "http" and any(r.match is not None for r in doc.routes):
+    matched = any(r.match is not None for r in doc.routes)
+    if "tcp" in protocols and doc.protocol == "http" and (matched or service_protocol(protocols) == "tcp"):
         out.append(
             Finding(
                 "error",
                 "route-on-tcp",
                 subject,
                 f"{key} is registered as tcp, but its routes match on HTTP requests; tcp callers only split "
-                "by weight",
+                "by weight"
+                if matched
+                else f"{key} is registered as tcp, but the document says http (the default when not "
+                "given): its callers speak HTTP to it, and every call fails (400 DPE)",
                 f'set protocol: tcp with one weighted route, or register {key} with protocol = "http"',
             )
         )
@@ -331,7 +342,7 @@ def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozen
     if key not in known:
         return [_unknown("policies", key)]
     callers, complete = catalog.callers(key)
-    if not callers and complete:
+    if not callers and complete and not _gateway(catalog, key):
         return [
             Finding(
                 "warning",
@@ -344,13 +355,22 @@ def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozen
     return []
 
 
+def _gateway(catalog: Catalog, key: str) -> bool:
+    """A gateway applies its own policy (its rate limit per client): its callers are outside the mesh."""
+    return any(i.meta.get(GATEWAY_KIND_META) for i in catalog.of(key))
+
+
 def _undecided_policies(
     policies: Mapping[str, object], catalog: Catalog, known: frozenset[str]
 ) -> list[Finding]:
     """One line, not silence, when some agents do not say what they call: the policies no agent
     that did say calls may be unused or not (an agent with ~50 upstreams registers no list)."""
     silent = catalog.silent()
-    undecided = [key for key in policies if key in known and silent and not catalog.callers(key)[0]]
+    undecided = [
+        key
+        for key in policies
+        if key in known and silent and not catalog.callers(key)[0] and not _gateway(catalog, key)
+    ]
     if not undecided:
         return []
     shown = ", ".join(sorted(silent)[:MAX_NAMED])

@@ -392,6 +392,28 @@ class DocumentStore:
                 check_protocol(doc, protocol)
         elif isinstance(doc, RouteDocument) and doc.protocol in SPLIT_PROTOCOLS:
             await self._check_others_fit(doc.service, doc.protocol, pending)
+        elif isinstance(doc, RouteDocument) and not await self._content("external", doc.service, pending):
+            registered = await self._registered(doc.service)
+            if registered in SPLIT_PROTOCOLS:  # its callers would speak HTTP to it (or, udp, ignore it)
+                effect = ("every call fails (400 DPE)" if registered == "tcp"
+                          else "udp callers ignore it")  # fmt: skip
+                raise InvalidDocument(
+                    "protocol",
+                    f"{doc.protocol} (the default when not given), but {doc.service} is registered as "
+                    f"{registered}: {effect}; set protocol: {registered}, or register its instances with "
+                    'protocol = "http" first',
+                )
+
+    async def _registered(self, service: str) -> str | None:
+        """What `service`'s instances are registered as speaking (layout.service_protocol); None when
+        none is registered, the catalog is not readable with this token, or it is a gateway."""
+        try:
+            _, instances = await self.consul.catalog_service(service)
+        except PermissionDenied:
+            return None
+        if not instances or any(i.meta.get(GATEWAY_KIND_META) for i in instances):
+            return None  # (a gateway: its own policy, rate limit per client, applies to HTTP listeners)
+        return service_protocol({i.meta.get(PROTOCOL_META) for i in instances})
 
     async def protocol_of(self, service: str, pending: Pending | None = None) -> str | None:
         """What `service` speaks, as its callers' agents will decide it: `external` when an external
@@ -406,15 +428,7 @@ class DocumentStore:
         if route:
             protocol = route.get("protocol")
             return protocol if protocol in SPLIT_PROTOCOLS else "http"
-        try:
-            _, instances = await self.consul.catalog_service(service)
-        except PermissionDenied:
-            return None
-        if not instances:
-            return None
-        if any(i.meta.get(GATEWAY_KIND_META) for i in instances):
-            return None  # a gateway: its own policy (rate limit per client, …) applies to HTTP listeners
-        return service_protocol({i.meta.get(PROTOCOL_META) for i in instances})
+        return await self._registered(service)
 
     async def _check_others_fit(self, service: str, protocol: str, pending: Pending | None) -> None:
         """A route document turning `service` tcp or udp, or an external document naming it, is refused

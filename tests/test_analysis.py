@@ -107,6 +107,31 @@ def test_l7_route_on_tcp_service() -> None:
     assert codes(analyze(with_doc("routes", "db", doc), CATALOG)) == {("error", "route-on-tcp", "routes/db")}
 
 
+def test_a_route_document_without_protocol_on_a_tcp_service_is_an_error() -> None:
+    """Without a match it was passed in silence, though its callers speak HTTP to the tcp app (400 DPE)."""
+    found = analyze(
+        with_doc("routes", "db", {"service": "db", "routes": [{"to": [{"weight": 100}]}]}), CATALOG
+    )
+    assert codes(found) == {("error", "route-on-tcp", "routes/db")}
+    assert "says http (the default when not given)" in found[0].message and "400 DPE" in found[0].message
+    tcp = {"service": "db", "protocol": "tcp", "routes": [{"to": [{"weight": 100}]}]}
+    assert analyze(with_doc("routes", "db", tcp), CATALOG) == []
+
+
+def test_a_gateways_own_policy_is_not_called_unused() -> None:
+    """A gateway lists no upstreams, yet applies its policy (a rate limit per client): `check` told
+    the operator to delete it."""
+    edge = inst("edge", "vm-7", **{"hostmesh-kind": "ingress"})  # (its upstreams meta is empty)
+    gateway = Catalog((*CATALOG.instances, edge))
+    assert analyze(with_doc("policies", "edge", {"service": "edge"}), gateway) == []
+    # nor counted among the policies an agent's silence leaves undecided
+    silent = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http"})
+    assert (
+        analyze(with_doc("policies", "edge", {"service": "edge"}), Catalog((*gateway.instances, silent)))
+        == []
+    )
+
+
 UDP = Catalog(
     (
         *CATALOG.instances,

@@ -312,6 +312,45 @@ async def test_a_route_document_turning_a_service_udp_is_refused_while_http_only
             await store.put("intentions", l7)
 
 
+async def test_an_http_route_document_for_a_service_registered_tcp_or_udp_is_refused(
+    consul: ConsulDev,
+) -> None:
+    """A document without `protocol` (http, the default) for a tcp service was written without a word:
+    its callers then spoke HTTP to the tcp app and every call failed (400 DPE). Registered udp, its
+    callers ignored it. Registering the instances as http first, or saying tcp, is the way."""
+    tcp, udp, http, gateway = svc(), svc(), svc(), svc()
+    split = {"routes": [{"to": [{"weight": 100}]}]}
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        registered = ((tcp, {"protocol": "tcp"}), (udp, {"protocol": "udp"}), (http, {"protocol": "tcp"}),
+                      (gateway, {"protocol": "tcp", "hostmesh-kind": "ingress"}))  # fmt: skip
+        for name, meta in registered:
+            await c.register_service(ServiceRegistration(name, f"{name}-1", "127.0.0.1", 9, meta))
+        try:
+            with pytest.raises(InvalidDocument) as ei:
+                await store.put("routes", {"service": tcp, **split})
+            assert str(ei.value) == (
+                f"protocol: http (the default when not given), but {tcp} is registered as tcp: every call "
+                'fails (400 DPE); set protocol: tcp, or register its instances with protocol = "http" first'
+            )
+            with pytest.raises(InvalidDocument, match=rf"^protocol: http .* {udp} is registered as udp: udp"):
+                await store.put("routes", {"service": udp, "protocol": "http", **split})
+            assert await store.get("routes", tcp) is None and await store.get("routes", udp) is None
+            assert (await store.put("routes", {"service": tcp, "protocol": "tcp", **split})).version == 1
+            # one instance registered http makes the service http to its callers: accepted
+            await c.register_service(
+                ServiceRegistration(http, f"{http}-2", "127.0.0.1", 9, {"protocol": "http"})
+            )
+            assert (await store.put("routes", {"service": http, **split})).version == 1
+            assert (
+                await store.put("routes", {"service": gateway, **split})
+            ).version == 1  # its own listeners
+        finally:
+            for name, _ in registered:
+                await c.deregister_service(f"{name}-1")
+            await c.deregister_service(f"{http}-2")
+
+
 class AnswerLoser:
     """A TCP relay on loopback in front of the real Consul that loses the answer to the first
     transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul

@@ -77,16 +77,17 @@ def test_check_reports_nothing_on_a_clean_mesh_then_each_seeded_mistake(mesh: We
     assert (rc, findings) == (0, [])
 
     # the seeded mistakes, each written the way an operator would (the CLI accepts them: they are
-    # well-formed documents), except the bad weights, written around the CLI
+    # well-formed documents), except the bad weights and the L7 route on a tcp service, which the CLI
+    # refuses: written around it (by hand, or before the service was registered as tcp)
     apply(mesh, "routes", {"service": "ghost", "routes": [{"to": [{"weight": 100}]}]})
     split = [{"subset": "v1", "weight": 50}, {"subset": "v3", "weight": 50}]
     subsets = {"v1": {"version": "v1"}, "v3": {"version": "v3"}}
     apply(mesh, "routes", {**CLEAN["routes"], "subsets": subsets, "routes": [{"to": split}]})
-    apply(
-        mesh,
-        "routes",
-        {"service": "chdb", "routes": [{"match": {"path": {"prefix": "/"}}, "to": [{"weight": 100}]}]},
-    )
+    mesh.consul.kv_put(
+        "hostmesh/routes/chdb",
+        json.dumps({"service": "chdb", "version": 1,
+                    "routes": [{"match": {"path": {"prefix": "/"}}, "to": [{"weight": 100}]}]}),
+    )  # fmt: skip
     apply(mesh, "policies", {"service": "chweb", "load_balancer": {"type": "random"}})
     mesh.consul.kv_put(
         "hostmesh/routes/chweb",
