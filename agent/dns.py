@@ -14,7 +14,7 @@ dnspython does the wire format, in agent/dns_wire.py);
 - AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS.
 - garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. A message that
   cannot be one question (QDCOUNT other than 1, answer records, more than an OPT record and an IXFR's
-  SOA, over 512 bytes: dns_wire.MAX_QUERY_SIZE) is FORMERR from its header alone, never parsed; an
+  SOA, over 512 bytes: MAX_QUERY_SIZE) is FORMERR from its header alone, never parsed; an
   opcode other than QUERY is NOTIMP, likewise. Never a crash: a failure of ours is a header-only
   SERVFAIL, counted and logged at a bounded rate.
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
@@ -60,9 +60,20 @@ TCP_EVICT_IDLE = 1.0
 TCP_QUERY_STUCK = 2.0
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
-SERVFAIL = 2
+FORMERR, SERVFAIL, NOTIMP = 1, 2, 4
 HEADER_LEN = 12
 _QR, _OPCODE, _TC, _RD = 0x8000, 0x7800, 0x0200, 0x0100  # header flag bits (RFC 1035 4.1.1)
+# A query is one question (a name of at most 255 bytes: 271 bytes with the header) and at most an OPT
+# record (11 bytes, plus options: a cookie is 44, a client subnet ~24), padded to RFC 8467's 128-byte
+# blocks: 384 bytes at most. RFC 1035's 512 leaves room and is the size every client assumes a query
+# fits. Bigger is not a query: it is FORMERR from its header, unparsed. The bound keeps what dnspython
+# may be made to parse small: measured on this code, a 64 KiB message of 10,873 questions (pointers
+# to one 125-label name) took 1.2-1.7 s and a 64 KiB OPT of 16,365 empty options 100 ms, each a stall
+# of the agent's event loop (its data path); at 512 bytes the worst OPT is 118 options, 0.9 ms.
+MAX_QUERY_SIZE = 512
+MAX_AUTHORITY = 1  # an IXFR query carries the client's SOA there (RFC 1995 §3): NOTIMP, not FORMERR
+MAX_ADDITIONAL = 1  # the OPT record (RFC 6891 §6.1.1: at most one); we do not do TSIG
+EDNS_VERSION = 0  # the highest we speak; a query of a higher version gets BADVERS (RFC 6891 §6.1.3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +111,37 @@ def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:
 
 
 def respond(wire: bytes, table: DnsTable, max_size: int = 65535) -> tuple[bytes | None, int | None]:
-    """answer() with the reply's rcode (BADVERS is 16); (None, None): dropped (agent/dns_wire.py).
-    dnspython is imported on the first query (~8 MiB of RSS), so agents on hosts that never ask mesh
-    names do not carry it."""
+    """answer() with the reply's rcode (BADVERS is 16); (None, None): dropped. What the header decides
+    is answered here (from_header); the rest is parsed by dnspython (agent/dns_wire.py), imported on
+    the first such query (~8 MiB of RSS), so agents on hosts that never ask mesh names do not carry it."""
+    decided = from_header(wire)
+    if decided is not None:
+        return decided
     from hostmesh.agent.dns_wire import respond as wire_respond
 
     return wire_respond(wire, table.domain, table.addresses, max_size)
+
+
+def from_header(wire: bytes) -> tuple[bytes | None, int | None] | None:
+    """What the 12-byte header alone decides: (None, None) for no header or a response (dropped),
+    NOTIMP for an opcode other than QUERY, FORMERR for a message that cannot be one question of at most
+    MAX_QUERY_SIZE bytes (never parsed); None: a query to read on."""
+    if len(wire) < HEADER_LEN:
+        return None, None  # not even a header: nothing to answer to
+    _qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", wire)
+    if flags & _QR:
+        return None, None  # a response (or a reflection of one): never answer it
+    if flags & _OPCODE:
+        return header_reply(wire, NOTIMP), NOTIMP
+    if (
+        qdcount != 1
+        or ancount
+        or nscount > MAX_AUTHORITY
+        or arcount > MAX_ADDITIONAL
+        or len(wire) > MAX_QUERY_SIZE
+    ):
+        return header_reply(wire, FORMERR), FORMERR  # not one question: unparsed
+    return None
 
 
 def header_reply(wire: bytes, rcode: int, truncated: bool = False) -> bytes | None:

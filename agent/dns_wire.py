@@ -1,13 +1,13 @@
-"""The mesh DNS core (agent/dns.py): one query message in, its reply out. The 12-byte header is read
-first: a message that is not one small question is refused from its header alone (agent/dns.py's
-header_reply), so dnspython never parses what a query cannot be; dnspython does the wire format of
-the rest. Imported on the first query only."""
+"""The mesh DNS core's slow path (agent/dns.py): one query message in, its reply out, with dnspython
+doing the wire format. agent/dns.py has already read the 12-byte header (what cannot be one small
+question is refused from it, unparsed); what comes here is parsed. Imported on the first such query
+only.
+"""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-import struct
 from collections.abc import Mapping
 
 import dns.exception
@@ -20,20 +20,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from hostmesh.agent.dns import HEADER_LEN, header_reply
+from hostmesh.agent.dns import EDNS_VERSION, MAX_QUERY_SIZE, header_reply
 
 ANSWER_TTL = 5  # seconds: addresses change only with a reload of agent.toml; short so one is seen soon
-# A query is one question (a name of at most 255 bytes: 271 bytes with the header) and at most an OPT
-# record (11 bytes, plus options: a cookie is 44, a client subnet ~24), padded to RFC 8467's 128-byte
-# blocks: 384 bytes at most. RFC 1035's 512 leaves room and is the size every client assumes a query
-# fits. Bigger is not a query: it is FORMERR from its header, unparsed. The bound keeps what dnspython
-# may be made to parse small: measured on this code, a 64 KiB message of 10,873 questions (pointers
-# to one 125-label name) took 1.2-1.7 s and a 64 KiB OPT of 16,365 empty options 100 ms, each a stall
-# of the agent's event loop (its data path); at 512 bytes the worst OPT is 118 options, 0.9 ms.
-MAX_QUERY_SIZE = 512
-MAX_AUTHORITY = 1  # an IXFR query carries the client's SOA there (RFC 1995 §3): NOTIMP, not FORMERR
-MAX_ADDITIONAL = 1  # the OPT record (RFC 6891 §6.1.1: at most one); we do not do TSIG
-EDNS_VERSION = 0  # the highest we speak; a query of a higher version gets BADVERS (RFC 6891 §6.1.3)
 ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)  # not served: NOTIMP
 
 
@@ -53,23 +42,8 @@ def _soa(domain: dns.name.Name) -> dns.rrset.RRset:
 def respond(
     wire: bytes, domain_text: str, addresses: Mapping[str, str], max_size: int = 65535
 ) -> tuple[bytes | None, int | None]:
-    """The reply to one query message and its rcode, EDNS-extended (BADVERS is 16: 0 in the header,
-    1 in the OPT record); (None, None): drop it."""
-    if len(wire) < HEADER_LEN:
-        return None, None  # not even a header: nothing to answer to
-    _qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", wire)
-    if flags & dns.flags.QR:
-        return None, None  # a response (or a reflection of one): never answer it
-    if dns.opcode.from_flags(flags) != dns.opcode.QUERY:
-        return _header_only(wire, dns.rcode.NOTIMP)
-    if (
-        qdcount != 1
-        or ancount
-        or nscount > MAX_AUTHORITY
-        or arcount > MAX_ADDITIONAL
-        or len(wire) > MAX_QUERY_SIZE
-    ):
-        return _header_only(wire, dns.rcode.FORMERR)  # not one question: unparsed
+    """The reply to one query message whose header agent/dns.py's from_header passed, and its rcode,
+    EDNS-extended (BADVERS is 16: 0 in the header, 1 in the OPT record)."""
     try:
         query = dns.message.from_wire(wire)
     except Exception:  # untrusted bytes: whatever dnspython rejects (or trips on) is a malformed query

@@ -515,14 +515,19 @@ def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
 
 
 def test_the_server_loads_dnspython_only_with_the_first_query() -> None:
-    """dnspython is ~8 MiB of RSS: an agent whose host never asks mesh names does not carry it."""
+    """dnspython is ~8 MiB of RSS: an agent whose host never asks mesh names does not carry it. What
+    the header decides (here an opcode other than QUERY: NOTIMP) does not load it; the first query
+    of a mesh name does."""
     import sys
 
     code = (
         "import sys, asyncio; from hostmesh.agent.dns import DnsServer, DnsTable, answer;"
         "from hostmesh.agent.config import Address;"
         "assert 'dns.message' not in sys.modules, 'imported at start';"
-        "answer(b'x' * 12, DnsTable('mesh.', {}));"
+        "assert answer(b'x' * 12, DnsTable('mesh.', {}))[3] & 15 == 4;"
+        "assert 'dns.message' not in sys.modules, 'imported for a header verdict';"
+        "q = bytes.fromhex('12340100000100000000000003617069046d6573680000010001');"  # api.mesh A
+        "answer(q, DnsTable('mesh.', {}));"
         "assert 'dns.message' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

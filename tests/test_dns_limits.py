@@ -30,7 +30,6 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from hostmesh.agent import dns as dns_server
-from hostmesh.agent import dns_wire
 from hostmesh.agent.config import Address
 from hostmesh.agent.dns import UDP_MAX_ANSWER, DnsServer, answer
 from tests.test_dns import IO_BOUND, TABLE
@@ -107,7 +106,7 @@ def test_what_cannot_be_one_question_is_refused_from_its_header_unparsed(parses:
         "an answer record": (header(an=1) + ok[12:], dns.rcode.FORMERR),
         "two authority records": (header(ns=2) + ok[12:], dns.rcode.FORMERR),
         "two additional records": (header(ar=2) + ok[12:], dns.rcode.FORMERR),
-        "one byte over MAX_QUERY_SIZE": (with_opt(dns_wire.MAX_QUERY_SIZE + 1), dns.rcode.FORMERR),
+        "one byte over MAX_QUERY_SIZE": (with_opt(dns_server.MAX_QUERY_SIZE + 1), dns.rcode.FORMERR),
         "opcode NOTIFY": (notify + ok[12:], dns.rcode.NOTIMP),
     }
     for what, (wire, rcode) in cases.items():
@@ -120,9 +119,9 @@ def test_what_cannot_be_one_question_is_refused_from_its_header_unparsed(parses:
     longest = ".".join(["a" * 63] * 3 + ["b" * 56]) + ".mesh."  # 255 bytes on the wire
     options = [dns.edns.CookieOption(b"c" * 8, b""), dns.edns.ECSOption("192.0.2.0", 24)]
     real = dns.message.make_query(longest, "A", use_edns=0, options=options, pad=128).to_wire()
-    assert len(real) <= dns_wire.MAX_QUERY_SIZE
+    assert len(real) <= dns_server.MAX_QUERY_SIZE
     assert rcode_of(answer(real, TABLE)) == dns.rcode.NXDOMAIN
-    edge = with_opt(dns_wire.MAX_QUERY_SIZE)
+    edge = with_opt(dns_server.MAX_QUERY_SIZE)
     assert rcode_of(answer(edge, TABLE)) == dns.rcode.NOERROR
     assert parses == [len(real), len(edge)]
 
