@@ -1,7 +1,7 @@
 """The mesh DNS core's slow path (agent/dns.py): one query message in, its reply out, with dnspython
 doing the wire format. agent/dns.py has already read the 12-byte header (what cannot be one small
-question is refused from it, unparsed); what comes here is parsed. Imported on the first such query
-only.
+question is refused from it, unparsed) and answered REFUSED itself from the raw bytes for a plain
+query outside the domain; what comes here is parsed. Imported on the first such query only.
 """
 
 from __future__ import annotations
