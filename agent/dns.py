@@ -19,6 +19,9 @@ agent/dns_wire.py;
   SOA, over 512 bytes: MAX_QUERY_SIZE) is FORMERR from its header alone, never parsed; an
   opcode other than QUERY is NOTIMP, likewise. Never a crash: a failure of ours is a header-only
   SERVFAIL, counted and logged at a bounded rate.
+- what dnspython parses (mesh names) is held to PARSED_PER_SECOND, PARSED_BURST at once: past it a
+  query is dropped (over TCP, its connection closed), counted LIMITED, logged at a bounded rate, so
+  a local client flooding mesh names cannot take the agent's loop (its data path).
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
   TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
   a new client past MAX_TCP_CONNECTIONS closes a connection idle TCP_EVICT_IDLE or in one query
@@ -36,6 +39,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +65,19 @@ TCP_EVICT_IDLE = 1.0
 # ... or one this long in a single query and its answer (a query arrives in one read or two on
 # loopback: one still coming after this is dribbled, to hold the slot)
 TCP_QUERY_STUCK = 2.0
+# Queries parsed (by dnspython: mesh names, and what refused() leaves) a second, and at once. Each
+# holds the loop 85-175 µs, and uvloop reads 32 datagrams a turn: measured, a local client flooding
+# mesh names over UDP took 82-91 % of the agent's loop, and a 1-byte TCP echo on it fell from ~270,000
+# round trips in 5 s (p50 10 µs) to 290-780 (p50 4-14 ms). Held to this budget, the same flood takes
+# 26-44 % of the loop, reading and dropping datagrams, as a flood of other names (REFUSED, never held
+# to it: a few µs each) does, and the echo keeps its 10-11 µs p50 (73,000-189,000 round trips). A
+# host's resolver asks far less: it caches every answer, negative ones too, for 5 s (dns_wire's
+# ANSWER_TTL), so even 100 upstreams asked A, AAAA and HTTPS are 60 queries a second. Past the budget
+# a query is dropped (over TCP, its connection closed), counted LIMITED and logged at a bounded rate.
+PARSED_PER_SECOND = 500
+PARSED_BURST = 100  # at once after a quiet spell: apps starting together (A and AAAA of 50 names)
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
+LIMITED = "LIMITED"  # hostmesh_dns_queries_total's label for a query dropped past PARSED_PER_SECOND
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 FORMERR, SERVFAIL, NOTIMP, REFUSED = 1, 2, 4, 5
 HEADER_LEN = 12
@@ -93,6 +109,29 @@ class DnsTable:
     addresses: dict[str, str] = field(default_factory=dict)  # first label (upstream name) -> IP
 
 
+@dataclass(slots=True)
+class Budget:
+    """A token bucket: `rate` a second, at most `burst` at once. Sans-IO: the caller gives the time."""
+
+    rate: float
+    burst: float
+    tokens: float = field(init=False)
+    at: float | None = field(default=None, init=False)  # the time of the last take
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float) -> bool:
+        """One from the budget at `now` (seconds, monotonic): False if none is left."""
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 def dns_table(cfg: AgentConfig) -> DnsTable:
     """Upstream name -> its listener's address. Two local services may call one upstream on two
     listeners; the first in agent.toml's order is the answer (its identity is the one apps get)."""
@@ -120,17 +159,25 @@ def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:
 
 
 def respond(wire: bytes, table: DnsTable, max_size: int = 65535) -> tuple[bytes | None, int | None]:
-    """answer() with the reply's rcode (BADVERS is 16); (None, None): dropped. What the header decides
-    and a plain query outside the domain are answered here from the raw bytes (from_header, refused);
-    the rest is parsed by dnspython (agent/dns_wire.py), imported on the first such query (~8 MiB of
-    RSS), so agents on hosts that never ask mesh names do not carry it, even where the host's resolver
-    offers the agent every name (systemd-resolved)."""
+    """answer() with the reply's rcode (BADVERS is 16); (None, None): dropped."""
+    decided = decide(wire, table)
+    return decided if decided is not None else parse(wire, table, max_size)
+
+
+def decide(wire: bytes, table: DnsTable) -> tuple[bytes | None, int | None] | None:
+    """What is answered from the raw bytes, a few µs: what the header decides (from_header), and a
+    plain query outside the domain (refused); None: the query is to be parsed."""
     decided = from_header(wire)
     if decided is not None:
         return decided
     reply = refused(wire, table.domain)
-    if reply is not None:
-        return reply, REFUSED
+    return None if reply is None else (reply, REFUSED)
+
+
+def parse(wire: bytes, table: DnsTable, max_size: int = 65535) -> tuple[bytes | None, int | None]:
+    """The reply to a query decide() left, from dnspython (agent/dns_wire.py), imported on the first
+    such query (~8 MiB of RSS): agents on hosts that never ask mesh names do not carry it, even where
+    the host's resolver offers the agent every name (systemd-resolved)."""
     from hostmesh.agent.dns_wire import respond as wire_respond
 
     return wire_respond(wire, table.domain, table.addresses, max_size)
@@ -253,12 +300,24 @@ class DnsServer:
         self._clients: dict[asyncio.StreamWriter, float] = {}
         self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
         self._full_log = RateLimitedLog(log, "TCP DNS clients closed at the connection limit")
+        self._parsed = Budget(PARSED_PER_SECOND, PARSED_BURST)
+        self._limited_log = RateLimitedLog(log, "mesh DNS queries dropped past the parse budget")
 
     def reply(self, wire: bytes, max_size: int) -> bytes | None:
-        """The reply to one query message (None: dropped), counted. Never raises, whatever the bytes:
-        a failure of ours is a header-only SERVFAIL, logged at a bounded rate."""
+        """The reply to one query message (None: dropped), counted. A query to parse past the budget
+        (PARSED_PER_SECOND) is dropped. Never raises, whatever the bytes: a failure of ours is a
+        header-only SERVFAIL, logged at a bounded rate."""
         try:
-            reply, rcode = respond(wire, self.table, max_size)
+            decided = decide(wire, self.table)
+            if decided is None:
+                if not self._parsed.take(time.monotonic()):
+                    self._limited_log("mesh DNS: past %g parsed queries a second (%g at once): dropped "
+                                      "one (a local client flooding mesh names?)", PARSED_PER_SECOND,
+                                      PARSED_BURST)  # fmt: skip
+                    self._count(LIMITED)
+                    return None
+                decided = parse(wire, self.table, max_size)
+            reply, rcode = decided
         except Exception:
             self._failure_log("mesh DNS: SERVFAIL for a %d-byte query: %s", len(wire), traceback.format_exc())
             reply = header_reply(wire, SERVFAIL)
@@ -268,9 +327,11 @@ class DnsServer:
 
     def count(self, rcode: int | None) -> None:
         """One query answered with `rcode` (None: dropped)."""
+        self._count("DROPPED" if rcode is None else RCODES.get(rcode, str(rcode)))
+
+    def _count(self, label: str) -> None:
         self.queries += 1
         if self.telemetry is not None:
-            label = "DROPPED" if rcode is None else RCODES.get(rcode, str(rcode))
             self.telemetry.dns_queries.labels(label).inc()
 
     async def start(self) -> None:

@@ -2,8 +2,9 @@
 is refused from its 12-byte header before dnspython parses it (a 64 KiB message of 10,873 questions
 stalled the agent's event loop ~1.5 s), a reply that cannot fit and a failure of ours still answer
 and count, a TCP client that never reads its answers is cut (pipelining, or gone silent with answers
-still buffered), and EDNS versions and zone transfers get their rcodes. The cost is asserted as
-work done (dnspython's parser called or not), not as time.
+still buffered), EDNS versions and zone transfers get their rcodes, and queries to parse are held to
+a budget (dropped past it). The cost is asserted as work done (dnspython's parser called or not,
+queries dropped), not as time.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def with_opt(size: int) -> bytes:
     wire = header(ar=1) + q + opt
     assert len(wire) == size
     return wire
+
+
+def unbudgeted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parse budget no test query reaches: for tests that pipeline thousands of mesh names over TCP
+    (the budget would close the connection, and the test would pass for that reason)."""
+    monkeypatch.setattr(dns_server, "PARSED_BURST", 10**9)
 
 
 def rcode_of(reply: bytes | None) -> int:
@@ -282,6 +289,7 @@ async def test_a_tcp_client_that_never_reads_its_answers_is_cut(monkeypatch: pyt
     waits on it, and after TCP_WRITE_TIMEOUT it is cut, its slot given back. One slot here, so a
     client that held it for good would lock every other TCP client out."""
     monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    unbudgeted(monkeypatch)
     monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", 4 * IO_BOUND)  # only the write deadline cuts
     monkeypatch.setattr(dns_server, "MAX_TCP_CONNECTIONS", 1)
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
@@ -339,6 +347,7 @@ async def _tcp_server(
     4 KiB receive buffer (a slow reader), not connected yet."""
     monkeypatch.setattr(dns_server, "TCP_IDLE_TIMEOUT", idle)
     monkeypatch.setattr(dns_server, "TCP_WRITE_TIMEOUT", 0.2)
+    unbudgeted(monkeypatch)
     server = DnsServer(Address("127.0.0.1", 0), TABLE)
     await server.start()
     client = socket.socket()
@@ -370,3 +379,54 @@ async def test_a_tcp_clients_unread_answers_are_bounded_by_the_servers_own_send_
         else:
             raise AssertionError("all sent: the server never stopped reading")
         assert server.queries < 20_000, server.queries
+
+
+# --- the parse budget ------------------------------------------------------------------------------
+
+
+def test_the_parse_budget_refills_at_its_rate_up_to_its_burst() -> None:
+    budget = dns_server.Budget(rate=4, burst=3)
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]  # the burst, at once
+    assert not budget.take(100.125)  # half a token back
+    assert budget.take(100.25) and not budget.take(100.25)  # one a quarter of a second
+    assert [budget.take(200.0) for _ in range(4)] == [True, True, True, False]  # a long wait: the burst
+
+
+async def test_queries_to_parse_past_the_budget_are_dropped_and_counted_other_names_still_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local client flooding mesh names held the agent's loop with dnspython (each 85-175 µs, 32 a
+    loop turn): past PARSED_BURST at once and PARSED_PER_SECOND a second, such a query is dropped,
+    counted LIMITED and logged; over TCP its connection is closed (a TCP client expects every answer).
+    Names outside the domain, answered from the raw bytes, are not held to it. (The rate is made
+    negligible here: the budget is the burst, 2.)"""
+    monkeypatch.setattr(dns_server, "PARSED_PER_SECOND", 1e-9)
+    monkeypatch.setattr(dns_server, "PARSED_BURST", 2)
+    t = telemetry()
+    server = DnsServer(Address("127.0.0.1", 0), TABLE, telemetry=t)
+    await server.start()
+    try:
+        mesh = [dns.message.make_query("api.mesh", "A", id=i).to_wire() for i in (1, 2, 3)]
+        nope = dns.message.make_query("nope.mesh", "A", id=5).to_wire()
+        other = [dns.message.make_query("example.com", "A", id=i).to_wire() for i in (4, 6)]
+        with caplog.at_level(logging.WARNING, logger="hostmesh.dns"):
+            replies = udp_exchange(server.bind.port, *mesh, other[0], nope, other[1])
+            got = [await anext(replies) for _ in range(4)]  # in order: the two dropped leave gaps
+            await replies.aclose()
+        assert [struct.unpack("!H", r[:2])[0] for r in got] == [1, 2, 4, 6]
+        assert [rcode_of(r) for r in got] == [dns.rcode.NOERROR] * 2 + [dns.rcode.REFUSED] * 2
+        assert counted(t) == {"NOERROR": 2, "REFUSED": 2, "LIMITED": 2} and server.queries == 6
+        logged = [r.getMessage() for r in caplog.records if r.name == "hostmesh.dns"]
+        assert any("parsed queries a second (2 at once): dropped" in m for m in logged), logged
+        # over TCP: another name answered, then a mesh name past the budget closes the connection
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.bind.port)
+        try:
+            writer.write(b"".join(struct.pack("!H", len(w)) + w for w in (other[0], mesh[0])))
+            (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), IO_BOUND))
+            assert rcode_of(await reader.readexactly(n)) == dns.rcode.REFUSED
+            assert await asyncio.wait_for(reader.read(1), IO_BOUND) == b""  # closed, unanswered
+        finally:
+            writer.close()
+        assert counted(t)["LIMITED"] == 3
+    finally:
+        await server.close()
