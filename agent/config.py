@@ -249,6 +249,7 @@ class AgentConfig:
 
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # a UDP flow without a datagram this long ends
     dns: Address | None = None  # mesh DNS (agent/dns.py), UDP and TCP; None: off (dns = "")
+    dns_shared: bool = False  # `dns` may be beyond loopback (refused at load otherwise)
     dns_domain: str = DEFAULT_DNS_DOMAIN  # absolute, lowercase: "<upstream>.mesh." is answered
     # [[gateways]]; each one is also in `services` (kind set, no app), so it gets a certificate,
     # a registration and its intentions like a service
@@ -363,13 +364,19 @@ def _upstream_bind(raw: dict[str, Any], service: str, protocol: str | None, path
     shared = raw.get("shared", False)
     if not isinstance(shared, bool):
         raise _fail(f"{path}.shared", "must be true or false")
-    if not shared and not ipaddress.ip_address(bind.host).is_loopback:
-        raise _fail(
-            f"{path}.bind",
-            f"{bind.host} is not a loopback address: anyone who reaches it would call {service} with "
-            "this service's identity (set shared = true on the upstream if that is intended)",
-        )
+    _loopback_unless_shared(bind, shared, f"{path}.bind",
+                            f"would call {service} with this service's identity",
+                            "set shared = true on the upstream")  # fmt: skip
     return bind
+
+
+def _loopback_unless_shared(addr: Address, shared: bool, path: str, exposure: str, opt_in: str) -> None:
+    """Nothing listens beyond loopback unless configured to: `addr` (the value at `path`) on another
+    address, wildcards included, is refused unless `shared`, saying what anyone who reaches it would
+    get (`exposure`) and how to allow it (`opt_in`)."""
+    if not shared and not ipaddress.ip_address(addr.host).is_loopback:
+        raise _fail(path, f"{addr.host} is not a loopback address: anyone who reaches it {exposure} "
+                    f"({opt_in} if that is intended)")  # fmt: skip
 
 
 def _parse_upstream(raw: Any, path: str) -> UpstreamConfig:
@@ -525,6 +532,7 @@ TOP_KEYS = {
     "max_connections",
     "stream_idle_timeout",
     "dns",
+    "dns_shared",
     "dns_domain",
     "udp_idle_timeout",
     "cert_dir",
@@ -541,6 +549,17 @@ NOMAD_KEYS = {
     "identity_file",
     "poll_interval",
 }
+
+
+def _parse_dns(text: Any, shared: bool) -> Address | None:
+    """`dns`: None for "" (off); on loopback unless dns_shared = true, as an upstream's bind."""
+    if text == "":
+        return None
+    dns = parse_address(text, "dns")
+    _loopback_unless_shared(dns, shared, "dns",
+                            "would learn this host's upstreams and their listeners' addresses",
+                            "set dns_shared = true")  # fmt: skip
+    return dns
 
 
 # the mesh domain's length: a name "<upstream>.<domain>." takes len(domain) + 66 of DNS's 255 octets
@@ -669,6 +688,9 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         or not 1 <= max_connections <= MAX_MAX_CONNECTIONS
     ):
         raise _fail("max_connections", f"must be an integer in 1..{MAX_MAX_CONNECTIONS}")
+    dns_shared = raw.get("dns_shared", False)
+    if not isinstance(dns_shared, bool):
+        raise _fail("dns_shared", "must be true or false")
     cert_dir_raw = _str(raw, "cert_dir", "")
     cfg = AgentConfig(
         node=node,
@@ -694,7 +716,8 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         stream_idle_timeout=_number(
             raw, "stream_idle_timeout", "", DEFAULT_STREAM_IDLE_TIMEOUT, 0, 7 * 86400
         ),
-        dns=None if raw.get("dns", DEFAULT_DNS) == "" else parse_address(raw.get("dns", DEFAULT_DNS), "dns"),
+        dns=_parse_dns(raw.get("dns", DEFAULT_DNS), dns_shared),
+        dns_shared=dns_shared,
         dns_domain=_parse_dns_domain(raw),
         udp_idle_timeout=_number(raw, "udp_idle_timeout", "", DEFAULT_UDP_IDLE_TIMEOUT, 0.05, 86400),
         cert_dir=Path(cert_dir_raw) if cert_dir_raw else None,

@@ -129,7 +129,15 @@ AGENT_KEYS: tuple[Key, ...] = (
         "dns",
         'host:port or ""',
         C.DEFAULT_DNS,
-        'Mesh DNS (UDP and TCP) answering `<upstream>.<dns_domain>`; `""` turns it off.',
+        'Mesh DNS (UDP and TCP) answering `<upstream>.<dns_domain>`; `""` turns it off. On loopback '
+        "unless `dns_shared = true`.",
+    ),
+    Key(
+        "dns_shared",
+        "boolean",
+        "false",
+        "Allow a non-loopback `dns` (everyone reaching it learns this host's upstreams and their "
+        "listeners' addresses, which are of use on this host only unless the upstreams are shared).",
     ),
     Key(
         "dns_domain",

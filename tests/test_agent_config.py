@@ -279,6 +279,26 @@ def test_an_upstream_on_a_non_loopback_address_is_refused_unless_shared() -> Non
         parse_config(_with_upstream(bind="127.0.0.1:9091", shared="yes"))
 
 
+def test_mesh_dns_on_a_non_loopback_address_is_refused_unless_dns_shared() -> None:
+    """`dns` was taken whatever it was, where an upstream's bind is checked: on 0.0.0.0 anyone on the
+    network could ask this host's upstreams and their listeners' addresses. Refused with one line
+    naming the key, as an upstream's bind (the same check); `dns_shared = true` says it is intended."""
+    for host in ("0.0.0.0", "198.18.0.5", "[::]"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(minimal(dns=f"{host}:15053"))
+        msg = str(err.value)
+        assert msg.startswith(f"dns: {host.strip('[]')} is not a loopback address: ") and "\n" not in msg
+        assert "this host's upstreams" in msg and msg.endswith("(set dns_shared = true if that is intended)")
+        cfg = parse_config(minimal(dns=f"{host}:15053", dns_shared=True))
+        assert cfg.dns_shared and cfg.dns is not None and cfg.dns.port == 15053
+    for host in ("127.0.0.1", "127.5.6.7", "[::1]", "localhost"):
+        cfg = parse_config(minimal(dns=f"{host}:15053"))
+        assert not cfg.dns_shared and cfg.dns is not None
+    assert parse_config(minimal(dns="")).dns is None  # off: nothing to check
+    with pytest.raises(ConfigError, match=r"^dns_shared: must be true or false$"):
+        parse_config(minimal(dns="", dns_shared="yes"))
+
+
 def test_bind_auto_derives_a_stable_loopback_address_and_the_natural_port() -> None:
     from hostmesh.agent.config import auto_bind
 

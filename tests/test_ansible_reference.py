@@ -45,7 +45,7 @@ def full_inventory() -> dict[str, Any]:
             "node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "trust_domain",
             "default_intention", "drain_seconds", "log_level", "workers", "max_connections",
             "stream_idle_timeout", "log_format", "istio_metrics", "udp_idle_timeout", "cert_dir", "dns",
-            "dns_domain", "nomad", "gateways",
+            "dns_shared", "dns_domain", "nomad", "gateways",
         )
     }  # fmt: skip
     for k, val in ex["tracing"].items():
