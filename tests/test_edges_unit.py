@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from hostmesh.agent import audit
 from hostmesh.agent.config import Address, ConfigError, UpstreamConfig, parse_config
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import edges
@@ -30,9 +31,9 @@ from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
-from tests.support import metric_sample
+from tests.support import async_wait_until, metric_sample
 from tests.test_e2e_edges import OutsideCA, TLSServer
-from tests.test_proxy_component import CA, closed_by_peer, snapshot
+from tests.test_proxy_component import CA, TD, closed_by_peer, snapshot
 
 PIN = "sha256:" + "0" * 64
 LONG_LABEL = "a" * 64  # one over the DNS bound: the IDNA codec (resolver, TLS SNI) refuses it
@@ -304,3 +305,104 @@ async def test_an_untrusted_certificate_is_one_line_per_connection_at_a_bounded_
     assert all("(called by web)" in x and "certificate not trusted for ext.example.test" in x for x in lines)
     assert server.requests == []
     no_loop_errors(loop_errors)
+
+
+# --- access lines of connections to external services -------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def external_echo() -> AsyncIterator[int]:
+    """A plain TCP server outside the mesh: reads b"ping", answers b"pong!", closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4)
+        writer.write(b"pong!")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def app_ping(port: int) -> bytes:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        writer.write(b"ping")
+        return await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+    finally:
+        writer.close()
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == "hostmesh.access"]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def every_access_line(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    before = audit.access_sample()
+    audit.configure_access(1.0)
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    try:
+        yield
+    finally:
+        audit.configure_access(before)
+
+
+FIELDS = set(audit.access_record(
+    protocol="tcp", reporter="", source_workload="", source_principal="", destination_service="",
+    destination_subset="", upstream_host="", downstream_remote_address="", response_code=0, response_flags="",
+    duration_ms=0.0, bytes_received=0, bytes_sent=0,
+))  # fmt: skip
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_direct_external_connection_has_the_one_access_line_field_set(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """README: access lines have one field set for TCP and HTTP, and name the external service as
+    `destination_service`; the external's lines had fields of their own (`destination`, `external`,
+    `received`, `flags`, ...)."""
+    async with external_echo() as ext_port:
+        ext = ExternalService("x-echo", 1, (ExternalAddress("127.0.0.1", ext_port),))
+        async with caller_of(ext, Telemetry()) as port:
+            assert await app_ping(port) == b"pong!"
+            [line] = await async_wait_until(lambda: access_lines(caplog), IO_TIMEOUT, "the access line")
+    assert set(line) == FIELDS
+    assert line["protocol"] == "tcp" and line["reporter"] == "source"
+    assert (line["source_workload"], line["source_principal"]) == ("web", f"spiffe://{TD}/svc/web")
+    assert (line["destination_service"], line["upstream_host"]) == ("x-echo", f"127.0.0.1:{ext_port}")
+    assert (line["bytes_received"], line["bytes_sent"], line["response_flags"]) == (4, 5, "-")
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_at_the_egress_gateway_the_external_connection_has_the_one_access_line_field_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = CA(tmp_path)
+    async with external_echo() as ext_port:
+        ext = ExternalService("x-echo", 1, (ExternalAddress("127.0.0.1", ext_port),), via="out")
+        gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
+        gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), Telemetry())
+        gateway.egress_gateways = frozenset({"out"})
+        await gateway.start()
+        try:
+            snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+            async with caller_of(ext, Telemetry(), snap) as port:
+                assert await app_ping(port) == b"pong!"
+
+                def both() -> list[dict[str, Any]]:
+                    lines = access_lines(caplog)
+                    return lines if len(lines) == 2 else []
+
+                lines = await async_wait_until(both, IO_TIMEOUT, "both access lines")
+        finally:
+            await gateway.close()
+    [line] = [x for x in lines if x["reporter"] == "destination"]  # the gateway's (the caller's: outbound.py)
+    assert set(line) == FIELDS
+    assert (line["source_workload"], line["source_principal"]) == ("web", f"spiffe://{TD}/svc/web")
+    assert (line["destination_service"], line["upstream_host"]) == ("x-echo", f"127.0.0.1:{ext_port}")
+    assert line["downstream_remote_address"].startswith("127.0.0.1:")
+    assert (line["bytes_received"], line["bytes_sent"]) == (4, 5)

@@ -240,11 +240,13 @@ class EgressPipes:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def connect_out(self, down: Any, ext: ExternalService, source: str,
-                          on_fail: Callable[[], None]) -> None:  # fmt: skip
+    async def connect_out(self, down: Any, ext: ExternalService, source: str, on_fail: Callable[[], None],
+                          principal: str = "", peer: str = "") -> None:  # fmt: skip
         """Originate to `ext` and pump `down` (a paused RawEnd or a mesh stream) to it. Failing,
         whatever the error, `on_fail` resets `down` (flag UF, counted, logged at a bounded rate):
-        an exception left in this task would leave `down` open, paused and owned by nobody."""
+        an exception left in this task would leave `down` open, paused and owned by nobody.
+        `principal` (the caller's SPIFFE ID) and `peer` (its address, at an egress gateway) are for
+        the connection's access line."""
         out = _OutsideEnd()
         try:
             address = await originate(ext, out)
@@ -259,24 +261,26 @@ class EgressPipes:
             return
         series = self.telemetry.tcp_series(self.reporter, source, ext.service)
         series.opened.inc()
-        pipe = Pipe(down, out, series, self._done, info=(source, ext.service, address))
+        pipe = Pipe(down, out, series, self._done, info=(source, ext.service, address, principal, peer))
         self.tracker.add(pipe)
         pipe.start()
 
     def _done(self, pipe: Pipe) -> None:
         self.tracker.remove(pipe)
-        source, destination, address = pipe.info
+        source, destination, address, principal, peer = pipe.info
         series = pipe.series
         if pipe.flags:
             series = self.telemetry.tcp_series(self.reporter, source, destination, "", pipe.flags)
         pipe.flush_metrics(series)
         series.closed.inc()
-        if audit.access_sampled(always=bool(pipe.flags)):
-            audit.access({
-                "ts": round(time.time(), 3), "reporter": self.reporter, "source": source,
-                "destination": destination, "external": address, "received": pipe.up, "sent": pipe.down,
-                "flags": pipe.flags, "duration_ms": round((time.monotonic() - pipe.started) * 1000, 1),
-            })  # fmt: skip
+        if audit.access_sampled(always=bool(pipe.flags)):  # the field set of every access line (audit.py)
+            audit.access(audit.access_record(
+                protocol="tcp", reporter=self.reporter, source_workload=source, source_principal=principal,
+                destination_service=destination, destination_subset="", upstream_host=address,
+                downstream_remote_address=peer, response_code=0, response_flags=pipe.flags,
+                duration_ms=round((time.monotonic() - pipe.started) * 1000, 1), bytes_received=pipe.up,
+                bytes_sent=pipe.down,
+            ))  # fmt: skip
 
     def close(self) -> None:
         for task in list(self.tasks):
@@ -297,7 +301,8 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
         reset_transport(end.transport)
         return
     if ext.via is None:
-        pipes.spawn(pipes.connect_out(end, ext, source, lambda: reset_transport(end.transport)))
+        principal = Identity(snap.trust_domain, source).spiffe_id
+        pipes.spawn(pipes.connect_out(end, ext, source, lambda: reset_transport(end.transport), principal))
         return
     ctx = snap.tls.client.get(source)
     endpoints = snap.endpoints.get(ext.via, ())
@@ -360,7 +365,10 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
         )
         stream.reset(flag)
         return
-    pipes.spawn(pipes.connect_out(stream, ext, source, lambda: stream.reset(flags.UF)))
+    principal = conn.source.spiffe_id if conn.source else ""
+    pipes.spawn(
+        pipes.connect_out(stream, ext, source, lambda: stream.reset(flags.UF), principal, conn.peer_addr)
+    )
 
 
 # --- ingress -----------------------------------------------------------------------------------
