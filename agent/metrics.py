@@ -278,7 +278,9 @@ class Telemetry:
         )
         self.retries = Counter(
             "hostmesh_retries_total",
-            "HTTP request retries",
+            "HTTP request retries, by `reason`: `connect-failure`, `reset` (the connection closed before a "
+            "response head), `per-try timeout`, or the retried answer's status class: `5xx`, `4xx` (a code "
+            "of `retriable_status_codes`)",
             ("source_service", "destination_service", "reason"),
             registry=r,
         )

@@ -13,7 +13,8 @@ it would wait in vain; ``/stall-body`` sends half of its body and then nothing u
 connection ends; ``/close-unanswered`` closes its connection without a byte of an answer;
 ``/arm-drop`` is answered, and the next request on that connection is closed unanswered, which is
 what a proxy sees when the app closed a kept-alive connection just as it was reused;
-``/arm-partial`` the same, the next request getting half of a response head before the close).
+``/arm-partial`` the same, the next request getting half of a response head before the close;
+``/status/<code>`` an answer with that status).
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ class Backend:
         if path.startswith(b"/forge-flags/"):  # an error answer carrying the mesh's flags field itself
             status = 403
             extra += b"x-hostmesh-response-flags: %s\r\n" % path.rsplit(b"/", 1)[1]
+        if path.startswith(b"/status/"):  # answers with the status its path names
+            status = int(path.rsplit(b"/", 1)[1])
         if path.startswith(b"/delay/"):
             await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
         if path == b"/echo":

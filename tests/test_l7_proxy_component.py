@@ -957,6 +957,27 @@ async def test_the_route_timeout_bounds_the_retry_back_off_and_its_expiry_is_no_
     assert retried in (None, 0)
 
 
+async def test_a_retried_answer_is_counted_under_its_own_status_class(mesh: Mesh) -> None:
+    """`hostmesh_retries_total{reason}`: a retry of a 4xx listed in `retriable_status_codes` was
+    counted `5xx`, as every retry of an answer was."""
+    rc = route_config({
+        "service": "api",
+        "routes": [{"to": [{"weight": 100}], "retries": {
+            "attempts": 1, "on": ["retriable-status-codes"], "retriable_status_codes": [409, 503],
+            "backoff": {"base": "1ms"}}}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/status/409")
+    assert r.status == 409  # both tries answered 409: retried once
+    r = await asyncio.to_thread(c.get, "/status/503")
+    assert r.status == 503
+    c.close()
+    assert mesh.apps[0].hits + mesh.apps[1].hits == 4
+    assert sample(mesh.tel_a, "hostmesh_retries_total", source_service="web", reason="4xx") == 1
+    assert sample(mesh.tel_a, "hostmesh_retries_total", source_service="web", reason="5xx") == 1
+
+
 async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(mesh: Mesh) -> None:
     """Issue 12: `hash_on: {source_ip: true}` hashed the app's address, 127.0.0.1 for every local
     caller on every host, so all callers of the fleet landed on one instance. The key is now the

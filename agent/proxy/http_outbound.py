@@ -125,6 +125,15 @@ RETRY_REASONS: Final[dict[Outcome, str]] = {
     RESET: "reset",
     TIMEOUT: "per-try timeout",
 }
+
+
+def retry_reason(status: int) -> str:
+    """`hostmesh_retries_total`'s reason for a retry of an answer: its status class, `5xx` from 500
+    on (as the `5xx` condition reads it), else the class of the `retriable_status_codes` code it
+    was (`4xx`, ...), not `5xx` as before."""
+    return "5xx" if status >= 500 else f"{status // 100}xx"
+
+
 MIRROR_MAX_BUFFER: Final = 256 * 1024  # bytes of a mirrored copy held for a slow mirror before it is dropped
 # copies in flight at once per upstream listener; beyond, a copy is dropped (a slow or hung mirror
 # would otherwise hold a stream and a connection slot of its agent per request it was sent)
@@ -792,7 +801,9 @@ class HttpOutbound:
                     ex.flags = fl.add(ex.flags, fl.URX)
                 self._relay(ex, outcome)
                 return True
-            self.telemetry.retries.labels(self.local_service, self.service, "5xx").inc()  # rare: no cache
+            self.telemetry.retries.labels(  # rare: no cache
+                self.local_service, self.service, retry_reason(status)
+            ).inc()
             if ex.trace is not None:
                 ex.trace.event("retry", reason=f"status {status}", endpoint=f"{ep.address}:{ep.port}")
             return False
