@@ -286,7 +286,9 @@ class Telemetry:
         )
         self.ejected = Gauge(
             "hostmesh_upstream_ejected_endpoints",
-            "instances ejected by outlier detection",
+            "distinct instances of the upstream ejected by outlier detection in any listener of the agent "
+            "process that calls it (an ingress gateway's included); with `workers` > 1, the largest of "
+            "the processes' counts",
             ("upstream",),
             registry=r,
         )

@@ -130,7 +130,11 @@ def health_families() -> list[Family]:
 
 def refresh_health(agent: Any) -> None:
     """Set the health gauges from `agent`'s state (agent/run.py's Agent). The labelled ones are
-    cleared first, so a service or upstream that a reload removed leaves no stale series."""
+    cleared first, so a service or upstream that a reload removed leaves no stale series.
+
+    `hostmesh_upstream_ejected_endpoints{upstream}`: the distinct instances of the upstream that any
+    listener of this process calling it has ejected (each caller listener and each ingress
+    gateway's outbound keeps outlier state; setting the gauge per listener left the last one's count)."""
     t = agent.telemetry
     for gauge in (t.cert_renewal_failing, t.active_connections, t.ejected, t.healthy_endpoints):
         gauge.clear()
@@ -143,12 +147,18 @@ def refresh_health(agent: Any) -> None:
             t.cert_renewal_failing.labels(info.service).set(0.0 if info.state is CertState.VALID else 1.0)
     if agent.inbound is not None:
         t.active_connections.labels("inbound").set(float(agent.inbound.active_connections))
-    snap = agent.builder.holder.current if hasattr(agent, "builder") else None
+    ejected: dict[str, set[str]] = {}  # upstream -> instances ejected by any listener calling it
     for (local, upstream, _bind), listener in agent.outbound.items():
         stats = listener.stats() or {}
         t.active_connections.labels(f"{local}->{upstream}").set(float(stats.get("active_connections", 0)))
-        http = listener.http.stats() if getattr(listener, "http", None) is not None else None
-        t.ejected.labels(upstream).set(float(len(http.get("ejected", ()))) if http else 0.0)
+        http = stats.get("http")  # its L7 path's (HttpOutbound.stats), None before it is built
+        ejected.setdefault(upstream, set()).update(http.get("ejected", ()) if http else ())
+    for gateway in getattr(agent, "gateways", ()):
+        for upstream, http in gateway.http_stats().items():
+            ejected.setdefault(upstream, set()).update(http.get("ejected", ()))
+    snap = agent.builder.holder.current if hasattr(agent, "builder") else None
+    for upstream, instances in ejected.items():
+        t.ejected.labels(upstream).set(float(len(instances)))
         if snap is not None:
             t.healthy_endpoints.labels(upstream).set(float(len(snap.endpoints.get(upstream, ()))))
 

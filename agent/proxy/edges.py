@@ -776,6 +776,11 @@ class IngressGateway:
             out = self._tcp_out[service] = self._new_tcp_outbound(service)
         return out
 
+    def http_stats(self) -> dict[str, Any]:
+        """Mesh service -> the stats of the HTTP outbound it calls that service by (HttpOutbound.stats:
+        its outlier ejections among them)."""
+        return {service: out.stats() for service, out in self._http_out.items()}
+
     def passthrough(self, end: _ClientHello, sni: str | None) -> None:
         snap = self.holder.current
         doc = snap.gateways.get(self.name)

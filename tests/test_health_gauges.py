@@ -1,0 +1,90 @@
+"""The mesh-health gauges an agent sets when scraped (agent/observe.py refresh_health), read from real
+listeners over real loopback sockets (component tier: the harnesses of test_l7_proxy_component.py and
+test_ingress_limits.py, no Consul), for an agent-shaped object holding them.
+
+- `hostmesh_upstream_ejected_endpoints{upstream}` is the number of distinct instances any listener of
+  the process ejected: it was set once per caller listener, so the last listener's count won.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from hostmesh.agent.config import Address, UpstreamConfig
+from hostmesh.agent.metrics import Telemetry
+from hostmesh.agent.observe import refresh_health
+from hostmesh.agent.proxy.http_outbound import HttpOutbound
+from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.registry.schema import parse_policy
+from tests.support import metric_sample as sample
+from tests.test_l7_proxy_component import build_mesh, one_call
+
+
+def agent(tel: Telemetry, *, inbound: Any = None, outbound: list[Any] = (), gateways: list[Any] = (),  # type: ignore[assignment]
+          holder: Any = None, retiring: list[Any] = ()) -> SimpleNamespace:  # type: ignore[assignment]  # fmt: skip
+    """What refresh_health reads of agent/run.py's Agent."""
+    a = SimpleNamespace(
+        telemetry=tel, registered=True, inbound=inbound,
+        outbound={(ob.local_service, ob.upstream.service, f"bind{i}"): ob for i, ob in enumerate(outbound)},
+        gateways=list(gateways), _retiring={object(): ob for ob in retiring},
+    )  # fmt: skip
+    if holder is not None:
+        a.builder = SimpleNamespace(holder=holder)
+    return a
+
+
+def gauge(a: SimpleNamespace, name: str, **labels: str) -> float | None:
+    refresh_health(a)
+    value: float | None = sample(a.telemetry, name, **labels)
+    return value
+
+
+def active(a: SimpleNamespace, listener: str) -> float | None:
+    return gauge(a, "hostmesh_active_connections", listener=listener)
+
+
+async def test_ejected_instances_of_an_upstream_are_counted_over_every_caller_listener(
+    tmp_path: Path,
+) -> None:
+    """Two listeners of the process call `api` (here two binds of web's: two local services calling it
+    hold one each, as does an ingress gateway). The one that ejected api-0 comes first, the other,
+    which ejected nothing, last: its 0 was the gauge. Once both ejected api-0, it is still 1."""
+    async with build_mesh(tmp_path) as mesh:
+        od = {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 50}}
+        mesh.set_a(policies={"api": parse_policy(od)})
+        mesh.apps[0].mode = "fail"
+        other = OutboundListener(
+            mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a
+        )
+        other.http = HttpOutbound(mesh.holder_a, "web", "api", mesh.tel_a)
+        await other.start()
+        try:
+            a = agent(mesh.tel_a, outbound=[mesh.outbound, other], holder=mesh.holder_a)
+            for i in range(8):  # round robin: the failing api-0 answers one of the first two (bounded)
+                await asyncio.to_thread(one_call, mesh, f"/eject-{i}")
+                if mesh.http_out.stats()["ejected"]:
+                    break
+            assert mesh.http_out.stats()["ejected"] == ["api-0@n"]
+            assert gauge(a, "hostmesh_upstream_ejected_endpoints", upstream="api") == 1
+
+            def call_other(path: str) -> int:
+                from tests.l7_support import Client
+
+                c = Client(other.port)
+                try:
+                    return c.get(path).status
+                finally:
+                    c.close()
+
+            for i in range(8):
+                await asyncio.to_thread(call_other, f"/other-{i}")
+                if other.http.stats()["ejected"]:
+                    break
+            assert other.http.stats()["ejected"] == ["api-0@n"]
+            assert gauge(a, "hostmesh_upstream_ejected_endpoints", upstream="api") == 1  # one instance
+            assert gauge(a, "hostmesh_upstream_healthy_endpoints", upstream="api") == 2
+        finally:
+            await other.close()
