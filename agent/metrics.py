@@ -274,7 +274,16 @@ class Telemetry:
             registry=r,
         )
         self.active_connections = Gauge(
-            "hostmesh_active_connections", "open downstream connections", ("listener",), registry=r
+            "hostmesh_active_connections",
+            "open downstream connections, whatever their protocol, read when scraped; `listener` "
+            "`<service>-><upstream>`: the local app's connections to it, TCP and HTTP alike (a udp "
+            "upstream: its flows), those a reload's retiring listener still serves included; `inbound`: "
+            "the streams peer agents opened to it, one per relayed TCP connection, one per HTTP stream "
+            "(a caller's agent keeps one open between requests, one request at a time on it; an older "
+            "agent's mTLS connection counts the same), one per UDP flow; `ingress:<gateway>`: its clients' "
+            "HTTP(S) connections (HTTPS once the handshake is done) and relayed TLS passthrough ones",
+            ("listener",),
+            registry=r,
         )
         self.retries = Counter(
             "hostmesh_retries_total",

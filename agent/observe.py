@@ -132,6 +132,9 @@ def refresh_health(agent: Any) -> None:
     """Set the health gauges from `agent`'s state (agent/run.py's Agent). The labelled ones are
     cleared first, so a service or upstream that a reload removed leaves no stale series.
 
+    `hostmesh_active_connections{listener}`: open downstream connections, whatever their protocol
+    (the metric's help in agent/metrics.py says what each listener counts), read from the sets the
+    listeners keep anyway: nothing is counted per connection or request.
     `hostmesh_upstream_ejected_endpoints{upstream}`: the distinct instances of the upstream that any
     listener of this process calling it has ejected (each caller listener and each ingress
     gateway's outbound keeps outlier state; setting the gauge per listener left the last one's count)."""
@@ -145,17 +148,26 @@ def refresh_health(agent: Any) -> None:
     if certs is not None:
         for info in certs.infos():
             t.cert_renewal_failing.labels(info.service).set(0.0 if info.state is CertState.VALID else 1.0)
-    if agent.inbound is not None:
-        t.active_connections.labels("inbound").set(float(agent.inbound.active_connections))
+    conns: dict[str, int] = {}
     ejected: dict[str, set[str]] = {}  # upstream -> instances ejected by any listener calling it
-    for (local, upstream, _bind), listener in agent.outbound.items():
+    if agent.inbound is not None:
+        conns["inbound"] = agent.inbound.downstream_connections()
+    # a reload's retiring listeners still serve the connections they hold (agent/run.py _retire)
+    retiring = getattr(agent, "_retiring", {})
+    for listener in [*agent.outbound.values(), *retiring.values()]:
         stats = listener.stats() or {}
-        t.active_connections.labels(f"{local}->{upstream}").set(float(stats.get("active_connections", 0)))
+        upstream = stats["upstream"]
         http = stats.get("http")  # its L7 path's (HttpOutbound.stats), None before it is built
+        name = f"{stats['local_service']}->{upstream}"
+        open_ = int(stats.get("active_connections", 0)) + (http["client_connections"] if http else 0)
+        conns[name] = conns.get(name, 0) + open_
         ejected.setdefault(upstream, set()).update(http.get("ejected", ()) if http else ())
     for gateway in getattr(agent, "gateways", ()):
+        conns[f"ingress:{gateway.name}"] = gateway.open_connections()
         for upstream, http in gateway.http_stats().items():
             ejected.setdefault(upstream, set()).update(http.get("ejected", ()))
+    for name, n in conns.items():
+        t.active_connections.labels(name).set(float(n))
     snap = agent.builder.holder.current if hasattr(agent, "builder") else None
     for upstream, instances in ejected.items():
         t.ejected.labels(upstream).set(float(len(instances)))

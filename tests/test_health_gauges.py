@@ -2,6 +2,9 @@
 listeners over real loopback sockets (component tier: the harnesses of test_l7_proxy_component.py and
 test_ingress_limits.py, no Consul), for an agent-shaped object holding them.
 
+- `hostmesh_active_connections{listener}` counts open downstream connections whatever their protocol:
+  it counted L4 pipes only, so a local app's HTTP connections, the inbound's HTTP streams and every
+  ingress gateway connection were left out (0 with a keep-alive HTTP client connected).
 - `hostmesh_upstream_ejected_endpoints{upstream}` is the number of distinct instances any listener of
   the process ejected: it was set once per caller listener, so the last listener's count won.
 """
@@ -13,13 +16,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.observe import refresh_health
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.registry.schema import parse_policy
+from tests.support import async_wait_until
 from tests.support import metric_sample as sample
+from tests.test_ingress_limits import HOST, LOOPS, WAIT, gateway, run
 from tests.test_l7_proxy_component import build_mesh, one_call
 
 
@@ -44,6 +51,48 @@ def gauge(a: SimpleNamespace, name: str, **labels: str) -> float | None:
 
 def active(a: SimpleNamespace, listener: str) -> float | None:
     return gauge(a, "hostmesh_active_connections", listener=listener)
+
+
+async def test_http_connections_are_active_connections_on_both_sides(tmp_path: Path) -> None:
+    async with build_mesh(tmp_path) as mesh:
+        for ib, hi in zip(mesh.inbounds, mesh.http_ins, strict=True):
+            ib.http = hi  # as agent/proxy/stacks.py build_inbound attaches it
+        caller = agent(mesh.tel_a, outbound=[mesh.outbound], holder=mesh.holder_a)
+        c1, c2 = mesh.client(), mesh.client()
+        try:
+            r = await asyncio.to_thread(c1.get, "/one")
+            assert r.status == 200
+            assert await asyncio.to_thread(lambda: c2.get("/two").status) == 200
+            # two keep-alive app connections, both open
+            assert active(caller, "web->api") == 2
+            # the instance that served the first request holds the stream it came on (the caller's agent
+            # keeps it for its next request to that instance)
+            served = mesh.inbounds[int(r.instance.rsplit("-", 1)[1])]
+            assert active(agent(mesh.tel_b, inbound=served), "inbound") == 1
+            # a reload's retiring listener still serves its connections: they still count
+            retiring = agent(mesh.tel_a, retiring=[mesh.outbound], holder=mesh.holder_a)
+            assert active(retiring, "web->api") == 2
+        finally:
+            c1.close()
+            c2.close()
+        await async_wait_until(lambda: active(caller, "web->api") == 0, WAIT, "the app connections closed")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_ingress_gateways_client_connections_are_active_connections(loop: str, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            a = agent(Telemetry(), gateways=[g.gateway])
+            assert active(a, "ingress:edge") == 0
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
+            writer.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 404")  # no gateway document: answered, kept alive
+            assert active(a, "ingress:edge") == 1
+            writer.close()
+            await async_wait_until(lambda: active(a, "ingress:edge") == 0, WAIT, "the connection closed")
+
+    run(loop, body)
 
 
 async def test_ejected_instances_of_an_upstream_are_counted_over_every_caller_listener(

@@ -776,6 +776,12 @@ class IngressGateway:
             out = self._tcp_out[service] = self._new_tcp_outbound(service)
         return out
 
+    def open_connections(self) -> int:
+        """`hostmesh_active_connections{listener="ingress:<name>"}`: its clients' connections that are
+        open: HTTP(S) ones (HTTPS once its handshake is done) and TLS passthrough ones relayed to a
+        mesh service (once connected to it)."""
+        return sum(len(h.conns) for h in self._handlers) + sum(len(o.tracker) for o in self._tcp_out.values())
+
     def http_stats(self) -> dict[str, Any]:
         """Mesh service -> the stats of the HTTP outbound it calls that service by (HttpOutbound.stats:
         its outlier ejections among them)."""

@@ -559,6 +559,19 @@ class InboundListener(ListenerLifecycle):
         """Bytes queued in the write buffers of this listener's open connections (both sides)."""
         return self.tracker.buffered_bytes()
 
+    def downstream_connections(self) -> int:
+        """`hostmesh_active_connections{listener="inbound"}`: the streams peer agents opened to this
+        inbound that are open, whatever they carry: one per relayed TCP connection (to the app or,
+        at an egress gateway, out), one per HTTP stream (the caller's agent keeps one open between
+        requests and sends one request at a time on it; an older agent's mTLS connection counts the
+        same), one per UDP flow. Read from the sets kept anyway, when scraped."""
+        n = len(self.tracker)
+        if self.http is not None:
+            n += len(self.http.conns)
+        if self.udp is not None:
+            n += len(self.udp.flows)
+        return n
+
     def stats(self) -> dict[str, object]:
         return {
             "bind": str(self.bind),
