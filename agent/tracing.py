@@ -290,9 +290,11 @@ class Tracer:
 
     def end_http(self, span: Span | None, ex: Any, *, reporter: str, source: str, source_principal: str,
                  destination: str, destination_principal: str, subset: str, upstream_host: str,
-                 peer: str) -> Span | None:  # fmt: skip
+                 peer: str, forwarded: list[tuple[bytes, bytes]] | None = None) -> Span | None:  # fmt: skip
         """Finish the span of HTTP exchange `ex` (building it now for an unsampled failure when
-        `errors` is on) with its attributes; returns it (the access line names it), or None."""
+        `errors` is on) with its attributes; returns it (the access line names it), or None.
+        `forwarded`: the headers the request went on with, when it went on (the request id the next
+        hop saw is read from them, as the access line does)."""
         failed = ex.status >= 500 or bool(ex.flags)
         if span is None:
             if not (failed and self.errors):
@@ -305,7 +307,7 @@ class Tracer:
         if not span.name:
             span.name = f"{method} {destination}"
         rid = ""
-        for n, v in head.headers:
+        for n, v in forwarded if forwarded is not None else head.headers:
             if n == b"x-request-id":
                 rid = v[:MAX_ATTRIBUTE].decode("latin-1")
                 break

@@ -1204,6 +1204,63 @@ class _AccessLines(logging.Handler):
         self.fields.append(record.fields)  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def access_lines() -> Any:
+    """Every access line written during the test (all sampled), as its fields."""
+    logger, lines = logging.getLogger("hostmesh.access"), _AccessLines()
+    level, rate = logger.level, audit.access_sample()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    audit.configure_access(1.0)
+    try:
+        yield lines.fields
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+        audit.configure_access(rate)
+
+
+async def lines_of(
+    access_lines: list[dict[str, Any]], paths: list[str]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(reporter, path) -> its access line, once both agents wrote one for each of `paths` (bounded)."""
+    want = {(r, p) for r in ("source", "destination") for p in paths}
+
+    def got() -> dict[tuple[str, str], dict[str, Any]]:
+        by = {(f["reporter"], f["path"]): f for f in list(access_lines)}
+        return by if want <= set(by) else {}
+
+    found: dict[tuple[str, str], dict[str, Any]] = await async_wait_until(
+        got, IO_TIMEOUT, "both agents' lines"
+    )
+    return found
+
+
+async def test_both_agents_log_the_request_id_the_request_went_on_with(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """README: "the two agents of one HTTP request write the same `request_id`". The caller's line read
+    the client's own headers, so whenever its agent generated the id into a copy of them (a hop-by-hop
+    field dropped, request header ops) its line had no id while the app's agent logged one."""
+    c = mesh.client()
+    answers = {
+        "/plain": await asyncio.to_thread(c.get, "/plain"),  # the client's list went on itself
+        "/hop": await asyncio.to_thread(c.get, "/hop", {"connection": "keep-alive"}),  # dropped: a copy
+        "/own": await asyncio.to_thread(c.get, "/own", {"x-request-id": "chosen-by-the-client"}),
+    }
+    ops = route_config({"service": "api", "routes": [
+        {"to": [{"weight": 100}], "headers": {"request": {"set": {"x-env": "prod"}}}}]})  # fmt: skip
+    mesh.set_a(routes={"api": ops})
+    answers["/ops"] = await asyncio.to_thread(c.get, "/ops")
+    c.close()
+    lines = await lines_of(access_lines, list(answers))
+    for path, resp in answers.items():
+        assert resp.status == 200
+        saw = resp.headers["x-saw-x-request-id"]  # what the app was given
+        assert lines["source", path]["request_id"] == lines["destination", path]["request_id"] == saw, path
+    assert answers["/own"].headers["x-saw-x-request-id"] == "chosen-by-the-client"
+
+
 async def _caller_address_in_access_lines(mesh: Mesh) -> None:
     one_api(mesh)
     logger, lines = logging.getLogger("hostmesh.access"), _AccessLines()

@@ -254,11 +254,17 @@ def access_line(
     subset: str,
     upstream_host: str = "",
     peer: str = "",
+    forwarded: http1.Headers | None = None,
 ) -> None:
-    """One access line (when `access_due(ex)`), in the field set shared with the L4 path (audit.py)."""
+    """One access line (when `access_due(ex)`), in the field set shared with the L4 path (audit.py).
+    `request_id` and an unsampled request's `trace_id` are read from `forwarded`, the headers the
+    request went on with (the next hop logs those), when it went on; else from the client's. Read
+    from the client's alone, a caller's line missed the id its agent generated whenever the
+    forwarded list was a copy (a hop-by-hop field dropped, request header ops)."""
     h = ex.head
+    headers = forwarded if forwarded is not None else h.headers
     rid = b""
-    for n, v in h.headers:
+    for n, v in headers:
         if n == REQUEST_ID:
             rid = v
             break
@@ -271,7 +277,7 @@ def access_line(
         bytes_sent=ex.sent, method=h.method.decode("latin-1"),
         path=h.target[: audit.MAX_REQUEST_FIELD].decode("latin-1"),
         request_id=rid[: audit.MAX_REQUEST_FIELD].decode("latin-1"),
-        trace_id=span.trace_id_hex if span is not None else _trace_of(h.headers),
+        trace_id=span.trace_id_hex if span is not None else _trace_of(headers),
         span_id=span.span_id_hex if span is not None else "",
     ))  # fmt: skip
 

@@ -371,10 +371,11 @@ class HttpInbound:
                 source_principal=caller.source_id, destination=caller.service,
                 destination_principal=f"spiffe://{caller.source.trust_domain}/svc/{caller.service}",
                 subset=subset, upstream_host=upstream_host, peer=caller.peer,
+                forwarded=req.headers if req is not None else None,
             )  # fmt: skip
         if logged:
             access_line(ex, REPORTER, caller.source_service, caller.source_id, caller.service, subset,
-                        upstream_host, caller.peer)  # fmt: skip
+                        upstream_host, caller.peer, req.headers if req is not None else None)  # fmt: skip
 
     def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
         caller: Caller = conn.info

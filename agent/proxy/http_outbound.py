@@ -1182,6 +1182,8 @@ class HttpOutbound:
         logged = access_due(ex)
         if not (traced or logged):
             return
+        # the headers it went on with (_prepare), if it went on: the next hop logs their ids
+        forwarded = st.headers if st is not None and st.headers else None
         td = self.holder.current.trust_domain
         principal = f"spiffe://{td}/svc/{self.local_service}"
         upstream_host = f"{used.address}:{used.port}" if used is not None else ""
@@ -1189,11 +1191,11 @@ class HttpOutbound:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,
                 destination=self.service, destination_principal=f"spiffe://{td}/svc/{self.service}",
-                subset=subset, upstream_host=upstream_host, peer=ex.conn.peer_ip,
+                subset=subset, upstream_host=upstream_host, peer=ex.conn.peer_ip, forwarded=forwarded,
             )  # fmt: skip
         if logged:
             access_line(ex, REPORTER, self.local_service, principal, self.service, subset, upstream_host,
-                        ex.conn.peer_ip)  # fmt: skip
+                        ex.conn.peer_ip, forwarded)  # fmt: skip
 
     def conn_lost(self, conn: ServerConn) -> None:
         self.conns.discard(conn)
