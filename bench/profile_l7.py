@@ -177,7 +177,10 @@ def straced(pids: list[int], workdir: Path) -> Iterator[dict[int, dict[str, int]
 
 
 def profile_pair(env: Env, protocol: str, args: argparse.Namespace, say: Callable[[str], None]) -> list[Side]:
-    pair = HostmeshPair(protocol, routes=args.routes if protocol == "http" else 0)
+    extra: dict[str, Any] = {}
+    if args.tracing is not None:  # the collector's address answers nothing: only failures would export
+        extra["tracing"] = {"otlp_endpoint": "http://127.0.0.1:9", "sample": args.tracing}
+    pair = HostmeshPair(protocol, routes=args.routes if protocol == "http" else 0, extra=extra)
     pair.agent_cmd = [sys.executable, str(HOOK)]
     pair.start(env)
     roles = pair.roots()  # {"client": pid, "server": pid}
@@ -286,6 +289,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a new connection per request, `Connection: close` (make bench's (b))")  # fmt: skip
     p.add_argument("--routes", type=int, default=0,
                    help="L7: a route document of this many routes, catch-all last")  # fmt: skip
+    p.add_argument("--tracing", type=float, metavar="SAMPLE",
+                   help="both agents with [tracing] at this sample (errors on); 0: what an unsampled "
+                        "request costs")  # fmt: skip
     p.add_argument("--no-strace", dest="strace", action="store_false", help="skip the syscall window")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep-workdir", action="store_true")

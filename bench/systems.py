@@ -399,9 +399,10 @@ class HostmeshPair(System):
     """Two `hostmesh agent run` processes on loopback (client side with one upstream, server side
     with the backend as its local service), built only from the docs/architecture.md contracts."""
 
-    def __init__(self, protocol: str, routes: int = 0) -> None:
+    def __init__(self, protocol: str, routes: int = 0, extra: dict[str, Any] | None = None) -> None:
         self.protocol = protocol
         self.routes = routes  # > 0: a route document with this many routes (catch-all last)
+        self.extra = extra or {}  # more agent.toml keys for both agents (bench/profile_l7.py --tracing)
         if routes:
             self.name, self.service = HM_L7_ROUTES, f"bench-l7r{routes}"
         else:
@@ -467,6 +468,7 @@ class HostmeshPair(System):
                 upstream=upstream,
                 workers=env.workers,
             )
+            doc.update(self.extra)
             cfg = d / "agent.toml"
             cfg.write_text(hmconfig.toml_dumps(doc))
             name = f"{self.name}-{role}"
