@@ -12,9 +12,13 @@ Decisions:
   peer agent, then the app) is its child.
 - Head sampling: a caller's sampling decision (the `traceparent` flags, B3's sampled bit) is
   followed; a request without a context is sampled at agent.toml `[tracing] sample` (0.01). An
-  unsampled request builds nothing (no span, no header rewrite) unless it ends in a 5xx or with a
-  response flag and `[tracing] errors` is on (the default): then its span is built at the end, so
-  failures are always visible.
+  unsampled request builds nothing (no span) unless it ends in a 5xx or with a response flag and
+  `[tracing] errors` is on (the default): then its span is built at the end, so failures are
+  always visible. The caller's agent passes its decision on (`Tracer.unsampled`): a request it did
+  not sample leaves with a `traceparent` flagged not sampled that names the span it would build,
+  unless the client sent a W3C context of its own. Without it, the callee's agent drew its own
+  decision (tracing half a request) and each agent's span of a failure started a trace of its own,
+  so the two access lines of one request named different traces or none.
 - Export is off the hot path: a finished span goes into a bounded queue (MAX_QUEUED_SPANS); a
   background task sends batches (MAX_BATCH, requests served between them) every FLUSH_INTERVAL
   as OTLP/HTTP protobuf
@@ -132,6 +136,31 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
     if tid is None or sid is None:
         return None
     return Context(tid, sid, None if sampled is None else sampled in (b"1", b"d", b"true"))
+
+
+def _not_sampled(value: bytes) -> bool:
+    """Whether `value` is a valid version-00 `traceparent` flagged not sampled (`00`): the checks of
+    parse_traceparent without building the IDs (Tracer.start needs none of them then)."""
+    return (
+        len(value) == 55
+        and value[:3] == b"00-"
+        and value[35:36] == b"-"
+        and value[52:] == b"-00"
+        and _HEX.issuperset(value[3:35])
+        and _HEX.issuperset(value[36:52])
+        and value[3:35].strip(b"0") != b""
+        and value[36:52].strip(b"0") != b""
+    )
+
+
+def _w3c_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """The request's first valid `traceparent`, else None (B3 not read)."""
+    for n, v in headers:
+        if n == TRACEPARENT:
+            ctx = parse_traceparent(v)
+            if ctx is not None:
+                return ctx
+    return None
 
 
 def incoming_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
@@ -254,8 +283,23 @@ class Tracer:
 
     def start(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
               start_ns: int = 0) -> Span | None:  # fmt: skip
-        """A span for a request with these headers when it is sampled, else None (nothing built)."""
-        ctx = incoming_context(headers)
+        """A span for a request with these headers when it is sampled, else None (nothing built).
+        The context is `incoming_context`'s, read here in the same pass; a W3C one flagged not
+        sampled, as a caller's agent sends every request it did not sample (`unsampled`), is
+        checked without building its IDs."""
+        ctx: Context | None = None
+        b3 = False
+        for n, v in headers:
+            if n == TRACEPARENT:
+                if v[52:] == b"-00" and _not_sampled(v):
+                    return None  # the caller decided
+                ctx = parse_traceparent(v)
+                if ctx is not None:
+                    break
+            elif n in (_B3, _B3_TRACE):
+                b3 = True
+        if ctx is None and b3:
+            ctx = parse_b3(headers)
         if ctx is not None and ctx.sampled is not None:  # the caller decided
             if not ctx.sampled:
                 return None
@@ -270,11 +314,51 @@ class Tracer:
                 trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
         return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
 
+    def unsampled(self, client: list[tuple[bytes, bytes]],
+                  headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # fmt: skip
+        """The forwarded `headers` of a request the caller's agent (this one) did not sample. Unless
+        the client sent a W3C context of its own, which goes on as sent (both agents follow its
+        decision and name its trace), they get a `traceparent` flagged not sampled (00) naming the
+        trace of the client's B3 context, else a new one, and a span ID of this agent's: the one its
+        span gets should the request fail (`late`, `[tracing] errors`). The peer agent follows that
+        decision instead of drawing its own, its error span is that span's child, and both agents'
+        access lines name one trace. `client` is the client's own list: when `headers` is it, a copy
+        is returned, so that `late` still sees what the client sent."""
+        b3 = bad = False
+        for n, v in headers:
+            if n == TRACEPARENT:
+                if parse_traceparent(v) is not None:
+                    return headers
+                bad = True  # replaced below, as a sampled request's is (set_traceparent)
+            elif n in (_B3, _B3_TRACE):
+                b3 = True
+        ctx = parse_b3(headers) if b3 else None
+        span = _rng.getrandbits(64) or 1  # (IDs never all zero)
+        if ctx is not None and ctx.trace_id:
+            value = b"00-%s-%016x-00" % (ctx.trace_id.hex().encode(), span)
+        else:
+            value = b"00-%032x-%016x-00" % (_rng.getrandbits(128) or 1, span)
+        if headers is client:
+            headers = list(headers)
+        if bad:
+            set_traceparent(headers, value)
+        else:
+            headers.append((TRACEPARENT, value))
+        return headers
+
     def late(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
-             started_monotonic: float) -> Span:  # fmt: skip
-        """A failed, unsampled request's span, built at its end (`[tracing] errors`)."""
+             started_monotonic: float, sent: list[tuple[bytes, bytes]] | None = None) -> Span:  # fmt: skip
+        """A failed, unsampled request's span, built at its end (`[tracing] errors`). `sent`: the
+        headers the caller's agent forwarded it with; when `unsampled` gave them the context (the
+        client sent no W3C one), the span is the one that context names."""
         ctx = incoming_context(headers)
         start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
+        ours = _w3c_context(sent) if sent is not None and _w3c_context(headers) is None else None
+        if ours is not None:
+            parent = ctx.parent if ctx is not None and ctx.trace_id == ours.trace_id else b""
+            span = Span(service, name, kind, ours.trace_id, parent, start_ns)
+            span.span_id = ours.parent
+            return span
         if ctx is not None and ctx.trace_id:
             return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
         return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
@@ -299,9 +383,10 @@ class Tracer:
         if span is None:
             if not (failed and self.errors):
                 return None
-            kind = KIND_CLIENT if reporter == "source" else KIND_SERVER
-            span = self.late(source if kind == KIND_CLIENT else destination, "", kind, ex.head.headers,
-                             ex.started)  # fmt: skip
+            if reporter == "source":
+                span = self.late(source, "", KIND_CLIENT, ex.head.headers, ex.started, forwarded)
+            else:
+                span = self.late(destination, "", KIND_SERVER, ex.head.headers, ex.started)
         head = ex.head
         method = head.method.decode("latin-1")
         if not span.name:

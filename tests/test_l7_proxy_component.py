@@ -16,6 +16,7 @@ import functools
 import gc
 import logging
 import random
+import re
 import select
 import socket
 import struct
@@ -1259,6 +1260,93 @@ async def test_both_agents_log_the_request_id_the_request_went_on_with(
         saw = resp.headers["x-saw-x-request-id"]  # what the app was given
         assert lines["source", path]["request_id"] == lines["destination", path]["request_id"] == saw, path
     assert answers["/own"].headers["x-saw-x-request-id"] == "chosen-by-the-client"
+
+
+def tracers(mesh: Mesh, caller_sample: float = 0.0, callee_sample: float = 0.0) -> tuple[Any, list[Any]]:
+    """`[tracing]` on both agents (errors on); spans stay in each Tracer's queue (no exporter runs)."""
+    from hostmesh.agent.tracing import Tracer
+
+    caller = mesh.http_out.tracer = Tracer("http://127.0.0.1:9", caller_sample, True, "node-web")
+    callees = []
+    for hi in mesh.http_ins:
+        hi.tracer = Tracer("http://127.0.0.1:9", callee_sample, True, "node-api")
+        callees.append(hi.tracer)
+    return caller, callees
+
+
+async def test_both_agents_name_one_trace_for_an_unsampled_request(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """README: "the two agents of one HTTP request write the same `request_id` and `trace_id`", and
+    each agent records a span of a request (a client span on the caller's, a server span on the
+    callee's). An unsampled request went on without a context, so each agent's span of a failure
+    (`[tracing] errors`) got a trace of its own, and the lines of a success named none on the caller
+    and whatever the callee's own sampling drew on the callee. The caller's agent now tells the next
+    hop its decision: a `traceparent` flagged not sampled, naming the span it builds should the
+    request fail."""
+    caller, callees = tracers(mesh)
+    c = mesh.client()
+    ok = await asyncio.to_thread(c.get, "/ok")
+    for app in mesh.apps:
+        app.mode = "fail"
+    failed = await asyncio.to_thread(c.get, "/failed")
+    c.close()
+    assert (ok.status, failed.status) == (200, 503)
+    lines = await lines_of(access_lines, ["/ok", "/failed"])
+
+    # a failure: both agents' spans in one trace, the callee's the child of the caller's
+    [client] = [s for s in caller.queue if s.attributes["url.path"] == "/failed"]
+    [server] = [s for t in callees for s in t.queue if s.attributes["url.path"] == "/failed"]
+    assert client.trace_id == server.trace_id and server.parent == client.span_id and client.parent == b""
+    assert client.attributes["hostmesh.request_id"] == server.attributes["hostmesh.request_id"] != ""
+    src, dst = lines["source", "/failed"], lines["destination", "/failed"]
+    assert src["trace_id"] == dst["trace_id"] == client.trace_id.hex()
+    assert (src["span_id"], dst["span_id"]) == (client.span_id.hex(), server.span_id.hex())
+
+    # a success: no span anywhere; both lines name the trace its context went on with (not sampled)
+    sent = ok.headers["x-saw-traceparent"]
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", sent)
+    assert lines["source", "/ok"]["trace_id"] == lines["destination", "/ok"]["trace_id"] == sent[3:35]
+    assert len(caller.queue) == 1  # the success built none
+
+
+async def test_the_callee_follows_the_callers_decision_on_a_b3_context_without_one(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """A B3 context leaving the decision open: the caller's agent did not sample it, and the callee's,
+    whose own rate would have sampled it, traced half a request (a server span with no client span)
+    and named its trace in its access line while the caller's named none."""
+    caller, callees = tracers(mesh, caller_sample=0.0, callee_sample=1.0)
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/b3", {"x-b3-traceid": trace, "x-b3-spanid": span})
+    c.close()
+    assert r.status == 200
+    lines = await lines_of(access_lines, ["/b3"])
+    assert lines["source", "/b3"]["trace_id"] == lines["destination", "/b3"]["trace_id"] == trace
+    assert (
+        r.headers["x-saw-traceparent"].startswith(f"00-{trace}-")
+        and r.headers["x-saw-traceparent"][-3:] == "-00"
+    )
+    assert [len(t.queue) for t in [caller, *callees]] == [0, 0, 0]  # the caller's decision followed
+
+
+async def test_a_clients_own_unsampled_context_goes_on_as_sent(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    caller, callees = tracers(mesh)
+    sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    for app in mesh.apps:
+        app.mode = "fail"
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/own", {"traceparent": sent})
+    c.close()
+    assert r.status == 503 and r.headers["x-saw-traceparent"] == sent  # the app sees the client's
+    lines = await lines_of(access_lines, ["/own"])
+    [client] = caller.queue
+    [server] = [s for t in callees for s in t.queue]
+    assert client.trace_id.hex() == server.trace_id.hex() == sent[3:35]  # both spans in the client's trace
+    assert lines["source", "/own"]["trace_id"] == lines["destination", "/own"]["trace_id"] == sent[3:35]
 
 
 async def _caller_address_in_access_lines(mesh: Mesh) -> None:

@@ -397,3 +397,67 @@ def test_a_span_carries_the_path_without_its_query() -> None:
                       destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
     assert span is not None and span.attributes["url.path"] == "/login"
     assert "SEKRET" not in repr(span.attributes)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"00-{TID}-{SID}-00",  # what a caller's agent sends for a request it did not sample
+        f"00-{TID}-{SID}-01",
+        f"00-{TID}-{SID}-02",
+        f"01-{TID}-{SID}-00",
+        f"00-{TID.upper()}-{SID}-00",
+        f"00-{TID}-{SID.upper()}-00",
+        f"00-{'0' * 32}-{SID}-00",
+        f"00-{TID}-{'0' * 16}-00",
+        f"00-{TID}-{SID}-00-extra",
+        f"00-{TID}x{SID}-00",
+        f"00-{TID[:-1]}g-{SID}-00",
+    ],
+)
+def test_start_decides_an_unsampled_context_as_the_full_parse_does(value: str) -> None:
+    """Tracer.start checks a not-sampled `traceparent` without building its IDs (tracing._not_sampled):
+    whatever it takes that way, parse_traceparent takes too, as not sampled."""
+    always = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    ctx = tracing.parse_traceparent(value.encode())
+    span = always.start("web", "", tracing.KIND_CLIENT, [(b"traceparent", value.encode())])
+    assert (span is None) == (ctx is not None and not ctx.sampled)
+    if tracing._not_sampled(value.encode()):
+        assert ctx is not None and not ctx.sampled
+
+
+def test_a_request_the_caller_did_not_sample_leaves_with_its_decision_and_a_span_id_of_its_own() -> None:
+    t = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    client: list[tuple[bytes, bytes]] = [(b"host", b"api")]
+    out = t.unsampled(client, client)  # the forwarded list is the client's own: a copy is made
+    assert client == [(b"host", b"api")] and out[:1] == client
+    [(name, value)] = out[1:]
+    ctx = tracing.parse_traceparent(value)
+    assert name == b"traceparent" and ctx is not None and ctx.sampled is False
+    assert value.endswith(b"-00") and t.start("api", "", tracing.KIND_SERVER, out) is None  # followed
+    # a client's own W3C context goes on as sent
+    own = [(b"traceparent", f"00-{TID}-{SID}-00".encode())]
+    assert t.unsampled(own, list(own)) == own
+    # a B3 context's trace goes on in it; a malformed traceparent is replaced
+    b3 = [(b"traceparent", b"garbage"), (b"x-b3-traceid", TID.encode()), (b"x-b3-spanid", SID.encode())]
+    out = t.unsampled([], list(b3))
+    [tp] = [v for n, v in out if n == b"traceparent"]
+    ctx = tracing.parse_traceparent(tp)
+    assert ctx is not None and ctx.trace_id.hex() == TID and ctx.parent.hex() != SID and not ctx.sampled
+
+
+def test_the_callers_error_span_is_the_one_its_unsampled_context_named() -> None:
+    """[tracing] errors: a failed request the caller did not sample gets its span at the end; it is
+    the span the context sent on named, so the callee's error span (parented to it) is its child."""
+    t = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    client = [(b"x-b3-traceid", TID.encode()), (b"x-b3-spanid", SID.encode()), (b"x-b3-sampled", b"0")]
+    sent = t.unsampled(client, client)
+    ex = _exchange(client)
+    names = {"source": "web", "source_principal": "", "destination": "api", "destination_principal": "",
+             "subset": "", "upstream_host": "", "peer": ""}  # fmt: skip
+    span = t.end_http(None, ex, reporter="source", forwarded=sent, **names)
+    ctx = tracing.parse_traceparent(next(v for n, v in sent if n == b"traceparent"))
+    assert span is not None and ctx is not None
+    assert (span.trace_id, span.span_id, span.parent.hex()) == (ctx.trace_id, ctx.parent, SID)
+    server = t.end_http(None, _exchange(sent), reporter="destination", **names)
+    assert server is not None and (server.trace_id, server.parent) == (span.trace_id, span.span_id)

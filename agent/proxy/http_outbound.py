@@ -700,8 +700,13 @@ class HttpOutbound:
                 headers = list(headers)
             route.request_ops.apply(headers)
         complete_request_headers(headers, self.service)
-        if ex.trace is not None:  # the peer agent's span is this one's child
-            ex.trace.propagate(headers)
+        tracer = self.tracer
+        if tracer is not None:
+            span = ex.trace
+            if span is not None:  # the peer agent's span is this one's child
+                span.propagate(headers)
+            else:  # not sampled: the peer agent is told so, in a context naming this agent's span
+                headers = tracer.unsampled(head.headers, headers)
         st.target = route.rewrite(head.target) if route.rewrite_to is not None else head.target
         st.headers = headers
         st.ident = reads.ident
