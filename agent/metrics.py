@@ -308,7 +308,8 @@ class Telemetry:
             registry=r,
         )
         self.dns_queries = Counter(
-            "hostmesh_dns_queries_total", "mesh DNS queries, by the answer's rcode (DROPPED: not answered)",
+            "hostmesh_dns_queries_total", "mesh DNS queries, by the answer's rcode (DROPPED: not answered; "
+            "LIMITED: dropped past the parse budget)",
             ("rcode",), registry=r,
         )  # fmt: skip
         self._tcp: dict[tuple[str, str, str, str, str], TcpSeries] = {}
