@@ -673,6 +673,72 @@ def test_error_response_carries_flag_and_parses() -> None:
     assert error_response(503, flags.UO) is wire  # cached: no per-request formatting
 
 
+def _responses(wire: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """(status, fields, body) of each response in `wire`, read by llhttp (httptools) as a client
+    reads a connection: a body where HTTP frames none would be read as the next response's start."""
+    import httptools
+
+    out: list[tuple[int, dict[bytes, bytes], bytes]] = []
+
+    class Sink:
+        def __init__(self) -> None:
+            self.fields: dict[bytes, bytes] = {}
+            self.body = b""
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields[name.lower()] = value
+
+        def on_body(self, data: bytes) -> None:
+            self.body += data
+
+        def on_message_complete(self) -> None:
+            out.append((parser.get_status_code(), self.fields, self.body))
+            self.fields, self.body = {}, b""
+
+    parser = httptools.HttpResponseParser(Sink())
+    parser.feed_data(wire)
+    return out
+
+
+NEXT = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_an_error_response_with_a_status_framed_without_content_has_none(status: int) -> None:
+    """A fault abort may answer 204 or 304: such a response ends at its head (RFC 9112 §6.3), so a body
+    was read by the client as the start of the next response ("Expected HTTP/"), and a content-length
+    is not allowed in a 204 (RFC 9110 §8.6) nor meaningful in a 304."""
+    wire = error_response(status, flags.FI, True)
+    assert wire.endswith(b"\r\n\r\n") and b"content-length" not in wire.lower()
+    got = _responses(wire + NEXT)
+    assert [(s, b) for s, _, b in got] == [(status, b""), (200, b"ok")]
+    assert got[0][1][flags.HEADER.lower()] == b"FI"
+
+
+def test_an_error_response_205_has_an_empty_body() -> None:
+    wire = error_response(205, flags.FI, True)
+    got = _responses(wire + NEXT)
+    assert [(s, f.get(b"content-length"), b) for s, f, b in got] == [(205, b"0", b""), (200, b"2", b"ok")]
+
+
+def test_an_error_response_to_head_has_gets_fields_and_no_body() -> None:
+    """RFC 9110 §9.3.2: the same fields as GET, no content; its content-length is GET's (§8.6)."""
+    get = error_response(503, flags.UO, True, "no healthy upstream")
+    head = error_response(503, flags.UO, True, "no healthy upstream", head=True)
+    assert get.startswith(head) and get[len(head) :] == b"no healthy upstream\n"
+    assert b"content-length: 20\r\n" in head and head.endswith(b"\r\n\r\n")
+    r = ResponseFramer()
+    r.expect(b"HEAD")
+    events = r.feed(head)
+    assert [type(e) for e in events] == [ResponseHead, EndOfMessage]
+    r.expect(b"GET")
+    assert [(type(e), getattr(e, "status", None)) for e in merged(r.feed(NEXT))] == [
+        (ResponseHead, 200),
+        (Body, None),
+        (EndOfMessage, None),
+    ]
+
+
 # ------------------------------------------------------------------ response framer
 
 

@@ -378,6 +378,87 @@ async def test_routes_split_retry_and_fault_in_process(mesh: Mesh) -> None:
     assert mesh.apps[0].hits >= 2
 
 
+async def test_an_injected_204_or_304_has_no_body_and_the_connection_serves_on(mesh: Mesh) -> None:
+    """A fault abort's status may be 204 or 304, which a client frames as ending at the head: the body
+    the proxy's error answers carried was read as the next response's start (llhttp: "Expected
+    HTTP/"), breaking the connection for the request after it."""
+    rc = route_config({
+        "service": "api",
+        "routes": [
+            *({"match": {"path": {"prefix": f"/a{status}"}}, "to": [{"weight": 100}],
+               "fault": {"abort": {"status": status}}} for status in (204, 304)),
+            {"to": [{"weight": 100}]},
+        ],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    c = mesh.client()
+
+    def run() -> list[tuple[int, str, str, bytes]]:
+        rs = [c.get(path) for path in ("/a204", "/ok", "/a304", "/ok")]
+        return [(r.status, r.flags, r.headers.get("content-length", "-"), r.body) for r in rs]
+
+    got = await asyncio.to_thread(run)
+    c.close()
+    assert got == [(204, "FI", "-", b""), (200, "", "8", b"GET /ok\n"), (304, "FI", "-", b""),
+                   (200, "", "8", b"GET /ok\n")]  # fmt: skip
+    assert sum(app.hits for app in mesh.apps) == 2
+
+
+def _head_then_get(port: int, head_path: str) -> tuple[bytes, bytes]:
+    """On one connection: HEAD `head_path`, its answer read to the end of its head, then GET /ok. The
+    head, and every byte after it up to the end of the GET's answer (a body the HEAD answer should
+    not have had comes first)."""
+
+    def complete(data: bytes) -> bool:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        length = [ln for ln in head.lower().split(b"\r\n") if ln.startswith(b"content-length:")]
+        return bool(sep) and len(body) >= (int(length[0].split(b":")[1]) if length else 0)
+
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"HEAD {head_path} HTTP/1.1\r\nhost: api\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            assert chunk, buf
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        s.sendall(b"GET /ok HTTP/1.1\r\nhost: api\r\n\r\n")
+        while not complete(rest):
+            chunk = s.recv(65536)
+            assert chunk, rest
+            rest += chunk
+    return head + b"\r\n\r\n", rest
+
+
+async def test_an_answer_the_mesh_makes_to_head_has_no_body(mesh: Mesh) -> None:
+    """RFC 9110 §9.3.2: no content in a response to HEAD. The caller's agent answered an injected fault
+    with its text body all the same, which the client read as the start of its next response. The
+    callee's agent (here a 403) sent one too, on the mesh stream; the caller's agent never passed it
+    on (that half passed before the fix as well), and now it is not sent."""
+    rc = route_config({
+        "service": "api",
+        "routes": [
+            {"match": {"path": {"prefix": "/abort"}}, "to": [{"weight": 100}],
+             "fault": {"abort": {"status": 503}}},
+            {"to": [{"weight": 100}]},
+        ],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    deny = {"source": "web", "action": "deny", "permissions": [{"path": {"prefix": "/admin"}}]}
+    doc = parse_intentions({"service": "api", "rules": [deny]})
+    for ib in mesh.inbounds:
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions=MappingProxyType({"api": doc})))
+    for path, status, flag, length in (("/abort", 503, b"FI", b"20"), ("/admin/x", 403, b"AUTHZ", b"10")):
+        for _ in range(2 * len(mesh.inbounds)):  # the callee's answers: on each instance's mesh stream
+            head, rest = await asyncio.to_thread(_head_then_get, mesh.outbound.port, path)
+            assert head.startswith(b"HTTP/1.1 %d " % status), head
+            assert b"\r\nx-hostmesh-response-flags: %s\r\n" % flag in head
+            assert b"\r\ncontent-length: %s\r\n" % length in head  # GET's, as RFC 9110 §8.6 allows
+            assert rest.startswith(b"HTTP/1.1 200 "), rest
+            assert rest.endswith(b"\r\n\r\nGET /ok\n"), rest
+
+
 async def test_hygiene_smuggling_oversize_and_http10(mesh: Mesh) -> None:
     port = mesh.outbound.port
     both = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"

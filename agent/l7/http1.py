@@ -509,15 +509,29 @@ _STATUS_LINES_11: Final = {status: b"HTTP/1.1 %d " % status for status in REASON
 
 @functools.lru_cache(maxsize=256)  # `extra` is part of the key: a tuple (a Retry-After's seconds, few values)
 def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "",
-                   extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:  # fmt: skip
-    """A complete response the proxy generates itself, carrying the response-flag header (and `extra`)."""
-    body = ((detail or REASONS.get(status, b"").decode()) + "\n").encode()
-    headers: Headers = [
-        (b"content-type", b"text/plain"),
-        (b"content-length", b"%d" % len(body)),
-        (flags.HEADER, flag.encode()),
-        *extra,
-    ]
+                   extra: tuple[tuple[bytes, bytes], ...] = (), head: bool = False) -> bytes:  # fmt: skip
+    """A complete response the proxy generates itself, carrying the response-flag header (and `extra`):
+    a one-line text body, except where HTTP allows none. A 1xx, 204 or 304 ends at its head (RFC 9112
+    §6.3), so it has no body and no content-length (RFC 9110 §8.6); a 205 has no content
+    (`content-length: 0`, RFC 9110 §15.3.6); the answer to a HEAD request (`head`) has the fields a
+    GET would have got, the same content-length among them, and no body. (Sent anyway, a body
+    would be read by the client as the start of the next response on the connection.)"""
+    if status < 200 or status in (204, 304):
+        headers: Headers = [(flags.HEADER, flag.encode()), *extra]
+        body = b""
+    elif status == 205:
+        headers = [(b"content-length", b"0"), (flags.HEADER, flag.encode()), *extra]
+        body = b""
+    else:
+        body = ((detail or REASONS.get(status, b"").decode()) + "\n").encode()
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)),
+            (flags.HEADER, flag.encode()),
+            *extra,
+        ]
+        if head:
+            body = b""
     if not keep_alive:
         headers.append((b"connection", b"close"))
     return serialize_response_head(_V11, status, None, headers) + body

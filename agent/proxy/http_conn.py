@@ -53,7 +53,8 @@ Decisions:
   timer (a quarter of the timeout apart, at most the header timeout), nothing per request or read;
   a request body still coming has its own clock (``BODY_IDLE_TIMEOUT``).
 - Errors the proxy generates are complete responses with the ``x-hostmesh-response-flags`` header
-  (``l7/http1.error_response``); a failure after the response head was sent resets the client.
+  (``l7/http1.error_response``; without a body when answering HEAD, or with a 204, 205 or 304, which
+  HTTP frames without one); a failure after the response head was sent resets the client.
 """
 
 from __future__ import annotations
@@ -1329,7 +1330,8 @@ class Exchange:
         self.flags = fl.add(self.flags, flag)
         self.status = status
         keep = self.keep_alive and self.request_done
-        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail, extra))
+        head = self.head.method == b"HEAD"  # no body then (nor for a 204 or 304: error_response)
+        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail, extra, head))
         self._finish(keep)
 
     def cut(self, flag: str) -> None:
