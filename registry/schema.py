@@ -648,6 +648,11 @@ DEFAULT_CONSECUTIVE_5XX = 5  # Envoy's default: one bad response is noise, five 
 DEFAULT_OUTLIER_INTERVAL = 10.0  # how often ejections are re-evaluated (Envoy's default)
 DEFAULT_BASE_EJECTION = 30.0  # first ejection; the n-th lasts n x this (Envoy's default)
 DEFAULT_MAX_EJECTION_PERCENT = 10.0  # never eject more than this share of a cluster (Envoy's default)
+# connection_limits a policy leaves unset (or a service without a policy): Envoy's circuit-breaker
+# defaults, held by each calling listener; the agent's memory needs a bound even when none is named
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_PENDING_REQUESTS = 1024
+DEFAULT_MAX_REQUESTS = 1024
 
 
 @record
@@ -664,7 +669,8 @@ class LoadBalancer:
 
 @record
 class ConnectionLimits:
-    """None: unlimited. Overflow answers 503 with a response flag."""
+    """None: the default, DEFAULT_MAX_* (1024 each, Envoy's), never unlimited. Overflow answers 503
+    with flag UO."""
 
     max_connections: int | None = None
     max_pending_requests: int | None = None

@@ -208,3 +208,27 @@ def folder_of(doc: dict[str, Any]) -> str:
     kind = documents.kind_by_name(doc["kind"])
     assert kind is not None, doc["kind"]
     return kind.folder
+
+
+def _documented(path: str) -> str:
+    field = {f.path: f for f in documents.POLICY.fields + documents.ROUTE.fields}[path]
+    return field.default
+
+
+def test_the_documented_connection_limits_are_the_agents_defaults() -> None:
+    """A limit the policy leaves unset (or no policy) is 1024, as documents.md says, not unlimited."""
+    from hostmesh.agent.l7.ratelimit import UpstreamLimits
+    from hostmesh.registry.schema import ConnectionLimits
+
+    for cl in (None, ConnectionLimits(), ConnectionLimits(max_requests=5)):
+        lim = UpstreamLimits.from_doc(cl)
+        got = {
+            "max_connections": lim.connections.max,
+            "max_pending_requests": lim.pending.max,
+            "max_requests": lim.requests.max,
+        }
+        for name, value in got.items():
+            set_here = getattr(cl, name) if cl is not None else None
+            documented = int(_documented(f"connection_limits.{name}").split()[0])
+            want = set_here if set_here is not None else documented
+            assert value == want, (cl, name)

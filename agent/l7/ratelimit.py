@@ -22,10 +22,11 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
 
-# Final: the compiled build reads these as constants, not from the module's dict at every use
-DEFAULT_MAX_CONNECTIONS: Final = 1024  # Envoy's default circuit-breaker threshold per upstream
-DEFAULT_MAX_PENDING: Final = 1024  # Envoy's default: requests waiting for an upstream connection
-DEFAULT_MAX_REQUESTS: Final = 1024  # Envoy's default: concurrent requests per upstream
+# Final: the compiled build reads these as constants, not from the module's dict at every use.
+# Envoy's circuit-breaker defaults, per calling listener; registry/schema.py's (documented) values
+DEFAULT_MAX_CONNECTIONS: Final = schema.DEFAULT_MAX_CONNECTIONS  # connections to the upstream
+DEFAULT_MAX_PENDING: Final = schema.DEFAULT_MAX_PENDING_REQUESTS  # requests waiting for a connection
+DEFAULT_MAX_REQUESTS: Final = schema.DEFAULT_MAX_REQUESTS  # concurrent requests
 
 RATE_LIMITED: Final = (429, flags.RL)
 OVERFLOW: Final = (503, flags.UO)
