@@ -250,7 +250,12 @@ ROUTE = Kind(
         Field(
             "routes[].retries.backoff.max", "duration", "Longest wait.", default="10 x base, at least 250ms"
         ),
-        Field("routes[].retries.budget", "object", "Caps retries so they cannot amplify an outage."),
+        Field(
+            "routes[].retries.budget",
+            "object",
+            "Caps retries so they cannot amplify an outage; counted by each calling listener (each "
+            "local service that calls this one, in each agent process; each ingress gateway).",
+        ),
         Field(
             "routes[].retries.budget.percent",
             "percent",
@@ -293,8 +298,9 @@ ROUTE = Kind(
             "routes[].mirror",
             "object",
             "Copy requests to a subset; its answers are dropped. Never delays the real request: a copy "
-            "is dropped (and counted) past 64 in flight per upstream, or unanswered within the route's "
-            "timeout (15 s without one).",
+            "is dropped (and counted) past 64 in flight per calling listener (each local service that "
+            "calls this one, in each agent process; each ingress gateway), or unanswered within the "
+            "route's timeout (15 s without one).",
         ),
         Field("routes[].mirror.subset", "string", "A subset named under `subsets`.", required=True),
         Field("routes[].mirror.percent", "percent", "Share of requests copied.", default="100"),
@@ -308,7 +314,12 @@ POLICY = Kind(
     "How callers treat the instances of a service: load balancing, limits, outlier ejection, a local "
     "rate limit, zone preference. Stored at `hostmesh/policies/<service>`; applies to HTTP calls. An "
     "edit keeps the ejections while `outlier_detection` is unchanged, the rate limit's bucket while "
-    "`rate_limit` is, and the limits count the requests and connections in flight across it.",
+    "`rate_limit` is, and the limits count the requests and connections in flight across it. "
+    "A caller's limits and ejections (and its routes' retry budgets and mirror cap) are held by each "
+    "calling listener: one per local service that calls this one, in each agent process (each of "
+    "`workers = N`), as Envoy holds them per sidecar, that is per workload; an ingress gateway holds "
+    "one per service it routes to. So two services of one host that call this one each count and "
+    "eject on their own. The rate limit is held on the destination side.",
     (
         *_common("whose callers apply this policy"),
         Field("load_balancer", "object", "How a caller picks an instance.", default="round_robin"),
@@ -325,10 +336,12 @@ POLICY = Kind(
         Field(
             "connection_limits",
             "object",
-            "Circuit breaker in each caller agent process (with `workers = N`, each of the N holds these "
-            "limits); overflow is 503 `UO`. A request waits as pending for a connection at most its "
-            "try's timeout, 5 s without one; then 503 `UO` (504 `UT` at the route's deadline), never "
-            "held against an instance.",
+            "Circuit breaker of each calling listener: each local service that calls this one holds "
+            "these limits, in each agent process (each of `workers = N`), and so does each ingress "
+            "gateway routing to it; overflow is 503 `UO`. "
+            "Unset limits, and every limit without a policy, are 1024. A request waits as pending for "
+            "a connection at most its try's timeout, 5 s without one; then 503 `UO` (504 `UT` at the "
+            "route's deadline), never held against an instance.",
         ),
         Field(
             "connection_limits.max_connections",
@@ -357,9 +370,12 @@ POLICY = Kind(
         Field(
             "outlier_detection",
             "object",
-            "Eject instances that keep failing, as each caller agent process sees them. When every "
-            "instance a request may go to (its subset's, say) is ejected, it goes to them anyway, as "
-            "Envoy's panic routing does: ejection moves traffic only where there is somewhere to go.",
+            "Eject instances that keep failing, as each calling listener sees them (each local service "
+            "that calls this one, in each agent process; each ingress gateway): an instance ejected for "
+            "one local service's calls is still picked for another's until it fails there too. When "
+            "every instance a request may go to (its subset's, say) is ejected, it goes to them "
+            "anyway, as Envoy's panic routing does: ejection moves traffic only where there is "
+            "somewhere to go.",
         ),
         Field(
             "outlier_detection.consecutive_5xx",
