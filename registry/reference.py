@@ -174,7 +174,13 @@ ROUTE = Kind(
             "(`[[services]] meta` in agent.toml). Names: letters, digits, `_`, `.`, `-`.",
         ),
         Field("subsets.<name>.<key>", "string", "The meta value required."),
-        Field("routes", "list", f"Ordered routes (at most {MAX_ROUTES}); none: every instance, round robin."),
+        Field(
+            "routes",
+            "list",
+            f"Ordered routes (at most {MAX_ROUTES}); none (or no route document): one route taking every "
+            "request to every instance, picked by the policy's `load_balancer` (round robin without "
+            "one), with no timeout and the default `retries`.",
+        ),
         Field("routes[]", "object", "One route."),
         Field("routes[].name", "string", "A label shown in logs and `route list`."),
         Field(
@@ -202,7 +208,8 @@ ROUTE = Kind(
             "duration",
             "Time for the whole exchange, from the request's head (the client's upload counts), retries "
             "included, to the response's last byte; then 504 `UT`, or once the response began, a reset "
-            "(flag `UT`). "
+            "(flag `UT`). An injected `fault.delay` is not counted: the clock starts after it, as "
+            "Envoy's fault filter delays a request before its router starts the route's timeout. "
             "Unset: none, but an exchange in which nothing moves ends after the agent's "
             "`stream_idle_timeout`.",
         ),
@@ -210,7 +217,10 @@ ROUTE = Kind(
             "routes[].retries",
             "object",
             "Retry policy. A retry goes to an instance the request has not tried while there is one "
-            "(a consistent hash: the ring's next owner).",
+            "(a consistent hash: the ring's next owner). Unset: 2 retries on `connect-failure` only "
+            "(a request that reached no instance is safe to send again), with the default backoff "
+            "and budget; `attempts: 0` retries nothing.",
+            default="2 retries on connect-failure",
         ),
         Field(
             "routes[].retries.attempts",

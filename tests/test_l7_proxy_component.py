@@ -378,6 +378,25 @@ async def test_routes_split_retry_and_fault_in_process(mesh: Mesh) -> None:
     assert mesh.apps[0].hits >= 2
 
 
+async def test_an_injected_delay_is_not_counted_in_the_route_timeout(mesh: Mesh) -> None:
+    """documents.md, `routes[].timeout`: the clock starts after a `fault.delay`, as in Envoy (its fault
+    filter delays before the router starts the route's timeout): a delay longer than the timeout is
+    served, flagged DI, not answered 504 UT."""
+    rc = route_config({
+        "service": "api",
+        "routes": [{"to": [{"weight": 100}], "timeout": "200ms", "fault": {"delay": {"fixed": "400ms"}}}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    c = mesh.client()
+    t0 = time.monotonic()
+    r = await asyncio.to_thread(c.get, "/d")
+    took = time.monotonic() - t0
+    c.close()
+    assert (r.status, r.flags, r.body) == (200, "", b"GET /d\n")
+    assert took >= 0.4
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="200", response_flags="DI") == 1
+
+
 async def test_an_injected_204_or_304_has_no_body_and_the_connection_serves_on(mesh: Mesh) -> None:
     """A fault abort's status may be 204 or 304, which a client frames as ending at the head: the body
     the proxy's error answers carried was read as the next response's start (llhttp: "Expected

@@ -232,3 +232,17 @@ def test_the_documented_connection_limits_are_the_agents_defaults() -> None:
             documented = int(_documented(f"connection_limits.{name}").split()[0])
             want = set_here if set_here is not None else documented
             assert value == want, (cl, name)
+
+
+def test_the_documented_default_retries_are_the_agents() -> None:
+    """A route without `retries`, and the one route of a service without routes, retry as documented."""
+    from hostmesh.agent.l7 import retry
+    from hostmesh.agent.l7.match import CompiledRoutes
+    from hostmesh.registry.schema import parse_routes
+
+    attempts, _, _, on, *_ = _documented("routes[].retries").split()
+    want = retry.RetryPolicy.build(int(attempts), [on])
+    assert want == retry.DEFAULT_POLICY
+    no_retries = parse_routes({"service": "api", "routes": [{"to": [{"weight": 100}]}]})
+    for compiled in (CompiledRoutes.compile(None, "api"), CompiledRoutes.compile(no_retries)):
+        assert [r.retry for r in compiled.routes] == [want]
