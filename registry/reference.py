@@ -390,7 +390,9 @@ POLICY = Kind(
         Field(
             "outlier_detection.consecutive_5xx",
             "integer",
-            "5xx answers in a row that eject an instance.",
+            "Failures in a row that eject an instance: 5xx answers, and tries it did not answer "
+            "(connection failed, reset, timed out), as Envoy counts them by default (its local-origin "
+            "errors taken as 5xx). The caller's own 503 `UO` is not held against it.",
             default=f"{DEFAULT_CONSECUTIVE_5XX} (none when only consecutive_gateway_errors is set)",
             minimum=1,
             maximum=MAX_COUNT,
@@ -398,7 +400,8 @@ POLICY = Kind(
         Field(
             "outlier_detection.consecutive_gateway_errors",
             "integer",
-            "502/503/504 or connection failures in a row that eject an instance.",
+            "Failures in a row that eject an instance: 502/503/504 answers, and tries it did not "
+            "answer (connection failed, reset, timed out), as Envoy counts gateway failures.",
             minimum=1,
             maximum=MAX_COUNT,
         ),
@@ -427,8 +430,9 @@ POLICY = Kind(
             "rate_limit",
             "object",
             "Local token bucket in each agent process of the service (the destination side), shared by "
-            "all its callers: a service on 3 hosts admits 3 x the rate; excess gets 429 `RL`, with a "
-            "`Retry-After` of the seconds until its next token.",
+            "all its callers: a service on 3 hosts admits 3 x the rate, and 3 x N x the rate where "
+            "their agents run `workers = N` (each process has its own bucket); excess gets 429 `RL`, "
+            "with a `Retry-After` of the seconds until its next token.",
         ),
         Field(
             "rate_limit.requests_per_second",

@@ -2,14 +2,14 @@
 
 Decisions:
 
-- Local rate limit = a token bucket per destination service on the inbound side (one per agent,
-  like Envoy's local_ratelimit filter): ``rate`` tokens per second refill continuously up to
-  ``burst``; a request takes one token or is answered **429** with flag ``RL``. The bucket starts
-  full so a restart never refuses the first burst.
+- Local rate limit = a token bucket per destination service on the inbound side (one per agent
+  process, each of ``workers = N`` its own, like Envoy's local_ratelimit filter): ``rate`` tokens
+  per second refill continuously up to ``burst``; a request takes one token or is answered **429**
+  with flag ``RL``. The bucket starts full so a restart never refuses the first burst.
 - Connection, pending-request and active-request limits (Envoy's circuit-breaker thresholds) are
-  plain counters; overflow answers **503** with flag ``UO`` and never queues. A limit the policy
-  does not set keeps Envoy's default of 1024: the agent's memory needs a bound even when the
-  operator names none.
+  plain counters, held per calling listener; overflow answers **503** with flag ``UO`` and never
+  queues. A limit the policy does not set keeps Envoy's default of 1024: the agent's memory needs
+  a bound even when the operator names none.
 - Time is passed in (monotonic seconds); nothing here reads a clock.
 """
 
