@@ -378,6 +378,42 @@ async def test_routes_split_retry_and_fault_in_process(mesh: Mesh) -> None:
     assert mesh.apps[0].hits >= 2
 
 
+async def test_destination_subset_is_the_route_subset_at_the_source_and_the_version_at_the_destination(
+    mesh: Mesh,
+) -> None:
+    """metrics.md: the caller's series carry the route's subset name, the callee's its own `version`
+    meta (the subset's name never reaches it), and without a subset both carry the `version`."""
+    rc = route_config({
+        "service": "api", "subsets": {"canary": {"version": "v2"}},
+        "routes": [{"match": {"path": {"prefix": "/c"}}, "to": [{"subset": "canary", "weight": 100}]},
+                   {"to": [{"weight": 100}]}],
+    })  # fmt: skip
+    mesh.set_a(routes={"api": rc})
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/c")
+    c.close()
+    assert (r.status, r.instance) == (200, "api-1")  # version v2
+    labels = {"destination_service": "api", "response_code": "200"}
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", destination_subset="canary",
+                  **labels) == 1  # fmt: skip
+    await async_wait_until(
+        lambda: sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", **labels) == 1
+    )
+    assert sample(mesh.tel_b, "hostmesh_requests_total", reporter="destination", destination_subset="v2",
+                  **labels) == 1  # fmt: skip
+    c = mesh.client()
+    rs = await asyncio.to_thread(lambda: [c.get("/plain") for _ in range(2)])
+    c.close()
+    versions = {"api-0": "v1", "api-1": "v2"}
+    for v in {versions[r.instance] for r in rs}:
+        by_version = {"destination_subset": v, **labels}
+        assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", **by_version) >= 1
+        at_destination = functools.partial(
+            sample, mesh.tel_b, "hostmesh_requests_total", reporter="destination"
+        )
+        await async_wait_until(lambda: at_destination(**by_version) >= 1)  # noqa: B023 (awaited here)
+
+
 async def test_an_injected_delay_is_not_counted_in_the_route_timeout(mesh: Mesh) -> None:
     """documents.md, `routes[].timeout`: the clock starts after a `fault.delay`, as in Envoy (its fault
     filter delays before the router starts the route's timeout): a delay longer than the timeout is
