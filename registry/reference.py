@@ -546,7 +546,9 @@ EXTERNAL = Kind(
     "External service document",
     "A service outside the mesh that mesh services call by name, like a mesh service (an upstream in "
     "agent.toml). Stored at `hostmesh/external/<name>`; who may call it is its intentions document. "
-    "The caller's agent (or, with `via`, an egress gateway) connects to the addresses in turn.",
+    "The caller's agent (or, with `via`, an egress gateway) connects to the addresses in turn and "
+    "relays the connection, whatever its protocol: a policy document for it is refused (except the "
+    "default round-robin balancer), as are L7 permissions in its intentions.",
     (
         *_common("mesh services call it as"),
         Field("description", "string", "Free text kept with the document."),

@@ -865,8 +865,8 @@ def parse_external(data: object) -> ExternalService:
 
 def check_protocol(doc: object, protocol: str) -> None:
     """Refuse (InvalidDocument naming the field) what cannot apply to a service speaking `protocol`:
-    on a tcp service, every destination-policy field (the default round_robin balancer aside) and
-    L7 permissions in intentions (a connection has no method or path)."""
+    on a tcp, udp or external service, every destination-policy field (the default round_robin
+    balancer aside) and L7 permissions in intentions (a connection has no method or path)."""
     from hostmesh.registry import schema_parsers
 
     schema_parsers.check_protocol(doc, protocol)

@@ -660,18 +660,21 @@ CONNECTION_PROTOCOLS = ("tcp", "udp", "external")
 
 def check_protocol(doc: object, protocol: str) -> None:
     """Refuse (InvalidDocument naming the field) what cannot apply to a service speaking `protocol`:
-    on a tcp or udp service, every destination-policy field (the default round_robin balancer
-    aside) and L7 permissions in intentions (a connection or a flow has no method or path); on an
-    `external` service (relayed as connections, whatever its protocol), L7 permissions."""
+    on a tcp or udp service, or an `external` one (relayed as connections, whatever its protocol, and
+    its callers' agents read no policy for it, nor does an egress gateway), every destination-policy
+    field (the default round_robin balancer aside) and L7 permissions in intentions (a connection
+    or a flow has no method or path)."""
     if protocol not in CONNECTION_PROTOCOLS:
         return
     what = (
         "an external service, relayed as connections" if protocol == "external" else f"a {protocol} service"
     )
-    if isinstance(doc, PolicyDocument) and protocol != "external":
+    if isinstance(doc, PolicyDocument):
         for name in _HTTP_ONLY_POLICY:
             value = getattr(doc, name)
             if value is not None and not (name == "load_balancer" and value == LoadBalancer()):
+                if protocol == "external":
+                    raise InvalidDocument(name, f"is never applied to {doc.service}: it is {what}")
                 raise InvalidDocument(name, f"applies to HTTP only; {doc.service} is {what}")
     elif isinstance(doc, Intentions):
         for i, rule in enumerate(doc.rules):

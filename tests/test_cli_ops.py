@@ -464,3 +464,32 @@ def test_an_external_service_is_decided_per_connection_by_apply_and_intention_ch
     e = write(tmp_path, {"kind": "external", "service": later, "addresses": ["b.example.com:443"]}, "e2.yaml")
     assert "which applies to HTTP requests only" in fails(run(consul, "apply", "-f", e))
     assert consul.kv_get(doc_key("external", later)) is None
+
+
+def test_a_policy_for_an_external_service_is_refused_naming_the_field(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Nothing applies a destination policy to an external service (its callers' agents relay it as
+    connections, http or not, and read no policy for it; nor does an egress gateway): `apply` took one
+    and it was silently ignored. An external document over such a policy is refused too."""
+    ext, later = svc("ext"), svc("ext")
+    external = {"kind": "external", "service": ext, "addresses": ["api.example.com:443"], "protocol": "http"}
+    ok(run(consul, "apply", "-f", write(tmp_path, external, "e.yaml")))
+    f = write(tmp_path, {"service": ext, "outlier_detection": {"consecutive_5xx": 3}}, "p.yaml")
+    out = run(consul, "policy", "apply", "-f", f)
+    assert fails(out) == (
+        f"Error: {f}: outlier_detection: is never applied to {ext}: it is an external service, "
+        "relayed as connections"
+    )
+    assert consul.kv_get(doc_key("policies", ext)) is None
+    empty = write(tmp_path, {"service": ext}, "p0.yaml")
+    ok(run(consul, "policy", "apply", "-f", empty))  # nothing in it to ignore
+
+    limited = write(tmp_path, {"service": later, "rate_limit": {"requests_per_second": 5}}, "p2.yaml")
+    ok(run(consul, "policy", "apply", "-f", limited))  # nothing says yet what `later` is
+    e = write(tmp_path, external | {"service": later}, "e2.yaml")
+    assert fails(run(consul, "apply", "-f", e)) == (
+        f"Error: {e}: service: {later} would be an external service, relayed as connections, but "
+        f"policies/{later} has rate_limit, which applies to HTTP requests only"
+    )
+    assert consul.kv_get(doc_key("external", later)) is None

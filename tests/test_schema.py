@@ -594,3 +594,29 @@ def test_garbage_never_crashes(data: Any, kind: str) -> None:
         parse_document(kind, data)
     except InvalidDocument as exc:
         assert exc.path or exc.problem
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("load_balancer", {"type": "least_request"}),
+        ("connection_limits", {"max_requests": 10}),
+        ("outlier_detection", {"consecutive_5xx": 3}),
+        ("rate_limit", {"requests_per_second": 5}),
+        ("locality", {"prefer_zone": False}),
+    ],
+)
+def test_a_policy_for_an_external_service_is_refused_naming_the_field(field: str, value: Any) -> None:
+    """An external service is relayed as connections (http or not): neither its callers' agents nor an
+    egress gateway read a policy for it, so a field was accepted and never applied."""
+    from hostmesh.registry.schema import check_protocol
+
+    doc = parse_policy({"service": "payments", field: value})
+    with pytest.raises(InvalidDocument) as ei:
+        check_protocol(doc, "external")
+    assert str(ei.value) == (
+        f"{field}: is never applied to payments: it is an external service, relayed as connections"
+    )
+    check_protocol(parse_policy({"service": "payments"}), "external")  # nothing in it: nothing ignored
+    default_balancer = {"service": "payments", "load_balancer": {"type": "round_robin"}}
+    check_protocol(parse_policy(default_balancer), "external")
