@@ -249,7 +249,7 @@ def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozense
                 "set protocol: http in the route document (or tcp in the services' agent.toml)",
             )
         )
-    elif protocols and ("udp" in protocols) != (doc.protocol == "udp"):
+    elif protocols and (service_protocol(protocols) == "udp") != (doc.protocol == "udp"):
         out.append(_udp_mismatch(key, doc, service_protocol(protocols)))
     instances = catalog.of(key)
     sent: dict[str, int] = {}

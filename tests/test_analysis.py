@@ -146,6 +146,16 @@ DNS_SPLIT = {
 }
 
 
+def test_a_service_registered_http_and_udp_is_http_to_check() -> None:
+    """Its callers take it for http (an instance says http): an http document fits, and check said
+    "the document says udp" of it. From the review of the udp split."""
+    cat = Catalog(
+        (*CATALOG.instances, inst("dns", "vm-5", protocol="udp"), inst("dns", "vm-6", protocol="http"))
+    )
+    found = analyze(with_doc("routes", "dns", {"service": "dns", "routes": [{"to": [{"weight": 100}]}]}), cat)
+    assert [f for f in found if f.code == "protocol-mismatch"] == []
+
+
 def test_a_udp_services_split_is_followed_only_as_protocol_udp() -> None:
     """A udp service's document saying tcp (or http, the default) was passed in silence, though its
     callers split no flow by it; a udp document for a tcp or http service is not followed either."""

@@ -4,7 +4,10 @@ flow when the peer's RESET says why (PeerRefused, as mux.Stream.reset_received g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -13,7 +16,7 @@ from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import udp
 from hostmesh.agent.proxy.pump import PeerRefused
 from hostmesh.agent.proxy.udp import FlowState, UdpOutbound, _OutFlow
-from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder, TLSMaterial
 from tests.support import metric_sample
 
 PIN = "sha256:" + "ab" * 32
@@ -97,3 +100,45 @@ def test_a_refused_flow_writes_its_access_line_once_with_the_refusal(
     fields = line.fields  # type: ignore[attr-defined]
     assert (fields["protocol"], fields["reporter"], fields["response_flags"]) == ("udp", "source", "AUTHZ")
     assert (fields["downstream_remote_address"], fields["bytes_received"]) == ("127.0.0.1:5000", 6)
+
+
+def _stream(sent: list[bytes]) -> Any:
+    """A mux stream that keeps the frames written to it."""
+    conn = SimpleNamespace(closed=False, write_paused=False, write=sent.append)
+    return SimpleNamespace(
+        conn=conn, done=False, id=1, pipe=None, on_datagram=None, reset=lambda why="": None
+    )
+
+
+def test_a_draining_listener_keeps_a_talking_flow_whose_instance_left_the_healthy_ones() -> None:
+    """A stop fails the host's own TTL checks before it drains: a co-located instance leaves the
+    snapshot, and the flow to it was ended by the client's next datagram, which no new flow could
+    take (draining): the drain cut the very flows it keeps. From the review of the drain."""
+    out, tel = listener()
+    ep = Endpoint("i1", "n", "127.0.0.1", 21000, MappingProxyType({}))
+    snap = dataclasses.replace(out.holder.current, generation=2, endpoints=MappingProxyType({"dns": (ep,)}))
+    out.holder.swap(snap)
+    sent: list[bytes] = []
+    flow = _OutFlow(out, ("127.0.0.1", 5000), snap)
+    out.flows[flow.addr] = flow
+    flow.attach(_stream(sent), ep)
+    out.draining = True
+    out.holder.swap(dataclasses.replace(snap, generation=3, endpoints=MappingProxyType({"dns": ()})))
+    out.datagram(b"query", flow.addr)
+    assert dropped(tel, "draining") == 0 and flow.state is FlowState.OPEN and len(sent) == 1
+    out.draining = False  # not draining, the same datagram moves it (it has no instance to go to)
+    out.datagram(b"query", flow.addr)
+    assert flow.state is FlowState.CLOSED and dropped(tel, "no_upstream") == 1
+
+
+def test_a_flow_failed_by_a_protocol_error_writes_its_line_with_the_flag(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out, _ = listener()
+    flow = _OutFlow(out, ("127.0.0.1", 5000))
+    out.flows[flow.addr] = flow
+    flow.state = FlowState.OPEN
+    with caplog.at_level(logging.INFO, logger="hostmesh.access"):
+        flow.fail("UPE")  # MuxConnection.protocol_error: every stream's pipe.fail(UPE)
+    lines = [r.fields for r in caplog.records if r.name == "hostmesh.access"]  # type: ignore[attr-defined]
+    assert [x["response_flags"] for x in lines] == ["UPE"]

@@ -27,7 +27,9 @@ Decisions:
   Least connections within a subset counts the connections that subset opened: an instance in two
   overlapping subsets is counted in each apart.
 - A subset no longer in the document keeps its LeastConnections while connections it counted are
-  open, so their counts stay shown; it goes at a later change of the split once they ended.
+  open, so their counts stay shown; it goes at a later change of the split once they ended. (A
+  connection still dialing when its subset left is counted by a LeastConnections no longer shown:
+  its count is missing from `open_connections` for its life. Rare, and only the stats miss it.)
 """
 
 from __future__ import annotations

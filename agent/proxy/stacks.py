@@ -49,14 +49,15 @@ class LazyHttpOutbound:
 
     def takes(self, snap: Snapshot) -> bool:
         if self.real is None:
+            # HttpOutbound.takes' order: the route document, else the instances, else agent.toml
             rc = snap.routes.get(self.service)
+            endpoints = snap.endpoints.get(self.service, ())
             if rc is not None:  # a tcp or udp document (a split the L4 path makes) is not HTTP either
                 http = rc.protocol == "http"
+            elif endpoints:
+                http = any(e.meta.get(PROTOCOL_META) == "http" for e in endpoints)
             else:
-                endpoints = snap.endpoints.get(self.service, ())
-                http = self._kwargs.get("protocol") == "http" or any(
-                    e.meta.get(PROTOCOL_META) == "http" for e in endpoints
-                )
+                http = self._kwargs.get("protocol") == "http"
             if not http:
                 return False
             from hostmesh.agent.proxy.http_outbound import HttpOutbound

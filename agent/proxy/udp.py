@@ -50,8 +50,10 @@ Decisions:
   stay on an instance Consul marked critical.
 - A stop drains (`drain_seconds`, as TCP connections): new clients are dropped (`draining`) and
   running flows go on until each has been quiet for DRAIN_QUIET (a query's answer came back) or
-  the drain is over; the inbound keeps its mesh connections open for them as long. A reload that
-  rebuilds a udp upstream still ends its flows at once: the new socket must take the address.
+  the drain is over, on their instance even if it left the healthy ones (no new flow could take
+  over, and a stop fails the host's own instances first); the inbound keeps its mesh connections
+  open for them as long. A reload that rebuilds a udp upstream still ends its flows at once: the
+  new socket must take the address.
 - Each flow writes one access line when it ends (sampled as TCP connections are, always when it
   has a flag): `bytes_received` the client's datagrams' bytes, `bytes_sent` those passed back.
 - An ICMP port unreachable from the local app (nothing listens on its port) is counted as a drop
@@ -289,7 +291,7 @@ class _Flow:
         self.close(reset=False)
 
     def fail(self, flag: str) -> None:
-        self.close(reset=False)
+        self.close(reset=False, why=flag)  # (the mux's protocol error: UPE)
 
 
 # --- outbound -------------------------------------------------------------------------------------
@@ -473,14 +475,19 @@ class UdpOutbound:
     def datagram(self, data: bytes, addr: Any) -> None:
         if self.refused:  # (a deque's truth test: the only cost to a datagram while nothing is refused)
             self._end_refusals(time.monotonic())
+        if len(data) > MAX_APP_DATAGRAM:  # (only an IPv6 listener can take one)
+            self.counters.dropped("too_large")
+            return
         flow = self.flows.get(addr)
-        if flow is not None and flow.snap is not self.holder.current and not self._still_healthy(flow):
+        if (
+            flow is not None
+            and flow.snap is not self.holder.current
+            and not self.draining  # (no new flow could replace it: a stop fails our own instances first)
+            and not self._still_healthy(flow)
+        ):
             flow.close()  # its instance left the healthy ones: this datagram opens a flow to another
             flow = None
         if flow is None:
-            if len(data) > MAX_APP_DATAGRAM:  # (only an IPv6 listener can take one)
-                self.counters.dropped("too_large")
-                return
             if self.draining:
                 self.counters.dropped("draining")
                 return
@@ -491,9 +498,6 @@ class UdpOutbound:
             if flow is None:
                 self.counters.dropped("no_upstream")
                 return
-        elif len(data) > MAX_APP_DATAGRAM:
-            self.counters.dropped("too_large")
-            return
         flow.send(data)
 
     def _still_healthy(self, flow: _OutFlow) -> bool:
