@@ -47,6 +47,14 @@ if TYPE_CHECKING:
 
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
+# Connections of the blocking-query pool. An agent holds four long-polls at once: its discovery's
+# three watches (documents, registrations, failing checks: agent/discovery.py) and the trust bundle's
+# (agent/certproc.py). With the short-request pool's cap (registry/http.py MAX_CONNECTIONS_PER_CLIENT,
+# 8) that bounds what one process holds open to Consul at 12, however its data changes: Consul
+# refuses a source address past its http_max_conns_per_client (200), shared by every process of a
+# host. A fifth long-poll would wait for one of these to end (at most a wait, 30 s) rather than
+# open a connection more.
+BLOCKING_CONNECTIONS = 4
 TOKEN_HEADER = "X-Consul-Token"
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
@@ -351,10 +359,12 @@ class ConsulClient:
         self._token = settings.load_token()
         tls = ssl_context(settings)
         self._http = HTTPClient(self.url, tls, settings.tls_server_name)
-        # A second connection pool for blocking queries, so a 30 s long-poll never delays a write. Not
-        # capped: each long-poll holds a connection for its whole wait, and their number is fixed by
-        # the caller (the agent's discovery holds three); the other pool is capped (registry/http.py).
-        self._blocking_http = HTTPClient(self.url, tls, settings.tls_server_name, max_connections=None)
+        # A second connection pool for blocking queries, so a 30 s long-poll never delays a write. Each
+        # long-poll holds a connection for its whole wait; their number is fixed by the caller, and the
+        # pool's cap (BLOCKING_CONNECTIONS) keeps what the process holds open bounded even so.
+        self._blocking_http = HTTPClient(
+            self.url, tls, settings.tls_server_name, max_connections=BLOCKING_CONNECTIONS
+        )
 
     async def __aenter__(self) -> ConsulClient:
         return self

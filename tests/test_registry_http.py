@@ -348,3 +348,47 @@ async def test_a_head_request_answered_after_an_interim_answer_gets_the_final_st
 
     async with raw_peer(interim_then_204) as client:
         assert (await client.request("HEAD", "/", timeout=5)).status == 204
+
+
+async def test_a_consul_clients_long_polls_have_a_capped_pool_of_their_own() -> None:
+    """What an agent holds open to Consul is bounded by its two pools: long-polls (BLOCKING_CONNECTIONS)
+    and short requests (MAX_CONNECTIONS_PER_CLIENT). Before, the long-poll pool had no cap: every
+    blocking read in flight was a connection more (an audit measured 11 against the 8 documented).
+    Long-polls past the cap wait for one to end; short requests still go, on their own pool."""
+    from hostmesh.registry.consul import BLOCKING_CONNECTIONS, ConsulClient
+
+    release = asyncio.Event()
+    long_peers: set[tuple[str, int]] = set()
+    short_peers: set[tuple[str, int]] = set()
+    held = 0
+
+    async def consul(req: Request) -> Response:
+        nonlocal held
+        assert req.peer is not None
+        if "index" in req.query:  # a blocking read: held until released, as Consul holds it
+            long_peers.add(req.peer)
+            held += 1
+            await release.wait()
+            return Response.of_json(404, [], {"x-consul-index": "8"})
+        short_peers.add(req.peer)
+        return Response.of_json(200, {})
+
+    server = HTTPServer(consul, "127.0.0.1", 0, max_inflight=100)
+    port = await server.start()
+    client = ConsulClient(f"http://127.0.0.1:{port}")
+    try:
+        polls = [
+            asyncio.ensure_future(client.kv_get_blocking(f"k/{i}", 7))
+            for i in range(BLOCKING_CONNECTIONS + 3)
+        ]
+        await async_wait_until(lambda: held >= BLOCKING_CONNECTIONS, what="the long-polls to fill their pool")
+        assert await client.agent_services() == {}  # a short request is not stuck behind them
+        await asyncio.sleep(0.05)  # (only to give a connection past the cap the chance to show up)
+        assert (held, len(long_peers)) == (BLOCKING_CONNECTIONS, BLOCKING_CONNECTIONS)
+        release.set()
+        assert [r[0] for r in await asyncio.gather(*polls)] == [8] * len(polls)  # the waiting ones went on
+        assert len(long_peers) == BLOCKING_CONNECTIONS and len(short_peers) == 1
+    finally:
+        release.set()
+        await client.close()
+        await server.close()
