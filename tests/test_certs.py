@@ -584,3 +584,20 @@ async def test_expired_service_recovers_with_a_valid_sibling_of_the_same_node(en
     finally:
         for sid in ids:
             await env.client.deregister_service(sid)
+
+
+def test_the_readme_states_the_least_life_a_running_hosts_certificate_has_left() -> None:
+    """ "A host that was off past its certificate's expiry" promised a valid certificate to a host
+    off for less than 24 h; a running agent renews at 2/3 of the life, ± RENEW_JITTER of it, so the
+    certificate it holds may have far less left. The README's figure is derived here from the code."""
+    import inspect
+
+    from hostmesh.agent.certs import RENEW_JITTER
+    from tests.support import REPO
+
+    fraction = inspect.signature(CertManager).parameters["renew_fraction"].default
+    least = 1 - (fraction + RENEW_JITTER)
+    minutes = round(pki.DEFAULT_LEAF_TTL.total_seconds() * least / 60)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"at least {least * 100:.0f} % of its life left, {minutes // 60} h {minutes % 60} min" in readme
+    assert "off for less than 24 h" not in readme
