@@ -16,6 +16,7 @@ from hostmesh.agent.l7.balancer import (
     HASH_HEADER,
     HASH_SOURCE,
     LEAST_REQUEST,
+    MIN_VNODES,
     RANDOM,
     RING_POINTS_MAX,
     ROUND_ROBIN,
@@ -179,6 +180,15 @@ def test_a_large_ring_is_bounded_in_points_and_still_moves_only_the_changed_inst
     moved = [h for h in probes if ring.lookup(h) != gone.lookup(h)]
     assert all(ring.lookup(h) == 1999 for h in moved)  # the same points per instance either side
     assert len({ring.lookup(h) for h in probes}) > 1500  # and keys still reach most instances
+
+
+def test_past_4096_instances_each_keeps_its_minimum_and_the_ring_grows_past_the_cap() -> None:
+    """What the README states: RING_POINTS_MAX points up to RING_POINTS_MAX // MIN_VNODES instances,
+    MIN_VNODES each beyond (fewer would leave the ring too uneven), so 5,000 make 20,000 points."""
+    full = RING_POINTS_MAX // MIN_VNODES
+    assert full == 4096
+    assert len(HashRing([f"i{n}" for n in range(full)])._hashes) == RING_POINTS_MAX
+    assert len(HashRing([f"i{n}" for n in range(5000)])._hashes) == 5000 * MIN_VNODES == 20000
 
 
 def test_unavailable_owner_only_moves_its_own_keys() -> None:
