@@ -46,7 +46,16 @@ def _g(x: float) -> str:
 
 
 AGENT_KEYS: tuple[Key, ...] = (
-    Key("node", "string", "the host name", "Consul node name this agent registers under."),
+    Key(
+        "node",
+        "string",
+        "the host name",
+        "Names this agent's services in Consul: their IDs are `<service>-<node>`, so it must differ "
+        "between agents sharing a Consul agent. They are registered on the local Consul agent's "
+        "node whatever it says (the node `hostmesh services` shows): on a host, keep it that node's "
+        "name; in a Nomad allocation it defaults to the allocation ID (the allocations of a client "
+        "share its Consul agent).",
+    ),
     Key("mesh_address", "IP address", "127.0.0.1", "The address other agents dial to reach this host."),
     Key("data_dir", "path", C.DEFAULT_DATA_DIR, "Keys, certificates, the saved config snapshot (mode 0700)."),
     Key("inbound", "host:port", C.DEFAULT_INBOUND, "The mTLS listener other agents connect to."),
