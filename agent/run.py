@@ -167,6 +167,7 @@ RESTART_KEYS = (
     "gateways",  # listeners and identities; a SIGHUP re-reads the ingress certificate files
     "istio_metrics",  # the series are registered once, at start
     "tracing",  # the tracer and its exporter are built at start
+    "nomad",  # the allocation watch reads Nomad with the settings it started with
     "log_format",
 )
 

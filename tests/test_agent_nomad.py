@@ -162,3 +162,25 @@ def test_in_an_allocation_the_default_config_is_the_task_dirs_never_the_hosts(
     monkeypatch.setenv("NOMAD_ALLOC_ID", ALLOC)
     monkeypatch.setenv("NOMAD_TASK_DIR", str(tmp_path / "local"))
     assert agent_run_config(["agent", "run"]) == tmp_path / "local" / "agent.toml"
+
+
+def test_a_reload_keeps_the_running_nomad_settings_and_says_they_need_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[nomad] is documented as restart: a reload logs it and keeps the running values. It was not in
+    RESTART_KEYS: a reload replaced it silently while the allocation watch, started at start-up,
+    kept reading Nomad with the old settings."""
+    from hostmesh.agent.run import Agent
+
+    env = task_env(tmp_path)
+    running = parse_config(with_allocation_defaults({"nomad": {"address": "http://127.0.0.1:4646"}}, env))
+    edited = parse_config(
+        with_allocation_defaults({"nomad": {"address": "http://127.0.0.1:4747", "poll_interval": 0.5}}, env)
+    )
+    assert edited.nomad != running.nomad
+    with caplog.at_level("WARNING", logger="hostmesh.agent"):
+        kept = Agent(running)._keeping_restart_keys(edited)
+    assert kept.nomad == running.nomad
+    assert [r.getMessage() for r in caplog.records] == [
+        "reload: nomad changed; these need a restart and keep their running values"
+    ]
