@@ -873,6 +873,7 @@ class Agent:
         extend_inbound(self.inbound, new, self.builder.holder, self.telemetry, tracer=self.tracer)
         for gateway in self.gateways:
             gateway.reload_certificates()
+            gateway.reconfigure_http(new.http)
         if new.services != old.services:
             self._register_all_next = True  # the registration loop re-registers with the new port/meta/checks
             self._wake.set()

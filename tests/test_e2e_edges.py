@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -547,6 +548,37 @@ def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) ->
     wait_for(lambda: served_serial() == new_serial, 15, "the renewed certificate to be served")
     assert before != new_serial
     assert http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200
+
+
+def test_a_reload_gives_the_ingress_listeners_the_new_http_limits(consul: ConsulDev, tmp_path: Path) -> None:
+    """`http.*` reload (the agent.toml reference): an ingress gateway's listeners took them at start
+    and kept them, so a reload reached the mesh's own stacks only. A connection opened after the
+    reload meets the new header timeout (600 s -> 0.5 s)."""
+    m = LocalMesh(tmp_path / "mesh", consul.url)
+    try:
+        m.start_ca()
+        port = free_port()
+        listener = f'kind = "ingress"\n[[gateways.listeners]]\nbind = "127.0.0.1:{port}"\nprotocol = "http"\n'
+        gw = m.write_agent_config(
+            "node-gw-reload",
+            [],
+            gateways={"edge-reload": listener},
+            extra="[http]\nheader_read_timeout = 600",
+        )
+        m.start_agent(gw)
+        gw.config_path.write_text(
+            gw.config_path.read_text().replace("header_read_timeout = 600", "header_read_timeout = 0.5")
+        )
+        gw.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: f"reloaded {gw.config_path}" in gw.proc.log(), 10.0, "the reload")
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as silent:
+            try:
+                closed = silent.recv(1) == b""  # nothing sent: closed at the header timeout
+            except ConnectionResetError:
+                closed = True
+            assert closed
+    finally:
+        m.close()
 
 
 def test_rate_limit_per_client_address_at_the_gateway(edges: Edges) -> None:

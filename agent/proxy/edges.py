@@ -762,6 +762,16 @@ class IngressGateway:
         for certs in self._certs:
             certs.reload()
 
+    def reconfigure_http(self, http: HttpConfig) -> None:
+        """A reload's `http` limits: the connections accepted from now on, and the next request of
+        those kept alive, are held to them (as the mesh's inbound, stacks.extend_inbound). The
+        client side of every exchange is an IngressHttp's connection: it reads them from there."""
+        self.http = http
+        for handler in self._handlers:
+            handler.header_timeout = http.header_read_timeout
+            handler.body_idle_timeout = http.body_idle_timeout
+            handler.body_min_rate = http.body_min_rate
+
     def http_outbound(self, service: str) -> Any:
         """The L7 outbound to mesh service `service` as this gateway (made on its first request)."""
         out = self._http_out.get(service)
