@@ -57,7 +57,13 @@ AGENT_KEYS: tuple[Key, ...] = (
         "share its Consul agent).",
     ),
     Key("mesh_address", "IP address", "127.0.0.1", "The address other agents dial to reach this host."),
-    Key("data_dir", "path", C.DEFAULT_DATA_DIR, "Keys, certificates, the saved config snapshot (mode 0700)."),
+    Key(
+        "data_dir",
+        "path",
+        C.DEFAULT_DATA_DIR,
+        "Keys, certificates, the saved config snapshot (mode 0700: the agent creates it so, and the "
+        "shipped unit and package keep it so).",
+    ),
     Key("inbound", "host:port", C.DEFAULT_INBOUND, "The mTLS listener other agents connect to."),
     Key("admin", "host:port", C.DEFAULT_ADMIN, "Admin API (`/ready`, `/v1/config`, …); keep it on loopback."),
     Key(

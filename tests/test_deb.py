@@ -186,6 +186,7 @@ def test_install_run_purge_without_systemd(deb: Path, clean_machine: None) -> No
     st = os.stat("/etc/hostmesh")
     assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o750")
     assert Path("/var/lib/hostmesh").owner() == "hostmesh"
+    assert oct(os.stat("/var/lib/hostmesh").st_mode & 0o777) == "0o700"  # as agent-toml.md says
     conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", "hostmesh")
     assert "/etc/hostmesh/agent.toml.example" in conffiles
     # The example config is valid for the agent's own parser.

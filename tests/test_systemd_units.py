@@ -121,6 +121,7 @@ def test_agent_unit_contract() -> None:
     assert d["Restart"] == ["on-failure"]
     assert d["User"] == ["hostmesh"] and d["Group"] == ["hostmesh"]
     assert d["StateDirectory"] == ["hostmesh"]
+    assert d["StateDirectoryMode"] == ["0700"]  # keys and state, the agent's alone (agent-toml.md data_dir)
     assert d["ProtectSystem"] == ["strict"]
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["CapabilityBoundingSet"] == [""] and d["AmbientCapabilities"] == [""]
