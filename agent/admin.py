@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -42,25 +43,86 @@ def agent_version() -> str:
     return _version()
 
 
-PROBE_TIMEOUT_CAP = 5.0  # a probe never holds Consul's check longer than this
+# The probe at registration (agent/run.py), which only sets the check's first status, gives up after
+# this at most: start-up registers the services one after another, and /ready waits for them. Consul's
+# check, through /health/<service>, gets the configured timeout.
+FIRST_PROBE_CAP = 5.0
+# Consul's check waits this much longer than the probe does, so what reaches it is the agent's answer
+# naming why (a probe that timed out), not its own timeout (agent/run.py, the check's Timeout).
+CHECK_TIMEOUT_SLACK = 1.0
+# Redirects followed from the health path, as Consul's own HTTP check follows them (Go's client: 10),
+# on the app only: a probe never leaves 127.0.0.1:<port>.
+MAX_REDIRECTS = 10
+REDIRECTS = frozenset({301, 302, 303, 307, 308})  # those Go's client follows; any other 3xx is an answer
 
 
-async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
-    """Is the app behind `svc` healthy? HTTP 2xx/3xx on its health path, or a TCP connect."""
+def redirect_target(port: int, path: str, location: str | None) -> str | None:
+    """The path (and query) a redirect from `path` leads to on the app at 127.0.0.1:`port`, or None
+    when it leads elsewhere (another host, port or scheme) or names nothing usable."""
+    if not location:
+        return None
+    try:
+        url = urllib.parse.urlsplit(urllib.parse.urljoin(f"http://127.0.0.1:{port}{path}", location))
+        same = (
+            url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost") and (url.port or 80) == port
+        )
+    except ValueError:  # a port out of range, an unclosed [IPv6] literal
+        return None
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    return target if same and target.isprintable() and " " not in target else None
+
+
+async def probe_http(svc: ServiceConfig, timeout: float) -> tuple[bool, str]:
+    """GET the health path: 2xx is healthy. Redirects on the app are followed (at most MAX_REDIRECTS,
+    all within `timeout`), as Consul's HTTP check does; one leaving the app is not, and is unhealthy,
+    as is any other answer (a 3xx that is no redirect, a 4xx, a 5xx)."""
+    path = svc.health.http
+    assert path is not None
+    client = HTTPClient(f"http://127.0.0.1:{svc.port}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        for hops in range(MAX_REDIRECTS + 1):
+            left = timeout if not hops else deadline - loop.time()
+            if left <= 0:
+                return False, f"no answer from {path} within {timeout:g}s (after {hops} redirect(s))"
+            resp = await client.request("GET", path, timeout=left)
+            if resp.status not in REDIRECTS:
+                via = f" (redirected from {svc.health.http})" if hops else ""
+                return 200 <= resp.status < 300, f"HTTP {resp.status} from {path}{via}"
+            target = redirect_target(svc.port, path, resp.headers.get("location"))
+            if target is None:
+                where = printable_header(resp.headers.get("location"))
+                return (
+                    False,
+                    f"HTTP {resp.status} from {path}: a redirect off the app ({where}), not followed",
+                )
+            path = target
+        return False, f"HTTP {resp.status} from {path}: more than {MAX_REDIRECTS} redirects"
+    except RegistryError as exc:
+        return False, str(exc)
+    finally:
+        await client.close()
+
+
+def printable_header(value: str | None, limit: int = 120) -> str:
+    """A Location field as a log line may show it: no control characters, at most `limit` of them."""
+    if not value:
+        return "no Location"
+    shown = "".join(c if c.isprintable() else "?" for c in value[:limit])
+    return shown + ("…" if len(value) > limit else "")
+
+
+async def probe_app(svc: ServiceConfig, cap: float | None = None) -> tuple[bool, str]:
+    """Is the app behind `svc` healthy? HTTP 2xx on its health path (probe_http), or a TCP connect,
+    within its health timeout (at most `cap`)."""
     if svc.kind:  # a gateway: no app behind it, the agent itself serves it
         return True, f"{svc.kind} served by this agent"
-    timeout = min(svc.health.timeout, PROBE_TIMEOUT_CAP)
+    timeout = svc.health.timeout if cap is None else min(svc.health.timeout, cap)
     if svc.protocol == "udp" and not svc.health.http and not svc.health.tcp:
         return True, "UDP service without a probe: healthy while the agent is"
     if svc.health.http:
-        client = HTTPClient(f"http://127.0.0.1:{svc.port}")
-        try:
-            resp = await client.request("GET", svc.health.http, timeout=timeout)
-        except RegistryError as exc:
-            return False, str(exc)
-        finally:
-            await client.close()
-        return 200 <= resp.status < 400, f"HTTP {resp.status} from {svc.health.http}"
+        return await probe_http(svc, timeout)
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
@@ -73,12 +135,15 @@ async def probe_app(svc: ServiceConfig) -> tuple[bool, str]:
         )
 
 
-async def service_health(svc: ServiceConfig, snap: Snapshot) -> tuple[bool, str]:
-    """Can `svc` take traffic here? Not while its intentions cannot be read; else its app's health."""
+async def service_health(
+    svc: ServiceConfig, snap: Snapshot, cap: float | None = FIRST_PROBE_CAP
+) -> tuple[bool, str]:
+    """Can `svc` take traffic here? Not while its intentions cannot be read; else its app's health.
+    `cap`: at most this long for the probe (None: the configured timeout, what Consul's check gets)."""
     unavailable = snap.intentions_unavailable.get(svc.name)
     if unavailable is not None:
         return False, unavailable
-    return await probe_app(svc)
+    return await probe_app(svc, cap)
 
 
 class AdminAPI:
@@ -144,7 +209,7 @@ class AdminAPI:
             svc = self.config.service(path[len("/health/") :])
             if svc is None:
                 return Response.error(404, f"no local service {path[len('/health/') :]!r}")
-            ok, detail = await service_health(svc, self.holder.current)
+            ok, detail = await service_health(svc, self.holder.current, cap=None)  # Consul's check
             return Response.of_json(
                 200 if ok else 503, {"service": svc.name, "healthy": ok, "detail": detail}
             )

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from hostmesh.agent import config as C
+from hostmesh.agent.admin import FIRST_PROBE_CAP
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Counter, Telemetry
@@ -230,15 +231,35 @@ AGENT_KEYS: tuple[Key, ...] = (
         "`hostmesh`, `protocol`, `metrics_addr` and `upstreams` are the agent's own.",
     ),
     Key("services[].health", "table", "{ tcp = true }", "How the agent probes the app."),
-    Key("services[].health.http", "path", "none", "HTTP GET of this path on the app; 2xx is healthy."),
+    Key(
+        "services[].health.http",
+        "path",
+        "none",
+        "HTTP GET of this path on the app; 2xx is healthy. As Consul's own HTTP check, a redirect "
+        "(301, 302, 303, 307, 308) is followed, at most 10, on the app only: one to another host or "
+        "port (a login page elsewhere) is unhealthy, as is any other answer.",
+    ),
     Key(
         "services[].health.tcp",
         "boolean",
         "false",
         "Connect probe (the default when no health table is given).",
     ),
-    Key("services[].health.interval", "seconds 0.1..3600", "5", "Probe interval."),
-    Key("services[].health.timeout", "seconds 0.05..60", "2", "Probe timeout."),
+    Key(
+        "services[].health.interval",
+        "seconds 0.1..3600",
+        "5",
+        "Probe interval: how often Consul's check asks the agent to probe; at least 1 s, Consul's "
+        "minimum for a check (a smaller value is registered as 1).",
+    ),
+    Key(
+        "services[].health.timeout",
+        "seconds 0.05..60",
+        "2",
+        "Probe timeout, redirects included (Consul's check waits a second more, for the agent's "
+        "answer). The probe at registration, which sets the check's first status, stops after at most "
+        f"{_g(FIRST_PROBE_CAP)} s.",
+    ),
     Key(
         "services[].upstreams", "array of tables", "[]", "`[[services.upstreams]]`: services this app calls."
     ),

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmesh.agent import audit, sdnotify
-from hostmesh.agent.admin import ADMIN_MAX_BODY, AdminAPI, service_health
+from hostmesh.agent.admin import ADMIN_MAX_BODY, CHECK_TIMEOUT_SLACK, AdminAPI, service_health
 from hostmesh.agent.config import (
     AgentConfig,
     ConfigError,
@@ -686,7 +686,7 @@ class Agent:
                     "Name": f"{svc.name} app via hostmesh agent",
                     "HTTP": f"http://{admin}/health/{svc.name}",
                     "Interval": f"{interval:g}s",
-                    "Timeout": f"{svc.health.timeout:g}s",
+                    "Timeout": f"{svc.health.timeout + CHECK_TIMEOUT_SLACK:g}s",  # the probe's answer first
                     "Status": "passing" if healthy else "critical",
                     "Notes": detail,
                 },
