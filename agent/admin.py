@@ -12,7 +12,9 @@ each such service with the reason (`{"ready": false, "not_ready": {"api": "<reas
 `/health/<service>` answers 503 with the reason without probing the app, so Consul marks the
 instance critical and callers pick instances that can enforce their policy. A service Consul
 refused to register (the agent's token lacks service:write on its name) is not ready either
-(`"not_registered": {"api": "<reason>"}`): no caller can find it.
+(`"not_registered": {"api": "<reason>"}`): no caller can find it. Nor is one not registered in this
+run yet (Consul unreachable, or the first round still under way): `/ready` is what a rolling upgrade
+moves on at, and it must not move on before Consul can route to the host.
 """
 
 from __future__ import annotations

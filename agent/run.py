@@ -221,6 +221,8 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         # service -> Consul's refusal of its registration (the token), until a registration succeeds
         self.refused_registrations: dict[str, str] = {}
+        self.registered_services: set[str] = set()  # registered in this run: /ready waits for each one
+        self._registration_failure = ""  # why the last registration round failed (Consul unreachable)
         self._registration_task: asyncio.Task[None] | None = None
         self._trimmer: Trimmer | None = None
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
@@ -339,7 +341,7 @@ class Agent:
             self._clusters_view,
             lambda: self.ready,
             self._cert_problems,
-            lambda: self.refused_registrations,
+            self._not_registered,
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)
@@ -724,9 +726,22 @@ class Agent:
                 sdnotify.status(self._serving())
             return
         self.registered = True
+        self.registered_services.add(svc.name)
         log.info("registered %s in Consul (%s)", svc.name, why)
         if self.refused_registrations.pop(svc.name, None) is not None:
             sdnotify.status(self._serving())
+
+    def _not_registered(self) -> dict[str, str]:
+        """/ready's `not_registered`: the services callers cannot find through Consul, each with why:
+        refused (the token), or not registered in this run yet. /ready waits for them: a rolling
+        upgrade that moves on at /ready must not take the next hosts down before Consul can route
+        to this one (the services registered in a background round, after the listeners opened)."""
+        out = dict(self.refused_registrations)
+        for svc in self.config.services:
+            if svc.name not in out and svc.name not in self.registered_services:
+                why = self._registration_failure
+                out[svc.name] = f"not registered in Consul yet{f' ({why})' if why else ''}"
+        return out
 
     def _serving(self, more: str = "") -> str:
         """systemd's STATUS line while serving: what, and the services Consul refused to register."""
@@ -776,9 +791,10 @@ class Agent:
                 await self._refresh_ttls()
                 if failures:
                     log.info("Consul answers again after %d failed round(s); registrations checked", failures)
-                failures = 0
+                failures, self._registration_failure = 0, ""
                 delay = RECONCILE_INTERVAL
             except RegistryError as exc:
+                self._registration_failure = str(exc)
                 if failures == 0:
                     log.warning("Consul registration/TTL update failed: %s; retrying", exc)
                 failures += 1

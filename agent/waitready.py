@@ -2,7 +2,8 @@
 the app (`lifecycle { hook = "prestart", sidecar = false }`), or any start-up script.
 
 "Serves" is the admin API's `/ready` answering 200 `{"ready": true, …}`: certificates held, every
-inbound and upstream listener bound, intentions known (agent/admin.py). Any other answer (another
+inbound and upstream listener bound, intentions known, the services registered in Consul
+(agent/admin.py). Any other answer (another
 server on that port, a proxy's page) is not ready, named as not a hostmesh agent's answer. So an
 app started after it never meets a refused connection on its upstream port. Where the admin API
 is: `--admin`, else 127.0.0.1:NOMAD_PORT_hostmesh_admin (the agent binds the admin API there, on

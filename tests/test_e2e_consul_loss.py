@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, Proc, roundtrip, wait_for
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, Proc, port_open, roundtrip, wait_for
 from hostmesh.agent.run import registration_drift
 from hostmesh.ca.service import BUNDLE_FIGHT_ROUNDS
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -162,6 +162,41 @@ def test_consul_back_empty_is_whole_again_within_10s_without_any_restart(
     status, certs = b.get("/v1/certs")
     assert status == 200 and certs["certs"]  # the agent kept its certificate and roots meanwhile
     assert "Traceback" not in a.proc.log() + b.proc.log() + ca.log()
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_ready_means_registered_so_a_restart_while_consul_is_down_serves_but_is_not_ready(
+    mesh: Mesh, private_consul: ConsulDev
+) -> None:
+    """/ready is what a rolling upgrade moves on at (the Ansible role's restart handler, `agent
+    wait-ready`): it answers 200 only once Consul holds the host's services. An agent restarted while
+    Consul is down serves from its stored state and says what it lacks; Consul back, it registers,
+    and Consul lists the service by the time /ready says 200. Before, /ready was 200 as soon as the
+    listeners were open, before the first registration round (a background task) reached Consul."""
+    m, _ca, _a, b = mesh
+    assert b.proc.stop() == 0  # drains and deregisters, as a restart does
+    private_consul.stop()
+    m.start_agent(b, wait=False)
+
+    def not_registered() -> str | None:
+        if not b.proc.alive():
+            raise RuntimeError(f"agent {b.node} exited:\n{b.proc.log()}")
+        try:
+            status, body = b.get("/ready")
+        except OSError:
+            return None  # not listening yet
+        why = body.get("not_registered", {}).get("api", "") if status == 503 else ""
+        return why if "(" in why else None  # once a round has failed: with Consul's error
+
+    why = wait_for(not_registered, 30, "/ready to say api is not registered, and why")
+    assert why.startswith("not registered in Consul yet (") and "127.0.0.1" in why, why
+    assert port_open(b.inbound_port)  # serving meanwhile, from what it stored
+    assert b.get("/ready")[0] == 503
+
+    private_consul.start()  # back, empty (a dev agent keeps nothing)
+    m.wait_ready(b)
+    assert "api-node-b" in {s["ID"] for s in private_consul.get_json("/v1/agent/services").values()}
 
 
 @pytest.mark.consul

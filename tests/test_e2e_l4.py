@@ -24,6 +24,7 @@ from hostmesh.agent.localmesh import (
     LocalMesh,
     free_port,
     http_json,
+    port_open,
     roundtrip,
     wait_for,
 )
@@ -205,13 +206,19 @@ def test_consul_restart_watches_resume_without_agent_restart(
 def test_agent_restarted_while_consul_is_down_serves_from_saved_snapshot(
     mesh: TwoHosts, private_consul: ConsulDev
 ) -> None:
+    """...and is not ready until it has registered its services again (/ready means Consul can route
+    to them: a rollout waiting on it stops there)."""
     m, a, _b, _ = mesh
     assert roundtrip(a.binds["api"], b"warm") == b"warm"
     private_consul.stop()
     a.proc.stop()
-    m.start_agent(a)  # no Consul: certs from disk, endpoints from the saved snapshot
+    m.start_agent(a, wait=False)  # no Consul: certs from disk, endpoints from the saved snapshot
+    wait_for(lambda: port_open(a.binds["api"]), 20.0, "the upstream listener")
     assert roundtrip(a.binds["api"], b"from the saved snapshot") == b"from the saved snapshot"
+    status, ready = a.get("/ready")
+    assert status == 503 and ready["not_registered"]["web"].startswith("not registered in Consul yet")
     private_consul.start()
+    m.wait_ready(a)
 
 
 def test_config_typo_is_one_line_and_exit_nonzero(tmp_path: Path) -> None:
