@@ -14,7 +14,8 @@ NOMAD_ADDR_<label>). agent.toml, when present, always wins:
   task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN)
 - ca.pin, ca.address: meta `hostmesh_ca_pin`, `hostmesh_ca_address`
 - inbound, mesh_address: port `hostmesh_inbound` (NOMAD_ADDR_/NOMAD_IP_hostmesh_inbound), else an
-  ephemeral port
+  ephemeral port on 127.0.0.1: the services are registered there, where no other host reaches them
+  (a warning at start, `loopback_warning`; one client's allocations still reach each other)
 - admin: port `hostmesh_admin` on 127.0.0.1, else an ephemeral port; either way written to
   `<data_dir>/admin.addr` for `hostmesh agent wait-ready`
 - metrics: port `hostmesh_metrics`, else off
@@ -41,6 +42,7 @@ refuse them before anything is spent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -99,6 +101,19 @@ def admin_address(env: Mapping[str, str]) -> str:
     `hostmesh_admin` (never the client's host address, which NOMAD_ADDR_ names), else an ephemeral
     port (0; the agent writes the one it got to ADMIN_ADDRESS_FILE)."""
     return f"127.0.0.1:{env.get(f'NOMAD_PORT_{ADMIN_LABEL}') or 0}"
+
+
+def loopback_warning(mesh_address: str) -> str | None:
+    """The start-up warning of an allocation whose services are registered at a loopback address
+    (the group has no port `hostmesh_inbound` and agent.toml no mesh_address): other hosts' agents
+    would dial their own loopback. None for any other address."""
+    if not ipaddress.ip_address(mesh_address).is_loopback:
+        return None
+    return (
+        f"mesh_address {mesh_address} is a loopback address: this allocation's services are registered "
+        f"there, and no other host can reach them (a group port labelled {INBOUND_LABEL} on the client's "
+        "network address, or mesh_address in agent.toml, gives them one)"
+    )
 
 
 def with_allocation_defaults(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:

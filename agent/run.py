@@ -459,6 +459,8 @@ class Agent:
         from hostmesh.ca.files import write_private
 
         assert cfg.nomad is not None
+        if unreachable := nomad.loopback_warning(cfg.mesh_address):
+            log.warning("%s", unreachable)
         write_private(cfg.data_dir / nomad.ADMIN_ADDRESS_FILE, f"{cfg.admin}\n".encode())
         api = nomad.api_for(cfg, os.environ)
 

@@ -184,3 +184,20 @@ def test_a_reload_keeps_the_running_nomad_settings_and_says_they_need_a_restart(
     assert [r.getMessage() for r in caplog.records] == [
         "reload: nomad changed; these need a restart and keep their running values"
     ]
+
+
+def test_without_the_inbound_port_the_allocation_is_registered_at_loopback_and_warned_about(
+    tmp_path: Path,
+) -> None:
+    """No port `hostmesh_inbound`: the agent listens, and registers its services, at 127.0.0.1, which
+    other hosts' agents cannot dial. It still works within one client, so it is a warning, not a refusal."""
+    from hostmesh.agent.nomad import INBOUND_LABEL, loopback_warning
+
+    env = {k: v for k, v in task_env(tmp_path).items() if INBOUND_LABEL not in k}
+    cfg = parse_config(with_allocation_defaults({}, env))
+    assert (cfg.mesh_address, str(cfg.inbound)) == ("127.0.0.1", "127.0.0.1:0")
+    warning = loopback_warning(cfg.mesh_address)
+    assert warning is not None and "no other host can reach them" in warning and INBOUND_LABEL in warning
+    assert (
+        loopback_warning(parse_config(with_allocation_defaults({}, task_env(tmp_path))).mesh_address) is None
+    )

@@ -274,6 +274,11 @@ def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: Nom
         assert roundtrip(agent.port("db_up"), b"first connection\n") == b"first connection\n"
         assert f"agent at 127.0.0.1:{agent.port('hostmesh_admin')} is ready" in out.decode()
         assert mesh.catalog_ids("web") == {f"web-{alloc.id}"}  # ready: registered, callers find it
+        # its services are registered at a loopback address (the client's, here): one line says so
+        assert (
+            "127.0.0.2 is a loopback address: this allocation's services are registered there"
+            in agent.proc.log()
+        )
         # and without an agent the gate fails after its timeout with one line
         idle = free_port()
         gate_args = ["agent", "wait-ready", "--admin", f"127.0.0.1:{idle}", "--timeout", "0.3"]
