@@ -98,14 +98,10 @@ def default_agent_config() -> Path:
 
 
 def agent_run_config(argv: list[str]) -> Path | None:
-    """The agent.toml path of a plain `[--consul URL] agent run [--config PATH]` command line (what
-    systemd, workers and tests run), else None: click then parses it, with its help and errors.
-    The root's --consul does not concern `agent run` (Consul's address is in agent.toml)."""
+    """The agent.toml path of a plain `agent run [--config PATH]` command line (what systemd, workers
+    and tests run), else None: click then parses it, with its help and errors (and refuses a global
+    Consul option: `agent run` takes agent.toml's and the environment's, see `run_command`)."""
     args = list(argv)
-    if len(args) >= 2 and args[0] == "--consul" and not args[1].startswith("-"):
-        del args[:2]
-    elif args and args[0].startswith("--consul="):
-        del args[:1]
     if args[:2] != ["agent", "run"]:
         return None
     rest = args[2:]
@@ -338,7 +334,7 @@ def click_root() -> click.Group:
         Consul settings: an option here, else the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN,
         CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL,
         CONSUL_TLS_SERVER_NAME), as Consul's own CLI reads them. `agent run` reads agent.toml's
-        [consul] table, then the environment.
+        [consul] table, then the environment, and refuses these options.
         """
         from hostmesh.registry.consul_settings import ConsulLayer
 
@@ -380,19 +376,25 @@ def click_agent() -> click.Group:
     def run_command(ctx: click.Context, config_path: Path) -> None:
         """Run the sidecar agent in the foreground (systemd runs it as hostmesh-agent.service)."""
         layer = (ctx.find_root().obj or {}).get("consul")
-        if layer is not None and any(
-            (
-                layer.token,
-                layer.token_file,
-                layer.ca_file,
-                layer.cert_file,
-                layer.key_file,
-                layer.tls_server_name,
+        given = [
+            option
+            for option, value in (
+                ("--consul", layer.address),
+                ("--token", layer.token),
+                ("--token-file", layer.token_file),
+                ("--ca-file", layer.ca_file),
+                ("--client-cert", layer.cert_file),
+                ("--client-key", layer.key_file),
+                ("--tls-server-name", layer.tls_server_name),
             )
-        ):  # its certificate processes re-read agent.toml: one place for the settings
+            if value
+        ] if layer is not None else []  # fmt: skip
+        if given:  # one place for the settings of every process of the agent: its workers and
+            # certificate helpers run the config it runs, and a reload reads the file again
             raise click.ClickException(
-                "agent run takes its Consul token and TLS settings from agent.toml [consul] or the "
-                "environment (CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from global options"
+                "agent run takes its Consul address, token and TLS settings from agent.toml [consul] or "
+                "the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from "
+                f"{', '.join(given)}"
             )
         from hostmesh.agent.run import AgentStartError
         from hostmesh.agent.run import main as run_agent

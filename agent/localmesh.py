@@ -300,7 +300,12 @@ class LocalMesh:
         log_path = self.workdir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
-                [*(command or HOSTMESH), "--consul", self.consul_url, *args],
+                # (`agent run` refuses --consul: its agent.toml and environment name Consul)
+                [
+                    *(command or HOSTMESH),
+                    *([] if args[:2] == ["agent", "run"] else ["--consul", self.consul_url]),
+                    *args,
+                ],
                 env=env or self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -623,7 +623,8 @@ def cli_md() -> str:
     lines = ["# hostmesh command line", "", GENERATED, ""]
     lines += [
         "Global options (Consul settings, `-o`) may be given before or after the subcommand",
-        "(`hostmesh status -o json`). Errors are one line on stderr and exit status 1 "
+        "(`hostmesh status -o json`); `agent run` refuses the Consul ones (it takes agent.toml's "
+        "`[consul]` and the environment's). Errors are one line on stderr and exit status 1 "
         "(a usage mistake prints the usage line and a hint first).",
         "",
     ]

@@ -372,11 +372,36 @@ def test_ca_serve_refuses_a_consul_token_file_every_user_can_read(tmp_path: Path
 
 
 def test_agent_run_refuses_global_token_options(tmp_path: Path) -> None:
-    """Its certificate processes re-read agent.toml: an option would apply to some processes only."""
+    """Its workers and certificate processes run the config it runs, and a reload reads the file:
+    an option would apply to some processes, or until a reload, only."""
     result = CliRunner().invoke(cli, ["--token", "t", "agent", "run", "--config", str(tmp_path / "a.toml")])
     assert fails(result).startswith(
-        "Error: agent run takes its Consul token and TLS settings from agent.toml"
+        "Error: agent run takes its Consul address, token and TLS settings from agent.toml [consul]"
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--consul", "http://127.0.0.1:1", "agent", "run"],
+        ["--consul=http://127.0.0.1:1", "agent", "run"],
+        ["agent", "run", "--consul", "http://127.0.0.1:1"],
+        ["--consul", "http://127.0.0.1:1", "--token", "t", "agent", "run"],
+    ],
+)
+def test_agent_run_refuses_the_global_consul_address_in_one_line(tmp_path: Path, args: list[str]) -> None:
+    """`hostmesh --consul URL agent run` was run with agent.toml's (or the environment's) Consul, the
+    option silently dropped: the plain command line skipped click, which took it and used it nowhere."""
+    config = tmp_path / "agent.toml"  # never read: the refusal comes first
+    done = subprocess.run(
+        [*HOSTMESH, *args, "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    given = "--consul, --token" if "--token" in args else "--consul"
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.splitlines() == [
+        "Error: agent run takes its Consul address, token and TLS settings from agent.toml [consul] or the "
+        f"environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from {given}"
+    ]
 
 
 def test_agent_token_registers_only_its_own_services(secure: SecureConsulDev, tokens: Tokens) -> None:
