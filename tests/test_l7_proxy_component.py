@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -1341,9 +1341,9 @@ class _AccessLines(logging.Handler):
         self.fields.append(record.fields)  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def access_lines() -> Any:
-    """Every access line written during the test (all sampled), as its fields."""
+@contextlib.contextmanager
+def every_access_line() -> Iterator[list[dict[str, Any]]]:
+    """Every access line written meanwhile (all sampled), as its fields."""
     logger, lines = logging.getLogger("hostmesh.access"), _AccessLines()
     level, rate = logger.level, audit.access_sample()
     logger.setLevel(logging.INFO)
@@ -1355,6 +1355,13 @@ def access_lines() -> Any:
         logger.removeHandler(lines)
         logger.setLevel(level)
         audit.configure_access(rate)
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[dict[str, Any]]]:
+    """Every access line written during the test (all sampled), as its fields."""
+    with every_access_line() as fields:
+        yield fields
 
 
 async def lines_of(
@@ -1487,12 +1494,7 @@ async def test_a_clients_own_unsampled_context_goes_on_as_sent(
 
 async def _caller_address_in_access_lines(mesh: Mesh) -> None:
     one_api(mesh)
-    logger, lines = logging.getLogger("hostmesh.access"), _AccessLines()
-    level, rate = logger.level, audit.access_sample()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(lines)
-    audit.configure_access(1.0)
-    try:
+    with every_access_line() as fields:
 
         def run() -> None:
             mesh.client().get("/one-shot", headers={"connection": "close"})
@@ -1506,14 +1508,10 @@ async def _caller_address_in_access_lines(mesh: Mesh) -> None:
 
         await asyncio.to_thread(run)
         for _ in range(200):  # bounded: 10 s for the departed caller's line (written when it is noticed)
-            if len([f for f in lines.fields if f["reporter"] == "source"]) >= 2:
+            if len([f for f in fields if f["reporter"] == "source"]) >= 2:
                 break
             await asyncio.sleep(0.05)
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
-        audit.configure_access(rate)
-    out = [(f["path"], f["response_flags"], f["downstream_remote_address"]) for f in lines.fields
+    out = [(f["path"], f["response_flags"], f["downstream_remote_address"]) for f in fields
            if f["reporter"] == "source"]  # fmt: skip
     assert out == [("/one-shot", "-", "127.0.0.1"), ("/delay/300", "DC", "127.0.0.1")]
 

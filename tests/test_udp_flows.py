@@ -43,6 +43,15 @@ def refused(out: UdpOutbound, port: int) -> _OutFlow:
     return flow
 
 
+def open_flow() -> _OutFlow:
+    """An open flow of client 127.0.0.1:5000 (no stream: what it carries goes nowhere)."""
+    out, _ = listener()
+    flow = _OutFlow(out, ("127.0.0.1", 5000))
+    out.flows[flow.addr] = flow
+    flow.state = FlowState.OPEN
+    return flow
+
+
 def dropped(tel: Telemetry, reason: str) -> float:
     return metric_sample(tel, "hostmesh_udp_dropped_total", reason=reason)
 
@@ -87,10 +96,7 @@ def test_a_refused_flow_writes_its_access_line_once_with_the_refusal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Written when the refusal comes (whatever the sample: it has a flag), not again as the hold ends."""
-    out, _ = listener()
-    flow = _OutFlow(out, ("127.0.0.1", 5000))
-    out.flows[flow.addr] = flow
-    flow.state = FlowState.OPEN
+    flow = open_flow()
     with caplog.at_level(logging.INFO, logger="hostmesh.access"):
         flow.send(b"before")
         flow.lost(None, PeerRefused("AUTHZ"))  # type: ignore[arg-type]
@@ -134,10 +140,7 @@ def test_a_draining_listener_keeps_a_talking_flow_whose_instance_left_the_health
 def test_a_flow_failed_by_a_protocol_error_writes_its_line_with_the_flag(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    out, _ = listener()
-    flow = _OutFlow(out, ("127.0.0.1", 5000))
-    out.flows[flow.addr] = flow
-    flow.state = FlowState.OPEN
+    flow = open_flow()
     with caplog.at_level(logging.INFO, logger="hostmesh.access"):
         flow.fail("UPE")  # MuxConnection.protocol_error: every stream's pipe.fail(UPE)
     lines = [r.fields for r in caplog.records if r.name == "hostmesh.access"]  # type: ignore[attr-defined]
