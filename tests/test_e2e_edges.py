@@ -550,11 +550,14 @@ def test_operator_certificate_is_reloaded_when_its_files_change(edges: Edges) ->
     assert http_get(edges.https_port, "a.example.test", tls=client_tls(edges)).status == 200
 
 
-def test_a_reload_gives_the_ingress_listeners_the_new_http_limits(consul: ConsulDev, tmp_path: Path) -> None:
+def test_a_reload_gives_the_ingress_listeners_the_new_http_limits(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
     """`http.*` reload (the agent.toml reference): an ingress gateway's listeners took them at start
     and kept them, so a reload reached the mesh's own stacks only. A connection opened after the
-    reload meets the new header timeout (600 s -> 0.5 s)."""
-    m = LocalMesh(tmp_path / "mesh", consul.url)
+    reload meets the new header timeout (600 s -> 0.5 s). (A Consul of its own: its CA's roots would
+    replace the module's mesh's in a shared one.)"""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:
         m.start_ca()
         port = free_port()
