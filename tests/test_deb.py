@@ -260,7 +260,7 @@ def test_maintainer_scripts_with_running_systemd(
     restart = "try-restart hostmesh-agent.service hostmesh-ca.service"
     assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
 
-    # one it refuses (0.1 took a non-loopback upstream bind): the agent is not restarted (it would not start)
+    # one it refuses (0.1 took a non-loopback upstream bind): the agent is not restarted, it serves on
     agent_toml.write_text(
         agent_toml.read_text() + '[[services.upstreams]]\nservice = "api"\nbind = "0.0.0.0:9091"\n'
     )
@@ -271,7 +271,6 @@ def test_maintainer_scripts_with_running_systemd(
     assert "NOT restarting hostmesh-agent" in out.stderr and "is not a loopback address" in out.stderr, (
         out.stderr
     )
-    assert "then: systemctl restart hostmesh-agent" in out.stderr, out.stderr  # its files were replaced
     ca_only = "try-restart hostmesh-ca.service"
     assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
 
