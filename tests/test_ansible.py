@@ -194,30 +194,17 @@ elif args[:1] == ["is-enabled"]:
 
 
 class ReadyServer:
-    """The agent's admin API as far as the role asks it: /ready answers 200; /v1/restart-needed
-    answers `restart_needed` (set by the test), or 404 as an agent from before it does."""
+    """The agent's admin API as far as the role asks it: /ready answers 200."""
 
     def __init__(self) -> None:
         import http.server
         import threading
 
-        self.restart_needed: dict[str, object] | None = None
-        outer = self
-
         class Ready(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = b""
-                if self.path == "/ready":
-                    self.send_response(200)
-                elif self.path == "/v1/restart-needed" and outer.restart_needed is not None:
-                    body = json.dumps(outer.restart_needed).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                else:
-                    self.send_response(404)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_response(200 if self.path == "/ready" else 404)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
-                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -267,11 +254,8 @@ def this_checkout_as_the_venv(root: Path) -> None:
 def run_role(
     tmp: Path, role: str, variables: dict[str, object], path: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl).
-    With site.yml's force_handlers (test_site_forces_handlers)."""
-    play = [
-        {"name": role, "hosts": "localhost", "gather_facts": False, "force_handlers": True, "roles": [role]}
-    ]
+    """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl)."""
+    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
     playbook = tmp / f"{role}.yml"
     playbook.write_text(yaml.safe_dump(play, sort_keys=False))
     env = ansible_env(tmp)
@@ -415,140 +399,6 @@ def test_agent_role_drains_services_and_gateways_with_the_token_file(
         drained = [f"{name}-{node}" for name in sorted(names)]
         assert restarts == [{"args": ["restart", "hostmesh-agent.service"], "maintenance": drained}], output
     assert maintained(consul, node) == []  # and none of them left in maintenance
-
-
-def test_site_forces_handlers() -> None:
-    """A host whose play fails after hostmesh's files were replaced (the new release refusing the new
-    agent.toml) still gets its restart: every play of site.yml forces handlers (run_role's play too)."""
-    plays = yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())
-    assert [play.get("force_handlers") for play in plays] == [True] * len(plays)
-
-
-class RoleHost:
-    """The agent role on localhost into a test root, systemd and the agent's admin API stood in for:
-    `run` plays it and returns (result, the restarts it made, each with what Consul then had in
-    maintenance for the node)."""
-
-    def __init__(self, consul: ConsulDev, tmp: Path, node: str) -> None:
-        self.consul, self.tmp, self.node = consul, tmp, node
-        self.root = tmp / "root"
-        (self.root / "etc/hostmesh").mkdir(parents=True)
-        this_checkout_as_the_venv(self.root)
-        self.fake = tmp / "fake-bin"
-        self.fake.mkdir()
-        self.calls = tmp / "systemctl.log"
-        (self.fake / "systemctl.json").write_text(
-            json.dumps({"consul": consul.url, "master": "", "log": str(self.calls)})
-        )
-        (self.fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
-        (self.fake / "systemctl").chmod(0o755)
-        self.agent = ReadyServer()
-        self.runs = 0
-        consul.put_json("/v1/agent/service/register", {"Name": "web", "ID": f"web-{node}", "Port": 1})
-        self.variables: dict[str, object] = {
-            "hostmesh_install_root": str(self.root),
-            "hostmesh_install_systemd": True,
-            "hostmesh_agent_node": node,
-            "hostmesh_agent_mesh_address": "127.0.0.1",
-            "hostmesh_agent_admin": self.agent.address,
-            "hostmesh_agent_dns_resolver": "none",
-            "hostmesh_agent_services": [{"name": "web", "port": 8080}],
-            "hostmesh_agent_consul_address": consul.url,
-            "hostmesh_agent_consul_token": "11111111-aaaa-4aaa-8aaa-agent0000000",
-            "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
-            "hostmesh_agent_join_token": "test-join-token",
-            "hostmesh_agent_drain_grace": 0,
-            "hostmesh_agent_ready_timeout": 10,
-        }
-
-    def run(self, **more: object) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
-        self.calls.write_text("")
-        self.runs += 1
-        play = self.tmp / f"play-{self.runs}"  # (run_role copies the role there)
-        play.mkdir()
-        result = run_role(play, "hostmesh_agent", {**self.variables, **more}, path=str(self.fake))
-        restarts = [
-            [i for i in c["maintenance"] if i.endswith(f"-{self.node}")]
-            for c in map(json.loads, self.calls.read_text().splitlines())
-            if c["args"][:1] == ["restart"]
-        ]
-        return result, restarts
-
-    def close(self) -> None:
-        self.agent.close()
-        self.consul.put_json(f"/v1/agent/service/deregister/web-{self.node}", {})
-
-
-@pytest.mark.timeout(4 * PLAYBOOK_TIMEOUT)
-def test_agent_role_restarts_for_what_only_a_restart_applies(consul: ConsulDev, tmp_path: Path) -> None:
-    """After applying agent.toml the role asks the agent (/v1/restart-needed) whether a restart is
-    needed: a restart key changed (ca.pin, workers, [consul], … a reload keeps at their running values),
-    or its files replaced without a restart. Then it restarts it, with the drain, and says why; when
-    not, nothing is restarted. An agent that does not know the question (404) is restarted when an
-    earlier play of the run installed hostmesh (the CA's, on a host running both)."""
-    host = RoleHost(consul, tmp_path, "roll-restart-keys")
-    try:
-        first, restarts = host.run()  # new files (tokens, agent.env): restarted once
-        assert first.returncode == 0, first.stdout[-6000:]
-        assert restarts == [["web-roll-restart-keys"]]
-
-        why = "agent.toml changes ca, max_connections: only a restart applies them"
-        host.agent.restart_needed = {"needed": True, "restart_needed": {"config": why},
-                                     "keys": ["ca", "max_connections"]}  # fmt: skip
-        result, restarts = host.run()
-        output = result.stdout[-6000:] + result.stderr[-2000:]
-        assert result.returncode == 0, output
-        assert restarts == [["web-roll-restart-keys"]], output  # drained first
-        assert f"restarting hostmesh-agent: {why}" in result.stdout, output
-
-        host.agent.restart_needed = {"needed": False, "restart_needed": {}, "keys": []}
-        result, restarts = host.run()
-        assert result.returncode == 0 and restarts == [], result.stdout[-6000:]
-        assert recap(result.stdout)["changed"] == 0, result.stdout[-6000:]
-
-        host.agent.restart_needed = None  # an agent before /v1/restart-needed
-        result, restarts = host.run(hostmesh_install_replaced=True)
-        assert result.returncode == 0, result.stdout[-6000:]
-        assert restarts == [["web-roll-restart-keys"]], result.stdout[-6000:]
-        assert maintained(consul, host.node) == []
-    finally:
-        host.close()
-
-
-@pytest.mark.timeout(3 * PLAYBOOK_TIMEOUT)
-def test_a_failed_play_restarts_the_agent_only_into_a_file_the_installed_release_takes(
-    consul: ConsulDev, tmp_path: Path
-) -> None:
-    """A restart was notified (here a new Consul token; in a rollout, the new package) and then the
-    render of agent.toml failed: the installed release refuses the new file. The handlers still run
-    (force_handlers): the agent restarts, drained, into the agent.toml in place, which that release
-    takes, rather than run on (on replaced files). When it refuses the file in place too, the agent is
-    not restarted (it would not start) and the play says so."""
-    host = RoleHost(consul, tmp_path, "roll-refused")
-    refused = [{"name": "web", "port": 8080, "upstreams": [{"service": "api", "bind": "0.0.0.0:9091"}]}]
-    try:
-        first, _ = host.run()
-        assert first.returncode == 0, first.stdout[-6000:]
-        in_place = (host.root / "etc/hostmesh/agent.toml").read_text()
-
-        result, restarts = host.run(hostmesh_agent_consul_token="22222222-aaaa-4aaa-8aaa-agent0000000",
-                                    hostmesh_agent_services=refused)  # fmt: skip
-        output = result.stdout[-8000:] + result.stderr[-2000:]
-        assert result.returncode != 0 and "is not a loopback address" in output, output
-        assert (host.root / "etc/hostmesh/agent.toml").read_text() == in_place  # not replaced
-        assert restarts == [["web-roll-refused"]], output
-
-        (host.root / "etc/hostmesh/agent.toml").write_text(in_place + "max_connections = -1\n")
-        result, restarts = host.run(hostmesh_agent_consul_token="33333333-aaaa-4aaa-8aaa-agent0000000",
-                                    hostmesh_agent_services=refused)  # fmt: skip
-        output = result.stdout[-8000:] + result.stderr[-2000:]
-        assert result.returncode != 0, output
-        assert "hostmesh-agent was NOT restarted: the installed hostmesh refuses" in output, output
-        assert "max_connections" in output, output
-        assert restarts == [], output
-        assert maintained(consul, host.node) == []
-    finally:
-        host.close()
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
