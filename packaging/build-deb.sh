@@ -88,30 +88,6 @@ find "$site" -path '*.dist-info/*' -type f -perm /111 -exec chmod a-x {} +
   if head -n1 "$f" | grep -q '^#!'; then sed -i '1d' "$f"; fi
 done
 rm -rf "$venv"/bin/Activate.ps1 "$venv"/lib/python3.11/site-packages/*.dist-info/RECORD.jws
-# Each RECORD as shipped: stripping and the #! lines changed files pip had recorded. An agent whose
-# files an upgrade replaces without a restart loads more of its code only from files whose sha256 is
-# the one its RECORD gave (agent/release.py), so RECORD must say what is shipped.
-"$target_py" - "$site" <<'PY'
-import base64, csv, hashlib, io, os, sys
-site = sys.argv[1]
-for dist in sorted(d for d in os.listdir(site) if d.endswith(".dist-info")):
-    record = os.path.join(site, dist, "RECORD")
-    if not os.path.isfile(record):
-        continue
-    with open(record, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    for row in rows:
-        path = os.path.join(site, row[0])
-        if len(row) == 3 and row[1] and os.path.isfile(path):
-            with open(path, "rb") as fh:
-                data = fh.read()
-            row[1:] = ["sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode(),
-                       str(len(data))]
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    with open(record, "w", encoding="utf-8") as fh:
-        fh.write(out.getvalue())
-PY
 # Byte-compile as installed (shipped, so dpkg tracks and removes the .pyc files).
 "$target_py" -m compileall -q -j 0 -s "$root" -p / "$venv/lib" >/dev/null
 if grep -rlI -- "$stage" "$venv" | grep -q .; then
