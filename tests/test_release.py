@@ -4,9 +4,8 @@ files are then replaced (as pip or dpkg replace them) before it imports modules 
 What loads is what the running release shipped, byte for byte (the sha256 in the RECORD it started
 with): a module the new release changed is refused with the reason and recorded (one line), one it
 ships unchanged loads (a renewal's helper module, say). The same version installed again is seen too.
-Then what stands in for code that did not load: the L7 path's `503 LF` answer, and a caller refused
-when it cannot be checked under a new trust bundle. tests/test_e2e_replaced_files.py does it all
-under a serving agent, with traffic.
+Then what stands in for code that did not load: the L7 path's `503 LF` answer.
+tests/test_e2e_replaced_files.py does it all under a serving agent, with traffic.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from hostmesh.agent import release
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.loops import new_event_loop
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy.http_inbound import HttpInbound
-from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.pump import RawEnd
 from tests.test_e2e_replaced_files import NEWER, VERSION, change, install_copy, write_dist_info
 
@@ -138,24 +135,6 @@ def test_files_removed_from_under_the_agent_load_nothing(site: Path) -> None:
     )
     assert after["stale"] == problem
     assert after["hostmesh.agent.top"] == f"StaleInstall: its file changed; {problem}"
-
-
-def test_a_caller_that_cannot_be_checked_under_a_new_bundle_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A trust bundle change re-checks callers with hostmesh.ca.pki, loaded only then: when it cannot
-    load (refused on replaced files), the caller is refused (fail closed), not an exception in the
-    connection's handler."""
-    monkeypatch.setitem(sys.modules, "hostmesh.ca.pki", None)  # (an import of it raises ImportError)
-    refused: list[str] = []
-
-    class Conn:
-        leaf = b"der"
-        refuse = refused.append
-
-    assert InboundListener._reverify(object(), Conn(), "roots") is False  # type: ignore[arg-type]
-    assert refused and refused[0].startswith("cannot check the caller under the new trust bundle: ")
-    assert HttpInbound._reverify(object(), Conn(), "roots") is False  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("paused_end", [False, True])

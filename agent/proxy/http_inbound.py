@@ -299,15 +299,12 @@ class HttpInbound:
         ex.respond(503, fl.NI, "intentions unavailable")
 
     def _reverify(self, caller: Caller, roots_pem: str) -> bool:
-        try:
-            from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): cryptography lazy
+        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 
-            if isinstance(caller.leaf, bytes):
-                from cryptography import x509
+        if isinstance(caller.leaf, bytes):
+            from cryptography import x509
 
-                caller.leaf = x509.load_der_x509_certificate(caller.leaf)
-        except ImportError:  # files replaced under the agent (agent/release.py, which logs it): 403
-            return False
+            caller.leaf = x509.load_der_x509_certificate(caller.leaf)
         if self._roots[0] != roots_pem:
             self._roots = (roots_pem, load_certs(roots_pem.encode()))
         try:

@@ -462,16 +462,12 @@ class InboundListener(ListenerLifecycle):
         return True
 
     def _reverify(self, conn: InboundConnection, roots_pem: str) -> bool:
-        try:
-            from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): cryptography lazy
+        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 
-            if isinstance(conn.leaf, bytes):
-                from cryptography import x509
+        if isinstance(conn.leaf, bytes):
+            from cryptography import x509
 
-                conn.leaf = x509.load_der_x509_certificate(conn.leaf)
-        except ImportError as exc:  # files replaced under the agent (agent/release.py): fail closed
-            conn.refuse(f"cannot check the caller under the new trust bundle: {exc}")
-            return False
+            conn.leaf = x509.load_der_x509_certificate(conn.leaf)
         if self._roots[0] != roots_pem:
             self._roots = (roots_pem, load_certs(roots_pem.encode()))
         try:
