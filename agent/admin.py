@@ -14,13 +14,7 @@ instance critical and callers pick instances that can enforce their policy. A se
 refused to register (the agent's token lacks service:write on its name) is not ready either
 (`"not_registered": {"api": "<reason>"}`): no caller can find it. Nor is one not registered in this
 run yet (Consul unreachable, or the first round still under way): `/ready` is what a rolling upgrade
-moves on at, and it must not move on before Consul can route to the host. Nor is an agent that
-failed to load code it needed (hostmesh's files replaced under it, agent/release.py): `"cannot_load":
-{"<module>": "<reason>"}` on /ready, and every /health/<service> answers 503 with it, so Consul takes
-the host's services out until it is restarted. Files replaced under an agent that has not needed new
-code yet do not fail readiness: /ready then says why a restart is needed (`"restart_needed":
-{"release": …}`), as for agent.toml keys a reload kept at their running values (`"config"`);
-`/v1/restart-needed` tells the same with agent.toml read at that moment (the Ansible role restarts on it).
+moves on at, and it must not move on before Consul can route to the host.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from hostmesh.agent import audit, memory, release
+from hostmesh.agent import audit, memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.registry.errors import RegistryError
@@ -146,14 +140,11 @@ async def probe_app(svc: ServiceConfig, cap: float | None = None) -> tuple[bool,
 async def service_health(
     svc: ServiceConfig, snap: Snapshot, cap: float | None = FIRST_PROBE_CAP
 ) -> tuple[bool, str]:
-    """Can `svc` take traffic here? Not while its intentions cannot be read, nor while the agent
-    cannot load code it needed (agent/release.py); else its app's health. `cap`: at most this long
-    for the probe (None: the configured timeout, what Consul's check gets)."""
+    """Can `svc` take traffic here? Not while its intentions cannot be read; else its app's health.
+    `cap`: at most this long for the probe (None: the configured timeout, what Consul's check gets)."""
     unavailable = snap.intentions_unavailable.get(svc.name)
     if unavailable is not None:
         return False, unavailable
-    for what, why in release.failures.items():
-        return False, f"the hostmesh agent cannot load {what}: {why}"
     return await probe_app(svc, cap)
 
 
@@ -167,8 +158,6 @@ class AdminAPI:
         is_ready: Callable[[], bool],
         cert_problems: Callable[[], dict[str, str]] = dict,
         refused_registrations: Callable[[], dict[str, str]] = dict,
-        restart_needed: Callable[[], dict[str, str]] = dict,
-        restart_needed_now: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -177,8 +166,6 @@ class AdminAPI:
         self._is_ready = is_ready
         self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
         self._refused_registrations = refused_registrations  # service -> Consul's refusal to register it
-        self._restart_needed = restart_needed  # what a restart would change -> why (readiness unchanged)
-        self._restart_needed_now = restart_needed_now  # the same, agent.toml read at once
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -207,15 +194,7 @@ class AdminAPI:
             if refused:  # callers cannot find it: Consul's catalog does not hold it
                 body["ready"] = False
                 body["not_registered"] = dict(refused)
-            if release.failures:  # code it needed did not load: what needs it is refused
-                body["ready"] = False
-                body["cannot_load"] = dict(release.failures)
-            restart = self._restart_needed()
-            if restart:  # serving as before, but a restart is due
-                body["restart_needed"] = restart
             return Response.of_json(200 if body["ready"] else 503, body)
-        if path == "/v1/restart-needed" and self._restart_needed_now is not None:
-            return Response.of_json(200, self._restart_needed_now())
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())
         if path == "/v1/certs":
@@ -225,12 +204,7 @@ class AdminAPI:
         if path == "/v1/version":
             from hostmesh.agent.compiled import compiled_modules
 
-            body = {"version": release.RUNNING_VERSION or agent_version(), "compiled": compiled_modules()}
-            problem = release.stale()
-            if problem is not None:  # files replaced since it started: not the version a restart runs
-                body["installed"] = release.installed_version()
-                body["restart_needed"] = problem
-            return Response.of_json(200, body)
+            return Response.of_json(200, {"version": agent_version(), "compiled": compiled_modules()})
         if path == "/v1/memory":
             return Response.of_json(200, memory.usage())
         if path.startswith("/health/"):

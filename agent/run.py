@@ -41,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hostmesh.agent import audit, release, sdnotify
+from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import ADMIN_MAX_BODY, CHECK_TIMEOUT_SLACK, AdminAPI, service_health
 from hostmesh.agent.config import (
     AgentConfig,
@@ -85,9 +85,6 @@ STOP_SIGNAL_GRACE = 0.5
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
 CHECK_INTERVAL_FLOOR = 1.0  # Consul's HTTP check interval never below this (probe cost on the app)
-# how often the agent looks whether hostmesh's files were replaced under it (agent/release.py): a
-# directory listing and a stat; /ready and /v1/restart-needed also look, each time they are asked
-RELEASE_CHECK_SECONDS = 10.0
 
 
 class SighupState(enum.Enum):
@@ -202,10 +199,6 @@ class Agent:
     def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None,
                  from_primary: bytes = b"") -> None:  # fmt: skip
         self.config = config
-        # agent.toml as read at start: the values of RESTART_KEYS this process runs (a reload keeps them)
-        self.started_config = config
-        self.restart_keys: list[str] = []  # RESTART_KEYS the last reload found changed (kept as they run)
-        self.release_problem: str | None = None  # why the installed hostmesh is not this one (release.py)
         self.worker = worker  # 0: the primary (or the only process); 1..N-1: a worker (agent/workers.py)
         self.config_path = config_path
         self.from_primary = from_primary  # a worker: the primary's commands read along with its config
@@ -337,7 +330,6 @@ class Agent:
             await listen_to_primary(self._on_primary_certs, samples, self.stop_requested.set,
                                     self._on_primary_config, self.from_primary)  # fmt: skip
             self._release_startup_memory()
-            release.arm()  # from now on no module loads from files replaced under us (agent/release.py)
             self.ready = True
             log.info("worker %d of agent %s ready in %.0f ms", self.worker, cfg.node,
                      (time.perf_counter() - t0) * 1000)  # fmt: skip
@@ -350,8 +342,6 @@ class Agent:
             lambda: self.ready,
             self._cert_problems,
             self._not_registered,
-            self.restart_needed,
-            self.restart_needed_now,
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)
@@ -395,9 +385,6 @@ class Agent:
             gc.enable()  # its full collection comes RESTART_DEFER later
         else:
             self._release_startup_memory()
-        release.on_failure = self._load_failed
-        release.arm()  # from now on no module loads from files replaced under us (agent/release.py)
-        self._tasks.append(asyncio.create_task(self._watch_release(), name="release"))
         self.ready = True
         # STATUS replaces "obtaining certificates", which `systemctl status` showed until the next one
         sdnotify.ready(self._serving())
@@ -570,7 +557,7 @@ class Agent:
             for key, (svc, up) in wanted.items():
                 if key not in self.outbound and key[2] not in ours:
                     started[key] = await self._start_outbound(cfg, key, svc, up)
-        except Exception:  # OSError, or its code no longer loads (agent/release.py)
+        except OSError:
             for listener in started.values():
                 await listener.close()
             raise
@@ -759,90 +746,11 @@ class Agent:
         return out
 
     def _serving(self, more: str = "") -> str:
-        """systemd's STATUS line while serving: what, the services Consul refused to register, and
-        code it cannot load or files replaced under it (agent/release.py)."""
+        """systemd's STATUS line while serving: what, and the services Consul refused to register."""
         line = f"serving {len(self.config.services)} service(s){more}"
         if self.refused_registrations:
             line += f"; Consul refused registering {', '.join(sorted(self.refused_registrations))}"
-        if release.failures:
-            line = f"NOT READY, cannot load {', '.join(release.failures)}: restart it; {line}"
-        elif self.release_problem is not None:
-            line = f"RESTART NEEDED: {self.release_problem}; {line}"
         return line
-
-    # --- the installed release (agent/release.py) --------------------------------------------
-
-    def _load_failed(self) -> None:
-        """release.cannot_load recorded a module that did not load: /ready says so; systemd too."""
-        sdnotify.status(self._serving())
-
-    def _check_release(self) -> str | None:
-        """Whether the installed hostmesh is still the one this process runs; a change is logged once
-        (loudly: the agent must be restarted) and put in systemd's status, readiness unchanged."""
-        problem = release.stale()
-        if problem != self.release_problem:
-            self.release_problem = problem
-            if problem is not None:
-                log.error(
-                    "hostmesh's files were replaced under this running agent: %s. It serves on with the "
-                    "code it has loaded, and loads more only from files as its own release shipped them: "
-                    "code that changed is refused (an upstream turning HTTP: 503 with flag LF, and the "
-                    "agent then reports not ready)", problem,
-                )  # fmt: skip
-            else:
-                log.info("the installed hostmesh is the one this agent runs again (%s)", release.RUNNING)
-            sdnotify.status(self._serving())
-        return problem
-
-    async def _watch_release(self) -> None:
-        while True:
-            await asyncio.sleep(RELEASE_CHECK_SECONDS)
-            self._check_release()
-
-    def restart_needed(self) -> dict[str, str]:
-        """Why this agent runs something other than what a restart would run, as far as it knows
-        without reading agent.toml (/ready's `restart_needed`; readiness unchanged): the installed
-        hostmesh, and the RESTART_KEYS its last reload left at their running values."""
-        needed = {}
-        problem = self._check_release()
-        if problem is not None:
-            needed["release"] = problem
-        if self.restart_keys:
-            needed["config"] = (f"agent.toml changes {', '.join(self.restart_keys)}: a reload keeps "
-                                "their running values")  # fmt: skip
-        return needed
-
-    def restart_needed_now(self) -> dict[str, Any]:
-        """/v1/restart-needed: `restart_needed`, with agent.toml read now (its RESTART_KEYS compared
-        with the running values, whether or not a reload followed the change). What the Ansible role
-        asks after applying a config: a change only a restart applies is restarted (with a drain)."""
-        needed = self.restart_needed()
-        needed.pop("config", None)
-        body: dict[str, Any] = {"running": release.RUNNING, "installed": release.installed_version()}
-        body["keys"] = []
-        # On replaced files agent.toml is not read here: it may need code not loaded yet ([nomad]),
-        # and the release alone says a restart is needed.
-        if self.config_path is not None and "release" not in needed:
-            try:
-                keys = self._restart_keys_changed(load_config(self.config_path))
-            except ConfigError as exc:
-                body["refused"] = str(exc)  # (a restart would not start: the role validates first)
-            else:
-                if keys:
-                    body["keys"] = keys
-                    needed["config"] = f"agent.toml changes {', '.join(keys)}: only a restart applies them"
-        body["needed"] = bool(needed)
-        body["restart_needed"] = needed
-        return body
-
-    def _restart_keys_changed(self, new: AgentConfig) -> list[str]:
-        """The RESTART_KEYS (and the set of service names) `new` gives other values than this process
-        runs with (those of agent.toml at start)."""
-        old = self.started_config
-        changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
-        if {s.name for s in new.services} != {s.name for s in old.services}:
-            changed.append("services (names)")
-        return changed
 
     async def _register_all(self) -> None:
         for svc in self.config.services:
@@ -911,12 +819,7 @@ class Agent:
         cannot all listen, changes nothing (one line says why).
         """
         async with self._reloading:  # one at a time: a second SIGHUP waits for the first's sockets
-            try:
-                await self._reload(path)
-            except Exception as exc:  # code it needed no longer loads (release.py, which said why), or a bug
-                log.error("reload of %s failed part way, the agent may run part of it: %r; restart it",
-                          path, exc)  # fmt: skip
-                sdnotify.ready(self._serving(f"; reload of {path} failed part way: restart it"))
+            await self._reload(path)
 
     @staticmethod
     def _refuse_reload(why: str) -> None:
@@ -951,19 +854,19 @@ class Agent:
 
     def _keeping_restart_keys(self, new: AgentConfig) -> AgentConfig:
         """`new` with the running values of what a reload cannot change (RESTART_KEYS, the set of
-        service names), saying which of them the file changed (the log, and /ready's
-        `restart_needed` until a restart)."""
+        service names), saying which of them the file changed."""
         old = self.config
-        self.restart_keys = needs_restart = self._restart_keys_changed(new)
+        needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
         if {s.name for s in new.services} != {s.name for s in old.services}:
+            needs_restart.append("services (names)")
             new = replace(new, services=old.services)
         if needs_restart:
             log.warning(
                 "reload: %s changed; these need a restart and keep their running values",
                 ", ".join(needs_restart),
             )
-        # (always: a running value may differ from the file's unchanged one, as a bound admin port 0)
-        return replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+            new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+        return new
 
     async def _apply(self, new: AgentConfig) -> bool:
         """Apply a reloaded config (RESTART_KEYS already resolved); False: refused, nothing changed."""
@@ -972,9 +875,6 @@ class Agent:
             started = await self._start_added_outbound(new)
         except OSError as exc:
             self._refuse_reload(exc.strerror or str(exc))
-            return False
-        except Exception as exc:  # a new upstream's code no longer loads: said by agent/release.py
-            self._refuse_reload(f"an upstream it adds needs code this agent cannot load: {exc}")
             return False
         self.config = new
         if self.admin is not None:  # /health/<service>, Consul's check, probes the new port and path
@@ -1122,7 +1022,6 @@ class Agent:
             await self.certs.close()
         await self.consul.close()
         ratelog.flush_all()  # the counts of left-out lines: no timer fires after this
-        release.disarm()  # (an agent run in a test's process: the process goes on)
 
 
 def subsets_in_use(snap: Snapshot, config: AgentConfig) -> dict[str, set[str]]:

@@ -266,9 +266,8 @@ def certs_problem(body: Any) -> str | None:
 
 
 def version_problem(body: Any) -> str | None:
-    """/v1/version: `{"version": "0.x", "compiled": [modules]}` (`compiled` since the compiled build;
-    `installed` and `restart_needed` when hostmesh's files were replaced under the running agent)."""
-    problem = _fields(body, "", {"version": str}, {"compiled": list, "installed": str, "restart_needed": str})
+    """/v1/version: `{"version": "0.x", "compiled": [modules]}` (`compiled` since the compiled build)."""
+    problem = _fields(body, "", {"version": str}, {"compiled": list})
     if problem:
         return problem
     if printable(body["version"], 100) != body["version"] or not body["version"]:
@@ -304,28 +303,22 @@ async def fetch_status(address: str) -> dict[str, Any]:
         await client.close()
 
 
-# /ready's reasons (agent/admin.py), each a mapping of service (or module) -> why
+# /ready's reasons (agent/admin.py), each a mapping of service -> why
 NOT_READY_REASONS = (
     ("not_ready", "intentions"),
     ("certificates", "certificate"),
     ("not_registered", "Consul"),
-    ("cannot_load", "code"),  # hostmesh's files replaced under the agent (agent/release.py)
 )
 
 
 def _not_ready_lines(ready: dict[str, Any]) -> list[str]:
-    """Why an agent is not ready, one line per service and reason; then why it needs a restart
-    (`restart_needed`: files replaced under it, agent.toml keys only a restart applies)."""
+    """Why an agent is not ready, one line per service and reason."""
     lines = []
     for key, what in NOT_READY_REASONS:
         reasons = ready.get(key)
         if isinstance(reasons, dict):
             lines += [f"  not ready  {printable(str(svc), 40)} ({what}): {printable(str(why))}"
                       for svc, why in reasons.items()]  # fmt: skip
-    restart = ready.get("restart_needed")
-    if isinstance(restart, dict):
-        lines += [f"  RESTART NEEDED ({printable(str(key), 20)}): {printable(str(why))}"
-                  for key, why in restart.items()]  # fmt: skip
     return lines
 
 
@@ -437,9 +430,6 @@ def version(ctx: click.Context, address: str | None) -> None:
         if isinstance(agent.get("compiled"), list):  # agents before the compiled build do not say
             result["agent_compiled"] = bool(agent["compiled"])
             result["agent_compiled_modules"] = agent["compiled"]
-        if isinstance(agent.get("restart_needed"), str):  # its files were replaced since it started
-            result["agent_installed"] = str(agent.get("installed", ""))
-            result["agent_restart_needed"] = agent["restart_needed"]
     out = (ctx.find_root().obj or {}).get("output")
     if out in ("json", "yaml"):
         click.echo(dump(result, out))
@@ -448,8 +438,6 @@ def version(ctx: click.Context, address: str | None) -> None:
     if "agent" in result:
         agent_build = _build(result["agent_compiled_modules"]) if "agent_compiled" in result else ""
         click.echo(f"agent   {result['agent']} {agent_build}".rstrip())
-        if "agent_restart_needed" in result:
-            click.echo(f"        RESTART NEEDED: {printable(result['agent_restart_needed'], MAX_DETAIL)}")
 
 
 def _build(modules: list[str]) -> str:

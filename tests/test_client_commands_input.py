@@ -264,35 +264,6 @@ def test_status_lists_an_upstreams_instances_by_id_and_says_how_many_it_left_out
     assert row.endswith(f", … and {2000 - shown} more") and 0 < shown < 2000
 
 
-def test_status_says_an_agent_cannot_load_code_and_needs_a_restart(serve: Callable[..., Peer]) -> None:
-    """/ready of an agent whose files were replaced under it (agent/release.py): the code it could not
-    load (not ready) and why it needs a restart."""
-    release = "the installed hostmesh is 0.4.0, this agent runs 0.3.0: restart it"
-    config = "agent.toml changes workers: a reload keeps their running values"
-    why = f"its file changed; {release}"
-    ready = {
-        "ready": False,
-        "cannot_load": {"hostmesh.agent.proxy.http_outbound": why},
-        "restart_needed": {"release": release, "config": config},
-    }
-    out = hm("status", "--agent", serve(agent_answers(**{"/ready": js(ready, 503)})).address)
-    assert out.exit_code == 0, out.output
-    assert out.stdout.splitlines()[:4] == [
-        "node        n1   ready: NO",
-        f"  not ready  hostmesh.agent.proxy.http_outbound (code): {why}",
-        f"  RESTART NEEDED (release): {release}",
-        f"  RESTART NEEDED (config): {config}",
-    ]
-
-
-def test_version_says_the_installed_release_differs(serve: Callable[..., Peer]) -> None:
-    why = "the installed hostmesh is 0.4.0, this agent runs 0.3.0: restart it"
-    answer = js({"version": "0.3.0", "compiled": [], "installed": "0.4.0", "restart_needed": why})
-    out = hm("version", "--agent", serve(agent_answers(**{"/v1/version": answer})).address)
-    assert out.exit_code == 0, out.output
-    assert out.stdout.splitlines()[1:] == ["agent   0.3.0 (pure Python)", f"        RESTART NEEDED: {why}"]
-
-
 @pytest.mark.parametrize("kind", sorted(NOT_AGENT_BODIES))
 def test_status_of_something_else_says_it_is_not_an_agents_answer(
     kind: str, serve: Callable[..., Peer]

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hostmesh.agent import release
 from hostmesh.agent.config import Address, AgentConfig, GatewayConfig, ServiceConfig, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.inbound import InboundListener
@@ -40,8 +39,7 @@ class LazyHttpOutbound:
     `takes()` is False without loading the L7 modules (~1.3 MiB of RSS in an agent whose upstreams
     are all TCP, tcp route documents included); from
     then on every call goes to the real HttpOutbound, whose own `takes()` decides. Never a different
-    answer: the real one is False in that case too. L7 code that no longer loads (hostmesh's files
-    replaced under the running agent) gives release.CannotServeHttp instead: 503 LF at once."""
+    answer: the real one is False in that case too."""
 
     def __init__(self, kwargs: dict[str, Any], on_load: Callable[[], None] = lambda: None) -> None:
         self._kwargs = kwargs
@@ -49,30 +47,22 @@ class LazyHttpOutbound:
         self.service: str = kwargs["upstream"]
         self.real: Any = None
 
-    def says_http(self, snap: Snapshot) -> bool:
-        """HttpOutbound.takes' answer, in its order: the route document, else the instances, else
-        agent.toml (a tcp or udp document, a split the L4 path makes, is not HTTP either)."""
-        rc = snap.routes.get(self.service)
-        if rc is not None:
-            return bool(rc.protocol == "http")
-        endpoints = snap.endpoints.get(self.service, ())
-        if endpoints:
-            return any(e.meta.get(PROTOCOL_META) == "http" for e in endpoints)
-        return bool(self._kwargs.get("protocol") == "http")
-
     def takes(self, snap: Snapshot) -> bool:
         if self.real is None:
-            if not self.says_http(snap):
+            # HttpOutbound.takes' order: the route document, else the instances, else agent.toml
+            rc = snap.routes.get(self.service)
+            endpoints = snap.endpoints.get(self.service, ())
+            if rc is not None:  # a tcp or udp document (a split the L4 path makes) is not HTTP either
+                http = rc.protocol == "http"
+            elif endpoints:
+                http = any(e.meta.get(PROTOCOL_META) == "http" for e in endpoints)
+            else:
+                http = self._kwargs.get("protocol") == "http"
+            if not http:
                 return False
-            try:
-                from hostmesh.agent.proxy.http_outbound import HttpOutbound
+            from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
-                real: Any = HttpOutbound(**self._kwargs)
-            except Exception as exc:  # its files were replaced under this agent (agent/release.py): its
-                # HTTP connections are answered 503 LF at once, never left hanging
-                why = release.cannot_load(f"the L7 path of upstream {self.service}", exc)
-                real = release.CannotServeHttp(self.says_http, self._kwargs, why)
-            self.real = real
+            self.real = real = HttpOutbound(**self._kwargs)
             self._on_load()
             # from now on the listener calls the real one's methods itself (no hop per connection)
             self.takes = real.takes  # type: ignore[method-assign]
