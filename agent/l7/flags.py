@@ -15,9 +15,6 @@ concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot read the 
 intentions (Consul's ACL refuses it, never read yet, only an invalid document), so it refuses rather
 than guess (fail closed; agent/discovery.py) — a 503, because it is the
 agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
-``LF`` ("load failure") is hostmesh's own as well: the caller's agent cannot load the L7 code a request
-needs, its files having been replaced by an upgrade that did not restart it (agent/release.py); it is
-answered at once rather than left hanging, and the agent reports not ready until restarted.
 """
 
 from __future__ import annotations
@@ -44,9 +41,8 @@ NI = "NI"  # no intentions: the destination's intentions cannot be read, the age
 SI = "SI"  # stream idle: a request body stalled or trickled (408), nothing moved (504); else a reset
 OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
 DC = "DC"  # downstream connection terminated: the caller left before the end, or the agent shut down
-LF = "LF"  # load failure: the agent cannot load the code the request needs (files replaced under it) -> 503
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM, DC, LF)
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM, DC)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -70,9 +66,6 @@ DESCRIPTIONS: dict[str, str] = {
     "that closes its connection while it waits is seen as gone only when its answer cannot be written "
     "(HTTP/1.1 lets a client half-close and still read its answer): until then the app's work goes "
     "on, and a short answer that the kernel takes is counted with the app's status",
-    LF: "load failure: the agent cannot load the code the request needs, because hostmesh's files were "
-    "replaced under it (an upgrade that did not restart it; agent/release.py): restart the agent. It "
-    "says so in one log line and in /ready (503, `cannot_load`)",
 }
 
 HEADER = b"x-hostmesh-response-flags"  # carried by every response the proxy generates itself
@@ -98,7 +91,7 @@ REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR))
 def known(flags: str) -> str:
     """`flags` as a peer agent's header gave them, keeping only this vocabulary's, each once, in the
     vocabulary's order and at most MAX_FROM_PEER of them: a value of any other shape, order or length
-    would become a metric label value of its own (4,047 values at most, not 78,660 in any order). A
+    would become a metric label value of its own (3,213 values at most, not 61,489 in any order). A
     flag a newer release adds is dropped: counted without it."""
     said = set(flags.split(","))
     return ",".join([f for f in ALL if f in said][:MAX_FROM_PEER])
