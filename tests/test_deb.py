@@ -260,7 +260,7 @@ def test_maintainer_scripts_with_running_systemd(
     restart = "try-restart hostmesh-agent.service hostmesh-ca.service"
     assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
 
-    # one it refuses (0.1 took a non-loopback upstream bind): the agent is not restarted, it serves on
+    # one it refuses (0.1 took a non-loopback upstream bind): not restarted, left running on the new files
     agent_toml.write_text(
         agent_toml.read_text() + '[[services.upstreams]]\nservice = "api"\nbind = "0.0.0.0:9091"\n'
     )
