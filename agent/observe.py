@@ -159,8 +159,7 @@ def refresh_health(agent: Any) -> None:
         upstream = stats["upstream"]
         http = stats.get("http")  # its L7 path's (HttpOutbound.stats), None before it is built
         name = f"{stats['local_service']}->{upstream}"
-        open_ = int(stats.get("active_connections", 0)) + (http["client_connections"] if http else 0)
-        conns[name] = conns.get(name, 0) + open_
+        conns[name] = conns.get(name, 0) + int(stats.get("active_connections", 0))  # TCP, HTTP or UDP
         ejected.setdefault(upstream, set()).update(http.get("ejected", ()) if http else ())
     for gateway in getattr(agent, "gateways", ()):
         conns[f"ingress:{gateway.name}"] = gateway.open_connections()

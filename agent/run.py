@@ -942,7 +942,8 @@ class Agent:
             # stacks a reload replaced, still finishing the connections they hold (_retire)
             "retiring": [listener.stats() for listener in self._retiring.values()],
             "endpoints": {svc: len(eps) for svc, eps in snap.endpoints.items()},
-            "inbound_active_connections": self.inbound.active_connections if self.inbound else 0,
+            # the streams peer agents hold open to this agent, whatever they carry (TCP, HTTP, UDP)
+            "inbound_active_connections": self.inbound.downstream_connections() if self.inbound else 0,
             "consul_watches_healthy": self.discovery.healthy,
             "workers": self.workers.view() if self.workers is not None else [],
         }

@@ -4,7 +4,8 @@ test_ingress_limits.py, no Consul), for an agent-shaped object holding them.
 
 - `hostmesh_active_connections{listener}` counts open downstream connections whatever their protocol:
   it counted L4 pipes only, so a local app's HTTP connections, the inbound's HTTP streams and every
-  ingress gateway connection were left out (0 with a keep-alive HTTP client connected).
+  ingress gateway connection were left out (0 with a keep-alive HTTP client connected). The
+  listeners' `active_connections` in /v1/clusters count the same (they too were L4 only).
 - `hostmesh_upstream_ejected_endpoints{upstream}` is the number of distinct instances any listener of
   the process ejected: it was set once per caller listener, so the last listener's count won.
 """
@@ -63,12 +64,14 @@ async def test_http_connections_are_active_connections_on_both_sides(tmp_path: P
             r = await asyncio.to_thread(c1.get, "/one")
             assert r.status == 200
             assert await asyncio.to_thread(lambda: c2.get("/two").status) == 200
-            # two keep-alive app connections, both open
+            # two keep-alive app connections, both open; /v1/clusters lists the same count
             assert active(caller, "web->api") == 2
+            assert mesh.outbound.stats()["active_connections"] == 2
             # the instance that served the first request holds the stream it came on (the caller's agent
             # keeps it for its next request to that instance)
             served = mesh.inbounds[int(r.instance.rsplit("-", 1)[1])]
             assert active(agent(mesh.tel_b, inbound=served), "inbound") == 1
+            assert served.stats()["active_connections"] == 1
             # a reload's retiring listener still serves its connections: they still count
             retiring = agent(mesh.tel_a, retiring=[mesh.outbound], holder=mesh.holder_a)
             assert active(retiring, "web->api") == 2

@@ -575,7 +575,7 @@ class InboundListener(ListenerLifecycle):
     def stats(self) -> dict[str, object]:
         return {
             "bind": str(self.bind),
-            "active_connections": len(self.tracker),
+            "active_connections": self.downstream_connections(),
             "mesh_connections": len(self._conns),
             "streams": sum(len(c.streams) for c in self._conns),
             "handshakes": self.handshakes,

@@ -335,7 +335,11 @@ class OutboundListener(ListenerLifecycle):
     # --- views --------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
+        """/v1/clusters' view of this upstream. `active_connections`: the app's open connections to
+        it, TCP and HTTP alike (the `hostmesh_active_connections` series of this listener reads it);
+        an endpoint's: the TCP connections relayed to that instance (HTTP's are under `http`)."""
         snap = self.holder.current
+        http = self.http.stats() if self.http is not None else None  # L7: pool, ejections
         endpoints = []
         open_connections = self._split.open_connections()
         for ep in snap.endpoints.get(self.upstream.service, ()):
@@ -351,7 +355,7 @@ class OutboundListener(ListenerLifecycle):
             "upstream": self.upstream.service,
             "bind": str(self.upstream.bind),
             "load_balancer": self.upstream.load_balancer,
-            "active_connections": len(self.tracker),
+            "active_connections": len(self.tracker) + (http["client_connections"] if http else 0),
             "endpoints": endpoints,
             "pool": {
                 "connections": self.pool.connection_count(),
@@ -360,7 +364,7 @@ class OutboundListener(ListenerLifecycle):
                 "handshakes": self.pool.handshakes,
                 "reused": self.pool.reused,
             },
-            "http": self.http.stats() if self.http is not None else None,  # L7: pool, ejections
+            "http": http,
         }
 
     def open_connections(self) -> dict[PoolKey, int]:
