@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import (
     COMMAND,
     GATEWAY_KIND_META,
@@ -29,12 +30,14 @@ from hostmesh.registry.layout import (
     service_protocol,
 )
 from hostmesh.registry.schema import (
+    SPLIT_PROTOCOLS,
     Intentions,
     Match,
     PathMatch,
     Permission,
     PolicyDocument,
     RouteDocument,
+    check_protocol,
     parse_document,
     rejection,
 )
@@ -125,10 +128,11 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
                 parsed.setdefault(kind, {})[key] = doc
     for key, route in parsed.get("routes", {}).items():
         out += _check_route(key, route, catalog, known)
-    for key, policy in parsed.get("policies", {}).items():
-        out += _check_policy(key, policy, catalog, known)
-    out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     externals = frozenset(parsed.get("external", {}))
+    for key, policy in parsed.get("policies", {}).items():
+        decided = "external" if key in externals else _connection_protocol(key, catalog)
+        out += _check_policy(key, policy, catalog, known, decided)
+    out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     for key, intentions in parsed.get("intentions", {}).items():
         out += _check_intentions(key, intentions, catalog, known, externals)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -338,7 +342,38 @@ def _udp_mismatch(key: str, doc: RouteDocument, registered: str) -> Finding:
     )
 
 
-def _check_policy(key: str, doc: PolicyDocument, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+def _connection_protocol(key: str, catalog: Catalog) -> str | None:
+    """`tcp` or `udp` when `key`'s instances are registered so, as `check` decides intentions; None
+    for an http service or one with no instance. (A route document saying tcp for an http service
+    is reported by itself: its http callers do not follow it.)"""
+    protocols = catalog.protocols(key)
+    decided = service_protocol(protocols) if protocols else None
+    return decided if decided in SPLIT_PROTOCOLS else None
+
+
+def _check_policy(
+    key: str, doc: PolicyDocument, catalog: Catalog, known: frozenset[str], decided: str | None
+) -> list[Finding]:
+    """A policy no caller applies: for a service nobody calls, or, for a tcp, udp or external
+    service, one holding what only HTTP requests take (`apply` refuses it; one written around the
+    CLI, or before that rule, is ignored by the callers' agents)."""
+    if decided is not None:
+        try:
+            check_protocol(doc, decided)
+        except InvalidDocument as exc:
+            what = "an external service" if decided == "external" else f"a {decided} service"
+            return [
+                Finding(
+                    "error",
+                    "policy-ignored",
+                    f"policies/{key}",
+                    f"{key} is {what}: its callers never apply this policy's {exc.path}",
+                    f"`hostmesh policy delete {key}`"
+                    + ("" if decided == "external" else f' (or serve {key} as protocol = "http")'),
+                )
+            ]
+        if decided == "external":
+            return []  # its callers read nothing else of it, and it has no catalog instances
     if key not in known:
         return [_unknown("policies", key)]
     callers, complete = catalog.callers(key)

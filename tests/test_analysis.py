@@ -274,6 +274,25 @@ def test_an_external_services_intentions_are_known_and_decided_per_connection() 
     assert "grants nothing (its flows are decided without it)" in found[0].message
 
 
+def test_a_policy_its_callers_never_apply_is_an_error() -> None:
+    """`apply` refuses a policy with HTTP-only fields for a tcp, udp or external service; one stored
+    around the CLI (or before that rule) was passed by `check` (an external's was called unknown)."""
+    limits = {"service": "db", "connection_limits": {"max_connections": 10}}
+    found = analyze(with_doc("policies", "db", limits), CATALOG)  # db: registered tcp, called by web
+    assert codes(found) == {("error", "policy-ignored", "policies/db")}
+    assert found[0].message == "db is a tcp service: its callers never apply this policy's connection_limits"
+    assert 'serve db as protocol = "http"' in found[0].fix
+    ext = {"service": "pay", "addresses": ["pay.example.com:443"]}
+    limited = {"service": "pay", "rate_limit": {"requests_per_second": 5}}
+    found = analyze({"external": {"pay": ext}, "policies": {"pay": limited}}, CATALOG)
+    assert codes(found) == {("error", "policy-ignored", "policies/pay")}
+    assert found[0].message == "pay is an external service: its callers never apply this policy's rate_limit"
+    assert found[0].fix == "`hostmesh policy delete pay`"
+    # what a tcp service does take is not reported
+    balanced = {"service": "db", "load_balancer": {"type": "round_robin"}}
+    assert codes(analyze(with_doc("policies", "db", balanced), CATALOG)) == set()
+
+
 def test_shadowed_intention_rules() -> None:
     doc = {
         "service": "api",
