@@ -126,6 +126,10 @@ def main() -> None:
                 raise
             _output_error(exc)
         return
+    if sys.flags.optimize >= 2 and sys.pycache_prefix:  # the unit's PYTHONOPTIMIZE=2 (agent/bytecode.py)
+        from hostmesh.agent.bytecode import prepare
+
+        prepare()
     # No cyclic collections while the agent's modules load (they allocate only long-lived objects;
     # ~12 % of the start's CPU): Agent.start turns it back on, with one full collection, at READY.
     gc.disable()

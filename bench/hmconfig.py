@@ -1,4 +1,5 @@
-"""Pure builders for the hostmesh pair: agent.toml documents (docs/reference/agent-toml.md) as TOML."""
+"""Pure builders for the hostmesh pair: agent.toml documents (docs/reference/agent-toml.md) as TOML,
+and the environment the agent's systemd unit runs it with."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+AGENT_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "hostmesh-agent.service"
+UNIT_CACHE = "/var/cache/hostmesh"  # its CacheDirectory=hostmesh
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -119,3 +124,14 @@ def routes_doc(service: str, n: int) -> dict[str, Any]:
     ]
     routes.append({"name": "rest", "to": [{"weight": 100}]})
     return {"service": service, "version": 1, "routes": routes}
+
+
+def unit_environment(cache: Path) -> dict[str, str]:
+    """The variables the agent's systemd unit sets (its Environment= lines), with its cache directory
+    moved to `cache`: the bench and the memory tests run agents as the unit does, optimized bytecode
+    included (agent/bytecode.py)."""
+    out: dict[str, str] = {}
+    for line in AGENT_UNIT.read_text().splitlines():
+        if line.startswith("Environment="):
+            out.update(kv.split("=", 1) for kv in line.removeprefix("Environment=").split())
+    return {k: str(cache) + v[len(UNIT_CACHE) :] if v.startswith(UNIT_CACHE) else v for k, v in out.items()}

@@ -475,7 +475,8 @@ class HostmeshPair(System):
             self._procs[name] = env.procs.start(
                 name,
                 [*(self.agent_cmd or env.hostmesh), "agent", "run", "--config", str(cfg)],
-                env={**os.environ, "CONSUL_HTTP_ADDR": env.consul_url},
+                # as the systemd unit runs it (optimized bytecode, its cache shared by the pair)
+                env={**os.environ, "CONSUL_HTTP_ADDR": env.consul_url, **hmconfig.unit_environment(base)},
             )
         for role, port in self._admin.items():
             name = f"{self.name}-{role}"

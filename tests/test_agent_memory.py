@@ -2,13 +2,13 @@
 
 After real L4 and L7 traffic through a real mesh, an agent's /v1/memory lists none of the modules
 kept out of it and one thread; and an idle pair configured exactly as `make bench` configures its
-L7 pair (bench/hmconfig.py) stays within the idle-RSS budget the benchmark reports on.
+L7 pair (bench/hmconfig.py) stays within the idle-RSS budget the benchmark reports on. Both meshes'
+agents run as the systemd unit runs them (its environment: optimized bytecode, agent/bytecode.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import compileall
 import ctypes
 import gc
 import mmap
@@ -21,9 +21,6 @@ from typing import Any, NamedTuple, cast
 
 import pytest
 
-import hostmesh.agent
-import hostmesh.ca
-import hostmesh.registry
 from bench import hmconfig
 from hostmesh.agent import memory
 from hostmesh.agent.cli import agent_run_config
@@ -34,9 +31,10 @@ from tests.support import ConsulDev, async_wait_until
 
 MIB = 1024 * 1024
 # VmRSS of each idle agent of the bench's L7 pair after the bench's readiness probe. Issue 12 asks
-# <= 30 MiB in `make bench`; measured here 29.4 (client) and 29.3 MiB (server), this source tree on
-# this venv's interpreter (the bench runs the compiled build on Debian's python3.11). The budget is
-# the target itself: a failure is growth past what the issue allows.
+# <= 30 MiB in `make bench`; measured here ~29.0 (client) and ~28.7 MiB (server), this source tree on
+# this venv's interpreter, run as the systemd unit runs it (optimized bytecode: ~29.9 and ~29.5
+# without; the bench runs the compiled build on Debian's python3.11). The budget is the target
+# itself: a failure is growth past what the issue allows.
 IDLE_RSS_BUDGET = 30.0 * MIB
 IDLE_SETTLE = 10.0  # malloc_trim runs every second: what start-up and the first request left is back
 
@@ -80,11 +78,19 @@ class Mesh(NamedTuple):
     client: AgentHandle  # memcli, calling both
 
 
+@pytest.fixture(scope="session")
+def unit_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What the agent's systemd unit runs it with (optimized bytecode, agent/bytecode.py), the
+    bytecode cache shared by this test process's agents: its first agent fills it."""
+    return hmconfig.unit_environment(tmp_path_factory.mktemp("unit-cache"))
+
+
 @pytest.fixture
-def mesh(consul: ConsulDev, tmp_path: Path) -> Iterator[Mesh]:
+def mesh(consul: ConsulDev, tmp_path: Path, unit_env: dict[str, str]) -> Iterator[Mesh]:
     echo = EchoServer()
     backends = Backends("memhttp")
     m = LocalMesh(tmp_path / "mesh", consul.url)
+    m.env.update(unit_env)
     try:
         m.start_ca()
         server = m.write_agent_config(
@@ -246,13 +252,13 @@ def test_a_peer_agent_going_away_leaves_no_asyncio_warning(mesh: Mesh) -> None:
 
 
 @pytest.fixture
-def bench_l7_pair(consul: ConsulDev, tmp_path: Path) -> Iterator[Mesh]:
+def bench_l7_pair(consul: ConsulDev, tmp_path: Path, unit_env: dict[str, str]) -> Iterator[Mesh]:
     """The bench's L7 pair (bench/systems.py HostmeshPair("http")): each agent.toml written by
-    bench/hmconfig.py, one http service per agent, the client with one upstream to the server."""
-    for pkg in (hostmesh.agent, hostmesh.registry, hostmesh.ca):  # as installed: from .pyc, not source
-        compileall.compile_dir(Path(pkg.__file__).parent, quiet=2)
+    bench/hmconfig.py, one http service per agent, the client with one upstream to the server, both
+    run as the systemd unit runs them (as installed: from bytecode, not source)."""
     backends = Backends("bench-l7")
     m = LocalMesh(tmp_path / "mesh", consul.url)
+    m.env.update(unit_env)
     try:
         m.start_ca()
         app = backends["bench-l7"].port

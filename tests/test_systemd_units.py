@@ -122,6 +122,11 @@ def test_agent_unit_contract() -> None:
     assert d["User"] == ["hostmesh"] and d["Group"] == ["hostmesh"]
     assert d["StateDirectory"] == ["hostmesh"]
     assert d["StateDirectoryMode"] == ["0700"]  # keys and state, the agent's alone (agent-toml.md data_dir)
+    # optimized bytecode (agent/bytecode.py): a cache of the agent's own, which only its child writes
+    env = dict(kv.split("=", 1) for line in d["Environment"] for kv in line.split())
+    assert env["PYTHONOPTIMIZE"] == "2" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert d["CacheDirectory"] == ["hostmesh"] and d["CacheDirectoryMode"] == ["0700"]
+    assert env["PYTHONPYCACHEPREFIX"].startswith("/var/cache/hostmesh/")
     assert d["ProtectSystem"] == ["strict"]
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["CapabilityBoundingSet"] == [""] and d["AmbientCapabilities"] == [""]

@@ -1,0 +1,85 @@
+"""agent/bytecode.py: the optimized bytecode cache the systemd unit's agent runs from, compiled by a
+real child interpreter into a real directory. (That an agent run so stays within its memory budget
+is tests/test_agent_memory.py's; that the unit sets it up, tests/test_systemd_units.py's.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import hostmesh.agent.run
+
+CHILD_TIMEOUT = 120  # a cold cache compiles the standard library and the dependencies: ~2-4 s idle
+
+
+def cached(prefix: Path, source: str) -> Path:
+    """Where an optimized (-OO) interpreter with this cache prefix looks for `source`'s bytecode."""
+    saved = sys.pycache_prefix
+    sys.pycache_prefix = str(prefix)
+    try:
+        return Path(importlib.util.cache_from_source(source, optimization=2))
+    finally:
+        sys.pycache_prefix = saved
+
+
+def prepare(prefix: str) -> subprocess.CompletedProcess[str]:
+    """What the agent's main() runs first under the unit's variables."""
+    return subprocess.run(
+        [sys.executable, "-OO", "-X", f"pycache_prefix={prefix}", "-c",
+         "from hostmesh.agent.bytecode import prepare; prepare(); print('started')"],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+    )  # fmt: skip
+
+
+def test_the_agents_modules_and_their_dependencies_are_compiled_once(tmp_path: Path) -> None:
+    prefix = tmp_path / "bytecode"
+    done = prepare(str(prefix))
+    assert done.returncode == 0 and done.stdout == "started\n" and done.stderr == ""
+    spec = importlib.util.find_spec("uvloop")
+    assert spec is not None and spec.origin is not None
+    sources = [
+        str(Path(sysconfig.get_path("stdlib")) / "asyncio" / "base_events.py"),  # the standard library
+        hostmesh.agent.run.__file__,  # hostmesh, where it is imported from
+        str(Path(spec.origin).parent / "__init__.py"),  # a dependency
+    ]
+    pycs = [cached(prefix, s) for s in sources]
+    for pyc in pycs:
+        assert pyc.is_file() and pyc.name.endswith(".opt-2.pyc") and prefix in pyc.parents, pyc
+    # nothing of the standard library's tests
+    test_dir = Path(sysconfig.get_path("stdlib")) / "test"
+    assert not cached(prefix, str(test_dir / "__init__.py")).exists()
+    # a start with nothing stale rewrites nothing
+    before = [p.stat().st_mtime_ns for p in pycs]
+    assert prepare(str(prefix)).stdout == "started\n"
+    assert [p.stat().st_mtime_ns for p in pycs] == before
+    # docstrings are gone from what loads from it
+    code = "import hostmesh.agent.run as r; print(r.__doc__)"
+    out = subprocess.run(
+        [sys.executable, "-OO", "-X", f"pycache_prefix={prefix}", "-c", code],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+    )  # fmt: skip
+    assert out.stdout == "None\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/null is not a directory")
+def test_a_cache_that_cannot_be_written_costs_a_line_not_the_start() -> None:
+    done = prepare("/dev/null/bytecode")
+    assert done.returncode == 0 and done.stdout == "started\n"
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("hostmesh: the bytecode cache /dev/null/bytecode was not prepared (some sources")
+    assert line.endswith("modules compile as they load, which leaves the agent ~1 MiB larger")
+
+
+def test_nothing_runs_without_both_settings(tmp_path: Path) -> None:
+    for flags in (["-X", f"pycache_prefix={tmp_path / 'never'}"], ["-OO"]):  # no -OO; no prefix
+        done = subprocess.run(
+            [sys.executable, *flags, "-c", "from hostmesh.agent.bytecode import prepare; prepare()"],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stderr == ""
+    assert not (tmp_path / "never").exists()
