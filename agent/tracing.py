@@ -19,6 +19,10 @@ Decisions:
   unless the client sent a W3C context of its own. Without it, the callee's agent drew its own
   decision (tracing half a request) and each agent's span of a failure started a trace of its own,
   so the two access lines of one request named different traces or none.
+- Edge: an ingress gateway's forwards (`EdgeTracer`) record the same client span, but its client is
+  outside the mesh: a valid W3C `traceparent` of its own names the trace, never the sampling, which
+  the gateway draws at its own rate; the request leaves with the gateway's `traceparent` (`00` when
+  unsampled), so the destination's agent follows the gateway, not the client.
 - Export is off the hot path: a finished span goes into a bounded queue (MAX_QUEUED_SPANS); a
   background task sends batches (MAX_BATCH, requests served between them) every FLUSH_INTERVAL
   as OTLP/HTTP protobuf
@@ -474,3 +478,99 @@ class Tracer:
                 self._drop("export_failed", len(batch))
         if self._exporter is not None:
             await self._exporter.close()
+
+
+class EdgeTracer:
+    """The tracer of an ingress gateway's HTTP forwards (stacks.build_gateway): a view of the agent's
+    Tracer for requests from outside the mesh, whose client is not trusted with the mesh's decisions.
+
+    - Trace: a valid W3C `traceparent` of the client names the trace and the parent of the gateway's
+      CLIENT span, so an outside client's own trace correlates with the mesh's; an invalid one is
+      ignored (a new trace, the gateway's span its root), as is any B3 context (not read here).
+    - Sampling: the gateway's own, at `[tracing] sample`, drawn for every request: the client's flags
+      are not followed (a `01` forces no span, a `00` suppresses none), so an outside client can
+      neither make the mesh trace all it sends nor hide a request from it.
+    - Propagation: the request always leaves with the gateway's `traceparent`, replacing the client's:
+      its span's (`01`), else flagged not sampled (`00`) naming the span it builds should the request
+      fail (`[tracing] errors`). The destination's agent follows that decision as from any caller's
+      agent, and its server span is the gateway span's child. A client's B3 headers go on untouched
+      but are never read after it: every agent reads `traceparent` first.
+    - `tracestate` goes on unchanged, as everywhere in the mesh: the mesh never reads or writes it,
+      so the client's vendors' data reaches the app as it would without the mesh (bounded like any
+      header by the L7 limits); dropping it would cost a pass over the headers for no decision.
+
+    Spans finish into the agent's Tracer (its queue, exporter and `end_http` attributes); only the
+    three decisions above differ. An agent without `[tracing]` builds none of this: its gateway's
+    forwards have no tracer at all, so tracing costs them nothing."""
+
+    SERVER: Final = KIND_SERVER
+    CLIENT: Final = KIND_CLIENT
+
+    __slots__ = ("errors", "sample", "tracer")
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self.sample = tracer.sample  # both restart-only settings ([tracing] is built once at start)
+        self.errors = tracer.errors
+
+    def start(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
+              start_ns: int = 0) -> Span | None:  # fmt: skip
+        """A span when the gateway's rate samples the request (drawn first: an unsampled request reads
+        no header here), in the client's W3C trace when it sent a valid one."""
+        s = self.sample
+        if s <= 0.0 or (s < 1.0 and _rng.random() >= s):
+            return None
+        ctx = _w3c_context(headers)
+        if ctx is not None:
+            trace_id, parent = ctx.trace_id, ctx.parent
+        else:
+            trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
+        return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
+
+    def unsampled(self, client: list[tuple[bytes, bytes]],
+                  headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # fmt: skip
+        """The forwarded `headers` of a request the gateway did not sample, with a `traceparent` of its
+        own flagged not sampled (`00`) in place of the client's: the client's trace when it sent a
+        valid one, else a new one, and a span ID of the gateway's (the one `late` gives its span).
+        `client` is the client's own list: when `headers` is it, a copy is changed."""
+        ctx = _w3c_context(headers)
+        span = _rng.getrandbits(64) or 1  # (IDs never all zero)
+        if ctx is not None:
+            value = b"00-%s-%016x-00" % (ctx.trace_id.hex().encode(), span)
+        else:
+            value = b"00-%032x-%016x-00" % (_rng.getrandbits(128) or 1, span)
+        if headers is client:
+            headers = list(headers)
+        set_traceparent(headers, value)
+        return headers
+
+    def late(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
+             started_monotonic: float, sent: list[tuple[bytes, bytes]] | None = None) -> Span:  # fmt: skip
+        """A failed, unsampled request's span, built at its end: the one the `traceparent` it was sent
+        on with names (`unsampled`), the child of the client's span when that trace is the client's;
+        a request that never went on: a span in the client's W3C trace, else in a new one."""
+        start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
+        ctx = _w3c_context(headers)
+        ours = _w3c_context(sent) if sent is not None else None
+        if ours is not None:
+            parent = ctx.parent if ctx is not None and ctx.trace_id == ours.trace_id else b""
+            span = Span(service, name, kind, ours.trace_id, parent, start_ns)
+            span.span_id = ours.parent
+            return span
+        if ctx is not None:
+            return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
+        return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
+
+    def end_http(self, span: Span | None, ex: Any, *, reporter: str, source: str, source_principal: str,
+                 destination: str, destination_principal: str, subset: str, upstream_host: str,
+                 peer: str, forwarded: list[tuple[bytes, bytes]] | None = None) -> Span | None:  # fmt: skip
+        """Tracer.end_http, with an unsampled failure's span built by this view's `late`."""
+        if span is None:
+            if not (self.errors and (ex.status >= 500 or bool(ex.flags))):
+                return None
+            span = self.late(source, "", KIND_CLIENT, ex.head.headers, ex.started, forwarded)
+        return self.tracer.end_http(
+            span, ex, reporter=reporter, source=source, source_principal=source_principal,
+            destination=destination, destination_principal=destination_principal, subset=subset,
+            upstream_host=upstream_host, peer=peer, forwarded=forwarded,
+        )  # fmt: skip

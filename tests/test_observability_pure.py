@@ -461,3 +461,53 @@ def test_the_callers_error_span_is_the_one_its_unsampled_context_named() -> None
     assert (span.trace_id, span.span_id, span.parent.hex()) == (ctx.trace_id, ctx.parent, SID)
     server = t.end_http(None, _exchange(sent), reporter="destination", **names)
     assert server is not None and (server.trace_id, server.parent) == (span.trace_id, span.span_id)
+
+
+def test_at_the_edge_the_clients_trace_is_kept_but_its_flags_decide_nothing() -> None:
+    """tracing.EdgeTracer (an ingress gateway's forwards): a valid client traceparent names the trace
+    and the span's parent whatever its flags; the gateway's rate alone decides; garbage and B3 are
+    not read (a new trace)."""
+    never = tracing.EdgeTracer(tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n"))
+    always = tracing.EdgeTracer(tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n"))
+    for flags in ("00", "01"):
+        tp = [(b"traceparent", f"00-{TID}-{SID}-{flags}".encode())]
+        assert never.start("edge", "", tracing.KIND_CLIENT, tp) is None
+        span = always.start("edge", "", tracing.KIND_CLIENT, tp)
+        assert span is not None and (span.trace_id.hex(), span.parent.hex()) == (TID, SID)
+    b3 = [(b"x-b3-traceid", TID.encode()), (b"x-b3-spanid", SID.encode()), (b"x-b3-sampled", b"1")]
+    assert never.start("edge", "", tracing.KIND_CLIENT, b3) is None
+    for headers in (b3, [(b"traceparent", b"00-" + b"z" * 32 + b"-" + SID.encode() + b"-01")]):
+        span = always.start("edge", "", tracing.KIND_CLIENT, headers)
+        assert span is not None and span.trace_id.hex() != TID and span.parent == b""
+
+
+def test_at_the_edge_an_unsampled_request_leaves_with_the_gateways_00_in_the_clients_trace() -> None:
+    """The client's `01` never reaches the destination's agent (it would follow it): the gateway's
+    own context replaces it, in the client's trace, naming the gateway's span; its error span is that
+    span, the client's span's child, and the destination's error span is its child."""
+    edge = tracing.EdgeTracer(tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n"))
+    client = [(b"traceparent", f"00-{TID}-{SID}-01".encode()), (b"tracestate", b"v=1")]
+    sent = edge.unsampled(client, client)
+    assert client[0][1].endswith(b"-01")  # the client's list is left as it was: a copy was changed
+    [tp] = [v for n, v in sent if n == b"traceparent"]
+    ctx = tracing.parse_traceparent(tp)
+    assert ctx is not None and (ctx.trace_id.hex(), ctx.sampled) == (TID, False) and ctx.parent.hex() != SID
+    assert (b"tracestate", b"v=1") in sent  # passed on unchanged
+    callee = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    assert callee.start("web", "", tracing.KIND_SERVER, sent) is None  # the gateway's decision followed
+    names = {"source": "edge", "source_principal": "", "destination": "web", "destination_principal": "",
+             "subset": "", "upstream_host": "", "peer": ""}  # fmt: skip
+    span = edge.end_http(None, _exchange(client), reporter="source", forwarded=sent, **names)
+    assert span is not None and (span.trace_id, span.span_id) == (ctx.trace_id, ctx.parent)
+    assert span.parent.hex() == SID
+    assert edge.tracer.queue[-1] is span  # finished into the agent's tracer: its exporter sends it
+    server = callee.end_http(None, _exchange(sent), reporter="destination", **names)
+    assert server is not None and (server.trace_id, server.parent) == (span.trace_id, span.span_id)
+    # no client context (or garbage): a new trace, the gateway's span its root
+    fresh = edge.unsampled([], [(b"traceparent", b"garbage")])
+    [tp] = [v for n, v in fresh if n == b"traceparent"]
+    new = tracing.parse_traceparent(tp)
+    assert new is not None and new.trace_id.hex() != TID and new.sampled is False
+    late = edge.end_http(None, _exchange([(b"traceparent", b"garbage")]), reporter="source", forwarded=fresh,
+                         **names)  # fmt: skip
+    assert late is not None and (late.span_id, late.parent) == (new.parent, b"")
