@@ -481,7 +481,7 @@ class Agent:
         # edges.py is loaded (by build_gateway) only where a gateway is configured
         for gw in (gw for gw in cfg.gateways if gw.kind == "ingress"):
             ingress = build_gateway(cfg, gw, self.builder.holder, self.telemetry, cap=self.cap,
-                                    on_load=self._after_lazy_import)  # fmt: skip
+                                    tracer=self.tracer, on_load=self._after_lazy_import)  # fmt: skip
             try:
                 await ingress.start()
             except (OSError, ValueError) as exc:

@@ -18,6 +18,7 @@ from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.proxy.stacks import build_gateway, build_inbound, build_outbound, extend_inbound
 from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.agent.tracing import EdgeTracer, Tracer
 from hostmesh.ca.tls import HTTP_ALPN
 
 PIN = "sha256:" + "ab" * 32
@@ -151,12 +152,12 @@ print(" ".join(m for m in lazy if "hostmesh.agent.proxy." + m in sys.modules))
     assert done.stdout.strip() == ""
 
 
-def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_defaults_and_no_tracer() -> (
-    None
-):
+def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_defaults() -> None:
     """The gateway's two forwards, made per destination on first use: the L7 outbound and the
     passthrough's L4 outbound call as the gateway, dial with an undeclared upstream's connect
-    settings (1 s per dial, 3 s budget), share the agent's connection cap, and trace nothing."""
+    settings (1 s per dial, 3 s budget), share the agent's connection cap; without [tracing] the L7
+    one has no tracer (no per-request work), with it the agent's Tracer seen as the edge
+    (tracing.EdgeTracer: the outside client's sampling flags decide nothing)."""
     cfg = parse_config({
         "ca": {"pin": PIN}, "stream_idle_timeout": 42,
         "gateways": [{"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:0"}]}],
@@ -173,6 +174,12 @@ def test_an_ingress_gateway_calls_each_mesh_service_as_itself_with_an_upstreams_
     assert (tcp.local_service, tcp.upstream.service, tcp.cap) == ("edge", "db", cap)
     assert (tcp.upstream.connect_timeout, tcp.upstream.connect_budget) == (1.0, 3.0)
     assert tcp.reaper.timeout == 42.0
+    tracer = Tracer("http://127.0.0.1:4318", 0.25, True, "n1")
+    traced = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap, tracer=tracer)
+    edge = traced.http_outbound("web").tracer
+    assert isinstance(edge, EdgeTracer) and edge.tracer is tracer
+    assert traced.http_outbound("shop").tracer is edge  # one view for all its destinations
+    assert (edge.sample, edge.errors) == (0.25, True)
 
 
 def test_a_reload_changing_any_meta_of_the_caller_rebuilds_its_upstreams() -> None:

@@ -28,7 +28,10 @@ Ingress. An `[[gateways]]` entry with kind ingress (agent/config.py) has listene
       -> x-forwarded-for / forwarded set to the client's address (replacing what the client sent:
          the gateway is where the mesh meets the untrusted network); x-forwarded-client-cert dropped
       -> that service's L7 outbound as the gateway's identity (http_outbound.HttpOutbound: its routes,
-         splits, retries, faults, policy; consistent_hash `source` is the real client's address)
+         splits, retries, faults, policy; consistent_hash `source` is the real client's address);
+         with `[tracing]` it records the gateway's client span (tracing.EdgeTracer: the client's
+         `traceparent` names the trace, the gateway's rate alone samples, and the gateway's own
+         `traceparent` goes on to the destination)
     tls (passthrough) -> read the ClientHello's SNI -> the TCP mesh service routed for that host
       -> the agent's L4 outbound as the gateway's identity (the bytes, ClientHello included, are
          relayed untouched; the service terminates TLS itself); none: reset.

@@ -210,7 +210,8 @@ def extend_inbound(listener: InboundListener, cfg: AgentConfig, holder: Snapshot
 
 
 def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, *,
-                  cap: ConnectionCap | None, on_load: Callable[[], None] = lambda: None) -> Any:  # fmt: skip
+                  cap: ConnectionCap | None, tracer: Any = None,
+                  on_load: Callable[[], None] = lambda: None) -> Any:  # fmt: skip
     """The stack of ingress gateway `gw`, not yet started: an edges.IngressGateway whose listeners face
     clients outside the mesh and call mesh services as the gateway's identity `gw.name`.
 
@@ -240,20 +241,30 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
       `connect_budget` is configured for its destinations: both forwards use an upstream's defaults
       (UpstreamConfig: 1 s per dial, 3 s across instances for tls), which is also HttpOutbound's own
       default of 1 s.
-    - tracer: none, so the gateway records no client span. Its requests come from outside the mesh
-      with whatever `traceparent` the client chose; whether the gateway continues that trace or starts
-      its own is not decided, and until it is the gateway keeps out of tracing (the destination's
-      agent still records its server span when it traces).
+    - tracer: with `[tracing]`, the agent's Tracer seen through tracing.EdgeTracer, so the gateway
+      records the same CLIENT span an app's upstream does (http and https alike), but the outside
+      client decides nothing: a valid `traceparent` of its own names the trace (its trace
+      correlates) while the gateway draws its own sampling decision at `[tracing] sample` (the
+      client's `01` forces no span, its `00` suppresses none); an invalid one is ignored (a new
+      trace). The request always leaves with the gateway's `traceparent` (`00` when unsampled), so
+      the destination's agent follows the gateway's decision and its server span is the gateway
+      span's child; `tracestate` goes on unchanged. Without `[tracing]`: no tracer, no per-request
+      work. (tls passthrough relays bytes: no spans, as for any TCP connection.)
     """
     from hostmesh.agent.proxy.edges import IngressGateway
 
     defaults = UpstreamConfig(service="", bind=Address("127.0.0.1", 0))  # nothing configures them
+    edge_tracer = None
+    if tracer is not None:  # one view for all the gateway's destinations (tracing.py is loaded already)
+        from hostmesh.agent.tracing import EdgeTracer
+
+        edge_tracer = EdgeTracer(tracer)
 
     def http_outbound(service: str) -> Any:  # forward (http/https), with route/balance of `service`
         from hostmesh.agent.proxy.http_outbound import HttpOutbound
 
         out = HttpOutbound(
-            holder, gw.name, service, telemetry, connect_timeout=defaults.connect_timeout, tracer=None,
+            holder, gw.name, service, telemetry, connect_timeout=defaults.connect_timeout, tracer=edge_tracer,
             header_timeout=cfg.http.header_read_timeout, protocol="http",
             body_idle_timeout=cfg.http.body_idle_timeout, body_min_rate=cfg.http.body_min_rate,
             stream_idle_timeout=cfg.stream_idle_timeout,
