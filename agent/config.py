@@ -192,7 +192,8 @@ class AccessLogConfig:
 @record
 class TracingConfig:
     """`[tracing] otlp_endpoint = "http://host:4318"`, `sample = 0.01`: spans of proxied HTTP requests,
-    head-sampled (a sampled caller's `traceparent` is always followed; errors are kept too), exported
+    head-sampled (a sampled caller's `traceparent` is followed, except from outside the mesh at an
+    ingress gateway, which draws its own decision; errors are kept too), exported
     as OTLP/HTTP protobuf to `<otlp_endpoint>/v1/traces` (agent/tracing.py). No endpoint: off."""
 
     otlp_endpoint: str | None = None

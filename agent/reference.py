@@ -324,7 +324,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "tracing.sample",
         "number 0..1",
         "0.01",
-        "Share of requests traced (a sampled caller's `traceparent` is always followed).",
+        "Share of requests traced (a sampled caller's `traceparent` is followed; an ingress gateway "
+        "decides by this rate alone for its outside clients).",
     ),
     Key(
         "tracing.errors",
