@@ -130,7 +130,7 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
         out += _check_route(key, route, catalog, known)
     externals = frozenset(parsed.get("external", {}))
     for key, policy in parsed.get("policies", {}).items():
-        decided = "external" if key in externals else _connection_protocol(key, catalog)
+        decided = "external" if key in externals else _connection_protocol(key, parsed, catalog)
         out += _check_policy(key, policy, catalog, known, decided)
     out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     for key, intentions in parsed.get("intentions", {}).items():
@@ -342,10 +342,16 @@ def _udp_mismatch(key: str, doc: RouteDocument, registered: str) -> Finding:
     )
 
 
-def _connection_protocol(key: str, catalog: Catalog) -> str | None:
-    """`tcp` or `udp` when `key`'s instances are registered so, as `check` decides intentions; None
-    for an http service or one with no instance. (A route document saying tcp for an http service
-    is reported by itself: its http callers do not follow it.)"""
+def _connection_protocol(key: str, parsed: Mapping[str, Mapping[str, Any]], catalog: Catalog) -> str | None:
+    """`tcp` or `udp` when `key`'s callers relay its traffic as connections or flows, decided as
+    `apply` decides it (registry/documents.py protocol_of): its route document's `protocol` first,
+    else its instances'; None for an http service, one nothing says anything about, and a gateway
+    (registered tcp, it applies its own policy to its HTTP listeners)."""
+    if _gateway(catalog, key):
+        return None
+    route = parsed.get("routes", {}).get(key)
+    if route is not None:
+        return route.protocol if route.protocol in SPLIT_PROTOCOLS else None
     protocols = catalog.protocols(key)
     decided = service_protocol(protocols) if protocols else None
     return decided if decided in SPLIT_PROTOCOLS else None

@@ -170,8 +170,12 @@ def test_a_udp_services_split_is_followed_only_as_protocol_udp() -> None:
     assert codes(found) == {("error", "protocol-mismatch", "routes/db")}
     assert "registered as tcp: tcp callers send each connection to any instance" in found[0].message
     found = analyze(with_doc("routes", "api", {"service": "api", "protocol": "udp"}), CATALOG)
-    assert codes(found) == {("error", "protocol-mismatch", "routes/api")}
-    assert "http callers take api for plain connections" in found[0].message
+    # (and api's policy, a balancer, is not applied to plain connections: see policy-ignored)
+    assert codes(found) == {
+        ("error", "protocol-mismatch", "routes/api"),
+        ("error", "policy-ignored", "policies/api"),
+    }
+    assert "http callers take api for plain connections" in found[1].message
 
 
 @pytest.mark.parametrize(
@@ -288,6 +292,21 @@ def test_a_policy_its_callers_never_apply_is_an_error() -> None:
     assert codes(found) == {("error", "policy-ignored", "policies/pay")}
     assert found[0].message == "pay is an external service: its callers never apply this policy's rate_limit"
     assert found[0].fix == "`hostmesh policy delete pay`"
+    # the route document decides first, as for agents and `apply`: api (registered http) made tcp
+    # ignores its policy; db (registered tcp) made http applies it
+    tcp_api = {"service": "api", "protocol": "tcp", "routes": [{"to": [{"weight": 100}]}]}
+    docs = {**with_doc("routes", "api", tcp_api)}
+    assert ("error", "policy-ignored", "policies/api") in codes(analyze(docs, CATALOG))
+    http_db = {"service": "db", "routes": [{"to": [{"weight": 100}]}]}
+    docs = with_doc("routes", "db", http_db)
+    docs["policies"] = {"db": limits}
+    assert ("error", "policy-ignored", "policies/db") not in codes(analyze(docs, CATALOG))
+    # a gateway is registered tcp, but applies its own policy (a rate limit per client) to HTTP
+    gateway = Catalog(
+        (*CATALOG.instances, inst("edge", "vm-9", protocol="tcp", **{"hostmesh-kind": "ingress"}))
+    )
+    edge = {"service": "edge", "rate_limit": {"requests_per_second": 50}}
+    assert analyze(with_doc("policies", "edge", edge), gateway) == []
     # what a tcp service does take is not reported
     balanced = {"service": "db", "load_balancer": {"type": "round_robin"}}
     assert codes(analyze(with_doc("policies", "db", balanced), CATALOG)) == set()
