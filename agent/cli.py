@@ -400,6 +400,9 @@ def click_agent() -> click.Group:
                 "the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from "
                 f"{', '.join(given)}"
             )
+        from hostmesh.agent.bytecode import prepare
+
+        prepare()  # as main()'s plain `agent run` does (the unit's optimized bytecode)
         from hostmesh.agent.run import AgentStartError
         from hostmesh.agent.run import main as run_agent
 

@@ -5,6 +5,7 @@ is tests/test_agent_memory.py's; that the unit sets it up, tests/test_systemd_un
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import sysconfig
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import hostmesh.agent.run
+from hostmesh.agent import bytecode
+from hostmesh.agent.bytecode import WORKER_ENV
 
 CHILD_TIMEOUT = 120  # a cold cache compiles the standard library and the dependencies: ~2-4 s idle
 
@@ -71,15 +74,43 @@ def test_a_cache_that_cannot_be_written_costs_a_line_not_the_start() -> None:
     done = prepare("/dev/null/bytecode")
     assert done.returncode == 0 and done.stdout == "started\n"
     (line,) = done.stderr.splitlines()
-    assert line.startswith("hostmesh: the bytecode cache /dev/null/bytecode was not prepared (some sources")
+    assert line.startswith("hostmesh: the bytecode cache /dev/null/bytecode was not prepared (cannot write")
     assert line.endswith("modules compile as they load, which leaves the agent ~1 MiB larger")
 
 
-def test_nothing_runs_without_both_settings(tmp_path: Path) -> None:
-    for flags in (["-X", f"pycache_prefix={tmp_path / 'never'}"], ["-OO"]):  # no -OO; no prefix
+def test_nothing_runs_without_both_settings_nor_in_a_worker(tmp_path: Path) -> None:
+    never = f"pycache_prefix={tmp_path / 'never'}"
+    for flags, env in (
+        (["-X", never], {}),  # not optimized
+        (["-OO"], {}),  # no cache
+        (["-OO", "-X", never], {WORKER_ENV: "1"}),  # a worker: its primary prepared the cache
+    ):
         done = subprocess.run(
             [sys.executable, *flags, "-c", "from hostmesh.agent.bytecode import prepare; prepare()"],
-            capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT, env={**os.environ, **env},
         )  # fmt: skip
         assert done.returncode == 0 and done.stderr == ""
     assert not (tmp_path / "never").exists()
+    assert WORKER_ENV == hostmesh.agent.run.WORKER_ENV
+
+
+def test_bytecode_is_fresh_only_for_the_very_source_it_was_compiled_from(tmp_path: Path) -> None:
+    """compileall's own check reads the source's mtime only: a source rewritten under the same mtime
+    (a package rebuilt with its files' dates clamped) kept its old bytecode. Size counts too here,
+    as it does for the importer."""
+    source = tmp_path / "mod.py"
+    source.write_text("VALUE = 1\n")
+    saved = sys.pycache_prefix
+    sys.pycache_prefix = str(tmp_path / "bytecode")
+    try:
+        assert not bytecode._fresh(str(source))
+        bytecode._compile(str(source))
+        assert bytecode._fresh(str(source))
+        stamp = source.stat().st_mtime_ns
+        source.write_text("VALUE = 22\n")  # another size, the same mtime
+        os.utime(source, ns=(stamp, stamp))
+        assert not bytecode._fresh(str(source))
+        bytecode._compile(str(source))
+        assert bytecode._fresh(str(source))
+    finally:
+        sys.pycache_prefix = saved
