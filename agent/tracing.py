@@ -489,7 +489,10 @@ class EdgeTracer:
       ignored (a new trace, the gateway's span its root), as is any B3 context (not read here).
     - Sampling: the gateway's own, at `[tracing] sample`, drawn for every request: the client's flags
       are not followed (a `01` forces no span, a `00` suppresses none), so an outside client can
-      neither make the mesh trace all it sends nor hide a request from it.
+      neither make the mesh sample what it sends nor hide a request from it. With `errors` on, a
+      request it makes fail (by going away, say: `DC`) is still exported, in the trace it named:
+      the span queue bounds what that costs (MAX_QUEUED_SPANS, then `queue_full` drops, which can
+      crowd out the mesh's own spans), and `errors = false` ends it.
     - Propagation: the request always leaves with the gateway's `traceparent`, replacing the client's:
       its span's (`01`), else flagged not sampled (`00`) naming the span it builds should the request
       fail (`[tracing] errors`). The destination's agent follows that decision as from any caller's

@@ -2,6 +2,7 @@
 
     outside client ─http/https─► node-tgw-all: gateway trace-edge ([tracing] sample 1) ─mTLS─┐
                    ─http───────► node-tgw-none: gateway quiet-edge ([tracing] sample 0) ─mTLS─┤
+                   ─http───────► node-tgw-bare: gateway bare-edge (no [tracing]) ─────────mTLS─┤
                                                                                              ▼
                                                 node-tweb: tweb (http, [tracing] sample 0) ─► app
 
@@ -30,7 +31,7 @@ from tests.test_e2e_observability import KIND_CLIENT, KIND_SERVER, Collector, lo
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
-ALL, NONE, SVC, HOST = "trace-edge", "quiet-edge", "tweb", "a.example.test"
+ALL, NONE, BARE, SVC, HOST = "trace-edge", "quiet-edge", "bare-edge", "tweb", "a.example.test"
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"  # the outside client's trace
 SID = "00f067aa0ba902b7"  # and its span
 GARBAGE = "00-" + "z" * 32 + "-" + SID + "-01"  # not hex: not a traceparent
@@ -47,6 +48,8 @@ class Ingress(NamedTuple):
     https_all: int
     http_none: int
     ops_ca: OutsideCA
+    bare: AgentHandle  # its agent does not trace
+    http_bare: int
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +71,9 @@ def ingress(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iter
         m = LocalMesh(tmp / "mesh", consul.url)
         stack.callback(m.close)
         m.start_ca()
-        for gw in (ALL, NONE):
+        for gw in (ALL, NONE, BARE):
             apply(m, "gateway", {"service": gw, "http": [{"hosts": [HOST], "service": SVC}]}, tmp)
-        http_all, https_all, http_none = free_port(), free_port(), free_port()
+        http_all, https_all, http_none, http_bare = free_port(), free_port(), free_port(), free_port()
         dest = m.write_agent_config(
             "node-tweb", [{"name": SVC, "port": backends["app"].port, "protocol": "http"}], extra=traced(0.0)
         )
@@ -88,13 +91,20 @@ def ingress(consul: ConsulDev, tmp_path_factory: pytest.TempPathFactory) -> Iter
             gateways={NONE: f'kind = "ingress"\n[[gateways.listeners]]\nbind = "127.0.0.1:{http_none}"\n'
                             'protocol = "http"\n'},
         )  # fmt: skip
-        for a in (dest, gw_all, gw_none):
+        gw_bare = m.write_agent_config(
+            "node-tgw-bare", [], extra="access_log = { sample = 1.0 }",
+            gateways={BARE: f'kind = "ingress"\n[[gateways.listeners]]\nbind = "127.0.0.1:{http_bare}"\n'
+                            'protocol = "http"\n'},
+        )  # fmt: skip
+        agents = (dest, gw_all, gw_none, gw_bare)
+        for a in agents:
             m.start_agent(a, wait=False)
-        for a in (dest, gw_all, gw_none):
+        for a in agents:
             m.wait_ready(a)
-        for a in (gw_all, gw_none):
+        for a in (gw_all, gw_none, gw_bare):
             m.wait_endpoints(a, SVC, 1)
-        yield Ingress(m, gw_all, gw_none, dest, backends, collector, http_all, https_all, http_none, ops_ca)
+        yield Ingress(m, gw_all, gw_none, dest, backends, collector, http_all, https_all, http_none, ops_ca,
+                      gw_bare, http_bare)  # fmt: skip
 
 
 def get(port: int, headers: dict[str, str], tls: ssl.SSLContext | None = None) -> Reply:
@@ -196,3 +206,21 @@ def test_a_garbage_traceparent_is_ignored_for_a_new_trace(ingress: Ingress) -> N
     reply = get(ingress.http_none, {"traceparent": GARBAGE})
     assert reply.status == 200
     assert app_saw(reply).sampled is False
+
+
+def test_a_gateway_that_does_not_trace_hands_on_no_client_context(ingress: Ingress) -> None:
+    """Its agent has no [tracing]: the client's `traceparent` and B3 fields are dropped with those
+    the gateway replaces. They went on as sent, and the destination, which traces, followed the
+    outside client's sampled flag (review of the gateway tracing, F5)."""
+    forced = "5b8aa5a2d2c872e8321cf37308d69df2"
+    sent = {"traceparent": f"00-{forced}-{SID}-01", "x-b3-traceid": forced, "x-b3-spanid": SID,
+            "x-b3-sampled": "1"}  # fmt: skip
+    reply = get(ingress.http_bare, sent)
+    assert reply.status == 200
+    assert "x-saw-x-b3-traceid" not in reply.headers
+    # the destination decided alone (sample 0): nothing of the client's trace, nothing sampled
+    passed = reply.headers.get("x-saw-traceparent")
+    assert passed is None or (forced not in passed and passed.endswith("-00")), passed
+    after = get(ingress.http_all, {})  # (as above: once its spans arrived, any of forced's would have)
+    pair(ingress, app_saw(after).trace_id.hex())
+    assert ingress.collector.of_trace(forced) == []

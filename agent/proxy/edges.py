@@ -398,6 +398,13 @@ REPLACED_AT_EDGE = (*FORWARDED_HEADERS, b"x-request-id")
 # agent sets this field itself, http_conn.CALLER_CERT; spelled here so that edges loads no L7 module.)
 DROPPED_AT_EDGE = (b"x-forwarded-client-cert",)
 _NOT_FROM_CLIENT = frozenset((*REPLACED_AT_EDGE, *DROPPED_AT_EDGE))  # one look per field of a request
+# A client's trace context, dropped by a gateway whose agent does not trace: a destination that
+# traces would follow its sampled flag (an outside client tracing every request it sends, in the
+# trace it picks). A tracing gateway replaces `traceparent` with its own (tracing.EdgeTracer), which
+# agents read before B3. `tracestate` goes on: it decides nothing. (Spelled as agent/tracing.py does.)
+CLIENT_TRACE_CONTEXT = (b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid",
+                        b"x-b3-sampled", b"x-b3-flags")  # fmt: skip
+_NOT_FROM_UNTRACED_CLIENT = _NOT_FROM_CLIENT | frozenset(CLIENT_TRACE_CONTEXT)
 
 
 class IngressHttp:
@@ -407,6 +414,7 @@ class IngressHttp:
         http = gateway.http
         self.gateway = gateway
         self.scheme = scheme.encode()
+        self.not_from_client = _NOT_FROM_CLIENT if gateway.traced else _NOT_FROM_UNTRACED_CLIENT
         self.header_timeout = http.header_read_timeout
         self.head_checks: HeadChecks | None = None  # made by its first connection (http_conn.HeadChecks)
         self.body_idle_timeout = http.body_idle_timeout
@@ -467,7 +475,7 @@ class IngressHttp:
             return
         client = ex.conn.peer_ip
         node = f'"[{client}]"' if ":" in client else client
-        headers = [(n, v) for n, v in head.headers if n not in _NOT_FROM_CLIENT]
+        headers = [(n, v) for n, v in head.headers if n not in self.not_from_client]
         headers += [
             (b"x-forwarded-for", client.encode()),
             (b"x-forwarded-proto", self.scheme),
@@ -682,10 +690,11 @@ class IngressGateway:
 
     def __init__(self, config: GatewayConfig, holder: SnapshotHolder, telemetry: Telemetry, http: HttpConfig,
                  cap: ConnectionCap | None, *, new_http_outbound: Callable[[str], Any],
-                 new_tcp_outbound: Callable[[str], Any],
+                 new_tcp_outbound: Callable[[str], Any], traced: bool = False,
                  stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         from hostmesh.agent.proxy.http_conn import request_metrics
 
+        self.traced = traced  # its HTTP forwards record spans (the agent's [tracing]): keeps trace context
         self.config = config
         self.name = config.name
         self.holder = holder

@@ -249,7 +249,9 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
       trace). The request always leaves with the gateway's `traceparent` (`00` when unsampled), so
       the destination's agent follows the gateway's decision and its server span is the gateway
       span's child; `tracestate` goes on unchanged. Without `[tracing]`: no tracer, no per-request
-      work. (tls passthrough relays bytes: no spans, as for any TCP connection.)
+      tracing work, and the client's trace context (`traceparent`, B3) is dropped with the fields
+      the gateway replaces, so no destination follows an outside client's sampling either (edges.py
+      CLIENT_TRACE_CONTEXT). (tls passthrough relays bytes: no spans, as for any TCP connection.)
     """
     from hostmesh.agent.proxy.edges import IngressGateway
 
@@ -280,5 +282,5 @@ def build_gateway(cfg: AgentConfig, gw: GatewayConfig, holder: SnapshotHolder, t
 
     # accept + identify (listeners, the gateway's certificate) + authorize (rate limit) + route (document)
     return IngressGateway(gw, holder, telemetry, cfg.http, cap, new_http_outbound=http_outbound,
-                          new_tcp_outbound=tcp_outbound,
+                          new_tcp_outbound=tcp_outbound, traced=edge_tracer is not None,
                           stream_idle_timeout=cfg.stream_idle_timeout)  # fmt: skip
