@@ -260,6 +260,20 @@ class ExportLog:
         self.failures, self.cause = 0, ""
 
 
+def _rate_draws(sample: float) -> bool:
+    """Head sampling at `sample` (0..1): whether this request is traced."""
+    return sample > 0.0 and (sample >= 1.0 or _rng.random() < sample)
+
+
+def _span_in(ctx: Context | None, service: str, name: str, kind: int, start_ns: int) -> Span:
+    """A span in `ctx`'s trace, the child of its span; with no context, the root of a new trace."""
+    if ctx is not None:
+        return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns or time.time_ns())
+    return Span(
+        service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns or time.time_ns()
+    )
+
+
 class Tracer:
     """The agent's sampling decision, span factory and export queue (one per agent process).
 
@@ -307,16 +321,9 @@ class Tracer:
         if ctx is not None and ctx.sampled is not None:  # the caller decided
             if not ctx.sampled:
                 return None
-            trace_id, parent = ctx.trace_id, ctx.parent
-        else:  # no context, or one whose sender left the decision to us: the rate decides
-            s = self.sample
-            if s <= 0.0 or (s < 1.0 and _rng.random() >= s):
-                return None
-            if ctx is not None:
-                trace_id, parent = ctx.trace_id, ctx.parent
-            else:
-                trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
-        return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
+        elif not _rate_draws(self.sample):  # no context, or one whose sender left the decision to us
+            return None
+        return _span_in(ctx, service, name, kind, start_ns)
 
     def unsampled(self, client: list[tuple[bytes, bytes]],
                   headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # fmt: skip
@@ -520,15 +527,9 @@ class EdgeTracer:
               start_ns: int = 0) -> Span | None:  # fmt: skip
         """A span when the gateway's rate samples the request (drawn first: an unsampled request reads
         no header here), in the client's W3C trace when it sent a valid one."""
-        s = self.sample
-        if s <= 0.0 or (s < 1.0 and _rng.random() >= s):
+        if not _rate_draws(self.sample):
             return None
-        ctx = _w3c_context(headers)
-        if ctx is not None:
-            trace_id, parent = ctx.trace_id, ctx.parent
-        else:
-            trace_id, parent = _rng.getrandbits(128).to_bytes(16, "big"), b""
-        return Span(service, name, kind, trace_id, parent, start_ns or time.time_ns())
+        return _span_in(_w3c_context(headers), service, name, kind, start_ns)
 
     def unsampled(self, client: list[tuple[bytes, bytes]],
                   headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # fmt: skip
