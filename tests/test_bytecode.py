@@ -114,3 +114,17 @@ def test_bytecode_is_fresh_only_for_the_very_source_it_was_compiled_from(tmp_pat
         assert bytecode._fresh(str(source))
     finally:
         sys.pycache_prefix = saved
+
+
+def test_a_source_that_does_not_compile_is_skipped_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dependency may ship a file no Python 3 compiles (nothing imports it either): the others are
+    compiled all the same. (py_compile raises its own error type, not SyntaxError.)"""
+    bad, good = tmp_path / "bad.py", tmp_path / "good.py"
+    bad.write_text("print 'python 2'\n")
+    good.write_text("VALUE = 1\n")
+    monkeypatch.setattr(bytecode, "_required_sources", lambda: [str(bad), str(good)])
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "bytecode"))
+    assert bytecode.compile_cache(str(tmp_path / "bytecode")) == [str(bad)]
+    assert bytecode._fresh(str(good)) and not bytecode._fresh(str(bad))
