@@ -274,6 +274,29 @@ def _span_in(ctx: Context | None, service: str, name: str, kind: int, start_ns: 
     )
 
 
+def _unsampled_traceparent(ctx: Context | None) -> bytes:
+    """A `traceparent` flagged not sampled (`00`) in `ctx`'s trace, else in a new one, naming a new
+    span of this agent's (the one `_late_span` gives a failure's span)."""
+    span = _rng.getrandbits(64) or 1  # (IDs never all zero)
+    if ctx is not None and ctx.trace_id:
+        return b"00-%s-%016x-00" % (ctx.trace_id.hex().encode(), span)
+    return b"00-%032x-%016x-00" % (_rng.getrandbits(128) or 1, span)
+
+
+def _late_span(ctx: Context | None, ours: Context | None, service: str, name: str, kind: int,
+               started_monotonic: float) -> Span:  # fmt: skip
+    """A failed, unsampled request's span, built at its end: the span `ours` (the `00` context this
+    agent sent it on with) names, the child of `ctx`'s span when that is the same trace; without
+    `ours`, a span in `ctx`'s trace, else in a new one."""
+    start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
+    if ours is not None:
+        parent = ctx.parent if ctx is not None and ctx.trace_id == ours.trace_id else b""
+        span = Span(service, name, kind, ours.trace_id, parent, start_ns)
+        span.span_id = ours.parent
+        return span
+    return _span_in(ctx if ctx is not None and ctx.trace_id else None, service, name, kind, start_ns)
+
+
 class Tracer:
     """The agent's sampling decision, span factory and export queue (one per agent process).
 
@@ -343,12 +366,7 @@ class Tracer:
                 bad = True  # replaced below, as a sampled request's is (set_traceparent)
             elif n in (_B3, _B3_TRACE):
                 b3 = True
-        ctx = parse_b3(headers) if b3 else None
-        span = _rng.getrandbits(64) or 1  # (IDs never all zero)
-        if ctx is not None and ctx.trace_id:
-            value = b"00-%s-%016x-00" % (ctx.trace_id.hex().encode(), span)
-        else:
-            value = b"00-%032x-%016x-00" % (_rng.getrandbits(128) or 1, span)
+        value = _unsampled_traceparent(parse_b3(headers) if b3 else None)
         if headers is client:
             headers = list(headers)
         if bad:
@@ -362,17 +380,8 @@ class Tracer:
         """A failed, unsampled request's span, built at its end (`[tracing] errors`). `sent`: the
         headers the caller's agent forwarded it with; when `unsampled` gave them the context (the
         client sent no W3C one), the span is the one that context names."""
-        ctx = incoming_context(headers)
-        start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
         ours = _w3c_context(sent) if sent is not None and _w3c_context(headers) is None else None
-        if ours is not None:
-            parent = ctx.parent if ctx is not None and ctx.trace_id == ours.trace_id else b""
-            span = Span(service, name, kind, ours.trace_id, parent, start_ns)
-            span.span_id = ours.parent
-            return span
-        if ctx is not None and ctx.trace_id:
-            return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
-        return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
+        return _late_span(incoming_context(headers), ours, service, name, kind, started_monotonic)
 
     def finish(self, span: Span) -> None:
         span.end_ns = time.time_ns()
@@ -537,12 +546,7 @@ class EdgeTracer:
         own flagged not sampled (`00`) in place of the client's: the client's trace when it sent a
         valid one, else a new one, and a span ID of the gateway's (the one `late` gives its span).
         `client` is the client's own list: when `headers` is it, a copy is changed."""
-        ctx = _w3c_context(headers)
-        span = _rng.getrandbits(64) or 1  # (IDs never all zero)
-        if ctx is not None:
-            value = b"00-%s-%016x-00" % (ctx.trace_id.hex().encode(), span)
-        else:
-            value = b"00-%032x-%016x-00" % (_rng.getrandbits(128) or 1, span)
+        value = _unsampled_traceparent(_w3c_context(headers))
         if headers is client:
             headers = list(headers)
         set_traceparent(headers, value)
@@ -553,17 +557,8 @@ class EdgeTracer:
         """A failed, unsampled request's span, built at its end: the one the `traceparent` it was sent
         on with names (`unsampled`), the child of the client's span when that trace is the client's;
         a request that never went on: a span in the client's W3C trace, else in a new one."""
-        start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
-        ctx = _w3c_context(headers)
         ours = _w3c_context(sent) if sent is not None else None
-        if ours is not None:
-            parent = ctx.parent if ctx is not None and ctx.trace_id == ours.trace_id else b""
-            span = Span(service, name, kind, ours.trace_id, parent, start_ns)
-            span.span_id = ours.parent
-            return span
-        if ctx is not None:
-            return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns)
-        return Span(service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns)
+        return _late_span(_w3c_context(headers), ours, service, name, kind, started_monotonic)
 
     def end_http(self, span: Span | None, ex: Any, *, reporter: str, source: str, source_principal: str,
                  destination: str, destination_principal: str, subset: str, upstream_host: str,
