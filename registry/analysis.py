@@ -438,7 +438,9 @@ def _check_intentions(
     out: list[Finding] = []
     if key not in known and key not in externals:
         out.append(_unknown("intentions", key))
-    # decided per connection (or flow), as `apply` decides it (registry/documents.py protocol_of)
+    # Enforced by the destination's own agent, which decides by the protocol its service is served
+    # with (agent/proxy/inbound.py), so the catalog's; a route document steers only the callers (a
+    # policy's protocol is theirs: _connection_protocol). Per connection (or flow) when not http.
     protocols = catalog.protocols(key)
     decided_as: str | None = service_protocol(protocols) if protocols else None
     if key in externals:
