@@ -593,6 +593,16 @@ def __getattr__(name: str) -> Any:
 
 # --- agent validate ----------------------------------------------------------------------------
 
+AGENT_USER = "hostmesh"  # User= of systemd/hostmesh-agent.service, made by the .deb and the Ansible role
+
+
+def _user_exists(pwd: Any, name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
 
 @click.command("validate")
 @click.option(
@@ -603,16 +613,36 @@ def __getattr__(name: str) -> Any:
     is_flag=True,
     help="Skip the files agent.toml names and their permissions (another root's, or made later).",
 )
-def validate(config_path: Path, no_files: bool) -> None:
+@click.option(
+    "--user",
+    "agent_user",
+    metavar="NAME",
+    help=f"Run as root: the user the agent runs as, who must be able to read those files (default: "
+    f"{AGENT_USER}, the unit's, when it exists; '' skips the check).",
+)
+def validate(config_path: Path, no_files: bool, agent_user: str | None) -> None:
     """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
     validate --config %s`). Exit 0 and "ok", or 1 and the one-line error."""
-    from hostmesh.agent.config import ConfigError, check_gateway_certificates, check_permissions, load_config
+    import os
+    import pwd
 
+    from hostmesh.agent.config import (
+        ConfigError,
+        check_gateway_certificates,
+        check_permissions,
+        check_readable_as,
+        load_config,
+    )
+
+    if agent_user is None:  # the unit's user, where the package (or the role) made it
+        agent_user = AGENT_USER if _user_exists(pwd, AGENT_USER) else ""
     try:
         cfg = load_config(config_path, check_files=not no_files)
         if not no_files:  # what the agent would refuse at start
             check_permissions(cfg, config_path)
             check_gateway_certificates(cfg, config_path)
+            if agent_user and agent_user != "root" and os.geteuid() == 0:  # what it could not read
+                check_readable_as(cfg, agent_user)
     except ConfigError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     apps = sum(1 for s in cfg.services if not s.kind)  # a gateway is in `services` too (agent/config.py)

@@ -1062,6 +1062,76 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
         _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
 
 
+def files_the_agent_reads(cfg: AgentConfig) -> list[tuple[str, Path]]:
+    """The files agent.toml names that the agent reads, by the setting naming each, those that exist:
+    Consul's token and TLS files, the join token, the gateways' certificates, and the trust bundle,
+    certificates and keys already in its cert dir. (Not agent.toml itself: Ansible validates a copy
+    in a directory of its own.)"""
+    from hostmesh.ca.files import roots_path
+
+    consul = cfg.consul_settings()
+    named: list[tuple[str, str | Path | None]] = [
+        ("[consul] token_file", consul.token_file), ("[consul] ca_file", consul.ca_file),
+        ("[consul] cert_file", consul.cert_file), ("[consul] key_file", consul.key_file),
+        ("[ca] token_file", cfg.ca.token_file), ("the trust bundle", roots_path(cfg.certs_dir)),
+    ]  # fmt: skip
+    for svc in cfg.services:
+        chain, key = cert_paths(cfg.certs_dir, svc.name)
+        named += [(f"the certificate of {svc.name}", chain), (f"the key of {svc.name}", key)]
+    for gw in cfg.gateways:
+        for lst in gw.listeners:
+            for c in lst.certificates:
+                named += [
+                    (f"gateway {gw.name}'s cert_file", c.cert_file),
+                    (f"gateway {gw.name}'s key_file", c.key_file),
+                ]
+    return [(name, Path(p)) for name, p in named if p is not None and os.path.lexists(p)]
+
+
+def check_readable_as(cfg: AgentConfig, user: str) -> None:
+    """As root: refuse when `user` (the one the agent runs as) cannot read a file the agent reads
+    (files_the_agent_reads); ConfigError, one line. Checked by a child that takes the user's uid,
+    gid and groups and opens each file, so the kernel decides (modes, ACLs, directories on the way),
+    not a reading of mode bits. Root reads anything: a root-owned 0600 token file passed `validate`
+    run as root, and the agent then failed at start, or at its first certificate request."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"no user {user!r} on this host to check the files as") from None
+    files = files_the_agent_reads(cfg)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns (os._exit), whatever happens
+        problem = b""
+        try:
+            os.close(read)
+            os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            for name, path in files:
+                try:  # opening is the check (non-blocking: a FIFO would wait for a writer)
+                    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                except OSError as exc:
+                    problem = (
+                        f"{name} {path}: cannot read as {user}, whom the agent runs as ({exc.strerror}); "
+                        f"fix: chown {user} {path} (and let {user} through the directories above it)"
+                    ).encode()
+                    break
+        except BaseException as exc:  # reported by the parent: the child only exits
+            problem = f"the check as {user} failed: {exc}".encode()
+        finally:
+            os.write(write, (problem or b"ok")[:4000])
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        said = answer.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    if said != "ok":
+        raise ConfigError(said or f"the check as {user} did not finish")
+
+
 def _file_kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip

@@ -4,6 +4,7 @@ token or key others can read: exit 1 and one line that says what to run to fix i
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -160,8 +161,11 @@ def test_a_literal_token_in_an_agent_toml_every_user_can_read_is_refused(open_di
 
 
 def validate(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`agent validate`, as root without the check as the agent's user unless `args` name one (the
+    .deb's tests create and remove the `hostmesh` user while other tests run)."""
+    user = () if "--user" in args else ("--user", "")
     return subprocess.run(
-        [*HOSTMESH, "agent", "validate", "--config", str(config), *args],
+        [*HOSTMESH, "agent", "validate", "--config", str(config), *user, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -183,3 +187,34 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     assert validate(config, "--no-files").returncode == 0
     cert.write_text("-----BEGIN CERTIFICATE-----\n")  # there now; the key is what is missing
     assert f"ingress listener 127.0.0.1:18443: {key}: " in one_line_error(validate(config))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")
+def test_validate_as_root_refuses_a_file_the_agents_user_cannot_read(open_dir: Path) -> None:
+    """Root reads any file: a join token written by root 0600 passed `agent validate` (the .deb's
+    check before a restart, Ansible's before a new agent.toml), and the agent, which runs as its
+    own user, then could not read it. Checked as that user now (here `nobody`)."""
+    config, _, token = write_config(open_dir)
+    nobody = pwd.getpwnam("nobody")
+    expected = (
+        f"Error: [ca] token_file {token}: cannot read as nobody, whom the agent runs as (Permission denied); "
+        f"fix: chown nobody {token} (and let nobody through the directories above it)"
+    )
+    assert one_line_error(validate(config, "--user", "nobody")) == expected
+    assert validate(config, "--user", "").returncode == 0  # '' skips the check
+    os.chown(token, nobody.pw_uid, -1)
+    assert validate(config, "--user", "nobody").returncode == 0
+    consul_token = open_dir / "consul-token"
+    consul_token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
+    consul_token.chmod(0o640)  # root's group, not the agent's
+    config.write_text(config.read_text() + f'[consul]\ntoken_file = "{consul_token}"\n')
+    assert f"[consul] token_file {consul_token}: cannot read as nobody" in one_line_error(
+        validate(config, "--user", "nobody")
+    )
+    os.chown(consul_token, -1, nobody.pw_gid)  # the agent's group may read it
+    assert validate(config, "--user", "nobody").returncode == 0
+    open_dir.chmod(0o700)  # a directory on the way keeps the user out
+    assert "cannot read as nobody" in one_line_error(validate(config, "--user", "nobody"))
+    assert one_line_error(validate(config, "--user", "no-such-user-here")) == (
+        "Error: no user 'no-such-user-here' on this host to check the files as"
+    )

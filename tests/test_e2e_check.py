@@ -198,7 +198,8 @@ def test_intention_check_agrees_with_traffic(mesh: WebMesh) -> None:
 
 
 def test_agent_validate(mesh: WebMesh, tmp_path: Path) -> None:
-    ok = mesh.m.hostmesh("agent", "validate", "--config", str(mesh.web.config_path))
+    # as root, not also as the agent's user (the .deb's tests make and remove `hostmesh` meanwhile)
+    ok = mesh.m.hostmesh("agent", "validate", "--config", str(mesh.web.config_path), "--user", "")
     assert ok.returncode == 0 and "ok" in ok.stdout
     bad = tmp_path / "agent.toml"
     bad.write_text(mesh.web.config_path.read_text().replace('protocol = "http"', 'protocol = "htp"', 1))
