@@ -446,6 +446,11 @@ class CertManager:
                 raise access_denied(self.token_file, exc) from None
             except OSError:
                 text = ""
+            except UnicodeDecodeError:  # e.g. saved as UTF-16: a bare codec error named no file
+                raise Unauthorized(
+                    f"{self.token_file} is not UTF-8 text: a join token or a workload identity is one "
+                    "line of printable characters"
+                ) from None
         source = str(self.token_file)
         if not text and self.token_env:
             text, source = os.environ.get(self.token_env, "").strip(), f"${self.token_env}"

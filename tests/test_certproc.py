@@ -199,14 +199,15 @@ def test_after_a_restart_every_certificate_is_listed_while_the_helper_checks_it(
     assert states[-1] == {"valid"}, states
 
 
-@pytest.mark.parametrize("case", ["two-tokens", "acl-token"])
+@pytest.mark.parametrize("case", ["two-tokens", "acl-token", "utf-16"])
 async def test_a_token_file_that_holds_no_join_token_is_named_not_sent(
     mesh: tuple[LocalMesh, AgentHandle], case: str
 ) -> None:
     """Two tokens in the file (or one with a space) went out as a header the HTTP client refused,
     and the error spoke of an authorization header, naming no file. A Consul (or Nomad) ACL token
     written where the join token goes, a likely mix-up beside consul-token, was sent to the CA,
-    which refused it as malformed: it stays on the host."""
+    which refused it as malformed: it stays on the host. A file that is not UTF-8 stopped the agent
+    with a bare codec error."""
     m, h = mesh
     token_file = h.data_dir / "join-token"
     if case == "two-tokens":
@@ -215,6 +216,9 @@ async def test_a_token_file_that_holds_no_join_token_is_named_not_sent(
             "does not hold one token: a join token or a workload identity is one line of printable "
             "characters, without spaces"
         )
+    elif case == "utf-16":  # as an editor saving "Unicode" writes it: the error named no file
+        token_file.write_bytes((m.token("api") + "\n").encode("utf-16"))
+        why = "is not UTF-8 text: a join token or a workload identity is one line of printable characters"
     else:
         token_file.write_text(f"{uuid.uuid4()}\n")
         why = (
