@@ -397,6 +397,19 @@ def test_plain_http_listener_and_unknown_host(edges: Edges) -> None:
     assert unknown.headers["x-hostmesh-response-flags"] == "NR"
 
 
+def test_a_host_field_that_names_no_host_is_refused_at_the_edge(edges: Edges) -> None:
+    """Through a wildcard route, a client's Host became elements of the app's `forwarded` field (an
+    app taking its last element for the client saw 6.6.6.6) and reached the app as its Host."""
+    for forged in ("x.b.example.test,for=6.6.6.6;host=y.b.example.test", 'a";for=6.6.6.6;x=".b.example.test'):
+        refused = http_get(edges.http_port, forged)
+        assert (refused.status, refused.headers["x-hostmesh-response-flags"]) == (400, "DPE"), forged
+    ok = http_get(edges.http_port, "WWW.b.example.test:80")
+    assert ok.status == 200
+    seen = edges.backends[ok.headers["x-instance"]].last_headers
+    assert seen[b"forwarded"] == b'for=127.0.0.1;proto=http;host="www.b.example.test:80"'
+    assert seen[b"host"] == b"WWW.b.example.test:80"  # the app gets the field as the client sent it
+
+
 def test_tls_passthrough_by_sni_to_a_tcp_service(edges: Edges) -> None:
     ctx = client_tls(edges)
     raw = socket.create_connection(("127.0.0.1", edges.tls_port), timeout=IO_TIMEOUT)

@@ -74,13 +74,29 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
 @pytest.mark.parametrize(
     ("host", "want"),
     [
-        (b"a.example.test", "a.example.test"),
-        (b"A.Example.TEST:8443", "a.example.test"),
-        (b"[::1]:80", "[::1]"),
+        (b"a.example.test", ("a.example.test", "a.example.test")),
+        (b"A.Example.TEST:8443", ("a.example.test", "a.example.test:8443")),
+        (b"[::1]:80", ("[::1]", "[::1]:80")),
+        (b"127.0.0.1", ("127.0.0.1", "127.0.0.1")),
+        (b"_acme.example.test", ("_acme.example.test", "_acme.example.test")),
+        # what a client could make an element of the `forwarded` field, or send an app as its Host
+        (b"x.b.example.test,for=6.6.6.6;host=y.b.example.test", None),
+        (b'a";for=6.6.6.6;x=".b.example.test', None),
+        (b"x y.b.example.test", None),
+        (b"a.example.test:", None),
+        (b"a.example.test:123456", None),
+        (b"a%2eexample.test", None),
+        (b"user@a.example.test", None),
+        (b"[::1", None),
+        (b"", ("", "")),
     ],
 )
-def test_request_host(host: bytes, want: str) -> None:
+def test_request_host(host: bytes, want: tuple[str, str] | None) -> None:
     assert _request_host([(b"host", host)]) == want
+
+
+def test_no_host_field_is_no_host() -> None:
+    assert _request_host([(b"accept", b"*/*")]) == ("", "")
 
 
 def base(**extra: Any) -> dict[str, Any]:

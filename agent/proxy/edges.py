@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -377,14 +378,26 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
 # --- ingress -----------------------------------------------------------------------------------
 
 
-def _request_host(headers: list[tuple[bytes, bytes]]) -> str:
+# A Host field the gateway routes by and passes on: a DNS name (letters, digits, `-`, `_`, dots) or a
+# bracketed IP literal, then an optional port. RFC 3986 allows more in a reg-name (percent-escapes,
+# `,;=!$&'()*+`), which no route or certificate names; passed on, a client's `,` and `;` became
+# elements of the `forwarded` field (`host=x.b.example.test,for=6.6.6.6` through a wildcard route:
+# an app reading the last element took 6.6.6.6 for the client). re: linear for this pattern.
+_HOST_FIELD = re.compile(r"([a-z0-9_][a-z0-9_.-]*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+    """The request's Host field as (host, host[:port]), lower case; ("", "") without one (HTTP/1.0)
+    or with an empty one (llhttp refuses two); None when it is not a host name or IP literal with
+    an optional port."""
     for n, v in headers:
         if n == b"host":
-            host = v.decode("latin-1").strip().lower()
-            if host.startswith("["):
-                return host.split("]")[0] + "]"
-            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return ""
+            authority = v.decode("latin-1").strip().lower()
+            if not authority:  # HTTP's own "no authority" (routed by no host)
+                return "", ""
+            match = _HOST_FIELD.fullmatch(authority)
+            return (match.group(1), authority) if match else None
+    return "", ""
 
 
 FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-forwarded-proto")
@@ -468,7 +481,11 @@ class IngressHttp:
         if retry_after := self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
             ex.respond(429, flags.RL, "rate limited", extra=retry_after)
             return
-        host = _request_host(head.headers)
+        named = _request_host(head.headers)
+        if named is None:
+            ex.respond(400, flags.DPE, "invalid Host field")
+            return
+        host, authority = named
         route = doc.http_route(host, head.target) if doc is not None else None
         if route is None:
             ex.respond(404, flags.NR, f"no gateway route for host {host!r}")
@@ -479,7 +496,8 @@ class IngressHttp:
         headers += [
             (b"x-forwarded-for", client.encode()),
             (b"x-forwarded-proto", self.scheme),
-            (b"forwarded", f"for={node};proto={self.scheme.decode()};host={host}".encode()),
+            # RFC 7239: host is the Host field as received, quoted (a port's `:` is not a token character)
+            (b"forwarded", f'for={node};proto={self.scheme.decode()};host="{authority}"'.encode()),
         ]
         ex.head = head._replace(headers=headers)
         out = gw.http_outbound(route.service)
