@@ -56,6 +56,7 @@ BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16
 # open a connection more.
 BLOCKING_CONNECTIONS = 4
 TOKEN_HEADER = "X-Consul-Token"
+INDEX_HEADER = "x-consul-index"  # (HTTPClient lower-cases answer field names)
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
 UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
@@ -334,7 +335,7 @@ def _denied(op: Op, body: bytes) -> PermissionDenied:
 
 def _index(resp: Response) -> int:
     """X-Consul-Index (0 when absent, as on writes)."""
-    raw = resp.headers.get("x-consul-index", "0")
+    raw = resp.headers.get(INDEX_HEADER, "0")
     if not raw.isascii() or not raw.isdigit():
         raise _WrongShape("an X-Consul-Index header that is not a whole number")
     return int(raw)
@@ -402,6 +403,10 @@ class ConsulClient:
                 method, target, body, headers, blocking_wait + BLOCKING_SLACK
             )
         if resp.status < 300 or resp.status in allow:
+            if resp.status == 404 and INDEX_HEADER not in resp.headers:  # only KV reads allow a 404
+                # Consul's "no such key" carries the index to block on; a 404 without one is another
+                # server's (Nomad, Vault, a proxy with no /v1/ route), read before as "no documents"
+                raise self._unexpected(op, "404 without X-Consul-Index (not Consul's KV API)")
             return resp
         if resp.status == 403:
             raise _denied(op, resp.body)

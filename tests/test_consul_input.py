@@ -337,6 +337,28 @@ def test_cli_against_a_service_that_is_not_consul_prints_one_line(
     assert line.startswith(f"Error: unexpected answer from Consul at {not_consul.url} to "), line
 
 
+@pytest.mark.parametrize("call", ["kv_get", "kv_get_blocking", "kv_list"])
+async def test_a_404_without_consuls_index_is_unexpected_answer(not_consul: NotConsul, call: str) -> None:
+    """A KV read takes Consul's 404 for "no such key"; Nomad's, Vault's or a proxy's 404 page (no
+    X-Consul-Index, which Consul sends with every KV answer) was read the same way: no documents."""
+    not_consul.answer(b"404 page not found\n", 404, "text/plain; charset=utf-8")
+    async with ConsulClient(not_consul.url) as consul:
+        with pytest.raises(UnexpectedAnswer, match="404 without X-Consul-Index"):
+            await CALLS[call](consul)
+    not_consul.headers["X-Consul-Index"] = "7"  # Consul's own "no such key"
+    async with ConsulClient(not_consul.url) as consul:
+        await CALLS[call](consul)
+
+
+@pytest.mark.parametrize("args", [("route", "list"), ("intention", "list"), ("route", "get", "x")])
+def test_cli_against_a_404_page_prints_one_line(not_consul: NotConsul, args: tuple[str, ...]) -> None:
+    """`route list` said "no route documents" with exit 0 against a server answering 404 to all."""
+    not_consul.answer(b"404 page not found\n", 404, "text/plain; charset=utf-8")
+    line = fails(hm("--consul", not_consul.url, *args))
+    assert line.startswith(f"Error: unexpected answer from Consul at {not_consul.url} to "), line
+    assert "404 without X-Consul-Index" in line
+
+
 async def test_every_call_accepts_what_a_real_consul_answers(consul: ConsulDev) -> None:
     """The shape checks are Consul's shapes: each call above, against a real Consul, raises nothing
     (other than the check-and-set it is meant to lose)."""
