@@ -56,6 +56,8 @@ BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16
 # open a connection more.
 BLOCKING_CONNECTIONS = 4
 TOKEN_HEADER = "X-Consul-Token"
+# What Consul (Go's net/http) answers to plain HTTP on its HTTPS port, untyped, the body ending at close
+PLAIN_TO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server."
 INDEX_HEADER = "x-consul-index"  # (HTTPClient lower-cases answer field names)
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
@@ -416,6 +418,12 @@ class ConsulClient:
             raise NotFound(f"{op.what}: not found")
         if resp.status == 429:  # a Consul agent over its RPC rate limit (limits.rpc_rate): later
             raise Unavailable(f"Consul is busy for {op.what}: 429 {_detail(resp)}")
+        if resp.status == 400 and resp.body.startswith(PLAIN_TO_TLS_ANSWER):
+            said = PLAIN_TO_TLS_ANSWER.decode()
+            raise Rejected(
+                400, f"{self.url} answers in TLS (Consul said: {said}): use an https:// address, or "
+                "CONSUL_HTTP_SSL=true",
+            )  # fmt: skip
         if resp.status < 500:
             raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
         raise Unavailable(f"Consul failed {op.what}: {resp.status} {_detail(resp)}")

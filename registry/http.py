@@ -89,6 +89,14 @@ class Response:
         return cls.of_json(status, {"error": message})
 
 
+def _ends_at_close(sink: _Parsed, status: int) -> bool:
+    """An answer whose body is what comes until the connection closes: neither a length nor chunked,
+    and a status that has a body (Go's servers answer so, Consul's to plain HTTP on its TLS port:
+    'HTTP/1.0 400' and a line; httptools has no call for the end of input)."""
+    framed = "content-length" in sink.headers or "transfer-encoding" in sink.headers
+    return not framed and status not in (204, 304) and status >= 200
+
+
 class _Parsed:
     """httptools callback sink for one response (the client's side). Interim answers (1xx but 101:
     100 Continue, 103 Early Hints) are skipped, at most MAX_INTERIM_ANSWERS of them: the final answer
@@ -310,8 +318,10 @@ class HTTPClient:
             while not sink.complete:
                 chunk = await reader.read(READ_SIZE)
                 if not chunk:
-                    if sink.head_done and not sink.complete:
-                        _feed(parser, b"")  # lets a read-until-close body complete
+                    status = parser.get_status_code()
+                    if sink.head_done and not sink.complete and _ends_at_close(sink, status):
+                        sink.complete = True  # RFC 9112 §6.3: a body without a length ends at close
+                        sink.keep_alive = False
                     if not sink.complete:
                         raise EOFError("connection closed before the response was complete")
                     break

@@ -234,6 +234,18 @@ def test_https_is_verified_both_ways(secure: SecureConsulDev, tokens: Tokens, tm
     asyncio.run(main())
 
 
+def test_plain_http_to_consuls_https_port_says_to_use_https(secure: SecureConsulDev, tokens: Tokens) -> None:
+    """The address without https:// (a common slip): Consul answers 400 and a line that ends at the
+    connection's close, which the client took for a cut answer ("connection closed before the
+    response was complete", retried as an outage)."""
+    plain = secure.url.replace("https://", "http://")
+    env = {**secure.client_env(tokens.operator), "CONSUL_HTTP_ADDR": plain}
+    assert fails(CliRunner().invoke(cli, ["route", "list"], env=env)) == (
+        f"Error: {plain} answers in TLS (Consul said: Client sent an HTTP request to an HTTPS server.): "
+        "use an https:// address, or CONSUL_HTTP_SSL=true"
+    )
+
+
 def test_acl_policy_command_prints_what_consul_accepts(secure: SecureConsulDev) -> None:
     out = CliRunner().invoke(cli, ["acl", "policy", "agent", "--service", "web", "--service", "api"]).stdout
     assert 'service "web" {\n  policy = "write"\n}' in out and 'service "api"' in out

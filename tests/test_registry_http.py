@@ -267,6 +267,31 @@ async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) 
         assert str(err.value) == f"{scheme}://127.0.0.1:{client.port}: {want}"
 
 
+@pytest.mark.parametrize(
+    ("answer", "status", "body"),
+    [
+        (b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n", 400,
+         b"Client sent an HTTP request to an HTTPS server.\n"),
+        (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n[]", 200, b"[]"),
+    ],
+)  # fmt: skip
+async def test_client_takes_a_body_that_ends_when_the_connection_closes(
+    answer: bytes, status: int, body: bytes
+) -> None:
+    """Neither a length nor chunked: the body is what comes until the close (RFC 9112 §6.3), as Consul
+    answers plain HTTP on its HTTPS port. It was read as a cut answer."""
+
+    async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    async with raw_peer(close_delimited) as client:
+        resp = await client.request("GET", "/v1/kv/x")
+    assert (resp.status, resp.body) == (status, body)
+
+
 async def test_client_skips_interim_answers_and_keeps_answers_with_their_requests() -> None:
     """A 100 Continue (or 103) before the answer is not the answer: taking it as one made a collector
     that sends `100` then `500` look as if every other batch was accepted, each failure landing on the
