@@ -1,4 +1,4 @@
-"""The optimized bytecode an agent runs from, compiled ahead of it into a cache of its own.
+"""The optimized bytecode an agent runs from, compiled ahead of it into a cache it reads.
 
 The systemd unit runs the agent with PYTHONOPTIMIZE=2, as `python -OO`: no docstrings or asserts
 in memory (the asserts only narrow types). Measured on the bench's idle L7 pair, settled, per
@@ -7,25 +7,36 @@ agent: the compiled build 30.6-30.7 -> 29.7-29.9 MiB, the pure one 29.8-29.9 -> 
 Neither Debian's python3.11 nor pip ships such bytecode (.opt-2.pyc), and the agent may not write
 next to the sources. Compiled by the agent's own process as each module loads, the compiler's
 garbage stayed in its heap: 31.2 MiB idle, more than without -OO. So the unit also sets
-PYTHONPYCACHEPREFIX (/var/cache/hostmesh/bytecode, systemd's CacheDirectory), and before it loads
-anything heavy the agent runs this module in a child process (`prepare`), which compiles what is
-missing or stale there: the standard library, hostmesh, and the distributions hostmesh requires
-(theirs too; not the extras). ~1-3 s once after an install, an upgrade or a Python update; a stat
-and a 16-byte read per file, ~0.1 s, when nothing is. Fresh means what the importer checks: the
-source's mtime and size (compileall's own check reads the mtime alone, and a rebuilt package can
-keep a file's mtime). What it wrote is synced, so a crash cannot leave a whole header over a short
-body, which no later start would redo. The agent then only reads the cache
-(PYTHONDONTWRITEBYTECODE=1), and so do its certificate helper and workers, which inherit both
+PYTHONPYCACHEPREFIX (/var/cache/hostmesh/bytecode), and this module compiles what is missing or
+stale there: the standard library, hostmesh, and the distributions hostmesh requires (theirs too;
+not the extras). ~1-3 s once after an install, an upgrade or a Python update; a stat and a 16-byte
+read per file, ~0.1 s, when nothing is. Fresh means what the importer checks: the source's mtime
+and size (compileall's own check reads the mtime alone, and a rebuilt package can keep a file's
+mtime). What it wrote is synced, so a crash cannot leave a whole header over a short body, which
+no later start would redo.
+
+Who compiles. Bytecode in the cache runs as whoever loads it: a cache the agent's user could write
+would run what was planted there at each start. Under systemd root compiles, before the agent
+starts: the unit's `ExecStartPre=-+` runs `python -I -B -m hostmesh.agent.bytecode PREFIX` with the
+agent's interpreter (`compile_for_the_agent`; -I: nothing loads from the cache before it is checked,
+-B: nothing is written beside the sources). It refuses a prefix below a directory another user may
+write, removes a prefix that is not root's alone (the previous releases' cache was the agent's
+user's: anything in it may be planted), and leaves the tree root's, mode 0755/0644: the agent reads
+it and cannot write it (not a CacheDirectory=, which systemd gives to the unit's User= at each
+start; ProtectSystem=strict besides). Then the agent, before it loads anything heavy, runs this
+module in a child process as its own user (`prepare`), into its interpreter's prefix: the same
+walk, which finds nothing stale and so writes nothing. That check is kept (~0.2 s a start) because
+it tells when root's compile did not happen: the child cannot write what is stale, and the agent
+logs it. An agent run another way (by hand, in Nomad) with both variables has that child compile
+into its prefix, which its user must then be able to write, as before. The agent only reads the
+cache (PYTHONDONTWRITEBYTECODE=1), and so do its certificate helper and workers, which inherit the
 variables; a worker does not prepare again (its primary did, before starting it).
 
-A prepare that fails or runs out of time costs memory, never the start: the agent says so in one
-line and compiles what it loads itself (a cache it cannot write is found before anything is
-compiled). Without both settings nothing here runs.
-
-The cache is as trusted as the agent's data directory: both belong to the agent's user alone
-(mode 0700), and bytecode planted there runs as that user, whose keys are already beside it. The
-.deb empties it at every install and upgrade (postinst), so nothing compiled for, or planted under,
-the previous release is loaded after it.
+A compile that fails or runs out of time costs memory, never the start: root's is bounded below the
+unit's start timeout and its failure ignored (the `-`); the agent says so in one line and compiles
+what it loads itself (a cache it cannot write is found at the first stale file). Without both
+settings nothing here runs. The .deb removes the cache at every install and upgrade (postinst) and
+with itself (postrm), so nothing compiled for the previous release is loaded after it.
 """
 
 from __future__ import annotations
@@ -75,15 +86,13 @@ def prepare() -> None:
 
 def compile_cache(prefix: str) -> list[str]:
     """Compile (optimization 2) into `prefix` every source the agent may load whose bytecode there
-    is missing or stale; the sources that did not compile. Raises OSError when `prefix` cannot be
-    written (said at once: compiling ~1,200 files only to lose each one took ~3 s)."""
+    is missing or stale; the sources that did not compile. Nothing is written when nothing is
+    stale, so a cache prepared by root reads fine; raises OSError at the first stale source whose
+    bytecode cannot be written (said at once: compiling ~1,200 files only to lose each one took ~3 s)."""
     import importlib.util
     import py_compile
     import sysconfig
-    import tempfile
 
-    os.makedirs(prefix, exist_ok=True)
-    tempfile.TemporaryFile(dir=prefix).close()
     sources: list[str] = []
     for root, dirs, files in os.walk(sysconfig.get_path("stdlib")):
         dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP and not d.startswith("config-")]
@@ -103,13 +112,67 @@ def compile_cache(prefix: str) -> list[str]:
                 continue
             _compile(source)
             wrote = True
-        except (OSError, py_compile.PyCompileError, ValueError):
+        except (py_compile.PyCompileError, ValueError):
+            failed.append(source)  # not Python 3 (a template, a file for another Python)
+        except OSError:
             if not os.path.isfile(source):
                 continue  # listed in a RECORD, not installed (or gone since)
-            failed.append(source)
+            if not os.access(source, os.R_OK):
+                failed.append(source)
+                continue
+            raise  # the source reads: what failed is writing its bytecode
     if wrote:  # a file whose body a crash cut short behind a whole header would never be redone
         os.sync()
     return failed
+
+
+def compile_for_the_agent(prefix: str) -> list[str]:
+    """As root, before the agent starts (the unit's ExecStartPre): compile into `prefix`, a cache
+    only root may write and the agent reads, after making sure no other user can have put anything
+    there. Run as `python -I -B -m hostmesh.agent.bytecode PREFIX`: -I, so that nothing loads from
+    the cache before it is checked (the unit's PYTHONPYCACHEPREFIX is ignored), and -B, so that
+    nothing is written beside the sources. Raises OSError when a directory above `prefix` may be
+    written by another user, or is a symbolic link."""
+    import shutil
+    import stat
+
+    if not os.path.isabs(prefix):
+        raise OSError(f"{prefix}: not an absolute path")
+    prefix = os.path.normpath(prefix)
+    os.umask(0o022)  # the unit's UMask=0077 applies to ExecStartPre=+ too: the agent's user reads all of it
+    me = os.geteuid()
+    path = os.path.dirname(prefix)
+    above = []
+    while True:
+        above.append(path)
+        if path == os.path.dirname(path):
+            break
+        path = os.path.dirname(path)
+    for path in reversed(above):  # from /: the first one others may write is the one to name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            break  # created below, by this user
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(f"{path} is a symbolic link (its target is not checked)")
+        if st.st_uid not in (0, me):
+            raise OSError(f"{path} belongs to uid {st.st_uid}, who could replace what is below it")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:  # sticky (/tmp): only an entry's owner
+            mode = stat.S_IMODE(st.st_mode)  # may rename or remove it
+            raise OSError(f"{path} may be written by other users (mode {mode:04o})")
+    try:
+        st = os.lstat(prefix)
+    except FileNotFoundError:
+        pass
+    else:  # the previous releases' cache belonged to the agent's user: anything in it may be planted
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            os.unlink(prefix)
+        elif st.st_uid != me or st.st_mode & 0o022:
+            shutil.rmtree(prefix)  # (fd-based on Linux: a symbolic link inside is removed, not followed)
+    os.makedirs(prefix, mode=0o755, exist_ok=True)
+    os.chmod(prefix, 0o755)
+    sys.pycache_prefix = prefix  # only now: from here on the importer may read it too
+    return compile_cache(prefix)
 
 
 def _fresh(source: str) -> bool:
@@ -162,12 +225,31 @@ def _required_sources() -> list[str]:
     return out
 
 
-if __name__ == "__main__":
-    if not sys.pycache_prefix:
+def main(argv: list[str]) -> None:
+    """`python -m hostmesh.agent.bytecode`: the agent's child (prepare), into the interpreter's
+    cache prefix; `python -I -B -m hostmesh.agent.bytecode PREFIX`: root, before the agent starts
+    (compile_for_the_agent). One line on stderr and a non-zero exit when nothing could be done."""
+    if len(argv) > 1:
+        sys.exit("usage: python -m hostmesh.agent.bytecode [PREFIX]")
+    if argv:
+        import signal
+
+        prefix = argv[0]
+        # bounded below the unit's TimeoutStartSec=90s, which counts ExecStartPre: the agent starts anyway
+        signal.signal(signal.SIGALRM, lambda *_: sys.exit(f"{prefix}: not done within {PREPARE_TIMEOUT:g} s"))
+        signal.alarm(int(PREPARE_TIMEOUT))
+        compile = compile_for_the_agent
+    elif sys.pycache_prefix:
+        prefix, compile = sys.pycache_prefix, compile_cache
+    else:
         sys.exit("no bytecode cache: set PYTHONPYCACHEPREFIX (or -X pycache_prefix)")
     try:
-        failed = compile_cache(sys.pycache_prefix)
-    except OSError as exc:
-        sys.exit(f"cannot write {sys.pycache_prefix}: {exc.strerror or exc}")
+        failed = compile(prefix)
+    except OSError as exc:  # (compile_for_the_agent's refusals are OSError(text): no strerror)
+        sys.exit(f"cannot {'prepare' if argv else 'write'} {prefix}: {exc.strerror or exc}")
     if failed:  # nothing imports them either (a template, a file for another Python): said, not fatal
         print(f"{len(failed)} source(s) did not compile, the first {failed[0]}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

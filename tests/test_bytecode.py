@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -67,6 +69,80 @@ def test_the_agents_modules_and_their_dependencies_are_compiled_once(tmp_path: P
         capture_output=True, text=True, timeout=CHILD_TIMEOUT,
     )  # fmt: skip
     assert out.stdout == "None\n"
+
+
+def compile_as_root(prefix: Path) -> subprocess.CompletedProcess[str]:
+    """What the unit's ExecStartPre runs as root (here as this user), under the unit's UMask=."""
+    return subprocess.run(
+        [sys.executable, "-I", "-B", "-m", "hostmesh.agent.bytecode", str(prefix)],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT, umask=0o077,
+    )  # fmt: skip
+
+
+def unwritable(prefix: Path) -> list[str]:
+    """Makes `prefix` what root's cache is to the agent, one it reads and cannot write (its tree
+    read-only), and returns the command prefix to run the agent so: for root, whom modes do not
+    stop, a user namespace (util-linux's unshare), where root's override does not reach the files."""
+    for root, _dirs, files in os.walk(prefix):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o444)
+        os.chmod(root, 0o555)
+    if os.geteuid() != 0:
+        return []
+    probe = ["unshare", "--user", "sh", "-c", f"! touch {prefix}/probe 2>/dev/null"]
+    if shutil.which("unshare") is None or subprocess.run(probe, timeout=CHILD_TIMEOUT).returncode != 0:
+        pytest.skip("root cannot give up writing the cache here: no unshare --user")
+    return ["unshare", "--user"]
+
+
+def test_the_agent_reads_roots_cache_without_a_word(tmp_path: Path) -> None:
+    """Under systemd root compiles the cache (ExecStartPre) and the agent may not write it: its own
+    prepare finds nothing stale, says nothing, and its modules load optimized from that cache."""
+    prefix = tmp_path / "bytecode"
+    done = compile_as_root(prefix)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert stat.S_IMODE(prefix.stat().st_mode) == 0o755  # the agent's user reads it (UMask=0077 in the unit)
+    pyc = cached(prefix, hostmesh.agent.run.__file__)
+    assert stat.S_IMODE(pyc.stat().st_mode) == 0o644 and stat.S_IMODE(pyc.parent.stat().st_mode) == 0o755
+    code = (
+        "from hostmesh.agent.bytecode import prepare; prepare()\n"
+        "import hostmesh.agent.run as r; print(r.__doc__, r.__cached__)"
+    )
+    agent = subprocess.run(
+        [*unwritable(prefix), sys.executable, "-OO", "-X", f"pycache_prefix={prefix}", "-c", code],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+    )  # fmt: skip
+    assert agent.returncode == 0 and agent.stderr == "", agent.stderr
+    assert agent.stdout == f"None {pyc}\n"
+
+
+def test_roots_compile_replaces_a_cache_another_user_could_write(tmp_path: Path) -> None:
+    """The cache of a unit with CacheDirectory= belonged to the agent's user, who may have planted
+    bytecode in it: root's compile removes it all and compiles anew into a directory of its own."""
+    if os.geteuid() != 0:
+        pytest.skip("giving the cache to another user needs root")
+    prefix = tmp_path / "bytecode"
+    planted = cached(prefix, hostmesh.agent.run.__file__)
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"planted")
+    for path in (prefix, *prefix.rglob("*")):
+        os.chown(path, 65534, 65534)
+    done = compile_as_root(prefix)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert prefix.stat().st_uid == 0 and planted.stat().st_uid == 0
+    assert planted.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_roots_compile_refuses_a_cache_below_a_directory_others_write(tmp_path: Path, mode: int) -> None:
+    """Whoever may write a directory above the cache may swap the cache for one of theirs."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    done = compile_as_root(shared / "hostmesh" / "bytecode")
+    assert done.returncode == 1 and not (shared / "hostmesh").exists()
+    why = f"{shared} may be written by other users (mode {mode:04o})"
+    assert done.stderr == f"cannot prepare {shared}/hostmesh/bytecode: {why}\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/null is not a directory")
