@@ -710,6 +710,8 @@ def test_playbook_run_is_idempotent(
             assert stat.S_IMODE((root / folder).stat().st_mode) == 0o700, folder
     # the unit's own state directory too, made by the pip role or the .deb's postinst (agent-toml.md)
     assert stat.S_IMODE((root / "var/lib/hostmesh").stat().st_mode) == 0o700
+    if method == "pip":  # the bytecode cache: root's, for the agent to read (agent/bytecode.py)
+        assert stat.S_IMODE((root / "var/cache/hostmesh").stat().st_mode) == 0o755
 
     if method == "deb":  # installed by dpkg, recorded in the root's own database
         status = (root / "var/lib/dpkg/status").read_text()

@@ -8,9 +8,14 @@ friends), a stub /usr/bin/hostmesh and /bin/sh. `systemd-analyze` comes from Deb
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -122,16 +127,49 @@ def test_agent_unit_contract() -> None:
     assert d["User"] == ["hostmesh"] and d["Group"] == ["hostmesh"]
     assert d["StateDirectory"] == ["hostmesh"]
     assert d["StateDirectoryMode"] == ["0700"]  # keys and state, the agent's alone (agent-toml.md data_dir)
-    # optimized bytecode (agent/bytecode.py): a cache of the agent's own, which only its child writes
+    # optimized bytecode (agent/bytecode.py): a cache root compiles before the start and the agent
+    # only reads; not a CacheDirectory=, which systemd would give to User= at each start
     env = dict(kv.split("=", 1) for line in d["Environment"] for kv in line.split())
     assert env["PYTHONOPTIMIZE"] == "2" and env["PYTHONDONTWRITEBYTECODE"] == "1"
-    assert d["CacheDirectory"] == ["hostmesh"] and d["CacheDirectoryMode"] == ["0700"]
-    assert env["PYTHONPYCACHEPREFIX"].startswith("/var/cache/hostmesh/")
+    assert env["PYTHONPYCACHEPREFIX"].startswith("/var/cache/hostmesh/")  # postinst and postrm remove it
+    assert "CacheDirectory" not in d and "CacheDirectoryMode" not in d
+    (pre,) = d["ExecStartPre"]
+    assert pre.startswith(("-+/", "+-/"))  # as root, outside the sandbox; its failure does not stop the start
     assert d["ProtectSystem"] == ["strict"]
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["CapabilityBoundingSet"] == [""] and d["AmbientCapabilities"] == [""]
     assert int(d["LimitNOFILE"][0]) >= 65536
     assert d["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_agents_bytecode_compile_runs_the_agents_interpreter(tmp_path: Path) -> None:
+    """The unit's ExecStartPre, as its shell runs it, with /usr/bin/hostmesh a link to this
+    virtualenv's launcher: it finds that virtualenv's interpreter and compiles into the unit's cache
+    prefix (here moved below tmp_path), which it leaves root's (this user's) and readable by all."""
+    (pre,) = directives(unit_text("hostmesh-agent.service"))["ExecStartPre"]
+    argv = shlex.split(pre.lstrip("-+").replace("$$", "$"))  # systemd's quoting, its $$ a literal $
+    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3
+    launcher = Path(sys.executable).parent / "hostmesh"
+    assert launcher.is_file(), launcher
+    link = tmp_path / "hostmesh"
+    link.symlink_to(launcher)
+    prefix = tmp_path / "cache/hostmesh/bytecode"
+    env = {"PATH": os.environ["PATH"], "PYTHONPYCACHEPREFIX": str(prefix), "PYTHONOPTIMIZE": "2"}
+    done = subprocess.run(
+        ["/bin/sh", "-c", argv[2].replace("/usr/bin/hostmesh", str(link))],
+        capture_output=True, text=True, timeout=120, env=env, umask=0o077,  # the unit's UMask=
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    spec = importlib.util.find_spec("hostmesh.agent.run")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin)  # where `python -OO` with that prefix looks for it
+    pyc = (
+        prefix
+        / source.parent.relative_to(source.anchor)
+        / f"{source.stem}.{sys.implementation.cache_tag}.opt-2.pyc"
+    )
+    assert pyc.is_file(), pyc
+    assert stat.S_IMODE(pyc.stat().st_mode) == 0o644 and stat.S_IMODE(prefix.stat().st_mode) == 0o755
 
 
 def test_ca_unit_contract() -> None:
