@@ -80,7 +80,8 @@ FIRST_SYNC_TIMEOUT = 2.0  # how long start-up waits for Consul's first answers b
 # CPU: the certificate helper's interpreter start (~0.3 s of CPU) and the start-up full collection.
 RESTART_DEFER = 1.0
 SUBSET_SWEEP_SECONDS = 300.0  # how often series of subsets gone for SUBSET_SERIES_EXPIRY are dropped
-# A start that failed this soon before a stop was asked for is taken as stopped (_start_unless_stopped)
+# A start (or a restart's check of its stored certificates) that failed this soon before a stop was
+# asked for is taken as stopped (_start_unless_stopped, Agent._check_stored_certs)
 STOP_SIGNAL_GRACE = 0.5
 TTL_SECONDS = 15  # the agent-alive TTL check; refreshed every RECONCILE_INTERVAL
 RECONCILE_INTERVAL = 3.0  # registrations compared with Consul's view this often (emptied Consul: back in it)
@@ -426,6 +427,13 @@ class Agent:
         try:
             await self.certs.start()
         except (CAError, OSError) as exc:
+            # systemd's SIGTERM reaches the whole group: the helper dies of a stop too, just before or
+            # after the agent's own handler has run. Its failure is then the stop's, not the agent's
+            # (it made `systemctl stop` exit 1), as for a first start (_start_unless_stopped)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), STOP_SIGNAL_GRACE)
+            if self.stop_requested.is_set():
+                return
             self.fatal = f"cannot obtain certificates: {exc}"
             log.error("%s; stopping", self.fatal)
             self.stop_requested.set()
