@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 AGENT_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "hostmesh-agent.service"
-UNIT_CACHE = "/var/cache/hostmesh"  # its CacheDirectory=hostmesh
+UNIT_CACHE = "/var/cache/hostmesh"  # where its bytecode cache is (root compiles it at each start)
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -129,7 +129,8 @@ def routes_doc(service: str, n: int) -> dict[str, Any]:
 def unit_environment(cache: Path) -> dict[str, str]:
     """The variables the agent's systemd unit sets (its Environment= lines), with its cache directory
     moved to `cache`: the bench and the memory tests run agents as the unit does, optimized bytecode
-    included (agent/bytecode.py)."""
+    included (agent/bytecode.py; here the agent's own child compiles it, as root, the unit's
+    ExecStartPre's work: the same files)."""
     out: dict[str, str] = {}
     for line in AGENT_UNIT.read_text().splitlines():
         if line.startswith("Environment="):
