@@ -408,6 +408,8 @@ def test_a_host_field_that_names_no_host_is_refused_at_the_edge(edges: Edges) ->
     seen = edges.backends[ok.headers["x-instance"]].last_headers
     assert seen[b"forwarded"] == b'for=127.0.0.1;proto=http;host="www.b.example.test:80"'
     assert seen[b"host"] == b"WWW.b.example.test:80"  # the app gets the field as the client sent it
+    absolute = http_get(edges.http_port, "a.example.test.")  # a name's final dot: the same site (was 404 NR)
+    assert (absolute.status, absolute.headers["x-instance"]) == (200, "web")
 
 
 def test_tls_passthrough_by_sni_to_a_tcp_service(edges: Edges) -> None:

@@ -79,6 +79,7 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
         (b"[::1]:80", ("[::1]", "[::1]:80")),
         (b"127.0.0.1", ("127.0.0.1", "127.0.0.1")),
         (b"_acme.example.test", ("_acme.example.test", "_acme.example.test")),
+        (b"a.example.test.:8443", ("a.example.test", "a.example.test.:8443")),  # routed as a.example.test
         # what a client could make an element of the `forwarded` field, or send an app as its Host
         (b"x.b.example.test,for=6.6.6.6;host=y.b.example.test", None),
         (b'a";for=6.6.6.6;x=".b.example.test', None),

@@ -396,7 +396,10 @@ def _request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
             if not authority:  # HTTP's own "no authority" (routed by no host)
                 return "", ""
             match = _HOST_FIELD.fullmatch(authority)
-            return (match.group(1), authority) if match else None
+            if match is None:
+                return None
+            host = match.group(1)  # an absolute name's final dot ("a.example.test.") routes as without
+            return (host[:-1] if host.endswith(".") and len(host) > 1 else host), authority
     return "", ""
 
 
