@@ -11,7 +11,7 @@ import hashlib
 import secrets
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -117,7 +117,8 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> bytes:
 
 
 def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSigningRequest, Identity]:
-    """Validate a CSR: well-formed, self-signed correctly, P-256 key, exactly one identity of our domain."""
+    """Validate a CSR: well-formed, a P-256 key, self-signed correctly, exactly one identity of our
+    domain. Anything else is an InvalidRequest (a 400 the CA audits), whatever `cryptography` raised."""
     try:
         data = pem.encode() if isinstance(pem, str) else pem
     except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800": no PEM has one
@@ -128,15 +129,20 @@ def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSign
         csr = x509.load_pem_x509_csr(data)
     except ValueError:
         raise InvalidRequest("malformed CSR: not a PEM certificate request") from None
+    # The key first: a curve or key algorithm OpenSSL does not know raises UnsupportedAlgorithm (not a
+    # ValueError) from public_key() and from the signature check, which loads the key too.
+    try:
+        pub = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise InvalidRequest(f"CSR key must be ECDSA P-256 (its key: {one_line(str(exc))})") from None
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
+        raise InvalidRequest("CSR key must be ECDSA P-256")
     try:
         valid_sig = csr.is_signature_valid
-    except (ValueError, InvalidSignature):
+    except (ValueError, InvalidSignature, UnsupportedAlgorithm):
         valid_sig = False
     if not valid_sig:
         raise InvalidRequest("malformed CSR: signature does not verify")
-    pub = csr.public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
-        raise InvalidRequest("CSR key must be ECDSA P-256")
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

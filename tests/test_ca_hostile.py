@@ -115,6 +115,26 @@ def dup_san_cert_pem(service: str) -> str:
     return "-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der).decode() + "-----END CERTIFICATE-----\n"
 
 
+# A P-256 CSR with one OID of its key swapped for one OpenSSL cannot load (found by review A, finding 2:
+# cryptography raised UnsupportedAlgorithm, not a ValueError, and the CA answered 500 unaudited).
+P256_OID = bytes.fromhex("06082a8648ce3d030107")  # prime256v1, 1.2.840.10045.3.1.7
+EC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey, 1.2.840.10045.2.1
+UNLOADABLE_KEYS = {
+    "an unsupported curve": (P256_OID, bytes.fromhex("06082a8648ce3d030106")),  # prime239v3 (.3.1.6)
+    "an unknown key algorithm": (EC_KEY_OID, bytes.fromhex("06072a8648ce3d0202")),  # 1.2.840.10045.2.2
+}
+
+
+def unloadable_key_csr(service: str, case: str) -> str:
+    """A CSR for `service` whose public key names `case` (its signature no longer matters: the key
+    cannot even be loaded)."""
+    old, new = UNLOADABLE_KEYS[case]
+    der = x509.load_pem_x509_csr(csr_for(service)[1].encode()).public_bytes(serialization.Encoding.DER)
+    assert der.count(old) == 1
+    csr = x509.load_der_x509_csr(der.replace(old, new))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
 # --- 2. bad input from an authenticated caller: 400, audited, the token kept ---------------------------
 
 
@@ -161,6 +181,28 @@ async def test_csr_with_a_duplicated_san_extension_is_400_audited(ca, client) ->
     tok = await token_for(client, "web")
     resp = await call(svc, "POST", "/v1/sign", {"csr": dup_san_csr("web")}, token=tok)
     assert_refused(sink, resp.status, resp.json(), 400, "duplicate extension", "sign")
+    assert (await call(svc, "POST", "/v1/sign", {"csr": csr_for("web")[1]}, token=tok)).status == 200
+
+
+@pytest.mark.parametrize("case", sorted(UNLOADABLE_KEYS))
+def test_parse_csr_refuses_a_key_openssl_cannot_load(case: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"^CSR key must be ECDSA P-256 \(its key: .+\)$"):
+        pki.parse_csr(unloadable_key_csr("web", case), "hostmesh.local")
+
+
+@pytest.mark.parametrize("case", sorted(UNLOADABLE_KEYS))
+async def test_csr_with_a_key_openssl_cannot_load_is_400_audited_on_sign_and_renew(
+    ca, client, tmp_path, case: str
+) -> None:
+    svc, sink = ca
+    tok = await token_for(client, "web")
+    resp = await call(svc, "POST", "/v1/sign", {"csr": unloadable_key_csr("web", case)}, token=tok)
+    assert_refused(sink, resp.status, resp.json(), 400, "CSR key must be ECDSA P-256", "sign")
+    cert, key = await issued(svc, client, tmp_path, "api")
+    resp = await call(svc, "POST", "/v1/renew", {"csr": unloadable_key_csr("api", case)}, cert=cert, key=key)
+    assert_refused(sink, resp.status, resp.json(), 400, "CSR key must be ECDSA P-256", "renew")
+    assert svc.metrics.refused.labels("sign", "invalid_request").value == 1  # counted, each path
+    assert svc.metrics.refused.labels("renew", "invalid_request").value == 1
     assert (await call(svc, "POST", "/v1/sign", {"csr": csr_for("web")[1]}, token=tok)).status == 200
 
 
