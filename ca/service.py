@@ -24,14 +24,16 @@ grow), which is why /v1/renew re-checks the peer against the current snapshot.
 Admission (a flood of requests must not take the CA, its Consul or its neighbours down): at most
 MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer), at most
 MAX_CONNECTIONS_PER_PEER of them from one address; later ones wait unread in a bounded queue (for
-at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken, the
-longest-idle keep-alive connection makes room. At most MAX_INFLIGHT requests are in a handler at once, and
-each client address gets CLIENT_RATE requests a second (ca/admission.py); past either, a prompt 429
-with Retry-After. `/v1/health` (no I/O) is exempt from both, so Consul's check stays prompt. A
-malformed join token is refused before any Consul read, and a token id Consul did not know is
-remembered for UNKNOWN_TOKEN_SECONDS; the Consul client holds at most 8 connections
-(registry/http.py). After a burst, freed memory is handed back to the system (gc + malloc_trim).
-Refused handshakes are counted by reason (`/v1/health`) and logged at a bounded rate.
+at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken (or the
+address's share), the longest-idle keep-alive connection makes room, else the request that has been
+arriving longest (for SLOW_REQUEST_EVICT at least; counted as `evicted_slow`). At most
+MAX_INFLIGHT requests are in a handler at once, and each client address gets CLIENT_RATE requests
+a second (ca/admission.py); past either, a prompt 429 with Retry-After. `/v1/health` (no I/O) is
+exempt from both, so Consul's check stays prompt. A malformed join token is refused before any
+Consul read, and a token id Consul did not know is remembered for UNKNOWN_TOKEN_SECONDS; the
+Consul client holds at most 8 connections (registry/http.py). After a burst, freed memory is handed
+back to the system (gc + malloc_trim). Refused handshakes are counted by reason (`/v1/health`) and
+logged at a bounded rate.
 
 Reload (SIGHUP, or a change of the data dir noticed within MAINTENANCE_INTERVAL): re-read the roots,
 publish the new bundle to Consul first, then sign with the new active root, and re-issue the
@@ -132,6 +134,9 @@ MAX_CONNECTIONS = 64  # TLS connections served at once: 64 x asyncio's 256 KiB T
 MAX_CONNECTIONS_PER_PEER = 16  # of those, from one client address: a flooder queues behind itself
 MAX_WAITING_CONNECTIONS = 1024  # accepted, unread, waiting for a slot (a socket each); beyond, closed at once
 IDLE_EVICT_SECONDS = 1.0  # a keep-alive connection idle this long gives its slot to a waiting client
+# ...and, with none idle, a request still arriving this long (a CA request, < 2 KiB, comes in
+# milliseconds; an agent on a lossy link retries; requests trickled into every slot locked all out)
+SLOW_REQUEST_EVICT = 1.0
 MAX_INFLIGHT = 32  # requests in a handler at once: each may wait on Consul (8 connections) or sign
 UNLIMITED_PATHS = frozenset({"/v1/health"})  # no I/O, and Consul's check must stay prompt under load
 # A join token is redeemed only for a client still waiting: past this, a sign whose Consul reads
@@ -261,13 +266,13 @@ class _AuditedTLSServer(HTTPServer):
         super().__init__(
             service.handle, host, port, None, max_body=MAX_REQUEST_BYTES,
             max_inflight=MAX_INFLIGHT, unlimited_paths=UNLIMITED_PATHS,
+            slow_request_evict=SLOW_REQUEST_EVICT,
         )  # fmt: skip
         self.tls_context = context
         self._service = service
         self._slots = admission.ConnectionSlots(
             MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, MAX_WAITING_CONNECTIONS,
-            on_full=lambda: self.close_idle(IDLE_EVICT_SECONDS),
-            on_client_full=self._close_idle_of,
+            on_full=self._make_room, on_client_full=self._make_room_of,
         )  # fmt: skip
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
@@ -276,9 +281,22 @@ class _AuditedTLSServer(HTTPServer):
         self._in_burst = False
         self._trim_timer: asyncio.TimerHandle | None = None
 
-    def _close_idle_of(self, client: str) -> None:
-        """`client` holds its share of the slots: its own longest-idle keep-alive makes room."""
-        self.close_idle(IDLE_EVICT_SECONDS, lambda writer: _client_of(writer) == client)
+    def _make_room(self) -> None:
+        """Every slot is taken: the longest-idle keep-alive makes room, else the request arriving
+        longest (for SLOW_REQUEST_EVICT at least). Without the second, 64 requests trickled from 4
+        addresses held every slot for as long as they cared to, and locked every client out,
+        Consul's check of /v1/health included."""
+        if not self.close_idle(IDLE_EVICT_SECONDS):
+            self.evict_slow()
+
+    def _make_room_of(self, client: str) -> None:
+        """`client` holds its share of the slots: room is made among its own connections, as above."""
+
+        def own(writer: asyncio.StreamWriter) -> bool:
+            return _client_of(writer) == client
+
+        if not self.close_idle(IDLE_EVICT_SECONDS, own):
+            self.evict_slow(own)
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -767,6 +785,7 @@ class CAService:
                 "shed_busy": self._server.shed,
                 "shed_rate": self.rate_limited,
                 "connections_refused": self._server.refused_connections,
+                "evicted_slow": self._server.evicted_slow,  # requests trickled in, closed for a newcomer
                 "tls_handshake_failures": dict(self._server.handshake_failures),
             }
         return Response.of_json(200, doc)

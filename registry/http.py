@@ -544,12 +544,7 @@ class HTTPServer:
         (slow clients end within SERVER_HEAD_TIMEOUT and free their place), unless one has been sending
         its request for SERVER_SLOW_REQUEST_EVICT: that one is closed instead."""
         cap = self._max_connections
-        if (
-            cap is not None
-            and len(self._conns) >= cap
-            and not self.close_idle(0.0)
-            and not self._evict_slow()
-        ):
+        if cap is not None and len(self._conns) >= cap and not self.close_idle(0.0) and not self.evict_slow():
             self.refused_connections += 1
             self._refusal_log(
                 "HTTP server on port %s: %d connections open, all in a request (the limit): "
@@ -668,12 +663,14 @@ class HTTPServer:
         writer.close()
         return True
 
-    def _evict_slow(self) -> bool:
-        """Close the connection whose request has been arriving longest, if for at least
-        `slow_request_evict` seconds (the server is at its connection limit)."""
-        if not self._arriving:
+    def evict_slow(self, among: Callable[[asyncio.StreamWriter], bool] | None = None) -> bool:
+        """Close the connection whose request has been arriving longest (of those `among` takes), if
+        for at least `slow_request_evict` seconds: the server (or a client, among its own connections)
+        is at its connection limit, and a request that trickles in must not keep a newcomer out."""
+        arriving = self._arriving if among is None else {w: t for w, t in self._arriving.items() if among(w)}
+        if not arriving:
             return False
-        writer, since = min(self._arriving.items(), key=lambda item: item[1])
+        writer, since = min(arriving.items(), key=lambda item: item[1])
         if time.monotonic() - since < self._slow_request_evict:
             return False
         self._arriving.pop(writer, None)

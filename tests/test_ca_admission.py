@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent import ca_client, renewal
-from hostmesh.ca import admission, tokens
+from hostmesh.ca import admission, service, tokens
 from hostmesh.ca.errors import CAUnavailable
 from hostmesh.ca.service import CAService
 from hostmesh.registry.consul import ConsulClient
@@ -28,6 +28,20 @@ IO_TIMEOUT = 10.0
 
 @pytest.fixture
 async def ca(tmp_path: Path, consul: ConsulDev) -> AsyncIterator[CAService]:
+    async with ConsulClient(consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
+        try:
+            yield svc
+        finally:
+            await svc.close()
+
+
+@pytest.fixture
+async def eager_ca(
+    tmp_path: Path, consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[CAService]:
+    """A CA whose SLOW_REQUEST_EVICT is 0: a request arriving at all may make room (no waiting here)."""
+    monkeypatch.setattr(service, "SLOW_REQUEST_EVICT", 0.0)
     async with ConsulClient(consul.url) as client:
         svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
         try:
@@ -146,6 +160,86 @@ async def test_a_client_past_its_rate_gets_429_and_others_go_on(ca: CAService) -
         assert ca.rate_limited == 1
     finally:
         writer.transport.abort()
+
+
+# A /v1/sign whose declared body never comes: the request holds its connection, arriving.
+TRICKLE_HEAD = (
+    b"POST /v1/sign HTTP/1.1\r\nhost: ca\r\nauthorization: Bearer x\r\ncontent-length: 100\r\n\r\n{"
+)
+
+
+async def trickling(svc: CAService, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from `source` whose request has begun and will not end."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            "127.0.0.1", svc.port, ssl=client_context(ssl.TLSVersion.TLSv1_3), local_addr=(source, 0)
+        ),
+        IO_TIMEOUT,
+    )
+    writer.write(TRICKLE_HEAD)
+    return reader, writer
+
+
+async def answered_at_once(svc: CAService, source: str, held: list) -> dict:
+    """GET /v1/health on a new connection from `source`, within half the wait for a slot (a client
+    left waiting for one is reset after HANDSHAKE_TIMEOUT): its admission counters."""
+    prompt = service.HANDSHAKE_TIMEOUT / 2
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            "127.0.0.1", svc.port, ssl=client_context(ssl.TLSVersion.TLSv1_3), local_addr=(source, 0)
+        ),
+        prompt,
+    )
+    held.append((reader, writer))
+    status, _, body = await asyncio.wait_for(http_exchange(writer, reader, "/v1/health"), prompt)
+    assert status == 200 and body["status"] == "ok"
+    return dict(body["admission"])
+
+
+async def test_requests_trickled_into_every_slot_do_not_lock_consuls_check_out(eager_ca: CAService) -> None:
+    """Four addresses fill every connection slot with requests that never finish arriving (review A,
+    finding 1): a fifth address's GET /v1/health, Consul's check, is answered at once, the request
+    arriving longest making room. Before, only idle keep-alives made room: the check waited
+    HANDSHAKE_TIMEOUT and was reset, for as long as the trickle went on."""
+    ca = eager_ca
+    server = ca._server
+    assert server is not None
+    sources = [f"127.0.0.{i}" for i in range(1, 5)]
+    assert len(sources) * service.MAX_CONNECTIONS_PER_PEER == service.MAX_CONNECTIONS
+    held = [await trickling(ca, src) for src in sources for _ in range(service.MAX_CONNECTIONS_PER_PEER)]
+    try:
+        await async_wait_until(
+            lambda: len(server._arriving) == service.MAX_CONNECTIONS, IO_TIMEOUT, "every slot in a request"
+        )
+        oldest = min(server._arriving.items(), key=lambda item: item[1])[0]
+        stats = await answered_at_once(ca, "127.0.0.9", held)
+        assert stats["evicted_slow"] == 1 and stats["connections_refused"] == 0, stats
+        assert oldest not in server._arriving and len(server._arriving) == service.MAX_CONNECTIONS - 1
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
+
+
+async def test_an_address_whose_share_trickles_is_served_from_its_own_share(eager_ca: CAService) -> None:
+    """An address holding its whole share in unfinished requests opens one more: one of its own
+    requests makes room, not another address's (arriving longer still)."""
+    ca = eager_ca
+    server = ca._server
+    assert server is not None
+    held = [await trickling(ca, "127.0.0.3")]  # another address, arriving the longest of all
+    held += [await trickling(ca, "127.0.0.2") for _ in range(service.MAX_CONNECTIONS_PER_PEER)]
+    try:
+        await async_wait_until(
+            lambda: len(server._arriving) == len(held), IO_TIMEOUT, "every connection in a request"
+        )
+        stats = await answered_at_once(ca, "127.0.0.2", held)
+        assert stats["evicted_slow"] == 1, stats
+        arriving = [service._client_of(w) for w in server._arriving]
+        assert arriving.count("127.0.0.2") == service.MAX_CONNECTIONS_PER_PEER - 1
+        assert arriving.count("127.0.0.3") == 1  # the other address's request stayed
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
 
 
 async def test_bad_tokens_are_refused_without_asking_consul(
