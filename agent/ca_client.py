@@ -7,7 +7,7 @@ it; the name is reserved, no host can get it). Every chain the CA returns is che
 used (`check_chain`): issued by a root we trust, our identity, our public key.
 
 Errors leave here as hostmesh.ca errors only: 400 -> InvalidRequest, 401/403 -> Unauthorized,
-a CA that fails TLS verification -> TrustError, unreachable/5xx/429 -> CAUnavailable (retry; a 429's
+a CA that fails TLS verification -> TrustError, unreachable/5xx/429/408 -> CAUnavailable (retry; a 429's
 or 503's Retry-After rides on it as `retry_after`, and no try comes sooner: agent/renewal.py).
 """
 
@@ -272,7 +272,9 @@ def _body(csr_pem: bytes, ttl: str | None) -> bytes:
 
 
 def _json(resp: Response, url: str) -> object:
-    if resp.status >= 500 or resp.status == 429:  # 429: the CA sheds load; retry with backoff
+    # 429: the CA sheds load; 408: our request reached it too slowly (a lossy link, a busy host), and
+    # nothing was spent: both retried with backoff, like an outage
+    if resp.status >= 500 or resp.status in (408, 429):
         raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}", retry_after(resp))
     if resp.status != 200:
         message = _error_text(resp)

@@ -11,6 +11,10 @@ class InvalidRequest(CAError):
     """The caller sent something unusable (bad CSR, bad identity): fix the input, do not retry."""
 
 
+class SlowClient(CAError):
+    """The client took too long sending its request (408): nothing was spent, it may retry at once."""
+
+
 class Unauthorized(CAError):
     """The credential (join token, client cert) is missing, unknown, expired, used or out of scope."""
 

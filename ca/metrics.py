@@ -14,6 +14,7 @@ from hostmesh.ca.errors import (
     AuditError,
     CAUnavailable,
     InvalidRequest,
+    SlowClient,
     StorageError,
     TrustError,
     Unauthorized,
@@ -32,6 +33,7 @@ _REASONS = (
     (Unauthorized, "unauthorized"),
     (TrustError, "untrusted"),
     (InvalidRequest, "invalid_request"),
+    (SlowClient, "slow_client"),  # its request took a join's whole deadline to arrive: not Consul's
     (CAUnavailable, "unavailable"),
     (StorageError, "storage"),
     (AuditError, "audit"),  # the audit log could not be written: nothing was issued

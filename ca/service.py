@@ -92,7 +92,15 @@ from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca import nomad as nomad_trust
 from hostmesh.ca.audit import AuditLog, format_peer
 from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
-from hostmesh.ca.errors import AuditError, CAError, InvalidRequest, StorageError, TrustError, Unauthorized
+from hostmesh.ca.errors import (
+    AuditError,
+    CAError,
+    InvalidRequest,
+    SlowClient,
+    StorageError,
+    TrustError,
+    Unauthorized,
+)
 from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -139,9 +147,10 @@ IDLE_EVICT_SECONDS = 1.0  # a keep-alive connection idle this long gives its slo
 SLOW_REQUEST_EVICT = 1.0
 MAX_INFLIGHT = 32  # requests in a handler at once: each may wait on Consul (8 connections) or sign
 UNLIMITED_PATHS = frozenset({"/v1/health"})  # no I/O, and Consul's check must stay prompt under load
-# A join token is redeemed only for a client still waiting: past this, a sign whose Consul reads
-# were slow gives the token back and answers 503 instead of issuing (agents wait 10 s for an answer,
-# agent/ca_client.py REQUEST_TIMEOUT, then retry; a token spent for an answer nobody read was lost).
+# A join token is redeemed only for a client still waiting: past this, from the request's first byte,
+# a sign gives the token back and answers 503 (Consul was slow) or 408 (the request was) instead of
+# issuing (agents wait 10 s for an answer, agent/ca_client.py REQUEST_TIMEOUT, then retry; a token
+# spent for an answer nobody read was lost).
 SIGN_DEADLINE = 8.0
 UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused without asking again this long
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
@@ -795,9 +804,12 @@ class CAService:
         token_id: str | None = None
         identity: str | None = None
         loop = asyncio.get_running_loop()
-        # from the request's first byte: time spent waiting behind other requests counts (the TLS
-        # handshake, done before the server sees a byte, does not: SIGN_DEADLINE leaves it 2 s)
-        deadline = (loop.time() if req.arrived is None else req.arrived) + SIGN_DEADLINE
+        received = loop.time()  # the request is in (and waited for its connection's earlier ones)
+        # From the request's first byte, as the agent's own wait: time spent arriving or waiting
+        # behind other requests counts (the TLS handshake, done before the server sees a byte, does
+        # not: SIGN_DEADLINE leaves it 2 s). Who is blamed when it passes: _past_deadline.
+        first_byte = received if req.arrived is None else req.arrived
+        deadline = first_byte + SIGN_DEADLINE
         try:
             auth = req.headers.get("authorization", "")
             scheme, _, text = auth.partition(" ")
@@ -810,6 +822,8 @@ class CAService:
                 raise _Unavailable("join tokens need Consul, which this CA instance is not using")
             token_id = tokens.parse_token(text).id  # malformed: refused before any Consul read
             self._check_not_unknown(token_id)
+            if received >= deadline:  # the client alone took the time: Consul is not even asked
+                raise _past_deadline(first_byte, received, received)
             at = pki.now()
             try:
                 record = await tokens.authenticate(consul, text, at)
@@ -820,7 +834,7 @@ class CAService:
             identity = ident.spiffe_id
             tokens.check_scope(record, ident.service)
             if loop.time() >= deadline:
-                raise _Unavailable(_too_slow())
+                raise _past_deadline(first_byte, received, loop.time())
             await tokens.redeem(consul, record, ident.service, at)
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
@@ -834,7 +848,8 @@ class CAService:
 
         if loop.time() >= deadline:  # the client has likely given up: nothing issued, the token back
             await give_back()
-            return self._refuse("sign", _Unavailable(_too_slow()), peer, identity, token_id)
+            late = _past_deadline(first_byte, received, loop.time())
+            return self._refuse("sign", late, peer, identity, token_id)
         return await self._issue("sign", csr, ident, ttl, peer, token_id, undo=give_back)
 
     async def _sign_nomad(self, req: Request, jwt_text: str, peer: str | None) -> Response:
@@ -1110,8 +1125,22 @@ class _Forbidden(Unauthorized):
     """Authenticated, but not allowed to have that identity: 403."""
 
 
-def _too_slow() -> str:
-    return f"Consul answered too slowly (over {SIGN_DEADLINE:g}s); the token is kept"
+def _past_deadline(first_byte: float, received: float, now: float) -> Exception:
+    """The refusal of a join past SIGN_DEADLINE, blaming what took most of it, with both shares: the
+    client sending its request (first byte to handler: 408, a slow client, as registry/http.py
+    answers a request not received in time) or the CA handling it, which is waiting for Consul's
+    answers (503). Either way nothing was issued and the token is kept: the agent retries."""
+    arriving, handling = received - first_byte, now - received
+    spent = f"{arriving:.1f}s receiving the request, {handling:.1f}s waiting for Consul"
+    if arriving >= handling:
+        return SlowClient(
+            f"request not received in time: past the {SIGN_DEADLINE:g}s a join may take ({spent}); "
+            "the token is kept"
+        )
+    return _Unavailable(
+        f"Consul answered too slowly: past the {SIGN_DEADLINE:g}s a join may take ({spent}); "
+        "the token is kept"
+    )
 
 
 class _Unavailable(Exception):
@@ -1123,6 +1152,8 @@ def _status_of(exc: Exception) -> int:
         return 403
     if isinstance(exc, Unauthorized):
         return 401
+    if isinstance(exc, SlowClient):
+        return 408
     if isinstance(exc, (InvalidRequest, TrustError)):
         return 400
     if isinstance(exc, PermissionDenied):  # the CA's misconfiguration: the caller may retry, not soon

@@ -272,6 +272,13 @@ def test_an_agent_takes_429_as_retry_later_not_as_a_refusal() -> None:
         ca_client._json(shed, "https://ca:15012")
 
 
+def test_an_agent_takes_408_as_retry_later_not_as_a_refusal() -> None:
+    """The CA's 408: the request reached it too slowly (a lossy link) and nothing was spent."""
+    slow = Response.error(408, "request not received in time: past the 8s a join may take (…)")
+    with pytest.raises(CAUnavailable, match="answered 408: request not received in time"):
+        ca_client._json(slow, "https://ca:15012")
+
+
 @pytest.mark.parametrize(
     ("status", "header", "seconds"),
     [
