@@ -136,6 +136,15 @@ class ConnectionSlots:
                 raise SlotsFull("no connection slot free within the handshake timeout") from None
             raise
 
+    def wanted(self, client: str) -> bool:
+        """Whether a waiter would take the slot `client` gives up: one of its own, or one below its
+        share (with every slot taken, that one waits for any slot)."""
+        return any(
+            waiter == client or self._active.get(waiter, 0) < self.per_client
+            for waiter, fut in self._waiters
+            if not fut.done()
+        )
+
     def leave(self, client: str) -> None:
         self.active -= 1
         left = self._active[client] - 1

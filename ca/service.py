@@ -26,7 +26,8 @@ MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer
 MAX_CONNECTIONS_PER_PEER of them from one address; later ones wait unread in a bounded queue (for
 at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken (or the
 address's share), the longest-idle keep-alive connection makes room, else the request that has been
-arriving longest (for SLOW_REQUEST_EVICT at least; counted as `evicted_slow`). At most
+arriving longest (for SLOW_REQUEST_EVICT at least; counted as `evicted_slow`); and while a client
+waits, a connection is closed after its answer rather than kept alive. At most
 MAX_INFLIGHT requests are in a handler at once, and each client address gets CLIENT_RATE requests
 a second (ca/admission.py); past either, a prompt 429 with Retry-After. `/v1/health` (no I/O) is
 exempt from both, so Consul's check stays prompt. A malformed join token is refused before any
@@ -306,6 +307,13 @@ class _AuditedTLSServer(HTTPServer):
 
         if not self.close_idle(IDLE_EVICT_SECONDS, own):
             self.evict_slow(own)
+
+    def slot_wanted(self, writer: asyncio.StreamWriter) -> bool:
+        """A keep-alive connection answered while a client waits for its slot is closed, not kept:
+        clients that start each request on the heels of the last are never idle, nor slow, for
+        long enough to make room (IDLE_EVICT_SECONDS, SLOW_REQUEST_EVICT), so 64 such connections
+        would lock everyone else out. They reconnect, and wait behind those already waiting."""
+        return self._slots.wanted(_client_of(writer))
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()

@@ -578,10 +578,9 @@ class HTTPServer:
                         await self._refuse(reader, writer, bad)
                         return
                     resp = await self._admit(req)
-                    await self._send(
-                        writer, resp, msg.keep_alive, head_only=req.method == "HEAD", http10=msg.http10
-                    )
-                    if not msg.keep_alive:
+                    keep = msg.keep_alive and not self.slot_wanted(writer)
+                    await self._send(writer, resp, keep, head_only=req.method == "HEAD", http10=msg.http10)
+                    if not keep:
                         await _linger(reader, writer)
                         return
                 if stream.failed is not None:  # answered after the requests before it
@@ -645,6 +644,12 @@ class HTTPServer:
             return Response.error(500, "internal error")
         finally:
             self._inflight -= limited
+
+    def slot_wanted(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether a client waits for the place this connection holds: then it is closed after its
+        answer (`connection: close`) rather than kept for a next request. No wait here: at the cap a
+        newcomer is answered at once (_accept); a subclass whose newcomers wait says otherwise."""
+        return False
 
     def close_idle(
         self, idle_for: float, among: Callable[[asyncio.StreamWriter], bool] | None = None

@@ -242,6 +242,49 @@ async def test_an_address_whose_share_trickles_is_served_from_its_own_share(eage
             writer.transport.abort()
 
 
+async def test_back_to_back_requests_give_their_slot_to_a_waiting_client(
+    tmp_path: Path, consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that start each request on the heels of the last are never idle, nor slow, for
+    long enough to make room: 64 of them, under the per-address rate, would lock everyone out. With a
+    client waiting, each is closed after its answer (`connection: close`), and the waiter gets its
+    slot; with none waiting, keep-alive goes on."""
+    monkeypatch.setattr(service, "IDLE_EVICT_SECONDS", 3600.0)  # no connection is idle or slow enough:
+    monkeypatch.setattr(service, "SLOW_REQUEST_EVICT", 3600.0)  # only an answered one can make room
+    async with ConsulClient(consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
+        server = svc._server
+        assert server is not None
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        newcomer: asyncio.Future[dict] | None = None
+        ctx = client_context(ssl.TLSVersion.TLSv1_3)
+        try:
+            for i in range(1, 5):
+                for _ in range(service.MAX_CONNECTIONS_PER_PEER):
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(
+                            "127.0.0.1", svc.port, ssl=ctx, local_addr=(f"127.0.0.{i}", 0)
+                        ),
+                        IO_TIMEOUT,
+                    )
+                    held.append((reader, writer))
+                    status, headers, _ = await http_exchange(writer, reader, "/v1/health")
+                    assert status == 200 and "connection" not in headers  # nobody waits: kept
+            newcomer = asyncio.ensure_future(answered_at_once(svc, "127.0.0.9", held))
+            await async_wait_until(lambda: server._slots.waiting == 1, IO_TIMEOUT, "the newcomer waiting")
+            reader, writer = held[0]
+            status, headers, _ = await http_exchange(writer, reader, "/v1/health")
+            assert status == 200 and headers["connection"] == "close"
+            stats = await asyncio.wait_for(newcomer, service.HANDSHAKE_TIMEOUT)
+            assert stats["connections_refused"] == 0 and stats["evicted_slow"] == 0, stats
+        finally:
+            if newcomer is not None:
+                newcomer.cancel()
+            for _, writer in held:
+                writer.transport.abort()
+            await svc.close()
+
+
 async def test_bad_tokens_are_refused_without_asking_consul(
     tmp_path: Path, private_consul: ConsulDev
 ) -> None:
