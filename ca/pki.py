@@ -125,6 +125,8 @@ def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSign
         raise InvalidRequest("malformed CSR: not a PEM certificate request") from None
     if len(data) > MAX_CSR_BYTES:
         raise InvalidRequest(f"CSR larger than {MAX_CSR_BYTES} bytes")
+    if data.count(b"-----BEGIN") > 1:  # OpenSSL reads the first block and ignores the rest
+        raise InvalidRequest("malformed CSR: more than one PEM block (one certificate request, nothing else)")
     try:
         csr = x509.load_pem_x509_csr(data)
     except ValueError:

@@ -184,6 +184,16 @@ async def test_csr_with_a_duplicated_san_extension_is_400_audited(ca, client) ->
     assert (await call(svc, "POST", "/v1/sign", {"csr": csr_for("web")[1]}, token=tok)).status == 200
 
 
+def test_parse_csr_refuses_more_than_one_pem_block() -> None:
+    """OpenSSL signs the first of several concatenated requests and ignores the rest without a word;
+    a client sending two (or a request and its key) is told, not half-served."""
+    web, api = csr_for("web")[1], csr_for("api")[1]
+    for body in (web + api, web + "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"):
+        with pytest.raises(InvalidRequest, match=r"^malformed CSR: more than one PEM block"):
+            pki.parse_csr(body, "hostmesh.local")
+    assert pki.parse_csr(web, "hostmesh.local")[1].service == "web"
+
+
 @pytest.mark.parametrize("case", sorted(UNLOADABLE_KEYS))
 def test_parse_csr_refuses_a_key_openssl_cannot_load(case: str) -> None:
     with pytest.raises(InvalidRequest, match=r"^CSR key must be ECDSA P-256 \(its key: .+\)$"):
