@@ -462,6 +462,9 @@ class CAService:
         # a refresh that cannot be written (a full disk) is retried each round; said once in a while
         self._refresh_failures = RateLimitedLog(log, "serving certificate refresh failures", lines=1,
                                                 interval=SERVER_CERT_FAILURE_LOG_INTERVAL)  # fmt: skip
+        self._signed_until: dict[str, dt.datetime] = {}  # root id -> its stamp's time (_note_signing)
+        self._stamp_failures = RateLimitedLog(log, "signing stamp failures", lines=1,
+                                              interval=SERVER_CERT_FAILURE_LOG_INTERVAL)  # fmt: skip
         self._registered = False  # registered at least once: close() then deregisters
         self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
         self._denial = ""  # the refusal while DENIED (/v1/health)
@@ -1053,7 +1056,20 @@ class CAService:
                 await undo()
             return self._refuse(via, exc, peer, ident.spiffe_id, token_id)
         self.metrics.issued.labels(via).inc()
+        self._note_signing(authority.active.id)
         return Response.of_json(200, {"chain": pki.cert_pem(leaf).decode(), "root": authority.active.id})
+
+    def _note_signing(self, root_id: str) -> None:
+        """Keep `<data_dir>/signed/<root>` ahead of this leaf, for `retire-root` (store.note_signing):
+        at most one write every half of SIGNED_AHEAD while signing. One that fails is said at a
+        bounded rate; the leaf goes out anyway (retire then judges by the rotation alone)."""
+        now = pki.now()
+        if now < self._signed_until.get(root_id, now) - store.SIGNED_AHEAD / 2:
+            return
+        try:
+            self._signed_until[root_id] = store.note_signing(self.data_dir, root_id, now)
+        except StorageError as exc:
+            self._stamp_failures("%s; `hostmesh ca retire-root` cannot see this root still signing", exc)
 
     def _refuse(
         self, via: str, exc: Exception, peer: str | None, identity: str | None, token_id: str | None

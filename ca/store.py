@@ -6,6 +6,8 @@ Layout (the directory is 0700, every file 0600):
     <data_dir>/roots/<id>.crt     a root certificate (every root here is in the trust bundle)
     <data_dir>/roots/<id>.key     its private key
     <data_dir>/retired/<id>.crt   retired roots, kept for the record (their keys are deleted)
+    <data_dir>/signed/<id>        until when the running CA may have signed leaves with that root
+                                  (note_signing: a UNIX time, at most SIGNED_AHEAD past a signing)
     <data_dir>/server/            the serving certificate `ca serve` issues itself (see service.py)
 
 `load()` returns one immutable `Authority` snapshot; the service swaps snapshots on reload.
@@ -36,6 +38,10 @@ from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, StorageError
 
 META_FILE = "ca.json"
+SIGNED_DIR = "signed"
+# A leaf signed now makes the signing stamp this far ahead, so the CA writes it at most every half
+# of it while it signs: retire's window then counts from at most this after the last leaf.
+SIGNED_AHEAD = dt.timedelta(seconds=60)
 MAX_ROOTS = 8  # every root is in every agent's trust store; rotation needs two, a few more is a leak
 
 
@@ -246,6 +252,11 @@ def retire(
     later = [r.cert.not_valid_before_utc for r in current.roots if r.cert.not_valid_before_utc > made]
     # when the next root was made (its not-before is backdated by CLOCK_SKEW): this one signed until then
     superseded = (min(later) if later else current.active.cert.not_valid_before_utc) + pki.CLOCK_SKEW
+    # ... unless the running CA went on signing with it: a reload that failed after `rotate` (a root
+    # key its user cannot read) keeps the old root signing, for as long as nobody notices
+    stamped = signed_until(data_dir, root.id)
+    if stamped is not None and stamped > superseded:
+        superseded = stamped
     safe = superseded + leaf_ttl
     if not force and (now or pki.now()) < safe:
         raise InvalidRequest(
@@ -259,9 +270,38 @@ def retire(
         _own_dir(retired)
         os.replace(src, retired / src.name)
         (data_dir / "roots" / f"{root.id}.key").unlink(missing_ok=True)
+        (data_dir / SIGNED_DIR / root.id).unlink(missing_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot retire root {root.id} in {data_dir}: {exc.strerror}") from None
     return load(data_dir), root
+
+
+def note_signing(data_dir: Path, root_id: str, now: dt.datetime) -> dt.datetime:
+    """The CA signs with `root_id` at `now`: stamp that it may sign with it until SIGNED_AHEAD later
+    (for retire). Returns that time; StorageError when the stamp cannot be written."""
+    until = now + SIGNED_AHEAD
+    try:
+        _own_dir(data_dir / SIGNED_DIR)
+    except OSError as exc:
+        raise StorageError(f"cannot create {data_dir / SIGNED_DIR}: {exc.strerror}") from None
+    _write(data_dir / SIGNED_DIR / root_id, f"{until.timestamp():.0f}\n".encode())
+    return until
+
+
+def signed_until(data_dir: Path, root_id: str) -> dt.datetime | None:
+    """The stamp note_signing left for `root_id`; None when there is none (a CA of an earlier
+    release, or one that never signed with it). StorageError when it cannot be read or is not one."""
+    path = data_dir / SIGNED_DIR / root_id
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return dt.datetime.fromtimestamp(int(text.strip()), dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise StorageError(f"{path} does not hold a time (UNIX seconds); remove it to retire") from None
 
 
 def find(authority: Authority, ref: str) -> Root:

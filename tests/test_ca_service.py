@@ -635,6 +635,48 @@ async def test_a_reload_that_failed_is_tried_again_without_another_change(
         await svc.close()
 
 
+async def test_a_root_that_kept_signing_after_a_failed_reload_is_not_retired_at_its_rotations_window(
+    tmp_path, client, monkeypatch, caplog
+) -> None:
+    """retire-root counted the old root's leaves as ending a leaf TTL after the rotation. A CA whose
+    reload failed (here the new root's certificate unreadable) goes on signing with the old root, and
+    retire-root allowed removing it while its latest leaves were still valid. The CA stamps, per
+    root, until when it may have signed (store.SIGNED_AHEAD past its last leaf)."""
+    from hostmesh.ca import service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAINTENANCE_INTERVAL", 0.05)
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, AuditSink())
+    staged = tmp_path / "staged"  # rotated aside; moved in with the new root's certificate unreadable
+    shutil.copytree(data_dir, staged)
+    _, new_root = store.rotate(staged)
+    new_cert = data_dir / "roots" / f"{new_root.id}.crt"
+    try:
+        caplog.set_level(logging.ERROR, logger="hostmesh.ca")
+        old = svc.authority.active
+        for f in (staged / "roots").iterdir():
+            if not (data_dir / "roots" / f.name).exists():
+                shutil.copy2(f, data_dir / "roots" / f.name)
+        new_cert.write_bytes(b"x" * 100)
+        shutil.copy2(staged / store.META_FILE, data_dir / store.META_FILE)
+        await async_wait_until(lambda: any("reload failed" in r.getMessage() for r in caplog.records), 10,
+                               "the failed reload")  # fmt: skip
+        signed_at = pki.now()
+        status, body = await sign(svc, await token_for(client, "web"), "web")
+        assert status == 200 and body["root"] == old.id  # the old root still signs
+    finally:
+        await svc.close()
+    new_cert.write_bytes((staged / "roots" / new_cert.name).read_bytes())
+    stamped = store.signed_until(data_dir, old.id)
+    assert stamped is not None and signed_at <= stamped + dt.timedelta(seconds=1)
+    rotation_window = new_root.cert.not_valid_before_utc + pki.CLOCK_SKEW + pki.DEFAULT_LEAF_TTL
+    until = f"{stamped:%Y-%m-%d %H:%M:%S}Z"
+    with pytest.raises(InvalidRequest, match=rf"root {old.id} signed leaves until {until}"):
+        store.retire(data_dir, old.id, now=rotation_window + dt.timedelta(seconds=1))
+    store.retire(data_dir, old.id, now=stamped + pki.DEFAULT_LEAF_TTL)
+    assert not (data_dir / store.SIGNED_DIR / old.id).exists()  # the stamp goes with the root
+
+
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:15012") == ("127.0.0.1", 15012)
     assert parse_listen(":9000") == ("0.0.0.0", 9000)

@@ -88,6 +88,22 @@ def test_rotate_then_retire(tmp_path: Path) -> None:
     assert (d / "retired" / f"{first.id}.crt").exists() and not (d / "roots" / f"{first.id}.key").exists()
 
 
+def test_a_signing_stamp_moves_retires_window_and_a_damaged_one_is_named(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    _, second = store.rotate(d)
+    later = second.cert.not_valid_before_utc + dt.timedelta(hours=3)  # the CA went on signing with it
+    assert store.note_signing(d, first.id, later) == later + store.SIGNED_AHEAD
+    after_rotation = second.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW
+    with pytest.raises(InvalidRequest, match="--force"):
+        store.retire(d, first.id, now=after_rotation)
+    (d / store.SIGNED_DIR / first.id).write_text("soon\n")
+    with pytest.raises(StorageError, match=rf"{first.id} does not hold a time \(UNIX seconds\); remove it"):
+        store.retire(d, first.id, now=after_rotation)
+    store.note_signing(d, first.id, later)
+    store.retire(d, first.id, now=later + store.SIGNED_AHEAD + pki.DEFAULT_LEAF_TTL)
+
+
 def test_root_count_is_bounded(tmp_path: Path) -> None:
     d = tmp_path / "ca"
     store.init(d)
