@@ -26,7 +26,8 @@ MAX_CONNECTIONS TLS connections at once (each costs asyncio a 256 KiB TLS buffer
 MAX_CONNECTIONS_PER_PEER of them from one address; later ones wait unread in a bounded queue (for
 at most HANDSHAKE_TIMEOUT) and, when it is full, are closed at once. With every slot taken (or the
 address's share), the longest-idle keep-alive connection makes room, else the request that has been
-arriving longest (for SLOW_REQUEST_EVICT at least; counted as `evicted_slow`); and while a client
+arriving longest, else the TLS handshake under way longest (each for SLOW_REQUEST_EVICT at least;
+counted as `evicted_slow`); and while a client
 waits, a connection is closed after its answer rather than kept alive. At most
 MAX_INFLIGHT requests are in a handler at once, and each client address gets CLIENT_RATE requests
 a second (ca/admission.py); past either, a prompt 429 with Retry-After. `/v1/health` (no I/O) is
@@ -285,6 +286,8 @@ class _AuditedTLSServer(HTTPServer):
             on_full=self._make_room, on_client_full=self._make_room_of,
         )  # fmt: skip
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
+        # TLS under way -> since (monotonic), and the task running it (_evict_handshake)
+        self._handshaking: dict[asyncio.StreamWriter, tuple[float, asyncio.Task[Any]]] = {}
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
         self._since_trim = 0
@@ -293,11 +296,12 @@ class _AuditedTLSServer(HTTPServer):
 
     def _make_room(self) -> None:
         """Every slot is taken: the longest-idle keep-alive makes room, else the request arriving
-        longest (for SLOW_REQUEST_EVICT at least). Without the second, 64 requests trickled from 4
-        addresses held every slot for as long as they cared to, and locked every client out,
-        Consul's check of /v1/health included."""
-        if not self.close_idle(IDLE_EVICT_SECONDS):
-            self.evict_slow()
+        longest, else the TLS handshake under way longest (each for SLOW_REQUEST_EVICT at least).
+        Without the second, 64 requests trickled from 4 addresses held every slot for as long as
+        they cared to, and locked every client out, Consul's check of /v1/health included; without
+        the third, 64 connections that never said hello did so for HANDSHAKE_TIMEOUT at a time."""
+        if not self.close_idle(IDLE_EVICT_SECONDS) and not self.evict_slow():
+            self._evict_handshake()
 
     def _make_room_of(self, client: str) -> None:
         """`client` holds its share of the slots: room is made among its own connections, as above."""
@@ -305,8 +309,24 @@ class _AuditedTLSServer(HTTPServer):
         def own(writer: asyncio.StreamWriter) -> bool:
             return _client_of(writer) == client
 
-        if not self.close_idle(IDLE_EVICT_SECONDS, own):
-            self.evict_slow(own)
+        if not self.close_idle(IDLE_EVICT_SECONDS, own) and not self.evict_slow(own):
+            self._evict_handshake(own)
+
+    def _evict_handshake(self, among: Callable[[asyncio.StreamWriter], bool] | None = None) -> bool:
+        """Close the connection (of those `among` takes) whose TLS handshake has been under way
+        longest, if for SLOW_REQUEST_EVICT at least (one takes milliseconds); counted `evicted_slow`."""
+        pending = [(since, w) for w, (since, _) in self._handshaking.items() if among is None or among(w)]
+        if not pending:
+            return False
+        since, writer = min(pending, key=lambda item: item[0])
+        if time.monotonic() - since < SLOW_REQUEST_EVICT:
+            return False
+        _, task = self._handshaking.pop(writer)
+        self.evicted_slow += 1
+        # its task, not its transport: asyncio's start_tls closes the transport of a cancelled
+        # handshake, where an aborted one returned as if done, with no transport
+        task.cancel()
+        return True
 
     def slot_wanted(self, writer: asyncio.StreamWriter) -> bool:
         """A keep-alive connection answered while a client waits for its slot is closed, not kept:
@@ -349,6 +369,9 @@ class _AuditedTLSServer(HTTPServer):
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = format_peer(writer.get_extra_info("peername"))
+        task = asyncio.current_task()
+        if task is not None:  # (always, in a connection's own task)
+            self._handshaking[writer] = (time.monotonic(), task)
         try:
             await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
@@ -364,6 +387,8 @@ class _AuditedTLSServer(HTTPServer):
                 )
             self._handshake_failed(reason, writer, detail)
             return
+        finally:
+            self._handshaking.pop(writer, None)
         await self._serve(reader, writer)
 
     def _handshake_failed(self, reason: str, writer: asyncio.StreamWriter, detail: str) -> None:

@@ -220,6 +220,36 @@ async def test_requests_trickled_into_every_slot_do_not_lock_consuls_check_out(e
             writer.transport.abort()
 
 
+async def test_connections_that_never_say_hello_do_not_lock_consuls_check_out(eager_ca: CAService) -> None:
+    """Four addresses fill every slot with TCP connections that never begin their TLS handshake: a
+    fifth address's GET /v1/health is answered at once, the handshake under way longest making room.
+    Before, each held its slot for HANDSHAKE_TIMEOUT, and a client that opened them again as they
+    were dropped kept everyone out."""
+    ca = eager_ca
+    server = ca._server
+    assert server is not None
+    sources = [f"127.0.0.{i}" for i in range(1, 5)]
+    silent = [
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", ca.port, local_addr=(src, 0)), IO_TIMEOUT)
+        for src in sources
+        for _ in range(service.MAX_CONNECTIONS_PER_PEER)
+    ]
+    held: list = []
+    try:
+        await async_wait_until(
+            lambda: len(server._handshaking) == service.MAX_CONNECTIONS,
+            IO_TIMEOUT,
+            "every slot in a handshake",
+        )
+        oldest = min(server._handshaking.items(), key=lambda item: item[1][0])[0]
+        stats = await answered_at_once(ca, "127.0.0.9", held)
+        assert stats["evicted_slow"] == 1 and stats["connections_refused"] == 0, stats
+        assert oldest not in server._handshaking
+    finally:
+        for _, writer in silent + held:
+            writer.transport.abort()
+
+
 async def test_an_address_whose_share_trickles_is_served_from_its_own_share(eager_ca: CAService) -> None:
     """An address holding its whole share in unfinished requests opens one more: one of its own
     requests makes room, not another address's (arriving longer still)."""
