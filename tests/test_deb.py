@@ -257,8 +257,25 @@ def test_maintainer_scripts_with_running_systemd(
     )
     run("dpkg", "-i", str(deb), env=env)
     probe = "is-active --quiet hostmesh-agent.service"
+    user = "show -P User hostmesh-agent.service"  # whom validate reads the named files as (empty: hostmesh)
     restart = "try-restart hostmesh-agent.service hostmesh-ca.service"
-    assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
+    assert take() == ["daemon-reload", probe, user, *([restart] if policy_allows("try-restart") else [])]
+    ca_only = "try-restart hostmesh-ca.service"
+
+    # a join token the agent's user cannot read (written by root 0600): the restart would fail on it
+    token = Path("/etc/hostmesh/join-token")
+    token.write_text("hmt1.a.b\n")
+    token.chmod(0o600)
+    agent_toml.write_text(agent_toml.read_text().replace("[ca]\n", f'[ca]\ntoken_file = "{token}"\n'))
+    out = subprocess.run(
+        ["dpkg", "-i", str(deb)], capture_output=True, text=True, env=env, timeout=DPKG_TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "NOT restarting hostmesh-agent" in out.stderr, out.stderr
+    assert f"[ca] token_file {token}: cannot read as hostmesh" in out.stderr, out.stderr
+    assert take() == ["daemon-reload", probe, user, *([ca_only] if policy_allows("try-restart") else [])]
+    token.unlink()
+    agent_toml.write_text(agent_toml.read_text().replace(f'token_file = "{token}"\n', ""))
 
     # one it refuses (0.1 took a non-loopback upstream bind): not restarted, left running on the new files
     agent_toml.write_text(
@@ -271,8 +288,7 @@ def test_maintainer_scripts_with_running_systemd(
     assert "NOT restarting hostmesh-agent" in out.stderr and "is not a loopback address" in out.stderr, (
         out.stderr
     )
-    ca_only = "try-restart hostmesh-ca.service"
-    assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
+    assert take() == ["daemon-reload", probe, user, *([ca_only] if policy_allows("try-restart") else [])]
 
     run("dpkg", "-i", str(deb), env={**env, "HOSTMESH_NO_RESTART": "1"})  # the Ansible role drains first
     assert take() == ["daemon-reload"]
