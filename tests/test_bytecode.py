@@ -5,6 +5,7 @@ is tests/test_agent_memory.py's; that the unit sets it up, tests/test_systemd_un
 from __future__ import annotations
 
 import importlib.util
+import marshal
 import os
 import shutil
 import stat
@@ -131,6 +132,46 @@ def test_roots_compile_replaces_a_cache_another_user_could_write(tmp_path: Path)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert prefix.stat().st_uid == 0 and planted.stat().st_uid == 0
     assert planted.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+
+
+def test_roots_compile_replaces_a_cache_with_anything_of_another_users_inside(tmp_path: Path) -> None:
+    """A directory of the agent's user inside root's cache (or a symbolic link) could hold bytecode
+    it planted: the whole cache is moved aside and made again, not only its top checked."""
+    if os.geteuid() != 0:
+        pytest.skip("giving part of the cache to another user needs root")
+    prefix = tmp_path / "bytecode"
+    assert compile_as_root(prefix).returncode == 0
+    planted = cached(prefix, hostmesh.agent.run.__file__)
+    os.chown(planted.parent, 65534, 65534)
+    # the importer's header of the real one (fresh for its source), then the planter's code
+    evil = planted.read_bytes()[:16] + marshal.dumps(compile("raise SystemExit('planted')", "x", "exec"))
+    planted.unlink()
+    planted.write_bytes(evil)
+    os.chown(planted, 65534, 65534)
+    done = compile_as_root(prefix)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert planted.stat().st_uid == 0 and planted.read_bytes() != evil
+    assert [p.name for p in tmp_path.iterdir()] == ["bytecode"]  # nothing left aside
+
+
+def test_when_roots_compile_refuses_no_cache_is_left_to_read(tmp_path: Path) -> None:
+    """Refused (a directory above it others may write), root's compile leaves no cache at the path
+    the agent reads: a planted one there ran as the agent (review of the root compile, F1). A
+    directory above it that does not exist is refused too (another user could make it first)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    prefix = shared / "bytecode"
+    planted = cached(prefix, hostmesh.agent.run.__file__)
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"planted")
+    done = compile_as_root(prefix)
+    assert done.returncode == 1 and "may be written by other users (mode 0777)" in done.stderr
+    assert not prefix.exists() and list(shared.iterdir()) == []
+    missing = compile_as_root(tmp_path / "none" / "bytecode")
+    assert missing.returncode == 1
+    why = "does not exist (made by nobody here: another user could make it first)"
+    assert missing.stderr.endswith(f"{tmp_path / 'none'} {why}\n"), missing.stderr
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])

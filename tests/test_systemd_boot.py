@@ -239,7 +239,7 @@ LOW_PORT_DROPIN = (
     "[Service]\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
 )
 LOW_PORT_UPSTREAM = '[[services.upstreams]]\nservice = "web"\nbind = "127.0.0.1:81"\n'
-CACHE = "/var/cache/hostmesh/bytecode"  # the unit's PYTHONPYCACHEPREFIX (agent/bytecode.py)
+CACHE = "/var/cache/hostmesh"  # the unit's PYTHONPYCACHEPREFIX (agent/bytecode.py)
 HARDENING_DENIALS = re.compile(r"Operation not permitted|Permission denied|Bad system call|PermissionError")
 
 
