@@ -89,6 +89,8 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
         (b"a%2eexample.test", None),
         (b"user@a.example.test", None),
         (b"[::1", None),
+        (b"\x85a.example.test\xa0", None),  # not HTTP's whitespace: str.strip() took them off
+        (b" a.example.test\t", ("a.example.test", "a.example.test")),
         (b"", ("", "")),
     ],
 )

@@ -392,7 +392,7 @@ def _request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
     an optional port."""
     for n, v in headers:
         if n == b"host":
-            authority = v.decode("latin-1").strip().lower()
+            authority = v.strip(b" \t").decode("latin-1").lower()  # HTTP's whitespace only (not \x85, \xa0)
             if not authority:  # HTTP's own "no authority" (routed by no host)
                 return "", ""
             match = _HOST_FIELD.fullmatch(authority)
