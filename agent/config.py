@@ -1088,12 +1088,20 @@ def files_the_agent_reads(cfg: AgentConfig) -> list[tuple[str, Path]]:
     return [(name, Path(p)) for name, p in named if p is not None and os.path.lexists(p)]
 
 
+# What the agent's unit hides from it (ProtectHome=yes, PrivateTmp=yes): a file named there is not
+# the file the agent would open, whatever its mode
+HIDDEN_BY_THE_UNIT = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
+STATE_DIRECTORY = "/var/lib/hostmesh"  # the unit's StateDirectory=: systemd gives it to User= at each start
+
+
 def check_readable_as(cfg: AgentConfig, user: str) -> None:
-    """As root: refuse when `user` (the one the agent runs as) cannot read a file the agent reads
-    (files_the_agent_reads); ConfigError, one line. Checked by a child that takes the user's uid,
-    gid and groups and opens each file, so the kernel decides (modes, ACLs, directories on the way),
-    not a reading of mode bits. Root reads anything: a root-owned 0600 token file passed `validate`
-    run as root, and the agent then failed at start, or at its first certificate request."""
+    """As root, for the systemd unit: refuse when `user` (the one the agent runs as) cannot read a
+    file the agent reads (files_the_agent_reads), or write its data or cert dir (unless the unit's
+    StateDirectory, which systemd gives to `user`), or when the file is where the unit hides it;
+    ConfigError, one line. Checked by a child that takes the user's uid, gid and groups and opens
+    each file, so the kernel decides (modes, ACLs, directories on the way), not a reading of mode
+    bits. Root reads anything: a root-owned 0600 token file passed `validate` run as root, and the
+    agent then failed at start, or at its first certificate request."""
     import pwd
 
     try:
@@ -1101,35 +1109,61 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
     except KeyError:
         raise ConfigError(f"no user {user!r} on this host to check the files as") from None
     files = files_the_agent_reads(cfg)
+    for name, path in files:
+        real = os.path.realpath(path)
+        hidden = next((top for top in HIDDEN_BY_THE_UNIT if real == top or real.startswith(top + "/")), None)
+        if hidden is not None:
+            raise ConfigError(
+                f"{name} {path}: the agent's unit hides {hidden} from it (ProtectHome=, PrivateTmp=); "
+                "fix: keep it elsewhere, e.g. in /etc/hostmesh"
+            )
+    dirs = [
+        (what, d) for what, d in (("data_dir", cfg.data_dir), ("cert dir", cfg.certs_dir))
+        if d.is_dir() and not (d == Path(STATE_DIRECTORY) or Path(STATE_DIRECTORY) in d.parents)
+    ]  # fmt: skip
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: never returns (os._exit), whatever happens
-        problem = b""
+    if pid == 0:  # the child: whatever happens, it ends in os._exit, never in the CLI's own code
         try:
-            os.close(read)
-            os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
-            for name, path in files:
-                try:  # opening is the check (non-blocking: a FIFO would wait for a writer)
-                    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-                except OSError as exc:
-                    problem = (
-                        f"{name} {path}: cannot read as {user}, whom the agent runs as ({exc.strerror}); "
-                        f"fix: chown {user} {path} (and let {user} through the directories above it)"
-                    ).encode()
-                    break
-        except BaseException as exc:  # reported by the parent: the child only exits
-            problem = f"the check as {user} failed: {exc}".encode()
+            said = b"the check did not finish"
+            try:
+                os.close(read)
+                os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+                os.setgid(entry.pw_gid)
+                os.setuid(entry.pw_uid)
+                said = (_unusable_as(user, files, dirs) or "ok").encode()
+            except BaseException as exc:
+                said = f"the check as {user} failed: {exc}".encode()
+            os.write(write, said[:4000])
         finally:
-            os.write(write, (problem or b"ok")[:4000])
             os._exit(0)
     os.close(write)
     with os.fdopen(read, "rb") as answer:
-        said = answer.read().decode(errors="replace")
+        said_text = answer.read().decode(errors="replace")
     os.waitpid(pid, 0)
-    if said != "ok":
-        raise ConfigError(said or f"the check as {user} did not finish")
+    if said_text != "ok":
+        raise ConfigError(said_text or f"the check as {user} did not finish")
+
+
+def _unusable_as(user: str, files: list[tuple[str, Path]], dirs: list[tuple[str, Path]]) -> str:
+    """In check_readable_as's child, as `user`: the first file it cannot open or directory it cannot
+    write, in one line with the fix; "" when none."""
+    import errno
+
+    for name, path in files:
+        try:  # opening is the check (non-blocking: a FIFO would wait for a writer)
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            fix = (
+                f"; fix: chown {user} {path} (and let {user} through the directories above it)"
+                if exc.errno == errno.EACCES
+                else ""
+            )
+            return f"{name} {path}: cannot read as {user}, whom the agent runs as ({exc.strerror}){fix}"
+    for name, path in dirs:
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{name} {path}: cannot write as {user}, whom the agent runs as; fix: chown {user} {path}"
+    return ""
 
 
 def _file_kind(mode: int) -> str:

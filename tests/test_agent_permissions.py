@@ -189,13 +189,26 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     assert f"ingress listener 127.0.0.1:18443: {key}: " in one_line_error(validate(config))
 
 
+@pytest.fixture
+def unit_dir() -> Iterator[Path]:
+    """As `open_dir`, but where the agent's unit lets it see (its PrivateTmp= hides /tmp)."""
+    d = Path(tempfile.mkdtemp(prefix="hostmesh-perm-", dir="/run"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")
-def test_validate_as_root_refuses_a_file_the_agents_user_cannot_read(open_dir: Path) -> None:
+def test_validate_as_root_refuses_a_file_the_agents_user_cannot_read(unit_dir: Path) -> None:
     """Root reads any file: a join token written by root 0600 passed `agent validate` (the .deb's
     check before a restart, Ansible's before a new agent.toml), and the agent, which runs as its
     own user, then could not read it. Checked as that user now (here `nobody`)."""
-    config, _, token = write_config(open_dir)
+    open_dir = unit_dir
+    config, data_dir, token = write_config(open_dir)
     nobody = pwd.getpwnam("nobody")
+    os.chown(data_dir, nobody.pw_uid, -1)
     expected = (
         f"Error: [ca] token_file {token}: cannot read as nobody, whom the agent runs as (Permission denied); "
         f"fix: chown nobody {token} (and let nobody through the directories above it)"
@@ -218,3 +231,33 @@ def test_validate_as_root_refuses_a_file_the_agents_user_cannot_read(open_dir: P
     assert one_line_error(validate(config, "--user", "no-such-user-here")) == (
         "Error: no user 'no-such-user-here' on this host to check the files as"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")
+def test_validate_as_root_refuses_what_the_unit_hides_or_the_user_cannot_write(
+    unit_dir: Path, open_dir: Path
+) -> None:
+    """A token under /tmp or /home passed, and the agent, whose unit gives it a /tmp of its own and
+    no /home, found none; a data dir its user cannot write passed too (session review, F3)."""
+    config, data_dir, token = write_config(unit_dir)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(token, nobody.pw_uid, -1)
+    assert one_line_error(validate(config, "--user", "nobody")) == (
+        f"Error: data_dir {data_dir}: cannot write as nobody, whom the agent runs as; "
+        f"fix: chown nobody {data_dir}"
+    )
+    os.chown(data_dir, nobody.pw_uid, -1)
+    assert validate(config, "--user", "nobody").returncode == 0
+    in_tmp = open_dir / "join-token"  # (open_dir is under /tmp)
+    shutil.copy(token, in_tmp)
+    os.chown(in_tmp, nobody.pw_uid, -1)
+    config.write_text(config.read_text().replace(str(token), str(in_tmp)))
+    assert one_line_error(validate(config, "--user", "nobody")) == (
+        f"Error: [ca] token_file {in_tmp}: the agent's unit hides /tmp from it (ProtectHome=, PrivateTmp=); "
+        "fix: keep it elsewhere, e.g. in /etc/hostmesh"
+    )
+    dangling = unit_dir / "dangling"
+    dangling.symlink_to(unit_dir / "gone")
+    config.write_text(config.read_text().replace(str(in_tmp), str(dangling)))
+    line = one_line_error(validate(config, "--user", "nobody"))
+    assert "cannot read as nobody" in line and "No such file" in line and "chown" not in line, line
