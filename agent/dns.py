@@ -26,7 +26,8 @@ agent/dns_wire.py;
   own names have a budget of their own (KNOWN_BUDGET), so a flood of made-up mesh names cannot
   starve them; a NOERROR answer is kept (ANSWER_CACHE) and the same question asked again is
   answered from it, unparsed and outside both budgets, so a flood of one real name cannot either
-  (a flood of a real name in ever new spellings, 0x20 case, shares the real names' budget).
+  (but a flood of a real name's own variants, each a new question to parse: another case, query
+  type, flag or EDNS payload, shares the real names' budget and can delay their first asks).
 - over TCP: a client silent for TCP_IDLE_TIMEOUT, or that leaves our answers unread for
   TCP_WRITE_TIMEOUT (its answers buffered beyond a TCP_SEND_BUFFER socket buffer), is closed; and
   a new client past MAX_TCP_CONNECTIONS closes a connection idle TCP_EVICT_IDLE or in one query
@@ -86,8 +87,9 @@ LIMITED = "LIMITED"  # hostmesh_dns_queries_total's label for a query dropped pa
 # KNOWN_BUDGET: queries of the table's own names (`<upstream>.<domain>`) draw on a second budget of the
 # same size, so a local client flooding made-up mesh names (each new, so never answered from
 # ANSWER_CACHE) cannot starve the first asks of real ones: measured, under ~1,500 such names a second
-# the host's resolver got 1 of 5 first asks answered with one budget for all. A flood of the real
-# names themselves is the cache's (below), or shares their own budget.
+# the host's resolver got 1 of 5 first asks answered with one budget for all. A flood of one real
+# question is the cache's (below); one of a real name's variants (case, type, flags: each a new
+# question) shares the real names' budget, and can still delay their first asks.
 # parsed NOERROR answers kept, least recently asked first out, for the next ask of the same question
 # (its bytes but the ID): the host resolver's asks are then answered without a parse or the budget,
 # so a local client flooding one mesh name (which took 80-90 % of the budget's tokens at 1,000/s and
