@@ -43,14 +43,15 @@ with itself (postrm), so nothing compiled for the previous release is loaded aft
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import struct
 import subprocess
 import sys
 
-MAKE_TRIES = 3  # root's compile: moves aside and makes the cache directory again at most this often
+MARKER = ".hostmesh-bytecode"  # in the cache root's compile made: only such a cache (or one named for
+# hostmesh) is moved or removed by it, never a shared directory a prefix was pointed at by mistake
+MAX_CACHE_ENTRIES = 100_000  # ~1,300 in a real cache; past this one is not checked further but replaced
 PREPARE_TIMEOUT = 60.0  # a cold cache takes ~3 s on a loaded 2-core machine; the unit allows 90 s to start
 # Parts of the standard library no agent loads (not walked: test/ alone holds ~40 % of its files),
 # and trees in it that are not the standard library's
@@ -137,27 +138,35 @@ def compile_for_the_agent(prefix: str) -> list[str]:
     the cache before it is checked (the unit's PYTHONPYCACHEPREFIX is ignored), and -B, so that
     nothing is written beside the sources.
 
-    `prefix` is the cache's own directory (/var/cache/hostmesh in the unit): when anything in it is
-    not root's, or may be written by others (the cache of releases whose unit gave the directory to
-    the agent's user, bytecode planted there), the whole directory is moved aside, removed, and made
-    again, so nothing of it is read whatever the removal meets (a tree too deep for it: left aside,
-    never read). The directories above it must exist, be root's (or this user's) and not be
-    writable by others (sticky ones, as /tmp, excepted): else OSError, and the agent is not given
-    the cache (see main)."""
+    The directories above `prefix` must exist, be root's (or this user's) and not be writable by
+    others unless sticky (/tmp): else OSError. `prefix` itself is taken out of the importer's way
+    (renamed) before anything in it is read, and put back only when all of it is root's alone and
+    not writable by others; otherwise it is removed and made anew. So whatever stops this midway
+    (an error, a kill, the timeout) leaves no unchecked cache at that path. Only a cache this made
+    (MARKER) or one named for hostmesh is taken: a prefix pointed at a shared directory (/var/cache)
+    is refused, never moved or removed."""
     if not os.path.isabs(prefix):
         raise OSError(f"{prefix}: not an absolute path")
     prefix = os.path.normpath(prefix)
     os.umask(0o022)  # the unit's UMask=0077 applies to ExecStartPre=+ too: the agent's user reads all of it
     me = os.geteuid()
     _check_above(prefix, me)
-    for _ in range(MAKE_TRIES):
-        if _ours_throughout(prefix, me):
-            break
-        _move_aside(prefix)
-        with contextlib.suppress(FileExistsError):  # made meanwhile: checked again
-            os.mkdir(prefix, 0o755)
-    else:
-        raise OSError(f"{prefix} was not root's alone after {MAKE_TRIES} tries to make it so")
+    _remove_leftovers(prefix)
+    if os.path.lexists(prefix):
+        if not _ours_to_take(prefix, me):
+            raise OSError(
+                f"{prefix} is not a bytecode cache hostmesh made (no {MARKER} of root's in it): "
+                "point PYTHONPYCACHEPREFIX at a directory of its own"
+            )
+        checking = _aside(prefix, "checking")
+        os.rename(prefix, checking)  # (a link is moved, not followed)
+        if _ours_throughout(checking, me):
+            os.rename(checking, prefix)
+        else:
+            _remove(checking)
+    if not os.path.lexists(prefix):
+        os.mkdir(prefix, 0o755)  # fails if another made it meanwhile: the start goes on without a cache
+        _write_marker(prefix)
     sys.pycache_prefix = prefix  # only now: from here on the importer may read it too
     return compile_cache(prefix)
 
@@ -188,48 +197,82 @@ def _check_above(prefix: str, me: int) -> None:
             raise OSError(f"{path} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
-def _ours_throughout(prefix: str, me: int) -> bool:
-    """`prefix` is a directory, and it and everything in it (no symbolic link) is `me`'s and not
-    writable by others: what root's compile wrote, nothing else. ~1,300 lstat calls, ~10 ms."""
+def _ours_to_take(prefix: str, me: int) -> bool:
+    """`prefix` may be moved and removed: it holds root's MARKER (this made it), or it is named for
+    hostmesh (the cache of releases whose unit gave it to the agent's user, made without one)."""
     import stat
 
-    def ours(path: str) -> bool:
-        st = os.lstat(path)
+    if os.path.basename(prefix).startswith("hostmesh"):
+        return True
+    try:
+        st = os.lstat(os.path.join(prefix, MARKER))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == me
+
+
+def _ours_throughout(top: str, me: int) -> bool:
+    """`top` is a directory, and it and everything in it (no symbolic link) is `me`'s and not
+    writable by others: what root's compile wrote, nothing else. Entry by entry, stopping at the
+    first that is not, and at MAX_CACHE_ENTRIES (~1,300 in a real cache: ~10 ms)."""
+    import stat
+
+    def ours(st: os.stat_result) -> bool:
         return not stat.S_ISLNK(st.st_mode) and st.st_uid == me and not st.st_mode & 0o022
 
     try:
-        if not os.path.isdir(prefix) or not ours(prefix):
+        if not ours(os.lstat(top)) or not os.path.isdir(top):
             return False
-        for root, dirs, files in os.walk(prefix, onerror=_raise):
-            if not all(ours(os.path.join(root, name)) for name in (*dirs, *files)):
-                return False
+        todo, seen = [top], 0
+        while todo:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > MAX_CACHE_ENTRIES or not ours(entry.stat(follow_symlinks=False)):
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
     except OSError:
         return False
     return True
 
 
-def _raise(exc: OSError) -> None:
-    raise exc
-
-
-def _move_aside(prefix: str) -> None:
-    """Rename `prefix` (whatever it is) out of the importer's way, then remove it as far as that goes;
-    what is left stays aside, named on stderr. Never follows a symbolic link: a rename moves the link."""
-    import shutil
+def _aside(prefix: str, why: str) -> str:
     import time
 
-    aside = f"{prefix}.untrusted-{os.getpid()}-{time.time_ns()}"
+    return f"{prefix}.{why}-{os.getpid()}-{time.time_ns()}"
+
+
+def _remove(path: str) -> None:
+    """Remove what was taken out of the cache's way, as far as that goes; what is left is named on
+    stderr (and removed at the next start, _remove_leftovers). A link is removed, not followed."""
+    import shutil
+
     try:
-        os.rename(prefix, aside)
-    except FileNotFoundError:
-        return
-    try:
-        if os.path.isdir(aside) and not os.path.islink(aside):
-            shutil.rmtree(aside)  # (fd-based on Linux: a link inside is removed, not followed)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)  # (fd-based on Linux: a link inside is removed, not followed)
         else:
-            os.unlink(aside)
+            os.unlink(path)
     except Exception as exc:  # e.g. RecursionError on a tree planted thousands of levels deep
-        print(f"left {aside} (moved out of the cache): {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"left {path} (out of the cache's way): {exc.__class__.__name__}: {exc}", file=sys.stderr)
+
+
+def _remove_leftovers(prefix: str) -> None:
+    """What an earlier start took out of the cache's way and could not remove, or left while
+    checking (killed midway): `<prefix>.checking-*`, `<prefix>.untrusted-*`."""
+    parent, name = os.path.split(prefix)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for other in names:
+        if other.startswith((f"{name}.checking-", f"{name}.untrusted-")):
+            _remove(os.path.join(parent, other))
+
+
+def _write_marker(prefix: str) -> None:
+    with open(os.path.join(prefix, MARKER), "w") as f:
+        f.write("optimized bytecode for hostmesh's agent, compiled by root (agent/bytecode.py)\n")
 
 
 def _fresh(source: str) -> bool:
@@ -303,8 +346,6 @@ def main(argv: list[str]) -> None:
     try:
         failed = compile(prefix)
     except Exception as exc:  # (compile_for_the_agent's refusals are OSError(text): no strerror)
-        if argv and os.path.isabs(prefix):  # root's did not finish: no cache, rather than one unchecked
-            _move_aside(os.path.normpath(prefix))
         why = (
             getattr(exc, "strerror", None) or f"{exc}"
             if isinstance(exc, OSError)

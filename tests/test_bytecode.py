@@ -99,7 +99,7 @@ def unwritable(prefix: Path) -> list[str]:
 def test_the_agent_reads_roots_cache_without_a_word(tmp_path: Path) -> None:
     """Under systemd root compiles the cache (ExecStartPre) and the agent may not write it: its own
     prepare finds nothing stale, says nothing, and its modules load optimized from that cache."""
-    prefix = tmp_path / "bytecode"
+    prefix = tmp_path / "hostmesh"  # as the unit's /var/cache/hostmesh
     done = compile_as_root(prefix)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert stat.S_IMODE(prefix.stat().st_mode) == 0o755  # the agent's user reads it (UMask=0077 in the unit)
@@ -122,7 +122,7 @@ def test_roots_compile_replaces_a_cache_another_user_could_write(tmp_path: Path)
     bytecode in it: root's compile removes it all and compiles anew into a directory of its own."""
     if os.geteuid() != 0:
         pytest.skip("giving the cache to another user needs root")
-    prefix = tmp_path / "bytecode"
+    prefix = tmp_path / "hostmesh"  # (made without a marker: the cache of releases before it)
     planted = cached(prefix, hostmesh.agent.run.__file__)
     planted.parent.mkdir(parents=True)
     planted.write_bytes(b"planted")
@@ -139,8 +139,8 @@ def test_roots_compile_replaces_a_cache_with_anything_of_another_users_inside(tm
     it planted: the whole cache is moved aside and made again, not only its top checked."""
     if os.geteuid() != 0:
         pytest.skip("giving part of the cache to another user needs root")
-    prefix = tmp_path / "bytecode"
-    assert compile_as_root(prefix).returncode == 0
+    prefix = tmp_path / "cache"  # not named for hostmesh: taken for the marker root's compile left
+    assert compile_as_root(prefix).returncode == 0 and (prefix / ".hostmesh-bytecode").stat().st_uid == 0
     planted = cached(prefix, hostmesh.agent.run.__file__)
     os.chown(planted.parent, 65534, 65534)
     # the importer's header of the real one (fresh for its source), then the planter's code
@@ -151,27 +151,61 @@ def test_roots_compile_replaces_a_cache_with_anything_of_another_users_inside(tm
     done = compile_as_root(prefix)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert planted.stat().st_uid == 0 and planted.read_bytes() != evil
-    assert [p.name for p in tmp_path.iterdir()] == ["bytecode"]  # nothing left aside
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # nothing left aside
 
 
-def test_when_roots_compile_refuses_no_cache_is_left_to_read(tmp_path: Path) -> None:
-    """Refused (a directory above it others may write), root's compile leaves no cache at the path
-    the agent reads: a planted one there ran as the agent (review of the root compile, F1). A
-    directory above it that does not exist is refused too (another user could make it first)."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    prefix = shared / "bytecode"
-    planted = cached(prefix, hostmesh.agent.run.__file__)
-    planted.parent.mkdir(parents=True)
-    planted.write_bytes(b"planted")
-    done = compile_as_root(prefix)
-    assert done.returncode == 1 and "may be written by other users (mode 0777)" in done.stderr
-    assert not prefix.exists() and list(shared.iterdir()) == []
-    missing = compile_as_root(tmp_path / "none" / "bytecode")
+def test_roots_compile_takes_no_cache_it_did_not_make_and_checks_nothing_in_place(tmp_path: Path) -> None:
+    """A prefix pointed at a shared directory (here one with another program's files, as /var/cache)
+    is refused and left as it is: root removed it, being not root's alone (review 2, F2). A
+    directory above the prefix that does not exist is refused too (another user could make it
+    first). A cache is checked out of the importer's way: one left by a start killed midway
+    (`<prefix>.checking-*`) is removed by the next."""
+    shared = tmp_path / "cache"
+    (shared / "man").mkdir(parents=True)
+    (shared / "man" / "index.db").write_text("another program's")
+    done = compile_as_root(shared)
+    assert done.returncode == 1 and "is not a bytecode cache hostmesh made" in done.stderr, done.stderr
+    assert (shared / "man" / "index.db").read_text() == "another program's"
+    missing = compile_as_root(tmp_path / "none" / "hostmesh")
     assert missing.returncode == 1
     why = "does not exist (made by nobody here: another user could make it first)"
     assert missing.stderr.endswith(f"{tmp_path / 'none'} {why}\n"), missing.stderr
+    prefix = tmp_path / "hostmesh"
+    (tmp_path / "hostmesh.checking-1-2" / "deep").mkdir(parents=True)  # a killed start's
+    assert compile_as_root(prefix).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "hostmesh"]
+    assert not (tmp_path / "hostmesh.checking-1-2").exists()
+
+
+def test_a_compile_stopped_while_it_checks_the_cache_leaves_none_to_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped (its 60 s alarm, an OOM kill, the unit's timeout) while it checked a cache in place,
+    root's compile left that unchecked cache for the agent to read (review 2, F1): it checks it out
+    of the importer's way. Here the check is stopped by the alarm's SystemExit."""
+    from hostmesh.agent import bytecode
+
+    prefix = tmp_path / "hostmesh"
+    prefix.mkdir()
+    (prefix / "planted.opt-2.pyc").write_bytes(b"")
+
+    def stopped(top: str, me: int) -> bool:
+        assert not prefix.exists()  # what the agent would read is already out of the way
+        raise SystemExit("not done within 60 s")
+
+    monkeypatch.setattr(bytecode, "_ours_throughout", stopped)
+    umask = os.umask(0o022)
+    try:
+        with pytest.raises(SystemExit):
+            bytecode.compile_for_the_agent(str(prefix))
+    finally:
+        os.umask(umask)
+    assert not prefix.exists()
+    (aside,) = tmp_path.glob("hostmesh.checking-*")
+    monkeypatch.undo()
+    assert compile_as_root(prefix).returncode == 0  # the next start removes what was left, and compiles
+    assert [p.name for p in tmp_path.iterdir()] == ["hostmesh"] and not aside.exists()
+    assert not (prefix / "planted.opt-2.pyc").exists()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])
@@ -180,10 +214,10 @@ def test_roots_compile_refuses_a_cache_below_a_directory_others_write(tmp_path: 
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(mode)
-    done = compile_as_root(shared / "hostmesh" / "bytecode")
+    done = compile_as_root(shared / "hostmesh")
     assert done.returncode == 1 and not (shared / "hostmesh").exists()
     why = f"{shared} may be written by other users (mode {mode:04o})"
-    assert done.stderr == f"cannot prepare {shared}/hostmesh/bytecode: {why}\n"
+    assert done.stderr == f"cannot prepare {shared}/hostmesh: {why}\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/null is not a directory")
