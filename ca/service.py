@@ -286,8 +286,8 @@ class _AuditedTLSServer(HTTPServer):
             on_full=self._make_room, on_client_full=self._make_room_of,
         )  # fmt: skip
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
-        # TLS under way -> since (monotonic), and the task running it (_evict_handshake)
-        self._handshaking: dict[asyncio.StreamWriter, tuple[float, asyncio.Task[Any]]] = {}
+        # TLS under way -> since (monotonic), and the handshake itself (_evict_handshake)
+        self._handshaking: dict[asyncio.StreamWriter, tuple[float, asyncio.Future[Any]]] = {}
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
         self._since_trim = 0
@@ -321,11 +321,12 @@ class _AuditedTLSServer(HTTPServer):
         since, writer = min(pending, key=lambda item: item[0])
         if time.monotonic() - since < SLOW_REQUEST_EVICT:
             return False
-        _, task = self._handshaking.pop(writer)
+        _, handshake = self._handshaking.pop(writer)
         self.evicted_slow += 1
-        # its task, not its transport: asyncio's start_tls closes the transport of a cancelled
-        # handshake, where an aborted one returned as if done, with no transport
-        task.cancel()
+        # the handshake, not the transport: asyncio's start_tls closes the transport of a cancelled
+        # one, where an aborted one returned as if done, without a transport; not the connection's
+        # task either, whose cancellation asyncio logs as an error with its traceback
+        handshake.cancel()
         return True
 
     def slot_wanted(self, writer: asyncio.StreamWriter) -> bool:
@@ -369,11 +370,17 @@ class _AuditedTLSServer(HTTPServer):
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = format_peer(writer.get_extra_info("peername"))
-        task = asyncio.current_task()
-        if task is not None:  # (always, in a connection's own task)
-            self._handshaking[writer] = (time.monotonic(), task)
+        handshake = asyncio.ensure_future(
+            writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        )
+        self._handshaking[writer] = (time.monotonic(), handshake)
         try:
-            await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            await handshake
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this connection's own task: the server closes
+                raise
+            return  # the handshake alone: evicted for a waiting client (_evict_handshake), closed
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             reason = tls.handshake_failure_reason(exc)
             if isinstance(exc, ssl.SSLError):
