@@ -1104,9 +1104,9 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
     agent then failed at start, or at its first certificate request."""
     import pwd
 
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
+    try:  # a name, or a uid as systemd's User= may give one
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
         raise ConfigError(f"no user {user!r} on this host to check the files as") from None
     files = files_the_agent_reads(cfg)
     for name, path in files:
@@ -1117,9 +1117,13 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
                 f"{name} {path}: the agent's unit hides {hidden} from it (ProtectHome=, PrivateTmp=); "
                 "fix: keep it elsewhere, e.g. in /etc/hostmesh"
             )
+    # systemd gives the StateDirectory and all in it to User= at each start, but only when the
+    # directory itself is not that user's already (then what is below it stays as it is)
+    state = Path(STATE_DIRECTORY)
+    fixed = state.is_dir() and state.stat().st_uid != entry.pw_uid
     dirs = [
         (what, d) for what, d in (("data_dir", cfg.data_dir), ("cert dir", cfg.certs_dir))
-        if d.is_dir() and not (d == Path(STATE_DIRECTORY) or Path(STATE_DIRECTORY) in d.parents)
+        if d.is_dir() and not (fixed and (d == state or state in d.parents))
     ]  # fmt: skip
     read, write = os.pipe()
     pid = os.fork()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.config import ConfigError, check_permissions, load_config
+from hostmesh.agent.config import ConfigError, check_permissions, check_readable_as, load_config
 from hostmesh.agent.localmesh import HOSTMESH
 
 PIN = "sha256:" + "0" * 64
@@ -261,3 +261,30 @@ def test_validate_as_root_refuses_what_the_unit_hides_or_the_user_cannot_write(
     config.write_text(config.read_text().replace(str(in_tmp), str(dangling)))
     line = one_line_error(validate(config, "--user", "nobody"))
     assert "cannot read as nobody" in line and "No such file" in line and "chown" not in line, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")
+def test_the_units_state_directory_is_left_to_systemd_only_when_systemd_fixes_it(
+    unit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd gives the StateDirectory and all in it to User= when the directory itself is not that
+    user's; when it is, a root-owned cert dir below stays root's and the agent cannot write its
+    certificates (review 2, F4). A uid as User= gives (review 2, F5)."""
+    from hostmesh.agent import config as agent_config
+
+    state = unit_dir / "state"
+    monkeypatch.setattr(agent_config, "STATE_DIRECTORY", str(state))
+    (state / "certs").mkdir(parents=True, mode=0o700)
+    config, _, token = write_config(unit_dir)
+    config.write_text(config.read_text().replace(str(unit_dir / "data"), str(state)))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(token, nobody.pw_uid, -1)
+    cfg = load_config(config)
+    check_readable_as(cfg, "nobody")  # all root's: systemd gives it all to the user at the start
+    os.chown(state, nobody.pw_uid, -1)  # the top the user's already: systemd changes nothing below
+    with pytest.raises(ConfigError, match=rf"cert dir {state / 'certs'}: cannot write as nobody"):
+        check_readable_as(cfg, "nobody")
+    os.chown(state / "certs", nobody.pw_uid, -1)
+    check_readable_as(cfg, str(nobody.pw_uid))
+    with pytest.raises(ConfigError, match="no user '4294967294' on this host"):
+        check_readable_as(cfg, "4294967294")

@@ -213,7 +213,8 @@ def fake_running_systemd(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]
     calls = tmp_path / "systemctl.calls"
     calls.touch()
     fake = bindir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    # `show -P User` answers the shipped unit's User=
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nif [ "$1" = show ]; then echo hostmesh; fi\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
     try:
