@@ -125,8 +125,14 @@ def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSign
         raise InvalidRequest("malformed CSR: not a PEM certificate request") from None
     if len(data) > MAX_CSR_BYTES:
         raise InvalidRequest(f"CSR larger than {MAX_CSR_BYTES} bytes")
-    if data.count(b"-----BEGIN") > 1:  # OpenSSL reads the first block and ignores the rest
-        raise InvalidRequest("malformed CSR: more than one PEM block (one certificate request, nothing else)")
+    # OpenSSL reads the first block and ignores what surrounds it: one request, and nothing else
+    body = data.strip()
+    if (
+        not body.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
+        or not body.endswith(b"-----END CERTIFICATE REQUEST-----")
+        or body.upper().count(b"-----BEGIN") != 1
+    ):
+        raise InvalidRequest("malformed CSR: not one PEM certificate request and nothing else")
     try:
         csr = x509.load_pem_x509_csr(data)
     except ValueError:
