@@ -150,7 +150,9 @@ def compile_for_the_agent(prefix: str) -> list[str]:
     prefix = os.path.normpath(prefix)
     os.umask(0o022)  # the unit's UMask=0077 applies to ExecStartPre=+ too: the agent's user reads all of it
     me = os.geteuid()
-    _check_above(prefix, me)
+    _check_above(prefix, me, links=True)  # as named (a link's own directory is in this chain) ...
+    prefix = os.path.join(os.path.realpath(os.path.dirname(prefix)), os.path.basename(prefix))
+    _check_above(prefix, me)  # ... and where it leads: /var/cache on another disk, linked
     _remove_leftovers(prefix)
     if os.path.lexists(prefix):
         if not _ours_to_take(prefix, me):
@@ -171,9 +173,10 @@ def compile_for_the_agent(prefix: str) -> list[str]:
     return compile_cache(prefix)
 
 
-def _check_above(prefix: str, me: int) -> None:
-    """The directories above `prefix`, from /: each there, a directory, root's (or `me`'s), and not
-    writable by other users unless sticky (only an entry's owner may rename or remove it there)."""
+def _check_above(prefix: str, me: int, links: bool = False) -> None:
+    """The directories above `prefix`, from /: each there, a directory (or, with `links`, a symbolic
+    link, whose target the caller checks), root's (or `me`'s), and not writable by other users
+    unless sticky (only an entry's owner may rename or remove it there)."""
     import stat
 
     path, above = os.path.dirname(prefix), []
@@ -189,8 +192,10 @@ def _check_above(prefix: str, me: int) -> None:
             raise OSError(
                 f"{path} does not exist (made by nobody here: another user could make it first)"
             ) from None
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise OSError(f"{path} is not a directory (a symbolic link's target is not checked)")
+        if links and stat.S_ISLNK(st.st_mode):
+            continue  # (only root could have made it: its directory, checked, is root's)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(f"{path} is not a directory")
         if st.st_uid not in (0, me):
             raise OSError(f"{path} belongs to uid {st.st_uid}, who could replace what is below it")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:

@@ -208,6 +208,25 @@ def test_a_compile_stopped_while_it_checks_the_cache_leaves_none_to_read(
     assert not (prefix / "planted.opt-2.pyc").exists()
 
 
+def test_roots_compile_follows_a_link_above_the_cache_only_where_nobody_else_may_change_it(
+    tmp_path: Path,
+) -> None:
+    """/var/cache moved to another disk and linked: the cache is compiled where the link leads, the
+    directories on both ways checked (it refused any link: review 2, suspected 2). A link in a
+    directory others may write is refused: they could point it elsewhere."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "cache").symlink_to(tmp_path / "disk")
+    done = compile_as_root(tmp_path / "cache" / "hostmesh")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "disk" / "hostmesh" / ".hostmesh-bytecode").is_file()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "cache").symlink_to(tmp_path / "disk")
+    shared.chmod(0o777)
+    refused = compile_as_root(shared / "cache" / "hostmesh")
+    assert refused.returncode == 1 and f"{shared} may be written by other users" in refused.stderr
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o775])
 def test_roots_compile_refuses_a_cache_below_a_directory_others_write(tmp_path: Path, mode: int) -> None:
     """Whoever may write a directory above the cache may swap the cache for one of theirs."""
