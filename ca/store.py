@@ -255,14 +255,16 @@ def retire(
     # ... unless the running CA went on signing with it: a reload that failed after `rotate` (a root
     # key its user cannot read) keeps the old root signing, for as long as nobody notices
     stamped = signed_until(data_dir, root.id)
+    noted = ""
     if stamped is not None and stamped > superseded:
         superseded = stamped
+        noted = f" (the CA noted its last signing with it in {data_dir / SIGNED_DIR / root.id})"
     safe = superseded + leaf_ttl
     if not force and (now or pki.now()) < safe:
         raise InvalidRequest(
-            f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M:%S}Z that stay valid up to "
-            f"{leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M:%S}Z, once agents have renewed, "
-            "or now with --force (agents still holding its leaves lose their peers until they renew)"
+            f"root {root.id} signed leaves until {superseded:%Y-%m-%d %H:%M:%S}Z{noted} that stay valid up "
+            f"to {leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M:%S}Z, once agents have "
+            "renewed, or now with --force (agents still holding its leaves lose their peers until they renew)"
         )
     retired = data_dir / "retired"
     src = data_dir / "roots" / f"{root.id}.crt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,8 @@ def test_a_signing_stamp_moves_retires_window_and_a_damaged_one_is_named(tmp_pat
     later = second.cert.not_valid_before_utc + dt.timedelta(hours=3)  # the CA went on signing with it
     assert store.note_signing(d, first.id, later) == later + store.SIGNED_AHEAD
     after_rotation = second.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW
-    with pytest.raises(InvalidRequest, match="--force"):
+    noted = f"the CA noted its last signing with it in {d / store.SIGNED_DIR / first.id}"
+    with pytest.raises(InvalidRequest, match=f"\\({re.escape(noted)}\\) .*--force"):
         store.retire(d, first.id, now=after_rotation)
     (d / store.SIGNED_DIR / first.id).write_text("soon\n")
     with pytest.raises(StorageError, match=rf"{first.id} does not hold a time \(UNIX seconds\); remove it"):
