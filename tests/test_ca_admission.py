@@ -5,6 +5,7 @@ Retry-After while other clients go on, and bad tokens are refused without a Cons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -27,14 +28,20 @@ pytestmark = pytest.mark.consul
 IO_TIMEOUT = 10.0
 
 
-@pytest.fixture
-async def ca(tmp_path: Path, consul: ConsulDev) -> AsyncIterator[CAService]:
+@contextlib.asynccontextmanager
+async def running_ca(tmp_path: Path, consul: ConsulDev) -> AsyncIterator[CAService]:
     async with ConsulClient(consul.url) as client:
         svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
         try:
             yield svc
         finally:
             await svc.close()
+
+
+@pytest.fixture
+async def ca(tmp_path: Path, consul: ConsulDev) -> AsyncIterator[CAService]:
+    async with running_ca(tmp_path, consul) as svc:
+        yield svc
 
 
 @pytest.fixture
@@ -42,13 +49,9 @@ async def eager_ca(
     tmp_path: Path, consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[CAService]:
     """A CA whose SLOW_REQUEST_EVICT is 0: a request arriving at all may make room (no waiting here)."""
-    monkeypatch.setattr(service, "SLOW_REQUEST_EVICT", 0.0)
-    async with ConsulClient(consul.url) as client:
-        svc = await start_ca(new_ca_dir(tmp_path), client, AuditSink(), register=False)
-        try:
-            yield svc
-        finally:
-            await svc.close()
+    monkeypatch.setattr(service, "SLOW_REQUEST_EVICT", 0.0)  # (read as the CA's server is made)
+    async with running_ca(tmp_path, consul) as svc:
+        yield svc
 
 
 async def handshake(svc: CAService, ctx: ssl.SSLContext, source: str = "127.0.0.1") -> str | None:
