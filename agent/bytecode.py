@@ -49,8 +49,11 @@ import struct
 import subprocess
 import sys
 
-MARKER = ".hostmesh-bytecode"  # in the cache root's compile made: only such a cache (or one named for
-# hostmesh) is moved or removed by it, never a shared directory a prefix was pointed at by mistake
+MARKER = ".hostmesh-bytecode"  # in the cache root's compile made: only such a cache (or LEGACY_CACHE)
+# is moved or removed by it, never another directory a prefix was pointed at by mistake
+LEGACY_CACHE = (
+    "/var/cache/hostmesh"  # the unit's cache, given to the agent's user before 0.3.x's root compile
+)
 MAX_CACHE_ENTRIES = 100_000  # ~1,300 in a real cache; past this one is not checked further but replaced
 PREPARE_TIMEOUT = 60.0  # a cold cache takes ~3 s on a loaded 2-core machine; the unit allows 90 s to start
 # Parts of the standard library no agent loads (not walked: test/ alone holds ~40 % of its files),
@@ -143,16 +146,22 @@ def compile_for_the_agent(prefix: str) -> list[str]:
     (renamed) before anything in it is read, and put back only when all of it is root's alone and
     not writable by others; otherwise it is removed and made anew. So whatever stops this midway
     (an error, a kill, the timeout) leaves no unchecked cache at that path. Only a cache this made
-    (MARKER) or one named for hostmesh is taken: a prefix pointed at a shared directory (/var/cache)
-    is refused, never moved or removed."""
+    (MARKER), or LEGACY_CACHE, is taken: a prefix pointed at another directory (/var/cache, the
+    agent's data dir) is refused, never moved or removed. Refused for the directories above it,
+    a cache it may take is removed all the same: the agent reads whatever is at that path."""
     if not os.path.isabs(prefix):
         raise OSError(f"{prefix}: not an absolute path")
     prefix = os.path.normpath(prefix)
     os.umask(0o022)  # the unit's UMask=0077 applies to ExecStartPre=+ too: the agent's user reads all of it
     me = os.geteuid()
-    _check_above(prefix, me, links=True)  # as named (a link's own directory is in this chain) ...
-    prefix = os.path.join(os.path.realpath(os.path.dirname(prefix)), os.path.basename(prefix))
-    _check_above(prefix, me)  # ... and where it leads: /var/cache on another disk, linked
+    try:
+        _check_above(prefix, me, links=True)  # as named (a link's own directory is in this chain) ...
+        prefix = os.path.join(os.path.realpath(os.path.dirname(prefix)), os.path.basename(prefix))
+        _check_above(prefix, me)  # ... and where it leads: /var/cache on another disk, linked
+    except OSError:
+        if os.path.lexists(prefix) and _ours_to_take(prefix, me):  # refused: leave the agent nothing
+            _remove(_moved_aside(prefix, "untrusted"))  # to read there (what it read is the path's)
+        raise
     _remove_leftovers(prefix)
     if os.path.lexists(prefix):
         if not _ours_to_take(prefix, me):
@@ -160,8 +169,7 @@ def compile_for_the_agent(prefix: str) -> list[str]:
                 f"{prefix} is not a bytecode cache hostmesh made (no {MARKER} of root's in it): "
                 "point PYTHONPYCACHEPREFIX at a directory of its own"
             )
-        checking = _aside(prefix, "checking")
-        os.rename(prefix, checking)  # (a link is moved, not followed)
+        checking = _moved_aside(prefix, "checking")
         if _ours_throughout(checking, me):
             os.rename(checking, prefix)
         else:
@@ -192,22 +200,22 @@ def _check_above(prefix: str, me: int, links: bool = False) -> None:
             raise OSError(
                 f"{path} does not exist (made by nobody here: another user could make it first)"
             ) from None
+        if st.st_uid not in (0, me):  # (a link's owner too: in a sticky directory it may replace it)
+            raise OSError(f"{path} belongs to uid {st.st_uid}, who could replace what is below it")
         if links and stat.S_ISLNK(st.st_mode):
-            continue  # (only root could have made it: its directory, checked, is root's)
+            continue  # root's, in a directory checked above: its target is checked by the caller
         if not stat.S_ISDIR(st.st_mode):
             raise OSError(f"{path} is not a directory")
-        if st.st_uid not in (0, me):
-            raise OSError(f"{path} belongs to uid {st.st_uid}, who could replace what is below it")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             raise OSError(f"{path} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
 def _ours_to_take(prefix: str, me: int) -> bool:
-    """`prefix` may be moved and removed: it holds root's MARKER (this made it), or it is named for
-    hostmesh (the cache of releases whose unit gave it to the agent's user, made without one)."""
+    """`prefix` may be moved and removed: it holds root's MARKER (this made it), or it is the cache
+    of releases whose unit gave it to the agent's user, made without one (LEGACY_CACHE)."""
     import stat
 
-    if os.path.basename(prefix).startswith("hostmesh"):
+    if prefix == LEGACY_CACHE:
         return True
     try:
         st = os.lstat(os.path.join(prefix, MARKER))
@@ -242,10 +250,13 @@ def _ours_throughout(top: str, me: int) -> bool:
     return True
 
 
-def _aside(prefix: str, why: str) -> str:
+def _moved_aside(prefix: str, why: str) -> str:
+    """Rename `prefix` out of the importer's way (a link is moved, not followed); its new name."""
     import time
 
-    return f"{prefix}.{why}-{os.getpid()}-{time.time_ns()}"
+    aside = f"{prefix}.{why}-{os.getpid()}-{time.time_ns()}"
+    os.rename(prefix, aside)
+    return aside
 
 
 def _remove(path: str) -> None:

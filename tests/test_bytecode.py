@@ -117,21 +117,58 @@ def test_the_agent_reads_roots_cache_without_a_word(tmp_path: Path) -> None:
     assert agent.stdout == f"None {pyc}\n"
 
 
-def test_roots_compile_replaces_a_cache_another_user_could_write(tmp_path: Path) -> None:
-    """The cache of a unit with CacheDirectory= belonged to the agent's user, who may have planted
-    bytecode in it: root's compile removes it all and compiles anew into a directory of its own."""
+def test_roots_compile_replaces_a_cache_another_user_could_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache of a unit with CacheDirectory= (/var/cache/hostmesh, made without a marker)
+    belonged to the agent's user, who may have planted bytecode in it: root's compile removes it all
+    and compiles anew into a directory of its own. (In process, the legacy path pointed here.)"""
     if os.geteuid() != 0:
         pytest.skip("giving the cache to another user needs root")
-    prefix = tmp_path / "hostmesh"  # (made without a marker: the cache of releases before it)
+    from hostmesh.agent import bytecode
+
+    prefix = tmp_path / "hostmesh"
     planted = cached(prefix, hostmesh.agent.run.__file__)
     planted.parent.mkdir(parents=True)
     planted.write_bytes(b"planted")
     for path in (prefix, *prefix.rglob("*")):
         os.chown(path, 65534, 65534)
+    monkeypatch.setattr(bytecode, "LEGACY_CACHE", str(prefix))
+    monkeypatch.setattr(bytecode, "compile_cache", lambda prefix: [])  # (the compile itself: above)
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
+    umask = os.umask(0o022)
+    try:
+        assert bytecode.compile_for_the_agent(str(prefix)) == []
+    finally:
+        os.umask(umask)
+    assert prefix.stat().st_uid == 0 and not planted.exists()
+    assert [p.name for p in prefix.iterdir()] == [".hostmesh-bytecode"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hostmesh"]
+
+
+def test_roots_compile_takes_only_its_own_cache_or_the_legacy_one(tmp_path: Path) -> None:
+    """A prefix named like hostmesh's directories but not its cache (its data dir, the CA's) is
+    refused, its files kept: any name beginning with hostmesh was taken (review 3, F2)."""
+    for name in ("hostmesh-ca", "hostmesh"):
+        keys = tmp_path / name
+        keys.mkdir()
+        (keys / "root.key").write_text("a key")
+        done = compile_as_root(keys)
+        assert done.returncode == 1 and "is not a bytecode cache hostmesh made" in done.stderr, done.stderr
+        assert (keys / "root.key").read_text() == "a key"
+
+
+def test_refused_for_a_directory_above_it_roots_compile_still_removes_its_cache(tmp_path: Path) -> None:
+    """Refused (here a directory above the cache others may write), root's compile left the cache
+    it may take where the agent reads it (review 3, F1)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    prefix = shared / "hostmesh"
+    assert compile_as_root(prefix).returncode == 0  # root's own, marked
+    shared.chmod(0o777)
     done = compile_as_root(prefix)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert prefix.stat().st_uid == 0 and planted.stat().st_uid == 0
-    assert planted.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    assert done.returncode == 1 and f"{shared} may be written by other users" in done.stderr
+    assert list(shared.iterdir()) == []
 
 
 def test_roots_compile_replaces_a_cache_with_anything_of_another_users_inside(tmp_path: Path) -> None:
@@ -187,6 +224,7 @@ def test_a_compile_stopped_while_it_checks_the_cache_leaves_none_to_read(
 
     prefix = tmp_path / "hostmesh"
     prefix.mkdir()
+    (prefix / ".hostmesh-bytecode").write_bytes(b"")  # (root's: one it made)
     (prefix / "planted.opt-2.pyc").write_bytes(b"")
 
     def stopped(top: str, me: int) -> bool:
@@ -225,6 +263,14 @@ def test_roots_compile_follows_a_link_above_the_cache_only_where_nobody_else_may
     shared.chmod(0o777)
     refused = compile_as_root(shared / "cache" / "hostmesh")
     assert refused.returncode == 1 and f"{shared} may be written by other users" in refused.stderr
+    if os.geteuid() == 0:  # a link another user made in a sticky directory: theirs to re-point (review 3, F3)
+        sticky = tmp_path / "sticky"
+        sticky.mkdir()
+        (sticky / "cache").symlink_to(tmp_path / "disk")
+        os.chown(sticky / "cache", 65534, 65534, follow_symlinks=False)
+        sticky.chmod(0o1777)
+        theirs = compile_as_root(sticky / "cache" / "hostmesh")
+        assert theirs.returncode == 1 and f"{sticky / 'cache'} belongs to uid 65534" in theirs.stderr
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])

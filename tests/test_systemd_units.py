@@ -151,7 +151,7 @@ def test_the_agents_bytecode_compile_runs_the_agents_interpreter(tmp_path: Path)
     assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3
     launcher = Path(sys.executable).parent / "hostmesh"
     assert launcher.is_file(), launcher
-    link = tmp_path / "hostmesh"
+    link = tmp_path / "usr-bin-hostmesh"
     link.symlink_to(launcher)
     prefix = tmp_path / "hostmesh"  # (as /var/cache/hostmesh: the directory above it is there, root's)
     env = {"PATH": os.environ["PATH"], "PYTHONPYCACHEPREFIX": str(prefix), "PYTHONOPTIMIZE": "2"}
