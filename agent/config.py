@@ -1105,7 +1105,7 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
     import pwd
 
     try:  # a name, or a uid as systemd's User= may give one
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if user.isascii() and user.isdigit() else pwd.getpwnam(user)
     except (KeyError, OverflowError):
         raise ConfigError(f"no user {user!r} on this host to check the files as") from None
     files = files_the_agent_reads(cfg)
@@ -1117,13 +1117,15 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
                 f"{name} {path}: the agent's unit hides {hidden} from it (ProtectHome=, PrivateTmp=); "
                 "fix: keep it elsewhere, e.g. in /etc/hostmesh"
             )
-    # systemd gives the StateDirectory and all in it to User= at each start, but only when the
-    # directory itself is not that user's already (then what is below it stays as it is)
+    # systemd gives the StateDirectory and all in it to User= (and its group) at each start, but
+    # only when the directory itself is not theirs already (then what is below it stays as it is),
+    # and it follows no link (a data dir linked elsewhere is not given)
     state = Path(STATE_DIRECTORY)
-    fixed = state.is_dir() and state.stat().st_uid != entry.pw_uid
+    st = state.lstat() if state.is_dir() and not state.is_symlink() else None
+    fixed = st is not None and (st.st_uid, st.st_gid) != (entry.pw_uid, entry.pw_gid)
     dirs = [
         (what, d) for what, d in (("data_dir", cfg.data_dir), ("cert dir", cfg.certs_dir))
-        if d.is_dir() and not (fixed and (d == state or state in d.parents))
+        if d.is_dir() and not (fixed and d.resolve() == d and (d == state or state in d.parents))
     ]  # fmt: skip
     read, write = os.pipe()
     pid = os.fork()

@@ -126,11 +126,12 @@ def parse_csr(pem: bytes | str, trust_domain: str) -> tuple[x509.CertificateSign
     if len(data) > MAX_CSR_BYTES:
         raise InvalidRequest(f"CSR larger than {MAX_CSR_BYTES} bytes")
     # OpenSSL reads the first block and ignores what surrounds it: one request, and nothing else
-    body = data.strip()
+    lines = data.strip().splitlines()
     if (
-        not body.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
-        or not body.endswith(b"-----END CERTIFICATE REQUEST-----")
-        or body.upper().count(b"-----BEGIN") != 1
+        not lines
+        or lines[0].strip() != b"-----BEGIN CERTIFICATE REQUEST-----"
+        or lines[-1].strip() != b"-----END CERTIFICATE REQUEST-----"
+        or sum(1 for line in lines if line.lstrip().startswith(b"-")) != 2  # base64 has no "-"
     ):
         raise InvalidRequest("malformed CSR: not one PEM certificate request and nothing else")
     try:

@@ -281,9 +281,13 @@ def test_the_units_state_directory_is_left_to_systemd_only_when_systemd_fixes_it
     os.chown(token, nobody.pw_uid, -1)
     cfg = load_config(config)
     check_readable_as(cfg, "nobody")  # all root's: systemd gives it all to the user at the start
-    os.chown(state, nobody.pw_uid, -1)  # the top the user's already: systemd changes nothing below
+    os.chown(state, nobody.pw_uid, -1)  # the user's, not its group: systemd gives it all again
+    check_readable_as(cfg, "nobody")  # (review 3, F5: refused, where systemd fixes it)
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)  # the user's and its group's: systemd changes nothing
     with pytest.raises(ConfigError, match=rf"cert dir {state / 'certs'}: cannot write as nobody"):
         check_readable_as(cfg, "nobody")
+    with pytest.raises(ConfigError, match="no user '²' on this host"):
+        check_readable_as(cfg, "²")  # (a traceback: int() of a digit that is not ASCII)
     os.chown(state / "certs", nobody.pw_uid, -1)
     check_readable_as(cfg, str(nobody.pw_uid))
     with pytest.raises(ConfigError, match="no user '4294967294' on this host"):

@@ -195,6 +195,8 @@ def test_parse_csr_refuses_more_than_one_pem_block() -> None:
         "a note first\n" + web,
         web + "and one after",
         web + lower_api,  # (review 2, F6: OpenSSL takes no such block for one, nor for an error)
+        web.replace("-----END", "and more\n-----END CERTIFICATE REQUEST-----\n-----END", 1),
+        web + "----BEGIN X----\n",  # (review 3, F6: a second END, a block of four dashes)
     ):
         with pytest.raises(InvalidRequest, match=r"^malformed CSR: not one PEM certificate request and"):
             pki.parse_csr(body, "hostmesh.local")
