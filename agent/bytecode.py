@@ -160,7 +160,10 @@ def compile_for_the_agent(prefix: str) -> list[str]:
         _check_above(prefix, me)  # ... and where it leads: /var/cache on another disk, linked
     except OSError:
         if os.path.lexists(prefix) and _ours_to_take(prefix, me):  # refused: leave the agent nothing
-            _remove(_moved_aside(prefix, "untrusted"))  # to read there (what it read is the path's)
+            try:  # to read there (what it reads is the path's); the refusal is what is said
+                _remove(_moved_aside(prefix, "untrusted"))
+            except OSError as exc:
+                print(f"could not move {prefix} aside: {exc.strerror or exc}", file=sys.stderr)
         raise
     _remove_leftovers(prefix)
     if os.path.lexists(prefix):
