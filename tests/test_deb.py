@@ -14,12 +14,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import tarfile
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -213,8 +215,7 @@ def fake_running_systemd(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]
     calls = tmp_path / "systemctl.calls"
     calls.touch()
     fake = bindir / "systemctl"
-    # `show -P User` answers the shipped unit's User=
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nif [ "$1" = show ]; then echo hostmesh; fi\n')
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
     try:
@@ -258,9 +259,8 @@ def test_maintainer_scripts_with_running_systemd(
     )
     run("dpkg", "-i", str(deb), env=env)
     probe = "is-active --quiet hostmesh-agent.service"
-    user = "show -P User hostmesh-agent.service"  # whom validate reads the named files as (empty: hostmesh)
     restart = "try-restart hostmesh-agent.service hostmesh-ca.service"
-    assert take() == ["daemon-reload", probe, user, *([restart] if policy_allows("try-restart") else [])]
+    assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
     ca_only = "try-restart hostmesh-ca.service"
 
     # a join token the agent's user cannot read (written by root 0600): the restart would fail on it
@@ -274,9 +274,30 @@ def test_maintainer_scripts_with_running_systemd(
     assert out.returncode == 0, out.stderr
     assert "NOT restarting hostmesh-agent" in out.stderr, out.stderr
     assert f"[ca] token_file {token}: cannot read as hostmesh" in out.stderr, out.stderr
-    assert take() == ["daemon-reload", probe, user, *([ca_only] if policy_allows("try-restart") else [])]
-    token.unlink()
-    agent_toml.write_text(agent_toml.read_text().replace(f'token_file = "{token}"\n', ""))
+    assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
+    # the same token readable by the user a drop-in runs the agent as: that user is the one checked
+    dropin = Path("/etc/systemd/system/hostmesh-agent.service.d/user.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nUser=nobody\n")
+    os.chown(token, pwd.getpwnam("nobody").pw_uid, -1)
+    out = subprocess.run(
+        ["dpkg", "-i", str(deb)], capture_output=True, text=True, env=env, timeout=DPKG_TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"[ca] token_file {token}: cannot read as nobody" in out.stderr, out.stderr  # /etc/hostmesh: 0750
+    assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
+    elsewhere = Path(tempfile.mkdtemp(dir="/run")) / "join-token"  # where nobody may read it
+    elsewhere.parent.chmod(0o755)
+    shutil.move(token, elsewhere)
+    agent_toml.write_text(agent_toml.read_text().replace(str(token), str(elsewhere)))
+    out = subprocess.run(
+        ["dpkg", "-i", str(deb)], capture_output=True, text=True, env=env, timeout=DPKG_TIMEOUT
+    )
+    assert out.returncode == 0 and "NOT restarting" not in out.stderr, out.stderr
+    assert take() == ["daemon-reload", probe, *([restart] if policy_allows("try-restart") else [])]
+    dropin.unlink()
+    shutil.rmtree(elsewhere.parent)
+    agent_toml.write_text(agent_toml.read_text().replace(f'token_file = "{elsewhere}"\n', ""))
 
     # one it refuses (0.1 took a non-loopback upstream bind): not restarted, left running on the new files
     agent_toml.write_text(
@@ -289,7 +310,7 @@ def test_maintainer_scripts_with_running_systemd(
     assert "NOT restarting hostmesh-agent" in out.stderr and "is not a loopback address" in out.stderr, (
         out.stderr
     )
-    assert take() == ["daemon-reload", probe, user, *([ca_only] if policy_allows("try-restart") else [])]
+    assert take() == ["daemon-reload", probe, *([ca_only] if policy_allows("try-restart") else [])]
 
     run("dpkg", "-i", str(deb), env={**env, "HOSTMESH_NO_RESTART": "1"})  # the Ansible role drains first
     assert take() == ["daemon-reload"]
