@@ -430,9 +430,7 @@ class Agent:
             # systemd's SIGTERM reaches the whole group: the helper dies of a stop too, just before or
             # after the agent's own handler has run. Its failure is then the stop's, not the agent's
             # (it made `systemctl stop` exit 1), as for a first start (_start_unless_stopped)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_requested.wait(), STOP_SIGNAL_GRACE)
-            if self.stop_requested.is_set():
+            if await wait_event(self.stop_requested, STOP_SIGNAL_GRACE):
                 return
             self.fatal = f"cannot obtain certificates: {exc}"
             log.error("%s; stopping", self.fatal)
@@ -1128,11 +1126,8 @@ async def _start_unless_stopped(agent: Agent, stop: asyncio.Event) -> bool:
     exc = starting.exception()
     if exc is None:
         return not stop.is_set()
-    if isinstance(exc, AgentStartError):
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), STOP_SIGNAL_GRACE)
-        if stop.is_set() and not agent.fatal:
-            return False
+    if isinstance(exc, AgentStartError) and await wait_event(stop, STOP_SIGNAL_GRACE) and not agent.fatal:
+        return False
     raise exc
 
 
