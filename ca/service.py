@@ -107,7 +107,7 @@ from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import PermissionDenied, RegistryError
-from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response
+from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
 from hostmesh.registry.layout import (
     CA_SERVICE_NAME,
     HOSTMESH_META,
@@ -315,11 +315,9 @@ class _AuditedTLSServer(HTTPServer):
     def _evict_handshake(self, among: Callable[[asyncio.StreamWriter], bool] | None = None) -> bool:
         """Close the connection (of those `among` takes) whose TLS handshake has been under way
         longest, if for SLOW_REQUEST_EVICT at least (one takes milliseconds); counted `evicted_slow`."""
-        pending = [(since, w) for w, (since, _) in self._handshaking.items() if among is None or among(w)]
-        if not pending:
-            return False
-        since, writer = min(pending, key=lambda item: item[0])
-        if time.monotonic() - since < SLOW_REQUEST_EVICT:
+        since = {w: t for w, (t, _) in self._handshaking.items()}  # (only when every slot is taken)
+        writer = longest_since(since, SLOW_REQUEST_EVICT, among)
+        if writer is None:
             return False
         _, handshake = self._handshaking.pop(writer)
         self.evicted_slow += 1

@@ -18,7 +18,7 @@ import ssl
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -459,6 +459,21 @@ def _port_suffix(text: str) -> bool:
     return text.startswith(":") and text[1:].isascii() and text[1:].isdigit() and len(text) <= 6
 
 
+def longest_since(
+    since: Mapping[asyncio.StreamWriter, float],
+    at_least: float,
+    among: Callable[[asyncio.StreamWriter], bool] | None = None,
+) -> asyncio.StreamWriter | None:
+    """Of the connections in `since` (those `among` takes), the one in its state (idle, a request
+    arriving, a handshake) since the earliest monotonic time, if that is `at_least` seconds ago: the
+    one to close for a newcomer at a connection limit. None when there is none."""
+    times = [(t, w) for w, t in since.items() if among is None or among(w)]
+    if not times:
+        return None
+    earliest, writer = min(times, key=lambda item: item[0])
+    return writer if time.monotonic() - earliest >= at_least else None
+
+
 class HTTPServer:
     """A minimal keep-alive HTTP/1.1 server calling one async handler per request.
 
@@ -657,11 +672,8 @@ class HTTPServer:
         """Close the connection that has waited longest for its next request (of those `among` takes),
         if that is at least `idle_for` seconds: a server at its connection limit makes room for a new
         client (a client at its own limit, among its own connections)."""
-        idle = self._idle if among is None else {w: t for w, t in self._idle.items() if among(w)}
-        if not idle:
-            return False
-        writer, since = min(idle.items(), key=lambda item: item[1])
-        if time.monotonic() - since < idle_for:
+        writer = longest_since(self._idle, idle_for, among)
+        if writer is None:
             return False
         self._idle.pop(writer, None)
         self._conns.discard(writer)  # gone now, for the count of the connection limit
@@ -672,11 +684,8 @@ class HTTPServer:
         """Close the connection whose request has been arriving longest (of those `among` takes), if
         for at least `slow_request_evict` seconds: the server (or a client, among its own connections)
         is at its connection limit, and a request that trickles in must not keep a newcomer out."""
-        arriving = self._arriving if among is None else {w: t for w, t in self._arriving.items() if among(w)}
-        if not arriving:
-            return False
-        writer, since = min(arriving.items(), key=lambda item: item[1])
-        if time.monotonic() - since < self._slow_request_evict:
+        writer = longest_since(self._arriving, self._slow_request_evict, among)
+        if writer is None:
             return False
         self._arriving.pop(writer, None)
         self._conns.discard(writer)
