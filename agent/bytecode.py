@@ -51,9 +51,8 @@ import sys
 
 MARKER = ".hostmesh-bytecode"  # in the cache root's compile made: only such a cache (or LEGACY_CACHE)
 # is moved or removed by it, never another directory a prefix was pointed at by mistake
-LEGACY_CACHE = (
-    "/var/cache/hostmesh"  # the unit's cache, given to the agent's user before 0.3.x's root compile
-)
+# the unit's cache, made without a marker (and the agent's user's) while the unit had CacheDirectory=
+LEGACY_CACHE = "/var/cache/hostmesh"
 MAX_CACHE_ENTRIES = 100_000  # ~1,300 in a real cache; past this one is not checked further but replaced
 PREPARE_TIMEOUT = 60.0  # a cold cache takes ~3 s on a loaded 2-core machine; the unit allows 90 s to start
 # Parts of the standard library no agent loads (not walked: test/ alone holds ~40 % of its files),
