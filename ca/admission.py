@@ -98,6 +98,7 @@ class ConnectionSlots:
         self._active: dict[str, int] = {}
         self.active = 0
         self._waiters: deque[tuple[str, asyncio.Future[None]]] = deque()
+        self._closed: str | None = None  # why no slot is given any more (`close`)
 
     @property
     def waiting(self) -> int:
@@ -112,6 +113,8 @@ class ConnectionSlots:
 
     async def enter(self, client: str, timeout: float) -> None:
         """Wait for a slot for `client` (at most `timeout` seconds); raises SlotsFull."""
+        if self._closed is not None:
+            raise SlotsFull(self._closed)
         if self._eligible(client):  # then every waiter is a client at its share: none goes first
             self._take(client)
             return
@@ -128,13 +131,22 @@ class ConnectionSlots:
             async with asyncio.timeout(timeout):
                 await fut
         except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self.leave(client)  # granted just as we gave up: hand it on
-            else:
+            if not fut.done() or fut.cancelled():
                 self._waiters.remove(entry)
+            elif fut.exception() is None:
+                self.leave(client)  # granted just as we gave up: hand it on
+            # (else `close` took it out of the queue)
             if isinstance(exc, TimeoutError):
                 raise SlotsFull("no connection slot free within the handshake timeout") from None
             raise
+
+    def close(self, why: str) -> None:
+        """No slot is given any more: every waiter, and every later `enter`, gets SlotsFull(`why`)."""
+        self._closed = why
+        waiters, self._waiters = self._waiters, deque()
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(SlotsFull(why))
 
     def wanted(self, client: str) -> bool:
         """Whether a waiter would take the slot `client` gives up: one of its own, or one below its

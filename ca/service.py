@@ -129,6 +129,7 @@ SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued
 SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
 SERVER_CERT_FAILURE_LOG_INTERVAL = 600.0  # seconds: a refresh that keeps failing is said this often
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
+CLOSE_GRACE = 2.0  # at a stop, how long the connections' tasks may take to end after being told to
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
@@ -288,6 +289,7 @@ class _AuditedTLSServer(HTTPServer):
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
         # TLS under way -> since (monotonic), and the handshake itself (_evict_handshake)
         self._handshaking: dict[asyncio.StreamWriter, tuple[float, asyncio.Future[Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # one per accepted connection, until it ends (close)
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
         self._since_trim = 0
@@ -327,6 +329,14 @@ class _AuditedTLSServer(HTTPServer):
         handshake.cancel()
         return True
 
+    @property
+    def handshaking(self) -> int:
+        return len(self._handshaking)
+
+    @property
+    def waiting_for_slot(self) -> int:
+        return self._slots.waiting
+
     def slot_wanted(self, writer: asyncio.StreamWriter) -> bool:
         """A keep-alive connection answered while a client waits for its slot is closed, not kept:
         clients that start each request on the heels of the last are never idle, nor slow, for
@@ -346,24 +356,37 @@ class _AuditedTLSServer(HTTPServer):
         return self.port
 
     async def close(self) -> None:
+        """Stop accepting and end every connection, those still waiting for a slot or in their TLS
+        handshake included: each task returns on its own. Left to asyncio.run's teardown, their
+        cancellation was logged as an error with a traceback per connection (Python 3.11)."""
         if self._trim_timer is not None:
             self._trim_timer.cancel()
+        self._slots.close("the CA is stopping")
+        for _, handshake in list(self._handshaking.values()):
+            handshake.cancel()
         await super().close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_GRACE)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = admission.client_key(writer.get_extra_info("peername"))
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
-            await self._slots.enter(client, HANDSHAKE_TIMEOUT)
-        except admission.SlotsFull as exc:
-            self.refused_connections += 1
-            self._failure_log("CA: connection from %s closed unread: %s", client, exc)
-            writer.transport.abort()
-            self._connection_ended()
-            return
-        try:
-            await self._handshake(reader, writer)
+            try:
+                await self._slots.enter(client, HANDSHAKE_TIMEOUT)
+            except admission.SlotsFull as exc:
+                self.refused_connections += 1
+                self._failure_log("CA: connection from %s closed unread: %s", client, exc)
+                writer.transport.abort()
+                return
+            try:
+                await self._handshake(reader, writer)
+            finally:
+                self._slots.leave(client)
         finally:
-            self._slots.leave(client)
+            self._tasks.discard(task)
             self._connection_ended()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -836,6 +859,8 @@ class CAService:
                 "shed_rate": self.rate_limited,
                 "connections_refused": self._server.refused_connections,
                 "evicted_slow": self._server.evicted_slow,  # requests trickled in, closed for a newcomer
+                "handshaking": self._server.handshaking,  # connections in their TLS handshake now
+                "waiting_for_slot": self._server.waiting_for_slot,  # accepted, unread, queued for a slot
                 "tls_handshake_failures": dict(self._server.handshake_failures),
             }
         return Response.of_json(200, doc)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hostmesh.agent.cli import cli
+from hostmesh.ca import service as ca_service
 from hostmesh.ca import store, tokens
 from tests.support import ConsulDev, free_port, wait_until
 
@@ -151,6 +154,64 @@ def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
             proc.wait(10)
         log.close()
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def _admission(port: int) -> dict:
+    """The CA's /v1/health `admission`, asked from 127.0.0.2 (its own share of the connection slots)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the CA's answer about itself, not a certificate: no trust needed
+    raw = socket.create_connection(("127.0.0.1", port), 10, source_address=("127.0.0.2", 0))
+    with raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
+        answer = b""
+        for _ in range(1000):  # bounded: a health answer is a few hundred bytes
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return dict(json.loads(answer.split(b"\r\n\r\n", 1)[1])["admission"])
+
+
+@pytest.mark.consul
+def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """A stop while clients hold connections that never said hello (each in its TLS handshake) and
+    more wait for a slot: each ends on its own, no error with a traceback per connection in the log."""
+    d = tmp_path / "ca"
+    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
+    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+             "--audit-log", str(tmp_path / "audit.jsonl")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    silent: list[socket.socket] = []
+    try:
+        wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
+        share = ca_service.MAX_CONNECTIONS_PER_PEER
+        for _ in range(share + 3):  # 127.0.0.1's share of the slots in a handshake, 3 more waiting
+            silent.append(socket.create_connection(("127.0.0.1", port), 10))
+        wait_until(
+            lambda: (a := _admission(port))["handshaking"] == share and a["waiting_for_slot"] >= 1,
+            30,
+            "the silent connections in their handshake and waiting for a slot",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        for sock in silent:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = log_path.read_text().splitlines()
+    errors = [line for line in lines if "Traceback" in line or "Exception in" in line]
+    assert not errors, f"{len(errors)} error lines, the first: {errors[0][:400]}"
 
 
 def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
