@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 DEFAULT_LINES = 10  # enough to see the pattern of a burst (peers, reasons) without the whole burst
 DEFAULT_INTERVAL = 60.0  # seconds; the "suppressed" summary comes at most this late
@@ -39,8 +39,10 @@ class RateLimitedLog:
         lines: int = DEFAULT_LINES,
         interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        summary: Callable[[int, float], None] | None = None,
     ) -> None:
         self._logger = logger
+        self._summary = summary  # (count, interval): writes the summary itself (a structured line)
         self._what = what  # names the suppressed events: "refused TLS handshakes"
         self._level = level
         self._lines = lines
@@ -52,7 +54,7 @@ class RateLimitedLog:
         self._timer: asyncio.TimerHandle | None = None
         _live.add(self)
 
-    def __call__(self, msg: str, *args: object) -> None:
+    def __call__(self, msg: str, *args: object, extra: Mapping[str, object] | None = None) -> None:
         now = self._clock()
         if now >= self._window_end:
             self.flush()
@@ -60,7 +62,7 @@ class RateLimitedLog:
             self._logged = 0
         if self._logged < self._lines:
             self._logged += 1
-            self._logger.log(self._level, msg, *args)
+            self._logger.log(self._level, msg, *args, extra=extra)
             return
         self._suppressed += 1
         if self._suppressed == 1:
@@ -71,7 +73,10 @@ class RateLimitedLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._suppressed:
+        if self._suppressed and self._summary is not None:
+            self._summary(self._suppressed, self._interval)
+            self._suppressed = 0
+        elif self._suppressed:
             self._logger.log(
                 self._level,
                 "suppressed %d more %s in the last %gs",

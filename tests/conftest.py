@@ -67,6 +67,16 @@ def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(autouse=True)
+def denial_bounds_per_test() -> Iterator[None]:
+    """The bound on one caller's denial lines (agent/audit.py) is the process's: a test's denials
+    do not use up the next test's, which counts its own lines."""
+    yield
+    from hostmesh.agent import audit
+
+    audit.forget_denials()
+
+
+@pytest.fixture(autouse=True)
 def root_logger_kept() -> Iterator[None]:
     """What a test does to the root logger (`ca serve` run in-process sets it up as a daemon's: its
     level, a handler on a stream that is gone afterwards) does not reach the tests after it."""

@@ -310,6 +310,33 @@ async def test_l7_intention_denies_a_path_with_403_and_an_audit_line(
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="403", response_flags="AUTHZ") == 1
 
 
+async def test_a_flood_of_denied_requests_is_audited_in_bounded_lines_and_counted_whole(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect (review E2): each denied request wrote an audit line and the 403 keeps the connection
+    open, so one caller wrote 3,072 lines in 2.6 s. Now DENIAL_LINES lines per interval for one
+    caller and service, then one line with the count of the rest: every denial is in the trail."""
+    doc = parse_intentions({"service": "api", "rules": [{"source": "web", "action": "deny"}]})
+    for ib in mesh.inbounds:
+        h = ib.holder
+        h.swap(dataclasses.replace(h.current, intentions=MappingProxyType({"api": doc})))
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
+    n = 3 * audit.DENIAL_LINES
+    c = mesh.client()
+    answers = await asyncio.to_thread(lambda: [c.get(f"/x/{i}") for i in range(n)])
+    c.close()
+    assert [(r.status, r.flags) for r in answers] == [(403, "AUTHZ")] * n
+    audit.forget_denials()  # the count of the left-out lines, as at the interval's end or a stop
+    lines = [r.fields for r in caplog.records if r.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    denied = [line for line in lines if line["event"] == "authz_denied"]
+    counts = [line for line in lines if line["event"] == "authz_denied_suppressed"]
+    assert audit.DENIAL_LINES <= len(denied) < n  # (more than one interval on a slow machine: more lines)
+    assert len(denied) + sum(line["suppressed"] for line in counts) == n
+    assert {(line["source"], line["destination"], line["layer"]) for line in counts} == {
+        ("spiffe://hostmesh.local/svc/web", "api", "l7")
+    }
+
+
 async def test_an_intention_change_decides_the_next_request_on_a_kept_alive_connection(mesh: Mesh) -> None:
     """The inbound looks a caller's service, intentions and policy up once per snapshot, not once per
     request: a new snapshot still decides the very next request of a connection that stays open."""
