@@ -619,7 +619,9 @@ async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
     assert mesh.apps[1].hits == 1 and mesh.apps[1].last_headers.get(b"x-set") == b"yes"
 
 
-async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: Mesh, tmp_path: Path) -> None:
+async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     c = mesh.client()
     assert (await asyncio.to_thread(c.get, "/a")).status == 200
     assert (await asyncio.to_thread(c.get, "/b")).status == 200  # both instances have a pooled connection
@@ -628,9 +630,16 @@ async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: M
     for ib in mesh.inbounds:  # the bundle now holds another root only: web's certificate is no longer trusted
         h = ib.holder
         h.swap(dataclasses.replace(h.current, tls=dataclasses.replace(h.current.tls, roots_pem=other.roots)))
-    r = await asyncio.to_thread(c.get, "/c")
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
+    r = await asyncio.to_thread(c.get, "/c?q=1")
     c.close()
     assert r.status == 403 and r.flags == "AUTHZ"
+    # a denial like an intention's: in the audit trail (review E1: it was a warning of the proxy's)
+    lines = [r.fields for r in caplog.records if r.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    assert len(lines) == 1, lines
+    assert lines[0]["layer"] == "l7" and lines[0]["source"] == "spiffe://hostmesh.local/svc/web"
+    assert lines[0]["destination"] == "api" and lines[0]["path"] == "/c" and lines[0]["method"] == "GET"
+    assert lines[0]["reason"].startswith("caller certificate no longer trusted: ")
 
 
 async def test_pipelined_requests_then_a_half_close(mesh: Mesh) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import gc
 import hashlib
 import logging
@@ -37,6 +38,7 @@ from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import FAILURES_SLACK, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
+from hostmesh.agent.proxy.udp import UdpInbound
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
@@ -69,9 +71,9 @@ class CA:
         self.roots_pem = pki.cert_pem(self.cert).decode()
         self.dir = tmp / name
 
-    def files(self, service: str) -> tuple[Path, Path]:
+    def files(self, service: str, ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL) -> tuple[Path, Path]:
         key = pki.new_key()
-        leaf = pki.sign_leaf(self.key, self.cert, key.public_key(), pki.Identity(TD, service))
+        leaf = pki.sign_leaf(self.key, self.cert, key.public_key(), pki.Identity(TD, service), ttl)
         chain, keyf = self.dir / f"{service}.pem", self.dir / f"{service}.key"
         pki.write_private(chain, pki.cert_pem(leaf))
         pki.write_private(keyf, pki.key_pem(key))
@@ -79,11 +81,12 @@ class CA:
 
     def material(self, services: list[str], gen: int = 1, trust: str | None = None,
                  as_identity: dict[str, str] | None = None,
-                 offer: tuple[str, ...] = MESH_ALPN) -> TLSMaterial:  # fmt: skip
+                 offer: tuple[str, ...] = MESH_ALPN,
+                 ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL) -> TLSMaterial:  # fmt: skip
         roots = trust or self.roots_pem
         server, client = {}, {}
         for svc in services:
-            chain, key = self.files((as_identity or {}).get(svc, svc))
+            chain, key = self.files((as_identity or {}).get(svc, svc), ttl)
             server[svc] = mesh_server_context(chain, key, roots, alpn=offer)
             client[svc] = mesh_client_context(chain, key, roots, alpn=offer)
         return TLSMaterial(gen, roots, MappingProxyType(server), MappingProxyType(client))
@@ -776,17 +779,119 @@ async def _one_exchange(mesh: Mesh, payload: bytes = b"x") -> None:
     await async_wait_until(lambda: mesh.outbound.pool.idle_count() == 1, what="connection pooled")
 
 
-async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(mesh: Mesh, tmp_path: Path) -> None:
+async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     await _one_exchange(mesh)
     # Host B now trusts only a new root: web's certificate (old root) must not open another stream
     # on the already-authenticated pooled connection.
     new_ca = CA(tmp_path, "new")
     mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=new_ca.material(["api"], gen=2)))
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
     r, w = await mesh.connect()
     w.write(b"y")
     assert await closed_by_peer(r) in ("reset", "eof")
     assert mesh.app.connections == 1
     assert mesh.outbound.pool.handshakes == 1
+    # a denial like an intention's: in the audit trail (review E1: a rate-limited line of the proxy's)
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    assert [(a["layer"], a["source"], a["destination"]) for a in audit] == [
+        ("l4", "spiffe://hostmesh.local/svc/web", "api")
+    ]
+    assert audit[0]["reason"].startswith("caller certificate no longer trusted: ")
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+
+async def _next_datagram(r: asyncio.StreamReader, decoder: wire.Decoder) -> bytes | None:
+    """The payload of the next DGRAM frame the inbound sends, or None when it ended the connection."""
+    for _ in range(100):  # bounded: a few control frames (credit) may come first
+        try:
+            chunk = await asyncio.wait_for(r.read(65536), IO_TIMEOUT)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        if not chunk:
+            return None
+        for ftype, _sid, payload in decoder.feed(chunk):
+            if ftype == wire.DGRAM:
+                return bytes(payload)
+    raise AssertionError("no datagram in 100 reads")
+
+
+async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_root(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect (review E4): a UDP flow was re-checked against intentions at a snapshot change, never
+    against the trust bundle: a caller whose root was removed kept its flow for as long as it talked.
+    Now the next datagram after the change refuses the caller's connection, with an audit line."""
+    loop = asyncio.get_running_loop()
+    echo_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    port = echo_transport.get_extra_info("sockname")[1]
+    snap = mesh.holder_b.current
+    udp_api = dataclasses.replace(snap.local["api"], port=port, protocol="udp")
+    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": udp_api})))
+    mesh.inbound.udp = UdpInbound(mesh.holder_b, mesh.tel_b)
+    r, w = await _raw_mesh_connection(mesh)
+    decoder = wire.Decoder()
+    try:
+        w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
+        assert await _next_datagram(r, decoder) == b"before"
+        other = CA(tmp_path, "other")  # the bundle now holds another root only
+        tls = dataclasses.replace(mesh.holder_b.current.tls, roots_pem=other.roots_pem)
+        mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=tls, generation=2))
+        caplog.set_level(logging.WARNING, "hostmesh.audit")
+        w.write(wire.dgram_frame(1, b"after"))
+        assert await _next_datagram(r, decoder) is None  # the connection refused, nothing echoed
+    finally:
+        w.close()
+        await mesh.inbound.udp.close()
+        echo_transport.close()
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    assert [(a["layer"], a["source"], a["destination"]) for a in audit] == [
+        ("udp", "spiffe://hostmesh.local/svc/web", "api")
+    ]
+    assert audit[0]["reason"].startswith("caller certificate no longer trusted: ")
+
+
+async def test_a_udp_flow_ends_when_its_callers_certificate_expires(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect (review E4): nothing re-checked a UDP flow's caller at its certificate's end (no snapshot
+    change comes with it), so a flow outlived the certificate. Now the flows' sweep refuses the
+    connection of a caller whose certificate has ended, with an audit line."""
+    loop = asyncio.get_running_loop()
+    echo_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    port = echo_transport.get_extra_info("sockname")[1]
+    snap = mesh.holder_b.current
+    udp_api = dataclasses.replace(snap.local["api"], port=port, protocol="udp")
+    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": udp_api})))
+    # idle flows end after 6 s, the sweep looks every 1.5 s; the caller's certificate ends in 2 s
+    mesh.inbound.udp = UdpInbound(mesh.holder_b, mesh.tel_b, idle_timeout=6.0)
+    ctx = mesh.ca.material(["web"], ttl=dt.timedelta(seconds=2)).client["web"]
+    r, w = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
+        IO_TIMEOUT,
+    )
+    decoder = wire.Decoder()
+    caplog.set_level(logging.WARNING, "hostmesh.audit")
+    try:
+        w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
+        assert await _next_datagram(r, decoder) == b"before"
+        assert await _next_datagram(r, decoder) is None  # the connection refused at the sweep
+    finally:
+        w.close()
+        await mesh.inbound.udp.close()
+        echo_transport.close()
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    assert [(a["layer"], a["destination"], a["reason"]) for a in audit] == [
+        ("udp", "api", "caller certificate has expired")
+    ]
 
 
 async def test_caller_tls_change_drops_pooled_connections(mesh: Mesh) -> None:

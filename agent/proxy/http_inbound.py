@@ -154,6 +154,12 @@ class _Req:
         self.redone = False
 
 
+def _audited_path(target: bytes) -> str:
+    """The path of a request target as an audit line carries it: without the query, cut (audit.py)."""
+    q = target.find(b"?")
+    return (target if q < 0 else target[:q])[: audit.MAX_REQUEST_FIELD].decode("latin-1")
+
+
 class HttpInbound:
     """HTTP side of the inbound listener: serves every HTTP stream and HTTP ALPN connection of this agent."""
 
@@ -233,9 +239,9 @@ class HttpInbound:
             ex.respond(503, fl.UH, "service not on this host")
             return
         roots = r.roots_pem
-        if (roots != caller.roots_pem and not self._reverify(caller, roots)) or _time() >= caller.not_after:
-            ex.keep_alive = False
-            ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
+        if (roots != caller.roots_pem or _time() >= caller.not_after) and self._refused_untrusted(
+            ex, caller, name, roots
+        ):
             return
         target = head.target
         if r.unavailable is not None:  # fail closed: this agent cannot read the service's intentions
@@ -288,17 +294,29 @@ class HttpInbound:
 
     def _refuse_unavailable(self, ex: Exchange, caller: Caller, service: str, reason: str) -> None:
         """503 NI, an audit line and `hostmesh_authz_unavailable_total`; the app never sees the request."""
-        target = ex.head.target
-        q = target.find(b"?")
         audit.denied(layer="l7", source=caller.source.spiffe_id, destination=service,
                      reason=refuse_unavailable(reason).reason, peer=caller.peer,
-                     method=ex.head.method.decode("latin-1"),
-                     path=(target if q < 0 else target[:q])[: audit.MAX_REQUEST_FIELD]
-                     .decode("latin-1"))  # fmt: skip
+                     method=ex.head.method.decode("latin-1"), path=_audited_path(ex.head.target))  # fmt: skip
         self.telemetry.unavailable(REPORTER, caller.source.service, service)
         ex.respond(503, fl.NI, "intentions unavailable")
 
-    def _reverify(self, caller: Caller, roots_pem: str) -> bool:
+    def _refused_untrusted(self, ex: Exchange, caller: Caller, service: str, roots: str) -> bool:
+        """The trust bundle (`roots`) changed since the caller was verified, or its certificate's end
+        passed: if it is no longer trusted, 403 AUTHZ and an audit line (a denial like an intention's)."""
+        why = self._untrusted_because(caller, roots) if roots != caller.roots_pem else ""
+        if not why and _time() >= caller.not_after:
+            why = "caller certificate has expired"
+        if not why:
+            return False
+        audit.denied(layer="l7", source=caller.source.spiffe_id, destination=service, reason=why,
+                     peer=caller.peer, method=ex.head.method.decode("latin-1"),
+                     path=_audited_path(ex.head.target))  # fmt: skip
+        ex.keep_alive = False
+        ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
+        return True
+
+    def _untrusted_because(self, caller: Caller, roots_pem: str) -> str:
+        """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 
         if isinstance(caller.leaf, bytes):
@@ -310,10 +328,9 @@ class HttpInbound:
         try:
             verify_leaf(caller.leaf, self._roots[1])
         except TrustError as exc:
-            log.warning("inbound: caller %s no longer trusted: %s", caller.source.spiffe_id, exc)
-            return False
+            return f"caller certificate no longer trusted: {exc}"
         caller.roots_pem = roots_pem
-        return True
+        return ""
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -87,10 +87,11 @@ LISTENER = "inbound"  # the `listener` label of the handshake-failure counter
 
 MAX_STREAMS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # a client keeps to its own limit; this bounds a hostile one
 # What an OPEN of a stream the caller is denied costs against the connection's budget of frames without
-# effect (mux.WASTE_BUDGET): each writes an audit line, so a flood of them on one connection ends it
-# after about WASTE_BUDGET lines (and at most WASTE_ALLOWANCE_PER_SECOND a second on average), where
-# 50,000 lines took 5 s. Not more: the connection carries all of the calling host's services, and
-# one of them denied during a policy rollout, retrying its connections, must not end the others'.
+# effect (mux.WASTE_BUDGET): each is audited, so a flood of them on one connection ends it after about
+# WASTE_BUDGET denials (and at most WASTE_ALLOWANCE_PER_SECOND a second on average), where 50,000 took
+# 5 s (their lines are bounded too: audit.DENIAL_LINES). Not more: the connection carries all of the
+# calling host's services, and one of them denied during a policy rollout, retrying its connections,
+# must not end the others'.
 DENIED_OPEN_COST = 1
 
 AlpnHandler = Callable[["InboundListener", asyncio.Transport, Identity, LocalService, list[bytes]], None]
@@ -435,10 +436,10 @@ class InboundListener(ListenerLifecycle):
             if not decision.allowed:
                 self.telemetry.denied(REPORTER, source.service, svc.name)
         if not decision.allowed:
-            if conn.wasted("OPEN of a denied stream", DENIED_OPEN_COST):  # a flood of them (mux.py)
-                return
             audit.denied(layer="l4", source=source.spiffe_id, destination=svc.name, reason=decision.reason,
                          peer=conn.peer_addr)  # fmt: skip
+            if conn.wasted("OPEN of a denied stream", DENIED_OPEN_COST):  # a flood of them (mux.py)
+                return
             self._refused(conn, stream, svc.name, flag)  # this stream only; the caller's others go on
             return
         admission = self.cap.admit("inbound") if self.cap is not None else None
@@ -451,17 +452,24 @@ class InboundListener(ListenerLifecycle):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _still_trusted(self, conn: InboundConnection, snap: Snapshot) -> bool:
-        """Before a new stream: the caller's certificate under the current trust bundle (re-checked when
-        it changed since the handshake) and not expired; else the connection is refused (False)."""
-        if snap.tls.roots_pem != conn.roots_pem and not self._reverify(conn, snap.tls.roots_pem):
-            return False
-        if time.time() >= conn.not_after:
-            conn.refuse("caller certificate has expired")
-            return False
-        return True
+    def _still_trusted(self, conn: InboundConnection, snap: Snapshot, layer: str = "l4") -> bool:
+        """Before a new stream or flow: the caller's certificate under the current trust bundle
+        (re-checked when it changed since the handshake) and not expired; else the connection is
+        refused (False), with an audit line: a denial like an intention's (agent/audit.py)."""
+        roots = snap.tls.roots_pem
+        why = self._untrusted_because(conn, roots) if roots != conn.roots_pem else ""
+        if not why and time.time() >= conn.not_after:
+            why = "caller certificate has expired"
+        if not why:
+            return True
+        assert conn.source is not None  # (streams and flows are opened only once the caller is identified)
+        audit.denied(layer=layer, source=conn.source.spiffe_id, destination=conn.service, reason=why,
+                     peer=conn.peer_addr)  # fmt: skip
+        conn.refuse(why)
+        return False
 
-    def _reverify(self, conn: InboundConnection, roots_pem: str) -> bool:
+    def _untrusted_because(self, conn: InboundConnection, roots_pem: str) -> str:
+        """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 
         if isinstance(conn.leaf, bytes):
@@ -473,10 +481,9 @@ class InboundListener(ListenerLifecycle):
         try:
             verify_leaf(conn.leaf, self._roots[1])
         except TrustError as exc:
-            conn.refuse(f"caller certificate no longer trusted: {exc}")
-            return False
+            return f"caller certificate no longer trusted: {exc}"
         conn.roots_pem = roots_pem
-        return True
+        return ""
 
     async def _connect_app(self, conn: InboundConnection, stream: Stream, svc: LocalService,
                            series: Any, admission: Admission | None) -> None:  # fmt: skip

@@ -744,10 +744,7 @@ class UdpInbound:
             return
         snap = self.holder.current
         # the caller's certificate, as for a TCP stream (inbound.py _open): still trusted, not expired
-        if snap.tls.roots_pem != c.roots_pem and not c.listener._reverify(c, snap.tls.roots_pem):
-            return
-        if time.time() >= c.not_after:
-            c.refuse("caller certificate has expired")
+        if not c.listener._still_trusted(c, snap, "udp"):
             return
         stream = conn.add(sid)
         svc = snap.local.get(c.service)
@@ -830,10 +827,15 @@ class UdpInbound:
         return refusal
 
     def reauthorize(self, flow: _InFlow) -> bool:
-        """The snapshot changed since the flow's last check (intentions may have): check again."""
+        """The snapshot changed since the flow's last check (intentions, the trust bundle may have):
+        check again. A bundle without the caller's root refuses its connection, as for a TCP stream."""
         snap = self.holder.current
         if snap.local.get(flow.service) is None:
             flow.close()
+            return False
+        conn = flow.conn
+        if not conn.listener._still_trusted(conn, snap, "udp"):
+            flow.close(why=flags.AUTHZ)
             return False
         if not self._refusal(flow, snap):
             return True
@@ -847,6 +849,11 @@ class UdpInbound:
         cutoff = time.monotonic() - self.idle_timeout
         for flow in [f for f in self.flows if f.last < cutoff]:
             flow.close()
+        # a caller's certificate that ended ends its flows (no snapshot change says so); the trust
+        # check refuses the connection, whose flows go with it
+        now, snap = time.time(), self.holder.current
+        for conn in {f.conn for f in self.flows if f.conn.not_after <= now}:
+            conn.listener._still_trusted(conn, snap, "udp")
         self._schedule_sweep()
 
     def talking(self) -> bool:
