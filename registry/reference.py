@@ -109,8 +109,8 @@ def _common(what: str) -> tuple[Field, ...]:
 
 
 _PATH_MATCH = (
-    ("exact", "The path equals this (after normalisation, e.g. `/admin`)."),
-    ("prefix", "The path starts with this; must start with `/`."),
+    ("exact", "The path equals this (after normalisation, e.g. `/admin`; case and a final slash count)."),
+    ("prefix", "The path starts with this, case counting; must start with `/`."),
     ("regex", "The whole path matches this RE2 regular expression."),
 )
 
