@@ -809,6 +809,23 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def udp_echo_as_api(mesh: Mesh, idle_timeout: float = 60.0) -> AsyncIterator[None]:
+    """Host B's `api` as a UDP echo app behind the inbound's UDP flows."""
+    loop = asyncio.get_running_loop()
+    echo_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    port = echo_transport.get_extra_info("sockname")[1]
+    snap = mesh.holder_b.current
+    udp_api = dataclasses.replace(snap.local["api"], port=port, protocol="udp")
+    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": udp_api})))
+    mesh.inbound.udp = udp_inbound = UdpInbound(mesh.holder_b, mesh.tel_b, idle_timeout=idle_timeout)
+    try:
+        yield
+    finally:
+        await udp_inbound.close()
+        echo_transport.close()
+
+
 async def _next_datagram(r: asyncio.StreamReader, decoder: wire.Decoder) -> bytes | None:
     """The payload of the next DGRAM frame the inbound sends, or None when it ended the connection."""
     for _ in range(100):  # bounded: a few control frames (credit) may come first
@@ -830,28 +847,20 @@ async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_r
     """Defect (review E4): a UDP flow was re-checked against intentions at a snapshot change, never
     against the trust bundle: a caller whose root was removed kept its flow for as long as it talked.
     Now the next datagram after the change refuses the caller's connection, with an audit line."""
-    loop = asyncio.get_running_loop()
-    echo_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
-    port = echo_transport.get_extra_info("sockname")[1]
-    snap = mesh.holder_b.current
-    udp_api = dataclasses.replace(snap.local["api"], port=port, protocol="udp")
-    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": udp_api})))
-    mesh.inbound.udp = UdpInbound(mesh.holder_b, mesh.tel_b)
-    r, w = await _raw_mesh_connection(mesh)
-    decoder = wire.Decoder()
-    try:
-        w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
-        assert await _next_datagram(r, decoder) == b"before"
-        other = CA(tmp_path, "other")  # the bundle now holds another root only
-        tls = dataclasses.replace(mesh.holder_b.current.tls, roots_pem=other.roots_pem)
-        mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=tls, generation=2))
-        caplog.set_level(logging.WARNING, "hostmesh.audit")
-        w.write(wire.dgram_frame(1, b"after"))
-        assert await _next_datagram(r, decoder) is None  # the connection refused, nothing echoed
-    finally:
-        w.close()
-        await mesh.inbound.udp.close()
-        echo_transport.close()
+    async with udp_echo_as_api(mesh):
+        r, w = await _raw_mesh_connection(mesh)
+        decoder = wire.Decoder()
+        try:
+            w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
+            assert await _next_datagram(r, decoder) == b"before"
+            other = CA(tmp_path, "other")  # the bundle now holds another root only
+            tls = dataclasses.replace(mesh.holder_b.current.tls, roots_pem=other.roots_pem)
+            mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=tls, generation=2))
+            caplog.set_level(logging.WARNING, "hostmesh.audit")
+            w.write(wire.dgram_frame(1, b"after"))
+            assert await _next_datagram(r, decoder) is None  # the connection refused, nothing echoed
+        finally:
+            w.close()
     audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
     assert [(a["layer"], a["source"], a["destination"]) for a in audit] == [
         ("udp", "spiffe://hostmesh.local/svc/web", "api")
@@ -865,29 +874,21 @@ async def test_a_udp_flow_ends_when_its_callers_certificate_expires(
     """Defect (review E4): nothing re-checked a UDP flow's caller at its certificate's end (no snapshot
     change comes with it), so a flow outlived the certificate. Now the flows' sweep refuses the
     connection of a caller whose certificate has ended, with an audit line."""
-    loop = asyncio.get_running_loop()
-    echo_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
-    port = echo_transport.get_extra_info("sockname")[1]
-    snap = mesh.holder_b.current
-    udp_api = dataclasses.replace(snap.local["api"], port=port, protocol="udp")
-    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": udp_api})))
     # idle flows end after 6 s, the sweep looks every 1.5 s; the caller's certificate ends in 2 s
-    mesh.inbound.udp = UdpInbound(mesh.holder_b, mesh.tel_b, idle_timeout=6.0)
-    ctx = mesh.ca.material(["web"], ttl=dt.timedelta(seconds=2)).client["web"]
-    r, w = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
-        IO_TIMEOUT,
-    )
-    decoder = wire.Decoder()
-    caplog.set_level(logging.WARNING, "hostmesh.audit")
-    try:
-        w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
-        assert await _next_datagram(r, decoder) == b"before"
-        assert await _next_datagram(r, decoder) is None  # the connection refused at the sweep
-    finally:
-        w.close()
-        await mesh.inbound.udp.close()
-        echo_transport.close()
+    async with udp_echo_as_api(mesh, idle_timeout=6.0):
+        ctx = mesh.ca.material(["web"], ttl=dt.timedelta(seconds=2)).client["web"]
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", mesh.inbound.port, ssl=ctx, server_hostname="api.svc." + TD),
+            IO_TIMEOUT,
+        )
+        decoder = wire.Decoder()
+        caplog.set_level(logging.WARNING, "hostmesh.audit")
+        try:
+            w.write(wire.control(wire.DGRAM_OPEN, 1) + wire.dgram_frame(1, b"before"))
+            assert await _next_datagram(r, decoder) == b"before"
+            assert await _next_datagram(r, decoder) is None  # the connection refused at the sweep
+        finally:
+            w.close()
     audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
     assert [(a["layer"], a["destination"], a["reason"]) for a in audit] == [
         ("udp", "api", "caller certificate has expired")
