@@ -351,7 +351,8 @@ POLICY = Kind(
             "gateway routing to it; overflow is 503 `UO`. "
             "Unset limits, and every limit without a policy, are 1024. A request waits as pending for "
             "a connection at most its try's timeout, 5 s without one; then 503 `UO` (504 `UT` at the "
-            "route's deadline), never held against an instance.",
+            "route's deadline), never held against an instance. One whose client leaves stops waiting "
+            "at once.",
         ),
         Field(
             "connection_limits.max_connections",

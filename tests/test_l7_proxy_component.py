@@ -1095,6 +1095,44 @@ async def test_a_request_that_waited_out_its_pending_time_gets_503_uo_and_ejects
     assert (await asyncio.to_thread(call, "/after")).status == 200
 
 
+def reset_client(sock: socket.socket) -> None:
+    """Close `sock` with a reset: the client is gone (a plain close is a half-close to the proxy)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_a_pending_request_whose_client_left_gives_its_place_to_a_live_one(mesh: Mesh) -> None:
+    """A request waiting as pending whose client reset kept its pending slot until a connection freed
+    up (then took it, first in line) or its wait ran out: a live request meanwhile got 503 UO although
+    nobody was waiting, so clients giving up fed a retry storm. Now the exchange's end cancels the
+    wait: the slot is given back at once, and the next request waits and is served. The route timeout
+    lets a pending request wait 30 s, so a dead wait would outlast every bound here."""
+    limited = {"max_connections": 1, "max_pending_requests": 1}
+    policy = parse_policy({"service": "api", "connection_limits": limited})
+    rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}], "timeout": "30s"}]})
+    mesh.set_a(policies={"api": policy}, routes={"api": rc})
+    limits = mesh.http_out.cluster(mesh.holder_a.current).limits
+    port = mesh.outbound.port
+    holder = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), IO_TIMEOUT)
+    gone = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        holder.sendall(b"GET /no-answer HTTP/1.1\r\nhost: api\r\n\r\n")  # holds the one connection
+        await async_wait_until(lambda: sum(app.hits for app in mesh.apps) == 1, what="the connection in use")
+        gone.sendall(b"GET /gone HTTP/1.1\r\nhost: api\r\n\r\n")
+        await async_wait_until(lambda: limits.pending.active == 1, what="the request pending")
+        reset_client(gone)
+        await async_wait_until(lambda: limits.pending.active == 0, what="the gone client's pending slot back")
+        later = asyncio.ensure_future(asyncio.to_thread(one_call, mesh, "/later"))
+        await async_wait_until(lambda: limits.pending.active == 1 or later.done(), what="the next pending")
+        assert not later.done(), later.result()  # (it was refused at once: 503 UO)
+    finally:
+        reset_client(holder)  # the connection frees up: the waiting request takes it
+        gone.close()  # (closed already, unless a wait above failed)
+    r = await later
+    assert (r.status, r.flags, r.body) == (200, "", b"GET /later\n")
+    assert sorted(mesh.apps[0].seen + mesh.apps[1].seen) == [b"/later", b"/no-answer"]  # not /gone
+
+
 async def test_the_route_timeout_bounds_the_retry_back_off_and_its_expiry_is_no_retry(mesh: Mesh) -> None:
     """The route timeout covers the whole exchange, back-off included: with a back-off far longer than
     the timeout, a retried request gets 504 UT at the deadline, not after the back-off. And a try cut

@@ -147,7 +147,8 @@ class _Req:
     """Per-request state of the outbound (Exchange.state)."""
 
     __slots__ = ("admitted", "balancer", "budget", "cluster", "ctx", "deadline", "endpoint", "headers",
-                 "ident", "key", "overdue", "redone", "route", "rs", "subset", "target")  # fmt: skip
+                 "ident", "key", "overdue", "pending", "redone", "route", "rs", "subset",
+                 "target")  # fmt: skip
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -162,6 +163,8 @@ class _Req:
         self.deadline: float | None = None
         # the route timeout's timer over a response under way (_watch_body); cancelled when it ends
         self.overdue: asyncio.TimerHandle | None = None
+        # its wait for a connection while pending (_wait_slot): cancelled when the exchange ends first
+        self.pending: asyncio.Future[None] | None = None
         self.redone = False
         self.ctx: Any = None
         self.ident: Any = None
@@ -932,7 +935,7 @@ class HttpOutbound:
             up = self.pool.acquire(key, ctx)
             if up is None:
                 left = None if timeout is None else timeout - (time.monotonic() - started)
-                dialed = await self._connect(cl, key, ctx, ident, left)
+                dialed = await self._connect(ex, cl, key, ctx, ident, left)
                 if ex.done:
                     if isinstance(dialed, UpstreamConn):
                         dialed.release()
@@ -958,7 +961,7 @@ class HttpOutbound:
                 ex.abandon_upstream()
             return outcome
 
-    async def _connect(self, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
+    async def _connect(self, ex: Exchange, cl: Cluster, key: tuple[str, int], ctx: Any, ident: Identity,
                        timeout: float | None) -> UpstreamConn | Outcome:  # fmt: skip
         """A new connection (within the connection limit, else waiting as pending), or how the try ended.
 
@@ -966,13 +969,16 @@ class HttpOutbound:
         connection is released or lost, then takes it, or its slot (an idle connection to another
         instance is closed for it); a wake-up it cannot use goes back to the queue's front, so no
         waiter sleeps while a connection is free. It waits as long as the try may (PENDING_WAIT
-        without a timeout): PENDING_EXPIRED then, which is never the instance's failure."""
+        without a timeout): PENDING_EXPIRED then, which is never the instance's failure. An exchange
+        that ends meanwhile (its client left) stops waiting and gives its pending slot back at once,
+        as Envoy takes a request the downstream reset off its queue (the caller sees `ex.done`)."""
         limits = cl.limits
         if not self._take_slot(limits):
             if limits.admit_pending() is not None:
                 return OVERFLOW  # the caller answers 503 UO
             try:
-                got = await self._wait_slot(limits, key, ctx, PENDING_WAIT if timeout is None else timeout)
+                wait = PENDING_WAIT if timeout is None else timeout
+                got = await self._wait_slot(ex, limits, key, ctx, wait)
             finally:
                 limits.pending.release()
             if got is None:
@@ -1008,29 +1014,39 @@ class HttpOutbound:
             return limits.admit_connection()
         return False
 
-    async def _wait_slot(self, limits: UpstreamLimits, key: tuple[str, int], ctx: Any,
+    async def _wait_slot(self, ex: Exchange, limits: UpstreamLimits, key: tuple[str, int], ctx: Any,
                          wait: float) -> UpstreamConn | float | None:  # fmt: skip
         """Wait as pending: an idle connection to `key`, a slot taken (the seconds waited), or None
-        (nothing freed up within `wait`)."""
+        (nothing freed up within `wait`, or the exchange ended: `finished` cancels the wait).
+
+        asyncio.wait, not wait_for: the cancelled future ends the wait without raising into this task,
+        and a cancellation of the task itself (a stop) is never dropped (Python 3.11's wait_for drops
+        one that comes in the loop turn the future is woken: agent/loops.wait_event)."""
         loop = asyncio.get_running_loop()
+        st: _Req = ex.state
         started = loop.time()
         front = False
         while True:
             left = started + wait - loop.time()
-            if left <= 0:
+            if left <= 0 or ex.done:  # (done: it ended before its task first ran)
                 return None
             fut: asyncio.Future[None] = loop.create_future()
             if front:
                 self._conn_waiters.insert(0, fut)
             else:
                 self._conn_waiters.append(fut)
+            st.pending = fut
             try:
-                await asyncio.wait_for(fut, left)
-            except TimeoutError:
-                return None
+                await asyncio.wait((fut,), timeout=left)
             finally:
+                st.pending = None
                 if fut in self._conn_waiters:
                     self._conn_waiters.remove(fut)
+            if fut.cancelled() or not fut.done():  # the exchange ended (`finished`), or the time ran out
+                return None
+            if ex.done:  # woken for a free connection, but its client left since: the next waiter's
+                self._wake_one()
+                return None
             up = self.pool.acquire(key, ctx)
             if up is not None:
                 return up
@@ -1164,6 +1180,9 @@ class HttpOutbound:
             if st.overdue is not None:
                 st.overdue.cancel()
                 st.overdue = None
+            if st.pending is not None:  # still waiting for a connection: its place goes to a live request
+                st.pending.cancel()
+                st.pending = None
             cl = st.cluster
             if st.admitted:
                 cl.limits.requests.release()
