@@ -357,7 +357,8 @@ POLICY = Kind(
         Field(
             "connection_limits.max_connections",
             "integer",
-            "Connections to the service.",
+            "Connections to the service. A WebSocket (any upgrade answered 101) holds one until its "
+            "tunnel closes.",
             default=f"{DEFAULT_MAX_CONNECTIONS} (Envoy's), also without a policy",
             minimum=1,
             maximum=MAX_COUNT,
@@ -373,7 +374,7 @@ POLICY = Kind(
         Field(
             "connection_limits.max_requests",
             "integer",
-            "Requests in flight.",
+            "Requests in flight. A WebSocket counts as one until its tunnel closes, as in Envoy.",
             default=f"{DEFAULT_MAX_REQUESTS} (Envoy's), also without a policy",
             minimum=1,
             maximum=MAX_COUNT,

@@ -994,6 +994,52 @@ async def test_an_accepted_upgrade_is_a_tunnel_both_ways(mesh: Mesh) -> None:
     assert got == [b"PING", b"FRAMES BOTH WAYS"]
 
 
+def open_tunnel(port: int) -> socket.socket:
+    """A WebSocket through web's outbound, in use: its 101 read and one message echoed."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    s.sendall(UPGRADE.replace(b"/refuse-upgrade", b"/ws"))
+    head = b""
+    while b"\r\n\r\n" not in head and (chunk := s.recv(4096)):
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    s.sendall(b"ping")
+    assert s.recv(4096) == b"PING"
+    return s
+
+
+async def test_an_open_tunnel_holds_its_request_and_connection_slots_until_it_closes(mesh: Mesh) -> None:
+    """A WebSocket keeps its mesh stream and the app's connection for as long as it is open, but the
+    outbound gave its max_requests and max_connections slots back as the 101 was relayed: any number
+    of tunnels, and requests besides them, ran past the limits. Now, as Envoy counts an upgraded
+    stream until it closes, the tunnel holds one of each until it closes."""
+    limits = mesh.http_out.cluster(mesh.holder_a.current).limits
+    port = mesh.outbound.port
+    call = functools.partial(one_call, mesh)
+
+    mesh.set_a(policies={"api": parse_policy({"service": "api", "connection_limits": {"max_requests": 1}})})
+    tunnel = await asyncio.to_thread(open_tunnel, port)
+    try:
+        assert (limits.requests.active, limits.connections.active) == (1, 1)
+        r = await asyncio.to_thread(call, "/beside-the-tunnel")
+        assert (r.status, r.flags) == (503, "UO")
+    finally:
+        tunnel.close()  # a WebSocket's orderly end: the app closes its side in turn
+    await async_wait_until(lambda: limits.requests.active == 0, what="the tunnel's request slot back")
+    assert (await asyncio.to_thread(call, "/after-the-tunnel")).status == 200
+
+    limited = {"max_connections": 1, "max_pending_requests": 1}
+    mesh.set_a(policies={"api": parse_policy({"service": "api", "connection_limits": limited})})
+    tunnel = await asyncio.to_thread(open_tunnel, port)
+    try:
+        later = asyncio.ensure_future(asyncio.to_thread(call, "/waits-for-the-connection"))
+        await async_wait_until(lambda: limits.pending.active == 1 or later.done(), what="the request pending")
+        assert not later.done(), later.result()  # (it was served beside the tunnel)
+    finally:
+        tunnel.close()  # its connection slot frees up: the pending request takes it
+    r = await later
+    assert (r.status, r.flags, r.body) == (200, "", b"GET /waits-for-the-connection\n")
+
+
 def on_uvloop(
     tmp_path: Path, *flows: Callable[[Mesh], Awaitable[None]], after: Callable[[Mesh], None] | None = None
 ) -> None:

@@ -922,7 +922,21 @@ class HttpOutbound:
         flag = response_flag(resp)
         if flag:
             ex.flags = fl.add(ex.flags, flag)
+        if resp.status == 101 and ex.head.upgrade:
+            self._hold_for_tunnel(ex)
         ex.relay(resp)
+
+    def _hold_for_tunnel(self, ex: Exchange) -> None:
+        """A relayed 101 ends the exchange but not what it holds: the tunnel keeps the stream (or
+        connection) and the app's connection behind it. So its request slot goes with its upstream
+        connection, given back with that connection's slot when the tunnel closes (_conn_lost), not
+        by `finished` as the 101 is relayed: as Envoy, an upgraded stream counts against
+        max_requests and max_connections until it closes."""
+        st: _Req = ex.state
+        up = ex.upstream
+        if st.admitted and up is not None:
+            st.admitted = False
+            up.tunnel_request = st.cluster.limits.requests  # type: ignore[attr-defined]
 
     async def _attempt(self, ex: Exchange, cl: Cluster, ep: lb.Endpoint, ctx: Any, ident: Identity,
                        target: bytes, headers: http1.Headers,
@@ -1116,6 +1130,10 @@ class HttpOutbound:
         if limit is not None:
             limit.release()
             up.limit = None  # type: ignore[attr-defined]
+        request = getattr(up, "tunnel_request", None)  # a tunnel's (_hold_for_tunnel)
+        if request is not None:
+            request.release()
+            up.tunnel_request = None  # type: ignore[attr-defined]
         self._wake_one()
 
     def _wake_one(self, released: UpstreamConn | None = None) -> None:

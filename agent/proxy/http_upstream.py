@@ -141,10 +141,14 @@ class UpstreamConn(asyncio.BaseProtocol):
             t.resume_reading()
 
     def tunnel_to(self, conn: ServerConn, half_close: bool = False) -> None:
-        """`half_close`: this connection is a mux stream whose peer agent agreed to half-close it."""
+        """`half_close`: this connection is a mux stream whose peer agent agreed to half-close it.
+
+        A tunnel never returns to the pool (it is owned, so it is in no idle list, and no exchange
+        releases it), but the pool goes on counting it until it is lost: the connection slot it holds
+        under a connection limit (http_outbound) is given back when the tunnel closes, as Envoy counts
+        an upgraded stream until it closes, not when the 101 is relayed."""
         self._tunnel = conn
         self.owner = None
-        self.pool.lost(self)  # a tunnel never returns to the pool
         t = self.transport
         if half_close and isinstance(t, StreamTransport):
             t.allow_half_close()
