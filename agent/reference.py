@@ -344,7 +344,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "http.body_idle_timeout",
         "seconds",
         _g(C.DEFAULT_BODY_IDLE_TIMEOUT),
-        "A request body silent this long gets 408 `SI`.",
+        "A request body silent this long gets 408 `SI`; with `Expect: 100-continue`, counted from "
+        "the 100 (or the body's first byte, when it comes before), not while the client waits for it.",
     ),
     Key(
         "http.body_min_rate",

@@ -804,6 +804,47 @@ async def test_a_body_sent_at_a_steady_pace_with_short_pauses_is_served(mesh: Me
     assert r.status == 200 and len(r.body) == 40000
 
 
+def post_expecting_continue(port: int, wait_for_100: bool) -> tuple[bytes, bytes]:
+    """POST 5 bytes with ``Expect: 100-continue``: (the first answer, what follows the body). When
+    `wait_for_100`, the body goes once the 100 came (RFC 9110 §10.1.1), else 2 of its bytes go at once
+    and the rest never (a stalled body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        if not wait_for_100:
+            s.sendall(b"he")
+        first = b""
+        while b"\r\n\r\n" not in first and (chunk := s.recv(65536)):  # the socket's timeout bounds it
+            first += chunk
+        if not (wait_for_100 and first.startswith(b"HTTP/1.1 100")):
+            return first, b""
+        first, rest = first.split(b"\r\n\r\n", 1)
+        s.sendall(b"hello")
+        while not rest.endswith(b"hello") and (chunk := s.recv(65536)):
+            rest += chunk
+        return first, rest
+
+
+async def test_a_client_waiting_for_its_100_through_a_fault_delay_gets_the_body_idle_time_after_it(
+    mesh: Mesh,
+) -> None:
+    """The body's idle clock started at the head, but the outbound sends the 100 after a route's fault
+    delay: a delay longer than body_idle_timeout answered 408 SI to a client that rightly waited for the
+    100 (curl gives up waiting after 1 s, which hid it; Java, .NET and Go clients may wait longer). Now
+    an Expect request's body clock starts with the 100, or with its first bytes when they come before
+    it: a client that did not wait and then stalled is still cut."""
+    slow_body_mesh(mesh, idle=0.5)
+    rc = route_config(
+        {"service": "api", "routes": [{"to": [{"weight": 100}], "fault": {"delay": {"fixed": "1500ms"}}}]}
+    )
+    mesh.set_a(routes={"api": rc})
+    port = mesh.outbound.port
+    first, rest = await asyncio.to_thread(post_expecting_continue, port, True)
+    assert first.startswith(b"HTTP/1.1 100"), first
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"hello"), rest
+    stalled, _ = await asyncio.to_thread(post_expecting_continue, port, False)
+    assert stalled.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-response-flags: DI,SI" in stalled, stalled
+
+
 async def test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_backend(mesh: Mesh) -> None:
     """A client that asks for 8 MB and reads none of it held its connection, the response buffered
     for it and the backend connection for as long as it stayed connected. Now: once no byte has left

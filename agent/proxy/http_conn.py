@@ -551,7 +551,7 @@ class ServerConn(asyncio.BaseProtocol):
                     ex.keep_alive = False
                     ex.respond(503, fl.OM, "agent overloaded")
                     continue
-                if head.framing != NO_BODY:
+                if head.framing != NO_BODY and not head.expect_continue:
                     self.body_clock()
                 self.handler.start(ex)
             elif t is EV_TUNNEL:
@@ -644,7 +644,11 @@ class ServerConn(asyncio.BaseProtocol):
 
     # ---- request body pace
     def body_clock(self) -> None:
-        """(Re)start the body's idle clock: at its head, and when the client is told to send it (100)."""
+        """(Re)start the body's idle clock: at its head; for an ``Expect: 100-continue`` request, when
+        the client is told to send it (the 100: Exchange.continue_100) or its first bytes come before
+        that, not at its head. Such a client waits for the 100 (RFC 9110 §10.1.1), which the side
+        sends only after its own checks and a route's fault delay: time it waited for us is not its
+        body's (as the `_paused` allowance in _timed_out reasons)."""
         idle = self.handler.body_idle_timeout
         self._body_deadline = monotonic() + idle
         if self._timer is None or idle < self.handler.header_timeout:
@@ -652,6 +656,8 @@ class ServerConn(asyncio.BaseProtocol):
 
     def _body_progress(self, n: int) -> None:
         """`n` body bytes came: they buy time at the minimum rate, never beyond the idle timeout."""
+        if not self._body_deadline:  # the first bytes of a body sent before its 100: its clock starts
+            self.body_clock()
         h = self.handler
         now = monotonic()
         cap = now + h.body_idle_timeout
