@@ -457,7 +457,10 @@ def intentions_to_json(doc: Intentions) -> dict[str, Any]:
 # --- routes ----------------------------------------------------------------------------------
 
 RETRY_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
-DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "gateway-error"})  # safe for non-idempotent calls
+# The documented default. Not safe for non-idempotent calls: as in Envoy, whatever the method (a POST
+# too) a reset, a per-try timeout or a 502/503/504 is retried, and the upstream may have acted on the
+# request by then (agent/l7/retry.py RetryPolicy.retryable); only a connect-failure never reached it.
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "gateway-error"})
 DEFAULT_BACKOFF_BASE = 0.025  # Envoy's default: 25 ms, doubling per retry, with jitter
 DEFAULT_BACKOFF_MAX = 0.25  # 10 x base, as in Envoy
 DEFAULT_BUDGET_PERCENT = 20.0  # retries in flight may be at most 20 % of active requests (Envoy's default)
