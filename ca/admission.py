@@ -140,6 +140,10 @@ class ConnectionSlots:
                 raise SlotsFull("no connection slot free within the handshake timeout") from None
             raise
 
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     def close(self, why: str) -> None:
         """No slot is given any more: every waiter, and every later `enter`, gets SlotsFull(`why`)."""
         self._closed = why

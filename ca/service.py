@@ -289,7 +289,8 @@ class _AuditedTLSServer(HTTPServer):
         self.refused_connections = 0  # closed unread: the waiting queue was full or the wait too long
         # TLS under way -> since (monotonic), and the handshake itself (_evict_handshake)
         self._handshaking: dict[asyncio.StreamWriter, tuple[float, asyncio.Future[Any]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # one per accepted connection, until it ends (close)
+        # one per accepted connection, until it ends, with its writer (close)
+        self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.handshake_failures: dict[str, int] = {}  # reason (tls.FAILURE_*) -> count
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes and connections")
         self._since_trim = 0
@@ -356,37 +357,51 @@ class _AuditedTLSServer(HTTPServer):
         return self.port
 
     async def close(self) -> None:
-        """Stop accepting and end every connection, those still waiting for a slot or in their TLS
-        handshake included: each task returns on its own. Left to asyncio.run's teardown, their
-        cancellation was logged as an error with a traceback per connection (Python 3.11)."""
+        """Stop accepting and end every connection so that its task returns on its own: those
+        waiting for a slot, in their TLS handshake or between requests at once, those in a request
+        once answered (CLOSE_GRACE at most, then cut: a client that never answers TLS's close too).
+        Left to asyncio.run's teardown, their cancellation was logged as an error with a traceback
+        per connection (Python 3.11)."""
         if self._trim_timer is not None:
             self._trim_timer.cancel()
         self._slots.close("the CA is stopping")
         for _, handshake in list(self._handshaking.values()):
             handshake.cancel()
+        for writer in list(self._idle):
+            writer.transport.abort()
         await super().close()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_GRACE)
+            _, late = await asyncio.wait(list(self._tasks), timeout=CLOSE_GRACE)
+            for task in late:
+                left = self._tasks.get(task)
+                if left is not None:
+                    left.transport.abort()
+            if late:
+                await asyncio.wait(late, timeout=CLOSE_GRACE)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = admission.client_key(writer.get_extra_info("peername"))
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
+        self._tasks[task] = writer
         try:
             try:
                 await self._slots.enter(client, HANDSHAKE_TIMEOUT)
             except admission.SlotsFull as exc:
-                self.refused_connections += 1
-                self._failure_log("CA: connection from %s closed unread: %s", client, exc)
+                if not self._slots.closed:  # (at a stop every waiter is let go: not a refusal)
+                    self.refused_connections += 1
+                    self._failure_log("CA: connection from %s closed unread: %s", client, exc)
                 writer.transport.abort()
                 return
             try:
+                if self._slots.closed:  # given its slot as the CA stopped, before this task ran again
+                    writer.transport.abort()
+                    return
                 await self._handshake(reader, writer)
             finally:
                 self._slots.leave(client)
         finally:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             self._connection_ended()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -417,6 +432,9 @@ class _AuditedTLSServer(HTTPServer):
             return
         finally:
             self._handshaking.pop(writer, None)
+        if self._slots.closed:  # its handshake done as the CA stopped, before this task ran again
+            writer.transport.abort()
+            return
         await self._serve(reader, writer)
 
     def _handshake_failed(self, reason: str, writer: asyncio.StreamWriter, detail: str) -> None:

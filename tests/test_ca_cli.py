@@ -5,6 +5,7 @@ line on stderr, exit status 1, no traceback."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import ssl
@@ -156,29 +157,42 @@ def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
-def _admission(port: int) -> dict:
-    """The CA's /v1/health `admission`, asked from 127.0.0.2 (its own share of the connection slots)."""
+def _health(tls: ssl.SSLSocket, connection: str) -> dict:
+    """One GET /v1/health on `tls`, its JSON (read to its Content-Length: the connection may stay)."""
+    tls.sendall(f"GET /v1/health HTTP/1.1\r\nHost: ca\r\nConnection: {connection}\r\n\r\n".encode())
+    answer = b""
+    for _ in range(1000):  # bounded: a health answer is a few hundred bytes
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if sep and length and len(body) >= int(length.group(1)):
+            return dict(json.loads(body))
+        chunk = tls.recv(65536)
+        assert chunk, answer
+        answer += chunk
+    raise AssertionError("no whole answer in 1,000 reads")
+
+
+def _tls_to_ca(port: int, source: str) -> ssl.SSLSocket:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the CA's answer about itself, not a certificate: no trust needed
-    raw = socket.create_connection(("127.0.0.1", port), 10, source_address=("127.0.0.2", 0))
-    with raw, ctx.wrap_socket(raw) as tls:
-        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
-        answer = b""
-        for _ in range(1000):  # bounded: a health answer is a few hundred bytes
-            chunk = tls.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return dict(json.loads(answer.split(b"\r\n\r\n", 1)[1])["admission"])
+    raw = socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0))
+    return ctx.wrap_socket(raw)
+
+
+def _admission(port: int) -> dict:
+    """The CA's /v1/health `admission`, asked from 127.0.0.2 (its own share of the connection slots)."""
+    with _tls_to_ca(port, "127.0.0.2") as tls:
+        return dict(_health(tls, "close")["admission"])
 
 
 @pytest.mark.consul
 def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
     tmp_path: Path, consul: ConsulDev
 ) -> None:
-    """A stop while clients hold connections that never said hello (each in its TLS handshake) and
-    more wait for a slot: each ends on its own, no error with a traceback per connection in the log."""
+    """A stop while clients hold connections that never said hello (each in its TLS handshake), more
+    wait for a slot, and one keeps its connection between requests and never answers TLS's close:
+    each ends on its own, no error with a traceback per connection in the log."""
     d = tmp_path / "ca"
     hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
     subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
@@ -193,6 +207,8 @@ def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
     silent: list[socket.socket] = []
     try:
         wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
+        silent.append(kept := _tls_to_ca(port, "127.0.0.3"))
+        assert _health(kept, "keep-alive")["status"] == "ok"  # then it says nothing more
         share = ca_service.MAX_CONNECTIONS_PER_PEER
         for _ in range(share + 3):  # 127.0.0.1's share of the slots in a handshake, 3 more waiting
             silent.append(socket.create_connection(("127.0.0.1", port), 10))
