@@ -857,6 +857,7 @@ async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_r
             tls = dataclasses.replace(mesh.holder_b.current.tls, roots_pem=other.roots_pem)
             mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=tls, generation=2))
             caplog.set_level(logging.WARNING, "hostmesh.audit")
+            caplog.set_level(logging.INFO, "hostmesh.access")
             w.write(wire.dgram_frame(1, b"after"))
             assert await _next_datagram(r, decoder) is None  # the connection refused, nothing echoed
         finally:
@@ -866,6 +867,9 @@ async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_r
         ("udp", "spiffe://hostmesh.local/svc/web", "api")
     ]
     assert audit[0]["reason"].startswith("caller certificate no longer trusted: ")
+    # the flow's access line says why it ended (written whatever the sample: it has a flag)
+    access = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
+    assert [(a["protocol"], a["response_flags"]) for a in access] == [("udp", "AUTHZ")]
 
 
 async def test_a_udp_flow_ends_when_its_callers_certificate_expires(

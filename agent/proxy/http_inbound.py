@@ -303,7 +303,7 @@ class HttpInbound:
     def _refused_untrusted(self, ex: Exchange, caller: Caller, service: str, roots: str) -> bool:
         """The trust bundle (`roots`) changed since the caller was verified, or its certificate's end
         passed: if it is no longer trusted, 403 AUTHZ and an audit line (a denial like an intention's)."""
-        why = self._untrusted_because(caller, roots) if roots != caller.roots_pem else ""
+        why = self._unverified_because(caller, roots) if roots != caller.roots_pem else ""
         if not why and _time() >= caller.not_after:
             why = "caller certificate has expired"
         if not why:
@@ -315,7 +315,7 @@ class HttpInbound:
         ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
         return True
 
-    def _untrusted_because(self, caller: Caller, roots_pem: str) -> str:
+    def _unverified_because(self, caller: Caller, roots_pem: str) -> str:
         """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 

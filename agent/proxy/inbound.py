@@ -195,7 +195,7 @@ class InboundConnection(MuxConnection):
         lst = self.listener
         # as for OPEN, before the hand-over: HttpInbound takes the bundle current now as the one the
         # caller was verified against (refused: the connection is reset)
-        if not lst._still_trusted(self, lst.holder.current):
+        if not lst._still_trusted(self, lst.holder.current, "l7"):
             return
         handler = lst.alpn_handlers.get(HTTP_ALPN[0])  # whoever serves HTTP serves its streams
         svc = lst.holder.current.local.get(self.service)
@@ -455,20 +455,29 @@ class InboundListener(ListenerLifecycle):
     def _still_trusted(self, conn: InboundConnection, snap: Snapshot, layer: str = "l4") -> bool:
         """Before a new stream or flow: the caller's certificate under the current trust bundle
         (re-checked when it changed since the handshake) and not expired; else the connection is
-        refused (False), with an audit line: a denial like an intention's (agent/audit.py)."""
+        refused (False: `refuse_untrusted`)."""
+        why = self.untrusted_because(conn, snap)
+        if why:
+            self.refuse_untrusted(conn, why, layer)
+        return not why
+
+    def untrusted_because(self, conn: InboundConnection, snap: Snapshot) -> str:
+        """Why the caller's certificate no longer passes (the trust bundle, its end), or ""."""
         roots = snap.tls.roots_pem
-        why = self._untrusted_because(conn, roots) if roots != conn.roots_pem else ""
+        why = self._unverified_because(conn, roots) if roots != conn.roots_pem else ""
         if not why and time.time() >= conn.not_after:
             why = "caller certificate has expired"
-        if not why:
-            return True
+        return why
+
+    def refuse_untrusted(self, conn: InboundConnection, why: str, layer: str) -> None:
+        """Refuse the connection of a caller no longer trusted (`why`), with an audit line: a denial
+        like an intention's (agent/audit.py)."""
         assert conn.source is not None  # (streams and flows are opened only once the caller is identified)
         audit.denied(layer=layer, source=conn.source.spiffe_id, destination=conn.service, reason=why,
                      peer=conn.peer_addr)  # fmt: skip
         conn.refuse(why)
-        return False
 
-    def _untrusted_because(self, conn: InboundConnection, roots_pem: str) -> str:
+    def _unverified_because(self, conn: InboundConnection, roots_pem: str) -> str:
         """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
         from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
 

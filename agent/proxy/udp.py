@@ -744,7 +744,7 @@ class UdpInbound:
             return
         snap = self.holder.current
         # the caller's certificate, as for a TCP stream (inbound.py _open): still trusted, not expired
-        if not c.listener._still_trusted(c, snap, "udp"):
+        if self._caller_untrusted(c, snap):
             return
         stream = conn.add(sid)
         svc = snap.local.get(c.service)
@@ -833,9 +833,7 @@ class UdpInbound:
         if snap.local.get(flow.service) is None:
             flow.close()
             return False
-        conn = flow.conn
-        if not conn.listener._still_trusted(conn, snap, "udp"):
-            flow.close(why=flags.AUTHZ)
+        if self._caller_untrusted(flow.conn, snap):
             return False
         if not self._refusal(flow, snap):
             return True
@@ -853,8 +851,21 @@ class UdpInbound:
         # check refuses the connection, whose flows go with it
         now, snap = time.time(), self.holder.current
         for conn in {f.conn for f in self.flows if f.conn.not_after <= now}:
-            conn.listener._still_trusted(conn, snap, "udp")
+            self._caller_untrusted(conn, snap)
         self._schedule_sweep()
+
+    def _caller_untrusted(self, conn: Any, snap: Snapshot) -> bool:
+        """The caller's certificate no longer passes (inbound.py `untrusted_because`): its connection
+        is refused, and its flows end with AUTHZ, which their access lines say."""
+        listener = conn.listener
+        why = listener.untrusted_because(conn, snap)
+        if not why:
+            return False
+        for flow in self.flows:
+            if flow.conn is conn:
+                flow.flag = flow.flag or flags.AUTHZ
+        listener.refuse_untrusted(conn, why, "udp")
+        return True
 
     def talking(self) -> bool:
         """Whether a flow has carried a datagram within DRAIN_QUIET (what the inbound listener's
