@@ -234,6 +234,7 @@ class CertProcess:
         self._wakes: dict[str, asyncio.Event] = {}  # set when a child changed the view: the loop looks again
         self._rng = random.Random()
         self._adopted = False  # serving stored files that the start-up helper has not answered for yet
+        self.helper = [sys.executable, "-m", "hostmesh.agent.certproc"]  # the helper's command line
 
     # --- what the agent uses (same as CertManager's) --------------------------------------------
 
@@ -316,9 +317,7 @@ class CertProcess:
             tasks.append(self._bundle_task)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await close_tasks(tasks)
         if self._watch is not None:
             await self._watch.stop()
             self._watch = None
@@ -341,8 +340,9 @@ class CertProcess:
     # --- children ---------------------------------------------------------------------------------
 
     async def _run(self, op: str, service: str | None = None) -> dict[str, Any]:
-        """Run one operation in a child; its answer, or the CAError it reported."""
-        args = [sys.executable, "-m", "hostmesh.agent.certproc", op, "--config", str(self.config_path)]
+        """Run one operation in a child; its answer, or the CAError it reported. A child that cannot
+        be started, or whose answer is not one JSON object within MAX_ANSWER, is a HelperError."""
+        args = [*self.helper, op, "--config", str(self.config_path)]
         if service is not None:
             args += ["--service", service]
         # at start the file is what the agent has just read and checked: sent only from then on
@@ -351,9 +351,12 @@ class CertProcess:
             args.append("--config-on-stdin")
         async with self._lock:
             stdin = asyncio.subprocess.DEVNULL if config is None else asyncio.subprocess.PIPE
-            self._child = child = await asyncio.create_subprocess_exec(
-                *args, stdin=stdin, stdout=asyncio.subprocess.PIPE, limit=MAX_ANSWER
-            )
+            try:
+                self._child = child = await asyncio.create_subprocess_exec(
+                    *args, stdin=stdin, stdout=asyncio.subprocess.PIPE, limit=MAX_ANSWER
+                )
+            except OSError as exc:  # EMFILE at the open-file limit, EAGAIN/ENOMEM from fork
+                raise HelperError(f"cannot start the certificate helper ({op}): {exc}") from None
             assert child.stdout is not None
             if config is not None:
                 from hostmesh.agent.configwire import config_line
@@ -361,30 +364,37 @@ class CertProcess:
                 assert child.stdin is not None
                 child.stdin.write(config_line(config()))
                 child.stdin.close()  # (the pipe takes the line, or the child reads it at its start)
+            oversized = False
             try:
                 line = await asyncio.wait_for(child.stdout.readline(), CHILD_TIMEOUT)
             except TimeoutError:
                 child.kill()
                 line = b""
+            except ValueError:  # past MAX_ANSWER (asyncio's LimitOverrunError, as a ValueError)
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()  # (it may still be writing to a pipe no one reads)
+                line, oversized = b"", True
             code = await child.wait()
+        if oversized:
+            raise HelperError(f"certificate helper ({op}) answered more than {MAX_ANSWER} bytes")
         try:
             answer = json.loads(line)
-        except ValueError:
-            raise CAError(f"certificate helper ({op}) exited with {code} and no answer") from None
+        except (ValueError, RecursionError):
+            raise HelperError(f"certificate helper ({op}) exited with {code} and no answer") from None
+        if not isinstance(answer, dict):
+            kind = type(answer).__name__
+            raise HelperError(f"certificate helper ({op}) answered a JSON {kind}, not an object")
         if not answer.get("ok"):
             raise answer_error(answer)
-        return dict(answer)
+        return answer
 
     def _apply(self, answer: dict[str, Any]) -> None:
         """Every service's view as the helper just saw it (with the bundle it just read): a changed
         one wakes that service's renewal loop, which decides again (e.g. recovers one the new bundle
-        does not trust, or stops recovering one a repaired bundle trusts again)."""
-        for name, v in answer.get("certs", {}).items():
-            view = CertView(
-                name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
-                dt.datetime.fromisoformat(v["renew_at"]), CertState(v.get("state", "valid")),
-                v.get("problem"),
-            )  # fmt: skip
+        does not trust, or stops recovering one a repaired bundle trusts again). An answer of another
+        shape is a HelperError, and nothing of it is applied."""
+        views = _cert_views(answer)
+        for name, view in views.items():
             old = self._views.get(name)
             self._views[name] = view
             if (
@@ -393,7 +403,7 @@ class CertProcess:
                 and name in self._wakes
             ):
                 self._wakes[name].set()
-        if answer.get("token_file"):
+        if isinstance(answer.get("token_file"), str) and answer["token_file"]:
             self.token_file = Path(answer["token_file"])
         roots = read_existing(roots_path(self.dir))  # (the helper just wrote or read it)
         if roots is None:
@@ -466,6 +476,39 @@ class CertProcess:
                 self._notify()
             if not self._bundle_again:
                 return
+
+
+class HelperError(CAError):
+    """The certificate helper could not be started, or its answer could not be read (not the CA's
+    answer): a failed try, retried as a CA outage is (agent/renewal.py)."""
+
+
+def _cert_views(answer: dict[str, Any]) -> dict[str, CertView]:
+    """The `certs` of a helper's answer; HelperError when they are not as `_child` writes them."""
+    views: dict[str, CertView] = {}
+    try:
+        for name, v in answer.get("certs", {}).items():
+            views[name] = CertView(
+                name, v["spiffe_id"], v["serial"], dt.datetime.fromisoformat(v["not_after"]), v["root_id"],
+                dt.datetime.fromisoformat(v["renew_at"]), CertState(v.get("state", "valid")),
+                v.get("problem"),
+            )  # fmt: skip
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise HelperError(f"certificate helper answered certificates of another shape: {exc!r}") from None
+    return views
+
+
+async def close_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Await `tasks` (cancelled by the caller) to their end. One that had ended with an error is
+    logged, never raised: a stop always completes (a renewal loop's OSError made the agent's stop
+    exit 1 before, cut short before Consul's client was closed)."""
+    for task in tasks:
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s had ended with an error", task.get_name())
 
 
 # --- a child's failure, both ways ---------------------------------------------------------------

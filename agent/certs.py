@@ -60,6 +60,7 @@ from hostmesh.agent.ca_client import (
 from hostmesh.agent.certproc import (
     FileAccessDenied,
     access_denied,
+    close_tasks,
     mark_roots_verified,
     read_existing,
     roots_unvouched,
@@ -273,11 +274,7 @@ class CertManager:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await close_tasks(tasks)  # a task's error is logged, never raised: a stop always completes
         if self._watch is not None:
             await self._watch.stop()
             self._watch = None

@@ -20,6 +20,10 @@ keep their failed tries in a `RenewalFailures`:
   and the log says so. A fresh token file does not cut the CA's wait short.
 - A wake (a trust-bundle change) ends any wait: the loop looks at the certificate and decides again.
 - Each service is scheduled on its own: one service's failure never delays or fails another's.
+- A try that fails in this host, not at the CA (the helper process cannot be spawned at the open-file
+  limit, its answer is unreadable, a bug), is a failed try too (`LocalFailure`): shown and retried
+  on the same schedule as a CA outage, its traceback logged once per distinct error. It ended the
+  service's loop before: the certificate then expired unrenewed while /v1/certs said `valid`.
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ def next_step(
 # --- failed tries -------------------------------------------------------------------------------
 
 
+class LocalFailure(CAError):
+    """A renewal try that failed in this host, not at the CA (an OSError, a bug): booked and retried
+    as a CA outage is, since a transient local failure (EMFILE, a fork refused) heals as one does."""
+
+
 class RenewalFailures:
     """Each service's consecutive failed renewal tries, the one line saying why (`problems()`: what
     /ready and /v1/certs show), and the log line of each failure."""
@@ -139,6 +148,7 @@ class RenewalFailures:
         self._problems: dict[str, str] = {}  # service -> one line: what failed, what is missing
         self._said: dict[str, str] = {}  # the problem of an unusable certificate last logged, per service
         self._not_before: dict[str, float] = {}  # loop time the CA's Retry-After runs out, per service
+        self._traced: dict[str, str] = {}  # the local failure last logged with its traceback, per service
 
     def count(self, service: str) -> int:
         return self._counts.get(service, 0)
@@ -177,6 +187,17 @@ class RenewalFailures:
         self._counts.pop(service, None)
         self._problems.pop(service, None)
         self._not_before.pop(service, None)
+        self._traced.pop(service, None)
+
+    def local_failure(self, service: str, exc: Exception) -> LocalFailure:
+        """`exc`, which ended a try of `service` in this host, as the failure to `record`; its
+        traceback is logged once per distinct error (a retry every few seconds repeats it otherwise),
+        and the one line goes to /ready and /v1/certs as a CA's error does."""
+        failure = LocalFailure(f"renewal failed in this host, not at the CA: {type(exc).__name__}: {exc}")
+        if self._traced.get(service) != str(failure):
+            self._traced[service] = str(failure)
+            log.error("renewal try of %s failed: %s", service, failure, exc_info=exc)
+        return failure
 
     def record(
         self, service: str, exc: CAError, view: RenewalView, token_file: Path | str | None, now: float
@@ -261,6 +282,8 @@ async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: 
             await certs.renew_once(service)
         except CAError as exc:
             failed_try(certs, service, exc)
+        except Exception as exc:  # not the CA's: retried all the same, never the end of the loop
+            failed_try(certs, service, certs.failures.local_failure(service, exc))
 
 
 def failed_try(certs: Renewable, service: str, exc: CAError) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -20,13 +22,20 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent import renewal
-from hostmesh.agent.certproc import CertProcess, answer_error, error_answer, take_start_failures
+from hostmesh.agent.certproc import (
+    MAX_ANSWER,
+    CertProcess,
+    HelperError,
+    answer_error,
+    error_answer,
+    take_start_failures,
+)
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from hostmesh.agent.status import fetch_status, render_table
 from hostmesh.ca.errors import CAUnavailable, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.registry.consul import ConsulClient
-from tests.support import ConsulDev
+from tests.support import ConsulDev, async_wait_until
 
 pytestmark = [pytest.mark.consul]
 
@@ -265,3 +274,90 @@ async def test_a_token_file_that_holds_no_join_token_is_named_not_sent(
     finally:
         await cp.close()
         await consul.close()
+
+
+# --- a renewal try that fails in this host, not at the CA -----------------------------------------
+
+
+async def test_a_helper_that_cannot_be_spawned_is_a_failed_try_retried_until_renewed(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    """The renewal point came while the agent was at its open-file limit: spawning the helper raised
+    EMFILE, which ended the service's renewal loop for good, unlogged (the certificate expired
+    unrenewed while /v1/certs said `valid`), and the stop then raised it. It is a failed try now:
+    shown with its reason, retried on the backoff, renewed once descriptors are free again."""
+    m, h = mesh
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    renewed = asyncio.Event()
+    cp.subscribe(renewed.set)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        await asyncio.wait_for(cp.start(), WAIT)
+        first = cp.infos()[0]
+        for task in cp._tasks:
+            task.cancel()
+        cp._views["api"] = dataclasses.replace(first, renew_at=dt.datetime.now(dt.UTC))  # due now
+        # no descriptor left for the helper's pipes (listdir's own is closed by the time it runs)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            cp._tasks = [asyncio.get_running_loop().create_task(cp._renew_loop("api"))]
+            await async_wait_until(lambda: cp.failures.count("api"), WAIT, "the failed try")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        (failing,) = cp.infos()
+        assert failing.state is renewal.CertState.RETRYING, failing
+        assert failing.problem == (
+            "cannot start the certificate helper (renew): [Errno 24] Too many open files"
+        )
+        await asyncio.wait_for(renewed.wait(), WAIT)  # the backoff's next try, with descriptors free
+        (info,) = cp.infos()
+        assert info.serial != first.serial and info.state is renewal.CertState.VALID and info.problem is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await cp.close()
+        await consul.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),  # the answer: a Python expression, written by the helper on one line
+    [
+        ("'[1]'", "certificate helper (renew) answered a JSON list, not an object"),
+        (f"'x' * {MAX_ANSWER + 1}", f"certificate helper (renew) answered more than {MAX_ANSWER} bytes"),
+        ("""'{"ok": true, "certs": {"api": 5}}'""", "certificate helper answered certificates of another"),
+        ("'[' * 100_000", "certificate helper (renew) exited with 0 and no answer"),
+    ],
+    ids=["not-an-object", "oversized", "certs-of-another-shape", "nested-too-deep"],
+)
+async def test_a_helper_answer_the_agent_cannot_read_is_a_helper_error(
+    tmp_path: Path, answer: str, error: str
+) -> None:
+    """A helper's answer past MAX_ANSWER (a ValueError from readline), JSON that is not an object (an
+    AttributeError), or certificates of another shape escaped as other exceptions, which ended the
+    renewal loop (agent/renewal.py retries CAErrors). Each is a HelperError, a CAError, now.
+    (A helper of other code, as after an upgrade under a running agent: here a script.)"""
+    cp = CertProcess(config_path=tmp_path / "agent.toml", data_dir=tmp_path, services=["api"], consul=None,
+                     pin="sha256:00")  # fmt: skip
+    script = f"import sys; sys.stdout.write({answer} + '\\n')"
+    cp.helper = [sys.executable, "-c", script]
+    with pytest.raises(HelperError) as err:
+        cp._apply(await asyncio.wait_for(cp._run("renew", "api"), WAIT))
+    assert str(err.value).startswith(error), err.value
+    assert cp.infos() == []  # nothing of it applied
+
+
+async def test_a_stop_logs_a_renewal_loops_error_and_completes(caplog: pytest.LogCaptureFixture) -> None:
+    """CertProcess.close() (and CertManager's) awaited each task and re-raised what one had ended
+    with: the agent's stop was cut short before Consul's client closed, and exited 1."""
+
+    async def ended_with_an_error() -> None:
+        raise OSError(24, "Too many open files")
+
+    cp = CertProcess(config_path=Path("agent.toml"), data_dir=Path("."), services=["api"], consul=None,
+                     pin="sha256:00")  # fmt: skip
+    task = asyncio.get_running_loop().create_task(ended_with_an_error(), name="renew:api")
+    await asyncio.wait([task])
+    cp._tasks = [task]
+    with caplog.at_level("ERROR", logger="hostmesh.agent.certs"):
+        await cp.close()
+    assert [r.getMessage() for r in caplog.records] == ["renew:api had ended with an error"]

@@ -263,3 +263,55 @@ async def test_a_fresh_token_does_not_cut_short_a_wait_the_ca_asked_for(tmp_path
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_try_that_fails_in_this_host_is_retried_shown_and_traced_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A try that raised something other than a CAError (EMFILE spawning the helper, a bug) ended the
+    service's loop for good, unlogged: the certificate then expired unrenewed while /v1/certs said
+    `valid`. It is a failed try now: shown, retried on the backoff, its traceback logged once."""
+    due = renewal.RenewalView(life_left=3600.0, until_renewal=-1.0, unusable=None)
+
+    class Flaky:  # a certificate manager (renewal.Renewable) whose first tries fail in this host
+        token_file = None
+
+        def __init__(self) -> None:
+            self.failures = renewal.RenewalFailures()
+            self.tries = 0
+            self.problems: list[str | None] = []
+            self.renewed = asyncio.Event()
+
+        def renewal_view(self, service: str) -> renewal.RenewalView:
+            return VALID if self.renewed.is_set() else due
+
+        async def renew_once(self, service: str) -> None:
+            self.tries += 1
+            self.problems.append(self.failures.problem(service))
+            if self.tries <= 2:
+                raise OSError(24, "Too many open files")
+            if self.tries == 3:
+                raise AttributeError("'list' object has no attribute 'get'")
+            self.failures.clear(service)
+            self.renewed.set()
+
+    certs = Flaky()
+    task = asyncio.get_running_loop().create_task(
+        renewal.run_renewal("web", certs, asyncio.Event(), random.Random(197))  # (its 3 backoffs: 1.5 s)
+    )
+    try:
+        with caplog.at_level("INFO", logger="hostmesh.agent.certs"):
+            await asyncio.wait_for(certs.renewed.wait(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    emfile = "renewal failed in this host, not at the CA: OSError: [Errno 24] Too many open files"
+    assert certs.problems == [None, emfile, emfile, f"{emfile[:44]}AttributeError: 'list' object has no "
+                              "attribute 'get'"]  # fmt: skip
+    assert certs.failures.problems() == {}
+    traced = [r for r in caplog.records if r.exc_info]
+    assert [r.getMessage() for r in traced] == [
+        f"renewal try of web failed: {emfile}",
+        f"renewal try of web failed: {certs.problems[3]}",
+    ]
