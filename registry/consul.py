@@ -19,6 +19,7 @@ is quoted only as Consul writes its reasons, a short text/plain line: a JSON bod
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -721,7 +722,13 @@ class ConsulClient:
         """Consul 1.8's read transactions answer a `get` of a missing key with an error naming it
         (and nothing else), and silently leave out a key the token may not read. So: ask; drop the
         keys it says are missing; ask again; a key still left out of the answer is denied (never
-        mistaken for an absent one: that would turn an unreadable deny into a default)."""
+        mistaken for an absent one: that would turn an unreadable deny into a default).
+
+        "Missing" is said before the ACL is applied (it filters results only): a key the token may not
+        read and that holds no document is "missing" too, and was served as absent (default intention,
+        ready) until its first document made it denied, fleet-wide at once. So each key said missing
+        is confirmed with a plain read (`_confirm_missing`), where Consul answers 403 for it, 404 for
+        a key truly absent: one short read per missing key, only in rounds that find keys missing."""
         out: dict[str, KVEntry | PermissionDenied | None] = {}
         remaining = list(keys)
         op = Op("read of hostmesh documents", "key:read on them")
@@ -746,7 +753,7 @@ class ConsulClient:
                     if "doesn't exist" not in what:
                         raise Rejected(409, f"Consul rejected a read of {key}: {what}")
                     missing.add(key)
-                out.update(dict.fromkeys(missing))
+                out.update(await self._confirm_missing(sorted(missing)))
                 remaining = [k for k in remaining if k not in missing]
                 continue
             for key in remaining:
@@ -755,6 +762,18 @@ class ConsulClient:
                 )
             return out
         raise Unavailable("the documents kept changing during their read; retrying")
+
+    async def _confirm_missing(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
+        """Each of `keys`, which a read transaction said do not exist, read plainly: None when absent,
+        PermissionDenied when the token may not read it (see `_txn_read`), its entry when it was
+        written since. A denial of one never fails the others; any other error fails the read."""
+        answers = await asyncio.gather(*map(self.kv_get, keys), return_exceptions=True)
+        out: dict[str, KVEntry | PermissionDenied | None] = {}
+        for key, answer in zip(keys, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, PermissionDenied):
+                raise answer
+            out[key] = answer
+        return out
 
     async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
         """Long-poll the catalog's service registrations (any service, any node): returns once one

@@ -627,3 +627,75 @@ async def test_a_ca_whose_token_may_not_keep_join_tokens_does_not_start(
         "Consul ACL denied write of hostmesh/ca/tokens/hostmesh-ca-write-probe: the token lacks key:write on "
         "it (the CA's token needs the rules of `hostmesh acl policy ca`)"
     )
+
+
+def deny_key(key: str) -> str:
+    """A rule to add to an agent's policy: `key` unreadable (the longest prefix wins)."""
+    return f'key "{key}" {{\n  policy = "deny"\n}}\n'
+
+
+async def test_a_key_the_token_may_not_read_is_denied_even_when_it_holds_no_document(
+    secure: SecureConsulDev, tokens: Tokens
+) -> None:
+    """Consul's read transaction says "doesn't exist" of a missing key before its ACL is applied (it
+    filters results only): a key the token may not read and that holds no document was taken for
+    absent, so the service was served under default_intention and ready. A plain read answers 403
+    for it and 404 for a key truly absent: a key said missing is confirmed so, one short read each."""
+    name = svc("d4api")
+    denied, absent, present = (f"hostmesh/intentions/{n}" for n in (name, svc("d4none"), svc("d4doc")))
+    token = secure.token_for(f"hostmesh-agent-{name}", acl.agent_policy([name]) + deny_key(denied))
+    async with client(secure, tokens.operator) as operator:
+        await operator.kv_put(present, "{}")
+    try:
+        async with client(secure, token) as agent:
+            read = await agent.kv_read_many([denied, absent, present])
+        assert isinstance(read[denied], PermissionDenied), read
+        assert str(read[denied]) == f"Consul ACL denied read of {denied}: the token lacks key:read on it"
+        assert read[absent] is None
+        assert read[present] is not None and read[present].value == b"{}"
+    finally:
+        async with client(secure, tokens.operator) as operator:
+            await operator.kv_delete(present)
+
+
+def test_an_agent_that_may_not_read_its_intentions_is_not_ready_before_any_is_written(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """The README: a service whose intentions the agent cannot read is refused and not ready. With
+    no document written yet, it was served under default_intention (allow) and ready, and the first
+    `hostmesh intention allow|deny` for it took it down on every such host at once."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    name = svc("d4api")
+    try:
+        m.start_ca()
+        h = m.write_agent_config("d4-node", [{"name": name, "port": echo.port, "upstreams": []}])
+        rules = acl.agent_policy([name]) + deny_key(f"hostmesh/intentions/{name}")
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(secure.token_for(f"hostmesh-agent-{name}", rules))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h, wait=False)
+
+        def intentions_state() -> dict[str, str] | None:
+            try:
+                status, config = h.get("/v1/config")
+            except OSError:  # its admin API is not listening yet
+                return None
+            state = config.get("intentions_state", {}).get(name) if status == 200 else None
+            return state if state and state["state"] != "unread" else None
+
+        state = wait_for(intentions_state, 30.0, f"the agent to read the intentions of {name}")
+        assert state == {
+            "state": "denied",
+            "reason": f"intentions unreadable: Consul ACL denied read of hostmesh/intentions/{name}: the "
+            "token lacks key:read on it",
+        }, state
+        status, body = h.get("/ready")
+        assert status == 503 and "intentions unreadable" in body["not_ready"][name], body
+    finally:
+        m.close()
+        echo.close()
