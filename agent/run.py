@@ -222,6 +222,9 @@ class Agent:
         self._register_all_next = True  # start-up, or a reload changed what we register
         # service -> Consul's refusal of its registration (the token), until a registration succeeds
         self.refused_registrations: dict[str, str] = {}
+        # service -> Consul's refusal of its TTL update (the token lost service:write on it; its check
+        # lapses to critical), until an update succeeds
+        self.refused_ttl_updates: dict[str, str] = {}
         self.registered_services: set[str] = set()  # registered in this run: /ready waits for each one
         self._registration_failure = ""  # why the last registration round failed (Consul unreachable)
         self._registration_task: asyncio.Task[None] | None = None
@@ -741,10 +744,11 @@ class Agent:
 
     def _not_registered(self) -> dict[str, str]:
         """/ready's `not_registered`: the services callers cannot find through Consul, each with why:
-        refused (the token), or not registered in this run yet. /ready waits for them: a rolling
+        refused (the token), its TTL update refused (its check lapses to critical, so Consul routes
+        to it no more), or not registered in this run yet. /ready waits for them: a rolling
         upgrade that moves on at /ready must not take the next hosts down before Consul can route
         to this one (the services registered in a background round, after the listeners opened)."""
-        out = dict(self.refused_registrations)
+        out = {**self.refused_ttl_updates, **self.refused_registrations}
         for svc in self.config.services:
             if svc.name not in out and svc.name not in self.registered_services:
                 why = self._registration_failure
@@ -756,6 +760,8 @@ class Agent:
         line = f"serving {len(self.config.services)} service(s){more}"
         if self.refused_registrations:
             line += f"; Consul refused registering {', '.join(sorted(self.refused_registrations))}"
+        if self.refused_ttl_updates:
+            line += f"; Consul refused the TTL update of {', '.join(sorted(self.refused_ttl_updates))}"
         return line
 
     async def _register_all(self) -> None:
@@ -773,6 +779,15 @@ class Agent:
                 await self._register(svc, f"Consul's registration {drift}")
 
     async def _refresh_ttls(self) -> None:
+        """Refresh each registered service's TTL check. Consul refusing one (the token lost
+        service:write on it: a policy regenerated without it) is that service's problem alone, as a
+        refused registration is: kept in `refused_ttl_updates` (/ready answers 503 naming it,
+        systemd's status says so), logged once per streak, tried again each round; the others are
+        still refreshed. One refusal ended the round before, and every service of the host after it
+        in the config went critical in Consul while /ready said 200."""
+        names = {svc.name for svc in self.config.services}
+        for gone in [name for name in self.refused_ttl_updates if name not in names]:  # (a reload)
+            del self.refused_ttl_updates[gone]
         for svc in self.config.services:
             if svc.name in self.refused_registrations:
                 continue  # not registered: no check to refresh (the next round tries it again)
@@ -781,6 +796,19 @@ class Agent:
                 await self.consul.check_ttl(check_id, "pass")
             except NotFound:  # Consul lost it between the comparison and now
                 await self._register(svc, f"Consul does not know {check_id}")
+                continue
+            except (PermissionDenied, Rejected) as exc:
+                if isinstance(exc, Rejected) and exc.status != 400:
+                    raise  # (429 and the like: the round backs off as for an outage)
+                reason = f"Consul refused its TTL update: {exc}"
+                if self.refused_ttl_updates.get(svc.name) != reason:
+                    log.error("cannot keep %s alive in Consul: %s", svc.name, reason)
+                    self.refused_ttl_updates[svc.name] = reason
+                    sdnotify.status(self._serving())
+                continue
+            if self.refused_ttl_updates.pop(svc.name, None) is not None:
+                log.info("Consul accepts the TTL update of %s again", svc.name)
+                sdnotify.status(self._serving())
 
     async def _registration_loop(self) -> None:
         """Keep Consul's view of this host's services right and their TTL checks alive, forever.

@@ -354,6 +354,69 @@ def test_a_service_consul_refuses_to_register_leaves_the_others_registered_and_i
         echo.close()
 
 
+def test_a_service_whose_ttl_update_consul_refuses_does_not_starve_the_others(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """The host's policy is regenerated without one of its services (it moved hosts, a gateway left
+    out): Consul refuses that service's TTL update. That ended the whole round, so the TTL checks of
+    the services after it in the config were no longer refreshed and went critical, while /ready
+    said 200. Now the refused one is that service's alone, as a refused registration is: named by
+    /ready, logged once per streak, and picked up again once the policy is fixed."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    refused, allowed = svc("ttlaaa"), svc("ttlzzz")  # the refused one first: it ended the round
+    policy = f"hostmesh-agent-{allowed}"
+    try:
+        m.start_ca()
+        h = m.write_agent_config(
+            "ttl-half", [{"name": refused, "port": echo.port, "upstreams": []},
+                         {"name": allowed, "port": echo.port, "upstreams": []}],
+        )  # fmt: skip
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(secure.token_for(policy, acl.agent_policy([refused, allowed])))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h)  # both registered: ready
+
+        def set_policy_for(*services: str) -> None:
+            rules = tmp_path / "policy.hcl"
+            rules.write_text(acl.agent_policy(list(services)))
+            secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+
+        set_policy_for(allowed)
+        wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused TTL update")
+        _, body = h.get("/ready")
+        assert body["not_registered"] == {
+            refused: f"Consul refused its TTL update: Consul ACL denied TTL update of {refused}-ttl-half:"
+            "agent: the token lacks service:write on its service"
+        }, body
+        # allowed's check, made critical here, is refreshed by the agent's next round (within 3 s),
+        # though the refused service comes first: no wait for a TTL to lapse
+        allowed_check = f"{allowed}-ttl-half:agent"
+
+        async def check(status: str | None = None) -> str:
+            """Set `allowed`'s TTL check to `status` (as the master token), then read its status."""
+            async with client(secure, secure.master_token) as consul:
+                if status is not None:
+                    await consul.check_ttl(allowed_check, status)
+                return str((await consul.agent_checks())[allowed_check]["Status"])
+
+        asyncio.run(check("fail"))  # (its status read at once could already be the next refresh)
+        wait_for(lambda: asyncio.run(check()) == "passing", 15.0, f"the agent to refresh {allowed_check}")
+
+        set_policy_for(refused, allowed)
+        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the TTL update accepted again")
+        log = h.proc.log()
+        assert log.count(f"cannot keep {refused} alive in Consul:") == 1, log  # once per streak
+        assert f"Consul accepts the TTL update of {refused} again" in log
+    finally:
+        m.close()
+        echo.close()
+
+
 def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
     missing = tmp_path / "ca-consul-token"
     result = CliRunner().invoke(
