@@ -805,6 +805,9 @@ class Discovery:
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
         self._read_after: dict[str, int] = {}  # upstream -> failing-checks view its last read followed
         self._denied: set[str] = set()  # documents the token could not read at the last look
+        # the refusal last logged per document: said once per streak (they are re-read every
+        # DENIED_RECHECK, and were logged each time: ~30 identical lines a minute per document)
+        self._denied_said: dict[str, str] = {}
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
@@ -963,6 +966,8 @@ class Discovery:
         followed = self._documents()
         results = {key: result for key, result in results.items() if key in followed}
         self._denied = {key for key, result in results.items() if isinstance(result, PermissionDenied)}
+        for key in [k for k in self._denied_said if k not in followed]:
+            del self._denied_said[key]
         for key, result in results.items():
             kind, name = docs[key]
             if isinstance(result, PermissionDenied):
@@ -970,10 +975,13 @@ class Discovery:
                     self._builder.set_external_intentions(name, 0, result)
                 if kind == "intentions":  # fail closed: who may call is unknown (SnapshotBuilder)
                     self._builder.intentions_unreadable(name, str(result))
-                else:
+                elif self._denied_said.get(key) != str(result):  # once per streak, and when it changes
+                    self._denied_said[key] = str(result)
                     log.warning("cannot read %s: %s; keeping what was applied before", key, result)
                 self._doc_index.pop(key, None)  # applied again once readable
                 continue
+            if self._denied_said.pop(key, None) is not None:
+                log.info("can read %s again", key)
             modify = result.modify_index if result is not None else 0
             if self._doc_index.get(key) == modify:
                 continue

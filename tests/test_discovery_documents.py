@@ -27,9 +27,12 @@ import pytest
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import TLSMaterial
+from hostmesh.registry import acl
 from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, ConsulClient
+from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from hostmesh.registry.errors import RegistryError, Unavailable
 from hostmesh.registry.watch import Watch
+from tests.consul_secure import SecureConsulDev
 from tests.support import ConsulDev, async_wait_until
 
 pytestmark = [pytest.mark.consul]
@@ -669,3 +672,42 @@ def test_a_gateway_removed_from_agent_toml_takes_its_targets_out_of_what_is_foll
     assert after.load_saved() and "edge" in after.gateways
     discovery = Discovery(ConsulClient("http://127.0.0.1:1"), after)
     assert "shop" not in discovery._followed and "edge" not in after.gateways
+
+
+async def test_a_document_the_token_may_not_read_is_said_once_per_streak(
+    secure: SecureConsulDev, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a document is unreadable the documents are read again every DENIED_RECHECK (2 s), and
+    each round logged the same warning: ~30 lines a minute per document, forever. It is said when
+    the refusal starts or changes, and once more (info) when the document is readable again. The
+    rounds are driven here one by one: what the watch does every 2 s, without waiting for it."""
+    name = f"docs-{secrets.token_hex(3)}"
+    route = f"hostmesh/routes/{name}-up"
+    policy = f"hostmesh-agent-{name}"
+    deny_route = f'key "{route}" {{\n  policy = "deny"\n}}\n'
+    token = secure.token_for(policy, acl.agent_policy([name, f"{name}-egw"]) + deny_route)
+    settings = resolve(cli=ConsulLayer(token=token), env=secure.client_env())
+    said = f"cannot read {route}: Consul ACL denied read of {route}: the token lacks key:read on it"
+
+    def set_rules(rules: str) -> None:
+        path = tmp_path / "policy.hcl"
+        path.write_text(rules)
+        secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{path}")
+
+    async with ConsulClient(settings) as client:
+        agent = Agent(client, tmp_path, name)
+        documents = agent.discovery
+
+        async def rounds(n: int) -> list[str]:
+            """`n` rounds of the documents watch; the lines they logged about the route."""
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="hostmesh.agent.discovery"):
+                for _ in range(n):
+                    documents._apply_documents((await documents._fetch_documents(None))[1])
+            return [r.getMessage() for r in caplog.records if route in r.getMessage()]
+
+        assert await rounds(3) == [f"{said}; keeping what was applied before"]
+        set_rules(acl.agent_policy([name, f"{name}-egw"]))  # granted
+        assert await rounds(2) == [f"can read {route} again"]
+        set_rules(acl.agent_policy([name, f"{name}-egw"]) + deny_route)  # a new streak
+        assert await rounds(2) == [f"{said}; keeping what was applied before"]
