@@ -34,9 +34,11 @@ While it runs, the agent reads its allocation from Nomad every `[nomad] poll_int
 (python-nomad, in a thread: `watch_allocation`); once Nomad reports it stopped or no longer knows it,
 the agent drains, deregisters its services and exits, as on SIGTERM. Anything else (Nomad
 unreachable, a token it refuses, an answer that is not Nomad's: another server at NOMAD_ADDR) is a
-warning and the agent keeps serving. The Nomad settings (NOMAD_ADDR, NOMAD_TOKEN, the identity and TLS
-files) are checked when agent.toml is loaded (`check_settings`), so `agent validate` and a start
-refuse them before anything is spent.
+warning and the agent keeps serving. A workload identity read from its file is read again after
+Nomad refuses it (`identity_source`): Nomad rewrites the file when it renews an identity with a TTL,
+and the token read at start was refused forever once it expired. The Nomad settings (NOMAD_ADDR,
+NOMAD_TOKEN, the identity and TLS files) are checked when agent.toml is loaded (`check_settings`), so
+`agent validate` and a start refuse them before anything is spent.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hostmesh.registry.errors import InvalidSettings, RegistryError
+from hostmesh.registry.errors import InvalidSettings, PermissionDenied, RegistryError
 from hostmesh.registry.names import port_number
 from hostmesh.registry.nomad import (
     MAX_TOKEN_CHARS,
@@ -272,19 +274,49 @@ def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
     return NomadAPI(settings)
 
 
+def identity_source(cfg: Any, env: Mapping[str, str]) -> Callable[[], str | None] | None:
+    """What reads the workload identity the agent reads its allocation with, as its file holds it now;
+    None when the token is not the identity file's ([nomad] token or NOMAD_TOKEN: the operator's, read
+    once). A file that cannot be read gives None: the token in use is kept (api_for said why at start)."""
+    if nomad_settings(cfg.nomad, env).token is not None or cfg.nomad.identity_file is None:
+        return None
+    path = cfg.nomad.identity_file
+
+    def current() -> str | None:
+        try:
+            return identity_token(path)
+        except InvalidSettings:
+            return None
+
+    return current
+
+
 async def watch_allocation(
-    api: NomadAPI, alloc_id: str, interval: float, on_gone: Callable[[str], None]
+    api: NomadAPI,
+    alloc_id: str,
+    interval: float,
+    on_gone: Callable[[str], None],
+    identity: Callable[[], str | None] | None = None,
 ) -> None:
     """Read the allocation every `interval` seconds; call `on_gone(reason)` once Nomad reports it
     stopped or unknown. Nomad unreachable, refusing, or answering what is not an allocation: one
     warning per distinct problem, the agent keeps serving, and the reads go on, spaced out (doubling
-    up to WATCH_MAX_BACKOFF) while they fail. Nothing but cancellation ends the watch otherwise."""
+    up to WATCH_MAX_BACKOFF) while they fail. Nothing but cancellation ends the watch otherwise.
+    A token Nomad refuses is replaced by the one `identity` (`identity_source`) reads now, if another,
+    and the read is tried again at once with it."""
     failing: str | None = None
     failures = 0
     while True:
         problem: str | None = None
         try:
             state = await api.allocation_state(alloc_id)
+        except PermissionDenied as exc:
+            fresh = identity() if identity is not None else None
+            if fresh and fresh != api.settings.token:
+                api = NomadAPI(replace(api.settings, token=fresh))
+                log.info("read the workload identity again (Nomad refused the one in use); reading with it")
+                continue
+            problem = str(exc)
         except RegistryError as exc:
             problem = str(exc)
         except Exception as exc:  # a bug or an answer nobody foresaw must not end the watch silently

@@ -477,8 +477,10 @@ class Agent:
             log.warning("%s: draining and exiting", reason)
             self.stop_requested.set()
 
+        identity = nomad.identity_source(cfg, os.environ)  # re-read when Nomad refuses it (a TTL ran out)
         task = asyncio.create_task(
-            nomad.watch_allocation(api, cfg.nomad.alloc_id, cfg.nomad.poll_interval, gone), name="nomad-alloc"
+            nomad.watch_allocation(api, cfg.nomad.alloc_id, cfg.nomad.poll_interval, gone, identity),
+            name="nomad-alloc",
         )
         self._tasks.append(task)
 

@@ -15,16 +15,18 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from hostmesh.agent.config import ConfigError, load_config
-from hostmesh.agent.nomad import watch_allocation, watch_delay
+from hostmesh.agent.config import ConfigError, NomadConfig, load_config
+from hostmesh.agent.nomad import identity_source, watch_allocation, watch_delay
 from hostmesh.registry.errors import Unavailable, UnexpectedAnswer
 from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
 from tests.nomad_double import NomadDouble
@@ -482,3 +484,36 @@ async def test_connection_refused_reads_as_such() -> None:
     with pytest.raises(Unavailable) as err:
         await api_at(f"http://127.0.0.1:{port}").allocation_state(ALLOC)
     assert str(err.value) == f"Nomad at http://127.0.0.1:{port}: cannot connect: Connection refused"
+
+
+# --- a workload identity with a TTL: Nomad rewrites its file -------------------------------------
+
+
+async def test_a_workload_identity_nomad_refuses_is_read_again_from_its_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An identity with a TTL expires; Nomad writes the renewed one to the same file. The agent read
+    the file once at start, so from the old one's `exp` on every read got 403 and the watch no longer
+    saw the allocation stop. After a 403 it reads the file again and, given another token, reads with
+    it at once. A token from NOMAD_TOKEN (the operator's) is never replaced by the file's."""
+    caplog.set_level(logging.INFO)
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        expired = nomad.identity(alloc, "web", ttl=60, issued_at=time.time() - 120)
+        identity_file = tmp_path / "nomad_token"
+        identity_file.write_text(nomad.identity(alloc, "web", ttl=3600) + "\n")  # renewed since the start
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+        env = {"NOMAD_ADDR": nomad.url}
+        assert identity_source(cfg, {**env, "NOMAD_TOKEN": nomad.management_token}) is None
+        api = NomadAPI(NomadSettings.resolve({**env, "NOMAD_TOKEN": expired}))  # as read at start
+        nomad.stop_allocation(alloc.id)
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            watch_allocation(api, alloc.id, POLL, gone.set_result, identity_source(cfg, env))
+        )
+        try:
+            assert await asyncio.wait_for(gone, WAIT) == f"allocation {alloc.id} is stopped in Nomad"
+        finally:
+            task.cancel()
+        assert warnings(caplog) == []  # the refused read was followed at once by one with the new token
+        assert [token for _, _, token in nomad.requests[-2:]] == [expired, identity_file.read_text().strip()]
