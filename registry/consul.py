@@ -25,6 +25,7 @@ import binascii
 import contextlib
 import json
 import ssl
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import field
@@ -72,6 +73,15 @@ TXN_MAX_OPS = 64  # Consul's limit of operations in one transaction
 # the client's 8 MiB answer limit (64 of them would pass it, and no document could be read at all)
 TXN_MAX_READS = 8
 TXN_READ_ROUNDS = 3  # a read transaction, then again without the keys it found missing (and a race)
+# A key a read transaction says is missing is confirmed absent (not denied) with a plain read; once
+# confirmed, it is taken as absent without asking again for this long. Routes and policies are
+# optional, so most agents have keys missing, and a round of reads comes for any write under
+# hostmesh/ anywhere (a join token spent): one read per missing key per agent per round, fleet-wide,
+# was more than the transactions themselves. The cost: a token that loses read on a key that stays
+# absent is seen as denied this much later (a key written meanwhile is denied at once: the
+# transaction leaves it out).
+ABSENT_RECONFIRM = 60.0
+MAX_ABSENT_CONFIRMED = 10_000  # keys remembered as confirmed absent; beyond, all are asked again
 NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the answer is just an index
 SERF_CHECK = "serfHealth"  # the node check Consul's servers keep from Serf's gossip (alive/failed)
 WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and-set always fails
@@ -363,6 +373,7 @@ class ConsulClient:
         self._token = settings.load_token()
         tls = ssl_context(settings)
         self._http = HTTPClient(self.url, tls, settings.tls_server_name)
+        self._absent_since: dict[str, float] = {}  # key -> when a plain read found it absent
         # A second connection pool for blocking queries, so a 30 s long-poll never delays a write. Each
         # long-poll holds a connection for its whole wait; their number is fixed by the caller, and the
         # pool's cap (BLOCKING_CONNECTIONS) keeps what the process holds open bounded even so.
@@ -766,13 +777,28 @@ class ConsulClient:
     async def _confirm_missing(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """Each of `keys`, which a read transaction said do not exist, read plainly: None when absent,
         PermissionDenied when the token may not read it (see `_txn_read`), its entry when it was
-        written since. A denial of one never fails the others; any other error fails the read."""
-        answers = await asyncio.gather(*map(self.kv_get, keys), return_exceptions=True)
+        written since; a key confirmed absent less than ABSENT_RECONFIRM ago is taken as absent. A
+        denial of one never fails the others; any other error fails the read."""
+        now = time.monotonic()
+        confirmed = self._absent_since
         out: dict[str, KVEntry | PermissionDenied | None] = {}
-        for key, answer in zip(keys, answers, strict=True):
+        ask = []
+        for key in keys:
+            if now - confirmed.get(key, -ABSENT_RECONFIRM) < ABSENT_RECONFIRM:
+                out[key] = None
+            else:
+                ask.append(key)
+        answers = await asyncio.gather(*map(self.kv_get, ask), return_exceptions=True)
+        for key, answer in zip(ask, answers, strict=True):
             if isinstance(answer, BaseException) and not isinstance(answer, PermissionDenied):
                 raise answer
             out[key] = answer
+            if answer is not None:
+                confirmed.pop(key, None)
+                continue
+            if len(confirmed) >= MAX_ABSENT_CONFIRMED:
+                confirmed.clear()
+            confirmed[key] = now
         return out
 
     async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from hostmesh.registry import consul as consul_module
 from hostmesh.registry.consul import ConsulClient, KVEntry, ServiceRegistration
 from hostmesh.registry.errors import Conflict, Unavailable
 from hostmesh.registry.watch import Watch, backoff_delay, next_index
@@ -216,6 +217,39 @@ async def test_documents_at_consuls_size_limit_are_read_however_many(consul: Con
         assert all(isinstance(e, KVEntry) and e.value == value for e in got.values()) and len(got) == 13
     finally:
         consul.kv_delete("t/big-docs", recurse=True)
+
+
+async def test_a_missing_key_confirmed_absent_is_not_asked_again_for_a_while(
+    consul: ConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key a read transaction says is missing is confirmed with a plain read (denied or absent),
+    then taken as absent for ABSENT_RECONFIRM: a round of reads comes for any write under hostmesh/,
+    and optional documents are missing on most agents. A key written meanwhile is read at once."""
+    consul.kv_put("t/absent-cache/present", b"1")
+    try:
+        async with ConsulClient(consul.url) as c:
+            asked: list[str] = []
+            plain_read = c.kv_get
+
+            async def counted(key: str) -> KVEntry | None:
+                asked.append(key)
+                return await plain_read(key)
+
+            monkeypatch.setattr(c, "kv_get", counted)
+            keys = ["t/absent-cache/present", "t/absent-cache/missing"]
+            first = await c.kv_read_many(keys)
+            second = await c.kv_read_many(keys)
+            assert first["t/absent-cache/missing"] is None and second["t/absent-cache/missing"] is None
+            assert asked == ["t/absent-cache/missing"]  # confirmed once, not per round
+            consul.kv_put("t/absent-cache/missing", b"2")
+            third = await c.kv_read_many(keys)
+            assert isinstance(e := third["t/absent-cache/missing"], KVEntry) and e.value == b"2"
+            consul.kv_delete("t/absent-cache/missing")
+            monkeypatch.setattr(consul_module, "ABSENT_RECONFIRM", 0.0)  # its time is up: asked again
+            assert (await c.kv_read_many(keys))["t/absent-cache/missing"] is None
+            assert asked == ["t/absent-cache/missing"] * 2
+    finally:
+        consul.kv_delete("t/absent-cache", recurse=True)
 
 
 async def test_failing_checks_are_read_for_the_services_asked_and_every_node(consul: ConsulDev) -> None:
