@@ -5,10 +5,11 @@ Decision: an edge is (source service, destination service). Each request is coun
 caller's agent (`reporter="source"`) and by the callee's (`reporter="destination"`); an edge's
 numbers come from the destination's reports when any were scraped (they also see callers outside
 the scrape), else from the source's. Rates are deltas between the two scrapes over the time
-between them (a counter that went down, an agent restart, counts from zero, as Prometheus's
-rate() does); p50/p99 interpolate within the histogram buckets' deltas as `histogram_quantile`
-does; success is the share of requests without a 5xx answer (Linkerd's definition); TCP
-connections are opened minus closed.
+between them, taken per agent and per series before any sum (a series that went down, its agent
+restarted, counts from zero, as Prometheus's rate() does; an agent not scraped in both rounds has
+no delta and is left out of the rates: its lifetime totals are no window's); p50/p99 interpolate
+within the histogram buckets' deltas as `histogram_quantile` does; success is the share of
+requests without a 5xx answer (Linkerd's definition); TCP connections are opened minus closed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,7 +28,8 @@ DURATION_BUCKET = "hostmesh_request_duration_seconds_bucket"
 TCP_OPENED = "hostmesh_tcp_connections_opened_total"
 TCP_CLOSED = "hostmesh_tcp_connections_closed_total"
 DENIED = "hostmesh_authz_denied_total"
-WANTED = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})
+COUNTERS = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})  # rates come from deltas
+WANTED = COUNTERS
 # characters of a label value (a service name) in `hostmesh top`'s table: real ones are DNS labels of
 # at most 63; a scraped peer's may be anything, and printable() also takes its control characters out
 LABEL_LIMIT = 100
@@ -95,6 +97,9 @@ def _bound(le: str) -> float | None:
 
 
 Edge = tuple[str, str]  # (source service, destination service)
+# One round of scrapes: each agent that answered, keyed by its metrics URL, with its samples; an agent
+# that did not answer is absent (not empty: an idle agent that answered is a known zero)
+Scrape = Mapping[str, Sequence[Sample]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,14 +145,38 @@ def _sums(samples: Iterable[Sample], name: str, extra: str | None = None) -> dic
     return out
 
 
-def _delta(
-    cur: Mapping[tuple[str, ...], float], prev: Mapping[tuple[str, ...], float]
-) -> dict[tuple[str, ...], float]:
-    out = {}
-    for k, v in cur.items():
-        before = prev.get(k, 0.0)
-        out[k] = v - before if v >= before else v  # a reset: the agent restarted, count from zero
+def window_deltas(prev: Scrape, cur: Scrape) -> list[Sample]:
+    """Each counter series' increase between two rounds (a Sample per series, the increase as its
+    value), computed per agent and per series, as Prometheus's rate() does, before anything is summed:
+    reset rules applied to sums let one agent's restart or missed scrape turn another's lifetime
+    count into a window's (a 500,000 req/s spike, a success rate below 0).
+
+    Decisions: a series that went down was reset (its agent restarted, or its subset's series was
+    dropped and came back), so its increase is its new value; a series new in `cur` started in the
+    window and counts whole; an agent not in both rounds (it missed a scrape, or is newly found) is
+    left out: its increase is unknown, and its lifetime total is no rate."""
+    out = []
+    for agent, samples in cur.items():
+        before_samples = prev.get(agent)
+        if before_samples is None:
+            continue
+        before = {_series(s): s.value for s in before_samples if s.name in COUNTERS}
+        for s in samples:
+            if s.name not in COUNTERS:
+                continue
+            was = before.get(_series(s), 0.0)
+            out.append(s._replace(value=s.value - was if s.value >= was else s.value))
     return out
+
+
+def _series(s: Sample) -> tuple[str, frozenset[tuple[str, str]]]:
+    """What names one series within an agent's exposition: its name and its whole label set."""
+    return (s.name, frozenset(s.labels.items()))
+
+
+def _current(cur: Scrape) -> list[Sample]:
+    """Every sample of the agents that answered the last round (levels such as open connections)."""
+    return [s for samples in cur.values() for s in samples]
 
 
 def quantile(q: float, buckets: Mapping[float, float]) -> float | None:
@@ -170,15 +199,19 @@ def quantile(q: float, buckets: Mapping[float, float]) -> float | None:
     return lower
 
 
-def edge_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list[EdgeStats]:
-    """Per-edge numbers between two merged scrapes (every agent's samples) `seconds` apart."""
+def edge_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[EdgeStats]:
+    """Per-edge numbers between two rounds of scrapes `seconds` apart (see window_deltas)."""
+    return _edge_stats(window_deltas(prev, cur), _current(cur), seconds)
+
+
+def _edge_stats(deltas: list[Sample], now: list[Sample], seconds: float) -> list[EdgeStats]:
     seconds = max(seconds, 1e-6)
-    req = _delta(_sums(cur, REQUESTS), _sums(prev, REQUESTS))
-    codes = _delta(_sums(cur, REQUESTS, "response_code"), _sums(prev, REQUESTS, "response_code"))
-    buckets = _delta(_sums(cur, DURATION_BUCKET, "le"), _sums(prev, DURATION_BUCKET, "le"))
-    opened_now, closed_now = _sums(cur, TCP_OPENED), _sums(cur, TCP_CLOSED)
-    opened = _delta(opened_now, _sums(prev, TCP_OPENED))
-    denied = _delta(_sums(cur, DENIED), _sums(prev, DENIED))
+    req = _sums(deltas, REQUESTS)
+    codes = _sums(deltas, REQUESTS, "response_code")
+    buckets = _sums(deltas, DURATION_BUCKET, "le")
+    opened_now, closed_now = _sums(now, TCP_OPENED), _sums(now, TCP_CLOSED)
+    opened = _sums(deltas, TCP_OPENED)
+    denied = _sums(deltas, DENIED)
     keys = {k for d in (req, opened_now, denied) for k in d}
     edges: dict[Edge, set[str]] = defaultdict(set)
     for reporter, src, dst in keys:
@@ -221,13 +254,14 @@ class ServiceStats:
     tcp_per_s: float
 
 
-def service_stats(prev: list[Sample], cur: list[Sample], seconds: float) -> list[ServiceStats]:
+def service_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[ServiceStats]:
     """Per destination service, over every caller; sorted by request rate, then TCP, then name."""
     seconds = max(seconds, 1e-6)
+    deltas = window_deltas(prev, cur)
     by_dst: dict[str, list[EdgeStats]] = defaultdict(list)
-    for e in edge_stats(prev, cur, seconds):
+    for e in _edge_stats(deltas, _current(cur), seconds):
         by_dst[e.destination].append(e)
-    buckets = _delta(_sums(cur, DURATION_BUCKET, "le"), _sums(prev, DURATION_BUCKET, "le"))
+    buckets = _sums(deltas, DURATION_BUCKET, "le")
     out = []
     for dst, edges in by_dst.items():
         n = sum(e.requests for e in edges)

@@ -142,13 +142,18 @@ async def scrape_each(
     return await asyncio.gather(*map(one, ts))
 
 
-async def scrape_all(ts: list[Target]) -> list[meshstats.Sample]:
-    return [s for r in await scrape_each(ts) for s in r]
+def by_agent(ts: list[Target], per_agent: list[list[meshstats.Sample]]) -> dict[str, list[meshstats.Sample]]:
+    """One round (meshstats.Scrape) from scrape_each's answers: the samples of each agent that
+    answered, by metrics URL; one that did not is absent, so its rates are left out, not taken
+    from its lifetime totals."""
+    return {t.url: samples for t, samples in zip(ts, per_agent, strict=True) if not t.error}
 
 
-def render_frame(
-    ts: list[Target], prev: list[meshstats.Sample], cur: list[meshstats.Sample], seconds: float
-) -> str:
+async def scrape_all(ts: list[Target]) -> dict[str, list[meshstats.Sample]]:
+    return by_agent(ts, await scrape_each(ts))
+
+
+def render_frame(ts: list[Target], prev: meshstats.Scrape, cur: meshstats.Scrape, seconds: float) -> str:
     services = meshstats.service_stats(prev, cur, seconds)
     edges = meshstats.edge_stats(prev, cur, seconds)
     down = [t for t in ts if t.error]
@@ -159,12 +164,14 @@ def render_frame(
     for t in down:  # (node, URL and error come from Consul meta and the scraped peer: printable())
         node, url, error = (printable(x, TEXT_LIMIT) for x in (t.node, t.url, t.error))
         text += f"\nnot scraped: {node} {url}: {error}"
+    for t in ts:  # answered now only: its counts since the last frame are unknown (meshstats.window_deltas)
+        if t.url in cur and t.url not in prev:
+            node, url = (printable(x, TEXT_LIMIT) for x in (t.node, t.url))
+            text += f"\nno rate this frame: {node} {url}: not scraped in the previous round"
     return text
 
 
-def frame_json(
-    ts: list[Target], prev: list[meshstats.Sample], cur: list[meshstats.Sample], seconds: float
-) -> str:
+def frame_json(ts: list[Target], prev: meshstats.Scrape, cur: meshstats.Scrape, seconds: float) -> str:
     services = meshstats.service_stats(prev, cur, seconds)
     edges = meshstats.edge_stats(prev, cur, seconds)
     return json.dumps(
@@ -183,7 +190,11 @@ def frame_json(
                 for s in services
             ],
             "edges": [e.to_json() for e in edges],
-            "agents": [{"node": t.node, "url": t.url, "error": t.error} for t in ts],
+            # rated: scraped in both rounds, so counted in this frame's rates
+            "agents": [
+                {"node": t.node, "url": t.url, "error": t.error, "rated": t.url in prev and t.url in cur}
+                for t in ts
+            ],
         },
         indent=2,
     )

@@ -58,7 +58,7 @@ class Collector:
         self.consul = consul
         self.metrics_port = metrics_port
         self.state: dict[str, Any] = {"services": [], "edges": [], "agents": [], "updated": 0, "error": ""}
-        self._prev: list[meshstats.Sample] = []
+        self._prev: meshstats.Scrape = {}
         self._prev_at = 0.0
         # (document, Consul index) -> when first seen; only the current index of each document in
         # Consul is kept (the last poll's), so KV churn does not grow it
@@ -76,10 +76,10 @@ class Collector:
         now = time.time()
         targets = await top.targets(self.consul, self.metrics_port)
         per_agent = await top.scrape_each(targets, UI_WANTED)
-        cur = [s for samples in per_agent for s in samples]
+        cur = top.by_agent(targets, per_agent)
         at = time.monotonic()
         window = at - self._prev_at if self._prev_at else 0.0
-        edges = meshstats.edge_stats(self._prev, cur, window) if self._prev else []
+        edges = meshstats.edge_stats(self._prev, cur, window) if self._prev_at else []
         self._prev, self._prev_at = cur, at
         indexes = await self._document_indexes(now)
         intentions = await self._intentions()

@@ -1,11 +1,17 @@
-"""Pure tests of agent/meshstats.py (what `hostmesh top` and `hostmesh ui` compute) and of how
-`hostmesh top` finds an agent's metrics address."""
+"""Pure tests of agent/meshstats.py (what `hostmesh top` and `hostmesh ui` compute), of how
+`hostmesh top` finds an agent's metrics address, and of its frame over real HTTP scrapes of
+agents that miss one."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
+from hostmesh.agent import top
 from hostmesh.agent.meshstats import (
+    Sample,
     edge_stats,
     is_hostmesh_exposition,
     parse_exposition,
@@ -15,10 +21,21 @@ from hostmesh.agent.meshstats import (
 )
 from hostmesh.agent.metrics import REQUEST_BUCKETS, Telemetry, generate_latest
 from hostmesh.agent.top import metrics_url
+from tests.test_client_commands_input import Answer, Peer
 
 
 def scrape(tel: Telemetry) -> str:
     return generate_latest(tel.registry).decode()
+
+
+def metrics_answer(tel: Telemetry) -> Answer:
+    """An agent's /metrics answer (what tests.test_client_commands_input.Peer serves)."""
+    return (200, "text/plain; version=0.0.4", generate_latest(tel.registry))
+
+
+def agents(**tels: Telemetry) -> dict[str, list[Sample]]:
+    """One round of scrapes of the agents given by name (an agent left out missed the round)."""
+    return {name: parse_exposition(scrape(tel)) for name, tel in tels.items()}
 
 
 def labels(reporter: str, src: str, dst: str, code: str = "200") -> tuple[str, ...]:
@@ -29,7 +46,7 @@ def test_rates_success_and_latency_between_two_scrapes_of_the_real_exposition() 
     tel = Telemetry()
     for _ in range(10):  # before the window: not counted
         tel.requests.labels(*labels("destination", "web", "api")).inc()
-    prev = parse_exposition(scrape(tel))
+    prev = agents(n1=tel)
     for i in range(100):
         code = "503" if i < 5 else "200"
         for reporter in ("source", "destination"):  # each request is reported by both agents
@@ -40,7 +57,7 @@ def test_rates_success_and_latency_between_two_scrapes_of_the_real_exposition() 
     tel.tcp_series("destination", "web", "db").opened.inc(3)
     tel.tcp_series("destination", "web", "db").closed.inc(1)
     tel.denied("destination", "cron", "api")
-    cur = parse_exposition(scrape(tel))
+    cur = agents(n1=tel)
     edges = {(e.source, e.destination): e for e in edge_stats(prev, cur, 2.0)}
     api = edges[("web", "api")]
     assert api.rps == pytest.approx(50.0)  # 100 requests in 2 s, counted once
@@ -60,7 +77,7 @@ def test_a_counter_reset_counts_from_zero() -> None:
     before.requests.labels(*labels("destination", "web", "api")).inc(500)
     after = Telemetry()  # the agent restarted
     after.requests.labels(*labels("destination", "web", "api")).inc(20)
-    (edge,) = edge_stats(parse_exposition(scrape(before)), parse_exposition(scrape(after)), 1.0)
+    (edge,) = edge_stats(agents(n1=before), agents(n1=after), 1.0)
     assert edge.rps == 20
 
 
@@ -109,7 +126,9 @@ def test_values_and_bucket_bounds_that_are_not_numbers_are_skipped() -> None:
     samples = parse_exposition(text)
     assert [(s.labels["le"], s.value) for s in samples] == [("0.1", 5.0), ("+Inf", 5.0)]
     requests = 'hostmesh_requests_total{reporter="destination",source_service="a",destination_service="b"} 10'
-    (edge,) = edge_stats([], parse_exposition(text + "\n" + requests), 1.0)  # no ValueError on le="abc"
+    empty: dict[str, list[Sample]] = {"n1": []}
+    cur = {"n1": parse_exposition(text + "\n" + requests)}
+    (edge,) = edge_stats(empty, cur, 1.0)  # no ValueError on le="abc"
     assert edge.p50 is not None and edge.p50 <= 0.1
 
 
@@ -125,3 +144,69 @@ def test_metrics_address_over_the_advertised_scheme() -> None:
     assert (
         metrics_url({"metrics_addr": "http://h:1", "metrics_scheme": "https"}, "x", 1) == "http://h:1/metrics"
     )
+
+
+# --- an agent that misses a scrape, comes back, is new or restarts (rates per agent and series) ---
+
+
+def serving(**codes: int) -> Telemetry:
+    """An api instance's agent that has served, from web, `codes[c]` requests answered c (c200=…)."""
+    tel = Telemetry()
+    for code, n in codes.items():
+        tel.requests.labels(*labels("destination", "web", "api", code.removeprefix("c"))).inc(n)
+    return tel
+
+
+def test_an_agent_missing_from_either_round_is_left_out_not_its_lifetime_total() -> None:
+    # two instances of api, each has served 1,000,000 requests; the edge carries 5 req/s
+    a, b = serving(c200=1_000_000), serving(c200=1_000_000)
+    before = agents(a=a, b=b)
+    a.requests.labels(*labels("destination", "web", "api")).inc(10)  # 10 requests in 2 s
+    (edge,) = edge_stats(before, agents(a=a), 2.0)  # b missed the second round
+    assert edge.rps == pytest.approx(5.0)
+    (edge,) = edge_stats(agents(a=a), agents(a=a, b=b), 2.0)  # b missed the first round (or is new)
+    assert edge.rps == 0.0  # a did nothing in that window; b's 1,000,000 are no rate
+
+
+def test_one_agent_restarting_resets_its_series_only_and_success_stays_a_share() -> None:
+    # agent a: 5,000 OK and 1,000 old 503s; agent b: 10 old 503s, then b restarts (counters from zero)
+    a, b = serving(c200=5_000, c503=1_000), serving(c503=10)
+    before = agents(a=a, b=b)
+    a.requests.labels(*labels("destination", "web", "api")).inc(100)
+    b = serving(c200=3)  # restarted within the window, then answered 3 requests
+    (edge,) = edge_stats(before, agents(a=a, b=b), 2.0)
+    assert edge.requests == 103 and edge.success == 1.0  # (summed first: 90 requests, success -1011 %)
+    (svc,) = service_stats(before, agents(a=a, b=b), 2.0)
+    assert svc.rps == pytest.approx(51.5) and svc.success == 1.0
+
+
+def row(frame: str, first: str) -> list[str]:
+    """The cells of the frame's row whose first cell is `first` (cells are 2+ spaces apart)."""
+    return next(cells for line in frame.splitlines() if (cells := re.split(r"\s{2,}", line))[0] == first)
+
+
+@pytest.mark.timeout(30)
+async def test_top_frame_over_real_scrapes_of_an_agent_that_misses_one_and_comes_back() -> None:
+    a, b = serving(c200=1_000_000), serving(c200=1_000_000)
+    answers = [{"/metrics": metrics_answer(a)}, {"/metrics": metrics_answer(b)}]
+    peers = [Peer(x) for x in answers]
+    try:
+        ts = [top.Target(f"http://{p.address}/metrics", f"n{i}", {"api"}) for i, p in enumerate(peers, 1)]
+        first = await top.scrape_all(ts)
+        a.requests.labels(*labels("destination", "web", "api")).inc(10)
+        answers[0]["/metrics"] = metrics_answer(a)
+        answers[1]["/metrics"] = (503, "text/plain", b"restarting")  # n2 misses the second round
+        second = await top.scrape_all(ts)
+        frame = top.render_frame(ts, first, second, 2.0)
+        assert row(frame, "web -> api")[:3] == ["web -> api", "5.0", "100.00%"], frame
+        assert "not scraped: n2" in frame, frame
+        answers[1]["/metrics"] = metrics_answer(b)  # n2 is back
+        third = await top.scrape_all(ts)
+        frame = top.render_frame(ts, second, third, 2.0)
+        assert row(frame, "web -> api")[:3] == ["web -> api", "0.0", "-"], frame  # not n2's 1,000,000
+        assert f"no rate this frame: n2 {ts[1].url}: not scraped in the previous round" in frame, frame
+        rated = {x["node"]: x["rated"] for x in json.loads(top.frame_json(ts, second, third, 2.0))["agents"]}
+        assert rated == {"n1": True, "n2": False}
+    finally:
+        for p in peers:
+            p.close()

@@ -159,8 +159,9 @@ def hostile_exposition() -> bytes:
 def test_render_top_prints_label_values_through_printable() -> None:
     samples = meshstats.parse_exposition(hostile_exposition().decode())
     assert samples[0].labels["source_service"] == f"{ESC}src"  # the parse keeps what the agent said
-    services = meshstats.service_stats(samples, samples, 1.0)
-    frame = meshstats.render_top(services, meshstats.edge_stats(samples, samples, 1.0))
+    scraped = {"http://hostile/metrics": samples}  # one agent, the same answer in both rounds
+    services = meshstats.service_stats(scraped, scraped, 1.0)
+    frame = meshstats.render_top(services, meshstats.edge_stats(scraped, scraped, 1.0))
     assert no_escapes(frame)
     assert "?]0;PWNED??[2Jsrc -> dst?]0;PWNED??[2J" in frame
     long = meshstats.render_top([meshstats.ServiceStats("x" * 5000, 0, None, None, None, 0, 0)], [])
