@@ -138,8 +138,16 @@ def samples_of(registry: Any) -> list[Sample]:
     return out
 
 
-# gauges of what each process holds (its own connections): they add up like counters
+# How the processes' values of a gauge merge, chosen by what the gauge's help says it means.
+# Gauges of what each process holds (its own connections) add up like counters:
 SUMMED_GAUGES = frozenset({"hostmesh_active_connections"})
+# Gauges saying "every …" of the agent take the smallest: each worker runs its own Consul watches,
+# so one process whose watches fail (serving a stale snapshot) makes "every watch answers" 0:
+MIN_GAUGES = frozenset({"hostmesh_consul_sync_healthy"})
+# Any other gauge takes the largest: the same fact seen by every process (config version,
+# certificate expiry), a flag any process raises (cert renewal failing, ejected endpoints), or a
+# fact of the primary alone (`hostmesh_consul_registered`: only it registers; the workers' 0 must
+# not hide it).
 
 
 SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (family, sample name, sorted labels)
@@ -152,8 +160,8 @@ def series_key(family: str, name: str, labels: Mapping[str, str]) -> SeriesKey:
 
 def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
     """One set of metric families from several processes': counters, histograms and summaries add
-    up (each process counted its own connections), and so do SUMMED_GAUGES; other gauges take the
-    largest value (config version, certificate expiry: the same fact seen by every process)."""
+    up (each process counted its own connections), and so do SUMMED_GAUGES; MIN_GAUGES take the
+    smallest value; other gauges the largest (see the comments at SUMMED_GAUGES for why each)."""
     from hostmesh.agent.metrics import Family
 
     fams: dict[str, Family] = {}
@@ -165,10 +173,12 @@ def merge_samples(groups: Iterable[Iterable[Sample]]) -> list[Any]:
             key = series_key(fam_name, name, labels)
             if key not in values:
                 values[key] = value
-            elif typ == "gauge" and fam_name not in SUMMED_GAUGES:
-                values[key] = max(values[key], value)
-            else:
+            elif typ != "gauge" or fam_name in SUMMED_GAUGES:
                 values[key] += value
+            elif fam_name in MIN_GAUGES:
+                values[key] = min(values[key], value)
+            else:
+                values[key] = max(values[key], value)
     for (fam_name, name, label_items), value in values.items():
         fams[fam_name].add_sample(name, dict(label_items), value)
     return list(fams.values())

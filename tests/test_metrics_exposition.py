@@ -5,6 +5,7 @@ several processes' samples for `workers = N` (agent/workers.py)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,25 @@ def test_workers_merge_adds_counts_and_connections_and_keeps_the_largest_gauge()
     assert 'hostmesh_active_connections{listener="inbound"} 20.0' in text  # each holds its own
     assert 'lat_seconds_bucket{le="1.0"} 2.0' in text and "lat_seconds_count 2.0" in text
     assert text.count("# TYPE conns_total counter") == 1
+
+
+def test_workers_merge_says_consul_sync_unhealthy_while_any_process_watches_fail() -> None:
+    """`hostmesh_consul_sync_healthy` means "1 while every Consul watch of the agent answers" and each
+    worker runs its own watches: one process whose watches fail makes the merged gauge 0 (the
+    largest, as other gauges, said 1 while a worker served a stale snapshot). Registration stays
+    the primary's: the workers' 0 does not hide it."""
+    primary, worker = m.Telemetry(), m.Telemetry()
+    primary.consul_sync.set(1.0)  # refresh_health() in the primary: its watches answer
+    primary.consul_registered.set(1.0)  # only the primary registers
+    worker.consul_sync.set(0.0)  # refresh_health() in the worker: its watches do not
+    worker.consul_registered.set(0.0)
+    for order in ([primary, worker], [worker, primary]):
+        text = exposition(merge_samples([samples_of(t.registry) for t in order])).decode()
+        assert re.search(r"^hostmesh_consul_sync_healthy 0\.0$", text, re.M), text
+        assert re.search(r"^hostmesh_consul_registered 1\.0$", text, re.M), text
+    worker.consul_sync.set(1.0)  # the worker's watches answer again
+    text = exposition(merge_samples([samples_of(t.registry) for t in (primary, worker)])).decode()
+    assert re.search(r"^hostmesh_consul_sync_healthy 1\.0$", text, re.M), text
 
 
 def test_process_series_match_prometheus_client_process_collector() -> None:
