@@ -205,7 +205,10 @@ class Telemetry:
         )
         self.spans_dropped = Counter(
             "hostmesh_tracing_spans_dropped_total",
-            "spans dropped: export queue full or the collector failed", ("reason",), registry=r,
+            "spans dropped, by `reason`: `queue_full` (the export queue was full), `export_failed` (the "
+            "collector failed or did not answer), `rejected` (the collector's partial success refused "
+            "them), `shutdown` (still queued when the agent stopped)",
+            ("reason",), registry=r,
         )  # fmt: skip
         # Istio-compatible twins of the request and TCP series (Istio's names, labels and units)
         # (opt-in: `istio_request_duration_milliseconds` is Istio's name, which promtool's lint flags)

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import urllib.parse
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from hostmesh.agent.tracing import Span as MeshSpan
 from hostmesh.registry.http import HTTPClient
@@ -22,6 +28,8 @@ SCOPE = "hostmesh"
 # an OTLP answer is an ExportTraceServiceResponse (empty, or a partial-success count and message):
 # a larger one is no collector's, and is not read (the shared client would take 8 MiB)
 MAX_ANSWER_BYTES = 64 * 1024
+# characters of a collector's partial-success error_message kept (for the agent's log): one line
+MAX_REJECTION_MESSAGE = 300
 
 
 def _set(kv: Any, key: str, v: Any) -> None:
@@ -82,6 +90,41 @@ class ExportError(Exception):
     """The collector did not take a batch."""
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a collector that took a batch (2xx) said of it: OTLP's partial success."""
+
+    rejected: int = 0  # spans of the batch it refused (0..the batch's size)
+    message: str = ""  # its error_message: why (or a warning, with none refused); one printable line
+
+
+ACCEPTED = Answer()
+
+
+def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
+    """The partial success in a 2xx answer's ExportTraceServiceResponse to a batch of `sent` spans.
+
+    Decisions: the answer is read as the content type says (OTLP/HTTP answers in the request's:
+    protobuf here; JSON is read too), and protobuf when none is given. An empty body, or one that
+    does not decode, is a full success, as its status says (a proxy's "OK" is no partial success).
+    `rejected_spans` is bounded by what was sent: a collector saying more cannot make the agent
+    count spans it never sent. The message is put on one line of printable characters, cut at
+    MAX_REJECTION_MESSAGE: it is the collector's text, headed for the agent's log."""
+    if not body:
+        return ACCEPTED
+    answer = ExportTraceServiceResponse()
+    try:
+        if content_type.partition(";")[0].strip().lower() == "application/json":
+            json_format.Parse(body.decode("utf-8"), answer, ignore_unknown_fields=True)
+        else:
+            answer.ParseFromString(body)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError):
+        return ACCEPTED
+    partial = answer.partial_success
+    message = "".join(c if c.isprintable() else "?" for c in " ".join(partial.error_message.split()))
+    return Answer(min(max(partial.rejected_spans, 0), sent), message[:MAX_REJECTION_MESSAGE])
+
+
 class OtlpExporter:
     def __init__(self, endpoint: str, node: str) -> None:
         parsed = urllib.parse.urlsplit(endpoint)
@@ -95,7 +138,8 @@ class OtlpExporter:
         except Exception:
             self.version = ""
 
-    async def export(self, spans: list[MeshSpan], timeout: float) -> None:
+    async def export(self, spans: list[MeshSpan], timeout: float) -> Answer:
+        """Send one batch; what the collector said of the spans it took (ExportError: it took none)."""
         body = encode(spans, self.node, self.version)
         resp = await self.client.request(
             "POST",
@@ -107,6 +151,7 @@ class OtlpExporter:
         )
         if not 200 <= resp.status < 300:
             raise ExportError(f"collector answered {resp.status}")
+        return read_answer(resp.body, resp.headers.get("content-type", ""), len(spans))
 
     async def close(self) -> None:
         await self.client.close()

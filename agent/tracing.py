@@ -28,7 +28,8 @@ Decisions:
   as OTLP/HTTP protobuf
   (`POST /v1/traces`, agent/otlp.py, the only module that imports opentelemetry-proto, loaded only
   when tracing is configured). A full queue or a collector that fails drops spans and counts them
-  in `hostmesh_tracing_spans_dropped_total{reason}`; requests never wait for the collector.
+  in `hostmesh_tracing_spans_dropped_total{reason}`, as do the spans a collector's partial success
+  says it rejected (`rejected`: only the rest are exported); requests never wait for the collector.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
-from typing import Any, Final
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, Final
 
 from hostmesh.agent.audit import MAX_REQUEST_FIELD
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.loops import wait_event
 from hostmesh.registry.ratelog import RateLimitedLog
+
+if TYPE_CHECKING:
+    from hostmesh.agent.otlp import Answer
 
 log = logging.getLogger("hostmesh.tracing")
 
@@ -54,6 +58,9 @@ MAX_BATCH = 128  # spans per export request: encoding runs on the event loop (~1
 FLUSH_INTERVAL = 1.0  # seconds between exports while spans wait (the SDK's default is 5 s)
 EXPORT_TIMEOUT = 5.0  # one export attempt; a slow collector delays only the exporter task
 MAX_ATTRIBUTE = MAX_REQUEST_FIELD  # characters of a path or other request-controlled attribute kept
+# distinct partial-success messages of a collector remembered as already told: its reason repeats
+# with every batch it refuses, and a message carrying counts must not grow the memory without bound
+REMEMBERED_REJECTIONS = 64
 
 KIND_SERVER = 2  # OTLP Span.SpanKind values
 KIND_CLIENT = 3
@@ -245,6 +252,8 @@ class ExportLog:
         self.cause = ""  # of the last failure
         self._failed = RateLimitedLog(log, "OTLP export failure lines")
         self._recovered = RateLimitedLog(log, "OTLP export recovery lines", level=logging.INFO)
+        self._rejected = RateLimitedLog(log, "OTLP partial-success lines")
+        self._told: OrderedDict[str, None] = OrderedDict()  # partial-success messages told, oldest first
 
     def failed(self, exc: Exception, dropped: int) -> None:
         self.failures += 1
@@ -258,6 +267,19 @@ class ExportLog:
         if self.failures:
             self._recovered("OTLP export to %s works again after %d failure(s)", self.endpoint, self.failures)
         self.failures, self.cause = 0, ""
+
+    def rejected(self, spans: int, sent: int, message: str) -> None:
+        """The collector took a batch of `sent` but refused `spans` of it, saying `message` (or took
+        them all with a warning: `spans` 0). Told once per distinct message, at a bounded rate: the
+        counter has the numbers; the log has why."""
+        if message in self._told:
+            self._told.move_to_end(message)
+            return
+        self._told[message] = None
+        if len(self._told) > REMEMBERED_REJECTIONS:
+            self._told.popitem(last=False)
+        self._rejected("OTLP collector at %s rejected %d of %d spans: %s",
+                       self.endpoint, spans, sent, message or "(no message)")  # fmt: skip
 
 
 def _rate_draws(sample: float) -> bool:
@@ -314,7 +336,7 @@ class Tracer:
         self.node = node
         self.queue: deque[Span] = deque()
         self.exported = 0
-        self.dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0, "shutdown": 0}
+        self.dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0, "rejected": 0, "shutdown": 0}
         self._telemetry = telemetry
         self._exporter = exporter
         self._wake = asyncio.Event()
@@ -449,6 +471,21 @@ class Tracer:
         if self._telemetry is not None:
             self._telemetry.spans_dropped.labels(reason).inc(n)
 
+    def _exported(self, n: int) -> None:
+        """`n` spans the collector accepted: the attribute and the counter move together."""
+        self.exported += n
+        if self._telemetry is not None:
+            self._telemetry.spans_exported.inc(n)
+
+    def _taken(self, sent: int, answer: Answer, report: ExportLog) -> None:
+        """A batch of `sent` spans the collector took: those its partial success rejected are
+        dropped (`rejected`) and told, the rest exported."""
+        if answer.rejected:
+            self._drop("rejected", answer.rejected)
+        self._exported(sent - answer.rejected)
+        if answer.rejected or answer.message:
+            report.rejected(answer.rejected, sent, answer.message)
+
     def start_exporting(self) -> None:
         if self._exporter is None:
             from hostmesh.agent.otlp import OtlpExporter
@@ -464,16 +501,14 @@ class Tracer:
             while self.queue:
                 batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
                 try:
-                    await self._exporter.export(batch, EXPORT_TIMEOUT)
+                    answer = await self._exporter.export(batch, EXPORT_TIMEOUT)
                 except Exception as exc:  # any failure of the collector drops the batch, never the agent
                     self._drop("export_failed", len(batch))
                     report.failed(exc, len(batch))
                     break  # the next batch waits for the next tick: no tight loop on a dead collector
                 else:
                     report.succeeded()
-                    self.exported += len(batch)
-                    if self._telemetry is not None:
-                        self._telemetry.spans_exported.inc(len(batch))
+                    self._taken(len(batch), answer, report)
 
     async def close(self) -> None:
         """Send what is queued (one bounded attempt), then stop."""

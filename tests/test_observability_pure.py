@@ -1,5 +1,7 @@
 """Pure tests: trace context parsing and sampling (agent/tracing.py), the OTLP encoding (agent/otlp.py),
-log line formats and journald priorities (registry/logs.py), the admin API's one write."""
+log line formats and journald priorities (registry/logs.py), the admin API's one write; and the
+exporter's accounting (exported, dropped by reason) against a real OTLP/HTTP collector on loopback
+(no agent, no Consul)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from hostmesh.agent import tracing
 from hostmesh.agent.admin import AdminAPI
@@ -511,3 +516,122 @@ def test_at_the_edge_an_unsampled_request_leaves_with_the_gateways_00_in_the_cli
     late = edge.end_http(None, _exchange([(b"traceparent", b"garbage")]), reporter="source", forwarded=fresh,
                          **names)  # fmt: skip
     assert late is not None and (late.span_id, late.parent) == (new.parent, b"")
+
+
+# --- the exporter's accounting against a real OTLP/HTTP collector on loopback -------------------
+
+
+class LoopbackCollector:
+    """An OTLP/HTTP trace collector on 127.0.0.1 (asyncio streams): counts the spans it is sent and
+    answers each request 200 with `answer` (a serialized ExportTraceServiceResponse). With `hold`, it
+    keeps its answer until `release` is set: a slow collector."""
+
+    def __init__(self, answer: bytes = b"", hold: bool = False) -> None:
+        self.answer = answer
+        self.received = 0  # spans
+        self.got_request = asyncio.Event()
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # one request after another on the exporter's connection
+                head = await reader.readuntil(b"\r\n\r\n")
+                fields = dict(x.split(b":", 1) for x in head.split(b"\r\n")[1:] if b":" in x)
+                size = int({k.strip().lower(): v for k, v in fields.items()}[b"content-length"])
+                req = ExportTraceServiceRequest.FromString(await reader.readexactly(size))
+                self.received += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                self.got_request.set()
+                await self.release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(self.answer), self.answer))  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the exporter closed its connection
+        finally:
+            writer.close()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.close()
+
+
+def _spans(n: int) -> list[tracing.Span]:
+    return [tracing.Span("web", "GET api", tracing.KIND_CLIENT, b"\x01" * 16, b"", 1) for _ in range(n)]
+
+
+def _counter(tel: Any, name: str, reason: str | None = None) -> float:
+    return sum(
+        s.value
+        for fam in tel.registry.collect()
+        for s in fam.samples
+        if s.name == name and (reason is None or s.labels.get("reason") == reason)
+    )
+
+
+async def _until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    """Wait (bounded) until `predicate()` holds: the exporter counts a batch once its answer is read."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _partial_success(rejected: int, message: str) -> bytes:
+    answer = ExportTraceServiceResponse()
+    answer.partial_success.rejected_spans = rejected
+    answer.partial_success.error_message = message
+    return answer.SerializeToString()
+
+
+@pytest.mark.timeout(30)
+async def test_spans_a_collector_rejects_in_a_partial_success_are_dropped_not_exported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OTLP/HTTP: a collector that takes a request but refuses some spans answers 200 with
+    `partial_success.rejected_spans`; those were counted as exported (the answer was never read)."""
+    from hostmesh.agent.metrics import Telemetry
+
+    collector = LoopbackCollector(_partial_success(4, "spans rejected:\x1b[2J invalid attributes"))
+    tel = Telemetry()
+    tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1", telemetry=tel)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hostmesh.tracing"):
+            tracer.start_exporting()
+            for sent in (10, 20):  # two batches: the collector's reason is told once, not per batch
+                for s in _spans(10):
+                    tracer.finish(s)
+                await _until(
+                    lambda n=sent: tracer.exported + tracer.dropped.get("rejected", 0) == n, f"{sent} counted"
+                )
+        assert collector.received == 20
+        assert (tracer.exported, tracer.dropped.get("rejected")) == (12, 8)
+        assert _counter(tel, "hostmesh_tracing_spans_exported_total") == 12
+        assert _counter(tel, "hostmesh_tracing_spans_dropped_total", "rejected") == 8
+        told = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+        assert told == [f"OTLP collector at {tracer.endpoint} rejected 4 of 10 spans: "
+                        "spans rejected:?[2J invalid attributes"], told  # fmt: skip
+    finally:
+        await tracer.close()
+        collector.close()
+
+
+def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_sent() -> None:
+    from hostmesh.agent.otlp import ACCEPTED, MAX_REJECTION_MESSAGE, Answer, read_answer
+
+    proto = "application/x-protobuf"
+    assert read_answer(b"", proto, 10) == ACCEPTED  # the usual answer: an empty response
+    assert read_answer(_partial_success(3, "quota"), proto, 10) == Answer(3, "quota")
+    assert read_answer(_partial_success(500, "x" * 5000), proto, 10) == Answer(
+        10, "x" * MAX_REJECTION_MESSAGE
+    )
+    body = b'{"partialSuccess": {"rejectedSpans": "2", "errorMessage": "bad\\nname"}}'
+    assert read_answer(body, "application/json; charset=utf-8", 10) == Answer(2, "bad name")
+    assert read_answer(b"\xff\xff not protobuf", proto, 10) == ACCEPTED  # as its 2xx status says
+    assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
