@@ -207,7 +207,8 @@ class Telemetry:
             "hostmesh_tracing_spans_dropped_total",
             "spans dropped, by `reason`: `queue_full` (the export queue was full), `export_failed` (the "
             "collector failed or did not answer), `rejected` (the collector's partial success refused "
-            "them), `shutdown` (still queued when the agent stopped)",
+            "them), `shutdown` (not sent when the agent stopped: beyond the one final batch, or when "
+            "the collector did not answer within the stop's bound)",
             ("reason",), registry=r,
         )  # fmt: skip
         # Istio-compatible twins of the request and TCP series (Istio's names, labels and units)

@@ -30,6 +30,8 @@ Decisions:
   when tracing is configured). A full queue or a collector that fails drops spans and counts them
   in `hostmesh_tracing_spans_dropped_total{reason}`, as do the spans a collector's partial success
   says it rejected (`rejected`: only the rest are exported); requests never wait for the collector.
+  At stop (`Tracer.close`) the batch in flight finishes and the queue goes out in one final batch,
+  within SHUTDOWN_EXPORT_TIMEOUT; what is not sent by then is counted (`shutdown`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final
 
 from hostmesh.agent.audit import MAX_REQUEST_FIELD
@@ -57,6 +60,9 @@ MAX_BATCH = 128  # spans per export request: encoding runs on the event loop (~1
 # on a loaded 2-core machine), so one batch holds the loop for a few ms at most
 FLUSH_INTERVAL = 1.0  # seconds between exports while spans wait (the SDK's default is 5 s)
 EXPORT_TIMEOUT = 5.0  # one export attempt; a slow collector delays only the exporter task
+# what stopping (Tracer.close) may spend on the collector in all: the batch in flight finishing, then
+# one final batch of what is queued; one export attempt's worth, as before the batch in flight was kept
+SHUTDOWN_EXPORT_TIMEOUT = EXPORT_TIMEOUT
 MAX_ATTRIBUTE = MAX_REQUEST_FIELD  # characters of a path or other request-controlled attribute kept
 # distinct partial-success messages of a collector remembered as already told: its reason repeats
 # with every batch it refuses, and a message carrying counts must not grow the memory without bound
@@ -341,6 +347,10 @@ class Tracer:
         self._exporter = exporter
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._report = ExportLog(endpoint)
+        # the export in flight and its spans' count, until counted: close() lets it finish or counts
+        # it dropped (cancelling the exporter task alone lost its batch, counted nowhere)
+        self._sending: tuple[asyncio.Future[Answer], int] | None = None
 
     # --- per request (hot path: keep it small) --------------------------------------------------
 
@@ -494,39 +504,73 @@ class Tracer:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="otlp-export")
 
     async def _run(self) -> None:
-        report = ExportLog(self.endpoint)
         while True:
             await wait_event(self._wake, FLUSH_INTERVAL)
             self._wake.clear()
             while self.queue:
                 batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
-                try:
-                    answer = await self._exporter.export(batch, EXPORT_TIMEOUT)
-                except Exception as exc:  # any failure of the collector drops the batch, never the agent
-                    self._drop("export_failed", len(batch))
-                    report.failed(exc, len(batch))
+                # the export is a task of its own, shielded: close() cancels this loop, not the batch
+                self._sending = (
+                    asyncio.ensure_future(self._exporter.export(batch, EXPORT_TIMEOUT)),
+                    len(batch),
+                )
+                if not await self._settle(asyncio.shield(self._sending[0])):
                     break  # the next batch waits for the next tick: no tight loop on a dead collector
-                else:
-                    report.succeeded()
-                    self._taken(len(batch), answer, report)
+
+    async def _settle(self, answer: Awaitable[Answer]) -> bool:
+        """Await the export in flight's `answer` and count its batch: exported, rejected (a partial
+        success) or dropped `export_failed`; whether the collector took it. Cancelled while waiting,
+        it counts nothing: the batch stays in flight for close()."""
+        assert self._sending is not None
+        n = self._sending[1]
+        try:
+            got = await answer
+        except Exception as exc:  # any failure of the collector drops the batch, never the agent
+            self._sending = None
+            self._drop("export_failed", n)
+            self._report.failed(exc, n)
+            return False
+        self._sending = None
+        self._report.succeeded()
+        self._taken(n, got, self._report)
+        return True
 
     async def close(self) -> None:
-        """Send what is queued (one bounded attempt), then stop."""
+        """Stop exporting: the batch in flight finishes, then what is queued goes out in one final
+        batch, within SHUTDOWN_EXPORT_TIMEOUT in all; every span not sent by then is counted dropped
+        (`shutdown`), and those sent are counted as any export's.
+
+        Decision: the batch in flight is awaited, not sent again: the collector may already hold it,
+        and sending it twice would duplicate its spans in every trace."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_EXPORT_TIMEOUT
+        if self._sending is not None:
+            in_flight, n = self._sending
+            await asyncio.wait({in_flight}, timeout=max(deadline - loop.time(), 0.0))
+            if in_flight.done():
+                await self._settle(in_flight)
+            else:  # the collector took too long: the batch is given up, and counted
+                in_flight.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await in_flight
+                self._sending = None
+                self._drop("shutdown", n)
         if self.queue and self._exporter is not None:
             batch = list(self.queue)[:MAX_BATCH]
             if len(self.queue) > len(batch):
                 self._drop("shutdown", len(self.queue) - len(batch))
             self.queue.clear()
-            try:
-                await self._exporter.export(batch, EXPORT_TIMEOUT)
-                self.exported += len(batch)
-            except Exception:
-                self._drop("export_failed", len(batch))
+            left = deadline - loop.time()
+            if left > 0:
+                self._sending = (asyncio.ensure_future(self._exporter.export(batch, left)), len(batch))
+                await self._settle(self._sending[0])
+            else:
+                self._drop("shutdown", len(batch))
         if self._exporter is not None:
             await self._exporter.close()
 

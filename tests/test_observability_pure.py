@@ -635,3 +635,57 @@ def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_s
     assert read_answer(body, "application/json; charset=utf-8", 10) == Answer(2, "bad name")
     assert read_answer(b"\xff\xff not protobuf", proto, 10) == ACCEPTED  # as its 2xx status says
     assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
+
+
+@pytest.mark.timeout(30)
+async def test_the_batch_in_flight_when_the_agent_stops_is_finished_and_the_final_send_counted() -> None:
+    """close() (the agent's stop) cancelled the exporter task mid-export: the batch it had taken off
+    the queue was neither sent nor counted anywhere; and the final batch close() sends was added to
+    `exported` but not to the counter. Now the batch in flight finishes (the collector answers
+    within SHUTDOWN_EXPORT_TIMEOUT) and both batches are counted as exported."""
+    from hostmesh.agent.metrics import Telemetry
+
+    collector = LoopbackCollector(hold=True)
+    tel = Telemetry()
+    tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1", telemetry=tel)
+    try:
+        tracer.start_exporting()
+        for s in _spans(10):
+            tracer.finish(s)
+        await asyncio.wait_for(collector.got_request.wait(), 10)  # the batch is at the collector
+        for s in _spans(10):  # queued behind it: close()'s final batch
+            tracer.finish(s)
+        closing = asyncio.create_task(tracer.close())  # the agent stops (agent/run.py stop())
+        collector.release.set()  # the collector answers, within the shutdown's bound
+        await asyncio.wait_for(closing, 10)
+    finally:
+        collector.close()
+    assert collector.received == 20
+    assert (tracer.exported, sum(tracer.dropped.values())) == (20, 0), tracer.dropped
+    assert _counter(tel, "hostmesh_tracing_spans_exported_total") == 20
+
+
+@pytest.mark.timeout(30)
+async def test_spans_still_unsent_when_the_shutdown_bound_passes_are_counted_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A collector that does not answer while the agent stops: the batch in flight and the queued
+    ones are given up after SHUTDOWN_EXPORT_TIMEOUT (shortened here) and counted `shutdown`."""
+    from hostmesh.agent.metrics import Telemetry
+
+    monkeypatch.setattr(tracing, "SHUTDOWN_EXPORT_TIMEOUT", 0.2)
+    collector = LoopbackCollector(hold=True)  # never released before the tracer is closed
+    tel = Telemetry()
+    tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1", telemetry=tel)
+    try:
+        tracer.start_exporting()
+        for s in _spans(10):
+            tracer.finish(s)
+        await asyncio.wait_for(collector.got_request.wait(), 10)
+        for s in _spans(10):
+            tracer.finish(s)
+        await asyncio.wait_for(tracer.close(), 10)
+    finally:
+        collector.close()
+    assert (tracer.exported, tracer.dropped["shutdown"]) == (0, 20), tracer.dropped
+    assert _counter(tel, "hostmesh_tracing_spans_dropped_total", "shutdown") == 20
