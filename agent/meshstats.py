@@ -29,7 +29,7 @@ TCP_OPENED = "hostmesh_tcp_connections_opened_total"
 TCP_CLOSED = "hostmesh_tcp_connections_closed_total"
 DENIED = "hostmesh_authz_denied_total"
 COUNTERS = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})  # rates come from deltas
-WANTED = COUNTERS
+WANTED = COUNTERS  # what `hostmesh top` scrapes: the counters alone (`hostmesh ui` adds its gauges)
 # characters of a label value (a service name) in `hostmesh top`'s table: real ones are DNS labels of
 # at most 63; a scraped peer's may be anything, and printable() also takes its control characters out
 LABEL_LIMIT = 100
