@@ -17,6 +17,7 @@ import yaml
 
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.reference import AGENT_KEYS
+from tests.releases import ReleaseUnavailable, release_command
 from tests.support import REPO
 
 ROLES = REPO / "ansible/roles"
@@ -55,6 +56,7 @@ def full_inventory() -> dict[str, Any]:
         v[f"hostmesh_agent_http_{k}"] = val
     for k in ("address", "token_file", "ca_file", "cert_file", "key_file", "tls_server_name"):
         v[f"hostmesh_agent_consul_{k}"] = ex["consul"][k]
+    v["hostmesh_agent_dns_shared"] = True  # rendered only when true (the previous release lacks it)
     v["hostmesh_agent_consul_token"] = "secret"
     v["hostmesh_agent_consul_token_file_only"] = False
     v["hostmesh_agent_ca_address"] = ex["ca"]["address"]
@@ -101,17 +103,42 @@ def test_nomad_token_goes_to_agent_env(token: str) -> None:
     assert "token" not in raw["nomad"] and raw["nomad"]["alloc_id"]
 
 
-def test_role_defaults_render_a_valid_agent_toml() -> None:
+def default_inventory() -> dict[str, Any]:
+    """The role's defaults, with the few variables a host must give (or that come from facts)."""
     defaults = yaml.safe_load((ROLES / "hostmesh_agent/defaults/main.yml").read_text())
     plain = {k: v for k, v in defaults.items() if not (isinstance(v, str) and "{{" in v)}
-    plain |= {
+    return plain | {
         "hostmesh_agent_node": "vm-1",
         "hostmesh_agent_mesh_address": "10.0.0.5",
         "hostmesh_agent_ca_pin": "sha256:" + "0" * 64,
         "hostmesh_agent_services": [{"name": "web", "port": 8080}],
     }
-    cfg = parse_config(tomllib.loads(render_agent_toml(plain)))
+
+
+def test_role_defaults_render_a_valid_agent_toml() -> None:
+    cfg = parse_config(tomllib.loads(render_agent_toml(default_inventory())))
     assert cfg.workers == 1 and cfg.max_connections == 10000
+
+
+ROLLBACK_RELEASE = "0.2.0"  # the previous release: a rollback's target, and the canary's neighbours
+
+
+def test_role_defaults_render_an_agent_toml_the_previous_release_takes(tmp_path: Path) -> None:
+    """The template writes a key newer than the previous release only when it is set away from its
+    default: the role's `validate:` step runs the installed release's `agent validate`, so a
+    rollback (or a host pinned to the previous release) fails there, half-installed, on any key
+    that release does not know."""
+    try:
+        previous = release_command(ROLLBACK_RELEASE)
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))
+    config = tmp_path / "agent.toml"
+    config.write_text(render_agent_toml(default_inventory()))
+    out = subprocess.run(
+        [*previous, "agent", "validate", "--no-files", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr).strip()
 
 
 @pytest.mark.parametrize("role", sorted(p.name for p in ROLES.iterdir()))
