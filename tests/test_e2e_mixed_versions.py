@@ -12,6 +12,7 @@ back to the HTTP ALPNs, while its L4 streams agree version 2 (0.2.0) or 1 (0.1.0
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -135,3 +136,33 @@ def test_intentions_are_enforced_across_versions(
         wait_for(lambda: roundtrip(port, b"again", timeout=1) == b"again", APPLY_BOUND, "the allow")
     else:
         wait_for(lambda: _l7_status(port) == 200, APPLY_BOUND, "the allow")
+
+
+def test_downgrade_to_0_2_on_the_same_data_dir(private_consul: ConsulDev, tmp_path: Path) -> None:
+    """README "Downgrade": agents of this tree stopped and started again as 0.2.0 on their data dirs
+    and agent.toml (which has no key 0.2 lacks) come back ready and carry traffic. A Consul of its
+    own: the module's mesh has a CA registered in the shared one, which these agents could pick."""
+    try:
+        previous = release_command("0.2.0")
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca()
+        callee = m.write_agent_config("node-dgs", [{"name": "dgsrv", "port": echo.port}])
+        caller = m.write_agent_config(
+            "node-dgc", [{"name": "dgcli", "port": echo.port, "upstreams": ["dgsrv"]}]
+        )
+        m.start_agent(callee)
+        m.start_agent(caller)
+        m.wait_endpoints(caller, "dgsrv", 1)
+        assert roundtrip(caller.binds["dgsrv"], b"before", timeout=5) == b"before"
+        for handle in (callee, caller):
+            assert handle.proc.stop() == 0
+            m.start_agent(handle, command=previous)
+        m.wait_endpoints(caller, "dgsrv", 1)
+        assert roundtrip(caller.binds["dgsrv"], b"after", timeout=5) == b"after"
+    finally:
+        m.close()
+        echo.close()
