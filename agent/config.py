@@ -37,6 +37,7 @@ from hostmesh.registry.layout import (
     METRICS_META,
     PROTOCOL_META,
     UPSTREAMS_META,
+    VERSION_META,
 )
 from hostmesh.registry.names import holds_credentials, port_number
 from hostmesh.registry.records import record
@@ -431,7 +432,7 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
 CONSUL_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CONSUL_META_PAIRS_MAX = 64
 # what the agent registers itself (agent/run.py `_registration`)
-AGENT_META = (HOSTMESH_META, PROTOCOL_META, METRICS_META, UPSTREAMS_META)
+AGENT_META = (HOSTMESH_META, PROTOCOL_META, METRICS_META, UPSTREAMS_META, VERSION_META)
 
 
 def _check_meta(meta: dict[str, str], path: str) -> None:

@@ -68,6 +68,7 @@ from hostmesh.registry.layout import (
     METRICS_META,
     PROTOCOL_META,
     SUBSET_META,
+    VERSION_META,
     upstreams_meta,
 )
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
@@ -115,6 +116,14 @@ STOP_SLACK_SECONDS = 10.0
 # Consul and CA calls, mesh connections, logs.
 FD_HEADROOM = 256
 FD_RAISE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's nr_open)
+
+
+@functools.cache
+def _release() -> str:
+    """This agent's release (registry/version.py reads it from sys.path: once, at the first registration)."""
+    from hostmesh.registry.version import installed_version
+
+    return installed_version()
 
 
 def check_open_file_limit(connections: int, max_connections: int) -> int:
@@ -691,6 +700,7 @@ class Agent:
             meta={
                 HOSTMESH_META: HOSTMESH_META_VALUE,
                 PROTOCOL_META: svc.protocol,
+                VERSION_META: _release(),  # what the CLI judges documents by (registry/features.py)
                 **self._metrics_meta(),
                 **upstreams_meta(u.service for u in svc.upstreams),
                 **svc.meta,

@@ -6,7 +6,7 @@ The schema (hostmesh.registry.schema) says whether one document is well formed o
 module says whether the documents make sense *together with the mesh*: a route for a service
 nobody registered, a subset no instance carries, an L7 permission on a TCP service (the agent
 then denies or grants the whole connection), a rule that can never decide because another one
-always wins first.
+always wins first, a feature registered agents are too old to read (registry/features.py).
 
 Severity: `error` — traffic does not do what the document says (a request is sent to a subset
 with no instance, a document the agents reject, an L7 rule on TCP); `warning` — probably a
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostmesh.registry.errors import InvalidDocument
+from hostmesh.registry.features import Agent, agent_of, features_of, older_agents, too_old
 from hostmesh.registry.layout import (
     COMMAND,
     GATEWAY_KIND_META,
@@ -107,6 +108,10 @@ class Catalog:
         out = {i.service for i in self.instances if service in (i.upstreams or ())}
         return frozenset(out), not self.silent()
 
+    def agents(self) -> tuple[Agent, ...]:
+        """The hostmesh agents behind the instances, with their releases (registry/features.py)."""
+        return tuple(a for i in self.instances if (a := agent_of(i.node, i.service, i.meta)) is not None)
+
     def silent(self) -> frozenset[str]:
         """Services some agent of which does not say which upstreams it calls (its list would not
         fit in one Consul meta value, registry/layout.py upstreams_meta; or an agent that predates it)."""
@@ -135,12 +140,35 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
     out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     for key, intentions in parsed.get("intentions", {}).items():
         out += _check_intentions(key, intentions, catalog, known, externals)
+    out += _older_agents(parsed, catalog.agents())
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda f: (order[f.severity], f.subject, f.code))
 
 
 def has_errors(findings: Iterable[Finding]) -> bool:
     return any(f.severity == "error" for f in findings)
+
+
+def _older_agents(parsed: Mapping[str, Mapping[str, Any]], agents: tuple[Agent, ...]) -> list[Finding]:
+    """A stored document with a feature some registered agents are too old to read: they refuse it or
+    ignore what it says (written with --allow-older-agents, around the CLI, or before they registered)."""
+    out: list[Finding] = []
+    for kind, docs in parsed.items():
+        for key, doc in docs.items():
+            for feature in features_of(kind, doc):
+                older = older_agents(feature, agents)
+                if older:
+                    out.append(
+                        Finding(
+                            "error",
+                            "older-agents",
+                            f"{kind}/{key}",
+                            too_old(f"{kind}/{key}", feature, older),
+                            f"upgrade those agents to {feature.since} or later (README Version skew), or "
+                            f"`hostmesh {COMMAND[kind]} rollback {key} --to N` to a version without it",
+                        )
+                    )
+    return out
 
 
 # --- one document ------------------------------------------------------------------------------

@@ -371,8 +371,24 @@ def remember_read(ctx: click.Context, kind: str, service: str, version: int) -> 
         click.echo(f"warning: cannot record the version read in {target}: {exc.strerror or exc}", err=True)
 
 
+ALLOW_OLDER_AGENTS_HELP = (
+    "Write a document that registered agents of an older release cannot read (they refuse it or "
+    "ignore what it says; README Version skew)."
+)
+
+
+def _allow_older_agents(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The --allow-older-agents flag of every command that writes a whole document."""
+    return click.option("--allow-older-agents", is_flag=True, help=ALLOW_OLDER_AGENTS_HELP)(fn)
+
+
 def _apply_all(
-    ctx: click.Context, path: str, docs: list[tuple[str, dict[str, Any]]], dry_run: bool, force: bool
+    ctx: click.Context,
+    path: str,
+    docs: list[tuple[str, dict[str, Any]]],
+    dry_run: bool,
+    force: bool,
+    allow_older_agents: bool = False,
 ) -> None:
     """Validate every document; then read each one's live version, run every check (protocol fit,
     version:, the overwrite rule) and show the diffs; only then write the changed ones, all in one
@@ -395,7 +411,7 @@ def _apply_all(
 
     async def run(store: DocumentStore) -> list[tuple[str, str, int]]:
         try:
-            return await _apply_together(store, path, parsed, bases, dry_run, force)
+            return await _apply_together(store, path, parsed, bases, dry_run, force, allow_older_agents)
         except (RegistryError, click.ClickException) as exc:
             # Unavailable: Consul may have gone away in the middle of the write, which then may have happened
             if len(parsed) == 1 or isinstance(exc, Unavailable):
@@ -440,6 +456,7 @@ async def _apply_together(
     bases: dict[tuple[str, str], int | None],
     dry_run: bool,
     force: bool,
+    allow_older_agents: bool,
 ) -> list[tuple[str, str, int]]:
     """Check and show every document, then write the changed ones in one transaction; returns each
     document's version now live (unchanged ones included; written ones only without --dry-run)."""
@@ -499,7 +516,9 @@ async def _apply_together(
     if not changed:
         return live
     try:
-        stored = await store.put_many([(c.kind, c.data, c.have) for c in changed])
+        stored = await store.put_many(
+            [(c.kind, c.data, c.have) for c in changed], allow_older_agents=allow_older_agents
+        )
     except TooManyDocuments as exc:  # their values take more than one transaction holds
         raise click.ClickException(f"{path}: {exc}") from None
     for d in stored:
@@ -611,11 +630,12 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
         is_flag=True,
         help="Replace a live document this user has not read at its current version (file without version:).",
     )
+    @_allow_older_agents
     @click.pass_context
-    def apply(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
+    def apply(ctx: click.Context, path: str, dry_run: bool, force: bool, allow_older_agents: bool) -> None:
         """Validate FILE, show the diff against the live version, and write it with check-and-set."""
         docs = [_split_kind(path, d, i, kind) for i, d in enumerate(_read_documents(path))]
-        _apply_all(ctx, path, docs, dry_run, force)
+        _apply_all(ctx, path, docs, dry_run, force, allow_older_agents)
 
     @click.command("get")
     @click.argument("service")
@@ -666,11 +686,12 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
     @click.command("rollback")
     @click.argument("service")
     @click.option("--to", "to", type=click.IntRange(min=1), required=True, help="The version to bring back.")
+    @_allow_older_agents
     @click.pass_context
-    def rollback(ctx: click.Context, service: str, to: int) -> None:
+    def rollback(ctx: click.Context, service: str, to: int, allow_older_agents: bool) -> None:
         """Write a new version of SERVICE's document whose content is version N."""
         _check_service(service, "service")
-        _roll_back(ctx, kind, service, to)
+        _roll_back(ctx, kind, service, to, allow_older_agents)
 
     for cmd in (apply, get, list_, delete, history, rollback):
         if cmd.name in verbs:
@@ -718,8 +739,8 @@ def _print_history(ctx: click.Context, kind: str, name: str, fmt: str | None) ->
     click.echo(text_table(["VERSION", "LIVE", "SUMMARY"], rows))
 
 
-def _roll_back(ctx: click.Context, kind: str, name: str, to: int) -> None:
-    doc = _run(ctx, lambda store: store.rollback(kind, name, to))
+def _roll_back(ctx: click.Context, kind: str, name: str, to: int, allow_older_agents: bool = False) -> None:
+    doc = _run(ctx, lambda store: store.rollback(kind, name, to, allow_older_agents=allow_older_agents))
     click.echo(f"{kind}/{name}: version {doc.version} written with the content of version {to}")
 
 
@@ -740,13 +761,14 @@ external = _document_group("external", "external", "external service")
     is_flag=True,
     help="Replace live documents this user has not read at their current version (files without version:).",
 )
+@_allow_older_agents
 @click.pass_context
-def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool) -> None:
+def apply_any(ctx: click.Context, path: str, dry_run: bool, force: bool, allow_older_agents: bool) -> None:
     """Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their
     kind: field). All are read and checked before any is written, then written together in one
     check-and-set transaction: if one is refused, none is written."""
     docs = [_split_kind(path, d, i, None) for i, d in enumerate(_read_documents(path))]
-    _apply_all(ctx, path, docs, dry_run, force)
+    _apply_all(ctx, path, docs, dry_run, force, allow_older_agents)
 
 
 # --- intention ---------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ effort: one that fails leaves extra history entries, which the next write of tha
 
 Documents are validated with hostmesh.registry.schema before anything is written; the stored
 value is the caller's JSON with `version` set, so what an operator applied is what `get` shows.
+
+A document with a feature that some registered agent's release does not read (registry/features.py:
+a `protocol: udp` route beside 0.2 agents) is refused, naming them, unless the caller allows it
+(`allow_older_agents`, the CLI's --allow-older-agents): an old agent would refuse it or ignore what
+it says, and only its own log would tell. The catalog is read for it once per write, and only when a
+document has such a feature.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
+from hostmesh.registry.features import agent_of, features_of, older_agents, too_old
 from hostmesh.registry.layout import COMMAND, GATEWAY_KIND_META, PROTOCOL_META, service_protocol
 from hostmesh.registry.schema import (
     KINDS,
@@ -102,6 +109,10 @@ Pending = Mapping[tuple[str, str], dict[str, Any]]
 class TooManyDocuments(RegistryError):
     """A batch needs more operations, or more bytes, than one Consul transaction holds; nothing was
     written."""
+
+
+class OlderAgents(RegistryError):
+    """A document has a feature that registered agents are too old to read; nothing was written."""
 
 
 MAX_VERSION_DIGITS = 18  # a version is a counter: int() refuses thousands of digits (int max str digits)
@@ -281,19 +292,25 @@ class DocumentStore:
             out.append(Document(kind, service, int(tail), data))
         return sorted(out, key=lambda d: d.version)
 
-    async def put(self, kind: str, data: object, *, expect_version: int | None = None) -> Document:
+    async def put(
+        self, kind: str, data: object, *, expect_version: int | None = None, allow_older_agents: bool = False
+    ) -> Document:
         """Validate and write `data` as the next version; returns what was stored.
 
         `expect_version`: refuse with `Conflict` unless the live document is at this version
         (0: must not exist). Without it the write is still check-and-set against what this call
-        read, so a concurrent writer is never silently overwritten.
+        read, so a concurrent writer is never silently overwritten. `allow_older_agents`: write a
+        document that registered agents are too old to read (else `OlderAgents`).
         """
-        return (await self.put_many([(kind, data, expect_version)]))[0]
+        return (await self.put_many([(kind, data, expect_version)], allow_older_agents=allow_older_agents))[0]
 
-    async def put_many(self, items: Sequence[tuple[str, object, int | None]]) -> list[Document]:
+    async def put_many(
+        self, items: Sequence[tuple[str, object, int | None]], *, allow_older_agents: bool = False
+    ) -> list[Document]:
         """`put` of several documents ((kind, data, expect_version) each), all or none: every one is
         validated and checked, each against what the others make of the services, before the one
-        transaction that writes them all. Raises `TooManyDocuments` when they do not fit in one."""
+        transaction that writes them all. Raises `TooManyDocuments` when they do not fit in one, and
+        `OlderAgents` (unless `allow_older_agents`) when registered agents are too old for one."""
         parsed = []
         for kind, data, expect_version in items:
             _check_kind(kind)
@@ -307,6 +324,8 @@ class DocumentStore:
             raise TooManyDocuments(
                 f"{len(parsed)} documents need more than {MAX_TXN_OPS} operations in one transaction"
             )
+        if not allow_older_agents:
+            await self.check_agents_read([(kind, doc) for kind, doc, _, _ in parsed])
         writes = []
         for kind, doc, data, expect_version in parsed:
             await self.check_fits(kind, doc, pending)
@@ -363,8 +382,10 @@ class DocumentStore:
             raise Conflict(f"{kind} for {service} was changed by someone else; re-read and retry") from None
         return current
 
-    async def rollback(self, kind: str, service: str, to: int) -> Document:
-        """Write a new version whose content is version `to` (validated again before writing)."""
+    async def rollback(
+        self, kind: str, service: str, to: int, *, allow_older_agents: bool = False
+    ) -> Document:
+        """Write a new version whose content is version `to` (validated and checked again before writing)."""
         entry = await self.consul.kv_get(history_key(kind, service, to))
         if entry is None:
             kept = await self._history_versions(kind, service)
@@ -376,7 +397,33 @@ class DocumentStore:
                 "service", f"history entry {to} names {data.get('service')!r}, not {service!r}"
             )
         current = await self._live(kind, service)
-        return await self.put(kind, data, expect_version=current.version if current else 0)
+        return await self.put(
+            kind,
+            data,
+            expect_version=current.version if current else 0,
+            allow_older_agents=allow_older_agents,
+        )
+
+    async def check_agents_read(self, docs: Sequence[tuple[str, AnyDocument]]) -> None:
+        """Refuse (`OlderAgents`, one line naming the feature, its release and the older agents) a
+        document with a feature of registry/features.py that a registered agent is older than. One
+        catalog request, and only for a document with such a feature; a catalog the token may not
+        read counts no agent (as `_registered`: nothing is refused on what cannot be seen)."""
+        needed = [(kind, doc, feature) for kind, doc in docs for feature in features_of(kind, doc)]
+        if not needed:
+            return
+        try:
+            listed = await self.consul.services_by_node()
+        except PermissionDenied:
+            return
+        agents = [a for node, service, meta in listed if (a := agent_of(node, service, meta)) is not None]
+        for kind, doc, feature in needed:
+            older = older_agents(feature, agents)
+            if older:
+                raise OlderAgents(
+                    f"{too_old(f'{kind}/{doc.service}', feature, older)}; upgrade them first, or write it "
+                    "anyway with --allow-older-agents"
+                )
 
     async def check_fits(self, kind: str, doc: AnyDocument, pending: Pending | None = None) -> None:
         """Refuse (InvalidDocument naming the field) what the service's protocol cannot take.

@@ -43,6 +43,7 @@ def is_hostmesh(meta: Mapping[str, object]) -> bool:
 
 UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
 PROTOCOL_META = "protocol"  # what the service speaks (http, tcp or udp), as its agent registers it
+VERSION_META = "hostmesh_version"  # the release of the registering agent (from 0.3.0; none: 0.2 or older)
 METRICS_META = "metrics_addr"  # host:port (or a URL) of the registering process's /metrics
 METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SUBSET_META = "version"  # the operator's meta naming the subset an instance belongs to

@@ -371,8 +371,9 @@ def _with_meta(meta: dict[str, str]) -> dict[str, object]:
         ({"k" * 129: "v"}, "a meta key is 1-128"),
         ({"zone": "v" * 513}, "services[0].meta.zone: a meta value is at most 512 bytes"),
         ({"zone": "é" * 257}, "services[0].meta.zone: a meta value is at most 512 bytes"),  # 514 bytes
-        ({f"k{i}": "v" for i in range(61)}, "services[0].meta: at most 60 pairs"),
+        ({f"k{i}": "v" for i in range(60)}, "services[0].meta: at most 59 pairs"),
         ({"upstreams": "x"}, "services[0].meta.upstreams: is set by the agent"),
+        ({"hostmesh_version": "x"}, "services[0].meta.hostmesh_version: is set by the agent"),
         ({"metrics_addr": "x"}, "services[0].meta.metrics_addr: is set by the agent"),
     ],
 )
@@ -387,7 +388,7 @@ def test_service_meta_consul_would_refuse_is_one_line_at_validation(
 
 
 def test_service_meta_within_consuls_rules_is_taken() -> None:
-    meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(57)}}
+    meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(56)}}
     assert parse_config(_with_meta(meta)).services[0].meta == meta
 
 

@@ -8,15 +8,25 @@ import pytest
 
 from hostmesh.registry.analysis import Catalog, Finding, Instance, analyze, has_errors
 
+THIS_RELEASE = "0.3.0"
+LABELLED = {"hostmesh_version": THIS_RELEASE}  # what an agent of this release registers
+
 
 def inst(
-    service: str, node: str = "vm-1", protocol: str = "http", upstreams: str = "", **meta: str
+    service: str,
+    node: str = "vm-1",
+    protocol: str = "http",
+    upstreams: str = "",
+    release: str | None = THIS_RELEASE,
+    **meta: str,
 ) -> Instance:
+    """An agent's instance; `release` None: an agent of 0.2 or older (it registers no release)."""
+    labelled = {} if release is None else {"hostmesh_version": release}
     return Instance(
         service,
         f"{service}-{node}",
         node,
-        {"hostmesh": "1", "protocol": protocol, "upstreams": upstreams, **meta},
+        {"hostmesh": "1", "protocol": protocol, "upstreams": upstreams, **labelled, **meta},
     )
 
 
@@ -125,7 +135,7 @@ def test_a_gateways_own_policy_is_not_called_unused() -> None:
     gateway = Catalog((*CATALOG.instances, edge))
     assert analyze(with_doc("policies", "edge", {"service": "edge"}), gateway) == []
     # nor counted among the policies an agent's silence leaves undecided
-    silent = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http"})
+    silent = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http", **LABELLED})
     assert (
         analyze(with_doc("policies", "edge", {"service": "edge"}), Catalog((*gateway.instances, silent)))
         == []
@@ -231,7 +241,7 @@ def test_unused_policy_is_not_claimed_when_an_agent_does_not_advertise_its_upstr
     """An agent with ~50 upstreams registers no list (it would not fit in Consul's meta): whether a
     policy nobody else calls is unused cannot be told, and `check` says so once rather than nothing
     (it said "No findings" with 101 unused policies in a 300-service catalog)."""
-    many = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http"})
+    many = Instance("cron", "cron-vm-9", "vm-9", {"hostmesh": "1", "protocol": "http", **LABELLED})
     catalog = Catalog((*CATALOG.instances, many))
     found = analyze(with_doc("policies", "web", {"service": "web"}), catalog)
     assert codes(found) == {("info", "unused-policy-unknown", "policies")}
@@ -382,3 +392,31 @@ def test_invalid_gateway_and_external_documents_are_found_too() -> None:
     found = analyze(docs, CATALOG)
     assert codes(found) == {("error", "invalid", "external/pay"), ("error", "invalid", "gateways/edge")}
     assert all(f.message.startswith("rejected by agents: ") for f in found)
+
+
+def test_a_document_older_agents_cannot_read_is_an_error_naming_them() -> None:
+    """An agent of 0.2 or older (no release in its meta) refuses a `protocol: udp` route and never reads
+    a tcp one (registry/features.py): `check` names the document, the release it needs and the agents."""
+    old = Catalog((*UDP.instances, inst("cron", "vm-9", release=None)))
+    found = analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), old)
+    assert codes(found) == {("error", "older-agents", "routes/dns"), ("error", "older-agents", "routes/db")}
+    udp = next(f for f in found if f.subject == "routes/dns")
+    assert "protocol: udp" in udp.message and "hostmesh 0.3.0" in udp.message
+    assert "vm-9/cron (0.2 or older)" in udp.message and "1 registered agent(s)" in udp.message
+    assert (
+        analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), UDP) == []
+    )  # every agent of this release
+    # a release that reads it, a later one, and one that does not read as a version are not older
+    newer = [inst("cron", "vm-9", release=r) for r in ("0.3.0", "0.4.1rc1", "unknown")]
+    assert (
+        analyze(
+            with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), Catalog((*UDP.instances, *newer))
+        )
+        == []
+    )
+    # the CA registers hostmesh=1 without a protocol: not an agent
+    ca = Instance("hostmesh-ca", "hostmesh-ca-vm-5", "vm-5", {"hostmesh": "1"})
+    assert (
+        analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), Catalog((*UDP.instances, ca)))
+        == []
+    )

@@ -11,6 +11,8 @@ back to the HTTP ALPNs, while its L4 streams agree version 2 (0.2.0) or 1 (0.1.0
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -136,6 +138,39 @@ def test_intentions_are_enforced_across_versions(
         wait_for(lambda: roundtrip(port, b"again", timeout=1) == b"again", APPLY_BOUND, "the allow")
     else:
         wait_for(lambda: _l7_status(port) == 200, APPLY_BOUND, "the allow")
+
+
+TCP_SPLIT = "kind: route\nservice: mxnew\nprotocol: tcp\nroutes:\n  - to:\n      - {weight: 100}\n"
+
+
+def test_a_document_the_old_agent_cannot_read_is_refused_and_checked(mixed: Mixed, tmp_path: Path) -> None:
+    """A `protocol: tcp` route is read from 0.3 on (0.1 and 0.2 send connections to any instance
+    whatever its weights): with an older agent registered, `apply` refuses it in one line naming the
+    feature, the release and the old agent's services, writes nothing, and writes it only with
+    --allow-older-agents; `hostmesh check` then reports it. This tree's agent registers its release,
+    so it is never named."""
+    m = mixed.m
+    route = tmp_path / "route.yaml"
+    route.write_text(TCP_SPLIT)
+    try:
+        refused = m.hostmesh("apply", "-f", str(route), check=False)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        error = refused.stderr.strip()
+        assert error.count("\n") == 0 and "Traceback" not in error, error
+        assert "routes/mxnew uses protocol: tcp, which agents read from hostmesh 0.3.0 on" in error
+        # named by Consul node (one dev node here) and service; this tree's agent is not older
+        assert "2 registered agent(s) are older" in error, error
+        assert "/mxold (0.2 or older), " in error and "/mxoldh (0.2 or older);" in error, error
+        assert "/mxnew (" not in error and error.endswith("or write it anyway with --allow-older-agents")
+        assert m.hostmesh("route", "get", "mxnew", check=False).returncode == 1  # nothing written
+        written = m.hostmesh("route", "apply", "-f", str(route), "--allow-older-agents")
+        assert re.search(r"^routes/mxnew: version \d+ written$", written.stdout, re.M), written.stdout
+        found = m.hostmesh("check", "--no-ca", "-o", "json", check=False)
+        older = [f for f in json.loads(found.stdout)["findings"] if f["code"] == "older-agents"]
+        assert found.returncode == 1 and [f["subject"] for f in older] == ["routes/mxnew"], found.stdout
+        assert "/mxold (0.2 or older)" in older[0]["message"] and "/mxnew (" not in older[0]["message"]
+    finally:
+        m.hostmesh("route", "delete", "mxnew", check=False)
 
 
 def test_downgrade_to_0_2_on_the_same_data_dir(private_consul: ConsulDev, tmp_path: Path) -> None:
