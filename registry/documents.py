@@ -406,9 +406,9 @@ class DocumentStore:
 
     async def check_agents_read(self, docs: Sequence[tuple[str, AnyDocument]]) -> None:
         """Refuse (`OlderAgents`, one line naming the feature, its release and the older agents) a
-        document with a feature of registry/features.py that a registered agent is older than. One
-        catalog request, and only for a document with such a feature; a catalog the token may not
-        read counts no agent (as `_registered`: nothing is refused on what cannot be seen)."""
+        document with a feature of registry/features.py that a registered agent is older than. The
+        catalog is read only for a document with such a feature; what the token may not read counts
+        no agent (as `_registered`: nothing is refused on what cannot be seen)."""
         needed = [(kind, doc, feature) for kind, doc in docs for feature in features_of(kind, doc)]
         if not needed:
             return
