@@ -212,14 +212,18 @@ def _edge_stats(deltas: list[Sample], now: list[Sample], seconds: float) -> list
     opened_now, closed_now = _sums(now, TCP_OPENED), _sums(now, TCP_CLOSED)
     opened = _sums(deltas, TCP_OPENED)
     denied = _sums(deltas, DENIED)
-    keys = {k for d in (req, opened_now, denied) for k in d}
+    rated = {k for d in (req, opened, denied) for k in d}  # reporters with a rate this frame
     edges: dict[Edge, set[str]] = defaultdict(set)
-    for reporter, src, dst in keys:
+    for reporter, src, dst in rated | opened_now.keys():
         if src and dst:
             edges[(src, dst)].add(reporter)
     out = []
     for (src, dst), reporters in sorted(edges.items()):
-        rep = "destination" if "destination" in reporters else "source"
+        # the destination's reports, unless only the source has a rate this frame (the destination's
+        # agent missed a round: window_deltas leaves it out, and its open connections alone would
+        # make every rate of the edge 0)
+        pool = {r for r in reporters if (r, src, dst) in rated} or reporters
+        rep = "destination" if "destination" in pool else "source"
         k = (rep, src, dst)
         n = req.get(k, 0.0)
         errors = sum(v for (r, s, d, code), v in codes.items() if (r, s, d) == k and code.startswith("5"))

@@ -550,16 +550,7 @@ class Tracer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_EXPORT_TIMEOUT
         if self._sending is not None:
-            in_flight, n = self._sending
-            await asyncio.wait({in_flight}, timeout=max(deadline - loop.time(), 0.0))
-            if in_flight.done():
-                await self._settle(in_flight)
-            else:  # the collector took too long: the batch is given up, and counted
-                in_flight.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await in_flight
-                self._sending = None
-                self._drop("shutdown", n)
+            await self._finish_or_drop(*self._sending, deadline - loop.time())
         if self.queue and self._exporter is not None:
             batch = list(self.queue)[:MAX_BATCH]
             if len(self.queue) > len(batch):
@@ -567,12 +558,26 @@ class Tracer:
             self.queue.clear()
             left = deadline - loop.time()
             if left > 0:
-                self._sending = (asyncio.ensure_future(self._exporter.export(batch, left)), len(batch))
-                await self._settle(self._sending[0])
+                final = asyncio.ensure_future(self._exporter.export(batch, EXPORT_TIMEOUT))
+                await self._finish_or_drop(final, len(batch), left)
             else:
                 self._drop("shutdown", len(batch))
         if self._exporter is not None:
             await self._exporter.close()
+
+    async def _finish_or_drop(self, sending: asyncio.Future[Answer], n: int, timeout: float) -> None:
+        """At stop: wait up to `timeout` for an export of `n` spans; counted as any export's, or given
+        up (the collector took too long) and counted `shutdown`."""
+        self._sending = (sending, n)
+        await asyncio.wait({sending}, timeout=max(timeout, 0.0))
+        if sending.done():
+            await self._settle(sending)
+            return
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        self._sending = None
+        self._drop("shutdown", n)
 
 
 class EdgeTracer:

@@ -180,6 +180,22 @@ def test_one_agent_restarting_resets_its_series_only_and_success_stays_a_share()
     assert svc.rps == pytest.approx(51.5) and svc.success == 1.0
 
 
+def test_a_tcp_edge_takes_the_sources_rate_when_the_destinations_agent_missed_a_round() -> None:
+    """The destination's reports decide an edge, unless its agent has no rate this frame (it missed
+    the previous round): its open connections alone made the edge's TCP rate 0 while the source's
+    agent, scraped in both rounds, counted 10 new connections a second (review of 8ac02a8, J1)."""
+    src, dst = Telemetry(), Telemetry()
+    for tel, reporter in ((src, "source"), (dst, "destination")):
+        tel.tcp_series(reporter, "web", "db").opened.inc(1000)
+    before = agents(n1=src)  # n2, db's agent, missed this round
+    for tel, reporter in ((src, "source"), (dst, "destination")):
+        tel.tcp_series(reporter, "web", "db").opened.inc(20)
+    (edge,) = edge_stats(before, agents(n1=src, n2=dst), 2.0)
+    assert edge.tcp_per_s == pytest.approx(10.0)
+    (edge,) = edge_stats(agents(n1=src, n2=dst), agents(n1=src, n2=dst), 2.0)  # both rated: db's reports
+    assert edge.tcp_per_s == 0.0 and edge.tcp_active == 1020  # (no connection closed)
+
+
 def row(frame: str, first: str) -> list[str]:
     """The cells of the frame's row whose first cell is `first` (cells are 2+ spaces apart)."""
     return next(cells for line in frame.splitlines() if (cells := re.split(r"\s{2,}", line))[0] == first)

@@ -524,10 +524,13 @@ def test_at_the_edge_an_unsampled_request_leaves_with_the_gateways_00_in_the_cli
 class LoopbackCollector:
     """An OTLP/HTTP trace collector on 127.0.0.1 (asyncio streams): counts the spans it is sent and
     answers each request 200 with `answer` (a serialized ExportTraceServiceResponse). With `hold`, it
-    keeps its answer until `release` is set: a slow collector."""
+    keeps its answer until `release` is set, but for its first `answered_first` requests: a slow
+    collector."""
 
-    def __init__(self, answer: bytes = b"", hold: bool = False) -> None:
+    def __init__(self, answer: bytes = b"", hold: bool = False, answered_first: int = 0) -> None:
         self.answer = answer
+        self.answered_first = answered_first
+        self.requests = 0
         self.received = 0  # spans
         self.got_request = asyncio.Event()
         self.release = asyncio.Event()
@@ -543,7 +546,9 @@ class LoopbackCollector:
                 req = ExportTraceServiceRequest.FromString(await reader.readexactly(size))
                 self.received += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
                 self.got_request.set()
-                await self.release.wait()
+                self.requests += 1
+                if self.requests > self.answered_first:
+                    await self.release.wait()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(self.answer), self.answer))  # fmt: skip
                 await writer.drain()
@@ -689,3 +694,27 @@ async def test_spans_still_unsent_when_the_shutdown_bound_passes_are_counted_dro
         collector.close()
     assert (tracer.exported, tracer.dropped["shutdown"]) == (0, 20), tracer.dropped
     assert _counter(tel, "hostmesh_tracing_spans_dropped_total", "shutdown") == 20
+
+
+@pytest.mark.timeout(30)
+async def test_a_final_batch_the_collector_does_not_answer_within_the_bound_is_counted_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close()'s final batch, sent to a collector that answers no more, was counted `export_failed`
+    (its export timed out), where the metric's help and the README say `shutdown` (review of
+    85b1df7, J5)."""
+    monkeypatch.setattr(tracing, "SHUTDOWN_EXPORT_TIMEOUT", 0.2)
+    collector = LoopbackCollector(hold=True, answered_first=1)
+    tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1")
+    try:
+        tracer.start_exporting()
+        for s in _spans(10):
+            tracer.finish(s)
+        await _until(lambda: tracer.exported == 10, "the first batch exported")
+        for s in _spans(10):  # still queued as close() begins: its final batch
+            tracer.finish(s)
+        await asyncio.wait_for(tracer.close(), 10)
+    finally:
+        collector.close()
+    assert collector.requests == 2  # the final batch was sent, and not answered
+    assert (tracer.exported, tracer.dropped["shutdown"], tracer.dropped["export_failed"]) == (10, 10, 0)
