@@ -911,13 +911,16 @@ class Discovery:
 
     async def _fetch_documents(self, index: int | None) -> tuple[int, Any]:
         # A document this agent may not read becomes readable when an ACL policy changes, which
-        # moves no KV index: while one is unreadable, look again every DENIED_RECHECK seconds.
+        # moves no KV index: while one is unreadable, look again every DENIED_RECHECK seconds. The
+        # other way, a key that was confirmed absent is asked again once its ABSENT_RECONFIRM is up,
+        # written to or not: the read of a deny not yet written may have been taken away.
         wait = DENIED_RECHECK if self._denied else BLOCKING_WAIT
         idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
-        if idx == index and not self._denied:
-            return idx, None  # the wait ran out with nothing changed
         docs = self._documents()
-        moved = await self._moved_folders(len(docs)) if index is not None and not self._denied else None
+        recheck = bool(self._denied) or self._consul.absent_due(docs)
+        if idx == index and not recheck:
+            return idx, None  # the wait ran out with nothing changed
+        moved = await self._moved_folders(len(docs)) if index is not None and not recheck else None
         if moved is not None and not moved:
             return idx, None  # a write elsewhere under hostmesh/ (a join token, a document's history)
         egress = self._egress_gateways()

@@ -789,6 +789,14 @@ class ConsulClient:
             return out
         raise Unavailable("the documents kept changing during their read; retrying")
 
+    def absent_due(self, keys: Iterable[str]) -> bool:
+        """Whether one of `keys` that a plain read confirmed absent is due to be asked again
+        (ABSENT_RECONFIRM): a reader with nothing else to read then reads all the same, since an ACL
+        change that takes the read of a key away moves no KV index (agent/discovery.py)."""
+        now = time.monotonic()
+        confirmed = self._absent_since
+        return any(now - confirmed[k] >= ABSENT_RECONFIRM for k in keys if k in confirmed)
+
     async def _confirm_missing(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """Each of `keys`, which a read transaction said do not exist, read plainly: None when absent,
         PermissionDenied when the token may not read it (see `_txn_read`), its entry when it was

@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
+from hostmesh.agent import discovery as discovery_module
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
-from hostmesh.agent.snapshot import TLSMaterial
+from hostmesh.agent.snapshot import IntentionsState, TLSMaterial
 from hostmesh.registry import acl
 from hostmesh.registry import consul as consul_module
 from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, ConsulClient
@@ -714,3 +715,33 @@ async def test_a_document_the_token_may_not_read_is_said_once_per_streak(
         # (an absent key read as absent is asked again only after ABSENT_RECONFIRM: its time is up)
         monkeypatch.setattr(consul_module, "ABSENT_RECONFIRM", 0.0)
         assert await rounds(2) == [f"{said}; keeping what was applied before"]
+
+
+async def test_a_token_that_loses_the_read_of_an_absent_deny_is_seen_with_no_write(
+    secure: SecureConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ACL change moves no KV index, and the documents were read again only on a write under
+    hostmesh/: a token that lost the read of a service's intentions, none written yet, kept serving
+    it under default_intention for as long as nothing was written (review I1). A key confirmed absent
+    is now asked again once its ABSENT_RECONFIRM is up (scaled down here, with the blocking wait)."""
+    monkeypatch.setattr(consul_module, "ABSENT_RECONFIRM", 0.5)
+    monkeypatch.setattr(discovery_module, "BLOCKING_WAIT", 1.0)
+    name = f"abs-{secrets.token_hex(3)}"
+    policy = f"hostmesh-agent-{name}"
+    key = f"hostmesh/intentions/{name}"
+    token = secure.token_for(policy, acl.agent_policy([name, f"{name}-egw"]))
+    settings = resolve(cli=ConsulLayer(token=token), env=secure.client_env())
+    rules = tmp_path / "policy.hcl"
+    async with ConsulClient(settings) as client:
+        agent = Agent(client, tmp_path, name)
+        agent.discovery.start()
+        try:
+            state = lambda: agent.builder.intentions_state.get(name)  # noqa: E731
+            await async_wait_until(lambda: state() is IntentionsState.ABSENT, 15, "read as absent")
+            rules.write_text(
+                acl.agent_policy([name, f"{name}-egw"]) + f'key "{key}" {{\n  policy = "deny"\n}}\n'
+            )
+            secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+            await async_wait_until(lambda: state() is IntentionsState.DENIED, 15, "denied with no write")
+        finally:
+            await agent.discovery.stop()
