@@ -159,8 +159,8 @@ def _older_agents(parsed: Mapping[str, Mapping[str, Any]], agents: tuple[Agent, 
                 older = older_agents(feature, agents)
                 if older:
                     out.append(
-                        Finding(
-                            "error",
+                        Finding(  # a warning: what a rolling upgrade brings into force
+                            "warning",
                             "older-agents",
                             f"{kind}/{key}",
                             too_old(f"{kind}/{key}", feature, older),

@@ -464,6 +464,7 @@ async def _apply_together(
         MAX_DOCUMENTS_PER_WRITE,
         MAX_TXN_BYTES,
         MAX_TXN_OPS,
+        OlderAgents,
         TooManyDocuments,
         too_large,
         write_bytes,
@@ -483,6 +484,13 @@ async def _apply_together(
     live = [(c.kind, c.service, c.have) for c in checked if not c.changed]
     too_many = len(changed) > MAX_DOCUMENTS_PER_WRITE  # each changed one: its live key and a history entry
     if dry_run:
+        if not allow_older_agents:
+            keys = {(c.kind, c.service) for c in changed}
+            docs = [(p.kind, p.doc) for p in planned if (p.kind, p.service) in keys]
+            try:
+                await store.check_agents_read(docs)
+            except OlderAgents as exc:
+                click.echo(f"{path}: applying would be refused: {exc}")
         if too_many:
             click.echo(
                 f"{path}: applying would need more than {MAX_TXN_OPS} operations in one transaction "

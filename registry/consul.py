@@ -668,21 +668,6 @@ class ConsulClient:
             services = _as_dict(answer, "service names and their tags")
             return {name: _str_list(tags, f"the tags of service {name!r}") for name, tags in services.items()}
 
-    async def services_by_node(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(node, service name, meta) of every service instance in the catalog the token may read:
-        the service names in one request, then each service's instances, concurrently (Consul 1.8's
-        public catalog API has no listing of every instance with its meta in one answer; its UI's
-        /v1/internal/ui/nodes does, but is no documented API and may change with any release). Asked
-        only for a document write that uses a feature older agents lack, which is rare. Consul leaves
-        out, without a 403, what the token may not read."""
-        names = sorted(await self.catalog_services())
-        answers = await asyncio.gather(*(self.catalog_service(name) for name in names))
-        return [
-            (instance.node, name, instance.meta)
-            for name, (_, instances) in zip(names, answers, strict=True)
-            for instance in instances
-        ]
-
     async def agent_node_name(self) -> str:
         op = Op("agent self", "agent:read on the Consul agent")
         me = self._json(await self._request("GET", "/v1/agent/self", op), op)

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hostmesh.registry.consul import ConsulClient, KVEntry
+from hostmesh.registry.consul import ConsulClient, KVEntry, catalog_health
 from hostmesh.registry.errors import (
     Conflict,
     InvalidDocument,
@@ -407,16 +407,18 @@ class DocumentStore:
     async def check_agents_read(self, docs: Sequence[tuple[str, AnyDocument]]) -> None:
         """Refuse (`OlderAgents`, one line naming the feature, its release and the older agents) a
         document with a feature of registry/features.py that a registered agent is older than. The
-        catalog is read only for a document with such a feature; what the token may not read counts
-        no agent (as `_registered`: nothing is refused on what cannot be seen)."""
+        catalog is read only for a document with such a feature, as `hostmesh check` reads it
+        (consul.catalog_health: one request per service, a name Consul cannot answer for left out);
+        what the token may not read counts no agent (as `_registered`: nothing is refused on what
+        cannot be seen)."""
         needed = [(kind, doc, feature) for kind, doc in docs for feature in features_of(kind, doc)]
         if not needed:
             return
         try:
-            listed = await self.consul.services_by_node()
+            instances, _ = await catalog_health(self.consul)  # (an odd name Consul refuses is no agent's)
         except PermissionDenied:
             return
-        agents = [a for node, service, meta in listed if (a := agent_of(node, service, meta)) is not None]
+        agents = [a for i in instances if (a := agent_of(i.node, i.service, i.meta)) is not None]
         for kind, doc, feature in needed:
             older = older_agents(feature, agents)
             if older:

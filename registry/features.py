@@ -12,9 +12,10 @@ service gains callers with no document write; counting all is the simple rule th
 
 An agent registers its release as meta `hostmesh_version` (layout.VERSION_META) from 0.3.0 on.
 Without it, it is "0.2 or older": older than any feature of 0.3.0 or later, but never taken as older
-than 0.2.0, since 0.1 and 0.2 cannot be told apart (so the 0.2.0 row holds against no unlabelled
-agent; it is there for the table to be whole). A version that does not read as numbers (a build
-without its dist-info says "unknown") is not counted as older: nothing says it is.
+than 0.2.0, since 0.1 and 0.2 cannot be told apart. So what 0.2 added (external services) has no
+row: it could refuse nothing, and would only make each write of one read the catalog. A version
+that does not read as numbers (a build without its dist-info says "unknown") is not counted as
+older: nothing says it is.
 
 Only what the schema can see is here: 0.1 reading regexes with Python's `re` rather than RE2, and
 the consistent_hash ring's placement, are README's Version skew. A gateway document is read only by
@@ -48,8 +49,6 @@ class Feature:
 
 
 FEATURES: tuple[Feature, ...] = (
-    Feature("external", "an external service", "0.2.0",
-            "never read it, so their calls to the service find no instance", lambda doc: True),
     Feature("routes", "protocol: udp", "0.3.0",
             "refuse the document and keep their previous routes (udp flows go to any instance)",
             lambda doc: doc.protocol == "udp"),

@@ -394,12 +394,14 @@ def test_invalid_gateway_and_external_documents_are_found_too() -> None:
     assert all(f.message.startswith("rejected by agents: ") for f in found)
 
 
-def test_a_document_older_agents_cannot_read_is_an_error_naming_them() -> None:
+def test_a_document_older_agents_cannot_read_is_a_warning_naming_them() -> None:
     """An agent of 0.2 or older (no release in its meta) refuses a `protocol: udp` route and never reads
     a tcp one (registry/features.py): `check` names the document, the release it needs and the agents."""
     old = Catalog((*UDP.instances, inst("cron", "vm-9", release=None)))
     found = analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), old)
-    assert codes(found) == {("error", "older-agents", "routes/dns"), ("error", "older-agents", "routes/db")}
+    # a warning: what a rolling upgrade brings into force, so `check` passes before it (review K5)
+    older = "warning", "older-agents"
+    assert codes(found) == {(*older, "routes/dns"), (*older, "routes/db")}
     udp = next(f for f in found if f.subject == "routes/dns")
     assert "protocol: udp" in udp.message and "hostmesh 0.3.0" in udp.message
     assert "vm-9/cron (0.2 or older)" in udp.message and "1 registered agent(s)" in udp.message

@@ -115,6 +115,35 @@ def test_services_skips_a_catalog_name_consul_cannot_answer_for(consul: ConsulDe
 
 
 @pytest.mark.consul
+def test_the_version_guard_reads_past_a_catalog_name_consul_cannot_answer_for(
+    node: ConsulDev, tmp_path: Path
+) -> None:
+    """A route only agents of 0.3 read makes `apply` look at every registered agent's release: it
+    asked each service's instances itself and failed the write on the first name Consul answers 400
+    for, printing the name raw (review K2). It reads the catalog as `check` does: odd names left out."""
+    for i, name in enumerate(ODD_NAMES):
+        register(node, name, f"odd{i}")
+    tcp = {"hostmesh": "1", "protocol": "tcp", "hostmesh_version": "0.3.0"}
+    register(node, "guardsvc", "guardsvc-1", tcp)
+    register(node, "guardsvc2", "guardsvc2-1", tcp)
+    split = "protocol: tcp\nroutes:\n  - to:\n      - {weight: 100}\n"
+    route, second = tmp_path / "route.yaml", tmp_path / "second.yaml"
+    route.write_text(f"kind: route\nservice: guardsvc\n{split}")
+    second.write_text(f"kind: route\nservice: guardsvc2\n{split}")
+    try:
+        dry = hm("--consul", node.url, "route", "apply", "-f", str(route), "--dry-run")
+        assert dry.exit_code == 0 and "would be refused" not in dry.output, dry.output
+        out = hm("--consul", node.url, "route", "apply", "-f", str(route))
+        assert out.exit_code == 0 and "routes/guardsvc: version 1 written" in out.stdout, out.output
+        register(node, "oldsvc", "oldsvc-1", {"hostmesh": "1", "protocol": "tcp"})  # an agent of 0.2
+        dry = hm("--consul", node.url, "route", "apply", "-f", str(second), "--dry-run")  # (review K4)
+        assert dry.exit_code == 0 and "would be refused: routes/guardsvc2 uses protocol: tcp" in dry.stdout
+        assert f"{NODE}/oldsvc (0.2 or older)" in dry.stdout and no_escapes(dry.output), dry.output
+    finally:
+        hm("--consul", node.url, "route", "delete", "guardsvc")
+
+
+@pytest.mark.consul
 @pytest.mark.usefixtures("odd_names")
 def test_check_reports_a_catalog_name_consul_cannot_answer_for_as_one_finding(consul: ConsulDev) -> None:
     out = hm("--consul", consul.url, "check", "--no-ca", "-o", "json")
