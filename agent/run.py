@@ -742,11 +742,8 @@ class Agent:
         except (PermissionDenied, Rejected) as exc:
             if isinstance(exc, Rejected) and exc.status != 400:
                 raise  # (429 and the like: the round backs off as for an outage)
-            reason = f"Consul refused its registration: {exc}"
-            if self.refused_registrations.get(svc.name) != reason:
-                log.error("cannot register %s: %s", svc.name, reason)
-                self.refused_registrations[svc.name] = reason
-                sdnotify.status(self._serving())
+            self._refused(self.refused_registrations, svc.name, f"Consul refused its registration: {exc}",
+                          "cannot register %s: %s")  # fmt: skip
             return
         self.registered = True
         self.registered_services.add(svc.name)
@@ -812,15 +809,20 @@ class Agent:
             except (PermissionDenied, Rejected) as exc:
                 if isinstance(exc, Rejected) and exc.status != 400:
                     raise  # (429 and the like: the round backs off as for an outage)
-                reason = f"Consul refused its TTL update: {exc}"
-                if self.refused_ttl_updates.get(svc.name) != reason:
-                    log.error("cannot keep %s alive in Consul: %s", svc.name, reason)
-                    self.refused_ttl_updates[svc.name] = reason
-                    sdnotify.status(self._serving())
+                self._refused(self.refused_ttl_updates, svc.name, f"Consul refused its TTL update: {exc}",
+                              "cannot keep %s alive in Consul: %s")  # fmt: skip
                 continue
             if self.refused_ttl_updates.pop(svc.name, None) is not None:
                 log.info("Consul accepts the TTL update of %s again", svc.name)
                 sdnotify.status(self._serving())
+
+    def _refused(self, refusals: dict[str, str], service: str, reason: str, line: str) -> None:
+        """Consul refused `service`'s registration or TTL update (the token): kept in `refusals` (/ready,
+        systemd's status), logged with `line` once per streak."""
+        if refusals.get(service) != reason:
+            log.error(line, service, reason)
+            refusals[service] = reason
+            sdnotify.status(self._serving())
 
     async def _registration_loop(self) -> None:
         """Keep Consul's view of this host's services right and their TTL checks alive, forever.

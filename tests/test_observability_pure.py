@@ -642,6 +642,16 @@ def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_s
     assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
 
 
+async def _one_batch_sent_one_queued(tracer: tracing.Tracer, collector: LoopbackCollector) -> None:
+    """10 spans at the collector (awaiting its answer), then 10 queued behind them: close()'s final batch."""
+    tracer.start_exporting()
+    for s in _spans(10):
+        tracer.finish(s)
+    await asyncio.wait_for(collector.got_request.wait(), 10)
+    for s in _spans(10):
+        tracer.finish(s)
+
+
 @pytest.mark.timeout(30)
 async def test_the_batch_in_flight_when_the_agent_stops_is_finished_and_the_final_send_counted() -> None:
     """close() (the agent's stop) cancelled the exporter task mid-export: the batch it had taken off
@@ -654,12 +664,7 @@ async def test_the_batch_in_flight_when_the_agent_stops_is_finished_and_the_fina
     tel = Telemetry()
     tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1", telemetry=tel)
     try:
-        tracer.start_exporting()
-        for s in _spans(10):
-            tracer.finish(s)
-        await asyncio.wait_for(collector.got_request.wait(), 10)  # the batch is at the collector
-        for s in _spans(10):  # queued behind it: close()'s final batch
-            tracer.finish(s)
+        await _one_batch_sent_one_queued(tracer, collector)
         closing = asyncio.create_task(tracer.close())  # the agent stops (agent/run.py stop())
         collector.release.set()  # the collector answers, within the shutdown's bound
         await asyncio.wait_for(closing, 10)
@@ -683,12 +688,7 @@ async def test_spans_still_unsent_when_the_shutdown_bound_passes_are_counted_dro
     tel = Telemetry()
     tracer = tracing.Tracer(await collector.start(), 1.0, True, "n1", telemetry=tel)
     try:
-        tracer.start_exporting()
-        for s in _spans(10):
-            tracer.finish(s)
-        await asyncio.wait_for(collector.got_request.wait(), 10)
-        for s in _spans(10):
-            tracer.finish(s)
+        await _one_batch_sent_one_queued(tracer, collector)
         await asyncio.wait_for(tracer.close(), 10)
     finally:
         collector.close()
