@@ -572,6 +572,9 @@ def _saved_endpoint(e: dict[str, Any]) -> Endpoint:
 # shared by every agent, allocation and CLI on a host.
 KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for this agent's own keys
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
+# documents whose absence is a default that may allow, where an unreadable one fails closed: their keys
+# confirmed absent are asked again even when nothing was written (_fetch_documents)
+INTENTION_KINDS = frozenset({"intentions", "external-intentions"})
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
 # A registration anywhere in the datacenter moves the catalog's index, and each move costs a probe
 # of every upstream (one request each): at most one such round per this many seconds, so a burst of
@@ -912,15 +915,19 @@ class Discovery:
     async def _fetch_documents(self, index: int | None) -> tuple[int, Any]:
         # A document this agent may not read becomes readable when an ACL policy changes, which
         # moves no KV index: while one is unreadable, look again every DENIED_RECHECK seconds. The
-        # other way, a key that was confirmed absent is asked again once its ABSENT_RECONFIRM is up,
-        # written to or not: the read of a deny not yet written may have been taken away.
+        # other way, an intentions key confirmed absent is asked again (one plain read each) once its
+        # ABSENT_RECONFIRM is up, written to or not: the read of a deny not yet written may have been
+        # taken away, and an absent deny means default_intention where a denied one fails closed.
+        # (Other kinds' absent and unreadable keys both leave no document in force.)
         wait = DENIED_RECHECK if self._denied else BLOCKING_WAIT
         idx = await self._consul.kv_tree_index(KV_ROOT, index, wait)
         docs = self._documents()
-        recheck = bool(self._denied) or self._consul.absent_due(docs)
-        if idx == index and not recheck:
-            return idx, None  # the wait ran out with nothing changed
-        moved = await self._moved_folders(len(docs)) if index is not None and not recheck else None
+        if idx == index and not self._denied:
+            due = self._consul.absent_due(k for k, (kind, _) in docs.items() if kind in INTENTION_KINDS)
+            if not due:
+                return idx, None  # the wait ran out with nothing changed
+            return idx, ({k: docs[k] for k in due}, await self._consul.confirm_absent(due))
+        moved = await self._moved_folders(len(docs)) if index is not None and not self._denied else None
         if moved is not None and not moved:
             return idx, None  # a write elsewhere under hostmesh/ (a join token, a document's history)
         egress = self._egress_gateways()

@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from hostmesh.agent.tracing import Span as MeshSpan
 from hostmesh.registry.http import HTTPClient
+from hostmesh.registry.names import printable
 
 SCOPE = "hostmesh"
 # an OTLP answer is an ExportTraceServiceResponse (empty, or a partial-success count and message):
@@ -121,8 +122,8 @@ def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
     except (DecodeError, json_format.ParseError, UnicodeDecodeError):
         return ACCEPTED
     partial = answer.partial_success
-    message = "".join(c if c.isprintable() else "?" for c in " ".join(partial.error_message.split()))
-    return Answer(min(max(partial.rejected_spans, 0), sent), message[:MAX_REJECTION_MESSAGE])
+    message = printable(partial.error_message, MAX_REJECTION_MESSAGE)
+    return Answer(min(max(partial.rejected_spans, 0), sent), message)
 
 
 class OtlpExporter:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from hostmesh.registry import names
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.names import holds_credentials
 
@@ -114,8 +115,7 @@ class AdminAnswerError(Exception):
 
 def printable(text: str, limit: int = MAX_DETAIL) -> str:
     """`text` on one line, without control characters (a peer's bytes reach a terminal)."""
-    flat = " ".join(text.split())
-    return "".join(c if c.isprintable() else "?" for c in flat)[:limit]
+    return names.printable(text, limit)
 
 
 def _detail(resp: Response) -> str:

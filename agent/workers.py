@@ -141,16 +141,13 @@ def samples_of(registry: Any) -> list[Sample]:
 # How the processes' values of a gauge merge, chosen by what the gauge's help says it means.
 # Gauges of what each process holds (its own connections) add up like counters:
 SUMMED_GAUGES = frozenset({"hostmesh_active_connections"})
-# Gauges of what every process must have take the smallest: each worker runs its own Consul watches
-# and loads the certificates on the primary's word, so one process behind (a stale snapshot, an old
-# leaf) makes "every watch answers" 0, and shows the oldest document index (`hostmesh ui`: BEHIND)
-# and the earliest certificate end any process serves:
-MIN_GAUGES = frozenset({
-    "hostmesh_consul_sync_healthy", "hostmesh_config_source_index", "hostmesh_cert_expiry_timestamp_seconds",
-})  # fmt: skip
+# Gauges of what every process must have take the smallest: each worker runs its own Consul watches,
+# so one process behind (a stale snapshot) makes "every watch answers" 0, and shows the oldest
+# document index any process serves (`hostmesh ui`: BEHIND):
+MIN_GAUGES = frozenset({"hostmesh_consul_sync_healthy", "hostmesh_config_source_index"})
 # Any other gauge takes the largest: a flag any process raises (cert renewal failing, ejected
-# endpoints), or a fact of the primary alone (`hostmesh_consul_registered`: only it registers; the
-# workers' 0 must not hide it).
+# endpoints), or a fact of the primary alone (`hostmesh_consul_registered`: only it registers, and
+# only it reports `hostmesh_cert_expiry_timestamp_seconds`; the workers' 0 must not hide it).
 
 
 SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (family, sample name, sorted labels)

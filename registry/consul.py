@@ -771,16 +771,21 @@ class ConsulClient:
                 out[key] = found.get(key) or PermissionDenied(
                     f"Consul ACL denied read of {key}: the token lacks key:read on it"
                 )
+                self._absent_since.pop(key, None)  # (written, or denied, since it was confirmed absent)
             return out
         raise Unavailable("the documents kept changing during their read; retrying")
 
-    def absent_due(self, keys: Iterable[str]) -> bool:
-        """Whether one of `keys` that a plain read confirmed absent is due to be asked again
-        (ABSENT_RECONFIRM): a reader with nothing else to read then reads all the same, since an ACL
-        change that takes the read of a key away moves no KV index (agent/discovery.py)."""
+    def absent_due(self, keys: Iterable[str]) -> list[str]:
+        """Those of `keys` that a plain read confirmed absent ABSENT_RECONFIRM ago or more: due to be
+        asked again (`confirm_absent`) even when nothing was written, since an ACL change that takes
+        the read of a key away moves no KV index (agent/discovery.py)."""
         now = time.monotonic()
         confirmed = self._absent_since
-        return any(now - confirmed[k] >= ABSENT_RECONFIRM for k in keys if k in confirmed)
+        return [k for k in keys if k in confirmed and now - confirmed[k] >= ABSENT_RECONFIRM]
+
+    async def confirm_absent(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
+        """`keys`, confirmed absent before, read plainly again (see `_confirm_missing`)."""
+        return await self._confirm_missing(keys)
 
     async def _confirm_missing(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """Each of `keys`, which a read transaction said do not exist, read plainly: None when absent,

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostmesh.registry.layout import PROTOCOL_META, VERSION_META, is_hostmesh
+from hostmesh.registry.names import printable
 
 Release = tuple[int, int, int]
 UNLABELLED: Release = (0, 2, 0)  # an agent without VERSION_META: 0.2 or older (0.2.0 stands for them)
 UNLABELLED_TEXT = "0.2 or older"
 _RELEASE_RE = re.compile(r"(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?")
 MAX_NAMED_AGENTS = 5  # agents an error or finding names before "and N more"
+MAX_NAME = 100  # characters of a catalog node or service name quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,10 @@ def older_agents(feature: Feature, agents: Iterable[Agent]) -> list[Agent]:
 
 def named(agents: list[Agent]) -> str:
     """`node/service (release)` of the first few agents, and how many more."""
-    shown = ", ".join(f"{a.node}/{a.service} ({a.release_text})" for a in agents[:MAX_NAMED_AGENTS])
+    shown = ", ".join(  # (the catalog's names: any bytes a registrar wrote, headed for a terminal)
+        f"{printable(a.node, MAX_NAME)}/{printable(a.service, MAX_NAME)} ({a.release_text})"
+        for a in agents[:MAX_NAMED_AGENTS]
+    )
     more = len(agents) - MAX_NAMED_AGENTS
     return shown + (f" and {more} more" if more > 0 else "")
 

@@ -35,3 +35,10 @@ def holds_credentials(address: str) -> bool:
     look for it. Checked before anything else about the address: an error about its port or its
     host would quote it, password and all. (No address hostmesh takes has an `@` of its own.)"""
     return "@" in address
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` on one line, without control characters, at most `limit` characters: a peer's or the
+    catalog's text on its way to a terminal or a log line."""
+    flat = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in flat)[:limit]

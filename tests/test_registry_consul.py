@@ -244,8 +244,10 @@ async def test_a_missing_key_confirmed_absent_is_not_asked_again_for_a_while(
             consul.kv_put("t/absent-cache/missing", b"2")
             third = await c.kv_read_many(keys)
             assert isinstance(e := third["t/absent-cache/missing"], KVEntry) and e.value == b"2"
+            monkeypatch.setattr(consul_module, "ABSENT_RECONFIRM", 0.0)  # its time would be up
+            # written: no longer absent, so never due (it stayed so, and made every round a full read)
+            assert c.absent_due(keys) == []
             consul.kv_delete("t/absent-cache/missing")
-            monkeypatch.setattr(consul_module, "ABSENT_RECONFIRM", 0.0)  # its time is up: asked again
             assert (await c.kv_read_many(keys))["t/absent-cache/missing"] is None
             assert asked == ["t/absent-cache/missing"] * 2
     finally:

@@ -135,12 +135,19 @@ def test_the_version_guard_reads_past_a_catalog_name_consul_cannot_answer_for(
         assert dry.exit_code == 0 and "would be refused" not in dry.output, dry.output
         out = hm("--consul", node.url, "route", "apply", "-f", str(route))
         assert out.exit_code == 0 and "routes/guardsvc: version 1 written" in out.stdout, out.output
-        register(node, "oldsvc", "oldsvc-1", {"hostmesh": "1", "protocol": "tcp"})  # an agent of 0.2
+        # an agent of 0.2 on a node whose name is a terminal escape (the catalog takes it; review L5)
+        meta = {"hostmesh": "1", "protocol": "tcp"}
+        old_agent = {"ID": "oldsvc-1", "Service": "oldsvc", "Port": 1, "Meta": meta}
+        registration = {"Node": f"old{ESC}", "Address": "127.0.0.1", "Service": old_agent}
+        node.put_json("/v1/catalog/register", registration)
         dry = hm("--consul", node.url, "route", "apply", "-f", str(second), "--dry-run")  # (review K4)
         assert dry.exit_code == 0 and "would be refused: routes/guardsvc2 uses protocol: tcp" in dry.stdout
-        assert f"{NODE}/oldsvc (0.2 or older)" in dry.stdout and no_escapes(dry.output), dry.output
+        assert "old?]0;PWNED??[2J/oldsvc (0.2 or older)" in dry.stdout and no_escapes(dry.output), dry.output
+        refused = hm("--consul", node.url, "route", "apply", "-f", str(second))
+        assert refused.exit_code == 1 and no_escapes(refused.output), refused.output
     finally:
         hm("--consul", node.url, "route", "delete", "guardsvc")
+        node.put_json("/v1/catalog/deregister", {"Node": f"old{ESC}"})
 
 
 @pytest.mark.consul
