@@ -66,8 +66,8 @@ from hostmesh.agent.proxy.http_conn import (
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT
 from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.trust import TrustCheck
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
-from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -186,7 +186,7 @@ class HttpInbound:
         self._app_failures = RateLimitedLog(log, "unreachable-app lines")
         self._broke_log = RateLimitedLog(log, "callers that broke HTTP/1.1", level=logging.INFO)
         self._buckets: dict[str, tuple[Any, TokenBucket | None]] = {}
-        self._roots: tuple[str, list[Any]] = ("", [])
+        self._trust = TrustCheck()
         self._tasks: set[asyncio.Task[None]] = set()
         # bound once, not per request (a generic attribute read and an object; as http_outbound's)
         self._on_fail_cb: Callable[[Exchange, bool], bool] = self._on_fail
@@ -303,7 +303,7 @@ class HttpInbound:
     def _refused_untrusted(self, ex: Exchange, caller: Caller, service: str, roots: str) -> bool:
         """The trust bundle (`roots`) changed since the caller was verified, or its certificate's end
         passed: if it is no longer trusted, 403 AUTHZ and an audit line (a denial like an intention's)."""
-        why = self._unverified_because(caller, roots) if roots != caller.roots_pem else ""
+        why = self._trust.unverified_because(caller, roots) if roots != caller.roots_pem else ""
         if not why and _time() >= caller.not_after:
             why = "caller certificate has expired"
         if not why:
@@ -314,23 +314,6 @@ class HttpInbound:
         ex.keep_alive = False
         ex.respond(403, fl.AUTHZ, "caller certificate not trusted")
         return True
-
-    def _unverified_because(self, caller: Caller, roots_pem: str) -> str:
-        """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
-        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
-
-        if isinstance(caller.leaf, bytes):
-            from cryptography import x509
-
-            caller.leaf = x509.load_der_x509_certificate(caller.leaf)
-        if self._roots[0] != roots_pem:
-            self._roots = (roots_pem, load_certs(roots_pem.encode()))
-        try:
-            verify_leaf(caller.leaf, self._roots[1])
-        except TrustError as exc:
-            return f"caller certificate no longer trusted: {exc}"
-        caller.roots_pem = roots_pem
-        return ""
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -66,6 +66,7 @@ from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.stream_transport import StreamTransport
+from hostmesh.agent.proxy.trust import TrustCheck
 from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, RESET, control
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca import tls as catls
@@ -287,7 +288,7 @@ class InboundListener(ListenerLifecycle):
         self._port = 0
         self._closed: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._roots: tuple[str, list[Any]] = ("", [])
+        self._trust = TrustCheck()
         self._failure_log = RateLimitedLog(log, "refused TLS handshakes")
         # protocol errors of its mesh connections (one line each, a peer can open many connections)
         self.protocol_errors = RateLimitedLog(logging.getLogger("hostmesh.proxy"), "protocol error lines")
@@ -464,7 +465,7 @@ class InboundListener(ListenerLifecycle):
     def untrusted_because(self, conn: InboundConnection, snap: Snapshot) -> str:
         """Why the caller's certificate no longer passes (the trust bundle, its end), or ""."""
         roots = snap.tls.roots_pem
-        why = self._unverified_because(conn, roots) if roots != conn.roots_pem else ""
+        why = self._trust.unverified_because(conn, roots) if roots != conn.roots_pem else ""
         if not why and time.time() >= conn.not_after:
             why = "caller certificate has expired"
         return why
@@ -476,23 +477,6 @@ class InboundListener(ListenerLifecycle):
         audit.denied(layer=layer, source=conn.source.spiffe_id, destination=conn.service, reason=why,
                      peer=conn.peer_addr)  # fmt: skip
         conn.refuse(why)
-
-    def _unverified_because(self, conn: InboundConnection, roots_pem: str) -> str:
-        """Why the caller's certificate is not trusted under `roots_pem`, or "" (then taken as checked)."""
-        from hostmesh.ca.pki import load_certs, verify_leaf  # rare (bundle change): keeps cryptography lazy
-
-        if isinstance(conn.leaf, bytes):
-            from cryptography import x509
-
-            conn.leaf = x509.load_der_x509_certificate(conn.leaf)
-        if self._roots[0] != roots_pem:
-            self._roots = (roots_pem, load_certs(roots_pem.encode()))
-        try:
-            verify_leaf(conn.leaf, self._roots[1])
-        except TrustError as exc:
-            return f"caller certificate no longer trusted: {exc}"
-        conn.roots_pem = roots_pem
-        return ""
 
     async def _connect_app(self, conn: InboundConnection, stream: Stream, svc: LocalService,
                            series: Any, admission: Admission | None) -> None:  # fmt: skip
