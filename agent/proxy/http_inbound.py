@@ -303,9 +303,7 @@ class HttpInbound:
     def _refused_untrusted(self, ex: Exchange, caller: Caller, service: str, roots: str) -> bool:
         """The trust bundle (`roots`) changed since the caller was verified, or its certificate's end
         passed: if it is no longer trusted, 403 AUTHZ and an audit line (a denial like an intention's)."""
-        why = self._trust.unverified_because(caller, roots) if roots != caller.roots_pem else ""
-        if not why and _time() >= caller.not_after:
-            why = "caller certificate has expired"
+        why = self._trust.untrusted_because(caller, roots)
         if not why:
             return False
         audit.denied(layer="l7", source=caller.source.spiffe_id, destination=service, reason=why,

@@ -464,11 +464,7 @@ class InboundListener(ListenerLifecycle):
 
     def untrusted_because(self, conn: InboundConnection, snap: Snapshot) -> str:
         """Why the caller's certificate no longer passes (the trust bundle, its end), or ""."""
-        roots = snap.tls.roots_pem
-        why = self._trust.unverified_because(conn, roots) if roots != conn.roots_pem else ""
-        if not why and time.time() >= conn.not_after:
-            why = "caller certificate has expired"
-        return why
+        return self._trust.untrusted_because(conn, snap.tls.roots_pem)
 
     def refuse_untrusted(self, conn: InboundConnection, why: str, layer: str) -> None:
         """Refuse the connection of a caller no longer trusted (`why`), with an audit line: a denial
