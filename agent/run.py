@@ -740,10 +740,7 @@ class Agent:
         try:
             await self.consul.register_service(await self._registration(svc))
         except (PermissionDenied, Rejected) as exc:
-            if isinstance(exc, Rejected) and exc.status != 400:
-                raise  # (429 and the like: the round backs off as for an outage)
-            self._refused(self.refused_registrations, svc.name, f"Consul refused its registration: {exc}",
-                          "cannot register %s: %s")  # fmt: skip
+            self._refused(self.refused_registrations, svc.name, exc, "registration", "cannot register %s: %s")
             return
         self.registered = True
         self.registered_services.add(svc.name)
@@ -807,18 +804,22 @@ class Agent:
                 await self._register(svc, f"Consul does not know {check_id}")
                 continue
             except (PermissionDenied, Rejected) as exc:
-                if isinstance(exc, Rejected) and exc.status != 400:
-                    raise  # (429 and the like: the round backs off as for an outage)
-                self._refused(self.refused_ttl_updates, svc.name, f"Consul refused its TTL update: {exc}",
+                self._refused(self.refused_ttl_updates, svc.name, exc, "TTL update",
                               "cannot keep %s alive in Consul: %s")  # fmt: skip
                 continue
             if self.refused_ttl_updates.pop(svc.name, None) is not None:
                 log.info("Consul accepts the TTL update of %s again", svc.name)
                 sdnotify.status(self._serving())
 
-    def _refused(self, refusals: dict[str, str], service: str, reason: str, line: str) -> None:
-        """Consul refused `service`'s registration or TTL update (the token): kept in `refusals` (/ready,
-        systemd's status), logged with `line` once per streak."""
+    def _refused(
+        self, refusals: dict[str, str], service: str, exc: PermissionDenied | Rejected, what: str, line: str
+    ) -> None:
+        """Consul refused `service`'s registration or TTL update (`what`) for the token (a 403, or a
+        400): kept in `refusals` (/ready, systemd's status), logged with `line` once per streak. Any
+        other rejection (429 and the like) is raised: the round backs off as for an outage."""
+        if isinstance(exc, Rejected) and exc.status != 400:
+            raise exc
+        reason = f"Consul refused its {what}: {exc}"
         if refusals.get(service) != reason:
             log.error(line, service, reason)
             refusals[service] = reason

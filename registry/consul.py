@@ -738,7 +738,7 @@ class ConsulClient:
         "Missing" is said before the ACL is applied (it filters results only): a key the token may not
         read and that holds no document is "missing" too, and was served as absent (default intention,
         ready) until its first document made it denied, fleet-wide at once. So each key said missing
-        is confirmed with a plain read (`_confirm_missing`), where Consul answers 403 for it, 404 for
+        is confirmed with a plain read (`confirm_absent`), where Consul answers 403 for it, 404 for
         a key truly absent: one short read per missing key, only in rounds that find keys missing."""
         out: dict[str, KVEntry | PermissionDenied | None] = {}
         remaining = list(keys)
@@ -764,7 +764,7 @@ class ConsulClient:
                     if "doesn't exist" not in what:
                         raise Rejected(409, f"Consul rejected a read of {key}: {what}")
                     missing.add(key)
-                out.update(await self._confirm_missing(sorted(missing)))
+                out.update(await self.confirm_absent(sorted(missing)))
                 remaining = [k for k in remaining if k not in missing]
                 continue
             for key in remaining:
@@ -784,10 +784,6 @@ class ConsulClient:
         return [k for k in keys if k in confirmed and now - confirmed[k] >= ABSENT_RECONFIRM]
 
     async def confirm_absent(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
-        """`keys`, confirmed absent before, read plainly again (see `_confirm_missing`)."""
-        return await self._confirm_missing(keys)
-
-    async def _confirm_missing(self, keys: list[str]) -> dict[str, KVEntry | PermissionDenied | None]:
         """Each of `keys`, which a read transaction said do not exist, read plainly: None when absent,
         PermissionDenied when the token may not read it (see `_txn_read`), its entry when it was
         written since; a key confirmed absent less than ABSENT_RECONFIRM ago is taken as absent. A
