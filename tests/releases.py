@@ -59,3 +59,13 @@ def _build(version: str, commit: str, venv: Path) -> None:
         subprocess.run(
             [str(venv / "bin" / "pip"), "install", "-q", str(src)], check=True, timeout=BUILD_TIMEOUT
         )
+
+
+def release_command_or_skip(version: str) -> list[str]:
+    """`release_command(version)`, or the calling test skipped with why (a clone without its commit)."""
+    import pytest
+
+    try:
+        return release_command(version)
+    except ReleaseUnavailable as exc:
+        pytest.skip(str(exc))

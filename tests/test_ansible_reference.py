@@ -17,7 +17,7 @@ import yaml
 
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.reference import AGENT_KEYS
-from tests.releases import ReleaseUnavailable, release_command
+from tests.releases import release_command_or_skip
 from tests.support import REPO
 
 ROLES = REPO / "ansible/roles"
@@ -128,10 +128,7 @@ def test_role_defaults_render_an_agent_toml_the_previous_release_takes(tmp_path:
     default: the role's `validate:` step runs the installed release's `agent validate`, so a
     rollback (or a host pinned to the previous release) fails there, half-installed, on any key
     that release does not know."""
-    try:
-        previous = release_command(ROLLBACK_RELEASE)
-    except ReleaseUnavailable as exc:
-        pytest.skip(str(exc))
+    previous = release_command_or_skip(ROLLBACK_RELEASE)
     config = tmp_path / "agent.toml"
     config.write_text(render_agent_toml(default_inventory()))
     out = subprocess.run(

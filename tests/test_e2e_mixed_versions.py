@@ -21,7 +21,7 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
 from tests.l7_support import Backends, Client
-from tests.releases import ReleaseUnavailable, release_command
+from tests.releases import release_command, release_command_or_skip
 from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
@@ -41,10 +41,7 @@ class Mixed(NamedTuple):
 def mixed(request: pytest.FixtureRequest, consul: ConsulDev,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:  # fmt: skip
     version: str = request.param
-    try:
-        previous = release_command(version)
-    except ReleaseUnavailable as exc:
-        pytest.skip(str(exc))
+    previous = release_command_or_skip(version)
     echo_old, echo_new = EchoServer(), EchoServer()
     backends = Backends("oldh", "newh")
     m = LocalMesh(tmp_path_factory.mktemp("mixed"), consul.url)
@@ -177,10 +174,7 @@ def test_downgrade_to_0_2_on_the_same_data_dir(private_consul: ConsulDev, tmp_pa
     """README "Downgrade": agents of this tree stopped and started again as 0.2.0 on their data dirs
     and agent.toml (which has no key 0.2 lacks) come back ready and carry traffic. A Consul of its
     own: the module's mesh has a CA registered in the shared one, which these agents could pick."""
-    try:
-        previous = release_command("0.2.0")
-    except ReleaseUnavailable as exc:
-        pytest.skip(str(exc))
+    previous = release_command_or_skip("0.2.0")
     echo = EchoServer()
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:

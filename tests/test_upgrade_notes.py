@@ -12,7 +12,7 @@ import pytest
 
 from hostmesh.agent import config as agent_config
 from hostmesh.agent.config import ConfigError, parse_config
-from tests.releases import ReleaseUnavailable, release_command
+from tests.releases import release_command_or_skip
 from tests.support import REPO
 
 PREVIOUS = "0.2.0"  # the release an upgrade comes from and a downgrade goes to
@@ -20,10 +20,7 @@ PIN = "sha256:" + "0" * 64
 
 
 def previous_command() -> list[str]:
-    try:
-        return release_command(PREVIOUS)
-    except ReleaseUnavailable as exc:
-        pytest.skip(str(exc))
+    return release_command_or_skip(PREVIOUS)
 
 
 def upgrade_notes() -> str:
