@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -102,6 +102,28 @@ class Answer:
 ACCEPTED = Answer()
 
 
+def _answer_as_bytes() -> Any:
+    """ExportTraceServiceResponse's wire layout with `error_message` read as bytes: protobuf refuses a
+    whole message whose string field is not UTF-8, and with it the `rejected_spans` count beside it
+    (a collector's bad message text would make its refused spans count as exported)."""
+    f = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="hostmesh_otlp_answer.proto", package="hostmesh", syntax="proto3"
+    )
+    partial = file.message_type.add(name="PartialSuccess")
+    partial.field.add(name="rejected_spans", number=1, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    partial.field.add(name="error_message", number=2, type=f.TYPE_BYTES, label=f.LABEL_OPTIONAL)
+    answer = file.message_type.add(name="Answer")
+    answer.field.add(name="partial_success", number=1, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                     type_name=".hostmesh.PartialSuccess")  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("hostmesh.Answer"))
+
+
+_AnswerAsBytes = _answer_as_bytes()
+
+
 def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
     """The partial success in a 2xx answer's ExportTraceServiceResponse to a batch of `sent` spans.
 
@@ -113,16 +135,20 @@ def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
     MAX_REJECTION_MESSAGE: it is the collector's text, headed for the agent's log."""
     if not body:
         return ACCEPTED
-    answer = ExportTraceServiceResponse()
     try:
         if content_type.partition(";")[0].strip().lower() == "application/json":
+            answer = ExportTraceServiceResponse()
             json_format.Parse(body.decode("utf-8"), answer, ignore_unknown_fields=True)
+            partial = answer.partial_success
+            text = partial.error_message
         else:
+            answer = _AnswerAsBytes()
             answer.ParseFromString(body)
+            partial = answer.partial_success
+            text = partial.error_message.decode("utf-8", "replace")
     except (DecodeError, json_format.ParseError, UnicodeDecodeError):
         return ACCEPTED
-    partial = answer.partial_success
-    message = printable(partial.error_message, MAX_REJECTION_MESSAGE)
+    message = printable(text, MAX_REJECTION_MESSAGE)
     return Answer(min(max(partial.rejected_spans, 0), sent), message)
 
 

@@ -639,6 +639,9 @@ def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_s
     body = b'{"partialSuccess": {"rejectedSpans": "2", "errorMessage": "bad\\nname"}}'
     assert read_answer(body, "application/json; charset=utf-8", 10) == Answer(2, "bad name")
     assert read_answer(b"\xff\xff not protobuf", proto, 10) == ACCEPTED  # as its 2xx status says
+    # a message that is not UTF-8 (protobuf refuses such a string field, and the count with it)
+    bad_text = _partial_success(4, "quota X").replace(b"X", b"\xff")
+    assert read_answer(bad_text, proto, 10) == Answer(4, "quota \ufffd")
     assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
 
 
