@@ -29,7 +29,10 @@ TCP_OPENED = "hostmesh_tcp_connections_opened_total"
 TCP_CLOSED = "hostmesh_tcp_connections_closed_total"
 DENIED = "hostmesh_authz_denied_total"
 COUNTERS = frozenset({REQUESTS, DURATION_BUCKET, TCP_OPENED, TCP_CLOSED, DENIED})  # rates come from deltas
-WANTED = COUNTERS  # what `hostmesh top` scrapes: the counters alone (`hostmesh ui` adds its gauges)
+# which process answers at an agent's metrics URL: another one's totals (a restart, or another agent
+# given the address) are no increase of the previous round's
+STARTED = "process_start_time_seconds"
+WANTED = COUNTERS | {STARTED}  # what `hostmesh top` scrapes (`hostmesh ui` adds its gauges)
 # characters of a label value (a service name) in `hostmesh top`'s table: real ones are DNS labels of
 # at most 63; a scraped peer's may be anything, and printable() also takes its control characters out
 LABEL_LIMIT = 100
@@ -154,11 +157,12 @@ def window_deltas(prev: Scrape, cur: Scrape) -> list[Sample]:
     Decisions: a series that went down was reset (its agent restarted, or its subset's series was
     dropped and came back), so its increase is its new value; a series new in `cur` started in the
     window and counts whole; an agent not in both rounds (it missed a scrape, or is newly found) is
-    left out: its increase is unknown, and its lifetime total is no rate."""
+    left out: its increase is unknown, and its lifetime total is no rate; so is one whose process
+    changed between the rounds (`unrated_because`)."""
     out = []
     for agent, samples in cur.items():
         before_samples = prev.get(agent)
-        if before_samples is None:
+        if before_samples is None or _started(before_samples) != _started(samples):
             continue
         before = {_series(s): s.value for s in before_samples if s.name in COUNTERS}
         for s in samples:
@@ -167,6 +171,21 @@ def window_deltas(prev: Scrape, cur: Scrape) -> list[Sample]:
             was = before.get(_series(s), 0.0)
             out.append(s._replace(value=s.value - was if s.value >= was else s.value))
     return out
+
+
+def unrated_because(prev: Scrape, cur: Scrape, agent: str) -> str | None:
+    """Why an agent that answered the last round (`cur`) has no rate this frame; None when it has."""
+    before = prev.get(agent)
+    if before is None:
+        return "not scraped in the previous round"
+    if _started(before) != _started(cur[agent]):
+        return "another process answers there than in the previous round"
+    return None
+
+
+def _started(samples: Sequence[Sample]) -> float | None:
+    """The process start time an agent's exposition gives (None: an exposition without it)."""
+    return next((s.value for s in samples if s.name == STARTED), None)
 
 
 def _series(s: Sample) -> tuple[str, frozenset[tuple[str, str]]]:

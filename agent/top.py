@@ -164,10 +164,10 @@ def render_frame(ts: list[Target], prev: meshstats.Scrape, cur: meshstats.Scrape
     for t in down:  # (node, URL and error come from Consul meta and the scraped peer: printable())
         node, url, error = (printable(x, TEXT_LIMIT) for x in (t.node, t.url, t.error))
         text += f"\nnot scraped: {node} {url}: {error}"
-    for t in ts:  # answered now only: its counts since the last frame are unknown (meshstats.window_deltas)
-        if t.url in cur and t.url not in prev:
+    for t in ts:  # its counts since the last frame are unknown (meshstats.window_deltas)
+        if t.url in cur and (why := meshstats.unrated_because(prev, cur, t.url)):
             node, url = (printable(x, TEXT_LIMIT) for x in (t.node, t.url))
-            text += f"\nno rate this frame: {node} {url}: not scraped in the previous round"
+            text += f"\nno rate this frame: {node} {url}: {why}"
     return text
 
 
@@ -190,9 +190,14 @@ def frame_json(ts: list[Target], prev: meshstats.Scrape, cur: meshstats.Scrape, 
                 for s in services
             ],
             "edges": [e.to_json() for e in edges],
-            # rated: scraped in both rounds, so counted in this frame's rates
+            # rated: the same process scraped in both rounds, so counted in this frame's rates
             "agents": [
-                {"node": t.node, "url": t.url, "error": t.error, "rated": t.url in prev and t.url in cur}
+                {
+                    "node": t.node,
+                    "url": t.url,
+                    "error": t.error,
+                    "rated": t.url in cur and meshstats.unrated_because(prev, cur, t.url) is None,
+                }
                 for t in ts
             ],
         },

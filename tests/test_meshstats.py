@@ -196,6 +196,39 @@ def test_a_tcp_edge_takes_the_sources_rate_when_the_destinations_agent_missed_a_
     assert edge.tcp_per_s == 0.0 and edge.tcp_active == 1020  # (no connection closed)
 
 
+def started_at(tel: Telemetry, when: float) -> Answer:
+    """An agent's /metrics answer with the process start time the agent's own exposition adds."""
+    status, kind, body = metrics_answer(tel)
+    return (status, kind, body + f"process_start_time_seconds {when}\n".encode())
+
+
+@pytest.mark.timeout(30)
+async def test_a_metrics_url_another_agent_answers_since_the_last_round_has_no_rate_this_frame() -> None:
+    """The same URL, another process: an agent restarted or another one given the address. Its totals
+    are no increase of the previous round's, even when larger (review J3: they showed as one frame's
+    rate, 500,000 req/s here)."""
+    old, new = serving(c200=1_000), serving(c200=1_000_001)
+    answers = {"/metrics": started_at(old, 1_700_000_000.25)}
+    peer = Peer(answers)
+    try:
+        ts = [top.Target(f"http://{peer.address}/metrics", "n1", {"api"})]
+        first = await top.scrape_all(ts)
+        answers["/metrics"] = started_at(new, 1_700_000_100.5)
+        second = await top.scrape_all(ts)
+        frame = top.render_frame(ts, first, second, 2.0)
+        assert "web -> api" not in frame, frame  # its only agent has no rate: no edge, not 500,000 req/s
+        assert f"no rate this frame: n1 {ts[0].url}: another process answers there" in frame, frame
+        assert json.loads(top.frame_json(ts, first, second, 2.0))["agents"][0]["rated"] is False
+        new.requests.labels(*labels("destination", "web", "api")).inc(10)
+        answers["/metrics"] = started_at(new, 1_700_000_100.5)
+        third = await top.scrape_all(ts)  # the same process in both rounds: rated again
+        frame = top.render_frame(ts, second, third, 2.0)
+        assert row(frame, "web -> api")[:2] == ["web -> api", "5.0"], frame
+        assert "no rate this frame" not in frame, frame
+    finally:
+        peer.close()
+
+
 def row(frame: str, first: str) -> list[str]:
     """The cells of the frame's row whose first cell is `first` (cells are 2+ spaces apart)."""
     return next(cells for line in frame.splitlines() if (cells := re.split(r"\s{2,}", line))[0] == first)
