@@ -117,6 +117,7 @@ class EdgeStats:
     tcp_per_s: float  # connections opened per second
     denied_per_s: float  # requests/connections denied by intentions per second
     requests: float  # requests in the window
+    reporter: str = "destination"  # whose reports these are: "destination", else "source"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -220,10 +221,19 @@ def quantile(q: float, buckets: Mapping[float, float]) -> float | None:
 
 def edge_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[EdgeStats]:
     """Per-edge numbers between two rounds of scrapes `seconds` apart (see window_deltas)."""
-    return _edge_stats(window_deltas(prev, cur), _current(cur), seconds)
+    return _edge_stats(window_deltas(prev, cur), _current(cur), seconds, _partial(prev, cur))
 
 
-def _edge_stats(deltas: list[Sample], now: list[Sample], seconds: float) -> list[EdgeStats]:
+def _partial(prev: Scrape, cur: Scrape) -> set[tuple[str, str, str]]:
+    """The (reporter, source, destination) reports that an agent without a rate this frame also
+    makes: summed over the agents that have one, they are a share of the edge's."""
+    unrated = (samples for agent, samples in cur.items() if unrated_because(prev, cur, agent))
+    return {_key(s) for samples in unrated for s in samples}
+
+
+def _edge_stats(
+    deltas: list[Sample], now: list[Sample], seconds: float, partial: set[tuple[str, str, str]]
+) -> list[EdgeStats]:
     seconds = max(seconds, 1e-6)
     req = _sums(deltas, REQUESTS)
     codes = _sums(deltas, REQUESTS, "response_code")
@@ -238,10 +248,12 @@ def _edge_stats(deltas: list[Sample], now: list[Sample], seconds: float) -> list
             edges[(src, dst)].add(reporter)
     out = []
     for (src, dst), reporters in sorted(edges.items()):
-        # the destination's reports, unless only the source has a rate this frame (the destination's
-        # agent missed a round: window_deltas leaves it out, and its open connections alone would
-        # make every rate of the edge 0)
-        pool = {r for r in reporters if (r, src, dst) in rated} or reporters
+        # the destination's reports, unless only the source's are whole this frame: an agent that
+        # reports the edge has no rate (it missed a round; window_deltas leaves it out), so the
+        # destination's would be one instance's share, or its open connections alone make every
+        # rate of the edge 0
+        whole = {r for r in reporters if (r, src, dst) in rated and (r, src, dst) not in partial}
+        pool = whole or {r for r in reporters if (r, src, dst) in rated} or reporters
         rep = "destination" if "destination" in pool else "source"
         k = (rep, src, dst)
         n = req.get(k, 0.0)
@@ -261,6 +273,7 @@ def _edge_stats(deltas: list[Sample], now: list[Sample], seconds: float) -> list
                 opened.get(k, 0.0) / seconds,
                 denied.get(k, 0.0) / seconds,
                 n,
+                rep,
             )
         )
     return out
@@ -282,7 +295,7 @@ def service_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[ServiceStat
     seconds = max(seconds, 1e-6)
     deltas = window_deltas(prev, cur)
     by_dst: dict[str, list[EdgeStats]] = defaultdict(list)
-    for e in _edge_stats(deltas, _current(cur), seconds):
+    for e in _edge_stats(deltas, _current(cur), seconds, _partial(prev, cur)):
         by_dst[e.destination].append(e)
     buckets = _sums(deltas, DURATION_BUCKET, "le")
     out = []
@@ -291,9 +304,8 @@ def service_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[ServiceStat
         ok = sum(e.requests * (e.success or 0.0) for e in edges)
         hist: dict[float, float] = defaultdict(float)
         for e in edges:
-            rep = _reporter_of(e, buckets)
             for (r, s, d, le), v in buckets.items():
-                if (r, s, d) == (rep, e.source, dst) and (b := _bound(le)) is not None:
+                if (r, s, d) == (e.reporter, e.source, dst) and (b := _bound(le)) is not None:
                     hist[b] += v
         out.append(
             ServiceStats(
@@ -307,12 +319,6 @@ def service_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[ServiceStat
             )
         )
     return sorted(out, key=lambda s: (-s.rps, -s.tcp_per_s, -s.tcp_active, s.service))
-
-
-def _reporter_of(e: EdgeStats, buckets: Mapping[tuple[str, ...], float]) -> str:
-    return (
-        "destination" if any(k[:3] == ("destination", e.source, e.destination) for k in buckets) else "source"
-    )
 
 
 def _ms(v: float | None) -> str:

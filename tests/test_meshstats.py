@@ -229,6 +229,26 @@ async def test_a_metrics_url_another_agent_answers_since_the_last_round_has_no_r
         peer.close()
 
 
+def test_an_edge_takes_the_sources_reports_when_one_of_the_destinations_instances_has_no_rate() -> None:
+    """api has two instances; the one on n3 missed the previous round. The destination's reports are
+    then n2's share of the edge (5 req/s of 10), where the source's agent counted every request
+    (review J2)."""
+    web, api2, api3 = Telemetry(), Telemetry(), Telemetry()
+    for tel, reporter, n in ((web, "source", 1000), (api2, "destination", 500), (api3, "destination", 500)):
+        tel.requests.labels(*labels(reporter, "web", "api")).inc(n)
+    before = agents(n1=web, n2=api2)  # n3 missed this round
+    for tel, reporter, n in ((web, "source", 20), (api2, "destination", 10), (api3, "destination", 10)):
+        tel.requests.labels(*labels(reporter, "web", "api")).inc(n)
+    now = agents(n1=web, n2=api2, n3=api3)
+    (edge,) = edge_stats(before, now, 2.0)
+    assert edge.rps == pytest.approx(10.0)  # (n2's alone: 5.0)
+    assert edge.reporter == "source"
+    (svc,) = service_stats(before, now, 2.0)
+    assert svc.rps == pytest.approx(10.0)
+    (edge,) = edge_stats(now, now, 2.0)  # every instance rated: the destination's reports again
+    assert (edge.rps, edge.reporter) == (0.0, "destination")
+
+
 def row(frame: str, first: str) -> list[str]:
     """The cells of the frame's row whose first cell is `first` (cells are 2+ spaces apart)."""
     return next(cells for line in frame.splitlines() if (cells := re.split(r"\s{2,}", line))[0] == first)
