@@ -149,6 +149,14 @@ def access_record(*, protocol: str, reporter: str, source_workload: str, source_
     }
 
 
+def host_port(addr: Any) -> str:
+    """A socket address as an access line shows it: 127.0.0.1:5353, [::1]:5353 ("" when unknown)."""
+    if not addr:
+        return ""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def access(record: dict[str, Any]) -> None:
     """Write one access line: message "access", the record's fields at the top of the JSON object."""
     access_log.info("access", extra={"fields": record})

@@ -272,6 +272,10 @@ async def test_bytes_echo_through_mtls_and_inbound_checks_caller(
     inbound_line = next(x for x in lines if x["reporter"] == "destination")
     assert inbound_line["source_principal"] == "spiffe://hostmesh.local/svc/web"
     assert inbound_line["source_workload"] == "web" and inbound_line["protocol"] == "tcp"
+    # the caller's line names the app's connection as it names the mesh peer's (it was left empty)
+    outbound_line = next(x for x in lines if x["reporter"] == "source")
+    here = w.get_extra_info("sockname")
+    assert outbound_line["downstream_remote_address"] == f"{here[0]}:{here[1]}"
 
 
 async def test_half_close_client_first(mesh: Mesh) -> None:

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 from hostmesh.agent import audit
 from hostmesh.agent.config import UpstreamConfig
@@ -308,11 +308,13 @@ class OutboundListener(ListenerLifecycle):
         pipe.flush_metrics(series)
         series.closed.inc()
         if audit.access_sampled(always=bool(pipe.flags)):
+            t = cast(_Downstream, pipe.a).transport  # the app's connection (asked only for a line: sampled)
             audit.access(audit.access_record(
                 protocol="tcp", reporter=REPORTER, source_workload=self.local_service,
                 source_principal=f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}",
                 destination_service=self.upstream.service, destination_subset=subset,
-                upstream_host=f"{key[0]}:{key[1]}", downstream_remote_address="", response_code=0,
+                upstream_host=f"{key[0]}:{key[1]}", response_code=0,
+                downstream_remote_address=audit.host_port(t.get_extra_info("peername") if t else None),
                 response_flags=pipe.flags, duration_ms=round((time.monotonic() - pipe.started) * 1000, 1),
                 bytes_received=pipe.up, bytes_sent=pipe.down,
             ))  # fmt: skip

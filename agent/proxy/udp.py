@@ -185,12 +185,6 @@ def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: 
     counters.carried(direction, 0)
 
 
-def _host_port(addr: Any) -> str:
-    """A socket address as an access line shows it: 127.0.0.1:5353, [::1]:5353."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def _drain(flows: Callable[[], Iterable[_Flow]], seconds: float) -> None:
     """A stop's drain: return once every flow of `flows()` that is still carrying has been quiet
     DRAIN_QUIET (each is ended as it gets there), or after `seconds`."""
@@ -374,7 +368,7 @@ class _OutFlow(_Flow):
             source_principal=Identity(owner.holder.current.trust_domain, owner.local_service).spiffe_id,
             destination_service=owner.upstream.service, destination_subset=self.subset,
             upstream_host=f"{key[0]}:{key[1]}" if key is not None else "",
-            downstream_remote_address=_host_port(self.addr), response_code=0, response_flags=self.flag,
+            downstream_remote_address=audit.host_port(self.addr), response_code=0, response_flags=self.flag,
             duration_ms=self._duration_ms(), bytes_received=self.up, bytes_sent=self.down,
         ))  # fmt: skip
 
