@@ -601,3 +601,18 @@ def test_the_readme_states_the_least_life_a_running_hosts_certificate_has_left()
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"at least {least * 100:.0f} % of its life left, {minutes // 60} h {minutes % 60} min" in readme
     assert "off for less than 24 h" not in readme
+
+
+def test_the_readme_states_the_longest_wait_for_every_agent_to_take_a_rotated_root() -> None:
+    """ "Rotating the CA root": every agent signs with the new root by its next renewal, at 2/3 of
+    the life plus up to RENEW_JITTER of it after its last one; the README said within 2/3 of 24 h.
+    The README's figure is derived here from the code."""
+    import inspect
+
+    from hostmesh.agent.certs import RENEW_JITTER
+    from tests.support import REPO
+
+    fraction = inspect.signature(CertManager).parameters["renew_fraction"].default
+    minutes = round(pki.DEFAULT_LEAF_TTL.total_seconds() * (fraction + RENEW_JITTER) / 60)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"at most about {minutes // 60} h {minutes % 60} min) every agent has moved to it" in readme
