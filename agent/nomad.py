@@ -32,9 +32,12 @@ never clash) or a number. Example: `api:api_up:http,db:15432`.
 
 While it runs, the agent reads its allocation from Nomad every `[nomad] poll_interval` seconds
 (python-nomad, in a thread: `watch_allocation`); once Nomad reports it stopped or no longer knows it,
-the agent drains, deregisters its services and exits, as on SIGTERM. Anything else (Nomad
-unreachable, a token it refuses, an answer that is not Nomad's: another server at NOMAD_ADDR) is a
-warning and the agent keeps serving. A workload identity read from its file is read again after
+the agent drains, deregisters its services and exits, as on SIGTERM. Read with the allocation's own
+workload identity (which needs a policy granting read-job attached to the job: the implicit one has
+none), Nomad answers a stopped or gone allocation with 403, refusing the identity itself; the watch
+tells that from a missing policy (`watch_allocation`). Anything else (Nomad unreachable, a token it
+refuses, an answer that is not Nomad's: another server at NOMAD_ADDR) is a warning and the agent
+keeps serving. A workload identity read from its file is read again after
 Nomad refuses it (`identity_source`): Nomad rewrites the file when it renews an identity with a TTL,
 and the token read at start was refused forever once it expired. The Nomad settings (NOMAD_ADDR,
 NOMAD_TOKEN, the identity and TLS files) are checked when agent.toml is loaded (`check_settings`), so
@@ -303,9 +306,17 @@ async def watch_allocation(
     warning per distinct problem, the agent keeps serving, and the reads go on, spaced out (doubling
     up to WATCH_MAX_BACKOFF) while they fail. Nothing but cancellation ends the watch otherwise.
     A token Nomad refuses is replaced by the one `identity` (`identity_source`) reads now, if another,
-    and the read is tried again at once with it."""
+    and the read is tried again at once with it.
+
+    Read with the allocation's own workload identity, Nomad never shows the allocation terminal or
+    unknown: it refuses that identity then (403, nomad/auth.go VerifyClaim). So a 403 for an identity
+    Nomad accepted before in this watch, with no other token in the file, is asked again where the
+    identity's implicit policy always reads (`identity_refused`): refused there too, the allocation is
+    stopped or gone (`on_gone`); answered, it is the job's policy (a warning). Never accepted (another
+    cluster at NOMAD_ADDR, no policy attached yet): a warning, the agent keeps serving."""
     failing: str | None = None
     failures = 0
+    accepted = False  # Nomad answered a read with this allocation's workload identity
     while True:
         problem: str | None = None
         try:
@@ -317,6 +328,21 @@ async def watch_allocation(
                 log.info("read the workload identity again (Nomad refused the one in use); reading with it")
                 continue
             problem = str(exc)
+            if identity is not None and accepted:
+                try:
+                    refused = await api.identity_refused()
+                except RegistryError as probe:
+                    problem = f"{exc}; {probe}"
+                else:
+                    if refused:  # not the policy: Nomad no longer runs the allocation it names
+                        on_gone(
+                            f"allocation {alloc_id} is stopped or gone in Nomad (Nomad refuses its workload "
+                            "identity, as it does once the allocation is terminal or unknown)"
+                        )
+                        return
+                    problem = f"{exc} (a workload identity: attach a policy granting read-job to the job)"
+            elif identity is not None:
+                problem = f"{exc} (a workload identity: attach a policy granting read-job to the job)"
         except RegistryError as exc:
             problem = str(exc)
         except Exception as exc:  # a bug or an answer nobody foresaw must not end the watch silently
@@ -327,6 +353,7 @@ async def watch_allocation(
                 log.info("Nomad answers again for allocation %s", alloc_id)
                 failing = None
             failures = 0
+            accepted = identity is not None
             if state is not AllocationState.LIVE:
                 on_gone(f"allocation {alloc_id} is {state.value} in Nomad")
                 return

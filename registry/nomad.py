@@ -249,6 +249,32 @@ class NomadAPI:
         except UnexpectedAnswer as exc:
             raise UnexpectedAnswer(f"{self._where}: {exc} ({self._hint})") from None
 
+    async def identity_refused(self) -> bool:
+        """Whether Nomad refuses the token itself, not only the allocation read: True when the List
+        Services API, which a workload identity's implicit policy always allows (workload-identity
+        docs), answers 403 too. Nomad refuses the workload identity of an allocation that is terminal
+        or that it no longer knows (nomad/auth.go VerifyClaim), on every endpoint. Unavailable or
+        UnexpectedAnswer when the answer says neither."""
+        return await asyncio.to_thread(self._identity_refused)
+
+    def _identity_refused(self) -> bool:
+        nex: Any = importlib.import_module("nomad.api.exceptions")
+        params = {"namespace": self.settings.namespace} if self.settings.namespace else None
+        try:
+            resp = self._allocations._request(
+                method="get", endpoint="v1/services", params=params, stream=True, timeout=REQUEST_TIMEOUT
+            )
+        except nex.URLNotAuthorizedNomadException as exc:
+            _error_body(exc.nomad_resp)  # read and closed
+            return True
+        except nex.URLNotFoundNomadException as exc:
+            _error_body(exc.nomad_resp)
+            raise UnexpectedAnswer(f"{self._where}: HTTP 404 for /v1/services ({self._hint})") from None
+        except Exception as exc:
+            raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
+        resp.close()
+        return False
+
     @property
     def _where(self) -> str:
         return f"Nomad at {self.settings.address}"

@@ -4,10 +4,19 @@ Serves, on a loopback port, from a thread (so sync tests, async tests and subpro
 
     GET /v1/allocation/:alloc_id     the allocation, shaped like the documented sample (nomad_samples/)
     GET /.well-known/jwks.json       the keyring's public keys (no token needed, as in Nomad)
+    GET /v1/services                 the service registrations (none here): what a workload identity
+                                     may always list
 
 Token-authenticated like Nomad with ACLs on: `X-Nomad-Token` must be a management token the double
-was given, or a workload identity it signed for that very allocation; otherwise 403 "Permission
-denied" (Nomad's body), and 404 "alloc not found" for an unknown allocation. It also mints workload
+was given, or a workload identity it signed for that very allocation whose job has an ACL policy
+granting read-job attached (`attach_read_job`; a workload identity's implicit policy grants only
+Variables and service registrations, workload-identity docs); otherwise 403 "Permission denied"
+(Nomad's body), and 404 "alloc not found" for an unknown allocation. As Nomad's servers do
+(nomad/auth.go VerifyClaim: "allocation does not exist", "allocation is terminal"; every RPC answers
+ErrPermissionDenied when that authentication fails), a workload identity of an allocation Nomad no
+longer knows, or whose ClientStatus is terminal, is refused with 403 on every endpoint: its holder never
+sees its own allocation stopped or gone. `GET /v1/services` (List Services API) answers any valid
+identity, as the implicit policy allows. It also mints workload
 identities (RS256 JWTs with Nomad's claims and header), builds the environment Nomad gives a task
 (`NOMAD_*`, the alloc/secrets dirs, `secrets/nomad_token`), and stops allocations as the scheduler
 would (DesiredStatus stop, ClientStatus complete). `tests/test_nomad_double.py` holds its payloads to
@@ -57,6 +66,7 @@ class NomadDouble:
         self._keys: list[tuple[str, rsa.RSAPrivateKey]] = [(str(uuid.uuid4()), _rsa())]
         self.jwks_failing = False  # the JWKS endpoint answers 500 while set (not one of Nomad's samples)
         self.allocations: dict[str, Allocation] = {}
+        self.read_job_jobs: set[tuple[str, str]] = set()  # (namespace, job) with a read-job policy attached
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, X-Nomad-Token)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -112,6 +122,13 @@ class NomadDouble:
         with self._lock:
             self.allocations[alloc.id] = alloc
         return alloc
+
+    def attach_read_job(self, job: str, namespace: str = "default") -> None:
+        """`nomad acl policy apply -namespace NS -job JOB <name> <file>` of a policy granting
+        `namespace "NS" { capabilities = ["read-job"] }`: the job's workload identities may read its
+        allocations (workload-identity docs, "Workload Associated ACL Policies")."""
+        with self._lock:
+            self.read_job_jobs.add((namespace, job))
 
     def stop_allocation(self, alloc_id: str) -> None:
         """What `nomad alloc stop` leaves behind once the client has killed the tasks."""
@@ -286,6 +303,10 @@ class NomadDouble:
             if self.jwks_failing:  # Nomad's servers unreachable behind its HTTP API, say
                 return _reply_text(h, 500, "No cluster leader")
             return _reply(h, 200, self.jwks())
+        if path == "/v1/services":
+            if not self._authorized(token, None):
+                return _reply_text(h, 403, "Permission denied")
+            return _reply(h, 200, [], index=self.index)
         prefix = "/v1/allocation/"
         if path.startswith(prefix):
             alloc_id = path[len(prefix) :]
@@ -299,20 +320,31 @@ class NomadDouble:
             return _reply(h, 200, payload, index=payload["ModifyIndex"])
         return _reply_text(h, 404, "Invalid URL")
 
-    def _authorized(self, token: str | None, alloc_id: str) -> bool:
+    def _authorized(self, token: str | None, alloc_id: str | None) -> bool:
+        """May `token` read allocation `alloc_id` (None: list services)? See the module docstring."""
         if token is None:
             return False
         if secrets.compare_digest(token, self.management_token):
             return True
-        for kid, key in self._keys:  # a workload identity may read its own allocation
+        for kid, key in self._keys:
             try:
                 claims = jwt.decode(
                     token, key.public_key(), algorithms=["RS256"], options={"verify_aud": False}
                 )
             except jwt.PyJWTError:
                 continue
-            if jwt.get_unverified_header(token).get("kid") == kid:
-                return bool(claims.get("nomad_allocation_id") == alloc_id)
+            if jwt.get_unverified_header(token).get("kid") != kid:
+                continue
+            with self._lock:
+                own = self.allocations.get(str(claims.get("nomad_allocation_id")))
+                if own is None or own.client_status in ("complete", "failed", "lost"):
+                    return False  # VerifyClaim: the allocation does not exist, or is terminal
+                if alloc_id is None:
+                    return True  # the implicit policy: service registrations
+                attached = (own.namespace, own.job) in self.read_job_jobs
+                target = self.allocations.get(alloc_id)
+            # read-job is the namespace's: any allocation of it (one unknown is then a 404), none of another
+            return attached and (target is None or target.namespace == own.namespace)
         return False
 
 

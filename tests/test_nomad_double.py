@@ -106,14 +106,35 @@ def test_allocation_read_has_the_documented_shape(nomad: NomadDouble) -> None:
 
 def test_tokens_are_checked_as_nomad_checks_them(nomad: NomadDouble) -> None:
     alloc = nomad.add_allocation("shop", "web", ("web",))
-    other = nomad.add_allocation("shop", "web", ("web",))
     url = f"{nomad.url}/v1/allocation/{alloc.id}"
     assert get(url)[:2] == (403, "Permission denied")
     assert get(url, "not-a-token")[:2] == (403, "Permission denied")
-    assert get(url, nomad.identity(alloc, "web"))[0] == 200  # a workload identity reads its own allocation
-    assert get(url, nomad.identity(other, "web"))[0] == 403  # ... and no other
     unknown = f"{nomad.url}/v1/allocation/{'0' * 8}-0000-0000-0000-{'0' * 12}"
     assert get(unknown, nomad.management_token)[:2] == (404, "alloc not found")
+
+
+def test_a_workload_identity_is_checked_as_nomad_checks_it(nomad: NomadDouble) -> None:
+    """A workload identity's implicit policy grants Variables and service registrations, no read-job
+    (workload-identity docs): it reads allocations only once a policy granting read-job is attached to
+    its job. Nomad refuses the identity of an allocation that is terminal or unknown with 403 on every
+    endpoint (nomad/auth.go VerifyClaim; Alloc.GetAlloc answers ErrPermissionDenied on authErr)."""
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    elsewhere = nomad.add_allocation("shop", "web", ("web",), namespace="prod")
+    url = f"{nomad.url}/v1/allocation/{alloc.id}"
+    services = f"{nomad.url}/v1/services"
+    token = nomad.identity(alloc, "web")
+    assert get(url, token)[:2] == (403, "Permission denied")  # the implicit policy only
+    assert get(services, token)[0] == 200
+    nomad.attach_read_job("shop")
+    assert get(url, token)[0] == 200
+    assert get(f"{nomad.url}/v1/allocation/{elsewhere.id}", token)[0] == 403  # read-job of its namespace
+    nomad.stop_allocation(alloc.id)
+    assert get(url, nomad.management_token)[0] == 200
+    assert get(url, token)[:2] == (403, "Permission denied")  # the identity of a terminal allocation
+    assert get(services, token)[:2] == (403, "Permission denied")
+    nomad.forget_allocation(alloc.id)
+    assert get(url, nomad.management_token)[:2] == (404, "alloc not found")
+    assert get(url, token)[:2] == (403, "Permission denied")  # ... or of one Nomad no longer knows
 
 
 def test_jwks_has_the_documented_shape_and_verifies_identities(nomad: NomadDouble) -> None:

@@ -499,6 +499,7 @@ async def test_a_workload_identity_nomad_refuses_is_read_again_from_its_file(
     caplog.set_level(logging.INFO)
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web",))
+        nomad.attach_read_job("shop")
         expired = nomad.identity(alloc, "web", ttl=60, issued_at=time.time() - 120)
         identity_file = tmp_path / "nomad_token"
         identity_file.write_text(nomad.identity(alloc, "web", ttl=3600) + "\n")  # renewed since the start
@@ -506,14 +507,90 @@ async def test_a_workload_identity_nomad_refuses_is_read_again_from_its_file(
         env = {"NOMAD_ADDR": nomad.url}
         assert identity_source(cfg, {**env, "NOMAD_TOKEN": nomad.management_token}) is None
         api = NomadAPI(NomadSettings.resolve({**env, "NOMAD_TOKEN": expired}))  # as read at start
-        nomad.stop_allocation(alloc.id)
         gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
             watch_allocation(api, alloc.id, POLL, gone.set_result, identity_source(cfg, env))
         )
         try:
-            assert await asyncio.wait_for(gone, WAIT) == f"allocation {alloc.id} is stopped in Nomad"
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 3)
+            renewed = identity_file.read_text().strip()
+            assert [token for _, _, token in nomad.requests[:2]] == [expired, renewed]
+            nomad.stop_allocation(alloc.id)
+            assert await asyncio.wait_for(gone, WAIT) == (
+                f"allocation {alloc.id} is stopped or gone in Nomad (Nomad refuses its workload identity, "
+                "as it does once the allocation is terminal or unknown)"
+            )
         finally:
             task.cancel()
         assert warnings(caplog) == []  # the refused read was followed at once by one with the new token
-        assert [token for _, _, token in nomad.requests[-2:]] == [expired, identity_file.read_text().strip()]
+
+
+def wait_reads(nomad: NomadDouble, alloc_id: str, n: int) -> None:
+    """Until the double has answered `n` reads of the allocation (bounded by WAIT)."""
+    deadline = time.monotonic() + WAIT
+    while sum(1 for _, path, _ in nomad.requests if path.endswith(alloc_id)) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {n} reads of {alloc_id} within {WAIT}s")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("end", ["stop", "gc"])
+async def test_an_allocation_nomad_no_longer_runs_is_seen_through_its_refused_identity(
+    tmp_path: Path, end: str
+) -> None:
+    """Read with its own workload identity, an allocation never reads as stopped or gone: Nomad refuses
+    the identity of a terminal or unknown allocation with 403 (nomad/auth.go VerifyClaim). Once Nomad
+    accepted it, a 403 that the List Services API (the identity's implicit policy) repeats is the end."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        identity_file = tmp_path / "nomad_token"
+        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+        env = {"NOMAD_ADDR": nomad.url}
+        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            watch_allocation(api, alloc.id, POLL, gone.set_result, identity_source(cfg, env))
+        )
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)
+            assert not gone.done()
+            nomad.stop_allocation(alloc.id)
+            if end == "gc":
+                nomad.forget_allocation(alloc.id)
+            reason = await asyncio.wait_for(gone, WAIT)
+        finally:
+            task.cancel()
+        assert reason.startswith(f"allocation {alloc.id} is stopped or gone in Nomad (Nomad refuses its")
+
+
+async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identity_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No read-job policy attached to the job (the identity's implicit policy reads no allocation), or
+    an identity never accepted (another cluster at NOMAD_ADDR): a warning naming the policy, and the
+    agent keeps serving."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        identity_file = tmp_path / "nomad_token"
+        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
+        gone: list[str] = []
+        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
+        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)
+            assert warnings(caplog)[0].endswith(
+                "the token needs namespace read-job (a workload identity: attach a policy granting "
+                "read-job to the job)); still serving"
+            )
+            nomad.attach_read_job("shop")  # accepted now; then the policy goes again
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 4)
+            nomad.read_job_jobs.clear()
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 7)
+            assert not task.done() and gone == []
+        finally:
+            task.cancel()
+        assert ("GET", "/v1/services", identity_file.read_text()) in nomad.requests  # asked, and answered
