@@ -31,7 +31,8 @@ the group (the upstream listens on 127.0.0.1:NOMAD_PORT_<label>, so two allocati
 never clash) or a number. Example: `api:api_up:http,db:15432`.
 
 While it runs, the agent reads its allocation from Nomad every `[nomad] poll_interval` seconds
-(python-nomad, in a thread: `watch_allocation`); once Nomad reports it stopped or no longer knows it,
+(python-nomad, in a thread: `watch_allocation`); once Nomad reports it terminal or no longer knows it
+(not while Nomad is still stopping it: its kill signal comes after the app's),
 the agent drains, deregisters its services and exits, as on SIGTERM. Read with the allocation's own
 workload identity (which needs a policy granting read-job attached to the job: the implicit one has
 none), Nomad answers a stopped or gone allocation with 403, refusing the identity itself; the watch
@@ -302,7 +303,9 @@ async def watch_allocation(
     identity: Callable[[], str | None] | None = None,
 ) -> None:
     """Read the allocation every `interval` seconds; call `on_gone(reason)` once Nomad reports it
-    stopped or unknown. Nomad unreachable, refusing, or answering what is not an allocation: one
+    stopped (terminal) or unknown. One Nomad is still stopping (DesiredStatus stop, its tasks not all
+    dead) is served on: Nomad signals this sidecar once the app's tasks have exited.
+    Nomad unreachable, refusing, or answering what is not an allocation: one
     warning per distinct problem, the agent keeps serving, and the reads go on, spaced out (doubling
     up to WATCH_MAX_BACKOFF) while they fail. Nothing but cancellation ends the watch otherwise.
     A token Nomad refuses is replaced by the one `identity` (`identity_source`) reads now, if another,
@@ -317,6 +320,7 @@ async def watch_allocation(
     failing: str | None = None
     failures = 0
     accepted = False  # Nomad answered a read with this allocation's workload identity
+    stopping = False  # Nomad said it is stopping the allocation (logged once)
     while True:
         problem: str | None = None
         try:
@@ -354,7 +358,13 @@ async def watch_allocation(
                 failing = None
             failures = 0
             accepted = identity is not None
-            if state is not AllocationState.LIVE:
+            if state is AllocationState.STOPPING:
+                # Nomad kills the app first and this sidecar after it: draining now would cut the app's
+                # upstream calls while it finishes (its kill_timeout, a shutdown_delay before it)
+                if not stopping:
+                    log.info("Nomad is stopping allocation %s: serving until its kill signal", alloc_id)
+                stopping = True
+            elif state is not AllocationState.LIVE:
                 on_gone(f"allocation {alloc_id} is {state.value} in Nomad")
                 return
         if problem is not None:

@@ -64,7 +64,10 @@ _REDACTED = "<redacted>"
 
 class AllocationState(enum.Enum):
     LIVE = "live"  # pending or running, and meant to run
-    STOPPED = "stopped"  # terminal, or the scheduler stopped/evicted it
+    # the scheduler stopped/evicted it (DesiredStatus), and the client is still killing its tasks: the
+    # main ones first, then the prestart sidecars, then poststop ones (ClientStatus still running)
+    STOPPING = "stopping"
+    STOPPED = "stopped"  # terminal (ClientStatus complete, failed or lost)
     GONE = "gone"  # Nomad does not know it (404 "alloc not found"): garbage-collected, or never existed
 
 
@@ -203,8 +206,10 @@ def allocation_state(alloc: Mapping[str, Any]) -> AllocationState:
         raise UnexpectedAnswer(
             f"the allocation's DesiredStatus is a JSON {_json_type(desired)}, not a status"
         )
-    if client in TERMINAL_CLIENT_STATUSES or desired in STOPPING_DESIRED_STATUSES:
+    if client in TERMINAL_CLIENT_STATUSES:
         return AllocationState.STOPPED
+    if desired in STOPPING_DESIRED_STATUSES:
+        return AllocationState.STOPPING
     return AllocationState.LIVE
 
 

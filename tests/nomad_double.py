@@ -130,6 +130,16 @@ class NomadDouble:
         with self._lock:
             self.read_job_jobs.add((namespace, job))
 
+    def begin_stop(self, alloc_id: str) -> None:
+        """`nomad alloc stop` as the servers record it at once: DesiredStatus stop, while the client
+        still runs the tasks (ClientStatus running) and kills them, the main ones first, prestart
+        sidecars after them (allocations API: DesiredStatus and ClientStatus are set apart)."""
+        with self._lock:
+            alloc = self.allocations[alloc_id]
+            alloc.desired_status = "stop"
+            self.index += 1
+            alloc.modify_index = self.index
+
     def stop_allocation(self, alloc_id: str) -> None:
         """What `nomad alloc stop` leaves behind once the client has killed the tasks."""
         with self._lock:

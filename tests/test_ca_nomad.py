@@ -185,6 +185,9 @@ async def test_jwt_of_a_stopped_or_unknown_allocation_is_refused(ca, nomad) -> N
     svc, sink = ca
     alloc = nomad.add_allocation("shop", "web", ("web",))
     token = nomad.identity(alloc, "web")
+    nomad.begin_stop(alloc.id)  # its tasks still running: being stopped is refused already
+    status, body = await sign(svc, token, "web")
+    assert_refused(sink, status, body, 403, f"allocation {alloc.id} is running (desired stop) in Nomad")
     nomad.stop_allocation(alloc.id)
     status, body = await sign(svc, token, "web")
     assert_refused(sink, status, body, 403, f"allocation {alloc.id} is complete (desired stop) in Nomad")

@@ -594,3 +594,28 @@ async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identi
         finally:
             task.cancel()
         assert ("GET", "/v1/services", identity_file.read_text()) in nomad.requests  # asked, and answered
+
+
+async def test_an_allocation_nomad_is_stopping_is_served_until_its_kill_signal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`nomad alloc stop`: DesiredStatus stop at once, ClientStatus running while the client kills the
+    app first and the sidecar after it. Draining then would cut the app's upstream calls while it
+    finishes; the watch serves on, and ends once the allocation is terminal."""
+    caplog.set_level(logging.INFO)
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        api = api_at(nomad.url, NOMAD_TOKEN=nomad.management_token)
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.set_result))
+        try:
+            nomad.begin_stop(alloc.id)
+            reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 5)
+            assert not gone.done()
+            nomad.stop_allocation(alloc.id)
+            assert await asyncio.wait_for(gone, WAIT) == f"allocation {alloc.id} is stopped in Nomad"
+        finally:
+            task.cancel()
+    said = [r.getMessage() for r in caplog.records if r.name == WATCH_LOG]
+    assert said.count(f"Nomad is stopping allocation {alloc.id}: serving until its kill signal") == 1
