@@ -76,6 +76,13 @@ ADMIN_LABEL = "hostmesh_admin"
 METRICS_LABEL = "hostmesh_metrics"
 DNS_LABEL = "hostmesh_dns"
 NOMAD_DRAIN_SECONDS = 2.0  # below Nomad's default kill_timeout (5s), with room to deregister
+# In an allocation the agent-alive TTL check carries DeregisterCriticalServiceAfter: a sidecar that
+# died without deregistering (SIGKILL past kill_timeout, the OOM killer) leaves an instance whose ID,
+# <service>-<allocation id>, no later allocation reuses, so it stayed critical in Consul for good.
+# Consul's floor (1 min; its reaper then runs every 30 s). A task Nomad restarts in the same
+# allocation registers again as it starts. Not on a VM: there the ID is the host's, a restarted agent
+# takes it back, and a dead agent's critical instance is what the operator should see.
+DEREGISTER_DEAD_SIDECAR_AFTER = "1m"
 ADMIN_ADDRESS_FILE = "admin.addr"  # in data_dir: where `wait-ready` finds an ephemeral admin port
 META = "NOMAD_META_"
 NAMED_IDENTITY_FILE = (

@@ -720,9 +720,18 @@ class Agent:
                     "Name": "hostmesh agent alive",
                     "TTL": f"{TTL_SECONDS}s",
                     "Status": "passing",
+                    **self._dead_sidecar_deregistration(),
                 },
             ),
         )
+
+    def _dead_sidecar_deregistration(self) -> dict[str, str]:
+        """In a Nomad allocation, Consul removes a dead sidecar's instance (agent/nomad.py)."""
+        if self.config.nomad is None:
+            return {}
+        from hostmesh.agent.nomad import DEREGISTER_DEAD_SIDECAR_AFTER
+
+        return {"DeregisterCriticalServiceAfter": DEREGISTER_DEAD_SIDECAR_AFTER}
 
     def _metrics_meta(self) -> dict[str, str]:
         """The metrics meta = host:port of /metrics, for Prometheus' consul_sd_configs (observability/)."""

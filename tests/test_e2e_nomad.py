@@ -362,6 +362,31 @@ def test_kill_signal_deregisters_and_exits_within_kill_timeout(mesh: NomadMesh) 
         app.close()
 
 
+# a dead sidecar's TTL check lapses (15 s), stays critical DEREGISTER_DEAD_SIDECAR_AFTER (1 min), then
+# waits for Consul's reaper (every 30 s) and its catalog sync: 2 min with room
+DEAD_SIDECAR_REAPED = 180.0
+
+
+@pytest.mark.timeout(DEAD_SIDECAR_REAPED + 60)
+def test_a_sidecar_killed_without_deregistering_leaves_no_instance_in_consul(mesh: NomadMesh) -> None:
+    """SIGKILL past kill_timeout, or the OOM killer: the sidecar cannot deregister, and its instance
+    (an ID no later allocation takes) stayed critical in Consul for good. Consul now removes it."""
+    agent, app = allocation_agent(mesh)
+    sid = f"api-{agent.alloc.id}"
+    try:
+        agent.proc.popen.kill()
+        agent.proc.popen.wait(timeout=KILL_TIMEOUT)
+        assert "deregistered" not in agent.proc.log()  # it had no chance to
+
+        def removed() -> bool:
+            services = mesh.consul.get_json("/v1/agent/services")
+            return sid not in services and sid not in mesh.catalog_ids("api")
+
+        wait_for(removed, DEAD_SIDECAR_REAPED, f"Consul to remove the dead sidecar's {sid}")
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize(
     ("job", "aud", "names_the_mapping"),
     [("shop", "nomadproject.io", False), ("billing", "hostmesh", True)],
