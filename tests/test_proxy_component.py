@@ -1146,6 +1146,23 @@ async def test_the_connection_cap_resets_inbound_streams_beyond_it(mesh: Mesh) -
     await async_wait_until(lambda: cap.open <= 1, what="the stream's slot back")
 
 
+async def test_callers_sharing_a_dial_the_peer_ends_at_once_are_all_reset(mesh: Mesh) -> None:
+    """Defect: a peer agent at its connection cap ends each mesh connection right after the handshake.
+    Callers that waited for that one dial got the connection after it had ended, opened their stream
+    on it and were never told: half of 30 concurrent downstream connections hung (until the stream
+    idle timeout, an hour by default). Now such a dial fails like a refused one: each is reset."""
+    ib = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b, cap=ConnectionCap(0, mesh.tel_b))
+    await ib.start()
+    mesh.extra.append(ib)
+    mesh.holder_a.swap(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(ib.port, {})]}))
+    ob = await mesh.add_outbound(mesh.holder_a, connect_budget=2.0)
+    conns = [await mesh.connect(ob) for _ in range(30)]
+    outcomes = await asyncio.gather(*(closed_by_peer(r) for r, _w in conns))
+    assert outcomes == ["reset"] * len(conns)
+    await async_wait_until(lambda: len(ob.tracker) == 0, what="no pipe left")
+    assert ob.pool.connection_count() == 0 and not ob.pool._conns  # no ended connection kept
+
+
 async def test_an_idle_l4_connection_is_reset_after_the_stream_idle_timeout(mesh: Mesh) -> None:
     """stream_idle_timeout: a connection that moves no byte for that long is reset on both sides
     (flag SI); one that keeps talking stays up across several timeouts."""

@@ -203,6 +203,16 @@ class MeshClient(MuxConnection):
         self.pool.discard(self)
 
 
+def _ready(conn: MeshClient, key: PoolKey) -> MeshClient:
+    """`conn`, just dialed, if it still takes streams; else DialError (the caller tries another
+    instance). The peer agent may end a connection, or say GOAWAY, right after the handshake (at its
+    connection cap, stopping), before the dial's caller (or a caller waiting for that dial) resumes: a
+    stream opened on it then was never sent nor failed, and its downstream hung until the idle timeout."""
+    if conn.closed or conn.draining:
+        raise DialError(f"peer {key[0]}:{key[1]} ended the connection as it was established")
+    return conn
+
+
 class _Dial:
     """A dial in progress that other new streams to the same endpoint may wait for."""
 
@@ -260,13 +270,13 @@ class ConnectionPool:
         if pending is not None and pending.ctx is ctx and pending.waiters < MAX_STREAMS_PER_CONN:
             pending.waiters += 1
             try:
-                return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+                return _ready(await asyncio.wait_for(asyncio.shield(pending.future), timeout), key)
             except TimeoutError:
                 raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
         future: asyncio.Future[MeshClient] = asyncio.get_running_loop().create_future()
         self._dials[key] = dial = _Dial(ctx, future)
         try:
-            conn = await self._dial(key, ctx, sni, expected, timeout)
+            conn = _ready(await self._dial(key, ctx, sni, expected, timeout), key)  # (ended: not pooled)
         except BaseException as exc:
             if isinstance(exc, DialError):
                 future.set_exception(exc)
