@@ -1163,6 +1163,37 @@ async def test_callers_sharing_a_dial_the_peer_ends_at_once_are_all_reset(mesh: 
     assert ob.pool.connection_count() == 0 and not ob.pool._conns  # no ended connection kept
 
 
+class _ResetAtOnce(asyncio.Protocol):
+    """An app that resets every connection it accepts at once (at its own limit, say)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        reset_transport(transport)
+
+
+async def test_an_app_resetting_its_connection_at_once_resets_the_callers_stream(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect: the app's reset came before the inbound's pipe existed, so nothing was told; the pipe
+    then wrote the caller's bytes to the closed socket (uvloop raised: a traceback logged per stream)
+    or, the caller silent, the stream stayed open until the idle timeout. Now the stream is reset, UC."""
+    server = await asyncio.get_running_loop().create_server(_ResetAtOnce, "127.0.0.1", 0)
+    try:
+        snap = mesh.holder_b.current
+        api = dataclasses.replace(snap.local["api"], port=server.sockets[0].getsockname()[1])
+        mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": api})))
+        conns = [await mesh.connect() for _ in range(20)]
+        for _r, w in conns[::2]:  # half of the callers send at once, the others say nothing
+            with contextlib.suppress(RuntimeError, ConnectionError):  # (uvloop: already reset)
+                w.write(b"hello")
+        outcomes = await asyncio.gather(*(closed_by_peer(r) for r, _w in conns))
+        assert outcomes == ["reset"] * len(conns)
+        await async_wait_until(lambda: len(mesh.inbound.tracker) == 0, what="no pipe left")
+        assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 20
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    finally:
+        server.close()
+
+
 async def test_an_idle_l4_connection_is_reset_after_the_stream_idle_timeout(mesh: Mesh) -> None:
     """stream_idle_timeout: a connection that moves no byte for that long is reset on both sides
     (flag SI); one that keeps talking stays up across several timeouts."""

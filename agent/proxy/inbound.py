@@ -510,6 +510,11 @@ class InboundListener(ListenerLifecycle):
             self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.DC).closed.inc()
             stream.reset()
             return False
+        if app.closed:  # the app reset it at once (no pipe yet to tell): a pipe over it wrote to a closed
+            # transport (uvloop raised, a traceback per stream) or waited for the idle timeout
+            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UC).closed.inc()
+            stream.reset()
+            return False
         pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name, admission))
         self.tracker.add(pipe)
         pipe.start()
