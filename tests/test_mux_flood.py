@@ -20,11 +20,20 @@ from hostmesh.agent import audit
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.inbound import DENIED_OPEN_COST, MAX_STREAMS_ACCEPTED, InboundConnection
 from hostmesh.agent.proxy.mux import LATE_FRAMES_PER_WASTE, WASTE_BUDGET
+from hostmesh.agent.proxy.udp import MAX_FLOWS_ACCEPTED
 from hostmesh.ca.tls import HTTP_ALPN, mesh_client_context
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests import test_proxy_component as component
 from tests.support import async_wait_until
-from tests.test_proxy_component import IO_TIMEOUT, TD, Mesh, _raw_mesh_connection, deny, echo_once
+from tests.test_proxy_component import (
+    IO_TIMEOUT,
+    TD,
+    Mesh,
+    _raw_mesh_connection,
+    deny,
+    echo_once,
+    udp_echo_as_api,
+)
 
 # the component tier's fixtures: both loops, and the two hosts (B's inbound serves the tcp service `api`)
 event_loop_policy = component.event_loop_policy
@@ -89,6 +98,27 @@ async def test_a_flood_of_frames_without_effect_ends_the_connection(
     w.close()
     r2, w2 = await mesh.connect()  # the agent still serves
     await echo_once(r2, w2, b"still served")
+
+
+async def test_a_flood_of_refused_flow_opens_ends_the_connection(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect: DGRAM_OPENs over the per-connection flow limit were each answered with a RESET outside
+    the budget (20,000 answered, the connection kept), and written whatever the peer read. Now they
+    count as the refused OPENs do: over the budget the connection ends, with one log line."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    async with udp_echo_as_api(mesh):
+        r, w = await _raw_mesh_connection(mesh)
+        w.write(b"".join(wire.control(wire.DGRAM_OPEN, i) for i in range(1, MAX_FLOWS_ACCEPTED + FLOOD + 1)))
+        got = await ended(r)
+        resets = [sid for t, sid, _ in events(got) if t == wire.RESET and sid > MAX_FLOWS_ACCEPTED]
+        assert 0 < len(resets) < FLOOD
+        lines = [rec.getMessage() for rec in caplog.records if "protocol error" in rec.getMessage()]
+        assert len(lines) == 1 and "frames without effect" in lines[0]
+        await async_wait_until(
+            lambda: mesh.inbound.stats()["mesh_connections"] == 0, what="connection dropped"
+        )
+        w.close()
 
 
 async def test_denied_opens_are_audited_up_to_the_budget_then_the_connection_ends(

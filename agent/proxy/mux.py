@@ -22,12 +22,12 @@ Decisions:
   dropped; frames for ids never opened are a protocol error.
 - Floods of frames that are each legal but do nothing (HTTP/2's "control frame floods"): a peer
   could keep an agent's loop busy with WINDOW +0, DATA without a byte, frames without bytes for
-  ended streams (a 32nd each: a normal peer sends a few per stream that ends), OPENs refused over
-  the stream limit, repeated GOAWAYs, or OPENs of a stream it is denied (agent/proxy/inbound.py),
-  each costing it 8-12 bytes. They count against a per-connection budget (`wasted`: WASTE_BUDGET
-  frames, WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it the connection is a
-  broken peer (protocol error). Useful frames (DATA, credit, FIN, RESET on open streams) cost
-  nothing new.
+  ended streams (a 32nd each: a normal peer sends a few per stream that ends), OPENs and DGRAM_OPENs
+  refused over the stream limit, repeated GOAWAYs, or OPENs of a stream it is denied
+  (agent/proxy/inbound.py), each costing it 8-12 bytes. They count against a per-connection budget
+  (`wasted`: WASTE_BUDGET frames, WASTE_ALLOWANCE_PER_SECOND of them forgiven per second); over it
+  the connection is a broken peer (protocol error). Useful frames (DATA, credit, FIN, RESET on open
+  streams) cost nothing new.
 - A peer that sends but never reads cannot grow our write buffer with the answers it provokes
   (RESETs of refused or denied streams): an answer written while the connection's write buffer is
   above its high-water mark stops reading from that peer until the buffer is below its low-water

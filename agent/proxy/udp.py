@@ -734,7 +734,9 @@ class UdpInbound:
             return
         if conn.draining or self.draining or len(conn.streams) >= MAX_FLOWS_ACCEPTED:
             conn.last_id = sid
-            conn.write(control(RESET, sid))
+            if not conn.wasted("DGRAM_OPEN over the flow limit"):  # a flood of them, as of OPENs (mux.py)
+                conn.write(control(RESET, sid))
+                conn.answered()
             return
         snap = self.holder.current
         # the caller's certificate, as for a TCP stream (inbound.py _open): still trusted, not expired
