@@ -36,7 +36,7 @@ from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import FAILURES_SLACK, OutboundListener
-from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool
+from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool, DialError
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.udp import UdpInbound
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
@@ -1260,6 +1260,28 @@ async def test_connect_within_budget_moves_past_a_refusing_instance_and_reports_
         assert got.last is failures[-1][1]
     finally:
         pool.close()
+
+
+async def test_callers_waiting_for_a_dial_whose_caller_is_cancelled_get_a_dial_error(mesh: Mesh) -> None:
+    """Defect: when the task that dialed was cancelled (an L7 request's at a stop or reload), those
+    waiting for that dial (an L4 connection of the same listener) got CancelledError, which ended their
+    own tasks as if cancelled: the downstream was left unanswered. Now they get a DialError."""
+    silent = socket.socket()  # accepts TCP (the backlog) and never answers the TLS handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        key, pool = ("127.0.0.1", silent.getsockname()[1]), ConnectionPool()
+        ctx, ident = mesh.holder_a.current.tls.client["web"], pki.Identity(TD, "api")
+        dialer = asyncio.ensure_future(pool.dial(key, ctx, ident.dns_name, ident, IO_TIMEOUT))
+        await async_wait_until(lambda: key in pool._dials, what="the dial started")
+        waiter = asyncio.ensure_future(pool.dial(key, ctx, ident.dns_name, ident, IO_TIMEOUT))
+        await async_wait_until(lambda: pool._dials[key].waiters == 2, what="the second caller waiting")
+        dialer.cancel()
+        with pytest.raises(DialError, match="abandoned"):
+            await waiter
+        assert dialer.cancelled()
+    finally:
+        silent.close()
 
 
 async def test_connect_within_budget_starts_no_attempt_once_the_budget_is_spent(mesh: Mesh) -> None:

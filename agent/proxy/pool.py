@@ -278,11 +278,12 @@ class ConnectionPool:
         try:
             conn = _ready(await self._dial(key, ctx, sni, expected, timeout), key)  # (ended: not pooled)
         except BaseException as exc:
-            if isinstance(exc, DialError):
-                future.set_exception(exc)
-                future.exception()  # retrieved here: nobody may be waiting
-            else:
-                future.cancel()
+            # a dialer cancelled (its caller stopped) fails its waiters as a failed dial does: a
+            # CancelledError raised into them ended their callers' tasks as if they were cancelled too
+            # (an L4 downstream left unanswered, never reset)
+            why = f"connect to {key[0]}:{key[1]} abandoned by the caller that dialed it"
+            future.set_exception(exc if isinstance(exc, DialError) else DialError(why))
+            future.exception()  # retrieved here: nobody may be waiting
             raise
         finally:
             if self._dials.get(key) is dial:
