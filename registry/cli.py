@@ -815,9 +815,20 @@ def intention_default(ctx: click.Context, dst: str, action: str) -> None:
 async def _edit_intentions(
     store: DocumentStore, dst: str, edit: Callable[[dict[str, Any]], str]
 ) -> tuple[Document, str]:
-    """Read-modify-write of DST's intentions; `edit` changes the dict in place and says what it did."""
+    """Read-modify-write of DST's intentions; `edit` changes the dict in place and says what it did.
+    A live document naming another service (written around the CLI) is refused: the write goes to
+    the key of the service the document names, which would replace that service's rules."""
+    from hostmesh.registry.documents import doc_key
+
     for _ in range(MAX_EDIT_ATTEMPTS):
         current = await store.get("intentions", dst)
+        if current is not None and current.data.get("service") != dst:
+            named = current.data.get("service")
+            raise InvalidDocument(
+                doc_key("intentions", dst),
+                f"stored value names service {named!r}, not {dst!r}, and agents reject it; "
+                f"`hostmesh intention apply` a document for {dst} (or delete the key) first",
+            )
         data: dict[str, Any] = dict(current.data) if current else {"service": dst, "rules": []}
         data["rules"] = [dict(r) if isinstance(r, dict) else r for r in data.get("rules") or []]
         what = edit(data)

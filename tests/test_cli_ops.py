@@ -237,6 +237,33 @@ def test_intentions_allow_deny_list_delete(consul: ConsulDev) -> None:
     assert as_json[0]["version"] == 4
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["allow", "web"], ["deny", "web"], ["delete", "x"], ["default"]],
+    ids=["allow", "deny", "delete", "default"],
+)
+def test_an_intention_edit_of_a_document_naming_another_service_writes_nothing(
+    consul: ConsulDev, args: list[str]
+) -> None:
+    """hostmesh/intentions/<dst> holding a document that names another service (copied there around
+    the CLI; agents reject it): an edit of dst is refused in one line. It used to write to the other
+    service's key, replacing that service's rules with dst's stored ones, and report dst changed."""
+    dst, other = svc("copied"), svc("other")
+    ok(run(consul, "intention", "allow", "frontend", other))
+    before = consul.kv_get(doc_key("intentions", other))
+    stored = {"service": other, "version": 1, "rules": [{"source": "x", "action": "allow"}]}
+    consul.kv_put(doc_key("intentions", dst), json.dumps(stored))
+    command = [*args, "deny"] if args == ["default"] else args
+    verb, rest = command[0], command[1:]
+    argv = ["intention", verb, dst, *rest] if verb == "default" else ["intention", verb, *rest, dst]
+    assert fails(run(consul, *argv)) == (
+        f"Error: hostmesh/intentions/{dst}: stored value names service {other!r}, not {dst!r}, and agents "
+        f"reject it; `hostmesh intention apply` a document for {dst} (or delete the key) first"
+    )
+    assert consul.kv_get(doc_key("intentions", other)) == before
+    assert json.loads(consul.kv_get(doc_key("intentions", dst)) or b"") == stored
+
+
 def test_concurrent_intention_edits_are_all_kept(consul: ConsulDev) -> None:
     """Intention edits are read-modify-writes that retry on conflict: no edit is lost."""
     import asyncio
