@@ -1030,8 +1030,9 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
 
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
     the host could swap them. The join token and the keys are credentials: no group/world access;
-    the Consul token file, and agent.toml when it holds a token itself: not readable by every user
-    of the host (their group is the agent's own). Files that do not exist yet are fine (the agent
+    the Consul token file and the private keys of Consul's client certificate and of the gateways,
+    and agent.toml when it holds a token itself: not readable by every user of the host (their group
+    is the agent's own). Files that do not exist yet are fine (the agent
     creates them 0600 itself). The cert dir, the trust bundle and the certificates decide whom the
     mesh trusts: no group/world write. In a Nomad allocation the Consul token file is the task's
     own, in its secrets dir (a `template` writes 0644 unless told otherwise): not checked there."""
@@ -1049,6 +1050,11 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
             f"{config_path} holds {literal} and is readable by every user of this host (mode {mode:04o}); "
             f"fix: chmod 640 {config_path}, or name a token file instead"
         )
+    for name, key in _private_keys_named(cfg):
+        if mode := others_can_read(key):
+            raise ConfigError(
+                f"{name} {key} is readable by every user of this host (mode {mode:04o}); fix: chmod 600 {key}"
+            )
     _check_mode(cfg.data_dir, 0o022, "writable", f"chmod 700 {cfg.data_dir}", "data_dir", directory=True)
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file
@@ -1061,6 +1067,21 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
         chain, key = cert_paths(cfg.certs_dir, svc.name)
         _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
         _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
+
+
+def _private_keys_named(cfg: AgentConfig) -> list[tuple[str, Path]]:
+    """The private keys agent.toml names, by the setting naming each: Consul's client key (not in a
+    Nomad allocation, where it is the task's own, as the token file) and the gateways' keys. Like the
+    Consul token file, their group may read them (a service's own, as ssl-cert's); every user may not:
+    whoever holds the Consul key speaks TLS to Consul as this agent, a gateway's key serves its names."""
+    keys: list[tuple[str, Path]] = []
+    consul_key = cfg.consul_settings().key_file
+    if consul_key is not None and cfg.nomad is None:
+        keys.append(("[consul] key_file", Path(consul_key)))
+    for gw in cfg.gateways:
+        for lst in gw.listeners:
+            keys += [(f"gateway {gw.name}'s key_file", c.key_file) for c in lst.certificates]
+    return keys
 
 
 def files_the_agent_reads(cfg: AgentConfig) -> list[tuple[str, Path]]:

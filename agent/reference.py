@@ -176,7 +176,12 @@ AGENT_KEYS: tuple[Key, ...] = (
     Key("consul.token_file", "path", "$CONSUL_HTTP_TOKEN_FILE", "File holding the ACL token (mode 0600)."),
     Key("consul.ca_file", "path", "$CONSUL_CACERT, else the system store", "CA bundle for Consul's HTTPS."),
     Key("consul.cert_file", "path", "$CONSUL_CLIENT_CERT", "Client certificate for Consul."),
-    Key("consul.key_file", "path", "$CONSUL_CLIENT_KEY", "Its key."),
+    Key(
+        "consul.key_file",
+        "path",
+        "$CONSUL_CLIENT_KEY",
+        "Its key (not readable by every user: mode 0600, or 0640 for the agent's group).",
+    ),
     Key(
         "consul.tls_server_name",
         "string",
@@ -441,7 +446,12 @@ AGENT_KEYS: tuple[Key, ...] = (
         "(required)",
         "PEM certificate chain; re-read when it changes and on SIGHUP.",
     ),
-    Key("gateways[].listeners[].certificates[].key_file", "path", "(required)", "Its PEM key."),
+    Key(
+        "gateways[].listeners[].certificates[].key_file",
+        "path",
+        "(required)",
+        "Its PEM key (not readable by every user: mode 0600, or 0640 for the agent's group).",
+    ),
 )
 
 

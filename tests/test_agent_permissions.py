@@ -139,6 +139,34 @@ def test_a_consul_token_file_every_user_can_read_is_refused_at_start_and_by_vali
     assert validate(config).returncode == 0
 
 
+def test_private_keys_every_user_can_read_are_refused_at_start_and_by_validate(open_dir: Path) -> None:
+    """The key of Consul's client certificate and a gateway's key are credentials as the Consul token
+    is: refused, naming the setting, when every user can read them (the agent started and `agent
+    validate` said ok, while a service key or token file in that state was refused); their group may."""
+    from tests.consul_secure import TLSFiles
+
+    config, _, _ = write_config(open_dir)
+    tls = TLSFiles(open_dir / "consul-tls")
+    open_dir.joinpath("consul-tls").chmod(0o755)
+    edge_key = open_dir / "edge.key"
+    edge_key.write_text("key")
+    config.write_text(
+        config.read_text()
+        + f'[consul]\ncert_file = "{tls.client_cert}"\nkey_file = "{tls.client_key}"\n'
+        + '[[gateways]]\nname = "edge"\nkind = "ingress"\n[[gateways.listeners]]\n'
+        + 'bind = "127.0.0.1:18443"\nprotocol = "https"\n'
+        + f'certificates = [{{ hosts = ["a.example.test"], cert_file = "{open_dir / "edge.crt"}", '
+        + f'key_file = "{edge_key}" }}]\n'
+    )
+    for name, key in (("[consul] key_file", tls.client_key), ("gateway edge's key_file", edge_key)):
+        key.chmod(0o644)
+        expected = f"{name} {key} is readable by every user of this host (mode 0644); fix: chmod 600 {key}"
+        assert one_line_error(run(config)) == f"Error: {expected}"
+        assert one_line_error(validate(config)) == f"Error: {expected}"
+        key.chmod(0o640)
+    check_permissions(load_config(config), config)
+
+
 def test_agent_validate_refuses_a_join_token_others_can_read(tmp_path: Path) -> None:
     config, _, token = write_config(tmp_path)
     token.chmod(0o644)
