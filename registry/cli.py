@@ -423,6 +423,21 @@ def _apply_all(
         remember_read(ctx, kind, service, version)
 
 
+def _check_stored_size(where: str, data: dict[str, Any], version: int) -> None:
+    """Refuse a document whose stored form (as `version`) passes MAX_DOCUMENT_BYTES, naming the file
+    (and its place there), before any diff: no split of the file makes it fit, and a dry run said
+    "split the file", the write "document: is larger than …", naming neither (an `&anchor` repeated
+    by `*aliases` in YAML is a few lines that store as many KiB)."""
+    from hostmesh.registry.documents import MAX_DOCUMENT_BYTES, encode
+
+    size = len(encode({**data, "version": version}).encode())
+    if size > MAX_DOCUMENT_BYTES:
+        raise click.ClickException(
+            f"{where}: the document takes {-(-size // 1024)} KiB stored as JSON, more than the "
+            f"{MAX_DOCUMENT_BYTES // 1024} KiB one document may take"
+        )
+
+
 class _Planned(NamedTuple):
     """A document of the file, validated."""
 
@@ -472,6 +487,9 @@ async def _apply_together(
 
     pending = {(p.kind, p.service): p.data for p in planned}
     checked = [await _check_one(store, path, p, bases.get((p.kind, p.service)), pending) for p in planned]
+    for p, c in zip(planned, checked, strict=True):
+        if c.changed:  # (the version it would be unless history holds later ones: a deleted document)
+            _check_stored_size(p.where, c.data, c.have + 1)
     for c in checked:
         _show_diff(path, c)
         if c.changed and dry_run:

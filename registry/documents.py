@@ -364,7 +364,9 @@ class DocumentStore:
         stored = _with_version(data, version)
         value = encode(stored)
         if len(value.encode()) > MAX_DOCUMENT_BYTES:
-            raise InvalidDocument("document", f"is larger than {MAX_DOCUMENT_BYTES // 1024} KiB")
+            raise InvalidDocument(
+                f"{kind}/{service}", f"is larger than {MAX_DOCUMENT_BYTES // 1024} KiB stored"
+            )
         stale = [v for v in kept if v <= version - HISTORY_KEEP]
         return _Write(kind, service, version, stored, value, current.modify_index if current else 0, stale)
 

@@ -237,13 +237,37 @@ def test_a_document_of_the_largest_size_is_written(
     again = file_of(tmp_path, [{**doc, "version": 1}], "again.yaml")
     assert f"routes/{s}: version 2 written" in ok(run(consul, "route", "apply", "-f", again))
     assert max(bodies) <= MAX_TXN_BYTES
-    # one byte more: refused as before, nothing written
+    # one byte more: refused, naming the file, before its diff (a dry run too), nothing written
     t = svc("big")
     over = file_of(tmp_path, [sized_route(t, MAX_DOCUMENT_BYTES + 1)], "over.yaml")
-    assert fails(run(consul, "route", "apply", "-f", over)) == (
-        f"Error: document: is larger than {MAX_DOCUMENT_BYTES // 1024} KiB"
-    )
+    for dry_run in ([], ["--dry-run"]):
+        result = run(consul, "route", "apply", "-f", over, *dry_run)
+        assert fails(result) == (
+            f"Error: {over}: the document takes {MAX_DOCUMENT_BYTES // 1024 + 1} KiB stored as JSON, more "
+            f"than the {MAX_DOCUMENT_BYTES // 1024} KiB one document may take"
+        )
+        assert result.stdout == ""
     assert nothing_written(consul, doc_key("routes", t), history_key("routes", t, 1))
+
+
+def test_a_document_that_yaml_aliases_make_too_large_is_refused_naming_the_file(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Ten lines of YAML whose `*alias` repeats one rule 1024 times store as ~6 MiB of JSON: a dry run
+    said "split the file" (no split helps one document) and exited 0; the write printed the whole
+    diff, then "document: is larger than 184 KiB", naming neither the file nor the document."""
+    dst = svc("aliased")
+    permissions = ", ".join(["{path: {prefix: /a}}"] * 256)
+    text = f"service: {dst}\nrules:\n- &r {{source: web, action: allow, permissions: [{permissions}]}}\n"
+    text += "- *r\n" * 1023
+    f = tmp_path / "aliased.yaml"
+    f.write_text(text)
+    for args in (["intention", "apply", "-f", str(f)], ["intention", "apply", "-f", str(f), "--dry-run"]):
+        line = fails(run(consul, *args))
+        assert line.startswith(f"Error: {f}: the document takes ") and line.endswith(
+            f"KiB stored as JSON, more than the {MAX_DOCUMENT_BYTES // 1024} KiB one document may take"
+        )
+    assert nothing_written(consul, doc_key("intentions", dst))
 
 
 def test_changed_documents_past_one_transactions_bytes_are_refused_before_writing(
