@@ -616,11 +616,13 @@ async def _list_readable(store: DocumentStore, kind: str) -> list[Document]:
     it does, an empty list is that refusal, not "no documents", and a partial list is said to be."""
     from hostmesh.registry.documents import folder_key
 
-    docs = await store.list_all(kind)
+    docs, undecodable = await store.list_with_undecodable(kind)
+    for exc in undecodable:  # (a value that is JSON but no valid document is a row: INVALID)
+        click.echo(f"warning: {_one_line(str(exc))}: agents reject it; not listed", err=True)
     if await store.folder_readable(kind):
         return docs
     folder = folder_key(kind)
-    if not docs:
+    if not docs and not undecodable:
         raise _list_denied(folder)
     click.echo(
         f"warning: the token lacks key:read on {folder}: documents it may not read are not listed", err=True

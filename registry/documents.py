@@ -248,19 +248,25 @@ class DocumentStore:
 
     async def list_all(self, kind: str) -> list[Document]:
         """Every live document of `kind`, by service name. Values that are not JSON objects are skipped."""
+        return (await self.list_with_undecodable(kind))[0]
+
+    async def list_with_undecodable(self, kind: str) -> tuple[list[Document], list[InvalidDocument]]:
+        """`list_all`, and why each live value it skipped is no JSON object (written around the CLI:
+        agents reject it), by key."""
         _check_kind(kind)
         prefix = folder_key(kind)
-        out = []
+        out, undecodable = [], []
         for entry in await self.consul.kv_list(prefix):
             service = entry.key[len(prefix) :]
             if not service or "/" in service:
                 continue
             try:
                 data = _decode(entry, entry.key)
-            except InvalidDocument:
+            except InvalidDocument as exc:
+                undecodable.append(exc)
                 continue
             out.append(Document(kind, service, _version_of(data), data, entry.modify_index))
-        return sorted(out, key=lambda d: d.service)
+        return sorted(out, key=lambda d: d.service), sorted(undecodable, key=lambda e: e.path)
 
     async def folder_readable(self, kind: str) -> bool:
         """Whether the token may read `kind`'s folder, so that `list_all` lists all of it. Consul
