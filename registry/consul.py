@@ -338,11 +338,20 @@ def _detail(resp: Response) -> str:
     return text if len(text) <= MAX_ERROR_DETAIL else text[:MAX_ERROR_DETAIL] + "…"
 
 
-def _denied(op: Op, body: bytes) -> PermissionDenied:
-    if b"acl not found" in body[:MAX_ERROR_DETAIL].lower():
+def _denied(op: Op, resp: Response | None) -> PermissionDenied:
+    """A 403 (`resp`; None: a transaction's error Consul says is "Permission denied"): Consul's ACL
+    refusal ("Permission denied…", "ACL not found") names what the token lacks; any other body (a
+    proxy's or a gateway's page in front of Consul) is a refusal too, but not the token's: said as
+    what it is, quoted as `_detail` allows."""
+    if resp is None:
+        return PermissionDenied(f"Consul ACL denied {op.what}: the token lacks {op.permission}")
+    said = resp.body[:MAX_ERROR_DETAIL].lower()
+    if b"acl not found" in said:
         return PermissionDenied(
             f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)"
         )
+    if resp.body.strip() and b"permission denied" not in said:
+        return PermissionDenied(f"Consul refused {op.what} (403), not as Consul's ACLs do: {_detail(resp)}")
     return PermissionDenied(f"Consul ACL denied {op.what}: the token lacks {op.permission}")
 
 
@@ -423,7 +432,7 @@ class ConsulClient:
                 raise self._unexpected(op, "404 without X-Consul-Index (not Consul's KV API)")
             return resp
         if resp.status == 403:
-            raise _denied(op, resp.body)
+            raise _denied(op, resp)
         if resp.status == 401:
             raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}")
         if resp.status == 404:
@@ -566,7 +575,7 @@ class ConsulClient:
                         Op(
                             f"{action} of {kv.get('Key', first)}", f"key:{'write' if write else 'read'} on it"
                         ),
-                        b"",
+                        None,
                     )
             raise Conflict("a concurrent write changed the document first (check-and-set failed)")
         return results

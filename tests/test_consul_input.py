@@ -423,6 +423,47 @@ async def test_an_error_answer_with_a_json_body_is_not_quoted(
     assert STORED not in message and "q1" not in message
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        (
+            b"Permission denied",
+            "text/plain; charset=utf-8",
+            "Consul ACL denied read of {k}: the token lacks key:read on it",
+        ),
+        (
+            b"ACL not found",
+            "text/plain; charset=utf-8",
+            "Consul ACL denied read of {k}: the token is not known to Consul (ACL not found)",
+        ),
+        (b"", "text/plain", "Consul ACL denied read of {k}: the token lacks key:read on it"),
+        (
+            b"<html>Forbidden by policy</html>",
+            "text/html",
+            "Consul refused read of {k} (403), not as Consul's ACLs do: (32-byte text/html body, not shown)",
+        ),
+        (
+            b"Forbidden: client certificate required",
+            "text/plain",
+            "Consul refused read of {k} (403), not as Consul's ACLs do: "
+            "Forbidden: client certificate required",
+        ),
+    ],
+    ids=["consul-acl", "unknown-token", "empty", "proxy-page", "proxy-text"],
+)
+async def test_a_403_is_blamed_on_the_token_only_when_consul_says_so(
+    not_consul: NotConsul, body: bytes, content_type: str, said: str
+) -> None:
+    """A 403 is a refusal either way; that the token lacks key:read is only Consul's to say. A proxy's
+    page in front of Consul (its own policy, a missing client certificate) was reported as the token
+    lacking the right, sending the operator to fix an ACL that is fine."""
+    not_consul.answer(body, 403, content_type)
+    async with ConsulClient(not_consul.url) as consul:
+        with pytest.raises(PermissionDenied) as err:
+            await consul.kv_get("hostmesh/routes/web")
+    assert str(err.value) == said.format(k="hostmesh/routes/web")
+
+
 async def test_a_text_error_is_quoted_by_its_first_line_cut_at_the_limit(not_consul: NotConsul) -> None:
     not_consul.answer(b"x" * 1000 + b"\nsecond line", 400, "text/plain; charset=utf-8")
     async with ConsulClient(not_consul.url) as consul:
