@@ -606,7 +606,11 @@ def _user_exists(pwd: Any, name: str) -> bool:
 
 @click.command("validate")
 @click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="agent.toml to validate."
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, readable=False),  # load_config says why it cannot be read, as `run`
+    required=True,
+    help="agent.toml to validate.",
 )
 @click.option(
     "--no-files",

@@ -371,7 +371,8 @@ def click_agent() -> click.Group:
     @click.option(
         "--config",
         "config_path",
-        type=click.Path(path_type=Path),
+        # readable=False: load_config says why a file cannot be read, in one line, as the plain path
+        type=click.Path(path_type=Path, readable=False),
         default=default_agent_config,
         show_default=str(DEFAULT_AGENT_CONFIG),
         help="agent.toml [in a Nomad allocation: $NOMAD_TASK_DIR/agent.toml, which may be absent]",

@@ -167,6 +167,34 @@ def test_private_keys_every_user_can_read_are_refused_at_start_and_by_validate(o
     check_permissions(load_config(config), config)
 
 
+def test_an_agent_toml_the_user_cannot_read_is_one_line_from_validate_as_from_run() -> None:
+    """`agent validate` of a file its user cannot read was click's usage error ("Invalid value for
+    '--config': Path … is not readable.", after the usage line and a hint), where `agent run` says
+    in one line why: now both say "cannot read: Permission denied"."""
+    from click.testing import CliRunner
+
+    import hostmesh.agent.bytecode
+    import hostmesh.agent.run  # noqa: F401  (loaded here: nobody may not read the interpreter's tree)
+    from hostmesh.agent.cli import cli
+    from tests.support import run_as_nobody, tmp_dir_others_can_enter
+
+    with tmp_dir_others_can_enter("hm-perm-toml-") as d:
+        config, _, _ = write_config(d)
+        config.chmod(0o600)  # root's
+
+        def invoke() -> list[list[object]]:
+            return [
+                [r.exit_code, r.stderr]
+                for r in (
+                    CliRunner().invoke(cli, ["agent", argv, "--config", str(config)])
+                    for argv in ("validate", "run")
+                )
+            ]
+
+        for code, stderr in run_as_nobody(invoke):
+            assert (code, stderr) == (1, f"Error: {config}: cannot read: Permission denied\n")
+
+
 def test_agent_validate_refuses_a_join_token_others_can_read(tmp_path: Path) -> None:
     config, _, token = write_config(tmp_path)
     token.chmod(0o644)
