@@ -959,6 +959,7 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         return cfg
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
         settings = cfg.consul_settings()
+        _check_consul_files_regular(settings)
         settings.load_token()
         from hostmesh.registry.consul import ssl_context
 
@@ -966,6 +967,27 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     except InvalidSettings as exc:
         raise ConfigError(f"{path}: [consul]: {exc}") from None
     return cfg
+
+
+def _check_consul_files_regular(settings: ConsulSettings) -> None:
+    """A Consul token or TLS file that is there must be a regular file: reading a FIFO (or a
+    terminal) waits for a writer for good, and the start (or `agent validate`) hung without a word.
+    (An operator's CLI reads `--token-file <(…)`: a daemon reads a file.) InvalidSettings, one line."""
+    named = (
+        ("Consul token file", settings.token_file),
+        ("Consul CA file", settings.ca_file),
+        ("Consul client certificate", settings.cert_file),
+        ("Consul client key", settings.key_file),
+    )
+    for what, name in named:
+        if name is None:
+            continue
+        try:
+            mode = os.stat(name).st_mode
+        except OSError:
+            continue  # reading it says why, naming it
+        if not stat.S_ISREG(mode):
+            raise InvalidSettings(f"{what} {name} is not a regular file ({_file_kind(mode)})")
 
 
 def check_gateway_certificates(cfg: AgentConfig, path: Path) -> None:

@@ -195,6 +195,34 @@ def test_an_agent_toml_the_user_cannot_read_is_one_line_from_validate_as_from_ru
             assert (code, stderr) == (1, f"Error: {config}: cannot read: Permission denied\n")
 
 
+@pytest.mark.parametrize("key", ["token_file", "ca_file"])
+def test_a_consul_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path, key: str) -> None:
+    """A [consul] token or TLS file that is a FIFO (a path mixed up with a pipe another tool feeds):
+    `agent validate` and `agent run` waited for a writer for good, without a word; the join token in
+    that state was already refused. Now both say so in one line (within the bound below)."""
+    config, _, _ = write_config(tmp_path)
+    fifo = tmp_path / "consul-pipe"
+    os.mkfifo(fifo, 0o600)
+    config.write_text(config.read_text() + f'[consul]\n{key} = "{fifo}"\n')
+    what = {"token_file": "Consul token file", "ca_file": "Consul CA file"}[key]
+    expected = f"Error: {config}: [consul]: {what} {fifo} is not a regular file (a FIFO)"
+    for command in ("validate", "run"):
+        done = subprocess.run(
+            [
+                *HOSTMESH,
+                "agent",
+                command,
+                "--config",
+                str(config),
+                *(["--user", ""] if command == "validate" else []),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,  # a start that refuses takes well under a second; one waiting on the FIFO, for good
+        )
+        assert one_line_error(done) == expected
+
+
 def test_agent_validate_refuses_a_join_token_others_can_read(tmp_path: Path) -> None:
     config, _, token = write_config(tmp_path)
     token.chmod(0o644)
