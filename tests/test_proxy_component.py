@@ -1308,6 +1308,37 @@ async def test_connect_within_budget_starts_no_attempt_once_the_budget_is_spent(
             w.transport.abort()
 
 
+async def test_a_connection_lost_before_a_joined_dial_resumes_is_a_failed_attempt(mesh: Mesh) -> None:
+    """A dial's waiters resume a turn after it: a connection lost meanwhile (the peer reset it right
+    after its handshake, as an agent at its connection cap does) moves the waiter to the next
+    instance. It took the closed connection, and a stream opened on it never heard of the loss:
+    its client hung, neither answered nor reset, until the idle timeout."""
+    other = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b)
+    await other.start()
+    mesh.extra.append(other)
+    pool, failures = ConnectionPool(), []
+    eps = api_endpoints(mesh.inbound.port, other.port)
+
+    async def dial_then_lose() -> Connected | Unreachable:
+        got = await connect_api(mesh, pool, eps, failures)
+        assert isinstance(got, Connected)
+        got.conn.reset()  # lost in the dialer's own turn, before its waiter resumes
+        return got
+
+    try:
+        first = asyncio.ensure_future(dial_then_lose())  # its first step starts the dial ...
+        joined_task = asyncio.ensure_future(connect_api(mesh, pool, eps, failures))  # ... this one joins
+        await first
+        joined = await joined_task
+        assert isinstance(joined, Connected) and not joined.conn.closed
+        assert joined.endpoint.port == other.port
+        assert pool.handshakes == 2  # one shared dial to the first instance, one to the other
+        assert [key for key, _ in failures] == [("127.0.0.1", mesh.inbound.port)]
+        assert "ended the connection as it was established" in str(failures[0][1])
+    finally:
+        pool.close()
+
+
 async def test_connect_within_budget_takes_a_pooled_connection_and_moves_past_one_turned_down(
     mesh: Mesh,
 ) -> None:
