@@ -774,6 +774,66 @@ async def test_close_drains_then_aborts(mesh: Mesh) -> None:
         await mesh.connect()  # no longer accepting
 
 
+@contextlib.asynccontextmanager
+async def gated_relay(target: int) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A TCP relay on 127.0.0.1 to port `target` that connects each accepted client only once its
+    event is set: a peer agent whose dial takes as long as the test wants."""
+    gate = asyncio.Event()
+    ends: list[asyncio.StreamWriter] = []
+
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ends.append(w)
+        await gate.wait()
+        tr, tw = await asyncio.open_connection("127.0.0.1", target)
+        ends.append(tw)
+        await asyncio.gather(pump(r, tw), pump(tr, w))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), gate
+    finally:
+        server.close()
+        for w in ends:
+            w.transport.abort()
+
+
+async def test_a_connection_whose_dial_ends_while_a_reload_retires_its_listener_is_served(mesh: Mesh) -> None:
+    """A reload retires a stack that still holds a connection: one accepted before, whose dial to its
+    instance ends during the retirement, is served like the open ones (it was neither attached nor
+    reset: its client hung with no byte, reset or EOF, holding its slot under the cap for good)."""
+    cap = ConnectionCap(10)
+    web = mesh.ca.material(["web"])
+    holder = SnapshotHolder(snapshot({"web": 1}, web, {"api": [(mesh.inbound.port, {})]}))
+    ob = OutboundListener(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), connect_budget=5.0),
+                          mesh.tel_a, cap=cap)  # fmt: skip
+    await ob.start()
+    mesh.extra.append(ob)
+    async with gated_relay(mesh.inbound.port) as (slow_port, gate):
+        held_r, held_w = await mesh.connect(ob)
+        await echo_once(held_r, held_w)  # open: the retirement waits for it
+        holder.swap(snapshot({"web": 1}, web, {"api": [(slow_port, {})]}, gen=2))
+        r, w = await mesh.connect(ob)
+        w.write(b"dialed late")
+        await async_wait_until(lambda: ob._pending, what="the second connection dialing")
+        retiring = asyncio.ensure_future(ob.retire(1.0))
+        await async_wait_until(lambda: ob._closing, what="the retirement under way")
+        gate.set()
+        assert await asyncio.wait_for(r.readexactly(11), IO_TIMEOUT) == b"dialed late"
+        w.write_eof()
+        assert await read_all(r) == b""
+        w.close()
+        held_w.close()
+        await asyncio.wait_for(retiring, IO_TIMEOUT)
+        await async_wait_until(lambda: cap.open == 0, what="every slot back")
+
+
 async def _one_exchange(mesh: Mesh, payload: bytes = b"x") -> None:
     r, w = await mesh.connect()
     w.write(payload)

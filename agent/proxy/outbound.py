@@ -17,6 +17,9 @@ Decisions:
 - No healthy instance (of the subset the split picked), or every instance failed: the downstream is
   reset at once (the client sees a reset rather than an EOF that could pass for an empty answer) and
   one log line says why. Retries stay within the subset the split picked.
+- A reload that retires the listener (`retire`) serves what it accepted: a connection whose dial ends
+  meanwhile is attached, and runs like those already open (it was left unattached and unreset: its
+  client hung, holding its slot under the cap); a stop resets it.
 - Over the agent's connection cap (limits.py) a new connection is shed: reset (L4) or answered
   ``503 OM`` (L7); an L4 connection idle for ``stream_idle_timeout`` is reset (flag SI).
 - The L4 picks (agent/l7/balancer.py LeastConnections, one per subset of the split: split.py):
@@ -237,8 +240,12 @@ class OutboundListener(ListenerLifecycle):
         )  # fmt: skip
         self._pending.discard(end)
         if isinstance(got, Connected):
-            if not (end.closed or self._closing):  # else it stays in the pool for the next one
+            if end.closed:  # it stays in the pool for the next one
+                return
+            if self._closed is None:  # open, or retired by a reload: what it accepted is served
                 self._attach(end, got.conn, got.endpoint, subset, conns)
+            else:  # a stop, whose drain may be over: reset, as `_close` does the dials it finds
+                reset_transport(end.transport)
             return
         if not end.closed:
             where = f" in subset {subset}" if subset is not None else ""
