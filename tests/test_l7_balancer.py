@@ -445,6 +445,16 @@ def test_l4_least_connections_rotates_ties_and_round_robin_rotates_over_the_untr
     assert lc.pick(endpoints, {(e.address, e.port) for e in endpoints}, False) is None
 
 
+@pytest.mark.parametrize("least", [False, True])
+def test_l4_picks_of_many_agents_do_not_all_start_on_the_same_instance(least: bool) -> None:
+    """Every agent lists an upstream's instances in the same order (by ID): 16 agents (or workers,
+    or listeners a reload rebuilt) opening one connection each to 4 instances land on more than one.
+    A turn from 0 sent all 16 to api-1, round robin and least connections' tie alike."""
+    endpoints = l4_eps(4, 4)
+    firsts = Counter(LeastConnections().pick(endpoints, (), least).key for _ in range(16))
+    assert len(firsts) > 1, firsts  # (all on one by chance: 4 in 4^16)
+
+
 def test_l4_least_connections_spreads_retries_once_every_fewest_one_was_tried() -> None:
     """api-0 has the fewest connections and refused the dial (tried): the retries' ties, api-1 and
     api-2 with one each, are spread. The scan that takes over then started at the list's head, and

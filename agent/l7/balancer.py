@@ -21,7 +21,7 @@ Decisions:
   moves only that owner's keys. The key is a header value, a cookie value or the source address;
   a request without the key falls back to ``random``.
 - L4 (the outbound's picks, :class:`LeastConnections`): ``round_robin`` and ``least_connections``
-  (fewest open connections, ties rotated).
+  (fewest open connections, ties rotated), both turning from a random offset as ``round_robin`` does.
 
 The in-flight count (``active``) lives on the :class:`Endpoint` objects and is kept up to date by
 the proxy; pickers only read it. Randomness comes from an injected ``random.Random``.
@@ -403,7 +403,10 @@ class LeastConnections:
         self._buckets: dict[int, list[int]] = {}  # open connections -> places in _eps (none empty)
         self._slot: list[int] = []  # place -> where it is in its bucket
         self._min = 0  # fewest open connections of an instance of _eps
-        self._rr = 0
+        # a random start, as Balancer's: every agent lists an upstream's instances in the same order
+        # (by ID), so a turn from 0 sent the first connections of every agent, worker and rebuilt
+        # listener (a fleet's connection pools, opened at a restart) to the same instances
+        self._rr = random.randrange(1 << 16)
 
     def acquire(self, key: tuple[str, int]) -> None:
         c = self.counts.get(key, 0)
