@@ -394,7 +394,7 @@ class LeastConnections:
     order changes as places move: even over time, not a strict turn. Retries (``tried``) cost
     O(len(tried)) but when every fewest-count instance was tried: a scan of the untried."""
 
-    __slots__ = ("_buckets", "_eps", "_min", "_places", "_rr", "_slot", "counts")
+    __slots__ = ("_buckets", "_eps", "_min", "_places", "_retry_rr", "_rr", "_slot", "counts")
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, int], int] = {}  # no key at zero (addresses churn)
@@ -407,6 +407,9 @@ class LeastConnections:
         # (by ID), so a turn from 0 sent the first connections of every agent, worker and rebuilt
         # listener (a fleet's connection pools, opened at a restart) to the same instances
         self._rr = random.randrange(1 << 16)
+        # round robin's retries turn apart: one turn for both put the next connection two places on
+        # after a failed dial, onto the instance that failed (two instances, one down: every one)
+        self._retry_rr = 0
 
     def acquire(self, key: tuple[str, int]) -> None:
         c = self.counts.get(key, 0)
@@ -474,8 +477,8 @@ class LeastConnections:
             m = n - len(skip)
             if m <= 0:
                 return None
-            self._rr += 1
-            return eps[_untried_place(self._rr % m, skip)]
+            self._retry_rr += 1
+            return eps[_untried_place(self._retry_rr % m, skip)]
         self._rr += 1
         bucket = self._buckets[self._min]
         size = len(bucket)
