@@ -293,7 +293,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "services[].upstreams[].load_balancer",
         "round_robin | least_connections",
         "round_robin",
-        "TCP pick of an instance (HTTP upstreams follow the policy document).",
+        "Pick of an instance per TCP connection or UDP flow (least_connections: fewest open), a random start "
+        "in every agent (HTTP upstreams follow the policy document).",
     ),
     Key(
         "services[].upstreams[].connect_timeout",

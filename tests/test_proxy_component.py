@@ -38,7 +38,7 @@ from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import FAILURES_SLACK, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool, DialError
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
-from hostmesh.agent.proxy.udp import UdpInbound
+from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
@@ -903,6 +903,53 @@ async def _next_datagram(r: asyncio.StreamReader, decoder: wire.Decoder) -> byte
             if ftype == wire.DGRAM:
                 return bytes(payload)
     raise AssertionError("no datagram in 100 reads")
+
+
+async def test_a_udp_upstreams_least_connections_sends_a_new_flow_to_the_instance_with_fewest(
+    mesh: Mesh,
+) -> None:
+    """agent.toml's `load_balancer = "least_connections"` on a udp upstream was taken and ignored: its
+    flows went round robin. Two instances, a flow on each, the second ended: the next flow goes to
+    the instance without one (round robin sent it to the one still holding the first)."""
+    async with udp_echo_as_api(mesh):
+        other = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b)
+        other.udp = UdpInbound(mesh.holder_b, mesh.tel_b)
+        await other.start()
+        mesh.extra.append(other)
+        eps = {"api": [(mesh.inbound.port, {}), (other.port, {})]}
+        holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        up = UpstreamConfig("api", Address("127.0.0.1", 0), load_balancer="least_connections", protocol="udp")
+        out = UdpOutbound(holder, "web", up, mesh.tel_a)
+        await out.start()
+        loop = asyncio.get_running_loop()
+        clients: list[asyncio.DatagramTransport] = []
+        try:
+
+            async def flow(n: int) -> tuple[Any, Any]:
+                """A new client's flow, once its datagram came back: (its address, its instance)."""
+                got: asyncio.Future[bytes] = loop.create_future()
+
+                class Client(asyncio.DatagramProtocol):
+                    def datagram_received(self, data: bytes, addr: Any) -> None:
+                        if not got.done():
+                            got.set_result(data)
+
+                t, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", out.port))
+                clients.append(t)
+                t.sendto(b"q%d" % n)
+                assert await asyncio.wait_for(got, IO_TIMEOUT) == b"q%d" % n
+                addr = t.get_extra_info("sockname")
+                return addr, out.flows[addr].endpoint
+
+            (_, first), (second_addr, second) = await flow(1), await flow(2)
+            assert first != second
+            out.flows[second_addr].close()  # (as the idle sweep ends it)
+            assert (await flow(3))[1] == second
+        finally:
+            for t in clients:
+                t.close()
+            await out.close()
+            await other.udp.close()
 
 
 async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_root(

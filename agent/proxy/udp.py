@@ -42,6 +42,10 @@ Decisions:
   another instance and one error line (rate-limited) names the peer and says to upgrade it. Other
   per-flow failures a peer or a flood can cause (no instance took it, the app socket could not be
   made, a flow to a service that is not udp) are logged at a bounded rate too.
+- A new flow's instance is picked as the upstream's `load_balancer` says (split.py's LeastConnections
+  of its subset): round robin, or the instance with the fewest open flows of this listener, each
+  flow counted open from its DGRAM_OPEN until it ends or is refused (least_connections was taken at
+  load and ignored: flows went round robin).
 - Flows end after `udp_idle_timeout` (agent.toml, default 60 s) without a datagram either way
   (each side sweeps its own; RESET tells the other), on a deny, or when the connection goes.
 - A running flow follows health: a client's datagram on a flow whose instance's agent is no longer
@@ -80,8 +84,9 @@ from hostmesh.agent import audit
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import DEFAULT_UDP_IDLE_TIMEOUT, UpstreamConfig
 from hostmesh.agent.l7 import flags
+from hostmesh.agent.l7.balancer import LeastConnections
 from hostmesh.agent.metrics import Telemetry
-from hostmesh.agent.proxy.connect import Connected, Picker, connect_within_budget
+from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN, MuxConnection, Stream
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
@@ -294,7 +299,7 @@ class _Flow:
 class _OutFlow(_Flow):
     """One client address of a UDP upstream listener. It is its stream's `pipe` (lost/fail)."""
 
-    __slots__ = ("addr", "endpoint", "owner", "refused_until", "snap", "subset")
+    __slots__ = ("addr", "counted", "endpoint", "owner", "refused_until", "snap", "subset")
 
     def __init__(self, owner: UdpOutbound, addr: Any, snap: Snapshot | None = None) -> None:
         self._begin()
@@ -304,6 +309,7 @@ class _OutFlow(_Flow):
         self.endpoint: PoolKey | None = None  # its instance's agent, once attached
         self.subset = ""  # the route's subset, else its instance's (meta `version`): the access line's
         self.refused_until = 0.0  # REFUSED: the monotonic time its client may open a new flow
+        self.counted: LeastConnections | None = None  # where it counts open on its instance, once attached
 
     def lost(self, stream: Stream, exc: Exception | None) -> None:
         """The peer reset the flow, or the connection is gone; a refusal (its flag) is held."""
@@ -312,6 +318,7 @@ class _OutFlow(_Flow):
             return
         self.flag = exc.flags
         self._log_access()
+        self._uncount()
         self.state = FlowState.REFUSED
         self.refused_until = time.monotonic() + REFUSED_HOLD
         self.owner.refused.append(self)  # in time order (one hold for all): expired from the left
@@ -357,7 +364,13 @@ class _OutFlow(_Flow):
         if self.queue:
             for _ in self.unhold(self.owner):
                 self.owner.counters.dropped("no_upstream")
+        self._uncount()
         self.owner.flows.pop(self.addr, None)
+
+    def _uncount(self) -> None:
+        counted, self.counted = self.counted, None
+        if counted is not None and self.endpoint is not None:
+            counted.release(self.endpoint)
 
     def _log_access(self) -> None:
         if not audit.access_sampled(always=bool(self.flag)):
@@ -525,18 +538,21 @@ class UdpOutbound:
         flow.subset = subset or ""  # the route's subset, as the L7 path and TCP name it (else the instance's)
         self.flows[addr] = flow
         ident = Identity(snap.trust_domain, up)
-        opening = self._open(flow, ctx, ident, endpoints, picker(turns, False))
+        opening = self._open(flow, ctx, ident, endpoints, turns)
         task = asyncio.get_running_loop().create_task(opening)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flow
 
     async def _open(self, flow: _OutFlow, ctx: Any, ident: Identity, endpoints: tuple[Endpoint, ...],
-                    pick: Picker) -> None:  # fmt: skip
-        """The flow's mux connection to one of `endpoints` (round robin by `pick`, a retry taking
-        another), within the upstream's connect budget (connect.py), on an agent that speaks protocol
-        v2+; then DGRAM_OPEN. None in time: the flow is closed and counted UF."""
+                    turns: LeastConnections) -> None:  # fmt: skip
+        """The flow's mux connection to one of `endpoints` (picked by `turns` as the upstream's
+        `load_balancer` says, round robin or the fewest open flows, a retry taking another), within
+        the upstream's connect budget (connect.py), on an agent that speaks protocol v2+; then
+        DGRAM_OPEN, the flow counted open in `turns` until it ends. None in time: the flow is closed
+        and counted UF."""
         up = self.upstream
+        pick = picker(turns, up.load_balancer == "least_connections")
         got = await connect_within_budget(
             self.pool, ctx, endpoints, pick, sni=ident.dns_name, peer=ident,
             connect_timeout=up.connect_timeout, connect_budget=up.connect_budget,
@@ -551,6 +567,8 @@ class UdpOutbound:
             conn.write(control(DGRAM_OPEN, stream.id))
             self.counters.flow()  # counted once: opened here, or UF below (refused: dropped `refused`)
             flow.attach(stream, got.endpoint)
+            flow.counted = turns
+            turns.acquire((got.endpoint.address, got.endpoint.port))
             return
         self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
                      up.service, flow.addr)  # fmt: skip
