@@ -138,7 +138,8 @@ def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
     try:
         if content_type.partition(";")[0].strip().lower() == "application/json":
             answer = ExportTraceServiceResponse()
-            json_format.Parse(body.decode("utf-8"), answer, ignore_unknown_fields=True)
+            # (a message that is not UTF-8 must not cost the count: as the protobuf answer's)
+            json_format.Parse(body.decode("utf-8", "replace"), answer, ignore_unknown_fields=True)
             partial = answer.partial_success
             text = partial.error_message
         else:
@@ -146,7 +147,7 @@ def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
             answer.ParseFromString(body)
             partial = answer.partial_success
             text = partial.error_message.decode("utf-8", "replace")
-    except (DecodeError, json_format.ParseError, UnicodeDecodeError):
+    except (DecodeError, json_format.ParseError):
         return ACCEPTED
     message = printable(text, MAX_REJECTION_MESSAGE)
     return Answer(min(max(partial.rejected_spans, 0), sent), message)

@@ -642,6 +642,8 @@ def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_s
     # a message that is not UTF-8 (protobuf refuses such a string field, and the count with it)
     bad_text = _partial_success(4, "quota X").replace(b"X", b"\xff")
     assert read_answer(bad_text, proto, 10) == Answer(4, "quota \ufffd")
+    bad_json = b'{"partialSuccess": {"rejectedSpans": "4", "errorMessage": "quota X"}}'.replace(b"X", b"\xff")
+    assert read_answer(bad_json, "application/json", 10) == Answer(4, "quota \ufffd")
     assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
 
 
