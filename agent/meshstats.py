@@ -226,8 +226,10 @@ def edge_stats(prev: Scrape, cur: Scrape, seconds: float) -> list[EdgeStats]:
 
 def _partial(prev: Scrape, cur: Scrape) -> set[tuple[str, str, str]]:
     """The (reporter, source, destination) reports that an agent without a rate this frame also
-    makes: summed over the agents that have one, they are a share of the edge's."""
-    unrated = (samples for agent, samples in cur.items() if unrated_because(prev, cur, agent))
+    makes (it answered this round only, or another process did, or it missed this round: its last
+    reports say what it makes): summed over the agents that have one, they are a share of the edge's."""
+    unrated = [samples for agent, samples in cur.items() if unrated_because(prev, cur, agent)]
+    unrated += [samples for agent, samples in prev.items() if agent not in cur]
     return {_key(s) for samples in unrated for s in samples}
 
 

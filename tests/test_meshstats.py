@@ -247,6 +247,11 @@ def test_an_edge_takes_the_sources_reports_when_one_of_the_destinations_instance
     assert svc.rps == pytest.approx(10.0)
     (edge,) = edge_stats(now, now, 2.0)  # every instance rated: the destination's reports again
     assert (edge.rps, edge.reporter) == (0.0, "destination")
+    # n3 misses the next round: its share is as unknown (the destination's reports were 5 req/s of 10)
+    for tel, reporter, n in ((web, "source", 20), (api2, "destination", 10), (api3, "destination", 10)):
+        tel.requests.labels(*labels(reporter, "web", "api")).inc(n)
+    (edge,) = edge_stats(now, agents(n1=web, n2=api2), 2.0)
+    assert (edge.rps, edge.reporter) == (pytest.approx(10.0), "source")
 
 
 def row(frame: str, first: str) -> list[str]:
