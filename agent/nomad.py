@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,12 @@ NAMED_IDENTITY_FILE = (
 )
 NAMED_IDENTITY_ENV = "NOMAD_TOKEN_hostmesh"  # ... env = true: NOMAD_TOKEN_<name>
 WATCH_MAX_BACKOFF = 60.0  # seconds: the longest pause between reads while Nomad fails or answers oddly
+# reads in a row (at poll_interval) in which Nomad refuses the workload identity it accepted before,
+# on the allocation and on the List Services API, before the watch takes the allocation as gone: one
+# pair of 403s may be a moment's (a follower behind the leader, an ACL resolution hiccup)
+GONE_CONFIRMATIONS = 3
+# why Nomad may refuse the allocation read while it takes the identity (its implicit policy reads none)
+NO_READ_POLICY = "a workload identity: attach a policy granting read-job to the job"
 
 
 class NomadEnvError(ValueError):
@@ -321,15 +328,19 @@ async def watch_allocation(
     Read with the allocation's own workload identity, Nomad never shows the allocation terminal or
     unknown: it refuses that identity then (403, nomad/auth.go VerifyClaim). So a 403 for an identity
     Nomad accepted before in this watch, with no other token in the file, is asked again where the
-    identity's implicit policy always reads (`identity_refused`): refused there too, the allocation is
-    stopped or gone (`on_gone`); answered, it is the job's policy (a warning). Never accepted (another
-    cluster at NOMAD_ADDR, no policy attached yet): a warning, the agent keeps serving."""
+    identity's implicit policy always reads (`identity_refused`): refused there too in
+    GONE_CONFIRMATIONS reads in a row, the allocation is stopped or gone (`on_gone`); answered, it is
+    the job's policy (a warning). Never accepted (another cluster at NOMAD_ADDR, no policy attached
+    yet), or past its own `exp` (Nomad has not renewed it into the file yet): a warning, the agent
+    keeps serving."""
     failing: str | None = None
     failures = 0
-    accepted = False  # Nomad answered a read with this allocation's workload identity
+    accepted: str | None = None  # the workload identity Nomad answered a read with
+    refusals = 0  # reads in a row in which Nomad refused that identity itself
     stopping = False  # Nomad said it is stopping the allocation (logged once)
     while True:
         problem: str | None = None
+        refused = False
         try:
             state = await api.allocation_state(alloc_id)
         except PermissionDenied as exc:
@@ -339,21 +350,19 @@ async def watch_allocation(
                 log.info("read the workload identity again (Nomad refused the one in use); reading with it")
                 continue
             problem = str(exc)
-            if identity is not None and accepted:
-                try:
-                    refused = await api.identity_refused()
-                except RegistryError as probe:
-                    problem = f"{exc}; {probe}"
+            if identity is not None and accepted is not None and accepted == api.settings.token:
+                if _expired(accepted):
+                    problem = f"{exc} (the workload identity has expired; Nomad has not renewed its file yet)"
                 else:
-                    if refused:  # not the policy: Nomad no longer runs the allocation it names
-                        on_gone(
-                            f"allocation {alloc_id} is stopped or gone in Nomad (Nomad refuses its workload "
-                            "identity, as it does once the allocation is terminal or unknown)"
-                        )
-                        return
-                    problem = f"{exc} (a workload identity: attach a policy granting read-job to the job)"
+                    try:
+                        refused = await api.identity_refused()
+                    except RegistryError as probe:
+                        problem = f"{exc}; {probe}"
+                    else:
+                        if not refused:
+                            problem = f"{exc} ({NO_READ_POLICY})"
             elif identity is not None:
-                problem = f"{exc} (a workload identity: attach a policy granting read-job to the job)"
+                problem = f"{exc} ({NO_READ_POLICY})"
         except RegistryError as exc:
             problem = str(exc)
         except Exception as exc:  # a bug or an answer nobody foresaw must not end the watch silently
@@ -364,7 +373,7 @@ async def watch_allocation(
                 log.info("Nomad answers again for allocation %s", alloc_id)
                 failing = None
             failures = 0
-            accepted = identity is not None
+            accepted = api.settings.token if identity is not None else None
             if state is AllocationState.STOPPING:
                 # Nomad kills the app first and this sidecar after it: draining now would cut the app's
                 # upstream calls while it finishes (its kill_timeout, a shutdown_delay before it)
@@ -374,12 +383,33 @@ async def watch_allocation(
             elif state is not AllocationState.LIVE:
                 on_gone(f"allocation {alloc_id} is {state.value} in Nomad")
                 return
+        refusals = refusals + 1 if refused else 0
+        if refusals >= GONE_CONFIRMATIONS:  # not the policy: Nomad no longer runs the allocation it names
+            on_gone(
+                f"allocation {alloc_id} is stopped or gone in Nomad (Nomad refuses its workload "
+                "identity, as it does once the allocation is terminal or unknown)"
+            )
+            return
+        if refused:  # asked again at the poll's pace, not spaced out as failures are
+            await asyncio.sleep(interval)
+            continue
         if problem is not None:
             if failing != problem:
                 log.warning("cannot read allocation %s from Nomad (%s); still serving", alloc_id, problem)
             failing = problem
             failures += 1
         await asyncio.sleep(watch_delay(interval, failures))
+
+
+def _expired(token: str) -> bool:
+    """Whether the JWT `token` is past its own `exp` (read, not verified: Nomad verifies it)."""
+    import jwt
+
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return False
+    return isinstance(exp, int | float) and exp <= time.time()
 
 
 def watch_delay(interval: float, failures: int) -> float:

@@ -26,11 +26,11 @@ import pytest
 from click.testing import CliRunner
 
 from hostmesh.agent.config import ConfigError, NomadConfig, load_config
-from hostmesh.agent.nomad import identity_source, watch_allocation, watch_delay
+from hostmesh.agent.nomad import GONE_CONFIRMATIONS, identity_source, watch_allocation, watch_delay
 from hostmesh.registry.errors import Unavailable, UnexpectedAnswer
 from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
 from tests.nomad_double import NomadDouble
-from tests.support import ConsulDev
+from tests.support import ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.nomad_double
 
@@ -594,6 +594,68 @@ async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identi
         finally:
             task.cancel()
         assert ("GET", "/v1/services", identity_file.read_text()) in nomad.requests  # asked, and answered
+
+
+async def test_an_identity_past_its_exp_is_not_taken_for_the_allocation_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An identity with a TTL that Nomad has not renewed into its file in time (its client agent
+    restarting): Nomad refuses it everywhere, as it would a gone allocation's, and the running
+    sidecar drained and exited. Past its own `exp`, a refusal is a warning; the renewed identity,
+    once in the file, is read with."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        identity_file = tmp_path / "nomad_token"
+        identity_file.write_text(nomad.identity(alloc, "hostmesh", ttl=60, issued_at=time.time() - 58))
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
+        gone: list[str] = []
+        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
+        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 1)  # accepted
+            await async_wait_until(lambda: any("has expired" in w for w in warnings(caplog)), WAIT, "expiry")
+            reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 2 * GONE_CONFIRMATIONS)
+            assert gone == [] and not task.done()
+            identity_file.write_text(nomad.identity(alloc, "hostmesh"))  # renewed at last
+            renewed = identity_file.read_text()
+            await async_wait_until(lambda: ("GET", f"/v1/allocation/{alloc.id}", renewed) in nomad.requests,
+                                   WAIT, "a read with the renewed identity")  # fmt: skip
+            assert gone == []
+        finally:
+            task.cancel()
+
+
+async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_path: Path) -> None:
+    """One read in which Nomad refuses the identity on both endpoints (a follower behind the leader,
+    an ACL resolution hiccup) made a running sidecar drain and exit: GONE_CONFIRMATIONS reads in a
+    row are asked for."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        identity_file = tmp_path / "nomad_token"
+        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
+        authorized = nomad._authorized
+        hiccups = [False] * (2 * (GONE_CONFIRMATIONS - 1))  # the allocation read and /v1/services, each
+
+        def flaky(token: str | None, alloc_id: str | None) -> bool:
+            return hiccups.pop() if hiccups else authorized(token, alloc_id)
+
+        gone: list[str] = []
+        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
+        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
+            nomad._authorized = flaky  # type: ignore[method-assign]
+            reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 2 * GONE_CONFIRMATIONS)
+            assert hiccups == [] and gone == [] and not task.done()
+        finally:
+            task.cancel()
 
 
 async def test_an_allocation_nomad_is_stopping_is_served_until_its_kill_signal(
