@@ -499,26 +499,33 @@ class InboundListener(ListenerLifecycle):
             self.app_failures(
                 "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
             )
-            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UF).closed.inc()
-            stream.reset(flags.UF)
-            return False
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.UF, tell=True)
         except asyncio.CancelledError:
             stream.reset()
             raise
         if stream.done or self._closing:
             app.reset()
-            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.DC).closed.inc()
-            stream.reset()
-            return False
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.DC)
         if app.closed:  # the app reset it at once (no pipe yet to tell): a pipe over it wrote to a closed
             # transport (uvloop raised, a traceback per stream) or waited for the idle timeout
-            self.telemetry.tcp_series(REPORTER, source, svc.name, "", flags.UC).closed.inc()
-            stream.reset()
-            return False
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.UC)
         pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name, admission))
         self.tracker.add(pipe)
         pipe.start()
         return True
+
+    def _ended_unpiped(self, conn: InboundConnection, stream: Stream, source: str, service: str, flag: str,
+                       *, tell: bool = False) -> bool:  # fmt: skip
+        """A stream ended before a pipe joined it to the app (False: not piped): counted closed with
+        `flag`, reset (naming `flag` to the caller's agent when `tell`), and its access line, which a
+        failure's is whatever the sample (the same end a moment later, through `_done`, had one)."""
+        self.telemetry.tcp_series(REPORTER, source, service, "", flag).closed.inc()
+        if tell:
+            stream.reset(flag)
+        else:
+            stream.reset()
+        self._access(conn, source, service, flag, 0.0, 0, 0)
+        return False
 
     def _refused(self, conn: Any, stream: Any, service: str, flag: str) -> None:
         """A stream refused before the app was dialled: reset, counted, and an access line where it
