@@ -1283,6 +1283,7 @@ async def test_an_app_resetting_its_connection_at_once_resets_the_callers_stream
     """Defect: the app's reset came before the inbound's pipe existed, so nothing was told; the pipe
     then wrote the caller's bytes to the closed socket (uvloop raised: a traceback logged per stream)
     or, the caller silent, the stream stayed open until the idle timeout. Now the stream is reset, UC."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
     server = await asyncio.get_running_loop().create_server(_ResetAtOnce, "127.0.0.1", 0)
     try:
         snap = mesh.holder_b.current
@@ -1297,6 +1298,9 @@ async def test_an_app_resetting_its_connection_at_once_resets_the_callers_stream
         await async_wait_until(lambda: len(mesh.inbound.tracker) == 0, what="no pipe left")
         assert metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", response_flags="UC") == 20
         assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        # and each has its access line, as the same end a moment later (through the pipe) has
+        lines = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
+        assert [x["response_flags"] for x in lines if x["reporter"] == "destination"] == ["UC"] * 20
     finally:
         server.close()
 
@@ -1389,6 +1393,29 @@ async def test_callers_waiting_for_a_dial_whose_caller_is_cancelled_get_a_dial_e
         assert dialer.cancelled()
     finally:
         silent.close()
+
+
+async def test_callers_waiting_for_a_dial_that_fails_of_a_defect_are_told_what_it_was(mesh: Mesh) -> None:
+    """A defect in the dialer (not a DialError, not a cancel) reaches its caller as it is; those
+    waiting for the dial get a DialError that names it (it said "abandoned by the caller")."""
+    pool, key = ConnectionPool(), ("127.0.0.1", 9)
+    ctx, ident = mesh.holder_a.current.tls.client["web"], pki.Identity(TD, "api")
+    go = asyncio.Event()
+
+    async def broken_dial(*_: object) -> None:
+        await go.wait()
+        raise AttributeError("a defect")
+
+    pool._dial = broken_dial  # type: ignore[method-assign]
+    dialer = asyncio.ensure_future(pool.dial(key, ctx, ident.dns_name, ident, IO_TIMEOUT))
+    await async_wait_until(lambda: key in pool._dials, what="the dial started")
+    waiter = asyncio.ensure_future(pool.dial(key, ctx, ident.dns_name, ident, IO_TIMEOUT))
+    await async_wait_until(lambda: pool._dials[key].waiters == 2, what="the second caller waiting")
+    go.set()
+    with pytest.raises(DialError, match=r"failed: AttributeError\('a defect'\)"):
+        await waiter
+    with pytest.raises(AttributeError):
+        await dialer
 
 
 async def test_connect_within_budget_starts_no_attempt_once_the_budget_is_spent(mesh: Mesh) -> None:

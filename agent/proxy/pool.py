@@ -281,8 +281,13 @@ class ConnectionPool:
             # a dialer cancelled (its caller stopped) fails its waiters as a failed dial does: a
             # CancelledError raised into them ended their callers' tasks as if they were cancelled too
             # (an L4 downstream left unanswered, never reset)
-            why = f"connect to {key[0]}:{key[1]} abandoned by the caller that dialed it"
-            future.set_exception(exc if isinstance(exc, DialError) else DialError(why))
+            if isinstance(exc, DialError):
+                why = exc
+            elif isinstance(exc, asyncio.CancelledError):
+                why = DialError(f"connect to {key[0]}:{key[1]} abandoned by the caller that dialed it")
+            else:  # a defect: the dialer raises it as it is; its waiters are told what it was
+                why = DialError(f"connect to {key[0]}:{key[1]} failed: {exc!r}")
+            future.set_exception(why)
             future.exception()  # retrieved here: nobody may be waiting
             raise
         finally:
