@@ -294,7 +294,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "round_robin | least_connections",
         "round_robin",
         "Pick of an instance per TCP connection or UDP flow (least_connections: fewest open), a random start "
-        "in every agent (HTTP upstreams follow the policy document).",
+        "in every agent (HTTP upstreams follow the policy document). With least_connections an instance "
+        "whose app refuses every connection keeps none open, so it draws the new ones until its Consul "
+        "check fails (the app check's interval): round_robin sends it one in N.",
     ),
     Key(
         "services[].upstreams[].connect_timeout",
