@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry.consul_settings import resolve
-from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, PROTOCOL_META, is_hostmesh
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def _acl_refused(subject: str, exc: PermissionDenied, fix: str) -> Finding:
     """A read the token is refused: an error naming Consul's refusal, never "unreachable"."""
     from hostmesh.registry.analysis import Finding
 
-    return Finding("error", "consul-acl", subject, str(exc), fix)
+    return Finding("error", "consul-acl", subject, str(exc), fix if exc.by_acl else NOT_ACL_FIX)
 
 
 async def _consul_and_documents(
@@ -152,15 +152,19 @@ async def _write_rights(consul: ConsulClient, subject: str) -> list[Finding]:
         key = f"hostmesh/{kind}/{WRITE_PROBE_KEY}"
         try:
             await consul.probe_write(key)
-        except PermissionDenied:
+        except PermissionDenied as exc:
             out.append(
                 Finding(
                     "warning",
                     "consul-acl-write",
                     subject,
                     f"the token may not write hostmesh/{kind}/: "
-                    f"`hostmesh {COMMAND[kind]} apply` would be refused",
-                    "use a token with `hostmesh acl policy operator`'s rules to change the mesh",
+                    f"`hostmesh {COMMAND[kind]} apply` would be refused"
+                    if exc.by_acl
+                    else f"{exc}: `hostmesh {COMMAND[kind]} apply` would be refused",
+                    "use a token with `hostmesh acl policy operator`'s rules to change the mesh"
+                    if exc.by_acl
+                    else NOT_ACL_FIX,
                 )
             )
     return out

@@ -106,7 +106,7 @@ from hostmesh.ca.errors import (
 from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from hostmesh.registry.errors import PermissionDenied, RegistryError
+from hostmesh.registry.errors import NOT_ACL_FIX, PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
 from hostmesh.registry.layout import (
     CA_SERVICE_NAME,
@@ -135,6 +135,14 @@ BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone ke
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
 DENIED_LOG_INTERVAL = 60.0  # a refused token's error line again this often: loud in the journal, not a flood
 TOKEN_HINT = "the CA's token needs the rules of `hostmesh acl policy ca`"
+
+
+def _token_hint(exc: RegistryError | None) -> str:
+    """What to do about Consul refusing the CA: the token's rules, unless the refusal is not Consul's
+    ACLs' (a proxy's page in front of Consul)."""
+    return NOT_ACL_FIX if isinstance(exc, PermissionDenied) and not exc.by_acl else TOKEN_HINT
+
+
 TOKENS_PROBE_KEY = f"{tokens.KV_PREFIX}hostmesh-ca-write-probe"  # never written (Consul.probe_write)
 TOKEN_PRUNE_INTERVAL = 3600.0  # expired join tokens are removed from KV this often
 CHECK_INTERVAL = "10s"  # Consul's HTTP check of /v1/health
@@ -584,7 +592,7 @@ class CAService:
         except PermissionDenied as exc:
             await self._server.close()
             self._server = None
-            raise PermissionDenied(f"{exc} ({TOKEN_HINT})") from None
+            raise PermissionDenied(f"{exc} ({_token_hint(exc)})", by_acl=exc.by_acl) from None
         except RegistryError as exc:
             self._note_consul(ConsulState.UNAVAILABLE, exc)
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="ca-maintenance")
@@ -715,7 +723,7 @@ class CAService:
             await self.consul.probe_write(ROOTS_KEY)
             await self.consul.probe_write(TOKENS_PROBE_KEY)  # join tokens: read, redeemed, pruned
         except PermissionDenied as exc:
-            raise PermissionDenied(f"{exc} ({TOKEN_HINT})") from None
+            raise PermissionDenied(f"{exc} ({_token_hint(exc)})", by_acl=exc.by_acl) from None
         except RegistryError:
             return  # the first sync says so (once) and maintenance retries
 
@@ -752,7 +760,10 @@ class CAService:
                     else "Consul's trust bundle and registration are not kept current"
                 )
                 log.error(
-                    "%s; the CA keeps serving, but %s until the token is fixed (%s)", exc, lost, TOKEN_HINT
+                    "%s; the CA keeps serving, but %s until the token is fixed (%s)",
+                    exc,
+                    lost,
+                    _token_hint(exc),
                 )
                 sd_notify(f"STATUS=Consul refuses the CA's token: {exc}")
         elif state is ConsulState.UNAVAILABLE:

@@ -351,7 +351,9 @@ def _denied(op: Op, resp: Response | None) -> PermissionDenied:
             f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)"
         )
     if resp.body.strip() and b"permission denied" not in said:
-        return PermissionDenied(f"Consul refused {op.what} (403), not as Consul's ACLs do: {_detail(resp)}")
+        return PermissionDenied(
+            f"Consul refused {op.what} (403), not as Consul's ACLs do: {_detail(resp)}", by_acl=False
+        )
     return PermissionDenied(f"Consul ACL denied {op.what}: the token lacks {op.permission}")
 
 
@@ -434,7 +436,7 @@ class ConsulClient:
         if resp.status == 403:
             raise _denied(op, resp)
         if resp.status == 401:
-            raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}")
+            raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}", by_acl=False)
         if resp.status == 404:
             raise NotFound(f"{op.what}: not found")
         if resp.status == 429:  # a Consul agent over its RPC rate limit (limits.rpc_rate): later

@@ -34,7 +34,17 @@ class NotFound(RegistryError):
 
 
 class PermissionDenied(RegistryError):
-    """Consul's ACLs refused the request: fix the token, do not retry."""
+    """Consul's ACLs refused the request: fix the token, do not retry. `by_acl` False: a 401 or 403
+    whose body is not Consul's ACL refusal (a proxy's page in front of Consul): a refusal all the
+    same, but fixing the token's rules will not lift it."""
+
+    def __init__(self, message: str, *, by_acl: bool = True) -> None:
+        super().__init__(message)
+        self.by_acl = by_acl
+
+
+# what to do about a refusal that is not Consul's ACLs' (PermissionDenied.by_acl False)
+NOT_ACL_FIX = "not Consul's ACLs: see what answers for Consul at that address (a proxy in front of it)"
 
 
 class InvalidSettings(RegistryError):

@@ -462,6 +462,23 @@ async def test_a_403_is_blamed_on_the_token_only_when_consul_says_so(
         with pytest.raises(PermissionDenied) as err:
             await consul.kv_get("hostmesh/routes/web")
     assert str(err.value) == said.format(k="hostmesh/routes/web")
+    assert err.value.by_acl == said.startswith("Consul ACL denied")
+
+
+async def test_check_gives_the_token_advice_only_for_consul_s_acl_refusals(not_consul: NotConsul) -> None:
+    """`hostmesh check` said "the token may not write …; use an operator token" for a proxy's 403
+    (review of cd49daa): the token's rules are not what refused it."""
+    from hostmesh.agent.check import _write_rights
+    from hostmesh.registry.errors import NOT_ACL_FIX
+
+    not_consul.answer(b"<html>Forbidden by policy</html>", 403, "text/html")
+    async with ConsulClient(not_consul.url) as consul:
+        proxy = await _write_rights(consul, "consul")
+    assert proxy and all(f.fix == NOT_ACL_FIX and "not as Consul's ACLs do" in f.message for f in proxy)
+    not_consul.answer(b"Permission denied", 403, "text/plain")
+    async with ConsulClient(not_consul.url) as consul:
+        acl = await _write_rights(consul, "consul")
+    assert acl and all("operator" in f.fix and "the token may not write" in f.message for f in acl)
 
 
 async def test_a_text_error_is_quoted_by_its_first_line_cut_at_the_limit(not_consul: NotConsul) -> None:
