@@ -953,13 +953,14 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
         cfg = parse_config(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if check_files:  # before any is read
+        _check_regular_files(cfg, path)
     if cfg.nomad is not None:  # NOMAD_ADDR, NOMAD_TOKEN, …: refused here, not by the watch after the start
         _check_nomad(cfg.nomad, path, check_files)
     if not check_files:
         return cfg
     try:  # a wrong address, token file or TLS file is a start-up error, not a retry loop
         settings = cfg.consul_settings()
-        _check_consul_files_regular(settings)
         settings.load_token()
         from hostmesh.registry.consul import ssl_context
 
@@ -969,25 +970,24 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     return cfg
 
 
-def _check_consul_files_regular(settings: ConsulSettings) -> None:
-    """A Consul token or TLS file that is there must be a regular file: reading a FIFO (or a
-    terminal) waits for a writer for good, and the start (or `agent validate`) hung without a word.
-    (An operator's CLI reads `--token-file <(…)`: a daemon reads a file.) InvalidSettings, one line."""
-    named = (
-        ("Consul token file", settings.token_file),
-        ("Consul CA file", settings.ca_file),
-        ("Consul client certificate", settings.cert_file),
-        ("Consul client key", settings.key_file),
-    )
-    for what, name in named:
-        if name is None:
-            continue
+def _check_regular_files(cfg: AgentConfig, path: Path) -> None:
+    """Every file agent.toml names that is there (files_the_agent_reads, and the Nomad identity file)
+    must be a regular file (a symlink to one is): reading a FIFO (or a terminal) waits for a writer
+    for good, and the start (or `agent validate`) hung without a word. (An operator's CLI reads
+    `--token-file <(…)`: a daemon reads a file.) ConfigError, one line naming the setting."""
+    try:
+        named = files_the_agent_reads(cfg)
+    except InvalidSettings:
+        named = []  # the [consul] check after this one says why
+    if cfg.nomad is not None and cfg.nomad.identity_file is not None:
+        named.append(("[nomad] identity_file", cfg.nomad.identity_file))
+    for name, file in named:
         try:
-            mode = os.stat(name).st_mode
+            mode = os.stat(file).st_mode
         except OSError:
             continue  # reading it says why, naming it
         if not stat.S_ISREG(mode):
-            raise InvalidSettings(f"{what} {name} is not a regular file ({_file_kind(mode)})")
+            raise ConfigError(f"{path}: {name} {file} is not a regular file ({_file_kind(mode)})")
 
 
 def check_gateway_certificates(cfg: AgentConfig, path: Path) -> None:
@@ -1092,13 +1092,16 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
 
 
 def _private_keys_named(cfg: AgentConfig) -> list[tuple[str, Path]]:
-    """The private keys agent.toml names, by the setting naming each: Consul's client key (not in a
-    Nomad allocation, where it is the task's own, as the token file) and the gateways' keys. Like the
-    Consul token file, their group may read them (a service's own, as ssl-cert's); every user may not:
-    whoever holds the Consul key speaks TLS to Consul as this agent, a gateway's key serves its names."""
+    """The private keys agent.toml names, by the setting naming each: Consul's client key and the
+    gateways' keys (none in a Nomad allocation, where they are the task's own, as the token file).
+    Like the Consul token file, their group may read them (a service's own, as ssl-cert's); every
+    user may not: whoever holds the Consul key speaks TLS to Consul as this agent, a gateway's key
+    serves its names."""
+    if cfg.nomad is not None:  # the task's own files, a `template` writes 0644 unless told otherwise
+        return []
     keys: list[tuple[str, Path]] = []
     consul_key = cfg.consul_settings().key_file
-    if consul_key is not None and cfg.nomad is None:
+    if consul_key is not None:
         keys.append(("[consul] key_file", Path(consul_key)))
     for gw in cfg.gateways:
         for lst in gw.listeners:

@@ -95,7 +95,7 @@ def test_a_certificate_that_is_not_a_regular_file_is_refused_at_once(tmp_path: P
     chain = data_dir / "certs" / "web.crt"
     os.mkfifo(chain, 0o600)
     line = one_line_error(run(config))
-    assert line == f"Error: the certificate of web {chain} is not a regular file (a FIFO)"
+    assert line == f"Error: {config}: the certificate of web {chain} is not a regular file (a FIFO)"
     chain.unlink()
     real = tmp_path / "web.crt"
     real.write_text("cert")
@@ -204,8 +204,7 @@ def test_a_consul_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path, k
     fifo = tmp_path / "consul-pipe"
     os.mkfifo(fifo, 0o600)
     config.write_text(config.read_text() + f'[consul]\n{key} = "{fifo}"\n')
-    what = {"token_file": "Consul token file", "ca_file": "Consul CA file"}[key]
-    expected = f"Error: {config}: [consul]: {what} {fifo} is not a regular file (a FIFO)"
+    expected = f"Error: {config}: [consul] {key} {fifo} is not a regular file (a FIFO)"
     for command in ("validate", "run"):
         done = subprocess.run(
             [
@@ -271,6 +270,24 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     assert validate(config, "--no-files").returncode == 0
     cert.write_text("-----BEGIN CERTIFICATE-----\n")  # there now; the key is what is missing
     assert f"ingress listener 127.0.0.1:18443: {key}: " in one_line_error(validate(config))
+
+
+def test_a_gateway_certificate_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """As a [consul] file: a gateway's cert_file that is a FIFO made `agent validate` wait for a
+    writer for good (review of 5b69da6); every file agent.toml names is checked alike."""
+    config, _, _ = write_config(tmp_path)
+    cert, key = tmp_path / "edge.crt", tmp_path / "edge.key"
+    os.mkfifo(cert, 0o600)
+    config.write_text(
+        config.read_text() + '[[gateways]]\nname = "edge"\nkind = "ingress"\n[[gateways.listeners]]\n'
+        f'bind = "127.0.0.1:18443"\nprotocol = "https"\n'
+        f'certificates = [{{ hosts = ["a.example.test"], cert_file = "{cert}", key_file = "{key}" }}]\n'
+    )
+    done = validate(config)
+    assert (
+        one_line_error(done)
+        == f"Error: {config}: gateway edge's cert_file {cert} is not a regular file (a FIFO)"
+    )
 
 
 @pytest.fixture
