@@ -10,7 +10,9 @@ Readiness fails closed: a local service whose intentions this agent cannot read
 (`Snapshot.intentions_unavailable`, agent/discovery.py) is not ready. `/ready` answers 503 naming
 each such service with the reason (`{"ready": false, "not_ready": {"api": "<reason>"}}`), and
 `/health/<service>` answers 503 with the reason without probing the app, so Consul marks the
-instance critical and callers pick instances that can enforce their policy. A service Consul
+instance critical and callers pick instances that can enforce their policy. So does a service whose
+certificate expired and is not recovered (the CA unreachable past its end): no caller's handshake with
+it can complete, and while Consul called it passing, callers kept choosing it. A service Consul
 refused to register (the agent's token lacks service:write on its name) is not ready either
 (`"not_registered": {"api": "<reason>"}`): no caller can find it. Nor is one not registered in this
 run yet (Consul unreachable, or the first round still under way): `/ready` is what a rolling upgrade
@@ -138,13 +140,17 @@ async def probe_app(svc: ServiceConfig, cap: float | None = None) -> tuple[bool,
 
 
 async def service_health(
-    svc: ServiceConfig, snap: Snapshot, cap: float | None = FIRST_PROBE_CAP
+    svc: ServiceConfig, snap: Snapshot, cap: float | None = FIRST_PROBE_CAP, cert_problem: str | None = None
 ) -> tuple[bool, str]:
-    """Can `svc` take traffic here? Not while its intentions cannot be read; else its app's health.
-    `cap`: at most this long for the probe (None: the configured timeout, what Consul's check gets)."""
+    """Can `svc` take traffic here? Not while its intentions cannot be read, nor while its certificate
+    is expired and not recovered (`cert_problem`, what /ready names: no caller's handshake with it can
+    complete); else its app's health. `cap`: at most this long for the probe (None: the configured
+    timeout, what Consul's check gets)."""
     unavailable = snap.intentions_unavailable.get(svc.name)
     if unavailable is not None:
         return False, unavailable
+    if cert_problem is not None:
+        return False, f"certificate not usable: {cert_problem}"
     return await probe_app(svc, cap)
 
 
@@ -211,7 +217,9 @@ class AdminAPI:
             svc = self.config.service(path[len("/health/") :])
             if svc is None:
                 return Response.error(404, f"no local service {path[len('/health/') :]!r}")
-            ok, detail = await service_health(svc, self.holder.current, cap=None)  # Consul's check
+            ok, detail = await service_health(  # Consul's check
+                svc, self.holder.current, cap=None, cert_problem=self._cert_problems().get(svc.name)
+            )
             return Response.of_json(
                 200 if ok else 503, {"service": svc.name, "healthy": ok, "detail": detail}
             )

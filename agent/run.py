@@ -683,7 +683,9 @@ class Agent:
         return f"{svc.name}-{self.config.node}"
 
     async def _registration(self, svc: ServiceConfig) -> ServiceRegistration:
-        healthy, detail = await service_health(svc, self.builder.holder.current)  # critical while refused
+        healthy, detail = await service_health(  # critical while refused, or its certificate expired
+            svc, self.builder.holder.current, cert_problem=self._cert_problems().get(svc.name)
+        )
         return self._registration_of(svc, healthy, detail)
 
     def _registration_of(

@@ -126,3 +126,23 @@ def test_consuls_check_waits_a_second_longer_than_the_probe() -> None:
     agent.inbound = SimpleNamespace(port=15001)
     check = agent._registration_of(cfg.services[0]).checks[0]
     assert (check["Timeout"], check["Interval"]) == ("3s", "1s")  # Consul runs a check once a second at most
+
+
+async def test_an_expired_certificate_fails_consuls_check_without_probing_the_app(app: App) -> None:
+    """A service whose certificate expired and is not recovered (the CA unreachable past its end)
+    cannot take a caller's handshake: Consul's check of it fails with /ready's reason, so callers stop
+    choosing it. Before, /ready said 503 while the check passed on the app's health: in a fleet the
+    instance stayed passing in Consul and every caller kept dialing it (found with tests/fleet)."""
+    cfg = admin_for(app.port, "/ok").config
+    snap = Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {}))
+    problems = {"api": "api: certificate expired at 2026-12-06 05:29:49 UTC; no valid sibling certificate"}
+    admin = AdminAPI(cfg, SnapshotHolder(snap), list, dict, lambda: True, lambda: dict(problems))
+    status, detail = await consul_check(admin)
+    assert status == 503 and detail == f"certificate not usable: {problems['api']}", (status, detail)
+    assert app.requests == 0  # the app's health does not matter then
+    ready = await admin.handle(Request("GET", "/ready", {}, {}, b"", None))
+    assert ready.status == 503 and ready.json()["certificates"] == problems
+    # the registration's first status says the same (agent/run.py passes the service's problem)
+    assert await service_health(cfg.services[0], snap, cert_problem=problems["api"]) == (False, detail)
+    problems.clear()  # recovered (a new token, the CA back): the check passes on the app's health again
+    assert await consul_check(admin) == (200, "HTTP 200 from /ok")
