@@ -164,6 +164,7 @@ class AdminAPI:
         is_ready: Callable[[], bool],
         cert_problems: Callable[[], dict[str, str]] = dict,
         refused_registrations: Callable[[], dict[str, str]] = dict,
+        consul: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -172,6 +173,7 @@ class AdminAPI:
         self._is_ready = is_ready
         self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
         self._refused_registrations = refused_registrations  # service -> Consul's refusal to register it
+        self._consul = consul  # whether the agent follows Consul now (Discovery.consul_view)
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -271,6 +273,8 @@ class AdminAPI:
                 for svc, doc in sorted(docs.items())
             },
             "consul_indexes": dict(snap.versions),  # Consul's index per watched source (debugging)
+            # following: false while Consul's reads fail (the snapshot is the last one read), and since when
+            **({"consul": self._consul()} if self._consul is not None else {}),
             "rejected": dict(snap.rejected),  # source -> why its live document was refused
             "tls_generation": snap.tls.generation,
             "default_intention": "allow" if snap.default_allow else "deny",

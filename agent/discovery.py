@@ -1255,6 +1255,16 @@ class Discovery:
     def healthy(self) -> bool:
         return all(w.healthy for w in self.watches.values())
 
+    def consul_view(self) -> dict[str, Any]:
+        """Whether this agent follows Consul now, for /v1/config and `hostmesh status`: while a watch's
+        reads fail, since when (epoch seconds, the longest failing one's first failure) and its error;
+        the snapshot in force meanwhile is the last one read."""
+        failing = [w for w in self.watches.values() if w.failing_since is not None]
+        if not failing:
+            return {"following": True, "failing_since": None, "error": ""}
+        oldest = min(failing, key=lambda w: w.failing_since or 0.0)
+        return {"following": False, "failing_since": oldest.failing_since, "error": oldest.last_error}
+
     @property
     def held_upstreams(self) -> list[str]:
         """Upstreams with an instance held until their instances are read again (EndpointTable)."""

@@ -355,6 +355,7 @@ class Agent:
             lambda: self.ready,
             self._cert_problems,
             self._not_registered,
+            lambda: self.discovery.consul_view(),
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)

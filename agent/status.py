@@ -322,6 +322,22 @@ def _not_ready_lines(ready: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
+    """One line while the agent's reads of Consul fail (/v1/config `consul`; agents before it do not
+    say): it serves the last snapshot it read, so the documents and endpoints below may be stale, and
+    `ready: yes` alone said nothing of it."""
+    if not isinstance(consul, dict) or consul.get("following") is not False:
+        return []
+    since = consul.get("failing_since")
+    when = ""
+    if isinstance(since, int | float) and not isinstance(since, bool):
+        started = dt.datetime.fromtimestamp(since, dt.UTC)
+        age = max(0, int((now - started).total_seconds()))
+        when = f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
+    why = printable(str(consul.get("error") or "unknown error"), MAX_DETAIL)
+    return [f"consul      NOT FOLLOWING{when}: {why}; the documents and endpoints below are the last read"]
+
+
 def render_table(status: dict[str, Any]) -> str:
     """The `hostmesh status` table. Every string in it is the agent's (or whatever answers at that
     address): each goes through printable(), at most FIELD_LIMIT characters (an endpoint list
@@ -335,6 +351,7 @@ def render_table(status: dict[str, Any]) -> str:
     lines = [
         f"node        {text(cfg['node'])}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
         *_not_ready_lines(status["ready"]),
+        *_consul_lines(cfg.get("consul"), now),
         f"snapshot    generation {cfg['generation']}, default intention {text(cfg['default_intention'])}",
         "",
         "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL            ROOT_ID",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -73,6 +74,10 @@ class Watch(Generic[T]):
         self.last_index = 0  # what Consul returned last, kept across errors (one lower after it: a reset)
         self.first_result = asyncio.Event()  # set after the first successful read
         self.healthy = False
+        # While reads fail: since when (wall clock, the first failure of the streak) and the latest
+        # error, for what an operator is shown (`hostmesh status`); None and "" once a read succeeds.
+        self.failing_since: float | None = None
+        self.last_error = ""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -103,6 +108,9 @@ class Watch(Generic[T]):
                         log.error("watch %s: reading failed", self.name, exc_info=exc)
                     exc = RegistryError(f"reading failed: {type(exc).__name__}: {exc}")
                 self.healthy = False
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                self.last_error = str(exc)
                 # After an error, read fresh: if Consul restarted, its index restarted lower, and a
                 # blocking query on our old index would sit out its whole wait before noticing.
                 self.index = None
@@ -117,6 +125,7 @@ class Watch(Generic[T]):
                 log.info("watch %s: recovered after %d failed attempts", self.name, failures)
             failures = 0
             self.healthy = True
+            self.failing_since, self.last_error = None, ""
             went_back = returned < self.last_index
             if went_back and self._on_reset:  # (a KV prefix's index may go back when keys are reaped)
                 if not stuck:

@@ -201,6 +201,46 @@ def test_ready_means_registered_so_a_restart_while_consul_is_down_serves_but_is_
 
 @pytest.mark.consul
 @pytest.mark.e2e
+def test_an_agent_that_lost_consul_says_so_in_its_config_and_status(
+    mesh: Mesh, private_consul: ConsulDev
+) -> None:
+    """A running agent whose Consul stops answering keeps serving its last snapshot (ready, as the
+    README says), and says that it no longer follows Consul: /v1/config `consul` (since when, and
+    Consul's error) and a line of `hostmesh status` over the documents and endpoints it shows. Before,
+    both looked like an agent in sync (in a fleet: `ready: yes` and every upstream's instances listed
+    healthy on a host cut off, or whose Consul client was down, while Consul had marked them critical)."""
+    import asyncio
+
+    from hostmesh.agent.status import fetch_status, render_table
+
+    _m, _ca, a, _b = mesh
+    assert a.get("/v1/config")[1]["consul"] == {"following": True, "failing_since": None, "error": ""}
+    stopped = time.time()
+    private_consul.stop()
+    try:
+
+        def lost() -> dict[str, Any] | None:
+            consul = a.get("/v1/config")[1]["consul"]
+            return consul if consul["following"] is False else None
+
+        consul = wait_for(lost, 30, "the agent to say it does not follow Consul")
+        assert stopped - 1 <= consul["failing_since"] <= time.time() and "127.0.0.1" in consul["error"]
+        assert _works(a, b"served from the last snapshot")
+        table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{a.admin_port}")))
+        line = next((x for x in table.splitlines() if x.startswith("consul ")), "")
+        assert "NOT FOLLOWING since " in line and line.endswith(
+            "the documents and endpoints below are the last read"
+        )
+        assert "ready: yes" in table.splitlines()[0], table
+    finally:
+        private_consul.start()
+    wait_for(lambda: a.get("/v1/config")[1]["consul"]["following"], 30, "the agent to follow Consul again")
+    table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{a.admin_port}")))
+    assert not [x for x in table.splitlines() if x.startswith("consul ")], table
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
 def test_a_bundle_overwritten_by_hand_is_repaired_and_never_adopted(
     mesh: Mesh, private_consul: ConsulDev
 ) -> None:

@@ -18,6 +18,7 @@ module's own.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import html
 import json
 import re
@@ -412,3 +413,20 @@ def test_ui_keeps_only_the_current_index_of_each_document(node: ConsulDev, good_
 
     sizes = asyncio.run(churn())
     assert sizes[:-1] == [3] * 15 and sizes[-1] == 0
+
+
+def test_status_says_when_the_agent_does_not_follow_consul() -> None:
+    """An agent whose reads of Consul fail serves its last snapshot: one line says so, since when and
+    Consul's error (printable, as every field), over the documents and endpoints it may show stale."""
+    status = hostile_status()
+    assert not [x for x in render_table(status).splitlines() if x.startswith("consul ")]
+    since = dt.datetime(2026, 12, 6, 5, 20, 32, tzinfo=dt.UTC).timestamp()
+    status["config"]["consul"] = {"following": False, "failing_since": since, "error": f"refused{ESC}"}
+    table = render_table(status)
+    assert no_escapes(table), table
+    (line,) = [x for x in table.splitlines() if x.startswith("consul ")]
+    assert re.fullmatch(
+        r"consul +NOT FOLLOWING since 2026-12-06T05:20:32 \(\d+ s\): refused\?\]0;PWNED\?\?\[2J; "
+        r"the documents and endpoints below are the last read",
+        line,
+    ), line
