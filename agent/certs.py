@@ -176,6 +176,7 @@ class CertManager:
         self._wakes: dict[str, asyncio.Event] = {}  # set on a bundle change: the renewal loop looks again
         self._unvouched: str | None = None  # why the stored roots are not trusted (none could vouch)
         self._keep_untrusted = False  # a helper's prepare(recover=False): ours but untrusted is still shown
+        self._stored_level = logging.INFO  # the level of what _load_stored adopted (prepare)
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
@@ -246,6 +247,9 @@ class CertManager:
         if unvouched:
             await self._vouch_roots(unvouched)
         self._keep_untrusted = not recover
+        # A helper renewing one service (a process per try: every few seconds while the CA is down)
+        # loads every stored certificate again; the start says what it adopted, the helpers at debug.
+        self._stored_level = logging.INFO if recover else logging.DEBUG
         missing: dict[str, str] = {}
         for service in self.services:
             problem = self._load_stored(service)
@@ -368,10 +372,12 @@ class CertManager:
                 return f"stored certificate not trusted ({exc})"
             self._adopt(service, leaf)  # expired, but ours and from a current root: recoverable
             self.failures.known(service, f"certificate expired at {_utc(leaf.not_valid_after_utc)}")
-            log.info("stored certificate for %s expired at %s", service, _utc(leaf.not_valid_after_utc))
+            log.log(self._stored_level, "stored certificate for %s expired at %s", service,
+                    _utc(leaf.not_valid_after_utc))  # fmt: skip
             return None
         self._adopt(service, leaf)
-        log.info(
+        log.log(
+            self._stored_level,
             "using stored certificate for %s (serial %x, expires %s)",
             service,
             leaf.serial_number,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -322,3 +323,25 @@ async def test_a_certificate_obtained_with_a_clock_behind_is_kept_for_when_it_is
     await again.start()
     (info,) = again.infos()
     assert info.state is CertState.VALID and info.problem is None
+
+
+async def test_a_renewal_helper_loading_the_stored_certificates_says_it_at_debug_only(
+    env: Env,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each renewal or bundle helper (a process per try) loads every stored certificate of its host
+    again. At info that was one line per service per try: while the CA was down, with tries every few
+    seconds, 16 lines a minute on a host of two services whose certificates had expired (tests/fleet),
+    more with more services. The start's check still says at info what it adopted."""
+    await env.start_ca()
+    token_file = await env.token_file("web")
+    await env.manager(["web"], token_file).prepare()
+    caplog.set_level(logging.DEBUG, logger="hostmesh.agent.certs")
+    caplog.clear()
+    await env.manager(["web"], token_file).prepare(recover=False)  # a renewal helper's
+    loaded = [r for r in caplog.records if r.getMessage().startswith("using stored certificate for web")]
+    assert [r.levelno for r in loaded] == [logging.DEBUG], caplog.text
+    caplog.clear()
+    await env.manager(["web"], token_file).prepare()  # the start's check
+    loaded = [r for r in caplog.records if r.getMessage().startswith("using stored certificate for web")]
+    assert [r.levelno for r in loaded] == [logging.INFO], caplog.text
