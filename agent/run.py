@@ -788,13 +788,18 @@ class Agent:
         self._register_all_next = False
 
     async def _reconcile(self) -> None:
-        """Register again every service Consul does not know as we would register it."""
+        """Register again every service Consul does not know as we would register it, and every
+        service whose registration Consul refused, known or not: Consul may hold it all the same
+        (restored from its data dir after a reboot, or left by this host's previous run), and only a
+        registration it accepts clears the refusal (and lets its TTL check be refreshed again)."""
         services = await self.consul.agent_services()
         checks = await self.consul.agent_checks()
         for svc in self.config.services:
             drift = registration_drift(self._registration_of(svc), services, checks)
             if drift is not None:
                 await self._register(svc, f"Consul's registration {drift}")
+            elif svc.name in self.refused_registrations:
+                await self._register(svc, "Consul had refused its registration")
 
     async def _refresh_ttls(self) -> None:
         """Refresh each registered service's TTL check. Consul refusing one (the token lost

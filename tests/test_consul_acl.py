@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -759,6 +760,61 @@ def test_an_agent_that_may_not_read_its_intentions_is_not_ready_before_any_is_wr
         }, state
         status, body = h.get("/ready")
         assert status == 503 and "intentions unreadable" in body["not_ready"][name], body
+    finally:
+        m.close()
+        echo.close()
+
+
+def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_accepted(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """A host rebooted (its Consul client and agent killed, then started together): the agent's first
+    registration reached a Consul client that had not joined its servers yet, which cannot resolve the
+    token and refuses it (403, "Missing service:write"), while it had restored the service's
+    registration from its own data dir. Each round after found Consul's registration as the agent
+    would make it, so it was never tried again: the refusal stayed, /ready said 503 for good and the
+    TTL check, skipped while refused, stayed critical (in tests/fleet the host never came back into
+    rotation). Here the refusal is a policy without the service, fixed after the restart."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    name = svc("reboot")
+    policy = f"hostmesh-agent-{name}"
+    try:
+        m.start_ca()
+        h = m.write_agent_config("rebooted", [{"name": name, "port": echo.port, "upstreams": []}])
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(secure.token_for(policy, acl.agent_policy([name])))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h)  # registered: ready
+        h.proc.stop(signal.SIGKILL)  # no deregistration: Consul keeps the registration, as after a reboot
+
+        def set_policy_for(*services: str) -> None:
+            rules = tmp_path / "policy.hcl"
+            rules.write_text(acl.agent_policy(list(services)))
+            secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+
+        set_policy_for(svc("elsewhere"))  # refused at the restart
+        m.start_agent(h, wait=False)
+
+        def refused() -> bool:
+            try:
+                return "cannot register" in h.proc.log() and h.get("/ready")[0] == 503
+            except OSError:
+                return False  # not listening yet
+
+        wait_for(refused, 30.0, "the registration to be refused")
+        set_policy_for(name)  # the token resolves again
+        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service again")
+
+        async def agent_check() -> str:
+            async with client(secure, secure.master_token) as consul:
+                return str((await consul.agent_checks())[f"{name}-rebooted:agent"]["Status"])
+
+        wait_for(lambda: asyncio.run(agent_check()) == "passing", 15.0, "its TTL check refreshed")
     finally:
         m.close()
         echo.close()
