@@ -12,6 +12,7 @@ fleet whole for the next; the mixed-version test runs release 0.1.0 on w3 and pu
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -28,7 +29,7 @@ import pytest
 
 from hostmesh.agent.proxy.pool import MESH_USER_TIMEOUT
 from tests.fleet.apps import Download, Outcome, Pattern, download
-from tests.fleet.harness import CHANGE_TIMEOUT, Fleet, Host, wait_for
+from tests.fleet.harness import ADMIN_PORT, CHANGE_TIMEOUT, Fleet, Host, wait_for
 from tests.fleet.traffic import CALL_TIMEOUT, L4_PORT, Load, l4_download, l4_upload_ok, l7_get
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -287,6 +288,39 @@ def test_consul_client_restart_agent_reregisters_and_watches_resume(fleet: Fleet
     )
     assert l4_download(w2, 1024 * 1024).outcome == Outcome.OK
     assert w2.mesh.pid == pid and w2.mesh.alive()
+
+
+def test_host_rebooted_before_its_network_is_up_comes_back_into_rotation(fleet: Fleet) -> None:
+    """A host powered off and on whose network comes up after its services (Consul client and agent
+    start together, cut off): the Consul client cannot resolve the agent's token without its servers
+    and refuses the registrations (403), while it restores them from its data dir. Once the network
+    is up the agent registers them again and the host serves. Before, the registrations Consul held
+    as the agent would make them were never tried again: /ready stayed 503 naming the refusal and
+    the TTL checks critical, and peers never chose the host again until its agent was restarted."""
+    w1, w3 = fleet.workloads[0], fleet.workloads[2]
+    assert w3.consul is not None
+    w3.cut()
+    try:
+        w3.mesh.kill9()
+        w3.consul.kill9()
+        w3.consul.start()
+        w3.mesh.start(wait=False)
+
+        def not_registered() -> bool:
+            try:
+                status, body = w3.http("GET", ADMIN_PORT, "/ready", timeout=1)
+            except (OSError, http.client.HTTPException):
+                return False  # not listening yet
+            return status == 503 and bool(json.loads(body).get("not_registered"))
+
+        wait_for(not_registered, CHANGE_TIMEOUT, "w3's agent to say its services are not registered")
+    finally:
+        w3.heal()
+    healed = time.monotonic()
+    w3.mesh.wait_ready(HEAL_TIMEOUT)
+    for svc in ("bulk", "shop"):
+        wait_for(partial(w1.mesh.chooses_host, svc, w3.name), HEAL_TIMEOUT, f"w1 to choose w3 for {svc}")
+    print(f"\nrebooted w3 back in rotation {time.monotonic() - healed:.1f} s after its network came up")
 
 
 def _serves_after_restart(fleet: Fleet, h: Host, check: Callable[[], bool]) -> float:
