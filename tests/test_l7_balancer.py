@@ -455,19 +455,21 @@ def test_l4_picks_of_many_agents_do_not_all_start_on_the_same_instance(least: bo
     assert len(firsts) > 1, firsts  # (all on one by chance: 4 in 4^16)
 
 
-def test_l4_round_robin_after_a_failed_dial_does_not_come_back_to_the_failed_instance_first() -> None:
+@pytest.mark.parametrize("least", [False, True], ids=["round_robin", "least_connections"])
+def test_l4_picks_after_a_failed_dial_do_not_come_back_to_the_failed_instance_first(least: bool) -> None:
     """Two instances, api-0 refusing: a connection that tries it first retries on api-1. The retry
-    took a turn of the connections' rotation too, so every next connection started on api-0 again,
-    each paying a failed dial (a connect_timeout for a host gone silent); now every other one does."""
+    took a turn of the connections' rotation too (least_connections' ties alike), so every next
+    connection started on api-0 again, each paying a failed dial (a connect_timeout for a host gone
+    silent); now every other one does."""
     lc = LeastConnections()
     endpoints = l4_eps(2, 2)
     down = ("10.0.0.0", 15001)
     first_on_down = 0
     for _ in range(20):
-        ep = lc.pick(endpoints, (), False)
+        ep = lc.pick(endpoints, (), least)
         if (ep.address, ep.port) == down:
             first_on_down += 1
-            assert lc.pick(endpoints, {down}, False).key == "api-1"
+            assert lc.pick(endpoints, {down}, least).key == "api-1"
     assert first_on_down == 10
 
 

@@ -407,9 +407,9 @@ class LeastConnections:
         # (by ID), so a turn from 0 sent the first connections of every agent, worker and rebuilt
         # listener (a fleet's connection pools, opened at a restart) to the same instances
         self._rr = random.randrange(1 << 16)
-        # round robin's retries turn apart: one turn for both put the next connection two places on
-        # after a failed dial, onto the instance that failed (two instances, one down: every one)
-        self._retry_rr = 0
+        # retries turn apart (a random start too): one turn for both put the next connection two
+        # places on after a failed dial, onto the instance that failed (two instances, one down: every one)
+        self._retry_rr = random.randrange(1 << 16)
 
     def acquire(self, key: tuple[str, int]) -> None:
         c = self.counts.get(key, 0)
@@ -479,11 +479,16 @@ class LeastConnections:
                 return None
             self._retry_rr += 1
             return eps[_untried_place(self._retry_rr % m, skip)]
-        self._rr += 1
+        if tried:  # a retry's turn is its own, as round robin's: it would move the connections' on
+            self._retry_rr += 1
+            turn = self._retry_rr
+        else:
+            self._rr += 1
+            turn = self._rr
         bucket = self._buckets[self._min]
         size = len(bucket)
         for step in range(min(size, len(tried) + 1)):  # of len(tried) + 1 places one is untried
-            e = eps[bucket[(self._rr + step) % size]]
+            e = eps[bucket[(turn + step) % size]]
             if not tried or (e.address, e.port) not in tried:
                 return e
         # every fewest-count one was tried: a scan of the untried, its ties taken in turn (the first
@@ -499,4 +504,4 @@ class LeastConnections:
                 ties, fewest = [e], c
             elif c == fewest:
                 ties.append(e)
-        return ties[self._rr % len(ties)] if ties else None
+        return ties[turn % len(ties)] if ties else None
