@@ -804,10 +804,14 @@ async def gated_relay(target: int) -> AsyncIterator[tuple[int, asyncio.Event]]:
             w.transport.abort()
 
 
-async def test_a_connection_whose_dial_ends_while_a_reload_retires_its_listener_is_served(mesh: Mesh) -> None:
-    """A reload retires a stack that still holds a connection: one accepted before, whose dial to its
-    instance ends during the retirement, is served like the open ones (it was neither attached nor
-    reset: its client hung with no byte, reset or EOF, holding its slot under the cap for good)."""
+@pytest.mark.parametrize("held", [True, False], ids=["beside-an-open-one", "alone"])
+async def test_a_connection_whose_dial_ends_while_a_reload_retires_its_listener_is_served(
+    mesh: Mesh, held: bool
+) -> None:
+    """A reload retires a stack: a connection accepted before, whose dial to its instance ends during
+    the retirement, is served like the open ones (it was neither attached nor reset: its client hung
+    with no byte, reset or EOF, holding its slot under the cap for good). Alone, with no open one to
+    hold the retirement, it was reset at once: the retirement waits for the dials too."""
     cap = ConnectionCap(10)
     web = mesh.ca.material(["web"])
     holder = SnapshotHolder(snapshot({"web": 1}, web, {"api": [(mesh.inbound.port, {})]}))
@@ -816,8 +820,9 @@ async def test_a_connection_whose_dial_ends_while_a_reload_retires_its_listener_
     await ob.start()
     mesh.extra.append(ob)
     async with gated_relay(mesh.inbound.port) as (slow_port, gate):
-        held_r, held_w = await mesh.connect(ob)
-        await echo_once(held_r, held_w)  # open: the retirement waits for it
+        if held:
+            held_r, held_w = await mesh.connect(ob)
+            await echo_once(held_r, held_w)  # open: the retirement waits for it
         holder.swap(snapshot({"web": 1}, web, {"api": [(slow_port, {})]}, gen=2))
         r, w = await mesh.connect(ob)
         w.write(b"dialed late")
@@ -829,7 +834,8 @@ async def test_a_connection_whose_dial_ends_while_a_reload_retires_its_listener_
         w.write_eof()
         assert await read_all(r) == b""
         w.close()
-        held_w.close()
+        if held:
+            held_w.close()
         await asyncio.wait_for(retiring, IO_TIMEOUT)
         await async_wait_until(lambda: cap.open == 0, what="every slot back")
 

@@ -131,12 +131,15 @@ class OutboundListener(ListenerLifecycle):
         send on them for `drain_seconds` and run their exchanges to the end (HttpOutbound.close,
         retiring), each response saying `Connection: close`; its TCP connections run until they end
         by themselves (a reload is no reason to cut a database pool's connections), within the idle
-        timeout. A stop meanwhile cuts them after its own drain (`close`). Then it closes."""
+        timeout; connections still dialing are served as they attach. A stop meanwhile cuts them
+        after its own drain (`close`). Then it closes."""
         self._closing = True
         self.stop_accepting()
         if self.http is not None:  # its last requests ride the mesh connections it has
             await self.http.close(drain_seconds, retiring=True)
         self.pool.close()  # no new streams on its mesh connections; busy ones close when they end
+        if self._tasks:  # dials under way (connect_budget bounds them): what they attach is served too
+            await asyncio.wait(list(self._tasks))
         await self.tracker.emptied()
         await self.close()
 
