@@ -1311,6 +1311,71 @@ async def test_an_app_resetting_its_connection_at_once_resets_the_callers_stream
         server.close()
 
 
+@contextlib.contextmanager
+def app_that_never_accepts(mesh: Mesh) -> Iterator[None]:
+    """api's app at a 127.0.0.1 port whose accept queue is full: a connect to it hangs (SYNs dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for f in fillers:
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(listener.getsockname())
+    snap = mesh.holder_b.current
+    api = dataclasses.replace(snap.local["api"], port=listener.getsockname()[1])
+    mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": api})))
+    try:
+        yield
+    finally:
+        for sock in [listener, *fillers]:
+            sock.close()
+
+
+def destination_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [
+        rec.fields  # type: ignore[attr-defined]
+        for rec in caplog.records
+        if rec.name == "hostmesh.access" and rec.fields["reporter"] == "destination"  # type: ignore[attr-defined]
+    ]
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_stream_the_app_never_accepts_ends_uf_after_the_connect_timeout_it_waited(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its access line gives the time it waited for the app (it said 0 ms: review of 8625122)."""
+    monkeypatch.setattr("hostmesh.agent.proxy.inbound.APP_CONNECT_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    with app_that_never_accepts(mesh):
+        r, w = await mesh.connect()
+        w.write(b"x")
+        assert await closed_by_peer(r) == "reset"
+        w.close()
+        (line,) = await async_wait_until(lambda: destination_lines(caplog), what="its access line")
+    assert line["response_flags"] == "UF" and line["duration_ms"] >= 500
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_stream_still_connecting_to_the_app_at_a_stop_is_counted_closed_and_logged(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled by the stop, it was reset with no closed count and no access line (review of 8625122)."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    with app_that_never_accepts(mesh):
+        r, w = await mesh.connect()
+        w.write(b"x")
+        await async_wait_until(lambda: mesh.inbound._tasks, what="the app connect under way")
+        await mesh.inbound.close(0.0)
+        assert await closed_by_peer(r) == "reset"
+        w.close()
+    opened = metric_sample(mesh.tel_b, "hostmesh_tcp_connections_opened_total", reporter="destination")
+    closed = metric_sample(mesh.tel_b, "hostmesh_tcp_connections_closed_total", reporter="destination",
+                           response_flags="DC")  # fmt: skip
+    assert (opened, closed) == (1, 1)
+    assert [line["response_flags"] for line in destination_lines(caplog)] == ["DC"]
+
+
 async def test_an_idle_l4_connection_is_reset_after_the_stream_idle_timeout(mesh: Mesh) -> None:
     """stream_idle_timeout: a connection that moves no byte for that long is reset on both sides
     (flag SI); one that keeps talking stays up across several timeouts."""

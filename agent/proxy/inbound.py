@@ -490,6 +490,7 @@ class InboundListener(ListenerLifecycle):
         loop = asyncio.get_running_loop()
         app = RawEnd()
         source = conn.source.service if conn.source else ""
+        started = time.monotonic()
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: app, "127.0.0.1", svc.port), APP_CONNECT_TIMEOUT
@@ -499,23 +500,23 @@ class InboundListener(ListenerLifecycle):
             self.app_failures(
                 "inbound %s->%s: app 127.0.0.1:%d unreachable: %s", source, svc.name, svc.port, reason
             )
-            return self._ended_unpiped(conn, stream, source, svc.name, flags.UF, tell=True)
-        except asyncio.CancelledError:
-            stream.reset()
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.UF, started, tell=True)
+        except asyncio.CancelledError:  # the listener stops
+            self._ended_unpiped(conn, stream, source, svc.name, flags.DC, started)
             raise
         if stream.done or self._closing:
             app.reset()
-            return self._ended_unpiped(conn, stream, source, svc.name, flags.DC)
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.DC, started)
         if app.closed:  # the app reset it at once (no pipe yet to tell): a pipe over it wrote to a closed
             # transport (uvloop raised, a traceback per stream) or waited for the idle timeout
-            return self._ended_unpiped(conn, stream, source, svc.name, flags.UC)
+            return self._ended_unpiped(conn, stream, source, svc.name, flags.UC, started)
         pipe = Pipe(stream, app, series, self._done, info=(conn, source, svc.name, admission))
         self.tracker.add(pipe)
         pipe.start()
         return True
 
     def _ended_unpiped(self, conn: InboundConnection, stream: Stream, source: str, service: str, flag: str,
-                       *, tell: bool = False) -> bool:  # fmt: skip
+                       started: float, *, tell: bool = False) -> bool:  # fmt: skip
         """A stream ended before a pipe joined it to the app (False: not piped): counted closed with
         `flag`, reset (naming `flag` to the caller's agent when `tell`), and its access line, which a
         failure's is whatever the sample (the same end a moment later, through `_done`, had one)."""
@@ -524,7 +525,7 @@ class InboundListener(ListenerLifecycle):
             stream.reset(flag)
         else:
             stream.reset()
-        self._access(conn, source, service, flag, 0.0, 0, 0)
+        self._access(conn, source, service, flag, time.monotonic() - started, 0, 0)
         return False
 
     def _refused(self, conn: Any, stream: Any, service: str, flag: str) -> None:
