@@ -252,9 +252,10 @@ def this_checkout_as_the_venv(root: Path) -> None:
 
 
 def run_role(
-    tmp: Path, role: str, variables: dict[str, object], path: str = ""
+    tmp: Path, role: str, variables: dict[str, object], path: str = "", check: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl)."""
+    """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl);
+    `check`: ansible-playbook --check --diff."""
     play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
     playbook = tmp / f"{role}.yml"
     playbook.write_text(yaml.safe_dump(play, sort_keys=False))
@@ -263,8 +264,8 @@ def run_role(
     env["PATH"] = f"{path}:{env['PATH']}" if path else env["PATH"]
     variables = {"ansible_python_interpreter": sys.executable, **variables}
     return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
-         str(playbook)],
+        [str(BIN / "ansible-playbook"), *(["--check", "--diff"] if check else []), "-i", "localhost,", "-c",
+         "local", "-e", json.dumps(variables), str(playbook)],
         cwd=ANSIBLE_DIR,
         env=env,
         capture_output=True,
@@ -450,6 +451,56 @@ def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: st
     assert result.returncode == 0, output
     assert pin_file.read_text() == f"{pin}\n"
     assert (data / "ca.json").read_text() == meta  # the same root
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+@pytest.mark.parametrize("case", ["converged", "fresh"])
+def test_ca_role_runs_in_check_mode(tmp_path: Path, case: str) -> None:
+    """`ansible-playbook --check` of the CA role: on a CA host the role already set up it changes nothing
+    and still publishes the signing root's pin (the agents' play needs it; `ca roots` only reads, so it
+    runs in check mode too); on a new CA host it creates nothing and says the new root's pin cannot be
+    known yet. Before, both failed (the skipped commands left no output to read the pin from)."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    variables = {"hostmesh_install_root": str(root), "hostmesh_install_systemd": False}
+    if case == "converged":
+        first = run_role(tmp_path, "hostmesh_ca", variables)
+        assert first.returncode == 0, first.stdout[-4000:]
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    play = [
+        {"name": "ca", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_ca"]},
+        {
+            "name": "the pin the agents get",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Show it",
+                    "ansible.builtin.debug": {"msg": "PIN={{ hostmesh_ca_pin | default('none') }}"},
+                }
+            ],
+        },
+    ]
+    playbook = tmp_path / "check.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(role_alone(tmp_path / "check", "hostmesh_ca"))}
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "--check", "--diff", "-i", "localhost,", "-c", "local", "-e",
+         json.dumps({"ansible_python_interpreter": sys.executable, **variables}), str(playbook)],
+        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert recap(result.stdout)["failed"] == 0, output
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # a check writes nothing
+    if case == "converged":
+        assert recap(result.stdout)["changed"] == 0, output
+        pin = (root / "etc/hostmesh/ca.pin").read_text().strip()
+        assert f"PIN={pin}" in result.stdout, output
+    else:
+        assert "holds no root yet; a real run creates one" in result.stdout, output
+        assert "PIN=none" in result.stdout, output
 
 
 @pytest.fixture(scope="module")
