@@ -298,6 +298,34 @@ def test_agent_role_refuses_a_nomad_token_in_agent_toml(tmp_path: Path) -> None:
     assert not (root / "etc/hostmesh/agent.toml").exists()
 
 
+def test_agent_role_runs_in_check_mode_on_a_host_without_a_join_token(tmp_path: Path) -> None:
+    """`ansible-playbook --check` of a host the role has not set up yet: the join token's creation on
+    the CA host is skipped (it would record one in Consul), and its write shows as a change without
+    reading the output of a command that did not run (before, the check failed there). Nothing is
+    written, no token is issued (the CA host's Consul is not even reachable)."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    variables = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_services": [{"name": "web", "port": 8080}],
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_ca_host": "localhost",
+        "hostmesh_agent_ca_consul_options": ["--consul", "http://127.0.0.1:9"],  # never asked in a check
+        "hostmesh_agent_dns_resolver": "none",
+    }
+    result = run_role(tmp_path, "hostmesh_agent", variables, check=True)
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert recap(result.stdout)["failed"] == 0, output
+    assert re.search(r"TASK \[hostmesh_agent : Write the join token.*\]\s*\**\s*changed:", result.stdout), (
+        output
+    )
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
+
+
 def maintained(consul: ConsulDev, node: str) -> list[str]:
     """The instances of `node` that Consul has in maintenance."""
     checks = consul.get_json("/v1/agent/checks").values()
