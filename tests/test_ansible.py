@@ -819,3 +819,67 @@ def test_playbook_run_is_idempotent(
     assert third["failed"] == 0, output[-6000:]
     assert (root / "etc/hostmesh/ca.pin").read_text() == f"{pin}\n"
     assert tomllib.loads(config_path.read_text())["ca"]["pin"] == pin
+
+
+CAPS_DROP_IN = "etc/systemd/system/hostmesh-agent.service.d/bind-privileged-ports.conf"
+
+
+@pytest.mark.parametrize(
+    ("case", "settings", "ports"),
+    [
+        (
+            "http upstream, bind auto",
+            {"upstreams": [{"service": "api", "bind": "auto", "protocol": "http"}]},
+            [80],
+        ),
+        ("upstream on port 443", {"upstreams": [{"service": "api", "bind": "auto", "port": 443}]}, [443]),
+        ("dns on port 53", {"hostmesh_agent_dns": "127.0.0.1:53"}, [53]),
+        (
+            "gateway on port 443",
+            {"hostmesh_agent_gateways": [{**GATEWAY, "listeners": [{"bind": "0.0.0.0:443"}]}]},
+            [443],
+        ),
+        ("none", {"upstreams": [{"service": "api", "bind": "auto", "port": 8080}]}, []),
+    ],
+)
+def test_agent_role_lets_the_agent_bind_a_port_below_1024(
+    tmp_path: Path, case: str, settings: dict[str, object], ports: list[int]
+) -> None:
+    """The packaged unit grants no capability (README "Mesh names and UDP"): an agent.toml whose listener
+    is on a port below 1024 (an http upstream's bind = "auto" is port 80) gets the README's drop-in with
+    CAP_NET_BIND_SERVICE, else the agent the role starts fails with "permission denied"; a run where no
+    port is below 1024 takes the drop-in away again."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    upstreams = settings.get("upstreams", [])
+    variables = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_services": [{"name": "web", "port": 8080, "upstreams": upstreams}],
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_join_token": "test-join-token",
+        "hostmesh_agent_dns_resolver": "none",
+        **{k: v for k, v in settings.items() if k != "upstreams"},
+    }
+    drop_in = root / CAPS_DROP_IN
+    result = run_role(tmp_path, "hostmesh_agent", variables)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    config = tomllib.loads((root / "etc/hostmesh/agent.toml").read_text())
+    assert config["services"][0].get("upstreams", []) == upstreams
+    if not ports:
+        assert not drop_in.exists()
+        return
+    lines = drop_in.read_text().splitlines()
+    assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in lines
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in lines
+    assert stat.S_IMODE(drop_in.stat().st_mode) == 0o644
+    # back to ports above 1024: the drop-in goes
+    variables.update(
+        hostmesh_agent_services=[{"name": "web", "port": 8080}], hostmesh_agent_dns="127.0.0.1:15053",
+        hostmesh_agent_gateways=[],
+    )  # fmt: skip
+    (tmp_path / "again").mkdir()
+    again = run_role(tmp_path / "again", "hostmesh_agent", variables)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert not drop_in.exists()

@@ -231,3 +231,29 @@ def test_role_drop_ins_verify_cleanly(
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
     drop_in.write_text(text.replace("ReadWritePaths=", "ReadWritePath="))  # the drop-in is read at all
     assert "Unknown key 'ReadWritePath'" in verify(analyze, root, unit).stderr
+
+
+def test_role_capability_drop_in_is_the_readmes_and_verifies_cleanly(analyze: str, tmp_path: Path) -> None:
+    """The drop-in the agent role writes for a port below 1024 sets what the README's does (both lines:
+    the unit's empty CapabilityBoundingSet= would take the ambient capability away), and `verify` is clean."""
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    template = ROLES / "hostmesh_agent/templates/bind-privileged-ports.conf.j2"
+    text = env.from_string(template.read_text()).render(ansible_managed="test")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```ini\n(\[Service\]\nCapabilityBoundingSet=.*?)```", readme, re.DOTALL)
+    assert block, "the README's drop-in for a port below 1024"
+    assert (
+        directives(text)
+        == directives(block.group(1))
+        == {
+            "CapabilityBoundingSet": ["CAP_NET_BIND_SERVICE"],
+            "AmbientCapabilities": ["CAP_NET_BIND_SERVICE"],
+        }
+    )
+    root = make_root(tmp_path, {u: unit_text(u) for u in UNITS})
+    drop_in = root / "etc/systemd/system/hostmesh-agent.service.d/bind-privileged-ports.conf"
+    drop_in.parent.mkdir(parents=True)
+    drop_in.write_text(text)
+    result = verify(analyze, root, "hostmesh-agent.service")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
