@@ -883,3 +883,67 @@ def test_agent_role_lets_the_agent_bind_a_port_below_1024(
     again = run_role(tmp_path / "again", "hostmesh_agent", variables)
     assert again.returncode == 0, again.stdout[-4000:]
     assert not drop_in.exists()
+
+
+def notified(output: str) -> list[str]:
+    """The agent's restart and reload handlers a run notified (skipped ones too: no systemd here)."""
+    ran = re.findall(r"^RUNNING HANDLER \[hostmesh_agent : (.*?)\]", output, re.MULTILINE)
+    return [name for name in ran if name.startswith(("Restart the agent", "Reload hostmesh-agent"))]
+
+
+RESTART = "Restart the agent (it drains open connections on SIGTERM)"
+
+
+WEB = {"name": "web", "port": 8080}
+RELOAD = "Reload hostmesh-agent"
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "handlers"),
+    [
+        (
+            "a service added",
+            {"hostmesh_agent_services": [WEB, {"name": "api", "port": 9000}]},
+            [RESTART, RELOAD],
+        ),
+        ("workers", {"hostmesh_agent_workers": 2}, [RESTART, RELOAD]),
+        ("consul address", {"hostmesh_agent_consul_address": "http://127.0.0.1:8501"}, [RESTART, RELOAD]),
+        ("dns turned off", {"hostmesh_agent_dns": ""}, [RESTART, RELOAD]),
+        ("default_intention", {"hostmesh_agent_default_intention": "deny"}, [RELOAD]),
+        ("a service's port", {"hostmesh_agent_services": [{**WEB, "port": 8081}]}, [RELOAD]),
+    ],
+)
+def test_agent_role_restarts_for_what_a_reload_cannot_change(
+    tmp_path: Path, case: str, change: dict[str, object], handlers: list[str]
+) -> None:
+    """A changed agent.toml is reloaded (SIGHUP); one that changes what a reload leaves at its running
+    value (agent/run.py RESTART_KEYS, the set of service names: the agent only logs that they need a
+    restart) restarts the agent with the drain instead. Before, every change was a reload: the play said
+    changed, the next run changed=0, and the agent went on with its old services and settings."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    variables: dict[str, object] = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_services": [WEB],
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_join_token": "test-join-token",
+        "hostmesh_agent_dns_resolver": "none",
+    }
+    (tmp_path / "first").mkdir()
+    first = run_role(tmp_path / "first", "hostmesh_agent", variables)
+    assert first.returncode == 0, first.stdout[-4000:]
+    (tmp_path / "second").mkdir()
+    second = run_role(tmp_path / "second", "hostmesh_agent", {**variables, **change})
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert notified(second.stdout) == handlers, second.stdout[-4000:]
+
+
+def test_the_roles_restart_settings_cover_what_a_reload_cannot_change() -> None:
+    """The settings whose change restarts the agent (the role's vars) are at least agent/run.py's
+    RESTART_KEYS and the set of services."""
+    from hostmesh.agent.run import RESTART_KEYS
+
+    role_vars = yaml.safe_load((ANSIBLE_DIR / "roles/hostmesh_agent/vars/main.yml").read_text())
+    assert set(RESTART_KEYS) | {"services"} <= set(role_vars["hostmesh_agent_restart_settings"])
