@@ -947,3 +947,37 @@ def test_the_roles_restart_settings_cover_what_a_reload_cannot_change() -> None:
 
     role_vars = yaml.safe_load((ANSIBLE_DIR / "roles/hostmesh_agent/vars/main.yml").read_text())
     assert set(RESTART_KEYS) | {"services"} <= set(role_vars["hostmesh_agent_restart_settings"])
+
+
+def test_agent_role_issues_a_join_token_for_a_service_added_to_the_host(tmp_path: Path) -> None:
+    """A service added to a host that has its join token (spent on the first certificates): only a
+    token naming the new service obtains its certificate (a sibling's renews an expired one only), so
+    the role delivers a new one, naming every identity of the host; the next run issues none, nor does
+    a run that takes a service away. Before, the token on disk was kept and the new service never got a
+    certificate (the agent not ready, the rollout stopped at its /ready wait)."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    token_file = root / "etc/hostmesh/join-token"
+    base: dict[str, object] = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_dns_resolver": "none",
+    }
+    api = {"name": "api", "port": 9000}
+    runs = [
+        ([WEB], "first-token", "first-token"),
+        ([WEB, api], "second-token", "second-token"),  # api added: a new token
+        ([WEB, api], "third-token", "second-token"),  # nothing added: none
+        ([api], "fourth-token", "second-token"),  # web taken away: none
+    ]
+    for i, (services, literal, on_disk) in enumerate(runs):
+        (tmp_path / f"run{i}").mkdir()
+        variables = {**base, "hostmesh_agent_services": services, "hostmesh_agent_join_token": literal}
+        result = run_role(tmp_path / f"run{i}", "hostmesh_agent", variables)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert token_file.read_text() == f"{on_disk}\n", (i, result.stdout[-4000:])
+        if i == 2:
+            assert recap(result.stdout)["changed"] == 0, result.stdout[-4000:]
+    assert (root / "etc/hostmesh/join-token.scope").read_text().split() == ["web", "api"]
