@@ -981,3 +981,44 @@ def test_agent_role_issues_a_join_token_for_a_service_added_to_the_host(tmp_path
         if i == 2:
             assert recap(result.stdout)["changed"] == 0, result.stdout[-4000:]
     assert (root / "etc/hostmesh/join-token.scope").read_text().split() == ["web", "api"]
+
+
+DROP_INS = {
+    "systemd-resolved": "etc/systemd/resolved.conf.d/hostmesh.conf",
+    "dnsmasq": "etc/dnsmasq.d/hostmesh.conf",
+    "unbound": "etc/unbound/unbound.conf.d/hostmesh.conf",
+}
+
+
+def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path: Path) -> None:
+    """The agent role's DNS tasks, run again with another resolver, then with mesh DNS off: only the
+    chosen resolver keeps a drop-in. Before, an earlier one stayed and went on sending mesh names to
+    an address the agent no longer answered on (resolved's with its global DNS=)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    roles = agent_role_without_install(tmp_path)
+    for i, (resolver, dns) in enumerate([("dnsmasq", "127.0.0.1:15053"), ("unbound", "127.0.0.1:15053"),
+                                         ("systemd-resolved", "127.0.0.1:15053"), ("auto", "")]):  # fmt: skip
+        task = {
+            "name": "DNS",
+            "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"},
+        }
+        play = [{"name": "Split DNS only", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+        playbook = tmp_path / f"dns{i}.yml"
+        playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+        variables = {
+            "ansible_python_interpreter": sys.executable,
+            "hostmesh_install_prefix": str(root),
+            "hostmesh_install_systemd": False,
+            "hostmesh_agent_dns_resolver": resolver,
+            "hostmesh_agent_dns": dns,
+        }
+        env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(roles)}
+        result = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
+             str(playbook)],
+            cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=LINT_TIMEOUT,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        present = sorted(name for name, path in DROP_INS.items() if (root / path).exists())
+        assert present == ([resolver] if dns else []), (resolver, dns, result.stdout[-4000:])
