@@ -383,8 +383,9 @@ class Agent:
             try:
                 await self.dns.start()
             except OSError as exc:
+                hint = privileged_port_hint(exc.errno, [cfg.dns.port])
                 raise AgentStartError(
-                    f'dns {cfg.dns}: cannot listen: {exc.strerror or exc} (dns = "" turns mesh DNS off)'
+                    f'dns {cfg.dns}: cannot listen: {exc.strerror or exc} (dns = "" turns mesh DNS off){hint}'
                 ) from None
 
         self._registration_task = asyncio.create_task(self._registration_loop(), name="registration")
@@ -506,7 +507,11 @@ class Agent:
             try:
                 await ingress.start()
             except (OSError, ValueError) as exc:
-                raise AgentStartError(f"gateway {gw.name}: {getattr(exc, 'strerror', None) or exc}") from None
+                hint = privileged_port_hint(
+                    getattr(exc, "errno", None), [lst.bind.port for lst in gw.listeners]
+                )
+                why = getattr(exc, "strerror", None) or exc
+                raise AgentStartError(f"gateway {gw.name}: {why}{hint}") from None
             self.gateways.append(ingress)
 
     def _new_tracer(self) -> Any:
@@ -1110,15 +1115,33 @@ def _process_age() -> str:
         return "?"
 
 
+# A bind below port 1024 refused: the packaged unit (systemd/hostmesh-agent.service) grants no capability.
+PRIVILEGED_PORT_HINT = (
+    "; a port below 1024 needs CAP_NET_BIND_SERVICE, which the packaged unit does not grant "
+    '(README "Mesh names and UDP": its drop-in)'
+)
+
+
+def privileged_port_hint(code: int | None, ports: Any) -> str:
+    """PRIVILEGED_PORT_HINT when a bind was refused (errno `code`: EACCES) on one of `ports` below 1024,
+    else ""."""
+    import errno
+
+    refused = code in (errno.EACCES, errno.EPERM)
+    return PRIVILEGED_PORT_HINT if refused and any(0 < port < 1024 for port in ports) else ""
+
+
 async def _listening(key: str, where: Any, start: Awaitable[Any]) -> None:
     """Await a listener's start; its OSError names the agent.toml key (or the upstream), not only
     the address (another agent with this config running, on `inbound` with `workers` > 1, binds
-    too, by SO_REUSEPORT)."""
+    too, by SO_REUSEPORT), and says what a port below 1024 needs when that is the refusal."""
     try:
         await start
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)  # (asyncio's own text repeats the address)
-        raise OSError(exc.errno, f"{key}: cannot listen on {where}: {why}") from None
+        port = str(where).rpartition(":")[2]
+        hint = privileged_port_hint(exc.errno, [int(port)] if port.isdigit() else [])
+        raise OSError(exc.errno, f"{key}: cannot listen on {where}: {why}{hint}") from None
 
 
 async def run_agent(
