@@ -1062,7 +1062,7 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
 
     if cfg.nomad is None:
         try:
-            cfg.consul_settings().check_token_file_private()
+            cfg.consul_settings().check_secrets_private()
         except InvalidSettings as exc:
             raise ConfigError(str(exc)) from None
     tokens = (("[consul] token", cfg.consul.token), ("[nomad] token", cfg.nomad and cfg.nomad.token))
@@ -1092,17 +1092,13 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
 
 
 def _private_keys_named(cfg: AgentConfig) -> list[tuple[str, Path]]:
-    """The private keys agent.toml names, by the setting naming each: Consul's client key and the
-    gateways' keys (none in a Nomad allocation, where they are the task's own, as the token file).
+    """The gateways' private keys, by the setting naming each (none in a Nomad allocation, where they
+    are the task's own, as the Consul files; Consul's client key is ConsulSettings.check_secrets_private's).
     Like the Consul token file, their group may read them (a service's own, as ssl-cert's); every
-    user may not: whoever holds the Consul key speaks TLS to Consul as this agent, a gateway's key
-    serves its names."""
+    user may not: a gateway's key serves its names."""
     if cfg.nomad is not None:  # the task's own files, a `template` writes 0644 unless told otherwise
         return []
     keys: list[tuple[str, Path]] = []
-    consul_key = cfg.consul_settings().key_file
-    if consul_key is not None:
-        keys.append(("[consul] key_file", Path(consul_key)))
     for gw in cfg.gateways:
         for lst in gw.listeners:
             keys += [(f"gateway {gw.name}'s key_file", c.key_file) for c in lst.certificates]

@@ -249,7 +249,7 @@ def serve(
     audit = AuditLog.to_stream(sys.stdout) if audit_log == "-" else AuditLog.to_path(Path(audit_log))
     nomad = _nomad_trust(nomad_jwks, nomad_audience, nomad_check_allocations)
     settings = _consul_settings(ctx)
-    settings.check_token_file_private()  # a daemon's token file is private, as its keys
+    settings.check_secrets_private()  # a daemon's token file and client key are private, as its keys
     consul = ConsulClient(settings)  # settings and token file checked before serving anything
     asyncio.run(_serve(data_dir, host, port, advertise, audit, ttl, consul, nomad))
 

@@ -90,19 +90,19 @@ class ConsulSettings:
     def https(self) -> bool:
         return self.url.startswith("https://")
 
-    def check_token_file_private(self) -> None:
-        """For a daemon (the agent, the CA): refuse a token file every user of the host can read,
-        where an operator's own tools (the CLI, Consul's) take it as it is. Its group may (the
-        service's own, as /etc/hostmesh's root:hostmesh). InvalidSettings, one line with the fix; a
-        file that is not there yet is load_token's to report."""
-        if self.token_file is None:
-            return
-        mode = others_can_read(Path(self.token_file))
-        if mode is not None:
-            raise InvalidSettings(
-                f"Consul token file {self.token_file} is readable by every user of this host "
-                f"(mode {mode:04o}); fix: chmod 600 {self.token_file}"
-            )
+    def check_secrets_private(self) -> None:
+        """For a daemon (the agent, the CA): refuse a token file or client key every user of the
+        host can read, where an operator's own tools (the CLI, Consul's) take them as they are.
+        Their group may (the service's own, as /etc/hostmesh's root:hostmesh; 640 for a key root
+        owns). InvalidSettings, one line with the fix; a file that is not there yet is for its
+        reader to report. Whoever holds the key speaks TLS to Consul as this daemon."""
+        for what, name in (("Consul token file", self.token_file), ("Consul client key", self.key_file)):
+            mode = others_can_read(Path(name)) if name is not None else None
+            if mode is not None:
+                raise InvalidSettings(
+                    f"{what} {name} is readable by every user of this host "
+                    f"(mode {mode:04o}); fix: chmod 600 {name} (or 640, its group the daemon's)"
+                )
 
     def load_token(self) -> str | None:
         """The token to send: the literal one, or the token file's content (whitespace stripped)."""

@@ -127,7 +127,7 @@ def test_a_consul_token_file_every_user_can_read_is_refused_at_start_and_by_vali
     config.write_text(config.read_text() + f'[consul]\ntoken_file = "{consul_token}"\n')
     expected = (
         f"Consul token file {consul_token} is readable by every user of this host (mode 0644); "
-        f"fix: chmod 600 {consul_token}"
+        f"fix: chmod 600 {consul_token} (or 640, its group the daemon's)"
     )
     assert one_line_error(run(config)) == f"Error: {expected}"
     assert one_line_error(validate(config)) == f"Error: {expected}"
@@ -158,9 +158,14 @@ def test_private_keys_every_user_can_read_are_refused_at_start_and_by_validate(o
         + f'certificates = [{{ hosts = ["a.example.test"], cert_file = "{open_dir / "edge.crt"}", '
         + f'key_file = "{edge_key}" }}]\n'
     )
-    for name, key in (("[consul] key_file", tls.client_key), ("gateway edge's key_file", edge_key)):
+    for name, key, fix in (
+        ("Consul client key", tls.client_key, " (or 640, its group the daemon's)"),
+        ("gateway edge's key_file", edge_key, ""),
+    ):
         key.chmod(0o644)
-        expected = f"{name} {key} is readable by every user of this host (mode 0644); fix: chmod 600 {key}"
+        expected = (
+            f"{name} {key} is readable by every user of this host (mode 0644); fix: chmod 600 {key}{fix}"
+        )
         assert one_line_error(run(config)) == f"Error: {expected}"
         assert one_line_error(validate(config)) == f"Error: {expected}"
         key.chmod(0o640)

@@ -426,21 +426,29 @@ def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
     assert fails(result) == f"Error: Consul token file {missing}: cannot read: No such file or directory"
 
 
-def test_ca_serve_refuses_a_consul_token_file_every_user_can_read(tmp_path: Path) -> None:
-    """The CA's Consul token may write the trust bundle: a credential, 0600 as its keys. (In a
+@pytest.mark.parametrize(("option", "what"), [("--token-file", "Consul token file"),
+                                              ("--client-key", "Consul client key")])  # fmt: skip
+def test_ca_serve_refuses_a_consul_credential_every_user_can_read(
+    tmp_path: Path, option: str, what: str
+) -> None:
+    """The CA's Consul token may write the trust bundle, and its client key speaks TLS to Consul as
+    the CA: credentials, 0600 as its keys (the key was not checked: review of 18e2a76). (In a
     directory every user may pass through, as /etc: pytest's own are 0700.)"""
     open_dir = Path(tempfile.mkdtemp(prefix="hostmesh-ca-perm-"))
     try:
         open_dir.chmod(0o755)
-        token = open_dir / "ca-consul-token"
-        token.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
-        token.chmod(0o644)
+        secret = open_dir / "ca-consul-secret"
+        secret.write_text("8f1c0b8e-0000-4000-8000-000000000001\n")
+        secret.chmod(0o644)
+        cert = open_dir / "ca-consul.crt"  # (a key is given with its certificate)
+        cert.write_text("")
+        both = ["--client-cert", str(cert)] if option == "--client-key" else []
         result = CliRunner().invoke(
-            cli, ["--token-file", str(token), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
+            cli, [*both, option, str(secret), "ca", "serve", "--data-dir", str(tmp_path / "ca")]
         )
         assert fails(result) == (
-            f"Error: Consul token file {token} is readable by every user of this host (mode 0644); "
-            f"fix: chmod 600 {token}"
+            f"Error: {what} {secret} is readable by every user of this host (mode 0644); "
+            f"fix: chmod 600 {secret} (or 640, its group the daemon's)"
         )
         assert not (tmp_path / "ca").exists()  # refused before anything was made
     finally:
