@@ -990,6 +990,33 @@ DROP_INS = {
 }
 
 
+def run_dns_tasks(tmp_path: Path, roles: Path, root: Path, resolver: str, dns: str,
+                  systemctl: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The agent role's DNS tasks alone under `root`, with `resolver` and agent.toml's `dns`; their
+    handlers call the stand-in `systemctl` (a folder holding one) when given, else none runs."""
+    task = {"name": "DNS", "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"}}
+    play = [{"name": "Split DNS only", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+    playbook = tmp_path / "dns.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    variables = {
+        "ansible_python_interpreter": sys.executable,
+        "hostmesh_install_prefix": str(root),
+        "hostmesh_install_systemd": systemctl is not None,
+        "hostmesh_agent_dns_resolver": resolver,
+        "hostmesh_agent_dns": dns,
+    }
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(roles)}
+    if systemctl is not None:
+        env["PATH"] = f"{systemctl}:{env['PATH']}"
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
+         str(playbook)],
+        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=LINT_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return result
+
+
 def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path: Path) -> None:
     """The agent role's DNS tasks, run again with another resolver, then with mesh DNS off: only the
     chosen resolver keeps a drop-in. Before, an earlier one stayed and went on sending mesh names to
@@ -997,28 +1024,47 @@ def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path:
     root = tmp_path / "root"
     root.mkdir()
     roles = agent_role_without_install(tmp_path)
-    for i, (resolver, dns) in enumerate([("dnsmasq", "127.0.0.1:15053"), ("unbound", "127.0.0.1:15053"),
-                                         ("systemd-resolved", "127.0.0.1:15053"), ("auto", "")]):  # fmt: skip
-        task = {
-            "name": "DNS",
-            "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"},
-        }
-        play = [{"name": "Split DNS only", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
-        playbook = tmp_path / f"dns{i}.yml"
-        playbook.write_text(yaml.safe_dump(play, sort_keys=False))
-        variables = {
-            "ansible_python_interpreter": sys.executable,
-            "hostmesh_install_prefix": str(root),
-            "hostmesh_install_systemd": False,
-            "hostmesh_agent_dns_resolver": resolver,
-            "hostmesh_agent_dns": dns,
-        }
-        env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(roles)}
-        result = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
-             str(playbook)],
-            cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=LINT_TIMEOUT,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    for resolver, dns in [("dnsmasq", "127.0.0.1:15053"), ("unbound", "127.0.0.1:15053"),
+                          ("systemd-resolved", "127.0.0.1:15053"), ("auto", "")]:  # fmt: skip
+        result = run_dns_tasks(tmp_path, roles, root, resolver, dns)
         present = sorted(name for name, path in DROP_INS.items() if (root / path).exists())
         assert present == ([resolver] if dns else []), (resolver, dns, result.stdout[-4000:])
+
+
+RESOLVER_SYSTEMCTL = """\
+import json, sys
+# systemctl for the DNS tasks' handlers: dnsmasq is stopped by its operator, or its package is gone
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+conf = json.loads(open(__file__ + ".json").read())
+with open(conf["log"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+unit = args[1] if len(args) > 1 else ""
+if unit.startswith("dnsmasq") and conf["dnsmasq"] == "gone" and args[0] != "show":
+    print(f"Failed to {args[0]} {unit}: Unit {unit} not found.", file=sys.stderr)
+    sys.exit(5)
+if args[:1] == ["show"]:
+    print(f"Id={unit}\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nUnitFileState=enabled")
+"""
+
+
+@pytest.mark.parametrize("dnsmasq", ["stopped", "gone"])
+def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_nothing(
+    tmp_path: Path, dnsmasq: str
+) -> None:
+    """From dnsmasq to unbound: dnsmasq's drop-in goes, and dnsmasq is told only if it runs
+    (try-restart). A restart started the dnsmasq its operator had stopped, and failed the host
+    (the rollout with it) where its package had been removed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    roles = agent_role_without_install(tmp_path)
+    fake, calls = tmp_path / "fake-bin", tmp_path / "systemctl.log"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{RESOLVER_SYSTEMCTL}")
+    (fake / "systemctl").chmod(0o755)
+    (fake / "systemctl.json").write_text(json.dumps({"log": str(calls), "dnsmasq": dnsmasq}))
+    run_dns_tasks(tmp_path, roles, root, "dnsmasq", "127.0.0.1:15053")
+    run_dns_tasks(tmp_path, roles, root, "unbound", "127.0.0.1:15053", systemctl=fake)
+    told = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c for c in told if c[0] != "show" and c[1:2] == ["dnsmasq.service"]] == [
+        ["try-restart", "dnsmasq.service"]
+    ]
