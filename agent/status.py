@@ -331,9 +331,13 @@ def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
     since = consul.get("failing_since")
     when = ""
     if isinstance(since, int | float) and not isinstance(since, bool):
-        started = dt.datetime.fromtimestamp(since, dt.UTC)
-        age = max(0, int((now - started).total_seconds()))
-        when = f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
+        try:  # (what answers at the admin address may send any number: NaN, 1e300)
+            started = dt.datetime.fromtimestamp(since, dt.UTC)
+        except (OverflowError, ValueError, OSError):
+            started = None
+        if started is not None:
+            age = max(0, int((now - started).total_seconds()))
+            when = f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
     why = printable(str(consul.get("error") or "unknown error"), MAX_DETAIL)
     return [f"consul      NOT FOLLOWING{when}: {why}; the documents and endpoints below are the last read"]
 

@@ -430,3 +430,13 @@ def test_status_says_when_the_agent_does_not_follow_consul() -> None:
         r"the documents and endpoints below are the last read",
         line,
     ), line
+
+
+@pytest.mark.parametrize("since", [1e300, float("nan"), float("inf"), 1e18, 253402300800])
+def test_status_takes_any_number_for_since_when_the_agent_does_not_follow_consul(since: float) -> None:
+    """What answers at the admin address chooses the number: one past what a date holds was a
+    traceback (review of fb50d80); the line is said without its time."""
+    status = hostile_status()
+    status["config"]["consul"] = {"following": False, "failing_since": since, "error": "refused"}
+    (line,) = [x for x in render_table(status).splitlines() if x.startswith("consul ")]
+    assert line.startswith("consul      NOT FOLLOWING: refused;"), line
