@@ -301,7 +301,7 @@ def test_identity_file_problems_are_one_line_naming_the_file(
     assert load_config(path, check_files=False).nomad is not None  # --no-files: files come later
     identity.unlink()
     identity.mkdir()
-    with pytest.raises(ConfigError, match=r"Nomad identity file .*: cannot read: Is a directory$"):
+    with pytest.raises(ConfigError, match=r"identity_file .* is not a regular file \(a directory\)$"):
         load_config(path)
 
 
