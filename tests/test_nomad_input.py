@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -534,6 +534,19 @@ def wait_reads(nomad: NomadDouble, alloc_id: str, n: int) -> None:
         time.sleep(0.01)
 
 
+def watched_by_its_identity(
+    nomad: NomadDouble, tmp_path: Path, alloc: Any, token: str, on_gone: Callable[[str], object]
+) -> tuple[Path, asyncio.Task[None]]:
+    """A sidecar's watch of `alloc` read with the workload identity `token`, which its file holds
+    (Nomad may rewrite it: identity_source), and that file."""
+    identity_file = tmp_path / "nomad_token"
+    identity_file.write_text(token)
+    cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
+    api = api_at(nomad.url, NOMAD_TOKEN=token)
+    source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
+    return identity_file, asyncio.create_task(watch_allocation(api, alloc.id, POLL, on_gone, source))
+
+
 @pytest.mark.parametrize("end", ["stop", "gc"])
 async def test_an_allocation_nomad_no_longer_runs_is_seen_through_its_refused_identity(
     tmp_path: Path, end: str
@@ -544,14 +557,9 @@ async def test_an_allocation_nomad_no_longer_runs_is_seen_through_its_refused_id
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
-        identity_file = tmp_path / "nomad_token"
-        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
-        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
-        env = {"NOMAD_ADDR": nomad.url}
-        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
         gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(
-            watch_allocation(api, alloc.id, POLL, gone.set_result, identity_source(cfg, env))
+        _, task = watched_by_its_identity(
+            nomad, tmp_path, alloc, nomad.identity(alloc, "hostmesh"), gone.set_result
         )
         try:
             await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)
@@ -573,13 +581,10 @@ async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identi
     agent keeps serving."""
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
-        identity_file = tmp_path / "nomad_token"
-        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
-        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
-        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
         gone: list[str] = []
-        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
-        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        identity_file, task = watched_by_its_identity(
+            nomad, tmp_path, alloc, nomad.identity(alloc, "hostmesh"), gone.append
+        )
         try:
             await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)
             assert warnings(caplog)[0].endswith(
@@ -606,13 +611,9 @@ async def test_an_identity_past_its_exp_is_not_taken_for_the_allocation_gone(
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
-        identity_file = tmp_path / "nomad_token"
-        identity_file.write_text(nomad.identity(alloc, "hostmesh", ttl=60, issued_at=time.time() - 58))
-        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
-        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
         gone: list[str] = []
-        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
-        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        expiring = nomad.identity(alloc, "hostmesh", ttl=60, issued_at=time.time() - 58)
+        identity_file, task = watched_by_its_identity(nomad, tmp_path, alloc, expiring, gone.append)
         try:
             await asyncio.to_thread(wait_reads, nomad, alloc.id, 1)  # accepted
             await async_wait_until(lambda: any("has expired" in w for w in warnings(caplog)), WAIT, "expiry")
@@ -635,10 +636,6 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
-        identity_file = tmp_path / "nomad_token"
-        identity_file.write_text(nomad.identity(alloc, "hostmesh"))
-        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=identity_file))
-        api = api_at(nomad.url, NOMAD_TOKEN=identity_file.read_text())
         authorized = nomad._authorized
         hiccups = [False] * (2 * (GONE_CONFIRMATIONS - 1))  # the allocation read and /v1/services, each
 
@@ -646,8 +643,9 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
             return hiccups.pop() if hiccups else authorized(token, alloc_id)
 
         gone: list[str] = []
-        source = identity_source(cfg, {"NOMAD_ADDR": nomad.url})
-        task = asyncio.create_task(watch_allocation(api, alloc.id, POLL, gone.append, source))
+        _, task = watched_by_its_identity(
+            nomad, tmp_path, alloc, nomad.identity(alloc, "hostmesh"), gone.append
+        )
         try:
             await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
             nomad._authorized = flaky  # type: ignore[method-assign]
