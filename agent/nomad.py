@@ -349,20 +349,7 @@ async def watch_allocation(
                 api = NomadAPI(replace(api.settings, token=fresh))
                 log.info("read the workload identity again (Nomad refused the one in use); reading with it")
                 continue
-            problem = str(exc)
-            if identity is not None and accepted is not None and accepted == api.settings.token:
-                if _expired(accepted):
-                    problem = f"{exc} (the workload identity has expired; Nomad has not renewed its file yet)"
-                else:
-                    try:
-                        refused = await api.identity_refused()
-                    except RegistryError as probe:
-                        problem = f"{exc}; {probe}"
-                    else:
-                        if not refused:
-                            problem = f"{exc} ({NO_READ_POLICY})"
-            elif identity is not None:
-                problem = f"{exc} ({NO_READ_POLICY})"
+            problem, refused = await _why_refused(api, exc, identity is not None, accepted)
         except RegistryError as exc:
             problem = str(exc)
         except Exception as exc:  # a bug or an answer nobody foresaw must not end the watch silently
@@ -399,6 +386,25 @@ async def watch_allocation(
             failing = problem
             failures += 1
         await asyncio.sleep(watch_delay(interval, failures))
+
+
+async def _why_refused(
+    api: NomadAPI, exc: PermissionDenied, from_file: bool, accepted: str | None
+) -> tuple[str, bool]:
+    """What Nomad's 403 on the allocation read means, as (the warning, whether Nomad refused the
+    workload identity itself: its allocation is terminal or unknown). `from_file`: the token is the
+    identity file's; `accepted`: the identity Nomad answered a read with in this watch."""
+    if not from_file:
+        return str(exc), False
+    if accepted is None or accepted != api.settings.token:
+        return f"{exc} ({NO_READ_POLICY})", False
+    if _expired(accepted):
+        return f"{exc} (the workload identity has expired; Nomad has not renewed its file yet)", False
+    try:
+        refused = await api.identity_refused()
+    except RegistryError as probe:
+        return f"{exc}; {probe}", False
+    return (str(exc), True) if refused else (f"{exc} ({NO_READ_POLICY})", False)
 
 
 def _expired(token: str) -> bool:
