@@ -508,10 +508,14 @@ class ConsulClient:
         """Whether the token may read all of `prefix`, so that `kv_list` of it leaves nothing out.
         Consul drops the keys a token may not read from a list without a word (1.8 has no header for
         it), but refuses (403) a single-key read: so read the prefix itself as a key, where nothing is
-        stored (404 when readable). A rule denying one key below a readable prefix still hides it."""
+        stored (404 when readable). A rule denying one key below a readable prefix still hides it.
+        A refusal that is not Consul's ACLs' (PermissionDenied.by_acl False) is raised: no ACL hides
+        anything then, and the callers would say the token lacks key:read."""
         try:
             await self.kv_get(prefix)
-        except PermissionDenied:
+        except PermissionDenied as exc:
+            if not exc.by_acl:  # not the token's rules (a proxy in front of Consul): said as it is
+                raise
             return False
         return True
 

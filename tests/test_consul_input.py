@@ -465,6 +465,21 @@ async def test_a_403_is_blamed_on_the_token_only_when_consul_says_so(
     assert err.value.by_acl == said.startswith("Consul ACL denied")
 
 
+async def test_a_prefix_is_unreadable_by_the_token_only_when_consul_s_acls_say_so(
+    not_consul: NotConsul,
+) -> None:
+    """`list`, `ca token list` and history ask whether the token may read a whole prefix: a proxy's
+    403 answered "no", and their callers said the token lacks key:read (review of 0dc9c66)."""
+    not_consul.answer(b"Permission denied", 403, "text/plain")
+    async with ConsulClient(not_consul.url) as consul:
+        assert await consul.prefix_readable("hostmesh/routes/") is False
+    not_consul.answer(b"<html>Forbidden by policy</html>", 403, "text/html")
+    async with ConsulClient(not_consul.url) as consul:
+        with pytest.raises(PermissionDenied, match="not as Consul's ACLs do") as err:
+            await consul.prefix_readable("hostmesh/routes/")
+    assert err.value.by_acl is False
+
+
 async def test_check_gives_the_token_advice_only_for_consul_s_acl_refusals(not_consul: NotConsul) -> None:
     """`hostmesh check` said "the token may not write …; use an operator token" for a proxy's 403
     (review of cd49daa): the token's rules are not what refused it."""
