@@ -97,6 +97,9 @@ WATCH_MAX_BACKOFF = 60.0  # seconds: the longest pause between reads while Nomad
 GONE_CONFIRMATIONS = 3
 # why Nomad may refuse the allocation read while it takes the identity (its implicit policy reads none)
 NO_READ_POLICY = "a workload identity: attach a policy granting read-job to the job"
+# seconds before an identity's `exp` from which Nomad refusing it is taken for its expiry, not for its
+# allocation gone: this host's clock may lag Nomad's (Nomad renews an identity long before its end)
+EXPIRY_LEEWAY = 60.0
 
 
 class NomadEnvError(ValueError):
@@ -326,16 +329,18 @@ async def watch_allocation(
     and the read is tried again at once with it.
 
     Read with the allocation's own workload identity, Nomad never shows the allocation terminal or
-    unknown: it refuses that identity then (403, nomad/auth.go VerifyClaim). So a 403 for an identity
-    Nomad accepted before in this watch, with no other token in the file, is asked again where the
-    identity's implicit policy always reads (`identity_refused`): refused there too in
-    GONE_CONFIRMATIONS reads in a row, the allocation is stopped or gone (`on_gone`); answered, it is
-    the job's policy (a warning). Never accepted (another cluster at NOMAD_ADDR, no policy attached
-    yet), or past its own `exp` (Nomad has not renewed it into the file yet): a warning, the agent
-    keeps serving."""
+    unknown: it refuses that identity then (403, nomad/auth.go VerifyClaim). So a 403 for the
+    identity file's token, once Nomad accepted one of the file's in this watch (a later one is its
+    renewal), with no other token in the file, is asked again where the identity's implicit policy
+    always reads (`identity_refused`): refused there too in GONE_CONFIRMATIONS reads in a row, the
+    allocation is stopped or gone (`on_gone`); answered, it is the job's policy (a warning). Never
+    accepted (another cluster at NOMAD_ADDR, no policy attached yet), or within EXPIRY_LEEWAY of its
+    own `exp` (Nomad has not renewed it into the file yet): a warning, the agent keeps serving."""
     failing: str | None = None
     failures = 0
-    accepted: str | None = None  # the workload identity Nomad answered a read with
+    # Nomad answered a read with the identity file's token in this watch (the file's later tokens are
+    # its renewals of that identity: the same allocation, the same job's policies)
+    accepted = False
     refusals = 0  # reads in a row in which Nomad refused that identity itself
     stopping = False  # Nomad said it is stopping the allocation (logged once)
     while True:
@@ -348,6 +353,7 @@ async def watch_allocation(
             if fresh and fresh != api.settings.token:
                 api = NomadAPI(replace(api.settings, token=fresh))
                 log.info("read the workload identity again (Nomad refused the one in use); reading with it")
+                refusals = 0  # the refusals counted were the old token's
                 continue
             problem, refused = await _why_refused(api, exc, identity is not None, accepted)
         except RegistryError as exc:
@@ -360,7 +366,7 @@ async def watch_allocation(
                 log.info("Nomad answers again for allocation %s", alloc_id)
                 failing = None
             failures = 0
-            accepted = api.settings.token if identity is not None else None
+            accepted = identity is not None
             if state is AllocationState.STOPPING:
                 # Nomad kills the app first and this sidecar after it: draining now would cut the app's
                 # upstream calls while it finishes (its kill_timeout, a shutdown_delay before it)
@@ -389,16 +395,16 @@ async def watch_allocation(
 
 
 async def _why_refused(
-    api: NomadAPI, exc: PermissionDenied, from_file: bool, accepted: str | None
+    api: NomadAPI, exc: PermissionDenied, from_file: bool, accepted: bool
 ) -> tuple[str, bool]:
     """What Nomad's 403 on the allocation read means, as (the warning, whether Nomad refused the
     workload identity itself: its allocation is terminal or unknown). `from_file`: the token is the
-    identity file's; `accepted`: the identity Nomad answered a read with in this watch."""
+    identity file's; `accepted`: Nomad answered a read with that file's identity in this watch."""
     if not from_file:
         return str(exc), False
-    if accepted is None or accepted != api.settings.token:
+    if not accepted:
         return f"{exc} ({NO_READ_POLICY})", False
-    if _expired(accepted):
+    if _expired(api.settings.token or ""):
         return f"{exc} (the workload identity has expired; Nomad has not renewed its file yet)", False
     try:
         refused = await api.identity_refused()
@@ -408,14 +414,15 @@ async def _why_refused(
 
 
 def _expired(token: str) -> bool:
-    """Whether the JWT `token` is past its own `exp` (read, not verified: Nomad verifies it)."""
+    """Whether the JWT `token` is past its own `exp`, or within EXPIRY_LEEWAY of it (this host's clock
+    may lag Nomad's); read, not verified: Nomad verifies it."""
     import jwt
 
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.PyJWTError:
         return False
-    return isinstance(exp, int | float) and exp <= time.time()
+    return isinstance(exp, int | float) and exp <= time.time() + EXPIRY_LEEWAY
 
 
 def watch_delay(interval: float, failures: int) -> float:

@@ -317,7 +317,7 @@ def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMes
         assert not (Path(agent.env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr").exists()
         assert took < KILL_TIMEOUT + POLL_INTERVAL, (
             took
-        )  # noticed within a poll, then out within kill_timeout
+        )  # noticed within GONE_CONFIRMATIONS polls, then out within kill_timeout
     finally:
         app.close()
 

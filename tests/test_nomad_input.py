@@ -656,6 +656,50 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
             task.cancel()
 
 
+async def test_an_allocation_stopped_just_after_nomad_renewed_its_identity_is_seen(tmp_path: Path) -> None:
+    """Nomad renews the identity into its file, and the allocation stops before the watch read with
+    the new token: the file's renewal of an accepted identity is taken as accepted too (it was not,
+    and the stop was never seen: review of 6d7202f)."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        token = nomad.identity(alloc, "hostmesh")
+        identity_file, task = watched_by_its_identity(nomad, tmp_path, alloc, token, gone.set_result)
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
+            identity_file.write_text(nomad.identity(alloc, "hostmesh"))  # Nomad renews it
+            nomad.stop_allocation(alloc.id)  # and the allocation stops
+            reason = await asyncio.wait_for(gone, WAIT)
+        finally:
+            task.cancel()
+        assert reason.startswith(f"allocation {alloc.id} is stopped or gone in Nomad (Nomad refuses its")
+
+
+async def test_an_identity_nomad_takes_for_expired_before_this_host_s_clock_does_is_not_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This host's clock 30 s behind Nomad's: an identity past its `exp` for Nomad, not yet for the
+    agent, is refused; within EXPIRY_LEEWAY of its end that is its expiry, not the allocation gone."""
+    real = time.time
+    monkeypatch.setattr("hostmesh.agent.nomad.time.time", lambda: real() - 30)
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        gone: list[str] = []
+        expiring = nomad.identity(alloc, "hostmesh", ttl=60, issued_at=real() - 59)  # Nomad's clock
+        _, task = watched_by_its_identity(nomad, tmp_path, alloc, expiring, gone.append)
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 1)  # accepted, then refused at its exp
+            await async_wait_until(lambda: gone or any("has expired" in w for w in warnings(caplog)),
+                                   WAIT, "Nomad refusing it")  # fmt: skip
+            reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 2 * GONE_CONFIRMATIONS)
+            assert gone == [] and not task.done()
+        finally:
+            task.cancel()
+
+
 async def test_an_allocation_nomad_is_stopping_is_served_until_its_kill_signal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
