@@ -601,6 +601,22 @@ async def test_both_ends_of_a_mesh_connection_bound_the_wait_for_a_vanished_peer
     w.close()
 
 
+async def test_a_mesh_connection_names_its_peer_after_it_is_lost(mesh: Mesh) -> None:
+    """What its lines say when it is lost (a peer gone unreachable, a protocol error) names the peer
+    agent: the caller's side asked uvloop's TLS transport then, which no longer said ("?")."""
+    r, w = await mesh.connect()
+    w.write(b"x")
+    assert await asyncio.wait_for(r.readexactly(1), IO_TIMEOUT) == b"x"
+    (client,) = [c for conns in mesh.outbound.pool._conns.values() for c in conns]
+    (server,) = list(mesh.inbound._conns)
+    assert client.transport is not None
+    client.transport.abort()
+    await async_wait_until(lambda: client.closed and server.closed, what="both ends lost")
+    assert client.peer_addr == f"127.0.0.1:{mesh.inbound.port}"
+    assert server.peer_addr.startswith("127.0.0.1:") and server.peer_addr != client.peer_addr
+    w.close()
+
+
 async def test_concurrent_connections_and_least_connections(mesh: Mesh) -> None:
     ob = await mesh.add_outbound(mesh.holder_a, load_balancer="least_connections")
     conns = [await mesh.connect(ob) for _ in range(20)]

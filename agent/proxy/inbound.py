@@ -104,7 +104,6 @@ class InboundConnection(MuxConnection):
     def __init__(self, listener: InboundListener) -> None:
         super().__init__()
         self.listener = listener
-        self.peer_addr = "?"
         self.service = ""
         self.source: Identity | None = None
         self.roots_pem = ""
@@ -116,9 +115,7 @@ class InboundConnection(MuxConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called once the TLS handshake has completed: identify the caller."""
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        super().connection_made(transport)  # (and its peer_addr)
         lst = self.listener
         lst.handshakes += 1
         if lst._closing:

@@ -326,9 +326,14 @@ class MuxConnection(asyncio.BufferedProtocol):
         # a writer that flushes what it writes itself is writing (StreamTransport.write_now): the
         # frames it queues first in a turn schedule no flush for the turn's end
         self.writing_now = False
+        self.peer_addr = "?"  # host:port of the peer agent, from the handshake on (logs, access lines)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        # kept now: once the connection is lost, uvloop's TLS transport no longer says (the line of a
+        # peer gone unreachable named "?")
+        peer = t.get_extra_info("peername")
+        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
         track_tls_reads(self)  # a quiet connection's TLS buffers go back at the trim tick (agent/memory.py)
 
@@ -361,7 +366,7 @@ class MuxConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(exc, TimeoutError):  # the kernel gave up on the peer (pool.MESH_USER_TIMEOUT)
             log.warning("mesh connection %s: peer unreachable (%s); failing its %d streams",
-                        self.peername(), exc.strerror or exc, len(self.streams))  # fmt: skip
+                        self.peer_addr, exc.strerror or exc, len(self.streams))  # fmt: skip
         self.closed = True
         self._flush_cb = None
         self._fail_streams(exc)
@@ -491,16 +496,12 @@ class MuxConnection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def protocol_error(self, reason: str) -> None:
-        self.error_log("mesh connection %s: protocol error: %s; aborting", self.peername(), reason)
+        self.error_log("mesh connection %s: protocol error: %s; aborting", self.peer_addr, reason)
         streams = list(self.streams.values())
         for stream in streams:
             if stream.pipe is not None:
                 stream.pipe.fail(flags.UPE)
         self.reset()
-
-    def peername(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 # The hot paths of a mux connection are module functions rather than methods: pool.MeshClient and
@@ -575,7 +576,7 @@ def _stream_failed(self: MuxConnection, stream: Stream, exc: Exception) -> None:
     """A stream's handler raised `exc`: reset the stream, tell its pipe, keep the connection."""
     self.stream_failures += 1
     if self.stream_failures <= MAX_LOGGED_STREAM_FAILURES:
-        log.error("mesh connection %s: stream %d failed in its handler; reset", self.peername(), stream.id,
+        log.error("mesh connection %s: stream %d failed in its handler; reset", self.peer_addr, stream.id,
                   exc_info=exc)  # fmt: skip
     pipe = stream.pipe
     stream.reset()
