@@ -428,9 +428,9 @@ def _check_stored_size(where: str, data: dict[str, Any], version: int) -> None:
     (and its place there), before any diff: no split of the file makes it fit, and a dry run said
     "split the file", the write "document: is larger than …", naming neither (an `&anchor` repeated
     by `*aliases` in YAML is a few lines that store as many KiB)."""
-    from hostmesh.registry.documents import MAX_DOCUMENT_BYTES, encode
+    from hostmesh.registry.documents import MAX_DOCUMENT_BYTES, stored_size
 
-    size = len(encode({**data, "version": version}).encode())
+    size = stored_size(data, version)
     if size > MAX_DOCUMENT_BYTES:
         raise click.ClickException(
             f"{where}: the document takes {-(-size // 1024)} KiB stored as JSON, more than the "

@@ -151,6 +151,11 @@ def write_bytes(kind: str, service: str, version: int, data: dict[str, Any], liv
     )
 
 
+def stored_size(data: dict[str, Any], version: int) -> int:
+    """Bytes of `data` stored as `version` (what MAX_DOCUMENT_BYTES bounds)."""
+    return len(encode(_with_version(data, version)).encode())
+
+
 def too_large(size: int) -> str:
     """Why a transaction body of `size` bytes is refused: `... would <this>; split the file`."""
     kib = -(-size // 1024)  # rounded up: never "takes 496 KiB, more than 496 KiB"
