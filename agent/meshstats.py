@@ -162,10 +162,9 @@ def window_deltas(prev: Scrape, cur: Scrape) -> list[Sample]:
     changed between the rounds (`unrated_because`)."""
     out = []
     for agent, samples in cur.items():
-        before_samples = prev.get(agent)
-        if before_samples is None or _started(before_samples) != _started(samples):
+        if unrated_because(prev, cur, agent) is not None:
             continue
-        before = {_series(s): s.value for s in before_samples if s.name in COUNTERS}
+        before = {_series(s): s.value for s in prev[agent] if s.name in COUNTERS}
         for s in samples:
             if s.name not in COUNTERS:
                 continue
