@@ -434,7 +434,10 @@ class ConsulClient:
                 raise self._unexpected(op, "404 without X-Consul-Index (not Consul's KV API)")
             return resp
         if resp.status == 403:
-            raise _denied(op, resp)
+            denied = _denied(op, resp)
+            if denied.by_acl:
+                await self._raise_if_serverless(op)
+            raise denied
         if resp.status == 401:
             raise PermissionDenied(f"Consul refused {op.what} (401): {_detail(resp)}", by_acl=False)
         if resp.status == 404:
@@ -450,6 +453,28 @@ class ConsulClient:
         if resp.status < 500:
             raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
         raise Unavailable(f"Consul failed {op.what}: {resp.status} {_detail(resp)}")
+
+    async def _raise_if_serverless(self, op: Op) -> None:
+        """Before an ACL refusal is reported as the token's: a Consul agent that reaches no server (a
+        client not joined yet after a reboot, its servers partitioned away, quorum lost) cannot look
+        the token up and refuses everything as "Permission denied" (its down_policy), which would
+        send the operator to fix a token that is fine. Asked then: /v1/status/leader (no ACL), which
+        answers 500 "No known Consul servers", or "" with no leader; either is raised as the outage
+        it is. A probe that fails otherwise leaves the refusal as it was."""
+        try:
+            resp = await self._http.request("GET", "/v1/status/leader", b"", {}, DEFAULT_TIMEOUT)
+        except Unavailable:
+            return
+        if resp.status >= 500:
+            why = _detail(resp)
+        elif resp.status == 200 and resp.body.strip() == b'""':
+            why = "no leader"
+        else:
+            return
+        raise Unavailable(
+            f"Consul refused {op.what} (403) while it reaches no Consul server ({why}): it cannot look "
+            "the token up, so the refusal says nothing about the token yet"
+        )
 
     def _unexpected(self, op: Op, problem: str) -> UnexpectedAnswer:
         return UnexpectedAnswer(f"unexpected answer from Consul at {self.url} to {op.what}: {problem}")

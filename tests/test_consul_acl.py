@@ -19,6 +19,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+import urllib.error
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from hostmesh.agent.cli import cli
 from hostmesh.agent.localmesh import (
     HOSTMESH,
     AgentHandle,
+    ConsulDev,
     EchoServer,
     LocalMesh,
     free_port,
@@ -499,6 +502,54 @@ def test_agent_token_registers_only_its_own_services(secure: SecureConsulDev, to
             )
 
     asyncio.run(main())
+
+
+class ServerlessConsulClient(ConsulDev):
+    """A Consul client agent (not -dev, not a server) with ACLs on and no server to join: a host's
+    Consul after a reboot before its network is back, or partitioned from its servers."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__(log_dir, node="serverless-client", acl_master=str(uuid.uuid4()))
+        self.data_dir = log_dir / "serverless-client-data"
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd.remove("-dev")
+        return [*cmd, "-data-dir", str(self.data_dir)]
+
+    def serving(self) -> bool:  # no leader to wait for: its HTTP API answering is all there is
+        try:
+            with self._open("/v1/agent/self", timeout=1):
+                return True
+        except urllib.error.HTTPError:  # 403: the master token cannot be looked up either
+            return True
+        except (OSError, urllib.error.URLError):
+            return False
+
+
+def test_a_refusal_by_a_consul_that_reaches_no_server_is_an_outage_not_the_tokens(tmp_path: Path) -> None:
+    """Such a Consul refuses every registration as "Permission denied" (it cannot look the token up,
+    and its down_policy denies): reported as the token lacking service:write, the operator would
+    go and fix a token that is fine. It is an outage, and the agent retries it as one."""
+    consul = ServerlessConsulClient(tmp_path)
+    consul.start()
+    try:
+
+        async def main() -> None:
+            settings = resolve(cli=ConsulLayer(address=consul.url, token=str(uuid.uuid4())), env={})
+            async with ConsulClient(settings) as c:
+                reg = ServiceRegistration("web", "web-n1", "127.0.0.1", 1, {"hostmesh": "1"})
+                with pytest.raises(Unavailable) as err:
+                    await c.register_service(reg)
+                assert str(err.value) == (
+                    "Consul refused registration of web-n1 (403) while it reaches no Consul server (No "
+                    "known Consul servers): it cannot look the token up, so the refusal says nothing about "
+                    "the token yet"
+                )
+
+        asyncio.run(main())
+    finally:
+        consul.stop()
 
 
 def test_ca_token_sees_the_catalog_it_checks_before_a_sibling_renewal(
