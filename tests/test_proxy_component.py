@@ -1560,6 +1560,38 @@ async def test_a_connection_lost_before_a_joined_dial_resumes_is_a_failed_attemp
         pool.close()
 
 
+async def test_a_joined_dial_this_pool_retired_before_its_caller_resumed_is_dialed_again_not_blamed(
+    mesh: Mesh,
+) -> None:
+    """The next caller came with a renewed certificate (acquire: the fresh connection made with the
+    old one says GOAWAY) before a caller waiting for that dial resumed. That caller got "peer ...
+    ended the connection", charged to the instance as a connect failure (with one instance: its
+    downstream reset UF). It is this pool's doing: the waiter now gets a connection of its own."""
+    key = ("127.0.0.1", mesh.inbound.port)
+    pool, failures = ConnectionPool(), []
+    old_ctx = mesh.holder_a.current.tls.client["web"]
+    renewed_ctx = snapshot({"web": 1}, mesh.ca.material(["web"])).tls.client["web"]
+    ident = pki.Identity(TD, "api")
+    loop = asyncio.get_running_loop()
+
+    async def dial_then_renewed_caller() -> Any:
+        conn = await pool.dial(key, old_ctx, ident.dns_name, ident, IO_TIMEOUT)
+        conn.open_stream()  # its own caller's stream (OutboundListener opens it at once)
+        loop.call_soon(pool.acquire, key, renewed_ctx)  # before the waiter's turn
+        return conn
+
+    try:
+        first = asyncio.ensure_future(dial_then_renewed_caller())  # its first step starts the dial ...
+        waiter = asyncio.ensure_future(connect_api(mesh, pool, api_endpoints(mesh.inbound.port), failures))
+        retired = await first
+        got = await waiter
+        assert retired.draining  # (the premise: this pool retired the connection the waiter joined)
+        assert isinstance(got, Connected) and got.conn is not retired and not got.conn.draining
+        assert failures == [] and pool.handshakes == 2
+    finally:
+        pool.close()
+
+
 async def test_connect_within_budget_takes_a_pooled_connection_and_moves_past_one_turned_down(
     mesh: Mesh,
 ) -> None:

@@ -176,6 +176,11 @@ class MeshClient(MuxConnection):
         self.key = key
         self.ctx = ctx
         self.expires = time.monotonic() + MAX_CONN_AGE
+        self.retired_here = False  # this agent said GOAWAY on it (renewed TLS material, age, shutdown)
+
+    def goaway(self) -> None:
+        self.retired_here = True
+        super().goaway()
 
     def has_room(self, ctx: ssl.SSLContext, now: float) -> bool:
         """Can a new stream go on this connection?"""
@@ -209,6 +214,8 @@ def _ready(conn: MeshClient, key: PoolKey) -> MeshClient:
     connection cap, stopping), before the dial's caller (or a caller waiting for that dial) resumes: a
     stream opened on it then was never sent nor failed, and its downstream hung until the idle timeout."""
     if conn.closed or conn.draining:
+        if conn.retired_here:  # (the listener closing)
+            raise DialError(f"connection to {key[0]}:{key[1]} retired here as it was established")
         raise DialError(f"peer {key[0]}:{key[1]} ended the connection as it was established")
     return conn
 
@@ -270,9 +277,19 @@ class ConnectionPool:
         if pending is not None and pending.ctx is ctx and pending.waiters < MAX_STREAMS_PER_CONN:
             pending.waiters += 1
             try:
-                return _ready(await asyncio.wait_for(asyncio.shield(pending.future), timeout), key)
+                joined = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
             except TimeoutError:
                 raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+            if not joined.retired_here or self.closing:
+                return _ready(joined, key)
+            # retired by this pool before this caller resumed (the next caller came with renewed TLS
+            # material): no fault of the peer's, which a DialError would be charged as (a connect
+            # failure; an L7 outlier report), so a dial of its own, as if it had come a turn later
+        return await self._dial_new(key, ctx, sni, expected, timeout)
+
+    async def _dial_new(self, key: PoolKey, ctx: ssl.SSLContext, sni: str, expected: Identity,
+                        timeout: float) -> MeshClient:  # fmt: skip
+        """A new connection to `key`, which later callers to `key` may wait for (`_dials`)."""
         future: asyncio.Future[MeshClient] = asyncio.get_running_loop().create_future()
         self._dials[key] = dial = _Dial(ctx, future)
         try:
