@@ -9,6 +9,7 @@ agent/tracing.py the agent needs, and the SDK's exporter would pull in `requests
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass
@@ -137,20 +138,45 @@ def read_answer(body: bytes, content_type: str, sent: int) -> Answer:
         return ACCEPTED
     try:
         if content_type.partition(";")[0].strip().lower() == "application/json":
-            answer = ExportTraceServiceResponse()
-            # (a message that is not UTF-8 must not cost the count: as the protobuf answer's)
-            json_format.Parse(body.decode("utf-8", "replace"), answer, ignore_unknown_fields=True)
-            partial = answer.partial_success
-            text = partial.error_message
+            rejected, text = _json_partial_success(body)
         else:
             answer = _AnswerAsBytes()
             answer.ParseFromString(body)
-            partial = answer.partial_success
-            text = partial.error_message.decode("utf-8", "replace")
-    except (DecodeError, json_format.ParseError):
+            rejected = answer.partial_success.rejected_spans
+            text = answer.partial_success.error_message.decode("utf-8", "replace")
+    except DecodeError:
         return ACCEPTED
     message = printable(text, MAX_REJECTION_MESSAGE)
-    return Answer(min(max(partial.rejected_spans, 0), sent), message)
+    return Answer(min(max(rejected, 0), sent), message)
+
+
+def _json_partial_success(body: bytes) -> tuple[int, str]:
+    """(rejected spans, message) of a JSON answer. A message the protobuf mapping refuses (not
+    UTF-8, a lone surrogate escape, not a string) must not cost the count, as in the protobuf
+    answer: then the count alone is read from the JSON as it is (either field name the mapping
+    accepts; an int64 as a number or a string of digits). DecodeError: no partial success there."""
+    answer = ExportTraceServiceResponse()
+    text = body.decode("utf-8", "replace")
+    try:
+        json_format.Parse(text, answer, ignore_unknown_fields=True)
+        return answer.partial_success.rejected_spans, answer.partial_success.error_message
+    except json_format.ParseError:
+        pass
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise DecodeError("not JSON") from None
+    partial = _field(doc, "partialSuccess", "partial_success")
+    count = _field(partial, "rejectedSpans", "rejected_spans")
+    if isinstance(count, str) and count.isascii() and count.isdigit():
+        count = int(count)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise DecodeError("no whole-number rejectedSpans")
+    return count, "(the collector's message could not be read)"
+
+
+def _field(obj: Any, json_name: str, proto_name: str) -> Any:
+    return obj.get(json_name, obj.get(proto_name)) if isinstance(obj, dict) else None
 
 
 class OtlpExporter:

@@ -644,6 +644,15 @@ def test_a_partial_success_is_read_as_protobuf_or_json_and_bounded_by_what_was_s
     assert read_answer(bad_text, proto, 10) == Answer(4, "quota \ufffd")
     bad_json = b'{"partialSuccess": {"rejectedSpans": "4", "errorMessage": "quota X"}}'.replace(b"X", b"\xff")
     assert read_answer(bad_json, "application/json", 10) == Answer(4, "quota \ufffd")
+    # a message the JSON mapping refuses as a whole (a lone surrogate; not a string): the count holds
+    unreadable = "(the collector's message could not be read)"
+    for message in (b'"\\ud800"', b"5"):
+        also_bad = b'{"partialSuccess": {"rejectedSpans": "4", "errorMessage": %s}}' % message
+        assert read_answer(also_bad, "application/json", 10) == Answer(4, unreadable), also_bad
+    assert read_answer(b'{"partial_success": {"rejected_spans": 3, "error_message": 5}}', "application/json",
+                       10) == Answer(3, unreadable)  # fmt: skip
+    assert read_answer(b'{"partialSuccess": {"rejectedSpans": "x"}, "y": "\\ud800"}', "application/json",
+                       10) == ACCEPTED  # fmt: skip
     assert read_answer(b"OK", "text/plain", 10) == ACCEPTED
 
 
