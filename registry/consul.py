@@ -40,6 +40,7 @@ from hostmesh.registry.errors import (
     Rejected,
     Unavailable,
     UnexpectedAnswer,
+    UnknownToken,
 )
 from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
 from hostmesh.registry.records import record
@@ -347,9 +348,7 @@ def _denied(op: Op, resp: Response | None) -> PermissionDenied:
         return PermissionDenied(f"Consul ACL denied {op.what}: the token lacks {op.permission}")
     said = resp.body[:MAX_ERROR_DETAIL].lower()
     if b"acl not found" in said:
-        return PermissionDenied(
-            f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)"
-        )
+        return UnknownToken(f"Consul ACL denied {op.what}: the token is not known to Consul (ACL not found)")
     if resp.body.strip() and b"permission denied" not in said:
         return PermissionDenied(
             f"Consul refused {op.what} (403), not as Consul's ACLs do: {_detail(resp)}", by_acl=False
@@ -534,12 +533,13 @@ class ConsulClient:
         Consul drops the keys a token may not read from a list without a word (1.8 has no header for
         it), but refuses (403) a single-key read: so read the prefix itself as a key, where nothing is
         stored (404 when readable). A rule denying one key below a readable prefix still hides it.
-        A refusal that is not Consul's ACLs' (PermissionDenied.by_acl False) is raised: no ACL hides
-        anything then, and the callers would say the token lacks key:read."""
+        A refusal that is not about the token's rules (not Consul's ACLs': PermissionDenied.by_acl
+        False; a token Consul does not know: UnknownToken) is raised: the callers would say the token
+        lacks key:read."""
         try:
             await self.kv_get(prefix)
         except PermissionDenied as exc:
-            if not exc.by_acl:  # not the token's rules (a proxy in front of Consul): said as it is
+            if not exc.by_acl or isinstance(exc, UnknownToken):  # said as it is
                 raise
             return False
         return True

@@ -43,6 +43,11 @@ class PermissionDenied(RegistryError):
         self.by_acl = by_acl
 
 
+class UnknownToken(PermissionDenied):
+    """Consul's ACLs do not know the token at all ("ACL not found": mistyped, deleted, another
+    datacenter's): no rule of it is at stake, so nothing may be read as what its rules allow."""
+
+
 # what to do about a refusal that is not Consul's ACLs' (PermissionDenied.by_acl False)
 NOT_ACL_FIX = "not Consul's ACLs: see what answers for Consul at that address (a proxy in front of it)"
 

@@ -159,6 +159,11 @@ def test_join_tokens_are_listed_and_revoked_with_the_cas_token_only(
     assert fails(hm(secure, "ca", "token", "revoke", token_id, token=tokens.operator)) == (
         f"Error: Consul ACL denied delete of hostmesh/ca/tokens/{token_id}/: the token lacks key:write on it"
     )
+    unknown = str(uuid.uuid4())  # mistyped, deleted, another datacenter's: no rule of it is at stake
+    for args in (["ca", "token", "list"], ["route", "list"], ["route", "history", "web"]):
+        assert fails(hm(secure, *args, token=unknown)).endswith(
+            "the token is not known to Consul (ACL not found)"
+        ), args
     assert token_id in ok(hm(secure, "ca", "token", "list", token=tokens.ca))
     assert (
         ok(hm(secure, "ca", "token", "revoke", token_id, token=tokens.ca))
