@@ -963,6 +963,8 @@ def intention_list(ctx: click.Context, dst: str | None, fmt: str | None) -> None
             rows.append(
                 [d.service, "(default)", "allow" if parsed.default else "deny", "", str(d.version), ""]
             )
+        elif not parsed.rules:  # a row all the same: the document is there, and each agent's default decides
+            rows.append([d.service, "(default)", "default_intention", "", str(d.version), "each agent's"])
     click.echo(text_table(["DESTINATION", "SOURCE", "ACTION", "L7", "VERSION", "DESCRIPTION"], rows))
 
 

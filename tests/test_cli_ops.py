@@ -229,12 +229,15 @@ def test_intentions_allow_deny_list_delete(consul: ConsulDev) -> None:
     ]
     assert "removed 1 rule(s) for web" in ok(run(consul, "intention", "delete", "web", dst))
     assert fails(run(consul, "intention", "delete", "web", dst)) == f"Error: no intention web -> {dst}"
+    ok(run(consul, "intention", "delete", "*", dst))  # no rule left, no default: each agent's decides
+    rows = [line.split() for line in ok(run(consul, "intention", "list", dst)).splitlines()]
+    assert rows[1:] == [[dst, "(default)", "default_intention", "5", "each", "agent's"]]
     assert fails(run(consul, "intention", "delete", "web", svc("none"))).startswith(
         "Error: no intentions for"
     )
     assert "must be a service name" in fails(run(consul, "intention", "allow", "Web!", dst))
     as_json = json.loads(ok(run(consul, "intention", "list", dst, "-o", "json")))
-    assert as_json[0]["version"] == 4
+    assert as_json[0]["version"] == 5
 
 
 @pytest.mark.parametrize(
