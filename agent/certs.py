@@ -77,7 +77,7 @@ from hostmesh.ca.errors import (
     TrustError,
     Unauthorized,
 )
-from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
+from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, make_dirs, roots_path, write_private_pair
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.layout import CA_SERVICE_NAME
@@ -240,7 +240,7 @@ class CertManager:
         `cryptography`. With `recover=False` (a helper renewing one service) it only loads what is
         stored: one service's missing or expired certificate never fails another's renewal."""
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(self.dir)
         except OSError as exc:
             raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
         unvouched = self._load_roots()

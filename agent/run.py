@@ -56,6 +56,7 @@ from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, st
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
+from hostmesh.ca.files import make_dirs
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry import ratelog
@@ -254,7 +255,7 @@ class Agent:
 
         cfg = self.config
         t0 = time.perf_counter()
-        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(cfg.data_dir)  # (its parents 0755 whatever the umask)
         self.telemetry = Telemetry(cfg.trust_domain, istio=cfg.istio_metrics)
         self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")

@@ -19,7 +19,7 @@ KEPT = ".kept"  # suffix of the key kept aside while its replacement's certifica
 def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
     """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly);
     `owner`: (uid, gid) the file is given before it takes its name (root writing for a service)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _write_new(tmp, data, owner)
     try:
@@ -27,6 +27,15 @@ def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """`path` with `mode`, and the directories it needs 0755, whatever the umask (under umask 000
+    they were 0777: anyone on the host could have moved a daemon's directory aside and put one of
+    their own in its place). Directories already there are left as they are; OSError as mkdir's."""
+    for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
+        parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away
+    path.mkdir(mode=mode, exist_ok=True)
 
 
 def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes) -> None:
@@ -44,7 +53,7 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
     leftovers: list[Path] = []  # removed at the end, whatever happens
     step = key_path  # the file the step under way is about, for the error
     try:
-        key_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(key_path.parent)
         _write_new(key_new, key)
         leftovers.append(key_new)
         step = cert_path

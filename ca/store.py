@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, StorageError
+from hostmesh.ca.files import make_dirs
 
 META_FILE = "ca.json"
 SIGNED_DIR = "signed"
@@ -394,13 +395,9 @@ def _check_writable(*dirs: Path) -> None:
 
 
 def _make_dir(path: Path) -> None:
-    """`path` 0700, and the directories it needs at most 0755 whatever the umask (under umask 000
-    they were 0777: anyone on the host could have moved the CA's directory aside and put another in
-    its place)."""
+    """`path` 0700 (even when it was there), and the directories it needs 0755 (files.make_dirs)."""
     try:
-        for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
-            parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away
-        path.mkdir(mode=0o700, exist_ok=True)
+        make_dirs(path)
         os.chmod(path, 0o700)
     except OSError as exc:
         raise StorageError(f"cannot create {path}: {exc.strerror}") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.config import ConfigError, check_permissions, check_readable_as, load_config
-from hostmesh.agent.localmesh import HOSTMESH
+from hostmesh.agent.localmesh import HOSTMESH, wait_for
 
 PIN = "sha256:" + "0" * 64
 
@@ -63,6 +63,30 @@ def test_a_data_dir_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path) ->
     unmakeable = Path("/proc/hostmesh-test")  # no directory can be created in /proc, even by root
     config.write_text(config.read_text().replace(f'data_dir = "{data_dir}"', f'data_dir = "{unmakeable}"'))
     assert one_line_error(run(config)) == f"Error: cannot start: {unmakeable}: No such file or directory"
+
+
+def test_the_directories_the_agent_makes_are_0755_above_its_own_0700_ones_under_any_umask(
+    tmp_path: Path,
+) -> None:
+    """Run by hand under umask 000, the agent made the directories above its data dir and cert dir
+    0777: anyone on the host could have moved them aside and put their own in their place."""
+    config, data_dir, _ = write_config(tmp_path)
+    data_dir.rmdir()
+    data_dir, certs = tmp_path / "x" / "y" / "data", tmp_path / "c" / "d" / "certs"
+    config.write_text(
+        config.read_text()
+        .replace('data_dir = "', f'cert_dir = "{certs}"\ndata_dir = "')
+        .replace(str(tmp_path / "data"), str(data_dir))
+    )
+    proc = subprocess.Popen([*HOSTMESH, "agent", "run", "--config", str(config)], umask=0,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:  # (the CA is unreachable: it retries its bootstrap, having made both)
+        wait_for(lambda: (data_dir.is_dir() and certs.is_dir()) or proc.poll() is not None, 30, "the dirs")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    made = [tmp_path / "x", tmp_path / "x" / "y", data_dir, tmp_path / "c", tmp_path / "c" / "d", certs]
+    assert [oct(p.stat().st_mode & 0o777) for p in made] == [oct(m) for m in (0o755, 0o755, 0o700) * 2]
 
 
 def test_token_file_readable_by_others_is_refused_with_the_fix(tmp_path: Path) -> None:
