@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import uvloop
@@ -885,6 +885,52 @@ async def test_pooled_caller_is_reverified_when_the_trust_bundle_changes(
         ("l4", "spiffe://hostmesh.local/svc/web", "api")
     ]
     assert audit[0]["reason"].startswith("caller certificate no longer trusted: ")
+
+
+class _Tried(NamedTuple):
+    echoed: bytes  # what came back of a stream's bytes: b"" when the inbound refused the caller
+    session: ssl.SSLSession | None  # what the client may resume with (a ticket, if the inbound gave one)
+
+
+def _one_stream_as(ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None) -> _Tried:
+    """A mesh connection made with blocking sockets, which (unlike asyncio's) may resume a TLS
+    session: one stream of b"ping", read back."""
+    echoed = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname="api.svc." + TD, session=session)
+        except (ssl.SSLError, OSError):
+            return _Tried(b"", None)
+        with tls:
+            decoder = wire.Decoder()
+            try:
+                tls.sendall(wire.control(wire.OPEN, 1) + wire.data_frame(1, b"ping"))
+                for _ in range(100):  # (a few frames at most; a refusal ends the connection)
+                    chunk = tls.recv(65536)
+                    echoed += b"".join(bytes(e[2]) for e in decoder.feed(chunk) if e[0] == wire.DATA)
+                    if not chunk or echoed == b"ping":
+                        break
+            except (ssl.SSLError, OSError):
+                pass
+            return _Tried(echoed, tls.session)
+
+
+async def test_a_caller_cannot_resume_a_tls_session_past_a_bundle_that_dropped_its_root(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The inbound gave callers TLS session tickets (its own context had the default two; the SNI
+    callback's, which says none, comes too late for that): a resumed handshake verifies no
+    certificate, and the connection was taken as verified under the bundle of that moment. So a
+    caller holding a ticket from before its root was dropped opened streams for the ticket's 2 h."""
+    new_ca = CA(tmp_path, "new")
+    chain, key = mesh.ca.files("web")  # web trusts both roots: it would accept api's new certificate
+    web = mesh_client_context(chain, key, mesh.ca.roots_pem + new_ca.roots_pem)
+    first = await asyncio.to_thread(_one_stream_as, web, mesh.inbound.port)
+    assert first.echoed == b"ping"
+    mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=new_ca.material(["api"], gen=2)))
+    again = await asyncio.to_thread(_one_stream_as, web, mesh.inbound.port, first.session)
+    assert again.echoed == b""
+    assert mesh.app.connections == 1
 
 
 class _UdpEcho(asyncio.DatagramProtocol):

@@ -301,6 +301,9 @@ class InboundListener(ListenerLifecycle):
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(list(MESH_ALPN))
+        # no session tickets: OpenSSL takes their number from this context, not from the one `_sni`
+        # swaps in, and a resumed handshake verifies no certificate (ca/tls.py)
+        ctx.num_tickets = 0
         ctx.sni_callback = self._sni
         ctx.sslobject_class = _watching(self._handshake_failed)
         catls.set_mesh_suites(ctx)  # the connection keeps this context's suites when `_sni` swaps
