@@ -933,6 +933,69 @@ async def test_a_caller_cannot_resume_a_tls_session_past_a_bundle_that_dropped_i
     assert mesh.app.connections == 1
 
 
+class _HeldHandshake(NamedTuple):
+    sock: socket.socket
+    tls: ssl.SSLObject
+    outgoing: ssl.MemoryBIO
+    incoming: ssl.MemoryBIO
+
+
+def _handshake_held_before_the_certificate(ctx: ssl.SSLContext, port: int) -> _HeldHandshake:
+    """A caller's handshake as far as the inbound's answer (its SNI callback has chosen the context
+    that will verify the caller), with the caller's certificate ready and not sent yet."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="api.svc." + TD)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    for _ in range(100):  # (the inbound's answer is one flight: a few reads)
+        try:
+            tls.do_handshake()
+            return _HeldHandshake(sock, tls, outgoing, incoming)
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            chunk = sock.recv(65536)
+            assert chunk, "the inbound closed during the handshake"
+            incoming.write(chunk)
+    raise AssertionError("the handshake did not complete")
+
+
+def _finish_and_stream(held: _HeldHandshake) -> bytes:
+    """Send the held certificate and one stream of b"ping"; what comes back of it (b"": refused)."""
+    held.tls.write(wire.control(wire.OPEN, 1) + wire.data_frame(1, b"ping"))
+    decoder, echoed = wire.Decoder(), b""
+    with held.sock:
+        try:
+            held.sock.sendall(held.outgoing.read())
+            for _ in range(100):  # (a few frames at most; a refusal ends the connection)
+                chunk = held.sock.recv(65536)
+                if not chunk:
+                    break
+                held.incoming.write(chunk)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    data = held.tls.read(65536)
+                    echoed += b"".join(bytes(e[2]) for e in decoder.feed(data) if e[0] == wire.DATA)
+                if echoed == b"ping":
+                    break
+        except (ssl.SSLError, OSError):
+            pass
+    return echoed
+
+
+async def test_a_caller_verified_under_a_bundle_replaced_during_its_handshake_is_verified_again(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The inbound verifies a caller with the context its SNI callback chose, of the snapshot of that
+    moment, but took it as verified under the bundle current when the handshake ended: a bundle that
+    dropped the caller's root in between (a caller can hold its handshake for seconds) was never
+    applied to that connection."""
+    web = mesh.holder_a.current.tls.client["web"]
+    held = await asyncio.to_thread(_handshake_held_before_the_certificate, web, mesh.inbound.port)
+    mesh.holder_b.swap(
+        dataclasses.replace(mesh.holder_b.current, tls=CA(tmp_path, "new").material(["api"], gen=2))
+    )
+    assert await asyncio.to_thread(_finish_and_stream, held) == b""
+    assert mesh.app.connections == 0
+
+
 class _UdpEcho(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport

@@ -143,7 +143,10 @@ class InboundConnection(MuxConnection):
         self.external = getattr(ssl_obj, "_hostmesh_external", None)
         self.leaf = ssl_obj.getpeercert(binary_form=True)  # DER; parsed only if the bundle changes
         self.not_after = peer_not_after(ssl_obj)
-        self.roots_pem = snap.tls.roots_pem
+        # the bundle of the context `_sni` chose, which verified it: another one since is applied now
+        self.roots_pem = getattr(ssl_obj, "_hostmesh_roots", "")
+        if self.roots_pem != snap.tls.roots_pem and not lst._still_trusted(self, snap):
+            return False
         alpn = ssl_obj.selected_alpn_protocol()
         set_liveness(transport)
         if self.external is not None and alpn not in TCP_ALPN:
@@ -390,6 +393,7 @@ class InboundListener(ListenerLifecycle):
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_obj.context = ctx
         ssl_obj._hostmesh_service = svc.name
+        ssl_obj._hostmesh_roots = snap.tls.roots_pem  # what `ctx` verifies the caller against
         return None
 
     # --- per stream: authorize, connect the app, pump ----------------------------------------
