@@ -378,7 +378,9 @@ class DocumentStore:
             raise InvalidDocument(
                 f"{kind}/{service}", f"is larger than {MAX_DOCUMENT_BYTES // 1024} KiB stored"
             )
-        stale = [v for v in kept if v <= version - HISTORY_KEEP]
+        # the oldest past the last HISTORY_KEEP with the new one, by count: a version written by hand
+        # far ahead (a date) must not put every version before it out of the window
+        stale = kept[: max(0, len(kept) - (HISTORY_KEEP - 1))]
         return _Write(kind, service, version, stored, value, current.modify_index if current else 0, stale)
 
     async def delete(self, kind: str, service: str, *, expect_version: int | None = None) -> Document:

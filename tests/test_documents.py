@@ -143,6 +143,28 @@ async def test_history_is_bounded(consul: ConsulDev) -> None:
         assert consul.kv_get(history_key("routes", s, 1)) is None
 
 
+async def test_a_version_jump_written_by_hand_keeps_the_history_before_it(consul: ConsulDev) -> None:
+    """A live document written around the CLI with a far higher `version` (a date, say) is where
+    the next write counts on from; history is still the last HISTORY_KEEP versions kept. Before,
+    it was every version within HISTORY_KEEP numbers of the new one: the first write after the
+    jump deleted all the history before it, and `rollback` to any of it answered 'no version'."""
+    s = svc()
+    async with ConsulClient(consul.url) as c:
+        store = DocumentStore(c)
+        for i in range(3):
+            await store.put("routes", route(s, 10 + i))
+        consul.kv_put(doc_key("routes", s), json.dumps({**route(s, 50), "version": 20261206}))
+        written = await store.put("routes", route(s, 60))
+        assert written.version == 20261207
+        assert [h.version for h in await store.history("routes", s)] == [1, 2, 3, 20261207]
+        back = await store.rollback("routes", s, 2)
+        assert back.data["routes"] == route(s, 11)["routes"]
+        for i in range(HISTORY_KEEP):
+            await store.put("routes", route(s, i))
+        kept = [h.version for h in await store.history("routes", s)]
+        assert kept == list(range(back.version + 1, back.version + HISTORY_KEEP + 1))
+
+
 async def test_history_skips_a_key_written_by_hand_that_is_no_version(consul: ConsulDev) -> None:
     """'\u00b2' passes str.isdigit() and then failed int(), as did 4,400 digits: history and every
     write of the document raised ValueError."""
