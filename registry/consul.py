@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
 from hostmesh.registry.errors import (
     Conflict,
+    CutShort,
     InvalidSettings,
     NotFound,
     PermissionDenied,
@@ -420,6 +421,7 @@ class ConsulClient:
         if params:
             target = f"{path}?{urllib.parse.urlencode(params)}"
         headers = {TOKEN_HEADER: self._token} if self._token else {}
+        started = time.monotonic()
         if blocking_wait is None:
             resp = await self._http.request(method, target, body, headers, DEFAULT_TIMEOUT)
         else:
@@ -431,6 +433,12 @@ class ConsulClient:
                 # Consul's "no such key" carries the index to block on; a 404 without one is another
                 # server's (Nomad, Vault, a proxy with no /v1/ route), read before as "no documents"
                 raise self._unexpected(op, "404 without X-Consul-Index (not Consul's KV API)")
+            asked = (params or {}).get("index")
+            # (Consul is asked to wait whole seconds, and waits at least that long when nothing moves)
+            early = blocking_wait is not None and time.monotonic() - started < int(blocking_wait)
+            if asked and early and resp.headers.get(INDEX_HEADER) == str(asked):
+                raise CutShort(f"Consul ended the {op.what} early with nothing changed (its state was "
+                               "replaced, as by a snapshot restore)")  # fmt: skip
             return resp
         if resp.status == 403:
             denied = _denied(op, resp)

@@ -25,6 +25,13 @@ class AnswerTooLarge(Unavailable):
     read will not help, but reads of other things may go on."""
 
 
+class CutShort(RegistryError):
+    """Consul answered a blocking query before its wait ran out with the very index it was asked to
+    wait past: it does so when its state is replaced (a snapshot restore), and the restored state's
+    index may be lower than the one asked, so asking again with it would wait the whole wait
+    before anything restored is seen. Ask again without an index."""
+
+
 class Conflict(RegistryError):
     """A check-and-set lost against a concurrent writer: re-read, then decide."""
 

@@ -8,9 +8,11 @@ force meanwhile (the caller's snapshot is never cleared by an outage).
 
 An index lower than any this watch saw before, errors in between or not, is a Consul that lost its
 state (restored from a snapshot, rebuilt, a server without its data): `on_reset` tells the caller,
-whose own ordering by index is void. Rounds whose index does not advance (0, missing, or going
-backwards again and again: a proxy, a broken server) are not retried at once but with backoff, as
-Consul asks of its clients.
+whose own ordering by index is void. A restore ends every blocking query at once, answered with the
+index asked for (`CutShort`): that is read afresh at once, not taken for a wait that ran out, or the
+next query would wait its whole wait on an index the restored Consul is below. Rounds whose index
+does not advance (0, missing, or going backwards again and again: a proxy, a broken server) are not
+retried at once but with backoff, as Consul asks of its clients.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.errors import CutShort, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,20 @@ class Watch(Generic[T]):
     async def run(self) -> None:
         failures = 0
         stuck = 0  # rounds in a row whose index did not advance (module docstring)
+        cut_short = 0  # blocking reads in a row that Consul ended early, unchanged (CutShort)
         while True:
+            blocked = self.index is not None
             try:
                 returned, value = await self._fetch(self.index)
+            except CutShort as exc:
+                # not an outage: the fresh read that follows sees the restored state (and whether its
+                # index went back); with backoff should Consul (or what answers for it) keep doing it
+                self.index = None
+                cut_short += 1
+                if cut_short == 1:
+                    log.info("watch %s: %s; reading afresh", self.name, exc)
+                await asyncio.sleep(backoff_delay(cut_short - 2) if cut_short > 1 else MIN_INTERVAL)
+                continue
             except Exception as exc:  # a RegistryError; anything else is a bug the watch must outlive
                 if not isinstance(exc, RegistryError):
                     if failures == 0:  # its traceback once per streak; the line below says the rest
@@ -124,6 +137,8 @@ class Watch(Generic[T]):
             if failures:
                 log.info("watch %s: recovered after %d failed attempts", self.name, failures)
             failures = 0
+            if blocked:
+                cut_short = 0
             self.healthy = True
             self.failing_since, self.last_error = None, ""
             went_back = returned < self.last_index

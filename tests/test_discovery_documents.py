@@ -767,3 +767,39 @@ async def test_with_nothing_written_only_the_absent_intentions_are_asked_again(
         assert again == index  # nothing written
         asked = {kind for kind, _ in second[0].values()}
         assert asked and asked <= {"intentions", "external-intentions"} and set(second[1].values()) == {None}
+
+
+async def test_a_consul_snapshot_restore_is_applied_at_once_not_when_the_wait_runs_out(
+    private_consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore wakes every blocking query early, each answered with the index it was asked for
+    (read before the state was replaced), and the restored state's index is lower. The watch took
+    that for 'nothing changed' and blocked again on its old index, which the restored Consul was
+    below: every agent kept the documents the backup did not hold for a whole wait (31.9 s seen,
+    after `consul snapshot restore`). The wait is made longer than the test's bound here, so only
+    reading afresh on the early answer passes."""
+    monkeypatch.setattr(discovery_module, "BLOCKING_WAIT", 300.0)
+    consul, name = private_consul, f"docs-{secrets.token_hex(3)}"
+    async with ConsulClient(consul.url) as client:
+        agent = Agent(client, tmp_path, name)
+        blocked_on = [0]  # the index the documents watch last asked Consul to wait past
+        watch_tree = client.kv_tree_index
+
+        async def observed(prefix: str, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+            blocked_on[0] = index or 0
+            return await watch_tree(prefix, index, wait)
+
+        monkeypatch.setattr(client, "kv_tree_index", observed)
+        agent.discovery.start()
+        try:
+            consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "deny"))
+            await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the deny applied")
+            backup = await asyncio.to_thread(lambda: consul._open("/v1/snapshot").read())
+            consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "allow"))
+            await async_wait_until(lambda: agent.rules(name) == ["allow"], SEEN_TIMEOUT, "the allow applied")
+            allow_index = agent.builder.versions[f"intentions/{name}"]
+            await async_wait_until(lambda: blocked_on[0] >= allow_index, SEEN_TIMEOUT, "the watch blocking")
+            await asyncio.to_thread(lambda: consul._open("/v1/snapshot", backup, "PUT").read())
+            await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the restored deny")
+        finally:
+            await agent.discovery.stop()
