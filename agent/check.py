@@ -279,6 +279,8 @@ async def _agent(address: str) -> list[Finding]:
         admin_base_url,
         admin_get,
         certs_problem,
+        config_problem,
+        not_following,
         printable,
         ready_problem,
     )
@@ -342,6 +344,18 @@ async def _agent(address: str) -> list[Finding]:
                         else "see the agent's log for the renewal error",
                     )
                 )
+        _, config = await admin_get(client, "/v1/config", config_problem, (200,), CHECK_TIMEOUT)
+        stale = not_following(config.get("consul"), now)
+        if stale:  # ready all the same: it serves what it read last, not what Consul holds now
+            out.append(
+                Finding(
+                    "error",
+                    "agent-not-following",
+                    subject,
+                    f"Consul: {stale}; documents written since are not in force there",
+                    f"`hostmesh status --agent {address}`; make Consul reachable with the agent's token",
+                )
+            )
     except AdminAnswerError as exc:
         code, fix = AGENT_ANSWER[exc.kind]
         out.append(Finding("error", code, subject, str(exc), fix))

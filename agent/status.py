@@ -326,8 +326,15 @@ def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
     """One line while the agent's reads of Consul fail (/v1/config `consul`; agents before it do not
     say): it serves the last snapshot it read, so the documents and endpoints below may be stale, and
     `ready: yes` alone said nothing of it."""
+    stale = not_following(consul, now)
+    return [f"consul      {stale}; the documents and endpoints below are the last read"] if stale else []
+
+
+def not_following(consul: Any, now: dt.datetime) -> str | None:
+    """`NOT FOLLOWING since <when> (<age> s): <Consul's error>` while the agent's reads of Consul
+    fail (/v1/config `consul`), else None (an agent before it says nothing: None too)."""
     if not isinstance(consul, dict) or consul.get("following") is not False:
-        return []
+        return None
     since = consul.get("failing_since")
     when = ""
     if isinstance(since, int | float) and not isinstance(since, bool):
@@ -339,7 +346,7 @@ def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
             age = max(0, int((now - started).total_seconds()))
             when = f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
     why = printable(str(consul.get("error") or "unknown error"), MAX_DETAIL)
-    return [f"consul      NOT FOLLOWING{when}: {why}; the documents and endpoints below are the last read"]
+    return f"NOT FOLLOWING{when}: {why}"
 
 
 def render_table(status: dict[str, Any]) -> str:

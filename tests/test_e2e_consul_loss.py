@@ -232,6 +232,12 @@ def test_an_agent_that_lost_consul_says_so_in_its_config_and_status(
             "the documents and endpoints below are the last read"
         )
         assert "ready: yes" in table.splitlines()[0], table
+        # the preflight says it too (it said nothing of it: the agent is ready, its certificates fine)
+        agent = f"127.0.0.1:{a.admin_port}"
+        out = _m.hostmesh("check", "--no-ca", "--agent", agent, "-o", "json", check=False)
+        found = [f for f in json.loads(out.stdout)["findings"] if f["code"] == "agent-not-following"]
+        assert len(found) == 1 and "since " in found[0]["message"] and "127.0.0.1" in found[0]["message"], out
+        assert found[0]["severity"] == "error" and out.returncode == 1
     finally:
         private_consul.start()
     wait_for(lambda: a.get("/v1/config")[1]["consul"]["following"], 30, "the agent to follow Consul again")
