@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ import pytest
 from hostmesh.agent import discovery as discovery_module
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
-from hostmesh.agent.snapshot import IntentionsState, TLSMaterial
+from hostmesh.agent.snapshot import Endpoint, IntentionsState, TLSMaterial
 from hostmesh.registry import acl
 from hostmesh.registry import consul as consul_module
 from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, ConsulClient
@@ -803,3 +804,53 @@ async def test_a_consul_snapshot_restore_is_applied_at_once_not_when_the_wait_ru
             await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the restored deny")
         finally:
             await agent.discovery.stop()
+
+
+def test_an_endpoint_change_saves_the_state_without_encoding_the_documents_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rebuild saves the state, on the loop that serves traffic. It encoded every document
+    each time: 12 ms per endpoint change with 100 route documents, 30 ms with 500. A value saved
+    before is encoded once; what is saved still reads back whole."""
+    names = [f"u{i}" for i in range(40)]
+    b = SnapshotBuilder(calling(tmp_path, "web", *names), no_tls)
+
+    def route_of(name: str, timeout: int) -> bytes:
+        to = [{"subset": "v1"}]
+        match = {"path": {"prefix": "/p"}}
+        routes = [{"name": f"r{k}", "match": match, "to": to, "timeout": f"{timeout}s"} for k in range(5)]
+        return json.dumps({"service": name, "subsets": {"v1": {"version": "v1"}}, "routes": routes}).encode()
+
+    def endpoints_of(name: str, port: int) -> tuple[Endpoint, ...]:
+        meta = MappingProxyType({"version": "v1"})
+        return tuple(Endpoint(f"{name}-{k}", f"n{k}", f"127.64.9.{k + 1}", port, meta) for k in range(3))
+
+    for i, name in enumerate(names):
+        assert b.set_routes(name, i + 1, route_of(name, 1))
+        b.set_endpoints(name, i + 1, endpoints_of(name, 9000))
+    encoded: list[str] = []  # the route documents encoded by each save from here on
+
+    class Counting:
+        loads = staticmethod(json.loads)
+
+        @staticmethod
+        def dumps(value: Any, **kwargs: Any) -> str:
+            encoded.extend(name for name, doc in b.raw_routes.items() if holds(value, doc))
+            return json.dumps(value, **kwargs)
+
+    def holds(value: Any, doc: Any, depth: int = 3) -> bool:
+        """`value` is `doc` or holds it (as the state, its sections do)."""
+        inside = value.values() if isinstance(value, dict) else ()
+        return value is doc or (depth > 0 and any(holds(v, doc, depth - 1) for v in inside))
+
+    monkeypatch.setattr(discovery_module, "json", Counting)
+    b.set_endpoints("u7", 100, endpoints_of("u7", 9100))
+    assert encoded == []
+    assert b.set_routes("u8", 101, route_of("u8", 2))
+    assert encoded == ["u8"]
+    monkeypatch.undo()
+    again = SnapshotBuilder(calling(tmp_path, "web", *names), no_tls)
+    assert again.load_saved()
+    assert again.raw_routes == b.raw_routes and again.endpoints == b.endpoints and len(again.routes) == 40
+    assert again.raw_routes["u8"]["routes"][0]["timeout"] == "2s"
+    assert again.endpoints["u7"][0].port == 9100
