@@ -283,6 +283,7 @@ async def _agent(address: str) -> list[Finding]:
         not_following,
         printable,
         ready_problem,
+        unreadable_documents,
     )
     from hostmesh.registry.analysis import Finding
     from hostmesh.registry.http import HTTPClient
@@ -354,6 +355,18 @@ async def _agent(address: str) -> list[Finding]:
                     subject,
                     f"Consul: {stale}; documents written since are not in force there",
                     f"`hostmesh status --agent {address}`; make Consul reachable with the agent's token",
+                )
+            )
+        unreadable = unreadable_documents(config.get("consul"))
+        if unreadable:  # its route or policy is not in force there, and it is ready all the same
+            names = ", ".join(printable(source, 100) for source in sorted(unreadable))
+            out.append(
+                Finding(
+                    "error",
+                    "agent-documents-unreadable",
+                    subject,
+                    f"its Consul token may not read {names}: what they say is not in force there",
+                    "grant it key:read on hostmesh/ (`hostmesh acl policy agent --service …`)",
                 )
             )
     except AdminAnswerError as exc:

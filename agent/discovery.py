@@ -841,9 +841,12 @@ class Discovery:
         self._service_index: dict[str, int] = {}  # upstream -> catalog index last read
         self._read_after: dict[str, int] = {}  # upstream -> failing-checks view its last read followed
         self._denied: set[str] = set()  # documents the token could not read at the last look
-        # the refusal last logged per document: said once per streak (they are re-read every
-        # DENIED_RECHECK, and were logged each time: ~30 identical lines a minute per document)
-        self._denied_said: dict[str, str] = {}
+        # documents other than local intentions (whose refusal makes their service not ready) that
+        # the token may not read, and Consul's refusal: logged once per streak (they are re-read every
+        # DENIED_RECHECK, and were logged each time: ~30 identical lines a minute per document), and
+        # shown (consul_view): a route the agent cannot read is not in force there, and nothing but
+        # that log line said so
+        self._unreadable: dict[str, str] = {}
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
@@ -1009,8 +1012,8 @@ class Discovery:
         followed = self._documents()
         results = {key: result for key, result in results.items() if key in followed}
         self._denied = {key for key, result in results.items() if isinstance(result, PermissionDenied)}
-        for key in [k for k in self._denied_said if k not in followed]:
-            del self._denied_said[key]
+        for key in [k for k in self._unreadable if k not in followed]:
+            del self._unreadable[key]
         for key, result in results.items():
             kind, name = docs[key]
             if isinstance(result, PermissionDenied):
@@ -1018,12 +1021,12 @@ class Discovery:
                     self._builder.set_external_intentions(name, 0, result)
                 if kind == "intentions":  # fail closed: who may call is unknown (SnapshotBuilder)
                     self._builder.intentions_unreadable(name, str(result))
-                elif self._denied_said.get(key) != str(result):  # once per streak, and when it changes
-                    self._denied_said[key] = str(result)
+                elif self._unreadable.get(key) != str(result):  # once per streak, and when it changes
+                    self._unreadable[key] = str(result)
                     log.warning("cannot read %s: %s; keeping what was applied before", key, result)
                 self._doc_index.pop(key, None)  # applied again once readable
                 continue
-            if self._denied_said.pop(key, None) is not None:
+            if self._unreadable.pop(key, None) is not None:
                 log.info("can read %s again", key)
             modify = result.modify_index if result is not None else 0
             if self._doc_index.get(key) == modify:
@@ -1291,12 +1294,16 @@ class Discovery:
     def consul_view(self) -> dict[str, Any]:
         """Whether this agent follows Consul now, for /v1/config and `hostmesh status`: while a watch's
         reads fail, since when (epoch seconds, the longest failing one's first failure) and its error;
-        the snapshot in force meanwhile is the last one read."""
+        the snapshot in force meanwhile is the last one read. `unreadable`: the documents it follows
+        that its token may not read, and why (`_unreadable`)."""
         failing = [w for w in self.watches.values() if w.failing_since is not None]
-        if not failing:
-            return {"following": True, "failing_since": None, "error": ""}
-        oldest = min(failing, key=lambda w: w.failing_since or 0.0)
-        return {"following": False, "failing_since": oldest.failing_since, "error": oldest.last_error}
+        view: dict[str, Any] = {"following": True, "failing_since": None, "error": ""}
+        if failing:
+            oldest = min(failing, key=lambda w: w.failing_since or 0.0)
+            view = {"following": False, "failing_since": oldest.failing_since, "error": oldest.last_error}
+        if self._unreadable:  # ("routes/api": why), while there are any
+            view["unreadable"] = {key[len(KV_ROOT) :]: why for key, why in sorted(self._unreadable.items())}
+        return view
 
     @property
     def held_upstreams(self) -> list[str]:

@@ -330,6 +330,13 @@ def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
     return [f"consul      {stale}; the documents and endpoints below are the last read"] if stale else []
 
 
+def unreadable_documents(consul: Any) -> dict[str, str]:
+    """The documents the agent follows that its token may not read ("routes/api" -> Consul's
+    refusal; /v1/config `consul.unreadable`, while there are any): not in force there."""
+    found = consul.get("unreadable") if isinstance(consul, dict) else None
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
 def not_following(consul: Any, now: dt.datetime) -> str | None:
     """`NOT FOLLOWING since <when> (<age> s): <Consul's error>` while the agent's reads of Consul
     fail (/v1/config `consul`), else None (an agent before it says nothing: None too)."""
@@ -392,6 +399,11 @@ def render_table(status: dict[str, Any]) -> str:
     for source, why in sorted(rejected.items() if isinstance(rejected, dict) else []):
         why = text(why, MAX_DETAIL)
         lines.append(f"{text(source):<30} REFUSED in Consul, the last good one serves: {why}")
+    for source, why in sorted(unreadable_documents(cfg.get("consul")).items()):
+        why = text(why, MAX_DETAIL)
+        lines.append(
+            f"{text(source):<30} UNREADABLE with the agent's token, what it applied before serves: {why}"
+        )
     lines += ["", "UPSTREAM         HEALTHY  ENDPOINTS (instance at address)"]
     for svc, eps in cfg["endpoints"].items():
         lines.append(f"{text(svc):<16} {len(eps):<8} {_endpoints(eps, text)}")

@@ -119,3 +119,52 @@ def test_what_consul_hides_from_a_token_is_not_reported_as_missing(acl_consul: C
     # the same commands with a token that may read them find what is registered
     acl_consul.acl_policy("kv-only", READER)
     assert "aclweb" in hostmesh("services").stdout
+
+
+def test_a_document_an_agents_token_may_not_read_is_shown_and_checked(
+    acl_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """An agent whose token may not read its upstream's route (an ACL rule denying that key) serves
+    without it, ready and following Consul: only a warning in its log said so, while `status`
+    showed "default routing" and `check --agent` found nothing. Both name it now, until a fixed
+    policy lets the agent read it, which it then applies with no restart."""
+    from hostmesh.agent.localmesh import EchoServer, LocalMesh, wait_for
+    from hostmesh.registry.acl import agent_policy
+
+    mesh = LocalMesh(tmp_path / "mesh", acl_consul.url, consul_token=MASTER)
+    echo = EchoServer()
+    try:
+        mesh.start_ca()
+        api = mesh.write_agent_config("api-node", [{"name": "api", "port": echo.port, "protocol": "http"}],
+                                      consul_token=MASTER)  # fmt: skip
+        mesh.start_agent(api)
+        acl_consul.acl_policy(
+            "web-agent", agent_policy(["web"]) + 'key "hostmesh/routes/api" { policy = "deny" }\n'
+        )
+        web = mesh.write_agent_config("web-node", [{"name": "web", "port": echo.port, "upstreams": ["api"]}],
+                                      consul_token=acl_consul.acl_token("web-agent"))  # fmt: skip
+        mesh.start_agent(web)
+        route = "kind: route\nservice: api\nsubsets:\n  v1: {}\nroutes:\n  - to: [{subset: v1}]\n"
+        (tmp_path / "route.yaml").write_text(route.replace("v1: {}", "v1: {hostmesh: '1'}"))
+        mesh.hostmesh("apply", "-f", str(tmp_path / "route.yaml"))
+
+        def unreadable() -> dict[str, str]:
+            return web.get("/v1/config")[1]["consul"].get("unreadable", {})
+
+        why = wait_for(
+            lambda: unreadable().get("routes/api"), 30, "the agent to say it cannot read the route"
+        )
+        assert "the token lacks key:read" in why
+        status = mesh.hostmesh("status", "--agent", f"127.0.0.1:{web.admin_port}").stdout
+        assert "routes/api" in status and "UNREADABLE with the agent's token" in status, status
+        out = mesh.hostmesh(
+            "check", "--no-ca", "--agent", f"127.0.0.1:{web.admin_port}", "-o", "json", check=False
+        )
+        found = [f for f in json.loads(out.stdout)["findings"] if f["code"] == "agent-documents-unreadable"]
+        assert len(found) == 1 and "routes/api" in found[0]["message"] and out.returncode == 1, out.stdout
+        acl_consul.acl_policy("web-agent", agent_policy(["web"]))  # fixed: read again within DENIED_RECHECK
+        wait_for(lambda: "routes/api" in web.get("/v1/config")[1]["versions"], 30, "the route applied")
+        assert "unreadable" not in web.get("/v1/config")[1]["consul"]
+    finally:
+        mesh.close()
+        echo.close()
