@@ -451,9 +451,9 @@ def check(
     skip_ca: bool,
     fmt: str | None,
 ) -> None:
-    """Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and
-    certificates) and an analysis of the routes, policies and intentions in Consul against the
-    catalog. Exit 1 when there is an error."""
+    """Preflight (Consul and the token's rights, the CA and its pin, agents' readiness,
+    certificates and whether they follow Consul) and an analysis of the routes, policies,
+    intentions and gateways in Consul against the catalog. Exit 1 when there is an error."""
     import asyncio
 
     from hostmesh.agent.status import AdminAddressError, parse_admin_address

@@ -32,6 +32,7 @@ from hostmesh.registry.layout import (
 )
 from hostmesh.registry.schema import (
     SPLIT_PROTOCOLS,
+    GatewayDocument,
     Intentions,
     Match,
     PathMatch,
@@ -140,6 +141,8 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
     out += _undecided_policies(parsed.get("policies", {}), catalog, known)
     for key, intentions in parsed.get("intentions", {}).items():
         out += _check_intentions(key, intentions, catalog, known, externals)
+    for key, gateway in parsed.get("gateways", {}).items():
+        out += _check_gateway(key, gateway, known)
     out += _older_agents(parsed, catalog.agents())
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda f: (order[f.severity], f.subject, f.code))
@@ -248,6 +251,24 @@ def _unknown(kind: str, key: str) -> Finding:
         if kind != "intentions"
         else f"check the name; if {key} is gone, delete hostmesh/intentions/{key}",
     )
+
+
+def _check_gateway(key: str, doc: GatewayDocument, known: frozenset[str]) -> list[Finding]:
+    """An ingress gateway's document: its gateway runs somewhere, and each service it hands requests
+    to has an instance (the gateway answers those requests 503 otherwise)."""
+    out = [] if key in known else [_unknown("gateways", key)]
+    for service in sorted(doc.services() - known):
+        out.append(
+            Finding(
+                "error",
+                "unknown-service",
+                f"gateways/{key}",
+                f"hands requests to {service}, of which no mesh instance is registered in Consul: "
+                "each fails (503 UH; a TLS passthrough connection is reset)",
+                f"check the name; register {service}, or take its routes out of gateways/{key}",
+            )
+        )
+    return out
 
 
 def _check_route(key: str, doc: RouteDocument, catalog: Catalog, known: frozenset[str]) -> list[Finding]:

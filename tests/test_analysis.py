@@ -422,3 +422,22 @@ def test_a_document_older_agents_cannot_read_is_a_warning_naming_them() -> None:
         analyze(with_doc("routes", "dns", {**DNS_SPLIT, "protocol": "udp"}), Catalog((*UDP.instances, ca)))
         == []
     )
+
+
+def test_a_gateway_document_is_checked_against_the_catalog() -> None:
+    """An ingress gateway's document handing requests to a service nobody registered (a typo) fails
+    each of them with 503, and one for a gateway nobody runs does nothing: `check` named neither (it
+    read gateway documents only to say whether they parse)."""
+    catalog = Catalog((*CATALOG.instances, inst("edge", "vm-9", **{"hostmesh-kind": "ingress"})))
+    edge = {"service": "edge", "http": [{"hosts": ["shop.example.com"], "service": "api"},
+                                        {"hosts": ["x.example.com"], "prefix": "/x/", "service": "apii"}],
+            "tls": [{"hosts": ["db.example.com"], "service": "db"}]}  # fmt: skip
+    found = analyze({"gateways": {"edge": edge}}, catalog)
+    assert [(f.severity, f.code, f.subject) for f in found] == [("error", "unknown-service", "gateways/edge")]
+    assert "apii" in found[0].message and "503" in found[0].message
+    assert analyze({"gateways": {"edge": {**edge, "http": edge["http"][:1]}}}, catalog) == []
+    lone = analyze({"gateways": {"edge": {**edge, "http": edge["http"][:1]}}}, CATALOG)
+    assert [(f.severity, f.code, f.subject) for f in lone] == [
+        ("warning", "unknown-service", "gateways/edge")
+    ]
+    assert "`hostmesh gateway delete edge`" in lone[0].fix
