@@ -576,7 +576,10 @@ def metrics_md() -> str:
         "`hostmesh_build_info`, and what kept its event loop from running: `hostmesh_process_cpu_wait_seconds_total`",
         "(its threads ready to run but waiting for a CPU, from Linux's schedstat: on a busy host, most of a",
         "request's added latency), `hostmesh_gc_collections_total` and `hostmesh_gc_pause_seconds_total`",
-        "(by `generation`).",
+        "(by `generation`). With `workers` > 1 they are the agent's, every process's together: memory,",
+        "descriptors, CPU, waits and collections summed (a worker that exited keeps its counters in the",
+        "sums), `process_start_time_seconds` the primary's (a worker's restart is not the agent's) and",
+        "`process_max_fds` each process's limit.",
         "",
     ]
     return "\n".join(lines)

@@ -336,10 +336,10 @@ class Agent:
             from hostmesh.agent.workers import listen_to_primary, metrics_line
 
             def samples() -> bytes:  # its gauges set from its own state, as the primary's are
-                from hostmesh.agent.observe import refresh_health
+                from hostmesh.agent.observe import health_families, refresh_health
 
-                refresh_health(self)
-                return metrics_line(self.telemetry.registry)
+                refresh_health(self)  # and its process_* series: the agent's are every process's
+                return metrics_line(self.telemetry.registry, health_families())
 
             await listen_to_primary(self._on_primary_certs, samples, self.stop_requested.set,
                                     self._on_primary_config, self.from_primary)  # fmt: skip
@@ -1030,8 +1030,8 @@ class Agent:
             from hostmesh.agent.workers import exposition, merge_samples, samples_of
 
             refresh_health(self)
-            groups = [samples_of(self.telemetry.registry), *await self.workers.samples()]
-            body = exposition([*merge_samples(groups), *health_families()])
+            groups = [samples_of(self.telemetry.registry, health_families()), *await self.workers.samples()]
+            body = exposition(merge_samples(groups))
             return Response(200, body, {"content-type": CONTENT_TYPE_LATEST})
         from hostmesh.agent.observe import agent_exposition
 

@@ -129,10 +129,11 @@ class DiskCerts:
 Sample = tuple[str, str, str, str, dict[str, str], float]  # family, type, help, sample name, labels, value
 
 
-def samples_of(registry: Any) -> list[Sample]:
-    """Every sample of a metrics registry (agent/metrics.py), as plain data (what a worker sends)."""
+def samples_of(registry: Any, extra: Iterable[Any] = ()) -> list[Sample]:
+    """Every sample of a metrics registry (agent/metrics.py) and of the `extra` families (the
+    process's own: agent/observe.py health_families), as plain data (what a worker sends)."""
     out: list[Sample] = []
-    for fam in registry.collect():
+    for fam in [*registry.collect(), *extra]:
         for s in fam.samples:
             out.append((fam.name, fam.type, fam.documentation, s.name, dict(s.labels), float(s.value)))
     return out
@@ -140,14 +141,23 @@ def samples_of(registry: Any) -> list[Sample]:
 
 # How the processes' values of a gauge merge, chosen by what the gauge's help says it means.
 # Gauges of what each process holds (its own connections) add up like counters:
-SUMMED_GAUGES = frozenset({"hostmesh_active_connections"})
+# and so do the memory and descriptors the agent's processes hold (the host's cost of the agent):
+SUMMED_GAUGES = frozenset({
+    "hostmesh_active_connections", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+    "process_open_fds",
+})  # fmt: skip
 # Gauges of what every process must have take the smallest: each worker runs its own Consul watches,
 # so one process behind (a stale snapshot) makes "every watch answers" 0, and shows the oldest
-# document index any process serves (`hostmesh ui`: BEHIND):
-MIN_GAUGES = frozenset({"hostmesh_consul_sync_healthy", "hostmesh_config_source_index"})
+# document index any process serves (`hostmesh ui`: BEHIND). The agent's start time is its
+# primary's, the earliest: `hostmesh top` reads a change of it as a restart of the agent, which a
+# worker's restart is not (its counters stay in the sums):
+MIN_GAUGES = frozenset({
+    "hostmesh_consul_sync_healthy", "hostmesh_config_source_index", "process_start_time_seconds",
+})  # fmt: skip
 # Any other gauge takes the largest: a flag any process raises (cert renewal failing, ejected
-# endpoints), or a fact of the primary alone (`hostmesh_consul_registered`: only it registers, and
-# only it reports `hostmesh_cert_expiry_timestamp_seconds`; the workers' 0 must not hide it).
+# endpoints), a limit each process has (`process_max_fds`), or a fact of the primary alone
+# (`hostmesh_consul_registered`: only it registers, and only it reports
+# `hostmesh_cert_expiry_timestamp_seconds`; the workers' 0 must not hide it).
 
 
 SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (family, sample name, sorted labels)
@@ -457,5 +467,5 @@ def config_from_primary() -> tuple[Any, bytes]:
         raise EOFError("the primary sent no config (it is gone)") from None
 
 
-def metrics_line(registry: Any) -> bytes:
-    return json.dumps(samples_of(registry), separators=(",", ":")).encode()
+def metrics_line(registry: Any, extra: Iterable[Any] = ()) -> bytes:
+    return json.dumps(samples_of(registry, extra), separators=(",", ":")).encode()

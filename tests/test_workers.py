@@ -263,3 +263,35 @@ def test_a_worker_runs_the_primarys_config_keeps_its_counters_and_reloads_only_w
     wait_for(lambda: [p for p in worker_pids(b) if p != workers[0]], 20, "a new worker")
     assert opened() >= before  # the dead worker's connections still count
     b.config_path.write_text(good)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` (from /proc, as process_cpu_seconds_total counts it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_process_series_of_an_agent_with_workers_are_every_processs(mesh: Mesh) -> None:
+    """`process_*` on /metrics are the agent's: its CPU and memory are its processes' together, not
+    the primary's alone (a 4-process agent showed a quarter of its CPU), and its start time is the
+    primary's, which a worker's restart does not change (`hostmesh top` takes a change as a restart)."""
+    b = mesh.b
+    primary = b.proc.popen.pid
+    workers = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")  # ready: node-b is
+
+    def series(name: str) -> float:
+        return float(next(x for x in b.metrics().splitlines() if x.startswith(name + " ")).split()[1])
+
+    cpu_before = cpu_seconds(primary) + cpu_seconds(workers[0])  # CPU time only grows until the scrape
+    primary_rss = resident_bytes(primary)
+    assert series("process_cpu_seconds_total") >= cpu_before
+    assert series("process_resident_memory_bytes") > 1.5 * primary_rss  # two interpreters, ~30 MB each
+
+    started = series("process_start_time_seconds")
+    os.kill(workers[0], signal.SIGKILL)  # a worker restarted: the agent did not
+    wait_for(lambda: [p for p in worker_pids(b) if p != workers[0]], 20, "a new worker")
+    assert series("process_start_time_seconds") == started
