@@ -272,6 +272,15 @@ class Telemetry:
         self.consul_registered = Gauge(
             "hostmesh_consul_registered", "1 once the agent's services are registered in Consul", registry=r
         )
+        self.agent_processes = Gauge(
+            "hostmesh_agent_processes",
+            "the agent's processes (`workers`), by `state`, set by the primary: `serving` (the primary and "
+            "each ready worker), `starting`, `restarting` (a worker that exited, started again a second "
+            "later), `down` (one that exited 5 times within a minute, left down for a minute, then tried "
+            "again); any but `serving` for long is capacity the host lacks",
+            ("state",),
+            registry=r,
+        )
         self.cert_renewal_failing = Gauge(
             "hostmesh_cert_renewal_failing",
             "1 while the service's certificate renewal fails (retrying or expired)",

@@ -144,6 +144,11 @@ def refresh_health(agent: Any) -> None:
     discovery = getattr(agent, "discovery", None)
     t.consul_sync.set(1.0 if discovery is not None and discovery.healthy else 0.0)
     t.consul_registered.set(1.0 if agent.registered else 0.0)
+    t.agent_processes.clear()
+    if not getattr(agent, "worker", 0):  # the primary (or the only process) knows every process's state
+        workers = getattr(agent, "workers", None)
+        for state, n in (workers.process_states() if workers is not None else {"serving": 1}).items():
+            t.agent_processes.labels(state).set(float(n))
     certs = getattr(agent, "certs", None)
     if certs is not None:
         for info in certs.infos():

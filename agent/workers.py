@@ -42,14 +42,17 @@ processes) and after each reload the primary applied (a reload it refused reache
 A worker ignores SIGHUP.
 A worker that dies unexpectedly is restarted after RESPAWN_DELAY, at most RESPAWN_BURST times per
 RESPAWN_WINDOW; past that, the primary logs an error, runs with fewer workers for a window, then
-tries again. A dead worker's counters stay in /metrics' sums (its last scraped values), so a
-merged counter never goes backwards.
+tries again. Each worker's state (WorkerState) is on /v1/clusters and /metrics
+(`hostmesh_agent_processes{state}`), so an agent short of a worker is seen, not only logged. A dead
+worker's counters stay in /metrics' sums (its last scraped values), so a merged counter never goes
+backwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -213,9 +216,19 @@ def exposition(families: list[Any]) -> bytes:
 # --- primary side -----------------------------------------------------------------------------
 
 
+class WorkerState(enum.Enum):
+    """A worker as its primary sees it."""
+
+    STARTING = "starting"  # spawned, not yet ready (or never ready: it does not serve)
+    SERVING = "serving"
+    RESTARTING = "restarting"  # exited; started again after RESPAWN_DELAY
+    DOWN = "down"  # exited RESPAWN_BURST times within RESPAWN_WINDOW: left down for a window
+
+
 class Worker:
     def __init__(self, index: int) -> None:
         self.index = index
+        self.state = WorkerState.STARTING
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()  # one request/answer on the pipe at a time
         self.started: list[float] = []  # spawn times, for the respawn budget
@@ -258,6 +271,7 @@ class WorkerSet:
 
     async def _spawn(self, w: Worker) -> bool:
         w.started = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW] + [time.monotonic()]
+        w.state = WorkerState.STARTING
         async with w.lock:  # a scrape must not read the "ready" line
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(self.config_path),
@@ -274,6 +288,7 @@ class WorkerSet:
             log.error("worker %d (pid %s) did not become ready; see its log lines above", w.index, w.pid)
             return False
         log.info("worker %d ready (pid %d)", w.index, w.pid)
+        w.state = WorkerState.SERVING
         return True
 
     async def _watch(self, w: Worker) -> None:
@@ -286,10 +301,12 @@ class WorkerSet:
                 return
             recent = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW]
             if len(recent) >= RESPAWN_BURST:
+                w.state = WorkerState.DOWN
                 log.error("worker %d exited (%s) %d times within %gs; running without it, trying again "
                           "in %gs", w.index, code, len(recent), RESPAWN_WINDOW, RESPAWN_WINDOW)  # fmt: skip
                 await asyncio.sleep(RESPAWN_WINDOW)
             else:
+                w.state = WorkerState.RESTARTING
                 log.warning("worker %d (pid %s) exited with %s; restarting it in %gs", w.index, w.pid, code,
                             RESPAWN_DELAY)  # fmt: skip
                 await asyncio.sleep(RESPAWN_DELAY)
@@ -359,7 +376,17 @@ class WorkerSet:
         return [*(w.last for w in self.workers), list(self.retired.values())]
 
     def view(self) -> list[dict[str, Any]]:
-        return [{"index": w.index, "pid": w.pid, "alive": w.alive} for w in self.workers]
+        return [
+            {"index": w.index, "pid": w.pid, "alive": w.alive, "state": w.state.value} for w in self.workers
+        ]
+
+    def process_states(self) -> dict[str, int]:
+        """The agent's processes by state: the primary serves, each worker is in its own."""
+        counts = {state.value: 0 for state in WorkerState}
+        counts[WorkerState.SERVING.value] += 1
+        for w in self.workers:
+            counts[w.state.value] += 1
+        return counts
 
     async def stop(self, drain_seconds: float) -> None:
         """Tell every worker to stop (they drain), wait for them, SIGKILL any that hang."""

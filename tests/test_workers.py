@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -295,3 +295,28 @@ def test_process_series_of_an_agent_with_workers_are_every_processs(mesh: Mesh) 
     os.kill(workers[0], signal.SIGKILL)  # a worker restarted: the agent did not
     wait_for(lambda: [p for p in worker_pids(b) if p != workers[0]], 20, "a new worker")
     assert series("process_start_time_seconds") == started
+
+
+def test_a_worker_that_keeps_dying_is_seen_down_on_metrics_and_clusters(mesh: Mesh) -> None:
+    """A worker past its restart budget (5 exits in a minute) leaves the agent short of a process for
+    a minute: /metrics (`hostmesh_agent_processes{state}`) and /v1/clusters say so, where only one
+    log line did and the agent looked whole."""
+    from hostmesh.agent.workers import RESPAWN_BURST
+
+    b = mesh.b
+
+    def states() -> dict[str, float]:
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in b.metrics().splitlines()
+                if line.startswith("hostmesh_agent_processes{")}  # fmt: skip
+
+    def worker() -> dict[str, Any]:
+        return b.get("/v1/clusters")[1]["workers"][0]
+
+    assert wait_for(lambda: states().get("serving") == 2, 20, "both processes serving")
+    for _ in range(RESPAWN_BURST):  # each one once it serves: the restart budget, spent
+        w = wait_for(lambda: worker()["state"] == "serving" and worker(), 20, "the worker serving")
+        os.kill(w["pid"], signal.SIGKILL)
+        wait_for(lambda pid=w["pid"]: worker()["pid"] != pid or worker()["state"] == "down", 20, "its exit")
+    assert wait_for(lambda: worker()["state"] == "down", 20, "the worker left down")
+    assert states() == {"serving": 1, "starting": 0, "restarting": 0, "down": 1}
+    mesh.m.wait_ready(b)  # the primary serves on
