@@ -1045,6 +1045,8 @@ class Agent:
         self._stopping.set()
         self._wake.set()
         self.ready = False
+        if self.workers is not None:
+            self.workers.stopping()
         if self._registration_task is not None:  # no round may register or pass a TTL after the fail below
             self._registration_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -33,7 +33,8 @@ half-initialised. A fresh `python -m hostmesh.agent.cli agent run` costs ~0.2 s 
 Signals: SIGTERM/SIGINT to the primary stops accepting, tells every worker to stop, drains
 alongside them, waits for them (bounded: drain_seconds + STOP_GRACE, then SIGKILL) and only then
 deregisters. SIGTERM to the whole group (systemd's KillMode=control-group) does the same, each
-process draining its own connections.
+process draining its own connections; a worker that exits once the primary's stop began is not
+started again.
 
 Config: only the primary reads agent.toml. A worker runs the config the primary runs, sent over
 the pipe: at its start (a worker restarted after a crash runs what the agent runs, not what the
@@ -387,6 +388,13 @@ class WorkerSet:
         for w in self.workers:
             counts[w.state.value] += 1
         return counts
+
+    def stopping(self) -> None:
+        """The agent stops: a worker that exits from now on is not started again. systemd's SIGTERM
+        reaches every process of the group, and a worker with nothing to drain exits at once, while
+        the primary may still wait on Consul (its TTL checks failed) before `stop`: it was restarted,
+        and the new one served through the stop."""
+        self._stopping = True
 
     async def stop(self, drain_seconds: float) -> None:
         """Tell every worker to stop (they drain), wait for them, SIGKILL any that hang."""

@@ -320,3 +320,22 @@ def test_a_worker_that_keeps_dying_is_seen_down_on_metrics_and_clusters(mesh: Me
     assert wait_for(lambda: worker()["state"] == "down", 20, "the worker left down")
     assert states() == {"serving": 1, "starting": 0, "restarting": 0, "down": 1}
     mesh.m.wait_ready(b)  # the primary serves on
+
+
+def test_a_stop_of_the_whole_group_starts_no_worker_while_consul_is_slow(mesh: Mesh) -> None:
+    """systemd's SIGTERM reaches every process of the agent: a worker with nothing to drain exits at
+    once, while the primary still waits on a Consul that does not answer (its TTL checks failed,
+    up to 10 s each). The worker was started again then, and the new one served through the stop."""
+    b, consul = mesh.b, mesh.consul
+    wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")
+    assert consul.proc is not None
+    os.kill(consul.proc.pid, signal.SIGSTOP)  # Consul accepts, and answers nothing
+    try:
+        os.killpg(b.proc.popen.pid, signal.SIGTERM)
+        assert b.proc.popen.wait(60) == 0
+    finally:
+        os.kill(consul.proc.pid, signal.SIGCONT)
+    log = b.proc.log()
+    stop = log.index("stopping: draining")
+    assert "restarting it" not in log[stop:]
+    assert " ready " not in log[stop:]
