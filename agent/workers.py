@@ -274,11 +274,17 @@ class WorkerSet:
         w.started = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW] + [time.monotonic()]
         w.state = WorkerState.STARTING
         async with w.lock:  # a scrape must not read the "ready" line
-            w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hostmesh.agent.cli", "agent", "run", "--config", str(self.config_path),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self._env(w.index),
-                limit=MAX_LINE,
-            )  # fmt: skip
+            try:
+                w.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "hostmesh.agent.cli", "agent", "run",
+                    "--config", str(self.config_path),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self._env(w.index),
+                    limit=MAX_LINE,
+                )  # fmt: skip
+            except OSError as exc:  # no descriptors for its pipes, no memory to fork: _watch tries again
+                log.error("worker %d: cannot start its process: %s", w.index, exc.strerror or exc)
+                w.proc = None
+                return False
             assert w.proc.stdout is not None and w.proc.stdin is not None
             w.proc.stdin.write(config_line(self.config))
             try:
@@ -295,8 +301,7 @@ class WorkerSet:
     async def _watch(self, w: Worker) -> None:
         """Restart a worker that exits while the agent is not stopping (bounded, see the module doc)."""
         while True:
-            assert w.proc is not None
-            code = await w.proc.wait()
+            code = await w.proc.wait() if w.proc is not None else "no process (it could not start)"
             self._retire(w)
             if self._stopping:
                 return

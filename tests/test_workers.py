@@ -339,3 +339,24 @@ def test_a_stop_of_the_whole_group_starts_no_worker_while_consul_is_slow(mesh: M
     stop = log.index("stopping: draining")
     assert "restarting it" not in log[stop:]
     assert " ready " not in log[stop:]
+
+
+def test_a_worker_that_cannot_be_started_for_a_moment_is_started_later(mesh: Mesh) -> None:
+    """Its restart failing at the fork (the primary out of descriptors for its pipes, as under a
+    connection flood) ended the primary's watch of that worker: it was never started again, and
+    nothing was logged."""
+    import resource
+
+    b = mesh.b
+    primary = b.proc.popen.pid
+    old = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")[0]
+    limits = resource.prlimit(primary, resource.RLIMIT_NOFILE)
+    resource.prlimit(primary, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{primary}/fd")), limits[1]))
+    try:
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: "cannot start its process" in b.proc.log(), 20, "the restart to fail")
+    finally:
+        resource.prlimit(primary, resource.RLIMIT_NOFILE, limits)
+    new = wait_for(lambda: [w for w in b.get("/v1/clusters")[1]["workers"] if w["state"] == "serving"],
+                   20, "the worker started again")  # fmt: skip
+    assert new[0]["pid"] != old
