@@ -92,7 +92,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "workers",
         f"integer 1..{C.MAX_WORKERS}",
         "1",
-        "Processes sharing the listeners; one runs the control plane. Its `/metrics` adds up the "
+        "Processes sharing the mesh and TCP/HTTP upstream listeners; one, the primary, runs the "
+        "control plane, ingress gateways, UDP upstreams and mesh DNS. Its `/metrics` adds up the "
         "workers' counters, keeping a dead worker's last scraped values: what a worker killed "
         "(`kill -9`) counted since the last scrape is lost.",
     ),
@@ -120,7 +121,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         str(C.DEFAULT_MAX_CONNECTIONS),
         "Downstream connections held at once (UDP flows' app sockets and gateway clients count); "
         "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). "
-        "With workers = N each process takes 1/N. Each connection takes two open files: the agent "
+        "With workers = N each process takes 1/N, and ingress gateways and UDP upstreams, served by "
+        "the primary alone, share its 1/N (a gateway host that turns workers on should raise this "
+        "N-fold to keep its gateways' limit). Each connection takes two open files: the agent "
         "raises its soft open-file limit to the hard one at start, and says so in a warning when "
         "that is still below 2 x a process's share of this + 256 (the shipped unit sets "
         "`LimitNOFILE=65536`).",
