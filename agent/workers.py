@@ -22,6 +22,7 @@ The primary talks to each worker over one pipe pair (the worker's stdin/stdout),
     certs      the primary's certificates or trust bundle changed on disk: re-read, rebuild TLS
     metrics N  answer one line, N and the worker's samples as JSON, for the primary's /metrics (N
                tells a late answer to an earlier scrape, which is skipped)
+    ping N     answer `N pong`: its event loop runs; one silent for WEDGED_AFTER is killed and restarted
     stop       drain and exit (as on SIGTERM)
 End of file on stdin means the primary is gone: the worker drains and exits, so no orphan keeps
 serving with certificates nobody renews.
@@ -72,6 +73,11 @@ INBOUND_PORT_ENV = "HOSTMESH_WORKER_INBOUND_PORT"  # the primary's bound inbound
 READY_TIMEOUT = 30.0  # a worker loads certs from disk and binds; slow only on a starved machine
 STOP_GRACE = 5.0  # beyond drain_seconds, how long a stopping worker may take before SIGKILL
 METRICS_TIMEOUT = 2.0  # a worker that does not answer a scrape in time is left out of that scrape
+# A serving worker is asked every PING_INTERVAL whether its event loop runs; one silent for WEDGED_AFTER
+# (systemd's WatchdogSec for the primary: a loop stalled that long is stuck, not busy) is killed and
+# started again: its listening sockets kept taking a share of the connections nobody served.
+PING_INTERVAL = 5.0
+WEDGED_AFTER = 30.0
 RESPAWN_DELAY = 1.0  # a crashed worker is restarted after this
 RESPAWN_BURST, RESPAWN_WINDOW = 5, 60.0  # ... at most this many times per window, then left down
 MAX_LINE = 16 * 1024 * 1024  # a metrics answer (JSON samples); far above any real label cardinality
@@ -234,6 +240,7 @@ class Worker:
         self.lock = asyncio.Lock()  # one request/answer on the pipe at a time
         self.started: list[float] = []  # spawn times, for the respawn budget
         self.last: list[Sample] = []  # its samples at the last scrape it answered
+        self.answered = 0.0  # monotonic time of its last answer (ready, a ping, a scrape)
 
     @property
     def pid(self) -> int | None:
@@ -269,6 +276,7 @@ class WorkerSet:
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
         for w in self.workers:
             self._watchers.append(asyncio.create_task(self._watch(w), name=f"worker-{w.index}"))
+        self._watchers.append(asyncio.create_task(self._ping(), name="worker-pings"))
 
     async def _spawn(self, w: Worker) -> bool:
         w.started = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW] + [time.monotonic()]
@@ -295,7 +303,7 @@ class WorkerSet:
             log.error("worker %d (pid %s) did not become ready; see its log lines above", w.index, w.pid)
             return False
         log.info("worker %d ready (pid %d)", w.index, w.pid)
-        w.state = WorkerState.SERVING
+        w.state, w.answered = WorkerState.SERVING, time.monotonic()
         return True
 
     async def _watch(self, w: Worker) -> None:
@@ -346,36 +354,69 @@ class WorkerSet:
         for w in self.workers:
             self._send(w, line)
 
+    async def _ask(self, w: Worker, command: str, timeout: float) -> bytes | None:
+        """Send `command N` to the worker; the body of its answer `N …` (a late answer to an earlier
+        question is skipped), or None when it is gone or did not answer within `timeout`."""
+        proc = w.proc
+        if not w.alive or proc is None or proc.stdout is None:
+            return None
+        try:  # a worker being (re)started holds the lock
+            await asyncio.wait_for(w.lock.acquire(), timeout)
+        except TimeoutError:
+            return None
+        try:
+            self._scrapes += 1
+            tag = b"%d" % self._scrapes
+            self._send(w, f"{command} {self._scrapes}")
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await proc.stdout.readline()
+                    if not line:
+                        raise ConnectionError("the worker closed its pipe")
+                    got, _, body = line.partition(b" ")
+                    if got == tag:
+                        break
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            w.lock.release()
+        if w.proc is proc:
+            w.answered = time.monotonic()
+        return body
+
+    async def _ping(self) -> None:
+        """Kill a serving worker whose event loop has not answered for WEDGED_AFTER (_watch restarts it)."""
+        while not self._stopping:
+            await asyncio.sleep(PING_INTERVAL)
+            serving = [w for w in self.workers if w.state is WorkerState.SERVING]
+            await asyncio.gather(*(self._ask(w, "ping", PING_INTERVAL) for w in serving))
+            for w in serving:
+                silent = time.monotonic() - w.answered
+                stuck = w.state is WorkerState.SERVING and w.alive and silent > WEDGED_AFTER
+                if stuck and not self._stopping:
+                    log.error("worker %d (pid %s) has not answered for %.0fs: its event loop is stuck; "
+                              "killing it", w.index, w.pid, silent)  # fmt: skip
+                    assert w.proc is not None
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
+
     async def samples(self) -> list[list[Sample]]:
         """Each worker's samples (its last ones when it does not answer in time), and the retired ones."""
 
         async def refresh(w: Worker) -> None:
             """The worker's samples into `w.last` (left as they were when it does not answer in time)."""
             proc = w.proc
-            if not w.alive or proc is None or proc.stdout is None:
-                return
-            try:  # a worker being (re)started holds the lock: its last samples stand in
-                await asyncio.wait_for(w.lock.acquire(), METRICS_TIMEOUT)
-            except TimeoutError:
-                return
+            body = await self._ask(w, "metrics", METRICS_TIMEOUT)
             try:
-                self._scrapes += 1
-                tag = b"%d" % self._scrapes
-                self._send(w, f"metrics {self._scrapes}")
-                async with asyncio.timeout(METRICS_TIMEOUT):
-                    while True:  # an answer to an earlier scrape that timed out is skipped
-                        line = await proc.stdout.readline()
-                        if not line:
-                            raise ConnectionError("the worker closed its pipe")
-                        got, _, body = line.partition(b" ")
-                        if got == tag:
-                            break
-                if w.proc is proc and proc.returncode is None:  # (once retired, its samples are in there)
-                    w.last = [tuple(x) for x in json.loads(body)]
-            except (TimeoutError, ValueError, ConnectionError) as exc:
-                log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc or "timeout")
-            finally:
-                w.lock.release()
+                if body is None:
+                    raise ValueError(f"no answer within {METRICS_TIMEOUT:g}s")
+                samples = [tuple(x) for x in json.loads(body)]
+            except ValueError as exc:
+                if w.state is WorkerState.SERVING and w.alive:  # (a starting one holds the pipe)
+                    log.warning("worker %d did not answer a metrics scrape: %s", w.index, exc)
+                return
+            if w.proc is proc and w.alive:  # (once retired, its samples are in there)
+                w.last = samples
 
         await asyncio.gather(*(refresh(w) for w in self.workers))
         # read together, with no await between: a worker retired meanwhile counts once (in `retired`)
@@ -460,6 +501,8 @@ class PrimaryChannel(asyncio.Protocol):
                 self.on_certs()
             elif cmd.startswith(b"metrics"):  # "metrics N": the answer carries N first
                 _write_stdout(cmd[len(b"metrics ") :] + b" " + self.on_metrics())
+            elif cmd.startswith(b"ping"):  # "ping N": this loop runs (WorkerSet._ping)
+                _write_stdout(cmd[len(b"ping ") :] + b" pong")
             elif cmd == b"stop":
                 self.on_stop()
 

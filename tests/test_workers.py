@@ -8,6 +8,7 @@ intention change, stop on one SIGTERM to the primary, and Consul must see one re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -361,3 +362,26 @@ def test_a_worker_that_cannot_be_started_for_a_moment_is_started_later(mesh: Mes
     new = wait_for(lambda: [w for w in b.get("/v1/clusters")[1]["workers"] if w["state"] == "serving"],
                    20, "the worker started again")  # fmt: skip
     assert new[0]["pid"] != old
+
+
+def test_a_worker_whose_event_loop_is_stuck_is_killed_and_started_again(mesh: Mesh) -> None:
+    """A worker that stops running (SIGSTOP here; a stuck loop alike) kept its listening sockets, so
+    the kernel kept handing it a share of new mesh connections that nobody served, for good: the
+    primary's watchdog covers its own loop only. The primary kills it after WEDGED_AFTER without an
+    answer, and starts it again."""
+    from hostmesh.agent.workers import WEDGED_AFTER
+
+    b = mesh.b
+    stuck = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")[0]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        new = wait_for(lambda: [w for w in b.get("/v1/clusters")[1]["workers"]
+                                if w["state"] == "serving" and w["pid"] != stuck],
+                       WEDGED_AFTER + 30, "the stuck worker replaced")  # fmt: skip
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    assert new and "its event loop is stuck; killing it" in b.proc.log()
+    stack, mesh_socks = mesh_connections(mesh.a, b.inbound_port, CONNS)  # every process serves again
+    with stack:
+        assert all(stream_echoes(s, b"ping %d" % i) for i, s in enumerate(mesh_socks))
