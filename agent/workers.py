@@ -301,6 +301,9 @@ class WorkerSet:
                 line = b""
         if line.strip() != b"ready":
             log.error("worker %d (pid %s) did not become ready; see its log lines above", w.index, w.pid)
+            if w.alive and w.proc is not None:  # stuck starting, maybe with listeners bound: started again
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
             return False
         log.info("worker %d ready (pid %d)", w.index, w.pid)
         w.state, w.answered = WorkerState.SERVING, time.monotonic()

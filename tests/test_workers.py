@@ -385,3 +385,36 @@ def test_a_worker_whose_event_loop_is_stuck_is_killed_and_started_again(mesh: Me
     stack, mesh_socks = mesh_connections(mesh.a, b.inbound_port, CONNS)  # every process serves again
     with stack:
         assert all(stream_echoes(s, b"ping %d" % i) for i, s in enumerate(mesh_socks))
+
+
+def test_a_worker_stuck_starting_is_killed_and_started_again(mesh: Mesh) -> None:
+    """A worker that never says it is ready (stopped while starting here) was left as it was: never
+    serving, never asked again, maybe holding listeners it had bound, and never replaced."""
+    from hostmesh.agent.workers import READY_TIMEOUT
+
+    b = mesh.b
+    primary = b.proc.popen.pid
+    old = wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")[0]
+
+    def starting_worker() -> int | None:
+        """The primary's new worker process, as soon as it runs (a fresh interpreter takes ~0.2 s to be
+        ready): exec'd, so its environment names it a worker (stopped between fork and exec, it held
+        the primary's loop, which waits for the exec)."""
+        children = Path(f"/proc/{primary}/task/{primary}/children").read_text().split()
+        for pid in map(int, children):
+            with contextlib.suppress(OSError):
+                if pid != old and b"HOSTMESH_WORKER=" in Path(f"/proc/{pid}/environ").read_bytes():
+                    return pid
+        return None
+
+    os.kill(old, signal.SIGKILL)
+    stuck = wait_for(starting_worker, 20, "the worker started again", poll=0.005)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        wait_for(lambda: [w for w in b.get("/v1/clusters")[1]["workers"]
+                          if w["state"] == "serving" and w["pid"] not in (old, stuck)],
+                 READY_TIMEOUT + 20, "the stuck worker replaced")  # fmt: skip
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    assert f"(pid {stuck}) did not become ready" in b.proc.log()
