@@ -165,6 +165,7 @@ class AdminAPI:
         cert_problems: Callable[[], dict[str, str]] = dict,
         refused_registrations: Callable[[], dict[str, str]] = dict,
         consul: Callable[[], dict[str, Any]] | None = None,
+        processes: Callable[[], dict[str, int] | None] = lambda: None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -174,6 +175,7 @@ class AdminAPI:
         self._cert_problems = cert_problems  # service -> what its unusable certificate is missing
         self._refused_registrations = refused_registrations  # service -> Consul's refusal to register it
         self._consul = consul  # whether the agent follows Consul now (Discovery.consul_view)
+        self._processes = processes  # with `workers` > 1: its processes by state (WorkerSet.process_states)
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -276,6 +278,7 @@ class AdminAPI:
             # following: false while Consul's reads fail (the snapshot is the last one read), and since when
             **({"consul": self._consul()} if self._consul is not None else {}),
             "rejected": dict(snap.rejected),  # source -> why its live document was refused
+            **({"processes": processes} if (processes := self._processes()) is not None else {}),
             "tls_generation": snap.tls.generation,
             "default_intention": "allow" if snap.default_allow else "deny",
             "services": [

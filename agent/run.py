@@ -357,6 +357,7 @@ class Agent:
             self._cert_problems,
             self._not_registered,
             lambda: self.discovery.consul_view(),
+            lambda: self.workers.process_states() if self.workers is not None else None,
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)

@@ -322,6 +322,19 @@ def _not_ready_lines(ready: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _process_lines(processes: Any) -> list[str]:
+    """With `workers` > 1 (/v1/config `processes`; agents before it do not say): how many of the
+    agent's processes serve, and what the others do (a worker down served nothing, unseen)."""
+    if not isinstance(processes, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in processes.values()
+    ):
+        return []
+    others = ", ".join(f"{n} {printable(str(state), 20)}" for state, n in sorted(processes.items())
+                       if state != "serving" and n)  # fmt: skip
+    line = f"processes   {processes.get('serving', 0)} of {sum(processes.values())} serving"
+    return [f"{line} ({others}: the agent's log says why)" if others else line]
+
+
 def _consul_lines(consul: Any, now: dt.datetime) -> list[str]:
     """One line while the agent's reads of Consul fail (/v1/config `consul`; agents before it do not
     say): it serves the last snapshot it read, so the documents and endpoints below may be stale, and
@@ -369,6 +382,7 @@ def render_table(status: dict[str, Any]) -> str:
     lines = [
         f"node        {text(cfg['node'])}   ready: {'yes' if status['ready'].get('ready') else 'NO'}",
         *_not_ready_lines(status["ready"]),
+        *_process_lines(cfg.get("processes")),
         *_consul_lines(cfg.get("consul"), now),
         f"snapshot    generation {cfg['generation']}, default intention {text(cfg['default_intention'])}",
         "",
