@@ -1094,6 +1094,7 @@ class Agent:
             trimmer.cancel()
         if hasattr(self, "discovery"):
             await self.discovery.stop()
+            self.builder.flush()
         if hasattr(self, "certs"):
             await self.certs.close()
         await self.consul.close()

@@ -1,6 +1,7 @@
 """Pure tier: the fail-closed intentions state machine (SnapshotBuilder, agent/discovery.py), its saved
-form across restarts and upgrades, the decision it feeds (authz.refuse_unavailable) and the admin
-API's readiness. No sockets, no Consul: the builder applies each change at once outside a loop.
+form across restarts and upgrades (and how often it is written), the decision it feeds
+(authz.refuse_unavailable) and the admin API's readiness. No sockets, no Consul: the builder
+applies each change at once outside a loop.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from hostmesh.agent import discovery as discovery_module
 from hostmesh.agent.admin import AdminAPI
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
 from hostmesh.agent.config import AgentConfig, parse_config
 from hostmesh.agent.discovery import STATE_FILE, SnapshotBuilder
-from hostmesh.agent.snapshot import IntentionsState, Snapshot, TLSMaterial
+from hostmesh.agent.snapshot import Endpoint, IntentionsState, Snapshot, TLSMaterial
 from hostmesh.registry.http import Request
+from tests.support import async_wait_until
 
 DENY_WEB = json.dumps({"service": "api", "rules": [{"source": "web", "action": "deny"}]}).encode()
 ALLOW_BILLING = json.dumps({"service": "api", "rules": [{"source": "billing", "action": "allow"}]}).encode()
@@ -226,3 +229,43 @@ def test_a_saved_snapshot_it_cannot_use_is_said_in_one_line(
 def _saved_with(**part: object) -> str:
     endpoint = {"id": "api-1", "node": "n", "address": "127.0.0.1", "port": 9, "meta": {}}
     return json.dumps({"format": 1, "endpoints": {"api": [endpoint]}, **part})
+
+
+async def test_a_flapping_instance_is_saved_once_per_interval_a_deny_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each snapshot applied was written to the state file at once, on the event loop: with 5,000
+    endpoints 60 ms per change during which no connection was served, for every flap of an instance
+    anywhere among the upstreams. A change of endpoints alone is written at most once per
+    ENDPOINTS_SAVE_INTERVAL (the first at once, the rest at its end, or at stop: flush); a document
+    or an intentions state is written at once, as before."""
+    monkeypatch.setattr(discovery_module, "ENDPOINTS_SAVE_INTERVAL", 3600.0)  # its end is the flush
+    real_write = discovery_module.write_private
+    writes: list[Any] = []  # the states written
+
+    def write(path: Path, data: bytes) -> None:
+        writes.append(json.loads(data))
+        real_write(path, data)
+
+    monkeypatch.setattr(discovery_module, "write_private", write)
+    b = builder(tmp_path)
+    flapping = (Endpoint("api-1", "n1", "127.64.0.1", 15001),)
+
+    async def flap(index: int, endpoints: tuple[Endpoint, ...]) -> None:
+        """One change of endpoints, in its own snapshot (rebuilt on a later turn of the loop)."""
+        b.set_endpoints("api", index, endpoints)
+        applied = lambda: b.holder.current.versions.get("endpoints/api") == index  # noqa: E731
+        await async_wait_until(applied, 5, "the change applied")
+
+    for index in range(1, 51):
+        await flap(index, flapping if index % 2 else ())
+    assert [w["versions"]["endpoints/api"] for w in writes] == [1]  # the first, at once
+    b.set_intentions("api", 7, DENY_WEB)  # a deny is written at once, with the endpoints in force
+    await async_wait_until(lambda: len(writes) == 2, 5, "the deny written")
+    assert writes[1]["intentions"]["api"]["rules"][0]["action"] == "deny"
+    assert writes[1]["versions"]["endpoints/api"] == 50
+    await flap(51, flapping)
+    assert len(writes) == 2
+    b.flush()  # at stop
+    assert len(writes) == 3 and writes[2]["versions"]["endpoints/api"] == 51
+    assert json.loads((tmp_path / STATE_FILE).read_bytes())["endpoints"]["api"][0]["id"] == "api-1"
