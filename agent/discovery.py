@@ -1207,10 +1207,20 @@ class Discovery:
                 return name, sidx, instances
 
         upstreams = self._upstreams()
-        moved = [r for r in await asyncio.gather(*map(probe, upstreams)) if r is not None]
+        probed = await asyncio.gather(*map(probe, upstreams), return_exceptions=True)
+        moved = [r for r in probed if r is not None and not isinstance(r, BaseException)]
         # New instances start with failing checks: read those now, so that an instance is never
         # taken as healthy because its checks were not seen yet.
         health = await self._checks_not_passing(None, upstreams) if moved else None
+        failed = next((r for r in probed if isinstance(r, BaseException)), None)
+        if failed is not None:
+            # One upstream's read failing (an overloaded Consul answering it late, a 5xx) failed the
+            # round, and the others' reads were thrown away with it: with 200 upstreams and 2 % of
+            # reads past the timeout, no round ever completed and no registration was seen again.
+            # What was read is applied; the error goes to the watch, which says so and reads afresh
+            # with backoff (probing every upstream, re-reading only those still behind).
+            self._apply_members((moved, health, read_after))
+            raise failed
         return idx, (moved, health, read_after)
 
     def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:
