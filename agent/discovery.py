@@ -883,7 +883,9 @@ class Discovery:
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
         self._folder_index: dict[str, int] = {}  # document folder ("hostmesh/routes/") -> its index
-        self._too_large: set[str] = set()  # upstreams whose instances passed the answer size limit
+        # upstream -> since when (epoch seconds) and why its instances are not read: past the answer
+        # size limit (it keeps what it had; shown as not following Consul, consul_view)
+        self._too_large: dict[str, tuple[float, str]] = {}
         self._probe_round = float("-inf")  # when the last round of per-upstream probes began
         self._stopping: set[asyncio.Task[None]] = set()
         self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
@@ -969,7 +971,7 @@ class Discovery:
             self._table.forget(name)
             self._service_index.pop(name, None)
             self._read_after.pop(name, None)
-            self._too_large.discard(name)
+            self._too_large.pop(name, None)
         # externals are left to _forget_externals: which go via a local egress gateway is known only
         # once the documents are read (before that, the saved ones serve)
         followed = self._documents()
@@ -1195,10 +1197,10 @@ class Discovery:
                 except AnswerTooLarge as exc:  # this upstream keeps what it had; the others go on
                     if name not in self._too_large:
                         log.error("instances of %s not read: %s; keeping the ones read before", name, exc)
-                        self._too_large.add(name)
+                        self._too_large[name] = (time.time(), f"instances of {name} not read: {exc}")
                     self._service_index[name] = sidx  # read again when they change, not every round
                     return None
-                self._too_large.discard(name)
+                self._too_large.pop(name, None)
                 if not instances and self._table.members.get(name) == ():
                     # still none (an external service, one not deployed yet: its index is the
                     # catalog's, which any registration anywhere moves): no checks to read for it
@@ -1339,18 +1341,22 @@ class Discovery:
 
     @property
     def healthy(self) -> bool:
-        return all(w.healthy for w in self.watches.values())
+        return all(w.healthy for w in self.watches.values()) and not self._too_large
 
     def consul_view(self) -> dict[str, Any]:
         """Whether this agent follows Consul now, for /v1/config and `hostmesh status`: while a watch's
         reads fail, since when (epoch seconds, the longest failing one's first failure) and its error;
-        the snapshot in force meanwhile is the last one read. `unreadable`: the documents it follows
-        that its token may not read, and why (`_unreadable`)."""
-        failing = [w for w in self.watches.values() if w.failing_since is not None]
+        the snapshot in force meanwhile is the last one read. An upstream whose instances are too
+        large to read counts as such a read: its instances stay as read before, whatever changes.
+        `unreadable`: the documents it follows that its token may not read, and why (`_unreadable`)."""
+        failing = [
+            (w.failing_since, w.last_error) for w in self.watches.values() if w.failing_since is not None
+        ]
+        failing += self._too_large.values()
         view: dict[str, Any] = {"following": True, "failing_since": None, "error": ""}
         if failing:
-            oldest = min(failing, key=lambda w: w.failing_since or 0.0)
-            view = {"following": False, "failing_since": oldest.failing_since, "error": oldest.last_error}
+            since, error = min(failing)
+            view = {"following": False, "failing_since": since, "error": error}
         if self._unreadable:  # ("routes/api": why), while there are any
             view["unreadable"] = {key[len(KV_ROOT) :]: why for key, why in sorted(self._unreadable.items())}
         return view

@@ -265,7 +265,8 @@ class Telemetry:
         # mesh health (set at scrape time by the agent from its state, or counted where it happens)
         self.consul_sync = Gauge(
             "hostmesh_consul_sync_healthy",
-            "1 while every Consul watch of the agent answers, else 0; with `workers` > 1, every "
+            "1 while every Consul watch of the agent answers (and every upstream's instance list fits "
+            "an answer), else 0; with `workers` > 1, every "
             "process's watches (each process runs its own: 0 while any one's fail)",
             registry=r,
         )

@@ -501,6 +501,46 @@ async def test_one_upstream_too_large_to_read_keeps_its_instances_and_stops_no_o
             consul.put_json("/v1/catalog/deregister", {"Node": f"{small}-n0"})
 
 
+async def test_an_upstream_too_large_to_read_is_shown_as_not_following_until_it_is_read(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream past the answer size limit keeps the instances read before, whatever changes (a
+    new one never used, a gone one still held): one log line said so, while `hostmesh status`, the
+    agent's /v1/config and hostmesh_consul_sync_healthy said it followed Consul. It is shown as a
+    read that fails (since when, why) until its instances fit again (limit lowered as above)."""
+    from hostmesh.registry import http as registry_http
+
+    name = f"big-{secrets.token_hex(3)}"
+    big = f"{name}-big"
+    builder = SnapshotBuilder(calling(tmp_path, name, big), no_tls)
+    instance(consul, big, 0)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+
+            def instances() -> int:
+                return len(builder.holder.current.endpoints.get(big, ()))
+
+            await async_wait_until(lambda: instances() == 1 and discovery.healthy, SEEN_TIMEOUT, "synced")
+            monkeypatch.setattr(registry_http, "MAX_BODY_BYTES", 64 * 1024)
+            for n in range(1, 100):
+                instance(consul, big, n, pad="p" * 500)
+            await async_wait_until(lambda: not discovery.healthy, SEEN_TIMEOUT, "the read shown failing")
+            view = discovery.consul_view()
+            assert not view["following"] and view["failing_since"] is not None, view
+            assert view["error"].startswith(f"instances of {big} not read: "), view
+            assert instances() == 1  # what was read before stays
+            for n in range(10, 100):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{big}-n{n}"})
+            await async_wait_until(lambda: instances() == 10, SEEN_TIMEOUT, "read once it fits")
+            assert discovery.healthy and discovery.consul_view()["following"]
+        finally:
+            await discovery.stop()
+            for n in range(100):
+                consul.put_json("/v1/catalog/deregister", {"Node": f"{big}-n{n}"})
+
+
 async def test_an_upstream_with_no_instance_costs_no_read_of_the_checks_per_catalog_change(
     consul: ConsulDev, tmp_path: Path
 ) -> None:
