@@ -219,7 +219,8 @@ ROUTE = Kind(
             "Retry policy. A retry goes to an instance the request has not tried while there is one "
             "(a consistent hash: the ring's next owner). Unset: 2 retries on `connect-failure` only "
             "(a request that reached no instance is safe to send again), with the default backoff "
-            "and budget; `attempts: 0` retries nothing.",
+            "and budget; `attempts: 0` retries nothing. A request body is kept for a retry up to "
+            "64 KiB; a longer one is retried only while none of it was sent (a connect failure).",
             default="2 retries on connect-failure",
         ),
         Field(

@@ -34,6 +34,7 @@ from hostmesh.agent import audit
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
 from hostmesh.agent.l7.match import CompiledRoutes
+from hostmesh.agent.l7.retry import MAX_REPLAY_BODY_BYTES
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
 from hostmesh.agent.proxy.http_inbound import HttpInbound
@@ -1274,6 +1275,27 @@ async def test_a_retried_answer_is_counted_under_its_own_status_class(mesh: Mesh
     assert mesh.apps[0].hits + mesh.apps[1].hits == 4
     assert sample(mesh.tel_a, "hostmesh_retries_total", source_service="web", reason="4xx") == 1
     assert sample(mesh.tel_a, "hostmesh_retries_total", source_service="web", reason="5xx") == 1
+
+
+async def test_a_body_past_the_replay_bound_that_no_instance_took_is_retried_after_a_connect_failure(
+    mesh: Mesh,
+) -> None:
+    """retry.py: a body longer than MAX_REPLAY_BODY_BYTES is not retried once its first byte was sent.
+    One whose try failed to connect was sent nowhere (held whole, the client paused), yet it was
+    answered 503 UF: an upload to a service with one instance down failed every other time, under the
+    default policy (connect failures retried) too."""
+    live = snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {})]).endpoints["api"][0]
+    dead = dataclasses.replace(live, instance_id="api-dead", address="127.64.0.1")  # nothing listens
+    s = snap({"web": 1}, mesh.tls_a)
+    mesh.holder_a.swap(dataclasses.replace(s, endpoints=MappingProxyType({"api": (dead, live)})))
+    body = b"x" * (4 * MAX_REPLAY_BODY_BYTES)
+    c = mesh.client()
+    rs = await asyncio.to_thread(lambda: [c.get("/echo", method="POST", body=body) for _ in range(4)])
+    c.close()
+    assert [(r.status, r.flags, r.body == body) for r in rs] == [(200, "", True)] * 4
+    assert mesh.apps[0].hits == 4
+    # round robin over two: half of the first tries went to the dead one
+    assert sample(mesh.tel_a, "hostmesh_retries_total", source_service="web", reason="connect-failure") == 2
 
 
 async def test_consistent_hash_on_source_keys_on_the_calling_identity_and_host(mesh: Mesh) -> None:

@@ -19,8 +19,9 @@ Decisions:
 - Bodies stream: request body pieces go to the upstream transport as they arrive (re-chunked when
   the client sent chunked); response pieces go to the client the same way. The only buffer is the
   request replay buffer for retries, bounded by ``retry.MAX_REPLAY_BODY_BYTES``; a longer body is
-  forwarded but not replayed (the exchange becomes non-replayable). Backpressure: a transport past
-  its high-water mark pauses reading on the other side.
+  forwarded but not replayed once its first byte was sent (the exchange becomes non-replayable): held
+  whole while no upstream took it (the client paused), it may still go to another instance.
+  Backpressure: a transport past its high-water mark pauses reading on the other side.
 - A request's head must arrive within ``HEADER_READ_TIMEOUT`` of its first byte (slow clients get
   408 and are closed), and a new connection's first request must begin within it (a client that
   connects and sends nothing is closed: it would otherwise hold a connection slot for the idle
@@ -1069,11 +1070,11 @@ class Exchange:
             self.chunks.append(enc)
             self.nbytes += len(enc)
             if self.nbytes > MAX_REPLAY_BODY_BYTES:
-                self.replayable = False
                 if up is not None:
+                    self.replayable = False
                     self.chunks = []
-                else:
-                    self.conn.pause_reading()  # hold the rest until an upstream takes it
+                else:  # hold the rest until an upstream takes it: none of it sent, all of it may still go
+                    self.conn.pause_reading()  # to another instance (a connect failure is retried)
         elif up is None:
             self.chunks.append(enc)
             self.conn.pause_reading()
@@ -1113,7 +1114,8 @@ class Exchange:
         assert t is not None
         if self.chunks:
             data += b"".join(self.chunks)
-            if not self.replayable:
+            if self.nbytes > MAX_REPLAY_BODY_BYTES:  # more than a retry keeps: once sent, never again
+                self.replayable = False
                 self.chunks = []
         if self.request_done:  # the whole request
             _write_request_end(up, data)
