@@ -1355,6 +1355,22 @@ async def test_a_request_body_is_mirrored_as_it_streams(mesh: Mesh) -> None:
     assert mesh.http_out.mirror_dropped == 0
 
 
+async def test_a_mirrored_copy_says_it_is_one_in_its_host_as_envoy_and_istio_copies_do(mesh: Mesh) -> None:
+    """documents.md, `routes[].mirror`: the copy's Host has `-shadow` after its host name, before a
+    port, as Envoy and Istio mark theirs. It went with the real request's Host: the mirror subset is
+    one of the same service's, so an app could not tell a copy from a call and acted on both."""
+    mesh.set_a(routes={"api": mirror_routes()})
+    c = mesh.client()
+    for host, copy in (("api", b"api-shadow"), ("api.example:8080", b"api.example-shadow:8080")):
+        before = mesh.apps[1].hits
+        r = await asyncio.to_thread(c.get, "/order", {"host": host}, "POST", b"one order")
+        assert (r.status, r.instance) == (200, "api-0")
+        assert mesh.apps[0].last_headers[b"host"] == host.encode()  # the real request's is as it came
+        await async_wait_until(lambda: mesh.apps[1].hits > before)  # noqa: B023 (awaited here)
+        assert mesh.apps[1].last_headers[b"host"] == copy and mesh.apps[1].last_body == b"one order"
+    c.close()
+
+
 async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) -> None:
     """The copy never holds the real request back: once more than MIRROR_MAX_BUFFER waits for a
     mirror that does not read, the copy is dropped and counted, and the request is served."""

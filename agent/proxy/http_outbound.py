@@ -35,7 +35,9 @@ not take fast enough (more than MIRROR_MAX_BUFFER held), one past MIRROR_MAX_IN_
 flight, and one not answered within the route's timeout (MIRROR_TIMEOUT without one) are dropped and
 counted (`mirror_dropped` in the listener's stats). A copy rides a stream of its own, outside the
 connection limits (it never takes or holds a slot a real request could wait for), closed after it,
-never pooled, so no real request escapes the limits on it either.
+never pooled, so no real request escapes the limits on it either. Its Host says it is a copy, as
+Envoy's and Istio's do: `-shadow` appended to the host name (`api:8080` -> `api-shadow:8080`), so an
+app serving both can keep a copy from acting twice (the mirror subset is one of the same service's).
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
@@ -125,6 +127,18 @@ RETRY_REASONS: Final[dict[Outcome, str]] = {
     RESET: "reset",
     TIMEOUT: "per-try timeout",
 }
+
+
+SHADOW_SUFFIX: Final = b"-shadow"  # Envoy's mark of a mirrored copy's Host (Istio's too)
+
+
+def shadow_host(value: bytes) -> bytes:
+    """A mirrored copy's Host: `-shadow` after the host name, before a port (`[::1]:80` ->
+    `[::1]-shadow:80`), as Envoy writes it."""
+    end = value.find(b"]") + 1 if value.startswith(b"[") else value.rfind(b":")
+    if end > 0 and value[end : end + 1] == b":" and not value[end + 1 :].strip(b"0123456789"):
+        return value[:end] + SHADOW_SUFFIX + value[end:]
+    return value + SHADOW_SUFFIX
 
 
 def retry_reason(status: int) -> str:
@@ -1157,7 +1171,7 @@ class HttpOutbound:
         if self.mirrors_in_flight >= MIRROR_MAX_IN_FLIGHT:
             self.mirror_dropped += 1
             return
-        headers = list(st.headers)
+        headers = [(n, shadow_host(v)) if n == b"host" else (n, v) for n, v in st.headers]
         if ex.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         ctx, ident = st.ctx, st.ident
