@@ -240,7 +240,10 @@ ROUTE = Kind(
         Field(
             "routes[].retries.on",
             "list",
-            "Conditions that cause a retry.",
+            "Conditions that cause a retry, whatever the method, as in Envoy: a POST whose try was reset, "
+            "timed out or answered a status these name is sent again, though the instance may have acted "
+            "on it; only a `connect-failure` never reached one. List only `connect-failure` for a route "
+            "whose calls must not run twice.",
             default=", ".join(sorted(DEFAULT_RETRY_ON)),
             item="enum",
             choices=RETRY_CONDITIONS,
