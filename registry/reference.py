@@ -208,7 +208,8 @@ ROUTE = Kind(
             "duration",
             "Time for the whole exchange, from the request's head (the client's upload counts), retries "
             "included, to the response's last byte; then 504 `UT`, or once the response began, a reset "
-            "(flag `UT`). An injected `fault.delay` is not counted: the clock starts after it, as "
+            "(flag `UT`). Run out while the client still sends, it is not held against the instance "
+            "(outlier detection). An injected `fault.delay` is not counted: the clock starts after it, as "
             "Envoy's fault filter delays a request before its router starts the route's timeout. "
             "Unset: none, but an exchange in which nothing moves ends after the agent's "
             "`stream_idle_timeout`.",
@@ -234,8 +235,9 @@ ROUTE = Kind(
         Field(
             "routes[].retries.per_try_timeout",
             "duration",
-            "Time for each try to get the response's head; at most `timeout`. Once the head is there "
-            "the body is bounded by `timeout` (else `stream_idle_timeout`), as in Envoy.",
+            "Time for each try to get the response's head; at most `timeout`. It starts once the client "
+            "sent its whole request (its upload is not the try's time), and once the head is there the "
+            "body is bounded by `timeout` (else `stream_idle_timeout`), as in Envoy.",
         ),
         Field(
             "routes[].retries.on",

@@ -1256,6 +1256,54 @@ async def test_the_route_timeout_bounds_the_retry_back_off_and_its_expiry_is_no_
     assert retried in (None, 0)
 
 
+async def test_a_per_try_timeout_starts_when_the_clients_upload_ends(mesh: Mesh) -> None:
+    """documents.md, `retries.per_try_timeout`: a try's own time starts once the client sent its whole
+    request, as Envoy's per-try timeout does. It ran from the try's start, so a client pausing in its
+    upload longer than it timed out every try (each retried, each counted) and had outlier detection
+    eject every healthy instance it tried. The route's deadline still counts the upload, but a try
+    cut by it while the client was still sending is not held against the instance either."""
+    per_try = 0.3
+    rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}], "timeout": "5s",
+        "retries": {"attempts": 2, "per_try_timeout": f"{per_try}s", "on": ["5xx"]}}]})  # fmt: skip
+    policy = parse_policy(
+        {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 100}}
+    )
+    mesh.set_a(routes={"api": rc}, policies={"api": policy})
+
+    def pausing_upload() -> tuple[bool, Any]:
+        c = mesh.client()
+        sock = c.connect()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 10\r\n\r\nhello")
+        answered_early, _w, _x = select.select([sock], [], [], 3 * per_try)  # the client's pause
+        sock.sendall(b"world")
+        r = c.read()
+        c.close()
+        return bool(answered_early), r
+
+    answered_early, r = await asyncio.to_thread(pausing_upload)
+    assert not answered_early
+    assert (r.status, r.flags, r.body) == (200, "", b"helloworld")
+    assert sum(app.hits for app in mesh.apps) == 1
+    assert sample(mesh.tel_a, "hostmesh_retries_total", reason="per-try timeout") in (None, 0)
+    assert mesh.http_out.stats()["ejected"] == []
+
+    # the route's deadline counts the upload (504 UT), but the instance is not held to it
+    rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}], "timeout": f"{per_try}s"}]})
+    mesh.set_a(routes={"api": rc}, policies={"api": policy})
+    answered_early, r = await asyncio.to_thread(pausing_upload)
+    assert answered_early and (r.status, r.flags) == (504, "UT")
+    assert mesh.http_out.stats()["ejected"] == []
+    rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}], "timeout": "5s",
+        "retries": {"attempts": 2, "per_try_timeout": f"{per_try}s", "on": ["5xx"]}}]})  # fmt: skip
+    mesh.set_a(routes={"api": rc}, policies={"api": policy})
+
+    # a request complete at once still has its per-try timeout, retried and held against the instance
+    r = await asyncio.to_thread(mesh.client().get, "/delay/2000")
+    assert (r.status, r.flags) == (504, "URX,UT")
+    assert sample(mesh.tel_a, "hostmesh_retries_total", reason="per-try timeout") == 2
+    assert mesh.http_out.stats()["ejected"] == ["api-0@n", "api-1@n"]
+
+
 async def test_a_retried_answer_is_counted_under_its_own_status_class(mesh: Mesh) -> None:
     """`hostmesh_retries_total{reason}`: a retry of a 4xx listed in `retriable_status_codes` was
     counted `5xx`, as every retry of an answer was."""

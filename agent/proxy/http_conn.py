@@ -1020,6 +1020,8 @@ class Exchange:
         "tee",
         "trace",
         "trailers",
+        "try_clock",
+        "try_timer",
         "upstream",
         "waiter",
     )
@@ -1038,6 +1040,8 @@ class Exchange:
         self.trailers: http1.Headers = http1.NO_FIELDS  # the request's, once it ended
         self.upstream: UpstreamConn | None = None
         self.waiter: asyncio.Future[ResponseHead | Outcome] | None = None
+        self.try_clock = 0.0  # a try's timeout to start at the request's end (wait_response); 0: none
+        self.try_timer: asyncio.TimerHandle | None = None  # that timeout, started
         self.progress = AWAITING
         self.held = NOTHING_HELD  # HELD: the response events that came after the head
         self.status = 0
@@ -1082,6 +1086,10 @@ class Exchange:
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.request_done = True
         self.trailers = trailers  # read and checked, not forwarded (l7/http1.py says why)
+        clock, waiter = self.try_clock, self.waiter
+        if clock and waiter is not None and not waiter.done():  # the try's own time starts now
+            self.try_clock = 0.0
+            self.try_timer = asyncio.get_running_loop().call_later(clock, _expire, waiter)
         if self.tee is not None:
             self.tee.end(http1.LAST_CHUNK if self.chunked else b"")
         if self.chunked:
@@ -1131,16 +1139,30 @@ class Exchange:
     def done(self) -> bool:
         return self.progress is DONE
 
-    async def wait_response(self, timeout: float | None) -> ResponseHead | Outcome:
-        """The response head, or RESET / TIMEOUT / CLIENT_GONE."""
+    async def wait_response(
+        self, timeout: float | None, after_request: float = 0.0
+    ) -> ResponseHead | Outcome:
+        """The response head, or RESET / TIMEOUT / CLIENT_GONE: TIMEOUT after `timeout`, and, with
+        `after_request`, that long after the request's end (at once if it ended), as Envoy starts a
+        per-try timeout when the downstream request is complete: a client's upload is not the
+        upstream's time (a slow one timed out every try, and outlier detection ejected the instances)."""
         loop = asyncio.get_running_loop()
         fut = self.waiter = loop.create_future()
         timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+        if after_request:
+            if self.request_done:
+                self.try_timer = loop.call_later(after_request, _expire, fut)
+            else:
+                self.try_clock = after_request  # request_end starts it
         try:
             return await fut
         finally:
             if timer is not None:
                 timer.cancel()
+            if self.try_timer is not None:
+                self.try_timer.cancel()
+                self.try_timer = None
+            self.try_clock = 0.0
             self.waiter = None
 
     def abandon_upstream(self) -> None:

@@ -155,6 +155,8 @@ MIRROR_MAX_IN_FLIGHT: Final = 64
 MIRROR_TIMEOUT: Final = 15.0  # seconds for a copy's answer without a route timeout (Envoy's default)
 # a peer that agreed a version below 3 is asked again after this (it may upgrade)
 PEER_VERSION_TTL: Final = 60.0
+# uvloop's timers are milliseconds: one due at the route's deadline may fire up to this much before it
+DEADLINE_SLACK: Final = 0.002
 
 
 class _Req:
@@ -894,7 +896,10 @@ class HttpOutbound:
                 # the try ends at the route's deadline, not at a per-try timeout of its own
                 per_try = route.retry.per_try_timeout
                 last_chance = st.deadline is not None and (per_try is None or per_try > st.deadline - now)
+                uploading = per_try is not None and not ex.request_done  # its clock starts later (_attempt)
                 outcome = await self._attempt(ex, cl, ep, st.ctx, st.ident, st.target, st.headers, timeout)
+                if uploading and outcome == TIMEOUT:  # which clock ran out is when it did
+                    last_chance = st.deadline is not None and time.monotonic() >= st.deadline - DEADLINE_SLACK
                 if slot:
                     budget.release()
                     slot = False
@@ -907,7 +912,8 @@ class HttpOutbound:
                         ex.respond(503, fl.UO)
                     return
                 if outcome == TIMEOUT and last_chance:  # the route's time is up: nothing left to retry in
-                    cl.report(ep, 0, time.monotonic())
+                    if ex.request_done:  # (a request still coming is its client's time, not the instance's)
+                        cl.report(ep, 0, time.monotonic())
                     ex.respond(504, fl.UT)
                     return
                 if self._settle(ex, st, ep, outcome):
@@ -972,8 +978,17 @@ class HttpOutbound:
                     return dialed
                 up = dialed
             ex.send(up, ex.head.method, target, list(headers) if ex.chunked else headers)
-            left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
-            outcome = await ex.wait_response(left)
+            st: _Req = ex.state
+            per_try = st.route.retry.per_try_timeout
+            if per_try is not None and not ex.request_done:
+                # the try's own timeout starts when the client's request ends, as Envoy's per-try
+                # timeout does: until then only the route's deadline runs
+                deadline = st.deadline
+                wait = None if deadline is None else max(0.001, deadline - time.monotonic())
+                outcome = await ex.wait_response(wait, per_try)
+            else:
+                left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
+                outcome = await ex.wait_response(left)
             if (
                 outcome == RESET
                 and up.redo_safe()
