@@ -619,7 +619,18 @@ class HttpOutbound:
             cl = self._cluster = Cluster(self.service, snap, self.local_meta, self.rng, cl)
             if cl.limits.connections.over():  # max_connections lowered: idle connections past it go
                 self.pool.drop_idle()
+            elif self._conn_waiters:  # raised: requests waiting as pending take the room now
+                self._wake_for_room(cl.limits)
         return cl
+
+    def _wake_for_room(self, limits: UpstreamLimits) -> None:
+        """Wake as many pending requests, first in line first, as max_connections has room for (none
+        while it is unchanged: a request waits only when it is full). Without it a raised limit
+        reached them only when a connection was released or lost, or their wait ran out."""
+        held = limits.connections
+        room = len(self._conn_waiters) if held.max is None else held.max - held.active
+        for _ in range(min(room, len(self._conn_waiters))):
+            self._wake_one()
 
     def start(self, ex: Exchange) -> None:
         snap = self.holder.current
