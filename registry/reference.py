@@ -269,8 +269,10 @@ ROUTE = Kind(
         Field(
             "routes[].retries.budget",
             "object",
-            "Caps retries so they cannot amplify an outage; counted by each calling listener (each "
-            "local service that calls this one, in each agent process; each ingress gateway).",
+            "Caps retries so they cannot amplify an outage; counted for this route alone (its retries "
+            "against its active requests; another route has a budget of its own), by each calling "
+            "listener (each local service that calls this one, in each agent process; each ingress "
+            "gateway).",
         ),
         Field(
             "routes[].retries.budget.percent",
