@@ -1085,3 +1085,30 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     assert [c for c in told if c[0] != "show" and c[1:2] == ["dnsmasq.service"]] == [
         ["try-restart", "dnsmasq.service"]
     ]
+
+
+@pytest.mark.parametrize("dns", ["127.0.0.1:15053", "[::1]:15053"])
+def test_the_split_dns_drop_ins_are_ones_their_resolver_starts_with(tmp_path: Path, dns: str) -> None:
+    """Each drop-in the role writes, checked by its own resolver (dnsmasq --test, unbound-checkconf),
+    names the agent's address in that resolver's syntax. An IPv6 `dns` was written in brackets,
+    `[::1]#15053` and `[::1]@15053`, which dnsmasq and unbound refuse: the restart the role notified
+    left the host's resolver down, every name with it."""
+    subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "dnsmasq", "unbound-checkconf"], check=True,
+                   timeout=600)  # fmt: skip
+    host, port = dns.rsplit(":", 1)
+    host = host.strip("[]")
+    roles = agent_role_without_install(tmp_path)
+    for resolver, check, forward in (
+        ("dnsmasq", ["dnsmasq", "--test", "--conf-file={}"], f"server=/mesh/{host}#{port}\n"),
+        ("unbound", ["unbound-checkconf", "{}"], f"forward-addr: {host}@{port}\n"),
+        ("systemd-resolved", None, f"DNS={dns}\n"),  # resolved's own syntax keeps the brackets
+    ):
+        root = tmp_path / resolver
+        root.mkdir()
+        run_dns_tasks(tmp_path, roles, root, resolver, dns)
+        drop_in = root / DROP_INS[resolver]
+        assert forward in drop_in.read_text(), (resolver, drop_in.read_text())
+        if check is not None:
+            checked = subprocess.run([arg.format(drop_in) for arg in check], capture_output=True, text=True,
+                                     timeout=LINT_TIMEOUT)  # fmt: skip
+            assert checked.returncode == 0, (resolver, checked.stderr, drop_in.read_text())
