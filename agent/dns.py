@@ -10,8 +10,9 @@ resolver may offer the agent every name), and dnspython does the wire format of 
 agent/dns_wire.py;
 `DnsServer` carries it over UDP and TCP on `dns` (default 127.0.0.1:15053). Answers:
 
-- `<upstream>.<domain>` A (or AAAA for an IPv6 bind): the upstream's bind address, authoritative;
-  the other family and other types: NOERROR with no records (NODATA), so clients do not fall back.
+- `<upstream>.<domain>` A (or AAAA for an IPv6 bind): the upstream's bind address, authoritative
+  (for a bind on every address: the DNS server's own, else loopback: _connectable); the other family
+  and other types: NOERROR with no records (NODATA), so clients do not fall back.
 - another name inside the domain: NXDOMAIN; outside it, or a class other than IN: REFUSED.
 - AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS.
 - garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. A message that
@@ -155,21 +156,35 @@ def dns_table(cfg: AgentConfig) -> DnsTable:
     """Upstream name -> its listener's address. Two local services may call one upstream on two
     listeners; the first in agent.toml's order is the answer (its identity is the one apps get)."""
     addresses: dict[str, str] = {}
+    dns_host = None if cfg.dns is None else cfg.dns.host
     for svc in cfg.services:
         for up in svc.upstreams:
-            addresses.setdefault(up.service, _connectable(up.bind.host))
+            addresses.setdefault(up.service, _connectable(up.bind.host, dns_host))
     return DnsTable(cfg.dns_domain, addresses)
 
 
-def _connectable(host: str) -> str:
-    """A listener on every address (a shared upstream) is answered by its loopback one: 0.0.0.0 is
-    no address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
-    ip = ipaddress.ip_address(host)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a socket bound to ::ffff:0.0.0.0 takes IPv4 only
+def _connectable(host: str, dns_host: str | None) -> str:
+    """A listener on every address (a shared upstream) is answered by the address mesh DNS listens on
+    (`dns_host`), which whoever asked reached, so reaches the listener at too (with dns_shared: a
+    container, another host; loopback answered them their own); by loopback where that is a wildcard
+    too (which address a query came to is not known) or of the other family. 0.0.0.0 itself is no
+    address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
+    ip = _unmapped(host)
     if not ip.is_unspecified:
         return host
+    own = None if dns_host is None else _unmapped(dns_host)
+    if own is not None and own.version == ip.version and not own.is_unspecified:
+        return str(own)
     return "127.0.0.1" if ip.version == 4 else "::1"
+
+
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`host`'s address; an IPv4-mapped one as the IPv4 address (a socket bound to ::ffff:0.0.0.0
+    takes IPv4 only)."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:

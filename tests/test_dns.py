@@ -153,6 +153,27 @@ def test_a_shared_upstream_on_every_address_is_answered_by_its_loopback_one() ->
     assert ask("logs.mesh", table=table).answer[0][0].to_text() == "127.0.0.1"  # v4-mapped: IPv4 only
 
 
+def test_a_shared_upstream_on_every_address_is_answered_by_the_address_dns_listens_on() -> None:
+    """Whoever reached mesh DNS at its address reaches a listener on every address there too; 127.0.0.1
+    was the answer whatever `dns` was, so with `dns_shared` (containers, other hosts asking) a client
+    beyond the host was sent to its own loopback. A DNS on every address cannot tell which one a
+    query came to: loopback, as before; nor can one of the other family."""
+    upstreams = [{"service": "api", "bind": "0.0.0.0:19091", "shared": True},
+                 {"service": "db", "bind": "[::]:19092", "shared": True},
+                 {"service": "local", "bind": "127.0.0.9:19093"}]  # fmt: skip
+
+    def table(dns: str) -> DnsTable:
+        return dns_table(parse_config({"ca": {"pin": PIN}, "dns": dns, "dns_shared": True, "services": [
+            {"name": "web", "port": 8080, "upstreams": upstreams}]}))  # fmt: skip
+
+    assert table("127.0.0.2:15053").addresses == {"api": "127.0.0.2", "db": "::1", "local": "127.0.0.9"}
+    assert table("198.18.0.1:53").addresses == {"api": "198.18.0.1", "db": "::1", "local": "127.0.0.9"}
+    assert table("[::1]:15053").addresses == {"api": "127.0.0.1", "db": "::1", "local": "127.0.0.9"}
+    assert table("0.0.0.0:15053").addresses["api"] == "127.0.0.1"
+    assert table("[::]:15053").addresses["db"] == "::1"
+    assert ask("api.mesh", table=table("127.0.0.2:15053")).answer[0][0].to_text() == "127.0.0.2"
+
+
 def test_a_mesh_domain_too_long_for_its_names_is_refused_by_the_config() -> None:
     """A domain of ~250 characters passed, then every negative answer failed (SERVFAIL): the SOA's
     hostmaster.<domain> is past DNS's 255 octets."""
