@@ -1008,9 +1008,11 @@ DROP_INS = {
 
 
 def run_dns_tasks(tmp_path: Path, roles: Path, root: Path, resolver: str, dns: str,
-                  systemctl: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """The agent role's DNS tasks alone under `root`, with `resolver` and agent.toml's `dns`; their
-    handlers call the stand-in `systemctl` (a folder holding one) when given, else none runs."""
+                  systemctl: Path | None = None, domain: str = "mesh",
+                  ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The agent role's DNS tasks alone under `root`, with `resolver` and agent.toml's `dns` and
+    `dns_domain`; their handlers call the stand-in `systemctl` (a folder holding one) when given, else
+    none runs."""
     task = {"name": "DNS", "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"}}
     play = [{"name": "Split DNS only", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
     playbook = tmp_path / "dns.yml"
@@ -1021,6 +1023,7 @@ def run_dns_tasks(tmp_path: Path, roles: Path, root: Path, resolver: str, dns: s
         "hostmesh_install_systemd": systemctl is not None,
         "hostmesh_agent_dns_resolver": resolver,
         "hostmesh_agent_dns": dns,
+        "hostmesh_agent_dns_domain": domain,
     }
     env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(roles)}
     if systemctl is not None:
@@ -1087,27 +1090,32 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     ]
 
 
-@pytest.mark.parametrize("dns", ["127.0.0.1:15053", "[::1]:15053"])
-def test_the_split_dns_drop_ins_are_ones_their_resolver_starts_with(tmp_path: Path, dns: str) -> None:
+@pytest.mark.parametrize(("dns", "domain"), [("127.0.0.1:15053", "mesh"), ("[::1]:15053", "mesh"),
+                                             ("127.0.0.1:15053", "Mesh.")])  # fmt: skip
+def test_the_split_dns_drop_ins_are_ones_their_resolver_starts_with(
+    tmp_path: Path, dns: str, domain: str
+) -> None:
     """Each drop-in the role writes, checked by its own resolver (dnsmasq --test, unbound-checkconf),
-    names the agent's address in that resolver's syntax. An IPv6 `dns` was written in brackets,
-    `[::1]#15053` and `[::1]@15053`, which dnsmasq and unbound refuse: the restart the role notified
-    left the host's resolver down, every name with it."""
+    names the agent's address and domain in that resolver's syntax. An IPv6 `dns` was written in
+    brackets, `[::1]#15053` and `[::1]@15053`, and a domain written absolute, as agent.toml's
+    reference shows it (`mesh.`), became unbound's "mesh..": dnsmasq and unbound refuse them, and the
+    restart the role notified left the host's resolver down, every name with it."""
     subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "dnsmasq", "unbound-checkconf"], check=True,
                    timeout=600)  # fmt: skip
     host, port = dns.rsplit(":", 1)
     host = host.strip("[]")
     roles = agent_role_without_install(tmp_path)
     for resolver, check, forward in (
-        ("dnsmasq", ["dnsmasq", "--test", "--conf-file={}"], f"server=/mesh/{host}#{port}\n"),
-        ("unbound", ["unbound-checkconf", "{}"], f"forward-addr: {host}@{port}\n"),
-        ("systemd-resolved", None, f"DNS={dns}\n"),  # resolved's own syntax keeps the brackets
+        ("dnsmasq", ["dnsmasq", "--test", "--conf-file={}"], [f"server=/mesh/{host}#{port}\n"]),
+        ("unbound", ["unbound-checkconf", "{}"], ['name: "mesh."\n', f"forward-addr: {host}@{port}\n"]),
+        ("systemd-resolved", None, [f"DNS={dns}\n", "Domains=~mesh\n"]),  # resolved's syntax: brackets
     ):
         root = tmp_path / resolver
         root.mkdir()
-        run_dns_tasks(tmp_path, roles, root, resolver, dns)
+        run_dns_tasks(tmp_path, roles, root, resolver, dns, domain=domain)
         drop_in = root / DROP_INS[resolver]
-        assert forward in drop_in.read_text(), (resolver, drop_in.read_text())
+        for line in forward:
+            assert line in drop_in.read_text(), (resolver, drop_in.read_text())
         if check is not None:
             checked = subprocess.run([arg.format(drop_in) for arg in check], capture_output=True, text=True,
                                      timeout=LINT_TIMEOUT)  # fmt: skip
