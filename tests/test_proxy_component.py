@@ -1366,6 +1366,41 @@ async def test_the_connection_cap_resets_l4_connections_beyond_it_and_counts_the
     await async_wait_until(lambda: cap.open == 0, what="every slot back")
 
 
+async def test_a_burst_of_refusals_is_summed_up_once_it_ends(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals are logged at most once per LOG_EVERY, and the count of the others follows when that
+    interval ends, with no further refusal: it came only with the next refusal (hours later, as
+    '+N more since', or never once the overload was over), both at the connection cap and for the
+    outbound's own resets (no healthy instance)."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    cap = ConnectionCap(1, mesh.tel_a)
+    ob = OutboundListener(mesh.holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), mesh.tel_a,
+                          cap=cap)  # fmt: skip
+    await ob.start()
+    mesh.extra.append(ob)
+    held_r, held_w = await mesh.connect(ob)
+    await echo_once(held_r, held_w)
+    shed = [await mesh.connect(ob) for _ in range(4)]
+    assert [await closed_by_peer(r) for r, _w in shed] == ["reset"] * 4
+    held_w.close()
+    await async_wait_until(lambda: cap.open == 0, what="the held connection's slot back")
+    mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, endpoints=MappingProxyType({"api": ()})))
+    unrouted = [await mesh.connect(ob) for _ in range(4)]
+    assert [await closed_by_peer(r) for r, _w in unrouted] == ["reset"] * 4
+
+    def summaries() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed")]
+
+    await async_wait_until(lambda: len(summaries()) == 2, what="both intervals' summaries")
+    assert sorted(summaries()) == [
+        "suppressed 3 more connections refused at the connection cap in the last 1s",
+        "suppressed 3 more reset downstream connections in the last 1s",
+    ]
+    assert caplog.text.count("at the connection cap (max_connections = 1)") == 1
+    assert caplog.text.count("no healthy instance of api") == 1
+
+
 async def test_the_connection_cap_resets_inbound_streams_beyond_it(mesh: Mesh) -> None:
     """On the inbound, the mesh connection and each stream's app connection count: with a cap of 2
     the first stream is served and the second is reset (the first goes on)."""

@@ -10,7 +10,8 @@ Decisions:
   https listener still gets its handshake, bounded in time, then its 503). Beyond the cap nothing
   new is served (overload shedding): an HTTP connection (or stream) gets ``503`` with flag ``OM``
   to its request and is closed, an L4 connection, stream or UDP flow is reset. Every refusal counts in
-  ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per :data:`LOG_EVERY`.
+  ``hostmesh_overload_rejected_total{listener}`` and is logged at most once per :data:`LOG_EVERY`,
+  the count of the others in one line when that interval ends (registry/ratelog.py).
   With ``workers = N`` each process holds ``max_connections / N`` (the kernel spreads accepts
   evenly over SO_REUSEPORT listeners).
 - **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
@@ -37,6 +38,7 @@ from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.pump import Pipe, Tracker
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.limits")
 
@@ -45,7 +47,7 @@ STREAM_IDLE_TIMEOUT = DEFAULT_STREAM_IDLE_TIMEOUT  # (config.py says why)
 # or is refused at once; past this the app is not accepting (its backlog full): reset, or 503 UF
 APP_CONNECT_TIMEOUT: Final = 2.0
 MAX_IDLE_CHECK_SECONDS = 60.0  # the idle sweep runs every timeout/4, at most this far apart
-LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (with a count)
+LOG_EVERY = 1.0  # seconds: overload refusals are logged at most once per interval (then a count)
 SIOCOUTQ: Final = 0x5411  # Linux ioctl (= TIOCOUTQ): bytes in a TCP socket's send queue, not yet acked
 WAITS_FOR_PEER: Final = -2  # _queued: the pipe waits for the peer agent's credit
 # A pipe waiting for the peer agent's credit is cut after this many timeouts, not one: the peer sees
@@ -76,8 +78,8 @@ class ConnectionCap:
         self.open = 0
         self.rejected = 0
         self._counter = telemetry.overload_rejected if telemetry is not None else None
-        self._last_log = 0.0
-        self._suppressed = 0
+        self._refusal_log = RateLimitedLog(log, "connections refused at the connection cap", lines=1,
+                                           interval=LOG_EVERY)  # fmt: skip
 
     def admit(self, listener: str) -> Admission | None:
         """A slot for one more connection (an Admission gives it back), or None at the cap."""
@@ -102,14 +104,9 @@ class ConnectionCap:
         self.rejected += 1
         if self._counter is not None:
             self._counter.labels(listener).inc()
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY:
-            more = f" (+{self._suppressed} more since)" if self._suppressed else ""
-            log.warning("%s: at the connection cap (max_connections = %d): shedding load%s", listener,
-                        self.limit, more)  # fmt: skip
-            self._last_log, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
+        self._refusal_log(
+            "%s: at the connection cap (max_connections = %d): shedding load", listener, self.limit
+        )
 
 
 class IdleReaper:

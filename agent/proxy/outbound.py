@@ -51,11 +51,12 @@ from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
+from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.outbound")
 
 BACKLOG = 1024  # accept queue; bursts of new connections wait here rather than being refused
-LOG_EVERY = 1.0  # seconds: refusals are logged at most once per interval (with a count of the rest)
+LOG_EVERY = 1.0  # seconds: refusals are logged at most once per interval (then a count of the rest)
 REPORTER = "source"
 FAILURES_SLACK = 16  # per-instance dial failure counts kept beyond twice the upstream's instances
 
@@ -103,8 +104,7 @@ class OutboundListener(ListenerLifecycle):
         self._closing = False
         self._port = 0
         self._closed: asyncio.Task[None] | None = None
-        self._last_log = 0.0
-        self._suppressed = 0
+        self._refusal_log = RateLimitedLog(log, "reset downstream connections", lines=1, interval=LOG_EVERY)
         self.http: Any = None  # the L7 path (stacks.build_outbound): takes connections of an HTTP upstream
         self.egress: Any = None  # edges.EgressPipes: connections to an external service (made on first use)
         self.name = f"{local_service}->{upstream.service}"
@@ -335,14 +335,8 @@ class OutboundListener(ListenerLifecycle):
         series.closed.inc()
         peer = end.transport.get_extra_info("peername") if end.transport else None
         reset_transport(end.transport)
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY:
-            more = f" (+{self._suppressed} more like it)" if self._suppressed else ""
-            log.warning("outbound %s: reset downstream %s: %s [%s]%s", self.name,
-                        f"{peer[0]}:{peer[1]}" if peer else "?", reason, flag, more)  # fmt: skip
-            self._last_log, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
+        self._refusal_log("outbound %s: reset downstream %s: %s [%s]", self.name,
+                          f"{peer[0]}:{peer[1]}" if peer else "?", reason, flag)  # fmt: skip
 
     # --- views --------------------------------------------------------------------------------
 
