@@ -12,7 +12,11 @@ Decisions:
   default): before, 3,072 denied requests on one connection wrote 3,072 lines in 2.6 s.
 - The access log is *sampled*: agent.toml `access_log = { sample = 0.01 }` (the default) writes the
   line of one allowed connection/request in 100; `sample = 1.0` writes every one, `0` none. Lines
-  for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`).
+  for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`),
+  up to reqstats.FAILURE_LINES_PER_SECOND per process; the count of the others is one
+  `access_suppressed` line when the second ends. Failures come in floods a caller can cause (an
+  overload's 503 OM, an upstream down): shedding 1,500 requests/s wrote 1,500 lines/s, and journald,
+  past 10,000 lines per 30 s of a unit, drops them all, the warnings with them.
   Why a sample by default: formatting and writing one JSON line per connection cost ~40 % of the
   agent's new-connection throughput, and the metrics already count every connection; the sample
   keeps a representative trail for debugging at ~1 % of that cost. The sample is drawn in compiled

@@ -26,6 +26,7 @@ from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Counter, Telemetry
 from hostmesh.agent.proxy.http_conn import IDLE_TIMEOUT as KEEPALIVE_IDLE
+from hostmesh.agent.reqstats import FAILURE_LINES_PER_SECOND
 from hostmesh.agent.run import RESTART_KEYS
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN
 from hostmesh.registry import reference as documents
@@ -329,7 +330,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "access_log.sample",
         "number 0..1",
         _g(DEFAULT_ACCESS_SAMPLE),
-        "Share of successful calls logged; failures always.",
+        "Share of successful calls logged; failures always, up to "
+        f"{FAILURE_LINES_PER_SECOND} a second per agent process (the count of the others in one "
+        "`access_suppressed` line each second).",
     ),
     Key("tracing", "table", "", "OTLP tracing of proxied HTTP requests; off without an endpoint."),
     Key(

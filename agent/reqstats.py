@@ -19,6 +19,8 @@ import math
 import random
 from typing import Final
 
+from hostmesh.registry.ratelog import RateLimitedLog
+
 
 class Count:
     """One series of a counter (promtext `_Value`'s interface: `value`, `inc`)."""
@@ -129,13 +131,32 @@ class Sample:
 # static; audit.configure_access sets it
 ACCESS_SAMPLE: Final = Sample(DEFAULT_ACCESS_SAMPLE)
 ACCESS_LOG: Final = logging.getLogger("hostmesh.access")  # audit.py's access log
+# Failure lines (written whatever the sample) a process writes per second; the rest are counted in one
+# line when the second ends (audit.py's module doc). 100/s is 3,000 per 30 s, well inside journald's
+# default 10,000 lines per 30 s per unit, which past it drops every line of the unit, warnings too.
+FAILURE_LINES_PER_SECOND: Final = 100
+
+
+def _failures_left_out(count: int, seconds: float) -> None:
+    fields = {"event": "access_suppressed", "suppressed": count, "interval_seconds": seconds}
+    ACCESS_LOG.warning(
+        "access_suppressed: %d more failure access lines in the last %gs", count, seconds,
+        extra={"fields": fields},
+    )  # fmt: skip
+
+
+FAILURE_LINES: Final = RateLimitedLog(ACCESS_LOG, "failure access lines", lines=FAILURE_LINES_PER_SECOND,
+                                      interval=1.0, summary=_failures_left_out)  # fmt: skip
 
 
 def access_sampled(always: bool = False) -> bool:
     """Whether a connection or request writes its access line: `always` for failures (a response
-    flag, a 5xx), else per the sample; then only if the access logger is on. Asked before anything
-    is formatted, so the unsampled majority costs a countdown. The one rule of every access line
-    (L4 and L7, audit.py's module doc); here, compiled, because each L7 request asks it."""
-    if not always and not ACCESS_SAMPLE.due():
+    flag, a 5xx), up to FAILURE_LINES_PER_SECOND, else per the sample; then only if the access logger
+    is on. Asked before anything is formatted, so the unsampled majority costs a countdown. The one
+    rule of every access line (L4 and L7, audit.py's module doc); here, compiled, because each L7
+    request asks it."""
+    if always:
+        return ACCESS_LOG.isEnabledFor(logging.INFO) and FAILURE_LINES.admit()
+    if not ACCESS_SAMPLE.due():
         return False
     return ACCESS_LOG.isEnabledFor(logging.INFO)

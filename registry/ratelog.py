@@ -55,6 +55,12 @@ class RateLimitedLog:
         _live.add(self)
 
     def __call__(self, msg: str, *args: object, extra: Mapping[str, object] | None = None) -> None:
+        if self.admit():
+            self._logger.log(self._level, msg, *args, extra=extra)
+
+    def admit(self) -> bool:
+        """Whether one more line fits the current interval; if not, it is counted for the summary.
+        For a caller that writes the line itself (one it would rather not format when left out)."""
         now = self._clock()
         if now >= self._window_end:
             self.flush()
@@ -62,11 +68,11 @@ class RateLimitedLog:
             self._logged = 0
         if self._logged < self._lines:
             self._logged += 1
-            self._logger.log(self._level, msg, *args, extra=extra)
-            return
+            return True
         self._suppressed += 1
         if self._suppressed == 1:
             self._schedule_flush(self._window_end - now)
+        return False
 
     def flush(self) -> None:
         """Log how many lines were left out, if any (the interval's summary)."""

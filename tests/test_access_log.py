@@ -11,7 +11,8 @@ import pytest
 
 from hostmesh.agent import audit
 from hostmesh.agent.config import ConfigError, parse_config
-from hostmesh.agent.reqstats import Sample
+from hostmesh.agent.reqstats import FAILURE_LINES_PER_SECOND, Sample
+from tests.support import async_wait_until
 
 PIN = "sha256:" + "ab" * 32
 DRAWS = 20_000  # bounded loop; enough that 1 % sampling lands well inside the asserted band
@@ -65,6 +66,28 @@ def test_sampling_fractions() -> None:
 def test_failures_are_logged_whatever_the_sample() -> None:
     audit.configure_access(0.0)
     assert audit.access_sampled(always=True)
+
+
+@pytest.mark.usefixtures("access_on")
+async def test_a_flood_of_failure_lines_is_bounded_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """Failures are written whatever the sample, but not without end: a flood of them (an overload's
+    503 OM, an upstream down) wrote a line each, 1,500 a second from one agent shedding load, until
+    journald dropped all of the unit's lines. Now at most FAILURE_LINES_PER_SECOND a second are
+    written, and the others are counted in one access_suppressed line when the second ends."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    audit.configure_access(0.0)
+    flood = 1000  # calls take about a millisecond: one second's window
+    written = sum(audit.access_sampled(always=True) for _ in range(flood))
+    assert 0 < written <= FAILURE_LINES_PER_SECOND
+
+    def summaries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("access_suppressed")]
+
+    await async_wait_until(summaries, what="the second's access_suppressed line")
+    [summary] = summaries()
+    fields = summary.fields  # type: ignore[attr-defined]
+    assert (fields["event"], fields["suppressed"]) == ("access_suppressed", flood - written)
+    assert audit.access_sampled(always=True)  # the next second writes failures again
 
 
 def test_nothing_is_logged_when_the_logger_is_off() -> None:
