@@ -918,22 +918,22 @@ async def test_a_client_reading_slowly_but_steadily_is_never_cut(mesh: Mesh) -> 
 async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: Mesh) -> None:
     """max_connections on the L7 path: beyond the cap the request gets 503 with flag OM and the
     connection is closed (counted in hostmesh_overload_rejected_total); a freed slot serves again."""
-    # the inbound: one slot for the mux connection, one for the HTTP stream on it
+    # the inbound: one slot for the mux connection, one for the request in flight on a stream of it
     cap_a, cap_b = ConnectionCap(1, mesh.tel_a), ConnectionCap(2, mesh.tel_b)
     mesh.outbound.cap = cap_a
     mesh.inbounds[0].cap = cap_b
     mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    slow = asyncio.create_task(asyncio.to_thread(mesh.client().get, "/delay/800"))  # the outbound's slot
+    await async_wait_until(lambda: any(c.ex is not None for c in mesh.http_ins[0].conns),
+                           what="a request in flight at the inbound")  # fmt: skip
 
     def run() -> list[Any]:
-        kept = mesh.client()
-        first = kept.get("/first")  # holds the outbound's only slot (and, pooled, the inbound's)
         shed = mesh.client().get("/over-the-cap")
         direct = mtls_client(mesh).get("/over-the-inbound-cap")  # a second mesh connection to api-0
-        kept.close()
-        return [first, shed, direct]
+        return [shed, direct]
 
-    first, shed, direct = await asyncio.to_thread(run)
-    assert first.status == 200
+    shed, direct = await asyncio.to_thread(run)
+    assert (await slow).status == 200
     assert (shed.status, shed.flags, shed.headers.get("connection")) == (503, "OM", "close")
     assert (direct.status, direct.flags) == (503, "OM")
     assert sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 1
@@ -944,6 +944,28 @@ async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: M
         await asyncio.sleep(0.05)
     again = await asyncio.to_thread(mesh.client().get, "/slot-freed")
     assert again.status == 200
+
+
+async def test_idle_pooled_http_streams_hold_no_slot_of_the_inbound_cap(mesh: Mesh) -> None:
+    """The calling agent keeps the streams of a burst pooled, idle, for 30 s (up to 128 per instance);
+    each held a slot of the destination's max_connections: after 45 concurrent requests from one
+    caller, a destination with max_connections = 50 reset or 503'd every other caller for 30-35 s
+    while it served nothing. A stream holds a slot while a request is in flight on it."""
+    cap_b = ConnectionCap(3, mesh.tel_b)  # the mux connection, and two requests in flight
+    mesh.inbounds[0].cap = cap_b
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+
+    burst_answers = await asyncio.gather(
+        *(asyncio.to_thread(mesh.client().get, "/delay/300") for _ in range(2))
+    )
+    assert [r.status for r in burst_answers] == [200, 200]
+    assert mesh.http_out.pool.idle_count() == 2  # both streams pooled, idle, open at the inbound
+    # another caller: a connection of its own (handshake in the thread: this loop serves it)
+    other = await asyncio.to_thread(lambda: mtls_client(mesh).get("/another-caller"))
+    assert other.status == 200
+    assert sample(mesh.tel_b, "hostmesh_overload_rejected_total", listener="inbound") == 0
+    again = await asyncio.gather(*(asyncio.to_thread(mesh.client().get, "/delay/100") for _ in range(2)))
+    assert [r.status for r in again] == [200, 200]  # the pooled streams serve again, a slot each
 
 
 UPGRADE = (

@@ -13,9 +13,14 @@ Pipeline per request (visible in `HttpInbound.start`):
 Decisions:
 - Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
   connection (or stream) is closed (http_conn.ServerConn.shed). An HTTP stream takes a slot of its
-  own, besides its mux connection's, as an L4 stream's app connection does: it stands for what a TLS
-  connection of its own did before protocol v3 (one request in flight, an app connection), so the cap
-  still bounds the requests callers have in flight; app connections are pooled and not counted.
+  own, besides its mux connection's, while a request is in flight on it (from `start` to `finished`;
+  a tunnel after a 101 keeps it until it closes), as an L4 stream's app connection does: it stands
+  for what a TLS connection of its own did before protocol v3 (one request in flight, an app
+  connection), so the cap still bounds the requests callers have in flight; app connections are
+  pooled and not counted. Not while the stream waits, idle, in the caller's pool (up to 128 per
+  instance for 30 s, http_upstream.py): a burst's pooled streams held the slots, and after 45
+  concurrent requests of one caller a destination with max_connections = 50 shed every other caller
+  for 30 s while it served nothing.
 - The connection (a TLS connection, or one stream of a mux connection: the same `handler`) is handed
   over by the L4 inbound (`InboundListener.alpn_handlers`, `InboundConnection.http_open_received`)
   after the TLS handshake identified the caller (SPIFFE ID) and SNI chose the service; at connection
@@ -64,7 +69,7 @@ from hostmesh.agent.proxy.http_conn import (
     without_app_flags,
 )
 from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
-from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT
+from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnectionCap
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.trust import TrustCheck
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
@@ -180,6 +185,9 @@ class HttpInbound:
         self.metrics = request_metrics(telemetry, REPORTER)
         self.pool = UpstreamPool()
         self.conns: set[ServerConn] = set()
+        # the agent's connection cap, as the first stream brought it (InboundListener.cap): taken per
+        # request on a stream (module doc); a TLS connection of its own takes it per connection
+        self.stream_cap: ConnectionCap | None = None
         self.closing = False
         self.rejected_total = 0
         # one line per request at most, and callers can send many: at a bounded rate
@@ -214,9 +222,12 @@ class HttpInbound:
             transport.close()
             return
         cap = listener.cap  # the agent's connection cap (InboundListener.cap; None: unlimited)
-        if cap is not None:  # a stream too: its requests hold app connections, as an L4 stream's does
-            conn.admission = cap.admit("inbound")
-            conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
+        if cap is not None:
+            if on_stream:  # a slot per request in flight (start, finished), not per pooled stream
+                self.stream_cap = cap
+            else:
+                conn.admission = cap.admit("inbound")
+                conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
         conn.stream = transport if isinstance(transport, StreamTransport) else None  # see on_stream
         self.conns.add(conn)
         transport.set_protocol(conn)
@@ -225,7 +236,15 @@ class HttpInbound:
     # --- per request ---------------------------------------------------------------------------
 
     def start(self, ex: Exchange) -> None:
-        caller: Caller = ex.conn.info
+        conn = ex.conn
+        cap = self.stream_cap
+        if cap is not None and conn.stream is not None:  # a request on a stream: its slot (module doc)
+            conn.admission = cap.admit("inbound")
+            if conn.admission is None:
+                ex.keep_alive = False
+                ex.respond(503, fl.OM, "agent overloaded")
+                return
+        caller: Caller = conn.info
         snap = self.holder.current
         r = caller.resolved
         if r is None or r.snap is not snap:
@@ -352,7 +371,13 @@ class HttpInbound:
     # --- outcomes ------------------------------------------------------------------------------
 
     def finished(self, ex: Exchange) -> None:
-        caller: Caller = ex.conn.info
+        conn = ex.conn
+        if conn.stream is not None and ex.status != 101:  # a tunnel keeps its slot until it closes
+            slot = conn.admission
+            if slot is not None:
+                conn.admission = None
+                slot.release()
+        caller: Caller = conn.info
         subset = caller.subset
         self.metrics.observe(caller.source_service, caller.service, subset, ex.status, fl.render(ex.flags),
                              ex.ended - ex.started, ex.received, ex.sent)  # fmt: skip

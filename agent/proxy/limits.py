@@ -4,8 +4,9 @@ Decisions:
 - **Connection cap** (agent.toml ``max_connections``): one `ConnectionCap` per agent process counts
   the connections held on behalf of callers: app connections accepted by the outbound listeners,
   mesh connections accepted by the inbound listener, the app connection the inbound opens for
-  each L4 stream, the app socket it opens for each UDP flow (udp.py), each HTTP stream (or
-  HTTP connection of an older caller) the inbound serves, and each connection an ingress gateway
+  each L4 stream, the app socket it opens for each UDP flow (udp.py), each HTTP stream while a
+  request is in flight on it (not while it waits pooled in the caller's agent: http_inbound.py) and
+  each HTTP connection of an older caller the inbound serves, and each connection an ingress gateway
   accepts, from accept (before its TLS handshake or ClientHello: edges.py; one over the cap on an
   https listener still gets its handshake, bounded in time, then its 503). Beyond the cap nothing
   new is served (overload shedding): an HTTP connection (or stream) gets ``503`` with flag ``OM``
