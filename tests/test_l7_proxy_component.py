@@ -37,6 +37,7 @@ from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.l7.retry import MAX_REPLAY_BODY_BYTES
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import wire
+from hostmesh.agent.proxy.http_conn import LIVE
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import MIRROR_MAX_IN_FLIGHT, PENDING_WAIT, HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
@@ -1963,6 +1964,31 @@ async def test_request_trailers_are_not_forwarded(mesh: Mesh) -> None:
     assert (r.status, r.body) == (200, b"hello")
     app = mesh.apps[0]
     assert b"x-checksum" not in app.last_headers and b"authorization" not in app.last_headers
+
+
+async def test_a_request_whose_body_breaks_http_is_counted_and_logged_once_as_the_400_it_got(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """A protocol error in a body (here a trailer that routes) comes after its exchange began: the
+    client gets 400 DPE, and the request is one in the metrics and one access line, saying 400 DPE.
+    Before, the rejection was counted on its own and the exchange again when the connection closed:
+    two requests, the only access line a 499 DC (a client gone), for a client that had its answer."""
+    one_api(mesh)
+    req = (
+        b"POST /echo HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nhost: evil\r\n\r\n"
+    )
+    r = await asyncio.to_thread(mesh.client().raw, req)
+    assert (r.status, r.flags) == (400, "DPE")
+
+    def source_lines() -> list[tuple[str, int, str]]:
+        mine = [f for f in access_lines if f["reporter"] == "source"]
+        return [(f["path"], f["response_code"], f["response_flags"]) for f in mine]
+
+    await async_wait_until(lambda: LIVE.exchanges == 0, IO_TIMEOUT, "both agents' exchanges to end")
+    assert source_lines() == [("/echo", 400, "DPE")]
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source") == 1
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_code="400") == 1
 
 
 async def test_the_route_timeout_covers_a_response_body_that_stalls(mesh: Mesh) -> None:

@@ -519,9 +519,10 @@ class IngressHttp:
         if access_due(ex):
             access_line(ex, "source", gw.name, "", "-", "")
 
-    def rejected(self, conn: Any, status: int, reason: str, flag: str) -> None:
+    def rejected(self, conn: Any, status: int, reason: str, flag: str, counted: bool) -> None:
         gw = self.gateway
-        gw.metrics.observe(gw.name, "-", "", status, flag, 0.0)
+        if not counted:
+            gw.metrics.observe(gw.name, "-", "", status, flag, 0.0)
         self._broke_log("ingress %s: client %s broke HTTP/1.1 (%s): answered %d", gw.name, conn.peer_ip,
                         reason, status)  # fmt: skip
         self.conns.discard(conn)

@@ -167,7 +167,9 @@ class Handler(Protocol):
 
     def start(self, ex: Exchange) -> None: ...
     def finished(self, ex: Exchange) -> None: ...
-    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None: ...
+    # a client broke HTTP/1.1 (logged, at a bounded rate); `counted`: in a request under way, which its
+    # exchange counts (finished), else the side counts it here
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str, counted: bool) -> None: ...
     def conn_lost(self, conn: ServerConn) -> None: ...
 
 
@@ -562,14 +564,17 @@ class ServerConn(asyncio.BaseProtocol):
                 self.reject(ev.status, ev.reason, ev.flag)
 
     def reject(self, status: int, reason: str, flag: str) -> None:
-        """A protocol error from the client: answer (when no response started yet) and close."""
-        self.handler.rejected(self, status, reason, flag)
+        """A protocol error from the client: answer (when no response started yet) and close. A request
+        whose body broke it ends its exchange that way (a reset once the response began), so the
+        exchange counts it and writes its access line once, as the rejection: counted by both, it
+        showed as a client gone (499 DC) beside the 400 DPE the client got."""
         ex = self.ex
-        if ex is not None and ex.progress is RELAYING:
-            self.abort()
-            return
+        self.handler.rejected(self, status, reason, flag, ex is not None)
         if ex is not None:
-            ex.abandon_upstream()
+            ex.keep_alive = False
+            ex.end_early(status, flag)
+            self.close()  # (exchange_done closed it already: the request was not complete)
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(http1.error_response(status, flag, False))
         self.close()
@@ -1375,14 +1380,18 @@ class Exchange:
         self.client_lost()
 
     def idle_out(self) -> None:
-        """Nothing moved for the stream idle timeout (ServerConn._exchange_idle): 504 SI before the
-        response head, a reset (SI) once it went; the upstream attempt is dropped, and a try waiting
-        for its head ends (as when the client goes: the exchange is over)."""
+        """Nothing moved for the stream idle timeout (ServerConn._exchange_idle): 504 SI."""
+        self.end_early(504, fl.SI, "no byte moved for the stream idle timeout")
+
+    def end_early(self, status: int, flag: str, detail: str = "") -> None:
+        """End the exchange before its response is complete: `status` with `flag` before the response
+        head, a reset (`flag`) once it went; the upstream attempt is dropped, and a try waiting for
+        its head ends (as when the client goes: the exchange is over)."""
         if self.progress is RELAYING:
-            self.cut(fl.SI)
+            self.cut(flag)
             return
         waiter = self.waiter
-        self.respond(504, fl.SI, "no byte moved for the stream idle timeout")
+        self.respond(status, flag, detail)
         if waiter is not None and not waiter.done():
             waiter.set_result(CLIENT_GONE)
 

@@ -400,10 +400,11 @@ class HttpInbound:
             access_line(ex, REPORTER, caller.source_service, caller.source_id, caller.service, subset,
                         upstream_host, caller.peer, req.headers if req is not None else None)  # fmt: skip
 
-    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str, counted: bool) -> None:
         caller: Caller = conn.info
         self.rejected_total += 1
-        self.metrics.observe(caller.source_service, caller.service, caller.subset, status, flag, 0.0)
+        if not counted:
+            self.metrics.observe(caller.source_service, caller.service, caller.subset, status, flag, 0.0)
         self._broke_log("inbound: %s (%s) broke HTTP/1.1 (%s): answered %d", caller.source_id, caller.peer,
                         reason, status)  # fmt: skip
 

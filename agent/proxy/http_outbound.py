@@ -1282,9 +1282,10 @@ class HttpOutbound:
     def conn_lost(self, conn: ServerConn) -> None:
         self.conns.discard(conn)
 
-    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str) -> None:
+    def rejected(self, conn: ServerConn, status: int, reason: str, flag: str, counted: bool) -> None:
         self.rejected_total += 1
-        self.metrics.observe(self.local_service, self.service, "", status, flag, 0.0)
+        if not counted:
+            self.metrics.observe(self.local_service, self.service, "", status, flag, 0.0)
         self._broke_log("outbound %s: client %s broke HTTP/1.1 (%s): answered %d", self.name, conn.peer_ip,
                         reason, status)  # fmt: skip
         self.conns.discard(conn)
