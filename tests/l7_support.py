@@ -14,7 +14,8 @@ connection ends; ``/close-unanswered`` closes its connection without a byte of a
 ``/arm-drop`` is answered, and the next request on that connection is closed unanswered, which is
 what a proxy sees when the app closed a kept-alive connection just as it was reused;
 ``/arm-partial`` the same, the next request getting half of a response head before the close;
-``/status/<code>`` an answer with that status).
+``/status/<code>`` an answer with that status; ``/bad-chunk`` a chunked answer whose first chunk size is
+no number, sent with its head, then a close).
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ class Backend:
             w.write(b"0\r\n\r\n")
             await w.drain()
             return True
+        if path == b"/bad-chunk":  # a head, then a chunk size that is no number, in the head's write
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n")
+            await w.drain()
+            return False
         if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
             w.write(b"\x81\x05hello")

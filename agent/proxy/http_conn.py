@@ -810,6 +810,14 @@ class ServerConn(asyncio.BaseProtocol):
         if self._cork is None:
             self._cork = []
 
+    def discard_corked(self) -> bool:
+        """Drop the writes gathered since `cork` (none of them has left): whether there were any."""
+        cork = self._cork
+        if not cork:
+            return False
+        cork.clear()
+        return True
+
     def uncork(self, end: bool = False) -> None:
         """`end`: a response's end whose exchange is alone (Live): on a mux stream it leaves at once."""
         cork, self._cork = self._cork, None
@@ -1254,10 +1262,17 @@ class Exchange:
         progress = self.progress
         if progress is DONE:
             return
-        if progress is RELAYING:  # the client cannot be told any more: a reset shows the truncation
-            self.flags = fl.add(self.flags, flag)
-            self.conn.abort()
-            self._finish(False)
+        if progress is RELAYING:
+            if self.sent or not self.conn.discard_corked():
+                # the client cannot be told any more: a reset shows the truncation
+                self.flags = fl.add(self.flags, flag)
+                self.conn.abort()
+                self._finish(False)
+                return
+            # The head relayed from this same upstream read has not left, nor any body byte: the
+            # client is still answered. (Reset, a mux stream read to the caller's agent as one never
+            # answered, a keep-alive race: it sent the request to the app again, then said 503 UC.)
+            self.respond(503 if flag == fl.UC else 502, flag)
         elif self.on_fail is not None and self.on_fail(self, flag == fl.UC and up.redo_safe()):
             return
         else:
