@@ -34,6 +34,7 @@ from hostmesh.agent.proxy.stacks import build_gateway
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from tests.support import async_wait_until
 from tests.test_e2e_edges import OutsideCA
+from tests.test_l7_proxy_component import every_access_line
 
 PIN = "sha256:" + "ab" * 32
 HOST = "a.example.test"
@@ -260,3 +261,22 @@ def test_an_https_client_cut_at_a_timeout_that_reads_nothing_frees_its_slot(
                 tls.close()
 
     run(loop, body)
+
+
+def test_the_gateways_own_answers_name_the_client_in_their_access_lines(tmp_path: Path) -> None:
+    """A request the gateway answers itself (here 404 NR: it has no document; 429 RL and a bad Host
+    are answered the same way) has an access line naming the client's address and the gateway's
+    identity, as the lines of requests it passes on do. Before, both fields were empty: the clients
+    a gateway rate-limited or turned away could not be told apart in its log."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, "asyncio") as g:
+            with every_access_line() as lines:
+                assert b" 404 " in (await g.get()).split(b"\r\n", 1)[0]
+                await async_wait_until(lambda: lines, WAIT, "the request's access line")
+            [line] = lines
+            assert (line["response_code"], line["response_flags"]) == (404, "NR")
+            assert line["downstream_remote_address"] == "127.0.0.1"
+            assert line["source_principal"] == "spiffe://hostmesh.local/svc/edge"
+
+    run("asyncio", body)

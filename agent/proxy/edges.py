@@ -516,8 +516,9 @@ class IngressHttp:
         gw.metrics.observe(gw.name, "-", "", ex.status, flags.render(ex.flags), ex.ended - ex.started)
         from hostmesh.agent.proxy.http_conn import access_due, access_line
 
-        if access_due(ex):
-            access_line(ex, "source", gw.name, "", "-", "")
+        if access_due(ex):  # the client's address and the gateway's identity, as its outbound's lines say
+            principal = Identity(gw.holder.current.trust_domain, gw.name).spiffe_id
+            access_line(ex, "source", gw.name, principal, "-", "", peer=ex.conn.peer_ip)
 
     def rejected(self, conn: Any, status: int, reason: str, flag: str, counted: bool) -> None:
         gw = self.gateway
