@@ -488,6 +488,22 @@ async def test_an_injected_204_or_304_has_no_body_and_the_connection_serves_on(m
     assert sum(app.hits for app in mesh.apps) == 2
 
 
+async def test_an_apps_204_reaches_the_caller_without_its_content_length(mesh: Mesh) -> None:
+    """The app answers 204 with a Content-Length (and a body after it, which is no part of a 204): the
+    caller gets the 204 without that field (RFC 9110 §8.6 forbids it in a 204; a client that read it
+    waited for a body that never came, or took the next answer's bytes for it), and its connection
+    serves the next request."""
+    one_api(mesh)
+    two = (
+        b"GET /status/204 HTTP/1.1\r\nhost: api\r\n\r\n"
+        b"GET /ok HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n"
+    )
+    data = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, two)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 204 ") and b"content-length" not in first.lower()
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"GET /ok\n")
+
+
 def _head_then_get(port: int, head_path: str) -> tuple[bytes, bytes]:
     """On one connection: HEAD `head_path`, its answer read to the end of its head, then GET /ok. The
     head, and every byte after it up to the end of the GET's answer (a body the HEAD answer should

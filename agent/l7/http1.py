@@ -49,7 +49,8 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   too, and what follows it is the next response; a 1xx other than 100/102/103 announcing a body
   (Content-Length above 0, Transfer-Encoding: fields a server must not send in it) is refused, as
   llhttp would read that body. Any byte of a response after the one due (we never pipeline) is one
-  too: the framer is ``broken`` from then on, so the connection is never pooled.
+  too: the framer is ``broken`` from then on, so the connection is never pooled. A 204 is relayed
+  without the Content-Length an app may give it (RFC 9110 §8.6: a client could wait for that body).
 - Bodies stream: :class:`RequestFramer` / :class:`ResponseFramer` turn bytes into events as they
   arrive and never hold a whole body. ``feed`` also takes a memoryview of a read buffer that the
   caller reuses after the call: no event keeps a reference to it (the parser copies). Header

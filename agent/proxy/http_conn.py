@@ -1295,6 +1295,10 @@ class Exchange:
         self.keep_alive = keep
         self.plan = framing
         headers = http1.forward_headers(resp.headers)
+        if resp.status == 204:  # relayed without a body, so without the Content-Length RFC 9110 §8.6
+            # forbids in a 204: a client that read it would wait for that body, or take the next
+            # response for it (Envoy answers such a 204 502; apps that send one keep working here)
+            headers = [h for h in headers if h[0] != b"content-length"]
         ops = self.response_ops
         if headers is resp.headers and (extra or ops is not None):
             headers = list(headers)
