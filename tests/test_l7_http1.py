@@ -205,11 +205,26 @@ def test_response_framing_decisions() -> None:
     assert response_framing(b"GET", 200, [(b"content-length", b"10")]) == (LENGTH, 10)
     assert response_framing(b"GET", 200, [(b"content-length", b"0")]) == (NO_BODY, 0)
     assert response_framing(b"GET", 200, [(b"transfer-encoding", b"chunked")]) == (CHUNKED, 0)
-    assert response_framing(b"GET", 200, [(b"transfer-encoding", b"gzip")]) == (UNTIL_CLOSE, 0)
+    assert response_framing(b"GET", 200, [(b"transfer-encoding", b"identity")]) == (UNTIL_CLOSE, 0)
     assert response_framing(b"GET", 200, []) == (UNTIL_CLOSE, 0)
     with pytest.raises(ProtocolError) as exc:
         response_framing(b"GET", 200, [(b"content-length", b"1"), (b"transfer-encoding", b"chunked")])
     assert exc.value.status == 502 and exc.value.flag == flags.UPE
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"deflate", b"identity, chunked"])
+def test_a_response_in_a_transfer_coding_the_proxy_does_not_decode_is_502_upe(coding: bytes) -> None:
+    """An app's answer in a transfer coding other than chunked: relayed, its coded bytes reached the
+    client with no field naming the coding (Transfer-Encoding is dropped hop by hop, and re-chunked),
+    a body the client took as it was; and the request never offered one (TE is dropped too). Refused
+    as Envoy and Go's net/http do; before, it was read until close (or de-chunked) and passed on."""
+    framer = ResponseFramer()
+    framer.expect(b"GET")
+    events = framer.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert [(type(e), getattr(e, "status", None), getattr(e, "flag", None)) for e in events] == [
+        (Reject, 502, flags.UPE)
+    ]
+    assert framer.broken
 
 
 # ------------------------------------------------------------------ head size -> 431

@@ -45,8 +45,10 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 - CONNECT is not a mesh operation: **405**.
 - Responses (:class:`ResponseFramer`): every upstream protocol error is **502** with flag UPE, the
   request side's head limits included. A status code outside 100-599 is one (RFC 9110 §15 defines no
-  other class; llhttp takes any three digits). A 1xx ends at its head (RFC 9112 §6.3), for HEAD
-  too, and what follows it is the next response; a 1xx other than 100/102/103 announcing a body
+  other class; llhttp takes any three digits). So is a transfer coding other than ``chunked``
+  (``gzip``...), which the proxy would relay undecoded under no field naming it. A 1xx ends at its
+  head (RFC 9112 §6.3), for HEAD too, and what follows it is the next response; a 1xx other than
+  100/102/103 announcing a body
   (Content-Length above 0, Transfer-Encoding: fields a server must not send in it) is refused, as
   llhttp would read that body. Any byte of a response after the one due (we never pipeline) is one
   too: the framer is ``broken`` from then on, so the connection is never pooled. A 204 is relayed
@@ -305,6 +307,10 @@ def response_framing(request_method: bytes, status: int, headers: Headers) -> tu
         codings = _tokens(te)
         if codings == [b"chunked"]:
             return CHUNKED, 0
+        if any(c != b"identity" for c in codings):  # (identity: RFC 2616's name for no coding)
+            # a coding the proxy does not decode (gzip...): relayed, its bytes reached the client
+            # with no field naming it, which the request never offered to take (TE is hop-by-hop)
+            raise ProtocolError(502, "upstream-unsupported-transfer-coding", flags.UPE)
         return UNTIL_CLOSE, 0
     if cl is not None:
         return (LENGTH, cl) if cl else (NO_BODY, 0)
