@@ -30,9 +30,10 @@ def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None)
 
 
 def make_dirs(path: Path, mode: int = 0o700) -> None:
-    """`path` with `mode`, and the directories it needs 0755, whatever the umask (under umask 000
-    they were 0777: anyone on the host could have moved a daemon's directory aside and put one of
-    their own in its place). Directories already there are left as they are; OSError as mkdir's."""
+    """`path` with `mode`, and the directories it needs 0755 at most, never writable by others
+    whatever the umask (under umask 000 they were 0777: anyone on the host could have moved a
+    daemon's directory aside and put one of their own in its place; a umask such as 077 still takes
+    bits away). Directories already there are left as they are; OSError as mkdir's."""
     for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
         parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away
     path.mkdir(mode=mode, exist_ok=True)
