@@ -467,7 +467,8 @@ class ConsulClient:
         the token up and refuses everything as "Permission denied" (its down_policy), which would
         send the operator to fix a token that is fine. Asked then: /v1/status/leader (no ACL), which
         answers 500 "No known Consul servers", or "" with no leader; either is raised as the outage
-        it is. A probe that fails otherwise leaves the refusal as it was."""
+        it is (a token still in its cache keeps its rules meanwhile: their refusal is said as the
+        outage too, until Consul is back). A probe that fails otherwise leaves the refusal as it was."""
         try:
             resp = await self._http.request("GET", "/v1/status/leader", b"", {}, DEFAULT_TIMEOUT)
         except Unavailable:
@@ -479,8 +480,8 @@ class ConsulClient:
         else:
             return
         raise Unavailable(
-            f"Consul refused {op.what} (403) while it reaches no Consul server ({why}): it cannot look "
-            "the token up, so the refusal says nothing about the token yet"
+            f"Consul refused {op.what} (403) while it reaches no Consul server ({why}): it refuses then "
+            "by its ACL down_policy, so the refusal may say nothing about the token"
         )
 
     def _unexpected(self, op: Op, problem: str) -> UnexpectedAnswer:

@@ -548,8 +548,8 @@ def test_a_refusal_by_a_consul_that_reaches_no_server_is_an_outage_not_the_token
                     await c.register_service(reg)
                 assert str(err.value) == (
                     "Consul refused registration of web-n1 (403) while it reaches no Consul server (No "
-                    "known Consul servers): it cannot look the token up, so the refusal says nothing about "
-                    "the token yet"
+                    "known Consul servers): it refuses then by its ACL down_policy, so the refusal may say "
+                    "nothing about the token"
                 )
 
         asyncio.run(main())
