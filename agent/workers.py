@@ -381,6 +381,9 @@ class WorkerSet:
                         break
         except (TimeoutError, ConnectionError):
             return None
+        except ValueError:  # a line past MAX_LINE: the reader dropped it, a later question skips its rest
+            log.warning("worker %d: an answer longer than %d bytes was skipped", w.index, MAX_LINE)
+            return None
         finally:
             w.lock.release()
         if w.proc is proc:

@@ -48,3 +48,54 @@ def test_the_code_a_config_line_names_is_the_one_loaded_at_start_not_the_file_on
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"
+
+
+# A stand-in for a worker's end of the pipe (a real process and real pipes; the real worker cannot be
+# made to answer 16 MiB cheaply): its first metrics answer is one line longer than MAX_LINE.
+OVERSIZED_WORKER = """
+import sys
+first = True
+while line := sys.stdin.buffer.readline():
+    cmd, tag = line.split()
+    if cmd == b"metrics" and first:
+        first = False
+        sys.stdout.buffer.write(tag + b" [" + b"0," * (int(sys.argv[1]) // 2) + b"0]\\n")
+    elif cmd == b"metrics":
+        sys.stdout.buffer.write(tag + b" []\\n")
+    else:
+        sys.stdout.buffer.write(tag + b" pong\\n")
+    sys.stdout.buffer.flush()
+"""
+
+
+def test_an_answer_past_the_line_limit_is_skipped_and_the_pipe_serves_on() -> None:
+    """The question-and-answer on a worker's pipe (WorkerSet._ask, scrapes and pings alike) let the
+    reader's ValueError for a line past MAX_LINE escape: /metrics failed, and a ping that read such a
+    late answer ended the primary's pings for good (a stuck worker was then never replaced)."""
+    import asyncio
+    from pathlib import Path
+
+    from hostmesh.agent.workers import MAX_LINE, WorkerSet, WorkerState
+
+    async def run() -> tuple[list[list[object]], list[list[object]], bytes | None]:
+        workers = WorkerSet(Path("agent.toml"), None, 2, 0)
+        w = workers.workers[0]
+        w.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", OVERSIZED_WORKER, str(MAX_LINE),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_LINE,
+        )  # fmt: skip
+        w.state = WorkerState.SERVING
+        w.last = [("hostmesh_x", "counter", "", "hostmesh_x_total", {}, 7.0)]
+        try:
+            oversized = await workers.samples()  # its last samples stand in
+            after = await workers.samples()  # the rest of the long line skipped, this one answered
+            pong = await workers._ask(w, "ping", 5)
+        finally:
+            w.proc.kill()
+            await w.proc.wait()
+        return oversized, after, pong
+
+    oversized, after, pong = asyncio.run(run())
+    assert oversized[0] == [("hostmesh_x", "counter", "", "hostmesh_x_total", {}, 7.0)]
+    assert after[0] == []
+    assert pong == b"pong\n"
