@@ -261,7 +261,7 @@ class WorkerSet:
         self.inbound_port = inbound_port
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
-        self._scrapes = 0  # numbers each metrics request, so a late answer is told from the awaited one
+        self._scrapes = 0  # numbers each question (scrape, ping): a late answer is told from the awaited one
         # exited workers' counters (last scraped values), summed per series: kept in /metrics' sums
         self.retired: dict[SeriesKey, Sample] = {}
 
