@@ -236,8 +236,9 @@ ROUTE = Kind(
             "routes[].retries.per_try_timeout",
             "duration",
             "Time for each try to get the response's head; at most `timeout`. It starts once the client "
-            "sent its whole request (its upload is not the try's time), and once the head is there the "
-            "body is bounded by `timeout` (else `stream_idle_timeout`), as in Envoy.",
+            "sent its whole request (its upload is not the try's time); before that it runs only while the "
+            "instance takes none of the upload (a hung one). Once the head is there the body is bounded "
+            "by `timeout` (else `stream_idle_timeout`), as in Envoy.",
         ),
         Field(
             "routes[].retries.on",

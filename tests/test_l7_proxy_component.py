@@ -1370,6 +1370,54 @@ async def test_a_per_try_timeout_starts_when_the_clients_upload_ends(mesh: Mesh)
     assert mesh.http_out.stats()["ejected"] == ["api-0@n", "api-1@n"]
 
 
+def upload_until_answered(port: int, size: int) -> bytes:
+    """POST a `size`-byte body through `port` as fast as the proxy takes it, and return the first
+    bytes of the answer: an answer may come before the body is all sent. b"" when none came within
+    IO_TIMEOUT of the last byte the proxy took."""
+    sock = socket.create_connection(("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % size)
+        sock.setblocking(False)
+        piece, sent, moved = b"u" * 65536, 0, time.monotonic()
+        while time.monotonic() - moved < IO_TIMEOUT:
+            readable, writable, _x = select.select([sock], [sock] if sent < size else [], [], IO_TIMEOUT)
+            if readable:
+                return sock.recv(4096)
+            if writable:
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(piece[: size - sent])
+                    moved = time.monotonic()
+        return b""
+    finally:
+        reset_client(sock)
+
+
+async def test_a_per_try_timeout_runs_while_the_instance_takes_none_of_the_upload(mesh: Mesh) -> None:
+    """documents.md, `retries.per_try_timeout`: the try's clock waits for the request's end, but not
+    for an instance that takes none of the upload: a hung one that reads nothing held a large upload
+    (and its client) with no timeout at all, under a route without `timeout` until the agent's
+    stream_idle_timeout (an hour), and was never held to it; its per-try timeout ended it before the
+    clock waited for the request's end. An instance that takes the upload at its pace is not cut."""
+    policy = parse_policy(
+        {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 100}}
+    )
+    # longer than the buffers' drain after the request's end (~12 MiB, the per-try clock's alone)
+    rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}],
+        "retries": {"attempts": 0, "per_try_timeout": "2s"}}]})  # fmt: skip
+    mesh.set_a(routes={"api": rc}, policies={"api": policy})
+    # taken at the app's pace, paused often (the proxy's buffers full), longer than the per-try timeout
+    answer = await asyncio.to_thread(upload_until_answered, mesh.outbound.port, 128 << 20)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert mesh.http_out.stats()["ejected"] == []
+
+    for app in mesh.apps:
+        app.deaf = True
+    # far beyond what the sockets, the mux window and the peer agent absorb
+    answer = await asyncio.to_thread(upload_until_answered, mesh.outbound.port, 64 << 20)
+    assert answer.startswith(b"HTTP/1.1 504 ") and b"x-hostmesh-response-flags: UT\r\n" in answer, answer
+    assert len(mesh.http_out.stats()["ejected"]) == 1  # the hung instance, held to it
+
+
 async def test_a_retried_answer_is_counted_under_its_own_status_class(mesh: Mesh) -> None:
     """`hostmesh_retries_total{reason}`: a retry of a 4xx listed in `retriable_status_codes` was
     counted `5xx`, as every retry of an answer was."""

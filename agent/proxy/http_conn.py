@@ -1102,7 +1102,8 @@ class Exchange:
         clock, waiter = self.try_clock, self.waiter
         if clock and waiter is not None and not waiter.done():  # the try's own time starts now
             self.try_clock = 0.0
-            self.try_timer = asyncio.get_running_loop().call_later(clock, _expire, waiter)
+            if self.try_timer is None:  # (else it runs already: the upstream holds the upload back)
+                self.try_timer = asyncio.get_running_loop().call_later(clock, _expire, waiter)
         if self.tee is not None:
             self.tee.end(http1.LAST_CHUNK if self.chunked else b"")
         if self.chunked:
@@ -1112,6 +1113,25 @@ class Exchange:
                 _write_request_end(up, enc)
             if self.replayable or up is None:
                 self.chunks.append(enc)
+
+    def upload_held(self, held: bool) -> None:
+        """The upstream's transport is backed up (True) or drained again: the client's reading follows
+        it, and so does a try's clock waiting for the request's end (`try_clock`). An instance that
+        takes none of the upload for the try's time fails the try: a hung one that reads nothing
+        otherwise held a large upload with no try timeout at all (only the route's `timeout`, else
+        `stream_idle_timeout`); one that takes it again stops the clock."""
+        clock, waiter = self.try_clock, self.waiter
+        if held:
+            self.conn.pause_reading()
+        else:
+            self.conn.resume_reading()
+        if clock and waiter is not None and not waiter.done():
+            timer = self.try_timer
+            if held and timer is None:
+                self.try_timer = asyncio.get_running_loop().call_later(clock, _expire, waiter)
+            elif not held and timer is not None:
+                timer.cancel()
+                self.try_timer = None
 
     def continue_100(self) -> None:
         """Tell an ``Expect: 100-continue`` client to send its body (local checks passed)."""
@@ -1166,7 +1186,10 @@ class Exchange:
             if self.request_done:
                 self.try_timer = loop.call_later(after_request, _expire, fut)
             else:
-                self.try_clock = after_request  # request_end starts it
+                self.try_clock = after_request  # request_end starts it (upload_held meanwhile)
+                up = self.upstream
+                if up is not None and up.write_paused:  # (the body sent with the head filled it)
+                    self.try_timer = loop.call_later(after_request, _expire, fut)
         try:
             return await fut
         finally:

@@ -59,7 +59,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from hostmesh.agent.l7 import balancer as lb
 from hostmesh.agent.l7 import flags as fl
@@ -341,18 +341,11 @@ class MirrorState(enum.Enum):
     DROPPED = "dropped"  # given up (slow mirror, dial failure, the real request ended first)
 
 
-class _NoConn:
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-
 class _MirrorTap:
     """One mirrored request: a copy of the head and of the body as it streams (Exchange.tee), sent
     to one instance of the mirror subset; the answer is read and dropped. It never slows the real
     request: a copy that would buffer more than MIRROR_MAX_BUFFER (dial pending, or the mirror not
     reading) is dropped and counted (`HttpOutbound.mirror_dropped`)."""
-
-    conn: ClassVar[_NoConn] = _NoConn()  # ClassVar: mypyc compiles no instance default of a class
 
     def __init__(self, outbound: HttpOutbound, method: bytes, data: bytes, done: bool) -> None:
         self.outbound = outbound
@@ -460,6 +453,9 @@ class _MirrorTap:
             self._ended()
             self.state = MirrorState.DROPPED
             up.close()
+
+    def upload_held(self, held: bool) -> None:
+        """Its connection's buffer filled or drained: _check_bound drops a copy that holds too much."""
 
     def upstream_lost(self, up: UpstreamConn) -> None:
         if self.up is up:

@@ -38,11 +38,10 @@ POOL_SWEEP_SECONDS: Final = 5.0  # how often idle upstream connections are check
 class Owner(Protocol):
     """Who reads an upstream connection: an Exchange, or a mirrored request (http_outbound)."""
 
-    @property
-    def conn(self) -> Any: ...
     def on_upstream_events(self, up: UpstreamConn, events: Sequence[Any]) -> None: ...
     def on_upstream(self, up: UpstreamConn, ev: Any) -> None: ...
     def upstream_lost(self, up: UpstreamConn) -> None: ...
+    def upload_held(self, held: bool) -> None: ...
 
 
 class UpstreamConn(asyncio.BaseProtocol):
@@ -116,7 +115,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.write_paused = True
         owner = self.owner
         if owner is not None:
-            owner.conn.pause_reading()
+            owner.upload_held(True)
         elif self._tunnel is not None:
             self._tunnel.pause_reading()
 
@@ -124,7 +123,7 @@ class UpstreamConn(asyncio.BaseProtocol):
         self.write_paused = False
         owner = self.owner
         if owner is not None:
-            owner.conn.resume_reading()
+            owner.upload_held(False)
         elif self._tunnel is not None:
             self._tunnel.resume_reading()
 
