@@ -88,6 +88,9 @@ NO_MATCH_FILTER = 'ServiceID == ""'  # a catalog filter no instance matches: the
 SERF_CHECK = "serfHealth"  # the node check Consul's servers keep from Serf's gossip (alive/failed)
 WRITE_PROBE_INDEX = 1 << 62  # a ModifyIndex no key has: probe_write's check-and-set always fails
 _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "delete-tree"}
+# /v1/status/leader before a 403 is reported as the token's (_raise_if_serverless): one RPC to a
+# server; in a partition that drops packets it would add DEFAULT_TIMEOUT (10 s) to each refusal
+LEADER_PROBE_TIMEOUT = 2.0
 MAX_ERROR_DETAIL = 200  # characters of a Consul error reason quoted in a message (its reasons are short)
 
 
@@ -470,7 +473,7 @@ class ConsulClient:
         it is (a token still in its cache keeps its rules meanwhile: their refusal is said as the
         outage too, until Consul is back). A probe that fails otherwise leaves the refusal as it was."""
         try:
-            resp = await self._http.request("GET", "/v1/status/leader", b"", {}, DEFAULT_TIMEOUT)
+            resp = await self._http.request("GET", "/v1/status/leader", b"", {}, LEADER_PROBE_TIMEOUT)
         except Unavailable:
             return
         if resp.status >= 500:
