@@ -439,9 +439,10 @@ class ConsulClient:
             asked = (params or {}).get("index")
             # (Consul is asked to wait whole seconds, and waits at least that long when nothing moves)
             early = blocking_wait is not None and time.monotonic() - started < int(blocking_wait)
-            if asked and early and resp.headers.get(INDEX_HEADER) == str(asked):
-                raise CutShort(f"Consul ended the {op.what} early with nothing changed (its state was "
-                               "replaced, as by a snapshot restore)")  # fmt: skip
+            unchanged = asked and early and resp.headers.get(INDEX_HEADER) == str(asked)
+            if unchanged and await self._index_now(method, path, op, params or {}, allow) != str(asked):
+                raise CutShort(f"Consul ended the {op.what} early, and its index is another now (its "
+                               "state was replaced, as by a snapshot restore)")  # fmt: skip
             return resp
         if resp.status == 403:
             denied = _denied(op, resp)
@@ -463,6 +464,19 @@ class ConsulClient:
         if resp.status < 500:
             raise Rejected(resp.status, f"Consul rejected {op.what}: {resp.status} {_detail(resp)}")
         raise Unavailable(f"Consul failed {op.what}: {resp.status} {_detail(resp)}")
+
+    async def _index_now(
+        self, method: str, path: str, op: Op, params: dict[str, Any], allow: tuple[int, ...]
+    ) -> str | None:
+        """The index a plain read of a blocking query's target answers, after Consul ended the query
+        early with the index it was asked to wait past. Another index: its state was replaced (a
+        snapshot restore, whose index may be lower than the one asked), to be read afresh
+        (`CutShort`). The same: a wait that ended with nothing changed (a Consul server stopping
+        ends every blocking query it holds so; taken for a restore, each watch of every agent read
+        everything afresh, and the log said Consul's state was replaced). A plain read that fails
+        raises as any read does: the stopping server's, most often."""
+        plain = {k: v for k, v in params.items() if k not in ("index", "wait")}
+        return (await self._request(method, path, op, params=plain, allow=allow)).headers.get(INDEX_HEADER)
 
     async def _raise_if_serverless(self, op: Op) -> None:
         """Before an ACL refusal is reported as the token's: a Consul agent that reaches no server (a

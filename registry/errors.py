@@ -27,9 +27,9 @@ class AnswerTooLarge(Unavailable):
 
 class CutShort(RegistryError):
     """Consul answered a blocking query before its wait ran out with the very index it was asked to
-    wait past: it does so when its state is replaced (a snapshot restore), and the restored state's
-    index may be lower than the one asked, so asking again with it would wait the whole wait
-    before anything restored is seen. Ask again without an index."""
+    wait past, and a plain read of the same answers another: its state was replaced (a snapshot
+    restore), and the restored state's index may be lower than the one asked, so asking again with
+    it would wait the whole wait before anything restored is seen. Ask again without an index."""
 
 
 class Conflict(RegistryError):

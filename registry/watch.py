@@ -9,10 +9,11 @@ force meanwhile (the caller's snapshot is never cleared by an outage).
 An index lower than any this watch saw before, errors in between or not, is a Consul that lost its
 state (restored from a snapshot, rebuilt, a server without its data): `on_reset` tells the caller,
 whose own ordering by index is void. A restore ends every blocking query at once, answered with the
-index asked for (`CutShort`): that is read afresh at once, not taken for a wait that ran out, or the
-next query would wait its whole wait on an index the restored Consul is below. Rounds whose index
-does not advance (0, missing, or going backwards again and again: a proxy, a broken server) are not
-retried at once but with backoff, as Consul asks of its clients.
+index asked for, while a plain read answers another (`CutShort`): that is read afresh at once, not
+taken for a wait that ran out, or the next query would wait its whole wait on an index the restored
+Consul is below (a server stopping ends them so too, with nothing changed: a wait that ran out).
+Rounds whose index does not advance (0, missing, or going backwards again and again: a proxy, a
+broken server) are not retried at once but with backoff, as Consul asks of its clients.
 """
 
 from __future__ import annotations

@@ -840,8 +840,105 @@ async def test_a_consul_snapshot_restore_is_applied_at_once_not_when_the_wait_ru
             await async_wait_until(lambda: agent.rules(name) == ["allow"], SEEN_TIMEOUT, "the allow applied")
             allow_index = agent.builder.versions[f"intentions/{name}"]
             await async_wait_until(lambda: blocked_on[0] >= allow_index, SEEN_TIMEOUT, "the watch blocking")
+            await client.kv_get(f"hostmesh/none/{name}")  # (its query went out before this answer)
             await asyncio.to_thread(lambda: consul._open("/v1/snapshot", backup, "PUT").read())
             await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the restored deny")
+        finally:
+            await agent.discovery.stop()
+
+
+async def test_a_blocking_read_consul_ends_early_with_nothing_changed_is_not_read_afresh(
+    private_consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Consul server that stops (the leader's restart in a rolling upgrade: seen on three 1.8.7
+    servers, through a client agent) ends every blocking query it holds at once, answered with the
+    index asked for, nothing changed. Each was taken for a snapshot restore and read afresh: every
+    agent of the fleet read all its documents and probed each of its upstreams (20 here) at once,
+    while the servers elected a leader. Only an index a plain read finds moved is read afresh now.
+    Restoring the state Consul holds (a snapshot just taken) ends the blocking queries so here."""
+    monkeypatch.setattr(discovery_module, "BLOCKING_WAIT", 300.0)
+    consul, name = private_consul, f"docs-{secrets.token_hex(3)}"
+    synced = lambda: json.loads(consul._open("/v1/health/service/consul?passing").read())  # noqa: E731
+    await async_wait_until(synced, SEEN_TIMEOUT, "Consul's own registration")  # (it moves the catalog)
+    async with ConsulClient(consul.url) as client:
+        discovery = Discovery(
+            client, SnapshotBuilder(calling(tmp_path, name, *(f"{name}-u{i}" for i in range(20))), no_tls)
+        )
+        asked: dict[str, list[int | None]] = {"documents": [], "registrations": []}  # each call's index
+        probed: list[str] = []  # the upstreams whose index was read
+        tree, services, probe = (
+            client.kv_tree_index,
+            client.catalog_services_index,
+            client.catalog_service_index,
+        )
+
+        async def tree_observed(prefix: str, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+            asked["documents"].append(index)
+            return await tree(prefix, index, wait)
+
+        async def services_observed(index: int | None, wait: float = BLOCKING_WAIT) -> int:
+            asked["registrations"].append(index)
+            return await services(index, wait)
+
+        async def probe_observed(service: str) -> int:
+            probed.append(service)
+            return await probe(service)
+
+        monkeypatch.setattr(client, "kv_tree_index", tree_observed)
+        monkeypatch.setattr(client, "catalog_services_index", services_observed)
+        monkeypatch.setattr(client, "catalog_service_index", probe_observed)
+        discovery.start()
+        try:
+            blocking = lambda: all(calls and calls[-1] is not None for calls in asked.values())  # noqa: E731
+            await async_wait_until(blocking, SEEN_TIMEOUT, "both watches blocking")
+            await client.kv_get(f"hostmesh/none/{name}")  # (their queries went out before this answer)
+            before, probes = {watch: len(calls) for watch, calls in asked.items()}, len(probed)
+            state = await asyncio.to_thread(lambda: consul._open("/v1/snapshot").read())
+            await asyncio.to_thread(lambda: consul._open("/v1/snapshot", state, "PUT").read())
+            asked_again = lambda: all(len(asked[w]) > before[w] for w in asked)  # noqa: E731
+            await async_wait_until(asked_again, SEEN_TIMEOUT, "both watches answered early")
+            assert {w: calls[before[w]] for w, calls in asked.items()} == {
+                w: asked[w][before[w] - 1] for w in asked
+            }
+            assert probed[probes:] == []
+        finally:
+            await discovery.stop()
+
+
+async def test_a_consul_that_stops_is_not_taken_for_a_snapshot_restore(
+    private_consul: ConsulDev,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Consul server that stops answers each blocking query it holds at once, with the index asked
+    for, as a restore does: each watch logged that Consul's state was replaced, as by a snapshot
+    restore, and read afresh (it is what every agent said in a rolling restart of the servers). The
+    plain read that tells a restore apart fails here, and is reported as any failed read."""
+    monkeypatch.setattr(discovery_module, "BLOCKING_WAIT", 300.0)
+    consul, name = private_consul, f"docs-{secrets.token_hex(3)}"
+    async with ConsulClient(consul.url) as client:
+        agent = Agent(client, tmp_path, name)
+        asked: list[int | None] = []  # each index the documents watch asked Consul to wait past
+        tree = client.kv_tree_index
+
+        async def observed(prefix: str, index: int | None, wait: float = BLOCKING_WAIT) -> int:
+            asked.append(index)
+            return await tree(prefix, index, wait)
+
+        monkeypatch.setattr(client, "kv_tree_index", observed)
+        caplog.set_level(logging.INFO, "hostmesh.registry.watch")
+        agent.discovery.start()
+        try:
+            await async_wait_until(
+                lambda: asked and asked[-1] is not None, SEEN_TIMEOUT, "the watch blocking"
+            )
+            await client.kv_get(f"hostmesh/none/{name}")  # (its query went out before this answer)
+            await asyncio.to_thread(consul.stop)
+            watch = agent.discovery.watches["documents"]
+            await async_wait_until(lambda: watch.failing_since is not None, SEEN_TIMEOUT, "the read failing")
+            assert "restore" not in caplog.text and "replaced" not in caplog.text
+            assert "replaced" not in watch.last_error and not watch.healthy
         finally:
             await agent.discovery.stop()
 
