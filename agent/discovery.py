@@ -185,9 +185,10 @@ class SnapshotBuilder:
         self.holder = SnapshotHolder(self.build())
         self._dirty_since: float | None = None
         self._state_path = config.data_dir / STATE_FILE
-        # section -> (name -> (the value saved, its JSON), the section's JSON): what the next save
-        # need not encode again
-        self._saved: dict[str, tuple[dict[str, tuple[Any, str]], str]] = {}
+        # section -> name -> (the value saved, its `"name": JSON` member): what the next save need not
+        # encode again (the section's whole text is not kept: it doubled the memory this holds, 1.5 MB
+        # with 5,000 endpoints and 200 route documents for a 0.74 MB file, in each agent process)
+        self._saved: dict[str, dict[str, tuple[Any, str]]] = {}
         self._save_at_once = False  # something other than endpoints changed since the last save
         self._saved_at = float("-inf")  # (monotonic) when the state was last written
         self._save_timer: asyncio.TimerHandle | None = None  # a deferred save of endpoints
@@ -543,13 +544,7 @@ class SnapshotBuilder:
     ) -> str:
         """`items` as a JSON object, each value's JSON taken from the last save when the value is the
         same object (inputs are replaced, never changed in place, when Consul's answer changes)."""
-        last, last_text = self._saved.get(section, ({}, ""))
-        if (
-            last_text
-            and len(last) == len(items)
-            and all(last.get(k, (None,))[0] is v for k, v in items.items())
-        ):
-            return last_text  # nothing in it changed
+        last = self._saved.get(section, {})
         now: dict[str, tuple[Any, str]] = {}
         for name in sorted(items):
             value = items[name]
@@ -557,11 +552,10 @@ class SnapshotBuilder:
             now[name] = (
                 kept
                 if kept is not None and kept[0] is value
-                else (value, json.dumps(encode(value), sort_keys=True))
+                else (value, f"{json.dumps(name)}: {json.dumps(encode(value), sort_keys=True)}")
             )
-        text = "{" + ", ".join(f"{json.dumps(name)}: {text}" for name, (_, text) in now.items()) + "}"
-        self._saved[section] = (now, text)  # (what is no longer saved is not kept alive)
-        return text
+        self._saved[section] = now  # (what is no longer saved is not kept alive)
+        return "{" + ", ".join(member for _, member in now.values()) + "}"
 
     def load_saved(self) -> bool:
         """Adopt the last saved state (before Consul answers). Returns True when there was one."""

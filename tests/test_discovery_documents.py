@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 
 from hostmesh.agent import discovery as discovery_module
 from hostmesh.agent.config import parse_config
-from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, Discovery, SnapshotBuilder
+from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, STATE_FILE, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import Endpoint, IntentionsState, TLSMaterial
 from hostmesh.registry import acl
 from hostmesh.registry import consul as consul_module
@@ -941,6 +942,35 @@ async def test_a_consul_that_stops_is_not_taken_for_a_snapshot_restore(
             assert "replaced" not in watch.last_error and not watch.healthy
         finally:
             await agent.discovery.stop()
+
+
+def test_the_saved_state_is_held_in_memory_once(tmp_path: Path) -> None:
+    """Each save takes the JSON of the values saved before from the last one, so that JSON is held
+    between saves, in every agent process. The text of each whole section was held besides: twice
+    the state file in memory (1.5 MB for a 0.74 MB file, 5,000 endpoints and 200 route documents),
+    where the agent counts its idle RSS in tenths of a MiB."""
+    names = [f"u{i}" for i in range(200)]
+    b = SnapshotBuilder(calling(tmp_path, "web", *names), no_tls)
+    meta = MappingProxyType({"version": "v1", "zone": "z1"})
+    route = {"name": "r", "match": {"path": {"prefix": "/p"}}, "to": [{"subset": "v1"}], "timeout": "1s"}
+    for i, name in enumerate(names):
+        doc = {"service": name, "subsets": {"v1": {"version": "v1"}}, "routes": [route] * 5}
+        assert b.set_routes(name, i + 1, json.dumps(doc).encode())
+        eps = (
+            Endpoint(f"{name}-{k}", f"n-{name}-{k}", f"127.64.{i}.{k + 1}", 20000 + k, meta)
+            for k in range(25)
+        )
+        b.set_endpoints(name, i + 1, tuple(eps))
+    b._saved.clear()  # (the next save is as a first one)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        b.save()
+        held = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    size = (tmp_path / STATE_FILE).stat().st_size
+    assert size > 500_000 and held < size * 1.25, (held, size)
 
 
 def test_an_endpoint_change_saves_the_state_without_encoding_the_documents_again(
