@@ -77,6 +77,27 @@ __all__ = [
 ]
 
 
+class ConsulRelay:
+    """A TCP server on a free loopback port, in front of the real Consul at `consul_port`, for the
+    span of `async with` (which gives its URL); each connection is served by the subclass's `_serve`
+    (what it does to the traffic is the test's)."""
+
+    def __init__(self, consul_port: int) -> None:
+        self.consul_port = consul_port
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
 def metric_sample(tel: Any, name: str, **labels: str) -> float:
     """The sum of `name`'s samples in `tel`'s registry whose labels include `labels`."""
     total = 0.0

@@ -17,7 +17,7 @@ import pytest
 
 from hostmesh.agent.discovery import Discovery, SnapshotBuilder
 from hostmesh.registry.consul import ConsulClient
-from tests.support import ConsulDev, async_wait_until
+from tests.support import ConsulDev, ConsulRelay, async_wait_until
 from tests.test_discovery_documents import calling, instance, no_tls
 
 pytestmark = [pytest.mark.consul]
@@ -28,23 +28,14 @@ OVERLOADED = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 40\r\nConne
 )
 
 
-class FailingReads:
+class FailingReads(ConsulRelay):
     """A proxy to Consul, one request per connection: the requests whose line matches `failing`
     (a regex, None: none) get OVERLOADED; the others are passed on with `Connection: close`."""
 
     def __init__(self, consul_port: int) -> None:
-        self.consul_port = consul_port
+        super().__init__(consul_port)
         self.failing: re.Pattern[bytes] | None = None
         self.failed = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:

@@ -12,7 +12,7 @@ import pytest
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.documents import HISTORY_KEEP, DocumentStore, doc_key, history_key
 from hostmesh.registry.errors import Conflict, InvalidDocument, NotFound, Unavailable
-from tests.support import ConsulDev, free_port
+from tests.support import ConsulDev, ConsulRelay, free_port
 
 pytestmark = pytest.mark.consul
 
@@ -373,25 +373,16 @@ async def test_an_http_route_document_for_a_service_registered_tcp_or_udp_is_ref
             await c.deregister_service(f"{http}-2")
 
 
-class AnswerLoser:
+class AnswerLoser(ConsulRelay):
     """A TCP relay on loopback in front of the real Consul that loses the answer to the first
     transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul
     answered (the write is done, the client never hears); "before" cuts it without forwarding;
     "and-then-away" is "after", and then refuses every connection (Consul cannot be read either)."""
 
     def __init__(self, consul_port: int, mode: str) -> None:
-        self.consul_port = consul_port
+        super().__init__(consul_port)
         self.mode = mode
         self.lost = False
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         if self.lost and self.mode == "and-then-away":
