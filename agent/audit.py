@@ -13,7 +13,8 @@ Decisions:
 - The access log is *sampled*: agent.toml `access_log = { sample = 0.01 }` (the default) writes the
   line of one allowed connection/request in 100; `sample = 1.0` writes every one, `0` none. Lines
   for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`),
-  up to reqstats.FAILURE_LINES_PER_SECOND per process; the count of the others is one
+  up to reqstats.FAILURE_LINES_PER_SECOND per agent (with `workers = N`, 1/N of it per process:
+  journald's limit is the unit's, all its processes together); the count of the others is one
   `access_suppressed` line when the second ends. Failures come in floods a caller can cause (an
   overload's 503 OM, an upstream down): shedding 1,500 requests/s wrote 1,500 lines/s, and journald,
   past 10,000 lines per 30 s of a unit, drops them all, the warnings with them.
@@ -33,7 +34,7 @@ import logging
 from typing import Any
 
 from hostmesh.agent.l7 import flags
-from hostmesh.agent.reqstats import ACCESS_LOG, ACCESS_SAMPLE
+from hostmesh.agent.reqstats import ACCESS_LOG, ACCESS_SAMPLE, FAILURE_LINES, FAILURE_LINES_PER_SECOND
 from hostmesh.agent.reqstats import DEFAULT_ACCESS_SAMPLE as DEFAULT_ACCESS_SAMPLE  # agent.toml's (config.py)
 from hostmesh.agent.reqstats import access_sampled as access_sampled  # L4 and L7 alike
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -109,11 +110,13 @@ def log_level_set(*, level: str, peer: str) -> None:
     )
 
 
-def configure_access(sample: float) -> None:
-    """Set the access-log sample (0..1); the agent calls this at start and on reload."""
+def configure_access(sample: float, processes: int = 1) -> None:
+    """Set the access-log sample (0..1) and this process's share of the agent's failure lines (one of
+    `processes`: agent.toml `workers`); the agent calls this at start and on reload."""
     if not 0.0 <= sample <= 1.0:
         raise ValueError(f"access log sample must be in 0..1, got {sample!r}")
     ACCESS_SAMPLE.configure(sample)
+    FAILURE_LINES.set_lines(max(1, FAILURE_LINES_PER_SECOND // processes))
 
 
 def access_sample() -> float:

@@ -331,8 +331,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "number 0..1",
         _g(DEFAULT_ACCESS_SAMPLE),
         "Share of successful calls logged; failures always, up to "
-        f"{FAILURE_LINES_PER_SECOND} a second per agent process (the count of the others in one "
-        "`access_suppressed` line each second).",
+        f"{FAILURE_LINES_PER_SECOND} a second per agent (with workers = N, 1/N of it per process; the "
+        "count of the others in one `access_suppressed` line each second).",
     ),
     Key("tracing", "table", "", "OTLP tracing of proxied HTTP requests; off without an endpoint."),
     Key(

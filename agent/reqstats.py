@@ -131,9 +131,10 @@ class Sample:
 # static; audit.configure_access sets it
 ACCESS_SAMPLE: Final = Sample(DEFAULT_ACCESS_SAMPLE)
 ACCESS_LOG: Final = logging.getLogger("hostmesh.access")  # audit.py's access log
-# Failure lines (written whatever the sample) a process writes per second; the rest are counted in one
-# line when the second ends (audit.py's module doc). 100/s is 3,000 per 30 s, well inside journald's
-# default 10,000 lines per 30 s per unit, which past it drops every line of the unit, warnings too.
+# Failure lines (written whatever the sample) an agent writes per second, its processes together (with
+# workers = N each writes 1/N: audit.configure_access); the rest are counted in one line when the second
+# ends (audit.py's module doc). 100/s is 3,000 per 30 s, well inside journald's default 10,000 lines
+# per 30 s per unit (all its processes), which past it drops every line of the unit, warnings too.
 FAILURE_LINES_PER_SECOND: Final = 100
 
 

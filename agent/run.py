@@ -953,7 +953,7 @@ class Agent:
         if self.admin is not None:  # /health/<service>, Consul's check, probes the new port and path
             self.admin.config = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
-        audit.configure_access(new.access_log.sample)
+        audit.configure_access(new.access_log.sample, new.workers)
         self.builder.reconfigure(new)
         for stale in self.discovery.sync_watches():
             await stale.stop()
@@ -1255,7 +1255,7 @@ def main(config_path: Path) -> None:
     except (EOFError, ValueError) as exc:  # a worker whose primary is gone, or did not speak first
         raise AgentStartError(f"worker {worker}: {exc}") from None
     _setup_logging(config.log_level, worker, config.log_format)
-    audit.configure_access(config.access_log.sample)
+    audit.configure_access(config.access_log.sample, config.workers)
     loop = new_event_loop()
     try:
         loop.run_until_complete(run_agent(config, config_path, worker, from_primary))

@@ -54,6 +54,10 @@ class RateLimitedLog:
         self._timer: asyncio.TimerHandle | None = None
         _live.add(self)
 
+    def set_lines(self, lines: int) -> None:
+        """Write at most `lines` lines per interval from now on (a bound its owner learns later)."""
+        self._lines = lines
+
     def __call__(self, msg: str, *args: object, extra: Mapping[str, object] | None = None) -> None:
         if self.admit():
             self._logger.log(self._level, msg, *args, extra=extra)

@@ -11,7 +11,7 @@ import pytest
 
 from hostmesh.agent import audit
 from hostmesh.agent.config import ConfigError, parse_config
-from hostmesh.agent.reqstats import FAILURE_LINES_PER_SECOND, Sample
+from hostmesh.agent.reqstats import FAILURE_LINES, FAILURE_LINES_PER_SECOND, Sample
 from tests.support import async_wait_until
 
 PIN = "sha256:" + "ab" * 32
@@ -32,6 +32,7 @@ def access_on() -> Iterator[None]:
     try:
         yield
     finally:
+        FAILURE_LINES.flush()  # a flood's pending count is its test's, not the next one's
         logger.setLevel(before_level)
         audit.configure_access(before_sample)
 
@@ -88,6 +89,18 @@ async def test_a_flood_of_failure_lines_is_bounded_and_counted(caplog: pytest.Lo
     fields = summary.fields  # type: ignore[attr-defined]
     assert (fields["event"], fields["suppressed"]) == ("access_suppressed", flood - written)
     assert audit.access_sampled(always=True)  # the next second writes failures again
+
+
+@pytest.mark.usefixtures("access_on")
+def test_the_failure_lines_bound_is_the_agents_whatever_its_workers() -> None:
+    """journald's limit is the unit's, every process of it together: with workers = 4 each process
+    wrote FAILURE_LINES_PER_SECOND failure lines a second, 12,000 per 30 s in all, past the 10,000
+    after which journald drops every line of the unit. Each process takes its 1/N of the bound."""
+    audit.configure_access(0.0, processes=4)
+    share = FAILURE_LINES_PER_SECOND // 4
+    flood = 1000  # calls take about a millisecond: one second's window
+    written = sum(audit.access_sampled(always=True) for _ in range(flood))
+    assert 0 < written <= share
 
 
 def test_nothing_is_logged_when_the_logger_is_off() -> None:
