@@ -294,9 +294,11 @@ class Telemetry:
             "`<service>-><upstream>`: the local app's connections to it, TCP and HTTP alike (a udp "
             "upstream: its flows), those a reload's retiring listener still serves included; `inbound`: "
             "the streams peer agents opened to it, one per relayed TCP connection, one per HTTP stream "
-            "(a caller's agent keeps one open between requests, one request at a time on it; an older "
-            "agent's mTLS connection counts the same), one per UDP flow; `ingress:<gateway>`: its clients' "
-            "HTTP(S) connections (HTTPS once the handshake is done) and relayed TLS passthrough ones",
+            "(a caller's agent keeps one open between requests, one request at a time on it; it holds a "
+            "place under max_connections only while a request is in flight on it; an older agent's mTLS "
+            "connection counts the same, and holds its place while open), one per UDP flow; "
+            "`ingress:<gateway>`: its clients' HTTP(S) connections (HTTPS once the handshake is done) and "
+            "relayed TLS passthrough ones",
             ("listener",),
             registry=r,
         )

@@ -577,7 +577,8 @@ class InboundListener(ListenerLifecycle):
         inbound that are open, whatever they carry: one per relayed TCP connection (to the app or,
         at an egress gateway, out), one per HTTP stream (the caller's agent keeps one open between
         requests and sends one request at a time on it; an older agent's mTLS connection counts the
-        same), one per UDP flow. Read from the sets kept anyway, when scraped."""
+        same), one per UDP flow. Read from the sets kept anyway, when scraped. Not the connection
+        cap's count: an idle HTTP stream holds no slot of it (http_inbound.py)."""
         n = len(self.tracker)
         if self.http is not None:
             n += len(self.http.conns)
