@@ -985,6 +985,33 @@ async def test_idle_pooled_http_streams_hold_no_slot_of_the_inbound_cap(mesh: Me
     assert [r.status for r in again] == [200, 200]  # the pooled streams serve again, a slot each
 
 
+async def test_an_inbound_stream_holds_its_slot_while_a_request_or_a_tunnel_is_on_it(mesh: Mesh) -> None:
+    """The slot an HTTP stream takes under the inbound cap per request is given back when that request
+    ends, also when its client reset it, and a tunnel after a 101 keeps it until the tunnel closes (a
+    WebSocket holds its app connection as long): the stream's only count under the cap."""
+    cap_b = ConnectionCap(10, mesh.tel_b)
+    mesh.inbounds[0].cap = cap_b
+    mesh.holder_a.swap(snap({"web": 1}, mesh.tls_a, [("api-0", mesh.inbounds[0].port, {"version": "v1"})]))
+    assert (await asyncio.to_thread(mesh.client().get, "/first")).status == 200
+    await async_wait_until(lambda: cap_b.open == 1, what="the mux connection's slot alone")
+
+    def ask_unanswered() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", mesh.outbound.port), timeout=IO_TIMEOUT)
+        s.sendall(b"GET /no-answer HTTP/1.1\r\nhost: api\r\n\r\n")
+        return s
+
+    waiting = await asyncio.to_thread(ask_unanswered)
+    await async_wait_until(lambda: cap_b.open == 2, what="the request's slot")
+    reset_client(waiting)
+    await async_wait_until(lambda: cap_b.open == 1, what="the slot back once its client reset")
+
+    tunnel = await asyncio.to_thread(open_tunnel, mesh.outbound.port)
+    assert cap_b.open == 2  # the tunnel's stream, its 101 long relayed
+    tunnel.close()
+    await async_wait_until(lambda: cap_b.open == 1, what="the slot back once the tunnel closed")
+    assert sample(mesh.tel_b, "hostmesh_overload_rejected_total", listener="inbound") == 0
+
+
 UPGRADE = (
     b"GET /refuse-upgrade HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
     b"sec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n"
