@@ -452,8 +452,8 @@ def check(
     fmt: str | None,
 ) -> None:
     """Preflight (Consul and the token's rights, the CA and its pin, agents' readiness,
-    certificates and whether they follow Consul) and an analysis of the routes, policies,
-    intentions and gateways in Consul against the catalog. Exit 1 when there is an error."""
+    certificates and Consul sync) and an analysis of the routes, policies, intentions and gateways
+    against the catalog. Exit 1 when there is an error."""
     import asyncio
 
     from hostmesh.agent.status import AdminAddressError, parse_admin_address

@@ -54,8 +54,8 @@ SUMMARIES: dict[str, str] = {
     "apply": "Apply every document of FILE (route, policy, intention, gateway, external, nomad, by their "
     "kind: field).",
     "ca": "Run and manage the hostmesh certificate authority.",
-    "check": "Preflight (Consul and the token's rights, the CA and its pin, agents' readiness and "
-    "certificates) and an analysis of the routes, policies and intentions in Consul against the catalog.",
+    "check": "Preflight (Consul and the token's rights, the CA and its pin, agents' readiness, certificates "
+    "and Consul sync) and an analysis of the routes, policies, intentions and gateways against the catalog.",
     "external": "Manage external service documents (hostmesh/external/<service> in Consul KV).",
     "gateway": "Manage gateway documents (hostmesh/gateways/<service> in Consul KV).",
     "intention": "Manage intentions: which services may call a service (hostmesh/intentions/<dst>).",
