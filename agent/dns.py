@@ -167,15 +167,22 @@ def _connectable(host: str, dns_host: str | None) -> str:
     """A listener on every address (a shared upstream) is answered by the address mesh DNS listens on
     (`dns_host`), which whoever asked reached, so reaches the listener at too (with dns_shared: a
     container, another host; loopback answered them their own); by loopback where that is a wildcard
-    too (which address a query came to is not known) or of the other family. 0.0.0.0 itself is no
-    address to connect to (browsers and resolvers take it for "blocked"), in any spelling."""
+    too (which address a query came to is not known), of the other family, or IPv6 link-local (an
+    AAAA record holds no zone: fe80::1 is no address to connect to, and fe80::1%eth0 no record at
+    all). 0.0.0.0 itself is no address to connect to (browsers and resolvers take it for "blocked"),
+    in any spelling."""
     ip = _unmapped(host)
     if not ip.is_unspecified:
         return host
     own = None if dns_host is None else _unmapped(dns_host)
-    if own is not None and own.version == ip.version and not own.is_unspecified:
+    if own is not None and own.version == ip.version and not own.is_unspecified and not _zoned(own):
         return str(own)
     return "127.0.0.1" if ip.version == 4 else "::1"
+
+
+def _zoned(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An IPv6 address that means something only with its zone (the interface): link-local ones."""
+    return isinstance(ip, ipaddress.IPv6Address) and (ip.is_link_local or ip.scope_id is not None)
 
 
 def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

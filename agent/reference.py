@@ -162,7 +162,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "Allow a non-loopback `dns` (everyone reaching it learns this host's upstreams and their "
         "listeners' addresses, which are of use on this host only unless the upstreams are shared; one "
         "on `0.0.0.0` or `[::]` is answered with `dns`'s own address, so give `dns` the address its "
-        "clients reach, not a wildcard). "
+        "clients reach, not a wildcard; loopback where `dns` is of the other family or IPv6 link-local). "
         "Since 0.3: 0.2 refuses the key, so leave it out of a file an older release reads.",
     ),
     Key(

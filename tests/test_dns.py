@@ -174,6 +174,19 @@ def test_a_shared_upstream_on_every_address_is_answered_by_the_address_dns_liste
     assert ask("api.mesh", table=table("127.0.0.2:15053")).answer[0][0].to_text() == "127.0.0.2"
 
 
+def test_a_shared_upstream_on_every_address_is_answered_by_loopback_where_dns_is_link_local() -> None:
+    """An AAAA record holds no zone: with `dns` on fe80::1%eth0 the answer was that text, which is no
+    record (every query of the name SERVFAIL), and on fe80::1 an address no client connects to
+    without its zone; loopback, as before the answer followed `dns`, serves this host's clients."""
+    upstreams = [{"service": "db", "bind": "[::]:19092", "shared": True}]
+    for address in ("[fe80::1%lo]:15053", "[fe80::1]:15053"):
+        table = dns_table(parse_config({"ca": {"pin": PIN}, "dns": address, "dns_shared": True, "services": [
+            {"name": "web", "port": 8080, "upstreams": upstreams}]}))  # fmt: skip
+        reply = ask("db.mesh", "AAAA", table=table)
+        assert reply.rcode() == dns.rcode.NOERROR, address
+        assert [rr.to_text() for rr in reply.answer[0]] == ["::1"], address
+
+
 def test_a_mesh_domain_too_long_for_its_names_is_refused_by_the_config() -> None:
     """A domain of ~250 characters passed, then every negative answer failed (SERVFAIL): the SOA's
     hostmaster.<domain> is past DNS's 255 octets."""
