@@ -1090,25 +1090,31 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     ]
 
 
-@pytest.mark.parametrize(("dns", "domain"), [("127.0.0.1:15053", "mesh"), ("[::1]:15053", "mesh"),
-                                             ("127.0.0.1:15053", "Mesh.")])  # fmt: skip
+@pytest.mark.parametrize(("dns", "domain", "host"), [
+    ("127.0.0.1:15053", "mesh", "127.0.0.1"), ("[::1]:15053", "mesh", "::1"),
+    ("127.0.0.1:15053", "Mesh.", "127.0.0.1"), ("0.0.0.0:53", "mesh", "127.0.0.1"),
+    ("[::]:53", "mesh", "::1"), ("localhost:15053", "mesh", "127.0.0.1"),
+])  # fmt: skip
 def test_the_split_dns_drop_ins_are_ones_their_resolver_starts_with(
-    tmp_path: Path, dns: str, domain: str
+    tmp_path: Path, dns: str, domain: str, host: str
 ) -> None:
     """Each drop-in the role writes, checked by its own resolver (dnsmasq --test, unbound-checkconf),
-    names the agent's address and domain in that resolver's syntax. An IPv6 `dns` was written in
-    brackets, `[::1]#15053` and `[::1]@15053`, and a domain written absolute, as agent.toml's
+    names the agent's address (`host`) and domain in that resolver's syntax. An IPv6 `dns` was written
+    in brackets, `[::1]#15053` and `[::1]@15053`, and a domain written absolute, as agent.toml's
     reference shows it (`mesh.`), became unbound's "mesh..": dnsmasq and unbound refuse them, and the
-    restart the role notified left the host's resolver down, every name with it."""
+    restart the role notified left the host's resolver down, every name with it. `localhost`, which
+    agent.toml takes, unbound refused likewise (resolved ignores it); a wildcard `dns` (dns_shared)
+    was written as is, and mesh names asked of 0.0.0.0 were REFUSED by dnsmasq, unanswered by unbound,
+    ignored by resolved: the agent is asked on loopback, where it listens too."""
     subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "dnsmasq", "unbound-checkconf"], check=True,
                    timeout=600)  # fmt: skip
-    host, port = dns.rsplit(":", 1)
-    host = host.strip("[]")
+    port = dns.rsplit(":", 1)[1]
+    resolved = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # resolved's syntax: brackets
     roles = agent_role_without_install(tmp_path)
     for resolver, check, forward in (
         ("dnsmasq", ["dnsmasq", "--test", "--conf-file={}"], [f"server=/mesh/{host}#{port}\n"]),
         ("unbound", ["unbound-checkconf", "{}"], ['name: "mesh."\n', f"forward-addr: {host}@{port}\n"]),
-        ("systemd-resolved", None, [f"DNS={dns}\n", "Domains=~mesh\n"]),  # resolved's syntax: brackets
+        ("systemd-resolved", None, [f"DNS={resolved}\n", "Domains=~mesh\n"]),
     ):
         root = tmp_path / resolver
         root.mkdir()
