@@ -166,6 +166,10 @@ class Backend:
             w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n")
             await w.drain()
             return False
+        if path == b"/bad-second-chunk":  # the same, its first chunk sound, all in the head's write
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nhello\r\n")
+            await w.drain()
+            return False
         if path == b"/unsolicited-101":  # switches protocols nobody asked for, then talks nonsense
             w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
             w.write(b"\x81\x05hello")

@@ -407,6 +407,9 @@ class ServerConn(asyncio.BaseProtocol):
         # since when they stood so, at the last idle check (_exchange_idle)
         self._exchange_mark: tuple[Exchange | None, int, Progress, float] = NO_MARK
         self._cork: list[bytes | memoryview] | None = None  # writes gathered during one upstream read
+        # the cork holds the current response's head (relayed from this same upstream read), so none
+        # of that response has left yet: a failure may still answer the client (discard_corked)
+        self._cork_has_head = False
         self._paused = False  # we paused the transport's reading (skips redundant resume calls)
         self._eof = False  # the client half-closed: close once the pending response is done
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
@@ -810,17 +813,29 @@ class ServerConn(asyncio.BaseProtocol):
         if self._cork is None:
             self._cork = []
 
-    def discard_corked(self) -> bool:
-        """Drop the writes gathered since `cork` (none of them has left): whether there were any."""
+    def write_head(self, data: bytes) -> None:
+        """A relayed response's head: `write`, noting whether it waits in the cork (discard_corked)."""
         cork = self._cork
-        if not cork:
+        if cork is not None:
+            cork.append(data)
+            self._cork_has_head = True
+        elif self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def discard_corked(self) -> bool:
+        """Drop the writes gathered since `cork` when they begin with the current response's head
+        (none of that response has left, its body from the same read included): whether they did."""
+        cork = self._cork
+        if cork is None or not self._cork_has_head:
             return False
         cork.clear()
+        self._cork_has_head = False
         return True
 
     def uncork(self, end: bool = False) -> None:
         """`end`: a response's end whose exchange is alone (Live): on a mux stream it leaves at once."""
         cork, self._cork = self._cork, None
+        self._cork_has_head = False
         t = self.transport
         if cork and t is not None and not t.is_closing():
             data = cork[0] if len(cork) == 1 else b"".join(cork)
@@ -858,6 +873,7 @@ class ServerConn(asyncio.BaseProtocol):
 
     def abort(self) -> None:
         self._cork = None
+        self._cork_has_head = False
         self.closed = True
         self._cancel_timer()
         reset_transport(self.transport)
@@ -1286,15 +1302,16 @@ class Exchange:
         if progress is DONE:
             return
         if progress is RELAYING:
-            if self.sent or not self.conn.discard_corked():
+            if not self.conn.discard_corked():
                 # the client cannot be told any more: a reset shows the truncation
                 self.flags = fl.add(self.flags, flag)
                 self.conn.abort()
                 self._finish(False)
                 return
-            # The head relayed from this same upstream read has not left, nor any body byte: the
-            # client is still answered. (Reset, a mux stream read to the caller's agent as one never
-            # answered, a keep-alive race: it sent the request to the app again, then said 503 UC.)
+            # The head relayed from this same upstream read has not left, nor the body bytes read with
+            # it: the client is still answered. (Reset, a mux stream read to the caller's agent as one
+            # never answered, a keep-alive race: it sent the request to the app again, then said 503 UC.)
+            self.sent = 0
             self.respond(503 if flag == fl.UC else 502, flag)
         elif self.on_fail is not None and self.on_fail(self, flag == fl.UC and up.redo_safe()):
             return
@@ -1337,7 +1354,7 @@ class Exchange:
         self.status = resp.status
         data = http1.serialize_response_head(b"1.1", resp.status, resp.reason or None, headers)
         self.progress = RELAYING
-        self.conn.write(data)
+        self.conn.write_head(data)
         pending, self.held = self.held, NOTHING_HELD
         if pending:
             for ev in pending:
