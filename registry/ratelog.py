@@ -78,6 +78,12 @@ class RateLimitedLog:
             self._schedule_flush(self._window_end - now)
         return False
 
+    def restart(self) -> None:
+        """Log the count left out so far, and let the next event begin a fresh interval: events before
+        this one are no part of the next ones' budget (a test suite's, run in one process)."""
+        self.flush()
+        self._window_end = float("-inf")
+
     def flush(self) -> None:
         """Log how many lines were left out, if any (the interval's summary)."""
         if self._timer is not None:

@@ -68,12 +68,14 @@ def cli_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def denial_bounds_per_test() -> Iterator[None]:
-    """The bound on one caller's denial lines (agent/audit.py) is the process's: a test's denials
-    do not use up the next test's, which counts its own lines."""
+    """The bounds on one caller's denial lines (agent/audit.py) and on failure access lines (100 a
+    second, agent/reqstats.py) are the process's: a test's lines do not use up the next test's,
+    which counts its own (a flood of failures in one module left the next one's failures unlogged)."""
     yield
-    from hostmesh.agent import audit
+    from hostmesh.agent import audit, reqstats
 
     audit.forget_denials()
+    reqstats.FAILURE_LINES.restart()
 
 
 @pytest.fixture(autouse=True)
