@@ -281,6 +281,7 @@ async def _agent(address: str) -> list[Finding]:
         certs_problem,
         config_problem,
         not_following,
+        not_following_fix,
         printable,
         ready_problem,
         unreadable_documents,
@@ -354,7 +355,7 @@ async def _agent(address: str) -> list[Finding]:
                     "agent-not-following",
                     subject,
                     f"Consul: {stale}; documents written since are not in force there",
-                    f"`hostmesh status --agent {address}`; make Consul reachable with the agent's token",
+                    f"`hostmesh status --agent {address}`; {not_following_fix(config.get('consul'))}",
                 )
             )
         unreadable = unreadable_documents(config.get("consul"))

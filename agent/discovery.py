@@ -1341,8 +1341,9 @@ class Discovery:
         """Whether this agent follows Consul now, for /v1/config and `hostmesh status`: while a watch's
         reads fail, since when (epoch seconds, the longest failing one's first failure) and its error;
         the snapshot in force meanwhile is the last one read. An upstream whose instances are too
-        large to read counts as such a read: its instances stay as read before, whatever changes.
-        `unreadable`: the documents it follows that its token may not read, and why (`_unreadable`)."""
+        large to read counts as such a read: its instances stay as read before, whatever changes;
+        `too_large` names such upstreams. `unreadable`: the documents it follows that its token may
+        not read, and why (`_unreadable`)."""
         failing = [
             (w.failing_since, w.last_error) for w in self.watches.values() if w.failing_since is not None
         ]
@@ -1351,6 +1352,8 @@ class Discovery:
         if failing:
             since, error = min(failing)
             view = {"following": False, "failing_since": since, "error": error}
+        if self._too_large:  # their cause is their size, not Consul or the token (`check`'s advice)
+            view["too_large"] = sorted(self._too_large)
         if self._unreadable:  # ("routes/api": why), while there are any
             view["unreadable"] = {key[len(KV_ROOT) :]: why for key, why in sorted(self._unreadable.items())}
         return view

@@ -369,6 +369,19 @@ def not_following(consul: Any, now: dt.datetime) -> str | None:
     return f"NOT FOLLOWING{when}: {why}"
 
 
+def not_following_fix(consul: Any) -> str:
+    """What to do about an agent that does not follow Consul: an upstream whose instances pass the
+    answer size limit (`too_large`) is fixed by fewer instances, not by reaching Consul."""
+    names = consul.get("too_large") if isinstance(consul, dict) else None
+    if isinstance(names, list) and names:
+        listed = printable(", ".join(str(n) for n in names[:5]), MAX_DETAIL)
+        return (
+            f"the instance list of {listed} passes the agent's answer size limit (MAX_BODY_BYTES): "
+            "deregister the instances that are gone, or split the service"
+        )
+    return "make Consul reachable with the agent's token"
+
+
 def render_table(status: dict[str, Any]) -> str:
     """The `hostmesh status` table. Every string in it is the agent's (or whatever answers at that
     address): each goes through printable(), at most FIELD_LIMIT characters (an endpoint list

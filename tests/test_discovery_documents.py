@@ -30,6 +30,7 @@ from hostmesh.agent import discovery as discovery_module
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.discovery import PROBE_ROUND_INTERVAL, STATE_FILE, Discovery, SnapshotBuilder
 from hostmesh.agent.snapshot import Endpoint, IntentionsState, TLSMaterial
+from hostmesh.agent.status import not_following_fix
 from hostmesh.registry import acl
 from hostmesh.registry import consul as consul_module
 from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, ConsulClient
@@ -508,7 +509,8 @@ async def test_an_upstream_too_large_to_read_is_shown_as_not_following_until_it_
     """An upstream past the answer size limit keeps the instances read before, whatever changes (a
     new one never used, a gone one still held): one log line said so, while `hostmesh status`, the
     agent's /v1/config and hostmesh_consul_sync_healthy said it followed Consul. It is shown as a
-    read that fails (since when, why) until its instances fit again (limit lowered as above)."""
+    read that fails (since when, why) until its instances fit again (limit lowered as above), and
+    `check` advised making Consul reachable, which it was: it now names the upstream's size."""
     from hostmesh.registry import http as registry_http
 
     name = f"big-{secrets.token_hex(3)}"
@@ -531,6 +533,8 @@ async def test_an_upstream_too_large_to_read_is_shown_as_not_following_until_it_
             view = discovery.consul_view()
             assert not view["following"] and view["failing_since"] is not None, view
             assert view["error"].startswith(f"instances of {big} not read: "), view
+            assert view["too_large"] == [big], view  # `check` advises fewer instances, not reaching Consul
+            assert f"instance list of {big} passes" in not_following_fix(view)
             assert instances() == 1  # what was read before stays
             for n in range(10, 100):
                 consul.put_json("/v1/catalog/deregister", {"Node": f"{big}-n{n}"})
