@@ -282,6 +282,12 @@ class Telemetry:
             ("state",),
             registry=r,
         )
+        self.agent_process_exits = Counter(
+            "hostmesh_agent_process_exits",
+            "worker processes (`workers`) that exited while the agent was not stopping, counted by the "
+            "primary: a worker that crashes now and then, too seldom to be left `down`, shows here",
+            registry=r,
+        )
         self.cert_renewal_failing = Gauge(
             "hostmesh_cert_renewal_failing",
             "1 while the service's certificate renewal fails (retrying or expired)",

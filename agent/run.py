@@ -396,7 +396,9 @@ class Agent:
             from hostmesh.agent.workers import WorkerSet
 
             sdnotify.status(f"starting {cfg.workers - 1} worker(s)")
-            self.workers = WorkerSet(self.config_path, cfg, cfg.workers, self.inbound.port)
+            self.workers = WorkerSet(
+                self.config_path, cfg, cfg.workers, self.inbound.port, self.telemetry.agent_process_exits.inc
+            )
             await self.workers.start()
         if checking:
             gc.enable()  # its full collection comes RESTART_DEFER later

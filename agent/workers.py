@@ -45,7 +45,9 @@ A worker ignores SIGHUP.
 A worker that dies unexpectedly is restarted after RESPAWN_DELAY, at most RESPAWN_BURST times per
 RESPAWN_WINDOW; past that, the primary logs an error, runs with fewer workers for a window, then
 tries again. Each worker's state (WorkerState) is on /v1/clusters and /metrics
-(`hostmesh_agent_processes{state}`), so an agent short of a worker is seen, not only logged. A dead
+(`hostmesh_agent_processes{state}`), so an agent short of a worker is seen, not only logged; every
+unexpected exit is counted (`hostmesh_agent_process_exits_total`): a worker crashing every 15 s
+never spends its budget, and is seldom caught `restarting` by a scrape. A dead
 worker's counters stay in /metrics' sums (its last scraped values), so a merged counter never goes
 backwards.
 """
@@ -254,7 +256,14 @@ class Worker:
 class WorkerSet:
     """The primary's N-1 workers: spawn, restart, tell, scrape, stop."""
 
-    def __init__(self, config_path: Path, config: Any, count: int, inbound_port: int) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Any,
+        count: int,
+        inbound_port: int,
+        on_exit: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config_path = config_path  # named in the workers' log lines; the config comes on the pipe
         self.config = config  # what the agent runs (agent/config.py AgentConfig): what workers run
         self.workers = [Worker(i) for i in range(1, count)]
@@ -264,6 +273,7 @@ class WorkerSet:
         self._scrapes = 0  # numbers each question (scrape, ping): a late answer is told from the awaited one
         # exited workers' counters (last scraped values), summed per series: kept in /metrics' sums
         self.retired: dict[SeriesKey, Sample] = {}
+        self._on_exit = on_exit  # counts an unexpected exit (hostmesh_agent_process_exits_total)
 
     def _env(self, index: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SD_ENV}
@@ -316,6 +326,7 @@ class WorkerSet:
             self._retire(w)
             if self._stopping:
                 return
+            self._on_exit()
             recent = [t for t in w.started if t > time.monotonic() - RESPAWN_WINDOW]
             if len(recent) >= RESPAWN_BURST:
                 w.state = WorkerState.DOWN

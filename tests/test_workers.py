@@ -321,6 +321,8 @@ def test_a_worker_that_keeps_dying_is_seen_down_on_metrics_and_clusters(mesh: Me
         wait_for(lambda pid=w["pid"]: worker()["pid"] != pid or worker()["state"] == "down", 20, "its exit")
     assert wait_for(lambda: worker()["state"] == "down", 20, "the worker left down")
     assert states() == {"serving": 1, "starting": 0, "restarting": 0, "down": 1}
+    # each exit counted, where the state shows only a crash loop fast enough to spend the budget
+    assert f"hostmesh_agent_process_exits_total {float(RESPAWN_BURST)}" in b.metrics().splitlines()
     status = mesh.m.hostmesh("status", "--agent", f"127.0.0.1:{b.admin_port}").stdout
     assert "processes   1 of 2 serving (1 down: the agent's log says why)" in status
     mesh.m.wait_ready(b)  # the primary serves on
