@@ -317,11 +317,12 @@ ROUTE = Kind(
             "routes[].mirror",
             "object",
             "Copy requests to a subset; its answers are dropped. Never delays the real request: a copy "
-            "is dropped (and counted) past 64 in flight per calling listener (each local service that "
-            "calls this one, in each agent process; each ingress gateway), or unanswered within the "
-            "route's timeout (15 s without one). A copy's `Host` has `-shadow` after its host name "
-            "(`api:8080` goes as `api-shadow:8080`), as Envoy and Istio mark theirs: an app can tell a "
-            "copy and keep it from acting twice.",
+            "is dropped (and counted: `mirror_dropped` in the agent's `/v1/clusters`) past 64 in flight "
+            "per calling listener (each local service that calls this one, in each agent process; each "
+            "ingress gateway), past 256 KiB of it held for a mirror that reads slowly, while the subset "
+            "has no instance, or unanswered within the route's timeout (15 s without one). A copy's "
+            "`Host` has `-shadow` after its host name (`api:8080` goes as `api-shadow:8080`), as Envoy "
+            "and Istio mark theirs: an app can tell a copy and keep it from acting twice.",
         ),
         Field("routes[].mirror.subset", "string", "A subset named under `subsets`.", required=True),
         Field("routes[].mirror.percent", "percent", "Share of requests copied.", default="100"),

@@ -1574,6 +1574,20 @@ async def test_a_mirror_that_does_not_read_is_dropped_and_counted(mesh: Mesh) ->
     assert mesh.http_out.stats()["mirror_dropped"] == 1
 
 
+async def test_a_mirror_with_no_instance_is_counted_dropped(mesh: Mesh) -> None:
+    """A mirror subset no instance is in (not deployed yet, or all of it gone) copies nothing: it
+    was not counted, so an operator watching `mirror_dropped` saw a mirror that seemed to work."""
+    mesh.set_a(routes={"api": route_config({
+        "service": "api", "subsets": {"v1": {"version": "v1"}, "v3": {"version": "v3"}},
+        "routes": [{"to": [{"subset": "v1", "weight": 100}], "mirror": {"subset": "v3", "percent": 100}}],
+    })})  # fmt: skip
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/order", None, "POST", b"one order")
+    c.close()
+    assert (r.status, r.instance) == (200, "api-0")
+    assert mesh.http_out.stats()["mirror_dropped"] == 1
+
+
 class _Draws(random.Random):
     """A random source whose every draw in [0, 1) is `value`."""
 

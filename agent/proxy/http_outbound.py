@@ -32,12 +32,13 @@ connection or resets its stream, which is never reused.
 Mirroring copies a request to one instance of the mirror subset, its body streamed as the client
 sends it, and drops the answer; it never delays or fails the real request: a copy the mirror does
 not take fast enough (more than MIRROR_MAX_BUFFER held), one past MIRROR_MAX_IN_FLIGHT copies in
-flight, and one not answered within the route's timeout (MIRROR_TIMEOUT without one) are dropped and
-counted (`mirror_dropped` in the listener's stats). A copy rides a stream of its own, outside the
-connection limits (it never takes or holds a slot a real request could wait for), closed after it,
-never pooled, so no real request escapes the limits on it either. Its Host says it is a copy, as
-Envoy's and Istio's do: `-shadow` appended to the host name (`api:8080` -> `api-shadow:8080`), so an
-app serving both can keep a copy from acting twice (the mirror subset is one of the same service's).
+flight, one not answered within the route's timeout (MIRROR_TIMEOUT without one), and one for a
+mirror subset with no instance are dropped and counted (`mirror_dropped` in the listener's stats).
+A copy rides a stream of its own, outside the connection limits (it never takes or holds a slot
+a real request could wait for), closed after it, never pooled, so no real request escapes the
+limits on it either. Its Host says it is a copy, as Envoy's and Istio's do: `-shadow` appended to
+the host name (`api:8080` -> `api-shadow:8080`), so an app serving both can keep a copy from acting
+twice (the mirror subset is one of the same service's).
 
 Which upstreams are HTTP: the route document's ``protocol`` when there is one, else any healthy
 instance registered with meta ``protocol = http``; with neither (every instance failing its checks),
@@ -544,7 +545,7 @@ class HttpOutbound:
         self.retiring = False  # closing after a reload replaced it: requests on open connections served
         self.rejected_total = 0
         self._broke_log = RateLimitedLog(log, "clients that broke HTTP/1.1", level=logging.INFO)
-        self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow or unreachable
+        self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow, unreachable or empty
         self.mirrors_in_flight = 0  # copies sent or being sent, not yet answered (MIRROR_MAX_IN_FLIGHT)
         self.pool.on_lost = self._conn_lost
         self.pool.on_release = self._wake_one
@@ -1188,9 +1189,7 @@ class HttpOutbound:
         """Fire-and-forget copy of the prepared request to one instance of the route's mirror subset,
         its body streamed as it arrives (see _MirrorTap)."""
         ep = st.cluster.balancer(st.route.mirror_subset).pick(None)
-        if ep is None:
-            return
-        if self.mirrors_in_flight >= MIRROR_MAX_IN_FLIGHT:
+        if ep is None or self.mirrors_in_flight >= MIRROR_MAX_IN_FLIGHT:  # no instance, or too many
             self.mirror_dropped += 1
             return
         headers = [(n, shadow_host(v)) if n == b"host" else (n, v) for n, v in st.headers]
