@@ -1782,6 +1782,27 @@ async def lines_of(
     return found
 
 
+async def test_an_answer_the_proxy_makes_itself_counts_its_body_in_bytes_sent(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """README: `bytes_sent` is what went back to the caller, as Envoy's operator counts it (the
+    body). An answer the agent made itself (a fault's abort here, as a 503 UH or a 429 RL) logged 0
+    whatever it sent, as if the caller had got nothing."""
+    mesh.set_a(routes={"api": route_config({"service": "api", "routes": [
+        {"to": [{"weight": 100}], "fault": {"abort": {"status": 503, "percent": 100}}}]})})  # fmt: skip
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/aborted")
+    c.close()
+    assert r.status == 503 and r.flags == "FI" and r.body
+
+    def line() -> dict[str, Any] | None:
+        return next((f for f in list(access_lines) if f["path"] == "/aborted"), None)
+
+    found = await async_wait_until(line, IO_TIMEOUT, "the caller's line")
+    assert (found["reporter"], found["response_flags"]) == ("source", "FI")
+    assert found["bytes_sent"] == len(r.body)
+
+
 async def test_both_agents_log_the_request_id_the_request_went_on_with(
     mesh: Mesh, access_lines: list[dict[str, Any]]
 ) -> None:

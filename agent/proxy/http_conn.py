@@ -1425,7 +1425,9 @@ class Exchange:
         self.status = status
         keep = self.keep_alive and self.request_done
         head = self.head.method == b"HEAD"  # no body then (nor for a 204 or 304: error_response)
-        self.conn.write(http1.error_response(status, fl.render(self.flags), keep, detail, extra, head))
+        answer = http1.error_response(status, fl.render(self.flags), keep, detail, extra, head)
+        self.sent += len(answer) - answer.find(b"\r\n\r\n") - 4  # its body (bytes_sent), as a relayed one's
+        self.conn.write(answer)
         self._finish(keep)
 
     def cut(self, flag: str) -> None:
