@@ -809,7 +809,13 @@ class _Message:
         path = urllib.parse.unquote((url.path or b"/").decode("latin-1"))
         query = dict(urllib.parse.parse_qsl((url.query or b"").decode("latin-1")))
         body = bytes(self.body)
-        return Request(self.method, path, query, self.headers, body, peer, ssl_object, self.arrived)
+        headers = self.headers
+        if url.host:  # absolute form: its authority is the request's host, whatever Host says (RFC 9112
+            # §3.2.2), so the servers' check of Host (addressed_locally) reads that one
+            host = url.host.decode("latin-1")
+            host = f"[{host}]" if ":" in host else host  # an IPv6 literal comes without its brackets
+            headers = {**headers, "host": host + (f":{url.port}" if url.port else "")}
+        return Request(self.method, path, query, headers, body, peer, ssl_object, self.arrived)
 
 
 class _RequestStream:

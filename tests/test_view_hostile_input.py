@@ -361,7 +361,10 @@ def test_ui_refuses_a_host_name_that_is_not_its_own(consul: ConsulDev) -> None:
                 None,
             )
             return {h: await raw_get(port, "/api/state", h) for h in hosts} | {
-                "page": await raw_get(port, "/", f"evil.example:{port}")
+                "page": await raw_get(port, "/", f"evil.example:{port}"),
+                # absolute form: the URI's host is the request's (RFC 9112 §3.2.2), not Host's
+                "absolute": await raw_get(port, "http://evil.example/api/state", f"127.0.0.1:{port}"),
+                "absolute-v6": await raw_get(port, f"http://[::1]:{port}/api/state", "evil.example"),
             }
         finally:
             task.cancel()
@@ -372,7 +375,8 @@ def test_ui_refuses_a_host_name_that_is_not_its_own(consul: ConsulDev) -> None:
     assert answers[f"127.0.0.1:{port}"][0] == 200 and "agents" in json.loads(answers[f"127.0.0.1:{port}"][1])
     assert answers[f"localhost:{port}"][0] == 200
     assert answers[None][0] == 200  # HTTP/1.0 without Host: no browser sends that
-    for host in ("attacker.example", f"rebind.attacker.example:{port}", "page"):
+    assert answers["absolute-v6"][0] == 200
+    for host in ("attacker.example", f"rebind.attacker.example:{port}", "page", "absolute"):
         status, body = answers[host]
         assert status == 403, host
         assert json.loads(body) == {"error": ui.HOST_REFUSED} and body.count(b"\n") == 1
