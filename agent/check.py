@@ -21,6 +21,8 @@ from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDen
 from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, PROTOCOL_META, is_hostmesh
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from hostmesh.registry.analysis import Catalog, Finding
     from hostmesh.registry.consul import ConsulClient
     from hostmesh.registry.schema import Intentions
@@ -226,7 +228,7 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
             continue
         if pin:
             try:
-                match_pin(roots, pin)
+                pinned = match_pin(roots, pin)
             except CAError as exc:
                 out.append(
                     Finding(
@@ -238,6 +240,8 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                         "new root ([ca] pin, a restart); otherwise a different root means a different CA",
                     )
                 )
+            else:
+                out += await _ca_serves_from_pin(addr, trust_domain, pinned, subject)
         for root in roots:
             left = root.not_valid_after_utc - now
             if left.total_seconds() <= 0:
@@ -261,6 +265,44 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                     )
                 )
     return out
+
+
+async def _ca_serves_from_pin(
+    address: str, trust_domain: str, pinned: x509.Certificate, subject: str
+) -> list[Finding]:
+    """A pinned root still in the CA's bundle is not enough: a new host verifies the CA's TLS with
+    the pinned root alone, and after `ca rotate` the CA serves from the new one."""
+    import asyncio
+
+    from hostmesh.agent.ca_client import CAClient
+    from hostmesh.ca.errors import CAError, TrustError
+    from hostmesh.registry.analysis import Finding
+
+    try:
+        await asyncio.wait_for(CAClient(address, trust_domain).check_serves_from(pinned), CHECK_TIMEOUT)
+    except TrustError:
+        return [
+            Finding(
+                "error",
+                "ca-pin-not-active",
+                subject,
+                "the pinned root is in the CA's bundle but the CA no longer serves from it (a root "
+                "rotation): a new host with this pin is refused before its join token goes out",
+                "pin the active root `hostmesh ca roots` prints in new hosts' [ca] pin; hosts already "
+                "joined trust it through the bundle",
+            )
+        ]
+    except (CAError, RegistryError, TimeoutError, OSError) as exc:
+        return [
+            Finding(
+                "error",
+                "ca-unreachable",
+                subject,
+                " ".join(str(exc).split()) or "timed out",
+                "check that the CA runs and this host can reach it",
+            )
+        ]
+    return []
 
 
 AGENT_ADDRESS_FIX = "pass an agent's admin address (agent.toml `admin`, default 127.0.0.1:15000) with --agent"
@@ -437,7 +479,7 @@ def render(findings: list[Finding]) -> str:
     "--pin",
     default=None,
     metavar="sha256:HEX",
-    help="The root pin the CA must present (`hostmesh ca init` printed it).",
+    help="The pin new hosts are given: the CA must serve from its root (`hostmesh ca roots`: the active).",
 )
 @click.option("--trust-domain", default="hostmesh.local", show_default=True)
 @click.option("--no-ca", "skip_ca", is_flag=True, help="Do not check the CA.")

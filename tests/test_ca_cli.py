@@ -157,6 +157,51 @@ def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
+def _check_ca(hm: list[str], port: int, pin: str) -> tuple[int, set[str]]:
+    """`hostmesh check` of the CA at `port` alone with `pin`: its exit status and the CA's finding codes."""
+    out = subprocess.run(
+        [*hm, "check", "--ca", f"https://127.0.0.1:{port}", "--pin", pin, "-o", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    findings = json.loads(out.stdout)["findings"]
+    return out.returncode, {f["code"] for f in findings if f["subject"].startswith("ca ")}
+
+
+@pytest.mark.consul
+def test_check_pin_of_a_root_rotated_out_is_an_error_as_new_hosts_with_it_are_refused(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """After `ca rotate` the old root stays in the bundle, but the CA serves TLS from the new one and a
+    new host verifies it with its pinned root alone: `check --pin <old>` passed while such a host was
+    refused. It now says so; the active root's pin passes."""
+    d = tmp_path / "ca"
+    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
+    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+    old_pin = store.load(d).active.pin
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
+        assert _check_ca(hm, port, old_pin) == (0, set())
+        subprocess.run(
+            [*hm, "ca", "rotate", "--data-dir", str(d)], check=True, capture_output=True, timeout=60
+        )
+        new_pin = store.load(d).active.pin
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: _check_ca(hm, port, new_pin) == (0, set()), 30, "the CA serving from the new root")
+        assert _check_ca(hm, port, old_pin) == (1, {"ca-pin-not-active"})
+        assert _check_ca(hm, port, "sha256:" + "0" * 64) == (1, {"ca-pin"})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
 def _health(tls: ssl.SSLSocket, connection: str) -> dict:
     """One GET /v1/health on `tls`, its JSON (read to its Content-Length: the connection may stay)."""
     tls.sendall(f"GET /v1/health HTTP/1.1\r\nHost: ca\r\nConnection: {connection}\r\n\r\n".encode())
