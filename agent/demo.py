@@ -7,6 +7,8 @@ blocking them, then the metrics; Ctrl-C (or --once) stops everything cleanly.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -23,6 +25,16 @@ BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else
 
 def say(text: str) -> None:
     click.echo(f"{BOLD}==> {text}{RESET}")
+
+
+def cli_command() -> str:
+    """How this shell runs the `hostmesh` beside this interpreter: by name when PATH finds that one,
+    else by its path (`.venv/bin/hostmesh` after `make demo`, which puts nothing on PATH)."""
+    script = Path(sys.executable).parent / "hostmesh"
+    found = shutil.which("hostmesh")
+    if found and Path(found).resolve() == script.resolve():
+        return "hostmesh"
+    return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
 
 
 def show_metrics(text: str) -> None:
@@ -88,7 +100,8 @@ def main(once: bool) -> None:
 
         say("metrics of node-b (destination side)")
         show_metrics(b.metrics())
-        click.echo(f"\n{DIM}Logs and configs: {workdir}. Try: hostmesh --consul {consul.url} services{RESET}")
+        try_it = f"{cli_command()} --consul {consul.url} services"
+        click.echo(f"\n{DIM}Logs and configs: {workdir}. Try: {try_it}{RESET}")
         if not once:
             say("running; press Ctrl-C to stop everything")
             while not stop.wait(0.5):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,10 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 
 def test_demo_walkthrough_runs_and_stops_cleanly() -> None:
-    env = dict(os.environ, CONSUL_BIN=consul_binary())
+    # PATH as after `make demo`: the virtualenv's bin is not on it
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
+    env = dict(os.environ, CONSUL_BIN=consul_binary(), PATH=path)
     out = subprocess.run(
         [sys.executable, "-m", "hostmesh.agent.demo", "--once"],
         cwd=REPO,
@@ -29,3 +34,8 @@ def test_demo_walkthrough_runs_and_stops_cleanly() -> None:
     assert "reply: 'api says: and we are back'" in out.stdout
     assert 'hostmesh_authz_denied_total{destination_service="api"' in out.stdout
     assert out.stdout.rstrip().endswith("==> stopping")
+    # the command it suggests runs from where `make demo` ran, as printed
+    hint = next(line for line in out.stdout.splitlines() if "Try: " in line).split("Try: ")[1].split()
+    assert hint[1] == "--consul" and hint[3:] == ["services"], hint
+    program = hint[0] if os.sep in hint[0] else shutil.which(hint[0], path=path)
+    assert program and os.access(REPO / program, os.X_OK), hint
