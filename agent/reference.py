@@ -779,10 +779,16 @@ def write(root: Path) -> list[str]:
     return written
 
 
+USAGE = "usage: python -m hostmesh.agent.reference [--check] [ROOT]  (ROOT: the checkout, default .)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
     rest = [a for a in args if a != "--check"]
+    if len(rest) > 1 or any(a.startswith("-") for a in rest):  # `--help` is no ROOT to write docs into
+        print(USAGE, file=sys.stderr)
+        return 2
     root = Path(rest[0]) if rest else Path.cwd()
     missing, extra = undocumented_agent_keys()
     if missing or extra:

@@ -246,3 +246,14 @@ def test_the_documented_default_retries_are_the_agents() -> None:
     no_retries = parse_routes({"service": "api", "routes": [{"to": [{"weight": 100}]}]})
     for compiled in (CompiledRoutes.compile(None, "api"), CompiledRoutes.compile(no_retries)):
         assert [r.retry for r in compiled.routes] == [want]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["a", "b"]])
+def test_an_option_or_a_second_root_is_a_usage_error_not_a_folder_written(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m hostmesh.agent.reference --help` wrote every reference page under a new `--help/`."""
+    monkeypatch.chdir(tmp_path)
+    assert reference.main(args) == 2
+    assert capsys.readouterr().err.startswith("usage: ")
+    assert list(tmp_path.iterdir()) == []
