@@ -507,6 +507,12 @@ def check(
             parse_admin_address(address)
         except AdminAddressError as exc:
             raise click.ClickException(str(exc)) from None
+    if pin is not None:  # so is a malformed pin: it is no CA's fault, whatever each CA offers
+        from hostmesh.agent.config import normalized_pin
+
+        if normalized_pin(pin) is None:
+            expected = "expected sha256:<64 hex>, as `hostmesh ca roots` prints"
+            raise click.ClickException(f"--pin {pin!r}: {expected}")
     try:
         findings = asyncio.run(run_check(_settings(ctx), list(agents), ca, pin, trust_domain, skip_ca))
     except RegistryError as exc:

@@ -328,6 +328,14 @@ def test_an_address_the_client_cannot_use_as_given_is_one_line(
     assert line.startswith(f"Error: --agent {address!r}: {BAD_ADDRESSES[address]}"), line
 
 
+@pytest.mark.parametrize("pin", ["nonsense", "sha256:abc", "fa6725b91f6d2403"])
+def test_a_malformed_check_pin_is_one_line_not_a_finding_per_ca(pin: str) -> None:
+    """It was an `invalid CA pin` finding for each CA found (none when none was), under a fix about
+    root rotation; refused before Consul is asked, on a Consul address nothing listens on."""
+    line = fails(hm("--consul", f"http://127.0.0.1:{closed_port()}", "check", "--pin", pin))
+    assert line == f"Error: --pin {pin!r}: expected sha256:<64 hex>, as `hostmesh ca roots` prints", line
+
+
 @pytest.mark.parametrize("address", ["http://ops:s3cret@127.0.0.1:15000", "ops:s3cret@127.0.0.1:99999"])
 def test_credentials_in_an_agent_address_are_refused_without_echoing_them(address: str) -> None:
     line = fails(hm("status", "--agent", address))
