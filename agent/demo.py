@@ -60,6 +60,7 @@ def main(once: bool) -> None:
     echo = EchoServer(greeting=b"api says: ")
     web_app = EchoServer()
     mesh: LocalMesh | None = None
+    walked = False  # the walkthrough ran to its end: nothing in workdir to read afterwards
     try:
         say(f"starting a Consul dev agent ({consul.binary})")
         consul.start()
@@ -102,6 +103,7 @@ def main(once: bool) -> None:
         show_metrics(b.metrics())
         try_it = f"{cli_command()} --consul {consul.url} services"
         click.echo(f"\n{DIM}Logs and configs: {workdir}. Try: {try_it}{RESET}")
+        walked = True
         if not once:
             say("running; press Ctrl-C to stop everything")
             while not stop.wait(0.5):
@@ -113,6 +115,11 @@ def main(once: bool) -> None:
         consul.stop()
         echo.close()
         web_app.close()
+        # it holds a CA root key and join tokens: left behind, every run added one to /tmp
+        if walked:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            click.echo(f"    kept {workdir}: its logs say what went wrong")
 
 
 if __name__ == "__main__":

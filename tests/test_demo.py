@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def test_demo_walkthrough_runs_and_stops_cleanly() -> None:
     assert "reply: 'api says: and we are back'" in out.stdout
     assert 'hostmesh_authz_denied_total{destination_service="api"' in out.stdout
     assert out.stdout.rstrip().endswith("==> stopping")
+    # a clean run leaves nothing behind (its CA key, join tokens, logs)
+    workdir = Path(re.search(r"Logs and configs: (\S+)\. Try:", out.stdout).group(1))  # type: ignore[union-attr]
+    assert workdir.name.startswith("hostmesh-demo-") and not workdir.exists()
     # the command it suggests runs from where `make demo` ran, as printed
     hint = next(line for line in out.stdout.splitlines() if "Try: " in line).split("Try: ")[1].split()
     assert hint[1] == "--consul" and hint[3:] == ["services"], hint
