@@ -466,7 +466,8 @@ def token_revoke(ctx: click.Context, token_or_id: str) -> None:
     redeemed = asyncio.run(run())
     if redeemed is None:
         raise click.ClickException(
-            f"no join token {token_id} (a running CA removes tokens a day after they expire)"
+            f"no join token {token_id} in Consul: revoked already, expired over a day ago (a running CA "
+            "removes those), or never created on this Consul"
         )
     used = f"; it had obtained certificates for {', '.join(redeemed)}, which stay valid" if redeemed else ""
     click.echo(f"join token {token_id} revoked{used}")
