@@ -181,10 +181,11 @@ def ssl_context(settings: ConsulSettings) -> ssl.SSLContext | None:
     if settings.cert_file and settings.key_file:
         try:
             ctx.load_cert_chain(settings.cert_file, settings.key_file)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError too
+            from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
+
             raise InvalidSettings(
-                f"Consul client certificate {settings.cert_file} / key {settings.key_file}: "
-                f"cannot load: {_reason(exc)}"
+                f"Consul client certificate: {pair_problem(settings.cert_file, settings.key_file, exc)}"
             ) from None
     return ctx
 

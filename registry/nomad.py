@@ -127,9 +127,15 @@ class NomadSettings:
             _load_tls(what, lambda: context.load_verify_locations(cafile=self.ca_file))
         if self.cert_file and self.key_file:
             cert, key = self.cert_file, self.key_file
-            what = f"Nomad client certificate {cert} / key {key} ({self.source('cert_file')})"
-            # a passphrase-protected key gets "" instead of OpenSSL's prompt on the terminal
-            _load_tls(what, lambda: context.load_cert_chain(cert, key, password=lambda: ""))
+            try:  # a passphrase-protected key gets "" instead of OpenSSL's prompt on the terminal
+                context.load_cert_chain(cert, key, password=lambda: "")
+            except OSError as exc:  # ssl.SSLError too
+                from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
+
+                why = pair_problem(cert, key, exc)
+                raise InvalidSettings(
+                    f"Nomad client certificate ({self.source('cert_file')}): {why}"
+                ) from None
 
 
 def _load_tls(what: str, load: Callable[[], object]) -> None:

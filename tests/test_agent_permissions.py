@@ -15,6 +15,7 @@ import pytest
 
 from hostmesh.agent.config import ConfigError, check_permissions, check_readable_as, load_config
 from hostmesh.agent.localmesh import HOSTMESH, wait_for
+from tests.test_e2e_edges import OutsideCA
 
 PIN = "sha256:" + "0" * 64
 
@@ -298,7 +299,20 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     assert f"ingress listener 127.0.0.1:18443: {cert}: No such file or directory" in line
     assert validate(config, "--no-files").returncode == 0
     cert.write_text("-----BEGIN CERTIFICATE-----\n")  # there now; the key is what is missing
-    assert f"ingress listener 127.0.0.1:18443: {key}: " in one_line_error(validate(config))
+    assert f"ingress listener 127.0.0.1:18443: {key}: No such file" in one_line_error(validate(config))
+    # OpenSSL said "[SSL] PEM lib (_ssl.c:3905)" for each of these, naming neither file's fault
+    ca = OutsideCA(tmp_path, "outside")
+    good_cert, good_key = ca.leaf("a.example.test")
+    shutil.copy(good_key, key)
+    assert f"{cert}: holds no PEM certificate" in one_line_error(validate(config))
+    other_cert, _ = ca.leaf("b.example.test")
+    shutil.copy(other_cert, cert)
+    assert f"{key} is not the key of the certificate in {cert}" in one_line_error(validate(config))
+    shutil.copy(good_cert, cert)
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    assert f"{key}: holds no PEM private key" in one_line_error(validate(config))
+    shutil.copy(good_key, key)
+    assert validate(config).returncode == 0
 
 
 def test_a_gateway_certificate_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:

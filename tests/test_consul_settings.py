@@ -160,6 +160,37 @@ def test_cert_from_one_level_and_key_from_another_pair_up() -> None:
     assert (got.cert_file, got.key_file) == ("/cli/c.pem", "/env/k.pem")
 
 
+def test_a_client_certificate_pair_that_does_not_load_names_the_file_at_fault(tmp_path: Path) -> None:
+    """OpenSSL says `[SSL] PEM lib (_ssl.c:3905)` for a file holding no certificate and for one
+    holding no key alike: the message named both files and left the operator to guess."""
+    from hostmesh.registry.consul import ssl_context
+    from tests.test_e2e_edges import OutsideCA
+
+    cert, key = OutsideCA(tmp_path, "consul-ca").leaf("client.test")
+
+    def problem(cert_file: Path, key_file: Path) -> str:
+        env = {"CONSUL_CLIENT_CERT": str(cert_file), "CONSUL_CLIENT_KEY": str(key_file)}
+        settings = resolve(env={"CONSUL_HTTP_ADDR": "https://127.0.0.1:8501", **env})
+        with pytest.raises(InvalidSettings) as err:
+            ssl_context(settings)
+        return str(err.value)
+
+    assert problem(key, key) == f"Consul client certificate: {key}: holds no PEM certificate"
+    assert (
+        problem(cert, cert)
+        == f"Consul client certificate: {cert}: holds no PEM private key of a kind TLS can use"
+    )
+    other, _ = OutsideCA(tmp_path, "other-ca").leaf("other.test")
+    assert (
+        problem(other, key)
+        == f"Consul client certificate: {key} is not the key of the certificate in {other}"
+    )
+    assert (
+        problem(cert, tmp_path / "gone.key")
+        == f"Consul client certificate: {tmp_path / 'gone.key'}: No such file or directory"
+    )
+
+
 def test_token_file_is_read_and_stripped(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("  0b1e5d6a-1111-2222-3333-444455556666\n")

@@ -564,11 +564,10 @@ class CertSet:
             ctx.set_alpn_protocols(["http/1.1"])
             try:
                 ctx.load_cert_chain(c.cert_file, c.key_file)
-            except (OSError, ssl.SSLError) as exc:
-                why = getattr(exc, "strerror", None) or exc
-                # the file this process cannot read, when that is why (the key, often), else the pair
-                bad = next((p for p in (c.cert_file, c.key_file) if not os.access(p, os.R_OK)), c.cert_file)
-                msg = f"ingress listener {self.listener.bind}: {bad}: {why}"
+            except OSError as exc:  # ssl.SSLError too
+                from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
+
+                msg = f"ingress listener {self.listener.bind}: {pair_problem(c.cert_file, c.key_file, exc)}"
                 if force and not self.contexts:
                     raise OSError(msg) from None
                 log.error("%s; keeping the certificates in use", msg)

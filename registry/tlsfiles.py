@@ -1,0 +1,48 @@
+"""Why a certificate and key pair did not load, in one line naming the file at fault.
+
+`ssl.SSLContext.load_cert_chain` says `[SSL] PEM lib (_ssl.c:3905)` for a file that holds no
+certificate, a file that holds no key, and a key file given as the certificate alike: an operator
+could not tell which of the two files to look at. The pair is read again here, on the failure path
+only, to say which.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str] | None, exc: OSError) -> str:
+    """What is wrong with the pair `load_cert_chain(cert, key)` refused with `exc` (an ssl.SSLError
+    is an OSError): the file that cannot be read (OpenSSL opens them: `exc` names neither), the file
+    that holds no certificate or no usable key, or a key that is not the certificate's."""
+    cert_file = os.fspath(cert)
+    key_file = os.fspath(key) if key is not None else cert_file
+    try:
+        cert_pem = _read(cert_file)
+        key_pem = _read(key_file)
+    except OSError as read_exc:
+        return f"{read_exc.filename}: {read_exc.strerror or read_exc}"
+    if not isinstance(exc, ssl.SSLError):
+        return f"{cert_file} / {key_file}: {exc.strerror or exc}"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{key_file} is not the key of the certificate in {cert_file}"
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        return f"{cert_file}: holds no PEM certificate"
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        return f"{key_file}: the key is encrypted; hostmesh takes an unencrypted key (mode 0600)"
+    except (ValueError, NotImplementedError):
+        return f"{key_file}: holds no PEM private key of a kind TLS can use"
+    return f"{cert_file} / {key_file}: {exc.reason or exc}"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
