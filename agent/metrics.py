@@ -318,9 +318,9 @@ class Telemetry:
         )
         self.ejected = Gauge(
             "hostmesh_upstream_ejected_endpoints",
-            "distinct instances of the upstream ejected by outlier detection in any listener of the agent "
-            "process that calls it (an ingress gateway's included); with `workers` > 1, the largest of "
-            "the processes' counts",
+            "distinct instances of the upstream ejected by outlier detection (HTTP) or passive health "
+            "(TCP) in any listener of the agent process that calls it (an ingress gateway's included); "
+            "with `workers` > 1, the largest of the processes' counts",
             ("upstream",),
             registry=r,
         )

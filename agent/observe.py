@@ -166,6 +166,7 @@ def refresh_health(agent: Any) -> None:
         name = f"{stats['local_service']}->{upstream}"
         conns[name] = conns.get(name, 0) + int(stats.get("active_connections", 0))  # TCP, HTTP or UDP
         ejected.setdefault(upstream, set()).update(http.get("ejected", ()) if http else ())
+        ejected[upstream].update(stats.get("ejected", ()))  # its TCP path's (outbound.Ejections)
     for gateway in getattr(agent, "gateways", ()):
         conns[f"ingress:{gateway.name}"] = gateway.open_connections()
         for upstream, http in gateway.http_stats().items():

@@ -28,6 +28,7 @@ from hostmesh.agent.localmesh import (
     roundtrip,
     wait_for,
 )
+from hostmesh.agent.proxy.outbound import L4_OUTLIER
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from tests.support import ConsulDev
 
@@ -176,6 +177,47 @@ def test_upstream_with_no_healthy_instance_closes_promptly(mesh: TwoHosts) -> No
     assert roundtrip(a.binds["api"], b"anyone?", timeout=3) == b""
     assert time.monotonic() - t0 < 2.0
     assert "no healthy" in a.proc.log().lower()
+
+
+def test_an_instance_whose_app_refuses_is_ejected_after_a_few_connections(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """One instance's app stops (its port refuses) while its agent runs and Consul's check has not
+    failed yet: the caller's agent ejects it after L4_OUTLIER.consecutive_5xx connections in a row
+    that never reached its app, and the app's next connections all reach the other instance. (Round
+    robin sent it every other connection, each reset, until Consul's check failed; least
+    connections nearly all of them, since it kept none open.)"""
+    good, bad, web_app = EchoServer(), EchoServer(), EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca()
+        unprobed = {"tcp": True, "interval": 3600}  # Consul's check does not see the app go meanwhile
+        b = m.write_agent_config("node-b", [{"name": "api", "port": good.port, "health": unprobed}])
+        c = m.write_agent_config("node-c", [{"name": "api", "port": bad.port, "health": unprobed}])
+        a = m.write_agent_config("node-a", [{"name": "web", "port": web_app.port, "upstreams": ["api"]}])
+        for handle in (b, c, a):
+            m.start_agent(handle)
+        m.wait_endpoints(a, "api", 2)
+        bad.close()
+        answers = [
+            roundtrip(a.binds["api"], b"ping", ECHO_TIMEOUT) for _ in range(4 * L4_OUTLIER.consecutive_5xx)
+        ]
+        assert answers.count(b"") <= L4_OUTLIER.consecutive_5xx, answers
+        assert answers[-2 * L4_OUTLIER.consecutive_5xx :] == [b"ping"] * (2 * L4_OUTLIER.consecutive_5xx), (
+            answers
+        )
+        _, clusters = a.get("/v1/clusters")
+        (api,) = [u for u in clusters["upstreams"] if u["upstream"] == "api"]
+        (refusing,) = [
+            e["instance_id"] for e in api["endpoints"] if e["address"].endswith(f":{c.inbound_port}")
+        ]
+        assert api["ejected"] == [refusing]
+        assert metric_value(a.metrics(), "hostmesh_upstream_ejected_endpoints", upstream="api") == 1
+        assert f"ejected {refusing} " in a.proc.log()
+    finally:
+        m.close()
+        for app in (good, bad, web_app):
+            app.close()
 
 
 def test_consul_restart_watches_resume_without_agent_restart(

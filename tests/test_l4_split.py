@@ -368,3 +368,30 @@ async def test_each_udp_flow_goes_to_the_subset_the_route_documents_weights_pick
         assert metric_sample(out.telemetry, "hostmesh_udp_dropped_total", reason="no_upstream") == dropped + 1
     finally:
         await out.close()
+
+
+def test_passive_health_leaves_out_an_ejected_instance_and_uses_all_when_none_is_left() -> None:
+    """outbound.Ejections, sans IO: after L4_OUTLIER.consecutive_5xx failures in a row an instance is left
+    out of the list picks use (the same tuple every time, so the balancers do not resync); a success
+    in between ends the run; the one instance of an upstream is never left out (nowhere else to go)."""
+    from hostmesh.agent.proxy.outbound import L4_OUTLIER, Ejections
+
+    eps = tuple(Endpoint(f"api-{i}", f"node-{i}", f"127.0.0.{i + 1}", 20000) for i in range(3))
+    ej = Ejections()
+    ej.follow(eps)
+    for _ in range(L4_OUTLIER.consecutive_5xx - 1):
+        ej.failed(eps[2], "api", "refused")
+    ej.reached(eps[2])
+    for _ in range(L4_OUTLIER.consecutive_5xx - 1):
+        ej.failed(eps[2], "api", "refused")
+    assert not ej.active and ej.ejected() == []
+    ej.failed(eps[2], "api", "refused")
+    assert ej.active and ej.ejected() == ["api-2"]
+    serving = ej.serving(eps)
+    assert serving == eps[:2] and ej.serving(eps) is serving
+
+    alone = Ejections()
+    alone.follow(eps[:1])
+    for _ in range(L4_OUTLIER.consecutive_5xx):
+        alone.failed(eps[0], "api", "refused")
+    assert alone.ejected() == ["api-0"] and alone.serving(eps[:1]) == eps[:1]

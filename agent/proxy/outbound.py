@@ -25,6 +25,14 @@ Decisions:
 - The L4 picks (agent/l7/balancer.py LeastConnections, one per subset of the split: split.py):
   round robin over the snapshot's instance list (the subset's), and least connections over this
   listener's open streams, ties rotated so they spread.
+- Passive health (`Ejections`, the L7 outlier detection's core, agent/l7/outlier.py, with its
+  defaults): an instance that failed L4_OUTLIER.consecutive_5xx new connections in a row, none of
+  which reached its app (its agent could not be dialed, or its agent answered the stream's OPEN with
+  a reset naming UF: the app refused or did not accept in time), is left out of the picks for 30 s
+  (doubling while it keeps failing, at most 300 s), at most 10 % of the instances or one. All
+  ejected: every instance is picked as before (panic). A connection that reached the app (ended
+  without a flag, or had an answer) resets the run. Round robin sends a refusing app one connection
+  in N until Consul's check fails; least connections sent it nearly all (it keeps none open).
 - The TCP series' `destination_subset` and the access line's are the subset the split picked; without
   one (no split, or a destination naming no subset), the instance's `version` meta.
 """
@@ -41,6 +49,7 @@ from hostmesh.agent import audit
 from hostmesh.agent.config import UpstreamConfig
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.balancer import LeastConnections
+from hostmesh.agent.l7.outlier import OutlierDetector, OutlierPolicy
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
@@ -59,6 +68,66 @@ BACKLOG = 1024  # accept queue; bursts of new connections wait here rather than 
 LOG_EVERY = 1.0  # seconds: refusals are logged at most once per interval (then a count of the rest)
 REPORTER = "source"
 FAILURES_SLACK = 16  # per-instance dial failure counts kept beyond twice the upstream's instances
+# Passive health of TCP upstreams: the L7 outlier detection's defaults (Envoy's): five connections in a
+# row that never reached the app are a pattern, a 30 s ejection, at most 10 % of the instances or one
+L4_OUTLIER = OutlierPolicy()
+
+
+class Ejections:
+    """One listener's passive health of its upstream's instances (keyed by instance ID): the outlier
+    detector fed by its connections, and the instance lists picks use while some are ejected (one
+    tuple per list and ejection state, so the balancers' buckets resync only when that changes).
+    Per connection while every instance is fine: two attribute reads (`active`, `failing`)."""
+
+    __slots__ = ("_serving", "_version", "active", "detector", "failing", "known")
+
+    def __init__(self) -> None:
+        self.detector = OutlierDetector(L4_OUTLIER)
+        self.known: tuple[Endpoint, ...] | None = None  # the upstream's instances the detector follows
+        self.active = False  # some instance is ejected (until a pick finds none left)
+        self.failing: set[str] = set()  # instances with failures since their last success
+        self._serving: dict[int, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]] = {}  # id(list) ->
+        self._version = -1  # the detector's version `_serving` was made at
+
+    def follow(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """The upstream's instances now (a new snapshot's list): known ones keep their state."""
+        self.known = endpoints
+        ids = [e.instance_id for e in endpoints]
+        self.detector.set_hosts(ids)
+        self.failing &= set(ids)
+
+    def serving(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        """`endpoints` without the ejected instances (all of them when every one is ejected)."""
+        od = self.detector
+        ejected = od.ejected(time.monotonic())  # (returns those whose time is up)
+        if od.version != self._version:
+            self._version, self._serving = od.version, {}
+        if not ejected:
+            self.active = False
+            return endpoints
+        kept = self._serving.get(id(endpoints))
+        if kept is None or kept[0] is not endpoints:
+            left = tuple(e for e in endpoints if e.instance_id not in ejected) or endpoints
+            kept = self._serving[id(endpoints)] = (endpoints, left)
+        return kept[1]
+
+    def failed(self, ep: Endpoint, service: str, why: str) -> None:
+        """A connection to `ep` never reached its app."""
+        self.failing.add(ep.instance_id)
+        if self.detector.report(ep.instance_id, 0, time.monotonic()):
+            self.active = True
+            log.warning("outbound: ejected %s (%s:%d) of %s: %d connections in a row never reached its "
+                        "app (last: %s)", ep.instance_id, ep.address, ep.port, service,
+                        L4_OUTLIER.consecutive_5xx, why)  # fmt: skip
+
+    def reached(self, ep: Endpoint) -> None:
+        """A connection to `ep` reached its app: its run of failures ends."""
+        self.failing.discard(ep.instance_id)
+        self.detector.success(ep.instance_id)
+
+    def ejected(self) -> list[str]:
+        """The instances ejected now (/v1/clusters)."""
+        return sorted(self.detector.ejected(time.monotonic()))
 
 
 class _Downstream(RawEnd):
@@ -100,6 +169,7 @@ class OutboundListener(ListenerLifecycle):
         # the route document's split, and the open streams per instance and picks over them (per subset)
         self._split = Splitter(upstream.service, "tcp", rng)
         self._failures: dict[PoolKey, int] = {}
+        self.ejections = Ejections()  # passive health of the upstream's instances
         self._ctx: Any = None
         self._closing = False
         self._port = 0
@@ -209,7 +279,12 @@ class OutboundListener(ListenerLifecycle):
         if not endpoints:
             self._refuse(end, flags.UH, f"no healthy instance of {up}")
             return
+        ejections = self.ejections
+        if endpoints is not ejections.known:
+            self._follow(endpoints)
         subset, endpoints, conns = self._split.choose(snap, endpoints)  # the route document's split
+        if ejections.active:
+            endpoints = ejections.serving(endpoints)
         if not endpoints:
             self._refuse(end, flags.UH, f"no healthy instance of {up} in subset {subset}", subset or "")
             return
@@ -255,6 +330,13 @@ class OutboundListener(ListenerLifecycle):
             why = f"{got.tried} instance(s) of {up.service}{where} failed within the budget: {got.last}"
             self._refuse(end, got.last.flag, why, subset or "")
 
+    def _follow(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """The upstream's instances changed (a new snapshot's list): what is kept per instance follows
+        (ejections by instance ID; dial failure counts by address, so one used again starts from zero)."""
+        self.ejections.follow(endpoints)
+        here = {(e.address, e.port) for e in endpoints}
+        self._failures = {k: n for k, n in self._failures.items() if k in here}
+
     def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
         """Counted per instance (stats: connect_failures); a peer with the wrong identity is always logged.
         The counts of instances no longer among the upstream's go (now and then: when they outnumber
@@ -262,6 +344,9 @@ class OutboundListener(ListenerLifecycle):
         failures = self._failures
         failures[key] = failures.get(key, 0) + 1
         current = self.holder.current.endpoints.get(self.upstream.service, ())
+        for ep in current:
+            if (ep.address, ep.port) == key:  # (its agent's: every instance on that node)
+                self.ejections.failed(ep, self.upstream.service, str(exc))
         if len(failures) > 2 * len(current) + FAILURES_SLACK:
             here = {(e.address, e.port) for e in current}
             self._failures = {k: n for k, n in failures.items() if k in here or k == key}
@@ -301,16 +386,20 @@ class OutboundListener(ListenerLifecycle):
         series = self.telemetry.tcp_series(REPORTER, self.local_service, self.upstream.service, label)
         series.opened.inc()
         counted = conns if conns is not None else self._split.every
-        pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, label, counted))
+        pipe = Pipe(end, conn.open_stream(), series, self._done, info=(key, label, counted, ep))
         counted.acquire(key)
         self.tracker.add(pipe)
         pipe.start()
 
     def _done(self, pipe: Pipe) -> None:
-        key, subset, counted = pipe.info
+        key, subset, counted, ep = pipe.info
         self.tracker.remove(pipe)
         counted.release(key)  # where it was counted, whatever the split is now (no key kept at zero)
         series = pipe.series
+        if pipe.flags == flags.UF and not pipe.down:  # its agent could not connect the app
+            self.ejections.failed(ep, self.upstream.service, "its agent could not connect the app")
+        elif self.ejections.failing and (pipe.down or not pipe.flags):
+            self.ejections.reached(ep)
         if pipe.flags:
             series = self.telemetry.tcp_series(
                 REPORTER, self.local_service, self.upstream.service, subset, pipe.flags
@@ -356,6 +445,7 @@ class OutboundListener(ListenerLifecycle):
                 open_connections.get(key, 0), "connect_failures": self._failures.get(key, 0),
                 "pool_idle": self.pool.idle_count(key),
             })  # fmt: skip
+        ejected = self.ejections.ejected()
         return {
             "local_service": self.local_service,
             "upstream": self.upstream.service,
@@ -363,6 +453,7 @@ class OutboundListener(ListenerLifecycle):
             "load_balancer": self.upstream.load_balancer,
             "active_connections": len(self.tracker) + (http["client_connections"] if http else 0),
             "endpoints": endpoints,
+            "ejected": ejected,  # passive health of the TCP path (Ejections; HTTP's are under `http`)
             "pool": {
                 "connections": self.pool.connection_count(),
                 "streams": self.pool.stream_count(),
