@@ -35,7 +35,7 @@ from hostmesh.agent.proxy.connect import Connected, Unreachable, connect_within_
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
-from hostmesh.agent.proxy.outbound import FAILURES_SLACK, OutboundListener
+from hostmesh.agent.proxy.outbound import FAILURES_SLACK, L4_OUTLIER, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool, DialError
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
@@ -1215,6 +1215,35 @@ async def test_connect_timeout_moves_to_another_instance(mesh: Mesh) -> None:
             await async_wait_until(lambda: ob.active_connections == 0, what="finished")
         endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]
         assert endpoints[0]["connect_failures"] == 1
+    finally:
+        silent.close()
+        for w in held:
+            w.transport.abort()
+
+
+async def test_an_instance_whose_agent_never_answers_is_ejected_after_a_few_dials(mesh: Mesh) -> None:
+    """An instance whose agent takes the TCP connect but never answers the TLS handshake (hung, its
+    accept queue full) while Consul still lists it: each connection that started on it waited
+    connect_timeout before moving on, for as long as it was listed (one in two here; nearly every
+    one with least connections, since it keeps none open). After L4_OUTLIER.consecutive_5xx failed
+    dials it is ejected: no connection dials it again."""
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    silent_port = int(silent.sockets[0].getsockname()[1])
+    try:
+        eps = {"api": [(silent_port, {}), (mesh.inbound.port, {})]}
+        holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        ob = await mesh.add_outbound(holder, connect_timeout=0.2, connect_budget=2.0)
+        for i in range(4 * L4_OUTLIER.consecutive_5xx):
+            r, w = await mesh.connect(ob)
+            w.write(b"e%d" % i)
+            w.write_eof()
+            assert await read_all(r) == b"e%d" % i  # moved on within the budget, or never went there
+            w.close()
+            await async_wait_until(lambda: ob.active_connections == 0, what="finished")
+        endpoints: list[dict[str, Any]] = ob.stats()["endpoints"]  # type: ignore[assignment]
+        assert endpoints[0]["connect_failures"] == L4_OUTLIER.consecutive_5xx
+        assert ob.stats()["ejected"] == [endpoints[0]["instance_id"]]
     finally:
         silent.close()
         for w in held:
