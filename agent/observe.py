@@ -171,6 +171,8 @@ def refresh_health(agent: Any) -> None:
         conns[f"ingress:{gateway.name}"] = gateway.open_connections()
         for upstream, http in gateway.http_stats().items():
             ejected.setdefault(upstream, set()).update(http.get("ejected", ()))
+        for upstream, instances in gateway.tcp_ejected().items():  # its TLS passthrough's
+            ejected.setdefault(upstream, set()).update(instances)
     for name, n in conns.items():
         t.active_connections.labels(name).set(float(n))
     snap = agent.builder.holder.current if hasattr(agent, "builder") else None

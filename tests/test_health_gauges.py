@@ -23,7 +23,8 @@ from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.observe import refresh_health
 from hostmesh.agent.proxy.http_outbound import HttpOutbound
-from hostmesh.agent.proxy.outbound import OutboundListener
+from hostmesh.agent.proxy.outbound import L4_OUTLIER, OutboundListener
+from hostmesh.agent.snapshot import Endpoint
 from hostmesh.registry.schema import parse_policy
 from tests.support import async_wait_until
 from tests.support import metric_sample as sample
@@ -94,6 +95,24 @@ def test_an_ingress_gateways_client_connections_are_active_connections(loop: str
             assert active(a, "ingress:edge") == 1
             writer.close()
             await async_wait_until(lambda: active(a, "ingress:edge") == 0, WAIT, "the connection closed")
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_ingress_gateways_tls_passthrough_ejections_are_counted(loop: str, tmp_path: Path) -> None:
+    """The TCP outbound a gateway's TLS passthrough relays to a mesh service by ejects instances as an
+    app's does (outbound.Ejections): the gauge counted the gateway's HTTP ejections only."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            a = agent(Telemetry(), gateways=[g.gateway])
+            ejections = g.gateway.tcp_outbound("db").ejections
+            eps = (Endpoint("db-0", "n0", "127.64.0.1", 15001), Endpoint("db-1", "n1", "127.64.0.2", 15001))
+            ejections.follow(eps)
+            for _ in range(L4_OUTLIER.consecutive_5xx):  # connections that never reached db-0's app
+                ejections.failed(eps[0], "db", "refused")
+            assert gauge(a, "hostmesh_upstream_ejected_endpoints", upstream="db") == 1
 
     run(loop, body)
 

@@ -831,6 +831,10 @@ class IngressGateway:
         its outlier ejections among them)."""
         return {service: out.stats() for service, out in self._http_out.items()}
 
+    def tcp_ejected(self) -> dict[str, list[str]]:
+        """Mesh service -> the instances its TLS passthrough outbound ejected (outbound.Ejections)."""
+        return {service: out.ejections.ejected() for service, out in self._tcp_out.items()}
+
     def passthrough(self, end: _ClientHello, sni: str | None) -> None:
         snap = self.holder.current
         doc = snap.gateways.get(self.name)
