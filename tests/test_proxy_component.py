@@ -1141,6 +1141,52 @@ async def test_a_udp_flow_ends_when_its_callers_certificate_expires(
     ]
 
 
+async def test_a_talking_udp_flow_moves_to_the_renewed_certificate_before_the_old_one_ends(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect: a flow stayed on the mux connection that presented the caller's certificate as it was
+    when the flow began. A statsd or syslog client that never goes quiet kept it past the caller's
+    renewal, until that old certificate ended: the destination then refused the connection as an
+    expired caller's, an audit denial (`caller certificate has expired`) and the flow's line AUTHZ,
+    every renewal. Now the client's first datagram after the renewal moves the flow to a connection
+    presenting the new certificate; the old one ends unrefused."""
+    short = mesh.ca.material(["web"], ttl=dt.timedelta(seconds=3))
+    ends = time.time() + 3  # (the leaf's not_after, give or take a second)
+    async with udp_echo_as_api(mesh, idle_timeout=2.0):  # the inbound's sweep looks every 0.5 s
+        holder = SnapshotHolder(snapshot({"web": 1}, short, {"api": [(mesh.inbound.port, {})]}))
+        out = UdpOutbound(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), protocol="udp"),
+                          mesh.tel_a)  # fmt: skip
+        await out.start()
+        loop = asyncio.get_running_loop()
+        echoes: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                echoes.put_nowait(data)
+
+        client, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", out.port))
+        caplog.set_level(logging.WARNING, "hostmesh.audit")
+        caplog.set_level(logging.INFO, "hostmesh.access")
+        try:
+            client.sendto(b"before")
+            assert await asyncio.wait_for(echoes.get(), IO_TIMEOUT) == b"before"
+            holder.swap(dataclasses.replace(holder.current, tls=mesh.ca.material(["web"], gen=2)))  # renewed
+            # the client talks on, a datagram every 0.1 s, past the old certificate's end and a sweep
+            for n in range(200):  # bounded: 20 s of the client's rhythm
+                if time.time() > ends + 2:
+                    break
+                client.sendto(b"%d" % n)
+                assert await asyncio.wait_for(echoes.get(), IO_TIMEOUT) == b"%d" % n
+                await asyncio.sleep(0.1)
+            assert out.pool.handshakes == 2  # the renewed certificate is presented on a new handshake
+        finally:
+            client.close()
+            await out.close()
+    assert [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"] == []  # type: ignore[attr-defined]
+    access = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
+    assert [a["response_flags"] for a in access if a["response_flags"] not in ("", "-")] == []
+
+
 async def test_caller_tls_change_drops_pooled_connections(mesh: Mesh) -> None:
     await _one_exchange(mesh)
     mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, tls=mesh.ca.material(["web"], gen=2)))

@@ -51,7 +51,9 @@ Decisions:
 - A running flow follows health: a client's datagram on a flow whose instance's agent is no longer
   among the upstream's healthy instances (checked when the snapshot changed: an identity test per
   datagram otherwise) ends that flow and opens a new one, so a client that keeps sending does not
-  stay on an instance Consul marked critical.
+  stay on an instance Consul marked critical. So does a flow whose mux connection presented a
+  certificate we have since renewed: at that certificate's end the destination would refuse the
+  connection as an expired caller's (an audit denial, the flow's line AUTHZ).
 - A stop drains (`drain_seconds`, as TCP connections): new clients are dropped (`draining`) and
   running flows go on until each has been quiet for DRAIN_QUIET (a query's answer came back) or
   the drain is over, on their instance even if it left the healthy ones (no new flow could take
@@ -509,7 +511,8 @@ class UdpOutbound:
 
     def _still_healthy(self, flow: _OutFlow) -> bool:
         """The snapshot changed since `flow` last looked: is its instance's agent still among the
-        upstream's healthy instances? (An opening or refused flow has none yet: it stays.)"""
+        upstream's healthy instances, and its connection made with our current certificate? (An
+        opening or refused flow has none yet: it stays.)"""
         snap = self.holder.current
         if flow.state is not FlowState.OPEN:
             return True
@@ -518,6 +521,11 @@ class UdpOutbound:
             agents = frozenset((e.address, e.port) for e in snap.endpoints.get(self.upstream.service, ()))
             self._healthy = (snap, agents)
         if flow.endpoint not in agents:
+            return False
+        # renewed (or a new bundle): the destination refuses a connection that presented the old
+        # certificate once it ends, with an audit denial, so the flow moves to one with the new
+        conn = cast(MeshClient | None, flow.stream.conn if flow.stream is not None else None)
+        if conn is not None and conn.ctx is not snap.tls.client.get(self.local_service):
             return False
         flow.snap = snap
         return True
