@@ -145,3 +145,31 @@ def test_a_flow_failed_by_a_protocol_error_writes_its_line_with_the_flag(
         flow.fail("UPE")  # MuxConnection.protocol_error: every stream's pipe.fail(UPE)
     lines = [r.fields for r in caplog.records if r.name == "hostmesh.access"]  # type: ignore[attr-defined]
     assert [x["response_flags"] for x in lines] == ["UPE"]
+
+
+def test_a_new_client_at_the_flow_limit_takes_the_place_of_a_quiet_flow(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resolver uses a new port per query: each held one of the listener's MAX_FLOWS flows for
+    udp_idle_timeout though answered at once, and past the limit every new client was dropped
+    (`flows`, with no line) until flows idled out. Now a flow quiet EVICT_QUIET ends for the new
+    client; flows still talking keep their place, the new client's datagram is dropped then, and
+    both are said, at a bounded rate."""
+    monkeypatch.setattr(udp, "MAX_FLOWS", 3)
+    out, tel = listener()
+    flows = []
+    for port in (5000, 5001, 5002):
+        flow = _OutFlow(out, ("127.0.0.1", port))
+        flow.state = FlowState.OPEN
+        out.flows[flow.addr] = flow
+        flows.append(flow)
+    with caplog.at_level(logging.WARNING, logger="hostmesh.proxy.udp"):
+        out.datagram(b"query", ("127.0.0.1", 6000))  # all three talking: no place for it
+        assert dropped(tel, "flows") == 1 and len(out.flows) == 3
+        flows[1].last -= udp.EVICT_QUIET  # its answer came back EVICT_QUIET ago
+        out.datagram(b"query", ("127.0.0.1", 6001))
+    assert dropped(tel, "flows") == 1 and flows[1].state is FlowState.CLOSED
+    assert ("127.0.0.1", 5001) not in out.flows and flows[0].state is flows[2].state is FlowState.OPEN
+    assert dropped(tel, "no_upstream") == 1  # (the new client's flow went on: no instance here yet)
+    said = [r.getMessage() for r in caplog.records if "the most a listener holds" in r.getMessage()]
+    assert len(said) == 2 and "dropped the datagram of" in said[0] and "ends for" in said[1]

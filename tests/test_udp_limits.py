@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 LARGEST = 65_507  # the largest UDP payload over IPv4
 SETTLE = 15.0  # seconds for the agents to account for what the clients sent (it takes milliseconds)
+RETRY_WAIT = 0.5  # seconds a client waits for an answer before it asks again (a resolver's retry)
 
 
 class Pair(NamedTuple):
@@ -144,6 +145,32 @@ def test_inbound_flows_hold_slots_under_the_connection_cap(pair: Callable[..., P
         for s in fresh:
             s.close()
     assert metric_value(p.b.metrics(), "hostmesh_overload_rejected_total") == clients - served
+
+
+def test_a_new_port_per_query_client_is_served_past_udp_s_share_of_the_cap(pair: Callable[..., Pair]) -> None:
+    """A resolver asks each query from a new port: every answered query held a flow, its app socket
+    and its slot, for udp_idle_timeout (60 s), so at the default max_connections of 10,000 the
+    destination refused every flow (OM) past 5,000 queries a minute, 83 a second. Now a new flow
+    past UDP's share takes the slot of a flow quiet EVICT_QUIET, and node-b's log says so."""
+    p = pair(b_extra=f"max_connections = {CAP}")  # both agents keep idle flows 60 s (the default)
+    served = int(CAP * UDP_CAP_SHARE)
+    for i in range(served):  # each query from its own port, answered
+        with udp_socket() as s:
+            s.sendto(b"query %d" % i, ("127.0.0.1", p.bind))
+            assert echoes([s], 1) == 1
+    with udp_socket() as s:
+        # the next one's flow is refused (OM) until a flow has been quiet EVICT_QUIET; the client
+        # asks again after each timeout, as a resolver does
+        answered = False
+        for _ in range(int(SETTLE / RETRY_WAIT)):  # bounded: SETTLE seconds of asking
+            s.sendto(b"one more", ("127.0.0.1", p.bind))
+            if echoes([s], 1, RETRY_WAIT):
+                answered = True
+                break
+    assert answered
+    assert flows_opened(p.b, "destination", "") == served + 1
+    assert log_lines(p.b, "a flow quiet") == 1
+    assert echo_stats(p.a)["flows"] == served  # node-a ended the quiet one: its RESET came before the answer
 
 
 def test_app_socket_failures_are_logged_at_a_bounded_rate(pair: Callable[..., Pair]) -> None:

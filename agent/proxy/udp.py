@@ -28,6 +28,9 @@ Decisions:
   in `hostmesh_overload_rejected_total{listener="inbound"}`). An outbound flow holds no
   socket of its own (the listener's, and one pooled mux connection per MAX_STREAMS_PER_CONN flows):
   it takes no slot; MAX_FLOWS bounds a listener's flows (`flows` beyond).
+- At either flow limit a new client first takes the place of a flow quiet EVICT_QUIET (_quiet_flow):
+  a resolver's query per port holds a flow until the idle timeout though answered at once, and the
+  share filled at 83 queries a second; a client that talks keeps its flow (and its app-side port).
 - A deny stops a flow in both directions: a datagram either way first compares the snapshot with
   the one the flow was authorized against (an identity check) and re-reads intentions only when
   it changed; denied, the flow is closed (RESET to the caller, app socket closed).
@@ -76,6 +79,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import itertools
 import logging
 import socket
 import time
@@ -115,6 +119,12 @@ QUEUED_OVERHEAD = 64  # bytes charged per held datagram besides its payload (its
 # makes a flow per port (up to MAX_FLOWS per caller listener), and the rest stays for TCP and HTTP
 UDP_CAP_SHARE = 0.5
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
+# at a flow limit (MAX_FLOWS, UDP's share of the cap) a new client takes the place of a flow quiet this
+# long: a resolver uses a new port per query, each holding a flow for udp_idle_timeout (5,000 flows a
+# minute: 83 queries a second filled the share) though answered in milliseconds; a game or voice client
+# sends many times a second, so it keeps its flow (and the port the app knows it by)
+EVICT_QUIET = 2.0
+EVICT_SCAN = 32  # flows looked at, oldest first, for one that quiet: the work a new client costs at a limit
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
 # a flow its destination refused drops its client's datagrams this long before one asks again
@@ -190,6 +200,20 @@ def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: 
         counters.dropped("backpressure")
         return
     counters.carried(direction, 0)
+
+
+def _quiet_flow(flows: dict[Any, Any]) -> _Flow | None:
+    """At a flow limit: of the first EVICT_SCAN of `flows` (oldest first), one quiet EVICT_QUIET and
+    not opening (its datagrams are held for it), or None. Those still talking move to the back, so
+    the next look sees others (a second chance, as a clock sweep gives)."""
+    quiet = time.monotonic() - EVICT_QUIET
+    for key in list(itertools.islice(flows, EVICT_SCAN)):
+        flow = flows[key]
+        if flow.last <= quiet and flow.state is not FlowState.OPENING:
+            return cast(_Flow, flow)
+        del flows[key]
+        flows[key] = flow
+    return None
 
 
 async def _drain(flows: Callable[[], Iterable[_Flow]], seconds: float) -> None:
@@ -428,6 +452,7 @@ class UdpOutbound:
         self._sweeper: asyncio.TimerHandle | None = None
         self._v1_log = RateLimitedLog(log, "UDP flows refused by protocol v1 peers", level=logging.ERROR)
         self._uf_log = RateLimitedLog(log, "UDP flows no instance could take")  # a peer gone: one per client
+        self._limit_log = RateLimitedLog(log, "new UDP clients at the listener's flow limit")
         self._port = 0
         self._closed: asyncio.Future[None] | None = None  # the socket is gone (_OutProtocol.connection_lost)
         # flows held REFUSED, oldest first: each leaves `flows` as its hold ends, so clients that use a
@@ -500,7 +525,7 @@ class UdpOutbound:
             if self.draining:
                 self.counters.dropped("draining")
                 return
-            if len(self.flows) >= MAX_FLOWS:
+            if len(self.flows) >= MAX_FLOWS and not self._evict_quiet(addr):
                 self.counters.dropped("flows")
                 return
             flow = self._new_flow(addr)
@@ -508,6 +533,18 @@ class UdpOutbound:
                 self.counters.dropped("no_upstream")
                 return
         flow.send(data)
+
+    def _evict_quiet(self, addr: Any) -> bool:
+        """At MAX_FLOWS: end a quiet flow (_quiet_flow) to make room for the client at `addr`. Either
+        way it is logged, at a bounded rate."""
+        quiet = _quiet_flow(self.flows)
+        self._limit_log("udp outbound %s: %d clients' flows, the most a listener holds: %s new client %s",
+                        self.name, MAX_FLOWS, f"a flow quiet {EVICT_QUIET:g} s ends for" if quiet else
+                        f"none quiet {EVICT_QUIET:g} s, dropped the datagram of", addr)  # fmt: skip
+        if quiet is None:
+            return False
+        quiet.close()
+        return True
 
     def _still_healthy(self, flow: _OutFlow) -> bool:
         """The snapshot changed since `flow` last looked: is its instance's agent still among the
@@ -715,7 +752,7 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
     def _release(self) -> None:
         for _ in self.unhold(self.owner):
             self.counters.dropped("closed")
-        self.owner.flows.discard(self)
+        self.owner.flows.pop(self, None)
         if self.transport is not None:
             self.transport.close()
         cap, self.cap = self.cap, None
@@ -742,7 +779,7 @@ class UdpInbound:
         self.holder = holder
         self.telemetry = telemetry
         self.idle_timeout = idle_timeout
-        self.flows: set[_InFlow] = set()
+        self.flows: dict[_InFlow, _InFlow] = {}  # each flow to itself: oldest first, for _quiet_flow
         self.draining = False  # a stop's drain: no new flows, running ones go on until quiet
         self.queued = 0  # bytes held by the flows whose app socket is being made (_Flow.hold)
         self.capped = 0  # flows holding a slot under the agent's cap (at most UDP_CAP_SHARE of it)
@@ -751,6 +788,7 @@ class UdpInbound:
         # lines a caller (or a flood through one) can cause per flow
         self._app_log = RateLimitedLog(log, "UDP app socket failures")
         self._not_udp_log = RateLimitedLog(log, "UDP flows to services that are not udp")
+        self._share_log = RateLimitedLog(log, "UDP flows past their share of the connection cap")
 
     def dgram_open(self, conn: MuxConnection, sid: int) -> None:
         """The caller opens flow `sid` on `conn` (an inbound.InboundConnection)."""
@@ -786,8 +824,8 @@ class UdpInbound:
             return
         cap = c.listener.cap  # the agent's, shared with the L4 and HTTP paths (None: unlimited)
         if cap is not None:
-            if self.capped >= cap.limit * UDP_CAP_SHARE:  # UDP's share is full: refused as at the cap
-                cap.refuse("inbound")
+            if self.capped >= cap.limit * UDP_CAP_SHARE and not self._evict_quiet(flow, cap.limit):
+                cap.refuse("inbound")  # UDP's share is full: refused as at the cap
                 taken = False
             else:
                 taken = cap.take("inbound")  # (counted and logged, at a bounded rate, by the cap)
@@ -798,13 +836,28 @@ class UdpInbound:
             flow.cap = cap  # given back when the flow ends (_InFlow._release)
             self.capped += 1
         counters.flow()
-        self.flows.add(flow)
+        self.flows[flow] = flow
         if self._sweeper is None:
             self._schedule_sweep()
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._connect(flow))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _evict_quiet(self, flow: _InFlow, limit: int) -> bool:
+        """UDP's share of the connection cap is full: end a quiet flow (_quiet_flow), giving its slot
+        to `flow`. Either way it is logged, at a bounded rate."""
+        quiet = _quiet_flow(self.flows)
+        done = (
+            f"a flow quiet {EVICT_QUIET:g} s ends for" if quiet else f"none quiet {EVICT_QUIET:g} s, refused"
+        )
+        self._share_log("udp inbound: UDP flows hold their share of the connection cap (%d of "
+                        "max_connections = %d): %s a new flow of %s to %s", int(limit * UDP_CAP_SHARE), limit,
+                        done, flow.source, flow.service)  # fmt: skip
+        if quiet is None:
+            return False
+        quiet.close()
+        return True
 
     async def _connect(self, flow: _InFlow) -> None:
         if flow.state is FlowState.CLOSED:  # reset or denied before its turn: no socket for it
