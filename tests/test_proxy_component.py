@@ -1187,6 +1187,53 @@ async def test_a_talking_udp_flow_moves_to_the_renewed_certificate_before_the_ol
     assert [a["response_flags"] for a in access if a["response_flags"] not in ("", "-")] == []
 
 
+async def test_a_running_udp_flow_follows_its_app_to_a_new_port(mesh: Mesh) -> None:
+    """Defect: a flow's app socket was connected to the app's port as the flow began, and a reload
+    that moved the app (`port` of the service) left it there: a client that kept sending (statsd, a
+    game) reached the old port, unanswered, for as long as it sent, its datagrams keeping the flow
+    alive. Now the first datagram after the change ends the flow, and the client's next one opens a
+    flow to the app where it is now."""
+    loop = asyncio.get_running_loop()
+
+    class Moved(_UdpEcho):  # the app at its new port (the old one still answers, as the app did)
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(b"moved: " + data, addr)  # type: ignore[attr-defined]
+
+    moved, _ = await loop.create_datagram_endpoint(Moved, local_addr=("127.0.0.1", 0))
+    async with udp_echo_as_api(mesh):
+        holder = SnapshotHolder(
+            snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(mesh.inbound.port, {})]})
+        )
+        out = UdpOutbound(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), protocol="udp"),
+                          mesh.tel_a)  # fmt: skip
+        await out.start()
+        echoes: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                echoes.put_nowait(data)
+
+        client, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", out.port))
+        try:
+            client.sendto(b"before")
+            assert await asyncio.wait_for(echoes.get(), IO_TIMEOUT) == b"before"
+            snap = mesh.holder_b.current  # the app moved: a reload gives `api` the new port
+            api = dataclasses.replace(snap.local["api"], port=moved.get_extra_info("sockname")[1])
+            mesh.holder_b.swap(dataclasses.replace(snap, local=MappingProxyType({"api": api}), generation=2))
+            answers = []
+            for n in range(20):  # bounded: the client asks again after each half second unanswered
+                client.sendto(b"after %d" % n)
+                with contextlib.suppress(TimeoutError):
+                    answers.append(await asyncio.wait_for(echoes.get(), 0.5))
+                    break
+            # the first after the change ended the flow that went to the old port; a later one the app's
+            assert len(answers) == 1 and answers[0].startswith(b"moved: after ")
+        finally:
+            client.close()
+            await out.close()
+            moved.close()
+
+
 async def test_caller_tls_change_drops_pooled_connections(mesh: Mesh) -> None:
     await _one_exchange(mesh)
     mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, tls=mesh.ca.material(["web"], gen=2)))

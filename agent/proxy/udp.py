@@ -902,10 +902,15 @@ class UdpInbound:
         return refusal
 
     def reauthorize(self, flow: _InFlow) -> bool:
-        """The snapshot changed since the flow's last check (intentions, the trust bundle may have):
-        check again. A bundle without the caller's root refuses its connection, as for a TCP stream."""
+        """The snapshot changed since the flow's last check (intentions, the trust bundle, the app's
+        port may have): check again. A bundle without the caller's root refuses its connection, as
+        for a TCP stream."""
         snap = self.holder.current
-        if snap.local.get(flow.service) is None:
+        svc = snap.local.get(flow.service)
+        if svc is None or svc.port != flow.port or svc.protocol != "udp":
+            # the service left, or its app moved (a reload): the flow's socket still went to the old
+            # port, so a client that kept sending was unanswered for good; its next datagram now
+            # opens a flow to where the app is
             flow.close()
             return False
         if self._caller_untrusted(flow.conn, snap):
