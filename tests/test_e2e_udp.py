@@ -117,7 +117,7 @@ def test_10000_datagrams_arrive_intact(udp_mesh: UdpMesh) -> None:
 
 def test_overload_drops_whole_datagrams_and_counts_them(udp_mesh: UdpMesh) -> None:
     """A burst far beyond what is in flight: what arrives is intact, what is lost is dropped whole;
-    the agents' own drops are counted (the kernel's socket buffers may drop more, uncounted)."""
+    the agents' drops are counted (the kernel's drops at the app's and the client's sockets are not)."""
     _m, a, b, _apps, echo_bind, _, _ = udp_mesh
     burst = 20_000
 

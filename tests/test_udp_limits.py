@@ -274,3 +274,28 @@ def test_flows_no_instance_could_take_are_logged_at_a_bounded_rate(pair: Callabl
         for s in socks:
             s.close()
     assert 1 <= log_lines(p.a, "could take the flow of") <= DEFAULT_LINES
+
+
+def test_datagrams_the_kernel_dropped_at_a_listener_are_counted(pair: Callable[..., Pair]) -> None:
+    """A burst of clients while node-a's loop is busy fills its listener's receive buffer: the kernel
+    drops the rest, and no counter said so (3,000 new clients at once: 273 lost there, every
+    `hostmesh_udp_dropped_total` at 0). Now they are `socket_buffer`, as many as the kernel says."""
+    p = pair(a_extra="udp_idle_timeout = 2")  # its sweep, which counts them, looks every 0.5 s
+    pid_a = p.a.proc.popen.pid
+    sock = udp_socket()
+    os.kill(pid_a, signal.SIGSTOP)  # busy: it reads nothing
+    try:
+        for i in range(20_000):  # bounded: the listener's buffer holds a few thousand at most
+            sock.sendto(b"%d" % i + b"x" * 1396, ("127.0.0.1", p.bind))
+            if udp_socket_queue(p.bind)[1] >= 10:
+                break
+    finally:
+        os.kill(pid_a, signal.SIGCONT)
+        sock.close()
+    kernel = udp_socket_queue(p.bind)[1]
+    assert kernel >= 10
+
+    def counted() -> float:
+        return metric_value(p.a.metrics(), "hostmesh_udp_dropped_total", reason="socket_buffer")
+
+    wait_for(lambda: counted() == kernel, SETTLE, "node-a to count the kernel's drops")

@@ -82,6 +82,7 @@ import enum
 import itertools
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -127,6 +128,9 @@ EVICT_QUIET = 2.0
 EVICT_SCAN = 32  # flows looked at, oldest first, for one that quiet: the work a new client costs at a limit
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
 SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the kernel caps it at rmem_max)
+# Linux's getsockopt SO_MEMINFO (the stdlib has no name for it): a socket's nine u32 memory counters, of
+# which SK_MEMINFO_DROPS counts the datagrams the kernel dropped, the receive buffer full
+SO_MEMINFO, MEMINFO, SK_MEMINFO_DROPS = 55, struct.Struct("9I"), 8
 # a flow its destination refused drops its client's datagrams this long before one asks again
 REFUSED_HOLD = 1.0
 SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket to be gone (a loop turn)
@@ -454,6 +458,7 @@ class UdpOutbound:
         self._uf_log = RateLimitedLog(log, "UDP flows no instance could take")  # a peer gone: one per client
         self._limit_log = RateLimitedLog(log, "new UDP clients at the listener's flow limit")
         self._port = 0
+        self._kernel_drops = 0  # the listener socket's SK_MEMINFO_DROPS as last counted (_count_kernel_drops)
         self._closed: asyncio.Future[None] | None = None  # the socket is gone (_OutProtocol.connection_lost)
         # flows held REFUSED, oldest first: each leaves `flows` as its hold ends, so clients that use a
         # new port per query cannot fill MAX_FLOWS with refusals that are over (the sweep is 15 s apart)
@@ -492,11 +497,27 @@ class UdpOutbound:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        self._count_kernel_drops()
         self._end_refusals(now)
         cutoff = now - self.idle_timeout
         for flow in [f for f in self.flows.values() if f.last < cutoff]:
             flow.close()
         self._schedule_sweep()
+
+    def _count_kernel_drops(self) -> None:
+        """The datagrams the kernel dropped before we read them (the listener's receive buffer full: a
+        burst of clients while the loop was busy), counted `socket_buffer` at each sweep: else a client's
+        loss there showed in no counter."""
+        if self.sock is None:
+            return
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, MEMINFO.size)
+            drops = MEMINFO.unpack(raw)[SK_MEMINFO_DROPS]
+        except (OSError, struct.error):  # not Linux (or before 4.6): uncounted, as before
+            return
+        new, self._kernel_drops = drops - self._kernel_drops, drops
+        if new > 0:  # (< 0: the u32 wrapped; counted from there)
+            self.counters.telemetry.udp_dropped.labels(*self.counters.labels, "socket_buffer").inc(new)
 
     def _end_refusals(self, now: float) -> None:
         """The refusals whose hold is over leave `flows`: their client's next datagram asks again."""
@@ -644,6 +665,7 @@ class UdpOutbound:
         await _drain(lambda: self.flows.values(), drain_seconds)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._count_kernel_drops()
         for flow in list(self.flows.values()):
             flow.close()
         for task in list(self._tasks):
