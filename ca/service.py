@@ -495,12 +495,50 @@ def _malloc_trim() -> None:
         return
 
 
+class OlderDataDir(CAError):
+    """The trust bundle in Consul was published by a CA signing with a root newer than ours that our
+    data dir does not hold: it is older than the fleet's trust (restored from a backup taken before a
+    `ca rotate`, or an instance left out of one). Publishing ours would drop the root every agent's
+    certificate is signed by: each would lose its peers and could not renew."""
+
+
+def _refuse_older(authority: store.Authority, held: object, data_dir: Path) -> None:
+    """Raise OlderDataDir when the bundle `held` in Consul names as signing root one that is not ours
+    and was made after our signing root. A bundle naming none, or an older one, is ours to repair."""
+    if not isinstance(held, dict) or not isinstance(held.get("roots"), list):
+        return
+    if held.get("trust_domain") != authority.trust_domain:  # not the fleet's trust: repaired
+        return
+    active = held.get("active")
+    if not isinstance(active, str) or any(r.id == active for r in authority.roots):
+        return
+    for pem in held["roots"]:
+        try:
+            certs = pki.load_certs(pem.encode()) if isinstance(pem, str) else []
+        except CAError:
+            continue
+        theirs = next((c for c in certs if pki.root_id(c) == active), None)
+        if theirs is None:
+            continue
+        if theirs.not_valid_before_utc <= authority.active.cert.not_valid_before_utc:
+            return
+        raise OlderDataDir(
+            f"{ROOTS_KEY} in Consul was published by a CA signing with root {active} (made "
+            f"{theirs.not_valid_before_utc + pki.CLOCK_SKEW:%Y-%m-%d %H:%M}Z), newer than this CA's "
+            f"signing root {authority.active.id} and not in {data_dir}: restored from a backup older "
+            "than the last `ca rotate`? Not overwritten (agents would distrust every certificate signed "
+            f"since): restore a data dir holding {active}, or, to replace the fleet's trust anyway, "
+            f"delete {ROOTS_KEY} in Consul (every agent then needs a new join token)"
+        )
+
+
 class ConsulState(enum.Enum):
     """How the last round of keeping Consul current (trust bundle, registration) went."""
 
     IN_SYNC = "in_sync"
     UNAVAILABLE = "unavailable"  # unreachable, timed out, 5xx: retried every CONSUL_RETRY_INTERVAL
     DENIED = "denied"  # Consul's ACL refused the CA's token: an operator must fix the token
+    OLDER = "older_data_dir"  # Consul's bundle comes from a newer data dir (OlderDataDir): not overwritten
 
 
 class CAService:
@@ -546,7 +584,7 @@ class CAService:
                                               interval=SERVER_CERT_FAILURE_LOG_INTERVAL)  # fmt: skip
         self._registered = False  # registered at least once: close() then deregisters
         self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
-        self._denial = ""  # the refusal while DENIED (/v1/health)
+        self._denial = ""  # the one line while DENIED or OLDER (/v1/health)
         self._denial_logged = float("-inf")  # monotonic time of its last error line
         self._tokens_denied = False  # Consul refused a join token's record: probed each round until it may
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
@@ -593,6 +631,10 @@ class CAService:
             await self._server.close()
             self._server = None
             raise PermissionDenied(f"{exc} ({_token_hint(exc)})", by_acl=exc.by_acl) from None
+        except OlderDataDir:  # a unit started on a restored backup fails at once, the fleet untouched
+            await self._server.close()
+            self._server = None
+            raise
         except RegistryError as exc:
             self._note_consul(ConsulState.UNAVAILABLE, exc)
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="ca-maintenance")
@@ -637,6 +679,12 @@ class CAService:
         self._tls.load_verify_locations(cadata="".join(new.bundle))  # a store only grows: see docstring
         try:
             await self._publish(new)  # agents learn the new root before any leaf signed by it exists
+        except OlderDataDir as exc:  # the roots we serve are the fleet's: keep them, look again next round
+            self._dir_state = ()
+            if str(exc) != self._reload_error:
+                log.error("reload refused, keeping the current roots: %s", exc)
+            self._reload_error = str(exc)
+            return False
         except PermissionDenied as exc:  # agents will refuse leaves of the new root until it is fixed
             self._note_consul(ConsulState.DENIED, exc)
         except RegistryError as exc:  # maintenance republishes; the CA must not stay on the old root
@@ -743,13 +791,24 @@ class CAService:
             await self._sync_once()
         except PermissionDenied as exc:
             return self._note_consul(ConsulState.DENIED, exc)
+        except OlderDataDir as exc:
+            return self._note_consul(ConsulState.OLDER, exc)
         except RegistryError as exc:
             return self._note_consul(ConsulState.UNAVAILABLE, exc)
         return self._note_consul(ConsulState.IN_SYNC)
 
-    def _note_consul(self, state: ConsulState, exc: RegistryError | None = None) -> ConsulState:
+    def _note_consul(
+        self, state: ConsulState, exc: RegistryError | OlderDataDir | None = None
+    ) -> ConsulState:
         before, self.consul_state = self.consul_state, state
-        if state is ConsulState.DENIED:
+        if state is ConsulState.OLDER:
+            now = time.monotonic()
+            self._denial = str(exc)
+            if before is not state or now - self._denial_logged >= DENIED_LOG_INTERVAL:
+                self._denial_logged = now
+                log.error("%s; the CA keeps serving, but does not keep Consul current", exc)
+                sd_notify(f"STATUS=data dir older than Consul's trust bundle: {exc}")
+        elif state is ConsulState.DENIED:
             now = time.monotonic()
             self._denial = str(exc)
             if before is not state or now - self._denial_logged >= DENIED_LOG_INTERVAL:
@@ -763,7 +822,7 @@ class CAService:
                     "%s; the CA keeps serving, but %s until the token is fixed (%s)",
                     exc,
                     lost,
-                    _token_hint(exc),
+                    _token_hint(exc if isinstance(exc, RegistryError) else None),
                 )
                 sd_notify(f"STATUS=Consul refuses the CA's token: {exc}")
         elif state is ConsulState.UNAVAILABLE:
@@ -774,7 +833,10 @@ class CAService:
             sd_notify("STATUS=serving")
         elif before is ConsulState.UNAVAILABLE:
             log.info("Consul answers again; trust bundle and registration checked")
-        if state is not ConsulState.DENIED:
+        elif before is ConsulState.OLDER:
+            log.info("Consul's trust bundle is this CA's again; trust bundle and registration checked")
+            sd_notify("STATUS=serving")
+        if state not in (ConsulState.DENIED, ConsulState.OLDER):
             self._denial = ""
         return state
 
@@ -790,9 +852,12 @@ class CAService:
             problem = "missing"
         else:
             try:
-                problem = None if json.loads(current.value) == want else "different"
+                held = json.loads(current.value)
+                problem = None if held == want else "different"
             except (ValueError, RecursionError):
                 problem = "unreadable"
+            if problem == "different":
+                _refuse_older(authority, held, self.data_dir)
         self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if problem == "different" else 0
         if problem is None:
             return
@@ -880,7 +945,7 @@ class CAService:
         doc: dict[str, Any] = {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)}
         doc["consul"] = {
             "state": self.consul_state.value,
-            **({"denied": self._denial} if self._denial else {}),
+            **({self.consul_state.value: self._denial} if self._denial else {}),  # denied | older_data_dir
         }
         if self._server is not None:
             doc["admission"] = {

@@ -25,7 +25,7 @@ from cryptography import x509
 from hostmesh.agent.ca_client import REQUEST_TIMEOUT, CAClient
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
-from hostmesh.ca.service import ROOTS_KEY, CAService, parse_listen
+from hostmesh.ca.service import ROOTS_KEY, CAService, ConsulState, OlderDataDir, parse_listen
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, ca_context, call, csr_for, new_ca_dir, start_ca, write_leaf
@@ -589,6 +589,43 @@ async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path
         assert (await call(svc, "GET", "/v1/health")).status == 200
     finally:
         await svc.close()
+
+
+async def test_a_data_dir_restored_from_before_a_rotation_does_not_take_the_fleets_root_away(
+    tmp_path, client, caplog, monkeypatch
+) -> None:
+    """The CA host restored from last night's backup, taken before a `ca rotate`: the CA rewrote the
+    bundle with its old roots only, and every agent, whose certificates the new root had signed,
+    lost its peers and could not renew (seen with two agents: every certificate `expired`, its join
+    token spent). It now refuses to start, or keeps Consul's bundle, and says why."""
+    an_hour_ago = pki.now() - dt.timedelta(hours=1)
+    monkeypatch.setattr(pki, "now", lambda: an_hour_ago)  # the first root, made before the backup
+    data_dir = new_ca_dir(tmp_path)
+    monkeypatch.undo()
+    backup = tmp_path / "backup"
+    shutil.copytree(data_dir, backup)
+    await client.kv_delete(ROOTS_KEY)  # a fleet of this CA's (an earlier test's newer root is no part of it)
+    behind = await start_ca(backup, client, AuditSink(), register=False)  # an instance left out
+    try:
+        svc = await start_ca(data_dir, client, AuditSink(), register=False)
+        try:
+            _, new_root = store.rotate(data_dir)
+            assert await svc.reload()
+        finally:
+            await svc.close()
+        fleets = (await client.kv_get(ROOTS_KEY)).value  # type: ignore[union-attr]
+        assert json.loads(fleets)["active"] == new_root.id
+        caplog.set_level(logging.ERROR, logger="hostmesh.ca")
+        assert await behind._sync_consul() is ConsulState.OLDER  # a maintenance round of the one left out
+        assert (await client.kv_get(ROOTS_KEY)).value == fleets  # type: ignore[union-attr]
+        health = (await call(behind, "GET", "/v1/health")).json()
+        assert new_root.id in health["consul"]["older_data_dir"]
+        assert "restored from a backup older than the last `ca rotate`" in caplog.text
+    finally:
+        await behind.close()
+    with pytest.raises(OlderDataDir, match=f"signing with root {new_root.id} .* not in {backup}"):
+        await start_ca(backup, client, AuditSink(), register=False)  # the restored CA's start
+    assert (await client.kv_get(ROOTS_KEY)).value == fleets  # type: ignore[union-attr]
 
 
 async def test_reload_is_noticed_from_the_data_dir_without_a_signal(tmp_path, client, monkeypatch) -> None:

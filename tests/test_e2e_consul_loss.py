@@ -10,6 +10,7 @@ and the agents never adopt it.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, Proc, port_open, roundtrip, wait_for
 from hostmesh.agent.run import registration_drift
+from hostmesh.ca import store
 from hostmesh.ca.service import BUNDLE_FIGHT_ROUNDS
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound
@@ -275,10 +277,17 @@ async def test_two_cas_with_other_roots_fighting_over_the_bundle_are_named(
     private_consul: ConsulDev, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Repairing 'whenever KV differs' makes two CA instances with different roots rewrite the bundle
-    in turn, flipping every agent's trust: a misconfiguration the CA must name, not hide."""
+    in turn, flipping every agent's trust: a misconfiguration the CA must name, not hide. Here one
+    was left out of a `retire-root` (both sign with the same root; an instance left out of a `ca rotate`
+    signs with an older one and leaves the bundle alone: test_ca_service)."""
+    one_dir = new_ca_dir(tmp_path, "one")
+    store.rotate(one_dir)
+    two_dir = tmp_path / "two"
+    shutil.copytree(one_dir, two_dir)
+    store.retire(two_dir, store.load(two_dir).roots[0].id, force=True)
     async with ConsulClient(private_consul.url) as c:
-        one = await start_ca(new_ca_dir(tmp_path / "one"), c, AuditSink(), register=False)
-        two = await start_ca(new_ca_dir(tmp_path / "two"), c, AuditSink(), register=False)
+        one = await start_ca(one_dir, c, AuditSink(), register=False)
+        two = await start_ca(two_dir, c, AuditSink(), register=False)
         try:
             for _ in range(BUNDLE_FIGHT_ROUNDS):  # what their maintenance rounds do, without the wait
                 await one._sync_consul()
