@@ -221,6 +221,7 @@ class CertProcess:
         self.services = list(dict.fromkeys(services))
         self.consul = consul
         self._roots_pem = ""
+        self._root_ids: tuple[str, ...] = ()  # of the roots in roots_pem, as the helper last read them
         self._views: dict[str, CertView] = {}
         self.failures = renewal.RenewalFailures()  # failed renewals per service, and why
         self.token_file: Path | None = None  # [ca] token_file, as the helper reported it
@@ -244,6 +245,12 @@ class CertProcess:
     @property
     def roots_pem(self) -> str:
         return self._roots_pem
+
+    @property
+    def root_ids(self) -> tuple[str, ...]:
+        """The ids (`hostmesh ca roots`) of the roots this agent trusts: none before the helper's first
+        answer (the agent parses no certificate itself)."""
+        return self._root_ids
 
     def infos(self) -> list[CertView]:
         now = dt.datetime.now(dt.UTC)
@@ -409,6 +416,9 @@ class CertProcess:
         if roots is None:
             raise ca_errors.StorageError(f"{roots_path(self.dir)} is missing")
         self._roots_pem = roots.decode(errors="replace")
+        ids = answer.get("root_ids")
+        if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+            self._root_ids = tuple(ids)
 
     def _notify(self) -> None:
         for callback in list(self._callbacks):
@@ -620,6 +630,7 @@ async def _child(op: str, cfg: Any, service: str | None) -> dict[str, Any]:
             "problems": cm.problems(),
             "ca_waits": waits,
             "token_file": token_file,
+            "root_ids": cm.root_ids,
         }
     finally:
         await cm.close()

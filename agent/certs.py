@@ -195,6 +195,11 @@ class CertManager:
     def roots_pem(self) -> str:
         return self._roots_pem
 
+    @property
+    def root_ids(self) -> list[str]:
+        """The ids (`hostmesh ca roots`) of the roots this host trusts."""
+        return [pki.root_id(r) for r in self._roots]
+
     def infos(self) -> list[CertInfo]:
         out = []
         for service in self.services:

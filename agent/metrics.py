@@ -167,6 +167,16 @@ class Telemetry:
             "hostmesh_cert_expiry_timestamp_seconds", "not-after of the service's leaf", ("service",),
             registry=r,
         )  # fmt: skip
+        # a root rotation's two steps, seen across the fleet: every agent trusts the new root, then
+        # every leaf is signed by it (README "Rotating the CA root")
+        self.cert_root = Gauge(
+            "hostmesh_cert_root", "1 for the root that signed the service's leaf (`hostmesh ca roots` ids)",
+            ("service", "root_id"), registry=r,
+        )  # fmt: skip
+        self.trusted_root = Gauge(
+            "hostmesh_trusted_root", "1 for each root in the trust bundle this agent verifies peers with",
+            ("root_id",), registry=r,
+        )  # fmt: skip
         self.authz_denied = Counter(
             "hostmesh_authz_denied_total", "connections/requests denied by intentions",
             ("reporter", "source_service", "destination_service"), registry=r,

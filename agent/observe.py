@@ -139,7 +139,8 @@ def refresh_health(agent: Any) -> None:
     listener of this process calling it has ejected (each caller listener and each ingress
     gateway's outbound keeps outlier state; setting the gauge per listener left the last one's count)."""
     t = agent.telemetry
-    for gauge in (t.cert_renewal_failing, t.active_connections, t.ejected, t.healthy_endpoints):
+    for gauge in (t.cert_renewal_failing, t.cert_root, t.trusted_root, t.active_connections, t.ejected,
+                  t.healthy_endpoints):  # fmt: skip
         gauge.clear()
     discovery = getattr(agent, "discovery", None)
     t.consul_sync.set(1.0 if discovery is not None and discovery.healthy else 0.0)
@@ -153,6 +154,10 @@ def refresh_health(agent: Any) -> None:
     if certs is not None:
         for info in certs.infos():
             t.cert_renewal_failing.labels(info.service).set(0.0 if info.state is CertState.VALID else 1.0)
+            if info.root_id:  # (None while a restarted agent's helper checks its stored certificates)
+                t.cert_root.labels(info.service, info.root_id).set(1.0)
+        for root_id in getattr(certs, "root_ids", ()):
+            t.trusted_root.labels(root_id).set(1.0)
     conns: dict[str, int] = {}
     ejected: dict[str, set[str]] = {}  # upstream -> instances ejected by any listener calling it
     if agent.inbound is not None:

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from hostmesh.agent.ca_client import check_chain
 from hostmesh.agent.certproc import CertProcess
 from hostmesh.agent.certs import CertManager
 from hostmesh.agent.config import ConfigError, check_permissions, load_config
-from hostmesh.agent.localmesh import AgentHandle, LocalMesh
+from hostmesh.agent.localmesh import AgentHandle, LocalMesh, wait_for
 from hostmesh.agent.renewal import CertState
-from hostmesh.ca import pki
+from hostmesh.ca import pki, store
 from hostmesh.ca.errors import NotYetValid, TrustError, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.consul import ConsulClient
@@ -345,3 +346,34 @@ async def test_a_renewal_helper_loading_the_stored_certificates_says_it_at_debug
     await env.manager(["web"], token_file).prepare()  # the start's check
     loaded = [r for r in caplog.records if r.getMessage().startswith("using stored certificate for web")]
     assert [r.levelno for r in loaded] == [logging.INFO], caplog.text
+
+
+# --- 5. a root rotation, followed across the fleet ----------------------------------------------
+
+
+def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """`ca rotate` takes two steps on every agent: trusting the new root, then holding a leaf it
+    signed. Only `/v1/certs` (the leaf's root) showed either, on an admin port that listens on
+    loopback: nothing told an operator, fleet-wide, that every agent trusted the new root, or when
+    no leaf of the old one was left to wait for before `retire-root`."""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca("--leaf-ttl", "20s")  # renewed within ~14 s
+        h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
+        old = store.load(m.workdir / "ca").active.id
+
+        def series(name: str) -> set[str]:
+            return set(re.findall(rf"^{name}\{{(.*)\}} 1\.0$", h.metrics(), re.M))
+
+        wait_for(lambda: series("hostmesh_trusted_root") == {f'root_id="{old}"'}, WAIT, "the root trusted")
+        assert series("hostmesh_cert_root") == {f'root_id="{old}",service="web"'}
+        m.hostmesh("ca", "rotate", "--data-dir", str(m.workdir / "ca"))  # the running CA notices it
+        new = store.load(m.workdir / "ca").active.id
+        wait_for(lambda: series("hostmesh_trusted_root") == {f'root_id="{old}"', f'root_id="{new}"'},
+                 WAIT, "both roots trusted")  # fmt: skip
+        wait_for(lambda: series("hostmesh_cert_root") == {f'root_id="{new}",service="web"'}, WAIT,
+                 "the leaf signed by the new root")  # fmt: skip
+    finally:
+        m.close()
