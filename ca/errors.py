@@ -28,6 +28,10 @@ class NotYetValid(TrustError):
     a clock behind the CA's."""
 
 
+class RootExpired(CAError):
+    """The signing root has expired: nothing it signs verifies anywhere; an operator must rotate it."""
+
+
 class CAUnavailable(CAError):
     """The CA could not be reached or answered 5xx or 429: keep current state, retry with backoff, and
     not before `retry_after` seconds when the CA said so (its Retry-After)."""

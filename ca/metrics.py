@@ -14,6 +14,7 @@ from hostmesh.ca.errors import (
     AuditError,
     CAUnavailable,
     InvalidRequest,
+    RootExpired,
     SlowClient,
     StorageError,
     TrustError,
@@ -37,6 +38,7 @@ _REASONS = (
     (CAUnavailable, "unavailable"),
     (StorageError, "storage"),
     (AuditError, "audit"),  # the audit log could not be written: nothing was issued
+    (RootExpired, "root_expired"),  # the signing root has expired: nothing was issued
 )
 
 

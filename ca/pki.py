@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostmesh.ca.errors import InvalidRequest, NotYetValid, StorageError, TrustError
+from hostmesh.ca.errors import InvalidRequest, NotYetValid, RootExpired, StorageError, TrustError
 from hostmesh.ca.files import read_file, write_private  # noqa: F401  (re-exported)
 from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc. keep working)
     DEFAULT_TRUST_DOMAIN,
@@ -245,6 +245,7 @@ def sign_leaf(
     """Issue a leaf for `identity`. Leaves are both client and server certs (mesh peers are both)."""
     ttl = min(ttl, MAX_LEAF_TTL)
     t = now()
+    check_not_expired(root_cert, t)
     not_after = min(t + ttl, root_cert.not_valid_after_utc)
     usages = (
         [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -289,6 +290,17 @@ def sign_leaf(
         )
         .sign(root_key, hashes.SHA256())
     )
+
+
+def check_not_expired(root_cert: x509.Certificate, t: dt.datetime) -> None:
+    """RootExpired when the signing root `root_cert` has expired at `t`: a certificate it signs now
+    would be expired already (or, past CLOCK_SKEW, could not even be built)."""
+    if t >= root_cert.not_valid_after_utc:
+        raise RootExpired(
+            f"the signing root {root_id(root_cert)} expired at "
+            f"{root_cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: rotate it (`hostmesh ca rotate`); "
+            "every certificate it signed has expired too"
+        )
 
 
 def verify_leaf(leaf: x509.Certificate, roots: list[x509.Certificate], at: dt.datetime | None = None) -> None:

@@ -98,6 +98,7 @@ from hostmesh.ca.errors import (
     AuditError,
     CAError,
     InvalidRequest,
+    RootExpired,
     SlowClient,
     StorageError,
     TrustError,
@@ -248,6 +249,7 @@ def server_certificate(
     key = pki.new_key()
     root = authority.active
     t = pki.now()
+    pki.check_not_expired(root.cert, t)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_SERVICE_NAME)]))
@@ -734,7 +736,7 @@ class CAService:
             return
         try:
             self._write_server_cert()
-        except StorageError as exc:
+        except (StorageError, RootExpired) as exc:
             until = self._server_cert_expires.strftime("%Y-%m-%d %H:%M:%S UTC")
             self._refresh_failures("%s; serving the current one (valid until %s), retrying", exc, until)
 
@@ -1189,7 +1191,13 @@ class CAService:
         authority = self.authority  # one snapshot for the whole issuance
         ttl = min(ttl, self.leaf_ttl)  # every path, whatever parsed the request: --leaf-ttl is the ceiling
         public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
-        leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
+        try:
+            leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
+        except RootExpired as exc:  # nothing issued: the token back, the client retries (503)
+            log.error("not issuing %s (%s): %s", ident.spiffe_id, via, exc)
+            if undo is not None:
+                await undo()
+            return self._refuse(via, exc, peer, ident.spiffe_id, token_id)
         try:
             self.audit.issue(
                 via=via,
@@ -1331,7 +1339,7 @@ def _status_of(exc: Exception) -> int:
         return 400
     if isinstance(exc, PermissionDenied):  # the CA's misconfiguration: the caller may retry, not soon
         return 500
-    if isinstance(exc, (RegistryError, _Unavailable, StorageError, AuditError)):
+    if isinstance(exc, (RegistryError, _Unavailable, StorageError, AuditError, RootExpired)):
         return 503
     return 400
 

@@ -24,7 +24,7 @@ from cryptography import x509
 
 from hostmesh.agent.ca_client import REQUEST_TIMEOUT, CAClient
 from hostmesh.ca import pki, store, tokens
-from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauthorized
+from hostmesh.ca.errors import CAUnavailable, InvalidRequest, RootExpired, TrustError, Unauthorized
 from hostmesh.ca.service import ROOTS_KEY, CAService, ConsulState, OlderDataDir, parse_listen
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
@@ -564,6 +564,50 @@ async def test_renew_with_cert_of_a_retired_root_is_403(tmp_path, client) -> Non
 
 
 # --- rotation -----------------------------------------------------------------------------------
+
+
+def ca_dir_with_root(tmp: Path, ttl: dt.timedelta) -> Path:
+    """A data dir whose only root lives `ttl` (made now, less CLOCK_SKEW)."""
+    data_dir = new_ca_dir(tmp)
+    key, cert = pki.make_root(pki.DEFAULT_TRUST_DOMAIN, ttl=ttl)
+    for f in (data_dir / "roots").iterdir():
+        f.unlink()
+    root_id = pki.root_id(cert)
+    pki.write_private(data_dir / "roots" / f"{root_id}.key", pki.key_pem(key))
+    pki.write_private(data_dir / "roots" / f"{root_id}.crt", pki.cert_pem(cert))
+    meta = {"trust_domain": pki.DEFAULT_TRUST_DOMAIN, "active": root_id}
+    pki.write_private(data_dir / store.META_FILE, json.dumps(meta).encode())
+    return data_dir
+
+
+async def test_a_signing_root_that_expired_issues_nothing_and_spends_no_token(
+    tmp_path, client, monkeypatch
+) -> None:
+    """Past its root's expiry the CA signed leaves already expired (spending the join token on one)
+    and, from CLOCK_SKEW on, answered every request with a ValueError; `ca serve` on such a root
+    served a certificate already expired (agents: 'certificate has expired', check this host's clock),
+    and from CLOCK_SKEW on ended in a ValueError. Now: 503 naming the root and the fix, the token
+    given back, and `ca serve` refuses with that line."""
+    await client.kv_delete(ROOTS_KEY)  # (an earlier test's newer root: not this fleet's)
+    sink = AuditSink()
+    svc = await start_ca(ca_dir_with_root(tmp_path, dt.timedelta(minutes=30)), client, sink, register=False)
+    try:
+        tok = await token_for(client, "web", ttl=dt.timedelta(hours=2))
+        real_now = pki.now
+        later = real_now() + dt.timedelta(hours=1)
+        monkeypatch.setattr(pki, "now", lambda: later)  # the CA's clock, an hour on: its root expired
+        status, body = await sign(svc, tok, "web")
+        assert_refused(sink, status, body, 503, f"the signing root {svc.authority.active.id} expired at")
+        assert "`hostmesh ca rotate`" in body["error"]
+        monkeypatch.setattr(pki, "now", real_now)
+        status, body = await sign(svc, tok, "web")  # the token was not spent on nothing
+        assert status == 200, body
+    finally:
+        await svc.close()
+    await client.kv_delete(ROOTS_KEY)
+    expired = ca_dir_with_root(tmp_path / "expired", dt.timedelta(minutes=-4))  # expired 4 min ago
+    with pytest.raises(RootExpired, match=r"the signing root \w+ expired at .* rotate it"):
+        await start_ca(expired, client, AuditSink(), register=False)
 
 
 async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path, client) -> None:
