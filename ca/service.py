@@ -534,6 +534,15 @@ def _refuse_older(authority: store.Authority, held: object, data_dir: Path) -> N
         )
 
 
+class KVBundle(enum.Enum):
+    """What the CA found at ROOTS_KEY instead of its bundle; the value is what its log line says it did."""
+
+    MISSING = "published"
+    UNREADABLE = "repaired (it was unreadable)"
+    OTHER = "repaired (it was different)"  # another writer's (a hand, a script, another CA instance)
+    OURS_BEFORE = "updated"  # the bundle this CA served until a reload (a rotate or retire-root)
+
+
 class ConsulState(enum.Enum):
     """How the last round of keeping Consul current (trust bundle, registration) went."""
 
@@ -849,23 +858,25 @@ class CAService:
             return
         want = authority.bundle_json()
         current = await self.consul.kv_get(ROOTS_KEY)
-        problem: str | None
+        found: KVBundle | None  # None: it is ours already
         if current is None:
-            problem = "missing"
+            found = KVBundle.MISSING
         else:
             try:
                 held = json.loads(current.value)
-                problem = None if held == want else "different"
+                found = None if held == want else KVBundle.OTHER
             except (ValueError, RecursionError):
-                problem = "unreadable"
-            if problem == "different":
+                found = KVBundle.UNREADABLE
+            if found is KVBundle.OTHER:
                 _refuse_older(authority, held, self.data_dir)
-        self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if problem == "different" else 0
-        if problem is None:
+                if held == self.authority.bundle_json():  # what we served until this reload
+                    found = KVBundle.OURS_BEFORE
+        self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if found is KVBundle.OTHER else 0
+        if found is None:
             return
         await self.consul.kv_put(ROOTS_KEY, json.dumps(want, sort_keys=True))
-        what = "published" if problem == "missing" else f"repaired (it was {problem})"
-        log.info("trust bundle at %s %s: %d root(s)", ROOTS_KEY, what, len(authority.roots))
+        log.info("trust bundle at %s %s: %d root(s), signing with %s", ROOTS_KEY, found.value,
+                 len(authority.roots), authority.active.id)  # fmt: skip
         if self._overwrites_in_a_row == BUNDLE_FIGHT_ROUNDS:  # agents' trust flips each round: be loud
             log.error(
                 "%s is rewritten with other roots between every round: another CA instance with a "

@@ -610,7 +610,7 @@ async def test_a_signing_root_that_expired_issues_nothing_and_spends_no_token(
         await start_ca(expired, client, AuditSink(), register=False)
 
 
-async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path, client) -> None:
+async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path, client, caplog) -> None:
     sink = AuditSink()
     data_dir = new_ca_dir(tmp_path)
     svc = await start_ca(data_dir, client, sink)
@@ -618,7 +618,11 @@ async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path
         cert, key = await issued(svc, client, tmp_path, "web")
         old = svc.authority.active
         _, new_root = store.rotate(data_dir)
+        caplog.set_level(logging.INFO, logger="hostmesh.ca")
         assert await svc.reload()
+        # a planned step, not a repair: the log said "repaired (it was different)" of every rotation
+        assert f"{ROOTS_KEY} updated: 2 root(s), signing with {new_root.id}" in caplog.text
+        assert "repaired" not in caplog.text
         assert not await svc.reload()  # nothing changed since
         bundle = json.loads((await client.kv_get(ROOTS_KEY)).value)  # type: ignore[union-attr]
         assert bundle["roots"] == [old.pem, new_root.pem] and bundle["active"] == new_root.id
