@@ -91,6 +91,7 @@ _KV_WRITE_VERBS = {"set", "cas", "lock", "unlock", "delete", "delete-cas", "dele
 # /v1/status/leader before a 403 is reported as the token's (_raise_if_serverless): one RPC to a
 # server; in a partition that drops packets it would add DEFAULT_TIMEOUT (10 s) to each refusal
 LEADER_PROBE_TIMEOUT = 2.0
+CONSUL_RPC_FAILED = 500  # Consul's answer to a request whose RPC reached no server (any other error too)
 MAX_ERROR_DETAIL = 200  # characters of a Consul error reason quoted in a message (its reasons are short)
 
 
@@ -484,14 +485,17 @@ class ConsulClient:
         client not joined yet after a reboot, its servers partitioned away, quorum lost) cannot look
         the token up and refuses everything as "Permission denied" (its down_policy), which would
         send the operator to fix a token that is fine. Asked then: /v1/status/leader (no ACL), which
-        answers 500 "No known Consul servers", or "" with no leader; either is raised as the outage
-        it is (a token still in its cache keeps its rules meanwhile: their refusal is said as the
-        outage too, until Consul is back). A probe that fails otherwise leaves the refusal as it was."""
+        answers 500 "No known Consul servers" (or an RPC error naming the server it cannot reach),
+        or "" with no leader; either is raised as the outage it is (a token still in its cache keeps
+        its rules meanwhile: their refusal is said as the outage too, until Consul is back). A probe
+        that fails otherwise leaves the refusal as it was: Consul answers a failed RPC 500, so another
+        5xx (a proxy's 502 or 504 in front of the Consul that answered the 403 itself) says nothing
+        about its servers."""
         try:
             resp = await self._http.request("GET", "/v1/status/leader", b"", {}, LEADER_PROBE_TIMEOUT)
         except Unavailable:
             return
-        if resp.status >= 500:
+        if resp.status == CONSUL_RPC_FAILED:
             why = _detail(resp)
         elif resp.status == 200 and resp.body.strip() == b'""':
             why = "no leader"

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,6 +50,7 @@ from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
 from tests.consul_secure import SecureConsulDev
 from tests.support import async_wait_until
 from tests.test_cli_ops import fails, ok, route_doc, write
+from tests.test_discovery_registrations import FailingReads
 
 pytestmark = pytest.mark.consul
 
@@ -551,6 +553,42 @@ def test_a_refusal_by_a_consul_that_reaches_no_server_is_an_outage_not_the_token
                     "known Consul servers): it refuses then by its ACL down_policy, so the refusal may say "
                     "nothing about the token"
                 )
+
+        asyncio.run(main())
+    finally:
+        consul.stop()
+
+
+BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Gateway"
+
+
+def test_a_refusal_stays_the_tokens_when_a_proxy_in_front_of_consul_fails_the_leader_probe(
+    tmp_path: Path,
+) -> None:
+    """A proxy in front of a Consul that has its servers (a leader) answers the probe before a 403 is
+    reported as the token's with its own 502: that was taken for Consul reaching no server, so a
+    token lacking service:write was reported as an outage and retried for ever, never fixed. Consul
+    answers 500 when it reaches no server; any other 5xx says nothing about its servers."""
+    consul = ConsulDev(tmp_path, node="acl-behind-a-proxy", acl_master=str(uuid.uuid4()))
+    consul.start()
+    try:
+
+        async def main() -> None:
+            proxy = FailingReads(consul.http_port, answer=BAD_GATEWAY)
+            proxy.failing = re.compile(rb"^GET /v1/status/leader ")
+            async with proxy as url:
+                # no token: Consul's anonymous one, which default deny lets do nothing
+                c = ConsulClient(resolve(cli=ConsulLayer(address=url), env={}))
+                reg = ServiceRegistration("web", "web-n1", "127.0.0.1", 1, {"hostmesh": "1"})
+                try:
+                    with pytest.raises(PermissionDenied) as err:
+                        await c.register_service(reg)
+                finally:
+                    await c.close()
+            assert proxy.failed == 1  # (the probe was asked, and failed)
+            assert str(err.value) == (
+                "Consul ACL denied registration of web-n1: the token lacks service:write on web"
+            )
 
         asyncio.run(main())
     finally:

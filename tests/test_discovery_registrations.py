@@ -30,11 +30,12 @@ OVERLOADED = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 40\r\nConne
 
 class FailingReads(ConsulRelay):
     """A proxy to Consul, one request per connection: the requests whose line matches `failing`
-    (a regex, None: none) get OVERLOADED; the others are passed on with `Connection: close`."""
+    (a regex, None: none) get `answer` (OVERLOADED); the others are passed on with `Connection: close`."""
 
-    def __init__(self, consul_port: int) -> None:
+    def __init__(self, consul_port: int, answer: bytes = OVERLOADED) -> None:
         super().__init__(consul_port)
         self.failing: re.Pattern[bytes] | None = None
+        self.answer = answer
         self.failed = 0
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -43,7 +44,7 @@ class FailingReads(ConsulRelay):
             line = head.split(b"\r\n", 1)[0]
             if self.failing is not None and self.failing.search(line):
                 self.failed += 1
-                w.write(OVERLOADED)
+                w.write(self.answer)
                 await w.drain()
                 return
             length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
