@@ -1083,6 +1083,33 @@ async def test_a_udp_upstreams_least_connections_sends_a_new_flow_to_the_instanc
             await other.udp.close()
 
 
+async def test_a_plain_stream_to_an_http_service_is_refused_at_l7_when_the_bundle_drops_the_callers_root(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream its caller's agent opened as TCP to an http service is served as HTTP: its refusal
+    (a caller whose root the bundle dropped) was audited at layer l4, where every other refusal of
+    that caller by that service (per request) is l7, so the trail of (l7, web, api) missed it."""
+    current = mesh.holder_b.current
+    api = dataclasses.replace(current.local["api"], protocol="http")
+    mesh.holder_b.swap(dataclasses.replace(current, local=MappingProxyType({**current.local, "api": api})))
+    r, w = await _raw_mesh_connection(mesh)
+    try:
+        other = CA(tmp_path, "other")  # the bundle now holds another root only
+        tls = dataclasses.replace(mesh.holder_b.current.tls, roots_pem=other.roots_pem)
+        mesh.holder_b.swap(dataclasses.replace(mesh.holder_b.current, tls=tls, generation=2))
+        caplog.set_level(logging.WARNING, "hostmesh.audit")
+        w.write(wire.control(wire.OPEN, 1) + wire.data_frame(1, b"GET / HTTP/1.1\r\nhost: api\r\n\r\n"))
+        assert await closed_by_peer(r) in ("reset", "eof")  # the connection refused
+    finally:
+        w.close()
+    audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
+    assert [(a["layer"], a["source"], a["destination"]) for a in audit] == [
+        ("l7", "spiffe://hostmesh.local/svc/web", "api")
+    ]
+    assert audit[0]["reason"].startswith("caller certificate no longer trusted: ")
+    assert mesh.app.connections == 0
+
+
 async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_root(
     mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

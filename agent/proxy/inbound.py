@@ -409,14 +409,17 @@ class InboundListener(ListenerLifecycle):
         if svc is None:
             conn.refuse(f"service {conn.service} is no longer on this host")
             return
-        if not self._still_trusted(conn, snap):
+        # an http service's stream is served as HTTP (below): its refusal is in the trail of its
+        # caller's l7 refusals (per request), not beside them
+        as_http = svc.protocol == "http" and conn.external is None
+        if not self._still_trusted(conn, snap, "l7" if as_http else "l4"):
             return
         if conn.external is not None:  # egress gateway: the external's intentions, then out
             from hostmesh.agent.proxy.edges import egress_stream
 
             egress_stream(self, conn, stream, snap)
             return
-        if svc.protocol == "http":
+        if as_http:
             # an http service is served as HTTP whatever way its caller came (a plain stream: its
             # route document says tcp, or its agent took it for tcp): each request is parsed,
             # authorized and rate-limited, and the app told the caller the handshake verified; raw
