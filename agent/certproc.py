@@ -55,7 +55,8 @@ from hostmesh.agent import renewal
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
-from hostmesh.ca.files import cert_dir, cert_paths, roots_path, write_private
+from hostmesh.ca.files import cert_dir, cert_paths, roots_path
+from hostmesh.registry.files import write_private
 from hostmesh.registry.records import record
 from hostmesh.registry.watch import Watch
 

@@ -77,9 +77,10 @@ from hostmesh.ca.errors import (
     TrustError,
     Unauthorized,
 )
-from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, make_dirs, roots_path, write_private_pair
+from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.files import make_dirs
 from hostmesh.registry.layout import CA_SERVICE_NAME
 from hostmesh.registry.watch import Watch, backoff_delay
 

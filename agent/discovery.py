@@ -81,10 +81,10 @@ from hostmesh.agent.snapshot import (
     SnapshotHolder,
     TLSMaterial,
 )
-from hostmesh.ca.files import write_private
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, CatalogInstance, ConsulClient, NotPassing
 from hostmesh.registry.errors import AnswerTooLarge, InvalidDocument, PermissionDenied, Rejected
+from hostmesh.registry.files import write_private
 from hostmesh.registry.layout import KINDS, is_hostmesh
 from hostmesh.registry.records import record
 from hostmesh.registry.schema import (

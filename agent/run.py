@@ -56,12 +56,12 @@ from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, st
 from hostmesh.agent.renewal import CertState
 from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
-from hostmesh.ca.files import make_dirs
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry import ratelog
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
+from hostmesh.registry.files import make_dirs
 from hostmesh.registry.http import HTTPServer, Request, Response
 from hostmesh.registry.layout import (
     HOSTMESH_META,
@@ -480,7 +480,7 @@ class Agent:
         """In a Nomad allocation: tell `wait-ready` where the admin API is, and stop (drain, deregister,
         exit) once Nomad reports the allocation stopped (agent/nomad.py)."""
         from hostmesh.agent import nomad
-        from hostmesh.ca.files import write_private
+        from hostmesh.registry.files import write_private
 
         assert cfg.nomad is not None
         if unreachable := nomad.loopback_warning(cfg.mesh_address):

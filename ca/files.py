@@ -1,7 +1,8 @@
-"""Private files on disk: written atomically with mode 0600 from the first byte, read with one error type.
+"""A key and its certificate on disk, written as a pair (registry/files.py: one private file), read
+with one error type.
 
-No `cryptography` here (ca/pki.py re-exports both functions), so the agent's snapshot store and
-other callers that only need files do not load it.
+No `cryptography` here (ca/pki.py re-exports `write_private` and `read_file`), so the agent's
+certificate helper and other callers that only need files do not load it.
 """
 
 from __future__ import annotations
@@ -11,32 +12,10 @@ import os
 from pathlib import Path
 
 from hostmesh.ca.errors import StorageError
+from hostmesh.registry.files import make_dirs, write_new
 
 NEW = ".new"  # suffix of a file written in full before it replaces its target (with the writer's pid)
 KEPT = ".kept"  # suffix of the key kept aside while its replacement's certificate goes in
-
-
-def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
-    """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly);
-    `owner`: (uid, gid) the file is given before it takes its name (root writing for a service)."""
-    make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_new(tmp, data, owner)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def make_dirs(path: Path, mode: int = 0o700) -> None:
-    """`path` with `mode`, and the directories it needs 0755 at most, never writable by others
-    whatever the umask (under umask 000 they were 0777: anyone on the host could have moved a
-    daemon's directory aside and put one of their own in its place; a umask such as 077 still takes
-    bits away). Directories already there are left as they are; OSError as mkdir's."""
-    for parent in reversed([p for p in path.parents if not p.exists()]):  # the topmost first
-        parent.mkdir(mode=0o755, exist_ok=True)  # the umask can only take bits away
-    path.mkdir(mode=mode, exist_ok=True)
 
 
 def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes) -> None:
@@ -55,10 +34,10 @@ def write_private_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes)
     step = key_path  # the file the step under way is about, for the error
     try:
         make_dirs(key_path.parent)
-        _write_new(key_new, key)
+        write_new(key_new, key)
         leftovers.append(key_new)
         step = cert_path
-        _write_new(cert_new, cert)
+        write_new(cert_new, cert)
         leftovers.append(cert_new)
         step = key_path
         kept.unlink(missing_ok=True)
@@ -121,26 +100,6 @@ def finish_pair(key_path: Path, cert_path: Path) -> bool:
                 with contextlib.suppress(OSError):
                     os.unlink(key_path.parent / name)
     return completed
-
-
-def _write_new(tmp: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
-    """`data` in full at `tmp` (mode 0600 from the first byte, synced), or no `tmp` and OSError.
-    A file of its own: whatever was at `tmp` (a leftover, or a symlink someone who may write the
-    directory put there for a root writer to follow) is removed, and O_EXCL follows no symlink."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if owner is not None:
-                os.fchown(fh.fileno(), *owner)  # the file itself, whatever its name points at later
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.fchmod(fh.fileno(), 0o600)  # O_CREAT honours umask only downwards, but be explicit
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_file(path: Path) -> bytes:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostmesh.ca.errors import InvalidRequest, NotYetValid, RootExpired, StorageError, TrustError
-from hostmesh.ca.files import read_file, write_private  # noqa: F401  (re-exported)
+from hostmesh.ca.files import read_file  # noqa: F401  (re-exported)
 from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc. keep working)
     DEFAULT_TRUST_DOMAIN,
     SERVICE_NAME_MAX,
@@ -25,6 +25,7 @@ from hostmesh.ca.identity import (  # noqa: F401  (re-exported: pki.Identity etc
     valid_service_name,
     valid_trust_domain,
 )
+from hostmesh.registry.files import write_private  # noqa: F401  (re-exported)
 
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
 MAX_LEAF_TTL = dt.timedelta(days=7)  # bounds the damage of a stolen key when revocation is absent

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, StorageError
-from hostmesh.ca.files import make_dirs
+from hostmesh.registry.files import make_dirs
 
 META_FILE = "ca.json"
 SIGNED_DIR = "signed"

@@ -32,6 +32,7 @@ from hostmesh.registry.errors import (
     RegistryError,
     Unavailable,
 )
+from hostmesh.registry.files import write_private
 from hostmesh.registry.layout import (
     COMMAND,
     MAX_NESTING,
@@ -355,7 +356,9 @@ def last_read(ctx: click.Context, kind: str, service: str) -> int | None:
 
 
 def remember_read(ctx: click.Context, kind: str, service: str, version: int) -> None:
-    """Best effort: a state file that cannot be written only means the next replace needs --force."""
+    """Best effort: a state file that cannot be written only means the next replace needs --force.
+    Private whatever the umask (files.write_private): another user who could edit it could make a
+    replace overwrite what this user never read, without --force."""
     state = _load_state()
     entry = state.setdefault(consul_settings(ctx).url, {})
     if not isinstance(entry, dict):
@@ -363,10 +366,7 @@ def remember_read(ctx: click.Context, kind: str, service: str, version: int) -> 
     entry[f"{kind}/{service}"] = version
     target = _state_file()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        tmp.replace(target)
+        write_private(target, json.dumps(state, indent=1, sort_keys=True).encode())
     except OSError as exc:
         click.echo(f"warning: cannot record the version read in {target}: {exc.strerror or exc}", err=True)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,27 @@ def test_apply_refuses_a_file_based_on_an_old_version(consul: ConsulDev, tmp_pat
     line = fails(run(consul, "policy", "apply", "-f", bob))
     assert line.startswith(f"Error: policies/{s} is at version 2 but {bob} is based on version 1")
     assert yaml.safe_load(ok(run(consul, "policy", "get", s)))["load_balancer"]["type"] == "random"
+
+
+def test_the_record_of_versions_read_is_private_whatever_the_umask(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The versions a user read decide whether their next apply may replace a document without
+    --force. The file took the umask (0666 under umask 000) and so did the directories made for it
+    (0777, but the last one): anyone on the host could edit it, and a replace then overwrote what
+    this user never read. Now 0600, in directories no other user may write, as the agent's keys are."""
+    state = tmp_path / "home" / "state"
+    monkeypatch.setenv("HOSTMESH_STATE_DIR", str(state))
+    s = svc()
+    umask = os.umask(0)
+    try:
+        ok(run(consul, "policy", "apply", "-f", write(tmp_path, {"service": s})))
+    finally:
+        os.umask(umask)
+    assert json.loads((state / "read-versions.json").read_text())[consul.url] == {f"policies/{s}": 1}
+    assert stat.S_IMODE((state / "read-versions.json").stat().st_mode) == 0o600
+    for made in (state, state.parent):
+        assert not stat.S_IMODE(made.stat().st_mode) & 0o022, made
 
 
 def test_history_is_bounded_through_the_cli(consul: ConsulDev, tmp_path: Path) -> None:
