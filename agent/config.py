@@ -252,6 +252,7 @@ class AgentConfig:
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # a UDP flow without a datagram this long ends
     dns: Address | None = None  # mesh DNS (agent/dns.py), UDP and TCP; None: off (dns = "")
     dns_shared: bool = False  # `dns` may be beyond loopback (refused at load otherwise)
+    admin_shared: bool = False  # `admin` may be beyond loopback (refused at load otherwise)
     dns_domain: str = DEFAULT_DNS_DOMAIN  # absolute, lowercase: "<upstream>.mesh." is answered
     # [[gateways]]; each one is also in `services` (kind set, no app), so it gets a certificate,
     # a registration and its intentions like a service
@@ -517,6 +518,7 @@ TOP_KEYS = {
     "data_dir",
     "inbound",
     "admin",
+    "admin_shared",
     "metrics",
     "consul",
     "ca",
@@ -551,6 +553,16 @@ NOMAD_KEYS = {
     "identity_file",
     "poll_interval",
 }
+
+
+def _parse_admin(text: Any, shared: bool) -> Address:
+    """`admin`: on loopback unless admin_shared = true, as an upstream's bind (the API has no
+    authentication; the Host check only stops a web page's DNS name)."""
+    admin = parse_address(text, "admin")
+    _loopback_unless_shared(admin, shared, "admin",
+                            "reads this host's applied config (services, intentions, endpoints) and "
+                            "its certificates' details", "set admin_shared = true")  # fmt: skip
+    return admin
 
 
 def _parse_dns(text: Any, shared: bool) -> Address | None:
@@ -693,13 +705,16 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     dns_shared = raw.get("dns_shared", False)
     if not isinstance(dns_shared, bool):
         raise _fail("dns_shared", "must be true or false")
+    admin_shared = raw.get("admin_shared", False)
+    if not isinstance(admin_shared, bool):
+        raise _fail("admin_shared", "must be true or false")
     cert_dir_raw = _str(raw, "cert_dir", "")
     cfg = AgentConfig(
         node=node,
         mesh_address=mesh_address,
         data_dir=Path(_str(raw, "data_dir", "", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR),
         inbound=parse_address(raw.get("inbound", DEFAULT_INBOUND), "inbound"),
-        admin=parse_address(raw.get("admin", DEFAULT_ADMIN), "admin"),
+        admin=_parse_admin(raw.get("admin", DEFAULT_ADMIN), admin_shared),
         metrics=None if metrics_raw in ("", "off") else parse_address(metrics_raw, "metrics"),
         consul=consul,
         ca=ca,
@@ -720,6 +735,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         ),
         dns=_parse_dns(raw.get("dns", DEFAULT_DNS), dns_shared),
         dns_shared=dns_shared,
+        admin_shared=admin_shared,
         dns_domain=_parse_dns_domain(raw),
         udp_idle_timeout=_number(raw, "udp_idle_timeout", "", DEFAULT_UDP_IDLE_TIMEOUT, 0.05, 86400),
         cert_dir=Path(cert_dir_raw) if cert_dir_raw else None,

@@ -68,7 +68,23 @@ AGENT_KEYS: tuple[Key, ...] = (
         "shipped unit and package keep it so).",
     ),
     Key("inbound", "host:port", C.DEFAULT_INBOUND, "The mTLS listener other agents connect to."),
-    Key("admin", "host:port", C.DEFAULT_ADMIN, "Admin API (`/ready`, `/v1/config`, …); keep it on loopback."),
+    Key(
+        "admin",
+        "host:port",
+        C.DEFAULT_ADMIN,
+        "Admin API (`/ready`, `/v1/config`, …), which Consul's health checks of this host's services "
+        "call. On loopback unless `admin_shared = true`.",
+    ),
+    Key(
+        "admin_shared",
+        "boolean",
+        "false",
+        "Allow a non-loopback `admin` (the admin API has no authentication: everyone reaching it reads "
+        "this host's applied config, its services, intentions and endpoints, and its certificates' "
+        "details, and has its apps probed through `/health/<service>`; the log level is changed from "
+        "loopback only). For a Consul agent that checks this host from elsewhere (another network "
+        "namespace). Since 0.3: 0.2 refuses the key, so leave it out of a file an older release reads.",
+    ),
     Key(
         "metrics",
         "host:port or off",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,26 @@ def test_an_upstream_on_a_non_loopback_address_is_refused_unless_shared() -> Non
         assert not parse_config(_with_upstream(bind=f"{host}:9091")).services[0].upstreams[0].shared
     with pytest.raises(ConfigError, match=r"^services\[0\]\.upstreams\[0\]\.shared: must be true or false"):
         parse_config(_with_upstream(bind="127.0.0.1:9091", shared="yes"))
+
+
+def test_the_admin_api_on_a_non_loopback_address_is_refused_unless_admin_shared() -> None:
+    """`admin` was taken whatever it was: on 0.0.0.0 anyone on the network read /v1/config (this
+    host's services, intentions and endpoints) and /v1/certs, with no authentication (the Host check
+    stops only a web page's DNS name). Refused with one line naming the key, as `dns` and an
+    upstream's bind are; `admin_shared = true` says it is intended."""
+    for host in ("0.0.0.0", "198.18.0.5", "[::]"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(minimal(admin=f"{host}:15000"))
+        msg = str(err.value)
+        assert msg.startswith(f"admin: {host.strip('[]')} is not a loopback address: ") and "\n" not in msg
+        assert "applied config" in msg and msg.endswith("(set admin_shared = true if that is intended)")
+        cfg = parse_config(minimal(admin=f"{host}:15000", admin_shared=True))
+        assert cfg.admin_shared and cfg.admin.port == 15000
+    for host in ("127.0.0.1", "127.5.6.7", "[::1]", "localhost"):
+        cfg = parse_config(minimal(admin=f"{host}:15000"))
+        assert not cfg.admin_shared and ipaddress.ip_address(cfg.admin.host).is_loopback
+    with pytest.raises(ConfigError, match=r"^admin_shared: must be true or false$"):
+        parse_config(minimal(admin_shared="yes"))
 
 
 def test_mesh_dns_on_a_non_loopback_address_is_refused_unless_dns_shared() -> None:

@@ -46,7 +46,7 @@ def full_inventory() -> dict[str, Any]:
             "node", "mesh_address", "data_dir", "inbound", "admin", "metrics", "trust_domain",
             "default_intention", "drain_seconds", "log_level", "workers", "max_connections",
             "stream_idle_timeout", "log_format", "istio_metrics", "udp_idle_timeout", "cert_dir", "dns",
-            "dns_shared", "dns_domain", "nomad", "gateways",
+            "dns_shared", "admin_shared", "dns_domain", "nomad", "gateways",
         )
     }  # fmt: skip
     for k, val in ex["tracing"].items():
@@ -57,6 +57,7 @@ def full_inventory() -> dict[str, Any]:
     for k in ("address", "token_file", "ca_file", "cert_file", "key_file", "tls_server_name"):
         v[f"hostmesh_agent_consul_{k}"] = ex["consul"][k]
     v["hostmesh_agent_dns_shared"] = True  # rendered only when true (the previous release lacks it)
+    v["hostmesh_agent_admin_shared"] = True  # (likewise)
     v["hostmesh_agent_consul_token"] = "secret"
     v["hostmesh_agent_consul_token_file_only"] = False
     v["hostmesh_agent_ca_address"] = ex["ca"]["address"]
