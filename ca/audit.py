@@ -27,7 +27,9 @@ from typing import IO
 from hostmesh.ca.errors import AuditError
 from hostmesh.registry.logs import rfc3339
 
-APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+# O_NOFOLLOW: a symlink at the path (planted by whoever may write its directory) is refused, never
+# followed: the CA, root or the service user, would append its lines to any file it may write
+APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
 
 
 class AuditLog:
@@ -52,12 +54,12 @@ class AuditLog:
         Opened once here, so a path that can never be written (a directory, no such parent, no
         permission) stops the CA at start instead of at its first issuance; raises AuditError."""
         try:
-            os.close(os.open(path, APPEND_FLAGS, 0o600))
+            os.close(_open_append(path))
         except OSError as exc:
             raise AuditError(f"cannot open audit log {path} for appending: {exc.strerror}") from None
 
         def write(line: str) -> None:
-            fd = os.open(path, APPEND_FLAGS, 0o600)
+            fd = _open_append(path)
             try:
                 data = line.encode()
                 # one write per line: O_APPEND keeps concurrent writers' lines whole; short means full
@@ -124,6 +126,19 @@ class AuditLog:
             except (OSError, ValueError) as exc:  # ValueError: a closed stream
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise AuditError(f"cannot write audit log {self._where or '(unnamed)'}: {why}") from None
+
+
+def _open_append(path: Path) -> int:
+    """`path` opened for appending (APPEND_FLAGS), created 0600; a symlink is refused with an
+    OSError saying so (the kernel's ELOOP reads "Too many levels of symbolic links")."""
+    try:
+        return os.open(path, APPEND_FLAGS, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                exc.errno, "it is a symbolic link, which the CA does not follow (name the file itself)"
+            ) from None
+        raise
 
 
 def _undo_short_write(fd: int, written: int) -> None:

@@ -61,12 +61,18 @@ def busy_port() -> Iterator[int]:
 def test_serve_refuses_an_audit_log_it_cannot_append_to(tmp_path: Path) -> None:
     d = new_ca_dir(tmp_path)
     (tmp_path / "file").write_text("")
-    cases = [(tmp_path, "Is a directory"), (tmp_path / "file" / "audit.log", "Not a directory")]
+    # a symlink is not followed (one planted where others may write would have the CA append to any
+    # file it may write: review of the CA's audit log): refused, the file it points at untouched
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    symlink = "it is a symbolic link, which the CA does not follow"
+    cases = [(tmp_path, "Is a directory"), (tmp_path / "file" / "audit.log", "Not a directory"),
+             (tmp_path / "link", symlink)]  # fmt: skip
     with busy_port() as port:
         for path, why in cases:
             result = run("ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
                          "--audit-log", str(path))  # fmt: skip
             assert_one_line_error(result, f"audit log {path}", why)
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_audit_log_write_failure_is_an_audit_error_naming_the_path() -> None:
