@@ -259,7 +259,7 @@ async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: 
     recovered when unusable. `wake` (a trust-bundle change) makes it look again: a certificate the new
     bundle does not trust is recovered now, not at its renewal point."""
     loop = asyncio.get_running_loop()
-    tried_with: object = token_stamp(certs.token_file)  # the token file at the last try
+    tried_with: object = file_stamp(certs.token_file)  # the token file at the last try
     while True:
         wake.clear()
         view = certs.renewal_view(service)
@@ -277,7 +277,7 @@ async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: 
                          view.life_left - step.seconds, _as_asked(step))  # fmt: skip
             if await wait_or_wake(step.seconds, wake):
                 continue
-        tried_with = token_stamp(certs.token_file)
+        tried_with = file_stamp(certs.token_file)
         try:
             await certs.renew_once(service)
         except CAError as exc:
@@ -304,8 +304,9 @@ def _as_asked(step: Step) -> str:
     )
 
 
-def token_stamp(path: Path | None) -> tuple[int, int, int] | None:
-    """What identifies the token file's current content cheaply (inode, size, mtime); None if absent."""
+def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies a file's current content cheaply (inode, size, mtime); None if absent. A
+    write changes it, as does a file renamed over it (certificates and keys: ca/files.py)."""
     if path is None:
         return None
     try:
@@ -320,16 +321,16 @@ async def wait_or_token(
 ) -> bool:
     """Sleep `seconds`, or less: until the token file changes (a fresh token was dropped in) or
     `wake` is set (True then: the caller looks at its certificate again before trying). `since`: the
-    file's `token_stamp` at the caller's last try; a change since then ends the wait at once (a
+    file's `file_stamp` at the caller's last try; a change since then ends the wait at once (a
     token dropped in while the caller looked again was missed until the whole wait ran out)."""
-    if token_stamp(token_file) != since:
+    if file_stamp(token_file) != since:
         return False
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while (left := deadline - loop.time()) > 0:
         if await wait_or_wake(min(left, TOKEN_POLL), wake):
             return True
-        if token_stamp(token_file) != since:
+        if file_stamp(token_file) != since:
             return False
     return False
 

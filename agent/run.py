@@ -36,10 +36,10 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import ADMIN_MAX_BODY, CHECK_TIMEOUT_SLACK, AdminAPI, service_health
@@ -53,7 +53,7 @@ from hostmesh.agent.config import (
 )
 from hostmesh.agent.loops import new_event_loop, wait_event
 from hostmesh.agent.memory import Trimmer, freeze_startup_objects, hold_heap, start_trimming
-from hostmesh.agent.renewal import CertState
+from hostmesh.agent.renewal import CertState, file_stamp
 from hostmesh.agent.snapshot import LazyContexts, Snapshot, TLSMaterial
 from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
@@ -202,6 +202,14 @@ def registration_drift(
     return None
 
 
+class ServiceContexts(NamedTuple):
+    """One local service's TLS contexts (the fields of TLSMaterial, for that service)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    client_http: Callable[[], ssl.SSLContext]  # built at its first call, then the same one
+
+
 class AgentStartError(Exception):
     """The agent cannot start; str() is one line for the operator."""
 
@@ -242,6 +250,8 @@ class Agent:
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
         self._cert_check: asyncio.Task[None] | None = None
         self._prebuilt_tls: TLSMaterial | None = None
+        # local service -> what its TLS contexts were built from, and them (_tls_material)
+        self._service_tls: dict[str, tuple[object, ServiceContexts]] = {}
         self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
         self.admin: AdminAPI | None = None  # the primary's admin API (its /health/<service> probes the app)
         self.gateways: list[Any] = []  # edges.IngressGateway of each ingress [[gateways]] (primary only)
@@ -646,14 +656,30 @@ class Agent:
             material, self._prebuilt_tls = self._prebuilt_tls, None
             return material
         roots = self.certs.roots_pem
-        server, client, client_http = {}, {}, {}
+        kept: dict[str, tuple[object, ServiceContexts]] = {}
         for svc in self.config.services:
             chain, key = self.certs.paths(svc.name)
-            server[svc.name] = mesh_server_context(chain, key, roots)
-            client[svc.name] = mesh_client_context(chain, key, roots, alpn=TCP_ALPN)
-            # only for peers older than protocol version 3: built when one is first dialed
-            client_http[svc.name] = functools.partial(mesh_client_context, chain, key, roots, alpn=HTTP_ALPN)
-        return TLSMaterial(next(self._tls_generation), roots, server, client, LazyContexts(client_http))
+            # A service keeps its contexts while its files and the bundle are the ones they were built
+            # from: pools and UDP flows move to a new connection when the context does (a new
+            # handshake), so only that service's renewal, or a new bundle, moves its connections.
+            # Stamped before reading: a renewal meanwhile differs from the stamp, and is built next time.
+            source = (roots, file_stamp(chain), file_stamp(key))
+            built = self._service_tls.get(svc.name)
+            if built is None or built[0] != source:
+                # only for peers older than protocol version 3: built when one is first dialed
+                http = functools.partial(mesh_client_context, chain, key, roots, alpn=HTTP_ALPN)
+                server = mesh_server_context(chain, key, roots)
+                client = mesh_client_context(chain, key, roots, alpn=TCP_ALPN)
+                built = source, ServiceContexts(server, client, functools.cache(http))
+            kept[svc.name] = built
+        self._service_tls = kept
+        return TLSMaterial(
+            next(self._tls_generation),
+            roots,
+            {name: ctxs.server for name, (_, ctxs) in kept.items()},
+            {name: ctxs.client for name, (_, ctxs) in kept.items()},
+            LazyContexts({name: ctxs.client_http for name, (_, ctxs) in kept.items()}),
+        )
 
     def _on_certs_changed(self) -> None:
         self.builder.tls_changed()

@@ -114,7 +114,8 @@ class LazyContexts(Mapping[str, ssl.SSLContext]):
 
 @record
 class TLSMaterial:
-    """SSL contexts built from the current certs and trust bundle; rebuilt only when those change."""
+    """SSL contexts built from the current certs and trust bundle; a service's are rebuilt only when
+    its own certificate or key, or the bundle, changed (agent/run.py): its connections follow them."""
 
     generation: int
     roots_pem: str

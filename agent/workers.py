@@ -124,7 +124,8 @@ class DiskCerts:
         self._roots_pem = (self.dir / "roots.pem").read_text()
 
     def reload(self) -> None:
-        """The files changed (renewal or trust bundle): re-read, then rebuild every TLS context."""
+        """The files changed (renewal or trust bundle): re-read; the TLS contexts of what changed are
+        built again (agent/run.py `_tls_material`)."""
         self._roots_pem = (self.dir / "roots.pem").read_text()
         for callback in list(self._callbacks):
             try:

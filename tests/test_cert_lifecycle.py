@@ -348,7 +348,7 @@ async def test_a_renewal_helper_loading_the_stored_certificates_says_it_at_debug
     assert [r.levelno for r in loaded] == [logging.INFO], caplog.text
 
 
-# --- 5. a root rotation, followed across the fleet ----------------------------------------------
+# --- 6. a root rotation, followed across the fleet ----------------------------------------------
 
 
 def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
@@ -377,3 +377,68 @@ def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
                  "the leaf signed by the new root")  # fmt: skip
     finally:
         m.close()
+
+
+# --- 7. a renewal moves only its own service's connections -----------------------------------------
+
+
+async def test_a_renewal_moves_the_mesh_connections_of_its_own_service_only(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Defect: the agent built every local service's TLS contexts again when any one certificate was
+    renewed, and a pool retires the connections of a context it no longer holds: on a host of N
+    services every caller's pooled mesh connections (and UDP flows, whose apps then see a new source
+    port) were torn down N times per renewal period. Now another service's renewal keeps them; the
+    caller's own renewal still moves its calls to a connection presenting its new certificate.
+    The host under test runs in this process (its renewals are its certificate helper's, asked for
+    now rather than at two thirds of the certificates' life); its peer, the CA and Consul are real."""
+    from hostmesh.agent.localmesh import EchoServer, http_json
+    from hostmesh.agent.run import Agent
+
+    apps = [EchoServer() for _ in range(3)]
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    agent: Agent | None = None
+    try:
+        await asyncio.to_thread(m.start_ca)
+        peer = m.write_agent_config("node-b", [{"name": "api", "port": apps[0].port}])
+        await asyncio.to_thread(m.start_agent, peer)
+        host = m.write_agent_config("node-a", [
+            {"name": "web", "port": apps[1].port, "upstreams": ["api"]},
+            {"name": "b", "port": apps[2].port},
+        ])  # fmt: skip
+        agent = Agent(load_config(host.config_path), config_path=host.config_path)
+        await agent.start()
+        holder = agent.builder.holder
+        await async_wait_until(lambda: holder.current.endpoints.get("api"), WAIT, "web's agent to see api")
+
+        async def call(payload: bytes) -> dict[str, int]:
+            """One connection of web's app to api, echoed; then the upstream's pool as /v1/clusters has it."""
+            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", host.binds["api"]), WAIT)
+            try:
+                w.write(payload)
+                assert await asyncio.wait_for(r.readexactly(len(payload)), WAIT) == payload
+            finally:
+                w.close()
+            _, clusters = await asyncio.to_thread(http_json, host.admin_url + "/v1/clusters")
+            (api,) = [u for u in clusters["upstreams"] if u["upstream"] == "api"]
+            return dict(api["pool"])
+
+        async def renew(service: str) -> None:
+            assert agent is not None
+            before = holder.current.tls.generation
+            await asyncio.wait_for(agent.certs.renew_once(service), WAIT)
+            await async_wait_until(lambda: holder.current.tls.generation > before, WAIT, "new TLS material")
+
+        assert (await call(b"first"))["handshakes"] == 1
+        await renew("b")
+        pool = await call(b"after b's renewal")
+        assert (pool["handshakes"], pool["connections"]) == (1, 1), pool  # the same mesh connection
+        await renew("web")
+        pool = await call(b"after web's renewal")
+        assert pool["handshakes"] == 2, pool  # web's new certificate, on a new handshake
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await asyncio.to_thread(m.close)
+        for app in apps:
+            app.close()

@@ -56,11 +56,11 @@ def test_expired_retries_are_capped_and_states() -> None:
 
 def test_token_stamp_changes_when_a_fresh_token_is_written(tmp_path) -> None:
     path = tmp_path / "join-token"
-    assert renewal.token_stamp(path) is None and renewal.token_stamp(None) is None
+    assert renewal.file_stamp(path) is None and renewal.file_stamp(None) is None
     path.write_text("a.b.c\n")
-    first = renewal.token_stamp(path)
+    first = renewal.file_stamp(path)
     path.write_text("d.e.f.longer\n")
-    assert renewal.token_stamp(path) != first
+    assert renewal.file_stamp(path) != first
 
 
 async def test_a_renewal_wait_woken_and_cancelled_in_the_same_turn_ends_cancelled() -> None:
@@ -88,10 +88,10 @@ async def test_a_token_dropped_in_since_the_last_try_ends_the_wait_at_once(tmp_p
     looked again (a sibling's answer woke it) went unseen for the whole wait, ~15 s on a host of
     four services. The stamp of the last try is what a wait compares with."""
     token = tmp_path / "join-token"
-    tried_with = renewal.token_stamp(token)  # no file at the last try
+    tried_with = renewal.file_stamp(token)  # no file at the last try
     token.write_text("hmt1.fresh\n")
     assert await asyncio.wait_for(renewal.wait_or_token(30.0, token, None, since=tried_with), 5) is False
-    tried_with = renewal.token_stamp(token)
+    tried_with = renewal.file_stamp(token)
     woken = asyncio.Event()
     woken.set()
     assert await renewal.wait_or_token(30.0, token, woken, since=tried_with) is True  # unchanged: woken

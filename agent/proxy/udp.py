@@ -580,9 +580,9 @@ class UdpOutbound:
             self._healthy = (snap, agents)
         if flow.endpoint not in agents:
             return False
-        # new TLS material (a renewal, of any local service's certificate: all are rebuilt; a new
-        # bundle): the destination refuses a connection that presented the old certificate once it
-        # ends, with an audit denial, so the flow moves to one with the new
+        # a new client context (this local service's renewal, or a new bundle; another service's
+        # renewal keeps it): the destination refuses a connection that presented the old certificate
+        # once it ends, with an audit denial, so the flow moves to one with the new
         conn = cast(MeshClient | None, flow.stream.conn if flow.stream is not None else None)
         if conn is not None and conn.ctx is not snap.tls.client.get(self.local_service):
             return False
