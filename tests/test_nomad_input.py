@@ -8,6 +8,7 @@ python-nomad and requests, as in the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from hostmesh.agent.nomad import GONE_CONFIRMATIONS, identity_source, watch_allo
 from hostmesh.registry.errors import Unavailable, UnexpectedAnswer
 from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
 from tests.nomad_double import NomadDouble
-from tests.support import ConsulDev, async_wait_until
+from tests.support import NOBODY, ConsulDev, async_wait_until, run_as_nobody, tmp_dir_others_can_enter
 
 pytestmark = pytest.mark.nomad_double
 
@@ -305,16 +306,39 @@ def test_identity_file_problems_are_one_line_naming_the_file(
         load_config(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no permission error to be had")
 def test_an_unreadable_identity_file_is_a_permission_error(
     tmp_path: Path, no_nomad_env: pytest.MonkeyPatch
 ) -> None:
-    identity = tmp_path / "nomad_token"
-    identity.write_text("eyJ.a.b\n")
-    identity.chmod(0)
-    path = agent_toml(tmp_path, f'identity_file = "{identity}"\n')
-    with pytest.raises(ConfigError, match=r"cannot read: Permission denied$"):
-        load_config(path)
+    """Root reads any file, and CI runs as root: there the load runs as nobody, the files' owner,
+    whom the identity file's mode 000 refuses all the same."""
+
+    def load(d: Path) -> str:
+        try:
+            load_config(d / "agent.toml")
+        except ConfigError as exc:
+            return str(exc)
+        return ""
+
+    with contextlib.ExitStack() as stack:
+        d = (
+            stack.enter_context(tmp_dir_others_can_enter("hostmesh-nomad-"))
+            if os.geteuid() == 0
+            else tmp_path
+        )
+        identity = d / "nomad_token"
+        identity.write_text("eyJ.a.b\n")
+        agent_toml(d, f'identity_file = "{identity}"\n')
+        identity.chmod(0)
+        if os.geteuid() == 0:
+            for p in [d, *d.rglob("*")]:
+                os.chown(p, NOBODY, NOBODY)
+            problem = run_as_nobody(lambda: load(d))
+        else:
+            problem = load(d)
+    assert (
+        problem
+        == f"{d / 'agent.toml'}: [nomad]: Nomad identity file {identity}: cannot read: Permission denied"
+    )
 
 
 def test_https_files_are_checked_at_load(tmp_path: Path, no_nomad_env: pytest.MonkeyPatch) -> None:
