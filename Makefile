@@ -34,18 +34,19 @@ typecheck: $(STAMP)
 
 # Two pytest-xdist workers: most of the tier's time is waiting (agents starting, Consul answering,
 # timers running out), so two keep the 2-core CI machine busier; each module stays on one worker
-# (tests/conftest.py). UNIT_WORKERS=0 runs it in this process.
+# (tests/conftest.py). UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped
+# test and why, beside the failures and errors, so a log shows what a run did not test.
 UNIT_WORKERS ?= 2
 unit: $(STAMP) consul
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" $(PYTEST_ARGS)
 
 # The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
 # its wheel. Needs root (CI is) and iproute2, installed here when missing; skips without root.
 # -s and --durations: the measurements each test prints (restart times, leader election), the
-# fleet's bring-up time, each test's duration; pytest's last line is the tier's run time.
+# fleet's bring-up time, each test's duration; pytest's last line is the tier's run time. -rfEs as unit's.
 fleet: $(STAMP) consul
 	@[ "$$(id -u)" != 0 ] || ./packaging/ensure-tools.sh ip
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -p no:cacheprovider -m fleet -s --durations=0 tests/fleet $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -m fleet -s --durations=0 tests/fleet $(PYTEST_ARGS)
 
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/python -m hostmesh.agent.demo
