@@ -325,7 +325,7 @@ def test_concurrent_intention_edits_are_all_kept(consul: ConsulDev) -> None:
 def test_services_lists_mesh_services(consul: ConsulDev) -> None:
     name = svc("mesh")
     body = {
-        "Name": name, "ID": f"{name}-n1", "Address": "127.0.0.1", "Port": 15001,
+        "Name": name, "ID": f"{name}-n1", "Address": "127.64.0.1", "Port": 15001,  # nothing listens there
         "Meta": {"hostmesh": "1", "protocol": "http", "version": "v2", "zone": "a"},
         "Check": {"CheckID": f"{name}-ttl", "Name": "ttl", "TTL": "30s", "Status": "passing"},
     }  # fmt: skip
@@ -344,7 +344,7 @@ def test_services_lists_mesh_services(consul: ConsulDev) -> None:
             name,
             f"{name}-n1",
             "hostmesh-test",
-            "127.0.0.1:15001",
+            "127.64.0.1:15001",
             "passing",
             "http",
             "v2",

@@ -84,7 +84,7 @@ def test_what_consul_hides_from_a_token_is_not_reported_as_missing(acl_consul: C
     for name, meta in (("hostmesh-ca", {"hostmesh": "1"}), ("aclweb", {"hostmesh": "1", "protocol": "http"})):
         acl_consul.put_json(
             "/v1/catalog/register",
-            {"Node": "acl-node", "Address": "127.0.0.1",
+            {"Node": "acl-node", "Address": "127.64.0.1",  # nothing listens there
              "Service": {"ID": f"{name}-acl-node", "Service": name, "Port": 8443, "Meta": meta}},
         )  # fmt: skip
     acl_consul.acl_policy("kv-only", KV_ONLY)

@@ -119,7 +119,7 @@ async def test_a_ttl_update_with_a_note_reaches_consul(consul: ConsulDev) -> Non
     """The agent's last word on stop ("agent stopping", with a space) used to be an invalid request."""
     check = {"CheckID": "heal-n1:agent", "Name": "alive", "TTL": "15s", "Status": "passing"}
     async with ConsulClient(consul.url) as c:
-        await c.register_service(ServiceRegistration("heal", "heal-n1", "127.0.0.1", 1, checks=(check,)))
+        await c.register_service(ServiceRegistration("heal", "heal-n1", "127.64.0.1", 1, checks=(check,)))
         try:
             await c.check_ttl("heal-n1:agent", "fail", "agent stopping")
             seen = (await c.agent_checks())["heal-n1:agent"]
