@@ -203,6 +203,25 @@ def roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
+def refused(port: int, payload: bytes = b"x", timeout: float = 5.0) -> bool:
+    """A call through the mesh listener at `port` was refused: closed or reset with nothing sent
+    back, within `timeout`. `roundtrip` returns b"" for that, and also for a call held open until
+    its timeout, which is no refusal: here that is False, so a deny that hangs its callers fails."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True  # as in roundtrip: nothing listening, or refused so fast the reset beat connect()
+    with sock:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            return sock.recv(65536) == b""
+        except TimeoutError:
+            return False
+        except OSError:  # reset, broken pipe, or already gone when we half-close (ENOTCONN)
+            return True
+
+
 class CommandFailed(subprocess.CalledProcessError):
     """A `hostmesh` command that exited non-zero; its message carries what the command said, which
     is the cause (the plain CalledProcessError shows only the exit status)."""

@@ -35,6 +35,7 @@ from hostmesh.agent.localmesh import (
     EchoServer,
     LocalMesh,
     free_port,
+    refused,
     roundtrip,
     wait_for,
 )
@@ -298,7 +299,7 @@ def test_ca_and_two_agents_with_the_shipped_policies_over_https(
 
         ok(hm(secure, "intention", "deny", "aclweb", "aclapi", env_token=tokens.operator))
         wait_for(
-            lambda: roundtrip(client_agent.binds["aclapi"], b"x", timeout=1) == b"",
+            lambda: refused(client_agent.binds["aclapi"], b"x", timeout=1),
             10.0,
             "the deny written with the operator's token to reach the agents",
         )
@@ -902,13 +903,13 @@ def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_a
         set_policy_for(svc("elsewhere"))  # refused at the restart
         m.start_agent(h, wait=False)
 
-        def refused() -> bool:
+        def registration_refused() -> bool:
             try:
                 return "cannot register" in h.proc.log() and h.get("/ready")[0] == 503
             except OSError:
                 return False  # not listening yet
 
-        wait_for(refused, 30.0, "the registration to be refused")
+        wait_for(registration_refused, 30.0, "the registration to be refused")
         set_policy_for(name)  # the token resolves again
         wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service again")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hostmesh.agent.localmesh import roundtrip, wait_for
+from hostmesh.agent.localmesh import refused, roundtrip, wait_for
 from tests.l7_support import Client
 from tests.support import WebMesh, web_api_db_mesh
 
@@ -190,7 +190,7 @@ def test_intention_check_agrees_with_traffic(mesh: WebMesh) -> None:
     allowed, line = intention_check(mesh, "chdb")
     assert not allowed and "tcp connection: rule 0 deny chweb" in line
     # (bounded wait: node-web drops the deleted L7 route of chdb, then the tcp deny decides)
-    wait_for(lambda: roundtrip(mesh.web.binds["chdb"], b"ping") == b"", 10, "chweb -> chdb refused")
+    wait_for(lambda: refused(mesh.web.binds["chdb"], b"ping"), 10, "chweb -> chdb refused")
     apply(mesh, "intentions", {"service": "chdb", "rules": [{"source": "chweb", "action": "allow"}]})
     allowed, _ = intention_check(mesh, "chdb")
     assert allowed

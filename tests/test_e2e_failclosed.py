@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.localmesh import EchoServer, LocalMesh, http_json, roundtrip, wait_for
+from hostmesh.agent.localmesh import EchoServer, LocalMesh, http_json, refused, roundtrip, wait_for
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied
@@ -122,14 +122,14 @@ def test_agent_that_cannot_read_its_intentions_refuses_until_granted(
 
         wait_for(api_critical, 20.0, "Consul to mark api on node-b critical")
         # With web denied (and unreadable to node-b), web's call is refused and never reaches api.
-        assert roundtrip(a.binds["api"], b"let me in", timeout=2) == b""
+        assert refused(a.binds["api"], b"let me in", timeout=2)
         assert echo.connections == 0
 
         acl_consul.acl_policy("agent-b", AGENT_RULES)  # grant the read: no restart of any process
         wait_for(lambda: http_json(b.admin_url + "/ready", 1)[0] == 200, RECOVERY_TIMEOUT, "node-b ready")
         m.wait_endpoints(a, "api", 1, timeout=RECOVERY_TIMEOUT)
         # Now the deny itself is enforced by node-b's inbound, and counted as a denial.
-        assert roundtrip(a.binds["api"], b"still no", timeout=2) == b""
+        assert refused(a.binds["api"], b"still no", timeout=2)
         assert echo.received == 0  # (Consul's health check of api now probes it: it counts connections)
         assert metric_value(b.metrics(), "hostmesh_authz_denied_total", source_service="web") >= 1
         assert metric_value(b.metrics(), "hostmesh_authz_unavailable_total") == 0
@@ -160,7 +160,7 @@ def test_deleted_intentions_document_falls_back_to_default_intention(
         m.wait_endpoints(a, "api", 1)
         assert roundtrip(a.binds["api"], b"allowed") == b"allowed"
         private_consul.kv_delete("hostmesh/intentions/api")
-        wait_for(lambda: roundtrip(a.binds["api"], b"x", timeout=1) == b"", 5.0, "the default deny to apply")
+        wait_for(lambda: refused(a.binds["api"], b"x", timeout=1), 5.0, "the default deny to apply")
         _status, cfg = b.get("/v1/config")
         assert cfg["intentions_state"]["api"] == {"state": "absent", "reason": ""}
         assert cfg["default_intention"] == "deny"

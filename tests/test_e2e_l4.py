@@ -25,6 +25,7 @@ from hostmesh.agent.localmesh import (
     free_port,
     http_json,
     port_open,
+    refused,
     roundtrip,
     wait_for,
 )
@@ -98,7 +99,7 @@ def test_intention_deny_applies_to_new_connections_within_1s(mesh: TwoHosts) -> 
     m.hostmesh("intention", "deny", "web", "api")
 
     def denied() -> bool:
-        return roundtrip(a.binds["api"], b"probe", timeout=1) == b""
+        return refused(a.binds["api"], b"probe", timeout=1)
 
     wait_for(denied, 1.0, "the deny intention to take effect")
     elapsed = time.monotonic() - started
@@ -115,14 +116,14 @@ def test_malformed_intentions_are_rejected_and_the_last_good_config_stays(
 ) -> None:
     m, a, b, _ = mesh
     m.hostmesh("intention", "deny", "web", "api")
-    wait_for(lambda: roundtrip(a.binds["api"], b"x", timeout=1) == b"", 2.0, "deny")
+    wait_for(lambda: refused(a.binds["api"], b"x", timeout=1), 2.0, "deny")
     private_consul.kv_put("hostmesh/intentions/api", b"{not json")
     wait_for(
         lambda: metric_value(b.metrics(), "hostmesh_config_rejected_total") >= 1,
         5.0,
         "the rejection to be counted",
     )
-    assert roundtrip(a.binds["api"], b"x", timeout=1) == b""  # still denied: the previous document stays
+    assert refused(a.binds["api"], b"x", timeout=1)  # still denied: the previous document stays
 
 
 def test_agent_ready_quickly_and_clean_stop_deregisters(mesh: TwoHosts, private_consul: ConsulDev) -> None:
@@ -174,7 +175,7 @@ def test_upstream_with_no_healthy_instance_closes_promptly(mesh: TwoHosts) -> No
         lambda: http_json(a.admin_url + "/v1/config")[1]["endpoints"].get("api") == [], 5.0, "api to vanish"
     )
     t0 = time.monotonic()
-    assert roundtrip(a.binds["api"], b"anyone?", timeout=3) == b""
+    assert refused(a.binds["api"], b"anyone?", timeout=3)
     assert time.monotonic() - t0 < 2.0
     assert "no healthy" in a.proc.log().lower()
 
@@ -237,7 +238,7 @@ def test_consul_restart_watches_resume_without_agent_restart(
     # reset by web's for want of an api instance (which also reads b"").
     wait_for(
         lambda: (
-            roundtrip(a.binds["api"], b"x", timeout=1) == b""
+            refused(a.binds["api"], b"x", timeout=1)
             and metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
         ),
         15.0,

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, roundtrip, wait_for
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, refused, roundtrip, wait_for
 from tests.l7_support import Backends, Client
 from tests.releases import release_command, release_command_or_skip
 from tests.support import ConsulDev
@@ -99,7 +99,7 @@ def test_l7_both_ways(mixed: Mixed) -> None:
 
 
 def _l4_denied(port: int) -> bool:
-    return roundtrip(port, b"probe", timeout=1) == b""
+    return refused(port, b"probe", timeout=1)
 
 
 def _l7_status(port: int) -> int:

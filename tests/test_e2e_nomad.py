@@ -28,6 +28,7 @@ from hostmesh.agent.localmesh import (
     free_port,
     http_get,
     http_json,
+    refused,
     roundtrip,
     wait_for,
 )
@@ -241,7 +242,7 @@ def test_two_allocations_and_a_vm_form_one_mesh_with_workload_identities(mesh: N
 
         # intentions hold for allocation identities: deny web -> db (L4) and web -> api (L7)
         m.hostmesh("intention", "deny", "web", "db")
-        wait_for(lambda: roundtrip(web.port("db_up"), b"x") == b"", 20, "web -> db to be denied")
+        wait_for(lambda: refused(web.port("db_up"), b"x"), 20, "web -> db to be denied")
         assert roundtrip(api.port("db_up"), b"still\n") == b"still\n"
         m.hostmesh("intention", "deny", "web", "api")
         wait_for(lambda: http_get(web.port("api_up"), "/orders")[0] == 403, 20, "web -> api to be denied")
