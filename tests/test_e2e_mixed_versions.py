@@ -21,10 +21,12 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, refused, roundtrip, wait_for
 from tests.l7_support import Backends, Client
-from tests.releases import release_command, release_command_or_skip
+from tests.releases import BUILD_TIMEOUT, release_command, release_command_or_skip
 from tests.support import ConsulDev
 
-pytestmark = [pytest.mark.consul, pytest.mark.e2e]
+# A test that is the first of its release on a machine builds that release's venv (tests/releases.py):
+# pytest's 120 s per test cut it short on a cold cache, each time anew (an interrupted build is redone).
+pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT + 120)]
 
 PREVIOUS = ("0.1.0", "0.2.0")  # every release the current agent still speaks with
 APPLY_BOUND = 5.0  # an intention change reaches an agent's watch well within this
