@@ -569,8 +569,8 @@ EXTERNAL = Kind(
         Field(
             "addresses",
             "list",
-            f"`host:port` (an IP address or a DNS name resolved per connection), tried in turn "
-            f"(at most {MAX_EXTERNAL_ADDRESSES}).",
+            "`host:port` (an IP address, IPv4 as four decimal numbers, or a DNS name resolved per "
+            f"connection), tried in turn (at most {MAX_EXTERNAL_ADDRESSES}).",
             required=True,
             item="string",
         ),

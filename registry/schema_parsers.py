@@ -598,6 +598,12 @@ def parse_gateway(data: object) -> GatewayDocument:
     return GatewayDocument(_name(f["service"], "service"), _version(f), routes["http"], routes["tls"])
 
 
+# A name ending in a number is no DNS name but an IPv4 address in a form `ipaddress` refuses, which
+# the resolver (inet_aton) reads its own way: 010.0.0.1 is 8.0.0.1 (octal), 127.1 and 2130706433 are
+# 127.0.0.1, 0x7f.1 too. The agent would connect somewhere other than the address written.
+_NUMERIC_LAST_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+
+
 def _external_address(v: object, path: str) -> ExternalAddress:
     s = _str(v, path, max_len=260)
     host, sep, port_s = s.rpartition(":")
@@ -614,6 +620,9 @@ def _external_address(v: object, path: str) -> ExternalAddress:
         pass  # not an IP address: a DNS name, then
     if not _HOST_RE.fullmatch(host) or host.startswith("*"):
         raise InvalidDocument(path, f"{host!r} is neither an IP address nor a DNS name")
+    if _NUMERIC_LAST_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        raise InvalidDocument(path, f"{host!r} is neither an IP address (four decimal numbers, no leading "
+                              "zeros) nor a DNS name (whose last label is never a number)")  # fmt: skip
     if len(host) > MAX_HOST_NAME:
         raise InvalidDocument(path, f"the host name is {len(host)} characters (at most {MAX_HOST_NAME})")
     _check_labels(host, path)

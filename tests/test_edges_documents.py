@@ -104,6 +104,23 @@ def test_invalid_external_names_the_field(data: dict[str, Any], field: str) -> N
     assert err.value.path == field
 
 
+@pytest.mark.parametrize("host", ["010.0.0.1", "127.1", "2130706433", "0x7f.1", "0x7f000001", "1.2.3"])
+def test_an_address_the_resolver_would_read_as_another_ip_is_refused(host: str) -> None:
+    """Not an IP address to `ipaddress`, and no DNS name either: the resolver (inet_aton) reads these
+    as IPv4 addresses its own way (010.0.0.1 is 8.0.0.1, octal), so the agent would connect somewhere
+    other than the address written."""
+    with pytest.raises(InvalidDocument) as err:
+        parse_external({"service": "x", "addresses": ["a.test:1", f"{host}:443"]})
+    assert str(err.value) == (
+        f"addresses[1]: {host!r} is neither an IP address (four decimal numbers, no leading zeros) nor "
+        "a DNS name (whose last label is never a number)"
+    )
+    # names with digits stay names; an IP address stays one
+    names = ["1.example.test:1", "a1.b2:2", "x.0a:3", "10.0.0.1:4"]
+    ext = parse_external({"service": "x", "addresses": names})
+    assert [a.host for a in ext.addresses] == ["1.example.test", "a1.b2", "x.0a", "10.0.0.1"]
+
+
 def test_dns_bounds_are_checked_where_names_are_written() -> None:
     """A label is 1..63 characters and a name 253 (RFC 1035): what the resolver and TLS SNI take at
     connect time. Both bounds themselves pass; one over is refused in one line saying which."""
