@@ -329,13 +329,14 @@ AGENT_KEYS: tuple[Key, ...] = (
         "services[].upstreams[].connect_timeout",
         "seconds 0.01..60",
         "1",
-        "Per attempt to dial one instance's agent.",
+        "Per attempt to dial one instance's agent (an external service's: its egress gateway's).",
     ),
     Key(
         "services[].upstreams[].connect_budget",
         "seconds 0.01..300",
         "3",
-        "In all, across instances, before the app's connection is closed.",
+        "In all, across instances, before the app's connection is closed (an external service's own "
+        "addresses have fixed bounds, README External services).",
     ),
     Key(
         "services[].upstreams[].protocol",

@@ -260,6 +260,56 @@ async def test_a_connect_timeout_says_it_timed_out(monkeypatch: pytest.MonkeyPat
     assert str(err.value) == f"127.0.0.1:{port}: connect timed out after 0.5s"
 
 
+class Closing(asyncio.Protocol):
+    """What originate connects: closes at once (only the address it reached matters here)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def reached(ext: ExternalService) -> str:
+    return await asyncio.wait_for(originate(ext, Closing()), IO_TIMEOUT)
+
+
+async def test_a_dead_first_address_costs_its_timeout_once_not_every_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first address that never answers (a firewall dropping, a server gone) held every connection
+    for its whole timeout (5 s, 15 s with TLS) before the next address was tried; now one that failed
+    is tried after the others for EXTERNAL_FAILED_HOLD."""
+    monkeypatch.setattr(edges, "_failed_at", {}, raising=False)  # (fresh)
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 0.5)  # 5 s in the agent
+    with socket.create_server(("127.0.0.1", 0)) as server, never_accepting() as dead:  # (the kernel accepts)
+        live = server.getsockname()[1]
+        ext = ExternalService(
+            "x-two", 1, (ExternalAddress("127.0.0.1", dead), ExternalAddress("127.0.0.1", live))
+        )
+        assert await reached(ext) == f"127.0.0.1:{live}"  # after the dead one's timeout
+        monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # tried first, it would hang
+        assert [await reached(ext) for _ in range(3)] == [f"127.0.0.1:{live}"] * 3
+
+
+async def test_an_address_back_up_is_first_again_once_its_hold_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed address is tried last only for a while: back up, it is the first again."""
+    monkeypatch.setattr(edges, "_failed_at", {}, raising=False)  # (fresh)
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        one = first.getsockname()[1]
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            two = server.getsockname()[1]
+            ext = ExternalService(
+                "x-two", 1, (ExternalAddress("127.0.0.1", one), ExternalAddress("127.0.0.1", two))
+            )
+            assert await reached(ext) == f"127.0.0.1:{two}"
+            first.listen()
+            assert await reached(ext) == f"127.0.0.1:{two}"  # within the hold: tried last
+            monkeypatch.setattr(edges, "EXTERNAL_FAILED_HOLD", 0.0, raising=False)
+            assert await reached(ext) == f"127.0.0.1:{one}"  # the document's order again
+            assert await reached(ext) == f"127.0.0.1:{one}"
+
+
 @pytest.mark.parametrize("where", ["address", "sni"])
 async def test_a_name_the_resolver_refuses_resets_the_app_connection(
     where: str, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]

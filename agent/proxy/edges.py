@@ -67,7 +67,7 @@ from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
-from hostmesh.registry.schema import ExternalService, ExternalTLS
+from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
 
 if TYPE_CHECKING:  # the L7 modules load only once a gateway needs them
     from hostmesh.agent.proxy.http_conn import HeadChecks
@@ -76,6 +76,10 @@ log = logging.getLogger("hostmesh.proxy.edges")
 
 EXTERNAL_CONNECT_TIMEOUT = 5.0  # per address: outside the mesh, a WAN round trip or two plus DNS
 EXTERNAL_HANDSHAKE_TIMEOUT = 10.0  # TLS origination to a server on the internet
+# an address that failed is tried after the others for this long: a dead first address (a server
+# gone, a firewall dropping) cost every connection its timeout (15 s with TLS) before the next one
+EXTERNAL_FAILED_HOLD = 30.0
+MAX_FAILED_ADDRESSES = 4096  # failed addresses remembered (bounded memory: all forgotten past it)
 MAX_EXTERNAL_CONTEXTS = 256  # (SNI, CA file) pairs kept; each context holds a parsed trust store
 MAX_FAILURES_SHOWN = 4  # addresses whose failure a connection's log line names (a document may list 32)
 CERT_POLL_SECONDS = 2.0  # operator certificate files are checked for changes this often (cheap stat)
@@ -160,10 +164,29 @@ def _why(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+_failed_at: dict[tuple[str, int], float] = {}  # (host, port) -> when a connection to it last failed
+
+
+def _in_turn(addresses: tuple[ExternalAddress, ...]) -> list[ExternalAddress]:
+    """`addresses` in the document's order, those that failed within EXTERNAL_FAILED_HOLD last (still
+    tried, in their order, when the others fail too)."""
+    if not _failed_at:
+        return list(addresses)
+    since = time.monotonic() - EXTERNAL_FAILED_HOLD
+    return sorted(addresses, key=lambda a: _failed_at.get((a.host, a.port), since) > since)  # stable
+
+
+def _failed(addr: ExternalAddress) -> None:
+    if len(_failed_at) >= MAX_FAILED_ADDRESSES:
+        _failed_at.clear()
+    _failed_at[(addr.host, addr.port)] = time.monotonic()
+
+
 async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str:
     """Connect `protocol` to the first address of `ext` that answers (TLS originated when the document
-    says so); returns that address. Raises OriginateError naming each address tried and why it
-    failed; logs nothing (the caller logs one line per connection)."""
+    says so), those that failed lately last (`_in_turn`); returns that address. Raises OriginateError
+    naming each address tried and why it failed; logs nothing (the caller logs one line per
+    connection)."""
     loop = asyncio.get_running_loop()
     ctx: ssl.SSLContext | None = None
     sni = ext.tls.sni if ext.tls is not None else None
@@ -176,7 +199,7 @@ async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str
         raise OriginateError(f"tls.sni {sni!r}: {bad}")
     budget = EXTERNAL_CONNECT_TIMEOUT + (EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else 0)
     failures = []
-    for addr in ext.addresses:
+    for addr in _in_turn(ext.addresses):
         bad = _unencodable(addr.host)
         if bad:
             failures.append(f"{addr}: {bad}")
@@ -189,6 +212,7 @@ async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str
                 ),
                 budget,
             )  # fmt: skip
+            _failed_at.pop((addr.host, addr.port), None)
             return str(addr)
         except ssl.SSLCertVerificationError as exc:
             failures.append(f"{addr}: certificate not trusted for {sni}: {exc.verify_message}")
@@ -197,6 +221,7 @@ async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str
             failures.append(f"{addr}: {step} timed out after {budget:g}s")
         except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: what the loop refuses to try
             failures.append(f"{addr}: {_why(exc)}")
+        _failed(addr)
     more = len(failures) - MAX_FAILURES_SHOWN
     shown = "; ".join(failures[:MAX_FAILURES_SHOWN]) + (f"; and {more} more addresses" if more > 0 else "")
     raise OriginateError(shown or "no address")
