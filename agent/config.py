@@ -33,6 +33,7 @@ from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.layout import (
     CONSUL_META_VALUE_MAX,
     GATEWAY_KIND_META,
+    GATEWAY_KINDS,
     HOSTMESH_META,
     METRICS_META,
     PROTOCOL_META,
@@ -121,7 +122,6 @@ class ServiceConfig:
     kind: str = ""  # "": a service with an app; a gateway's identity: GATEWAY_KINDS[kind of [[gateways]]]
 
 
-GATEWAY_KINDS = {"ingress": "ingress-gateway", "egress": "egress-gateway"}  # -> Consul meta hostmesh-kind
 GATEWAY_PROTOCOLS = ("http", "https", "tls")  # tls: passthrough by SNI to a TCP mesh service
 
 

@@ -25,6 +25,7 @@ from hostmesh.registry.features import Agent, agent_of, features_of, older_agent
 from hostmesh.registry.layout import (
     COMMAND,
     GATEWAY_KIND_META,
+    GATEWAY_KINDS,
     PROTOCOL_META,
     UPSTREAMS_META,
     is_hostmesh,
@@ -32,6 +33,7 @@ from hostmesh.registry.layout import (
 )
 from hostmesh.registry.schema import (
     SPLIT_PROTOCOLS,
+    ExternalService,
     GatewayDocument,
     Intentions,
     Match,
@@ -143,6 +145,8 @@ def analyze(documents: Documents, catalog: Catalog) -> list[Finding]:
         out += _check_intentions(key, intentions, catalog, known, externals)
     for key, gateway in parsed.get("gateways", {}).items():
         out += _check_gateway(key, gateway, known)
+    for key, external in parsed.get("external", {}).items():
+        out += _check_external(key, external, catalog, known)
     out += _older_agents(parsed, catalog.agents())
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda f: (order[f.severity], f.subject, f.code))
@@ -171,6 +175,33 @@ def _older_agents(parsed: Mapping[str, Mapping[str, Any]], agents: tuple[Agent, 
                             f"`hostmesh {COMMAND[kind]} rollback {key} --to N` to a version without it",
                         )
                     )
+    return out
+
+
+def _check_external(key: str, doc: ExternalService, catalog: Catalog, known: frozenset[str]) -> list[Finding]:
+    """An external service's document: its name is no mesh service's (its callers' agents would send
+    that service's calls out to its addresses), and its `via` is an egress gateway someone runs (the
+    calls are reset otherwise)."""
+    out = []
+    if key in known:
+        out.append(Finding(
+            "error", "external-shadows-service", f"external/{key}",
+            f"mesh instances of {key} are registered in Consul, but its callers' agents send every "
+            f"call to {key} out to the document's addresses, not to them",
+            f"give the external service another name, or `hostmesh external delete {key}`",
+        ))  # fmt: skip
+    if doc.via is not None:
+        kinds = {i.meta.get(GATEWAY_KIND_META) for i in catalog.of(doc.via)}
+        if GATEWAY_KINDS["egress"] not in kinds:
+            what = (
+                f"no instance of it is registered: every call to {key} is reset (UH)" if not kinds
+                else f"it is not an egress gateway: every call to {key} is reset (UF, its handshake refused)"
+            )  # fmt: skip
+            out.append(Finding(
+                "error", "unknown-egress-gateway", f"external/{key}",
+                f"via {doc.via}, but {what}",
+                f"check the name; run an agent with a [[gateways]] name = \"{doc.via}\", kind = \"egress\"",
+            ))  # fmt: skip
     return out
 
 

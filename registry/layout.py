@@ -29,6 +29,8 @@ NOMAD_MAPPING_KIND = "ca"  # stored like the other documents: live at hostmesh/c
 NOMAD_MAPPING_NAME = "nomad"  # hostmesh/history/ca/nomad/<version>; one document, not one per service
 
 GATEWAY_KIND_META = "hostmesh-kind"  # a gateway's registration meta (agent/config.py sets it)
+# [[gateways]] kind -> the value of that meta (hostmesh check tells an egress gateway by it)
+GATEWAY_KINDS = {"ingress": "ingress-gateway", "egress": "egress-gateway"}
 
 CA_SERVICE_NAME = "hostmesh-ca"  # what `hostmesh ca serve` registers in Consul; agents find the CA by it
 

@@ -441,3 +441,25 @@ def test_a_gateway_document_is_checked_against_the_catalog() -> None:
         ("warning", "unknown-service", "gateways/edge")
     ]
     assert "`hostmesh gateway delete edge`" in lone[0].fix
+
+
+def test_an_external_named_like_a_mesh_service_or_via_no_egress_gateway_is_an_error() -> None:
+    """An external document for a name mesh instances are registered under sends every call to that
+    service out to its addresses (its callers' agents take the document's word), and one `via` a name
+    no egress gateway runs under has every call reset: `check` named neither (it read external
+    documents only to say whether they parse)."""
+    catalog = Catalog((*CATALOG.instances, inst("out", "vm-9", **{"hostmesh-kind": "egress-gateway"})))
+    pay = {"service": "pay", "addresses": ["127.0.0.1:443"], "via": "out"}
+    assert analyze({"external": {"pay": pay}}, catalog) == []
+    shadow = analyze({"external": {"api": {**pay, "service": "api"}}}, catalog)
+    assert [(f.severity, f.code, f.subject) for f in shadow] == [
+        ("error", "external-shadows-service", "external/api")
+    ]
+    assert "mesh instances of api are registered" in shadow[0].message
+    for via, what in (("ot", "no instance of it is registered"), ("web", "it is not an egress gateway")):
+        found = analyze({"external": {"pay": {**pay, "via": via}}}, catalog)
+        assert [(f.severity, f.code, f.subject) for f in found] == [
+            ("error", "unknown-egress-gateway", "external/pay")
+        ]
+        assert found[0].message.startswith(f"via {via}, but {what}: every call to pay is reset (")
+    assert analyze({"external": {"pay": pay}}, CATALOG)[0].code == "unknown-egress-gateway"  # nobody runs out
