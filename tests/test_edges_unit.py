@@ -475,3 +475,52 @@ async def test_at_the_egress_gateway_the_external_connection_has_the_one_access_
     assert (line["destination_service"], line["upstream_host"]) == ("x-echo", f"127.0.0.1:{ext_port}")
     assert line["downstream_remote_address"].startswith("127.0.0.1:")
     assert (line["bytes_received"], line["bytes_sent"]) == (4, 5)
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_failed_or_refused_external_connection_has_its_access_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: a failure's access line is written whatever the sample, and the mesh's inbound writes
+    one for each stream it refuses. A call whose external could not be reached (UF, at the caller's
+    agent) or that the egress gateway refused (AUTHZ) had none: a warning or an audit line only,
+    with none of an access line's fields."""
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        ext = ExternalService("x-down", 1, (ExternalAddress("127.0.0.1", down.getsockname()[1]),))
+        async with caller_of(ext, Telemetry()) as port:
+            assert await app_call(port) == "reset"
+            [line] = await async_wait_until(lambda: access_lines(caplog), IO_TIMEOUT, "the access line")
+    assert set(line) == FIELDS
+    assert (line["reporter"], line["destination_service"], line["response_flags"]) == (
+        "source",
+        "x-down",
+        "UF",
+    )
+    assert (line["source_workload"], line["source_principal"]) == ("web", f"spiffe://{TD}/svc/web")
+
+    ca = CA(tmp_path)
+    denied = ExternalService("x-denied", 1, (ExternalAddress("127.0.0.1", 9),), via="out")
+    gw_snap = with_externals(snapshot({"out": 1}, ca.material(["out"])), denied)
+    gateway = InboundListener(
+        SnapshotHolder(dataclasses.replace(gw_snap, default_allow=False)),
+        Address("127.0.0.1", 0),
+        Telemetry(),
+    )
+    gateway.egress_gateways = frozenset({"out"})
+    await gateway.start()
+    try:
+        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+        async with caller_of(denied, Telemetry(), snap) as port:
+            assert await app_call(port) == "reset"
+
+            def the_gateways() -> list[dict[str, Any]]:
+                return [x for x in access_lines(caplog) if x["reporter"] == "destination"]
+
+            [line] = await async_wait_until(the_gateways, IO_TIMEOUT, "the gateway's access line")
+    finally:
+        await gateway.close()
+    assert set(line) == FIELDS
+    assert (line["destination_service"], line["response_flags"]) == ("x-denied", "AUTHZ")
+    assert line["source_principal"] == f"spiffe://{TD}/svc/web"
+    assert line["downstream_remote_address"].startswith("127.0.0.1:")

@@ -249,9 +249,10 @@ class EgressPipes:
         self._failure_log = RateLimitedLog(log, "failed connections to external services")
 
     def refused(self, source: str, destination: str, flag: str, reason: str, peer: str = "",
-                source_id: str = "") -> None:  # fmt: skip
-        """A connection refused before it went out: counted, and a denial audited under the caller's
-        SPIFFE ID (`source_id`) as every other denial is."""
+                source_id: str = "", seconds: float = 0.0) -> None:  # fmt: skip
+        """A connection refused, or failed, before it went out: counted, its access line (a failure's,
+        whatever the sample, as the mesh's inbound writes one for a stream it refuses), and a denial
+        audited under the caller's SPIFFE ID (`source_id`) as every other denial is."""
         series = self.telemetry.tcp_series(self.reporter, source, destination, "", flag)
         series.opened.inc()
         series.closed.inc()
@@ -263,6 +264,13 @@ class EgressPipes:
             audit.denied(
                 layer="l4", source=source_id or source, destination=destination, reason=reason, peer=peer
             )
+        if audit.access_sampled(always=True):
+            audit.access(audit.access_record(
+                protocol="tcp", reporter=self.reporter, source_workload=source, source_principal=source_id,
+                destination_service=destination, destination_subset="", upstream_host="",
+                downstream_remote_address=peer, response_code=0, response_flags=flag,
+                duration_ms=round(seconds * 1000, 1), bytes_received=0, bytes_sent=0,
+            ))  # fmt: skip
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -277,12 +285,13 @@ class EgressPipes:
         `principal` (the caller's SPIFFE ID) and `peer` (its address, at an egress gateway) are for
         the connection's access line."""
         out = _OutsideEnd()
+        started = time.monotonic()
         try:
             address = await originate(ext, out)
         except Exception as exc:  # see above; cancellation (the agent stopping) is not caught
             why = str(exc) if isinstance(exc, OriginateError) else f"{type(exc).__name__}: {_why(exc)}"
             self._failure_log("external %s (called by %s): %s; reset", ext.service, source, why)
-            self.refused(source, ext.service, flags.UF, why)
+            self.refused(source, ext.service, flags.UF, why, peer, principal, time.monotonic() - started)
             on_fail()
             return
         if getattr(down, "closed", False) or getattr(down, "done", False):
@@ -384,7 +393,8 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
     source = conn.source.service if conn.source else ""
     ext = snap.externals.get(external)
     if ext is None or ext.via != conn.service:
-        pipes.refused(source, external, flags.NR, "not an external service of this gateway any more")
+        pipes.refused(source, external, flags.NR, "not an external service of this gateway any more",
+                      conn.peer_addr, conn.source.spiffe_id if conn.source else "")  # fmt: skip
         stream.reset(flags.NR)  # the caller's agent says it too (wire.py RESET)
         return
     allowed, reason, flag = external_decision(snap, external, source)
