@@ -310,6 +310,41 @@ async def test_an_address_back_up_is_first_again_once_its_hold_is_over(
             assert await reached(ext) == f"127.0.0.1:{one}"
 
 
+async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection resolved its external's name on its own: with the name's DNS server silent,
+    eight calls held eight lookups, and uvloop's resolver pool (four threads, shared by every name the
+    agent resolves) had none left: another external, `localhost`, answered in 0.09 s alone and not
+    within 10 s beside them (probed with a resolv.conf naming a server that never answers). Here the
+    loop's lookup of that name waits until released: the calls share one, another name resolves
+    meanwhile, and once it fails each waiting call fails with it, none left open."""
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # the calls wait for the lookup
+    loop = asyncio.get_running_loop()
+    real, release, lookups = loop.getaddrinfo, asyncio.Event(), []
+
+    async def hung_dns(host: str, port: int, **kw: Any) -> Any:
+        lookups.append(host)
+        if host == "hang.example.test":
+            await release.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return await real(host, port, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", hung_dns)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        hung = ExternalService("x-hang", 1, (ExternalAddress("hang.example.test", port),))
+        calls = [asyncio.ensure_future(reached(hung)) for _ in range(8)]
+        await async_wait_until(lambda: "hang.example.test" in lookups, IO_TIMEOUT, "the lookup")
+        other = ExternalService("x-local", 1, (ExternalAddress("localhost", port),))
+        assert await reached(other) == f"localhost:{port}"
+        assert lookups.count("hang.example.test") == 1
+        release.set()
+        failed = await asyncio.gather(*calls, return_exceptions=True)
+    assert [str(f) for f in failed] == [f"hang.example.test:{port}: Temporary failure in name resolution"] * 8
+    assert edges._lookups == {}
+
+
 @pytest.mark.parametrize("where", ["address", "sni"])
 async def test_a_name_the_resolver_refuses_resets_the_app_connection(
     where: str, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]

@@ -46,9 +46,12 @@ of the gateway blocks it like any caller.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import os
 import re
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -182,6 +185,59 @@ def _failed(addr: ExternalAddress) -> None:
     _failed_at[(addr.host, addr.port)] = time.monotonic()
 
 
+# (host, port) -> its lookup in flight, which every connection to that name waits for
+_lookups: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
+
+
+def _lookup_done(key: tuple[str, int], lookup: asyncio.Future[list[Any]]) -> None:
+    if _lookups.get(key) is lookup:
+        del _lookups[key]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: every connection waiting for it may have timed out
+
+
+async def _resolved(loop: asyncio.AbstractEventLoop, addr: ExternalAddress) -> list[str]:
+    """The IP addresses of `addr`, in the resolver's order. One lookup of a name at a time, which the
+    connections to it share: each used to resolve on its own, and a name whose DNS server hung held
+    one of the loop's resolver threads per connection for the resolver's whole timeout (uvloop's
+    pool has four, shared by every name the agent resolves), so eight calls to it left another
+    external's name unresolved past its connect timeout."""
+    try:
+        ipaddress.ip_address(addr.host)
+        return [addr.host]
+    except ValueError:
+        pass  # a DNS name
+    key = (addr.host, addr.port)
+    lookup = _lookups.get(key)
+    if lookup is None or lookup.get_loop() is not loop:
+        lookup = asyncio.ensure_future(loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM))
+        _lookups[key] = lookup
+        lookup.add_done_callback(functools.partial(_lookup_done, key))
+    found = await asyncio.shield(lookup)  # a connection that gives up leaves it to the others
+    return [info[4][0] for info in found]
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, protocol: asyncio.BaseProtocol,
+                   ctx: ssl.SSLContext | None, sni: str | None) -> None:  # fmt: skip
+    """`protocol` connected to one of the IP addresses of `addr`, tried in turn as the loop's
+    create_connection tries a name's (a TLS failure is the server's answer: not tried further)."""
+    errors: list[OSError] = []
+    for ip in await _resolved(loop, addr):
+        try:
+            await loop.create_connection(
+                lambda: protocol, ip, addr.port, ssl=ctx, server_hostname=sni,
+                ssl_handshake_timeout=EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else None,
+            )  # fmt: skip
+            return
+        except ssl.SSLError:
+            raise
+        except OSError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError("; ".join(dict.fromkeys(_why(e) for e in errors)) or "no address")
+
+
 async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str:
     """Connect `protocol` to the first address of `ext` that answers (TLS originated when the document
     says so), those that failed lately last (`_in_turn`); returns that address. Raises OriginateError
@@ -205,13 +261,7 @@ async def originate(ext: ExternalService, protocol: asyncio.BaseProtocol) -> str
             failures.append(f"{addr}: {bad}")
             continue
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: protocol, addr.host, addr.port, ssl=ctx, server_hostname=sni,
-                    ssl_handshake_timeout=EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else None,
-                ),
-                budget,
-            )  # fmt: skip
+            await asyncio.wait_for(_connect(loop, addr, protocol, ctx, sni), budget)
             _failed_at.pop((addr.host, addr.port), None)
             return str(addr)
         except ssl.SSLCertVerificationError as exc:
