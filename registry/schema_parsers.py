@@ -607,17 +607,25 @@ _NUMERIC_LAST_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 def _external_address(v: object, path: str) -> ExternalAddress:
     s = _str(v, path, max_len=260)
     host, sep, port_s = s.rpartition(":")
-    host = host.strip("[]").lower()
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = (host[1:-1] if bracketed else host).lower()
     port = port_number(port_s, 1)
     if not sep or port is None or not host:
         raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")
     import ipaddress
 
     try:
-        ipaddress.ip_address(host)
-        return ExternalAddress(host, port)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        pass  # not an IP address: a DNS name, then
+        ip = None  # not an IP address: a DNS name, then
+    # brackets say where an IPv6 address ends: without them `::1:443` read as [::1]:443 when it may
+    # be the address ::1:443 with its port left out
+    if (ip is not None and ip.version == 6) != bracketed:
+        raise InvalidDocument(
+            path, f"{s!r}: an IPv6 address goes in brackets ([2001:db8::1]:443), nothing else does"
+        )
+    if ip is not None:
+        return ExternalAddress(host, port)
     if not _HOST_RE.fullmatch(host) or host.startswith("*"):
         raise InvalidDocument(path, f"{host!r} is neither an IP address nor a DNS name")
     if _NUMERIC_LAST_LABEL.fullmatch(host.rsplit(".", 1)[-1]):

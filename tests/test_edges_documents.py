@@ -121,6 +121,19 @@ def test_an_address_the_resolver_would_read_as_another_ip_is_refused(host: str) 
     assert [a.host for a in ext.addresses] == ["1.example.test", "a1.b2", "x.0a", "10.0.0.1"]
 
 
+@pytest.mark.parametrize("address", ["::1:443", "fe80::1%eth0:443", "[127.0.0.1]:443", "[a.example.test]:443",
+                                     "127.0.0.1]:443", "[::1:443"])  # fmt: skip
+def test_brackets_are_for_an_ipv6_address_alone(address: str) -> None:
+    """`::1:443` was taken as [::1]:443, though it is an IPv6 address itself (its port left out?);
+    brackets around an IPv4 address or a name, or only one of them, were dropped unseen."""
+    with pytest.raises(InvalidDocument) as err:
+        parse_external({"service": "x", "addresses": [address]})
+    assert err.value.path == "addresses[0]"
+    assert "an IPv6 address goes in brackets" in str(err.value) or "neither an IP address" in str(err.value)
+    ext = parse_external({"service": "x", "addresses": ["[::1]:443", "[FE80::1%eth0]:443", "127.0.0.1:443"]})
+    assert [str(a) for a in ext.addresses] == ["[::1]:443", "[fe80::1%eth0]:443", "127.0.0.1:443"]
+
+
 def test_dns_bounds_are_checked_where_names_are_written() -> None:
     """A label is 1..63 characters and a name 253 (RFC 1035): what the resolver and TLS SNI take at
     connect time. Both bounds themselves pass; one over is refused in one line saying which."""
