@@ -260,6 +260,23 @@ async def test_a_connect_timeout_says_it_timed_out(monkeypatch: pytest.MonkeyPat
     assert str(err.value) == f"127.0.0.1:{port}: connect timed out after 0.5s"
 
 
+async def test_the_addresses_together_have_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each address had its own timeout and nothing bounded them together: a document whose 32
+    addresses all drop held the app's connection 32 x 15 s, 8 minutes (three here, each of which
+    would hang an hour)."""
+    monkeypatch.setattr(edges, "_failed_at", {}, raising=False)
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_BUDGET", 0.5, raising=False)
+    with never_accepting() as one, never_accepting() as two, never_accepting() as three:
+        ext = ExternalService("x-three", 1, tuple(ExternalAddress("127.0.0.1", p) for p in (one, two, three)))
+        with pytest.raises(OriginateError) as err:
+            await asyncio.wait_for(originate(ext, asyncio.Protocol()), IO_TIMEOUT)
+    assert (
+        str(err.value)
+        == f"127.0.0.1:{one}: connect timed out after the rest of the 0.5s in all; 2 more not tried"
+    )
+
+
 class Closing(asyncio.Protocol):
     """What originate connects: closes at once (only the address it reached matters here)."""
 
