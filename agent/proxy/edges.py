@@ -4,7 +4,8 @@ Egress. An external service is a document (`hostmesh/external/<name>`, registry/
 service calls as an ordinary upstream by name. Pipeline per connection on the upstream's listener:
     accept -> read the snapshot once -> authorize the *caller* against the external's intentions
     (read by this agent; unread: refused, flag NI, fail closed; denied: reset, flag AUTHZ)
-    -> direct: connect one of the external's addresses in turn (DNS names resolved then) and, when
+    -> direct: connect one of the external's addresses in turn (those that failed lately last, 30 s
+       in all; DNS names resolved then, one lookup per name shared by its connections) and, when
        its document says so, originate TLS with its SNI, verified against its CA file or the
        system's trust store -> pump; no address connected and verified (whatever the error: a
        timeout, a certificate not trusted, a name no resolver takes): reset, flag UF, one log line
