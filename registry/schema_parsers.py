@@ -624,6 +624,10 @@ def _external_address(v: object, path: str) -> ExternalAddress:
         raise InvalidDocument(
             path, f"{s!r}: an IPv6 address goes in brackets ([2001:db8::1]:443), nothing else does"
         )
+    if ip is not None and (ip.is_unspecified or ip.is_multicast):  # 0.0.0.0 and :: connect to this host
+        raise InvalidDocument(
+            path, f"{s!r} is no address to connect to ({'any address' if ip.is_unspecified else 'multicast'})"
+        )
     if ip is not None:
         return ExternalAddress(host, port)
     if not _HOST_RE.fullmatch(host) or host.startswith("*"):

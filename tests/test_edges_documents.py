@@ -134,6 +134,19 @@ def test_brackets_are_for_an_ipv6_address_alone(address: str) -> None:
     assert [str(a) for a in ext.addresses] == ["[::1]:443", "[fe80::1%eth0]:443", "127.0.0.1:443"]
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("0.0.0.0:443", "any address"), ("[::]:443", "any address"), ("224.0.0.1:443", "multicast"),
+     ("[ff02::1]:443", "multicast")],
+)  # fmt: skip
+def test_an_address_no_connection_goes_to_is_refused(address: str, why: str) -> None:
+    """0.0.0.0 (or ::) was taken, and a connection to it reaches this host's own listeners, the
+    caller's or the egress gateway's, not a service outside; a multicast address takes no TCP."""
+    with pytest.raises(InvalidDocument) as err:
+        parse_external({"service": "x", "addresses": [address]})
+    assert str(err.value) == f"addresses[0]: {address!r} is no address to connect to ({why})"
+
+
 def test_dns_bounds_are_checked_where_names_are_written() -> None:
     """A label is 1..63 characters and a name 253 (RFC 1035): what the resolver and TLS SNI take at
     connect time. Both bounds themselves pass; one over is refused in one line saying which."""
