@@ -35,7 +35,7 @@ from hostmesh.agent.proxy.connect import Connected, Unreachable, connect_within_
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
-from hostmesh.agent.proxy.outbound import FAILURES_SLACK, L4_OUTLIER, OutboundListener
+from hostmesh.agent.proxy.outbound import FAILURES_SLACK, L4_OUTLIER, REACHED_AFTER, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool, DialError
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
 from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
@@ -1368,6 +1368,42 @@ async def test_an_instance_whose_agent_never_answers_is_ejected_after_a_few_dial
         silent.close()
         for w in held:
             w.transport.abort()
+
+
+async def test_a_connection_open_on_an_instance_ends_its_run_of_failures_before_it_closes(mesh: Mesh) -> None:
+    """A connection that reached an instance's app ends that instance's run of failed connections
+    while it is still open (REACHED_AFTER after its OPEN): it counted only when it closed, so with
+    long-lived connections (a pool kept for hours) failures hours apart added up, and
+    consecutive_5xx of them since the last connection that closed ejected an instance serving every
+    connection it held (/v1/clusters `ejected`, a warning line, out of its callers' picks)."""
+    live = SnapshotHolder(snapshot({"api": mesh.app_port}, mesh.ca.material(["api"])))
+    down = dataclasses.replace(live.current, local=MappingProxyType(
+        {"api": LocalService("api", free_port(), "tcp", pki.Identity(TD, "api"))}))  # fmt: skip
+    flaky = InboundListener(live, Address("127.0.0.1", 0), Telemetry())
+    await flaky.start()
+    mesh.extra.append(flaky)
+    holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), {"api": [(flaky.port, {})]}))
+    ob = await mesh.add_outbound(holder)
+
+    async def refused_there(n: int) -> None:  # `n` connections its agent resets UF: its app refuses
+        up, before = live.current, ob.active_connections
+        live.swap(down)
+        for _ in range(n):
+            r, w = await mesh.connect(ob)
+            assert await closed_by_peer(r) == "reset"
+            w.close()
+        await async_wait_until(lambda: ob.active_connections == before, what="the refused ones ended")
+        live.swap(up)
+
+    await refused_there(L4_OUTLIER.consecutive_5xx - 1)
+    r, w = await mesh.connect(ob)  # reaches the app, and stays open
+    await echo_once(r, w)
+    await async_wait_until(lambda: not ob.ejections.failing, REACHED_AFTER + IO_TIMEOUT,
+                           "the open connection to end the run")  # fmt: skip
+    await refused_there(1)
+    assert ob.stats()["ejected"] == []
+    await echo_once(r, w, b"still open")
+    w.close()
 
 
 @pytest.mark.parametrize(

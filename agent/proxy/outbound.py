@@ -31,8 +31,10 @@ Decisions:
   a reset naming UF: the app refused or did not accept in time), is left out of the picks for 30 s
   (doubling while it keeps failing, at most 300 s), at most 10 % of the instances or one. All
   ejected: every instance is picked as before (panic). A connection that reached the app (ended
-  without a flag, or had an answer) resets the run. Round robin sends a refusing app one connection
-  in N until Consul's check fails; least connections sent it nearly all (it keeps none open).
+  without a flag, or had an answer; or, to a failing instance, still open REACHED_AFTER after its
+  OPEN, which a long-lived one may stay for hours) resets the run. Round robin sends a refusing
+  app one connection in N until Consul's check fails; least connections sent it nearly all (it
+  keeps none open).
 - The TCP series' `destination_subset` and the access line's are the subset the split picked; without
   one (no split, or a destination naming no subset), the instance's `version` meta.
 """
@@ -52,7 +54,13 @@ from hostmesh.agent.l7.balancer import LeastConnections
 from hostmesh.agent.l7.outlier import OutlierDetector, OutlierPolicy
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy.connect import Connected, connect_within_budget
-from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, ConnectionCap, IdleReaper
+from hostmesh.agent.proxy.limits import (
+    APP_CONNECT_TIMEOUT,
+    STREAM_IDLE_TIMEOUT,
+    Admission,
+    ConnectionCap,
+    IdleReaper,
+)
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, reset_transport
 from hostmesh.agent.proxy.split import Splitter, picker
@@ -71,13 +79,16 @@ FAILURES_SLACK = 16  # per-instance dial failure counts kept beyond twice the up
 # Passive health of TCP upstreams: the L7 outlier detection's defaults (Envoy's): five connections in a
 # row that never reached the app are a pattern, a 30 s ejection, at most 10 % of the instances or one
 L4_OUTLIER = OutlierPolicy()
+# A stream its agent has not reset naming UF this long after its OPEN reached the app (the agent gives
+# up connecting it after APP_CONNECT_TIMEOUT), while still open: a second more for the reset's way back
+REACHED_AFTER = APP_CONNECT_TIMEOUT + 1.0
 
 
 class Ejections:
     """One listener's passive health of its upstream's instances (keyed by instance ID): the outlier
     detector fed by its connections, and the instance lists picks use while some are ejected (one
     tuple per list and ejection state, so the balancers' buckets resync only when that changes).
-    Per connection while every instance is fine: two attribute reads (`active`, `failing`)."""
+    Per connection while every instance is fine: attribute reads (`active`, `failing`), no call."""
 
     __slots__ = ("_serving", "_version", "active", "detector", "failing", "known")
 
@@ -390,6 +401,14 @@ class OutboundListener(ListenerLifecycle):
         counted.acquire(key)
         self.tracker.add(pipe)
         pipe.start()
+        failing = self.ejections.failing  # (empty while every instance is fine: nothing more to do)
+        if failing and ep.instance_id in failing:  # a long-lived connection ends its run while open
+            asyncio.get_running_loop().call_later(REACHED_AFTER, self._settled, pipe, ep)
+
+    def _settled(self, pipe: Pipe, ep: Endpoint) -> None:
+        """REACHED_AFTER after its OPEN, a stream to a failing instance that is still open reached its app."""
+        if not pipe.done:
+            self.ejections.reached(ep)
 
     def _done(self, pipe: Pipe) -> None:
         key, subset, counted, ep = pipe.info
