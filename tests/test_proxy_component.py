@@ -1406,6 +1406,81 @@ async def test_a_connection_open_on_an_instance_ends_its_run_of_failures_before_
     w.close()
 
 
+async def test_one_failed_dial_that_several_connections_waited_for_counts_once(mesh: Mesh) -> None:
+    """New connections to an instance that has no mesh connection yet wait for one dial (pool.py);
+    when that dial fails, each of them moves on, and the instance's passive health counts one
+    failure, not one per connection: a burst of consecutive_5xx connections (an app opening its pool)
+    behind one lost handshake ejected a healthy instance for 30 s."""
+    lose_first = asyncio.Event()
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:  # to api's agent
+        accepted.append(w)
+        if len(accepted) == 1:  # the first handshake is lost, once the test says
+            await lose_first.wait()
+            w.transport.abort()
+            return
+        tr, tw = await asyncio.open_connection("127.0.0.1", mesh.inbound.port)
+        accepted.append(tw)
+        await asyncio.gather(pump(r, tw), pump(tr, w))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    relayed = int(server.sockets[0].getsockname()[1])
+    try:
+        eps = {"api": [(relayed, {}), (mesh.inbound.port, {})]}
+        holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        ob = await mesh.add_outbound(holder)
+        burst = 2 * L4_OUTLIER.consecutive_5xx  # round robin: half of them wait for the relayed dial
+        clients = [await mesh.connect(ob) for _ in range(burst)]
+        await async_wait_until(lambda: len(ob._pending) == L4_OUTLIER.consecutive_5xx,
+                               what="the relayed instance's connections waiting for its dial")  # fmt: skip
+        lose_first.set()
+        for i, (r, w) in enumerate(clients):
+            w.write(b"c%d" % i)
+            w.write_eof()
+            assert await read_all(r) == b"c%d" % i  # moved on to the other instance
+            w.close()
+        assert ob.stats()["ejected"] == []
+    finally:
+        server.close()
+        for w in accepted:
+            w.transport.abort()
+
+
+async def test_connections_that_gave_up_waiting_for_one_dial_count_as_that_dial(mesh: Mesh) -> None:
+    """The connections waiting for one dial to an agent that takes the TCP connect and never answers
+    the handshake each time out and move on: one failure of that instance (its dial's), not one
+    per connection, so a burst behind one slow handshake does not eject it; sequential dials still
+    do (test_an_instance_whose_agent_never_answers_is_ejected_after_a_few_dials)."""
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    silent_port = int(silent.sockets[0].getsockname()[1])
+    try:
+        eps = {"api": [(silent_port, {}), (mesh.inbound.port, {})]}
+        holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+        ob = await mesh.add_outbound(holder, connect_timeout=0.5, connect_budget=5.0)
+        burst = 2 * L4_OUTLIER.consecutive_5xx  # round robin: half of them wait for the silent one's dial
+        clients = [await mesh.connect(ob) for _ in range(burst)]
+        for i, (r, w) in enumerate(clients):
+            w.write(b"c%d" % i)
+            w.write_eof()
+            assert await read_all(r) == b"c%d" % i  # moved on to the other instance
+            w.close()
+        assert len(held) == 1  # one dial
+        assert ob.stats()["ejected"] == []
+    finally:
+        silent.close()
+        for w in held:
+            w.transport.abort()
+
+
 @pytest.mark.parametrize(
     ("caller_offers", "agreed"), [(MESH_ALPN, 3), ((ALPN_TCP_V2, ALPN_TCP_V1), 2), ((ALPN_TCP_V1,), 1)]
 )

@@ -27,8 +27,9 @@ Decisions:
   listener's open streams, ties rotated so they spread.
 - Passive health (`Ejections`, the L7 outlier detection's core, agent/l7/outlier.py, with its
   defaults): an instance that failed L4_OUTLIER.consecutive_5xx new connections in a row, none of
-  which reached its app (its agent could not be dialed, or its agent answered the stream's OPEN with
-  a reset naming UF: the app refused or did not accept in time), is left out of the picks for 30 s
+  which reached its app (its agent could not be dialed: one failed dial, however many connections
+  waited for it; or its agent answered the stream's OPEN with a reset naming UF: the app refused or
+  did not accept in time), is left out of the picks for 30 s
   (doubling while it keeps failing, at most 300 s), at most 10 % of the instances or one. All
   ejected: every instance is picked as before (panic). A connection that reached the app (ended
   without a flag, or had an answer; or, to a failing instance, still open REACHED_AFTER after its
@@ -355,9 +356,11 @@ class OutboundListener(ListenerLifecycle):
         failures = self._failures
         failures[key] = failures.get(key, 0) + 1
         current = self.holder.current.endpoints.get(self.upstream.service, ())
-        for ep in current:
-            if (ep.address, ep.port) == key:  # (its agent's: every instance on that node)
-                self.ejections.failed(ep, self.upstream.service, str(exc))
+        if not exc.counted:  # one dial, however many connections waited for it
+            exc.counted = True
+            for ep in current:
+                if (ep.address, ep.port) == key:  # (its agent's: every instance on that node)
+                    self.ejections.failed(ep, self.upstream.service, str(exc))
         if len(failures) > 2 * len(current) + FAILURES_SLACK:
             here = {(e.address, e.port) for e in current}
             self._failures = {k: n for k, n in failures.items() if k in here or k == key}

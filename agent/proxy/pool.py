@@ -82,10 +82,16 @@ class DialError(ProxyError):
     """This endpoint cannot be used now (connect failure, timeout, TLS failure, wrong identity);
     the caller tries another instance. `flag` is the response flag to report."""
 
-    def __init__(self, message: str, flag: str = flags.UF, security: bool = False) -> None:
+    def __init__(
+        self, message: str, flag: str = flags.UF, security: bool = False, counted: bool = False
+    ) -> None:
         super().__init__(message)
         self.flag = flag
         self.security = security  # the peer is not who it should be: always logged
+        # counted by the instance's passive health (outbound.Ejections) already, or not to count: the
+        # connections that waited for one dial (ConnectionPool.dial) each get its error, and it is one
+        # failure; one that stopped waiting (its own timeout) leaves the verdict to that dial
+        self.counted = counted
 
 
 def set_liveness(transport: asyncio.BaseTransport) -> None:
@@ -278,8 +284,9 @@ class ConnectionPool:
             pending.waiters += 1
             try:
                 joined = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-            except TimeoutError:
-                raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+            except TimeoutError:  # (the dial goes on: its dialer is told how it ended)
+                why = f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s"
+                raise DialError(why, counted=True) from None
             if not joined.retired_here or self.closing:
                 return _ready(joined, key)
             # retired by this pool before this caller resumed (the next caller came with renewed TLS
