@@ -173,3 +173,33 @@ def test_a_new_client_at_the_flow_limit_takes_the_place_of_a_quiet_flow(
     assert dropped(tel, "no_upstream") == 1  # (the new client's flow went on: no instance here yet)
     said = [r.getMessage() for r in caplog.records if "the most a listener holds" in r.getMessage()]
     assert len(said) == 2 and "dropped the datagram of" in said[0] and "ends for" in said[1]
+
+
+def test_a_flow_that_went_on_talking_keeps_its_place_at_the_flow_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends every few seconds from one port (syslog, statsd, a voice call between talk
+    spurts) was quiet EVICT_QUIET between its datagrams, and a flood of new-port clients at the limit
+    ended its flow: its next datagram reached the app from a new port (probe: a client sending every
+    2.5 s lost its flow to the first new client). Only a flow that carried one exchange (nothing past
+    its first EVICT_QUIET, a resolver's query) makes room; with none, the new client is dropped."""
+    monkeypatch.setattr(udp, "MAX_FLOWS", 2)
+    out, tel = listener()
+    flows = []
+    for port in (5000, 5001):
+        flow = _OutFlow(out, ("127.0.0.1", port))
+        flow.state = FlowState.OPEN
+        out.flows[flow.addr] = flow
+        flows.append(flow)
+    talker, query = flows
+    talker.started -= 10 * udp.EVICT_QUIET  # began long ago, sent last 1.5 EVICT_QUIET ago
+    talker.last -= 1.5 * udp.EVICT_QUIET
+    query.last -= udp.EVICT_QUIET  # answered at once, quiet since
+    out.datagram(b"query", ("127.0.0.1", 6000))
+    assert query.state is FlowState.CLOSED and talker.state is FlowState.OPEN
+    assert dropped(tel, "flows") == 0 and dropped(tel, "no_upstream") == 1  # (it went on: no instance yet)
+    fresh = _OutFlow(out, ("127.0.0.1", 5002))  # the limit again: the talker and a flow talking now
+    fresh.state = FlowState.OPEN
+    out.flows[fresh.addr] = fresh
+    out.datagram(b"query", ("127.0.0.1", 6001))  # only the talker is quiet: not ended for it
+    assert talker.state is fresh.state is FlowState.OPEN and dropped(tel, "flows") == 1

@@ -28,9 +28,10 @@ Decisions:
   in `hostmesh_overload_rejected_total{listener="inbound"}`). An outbound flow holds no
   socket of its own (the listener's, and one pooled mux connection per MAX_STREAMS_PER_CONN flows):
   it takes no slot; MAX_FLOWS bounds a listener's flows (`flows` beyond).
-- At either flow limit a new client first takes the place of a flow quiet EVICT_QUIET (_quiet_flow):
-  a resolver's query per port holds a flow until the idle timeout though answered at once, and the
-  share filled at 83 queries a second; a client that talks keeps its flow (and its app-side port).
+- At either flow limit a new client first takes the place of a flow that carried a single exchange
+  and has been quiet EVICT_QUIET since (_quiet_flow): a resolver's query per port holds a flow until
+  the idle timeout though answered at once, and the share filled at 83 queries a second; a client
+  that talks, or talked past its first EVICT_QUIET, keeps its flow (and its app-side port).
 - A deny stops a flow in both directions: a datagram either way first compares the snapshot with
   the one the flow was authorized against (an identity check) and re-reads intentions only when
   it changed; denied, the flow is closed (RESET to the caller, app socket closed).
@@ -121,9 +122,10 @@ QUEUED_OVERHEAD = 64  # bytes charged per held datagram besides its payload (its
 UDP_CAP_SHARE = 0.5
 MAX_FLOWS = 10_000  # client addresses per upstream listener at once; beyond, new clients are dropped
 # at a flow limit (MAX_FLOWS, UDP's share of the cap) a new client takes the place of a flow quiet this
-# long: a resolver uses a new port per query, each holding a flow for udp_idle_timeout (5,000 flows a
-# minute: 83 queries a second filled the share) though answered in milliseconds; a game or voice client
-# sends many times a second, so it keeps its flow (and the port the app knows it by)
+# long that carried nothing this long after it began: a resolver uses a new port per query, each holding
+# a flow for udp_idle_timeout (5,000 flows a minute: 83 queries a second filled the share) though
+# answered in milliseconds; a client that goes on talking from its port keeps its flow (and the port
+# the app knows it by). 2 s, as the kernel's connection tracking takes a UDP flow for a stream
 EVICT_QUIET = 2.0
 EVICT_SCAN = 32  # flows looked at, oldest first, for one that quiet: the work a new client costs at a limit
 APP_WRITE_LIMIT = 1 << 20  # bytes queued toward the app's socket before datagrams are dropped
@@ -207,13 +209,21 @@ def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: 
 
 
 def _quiet_flow(flows: dict[Any, Any]) -> _Flow | None:
-    """At a flow limit: of the first EVICT_SCAN of `flows` (oldest first), one quiet EVICT_QUIET and
-    not opening (its datagrams are held for it), or None. Those still talking move to the back, so
-    the next look sees others (a second chance, as a clock sweep gives)."""
+    """At a flow limit: of the first EVICT_SCAN of `flows` (oldest first), one that carried a single
+    exchange (nothing EVICT_QUIET after it began: a resolver's query), quiet EVICT_QUIET since and not
+    opening (its datagrams are held for it), or None. A flow that went on talking is kept, quiet or
+    not, as the kernel's connection tracking spares an assured UDP stream: a client sending every few
+    seconds from one port (syslog, a voice call between talk spurts) would reach its app from a new
+    port. Those kept move to the back, so the next look sees others (a second chance, as a clock
+    sweep gives)."""
     quiet = time.monotonic() - EVICT_QUIET
     for key in list(itertools.islice(flows, EVICT_SCAN)):
         flow = flows[key]
-        if flow.last <= quiet and flow.state is not FlowState.OPENING:
+        if (
+            flow.last <= quiet
+            and flow.last - flow.started < EVICT_QUIET
+            and flow.state is not FlowState.OPENING
+        ):
             return cast(_Flow, flow)
         del flows[key]
         flows[key] = flow
@@ -559,9 +569,13 @@ class UdpOutbound:
         """At MAX_FLOWS: end a quiet flow (_quiet_flow) to make room for the client at `addr`. Either
         way it is logged, at a bounded rate."""
         quiet = _quiet_flow(self.flows)
+        done = (
+            f"a flow quiet {EVICT_QUIET:g} s ends for"
+            if quiet
+            else f"none of one exchange quiet {EVICT_QUIET:g} s, dropped the datagram of"
+        )
         self._limit_log("udp outbound %s: %d clients' flows, the most a listener holds: %s new client %s",
-                        self.name, MAX_FLOWS, f"a flow quiet {EVICT_QUIET:g} s ends for" if quiet else
-                        f"none quiet {EVICT_QUIET:g} s, dropped the datagram of", addr)  # fmt: skip
+                        self.name, MAX_FLOWS, done, addr)  # fmt: skip
         if quiet is None:
             return False
         quiet.close()
@@ -872,7 +886,9 @@ class UdpInbound:
         to `flow`. Either way it is logged, at a bounded rate."""
         quiet = _quiet_flow(self.flows)
         done = (
-            f"a flow quiet {EVICT_QUIET:g} s ends for" if quiet else f"none quiet {EVICT_QUIET:g} s, refused"
+            f"a flow quiet {EVICT_QUIET:g} s ends for"
+            if quiet
+            else f"none of one exchange quiet {EVICT_QUIET:g} s, refused"
         )
         self._share_log("udp inbound: UDP flows hold their share of the connection cap (%d of "
                         "max_connections = %d): %s a new flow of %s to %s", int(limit * UDP_CAP_SHARE), limit,
