@@ -28,6 +28,11 @@ class NotYetValid(TrustError):
     a clock behind the CA's."""
 
 
+class SigningRootUntrusted(CAError):
+    """The trust bundle the fleet follows (another CA instance's) does not hold this CA's signing root:
+    a certificate it signed would be trusted by no agent; another instance must issue."""
+
+
 class RootExpired(CAError):
     """The signing root has expired: nothing it signs verifies anywhere; an operator must rotate it."""
 

@@ -15,6 +15,7 @@ from hostmesh.ca.errors import (
     CAUnavailable,
     InvalidRequest,
     RootExpired,
+    SigningRootUntrusted,
     SlowClient,
     StorageError,
     TrustError,
@@ -39,6 +40,7 @@ _REASONS = (
     (StorageError, "storage"),
     (AuditError, "audit"),  # the audit log could not be written: nothing was issued
     (RootExpired, "root_expired"),  # the signing root has expired: nothing was issued
+    (SigningRootUntrusted, "root_untrusted"),  # Consul's bundle lacks the signing root: nothing was issued
 )
 
 

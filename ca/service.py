@@ -99,6 +99,7 @@ from hostmesh.ca.errors import (
     CAError,
     InvalidRequest,
     RootExpired,
+    SigningRootUntrusted,
     SlowClient,
     StorageError,
     TrustError,
@@ -503,6 +504,11 @@ class OlderDataDir(CAError):
     `ca rotate`, or an instance left out of one). Publishing ours would drop the root every agent's
     certificate is signed by: each would lose its peers and could not renew."""
 
+    def __init__(self, message: str, *, signing_root_held: bool) -> None:
+        super().__init__(message)
+        # our signing root is in that bundle too (a rotation not yet retired): what we sign is trusted
+        self.signing_root_held = signing_root_held
+
 
 def _refuse_older(authority: store.Authority, held: object, data_dir: Path) -> None:
     """Raise OlderDataDir when the bundle `held` in Consul names as signing root one that is not ours
@@ -514,24 +520,24 @@ def _refuse_older(authority: store.Authority, held: object, data_dir: Path) -> N
     active = held.get("active")
     if not isinstance(active, str) or any(r.id == active for r in authority.roots):
         return
+    held_certs: list[x509.Certificate] = []
     for pem in held["roots"]:
         try:
-            certs = pki.load_certs(pem.encode()) if isinstance(pem, str) else []
+            held_certs += pki.load_certs(pem.encode()) if isinstance(pem, str) else []
         except CAError:
             continue
-        theirs = next((c for c in certs if pki.root_id(c) == active), None)
-        if theirs is None:
-            continue
-        if theirs.not_valid_before_utc <= authority.active.cert.not_valid_before_utc:
-            return
-        raise OlderDataDir(
-            f"{ROOTS_KEY} in Consul was published by a CA signing with root {active} (made "
-            f"{theirs.not_valid_before_utc + pki.CLOCK_SKEW:%Y-%m-%d %H:%M}Z), newer than this CA's "
-            f"signing root {authority.active.id} and not in {data_dir}: restored from a backup older "
-            "than the last `ca rotate`? Not overwritten (agents would distrust every certificate signed "
-            f"since): restore a data dir holding {active}, or, to replace the fleet's trust anyway, "
-            f"delete {ROOTS_KEY} in Consul (every agent then needs a new join token)"
-        )
+    theirs = next((c for c in held_certs if pki.root_id(c) == active), None)
+    if theirs is None or theirs.not_valid_before_utc <= authority.active.cert.not_valid_before_utc:
+        return
+    raise OlderDataDir(
+        f"{ROOTS_KEY} in Consul was published by a CA signing with root {active} (made "
+        f"{theirs.not_valid_before_utc + pki.CLOCK_SKEW:%Y-%m-%d %H:%M}Z), newer than this CA's "
+        f"signing root {authority.active.id} and not in {data_dir}: restored from a backup older "
+        "than the last `ca rotate`? Not overwritten (agents would distrust every certificate signed "
+        f"since): restore a data dir holding {active}, or, to replace the fleet's trust anyway, "
+        f"delete {ROOTS_KEY} in Consul (every agent then needs a new join token)",
+        signing_root_held=any(pki.root_id(c) == authority.active.id for c in held_certs),
+    )
 
 
 class KVBundle(enum.Enum):
@@ -596,6 +602,9 @@ class CAService:
         self._registered = False  # registered at least once: close() then deregisters
         self.consul_state = ConsulState.IN_SYNC  # the last Consul round (an outage is logged once)
         self._denial = ""  # the one line while DENIED or OLDER (/v1/health)
+        # while OLDER and Consul's bundle lacks our signing root, why nothing is issued (503, /v1/health
+        # 503 so Consul's check sends agents to another instance): no agent would trust a leaf of ours
+        self._not_issuing = ""
         self._denial_logged = float("-inf")  # monotonic time of its last error line
         self._tokens_denied = False  # Consul refused a join token's record: probed each round until it may
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
@@ -815,9 +824,20 @@ class CAService:
         if state is ConsulState.OLDER:
             now = time.monotonic()
             self._denial = str(exc)
+            held = isinstance(exc, OlderDataDir) and exc.signing_root_held
+            self._not_issuing = "" if held else (
+                f"this CA's signing root {self.authority.active.id} is not in the fleet's trust bundle at "
+                f"{ROOTS_KEY}: no agent would trust a certificate it signed; ask another CA instance"
+            )  # fmt: skip
             if before is not state or now - self._denial_logged >= DENIED_LOG_INTERVAL:
                 self._denial_logged = now
-                log.error("%s; the CA keeps serving, but does not keep Consul current", exc)
+                serving = (
+                    "the CA keeps serving, but does not keep Consul current"
+                    if held
+                    else "its signing root is not in that bundle either: the CA issues nothing (503) and "
+                    "fails its health check, so agents ask another instance"
+                )
+                log.error("%s; %s", exc, serving)
                 sd_notify(f"STATUS=data dir older than Consul's trust bundle: {exc}")
         elif state is ConsulState.DENIED:
             now = time.monotonic()
@@ -849,6 +869,8 @@ class CAService:
             sd_notify("STATUS=serving")
         if state not in (ConsulState.DENIED, ConsulState.OLDER):
             self._denial = ""
+        if state is ConsulState.IN_SYNC:  # (unavailable, denied: the bundle last seen still holds)
+            self._not_issuing = ""
         return state
 
     async def _publish(self, authority: store.Authority) -> None:
@@ -956,6 +978,9 @@ class CAService:
     async def _health(self, req: Request) -> Response:
         a = self.authority
         doc: dict[str, Any] = {"status": "ok", "active_root": a.active.id, "roots": len(a.roots)}
+        if self._not_issuing:  # Consul's check goes critical: agents ask another instance
+            doc["status"] = "not_issuing"
+            doc["not_issuing"] = self._not_issuing
         doc["consul"] = {
             "state": self.consul_state.value,
             **({self.consul_state.value: self._denial} if self._denial else {}),  # denied | older_data_dir
@@ -970,7 +995,7 @@ class CAService:
                 "waiting_for_slot": self._server.waiting_for_slot,  # accepted, unread, queued for a slot
                 "tls_handshake_failures": dict(self._server.handshake_failures),
             }
-        return Response.of_json(200, doc)
+        return Response.of_json(503 if self._not_issuing else 200, doc)
 
     async def _sign(self, req: Request) -> Response:
         peer = format_peer(req.peer)
@@ -1203,8 +1228,10 @@ class CAService:
         ttl = min(ttl, self.leaf_ttl)  # every path, whatever parsed the request: --leaf-ttl is the ceiling
         public_key = cast(ec.EllipticCurvePublicKey, csr.public_key())  # parse_csr checked P-256
         try:
+            if self._not_issuing:  # (OLDER: no agent would trust it)
+                raise SigningRootUntrusted(self._not_issuing)
             leaf = pki.sign_leaf(authority.active.key, authority.active.cert, public_key, ident, ttl)
-        except RootExpired as exc:  # nothing issued: the token back, the client retries (503)
+        except (RootExpired, SigningRootUntrusted) as exc:  # nothing issued: the token back, 503
             log.error("not issuing %s (%s): %s", ident.spiffe_id, via, exc)
             if undo is not None:
                 await undo()
@@ -1350,7 +1377,9 @@ def _status_of(exc: Exception) -> int:
         return 400
     if isinstance(exc, PermissionDenied):  # the CA's misconfiguration: the caller may retry, not soon
         return 500
-    if isinstance(exc, (RegistryError, _Unavailable, StorageError, AuditError, RootExpired)):
+    if isinstance(
+        exc, (RegistryError, _Unavailable, StorageError, AuditError, RootExpired, SigningRootUntrusted)
+    ):
         return 503
     return 400
 

@@ -676,6 +676,40 @@ async def test_a_data_dir_restored_from_before_a_rotation_does_not_take_the_flee
     assert (await client.kv_get(ROOTS_KEY)).value == fleets  # type: ignore[union-attr]
 
 
+async def test_a_ca_whose_signing_root_the_fleet_does_not_trust_issues_nothing(
+    tmp_path, client, monkeypatch
+) -> None:
+    """Two CA instances each `ca init`-ed on its own (or one left out of a rotation whose old root was
+    since retired): the newer one's bundle stays in Consul (OlderDataDir), and the other went on
+    signing with a root no agent trusts, its health check passing, so agents kept being sent there
+    (probe: 200, a leaf 'not issued by a trusted root', the join token spent). Now it answers 503,
+    the token given back, and its /v1/health 503 turns its Consul check critical."""
+    an_hour_ago = pki.now() - dt.timedelta(hours=1)
+    monkeypatch.setattr(pki, "now", lambda: an_hour_ago)
+    older_dir = new_ca_dir(tmp_path / "older")
+    monkeypatch.undo()
+    await client.kv_delete(ROOTS_KEY)
+    sink = AuditSink()
+    older = await start_ca(older_dir, client, sink, register=False)  # publishes its bundle first
+    try:
+        newer = await start_ca(new_ca_dir(tmp_path / "newer"), client, AuditSink(), register=False)
+        try:
+            assert json.loads((await client.kv_get(ROOTS_KEY)).value)["active"] == newer.authority.active.id  # type: ignore[union-attr]
+            assert await older._sync_consul() is ConsulState.OLDER
+            tok = await token_for(client, "web")
+            status, body = await sign(older, tok, "web")
+            assert_refused(sink, status, body, 503, f"signing root {older.authority.active.id} is not in")
+            health = await call(older, "GET", "/v1/health")
+            assert health.status == 503 and health.json()["status"] == "not_issuing"
+            status, body = await sign(newer, tok, "web")  # the token was not spent on nothing
+            assert status == 200, body
+        finally:
+            await newer.close()
+    finally:
+        await older.close()
+    await client.kv_delete(ROOTS_KEY)
+
+
 async def test_reload_is_noticed_from_the_data_dir_without_a_signal(tmp_path, client, monkeypatch) -> None:
     from hostmesh.ca import service as service_mod
 
