@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
@@ -203,3 +204,18 @@ def test_a_flow_that_went_on_talking_keeps_its_place_at_the_flow_limit(
     out.flows[fresh.addr] = fresh
     out.datagram(b"query", ("127.0.0.1", 6001))  # only the talker is quiet: not ended for it
     assert talker.state is fresh.state is FlowState.OPEN and dropped(tel, "flows") == 1
+
+
+def test_kernel_drops_are_counted_across_the_u32_wrap_of_so_meminfo() -> None:
+    """SO_MEMINFO's drop count is a u32: a listener flooded for long wraps it (at a million drops a
+    second, every 71 minutes), and the sweep that saw it wrap counted none of the drops since the
+    sweep before. What it grew by is counted modulo 2**32."""
+    out, tel = listener()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        out.sock = sock
+        raw = sock.getsockopt(socket.SOL_SOCKET, udp.SO_MEMINFO, udp.MEMINFO.size)
+        now = udp.MEMINFO.unpack(raw)[udp.SK_MEMINFO_DROPS]  # (0: a new socket)
+        out._kernel_drops = (now - 3) % udp.SK_MEMINFO_WRAP  # last sweep read 3 below it, before the wrap
+        out._count_kernel_drops()
+    assert dropped(tel, "socket_buffer") == 3

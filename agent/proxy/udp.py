@@ -133,6 +133,7 @@ SOCKET_BUFFER = 1 << 20  # SO_RCVBUF of a listener shared by all clients (the ke
 # Linux's getsockopt SO_MEMINFO (the stdlib has no name for it): a socket's nine u32 memory counters, of
 # which SK_MEMINFO_DROPS counts the datagrams the kernel dropped, the receive buffer full
 SO_MEMINFO, MEMINFO, SK_MEMINFO_DROPS = 55, struct.Struct("9I"), 8
+SK_MEMINFO_WRAP = 1 << 32  # a u32: a long flood wraps it (a million drops a second: every 71 minutes)
 # a flow its destination refused drops its client's datagrams this long before one asks again
 REFUSED_HOLD = 1.0
 SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket to be gone (a loop turn)
@@ -525,8 +526,8 @@ class UdpOutbound:
             drops = MEMINFO.unpack(raw)[SK_MEMINFO_DROPS]
         except (OSError, struct.error):  # not Linux (or before 4.6): uncounted, as before
             return
-        new, self._kernel_drops = drops - self._kernel_drops, drops
-        if new > 0:  # (< 0: the u32 wrapped; counted from there)
+        new, self._kernel_drops = (drops - self._kernel_drops) % SK_MEMINFO_WRAP, drops
+        if new > 0:
             self.counters.telemetry.udp_dropped.labels(*self.counters.labels, "socket_buffer").inc(new)
 
     def _end_refusals(self, now: float) -> None:
