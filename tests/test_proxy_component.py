@@ -1255,6 +1255,8 @@ async def test_a_running_udp_flow_follows_its_app_to_a_new_port(mesh: Mesh) -> N
                     break
             # the first after the change ended the flow that went to the old port; a later one the app's
             assert len(answers) == 1 and answers[0].startswith(b"moved: after ")
+            # that first one is dropped whole, and counted so, as every datagram the proxy drops
+            assert metric_sample(mesh.tel_b, "hostmesh_udp_dropped_total", reason="closed") == 1
         finally:
             client.close()
             await out.close()

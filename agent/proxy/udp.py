@@ -950,7 +950,8 @@ class UdpInbound:
         if svc is None or svc.port != flow.port or svc.protocol != "udp":
             # the service left, or its app moved (a reload): the flow's socket still went to the old
             # port, so a client that kept sending was unanswered for good; its next datagram now
-            # opens a flow to where the app is
+            # opens a flow to where the app is; the datagram in hand is dropped with it
+            flow.counters.dropped("closed")
             flow.close()
             return False
         if self._caller_untrusted(flow.conn, snap):
