@@ -636,11 +636,14 @@ KV_ROOT = "hostmesh/"  # one watch over every hostmesh document; reads are for t
 DENIED_RECHECK = 2.0  # seconds between looks at documents the token may not read (ACLs change silently)
 PROBE_CONCURRENCY = 2  # per-upstream index probes in flight at once (short requests on the read pool)
 # A registration anywhere in the datacenter moves the catalog's index, and each move costs a probe
-# of every upstream (one request each): at most one such round per this many seconds, so a burst of
-# registrations (a rolling deploy) costs one round, and an agent's probes stay under its upstream
-# count per second whatever the churn (measured before: 603 requests/s from an agent with 201
-# upstreams at 5 registrations/s). A registration or deregistration is seen this much later at most,
-# only under churn (a stopping instance's failing check, on the failing-checks watch, is not delayed).
+# of every upstream (one request each, to the Consul agent's cache: README "What an agent asks of
+# Consul"): at most one such round per this many seconds, so a burst of registrations (a rolling
+# deploy) costs one round, and an agent's probes stay under its upstream count per second whatever
+# the churn (measured before: 603 requests/s from an agent with 201 upstreams at 5 registrations/s).
+# A registration or deregistration is seen this much later at most, only under churn (a stopping
+# instance's failing check, on the failing-checks watch, is not delayed). A round that took a cached
+# index as unchanged is followed by one more this much later: the cache may have answered before it
+# learned of the change that woke the round.
 PROBE_ROUND_INTERVAL = 1.0
 # How long an upstream that lost its last passing instance keeps those failed by gossip alone: a live
 # node refutes a stale verdict within a few gossip rounds (200 ms each), while Serf itself takes
@@ -846,8 +849,9 @@ class Discovery:
     - documents: any change below `hostmesh/` wakes it; it then reads this agent's own documents
       (routes and policies of its upstreams, policies and intentions of its services) in one or a
       few transactions and applies those whose ModifyIndex moved;
-    - registrations: any service registered, changed or removed wakes it; it then asks each upstream
-      for its index alone (an empty filtered answer) and re-reads the instances of those that moved;
+    - registrations: any service registered, changed or removed wakes it; it then asks the Consul
+      agent's cache for each upstream's index alone (an empty filtered answer: no server is asked)
+      and re-reads from the servers the instances of those that moved;
     - failing checks: any check changing state wakes it; the answer is the cluster's warning and
       critical checks (usually a short list), from which each upstream's healthy set is derived.
 
@@ -881,6 +885,7 @@ class Discovery:
         # size limit (it keeps what it had; shown as not following Consul, consul_view)
         self._too_large: dict[str, tuple[float, str]] = {}
         self._probe_round = float("-inf")  # when the last round of per-upstream probes began
+        self._look_again = False  # the next round follows the last one by an interval (_fetch_members)
         self._stopping: set[asyncio.Task[None]] = set()
         self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
         self._running = False
@@ -1169,10 +1174,16 @@ class Discovery:
     # --- endpoints --------------------------------------------------------------------------
 
     async def _fetch_members(self, index: int | None) -> tuple[int, Any]:
-        idx = await self._consul.catalog_services_index(index)
-        if idx == index:
+        # After a round that took a cached index as unchanged, the wait is one interval: a second
+        # look then sees a change the Consul agent's cache learned of just after the first.
+        look_again, self._look_again = self._look_again, False
+        idx = await self._consul.catalog_services_index(
+            index, PROBE_ROUND_INTERVAL if look_again else BLOCKING_WAIT
+        )
+        if idx == index and not look_again:
             return idx, None  # the wait ran out: nothing was registered or deregistered anywhere
-        if index is not None:  # woken by a registration: one round of probes per PROBE_ROUND_INTERVAL
+        woken = index is not None and idx != index
+        if woken:  # by a registration: one round of probes per PROBE_ROUND_INTERVAL
             pause = self._probe_round + PROBE_ROUND_INTERVAL - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
@@ -1180,11 +1191,14 @@ class Discovery:
         self._probe_round = time.monotonic()
         read_after = self._table.health_index  # the instance reads below are issued after this view
         gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+        unchanged = 0  # upstreams whose cached index was taken as unchanged
 
         async def probe(name: str) -> tuple[str, int, list[CatalogInstance]] | None:
+            nonlocal unchanged
             async with gate:
-                sidx = await self._consul.catalog_service_index(name)
+                sidx = await self._consul.catalog_service_index(name, cached=True)
                 if sidx == self._service_index.get(name):
+                    unchanged += 1
                     return None
                 try:
                     sidx, instances = await self._consul.catalog_service(name)
@@ -1208,6 +1222,8 @@ class Discovery:
         # New instances start with failing checks: read those now, so that an instance is never
         # taken as healthy because its checks were not seen yet.
         health = await self._checks_not_passing(None, upstreams) if moved else None
+        # (told of a change, or a second look that found one the cache had been late for: look again)
+        self._look_again = unchanged > 0 and (index is None or woken or bool(moved))
         failed = next((r for r in probed if isinstance(r, BaseException)), None)
         if failed is not None:
             # One upstream's read failing (an overloaded Consul answering it late, a 5xx) failed the
@@ -1217,6 +1233,10 @@ class Discovery:
             # with backoff (probing every upstream, re-reading only those still behind).
             self._apply_members((moved, health, read_after))
             raise failed
+        if idx == index:  # a second look, nothing registered since: the watch hands over no value
+            if moved:
+                self._apply_members((moved, health, read_after))
+            return idx, None
         return idx, (moved, health, read_after)
 
     def _apply_members(self, value: tuple[list[tuple[str, int, list[CatalogInstance]]], Any, int]) -> None:

@@ -63,6 +63,8 @@ TOKEN_HEADER = "X-Consul-Token"
 # What Consul (Go's net/http) answers to plain HTTP on its HTTPS port, untyped, the body ending at close
 PLAIN_TO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server."
 INDEX_HEADER = "x-consul-index"  # (HTTPClient lower-cases answer field names)
+CACHE_HEADER = "x-cache"  # HIT: a `?cached` read answered from the Consul agent's cache, MISS: fetched
+AGE_HEADER = "age"  # of a cached answer: seconds since the cache lost its servers (0 while it follows)
 # How a Consul agent says "no such check" to a TTL update: with a 500, not a 404 (1.8.7: `CheckID "…"
 # does not have associated TTL`; other versions: `Unknown check …`). Matched in lower case.
 UNKNOWN_CHECK_ANSWERS = ("does not have associated ttl", "unknown check")
@@ -892,12 +894,25 @@ class ConsulClient:
         with self._decoding(op):
             return _index(resp)
 
-    async def catalog_service_index(self, name: str) -> int:
-        """The index of `name` alone (its instances and their checks), without listing them."""
+    async def catalog_service_index(self, name: str, cached: bool = False) -> int:
+        """The index of `name` alone (its instances and their checks), without listing them.
+
+        `cached`: as the Consul agent's cache holds it (`?cached`), which follows `name` with a
+        blocking query of its own that only a change to `name` wakes (Consul's per-service index),
+        shared by every caller on that Consul agent: no request reaches a Consul server. An answer
+        from a cache that has lost its servers (`Age` above 0) is asked of the servers instead. The
+        cache learns of a change on its own, so it may answer just before it does (agent/discovery.py
+        reads once more, later), and after a snapshot restore it keeps the index from before until
+        `name` changes again: an index that differs from the one read before, never one to order by."""
         op = Op(f"index of {name}", f"service:read on {name}")
-        resp = await self._request(
-            "GET", f"/v1/catalog/service/{_q(name)}", op, params={"filter": NO_MATCH_FILTER}
-        )
+        params = {"filter": NO_MATCH_FILTER, **({"cached": ""} if cached else {})}
+        resp = await self._request("GET", f"/v1/catalog/service/{_q(name)}", op, params=params)
+        if (
+            cached
+            and resp.headers.get(CACHE_HEADER, "").upper() == "HIT"
+            and resp.headers.get(AGE_HEADER, "0") != "0"
+        ):
+            return await self.catalog_service_index(name)
         with self._decoding(op):
             return _index(resp)
 

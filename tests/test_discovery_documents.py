@@ -580,9 +580,9 @@ class ProbeCountingClient(ConsulClient):
     catalog_wait = BLOCKING_WAIT
     waits_run_out = 0
 
-    async def catalog_service_index(self, name: str) -> int:
+    async def catalog_service_index(self, name: str, cached: bool = False) -> int:
         self.probes += 1
-        return await super().catalog_service_index(name)
+        return await super().catalog_service_index(name, cached)
 
     async def catalog_services_index(self, index: int | None, wait: float = BLOCKING_WAIT) -> int:
         returned = await super().catalog_services_index(index, self.catalog_wait)
@@ -885,9 +885,9 @@ async def test_a_blocking_read_consul_ends_early_with_nothing_changed_is_not_rea
             asked["registrations"].append(index)
             return await services(index, wait)
 
-        async def probe_observed(service: str) -> int:
+        async def probe_observed(service: str, cached: bool = False) -> int:
             probed.append(service)
-            return await probe(service)
+            return await probe(service, cached)
 
         monkeypatch.setattr(client, "kv_tree_index", tree_observed)
         monkeypatch.setattr(client, "catalog_services_index", services_observed)
