@@ -624,9 +624,13 @@ def _external_address(v: object, path: str) -> ExternalAddress:
         raise InvalidDocument(
             path, f"{s!r}: an IPv6 address goes in brackets ([2001:db8::1]:443), nothing else does"
         )
-    if ip is not None and (ip.is_unspecified or ip.is_multicast):  # 0.0.0.0 and :: connect to this host
+    # 0.0.0.0 and :: connect to this host; an IPv4-mapped ::ffff:0.0.0.0 does too (ipaddress says it
+    # is not unspecified), so the IPv4 address it maps is what is checked
+    target = (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+    if target is not None and (target.is_unspecified or target.is_multicast):
         raise InvalidDocument(
-            path, f"{s!r} is no address to connect to ({'any address' if ip.is_unspecified else 'multicast'})"
+            path,
+            f"{s!r} is no address to connect to ({'any address' if target.is_unspecified else 'multicast'})",
         )
     if ip is not None:
         return ExternalAddress(host, port)

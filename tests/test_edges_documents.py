@@ -137,11 +137,13 @@ def test_brackets_are_for_an_ipv6_address_alone(address: str) -> None:
 @pytest.mark.parametrize(
     ("address", "why"),
     [("0.0.0.0:443", "any address"), ("[::]:443", "any address"), ("224.0.0.1:443", "multicast"),
-     ("[ff02::1]:443", "multicast")],
+     ("[ff02::1]:443", "multicast"), ("[::ffff:0.0.0.0]:443", "any address"),
+     ("[::ffff:224.0.0.1]:443", "multicast")],
 )  # fmt: skip
 def test_an_address_no_connection_goes_to_is_refused(address: str, why: str) -> None:
     """0.0.0.0 (or ::) was taken, and a connection to it reaches this host's own listeners, the
-    caller's or the egress gateway's, not a service outside; a multicast address takes no TCP."""
+    caller's or the egress gateway's, not a service outside; a multicast address takes no TCP. Also
+    written IPv4-mapped: a connection to [::ffff:0.0.0.0] reached the host's own 127.0.0.1 listener."""
     with pytest.raises(InvalidDocument) as err:
         parse_external({"service": "x", "addresses": [address]})
     assert str(err.value) == f"addresses[0]: {address!r} is no address to connect to ({why})"
