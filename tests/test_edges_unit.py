@@ -232,17 +232,17 @@ def lines_about(caplog: pytest.LogCaptureFixture, external: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def never_accepting() -> Iterator[int]:
+def never_accepting(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """A port whose accept queue is full: a connect to it never completes (its SYNs are dropped)."""
     lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
+    lst.bind((host, port))
     lst.listen(0)
     port = lst.getsockname()[1]
     held = []
     for _ in range(8):  # fills the queue (backlog 0 holds one) with room to spare
         s = socket.socket()
         s.setblocking(False)
-        s.connect_ex(("127.0.0.1", port))
+        s.connect_ex((host, port))
         held.append(s)
     try:
         yield port
@@ -325,6 +325,32 @@ async def test_an_address_back_up_is_first_again_once_its_hold_is_over(
             monkeypatch.setattr(edges, "EXTERNAL_FAILED_HOLD", 0.0, raising=False)
             assert await reached(ext) == f"127.0.0.1:{one}"  # the document's order again
             assert await reached(ext) == f"127.0.0.1:{one}"
+
+
+async def test_a_dead_first_ip_of_a_name_costs_its_timeout_once_not_every_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name whose first IP never answers (blackholed IPv6, one of its A records gone) took the
+    address's whole timeout on every connection, its other IPs never tried: the hold of a failed
+    address applies to a name's IPs too. The name resolves to 127.0.0.2 (its accept queue full) and
+    then 127.0.0.1 (a server), on one port."""
+    monkeypatch.setattr(edges, "_failed_at", {}, raising=False)  # (fresh)
+    monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 0.5)  # 5 s in the agent
+    loop = asyncio.get_running_loop()
+
+    async def two_ips(host: str, port: int, **kw: Any) -> Any:
+        assert host == "two.example.test"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.2", "127.0.0.1")]
+
+    monkeypatch.setattr(loop, "getaddrinfo", two_ips)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        live = server.getsockname()[1]
+        with never_accepting("127.0.0.2", live):
+            ext = ExternalService("x-name", 1, (ExternalAddress("two.example.test", live),))
+            with pytest.raises(OriginateError):  # this one pays the dead IP's timeout
+                await reached(ext)
+            monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # tried first, it would hang
+            assert [await reached(ext) for _ in range(3)] == [f"two.example.test:{live}"] * 3
 
 
 async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(

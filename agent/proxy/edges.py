@@ -225,19 +225,31 @@ async def _resolved(loop: asyncio.AbstractEventLoop, addr: ExternalAddress) -> l
 async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, protocol: asyncio.BaseProtocol,
                    ctx: ssl.SSLContext | None, sni: str | None) -> None:  # fmt: skip
     """`protocol` connected to one of the IP addresses of `addr`, tried in turn as the loop's
-    create_connection tries a name's (a TLS failure is the server's answer: not tried further)."""
+    create_connection tries a name's (a TLS failure is the server's answer: not tried further), those
+    that failed lately last, as a document's addresses are (`_in_turn`): a dead first IP of a name
+    (blackholed IPv6, one of its A records gone) took the address's whole timeout on every connection,
+    its other IPs never tried."""
     errors: list[OSError] = []
-    for ip in await _resolved(loop, addr):
+    ips = [ExternalAddress(ip, addr.port) for ip in await _resolved(loop, addr)]
+    several = len(ips) > 1  # else the address's own order (originate) is all there is to it
+    for ip in _in_turn(tuple(ips)) if several else ips:
         try:
             await loop.create_connection(
-                lambda: protocol, ip, addr.port, ssl=ctx, server_hostname=sni,
+                lambda: protocol, ip.host, ip.port, ssl=ctx, server_hostname=sni,
                 ssl_handshake_timeout=EXTERNAL_HANDSHAKE_TIMEOUT if ctx is not None else None,
             )  # fmt: skip
+            _failed_at.pop((ip.host, ip.port), None)
             return
         except ssl.SSLError:
             raise
         except OSError as exc:
+            if several:
+                _failed(ip)
             errors.append(exc)
+        except asyncio.CancelledError:  # the address's time ran out on this IP (or the agent stops)
+            if several:
+                _failed(ip)
+            raise
     if len(errors) == 1:
         raise errors[0]
     raise OSError("; ".join(dict.fromkeys(_why(e) for e in errors)) or "no address")
