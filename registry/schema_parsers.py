@@ -608,7 +608,10 @@ def _external_address(v: object, path: str) -> ExternalAddress:
     s = _str(v, path, max_len=260)
     host, sep, port_s = s.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
-    host = (host[1:-1] if bracketed else host).lower()
+    host = host[1:-1] if bracketed else host
+    # names and addresses are case-blind, an IPv6 zone (an interface's name) is not: %Eth0 is no eth0
+    address, pct, zone = host.partition("%")
+    host = address.lower() + pct + zone
     port = port_number(port_s, 1)
     if not sep or port is None or not host:
         raise InvalidDocument(path, f"{s!r} must be host:port (an IP address or DNS name, port 1..65535)")

@@ -134,6 +134,14 @@ def test_brackets_are_for_an_ipv6_address_alone(address: str) -> None:
     assert [str(a) for a in ext.addresses] == ["[::1]:443", "[fe80::1%eth0]:443", "127.0.0.1:443"]
 
 
+def test_an_ipv6_zone_keeps_its_case() -> None:
+    """The zone is an interface's name, which Linux compares case and all (getaddrinfo of
+    fe80::1%LO: 'Name or service not known'): `[fe80::1%Eth0]:443` became %eth0, another interface
+    or none, and every connection failed."""
+    ext = parse_external({"service": "x", "addresses": ["[FE80::1%Eth0]:443", "[fe80::2%lo]:443"]})
+    assert [str(a) for a in ext.addresses] == ["[fe80::1%Eth0]:443", "[fe80::2%lo]:443"]
+
+
 @pytest.mark.parametrize(
     ("address", "why"),
     [("0.0.0.0:443", "any address"), ("[::]:443", "any address"), ("224.0.0.1:443", "multicast"),
