@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,16 +32,22 @@ def pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str] | Non
     if exc.reason == "KEY_VALUES_MISMATCH":
         return f"{key_file} is not the key of the certificate in {cert_file}"
     try:
-        x509.load_pem_x509_certificates(cert_pem)
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]  # the first is the one TLS presents
     except ValueError:
         return f"{cert_file}: holds no PEM certificate"
     try:
-        serialization.load_pem_private_key(key_pem, password=None)
+        private = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
         return f"{key_file}: the key is encrypted; hostmesh takes an unencrypted key (mode 0600)"
     except (ValueError, NotImplementedError):
         return f"{key_file}: holds no PEM private key of a kind TLS can use"
+    if _spki(private.public_key()) != _spki(leaf.public_key()):  # a key of another type: OpenSSL
+        return f"{key_file} is not the key of the certificate in {cert_file}"  # said NO_CERTIFICATE_ASSIGNED
     return f"{cert_file} / {key_file}: {exc.reason or exc}"
+
+
+def _spki(public: Any) -> bytes:
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _read(path: str) -> bytes:

@@ -163,6 +163,9 @@ def test_cert_from_one_level_and_key_from_another_pair_up() -> None:
 def test_a_client_certificate_pair_that_does_not_load_names_the_file_at_fault(tmp_path: Path) -> None:
     """OpenSSL says `[SSL] PEM lib (_ssl.c:3905)` for a file holding no certificate and for one
     holding no key alike: the message named both files and left the operator to guess."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from hostmesh.registry.consul import ssl_context
     from tests.test_e2e_edges import OutsideCA
 
@@ -184,6 +187,17 @@ def test_a_client_certificate_pair_that_does_not_load_names_the_file_at_fault(tm
     assert (
         problem(other, key)
         == f"Consul client certificate: {key} is not the key of the certificate in {other}"
+    )
+    # a key of another type (RSA for this EC certificate): OpenSSL said NO_CERTIFICATE_ASSIGNED
+    rsa_key = tmp_path / "rsa.key"
+    rsa_key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    assert (
+        problem(cert, rsa_key)
+        == f"Consul client certificate: {rsa_key} is not the key of the certificate in {cert}"
     )
     assert (
         problem(cert, tmp_path / "gone.key")
