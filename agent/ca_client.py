@@ -153,10 +153,10 @@ class CAClient:
         resp = await self._call(tls.ca_client_context(None), "GET", "/v1/roots", b"", {})
         return parse_bundle(_json(resp, self.url), self.trust_domain)
 
-    async def check_serves_from(self, root: x509.Certificate) -> None:
-        """TrustError unless the CA's TLS certificate chains to `root` alone: what a host whose pin
-        names `root` requires before its join token goes out (`hostmesh check --pin`)."""
-        resp = await self._call(self._verified(bundle_pem([root])), "GET", "/v1/roots", b"", {})
+    async def check_serves_from(self, roots: list[x509.Certificate]) -> None:
+        """TrustError unless the CA's TLS certificate verifies with `roots` alone: with the pinned root,
+        what a host whose pin names it requires before its join token goes out (`hostmesh check --pin`)."""
+        resp = await self._call(self._verified(bundle_pem(roots)), "GET", "/v1/roots", b"", {})
         _json(resp, self.url)
 
     async def sign(self, join_token: str, csr_pem: bytes, roots_pem: str, ttl: str | None = None) -> str:

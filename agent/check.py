@@ -241,7 +241,7 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                     )
                 )
             else:
-                out += await _ca_serves_from_pin(addr, trust_domain, pinned, subject)
+                out += await _ca_serves_from_pin(addr, trust_domain, pinned, roots, subject)
         for root in roots:
             left = root.not_valid_after_utc - now
             if left.total_seconds() <= 0:
@@ -268,19 +268,37 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
 
 
 async def _ca_serves_from_pin(
-    address: str, trust_domain: str, pinned: x509.Certificate, subject: str
+    address: str, trust_domain: str, pinned: x509.Certificate, roots: list[x509.Certificate], subject: str
 ) -> list[Finding]:
     """A pinned root still in the CA's bundle is not enough: a new host verifies the CA's TLS with
-    the pinned root alone, and after `ca rotate` the CA serves from the new one."""
+    the pinned root alone, and after `ca rotate` the CA serves from the new one. A refusal is that
+    only when the whole bundle verifies it: else its cause is the TLS failure itself (a clock off,
+    an expired serving certificate), which a new host meets whatever root it pins."""
     import asyncio
 
     from hostmesh.agent.ca_client import CAClient
     from hostmesh.ca.errors import CAError, TrustError
     from hostmesh.registry.analysis import Finding
 
+    client = CAClient(address, trust_domain)
     try:
-        await asyncio.wait_for(CAClient(address, trust_domain).check_serves_from(pinned), CHECK_TIMEOUT)
-    except TrustError:
+        await asyncio.wait_for(client.check_serves_from([pinned]), CHECK_TIMEOUT)
+    except TrustError as exc:
+        try:
+            await asyncio.wait_for(client.check_serves_from(roots), CHECK_TIMEOUT)
+        except TrustError:
+            return [
+                Finding(
+                    "error",
+                    "ca-untrusted",
+                    subject,
+                    " ".join(str(exc).split()),
+                    "a new host is refused the same way: check this host's clock and the CA host's, and "
+                    "the CA's log (its serving certificate)",
+                )
+            ]
+        except (CAError, RegistryError, TimeoutError, OSError):
+            pass  # gone between the two calls: the first one's answer stands
         return [
             Finding(
                 "error",

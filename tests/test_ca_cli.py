@@ -4,6 +4,7 @@ line on stderr, exit status 1, no traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -200,6 +201,47 @@ def test_check_pin_of_a_root_rotated_out_is_an_error_as_new_hosts_with_it_are_re
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+@pytest.mark.consul
+async def test_check_pin_blames_no_rotation_for_a_ca_whose_serving_certificate_fails_verification(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """A CA serving from the pinned root with a certificate a new host refuses for another reason (it
+    expired: the CA could not renew it, or a clock is off) is refused whatever root the host pins:
+    `check --pin` called that a root rotation ('pin the active root'), sending the operator after
+    the pin; it names the TLS failure."""
+    import datetime as dt
+
+    from hostmesh.ca import pki
+    from hostmesh.registry.http import HTTPServer, Response
+
+    authority = store.init(tmp_path / "ca")
+    key, cert = ca_service.server_certificate(authority, ["127.0.0.1"], ttl=-pki.CLOCK_SKEW / 2)
+    assert cert.not_valid_after_utc < dt.datetime.now(dt.UTC)  # expired a few minutes ago
+    (tmp_path / "ca.crt").write_bytes(pki.cert_pem(cert))
+    (tmp_path / "ca.key").write_bytes(pki.key_pem(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "ca.crt", tmp_path / "ca.key")
+
+    async def roots(_req: object) -> Response:
+        return Response.of_json(200, authority.bundle_json())
+
+    server = HTTPServer(roots, "127.0.0.1", 0, ctx)  # type: ignore[arg-type]
+    port = await server.start()
+    try:
+        hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*hm, "check", "--ca", f"https://127.0.0.1:{port}", "--pin", authority.active.pin, "-o", "json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        await server.close()
+    assert out.returncode == 1, out.stderr
+    found = [f for f in json.loads(out.stdout)["findings"] if f["subject"].startswith("ca ")]
+    assert [f["code"] for f in found] == ["ca-untrusted"], found
+    assert "certificate has expired" in found[0]["message"]
 
 
 def _health(tls: ssl.SSLSocket, connection: str) -> dict:
