@@ -182,14 +182,12 @@ def ssl_context(settings: ConsulSettings) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise InvalidSettings(f"Consul CA file {settings.ca_file}: cannot load: {_reason(exc)}") from None
     if settings.cert_file and settings.key_file:
-        try:
-            ctx.load_cert_chain(settings.cert_file, settings.key_file)
-        except OSError as exc:  # ssl.SSLError too
-            from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
+        from hostmesh.registry.tlsfiles import PairError, load_pair
 
-            raise InvalidSettings(
-                f"Consul client certificate: {pair_problem(settings.cert_file, settings.key_file, exc)}"
-            ) from None
+        try:
+            load_pair(ctx, settings.cert_file, settings.key_file)
+        except PairError as exc:
+            raise InvalidSettings(f"Consul client certificate: {exc}") from None
     return ctx
 
 

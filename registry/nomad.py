@@ -126,15 +126,13 @@ class NomadSettings:
             what = f"Nomad CA file {self.ca_file} ({self.source('ca_file')})"
             _load_tls(what, lambda: context.load_verify_locations(cafile=self.ca_file))
         if self.cert_file and self.key_file:
-            cert, key = self.cert_file, self.key_file
-            try:  # a passphrase-protected key gets "" instead of OpenSSL's prompt on the terminal
-                context.load_cert_chain(cert, key, password=lambda: "")
-            except OSError as exc:  # ssl.SSLError too
-                from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
+            from hostmesh.registry.tlsfiles import PairError, load_pair
 
-                why = pair_problem(cert, key, exc)
+            try:
+                load_pair(context, self.cert_file, self.key_file)
+            except PairError as exc:
                 raise InvalidSettings(
-                    f"Nomad client certificate ({self.source('cert_file')}): {why}"
+                    f"Nomad client certificate ({self.source('cert_file')}): {exc}"
                 ) from None
 
 

@@ -229,3 +229,62 @@ def run_as_nobody(work: Callable[[], Any]) -> Any:
     _, status = os.waitpid(pid, 0)
     assert status == 0 and data, f"the child running as nobody failed (wait status {status})"
     return json.loads(data)
+
+
+# The child, a session leader with no terminal, opens the pty by name: it becomes its controlling
+# terminal, where OpenSSL asks for a passphrase (/dev/tty), as in an operator's shell.
+_ON_A_TERMINAL = """import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.execv(sys.executable, [sys.executable, "-m", "hostmesh.agent.cli", *sys.argv[2:]])
+"""
+TERMINAL_TIMEOUT = 30.0  # the CLI's start and its one-line error (or a prompt: about 1 s)
+
+
+def on_a_terminal(args: list[str], env: Mapping[str, str]) -> tuple[str, int | None]:
+    """`hostmesh *args` on a terminal of its own: what it wrote there, up to its `Error:` line or a
+    passphrase prompt, and its exit status (None when it prompted: it was killed, as it waited)."""
+    import os
+    import re
+    import select
+    import subprocess
+    import sys
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL, os.ttyname(slave), *args], env=dict(env),
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seen = b""
+    try:  # (the slave stays open here: a master whose every slave is closed reads EIO)
+        deadline = time.monotonic() + TERMINAL_TIMEOUT
+        while not re.search(rb"pass phrase|Error: .*\n", seen) and (left := deadline - time.monotonic()) > 0:
+            if not select.select([master], [], [], left)[0]:
+                break
+            seen += os.read(master, 4096)
+        code = proc.wait(TERMINAL_TIMEOUT) if b"pass phrase" not in seen else None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
+        os.close(slave)
+    return seen.decode(errors="replace"), code
+
+
+def encrypted_copy(key: Path, to: Path) -> Path:
+    """`key` (PEM, unencrypted) written to `to` encrypted with a passphrase."""
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    to.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    to.chmod(0o600)
+    return to

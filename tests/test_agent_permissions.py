@@ -15,6 +15,7 @@ import pytest
 
 from hostmesh.agent.config import ConfigError, check_permissions, check_readable_as, load_config
 from hostmesh.agent.localmesh import HOSTMESH, wait_for
+from tests.support import encrypted_copy, on_a_terminal
 from tests.test_e2e_edges import OutsideCA
 
 PIN = "sha256:" + "0" * 64
@@ -311,6 +312,10 @@ def test_an_https_gateway_certificate_that_does_not_load_is_refused_by_validate(
     shutil.copy(good_cert, cert)
     key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     assert f"{key}: holds no PEM private key" in one_line_error(validate(config))
+    # encrypted: OpenSSL asked for its passphrase on the terminal, where validate waited for good
+    encrypted_copy(good_key, key)
+    text, code = on_a_terminal(["agent", "validate", "--config", str(config), "--user", ""], os.environ)
+    assert (code, f"{key}: the key is encrypted" in text) == (1, True), text
     shutil.copy(good_key, key)
     assert validate(config).returncode == 0
 

@@ -205,6 +205,24 @@ def test_a_client_certificate_pair_that_does_not_load_names_the_file_at_fault(tm
     )
 
 
+def test_an_encrypted_client_key_is_refused_not_asked_for_on_the_terminal(tmp_path: Path) -> None:
+    """For an encrypted key OpenSSL asks for its passphrase on the terminal: `hostmesh` run in one
+    (a Consul client key passphrase-protected) waited at 'Enter PEM pass phrase:' for good. It says
+    the key is encrypted, as it did where there is no terminal (systemd)."""
+    import os
+
+    from tests.support import encrypted_copy, on_a_terminal
+    from tests.test_e2e_edges import OutsideCA
+
+    cert, key = OutsideCA(tmp_path, "consul-ca").leaf("client.test")
+    encrypted = encrypted_copy(key, tmp_path / "encrypted.key")
+    env = {**os.environ, "CONSUL_HTTP_ADDR": "https://127.0.0.1:1", "CONSUL_CLIENT_CERT": str(cert),
+           "CONSUL_CLIENT_KEY": str(encrypted)}  # fmt: skip
+    text, code = on_a_terminal(["services"], env)
+    assert code == 1, text
+    assert f"Consul client certificate: {encrypted}: the key is encrypted" in text, text
+
+
 def test_token_file_is_read_and_stripped(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("  0b1e5d6a-1111-2222-3333-444455556666\n")

@@ -72,6 +72,7 @@ from hostmesh.ca.identity import Identity
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
+from hostmesh.registry.tlsfiles import PairError, load_pair
 
 if TYPE_CHECKING:  # the L7 modules load only once a gateway needs them
     from hostmesh.agent.proxy.http_conn import HeadChecks
@@ -677,11 +678,9 @@ class CertSet:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.set_alpn_protocols(["http/1.1"])
             try:
-                ctx.load_cert_chain(c.cert_file, c.key_file)
-            except OSError as exc:  # ssl.SSLError too
-                from hostmesh.registry.tlsfiles import pair_problem  # (cryptography: on failure only)
-
-                msg = f"ingress listener {self.listener.bind}: {pair_problem(c.cert_file, c.key_file, exc)}"
+                load_pair(ctx, c.cert_file, c.key_file)
+            except PairError as exc:
+                msg = f"ingress listener {self.listener.bind}: {exc}"
                 if force and not self.contexts:
                     raise OSError(msg) from None
                 log.error("%s; keeping the certificates in use", msg)
@@ -869,7 +868,7 @@ class IngressGateway:
                     certs = CertSet(lst)
                     self._certs.append(certs)
                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                    ctx.load_cert_chain(lst.certificates[0].cert_file, lst.certificates[0].key_file)
+                    load_pair(ctx, lst.certificates[0].cert_file, lst.certificates[0].key_file)
                     ctx.set_alpn_protocols(["http/1.1"])
 
                     def choose(obj: Any, name: str | None, _ctx: Any, certs: CertSet = certs) -> None:
