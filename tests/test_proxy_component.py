@@ -1131,6 +1131,8 @@ async def test_a_running_udp_flow_ends_when_the_trust_bundle_drops_the_callers_r
             assert await _next_datagram(r, decoder) is None  # the connection refused, nothing echoed
         finally:
             w.close()
+    # the datagram that found the caller untrusted went nowhere: counted, as every datagram dropped
+    assert metric_sample(mesh.tel_b, "hostmesh_udp_dropped_total", reason="denied") == 1
     audit = [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"]  # type: ignore[attr-defined]
     assert [(a["layer"], a["source"], a["destination"]) for a in audit] == [
         ("udp", "spiffe://hostmesh.local/svc/web", "api")

@@ -955,6 +955,7 @@ class UdpInbound:
             flow.close()
             return False
         if self._caller_untrusted(flow.conn, snap):
+            flow.counters.dropped("denied")  # (the datagram in hand: its caller is refused)
             return False
         if not self._refusal(flow, snap):
             return True
