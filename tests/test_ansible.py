@@ -482,6 +482,36 @@ def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: st
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+def test_ca_role_makes_no_second_root_on_another_ca_host(tmp_path: Path) -> None:
+    """Every CA host without a root ran `ca init`: an inventory of two CA hosts made two CAs, and the
+    agents, given the first one's pin, were refused by the second (which, its root the older, then
+    stands down and issues nothing). A host other than the group's first now stops the play, saying
+    to copy the first one's data folder. (The first host is named only: --limit keeps it untouched.)"""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    play = [{"name": "ca", "hosts": "hostmesh_ca", "gather_facts": False, "roles": ["hostmesh_ca"]}]
+    playbook = tmp_path / "ca.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    hosts = {"ca-first.invalid": {}, "localhost": {"ansible_connection": "local"}}
+    inventory.write_text(json.dumps({"all": {"children": {"hostmesh_ca": {"hosts": hosts}}}}))
+    env = ansible_env(tmp_path)
+    env["ANSIBLE_ROLES_PATH"] = str(role_alone(tmp_path, "hostmesh_ca"))
+    variables = {"ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
+                 "hostmesh_install_systemd": False}  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--limit", "localhost",
+         "-e", json.dumps(variables), str(playbook)],
+        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode != 0, output
+    assert "this is not the first host of group hostmesh_ca (ca-first.invalid)" in output
+    assert not (root / "var/lib/hostmesh-ca/ca.json").exists()  # no second root
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.parametrize("case", ["converged", "fresh"])
 def test_ca_role_runs_in_check_mode(tmp_path: Path, case: str) -> None:
     """`ansible-playbook --check` of the CA role: on a CA host the role already set up it changes nothing
