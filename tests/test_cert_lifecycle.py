@@ -34,6 +34,9 @@ from tests.test_certs import Env, client, env, fast_retries  # noqa: F401  (fixt
 pytestmark = pytest.mark.consul
 
 ROOTS_KEY = "hostmesh/ca/roots"
+# a root this much newer than the CA's signing root (certificates record whole seconds) and still
+# inside the clock skew every check allows (pki.CLOCK_SKEW): valid now
+FOREIGN_ROOT_LATER = dt.timedelta(minutes=1)
 
 
 def pem_pins(text: str) -> set[str]:
@@ -163,6 +166,7 @@ def test_the_agent_does_not_serve_stored_roots_that_the_pin_does_not_vouch_for(t
 
 async def test_a_dropped_then_restored_root_is_followed_at_once(
     mesh: tuple[LocalMesh, AgentHandle],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     m, h = mesh
     consul = ConsulClient(m.consul_url)
@@ -175,8 +179,16 @@ async def test_a_dropped_then_restored_root_is_followed_at_once(
         assert view.state is CertState.VALID
         original = await consul.kv_get(ROOTS_KEY)
         assert original is not None
-        foreign = pki.cert_pem(pki.make_root("hostmesh.local")[1]).decode()
-        await consul.kv_put(ROOTS_KEY, json.dumps({"roots": [foreign], "trust_domain": "hostmesh.local"}))
+        # a bundle without the root in use, naming as signing root one made after the CA's: the CA
+        # takes it for a newer CA's (its data dir restored from before a rotation) and leaves it be.
+        # Any other bundle it repairs within a maintenance round, and when that came before the
+        # recovery try had failed, the try succeeded and no problem was ever shown
+        later = pki.now() + FOREIGN_ROOT_LATER
+        with monkeypatch.context() as patch:
+            patch.setattr(pki, "now", lambda: later)
+            _, root = pki.make_root("hostmesh.local")
+        foreign = {"roots": [pki.cert_pem(root).decode()], "trust_domain": "hostmesh.local"}
+        await consul.kv_put(ROOTS_KEY, json.dumps(dict(foreign, active=pki.root_id(root))))
 
         def dropped() -> bool:
             return bool(cp.infos()) and cp.infos()[0].state is CertState.EXPIRED
