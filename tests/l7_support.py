@@ -74,6 +74,7 @@ class Backend:
         self.dropped: list[bytes] = []  # request targets closed unanswered after `/arm-drop`
         self.server: asyncio.Server | None = None
         self.connections = 0
+        self.taken = 0  # body bytes of the request being read (or the last one) read so far
         self.closed = 0  # connections that ended (the peer closed or broke them)
 
     async def start(self) -> None:
@@ -98,6 +99,7 @@ class Backend:
                         return
                     try:
                         parser.feed_data(data)
+                        self.taken = len(req.body)
                     except httptools.HttpParserUpgrade:
                         req.upgrade = True
                         req.done = True

@@ -1419,21 +1419,50 @@ def upload_until_answered(port: int, size: int) -> bytes:
         reset_client(sock)
 
 
+PER_TRY = 2.0  # seconds: the try's time below; each hold of an upload taken at its pace lasts milliseconds
+HELD_BURST = 16 << 20  # bytes: beyond what the proxy's buffers take (~12 MiB), so the instance holds it
+
+
+def upload_with_a_pause(port: int, apps: list[Backend], burst: int, pause: float) -> bytes:
+    """POST `burst` bytes as fast as the proxy takes them; once an app took them all, the client
+    pauses `pause` seconds (an answer ends the pause) and sends the request's last byte. Returns the
+    first bytes of the answer; b"" when none came within IO_TIMEOUT."""
+    sock = socket.create_connection(("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % (burst + 1))
+        sock.sendall(b"u" * burst)
+        deadline = time.monotonic() + IO_TIMEOUT
+        while sum(app.taken for app in apps) < burst:
+            assert time.monotonic() < deadline, f"the app took {[app.taken for app in apps]} of {burst} bytes"
+            if select.select([sock], [], [], 0.01)[0]:
+                return sock.recv(4096)
+        if select.select([sock], [], [], pause)[0]:  # the client's pause
+            return sock.recv(4096)
+        sock.sendall(b"u")
+        return sock.recv(4096) if select.select([sock], [], [], IO_TIMEOUT)[0] else b""
+    finally:
+        reset_client(sock)
+
+
 async def test_a_per_try_timeout_runs_while_the_instance_takes_none_of_the_upload(mesh: Mesh) -> None:
     """documents.md, `retries.per_try_timeout`: the try's clock waits for the request's end, but not
     for an instance that takes none of the upload: a hung one that reads nothing held a large upload
     (and its client) with no timeout at all, under a route without `timeout` until the agent's
     stream_idle_timeout (an hour), and was never held to it; its per-try timeout ended it before the
-    clock waited for the request's end. An instance that takes the upload at its pace is not cut."""
+    clock waited for the request's end. An instance that takes the upload at its pace is not cut:
+    the clock that ran while it held the upload back stops when it takes it again."""
     policy = parse_policy(
         {"service": "api", "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 100}}
     )
-    # longer than the buffers' drain after the request's end (~12 MiB, the per-try clock's alone)
     rc = route_config({"service": "api", "routes": [{"to": [{"weight": 100}],
-        "retries": {"attempts": 0, "per_try_timeout": "2s"}}]})  # fmt: skip
+        "retries": {"attempts": 0, "per_try_timeout": f"{PER_TRY}s"}}]})  # fmt: skip
     mesh.set_a(routes={"api": rc}, policies={"api": policy})
-    # taken at the app's pace, paused often (the proxy's buffers full), longer than the per-try timeout
-    answer = await asyncio.to_thread(upload_until_answered, mesh.outbound.port, 128 << 20)
+    # held back often while it takes the burst, then a client's pause longer than the try's time: a
+    # clock left running from a hold would end the try in the pause. (The burst is no larger than
+    # needed to be held back: any one hold as long as the try's time, a loaded machine's stall too,
+    # rightly cuts the try, and 128 MiB held back ~220 times)
+    answer = await asyncio.to_thread(upload_with_a_pause, mesh.outbound.port, mesh.apps, HELD_BURST,
+                                     1.5 * PER_TRY)  # fmt: skip
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert mesh.http_out.stats()["ejected"] == []
 
