@@ -1,9 +1,10 @@
 """A CA outage across a leaf's expiry, end to end with real processes: the CA (`hostmesh ca serve
 --leaf-ttl`), a real Consul and two agents (`hostmesh agent run`), each a host serving web and api.
 
-Short leaves instead of long waits: web's leaf lives 30 s, api's 45 s (api joined the hosts later,
-so their leaves end at different times, as on a real host). The CA is stopped before web's renewal
-window and kept down until web's leaf has expired. Shown:
+Short leaves instead of long waits: web's leaf lives 30 s, api's 90 s (web joined the hosts later,
+at the agents' start, so their leaves end at different times, as on a real host). The CA is stopped
+once the agents are ready, long before web's renewal window, and kept down until web's leaf has
+expired. Shown:
   (a) web's renewal is retried several times before its expiry and never scheduled past it;
   (b) each service on its own: api renews while web, on host b, cannot be recovered;
   (c) with the CA back, host a recovers web by itself with api's still-valid certificate (the CA's
@@ -42,8 +43,8 @@ from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul]
 
-WEB_LEAF = 30  # seconds: renewal window opens at ~2/3 (≥ 18.5 s with jitter), so the setup has ~15 s
-API_LEAF = 45  # api's leaf (issued a few seconds later) outlives web's by ~20 s: the sibling window
+WEB_LEAF = 30  # seconds: web's leaf, issued at the agents' start; the outage begins once they are ready
+API_LEAF = 90  # api's, issued first: outlives web's by ~60 s less the setup (a sibling recovery ≤ 15 s)
 WAIT = 60.0  # bound on any one phase on a loaded machine
 
 
@@ -55,13 +56,13 @@ def ca_serve(m: LocalMesh, leaf_ttl: int) -> Proc:
     return proc
 
 
-def host(m: LocalMesh, node: str, services: list[str], mesh_address: str, token_for: str) -> AgentHandle:
-    """agent.toml for `node` serving `services`, with a token file scoped to `token_for` only."""
+def host(m: LocalMesh, node: str, services: list[str], mesh_address: str, token: str) -> AgentHandle:
+    """agent.toml for `node` serving `services`, with `token` (one service's) in its token file."""
     h = m.write_agent_config(node, [{"name": s, "port": 9} for s in services])
     h.config_path.write_text(
         h.config_path.read_text().replace('mesh_address = "127.0.0.1"', f'mesh_address = "{mesh_address}"')
     )
-    (h.data_dir / "join-token").write_text(m.token(token_for) + "\n")
+    (h.data_dir / "join-token").write_text(token + "\n")
     return h
 
 
@@ -89,33 +90,42 @@ def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Pat
         m.pin = next(w for w in init.stdout.split() if w.startswith("sha256:"))
         m.ca_port = free_port()
 
-        # web on both hosts, from a CA issuing 30 s leaves (a helper process does the bootstrap)
-        ca = ca_serve(m, WEB_LEAF)
-        web_expiry: dict[str, str] = {}
-        for node, addr in (("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")):
-            h = host(m, node, ["web"], addr, "web")
-            out = subprocess.run(
+        hosts = {"node-a": "127.0.0.1", "node-b": "127.0.0.2"}  # b calls the CA from 127.0.0.1
+        tokens = {(node, s): m.token(s) for node in hosts for s in ("web", "api")}
+
+        # api on both hosts at once, from a CA issuing API_LEAF leaves (a helper process bootstraps it)
+        ca = ca_serve(m, API_LEAF)
+        helpers = {}
+        for node, addr in hosts.items():
+            h = host(m, node, ["api"], addr, tokens[node, "api"])
+            helpers[node] = subprocess.Popen(
                 [sys.executable, "-m", "hostmesh.agent.certproc", "start", "--config", str(h.config_path)],
-                capture_output=True, text=True, timeout=WAIT,
+                stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
-            web_expiry[node] = json.loads(out.stdout)["certs"]["web"]["not_after"]
+        for p in helpers.values():
+            assert p.wait(timeout=WAIT) == 0
         ca.stop()
 
-        # api joins both hosts, from the CA now issuing 45 s leaves; each token file is api's only
-        ca = ca_serve(m, API_LEAF)
-        a = host(m, "node-a", ["web", "api"], "127.0.0.1", "api")
-        b = host(m, "node-b", ["web", "api"], "127.0.0.2", "api")  # calls the CA from 127.0.0.1
+        # web joins both hosts at the agents' start, from the CA now issuing WEB_LEAF leaves; the outage
+        # begins once they are ready, with web's life ahead of it whatever the setup took
+        ca = ca_serve(m, WEB_LEAF)
+        a, b = (host(m, node, ["web", "api"], addr, tokens[node, "web"]) for node, addr in hosts.items())
         for h in (a, b):
             m.start_agent(h, wait=False)
         for h in (a, b):
             m.wait_ready(h)
-        start = {h.node: certs(h) for h in (a, b)}
         ca.stop()  # the outage begins, before web's renewal window
+        start = {h.node: certs(h) for h in (a, b)}
+        web_expiry = {node: c["web"]["not_after"] for node, c in start.items()}
         for h in (a, b):
-            assert start[h.node]["web"]["not_after"] == web_expiry[h.node], "machine too slow: web renewed"
-            assert certs(h)["web"]["serial"] == start[h.node]["web"]["serial"], (
-                "web renewed before the outage"
-            )
+            api_ends = dt.datetime.fromisoformat(start[h.node]["api"]["not_after"])
+            web_ends = dt.datetime.fromisoformat(web_expiry[h.node])
+            assert api_ends > web_ends, "setup too slow: api's leaf ends before web's"
+            # each token file is api's only (spent), as on a host that joined with api
+            (h.data_dir / "join-token").write_text(tokens[h.node, "api"] + "\n")
+            left = (web_ends - dt.datetime.now(dt.UTC)).total_seconds()
+            print(f"\n{h.node}: the outage began with {left:.1f} s of web's {WEB_LEAF} s left; api's leaf "
+                  f"ends {(api_ends - web_ends).total_seconds():.1f} s after it")  # fmt: skip
 
         # ... and lasts until web's leaf has expired on both hosts
         wait_for(lambda: all(expired(t) for t in web_expiry.values()), WAIT, "web's leaves to expire")
@@ -137,7 +147,7 @@ def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Pat
                   f"{', '.join(f'{x:g}' for x in left_at_failure)} s left")  # fmt: skip
             # during the outage the still-valid api is untouched and web's state says why. api's own
             # renewal point (2/3 of its life, ± jitter) can come inside the outage when the setup was
-            # quick: then it is `retrying` (its renewals fail like web's did: the CA is down), still
+            # slow: then it is `retrying` (its renewals fail like web's did: the CA is down), still
             # the same certificate, and /ready names web alone
             api = certs(h)["api"]
             assert api["serial"] == start[h.node]["api"]["serial"] and not expired(api["not_after"])
