@@ -216,15 +216,7 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
         try:
             roots = await asyncio.wait_for(CAClient(addr, trust_domain).roots_unverified(), CHECK_TIMEOUT)
         except (CAError, RegistryError, TimeoutError, OSError) as exc:
-            out.append(
-                Finding(
-                    "error",
-                    "ca-unreachable",
-                    subject,
-                    " ".join(str(exc).split()) or "timed out",
-                    "check that the CA runs and this host can reach it",
-                )
-            )
+            out.append(_ca_unreachable(subject, exc))
             continue
         if pin:
             try:
@@ -311,16 +303,20 @@ async def _ca_serves_from_pin(
             )
         ]
     except (CAError, RegistryError, TimeoutError, OSError) as exc:
-        return [
-            Finding(
-                "error",
-                "ca-unreachable",
-                subject,
-                " ".join(str(exc).split()) or "timed out",
-                "check that the CA runs and this host can reach it",
-            )
-        ]
+        return [_ca_unreachable(subject, exc)]
     return []
+
+
+def _ca_unreachable(subject: str, exc: Exception) -> Finding:
+    from hostmesh.registry.analysis import Finding
+
+    return Finding(
+        "error",
+        "ca-unreachable",
+        subject,
+        " ".join(str(exc).split()) or "timed out",
+        "check that the CA runs and this host can reach it",
+    )
 
 
 AGENT_ADDRESS_FIX = "pass an agent's admin address (agent.toml `admin`, default 127.0.0.1:15000) with --agent"
