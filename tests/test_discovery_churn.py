@@ -10,6 +10,7 @@ second: each registration moves the catalog's index, which wakes the agent's reg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -94,6 +95,39 @@ def catalog_index(consul: ConsulDev) -> int:
         return int(resp.headers["X-Consul-Index"])
 
 
+@contextlib.asynccontextmanager
+async def following_all(
+    consul: ConsulDev,
+    url: str,
+    tmp_path: Path,
+    web: str,
+    upstreams: list[str],
+    others: list[str],
+    timeout: float,
+) -> AsyncIterator[tuple[SnapshotBuilder, Discovery]]:
+    """The discovery of an agent whose service `web` calls `upstreams`, each registered with one
+    instance, started through `url` and once it has read every one (within `timeout`); at the end
+    stopped, and the instances of `upstreams` and `others` (0 and 1 of each) deregistered."""
+    for name in upstreams:
+        instance(consul, name, 0)
+    async with ConsulClient(url) as client:
+        builder = SnapshotBuilder(calling(tmp_path, web, *upstreams), no_tls)
+        discovery = Discovery(client, builder)
+        discovery.start()
+        try:
+
+            def synced() -> bool:
+                return all(len(builder.endpoints.get(u, ())) == 1 for u in upstreams)
+
+            await async_wait_until(synced, timeout, "every upstream's instance")
+            yield builder, discovery
+        finally:
+            await discovery.stop()
+            for name in [*upstreams, *others]:
+                for n in (0, 1):
+                    consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-n{n}"})
+
+
 @pytest.fixture
 async def relay(consul: ConsulDev) -> AsyncIterator[tuple[ReadCounter, str]]:
     counter = ReadCounter(consul.http_port)
@@ -114,46 +148,34 @@ async def test_a_registration_elsewhere_costs_consuls_servers_no_read_of_each_up
     tag = secrets.token_hex(3)
     upstreams = [f"churn-{tag}-{i:03d}" for i in range(UPSTREAMS)]
     unrelated = f"churn-{tag}-elsewhere"
-    for name in upstreams:
-        instance(consul, name, 0)
-    async with ConsulClient(url) as client:
-        builder = SnapshotBuilder(calling(tmp_path, f"churn-{tag}-web", *upstreams), no_tls)
-        discovery = Discovery(client, builder)
-        discovery.start()
-        try:
-
-            def synced() -> bool:
-                return all(len(builder.endpoints.get(u, ())) == 1 for u in upstreams)
-
-            await async_wait_until(synced, SYNC_TIMEOUT, "every upstream's instance")
-            watch = discovery.watches["registrations"]
-            counter.by_servers.clear()
-            counter.by_cache.clear()
-            changed = upstreams[UPSTREAMS // 2]
-            started = time.monotonic()
-            for n in range(CHURN_REGISTRATIONS):
-                instance(consul, unrelated, n % 2)
-                if n == CHURN_REGISTRATIONS // 2:
-                    instance(consul, changed, 1)  # one upstream changes during the churn
-                await asyncio.sleep(CHURN_PERIOD)
-            last = catalog_index(consul)
-            await async_wait_until(lambda: watch.last_index >= last, SEEN_TIMEOUT, "the last registration")
-            await async_wait_until(
-                lambda: len(builder.endpoints.get(changed, ())) == 2, SEEN_TIMEOUT, "the new instance"
-            )
-            elapsed = time.monotonic() - started
-            reads = sum(counter.by_servers.values())
-            log.warning("%d upstreams, %d registrations elsewhere in %.1f s: %d reads of upstreams by "
-                        "Consul's servers (%.0f/s), %d by the Consul agent's cache", UPSTREAMS,
-                        CHURN_REGISTRATIONS, elapsed, reads, reads / elapsed,
-                        sum(counter.by_cache.values()))  # fmt: skip
-            assert reads <= SERVER_READS_BOUND, counter.by_servers.most_common(5)
-            assert set(counter.by_servers) <= {changed}, counter.by_servers.most_common(5)
-        finally:
-            await discovery.stop()
-            for name in [*upstreams, unrelated]:
-                for n in (0, 1):
-                    consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-n{n}"})
+    web = f"churn-{tag}-web"
+    async with following_all(consul, url, tmp_path, web, upstreams, [unrelated], SYNC_TIMEOUT) as (
+        builder,
+        discovery,
+    ):
+        watch = discovery.watches["registrations"]
+        counter.by_servers.clear()
+        counter.by_cache.clear()
+        changed = upstreams[UPSTREAMS // 2]
+        started = time.monotonic()
+        for n in range(CHURN_REGISTRATIONS):
+            instance(consul, unrelated, n % 2)
+            if n == CHURN_REGISTRATIONS // 2:
+                instance(consul, changed, 1)  # one upstream changes during the churn
+            await asyncio.sleep(CHURN_PERIOD)
+        last = catalog_index(consul)
+        await async_wait_until(lambda: watch.last_index >= last, SEEN_TIMEOUT, "the last registration")
+        await async_wait_until(
+            lambda: len(builder.endpoints.get(changed, ())) == 2, SEEN_TIMEOUT, "the new instance"
+        )
+        elapsed = time.monotonic() - started
+        reads = sum(counter.by_servers.values())
+        log.warning("%d upstreams, %d registrations elsewhere in %.1f s: %d reads of upstreams by "
+                    "Consul's servers (%.0f/s), %d by the Consul agent's cache", UPSTREAMS,
+                    CHURN_REGISTRATIONS, elapsed, reads, reads / elapsed,
+                    sum(counter.by_cache.values()))  # fmt: skip
+        assert reads <= SERVER_READS_BOUND, counter.by_servers.most_common(5)
+        assert set(counter.by_servers) <= {changed}, counter.by_servers.most_common(5)
 
 
 async def test_a_change_the_consul_agents_cache_learns_of_late_is_read_at_the_second_look(
@@ -167,30 +189,19 @@ async def test_a_change_the_consul_agents_cache_learns_of_late_is_read_at_the_se
     counter, url = relay
     tag = secrets.token_hex(3)
     upstreams = [f"late-{tag}-{i}" for i in range(3)]
-    for name in upstreams:
-        instance(consul, name, 0)
-    async with ConsulClient(url) as client:
-        builder = SnapshotBuilder(calling(tmp_path, f"late-{tag}-web", *upstreams), no_tls)
-        discovery = Discovery(client, builder)
-        discovery.start()
-        try:
-
-            def synced() -> bool:
-                return all(len(builder.endpoints.get(u, ())) == 1 for u in upstreams)
-
-            await async_wait_until(synced, SEEN_TIMEOUT, "every upstream's instance")
-            # a round woken by a registration elsewhere, and its second look (the first round read
-            # each upstream whatever its index): then no round is due until the next registration
-            instance(consul, f"late-{tag}-elsewhere", 0)
-            await async_wait_until(lambda: counter.by_cache[upstreams[1]] >= 2, SEEN_TIMEOUT, "two looks")
-            counter.late = upstreams[1]
-            instance(consul, upstreams[1], 1)
-            await async_wait_until(lambda: counter.late is None, SEEN_TIMEOUT, "the late answer given")
-            await async_wait_until(
-                lambda: len(builder.endpoints.get(upstreams[1], ())) == 2, SEEN_TIMEOUT, "the new instance"
-            )
-        finally:
-            await discovery.stop()
-            for name in [*upstreams, f"late-{tag}-elsewhere"]:
-                for n in (0, 1):
-                    consul.put_json("/v1/catalog/deregister", {"Node": f"{name}-n{n}"})
+    elsewhere = f"late-{tag}-elsewhere"
+    web = f"late-{tag}-web"
+    async with following_all(consul, url, tmp_path, web, upstreams, [elsewhere], SEEN_TIMEOUT) as (
+        builder,
+        _,
+    ):
+        # a round woken by a registration elsewhere, and its second look (the first round read
+        # each upstream whatever its index): then no round is due until the next registration
+        instance(consul, elsewhere, 0)
+        await async_wait_until(lambda: counter.by_cache[upstreams[1]] >= 2, SEEN_TIMEOUT, "two looks")
+        counter.late = upstreams[1]
+        instance(consul, upstreams[1], 1)
+        await async_wait_until(lambda: counter.late is None, SEEN_TIMEOUT, "the late answer given")
+        await async_wait_until(
+            lambda: len(builder.endpoints.get(upstreams[1], ())) == 2, SEEN_TIMEOUT, "the new instance"
+        )

@@ -790,6 +790,15 @@ async def test_close_drains_then_aborts(mesh: Mesh) -> None:
         await mesh.connect()  # no longer accepting
 
 
+async def relay_bytes(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """One direction of a test relay: what `r` reads goes to `w` until EOF, then `w` closes."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    w.close()
+
+
 @contextlib.asynccontextmanager
 async def gated_relay(target: int) -> AsyncIterator[tuple[int, asyncio.Event]]:
     """A TCP relay on 127.0.0.1 to port `target` that connects each accepted client only once its
@@ -797,19 +806,12 @@ async def gated_relay(target: int) -> AsyncIterator[tuple[int, asyncio.Event]]:
     gate = asyncio.Event()
     ends: list[asyncio.StreamWriter] = []
 
-    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        w.close()
-
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ends.append(w)
         await gate.wait()
         tr, tw = await asyncio.open_connection("127.0.0.1", target)
         ends.append(tw)
-        await asyncio.gather(pump(r, tw), pump(tr, w))
+        await asyncio.gather(relay_bytes(r, tw), relay_bytes(tr, w))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
@@ -1418,13 +1420,6 @@ async def test_one_failed_dial_that_several_connections_waited_for_counts_once(m
     lose_first = asyncio.Event()
     accepted: list[asyncio.StreamWriter] = []
 
-    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        w.close()
-
     async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:  # to api's agent
         accepted.append(w)
         if len(accepted) == 1:  # the first handshake is lost, once the test says
@@ -1433,7 +1428,7 @@ async def test_one_failed_dial_that_several_connections_waited_for_counts_once(m
             return
         tr, tw = await asyncio.open_connection("127.0.0.1", mesh.inbound.port)
         accepted.append(tw)
-        await asyncio.gather(pump(r, tw), pump(tr, w))
+        await asyncio.gather(relay_bytes(r, tw), relay_bytes(tr, w))
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     relayed = int(server.sockets[0].getsockname()[1])
