@@ -374,9 +374,11 @@ def not_following_fix(consul: Any) -> str:
     answer size limit (`too_large`) is fixed by fewer instances, not by reaching Consul."""
     names = consul.get("too_large") if isinstance(consul, dict) else None
     if isinstance(names, list) and names:
+        from hostmesh.registry.http import MAX_BODY_BYTES
+
         listed = printable(", ".join(str(n) for n in names[:5]), MAX_DETAIL)
         return (
-            f"the instance list of {listed} passes the agent's answer size limit (MAX_BODY_BYTES): "
+            f"the instance list of {listed} passes the agent's {MAX_BODY_BYTES / 2**20:g} MiB answer limit: "
             "deregister the instances that are gone, or split the service"
         )
     return "make Consul reachable with the agent's token"
