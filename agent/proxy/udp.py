@@ -29,9 +29,9 @@ Decisions:
   socket of its own (the listener's, and one pooled mux connection per MAX_STREAMS_PER_CONN flows):
   it takes no slot; MAX_FLOWS bounds a listener's flows (`flows` beyond).
 - At either flow limit a new client first takes the place of a flow that carried a single exchange
-  and has been quiet EVICT_QUIET since (_quiet_flow): a resolver's query per port holds a flow until
-  the idle timeout though answered at once, and the share filled at 83 queries a second; a client
-  that talks, or talked past its first EVICT_QUIET, keeps its flow (and its app-side port).
+  and has been quiet EVICT_QUIET since (_end_a_quiet_flow): a resolver's query per port holds a flow
+  until the idle timeout though answered at once, and the share filled at 83 queries a second; a
+  client that talks, or talked past its first EVICT_QUIET, keeps its flow (and its app-side port).
 - A deny stops a flow in both directions: a datagram either way first compares the snapshot with
   the one the flow was authorized against (an identity check) and re-reads intentions only when
   it changed; denied, the flow is closed (RESET to the caller, app socket closed).
@@ -209,14 +209,14 @@ def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: 
     counters.carried(direction, 0)
 
 
-def _quiet_flow(flows: dict[Any, Any]) -> _Flow | None:
-    """At a flow limit: of the first EVICT_SCAN of `flows` (oldest first), one that carried a single
-    exchange (nothing EVICT_QUIET after it began: a resolver's query), quiet EVICT_QUIET since and not
-    opening (its datagrams are held for it), or None. A flow that went on talking is kept, quiet or
-    not, as the kernel's connection tracking spares an assured UDP stream: a client sending every few
-    seconds from one port (syslog, a voice call between talk spurts) would reach its app from a new
-    port. Those kept move to the back, so the next look sees others (a second chance, as a clock
-    sweep gives)."""
+def _end_a_quiet_flow(flows: dict[Any, Any]) -> bool:
+    """At a flow limit: end one of the first EVICT_SCAN of `flows` (oldest first) that carried a
+    single exchange (nothing EVICT_QUIET after it began: a resolver's query), quiet EVICT_QUIET since
+    and not opening (its datagrams are held for it); False when none is. A flow that went on talking
+    is kept, quiet or not, as the kernel's connection tracking spares an assured UDP stream: a client
+    sending every few seconds from one port (syslog, a voice call between talk spurts) would reach its
+    app from a new port. Those kept move to the back, so the next look sees others (a second chance,
+    as a clock sweep gives)."""
     quiet = time.monotonic() - EVICT_QUIET
     for key in list(itertools.islice(flows, EVICT_SCAN)):
         flow = flows[key]
@@ -225,10 +225,11 @@ def _quiet_flow(flows: dict[Any, Any]) -> _Flow | None:
             and flow.last - flow.started < EVICT_QUIET
             and flow.state is not FlowState.OPENING
         ):
-            return cast(_Flow, flow)
+            flow.close()  # (it leaves `flows`, and gives back its slot under the cap)
+            return True
         del flows[key]
         flows[key] = flow
-    return None
+    return False
 
 
 async def _drain(flows: Callable[[], Iterable[_Flow]], seconds: float) -> None:
@@ -567,20 +568,17 @@ class UdpOutbound:
         flow.send(data)
 
     def _evict_quiet(self, addr: Any) -> bool:
-        """At MAX_FLOWS: end a quiet flow (_quiet_flow) to make room for the client at `addr`. Either
-        way it is logged, at a bounded rate."""
-        quiet = _quiet_flow(self.flows)
+        """At MAX_FLOWS: end a quiet flow (_end_a_quiet_flow) to make room for the client at `addr`.
+        Either way it is logged, at a bounded rate."""
+        ended = _end_a_quiet_flow(self.flows)
         done = (
             f"a flow quiet {EVICT_QUIET:g} s ends for"
-            if quiet
+            if ended
             else f"none of one exchange quiet {EVICT_QUIET:g} s, dropped the datagram of"
         )
         self._limit_log("udp outbound %s: %d clients' flows, the most a listener holds: %s new client %s",
                         self.name, MAX_FLOWS, done, addr)  # fmt: skip
-        if quiet is None:
-            return False
-        quiet.close()
-        return True
+        return ended
 
     def _still_healthy(self, flow: _OutFlow) -> bool:
         """The snapshot changed since `flow` last looked: is its instance's agent still among the
@@ -817,7 +815,7 @@ class UdpInbound:
         self.holder = holder
         self.telemetry = telemetry
         self.idle_timeout = idle_timeout
-        self.flows: dict[_InFlow, _InFlow] = {}  # each flow to itself: oldest first, for _quiet_flow
+        self.flows: dict[_InFlow, _InFlow] = {}  # each flow to itself: oldest first, for _end_a_quiet_flow
         self.draining = False  # a stop's drain: no new flows, running ones go on until quiet
         self.queued = 0  # bytes held by the flows whose app socket is being made (_Flow.hold)
         self.capped = 0  # flows holding a slot under the agent's cap (at most UDP_CAP_SHARE of it)
@@ -883,21 +881,18 @@ class UdpInbound:
         task.add_done_callback(self._tasks.discard)
 
     def _evict_quiet(self, flow: _InFlow, limit: int) -> bool:
-        """UDP's share of the connection cap is full: end a quiet flow (_quiet_flow), giving its slot
-        to `flow`. Either way it is logged, at a bounded rate."""
-        quiet = _quiet_flow(self.flows)
+        """UDP's share of the connection cap is full: end a quiet flow (_end_a_quiet_flow), giving its
+        slot to `flow`. Either way it is logged, at a bounded rate."""
+        ended = _end_a_quiet_flow(self.flows)
         done = (
             f"a flow quiet {EVICT_QUIET:g} s ends for"
-            if quiet
+            if ended
             else f"none of one exchange quiet {EVICT_QUIET:g} s, refused"
         )
         self._share_log("udp inbound: UDP flows hold their share of the connection cap (%d of "
                         "max_connections = %d): %s a new flow of %s to %s", int(limit * UDP_CAP_SHARE), limit,
                         done, flow.source, flow.service)  # fmt: skip
-        if quiet is None:
-            return False
-        quiet.close()
-        return True
+        return ended
 
     async def _connect(self, flow: _InFlow) -> None:
         if flow.state is FlowState.CLOSED:  # reset or denied before its turn: no socket for it
