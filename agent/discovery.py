@@ -1210,8 +1210,9 @@ class Discovery:
                     return None
                 self._too_large.pop(name, None)
                 if not instances and self._table.members.get(name) == ():
-                    # still none (an external service, one not deployed yet: its index is the
-                    # catalog's, which any registration anywhere moves): no checks to read for it
+                    # still none (an external service, one not deployed yet: its index moves when
+                    # any service loses its last instance, or, until one has, at every registration
+                    # anywhere): no checks to read for it
                     self._service_index[name] = sidx
                     return None
                 return name, sidx, instances

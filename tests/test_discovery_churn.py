@@ -104,14 +104,16 @@ async def following_all(
     upstreams: list[str],
     others: list[str],
     timeout: float,
+    unregistered: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[SnapshotBuilder, Discovery]]:
     """The discovery of an agent whose service `web` calls `upstreams`, each registered with one
-    instance, started through `url` and once it has read every one (within `timeout`); at the end
-    stopped, and the instances of `upstreams` and `others` (0 and 1 of each) deregistered."""
+    instance, and `unregistered` (none), started through `url` and once it has read every registered
+    one (within `timeout`); at the end stopped, and the instances of `upstreams` and `others` (0 and
+    1 of each) deregistered."""
     for name in upstreams:
         instance(consul, name, 0)
     async with ConsulClient(url) as client:
-        builder = SnapshotBuilder(calling(tmp_path, web, *upstreams), no_tls)
+        builder = SnapshotBuilder(calling(tmp_path, web, *upstreams, *unregistered), no_tls)
         discovery = Discovery(client, builder)
         discovery.start()
         try:
@@ -205,3 +207,37 @@ async def test_a_change_the_consul_agents_cache_learns_of_late_is_read_at_the_se
         await async_wait_until(
             lambda: len(builder.endpoints.get(upstreams[1], ())) == 2, SEEN_TIMEOUT, "the new instance"
         )
+
+
+async def test_an_upstream_never_registered_costs_consuls_servers_no_read_under_churn(
+    consul: ConsulDev, relay: tuple[ReadCounter, str], tmp_path: Path
+) -> None:
+    """An external service (or one not deployed yet) has no index of its own: Consul answers for it
+    the index at which any service last lost its last instance (seen on 1.8.7), which no other
+    registration moves once that has happened anywhere in the datacenter (before, it is the
+    catalog's own index, moved by every registration). So churn elsewhere costs the servers no read
+    of it, as of a registered upstream."""
+    counter, url = relay
+    tag = secrets.token_hex(3)
+    gone, external = f"never-{tag}-gone", f"never-{tag}-external"
+    instance(consul, gone, 0)  # a service that has lost its last instance: as in any real datacenter
+    consul.put_json("/v1/catalog/deregister", {"Node": f"{gone}-n0"})
+    upstreams = [f"never-{tag}-known"]
+    elsewhere = f"never-{tag}-elsewhere"
+    async with following_all(
+        consul, url, tmp_path, f"never-{tag}-web", upstreams, [elsewhere], SEEN_TIMEOUT, (external,)
+    ) as (_, discovery):
+        watch = discovery.watches["registrations"]
+        first = catalog_index(consul)
+        await async_wait_until(lambda: watch.last_index >= first, SEEN_TIMEOUT, "the first round")
+        await async_wait_until(lambda: counter.by_servers[external] >= 1, SEEN_TIMEOUT, "its first read")
+        counter.by_servers.clear()
+        counter.by_cache.clear()
+        for n in range(CHURN_REGISTRATIONS):
+            instance(consul, elsewhere, n % 2)
+            await asyncio.sleep(CHURN_PERIOD)
+        last = catalog_index(consul)
+        await async_wait_until(lambda: watch.last_index >= last, SEEN_TIMEOUT, "the last registration")
+        # (each round looks at it in the cache: the churn was seen, and it was looked at)
+        await async_wait_until(lambda: counter.by_cache[external] >= 2, SEEN_TIMEOUT, "looks at it")
+        assert counter.by_servers[external] == 0, counter.by_servers.most_common(5)
