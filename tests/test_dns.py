@@ -11,6 +11,7 @@ never touched).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import signal
 import socket
@@ -445,27 +446,31 @@ async def _wait_open(server: DnsServer, n: int, at_most: bool = False) -> None:
 
 # --- end to end: an unmodified client calls http://api.mesh/ ---------------------------------------
 
-RESOLVER = "127.1.0.53"  # the host resolver of this test: dnsmasq on port 53 (resolv.conf names no port)
-
 
 class DnsMesh(NamedTuple):
     a: AgentHandle
     backends: Backends
-    api_addr: str  # the address bind = "auto" gave api
+    api: str  # the name of the service called (api-<random>)
+    api_addr: str  # the address bind = "auto" gave it (port 80)
     agent_dns: int  # the agent's DNS port on 127.0.0.1
+    resolver: str  # the host resolver of this test: dnsmasq on port 53 (resolv.conf names no port)
 
 
 @pytest.fixture
 def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[DnsMesh]:
     """node-a calls api (node-b, HTTP) on bind = "auto"; node-a's agent answers DNS on a free port of
     127.0.0.1, and a real dnsmasq with the packaged drop-in (only its port changed) is the host's
-    resolver, forwarding just the mesh domain to it."""
+    resolver, forwarding just the mesh domain to it. api's name and the resolver's address are this
+    fixture's own: two tests using it at once (xdist), or an agent of the host calling its own `api`
+    on bind = "auto", would otherwise listen on the same addresses (port 80 and 53)."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare")
     subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "dnsmasq", "curl"], check=True, timeout=600)
     backends = Backends("api1")
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     agent_dns = free_port()
+    api = f"api-{secrets.token_hex(3)}"
+    resolver = f"127.1.{secrets.randbelow(250) + 1}.53"
     dropin = (ROOT / "packaging/dns/dnsmasq-hostmesh.conf").read_text()
     assert "127.0.0.1#15053" in dropin
     conf = tmp_path / "dnsmasq-hostmesh.conf"
@@ -473,34 +478,32 @@ def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[Dn
     dnsmasq = None
     try:
         m.start_ca()
-        b = m.write_agent_config(
-            "node-b", [{"name": "api", "port": backends["api1"].port, "protocol": "http"}]
-        )
+        b = m.write_agent_config("node-b", [{"name": api, "port": backends["api1"].port, "protocol": "http"}])
         a = m.write_agent_config(
             "node-a",
-            [{"name": "web", "port": free_port(), "upstreams": ["api"]}],
+            [{"name": "web", "port": free_port(), "upstreams": [api]}],
             dns=f"127.0.0.1:{agent_dns}",
-            upstream_keys={"api": 'bind = "auto"\nprotocol = "http"'},
+            upstream_keys={api: 'bind = "auto"\nprotocol = "http"'},
         )
         m.start_agent(b)
         m.start_agent(a)
-        m.wait_endpoints(a, "api", 1)
+        m.wait_endpoints(a, api, 1)
         dnsmasq = subprocess.Popen(
             ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
-             f"--listen-address={RESOLVER}", "--port=53", "--pid-file=", f"--conf-file={conf}",
+             f"--listen-address={resolver}", "--port=53", "--pid-file=", f"--conf-file={conf}",
              "--log-facility=-"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
         def resolver_up() -> bool:
             try:
-                q = dns.message.make_query("api.mesh", "A")
-                return bool(dns.query.udp(q, RESOLVER, timeout=0.5).answer)
+                q = dns.message.make_query(f"{api}.mesh", "A")
+                return bool(dns.query.udp(q, resolver, timeout=0.5).answer)
             except (OSError, dns.exception.Timeout):
                 return False
 
-        wait_for(resolver_up, 20, "dnsmasq to forward api.mesh")
-        yield DnsMesh(a, backends, auto_bind("api"), agent_dns)
+        wait_for(resolver_up, 20, f"dnsmasq to forward {api}.mesh")
+        yield DnsMesh(a, backends, api, auto_bind(api), agent_dns, resolver)
     finally:
         if dnsmasq is not None:
             dnsmasq.terminate()
@@ -514,12 +517,14 @@ def dns_mesh(private_consul: ConsulDev, tmp_path: Path, dig: str) -> Iterator[Dn
 def test_an_unmodified_client_calls_http_api_mesh(dns_mesh: DnsMesh, dig: str, tmp_path: Path) -> None:
     """curl, with the C library's resolver, through the host resolver (dnsmasq + our drop-in) to
     the agent's DNS, then through the mesh to api."""
-    out = subprocess.run([dig, "@127.0.0.1", "-p", str(dns_mesh.agent_dns), "+short", "api.mesh"],
+    out = subprocess.run([dig, "@127.0.0.1", "-p", str(dns_mesh.agent_dns), "+short", f"{dns_mesh.api}.mesh"],
                          capture_output=True, text=True, timeout=DIG_TIMEOUT, check=True)  # fmt: skip
     assert out.stdout.split() == [dns_mesh.api_addr]
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text(f"nameserver {RESOLVER}\noptions timeout:2 attempts:2\n")
-    script = f'mount --bind "{resolv}" /etc/resolv.conf && exec curl -sS -m 20 http://api.mesh/hello'
+    resolv.write_text(f"nameserver {dns_mesh.resolver}\noptions timeout:2 attempts:2\n")
+    script = (
+        f'mount --bind "{resolv}" /etc/resolv.conf && exec curl -sS -m 20 http://{dns_mesh.api}.mesh/hello'
+    )
     got = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert got.returncode == 0, got.stderr
@@ -542,7 +547,7 @@ def test_names_follow_the_upstreams_on_reload(dns_mesh: DnsMesh) -> None:
     dns_mesh.a.proc.popen.send_signal(signal.SIGHUP)
     wait_for(lambda: ask_agent("search.mesh").answer, 10, "search.mesh after the reload")
     assert [rr.to_text() for rr in ask_agent("search.mesh").answer[0]] == [auto_bind("search")]
-    assert ask_agent("api.mesh").answer[0][0].to_text() == dns_mesh.api_addr
+    assert ask_agent(f"{dns_mesh.api}.mesh").answer[0][0].to_text() == dns_mesh.api_addr
     text = dns_mesh.a.metrics()
     assert metric_value(text, "hostmesh_dns_queries_total", rcode="NXDOMAIN") >= 1  # search, before
     assert metric_value(text, "hostmesh_dns_queries_total", rcode="NOERROR") >= 3
