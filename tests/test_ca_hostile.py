@@ -393,14 +393,11 @@ async def test_concurrent_requests_share_one_slow_jwks_fetch(jwks) -> None:
     jwks.delay = 1.0
     cache = ca_nomad.JWKSCache(jwks.url)
     cache.min_refresh = 0.5  # shorter than the fetch: counted from its start, every waiter fetched again
-    started = time.monotonic()
     results = await asyncio.wait_for(
         asyncio.gather(*(cache.key("made-up") for _ in range(6)), return_exceptions=True), 15
     )
-    elapsed = time.monotonic() - started
     assert all(isinstance(r, Unauthorized) and "unknown key" in str(r) for r in results), results
-    assert cache.fetches == 1 and jwks.hits == 1
-    assert elapsed < 2.5, elapsed
+    assert cache.fetches == 1 and jwks.hits == 1  # one fetch for the six, not one after another
     found = await asyncio.gather(*(cache.key("ec-noalg") for _ in range(4)))  # known now: no fetch
     assert all(key.key_type == "EC" for key, _ in found) and cache.fetches == 1
 
@@ -409,13 +406,11 @@ async def test_a_trickling_jwks_endpoint_is_cut_at_the_deadline(jwks) -> None:
     jwks.trickle = True
     cache = ca_nomad.JWKSCache(jwks.url)
     cache.timeout = 1.0
-    started = time.monotonic()
+    # (the trickle lasts minutes: a timeout per read, not one for the whole fetch, would not end it here)
     results = await asyncio.wait_for(
         asyncio.gather(*(cache.key("rsa-noalg") for _ in range(4)), return_exceptions=True), 10
     )
-    elapsed = time.monotonic() - started
     assert all(isinstance(r, Unavailable) and "cannot fetch Nomad's JWKS" in str(r) for r in results), results
-    assert elapsed < 2.0, elapsed
     assert cache.fetches == 1
     # the refresh interval counts from the end of that fetch: no new fetch right after it, and no
     # 401 either (no key set was read: the kid may be a new key), the failure again
