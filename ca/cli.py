@@ -6,6 +6,7 @@
     hostmesh ca token list | revoke ID                    the tokens in Consul; revoke one
     hostmesh ca roots --data-dir D                        list roots, pins, the signing one
     hostmesh ca rotate --data-dir D                       add a new signing root
+    hostmesh ca rotate --stage | --activate ID            the same in two steps: add, then sign
     hostmesh ca retire-root ID --data-dir D               remove an old root from the bundle
     hostmesh ca nomad apply -f F | get | history | rollback --to N
                                                           which Nomad workloads obtain which identities
@@ -138,18 +139,50 @@ def roots(ctx: click.Context, data_dir: Path) -> None:
 
 @ca.command()
 @data_dir_option
+@click.option(
+    "--stage", is_flag=True,
+    help="Add the new root to the bundle only: the current root keeps signing until --activate.",
+)  # fmt: skip
+@click.option(
+    "--activate", "activate_ref", default=None, metavar="ID",
+    help="Sign with root ID from now on (one --stage added, once every agent trusts it).",
+)  # fmt: skip
 @click.pass_context
 @one_line_errors
-def rotate(ctx: click.Context, data_dir: Path) -> None:
-    """Add a new root and sign with it (the old roots stay trusted until retired)."""
+def rotate(ctx: click.Context, data_dir: Path, stage: bool, activate_ref: str | None) -> None:
+    """Add a new root and sign with it (the old roots stay trusted until retired). In two steps,
+    for a fleet: --stage adds it, every agent trusts it within seconds (hostmesh_trusted_root), then
+    --activate ID signs with it."""
     from hostmesh.ca import store
 
-    authority, root = store.rotate(data_dir)
+    if stage and activate_ref is not None:
+        raise click.ClickException("--stage adds a root, --activate signs with one: give one of them")
+    reload = "running `ca serve` instances pick it up within seconds (or `systemctl reload hostmesh-ca`)"
+    if activate_ref is not None:
+        authority, root = store.activate(data_dir, activate_ref)
+        click.echo(root.pin)
+        click.echo(
+            f"signing with root {root.id}; {reload}. Give new hosts the pin above. Retire the old "
+            "root once agents have renewed.",
+            err=True,
+        )
+        return
+    authority, root = store.rotate(data_dir, sign=not stage)
+    if stage:
+        click.echo(root.id)
+        click.echo(
+            f"staged root {root.id}; bundle has {len(authority.roots)} roots, still signing with "
+            f"{authority.active.id}; {reload} and publish it. Once every agent trusts it "
+            f'(hostmesh_trusted_root{{root_id="{root.id}"}}), sign with it: '
+            f"`hostmesh ca rotate --activate {root.id}`.",
+            err=True,
+        )
+        return
     click.echo(root.pin)
     click.echo(
-        f"new signing root {root.id}; bundle has {len(authority.roots)} roots. Running `ca serve` "
-        "instances pick it up within seconds (or `systemctl reload hostmesh-ca`). Retire the old "
-        "root once agents have renewed.",
+        f"new signing root {root.id}; bundle has {len(authority.roots)} roots; {reload}. An agent "
+        "that does not follow Consul now refuses every peer that renews (`--stage`, then `--activate` "
+        "once all trust it, avoids that). Retire the old root once agents have renewed.",
         err=True,
     )
 

@@ -11,7 +11,7 @@ Layout (the directory is 0700, every file 0600):
     <data_dir>/server/            the serving certificate `ca serve` issues itself (see service.py)
 
 `load()` returns one immutable `Authority` snapshot; the service swaps snapshots on reload.
-Writers (`rotate`, `retire`) write the root files first and `ca.json` last, so a reader that
+Writers (`rotate`, `activate`, `retire`) write the root files first and `ca.json` last, so a reader that
 sees the new `ca.json` always finds the files it names. `rotate` first checks that it can write
 both directories, and removes the new root's files when a later write fails: a failed rotation
 leaves no extra root behind (which `load` would put in the bundle). A failed `init` likewise
@@ -218,18 +218,40 @@ def _host_in(host: str, constraint: str) -> bool:
     return host == constraint
 
 
-def rotate(data_dir: Path) -> tuple[Authority, Root]:
-    """Add a new root and make it the signing root; the old ones stay in the bundle until retired."""
+def rotate(data_dir: Path, *, sign: bool = True) -> tuple[Authority, Root]:
+    """Add a new root to the bundle; the old ones stay there until retired. With `sign` it is the
+    signing root at once (one step). Without (`ca rotate --stage`) the current root keeps signing
+    until `activate`: the running CA publishes the new root first, so every agent can be seen to
+    trust it before any leaf it signs exists (an agent not following Consul at a one-step rotation
+    refuses every peer that renews)."""
     current = load(data_dir)
     if len(current.roots) >= MAX_ROOTS:
         raise InvalidRequest(f"already {len(current.roots)} roots in the bundle; retire old ones first")
     _check_writable(data_dir / "roots", data_dir)
     root = _new_root(data_dir, current.trust_domain)
+    if not sign:
+        return load(data_dir), root
     try:
         _write_meta(data_dir, current.trust_domain, root.id)
     except StorageError as exc:
         _remove_root(data_dir, root.id)
         raise StorageError(f"{exc}; no root was added") from None
+    return load(data_dir), root
+
+
+def activate(data_dir: Path, root_ref: str, *, now: dt.datetime | None = None) -> tuple[Authority, Root]:
+    """Sign with `root_ref`, a root already in the bundle (one `rotate --stage` added, or an older one
+    to go back to). The root that signed until now gets its signing stamp at this time first: retire
+    counts its last leaves from the switch, not from when the staged root was made."""
+    current = load(data_dir)
+    root = find(current, root_ref)
+    if root.id == current.active.id:
+        raise InvalidRequest(f"root {root.id} is already the signing root")
+    t = now or pki.now()
+    pki.check_not_expired(root.cert, t)
+    _check_constraints(data_dir / META_FILE, current.trust_domain, root)
+    note_signing(data_dir, current.active.id, t)
+    _write_meta(data_dir, current.trust_domain, root.id)
     return load(data_dir), root
 
 
@@ -250,12 +272,15 @@ def retire(
     if root.id == current.active.id:
         raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
     made = root.cert.not_valid_before_utc
+    stamped = signed_until(data_dir, root.id)
+    if stamped is None and made > current.active.cert.not_valid_before_utc:
+        # staged and never activated (`activate` stamps the root it takes over from): no leaf to wait for
+        return _retire(data_dir, root)
     later = [r.cert.not_valid_before_utc for r in current.roots if r.cert.not_valid_before_utc > made]
     # when the next root was made (its not-before is backdated by CLOCK_SKEW): this one signed until then
     superseded = (min(later) if later else current.active.cert.not_valid_before_utc) + pki.CLOCK_SKEW
     # ... unless the running CA went on signing with it: a reload that failed after `rotate` (a root
     # key its user cannot read) keeps the old root signing, for as long as nobody notices
-    stamped = signed_until(data_dir, root.id)
     noted = ""
     if stamped is not None and stamped > superseded:
         superseded = stamped
@@ -267,6 +292,10 @@ def retire(
             f"to {leaf_ttl} (--leaf-ttl): retire it after {safe:%Y-%m-%d %H:%M:%S}Z, once agents have "
             "renewed, or now with --force (agents still holding its leaves lose their peers until they renew)"
         )
+    return _retire(data_dir, root)
+
+
+def _retire(data_dir: Path, root: Root) -> tuple[Authority, Root]:
     retired = data_dir / "retired"
     src = data_dir / "roots" / f"{root.id}.crt"
     try:

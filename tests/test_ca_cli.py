@@ -65,6 +65,24 @@ def test_rotate_roots_and_retire(tmp_path: Path) -> None:
     assert [r.id for r in store.load(Path(d)).roots] == [second]
 
 
+def test_rotate_in_two_steps_stage_then_activate(tmp_path: Path) -> None:
+    """`--stage` prints the new root's id (what `--activate` takes) and leaves the signing root be;
+    `--activate` prints the pin new hosts need; a mistake in either is one line."""
+    d = str(tmp_path / "ca")
+    assert run("ca", "init", "--data-dir", d).exit_code == 0
+    first = store.load(Path(d)).active.id
+    staged = run("ca", "rotate", "--stage", "--data-dir", d)
+    assert staged.exit_code == 0, staged.stderr
+    new = staged.stdout.strip()
+    assert f"--activate {new}" in staged.stderr and store.load(Path(d)).active.id == first
+    assert_one_line_error(run("ca", "rotate", "--stage", "--activate", new, "--data-dir", d), "one of them")
+    for ref, fragment in (("deadbeefdead", "no root matches"), (first, "already the signing root")):
+        assert_one_line_error(run("ca", "rotate", "--activate", ref, "--data-dir", d), fragment)
+    done = run("ca", "rotate", "--activate", new, "--data-dir", d)
+    assert done.exit_code == 0, done.stderr
+    assert done.stdout.strip() == store.load(Path(d)).active.pin and store.load(Path(d)).active.id == new
+
+
 def test_commands_without_a_ca_fail_cleanly(tmp_path: Path) -> None:
     for args in (["rotate"], ["roots"], ["retire-root", "abcdef12"], ["serve"]):
         assert_one_line_error(run("ca", *args, "--data-dir", str(tmp_path / "none")), "hostmesh ca init")

@@ -106,6 +106,36 @@ def test_a_signing_stamp_moves_retires_window_and_a_damaged_one_is_named(tmp_pat
     store.retire(d, first.id, now=later + store.SIGNED_AHEAD + pki.DEFAULT_LEAF_TTL)
 
 
+def test_a_staged_root_is_trusted_first_and_signs_only_once_activated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ca rotate` signed with its new root at once, so an agent that did not follow Consul at that
+    moment refused every peer that renewed. Staged, the new root is in the bundle while the old one
+    signs; `activate` switches signing, and retire then counts the old root's last leaves from the
+    switch (not from when the staged root was made, hours earlier). A staged root never activated
+    signed nothing: it can be retired at once."""
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    later = first.cert.not_valid_before_utc + pki.CLOCK_SKEW + dt.timedelta(minutes=1)
+    monkeypatch.setattr(pki, "now", lambda: later)  # (certificates record whole seconds)
+    a, staged = store.rotate(d, sign=False)
+    assert {r.id for r in a.roots} == {first.id, staged.id} and a.active.id == first.id
+    assert a.bundle_json()["active"] == first.id
+    a, unwanted = store.rotate(d, sign=False)
+    a, gone = store.retire(d, unwanted.id)  # never signed: no window to wait for
+    assert gone.id == unwanted.id and {r.id for r in a.roots} == {first.id, staged.id}
+    switch = staged.cert.not_valid_before_utc + dt.timedelta(hours=5)  # confirmed on every agent since
+    a, signing = store.activate(d, staged.id[:8], now=switch)
+    assert signing.id == staged.id and a.active.id == staged.id
+    assert store.load(d).active.id == staged.id
+    with pytest.raises(InvalidRequest, match="already the signing root"):
+        store.activate(d, staged.id)
+    after_staging = staged.cert.not_valid_before_utc + pki.DEFAULT_LEAF_TTL + pki.CLOCK_SKEW
+    with pytest.raises(InvalidRequest, match="--force"):  # its leaves of the last 5 h are still valid
+        store.retire(d, first.id, now=after_staging)
+    store.retire(d, first.id, now=switch + store.SIGNED_AHEAD + pki.DEFAULT_LEAF_TTL)
+
+
 def test_root_count_is_bounded(tmp_path: Path) -> None:
     d = tmp_path / "ca"
     store.init(d)

@@ -391,6 +391,44 @@ def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
         m.close()
 
 
+def test_a_staged_root_is_trusted_by_the_agents_before_it_signs_a_leaf(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """`ca rotate` signed with the new root at once: an agent that was not following Consul at that
+    moment refused every peer that renewed, and an operator had no way to see every agent trust the
+    new root first. `--stage` adds it to the bundle while the old root goes on signing (a renewal
+    after it is still the old root's); `--activate` then moves the leaves to it."""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca("--leaf-ttl", "20s")  # renewed within ~14 s
+        h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
+        data_dir = str(m.workdir / "ca")
+        old = store.load(m.workdir / "ca").active.id
+
+        def series(name: str) -> set[str]:
+            return set(re.findall(rf"^{name}\{{(.*)\}} 1\.0$", h.metrics(), re.M))
+
+        def web_cert() -> dict[str, str]:
+            _, body = h.get("/v1/certs")
+            return next(c for c in body["certs"] if c["service"] == "web")
+
+        wait_for(lambda: series("hostmesh_trusted_root") == {f'root_id="{old}"'}, WAIT, "the root trusted")
+        staged = m.hostmesh("ca", "rotate", "--stage", "--data-dir", data_dir).stdout.strip()
+        assert store.load(m.workdir / "ca").active.id == old
+        wait_for(lambda: series("hostmesh_trusted_root") == {f'root_id="{old}"', f'root_id="{staged}"'},
+                 WAIT, "both roots trusted")  # fmt: skip
+        before = web_cert()["serial"]
+        renewed: list[dict[str, str]] = []
+        wait_for(lambda: renewed.append(web_cert()) or renewed[-1]["serial"] != before, WAIT, "a renewal")
+        assert renewed[-1]["root_id"] == old  # staged: the old root still signs
+        pin = m.hostmesh("ca", "rotate", "--activate", staged, "--data-dir", data_dir).stdout.strip()
+        assert pin == store.find(store.load(m.workdir / "ca"), staged).pin
+        wait_for(lambda: series("hostmesh_cert_root") == {f'root_id="{staged}",service="web"'}, WAIT,
+                 "the leaf signed by the activated root")  # fmt: skip
+    finally:
+        m.close()
+
+
 # --- 7. a renewal moves only its own service's connections -----------------------------------------
 
 
