@@ -593,6 +593,7 @@ class CAService:
         self._tls: ssl.SSLContext | None = None
         self._server_cert_expires = pki.now()
         self._server_cert_issued = pki.now()
+        self._server_cert_for = ("", "")  # (trust domain, root id) the serving certificate is for
         # a refresh that cannot be written (a full disk) is retried each round; said once in a while
         self._refresh_failures = RateLimitedLog(log, "serving certificate refresh failures", lines=1,
                                                 interval=SERVER_CERT_FAILURE_LOG_INTERVAL)  # fmt: skip
@@ -685,6 +686,8 @@ class CAService:
         self._dir_state = self._data_dir_state()
         try:
             new = store.load(self.data_dir)
+            if new.active.id != self.authority.active.id:  # refused as a start refuses it: ours signs on
+                pki.check_not_expired(new.active.cert, pki.now())
         except CAError as exc:
             self._dir_state = ()  # not taken in: looked at again next round
             if str(exc) != self._reload_error:
@@ -710,7 +713,7 @@ class CAService:
         except RegistryError as exc:  # maintenance republishes; the CA must not stay on the old root
             log.warning("could not publish the new trust bundle yet: %s", exc)
         self.authority = new
-        self._write_server_cert()
+        self._refresh_server_cert()
         log.info("reloaded: %d root(s), signing with %s", len(new.roots), new.active.id)
         self.reloaded.set()
         return True
@@ -747,10 +750,12 @@ class CAService:
                 log.exception("CA maintenance round failed")
 
     def _refresh_server_cert(self) -> None:
-        """A new serving certificate once the current one is SERVER_CERT_REFRESH through its life;
-        one that cannot be written is said (at a bounded rate) and tried again next round."""
+        """A new serving certificate once the current one is SERVER_CERT_REFRESH through its life, or
+        is not from the signing root (a reload: new hosts pin that one); one that cannot be written is
+        said (at a bounded rate) and tried again next round."""
         life = self._server_cert_expires - self._server_cert_issued
-        if pki.now() < self._server_cert_issued + life * SERVER_CERT_REFRESH:
+        current = self._server_cert_for == (self.authority.trust_domain, self.authority.active.id)
+        if current and pki.now() < self._server_cert_issued + life * SERVER_CERT_REFRESH:
             return
         try:
             self._write_server_cert()
@@ -777,6 +782,7 @@ class CAService:
             self._tls.load_cert_chain(str(cert_file), str(key_file))  # new connections get the new cert
         self._server_cert_issued = cert.not_valid_before_utc + pki.CLOCK_SKEW
         self._server_cert_expires = cert.not_valid_after_utc
+        self._server_cert_for = (self.authority.trust_domain, self.authority.active.id)
         return cert_file, key_file
 
     # --- Consul -------------------------------------------------------------------------------

@@ -610,6 +610,37 @@ async def test_a_signing_root_that_expired_issues_nothing_and_spends_no_token(
         await start_ca(expired, client, AuditSink(), register=False)
 
 
+async def test_a_reload_onto_an_expired_root_is_refused_in_one_line_and_keeps_signing(
+    tmp_path, client, caplog
+) -> None:
+    """A data dir switched to a signing root that has expired (a restored copy, a hand edit): the
+    reload published a bundle naming it, signed with it (503 to every request), and the maintenance
+    round logged a traceback. Now it is refused as a start refuses it, in one line, and the CA keeps
+    its roots and signs."""
+    await client.kv_delete(ROOTS_KEY)
+    sink = AuditSink()
+    data_dir = new_ca_dir(tmp_path)
+    svc = await start_ca(data_dir, client, sink, register=False)
+    try:
+        before = (await client.kv_get(ROOTS_KEY)).value  # type: ignore[union-attr]
+        key, cert = pki.make_root(pki.DEFAULT_TRUST_DOMAIN, ttl=dt.timedelta(minutes=-4))  # expired
+        expired = pki.root_id(cert)
+        pki.write_private(data_dir / "roots" / f"{expired}.key", pki.key_pem(key))
+        pki.write_private(data_dir / "roots" / f"{expired}.crt", pki.cert_pem(cert))
+        meta = {"trust_domain": pki.DEFAULT_TRUST_DOMAIN, "active": expired}
+        pki.write_private(data_dir / store.META_FILE, json.dumps(meta).encode())
+        caplog.set_level(logging.INFO, logger="hostmesh.ca")
+        assert not await svc.reload()
+        (line,) = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
+        assert f"the signing root {expired} expired at" in line.getMessage() and line.exc_info is None
+        assert (await client.kv_get(ROOTS_KEY)).value == before  # type: ignore[union-attr]
+        status, body = await sign(svc, await token_for(client, "web"), "web")
+        assert status == 200 and body["root"] == svc.authority.active.id != expired, body
+    finally:
+        await svc.close()
+    await client.kv_delete(ROOTS_KEY)
+
+
 async def test_rotation_adds_root_signs_with_new_one_and_publishes_both(tmp_path, client, caplog) -> None:
     sink = AuditSink()
     data_dir = new_ca_dir(tmp_path)
