@@ -5,7 +5,7 @@
     POST /v1/renew   mTLS with the current leaf,         {"csr": PEM[, "ttl": "1h"]} -> {"chain": PEM}
                      or, for an expired identity of the same host, mTLS with a valid sibling's leaf and
                      {"csr", "node", "expired": PEM, "proof": base64} (see CAService._check_sibling)
-    GET  /v1/roots   -> {"roots": [PEM, …], "trust_domain": …, "active": <root id>}
+    GET  /v1/roots   -> {"roots": [PEM, …], "trust_domain": …, "active": <root id>[, "retired": [<id>, …]]}
     GET  /v1/health  -> {"status": "ok", …}   (Consul's HTTP check)
 
 Decisions, in order, for a signing request: authenticate (join token: known, secret matches, not
@@ -169,6 +169,8 @@ UNKNOWN_TOKEN_SECONDS = 10.0  # a token id Consul did not know is refused withou
 MAX_UNKNOWN_TOKENS = 4096  # remembered unknown ids (~100 bytes each); the oldest go first
 TRIM_AFTER_CONNECTIONS = 64  # connections that make a burst, after which memory is collected and trimmed
 TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to the trim
+MAX_RETIRED_RECORD = 256  # retired root ids read from Consul's bundle (16 hex each): years of rotations
+_ROOT_ID = re.compile(r"[0-9a-f]{16}")  # pki.root_id
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -540,6 +542,33 @@ def _refuse_older(authority: store.Authority, held: object, data_dir: Path) -> N
     )
 
 
+def _recorded_retired(held: object, trust_domain: str) -> set[str]:
+    """The root ids the bundle `held` in Consul records as retired (a CA of this trust domain
+    published them after a `retire-root`); anything else there is not a record of ours."""
+    if not isinstance(held, dict) or held.get("trust_domain") != trust_domain:
+        return set()
+    recorded = held.get("retired")
+    if not isinstance(recorded, list):
+        return set()
+    return {r for r in recorded[:MAX_RETIRED_RECORD] if isinstance(r, str) and _ROOT_ID.fullmatch(r)}
+
+
+def _refuse_retired(authority: store.Authority, recorded: set[str], data_dir: Path) -> None:
+    """Raise OlderDataDir when our data dir holds a root the fleet's bundle records as retired: a
+    backup taken after `ca rotate` but before `retire-root` would otherwise put it back in every
+    agent's trust."""
+    back = sorted(r.id for r in authority.roots if r.id in recorded)
+    if not back:
+        return
+    raise OlderDataDir(
+        f"{ROOTS_KEY} in Consul records root {', '.join(back)} as retired, but {data_dir / 'roots'} holds "
+        "it: restored from a backup taken before `hostmesh ca retire-root`? Not published (agents would "
+        f"trust a retired root again): retire it again (`hostmesh ca retire-root {back[0]} --force`), or, "
+        f"to trust it again on purpose, delete {ROOTS_KEY} in Consul",
+        signing_root_held=authority.active.id not in recorded,
+    )
+
+
 class KVBundle(enum.Enum):
     """What the CA found at ROOTS_KEY instead of its bundle; the value is what its log line says it did."""
 
@@ -887,16 +916,22 @@ class CAService:
         want = authority.bundle_json()
         current = await self.consul.kv_get(ROOTS_KEY)
         found: KVBundle | None  # None: it is ours already
+        recorded: set[str] = set()  # retired roots the bundle there records
         if current is None:
             found = KVBundle.MISSING
         else:
             try:
                 held = json.loads(current.value)
-                found = None if held == want else KVBundle.OTHER
             except (ValueError, RecursionError):
                 found = KVBundle.UNREADABLE
+            else:
+                recorded = _recorded_retired(held, authority.trust_domain)
+                if recorded - set(authority.retired):  # kept: another instance's, or from before a restore
+                    want["retired"] = sorted(recorded | set(authority.retired))
+                found = None if held == want else KVBundle.OTHER
             if found is KVBundle.OTHER:
                 _refuse_older(authority, held, self.data_dir)
+                _refuse_retired(authority, recorded, self.data_dir)
                 if held == self.authority.bundle_json():  # what we served until this reload
                     found = KVBundle.OURS_BEFORE
         self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if found is KVBundle.OTHER else 0

@@ -68,6 +68,7 @@ class Authority:
     trust_domain: str
     roots: tuple[Root, ...]  # oldest first
     active: Root
+    retired: tuple[str, ...] = ()  # ids of the roots in retired/: published, so no backup brings one back
 
     @property
     def bundle(self) -> list[str]:
@@ -83,7 +84,12 @@ class Authority:
         return self.active.id, tuple(r.id for r in self.roots)
 
     def bundle_json(self) -> dict[str, object]:
-        return {"roots": self.bundle, "trust_domain": self.trust_domain, "active": self.active.id}
+        doc: dict[str, object] = {
+            "roots": self.bundle, "trust_domain": self.trust_domain, "active": self.active.id,
+        }  # fmt: skip
+        if self.retired:  # (absent until a first retire-root: a bundle published before is unchanged)
+            doc["retired"] = list(self.retired)
+        return doc
 
 
 def exists(data_dir: Path) -> bool:
@@ -153,7 +159,18 @@ def load(data_dir: Path) -> Authority:
     if active_id not in by_id:
         raise StorageError(f"{meta_path} names active root {active_id}, which is not in {data_dir / 'roots'}")
     _check_constraints(meta_path, trust_domain, by_id[active_id])
-    return Authority(trust_domain, tuple(roots), by_id[active_id])
+    return Authority(trust_domain, tuple(roots), by_id[active_id], _retired_ids(data_dir / "retired"))
+
+
+def _retired_ids(retired_dir: Path) -> tuple[str, ...]:
+    """The ids of the roots retire() moved to retired/ (none: no folder); unreadable is an error."""
+    try:
+        names = [entry.name for entry in os.scandir(retired_dir)]
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise StorageError(f"cannot read {retired_dir}: {exc.strerror}") from None
+    return tuple(sorted(n.removesuffix(".crt") for n in names if n.endswith(".crt")))
 
 
 def _root_files(roots_dir: Path) -> list[Path]:

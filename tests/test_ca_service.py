@@ -707,6 +707,44 @@ async def test_a_data_dir_restored_from_before_a_rotation_does_not_take_the_flee
     assert (await client.kv_get(ROOTS_KEY)).value == fleets  # type: ignore[union-attr]
 
 
+async def test_a_backup_taken_before_retire_root_does_not_bring_the_retired_root_back(
+    tmp_path, client
+) -> None:
+    """A CA restored from a backup taken after `ca rotate` but before `retire-root`: its signing root
+    is the fleet's, so it published its bundle, and the retired root (its key in the backup) was
+    trusted by every agent again, silently. The bundle now records the retired roots, and such a CA
+    refuses to start, or, running, keeps Consul's bundle, and says which root and what to do."""
+    await client.kv_delete(ROOTS_KEY)
+    data_dir = new_ca_dir(tmp_path)
+    old = store.load(data_dir).active
+    store.rotate(data_dir)
+    backup = tmp_path / "backup"
+    shutil.copytree(data_dir, backup)  # after the rotation, before the retirement
+    svc = await start_ca(data_dir, client, AuditSink(), register=False)
+    try:
+        store.retire(data_dir, old.id, force=True)
+        assert await svc.reload()
+    finally:
+        await svc.close()
+    fleets = (await client.kv_get(ROOTS_KEY)).value  # type: ignore[union-attr]
+    assert json.loads(fleets)["retired"] == [old.id] and old.pem not in json.loads(fleets)["roots"]
+    with pytest.raises(OlderDataDir, match=f"records root {old.id} as retired, but {backup / 'roots'} holds"):
+        await start_ca(backup, client, AuditSink(), register=False)  # the restored CA's start
+    assert (await client.kv_get(ROOTS_KEY)).value == fleets  # type: ignore[union-attr]
+    svc = await start_ca(data_dir, client, AuditSink(), register=False)  # the current data dir: in sync
+    try:
+        assert svc.consul_state is ConsulState.IN_SYNC
+        (backup / "roots" / f"{old.id}.crt").unlink()  # what a new `retire-root --force` there leaves
+        (backup / "roots" / f"{old.id}.key").unlink()
+        restored = await start_ca(backup, client, AuditSink(), register=False)
+        await restored.close()
+        kept = json.loads((await client.kv_get(ROOTS_KEY)).value)  # type: ignore[union-attr]
+        assert kept["retired"] == [old.id]  # the record stays: the restored dir has no retired/ of it
+    finally:
+        await svc.close()
+    await client.kv_delete(ROOTS_KEY)
+
+
 async def test_a_ca_whose_signing_root_the_fleet_does_not_trust_issues_nothing(
     tmp_path, client, monkeypatch
 ) -> None:

@@ -278,13 +278,13 @@ async def test_two_cas_with_other_roots_fighting_over_the_bundle_are_named(
 ) -> None:
     """Repairing 'whenever KV differs' makes two CA instances with different roots rewrite the bundle
     in turn, flipping every agent's trust: a misconfiguration the CA must name, not hide. Here one
-    was left out of a `retire-root` (both sign with the same root; an instance left out of a `ca rotate`
-    signs with an older one and leaves the bundle alone: test_ca_service)."""
+    was left out of a `ca rotate --stage` (both sign with the same root; an instance left out of a
+    `ca rotate` signs with an older one and leaves the bundle alone, one left out of a `retire-root`
+    holds a root the bundle records as retired and leaves it alone too: test_ca_service)."""
     one_dir = new_ca_dir(tmp_path, "one")
-    store.rotate(one_dir)
     two_dir = tmp_path / "two"
     shutil.copytree(one_dir, two_dir)
-    store.retire(two_dir, store.load(two_dir).roots[0].id, force=True)
+    store.rotate(one_dir, sign=False)
     async with ConsulClient(private_consul.url) as c:
         one = await start_ca(one_dir, c, AuditSink(), register=False)
         two = await start_ca(two_dir, c, AuditSink(), register=False)
