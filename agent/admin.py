@@ -166,6 +166,7 @@ class AdminAPI:
         refused_registrations: Callable[[], dict[str, str]] = dict,
         consul: Callable[[], dict[str, Any]] | None = None,
         processes: Callable[[], dict[str, int] | None] = lambda: None,
+        trusted_roots: Callable[[], list[str]] = list,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -176,6 +177,7 @@ class AdminAPI:
         self._refused_registrations = refused_registrations  # service -> Consul's refusal to register it
         self._consul = consul  # whether the agent follows Consul now (Discovery.consul_view)
         self._processes = processes  # with `workers` > 1: its processes by state (WorkerSet.process_states)
+        self._trusted_roots = trusted_roots  # ids of the roots it verifies peers with (`hostmesh check`)
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -208,7 +210,8 @@ class AdminAPI:
         if path == "/v1/config":
             return Response.of_json(200, self.config_view())
         if path == "/v1/certs":
-            return Response.of_json(200, {"certs": self._certs()})
+            view = {"certs": self._certs(), "trusted_roots": sorted(self._trusted_roots())}
+            return Response.of_json(200, view)
         if path == "/v1/clusters":
             return Response.of_json(200, self._clusters())
         if path == "/v1/version":

@@ -328,7 +328,50 @@ AGENT_ANSWER = {
 }
 
 
-async def _agent(address: str) -> list[Finding]:
+async def _bundle_root_ids(consul: ConsulClient, trust_domain: str) -> set[str] | None:
+    """The ids of the roots in Consul's trust bundle, which every agent follows; None when it cannot
+    be read or is not one (other findings say why: Consul, the CA)."""
+    from hostmesh.agent.ca_client import parse_bundle
+    from hostmesh.agent.certs import ROOTS_KEY
+    from hostmesh.ca import pki
+    from hostmesh.ca.errors import CAError
+
+    try:
+        entry = await consul.kv_get(ROOTS_KEY)
+        if entry is None:
+            return None
+        return {pki.root_id(c) for c in parse_bundle(json.loads(entry.value), trust_domain)}
+    except (RegistryError, CAError, ValueError, RecursionError):
+        return None
+
+
+def _roots_behind(subject: str, address: str, trusted: object, bundle: set[str] | None) -> list[Finding]:
+    """An agent that does not trust a root of the fleet's bundle refuses every peer holding a leaf it
+    signed: after `ca rotate --stage`, a root must not sign while one agent is behind."""
+    from hostmesh.agent.certs import ROOTS_KEY
+    from hostmesh.agent.status import printable
+    from hostmesh.registry.analysis import Finding
+
+    if bundle is None or not isinstance(trusted, list) or not trusted:
+        return []  # (an agent of an earlier release does not say; a restarted one has not read its roots yet)
+    missing = sorted(bundle - set(trusted))
+    if not missing:
+        return []
+    return [
+        Finding(
+            "error",
+            "agent-roots-behind",
+            subject,
+            f"does not trust root {', '.join(missing)} of the trust bundle at {ROOTS_KEY} (trusts "
+            f"{printable(', '.join(map(str, trusted)), 200) or 'none'}): it refuses peers whose "
+            "certificates that root signed",
+            f"the agent follows {ROOTS_KEY} in Consul: `hostmesh status --agent {address}`; do not "
+            "`ca rotate --activate` that root before every agent trusts it",
+        )
+    ]
+
+
+async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
     from hostmesh.agent.status import (
         AdminAddressError,
         AdminAnswerError,
@@ -366,6 +409,7 @@ async def _agent(address: str) -> list[Finding]:
                 )
             )
         _, certs = await admin_get(client, "/v1/certs", certs_problem, (200,), CHECK_TIMEOUT)
+        out += _roots_behind(subject, address, certs.get("trusted_roots"), bundle)
         now = dt.datetime.now(dt.UTC)
         for cert in certs["certs"]:  # certs_problem: each has a service and dates with a time zone
             service = printable(cert["service"], 100)
@@ -450,14 +494,17 @@ async def run_check(
     from hostmesh.registry.analysis import analyze
     from hostmesh.registry.consul import ConsulClient
 
+    bundle: set[str] | None = None
     async with ConsulClient(settings) as consul:
         findings, documents, catalog = await _consul_and_documents(consul)
         if catalog is not None:
             findings += analyze(documents, catalog)
         if not skip_ca and catalog is not None:
             findings += await _ca(consul, ca, pin, trust_domain)
+        if agents and catalog is not None:
+            bundle = await _bundle_root_ids(consul, trust_domain)
     for address in agents:
-        findings += await _agent(address)
+        findings += await _agent(address, bundle)
     return findings
 
 

@@ -368,6 +368,7 @@ class Agent:
             self._not_registered,
             lambda: self.discovery.consul_view(),
             lambda: self.workers.process_states() if self.workers is not None else None,
+            lambda: list(getattr(self.certs, "root_ids", ())),
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)

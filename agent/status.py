@@ -242,9 +242,11 @@ def config_problem(body: Any) -> str | None:
 def certs_problem(body: Any) -> str | None:
     """/v1/certs: `{"certs": [...]}`, each with dates an agent writes (ISO 8601 with a time zone);
     a `checking` one (just restarted, not yet checked) has none."""
-    problem = _fields(body, "", {"certs": list})
+    problem = _fields(body, "", {"certs": list}, {"trusted_roots": list})  # (not from an earlier release)
     if problem:
         return problem
+    if not all(isinstance(r, str) for r in body.get("trusted_roots") or ()):
+        return "trusted_roots holds something other than root ids"
     for i, cert in enumerate(body["certs"]):
         where = f"certs[{i}]"
         problem = _fields(

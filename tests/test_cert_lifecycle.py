@@ -429,6 +429,45 @@ def test_a_staged_root_is_trusted_by_the_agents_before_it_signs_a_leaf(
         m.close()
 
 
+def test_check_names_an_agent_that_does_not_trust_a_root_of_the_bundle(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """`hostmesh check --agent` did not compare the roots an agent trusts with the trust bundle in
+    Consul: an agent behind it (following another Consul, or none) passed the check, and an operator
+    about to `ca rotate --activate` had only the metrics to see it. Here the check's Consul holds a
+    bundle with a staged root that the agent's Consul never had."""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    (tmp_path / "fleet").mkdir()
+    fleet = ConsulDev(tmp_path / "fleet", node="hostmesh-fleet")
+    try:
+        m.start_ca()
+        h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
+        authority = store.load(m.workdir / "ca")
+        wait_for(lambda: h.get("/v1/certs")[1].get("trusted_roots") == [authority.active.id], WAIT,
+                 "the agent's trusted roots")  # fmt: skip
+        fleet.start()
+        _, staged = store.rotate(m.workdir / "ca", sign=False)  # (files only: no CA publishes to `fleet`)
+
+        def behind(bundle: store.Authority) -> list[dict[str, str]]:
+            asyncio.run(put_bundle(fleet.url, bundle))
+            done = m.hostmesh("--consul", fleet.url, "check", "--agent", h.admin_url, "--no-ca", "-o", "json",
+                              check=False)  # fmt: skip
+            return [f for f in json.loads(done.stdout)["findings"] if f["code"] == "agent-roots-behind"]
+
+        (finding,) = behind(store.load(m.workdir / "ca"))
+        assert finding["severity"] == "error" and staged.id in finding["message"], finding
+        assert authority.active.id not in finding["message"].split("(trusts")[0], finding
+        assert behind(authority) == []  # the bundle it trusts: nothing to say
+    finally:
+        fleet.stop()
+        m.close()
+
+
+async def put_bundle(consul_url: str, authority: store.Authority) -> None:
+    async with ConsulClient(consul_url) as c:
+        await c.kv_put(ROOTS_KEY, json.dumps(authority.bundle_json()))
+
+
 # --- 7. a renewal moves only its own service's connections -----------------------------------------
 
 
