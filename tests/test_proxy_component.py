@@ -1480,6 +1480,36 @@ async def test_connections_that_gave_up_waiting_for_one_dial_count_as_that_dial(
             w.transport.abort()
 
 
+async def test_connections_that_waited_for_one_dial_the_peer_ended_at_once_count_once(mesh: Mesh) -> None:
+    """A peer agent at its connection cap ends each mesh connection right after the handshake. The
+    connections that waited for that one dial resume after it ended and each move on to another
+    instance; the instance's passive health counted a failure for each of them, so a burst of an app
+    opening its pool (9 connections behind one dial) ejected it for 30 s, while the same connections
+    arriving one by one counted nothing. One dial counts once, however many waited for it."""
+    cap = ConnectionCap(0, mesh.tel_b)
+    capped = InboundListener(mesh.holder_b, Address("127.0.0.1", 0), mesh.tel_b, cap=cap)
+    await capped.start()
+    mesh.extra.append(capped)
+    eps = {"api": [(capped.port, {}), (mesh.inbound.port, {})]}
+    holder = SnapshotHolder(snapshot({"web": 1}, mesh.ca.material(["web"]), eps))
+    ob = await mesh.add_outbound(holder)
+    burst = 4 * L4_OUTLIER.consecutive_5xx  # round robin: half of them go to the capped instance
+    clients = await asyncio.gather(*(mesh.connect(ob) for _ in range(burst)))
+    reset = 0
+    for i, (r, w) in enumerate(clients):
+        with contextlib.suppress(RuntimeError, ConnectionError):  # (uvloop: already reset)
+            w.write(b"c%d" % i)
+            w.write_eof()
+        try:
+            assert await read_all(r) == b"c%d" % i  # moved on to the other instance
+        except ConnectionResetError:
+            reset += 1  # the dialer's own caller: its stream was refused OM
+        w.close()
+    assert ob.pool.handshakes == 2  # (the premise: the burst shared one dial to each instance)
+    assert reset <= 1
+    assert ob.stats()["ejected"] == []
+
+
 @pytest.mark.parametrize(
     ("caller_offers", "agreed"), [(MESH_ALPN, 3), ((ALPN_TCP_V2, ALPN_TCP_V1), 2), ((ALPN_TCP_V1,), 1)]
 )

@@ -183,6 +183,7 @@ class MeshClient(MuxConnection):
         self.ctx = ctx
         self.expires = time.monotonic() + MAX_CONN_AGE
         self.retired_here = False  # this agent said GOAWAY on it (renewed TLS material, age, shutdown)
+        self.unusable: DialError | None = None  # why it ended as it was established (_ready), once
 
     def goaway(self) -> None:
         self.retired_here = True
@@ -218,11 +219,17 @@ def _ready(conn: MeshClient, key: PoolKey) -> MeshClient:
     """`conn`, just dialed, if it still takes streams; else DialError (the caller tries another
     instance). The peer agent may end a connection, or say GOAWAY, right after the handshake (at its
     connection cap, stopping), before the dial's caller (or a caller waiting for that dial) resumes: a
-    stream opened on it then was never sent nor failed, and its downstream hung until the idle timeout."""
+    stream opened on it then was never sent nor failed, and its downstream hung until the idle timeout.
+    Every caller that waited for that dial gets the same error: it is one failed dial, which the
+    instance's passive health counts once (DialError.counted), however many callers waited for it."""
     if conn.closed or conn.draining:
-        if conn.retired_here:  # (the listener closing)
-            raise DialError(f"connection to {key[0]}:{key[1]} retired here as it was established")
-        raise DialError(f"peer {key[0]}:{key[1]} ended the connection as it was established")
+        if conn.unusable is None:
+            if conn.retired_here:  # (the listener closing)
+                why = f"connection to {key[0]}:{key[1]} retired here as it was established"
+            else:
+                why = f"peer {key[0]}:{key[1]} ended the connection as it was established"
+            conn.unusable = DialError(why)
+        raise conn.unusable
     return conn
 
 
