@@ -610,6 +610,26 @@ async def test_a_repeated_or_missing_host_is_400_on_both_public_edges(mesh: Mesh
     assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
 
 
+async def test_connect_is_405_with_the_allow_field_on_both_public_edges(mesh: Mesh) -> None:
+    """CONNECT is not relayed: 405, which must carry Allow (RFC 9110 §15.5.6); it had none, and a
+    client or scanner reading it had no method to try. Checked on the outbound and the inbound."""
+    head = b"CONNECT api:443 HTTP/1.1\r\nhost: api:443\r\n\r\n"
+    hits = sum(app.hits for app in mesh.apps)
+
+    def via_inbound() -> Any:
+        c = mtls_client(mesh)
+        try:
+            return c.raw(head)
+        finally:
+            c.close()
+
+    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, head)
+    direct = await asyncio.to_thread(via_inbound)
+    assert out.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: GET, HEAD, POST, " in out
+    assert direct.status == 405 and direct.headers["allow"].startswith("GET, HEAD, POST, ")
+    assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
+
+
 async def test_header_ops_rewrite_and_mirror(mesh: Mesh) -> None:
     rc = route_config({
         "service": "api", "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},

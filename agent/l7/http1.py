@@ -42,7 +42,7 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   answers :data:`CONTINUE` itself once its local decisions (route, authorization, limits) pass and
   drops ``Expect`` upstream, so refusals (403/429/503) reach the client before it sends the body.
   Any other expectation answers **417**.
-- CONNECT is not a mesh operation: **405**.
+- CONNECT is not a mesh operation: **405**, whose ``Allow`` names the methods relayed.
 - Responses (:class:`ResponseFramer`): every upstream protocol error is **502** with flag UPE, the
   request side's head limits included. A status code outside 100-599 is one (RFC 9110 §15 defines no
   other class; llhttp takes any three digits). So is a transfer coding other than ``chunked``
@@ -513,6 +513,10 @@ REASONS: Final[dict[int, bytes]] = {
 
 _STATUS_LINES_11: Final = {status: b"HTTP/1.1 %d " % status for status in REASONS}  # but the reason
 
+# A 405 must carry Allow (RFC 9110 §15.5.6). The proxy refuses CONNECT alone and relays every other
+# method, which the app may or may not serve: Allow names the standard ones it relays.
+ALLOW_RELAYED: Final = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
 
 @functools.lru_cache(maxsize=256)  # `extra` is part of the key: a tuple (a Retry-After's seconds, few values)
 def error_response(status: int, flag: str, keep_alive: bool = False, detail: str = "",
@@ -539,6 +543,8 @@ def error_response(status: int, flag: str, keep_alive: bool = False, detail: str
         ]
         if head:
             body = b""
+        if status == 405:
+            headers.append((b"allow", ALLOW_RELAYED))
     if not keep_alive:
         headers.append((b"connection", b"close"))
     return serialize_response_head(_V11, status, None, headers) + body
