@@ -187,8 +187,13 @@ class SnapshotHolder:
 
     def swap(self, new: Snapshot) -> None:
         self.current = new
-        for listener in self._listeners:
+        for listener in tuple(self._listeners):  # (one may unsubscribe itself)
             listener(new)
 
     def subscribe(self, listener: Callable[[Snapshot], None]) -> None:
         self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[Snapshot], None]) -> None:
+        """`listener` (the object subscribed) is told no more; one never subscribed: nothing."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)

@@ -554,6 +554,9 @@ class HttpOutbound:
         self._on_inline_head: Callable[[Exchange, http1.ResponseHead], None] = self._inline_head
         self._on_inline_fail: Callable[[Exchange, bool], bool] = self._inline_fail
         self.name = f"{local_service}->{upstream} (http)"
+        # told of every snapshot (the exact object subscribed is the one close() unsubscribes)
+        self._on_swap: Callable[[Snapshot], None] = self._swapped
+        holder.subscribe(self._on_swap)
 
     # --- which connections are ours ------------------------------------------------------------
 
@@ -619,6 +622,13 @@ class HttpOutbound:
             elif self._conn_waiters:  # raised: requests waiting as pending take the room now
                 self._wake_for_room(cl.limits)
         return cl
+
+    def _swapped(self, snap: Snapshot) -> None:
+        """A new snapshot: requests waiting as pending see an edit of max_connections now (cluster()
+        applies it), not when the next request arrives, which behind a hung app might be never (then
+        they got 503 UO after PENDING_WAIT). Nothing to do, and nothing done, while none waits."""
+        if self._conn_waiters:
+            self.cluster(snap)
 
     def _wake_for_room(self, limits: UpstreamLimits) -> None:
         """Wake as many pending requests, first in line first, as max_connections has room for (none
@@ -1317,6 +1327,7 @@ class HttpOutbound:
         for c in list(self.conns):
             c.close()
         self.conns.clear()
+        self.holder.unsubscribe(self._on_swap)
         for task in list(self._tasks):
             task.cancel()
         self.metrics.release()
