@@ -194,6 +194,11 @@ class Telemetry:
             "hostmesh_overload_rejected_total", "connections refused at the agent's connection cap",
             ("listener",), registry=r,
         )  # fmt: skip
+        self.overload_reclaimed = Counter(
+            "hostmesh_overload_reclaimed_total",
+            "idle keep-alive HTTP connections closed at the agent's connection cap, each for a new one",
+            ("listener",), registry=r,
+        )  # fmt: skip
         # UDP (agent/proxy/udp.py). direction: "request" (source -> destination), "response" (back)
         udp = ("reporter", "source_service", "destination_service")
         self.udp_datagrams = Counter(

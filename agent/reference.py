@@ -26,6 +26,7 @@ from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Counter, Telemetry
 from hostmesh.agent.proxy.http_conn import IDLE_TIMEOUT as KEEPALIVE_IDLE
+from hostmesh.agent.proxy.limits import RECLAIM_MIN_IDLE
 from hostmesh.agent.reqstats import FAILURE_LINES_PER_SECOND
 from hostmesh.agent.run import RESTART_KEYS
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN
@@ -138,9 +139,11 @@ AGENT_KEYS: tuple[Key, ...] = (
         f"integer 1..{C.MAX_MAX_CONNECTIONS}",
         str(C.DEFAULT_MAX_CONNECTIONS),
         "Downstream connections held at once (UDP flows' app sockets and gateway clients count); "
-        "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). An idle keep-alive HTTP connection of an "
-        f"app holds its slot until its client closes it or it has been idle for {_g(KEEPALIVE_IDLE)} s: "
-        "count the apps' connection pools in. "
+        "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). An idle keep-alive HTTP connection (an "
+        "app's, a gateway client's) holds its slot until its client closes it, it has been idle for "
+        f"{_g(KEEPALIVE_IDLE)} s, or, at the cap, a new connection takes its slot: the one idle longest, "
+        f"if idle {_g(RECLAIM_MIN_IDLE)} s at least, is closed for it (counted in "
+        "`hostmesh_overload_reclaimed_total`, as nginx reuses idle keep-alive connections). "
         "With workers = N each process takes 1/N, and ingress gateways and UDP upstreams, served by "
         "the primary alone, share its 1/N (a gateway host that turns workers on should raise this "
         "N-fold to keep its gateways' limit). Each connection takes two open files: the agent "

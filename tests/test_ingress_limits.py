@@ -241,6 +241,41 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout_a_kept_
     run(loop, body)
 
 
+async def _kept_alive_request(g: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A keep-alive http connection and its first answer's head, read to its end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
+    writer.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    length = next(ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length"))[15:]
+    await asyncio.wait_for(reader.readexactly(int(length)), WAIT)
+    return reader, writer, head
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_at_the_cap_the_longest_idle_kept_alive_client_gives_its_slot_to_a_new_one(
+    loop: str, tmp_path: Path
+) -> None:
+    """Clients' keep-alive connections, idle, held the gateway's slots for the 90 s idle timeout while
+    every new client got 503 OM. At the cap the one idle longest is closed for the newcomer."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            g.cap.reclaim_after = 0.0  # (2 s in the agent)
+            kept = [await _kept_alive_request(g) for _ in range(CAP)]
+            assert g.cap.open == CAP
+            reader, writer, head = await _kept_alive_request(g)
+            assert head.startswith(b"HTTP/1.1 404"), head  # served (no document: 404 NR), not 503 OM
+            assert await closed_by_peer(kept[0][0])  # the one idle longest
+            for r, w, _ in [*kept[1:], (reader, writer, b"")]:
+                w.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+                assert (await asyncio.wait_for(r.read(), WAIT)).startswith(b"HTTP/1.1 404")
+                w.close()
+            kept[0][1].close()
+            await g.slots_back()
+
+    run(loop, body)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_an_https_client_cut_at_a_timeout_that_reads_nothing_frees_its_slot(
     loop: str, tmp_path: Path

@@ -983,6 +983,35 @@ async def test_the_connection_cap_answers_503_om_beyond_it_on_both_edges(mesh: M
     assert again.status == 200
 
 
+async def test_at_the_cap_an_idle_keep_alive_connection_gives_its_slot_to_a_new_one(mesh: Mesh) -> None:
+    """An app's keep-alive connections, idle between requests, each held a slot of max_connections
+    until their client closed them or 90 s of idleness: with the app's pool at the cap every other
+    client got 503 OM while the agent served nothing. At the cap, the connection idle longest (at
+    least `reclaim_after`: 2 s) is now closed, as nginx closes idle keep-alive connections when it
+    runs out, and the new one takes its slot; one idle for less is not taken."""
+    cap = ConnectionCap(2, mesh.tel_a)
+    mesh.outbound.cap = cap
+    oldest, other = mesh.client(), mesh.client()
+
+    def pool_then(path: str) -> Any:
+        assert oldest.get("/first").status == 200
+        assert other.get("/second").status == 200  # both idle now, holding the two slots
+        return mesh.client().get(path)
+
+    cap.reclaim_after = 3600.0  # neither has been idle that long: not taken
+    shed = await asyncio.to_thread(pool_then, "/shed")
+    assert (shed.status, shed.flags) == (503, "OM")
+    cap.reclaim_after = 0.0
+    served = await asyncio.to_thread(mesh.client().get, "/served")
+    assert (served.status, served.flags) == (200, "")
+    assert await asyncio.to_thread(lambda: oldest.sock.recv(1)) == b""  # type: ignore[union-attr]  # closed
+    assert (await asyncio.to_thread(other.get, "/still-open")).status == 200  # the newer one kept its slot
+    assert sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 1
+    assert sample(mesh.tel_a, "hostmesh_overload_reclaimed_total", listener="outbound") == 1
+    for c in (oldest, other):
+        c.close()
+
+
 async def test_idle_pooled_http_streams_hold_no_slot_of_the_inbound_cap(mesh: Mesh) -> None:
     """The calling agent keeps the streams of a burst pooled, idle, for 30 s (up to 128 per instance);
     each held a slot of the destination's max_connections: after 45 concurrent requests from one

@@ -567,6 +567,8 @@ class IngressHttp:
         self.conns.add(conn)
         conn.admission = admission
         conn.shed = capped and admission is None
+        if admission is not None:
+            conn.idle_list = admission.idle_list()
         return conn
 
     def _rate_limited(self, snap: Snapshot, client: str) -> tuple[tuple[bytes, bytes], ...]:

@@ -415,6 +415,9 @@ class ServerConn(asyncio.BaseProtocol):
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
         self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
         self.admission: Admission | None = None  # its slot under the cap, released when it closes
+        # the cap's list of idle keep-alive connections (limits.ConnectionCap.idle), for a connection
+        # that holds its slot for its whole life: at the cap, one idle long enough gives it up
+        self.idle_list: dict[Any, float] | None = None
         # the mux stream this connection runs on (an inbound HTTP stream, protocol v3; set by the
         # handler), written at once at a response's end when it is alone (_relay_end); else None
         self.stream: StreamTransport | None = None
@@ -484,6 +487,9 @@ class ServerConn(asyncio.BaseProtocol):
             self._cancel_timer()
         if self.admission is not None:
             self.admission.release()
+        listed = self.idle_list
+        if listed is not None and self in listed:
+            del listed[self]
         self.handler.conn_lost(self)
         ex = self.ex
         if ex is not None:
@@ -594,6 +600,9 @@ class ServerConn(asyncio.BaseProtocol):
             self.close()
             return
         self._last = ex.ended or monotonic()  # ended: set by Exchange._finish, which calls this
+        listed = self.idle_list
+        if listed is not None:  # (a store, no call: limits.py's reclaim at the cap)
+            listed[self] = self._last
         if self._timer is None:
             self._arm(self.handler.header_timeout)
         backlog = self.backlog
@@ -860,6 +869,27 @@ class ServerConn(asyncio.BaseProtocol):
             t.resume_reading()
             if self._body_deadline:  # the client gets its full idle time from now
                 self._body_deadline = max(self._body_deadline, monotonic() + self.handler.body_idle_timeout)
+
+    def idle_since(self) -> float:
+        """When this keep-alive connection became idle, for the connection cap's reclaim (limits.py);
+        -1.0 while it is not idle (an exchange, a head begun, a tunnel), closed, or holds no slot."""
+        if self.closed or self.ex is not None or self.reading is not HTTP or self._partial:
+            return -1.0
+        return self._last if self.holds_slot() else -1.0
+
+    def holds_slot(self) -> bool:
+        """A slot under the agent's connection cap (AppConn holds its own way)."""
+        return self.admission is not None
+
+    def give_up_slot(self) -> None:
+        """At the connection cap, a newcomer takes this idle connection's slot (limits.py): given back
+        now, and the connection closed (HTTP lets a server close an idle persistent connection)."""
+        self.idle_list = None
+        slot = self.admission
+        if slot is not None:
+            self.admission = None
+            slot.release()
+        self.close()
 
     def close(self) -> None:
         if not self.closed:

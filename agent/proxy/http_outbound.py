@@ -485,6 +485,7 @@ class AppConn(ServerConn):
         if cap is not None:
             if cap.take("outbound"):
                 self.slot = cap
+                self.idle_list = cap.idle
             else:
                 self.shed = True
         self.open_conns.add(self)
@@ -496,6 +497,16 @@ class AppConn(ServerConn):
             self.slot = None
             slot.give_back()
         super().connection_lost(exc)
+
+    def holds_slot(self) -> bool:
+        return self.slot is not None
+
+    def give_up_slot(self) -> None:
+        slot = self.slot
+        if slot is not None:
+            self.slot = None
+            slot.give_back()
+        super().give_up_slot()
 
 
 class HttpOutbound:

@@ -15,6 +15,16 @@ Decisions:
   the count of the others in one line when that interval ends (registry/ratelog.py).
   With ``workers = N`` each process holds ``max_connections / N`` (the kernel spreads accepts
   evenly over SO_REUSEPORT listeners).
+- **At the cap, an idle keep-alive HTTP connection gives its slot to a newcomer**, as nginx reuses
+  its idle keep-alive connections when it runs out: one idle at least :data:`RECLAIM_MIN_IDLE` is
+  closed (HTTP lets a server close an idle persistent connection at any time; its client opens a new
+  one for its next request) and the new connection takes its slot. Otherwise an app's pool, idle,
+  held the cap for ``http_conn.IDLE_TIMEOUT`` (90 s) while newcomers got 503 OM. The connections
+  holding a slot for their whole life list themselves in ``ConnectionCap.idle`` each time they
+  become idle (a dict store, no call), oldest first; a reclaim looks at :data:`RECLAIM_LOOK` of them at
+  most, so it costs nothing per request and a bounded amount per refusal. Counted
+  (``hostmesh_overload_reclaimed_total``) and logged at a bounded rate. L4 connections, mesh
+  connections and UDP flows are never taken (an L4 stream cannot tell idle from quiet).
 - **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
   an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
   (0: never).
@@ -33,7 +43,7 @@ import asyncio
 import fcntl
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
 from hostmesh.agent.l7 import flags
@@ -55,6 +65,14 @@ WAITS_FOR_PEER: Final = -2  # _queued: the pipe waits for the peer agent's credi
 # the reader and cuts a stalled one itself; this bounds a peer that hangs (a stopped process's kernel
 # still acknowledges, so its mesh connection never times out).
 PEER_WAIT_TIMEOUTS: Final = 4
+# An idle keep-alive connection gives its slot to a newcomer at the cap once idle this long: a client
+# reusing its connection for back-to-back requests does so well within it, so the close seldom crosses
+# a request already on its way (the keep-alive race every server that closes idle connections has).
+# UDP's quiet flow (udp.py) waits as long.
+RECLAIM_MIN_IDLE: Final = 2.0
+# Listed connections a reclaim looks at, at most, as nginx drains up to 32 reusable connections: busy
+# ones leave the list, ones idle again since are moved to its end.
+RECLAIM_LOOK: Final = 32
 
 
 class Admission:
@@ -70,6 +88,10 @@ class Admission:
         if cap is not None:
             cap.give_back()
 
+    def idle_list(self) -> dict[Any, float] | None:
+        """The cap's list of idle keep-alive connections (ConnectionCap.idle), while the slot is held."""
+        return self._cap.idle if self._cap is not None else None
+
 
 class ConnectionCap:
     """The agent process's downstream connection cap, shared by all its listeners."""
@@ -81,6 +103,15 @@ class ConnectionCap:
         self._counter = telemetry.overload_rejected if telemetry is not None else None
         self._refusal_log = RateLimitedLog(log, "connections refused at the connection cap", lines=1,
                                            interval=LOG_EVERY)  # fmt: skip
+        # HTTP connections holding a slot for their whole life, listed (-> when they became idle) each
+        # time they become idle, oldest first; they leave it when they close, or when a reclaim finds
+        # them busy (module docstring). Read and pruned only at the cap.
+        self.idle: dict[Any, float] = {}
+        self.reclaim_after = RECLAIM_MIN_IDLE
+        self.reclaimed = 0
+        self._reclaimed_counter = telemetry.overload_reclaimed if telemetry is not None else None
+        self._reclaim_log = RateLimitedLog(log, "idle keep-alive connections closed at the connection cap",
+                                           lines=1, interval=LOG_EVERY, level=logging.INFO)  # fmt: skip
 
     def admit(self, listener: str) -> Admission | None:
         """A slot for one more connection (an Admission gives it back), or None at the cap."""
@@ -90,10 +121,35 @@ class ConnectionCap:
         """One more connection's slot, or False (counted, logged at a bounded rate) at the cap. The
         taker gives it back with `give_back` once; `admit` wraps the pair in an Admission for owners
         that share the slot (http_outbound.AppConn, its only owner, calls both itself)."""
-        if self.open < self.limit:
+        if self.open < self.limit or (self.idle and self._reclaim(listener)):
             self.open += 1
             return True
         self.refuse(listener)
+        return False
+
+    def _reclaim(self, listener: str) -> bool:
+        """At the cap: close the listed connection idle longest, if idle `reclaim_after` at least, and
+        give back its slot (for the newcomer `take` admits). Looks at RECLAIM_LOOK of them at most."""
+        idle = self.idle
+        now = time.monotonic()
+        for _ in range(min(len(idle), RECLAIM_LOOK)):
+            conn = next(iter(idle))
+            del idle[conn]
+            since = conn.idle_since()  # -1: busy, closed, or holding no slot (listed again when idle)
+            if since < 0:
+                continue
+            if now - since < self.reclaim_after:  # not idle long enough (it may have served since listed)
+                idle[conn] = since  # (to the end)
+                continue
+            conn.give_up_slot()
+            self.reclaimed += 1
+            if self._reclaimed_counter is not None:
+                self._reclaimed_counter.labels(listener).inc()
+            self._reclaim_log(
+                "%s: at the connection cap (max_connections = %d): closed a keep-alive connection idle "
+                "%.1f s for a new one", listener, self.limit, now - since,
+            )  # fmt: skip
+            return True
         return False
 
     def give_back(self) -> None:
