@@ -18,6 +18,7 @@ import click
 
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.files import SERVICE_USER
 from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, PROTOCOL_META, is_hostmesh
 
 if TYPE_CHECKING:
@@ -734,7 +735,7 @@ def __getattr__(name: str) -> Any:
 
 # --- agent validate ----------------------------------------------------------------------------
 
-AGENT_USER = "hostmesh"  # User= of systemd/hostmesh-agent.service, made by the .deb and the Ansible role
+AGENT_USER = SERVICE_USER  # User= of systemd/hostmesh-agent.service
 
 
 def _user_exists(pwd: Any, name: str) -> bool:
@@ -762,8 +763,8 @@ def _user_exists(pwd: Any, name: str) -> bool:
     "--user",
     "agent_user",
     metavar="NAME",
-    help=f"Run as root: the user the agent runs as, who must be able to read those files (default: "
-    f"{AGENT_USER}, the unit's, when it exists; '' skips the check).",
+    help="Run as root: the user the agent runs as, who must be able to read those files and may own "
+    f"them (default: {AGENT_USER}, the unit's, when it exists; '' skips the check).",
 )
 def validate(config_path: Path, no_files: bool, agent_user: str | None) -> None:
     """Validate agent.toml without starting anything (for Ansible's `validate: hostmesh agent
@@ -784,7 +785,7 @@ def validate(config_path: Path, no_files: bool, agent_user: str | None) -> None:
     try:
         cfg = load_config(config_path, check_files=not no_files)
         if not no_files:  # what the agent would refuse at start
-            check_permissions(cfg, config_path)
+            check_permissions(cfg, config_path, agent_user)
             check_gateway_certificates(cfg, config_path)
             if agent_user and agent_user != "root" and os.geteuid() == 0:  # what it could not read
                 check_readable_as(cfg, agent_user)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import ipaddress
 import os
+import pwd
 import re
 import socket
 import stat
@@ -30,6 +31,7 @@ from hostmesh.registry.consul_settings import (
     resolve,
 )
 from hostmesh.registry.errors import InvalidSettings
+from hostmesh.registry.files import ForeignOwner, check_owner, find_user
 from hostmesh.registry.layout import (
     CONSUL_META_VALUE_MAX,
     GATEWAY_KIND_META,
@@ -1063,7 +1065,9 @@ def env_or(value: str | None, env: str) -> str | None:
     return value if value is not None else os.environ.get(env)
 
 
-def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None:
+def check_permissions(
+    cfg: AgentConfig, config_path: Path | None = None, agent_user: str | None = None
+) -> None:
     """Refuse to start on files others could change or read; ConfigError, one line with the fix.
 
     The data dir holds the service keys and the saved config: group/world-writable means anyone on
@@ -1072,10 +1076,14 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
     and agent.toml when it holds a token itself: not readable by every user of the host (their group
     is the agent's own). Files that do not exist yet are fine (the agent
     creates them 0600 itself). The cert dir, the trust bundle and the certificates decide whom the
-    mesh trusts: no group/world write. In a Nomad allocation the Consul token file is the task's
-    own, in its secrets dir (a `template` writes 0644 unless told otherwise): not checked there."""
+    mesh trusts: no group/world write, and no owner but root, this process's user, the service's
+    or `agent_user` (whom `agent validate --user` checks for; registry/files.check_owner). In a
+    Nomad allocation the Consul token file is the task's own, in its secrets dir (a `template`
+    writes 0644 unless told otherwise): not checked there."""
     from hostmesh.ca.files import roots_path
 
+    if agent_user:  # named before any file it may own is judged
+        _agent_user(agent_user)
     if cfg.nomad is None:
         try:
             cfg.consul_settings().check_secrets_private()
@@ -1097,14 +1105,23 @@ def check_permissions(cfg: AgentConfig, config_path: Path | None = None) -> None
     if cfg.ca.token_file is not None:
         token = cfg.ca.token_file
         _check_mode(token, 0o077, "readable", f"chmod 600 {token}", "[ca] token_file")
+    owned = [("data_dir", cfg.data_dir)]  # what another user must not own: they could swap a key
     for certs in dict.fromkeys((cert_dir(cfg.data_dir), cfg.certs_dir)):
         _check_mode(certs, 0o022, "writable", f"chmod 700 {certs}", "cert dir", directory=True)
+        owned.append(("cert dir", certs))
     roots = roots_path(cfg.certs_dir)
     _check_mode(roots, 0o022, "writable", f"chmod 600 {roots}", "the trust bundle")
+    owned.append(("the trust bundle", roots))
     for svc in cfg.services:
         chain, key = cert_paths(cfg.certs_dir, svc.name)
         _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
         _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
+        owned += [(f"the key of {svc.name}", key), (f"the certificate of {svc.name}", chain)]
+    for name, path in owned:
+        try:
+            check_owner(path, name, agent_user)
+        except ForeignOwner as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _private_keys_named(cfg: AgentConfig) -> list[tuple[str, Path]]:
@@ -1161,12 +1178,7 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
     each file, so the kernel decides (modes, ACLs, directories on the way), not a reading of mode
     bits. Root reads anything: a root-owned 0600 token file passed `validate` run as root, and the
     agent then failed at start, or at its first certificate request."""
-    import pwd
-
-    try:  # a name, or a uid as systemd's User= may give one
-        entry = pwd.getpwuid(int(user)) if user.isascii() and user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
-        raise ConfigError(f"no user {user!r} on this host to check the files as") from None
+    entry = _agent_user(user)
     files = files_the_agent_reads(cfg)
     for name, path in files:
         real = os.path.realpath(path)
@@ -1208,6 +1220,14 @@ def check_readable_as(cfg: AgentConfig, user: str) -> None:
     os.waitpid(pid, 0)
     if said_text != "ok":
         raise ConfigError(said_text or f"the check as {user} did not finish")
+
+
+def _agent_user(user: str) -> pwd.struct_passwd:
+    """The user `agent validate --user` names (a name, or a uid as systemd's User= may give one)."""
+    entry = find_user(user)
+    if entry is None:
+        raise ConfigError(f"no user {user!r} on this host to check the files as")
+    return entry
 
 
 def _unusable_as(user: str, files: list[tuple[str, Path]], dirs: list[tuple[str, Path]]) -> str:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.ca import pki
 from hostmesh.ca.errors import InvalidRequest, StorageError
-from hostmesh.registry.files import make_dirs
+from hostmesh.registry.files import ForeignOwner, check_owner, make_dirs
 
 META_FILE = "ca.json"
 SIGNED_DIR = "signed"
@@ -153,6 +153,12 @@ def load(data_dir: Path) -> Authority:
             f"{meta_path} is corrupt: trust_domain {trust_domain!r:.80} is not a valid trust domain "
             "(lowercase DNS labels, e.g. hostmesh.local)"
         )
+    for name, path in (
+        ("CA data dir", data_dir),
+        ("CA roots dir", data_dir / "roots"),
+        ("CA metadata", meta_path),
+    ):
+        _check_owner(path, name)
     roots = [_load_root(crt) for crt in _root_files(data_dir / "roots")]
     roots.sort(key=lambda r: (r.cert.not_valid_before_utc, r.id == active_id))  # ties: the signing root last
     by_id = {r.id: r for r in roots}
@@ -186,6 +192,8 @@ def _load_root(crt: Path) -> Root:
     """One root from its .crt and .key; every failure is a StorageError naming the file."""
     key_path = crt.with_suffix(".key")
     _check_private(key_path)
+    _check_owner(key_path, "root key")
+    _check_owner(crt, "root certificate")
     pem = pki.read_file(crt)
     try:
         certs = pki.load_certs(pem) if pem.strip() else []
@@ -444,9 +452,20 @@ def _make_dir(path: Path) -> None:
     """`path` 0700 (even when it was there), and the directories it needs 0755 (files.make_dirs)."""
     try:
         make_dirs(path)
+        _check_owner(path, "CA data dir")  # before a root key goes in
         os.chmod(path, 0o700)
     except OSError as exc:
         raise StorageError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _check_owner(path: Path, name: str) -> None:
+    """files.check_owner as a StorageError: another user could swap a root key, or what signs."""
+    try:
+        check_owner(path, name)
+    except ForeignOwner as exc:
+        raise StorageError(str(exc)) from None
+    except OSError as exc:
+        raise StorageError(f"cannot access {path}: {exc.strerror}") from None
 
 
 def _check_private(path: Path) -> None:

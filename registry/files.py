@@ -1,5 +1,5 @@
 """Private files on disk: written atomically with mode 0600 from the first byte, in directories no
-other user may write, whatever the umask.
+other user may write, whatever the umask; and read only when no user they are not kept for owns them.
 
 Here, not in ca/, so that what registry/ writes (the CLI's record of the versions read) is written
 the same way as keys and certificates: ca/ imports registry/, never the reverse. No `cryptography`.
@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 from pathlib import Path
+
+SERVICE_USER = "hostmesh"  # User= of both units (systemd/), made by the .deb and the Ansible role
+
+
+class ForeignOwner(Exception):
+    """A private file or directory owned by a user it is not kept for; str() is one line."""
 
 
 def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
@@ -53,3 +60,45 @@ def write_new(tmp: Path, data: bytes, owner: tuple[int, int] | None = None) -> N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_owner(path: Path, name: str, user: str | None = None) -> None:
+    """Refuse `path` (`name`: the setting or role naming it) when its owner is neither root, this
+    process's user, the mesh's service user (SERVICE_USER, where the host has it), nor `user` (whom
+    the agent runs as, for `agent validate --user` run as root): that owner could replace a key or a
+    certificate, or what the directory holds. Not an OpenSSH-like "root or me": root runs
+    `agent validate --user hostmesh` (the .deb, the Ansible role) and `sudo hostmesh ca rotate` on
+    what the service's user owns. ForeignOwner, one line; a path not there yet is fine (the caller
+    makes it its own), another OSError is the caller's."""
+    try:
+        uid = os.stat(path).st_uid
+    except FileNotFoundError:
+        return
+    accepted = {0: "root", os.geteuid(): _user_name(os.geteuid())}
+    for extra in (SERVICE_USER, user):
+        entry = find_user(extra) if extra else None  # a user the host lacks owns nothing here
+        if entry is not None:
+            accepted.setdefault(entry.pw_uid, entry.pw_name)
+    if uid in accepted:
+        return
+    fix = user or next((n for u, n in accepted.items() if u != 0), "root")  # whom the files are for
+    what, chown = ("what it holds", "chown -R") if path.is_dir() else ("it", "chown")
+    raise ForeignOwner(
+        f"{name} {path} is owned by {_user_name(uid)}, who could replace {what} (accepted owners: "
+        f"{', '.join(accepted.values())}); fix: {chown} {fix} {path}"
+    )
+
+
+def find_user(user: str) -> pwd.struct_passwd | None:
+    """`user` by name, or by uid as systemd's User= may give one; None when the host has none."""
+    try:
+        return pwd.getpwuid(int(user)) if user.isascii() and user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

@@ -201,6 +201,35 @@ def tmp_dir_others_can_enter(prefix: str) -> Iterator[Path]:
 
 
 NOBODY = 65534  # the uid and gid code runs as to meet a permission refusal (root is not refused)
+DPKG_LOCK = "/run/lock/hostmesh-dpkg.lock"  # held by the .deb's tests, which add and remove the user too
+
+
+@contextlib.contextmanager
+def the_service_user() -> Iterator[int]:
+    """The mesh's service user (registry/files.SERVICE_USER, whom the .deb makes) -> its uid; made
+    for the test when the host has none, and removed after. The .deb's tests make and remove it
+    too: their lock is held meanwhile. Root only (others skip)."""
+    import fcntl
+    import os
+    import pwd
+    import subprocess
+
+    import pytest
+
+    from hostmesh.registry.files import SERVICE_USER
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: makes the service user")
+    with open(DPKG_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the .deb's tests hold it for seconds: theirs are bounded
+        made = SERVICE_USER not in {entry.pw_name for entry in pwd.getpwall()}
+        if made:
+            subprocess.run(["useradd", "--system", "--no-create-home", SERVICE_USER], check=True, timeout=30)
+        try:
+            yield pwd.getpwnam(SERVICE_USER).pw_uid
+        finally:
+            if made:
+                subprocess.run(["userdel", SERVICE_USER], check=True, timeout=30)
 
 
 def run_as_nobody(work: Callable[[], Any]) -> Any:

@@ -15,7 +15,8 @@ import pytest
 
 from hostmesh.agent.config import ConfigError, check_permissions, check_readable_as, load_config
 from hostmesh.agent.localmesh import HOSTMESH, wait_for
-from tests.support import encrypted_copy, on_a_terminal
+from hostmesh.registry.files import SERVICE_USER
+from tests.support import encrypted_copy, on_a_terminal, the_service_user
 from tests.test_e2e_edges import OutsideCA
 
 PIN = "sha256:" + "0" * 64
@@ -357,13 +358,13 @@ def test_validate_as_root_refuses_a_file_the_agents_user_cannot_read(unit_dir: P
     open_dir = unit_dir
     config, data_dir, token = write_config(open_dir)
     nobody = pwd.getpwnam("nobody")
+    assert validate(config, "--user", "").returncode == 0  # '' skips the check
     os.chown(data_dir, nobody.pw_uid, -1)
     expected = (
         f"Error: [ca] token_file {token}: cannot read as nobody, whom the agent runs as (Permission denied); "
         f"fix: chown nobody {token} (and let nobody through the directories above it)"
     )
     assert one_line_error(validate(config, "--user", "nobody")) == expected
-    assert validate(config, "--user", "").returncode == 0  # '' skips the check
     os.chown(token, nobody.pw_uid, -1)
     assert validate(config, "--user", "nobody").returncode == 0
     consul_token = open_dir / "consul-token"
@@ -410,6 +411,70 @@ def test_validate_as_root_refuses_what_the_unit_hides_or_the_user_cannot_write(
     config.write_text(config.read_text().replace(str(in_tmp), str(dangling)))
     line = one_line_error(validate(config, "--user", "nobody"))
     assert "cannot read as nobody" in line and "No such file" in line and "chown" not in line, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of another user take root")
+def test_a_data_dir_cert_dir_or_key_another_user_owns_is_refused(tmp_path: Path) -> None:
+    """Owned by a user who is neither root, the agent's nor the service's: that user could swap a
+    service's key or certificate, or the trust bundle, and the agent started on them."""
+    config, data_dir, _ = write_config(tmp_path)
+    stranger = pwd.getpwnam("daemon")
+    os.chown(data_dir, stranger.pw_uid, -1)
+    line = one_line_error(run(config))
+    assert line.startswith(
+        f"Error: data_dir {data_dir} is owned by daemon, who could replace what it holds "
+        "(accepted owners: root"
+    ), line
+    assert "; fix: chown -R " in line and line.endswith(f" {data_dir}"), line
+    assert not (data_dir / "certs").exists()  # refused before anything was written
+    os.chown(data_dir, 0, -1)
+    certs = data_dir / "certs"
+    certs.mkdir(mode=0o700)
+    os.chown(certs, stranger.pw_uid, -1)
+    with pytest.raises(ConfigError, match=f"^cert dir {certs} is owned by daemon"):
+        check_permissions(load_config(config))
+    os.chown(certs, 0, -1)
+    key = certs / "web.key"
+    key.write_text("key")
+    key.chmod(0o600)
+    os.chown(key, stranger.pw_uid, -1)
+    with pytest.raises(ConfigError, match=f"^the key of web {key} is owned by daemon, who could replace it "):
+        check_permissions(load_config(config))
+    os.chown(key, 0, -1)
+    check_permissions(load_config(config))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")
+def test_validate_as_root_takes_the_files_of_the_user_it_checks_for(unit_dir: Path) -> None:
+    """The .deb (`validate --user <the unit's User=>`) and the Ansible role (`validate`: the service
+    user) run it as root on files that user owns, as `sudo hostmesh ca rotate` does on the CA's:
+    an owner check of "root or the process's user" would have refused every such host. Another
+    user's key is still refused, naming those accepted."""
+    config, data_dir, token = write_config(unit_dir)
+    certs = data_dir / "certs"
+    certs.mkdir(mode=0o700)
+    key = certs / "web.key"
+    key.write_text("key")
+    key.chmod(0o600)
+    with the_service_user() as service_uid:
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for path in (data_dir, certs, key, token):
+            os.chown(path, nobody, -1)
+        assert validate(config, "--user", "nobody").returncode == 0  # the .deb, User=nobody in a drop-in
+        assert one_line_error(validate(config, "--user", "")) == (  # nobody is no one it knows then
+            f"Error: data_dir {data_dir} is owned by nobody, who could replace what it holds "
+            f"(accepted owners: root, {SERVICE_USER}); fix: chown -R {SERVICE_USER} {data_dir}"
+        )
+        for path in (data_dir, certs, key, token):
+            os.chown(path, service_uid, -1)
+        role = subprocess.run([*HOSTMESH, "agent", "validate", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert role.returncode == 0, role.stderr  # the Ansible role's: checked as the service user
+        os.chown(key, pwd.getpwnam("daemon").pw_uid, -1)
+        assert one_line_error(validate(config, "--user", "nobody")) == (
+            f"Error: the key of web {key} is owned by daemon, who could replace it "
+            f"(accepted owners: root, {SERVICE_USER}, nobody); fix: chown nobody {key}"
+        )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user takes root")

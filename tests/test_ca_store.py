@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from hostmesh.ca import pki, store
 from hostmesh.ca.errors import InvalidRequest, StorageError
+from tests.support import the_service_user
 
 
 def test_init_creates_private_root_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -151,14 +153,14 @@ def test_a_rotation_run_as_root_leaves_the_new_root_to_the_cas_user(tmp_path: Pa
     there are ones the running CA cannot read (its reload failed and it kept the old bundle)."""
     d = tmp_path / "ca"
     first = store.init(d).active
-    user = 65534  # nobody: the CA's user here
-    for path in (d, *d.rglob("*")):
-        os.chown(path, user, user)
-    _, second = store.rotate(d)
-    made = [d / "roots" / f"{second.id}.key", d / "roots" / f"{second.id}.crt", d / store.META_FILE]
-    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(user, user)}
-    store.retire(d, first.id, force=True)
-    assert (d / "retired").stat().st_uid == user
+    with the_service_user() as user:  # the CA's, whose files root may work on
+        for path in (d, *d.rglob("*")):
+            os.chown(path, user, user)
+        _, second = store.rotate(d)
+        made = [d / "roots" / f"{second.id}.key", d / "roots" / f"{second.id}.crt", d / store.META_FILE]
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(user, user)}
+        store.retire(d, first.id, force=True)
+        assert (d / "retired").stat().st_uid == user
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="root only: what root does in the CA user's directory")
@@ -168,17 +170,51 @@ def test_root_follows_no_symlink_the_cas_user_put_in_its_data_dir(tmp_path: Path
     through a temporary name into another file."""
     d = tmp_path / "ca"
     first = store.init(d).active
-    user = 65534  # nobody: the CA's user here
-    for path in (d, *d.rglob("*")):
-        os.chown(path, user, user)
     victim_dir = tmp_path / "etc"  # root's, as /etc
     victim_dir.mkdir(mode=0o755)
     victim = victim_dir / "shadow"
     victim.write_text("root's\n")
-    (d / f".{store.META_FILE}.{os.getpid()}.tmp").symlink_to(victim)  # where root writes the meta next
-    (d / "retired").symlink_to(victim_dir)
-    store.rotate(d)
-    assert victim.read_text() == "root's\n" and victim.stat().st_uid == 0
-    with pytest.raises(StorageError, match="is not a directory"):
-        store.retire(d, first.id, force=True)
+    with the_service_user() as user:  # the CA's
+        for path in (d, *d.rglob("*")):
+            os.chown(path, user, user)
+        (d / f".{store.META_FILE}.{os.getpid()}.tmp").symlink_to(victim)  # where root writes the meta next
+        (d / "retired").symlink_to(victim_dir)
+        store.rotate(d)
+        assert victim.read_text() == "root's\n" and victim.stat().st_uid == 0
+        with pytest.raises(StorageError, match="is not a directory"):
+            store.retire(d, first.id, force=True)
     assert victim_dir.stat().st_uid == 0 and sorted(p.name for p in victim_dir.iterdir()) == ["shadow"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root only: files of another user")
+def test_a_ca_data_dir_or_root_key_another_user_owns_is_refused(tmp_path: Path) -> None:
+    """A data dir, or a root key, owned by a user who is neither root, the CA's process's user nor
+    the service's: that user could put a key of their own in its place, and the CA signed with it
+    (`ca serve`, a reload) or wrote a new root into their folder (`sudo hostmesh ca rotate`)."""
+    d = tmp_path / "ca"
+    first = store.init(d).active
+    stranger = pwd.getpwnam("daemon")
+    os.chown(d, stranger.pw_uid, -1)
+    with pytest.raises(StorageError) as refused:
+        store.load(d)
+    line = str(refused.value)
+    assert line.startswith(
+        f"CA data dir {d} is owned by daemon, who could replace what it holds (accepted owners: root"
+    )
+    assert "; fix: chown -R " in line and "\n" not in line, line
+    with pytest.raises(StorageError, match="owned by daemon"):
+        store.rotate(d)
+    assert len(list((d / "roots").iterdir())) == 2  # the first root, nothing written
+    os.chown(d, 0, -1)
+    key = d / "roots" / f"{first.id}.key"
+    os.chown(key, stranger.pw_uid, -1)
+    with pytest.raises(StorageError, match=f"^root key {key} is owned by daemon, who could replace it "):
+        store.load(d)
+    os.chown(key, 0, -1)
+    store.load(d)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    os.chown(fresh, stranger.pw_uid, -1)
+    with pytest.raises(StorageError, match="is owned by daemon"):
+        store.init(fresh)
+    assert list(fresh.iterdir()) == []  # no root key written into their folder
