@@ -490,11 +490,12 @@ async def _apply_together(
     for p, c in zip(planned, checked, strict=True):
         if c.changed:  # (the version it would be unless history holds later ones: a deleted document)
             _check_stored_size(p.where, c.data, c.have + 1)
+    refusals: list[str] = []  # what the same command without --dry-run would be refused for
     for c in checked:
         _show_diff(path, c)
         if c.changed and dry_run:
             if c.unseen and not force:
-                click.echo(
+                refusals.append(
                     f"{c.kind}/{c.service}: applying would need version: {c.have} in the file or --force"
                 )
             click.echo(f"{c.kind}/{c.service}: dry run, nothing written")
@@ -508,9 +509,9 @@ async def _apply_together(
             try:
                 await store.check_agents_read(docs)
             except OlderAgents as exc:
-                click.echo(f"{path}: applying would be refused: {exc}")
+                refusals.append(f"{path}: applying would be refused: {exc}")
         if too_many:
-            click.echo(
+            refusals.append(
                 f"{path}: applying would need more than {MAX_TXN_OPS} operations in one transaction "
                 f"({len(changed)} changed documents); split the file"
             )
@@ -520,7 +521,9 @@ async def _apply_together(
                 for c in changed
             )
             if size > MAX_TXN_BYTES:
-                click.echo(f"{path}: applying would {too_large(size)}; split the file")
+                refusals.append(f"{path}: applying would {too_large(size)}; split the file")
+        if refusals:  # exit 1, as the apply would: a CI job running the dry run fails before the merge
+            raise click.ClickException(_one_line("; ".join(refusals)))
         return live
     for c in changed:
         if c.unseen and not force:
@@ -652,7 +655,11 @@ def _add_document_verbs(group: click.Group, kind: str, name: str, noun: str, ver
 
     @click.command("apply")
     @click.option("-f", "--file", "path", required=True, help="YAML or JSON document ('-' for stdin).")
-    @click.option("--dry-run", is_flag=True, help="Validate and show the diff; write nothing.")
+    @click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Validate and show the diff; write nothing. Exit 1 when the write would be refused.",
+    )
     @click.option(
         "--force",
         is_flag=True,
@@ -783,7 +790,11 @@ external = _document_group("external", "external", "external service")
 @click.option(
     "-f", "--file", "path", required=True, help="YAML or JSON documents ('-' for stdin), each with kind:."
 )
-@click.option("--dry-run", is_flag=True, help="Validate and show the diffs; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate and show the diffs; write nothing. Exit 1 when the write would be refused.",
+)
 @click.option(
     "--force",
     is_flag=True,

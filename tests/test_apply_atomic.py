@@ -171,8 +171,8 @@ def test_more_changes_than_one_transaction_holds_are_refused_before_writing(
         f"transaction; split the file; nothing of {f} was written"
     )
     assert nothing_written(consul, *(doc_key("routes", n) for n in names))
-    dry = ok(run(consul, "route", "apply", "--dry-run", "-f", f))
-    assert f"{f}: applying would need more than {MAX_TXN_OPS} operations in one transaction" in dry
+    dry = run(consul, "route", "apply", "--dry-run", "-f", f)
+    assert fails(dry).startswith(f"Error: {f}: applying would need more than {MAX_TXN_OPS} operations")
 
     g = file_of(tmp_path, [route_doc(n) for n in names[:most]], "most.yaml")
     ok(run(consul, "route", "apply", "-f", g))
@@ -287,8 +287,8 @@ def test_changed_documents_past_one_transactions_bytes_are_refused_before_writin
         f"nothing of {f} was written"
     )
     assert nothing_written(consul, *(doc_key("routes", n) for n in names))
-    dry = ok(run(consul, "route", "apply", "--dry-run", "-f", f))
-    assert f"{f}: applying would take {kib} KiB in one transaction" in dry
+    dry = run(consul, "route", "apply", "--dry-run", "-f", f)
+    assert fails(dry).startswith(f"Error: {f}: applying would take {kib} KiB in one transaction")
 
     ok(run(consul, "route", "apply", "-f", file_of(tmp_path, docs[:2], "two.yaml")))
     # unchanged documents take no room: the file that was too large now applies

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -23,12 +24,12 @@ def operator(state: Path) -> CliRunner:
     return CliRunner(env={"HOSTMESH_STATE_DIR": str(state)})
 
 
-def route(tmp_path: Path, name: str, canary: int) -> str:
+def route(tmp_path: Path, name: str, canary: int, service: str = "shared-web") -> str:
     p = tmp_path / name
     p.write_text(
         yaml.safe_dump(
             {
-                "service": "shared-web",
+                "service": service,
                 "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
                 "routes": [
                     {"to": [{"subset": "v1", "weight": 100 - canary}, {"subset": "v2", "weight": canary}]}
@@ -81,6 +82,29 @@ def test_two_writers_without_version_never_overwrite_silently(consul: ConsulDev,
     # ...and from then on Alice's own re-applies need nothing.
     assert apply(alice, route(tmp_path, "a3.yaml", 30)).exit_code == 0
     assert live_canary(consul) == (4, 30)
+
+
+@pytest.mark.consul
+def test_a_dry_run_exits_1_where_the_apply_would_be_refused(consul: ConsulDev, tmp_path: Path) -> None:
+    """A CI job runs `apply --dry-run` before the merge: it exited 0 with "applying would need
+    version: 1" (or "would be refused", "split the file") in its output, and the apply after the
+    merge failed. It exits 1 now, with the reason as the apply's one-line error, after the diff;
+    for every apply command (they share one), and 0 where the apply would write."""
+    service = f"dry-web-{uuid.uuid4().hex[:8]}"  # new to this Consul: version 1 once alice applies it
+    alice, bob = operator(tmp_path / "alice"), operator(tmp_path / "bob")
+    a_file, b_file = route(tmp_path, "a.yaml", 10, service), route(tmp_path, "b.yaml", 50, service)
+    assert alice.invoke(cli, ["route", "apply", "-f", a_file, "--consul", consul.url]).exit_code == 0
+    any_kind = tmp_path / "any.yaml"
+    any_kind.write_text("kind: route\n" + Path(b_file).read_text())
+    for command in (["route", "apply", "-f", b_file], ["apply", "-f", str(any_kind)]):
+        r = bob.invoke(cli, [*command, "--dry-run", "--consul", consul.url])
+        assert r.exit_code == 1, r.output
+        assert "+    weight: 50" in r.stdout and f"routes/{service}: dry run, nothing written" in r.stdout
+        assert r.stderr == f"Error: routes/{service}: applying would need version: 1 in the file or --force\n"
+        forced = bob.invoke(cli, [*command, "--dry-run", "--force", "--consul", consul.url])
+        assert forced.exit_code == 0 and "dry run, nothing written" in forced.stdout, forced.output
+    live = json.loads(consul.kv_get(doc_key("routes", service)) or b"{}")
+    assert (live["version"], live["routes"][0]["to"][1]["weight"]) == (1, 10)
 
 
 @pytest.mark.consul

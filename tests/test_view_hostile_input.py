@@ -142,8 +142,8 @@ def test_the_version_guard_reads_past_a_catalog_name_consul_cannot_answer_for(
         registration = {"Node": f"old{ESC}", "Address": "127.0.0.1", "Service": old_agent}
         node.put_json("/v1/catalog/register", registration)
         dry = hm("--consul", node.url, "route", "apply", "-f", str(second), "--dry-run")  # (review K4)
-        assert dry.exit_code == 0 and "would be refused: routes/guardsvc2 uses protocol: tcp" in dry.stdout
-        assert "old?]0;PWNED??[2J/oldsvc (0.2 or older)" in dry.stdout and no_escapes(dry.output), dry.output
+        assert dry.exit_code == 1 and "would be refused: routes/guardsvc2 uses protocol: tcp" in dry.stderr
+        assert "old?]0;PWNED??[2J/oldsvc (0.2 or older)" in dry.stderr and no_escapes(dry.output), dry.output
         refused = hm("--consul", node.url, "route", "apply", "-f", str(second))
         assert refused.exit_code == 1 and no_escapes(refused.output), refused.output
     finally:
