@@ -12,14 +12,21 @@ import datetime as dt
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.files import SERVICE_USER
-from hostmesh.registry.layout import CA_SERVICE_NAME, COMMAND, KINDS, PROTOCOL_META, is_hostmesh
+from hostmesh.registry.layout import (
+    CA_SERVICE_NAME,
+    COMMAND,
+    DEFAULT_INTENTION_META,
+    KINDS,
+    PROTOCOL_META,
+    is_hostmesh,
+)
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -644,7 +651,14 @@ def normalize_path(path: str, method: str = "GET") -> str:
     return target if q < 0 else target[:q]
 
 
-async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None, str]:
+class _IntentionInputs(NamedTuple):
+    intentions: Intentions | None
+    protocol: str  # from the catalog; "" when it does not say one
+    deciders: str  # the service whose agents decide: DST's, or SRC's for an external DST
+    defaults: frozenset[str]  # the default_intention those agents register ("": one that does not)
+
+
+async def _intention_inputs(settings: Any, src: str, dst: str) -> _IntentionInputs:
     from hostmesh.registry.consul import ConsulClient
     from hostmesh.registry.schema import Intentions, decode_stored, parse_document
 
@@ -652,12 +666,18 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
         entry = await consul.kv_get(f"hostmesh/intentions/{dst}")
         external = await consul.kv_get(f"hostmesh/external/{dst}")
         _, instances = await consul.health_service(dst, passing=False)
-    protocols = {i.meta.get(PROTOCOL_META, "") for i in instances if is_hostmesh(i.meta)}
+        deciders = dst
+        if external is not None:  # decided per connection by the caller's agent, whatever its protocol
+            deciders = src
+            _, instances = await consul.health_service(src, passing=False)
+    agents = [i.meta for i in instances if is_hostmesh(i.meta)]
+    protocols = {meta.get(PROTOCOL_META, "") for meta in agents}
     protocol = next(iter(protocols)) if len(protocols) == 1 and protocols <= {"tcp", "http", "udp"} else ""
-    if external is not None:  # decided per connection by the caller's agent, whatever its protocol
+    if external is not None:
         protocol = "external"
+    defaults = frozenset(meta.get(DEFAULT_INTENTION_META, "") for meta in agents)
     if entry is None:
-        return None, protocol
+        return _IntentionInputs(None, protocol, deciders, defaults)
     try:
         doc = parse_document("intentions", decode_stored(entry.value))
     except InvalidDocument as exc:
@@ -665,7 +685,23 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
             f"intentions/{dst} is invalid ({exc}); agents keep their last valid version"
         ) from None
     assert isinstance(doc, Intentions)
-    return doc, protocol
+    return _IntentionInputs(doc, protocol, deciders, defaults)
+
+
+def _agents_default(inputs: _IntentionInputs, given: str | None) -> tuple[str, str]:
+    """(allow or deny, where it comes from) for a decision no document or rule makes: --default-intention,
+    else the default_intention the deciding agents register, else allow (the agents' own default)."""
+    if given is not None:
+        return given, "--default-intention"
+    known = inputs.defaults - {""}
+    if len(known) > 1:
+        raise click.ClickException(
+            f"no rule decides and {inputs.deciders}'s agents register different default_intention "
+            f"({', '.join(sorted(known))}): pass --default-intention to ask for one"
+        )
+    if known:
+        return next(iter(known)), f"the default_intention {inputs.deciders}'s agents register"
+    return "allow", f"assumed: no agent of {inputs.deciders} registers its default_intention"
 
 
 @click.command("check")
@@ -682,8 +718,9 @@ async def _intention_inputs(settings: Any, dst: str) -> tuple[Intentions | None,
     help="DST's protocol [default: from the catalog; an external service is decided per connection].",
 )
 @click.option(
-    "--default-intention", type=click.Choice(["allow", "deny"]), default="allow", show_default=True,
-    help="The destination agents' default_intention (agent.toml), used when no document or rule decides.",
+    "--default-intention", type=click.Choice(["allow", "deny"]), default=None,
+    help="The deciding agents' default_intention (agent.toml), used when no document or rule decides "
+    "[default: the one they register in Consul; allow when none does].",
 )  # fmt: skip
 @click.pass_context
 def intention_check(
@@ -693,19 +730,24 @@ def intention_check(
     path: str | None,
     method: str | None,
     protocol: str | None,
-    default_intention: str,
+    default_intention: str | None,
 ) -> None:
     """Would SRC be allowed to call DST? Answers with the rule that decides, as DST's agent does.
     Exit 0 allowed, 2 denied, 1 error (as `consul intention check`)."""
     import asyncio
 
     try:
-        intentions, found = asyncio.run(_intention_inputs(_settings(ctx), dst))
+        inputs = asyncio.run(_intention_inputs(_settings(ctx), src, dst))
     except RegistryError as exc:
         raise click.ClickException(_one_line(exc)) from None
-    proto = protocol or found or "http"
+    intentions = inputs.intentions
+    proto = protocol or inputs.protocol or "http"
     try:
-        allowed, reason, what = decide(intentions, proto, src, method, path, default_intention == "allow")
+        allowed, reason, what = decide(intentions, proto, src, method, path, True)
+        if decide(intentions, proto, src, method, path, False)[0] != allowed:  # the agents' default decides
+            chosen, whence = _agents_default(inputs, default_intention)
+            allowed, reason, what = decide(intentions, proto, src, method, path, chosen == "allow")
+            reason = f"{reason} ({whence})"
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     verdict = "Allowed" if allowed else "Denied"

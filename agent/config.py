@@ -34,6 +34,7 @@ from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.files import ForeignOwner, check_owner, find_user
 from hostmesh.registry.layout import (
     CONSUL_META_VALUE_MAX,
+    DEFAULT_INTENTION_META,
     GATEWAY_KIND_META,
     GATEWAY_KINDS,
     HOSTMESH_META,
@@ -435,7 +436,14 @@ def _parse_health(raw: Any, path: str) -> HealthConfig:
 CONSUL_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CONSUL_META_PAIRS_MAX = 64
 # what the agent registers itself (agent/run.py `_registration`)
-AGENT_META = (HOSTMESH_META, PROTOCOL_META, METRICS_META, UPSTREAMS_META, VERSION_META)
+AGENT_META = (
+    HOSTMESH_META,
+    PROTOCOL_META,
+    METRICS_META,
+    UPSTREAMS_META,
+    VERSION_META,
+    DEFAULT_INTENTION_META,
+)
 
 
 def _check_meta(meta: dict[str, str], path: str) -> None:

@@ -261,9 +261,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "table of strings",
         "{}",
         "Consul service meta (e.g. `version`, `zone`) used by subsets. Consul's rules are checked: keys "
-        "of `A-Z a-z 0-9 - _` (1-128, not `consul-…`), values up to 512 bytes, up to 59 pairs; "
-        "`hostmesh`, `protocol`, `metrics_addr`, `upstreams` and `hostmesh_version` (its release, "
-        "since 0.3) are the agent's own.",
+        "of `A-Z a-z 0-9 - _` (1-128, not `consul-…`), values up to 512 bytes, up to 58 pairs; "
+        "`hostmesh`, `protocol`, `metrics_addr`, `upstreams`, `hostmesh_version` (its release, "
+        "since 0.3) and `default_intention` (since 0.3) are the agent's own.",
     ),
     Key("services[].health", "table", "{ tcp = true }", "How the agent probes the app."),
     Key(

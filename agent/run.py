@@ -64,6 +64,7 @@ from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, 
 from hostmesh.registry.files import make_dirs
 from hostmesh.registry.http import HTTPServer, Request, Response
 from hostmesh.registry.layout import (
+    DEFAULT_INTENTION_META,
     HOSTMESH_META,
     HOSTMESH_META_VALUE,
     METRICS_META,
@@ -740,6 +741,7 @@ class Agent:
                 HOSTMESH_META: HOSTMESH_META_VALUE,
                 PROTOCOL_META: svc.protocol,
                 VERSION_META: _release(),  # what the CLI judges documents by (registry/features.py)
+                DEFAULT_INTENTION_META: self.config.default_intention,  # what `intention check` answers by
                 **self._metrics_meta(),
                 **upstreams_meta(u.service for u in svc.upstreams),
                 **svc.meta,

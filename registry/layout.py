@@ -46,6 +46,9 @@ def is_hostmesh(meta: Mapping[str, object]) -> bool:
 UPSTREAMS_META = "upstreams"  # comma-separated upstream services an agent registers with each service
 PROTOCOL_META = "protocol"  # what the service speaks (http, tcp or udp), as its agent registers it
 VERSION_META = "hostmesh_version"  # the release of the registering agent (from 0.3.0; none: 0.2 or older)
+# the registering agent's default_intention (agent.toml), which `intention check` answers by when no
+# rule decides (from 0.3.0; none: taken as allow, the agents' default)
+DEFAULT_INTENTION_META = "default_intention"
 METRICS_META = "metrics_addr"  # host:port (or a URL) of the registering process's /metrics
 METRICS_SCHEME_META = "metrics_scheme"  # and its scheme, when not http (the CA's is https)
 SUBSET_META = "version"  # the operator's meta naming the subset an instance belongs to

@@ -392,10 +392,11 @@ def _with_meta(meta: dict[str, str]) -> dict[str, object]:
         ({"k" * 129: "v"}, "a meta key is 1-128"),
         ({"zone": "v" * 513}, "services[0].meta.zone: a meta value is at most 512 bytes"),
         ({"zone": "é" * 257}, "services[0].meta.zone: a meta value is at most 512 bytes"),  # 514 bytes
-        ({f"k{i}": "v" for i in range(60)}, "services[0].meta: at most 59 pairs"),
+        ({f"k{i}": "v" for i in range(59)}, "services[0].meta: at most 58 pairs"),
         ({"upstreams": "x"}, "services[0].meta.upstreams: is set by the agent"),
         ({"hostmesh_version": "x"}, "services[0].meta.hostmesh_version: is set by the agent"),
         ({"metrics_addr": "x"}, "services[0].meta.metrics_addr: is set by the agent"),
+        ({"default_intention": "x"}, "services[0].meta.default_intention: is set by the agent"),
     ],
 )
 def test_service_meta_consul_would_refuse_is_one_line_at_validation(
@@ -409,7 +410,7 @@ def test_service_meta_consul_would_refuse_is_one_line_at_validation(
 
 
 def test_service_meta_within_consuls_rules_is_taken() -> None:
-    meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(56)}}
+    meta = {"version": "v2", "zone": "eu-1", "team_name": "x" * 512, **{f"k{i}": "v" for i in range(55)}}
     assert parse_config(_with_meta(meta)).services[0].meta == meta
 
 

@@ -561,3 +561,65 @@ def test_a_policy_for_an_external_service_is_refused_naming_the_field(
         f"policies/{later} has rate_limit, which applies to HTTP requests only"
     )
     assert consul.kv_get(doc_key("external", later)) is None
+
+
+def test_intention_check_answers_by_the_default_intention_the_deciding_agents_register(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """With no rule deciding, `intention check` answered "Allowed" (its --default-intention allow)
+    while the agents of the destination, set `default_intention = "deny"` as the example agent.toml
+    and getting-started recommend, refused the caller. It answers by what those agents register now
+    (the callers' agents for an external service); a flag still asks "what if"."""
+    import urllib.request
+
+    api, web, ext = svc("api"), svc("web"), svc("ext")
+
+    def agent(name: str, n: int, default: str | None) -> str:
+        meta = {"hostmesh": "1", "protocol": "tcp", **({"default_intention": default} if default else {})}
+        body = {"Name": name, "ID": f"{name}-{n}", "Address": f"127.64.0.{n}", "Port": 15001, "Meta": meta}
+        req = urllib.request.Request(
+            f"{consul.url}/v1/agent/service/register", data=json.dumps(body).encode(), method="PUT"
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+        return f"{name}-{n}"
+
+    def check(dst: str, *args: str) -> Result:
+        return run(consul, "intention", "check", web, dst, *args)
+
+    made = [agent(api, 1, None)]  # an agent of 0.2: registers none
+    try:
+        out = check(api)
+        assert out.exit_code == 0, out.output
+        assert out.stdout.startswith(
+            f"Allowed: {web} -> {api}, tcp connection: agent default allow "
+            f"(assumed: no agent of {api} registers its default_intention)"
+        )
+        made.append(agent(api, 2, "deny"))
+        out = check(api)
+        assert out.exit_code == 2, out.output
+        assert out.stdout.startswith(
+            f"Denied: {web} -> {api}, tcp connection: agent default deny "
+            f"(the default_intention {api}'s agents register)"
+        )
+        out = check(api, "--default-intention", "allow")
+        assert out.exit_code == 0 and "agent default allow (--default-intention)" in out.stdout, out.output
+        ok(run(consul, "intention", "allow", web, api))  # a rule decides: no default in it
+        assert ok(check(api)).startswith(f"Allowed: {web} -> {api}, tcp connection: rule 0 allow {web} (")
+        ok(run(consul, "intention", "delete", web, api))
+        made.append(agent(api, 3, "allow"))
+        assert fails(check(api)) == (
+            f"Error: no rule decides and {api}'s agents register different default_intention (allow, deny): "
+            "pass --default-intention to ask for one"
+        )
+        # an external service: the callers' agents decide
+        external = {"kind": "external", "service": ext, "addresses": ["api.example.com:443"]}
+        ok(run(consul, "apply", "-f", write(tmp_path, external, "e.yaml")))
+        made.append(agent(web, 4, "deny"))
+        out = check(ext)
+        assert out.exit_code == 2 and f"(the default_intention {web}'s agents register)" in out.stdout, (
+            out.output
+        )
+    finally:
+        for sid in made:
+            req = urllib.request.Request(f"{consul.url}/v1/agent/service/deregister/{sid}", method="PUT")
+            urllib.request.urlopen(req, timeout=5).read()

@@ -186,6 +186,9 @@ def test_intention_check_agrees_with_traffic(mesh: WebMesh) -> None:
         assert ("rule" in line or "default" in line) and line.startswith("Allowed" if allowed else "Denied")
     allowed, line = intention_check(mesh, "chapi", "--method", "GET", "--path", "/api/admin")
     assert "rule 1 deny chweb l7" in line
+    # what `intention check` answers by when no rule decides: each agent's default_intention
+    registered = mesh.consul.get_json("/v1/catalog/service/chapi")
+    assert [e["ServiceMeta"].get("default_intention") for e in registered] == ["allow"]
 
     allowed, line = intention_check(mesh, "chdb")
     assert not allowed and "tcp connection: rule 0 deny chweb" in line
