@@ -155,6 +155,10 @@ class Counter(_Metric):
 
     def collect(self) -> Family:
         fam = Family(self.name, self.documentation, self.typ)
+        if not self.labelnames and not self._children:
+            # exported at 0 from the start, as in prometheus-client: increase() takes a series' first
+            # sample as its start, so a series made at 1 by the first event never counted that event
+            self.labels()
         for key, child in self._children.items():
             fam.add_sample(self.name + "_total", self._labels_of(key), child.value)
         return fam

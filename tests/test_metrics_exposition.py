@@ -30,6 +30,7 @@ def build(lib: Any, registry: Any) -> None:
     for v in (0.0005, 0.001, 0.05, 0.5, 5, 50):
         h.labels("r1").observe(v)
     lib.Counter("demo_unused_total", "never incremented", ("a",), registry=registry)
+    lib.Counter("demo_restarts_total", "an unlabelled counter never incremented", registry=registry)
 
 
 def test_exposition_matches_prometheus_client_byte_for_byte() -> None:

@@ -259,6 +259,17 @@ def test_istio_series_carry_istio_labels_only_when_enabled() -> None:
     assert mine["value"] == "100.0"
 
 
+def test_a_fresh_agent_exports_its_unlabelled_counters_at_zero() -> None:
+    """So the first worker exit and the first spans exported count in increase(): a series made at 1
+    by its first event starts there, and HostmeshAgentProcessCrashing (more than 2 exits in 30 minutes)
+    took 3 exits for 2.02 (promtool, 15 s scrapes: it fired on extrapolation alone)."""
+    from hostmesh.agent.metrics import Telemetry, generate_latest
+
+    lines = generate_latest(Telemetry().registry).decode().splitlines()
+    assert "hostmesh_agent_process_exits_total 0.0" in lines
+    assert "hostmesh_tracing_spans_exported_total 0.0" in lines
+
+
 def _exchange(headers: list[tuple[bytes, bytes]], target: bytes = b"/x") -> Any:
     """What end_http and access_line read of an http_conn.Exchange (a failed one: it is always kept)."""
     head = SimpleNamespace(method=b"GET", target=target, headers=headers)
