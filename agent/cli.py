@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import click
@@ -138,18 +138,26 @@ def main() -> None:
 
     try:
         run_agent(config_path)
-    except AgentStartError as exc:  # shown exactly as click shows it on the other path
-        import click
-
-        error = click.ClickException(str(exc))
-        error.show()
-        sys.exit(error.exit_code)
+    except AgentStartError as exc:  # shown exactly as on the other path
+        start_failed(exc)
     except (EOFError, KeyboardInterrupt):  # click's Abort
         import click
 
         click.echo(file=sys.stderr)
         click.echo("Aborted!", file=sys.stderr)
         sys.exit(1)
+
+
+def start_failed(exc: Exception) -> NoReturn:
+    """Say why the agent cannot start and exit 1: under systemd as one of its log lines, at the error
+    priority (registry/logs.py journal_error); elsewhere as click shows every command's error."""
+    import click
+
+    from hostmesh.registry import logs
+
+    if not logs.journal_error(str(exc), "hostmesh.agent"):
+        click.ClickException(str(exc)).show()
+    sys.exit(1)
 
 
 def _echo_failed(exc: OSError) -> bool:
@@ -410,7 +418,7 @@ def click_agent() -> click.Group:
         try:
             run_agent(config_path)
         except AgentStartError as exc:
-            raise click.ClickException(str(exc)) from None
+            start_failed(exc)
 
     @agent.command("wait-ready")
     @click.option(

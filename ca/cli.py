@@ -67,6 +67,25 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def journal_errors(fn: F) -> F:
+    """A daemon's error under journald is one of its log lines, at the error priority
+    (registry/logs.py journal_error), so `journalctl -u hostmesh-ca -p err` says why it stopped;
+    elsewhere click's `Error: <one line>`, as every command's."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from hostmesh.registry import logs
+
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException as exc:
+            if not logs.journal_error(exc.format_message(), "hostmesh.ca"):
+                raise
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _first_line(exc: Exception) -> str:
     """An error's message as one line for the operator (its repr when it has none)."""
     text = str(exc).strip()
@@ -250,6 +269,7 @@ def retire_root(root_id: str, data_dir: Path, leaf_ttl: str, force: bool) -> Non
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)  # fmt: skip
 @click.pass_context
+@journal_errors
 @one_line_errors
 def serve(
     ctx: click.Context,

@@ -134,6 +134,21 @@ def setup(level: str = "info", fmt: str = "auto", static: dict[str, Any] | None 
     return chosen
 
 
+def journal_error(message: str, logger: str) -> bool:
+    """Under journald, log `message` as an error of `logger`, as the process's other lines are
+    written (set up first with the default format if it had not got that far), and say so: the one
+    line a daemon ends with, why it cannot start, is then one `journalctl -p err` shows, not click's
+    `Error: ...`, which journald stores at its default priority (info), unlike a JSON line.
+    Elsewhere (a terminal, a pipe) False: the caller shows it as every command's error."""
+    if not under_journald():
+        return False
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, (JsonFormatter, TextFormatter)) for h in root.handlers):
+        setup()
+    logging.getLogger(logger).error("%s", message)
+    return True
+
+
 def set_level(level: str) -> None:
     """Set the process's log level (`debug`, `info`, `warning`, `error`); ValueError otherwise."""
     if level not in LEVELS:

@@ -3,6 +3,7 @@ token or key others can read: exit 1 and one line that says what to run to fix i
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -56,6 +57,25 @@ def test_world_writable_data_dir_is_refused_with_the_fix(tmp_path: Path) -> None
     assert f"data_dir {data_dir} is writable by group and others (mode 0777)" in line
     assert f"fix: chmod 700 {data_dir}" in line
     assert not (data_dir / "certs").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("args", [["agent", "run"], ["-o", "table", "agent", "run"]], ids=["plain", "click"])
+def test_under_systemd_the_refusal_is_an_error_line_of_the_journal(tmp_path: Path, args: list[str]) -> None:
+    """journald files a line by its `<N>` prefix, else at info: click's `Error: ...` was missing from
+    `journalctl -u hostmesh-agent -p err`, the one line saying why the unit keeps restarting."""
+    config, data_dir, _ = write_config(tmp_path)
+    data_dir.chmod(0o777)
+    journal = tmp_path / "journal"
+    with journal.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        done = subprocess.run([*HOSTMESH, *args, "--config", str(config)], stderr=stream, env=env, timeout=60)
+    assert done.returncode == 1
+    (line,) = journal.read_text().splitlines()
+    assert line.startswith("<3>{"), line
+    obj = json.loads(line.removeprefix("<3>"))
+    assert obj["level"] == "error" and obj["logger"] == "hostmesh.agent"
+    assert f"data_dir {data_dir} is writable by group and others (mode 0777)" in obj["message"]
 
 
 def test_a_data_dir_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path) -> None:

@@ -352,3 +352,25 @@ def test_serve_on_all_interfaces_needs_advertise(tmp_path: Path) -> None:
     d = tmp_path / "ca"
     store.init(d)
     assert_one_line_error(run("ca", "serve", "--data-dir", str(d), "--listen", "0.0.0.0:0"), "--advertise")
+
+
+def test_under_systemd_serve_s_refusal_is_an_error_line_of_the_journal(tmp_path: Path) -> None:
+    """journald files a line by its `<N>` prefix, else at info: click's `Error: ...` was missing from
+    `journalctl -u hostmesh-ca -p err`, the one line saying why the unit keeps restarting."""
+    import os
+
+    missing = tmp_path / "ca"
+    journal = tmp_path / "journal"
+    with journal.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", "http://127.0.0.1:1"]
+        done = subprocess.run(
+            [*hm, "ca", "serve", "--data-dir", str(missing)], stderr=stream, env=env, timeout=60
+        )
+    assert done.returncode == 1
+    (line,) = journal.read_text().splitlines()
+    assert line.startswith("<3>{"), line
+    obj = json.loads(line.removeprefix("<3>"))
+    assert obj["level"] == "error" and obj["logger"] == "hostmesh.ca"
+    assert obj["message"].startswith(f"no CA in {missing}: run `hostmesh ca init"), obj
