@@ -321,6 +321,23 @@ def test_promtool_finds_the_metrics_of_both_agents_and_the_ca_clean(mesh: Mesh) 
     assert metric_text(ca, "hostmesh_ca_root_expiry_timestamp_seconds", active="true") > time.time()
 
 
+def test_the_service_dashboard_offers_every_service_of_the_agents_tcp_ones_too(mesh: Mesh) -> None:
+    """Its `$service` picker, run over the agents' real metrics: it listed the services answering
+    HTTP requests only, so a tcp service's dashboard (TCP bytes, certificate) could not be opened."""
+    board = json.loads((ROOT / "observability/grafana/service.json").read_text())
+    (picker,) = [v for v in board["templating"]["list"] if v["name"] == "service"]
+    found = re.fullmatch(r"label_values\((\w+), (\w+)\)", picker["definition"])
+    assert found and picker["query"]["query"] == picker["definition"], picker
+    series, label = found.groups()
+    Client(mesh.web.binds[SVC]).get("/picker")  # request series too, had the picker read those
+    offered = set()
+    for handle in (mesh.web, mesh.api):
+        for line in handle.metrics().splitlines():
+            if line.startswith(series + "{"):
+                offered |= set(re.findall(rf'\b{label}="([^"]*)"', line))
+    assert offered == {WEB, SVC}, offered  # obsweb: tcp
+
+
 def test_each_service_advertises_its_agents_metrics_address_in_consul(mesh: Mesh, consul: ConsulDev) -> None:
     for handle, svc in ((mesh.web, WEB), (mesh.api, SVC)):
         (entry,) = consul.get_json(f"/v1/catalog/service/{svc}")
