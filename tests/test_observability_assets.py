@@ -93,13 +93,16 @@ def test_alert_rules_name_only_exported_series() -> None:
     recorded = {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
     alerts = {r["alert"] for g in doc["groups"] for r in g["rules"] if "alert" in r}
     assert {"HostmeshCertificateNearExpiry", "HostmeshCertificateRenewalFailing", "HostmeshConsulSyncLost",
-            "HostmeshConfigRejected", "HostmeshErrorBudgetBurnFast",
-            "HostmeshLatencyBudgetBurnFast"} <= alerts  # fmt: skip
-    known = exported_series() | recorded
+            "HostmeshConfigRejected", "HostmeshErrorBudgetBurnFast", "HostmeshLatencyBudgetBurnFast",
+            "HostmeshAgentDown", "HostmeshCADown"} <= alerts  # fmt: skip
+    known = exported_series() | recorded | {"up"}  # (up: Prometheus's own, one per target)
+    jobs = {j["job_name"] for j in yaml.safe_load((OBS / "prometheus.yml").read_text())["scrape_configs"]}
     for group in doc["groups"]:
         for rule in group["rules"]:
             unknown = series_in(rule["expr"]) - known
             assert not unknown, f"{rule.get('record') or rule.get('alert')} names {sorted(unknown)}"
+            named = set(re.findall(r'\bjob="([^"]*)"', rule["expr"]))
+            assert named <= jobs, f"{rule.get('alert')} names jobs {sorted(named - jobs)} of no scrape config"
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
