@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any, TextIO
 
 FORMATS = ("auto", "json", "text")
@@ -131,7 +133,18 @@ def setup(level: str = "info", fmt: str = "auto", static: dict[str, Any] | None 
         root.removeHandler(old)
     root.addHandler(handler)
     set_level(level)
+    # an exception nothing caught (a bug) is one line too, not a traceback of a line per frame that
+    # journald files one by one at info and a JSON reader cannot parse
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
     return chosen
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException | None, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value or kind(), tb)
+        return
+    logging.getLogger("hostmesh").critical("uncaught %s: %s", kind.__name__, value, exc_info=value)
 
 
 def journal_error(message: str, logger: str) -> bool:

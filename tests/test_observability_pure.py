@@ -154,6 +154,26 @@ def test_journald_gets_priorities_when_stderr_is_its_stream(
     assert logs.resolve_format("auto", io.StringIO()) == "json"  # not a terminal
 
 
+def test_an_uncaught_exception_is_one_json_line_of_its_process() -> None:
+    """A bug's traceback (the main thread's, a thread's) was written as Python prints it, a line per
+    frame: lines a JSON reader cannot parse, each filed by journald on its own at info."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\nfrom hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
+        "t = threading.Thread(target=lambda: 1 / 0)\nt.start()\nt.join()\nraise RuntimeError('boom')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    thread, main = (json.loads(line) for line in done.stderr.splitlines())
+    assert thread["level"] == "critical"
+    assert thread["message"] == "uncaught ZeroDivisionError: division by zero"
+    assert thread["exception"].endswith("ZeroDivisionError: division by zero")
+    assert (main["level"], main["message"]) == ("critical", "uncaught RuntimeError: boom")
+    assert "Traceback (most recent call last)" in main["exception"]
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
