@@ -127,9 +127,7 @@ def main() -> None:
             _output_error(exc)
         return
     if sys.flags.optimize >= 2 and sys.pycache_prefix:  # the unit's PYTHONOPTIMIZE=2 (agent/bytecode.py)
-        from hostmesh.agent.bytecode import prepare
-
-        prepare()
+        prepare_bytecode()
     # No cyclic collections while the agent's modules load (they allocate only long-lived objects;
     # ~12 % of the start's CPU): Agent.start turns it back on, with one full collection, at READY.
     gc.disable()
@@ -158,6 +156,20 @@ def start_failed(exc: Exception) -> NoReturn:
     if not logs.journal_error(str(exc), "hostmesh.agent"):
         click.ClickException(str(exc)).show()
     sys.exit(1)
+
+
+def prepare_bytecode() -> None:
+    """agent/bytecode.py's `prepare` (a child compiles the cache), then that module let go again unless
+    something else had loaded it: the agent calls it once, at start, and the rest of the module (the
+    compile itself and root's checks, run by that child and the unit's ExecStartPre) held ~40 KiB in
+    the agent for its life. Imported here, not at the top, for the same reason."""
+    held = "hostmesh.agent.bytecode" in sys.modules
+    from hostmesh.agent import bytecode
+
+    bytecode.prepare()
+    if not held:
+        del sys.modules[bytecode.__name__]
+        delattr(sys.modules["hostmesh.agent"], "bytecode")  # the package attribute the import set
 
 
 def _echo_failed(exc: OSError) -> bool:
@@ -409,9 +421,7 @@ def click_agent() -> click.Group:
                 "the environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, …), not from "
                 f"{', '.join(given)}"
             )
-        from hostmesh.agent.bytecode import prepare
-
-        prepare()  # as main()'s plain `agent run` does (the unit's optimized bytecode)
+        prepare_bytecode()  # as main()'s plain `agent run` does (the unit's optimized bytecode)
         from hostmesh.agent.run import AgentStartError
         from hostmesh.agent.run import main as run_agent
 

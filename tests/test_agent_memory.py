@@ -58,6 +58,7 @@ NEVER_IN_AN_AGENT = (
     "http",  # the standard library's package, for HTTPStatus's phrases: written out in agent/l7/http1.py
     "encodings.idna",  # mesh SNI names are ASCII, handed to ssl as bytes (ca/tls.py MeshContext)
     "stringprep",
+    "hostmesh.agent.bytecode",  # its child compiled the cache at start, the module let go (agent/cli.py)
 )
 
 # Modules loaded only where their feature is configured; the mesh below has none of these features.
