@@ -219,6 +219,8 @@ class NomadDouble:
     ) -> dict[str, str]:
         """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
         `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
+        No NOMAD_ADDR: Nomad sets none in a task (client/taskenv/env.go has NOMAD_ADDR_<label> only),
+        so the Nomad API's address is the job's to give (the example jobs' `env`), as a test must.
         `identity_name`: the identity is a named one (`identity { name = ... }`): secrets/nomad_<name>.jwt
         or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token.
         `host_ip`: the client's address, which NOMAD_IP_<label> and NOMAD_ADDR_<label> name (a real
@@ -243,7 +245,6 @@ class NomadDouble:
             "NOMAD_NAMESPACE": alloc.namespace,
             "NOMAD_REGION": self.region,
             "NOMAD_DC": "dc1",
-            "NOMAD_ADDR": self.url,
         }
         for label, port in alloc.ports.items():
             env[f"NOMAD_PORT_{label}"] = str(port)

@@ -141,6 +141,7 @@ class NomadMesh:
         )
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
         env.update(
+            NOMAD_ADDR=self.nomad.url,  # the example jobs' env block (Nomad sets none in a task)
             NOMAD_META_hostmesh_ca_pin=self.m.pin,
             NOMAD_META_hostmesh_ca_address=f"https://127.0.0.1:{self.m.ca_port}",
         )

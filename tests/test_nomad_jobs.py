@@ -15,6 +15,7 @@ import pytest
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.nomad import with_allocation_defaults
 from hostmesh.ca.nomad import DEFAULT_AUDIENCE
+from hostmesh.registry.nomad import check_address
 from hostmesh.registry.schema import parse_nomad_mapping
 from tests.nomad_double import sample
 
@@ -95,6 +96,10 @@ def test_example_job_is_a_documented_json_job_wired_for_hostmesh(path: Path) -> 
     # it unless asked; without it the agent never saw its allocation stop)
     assert sidecar["Identity"]["File"] is True and sidecar["Identity"]["Name"] == "default"
     assert "Identities" not in app and "Identity" not in app  # the app holds no mesh credential
+    # Nomad sets no NOMAD_ADDR in a task: without the job's, the agent asks http://127.0.0.1:4646,
+    # which a client with TLS or a bind_addr of its own never answers, and no stop is ever seen
+    nomad_addr = sidecar["Env"]["NOMAD_ADDR"].replace("${attr.unique.network.ip-address}", "10.0.0.5")
+    assert check_address(nomad_addr) == "http://10.0.0.5:4646"
     # group meta and ports make a valid agent config through the agent's own parser
     ports = {p["Label"]: 20000 + i for i, p in enumerate(group["Networks"][0]["DynamicPorts"])}
     env = {f"NOMAD_META_{k}": v for k, v in group["Meta"].items()}
