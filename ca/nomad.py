@@ -47,7 +47,7 @@ from hostmesh.ca.errors import Unauthorized
 from hostmesh.ca.pki import one_line
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.documents import DocumentStore
-from hostmesh.registry.errors import InvalidDocument, Unavailable
+from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError, Unavailable
 from hostmesh.registry.nomad import AllocationState, NomadAPI, allocation_state
 from hostmesh.registry.schema import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, NomadMapping, parse_nomad_mapping
 
@@ -65,6 +65,11 @@ MAPPING_KEY = f"hostmesh/{NOMAD_MAPPING_KIND}/{NOMAD_MAPPING_NAME}"
 
 class NotAllowed(Unauthorized):
     """A valid workload identity asked for an identity the mapping does not give it: 403."""
+
+
+class NomadRefusesCA(RegistryError):
+    """Nomad refused the CA's own token (NOMAD_TOKEN) the allocation read (6.): the CA's
+    misconfiguration, neither the caller's nor Consul's: 500, as for Consul refusing the CA's token."""
 
 
 def looks_like_jwt(text: str) -> bool:
@@ -269,7 +274,10 @@ class NomadTrust:
 
     async def check_allocation(self, workload: Workload) -> None:
         assert self.api is not None
-        alloc = await self.api.allocation(workload.allocation)
+        try:
+            alloc = await self.api.allocation(workload.allocation)
+        except PermissionDenied as exc:  # the service would take it for Consul refusing the CA's token
+            raise NomadRefusesCA(f"the CA's Nomad token is refused: {exc}") from None
         if alloc is None:
             raise NotAllowed(f"Nomad does not know allocation {workload.allocation}")
         state = allocation_state(alloc)

@@ -1318,7 +1318,7 @@ class CAService:
             self._tokens_denied = True
             self._note_consul(ConsulState.DENIED, exc)
             reason = f"the CA's Consul token is refused: {reason}"
-        elif status >= 500:
+        elif status >= 500 and not isinstance(exc, nomad_trust.NomadRefusesCA):
             reason = f"temporarily unavailable: {reason}"
         self.metrics.refused.labels(via, refusal_reason(exc)).inc()
         self.audit_refusal(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
@@ -1416,8 +1416,8 @@ def _status_of(exc: Exception) -> int:
         return 408
     if isinstance(exc, (InvalidRequest, TrustError)):
         return 400
-    if isinstance(exc, PermissionDenied):  # the CA's misconfiguration: the caller may retry, not soon
-        return 500
+    if isinstance(exc, (PermissionDenied, nomad_trust.NomadRefusesCA)):  # the CA's misconfiguration:
+        return 500  # the caller may retry, not soon
     if isinstance(
         exc, (RegistryError, _Unavailable, StorageError, AuditError, RootExpired, SigningRootUntrusted)
     ):

@@ -196,6 +196,27 @@ async def test_jwt_of_a_stopped_or_unknown_allocation_is_refused(ca, nomad) -> N
     assert_refused(sink, status, body, 403, f"Nomad does not know allocation {alloc.id}")
 
 
+async def test_nomad_refusing_the_cas_own_token_is_named_as_nomad_not_consul(tmp_path, client, nomad) -> None:
+    """NOMAD_TOKEN without read-job: the CA's misconfiguration (500), said to be Nomad's refusal; it
+    was reported as Consul refusing the CA's token, in the reply, the audit line and /v1/health."""
+    sink = AuditSink()
+    cache = ca_nomad.JWKSCache(nomad.jwks_url)
+    settings = NomadSettings.resolve({}, address=nomad.url, token="0e6f3c1a-5a3e-4f43-9d8c-2b0e5d1c7a90")
+    svc = await start_ca(
+        new_ca_dir(tmp_path), client, sink, nomad=ca_nomad.NomadTrust(cache, api=NomadAPI(settings))
+    )
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        status, body = await sign(svc, nomad.identity(alloc, "web"), "web")
+        line = assert_refused(sink, status, body, 500, "the CA's Nomad token is refused: Nomad at ")
+        assert "Consul" not in body["error"] and "Consul" not in line["reason"], body
+        assert "read-job" in body["error"]
+        health = (await call(svc, "GET", "/v1/health")).json()
+        assert health["consul"]["state"] != "denied", health
+    finally:
+        await svc.close()
+
+
 async def test_unknown_kid_refreshes_the_jwks_once_and_known_kids_are_cached(tmp_path, client, nomad) -> None:
     sink = AuditSink()
     nomad_trust = trust(nomad)
