@@ -34,9 +34,10 @@ While it runs, the agent reads its allocation from Nomad every `[nomad] poll_int
 (python-nomad, in a thread: `watch_allocation`); once Nomad reports it terminal or no longer knows it
 (not while Nomad is still stopping it: its kill signal comes after the app's),
 the agent drains, deregisters its services and exits, as on SIGTERM. Read with the allocation's own
-workload identity (which needs a policy granting read-job attached to the job: the implicit one has
-none), Nomad answers a stopped or gone allocation with 403, refusing the identity itself; the watch
-tells that from a missing policy (`watch_allocation`). Anything else (Nomad unreachable, a token it
+workload identity (the identity file, or NOMAD_TOKEN with `identity { env = true }`; it needs a
+policy granting read-job attached to the job: the implicit one has none), Nomad answers a stopped
+or gone allocation with 403, refusing the identity itself; the watch tells that from a missing
+policy (`watch_allocation`). Anything else (Nomad unreachable, a token it
 refuses, an answer that is not Nomad's: another server at NOMAD_ADDR) is a warning and the agent
 keeps serving. A workload identity read from its file is read again after
 Nomad refuses it (`identity_source`): Nomad rewrites the file when it renews an identity with a TTL,
@@ -64,6 +65,7 @@ from hostmesh.registry.nomad import (
     NomadAPI,
     NomadSettings,
     clean_token,
+    looks_like_jwt,
     redact,
 )
 
@@ -297,9 +299,15 @@ def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
 
 def identity_source(cfg: Any, env: Mapping[str, str]) -> Callable[[], str | None] | None:
     """What reads the workload identity the agent reads its allocation with, as its file holds it now;
-    None when the token is not the identity file's ([nomad] token or NOMAD_TOKEN: the operator's, read
-    once). A file that cannot be read gives None: the token in use is kept (api_for said why at start)."""
-    if nomad_settings(cfg.nomad, env).token is not None or cfg.nomad.identity_file is None:
+    None when the token is an ACL token ([nomad] token or NOMAD_TOKEN: the operator's, read once). A
+    workload identity in NOMAD_TOKEN (`identity { env = true }`) is one too, fixed for the task's life.
+    A file that cannot be read gives None: the token in use is kept (api_for said why at start)."""
+    token = nomad_settings(cfg.nomad, env).token
+    if token is not None:
+        # Nomad refuses a workload identity once its allocation is terminal or gone: the watch must
+        # know it holds one, or it takes that 403 for a missing read-job policy and serves on
+        return (lambda: token) if looks_like_jwt(token) else None
+    if cfg.nomad.identity_file is None:
         return None
     path = cfg.nomad.identity_file
 
@@ -398,8 +406,9 @@ async def _why_refused(
     api: NomadAPI, exc: PermissionDenied, from_file: bool, accepted: bool
 ) -> tuple[str, bool]:
     """What Nomad's 403 on the allocation read means, as (the warning, whether Nomad refused the
-    workload identity itself: its allocation is terminal or unknown). `from_file`: the token is the
-    identity file's; `accepted`: Nomad answered a read with that file's identity in this watch."""
+    workload identity itself: its allocation is terminal or unknown). `from_file`: the token is a
+    workload identity (`identity_source`: the identity file's, or NOMAD_TOKEN's); `accepted`: Nomad
+    answered a read with that identity in this watch."""
     if not from_file:
         return str(exc), False
     if not accepted:

@@ -72,11 +72,6 @@ class NomadRefusesCA(RegistryError):
     misconfiguration, neither the caller's nor Consul's: 500, as for Consul refusing the CA's token."""
 
 
-def looks_like_jwt(text: str) -> bool:
-    """A compact JWS (three base64url parts, a JSON header) rather than a hostmesh join token."""
-    return text.count(".") == 2 and text.startswith("eyJ")
-
-
 @dataclass(frozen=True, slots=True)
 class Workload:
     namespace: str

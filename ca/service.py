@@ -119,6 +119,7 @@ from hostmesh.registry.layout import (
 )
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
+from hostmesh.registry.nomad import looks_like_jwt
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
 from hostmesh.registry.ratelog import RateLimitedLog, flush_all
 
@@ -1054,7 +1055,7 @@ class CAService:
             scheme, _, text = auth.partition(" ")
             if scheme.lower() != "bearer" or not text.strip():
                 raise Unauthorized("missing join token (Authorization: Bearer <token>)")
-            if nomad_trust.looks_like_jwt(text.strip()):
+            if looks_like_jwt(text.strip()):
                 return await self._sign_nomad(req, text.strip(), peer)
             consul = self.consul
             if consul is None:

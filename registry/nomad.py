@@ -188,6 +188,12 @@ def clean_token(raw: str, source: str = "NOMAD_TOKEN") -> str:
     return token
 
 
+def looks_like_jwt(text: str) -> bool:
+    """A compact JWS (three base64url parts, a JSON header): a Nomad workload identity, not a hostmesh
+    join token nor a Nomad ACL token (a UUID)."""
+    return text.count(".") == 2 and text.startswith("eyJ")
+
+
 def redact(text: str, secret: str | None) -> str:
     """`text` without `secret`: requests quotes a header value it refuses, and a server may echo one."""
     if not secret:

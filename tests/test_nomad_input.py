@@ -597,6 +597,33 @@ async def test_an_allocation_nomad_no_longer_runs_is_seen_through_its_refused_id
         assert reason.startswith(f"allocation {alloc.id} is stopped or gone in Nomad (Nomad refuses its")
 
 
+async def test_a_workload_identity_in_nomad_token_sees_its_allocation_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`identity { env = true }`: Nomad puts the identity in NOMAD_TOKEN, no file. The watch took it for
+    an operator's ACL token, so the 403s that follow its allocation's stop read "the token needs
+    namespace read-job" (a policy that is attached) and the sidecar served on. An ACL token is not
+    taken for an identity."""
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        nomad.attach_read_job("shop")
+        cfg = SimpleNamespace(nomad=NomadConfig(alloc.id, identity_file=tmp_path / "nomad_token"))  # none
+        env = {"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": nomad.identity(alloc, "hostmesh")}
+        assert identity_source(cfg, {**env, "NOMAD_TOKEN": nomad.management_token}) is None
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        api = NomadAPI(NomadSettings.resolve(env))
+        task = asyncio.create_task(
+            watch_allocation(api, alloc.id, POLL, gone.set_result, identity_source(cfg, env))
+        )
+        try:
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)
+            nomad.stop_allocation(alloc.id)
+            reason = await asyncio.wait_for(gone, WAIT)
+        finally:
+            task.cancel()
+        assert reason.startswith(f"allocation {alloc.id} is stopped or gone in Nomad (Nomad refuses its")
+
+
 async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identity_itself(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
