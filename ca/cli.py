@@ -320,11 +320,15 @@ def _nomad_trust(jwks: str | None, audience: str | None, check: bool | None) -> 
 
     settings = NomadSettings.resolve()
     try:
-        cache = nomad.JWKSCache(jwks, settings.ca_file)
+        # the files are read now: one that cannot be stops the start (it made every bootstrap a bare
+        # 500 "internal error", unaudited)
+        cache = nomad.JWKSCache(jwks, settings.ssl_context() if jwks.startswith("https://") else None)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if check is None:
         check = bool(os.environ.get("NOMAD_ADDR"))
+    if check:
+        settings.check_files()
     api = NomadAPI(settings) if check else None
     return nomad.NomadTrust(cache, audience=audience or nomad.DEFAULT_AUDIENCE, api=api)
 

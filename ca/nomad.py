@@ -91,11 +91,13 @@ class Workload:
 class JWKSCache:
     """Nomad's public keys by kid, fetched from `url` and refreshed on an unknown kid (bounded)."""
 
-    def __init__(self, url: str, ca_file: str | None = None) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: how to reach an https URL (NomadSettings.ssl_context: NOMAD_CACERT, the client pair);
+        the system store when None."""
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"JWKS URL {url!r} must start with http:// or https://")
         self.url = url
-        self.ca_file = ca_file
+        self._tls = (tls or ssl.create_default_context()) if url.startswith("https://") else None
         self._keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}  # kid -> (key, its published alg)
         self._fetched_at: float | None = None  # when the last fetch ended (loop time)
         self._read_at: float | None = None  # when the last fetch that read a key set ended
@@ -151,9 +153,8 @@ class JWKSCache:
     def _fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
         self.fetches += 1
         deadline = time.monotonic() + self.timeout
-        context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout, context=context) as resp:
+            with urllib.request.urlopen(self.url, timeout=self.timeout, context=self._tls) as resp:
                 chunks: list[bytes] = []
                 size = 0
                 while size <= MAX_JWKS_BYTES:  # urlopen's timeout is per read: a trickle is bounded here

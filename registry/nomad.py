@@ -28,7 +28,7 @@ import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hostmesh.registry.consul_settings import TOKEN_RULE, valid_token
 from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Unavailable, UnexpectedAnswer
@@ -60,6 +60,7 @@ ENV_NAMES = {
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\"()\[\]]+)")  # requests' wording of a socket error
 _SSL_TEXT = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"()]+)")
 _REDACTED = "<redacted>"
+_T = TypeVar("_T")
 
 
 class AllocationState(enum.Enum):
@@ -119,12 +120,20 @@ class NomadSettings:
         """The TLS files named can be loaded: InvalidSettings naming the file and the setting, so a bad
         path stops a start-up instead of failing every read. Checked over https only: requests uses
         them for https only, and an http address with a stray NOMAD_CACERT works."""
-        if not self.address.startswith("https://"):
-            return
-        context = ssl.create_default_context()
+        if self.address.startswith("https://"):
+            self.ssl_context()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context from these settings' files, as Nomad's tools use them: the
+        NOMAD_CACERT file alone as trust (the system store without one), the NOMAD_CLIENT_CERT/KEY pair
+        when given (a cluster with verify_https_client refuses a client without one). InvalidSettings
+        naming the file and the setting when one cannot be loaded."""
         if self.ca_file:
-            what = f"Nomad CA file {self.ca_file} ({self.source('ca_file')})"
-            _load_tls(what, lambda: context.load_verify_locations(cafile=self.ca_file))
+            ca_file = self.ca_file
+            what = f"Nomad CA file {ca_file} ({self.source('ca_file')})"
+            context = _load_tls(what, lambda: ssl.create_default_context(cafile=ca_file))
+        else:
+            context = ssl.create_default_context()
         if self.cert_file and self.key_file:
             from hostmesh.registry.tlsfiles import PairError, load_pair
 
@@ -134,11 +143,12 @@ class NomadSettings:
                 raise InvalidSettings(
                     f"Nomad client certificate ({self.source('cert_file')}): {exc}"
                 ) from None
+        return context
 
 
-def _load_tls(what: str, load: Callable[[], object]) -> None:
+def _load_tls(what: str, load: Callable[[], _T]) -> _T:
     try:
-        load()
+        return load()
     except ssl.SSLError:  # before OSError, which it subclasses
         raise InvalidSettings(f"{what}: not a usable PEM certificate/key") from None
     except OSError as exc:

@@ -429,3 +429,108 @@ def test_ca_serve_refuses_unusable_nomad_options_in_one_line(
     result = CliRunner().invoke(cli, ["ca", "serve", "--data-dir", str(tmp_path), *args])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: {message}"]
+
+
+def test_ca_serve_refuses_a_nomad_tls_file_it_cannot_read_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOMAD_CACERT the CA cannot read, with an https JWKS: it started, and every bootstrap was a bare
+    500 "internal error" with no audit line (a FileNotFoundError naming no file, at each JWKS fetch)."""
+    for var in ("NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_CLIENT_CERT", "NOMAD_CLIENT_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    missing = tmp_path / "nomad-ca.pem"
+    monkeypatch.setenv("NOMAD_CACERT", str(missing))
+    jwks = ["--nomad-jwks", "https://127.0.0.1:4646/.well-known/jwks.json"]
+    result = CliRunner().invoke(cli, ["ca", "serve", "--data-dir", str(tmp_path / "ca"), *jwks])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: Nomad CA file {missing} (NOMAD_CACERT): cannot read: No such file or directory"
+    ]
+
+
+def _tls_files(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject: str, key: Any, issuer: tuple[str, Any] | None, **ext: Any) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer[0])]) if issuer else name
+        b = x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name).public_key(key.public_key())
+        b = b.serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        b = b.not_valid_after(now + dt.timedelta(hours=1))
+        b = b.add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+        if "san" in ext:
+            b = b.add_extension(x509.SubjectAlternativeName(ext["san"]), critical=False)
+        return b.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    files: dict[str, Path] = {"ca": tmp_path / "ca.pem"}
+    files["ca"].write_bytes(cert("nomad-ca", ca_key, None).public_bytes(serialization.Encoding.PEM))
+    for who, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), ("client", [])):
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = cert(who, key, ("nomad-ca", ca_key), **({"san": san} if san else {}))
+        files[who] = tmp_path / f"{who}.pem"
+        files[who].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        files[f"{who}-key"] = tmp_path / f"{who}-key.pem"
+        files[f"{who}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return files
+
+
+async def test_a_jwks_behind_client_verifying_https_is_read_with_nomads_client_pair(
+    tmp_path: Path, nomad: NomadDouble
+) -> None:
+    """Nomad with `tls { http = true, verify_https_client = true }` serves its JWKS only to a client
+    with a certificate: the CA fetched it without NOMAD_CLIENT_CERT/KEY, so every bootstrap was 503."""
+    import json
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files = _tls_files(tmp_path)
+
+    class JWKS(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(nomad.jwks()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(files["server"], files["server-key"])
+    server_tls.load_verify_locations(files["ca"])
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # verify_https_client
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JWKS)
+    server.socket = server_tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    env = {"NOMAD_CACERT": str(files["ca"])}
+    try:
+        with_pair = NomadSettings.resolve(
+            {**env, "NOMAD_CLIENT_CERT": str(files["client"]), "NOMAD_CLIENT_KEY": str(files["client-key"])}
+        )
+        trusted = ca_nomad.NomadTrust(ca_nomad.JWKSCache(url, with_pair.ssl_context()))
+        assert (await trusted.authenticate(nomad.identity(alloc, "web"))).allocation == alloc.id
+        without = ca_nomad.NomadTrust(ca_nomad.JWKSCache(url, NomadSettings.resolve(env).ssl_context()))
+        with pytest.raises(ca_nomad.Unavailable, match="cannot fetch Nomad's JWKS"):
+            await without.authenticate(nomad.identity(alloc, "web"))
+    finally:
+        server.shutdown()
+        server.server_close()
