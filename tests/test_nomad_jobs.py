@@ -100,6 +100,11 @@ def test_example_job_is_a_documented_json_job_wired_for_hostmesh(path: Path) -> 
     # which a client with TLS or a bind_addr of its own never answers, and no stop is ever seen
     nomad_addr = sidecar["Env"]["NOMAD_ADDR"].replace("${attr.unique.network.ip-address}", "10.0.0.5")
     assert check_address(nomad_addr) == "http://10.0.0.5:4646"
+    # the client's Consul agent, which listens on loopback only unless told otherwise (client_addr's
+    # default): the host's network namespace is the task's (exec; docker network_mode host)
+    assert group["Networks"][0]["Mode"] == "host"
+    assert all(t["Config"].get("network_mode", "host") == "host" for t in tasks.values())
+    assert sidecar["Env"]["CONSUL_HTTP_ADDR"] == "http://127.0.0.1:8500"
     # group meta and ports make a valid agent config through the agent's own parser
     ports = {p["Label"]: 20000 + i for i, p in enumerate(group["Networks"][0]["DynamicPorts"])}
     env = {f"NOMAD_META_{k}": v for k, v in group["Meta"].items()}
