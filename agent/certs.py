@@ -82,6 +82,7 @@ from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.files import make_dirs
 from hostmesh.registry.layout import CA_SERVICE_NAME
+from hostmesh.registry.nomad import NAMED_IDENTITY_BLOCK
 from hostmesh.registry.watch import Watch, backoff_delay
 
 if TYPE_CHECKING:
@@ -482,7 +483,7 @@ class CertManager:
             service, why = next(iter(missing.items()))
             raise Unauthorized(
                 f"{why} for {service!r} and no workload identity in {self.token_file} or "
-                f"${self.token_env}: give the task `identity {{ file = true }}` (aud, ttl)"
+                f"${self.token_env}: give the task `{NAMED_IDENTITY_BLOCK}`"
             )
         if token is None:
             service, why = next(iter(missing.items()))

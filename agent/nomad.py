@@ -11,7 +11,8 @@ NOMAD_ADDR_<label>). agent.toml, when present, always wins:
 - ca.token_file, ca.token_env: the workload identity, no join token: the one named `hostmesh`
   (`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`:
   ${NOMAD_SECRETS_DIR}/nomad_hostmesh.jwt, or NOMAD_TOKEN_hostmesh with `env = true`) when the
-  task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN)
+  task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN), which
+  the CA refuses (Nomad gives it no `exp`), saying to add the named one
 - ca.pin, ca.address: meta `hostmesh_ca_pin`, `hostmesh_ca_address`
 - inbound, mesh_address: port `hostmesh_inbound` (NOMAD_ADDR_/NOMAD_IP_hostmesh_inbound), else an
   ephemeral port on 127.0.0.1: the services are registered there, where no other host reaches them

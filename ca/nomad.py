@@ -48,7 +48,7 @@ from hostmesh.ca.pki import one_line
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.documents import DocumentStore
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError, Unavailable
-from hostmesh.registry.nomad import AllocationState, NomadAPI, allocation_state
+from hostmesh.registry.nomad import NAMED_IDENTITY_BLOCK, AllocationState, NomadAPI, allocation_state
 from hostmesh.registry.schema import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, NomadMapping, parse_nomad_mapping
 
 DEFAULT_AUDIENCE = "hostmesh"
@@ -61,6 +61,11 @@ MAX_JWKS_BYTES = 256 * 1024  # a keyring publishes a handful of keys; refuse to 
 MAX_JWT_CHARS = 16 * 1024  # a workload identity is ~1 KiB; bound what we parse
 CLAIMS = ("nomad_namespace", "nomad_job_id", "nomad_allocation_id", "nomad_task")
 MAPPING_KEY = f"hostmesh/{NOMAD_MAPPING_KIND}/{NOMAD_MAPPING_NAME}"
+# what a JWT without `exp` or `aud` lacks: Nomad's default identity never has an `exp` (it takes no ttl)
+NAMED_IDENTITY_HINT = (
+    f"not a task identity for hostmesh (Nomad's default identity never expires); give the task "
+    f"`{NAMED_IDENTITY_BLOCK}`"
+)
 
 
 class NotAllowed(Unauthorized):
@@ -240,7 +245,7 @@ class NomadTrust:
         except jwt.InvalidSignatureError:
             raise Unauthorized(f"JWT signature does not verify with Nomad key {kid[:64]!r}") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise Unauthorized(f"JWT has no {exc.claim!r} claim (set the identity block's ttl/aud)") from None
+            raise Unauthorized(f"JWT has no {exc.claim!r} claim: {NAMED_IDENTITY_HINT}") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"JWT refused: {_one_line(str(exc))}") from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for `alg` (_key_fits should have said so)

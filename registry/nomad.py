@@ -43,6 +43,9 @@ STOPPING_DESIRED_STATUSES = frozenset({"stop", "evict"})  # DesiredStatus: the s
 # which it writes as the plain-text body; tests/nomad_double.py answers the same. Anything else that
 # answers 404 there (Consul, a proxy, a path prefix) is not Nomad telling us the allocation is gone.
 ALLOC_NOT_FOUND = "alloc not found"
+# the task identity the CA takes (README "Nomad allocations"); the default identity never can: Nomad
+# gives it no `exp` (it takes no ttl), and the CA requires one
+NAMED_IDENTITY_BLOCK = 'identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }'
 MAX_TOKEN_CHARS = 16 * 1024  # an ACL token is a 36-character UUID, a workload identity JWT ~1 KiB
 MAX_ALLOCATION_BYTES = 4 * 1024 * 1024  # an allocation with its job is tens of KiB; bound the buffer
 MAX_ERROR_BODY_BYTES = 4096  # of an error answer read to tell Nomad's from another server's

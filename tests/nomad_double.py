@@ -206,6 +206,12 @@ class NomadDouble:
             body, key or signing_key, algorithm="RS256", headers={"kid": kid or signing_kid, "typ": "JWT"}
         )
 
+    def default_identity(self, alloc: Allocation, task: str) -> str:
+        """The task's default identity (`identity { file = true }` with no name): audience
+        nomadproject.io and no `exp`, since Nomad takes no ttl for it (identity block docs: "You may
+        not set a TTL on the default identity")."""
+        return self.identity(alloc, task, aud="nomadproject.io", ttl=None)
+
     def task_environment(
         self,
         alloc: Allocation,
@@ -221,8 +227,9 @@ class NomadDouble:
         `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
         No NOMAD_ADDR: Nomad sets none in a task (client/taskenv/env.go has NOMAD_ADDR_<label> only),
         so the Nomad API's address is the job's to give (the example jobs' `env`), as a test must.
-        `identity_name`: the identity is a named one (`identity { name = ... }`): secrets/nomad_<name>.jwt
-        or NOMAD_TOKEN_<name>, next to the default identity (aud nomadproject.io) in nomad_token.
+        `identity_name`: the identity is a named one (`identity { name = ... }`, aud hostmesh, a ttl):
+        secrets/nomad_<name>.jwt or NOMAD_TOKEN_<name>, next to the default identity in nomad_token;
+        without one, the identity is the default one (`default_identity`: no `exp`), as Nomad gives it.
         `host_ip`: the client's address, which NOMAD_IP_<label> and NOMAD_ADDR_<label> name (a real
         client's is not 127.0.0.1: a test gives another loopback address to tell them apart)."""
         alloc_dir = root / alloc.id / "alloc"
@@ -230,7 +237,10 @@ class NomadDouble:
         secrets_dir = task_dir / "secrets"
         for d in (alloc_dir, task_dir / "local", secrets_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        jwt_text = token if token is not None else self.identity(alloc, task)
+        if token is not None:
+            jwt_text = token
+        else:
+            jwt_text = self.identity(alloc, task) if identity_name else self.default_identity(alloc, task)
         env = {
             "NOMAD_ALLOC_ID": alloc.id,
             "NOMAD_ALLOC_NAME": f"{alloc.job}.{alloc.group}[0]",
@@ -252,8 +262,7 @@ class NomadDouble:
             env[f"NOMAD_HOST_PORT_{label}"] = str(port)
             env[f"NOMAD_ADDR_{label}"] = f"{host_ip}:{port}"
         if identity_name is not None:
-            default = self.identity(alloc, task, aud="nomadproject.io")
-            (secrets_dir / "nomad_token").write_text(default)
+            (secrets_dir / "nomad_token").write_text(self.default_identity(alloc, task))
             (secrets_dir / "nomad_token").chmod(0o600)
         file_name = f"nomad_{identity_name}.jwt" if identity_name else "nomad_token"
         env_name = f"NOMAD_TOKEN_{identity_name}" if identity_name else "NOMAD_TOKEN"

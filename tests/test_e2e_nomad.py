@@ -130,7 +130,7 @@ class NomadMesh:
         meta: dict[str, str],
         ports: dict[str, int] | None = None,
         file: bool = True,
-        identity_name: str | None = None,
+        identity_name: str | None = "hostmesh",  # the example jobs': the default one cannot be the CA's
         host_ip: str = "127.0.0.1",
     ) -> tuple[Allocation, dict[str, str]]:
         labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
@@ -262,10 +262,11 @@ def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: Nom
             "shop", "web",
             {"hostmesh_service": "web", "hostmesh_port": "app", "hostmesh_upstreams": "db:db_up"},
             {"app": free_port(), "db_up": free_port()},
-            file=False,  # identity { env = true }: the workload identity in NOMAD_TOKEN, no file
+            file=False,  # identity "hostmesh" { env = true }: in NOMAD_TOKEN_hostmesh, no file
             host_ip="127.0.0.2",  # NOMAD_ADDR_* name the client's address; the admin API is on loopback
         )  # fmt: skip
-        assert "NOMAD_TOKEN" in env and not (Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token").exists()
+        assert "NOMAD_TOKEN_hostmesh" in env
+        assert not (Path(env["NOMAD_SECRETS_DIR"]) / "nomad_hostmesh.jwt").exists()
         gate_env = dict(m.env, **env)
         # Nomad starts the prestart gate and the sidecar together; the app only after the gate exits 0
         gate = subprocess.Popen([*HOSTMESH, "agent", "wait-ready", "--timeout", "60"], env=gate_env,
@@ -402,7 +403,7 @@ def test_a_refused_workload_identity_points_at_the_mapping_only_when_the_mapping
     another audience sent operators to the mapping)."""
     alloc, env = mesh.allocation(job, "web", {"hostmesh_service": "web", "hostmesh_port": "app"},
                                  {"app": free_port()})  # fmt: skip
-    identity = Path(env["NOMAD_SECRETS_DIR"]) / "nomad_token"
+    identity = Path(env["NOMAD_SECRETS_DIR"]) / "nomad_hostmesh.jwt"
     identity.write_text(mesh.nomad.identity(alloc, "hostmesh", aud=aud))
     agent = mesh.run(alloc, env, wait=False)
     assert agent.proc.popen.wait(timeout=60) == 1

@@ -162,7 +162,12 @@ def test_task_environment_is_what_nomad_documents(nomad: NomadDouble, tmp_path) 
     env = nomad.task_environment(alloc, "hostmesh", tmp_path)
     secrets = env["NOMAD_SECRETS_DIR"]
     token = Path(secrets, "nomad_token").read_text()
-    assert jwt.decode(token, options={"verify_signature": False})["nomad_task"] == "hostmesh"
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["nomad_task"] == "hostmesh"
+    # the default identity: Nomad gives it its own audience and no expiry (it takes no ttl), so no CA
+    # requiring `exp` takes it; a double that gave it aud hostmesh and an `exp` let the end-to-end
+    # tests bootstrap with it, which no real allocation can
+    assert claims["aud"] == "nomadproject.io" and "exp" not in claims
     assert (
         env["NOMAD_PORT_hostmesh_inbound"] == "24100"
         and env["NOMAD_ADDR_hostmesh_inbound"] == "127.0.0.1:24100"
