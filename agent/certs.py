@@ -476,15 +476,17 @@ class CertManager:
             )
         return text or None
 
+    def _no_identity(self) -> str:
+        """A Nomad allocation's missing workload identity, and the identity to give the task."""
+        where = f"{self.token_file} or ${self.token_env}"
+        return f"no workload identity in {where}: give the task `{NAMED_IDENTITY_BLOCK}`"
+
     async def _bootstrap(self, missing: dict[str, str]) -> None:
         """Token + pin for every service in `missing`; retries an unreachable CA up to bootstrap_timeout."""
         token = self._read_token()
         if token is None and self.token_env:
             service, why = next(iter(missing.items()))
-            raise Unauthorized(
-                f"{why} for {service!r} and no workload identity in {self.token_file} or "
-                f"${self.token_env}: give the task `{NAMED_IDENTITY_BLOCK}`"
-            )
+            raise Unauthorized(f"{why} for {service!r} and {self._no_identity()}")
         if token is None:
             service, why = next(iter(missing.items()))
             where = f"write one to {self.token_file}" if self.token_file else "set [ca] token_file"
@@ -516,15 +518,8 @@ class CertManager:
             except Unauthorized as exc:
                 service, why = next(iter(missing.items()))  # why it needed one: what to fix besides
                 if self.token_env:
-                    # the fix is the mapping only when the mapping refused it (not an expired JWT,
-                    # another audience, an unknown key: the reason says those)
-                    fix = (
-                        f": the CA's mapping (`hostmesh ca nomad get`) must give this task {service!r}"
-                        if "mapping" in str(exc)
-                        else ""
-                    )
                     raise Unauthorized(
-                        f"{why} for {service!r}, and the workload identity was refused ({exc}){fix}"
+                        f"{why} for {service!r}, and {_identity_refused(service, str(exc))}"
                     ) from None
                 raise Unauthorized(
                     f"{why} for {service!r}, and the join token in {self.token_file} was refused ({exc}): "
@@ -694,16 +689,26 @@ class CertManager:
         fix = f"`hostmesh ca token create --service {service}` > {self.token_file or '<[ca] token_file>'}"
         token = self._read_token()
         if token is None:
-            where = f"no join token in {self.token_file}" if self.token_file else "no [ca] token_file"
-            raise Unauthorized("; ".join([f"{service}: {what}", *tried, f"{where}: write one with {fix}"]))
+            if self.token_env:  # a Nomad allocation: its workload identity, never a join token
+                where = self._no_identity()
+            else:
+                where = f"no join token in {self.token_file}" if self.token_file else "no [ca] token_file"
+                where = f"{where}: write one with {fix}"
+            raise Unauthorized("; ".join([f"{service}: {what}", *tried, where]))
         try:
             await self._obtain_with_token(service, token)
         except Unauthorized as exc:
-            refused = f"join token in {self.token_file} refused ({_first_line(exc)})"
-            raise Unauthorized(
-                "; ".join([f"{service}: {what}", *tried, f"{refused}: write a new one with {fix}"])
-            ) from None
-        log.info("recovered the certificate for %s with the join token", service)
+            if self.token_env:
+                refused = _identity_refused(service, _first_line(exc))
+            else:
+                refused = f"join token in {self.token_file} refused ({_first_line(exc)})"
+                refused = f"{refused}: write a new one with {fix}"
+            raise Unauthorized("; ".join([f"{service}: {what}", *tried, refused])) from None
+        log.info(
+            "recovered the certificate for %s with the %s",
+            service,
+            "workload identity" if self.token_env else "join token",
+        )
 
     async def _renew_via_sibling(self, service: str) -> None:
         """Re-obtain expired `service` with a valid sibling certificate of this host (see the module doc)."""
@@ -825,6 +830,17 @@ def _untrusted(leaf: x509.Certificate) -> str:
 
 def _utc(t: dt.datetime) -> str:
     return f"{t:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _identity_refused(service: str, reason: str) -> str:
+    """The CA refused a Nomad allocation's workload identity: why, and the mapping as the fix only when
+    the mapping refused it (an expired JWT, another audience, an unknown key: the reason says those)."""
+    fix = (
+        f": the CA's mapping (`hostmesh ca nomad get`) must give this task {service!r}"
+        if "mapping" in reason
+        else ""
+    )
+    return f"the workload identity was refused ({reason}){fix}"
 
 
 def _first_line(exc: BaseException) -> str:

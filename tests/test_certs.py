@@ -400,6 +400,39 @@ async def test_a_bootstrap_the_ca_shed_waits_out_its_retry_after(
     assert mgr.infos()[0].state is CertState.VALID
 
 
+async def test_an_allocations_expired_cert_that_its_identity_cannot_recover_names_the_identity(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a Nomad allocation (a workload identity, no join token) an expired certificate the CA will not
+    recover was reported as a refused join token, to be replaced by `hostmesh ca token create`
+    written over the identity file Nomad owns."""
+    from tests.nomad_double import NomadDouble
+
+    await env.start_ca(leaf_ttl=dt.timedelta(seconds=3))  # trusts no Nomad: it refuses every identity
+    first = env.manager(["web"], await env.token_file("web"))  # the certificate, issued once
+    await first.start()
+    await first.close()
+    not_after = first.infos()[0].not_after
+    await async_wait_until(lambda: pki.now() > not_after, 10, "the stored cert to expire")
+    with NomadDouble() as nomad:
+        alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+        identity = env.tmp / "nomad_hostmesh.jwt"
+        identity.write_text(nomad.identity(alloc, "hostmesh"))
+    monkeypatch.delenv("NOMAD_TOKEN_hostmesh", raising=False)
+    mgr = env.manager(["web"], identity, token_env="NOMAD_TOKEN_hostmesh")
+    await mgr.start()
+    problem = mgr.problems()["web"]
+    assert "the workload identity was refused (this CA does not trust Nomad workload identities" in problem
+    assert "join token" not in problem and "hostmesh ca token create" not in problem, problem
+    identity.unlink()  # no identity at all: the identity to give the task
+    none = env.manager(["web"], identity, token_env="NOMAD_TOKEN_hostmesh")
+    await none.start()
+    assert none.problems()["web"].endswith(
+        f"no workload identity in {identity} or $NOMAD_TOKEN_hostmesh: give the task "
+        '`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`'
+    )
+
+
 async def test_expired_stored_cert_is_reported_and_a_fresh_token_is_used_without_restart(env: Env) -> None:
     svc = await env.start_ca(leaf_ttl=dt.timedelta(seconds=3))  # 3 s: see host_with_expired_web
     token_file = await env.token_file("web")
