@@ -264,9 +264,11 @@ class NomadAPI:
             timeout=REQUEST_TIMEOUT,
         )
 
-    async def allocation(self, alloc_id: str) -> dict[str, Any] | None:
-        """The allocation's document, or None when Nomad does not know it."""
-        return await asyncio.to_thread(self._allocation, alloc_id)
+    async def allocation(self, alloc_id: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The allocation's document, or None when Nomad does not know it. `namespace`: the one it is
+        in, when known, asked in instead of the settings' (Nomad checks the request's namespace against
+        the token's policy before the allocation's)."""
+        return await asyncio.to_thread(self._allocation, alloc_id, namespace)
 
     async def allocation_state(self, alloc_id: str) -> AllocationState:
         alloc = await self.allocation(alloc_id)
@@ -311,11 +313,12 @@ class NomadAPI:
     def _hint(self) -> str:
         return f"is {self.settings.source('address')} a Nomad API?"
 
-    def _allocation(self, alloc_id: str) -> dict[str, Any] | None:
+    def _allocation(self, alloc_id: str, namespace: str | None = None) -> dict[str, Any] | None:
         nex: Any = importlib.import_module("nomad.api.exceptions")
         path = urllib.parse.quote(alloc_id, safe="")  # python-nomad joins it into the path as is
+        params = {"namespace": namespace} if namespace else None  # python-nomad's own one otherwise
         try:
-            resp = self._allocations.request(path, method="get", stream=True)  # stream: read bounded
+            resp = self._allocations.request(path, method="get", params=params, stream=True)  # bounded read
         except nex.URLNotFoundNomadException as exc:
             answer = _error_body(exc.nomad_resp)
             if answer == ALLOC_NOT_FOUND:

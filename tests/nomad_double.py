@@ -8,9 +8,10 @@ Serves, on a loopback port, from a thread (so sync tests, async tests and subpro
                                      may always list
 
 Token-authenticated like Nomad with ACLs on: `X-Nomad-Token` must be a management token the double
-was given, or a workload identity it signed for that very allocation whose job has an ACL policy
-granting read-job attached (`attach_read_job`; a workload identity's implicit policy grants only
-Variables and service registrations, workload-identity docs); otherwise 403 "Permission denied"
+was given, an ACL token granting read-job in the request's namespace (`acl_token`), or a workload
+identity it signed for that very allocation whose job has an ACL policy granting read-job attached
+(`attach_read_job`; a workload identity's implicit policy grants only Variables and service
+registrations, workload-identity docs); otherwise 403 "Permission denied"
 (Nomad's body), and 404 "alloc not found" for an unknown allocation. As Nomad's servers do
 (nomad/auth.go VerifyClaim: "allocation does not exist", "allocation is terminal"; every RPC answers
 ErrPermissionDenied when that authentication fails), a workload identity of an allocation Nomad no
@@ -30,6 +31,7 @@ import json
 import secrets
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +69,7 @@ class NomadDouble:
         self.jwks_failing = False  # the JWKS endpoint answers 500 while set (not one of Nomad's samples)
         self.allocations: dict[str, Allocation] = {}
         self.read_job_jobs: set[tuple[str, str]] = set()  # (namespace, job) with a read-job policy attached
+        self.acl_tokens: dict[str, frozenset[str]] = {}  # ACL token -> the namespaces it may read-job in
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, X-Nomad-Token)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -129,6 +132,16 @@ class NomadDouble:
         allocations (workload-identity docs, "Workload Associated ACL Policies")."""
         with self._lock:
             self.read_job_jobs.add((namespace, job))
+
+    def acl_token(self, *namespaces: str) -> str:
+        """An ACL token whose policy grants `namespace "<ns>" { capabilities = ["read-job"] }` for each
+        of `namespaces`. Reading an allocation, Nomad checks the request's namespace (`?namespace=`,
+        "default" without one) before the allocation's (nomad/alloc_endpoint.go GetAlloc; its test:
+        "when namespace is properly set the error is permission denied")."""
+        token = str(uuid.uuid4())
+        with self._lock:
+            self.acl_tokens[token] = frozenset(namespaces)
+        return token
 
     def begin_stop(self, alloc_id: str) -> None:
         """`nomad alloc stop` as the servers record it at once: DesiredStatus stop, while the client
@@ -315,7 +328,8 @@ class NomadDouble:
     # --- HTTP --------------------------------------------------------------------------------
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        path = h.path.split("?", 1)[0]
+        path, _, query = h.path.partition("?")
+        namespace = urllib.parse.parse_qs(query).get("namespace", ["default"])[0]
         token = h.headers.get("X-Nomad-Token")
         with self._lock:
             self.requests.append(("GET", path, token))
@@ -330,7 +344,7 @@ class NomadDouble:
         prefix = "/v1/allocation/"
         if path.startswith(prefix):
             alloc_id = path[len(prefix) :]
-            if not self._authorized(token, alloc_id):
+            if not self._authorized(token, alloc_id, namespace):
                 return _reply_text(h, 403, "Permission denied")
             with self._lock:
                 alloc = self.allocations.get(alloc_id)
@@ -340,12 +354,18 @@ class NomadDouble:
             return _reply(h, 200, payload, index=payload["ModifyIndex"])
         return _reply_text(h, 404, "Invalid URL")
 
-    def _authorized(self, token: str | None, alloc_id: str | None) -> bool:
-        """May `token` read allocation `alloc_id` (None: list services)? See the module docstring."""
+    def _authorized(self, token: str | None, alloc_id: str | None, namespace: str = "default") -> bool:
+        """May `token` read allocation `alloc_id` (None: list services) asked in `namespace`? See the
+        module docstring and `acl_token`."""
         if token is None:
             return False
         if secrets.compare_digest(token, self.management_token):
             return True
+        with self._lock:
+            granted = self.acl_tokens.get(token)
+            target = self.allocations.get(alloc_id) if alloc_id is not None else None
+        if granted is not None:
+            return namespace in granted and (target is None or target.namespace in granted)
         for kid, key in self._keys:
             try:
                 claims = jwt.decode(

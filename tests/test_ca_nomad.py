@@ -223,6 +223,25 @@ async def test_nomad_refusing_the_cas_own_token_is_named_as_nomad_not_consul(tmp
         await svc.close()
 
 
+async def test_the_allocation_is_read_in_its_own_namespace(tmp_path, client, nomad) -> None:
+    """A CA token granting read-job in the workloads' namespace only: Nomad checks the request's
+    namespace first, and the CA asked in its own (NOMAD_NAMESPACE, "default" unset), so every
+    bootstrap of a workload outside "default" was refused (500, the CA's token)."""
+    sink = AuditSink()
+    settings = NomadSettings.resolve({}, address=nomad.url, token=nomad.acl_token("prod"))
+    trusted = ca_nomad.NomadTrust(ca_nomad.JWKSCache(nomad.jwks_url), api=NomadAPI(settings))
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=trusted)
+    try:
+        alloc = nomad.add_allocation("batch", "reports", ("worker",), namespace="prod")
+        status, body = await sign(svc, nomad.identity(alloc, "worker"), "reports")
+        assert status == 200, body
+        nomad.stop_allocation(alloc.id)  # and what it reads there is still checked
+        status, body = await sign(svc, nomad.identity(alloc, "worker"), "reports")
+        assert_refused(sink, status, body, 403, f"allocation {alloc.id} is complete (desired stop) in Nomad")
+    finally:
+        await svc.close()
+
+
 async def test_unknown_kid_refreshes_the_jwks_once_and_known_kids_are_cached(tmp_path, client, nomad) -> None:
     sink = AuditSink()
     nomad_trust = trust(nomad)

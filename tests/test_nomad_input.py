@@ -690,8 +690,8 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
         authorized = nomad._authorized
         hiccups = [False] * (2 * (GONE_CONFIRMATIONS - 1))  # the allocation read and /v1/services, each
 
-        def flaky(token: str | None, alloc_id: str | None) -> bool:
-            return hiccups.pop() if hiccups else authorized(token, alloc_id)
+        def flaky(token: str | None, alloc_id: str | None, namespace: str = "default") -> bool:
+            return hiccups.pop() if hiccups else authorized(token, alloc_id, namespace)
 
         gone: list[str] = []
         _, task = watched_by_its_identity(
