@@ -554,6 +554,14 @@ def _recorded_retired(held: object, trust_domain: str) -> set[str]:
     return {r for r in recorded[:MAX_RETIRED_RECORD] if isinstance(r, str) and _ROOT_ID.fullmatch(r)}
 
 
+def _without_record(bundle: object) -> object:
+    """A bundle document without its retired record: the trust it gives agents, which is all an
+    earlier release's CA writes."""
+    if not isinstance(bundle, dict):
+        return bundle
+    return {k: v for k, v in bundle.items() if k != "retired"}
+
+
 def _refuse_retired(authority: store.Authority, recorded: set[str], data_dir: Path) -> None:
     """Raise OlderDataDir when our data dir holds a root the fleet's bundle records as retired: a
     backup taken after `ca rotate` but before `retire-root` would otherwise put it back in every
@@ -639,6 +647,9 @@ class CAService:
         self._denial_logged = float("-inf")  # monotonic time of its last error line
         self._tokens_denied = False  # Consul refused a join token's record: probed each round until it may
         self._overwrites_in_a_row = 0  # rounds that found another writer's bundle in KV
+        # the bundle with our retired record went to Consul since this start or reload: a CA of an
+        # earlier release, which knows no record, drops it each round, and is left to (see _publish)
+        self._record_published = False
         self._dir_state = self._data_dir_state()
         self._reload_error: str | None = None  # why the last reload failed (said once), None: it did not
         self._maintenance: asyncio.Task[None] | None = None
@@ -730,6 +741,7 @@ class CAService:
             return False
         assert self._tls is not None
         self._tls.load_verify_locations(cadata="".join(new.bundle))  # a store only grows: see docstring
+        self._record_published = False
         try:
             await self._publish(new)  # agents learn the new root before any leaf signed by it exists
         except OlderDataDir as exc:  # the roots we serve are the fleet's: keep them, look again next round
@@ -935,10 +947,17 @@ class CAService:
                 _refuse_retired(authority, recorded, self.data_dir)
                 if held == self.authority.bundle_json():  # what we served until this reload
                     found = KVBundle.OURS_BEFORE
+                elif self._record_published and _without_record(held) == _without_record(want):
+                    # our roots, without the record: a CA of an earlier release (a rolling upgrade)
+                    # rewrites any other bundle every round, so rewriting it back would be a fight
+                    # waking every agent's watch; the last instance upgraded writes it at its start
+                    found = None
         self._overwrites_in_a_row = self._overwrites_in_a_row + 1 if found is KVBundle.OTHER else 0
         if found is None:
+            self._record_published = True
             return
         await self.consul.kv_put(ROOTS_KEY, json.dumps(want, sort_keys=True))
+        self._record_published = True
         log.info("trust bundle at %s %s: %d root(s), signing with %s", ROOTS_KEY, found.value,
                  len(authority.roots), authority.active.id)  # fmt: skip
         if self._overwrites_in_a_row == BUNDLE_FIGHT_ROUNDS:  # agents' trust flips each round: be loud

@@ -745,6 +745,42 @@ async def test_a_backup_taken_before_retire_root_does_not_bring_the_retired_root
     await client.kv_delete(ROOTS_KEY)
 
 
+async def test_a_ca_of_an_earlier_release_beside_it_is_not_fought_over_the_retired_record(
+    tmp_path, client
+) -> None:
+    """A rolling upgrade of CA instances sharing one data dir that holds a retired root: the earlier
+    release's CA rewrites any bundle other than its own (which has no "retired" record) every round,
+    and this one wrote the record back every round, so Consul's bundle changed every 5 s, each write
+    waking every agent's watch, and both logged another CA instance "with a different data dir".
+    (Probe with 0.2.0's `ca serve`: both logged "repaired (it was different)" every 5 s.) The record
+    goes out at a start or a reload; a bundle that differs from ours by it alone is then left."""
+    await client.kv_delete(ROOTS_KEY)
+    data_dir = new_ca_dir(tmp_path)
+    old = store.load(data_dir).active
+    store.rotate(data_dir)
+    store.retire(data_dir, old.id, force=True)
+    svc = await start_ca(data_dir, client, AuditSink(), register=False)
+    try:
+        ours = json.loads((await client.kv_get(ROOTS_KEY)).value)  # type: ignore[union-attr]
+        assert ours["retired"] == [old.id]
+        earlier = {k: v for k, v in ours.items() if k != "retired"}  # what 0.2.0's CA writes
+        await client.kv_put(ROOTS_KEY, json.dumps(earlier, sort_keys=True))
+        written = await client.kv_get(ROOTS_KEY)
+        for _ in range(3):  # maintenance rounds (BUNDLE_FIGHT_ROUNDS would be loud)
+            assert await svc._sync_consul() is ConsulState.IN_SYNC
+        kept = await client.kv_get(ROOTS_KEY)
+        assert kept is not None and written is not None and kept.modify_index == written.modify_index
+        assert json.loads(kept.value) == earlier
+    finally:
+        await svc.close()
+    svc = await start_ca(data_dir, client, AuditSink(), register=False)  # the last instance upgraded
+    try:
+        assert json.loads((await client.kv_get(ROOTS_KEY)).value)["retired"] == [old.id]  # type: ignore[union-attr]
+    finally:
+        await svc.close()
+    await client.kv_delete(ROOTS_KEY)
+
+
 async def test_a_ca_whose_signing_root_the_fleet_does_not_trust_issues_nothing(
     tmp_path, client, monkeypatch
 ) -> None:
