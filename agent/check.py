@@ -360,8 +360,20 @@ def _roots_behind(subject: str, address: str, trusted: object, bundle: set[str] 
     from hostmesh.agent.status import printable
     from hostmesh.registry.analysis import Finding
 
+    if bundle is not None and trusted is None and len(bundle) > 1:  # a rotation under way
+        return [
+            Finding(
+                "warning",
+                "agent-roots-unknown",
+                subject,
+                f"an agent of an earlier release: it does not say whether it trusts every root of the trust "
+                f"bundle at {ROOTS_KEY} ({', '.join(sorted(bundle))}), nor exports hostmesh_trusted_root",
+                f"on its host, its journal's last `trust bundle updated: N root(s)` should say "
+                f"{len(bundle)}; do not `ca rotate --activate` a root before every agent trusts it",
+            )
+        ]
     if bundle is None or not isinstance(trusted, list) or not trusted:
-        return []  # (an agent of an earlier release does not say; a restarted one has not read its roots yet)
+        return []  # (a restarted agent has not read its roots yet)
     missing = sorted(bundle - set(trusted))
     if not missing:
         return []

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(BUILD_TIM
 
 PREVIOUS = ("0.1.0", "0.2.0")  # every release the current agent still speaks with
 APPLY_BOUND = 5.0  # an intention change reaches an agent's watch well within this
+STAGE_BOUND = 20.0  # a staged root: the CA sees its data dir change within 5 s, publishes, agents watch
 
 
 class Mixed(NamedTuple):
@@ -170,6 +171,30 @@ def test_a_document_the_old_agent_cannot_read_is_refused_and_checked(mixed: Mixe
         assert "/mxold (0.2 or older)" in older[0]["message"] and "/mxnew (" not in older[0]["message"]
     finally:
         m.hostmesh("route", "delete", "mxnew", check=False)
+
+
+def test_check_says_an_old_agent_cannot_be_judged_on_a_staged_root(mixed: Mixed) -> None:
+    """After `ca rotate --stage` the README has every agent confirmed to trust the new root before
+    `--activate`: an agent of an earlier release exports no hostmesh_trusted_root and its /v1/certs
+    lists no trusted_roots, and `hostmesh check --agent` passed it in silence, as if confirmed. It
+    now says (a warning) that it cannot tell, and how to see it on that host; this tree's agent is
+    judged on its roots."""
+    m = mixed.m
+    data_dir = str(m.workdir / "ca")
+    staged = m.hostmesh("ca", "rotate", "--stage", "--data-dir", data_dir).stdout.strip().splitlines()[-1]
+    try:
+        wait_for(lambda: staged in (mixed.new.get("/v1/certs")[1].get("trusted_roots") or []), STAGE_BOUND,
+                 "the staged root in the new agent's trust")  # fmt: skip
+        found = m.hostmesh("check", "--no-ca", "-o", "json", "--agent", mixed.old.admin_url,
+                           "--agent", mixed.new.admin_url, check=False)  # fmt: skip
+        roots = [f for f in json.loads(found.stdout)["findings"] if f["code"].startswith("agent-roots")]
+        assert [(f["severity"], f["code"], f["subject"]) for f in roots] == [
+            ("warning", "agent-roots-unknown", f"agent {mixed.old.admin_url}")
+        ], found.stdout
+        assert staged in roots[0]["message"], roots
+        assert "trust bundle updated: N root(s)` should say 2" in roots[0]["fix"], roots
+    finally:  # never activated: retired at once, the module's other tests see one root again
+        m.hostmesh("ca", "retire-root", staged, "--data-dir", data_dir)
 
 
 def test_downgrade_to_0_2_on_the_same_data_dir(private_consul: ConsulDev, tmp_path: Path) -> None:
