@@ -138,11 +138,14 @@ def init(ctx: click.Context, data_dir: Path, trust_domain: str) -> None:
 @click.pass_context
 @one_line_errors
 def roots(ctx: click.Context, data_dir: Path) -> None:
-    """List the roots in the bundle and which one signs."""
+    """List the roots in the bundle and which one signs (staged: added by `rotate --stage`, not yet
+    activated)."""
     from hostmesh.ca import store
     from hostmesh.ca.service import describe
 
-    info = describe(store.load(data_dir))
+    authority = store.load(data_dir)
+    info = describe(authority)
+    info["staged"] = [r.id for r in authority.roots if store.staged(data_dir, authority, r)]
     if _root_obj(ctx).get("output") == "yaml":
         import yaml
 
@@ -152,7 +155,7 @@ def roots(ctx: click.Context, data_dir: Path) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     for r in info["roots"]:
-        mark = "active" if r["id"] == info["active"] else "      "
+        mark = "active" if r["id"] == info["active"] else "staged" if r["id"] in info["staged"] else "      "
         click.echo(f"{r['id']}  {mark}  {r['pin']}  until {r['not_after'][:10]}")
 
 

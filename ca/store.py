@@ -296,11 +296,10 @@ def retire(
     root = find(current, root_ref)
     if root.id == current.active.id:
         raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
+    if staged(data_dir, current, root):  # no leaf to wait for
+        return _retire(data_dir, root)
     made = root.cert.not_valid_before_utc
     stamped = signed_until(data_dir, root.id)
-    if stamped is None and made > current.active.cert.not_valid_before_utc:
-        # staged and never activated (`activate` stamps the root it takes over from): no leaf to wait for
-        return _retire(data_dir, root)
     later = [r.cert.not_valid_before_utc for r in current.roots if r.cert.not_valid_before_utc > made]
     # when the next root was made (its not-before is backdated by CLOCK_SKEW): this one signed until then
     superseded = (min(later) if later else current.active.cert.not_valid_before_utc) + pki.CLOCK_SKEW
@@ -318,6 +317,13 @@ def retire(
             "renewed, or now with --force (agents still holding its leaves lose their peers until they renew)"
         )
     return _retire(data_dir, root)
+
+
+def staged(data_dir: Path, authority: Authority, root: Root) -> bool:
+    """`root` is one `rotate --stage` added that never signed: newer than the signing root and
+    without a signing stamp (`activate` stamps the root it takes over from)."""
+    newer = root.cert.not_valid_before_utc > authority.active.cert.not_valid_before_utc
+    return newer and signed_until(data_dir, root.id) is None
 
 
 def _retire(data_dir: Path, root: Root) -> tuple[Authority, Root]:

@@ -5,6 +5,7 @@ line on stderr, exit status 1, no traceback."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 import signal
@@ -18,8 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hostmesh.agent.cli import cli
+from hostmesh.ca import pki, store, tokens
 from hostmesh.ca import service as ca_service
-from hostmesh.ca import store, tokens
 from tests.support import ConsulDev, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,22 +66,31 @@ def test_rotate_roots_and_retire(tmp_path: Path) -> None:
     assert [r.id for r in store.load(Path(d)).roots] == [second]
 
 
-def test_rotate_in_two_steps_stage_then_activate(tmp_path: Path) -> None:
+def test_rotate_in_two_steps_stage_then_activate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--stage` prints the new root's id (what `--activate` takes) and leaves the signing root be;
     `--activate` prints the pin new hosts need; a mistake in either is one line."""
     d = str(tmp_path / "ca")
+    an_hour_ago = pki.now() - dt.timedelta(hours=1)
+    monkeypatch.setattr(pki, "now", lambda: an_hour_ago)  # (roots made in one second list in either order)
     assert run("ca", "init", "--data-dir", d).exit_code == 0
+    monkeypatch.undo()
     first = store.load(Path(d)).active.id
     staged = run("ca", "rotate", "--stage", "--data-dir", d)
     assert staged.exit_code == 0, staged.stderr
     new = staged.stdout.strip()
     assert f"--activate {new}" in staged.stderr and store.load(Path(d)).active.id == first
+    # `ca roots` tells the staged root from an old one awaiting retire-root (both were unmarked)
+    listed = run("ca", "roots", "--data-dir", d).stdout
+    assert re.search(rf"^{first}  active  .*\n{new}  staged  ", listed, re.M), listed
+    assert json.loads(run("--output", "json", "ca", "roots", "--data-dir", d).stdout)["staged"] == [new]
     assert_one_line_error(run("ca", "rotate", "--stage", "--activate", new, "--data-dir", d), "one of them")
     for ref, fragment in (("deadbeefdead", "no root matches"), (first, "already the signing root")):
         assert_one_line_error(run("ca", "rotate", "--activate", ref, "--data-dir", d), fragment)
     done = run("ca", "rotate", "--activate", new, "--data-dir", d)
     assert done.exit_code == 0, done.stderr
     assert done.stdout.strip() == store.load(Path(d)).active.pin and store.load(Path(d)).active.id == new
+    listed = run("ca", "roots", "--data-dir", d).stdout
+    assert re.search(rf"^{first}          sha256:.*\n{new}  active  ", listed, re.M), listed
 
 
 def test_commands_without_a_ca_fail_cleanly(tmp_path: Path) -> None:
