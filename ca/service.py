@@ -562,18 +562,28 @@ def _without_record(bundle: object) -> object:
     return {k: v for k, v in bundle.items() if k != "retired"}
 
 
-def _refuse_retired(authority: store.Authority, recorded: set[str], data_dir: Path) -> None:
-    """Raise OlderDataDir when our data dir holds a root the fleet's bundle records as retired: a
-    backup taken after `ca rotate` but before `retire-root` would otherwise put it back in every
-    agent's trust."""
+def _refuse_retired(authority: store.Authority, recorded: set[str], held: object, data_dir: Path) -> None:
+    """Raise OlderDataDir when our data dir holds a root the fleet's bundle `held` records as retired:
+    a backup taken after `ca rotate` but before `retire-root` would otherwise put it back in every
+    agent's trust. The line says what brings this instance back: retire-root refuses a signing root."""
     back = sorted(r.id for r in authority.roots if r.id in recorded)
     if not back:
         return
+    fleets = held.get("active") if isinstance(held, dict) else None
+    if authority.active.id not in back:
+        fix = f"retire it again (`hostmesh ca retire-root {back[0]} --force`)"
+    elif any(r.id == fleets for r in authority.roots):  # left out of a `rotate --activate`
+        fix = (
+            f"this CA signs with it: sign with the fleet's root, then retire it again (`hostmesh ca rotate "
+            f"--activate {fleets}`, then `hostmesh ca retire-root {authority.active.id} --force`)"
+        )
+    else:
+        fix = f"this CA signs with it: copy here the data dir of an instance signing with {fleets}"
     raise OlderDataDir(
         f"{ROOTS_KEY} in Consul records root {', '.join(back)} as retired, but {data_dir / 'roots'} holds "
-        "it: restored from a backup taken before `hostmesh ca retire-root`? Not published (agents would "
-        f"trust a retired root again): retire it again (`hostmesh ca retire-root {back[0]} --force`), or, "
-        f"to trust it again on purpose, delete {ROOTS_KEY} in Consul",
+        "it: restored from a backup taken before `hostmesh ca retire-root`, or an instance left out of it? "
+        f"Not published (agents would trust a retired root again): {fix}, or, to trust it again on "
+        f"purpose, delete {ROOTS_KEY} in Consul",
         signing_root_held=authority.active.id not in recorded,
     )
 
@@ -944,7 +954,7 @@ class CAService:
                 found = None if held == want else KVBundle.OTHER
             if found is KVBundle.OTHER:
                 _refuse_older(authority, held, self.data_dir)
-                _refuse_retired(authority, recorded, self.data_dir)
+                _refuse_retired(authority, recorded, held, self.data_dir)
                 if held == self.authority.bundle_json():  # what we served until this reload
                     found = KVBundle.OURS_BEFORE
                 elif self._record_published and _without_record(held) == _without_record(want):

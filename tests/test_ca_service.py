@@ -745,6 +745,40 @@ async def test_a_backup_taken_before_retire_root_does_not_bring_the_retired_root
     await client.kv_delete(ROOTS_KEY)
 
 
+async def test_an_instance_left_out_of_activate_and_retire_is_told_a_fix_that_works(tmp_path, client) -> None:
+    """An instance given the data dir after `ca rotate --stage` but not after `--activate` still signs
+    with the old root; once that root is retired elsewhere it stands down, rightly, but its line said
+    to run `retire-root <old> --force` there, which refuses the signing root. It now says to sign
+    with the fleet's root first, and doing what it says brings the instance back."""
+    await client.kv_delete(ROOTS_KEY)
+    data_dir = new_ca_dir(tmp_path)
+    old = store.load(data_dir).active
+    _, new = store.rotate(data_dir, sign=False)
+    left = tmp_path / "left"
+    shutil.copytree(data_dir, left)  # after --stage, not after --activate
+    store.activate(data_dir, new.id)
+    store.retire(data_dir, old.id, force=True)
+    svc = await start_ca(data_dir, client, AuditSink(), register=False)
+    try:
+        with pytest.raises(OlderDataDir) as refused:
+            await start_ca(left, client, AuditSink(), register=False)
+        # what the line says to run there, in order (not the command it names as the likely past)
+        advice = [c for c in re.findall(r"`(hostmesh ca [^`]+)`", str(refused.value)) if " --" in c]
+        assert advice, str(refused.value)
+        for command in advice:
+            words = command.split()
+            if words[2] == "rotate":
+                store.activate(left, words[words.index("--activate") + 1])
+            else:
+                store.retire(left, words[3], force=True)
+        restored = await start_ca(left, client, AuditSink(), register=False)
+        assert restored.consul_state is ConsulState.IN_SYNC and restored.authority.active.id == new.id
+        await restored.close()
+    finally:
+        await svc.close()
+    await client.kv_delete(ROOTS_KEY)
+
+
 async def test_a_ca_of_an_earlier_release_beside_it_is_not_fought_over_the_retired_record(
     tmp_path, client
 ) -> None:
