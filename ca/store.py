@@ -295,7 +295,15 @@ def retire(
     current = load(data_dir)
     root = find(current, root_ref)
     if root.id == current.active.id:
-        raise InvalidRequest(f"root {root.id} is the active signing root; run `hostmesh ca rotate` first")
+        # a staged root, else a new one (never an older root: an id mistyped for the old one's would
+        # be told to undo the rotation)
+        newer = [r.id for r in current.roots if staged(data_dir, current, r)]
+        first = (
+            f"`hostmesh ca rotate --activate {newer[-1]}`"
+            if newer
+            else "`hostmesh ca rotate --stage`, then `--activate` the root it adds"
+        )
+        raise InvalidRequest(f"root {root.id} is the active signing root; sign with another first: {first}")
     if staged(data_dir, current, root):  # no leaf to wait for
         return _retire(data_dir, root)
     made = root.cert.not_valid_before_utc

@@ -58,7 +58,10 @@ def test_rotate_roots_and_retire(tmp_path: Path) -> None:
     second = store.load(Path(d)).active.id
     listing = run("ca", "roots", "--data-dir", d).stdout
     assert first in listing and f"{second}  active" in listing
-    assert_one_line_error(run("ca", "retire-root", second, "--data-dir", d), "active signing root")
+    # (the advice is one that works: retire-root refuses the signing root, so sign with another)
+    assert_one_line_error(
+        run("ca", "retire-root", second, "--data-dir", d), "first: `hostmesh ca rotate --stage`"
+    )
     assert_one_line_error(run("ca", "retire-root", "nope", "--data-dir", d), "no root matches")
     assert_one_line_error(run("ca", "retire-root", first, "--data-dir", d), "or now with --force")
     assert run("ca", "retire-root", first, "--data-dir", d, "--leaf-ttl", "1h").exit_code == 1  # still 1 h
@@ -79,6 +82,8 @@ def test_rotate_in_two_steps_stage_then_activate(tmp_path: Path, monkeypatch: py
     assert staged.exit_code == 0, staged.stderr
     new = staged.stdout.strip()
     assert f"--activate {new}" in staged.stderr and store.load(Path(d)).active.id == first
+    retiring = run("ca", "retire-root", first, "--data-dir", d)  # the signing root: activate the staged one
+    assert_one_line_error(retiring, f"sign with another first: `hostmesh ca rotate --activate {new}`")
     # `ca roots` tells the staged root from an old one awaiting retire-root (both were unmarked)
     listed = run("ca", "roots", "--data-dir", d).stdout
     assert re.search(rf"^{first}  active  .*\n{new}  staged  ", listed, re.M), listed
