@@ -338,7 +338,9 @@ AGENT_ANSWER = {
 
 async def _bundle_root_ids(consul: ConsulClient, trust_domain: str) -> set[str] | None:
     """The ids of the roots in Consul's trust bundle, which every agent follows; None when it cannot
-    be read or is not one (other findings say why: Consul, the CA)."""
+    be read or is not one (other findings say why: Consul, the CA). Read in the bundle's own trust
+    domain: a root's id does not depend on it, and with `--no-ca` nothing else here says that
+    `--trust-domain` (hostmesh.local unless given) is not the fleet's."""
     from hostmesh.agent.ca_client import parse_bundle
     from hostmesh.agent.certs import ROOTS_KEY
     from hostmesh.ca import pki
@@ -348,7 +350,9 @@ async def _bundle_root_ids(consul: ConsulClient, trust_domain: str) -> set[str] 
         entry = await consul.kv_get(ROOTS_KEY)
         if entry is None:
             return None
-        return {pki.root_id(c) for c in parse_bundle(json.loads(entry.value), trust_domain)}
+        doc = json.loads(entry.value)
+        held = doc.get("trust_domain") if isinstance(doc, dict) else None
+        return {pki.root_id(c) for c in parse_bundle(doc, held if isinstance(held, str) else trust_domain)}
     except (RegistryError, CAError, ValueError, RecursionError):
         return None
 

@@ -448,15 +448,19 @@ def test_check_names_an_agent_that_does_not_trust_a_root_of_the_bundle(
         fleet.start()
         _, staged = store.rotate(m.workdir / "ca", sign=False)  # (files only: no CA publishes to `fleet`)
 
-        def behind(bundle: store.Authority) -> list[dict[str, str]]:
+        def behind(bundle: store.Authority, *options: str) -> list[dict[str, str]]:
             asyncio.run(put_bundle(fleet.url, bundle))
             done = m.hostmesh("--consul", fleet.url, "check", "--agent", h.admin_url, "--no-ca", "-o", "json",
-                              check=False)  # fmt: skip
+                              *options, check=False)  # fmt: skip
             return [f for f in json.loads(done.stdout)["findings"] if f["code"] == "agent-roots-behind"]
 
         (finding,) = behind(store.load(m.workdir / "ca"))
         assert finding["severity"] == "error" and staged.id in finding["message"], finding
         assert authority.active.id not in finding["message"].split("(trusts")[0], finding
+        # the check's --trust-domain is not the fleet's (hostmesh.local unless given): the roots are
+        # compared all the same (a root's id does not depend on it)
+        (finding,) = behind(store.load(m.workdir / "ca"), "--trust-domain", "elsewhere.test")
+        assert staged.id in finding["message"], finding
         assert behind(authority) == []  # the bundle it trusts: nothing to say
     finally:
         fleet.stop()
