@@ -136,7 +136,7 @@ def setup(level: str = "info", fmt: str = "auto", static: dict[str, Any] | None 
     # an exception nothing caught (a bug) is one line too, not a traceback of a line per frame that
     # journald files one by one at info and a JSON reader cannot parse
     sys.excepthook = _log_uncaught
-    threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+    threading.excepthook = _log_uncaught_in_thread
     return chosen
 
 
@@ -145,6 +145,13 @@ def _log_uncaught(kind: type[BaseException], value: BaseException | None, tb: Tr
         sys.__excepthook__(kind, value or kind(), tb)
         return
     logging.getLogger("hostmesh").critical("uncaught %s: %s", kind.__name__, value, exc_info=value)
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    # a thread's sys.exit() ends that thread only, and Python says nothing of it: no crash to log
+    if issubclass(args.exc_type, SystemExit):
+        return
+    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
 
 
 def journal_error(message: str, logger: str) -> bool:

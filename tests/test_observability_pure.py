@@ -156,13 +156,16 @@ def test_journald_gets_priorities_when_stderr_is_its_stream(
 
 def test_an_uncaught_exception_is_one_json_line_of_its_process() -> None:
     """A bug's traceback (the main thread's, a thread's) was written as Python prints it, a line per
-    frame: lines a JSON reader cannot parse, each filed by journald on its own at info."""
+    frame: lines a JSON reader cannot parse, each filed by journald on its own at info. A thread's
+    sys.exit() is no crash: Python says nothing of it, and neither does the log."""
     import subprocess
     import sys
 
     code = (
-        "import threading\nfrom hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
-        "t = threading.Thread(target=lambda: 1 / 0)\nt.start()\nt.join()\nraise RuntimeError('boom')\n"
+        "import sys, threading\nfrom hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
+        "t = threading.Thread(target=lambda: 1 / 0)\nt.start()\nt.join()\n"
+        "t = threading.Thread(target=lambda: sys.exit(3))\nt.start()\nt.join()\n"  # that thread's end only
+        "raise RuntimeError('boom')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
