@@ -199,6 +199,8 @@ class Histogram(_Metric):
 
     def collect(self) -> Family:
         fam = Family(self.name, self.documentation, self.typ)
+        if not self.labelnames and not self._children:
+            self.labels()  # exported empty from the start, as in prometheus-client: see Counter.collect
         for key, child in self._children.items():
             labels = self._labels_of(key)
             total = 0

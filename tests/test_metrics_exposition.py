@@ -31,6 +31,9 @@ def build(lib: Any, registry: Any) -> None:
         h.labels("r1").observe(v)
     lib.Counter("demo_unused_total", "never incremented", ("a",), registry=registry)
     lib.Counter("demo_restarts_total", "an unlabelled counter never incremented", registry=registry)
+    lib.Histogram(
+        "demo_apply_seconds", "an unlabelled histogram never observed", buckets=BUCKETS, registry=registry
+    )
 
 
 def test_exposition_matches_prometheus_client_byte_for_byte() -> None:
