@@ -1012,6 +1012,29 @@ async def test_at_the_cap_an_idle_keep_alive_connection_gives_its_slot_to_a_new_
         c.close()
 
 
+async def test_at_the_cap_the_connection_idle_longest_is_taken_not_the_one_idle_first(mesh: Mesh) -> None:
+    """The idle list kept a connection where it first became idle: one serving again since stayed at
+    its head, and a newcomer took its slot (closed the moment after its request) while another,
+    idle all along, kept its own. The one taken is the one idle longest."""
+    cap = ConnectionCap(2, mesh.tel_a)
+    mesh.outbound.cap = cap
+    busy, quiet = mesh.client(), mesh.client()
+
+    def pool() -> None:
+        assert busy.get("/first").status == 200  # listed first
+        assert quiet.get("/second").status == 200  # idle from now on
+        assert busy.get("/again").status == 200  # idle again, since after `quiet`
+
+    await asyncio.to_thread(pool)
+    cap.reclaim_after = 0.0  # (2 s in the agent)
+    served = await asyncio.to_thread(mesh.client().get, "/newcomer")
+    assert (served.status, served.flags) == (200, "")
+    assert await asyncio.to_thread(lambda: quiet.sock.recv(1)) == b""  # type: ignore[union-attr]  # taken
+    assert (await asyncio.to_thread(busy.get, "/still-open")).status == 200
+    for c in (busy, quiet):
+        c.close()
+
+
 async def test_idle_pooled_http_streams_hold_no_slot_of_the_inbound_cap(mesh: Mesh) -> None:
     """The calling agent keeps the streams of a burst pooled, idle, for 30 s (up to 128 per instance);
     each held a slot of the destination's max_connections: after 45 concurrent requests from one

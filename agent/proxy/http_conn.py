@@ -601,7 +601,9 @@ class ServerConn(asyncio.BaseProtocol):
             return
         self._last = ex.ended or monotonic()  # ended: set by Exchange._finish, which calls this
         listed = self.idle_list
-        if listed is not None:  # (a store, no call: limits.py's reclaim at the cap)
+        if listed is not None:  # at its end, so oldest first (dict ops, no call: limits.py's reclaim)
+            if self in listed:  # (a key stored again keeps its place, as if still idle the longest)
+                del listed[self]
             listed[self] = self._last
         if self._timer is None:
             self._arm(self.handler.header_timeout)

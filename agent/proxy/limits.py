@@ -21,10 +21,11 @@ Decisions:
   one for its next request) and the new connection takes its slot. Otherwise an app's pool, idle,
   held the cap for ``http_conn.IDLE_TIMEOUT`` (90 s) while newcomers got 503 OM. The connections
   holding a slot for their whole life list themselves in ``ConnectionCap.idle`` each time they
-  become idle (a dict store, no call), oldest first; a reclaim looks at :data:`RECLAIM_LOOK` of them at
-  most, so it costs nothing per request and a bounded amount per refusal. Counted
-  (``hostmesh_overload_reclaimed_total``) and logged at a bounded rate. L4 connections, mesh
-  connections and UDP flows are never taken (an L4 stream cannot tell idle from quiet).
+  become idle, at its end (dict operations, no call), so oldest first; a reclaim looks at
+  :data:`RECLAIM_LOOK` of them at most, so it costs no call per request and a bounded amount per
+  refusal. Counted (``hostmesh_overload_reclaimed_total``) and logged at a bounded rate. L4
+  connections, mesh connections and UDP flows are never taken (an L4 stream cannot tell idle from
+  quiet).
 - **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
   an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
   (0: never).
