@@ -41,7 +41,7 @@ from hostmesh.agent.proxy.http_conn import LIVE
 from hostmesh.agent.proxy.http_inbound import HttpInbound
 from hostmesh.agent.proxy.http_outbound import MIRROR_MAX_IN_FLIGHT, PENDING_WAIT, HttpOutbound
 from hostmesh.agent.proxy.inbound import InboundListener
-from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.limits import RECLAIM_LOOK, ConnectionCap
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.snapshot import (
@@ -1032,6 +1032,32 @@ async def test_at_the_cap_the_connection_idle_longest_is_taken_not_the_one_idle_
     assert await asyncio.to_thread(lambda: quiet.sock.recv(1)) == b""  # type: ignore[union-attr]  # taken
     assert (await asyncio.to_thread(busy.get, "/still-open")).status == 200
     for c in (busy, quiet):
+        c.close()
+
+
+async def test_a_refusal_leaves_the_idle_connections_in_their_order(mesh: Mesh) -> None:
+    """A refusal at the cap (none idle long enough) moved the first RECLAIM_LOOK listed connections
+    behind the newer ones, so with more of them idle the next newcomer took one of those newer ones
+    and the one idle longest kept its slot. It is still the one taken."""
+    pool_size = RECLAIM_LOOK + 2
+    cap = ConnectionCap(pool_size, mesh.tel_a)
+    mesh.outbound.cap = cap
+    pool = [mesh.client() for _ in range(pool_size)]
+
+    def use_all() -> None:
+        for i, c in enumerate(pool):
+            assert c.get(f"/{i}").status == 200
+
+    await asyncio.to_thread(use_all)
+    cap.reclaim_after = 3600.0  # none idle that long: refused
+    shed = await asyncio.to_thread(mesh.client().get, "/shed")
+    assert (shed.status, shed.flags) == (503, "OM")
+    cap.reclaim_after = 0.0
+    served = await asyncio.to_thread(mesh.client().get, "/served")
+    assert (served.status, served.flags) == (200, "")
+    assert await asyncio.to_thread(lambda: pool[0].sock.recv(1)) == b""  # type: ignore[union-attr]  # taken
+    assert (await asyncio.to_thread(pool[RECLAIM_LOOK].get, "/still-open")).status == 200
+    for c in pool:
         c.close()
 
 

@@ -72,7 +72,7 @@ PEER_WAIT_TIMEOUTS: Final = 4
 # UDP's quiet flow (udp.py) waits as long.
 RECLAIM_MIN_IDLE: Final = 2.0
 # Listed connections a reclaim looks at, at most, as nginx drains up to 32 reusable connections: busy
-# ones leave the list, ones idle again since are moved to its end.
+# ones leave the list (listed again, at its end, when idle again); the first idle one is the oldest.
 RECLAIM_LOOK: Final = 32
 
 
@@ -135,13 +135,13 @@ class ConnectionCap:
         now = time.monotonic()
         for _ in range(min(len(idle), RECLAIM_LOOK)):
             conn = next(iter(idle))
-            del idle[conn]
             since = conn.idle_since()  # -1: busy, closed, or holding no slot (listed again when idle)
             if since < 0:
+                del idle[conn]
                 continue
-            if now - since < self.reclaim_after:  # not idle long enough (it may have served since listed)
-                idle[conn] = since  # (to the end)
-                continue
+            if now - since < self.reclaim_after:  # the oldest idle one: none behind it is idle longer
+                return False
+            del idle[conn]
             conn.give_up_slot()
             self.reclaimed += 1
             if self._reclaimed_counter is not None:
