@@ -140,7 +140,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         str(C.DEFAULT_MAX_CONNECTIONS),
         "Downstream connections held at once (UDP flows' app sockets and gateway clients count); "
         "beyond: 503 `OM` (HTTP) or a reset (TCP, UDP). An idle keep-alive HTTP connection (an "
-        "app's, a gateway client's) holds its slot until its client closes it, it has been idle for "
+        "app's, a gateway client's, an older agent's) holds its slot until its client closes it, it has been idle for "
         f"{_g(KEEPALIVE_IDLE)} s, or, at the cap, a new connection takes its slot: the one idle longest, "
         f"if idle {_g(RECLAIM_MIN_IDLE)} s at least, is closed for it (counted in "
         "`hostmesh_overload_reclaimed_total`, as nginx reuses idle keep-alive connections). "
