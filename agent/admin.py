@@ -190,7 +190,7 @@ class AdminAPI:
         if path == "/v1/log-level":
             return self.log_level(req)
         if req.method not in ("GET", "HEAD"):
-            return Response.error(405, "the admin API is read-only (but for PUT /v1/log-level)")
+            return Response.not_allowed("GET, HEAD", "the admin API is read-only (but for PUT /v1/log-level)")
         if path == "/live":
             return Response.of_json(200, {"live": True})
         if path == "/ready":
@@ -241,7 +241,7 @@ class AdminAPI:
         if req.method in ("GET", "HEAD"):
             return Response.of_json(200, {"level": logs.current_level()})
         if req.method != "PUT":
-            return Response.error(405, "use GET or PUT on /v1/log-level")
+            return Response.not_allowed("GET, HEAD, PUT", "use GET or PUT on /v1/log-level")
         peer = req.peer[0] if req.peer else ""
         try:
             loopback = ipaddress.ip_address(peer).is_loopback

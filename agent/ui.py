@@ -352,7 +352,7 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
             if not host_allowed(req.headers.get("host"), host):
                 return Response.error(403, HOST_REFUSED)
             if req.method != "GET":
-                return Response.error(405, "GET only")
+                return Response.not_allowed("GET", "GET only")
             if req.path == "/":
                 return Response(
                     200, page(collector.state, interval), {"content-type": "text/html; charset=utf-8"}

@@ -1033,9 +1033,9 @@ class CAService:
             return Response.error(404, f"no such endpoint {req.path}")
         method = "GET" if req.method == "HEAD" else req.method  # HEAD: GET's head (the server drops the body)
         if method != route[0]:
-            resp = Response.error(405, f"{req.path} takes {route[0]}")
-            resp.headers["allow"] = "GET, HEAD" if route[0] == "GET" else route[0]
-            return resp
+            return Response.not_allowed(
+                "GET, HEAD" if route[0] == "GET" else route[0], f"{req.path} takes {route[0]}"
+            )
         return await route[1](req)
 
     async def _metrics(self, req: Request) -> Response:

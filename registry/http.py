@@ -88,6 +88,11 @@ class Response:
     def error(cls, status: int, message: str) -> Response:
         return cls.of_json(status, {"error": message})
 
+    @classmethod
+    def not_allowed(cls, allow: str, message: str) -> Response:
+        """405 with the Allow field a 405 must carry (RFC 9110 §15.5.6): the methods the target takes."""
+        return cls.of_json(405, {"error": message}, {"allow": allow})
+
 
 def _ends_at_close(sink: _Parsed, status: int) -> bool:
     """An answer whose body is what comes until the connection closes: neither a length nor chunked,

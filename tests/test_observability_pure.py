@@ -211,6 +211,19 @@ def test_log_level_write_only_from_loopback() -> None:
         logs.set_level(before)
 
 
+def test_the_admin_apis_405_names_the_methods_it_takes() -> None:
+    """A 405 must carry Allow (RFC 9110 §15.5.6); the admin API's had none, so a client had no method
+    to try: GET and HEAD everywhere, and PUT on /v1/log-level."""
+    api = AdminAPI.__new__(AdminAPI)  # neither answer reads anything of the agent's
+
+    def allow(method: str, path: str) -> tuple[int, str | None]:
+        resp = asyncio.run(api.handle(Request(method, path, {}, {}, b"", ("127.0.0.1", 1))))
+        return resp.status, resp.headers.get("allow")
+
+    assert allow("POST", "/v1/config") == (405, "GET, HEAD")
+    assert allow("DELETE", "/v1/log-level") == (405, "GET, HEAD, PUT")
+
+
 def test_denials_are_audited_whatever_the_log_level(caplog: pytest.LogCaptureFixture) -> None:
     """A PUT to /v1/log-level (any local process) or log_level = "error" silenced every denial."""
     from hostmesh.agent import audit
