@@ -284,7 +284,7 @@ def check_settings(n: NomadConfig, env: Mapping[str, str], check_files: bool = T
 def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
     """A Nomad client for the agent: [nomad] over NOMAD_* ; without any token, the workload identity.
     load_config checked the same settings (`check_settings`); an identity file that went bad since is
-    logged (file name only) and the agent reads without a token: Nomad's 403 is then logged by the
+    logged (file name only) and the agent reads without a token: Nomad's refusal is then logged by the
     watch, and the agent keeps serving."""
     settings = nomad_settings(cfg.nomad, env)
     if settings.token is None:
@@ -406,7 +406,8 @@ async def watch_allocation(
 async def _why_refused(
     api: NomadAPI, exc: PermissionDenied, from_file: bool, accepted: bool
 ) -> tuple[str, bool]:
-    """What Nomad's 403 on the allocation read means, as (the warning, whether Nomad refused the
+    """What Nomad's refusal of the allocation read means (a 403, or the allocation hidden from a token
+    without read-job: registry UNKNOWN_ALLOCATION), as (the warning, whether Nomad refused the
     workload identity itself: its allocation is terminal or unknown). `from_file`: the token is a
     workload identity (`identity_source`: the identity file's, or NOMAD_TOKEN's); `accepted`: Nomad
     answered a read with that identity in this watch."""

@@ -276,9 +276,7 @@ class NomadTrust:
     async def check_allocation(self, workload: Workload) -> None:
         assert self.api is not None
         try:
-            # asked in the workload's namespace: a token granting read-job there and not in
-            # NOMAD_NAMESPACE's ("default" unset) was refused before the allocation was looked at
-            alloc = await self.api.allocation(workload.allocation, workload.namespace)
+            alloc = await self.api.allocation(workload.allocation)
         except PermissionDenied as exc:  # the service would take it for Consul refusing the CA's token
             raise NomadRefusesCA(f"the CA's Nomad token is refused: {exc}") from None
         if alloc is None:

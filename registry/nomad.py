@@ -43,6 +43,11 @@ STOPPING_DESIRED_STATUSES = frozenset({"stop", "evict"})  # DesiredStatus: the s
 # which it writes as the plain-text body; tests/nomad_double.py answers the same. Anything else that
 # answers 404 there (Consul, a proxy, a path prefix) is not Nomad telling us the allocation is gone.
 ALLOC_NOT_FOUND = "alloc not found"
+# What Nomad answers, with HTTP 500, for an allocation it holds in a namespace where the token may not
+# read-job (an ACL token of other namespaces, a workload identity with no policy attached): Alloc.GetAlloc
+# hides it as `Unknown allocation "<id>"` (structs.NewErrUnknownAllocation, an error its HTTP agent
+# codes as 500), whatever the request's namespace. The token's refusal, not Nomad failing.
+UNKNOWN_ALLOCATION = "Unknown allocation"
 # the task identity the CA takes (README "Nomad allocations"); the default identity never can: Nomad
 # gives it no `exp` (it takes no ttl), and the CA requires one
 NAMED_IDENTITY_BLOCK = 'identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }'
@@ -264,11 +269,9 @@ class NomadAPI:
             timeout=REQUEST_TIMEOUT,
         )
 
-    async def allocation(self, alloc_id: str, namespace: str | None = None) -> dict[str, Any] | None:
-        """The allocation's document, or None when Nomad does not know it. `namespace`: the one it is
-        in, when known, asked in instead of the settings' (Nomad checks the request's namespace against
-        the token's policy before the allocation's)."""
-        return await asyncio.to_thread(self._allocation, alloc_id, namespace)
+    async def allocation(self, alloc_id: str) -> dict[str, Any] | None:
+        """The allocation's document, or None when Nomad does not know it."""
+        return await asyncio.to_thread(self._allocation, alloc_id)
 
     async def allocation_state(self, alloc_id: str) -> AllocationState:
         alloc = await self.allocation(alloc_id)
@@ -313,12 +316,11 @@ class NomadAPI:
     def _hint(self) -> str:
         return f"is {self.settings.source('address')} a Nomad API?"
 
-    def _allocation(self, alloc_id: str, namespace: str | None = None) -> dict[str, Any] | None:
+    def _allocation(self, alloc_id: str) -> dict[str, Any] | None:
         nex: Any = importlib.import_module("nomad.api.exceptions")
         path = urllib.parse.quote(alloc_id, safe="")  # python-nomad joins it into the path as is
-        params = {"namespace": namespace} if namespace else None  # python-nomad's own one otherwise
         try:
-            resp = self._allocations.request(path, method="get", params=params, stream=True)  # bounded read
+            resp = self._allocations.request(path, method="get", stream=True)  # stream: read bounded
         except nex.URLNotFoundNomadException as exc:
             answer = _error_body(exc.nomad_resp)
             if answer == ALLOC_NOT_FOUND:
@@ -329,10 +331,18 @@ class NomadAPI:
             ) from None
         except nex.URLNotAuthorizedNomadException as exc:
             _error_body(exc.nomad_resp)  # read and closed
-            raise PermissionDenied(
-                f"{self._where} refused to read allocation {alloc_id}: the token needs namespace read-job"
+            raise self._no_read_job(alloc_id) from None
+        except nex.BaseNomadException as exc:
+            resp = exc.nomad_resp
+            if isinstance(resp, BaseException) or getattr(resp, "status_code", None) != 500:
+                raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
+            answer = _error_body(resp)
+            if answer.endswith(f'{UNKNOWN_ALLOCATION} "{alloc_id}"'):  # an RPC error may be prefixed
+                raise self._no_read_job(alloc_id) from None
+            raise Unavailable(
+                f"{self._where}: HTTP 500{_quote(redact(answer, self.settings.token))}"
             ) from None
-        except Exception as exc:  # python-nomad's and requests' errors: refused, TLS, timeouts, 5xx
+        except Exception as exc:  # requests' errors: refused, TLS, timeouts
             raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
         with contextlib.closing(resp):
             if resp.status_code != 200:  # python-nomad passes redirects (not followed) and 2xx on
@@ -359,6 +369,11 @@ class NomadAPI:
 
     def _describe(self, exc: BaseException) -> str:
         return _explain(exc, self.settings.token)
+
+    def _no_read_job(self, alloc_id: str) -> PermissionDenied:
+        return PermissionDenied(
+            f"{self._where} refused to read allocation {alloc_id}: the token needs namespace read-job"
+        )
 
 
 class _TooLarge(Exception):

@@ -7,21 +7,25 @@ Serves, on a loopback port, from a thread (so sync tests, async tests and subpro
     GET /v1/services                 the service registrations (none here): what a workload identity
                                      may always list
 
-Token-authenticated like Nomad with ACLs on: `X-Nomad-Token` must be a management token the double
-was given, an ACL token granting read-job in the request's namespace (`acl_token`), or a workload
-identity it signed for that very allocation whose job has an ACL policy granting read-job attached
-(`attach_read_job`; a workload identity's implicit policy grants only Variables and service
-registrations, workload-identity docs); otherwise 403 "Permission denied"
-(Nomad's body), and 404 "alloc not found" for an unknown allocation. As Nomad's servers do
+Token-authenticated like Nomad with ACLs on (nomad/alloc_endpoint.go GetAlloc, command/agent/http.go):
+`X-Nomad-Token` is a management token the double was given, an ACL token granting read-job in some
+namespaces (`acl_token`), a workload identity it signed whose job may have an ACL policy granting
+read-job attached (`attach_read_job`; a workload identity's implicit policy grants only Variables and
+service registrations, workload-identity docs), or none (the anonymous policy, granting nothing
+here). A token Nomad does not know is 403 "Permission denied" (Nomad's body). Reading an allocation,
+Nomad looks it up first: 404 "alloc not found" for one it does not know, whatever the token; one in
+a namespace where the token may not read-job it hides as `Unknown allocation "<id>"`, which its
+HTTP agent answers with 500 (Nomad's own test: "expected unknown alloc"); the request's namespace
+plays no part. As Nomad's servers do
 (nomad/auth.go VerifyClaim: "allocation does not exist", "allocation is terminal"; every RPC answers
 ErrPermissionDenied when that authentication fails), a workload identity of an allocation Nomad no
 longer knows, or whose ClientStatus is terminal, is refused with 403 on every endpoint: its holder never
 sees its own allocation stopped or gone. `GET /v1/services` (List Services API) answers any valid
-identity, as the implicit policy allows. It also mints workload
-identities (RS256 JWTs with Nomad's claims and header), builds the environment Nomad gives a task
-(`NOMAD_*`, the alloc/secrets dirs, `secrets/nomad_token`), and stops allocations as the scheduler
-would (DesiredStatus stop, ClientStatus complete). `tests/test_nomad_double.py` holds its payloads to
-the samples in Nomad's docs.
+identity, as the implicit policy allows, and an ACL token granting read-job in the request's
+namespace. It also mints workload identities (RS256 JWTs with Nomad's claims and header), builds
+the environment Nomad gives a task (`NOMAD_*`, the alloc/secrets dirs, `secrets/nomad_token`), and
+stops allocations as the scheduler would (DesiredStatus stop, ClientStatus complete).
+`tests/test_nomad_double.py` holds its payloads to the samples in Nomad's docs.
 """
 
 from __future__ import annotations
@@ -135,9 +139,8 @@ class NomadDouble:
 
     def acl_token(self, *namespaces: str) -> str:
         """An ACL token whose policy grants `namespace "<ns>" { capabilities = ["read-job"] }` for each
-        of `namespaces`. Reading an allocation, Nomad checks the request's namespace (`?namespace=`,
-        "default" without one) before the allocation's (nomad/alloc_endpoint.go GetAlloc; its test:
-        "when namespace is properly set the error is permission denied")."""
+        of `namespaces`. It reads the allocations of those namespaces, whatever namespace the request
+        names; another's is hidden (`Unknown allocation`, 500): see the module docstring."""
         token = str(uuid.uuid4())
         with self._lock:
             self.acl_tokens[token] = frozenset(namespaces)
@@ -337,35 +340,37 @@ class NomadDouble:
             if self.jwks_failing:  # Nomad's servers unreachable behind its HTTP API, say
                 return _reply_text(h, 500, "No cluster leader")
             return _reply(h, 200, self.jwks())
+        caller = self._authenticate(token)
         if path == "/v1/services":
-            if not self._authorized(token, None):
+            if caller is None or not (caller.workload or caller.reads(namespace)):
                 return _reply_text(h, 403, "Permission denied")
             return _reply(h, 200, [], index=self.index)
         prefix = "/v1/allocation/"
         if path.startswith(prefix):
             alloc_id = path[len(prefix) :]
-            if not self._authorized(token, alloc_id, namespace):
+            if caller is None:
                 return _reply_text(h, 403, "Permission denied")
             with self._lock:
                 alloc = self.allocations.get(alloc_id)
                 payload = self.allocation_payload(alloc) if alloc else None
-            if payload is None:
+            if alloc is None or payload is None:
                 return _reply_text(h, 404, "alloc not found")
+            if not caller.reads(alloc.namespace):  # GetAlloc: "Re-check namespace in case it differs"
+                return _reply_text(h, 500, f'Unknown allocation "{alloc_id}"')
             return _reply(h, 200, payload, index=payload["ModifyIndex"])
         return _reply_text(h, 404, "Invalid URL")
 
-    def _authorized(self, token: str | None, alloc_id: str | None, namespace: str = "default") -> bool:
-        """May `token` read allocation `alloc_id` (None: list services) asked in `namespace`? See the
-        module docstring and `acl_token`."""
+    def _authenticate(self, token: str | None) -> _Caller | None:
+        """Who `token` is to Nomad, or None when Nomad refuses it (403 on every endpoint). See the
+        module docstring."""
         if token is None:
-            return False
+            return _Caller(frozenset())  # anonymous
         if secrets.compare_digest(token, self.management_token):
-            return True
+            return _Caller(None)
         with self._lock:
             granted = self.acl_tokens.get(token)
-            target = self.allocations.get(alloc_id) if alloc_id is not None else None
         if granted is not None:
-            return namespace in granted and (target is None or target.namespace in granted)
+            return _Caller(granted)
         for kid, key in self._keys:
             try:
                 claims = jwt.decode(
@@ -378,14 +383,23 @@ class NomadDouble:
             with self._lock:
                 own = self.allocations.get(str(claims.get("nomad_allocation_id")))
                 if own is None or own.client_status in ("complete", "failed", "lost"):
-                    return False  # VerifyClaim: the allocation does not exist, or is terminal
-                if alloc_id is None:
-                    return True  # the implicit policy: service registrations
+                    return None  # VerifyClaim: the allocation does not exist, or is terminal
                 attached = (own.namespace, own.job) in self.read_job_jobs
-                target = self.allocations.get(alloc_id)
-            # read-job is the namespace's: any allocation of it (one unknown is then a 404), none of another
-            return attached and (target is None or target.namespace == own.namespace)
-        return False
+            # read-job is the namespace's: any allocation of it, none of another
+            return _Caller(frozenset({own.namespace}) if attached else frozenset(), workload=True)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """A token Nomad authenticated: where it may read-job (None: everywhere, a management token), and
+    whether it is a workload identity (whose implicit policy lists service registrations)."""
+
+    read_job: frozenset[str] | None
+    workload: bool = False
+
+    def reads(self, namespace: str) -> bool:
+        return self.read_job is None or namespace in self.read_job
 
 
 def _rsa() -> rsa.RSAPrivateKey:

@@ -203,8 +203,9 @@ async def test_jwt_of_a_stopped_or_unknown_allocation_is_refused(ca, nomad) -> N
 
 
 async def test_nomad_refusing_the_cas_own_token_is_named_as_nomad_not_consul(tmp_path, client, nomad) -> None:
-    """NOMAD_TOKEN without read-job: the CA's misconfiguration (500), said to be Nomad's refusal; it
-    was reported as Consul refusing the CA's token, in the reply, the audit line and /v1/health."""
+    """A NOMAD_TOKEN Nomad does not know (403): the CA's misconfiguration (500), said to be Nomad's
+    refusal; it was reported as Consul refusing the CA's token, in the reply, the audit line and
+    /v1/health."""
     sink = AuditSink()
     cache = ca_nomad.JWKSCache(nomad.jwks_url)
     settings = NomadSettings.resolve({}, address=nomad.url, token="0e6f3c1a-5a3e-4f43-9d8c-2b0e5d1c7a90")
@@ -223,10 +224,11 @@ async def test_nomad_refusing_the_cas_own_token_is_named_as_nomad_not_consul(tmp
         await svc.close()
 
 
-async def test_the_allocation_is_read_in_its_own_namespace(tmp_path, client, nomad) -> None:
-    """A CA token granting read-job in the workloads' namespace only: Nomad checks the request's
-    namespace first, and the CA asked in its own (NOMAD_NAMESPACE, "default" unset), so every
-    bootstrap of a workload outside "default" was refused (500, the CA's token)."""
+async def test_a_cas_token_without_read_job_in_the_namespace_is_named(tmp_path, client, nomad) -> None:
+    """A CA token granting read-job in "prod" only: a workload there bootstraps (Nomad reads an
+    allocation in its own namespace, whatever the request's), and one in "default" is the CA's token
+    refused. Nomad hides that allocation as `Unknown allocation` with a 500, which was taken for
+    Nomad failing: 503 "temporarily unavailable" to every such bootstrap, read-job never named."""
     sink = AuditSink()
     settings = NomadSettings.resolve({}, address=nomad.url, token=nomad.acl_token("prod"))
     trusted = ca_nomad.NomadTrust(ca_nomad.JWKSCache(nomad.jwks_url), api=NomadAPI(settings))
@@ -238,6 +240,10 @@ async def test_the_allocation_is_read_in_its_own_namespace(tmp_path, client, nom
         nomad.stop_allocation(alloc.id)  # and what it reads there is still checked
         status, body = await sign(svc, nomad.identity(alloc, "worker"), "reports")
         assert_refused(sink, status, body, 403, f"allocation {alloc.id} is complete (desired stop) in Nomad")
+        web = nomad.add_allocation("shop", "web", ("web",))
+        status, body = await sign(svc, nomad.identity(web, "web"), "web")
+        assert_refused(sink, status, body, 500, "the CA's Nomad token is refused: Nomad at ")
+        assert "read-job" in body["error"], body
     finally:
         await svc.close()
 

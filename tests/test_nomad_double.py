@@ -105,29 +105,42 @@ def test_allocation_read_has_the_documented_shape(nomad: NomadDouble) -> None:
 
 
 def test_tokens_are_checked_as_nomad_checks_them(nomad: NomadDouble) -> None:
+    """Nomad looks the allocation up before the token's read-job (nomad/alloc_endpoint.go GetAlloc):
+    one it does not know is 404 for any token it accepts, and one in a namespace the token may not
+    read-job is hidden as `Unknown allocation`, which its HTTP agent answers with 500 (Nomad's own
+    TestAllocEndpoint_GetAlloc_ACL: no token, or a token without read-job: "expected unknown
+    alloc"); the request's namespace plays no part. A token Nomad does not know is 403."""
     alloc = nomad.add_allocation("shop", "web", ("web",))
     url = f"{nomad.url}/v1/allocation/{alloc.id}"
-    assert get(url)[:2] == (403, "Permission denied")
+    hidden = (500, f'Unknown allocation "{alloc.id}"')
+    assert get(url)[:2] == hidden  # the anonymous policy
     assert get(url, "not-a-token")[:2] == (403, "Permission denied")
+    assert get(url, nomad.acl_token("prod"))[:2] == hidden
+    assert get(url, nomad.acl_token("default"))[0] == 200
+    assert get(f"{url}?namespace=prod", nomad.acl_token("default"))[0] == 200
+    prod = nomad.add_allocation("batch", "reports", ("worker",), namespace="prod")
+    assert get(f"{nomad.url}/v1/allocation/{prod.id}", nomad.acl_token("prod"))[0] == 200
     unknown = f"{nomad.url}/v1/allocation/{'0' * 8}-0000-0000-0000-{'0' * 12}"
     assert get(unknown, nomad.management_token)[:2] == (404, "alloc not found")
+    assert get(unknown, nomad.acl_token("prod"))[:2] == (404, "alloc not found")
 
 
 def test_a_workload_identity_is_checked_as_nomad_checks_it(nomad: NomadDouble) -> None:
     """A workload identity's implicit policy grants Variables and service registrations, no read-job
     (workload-identity docs): it reads allocations only once a policy granting read-job is attached to
-    its job. Nomad refuses the identity of an allocation that is terminal or unknown with 403 on every
-    endpoint (nomad/auth.go VerifyClaim; Alloc.GetAlloc answers ErrPermissionDenied on authErr)."""
+    its job; before, Nomad hides its allocation as it does from any token without read-job. Nomad
+    refuses the identity of an allocation that is terminal or unknown with 403 on every endpoint
+    (nomad/auth.go VerifyClaim; Alloc.GetAlloc answers ErrPermissionDenied on authErr)."""
     alloc = nomad.add_allocation("shop", "web", ("web",))
     elsewhere = nomad.add_allocation("shop", "web", ("web",), namespace="prod")
     url = f"{nomad.url}/v1/allocation/{alloc.id}"
     services = f"{nomad.url}/v1/services"
     token = nomad.identity(alloc, "web")
-    assert get(url, token)[:2] == (403, "Permission denied")  # the implicit policy only
+    assert get(url, token)[:2] == (500, f'Unknown allocation "{alloc.id}"')  # the implicit policy only
     assert get(services, token)[0] == 200
     nomad.attach_read_job("shop")
     assert get(url, token)[0] == 200
-    assert get(f"{nomad.url}/v1/allocation/{elsewhere.id}", token)[0] == 403  # read-job of its namespace
+    assert get(f"{nomad.url}/v1/allocation/{elsewhere.id}", token)[0] == 500  # read-job of its namespace
     nomad.stop_allocation(alloc.id)
     assert get(url, nomad.management_token)[0] == 200
     assert get(url, token)[:2] == (403, "Permission denied")  # the identity of a terminal allocation
@@ -190,3 +203,15 @@ async def test_python_nomad_reads_the_double(nomad: NomadDouble) -> None:
     denied = NomadAPI(NomadSettings.resolve({"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": "wrong"}))
     with pytest.raises(PermissionDenied, match="needs namespace read-job"):
         await denied.allocation_state(alloc.id)
+
+
+async def test_a_token_without_read_job_is_a_refusal_not_nomad_failing(nomad: NomadDouble) -> None:
+    """Nomad hides an allocation from a token without read-job in its namespace (an ACL token of
+    another namespace, a workload identity with no policy attached) as `Unknown allocation`, answered
+    with 500: it was read as Nomad failing ("HTTP 500"), to retry for good, and the missing read-job
+    was never named, by the CA (503 to every bootstrap) nor by the agent."""
+    alloc = nomad.add_allocation("shop", "web", ("web",))
+    for token in (nomad.acl_token("prod"), nomad.identity(alloc, "web")):
+        api = NomadAPI(NomadSettings.resolve({"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": token}))
+        with pytest.raises(PermissionDenied, match=f"refused to read allocation {alloc.id}: .*read-job"):
+            await api.allocation_state(alloc.id)

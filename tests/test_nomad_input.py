@@ -687,11 +687,11 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
-        authorized = nomad._authorized
-        hiccups = [False] * (2 * (GONE_CONFIRMATIONS - 1))  # the allocation read and /v1/services, each
+        authenticate = nomad._authenticate
+        hiccups = [None] * (2 * (GONE_CONFIRMATIONS - 1))  # the allocation read and /v1/services, each
 
-        def flaky(token: str | None, alloc_id: str | None, namespace: str = "default") -> bool:
-            return hiccups.pop() if hiccups else authorized(token, alloc_id, namespace)
+        def flaky(token: str | None) -> Any:
+            return hiccups.pop() if hiccups else authenticate(token)
 
         gone: list[str] = []
         _, task = watched_by_its_identity(
@@ -699,7 +699,7 @@ async def test_a_moment_s_refusal_of_an_accepted_identity_is_not_the_end(tmp_pat
         )
         try:
             await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
-            nomad._authorized = flaky  # type: ignore[method-assign]
+            nomad._authenticate = flaky  # type: ignore[method-assign]
             reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
             await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 2 * GONE_CONFIRMATIONS)
             assert hiccups == [] and gone == [] and not task.done()
