@@ -479,7 +479,7 @@ class CertManager:
     def _no_identity(self) -> str:
         """A Nomad allocation's missing workload identity, and the identity to give the task."""
         where = f"{self.token_file} or ${self.token_env}"
-        return f"no workload identity in {where}: give the task `{NAMED_IDENTITY_BLOCK}`"
+        return f"no workload identity in {where}: give the task {NAMED_IDENTITY_BLOCK}"
 
     async def _bootstrap(self, missing: dict[str, str]) -> None:
         """Token + pin for every service in `missing`; retries an unreachable CA up to bootstrap_timeout."""

@@ -9,7 +9,7 @@ NOMAD_ADDR_<label>). agent.toml, when present, always wins:
 - data_dir: ${NOMAD_ALLOC_DIR}/hostmesh (shared with the allocation's tasks)
 - cert_dir: ${NOMAD_SECRETS_DIR}/hostmesh (the task's private secrets dir: the keys)
 - ca.token_file, ca.token_env: the workload identity, no join token: the one named `hostmesh`
-  (`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`:
+  (an identity block with name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true:
   ${NOMAD_SECRETS_DIR}/nomad_hostmesh.jwt, or NOMAD_TOKEN_hostmesh with `env = true`) when the
   task has it, else the default identity (${NOMAD_SECRETS_DIR}/nomad_token, NOMAD_TOKEN), which
   the CA refuses (Nomad gives it no `exp`), saying to add the named one

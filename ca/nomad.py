@@ -64,7 +64,7 @@ MAPPING_KEY = f"hostmesh/{NOMAD_MAPPING_KIND}/{NOMAD_MAPPING_NAME}"
 # what a JWT without `exp` or `aud` lacks: Nomad's default identity never has an `exp` (it takes no ttl)
 NAMED_IDENTITY_HINT = (
     f"not a task identity for hostmesh (Nomad's default identity never expires); give the task "
-    f"`{NAMED_IDENTITY_BLOCK}`"
+    f"{NAMED_IDENTITY_BLOCK}"
 )
 
 

@@ -49,8 +49,9 @@ ALLOC_NOT_FOUND = "alloc not found"
 # codes as 500), whatever the request's namespace. The token's refusal, not Nomad failing.
 UNKNOWN_ALLOCATION = "Unknown allocation"
 # the task identity the CA takes (README "Nomad allocations"); the default identity never can: Nomad
-# gives it no `exp` (it takes no ttl), and the CA requires one
-NAMED_IDENTITY_BLOCK = 'identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }'
+# gives it no `exp` (it takes no ttl), and the CA requires one. Said in words, for a one-line message:
+# HCL's one-line block holds a single argument, so `identity { name = ..., aud = ... }` is no HCL
+NAMED_IDENTITY_BLOCK = 'an identity block with name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true'
 MAX_TOKEN_CHARS = 16 * 1024  # an ACL token is a 36-character UUID, a workload identity JWT ~1 KiB
 MAX_ALLOCATION_BYTES = 4 * 1024 * 1024  # an allocation with its job is tens of KiB; bound the buffer
 MAX_ERROR_BODY_BYTES = 4096  # of an error answer read to tell Nomad's from another server's

@@ -5,6 +5,7 @@ error and an audit line."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -176,8 +177,11 @@ async def test_jwt_for_another_audience_or_without_expiry_is_refused(ca, nomad) 
     assert_refused(
         sink, status, body, 401,
         "JWT has no 'exp' claim: not a task identity for hostmesh (Nomad's default identity never expires); "
-        'give the task `identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`',
+        'give the task an identity block with name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true',
     )  # fmt: skip
+    # nothing an operator would paste as HCL that HCL refuses: its one-line block holds one argument
+    # (hclsyntax spec: OneLineBlock), and `identity { name = ..., aud = ... }` was given as the fix
+    assert not re.search(r"\{[^{}]*=[^{}]*=[^{}]*\}", body["error"]), body
 
 
 async def test_jwt_without_nomad_claims_is_refused(ca, nomad) -> None:

@@ -429,7 +429,7 @@ async def test_an_allocations_expired_cert_that_its_identity_cannot_recover_name
     await none.start()
     assert none.problems()["web"].endswith(
         f"no workload identity in {identity} or $NOMAD_TOKEN_hostmesh: give the task "
-        '`identity { name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true }`'
+        'an identity block with name = "hostmesh", aud = ["hostmesh"], ttl = "1h", file = true'
     )
 
 
