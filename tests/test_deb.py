@@ -360,6 +360,28 @@ def test_docs_man_page_and_completions_are_shipped(deb: Path) -> None:
         assert path in names, path
 
 
+# a Markdown link's target: [text](target), the target without spaces (none of ours has one)
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_links_in_the_shipped_docs_lead_to_shipped_files(deb: Path, tmp_path: Path) -> None:
+    """The README and docs/ are installed in /usr/share/doc/hostmesh, not in a checkout: a relative
+    link there must name a file the package ships, in the layout the package gives it."""
+    run("dpkg-deb", "-x", str(deb), str(tmp_path))
+    doc = tmp_path / "usr/share/doc/hostmesh"
+    pages = sorted(doc.rglob("*.md"))
+    assert doc / "README.md" in pages and doc / "docs/README.md" in pages
+    dangling = []
+    for page in pages:
+        for target in MARKDOWN_LINK.findall(page.read_text()):
+            path = target.partition("#")[0]
+            if not path or re.match(r"[a-z][a-z0-9+.-]*:", path):  # an anchor on the page, a URL
+                continue
+            if not (page.parent / path).exists():
+                dangling.append(f"{page.relative_to(doc)} -> {target}")
+    assert dangling == [], dangling
+
+
 # --- the installed agent against a test Consul --------------------------------------------------
 
 
