@@ -326,6 +326,39 @@ def test_agent_role_runs_in_check_mode_on_a_host_without_a_join_token(tmp_path: 
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
 
 
+def test_a_host_run_alone_without_its_ca_host_is_told_to_include_it(tmp_path: Path) -> None:
+    """`--limit new-vm` (a host added to a running fleet, or one host's settings changed) leaves the CA
+    play without hosts, so the CA host never publishes its root pin: the agent play stops before
+    writing anything, saying to run the CA host's play too, not that the fleet lacks a CA host."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    site = yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())  # the two plays as shipped
+    playbook = tmp_path / "site.yml"
+    playbook.write_text(yaml.safe_dump(site, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    groups = {"hostmesh_ca": {"hosts": {"ca-first.invalid": {}}},
+              "hostmesh_agents": {"hosts": {"localhost": {"ansible_connection": "local"}}}}  # fmt: skip
+    inventory.write_text(json.dumps({"all": {"children": groups}}))
+    role_alone(tmp_path, "hostmesh_ca")
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(role_alone(tmp_path, "hostmesh_agent"))}
+    variables = {"ansible_python_interpreter": sys.executable, "hostmesh_become": False,
+                 "hostmesh_install_root": str(root), "hostmesh_install_systemd": False,
+                 "hostmesh_agent_services": [{"name": "web", "port": 8080}]}  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--limit", "localhost",
+         "-e", json.dumps(variables), str(playbook)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode != 0, output
+    assert recap(result.stdout)["failed"] == 1, output
+    assert (
+        "localhost: the root pin comes from the hostmesh_ca play on ca-first.invalid, which did not run:"
+        " include it (--limit 'hostmesh_ca:localhost') or set hostmesh_agent_ca_pin"
+    ) in " ".join(output.split()), output
+    assert list((root / "etc/hostmesh").iterdir()) == []
+
+
 def maintained(consul: ConsulDev, node: str) -> list[str]:
     """The instances of `node` that Consul has in maintenance."""
     checks = consul.get_json("/v1/agent/checks").values()
