@@ -623,6 +623,47 @@ def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return deb
 
 
+def system_python_has_apt() -> bool:
+    found = subprocess.run(["/usr/bin/python3", "-c", "import apt"], capture_output=True, check=False)
+    return found.returncode == 0
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not system_python_has_apt(),
+    reason="apt's check mode on this machine: root and Debian's python3-apt",
+)
+def test_a_check_of_a_package_upgrade_on_a_host_shows_it_and_writes_nothing(
+    tmp_path: Path, deb_package: Path
+) -> None:
+    """`--check` before a rollout, on a real host (hostmesh_install_root /): the new package is not on
+    the host yet (the check copies nothing), and apt, which reads it there, failed the check; the
+    install and the restart it brings now show as changes. Nothing is installed or written."""
+    version = f"0.0.0~check{uuid.uuid4().hex[:8]}"  # the package file's name on the host: none there yet
+    delivered = Path(f"/var/cache/hostmesh_{version}.deb")
+    handler = {"name": "Restart hostmesh", "ansible.builtin.debug": {"msg": "RESTART-NOTIFIED"}}
+    play = [{"name": "install", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_install"],
+             "handlers": [handler]}]  # fmt: skip
+    playbook = tmp_path / "install.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    variables = {"ansible_python_interpreter": "/usr/bin/python3", "hostmesh_install_method": "deb",
+                 "hostmesh_install_deb_src": str(deb_package),
+                 "hostmesh_install_version": version}  # fmt: skip
+    before = subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "--check", "--diff", "-i", "localhost,", "-c", "local",
+         "-e", json.dumps(variables), str(playbook)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert recap(result.stdout)["failed"] == 0, output
+    assert f"a real run installs hostmesh {version}" in result.stdout, output
+    assert "RESTART-NOTIFIED" in result.stdout, output
+    assert not delivered.exists()
+    assert subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout == before
+
+
 GATEWAY = {"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:18443", "protocol": "http"}]}
 # pip: folders away from the units' StateDirectory= (the role must make the units serve them);
 # deb: the defaults (no drop-ins, nothing added to HOSTMESH_CA_OPTS).
