@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -323,6 +324,64 @@ def test_maintainer_scripts_with_running_systemd(
     assert take() == [*stop, "daemon-reload", "daemon-reload"]
     assert not os.path.lexists(link)
     assert_all_gone()
+
+
+def system_python_has_apt() -> bool:
+    found = subprocess.run(["/usr/bin/python3", "-c", "import apt"], capture_output=True, check=False)
+    return found.returncode == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) is None
+    or not Path("/usr/bin/python3").exists()
+    or not system_python_has_apt(),
+    reason="the Ansible role's apt install: ansible-core (make venv) and Debian's python3-apt",
+)
+def test_the_role_installs_a_package_built_again_with_the_same_version(
+    deb: Path, clean_machine: None, tmp_path: Path
+) -> None:
+    """`make deb` of a newer commit keeps the version (pyproject.toml's): the install role on a real host
+    (hostmesh_install_root /) copied the new package and then left the old one installed, since apt
+    installs only another version than the installed one, and the agent ran the old code."""
+    rebuilt = tmp_path / "rebuilt.deb"
+    tree = tmp_path / "tree"
+    run("dpkg-deb", "-R", str(deb), str(tree))
+    marker = tree / "usr/share/doc/hostmesh/built-again"
+    marker.write_text("the same version, built again\n")
+    run("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(rebuilt))
+    version = f"0.0.0~rebuilt{os.getpid()}"  # the package file's name on the host: none there yet
+    delivered = Path(f"/var/cache/hostmesh_{version}.deb")
+    handler = {"name": "Restart hostmesh", "ansible.builtin.debug": {"msg": "RESTART-NOTIFIED"}}
+    play = [{"name": "install", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_install"],
+             "handlers": [handler]}]  # fmt: skip
+    playbook = tmp_path / "install.yml"
+    playbook.write_text(json.dumps(play))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible/ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_ROLES_PATH": str(REPO / "ansible/roles"), "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}  # fmt: skip
+
+    def role(package: Path) -> str:
+        variables = {"ansible_python_interpreter": "/usr/bin/python3", "hostmesh_install_method": "deb",
+                     "hostmesh_install_deb_src": str(package),
+                     "hostmesh_install_version": version}  # fmt: skip
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+             "-e", json.dumps(variables), str(playbook)],
+            env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+        return done.stdout
+
+    try:
+        assert "RESTART-NOTIFIED" in role(deb)
+        assert installed() and not Path("/usr/share/doc/hostmesh/built-again").exists()
+        out = role(rebuilt)
+        assert Path("/usr/share/doc/hostmesh/built-again").exists(), out[-6000:]
+        assert "RESTART-NOTIFIED" in out
+        out = role(rebuilt)  # and a run with nothing new changes nothing
+        assert re.search(r"^localhost\s*:.*changed=0", out, re.MULTILINE), out[-6000:]
+    finally:
+        delivered.unlink(missing_ok=True)
 
 
 def test_lintian_is_clean(deb: Path) -> None:
