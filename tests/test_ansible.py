@@ -194,17 +194,26 @@ elif args[:1] == ["is-enabled"]:
 
 
 class ReadyServer:
-    """The agent's admin API as far as the role asks it: /ready answers 200."""
+    """The agent's admin API as far as the role asks it: /ready answers 200, and /v1/version the
+    release in `version` (404 while it is empty)."""
 
     def __init__(self) -> None:
         import http.server
         import threading
 
+        self.version = ""
+        server = self
+
         class Ready(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                self.send_response(200 if self.path == "/ready" else 404)
-                self.send_header("Content-Length", "0")
+                body = b""
+                if self.path == "/v1/version" and server.version:
+                    body = json.dumps({"version": server.version, "compiled": []}).encode()
+                self.send_response(200 if self.path == "/ready" or body else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -367,6 +376,64 @@ def maintained(consul: ConsulDev, node: str) -> list[str]:
         for c in checks
         if c["CheckID"].startswith("_service_maintenance:") and c["ServiceID"].endswith(f"-{node}")
     )
+
+
+@pytest.mark.timeout(3 * PLAYBOOK_TIMEOUT)  # three runs of the role
+def test_agent_role_restarts_an_agent_of_another_release_than_the_installed_one(
+    acl_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """The package current but the agent running the previous release (the CA play upgraded the package
+    on a host in both groups; a run stopped between the install and its restart, and lost the
+    notification): the role restarts it, with the drain, as for a new package. Before, every later run
+    found nothing to do and the agent ran the old release for good."""
+    import importlib.metadata
+
+    node = "roll-release"
+    # as the running agent registered it
+    acl_consul.put_json("/v1/agent/service/register", {"Name": "web", "ID": f"web-{node}", "Port": 1})
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    calls = tmp_path / "systemctl.log"
+    (fake / "systemctl.json").write_text(
+        json.dumps({"consul": acl_consul.url, "master": acl_consul.acl_master, "log": str(calls)})
+    )
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
+    (fake / "systemctl").chmod(0o755)
+    admin = ReadyServer()
+    admin.version = importlib.metadata.version("hostmesh")  # the installed release
+    variables = {
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": True,
+        "hostmesh_agent_node": node,
+        "hostmesh_agent_admin": admin.address,
+        "hostmesh_agent_dns_resolver": "none",
+        "hostmesh_agent_services": [WEB],
+        "hostmesh_agent_consul_address": acl_consul.url,
+        "hostmesh_agent_consul_token": acl_consul.acl_master,
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
+        "hostmesh_agent_join_token": "test-join-token",
+        "hostmesh_agent_drain_grace": 0,
+        "hostmesh_agent_ready_timeout": 10,
+    }
+
+    def restarts(run: str) -> list[list[str]]:
+        (tmp_path / run).mkdir()
+        calls.write_text("")
+        result = run_role(tmp_path / run, "hostmesh_agent", variables, path=str(fake))
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+        called = [json.loads(line)["args"] for line in calls.read_text().splitlines()]
+        return [args for args in called if args[:1] == ["restart"]]
+
+    try:
+        restarts("first")  # a new host: set up and started
+        assert restarts("converged") == []
+        admin.version = "0.2.0"  # the agent still runs the previous release
+        assert restarts("previous-release") == [["restart", "hostmesh-agent.service"]]
+    finally:
+        admin.close()
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
