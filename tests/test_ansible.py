@@ -307,6 +307,23 @@ def test_agent_role_refuses_a_nomad_token_in_agent_toml(tmp_path: Path) -> None:
     assert not (root / "etc/hostmesh/agent.toml").exists()
 
 
+def test_the_install_role_refuses_a_service_user_the_units_do_not_run_as(tmp_path: Path) -> None:
+    """The units run as User=hostmesh, and the .deb's postinst makes and checks that user: another
+    hostmesh_install_user made a user the agent never ran as, gave it the folders, and the agent (as
+    hostmesh) failed at start, or its validate refused folders that user owned. Refused at the role's
+    start, naming the variable, before anything is written."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("hostmesh_install_user", "hostmesh_install_group"):
+        variables = {"hostmesh_install_root": str(root), "hostmesh_install_systemd": False, name: "alice"}
+        (tmp_path / name).mkdir()
+        result = run_role(tmp_path / name, "hostmesh_install", variables)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-4000:]
+        assert f"value of {name} must be one of: hostmesh, got: alice" in output, output[-4000:]
+        assert not any(root.iterdir())
+
+
 def test_agent_role_runs_in_check_mode_on_a_host_without_a_join_token(tmp_path: Path) -> None:
     """`ansible-playbook --check` of a host the role has not set up yet: the join token's creation on
     the CA host is skipped (it would record one in Consul), and its write shows as a change without
