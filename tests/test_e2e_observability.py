@@ -8,8 +8,10 @@ Both agents export spans to a collector this test runs: a small HTTP server taki
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import ssl
 import subprocess
 import threading
@@ -368,3 +370,90 @@ def test_with_the_collector_down_requests_pass_and_drops_are_counted(mesh: Mesh)
         "the 20 spans counted as dropped",
     )
     assert mesh.web.proc.alive() and mesh.api.proc.alive()
+
+
+def burn_test(series: dict[str, float], ratios: dict[str, float], page: dict[str, str]) -> str:
+    """A `promtool test rules` file for observability/rules: each of `series` (a scraped counter) grows
+    by its value every minute, so every rate's ratio is the counters'. It checks each service's
+    availability error ratio against `ratios` and expects the fast burn page for each service of
+    `page` (service -> the percentage its summary says)."""
+    inputs = [{"series": s, "values": f"0+{v:g}x15"} for s, v in series.items()]
+    checks = []
+    for svc, ratio in ratios.items():
+        labels = f'{{destination_service="{svc}"}}'
+        expr = f"abs(hostmesh:service_errors:ratio_rate5m{labels} - {ratio!r}) < bool 1e-9"
+        exp = [{"labels": labels, "value": 1}]
+        checks.append({"expr": expr, "eval_time": "15m", "exp_samples": exp})
+    budget = "2 % of its 30-day error budget per hour"
+    alerts = [
+        {"exp_labels": {"severity": "page", "slo": "availability", "destination_service": svc},
+         "exp_annotations": {"summary": f"{svc} answers {percent} 5xx: {budget}"}}
+        for svc, percent in page.items()
+    ]  # fmt: skip
+    burn = {"eval_time": "15m", "alertname": "HostmeshErrorBudgetBurnFast", "exp_alerts": alerts}
+    test = {"name": "real agents' series", "interval": "1m", "input_series": inputs,
+            "promql_expr_test": checks, "alert_rule_test": [burn]}  # fmt: skip
+    rules = str(ROOT / "observability/rules/hostmesh.rules.yml")
+    return json.dumps({"rule_files": [rules], "evaluation_interval": "1m", "tests": [test]})
+
+
+def test_the_availability_slo_counts_what_callers_saw_when_requests_reach_no_destination(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """The error budget burn, run by promtool over real agents' series: a service whose one host died
+    (its callers answer 503 themselves: the destination counts nothing) and one whose app refuses (the
+    destination's agent answers 503 UF, the caller relays it: both count it) each burn at the rate
+    their callers saw, counted once. The destination's count alone was 0/0 for the first (no page)."""
+    subprocess.run([str(ROOT / "packaging/ensure-tools.sh"), "promtool"], check=True, timeout=600)
+    backends = Backends("gone", "refusing")
+    gone, refusing = "slogone", "slorefusing"
+    # a check that does not run again: the refusing app stays listed healthy, its agent answers 503 UF
+    once = {"tcp": True, "interval": 3600}
+    m = LocalMesh(tmp_path / "mesh", consul.url)
+    try:
+        m.start_ca()
+        api = m.write_agent_config("node-sloapi", [
+            {"name": gone, "port": backends["gone"].port, "protocol": "http"},
+            {"name": refusing, "port": backends["refusing"].port, "protocol": "http", "health": once},
+        ])  # fmt: skip
+        web = m.write_agent_config("node-sloweb", [{"name": "sloweb", "port": backends["gone"].port,
+                                                    "upstreams": [gone, refusing]}])  # fmt: skip
+        m.start_agent(api, wait=False)
+        m.start_agent(web, wait=False)
+        m.wait_ready(api)
+        m.wait_ready(web)
+        m.wait_endpoints(web, gone, 1)
+        m.wait_endpoints(web, refusing, 1)
+        seen: dict[str, list[int]] = {gone: [], refusing: []}
+        seen[gone].append(Client(web.binds[gone]).get("/before").status)
+        seen[refusing].append(Client(web.binds[refusing]).get("/close").status)  # (its agent keeps none)
+        backends.loop.call_soon_threadsafe(backends["refusing"].close)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), backends.loop).result(5)  # its listener closed
+        for _ in range(3):
+            resp = Client(web.binds[refusing]).get("/refused")
+            assert (resp.status, resp.flags) == (503, "UF")
+            seen[refusing].append(resp.status)
+        destination = api.metrics()  # its last scrape: the host dies
+        api.proc.stop(signal.SIGKILL)
+        for _ in range(3):
+            resp = Client(web.binds[gone]).get("/gone")
+            assert resp.status == 503 and {"UF", "UH"} & set(resp.flags.split(","))
+            seen[gone].append(resp.status)
+        series = {}
+        for text in (destination, web.metrics()):
+            for line in text.splitlines():
+                name, _, value = line.rpartition(" ")
+                ours = f'"{gone}"' in name or f'"{refusing}"' in name
+                if line.startswith("hostmesh_requests_total{") and ours and float(value):
+                    series[name] = float(value)
+        assert any('reporter="destination"' in s and 'response_flags="UF"' in s for s in series)  # relayed
+        ratios = {svc: sum(s >= 500 for s in statuses) / len(statuses) for svc, statuses in seen.items()}
+        assert ratios == {gone: 0.75, refusing: 0.75}
+        path = tmp_path / "burn.test.json"
+        path.write_text(burn_test(series, ratios, {gone: "75%", refusing: "75%"}))
+        run = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+    finally:
+        m.close()
+        backends.close()
