@@ -386,6 +386,31 @@ def not_following_fix(consul: Any) -> str:
     return "make Consul reachable with the agent's token"
 
 
+# the kinds /v1/config `versions` lists every applied document of: one refused that it does not list
+# had none applied before (of other kinds a refused document may have had one: it cannot tell)
+VERSIONED_KINDS = ("routes", "policies", "intentions")
+
+
+def refused_in_force(source: str, cfg: dict[str, Any]) -> str:
+    """What serves in place of refused document `source` ("routes/api"), from /v1/config: the last
+    good one, or with none applied before the defaults (no routes: default routing), and for a local
+    service's intentions what its state says (none valid read yet: its calls are refused)."""
+    versions = cfg.get("versions")
+    kind, _, name = source.partition("/")
+    if not isinstance(versions, dict) or source in versions or kind not in VERSIONED_KINDS:
+        return "the last good one serves"
+    if kind != "intentions":
+        return "none applied before: the defaults serve"
+    states = cfg.get("intentions_state")
+    state = states.get(name) if isinstance(states, dict) else None
+    if not isinstance(state, dict):  # an external's intentions (not listed), or an agent before it
+        return "what was in force before stays"
+    if state.get("state") == "absent":
+        default = printable(str(cfg.get("default_intention")), FIELD_LIMIT)
+        return f"none applied before: default_intention ({default}) decides"
+    return "none in force: its calls are refused"
+
+
 def render_table(status: dict[str, Any]) -> str:
     """The `hostmesh status` table. Every string in it is the agent's (or whatever answers at that
     address): each goes through printable(), at most FIELD_LIMIT characters (an endpoint list
@@ -429,7 +454,7 @@ def render_table(status: dict[str, Any]) -> str:
     rejected = cfg.get("rejected")  # (agents before it do not say)
     for source, why in sorted(rejected.items() if isinstance(rejected, dict) else []):
         why = text(why, MAX_DETAIL)
-        lines.append(f"{text(source):<30} REFUSED in Consul, the last good one serves: {why}")
+        lines.append(f"{text(source):<30} REFUSED in Consul, {refused_in_force(str(source), cfg)}: {why}")
     for source, why in sorted(unreadable_documents(cfg.get("consul")).items()):
         why = text(why, MAX_DETAIL)
         lines.append(

@@ -126,6 +126,41 @@ def test_malformed_intentions_are_rejected_and_the_last_good_config_stays(
     assert refused(a.binds["api"], b"x", timeout=1)  # still denied: the previous document stays
 
 
+def test_status_says_what_serves_in_place_of_a_refused_document(
+    mesh: TwoHosts, private_consul: ConsulDev
+) -> None:
+    """A document refused with none applied before was shown as "the last good one serves" under
+    "(none: default routing)": no good one had ever served. Status says what does."""
+    m, a, b, _ = mesh
+
+    def refused_line(agent: AgentHandle, source: str) -> str:
+        status = m.hostmesh("status", "--agent", f"127.0.0.1:{agent.admin_port}").stdout
+        lines = status.splitlines()
+        found = [x.split(None, 1)[1] for x in lines if x.startswith(f"{source} ") and "REFUSED" in x]
+        assert len(found) == 1, status
+        return found[0]
+
+    def rejected(agent: AgentHandle, source: str) -> bool:
+        return source in agent.get("/v1/config")[1]["rejected"]
+
+    why = "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"
+    private_consul.kv_put("hostmesh/routes/api", b"{not json")
+    private_consul.kv_put("hostmesh/intentions/api", b"{not json")
+    wait_for(lambda: rejected(a, "routes/api") and rejected(b, "intentions/api"), 10.0, "both refused")
+    assert refused_line(a, "routes/api") == (
+        f"REFUSED in Consul, none applied before: the defaults serve: {why}"
+    )
+    assert refused_line(b, "intentions/api") == (
+        f"REFUSED in Consul, none applied before: default_intention (allow) decides: {why}"
+    )
+    private_consul.kv_delete("hostmesh/intentions/api")
+    m.hostmesh("intention", "deny", "web", "api")
+    wait_for(lambda: "intentions/api" in b.get("/v1/config")[1]["versions"], 10.0, "the valid one applied")
+    private_consul.kv_put("hostmesh/intentions/api", b"{not json")
+    wait_for(lambda: rejected(b, "intentions/api"), 10.0, "the next one refused")
+    assert refused_line(b, "intentions/api") == f"REFUSED in Consul, the last good one serves: {why}"
+
+
 def test_agent_ready_quickly_and_clean_stop_deregisters(mesh: TwoHosts, private_consul: ConsulDev) -> None:
     m, a, _b, echo = mesh
     c = m.write_agent_config("node-c", [{"name": "api", "port": echo.port, "meta": {"version": "v2"}}])
