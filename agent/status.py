@@ -34,6 +34,9 @@ ADMIN_TIMEOUT = 5.0  # per request to the admin API: it answers from memory
 MAX_DETAIL = 200  # characters of an error answer quoted in a message
 FIELD_LIMIT = 100  # characters of one name, address or version in `hostmesh status`'s table
 ENDPOINTS_LIMIT = 2000  # characters of one upstream's list of healthy endpoints there
+# the certificate columns: expiry to the second ("2026-12-07T14:49:20"), then the hours left, up to a
+# leaf of the longest life the CA signs, 7 days: "(168.0 h)"
+EXPIRES_WIDTH, LEFT_WIDTH = 19, 9
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")  # a name, IPv4 or IPv6 literal
 
 
@@ -428,7 +431,8 @@ def render_table(status: dict[str, Any]) -> str:
         *_consul_lines(cfg.get("consul"), now),
         f"snapshot    generation {cfg['generation']}, default intention {text(cfg['default_intention'])}",
         "",
-        "SERVICE          PROTOCOL  PORT   CERT EXPIRES (in)           SERIAL            ROOT_ID",
+        f"SERVICE          PROTOCOL  PORT   {'CERT EXPIRES (in)':<{EXPIRES_WIDTH + 1 + LEFT_WIDTH}} "
+        "SERIAL            ROOT_ID",
     ]
     by_service = {c["service"]: c for c in certs}
     for svc in cfg["services"]:
@@ -441,8 +445,9 @@ def render_table(status: dict[str, Any]) -> str:
             delta = dt.datetime.fromisoformat(expires) - now
             left = f"({delta.total_seconds() / 3600:.1f} h)"
         lines.append(
-            f"{text(svc['name']):<16} {text(svc['protocol']):<9} {svc['port']:<6} {text(expires, 19):<19} "
-            f"{left:<8} {text(cert.get('serial') or '-', 16):<17} {text(cert.get('root_id') or '-')}"
+            f"{text(svc['name']):<16} {text(svc['protocol']):<9} {svc['port']:<6} "
+            f"{text(expires, EXPIRES_WIDTH):<{EXPIRES_WIDTH}} {left:<{LEFT_WIDTH}} "
+            f"{text(cert.get('serial') or '-', 16):<17} {text(cert.get('root_id') or '-')}"
         )
         state = cert.get("state")
         if state in ("retrying", "expired") and isinstance(cert.get("problem"), str):  # renewals failing

@@ -362,3 +362,25 @@ async def test_a_stop_logs_a_renewal_loops_error_and_completes(caplog: pytest.Lo
     with caplog.at_level("ERROR", logger="hostmesh.agent.certs"):
         await cp.close()
     assert [r.getMessage() for r in caplog.records] == ["renew:api had ended with an error"]
+
+
+def test_status_columns_line_up_with_their_headings_for_the_longest_lived_leaf(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """`hostmesh status`'s SERIAL and ROOT_ID began a character after their headings (the expiry and
+    hours-left values were wider than "CERT EXPIRES (in)"'s column), two after for a leaf with over
+    99.9 h left: the CA signs leaves of up to 7 days."""
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca("--leaf-ttl", "168h")
+        h = m.start_agent(m.write_agent_config("node-w", [{"name": "api", "port": 9}]))
+        status = asyncio.run(fetch_status(h.admin_url.removeprefix("http://")))
+        (cert,) = status["certs"]["certs"]
+        table = render_table(status).splitlines()
+        heading = next(line for line in table if line.startswith("SERVICE "))
+        row = next(line for line in table if line.startswith("api "))
+        assert "(168.0 h)" in row or "(167.9 h)" in row, row
+        for title, value in (("SERIAL", cert["serial"][:16]), ("ROOT_ID", cert["root_id"])):
+            assert row.index(value) == heading.index(title), (heading, row)
+    finally:
+        m.close()
