@@ -288,6 +288,15 @@ class ExportLog:
                        self.endpoint, spans, sent, message or "(no message)")  # fmt: skip
 
 
+def _address(attributes: dict[str, Any], prefix: str, host_port: str) -> None:
+    """`<prefix>.address` and `<prefix>.port` from "ip:port" (an IPv6 address unbracketed, as
+    asyncio's peername gives it); nothing for "" or a value without a port ("?": unknown)."""
+    host, sep, port = host_port.rpartition(":")
+    if sep and host and port.isdigit():
+        attributes[f"{prefix}.address"] = host
+        attributes[f"{prefix}.port"] = int(port)
+
+
 def _rate_draws(sample: float) -> bool:
     """Head sampling at `sample` (0..1): whether this request is traced."""
     return sample > 0.0 and (sample >= 1.0 or _rng.random() < sample)
@@ -465,10 +474,16 @@ class Tracer:
         a["hostmesh.request_id"] = rid
         a["http.request.body.size"] = ex.received
         a["http.response.body.size"] = ex.sent
-        if upstream_host:
-            a["server.address"] = upstream_host
-        if peer:
-            a["network.peer.address"] = peer
+        # OpenTelemetry's names: an address is the IP alone, its port an attribute of its own; the
+        # network peer is the other agent on both sides (the callee's on a client span, as server.*;
+        # the caller's on a server span), and a caller's agent names its app as client.address
+        _address(a, "server", upstream_host)
+        if reporter == "source":
+            _address(a, "network.peer", upstream_host)
+            if peer:
+                a["client.address"] = peer
+        else:
+            _address(a, "network.peer", peer)
         if failed:
             span.status = STATUS_ERROR
         self.finish(span)

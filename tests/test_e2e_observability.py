@@ -169,6 +169,23 @@ def test_a_traced_request_yields_linked_spans_of_both_agents_and_shared_access_f
         assert attrs["hostmesh.request_id"].string_value == "obs-req-1"
         assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
 
+    # OpenTelemetry's address attributes: the IP alone, the port apart; the network peer is the other
+    # agent (on the client span the callee's, as server.*), the caller's app is client.address
+    def addresses(span: Any) -> dict[str, Any]:
+        return {kv.key: kv.value.string_value or kv.value.int_value for kv in span.attributes
+                if kv.key.split(".")[0] in ("server", "client", "network")}  # fmt: skip
+
+    inbound = mesh.api.inbound_port
+    assert addresses(client) == {
+        "server.address": "127.0.0.1", "server.port": inbound, "client.address": "127.0.0.1",
+        "network.peer.address": "127.0.0.1", "network.peer.port": inbound,
+    }  # fmt: skip
+    callee = addresses(server)
+    assert set(callee) == {"server.address", "server.port", "network.peer.address", "network.peer.port"}
+    assert (callee["server.address"], callee["server.port"]) == ("127.0.0.1", mesh.backends["app"].port)
+    # the caller's agent's end of the connection: an ephemeral port
+    assert callee["network.peer.address"] == "127.0.0.1" and callee["network.peer.port"] not in (0, inbound)
+
     # the access lines of the request on both agents share trace_id and request_id, and name the span
     def access(handle: AgentHandle) -> dict[str, Any] | None:
         found = [
