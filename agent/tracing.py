@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 from hostmesh.agent.audit import MAX_REQUEST_FIELD
 from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.loops import wait_event
+from hostmesh.agent.proxy.edges import request_host
 from hostmesh.registry.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -297,6 +298,27 @@ def _address(attributes: dict[str, Any], prefix: str, host_port: str) -> None:
         attributes[f"{prefix}.port"] = int(port)
 
 
+HTTP_DEFAULT_PORT = 80  # a Host without a port names HTTP's (mesh hops and app listeners speak http)
+MAX_PORT = 65535  # a Host's port past it names no server: no server.port
+
+
+def _authority(attributes: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    """`server.address` and `server.port` from the request's Host ("api:8080", "[::1]:80", "api"), as
+    OpenTelemetry's HTTP spans name the server: the same on the client and the server span, whichever
+    instance or app answered; nothing without a Host or for one that is not a host (the gateway's
+    reading of it: edges.request_host)."""
+    named = request_host(headers)
+    if not named or not named[0]:
+        return
+    host, authority = named
+    port = authority[len(host) :].rpartition(":")[2] if len(authority) > len(host) else ""
+    attributes["server.address"] = host.strip("[]")[:MAX_ATTRIBUTE]
+    if not port:
+        attributes["server.port"] = HTTP_DEFAULT_PORT
+    elif int(port) <= MAX_PORT:
+        attributes["server.port"] = int(port)
+
+
 def _rate_draws(sample: float) -> bool:
     """Head sampling at `sample` (0..1): whether this request is traced."""
     return sample > 0.0 and (sample >= 1.0 or _rng.random() < sample)
@@ -474,16 +496,19 @@ class Tracer:
         a["hostmesh.request_id"] = rid
         a["http.request.body.size"] = ex.received
         a["http.response.body.size"] = ex.sent
-        # OpenTelemetry's names: an address is the IP alone, its port an attribute of its own; the
-        # network peer is the other agent on both sides (the callee's on a client span, as server.*;
-        # the caller's on a server span), and a caller's agent names its app as client.address
-        _address(a, "server", upstream_host)
+        # OpenTelemetry's names: the server is the one the request's Host names (the service, as the
+        # app called it), the same on both spans; an address is the IP alone, its port apart; the
+        # network peer is the other agent on both sides (the callee's instance on a client span), and
+        # client.address the app that called on a client span, the caller's agent on a server span
+        _authority(a, forwarded if forwarded is not None else head.headers)
         if reporter == "source":
             _address(a, "network.peer", upstream_host)
             if peer:
                 a["client.address"] = peer
         else:
             _address(a, "network.peer", peer)
+            if "network.peer.address" in a:
+                a["client.address"] = a["network.peer.address"]
         if failed:
             span.status = STATUS_ERROR
         self.finish(span)

@@ -26,6 +26,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
+from hostmesh.agent.tracing import _authority
 from hostmesh.ca.files import cert_dir, roots_path
 from tests.l7_support import Backends, Client
 from tests.support import ConsulDev
@@ -143,10 +144,26 @@ def metric_text(text: str, name: str, **labels: str) -> float:
     return total
 
 
+@pytest.mark.parametrize(("host", "want"), [
+    (b"api", {"server.address": "api", "server.port": 80}),
+    (b"API.Mesh.:8080", {"server.address": "api.mesh", "server.port": 8080}),
+    (b"[::1]:81", {"server.address": "::1", "server.port": 81}),
+    (b"api:99999", {"server.address": "api"}),
+    (b"a b", {}),
+    (b"", {}),
+])  # fmt: skip
+def test_span_server_address_is_what_the_host_names(host: bytes, want: dict[str, Any]) -> None:
+    """OpenTelemetry's server.address and server.port of an HTTP span: the request's Host, apart."""
+    attributes: dict[str, Any] = {}
+    _authority(attributes, [(b"accept", b"*/*"), (b"host", host)])
+    assert attributes == want
+
+
 def test_a_traced_request_yields_linked_spans_of_both_agents_and_shared_access_fields(mesh: Mesh) -> None:
     resp = Client(mesh.web.binds[SVC]).get(
-        "/hello", {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01", "x-request-id": "obs-req-1"}
-    )
+        "/hello", {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01", "x-request-id": "obs-req-1",
+                   "host": f"{SVC}.mesh:8080"}
+    )  # fmt: skip
     assert resp.status == 200
     spans = wait_for(lambda: (s := mesh.collector.of_trace(TRACE_ID)) and len(s) >= 2 and s, 15,
                      "both agents' spans at the collector")  # fmt: skip
@@ -169,22 +186,25 @@ def test_a_traced_request_yields_linked_spans_of_both_agents_and_shared_access_f
         assert attrs["hostmesh.request_id"].string_value == "obs-req-1"
         assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
 
-    # OpenTelemetry's address attributes: the IP alone, the port apart; the network peer is the other
-    # agent (on the client span the callee's, as server.*), the caller's app is client.address
+    # OpenTelemetry's address attributes: server.* is what the request's Host names, the same on both
+    # spans (not the instance or app that answered); an address is the IP alone, the port apart; the
+    # network peer is the other agent; client.address the caller's app, then the caller's agent
     def addresses(span: Any) -> dict[str, Any]:
         return {kv.key: kv.value.string_value or kv.value.int_value for kv in span.attributes
                 if kv.key.split(".")[0] in ("server", "client", "network")}  # fmt: skip
 
     inbound = mesh.api.inbound_port
     assert addresses(client) == {
-        "server.address": "127.0.0.1", "server.port": inbound, "client.address": "127.0.0.1",
+        "server.address": f"{SVC}.mesh", "server.port": 8080, "client.address": "127.0.0.1",
         "network.peer.address": "127.0.0.1", "network.peer.port": inbound,
     }  # fmt: skip
     callee = addresses(server)
-    assert set(callee) == {"server.address", "server.port", "network.peer.address", "network.peer.port"}
-    assert (callee["server.address"], callee["server.port"]) == ("127.0.0.1", mesh.backends["app"].port)
+    assert set(callee) == {"server.address", "server.port", "network.peer.address", "network.peer.port",
+                           "client.address"}  # fmt: skip
+    assert (callee["server.address"], callee["server.port"]) == (f"{SVC}.mesh", 8080)
     # the caller's agent's end of the connection: an ephemeral port
-    assert callee["network.peer.address"] == "127.0.0.1" and callee["network.peer.port"] not in (0, inbound)
+    assert callee["network.peer.address"] == callee["client.address"] == "127.0.0.1"
+    assert callee["network.peer.port"] not in (0, inbound)
 
     # the access lines of the request on both agents share trace_id and request_id, and name the span
     def access(handle: AgentHandle) -> dict[str, Any] | None:

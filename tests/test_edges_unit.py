@@ -25,7 +25,7 @@ from hostmesh.agent import audit
 from hostmesh.agent.config import Address, ConfigError, UpstreamConfig, parse_config
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import edges
-from hostmesh.agent.proxy.edges import OriginateError, _request_host, client_hello_sni, originate
+from hostmesh.agent.proxy.edges import OriginateError, client_hello_sni, originate, request_host
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
@@ -95,11 +95,11 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
     ],
 )
 def test_request_host(host: bytes, want: tuple[str, str] | None) -> None:
-    assert _request_host([(b"host", host)]) == want
+    assert request_host([(b"host", host)]) == want
 
 
 def test_no_host_field_is_no_host() -> None:
-    assert _request_host([(b"accept", b"*/*")]) == ("", "")
+    assert request_host([(b"accept", b"*/*")]) == ("", "")
 
 
 def base(**extra: Any) -> dict[str, Any]:

@@ -501,7 +501,7 @@ def egress_stream(listener: Any, conn: Any, stream: Any, snap: Snapshot) -> None
 _HOST_FIELD = re.compile(r"([a-z0-9_][a-z0-9_.-]*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 
-def _request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+def request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
     """The request's Host field as (host, host[:port]), lower case; ("", "") without one (HTTP/1.0)
     or with an empty one (llhttp refuses two); None when it is not a host name or IP literal with
     an optional port."""
@@ -601,7 +601,7 @@ class IngressHttp:
         if retry_after := self._rate_limited(snap, ex.conn.peer_ip):  # before routing: unknown hosts cost too
             ex.respond(429, flags.RL, "rate limited", extra=retry_after)
             return
-        named = _request_host(head.headers)
+        named = request_host(head.headers)
         if named is None:
             ex.respond(400, flags.DPE, "invalid Host field")
             return
