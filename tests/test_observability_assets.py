@@ -145,3 +145,48 @@ def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register() 
     # the meta key the agent and the CA really register (registry/layout.py names it)
     assert "METRICS_META: addr" in (ROOT / "agent/run.py").read_text()
     assert "METRICS_META: f" in (ROOT / "ca/service.py").read_text()
+
+
+def slo_success_rate(window: str) -> str:
+    """1 - the availability SLO's error ratio of the rules (hostmesh:service_errors:ratio_rate5m), its
+    recorded hostmesh:service_unreached inlined: a dashboard names only exported series."""
+    doc = yaml.safe_load((OBS / "rules/hostmesh.rules.yml").read_text())
+    expr = {
+        r["record"]: " ".join(r["expr"].split()) for g in doc["groups"] for r in g["rules"] if "record" in r
+    }
+    unreached = expr["hostmesh:service_unreached:rate5m"]
+    ratio = expr["hostmesh:service_errors:ratio_rate5m"].replace(
+        "hostmesh:service_unreached:rate5m", f"({unreached})"
+    )
+    return f"1 - ({ratio.replace('( ', '(').replace(' )', ')').replace('[5m]', f'[{window}]')})"
+
+
+def test_the_overview_success_rate_counts_what_the_availability_slo_counts(
+    promtool: str, tmp_path: Path
+) -> None:
+    """A service none of whose requests reach an instance (its callers' agents answer 503 UH) pages
+    (HostmeshErrorBudgetBurnFast); the overview's success rate of it was no line at all (the
+    destinations' 0/0), not 0 %."""
+    board = json.loads((OBS / "grafana/mesh-overview.json").read_text())
+    (expr,) = [
+        t["expr"] for p in board["panels"] if p["title"].startswith("Success rate") for t in p["targets"]
+    ]
+    assert expr == slo_success_rate("$__rate_interval")
+
+    def down(reporter: str, code: str, flags: str) -> str:
+        return (f'hostmesh_requests_total{{reporter="{reporter}",destination_service="down",'
+                f'response_code="{code}",response_flags="{flags}"}}')  # fmt: skip
+
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": down("destination", "200", "-"), "values": "0+600x10 6000x20"},
+            {"series": down("source", "503", "UH"), "values": "0x10 0+600x20"},
+        ],
+        "promql_expr_test": [{"expr": expr.replace("$__rate_interval", "5m"), "eval_time": "30m",
+                              "exp_samples": [{"labels": '{destination_service="down"}', "value": 0}]}],
+    }]}  # fmt: skip
+    path = tmp_path / "overview.test.yml"
+    path.write_text(json.dumps(test))
+    run = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
