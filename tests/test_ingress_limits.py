@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -35,6 +36,7 @@ from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from tests.support import async_wait_until
 from tests.test_e2e_edges import OutsideCA
 from tests.test_l7_proxy_component import every_access_line
+from tests.test_workers import established_on
 
 PIN = "sha256:" + "ab" * 32
 HOST = "a.example.test"
@@ -271,6 +273,69 @@ def test_at_the_cap_the_longest_idle_kept_alive_client_gives_its_slot_to_a_new_o
                 assert (await asyncio.wait_for(r.read(), WAIT)).startswith(b"HTTP/1.1 404")
                 w.close()
             kept[0][1].close()
+            await g.slots_back()
+
+    run(loop, body)
+
+
+def _idle_https_client(g: Gateway, ctx: ssl.SSLContext) -> tuple[ssl.SSLSocket, bytes]:
+    """An https keep-alive connection after one request, read to its end, and its answer's head: a
+    blocking client's pool holds it so, reading nothing until its next request (so it answers no
+    close_notify meanwhile). A close without close_notify raises SSLEOFError on its next read."""
+    tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.https), WAIT), server_hostname=HOST,
+                          suppress_ragged_eofs=False)  # fmt: skip
+    tls.sendall(f"GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+    data = b""
+    for _ in range(64):  # a 404's head and short body: a few reads
+        data += tls.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lengths = [ln[15:] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")]
+        if lengths and len(body) >= int(lengths[0]):
+            return tls, head
+    raise AssertionError(f"no complete answer: {data!r}")
+
+
+def _unacknowledged(port: int) -> int:
+    """Bytes the sockets with this local port sent and their peers' kernels have not acknowledged yet
+    (/proc/net/tcp's tx_queue, what SIOCOUTQ reads)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port:
+            total += int(f[4].split(":")[0], 16)
+    return total
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_idle_https_client_that_gives_its_slot_at_the_cap_gives_its_descriptor_at_once(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS connection taken at the cap gave its slot to the newcomer at once but kept its socket while
+    its close waited for the client's close_notify, up to INGRESS_SHUTDOWN_TIMEOUT (the inbound: the
+    loop's 30 s), which an idle client reading nothing (a blocking pool) never sends: 8 newcomers at a
+    cap of 8 held 16 descriptors for 5 s, and max_connections is there to bound them. The reclaimed
+    connection sends its close_notify and closes at once, as nginx closes its HTTP clients' TLS
+    connections (RFC 9112 §9.8 lets a server): its client reads a clean end, not a truncation."""
+    monkeypatch.setattr(edges, "INGRESS_SHUTDOWN_TIMEOUT", 10 * WAIT)  # no close waits it out here
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            g.cap.reclaim_after = 0.0  # (2 s in the agent)
+            ctx = g.client_tls()
+            clients = [await asyncio.to_thread(_idle_https_client, g, ctx) for _ in range(CAP)]
+            try:  # their kernels acknowledge the answers (a delayed ACK: well within the agent's 2 s)
+                await async_wait_until(lambda: _unacknowledged(g.https) == 0, WAIT, "the clients' ACKs")
+                for _ in range(CAP):  # each newcomer takes the slot of the one idle longest
+                    clients.append(await asyncio.to_thread(_idle_https_client, g, ctx))
+                    assert clients[-1][1].startswith(b"HTTP/1.1 404"), clients[-1][1]  # served, not 503 OM
+                assert (g.cap.open, g.cap.reclaimed) == (CAP, CAP)
+                await async_wait_until(lambda: established_on(os.getpid(), g.https) == CAP, WAIT,
+                                       "the gateway to hold no more connections than its cap")  # fmt: skip
+                for tls, _ in clients[:CAP]:
+                    assert await asyncio.to_thread(tls.recv, 1) == b""  # close_notify, then the end
+            finally:
+                for tls, _ in clients:
+                    tls.close()
             await g.slots_back()
 
     run(loop, body)

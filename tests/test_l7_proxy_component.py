@@ -1061,6 +1061,40 @@ async def test_a_refusal_leaves_the_idle_connections_in_their_order(mesh: Mesh) 
         c.close()
 
 
+async def test_at_the_cap_a_connection_taken_with_its_last_answer_still_buffered_delivers_it(
+    mesh: Mesh,
+) -> None:
+    """A connection taken at the cap is closed at once when nothing of it is left to deliver (an abort:
+    a TLS close waits for the client's close_notify); the end of an answer its client has not read
+    yet, still in the agent's write buffer, goes first (an abort would drop it): the client reads the
+    whole answer, then the close."""
+    cap = ConnectionCap(1, mesh.tel_a)
+    mesh.outbound.cap = cap
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's small window
+    sock.settimeout(IO_TIMEOUT)
+    await asyncio.to_thread(sock.connect, ("127.0.0.1", mesh.outbound.port))
+    slow = Client(mesh.outbound.port)
+    slow.sock = sock
+    await async_wait_until(lambda: len(mesh.http_out.conns) == 1, IO_TIMEOUT, "the agent to accept")
+    (conn,) = mesh.http_out.conns
+    assert conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = random.randbytes(192 * 1024)  # beyond both kernels' buffers, within the agent's (256 KiB)
+    head = f"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+    await asyncio.to_thread(sock.sendall, head + body)  # the app reads it all, then echoes it
+    await async_wait_until(lambda: conn.requests == 1 and conn.idle_since() >= 0, IO_TIMEOUT,
+                           "the answer to be written")  # fmt: skip
+    assert conn.transport.get_write_buffer_size() > 0  # its end is in the agent's buffer, unread
+    cap.reclaim_after = 0.0  # (2 s in the agent)
+    served = await asyncio.to_thread(mesh.client().get, "/served")
+    assert (served.status, served.flags) == (200, "")
+    echoed = await asyncio.to_thread(slow.read)
+    assert (echoed.status, echoed.body == body) == (200, True)
+    assert await asyncio.to_thread(sock.recv, 1) == b""  # then closed
+    sock.close()
+
+
 async def test_idle_pooled_http_streams_hold_no_slot_of_the_inbound_cap(mesh: Mesh) -> None:
     """The calling agent keeps the streams of a burst pooled, idle, for 30 s (up to 128 per instance);
     each held a slot of the destination's max_connections: after 45 concurrent requests from one

@@ -98,7 +98,8 @@ CLIENT_HELLO_TIMEOUT = 10.0  # a passthrough client must send its ClientHello wi
 # outside the mesh may be a few slow round trips away, a peer agent needs one (inbound: 5 s)
 INGRESS_HANDSHAKE_TIMEOUT = 10.0
 # a closing https connection waits this long for the client's close_notify (the loop's default is
-# 30 s), holding its slot: a client that stopped reading (cut at a timeout) never sends one
+# 30 s), holding its slot: a client that stopped reading (cut at a timeout) never sends one (one
+# closed at the cap for a newcomer does not wait: http_conn.ServerConn.give_up_slot)
 INGRESS_SHUTDOWN_TIMEOUT = 5.0
 MAX_LOGGED_SNI = 64  # characters of a client's SNI quoted in a log line (a ClientHello may carry 16 KiB)
 BACKLOG = 1024

@@ -106,7 +106,7 @@ from hostmesh.agent.l7.retry import (
     Outcome,
 )
 from hostmesh.agent.metrics import MAX_CACHED_SERIES, Telemetry
-from hostmesh.agent.proxy.limits import Admission
+from hostmesh.agent.proxy.limits import Admission, send_queue
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.reqstats import IstioSeries, RequestSeries, access_sampled
@@ -885,13 +885,25 @@ class ServerConn(asyncio.BaseProtocol):
 
     def give_up_slot(self) -> None:
         """At the connection cap, a newcomer takes this idle connection's slot (limits.py): given back
-        now, and the connection closed (HTTP lets a server close an idle persistent connection)."""
+        now, and the connection closed (HTTP lets a server close an idle persistent connection). With
+        nothing of it left to deliver, its socket goes at once too: a TLS close waits for the client's
+        close_notify (the inbound: the loop's 30 s; an ingress: INGRESS_SHUTDOWN_TIMEOUT), which an idle
+        client reading nothing (a blocking pool) never sends, and meanwhile the descriptor was one
+        beyond max_connections. Ours is still sent first (close), then the socket closed without
+        waiting (abort; the kernel still sends what it holds), as nginx closes its HTTP clients' TLS
+        connections and RFC 9112 §9.8 lets a server."""
         self.idle_list = None
         slot = self.admission
         if slot is not None:
             self.admission = None
             slot.release()
+        t = self.transport
+        # else the end of the last response may still be on its way (a slow reader; TLS's buffer size
+        # leaves out the TCP transport's beneath it, hence the kernel's count): the close flushes it
+        drained = t is not None and not t.get_write_buffer_size() and send_queue(t) == 0
         self.close()
+        if drained and t is not None:
+            t.abort()
 
     def close(self) -> None:
         if not self.closed:

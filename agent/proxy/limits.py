@@ -222,13 +222,19 @@ def _queued(pipe: Pipe) -> int:
         t = getattr(end, "transport", None)
         if t is None or t.is_closing():
             continue
-        total += t.get_write_buffer_size()
-        sock = t.get_extra_info("socket")
-        if sock is not None:
-            try:
-                buf = bytearray(4)
-                fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
-                total += int.from_bytes(buf, "little")
-            except (OSError, ValueError):
-                pass
+        total += t.get_write_buffer_size() + max(send_queue(t), 0)
     return total
+
+
+def send_queue(transport: Any) -> int:
+    """Bytes in the kernel's send queue of the transport's TCP socket, not yet acknowledged by the
+    peer (SIOCOUTQ), or -1 when there is no socket to ask (a mux stream) or the kernel does not say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
+    except (OSError, ValueError):
+        return -1
+    return int.from_bytes(buf, "little")
