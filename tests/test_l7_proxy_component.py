@@ -913,6 +913,32 @@ async def test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_bac
     assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="200", response_flags="SI") == 1
 
 
+async def test_a_client_that_stops_reading_the_end_of_its_last_answer_gives_up_its_connection(
+    mesh: Mesh,
+) -> None:
+    """`Connection: close`: the proxy closes once the answer is handed to the transport, and the
+    close waits for the rest to be delivered. A client that read none of it held its connection, and
+    its slot under the connection cap, for as long as it kept TCP open: no timeout applied once
+    closed. Now as for a response under way: no byte acknowledged for body_idle_timeout, reset."""
+    slow_body_mesh(mesh, idle=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the kernel doubles it: ~8 KiB)
+    sock.settimeout(IO_TIMEOUT)
+    try:
+        sock.connect(("127.0.0.1", mesh.outbound.port))
+        await async_wait_until(lambda: len(mesh.http_out.conns) == 1, what="the app connection")
+        (conn,) = mesh.http_out.conns
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        body = b"x" * (192 * 1024)  # more than both sockets' buffers: the rest waits in the agent's
+        head = b"POST /echo HTTP/1.1\r\nhost: api\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+        await asyncio.to_thread(sock.sendall, head % len(body) + body)
+        await async_wait_until(lambda: conn.closed, what="the answer handed over and the close begun")
+        assert conn.transport.get_write_buffer_size() > 0  # (what the client did not read)
+        await async_wait_until(lambda: conn not in mesh.http_out.conns, what="the connection gone")
+    finally:
+        sock.close()
+
+
 def read_steadily(port: int, size: int, rate: float) -> tuple[int, bool]:
     """POST `size` bytes to /echo and read the answer at `rate` bytes/s; (bytes read, reset?)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
@@ -1320,6 +1346,7 @@ def test_the_response_stall_cut_on_uvloop(tmp_path: Path) -> None:
         tmp_path,
         test_a_client_that_reads_none_of_its_response_is_cut_and_frees_the_backend,
         test_a_client_reading_slowly_but_steadily_is_never_cut,
+        test_a_client_that_stops_reading_the_end_of_its_last_answer_gives_up_its_connection,
     )
 
 

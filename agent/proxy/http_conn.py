@@ -912,8 +912,33 @@ class ServerConn(asyncio.BaseProtocol):
             self.closed = True
             if self._timer is not None:
                 self._cancel_timer()
-            if self.transport is not None:
-                self.transport.close()
+            t = self.transport
+            if t is not None:
+                t.close()
+                if t.get_write_buffer_size():
+                    self._watch_closing(t)
+
+    def _watch_closing(self, t: asyncio.BaseTransport) -> None:
+        """The close waits until the end of the last answer is delivered, with no timeout of its own:
+        a client that stops reading it (keep-alive ended, `Connection: close`, a reclaim at the cap)
+        held the socket, and an app connection its slot, for as long as it kept TCP open. As for a
+        response under way (_check_response_stall), its kernel must acknowledge a byte every body idle
+        timeout, or the connection is reset. Not on a mux stream: its agent judges its own client."""
+        acked = _acked(t)
+        if acked == NOT_TCP:
+            return
+        self._acked = acked
+        self._timer = asyncio.get_running_loop().call_later(
+            self.handler.body_idle_timeout, self._closing_check, t
+        )
+
+    def _closing_check(self, t: asyncio.BaseTransport) -> None:
+        self._timer = None  # (connection_lost cancels it: then the close has finished)
+        acked = _acked(t)
+        if acked == self._acked:
+            reset_transport(t)
+        else:
+            self._watch_closing(t)
 
     def abort(self) -> None:
         self._cork = None
