@@ -580,6 +580,21 @@ def mtls_client(mesh: Mesh, instance: int = 0) -> Client:
     return c
 
 
+async def on_both_public_edges(mesh: Mesh, head: bytes) -> tuple[bytes, Any]:
+    """`head` sent raw to the app-facing outbound (its answer's bytes, up to the close) and over mTLS
+    to the inbound (the parsed answer)."""
+
+    def via_inbound() -> Any:
+        c = mtls_client(mesh)
+        try:
+            return c.raw(head)
+        finally:
+            c.close()
+
+    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, head)
+    return out, await asyncio.to_thread(via_inbound)
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -595,16 +610,7 @@ async def test_a_repeated_or_missing_host_is_400_on_both_public_edges(mesh: Mesh
     authority to route and authorize). Checked on the app-facing outbound and on the mTLS-facing
     inbound."""
     hits = sum(app.hits for app in mesh.apps)
-
-    def via_inbound() -> Any:
-        c = mtls_client(mesh)
-        try:
-            return c.raw(head)
-        finally:
-            c.close()
-
-    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, head)
-    direct = await asyncio.to_thread(via_inbound)
+    out, direct = await on_both_public_edges(mesh, head)
     assert out.startswith(b"HTTP/1.1 400 ") and b"x-hostmesh-response-flags: DPE" in out
     assert direct.status == 400 and direct.flags == "DPE"
     assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
@@ -615,16 +621,7 @@ async def test_connect_is_405_with_the_allow_field_on_both_public_edges(mesh: Me
     client or scanner reading it had no method to try. Checked on the outbound and the inbound."""
     head = b"CONNECT api:443 HTTP/1.1\r\nhost: api:443\r\n\r\n"
     hits = sum(app.hits for app in mesh.apps)
-
-    def via_inbound() -> Any:
-        c = mtls_client(mesh)
-        try:
-            return c.raw(head)
-        finally:
-            c.close()
-
-    out = await asyncio.to_thread(send_raw_and_read_all, mesh.outbound.port, head)
-    direct = await asyncio.to_thread(via_inbound)
+    out, direct = await on_both_public_edges(mesh, head)
     assert out.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: GET, HEAD, POST, " in out
     assert direct.status == 405 and direct.headers["allow"].startswith("GET, HEAD, POST, ")
     assert sum(app.hits for app in mesh.apps) == hits  # no backend saw it
