@@ -352,6 +352,60 @@ def test_agent_role_runs_in_check_mode_on_a_host_without_a_join_token(tmp_path: 
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
 
 
+# systemctl on a host hostmesh is not installed on: `show` finds no such unit (as systemd answers)
+SYSTEMCTL_WITHOUT_OUR_UNITS = """\
+import sys
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+if args[:1] == ["show"]:
+    print(f"Id={args[-1]}\\nLoadState=not-found\\nActiveState=inactive\\nSubState=dead")
+    sys.exit(0)
+sys.exit(1 if args else 0)  # is-enabled, list-unit-files: none such
+"""
+
+
+def test_a_check_of_a_new_fleet_shows_the_changes_and_starts_nothing(tmp_path: Path) -> None:
+    """`--check` of site.yml on hosts hostmesh is not installed on yet (a new fleet's CA host and agent,
+    the check before the first rollout): the check installs nothing, so systemd has no unit of ours to
+    start or restart and there is no hostmesh to ask its release. Before, the check failed at "Enable
+    and start the CA" ("Could not find the requested service hostmesh-ca.service") and, given a CA
+    host set up, at the agent's; it now shows the changes, and writes and starts nothing."""
+    root = tmp_path / "root"
+    root.mkdir()
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{SYSTEMCTL_WITHOUT_OUR_UNITS}")
+    (fake / "systemctl").chmod(0o755)
+    site = yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())  # the two plays and roles as shipped
+    playbook = tmp_path / "site.yml"
+    playbook.write_text(yaml.safe_dump(site, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    groups = {"hostmesh_ca": {"hosts": {"localhost": {}}}, "hostmesh_agents": {"hosts": {"localhost": {}}}}
+    inventory.write_text(json.dumps({"all": {"hosts": {"localhost": {"ansible_connection": "local"}},
+                                             "children": groups}}))  # fmt: skip
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    variables = {
+        "ansible_python_interpreter": sys.executable,
+        "hostmesh_become": False,
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_method": "pip",  # a check creates no virtualenv: nothing fetched
+        "hostmesh_install_systemd": True,
+        "hostmesh_agent_services": [WEB],
+        "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,  # a new CA host has none to publish yet
+        "hostmesh_agent_dns_resolver": "none",
+    }
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "--check", "--diff", "-i", str(inventory),
+         "-e", json.dumps(variables), str(playbook)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    counts = recap(result.stdout)
+    assert counts["failed"] == 0 and counts["changed"] > 0, output  # the venv, agent.toml, ... to come
+    assert list(root.iterdir()) == []
+
+
 def test_a_host_run_alone_without_its_ca_host_is_told_to_include_it(tmp_path: Path) -> None:
     """`--limit new-vm` (a host added to a running fleet, or one host's settings changed) leaves the CA
     play without hosts, so the CA host never publishes its root pin: the agent play stops before

@@ -156,6 +156,7 @@ DERIVED = {  # internal variables computed from others: not options
     "hostmesh_install_owner",
     "hostmesh_install_owner_group",
     "hostmesh_install_root_owner",
+    "hostmesh_install_pending",
 }
 
 
