@@ -9,8 +9,10 @@ Trust (`hostmesh ca serve --nomad-jwks URL [--nomad-audience A] [--nomad-check-a
 2. The key is found by the header's `kid` in a cached JWKS. An unknown `kid` refreshes the JWKS once
    (Nomad rotated its keyring) but at most every JWKS_MIN_REFRESH seconds, so a flood of made-up
    `kid`s cannot turn the CA into a load generator against Nomad. A `kid` is refused as unknown only
-   by a JWKS that was read: while Nomad's cannot be read it is 503, to retry (a rotation during an
-   outage refused the new key's JWTs with 401, which stops an agent's bootstrap for good). The cache
+   by a JWKS read after it was asked for: while Nomad's cannot be read it is 503, to retry (a rotation
+   during an outage refused the new key's JWTs with 401, which stops an agent's bootstrap for good),
+   and so it is while the bound allows no read, with a Retry-After of when one is allowed (a new key's
+   first JWT within JWKS_MIN_REFRESH of a read was refused for good the same way). The cache
    is read again when older than JWKS_MAX_AGE, so a key Nomad stopped publishing (after a compromise,
    say) is refused within that; while the JWKS cannot be read, the keys last read stay in use.
 3. `exp` is required and checked (a workload identity without `ttl` never expires: hostmesh does not
@@ -93,6 +95,16 @@ class Workload:
         return f"{self.namespace}/{self.job}/{self.task} (allocation {self.allocation})"
 
 
+class KeyNotReadYet(Unavailable):
+    """A kid not in the JWKS as last read, which was read before it was asked for and may not be read
+    again for `retry_after` seconds: 503 with that Retry-After, not 401, since a key Nomad added since
+    that read (a rotation) is not known to be false, and a 401 ends an agent's bootstrap for good."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class JWKSCache:
     """Nomad's public keys by kid, fetched from `url` and refreshed on an unknown kid (bounded)."""
 
@@ -114,8 +126,9 @@ class JWKSCache:
         self.timeout = JWKS_TIMEOUT  # for a whole fetch: connect, headers and body
 
     async def key(self, kid: str) -> tuple[jwt.PyJWK, str | None]:
-        """The key `kid` names (module docstring, 2.): Unauthorized when a JWKS that was read lacks
-        it, Unavailable when none could be read since it was asked for."""
+        """The key `kid` names (module docstring, 2.): Unauthorized when a JWKS read since it was asked
+        for (or shared with a fetch under way) lacks it; Unavailable when none could be read, or when
+        the refresh bound allows no read yet (KeyNotReadYet)."""
         now = asyncio.get_running_loop().time()
         found = self._keys.get(kid)
         stale = self._read_at is None or now - self._read_at >= self.max_age
@@ -137,6 +150,14 @@ class JWKSCache:
             return found
         if self._failure:  # no key set read lately: the kid may be a new key of a rotation
             raise Unavailable(f"cannot check JWT key {kid[:64]!r}: {self._failure}")
+        if fetch is None:  # last read before this kid was asked for, and not to be read again yet
+            assert self._fetched_at is not None
+            wait = self.min_refresh - (now - self._fetched_at)
+            raise KeyNotReadYet(
+                f"JWT signed by key {kid[:64]!r}, not in Nomad's JWKS as read {now - self._fetched_at:.1f}s "
+                f"ago; it is read again at most every {self.min_refresh:g}s: retry in {wait:.1f}s",
+                retry_after=wait,
+            )
         raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
 
     async def _refresh(self) -> None:

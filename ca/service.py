@@ -1352,7 +1352,10 @@ class CAService:
             reason = f"temporarily unavailable: {reason}"
         self.metrics.refused.labels(via, refusal_reason(exc)).inc()
         self.audit_refusal(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
-        return Response.error(status, reason)
+        resp = Response.error(status, reason)
+        if isinstance(exc, nomad_trust.KeyNotReadYet):
+            resp.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        return resp
 
     def audit_refusal(
         self,

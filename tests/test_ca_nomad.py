@@ -261,14 +261,41 @@ async def test_unknown_kid_refreshes_the_jwks_once_and_known_kids_are_cached(tmp
         for _ in range(3):
             assert (await sign(svc, nomad.identity(alloc, "web"), "web"))[0] == 200
         assert nomad_trust.jwks.fetches == 1  # cached
-        for i in range(5):  # made-up kids: at most one refresh within JWKS_MIN_REFRESH
+        for i in range(5):  # made-up kids within JWKS_MIN_REFRESH of the read: no fetch, retry later
             status, body = await sign(svc, nomad.identity(alloc, "web", kid=f"made-up-{i}"), "web")
-            assert_refused(sink, status, body, 401, "JWT signed by unknown key")
+            assert_refused(sink, status, body, 503, "it is read again at most every 10s: retry in")
         assert nomad_trust.jwks.fetches == 1
-        nomad_trust.jwks.min_refresh = 0.0  # past the refresh bound: Nomad rotated its keyring
-        nomad.rotate_key()
+        nomad_trust.jwks.min_refresh = 0.0  # past the refresh bound: a read, which lacks the kid
+        status, body = await sign(svc, nomad.identity(alloc, "web", kid="made-up-0"), "web")
+        assert_refused(sink, status, body, 401, "JWT signed by unknown key")
+        assert nomad_trust.jwks.fetches == 2
+        nomad.rotate_key()  # Nomad rotated its keyring
         status, body = await sign(svc, nomad.identity(alloc, "web"), "web")
         assert status == 200, body
+        assert nomad_trust.jwks.fetches == 3
+    finally:
+        await svc.close()
+
+
+async def test_a_new_keys_first_jwt_soon_after_a_read_is_retried_not_refused(tmp_path, client, nomad) -> None:
+    """Nomad rotated its keyring moments after the CA read its JWKS: the new key's JWT, within the
+    refresh bound, is 503 with a Retry-After of when the JWKS may be read again (it was 401, which
+    ends an agent's bootstrap for good), and is taken once it may."""
+    sink = AuditSink()
+    nomad_trust = trust(nomad)
+    svc = await start_ca(new_ca_dir(tmp_path), client, sink, nomad=nomad_trust)
+    try:
+        alloc = nomad.add_allocation("shop", "web", ("web",))
+        assert (await sign(svc, nomad.identity(alloc, "web"), "web"))[0] == 200
+        nomad.rotate_key()
+        new_token = nomad.identity(alloc, "web")
+        _, csr = csr_for("web")
+        resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=new_token)
+        assert_refused(sink, resp.status, resp.json(), 503, f"JWT signed by key {nomad.kid!r}, not in")
+        assert 1 <= int(resp.headers["retry-after"]) <= ca_nomad.JWKS_MIN_REFRESH, resp.headers
+        assert nomad_trust.jwks.fetches == 1
+        nomad_trust.jwks.min_refresh = 0.0  # the Retry-After has passed
+        assert (await sign(svc, new_token, "web"))[0] == 200
         assert nomad_trust.jwks.fetches == 2
     finally:
         await svc.close()
