@@ -96,6 +96,21 @@ def unwritable(prefix: Path) -> list[str]:
     return ["unshare", "--user"]
 
 
+def test_the_cache_has_column_positions_only_where_the_agent_would_compile_them(tmp_path: Path) -> None:
+    """The unit's PYTHONNODEBUGRANGES=1, or -X no_debug_ranges, which a child does not inherit: the
+    cache holds what the agent itself would compile, with or without its code's column positions."""
+    for flags, columns in ((["-X", "no_debug_ranges"], False), ([], True)):
+        prefix = tmp_path / f"columns-{columns}"
+        done = subprocess.run(
+            [sys.executable, "-OO", *flags, "-X", f"pycache_prefix={prefix}", "-c",
+             "from hostmesh.agent.bytecode import prepare; prepare()"],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        code = marshal.loads(cached(prefix, hostmesh.agent.run.__file__).read_bytes()[16:])
+        assert any(p[2] is not None for p in code.co_positions()) is columns
+
+
 def test_the_agent_reads_roots_cache_without_a_word(tmp_path: Path) -> None:
     """Under systemd root compiles the cache (ExecStartPre) and the agent may not write it: its own
     prepare finds nothing stale, says nothing, and its modules load optimized from that cache."""

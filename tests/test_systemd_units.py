@@ -9,6 +9,7 @@ friends), a stub /usr/bin/hostmesh and /bin/sh. `systemd-analyze` comes from Deb
 from __future__ import annotations
 
 import importlib.util
+import marshal
 import os
 import re
 import shlex
@@ -131,6 +132,7 @@ def test_agent_unit_contract() -> None:
     # only reads; not a CacheDirectory=, which systemd would give to User= at each start
     env = dict(kv.split("=", 1) for line in d["Environment"] for kv in line.split())
     assert env["PYTHONOPTIMIZE"] == "2" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONNODEBUGRANGES"] == "1"  # no column positions in code (agent/bytecode.py)
     assert env["PYTHONPYCACHEPREFIX"] == "/var/cache/hostmesh"  # postinst and postrm remove it
     assert "CacheDirectory" not in d and "CacheDirectoryMode" not in d
     (pre,) = d["ExecStartPre"]
@@ -170,6 +172,9 @@ def test_the_agents_bytecode_compile_runs_the_agents_interpreter(tmp_path: Path)
     )
     assert pyc.is_file(), pyc
     assert stat.S_IMODE(pyc.stat().st_mode) == 0o644 and stat.S_IMODE(prefix.stat().st_mode) == 0o755
+    # compiled as the agent's PYTHONNODEBUGRANGES=1 compiles (which -I would ignore): no columns
+    code = marshal.loads(pyc.read_bytes()[16:])  # after the .pyc's 16-byte header
+    assert {p[2] for p in code.co_positions()} == {None}
 
 
 def test_ca_unit_contract() -> None:
