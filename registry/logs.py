@@ -137,6 +137,7 @@ def setup(level: str = "info", fmt: str = "auto", static: dict[str, Any] | None 
     # journald files one by one at info and a JSON reader cannot parse
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable  # one raised in a __del__ or a finalizer: the process goes on
     return chosen
 
 
@@ -145,6 +146,18 @@ def _log_uncaught(kind: type[BaseException], value: BaseException | None, tb: Tr
         sys.__excepthook__(kind, value or kind(), tb)
         return
     logging.getLogger("hostmesh").critical("uncaught %s: %s", kind.__name__, value, exc_info=value)
+
+
+def _log_unraisable(args: sys.UnraisableHookArgs) -> None:
+    """An exception Python could not raise (in a __del__, a weakref callback, a generator closed by
+    the collector) is one error line, as Python's "Exception ignored in: ..." text says it."""
+    where = args.err_msg or "Exception ignored in"
+    what = f"{where}: {args.object!r}" if args.object is not None else where
+    value = args.exc_value
+    logging.getLogger("hostmesh").error(
+        "%s: %s: %s", what, args.exc_type.__name__, value,
+        exc_info=(args.exc_type, value, args.exc_traceback) if value is not None else None,
+    )  # fmt: skip
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:

@@ -177,6 +177,27 @@ def test_an_uncaught_exception_is_one_json_line_of_its_process() -> None:
     assert "Traceback (most recent call last)" in main["exception"]
 
 
+def test_an_exception_in_a_finalizer_is_one_json_line_and_the_process_goes_on() -> None:
+    """An exception raised in a __del__ cannot be raised to anyone: Python printed "Exception ignored
+    in: ..." and its traceback, a line per frame, on stderr; it is one error line, and the process
+    carries on."""
+    import subprocess
+    import sys
+
+    code = (
+        "from hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
+        "class Leaky:\n    def __del__(self):\n        raise OSError('cannot close')\n"
+        "Leaky()\nprint('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
+    (line,) = (json.loads(text) for text in done.stderr.splitlines())
+    assert line["level"] == "error", line
+    assert line["message"].startswith("Exception ignored in: <function Leaky.__del__ at "), line
+    assert line["message"].endswith(">: OSError: cannot close"), line
+    assert "Traceback (most recent call last)" in line["exception"]
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
