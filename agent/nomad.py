@@ -65,6 +65,7 @@ from hostmesh.registry.nomad import (
     AllocationState,
     NomadAPI,
     NomadSettings,
+    TokenRefused,
     clean_token,
     looks_like_jwt,
     redact,
@@ -295,6 +296,14 @@ def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
             token = None
         if token:
             settings = replace(settings, token=token)
+    if settings.socket_path is not None:
+        unused = settings.unused_tls()
+        log.info(
+            "reading the allocation from Nomad at %s (%s)%s",
+            settings.address,
+            settings.source("address"),
+            f"; {', '.join(unused)} not used: the Task API has no TLS" if unused else "",
+        )
     return NomadAPI(settings)
 
 
@@ -413,8 +422,8 @@ async def _why_refused(
     answered a read with that identity in this watch."""
     if not from_file:
         return str(exc), False
-    if not accepted:
-        return f"{exc} ({NO_READ_POLICY})", False
+    if not accepted:  # the Task API's own refusal (no token, one Nomad does not know) is no policy's
+        return (str(exc) if isinstance(exc, TokenRefused) else f"{exc} ({NO_READ_POLICY})"), False
     if _expired(api.settings.token or ""):
         return f"{exc} (the workload identity has expired; Nomad has not renewed its file yet)", False
     try:

@@ -411,8 +411,8 @@ AGENT_KEYS: tuple[Key, ...] = (
     Key(
         "nomad.address",
         "URL",
-        "$NOMAD_ADDR, else http://127.0.0.1:4646",
-        "Nomad's HTTP(S) API address.",
+        "$NOMAD_ADDR, else ${NOMAD_SECRETS_DIR}/api.sock if there, else http://127.0.0.1:4646",
+        "Nomad's HTTP(S) API address, or unix:///path of a socket (Nomad 1.5+'s Task API, no TLS).",
     ),
     Key("nomad.token", "string", "$NOMAD_TOKEN", "Nomad ACL token (beats identity_file)."),
     Key("nomad.namespace", "string", "$NOMAD_NAMESPACE", "The allocation's Nomad namespace."),

@@ -3,11 +3,22 @@
 Settings are read as Nomad's own tools read them (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE,
 NOMAD_REGION, NOMAD_CACERT, NOMAD_CLIENT_CERT, NOMAD_CLIENT_KEY), an explicit value winning over
 the environment, and checked where they are chosen (`NomadSettings.resolve`): an address that is not
-`http[s]://host[:port]` or a token that is not one printable token is an InvalidSettings naming the
-setting (never the token's value), so a start-up refuses it instead of a watch failing later.
+`http[s]://host[:port]` nor `unix:///path` or a token that is not one printable token is an
+InvalidSettings naming the setting (never the token's value), so a start-up refuses it instead of a
+watch failing later.
+
+Nomad's Task API (Nomad 1.5+, api-docs/task-api): every task has a unix socket,
+`${NOMAD_SECRETS_DIR}/api.sock`, serving the client agent's HTTP API without TLS, whatever the
+cluster's `tls { http }`, and always asking for a token (an ACL token or a workload identity; none
+is 401, one Nomad does not accept 403). Without NOMAD_ADDR (and an explicit address) it is the
+address whenever that socket exists, so a sidecar needs neither Nomad's HTTP port in its network
+namespace nor a client certificate; NOMAD_ADDR=unix:///path names a socket, as Nomad's own CLI and Go
+client take it. Over a socket the TLS settings play no part.
+
 python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
 (`asyncio.to_thread`) and never on the event loop. python-nomad does not verify HTTPS unless told,
-so we always pass `verify` (NOMAD_CACERT, else the system store).
+so we always pass `verify` (NOMAD_CACERT, else the system store). Over a unix socket its session
+carries requests-unixsocket2's adapter (`http+unix://<quoted path>` URLs).
 
 Every failure is a one-line RegistryError: Unavailable (retry later), UnexpectedAnswer (something
 answered that is not Nomad's API: usually a wrong address), PermissionDenied (the token). A 404 means
@@ -25,6 +36,7 @@ import json
 import os
 import re
 import ssl
+import stat
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +47,19 @@ from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Unavaila
 from hostmesh.registry.names import holds_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"  # Nomad's own default
+UNIX_SCHEME = "unix://"  # NOMAD_ADDR=unix:///path: Nomad's CLI and Go client take a socket so
+TASK_API_SOCKET = "api.sock"  # in NOMAD_SECRETS_DIR: Nomad's Task API (client/.../api_hook.go)
+# where the address came from when it is the Task API's socket found in the task's secrets dir
+TASK_API_SOURCE = "Nomad's Task API (${NOMAD_SECRETS_DIR}/api.sock)"
+# sun_path holds 108 bytes with its NUL on Linux: a longer path cannot be connected to at all (Nomad's
+# api_hook.go keeps the Task API's path short for this very limit)
+MAX_SOCKET_PATH_BYTES = 107
+# the Task API's answers that are its own authentication's, not the endpoint's (command/agent/http.go
+# authMiddleware writes http.StatusText): no token at all, and a token Nomad does not accept
+TASK_API_NO_TOKEN = "Unauthorized"  # with 401
+TASK_API_FORBIDDEN = "Forbidden"  # with 403; the endpoints' own refusal says "Permission denied"
+# how a task exposes its workload identity, the token the Task API takes (identity block docs)
+EXPOSE_IDENTITY = "expose the task's workload identity: identity { file = true } or env = true"
 REQUEST_TIMEOUT = 5  # seconds per Nomad request; python-nomad's default too
 TERMINAL_CLIENT_STATUSES = frozenset({"complete", "failed", "lost"})  # api-docs/allocations ClientStatus
 STOPPING_DESIRED_STATUSES = frozenset({"stop", "evict"})  # DesiredStatus: the scheduler wants it gone
@@ -68,8 +93,16 @@ ENV_NAMES = {
 }
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\"()\[\]]+)")  # requests' wording of a socket error
 _SSL_TEXT = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"()]+)")
+# urllib3's wording of a socket error it did not wrap itself (requests-unixsocket2's connect):
+# "('Connection aborted.', FileNotFoundError(2, 'No such file or directory'))"
+_OSERROR_REPR = re.compile(r"Error\(-?\d+, '([^'\"()]+)'\)")
 _REDACTED = "<redacted>"
 _T = TypeVar("_T")
+
+
+class TokenRefused(PermissionDenied):
+    """Nomad's Task API refused the request before any endpoint saw it: no token (401), or one Nomad
+    does not accept at all (403 "Forbidden"), not a policy the token lacks."""
 
 
 class AllocationState(enum.Enum):
@@ -110,6 +143,10 @@ class NomadSettings:
                 values[key], sources[key] = env.get(var) or None, var
         address = values.pop("address")
         token = values.pop("token")
+        if not address:
+            socket_path = task_api_socket(env)
+            if socket_path is not None:
+                address, sources["address"] = UNIX_SCHEME + socket_path, TASK_API_SOURCE
         if bool(values["cert_file"]) != bool(values["key_file"]):
             given, missing = ("cert_file", "key_file") if values["cert_file"] else ("key_file", "cert_file")
             raise InvalidSettings(
@@ -125,12 +162,28 @@ class NomadSettings:
     def source(self, key: str) -> str:
         return self.sources.get(key, ENV_NAMES[key])
 
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket of a `unix:///path` address (Nomad's Task API), else None."""
+        return self.address[len(UNIX_SCHEME) :] if self.address.startswith(UNIX_SCHEME) else None
+
+    def unused_tls(self) -> list[str]:
+        """The TLS settings given that a unix socket address leaves unused (the Task API has no TLS):
+        their sources, for the one line that says so; [] over http(s)."""
+        if self.socket_path is None:
+            return []
+        return [self.source(k) for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
+
     def check_files(self) -> None:
         """The TLS files named can be loaded: InvalidSettings naming the file and the setting, so a bad
         path stops a start-up instead of failing every read. Checked over https only: requests uses
-        them for https only, and an http address with a stray NOMAD_CACERT works."""
+        them for https only, and an http address with a stray NOMAD_CACERT works. A unix socket
+        address must name a socket that is there."""
         if self.address.startswith("https://"):
             self.ssl_context()
+        path = self.socket_path
+        if path is not None:
+            check_socket(path, self.source("address"))
 
     def ssl_context(self) -> ssl.SSLContext:
         """A verifying client context from these settings' files, as Nomad's tools use them: the
@@ -164,10 +217,39 @@ def _load_tls(what: str, load: Callable[[], _T]) -> _T:
         raise InvalidSettings(f"{what}: cannot read: {exc.strerror or exc}") from None
 
 
+def task_api_socket(env: Mapping[str, str]) -> str | None:
+    """The path of the task's Task API socket, `${NOMAD_SECRETS_DIR}/api.sock`, when it is there
+    (Nomad 1.5+ makes it in every task; older ones, or a failure Nomad only logs, make none)."""
+    secrets_dir = env.get("NOMAD_SECRETS_DIR")
+    if not secrets_dir:
+        return None
+    path = os.path.join(secrets_dir, TASK_API_SOCKET)
+    try:
+        return path if stat.S_ISSOCK(os.stat(path).st_mode) else None
+    except (OSError, ValueError):  # not there, or a NUL in the variable
+        return None
+
+
+def check_socket(path: str, source: str) -> None:
+    """InvalidSettings naming `source` unless `path` is a unix socket (not whether anything listens:
+    the Task API is served by the client agent, which may be restarting)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InvalidSettings(
+            f"{source}: no Nomad API socket at {path} (Nomad 1.5+ serves its Task API at "
+            "${NOMAD_SECRETS_DIR}/api.sock)"
+        ) from None
+    except OSError as exc:
+        raise InvalidSettings(f"{source}: Nomad API socket {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise InvalidSettings(f"{source}: {path} is not a unix socket")
+
+
 def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
-    """`text` as python-nomad needs it, `http[s]://host[:port]` without a trailing slash; InvalidSettings
-    naming `source` otherwise. A path is refused: Nomad's own tools ignore one, python-nomad would
-    prefix every request with it."""
+    """`text` as python-nomad needs it, `http[s]://host[:port]` without a trailing slash, or
+    `unix:///absolute/path` (a socket: Nomad's Task API); InvalidSettings naming `source` otherwise. A
+    path is refused: Nomad's own tools ignore one, python-nomad would prefix every request with it."""
     address = text.strip()  # a NOMAD_ADDR written by a template often ends in a newline
 
     def bad(problem: str) -> InvalidSettings:
@@ -177,8 +259,10 @@ def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
         raise InvalidSettings(f"{source}: the Nomad address must not hold credentials (use NOMAD_TOKEN)")
     if not all("!" <= c <= "~" for c in address):
         raise InvalidSettings(f"{source}: the Nomad address holds a space or a control character")
+    if address.startswith(UNIX_SCHEME):
+        return _check_unix_address(address, bad)
     if not address.startswith(("http://", "https://")):
-        raise bad("must start with http:// or https:// (like http://127.0.0.1:4646)")
+        raise bad("must start with http://, https:// or unix:// (like http://127.0.0.1:4646)")
     try:
         parsed = urllib.parse.urlsplit(address)
     except ValueError:  # an unclosed or invalid [IPv6] literal
@@ -194,6 +278,18 @@ def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
         raise bad("must be scheme://host[:port], without a path")
     return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def _check_unix_address(address: str, bad: Callable[[str], InvalidSettings]) -> str:
+    """`unix:///absolute/path` as given (the path is taken as is, as Nomad's Go client takes it)."""
+    path = address[len(UNIX_SCHEME) :]
+    if not path.startswith("/"):
+        raise bad("must name an absolute socket path (like unix:///secrets/api.sock)")
+    if "?" in path or "#" in path:
+        raise bad("must be unix:// and a socket path, without a query")
+    if len(path.encode()) > MAX_SOCKET_PATH_BYTES:
+        raise bad(f"names a socket path longer than the {MAX_SOCKET_PATH_BYTES} bytes a unix socket takes")
+    return address
 
 
 def clean_token(raw: str, source: str = "NOMAD_TOKEN") -> str:
@@ -260,14 +356,19 @@ class NomadAPI:
         self.settings = settings
         s = settings
         cert: tuple[str, str] | tuple[()] = (s.cert_file, s.key_file) if s.cert_file and s.key_file else ()
+        address, session = s.address, None
+        if s.socket_path is not None:  # Nomad's Task API: no TLS, so no CA nor client certificate
+            address, session = _unix_session(s.socket_path)
+            cert = ()
         self._allocations = api.Allocation(
-            address=s.address,
+            address=address,
             token=s.token,
             namespace=s.namespace,
             region=s.region,
-            verify=s.ca_file or True,  # requests takes a CA path or a bool
+            verify=s.ca_file or True,  # requests takes a CA path or a bool; unused over a socket
             cert=cert,
             timeout=REQUEST_TIMEOUT,
+            session=session,
         )
 
     async def allocation(self, alloc_id: str) -> dict[str, Any] | None:
@@ -331,11 +432,22 @@ class NomadAPI:
                 f"{_quote(redact(answer, self.settings.token))} ({self._hint})"
             ) from None
         except nex.URLNotAuthorizedNomadException as exc:
-            _error_body(exc.nomad_resp)  # read and closed
+            if _error_body(exc.nomad_resp) == TASK_API_FORBIDDEN and self.settings.socket_path:
+                raise TokenRefused(
+                    f"{self._where} refused the token (403 {TASK_API_FORBIDDEN}): the Task API takes only "
+                    "a token Nomad accepts, an ACL token or the workload identity of a running allocation"
+                ) from None
             raise self._no_read_job(alloc_id) from None
         except nex.BaseNomadException as exc:
             resp = exc.nomad_resp
-            if isinstance(resp, BaseException) or getattr(resp, "status_code", None) != 500:
+            status = None if isinstance(resp, BaseException) else getattr(resp, "status_code", None)
+            if status == 401 and self.settings.socket_path:
+                _error_body(resp)  # read and closed
+                raise TokenRefused(
+                    f"{self._where} asks for a token (401 {TASK_API_NO_TOKEN}) and the agent has none: "
+                    f"{EXPOSE_IDENTITY}"
+                ) from None
+            if status != 500:
                 raise Unavailable(f"{self._where}: {self._describe(exc)}") from None
             answer = _error_body(resp)
             if answer.endswith(f'{UNKNOWN_ALLOCATION} "{alloc_id}"'):  # an RPC error may be prefixed
@@ -369,12 +481,29 @@ class NomadAPI:
         return doc
 
     def _describe(self, exc: BaseException) -> str:
-        return _explain(exc, self.settings.token)
+        text = _explain(exc, self.settings.token)
+        if self.settings.socket_path and text == "cannot connect: No such file or directory":
+            # Nomad removes the Task API's socket when the task stops; a path that never held one
+            # is refused at start (check_files)
+            return f"cannot connect: no socket at {self.settings.socket_path}"
+        return text
 
     def _no_read_job(self, alloc_id: str) -> PermissionDenied:
         return PermissionDenied(
             f"{self._where} refused to read allocation {alloc_id}: the token needs namespace read-job"
         )
+
+
+def _unix_session(path: str) -> tuple[str, Any]:
+    """python-nomad's address and requests session for the socket at `path`: requests speaks TCP only,
+    and requests-unixsocket2's adapter (the maintained fork: requests 2.32 changed the adapter hook
+    the original overrode) dials the socket its URL's host names, percent-encoded."""
+    requests: Any = importlib.import_module("requests")
+    adapters: Any = importlib.import_module("requests_unixsocket.adapters")
+    session = requests.Session()
+    session.trust_env = False  # no HTTP(S)_PROXY nor .netrc for a socket the task holds
+    session.mount("http+unix://", adapters.UnixAdapter(timeout=REQUEST_TIMEOUT))
+    return "http+unix://" + urllib.parse.quote(path, safe=""), session
 
 
 class _TooLarge(Exception):
@@ -438,6 +567,6 @@ def _explain(exc: BaseException, secret: str | None) -> str:
         found = _SSL_TEXT.search(text)
         return f"TLS: {found.group(1).strip() if found else text[:200]}"
     if isinstance(inner, requests.exceptions.ConnectionError):
-        found = _ERRNO_TEXT.search(text)
+        found = _ERRNO_TEXT.search(text) or _OSERROR_REPR.search(text)
         return f"cannot connect: {found.group(1).strip() if found else text[:200]}"
     return text[:200] or inner.__class__.__name__

@@ -26,13 +26,26 @@ namespace. It also mints workload identities (RS256 JWTs with Nomad's claims and
 the environment Nomad gives a task (`NOMAD_*`, the alloc/secrets dirs, `secrets/nomad_token`), and
 stops allocations as the scheduler would (DesiredStatus stop, ClientStatus complete).
 `tests/test_nomad_double.py` holds its payloads to the samples in Nomad's docs.
+
+The Task API (Nomad 1.5+; api-docs/task-api, client/allocrunner/taskrunner/api_hook.go,
+command/agent/http.go authMiddleware): `serve_task_api(path)` serves the same API on a unix socket,
+mode 0666 as Nomad leaves it for a task without `user`, as `task_environment(task_api=True)` does at
+`${NOMAD_SECRETS_DIR}/api.sock`. Every request there must authenticate first, whatever the endpoint:
+the token from `X-Nomad-Token`, else `Authorization: Bearer <token>`; none is 401 "Unauthorized"
+(the anonymous policy is not available there), one Nomad does not accept (ACL.WhoAmI fails: unknown,
+or the identity of an allocation that is terminal or unknown) 403 "Forbidden"; an accepted one then
+meets the endpoint's own rules, as over HTTP. `stop_task_api` closes a socket and removes its file,
+as Nomad does when the task stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import secrets
+import socketserver
 import threading
 import time
 import urllib.parse
@@ -75,9 +88,11 @@ class NomadDouble:
         self.read_job_jobs: set[tuple[str, str]] = set()  # (namespace, job) with a read-job policy attached
         self.acl_tokens: dict[str, frozenset[str]] = {}  # ACL token -> the namespaces it may read-job in
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, X-Nomad-Token)
+        self.task_api_requests: list[tuple[str, str, str | None]] = []  # those of them over a Task API
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._task_apis: dict[str, _UnixHTTPServer] = {}  # socket path -> its server
         self.index = 100
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -108,10 +123,48 @@ class NomadDouble:
         return f"{self.url}/.well-known/jwks.json"
 
     def stop(self) -> None:
+        for path in list(self._task_apis):
+            self.stop_task_api(path)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def serve_task_api(self, path: Path) -> str:
+        """The Task API on a unix socket at `path` (see the module docstring); its NOMAD_ADDR form,
+        `unix://<path>`. A path too long for a unix socket is an error here, as Nomad logs it."""
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                token = _task_api_token(self)
+                with double._lock:
+                    double.requests.append(("GET", self.path.partition("?")[0], token))
+                    double.task_api_requests.append(double.requests[-1])
+                if not token:  # 401 instead of 403 since no token was present (http.go)
+                    return _reply_text(self, 401, "Unauthorized")
+                if double._authenticate(token) is None:
+                    return _reply_text(self, 403, "Forbidden")
+                double._handle(self, token)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        if path.exists() or path.is_symlink():
+            path.unlink()  # users.SocketFileFor: os.RemoveAll first
+        server = _UnixHTTPServer(str(path), Handler)
+        path.chmod(0o666)  # no task.user: "the Unix Domain Socket is accessible by any user"
+        threading.Thread(target=server.serve_forever, name="nomad-task-api", daemon=True).start()
+        self._task_apis[str(path)] = server
+        return f"unix://{path}"
+
+    def stop_task_api(self, path: Path | str) -> None:
+        """The task stopped: Nomad closes its Task API listener and removes the socket."""
+        server = self._task_apis.pop(str(path))
+        server.shutdown()
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def __enter__(self) -> NomadDouble:
         self.start()
@@ -238,6 +291,7 @@ class NomadDouble:
         file: bool = True,
         identity_name: str | None = None,
         host_ip: str = "127.0.0.1",
+        task_api: bool = False,
     ) -> dict[str, str]:
         """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
         `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
@@ -247,7 +301,8 @@ class NomadDouble:
         secrets/nomad_<name>.jwt or NOMAD_TOKEN_<name>, next to the default identity in nomad_token;
         without one, the identity is the default one (`default_identity`: no `exp`), as Nomad gives it.
         `host_ip`: the client's address, which NOMAD_IP_<label> and NOMAD_ADDR_<label> name (a real
-        client's is not 127.0.0.1: a test gives another loopback address to tell them apart)."""
+        client's is not 127.0.0.1: a test gives another loopback address to tell them apart).
+        `task_api`: the Task API's socket at secrets/api.sock (Nomad 1.5+ makes one in every task)."""
         alloc_dir = root / alloc.id / "alloc"
         task_dir = root / alloc.id / task
         secrets_dir = task_dir / "secrets"
@@ -288,6 +343,8 @@ class NomadDouble:
             path.chmod(0o600)
         else:
             env[env_name] = jwt_text
+        if task_api:
+            self.serve_task_api(secrets_dir / "api.sock")
         return env
 
     # --- payloads (held to nomad_samples/ by tests/test_nomad_double.py) ------------------------
@@ -330,12 +387,15 @@ class NomadDouble:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+    def _handle(self, h: BaseHTTPRequestHandler, task_api_token: str | None = None) -> None:
+        """Answer a GET; over the Task API (`task_api_token`: the one it authenticated), the request
+        was recorded there and its token is the one the middleware read."""
         path, _, query = h.path.partition("?")
         namespace = urllib.parse.parse_qs(query).get("namespace", ["default"])[0]
-        token = h.headers.get("X-Nomad-Token")
-        with self._lock:
-            self.requests.append(("GET", path, token))
+        token = task_api_token if task_api_token is not None else h.headers.get("X-Nomad-Token")
+        if task_api_token is None:
+            with self._lock:
+                self.requests.append(("GET", path, token))
         if path == "/.well-known/jwks.json":
             if self.jwks_failing:  # Nomad's servers unreachable behind its HTTP API, say
                 return _reply_text(h, 500, "No cluster leader")
@@ -400,6 +460,24 @@ class _Caller:
 
     def reads(self, namespace: str) -> bool:
         return self.read_job is None or namespace in self.read_job
+
+
+class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    """HTTP on a unix socket (http.server's servers bind TCP only)."""
+
+    daemon_threads = True
+
+
+def _task_api_token(h: BaseHTTPRequestHandler) -> str | None:
+    """The token as Nomad's HTTP agent reads one (http.go parseToken): X-Nomad-Token, trimmed, else the
+    first word after `Bearer` (any case) in Authorization."""
+    token = (h.headers.get("X-Nomad-Token") or "").strip()
+    if token:
+        return token
+    parts = (h.headers.get("Authorization") or "").split(" ")
+    if len(parts) > 1 and parts[0].lower() == "bearer":
+        return " ".join(parts[1:]).strip().split(" ")[0] or None
+    return None
 
 
 def _rsa() -> rsa.RSAPrivateKey:

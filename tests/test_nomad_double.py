@@ -4,9 +4,14 @@ uses, reads it as it reads Nomad. What hostmesh's Nomad tests prove is only as g
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import stat
+import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,3 +220,61 @@ async def test_a_token_without_read_job_is_a_refusal_not_nomad_failing(nomad: No
         api = NomadAPI(NomadSettings.resolve({"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": token}))
         with pytest.raises(PermissionDenied, match=f"refused to read allocation {alloc.id}: .*read-job"):
             await api.allocation_state(alloc.id)
+
+
+# --- the Task API (Nomad 1.5+): the same API on a unix socket, authentication always required ------
+
+
+def get_unix(path: str, url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """A GET over the unix socket at `path`, as curl --unix-socket does in the Task API docs."""
+    conn = http.client.HTTPConnection("localhost", timeout=5)
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.settimeout(5)
+    conn.sock.connect(path)
+    try:
+        conn.request("GET", url, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a unix socket's path holds at most 107 bytes, which pytest's
+    tmp_path, an allocation id and secrets/api.sock can pass (Nomad keeps its own paths short so)."""
+    with tempfile.TemporaryDirectory(prefix="nd", dir="/tmp") as d:
+        yield Path(d)
+
+
+def test_the_task_api_authenticates_every_request_as_nomad_does(nomad: NomadDouble, short_dir: Path) -> None:
+    """api-docs/task-api: at ${NOMAD_SECRETS_DIR}/api.sock, usable by any user when the task sets no
+    `user`, and always asking for a token, even where Nomad's HTTP API asks none (the JWKS); the
+    token in X-Nomad-Token or `Authorization: Bearer` (http.go parseToken); none is 401, one Nomad does
+    not accept 403 (http.go authMiddleware writes http.StatusText), then the endpoint's own rules."""
+    alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
+    env = nomad.task_environment(alloc, "hostmesh", short_dir, task_api=True)
+    sock = Path(env["NOMAD_SECRETS_DIR"], "api.sock")
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o666
+    assert "NOMAD_ADDR" not in env  # Nomad sets none; the socket is where the docs say
+    identity = Path(env["NOMAD_SECRETS_DIR"], "nomad_token").read_text()
+    path = f"/v1/allocation/{alloc.id}"
+    assert get_unix(str(sock), path) == (401, "Unauthorized")
+    assert get_unix(str(sock), "/.well-known/jwks.json") == (401, "Unauthorized")
+    assert get_unix(str(sock), path, {"X-Nomad-Token": str(uuid.uuid4())}) == (403, "Forbidden")
+    assert get_unix(str(sock), path, {"Authorization": "Bearer not-a-token"}) == (403, "Forbidden")
+    assert get_unix(str(sock), path, {"Authorization": "Basic abc"}) == (401, "Unauthorized")
+    # accepted, then the endpoint's rules: the identity's implicit policy reads no allocation
+    assert get_unix(str(sock), path, {"Authorization": f"Bearer {identity}"})[0] == 500
+    nomad.attach_read_job("shop")
+    for headers in ({"Authorization": f"bearer {identity}"}, {"X-Nomad-Token": f" {identity}\t"}):
+        status, body = get_unix(str(sock), path, headers)
+        assert status == 200 and json.loads(body)["ID"] == alloc.id
+    assert get_unix(str(sock), "/.well-known/jwks.json", {"X-Nomad-Token": identity})[0] == 200
+    # the identity of an allocation that is terminal: ACL.WhoAmI refuses it, so does the Task API
+    nomad.stop_allocation(alloc.id)
+    assert get_unix(str(sock), path, {"X-Nomad-Token": identity}) == (403, "Forbidden")
+    assert get_unix(str(sock), path, {"X-Nomad-Token": nomad.management_token})[0] == 200
+    assert [r[1] for r in nomad.task_api_requests][:2] == [path, "/.well-known/jwks.json"]
+    nomad.stop_task_api(sock)  # the task stopped: Nomad closes the listener and removes the socket
+    assert not sock.exists()

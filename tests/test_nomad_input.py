@@ -172,7 +172,7 @@ def no_nomad_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 BAD_ADDRESSES = [
-    ("127.0.0.1:4646", "must start with http:// or https:// (like http://127.0.0.1:4646)"),
+    ("127.0.0.1:4646", "must start with http://, https:// or unix:// (like http://127.0.0.1:4646)"),
     ("http://127.0.0.1:99999", "has no valid port (1..65535)"),
     ("http://[::1", "is not a valid URL (like http://127.0.0.1:4646)"),
     ("http://", "has no host (like http://127.0.0.1:4646)"),  # not "'http:' must start with http://"
@@ -249,7 +249,7 @@ def test_agent_run_refuses_a_bad_nomad_addr_before_reaching_the_ca(
         assert run.returncode == 1, run.stderr
         assert run.stderr.splitlines() == [
             f"Error: {path}: [nomad]: NOMAD_ADDR: Nomad address '127.0.0.1:4646' must start with "
-            "http:// or https:// (like http://127.0.0.1:4646)"
+            "http://, https:// or unix:// (like http://127.0.0.1:4646)"
         ]
         with pytest.raises(BlockingIOError):
             ca.accept()  # nobody connected: no join token was presented
