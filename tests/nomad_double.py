@@ -296,7 +296,7 @@ class NomadDouble:
         """The environment Nomad gives `task` (runtime-environment docs), with its task dirs made under
         `root`: alloc/ shared by the allocation's tasks, <task>/secrets/ (0700, the identity file).
         No NOMAD_ADDR: Nomad sets none in a task (client/taskenv/env.go has NOMAD_ADDR_<label> only),
-        so the Nomad API's address is the job's to give (the example jobs' `env`), as a test must.
+        so the Nomad API's address is the job's to give (`env`), or the Task API's socket, as a test must.
         `identity_name`: the identity is a named one (`identity { name = ... }`, aud hostmesh, a ttl):
         secrets/nomad_<name>.jwt or NOMAD_TOKEN_<name>, next to the default identity in nomad_token;
         without one, the identity is the default one (`default_identity`: no `exp`), as Nomad gives it.

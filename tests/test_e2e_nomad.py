@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -132,16 +133,27 @@ class NomadMesh:
         file: bool = True,
         identity_name: str | None = "hostmesh",  # the example jobs': the default one cannot be the CA's
         host_ip: str = "127.0.0.1",
+        task_api: Path | None = None,
     ) -> tuple[Allocation, dict[str, str]]:
+        """`task_api`: the task dirs' root, short enough for a unix socket's path; the task has Nomad's
+        Task API socket (Nomad 1.5+) and no NOMAD_ADDR (the example jobs'). Else the job sets
+        NOMAD_ADDR to Nomad's HTTP API, as for a Nomad before 1.5."""
         labels = {"hostmesh_inbound": free_port(), "hostmesh_admin": free_port(), **(ports or {})}
         alloc = self.nomad.add_allocation(job, group, (group, "hostmesh"), **labels)
-        root = self.m.workdir / "nomad"
+        root = task_api or self.m.workdir / "nomad"
         env = self.nomad.task_environment(
-            alloc, "hostmesh", root, file=file, identity_name=identity_name, host_ip=host_ip
+            alloc,
+            "hostmesh",
+            root,
+            file=file,
+            identity_name=identity_name,
+            host_ip=host_ip,
+            task_api=task_api is not None,
         )
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
+        if task_api is None:
+            env["NOMAD_ADDR"] = self.nomad.url  # the job's env block (Nomad sets none in a task)
         env.update(
-            NOMAD_ADDR=self.nomad.url,  # the example jobs' env block (Nomad sets none in a task)
             NOMAD_META_hostmesh_ca_pin=self.m.pin,
             NOMAD_META_hostmesh_ca_address=f"https://127.0.0.1:{self.m.ca_port}",
         )
@@ -295,10 +307,14 @@ def test_wait_ready_gates_the_app_so_it_never_meets_a_refused_upstream(mesh: Nom
         db.close()
 
 
-def allocation_agent(mesh: NomadMesh) -> tuple[AllocAgent, EchoServer]:
+def allocation_agent(mesh: NomadMesh, task_api: Path | None = None) -> tuple[AllocAgent, EchoServer]:
     app = EchoServer()
     alloc, env = mesh.allocation(
-        "shop", "api", {"hostmesh_service": "api", "hostmesh_port": "app"}, {"app": app.port}
+        "shop",
+        "api",
+        {"hostmesh_service": "api", "hostmesh_port": "app"},
+        {"app": app.port},
+        task_api=task_api,
     )
     agent = mesh.run(alloc, env)
     wait_for(lambda: mesh.catalog_ids("api") == {f"api-{alloc.id}"}, 20, "api to be registered")
@@ -323,6 +339,30 @@ def test_allocation_stopped_in_nomad_drains_deregisters_and_exits(mesh: NomadMes
         )  # noticed within GONE_CONFIRMATIONS polls, then out within kill_timeout
     finally:
         app.close()
+
+
+def test_an_allocation_stopped_is_seen_over_nomad_s_task_api(mesh: NomadMesh) -> None:
+    """Nomad 1.5+: no NOMAD_ADDR in the task, Nomad's Task API socket in its secrets dir. The agent reads
+    its allocation there with its default identity (no TLS, no Nomad HTTP port needed), and drains,
+    deregisters and exits once Nomad has stopped it."""
+    with tempfile.TemporaryDirectory(prefix="ta", dir="/tmp") as short:  # sun_path: 107 bytes
+        agent, app = allocation_agent(mesh, task_api=Path(short))
+        try:
+            mesh.nomad.stop_allocation(agent.alloc.id)
+            code = agent.proc.popen.wait(timeout=KILL_TIMEOUT + POLL_INTERVAL + 5)
+            assert code == 0, agent.proc.log()
+            wait_deregistered(mesh.consul, "api", f"api-{agent.alloc.id}", agent.proc.log())
+            log = agent.proc.log()
+            sock = Path(agent.env["NOMAD_SECRETS_DIR"], "api.sock")
+            assert f"reading the allocation from Nomad at unix://{sock}" in log
+            assert f"allocation {agent.alloc.id} is stopped or gone in Nomad (Nomad refuses" in log
+            assert "draining and exiting" in log
+            # the sidecar's reads (the CA's, over HTTP: the JWKS without a token, the allocation with its
+            # ACL token)
+            own = [r for r in mesh.nomad.requests if r[2] not in (mesh.nomad.management_token, None)]
+            assert own and all(r in mesh.nomad.task_api_requests for r in own)
+        finally:
+            app.close()
 
 
 def test_an_address_that_is_not_nomad_keeps_the_agent_serving_and_the_token_out_of_its_log(
