@@ -13,7 +13,9 @@ cluster's `tls { http }`, and always asking for a token (an ACL token or a workl
 is 401, one Nomad does not accept 403). Without NOMAD_ADDR (and an explicit address) it is the
 address whenever that socket exists, so a sidecar needs neither Nomad's HTTP port in its network
 namespace nor a client certificate; NOMAD_ADDR=unix:///path names a socket, as Nomad's own CLI and Go
-client take it. Over a socket the TLS settings play no part.
+client take it. Over a socket the TLS settings play no part. With a task `user`, Nomad makes the
+socket that uid's alone (0600): a process of another uid may not connect, which `check_files` refuses
+and a read says as such (`socket_denied`), not in the words of Nomad's ACL refusal.
 
 python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
 (`asyncio.to_thread`) and never on the event loop. python-nomad does not verify HTTPS unless told,
@@ -231,10 +233,10 @@ def task_api_socket(env: Mapping[str, str]) -> str | None:
 
 
 def check_socket(path: str, source: str) -> None:
-    """InvalidSettings naming `source` unless `path` is a unix socket (not whether anything listens:
-    the Task API is served by the client agent, which may be restarting)."""
+    """InvalidSettings naming `source` unless `path` is a unix socket this process may connect to (not
+    whether anything listens: the Task API is served by the client agent, which may be restarting)."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise InvalidSettings(
             f"{source}: no Nomad API socket at {path} (Nomad 1.5+ serves its Task API at "
@@ -242,8 +244,27 @@ def check_socket(path: str, source: str) -> None:
         ) from None
     except OSError as exc:
         raise InvalidSettings(f"{source}: Nomad API socket {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise InvalidSettings(f"{source}: {path} is not a unix socket")
+    # connect(2) needs write permission on the socket: the kernel's answer, as connecting would get it
+    if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise InvalidSettings(f"{source}: {socket_denied(path, st)}")
+
+
+def socket_denied(path: str, st: os.stat_result | None = None) -> str:
+    """Why this process may not connect to the socket at `path`, one line: its owner and mode against
+    this process's uid, and how Nomad came to make it so. Said apart from Nomad's own refusals, whose
+    text ("Permission denied") is the same words."""
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"permission denied on the socket {path}"
+    return (
+        f"this process (uid {os.geteuid()}) may not connect to the socket {path} (uid {st.st_uid}'s, "
+        f"mode {stat.S_IMODE(st.st_mode):04o}): Nomad gives the Task API's socket to the task's `user` "
+        f"alone, that name's uid on the client host, so run the agent as that uid or leave `user` unset"
+    )
 
 
 def check_address(text: str, source: str = "NOMAD_ADDR") -> str:
@@ -486,6 +507,9 @@ class NomadAPI:
             # Nomad removes the Task API's socket when the task stops; a path that never held one
             # is refused at start (check_files)
             return f"cannot connect: no socket at {self.settings.socket_path}"
+        if self.settings.socket_path and text == "cannot connect: Permission denied":
+            # the socket's owner or mode, not Nomad's ACLs (whose refusal reads "Permission denied")
+            return f"cannot connect: {socket_denied(self.settings.socket_path)}"
         return text
 
     def _no_read_job(self, alloc_id: str) -> PermissionDenied:

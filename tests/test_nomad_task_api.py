@@ -9,8 +9,12 @@ and requests-unixsocket2, as in the agent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +263,73 @@ async def test_a_socket_gone_while_the_agent_runs_reads_as_such(nomad: NomadDoub
     with pytest.raises(Unavailable) as err:
         await NomadAPI(api.settings).allocation_state(alloc.id)
     assert str(err.value) == f"Nomad at unix://{sock}: cannot connect: no socket at {sock}"
+
+
+# connects to the socket as the agent does, at load (check_settings) and at a read: one JSON line each
+CONNECT_AS_THE_AGENT = """
+import asyncio, json, os
+from pathlib import Path
+from types import SimpleNamespace
+from hostmesh.agent.config import NomadConfig
+from hostmesh.agent.nomad import api_for, check_settings
+from hostmesh.registry.errors import RegistryError
+env = dict(os.environ)
+identity = Path(env["NOMAD_SECRETS_DIR"], "nomad_token")
+cfg = SimpleNamespace(nomad=NomadConfig(env["NOMAD_ALLOC_ID"], identity_file=identity))
+for step in ("load", "read"):
+    try:
+        if step == "load":
+            check_settings(cfg.nomad, env)
+        else:
+            asyncio.run(api_for(cfg, env).allocation_state(env["NOMAD_ALLOC_ID"]))
+        print(json.dumps([step, "ok"]))
+    except RegistryError as exc:
+        print(json.dumps([step, str(exc)]))
+"""
+
+
+def not_the_agents(sock: Path) -> tuple[list[str], str]:
+    """Makes `sock` what Nomad leaves for a task whose `user` is not the uid the agent runs as, and
+    returns the command prefix that runs the agent so, and the socket's mode: for root, whom modes do
+    not stop, the socket is uid 65534's, 0600 (users.SocketFileFor), and the agent runs without the
+    capabilities that pass over modes (util-linux's setpriv); otherwise one of ours at 0000."""
+    if os.geteuid() != 0:
+        sock.chmod(0)
+        return [], "0000"
+    os.chown(sock, 65534, 65534)
+    sock.chmod(0o600)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+    probe = [*prefix, sys.executable, "-c", f"import os, sys; sys.exit(os.access({str(sock)!r}, os.W_OK))"]
+    if shutil.which("setpriv") is None or subprocess.run(probe, timeout=60).returncode != 0:
+        pytest.skip("root cannot give up connecting to any socket here: no setpriv")
+    return prefix, "0600"
+
+
+def test_a_socket_the_agent_may_not_connect_to_says_so_not_permission_denied(
+    nomad: NomadDouble, root: Path
+) -> None:
+    """A task `user` the agent does not run as (a container whose user of that name has another uid
+    than the client host's): Nomad makes the Task API's socket that uid's alone, and connecting is
+    EACCES. At load that passed unchecked; each read then said 'cannot connect: Permission denied',
+    Nomad's own words for an ACL refusal. Both now say whose socket it is and what to change."""
+    _, env, _ = task(nomad, root)
+    sock = Path(env["NOMAD_SECRETS_DIR"], "api.sock")
+    prefix, mode = not_the_agents(sock)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("NOMAD_")} | env
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", CONNECT_AS_THE_AGENT], env=child_env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = dict(json.loads(line) for line in done.stdout.splitlines())
+    denied = (
+        f"this process (uid {os.geteuid()}) may not connect to the socket {sock} "
+        f"(uid {sock.stat().st_uid}'s, mode {mode}): Nomad gives the Task API's socket to the task's "
+        "`user` alone, that name's uid on the client host, so run the agent as that uid or leave `user` "
+        "unset"
+    )
+    assert said == {
+        "load": f"{TASK_API_SOURCE}: {denied}",
+        "read": f"Nomad at unix://{sock}: cannot connect: {denied}",
+    }
+    assert nomad.task_api_requests == []
