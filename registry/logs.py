@@ -136,8 +136,13 @@ def setup(level: str = "info", fmt: str = "auto", static: dict[str, Any] | None 
     # an exception nothing caught (a bug) is one line too, not a traceback of a line per frame that
     # journald files one by one at info and a JSON reader cannot parse
     sys.excepthook = _log_uncaught
-    threading.excepthook = _log_uncaught_in_thread
-    sys.unraisablehook = _log_unraisable  # one raised in a __del__ or a finalizer: the process goes on
+    # these two only over Python's own: a harness's (pytest's, which fails the test that leaked one, as
+    # this project's filterwarnings asks) is kept, or a `ca serve` run in-process by a test would turn
+    # that check off for every later test of its process
+    if threading.excepthook in (threading.__excepthook__, _log_uncaught_in_thread):
+        threading.excepthook = _log_uncaught_in_thread
+    if sys.unraisablehook in (sys.__unraisablehook__, _log_unraisable):
+        sys.unraisablehook = _log_unraisable  # one raised in a __del__ or a finalizer: the process goes on
     return chosen
 
 

@@ -198,6 +198,36 @@ def test_an_exception_in_a_finalizer_is_one_json_line_and_the_process_goes_on() 
     assert "Traceback (most recent call last)" in line["exception"]
 
 
+def test_setting_up_the_logs_in_a_test_keeps_pytest_s_checks_of_leaked_exceptions(tmp_path: Path) -> None:
+    """pytest fails a test that leaks an exception from a finalizer or a thread (pyproject's
+    filterwarnings) through its own sys.unraisablehook and threading.excepthook, set once per session.
+    logs.setup, run in-process by a test (`ca serve` under CliRunner), replaced both for good: every
+    later test of that process passed whatever it leaked. Python's own hooks are still replaced."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_leaks.py").write_text(
+        "import gc, io, threading\nfrom hostmesh.registry import logs\n"
+        "def test_a_sets_up_the_logs():\n    logs.setup('info', 'json', stream=io.StringIO())\n"
+        "def test_b_leaks_from_a_finalizer():\n"
+        "    class Leaky:\n        def __del__(self):\n            raise OSError('leaked')\n"
+        "    Leaky()\n    gc.collect()\n"
+        "def test_c_leaks_from_a_thread():\n"
+        "    t = threading.Thread(target=lambda: 1 / 0)\n    t.start()\n    t.join()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rf",
+         "-W", "error::pytest.PytestUnraisableExceptionWarning",
+         "-W", "error::pytest.PytestUnhandledThreadExceptionWarning", "test_leaks.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    failed = sorted(line.split()[1] for line in done.stdout.splitlines() if line.startswith("FAILED "))
+    assert failed == [
+        "test_leaks.py::test_b_leaks_from_a_finalizer",
+        "test_leaks.py::test_c_leaks_from_a_thread",
+    ], done.stdout[-2000:]
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
