@@ -244,6 +244,7 @@ def nomad_settings(n: NomadConfig, env: Mapping[str, str]) -> NomadSettings:
     return NomadSettings.resolve(
         env,
         source="agent.toml [nomad]",
+        task_api=True,  # its own allocation, over its task's socket when NOMAD_ADDR is unset
         address=n.address,
         token=n.token,
         namespace=n.namespace,

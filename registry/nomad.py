@@ -10,12 +10,15 @@ watch failing later.
 Nomad's Task API (Nomad 1.5+, api-docs/task-api): every task has a unix socket,
 `${NOMAD_SECRETS_DIR}/api.sock`, serving the client agent's HTTP API without TLS, whatever the
 cluster's `tls { http }`, and always asking for a token (an ACL token or a workload identity; none
-is 401, one Nomad does not accept 403). Without NOMAD_ADDR (and an explicit address) it is the
-address whenever that socket exists, so a sidecar needs neither Nomad's HTTP port in its network
-namespace nor a client certificate; NOMAD_ADDR=unix:///path names a socket, as Nomad's own CLI and Go
-client take it. Over a socket the TLS settings play no part. With a task `user`, Nomad makes the
-socket that uid's alone (0600): a process of another uid may not connect, which `check_files` refuses
-and a read says as such (`socket_denied`), not in the words of Nomad's ACL refusal.
+is 401, one Nomad does not accept 403). For the sidecar (`resolve(task_api=True)`), without
+NOMAD_ADDR (and an explicit address) it is the address whenever that socket exists, so a sidecar
+needs neither Nomad's HTTP port in its network namespace nor a client certificate; the CA, which
+reads other allocations with the operator's settings, keeps Nomad's tools' default even when run as
+a Nomad task (Nomad's CLI does not look for the socket either). NOMAD_ADDR=unix:///path names a
+socket, as Nomad's own CLI and Go client take it. Over a socket the TLS settings play no part. With
+a task `user`, Nomad makes the socket that uid's alone (0600): a process of another uid may not
+connect, which `check_files` refuses and a read says as such (`socket_denied`), not in the words of
+Nomad's ACL refusal.
 
 python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
 (`asyncio.to_thread`) and never on the event loop. python-nomad does not verify HTTPS unless told,
@@ -130,11 +133,20 @@ class NomadSettings:
 
     @classmethod
     def resolve(
-        cls, environ: Mapping[str, str] | None = None, *, source: str = "[nomad]", **explicit: str | None
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        source: str = "[nomad]",
+        task_api: bool = False,
+        **explicit: str | None,
     ) -> NomadSettings:
         """Explicit values (agent.toml [nomad], CLI options; named `<source> <key>` in errors) over the
         environment over the defaults. An empty value counts as unset, as with Nomad's tools.
-        InvalidSettings, naming the setting and never the token, for a value that cannot work."""
+        InvalidSettings, naming the setting and never the token, for a value that cannot work.
+        `task_api`: without an address, the task's own Task API socket when there is one (the sidecar,
+        which reads its own allocation with its identity); otherwise Nomad's default address, as
+        Nomad's tools take it (the CA, which reads any allocation with the operator's settings, even
+        when run as a Nomad task)."""
         env = os.environ if environ is None else environ
         values: dict[str, str | None] = {}
         sources: dict[str, str] = {}
@@ -145,7 +157,7 @@ class NomadSettings:
                 values[key], sources[key] = env.get(var) or None, var
         address = values.pop("address")
         token = values.pop("token")
-        if not address:
+        if not address and task_api:
             socket_path = task_api_socket(env)
             if socket_path is not None:
                 address, sources["address"] = UNIX_SCHEME + socket_path, TASK_API_SOURCE

@@ -248,9 +248,32 @@ def test_a_bad_unix_address_is_one_line(address: str, problem: str) -> None:
 def test_only_a_socket_in_the_secrets_dir_is_taken_for_the_task_api(tmp_path: Path) -> None:
     """Nomad before 1.5 makes no socket: the agent asks Nomad's default address as before; a file of
     that name that is not a socket is not taken for one."""
-    assert NomadSettings.resolve({"NOMAD_SECRETS_DIR": str(tmp_path)}).address == "http://127.0.0.1:4646"
+    env = {"NOMAD_SECRETS_DIR": str(tmp_path)}
+    assert NomadSettings.resolve(env, task_api=True).address == "http://127.0.0.1:4646"
     (tmp_path / "api.sock").write_text("")
-    assert NomadSettings.resolve({"NOMAD_SECRETS_DIR": str(tmp_path)}).address == "http://127.0.0.1:4646"
+    assert NomadSettings.resolve(env, task_api=True).address == "http://127.0.0.1:4646"
+
+
+def test_the_ca_keeps_nomad_s_default_address_in_a_nomad_task(
+    nomad: NomadDouble, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hostmesh ca serve --nomad-check-allocations` run as a Nomad task without NOMAD_ADDR: it read
+    other allocations over its own task's socket, where the Task API wants a token even on a cluster
+    without ACLs, so every Nomad bootstrap was refused ("the CA's Nomad token is refused: ... asks for
+    a token (401 Unauthorized) and the agent has none") where Nomad's default address answered. The
+    CA reads Nomad as Nomad's tools do: NOMAD_ADDR, else http://127.0.0.1:4646."""
+    from hostmesh.ca.cli import _nomad_trust
+
+    alloc = nomad.add_allocation("infra", "hostmesh-ca", ("ca",))
+    env = nomad.task_environment(alloc, "ca", root, task_api=True)
+    assert Path(env["NOMAD_SECRETS_DIR"], "api.sock").is_socket()
+    for var in [v for v in os.environ if v.startswith("NOMAD_")]:
+        monkeypatch.delenv(var)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("NOMAD_TOKEN", raising=False)
+    trust = _nomad_trust(nomad.jwks_url, None, True)
+    assert trust.api is not None and trust.api.settings.address == "http://127.0.0.1:4646"
 
 
 async def test_a_socket_gone_while_the_agent_runs_reads_as_such(nomad: NomadDouble, root: Path) -> None:
