@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -62,6 +63,7 @@ from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Registry
 from hostmesh.registry.names import port_number
 from hostmesh.registry.nomad import (
     MAX_TOKEN_CHARS,
+    TASK_API_SOCKET,
     AllocationState,
     NomadAPI,
     NomadSettings,
@@ -304,6 +306,16 @@ def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
             settings.address,
             settings.source("address"),
             f"; {', '.join(unused)} not used: the Task API has no TLS" if unused else "",
+        )
+    elif env.get("NOMAD_SECRETS_DIR") and not (cfg.nomad.address or env.get("NOMAD_ADDR")):
+        # in a task, no address, no socket: Nomad's default is the task's own loopback in a network
+        # namespace, and each read's "Connection refused" would not say that the socket was missing
+        log.warning(
+            "no Nomad Task API socket at %s (a Nomad before 1.5, or one that could not make it: its log "
+            "says 'error creating task api socket', as for a path past a unix socket's 107 bytes); "
+            "reading the allocation from Nomad at %s: set NOMAD_ADDR in the task's env to read it elsewhere",
+            os.path.join(env["NOMAD_SECRETS_DIR"], TASK_API_SOCKET),
+            settings.address,
         )
     return NomadAPI(settings)
 

@@ -356,3 +356,29 @@ def test_a_socket_the_agent_may_not_connect_to_says_so_not_permission_denied(
         "read": f"Nomad at unix://{sock}: cannot connect: {denied}",
     }
     assert nomad.task_api_requests == []
+
+
+def test_a_task_without_the_socket_says_so_at_start(
+    nomad: NomadDouble, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No NOMAD_ADDR (the example jobs set none) and no socket in the task: a Nomad before 1.5, or one
+    that soft-failed making it (a client data_dir long enough to put the path past 107 bytes: Nomad
+    only logs 'error creating task api socket'). The agent asks Nomad's default address, the task's
+    own loopback in a network namespace, and said nothing of why: each read warned 'Connection
+    refused'. One warning at start names the socket that is missing and NOMAD_ADDR; none when the
+    socket is there or an address was given."""
+    _, env, cfg = task(nomad, root)
+    sock = Path(env["NOMAD_SECRETS_DIR"], "api.sock")
+    api_for(cfg, env)
+    api_for(cfg, {**env, "NOMAD_ADDR": nomad.url})
+    nomad.stop_task_api(sock)
+    api_for(cfg, {**env, "NOMAD_ADDR": nomad.url})
+    assert warnings(caplog) == []
+    api = api_for(cfg, env)
+    assert api.settings.address == "http://127.0.0.1:4646"
+    assert warnings(caplog) == [
+        f"no Nomad Task API socket at {sock} (a Nomad before 1.5, or one that could not make it: its log "
+        "says 'error creating task api socket', as for a path past a unix socket's 107 bytes); reading "
+        "the allocation from Nomad at http://127.0.0.1:4646: set NOMAD_ADDR in the task's env to read it "
+        "elsewhere"
+    ]
