@@ -157,12 +157,21 @@ def _log_unraisable(args: sys.UnraisableHookArgs) -> None:
     """An exception Python could not raise (in a __del__, a weakref callback, a generator closed by
     the collector) is one error line, as Python's "Exception ignored in: ..." text says it."""
     where = args.err_msg or "Exception ignored in"
-    what = f"{where}: {args.object!r}" if args.object is not None else where
+    what = f"{where}: {_safe_repr(args.object)}" if args.object is not None else where
     value = args.exc_value
     logging.getLogger("hostmesh").error(
         "%s: %s: %s", what, args.exc_type.__name__, value,
         exc_info=(args.exc_type, value, args.exc_traceback) if value is not None else None,
     )  # fmt: skip
+
+
+def _safe_repr(obj: object) -> str:
+    """repr(obj), or Python's own words when it raises: a hook that raised lost the exception it was
+    given, and Python printed its own failure as a traceback of a line per frame."""
+    try:
+        return repr(obj)
+    except Exception:
+        return "<object repr() failed>"
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:

@@ -198,6 +198,29 @@ def test_an_exception_in_a_finalizer_is_one_json_line_and_the_process_goes_on() 
     assert "Traceback (most recent call last)" in line["exception"]
 
 
+def test_an_exception_in_a_finalizer_whose_object_has_no_repr_is_still_one_line() -> None:
+    """The object Python names (here a weakref callback) has a __repr__ that raises: the hook raised
+    too, so the exception it was given was lost, and Python printed 'Exception ignored in
+    sys.unraisablehook' and the hook's own traceback. It is one error line, as Python's own words say
+    such an object ('<object repr() failed>')."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, weakref\nfrom hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
+        "class Callback:\n    def __call__(self, ref):\n        raise OSError('cannot close')\n"
+        "    def __repr__(self):\n        raise RuntimeError('no repr')\n"
+        "class Thing:\n    pass\n"
+        "thing = Thing()\nref = weakref.ref(thing, Callback())\ndel thing\ngc.collect()\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
+    (line,) = (json.loads(text) for text in done.stderr.splitlines())
+    assert line["level"] == "error", line
+    assert line["message"] == "Exception ignored in: <object repr() failed>: OSError: cannot close", line
+
+
 def test_setting_up_the_logs_in_a_test_keeps_pytest_s_checks_of_leaked_exceptions(tmp_path: Path) -> None:
     """pytest fails a test that leaks an exception from a finalizer or a thread (pyproject's
     filterwarnings) through its own sys.unraisablehook and threading.excepthook, set once per session.
