@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHES = {"compiled": REPO / ".cache" / "compiled", "pure": REPO / ".cache" / "pure"}  # venvs, by build
 WHEELS = REPO / ".cache" / "compiled-wheels"  # packaging/compiled_wheel.py's cache, shared with build-deb.sh
+# packaging/build-deb.sh's: held while an sdist is made in this tree (setuptools writes its egg-info here)
+SOURCE_TREE_LOCK = REPO / ".cache" / "source-tree.lock"
 # the .deb's interpreter, as packaging/build-deb.sh (which TARGET_PYTHON also overrides)
 TARGET_PYTHON = os.environ.get("TARGET_PYTHON", "/usr/bin/python3.11")
 SOURCES = ("agent", "registry", "ca", "packaging/backend")

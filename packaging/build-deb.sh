@@ -29,9 +29,17 @@ mkdir -p "$dist" "$wheels"
 
 # 1. sdist and wheel; the wheel is built from the sdist, which proves the sdist is complete.
 rm -f "$dist"/hostmesh-"$version"*.whl "$dist"/hostmesh-"$version".tar.gz
+# The sdist is made in the tree, whose hostmesh.egg-info/ (SOURCES.txt: the sdist's file list) setuptools
+# writes meanwhile: one build at a time in a tree (`make unit` runs the packaging tests on two workers;
+# tests/test_compiled_build.py takes the same lock for its sdist), or one lists what another half wrote.
+# The rest of the build is each one's own (DIST, a staging tree) or safe to share (see the steps below).
+mkdir -p "$top/.cache"
+exec 8>"$top/.cache/source-tree.lock"
+flock 8
 # (No --sdist --wheel: given both, build makes the wheel in the tree, with what build/ holds.)
 HOSTMESH_COMPILE=0 "$py" -m build --outdir "$dist" . >"$dist/build.log" 2>&1 ||
   { cat "$dist/build.log" >&2; exit 1; }
+exec 8>&-  # the wheel is built from the sdist in a folder of build's own
 wheel=$(ls "$dist"/hostmesh-"$version"-*.whl)
 
 # 2. dependency wheels for the target interpreter, from the cache when it already has them.

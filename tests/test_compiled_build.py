@@ -12,6 +12,7 @@ installed from the machine's apt sources, as on CI). A cold build takes a few mi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import NamedTuple
 import pytest
 
 from bench.compiled import (
+    SOURCE_TREE_LOCK,
     STEP_TIMEOUT,
     TARGET_PYTHON,
     WHEELS,
@@ -105,10 +107,13 @@ def test_the_deb_build_finds_this_wheel(venv: Path, tmp_path: Path) -> None:
     the tree, tests included: the compiled wheel's key of that sdist is the one this build left in the
     shared cache, so `make test` compiles once."""
     env = {**os.environ, "HOSTMESH_COMPILE": "0"}  # as build-deb.sh makes it
-    out = subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT,
-    )  # fmt: skip
+    SOURCE_TREE_LOCK.parent.mkdir(exist_ok=True)
+    with open(SOURCE_TREE_LOCK, "w") as lock:  # a build-deb.sh of another test worker may make one now
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = subprocess.run(
+            [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
+            capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT,
+        )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (sdist,) = tmp_path.glob("hostmesh-*.tar.gz")
     wheel_key = runpy.run_path(str(REPO / "packaging" / "compiled_wheel.py"))["wheel_key"]
