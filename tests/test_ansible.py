@@ -12,6 +12,7 @@ it (against the test Consul); otherwise a literal token and pin stand in (pendin
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -29,7 +30,7 @@ import pytest
 import yaml
 
 from hostmesh.registry import acl
-from tests.support import REPO, ConsulDev
+from tests.support import DPKG_LOCK, REPO, ConsulDev
 
 ANSIBLE_DIR = REPO / "ansible"
 BIN = Path(sys.executable).parent
@@ -791,19 +792,24 @@ def test_a_check_of_a_package_upgrade_on_a_host_shows_it_and_writes_nothing(
     variables = {"ansible_python_interpreter": "/usr/bin/python3", "hostmesh_install_method": "deb",
                  "hostmesh_install_deb_src": str(deb_package),
                  "hostmesh_install_version": version}  # fmt: skip
-    before = subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "--check", "--diff", "-i", "localhost,", "-c", "local",
-         "-e", json.dumps(variables), str(playbook)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
-    )  # fmt: skip
+    # the machine's dpkg database, which tests/test_deb.py (on the other test worker) installs into and
+    # purges from: its lock, held meanwhile, keeps what is installed as this check found it
+    with open(DPKG_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the .deb's tests hold it for seconds: theirs are bounded
+        before = subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout
+        result = subprocess.run(
+            [str(BIN / "ansible-playbook"), "--check", "--diff", "-i", "localhost,", "-c", "local",
+             "-e", json.dumps(variables), str(playbook)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+        )  # fmt: skip
+        after = subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout
     output = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, output
     assert recap(result.stdout)["failed"] == 0, output
     assert f"a real run installs hostmesh {version}" in result.stdout, output
     assert "RESTART-NOTIFIED" in result.stdout, output
     assert not delivered.exists()
-    assert subprocess.run(["dpkg-query", "-W", "hostmesh"], capture_output=True, text=True).stdout == before
+    assert after == before
 
 
 GATEWAY = {"name": "edge", "kind": "ingress", "listeners": [{"bind": "127.0.0.1:18443", "protocol": "http"}]}

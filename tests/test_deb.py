@@ -35,7 +35,7 @@ import pytest
 
 from hostmesh.agent.compiled import MODULES
 from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_SLACK_SECONDS
-from tests.support import REPO, ConsulDev, free_port, wait_deregistered, wait_until
+from tests.support import DPKG_LOCK, REPO, ConsulDev, free_port, wait_deregistered, wait_until
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
 DPKG_TIMEOUT = 120
@@ -112,7 +112,7 @@ def clean_machine() -> Iterator[None]:
     """No hostmesh package before or after; one such test at a time on this machine (several
     checkouts may run their suites at once, and they share dpkg's database). The lock is the one
     packaging/ensure-tools.sh takes to install, so no apt-get of another test worker runs meanwhile."""
-    with open("/run/lock/hostmesh-dpkg.lock", "w") as lock:
+    with open(DPKG_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for seconds by the other run: its own tests are bounded
         purge()
         try:
