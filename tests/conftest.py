@@ -6,6 +6,7 @@ import logging
 import os
 import urllib.error
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -19,10 +20,24 @@ if TYPE_CHECKING:
     from tests.consul_secure import SecureConsulDev
 
 # `make unit` runs on pytest-xdist workers with `--dist loadgroup`: every test is grouped with its
-# module, so a module's fixtures are set up once, on one worker. These modules share what is not
-# safe to share at once (the machine's dpkg database, packaging/build-deb.sh's dist and wheel
-# caches), so they form one group and run one after another on one worker.
-PACKAGING_MODULES = frozenset({"test_ansible", "test_deb", "test_compiled_build", "test_systemd_boot"})
+# module (unless it names a group of its own), so a module's fixtures are set up once, on one worker.
+# The packaging modules may run at once on the two workers: what they share is guarded where it is
+# used. The machine's dpkg database by /run/lock/hostmesh-dpkg.lock (tests/support.DPKG_LOCK:
+# test_deb's installs, test_ansible's check on the host, packaging/ensure-tools.sh's apt-get); the
+# sdist build-deb.sh and test_compiled_build make in the tree (setuptools writes egg-info there) by
+# .cache/source-tree.lock; the compiled wheel and venv caches by their builders' locks
+# (packaging/compiled_wheel.py, bench/compiled.py); the dependency wheel cache takes only whole files
+# (build-deb.sh renames them in); each build has its own DIST and staging tree. These are the tier's
+# longest groups (builds, playbook runs: minutes each), so they are handed out first, in this order,
+# and the rest largest first (xdist's own order): one started last would run on alone at the end
+# while the other worker has nothing left.
+LONGEST_GROUPS = (
+    "test_ansible",
+    "test_ansible-packages",
+    "test_compiled_build",
+    "test_deb",
+    "test_systemd_boot",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,13 +48,24 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[PORT_SLICE_ENV] = (
             f"{int(worker.removeprefix('gw'))}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
         )
+    elif getattr(config.option, "dist", "no") == "loadgroup":
+        # the groups go out in the order the workers collected them (pytest_collection_modifyitems),
+        # not re-sorted by their number of tests, which would hand out the long modules late
+        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    group: dict[str, str] = {}
     for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("packaging" if module in PACKAGING_MODULES else module))
+        own = item.get_closest_marker("xdist_group")
+        group[item.nodeid] = own.args[0] if own else item.path.stem
+        if not own:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order groups are handed out in (a stable sort)
+        size = Counter(group.values())
+        first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
+        items.sort(key=lambda item: (first.get(g := group[item.nodeid], len(first)), -size[g], g))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -37,6 +37,9 @@ BIN = Path(sys.executable).parent
 LINT_TIMEOUT = 300  # seconds; ansible-lint takes ~10 s here
 PLAYBOOK_TIMEOUT = 600  # the first run creates a venv and installs ~15 wheels
 BUILD_TIMEOUT = 600
+# the tests of the built packages (the wheel, the .deb: the module's fixtures that build them), a third
+# of this module's time, are a test worker's group of their own (tests/conftest.py), beside the rest
+PACKAGES = pytest.mark.xdist_group("test_ansible-packages")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ansible-playbook", path=str(BIN)) is None,
@@ -771,6 +774,7 @@ def system_python_has_apt() -> bool:
     return found.returncode == 0
 
 
+@PACKAGES
 @pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not system_python_has_apt(),
     reason="apt's check mode on this machine: root and Debian's python3-apt",
@@ -861,6 +865,7 @@ def served_ca_data_dir(root: Path) -> Path:
     return Path(ctx.params["data_dir"])
 
 
+@PACKAGES
 @pytest.mark.timeout(3 * PLAYBOOK_TIMEOUT + 2 * BUILD_TIMEOUT)
 @pytest.mark.parametrize("method", ["pip", "deb"])
 def test_playbook_run_is_idempotent(
