@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.compiled import SOURCE_TREE_LOCK
 from hostmesh.agent.compiled import MODULES
 from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_SLACK_SECONDS
 from tests.support import DPKG_LOCK, REPO, ConsulDev, free_port, wait_deregistered, wait_until
@@ -98,6 +99,37 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "".join(line for line in built.stderr.splitlines(keepends=True) if line.startswith("compiled wheel:"))
     )
     return out
+
+
+def blocked_on(path: Path) -> bool:
+    """Whether a process waits for a lock on `path` (a `->` line of /proc/locks names its inode)."""
+    inode = f":{path.stat().st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_the_build_waits_while_another_makes_an_sdist_in_the_tree(tmp_path: Path) -> None:
+    """build-deb.sh makes its sdist in the tree, whose hostmesh.egg-info setuptools rewrites meanwhile:
+    while another build (`make unit` runs the packaging tests on two workers) or test_compiled_build's
+    sdist holds .cache/source-tree.lock, it waits, and builds once that is released."""
+    lock_path = SOURCE_TREE_LOCK
+    lock_path.parent.mkdir(exist_ok=True)
+    env = {**os.environ, "DIST": str(tmp_path), "PYTHON": str(REPO / ".venv/bin/python"), "WHEELS_ONLY": "1"}
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the other build does
+        build = subprocess.Popen(
+            [str(REPO / "packaging/build-deb.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            wait_until(lambda: blocked_on(lock_path) or build.poll() is not None, BUILD_TIMEOUT, "the build")
+            assert build.poll() is None and blocked_on(lock_path), build.communicate()
+            assert not list(tmp_path.glob("hostmesh-*.tar.gz"))
+        except BaseException:
+            build.kill()
+            build.communicate()
+            raise
+    _, err = build.communicate(timeout=BUILD_TIMEOUT)
+    assert build.returncode == 0, err.decode()[-3000:]
+    assert list(tmp_path.glob("hostmesh-*.tar.gz")) and list(tmp_path.glob("hostmesh-*-py3-none-any.whl"))
 
 
 @pytest.fixture(scope="module")
