@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -202,6 +203,18 @@ def tmp_dir_others_can_enter(prefix: str) -> Iterator[Path]:
 
 NOBODY = 65534  # the uid and gid code runs as to meet a permission refusal (root is not refused)
 DPKG_LOCK = "/run/lock/hostmesh-dpkg.lock"  # held by the .deb's tests, which add and remove the user too
+RESTART_NOTIFIED = "RESTART-NOTIFIED"  # what install_role_playbook's stand-in handler prints
+
+
+def install_role_playbook(folder: Path) -> Path:
+    """A playbook running Ansible's hostmesh_install role on localhost, its `Restart hostmesh` handler
+    a stand-in printing RESTART_NOTIFIED (so a test sees whether the role notified a restart)."""
+    handler = {"name": "Restart hostmesh", "ansible.builtin.debug": {"msg": RESTART_NOTIFIED}}
+    play = [{"name": "install", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_install"],
+             "handlers": [handler]}]  # fmt: skip
+    playbook = folder / "install.yml"
+    playbook.write_text(json.dumps(play))  # JSON is YAML
+    return playbook
 
 
 @contextlib.contextmanager

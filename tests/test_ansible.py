@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from hostmesh.registry import acl
-from tests.support import DPKG_LOCK, REPO, ConsulDev
+from tests.support import DPKG_LOCK, REPO, RESTART_NOTIFIED, ConsulDev, install_role_playbook
 
 ANSIBLE_DIR = REPO / "ansible"
 BIN = Path(sys.executable).parent
@@ -255,6 +255,33 @@ def role_alone(tmp: Path, role: str) -> Path:
     return roles
 
 
+def run_on_localhost_only(
+    inventory: Path, variables: dict[str, object], playbook: Path, *, cwd: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """`ansible-playbook --limit localhost` with `variables` as extra vars: the run, and the end of its
+    output for an assertion's message."""
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--limit", "localhost",
+         "-e", json.dumps(variables), str(playbook)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    return result, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def fake_systemctl(tmp_path: Path, consul: ConsulDev) -> tuple[Path, Path]:
+    """A folder holding FAKE_SYSTEMCTL as `systemctl`, draining through `consul`, and the file it
+    logs its calls to."""
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    calls = tmp_path / "systemctl.log"
+    (fake / "systemctl.json").write_text(
+        json.dumps({"consul": consul.url, "master": consul.acl_master, "log": str(calls)})
+    )
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
+    (fake / "systemctl").chmod(0o755)
+    return fake, calls
+
+
 def this_checkout_as_the_venv(root: Path) -> None:
     """The roles run <venv>/bin/python <venv>/bin/hostmesh in the test root: here, this checkout's."""
     venv = root / "opt/hostmesh/bin"
@@ -432,12 +459,7 @@ def test_a_host_run_alone_without_its_ca_host_is_told_to_include_it(tmp_path: Pa
                  "hostmesh_install_method": "pip",
                  "hostmesh_install_pip_extra_args": f"--no-index --find-links {tmp_path / 'no-wheels'}",
                  "hostmesh_agent_services": [{"name": "web", "port": 8080}]}  # fmt: skip
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--limit", "localhost",
-         "-e", json.dumps(variables), str(playbook)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
-    )  # fmt: skip
-    output = result.stdout[-6000:] + result.stderr[-2000:]
+    result, output = run_on_localhost_only(inventory, variables, playbook, cwd=tmp_path, env=env)
     assert result.returncode != 0, output
     assert recap(result.stdout)["failed"] == 1, output
     assert (
@@ -473,14 +495,7 @@ def test_agent_role_restarts_an_agent_of_another_release_than_the_installed_one(
     root = tmp_path / "root"
     (root / "etc/hostmesh").mkdir(parents=True)
     this_checkout_as_the_venv(root)
-    fake = tmp_path / "fake-bin"
-    fake.mkdir()
-    calls = tmp_path / "systemctl.log"
-    (fake / "systemctl.json").write_text(
-        json.dumps({"consul": acl_consul.url, "master": acl_consul.acl_master, "log": str(calls)})
-    )
-    (fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
-    (fake / "systemctl").chmod(0o755)
+    fake, calls = fake_systemctl(tmp_path, acl_consul)
     admin = ReadyServer()
     admin.version = importlib.metadata.version("hostmesh")  # the installed release
     variables = {
@@ -552,14 +567,7 @@ def test_agent_role_drains_services_and_gateways_with_the_token_file(
     (root / "etc/hostmesh").mkdir(parents=True)
     (root / "etc/hostmesh/consul-token").write_text(agent_token + "\n")  # placed by other means
     this_checkout_as_the_venv(root)
-    fake = tmp_path / "fake-bin"
-    fake.mkdir()
-    calls = tmp_path / "systemctl.log"
-    (fake / "systemctl.json").write_text(
-        json.dumps({"consul": consul.url, "master": consul.acl_master, "log": str(calls)})
-    )
-    (fake / "systemctl").write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
-    (fake / "systemctl").chmod(0o755)
+    fake, calls = fake_systemctl(tmp_path, consul)
     ready = ReadyServer()
 
     variables = {
@@ -679,12 +687,7 @@ def test_ca_role_makes_no_second_root_on_another_ca_host(tmp_path: Path) -> None
     env["ANSIBLE_ROLES_PATH"] = str(role_alone(tmp_path, "hostmesh_ca"))
     variables = {"ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
                  "hostmesh_install_systemd": False}  # fmt: skip
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--limit", "localhost",
-         "-e", json.dumps(variables), str(playbook)],
-        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
-    )  # fmt: skip
-    output = result.stdout[-6000:] + result.stderr[-2000:]
+    result, output = run_on_localhost_only(inventory, variables, playbook, cwd=ANSIBLE_DIR, env=env)
     assert result.returncode != 0, output
     assert "this is not the first host of group hostmesh_ca (ca-first.invalid)" in output
     assert not (root / "var/lib/hostmesh-ca/ca.json").exists()  # no second root
@@ -787,11 +790,7 @@ def test_a_check_of_a_package_upgrade_on_a_host_shows_it_and_writes_nothing(
     install and the restart it brings now show as changes. Nothing is installed or written."""
     version = f"0.0.0~check{uuid.uuid4().hex[:8]}"  # the package file's name on the host: none there yet
     delivered = Path(f"/var/cache/hostmesh_{version}.deb")
-    handler = {"name": "Restart hostmesh", "ansible.builtin.debug": {"msg": "RESTART-NOTIFIED"}}
-    play = [{"name": "install", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_install"],
-             "handlers": [handler]}]  # fmt: skip
-    playbook = tmp_path / "install.yml"
-    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    playbook = install_role_playbook(tmp_path)
     env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
     variables = {"ansible_python_interpreter": "/usr/bin/python3", "hostmesh_install_method": "deb",
                  "hostmesh_install_deb_src": str(deb_package),
@@ -811,7 +810,7 @@ def test_a_check_of_a_package_upgrade_on_a_host_shows_it_and_writes_nothing(
     assert result.returncode == 0, output
     assert recap(result.stdout)["failed"] == 0, output
     assert f"a real run installs hostmesh {version}" in result.stdout, output
-    assert "RESTART-NOTIFIED" in result.stdout, output
+    assert RESTART_NOTIFIED in result.stdout, output
     assert not delivered.exists()
     assert after == before
 

@@ -36,7 +36,16 @@ import pytest
 from bench.compiled import SOURCE_TREE_LOCK
 from hostmesh.agent.compiled import MODULES
 from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_SLACK_SECONDS
-from tests.support import DPKG_LOCK, REPO, ConsulDev, free_port, wait_deregistered, wait_until
+from tests.support import (
+    DPKG_LOCK,
+    REPO,
+    RESTART_NOTIFIED,
+    ConsulDev,
+    free_port,
+    install_role_playbook,
+    wait_deregistered,
+    wait_until,
+)
 
 BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels, a warm one takes ~15 s
 DPKG_TIMEOUT = 120
@@ -384,11 +393,7 @@ def test_the_role_installs_a_package_built_again_with_the_same_version(
     run("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(rebuilt))
     version = f"0.0.0~rebuilt{os.getpid()}"  # the package file's name on the host: none there yet
     delivered = Path(f"/var/cache/hostmesh_{version}.deb")
-    handler = {"name": "Restart hostmesh", "ansible.builtin.debug": {"msg": "RESTART-NOTIFIED"}}
-    play = [{"name": "install", "hosts": "localhost", "gather_facts": False, "roles": ["hostmesh_install"],
-             "handlers": [handler]}]  # fmt: skip
-    playbook = tmp_path / "install.yml"
-    playbook.write_text(json.dumps(play))
+    playbook = install_role_playbook(tmp_path)
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible/ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_ROLES_PATH": str(REPO / "ansible/roles"), "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}  # fmt: skip
@@ -406,18 +411,18 @@ def test_the_role_installs_a_package_built_again_with_the_same_version(
         return done.stdout
 
     try:
-        assert "RESTART-NOTIFIED" in role(deb)
+        assert RESTART_NOTIFIED in role(deb)
         assert installed() and not Path("/usr/share/doc/hostmesh/built-again").exists()
         # dpkg busy (unattended-upgrades, another apt): the install of the rebuilt package fails, and
         # the next run must install it still, though the package file on the host is already the new one
         with open("/var/lib/dpkg/lock-frontend", "w") as busy:
             fcntl.lockf(busy, fcntl.LOCK_EX | fcntl.LOCK_NB)
             out = role(rebuilt, succeeds=False)
-        assert "RESTART-NOTIFIED" not in out and not Path("/usr/share/doc/hostmesh/built-again").exists()
+        assert RESTART_NOTIFIED not in out and not Path("/usr/share/doc/hostmesh/built-again").exists()
         assert "frontend lock" in out and "the next run installs it again" in out, out[-6000:]
         out = role(rebuilt)
         assert Path("/usr/share/doc/hostmesh/built-again").exists(), out[-6000:]
-        assert "RESTART-NOTIFIED" in out
+        assert RESTART_NOTIFIED in out
         out = role(rebuilt)  # and a run with nothing new changes nothing
         assert re.search(r"^localhost\s*:.*changed=0", out, re.MULTILINE), out[-6000:]
     finally:

@@ -28,10 +28,10 @@ from hostmesh.agent.nomad import api_for, identity_source, watch_allocation
 from hostmesh.registry.errors import InvalidSettings, Unavailable
 from hostmesh.registry.nomad import AllocationState, NomadAPI, NomadSettings
 from tests.nomad_double import NomadDouble
+from tests.test_nomad_input import agent_toml
 
 pytestmark = pytest.mark.nomad_double
 
-PIN = "sha256:" + "ab" * 32
 WAIT = 10.0  # seconds: the bound of every wait for the double's requests or the watch's verdict
 POLL = 0.01  # [nomad] poll_interval of the watches here
 WATCH_LOG = "hostmesh.agent.nomad"
@@ -189,23 +189,6 @@ async def test_nomad_addr_may_name_a_socket_as_nomad_s_tools_take_it(
         f"reading the allocation from Nomad at {address} (NOMAD_ADDR); NOMAD_CACERT not used: the Task "
         "API has no TLS"
     ]
-
-
-def agent_toml(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    token = tmp_path / "join-token"
-    token.write_text("join-token-value\n")
-    token.chmod(0o600)
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        f'node = "n1"\ndata_dir = "{data}"\nadmin = "127.0.0.1:0"\ninbound = "127.0.0.1:0"\n'
-        f'metrics = "off"\ndns = ""\n'
-        f'[ca]\npin = "{PIN}"\naddress = "https://127.0.0.1:1"\ntoken_file = "{token}"\n'
-        f'[[services]]\nname = "web"\nport = 8080\n'
-        '[nomad]\nalloc_id = "5c6328f7-48c5-4d03-bada-91ef2e904d0d"\n'
-    )
-    return path
 
 
 def test_a_socket_that_is_not_there_is_one_line_at_load(

@@ -177,22 +177,29 @@ def test_an_uncaught_exception_is_one_json_line_of_its_process() -> None:
     assert "Traceback (most recent call last)" in main["exception"]
 
 
+def _the_one_line_of_a_process_that_goes_on(code: str) -> dict[str, Any]:
+    """Run `code` in a new interpreter: it must print 'still running' and exit 0, having logged one
+    line, at error: that line, parsed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
+    (line,) = (json.loads(text) for text in done.stderr.splitlines())
+    assert line["level"] == "error", line
+    return line
+
+
 def test_an_exception_in_a_finalizer_is_one_json_line_and_the_process_goes_on() -> None:
     """An exception raised in a __del__ cannot be raised to anyone: Python printed "Exception ignored
     in: ..." and its traceback, a line per frame, on stderr; it is one error line, and the process
     carries on."""
-    import subprocess
-    import sys
-
     code = (
         "from hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
         "class Leaky:\n    def __del__(self):\n        raise OSError('cannot close')\n"
         "Leaky()\nprint('still running')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
-    (line,) = (json.loads(text) for text in done.stderr.splitlines())
-    assert line["level"] == "error", line
+    line = _the_one_line_of_a_process_that_goes_on(code)
     assert line["message"].startswith("Exception ignored in: <function Leaky.__del__ at "), line
     assert line["message"].endswith(">: OSError: cannot close"), line
     assert "Traceback (most recent call last)" in line["exception"]
@@ -203,9 +210,6 @@ def test_an_exception_in_a_finalizer_whose_object_has_no_repr_is_still_one_line(
     too, so the exception it was given was lost, and Python printed 'Exception ignored in
     sys.unraisablehook' and the hook's own traceback. It is one error line, as Python's own words say
     such an object ('<object repr() failed>')."""
-    import subprocess
-    import sys
-
     code = (
         "import gc, weakref\nfrom hostmesh.registry import logs\nlogs.setup('info', 'json')\n"
         "class Callback:\n    def __call__(self, ref):\n        raise OSError('cannot close')\n"
@@ -214,10 +218,7 @@ def test_an_exception_in_a_finalizer_whose_object_has_no_repr_is_still_one_line(
         "thing = Thing()\nref = weakref.ref(thing, Callback())\ndel thing\ngc.collect()\n"
         "print('still running')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
-    (line,) = (json.loads(text) for text in done.stderr.splitlines())
-    assert line["level"] == "error", line
+    line = _the_one_line_of_a_process_that_goes_on(code)
     assert line["message"] == "Exception ignored in: <object repr() failed>: OSError: cannot close", line
 
 
