@@ -484,11 +484,30 @@ class _AuditedTLSServer(HTTPServer):
 class _UnreadStreamProtocol(asyncio.StreamReaderProtocol):
     """A server stream that reads nothing until `start_tls`: a ClientHello read by the plain stream
     while the connection waits for a slot would be lost to the TLS layer (asyncio hands it no bytes
-    already read) and the handshake would hang."""
+    already read) and the handshake would hang.
+
+    The pause is made again just after: the asyncio of Python 3.11.2 (Debian's, the .deb's and the
+    compiled build's interpreter; 3.11.7 checks) adds the transport's reader after connection_made
+    even when connection_made paused it, so a ClientHello already in the socket when the CA accepted
+    (a client quicker than the CA's loop) went to the plain stream, and the client's handshake hung
+    until its connect timeout, retry after retry (`make bench`: an agent's bootstrap failed for 30 s)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.ReadTransport, transport).pause_reading()
+        reading = cast(asyncio.ReadTransport, transport)
+        reading.pause_reading()
+        # after the transport's own call_soon(_add_reader), before any read (same loop iteration)
+        # and before this connection's task (scheduled by super()) can start its TLS handshake
+        asyncio.get_running_loop().call_soon(_keep_paused, reading)
         super().connection_made(transport)
+
+
+def _keep_paused(transport: asyncio.ReadTransport) -> None:
+    """Undo a reader added to a paused transport (see _UnreadStreamProtocol): resume then pause
+    removes it where it was added and is a no-op round trip where it was not."""
+    if transport.is_closing() or transport.is_reading():  # closed, or start_tls resumed it already
+        return
+    transport.resume_reading()
+    transport.pause_reading()
 
 
 def _malloc_trim() -> None:
