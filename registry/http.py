@@ -261,7 +261,11 @@ class HTTPClient:
                     else:
                         writer.close()
                 return resp
-            except TimeoutError:
+            except TimeoutError as exc:
+                # an OSError with ETIMEDOUT is a TimeoutError too: _connection's connect timeout (or
+                # the kernel's) says its own, which is not the request's timeout
+                if exc.errno is not None:
+                    raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
                 raise Unavailable(f"{self.base_url}: no answer within {timeout:g}s") from None
             except (OSError, ssl.SSLError, EOFError, httptools.HttpParserError, _TooLarge) as exc:
                 if isinstance(exc, _TooLarge):

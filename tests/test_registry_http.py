@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -417,3 +418,27 @@ async def test_a_consul_clients_long_polls_have_a_capped_pool_of_their_own() -> 
         release.set()
         await client.close()
         await server.close()
+
+
+async def test_a_tls_handshake_never_answered_is_the_connect_timeout_not_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that accepts and never answers the ClientHello: the error names CONNECT_TIMEOUT. It said
+    "no answer within 10s" (the request's timeout) after 3 s: an OSError with ETIMEDOUT is a TimeoutError."""
+    monkeypatch.setattr(http, "CONNECT_TIMEOUT", 0.2)
+    silent = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await silent.wait()  # set after the client gave up
+        writer.close()
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    async with raw_peer(never_answer, "https", ssl_context=ctx) as client:
+        try:
+            with pytest.raises(Unavailable) as err:
+                await client.request("GET", "/", timeout=10)
+        finally:
+            silent.set()
+    assert str(err.value) == f"{client.base_url}: no connection within 0.2s"
