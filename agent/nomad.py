@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -63,7 +62,6 @@ from hostmesh.registry.errors import InvalidSettings, PermissionDenied, Registry
 from hostmesh.registry.names import port_number
 from hostmesh.registry.nomad import (
     MAX_TOKEN_CHARS,
-    TASK_API_SOCKET,
     AllocationState,
     NomadAPI,
     NomadSettings,
@@ -71,6 +69,7 @@ from hostmesh.registry.nomad import (
     clean_token,
     looks_like_jwt,
     redact,
+    task_api_path,
 )
 
 if TYPE_CHECKING:
@@ -307,14 +306,14 @@ def api_for(cfg: Any, env: Mapping[str, str]) -> NomadAPI:
             settings.source("address"),
             f"; {', '.join(unused)} not used: the Task API has no TLS" if unused else "",
         )
-    elif env.get("NOMAD_SECRETS_DIR") and not (cfg.nomad.address or env.get("NOMAD_ADDR")):
+    elif (socket_path := task_api_path(env)) and not (cfg.nomad.address or env.get("NOMAD_ADDR")):
         # in a task, no address, no socket: Nomad's default is the task's own loopback in a network
         # namespace, and each read's "Connection refused" would not say that the socket was missing
         log.warning(
             "no Nomad Task API socket at %s (a Nomad before 1.5, or one that could not make it: its log "
             "says 'error creating task api socket', as for a path past a unix socket's 107 bytes); "
             "reading the allocation from Nomad at %s: set NOMAD_ADDR in the task's env to read it elsewhere",
-            os.path.join(env["NOMAD_SECRETS_DIR"], TASK_API_SOCKET),
+            socket_path,
             settings.address,
         )
     return NomadAPI(settings)

@@ -231,13 +231,19 @@ def _load_tls(what: str, load: Callable[[], _T]) -> _T:
         raise InvalidSettings(f"{what}: cannot read: {exc.strerror or exc}") from None
 
 
-def task_api_socket(env: Mapping[str, str]) -> str | None:
-    """The path of the task's Task API socket, `${NOMAD_SECRETS_DIR}/api.sock`, when it is there
-    (Nomad 1.5+ makes it in every task; older ones, or a failure Nomad only logs, make none)."""
+def task_api_path(env: Mapping[str, str]) -> str | None:
+    """Where a task's Task API socket is, `${NOMAD_SECRETS_DIR}/api.sock`, there or not; None outside
+    a task (no NOMAD_SECRETS_DIR)."""
     secrets_dir = env.get("NOMAD_SECRETS_DIR")
-    if not secrets_dir:
+    return os.path.join(secrets_dir, TASK_API_SOCKET) if secrets_dir else None
+
+
+def task_api_socket(env: Mapping[str, str]) -> str | None:
+    """The path of the task's Task API socket when it is there (Nomad 1.5+ makes it in every task;
+    older ones, or a failure Nomad only logs, make none)."""
+    path = task_api_path(env)
+    if path is None:
         return None
-    path = os.path.join(secrets_dir, TASK_API_SOCKET)
     try:
         return path if stat.S_ISSOCK(os.stat(path).st_mode) else None
     except (OSError, ValueError):  # not there, or a NUL in the variable
