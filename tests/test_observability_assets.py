@@ -166,25 +166,30 @@ def test_the_overview_success_rate_counts_what_the_availability_slo_counts(
 ) -> None:
     """A service none of whose requests reach an instance (its callers' agents answer 503 UH) pages
     (HostmeshErrorBudgetBurnFast); the overview's success rate of it was no line at all (the
-    destinations' 0/0), not 0 %."""
+    destinations' 0/0), not 0 %. A healthy service whose callers' agents overflow their own pending
+    limit for it (503 UO) is at 100 %, as the SLO counts it."""
     board = json.loads((OBS / "grafana/mesh-overview.json").read_text())
     (expr,) = [
         t["expr"] for p in board["panels"] if p["title"].startswith("Success rate") for t in p["targets"]
     ]
     assert expr == slo_success_rate("$__rate_interval")
 
-    def down(reporter: str, code: str, flags: str) -> str:
-        return (f'hostmesh_requests_total{{reporter="{reporter}",destination_service="down",'
+    def series(reporter: str, code: str, flags: str, service: str = "down") -> str:
+        return (f'hostmesh_requests_total{{reporter="{reporter}",destination_service="{service}",'
                 f'response_code="{code}",response_flags="{flags}"}}')  # fmt: skip
 
     test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
         "interval": "1m",
         "input_series": [
-            {"series": down("destination", "200", "-"), "values": "0+600x10 6000x20"},
-            {"series": down("source", "503", "UH"), "values": "0x10 0+600x20"},
+            {"series": series("destination", "200", "-"), "values": "0+600x10 6000x20"},
+            {"series": series("source", "503", "UH"), "values": "0x10 0+600x20"},
+            {"series": series("destination", "200", "-", "crowded"), "values": "0+600x30"},
+            {"series": series("source", "200", "-", "crowded"), "values": "0+600x30"},
+            {"series": series("source", "503", "UO", "crowded"), "values": "0+60x30"},
         ],
         "promql_expr_test": [{"expr": expr.replace("$__rate_interval", "5m"), "eval_time": "30m",
-                              "exp_samples": [{"labels": '{destination_service="down"}', "value": 0}]}],
+                              "exp_samples": [{"labels": '{destination_service="down"}', "value": 0},
+                                              {"labels": '{destination_service="crowded"}', "value": 1}]}],
     }]}  # fmt: skip
     path = tmp_path / "overview.test.yml"
     path.write_text(json.dumps(test))
