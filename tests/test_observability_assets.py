@@ -125,6 +125,29 @@ def test_the_dashboards_cover_the_mesh_a_service_and_an_agent() -> None:
     assert {p.stem for p in DASHBOARDS} == {"mesh-overview", "service", "agent"}
 
 
+# the per-protocol families an operator reads traffic by: every one the agent exports is charted
+CHARTED_PREFIXES = ("hostmesh_requests_", "hostmesh_tcp_", "hostmesh_udp_", "hostmesh_dns_")
+
+
+def charted_series(path: Path) -> set[str]:
+    board = json.loads(path.read_text())
+    return {name for p in board["panels"] for t in p["targets"] for name in series_in(t["expr"])}
+
+
+def test_every_protocols_traffic_is_on_a_dashboard() -> None:
+    """UDP services and the mesh DNS had no panel though the agent exports their counters: a UDP
+    service's dashboard showed its certificate and nothing it carried."""
+    charted = set().union(*(charted_series(p) for p in DASHBOARDS))
+    protocol = {n for n in exported_series() if n.startswith(CHARTED_PREFIXES) and not n.endswith("_sum")}
+    # (the count of the duration histogram is the requests' count; closed connections, the opened ones')
+    protocol -= {"hostmesh_tcp_connections_closed_total", "hostmesh_request_duration_seconds_count"}
+    assert {n for n in protocol if n.startswith(("hostmesh_udp_", "hostmesh_dns_"))}
+    assert not protocol - charted, f"exported, on no dashboard: {sorted(protocol - charted)}"
+    service = charted_series(OBS / "grafana/service.json")
+    assert {n for n in protocol if n.startswith("hostmesh_udp_")} <= service, "a udp service's own dashboard"
+    assert "hostmesh_dns_queries_total" in charted_series(OBS / "grafana/agent.json")
+
+
 def test_the_query_parser_sees_series_and_skips_functions_and_labels() -> None:
     expr = 'histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b{c}"}[5m]))) / on (i) y_total - time()'
     assert series_in(expr) == {"x_bucket", "y_total"}
