@@ -41,10 +41,12 @@ ADMIN_MAX_BODY = 4096  # bytes of a request body: the one write (PUT /v1/log-lev
 
 
 def agent_version() -> str:
-    """The installed distribution's version; importlib.metadata is imported only when asked (RSS)."""
-    from hostmesh.agent.cli import _version
+    """The release this agent started with (registry/version.release), not the one installed since:
+    the Ansible role restarts an agent whose release is not the installed one."""
+    from hostmesh.registry.version import release
 
-    return _version()
+    found = release()
+    return "0+unknown" if found == "unknown" else found  # as `hostmesh --version` says it (agent/cli.py)
 
 
 # The probe at registration (agent/run.py), which only sets the check's first status, gives up after

@@ -114,9 +114,9 @@ def health_families() -> list[Family]:
         _process = ProcessMetrics()
     if _VERSION is None:
         from hostmesh.agent.compiled import compiled_modules
-        from hostmesh.registry.version import installed_version  # at the first scrape, not at start
+        from hostmesh.registry.version import release  # the primary read it at start; a worker, now
 
-        _VERSION = installed_version()
+        _VERSION = release()
         _COMPILED = "true" if compiled_modules() else "false"
     python = sys.version.split()[0]
     labels = {"version": _VERSION, "python": python, "component": "agent", "compiled": _COMPILED}

@@ -120,12 +120,11 @@ FD_HEADROOM = 256
 FD_RAISE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's nr_open)
 
 
-@functools.cache
 def _release() -> str:
-    """This agent's release (registry/version.py reads it from sys.path: once, at the first registration)."""
-    from hostmesh.registry.version import installed_version
+    """This agent's release: the installed version when it started (registry/version.release)."""
+    from hostmesh.registry.version import release
 
-    return installed_version()
+    return release()
 
 
 def check_open_file_limit(connections: int, max_connections: int) -> int:
@@ -1183,6 +1182,8 @@ async def _listening(key: str, where: Any, start: Awaitable[Any]) -> None:
 async def run_agent(
     config: AgentConfig, config_path: Path, worker: int = 0, from_primary: bytes = b""
 ) -> None:
+    if not worker:  # the release /v1/version, build info and Consul's meta name, read before an upgrade can
+        _release()  # replace it (a worker serves none of them until its first scrape: its own code's then)
     agent = Agent(config, worker=worker, config_path=config_path, from_primary=from_primary)
     loop = asyncio.get_running_loop()
     stop = agent.stop_requested

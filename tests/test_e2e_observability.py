@@ -9,6 +9,7 @@ Both agents export spans to a collector this test runs: a small HTTP server taki
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
 import signal
@@ -390,6 +391,32 @@ def test_each_service_advertises_its_agents_metrics_address_in_consul(mesh: Mesh
     ]
     assert ca["ServiceMeta"]["metrics_addr"] == f"127.0.0.1:{mesh.m.ca_port}"
     assert ca["ServiceMeta"]["metrics_scheme"] == "https"
+
+
+def test_an_agent_names_the_release_it_started_with_after_an_upgrade_under_it(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """A package upgrade replaces the dist-info folder under a running agent, which goes on running the
+    code it loaded. Its /v1/version read the folder at each request, so it named the new release, and
+    the Ansible role, which restarts an agent whose /v1/version is not the installed release, left the
+    old one running for good; its build info read it at the first scrape. (A Consul of its own: its CA's
+    trust bundle would replace the module mesh's.)"""
+    installed = importlib.metadata.version("hostmesh")
+    site = tmp_path / "site"  # ahead of the venv's site-packages on the agent's sys.path
+    site.mkdir()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca()
+        m.env["PYTHONPATH"] = str(site)
+        agent = m.start_agent(m.write_agent_config("node-release", [{"name": "relsvc", "port": free_port()}]))
+        assert agent.get("/v1/version")[1]["version"] == installed
+        (site / "hostmesh-9.9.9.dist-info").mkdir()  # the upgrade, as dpkg or pip leaves the tree
+        assert agent.get("/v1/version")[1]["version"] == installed
+        assert metric(agent, "hostmesh_build_info", version=installed) == 1
+        (entry,) = private_consul.get_json("/v1/catalog/service/relsvc")
+        assert entry["ServiceMeta"]["hostmesh_version"] == installed
+    finally:
+        m.close()
 
 
 def test_with_the_collector_down_requests_pass_and_drops_are_counted(mesh: Mesh) -> None:
