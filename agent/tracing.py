@@ -509,8 +509,12 @@ class Tracer:
             _address(a, "network.peer", peer)
             if "network.peer.address" in a:
                 a["client.address"] = a["network.peer.address"]
-        if failed:
+        # OpenTelemetry's HTTP span status: Error for a 5xx or an answer the mesh shaped (a flag), and
+        # on a client span for a 4xx too (the call failed; a server span leaves a 4xx unset). error.type,
+        # required then: the status code, or the flags where the status says nothing (a cut response)
+        if failed or (reporter == "source" and ex.status >= 400):
             span.status = STATUS_ERROR
+            a["error.type"] = str(ex.status) if ex.status >= 400 else fl.render(ex.flags)
         self.finish(span)
         return span
 

@@ -527,6 +527,36 @@ def test_a_span_carries_the_path_without_its_query() -> None:
 
 
 @pytest.mark.parametrize(
+    ("kind", "status", "flags", "error"),
+    [
+        (tracing.KIND_CLIENT, 404, "", "404"),  # the call failed: a client span's 4xx is an error
+        (tracing.KIND_SERVER, 404, "", None),  # the server answered as asked: left unset
+        (tracing.KIND_CLIENT, 200, "", None),
+        (tracing.KIND_SERVER, 503, "", "503"),
+        (tracing.KIND_CLIENT, 503, "UH", "503"),
+        (tracing.KIND_SERVER, 200, "UT", "UT"),  # cut after its head went out: the flag says why
+    ],
+)
+def test_a_spans_status_and_error_type_follow_opentelemetrys_http_conventions(
+    kind: int, status: int, flags: str, error: str | None
+) -> None:
+    """OpenTelemetry's HTTP spans: status Error for a 5xx, and for a 4xx on a client span only (a
+    server span leaves it unset); error.type, conditionally required on a failed request, the status
+    code as a string, else the component's own identifier (here the response flags). A client span's
+    404 was left unset and no failed span named its error."""
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    span = t.start("web", "", kind, [(b"traceparent", f"00-{TID}-{SID}-01".encode())])
+    ex = _exchange([])
+    ex.status, ex.flags = status, flags
+    reporter = "source" if kind == tracing.KIND_CLIENT else "destination"
+    span = t.end_http(span, ex, reporter=reporter, source="web", source_principal="", destination="api",
+                      destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
+    assert span is not None
+    assert (span.status == tracing.STATUS_ERROR) == (error is not None)
+    assert span.attributes.get("error.type") == error
+
+
+@pytest.mark.parametrize(
     "value",
     [
         f"00-{TID}-{SID}-00",  # what a caller's agent sends for a request it did not sample
