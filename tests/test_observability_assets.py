@@ -148,6 +148,18 @@ def test_every_protocols_traffic_is_on_a_dashboard() -> None:
     assert "hostmesh_dns_queries_total" in charted_series(OBS / "grafana/agent.json")
 
 
+def test_what_an_alert_reads_is_on_a_dashboard() -> None:
+    """A ticket for a worker not serving or crashing (HostmeshAgentProcessDown, ...Crashing) or a CA
+    root near expiry sent its reader to dashboards without a panel of those series."""
+    doc = yaml.safe_load((OBS / "rules/hostmesh.rules.yml").read_text())
+    read = {n for g in doc["groups"] for r in g["rules"] if "alert" in r for n in series_in(r["expr"])}
+    recorded = {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+    # (up: Prometheus' own; process_start_time_seconds: only when an agent started, beside a rejection)
+    read -= recorded | {"up", "process_start_time_seconds"}
+    charted = set().union(*(charted_series(p) for p in DASHBOARDS))
+    assert not read - charted, f"alerts read {sorted(read - charted)}, on no dashboard"
+
+
 def test_the_query_parser_sees_series_and_skips_functions_and_labels() -> None:
     expr = 'histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b{c}"}[5m]))) / on (i) y_total - time()'
     assert series_in(expr) == {"x_bucket", "y_total"}
