@@ -782,6 +782,10 @@ def system_python_has_apt() -> bool:
     os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not system_python_has_apt(),
     reason="apt's check mode on this machine: root and Debian's python3-apt",
 )
+# the first user of deb_package, whose build (cold: ~80 s idle, the compiled wheel) counts in this
+# test's time: under pytest's 120 s it was cut on a loaded machine, and its error, cached with the
+# module's fixture, failed test_playbook_run_is_idempotent[deb] too, whatever that one's own timeout
+@pytest.mark.timeout(BUILD_TIMEOUT + PLAYBOOK_TIMEOUT)
 def test_a_check_of_a_package_upgrade_on_a_host_shows_it_and_writes_nothing(
     tmp_path: Path, deb_package: Path
 ) -> None:
