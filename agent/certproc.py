@@ -36,7 +36,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import datetime as dt
 import errno
 import json
 import logging
@@ -49,7 +48,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostmesh.agent import renewal
 from hostmesh.agent.renewal import CertState
@@ -59,6 +58,16 @@ from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.files import write_private
 from hostmesh.registry.records import record
 from hostmesh.registry.watch import Watch
+
+if TYPE_CHECKING:
+    import datetime as dt
+else:
+    # datetime's classes from its C module, as agent.toml's parser takes them (agent/config.py
+    # _lend_c_datetime): datetime.py runs a whole pure-Python implementation only to throw it away.
+    try:
+        import _datetime as dt
+    except ImportError:  # an interpreter without it (PyPy): the same classes, from datetime.py
+        import datetime as dt
 
 log = logging.getLogger("hostmesh.agent.certs")
 

@@ -71,6 +71,7 @@ NOT_WITHOUT_THEIR_FEATURE = (
     "hashlib",  # consistent_hash / ring balancing only (agent/l7/balancer.py stable_hash)
     "hostmesh.agent.tracing",  # [tracing] otlp_endpoint (agent/run.py builds the Tracer the L7 stacks use)
     "hostmesh.registry.schema_parsers",  # a route/policy/gateway/external/nomad document (registry/schema.py)
+    "datetime",  # [tracing] otlp_endpoint's libraries; agent/certproc.py takes the C module (_datetime)
 )
 
 
@@ -393,7 +394,8 @@ def test_the_trim_gives_uvloops_receive_buffer_back() -> None:
 
 def test_reading_agent_toml_lets_the_parser_go(tmp_path: Path) -> None:
     """agent.toml is read at start and on every reload; tomllib is not held in between, and a
-    second read (a reload) and a broken file still work as before."""
+    second read (a reload) and a broken file still work as before. datetime.py never runs: tomllib
+    gets datetime's C classes (agent/config.py _lend_c_datetime), TOML dates still parse into them."""
     good = tmp_path / "agent.toml"
     pin = "sha256:" + "ab" * 32
     good.write_text(
@@ -407,16 +409,25 @@ from pathlib import Path
 from hostmesh.agent.config import ConfigError, load_config
 for _ in range(2):
     load_config(Path({str(good)!r}), check_files=False)
-    print("tomllib" in sys.modules)
+    print("tomllib" in sys.modules, "datetime" in sys.modules)
 try:
     load_config(Path({str(bad)!r}), check_files=False)
 except ConfigError as exc:
     print(exc)
+from hostmesh.agent.config import _parse_toml
+when = _parse_toml("at = 1979-05-27T07:32:00.5-07:00")["at"]
+print("datetime" in sys.modules)
+import datetime
+print(repr(when), type(when) is datetime.datetime, when.utcoffset() == datetime.timedelta(hours=-7))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     broken = f"{bad}: not valid TOML: Invalid value (at line 1, column 12)"
-    assert out.stdout.splitlines() == ["False", "False", broken]
+    when = (
+        "datetime.datetime(1979, 5, 27, 7, 32, 0, 500000, "
+        "tzinfo=datetime.timezone(datetime.timedelta(days=-1, seconds=61200)))"
+    )
+    assert out.stdout.splitlines() == ["False False", "False False", broken, "False", f"{when} True True"]
 
 
 def _resident_pages(start: int, length: int) -> int:
