@@ -5,7 +5,8 @@
 SIGUSR1 starts a window in the mode written in <dir>/mode (``calls``: cProfile, which counts every
 Python call and every C call made from Python; ``alloc``: calls into CPython's allocator, counted by
 the hook library named in HOSTMESH_ALLOCOUNT_LIB, plus the net change in allocated blocks), then
-writes <dir>/started-<pid>. SIGUSR2 ends the window and writes <dir>/result-<pid> (JSON). Counts,
+writes <dir>/started-<pid>. SIGUSR2 ends the window and writes <dir>/result-<pid> (JSON); with
+HOSTMESH_PROFILE_PSTATS set, a ``calls`` window also leaves cProfile's own dump in <dir>/pstats-<pid>. Counts,
 not times: they do not depend on how loaded the machine is. Signal handlers run in the main thread,
 which is the thread that runs the agent's event loop, so cProfile sees the proxy's work.
 """
@@ -101,6 +102,8 @@ def _stop(_sig: int, _frame: object) -> None:
         prof = _state["prof"]
         prof.disable()
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        if os.environ.get("HOSTMESH_PROFILE_PSTATS"):  # the raw profile too, callers and all (--pstats)
+            prof.dump_stats(_dir / f"pstats-{os.getpid()}")
         funcs: dict[str, list[Any]] = {}
         modules: dict[str, list[int]] = {}  # file -> [its Python calls, C calls made from it]
         for key, (_cc, ncalls, _tt, _ct, callers) in stats.items():

@@ -49,6 +49,7 @@ STRACE_ATTACH_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 PATH = "/small"
 PATHS = {"l7": "http", "l4": "tcp"}
+PATH_OF = {protocol: path for path, protocol in PATHS.items()}
 
 
 @dataclass
@@ -202,6 +203,10 @@ def profile_pair(env: Env, protocol: str, args: argparse.Namespace, say: Callabl
         for pid, doc in res.items():
             by_pid[pid].functions = [(f[0], f[1], f[2]) for f in doc["functions"]]
             by_pid[pid].modules = doc["modules"]
+        if args.pstats is not None:
+            for side in sides:
+                name = f"{PATH_OF[protocol]}-{'outbound' if side.role == 'client' else 'inbound'}.pstats"
+                shutil.move(window.ctl / f"pstats-{side.pid}", args.pstats / name)
         if args.strace:
             say(f"{protocol}: counting syscalls over {args.requests}")
             with straced(pids, env.workdir) as sys_res:
@@ -294,6 +299,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "request costs")  # fmt: skip
     p.add_argument("--no-strace", dest="strace", action="store_false", help="skip the syscall window")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--pstats", type=Path, metavar="DIR",
+                   help="also keep each side's cProfile dump of the calls window, who called what: "
+                        "DIR/l7-outbound.pstats ... (python -m pstats, `callers`)")  # fmt: skip
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)
     args.path_list = [x.strip() for x in args.paths.split(",") if x.strip()]
@@ -313,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ctl = workdir / "ctl"
     ctl.mkdir()
     os.environ["HOSTMESH_PROFILE_DIR"] = str(ctl)  # inherited by the agents HostmeshPair starts
+    if args.pstats is not None:
+        args.pstats.mkdir(parents=True, exist_ok=True)
+        os.environ["HOSTMESH_PROFILE_PSTATS"] = "1"
     lib = build_allocount(workdir)
     if lib is None:
         say("profile: no C compiler: allocator calls not counted (net blocks only)")
