@@ -659,9 +659,23 @@ class _Stop(Exception):
 # unexpected (leading blank lines, a line across reads, a bare LF) leaves it to the getters.
 _GET: Final = b"GET"
 _GET_SP: Final = b"GET "
+_SP_V11_CRLF: Final = b" HTTP/1.1\r\n"
+_SP_V10_CRLF: Final = b" HTTP/1.0\r\n"
+_GET_SP_LEN: Final = len(_GET_SP)
+_VERSION_TAIL_LEN: Final = len(_SP_V11_CRLF)
 
 
-def _request_line_version(line: bytes) -> bytes | None:
+def _request_line_version(line: bytes, url: bytes) -> bytes | None:
+    if line.startswith(_GET_SP):
+        # `GET <url> HTTP/x.y` CRLF: the version is right after the target llhttp reported, read with a
+        # slice and comparisons; compiled, bytes.find and startswith at an offset are generic method
+        # calls (a GET's on_headers_complete 3,700 -> 2,000 instructions, callgrind). A match can only
+        # be the line's end (the target holds no SP, CR or LF); anything else is left to the getter.
+        end = _GET_SP_LEN + len(url)
+        tail = line[end : end + _VERSION_TAIL_LEN]
+        if tail == _SP_V11_CRLF:
+            return _V11
+        return _V10 if tail == _SP_V10_CRLF else None
     lf = line.find(b"\n")  # the request line's end: llhttp parsed exactly the text before it
     if lf < 10:
         return None
@@ -1028,7 +1042,7 @@ class RequestFramer(_Framer):
             self._check_head_size()
         p: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # (no cast() call per head)
         line, self._line = self._line, b""
-        version = _request_line_version(line) or _VERSIONS.get(p.get_http_version())
+        version = _request_line_version(line, self._url) or _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail(400, "unsupported-version")
         method = _GET if line.startswith(_GET_SP) else p.get_method()
