@@ -329,10 +329,26 @@ def _announces_body(headers: Headers) -> bool:
 
 
 def _parse_length(v: bytes) -> int:
-    v = v.strip()
-    if not v.isdigit() or len(v) > 18:  # isdigit on bytes is ASCII-only; 18 digits < 2**63
-        raise ProtocolError(400, "bad-content-length")
-    return int(v)
+    n = _decimal(v)
+    if n < 0:  # (whitespace around it, or not a length at all)
+        n = _decimal(v.strip())
+        if n < 0:
+            raise ProtocolError(400, "bad-content-length")
+    return n
+
+
+def _decimal(v: bytes) -> int:
+    """The value of 1 to 18 ASCII digits (18 digits < 2**63), else -1. A loop over the bytes: compiled,
+    it is native code, where isdigit() and int() of bytes are generic calls (a response head's
+    Content-Length 1,400 -> 300 instructions, callgrind)."""
+    if not 0 < len(v) <= 18:
+        return -1
+    n = 0
+    for c in v:
+        if c < 48 or c > 57:  # b"0", b"9"
+            return -1
+        n = n * 10 + (c - 48)
+    return n
 
 
 def request_keep_alive(version: bytes, headers: Headers) -> bool:
