@@ -63,7 +63,7 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
-from typing import Final, NamedTuple, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 import httptools
 
@@ -421,7 +421,11 @@ def forward_headers(headers: Headers, tunnel: bool = False) -> Headers:
     drop = _NOT_FORWARDED if not named or named is _KEEP_ALIVE else _dropped(named)
     if tunnel:
         drop = drop | _TUNNEL_DROPPED
-    out = [h for h in headers if h[0] not in drop]
+    # the fields as objects: compiled, a typed field is unboxed to be read and boxed anew to be kept (a
+    # new tuple per field); as objects they are kept as they are (an nginx response's 8 fields: 3,200
+    # -> 2,300 instructions, callgrind)
+    fields: list[Any] = headers
+    out: Headers = [h for h in fields if h[0] not in drop]
     if tunnel:
         up = header_value(headers, b"upgrade")
         if up is not None:
