@@ -374,7 +374,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "tracing.errors",
         "boolean",
         "true",
-        "Also export requests ending in a 5xx or with a response flag, whatever the sample.",
+        "Also export requests ending in a 5xx or with a response flag (a fault's delay alone, DI, is "
+        "none), whatever the sample.",
     ),
     Key("http", "table", "", "Limits of the L7 data path."),
     Key(

@@ -12,13 +12,14 @@ Decisions:
   peer agent, then the app) is its child.
 - Head sampling: a caller's sampling decision (the `traceparent` flags, B3's sampled bit) is
   followed; a request without a context is sampled at agent.toml `[tracing] sample` (0.01). An
-  unsampled request builds nothing (no span) unless it ends in a 5xx or with a response flag and
-  `[tracing] errors` is on (the default): then its span is built at the end, so failures are
-  always visible. The caller's agent passes its decision on (`Tracer.unsampled`): a request it did
-  not sample leaves with a `traceparent` flagged not sampled that names the span it would build,
-  unless the client sent a W3C context of its own. Without it, the callee's agent drew its own
-  decision (tracing half a request) and each agent's span of a failure started a trace of its own,
-  so the two access lines of one request named different traces or none.
+  unsampled request builds nothing (no span) unless it ends in a 5xx or with a response flag (a
+  fault's delay alone, DI, is no failure) and `[tracing] errors` is on (the default): then its span
+  is built at the end, so failures are always visible. The caller's agent passes its decision on
+  (`Tracer.unsampled`): a request it did not sample leaves with a `traceparent` flagged not sampled
+  that names the span it would build, unless the client sent a W3C context of its own. Without
+  it, the callee's agent drew its own decision (tracing half a request) and each agent's span of a
+  failure started a trace of its own, so the two access lines of one request named different
+  traces or none.
 - Edge: an ingress gateway's forwards (`EdgeTracer`) record the same client span, but its client is
   outside the mesh: a valid W3C `traceparent` of its own names the trace, never the sampling, which
   the gateway draws at its own rate; the request leaves with the gateway's `traceparent` (`00` when
@@ -462,7 +463,7 @@ class Tracer:
         `errors` is on) with its attributes; returns it (the access line names it), or None.
         `forwarded`: the headers the request went on with, when it went on (the request id the next
         hop saw is read from them, as the access line does)."""
-        failed = ex.status >= 500 or bool(ex.flags)
+        failed = _failed(ex)
         if span is None:
             if not (failed and self.errors):
                 return None
@@ -509,9 +510,10 @@ class Tracer:
             _address(a, "network.peer", peer)
             if "network.peer.address" in a:
                 a["client.address"] = a["network.peer.address"]
-        # OpenTelemetry's HTTP span status: Error for a 5xx or an answer the mesh shaped (a flag), and
-        # on a client span for a 4xx too (the call failed; a server span leaves a 4xx unset). error.type,
-        # required then: the status code, or the flags where the status says nothing (a cut response)
+        # OpenTelemetry's HTTP span status: Error for a 5xx or an answer the mesh shaped (a flag, but
+        # a delay alone: _failed), and on a client span for a 4xx too (the call failed; a server span
+        # leaves a 4xx unset). error.type, required then: the status code, or the flags where the
+        # status says nothing (a cut response)
         if failed or (reporter == "source" and ex.status >= 400):
             span.status = STATUS_ERROR
             a["error.type"] = str(ex.status) if ex.status >= 400 else fl.render(ex.flags)
@@ -624,6 +626,14 @@ class Tracer:
         self._drop("shutdown", n)
 
 
+def _failed(ex: Any) -> bool:
+    """Whether exchange `ex` failed, for its span's status and the export of an unsampled one: a 5xx
+    or a response flag, but a delay alone (DI) is none: fault injection only held the request back,
+    and its answer (a 200, say) is the app's. Counted as failed, a delayed request's span was Error
+    and, unsampled, exported as a failure. `add` raises a flag once, so "DI" is the only value."""
+    return ex.status >= 500 or (bool(ex.flags) and ex.flags != fl.DI)
+
+
 class EdgeTracer:
     """The tracer of an ingress gateway's HTTP forwards (stacks.build_gateway): a view of the agent's
     Tracer for requests from outside the mesh, whose client is not trusted with the mesh's decisions.
@@ -693,7 +703,7 @@ class EdgeTracer:
                  peer: str, forwarded: list[tuple[bytes, bytes]] | None = None) -> Span | None:  # fmt: skip
         """Tracer.end_http, with an unsampled failure's span built by this view's `late`."""
         if span is None:
-            if not (self.errors and (ex.status >= 500 or bool(ex.flags))):
+            if not (self.errors and _failed(ex)):
                 return None
             span = self.late(source, "", KIND_CLIENT, ex.head.headers, ex.started, forwarded)
         return self.tracer.end_http(

@@ -535,6 +535,9 @@ def test_a_span_carries_the_path_without_its_query() -> None:
         (tracing.KIND_SERVER, 503, "", "503"),
         (tracing.KIND_CLIENT, 503, "UH", "503"),
         (tracing.KIND_SERVER, 200, "UT", "UT"),  # cut after its head went out: the flag says why
+        (tracing.KIND_CLIENT, 200, "DI", None),  # only delayed by a fault: answered, no failure
+        (tracing.KIND_CLIENT, 503, "DI,FI", "503"),  # delayed, then aborted: a failure
+        (tracing.KIND_CLIENT, 200, "DI,UT", "DI,UT"),
     ],
 )
 def test_a_spans_status_and_error_type_follow_opentelemetrys_http_conventions(
@@ -554,6 +557,23 @@ def test_a_spans_status_and_error_type_follow_opentelemetrys_http_conventions(
     assert span is not None
     assert (span.status == tracing.STATUS_ERROR) == (error is not None)
     assert span.attributes.get("error.type") == error
+
+
+@pytest.mark.parametrize("edge", [False, True])
+def test_an_unsampled_request_only_delayed_by_a_fault_is_not_exported_as_a_failure(edge: bool) -> None:
+    """A fault's delay (DI) is no failure: the request was held back, then answered by the app. It
+    counted as one (any flag did), so with `[tracing] errors` every delayed request built a span
+    whatever the sample, with status Error. An abort (FI) still does."""
+    tracer = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    t: Any = tracing.EdgeTracer(tracer) if edge else tracer
+    ex = _exchange([])
+    kw: Any = dict(reporter="source", source="web", source_principal="", destination="api",
+                   destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
+    ex.status, ex.flags = 200, "DI"
+    assert t.end_http(None, ex, **kw) is None and not tracer.queue
+    ex.status, ex.flags = 503, "DI,FI"
+    span = t.end_http(None, ex, **kw)
+    assert span is not None and span.status == tracing.STATUS_ERROR and list(tracer.queue) == [span]
 
 
 @pytest.mark.parametrize(
