@@ -1210,6 +1210,7 @@ def test_the_roles_restart_settings_cover_what_a_reload_cannot_change() -> None:
     assert set(RESTART_KEYS) | {"services"} <= set(role_vars["hostmesh_agent_restart_settings"])
 
 
+@pytest.mark.timeout(7 * PLAYBOOK_TIMEOUT)  # seven runs of the role
 def test_agent_role_issues_a_join_token_for_a_service_added_to_the_host(tmp_path: Path) -> None:
     """A service added to a host that has its join token (spent on the first certificates): only a
     token naming the new service obtains its certificate (a sibling's renews an expired one only), so
