@@ -1314,7 +1314,8 @@ def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path:
 
 RESOLVER_SYSTEMCTL = """\
 import json, sys
-# systemctl for the DNS tasks' handlers: dnsmasq is stopped by its operator, or its package is gone
+# systemctl for the DNS tasks' handlers: dnsmasq is stopped by its operator, or its package is gone;
+# the units named in `stopped` show as stopped
 args = [a for a in sys.argv[1:] if not a.startswith("-")]
 conf = json.loads(open(__file__ + ".json").read())
 with open(conf["log"], "a") as log:
@@ -1324,7 +1325,8 @@ if unit.startswith("dnsmasq") and conf["dnsmasq"] == "gone" and args[0] != "show
     print(f"Failed to {args[0]} {unit}: Unit {unit} not found.", file=sys.stderr)
     sys.exit(5)
 if args[:1] == ["show"]:
-    print(f"Id={unit}\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nUnitFileState=enabled")
+    state = "inactive\\nSubState=dead" if unit in conf.get("stopped", []) else "active\\nSubState=running"
+    print(f"Id={unit}\\nLoadState=loaded\\nActiveState={state}\\nUnitFileState=enabled")
 """
 
 
@@ -1349,6 +1351,36 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     assert [c for c in told if c[0] != "show" and c[1:2] == ["dnsmasq.service"]] == [
         ["try-restart", "dnsmasq.service"]
     ]
+
+
+@pytest.mark.parametrize(
+    ("resolver", "unit", "told"),
+    [
+        ("auto", "dnsmasq.service", "try-restart"),  # /etc/dnsmasq.d alone chose it
+        ("systemd-resolved", "systemd-resolved.service", "try-restart"),
+        ("unbound", "unbound.service", "try-reload-or-restart"),
+    ],
+)
+def test_a_stopped_resolver_given_our_drop_in_is_not_started(
+    tmp_path: Path, resolver: str, unit: str, told: str
+) -> None:
+    """A resolver given our drop-in rereads its config only if it runs: one its operator stopped reads
+    the drop-in when started. The handlers restarted it (unbound: reloaded), which starts a stopped
+    unit, so with `auto` the mere /etc/dnsmasq.d started a dnsmasq its operator had stopped."""
+    root = tmp_path / "root"
+    (root / "etc/dnsmasq.d").mkdir(parents=True)
+    roles = agent_role_without_install(tmp_path)
+    fake, calls = tmp_path / "fake-bin", tmp_path / "systemctl.log"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!{sys.executable}\n{RESOLVER_SYSTEMCTL}")
+    (fake / "systemctl").chmod(0o755)
+    (fake / "systemctl.json").write_text(
+        json.dumps({"log": str(calls), "dnsmasq": "stopped", "stopped": [unit]})
+    )
+    result = run_dns_tasks(tmp_path, roles, root, resolver, "127.0.0.1:15053", systemctl=fake)
+    assert (root / DROP_INS[unit.removesuffix(".service")]).exists(), result.stdout[-4000:]
+    said = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    assert [c for c in said if c[0] != "show" and c[1:2] == [unit]] == [[told, unit]], said
 
 
 @pytest.mark.parametrize(("dns", "domain", "host"), [
