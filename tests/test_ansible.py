@@ -686,11 +686,59 @@ def test_ca_role_makes_no_second_root_on_another_ca_host(tmp_path: Path) -> None
     env = ansible_env(tmp_path)
     env["ANSIBLE_ROLES_PATH"] = str(role_alone(tmp_path, "hostmesh_ca"))
     variables = {"ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
-                 "hostmesh_install_systemd": False}  # fmt: skip
+                 "hostmesh_install_systemd": False, "hostmesh_ca_advertise": "127.0.0.1"}  # fmt: skip
     result, output = run_on_localhost_only(inventory, variables, playbook, cwd=ANSIBLE_DIR, env=env)
     assert result.returncode != 0, output
     assert "this is not the first host of group hostmesh_ca (ca-first.invalid)" in output
     assert not (root / "var/lib/hostmesh-ca/ca.json").exists()  # no second root
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+@pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT)  # two runs of the role
+@pytest.mark.parametrize(
+    ("role", "variable", "written"),
+    [("hostmesh_agent", "hostmesh_agent_mesh_address", "etc/hostmesh/agent.toml"),
+     ("hostmesh_ca", "hostmesh_ca_advertise", "etc/hostmesh/ca.env")],
+)  # fmt: skip
+def test_a_role_without_facts_in_a_fleet_stops_naming_the_address_to_set(
+    tmp_path: Path, role: str, variable: str, written: str
+) -> None:
+    """Without gathered facts (or a default IPv4 route) the address other hosts dial fell back to
+    127.0.0.1 silently: an agent advertised, and the CA registered in Consul, an address at which every
+    other host reaches itself. In an inventory of more than one host the role now stops before writing
+    anything, naming the variable; set explicitly, it is used as given (127.0.0.1 too). An inventory of
+    one host (a one-host mesh, every other test here) keeps 127.0.0.1."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    hosts = {"localhost": {"ansible_connection": "local"}, "other.invalid": {}}
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(role_alone(tmp_path, role))}
+    variables: dict[str, object] = {
+        "ansible_python_interpreter": sys.executable,
+        "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False,
+    }
+    if role == "hostmesh_agent":
+        variables |= {"hostmesh_agent_ca_pin": "sha256:" + "ab" * 32, "hostmesh_agent_join_token": "token",
+                      "hostmesh_agent_dns_resolver": "none", "hostmesh_agent_services": [WEB]}  # fmt: skip
+    result, output = run_on_localhost_only(inventory, variables, playbook, cwd=ANSIBLE_DIR, env=env)
+    assert result.returncode != 0, output
+    what = "this agent" if role == "hostmesh_agent" else "the CA"
+    assert (
+        f"localhost: no address for other hosts to reach {what}"
+        f" at (facts not gathered, or no default IPv4 route): set {variable}, or gather facts"
+    ) in " ".join(output.split()), output
+    assert not (root / written).exists()
+    result, output = run_on_localhost_only(
+        inventory, {**variables, variable: "127.0.0.1"}, playbook, cwd=ANSIBLE_DIR, env=env
+    )
+    assert result.returncode == 0, output
+    assert "127.0.0.1" in (root / written).read_text()
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
