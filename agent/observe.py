@@ -114,7 +114,7 @@ def health_families() -> list[Family]:
         _process = ProcessMetrics()
     if _VERSION is None:
         from hostmesh.agent.compiled import compiled_modules
-        from hostmesh.registry.version import release  # the primary read it at start; a worker, now
+        from hostmesh.registry.version import release  # every process read it at its start (run.py)
 
         _VERSION = release()
         _COMPILED = "true" if compiled_modules() else "false"

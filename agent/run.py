@@ -1182,8 +1182,12 @@ async def _listening(key: str, where: Any, start: Awaitable[Any]) -> None:
 async def run_agent(
     config: AgentConfig, config_path: Path, worker: int = 0, from_primary: bytes = b""
 ) -> None:
-    if not worker:  # the release /v1/version, build info and Consul's meta name, read before an upgrade can
-        _release()  # replace it (a worker serves none of them until its first scrape: its own code's then)
+    # The release /v1/version, build info and Consul's meta name, read before an upgrade can replace
+    # it: by every process, each naming the code it loaded. A worker read it at its first scrape, so
+    # one started before an upgrade and first scraped after it named the new release, and the merged
+    # /metrics had a build_info of each. Not the primary's, passed down: a worker started after an
+    # upgrade (a crash's restart) runs the new code, and saying so shows the agent mixed.
+    _release()
     agent = Agent(config, worker=worker, config_path=config_path, from_primary=from_primary)
     loop = asyncio.get_running_loop()
     stop = agent.stop_requested

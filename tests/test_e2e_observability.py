@@ -399,8 +399,9 @@ def test_an_agent_names_the_release_it_started_with_after_an_upgrade_under_it(
     """A package upgrade replaces the dist-info folder under a running agent, which goes on running the
     code it loaded. Its /v1/version read the folder at each request, so it named the new release, and
     the Ansible role, which restarts an agent whose /v1/version is not the installed release, left the
-    old one running for good; its build info read it at the first scrape. (A Consul of its own: its CA's
-    trust bundle would replace the module mesh's.)"""
+    old one running for good; its build info read it at the first scrape, and a worker (`workers = 2`)
+    still did: the merged /metrics named both releases. (A Consul of its own: its CA's trust bundle
+    would replace the module mesh's.)"""
     installed = importlib.metadata.version("hostmesh")
     site = tmp_path / "site"  # ahead of the venv's site-packages on the agent's sys.path
     site.mkdir()
@@ -408,11 +409,19 @@ def test_an_agent_names_the_release_it_started_with_after_an_upgrade_under_it(
     try:
         m.start_ca()
         m.env["PYTHONPATH"] = str(site)
-        agent = m.start_agent(m.write_agent_config("node-release", [{"name": "relsvc", "port": free_port()}]))
+        services = [{"name": "relsvc", "port": free_port()}]
+        agent = m.start_agent(m.write_agent_config("node-release", services, extra="workers = 2"))
         assert agent.get("/v1/version")[1]["version"] == installed
+        wait_for(
+            lambda: [w["state"] for w in agent.get("/v1/clusters")[1]["workers"]] == ["serving"],
+            30,
+            "the worker serving",
+        )
         (site / "hostmesh-9.9.9.dist-info").mkdir()  # the upgrade, as dpkg or pip leaves the tree
         assert agent.get("/v1/version")[1]["version"] == installed
-        assert metric(agent, "hostmesh_build_info", version=installed) == 1
+        text = agent.metrics()  # the worker's first scrape: it read its release at its start too
+        assert metric_text(text, "hostmesh_build_info", version=installed) == 1
+        assert metric_text(text, "hostmesh_build_info", version="9.9.9") == 0, text
         (entry,) = private_consul.get_json("/v1/catalog/service/relsvc")
         assert entry["ServiceMeta"]["hostmesh_version"] == installed
     finally:
