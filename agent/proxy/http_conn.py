@@ -234,7 +234,8 @@ class RequestMetrics:
 
 
 def failed(ex: Exchange) -> bool:
-    """A flagged or 5xx answer: it always gets its access line, and its span with `[tracing] errors`."""
+    """A flagged or 5xx answer: it always gets its access line, and its span with `[tracing] errors`
+    (but a fault's delay alone, DI: no failure to a span, tracing._failed; its line is still kept)."""
     return bool(ex.flags) or ex.status >= 500
 
 
