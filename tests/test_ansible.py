@@ -1222,6 +1222,13 @@ RELOAD = "Reload hostmesh-agent"
 API = {"name": "api", "port": 9000}
 
 
+@pytest.fixture(scope="module")
+def first_runs() -> dict[str, Path]:
+    """The test roots the restart tests' first runs left, by the variables that run had (all but the
+    root's path, which no file in the root names): six of the seven cases start from the same one."""
+    return {}
+
+
 @pytest.mark.parametrize(
     ("case", "change", "handlers"),
     [
@@ -1236,26 +1243,36 @@ API = {"name": "api", "port": 9000}
     ],
 )
 def test_agent_role_restarts_for_what_a_reload_cannot_change(
-    tmp_path: Path, case: str, change: dict[str, object], handlers: list[str]
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    first_runs: dict[str, Path],
+    case: str,
+    change: dict[str, object],
+    handlers: list[str],
 ) -> None:
     """A changed agent.toml is reloaded (SIGHUP); one that changes what a reload leaves at its running
     value (agent/run.py RESTART_KEYS, the set of service names: the agent only logs that they need a
     restart) restarts the agent with the drain instead. Before, every change was a reload: the play said
-    changed, the next run changed=0, and the agent went on with its old services and settings."""
-    root = tmp_path / "root"
-    (root / "etc/hostmesh").mkdir(parents=True)
-    this_checkout_as_the_venv(root)
+    changed, the next run changed=0, and the agent went on with its old services and settings.
+    The second run is made on a copy of the root a first run with the same variables left."""
     variables: dict[str, object] = {
-        "hostmesh_install_root": str(root),
         "hostmesh_install_systemd": False,
         "hostmesh_agent_services": [WEB, API] if case == "services reordered" else [WEB],
         "hostmesh_agent_ca_pin": "sha256:" + "ab" * 32,
         "hostmesh_agent_join_token": "test-join-token",
         "hostmesh_agent_dns_resolver": "none",
     }
-    (tmp_path / "first").mkdir()
-    first = run_role(tmp_path / "first", "hostmesh_agent", variables)
-    assert first.returncode == 0, first.stdout[-4000:]
+    key = json.dumps(variables, sort_keys=True)
+    if key not in first_runs:
+        run = tmp_path_factory.mktemp("first-run")
+        (run / "root/etc/hostmesh").mkdir(parents=True)
+        this_checkout_as_the_venv(run / "root")
+        first = run_role(run, "hostmesh_agent", {**variables, "hostmesh_install_root": str(run / "root")})
+        assert first.returncode == 0, first.stdout[-4000:]
+        first_runs[key] = run / "root"
+    root = tmp_path / "root"
+    shutil.copytree(first_runs[key], root, symlinks=True)  # modes kept; the owner is ours, as theirs
+    variables["hostmesh_install_root"] = str(root)
     (tmp_path / "second").mkdir()
     second = run_role(tmp_path / "second", "hostmesh_agent", {**variables, **change})
     assert second.returncode == 0, second.stdout[-4000:]
