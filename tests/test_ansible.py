@@ -1346,21 +1346,24 @@ DROP_INS = {
 }
 
 
-def run_dns_tasks(tmp_path: Path, roles: Path, root: Path, resolver: str, dns: str,
+def run_dns_tasks(tmp_path: Path, roles: Path, roots: dict[str, Path], dns: str,
                   systemctl: Path | None = None, domain: str = "mesh",
                   ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """The agent role's DNS tasks alone under `root`, with `resolver` and agent.toml's `dns` and
-    `dns_domain`; their handlers call the stand-in `systemctl` (a folder holding one) when given, else
-    none runs."""
+    """The agent role's DNS tasks alone, in one ansible-playbook run: a play for each resolver in
+    `roots`, under its root, with agent.toml's `dns` and `dns_domain`; their handlers call the stand-in
+    `systemctl` (a folder holding one) when given, else none runs."""
     task = {"name": "DNS", "ansible.builtin.include_role": {"name": "hostmesh_agent", "tasks_from": "dns"}}
-    play = [{"name": "Split DNS only", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+    plays = [
+        {"name": f"Split DNS only: {resolver}", "hosts": "localhost", "gather_facts": False,
+         "vars": {"hostmesh_install_prefix": str(root), "hostmesh_agent_dns_resolver": resolver},
+         "tasks": [task]}
+        for resolver, root in roots.items()
+    ]  # fmt: skip
     playbook = tmp_path / "dns.yml"
-    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
-    variables = {
+    playbook.write_text(yaml.safe_dump(plays, sort_keys=False))
+    variables = {  # (extra vars: above the plays' own, which are theirs alone)
         "ansible_python_interpreter": sys.executable,
-        "hostmesh_install_prefix": str(root),
         "hostmesh_install_systemd": systemctl is not None,
-        "hostmesh_agent_dns_resolver": resolver,
         "hostmesh_agent_dns": dns,
         "hostmesh_agent_dns_domain": domain,
     }
@@ -1385,7 +1388,7 @@ def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path:
     roles = agent_role_without_install(tmp_path)
     for resolver, dns in [("dnsmasq", "127.0.0.1:15053"), ("unbound", "127.0.0.1:15053"),
                           ("systemd-resolved", "127.0.0.1:15053"), ("auto", "")]:  # fmt: skip
-        result = run_dns_tasks(tmp_path, roles, root, resolver, dns)
+        result = run_dns_tasks(tmp_path, roles, {resolver: root}, dns)
         present = sorted(name for name, path in DROP_INS.items() if (root / path).exists())
         assert present == ([resolver] if dns else []), (resolver, dns, result.stdout[-4000:])
 
@@ -1423,8 +1426,8 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     (fake / "systemctl").write_text(f"#!{sys.executable}\n{RESOLVER_SYSTEMCTL}")
     (fake / "systemctl").chmod(0o755)
     (fake / "systemctl.json").write_text(json.dumps({"log": str(calls), "dnsmasq": dnsmasq}))
-    run_dns_tasks(tmp_path, roles, root, "dnsmasq", "127.0.0.1:15053")
-    run_dns_tasks(tmp_path, roles, root, "unbound", "127.0.0.1:15053", systemctl=fake)
+    run_dns_tasks(tmp_path, roles, {"dnsmasq": root}, "127.0.0.1:15053")
+    run_dns_tasks(tmp_path, roles, {"unbound": root}, "127.0.0.1:15053", systemctl=fake)
     told = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [c for c in told if c[0] != "show" and c[1:2] == ["dnsmasq.service"]] == [
         ["try-restart", "dnsmasq.service"]
@@ -1482,15 +1485,17 @@ def test_the_split_dns_drop_ins_are_ones_their_resolver_starts_with(
     port = dns.rsplit(":", 1)[1]
     resolved = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # resolved's syntax: brackets
     roles = agent_role_without_install(tmp_path)
-    for resolver, check, forward in (
+    checks = (
         ("dnsmasq", ["dnsmasq", "--test", "--conf-file={}"], [f"server=/mesh/{host}#{port}\n"]),
         ("unbound", ["unbound-checkconf", "{}"], ['name: "mesh."\n', f"forward-addr: {host}@{port}\n"]),
         ("systemd-resolved", None, [f"DNS={resolved}\n", "Domains=~mesh\n"]),
-    ):
-        root = tmp_path / resolver
+    )
+    roots = {resolver: tmp_path / resolver for resolver, _, _ in checks}
+    for root in roots.values():
         root.mkdir()
-        run_dns_tasks(tmp_path, roles, root, resolver, dns, domain=domain)
-        drop_in = root / DROP_INS[resolver]
+    run_dns_tasks(tmp_path, roles, roots, dns, domain=domain)  # one run, a play (and a root) per resolver
+    for resolver, check, forward in checks:
+        drop_in = roots[resolver] / DROP_INS[resolver]
         for line in forward:
             assert line in drop_in.read_text(), (resolver, drop_in.read_text())
         if check is not None:
