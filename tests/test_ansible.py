@@ -838,7 +838,6 @@ def system_python_has_apt() -> bool:
 
 
 @PACKAGES
-@pytest.mark.timeout(BUILD_TIMEOUT + PLAYBOOK_TIMEOUT)  # the first to ask for deb_package: its build too
 @pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not system_python_has_apt(),
     reason="apt's check mode on this machine: root and Debian's python3-apt",
