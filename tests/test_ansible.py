@@ -1457,7 +1457,7 @@ def test_a_stopped_resolver_given_our_drop_in_is_not_started(
     (fake / "systemctl.json").write_text(
         json.dumps({"log": str(calls), "dnsmasq": "stopped", "stopped": [unit]})
     )
-    result = run_dns_tasks(tmp_path, roles, root, resolver, "127.0.0.1:15053", systemctl=fake)
+    result = run_dns_tasks(tmp_path, roles, {resolver: root}, "127.0.0.1:15053", systemctl=fake)
     assert (root / DROP_INS[unit.removesuffix(".service")]).exists(), result.stdout[-4000:]
     said = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
     assert [c for c in said if c[0] != "show" and c[1:2] == [unit]] == [[told, unit]], said
