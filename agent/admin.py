@@ -43,10 +43,9 @@ ADMIN_MAX_BODY = 4096  # bytes of a request body: the one write (PUT /v1/log-lev
 def agent_version() -> str:
     """The release this agent started with (registry/version.release), not the one installed since:
     the Ansible role restarts an agent whose release is not the installed one."""
-    from hostmesh.registry.version import release
+    from hostmesh.agent.cli import _version
 
-    found = release()
-    return "0+unknown" if found == "unknown" else found  # as `hostmesh --version` says it (agent/cli.py)
+    return _version()
 
 
 # The probe at registration (agent/run.py), which only sets the check's first status, gives up after

@@ -197,10 +197,11 @@ def _output_error(exc: OSError) -> None:
 
 def _version() -> str:
     # the dist-info folder's name, as the agent's build info reads it: importlib.metadata (email,
-    # zipfile, csv, …) would double what `hostmesh version` imports and cost ~2 MiB of RSS
-    from hostmesh.registry.version import installed_version
+    # zipfile, csv, …) would double what `hostmesh version` imports and cost ~2 MiB of RSS; in an
+    # agent (admin.agent_version) the one it started with, not one an upgrade installed since
+    from hostmesh.registry.version import release
 
-    found = installed_version()
+    found = release()
     return "0+unknown" if found == "unknown" else found  # "unknown": a source tree without an install
 
 

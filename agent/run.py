@@ -74,6 +74,7 @@ from hostmesh.registry.layout import (
     upstreams_meta,
 )
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
+from hostmesh.registry.version import release
 from hostmesh.registry.watch import backoff_delay
 
 log = logging.getLogger("hostmesh.agent")
@@ -118,13 +119,6 @@ STOP_SLACK_SECONDS = 10.0
 # Consul and CA calls, mesh connections, logs.
 FD_HEADROOM = 256
 FD_RAISE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's nr_open)
-
-
-def _release() -> str:
-    """This agent's release: the installed version when it started (registry/version.release)."""
-    from hostmesh.registry.version import release
-
-    return release()
 
 
 def check_open_file_limit(connections: int, max_connections: int) -> int:
@@ -739,7 +733,7 @@ class Agent:
             meta={
                 HOSTMESH_META: HOSTMESH_META_VALUE,
                 PROTOCOL_META: svc.protocol,
-                VERSION_META: _release(),  # what the CLI judges documents by (registry/features.py)
+                VERSION_META: release(),  # what the CLI judges documents by (registry/features.py)
                 DEFAULT_INTENTION_META: self.config.default_intention,  # what `intention check` answers by
                 **self._metrics_meta(),
                 **upstreams_meta(u.service for u in svc.upstreams),
@@ -1187,7 +1181,7 @@ async def run_agent(
     # one started before an upgrade and first scraped after it named the new release, and the merged
     # /metrics had a build_info of each. Not the primary's, passed down: a worker started after an
     # upgrade (a crash's restart) runs the new code, and saying so shows the agent mixed.
-    _release()
+    release()
     agent = Agent(config, worker=worker, config_path=config_path, from_primary=from_primary)
     loop = asyncio.get_running_loop()
     stop = agent.stop_requested
