@@ -303,14 +303,14 @@ HTTP_DEFAULT_PORT = 80  # a Host without a port names HTTP's (mesh hops and app 
 MAX_PORT = 65535  # a Host's port past it names no server: no server.port
 
 
-def _authority(attributes: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+def _authority(attributes: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> str:
     """`server.address` and `server.port` from the request's Host ("api:8080", "[::1]:80", "api"), as
     OpenTelemetry's HTTP spans name the server: the same on the client and the server span, whichever
     instance or app answered; nothing without a Host or for one that is not a host (the gateway's
-    reading of it: edges.request_host)."""
+    reading of it: edges.request_host). Returns the Host as given ("" for none) for url.full."""
     named = request_host(headers)
     if not named or not named[0]:
-        return
+        return ""
     host, authority = named
     port = authority[len(host) :].rpartition(":")[2] if len(authority) > len(host) else ""
     attributes["server.address"] = host.strip("[]")[:MAX_ATTRIBUTE]
@@ -318,6 +318,7 @@ def _authority(attributes: dict[str, Any], headers: list[tuple[bytes, bytes]]) -
         attributes["server.port"] = HTTP_DEFAULT_PORT
     elif int(port) <= MAX_PORT:
         attributes["server.port"] = int(port)
+    return authority
 
 
 def _rate_draws(sample: float) -> bool:
@@ -484,7 +485,9 @@ class Tracer:
         a["http.request.method"] = method
         # the path alone, as OpenTelemetry's url.path is: a query string may carry a credential
         # (`?access_token=`), and spans leave the host for a collector
-        a["url.path"] = head.target.split(b"?", 1)[0].decode("latin-1")[:MAX_ATTRIBUTE]
+        path = head.target.split(b"?", 1)[0].decode("latin-1")
+        a["url.path"] = path[:MAX_ATTRIBUTE]
+        a["url.scheme"] = "http"  # as the app called and was called: mTLS is the agents' hop only
         a["http.response.status_code"] = ex.status
         a["hostmesh.response_flags"] = fl.render(ex.flags)
         a["hostmesh.reporter"] = reporter
@@ -501,8 +504,11 @@ class Tracer:
         # app called it), the same on both spans; an address is the IP alone, its port apart; the
         # network peer is the other agent on both sides (the callee's instance on a client span), and
         # client.address the app that called on a client span, the caller's agent on a server span
-        _authority(a, forwarded if forwarded is not None else head.headers)
+        authority = _authority(a, forwarded if forwarded is not None else head.headers)
         if reporter == "source":
+            # url.full, which OpenTelemetry asks of a client span, without the query (as url.path)
+            if authority:
+                a["url.full"] = f"http://{authority}{path}"[:MAX_ATTRIBUTE]
             _address(a, "network.peer", upstream_host)
             if peer:
                 a["client.address"] = peer

@@ -527,6 +527,30 @@ def test_a_span_carries_the_path_without_its_query() -> None:
 
 
 @pytest.mark.parametrize(
+    ("reporter", "host", "full"),
+    [
+        ("source", b"api:8080", "http://api:8080/login"),
+        ("source", b"API", "http://api/login"),  # the Host as routed: lower case
+        ("source", None, None),  # no Host (HTTP/1.0): no absolute URL to name
+        ("destination", b"api:8080", None),  # url.full is a client span's
+    ],
+)
+def test_a_span_names_the_url_as_opentelemetry_asks(
+    reporter: str, host: bytes | None, full: str | None
+) -> None:
+    """OpenTelemetry's HTTP spans: url.scheme on both (required on a server span), url.full on a
+    client span (required there), without the query as url.path. Both were missing."""
+    headers = [(b"host", host)] if host is not None else []
+    ex = _exchange(headers, target=b"/login?access_token=SEKRET")
+    t = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    span = t.end_http(None, ex, reporter=reporter, source="web", source_principal="", destination="api",
+                      destination_principal="", subset="", upstream_host="", peer="")  # fmt: skip
+    assert span is not None and span.attributes["url.scheme"] == "http"
+    assert span.attributes.get("url.full") == full
+    assert "SEKRET" not in repr(span.attributes)
+
+
+@pytest.mark.parametrize(
     ("kind", "status", "flags", "error"),
     [
         (tracing.KIND_CLIENT, 404, "", "404"),  # the call failed: a client span's 4xx is an error
