@@ -32,13 +32,13 @@ import asyncio
 import enum
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hostmesh.agent.loops import wait_event
 from hostmesh.ca.errors import CAError, CAUnavailable
+from hostmesh.registry.rng import RandomSource
 from hostmesh.registry.watch import backoff_delay
 
 log = logging.getLogger("hostmesh.agent.certs")  # both managers' log lines go out under this name
@@ -69,7 +69,7 @@ def state_of(remaining: float, failures: int) -> CertState:
     return CertState.RETRYING if failures else CertState.VALID
 
 
-def retry_delay(failures: int, remaining: float, rng: random.Random | None = None) -> float:
+def retry_delay(failures: int, remaining: float, rng: RandomSource | None = None) -> float:
     """Seconds until the next try after `failures` (>= 1) failed ones, `remaining` seconds of life left."""
     delay = backoff_delay(failures - 1, RENEW_RETRY_BASE, RENEW_RETRY_MAX, rng)
     if remaining <= 0:
@@ -115,7 +115,7 @@ class Step:
 
 
 def next_step(
-    view: RenewalView, failures: int, rng: random.Random | None = None, ca_wait: float = 0.0
+    view: RenewalView, failures: int, rng: RandomSource | None = None, ca_wait: float = 0.0
 ) -> Step:
     """The wait before the next try of a certificate in `view` after `failures` consecutive failed
     ones, `ca_wait` seconds before the CA's Retry-After of the last one runs out."""
@@ -254,7 +254,7 @@ class Renewable(Protocol):
         ...
 
 
-async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: random.Random) -> None:
+async def run_renewal(service: str, certs: Renewable, wake: asyncio.Event, rng: RandomSource) -> None:
     """`service`'s certificate only, forever: renewed at its point, retried bounded by its life,
     recovered when unusable. `wake` (a trust-bundle change) makes it look again: a certificate the new
     bundle does not trust is recovered now, not at its renewal point."""

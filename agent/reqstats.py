@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import Final
 
 from hostmesh.registry.ratelog import RateLimitedLog
+from hostmesh.registry.rng import RandomSource, Rng
 
 
 class Count:
@@ -98,10 +98,10 @@ class Sample:
     costs a decrement (the draw per request, interpreted: ~1,400 instructions per request per agent,
     callgrind). `due()` is the only per-request call; `configure` starts a new countdown."""
 
-    def __init__(self, fraction: float, rng: random.Random | None = None) -> None:
+    def __init__(self, fraction: float, rng: RandomSource | None = None) -> None:
         self.fraction = 0.0
         self.left = 0  # requests until the next sampled one, this one included
-        self._rng = rng or random.Random()
+        self._rng = rng or Rng()
         self.configure(fraction)
 
     def configure(self, fraction: float) -> None:

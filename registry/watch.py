@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from hostmesh.registry.errors import CutShort, RegistryError
+from hostmesh.registry.rng import RandomSource, shared
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ STUCK_WARNING = 3  # rounds in a row without the index advancing before one line
 
 
 def backoff_delay(
-    attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX, rng: random.Random | None = None
+    attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX, rng: RandomSource | None = None
 ) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], never below base/2."""
     ceiling = min(cap, base * (2 ** min(attempt, 30)))
-    return max(base / 2, (rng or random).uniform(0, ceiling))
+    return max(base / 2, (rng or shared).uniform(0, ceiling))
 
 
 def next_index(previous: int | None, returned: int) -> int | None:

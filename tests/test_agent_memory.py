@@ -59,6 +59,7 @@ NEVER_IN_AN_AGENT = (
     "encodings.idna",  # mesh SNI names are ASCII, handed to ssl as bytes (ca/tls.py MeshContext)
     "stringprep",
     "hostmesh.agent.bytecode",  # its child compiled the cache at start, the module let go (agent/cli.py)
+    "random",  # the agent draws from registry/rng.py (_random's generator without random.py)
 )
 
 # Modules loaded only where their feature is configured; the mesh below has none of these features.

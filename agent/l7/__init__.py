@@ -1,7 +1,7 @@
 """Sans-IO cores of the L7 (HTTP/1.1) data plane.
 
 Every module here is pure: no sockets, no asyncio, time passed in as a number and randomness as an
-injected ``random.Random``. The HTTP proxy wires them to sockets in one visible pipeline:
+injected ``RandomSource`` (registry/rng.py). The HTTP proxy wires them to sockets in one visible pipeline:
 
     http1 (frame + hygiene) -> match (route, split, fault, mirror, header ops) -> ratelimit / limits
     -> balancer (+ outlier ejections) -> forward -> retry decisions -> response header ops

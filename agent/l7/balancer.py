@@ -24,19 +24,19 @@ Decisions:
   (fewest open connections, ties rotated), both turning from a random offset as ``round_robin`` does.
 
 The in-flight count (``active``) lives on the :class:`Endpoint` objects and is kept up to date by
-the proxy; pickers only read it. Randomness comes from an injected ``random.Random``.
+the proxy; pickers only read it. Randomness comes from an injected ``RandomSource``.
 """
 
 from __future__ import annotations
 
 import bisect
-import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
+from hostmesh.registry.rng import RandomSource, Rng, shared
 
 # Module constants are Final: the compiled build (agent/compiled.py) reads a Final name as a C constant,
 # any other module global from the module's dict at every use.
@@ -225,7 +225,7 @@ class Balancer:
         self,
         endpoints: Sequence[Endpoint],
         policy: str = ROUND_ROBIN,
-        rng: random.Random | None = None,
+        rng: RandomSource | None = None,
         local_zone: str | None = None,
         vnodes: int = VNODES_PER_ENDPOINT,
         min_local: int = 1,
@@ -234,7 +234,7 @@ class Balancer:
             raise RouteConfigError("load_balancer", f"unknown policy {policy!r}")
         self.endpoints = tuple(endpoints)
         self.policy = policy
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else Rng()
         self.local_zone = local_zone or None
         self.min_local = max(1, min_local)
         self._rr = self._rng.randrange(1 << 16) if self.endpoints else 0
@@ -254,7 +254,7 @@ class Balancer:
         cls,
         endpoints: Sequence[Endpoint],
         policy: schema.PolicyDocument | None,
-        rng: random.Random | None = None,
+        rng: RandomSource | None = None,
         local_zone: str | None = None,
     ) -> Balancer:
         """Balancer for a destination policy document (None: round robin, no locality)."""
@@ -406,10 +406,10 @@ class LeastConnections:
         # a random start, as Balancer's: every agent lists an upstream's instances in the same order
         # (by ID), so a turn from 0 sent the first connections of every agent, worker and rebuilt
         # listener (a fleet's connection pools, opened at a restart) to the same instances
-        self._rr = random.randrange(1 << 16)
+        self._rr = shared.randrange(1 << 16)
         # retries turn apart (a random start too): one turn for both put the next connection two
         # places on after a failed dial, onto the instance that failed (two instances, one down: every one)
-        self._retry_rr = random.randrange(1 << 16)
+        self._retry_rr = shared.randrange(1 << 16)
 
     def acquire(self, key: tuple[str, int]) -> None:
         c = self.counts.get(key, 0)

@@ -29,19 +29,19 @@ result is exactly the first-match scan's (:meth:`CompiledRoutes.select_linear`, 
 A candidate whose only conditions are the index's (method, exact/prefix path) needs no check.
 Per request: the path is decoded (latin-1) only if a candidate needs a check; header values are
 decoded only for the conditions that read them; the query string is parsed only if the document has
-query conditions. Randomness comes from an injected ``random.Random``.
+query conditions. Randomness comes from an injected ``RandomSource``.
 """
 
 from __future__ import annotations
 
 import bisect
-import random
 from collections.abc import Sequence
 from typing import Final
 from urllib.parse import parse_qsl
 
 from hostmesh.agent.l7 import retry
 from hostmesh.registry import schema
+from hostmesh.registry.rng import RandomSource
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -262,7 +262,7 @@ class CompiledRoute:
         return True
 
     # ---- per-request decisions
-    def pick_subset(self, rng: random.Random) -> str | None:
+    def pick_subset(self, rng: RandomSource) -> str | None:
         """The destination subset of this request (None: every instance of the service)."""
         dests = self.destinations
         if len(dests) == 1:
@@ -271,7 +271,7 @@ class CompiledRoute:
         i = bisect.bisect_right(cum, rng.random() * cum[-1])
         return dests[i if i < len(dests) else -1]
 
-    def fault(self, rng: random.Random) -> tuple[float, int]:
+    def fault(self, rng: RandomSource) -> tuple[float, int]:
         """(delay seconds, abort status) for this request; 0 means none."""
         delay = 0.0
         abort = 0
@@ -281,7 +281,7 @@ class CompiledRoute:
             abort = self.abort_status
         return delay, abort
 
-    def should_mirror(self, rng: random.Random) -> bool:
+    def should_mirror(self, rng: RandomSource) -> bool:
         """Whether this request is copied to ``mirror_subset``."""
         if not self.mirror:
             return False

@@ -25,12 +25,12 @@ docs: ``config.route.v3.RetryPolicy``, ``config.core.v3.BackoffStrategy``,
 from __future__ import annotations
 
 import enum
-import random
 from dataclasses import dataclass
 from typing import Final
 
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.l7.errors import RouteConfigError
+from hostmesh.registry.rng import RandomSource
 
 DEFAULT_BASE_INTERVAL = 0.025  # Envoy's default retry back-off base (25 ms)
 DEFAULT_MAX_FACTOR = 10  # Envoy: max_interval defaults to 10 x base_interval
@@ -150,7 +150,7 @@ class RetryPolicy:
             return True
         return bool(on & ON_RETRIABLE_CODES) and status in self.codes
 
-    def backoff(self, retry_number: int, rng: random.Random) -> float:
+    def backoff(self, retry_number: int, rng: RandomSource) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based): full jitter, capped."""
         n = min(retry_number, 30)  # 2**30 x base is far beyond any max; keeps the float finite
         ceiling = min(self.max_interval, ((1 << n) - 1) * self.base_interval)
@@ -247,5 +247,5 @@ class RetryState:
         self.retries_done += 1
         return RETRY
 
-    def backoff(self, rng: random.Random) -> float:
+    def backoff(self, rng: RandomSource) -> float:
         return self.policy.backoff(self.retries_done, rng)

@@ -57,7 +57,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -114,6 +113,7 @@ from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 from hostmesh.registry.ratelog import RateLimitedLog
+from hostmesh.registry.rng import RandomSource, Rng
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -226,7 +226,7 @@ class SnapReads:
 class Cluster:
     """Everything this listener knows about its upstream for one (endpoints, routes, policy) triple."""
 
-    def __init__(self, service: str, snap: Snapshot, local_meta: Mapping[str, str], rng: random.Random,
+    def __init__(self, service: str, snap: Snapshot, local_meta: Mapping[str, str], rng: RandomSource,
                  prev: Cluster | None) -> None:  # fmt: skip
         self.service = service
         self.src_endpoints = snap.endpoints.get(service, ())
@@ -516,7 +516,7 @@ class HttpOutbound:
                  *, local_meta: Mapping[str, str] | None = None, connect_timeout: float = CONNECT_TIMEOUT,
                  header_timeout: float = HEADER_READ_TIMEOUT, protocol: str | None = None,
                  body_idle_timeout: float = BODY_IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE,
-                 rng: random.Random | None = None, tracer: Any = None,
+                 rng: RandomSource | None = None, tracer: Any = None,
                  mesh: ConnectionPool | None = None,
                  stream_idle_timeout: float = STREAM_IDLE_TIMEOUT) -> None:  # fmt: skip
         self.holder = holder
@@ -539,7 +539,7 @@ class HttpOutbound:
         self.telemetry = telemetry
         self.local_meta: Mapping[str, str] = local_meta or {}  # the local service's (its zone, for locality)
         self.connect_timeout = connect_timeout
-        self.rng = rng or random.Random()
+        self.rng = rng or Rng()
         self.pool = UpstreamPool()
         self.metrics = request_metrics(telemetry, REPORTER)
         self.conns: set[ServerConn] = set()

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any, cast
 
@@ -70,6 +69,7 @@ from hostmesh.ca.identity import Identity
 from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
+from hostmesh.registry.rng import RandomSource
 
 log = logging.getLogger("hostmesh.proxy.outbound")
 
@@ -165,7 +165,7 @@ class OutboundListener(ListenerLifecycle):
     def __init__(self, holder: SnapshotHolder, local_service: str, upstream: UpstreamConfig,
                  telemetry: Telemetry, *, reuse_port: bool = False, cap: ConnectionCap | None = None,
                  stream_idle_timeout: float = STREAM_IDLE_TIMEOUT,
-                 rng: random.Random | None = None) -> None:  # fmt: skip
+                 rng: RandomSource | None = None) -> None:  # fmt: skip
         self.holder = holder
         self.cap = cap  # the agent's connection cap (None: unlimited)
         self.local_service = local_service

@@ -4,7 +4,7 @@ flow (udp.py) may go to, from the upstream's route document.
 A route document with `protocol: tcp` or `protocol: udp` has at most one route, without `match`: its
 `to` splits by weight across subsets (registry/schema_parsers.py). Per new connection or flow the
 listener picks a subset by those weights (`CompiledRoute.pick_subset`, from an injected
-`random.Random`, as the L7 path picks per request), then balances over that subset's healthy
+`RandomSource`, as the L7 path picks per request), then balances over that subset's healthy
 instances, a retry taking another of them.
 
 Decisions:
@@ -34,7 +34,6 @@ Decisions:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -42,6 +41,7 @@ from hostmesh.agent.l7.balancer import LeastConnections, select_subset
 from hostmesh.agent.proxy.connect import Picker
 from hostmesh.agent.proxy.pool import PoolKey
 from hostmesh.agent.snapshot import Endpoint, Snapshot
+from hostmesh.registry.rng import RandomSource, Rng
 
 Instances = tuple[Endpoint, ...]
 # the subset (None: every instance), its instances, and the LeastConnections to pick among them with
@@ -95,10 +95,10 @@ class Splitter:
     __slots__ = ("_endpoints", "_route_config", "_snap", "_split", "_subsets", "every", "protocol", "rng",
                  "service")  # fmt: skip
 
-    def __init__(self, service: str, protocol: str, rng: random.Random | None = None) -> None:
+    def __init__(self, service: str, protocol: str, rng: RandomSource | None = None) -> None:
         self.service = service
         self.protocol = protocol  # tcp | udp: the route documents this listener follows
-        self.rng = rng if rng is not None else random.Random()
+        self.rng = rng if rng is not None else Rng()
         self.every = LeastConnections()  # no split, or a destination naming no subset
         self._subsets: dict[str, LeastConnections] = {}
         self._snap: Snapshot | None = None  # the last snapshot asked about, and what it holds for us
