@@ -52,13 +52,17 @@ if TYPE_CHECKING:
 # was agreed. Version 3 of `hostmesh/tcp` (0.3) adds HTTP_OPEN: HTTP/1.1 exchanges on streams of the
 # mux connection (proxy/wire.py), so an L7 caller of this release offers TCP_ALPN and falls back to
 # HTTP_ALPN (one TLS connection per in-flight request) only for a peer that agreed a version below 3.
-# There is no `hostmesh/http/3`: HTTP rides the mux from version 3 on.
+# There is no `hostmesh/http/3`: HTTP rides the mux from version 3 on. Version 4 adds HTTP_HEAD: a
+# bodiless request as a compact binary head instead of its text (proxy/wire.py), sent only on a
+# connection that agreed 4; a v3 peer gets text, as before.
+ALPN_TCP_V4 = "hostmesh/tcp/4"
 ALPN_TCP_V3 = "hostmesh/tcp/3"
 ALPN_TCP_V2 = "hostmesh/tcp/2"  # 0.2.x
 ALPN_TCP_V1 = "hostmesh/tcp"  # 0.1.x
 ALPN_HTTP_V2 = "hostmesh/http/2"
 ALPN_HTTP_V1 = "hostmesh/http1"  # 0.1.x
 TCP_ALPN = (
+    ALPN_TCP_V4,
     ALPN_TCP_V3,
     ALPN_TCP_V2,
     ALPN_TCP_V1,
@@ -66,7 +70,7 @@ TCP_ALPN = (
 HTTP_ALPN = (ALPN_HTTP_V2, ALPN_HTTP_V1)  # what an L7 caller offers to a peer older than version 3
 MESH_ALPN = TCP_ALPN + HTTP_ALPN  # what the inbound accepts, in its order of preference
 PROTOCOL_VERSIONS: dict[str, int] = {
-    ALPN_TCP_V3: 3, ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1,
+    ALPN_TCP_V4: 4, ALPN_TCP_V3: 3, ALPN_TCP_V2: 2, ALPN_TCP_V1: 1, ALPN_HTTP_V2: 2, ALPN_HTTP_V1: 1,
 }  # fmt: skip
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # AEAD with forward secrecy only (see the docstring)
 # TLS 1.3 suites of mesh connections, the server's order deciding (Python's contexts prefer their

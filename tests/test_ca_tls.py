@@ -99,7 +99,7 @@ def test_mesh_ssl_objects_hand_out_the_c_methods_and_still_carry_records(tmp_pat
             break
     assert all(done.values())
     assert peer_identity(server) == pki.Identity("hostmesh.local", "a")
-    assert client.selected_alpn_protocol() == server.selected_alpn_protocol() == "hostmesh/tcp/3"
+    assert client.selected_alpn_protocol() == server.selected_alpn_protocol() == "hostmesh/tcp/4"
 
     assert client.write(b"hello over mesh") == 15
     buf = bytearray(64)

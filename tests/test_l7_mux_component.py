@@ -18,14 +18,22 @@ from typing import Any
 import pytest
 import uvloop
 
+from hostmesh.agent.l7.http1 import MAX_HEADER_COUNT, encode_compact_head
 from hostmesh.agent.proxy.http_conn import TlsReads, TlsServerConn
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool
 from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW
+from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW, head_frame
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import (
+    ALPN_TCP_V1,
+    ALPN_TCP_V2,
+    ALPN_TCP_V3,
+    HTTP_ALPN,
+    mesh_client_context,
+    mesh_server_context,
+)
 from tests.l7_support import Client
 from tests.support import async_wait_until
 from tests.test_l7_proxy_component import CA, TD, Mesh, build_mesh, snap
@@ -590,6 +598,11 @@ async def test_a_stream_whose_handler_raises_is_reset_alone(
                 raise RuntimeError("a bug in a stream's handler")
             self.real.data_received(data)
 
+        def head_received(self, payload: Any) -> None:  # a bodiless request's compact head (protocol v4)
+            if b"/boom" in bytes(payload):
+                raise RuntimeError("a bug in a stream's handler")
+            self.real.head_received(payload)
+
         def eof_received(self) -> Any:
             return self.real.eof_received()
 
@@ -631,3 +644,178 @@ async def test_a_stream_whose_handler_raises_is_reset_alone(
     assert (await asyncio.to_thread(mesh.client().get, "/after")).status == 200
     assert len(dialed) == 1  # the same mux connection throughout (a lost one is dialed again)
     assert any("failed in its handler" in r.getMessage() for r in caplog.records)
+
+
+# --- protocol v4: bodiless requests as compact heads (wire.HTTP_HEAD) ------------------------------
+
+
+def _text_heads(http_in: Any) -> tuple[int, int]:
+    """(requests served, of them framed from text) over the inbound's stream connections: the rest
+    came as compact heads (the framer never saw them)."""
+    conns = [c for c in http_in.conns if isinstance(c.transport, StreamTransport)]
+    return sum(c.requests for c in conns), sum(c.framer._heads_done for c in conns)
+
+
+def _server_tls(mesh: Mesh, tmp: Path, offer: tuple[str, ...]) -> None:
+    """api's inbound (instance 0) accepts only `offer`: an agent of an earlier release."""
+    holder = mesh.http_ins[0].holder
+    old = holder.current
+    server = mesh_server_context(tmp / "api.pem", tmp / "api.key", mesh.ca.roots, alpn=offer)
+    tls = dataclasses.replace(old.tls, generation=2, server=MappingProxyType({"api": server}))
+    holder.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))
+
+
+def _caller_tls(mesh: Mesh, tmp: Path, offer: tuple[str, ...]) -> None:
+    chain, key = tmp / "web.pem", tmp / "web.key"
+    old = mesh.holder_a.current
+    client = mesh_client_context(chain, key, mesh.ca.roots, alpn=offer)
+    tls = dataclasses.replace(old.tls, generation=2, client=MappingProxyType({"web": client}))
+    mesh.holder_a.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))
+
+
+V3_OFFER = (ALPN_TCP_V3, ALPN_TCP_V2, ALPN_TCP_V1)
+
+
+async def test_bodiless_requests_cross_as_compact_heads_and_the_app_gets_the_same_text(mesh: Mesh) -> None:
+    """Between two agents of protocol v4 a GET crosses as one HTTP_HEAD frame, which the inbound
+    frames without llhttp; the app receives the request as it did over text (same target, same
+    fields: the caller's own and the agents'). A POST with a body, and a head too large for the
+    compact form, still go as text on the same stream."""
+    _one_instance(mesh)
+    app, http_in = mesh.apps[0], mesh.http_ins[0]
+    c = Client(mesh.outbound.port)
+
+    def run() -> list[int]:
+        out = [c.get("/one?a=b", headers={"x-custom": "v1", "accept": "*/*"}).status]
+        fields = list(app.last_fields)
+        out.append(c.get("/two", method="POST", body=b"hello").status)
+        out.append(c.get("/three", headers={"cookie": "c" * 5000}).status)  # > MAX_CONTROL_PAYLOAD
+        out.append(c.get("/four", method="DELETE").status)
+        c.close()
+        app.last_fields = fields
+        return out
+
+    assert await asyncio.to_thread(run) == [200, 200, 200, 200]
+    assert app.seen[-4:] == [b"/one?a=b", b"/two", b"/three", b"/four"]
+    names = [n.lower() for n, _ in app.last_fields]
+    assert b"x-custom" in names and b"x-forwarded-client-cert" in names and b"x-request-id" in names
+    assert names.count(b"host") == 1
+    (mux,) = mesh.http_out.mesh._iter(None)
+    assert mux.version == 4
+    assert _text_heads(http_in) == (4, 2)  # the POST and the large head as text, the others compact
+
+
+@pytest.mark.parametrize(
+    "caller_v3", [True, False], ids=["v3-caller-v4-destination", "v4-caller-v3-destination"]
+)
+async def test_a_fleet_with_agents_of_protocol_v3_still_carries_http(
+    mesh: Mesh, tmp_path: Path, caller_v3: bool
+) -> None:
+    """Version negotiation: a caller of v3 and a destination of v4, or the reverse, agree version 3;
+    HTTP rides the mux as text, and every request is answered."""
+    _one_instance(mesh)
+    if caller_v3:
+        _caller_tls(mesh, tmp_path, V3_OFFER)
+    else:
+        _server_tls(mesh, tmp_path, (*V3_OFFER, *HTTP_ALPN))
+    c = Client(mesh.outbound.port)
+
+    def run() -> list[int]:
+        out = [c.get(f"/mixed/{i}").status for i in range(3)]
+        out.append(c.get("/mixed/post", method="POST", body=b"x").status)
+        c.close()
+        return out
+
+    assert await asyncio.to_thread(run) == [200] * 4
+    (mux,) = mesh.http_out.mesh._iter(None)
+    assert mux.version == 3
+    assert _text_heads(mesh.http_ins[0]) == (4, 4)  # all of them text
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: Any) -> None:
+        self.data += bytes(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def _forged(
+    mesh: Mesh, tmp_path: Path, payloads: list[bytes], offer: tuple[str, ...] = ()
+) -> tuple[Any, list[bytes]]:
+    """A hostile caller (web's certificate, allowed by intentions) that writes `payloads` as HTTP_HEAD
+    frames itself, one stream each: what each stream got back before it ended."""
+    chain, key = tmp_path / "web.pem", tmp_path / "web.key"
+    ctx = mesh_client_context(chain, key, mesh.ca.roots, **({"alpn": offer} if offer else {}))
+    pool = ConnectionPool()
+    ident = pki.Identity(TD, "api")
+    conn = await pool.dial(("127.0.0.1", mesh.inbounds[0].port), ctx, ident.dns_name, ident, 5.0)
+    answers = []
+    try:
+        for payload in payloads:
+            got = _Collect()
+            StreamTransport(conn.open_stream(HTTP_OPEN), got)
+            conn.write(head_frame(conn.last_id, payload))
+            await asyncio.wait_for(got.lost, 10.0)
+            answers.append(got.data)
+    finally:
+        pool.close()
+        conn.reset()
+    return conn, answers
+
+
+SMUGGLING = {
+    "duplicate-content-length": [(b"host", b"a"), (b"content-length", b"0"), (b"content-length", b"0")],
+    "cl-and-te": [(b"host", b"a"), (b"content-length", b"0"), (b"transfer-encoding", b"chunked")],
+    "cr-in-a-value": [(b"host", b"a"), (b"x", b"a\rb")],
+    "obs-fold": [(b"host", b"a"), (b"x", b"a\r\n b")],
+    "nul-in-a-value": [(b"host", b"a"), (b"x", b"\x00")],
+    "missing-host": [(b"x", b"a")],
+    "two-hosts": [(b"host", b"a"), (b"host", b"b")],
+    "a-body": [(b"host", b"a"), (b"content-length", b"4")],
+    "too-many-fields": [(b"host", b"a")] + [(b"x-%d" % i, b"v") for i in range(MAX_HEADER_COUNT)],
+}
+
+
+async def test_forged_compact_heads_get_the_text_paths_answer_and_never_reach_the_app(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The destination does not trust the peer's compact head: each smuggling shape, a bad target, an
+    upper-case name and lengths that do not add up are answered as the text would be (400, or 431
+    for too many fields; the response flag DPE) and the stream ends; the app sees none of them. A
+    well-formed one is served."""
+    _one_instance(mesh)
+    app = mesh.apps[0]
+    shapes = [encode_compact_head(b"GET", b"/forged", h, 1 << 16) for h in SMUGGLING.values()]
+    good = encode_compact_head(b"GET", b"/fine", [(b"host", b"a"), (b"connection", b"close")], 4096)
+    assert good is not None and all(p is not None for p in shapes)
+    bad_target = encode_compact_head(b"GET", b"/forged x", [(b"host", b"a")], 4096)
+    upper = encode_compact_head(b"GET", b"/forged", [(b"host", b"a")], 4096)
+    assert bad_target is not None and upper is not None
+    upper = upper.replace(b"host", b"Host")
+    payloads = [*shapes, bad_target, upper, good + b"\n!", good]  # type: ignore[list-item]
+    _conn, answers = await _forged(mesh, tmp_path, payloads)
+    statuses = [a.split(b" ", 2)[1] if a.startswith(b"HTTP/1.1 ") else a for a in answers]
+    assert statuses == [b"400"] * (len(SMUGGLING) - 1) + [b"431"] + [b"400"] * 3 + [b"200"]
+    assert all(b"x-hostmesh-response-flags: DPE\r\n" in a for a in answers[:-1])
+    assert b"/forged" not in b" ".join(app.seen) and app.seen[-1] == b"/fine"
+
+
+async def test_a_compact_head_on_a_connection_that_agreed_version_3_is_a_protocol_error(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP_HEAD is a version 4 frame: on a connection that agreed version 3 the inbound aborts the
+    connection, as an agent of 0.3 would for a frame type it does not know."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    _one_instance(mesh)
+    good = encode_compact_head(b"GET", b"/v3", [(b"host", b"a")], 4096)
+    assert good is not None
+    conn, answers = await _forged(mesh, tmp_path, [good], offer=V3_OFFER)
+    assert conn.version == 3 and answers == [b""]
+    assert "HTTP_HEAD not taken" in caplog.text
+    assert b"/v3" not in mesh.apps[0].seen

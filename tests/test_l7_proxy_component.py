@@ -33,6 +33,7 @@ import uvloop
 from hostmesh.agent import audit
 from hostmesh.agent.config import Address, UpstreamConfig
 from hostmesh.agent.discovery import RouteConfig
+from hostmesh.agent.l7 import http1
 from hostmesh.agent.l7.match import CompiledRoutes
 from hostmesh.agent.l7.retry import MAX_REPLAY_BODY_BYTES
 from hostmesh.agent.metrics import Telemetry
@@ -1912,8 +1913,9 @@ async def test_a_caller_connection_per_request_costs_the_mesh_connection_one_wri
     assert cap.open == 0
     frames = wire.Decoder().feed(b"".join(recorder.writes))
     assert len(recorder.writes) == 1
-    assert [ftype for ftype, _sid, _payload in frames] == [wire.DATA]
-    assert bytes(frames[0][2]).startswith(b"GET /one-shot HTTP/1.1\r\n")
+    assert [ftype for ftype, _sid, _payload in frames] == [wire.HTTP_HEAD]  # a bodiless GET: compact (v4)
+    head = http1.decode_compact_head(bytes(frames[0][2]))
+    assert (head.method, head.target) == (b"GET", b"/one-shot")
 
 
 class _AccessLines(logging.Handler):

@@ -42,7 +42,14 @@ from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
-from hostmesh.ca.tls import ALPN_TCP_V1, ALPN_TCP_V2, MESH_ALPN, mesh_client_context, mesh_server_context
+from hostmesh.ca.tls import (
+    ALPN_TCP_V1,
+    ALPN_TCP_V2,
+    ALPN_TCP_V3,
+    MESH_ALPN,
+    mesh_client_context,
+    mesh_server_context,
+)
 from hostmesh.registry import ratelog
 from hostmesh.registry.listen import ACCEPT_FDS
 from hostmesh.registry.ratelog import DEFAULT_LINES
@@ -1511,14 +1518,20 @@ async def test_connections_that_waited_for_one_dial_the_peer_ended_at_once_count
 
 
 @pytest.mark.parametrize(
-    ("caller_offers", "agreed"), [(MESH_ALPN, 3), ((ALPN_TCP_V2, ALPN_TCP_V1), 2), ((ALPN_TCP_V1,), 1)]
+    ("caller_offers", "agreed"),
+    [
+        (MESH_ALPN, 4),
+        ((ALPN_TCP_V3, ALPN_TCP_V2, ALPN_TCP_V1), 3),
+        ((ALPN_TCP_V2, ALPN_TCP_V1), 2),
+        ((ALPN_TCP_V1,), 1),
+    ],
 )
 async def test_agents_agree_on_the_newest_protocol_version_both_speak(
     mesh: Mesh, caller_offers: tuple[str, ...], agreed: int
 ) -> None:
-    """A caller of this release gets version 3; a 0.2.0 caller (offering `hostmesh/tcp/2` and
-    `hostmesh/tcp`) gets version 2 and a 0.1.0 caller (only `hostmesh/tcp`) version 1 from the same
-    inbound, and their bytes flow the same."""
+    """A caller of this release gets version 4, one of the release before version 3 (`hostmesh/tcp/3`
+    first); a 0.2.0 caller (offering `hostmesh/tcp/2` and `hostmesh/tcp`) gets version 2 and a 0.1.0
+    caller (only `hostmesh/tcp`) version 1 from the same inbound, and their bytes flow the same."""
     old = mesh.holder_a.current
     tls = mesh.ca.material(["web"], gen=2, offer=caller_offers)
     mesh.holder_a.swap(dataclasses.replace(old, generation=old.generation + 1, tls=tls))

@@ -88,7 +88,7 @@ def test_control_payload_is_buffered_until_complete() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [wire.HEADER.pack(9 << 24, 1), wire.HEADER.pack((wire.OPEN << 24) | 0x2000, 1)],
+    [wire.HEADER.pack(10 << 24, 1), wire.HEADER.pack((wire.OPEN << 24) | 0x2000, 1)],
     ids=["unknown-type", "oversize-control"],
 )
 def test_protocol_errors(bad: bytes) -> None:

@@ -63,6 +63,7 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Final, NamedTuple, NoReturn
 
 import httptools
@@ -777,6 +778,11 @@ class _Framer:
         return self._state in (_IDLE, _HEAD)
 
     @property
+    def idle(self) -> bool:
+        """True between messages: a new message may begin (no head, body or upgrade in progress)."""
+        return self._state == _IDLE
+
+    @property
     def in_head(self) -> bool:
         """True when a head has begun and is not complete yet."""
         return self._state == _HEAD
@@ -1247,3 +1253,122 @@ class ResponseFramer(_Framer):
         self._events.append(
             _make(EV_RESPONSE_HEAD, (status, self._reason, version, headers, keep, framing, length))
         )
+
+
+# --------------------------------------------------------------------------- compact request head
+#
+# Between two agents of protocol v4 (agent/proxy/wire.py HTTP_HEAD) the caller's agent sends a
+# request it has already framed and checked as a compact binary head instead of HTTP/1.1 text, so
+# the destination's agent builds its RequestHead without llhttp (a callback and two bytes objects
+# per field, ~1,850 instructions a field, callgrind). Only bodiless requests (no Content-Length
+# above 0, no Transfer-Encoding, no WebSocket upgrade) take it; the version is HTTP/1.1. Layout:
+#
+#     method (1 byte: index in COMPACT_METHODS) | field count (1) | target length (2)
+#     | names length (2) | target | the names, LF between them | the values, LF between them
+#
+# big endian, the names lower case. LF is the separator because neither a name nor a value may hold
+# one (the text path refuses it: it would end the line): the fields are then two splits and a zip,
+# C calls whatever their number, where a length per field is Python work per field. The destination
+# does not trust it: the same checks answer what llhttp and the framer would have answered for the
+# text (the same status), each a C call over a whole region, in `decode_compact_head`.
+
+# The methods llhttp takes on a request line (CONNECT aside: refused with 405 either way). The
+# wire carries a method's index here: fixed for protocol v4, appended to only with a new version.
+COMPACT_METHODS: Final = (
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"TRACE", b"PATCH", b"COPY", b"LOCK",
+    b"MKCOL", b"MOVE", b"PROPFIND", b"PROPPATCH", b"SEARCH", b"UNLOCK", b"BIND", b"REBIND", b"UNBIND",
+    b"ACL", b"REPORT", b"MKACTIVITY", b"CHECKOUT", b"MERGE", b"M-SEARCH", b"NOTIFY", b"SUBSCRIBE",
+    b"UNSUBSCRIBE", b"PURGE", b"MKCALENDAR", b"LINK", b"UNLINK", b"SOURCE", b"QUERY",
+)  # fmt: skip
+_COMPACT_METHOD_INDEX: Final[dict[bytes, int]] = {m: i for i, m in enumerate(COMPACT_METHODS)}
+_COMPACT_FIXED: Final = 6  # method, field count, target length, names length
+_LF: Final = b"\n"
+# one count byte (the decoder holds a head to MAX_HEADER_COUNT, 431 beyond it, as the framer does)
+MAX_COMPACT_FIELDS: Final = 255
+# What llhttp refuses where the text would carry it (checked with one regex search per region, not
+# a Python loop per byte): in a target, anything but visible ASCII; in the values, control bytes but
+# HTAB and the separator (CR and NUL among them: no line of the head can be split or ended early);
+# in the names, anything but a token's bytes and the separator, upper case included (names are lower
+# case on this wire). A value that begins with whitespace (llhttp drops it) takes a slower path.
+_NOT_TARGET: Final = re.compile(rb"[^\x21-\x7e]")
+_NOT_VALUES: Final = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_NOT_NAMES: Final = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z\n]")
+_VALUE_OWS: Final = re.compile(rb"(?:^|\n)[ \t]")
+_HOST_NAME: Final = b"host"
+
+
+def encode_compact_head(method: bytes, target: bytes, headers: Headers, limit: int) -> bytes | None:
+    """The compact form of a bodiless HTTP/1.1 request (module section above), or None when it has
+    none: a method llhttp would not take, more than MAX_COMPACT_FIELDS fields, a target or names
+    too long for their length fields, or more than `limit` bytes in all (the request then goes as
+    text). The caller has framed and checked the request; names are lower-cased here."""
+    mi = _COMPACT_METHOD_INDEX.get(method, -1)
+    count = len(headers)
+    if mi < 0 or count > MAX_COMPACT_FIELDS:
+        return None
+    fields: list[Any] = headers  # (as objects: zip needs no typed tuples)
+    columns: list[Any] = list(zip(*fields, strict=True)) if count else [(), ()]
+    # names are lower case as the framer made them; a route's header op may not be: one lower() for all
+    names = _LF.join(columns[0]).lower()
+    values = _LF.join(columns[1])
+    tlen = len(target)
+    nlen = len(names)
+    if tlen > 0xFFFF or nlen > 0xFFFF or _COMPACT_FIXED + tlen + nlen + len(values) + (count > 0) > limit:
+        return None
+    fixed = ((((((mi << 8) | count) << 16) | tlen) << 16) | nlen).to_bytes(_COMPACT_FIXED, "big")
+    if not count:
+        return fixed + target
+    return b"".join((fixed, target, names, _LF, values))
+
+
+def decode_compact_head(p: bytes) -> RequestHead:
+    """The request a compact head stands for, with the outcome the text path gives the same request:
+    :class:`ProtocolError` (400, 405, 417, 431, 501) with the framer's status where the text would
+    have been refused, and 400 for a payload that is not a compact head at all (lengths or counts
+    that do not add up) or one the form cannot carry (a body, an upgrade)."""
+    n = len(p)
+    if n < _COMPACT_FIXED:
+        raise ProtocolError(400, "compact-head-truncated")
+    mi = p[0]
+    if mi >= len(COMPACT_METHODS):
+        raise ProtocolError(400, "bad-method")
+    count = p[1]
+    if count > MAX_HEADER_COUNT:
+        raise ProtocolError(431, "too-many-headers")
+    names_at = _COMPACT_FIXED + ((p[2] << 8) | p[3])
+    values_at = names_at + ((p[4] << 8) | p[5]) + 1  # (past the LF between names and values)
+    if names_at == _COMPACT_FIXED or _NOT_TARGET.search(p, _COMPACT_FIXED, names_at) is not None:
+        raise ProtocolError(400, "bad-target" if names_at <= n else "compact-head-length")
+    if not count:
+        if names_at != n:
+            raise ProtocolError(400, "compact-head-length")
+        raise ProtocolError(400, "missing-host")  # (HTTP/1.1 needs one: RFC 9112 §3.2)
+    if values_at > n or p[values_at - 1] != 10:  # the LF between names and values
+        raise ProtocolError(400, "compact-head-length")
+    if (
+        _NOT_NAMES.search(p, names_at, values_at - 1) is not None
+        or _NOT_VALUES.search(p, values_at) is not None
+    ):
+        raise ProtocolError(400, "bad-header")
+    target = p[_COMPACT_FIXED:names_at]
+    names = p[names_at : values_at - 1].split(_LF)
+    values = p[values_at:].split(_LF)
+    if len(names) != count or len(values) != count or b"" in names:
+        raise ProtocolError(400, "compact-head-length")
+    if _VALUE_OWS.search(p, values_at) is not None:  # llhttp drops a value's leading whitespace
+        values = [v.lstrip(b" \t") for v in values]
+    headers: Headers = list(zip(names, values, strict=True))  # (counts checked above)
+    hosts = names.count(_HOST_NAME)
+    if hosts != 1:
+        raise ProtocolError(400, "repeated-host" if hosts else "missing-host")
+    method = COMPACT_METHODS[mi]
+    if _DECISION_FIELDS.isdisjoint(names):  # nearly always: nothing that frames, persists or upgrades
+        return _make(EV_REQUEST_HEAD, (method, target, _V11, headers, True, NO_BODY, 0, False, False))
+    decisive = [h for h in headers if h[0] in _DECISION_FIELDS]
+    framing, _ = request_framing(_V11, decisive)
+    upgrade = is_websocket_upgrade(method, _V11, decisive)
+    keep_alive = request_keep_alive(_V11, decisive)
+    expect_continue = expects_continue(_V11, decisive)
+    if framing != NO_BODY or upgrade:
+        raise ProtocolError(400, "compact-head-with-body")
+    return RequestHead(method, target, _V11, headers, keep_alive, NO_BODY, 0, expect_continue, False)

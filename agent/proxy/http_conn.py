@@ -471,6 +471,34 @@ class ServerConn(asyncio.BaseProtocol):
             self._partial = True
             self._head_started = monotonic()
 
+    def head_received(self, payload: bytes | memoryview) -> None:
+        """A whole bodiless request from a peer agent as a compact head (wire.HTTP_HEAD, protocol
+        v4+; StreamTransport.accept_heads): framed by http1.decode_compact_head instead of llhttp,
+        refused as the text would be (the same Reject), and from there on served as a text request
+        is (`_events`). It stands for a request's text, so it may only come where a request may
+        begin: between requests (while a response is pending it waits in the backlog, as pipelined
+        text does); inside a text request it breaks that one (400), in a tunnel the stream."""
+        reading = self.reading
+        framer = self.framer
+        if reading is TUNNEL:
+            self.abort()
+            return
+        if framer.broken:  # as bytes after a refused or last request: ignored, the connection closes
+            return
+        events: list[Any]
+        if not framer.idle:
+            events = [Reject(400, "compact-head-mid-message", fl.DPE)]
+        else:
+            try:
+                head = http1.decode_compact_head(payload if isinstance(payload, bytes) else bytes(payload))
+            except ProtocolError as exc:
+                events = [Reject(exc.status, exc.reason, exc.flag)]
+            else:
+                events = [head, http1.END_OF_MESSAGE]
+        self._events(events)
+        if reading is HOLDING or self.backlog:  # (as data_received: hold what follows a pending request)
+            self.pause_reading()
+
     def eof_received(self) -> bool | None:
         self._eof = True
         if self.reading is TUNNEL:
@@ -1233,9 +1261,14 @@ class Exchange:
         up.owner = self
         up.framer.expect(method)
         up.answered = False
-        framing = self.head.framing
+        head = self.head
+        framing = head.framing
         if framing == CHUNKED:
             headers.append((b"transfer-encoding", b"chunked"))
+        elif framing == NO_BODY and up.head_limit and not head.upgrade:  # a peer agent of protocol v4+
+            compact = http1.encode_compact_head(method, target, headers, up.head_limit)
+            if compact is not None and up.write_head(compact, alone()):
+                return  # the whole request (wire.HTTP_HEAD); else its text, below
         data = http1.serialize_request_head(method, target, b"1.1", headers)
         t = up.transport
         assert t is not None

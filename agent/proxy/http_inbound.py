@@ -4,11 +4,13 @@ connection of their own (ALPN ``hostmesh/http/2`` or 0.1's ``hostmesh/http1``).
 
 Pipeline per request (visible in `HttpInbound.start`):
     frame + hygiene + normalise the target (http1, normalize, in ServerConn: 400/431/408/417/405/501
-    with the flag header) -> read the snapshot once -> the caller is still trusted (bundle change,
-    certificate expiry) -> authorize (intentions unreadable: 503 NI, fail closed; else
-    `authorize_request`: intentions with HTTP permissions; 403 AUTHZ + audit line) -> local rate
-    limit of the service's policy (429 RL) -> forward to 127.0.0.1:<app port> on a pooled keep-alive
-    connection -> relay the response -> metrics reporter=destination, sampled access line.
+    with the flag header; a bodiless request from a caller of protocol v4 may come as a compact head,
+    HTTP_HEAD, framed by http1.decode_compact_head instead of llhttp, to the same checks and answers,
+    and served from there exactly as text: ServerConn.head_received) -> read the snapshot once -> the
+    caller is still trusted (bundle change, certificate expiry) -> authorize (intentions unreadable: 503
+    NI, fail closed; else `authorize_request`: intentions with HTTP permissions; 403 AUTHZ + audit line)
+    -> local rate limit of the service's policy (429 RL) -> forward to 127.0.0.1:<app port> on a pooled
+    keep-alive connection -> relay the response -> metrics reporter=destination, sampled access line.
 
 Decisions:
 - Over the agent's connection cap (InboundListener.cap) a connection's request gets 503 OM and the
@@ -72,6 +74,7 @@ from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnectionCap
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.trust import TrustCheck
+from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
@@ -231,6 +234,8 @@ class HttpInbound:
                 if conn.admission is not None:
                     conn.idle_list = cap.idle
         conn.stream = transport if isinstance(transport, StreamTransport) else None  # see on_stream
+        if isinstance(transport, StreamTransport) and transport.stream.conn.version >= HEAD_MIN_VERSION:
+            transport.accept_heads()  # its bodiless requests may come as compact heads (wire.HTTP_HEAD)
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

@@ -10,18 +10,21 @@ Pipeline per request (visible in `HttpOutbound.start` and `_serve`):
     URX when spent) -> relay the response (response header ops) -> metrics reporter=source,
     sampled access line.
 
-Transport decision: agent to agent, a request travels as plain HTTP/1.1 on a *stream* of the
-multiplexed mutual-TLS connection the L4 path keeps to that peer agent (``hostmesh/tcp/3``, frame
-HTTP_OPEN: wire.py, pool.py, stream_transport.py), shared with this listener's L4 streams: the
-requests of every downstream connection in flight to one peer share its TLS records, syscalls and
-flow control, and opening one is a frame, so there is no TLS handshake and no dial in the request
-path while a connection to the peer is up (one is dialed when none is, or all are full:
-MAX_STREAMS_PER_CONN). A stream carries one request at a time, back to back, and is pooled per
-instance like a connection (http_upstream.UpstreamPool); the peer agent parses HTTP anyway, so the
-stream carries the HTTP/1.1 bytes as they are. A peer of an older release agrees a version below 3
-on that connection (it knows no HTTP_OPEN): to it a request travels on an mTLS connection of its own
-with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), pooled the same way; what a peer agreed
-is remembered for PEER_VERSION_TTL, so the request path does not try the mux each time.
+Transport decision: agent to agent, a request travels as plain HTTP/1.1 on a *stream* of the multiplexed
+mutual-TLS connection the L4 path keeps to that peer agent (``hostmesh/tcp/4``, frame HTTP_OPEN:
+wire.py, pool.py, stream_transport.py), shared with this listener's L4 streams: the requests of every
+downstream connection in flight to one peer share its TLS records, syscalls and flow control, and
+opening one is a frame, so there is no TLS handshake and no dial in the request path while a connection
+to the peer is up (one is dialed when none is, or all are full: MAX_STREAMS_PER_CONN). A stream carries
+one request at a time, back to back, and is pooled per instance like a connection
+(http_upstream.UpstreamPool); the stream carries the HTTP/1.1 bytes as they are, except that on a
+connection that agreed protocol v4 a bodiless request, framed and checked here already, goes as one
+compact head (HTTP_HEAD, http1.encode_compact_head; http_conn.Exchange.send) that the peer frames
+without llhttp; a head above MAX_CONTROL_PAYLOAD goes as text. A peer of an older release agrees a
+version below 3 on that connection (it knows no HTTP_OPEN): to it a request travels on an mTLS
+connection of its own with ALPN ``hostmesh/http/2`` (or 0.1's ``hostmesh/http1``), pooled the same way;
+what a peer agreed is remembered for PEER_VERSION_TTL, so the request path does not try the mux each
+time.
 The security argument is pool.py's: a stream or pooled connection is only used for the same caller
 identity (one pool per listener, dropped when our TLS context changes), the same SNI/destination
 and the same peer agent whose SPIFFE ID was checked at dial time; the peer re-runs the intentions
@@ -107,7 +110,7 @@ from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamCo
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, HTTP_OPEN
+from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION, HTTP_MIN_VERSION, HTTP_OPEN, MAX_CONTROL_PAYLOAD
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
@@ -1179,6 +1182,8 @@ class HttpOutbound:
         up = StreamUpstreamConn(self.pool, key)
         up.ctx = ctx
         up.expires = min(up.expires, conn.expires)
+        if conn.version >= HEAD_MIN_VERSION:  # its bodiless requests go as compact heads (wire.HTTP_HEAD)
+            up.head_limit = MAX_CONTROL_PAYLOAD
         up.connection_made(StreamTransport(conn.open_stream(HTTP_OPEN), up))
         self.pool.opened(up)
         return up

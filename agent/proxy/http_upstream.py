@@ -69,6 +69,9 @@ class UpstreamConn(asyncio.BaseProtocol):
         # the transport asked us to stop writing (kept while pooled: a stream of a busy mux connection
         # is paused with its connection, so a request taking it must start with its client paused)
         self.write_paused = False
+        # the largest compact request head (wire.HTTP_HEAD) this connection takes: 0, none (a socket,
+        # a TLS connection, a stream of a peer below protocol v4); else a stream's MAX_CONTROL_PAYLOAD
+        self.head_limit = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
@@ -169,6 +172,10 @@ class UpstreamConn(asyncio.BaseProtocol):
         t = self.transport
         if t is not None:
             t.write(data)
+
+    def write_head(self, payload: bytes, now: bool) -> bool:
+        """Send a whole bodiless request as a compact head (StreamUpstreamConn); False: send its text."""
+        return False
 
     def keep_alive_ok(self) -> bool:
         framer = self.framer
@@ -340,6 +347,12 @@ class StreamUpstreamConn(UpstreamConn):
             t.write_now(data)
         elif t is not None:
             t.write(data)
+
+    def write_head(self, payload: bytes, now: bool) -> bool:
+        """A compact request head on the stream, at once with `now` (as write_now); False when the
+        stream cannot take it as one now (StreamTransport.write_head): the caller sends the text."""
+        t = self.transport
+        return isinstance(t, StreamTransport) and t.write_head(payload, now)
 
     def _end(self, transport: asyncio.Transport) -> None:
         """RESET, not FIN: this end is only closed when the exchange did not end in a reusable state."""

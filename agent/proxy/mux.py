@@ -56,6 +56,7 @@ from hostmesh.agent.proxy.wire import (
     DGRAM_OPEN,
     FIN,
     GOAWAY,
+    HTTP_HEAD,
     HTTP_OPEN,
     MAX_FRAME_PAYLOAD,
     OPEN,
@@ -68,6 +69,7 @@ from hostmesh.agent.proxy.wire import (
     WireError,
     control,
     data_frame,
+    head_frame,
     header,
     increment,
     reset_frame,
@@ -115,7 +117,7 @@ class Stream:
     """One downstream connection on a mux connection; a pipe end."""
 
     __slots__ = ("_on_data", "_on_eof", "blocked", "conn", "consumed", "credit", "credit_paused",
-                 "done", "fin_pending", "got_fin", "id", "linger", "on_datagram", "parked", "peer",
+                 "done", "fin_pending", "got_fin", "id", "linger", "on_datagram", "on_head", "parked", "peer",
                  "pipe", "reader_paused", "recv_window")  # fmt: skip
 
     def __init__(self, conn: MuxConnection, sid: int) -> None:
@@ -137,6 +139,8 @@ class Stream:
         self.linger = False  # finished by the pipe, still flushing `blocked` and FIN
         self.done = False
         self.on_datagram: Callable[[Chunk], None] | None = None  # a UDP flow (agent/proxy/udp.py)
+        # takes HTTP_HEAD frames (an inbound HTTP stream of protocol v4+: StreamTransport.accept_heads)
+        self.on_head: Callable[[Chunk], None] | None = None
 
     @property
     def write_paused(self) -> bool:
@@ -158,6 +162,19 @@ class Stream:
             self.parked.append(payload)
         else:
             self._deliver(payload)
+
+    def head_received(self, payload: Chunk) -> None:
+        """A compact request head (wire.HTTP_HEAD): in order with DATA, and within the window as DATA."""
+        on_head = self.on_head
+        n = len(payload)
+        self.recv_window -= n
+        if on_head is None or self.recv_window < 0 or self.got_fin:
+            self.conn.protocol_error(f"stream {self.id}: HTTP_HEAD not taken, beyond its window or after FIN")
+            return
+        on_head(payload)
+        self.consumed += n
+        if self.consumed >= WINDOW_UPDATE_AT and not self.reader_paused and not self.done:
+            self._grant()
 
     def fin_received(self) -> None:
         if self.got_fin:
@@ -256,6 +273,16 @@ class Stream:
             self.credit_paused = True
             if self.peer is not None:
                 self.peer.pause()
+
+    def send_head(self, payload: bytes) -> bool:
+        """Send a compact request head (wire.HTTP_HEAD) if it can go now: nothing of the stream waits
+        for credit (its order with DATA) and the credit covers it. False: the caller sends text."""
+        n = len(payload)
+        if self.done or self.blocked or n > self.credit:
+            return False
+        self.credit -= n
+        _write(self.conn, head_frame(self.id, payload))
+        return True
 
     def send_eof(self) -> None:
         if self.done:
@@ -540,6 +567,8 @@ def _frames(self: MuxConnection, data: bytes) -> None:
                     stream.fin_received()
                 elif ftype == RESET:
                     stream.reset_received(payload)
+                elif ftype == HTTP_HEAD:
+                    stream.head_received(payload)
                 elif ftype == DGRAM and stream.on_datagram is not None:
                     stream.on_datagram(payload)
                 else:

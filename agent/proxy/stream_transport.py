@@ -40,6 +40,15 @@ from hostmesh.agent.proxy.wire import STREAM_WINDOW, Chunk
 _NO_PROTOCOL: Final = asyncio.BaseProtocol()
 
 
+class Head:
+    """A compact request head (wire.HTTP_HEAD) held in order with the bytes while reading is paused."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: Chunk) -> None:
+        self.payload = payload
+
+
 class State(enum.Enum):
     OPEN = 1  # both ways
     CLOSING = 2  # we closed (FIN queued or sent): waiting for the peer's FIN; its bytes are dropped
@@ -66,7 +75,8 @@ class StreamTransport(asyncio.Transport):
         self.state = OPEN
         self._protocol: asyncio.BaseProtocol = protocol or _NO_PROTOCOL
         self._read_paused = False
-        self._held: list[Chunk | None] = []  # received while reading is paused (None: the FIN)
+        # received while reading is paused (None: the FIN; a Head: a compact request head)
+        self._held: list[Chunk | Head | None] = []
         self._write_paused = False  # we told the protocol to pause writing
         self._lost = False  # connection_lost was called
         self.half_close = False  # a tunnel now: TCP's half-close (see the module docstring)
@@ -87,6 +97,20 @@ class StreamTransport(asyncio.Transport):
             self._held.append(data)
             return
         self._protocol.data_received(data)  # type: ignore[attr-defined]
+
+    def accept_heads(self) -> None:
+        """The protocol (an inbound http_conn.ServerConn) takes compact request heads too: its
+        `head_received(payload)`, in order with `data_received` (the connection agreed protocol v4+)."""
+        self.stream.on_head = self._head
+
+    def _head(self, payload: Chunk) -> None:
+        state = self.state
+        if state is not OPEN and state is not WRITE_CLOSED:
+            return  # as _data: we closed, the peer's late request is dropped
+        if self._read_paused or self._held:
+            self._held.append(Head(payload))
+            return
+        self._protocol.head_received(payload)  # type: ignore[attr-defined]
 
     def _eof(self) -> None:
         if self.state is CLOSING:
@@ -185,6 +209,8 @@ class StreamTransport(asyncio.Transport):
             item = self._held.pop(0)
             if item is None:
                 self._eof_now()
+            elif isinstance(item, Head):
+                self._protocol.head_received(item.payload)  # type: ignore[attr-defined]
             else:
                 self._protocol.data_received(item)  # type: ignore[attr-defined]
 
@@ -214,6 +240,24 @@ class StreamTransport(asyncio.Transport):
         finally:
             conn.writing_now = False
         flush_now(conn)
+
+    def write_head(self, payload: bytes, now: bool) -> bool:
+        """A compact request head (wire.HTTP_HEAD), at once with `now` (as `write_now`). False when it
+        cannot go as one (credit, or bytes waiting for it: mux.Stream.send_head): send the text."""
+        if self.state is not OPEN and self.state is not READ_CLOSED:
+            return True  # as `write`: nothing goes on a closed stream
+        stream = self.stream
+        if not now:
+            return stream.send_head(payload)
+        conn = stream.conn
+        conn.writing_now = True
+        try:
+            sent = stream.send_head(payload)
+        finally:
+            conn.writing_now = False
+        if sent:
+            flush_now(conn)
+        return sent
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))

@@ -28,6 +28,17 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
                               back (keep-alive), for the connection's SNI service; after it the
                               stream is an ordinary one (DATA, FIN, RESET, WINDOW). The server
                               authorizes each request (agent/proxy/http_inbound.py), not the stream.
+    HTTP_HEAD client -> server  (protocol v4+) on an HTTP_OPEN stream: one whole request, bodiless
+                              (no Content-Length above 0, no Transfer-Encoding, no WebSocket
+                              upgrade), as a compact binary head (agent/l7/http1.py
+                              encode_compact_head): method index, target, length-prefixed fields.
+                              It takes the place of that request's text in the stream's bytes, in
+                              order with its DATA frames, and counts against the stream's window as
+                              DATA does (a peer cannot queue heads past it). Any other request, and
+                              one whose head is above MAX_CONTROL_PAYLOAD (or whose stream has no
+                              credit for it now), goes as HTTP/1.1 text in DATA, as in v3; a v3 peer
+                              only ever gets text. The receiver holds it to the text path's rules
+                              (a malformed one is answered 400, with the response flag, as the text).
 
 Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
 stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
@@ -51,11 +62,14 @@ GOAWAY: Final = 5
 DGRAM_OPEN: Final = 6
 DGRAM: Final = 7
 HTTP_OPEN: Final = 8
-KNOWN: Final = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM, HTTP_OPEN))
+HTTP_HEAD: Final = 9
+KNOWN: Final = frozenset((DATA, OPEN, FIN, RESET, WINDOW, GOAWAY, DGRAM_OPEN, DGRAM, HTTP_OPEN, HTTP_HEAD))
 _KNOWN_BYTE: Final = bytes(t in KNOWN for t in range(256))  # by a header's type byte: 1 if KNOWN
 DGRAM_MIN_VERSION: Final = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSIONS) that knows DGRAM frames
 # the version that knows HTTP_OPEN; below it HTTP takes a TLS connection of its own
 HTTP_MIN_VERSION: Final = 3
+# the version that knows HTTP_HEAD (a compact request head); below it every request goes as text
+HEAD_MIN_VERSION: Final = 4
 MAX_DATAGRAM: Final = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
 
 HEADER: Final = struct.Struct(">II")  # (type << 24 | length), stream id
@@ -96,6 +110,11 @@ def reset_frame(stream: int, why: str) -> bytes:
     """A RESET that says why the stream was refused: `why`, response flags (wire docstring)."""
     text = why.encode("ascii")
     return header(RESET, stream, len(text)) + text
+
+
+def head_frame(stream: int, payload: bytes) -> bytes:
+    """One HTTP_HEAD frame (`payload` at most MAX_CONTROL_PAYLOAD bytes, which the caller ensures)."""
+    return header(HTTP_HEAD, stream, len(payload)) + payload
 
 
 def window(stream: int, increment: int) -> bytes:
