@@ -31,7 +31,9 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
     HTTP_HEAD client -> server  (protocol v4+) on an HTTP_OPEN stream: one whole request, bodiless
                               (no Content-Length above 0, no Transfer-Encoding, no WebSocket
                               upgrade), as a compact binary head (agent/l7/http1.py
-                              encode_compact_head): method index, target, length-prefixed fields.
+                              encode_compact_head): a method index, the field count, the lengths of
+                              the target and of the names, then the target, the names and the
+                              values (LF between fields: neither may hold one).
                               It takes the place of that request's text in the stream's bytes, in
                               order with its DATA frames, and counts against the stream's window as
                               DATA does (a peer cannot queue heads past it). Any other request, and
