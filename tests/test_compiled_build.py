@@ -46,11 +46,11 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.timeout(STEP_TIME
 # over the mux), where compiled and interpreted code call each other: a compiled function refuses an
 # argument its annotation does not allow (a memoryview for bytes), and an attribute narrowed by mypy
 # is checked against the narrowed type when read
-SUITES = ("test_l7_http1.py", "test_l7_normalize.py", "test_l7_match.py", "test_l7_flags.py",
-          "test_l7_retry.py", "test_l7_balancer.py", "test_l7_ratelimit.py", "test_proxy_wire.py",
-          "test_l7_proxy_component.py", "test_l7_mux_component.py", "test_l7_normalize_component.py",
-          "test_proxy_component.py", "test_l4_split.py", "test_mux_flood.py",
-          "test_access_log.py")  # fmt: skip
+SUITES = ("test_l7_http1.py", "test_l7_compact_head.py", "test_l7_normalize.py", "test_l7_match.py",
+          "test_l7_flags.py", "test_l7_retry.py", "test_l7_balancer.py", "test_l7_ratelimit.py",
+          "test_proxy_wire.py", "test_l7_proxy_component.py", "test_l7_mux_component.py",
+          "test_l7_normalize_component.py", "test_proxy_component.py", "test_l4_split.py",
+          "test_mux_flood.py", "test_access_log.py")  # fmt: skip
 SUITE_TIMEOUT = 600  # the component suites of the connection modules: 1-2 min on a loaded 2-core machine
 SVC = "cbapi"
 
