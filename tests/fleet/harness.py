@@ -160,13 +160,21 @@ class Proc:
         self.popen.wait(30)
 
     def stop(self, timeout: float = 20.0) -> int:
+        self.terminate()
+        return self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM to its process group, if it still runs: the start of `stop`, without the wait."""
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+
+    def wait_stopped(self, timeout: float) -> int:
+        """Its exit status once it exited; killed (SIGKILL) if it has not within `timeout`."""
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
         return int(self.popen.returncode)
 
 
@@ -1154,9 +1162,16 @@ class Fleet:
         return int(data[0]["ModifyIndex"]) if status == 200 else 0
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=10)
+        # Everything but Consul stops at once, then the Consul agents the mesh agents deregistered
+        # through: one by one, each mesh agent's drain (drain_seconds) came after the one before it's.
+        consul = [p for p in self.procs if p.name.endswith("/consul")]
+        for group in ([p for p in reversed(self.procs) if p not in consul], consul[::-1]):
+            for proc in group:
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            for proc in group:
+                with contextlib.suppress(Exception):
+                    proc.wait_stopped(timeout=10)
         for h in self.hosts:
             h.close()
         if self._switch_created:
