@@ -421,8 +421,13 @@ class Venv:
 
     @classmethod
     def create(cls, path: Path, wheel: Path) -> Venv:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=COMMAND_TIMEOUT)
-        pip = [str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+        # no pip of its own (ensurepip's install of it was ~10 s of the bring-up under load): the
+        # fleet runs only its hostmesh, and the test venv's pip installs into it
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=COMMAND_TIMEOUT
+        )
+        pip = [sys.executable, "-m", "pip", "--python", str(path / "bin" / "python"), "install", "-q"]
+        pip += ["--disable-pip-version-check"]
         wheels = REPO / ".cache" / "wheels"  # `make deb` keeps dependency wheels here; reuse when present
         if wheels.is_dir():
             pip += ["--find-links", str(wheels)]
