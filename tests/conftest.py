@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 from collections import Counter
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 
 from hostmesh.agent.localmesh import PORT_SLICE_ENV
-from tests.support import ConsulDev
+from tests.support import REPO, ConsulDev
 
 if TYPE_CHECKING:
     from tests.consul_secure import SecureConsulDev
@@ -27,7 +31,8 @@ if TYPE_CHECKING:
 # sdist build-deb.sh and test_compiled_build make in the tree (setuptools writes egg-info there) by
 # .cache/source-tree.lock; the compiled wheel and venv caches by their builders' locks
 # (packaging/compiled_wheel.py, bench/compiled.py); the dependency wheel cache takes only whole files
-# (build-deb.sh renames them in); each build has its own DIST and staging tree. These are the tier's
+# (build-deb.sh renames them in); each build has its own DIST and staging tree (test_deb and test_ansible
+# share one, `packages_dist`, built by the first to ask while the other waits). These are the tier's
 # longest groups (builds, playbook runs: minutes each), so they are handed out first, in this order,
 # and the rest largest first (xdist's own order): one started last would run on alone at the end
 # while the other worker has nothing left.
@@ -196,3 +201,48 @@ def private_consul(tmp_path: Path) -> Iterator[ConsulDev]:
         yield dev
     finally:
         dev.stop()
+
+
+PACKAGE_BUILD_TIMEOUT = 600  # seconds; a cold build downloads ~12 MB of wheels and compiles the hot modules
+
+
+@pytest.fixture(scope="session")
+def packages_dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `make deb` builds (packaging/build-deb.sh: the sdist, the pure and the compiled wheel, the
+    .deb), built once per run for test_deb and test_ansible, which took the same artefact each and
+    built it twice (~40-80 s each under load). On xdist the workers' temporary folders share a
+    parent of this run's: the first to ask builds there under a lock, the other waits and takes it.
+    Its users only read it (a test that changes a package does so on a copy in its own tmp_path)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's, common to its workers
+    out, done = shared / "packages-dist", shared / "packages-dist.built"
+    with open(shared / "packages-dist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for one build, itself bounded by its timeout
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed part way: from scratch
+            out.mkdir()
+            python = REPO / ".venv/bin/python"
+            env = {
+                **os.environ,
+                "DIST": str(out),
+                "PYTHON": str(python if python.exists() else sys.executable),
+            }
+            built = subprocess.run(
+                [str(REPO / "packaging/build-deb.sh")],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=PACKAGE_BUILD_TIMEOUT,
+            )
+            assert built.returncode == 0, (
+                f"build-deb.sh -> {built.returncode}\n{built.stdout}\n{built.stderr}"
+            )
+            # whether the compiled wheel was built or reused (test_compiled_build leaves it in the shared
+            # cache): test_deb shows it with -s and in a failure's report
+            compiled = [
+                line for line in built.stderr.splitlines(keepends=True) if line.startswith("compiled wheel:")
+            ]
+            (out / "compiled-wheel.log").write_text("".join(compiled))
+            done.touch()
+    return out

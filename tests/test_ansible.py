@@ -37,7 +37,7 @@ BIN = Path(sys.executable).parent
 LINT_TIMEOUT = 300  # seconds; ansible-lint takes ~10 s here
 PLAYBOOK_TIMEOUT = 600  # the first run creates a venv and installs ~15 wheels
 BUILD_TIMEOUT = 600
-# the tests of the built packages (the wheel, the .deb: the module's fixtures that build them), a third
+# the tests of the built packages (the wheel, the .deb: the run's one build, tests/conftest.py), a third
 # of this module's time, are a test worker's group of their own (tests/conftest.py), beside the rest
 PACKAGES = pytest.mark.xdist_group("test_ansible-packages")
 
@@ -820,15 +820,10 @@ def ca_cli_available() -> bool:
 
 
 @pytest.fixture(scope="module")
-def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The .deb that `make deb` builds (dependency wheels from .cache/wheels)."""
-    out = tmp_path_factory.mktemp("deb")
-    env = {**os.environ, "DIST": str(out), "PYTHON": sys.executable}
-    result = subprocess.run(
-        [str(REPO / "packaging/build-deb.sh")], env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    (deb,) = out.glob("hostmesh_*.deb")
+def deb_package(packages_dist: Path) -> Path:
+    """The .deb that `make deb` builds (dependency wheels from .cache/wheels): the run's one build,
+    which test_deb shares (tests/conftest.py)."""
+    (deb,) = packages_dist.glob("hostmesh_*.deb")
     return deb
 
 

@@ -93,21 +93,12 @@ def user_exists(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "DIST": str(out), "PYTHON": str(REPO / ".venv/bin/python")}
-    if not Path(env["PYTHON"]).exists():
-        env["PYTHON"] = shutil.which("python3") or "python3"
-    built = subprocess.run(
-        [str(REPO / "packaging/build-deb.sh")], capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT
-    )
-    assert built.returncode == 0, f"build-deb.sh -> {built.returncode}\n{built.stdout}\n{built.stderr}"
+def dist(packages_dist: Path) -> Path:
+    """The run's one build of the packages (tests/conftest.py, which test_ansible shares)."""
     # whether the compiled wheel was built or reused (tests/test_compiled_build.py, run before this
     # module in `make unit`, leaves it in the shared cache): shown with -s and in a failure's report
-    print(
-        "".join(line for line in built.stderr.splitlines(keepends=True) if line.startswith("compiled wheel:"))
-    )
-    return out
+    print((packages_dist / "compiled-wheel.log").read_text())
+    return packages_dist
 
 
 def blocked_on(path: Path) -> bool:
