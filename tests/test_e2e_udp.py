@@ -76,8 +76,10 @@ def udp_mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[UdpMesh]:
                 "push": f'bind = "127.0.0.1:{push_bind}"\nprotocol = "udp"',
             },
         )
-        m.start_agent(b)
-        m.start_agent(a)
+        for agent in (b, a):  # both start at once (~1 s a test): each waits on its CA and Consul
+            m.start_agent(agent, wait=False)
+        for agent in (b, a):
+            m.wait_ready(agent)
         for service in ("echo", "dns", "push"):
             m.wait_endpoints(a, service, 1)
         yield UdpMesh(m, a, b, apps, echo_bind, dns_bind, push_bind)

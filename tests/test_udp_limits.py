@@ -64,8 +64,10 @@ def pair(private_consul: ConsulDev, tmp_path: Path) -> Iterator[Callable[..., Pa
             extra=a_extra,
             upstream_keys={"echo": f'bind = "127.0.0.1:{bind}"\nprotocol = "udp"\n{upstream_extra}'},
         )
-        m.start_agent(b)
-        m.start_agent(a)
+        for agent in (b, a):  # both start at once (~1 s a test): each waits on its CA and Consul
+            m.start_agent(agent, wait=False)
+        for agent in (b, a):
+            m.wait_ready(agent)
         m.wait_endpoints(a, "echo", 1)
         return Pair(m, a, b, apps, bind)
 

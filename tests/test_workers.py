@@ -49,8 +49,10 @@ def mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[Mesh]:
         m.start_ca()
         b = m.write_agent_config("node-b", [{"name": "api", "port": echo.port}], extra="workers = 2")
         a = m.write_agent_config("node-a", [{"name": "web", "port": web_app.port, "upstreams": ["api"]}])
-        m.start_agent(b)
-        m.start_agent(a)
+        for agent in (b, a):  # both start at once (~1 s a test): each waits on its CA and Consul
+            m.start_agent(agent, wait=False)
+        for agent in (b, a):
+            m.wait_ready(agent)
         m.wait_endpoints(a, "api", 1)
         yield Mesh(m, a, b, private_consul)
     finally:
