@@ -64,7 +64,7 @@ def main(once: bool) -> None:
     try:
         say(f"starting a Consul dev agent ({consul.binary})")
         consul.start()
-        mesh = LocalMesh(workdir / "mesh", consul.url)
+        mesh = LocalMesh(workdir / "mesh", consul.url, setup_by_cli=True)  # the commands at work
         say("creating the CA root and starting the CA")
         pin = mesh.start_ca()
         click.echo(f"    root pin {pin}")

@@ -2,12 +2,18 @@
 tests and the benchmark. Everything it starts is torn down by `close()` (process groups), and every
 wait in it is bounded in time.
 
-It drives hostmesh only through its public surface: the `hostmesh` CLI, agent.toml files and the
-admin API, exactly as an operator would.
+It drives hostmesh through its public surface: the `hostmesh` CLI, agent.toml files and the
+admin API, as an operator would. The two setup steps, creating the root (`hostmesh ca init`) and
+each agent's join token (`hostmesh ca token create`), run in this process by default: the very
+functions those commands call (ca/store.py init, ca/tokens.py create), writing the same files and
+Consul keys, without an interpreter start each (~0.2-0.3 s idle, over 1 s loaded, several times
+per mesh, and the tests start over a hundred meshes). The CLI's own tests cover those commands;
+`setup_by_cli=True` (the demo) runs them as commands.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,9 +28,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 READY_TIMEOUT = 20.0  # agent/CA start is well under 1 s here; CI machines can be slower
 POLL = 0.02
@@ -283,13 +291,30 @@ class AgentHandle:
             return resp.read().decode()
 
 
+T = TypeVar("T")
+
+
+def _run_coroutine(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to its end from sync code, also when the caller runs inside an event loop
+    (an async test): then on a thread of its own, as asyncio.run refuses a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
 class LocalMesh:
     def __init__(self, workdir: Path, consul_url: str, trust_domain: str = "hostmesh.local",
-                 consul_token: str | None = None) -> None:  # fmt: skip
-        """`consul_token`: what the CA and the CLI present to Consul (agents: `write_agent_config`)."""
+                 consul_token: str | None = None, setup_by_cli: bool = False) -> None:  # fmt: skip
+        """`consul_token`: what the CA and the CLI present to Consul (agents: `write_agent_config`).
+        `setup_by_cli`: create the root and the join tokens with `hostmesh ca …` commands, not in
+        this process (the module docstring says why that is the default)."""
         self.workdir = workdir
         self.consul_url = consul_url
         self.trust_domain = trust_domain
+        self.setup_by_cli = setup_by_cli
         self.procs: list[Proc] = []
         self.agents: dict[str, AgentHandle] = {}
         self.pin = ""
@@ -339,8 +364,13 @@ class LocalMesh:
     def start_ca(self, *extra_args: str, env: dict[str, str] | None = None) -> str:
         """`extra_args` go to `ca serve` (e.g. --nomad-jwks URL); `env` is added to its environment."""
         ca_dir = self.workdir / "ca"
-        out = self.hostmesh("ca", "init", "--data-dir", str(ca_dir), "--trust-domain", self.trust_domain)
-        self.pin = next(word for word in out.stdout.split() if word.startswith("sha256:"))
+        if self.setup_by_cli:
+            out = self.hostmesh("ca", "init", "--data-dir", str(ca_dir), "--trust-domain", self.trust_domain)
+            self.pin = next(word for word in out.stdout.split() if word.startswith("sha256:"))
+        else:
+            from hostmesh.ca import store  # what `hostmesh ca init` calls
+
+            self.pin = store.init(ca_dir, self.trust_domain).active.pin
         self.ca_port = free_port()
         proc = self._spawn(
             "ca",
@@ -353,11 +383,29 @@ class LocalMesh:
         return self.pin
 
     def token(self, *services: str, ttl: str = "1h") -> str:
-        args = ["ca", "token", "create", "--ttl", ttl]
-        for svc in services:
-            args += ["--service", svc]
-        out = self.hostmesh(*args, "--data-dir", str(self.workdir / "ca"))
-        return out.stdout.strip().splitlines()[-1].strip()
+        """A join token for `services`, as `hostmesh ca token create --data-dir <the CA's>` makes it."""
+        if self.setup_by_cli:
+            args = ["ca", "token", "create", "--ttl", ttl]
+            for svc in services:
+                args += ["--service", svc]
+            out = self.hostmesh(*args, "--data-dir", str(self.workdir / "ca"))
+            return out.stdout.strip().splitlines()[-1].strip()
+        from hostmesh.ca import store, tokens  # what `hostmesh ca token create` calls
+        from hostmesh.registry.consul import ConsulClient
+        from hostmesh.registry.consul_settings import ConsulLayer, resolve
+
+        store.load(self.workdir / "ca")  # the command's --data-dir check: the CA exists
+        duration = tokens.parse_duration(ttl, "token ttl", tokens.MAX_TOKEN_TTL)
+        scope = tokens.validate_scope(list(services))
+        # the command's Consul settings: its --consul over the environment it would run in
+        settings = resolve(cli=ConsulLayer(address=self.consul_url), env=self.env)
+
+        async def create() -> str:
+            async with ConsulClient(settings) as consul:
+                tok, _record = await tokens.create(consul, scope, duration)
+                return str(tok)
+
+        return _run_coroutine(create)
 
     # --- agents -----------------------------------------------------------------------------
 

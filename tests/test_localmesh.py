@@ -1,14 +1,24 @@
-"""The test/demo kit's Consul launcher survives losing a free port to another process."""
+"""The test/demo kit: its Consul launcher survives losing a free port to another process, its
+ports, and its setup in this process writing what the `hostmesh ca` commands write."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from hostmesh.agent.localmesh import PORT_SLICE_ENV, bind_conflict_report, free_port, port_listeners
+from hostmesh.agent.localmesh import (
+    PORT_SLICE_ENV,
+    LocalMesh,
+    bind_conflict_report,
+    free_port,
+    port_listeners,
+)
+from hostmesh.ca import tokens
 from tests.support import ConsulDev
 
 pytestmark = pytest.mark.consul
@@ -73,3 +83,39 @@ def test_an_agent_that_found_its_port_taken_names_who_listens_there() -> None:
         assert port_listeners(port) == [report.split("now: ", 1)[1]]
     assert bind_conflict_report(log) == f"\nlistening on port {port} now: nothing"
     assert bind_conflict_report("Error: cannot start: something else\n") == ""
+
+
+def _files_and_modes(root: Path) -> list[tuple[str, str, int]]:
+    """Each file's folder, kind (suffix; names hold root ids and ports) and mode."""
+    return sorted((str(p.parent.relative_to(root)), p.suffix, p.stat().st_mode) for p in root.rglob("*"))
+
+
+def test_setup_in_process_writes_what_the_ca_commands_write(consul: ConsulDev, tmp_path: Path) -> None:
+    """LocalMesh creates the root and join tokens with the functions `hostmesh ca init` and
+    `hostmesh ca token create` call, not by running them (the demo still runs them): the same CA
+    files with the same modes, and tokens in Consul with their scope (where `ca token list` and the
+    CA read them), also when asked from inside an event loop (an async test)."""
+    by_cli = LocalMesh(tmp_path / "cli", consul.url, setup_by_cli=True)
+    in_process = LocalMesh(tmp_path / "inproc", consul.url)
+    try:
+        pins = [m.start_ca() for m in (by_cli, in_process)]
+        assert all(pin.startswith("sha256:") for pin in pins) and pins[0] != pins[1]  # a root each
+        assert _files_and_modes(by_cli.workdir / "ca") == _files_and_modes(in_process.workdir / "ca")
+
+        async def from_a_loop() -> str:
+            return in_process.token("api", "web", ttl="10m")
+
+        made = {
+            tokens.parse_token(t).id: services
+            for t, services in [
+                (by_cli.token("api"), ["api"]),
+                (in_process.token("api"), ["api"]),
+                (asyncio.run(from_a_loop()), ["api", "web"]),
+            ]
+        }
+        listed = json.loads(by_cli.hostmesh("ca", "token", "list", "-o", "json").stdout)
+        assert {t["id"]: t["services"] for t in listed if t["id"] in made} == made
+        assert all(t["state"] == "valid" for t in listed if t["id"] in made)
+    finally:
+        by_cli.close()
+        in_process.close()
