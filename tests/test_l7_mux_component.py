@@ -24,7 +24,7 @@ from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool
 from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_OPEN, STREAM_WINDOW, head_frame
+from hostmesh.agent.proxy.wire import HTTP_OPEN, OPEN, STREAM_WINDOW, head_frame
 from hostmesh.ca import pki
 from hostmesh.ca.tls import (
     ALPN_TCP_V1,
@@ -819,3 +819,63 @@ async def test_a_compact_head_on_a_connection_that_agreed_version_3_is_a_protoco
     assert conn.version == 3 and answers == [b""]
     assert "HTTP_HEAD not taken" in caplog.text
     assert b"/v3" not in mesh.apps[0].seen
+
+
+async def _dial(mesh: Mesh, tmp_path: Path) -> tuple[ConnectionPool, Any]:
+    """A mux connection to api's inbound with web's certificate, as a hostile or buggy caller's agent
+    would hold one: the test writes its frames itself."""
+    ctx = mesh_client_context(tmp_path / "web.pem", tmp_path / "web.key", mesh.ca.roots)
+    pool = ConnectionPool()
+    ident = pki.Identity(TD, "api")
+    conn = await pool.dial(("127.0.0.1", mesh.inbounds[0].port), ctx, ident.dns_name, ident, 5.0)
+    return pool, conn
+
+
+async def test_a_compact_head_on_a_plain_stream_is_a_protocol_error(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP_HEAD belongs to HTTP_OPEN streams (wire.py). A plain stream (OPEN) to an http service is
+    served as HTTP too (the relayed bytes of a caller's TCP connection), but a caller's agent never
+    sends a compact head on one: there it is a protocol error, not a request (before: the inbound
+    served it, since its HTTP handler took heads on any stream of a v4 connection)."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    _one_instance(mesh)
+    good = encode_compact_head(b"GET", b"/plain-stream", [(b"host", b"a"), (b"connection", b"close")], 4096)
+    assert good is not None
+    pool, conn = await _dial(mesh, tmp_path)
+    try:
+        assert conn.version == 4
+        got = _Collect()
+        StreamTransport(conn.open_stream(OPEN), got)
+        conn.write(head_frame(conn.last_id, good))
+        await asyncio.wait_for(got.lost, 10.0)
+    finally:
+        pool.close()
+        conn.reset()
+    assert got.data == b""
+    assert "HTTP_HEAD not taken" in caplog.text
+    assert b"/plain-stream" not in mesh.apps[0].seen
+
+
+async def test_a_compact_head_on_a_stream_opened_while_the_http_side_drains_ends_that_stream_alone(
+    mesh: Mesh,
+) -> None:
+    """While HttpInbound drains (closing), a new HTTP stream is closed at once, its request unread. A
+    caller's agent writes HTTP_OPEN and the request's HTTP_HEAD together, so the head reaches a stream
+    whose handler never took heads: that stream ends, and the request in flight on another stream of
+    the same mux connection is still answered (before: a protocol error, which reset the connection
+    and every stream on it, the request being drained among them)."""
+    _one_instance(mesh)
+    http_in = mesh.http_ins[0]
+    slow = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/delay/800"))
+    await async_wait_until(lambda: any(c.ex is not None for c in http_in.conns), what="request in flight")
+    closing = asyncio.create_task(http_in.close(5.0))
+    await async_wait_until(lambda: http_in.closing, what="the HTTP side draining")
+    (mux,) = mesh.http_out.mesh._iter(None)
+    opened = mux.last_id
+    late = asyncio.create_task(asyncio.to_thread(Client(mesh.outbound.port).get, "/late"))
+    await async_wait_until(lambda: mux.last_id > opened or late.done(), what="a second stream opened")
+    assert (await slow).status == 200
+    await late  # (refused: whatever its answer, the connection under the slow one survived)
+    await closing
+    assert b"/late" not in mesh.apps[0].seen

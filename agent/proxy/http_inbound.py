@@ -74,7 +74,6 @@ from hostmesh.agent.proxy.http_upstream import UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import APP_CONNECT_TIMEOUT, STREAM_IDLE_TIMEOUT, ConnectionCap
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.trust import TrustCheck
-from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
@@ -234,8 +233,6 @@ class HttpInbound:
                 if conn.admission is not None:
                     conn.idle_list = cap.idle
         conn.stream = transport if isinstance(transport, StreamTransport) else None  # see on_stream
-        if isinstance(transport, StreamTransport) and transport.stream.conn.version >= HEAD_MIN_VERSION:
-            transport.accept_heads()  # its bodiless requests may come as compact heads (wire.HTTP_HEAD)
         self.conns.add(conn)
         transport.set_protocol(conn)
         conn.connection_made(transport)

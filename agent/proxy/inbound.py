@@ -67,7 +67,7 @@ from hostmesh.agent.proxy.pool import set_liveness
 from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.trust import TrustCheck
-from hostmesh.agent.proxy.wire import HTTP_MIN_VERSION, RESET, control
+from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION, HTTP_MIN_VERSION, RESET, control
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca import tls as catls
 from hostmesh.ca.errors import TrustError
@@ -209,6 +209,12 @@ class InboundConnection(MuxConnection):
                 self.answered()
             return
         transport = StreamTransport(self.add(sid))
+        if self.version >= HEAD_MIN_VERSION:
+            # its bodiless requests may come as compact heads (wire.HTTP_HEAD), taken here with the
+            # stream and not by the handler: a caller's agent writes HTTP_OPEN and a head together, and
+            # a stream the handler ends at once (HttpInbound closing) must drop that head as it drops
+            # DATA, not take it for a protocol error that resets every stream of the connection
+            transport.accept_heads()
         if svc is None:
             transport.abort()
             return

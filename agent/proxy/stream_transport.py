@@ -100,7 +100,9 @@ class StreamTransport(asyncio.Transport):
 
     def accept_heads(self) -> None:
         """The protocol (an inbound http_conn.ServerConn) takes compact request heads too: its
-        `head_received(payload)`, in order with `data_received` (the connection agreed protocol v4+)."""
+        `head_received(payload)`, in order with `data_received`. Set as an HTTP_OPEN stream of a
+        connection that agreed protocol v4+ is made (InboundConnection.http_open_received), before
+        its protocol: a head that comes once this end closed is dropped as late DATA is."""
         self.stream.on_head = self._head
 
     def _head(self, payload: Chunk) -> None:
