@@ -879,3 +879,35 @@ async def test_a_compact_head_on_a_stream_opened_while_the_http_side_drains_ends
     await late  # (refused: whatever its answer, the connection under the slow one survived)
     await closing
     assert b"/late" not in mesh.apps[0].seen
+
+
+async def test_a_compact_head_shorter_than_its_fixed_part_is_a_protocol_error(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP_HEAD counts against the stream's window by its bytes, so while the inbound holds a
+    stream's frames (reading paused behind a pending response) the window bounds what it holds. An
+    empty one costs none: the inbound held each one, a flood of them without bound (10,000 here; 8
+    bytes each on the wire). Nothing shorter than the head's fixed part (wire.MIN_HEAD_PAYLOAD) can be
+    a request: the connection ends with a protocol error at the first, as for a head beyond the window."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    _one_instance(mesh)
+    slow = encode_compact_head(b"GET", b"/delay/1500", [(b"host", b"a")], 4096)
+    queued = encode_compact_head(b"GET", b"/queued", [(b"host", b"a")], 4096)
+    assert slow is not None and queued is not None
+    pool, conn = await _dial(mesh, tmp_path)
+    try:
+        got = _Collect()
+        StreamTransport(conn.open_stream(HTTP_OPEN), got)
+        sid = conn.last_id
+        conn.write(head_frame(sid, slow) + head_frame(sid, queued))  # the second waits: reading pauses
+        await async_wait_until(
+            lambda: b"/delay/1500" in mesh.apps[0].seen, what="the slow request at the app"
+        )
+        for short in (b"", b"\x00\x01"):
+            conn.write(head_frame(sid, short) * 5000)
+        await asyncio.wait_for(got.lost, 10.0)
+    finally:
+        pool.close()
+        conn.reset()
+    assert got.data == b""  # the connection ended before the slow answer
+    assert "HTTP_HEAD" in caplog.text and "protocol error" in caplog.text

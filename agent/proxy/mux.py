@@ -59,6 +59,7 @@ from hostmesh.agent.proxy.wire import (
     HTTP_HEAD,
     HTTP_OPEN,
     MAX_FRAME_PAYLOAD,
+    MIN_HEAD_PAYLOAD,
     OPEN,
     RESET,
     STREAM_WINDOW,
@@ -170,6 +171,9 @@ class Stream:
         self.recv_window -= n
         if on_head is None or self.recv_window < 0 or self.got_fin:
             self.conn.protocol_error(f"stream {self.id}: HTTP_HEAD not taken, beyond its window or after FIN")
+            return
+        if n < MIN_HEAD_PAYLOAD:  # no head, and (held while reading is paused) nearly free to queue
+            self.conn.protocol_error(f"stream {self.id}: HTTP_HEAD of {n} bytes")
             return
         on_head(payload)
         self.consumed += n

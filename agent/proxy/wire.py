@@ -40,7 +40,9 @@ stream would pay each of those per stream. Every frame is an 8-byte header, then
                               one whose head is above MAX_CONTROL_PAYLOAD (or whose stream has no
                               credit for it now), goes as HTTP/1.1 text in DATA, as in v3; a v3 peer
                               only ever gets text. The receiver holds it to the text path's rules
-                              (a malformed one is answered 400, with the response flag, as the text).
+                              (a malformed one is answered 400, with the response flag, as the text);
+                              one shorter than the head's fixed part (MIN_HEAD_PAYLOAD) is no request
+                              at all and a protocol error, as is one on any other stream.
 
 Flow control is per stream (an HTTP/2-style credit window), so a slow reader on one stream never
 stalls the others, and what a receiver buffers for a stream is bounded by STREAM_WINDOW.
@@ -72,6 +74,10 @@ DGRAM_MIN_VERSION: Final = 2  # agent protocol version (ca/tls.py PROTOCOL_VERSI
 HTTP_MIN_VERSION: Final = 3
 # the version that knows HTTP_HEAD (a compact request head); below it every request goes as text
 HEAD_MIN_VERSION: Final = 4
+# the fixed part of a compact head (agent/l7/http1.py: method, field count, two lengths). A receiver
+# holds a stream's heads while its reading is paused, bounded by the window they count against: a
+# shorter one, an empty one above all (it costs no window), would let a peer queue them without bound
+MIN_HEAD_PAYLOAD: Final = 6
 MAX_DATAGRAM: Final = 65535  # a UDP payload never exceeds this; a larger DGRAM frame is a broken peer
 
 HEADER: Final = struct.Struct(">II")  # (type << 24 | length), stream id
