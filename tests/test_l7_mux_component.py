@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.pool import ConnectionPool
 from hostmesh.agent.proxy.pump import TLS_READ_BYTES
 from hostmesh.agent.proxy.stream_transport import StreamTransport
-from hostmesh.agent.proxy.wire import HTTP_OPEN, OPEN, STREAM_WINDOW, head_frame
+from hostmesh.agent.proxy.wire import DATA, HTTP_HEAD, HTTP_OPEN, OPEN, STREAM_WINDOW, data_frame, head_frame
 from hostmesh.ca import pki
 from hostmesh.ca.tls import (
     ALPN_TCP_V1,
@@ -911,3 +912,67 @@ async def test_a_compact_head_shorter_than_its_fixed_part_is_a_protocol_error(
         conn.reset()
     assert got.data == b""  # the connection ended before the slow answer
     assert "HTTP_HEAD" in caplog.text and "protocol error" in caplog.text
+
+
+def _head(target: bytes, *extra: tuple[bytes, bytes]) -> tuple[int, bytes]:
+    payload = encode_compact_head(b"GET", target, [(b"host", b"a"), *extra], 4096)
+    assert payload is not None
+    return HTTP_HEAD, payload
+
+
+def _text(request: bytes) -> tuple[int, bytes]:
+    return DATA, request
+
+
+_ORDER = {  # frames on one stream -> (statuses answered, targets the app saw)
+    "text-compact-text": (
+        [_text(b"GET /o1 HTTP/1.1\r\nhost: a\r\n\r\n"), _head(b"/o2"),
+         _text(b"GET /o3 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")],
+        [b"200", b"200", b"200"], [b"/o1", b"/o2", b"/o3"],
+    ),
+    "behind-a-pending-response": (
+        [_head(b"/delay/200"), _text(b"GET /p2 HTTP/1.1\r\nhost: a\r\n\r\n"),
+         _head(b"/p3", (b"connection", b"close"))],
+        [b"200", b"200", b"200"], [b"/delay/200", b"/p2", b"/p3"],
+    ),
+    "inside-a-text-head": ([_text(b"GET /h1 HTTP/1.1\r\nho"), _head(b"/h2")], [b"400"], []),
+    "inside-a-body": (
+        [_text(b"POST /b1 HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n12345"), _head(b"/b2")],
+        [b"400"], [],
+    ),
+    "while-a-100-continue-body-is-due": (
+        [_text(b"POST /c1 HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"),
+         _head(b"/c2")],
+        [b"100", b"400"], [],
+    ),
+    "after-a-last-request": (
+        [_text(b"GET /l1 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"), _head(b"/l2")],
+        [b"200"], [b"/l1"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_ORDER))
+async def test_a_compact_head_takes_its_place_in_the_streams_order_as_its_text_would(
+    mesh: Mesh, tmp_path: Path, case: str
+) -> None:
+    """HTTP_HEAD stands for a request's text in the stream's bytes: between requests it is served in
+    order with text ones (pipelined behind a pending response too: reading pauses and it waits);
+    inside a text request (its head, its body, a body its 100-continue asked for) it breaks that one
+    (400 DPE); after a last request (Connection: close) it is never served."""
+    frames, statuses, seen = _ORDER[case]
+    _one_instance(mesh)
+    pool, conn = await _dial(mesh, tmp_path)
+    got = _Collect()
+    try:
+        StreamTransport(conn.open_stream(HTTP_OPEN), got)
+        sid = conn.last_id
+        conn.write(b"".join(head_frame(sid, p) if t == HTTP_HEAD else data_frame(sid, p) for t, p in frames))
+        await asyncio.wait_for(got.lost, 10.0)
+    finally:
+        pool.close()
+        conn.reset()
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got.data) == statuses
+    assert mesh.apps[0].seen == seen
+    if b"400" in statuses:
+        assert b"x-hostmesh-response-flags: DPE\r\n" in got.data
