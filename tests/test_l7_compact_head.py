@@ -21,6 +21,7 @@ from hostmesh.agent.l7.http1 import (
     decode_compact_head,
     encode_compact_head,
 )
+from hostmesh.agent.l7.normalize import normalize_target
 from hostmesh.agent.proxy.wire import MAX_CONTROL_PAYLOAD
 
 Outcome = tuple[str, object]
@@ -214,3 +215,64 @@ def test_random_bytes_are_a_protocol_error_or_a_request_never_a_crash(data: byte
         assert exc.status in (400, 417, 431, 501)
         return
     assert head.framing == NO_BODY and not head.upgrade
+
+
+def raw_compact(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """A compact head as a hostile peer may write it: no lower-casing, no check (encode_compact_head's
+    layout)."""
+    names = b"\n".join(n for n, _ in headers)
+    values = b"\n".join(v for _, v in headers)
+    fixed = bytes([COMPACT_METHODS.index(method), len(headers)])
+    fixed += len(target).to_bytes(2, "big") + len(names).to_bytes(2, "big")
+    return fixed + target + names + b"\n" + values
+
+
+def served(outcome: Outcome, method: bytes) -> Outcome:
+    """What ServerConn makes of a framed head: its target normalised (l7/normalize.py) or refused."""
+    if outcome[0] != "head":
+        return outcome
+    head = outcome[1]
+    assert isinstance(head, RequestHead)
+    try:
+        return ("head", head._replace(target=normalize_target(head.target, head.headers, method)))
+    except ProtocolError as exc:
+        return ("reject", (exc.status, exc.flag))
+
+
+@pytest.mark.parametrize("byte", [b for b in range(256) if b != 0x3A])  # (":" would end a text name)
+def test_any_byte_in_a_name_or_a_value_gets_the_texts_outcome(byte: int) -> None:
+    """Byte by byte, alone and inside: a forged head's name or value is taken or refused as its text
+    would be (status and flag; an upper-case name is refused where text lower-cases it: the wire's
+    names are lower case)."""
+    c = bytes([byte])
+    for name in (c, b"x" + c, c + b"x"):
+        headers: Headers = [(b"host", b"a"), (name, b"v")]
+        want = by_text(b"GET", b"/", headers)
+        if want[0] == "head" and 0x41 <= byte <= 0x5A:
+            want = ("reject", (400, flags.DPE))
+        if byte == 0x0A:  # the separator: text's line ends, the compact counts do not add up
+            want = ("reject", (400, flags.DPE))
+        assert by_compact(raw_compact(b"GET", b"/", headers)) == want, name
+    for value in (c, b"x" + c, c + b"x", b"x" + c + b"x"):
+        headers = [(b"host", b"a"), (b"x", value)]
+        want = by_text(b"GET", b"/", headers)
+        if byte == 0x0A:
+            want = ("reject", (400, flags.DPE))
+        assert by_compact(raw_compact(b"GET", b"/", headers)) == want, value
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [(b"OPTIONS", b"*"), (b"GET", b"*"), (b"GET", b"x"), (b"GET", b"a/b"), (b"GET", b"?q"), (b"GET", b"#"),
+     (b"GET", b"/#f"), (b"GET", b"a:80"), (b"GET", b"%2F"), (b"GET", b"/a%2Fb"), (b"GET", b"/a/../b"),
+     (b"GET", b"//x"), (b"GET", b"/a\\b"), (b"GET", b"http://a/x"), (b"GET", b"HTTP://A:80/x"),
+     (b"GET", b"https://a:443"), (b"GET", b"http://b/x"), (b"GET", b"http://u@a/"), (b"GET", b"ftp://a/"),
+     (b"GET", b"http:/a"), (b"GET", b"http://"), (b"GET", b"/a;x/..;/b"), (b"GET", b"/%zz")],
+)  # fmt: skip
+def test_any_target_form_is_served_or_refused_as_its_text_is(method: bytes, target: bytes) -> None:
+    """The compact target is checked for visible ASCII only, llhttp's for its forms too; what the
+    proxy serves is the target ServerConn normalises, which refuses every form llhttp refuses and
+    the compact form carries (no leading '/', a fragment, an escaped slash...): the same outcome."""
+    headers: Headers = [(b"host", b"a")]
+    want = served(by_text(method, target, headers), method)
+    assert served(by_compact(raw_compact(method, target, headers)), method) == want
