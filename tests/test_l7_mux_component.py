@@ -976,3 +976,42 @@ async def test_a_compact_head_takes_its_place_in_the_streams_order_as_its_text_w
     assert mesh.apps[0].seen == seen
     if b"400" in statuses:
         assert b"x-hostmesh-response-flags: DPE\r\n" in got.data
+
+
+async def test_bytes_held_on_a_paused_stream_cost_about_their_size_whatever_the_frames(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """While a stream's reading is paused (a response pending, a request queued behind it), the inbound
+    holds what else comes on it, bounded by the window. It held each DATA frame as an object of its
+    own: a caller sending 1-byte frames made it hold ~40 bytes of memory per byte of window (20,000
+    objects here; a 1 MiB window ~40 MiB a stream). Held bytes in a row are one piece now, and the
+    request they carry is still served, in order, once the pending one is answered."""
+    _one_instance(mesh)
+    slow = encode_compact_head(b"GET", b"/delay/1500", [(b"host", b"a")], 4096)
+    queued = encode_compact_head(b"GET", b"/queued", [(b"host", b"a")], 4096)
+    assert slow is not None and queued is not None
+    third = b"GET /third HTTP/1.1\r\nhost: a\r\nx-pad: " + b"p" * 20_000 + b"\r\n\r\n"
+    pool, conn = await _dial(mesh, tmp_path)
+    try:
+        got = _Collect()
+        StreamTransport(conn.open_stream(HTTP_OPEN), got)
+        sid = conn.last_id
+        conn.write(head_frame(sid, slow) + head_frame(sid, queued))  # the second waits: reading pauses
+        await async_wait_until(
+            lambda: b"/delay/1500" in mesh.apps[0].seen, what="the slow request at the app"
+        )
+        conn.write(b"".join(data_frame(sid, third[i : i + 1]) for i in range(len(third))))
+        [server] = [c for c in mesh.http_ins[0].conns if c.stream is not None]
+        transport = server.stream
+        assert transport is not None
+
+        def held() -> list[Any]:
+            return [x for x in transport._held if x is not None and not hasattr(x, "payload")]
+
+        await async_wait_until(lambda: sum(len(x) for x in held()) == len(third), what="every byte held")
+        assert len(held()) <= 2  # one piece (two if the first frame came before reading paused)
+        await async_wait_until(lambda: got.data.count(b"HTTP/1.1 200") == 3, what="three answers")
+    finally:
+        pool.close()
+        conn.reset()
+    assert got.data.index(b"/delay/1500") < got.data.index(b"/queued") < got.data.index(b"/third")
