@@ -882,16 +882,10 @@ async def test_a_compact_head_on_a_stream_opened_while_the_http_side_drains_ends
     assert b"/late" not in mesh.apps[0].seen
 
 
-async def test_a_compact_head_shorter_than_its_fixed_part_is_a_protocol_error(
-    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An HTTP_HEAD counts against the stream's window by its bytes, so while the inbound holds a
-    stream's frames (reading paused behind a pending response) the window bounds what it holds. An
-    empty one costs none: the inbound held each one, a flood of them without bound (10,000 here; 8
-    bytes each on the wire). Nothing shorter than the head's fixed part (wire.MIN_HEAD_PAYLOAD) can be
-    a request: the connection ends with a protocol error at the first, as for a head beyond the window."""
-    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
-    _one_instance(mesh)
+async def _paused_stream(mesh: Mesh, tmp_path: Path) -> tuple[ConnectionPool, Any, int, _Collect]:
+    """A hostile caller's HTTP stream to api whose reading the inbound has paused: a slow compact
+    request (GET /delay/1500) at the app and a second (GET /queued) waiting behind it. Returns the
+    pool, the mux connection, the stream's id and what the stream received."""
     slow = encode_compact_head(b"GET", b"/delay/1500", [(b"host", b"a")], 4096)
     queued = encode_compact_head(b"GET", b"/queued", [(b"host", b"a")], 4096)
     assert slow is not None and queued is not None
@@ -904,6 +898,25 @@ async def test_a_compact_head_shorter_than_its_fixed_part_is_a_protocol_error(
         await async_wait_until(
             lambda: b"/delay/1500" in mesh.apps[0].seen, what="the slow request at the app"
         )
+    except BaseException:
+        pool.close()
+        conn.reset()
+        raise
+    return pool, conn, sid, got
+
+
+async def test_a_compact_head_shorter_than_its_fixed_part_is_a_protocol_error(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP_HEAD counts against the stream's window by its bytes, so while the inbound holds a
+    stream's frames (reading paused behind a pending response) the window bounds what it holds. An
+    empty one costs none: the inbound held each one, a flood of them without bound (10,000 here; 8
+    bytes each on the wire). Nothing shorter than the head's fixed part (wire.MIN_HEAD_PAYLOAD) can be
+    a request: the connection ends with a protocol error at the first, as for a head beyond the window."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.proxy")
+    _one_instance(mesh)
+    pool, conn, sid, got = await _paused_stream(mesh, tmp_path)
+    try:
         for short in (b"", b"\x00\x01"):
             conn.write(head_frame(sid, short) * 5000)
         await asyncio.wait_for(got.lost, 10.0)
@@ -987,19 +1000,9 @@ async def test_bytes_held_on_a_paused_stream_cost_about_their_size_whatever_the_
     objects here; a 1 MiB window ~40 MiB a stream). Held bytes in a row are one piece now, and the
     request they carry is still served, in order, once the pending one is answered."""
     _one_instance(mesh)
-    slow = encode_compact_head(b"GET", b"/delay/1500", [(b"host", b"a")], 4096)
-    queued = encode_compact_head(b"GET", b"/queued", [(b"host", b"a")], 4096)
-    assert slow is not None and queued is not None
     third = b"GET /third HTTP/1.1\r\nhost: a\r\nx-pad: " + b"p" * 20_000 + b"\r\n\r\n"
-    pool, conn = await _dial(mesh, tmp_path)
+    pool, conn, sid, got = await _paused_stream(mesh, tmp_path)
     try:
-        got = _Collect()
-        StreamTransport(conn.open_stream(HTTP_OPEN), got)
-        sid = conn.last_id
-        conn.write(head_frame(sid, slow) + head_frame(sid, queued))  # the second waits: reading pauses
-        await async_wait_until(
-            lambda: b"/delay/1500" in mesh.apps[0].seen, what="the slow request at the app"
-        )
         conn.write(b"".join(data_frame(sid, third[i : i + 1]) for i in range(len(third))))
         [server] = [c for c in mesh.http_ins[0].conns if c.stream is not None]
         transport = server.stream
