@@ -390,22 +390,13 @@ class LocalMesh:
                 args += ["--service", svc]
             out = self.hostmesh(*args, "--data-dir", str(self.workdir / "ca"))
             return out.stdout.strip().splitlines()[-1].strip()
-        from hostmesh.ca import store, tokens  # what `hostmesh ca token create` calls
-        from hostmesh.registry.consul import ConsulClient
+        from hostmesh.ca.cli import create_token  # what `hostmesh ca token create` calls
         from hostmesh.registry.consul_settings import ConsulLayer, resolve
 
-        store.load(self.workdir / "ca")  # the command's --data-dir check: the CA exists
-        duration = tokens.parse_duration(ttl, "token ttl", tokens.MAX_TOKEN_TTL)
-        scope = tokens.validate_scope(list(services))
         # the command's Consul settings: its --consul over the environment it would run in
         settings = resolve(cli=ConsulLayer(address=self.consul_url), env=self.env)
-
-        async def create() -> str:
-            async with ConsulClient(settings) as consul:
-                tok, _record = await tokens.create(consul, scope, duration)
-                return str(tok)
-
-        return _run_coroutine(create)
+        tok, _record = _run_coroutine(lambda: create_token(settings, services, ttl, self.workdir / "ca"))
+        return str(tok)
 
     # --- agents -----------------------------------------------------------------------------
 

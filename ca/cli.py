@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -405,6 +405,22 @@ def token() -> None:
     """Join tokens for bootstrapping hosts."""
 
 
+async def create_token(
+    settings: ConsulSettings, services: Sequence[str], ttl: str, data_dir: Path | None
+) -> tuple[tokens.JoinToken, tokens.TokenRecord]:
+    """What `hostmesh ca token create` does before it prints: with `data_dir`, the CA must exist there;
+    the TTL and the scope checked; the token stored in Consul. agent/localmesh.py calls it too."""
+    from hostmesh.ca import store, tokens
+    from hostmesh.registry.consul import ConsulClient
+
+    if data_dir is not None:
+        store.load(data_dir)
+    duration = tokens.parse_duration(ttl, "token ttl", tokens.MAX_TOKEN_TTL)
+    scope = tokens.validate_scope(list(services))
+    async with ConsulClient(settings) as consul:
+        return await tokens.create(consul, scope, duration)
+
+
 @token.command("create")
 @click.option(
     "--service",
@@ -426,19 +442,7 @@ def token_create(ctx: click.Context, services: tuple[str, ...], ttl: str, data_d
     """Print a single-use join token (stdout only, so `> /etc/hostmesh/join-token` works)."""
     import asyncio
 
-    from hostmesh.ca import store, tokens
-    from hostmesh.registry.consul import ConsulClient
-
-    if data_dir is not None:
-        store.load(data_dir)
-    duration = tokens.parse_duration(ttl, "token ttl", tokens.MAX_TOKEN_TTL)
-    scope = tokens.validate_scope(list(services))
-
-    async def run() -> tuple[tokens.JoinToken, tokens.TokenRecord]:
-        async with ConsulClient(_consul_settings(ctx)) as consul:
-            return await tokens.create(consul, scope, duration)
-
-    tok, record = asyncio.run(run())
+    tok, record = asyncio.run(create_token(_consul_settings(ctx), services, ttl, data_dir))
     if _json_output(ctx):
         doc = {"token": str(tok), "id": tok.id, "services": list(record.services),
                "expires": record.expires.isoformat()}  # fmt: skip
