@@ -36,9 +36,10 @@ typecheck: $(STAMP)
 # timers running out), so two keep the 2-core CI machine busier; each module stays on one worker
 # (tests/conftest.py). UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped
 # test and why, beside the failures and errors, so a log shows what a run did not test.
+# --durations=30: a CI log names the tests the tier's time goes to (its budget: `make test` < 20 min).
 UNIT_WORKERS ?= 2
 unit: $(STAMP) consul
-	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" $(PYTEST_ARGS)
+	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" --durations=30 $(PYTEST_ARGS)
 
 # The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
 # its wheel. Needs root (CI is) and iproute2, installed here when missing; skips without root.
