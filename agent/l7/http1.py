@@ -253,6 +253,11 @@ _CLOSE: Final = frozenset({b"close"})
 # A head's decision fields and a message's trailers until it has any: most have none, and a list
 # made per message only to be dropped costs two allocator calls. Never appended to.
 NO_FIELDS: Final[Headers] = []
+# A framer's `_events` between feeds: the list a feed returned is the caller's, and a framer that kept
+# it held the last read's Body/TunnelData (up to a whole 256 KiB read) until its connection's next
+# read, for good on an idle pooled upstream connection. Only the parser's callbacks append, and they
+# run only inside a feed, which first gives `_events` a list of its own: never appended to.
+_NO_EVENTS: Final[list[Event]] = []
 
 
 def request_framing(version: bytes, headers: Headers) -> tuple[int, int]:
@@ -746,7 +751,7 @@ class _Framer:
     def __init__(self, max_head_bytes: int, max_headers: int) -> None:
         self._max_head = max_head_bytes
         self._max_headers = max_headers
-        self._events: list[Event] = []
+        self._events = _NO_EVENTS
         self._state = _IDLE
         self._url = b""
         self._reason = b""
@@ -903,15 +908,15 @@ class _Framer:
     # ---- feeding
     def feed(self, data: bytes | memoryview) -> list[Event]:
         """Bytes in, events out (RequestFramer uses this directly: no wrapper call per read)."""
-        events = self._events = []
         if self._state == _DEAD or not data:
-            return events
+            return []
         if self._state == _TUNNEL:
-            events.append(TunnelData(bytes(data)))  # bytes: `data` may be a view of a reused read buffer
-            return events
+            return [TunnelData(bytes(data))]  # bytes: `data` may be a view of a reused read buffer
         if self._state == _UPGRADING:
+            events: list[Event] = []
             self._hold(data, events)
             return events
+        events = self._events = []
         start_state = self._state
         heads_before = self._heads_done
         self._feed_len = len(data)
@@ -932,14 +937,16 @@ class _Framer:
                 if isinstance(head, RequestHead) and head.framing != NO_BODY:
                     self._resume_body(head, events)
                 events.extend(_Framer.feed(self, rest))
-                self._events = events
+            self._events = _NO_EVENTS
             return events
         except httptools.HttpParserCallbackError:
             self._state = _DEAD  # _fail recorded the Reject
             self._fresh = b""
+            self._events = _NO_EVENTS
             return events
         except httptools.HttpParserError as exc:
             self._fresh = b""
+            self._events = _NO_EVENTS
             if "after `Connection: close`" in str(exc):
                 self._state = _DEAD  # bytes after a last request are ignored: the proxy closes
                 return events
@@ -948,6 +955,7 @@ class _Framer:
             self._state = _DEAD
             return events
         self._fresh = b""  # no reference to the read beyond this call (a message not begun in it)
+        self._events = _NO_EVENTS  # nor to what it returns (see _NO_EVENTS)
         if self._state == _HEAD:
             # head bytes across reads: exact when the whole read belongs to this head, else the
             # callback estimate (the remainder of this read is bounded by the transport's read size)
