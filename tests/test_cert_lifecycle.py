@@ -37,6 +37,9 @@ ROOTS_KEY = "hostmesh/ca/roots"
 # a root this much newer than the CA's signing root (certificates record whole seconds) and still
 # inside the clock skew every check allows (pki.CLOCK_SKEW): valid now
 FOREIGN_ROOT_LATER = dt.timedelta(minutes=1)
+# the rotation tests' leaves: each waits for renewals (at ~2/3 of a leaf's life, ± RENEW_JITTER), so a
+# short life is the test's speed; long enough that a loaded machine's CLI call (~1-2 s) fits in one
+ROTATION_LEAF_TTL = "8s"
 
 
 def pem_pins(text: str) -> set[str]:
@@ -372,7 +375,7 @@ def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
     no leaf of the old one was left to wait for before `retire-root`."""
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:
-        m.start_ca("--leaf-ttl", "20s")  # renewed within ~14 s
+        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~6 s
         h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
         old = store.load(m.workdir / "ca").active.id
 
@@ -400,7 +403,7 @@ def test_a_staged_root_is_trusted_by_the_agents_before_it_signs_a_leaf(
     after it is still the old root's); `--activate` then moves the leaves to it."""
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:
-        m.start_ca("--leaf-ttl", "20s")  # renewed within ~14 s
+        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~6 s
         h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
         data_dir = str(m.workdir / "ca")
         old = store.load(m.workdir / "ca").active.id
