@@ -1,7 +1,7 @@
 """A CA outage across a leaf's expiry, end to end with real processes: the CA (`hostmesh ca serve
 --leaf-ttl`), a real Consul and two agents (`hostmesh agent run`), each a host serving web and api.
 
-Short leaves instead of long waits: web's leaf lives 30 s, api's 90 s (web joined the hosts later,
+Short leaves instead of long waits: web's leaf lives 24 s, api's 66 s (web joined the hosts later,
 at the agents' start, so their leaves end at different times, as on a real host). The CA is stopped
 once the agents are ready, long before web's renewal window, and kept down until web's leaf has
 expired. Shown:
@@ -43,8 +43,11 @@ from tests.support import ConsulDev
 
 pytestmark = [pytest.mark.consul]
 
-WEB_LEAF = 30  # seconds: web's leaf, issued at the agents' start; the outage begins once they are ready
-API_LEAF = 90  # api's, issued first: outlives web's by ~60 s less the setup (a sibling recovery ≤ 15 s)
+# The test lasts about as long as api's first 2/3 (its renewal, (b)): the leaves are as short as the
+# phases allow on a loaded machine.
+WEB_LEAF = 24  # seconds: web's leaf, issued at the agents' start; the outage begins once they are ready,
+# its renewal point (~16 s) well after that; from it to the expiry (~8 s) several tries fit (a)
+API_LEAF = 66  # api's, issued first: outlives web's by ~42 s less the setup (a sibling recovery ≤ 15 s)
 WAIT = 60.0  # bound on any one phase on a loaded machine
 
 
@@ -202,7 +205,9 @@ def test_ca_outage_across_a_leaf_expiry(private_consul: ConsulDev, tmp_path: Pat
         m.close()
 
 
-RENEW_LEAF = 20  # seconds: the renewal comes at ~2/3 of it
+# seconds: the renewal comes at ~2/3 of it (the test's length), after the refused reload (~1 s after
+# the agent is ready; the test checks the order)
+RENEW_LEAF = 10
 
 
 def test_a_refused_edit_left_in_agent_toml_does_not_stop_renewals(
@@ -227,5 +232,7 @@ def test_a_refused_edit_left_in_agent_toml_does_not_stop_renewals(
         wait_for(lambda: certs(h)["web"]["serial"] != first, WAIT, "web's renewal")
         renewed = certs(h)["web"]
         assert not expired(renewed["not_after"]) and renewed["state"] == "valid", renewed
+        log = h.proc.log()  # renewed with the broken file in place, not before the edit
+        assert log.index("reload refused") < log.index("renewed certificate for web"), log
     finally:
         m.close()
