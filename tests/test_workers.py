@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, wait_for
+from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, listening_inodes, wait_for
 from hostmesh.agent.proxy import wire
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.ca.tls import TCP_ALPN, mesh_client_context
@@ -336,13 +336,17 @@ def test_a_stop_of_the_whole_group_starts_no_worker_while_consul_is_slow(mesh: M
     up to 10 s each). The worker was started again then, and the new one served through the stop."""
     b, consul = mesh.b, mesh.consul
     wait_for(lambda: worker_pids(b), 20, "node-b's worker to be up")
-    assert consul.proc is not None
+    assert consul.proc is not None and listening_inodes(b.inbound_port)
     os.kill(consul.proc.pid, signal.SIGSTOP)  # Consul accepts, and answers nothing
     try:
         os.killpg(b.proc.popen.pid, signal.SIGTERM)
-        assert b.proc.popen.wait(60) == 0
+        # the window: the primary waits out its TTL fail before it stops accepting and tells its workers
+        # to stop (a worker started again meanwhile listens on until then). Its deregistration after
+        # that, which a Consul still stopped makes wait as long again, is no part of it
+        wait_for(lambda: not listening_inodes(b.inbound_port), 60, "node-b to stop accepting")
     finally:
         os.kill(consul.proc.pid, signal.SIGCONT)
+    assert b.proc.popen.wait(60) == 0
     log = b.proc.log()
     stop = log.index("stopping: draining")
     assert "restarting it" not in log[stop:]
