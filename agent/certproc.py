@@ -56,7 +56,7 @@ from hostmesh.ca.errors import CAError
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.files import write_private
 from hostmesh.registry.records import record
-from hostmesh.registry.rng import Rng
+from hostmesh.registry.rng import shared
 from hostmesh.registry.watch import Watch
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ class CertProcess:
         self._bundle_task: asyncio.Task[None] | None = None
         self._bundle_again = False
         self._wakes: dict[str, asyncio.Event] = {}  # set when a child changed the view: the loop looks again
-        self._rng = Rng()
+        self._rng = shared
         self._adopted = False  # serving stored files that the start-up helper has not answered for yet
         self.helper = [sys.executable, "-m", "hostmesh.agent.certproc"]  # the helper's command line
 

@@ -82,7 +82,7 @@ from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.files import make_dirs
 from hostmesh.registry.layout import CA_SERVICE_NAME
 from hostmesh.registry.nomad import NAMED_IDENTITY_BLOCK
-from hostmesh.registry.rng import Rng
+from hostmesh.registry.rng import shared
 from hostmesh.registry.watch import Watch, backoff_delay
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class CertManager:
         self._callbacks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch[KVEntry | None] | None = None
-        self._rng = Rng()
+        self._rng = shared
         # Set when the process is asked to stop (agent/certproc.py's child, on SIGTERM): a bootstrap
         # stops at its next wait, never in the middle of a request (the CA may have spent the single-
         # use token for a certificate not yet stored).

@@ -19,7 +19,7 @@ import math
 from typing import Final
 
 from hostmesh.registry.ratelog import RateLimitedLog
-from hostmesh.registry.rng import RandomSource, Rng
+from hostmesh.registry.rng import RandomSource, shared
 
 
 class Count:
@@ -101,7 +101,7 @@ class Sample:
     def __init__(self, fraction: float, rng: RandomSource | None = None) -> None:
         self.fraction = 0.0
         self.left = 0  # requests until the next sampled one, this one included
-        self._rng = rng or Rng()
+        self._rng = rng or shared
         self.configure(fraction)
 
     def configure(self, fraction: float) -> None:

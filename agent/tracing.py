@@ -50,7 +50,7 @@ from hostmesh.agent.l7 import flags as fl
 from hostmesh.agent.loops import wait_event
 from hostmesh.agent.proxy.edges import request_host
 from hostmesh.registry.ratelog import RateLimitedLog
-from hostmesh.registry.rng import Rng
+from hostmesh.registry.rng import shared
 
 if TYPE_CHECKING:
     from hostmesh.agent.otlp import Answer
@@ -82,7 +82,7 @@ _B3_SPAN = b"x-b3-spanid"
 _B3_SAMPLED = b"x-b3-sampled"
 _HEX = frozenset(b"0123456789abcdef")
 
-_rng = Rng()
+_rng = shared  # registry/rng.py: one generator per process
 
 
 class Context:

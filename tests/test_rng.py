@@ -74,3 +74,24 @@ def test_importing_the_drawing_modules_loads_no_random_py() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False"]
+
+
+def test_an_agents_drawing_objects_not_handed_a_generator_share_one() -> None:
+    """A generator is 2.5 KB of Mersenne Twister state: a balancer, split, sampler or id maker not
+    handed one draws from `shared` (the fork-reseeded one), not from a generator of its own."""
+    from hostmesh.agent import tracing
+    from hostmesh.agent.l7.balancer import Balancer
+    from hostmesh.agent.proxy import http_conn
+    from hostmesh.agent.proxy.split import Splitter
+    from hostmesh.agent.reqstats import Sample
+
+    drawers = {
+        "balancer": Balancer(())._rng,
+        "split": Splitter("api", "tcp").rng,
+        "sample": Sample(0.5)._rng,
+        "trace ids": tracing._rng,
+        "request ids": http_conn._getrandbits.__self__,
+    }
+    assert {name: g is shared for name, g in drawers.items()} == dict.fromkeys(drawers, True)
+    given = Rng(7)
+    assert Balancer((), rng=given)._rng is given  # a test's (seeded) generator is still the one used

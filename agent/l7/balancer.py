@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from hostmesh.agent.l7.errors import RouteConfigError
 from hostmesh.registry import schema
-from hostmesh.registry.rng import RandomSource, Rng, shared
+from hostmesh.registry.rng import RandomSource, shared
 
 # Module constants are Final: the compiled build (agent/compiled.py) reads a Final name as a C constant,
 # any other module global from the module's dict at every use.
@@ -234,7 +234,7 @@ class Balancer:
             raise RouteConfigError("load_balancer", f"unknown policy {policy!r}")
         self.endpoints = tuple(endpoints)
         self.policy = policy
-        self._rng = rng if rng is not None else Rng()
+        self._rng = rng if rng is not None else shared
         self.local_zone = local_zone or None
         self.min_local = max(1, min_local)
         self._rr = self._rng.randrange(1 << 16) if self.endpoints else 0

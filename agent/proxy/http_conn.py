@@ -109,7 +109,7 @@ from hostmesh.agent.proxy.limits import Admission, send_queue
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, WRITE_LOW_WATER, loop_read_buffer, reset_transport
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.reqstats import IstioSeries, RequestSeries, access_sampled
-from hostmesh.registry.rng import Rng
+from hostmesh.registry.rng import shared
 
 if TYPE_CHECKING:
     from hostmesh.agent.proxy.http_upstream import UpstreamConn
@@ -139,7 +139,7 @@ CALLER_CERT: Final = b"x-forwarded-client-cert"
 TUNNEL_HALF_CLOSE: Final = (http1.TUNNEL_HEADER, b"half-close")
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-_rng: Final = Rng()
+_rng: Final = shared  # registry/rng.py: one generator per process
 # its bound method, once: `_rng.getrandbits(…)` looks the method up on a Python class per call
 _getrandbits: Final = _rng.getrandbits
 # time.monotonic as a Final name: compiled code calls it from a C static (`time.monotonic()` is a

@@ -116,7 +116,7 @@ from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
 from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 from hostmesh.registry.ratelog import RateLimitedLog
-from hostmesh.registry.rng import RandomSource, Rng
+from hostmesh.registry.rng import RandomSource, shared
 from hostmesh.registry.schema import PolicyDocument
 
 log = logging.getLogger("hostmesh.proxy.http_outbound")
@@ -542,7 +542,7 @@ class HttpOutbound:
         self.telemetry = telemetry
         self.local_meta: Mapping[str, str] = local_meta or {}  # the local service's (its zone, for locality)
         self.connect_timeout = connect_timeout
-        self.rng = rng or Rng()
+        self.rng = rng or shared
         self.pool = UpstreamPool()
         self.metrics = request_metrics(telemetry, REPORTER)
         self.conns: set[ServerConn] = set()

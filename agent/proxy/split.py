@@ -41,7 +41,7 @@ from hostmesh.agent.l7.balancer import LeastConnections, select_subset
 from hostmesh.agent.proxy.connect import Picker
 from hostmesh.agent.proxy.pool import PoolKey
 from hostmesh.agent.snapshot import Endpoint, Snapshot
-from hostmesh.registry.rng import RandomSource, Rng
+from hostmesh.registry.rng import RandomSource, shared
 
 Instances = tuple[Endpoint, ...]
 # the subset (None: every instance), its instances, and the LeastConnections to pick among them with
@@ -98,7 +98,7 @@ class Splitter:
     def __init__(self, service: str, protocol: str, rng: RandomSource | None = None) -> None:
         self.service = service
         self.protocol = protocol  # tcp | udp: the route documents this listener follows
-        self.rng = rng if rng is not None else Rng()
+        self.rng = rng if rng is not None else shared
         self.every = LeastConnections()  # no split, or a destination naming no subset
         self._subsets: dict[str, LeastConnections] = {}
         self._snap: Snapshot | None = None  # the last snapshot asked about, and what it holds for us
