@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # `make unit` runs on pytest-xdist workers with `--dist loadgroup`: every test is grouped with its
 # module (unless it names a group of its own), so a module's fixtures are set up once, on one worker.
-# The packaging modules may run at once on the two workers: what they share is guarded where it is
+# The packaging modules may run at once on several workers: what they share is guarded where it is
 # used. The machine's dpkg database by /run/lock/hostmesh-dpkg.lock (tests/support.DPKG_LOCK:
 # test_deb's installs, test_ansible's check on the host, packaging/ensure-tools.sh's apt-get); the
 # sdist build-deb.sh and test_compiled_build make in the tree (setuptools writes egg-info there) by
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # share one, `packages_dist`, built by the first to ask while the other waits). These are the tier's
 # longest groups (builds, playbook runs: minutes each), so they are handed out first, in this order,
 # and the rest largest first (xdist's own order): one started last would run on alone at the end
-# while the other worker has nothing left.
+# while the other workers have nothing left.
 LONGEST_GROUPS = (
     "test_ansible",
     "test_ansible-packages",
