@@ -109,8 +109,9 @@ def blocked_on(path: Path) -> bool:
 
 def test_the_build_waits_while_another_makes_an_sdist_in_the_tree(tmp_path: Path) -> None:
     """build-deb.sh makes its sdist in the tree, whose hostmesh.egg-info setuptools rewrites meanwhile:
-    while another build (`make unit` runs the packaging tests on two workers) or test_compiled_build's
-    sdist holds .cache/source-tree.lock, it waits, and builds once that is released."""
+    while another build (`make unit` may run the packaging tests on several workers at once) or
+    test_compiled_build's sdist holds .cache/source-tree.lock, it waits, and builds once that is
+    released."""
     lock_path = SOURCE_TREE_LOCK
     lock_path.parent.mkdir(exist_ok=True)
     env = {**os.environ, "DIST": str(tmp_path), "PYTHON": str(REPO / ".venv/bin/python"), "WHEELS_ONLY": "1"}
