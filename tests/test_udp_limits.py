@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 LARGEST = 65_507  # the largest UDP payload over IPv4
 SETTLE = 15.0  # seconds for the agents to account for what the clients sent (it takes milliseconds)
+GONE_NODE = "node-gone"  # a host whose agent is gone while Consul still holds its instance healthy
+GONE_ADDRESS = "127.64.0.1"  # its mesh address: loopback, nothing listens there (a dial is refused)
 RETRY_WAIT = 0.5  # seconds a client waits for an answer before it asks again (a resolver's retry)
 
 
@@ -101,6 +103,12 @@ def echoes(socks: list[socket.socket], want: int, timeout: float = RECV_TIMEOUT)
             s.recv(LARGEST)
             got.add(s)
     return len(got)
+
+
+def echo_instances(node: AgentHandle) -> list[str]:
+    """The ids of the echo instances `node` would dial."""
+    status, cfg = node.get("/v1/config")
+    return [e["id"] for e in cfg["endpoints"].get("echo", [])] if status == 200 else []
 
 
 def log_lines(node: AgentHandle, text: str) -> int:
@@ -261,11 +269,27 @@ def test_datagrams_held_while_a_flow_dials_are_bounded_in_bytes(pair: Callable[.
             s.close()
 
 
-def test_flows_no_instance_could_take_are_logged_at_a_bounded_rate(pair: Callable[..., Pair]) -> None:
-    """node-b killed (its registration still healthy until its TTL runs out): every new flow fails
-    its dial; the line saying so stops at the rate limit (the audit saw 2,000)."""
+def test_flows_no_instance_could_take_are_logged_at_a_bounded_rate(
+    private_consul: ConsulDev, pair: Callable[..., Pair]
+) -> None:
+    """echo's one instance is a registration Consul still holds healthy whose agent is gone (a host
+    killed, until Consul's checks see it): every new flow fails its dial; the line saying so stops
+    at the rate limit (the audit saw 2,000).
+
+    The gone agent is a copy of node-b's registration on a loopback address nothing listens on, node-b
+    itself stopped: a killed node-b's own registration turned critical within its app check's 1 s
+    interval (Consul's HTTP check of the dead agent's /health), so on a loaded host some clients' flows
+    could find no healthy instance at all, dropped `no_upstream` and never counted UF (the likely cause
+    of a CI run that timed out waiting for all of them)."""
     p = pair()
-    p.b.proc.stop(signal.SIGKILL)
+    (live,) = private_consul.get_json("/v1/catalog/service/echo")
+    gone = f"echo-{GONE_NODE}"
+    service = {"ID": gone, "Service": "echo", "Port": live["ServicePort"], "Meta": live["ServiceMeta"]}
+    private_consul.put_json(
+        "/v1/catalog/register", {"Node": GONE_NODE, "Address": GONE_ADDRESS, "Service": service}
+    )
+    p.b.proc.stop()  # deregisters node-b's own instance
+    wait_for(lambda: echo_instances(p.a) == [gone], SETTLE, "node-a to see only the gone agent's instance")
     clients = 3 * DEFAULT_LINES
     socks = [udp_socket() for _ in range(clients)]
     try:
