@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
 LARGEST = 65_507  # the largest UDP payload over IPv4
 SETTLE = 15.0  # seconds for the agents to account for what the clients sent (it takes milliseconds)
+HUNG_CHECK_TIMEOUT = 60.0  # seconds Consul's check of a hung node-b waits (the longest agent.toml allows)
 GONE_NODE = "node-gone"  # a host whose agent is gone while Consul still holds its instance healthy
 GONE_ADDRESS = "127.64.0.1"  # its mesh address: loopback, nothing listens there (a dial is refused)
 RETRY_WAIT = 0.5  # seconds a client waits for an answer before it asks again (a resolver's retry)
@@ -45,11 +46,15 @@ class Pair(NamedTuple):
 
 @pytest.fixture
 def pair(private_consul: ConsulDev, tmp_path: Path) -> Iterator[Callable[..., Pair]]:
-    """make(b_extra=..., a_extra=..., upstream_extra=...): the two agents, started and node-a seeing
-    echo; the extras are agent.toml lines of node-b, of node-a, and of node-a's upstream."""
+    """make(b_extra=..., a_extra=..., upstream_extra=..., b_check_timeout=...): the two agents, started
+    and node-a seeing echo; the extras are agent.toml lines of node-b, of node-a, and of node-a's
+    upstream; `b_check_timeout` the seconds echo's health check may take (Consul's HTTP check of
+    node-b's agent included)."""
     made: list[tuple[LocalMesh, UdpApps]] = []
 
-    def make(b_extra: str = "", a_extra: str = "", upstream_extra: str = "") -> Pair:
+    def make(
+        b_extra: str = "", a_extra: str = "", upstream_extra: str = "", b_check_timeout: float = 2.0
+    ) -> Pair:
         apps = UdpApps()
         m = LocalMesh(tmp_path / "mesh", private_consul.url)
         made.append((m, apps))
@@ -57,7 +62,14 @@ def pair(private_consul: ConsulDev, tmp_path: Path) -> Iterator[Callable[..., Pa
         m.start_ca()
         b = m.write_agent_config(
             "node-b",
-            [{"name": "echo", "port": apps.echo_port, "protocol": "udp", "health": {"interval": 1}}],
+            [
+                {
+                    "name": "echo",
+                    "port": apps.echo_port,
+                    "protocol": "udp",
+                    "health": {"interval": 1, "timeout": b_check_timeout},
+                }
+            ],
             extra=b_extra,
         )
         a = m.write_agent_config(
@@ -220,7 +232,9 @@ def test_datagrams_held_while_a_flow_dials_are_bounded_in_bytes(pair: Callable[.
     a flow holds at most FLOW_QUEUE_BYTES, the listener at most QUEUE_BYTES; what is beyond is
     dropped whole, counted `queue_full` (the audit saw node-a grow from 102 to 990 MiB). Once node-b
     answers, what was held is delivered."""
-    p = pair(upstream_extra="connect_timeout = 30\nconnect_budget = 30")  # flows keep dialing
+    # flows keep dialing; Consul's check of the hung node-b waits it out rather than failing echo
+    # after ~3 s (a loaded host's sends could outlast that: later flows would find no healthy instance)
+    p = pair(upstream_extra="connect_timeout = 30\nconnect_budget = 30", b_check_timeout=HUNG_CHECK_TIMEOUT)
     assert echo_stats(p.a)["pool"] == {"connections": 0, "handshakes": 0}
     pid_a, pid_b = p.a.proc.popen.pid, p.b.proc.popen.pid
     data = b"\xab" * LARGEST
