@@ -18,7 +18,7 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, wait_for
 from tests.test_e2e_l4 import metric_value
-from tests.test_e2e_udp import UdpMesh
+from tests.test_e2e_udp import IDLE_TIMEOUT, UdpMesh
 from tests.test_e2e_udp import udp_mesh as udp_mesh  # the fixture, used by name
 from tests.udp_support import PUSH_EVERY, RECV_TIMEOUT, UdpApps
 
@@ -45,6 +45,7 @@ def udp_access_lines(node: AgentHandle) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("message") == "access"]
 
 
+@pytest.mark.parametrize("udp_mesh", [IDLE_TIMEOUT], indirect=True)
 def test_a_flow_writes_one_access_line_at_each_end(udp_mesh: UdpMesh) -> None:
     _m, a, b, _apps, echo_bind, _, _ = udp_mesh
     for node in (a, b):
