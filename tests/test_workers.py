@@ -470,15 +470,23 @@ async def test_a_worker_stuck_starting_is_killed_and_started_again(
     w = the_worker(inproc_mesh.agent)
     old = w.pid
     assert old is not None
+    # The restarted worker is stopped as its process is made, before the primary sends it its config
+    # (the first line it reads), so it cannot be ready first. Stopped by the test once the primary's
+    # spawn had returned, it was ready first if this process then lagged its ~0.2 s start-up (0.3 s
+    # did it): the stop met a serving worker, which nothing replaces before WEDGED_AFTER.
+    spawn = asyncio.create_subprocess_exec
+    stopped: list[int] = []
 
-    def starting_worker() -> int | None:
-        """The primary's new worker process, as soon as it runs: its pid is known once it is exec'd
-        (the primary's spawn returns then), before its ~0.2 s to be ready."""
-        return w.pid if w.state is WorkerState.STARTING and w.pid not in (None, old) else None
+    async def spawn_stopped(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await spawn(*args, **kwargs)
+        if not stopped:  # the restart after the kill; the one replacing it runs
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped.append(proc.pid)
+        return proc
 
+    monkeypatch.setattr(workers.asyncio, "create_subprocess_exec", spawn_stopped)
     os.kill(old, signal.SIGKILL)
-    stuck = await async_wait_until(starting_worker, 20, "the worker started again")
-    os.kill(stuck, signal.SIGSTOP)
+    stuck = await async_wait_until(lambda: stopped and stopped[0], 20, "the worker started again")
     try:
         await async_wait_until(lambda: w.state is WorkerState.SERVING and w.pid not in (old, stuck),
                                FAST_READY_TIMEOUT + 20, "the stuck worker replaced")  # fmt: skip
