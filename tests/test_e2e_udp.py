@@ -250,6 +250,7 @@ def test_a_dns_server_answers_through_the_mesh(udp_mesh: UdpMesh) -> None:
 
 def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
     m, a, b, apps, echo_bind, _, _ = udp_mesh
+    labels = {"reporter": "source", "destination_service": "echo"}
 
     async def run() -> None:
         stream = await asyncio_dgram.connect(("127.0.0.1", echo_bind))
@@ -260,6 +261,8 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
                 None, m.hostmesh, "intention", "deny", "web", "echo"
             )
             await probe_until_dropped(stream)  # the same flow (same client port)
+            # the running flow, stopped: no datagram opened another (one ended idle meanwhile would have)
+            assert metric_value(a.metrics(), "hostmesh_udp_flows_total", **labels) == 1
             echoed = apps.echoed
             for _ in range(5):  # and stays stopped
                 await stream.send(b"after")
@@ -270,9 +273,6 @@ def test_a_deny_stops_a_running_flow(udp_mesh: UdpMesh) -> None:
             stream.close()
 
     asyncio.run(run())
-    # the one flow, stopped: no datagram opened another (a flow ended idle meanwhile would have)
-    labels = {"reporter": "source", "destination_service": "echo"}
-    assert metric_value(a.metrics(), "hostmesh_udp_flows_total", **labels) == 1
 
     def denied() -> bool:
         text = b.metrics()
