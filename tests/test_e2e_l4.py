@@ -31,7 +31,7 @@ from hostmesh.agent.localmesh import (
 )
 from hostmesh.agent.proxy.outbound import L4_OUTLIER
 from hostmesh.registry.ratelog import DEFAULT_LINES
-from tests.support import ConsulDev
+from tests.support import ConsulDev, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -171,8 +171,7 @@ def test_agent_ready_quickly_and_clean_stop_deregisters(mesh: TwoHosts, private_
     print(f"agent ready {1000 * (time.monotonic() - t0):.0f} ms after spawn (with interpreter start)")
     m.wait_endpoints(a, "api", 2)
     assert c.proc.stop() == 0
-    ids = [s["Service"]["ID"] for s in private_consul.get_json("/v1/health/service/api")]
-    assert "api-node-c" not in ids
+    wait_deregistered(private_consul, "api", "api-node-c", c.proc.log())
 
 
 def test_a_stop_says_how_many_rate_limited_lines_it_left_out(mesh: TwoHosts) -> None:
