@@ -38,8 +38,10 @@ ROOTS_KEY = "hostmesh/ca/roots"
 # inside the clock skew every check allows (pki.CLOCK_SKEW): valid now
 FOREIGN_ROOT_LATER = dt.timedelta(minutes=1)
 # the rotation tests' leaves: each waits for renewals (at ~2/3 of a leaf's life, ± RENEW_JITTER), so a
-# short life is the test's speed; long enough that a loaded machine's CLI call (~1-2 s) fits in one
-ROTATION_LEAF_TTL = "8s"
+# short life is the test's speed. A renewal has the rest, (1/3 - RENEW_JITTER) of it at least, to reach
+# the CA before the leaf expires (its token is spent: nothing recovers it): 2.3 s of an 8 s leaf, which
+# a renewal's helper 2.5 s slower (a loaded host's, or a stall) outlasted; 4.2 s of 15 s holds it
+ROTATION_LEAF_TTL = "15s"
 
 
 def pem_pins(text: str) -> set[str]:
@@ -375,7 +377,7 @@ def test_each_step_of_a_root_rotation_shows_in_the_agents_metrics(
     no leaf of the old one was left to wait for before `retire-root`."""
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:
-        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~6 s
+        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~11 s
         h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
         old = store.load(m.workdir / "ca").active.id
 
@@ -403,7 +405,7 @@ def test_a_staged_root_is_trusted_by_the_agents_before_it_signs_a_leaf(
     after it is still the old root's); `--activate` then moves the leaves to it."""
     m = LocalMesh(tmp_path / "mesh", private_consul.url)
     try:
-        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~6 s
+        m.start_ca("--leaf-ttl", ROTATION_LEAF_TTL)  # renewed within ~11 s
         h = m.start_agent(m.write_agent_config("node-a", [{"name": "web", "port": 9}]))
         data_dir = str(m.workdir / "ca")
         old = store.load(m.workdir / "ca").active.id
