@@ -36,6 +36,9 @@ from typing import Any, TypeVar
 
 READY_TIMEOUT = 20.0  # agent/CA start is well under 1 s here; CI machines can be slower
 POLL = 0.02
+# seconds an agent's admin or metrics answer may take: milliseconds here, but a CI host loaded by
+# package builds beside the tests once left one unanswered past the 2 s this was
+ADMIN_READ_TIMEOUT = 10.0
 HOSTMESH = [sys.executable, "-m", "hostmesh.agent.cli"]
 
 
@@ -108,7 +111,7 @@ def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition", pol
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+def http_json(url: str, timeout: float = ADMIN_READ_TIMEOUT) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -287,7 +290,9 @@ class AgentHandle:
         return http_json(self.admin_url + path)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=ADMIN_READ_TIMEOUT
+        ) as resp:
             return resp.read().decode()
 
 
