@@ -34,8 +34,9 @@ typecheck: $(STAMP)
 
 # Three pytest-xdist workers: most of the tier's time is waiting (agents starting, Consul answering,
 # timers running out): with two, a 2-core machine was still idle 36 % of the tier (a fresh clone's run
-# of f4ce477, /proc/stat each second); each module stays on one worker (tests/conftest.py). UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped
-# test and why, beside the failures and errors, so a log shows what a run did not test.
+# of f4ce477, /proc/stat each second); each module stays on one worker (tests/conftest.py).
+# UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped test and why, beside
+# the failures and errors, so a log shows what a run did not test.
 # --durations=30: a CI log names the tests the tier's time goes to (its budget: `make test` < 20 min).
 UNIT_WORKERS ?= 3
 unit: $(STAMP) consul
