@@ -12,7 +12,8 @@ Decisions:
   default): before, 3,072 denied requests on one connection wrote 3,072 lines in 2.6 s.
 - The access log is *sampled*: agent.toml `access_log = { sample = 0.01 }` (the default) writes the
   line of one allowed connection/request in 100; `sample = 1.0` writes every one, `0` none. Lines
-  for failures (a response flag, a 5xx) are written whatever the sample (`access_sampled(always=True)`),
+  for failures (a response flag, a 5xx; but a fault's delay alone, DI, is none: the request was held
+  back, then served; flags.is_failure) are written whatever the sample (`access_sampled(always=True)`),
   up to reqstats.FAILURE_LINES_PER_SECOND per agent (with `workers = N`, 1/N of it per process:
   journald's limit is the unit's, all its processes together); the count of the others is one
   `access_suppressed` line when the second ends. Failures come in floods a caller can cause (an

@@ -352,8 +352,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "access_log.sample",
         "number 0..1",
         _g(DEFAULT_ACCESS_SAMPLE),
-        "Share of successful calls logged; failures always, up to "
-        f"{FAILURE_LINES_PER_SECOND} a second per agent (with workers = N, 1/N of it per process; the "
+        "Share of successful calls logged; failures (a 5xx or a response flag, but not a fault's delay "
+        f"alone, DI) always, up to {FAILURE_LINES_PER_SECOND} a second per agent (with workers = N, 1/N "
+        "of it per process; the "
         "count of the others in one `access_suppressed` line each second).",
     ),
     Key("tracing", "table", "", "OTLP tracing of proxied HTTP requests; off without an endpoint."),

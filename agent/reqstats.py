@@ -152,10 +152,10 @@ FAILURE_LINES: Final = RateLimitedLog(ACCESS_LOG, "failure access lines", lines=
 
 def access_sampled(always: bool = False) -> bool:
     """Whether a connection or request writes its access line: `always` for failures (a response
-    flag, a 5xx), up to FAILURE_LINES_PER_SECOND, else per the sample; then only if the access logger
-    is on. Asked before anything is formatted, so the unsampled majority costs a countdown. The one
-    rule of every access line (L4 and L7, audit.py's module doc); here, compiled, because each L7
-    request asks it."""
+    flag, a 5xx, but not a fault's delay alone: flags.is_failure), up to FAILURE_LINES_PER_SECOND,
+    else per the sample; then only if the access logger is on. Asked before anything is formatted, so
+    the unsampled majority costs a countdown. The one rule of every access line (L4 and L7, audit.py's
+    module doc); here, compiled, because each L7 request asks it."""
     if always:
         return ACCESS_LOG.isEnabledFor(logging.INFO) and FAILURE_LINES.admit()
     if not ACCESS_SAMPLE.due():

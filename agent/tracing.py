@@ -633,11 +633,10 @@ class Tracer:
 
 
 def _failed(ex: Any) -> bool:
-    """Whether exchange `ex` failed, for its span's status and the export of an unsampled one: a 5xx
-    or a response flag, but a delay alone (DI) is none: fault injection only held the request back,
-    and its answer (a 200, say) is the app's. Counted as failed, a delayed request's span was Error
-    and, unsampled, exported as a failure. `add` raises a flag once, so "DI" is the only value."""
-    return ex.status >= 500 or (bool(ex.flags) and ex.flags != fl.DI)
+    """Whether exchange `ex` failed, for its span's status and the export of an unsampled one: the
+    access log's rule (flags.is_failure: a 5xx or a response flag, but a fault's delay alone, DI, is
+    none). Counted as failed, a delayed request's span was Error and, unsampled, exported as a failure."""
+    return fl.is_failure(ex.status, ex.flags)
 
 
 class EdgeTracer:

@@ -40,3 +40,13 @@ def test_a_peers_word_is_bounded_to_few_known_flags_each_once() -> None:
     assert flags.refusal("AUTHZ") == "AUTHZ" and flags.refusal("UF") == "UF"
     for said in ("AUTHZ,AUTHZ", "AUTHZ,NI", "URX", "authz", "", "A" * 4000):
         assert flags.refusal(said) == ""  # one refusal flag, or no reason
+
+
+def test_a_failure_is_a_5xx_or_a_flag_but_not_a_faults_delay_alone() -> None:
+    """The L7 path's one rule for the access line written whatever the sample and the span exported
+    and marked Error: a fault's delay alone (DI) only held the request back, its answer is the app's."""
+    assert not flags.is_failure(200, "") and not flags.is_failure(404, "")
+    assert not flags.is_failure(200, flags.DI)
+    assert flags.is_failure(503, "") and flags.is_failure(503, flags.DI)  # delayed, then the app failed
+    assert flags.is_failure(503, "DI,FI") and flags.is_failure(200, "DI,UT")  # delayed, then aborted or cut
+    assert flags.is_failure(429, flags.RL) and flags.is_failure(200, flags.DC)

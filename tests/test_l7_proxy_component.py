@@ -1987,6 +1987,35 @@ async def test_an_answer_the_proxy_makes_itself_counts_its_body_in_bytes_sent(
     assert found["bytes_sent"] == len(r.body)
 
 
+async def test_a_request_only_delayed_by_a_fault_is_sampled_like_any_success(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """audit.py: failure lines (a 5xx, a response flag) are written whatever the sample, up to the
+    agent's FAILURE_LINES_PER_SECOND. A fault's delay alone (DI) is no failure: the request was held
+    back, then served. It counted as one (any flag did), so a route delaying every request of a busy
+    service wrote a line per request and spent that budget, leaving the same second's real failures
+    unwritten. A delay then an abort (DI,FI) still is one."""
+    mesh.set_a(routes={"api": route_config({"service": "api", "routes": [
+        {"match": {"path": {"prefix": "/aborted"}}, "to": [{"weight": 100}],
+         "fault": {"delay": {"fixed": "10ms"}, "abort": {"status": 503}}},
+        {"to": [{"weight": 100}], "fault": {"delay": {"fixed": "10ms"}}},
+    ]})})  # fmt: skip
+    audit.configure_access(0.0)  # no success is sampled (the fixture puts the rate back)
+    c = mesh.client()
+    delayed = await asyncio.to_thread(c.get, "/delayed")
+    aborted = await asyncio.to_thread(c.get, "/aborted")  # after /delayed's end: one request at a time
+    c.close()
+    assert (delayed.status, delayed.flags, aborted.status, aborted.flags) == (200, "", 503, "DI,FI")
+    assert sample(mesh.tel_a, "hostmesh_requests_total", response_code="200", response_flags="DI") == 1
+
+    def line() -> dict[str, Any] | None:
+        return next((f for f in list(access_lines) if f["path"] == "/aborted"), None)
+
+    await async_wait_until(line, IO_TIMEOUT, "the caller's line of the aborted request")
+    written = [(f["reporter"], f["path"], f["response_code"], f["response_flags"]) for f in access_lines]
+    assert written == [("source", "/aborted", 503, "DI,FI")]
+
+
 async def test_both_agents_log_the_request_id_the_request_went_on_with(
     mesh: Mesh, access_lines: list[dict[str, Any]]
 ) -> None:

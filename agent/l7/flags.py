@@ -103,6 +103,17 @@ def refusal(why: str) -> str:
     return why if why in REFUSALS else ""
 
 
+def is_failure(status: int, flags: str) -> bool:
+    """Whether an HTTP answer with `status` and `flags` is a failure, the one rule of the L7 path for
+    the access line written whatever the sample (agent/audit.py) and the span exported and marked Error
+    (agent/tracing.py): a 5xx or a response flag, but a fault's delay alone (DI) is none: the request
+    was only held back, then served, its answer the app's. Counted as one, a route delaying every
+    request of a busy service wrote a line per request and spent the agent's failure lines
+    (reqstats.FAILURE_LINES_PER_SECOND), so its real failures went unwritten. `add` raises a flag
+    once, so "DI" is the only value of a delay alone. (No L4 or UDP flag is DI: faults are routes'.)"""
+    return status >= 500 or (flags != "" and flags != DI)
+
+
 def render(flags: str) -> str:
     """The value shown for `flags` in a request metric label, an access line, a span and the response
     header: the flags in the order raised, ``-`` for none (no copy: the string is already joined)."""

@@ -234,9 +234,9 @@ class RequestMetrics:
 
 
 def failed(ex: Exchange) -> bool:
-    """A flagged or 5xx answer: it always gets its access line, and its span with `[tracing] errors`
-    (but a fault's delay alone, DI: no failure to a span, tracing._failed; its line is still kept)."""
-    return bool(ex.flags) or ex.status >= 500
+    """A 5xx or flagged answer, but not one only delayed by a fault (flags.is_failure): it always gets
+    its access line (up to the agent's failure lines a second), and its span with `[tracing] errors`."""
+    return fl.is_failure(ex.status, ex.flags)
 
 
 def access_due(ex: Exchange) -> bool:
