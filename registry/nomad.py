@@ -238,6 +238,29 @@ def task_api_path(env: Mapping[str, str]) -> str | None:
     return os.path.join(secrets_dir, TASK_API_SOCKET) if secrets_dir else None
 
 
+class _NoSocket(Exception):
+    """Why a path holds no unix socket, one line without the setting that named it (_socket_stat)."""
+
+
+def _socket_stat(path: str) -> os.stat_result:
+    """The stat of the unix socket at `path`, the one look at it that both the Task API's discovery
+    (task_api_socket) and a named socket's check (check_socket) take; _NoSocket saying why not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _NoSocket(
+            f"no Nomad API socket at {path} (Nomad 1.5+ serves its Task API at "
+            "${NOMAD_SECRETS_DIR}/api.sock)"
+        ) from None
+    except OSError as exc:
+        raise _NoSocket(f"Nomad API socket {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL in NOMAD_SECRETS_DIR (an address with one is refused before)
+        raise _NoSocket(f"Nomad API socket {path!r}: {exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise _NoSocket(f"{path} is not a unix socket")
+    return st
+
+
 def task_api_socket(env: Mapping[str, str]) -> str | None:
     """The path of the task's Task API socket when it is there (Nomad 1.5+ makes it in every task;
     older ones, or a failure Nomad only logs, make none)."""
@@ -245,25 +268,19 @@ def task_api_socket(env: Mapping[str, str]) -> str | None:
     if path is None:
         return None
     try:
-        return path if stat.S_ISSOCK(os.stat(path).st_mode) else None
-    except (OSError, ValueError):  # not there, or a NUL in the variable
+        _socket_stat(path)
+    except _NoSocket:
         return None
+    return path
 
 
 def check_socket(path: str, source: str) -> None:
     """InvalidSettings naming `source` unless `path` is a unix socket this process may connect to (not
     whether anything listens: the Task API is served by the client agent, which may be restarting)."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InvalidSettings(
-            f"{source}: no Nomad API socket at {path} (Nomad 1.5+ serves its Task API at "
-            "${NOMAD_SECRETS_DIR}/api.sock)"
-        ) from None
-    except OSError as exc:
-        raise InvalidSettings(f"{source}: Nomad API socket {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidSettings(f"{source}: {path} is not a unix socket")
+        st = _socket_stat(path)
+    except _NoSocket as exc:
+        raise InvalidSettings(f"{source}: {exc}") from None
     # connect(2) needs write permission on the socket: the kernel's answer, as connecting would get it
     if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
         raise InvalidSettings(f"{source}: {socket_denied(path, st)}")
