@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import importlib
 import json
 import os
@@ -87,6 +88,9 @@ MAX_ALLOCATION_BYTES = 4 * 1024 * 1024  # an allocation with its job is tens of 
 MAX_ERROR_BODY_BYTES = 4096  # of an error answer read to tell Nomad's from another server's
 MAX_QUOTED_CHARS = 120  # of an error answer quoted in a message
 CHUNK_BYTES = 64 * 1024
+# errors looked through for the OS error under a failed connection (_connect_errno): requests and
+# urllib3 wrap it 2 deep, python-nomad once more; a bound, not a depth any of them reaches
+MAX_WRAPPED_ERRORS = 16
 ENV_NAMES = {
     "address": "NOMAD_ADDR",
     "token": "NOMAD_TOKEN",
@@ -537,15 +541,17 @@ class NomadAPI:
         return doc
 
     def _describe(self, exc: BaseException) -> str:
-        text = _explain(exc, self.settings.token)
-        if self.settings.socket_path and text == "cannot connect: No such file or directory":
-            # Nomad removes the Task API's socket when the task stops; a path that never held one
-            # is refused at start (check_files)
-            return f"cannot connect: no socket at {self.settings.socket_path}"
-        if self.settings.socket_path and text == "cannot connect: Permission denied":
-            # the socket's owner or mode, not Nomad's ACLs (whose refusal reads "Permission denied")
-            return f"cannot connect: {socket_denied(self.settings.socket_path)}"
-        return text
+        path = self.settings.socket_path
+        if path is not None:
+            code = _connect_errno(exc)
+            if code == errno.ENOENT:
+                # Nomad removes the Task API's socket when the task stops; a path that never held one
+                # is refused at start (check_files)
+                return f"cannot connect: no socket at {path}"
+            if code == errno.EACCES:
+                # the socket's owner or mode, not Nomad's ACLs (whose refusal reads "Permission denied")
+                return f"cannot connect: {socket_denied(path)}"
+        return _explain(exc, self.settings.token)
 
     def _no_read_job(self, alloc_id: str) -> PermissionDenied:
         return PermissionDenied(
@@ -598,17 +604,15 @@ def _quote(body: str) -> str:
     return f": {body[:MAX_QUOTED_CHARS]!r}"
 
 
-def _explain(exc: BaseException, secret: str | None) -> str:
-    """One line for what went wrong, without python-nomad's "The BaseNomadException was raised due to
-    the following error:" wrapping and requests' connection-pool wording; `secret` (the token) redacted
-    before anything is cut short, so no part of it is left either."""
-    requests: Any = importlib.import_module("requests")
+def _unwrapped(exc: BaseException) -> tuple[BaseException, Any]:
+    """python-nomad's wrapping undone: the error under it, and Nomad's HTTP answer when there was one
+    (a 5xx, 400, 409), else None."""
     nex: Any = importlib.import_module("nomad.api.exceptions")
     inner = exc
     for _ in range(3):  # python-nomad wraps requests' error once (TimeoutNomadException when streaming)
         resp = getattr(inner, "nomad_resp", None)
-        if resp is not None and not isinstance(resp, BaseException):  # an HTTP answer: 5xx, 400, 409
-            return f"HTTP {resp.status_code}{_quote(redact(_error_body(resp), secret))}"
+        if resp is not None and not isinstance(resp, BaseException):
+            return inner, resp
         if isinstance(resp, BaseException):
             inner = resp
         elif (
@@ -619,13 +623,48 @@ def _explain(exc: BaseException, secret: str | None) -> str:
             inner = inner.args[0]
         else:
             break
+    return inner, None
+
+
+def _cannot_connect(inner: BaseException) -> bool:
+    """Whether requests' error `inner` is a connection that failed ("cannot connect"): not a timeout
+    nor TLS, which requests' ConnectionError also covers."""
+    rx: Any = importlib.import_module("requests.exceptions")
+    return isinstance(inner, rx.ConnectionError) and not isinstance(inner, (rx.Timeout, rx.SSLError))
+
+
+def _connect_errno(exc: BaseException) -> int | None:
+    """The errno of the OS error a connection failed with (what _explain says as "cannot connect"),
+    found under the wrapping of python-nomad, requests and urllib3 (an error's arguments, its `reason`,
+    its cause); None for any other failure, or a connection error without one."""
+    inner, resp = _unwrapped(exc)
+    if resp is not None or not _cannot_connect(inner):
+        return None
+    errors = [inner]
+    for e in errors:  # grows as it goes, up to MAX_WRAPPED_ERRORS
+        if isinstance(e, OSError) and e.errno is not None:  # requests' own errors are OSErrors with none
+            return e.errno
+        if len(errors) < MAX_WRAPPED_ERRORS:
+            under = (*e.args, getattr(e, "reason", None), e.__cause__)
+            errors.extend(u for u in under if isinstance(u, BaseException) and u not in errors)
+    return None
+
+
+def _explain(exc: BaseException, secret: str | None) -> str:
+    """One line for what went wrong, without python-nomad's "The BaseNomadException was raised due to
+    the following error:" wrapping and requests' connection-pool wording; `secret` (the token) redacted
+    before anything is cut short, so no part of it is left either."""
+    requests: Any = importlib.import_module("requests")
+    inner, resp = _unwrapped(exc)
+    if resp is not None:
+        return f"HTTP {resp.status_code}{_quote(redact(_error_body(resp), secret))}"
     text = redact(" ".join(str(inner).split()), secret)
     if isinstance(inner, requests.exceptions.Timeout):
         return f"no answer within {REQUEST_TIMEOUT}s"
     if isinstance(inner, requests.exceptions.SSLError):
         found = _SSL_TEXT.search(text)
         return f"TLS: {found.group(1).strip() if found else text[:200]}"
-    if isinstance(inner, requests.exceptions.ConnectionError):
+    if _cannot_connect(inner):
         found = _ERRNO_TEXT.search(text) or _OSERROR_REPR.search(text)
         return f"cannot connect: {found.group(1).strip() if found else text[:200]}"
     return text[:200] or inner.__class__.__name__
