@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class CAError(Exception):
-    """Base of every hostmesh.ca error; str() is one line fit for a user."""
+    """Base of every hostmesh.ca error; str() is one line fit for a user. `retry_after`: seconds before
+    a retry can succeed, when known (a refusal carrying one is answered with that Retry-After)."""
+
+    retry_after: float | None = None
 
 
 class InvalidRequest(CAError):

@@ -1357,7 +1357,7 @@ class CAService:
             self._stamp_failures("%s; `hostmesh ca retire-root` cannot see this root still signing", exc)
 
     def _refuse(
-        self, via: str, exc: Exception, peer: str | None, identity: str | None, token_id: str | None
+        self, via: str, exc: _Refusal, peer: str | None, identity: str | None, token_id: str | None
     ) -> Response:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         if isinstance(exc, AuditError):  # the path and OS error are for the operator's log, not clients
@@ -1372,7 +1372,7 @@ class CAService:
         self.metrics.refused.labels(via, refusal_reason(exc)).inc()
         self.audit_refusal(via=via, reason=reason, peer=peer, identity=identity, token=token_id)
         resp = Response.error(status, reason)
-        if isinstance(exc, nomad_trust.KeyNotReadYet):
+        if exc.retry_after is not None:  # the refusal knows when a retry can succeed (KeyNotReadYet)
             resp.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
         return resp
 
@@ -1437,7 +1437,7 @@ class _Forbidden(Unauthorized):
     """Authenticated, but not allowed to have that identity: 403."""
 
 
-def _past_deadline(first_byte: float, received: float, now: float) -> Exception:
+def _past_deadline(first_byte: float, received: float, now: float) -> SlowClient | _Unavailable:
     """The refusal of a join past SIGN_DEADLINE, blaming what took most of it, with both shares: the
     client sending its request (first byte to handler: 408, a slow client, as registry/http.py
     answers a request not received in time) or the CA handling it, which is waiting for Consul's
@@ -1456,7 +1456,14 @@ def _past_deadline(first_byte: float, received: float, now: float) -> Exception:
 
 
 class _Unavailable(Exception):
-    """A dependency of this request is down: 503, the client retries elsewhere or later."""
+    """A dependency of this request is down: 503, the client retries elsewhere or later (not before
+    `retry_after` seconds when it is known, as on the other refusals: _Refusal)."""
+
+    retry_after: float | None = None
+
+
+# what a request's handler refuses it with (CAService._refuse): each carries `retry_after`, read there
+_Refusal = CAError | RegistryError | _Unavailable
 
 
 def _status_of(exc: Exception) -> int:

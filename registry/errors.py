@@ -8,7 +8,10 @@ from __future__ import annotations
 
 
 class RegistryError(Exception):
-    """Base of every hostmesh.registry error; str() is one line fit for a user."""
+    """Base of every hostmesh.registry error; str() is one line fit for a user. `retry_after`: seconds
+    before a retry can succeed, when known (the CA answers a refusal carrying one with that Retry-After)."""
+
+    retry_after: float | None = None
 
 
 class Unavailable(RegistryError):
