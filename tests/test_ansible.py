@@ -100,12 +100,10 @@ RESOLVED_WARNING = "the systemd-resolved drop-in makes the agent (127.0.0.1:1505
 
 
 def agent_role_without_install(tmp: Path) -> Path:
-    """A roles folder holding hostmesh_agent as shipped except its dependency on hostmesh_install, so
-    its DNS tasks (tasks/dns.yml, the drop-in templates, the handlers) run without installing hostmesh."""
+    """A roles folder holding hostmesh_agent as shipped (its tasks/main.yml imports hostmesh_install,
+    so its DNS tasks, tasks/dns.yml with the drop-in templates and the handlers, run without it)."""
     roles = tmp / "roles"
     shutil.copytree(ANSIBLE_DIR / "roles/hostmesh_agent", roles / "hostmesh_agent")
-    meta = roles / "hostmesh_agent/meta/main.yml"
-    meta.write_text(yaml.safe_dump({**yaml.safe_load(meta.read_text()), "dependencies": []}))
     return roles
 
 
@@ -243,15 +241,12 @@ def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDev]:
 
 
 def role_alone(tmp: Path, role: str) -> Path:
-    """A roles folder holding `role` as shipped, except that instead of depending on hostmesh_install
-    it carries that role's defaults (the test root, the folders' owners)."""
+    """A roles folder holding `role` as shipped, and as the hostmesh_install it imports that role's
+    defaults only (the test root, the folders' owners): nothing is installed."""
     roles = tmp / "roles"
     shutil.copytree(ANSIBLE_DIR / "roles" / role, roles / role)
-    meta = roles / role / "meta/main.yml"
-    meta.write_text(yaml.safe_dump({**yaml.safe_load(meta.read_text()), "dependencies": []}))
-    defaults = roles / role / "defaults/main.yml"
-    install = yaml.safe_load((ANSIBLE_DIR / "roles/hostmesh_install/defaults/main.yml").read_text())
-    defaults.write_text(yaml.safe_dump({**install, **yaml.safe_load(defaults.read_text())}))
+    if role != "hostmesh_install":
+        shutil.copytree(ANSIBLE_DIR / "roles/hostmesh_install/defaults", roles / "hostmesh_install/defaults")
     return roles
 
 
@@ -739,6 +734,40 @@ def test_a_role_without_facts_in_a_fleet_stops_naming_the_address_to_set(
     )
     assert result.returncode == 0, output
     assert "127.0.0.1" in (root / written).read_text()
+
+
+@pytest.mark.parametrize(
+    ("role", "variable"),
+    [("hostmesh_agent", "hostmesh_agent_mesh_address"), ("hostmesh_ca", "hostmesh_ca_advertise")],
+)
+def test_a_role_without_an_address_stops_before_installing(tmp_path: Path, role: str, variable: str) -> None:
+    """The address check (above) stops the host before the package is installed or upgraded, as the
+    CA-pin check of site.yml does: the role's hostmesh_install, a dependency, ran before it, so such a
+    run installed the package (its restart lost to the failure) and only then stopped; here it failed
+    at pip, which has no wheel, before the check. The roles as shipped, pip into the test root."""
+    root = tmp_path / "root"
+    root.mkdir()
+    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    hosts = {"localhost": {"ansible_connection": "local"}, "other.invalid": {}}
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    (tmp_path / "no-wheels").mkdir()
+    variables: dict[str, object] = {
+        "ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False, "hostmesh_install_method": "pip",
+        "hostmesh_install_pip_extra_args": f"--no-index --find-links {tmp_path / 'no-wheels'}",
+    }  # fmt: skip
+    if role == "hostmesh_agent":
+        variables |= {"hostmesh_agent_ca_pin": "sha256:" + "ab" * 32, "hostmesh_agent_join_token": "token",
+                      "hostmesh_agent_services": [WEB]}  # fmt: skip
+    result, output = run_on_localhost_only(inventory, variables, playbook, cwd=tmp_path, env=env)
+    assert result.returncode != 0, output
+    assert recap(result.stdout)["failed"] == 1, output
+    assert f"set {variable}, or gather facts" in " ".join(output.split()), output
+    assert list(root.iterdir()) == []  # no virtualenv, no /usr/bin/hostmesh, no unit
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
