@@ -12,7 +12,9 @@ it (against the test Consul); otherwise a literal token and pin stand in (pendin
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tomllib
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1166,6 +1169,74 @@ def test_playbook_run_is_idempotent(
 
 
 CAPS_DROP_IN = "etc/systemd/system/hostmesh-agent.service.d/bind-privileged-ports.conf"
+
+
+def wheel_built_again(wheel: Path, marker: str) -> None:
+    """`wheel` rewritten in place as a build of the same version with one more file, hostmesh/<marker>
+    (its RECORD line added), as a hotfix build of the same version differs."""
+    content = b"the same version, built again\n"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+    rebuilt = wheel.with_suffix(".rebuilt")
+    with zipfile.ZipFile(wheel) as old, zipfile.ZipFile(rebuilt, "w", zipfile.ZIP_DEFLATED) as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data += f"hostmesh/{marker},sha256={digest},{len(content)}\n".encode()
+            new.writestr(item, data)
+        new.writestr(f"hostmesh/{marker}", content)
+    rebuilt.replace(wheel)
+
+
+@PACKAGES
+@pytest.mark.timeout(3 * PLAYBOOK_TIMEOUT + 2 * BUILD_TIMEOUT)
+def test_pip_installs_a_wheel_built_again_with_the_installed_version(wheels: Path, tmp_path: Path) -> None:
+    """A wheel of the installed version built again (a hotfix build, a build of a newer commit, which keeps
+    pyproject.toml's version) was never installed: pip found the requirement satisfied, and the role
+    went on with the old code (as the .deb's apt did before ef477e0). It is now installed again, the
+    agent restarted (a check shows both and installs nothing), and a run with nothing new installs
+    nothing and restarts nothing."""
+    root = tmp_path / "root"
+    root.mkdir()
+    folder = tmp_path / "wheelhouse"
+    folder.mkdir()
+    (wheel,) = [Path(shutil.copy2(w, folder)) for w in wheels.glob("hostmesh-*.whl")]
+    cache = Path(os.environ.get("HOSTMESH_CACHE", REPO / ".cache")) / "wheels"
+    playbook = install_role_playbook(tmp_path)
+    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]  # the wheel's
+    variables = {
+        "ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
+        "hostmesh_install_systemd": False, "hostmesh_install_method": "pip",
+        "hostmesh_install_version": version, "hostmesh_install_pip_python": sys.executable,
+        "hostmesh_install_pip_extra_args": f"--no-index --find-links {folder} --find-links {cache}",
+    }  # fmt: skip
+
+    def run(*check: str) -> str:
+        result = subprocess.run(
+            [str(BIN / "ansible-playbook"), *check, "-i", "localhost,", "-c", "local",
+             "-e", json.dumps(variables), str(playbook)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+        return result.stdout
+
+    def installed(marker: str) -> bool:
+        return any(root.glob(f"opt/hostmesh/lib/python3*/site-packages/hostmesh/{marker}"))
+
+    marker = f"BUILT-AGAIN-{uuid.uuid4().hex[:8]}"
+    out = run()
+    assert RESTART_NOTIFIED in out, out[-6000:]
+    assert installed("agent") and not installed(marker)
+    wheel_built_again(wheel, marker)
+    out = run("--check")  # shows the install and its restart, installs nothing
+    assert RESTART_NOTIFIED in out and recap(out)["changed"] > 0, out[-6000:]
+    assert not installed(marker)
+    out = run()
+    assert installed(marker), out[-6000:]
+    assert RESTART_NOTIFIED in out, out[-6000:]
+    out = run()  # nothing new: nothing installed, no restart
+    assert recap(out)["changed"] == 0, out[-6000:]
+    assert RESTART_NOTIFIED not in out, out[-6000:]
 
 
 @pytest.mark.parametrize(
