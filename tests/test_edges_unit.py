@@ -432,6 +432,31 @@ async def test_at_the_egress_gateway_a_name_the_resolver_refuses_resets_the_call
     no_loop_errors(loop_errors)
 
 
+async def test_via_an_egress_gateway_a_caller_without_a_certificate_is_reset_nocert(
+    caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """The caller's agent holds no certificate for web: its call via the egress gateway is reset
+    there and then, flag NOCERT (it was UF, an upstream connection failure, which no upstream had)."""
+    ext = ExternalService("x-via", 1, (ExternalAddress("127.0.0.1", 9),), via="out")
+    tel = Telemetry()
+    with socket.socket() as gateway:  # the gateway's instance: never dialled
+        gateway.bind(("127.0.0.1", 0))
+        async with caller_of(
+            ext, tel, snapshot({"web": 1}, NO_TLS, {"out": [(gateway.getsockname()[1], {})]})
+        ) as port:
+            # (reset on accept, before the app writes: on uvloop a write then raises)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+            try:
+                assert await closed_by_peer(reader) == "reset"
+            finally:
+                writer.transport.abort()
+    assert "reset downstream" in caplog.text and "no certificate [NOCERT]" in caplog.text
+    assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
+                         destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
+    assert uf_count(tel, "source", "x-via") == 0
+    no_loop_errors(loop_errors)
+
+
 async def test_an_untrusted_certificate_is_one_line_per_connection_at_a_bounded_rate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
 ) -> None:

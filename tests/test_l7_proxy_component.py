@@ -746,6 +746,27 @@ async def test_an_upstream_declared_http_answers_503_uh_before_any_instance_was_
     assert (r.status, r.flags) == (503, "UH")
 
 
+async def test_a_caller_without_a_certificate_is_answered_503_nocert_by_its_own_agent(
+    mesh: Mesh, access_lines: list[dict[str, Any]]
+) -> None:
+    """The caller's agent holds no certificate for web: it answers web's requests itself, trying no
+    instance, with flag NOCERT. It said UF ("upstream connection failure"), which the availability
+    SLO (observability/rules) counts as a request that reached no instance of api: api's budget
+    burned, and api's owners were paged, for web's certificate."""
+    no_cert = dataclasses.replace(mesh.tls_a, client=MappingProxyType({}))
+    mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, tls=no_cert))
+    c = mesh.client()
+    r = await asyncio.to_thread(c.get, "/x")
+    c.close()
+    assert (r.status, r.flags) == (503, "NOCERT")
+    assert b"no certificate for the calling service" in r.body
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_code="503",
+                  response_flags="NOCERT") == 1  # fmt: skip
+    [line] = await async_wait_until(lambda: list(access_lines), IO_TIMEOUT, "the caller's access line")
+    assert (line["reporter"], line["response_code"], line["response_flags"]) == ("source", 503, "NOCERT")
+    assert mesh.http_out.pool.dials == 0 and sample(mesh.tel_b, "hostmesh_requests_total") == 0
+
+
 def slow_body_mesh(mesh: Mesh, idle: float = 0.5, rate: float = 240.0) -> None:
     for side in (mesh.http_out, *mesh.http_ins):
         side.body_idle_timeout, side.body_min_rate = idle, rate

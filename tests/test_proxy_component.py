@@ -486,6 +486,24 @@ async def test_no_healthy_instance_closes_promptly(mesh: Mesh, caplog: pytest.Lo
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_closed_total", response_flags="UH") == 1
 
 
+async def test_a_caller_without_a_certificate_is_reset_nocert_by_its_own_agent(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's agent holds no certificate for web: it resets web's connections itself, dialling
+    nothing, flag NOCERT. It said UF ("upstream connection failure"), which the availability SLO
+    (observability/rules) charges to the destination, api, for web's certificate."""
+    no_cert = dataclasses.replace(mesh.holder_a.current.tls, client=MappingProxyType({}))
+    mesh.holder_a.swap(dataclasses.replace(mesh.holder_a.current, tls=no_cert))
+    r, _w = await mesh.connect()
+    assert await closed_by_peer(r) == "reset"
+    assert mesh.outbound.pool.handshakes == 0 and mesh.app.connections == 0
+    assert "no certificate for local service web [NOCERT]" in caplog.text
+    for series in ("opened", "closed"):
+        assert metric_sample(mesh.tel_a, f"hostmesh_tcp_connections_{series}_total", reporter="source",
+                             destination_service="api", response_flags="NOCERT") == 1  # fmt: skip
+    assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_opened_total", response_flags="UF") == 0
+
+
 async def test_instance_dying_mid_connection(mesh: Mesh) -> None:
     r, w = await mesh.connect()
     w.write(b"ping")

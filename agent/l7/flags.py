@@ -15,6 +15,10 @@ concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot read the 
 intentions (Consul's ACL refuses it, never read yet, only an invalid document), so it refuses rather
 than guess (fail closed; agent/discovery.py) — a 503, because it is the
 agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
+``NOCERT`` is hostmesh's own too: the caller's agent holds no certificate (no client context) for
+the calling service, so it refuses that service's calls itself, trying no upstream — a 503 (the
+agent's state), not ``UF``: the availability SLO (observability/rules) counts a caller's 503 UF
+against the destination, where this is the caller's own problem. (Envoy's ``NC`` means "no cluster".)
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ UPE = "UPE"  # upstream protocol error (unparseable or smuggling-shaped response
 DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversize head) -> 400/431
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
 NI = "NI"  # no intentions: the destination's intentions cannot be read, the agent refuses -> 503
+NOCERT = "NOCERT"  # the caller's agent holds no certificate for the calling service -> 503
 
 SI = "SI"  # stream idle: a request body stalled or trickled (408), nothing moved (504); else a reset
 OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
 DC = "DC"  # downstream connection terminated: the caller left before the end, or the agent shut down
 
-ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, SI, OM, DC)
+ALL: tuple[str, ...] = (UO, URX, UF, UT, UH, FI, DI, RL, NR, UC, UPE, DPE, AUTHZ, NI, NOCERT, SI, OM, DC)
 
 DESCRIPTIONS: dict[str, str] = {
     UO: "upstream overflow (connection or pending-request limit)",
@@ -60,6 +65,7 @@ DESCRIPTIONS: dict[str, str] = {
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
     NI: "refused: the destination's intentions cannot be read (fail closed)",
+    NOCERT: "the caller's agent holds no certificate for the calling service",
     SI: "stream idle: request body stalled or too slow, or nothing moved for stream_idle_timeout",
     OM: "agent overloaded (connection cap)",
     DC: "downstream connection terminated (the caller left, or the agent shut down). An HTTP client "
@@ -91,7 +97,7 @@ REFUSALS: Final = frozenset((AUTHZ, NI, OM, UF, NR))
 def known(flags: str) -> str:
     """`flags` as a peer agent's header gave them, keeping only this vocabulary's, each once, in the
     vocabulary's order and at most MAX_FROM_PEER of them: a value of any other shape, order or length
-    would become a metric label value of its own (3,213 values at most, not 61,489 in any order). A
+    would become a metric label value of its own (4,047 values at most, not 78,660 in any order). A
     flag a newer release adds is dropped: counted without it."""
     said = set(flags.split(","))
     return ",".join([f for f in ALL if f in said][:MAX_FROM_PEER])

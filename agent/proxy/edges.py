@@ -427,7 +427,7 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
     endpoints = snap.endpoints.get(ext.via, ())
     if ctx is None or not endpoints:
         why = f"no healthy instance of egress gateway {ext.via}" if ctx is not None else "no certificate"
-        listener._refuse(end, flags.UH if ctx is not None else flags.UF, why)
+        listener._refuse(end, flags.UH if ctx is not None else flags.NOCERT, why)
         return
     listener._pending.add(end)
     pipes.spawn(_via(listener, end, ctx, snap, ext, endpoints))

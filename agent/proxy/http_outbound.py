@@ -699,7 +699,7 @@ class HttpOutbound:
     def _begin(self, ex: Exchange, snap: Snapshot, subset: str | None) -> None:
         """Admit -> prepare the request once -> mirror -> plan the tries -> forward: inline on a pooled
         connection when no timer is involved (the common case), else in a coroutine (dial, timeouts,
-        retries). A stage that has to answer the request itself (503 UO, UF, UH) ends it there."""
+        retries). A stage that has to answer the request itself (503 UO, NOCERT, UF, UH) ends it there."""
         st: _Req = ex.state
         reads = self.reads(snap)
         if not self._admit(ex, st, reads):
@@ -717,7 +717,7 @@ class HttpOutbound:
 
     def _admit(self, ex: Exchange, st: _Req, reads: SnapReads) -> bool:
         """The upstream's request limit (over it: 503 UO at once; only connections wait as pending),
-        then the calling service's client certificate (none: 503 UF). Pooled connections made with an
+        then the calling service's client certificate (none: 503 NOCERT). Pooled connections made with an
         older certificate are dropped when a new one is first used."""
         if st.cluster.limits.admit_request() is not None:
             ex.respond(503, fl.UO)
@@ -725,7 +725,7 @@ class HttpOutbound:
         st.admitted = True
         ctx = reads.ctx
         if ctx is None:
-            ex.respond(503, fl.UF, "no certificate for the calling service")
+            ex.respond(503, fl.NOCERT, "no certificate for the calling service")
             return False
         if ctx is not self._ctx:
             if self._ctx is not None:

@@ -285,7 +285,7 @@ class OutboundListener(ListenerLifecycle):
         up = self.upstream.service
         ctx = snap.tls.client.get(self.local_service)
         if ctx is None:
-            self._refuse(end, flags.UF, f"no certificate for local service {self.local_service}")
+            self._refuse(end, flags.NOCERT, f"no certificate for local service {self.local_service}")
             return
         endpoints = snap.endpoints.get(up, ())
         if not endpoints:
