@@ -7,7 +7,10 @@ Mesh connections are TLS 1.3 and mutual. Chain verification is OpenSSL's, agains
 The per-connection helpers (`peer_identity`, `peer_not_after`) read the leaf as OpenSSL already
 decoded it for the handshake (`getpeercert()`), not by parsing its DER again with `cryptography`:
 cheaper on every new mesh connection, and the data path never loads `cryptography` (~9 MiB RSS).
-`peer_certificate` (a full `x509.Certificate`) imports it on first use.
+`peer_certificate` (a full `x509.Certificate`) imports it on first use. Likewise a client context
+knows when the leaf it presents expires (`MeshContext.leaf_not_after`, read from the chain file's
+DER by `leaf_not_after`): the outbound dials no new mesh connection with an expired one
+(agent/proxy/pool.py `connect_tls`), which the peer would refuse.
 
 The CA API also speaks TLS 1.2 (operators' tools, older clients), with AEAD suites only: ECDHE key
 exchange (forward secrecy) and AES-GCM or ChaCha20-Poly1305, never CBC (Lucky13-style padding
@@ -29,6 +32,7 @@ encryption and an extra TLS record per handshake that no client ever uses.
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 import sys
@@ -116,6 +120,10 @@ class MeshContext(ssl.SSLContext):
     A-label it already is. As a str, ssl.py IDNA-encodes it first, and that loads encodings.idna,
     stringprep and unicodedata (~50 KiB in every agent) for names ASCII by construction (SNI is an
     Identity's dns_name)."""
+
+    # the not-after (UNIX time) of the leaf a client context presents, set by mesh_client_context;
+    # inf: not known (a context built otherwise)
+    leaf_not_after: float = math.inf
 
     def wrap_bio(
         self,
@@ -208,10 +216,18 @@ def mesh_server_context(
 def mesh_client_context(
     cert_file: Path, key_file: Path, roots_pem: str, alpn: tuple[str, ...] = MESH_ALPN
 ) -> ssl.SSLContext:
-    """Outbound to a peer agent: TLS 1.3, presents our identity, verifies the peer against the bundle."""
+    """Outbound to a peer agent: TLS 1.3, presents our identity, verifies the peer against the bundle.
+    Its `leaf_not_after` is the chain's leaf's, read after loading it: a renewal that rewrote the file
+    in between gives a later time than the context holds, and the next context (the renewal's
+    subscribers build it) agrees again; never an earlier one, which would refuse a valid certificate.
+    One OpenSSL loaded but `leaf_not_after` cannot read leaves it unknown (inf): dialed as before."""
     ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, roots_pem, ssl.TLSVersion.TLSv1_3)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols(list(alpn))
+    try:
+        ctx.leaf_not_after = leaf_not_after(Path(cert_file).read_text())  # type: ignore[attr-defined]
+    except ValueError:  # OpenSSL took it (text around the PEM, another layout): not known, as before
+        pass
     return ctx
 
 
@@ -298,6 +314,57 @@ def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> float:
     """The verified peer leaf's not-after as a UNIX timestamp (0.0 when there is no peer certificate)."""
     not_after = _decoded_peer(ssl_object).get("notAfter")
     return float(cert_time_to_seconds(not_after)) if not_after else 0.0
+
+
+_PEM_BEGIN, _PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+_UTC_TIME, _GENERALIZED_TIME = 0x17, 0x18  # the two forms of an X.509 Time (RFC 5280 4.1.2.5)
+_TIME_TAGS = (_UTC_TIME, _GENERALIZED_TIME)
+
+
+def leaf_not_after(chain_pem: str) -> float:
+    """The not-after, as a UNIX timestamp, of the first certificate of a PEM chain (the leaf), read
+    from its DER: Certificate > TBSCertificate > [version], serial, signature, issuer, validity >
+    notBefore, notAfter. No `cryptography` (see the module docstring); raises ValueError when the
+    text holds no certificate of that shape."""
+    begin, end = chain_pem.find(_PEM_BEGIN), chain_pem.find(_PEM_END)
+    if begin < 0 or end < begin:
+        raise ValueError("no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(chain_pem[begin : end + len(_PEM_END)])
+    _, body, _ = _der_item(der, 0, 0x30)  # Certificate
+    _, pos, _ = _der_item(der, body, 0x30)  # TBSCertificate
+    if der[pos : pos + 1] == b"\xa0":  # [0] version (absent: v1)
+        pos = _der_item(der, pos, 0xA0)[2]
+    for tag in (0x02, 0x30, 0x30):  # serialNumber, signature, issuer
+        pos = _der_item(der, pos, tag)[2]
+    _, pos, _ = _der_item(der, pos, 0x30)  # validity
+    pos = _der_item(der, pos, _TIME_TAGS)[2]  # notBefore
+    tag, start, stop = _der_item(der, pos, _TIME_TAGS)  # notAfter
+    text = der[start:stop].decode("ascii")
+    if tag == _UTC_TIME and len(text) == 13:  # YYMMDDHHMMSSZ, 1950-2049
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    elif tag != _GENERALIZED_TIME or len(text) != 15:
+        raise ValueError("the certificate's not-after is not an X.509 Time")
+    if not text[:14].isdigit() or text[14] != "Z":
+        raise ValueError(f"the certificate's not-after {text!r} is not an X.509 Time")
+    year, month, day, hour, minute, second = (int(text[i : i + 2]) for i in (2, 4, 6, 8, 10, 12))
+    year += int(text[:2]) * 100
+    return float((_days_from_civil(year, month, day) * 24 + hour) * 3600 + minute * 60 + second)
+
+
+def _der_item(der: bytes, pos: int, tags: int | tuple[int, ...]) -> tuple[int, int, int]:
+    """(tag, start, end) of the DER item at `pos`, whose tag must be (one of) `tags`: its contents
+    are der[start:end]."""
+    if pos + 2 > len(der) or der[pos] not in (tags if isinstance(tags, tuple) else (tags,)):
+        raise ValueError("not a DER certificate of the expected shape")
+    length, start = der[pos + 1], pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or start + size > len(der):
+            raise ValueError("not a DER certificate of the expected shape")
+        length, start = int.from_bytes(der[start : start + size], "big"), start + size
+    if start + length > len(der):
+        raise ValueError("a DER item runs past the certificate's end")
+    return der[pos], start, start + length
 
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

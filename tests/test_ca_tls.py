@@ -164,3 +164,52 @@ def test_mesh_contexts_offer_aes_128_gcm_first_and_the_ca_api_keeps_openssls_ord
         assert [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"] == wanted
     ca = ca_server_context(*files["b"], roots)
     assert next(c["name"] for c in ca.get_ciphers() if c["protocol"] == "TLSv1.3") == "TLS_AES_256_GCM_SHA384"
+
+
+@pytest.mark.parametrize(
+    "not_after",
+    [
+        "2026-12-07T07:31:02+00:00",  # UTCTime (RFC 5280: up to 2049)
+        "2049-12-31T23:59:59+00:00",
+        "2050-01-01T00:00:00+00:00",  # GeneralizedTime from 2050 on
+        "2099-06-30T12:00:01+00:00",
+    ],
+)
+def test_a_chains_leaf_not_after_is_read_from_its_der_as_cryptography_reads_it(not_after: str) -> None:
+    """`leaf_not_after` (what a client context knows of its own leaf's expiry) without `cryptography`:
+    the first certificate of the chain (text before it, as `openssl x509` writes, skipped), both X.509
+    time forms."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from hostmesh.ca.tls import leaf_not_after
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
+
+    def cert(ends: dt.datetime) -> x509.Certificate:
+        begins = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(begins)
+                .not_valid_after(ends).sign(key, hashes.SHA256()))  # fmt: skip
+
+    leaf, issuer = cert(dt.datetime.fromisoformat(not_after)), cert(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    chain = (
+        "subject=CN=web\n"
+        + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer)).decode()
+    )
+    assert leaf_not_after(chain) == leaf.not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize(
+    "text", ["", "not a certificate", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"]
+)
+def test_a_chain_without_a_certificate_is_a_value_error(text: str) -> None:
+    from hostmesh.ca.tls import leaf_not_after
+
+    with pytest.raises(ValueError):
+        leaf_not_after(text)
