@@ -34,10 +34,13 @@ import pytest
 from hostmesh.agent.localmesh import (
     READY_TIMEOUT,
     AgentHandle,
+    EchoServer,
     LocalMesh,
     Proc,
     free_port,
     port_open,
+    refused,
+    roundtrip,
     wait_for,
 )
 from hostmesh.agent.renewal import retry_cap
@@ -247,3 +250,95 @@ def test_a_refused_edit_left_in_agent_toml_does_not_stop_renewals(
         assert log.index("reload refused") < log.index("renewed certificate for web"), log
     finally:
         m.close()
+
+
+# seconds: the caller's leaf, issued at its agent's start and left to expire (the CA stopped once the
+# agent is ready). What it must outlast is that start on a loaded machine (a bootstrap, ~2-4 s here),
+# not a renewal: none is meant to succeed. 15 s as the rotation tests' (b2fcf93): a slow start that
+# outlasts the leaf fails the test in its setup, and shorter ones saved little (the test waits ~15 s).
+CALLER_LEAF = 15
+LONG_LEAF = 3600  # seconds: the destination's, and the caller's once recovered: nothing expires meanwhile
+
+
+def _flags_sample(metrics: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples in a Prometheus exposition whose labels include `labels`."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_caller_whose_certificate_expired_refuses_new_connections_nocert(
+    private_consul: ConsulDev, tmp_path: Path
+) -> None:
+    """web's leaf expires on host a while the CA is down (its renewal fails until then). Its calls
+    that need a new mesh connection are refused by its own agent: 503 NOCERT for api (L7), a reset
+    counted NOCERT for db (L4), a line naming web and the expiry, nothing reaching host b. Before,
+    the agent dialed anyway, the TLS 1.3 client finished its side of the handshake, host b refused
+    the expired certificate, and the caller got 503 UC ("upstream connection termination") and an
+    unflagged reset. With the CA back and a fresh token in the token file, web is recovered and its
+    calls are answered again."""
+    from tests.l7_support import Backends, Client
+
+    backends = Backends("api")
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        init = m.hostmesh("ca", "init", "--data-dir", str(m.workdir / "ca"))
+        m.pin = next(w for w in init.stdout.split() if w.startswith("sha256:"))
+        m.ca_port = free_port()
+
+        # host b: api (http) and db (tcp echo), long leaves
+        ca = ca_serve(m, LONG_LEAF)
+        b = m.write_agent_config("node-b", [
+            {"name": "api", "port": backends["api"].port, "protocol": "http"},
+            {"name": "db", "port": echo.port, "protocol": "tcp"},
+        ])  # fmt: skip
+        m.start_agent(b)
+        ca.stop()
+        # host a: web, calling both, with a CALLER_LEAF leaf; the CA goes away once a is ready
+        ca = ca_serve(m, CALLER_LEAF)
+        a = m.write_agent_config("node-a", [{"name": "web", "port": 9, "upstreams": ["api", "db"]}])
+        m.start_agent(a)
+        ca.stop()
+        m.wait_endpoints(a, "api", 1)
+        m.wait_endpoints(a, "db", 1)
+        # no call before the expiry: no mesh connection is up, each call below needs a new one
+        wait_for(lambda: certs(a)["web"]["state"] == "expired", WAIT, "node-a to report web expired")
+        web = certs(a)["web"]
+        when = dt.datetime.fromisoformat(web["not_after"]).strftime("%Y-%m-%dT%H:%M:%SZ")
+        seen, received = backends["api"].hits, echo.received
+
+        c = Client(a.binds["api"])
+        r = c.get("/x")
+        c.close()
+        assert (r.status, r.flags) == (503, "NOCERT"), (r, a.proc.log())
+        assert r.body == f"the certificate of web expired at {when}\n".encode(), r.body
+        assert refused(a.binds["db"], b"ping")
+        log = a.proc.log()
+        assert f"local service web: its certificate expired at {when} [NOCERT]" in log, log
+        assert f"outbound web->api (http): local service web: its certificate expired at {when}" in log, log
+        metrics = a.metrics()
+        assert _flags_sample(metrics, "hostmesh_requests_total", reporter="source", destination_service="api",
+                             response_code="503", response_flags="NOCERT") == 1, metrics  # fmt: skip
+        for series in ("opened", "closed"):
+            assert _flags_sample(metrics, f"hostmesh_tcp_connections_{series}_total", reporter="source",
+                                 destination_service="db", response_flags="NOCERT") == 1, metrics  # fmt: skip
+        assert (backends["api"].hits, echo.received) == (seen, received)  # nothing reached b's apps
+        assert "refused a TLS handshake" not in b.proc.log(), b.proc.log()  # nor its agent
+
+        # the CA back and a fresh token in the token file: web is recovered, its calls answered
+        ca = ca_serve(m, LONG_LEAF)
+        (a.data_dir / "join-token").write_text(m.token("web") + "\n")
+        wait_for(lambda: certs(a)["web"]["serial"] != web["serial"], WAIT, "node-a to recover web")
+        assert certs(a)["web"]["state"] == "valid"
+        c = Client(a.binds["api"])
+        r = c.get("/x")
+        c.close()
+        assert (r.status, r.instance) == (200, "api"), r
+        assert roundtrip(a.binds["db"], b"ping") == b"ping"
+    finally:
+        m.close()
+        backends.close()
+        echo.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import gc
 import logging
 import socket
@@ -454,6 +455,38 @@ async def test_via_an_egress_gateway_a_caller_without_a_certificate_is_reset_noc
     assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
                          destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
     assert uf_count(tel, "source", "x-via") == 0
+    no_loop_errors(loop_errors)
+
+
+async def test_via_an_egress_gateway_a_caller_whose_certificate_expired_is_reset_nocert(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """web's certificate expired a second ago (its renewal failed until then): its call via the
+    egress gateway is reset by its own agent, flag NOCERT, with no handshake the gateway would
+    refuse. It dialed anyway: the gateway refused the expired certificate, and the caller's
+    connection was reset as if the gateway had failed."""
+    ca = CA(tmp_path)
+    ext = ExternalService("x-via", 1, (ExternalAddress("127.0.0.1", 9),), via="out")
+    tel_gw, tel = Telemetry(), Telemetry()
+    gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
+    gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), tel_gw)
+    gateway.egress_gateways = frozenset({"out"})
+    await gateway.start()
+    try:
+        expired = ca.material(["web"], ttl=-dt.timedelta(seconds=1))
+        async with caller_of(ext, tel, snapshot({"web": 1}, expired, {"out": [(gateway.port, {})]})) as port:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+            try:
+                assert await closed_by_peer(reader) == "reset"
+            finally:
+                writer.transport.abort()
+    finally:
+        await gateway.close()
+    assert "local service web: its certificate expired at " in caplog.text and "[NOCERT]" in caplog.text
+    assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
+                         destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
+    assert uf_count(tel, "source", "x-via") == 0
+    assert metric_sample(tel_gw, "hostmesh_tls_handshake_failures_total") == 0
     no_loop_errors(loop_errors)
 
 

@@ -767,6 +767,38 @@ async def test_a_caller_without_a_certificate_is_answered_503_nocert_by_its_own_
     assert mesh.http_out.pool.dials == 0 and sample(mesh.tel_b, "hostmesh_requests_total") == 0
 
 
+async def test_a_caller_whose_certificate_expired_answers_503_nocert_only_for_a_new_connection(
+    mesh: Mesh,
+) -> None:
+    """web's certificate expires (its renewal failed until then) with a mesh connection up to one of
+    api's two instances: requests to it go on (TLS checks a certificate only in the handshake),
+    while a request to the other, which needs a new mesh connection, is answered 503 NOCERT by
+    web's own agent, naming web and the expiry, with no handshake its agent would refuse and no
+    other instance tried. (The expiry is the not-after the client context read from its chain file:
+    a test cannot wait for a real one to pass.) It dialed anyway: 503 UC, as the peer refused."""
+    c = mesh.client()
+    first = await asyncio.to_thread(c.get, "/x")
+    assert first.status == 200
+    up = next(i for i, app in enumerate(mesh.apps) if app.hits)
+    other = mesh.apps[1 - up]
+    ctx = mesh.tls_a.client["web"]
+    ctx.leaf_not_after = time.time() - 1  # type: ignore[attr-defined]  # (ca/tls.py MeshContext)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.leaf_not_after))  # type: ignore[attr-defined]
+    resps = [await asyncio.to_thread(c.get, "/x") for _ in range(4)]
+    c.close()
+    served = [r for r in resps if r.status == 200]
+    refused = [r for r in resps if r.status == 503]
+    assert served and refused and len(served) + len(refused) == 4, resps
+    assert {r.instance for r in served} == {f"api-{up}"}
+    assert {(r.flags, r.body) for r in refused} == {
+        ("NOCERT", f"the certificate of web expired at {when}\n".encode())
+    }
+    assert mesh.http_out.mesh.handshakes == 1 and other.hits == 0
+    assert sample(mesh.tel_a, "hostmesh_requests_total", reporter="source", response_code="503",
+                  response_flags="NOCERT") == len(refused)  # fmt: skip
+    assert sample(mesh.tel_b, "hostmesh_tls_handshake_failures_total") == 0
+
+
 def slow_body_mesh(mesh: Mesh, idle: float = 0.5, rate: float = 240.0) -> None:
     for side in (mesh.http_out, *mesh.http_ins):
         side.body_idle_timeout, side.body_min_rate = idle, rate

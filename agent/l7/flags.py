@@ -15,10 +15,14 @@ concept). ``NI`` ("no intentions") is hostmesh's own: the agent cannot read the 
 intentions (Consul's ACL refuses it, never read yet, only an invalid document), so it refuses rather
 than guess (fail closed; agent/discovery.py) — a 503, because it is the
 agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
-``NOCERT`` is hostmesh's own too: the caller's agent holds no certificate (no client context) for
-the calling service, so it refuses that service's calls itself, trying no upstream — a 503 (the
-agent's state), not ``UF``: the availability SLO (observability/rules) counts a caller's 503 UF
-against the destination, where this is the caller's own problem. (Envoy's ``NC`` means "no cluster".)
+``NOCERT`` is hostmesh's own too: the caller's agent holds no usable certificate for the calling
+service — none (no client context), or one that has expired (its renewal failed until then, e.g.
+the CA away) when a call needs a new mesh connection, whose handshake the peer would refuse (calls
+on connections already up go on: TLS checks a certificate only in the handshake) — so it refuses
+that service's calls itself, trying no upstream: a 503 (the agent's state), not ``UF`` nor ``UC``
+(what the refused handshake looked like): the availability SLO (observability/rules) counts a
+caller's 503 UF against the destination, where this is the caller's own problem. (Envoy's ``NC``
+means "no cluster".)
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ UPE = "UPE"  # upstream protocol error (unparseable or smuggling-shaped response
 DPE = "DPE"  # downstream protocol error (bad framing, smuggling shapes, oversize head) -> 400/431
 AUTHZ = "AUTHZ"  # intention denied the call -> 403
 NI = "NI"  # no intentions: the destination's intentions cannot be read, the agent refuses -> 503
-NOCERT = "NOCERT"  # the caller's agent holds no certificate for the calling service -> 503
+NOCERT = "NOCERT"  # the caller's agent holds no usable certificate for the calling service -> 503
 
 SI = "SI"  # stream idle: a request body stalled or trickled (408), nothing moved (504); else a reset
 OM = "OM"  # overload manager: the agent's downstream connection cap (max_connections) is reached -> 503
@@ -65,7 +69,8 @@ DESCRIPTIONS: dict[str, str] = {
     DPE: "downstream protocol error",
     AUTHZ: "denied by intention",
     NI: "refused: the destination's intentions cannot be read (fail closed)",
-    NOCERT: "the caller's agent holds no certificate for the calling service",
+    NOCERT: "the caller's agent holds no usable certificate for the calling service: none, or an "
+    "expired one when a new mesh connection is needed (calls on connections already up go on)",
     SI: "stream idle: request body stalled or too slow, or nothing moved for stream_idle_timeout",
     OM: "agent overloaded (connection cap)",
     DC: "downstream connection terminated (the caller left, or the agent shut down). An HTTP client "

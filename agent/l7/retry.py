@@ -42,7 +42,7 @@ MAX_REPLAY_BODY_BYTES = 64 * 1024  # request bodies up to this size are kept for
 
 class Outcome(enum.Enum):
     """How one try ended, as the proxy observed it. The retry policy judges the first four; the last
-    two end the request without a retry decision (the proxy answers them itself)."""
+    four end the request without a retry decision (the proxy answers them itself)."""
 
     CONNECT_FAILURE = 1  # could not connect / TLS handshake failed
     RESET = 2  # connection closed or reset before a complete response head
@@ -54,6 +54,10 @@ class Outcome(enum.Enum):
     # instance was never contacted, so it is never held against it, nor retried (Envoy charges no
     # host for its circuit breakers): 504 UT at the route's deadline, else 503 UO
     PENDING_EXPIRED = 11
+    # the calling service's certificate has expired and the try needs a new mesh connection, which
+    # the peer would refuse: none is dialed (proxy/pool.py connect_tls), no instance is at fault and
+    # every other would be dialed with the same certificate: 503 NOCERT, never retried
+    NO_CERT = 12
 
 
 # module-level names: what the hot path and callers use (no enum class lookup per request); Final:
@@ -66,6 +70,7 @@ TIMEOUT: Final = Outcome.TIMEOUT
 CLIENT_GONE: Final = Outcome.CLIENT_GONE
 OVERFLOW: Final = Outcome.OVERFLOW
 PENDING_EXPIRED: Final = Outcome.PENDING_EXPIRED
+NO_CERT: Final = Outcome.NO_CERT
 
 # what the client gets when the last try failed locally: (status, response flag)
 FAILURE_RESPONSE: dict[Outcome, tuple[int, str]] = {

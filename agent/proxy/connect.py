@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
+from hostmesh.agent.l7 import flags
 from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, PoolKey
 from hostmesh.agent.snapshot import Endpoint
 from hostmesh.ca.identity import Identity
@@ -52,7 +53,9 @@ async def connect_within_budget(
       `connect_budget`, counted from the call: once it is spent (less than MIN_ATTEMPT_TIME left) no
       attempt starts.
     - A DialError (refused, timed out, TLS failure, wrong peer identity) marks the instance tried
-      and is handed to `on_failure` (the caller counts and logs it its way), then the next one.
+      and is handed to `on_failure` (the caller counts and logs it its way), then the next one. One
+      flagged NOCERT (our own certificate expired: pool.py `connect_tls`) ends the loop at once: no
+      instance is at fault, and every other would be dialed with the same certificate.
     - `usable` may turn a connection down (a UDP flow needs agent protocol v2): that instance is
       tried too, reported by `usable` itself, and does not change `last`.
     - `wanted()` is asked before every attempt: once the caller is gone (its client closed) the
@@ -74,6 +77,8 @@ async def connect_within_budget(
             if conn is None:
                 conn = await pool.dial(key, ctx, sni, peer, timeout)
         except DialError as exc:
+            if exc.flag == flags.NOCERT:
+                return Unreachable(len(tried), exc)
             last = exc
             tried.add(key)
             if on_failure is not None:

@@ -436,7 +436,8 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
 async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext: ExternalService,
                endpoints: tuple[Any, ...]) -> None:  # fmt: skip
     """A mesh stream to an instance of the egress gateway, SNI naming the external service, within
-    the upstream's connect budget (connect.py); none answered in time: reset, flag UF."""
+    the upstream's connect budget (connect.py); none answered in time: reset, flag UF (NOCERT: none
+    was dialed, the calling service's certificate has expired)."""
     assert ext.via is not None
     up: UpstreamConfig = listener.upstream
     got = await connect_within_budget(
@@ -449,6 +450,8 @@ async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext
         return
     if isinstance(got, Connected):
         listener._attach(end, got.conn, got.endpoint)
+    elif got.last.flag == flags.NOCERT:  # our certificate expired: no gateway was dialed (pool.py)
+        listener._refuse(end, flags.NOCERT, f"local service {listener.local_service}: {got.last}")
     else:
         listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {got.last}")
 

@@ -73,6 +73,7 @@ from hostmesh.agent.l7.ratelimit import UpstreamLimits
 from hostmesh.agent.l7.retry import (
     EXHAUSTED,
     FAILURE_RESPONSE,
+    NO_CERT,
     PENDING_EXPIRED,
     RETRY,
     RetryBudget,
@@ -108,7 +109,14 @@ from hostmesh.agent.proxy.http_conn import (
 )
 from hostmesh.agent.proxy.http_upstream import StreamUpstreamConn, TlsUpstreamConn, UpstreamConn, UpstreamPool
 from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, ConnectionCap
-from hostmesh.agent.proxy.pool import ConnectionPool, DialError, MeshClient, connect_tls, verify_peer
+from hostmesh.agent.proxy.pool import (
+    ConnectionPool,
+    DialError,
+    MeshClient,
+    connect_tls,
+    expired_at,
+    verify_peer,
+)
 from hostmesh.agent.proxy.stream_transport import StreamTransport
 from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION, HTTP_MIN_VERSION, HTTP_OPEN, MAX_CONTROL_PAYLOAD
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
@@ -559,6 +567,7 @@ class HttpOutbound:
         self.retiring = False  # closing after a reload replaced it: requests on open connections served
         self.rejected_total = 0
         self._broke_log = RateLimitedLog(log, "clients that broke HTTP/1.1", level=logging.INFO)
+        self._nocert_log = RateLimitedLog(log, "requests refused NOCERT", lines=1)
         self.mirror_dropped = 0  # mirrored copies given up: the mirror was too slow, unreachable or empty
         self.mirrors_in_flight = 0  # copies sent or being sent, not yet answered (MIRROR_MAX_IN_FLIGHT)
         self.pool.on_lost = self._conn_lost
@@ -718,7 +727,9 @@ class HttpOutbound:
     def _admit(self, ex: Exchange, st: _Req, reads: SnapReads) -> bool:
         """The upstream's request limit (over it: 503 UO at once; only connections wait as pending),
         then the calling service's client certificate (none: 503 NOCERT). Pooled connections made with an
-        older certificate are dropped when a new one is first used."""
+        older certificate are dropped when a new one is first used. An expired one is not checked here,
+        per request: requests ride connections already up as before (TLS checks a certificate only in
+        the handshake), and a try that needs a new one is answered 503 NOCERT (`_connect`)."""
         if st.cluster.limits.admit_request() is not None:
             ex.respond(503, fl.UO)
             return False
@@ -937,6 +948,10 @@ class HttpOutbound:
                     slot = False
                 if ex.done or outcome == CLIENT_GONE:
                     return
+                if outcome == NO_CERT:
+                    when = expired_at(getattr(st.ctx, "leaf_not_after", 0.0))
+                    ex.respond(503, fl.NOCERT, f"the certificate of {self.local_service} expired at {when}")
+                    return
                 if outcome in (OVERFLOW, PENDING_EXPIRED):
                     if outcome == PENDING_EXPIRED and last_chance:
                         ex.respond(504, fl.UT)
@@ -1072,6 +1087,10 @@ class HttpOutbound:
         except DialError as exc:
             limits.connections.release()
             self._wake_one()
+            if exc.flag == fl.NOCERT:  # our certificate expired: nothing was dialed (pool.py connect_tls)
+                self._nocert_log("outbound %s: local service %s: %s; requests that need a new connection "
+                                 "are answered 503 NOCERT", self.name, self.local_service, exc)  # fmt: skip
+                return NO_CERT
             if exc.security:
                 log.warning("outbound %s: %s", self.name, exc)
             else:

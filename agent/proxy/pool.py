@@ -21,7 +21,8 @@ Security argument (why sharing does not weaken the mesh):
   intentions check on every OPEN, so an allow -> deny change applies to the next downstream
   connection even on an established mTLS connection, exactly as without sharing.
 - Credentials are not relied on past their life: no stream is opened on a connection after
-  MAX_CONN_AGE, nor after the peer certificate's not-after; when the caller's TLS material changes
+  MAX_CONN_AGE, nor after the peer certificate's not-after, and none is dialed with a client
+  certificate past its own not-after (`connect_tls`: flag NOCERT); when the caller's TLS material changes
   (cert renewal, trust-bundle change) connections built with the old context take no new streams
   and close once their streams end, and the inbound re-verifies an established caller's
   certificate against a changed trust bundle before it accepts another stream (inbound.py).
@@ -115,7 +116,18 @@ def set_liveness(transport: asyncio.BaseTransport) -> None:
 
 async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSLContext, sni: str,
                       timeout: float) -> asyncio.Transport:  # fmt: skip
-    """TCP connect and TLS handshake to the peer agent at `key`, within `timeout`; raises DialError."""
+    """TCP connect and TLS handshake to the peer agent at `key`, within `timeout`; raises DialError.
+
+    Not when the leaf `ctx` presents has expired (its renewal failed until then, e.g. the CA away):
+    the peer would refuse that handshake, and TLS 1.3's client finishes its side before the peer
+    checks the certificate, so a stream on it ended UC and an L4 connection was reset unflagged.
+    DialError with flag NOCERT instead: the caller's agent, not the peer, is at fault (connect.py and
+    the L7 outbound answer it themselves, no other instance tried). Checked here, once per new
+    connection, not per request or stream: those riding a connection already up keep working, as TLS
+    checks a certificate only in the handshake (the peer may end it at the certificate's expiry)."""
+    not_after = getattr(ctx, "leaf_not_after", math.inf)  # (a context of ca/tls.py's mesh_client_context)
+    if time.time() >= not_after:
+        raise DialError(f"its certificate expired at {expired_at(not_after)}", flag=flags.NOCERT)
     loop = asyncio.get_running_loop()
     try:
         transport, _ = await asyncio.wait_for(
@@ -131,6 +143,11 @@ async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSL
     except OSError as exc:
         raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc.strerror or exc}") from None
     return transport
+
+
+def expired_at(not_after: float) -> str:
+    """A certificate's not-after, as the refusal lines say it: `2026-12-07T07:31:02Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
 
 
 class Agreed(NamedTuple):

@@ -650,8 +650,9 @@ class UdpOutbound:
             flow.counted = turns
             turns.acquire((got.endpoint.address, got.endpoint.port))
             return
-        self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
-                     up.service, flow.addr)  # fmt: skip
+        why = f": local service {self.local_service}: {got.last}" if got.last.flag == flags.NOCERT else ""
+        self._uf_log("udp outbound %s: no instance of %s could take the flow of %s%s", self.name,
+                     up.service, flow.addr, why)  # fmt: skip
         self.counters.flow(flags.UF)
         flow.close(why=flags.UF)
 
