@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -269,16 +270,18 @@ def _flags_sample(metrics: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_a_caller_whose_certificate_expired_refuses_new_connections_nocert(
+def test_a_caller_whose_certificate_expired_refuses_its_new_calls_nocert(
     private_consul: ConsulDev, tmp_path: Path
 ) -> None:
-    """web's leaf expires on host a while the CA is down (its renewal fails until then). Its calls
-    that need a new mesh connection are refused by its own agent: 503 NOCERT for api (L7), a reset
-    counted NOCERT for db (L4), a line naming web and the expiry, nothing reaching host b. Before,
-    the agent dialed anyway, the TLS 1.3 client finished its side of the handshake, host b refused
-    the expired certificate, and the caller got 503 UC ("upstream connection termination") and an
-    unflagged reset. With the CA back and a fresh token in the token file, web is recovered and its
-    calls are answered again."""
+    """web's leaf expires on host a while the CA is down (its renewal fails until then), with a mesh
+    connection to host b up (an L4 call under way on it). web's new calls are refused by its own
+    agent: 503 NOCERT for api (L7), a reset counted NOCERT for db (L4), a line naming web and the
+    expiry, nothing reaching host b; the call under way goes on (b checks a caller's certificate at
+    each new stream or request, not during one). Before, the L7 request rode the connection up and
+    b refused it, 403 AUTHZ "caller certificate not trusted"; and L4 rode it too, b aborting the whole
+    connection, the call under way with it; on a new connection (none up) the agent dialed, the TLS
+    1.3 client finished its side, b refused the expired certificate: 503 UC and an unflagged reset.
+    With the CA back and a fresh token in the token file, web is recovered and its calls answered."""
     from tests.l7_support import Backends, Client
 
     backends = Backends("api")
@@ -304,7 +307,14 @@ def test_a_caller_whose_certificate_expired_refuses_new_connections_nocert(
         ca.stop()
         m.wait_endpoints(a, "api", 1)
         m.wait_endpoints(a, "db", 1)
-        # no call before the expiry: no mesh connection is up, each call below needs a new one
+        # before the expiry: one request to api, and a call to db that stays open (the mesh connection
+        # to b up, a stream on it under way)
+        c = Client(a.binds["api"])
+        assert c.get("/x").status == 200
+        c.close()
+        held = socket.create_connection(("127.0.0.1", a.binds["db"]), timeout=WAIT)
+        held.sendall(b"1")
+        assert held.recv(1) == b"1"
         wait_for(lambda: certs(a)["web"]["state"] == "expired", WAIT, "node-a to report web expired")
         web = certs(a)["web"]
         when = dt.datetime.fromisoformat(web["not_after"]).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -313,9 +323,12 @@ def test_a_caller_whose_certificate_expired_refuses_new_connections_nocert(
         c = Client(a.binds["api"])
         r = c.get("/x")
         c.close()
-        assert (r.status, r.flags) == (503, "NOCERT"), (r, a.proc.log())
+        assert (r.status, r.flags) == (503, "NOCERT"), (r, a.proc.log(), b.proc.log())
         assert r.body == f"the certificate of web expired at {when}\n".encode(), r.body
         assert refused(a.binds["db"], b"ping")
+        held.sendall(b"2")  # the call under way goes on
+        assert held.recv(1) == b"2"
+        held.close()
         log = a.proc.log()
         assert f"local service web: its certificate expired at {when} [NOCERT]" in log, log
         assert f"outbound web->api (http): local service web: its certificate expired at {when}" in log, log
@@ -325,8 +338,9 @@ def test_a_caller_whose_certificate_expired_refuses_new_connections_nocert(
         for series in ("opened", "closed"):
             assert _flags_sample(metrics, f"hostmesh_tcp_connections_{series}_total", reporter="source",
                                  destination_service="db", response_flags="NOCERT") == 1, metrics  # fmt: skip
-        assert (backends["api"].hits, echo.received) == (seen, received)  # nothing reached b's apps
-        assert "refused a TLS handshake" not in b.proc.log(), b.proc.log()  # nor its agent
+        assert (backends["api"].hits, echo.received) == (seen, received + 1)  # only the call under way
+        # nor b's agent: no handshake, stream or request of web's refused there
+        assert "refused" not in b.proc.log() and "caller certificate" not in b.proc.log(), b.proc.log()
 
         # the CA back and a fresh token in the token file: web is recovered, its calls answered
         ca = ca_serve(m, LONG_LEAF)

@@ -504,38 +504,40 @@ async def test_a_caller_without_a_certificate_is_reset_nocert_by_its_own_agent(
     assert metric_sample(mesh.tel_a, "hostmesh_tcp_connections_opened_total", response_flags="UF") == 0
 
 
-async def test_a_caller_whose_certificate_expired_keeps_its_connections_and_dials_no_new_one(
+async def test_a_caller_whose_certificate_expired_opens_no_stream_and_dials_nothing(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     """web's certificate expires (its renewal failed until then) with a mesh connection to api's
-    agent up: streams on it go on, old and new (TLS checks a certificate only in the handshake),
-    while a connection that needs a new mesh connection (another listener's pool) is reset by web's
-    own agent, flag NOCERT, with no handshake api's agent would refuse. (The expiry is the not-after
-    the client context read from its chain file: a test cannot wait for a real one to pass.)"""
+    agent up and a call under way on it: that call goes on; a new one is reset by web's own agent,
+    flag NOCERT: the connection up takes no new stream (api's agent would refuse it, aborting the
+    connection and the call under way with it: trust.py) and no connection is dialed (api's agent
+    would refuse its handshake). The clock cannot pass here: the certificate's end (the not-after
+    the client context read from its chain file) is set 300 s ahead before the dial, which the
+    connection takes as its own end of new streams, then both are moved 301 s back."""
+    ctx = mesh.holder_a.current.tls.client["web"]
+    ctx.leaf_not_after = time.time() + 300  # type: ignore[attr-defined]  # (ca/tls.py MeshContext)
     r1, w1 = await mesh.connect()
     w1.write(b"before")
     assert await asyncio.wait_for(r1.readexactly(6), IO_TIMEOUT) == b"before"
-    ctx = mesh.holder_a.current.tls.client["web"]
-    assert ctx.leaf_not_after > time.time()  # type: ignore[attr-defined]  # (ca/tls.py MeshContext)
-    ctx.leaf_not_after = time.time() - 1  # type: ignore[attr-defined]
-    w1.write(b"after")
+    [conn] = mesh.outbound.pool._iter(None)
+    assert conn.expires <= time.monotonic() + 300  # ours, not the pool's MAX_CONN_AGE (600 s)
+    ctx.leaf_not_after -= 301  # type: ignore[attr-defined]
+    conn.expires -= 301
+    w1.write(b"after")  # the call under way goes on
     assert await asyncio.wait_for(r1.readexactly(5), IO_TIMEOUT) == b"after"
-    r2, w2 = await mesh.connect()  # a new stream on the connection that is up
-    w2.write(b"again")
-    assert await asyncio.wait_for(r2.readexactly(5), IO_TIMEOUT) == b"again"
-    assert mesh.outbound.pool.handshakes == 1
-    other = await mesh.add_outbound(mesh.holder_a)  # its own pool: nothing up
-    r3, _w3 = await mesh.connect(other)
-    assert await closed_by_peer(r3) == "reset"
-    assert other.pool.handshakes == 0 and mesh.app.connections == 2
+    r2, _w2 = await mesh.connect()
+    assert await closed_by_peer(r2) == "reset"
+    w1.write(b"still")
+    assert await asyncio.wait_for(r1.readexactly(5), IO_TIMEOUT) == b"still"
+    assert mesh.outbound.pool.handshakes == 1 and mesh.app.connections == 1
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.leaf_not_after))  # type: ignore[attr-defined]
     assert f"local service web: its certificate expired at {when} [NOCERT]" in caplog.text
     for series in ("opened", "closed"):
         assert metric_sample(mesh.tel_a, f"hostmesh_tcp_connections_{series}_total", reporter="source",
                              destination_service="api", response_flags="NOCERT") == 1  # fmt: skip
     assert metric_sample(mesh.tel_b, "hostmesh_tls_handshake_failures_total") == 0
-    for w in (w1, w2):
-        w.close()
+    assert "caller certificate" not in caplog.text  # api's agent refused nothing
+    w1.close()
 
 
 async def test_instance_dying_mid_connection(mesh: Mesh) -> None:

@@ -17,12 +17,12 @@ than guess (fail closed; agent/discovery.py) — a 503, because it is the
 agent's state, not the caller's identity, that is wrong, and another instance may serve the call.
 ``NOCERT`` is hostmesh's own too: the caller's agent holds no usable certificate for the calling
 service — none (no client context), or one that has expired (its renewal failed until then, e.g.
-the CA away) when a call needs a new mesh connection, whose handshake the peer would refuse (calls
-on connections already up go on: TLS checks a certificate only in the handshake) — so it refuses
-that service's calls itself, trying no upstream: a 503 (the agent's state), not ``UF`` nor ``UC``
-(what the refused handshake looked like): the availability SLO (observability/rules) counts a
-caller's 503 UF against the destination, where this is the caller's own problem. (Envoy's ``NC``
-means "no cluster".)
+the CA away), which the destination would refuse, in a new connection's handshake or, on a
+connection up, at the call (calls under way go on) — so it refuses that service's new calls itself,
+trying no upstream: a 503 (the agent's state), not ``UF`` nor what the destination's refusal
+looked like (``UC``, a 403 ``AUTHZ``): the availability SLO (observability/rules) counts a caller's
+503 UF against the destination, where this is the caller's own problem. (Envoy's ``NC`` means "no
+cluster".)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ DESCRIPTIONS: dict[str, str] = {
     AUTHZ: "denied by intention",
     NI: "refused: the destination's intentions cannot be read (fail closed)",
     NOCERT: "the caller's agent holds no usable certificate for the calling service: none, or an "
-    "expired one when a new mesh connection is needed (calls on connections already up go on)",
+    "expired one (calls under way go on)",
     SI: "stream idle: request body stalled or too slow, or nothing moved for stream_idle_timeout",
     OM: "agent overloaded (connection cap)",
     DC: "downstream connection terminated (the caller left, or the agent shut down). An HTTP client "

@@ -728,8 +728,9 @@ class HttpOutbound:
         """The upstream's request limit (over it: 503 UO at once; only connections wait as pending),
         then the calling service's client certificate (none: 503 NOCERT). Pooled connections made with an
         older certificate are dropped when a new one is first used. An expired one is not checked here,
-        per request: requests ride connections already up as before (TLS checks a certificate only in
-        the handshake), and a try that needs a new one is answered 503 NOCERT (`_connect`)."""
+        per request: past its end no pooled connection or stream takes a request (pool.py
+        `verify_peer`: their `expires`), and the try that needs a new one is answered 503 NOCERT
+        (`_connect`)."""
         if st.cluster.limits.admit_request() is not None:
             ex.respond(503, fl.UO)
             return False

@@ -14,8 +14,9 @@ Decisions:
 - A connect failure, timeout, TLS failure or wrong peer identity moves to another instance not yet
   tried, until `connect_budget` is spent; each attempt gets `connect_timeout` at most (one loop for
   streams, UDP flows and egress via a gateway: connect.py).
-- The calling service's certificate is missing, or expired when a new mTLS connection would be
-  dialed (pool.py connect_tls; streams on one already up go on): reset at once, flag NOCERT.
+- The calling service's certificate is missing, or has expired (pool.py: a connection up takes no
+  new stream past it, which the peer would refuse, and none is dialed; streams under way go on):
+  reset at once, flag NOCERT.
 - No healthy instance (of the subset the split picked), or every instance failed: the downstream is
   reset at once (the client sees a reset rather than an EOF that could pass for an empty answer) and
   one log line says why. Retries stay within the subset the split picked.
@@ -308,8 +309,8 @@ class OutboundListener(ListenerLifecycle):
             self._ctx = ctx
         ep = conns.pick(endpoints, (), self.upstream.load_balancer == "least_connections")
         assert ep is not None
-        # a pooled connection serves even once our certificate has expired (TLS checks it only in
-        # the handshake); a new one is not dialed with it (pool.py connect_tls: reset NOCERT)
+        # (none once our certificate has expired: pooled connections take no new stream then, and
+        # none is dialed, pool.py `verify_peer` and `connect_tls`: the reset is flagged NOCERT)
         conn = self.pool.acquire((ep.address, ep.port), ctx)
         if conn is not None:
             self._attach(end, conn, ep, subset, conns)

@@ -21,8 +21,9 @@ Security argument (why sharing does not weaken the mesh):
   intentions check on every OPEN, so an allow -> deny change applies to the next downstream
   connection even on an established mTLS connection, exactly as without sharing.
 - Credentials are not relied on past their life: no stream is opened on a connection after
-  MAX_CONN_AGE, nor after the peer certificate's not-after, and none is dialed with a client
-  certificate past its own not-after (`connect_tls`: flag NOCERT); when the caller's TLS material changes
+  MAX_CONN_AGE, nor after the peer certificate's not-after or our own (the peer would refuse it),
+  and none is dialed with our certificate past its not-after (`connect_tls`: flag NOCERT, the
+  caller's agent refuses the call itself); when the caller's TLS material changes
   (cert renewal, trust-bundle change) connections built with the old context take no new streams
   and close once their streams end, and the inbound re-verifies an established caller's
   certificate against a changed trust bundle before it accepts another stream (inbound.py).
@@ -123,8 +124,8 @@ async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSL
     checks the certificate, so a stream on it ended UC and an L4 connection was reset unflagged.
     DialError with flag NOCERT instead: the caller's agent, not the peer, is at fault (connect.py and
     the L7 outbound answer it themselves, no other instance tried). Checked here, once per new
-    connection, not per request or stream: those riding a connection already up keep working, as TLS
-    checks a certificate only in the handshake (the peer may end it at the certificate's expiry)."""
+    connection, not per request or stream: a connection up stops taking new streams at the same
+    moment (`verify_peer`'s `expires`), so the next call comes here."""
     not_after = getattr(ctx, "leaf_not_after", math.inf)  # (a context of ca/tls.py's mesh_client_context)
     if time.time() >= not_after:
         raise DialError(f"its certificate expired at {expired_at(not_after)}", flag=flags.NOCERT)
@@ -152,7 +153,8 @@ def expired_at(not_after: float) -> str:
 
 class Agreed(NamedTuple):
     """What a verified dial settled: the protocol version both agents speak, and until when the
-    peer's certificate may be relied on (monotonic time, inf if unknown)."""
+    connection may take new streams: the end of the peer's certificate or of ours, whichever comes
+    first (monotonic time, inf if unknown)."""
 
     version: int
     expires: float
@@ -185,8 +187,14 @@ def verify_peer(
         reset_transport(transport)
         raise
     set_liveness(transport)
-    not_after = peer_not_after(ssl_obj)
-    expires = time.monotonic() + max(0.0, not_after - time.time()) if not_after else math.inf
+    # relied on until the peer's certificate ends, and ours: past its end the peer refuses every new
+    # stream and request on the connection (agent/proxy/trust.py: L4 aborts the whole connection,
+    # the streams under way with it; L7 answers 403 AUTHZ), so it takes none; the next call needs a
+    # new connection, which connect_tls refuses (NOCERT). Streams under way then go on to their end:
+    # the peer checks a caller's certificate only at a new one. (No check per request: `has_room`
+    # and the HTTP pools compare `expires` already.)
+    ends = min(peer_not_after(ssl_obj) or math.inf, getattr(ssl_obj.context, "leaf_not_after", math.inf))
+    expires = time.monotonic() + max(0.0, ends - time.time()) if ends < math.inf else math.inf
     return Agreed(PROTOCOL_VERSIONS[agreed], expires)
 
 
