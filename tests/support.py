@@ -109,6 +109,16 @@ def metric_sample(tel: Any, name: str, **labels: str) -> float:
     return total
 
 
+def exposition_sample(text: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples in a Prometheus text exposition (an agent's /metrics) whose labels
+    include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class WebMesh(NamedTuple):
     m: LocalMesh
     consul: ConsulDev

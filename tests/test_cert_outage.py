@@ -45,7 +45,7 @@ from hostmesh.agent.localmesh import (
     wait_for,
 )
 from hostmesh.agent.renewal import retry_cap
-from tests.support import ConsulDev
+from tests.support import ConsulDev, exposition_sample
 
 pytestmark = [pytest.mark.consul]
 
@@ -261,15 +261,6 @@ CALLER_LEAF = 15
 LONG_LEAF = 3600  # seconds: the destination's, and the caller's once recovered: nothing expires meanwhile
 
 
-def _flags_sample(metrics: str, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples in a Prometheus exposition whose labels include `labels`."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_a_caller_whose_certificate_expired_refuses_its_new_calls_nocert(
     private_consul: ConsulDev, tmp_path: Path
 ) -> None:
@@ -333,11 +324,13 @@ def test_a_caller_whose_certificate_expired_refuses_its_new_calls_nocert(
         assert f"local service web: its certificate expired at {when} [NOCERT]" in log, log
         assert f"outbound web->api (http): local service web: its certificate expired at {when}" in log, log
         metrics = a.metrics()
-        assert _flags_sample(metrics, "hostmesh_requests_total", reporter="source", destination_service="api",
-                             response_code="503", response_flags="NOCERT") == 1, metrics  # fmt: skip
+        assert exposition_sample(metrics, "hostmesh_requests_total", reporter="source",
+                                 destination_service="api", response_code="503",
+                                 response_flags="NOCERT") == 1, metrics  # fmt: skip
         for series in ("opened", "closed"):
-            assert _flags_sample(metrics, f"hostmesh_tcp_connections_{series}_total", reporter="source",
-                                 destination_service="db", response_flags="NOCERT") == 1, metrics  # fmt: skip
+            name = f"hostmesh_tcp_connections_{series}_total"
+            assert exposition_sample(metrics, name, reporter="source", destination_service="db",
+                                     response_flags="NOCERT") == 1, metrics  # fmt: skip
         assert (backends["api"].hits, echo.received) == (seen, received + 1)  # only the call under way
         # nor b's agent: no handshake, stream or request of web's refused there
         assert "refused" not in b.proc.log() and "caller certificate" not in b.proc.log(), b.proc.log()
