@@ -212,6 +212,18 @@ async def caller_of(ext: ExternalService, tel: Telemetry, snap: Snapshot | None 
         await ob.close()
 
 
+@contextlib.asynccontextmanager
+async def egress_gateway(snap: Snapshot, tel: Telemetry) -> AsyncIterator[int]:
+    """The port of a running egress gateway, service "out", whose agent holds `snap`."""
+    gateway = InboundListener(SnapshotHolder(snap), Address("127.0.0.1", 0), tel)
+    gateway.egress_gateways = frozenset({"out"})
+    await gateway.start()
+    try:
+        yield gateway.port
+    finally:
+        await gateway.close()
+
+
 async def app_call(port: int) -> str:
     """An app's request on its upstream listener: how the agent ended it ('reset' or 'eof')."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
@@ -417,16 +429,10 @@ async def test_at_the_egress_gateway_a_name_the_resolver_refuses_resets_the_call
     ca = CA(tmp_path)
     ext = ExternalService("x-long", 1, (ExternalAddress(f"{LONG_LABEL}.invalid", 443),), via="out")
     tel_gw, tel = Telemetry(), Telemetry()
-    gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
-    gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), tel_gw)
-    gateway.egress_gateways = frozenset({"out"})
-    await gateway.start()
-    try:
-        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+    async with egress_gateway(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext), tel_gw) as gw:
+        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gw, {})]})
         async with caller_of(ext, tel, snap) as port:
             assert await app_call(port) == "reset"
-    finally:
-        await gateway.close()
     assert uf_count(tel_gw, "destination", "x-long") == 1
     [line] = lines_about(caplog, "x-long")
     assert "(called by web)" in line and "not a DNS name" in line
@@ -468,20 +474,14 @@ async def test_via_an_egress_gateway_a_caller_whose_certificate_expired_is_reset
     ca = CA(tmp_path)
     ext = ExternalService("x-via", 1, (ExternalAddress("127.0.0.1", 9),), via="out")
     tel_gw, tel = Telemetry(), Telemetry()
-    gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
-    gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), tel_gw)
-    gateway.egress_gateways = frozenset({"out"})
-    await gateway.start()
-    try:
+    async with egress_gateway(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext), tel_gw) as gw:
         expired = ca.material(["web"], ttl=-dt.timedelta(seconds=1))
-        async with caller_of(ext, tel, snapshot({"web": 1}, expired, {"out": [(gateway.port, {})]})) as port:
+        async with caller_of(ext, tel, snapshot({"web": 1}, expired, {"out": [(gw, {})]})) as port:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
             try:
                 assert await closed_by_peer(reader) == "reset"
             finally:
                 writer.transport.abort()
-    finally:
-        await gateway.close()
     assert "local service web: its certificate expired at " in caplog.text and "[NOCERT]" in caplog.text
     assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
                          destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
@@ -589,12 +589,9 @@ async def test_at_the_egress_gateway_the_external_connection_has_the_one_access_
     ca = CA(tmp_path)
     async with external_echo() as ext_port:
         ext = ExternalService("x-echo", 1, (ExternalAddress("127.0.0.1", ext_port),), via="out")
-        gw_holder = SnapshotHolder(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext))
-        gateway = InboundListener(gw_holder, Address("127.0.0.1", 0), Telemetry())
-        gateway.egress_gateways = frozenset({"out"})
-        await gateway.start()
-        try:
-            snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+        gw_snap = with_externals(snapshot({"out": 1}, ca.material(["out"])), ext)
+        async with egress_gateway(gw_snap, Telemetry()) as gw:
+            snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gw, {})]})
             async with caller_of(ext, Telemetry(), snap) as port:
                 assert await app_ping(port) == b"pong!"
 
@@ -603,8 +600,6 @@ async def test_at_the_egress_gateway_the_external_connection_has_the_one_access_
                     return lines if len(lines) == 2 else []
 
                 lines = await async_wait_until(both, IO_TIMEOUT, "both access lines")
-        finally:
-            await gateway.close()
     [line] = [x for x in lines if x["reporter"] == "destination"]  # the gateway's (the caller's: outbound.py)
     assert set(line) == FIELDS
     assert (line["source_workload"], line["source_principal"]) == ("web", f"spiffe://{TD}/svc/web")
@@ -638,15 +633,8 @@ async def test_a_failed_or_refused_external_connection_has_its_access_line(
     ca = CA(tmp_path)
     denied = ExternalService("x-denied", 1, (ExternalAddress("127.0.0.1", 9),), via="out")
     gw_snap = with_externals(snapshot({"out": 1}, ca.material(["out"])), denied)
-    gateway = InboundListener(
-        SnapshotHolder(dataclasses.replace(gw_snap, default_allow=False)),
-        Address("127.0.0.1", 0),
-        Telemetry(),
-    )
-    gateway.egress_gateways = frozenset({"out"})
-    await gateway.start()
-    try:
-        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gateway.port, {})]})
+    async with egress_gateway(dataclasses.replace(gw_snap, default_allow=False), Telemetry()) as gw:
+        snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gw, {})]})
         async with caller_of(denied, Telemetry(), snap) as port:
             assert await app_call(port) == "reset"
 
@@ -654,8 +642,6 @@ async def test_a_failed_or_refused_external_connection_has_its_access_line(
                 return [x for x in access_lines(caplog) if x["reporter"] == "destination"]
 
             [line] = await async_wait_until(the_gateways, IO_TIMEOUT, "the gateway's access line")
-    finally:
-        await gateway.close()
     assert set(line) == FIELDS
     assert (line["destination_service"], line["response_flags"]) == ("x-denied", "AUTHZ")
     assert line["source_principal"] == f"spiffe://{TD}/svc/web"
