@@ -691,6 +691,18 @@ def test_ca_role_makes_no_second_root_on_another_ca_host(tmp_path: Path) -> None
     assert not (root / "var/lib/hostmesh-ca/ca.json").exists()  # no second root
 
 
+def role_in_a_fleet(tmp_path: Path, role: str) -> tuple[Path, Path]:
+    """A playbook of `role` alone for localhost, and an inventory of two hosts (localhost and one
+    that is never reached, `other.invalid`): a fleet, where 127.0.0.1 is no address for the others."""
+    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    inventory = tmp_path / "inventory.json"
+    hosts = {"localhost": {"ansible_connection": "local"}, "other.invalid": {}}
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    return playbook, inventory
+
+
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT)  # two runs of the role
 @pytest.mark.parametrize(
@@ -709,12 +721,7 @@ def test_a_role_without_facts_in_a_fleet_stops_naming_the_address_to_set(
     root = tmp_path / "root"
     (root / "etc/hostmesh").mkdir(parents=True)
     this_checkout_as_the_venv(root)
-    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
-    inventory = tmp_path / "inventory.json"
-    hosts = {"localhost": {"ansible_connection": "local"}, "other.invalid": {}}
-    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    playbook, inventory = role_in_a_fleet(tmp_path, role)
     env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(role_alone(tmp_path, role))}
     variables: dict[str, object] = {
         "ansible_python_interpreter": sys.executable,
@@ -750,12 +757,7 @@ def test_a_role_without_an_address_stops_before_installing(tmp_path: Path, role:
     at pip, which has no wheel, before the check. The roles as shipped, pip into the test root."""
     root = tmp_path / "root"
     root.mkdir()
-    play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
-    inventory = tmp_path / "inventory.json"
-    hosts = {"localhost": {"ansible_connection": "local"}, "other.invalid": {}}
-    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    playbook, inventory = role_in_a_fleet(tmp_path, role)
     env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
     (tmp_path / "no-wheels").mkdir()
     variables: dict[str, object] = {
