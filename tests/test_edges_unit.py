@@ -234,6 +234,16 @@ async def app_call(port: int) -> str:
         writer.transport.abort()
 
 
+async def app_connect(port: int) -> str:
+    """An app's connection to its upstream listener that writes nothing (a refusal resets it on accept,
+    and on uvloop a write then raises): how the agent ended it ('reset' or 'eof')."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+    try:
+        return await closed_by_peer(reader)
+    finally:
+        writer.transport.abort()
+
+
 def uf_count(tel: Telemetry, reporter: str, destination: str) -> float:
     return metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter=reporter,
                          destination_service=destination, response_flags="UF")  # fmt: skip
@@ -451,12 +461,7 @@ async def test_via_an_egress_gateway_a_caller_without_a_certificate_is_reset_noc
         async with caller_of(
             ext, tel, snapshot({"web": 1}, NO_TLS, {"out": [(gateway.getsockname()[1], {})]})
         ) as port:
-            # (reset on accept, before the app writes: on uvloop a write then raises)
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
-            try:
-                assert await closed_by_peer(reader) == "reset"
-            finally:
-                writer.transport.abort()
+            assert await app_connect(port) == "reset"
     assert "reset downstream" in caplog.text and "no certificate [NOCERT]" in caplog.text
     assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
                          destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
@@ -477,11 +482,7 @@ async def test_via_an_egress_gateway_a_caller_whose_certificate_expired_is_reset
     async with egress_gateway(with_externals(snapshot({"out": 1}, ca.material(["out"])), ext), tel_gw) as gw:
         expired = ca.material(["web"], ttl=-dt.timedelta(seconds=1))
         async with caller_of(ext, tel, snapshot({"web": 1}, expired, {"out": [(gw, {})]})) as port:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
-            try:
-                assert await closed_by_peer(reader) == "reset"
-            finally:
-                writer.transport.abort()
+            assert await app_connect(port) == "reset"
     assert "local service web: its certificate expired at " in caplog.text and "[NOCERT]" in caplog.text
     assert metric_sample(tel, "hostmesh_tcp_connections_opened_total", reporter="source",
                          destination_service="x-via", response_flags="NOCERT") == 1  # fmt: skip
