@@ -1233,6 +1233,37 @@ async def test_a_udp_flow_ends_when_its_callers_certificate_expires(
     ]
 
 
+async def test_a_udp_flow_of_a_caller_whose_certificate_expired_is_counted_nocert(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """web's certificate expired a second ago (its renewal failed until then): its agent dials no mesh
+    connection for a new flow (pool.py connect_tls) and counts the flow NOCERT, the caller's own
+    problem, naming the service and the expiry. It was counted UF, as if no instance could take it."""
+    expired = mesh.ca.material(["web"], ttl=-dt.timedelta(seconds=1))
+    async with udp_echo_as_api(mesh):
+        holder = SnapshotHolder(snapshot({"web": 1}, expired, {"api": [(mesh.inbound.port, {})]}))
+        out = UdpOutbound(holder, "web", UpstreamConfig("api", Address("127.0.0.1", 0), protocol="udp"),
+                          mesh.tel_a)  # fmt: skip
+        await out.start()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.sendto(b"x", ("127.0.0.1", out.port))
+
+                def counted() -> float:
+                    return sum(
+                        metric_sample(mesh.tel_a, "hostmesh_udp_flows_total", flags=f)
+                        for f in ("NOCERT", "UF")
+                    )
+
+                await async_wait_until(counted, IO_TIMEOUT, "the flow counted")
+        finally:
+            await out.close()
+    assert metric_sample(mesh.tel_a, "hostmesh_udp_flows_total", flags="NOCERT") == 1
+    assert metric_sample(mesh.tel_a, "hostmesh_udp_flows_total", flags="UF") == 0
+    assert "local service web: its certificate expired at " in caplog.text
+    assert metric_sample(mesh.tel_b, "hostmesh_tls_handshake_failures_total") == 0
+
+
 async def test_a_talking_udp_flow_moves_to_the_renewed_certificate_before_the_old_one_ends(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:

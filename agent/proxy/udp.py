@@ -630,7 +630,7 @@ class UdpOutbound:
         `load_balancer` says, round robin or the fewest open flows, a retry taking another), within
         the upstream's connect budget (connect.py), on an agent that speaks protocol v2+; then
         DGRAM_OPEN, the flow counted open in `turns` until it ends. None in time: the flow is closed
-        and counted UF."""
+        and counted UF (NOCERT when none was dialed: the calling service's certificate has expired)."""
         up = self.upstream
         pick = picker(turns, up.load_balancer == "least_connections")
         got = await connect_within_budget(
@@ -650,11 +650,15 @@ class UdpOutbound:
             flow.counted = turns
             turns.acquire((got.endpoint.address, got.endpoint.port))
             return
-        why = f": local service {self.local_service}: {got.last}" if got.last.flag == flags.NOCERT else ""
-        self._uf_log("udp outbound %s: no instance of %s could take the flow of %s%s", self.name,
-                     up.service, flow.addr, why)  # fmt: skip
-        self.counters.flow(flags.UF)
-        flow.close(why=flags.UF)
+        flag = flags.NOCERT if got.last.flag == flags.NOCERT else flags.UF
+        if flag == flags.NOCERT:  # our certificate expired: none was dialed (pool.py connect_tls)
+            self._uf_log("udp outbound %s: the flow of %s: local service %s: %s", self.name, flow.addr,
+                         self.local_service, got.last)  # fmt: skip
+        else:
+            self._uf_log("udp outbound %s: no instance of %s could take the flow of %s", self.name,
+                         up.service, flow.addr)  # fmt: skip
+        self.counters.flow(flag)
+        flow.close(why=flag)
 
     def _dial_failed(self, key: PoolKey, exc: DialError) -> None:
         log.debug("udp outbound %s: %s; trying another instance", self.name, exc)
