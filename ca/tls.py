@@ -348,6 +348,8 @@ def leaf_not_after(chain_pem: str) -> float:
         raise ValueError(f"the certificate's not-after {text!r} is not an X.509 Time")
     year, month, day, hour, minute, second = (int(text[i : i + 2]) for i in (2, 4, 6, 8, 10, 12))
     year += int(text[:2]) * 100
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+        raise ValueError(f"the certificate's not-after {text!r} is no time of day")  # not a wrong number
     return float((_days_from_civil(year, month, day) * 24 + hour) * 3600 + minute * 60 + second)
 
 

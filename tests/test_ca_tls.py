@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -166,6 +168,21 @@ def test_mesh_contexts_offer_aes_128_gcm_first_and_the_ca_api_keeps_openssls_ord
     assert next(c["name"] for c in ca.get_ciphers() if c["protocol"] == "TLSv1.3") == "TLS_AES_256_GCM_SHA384"
 
 
+def self_signed(ends: dt.datetime) -> Any:
+    """A self-signed certificate (`cryptography`'s x509.Certificate) for CN=web whose not-after is `ends`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
+    begins = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(begins)
+            .not_valid_after(ends).sign(key, hashes.SHA256()))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "not_after",
     [
@@ -179,30 +196,38 @@ def test_a_chains_leaf_not_after_is_read_from_its_der_as_cryptography_reads_it(n
     """`leaf_not_after` (what a client context knows of its own leaf's expiry) without `cryptography`:
     the first certificate of the chain (text before it, as `openssl x509` writes, skipped), both X.509
     time forms."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
     from hostmesh.ca.tls import leaf_not_after
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
-
-    def cert(ends: dt.datetime) -> x509.Certificate:
-        begins = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
-        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(begins)
-                .not_valid_after(ends).sign(key, hashes.SHA256()))  # fmt: skip
-
-    leaf, issuer = cert(dt.datetime.fromisoformat(not_after)), cert(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    leaf, issuer = (
+        self_signed(dt.datetime.fromisoformat(not_after)),
+        self_signed(dt.datetime(2030, 1, 1, tzinfo=dt.UTC)),
+    )
     chain = (
         "subject=CN=web\n"
         + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer)).decode()
     )
     assert leaf_not_after(chain) == leaf.not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize("bad", ["20991330120001Z", "20990632120001Z", "20990630240001Z", "20990630126001Z"])
+def test_a_not_after_that_is_no_time_is_a_value_error_not_a_wrong_time(bad: str) -> None:
+    """A GeneralizedTime of the right shape whose month, day, hour or minute is out of range: unknown
+    (ValueError: the context's end stays unknown, dialed as before), never a number of seconds."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from hostmesh.ca.tls import leaf_not_after
+
+    der = self_signed(dt.datetime(2099, 6, 30, 12, 0, 1, tzinfo=dt.UTC)).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert der.count(b"20990630120001Z") == 1  # (after 2049: a GeneralizedTime)
+    pem = base64.encodebytes(der.replace(b"20990630120001Z", bad.encode())).decode()
+    with pytest.raises(ValueError):
+        leaf_not_after(f"-----BEGIN CERTIFICATE-----\n{pem}-----END CERTIFICATE-----\n")
 
 
 @pytest.mark.parametrize(
