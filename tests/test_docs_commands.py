@@ -96,6 +96,8 @@ def simple_commands(shell: str) -> Iterator[list[str]]:
         elif redirect:
             redirect = False
         elif re.fullmatch(r"[<>&]+", token):
+            if words and words[-1].isdigit():  # the descriptor of `2>&1`, `2> err`: not a word
+                words.pop()
             redirect = True
         elif token not in ELLIPSES:
             words.append(token)
@@ -174,7 +176,7 @@ def test_the_parser_finds_what_an_operator_is_shown() -> None:
         "```sh\n"
         "sudo -u consul HOSTMESH_X=1 hostmesh ca token create \\\n"
         "    --service <its service> --ttl 1h > web.token   # a comment, --not-an-option\n"
-        "hostmesh route get web | jq . && hostmesh route nope ; make unit lint\n"
+        "hostmesh route get web 2>&1 | jq . && hostmesh route nope ; make unit lint\n"
         "X=$(hostmesh ca roots --data-dir ...) make flet\n"
         "$ hostmesh status -o yaml --agent=127.0.0.1:15000 ; hostmesh top -ojson --verbose\n"
         "```\n"
