@@ -109,7 +109,7 @@ def metric_sample(tel: Any, name: str, **labels: str) -> float:
     return total
 
 
-def exposition_sample(text: str, name: str, **labels: str) -> float:
+def metric_value(text: str, name: str, **labels: str) -> float:
     """The sum of `name`'s samples in a Prometheus text exposition (an agent's /metrics) whose labels
     include `labels`."""
     total = 0.0

@@ -38,8 +38,7 @@ from hostmesh.agent.config import Address, ConfigError, auto_bind, parse_config
 from hostmesh.agent.dns import MAX_TCP_CONNECTIONS, UDP_MAX_ANSWER, DnsServer, DnsTable, answer, dns_table
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.l7_support import Backends
-from tests.support import ConsulDev, async_wait_until
-from tests.test_e2e_l4 import metric_value
+from tests.support import ConsulDev, async_wait_until, metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "sha256:" + "ab" * 32

@@ -19,7 +19,7 @@ from hostmesh.agent.localmesh import EchoServer, LocalMesh, http_json, refused, 
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.consul_settings import ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied
-from tests.support import ConsulDev, exposition_sample
+from tests.support import ConsulDev, metric_value
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -123,8 +123,8 @@ def test_agent_that_cannot_read_its_intentions_refuses_until_granted(
         # Now the deny itself is enforced by node-b's inbound, and counted as a denial.
         assert refused(a.binds["api"], b"still no", timeout=2)
         assert echo.received == 0  # (Consul's health check of api now probes it: it counts connections)
-        assert exposition_sample(b.metrics(), "hostmesh_authz_denied_total", source_service="web") >= 1
-        assert exposition_sample(b.metrics(), "hostmesh_authz_unavailable_total") == 0
+        assert metric_value(b.metrics(), "hostmesh_authz_denied_total", source_service="web") >= 1
+        assert metric_value(b.metrics(), "hostmesh_authz_unavailable_total") == 0
         acl_consul.kv_put("hostmesh/intentions/api", json.dumps(intentions("allow", version=2)))
         wait_for(lambda: roundtrip(a.binds["api"], b"hi", timeout=1) == b"hi", 5.0, "the allow to apply")
     finally:
@@ -157,8 +157,8 @@ def test_deleted_intentions_document_falls_back_to_default_intention(
         assert cfg["intentions_state"]["api"] == {"state": "absent", "reason": ""}
         assert cfg["default_intention"] == "deny"
         assert http_json(b.admin_url + "/ready")[0] == 200  # absent is no outage
-        assert exposition_sample(b.metrics(), "hostmesh_authz_denied_total", source_service="web") >= 1
-        assert exposition_sample(b.metrics(), "hostmesh_authz_unavailable_total") == 0
+        assert metric_value(b.metrics(), "hostmesh_authz_denied_total", source_service="web") >= 1
+        assert metric_value(b.metrics(), "hostmesh_authz_unavailable_total") == 0
     finally:
         m.close()
         echo.close()

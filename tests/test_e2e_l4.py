@@ -31,7 +31,7 @@ from hostmesh.agent.localmesh import (
 )
 from hostmesh.agent.proxy.outbound import L4_OUTLIER
 from hostmesh.registry.ratelog import DEFAULT_LINES
-from tests.support import ConsulDev, exposition_sample, wait_deregistered
+from tests.support import ConsulDev, metric_value, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 
@@ -72,7 +72,7 @@ def test_bytes_echo_over_mtls_and_the_inbound_checked_the_caller(mesh: TwoHosts)
     payload = b"hello over the mesh\n" * 1000
     assert roundtrip(a.binds["api"], payload) == payload
     # The inbound agent identified the caller as web (from its SPIFFE cert) and counted the connection.
-    opened = exposition_sample(
+    opened = metric_value(
         b.metrics(),
         "hostmesh_tcp_connections_opened_total",
         reporter="destination",
@@ -96,7 +96,7 @@ def test_intention_deny_applies_to_new_connections_within_1s(mesh: TwoHosts) -> 
     wait_for(denied, 1.0, "the deny intention to take effect")
     elapsed = time.monotonic() - started
     print(f"intention allow->deny applied in {elapsed * 1000:.0f} ms")
-    assert exposition_sample(b.metrics(), "hostmesh_authz_denied_total") >= 1
+    assert metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
     m.hostmesh("intention", "allow", "web", "api")
     wait_for(
         lambda: roundtrip(a.binds["api"], b"again", timeout=1) == b"again", 1.0, "the allow to take effect"
@@ -111,7 +111,7 @@ def test_malformed_intentions_are_rejected_and_the_last_good_config_stays(
     wait_for(lambda: refused(a.binds["api"], b"x", timeout=1), 2.0, "deny")
     private_consul.kv_put("hostmesh/intentions/api", b"{not json")
     wait_for(
-        lambda: exposition_sample(b.metrics(), "hostmesh_config_rejected_total") >= 1,
+        lambda: metric_value(b.metrics(), "hostmesh_config_rejected_total") >= 1,
         5.0,
         "the rejection to be counted",
     )
@@ -239,7 +239,7 @@ def test_an_instance_whose_app_refuses_is_ejected_after_a_few_connections(
             e["instance_id"] for e in api["endpoints"] if e["address"].endswith(f":{c.inbound_port}")
         ]
         assert api["ejected"] == [refusing]
-        assert exposition_sample(a.metrics(), "hostmesh_upstream_ejected_endpoints", upstream="api") == 1
+        assert metric_value(a.metrics(), "hostmesh_upstream_ejected_endpoints", upstream="api") == 1
         assert f"ejected {refusing} " in a.proc.log()
     finally:
         m.close()
@@ -265,7 +265,7 @@ def test_consul_restart_watches_resume_without_agent_restart(
     wait_for(
         lambda: (
             refused(a.binds["api"], b"x", timeout=1)
-            and exposition_sample(b.metrics(), "hostmesh_authz_denied_total") >= 1
+            and metric_value(b.metrics(), "hostmesh_authz_denied_total") >= 1
         ),
         15.0,
         "deny by api's agent after Consul restart",

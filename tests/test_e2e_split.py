@@ -23,8 +23,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, free_port, wait_for
-from tests.support import ConsulDev
-from tests.test_e2e_l4 import metric_value
+from tests.support import ConsulDev, metric_value
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]
 

@@ -25,8 +25,7 @@ import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from tests.releases import BUILD_TIMEOUT
-from tests.support import ConsulDev
-from tests.test_e2e_l4 import metric_value
+from tests.support import ConsulDev, metric_value
 from tests.udp_support import (
     DNS_ANSWER,
     PUSH_EVERY,

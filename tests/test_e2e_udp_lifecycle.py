@@ -17,7 +17,7 @@ import dns.message
 import pytest
 
 from hostmesh.agent.localmesh import AgentHandle, wait_for
-from tests.test_e2e_l4 import metric_value
+from tests.support import metric_value
 from tests.test_e2e_udp import IDLE_TIMEOUT, UdpMesh
 from tests.test_e2e_udp import udp_mesh as udp_mesh  # the fixture, used by name
 from tests.udp_support import PUSH_EVERY, RECV_TIMEOUT, UdpApps

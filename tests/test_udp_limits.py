@@ -22,8 +22,7 @@ import pytest
 from hostmesh.agent.localmesh import AgentHandle, LocalMesh, free_port, wait_for
 from hostmesh.agent.proxy.udp import FLOW_QUEUE_BYTES, QUEUE_BYTES, QUEUED_OVERHEAD, UDP_CAP_SHARE
 from hostmesh.registry.ratelog import DEFAULT_LINES
-from tests.support import ConsulDev
-from tests.test_e2e_l4 import metric_value
+from tests.support import ConsulDev, metric_value
 from tests.udp_support import RECV_TIMEOUT, UdpApps, udp_socket, udp_socket_queue
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e]

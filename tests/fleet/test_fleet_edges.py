@@ -37,7 +37,7 @@ from tests.fleet.harness import (
     Proc,
     wait_for,
 )
-from tests.test_e2e_l4 import metric_value
+from tests.support import metric_value
 from tests.udp_support import DNS_ANSWER, RECV_TIMEOUT, echo_clients, probe_until_dropped
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
