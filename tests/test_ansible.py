@@ -290,14 +290,19 @@ def this_checkout_as_the_venv(root: Path) -> None:
 
 
 def run_role(
-    tmp: Path, role: str, variables: dict[str, object], path: str = "", check: bool = False
+    tmp: Path,
+    role: str,
+    variables: dict[str, object],
+    path: str = "",
+    check: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """One play of `role` (role_alone) on localhost; `path` goes before PATH (a stand-in systemctl);
-    `check`: ansible-playbook --check --diff."""
+    `check`: ansible-playbook --check --diff; `settings`: more environment (ANSIBLE_... settings)."""
     play = [{"name": role, "hosts": "localhost", "gather_facts": False, "roles": [role]}]
     playbook = tmp / f"{role}.yml"
     playbook.write_text(yaml.safe_dump(play, sort_keys=False))
-    env = ansible_env(tmp)
+    env = {**ansible_env(tmp), **(settings or {})}
     env["ANSIBLE_ROLES_PATH"] = str(role_alone(tmp, role))
     env["PATH"] = f"{path}:{env['PATH']}" if path else env["PATH"]
     variables = {"ansible_python_interpreter": sys.executable, **variables}
@@ -773,6 +778,34 @@ def test_a_role_without_an_address_stops_before_installing(tmp_path: Path, role:
     assert recap(result.stdout)["failed"] == 1, output
     assert f"set {variable}, or gather facts" in " ".join(output.split()), output
     assert list(root.iterdir()) == []  # no virtualenv, no /usr/bin/hostmesh, no unit
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
+@pytest.mark.parametrize(
+    ("role", "written", "handler"),
+    [("hostmesh_agent", "etc/hostmesh/agent.toml", "RUNNING HANDLER [hostmesh_agent : "),
+     ("hostmesh_ca", "etc/hostmesh/ca.env", "RUNNING HANDLER [hostmesh_ca : ")],
+)  # fmt: skip
+def test_a_role_runs_with_private_role_vars(tmp_path: Path, role: str, written: str, handler: str) -> None:
+    """With private_role_vars (ANSIBLE_PRIVATE_ROLE_VARS, a setting site.yml's comment names) a role
+    sees its own defaults and its dependencies', not those of a role its tasks import. The agent and CA
+    roles' tasks and handlers use hostmesh_install's (hostmesh_install_prefix, the owners,
+    hostmesh_install_systemd): since they import that role (after their checks) instead of depending on
+    it, they failed at the first use ("'hostmesh_install_prefix' is undefined"). The import is public
+    now: the role runs, writes its files under the test root and its handlers run."""
+    root = tmp_path / "root"
+    (root / "etc/hostmesh").mkdir(parents=True)
+    this_checkout_as_the_venv(root)
+    variables: dict[str, object] = {"hostmesh_install_root": str(root), "hostmesh_install_systemd": False}
+    if role == "hostmesh_agent":
+        variables |= {"hostmesh_agent_ca_pin": "sha256:" + "ab" * 32, "hostmesh_agent_join_token": "token",
+                      "hostmesh_agent_dns_resolver": "none", "hostmesh_agent_services": [WEB]}  # fmt: skip
+    result = run_role(tmp_path, role, variables, settings={"ANSIBLE_PRIVATE_ROLE_VARS": "True"})
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert recap(result.stdout)["failed"] == 0, output
+    assert (root / written).exists()
+    assert handler in result.stdout, output  # the handlers see them too
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
