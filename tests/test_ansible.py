@@ -1274,6 +1274,84 @@ def test_pip_installs_a_wheel_built_again_with_the_installed_version(wheels: Pat
     assert RESTART_NOTIFIED not in out, out[-6000:]
 
 
+WHEEL_FILE = b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"  # small_wheel's
+
+
+def small_wheel(
+    folder: Path, name: str, version: str, requires: tuple[str, ...] = (), build: str = ""
+) -> Path:
+    """A wheel of package `name` (one module, `build` written into it) in `folder`, made here: the pip
+    tests below need versions and dependencies of their own, not a hostmesh build (~20 s)."""
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\nBUILD = {build!r}\n".encode(),
+        f"{name}-{version}.dist-info/METADATA": "".join(
+            [
+                f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+                *(f"Requires-Dist: {r}\n" for r in requires),
+            ]
+        ).encode(),
+        f"{name}-{version}.dist-info/WHEEL": WHEEL_FILE,
+    }
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for path, data in files.items()
+    )
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as out:
+        for path, data in files.items():
+            out.writestr(path, data)
+        out.writestr(f"{name}-{version}.dist-info/RECORD", record + f"{name}-{version}.dist-info/RECORD,,\n")
+    return wheel
+
+
+def run_install_role(tmp_path: Path, variables: dict[str, object]) -> str:
+    """The install role (pip into `tmp_path`/root; its restart a stand-in) with `variables`: the output."""
+    variables = {
+        "ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(tmp_path / "root"),
+        "hostmesh_install_systemd": False, "hostmesh_install_method": "pip",
+        "hostmesh_install_pip_python": sys.executable, **variables,
+    }  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
+         str(install_role_playbook(tmp_path))],
+        cwd=tmp_path, env={**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")},
+        capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def installed_versions(root: Path) -> list[str]:
+    """The packages of the test root's virtualenv, as name-version."""
+    return sorted(
+        p.name.removesuffix(".dist-info")
+        for p in root.glob("opt/hostmesh/lib/python3*/site-packages/hm*.dist-info")
+    )
+
+
+def test_pip_leaves_a_newer_wheel_of_an_unpinned_package_to_pip(tmp_path: Path) -> None:
+    """A package not pinned to one version (a bare name, a range) with a newer version beside the
+    installed one in the --find-links folder: pip finds it satisfied and installs nothing, but the role
+    took the newer wheel pip would choose (its checksum not the one recorded) for a build of the
+    installed version again and installed it with --force-reinstall --no-deps: the newer version without
+    the dependency it added. Only a wheel of the installed version is installed again now."""
+    folder = tmp_path / "wheelhouse"
+    folder.mkdir()
+    small_wheel(folder, "hmapp", "1.0")
+    variables = {
+        "hostmesh_install_pip_package": "hmapp",
+        "hostmesh_install_pip_extra_args": f"--no-index --find-links {folder}",
+    }
+    out = run_install_role(tmp_path, variables)
+    assert RESTART_NOTIFIED in out, out[-6000:]
+    assert installed_versions(tmp_path / "root") == ["hmapp-1.0"]
+    small_wheel(folder, "hmapp", "1.1", requires=("hmdep",))
+    small_wheel(folder, "hmdep", "1.0")
+    out = run_install_role(tmp_path, variables)  # what pip does: the requirement is satisfied
+    assert installed_versions(tmp_path / "root") == ["hmapp-1.0"], out[-6000:]
+    assert recap(out)["changed"] == 0 and RESTART_NOTIFIED not in out, out[-6000:]
+
+
 @pytest.mark.parametrize(
     ("case", "settings", "ports"),
     [
