@@ -1352,6 +1352,27 @@ def test_pip_leaves_a_newer_wheel_of_an_unpinned_package_to_pip(tmp_path: Path) 
     assert recap(out)["changed"] == 0 and RESTART_NOTIFIED not in out, out[-6000:]
 
 
+def test_pip_installs_again_a_wheel_given_as_a_file_url_with_a_plus(tmp_path: Path) -> None:
+    """The package as a file: URL whose path holds a '+' (pip reports it as written, not quoted): the
+    wheel's path was decoded with the '+' made a blank, so no file was checksummed, its checksum "" was
+    the one recorded ("" too, written so), and a build of the same version again was never installed."""
+    folder = tmp_path / "wheels+local"
+    folder.mkdir()
+    wheel = small_wheel(folder, "hmapp", "1.0", build="first")
+    variables = {
+        "hostmesh_install_pip_package": f"file://{wheel}",
+        "hostmesh_install_pip_extra_args": "--no-index",
+    }
+    run_install_role(tmp_path, variables)
+    record = (tmp_path / "root/opt/hostmesh/hostmesh-wheel.sha256").read_text()
+    assert record == f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n"
+    small_wheel(folder, "hmapp", "1.0", build="again")
+    out = run_install_role(tmp_path, variables)
+    (module,) = (tmp_path / "root").glob("opt/hostmesh/lib/python3*/site-packages/hmapp/__init__.py")
+    assert "BUILD = 'again'" in module.read_text(), out[-6000:]
+    assert RESTART_NOTIFIED in out, out[-6000:]
+
+
 @pytest.mark.parametrize(
     ("case", "settings", "ports"),
     [
