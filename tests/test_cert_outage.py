@@ -324,13 +324,12 @@ def test_a_caller_whose_certificate_expired_refuses_its_new_calls_nocert(
         assert f"local service web: its certificate expired at {when} [NOCERT]" in log, log
         assert f"outbound web->api (http): local service web: its certificate expired at {when}" in log, log
         metrics = a.metrics()
-        assert metric_value(metrics, "hostmesh_requests_total", reporter="source",
-                                 destination_service="api", response_code="503",
-                                 response_flags="NOCERT") == 1, metrics  # fmt: skip
+        assert metric_value(metrics, "hostmesh_requests_total", reporter="source", destination_service="api",
+                            response_code="503", response_flags="NOCERT") == 1, metrics  # fmt: skip
         for series in ("opened", "closed"):
             name = f"hostmesh_tcp_connections_{series}_total"
             assert metric_value(metrics, name, reporter="source", destination_service="db",
-                                     response_flags="NOCERT") == 1, metrics  # fmt: skip
+                                response_flags="NOCERT") == 1, metrics  # fmt: skip
         assert (backends["api"].hits, echo.received) == (seen, received + 1)  # only the call under way
         # nor b's agent: no handshake, stream or request of web's refused there
         assert "refused" not in b.proc.log() and "caller certificate" not in b.proc.log(), b.proc.log()
