@@ -1076,7 +1076,15 @@ class Fleet:
         return self.workloads[1:]
 
     def wait_settled(self, timeout: float = CHANGE_TIMEOUT) -> None:
-        """Every agent chooses among every serving workload for bulk and shop."""
+        """Every agent's token is known to its Consul client again, and every agent chooses among
+        every serving workload for bulk and shop. The token first: after the leader-kill test, w2's
+        client answered "ACL not found" for it for 30 s (a CI run of 2026-12-07), w2's registration
+        rounds failed, and its TTL checks lapsed in the middle of the next test, which had found every
+        instance passing and chosen, TTL_SECONDS not run out yet."""
+        for h in self.workloads:
+            wait_for(
+                partial(self.token_known, h), timeout, f"{h.name}'s Consul client to know its agent's token"
+            )
         want = {h.name for h in self.servers_of}
         for svc in ("bulk", "shop"):  # Consul itself first: every instance's checks passing
             wait_for(
@@ -1132,6 +1140,16 @@ class Fleet:
                 fixed.append(f"agent on {h.name}")
         self.wait_settled(REPAIR_TIMEOUT)
         return fixed
+
+    def token_known(self, host: Host) -> bool:
+        """Whether `host`'s Consul client takes its hostmesh agent's token for the agent's first read of
+        a registration round (its checks), as the agent sends it."""
+        assert host.consul is not None
+        try:
+            status, _ = host.consul.api("GET", "/v1/agent/checks", token=host.mesh.token, timeout=2)
+        except (OSError, ssl.SSLError, http.client.HTTPException):
+            return False
+        return status == 200
 
     def passing_hosts_are(self, service: str, hosts: set[str]) -> bool:
         return self.passing_hosts(service) == hosts
