@@ -450,10 +450,11 @@ async def _via(listener: Any, end: Any, ctx: ssl.SSLContext, snap: Snapshot, ext
         return
     if isinstance(got, Connected):
         listener._attach(end, got.conn, got.endpoint)
-    elif got.last.flag == flags.NOCERT:  # our certificate expired: no gateway was dialed (pool.py)
-        listener._refuse(end, flags.NOCERT, f"local service {listener.local_service}: {got.last}")
-    else:
-        listener._refuse(end, flags.UF, f"egress gateway {ext.via} unreachable: {got.last}")
+    else:  # UF, or NOCERT: our certificate expired, no gateway was dialed (pool.py), as outbound.py says
+        why = f"egress gateway {ext.via} unreachable: {got.last}"
+        if got.last.flag == flags.NOCERT:
+            why = f"local service {listener.local_service}: {got.last}"
+        listener._refuse(end, got.last.flag, why)
 
 
 def egress_target(snap: Snapshot, sni: str | None, gateways: frozenset[str]) -> tuple[str, str] | None:

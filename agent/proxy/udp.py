@@ -650,7 +650,7 @@ class UdpOutbound:
             flow.counted = turns
             turns.acquire((got.endpoint.address, got.endpoint.port))
             return
-        flag = flags.NOCERT if got.last.flag == flags.NOCERT else flags.UF
+        flag = got.last.flag  # UF, or NOCERT (as outbound.py reports it)
         if flag == flags.NOCERT:  # our certificate expired: none was dialed (pool.py connect_tls)
             self._uf_log("udp outbound %s: the flow of %s: local service %s: %s", self.name, flow.addr,
                          self.local_service, got.last)  # fmt: skip
