@@ -549,11 +549,11 @@ class ConsulAgent:
             raise FleetError(f"Consul on {self.host.name}: {method} {path} -> {status} {data}")
         return data
 
-    def answers(self, path: str = "/v1/agent/self") -> bool:
+    def answers(self, path: str = "/v1/agent/self", token: str | None = None) -> bool:
         if self.proc is None or not self.proc.alive():
             raise FleetError(f"consul on {self.host.name} exited:\n{self.proc.log() if self.proc else ''}")
         try:
-            return self.api("GET", path, timeout=2)[0] == 200
+            return self.api("GET", path, token=token, timeout=2)[0] == 200
         except (OSError, ssl.SSLError, http.client.HTTPException):
             return False
 
@@ -1145,11 +1145,7 @@ class Fleet:
         """Whether `host`'s Consul client takes its hostmesh agent's token for the agent's first read of
         a registration round (its checks), as the agent sends it."""
         assert host.consul is not None
-        try:
-            status, _ = host.consul.api("GET", "/v1/agent/checks", token=host.mesh.token, timeout=2)
-        except (OSError, ssl.SSLError, http.client.HTTPException):
-            return False
-        return status == 200
+        return host.consul.answers("/v1/agent/checks", token=host.mesh.token)
 
     def passing_hosts_are(self, service: str, hosts: set[str]) -> bool:
         return self.passing_hosts(service) == hosts
