@@ -1236,24 +1236,14 @@ def test_pip_installs_a_wheel_built_again_with_the_installed_version(wheels: Pat
     folder.mkdir()
     (wheel,) = [Path(shutil.copy2(w, folder)) for w in wheels.glob("hostmesh-*.whl")]
     cache = Path(os.environ.get("HOSTMESH_CACHE", REPO / ".cache")) / "wheels"
-    playbook = install_role_playbook(tmp_path)
-    env = {**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]  # the wheel's
     variables = {
-        "ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(root),
-        "hostmesh_install_systemd": False, "hostmesh_install_method": "pip",
-        "hostmesh_install_version": version, "hostmesh_install_pip_python": sys.executable,
+        "hostmesh_install_version": version,
         "hostmesh_install_pip_extra_args": f"--no-index --find-links {folder} --find-links {cache}",
-    }  # fmt: skip
+    }
 
-    def run(*check: str) -> str:
-        result = subprocess.run(
-            [str(BIN / "ansible-playbook"), *check, "-i", "localhost,", "-c", "local",
-             "-e", json.dumps(variables), str(playbook)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-        return result.stdout
+    def run(check: bool = False) -> str:
+        return run_install_role(tmp_path, variables, check)
 
     def installed(marker: str) -> bool:
         return any(root.glob(f"opt/hostmesh/lib/python3*/site-packages/hostmesh/{marker}"))
@@ -1263,7 +1253,7 @@ def test_pip_installs_a_wheel_built_again_with_the_installed_version(wheels: Pat
     assert RESTART_NOTIFIED in out, out[-6000:]
     assert installed("agent") and not installed(marker)
     wheel_built_again(wheel, marker)
-    out = run("--check")  # shows the install and its restart, installs nothing
+    out = run(check=True)  # shows the install and its restart, installs nothing
     assert RESTART_NOTIFIED in out and recap(out)["changed"] > 0, out[-6000:]
     assert not installed(marker)
     out = run()
@@ -1304,16 +1294,17 @@ def small_wheel(
     return wheel
 
 
-def run_install_role(tmp_path: Path, variables: dict[str, object]) -> str:
-    """The install role (pip into `tmp_path`/root; its restart a stand-in) with `variables`: the output."""
+def run_install_role(tmp_path: Path, variables: dict[str, object], check: bool = False) -> str:
+    """The install role (pip into `tmp_path`/root; its restart a stand-in) with `variables`: the output.
+    `check`: ansible-playbook --check."""
     variables = {
         "ansible_python_interpreter": sys.executable, "hostmesh_install_root": str(tmp_path / "root"),
         "hostmesh_install_systemd": False, "hostmesh_install_method": "pip",
         "hostmesh_install_pip_python": sys.executable, **variables,
     }  # fmt: skip
     result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", json.dumps(variables),
-         str(install_role_playbook(tmp_path))],
+        [str(BIN / "ansible-playbook"), *(["--check"] if check else []), "-i", "localhost,", "-c", "local",
+         "-e", json.dumps(variables), str(install_role_playbook(tmp_path))],
         cwd=tmp_path, env={**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")},
         capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
     )  # fmt: skip
