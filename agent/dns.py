@@ -12,7 +12,8 @@ agent/dns_wire.py;
 
 - `<upstream>.<domain>` A (or AAAA for an IPv6 bind): the upstream's bind address, authoritative
   (for a bind on every address: the DNS server's own, else loopback: _connectable); the other family
-  and other types: NOERROR with no records (NODATA), so clients do not fall back.
+  and other types: NOERROR with no records (NODATA), so clients do not fall back; every type of an
+  upstream listening on a zoned address (fe80::1%eth0: no record holds the zone) is NODATA too.
 - another name inside the domain: NXDOMAIN; outside it, or a class other than IN: REFUSED.
 - AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS.
 - garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. A message that

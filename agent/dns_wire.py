@@ -91,7 +91,9 @@ def _resolve(question: dns.rrset.RRset, domain: dns.name.Name, addresses: Mappin
         response.authority.append(_soa(domain))
         return
     family = dns.rdatatype.A if ipaddress.ip_address(addr).version == 4 else dns.rdatatype.AAAA
-    if rdtype in (family, dns.rdatatype.ANY):
+    # a listener on a zoned address (fe80::1%eth0, shared): no record holds a zone, and the address
+    # without it is none to connect to (dnspython refused the text: SERVFAIL): NODATA
+    if rdtype in (family, dns.rdatatype.ANY) and "%" not in addr:
         response.answer.append(dns.rrset.from_text(name, ANSWER_TTL, dns.rdataclass.IN, family, addr))
     else:  # any other type of an existing name: NOERROR, no records (NODATA), cacheable likewise
         response.authority.append(_soa(domain))

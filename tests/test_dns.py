@@ -187,6 +187,23 @@ def test_a_shared_upstream_on_every_address_is_answered_by_loopback_where_dns_is
         assert [rr.to_text() for rr in reply.answer[0]] == ["::1"], address
 
 
+def test_an_upstream_on_a_zoned_address_is_nodata_not_servfail() -> None:
+    """A shared upstream may listen on a link-local address with its zone (fe80::1%eth0; the config
+    takes it, and so does bind): an AAAA record holds no zone, and every AAAA or ANY query of the name
+    failed in dnspython, SERVFAIL with a traceback in the log. The name exists and no record can say
+    where: NODATA, as for the other family, never the address without its zone (no address to
+    connect to)."""
+    cfg = parse_config({"ca": {"pin": PIN}, "services": [{"name": "web", "port": 8080, "upstreams": [
+        {"service": "db", "bind": "[fe80::1%lo]:19092", "shared": True}]}]})  # fmt: skip
+    table = dns_table(cfg)
+    assert table.addresses == {"db": "fe80::1%lo"}
+    for rdtype in ("AAAA", "A", "ANY"):
+        reply = ask("db.mesh", rdtype, table=table)
+        assert reply.rcode() == dns.rcode.NOERROR, rdtype
+        assert reply.answer == [], rdtype
+        assert reply.authority[0].rdtype == dns.rdatatype.SOA, rdtype  # cacheable, as any NODATA
+
+
 def test_a_mesh_domain_too_long_for_its_names_is_refused_by_the_config() -> None:
     """A domain of ~250 characters passed, then every negative answer failed (SERVFAIL): the SOA's
     hostmaster.<domain> is past DNS's 255 octets."""
