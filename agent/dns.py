@@ -85,6 +85,9 @@ TCP_QUERY_STUCK = 2.0
 # a query is dropped (over TCP, its connection closed), counted LIMITED and logged at a bounded rate.
 PARSED_PER_SECOND = 500
 PARSED_BURST = 100  # at once after a quiet spell: apps starting together (A and AAAA of 50 names)
+# seconds close() waits for the TCP clients' tasks it cut to end (a loop turn or two): a task left
+# past a stop was cancelled by the end of the agent's loop, which logged it as an error, with its traceback
+CLOSE_GRACE = 1.0
 PORT_ZERO_TRIES = 16  # port 0 (tests): UDP ports the kernel gives before one is also free for TCP
 LIMITED = "LIMITED"  # hostmesh_dns_queries_total's label for a query dropped past PARSED_PER_SECOND
 # KNOWN_BUDGET: queries of the table's own names (`<upstream>.<domain>`) draw on a budget apart from
@@ -371,6 +374,7 @@ class DnsServer:
         self._tcp: asyncio.Server | None = None
         # each TCP client, and the loop time from which a newcomer past the limit may close it
         self._clients: dict[asyncio.StreamWriter, float] = {}
+        self._tasks: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # each TCP client's, until it ends
         self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
         self._full_log = RateLimitedLog(log, "TCP DNS clients closed at the connection limit")
         # half the rate each (KNOWN_BUDGET): together they hold the loop to PARSED_PER_SECOND's cost
@@ -482,6 +486,9 @@ class DnsServer:
             self._full_log("mesh DNS: %d TCP clients (the limit): closed one idle or stuck in a query",
                            MAX_TCP_CONNECTIONS)  # fmt: skip
         clients[writer] = now + TCP_EVICT_IDLE  # each client: when a newcomer may close it
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks[task] = writer
         sock = writer.get_extra_info("socket")
         if sock is not None:
             try:
@@ -521,11 +528,17 @@ class DnsServer:
                 writer.transport.abort()
             except OSError:
                 pass
+            finally:
+                self._tasks.pop(task, None)
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
-        for writer in list(self._clients):  # cut at once: a resolver retries, a query is one round trip
-            writer.close()
+        # cut at once (a resolver retries, a query is one round trip), not closed: a stream's close waits
+        # for its client to read what is buffered, and one that reads nothing kept its task past the stop
+        for writer in list(self._tasks.values()):
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_GRACE)

@@ -30,11 +30,13 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
+import uvloop
 from prometheus_client import CollectorRegistry, Counter
 
 from hostmesh.agent import dns as dns_server
 from hostmesh.agent.config import Address
 from hostmesh.agent.dns import UDP_MAX_ANSWER, DnsServer, answer
+from tests.support import async_wait_until
 from tests.test_dns import IO_BOUND, TABLE
 
 QID = 0xBEEF
@@ -339,6 +341,38 @@ async def test_a_tcp_client_that_stops_reading_then_goes_silent_is_closed(
         await asyncio.wait_for(conn.wait_closed(), IO_BOUND)  # the server's socket, closed
         assert conn.transport.is_closing() and conn.get_extra_info("socket").fileno() == -1
         assert server.queries == 801 and not server._clients
+
+
+def test_a_stop_cuts_tcp_clients_at_once_and_leaves_no_task_behind(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() closed each TCP client's stream, which waits for the client to read what is buffered
+    for it: the task of a client that pipelines queries and reads nothing outlived the stop (in its
+    write or its next read, for TCP_WRITE_TIMEOUT or TCP_IDLE_TIMEOUT), and the end of the agent's
+    loop cancelled it, logged as an ERROR with a traceback ("Exception in callback ... _serve_tcp").
+    Cut at once, as close() says, and its task over when close() returns, on the agent's loop."""
+    unbudgeted(monkeypatch)
+
+    async def serve_then_stop() -> None:
+        loop = asyncio.get_running_loop()
+        server = DnsServer(Address("127.0.0.1", 0), TABLE)
+        await server.start()
+        client = socket.socket()
+        try:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            framed, conn = await _held_tcp_client(server, client)
+            await loop.sock_sendall(client, framed * 500)  # ~22 KiB of answers: more than the kernel takes
+            await async_wait_until(lambda: server.queries == 501 and conn.transport.get_write_buffer_size(),
+                                   IO_BOUND, "the answers to be buffered, unread")  # fmt: skip
+            await server.close()
+            left = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_serve_tcp"]  # type: ignore[union-attr]
+            assert not left and conn.transport.is_closing()
+        finally:
+            client.close()
+
+    with caplog.at_level(logging.ERROR), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_then_stop())
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @contextlib.asynccontextmanager
