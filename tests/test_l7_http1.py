@@ -18,6 +18,7 @@ from hostmesh.agent.l7.http1 import (
     MAX_EARLY_UPGRADE_BYTES,
     MAX_HEAD_BYTES,
     MAX_HEADER_COUNT,
+    MAX_TRAILER_BYTES,
     NO_BODY,
     UNTIL_CLOSE,
     Body,
@@ -1320,6 +1321,42 @@ def test_an_ordinary_trailer_is_kept_in_the_end_event() -> None:
     head = b"POST /ok HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
     events = RequestFramer().feed(head + b"2\r\nok\r\n0\r\nx-checksum: 1\r\n\r\n")
     assert events[-1] == EndOfMessage([(b"x-checksum", b"1")])
+
+
+def test_an_unfinished_trailer_field_is_bounded_as_it_arrives() -> None:
+    """httptools holds a trailer field until its line ends (copying it per piece) and on_header counts
+    finished ones only: a client sending one endless trailer line grew the proxy's memory with every
+    read (48 MiB taken through an outbound listener in 8 s, each read copying all before it), far past
+    MAX_TRAILER_BYTES. Counted as it arrives, it is refused past that, on both sides."""
+    response = ResponseFramer()
+    response.expect(b"GET")
+    for framer, start, refusal in (
+        (RequestFramer(), CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nx-t: ",
+         Reject(400, "trailers-too-large", flags.DPE)),
+        (response, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: ",
+         Reject(502, "trailers-too-large", flags.UPE)),
+    ):  # fmt: skip
+        assert isinstance(framer.feed(start)[-1], Body)
+        events: list[Event] = []
+        for _ in range(MAX_TRAILER_BYTES // 1024 + 2):  # 1 KiB a read: the limit is crossed within these
+            events = framer.feed(b"t" * 1024)
+            if events:
+                break
+        assert events == [refusal]
+
+
+def test_chunk_framing_in_reads_of_its_own_is_no_trailer() -> None:
+    """Reads that hold only chunk framing (a size line, the CRLF after data) give no event either, as
+    a trailer's do: they count only until the next data, so a long body whose every chunk's framing
+    arrives apart from its data is served whole."""
+    framer = RequestFramer()
+    events = framer.feed(CHUNKED_HEAD)
+    for _ in range(MAX_TRAILER_BYTES):  # each framing read is 5 bytes: 5x the limit in all
+        events += framer.feed(b"1\r\n")
+        events += framer.feed(b"a")
+        events += framer.feed(b"\r\n")
+    events += framer.feed(b"0\r\n\r\n")
+    assert merged(events)[1:] == [Body(b"a" * MAX_TRAILER_BYTES), EndOfMessage([])]
 
 
 @pytest.mark.parametrize("te", [b"chunked\t", b"chunked\t "])

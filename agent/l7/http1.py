@@ -33,7 +33,8 @@ Decisions (RFC 9110 / RFC 9112; the parser is httptools = llhttp in strict mode)
   ``Connection: close`` and take no further request on a connection the proxy keeps. A request's
   trailers are read and checked, never forwarded (Envoy's HTTP/1 default): an app that merged them
   into the head would take a Host, Authorization or X-Forwarded-For from them that no decision saw.
-  A response's trailers are forwarded.
+  A response's trailers are forwarded. A trailer section past :data:`MAX_TRAILER_BYTES`, counted as its
+  bytes arrive (an unfinished line too), answers 400 (502 UPE from upstream).
 - Keep-alive: HTTP/1.1 persists unless ``Connection: close``; HTTP/1.0 persists only with
   ``Connection: keep-alive``. A 1.0 client never receives chunked: a response without a length is
   sent until close. A 1.1 client receives a close-delimited upstream body re-chunked, so its
@@ -737,6 +738,7 @@ class _Framer:
         "_max_head",
         "_max_headers",
         "_parser",
+        "_quiet",
         "_reason",
         "_state",
         "_tally",
@@ -763,6 +765,7 @@ class _Framer:
         self._feed_len = 0
         self._heads_done = 0
         self._trailer_bytes = 0
+        self._quiet = 0  # bytes of the reads in a row inside a body that gave no event (see feed)
         self._upgrade_ok = False
         self._held = b""  # bytes after an upgrade request, until its answer decides what they are
         self._hosts = 0  # Host fields in the current head
@@ -971,6 +974,17 @@ class _Framer:
             elif not self._headers and self._http09():
                 events.append(Reject(400, "unsupported-version", flags.DPE))
                 self._state = _DEAD
+        elif not events and self._state == _BODY:
+            # A read inside a body that gave no event (a head would have) holds chunk framing or the
+            # last chunk's trailer section, whose unfinished field httptools keeps (copying it per
+            # piece) where on_header counts finished ones only: an endless trailer line grew it read
+            # by read. Such reads in a row count whole against MAX_TRAILER_BYTES; data resets them.
+            quiet = self._quiet = self._quiet + len(data)
+            if quiet > MAX_TRAILER_BYTES:
+                events.append(Reject(self._error_status(400), "trailers-too-large", self._error_flag()))
+                self._state = _DEAD
+        elif self._quiet:
+            self._quiet = 0
         return events
 
     def _resume_body(self, head: RequestHead, events: list[Event]) -> None:
