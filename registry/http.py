@@ -491,7 +491,8 @@ class HTTPServer:
     by one, in order. What one client can cost is bounded, each bound a module constant: at most
     `max_connections` connections (then the one idle longest makes room, or the new one gets a 503),
     a head complete within SERVER_HEAD_TIMEOUT of its first byte (408) and MAX_HEAD_BYTES (431; its
-    URL MAX_URL_BYTES: 414), a body within `max_body` (413) and SERVER_REQUEST_TIMEOUT, an answer
+    URL MAX_URL_BYTES: 414), a body within `max_body` (413) and SERVER_REQUEST_TIMEOUT, its trailer
+    section within MAX_HEAD_BYTES as it arrives (431), an answer
     read within SERVER_SEND_TIMEOUT. Garbage gets a 400 and a close; an `Upgrade` is ignored (the
     request is answered in HTTP/1.1, then the connection closed); CONNECT gets a 400.
     """
@@ -842,6 +843,7 @@ class _RequestStream:
         self._msg: _Message | None = None  # the request being parsed
         self._head_done = False
         self._head_bytes = 0  # read while its head was unfinished (httptools buffers a partial line)
+        self._trailer_bytes = 0  # read in a row inside its body adding no body byte: trailers (see feed)
         self._now = 0.0
         # the unfinished request asked `Expect: 100-continue` and its body is still to come: the
         # server says "100 Continue" once the requests before it are answered (curl waits 1 s for it
@@ -863,6 +865,8 @@ class _RequestStream:
         if self.started is None:
             self.started = now
         self._now = now
+        msg = self._msg if not self.in_head else None  # a request in its body
+        body_before = -1 if msg is None else len(msg.body)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:  # not an HttpParserError
@@ -879,6 +883,15 @@ class _RequestStream:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.failed = _BadRequest(431, f"request head larger than {_size(MAX_HEAD_BYTES)}")
+        elif self.failed is None and msg is not None and self._msg is msg and len(msg.body) == body_before:
+            # A read inside the body that added none of it and did not end it: chunk framing or the
+            # trailer section, whose unfinished field httptools buffers as it does a header's (on_header
+            # counts finished ones): counted as it comes, in reads in a row, bounded as the head is.
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self.failed = _BadRequest(431, f"request trailers larger than {_size(MAX_HEAD_BYTES)}")
+        else:
+            self._trailer_bytes = 0
 
     def _upgraded(self, rest: bytes, now: float) -> None:
         """httptools stops at a request asking for an Upgrade or CONNECT (what follows would be the
@@ -902,6 +915,7 @@ class _RequestStream:
         self._msg = None
         self.started = None
         self._head_bytes = 0
+        self._trailer_bytes = 0
 
     # httptools callbacks
 

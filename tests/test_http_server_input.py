@@ -328,6 +328,22 @@ def send_until_answered(port: int, first: bytes, filler: bytes, most: int) -> tu
         return bytes(answer), sent
 
 
+async def test_a_trailer_section_past_the_limit_gets_431_even_unfinished(
+    served: tuple[Recorder, HTTPServer],
+) -> None:
+    """httptools keeps an unfinished trailer field as it does a header (copying it per piece), and only
+    the head's bytes were counted as they came: one endless trailer line grew the server's memory read
+    by read until the request's 30 s ran out (64 MiB in 21 s here, RSS +64 MiB, each read copying all
+    before it), on the CA's public port too. Refused past the head's limit, as an unfinished head is
+    (the read that ends the body is not counted: at most one READ_SIZE more)."""
+    rec, server = served
+    first = b"POST /v1/sign HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Long: "
+    most = 4 * http.MAX_HEAD_BYTES + http.READ_SIZE  # past the bound, and far below what grew before
+    answer, _ = await asyncio.to_thread(send_until_answered, server.port, first, b"a" * 4096, most)
+    assert status_of(answer) == 431 and b"request trailers larger than 64 KiB" in answer
+    assert rec.seen == []
+
+
 @pytest.mark.parametrize(
     ("first", "status"),
     [(b"GET /", 414), (b"GET /live HTTP/1.1\r\nX-Long: ", 431)],
