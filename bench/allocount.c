@@ -1,6 +1,6 @@
 /* Counts calls into CPython's allocator (PyMem_SetAllocator hooks over the three domains, each
- * passing through to the allocator it wraps, as tracemalloc does). Built by bench/profile_l7.py
- * with the system C compiler; loaded into a profiled agent by bench/profhook.py. No Python headers
+ * passing through to the allocator it wraps, as tracemalloc does). Built by bench/cbuild.py
+ * with the system C compiler for bench/profile_l7.py; loaded into a profiled agent by bench/profhook.py. No Python headers
  * needed: the struct and the two functions are CPython's stable C API (Include/cpython/pymem.h). */
 #include <stddef.h>
 

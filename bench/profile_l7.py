@@ -5,8 +5,8 @@ Two real `hostmesh agent run` processes (client side with one upstream, server s
 its local service; the same pair as `make bench`), each started through bench/profhook.py. After a
 warm-up, the driver sends N requests one at a time, round robin over a few keep-alive connections,
 in three windows (`--close`: a new connection per request, asking `Connection: close`, as make bench's
-(b) does): allocator calls (a C hook, bench/allocount.c, built here with the system
-compiler), Python and C function calls (cProfile), syscalls (`strace -c -f`, if strace runs here).
+(b) does): allocator calls (a C hook, bench/allocount.c, built by bench/cbuild.py with
+the system compiler), Python and C function calls (cProfile), syscalls (`strace -c -f`, if strace runs here).
 Each figure is that window's total divided by N. One request in flight at a time keeps the counts
 independent of timing, so they stay valid on a loaded machine (batching under concurrency is what
 `make bench` measures).
@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import cbuild  # noqa: E402
+from bench.cbuild import CBuildError  # noqa: E402
 from bench.procs import Procs, StartError, wait_until  # noqa: E402
 from bench.systems import Env, HostmeshPair, start_consul, start_nginx  # noqa: E402
 from hostmesh.agent.localmesh import consul_binary  # noqa: E402
@@ -62,15 +64,11 @@ class Side:
     syscalls: dict[str, int] = field(default_factory=dict)
 
 
-def build_allocount(workdir: Path) -> Path | None:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
+def build_allocount() -> Path | None:
+    try:
+        return cbuild.build(ALLOCOUNT_C, shared=True)
+    except CBuildError:
         return None
-    out = workdir / "allocount.so"
-    done = subprocess.run(
-        [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(ALLOCOUNT_C)], capture_output=True, text=True
-    )
-    return out if done.returncode == 0 else None
 
 
 class Clients:
@@ -324,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pstats is not None:
         args.pstats.mkdir(parents=True, exist_ok=True)
         os.environ["HOSTMESH_PROFILE_PSTATS"] = "1"
-    lib = build_allocount(workdir)
+    lib = build_allocount()
     if lib is None:
         say("profile: no C compiler: allocator calls not counted (net blocks only)")
     else:
