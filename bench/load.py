@@ -1,14 +1,26 @@
-"""Load generators: wrk for throughput, hey at a fixed rate for latency. Every run is time-bounded."""
+"""Load generators: wrk for throughput, bench/pace.c at a fixed rate for latency. Every run is bounded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.parse import WRK_LUA_SCRIPT, LatencyResult, ParseError, WrkResult, parse_hey_csv, parse_wrk
+from bench import cbuild
+from bench.parse import (
+    WRK_LUA_SCRIPT,
+    LatencyResult,
+    PaceRun,
+    ParseError,
+    WrkResult,
+    parse_hey_csv,
+    parse_pace,
+    parse_wrk,
+)
 from bench.procs import StartError, run_bounded
 
 WRK_TIMEOUT = "5s"  # per-request timeout: a stalled proxy shows up as wrk timeouts, not a hang
 RUN_SLACK_S = 20.0  # hard bound over the nominal duration before the generator is killed
+PACE_C = Path(__file__).resolve().parent / "pace.c"
+REQUEST_TIMEOUT_S = 5  # a fixed-rate request's bound, as hey's `-t 5` before: an error past it
 
 
 class LoadError(RuntimeError):
@@ -58,8 +70,48 @@ def wrk(
         raise LoadError(str(exc)) from None
 
 
+def pace_binary() -> Path:
+    """bench/pace.c, built with the system C compiler at first use (bench/cbuild.py); LoadError
+    (no compiler, or its errors) when it cannot be."""
+    try:
+        return cbuild.build(PACE_C, libs=("-lm",))
+    except cbuild.CBuildError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def paced_fixed_rate(url: str, *, rate: int, connections: int, duration_s: float) -> PaceRun:
+    """`rate` requests/s in total over `connections` keep-alive connections, each paced by its own
+    ticker as hey's workers are, timed to the nanosecond (bench/pace.c says how)."""
+    args = [
+        str(pace_binary()),
+        "-c",
+        str(connections),
+        "-q",
+        f"{rate / connections:g}",
+        "-d",
+        f"{duration_s:g}",
+        "-t",
+        str(REQUEST_TIMEOUT_S),
+        url,
+    ]
+    try:
+        rc, out = run_bounded(args, duration_s + REQUEST_TIMEOUT_S + RUN_SLACK_S)
+    except StartError as exc:
+        raise LoadError(str(exc)) from None
+    if rc != 0:
+        raise LoadError(f"pace exited with {rc}: {out.strip().splitlines()[-1:] or ''}")
+    try:
+        run = parse_pace(out)
+    except ParseError as exc:
+        raise LoadError(str(exc)) from None
+    if run.result.requests == 0:
+        raise LoadError(f"pace completed no request ({run.result.failures or 'no error either'})")
+    return run
+
+
 def hey_fixed_rate(url: str, *, rate: int, connections: int, duration_s: float) -> LatencyResult:
-    """`rate` requests/s in total over `connections` keep-alive workers (hey's -q is per worker)."""
+    """`rate` requests/s in total over `connections` keep-alive workers (hey's -q is per worker): the
+    client (d) used before bench/pace.c, kept for comparing the two (bench/pacecheck.py)."""
     per_worker = rate / connections
     args = [
         "hey",

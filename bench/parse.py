@@ -1,4 +1,4 @@
-"""Pure parsers: wrk and hey output, /proc status and stat lines, percentiles.
+"""Pure parsers: wrk, pace (bench/pace.c) and hey output, /proc status and stat lines, percentiles.
 
 No processes and no files here, so the harness' numbers can be unit-tested from captured output.
 """
@@ -131,20 +131,22 @@ def parse_wrk_text(text: str) -> WrkResult:
     return WrkResult(requests, duration, nbytes, errors, lat)
 
 
-# --- hey ------------------------------------------------------------------------------------
+# --- fixed-rate latency: pace (bench/pace.c) and hey ------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyResult:
-    """Per-request latencies of a fixed-rate run (milliseconds) and the status codes seen.
+    """Per-request latencies of a fixed-rate run (milliseconds), the status codes seen, and the
+    requests that got no response (`failures`, by kind: connect, closed, timeout, ...).
 
-    hey 0.1.4 prints times with 4 decimals of a second, so each sample has 0.1 ms resolution; the
-    mean (rounding errors average out) is kept beside the percentiles for that reason.
+    bench/pace.c times each request to the nanosecond; hey 0.1.4 (the client before it, still read
+    for comparisons) prints times with 4 decimals of a second, so its samples have 0.1 ms resolution.
     """
 
     latencies_ms: tuple[float, ...]
     statuses: dict[int, int]
-    span_s: float  # first request start to last request end, from hey's offsets
+    span_s: float  # first request start to last request end
+    failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -152,7 +154,8 @@ class LatencyResult:
 
     @property
     def errors(self) -> int:
-        return sum(n for code, n in self.statuses.items() if not 200 <= code < 400)
+        bad_status = sum(n for code, n in self.statuses.items() if not 200 <= code < 400)
+        return bad_status + sum(self.failures.values())
 
     @property
     def achieved_rps(self) -> float:
@@ -169,8 +172,8 @@ class LatencyResult:
         }
 
     def histogram(self) -> dict[str, int]:
-        """The run's latencies as counts per 0.1 ms step (hey's resolution, so nothing is lost),
-        keyed by the step number as a string (JSON): what lets the rounds' samples be pooled."""
+        """The run's latencies as counts per HIST_STEP_MS (10 µs), keyed by the step number as a
+        string (JSON): what lets the rounds' samples be pooled (report.added_latency)."""
         return latency_histogram(self.latencies_ms)
 
     def to_json(self) -> dict[str, object]:
@@ -178,9 +181,43 @@ class LatencyResult:
             "requests": self.requests,
             "errors": self.errors,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "failures": dict(self.failures),
             "achieved_rps": round(self.achieved_rps, 1),
             "latency_ms": {k: round(v, 3) for k, v in self.summary().items()},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PaceRun:
+    """bench/pace.c's summary: the latencies (LatencyResult) and the client's own CPU time."""
+
+    result: LatencyResult
+    cpu_s: float
+    reopened: int  # connections the server closed while idle (or by `Connection: close`): no error
+    ticks: int  # ticks due within the run, over all connections: each began a request or was dropped
+    sent: int  # requests begun: each got a response (result.requests) or failed (result.failures)
+    dropped: dict[str, int]  # ticks dropped: `late` (the client was), `busy`, `end` (pace.c says how)
+
+
+def parse_pace(text: str) -> PaceRun:
+    """bench/pace.c's stdout: one JSON object (`requests`, `errors` by kind, `reopened`, `ticks`,
+    `sent`, `dropped` by kind, `statuses`, `span_ns`, `cpu_us`, `latencies_ns`)."""
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.get("client") != "pace":
+            raise ValueError("not a pace summary")
+        lat = tuple(int(ns) / 1e6 for ns in d["latencies_ns"])
+        if len(lat) != int(d["requests"]):
+            raise ValueError(f"{d['requests']} requests but {len(lat)} latencies")
+        statuses = {int(k): int(v) for k, v in d["statuses"].items()}
+        failures = {str(k): int(v) for k, v in d["errors"].items() if int(v)}
+        result = LatencyResult(lat, statuses, int(d["span_ns"]) / 1e9, failures)
+        dropped = {str(k): int(v) for k, v in d["dropped"].items()}
+        return PaceRun(
+            result, int(d["cpu_us"]) / 1e6, int(d["reopened"]), int(d["ticks"]), int(d["sent"]), dropped
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ParseError(f"bad pace output ({exc}): {text.strip()[:200]!r}") from None
 
 
 def parse_hey_csv(text: str) -> LatencyResult:
@@ -236,22 +273,29 @@ def parse_hey_summary(text: str) -> dict[str, float]:
 # --- statistics -----------------------------------------------------------------------------
 
 
-HIST_STEP_MS = 0.1  # hey 0.1.4's resolution: a histogram of this step keeps every sample as it was
+# The step of the histograms a results JSON keeps per latency run (`histogram_10us`): 1 % or 2 % of
+# the added p99s the targets compare (0.5-1 ms); at 1 µs a run's histogram would have thousands of
+# keys, and a full run's JSON grow past a MiB. Runs measured with hey (up to 2026-12-07) kept
+# `histogram_0_1ms`, at hey's own resolution (HEY_HIST_STEP_MS).
+HIST_STEP_MS = 0.01
+HEY_HIST_STEP_MS = 0.1
+HIST_KEYS = {"histogram_10us": HIST_STEP_MS, "histogram_0_1ms": HEY_HIST_STEP_MS}  # JSON key -> step
 
 
-def latency_histogram(latencies_ms: Iterable[float]) -> dict[str, int]:
-    """Counts per HIST_STEP_MS step, keyed by the step number as a string (JSON keys are strings)."""
+def latency_histogram(latencies_ms: Iterable[float], step_ms: float = HIST_STEP_MS) -> dict[str, int]:
+    """Counts per `step_ms` step (each sample to the nearest), keyed by the step number as a string
+    (JSON keys are strings)."""
     counts: dict[int, int] = {}
     for v in latencies_ms:
-        step = round(v / HIST_STEP_MS)
+        step = round(v / step_ms)
         counts[step] = counts.get(step, 0) + 1
     return {str(k): n for k, n in sorted(counts.items())}
 
 
-def histogram_summary(hists: Iterable[Mapping[str, int]]) -> dict[str, float]:
+def histogram_summary(hists: Iterable[Mapping[str, int]], step_ms: float = HIST_STEP_MS) -> dict[str, float]:
     """`LatencyResult.summary` of the samples of all `hists` pooled (so a single histogram gives its
-    run's own figures): the same mean and nearest-rank percentiles, from one definition."""
-    samples = [int(k) * HIST_STEP_MS for h in hists for k, n in h.items() for _ in range(n)]
+    run's own figures, to the step): the same mean and nearest-rank percentiles, from one definition."""
+    samples = [int(k) * step_ms for h in hists for k, n in h.items() for _ in range(n)]
     return LatencyResult(tuple(samples), {}, 0.0).summary()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.parse import histogram_summary
+from bench.parse import HIST_KEYS, histogram_summary
 
 DIRECT = "direct"
 CONSUL = "consul"
@@ -126,8 +126,9 @@ def added_latency(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     the 2-core machine a 10 s run's tail moves by milliseconds with the load of the moment (direct's
     own p99 ran 2.3 to 8.0 ms across three rounds of one run), so a peer's p99 could come out below
     direct's and its added p99 negative. Pooling gives every system the noise of every round and
-    three times the samples above each percentile. Runs without histograms (results of older runs):
-    per round, then medianed as before.
+    three times the samples above each percentile. Each run keeps a histogram at 10 µs
+    (`histogram_10us`, bench/pace.c's runs) or at 0.1 ms (`histogram_0_1ms`, hey's, before
+    2026-12-07); runs without either (older results): per round, then medianed as before.
     """
     lat = [r for r in records if r["scenario"] == "lat" and r["ok"]]
     direct = {r["round"]: r for r in lat if r["system"] == DIRECT}
@@ -138,9 +139,10 @@ def added_latency(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not runs:
             continue
         pairs = [(r["metrics"], direct[r["round"]]["metrics"]) for r in runs]
-        if all("histogram_0_1ms" in m and "histogram_0_1ms" in d for m, d in pairs):
-            mine = histogram_summary(m["histogram_0_1ms"] for m, _ in pairs)
-            base = histogram_summary(d["histogram_0_1ms"] for _, d in pairs)
+        key = next((k for k in HIST_KEYS if all(k in m and k in d for m, d in pairs)), None)
+        if key is not None:
+            mine = histogram_summary((m[key] for m, _ in pairs), HIST_KEYS[key])
+            base = histogram_summary((d[key] for _, d in pairs), HIST_KEYS[key])
             rounds: list[tuple[Any, Mapping[str, Any], Mapping[str, Any]]] = [("pooled", mine, base)]
         else:
             rounds = [(r["round"], r["metrics"], direct[r["round"]]["metrics"]) for r in runs]

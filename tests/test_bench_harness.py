@@ -14,11 +14,14 @@ import pytest
 
 from bench import hmconfig, report
 from bench.parse import (
+    HEY_HIST_STEP_MS,
     LatencyResult,
     ParseError,
     histogram_summary,
+    latency_histogram,
     parse_hey_csv,
     parse_hey_summary,
+    parse_pace,
     parse_proc_stat_steal,
     parse_stat,
     parse_status_rss_kib,
@@ -148,6 +151,43 @@ def test_hey_summary() -> None:
         parse_hey_summary("nothing here")
 
 
+PACE_JSON = (
+    '{"client":"pace","connections":2,"period_ns":4000000,"requests":4,'
+    '"errors":{"connect":1,"write":0,"closed":0,"bad_response":0,"timeout":1},"reopened":1,"ticks":8,'
+    '"sent":6,"dropped":{"late":1,"busy":1,"end":0},"statuses":{"200":3,"503":1},"span_ns":1004000000,'
+    '"elapsed_ns":1010000000,"cpu_us":12345,"latencies_ns":[412345,398001,1250000,10000000]}\n'
+)
+
+
+def test_pace_summary() -> None:
+    run = parse_pace(PACE_JSON)
+    r = run.result
+    assert r.latencies_ms == (0.412345, 0.398001, 1.25, 10.0)  # to the ns, where hey's were 0.1 ms steps
+    assert r.statuses == {200: 3, 503: 1}
+    assert r.failures == {"connect": 1, "timeout": 1}  # the kinds that happened
+    assert r.errors == 3  # the 503 and the two requests that got no response
+    assert r.span_s == pytest.approx(1.004)
+    assert r.achieved_rps == pytest.approx(4 / 1.004)
+    assert r.summary()["p50"] == pytest.approx(0.412345)
+    assert run.cpu_s == pytest.approx(0.012345)
+    assert (run.ticks, run.sent, run.reopened) == (8, 6, 1)
+    assert run.dropped == {"late": 1, "busy": 1, "end": 0}
+    assert run.sent + sum(run.dropped.values()) == run.ticks
+    assert r.requests + sum(r.failures.values()) == run.sent
+
+
+def test_pace_output_that_is_not_its_summary_is_an_error() -> None:
+    for text in (
+        "",
+        "pace: the host must be an IPv4 loopback address (127.0.0.0/8)\n",
+        '{"client":"hey"}',
+        PACE_JSON.replace('"requests":4', '"requests":5'),  # a latency lost on the way
+        PACE_JSON.replace("412345,", "x,"),
+    ):
+        with pytest.raises(ParseError):
+            parse_pace(text)
+
+
 # --- statistics -----------------------------------------------------------------------------
 
 
@@ -272,16 +312,50 @@ def _rec(rnd: int, system: str, scenario: str, **metrics: float) -> dict[str, ob
 
 
 def _lat(rnd: int, system: str, samples_ms: list[float]) -> dict[str, object]:
+    """A run as bench/run.py records it since bench/pace.c: its figures and a 10 µs histogram."""
     r = LatencyResult(tuple(samples_ms), {200: len(samples_ms)}, 1.0)
-    return _rec(rnd, system, "lat", **r.summary(), histogram_0_1ms=r.histogram())  # type: ignore[arg-type]
+    return _rec(rnd, system, "lat", **r.summary(), histogram_10us=r.histogram())  # type: ignore[arg-type]
 
 
-def test_a_histogram_gives_the_runs_own_figures_at_heys_resolution() -> None:
-    samples = [0.3, 0.2, 0.2, 0.4, 1.7, 0.2, 0.3, 9.9, 0.2, 0.5]
+def _hey_lat(rnd: int, system: str, samples_ms: list[float]) -> dict[str, object]:
+    """A run as recorded with hey, before 2026-12-07 (results/*.json): a 0.1 ms histogram."""
+    r = LatencyResult(tuple(samples_ms), {200: len(samples_ms)}, 1.0)
+    hist = latency_histogram(samples_ms, HEY_HIST_STEP_MS)
+    return _rec(rnd, system, "lat", **r.summary(), histogram_0_1ms=hist)  # type: ignore[arg-type]
+
+
+def test_a_histogram_gives_the_runs_own_figures_to_10us() -> None:
+    samples = [0.3, 0.2, 0.2, 0.4, 1.7, 0.2, 0.3, 9.9, 0.2, 0.5]  # on the grid: exactly
     r = LatencyResult(tuple(samples), {200: 10}, 1.0)
     pooled = histogram_summary([r.histogram()])
     for key, value in r.summary().items():
         assert pooled[key] == pytest.approx(value), key
+    # pace's times, to the ns: each within half a step (5 µs) of its own, where hey's 0.1 ms steps
+    # would have made 0.412 and 0.448 ms one value
+    fine = [0.412345, 0.448001, 0.398123, 1.203456, 0.401999]
+    r = LatencyResult(tuple(fine), {200: 5}, 1.0)
+    assert r.histogram() == {"40": 2, "41": 1, "45": 1, "120": 1}
+    pooled = histogram_summary([r.histogram()])
+    for key, value in r.summary().items():
+        assert pooled[key] == pytest.approx(value, abs=0.005), key
+    assert histogram_summary([latency_histogram(fine, HEY_HIST_STEP_MS)], HEY_HIST_STEP_MS)["p50"] == 0.4
+
+
+def test_added_latency_pools_10us_histograms_at_their_step() -> None:
+    recs = [_lat(rnd, "direct", [0.21] * 100) for rnd in (1, 2)]
+    recs += [_lat(1, "haproxy", [0.53] * 100), _lat(2, "haproxy", [0.53] * 95 + [1.27] * 5)]
+    s = report.summarize(recs)
+    assert s["haproxy"]["added.p50"] == pytest.approx(0.32)
+    assert s["haproxy"]["added.p99"] == pytest.approx(1.06)  # pooled: 5 of 200 above 0.53
+
+
+def test_added_latency_still_pools_the_0_1ms_histograms_of_runs_measured_with_hey() -> None:
+    recs = [_hey_lat(rnd, "direct", [0.2] * 100) for rnd in (1, 2)]
+    recs += [_hey_lat(1, "consul", [0.5] * 100), _hey_lat(2, "consul", [0.5] * 95 + [1.3] * 5)]
+    s = report.summarize(recs)
+    assert s["consul"]["added.p50"] == pytest.approx(0.3)
+    assert s["consul"]["added.p99"] == pytest.approx(1.1)
+    assert [r["round"] for r in report.added_latency(recs)] == ["pooled", "pooled"]
 
 
 def test_added_latency_pools_the_rounds_samples() -> None:
