@@ -37,7 +37,7 @@ def build(source: Path, *, shared: bool = False, libs: tuple[str, ...] = ()) -> 
     this source was built before with the same flags and compiler."""
     cc = c_compiler()
     if cc is None:
-        raise CBuildError(f"no C compiler (neither ${{CC}}/cc nor gcc on PATH) to build {source.name}")
+        raise CBuildError(f"no C compiler ($CC, cc or gcc) on PATH to build {source.name}")
     flags = [*CFLAGS, *(("-shared", "-fPIC") if shared else ())]
     key = hashlib.sha256("\0".join([cc, *flags, *libs]).encode() + b"\0" + source.read_bytes()).hexdigest()
     out = CACHE / f"{source.stem}-{key[:16]}{'.so' if shared else ''}"

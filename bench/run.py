@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import load, report  # noqa: E402
+from bench import cbuild, load, report  # noqa: E402
 from bench.parse import WrkResult  # noqa: E402
 from bench.procs import Procs, Sampler, StartError, cpu_s, host_steal_s, log_tail, tree  # noqa: E402
 from bench.systems import Env, System, hostmesh_cmd, make_systems, start_consul, start_nginx  # noqa: E402
@@ -99,7 +100,8 @@ def loud(msg: str) -> None:
 
 
 def ensure_tools() -> str:
-    """Install nginx/haproxy/wrk/hey from Debian if missing; return the Consul binary path."""
+    """Install nginx/haproxy/wrk and a C compiler (for bench/pace.c) from Debian if missing; return
+    the Consul binary path."""
     rc = subprocess.run([str(REPO / "scripts" / "install-bench-tools.sh")], check=False).returncode
     if rc != 0:
         raise SystemExit("bench: could not install the benchmark tools (scripts/install-bench-tools.sh)")
@@ -116,9 +118,10 @@ def ensure_tools() -> str:
 
 def versions(consul_bin: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    for pkg in ("nginx", "haproxy", "wrk", "hey"):
+    for pkg in ("nginx", "haproxy", "wrk"):
         q = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True)
         out[pkg] = q.stdout.strip() or "unknown"
+    out["pace"] = pace_version()
     c = subprocess.run([consul_bin, "version"], capture_output=True, text=True)
     out["consul"] = (c.stdout.splitlines() or ["unknown"])[0]
     g = subprocess.run(
@@ -126,6 +129,16 @@ def versions(consul_bin: str) -> dict[str, str]:
     )
     out["hostmesh_commit"] = g.stdout.strip() or "unknown"
     return out
+
+
+def pace_version() -> str:
+    """(d)'s client: its source's hash and the compiler that built it (bench/cbuild.py)."""
+    digest = hashlib.sha256(load.PACE_C.read_bytes()).hexdigest()[:12]
+    cc = cbuild.c_compiler()
+    if cc is None:
+        return f"bench/pace.c {digest}, no C compiler"
+    v = subprocess.run([cc, "--version"], capture_output=True, text=True)
+    return f"bench/pace.c {digest}, {(v.stdout.splitlines() or ['unknown compiler'])[0]}"
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -211,24 +224,30 @@ def scenario_big(system: System, s: Settings, script: Path) -> dict[str, Any]:
 
 
 def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
-    # The pair's CPU per request at this rate: what its added latency follows (hey's workers send
-    # their requests together, so each agent works through a burst of `lat_connections` in turn).
-    # Read before and after only: no sampling thread beside a latency measurement.
+    # The pair's CPU per request at this rate: what its added latency follows (the client's
+    # connections send their requests together, so each agent works through a burst of
+    # `lat_connections` in turn). Read before and after only: no sampling thread beside a latency
+    # measurement.
     pids = [p for root in system.roots().values() for p in tree(root)]
     cpu0 = sum(cpu_s(p) for p in pids)
-    r = load.hey_fixed_rate(
+    run = load.paced_fixed_rate(
         f"{system.url}/small", rate=s.lat_rate, connections=s.lat_connections, duration_s=s.lat_duration_s
     )
     cpu = sum(cpu_s(p) for p in pids) - cpu0
+    r = run.result
     if r.errors > MAX_ERROR_FRACTION * r.requests:
-        raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses}")
+        raise load.LoadError(f"{r.errors} errors in {r.requests} requests: {r.statuses} {r.failures}")
     m: dict[str, Any] = {k: round(v, 4) for k, v in r.summary().items()}
     m["achieved_rps"] = round(r.achieved_rps, 1)
-    m["histogram_0_1ms"] = r.histogram()  # not a number: kept in the JSON, pooled by report.added_latency
+    m["histogram_10us"] = r.histogram()  # not a number: kept in the JSON, pooled by report.added_latency
     m["requests"] = r.requests
     if pids and r.requests:
         m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
+    # the client shares the cores with the proxies: what it took of them (hey took 3-4x this)
+    m["client_cpu_us_per_req"] = round(run.cpu_s / r.requests * 1e6, 2)
     m["errors"] = r.errors
+    if r.failures:
+        m["failures"] = dict(r.failures)  # not a number: shown in the JSON
     if r.achieved_rps < RATE_SHORTFALL * s.lat_rate:
         m["rate_short"] = True  # bool: not aggregated, shown in the JSON
     return m
@@ -484,6 +503,11 @@ def _set_aside(doc: dict[str, Any]) -> int:
     return sum(len(r.get("discarded", ())) for r in doc.get("records", ()))
 
 
+def _client_version(v: dict[str, str]) -> str:
+    """(d)'s client in the versions line: pace since 2026-12-07, hey in the results of runs before."""
+    return f"pace ({v['pace']})" if "pace" in v else f"hey {v.get('hey', 'unknown')}"
+
+
 def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
     s = doc["settings"]
     v = doc["versions"]
@@ -498,8 +522,8 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "",
         f"Each figure is the median of {s['runs']} interleaved run(s). (a) wrk, {s['connections']} "
         f"keep-alive connections, {s['duration_s']:g} s, small response; (b) the same with "
-        f"`Connection: close`; (c) 1 MiB responses over {s['big_connections']} connections; (d) hey at "
-        f"{s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
+        f"`Connection: close`; (c) 1 MiB responses over {s['big_connections']} connections; (d) "
+        f"bench/pace.c at {s['lat_rate']} req/s over {s['lat_connections']} keep-alive connections for "
         f"{s['lat_duration_s']:g} s per round, the rounds' samples pooled (not medianed: a 10 s run's "
         "tail moves by milliseconds with the machine's load), percentiles minus direct's pooled ones; "
         f"a (d) run during which the host took more than {MAX_STEAL_PCT:g} % of the CPUs (steal, "
@@ -524,11 +548,15 @@ def build_markdown(doc: dict[str, Any], tables: str, json_rel: str) -> str:
         "connection, an authorize call to the local agent per inbound connection); the HAProxy pair "
         "verifies the peer chain and the server name, not the client's SPIFFE ID, and reuses its "
         "backend connections. All three pairs seal with TLS 1.3 AES-128-GCM (the HAProxy pair is "
-        "configured to). hey 0.1.4 paces each worker with a ticker (a slow system gets fewer "
-        "requests, see `achieved_rps` per run) and prints times with 0.1 ms resolution, hence the mean.",
+        "configured to). (d)'s client, bench/pace.c, loads a system as hey 0.1.4 (its client "
+        "until 2026-12-07) did: each connection paced by its own ticker, all in step, a tick that comes "
+        "while a request is outstanding kept for when it ends and the rest dropped (a slow system gets "
+        "fewer requests, see `achieved_rps` per run); it times each request to the nanosecond, where "
+        "hey printed 0.1 ms steps, and the pooled percentiles are taken at 10 µs (`histogram_10us`).",
         "",
+        *(f"> **{why}**\n" for why in doc.get("skipped", {}).values()),
         tables,
-        f"Versions: nginx {v['nginx']}, HAProxy {v['haproxy']}, wrk {v['wrk']}, hey {v['hey']}, "
+        f"Versions: nginx {v['nginx']}, HAProxy {v['haproxy']}, wrk {v['wrk']}, {_client_version(v)}, "
         f"{v['consul']}.",
         "",
     ]
@@ -632,6 +660,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = Settings(**{**asdict(base), **changes})
     consul_bin = ensure_tools()
+    skipped: dict[str, str] = {}
+    if "lat" in args.scenario_names:
+        try:  # (d)'s client is C, built here (ensure_tools installs a compiler when run as root)
+            load.pace_binary()
+        except load.LoadError as exc:
+            skipped["lat"] = f"(d) NOT MEASURED: its client bench/pace.c could not be built: {exc}"
+            loud(f"bench: {skipped['lat']}")
+            args.scenario_names.remove("lat")
     signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (background job)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
@@ -690,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": args.system_names,
         "unavailable": h.unavailable,
         "unavailable_logs": h.unavailable_logs,
+        "skipped": skipped,
         "summary": {
             s: {k: (None if not math.isfinite(v) else round(v, 4)) for k, v in m.items()}
             for s, m in summary.items()
@@ -709,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     say(tables)
     for name, why in h.unavailable.items():
         loud(f"{name}: NOT AVAILABLE — {why}")
+    for why in skipped.values():
+        loud(f"bench: {why}")
     say(f"bench: finished in {elapsed / 60:.1f} min")
     if args.no_write:
         return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the benchmark's peers and load generators from Debian's packages if they are missing:
-#   nginx (backend), haproxy (peer), wrk (throughput), hey (fixed-rate latency: `hey -q R -c C`).
+#   nginx (backend), haproxy (peer), wrk (throughput), and a C compiler with libc's headers (gcc,
+#   libc6-dev) for bench/pace.c, the fixed-rate latency client, which bench/cbuild.py builds at first use.
 # Runs `apt-get update` at most once. Package maintainer scripts must not start system-wide
 # nginx/haproxy services on :80 — the benchmark runs its own instances on loopback — so while
 # installing we put a policy-rc.d that forbids service starts (only if the host has none).
@@ -11,7 +12,8 @@ need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v hey >/dev/null 2>&1 || need+=(hey)
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)  # gcc only recommends it; pace.c needs its headers
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -36,6 +38,6 @@ if ! { apt-get -qq update && apt-get -qq install -y --no-install-recommends "${n
   exit 1
 fi
 rm -f "$log"
-for tool in wrk hey; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "install-bench-tools: $tool missing after install" >&2; exit 1; }
-done
+command -v wrk >/dev/null 2>&1 || { echo "install-bench-tools: wrk missing after install" >&2; exit 1; }
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || {
+  echo "install-bench-tools: no C compiler (cc, gcc) after install" >&2; exit 1; }

@@ -694,3 +694,44 @@ def test_idle_window_opens_after_the_last_started_system_settled(tmp_path: Path)
     h.last_ready = time.monotonic()
     h.idle()
     assert time.monotonic() >= h.last_ready + SETTLE_S
+
+
+def _results_doc(versions: dict[str, str], skipped: dict[str, str] | None = None) -> dict[str, object]:
+    from dataclasses import asdict
+
+    from bench.run import Settings
+
+    doc: dict[str, object] = {
+        "command": "make bench",
+        "date": "2026-12-07T12:00:00+00:00",
+        "duration_s": 700.0,
+        "machine": {"cpus": 2, "kernel": "6.1", "loadavg_before": [0.5], "loadavg_after": [1.5]},
+        "settings": asdict(Settings()),
+        "versions": {
+            "nginx": "1",
+            "haproxy": "2",
+            "wrk": "3",
+            "consul": "Consul v1",
+            "hostmesh_commit": "abc",
+        }
+        | versions,
+        "records": [],
+    }
+    if skipped is not None:
+        doc["skipped"] = skipped
+    return doc
+
+
+def test_results_say_which_client_measured_d_and_why_it_was_left_out() -> None:
+    from bench.run import build_markdown
+
+    md = build_markdown(_results_doc({"pace": "bench/pace.c 0123, cc 12.2.0"}), "TABLES\n", "results/x.json")
+    assert "(d) bench/pace.c at 1000 req/s over 4 keep-alive connections" in md
+    assert "to the nanosecond, where hey printed 0.1 ms steps" in md
+    assert "hey 0.1.4 paces each worker" not in md  # the old client's sentence, no longer true
+    assert "wrk 3, pace (bench/pace.c 0123, cc 12.2.0), Consul v1." in md
+    # a results JSON of a run measured with hey renders its own client
+    assert "wrk 3, hey 0.1.4-2+b4, Consul v1." in build_markdown(_results_doc({"hey": "0.1.4-2+b4"}), "", "x")
+    why = "(d) NOT MEASURED: its client bench/pace.c could not be built: no C compiler"
+    md = build_markdown(_results_doc({"pace": "p"}, {"lat": why}), "TABLES\n", "results/x.json")
+    assert f"> **{why}**\n\nTABLES" in md
