@@ -9,7 +9,7 @@
  * workers send theirs. A tick that comes while its connection's request is outstanding is kept, at
  * most one (Go's ticker channel buffers one tick and drops the rest), and the next request goes as
  * soon as the response is in. New requests go for -d seconds; those still outstanding then are
- * waited for, each at most -t seconds (hey's -t, default 5) after it started.
+ * waited for, each at most -t seconds after it started (default 5, as the bench ran `hey -t 5`).
  *
  * A request's latency runs from just before its write (before the connect when the connection has
  * to be opened first: hey's time includes the dial too) to the read that completes the response:
@@ -20,10 +20,12 @@
  * server closes while idle is opened again without an error (counted as `reopened`), as Go's client
  * does; a response that says `Connection: close` is timed and its connection opened again likewise.
  *
- * Prints one JSON object on stdout: the counts, statuses, the run's span (first request's start to
- * the last response's end), the client's own CPU time, and every successful request's latency in
- * ns, in the order they completed: the harness (bench/load.py) computes the percentiles. Every
- * latency rather than a histogram: 10,000 numbers for (d)'s run, and any resolution stays possible.
+ * Prints one JSON object on stdout: the counts, statuses, what became of every tick (see ticks_due),
+ * the run's span (first request's start to the last response's end), the client's own CPU time
+ * (hey's, on the cores it shares with the proxies, was 5-7x this: bench/README.md), and every
+ * successful request's latency in ns, in the order they completed: the harness (bench/load.py)
+ * computes the percentiles. Every latency rather than a histogram: 10,000 numbers for (d)'s run,
+ * and any resolution stays possible.
  * Exit status 0 when the run took place (its errors are in the summary), 1 when the client could
  * not run (no epoll or timer), 2 for bad arguments; both with one line on stderr.
  *
@@ -32,7 +34,6 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -51,7 +52,7 @@
 #define MAX_CONNS 256           /* a latency client, not a flood: also bounds the fds (2 per connection) */
 #define MAX_RATE 100000.0       /* per connection: a 10 µs period is already below what a tick costs */
 #define MAX_DURATION_S 3600.0   /* an hour: more is a mistake, and the sample array is sized from it */
-#define MAX_TIMEOUT_S 600.0
+#define MAX_TIMEOUT_S 600.0     /* a request that takes minutes is an error, not a latency */
 #define MAX_SAMPLES (8u << 20)  /* 64 MiB of latencies; (d) keeps 10,000 */
 #define HEAD_MAX 8192           /* a response head must fit: nginx's is ~250 bytes, a proxy adds a few */
 #define READ_CHUNK 65536        /* body bytes are read in these and dropped: (d)'s body is 64 bytes */
