@@ -55,6 +55,7 @@ class Handler(socketserver.BaseRequestHandler):
             if answered:
                 self.server.idle_s.append(time.monotonic() - answered)
             head, _, buf = buf.partition(b"\r\n\r\n")
+            self.server.arrivals.append(time.monotonic())
             self.server.requests.append(head)
             mode = self.server.mode
             if mode == "silent":  # never answers: pace's timeout
@@ -87,6 +88,7 @@ class Server(socketserver.ThreadingTCPServer):
         self.mode = mode
         self.delay_s = delay_s
         self.requests: list[bytes] = []
+        self.arrivals: list[float] = []
         self.idle_s: list[float] = []  # per request after a connection's first: since the last answer
 
 
@@ -128,6 +130,22 @@ def test_requests_follow_the_ticks_and_take_the_servers_delay(pace: Path) -> Non
     assert srv.requests[0].startswith(b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:")
     assert min(r.latencies_ms) >= delay * 1000  # the server's delay is in every latency
     assert r.span_s > 0
+
+
+def test_the_connections_tick_together(pace: Path) -> None:
+    # hey's workers start their tickers at once, so the requests of a tick arrive as a burst of -c
+    # (bench/README.md): here 4 every 50 ms. Tickers started one after another would spread them
+    # 12.5 ms apart.
+    with server() as srv:
+        out = run(pace, f"http://127.0.0.1:{srv.server_address[1]}/", c=4, q=20, d=1.0)
+    assert out.result.failures == {}
+    bursts: list[list[float]] = []
+    for t in sorted(srv.arrivals):
+        if bursts and t - bursts[-1][-1] < 0.01:
+            bursts[-1].append(t)
+        else:
+            bursts.append([t])
+    assert statistics.median(len(b) for b in bursts) == 4
 
 
 def test_a_slow_server_gets_fewer_requests_not_a_queue(pace: Path) -> None:
