@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from bench import cbuild, load
+from bench.compiled import ensure_compiler
 from bench.parse import PaceRun, parse_pace
 
 BODY = b"sixty-four bytes of body, as the bench's nginx /small answers....\n"
@@ -33,7 +34,10 @@ RUN_BOUND_S = 30.0  # over any run's -d + -t here: pace must have exited by then
 @pytest.fixture(scope="module")
 def pace() -> Path:
     if cbuild.c_compiler() is None:
-        pytest.skip("no C compiler (cc or gcc): bench/pace.c cannot be built here")
+        # as root, the toolchain test_compiled_build installs (gcc, and libc's headers with Python's)
+        reason = ensure_compiler()
+        if cbuild.c_compiler() is None:
+            pytest.skip(f"no C compiler (cc or gcc): bench/pace.c cannot be built here: {reason}")
     return load.pace_binary()
 
 
