@@ -332,11 +332,18 @@ def parse_address(text: Any, path: str) -> Address:
     if not sep or not host or port is None or "[" in host or "]" in host:
         raise _fail(path, f"{text!r} is not host:port")
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
             raise _fail(path, f"{host!r} must be an IP address (or localhost)") from None
         host = "127.0.0.1"
+    else:
+        # an IPv4-mapped address ([::ffff:127.0.0.1]) is its IPv4 address: the agent's TCP sockets
+        # are IPv6-only (registry/listen.py), which cannot bind one ("Invalid argument" at the start),
+        # and the loopback check took it for no loopback; bound as IPv4, it takes the connections
+        # the mapped address would on a dual-stack socket
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            host = str(ip.ipv4_mapped)
     return Address(host, port)
 
 

@@ -522,6 +522,8 @@ def agent_toml_md() -> str:
         "`systemctl reload hostmesh-agent` (SIGHUP) applies a change without dropping connections;",
         "`restart` means a reload logs the key and keeps its running value until the agent restarts.",
         "Seconds are plain numbers here (`interval = 5`), unlike the duration strings of documents.",
+        "A host:port is an IP address (IPv6 in brackets: `[::1]:15000`) or `localhost`; an IPv4-mapped",
+        "one (`[::ffff:127.0.0.1]:15000`) is its IPv4 address (`127.0.0.1:15000`), loopback included.",
         "",
         "| key | type | default | applies | meaning |",
         "| --- | --- | --- | --- | --- |",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hostmesh.agent.config import ConfigError, load_config, parse_config
+from hostmesh.registry.listen import listening_socket
 
 PIN = "sha256:" + "ab" * 32
 
@@ -318,6 +319,33 @@ def test_mesh_dns_on_a_non_loopback_address_is_refused_unless_dns_shared() -> No
     assert parse_config(minimal(dns="")).dns is None  # off: nothing to check
     with pytest.raises(ConfigError, match=r"^dns_shared: must be true or false$"):
         parse_config(minimal(dns="", dns_shared="yes"))
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address_and_the_listener_binds_it() -> None:
+    """`[::ffff:127.0.0.1]` was refused as "not a loopback address" though it is one, and with
+    `shared = true` `[::ffff:0.0.0.0]` passed `agent validate` while the start failed ("cannot listen
+    on [::ffff:0.0.0.0]:…: Invalid argument": the agent's TCP sockets are IPv6-only, and such a
+    socket cannot bind an IPv4-mapped address). Either is its IPv4 address, which the listener binds."""
+    cfg = parse_config(minimal(
+        inbound="[::ffff:127.0.0.1]:0", admin="[::ffff:127.0.0.1]:0", metrics="[::FFFF:7f00:1]:0",
+        dns="[::ffff:127.0.0.1]:0",
+        services=[{"name": "web", "port": 8080, "upstreams": [
+            {"service": "api", "bind": "[::ffff:127.0.0.2]:9091"},
+            {"service": "db", "bind": "[0:0:0:0:0:ffff:7f00:3]:9092", "shared": True},
+            {"service": "all", "bind": "[::ffff:0.0.0.0]:9093", "shared": True},
+            {"service": "logs", "bind": "[::ffff:127.0.0.4]:9094", "protocol": "udp"}]}],
+    ))  # fmt: skip
+    assert cfg.dns is not None and cfg.metrics is not None
+    binds = [u.bind for u in cfg.services[0].upstreams]
+    assert [a.host for a in (cfg.inbound, cfg.admin, cfg.metrics, cfg.dns)] == ["127.0.0.1"] * 4
+    assert [str(a) for a in binds] == ["127.0.0.2:9091", "127.0.0.3:9092", "0.0.0.0:9093", "127.0.0.4:9094"]
+    for addr in (cfg.admin, *binds[:2]):  # (port 0: what the agent's TCP listener binds, on any port)
+        sock = listening_socket(addr.host, 0)
+        assert sock is not None
+        sock.close()
+    # one socket, however it is spelled: the clash is said at load, not at the start
+    with pytest.raises(ConfigError, match=r"^metrics: listens on 127\.0\.0\.1:15000, as admin does"):
+        parse_config(minimal(admin="[::ffff:127.0.0.1]:15000", metrics="127.0.0.1:15000"))
 
 
 def test_bind_auto_derives_a_stable_loopback_address_and_the_natural_port() -> None:
