@@ -63,6 +63,7 @@ from hostmesh.agent.certproc import (
     mark_roots_verified,
     read_existing,
     roots_unvouched,
+    verified_path,
 )
 from hostmesh.agent.loops import wait_event
 from hostmesh.agent.renewal import CertState
@@ -79,7 +80,7 @@ from hostmesh.ca.errors import (
 from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
-from hostmesh.registry.files import make_dirs
+from hostmesh.registry.files import make_dirs, write_new
 from hostmesh.registry.layout import CA_SERVICE_NAME
 from hostmesh.registry.nomad import NAMED_IDENTITY_BLOCK
 from hostmesh.registry.rng import shared
@@ -412,8 +413,13 @@ class CertManager:
         if pem == self._roots_pem:
             return False
         if save:  # every saved bundle was checked (the pin, or Consul's): recorded for a restart
-            pki.write_private(roots_path(self.dir), pem.encode())
-            mark_roots_verified(self.dir, self.pin, pem)
+            path = roots_path(self.dir)
+            try:
+                pki.write_private(path, pem.encode())
+                path = verified_path(self.dir)
+                mark_roots_verified(self.dir, self.pin, pem)
+            except OSError as exc:  # the file, as a key pair's write names it (not its temporary file)
+                raise StorageError(f"cannot write {path}: {exc.strerror}") from None
         self._roots, self._roots_pem = roots, pem
         return True
 
@@ -494,6 +500,7 @@ class CertManager:
                 f"{why} for {service!r} and no join token: issue one with "
                 f"`hostmesh ca token create --service {service}` and {where}"
             )
+        self._check_writable()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.bootstrap_timeout
         attempt = 0
@@ -525,6 +532,17 @@ class CertManager:
                     f"{why} for {service!r}, and the join token in {self.token_file} was refused ({exc}): "
                     f"issue a new one with `hostmesh ca token create --service {service}`"
                 ) from None
+
+    def _check_writable(self) -> None:
+        """Whether a certificate can be stored, asked before a join token is spent on it: a cert dir
+        the agent may not write (root's, left by a run as root; a read-only mount) lost the token
+        (single use) with the certificate it obtained, and the fixed host needed a new token."""
+        probe = self.dir / f".write-test.{os.getpid()}.tmp"
+        try:
+            write_new(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"cannot write in {self.dir}: {exc.strerror}") from None
 
     async def _obtain_with_token(self, service: str, token: str) -> None:
         last: CAUnavailable | None = None

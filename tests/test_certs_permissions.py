@@ -162,6 +162,39 @@ def test_a_file_left_to_root_is_named_with_its_owner_and_the_token_is_kept(
         m.close()
 
 
+def test_a_cert_dir_the_agent_may_not_write_is_named_and_the_token_is_kept(
+    consul: ConsulDev, shared_tmp: Path
+) -> None:
+    """The cert dir is root's (made by a run as root, or `install -d`), the rest was handed over: the
+    start as nobody failed with "PermissionError: [Errno 13] Permission denied:
+    '<cert dir>/.roots.pem.<pid>.tmp'", a Python exception's name and a temporary file the operator
+    never sees, and the join token was spent on a certificate that could not be stored (the fixed
+    host needed a new token). Now that is asked before the token is spent, and said in one line."""
+    m, h = new_mesh(consul, shared_tmp / "mesh")
+    try:
+        cfg = load_config(h.config_path)
+        prepare_as_root(cfg)  # the run as root (and every module the child needs, loaded)
+        certs = cert_dir(h.data_dir)
+        for path in list(certs.iterdir()):
+            path.unlink()
+        certs.chmod(0o755)  # root's: nobody may enter it, not write in it
+        token = fresh_token(m, h)
+        for path in [h.data_dir, *h.data_dir.rglob("*")]:
+            if path != certs:
+                os.chown(path, NOBODY, NOBODY)
+
+        kind, message = prepare_as_nobody(cfg)
+
+        assert (kind, message) == ("StorageError", f"cannot write in {certs}: Permission denied")
+        assert not redeemed(consul, token), "the join token was spent"
+        assert list(certs.iterdir()) == []
+        os.chown(certs, NOBODY, NOBODY)  # the fix: now it starts (the token obtains web's)
+        assert prepare_as_nobody(cfg) == ("", "")
+        assert redeemed(consul, token)
+    finally:
+        m.close()
+
+
 # --- the agent itself, in a user namespace (as the audit found it) -------------------------------
 
 
