@@ -192,6 +192,8 @@ class SnapshotBuilder:
         self._save_at_once = False  # something other than endpoints changed since the last save
         self._saved_at = float("-inf")  # (monotonic) when the state was last written
         self._save_timer: asyncio.TimerHandle | None = None  # a deferred save of endpoints
+        # why the last save failed (None: it did not): said once per streak, each change being a save
+        self._save_failed: str | None = None
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -537,7 +539,16 @@ class SnapshotBuilder:
         try:
             write_private(self._state_path, text.encode())
         except OSError as exc:
-            log.warning("could not save %s: %s", self._state_path, exc.strerror)
+            why = exc.strerror or type(exc).__name__
+            if why != self._save_failed:
+                log.warning(
+                    "could not save %s: %s (not said again until a save succeeds)", self._state_path, why
+                )
+            self._save_failed = why
+            return
+        if self._save_failed is not None:
+            self._save_failed = None
+            log.info("saved %s again", self._state_path)
 
     def _saved_section(
         self, section: str, items: dict[str, Any], encode: Callable[[Any], Any] = lambda value: value

@@ -948,6 +948,38 @@ async def test_a_consul_that_stops_is_not_taken_for_a_snapshot_restore(
             await agent.discovery.stop()
 
 
+def test_a_state_that_cannot_be_saved_is_said_once_until_a_save_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data dir that turned unwritable (a read-only remount, a chown by hand) logged "could not
+    save" at every change: each document at once, endpoints every ENDPOINTS_SAVE_INTERVAL, for as
+    long as it lasted. Said once per streak now, and once more when a save succeeds again."""
+    caplog.set_level(logging.INFO, logger="hostmesh.agent.discovery")
+    b = SnapshotBuilder(calling(tmp_path, "web", "api"), no_tls)
+    state = tmp_path / STATE_FILE
+    state.mkdir()  # (root writes in any directory: a save that fails for root too)
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if str(state) in r.getMessage()]
+
+    def change(version: int) -> None:
+        doc = {"service": "api", "version": version, "load_balancer": {"type": "random"}}
+        assert b.set_policy("api", version, json.dumps(doc).encode())
+
+    for version in (1, 2, 3):
+        change(version)
+    assert said() == [f"could not save {state}: Is a directory (not said again until a save succeeds)"]
+    state.rmdir()
+    change(4)
+    change(5)
+    assert said()[1:] == [f"saved {state} again"]
+    assert json.loads(state.read_text())["policies"]["api"]["version"] == 5
+    state.unlink()
+    state.mkdir()
+    change(6)
+    assert len(said()) == 3 and said()[2].startswith(f"could not save {state}: ")
+
+
 def test_the_saved_state_is_held_in_memory_once(tmp_path: Path) -> None:
     """Each save takes the JSON of the values saved before from the last one, so that JSON is held
     between saves, in every agent process. The text of each whole section was held besides: twice
