@@ -306,7 +306,10 @@ class Agent:
         # With a saved snapshot the listeners open at once and Consul's answers update it as they
         # come (as when Consul is down); with none, start-up gives Consul a moment first.
         if not saved and not await self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
-            log.warning("Consul has not answered every watch yet; serving from an empty state")
+            # a watch whose reads fail says why: a token Consul refuses is no slow or absent Consul
+            error = self.discovery.consul_view()["error"]
+            said = f"Consul's reads fail: {error}" if error else "Consul has not answered every watch yet"
+            log.warning("%s; serving from an empty state", said)
         phases["snapshot"] = time.perf_counter() - t0
 
         holder = self.builder.holder

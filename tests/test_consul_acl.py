@@ -366,6 +366,35 @@ def test_a_service_consul_refuses_to_register_leaves_the_others_registered_and_i
         echo.close()
 
 
+def test_a_first_start_whose_token_consul_does_not_know_says_so_not_that_consul_is_slow(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """An agent's first start (no saved state) with a token Consul does not know: its watches were
+    refused at once ("ACL not found"), and the start's summary said "Consul has not answered every
+    watch yet", an outage or a slow Consul where the fix is the token. It says Consul's refusal."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    try:
+        m.start_ca()
+        h = m.write_agent_config("acl-unknown", [{"name": svc("aclunk"), "port": echo.port, "upstreams": []}])
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(WRONG_TOKEN)
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h, wait=False)
+        wait_for(lambda: "serving from an empty state" in h.proc.log(), 30.0, "the start's summary")
+        said = [line for line in h.proc.log().splitlines() if "serving from an empty state" in line]
+        assert len(said) == 1 and "Consul has not answered" not in said[0], said
+        assert "Consul's reads fail: Consul ACL denied " in said[0], said
+        assert "the token is not known to Consul (ACL not found); serving from an empty state" in said[0]
+    finally:
+        m.close()
+        echo.close()
+
+
 def test_a_service_whose_ttl_update_consul_refuses_does_not_starve_the_others(
     secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
 ) -> None:
