@@ -94,7 +94,7 @@ async def _consul_and_documents(
                 "error",
                 "consul-unreachable",
                 subject,
-                str(exc),
+                str(exc).removeprefix(f"Consul at {consul.url}: "),  # (the subject says it)
                 "check --consul / CONSUL_HTTP_ADDR and that Consul runs",
             )
         )

@@ -427,12 +427,15 @@ class ConsulClient:
             target = f"{path}?{urllib.parse.urlencode(params)}"
         headers = {TOKEN_HEADER: self._token} if self._token else {}
         started = time.monotonic()
-        if blocking_wait is None:
-            resp = await self._http.request(method, target, body, headers, DEFAULT_TIMEOUT)
-        else:
-            resp = await self._blocking_http.request(
-                method, target, body, headers, blocking_wait + BLOCKING_SLACK
-            )
+        try:
+            if blocking_wait is None:
+                resp = await self._http.request(method, target, body, headers, DEFAULT_TIMEOUT)
+            else:
+                resp = await self._blocking_http.request(
+                    method, target, body, headers, blocking_wait + BLOCKING_SLACK
+                )
+        except Unavailable as exc:  # "<url>: connection refused": say what is there, as Nomad's client does
+            raise type(exc)(f"Consul at {exc}") from None
         if resp.status < 300 or resp.status in allow:
             if resp.status == 404 and INDEX_HEADER not in resp.headers:  # only KV reads allow a 404
                 # Consul's "no such key" carries the index to block on; a 404 without one is another

@@ -42,7 +42,7 @@ from hostmesh.registry.errors import (
     UnexpectedAnswer,
 )
 from hostmesh.registry.http import HTTPClient
-from tests.support import ConsulDev
+from tests.support import ConsulDev, free_port
 from tests.test_agent_config import PIN, minimal
 from tests.test_cli_ops import fails, ok, route_doc, write
 
@@ -228,6 +228,18 @@ def test_cli_with_a_malformed_address_prints_one_line() -> None:
     assert line == "Error: --consul: Consul address 'http://[::1': not a valid URL (Invalid IPv6 URL)"
     line = fails(hm("route", "list", CONSUL_HTTP_ADDR="http://[::1"))
     assert line.startswith("Error: CONSUL_HTTP_ADDR: Consul address 'http://[::1'")
+
+
+@pytest.mark.parametrize(
+    "args", [("route", "list"), ("intention", "allow", "web", "api"), ("services",), ("ca", "token", "create",
+             "--service", "web")],
+)  # fmt: skip
+def test_cli_with_consul_gone_names_consul_in_one_line(args: tuple[str, ...]) -> None:
+    """Nothing listens at the address (Consul stopped, or gone mid-operation): the line said
+    "Error: http://127.0.0.1:…: connection refused", an address, where Nomad's client says what it
+    could not reach. Exit 1, one line, no traceback."""
+    url = f"http://127.0.0.1:{free_port()}"
+    assert fails(hm(*args, CONSUL_HTTP_ADDR=url)) == f"Error: Consul at {url}: connection refused"
 
 
 def test_agent_toml_with_a_malformed_consul_address_is_one_line() -> None:
