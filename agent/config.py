@@ -632,11 +632,16 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
     node = _str(raw, "node", "", None) or socket.gethostname()
     mesh_address = _str(raw, "mesh_address", "", "127.0.0.1") or "127.0.0.1"
     try:
-        dialable = not ipaddress.ip_address(mesh_address).is_unspecified
+        ip = ipaddress.ip_address(mesh_address)
     except ValueError:
-        dialable = False
-    if not dialable:
-        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial")
+        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial") from None
+    # an IPv4-mapped address is its IPv4 address (as a listen address, parse_address): ::ffff:0.0.0.0
+    # is no unspecified address to ipaddress, yet a peer's connection to it reaches that peer itself
+    target = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+    if target.is_unspecified or target.is_multicast:
+        why = "any address" if target.is_unspecified else "multicast"
+        raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial ({why})")
+    mesh_address = str(target) if target is not ip else mesh_address
     trust_domain = _str(raw, "trust_domain", "", DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN
     if not valid_trust_domain(trust_domain):
         raise _fail("trust_domain", "must be a lowercase DNS name")

@@ -60,7 +60,13 @@ AGENT_KEYS: tuple[Key, ...] = (
         "name; in a Nomad allocation it defaults to the allocation ID (the allocations of a client "
         "share its Consul agent).",
     ),
-    Key("mesh_address", "IP address", "127.0.0.1", "The address other agents dial to reach this host."),
+    Key(
+        "mesh_address",
+        "IP address",
+        "127.0.0.1",
+        "The address other agents dial to reach this host (not a wildcard or multicast address, however "
+        "written: `::ffff:0.0.0.0` is refused as `0.0.0.0` is).",
+    ),
     Key(
         "data_dir",
         "path",

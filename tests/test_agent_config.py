@@ -348,6 +348,26 @@ def test_an_ipv4_mapped_address_is_its_ipv4_address_and_the_listener_binds_it() 
         parse_config(minimal(admin="[::ffff:127.0.0.1]:15000", metrics="127.0.0.1:15000"))
 
 
+@pytest.mark.parametrize(
+    "address, why",
+    [("::ffff:0.0.0.0", "any address"), ("224.0.0.1", "multicast"), ("::ffff:239.1.2.3", "multicast"),
+     ("ff02::1", "multicast")],
+)  # fmt: skip
+def test_a_mesh_address_no_peer_can_dial_is_refused_however_it_is_written(address: str, why: str) -> None:
+    """`0.0.0.0` and `::` were refused, but `::ffff:0.0.0.0` (which ipaddress says is not unspecified,
+    and a peer's connection to it reaches the peer itself) and multicast addresses passed, and were
+    registered in Consul for every caller to dial."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(mesh_address=address))
+    assert str(err.value) == f"mesh_address: {address!r} must be an IP address peers can dial ({why})"
+
+
+def test_an_ipv4_mapped_mesh_address_is_its_ipv4_address() -> None:
+    """Registered as written, `::ffff:198.18.0.5` had peers dial it over an IPv6 socket, which a host
+    with IPv6 disabled cannot open; it is the IPv4 address, as a listen address is."""
+    assert parse_config(minimal(mesh_address="::ffff:198.18.0.5")).mesh_address == "198.18.0.5"
+
+
 def test_bind_auto_derives_a_stable_loopback_address_and_the_natural_port() -> None:
     from hostmesh.agent.config import auto_bind
 
