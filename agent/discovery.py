@@ -82,7 +82,14 @@ from hostmesh.agent.snapshot import (
     TLSMaterial,
 )
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.consul import BLOCKING_WAIT, TXN_MAX_READS, CatalogInstance, ConsulClient, NotPassing
+from hostmesh.registry.consul import (
+    BLOCKING_WAIT,
+    TXN_MAX_READS,
+    CatalogInstance,
+    ConsulClient,
+    KVEntry,
+    NotPassing,
+)
 from hostmesh.registry.errors import AnswerTooLarge, InvalidDocument, PermissionDenied, Rejected
 from hostmesh.registry.files import write_private
 from hostmesh.registry.layout import KINDS, is_hostmesh
@@ -889,6 +896,9 @@ class Discovery:
         # that log line said so
         self._unreadable: dict[str, str] = {}
         self._served: set[str] = set()  # externals whose `via` is an egress gateway of this agent
+        # the external documents once passed one answer's limit (_fetch_documents): read a few per
+        # transaction from then on, where each round would fetch 8 MiB again before failing
+        self._externals_by_key = False
         self._followed: set[str] = set()  # the upstreams the registrations watch was started for
         self._watched_documents: set[str] = set()  # the documents the config named at the last sync
         self._folder_index: dict[str, int] = {}  # document folder ("hostmesh/routes/") -> its index
@@ -1014,7 +1024,19 @@ class Discovery:
         # which externals go via a local egress gateway: their documents say (read when they moved)
         if egress and (moved is None or EXTERNAL_PREFIX in moved):
             served = set()
-            for entry in await self._consul.kv_list(EXTERNAL_PREFIX):
+            entries: list[KVEntry] = []
+            if not self._externals_by_key:
+                try:
+                    entries = await self._consul.kv_list(EXTERNAL_PREFIX)
+                except AnswerTooLarge:  # documents written around the CLI (up to 512 KiB each):
+                    # fourteen of them filled one answer past the limit, and every round failed
+                    log.warning("the external documents are too large to list at once; reading them "
+                                "a few at a time")  # fmt: skip
+                    self._externals_by_key = True
+            if self._externals_by_key:  # as this agent's own documents are read: each answer fits
+                read = await self._consul.kv_read_many(await self._consul.kv_keys(EXTERNAL_PREFIX))
+                entries = [entry for entry in read.values() if isinstance(entry, KVEntry)]
+            for entry in entries:
                 try:
                     doc = decode_stored(entry.value)
                 except InvalidDocument:

@@ -562,6 +562,16 @@ class ConsulClient:
         with self._decoding(op):
             return _entries(items)
 
+    async def kv_keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix` that the token may read, without their values (`?keys`)."""
+        op = Op(f"list of {prefix}", "key:read on it")
+        resp = await self._request("GET", f"/v1/kv/{_q(prefix)}", op, params={"keys": ""}, allow=(404,))
+        keys = [] if resp.status == 404 else self._json(resp, op)
+        with self._decoding(op):
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise _WrongShape(f"a list of key names, got {_kind(keys)}")
+            return keys
+
     async def prefix_readable(self, prefix: str) -> bool:
         """Whether the token may read all of `prefix`, so that `kv_list` of it leaves nothing out.
         Consul drops the keys a token may not read from a list without a word (1.8 has no header for

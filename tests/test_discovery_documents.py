@@ -242,6 +242,28 @@ async def test_a_bad_policy_is_refused_alone_and_a_deny_written_with_it_applies(
     assert "Traceback" not in caplog.text
 
 
+async def test_external_documents_too_large_to_list_at_once_leave_the_watch_reading(
+    world: tuple[Agent, ConsulDev, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent with an egress gateway lists the external documents to learn which go via it. Written
+    around the CLI, each up to Consul's 512 KiB, fourteen of them made that one answer pass the
+    client's 8 MiB limit: the documents watch failed every round, and no document was applied any
+    more on that agent, an intentions deny among them. They are read a few at a time instead."""
+    agent, consul, name = world
+    consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "allow"))
+    await async_wait_until(lambda: agent.rules(name) == ["allow"], SEEN_TIMEOUT, "the allow applied")
+    junk = json.dumps({"service": "x", "description": "a" * 500 * 1024}).encode()
+    for i in range(14):  # (14 x 500 KiB, base64 in the answer: past 8 MiB)
+        consul.kv_put(f"hostmesh/external/{name}-junk{i}", junk)
+    consul.kv_put(f"hostmesh/external/{name}-ext", json.dumps({"service": f"{name}-ext", "addresses": [
+        "127.64.7.9:443"], "via": f"{name}-egw"}).encode())  # fmt: skip
+    consul.kv_put(f"hostmesh/intentions/{name}", intentions(name, "deny"))
+    await async_wait_until(lambda: agent.rules(name) == ["deny"], SEEN_TIMEOUT, "the deny applied")
+    await async_wait_until(lambda: f"{name}-ext" in agent.builder.externals, SEEN_TIMEOUT, "the external")
+    assert agent.discovery.watches["documents"].healthy
+    assert caplog.text.count("too large to list at once") == 1 and "Traceback" not in caplog.text
+
+
 async def test_a_watch_outlives_an_error_that_is_no_registry_error() -> None:
     """A reading that fails with anything (a bug, an answer no one foresaw) is retried with backoff
     like Consul being away; the watch does not end, and stopping it never raises."""
