@@ -752,6 +752,12 @@ def intention_check(
     Exit 0 allowed, 2 denied, 1 error (as `consul intention check`)."""
     import asyncio
 
+    from hostmesh.registry.cli import _check_service
+
+    # names no service has are refused as the other commands refuse them: `API`, read from a key no
+    # document can have, answered "Allowed" by the agents' default (exit 0) where `api` may deny
+    _check_service(src, "source", wildcard=True)
+    _check_service(dst, "destination")
     try:
         inputs = asyncio.run(_intention_inputs(_settings(ctx), src, dst))
     except RegistryError as exc:

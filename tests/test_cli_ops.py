@@ -563,6 +563,26 @@ def test_a_policy_for_an_external_service_is_refused_naming_the_field(
     assert consul.kv_get(doc_key("external", later)) is None
 
 
+@pytest.mark.parametrize(
+    "src, dst, line",
+    [("web", "API", "destination 'API': must be a service name (lowercase letters, digits, '-')"),
+     ("Web", "api", "source 'Web': must be a service name (lowercase letters, digits, '-') or *"),
+     ("web", "a/b", "destination 'a/b': must be a service name (lowercase letters, digits, '-')")],
+)  # fmt: skip
+def test_intention_check_of_a_name_no_service_has_is_one_line_not_a_verdict(
+    consul: ConsulDev, src: str, dst: str, line: str
+) -> None:
+    """`intention check web API` answered "Allowed: web -> API, every request: agent default allow"
+    (exit 0), read from a key no document can have, where every other command refuses the name: a
+    typo in the case of `api`, whose document may deny web, was a green light."""
+    consul.kv_put("hostmesh/intentions/api", json.dumps({"service": "api", "rules": [
+        {"source": "web", "action": "deny"}]}))  # fmt: skip
+    try:
+        assert fails(run(consul, "intention", "check", src, dst)) == f"Error: {line}"
+    finally:
+        consul.kv_delete("hostmesh/intentions/api")
+
+
 def test_intention_check_answers_by_the_default_intention_the_deciding_agents_register(
     consul: ConsulDev, tmp_path: Path
 ) -> None:
