@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import cbuild
 from bench.parse import (
@@ -16,6 +18,8 @@ from bench.parse import (
     parse_wrk,
 )
 from bench.procs import StartError, run_bounded
+
+T = TypeVar("T")
 
 WRK_TIMEOUT = "5s"  # per-request timeout: a stalled proxy shows up as wrk timeouts, not a hang
 RUN_SLACK_S = 20.0  # hard bound over the nominal duration before the generator is killed
@@ -79,6 +83,21 @@ def pace_binary() -> Path:
         raise LoadError(str(exc)) from None
 
 
+def _client_run(name: str, args: list[str], bound_s: float, parse: Callable[[str], T]) -> T:
+    """A fixed-rate client's run, bounded in time, and its output parsed; a client that cannot
+    start, fails or prints what `parse` refuses is a LoadError naming it."""
+    try:
+        rc, out = run_bounded(args, bound_s)
+    except StartError as exc:
+        raise LoadError(str(exc)) from None
+    if rc != 0:
+        raise LoadError(f"{name} exited with {rc}: {out.strip().splitlines()[-1:] or ''}")
+    try:
+        return parse(out)
+    except ParseError as exc:
+        raise LoadError(str(exc)) from None
+
+
 def paced_fixed_rate(url: str, *, rate: int, connections: int, duration_s: float) -> PaceRun:
     """`rate` requests/s in total over `connections` keep-alive connections, each paced by its own
     ticker as hey's workers are, timed to the nanosecond (bench/pace.c says how)."""
@@ -94,16 +113,7 @@ def paced_fixed_rate(url: str, *, rate: int, connections: int, duration_s: float
         str(REQUEST_TIMEOUT_S),
         url,
     ]
-    try:
-        rc, out = run_bounded(args, duration_s + REQUEST_TIMEOUT_S + RUN_SLACK_S)
-    except StartError as exc:
-        raise LoadError(str(exc)) from None
-    if rc != 0:
-        raise LoadError(f"pace exited with {rc}: {out.strip().splitlines()[-1:] or ''}")
-    try:
-        run = parse_pace(out)
-    except ParseError as exc:
-        raise LoadError(str(exc)) from None
+    run = _client_run("pace", args, duration_s + REQUEST_TIMEOUT_S + RUN_SLACK_S, parse_pace)
     if run.result.requests == 0:
         raise LoadError(f"pace completed no request ({run.result.failures or 'no error either'})")
     return run
@@ -127,16 +137,7 @@ def hey_fixed_rate(url: str, *, rate: int, connections: int, duration_s: float) 
         "csv",
         url,
     ]
-    try:
-        rc, out = run_bounded(args, duration_s + RUN_SLACK_S)
-    except StartError as exc:
-        raise LoadError(str(exc)) from None
-    if rc != 0:
-        raise LoadError(f"hey exited with {rc}: {out.strip().splitlines()[-1:] or ''}")
-    try:
-        result = parse_hey_csv(out)
-    except ParseError as exc:
-        raise LoadError(str(exc)) from None
+    result = _client_run("hey", args, duration_s + RUN_SLACK_S, parse_hey_csv)
     if result.requests == 0:
         raise LoadError("hey completed no request")
     return result
