@@ -25,7 +25,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,10 +32,10 @@ from typing import Any
 
 from bench import load
 from bench.parse import LatencyResult
-from bench.procs import Procs, cpu_s, host_steal_s, tree
+from bench.procs import cpu_s, host_steal_s, tree
 from bench.report import ALL_SYSTEMS, DIRECT, HM_L4, HM_L7
-from bench.run import Settings, ensure_tools, hostmesh_build
-from bench.systems import Env, System, make_systems, start_consul, start_nginx
+from bench.run import Settings, standalone_env
+from bench.systems import System, make_systems
 
 READ_LINE = re.compile(r"^(\d+\.\d+) (?:read|recvfrom)\(\d+, \"GET ")
 BURST_GAP_S = 0.0015  # arrivals closer than this belong to one burst (bench/README.md: "within 1.5 ms")
@@ -126,18 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("hey is not installed (apt-get install hey): this compares it with bench/pace.c")
     load.pace_binary()
     s = Settings(lat_duration_s=args.duration)
-    consul_bin = ensure_tools()
-    hostmesh, build = hostmesh_build(args.build)
-    print(f"hostmesh build: {build}", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="hostmesh-pacecheck-"))
-    (workdir / "logs").mkdir()
-    procs = Procs(workdir / "logs")
-    env = Env(procs, workdir, consul_bin, hostmesh=hostmesh)
     rows: list[dict[str, Any]] = []
     pooled: dict[tuple[str, str], list[float]] = {}  # every round's latencies, as report.added_latency
-    try:
-        start_nginx(env)
-        start_consul(env)
+    with standalone_env(args.build, "hostmesh-pacecheck-") as env:
+        workdir = env.workdir
         systems = make_systems(names)
         for system in systems:
             system.start(env)
@@ -171,9 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     pooled.setdefault((system.name, client), []).extend(r.latencies_ms)
                     print(_line(row), flush=True)
-    finally:
-        procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
     print("\nmedians per system and client:")
     keys = (
         "rps",

@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench import load
-from bench.procs import Procs, Sampler, rss_kib
+from bench.procs import Sampler, rss_kib
 from bench.report import HM_L4, HM_L7
-from bench.run import SETTLE_S, ensure_tools, hostmesh_build
-from bench.systems import Env, HostmeshPair, start_consul, start_nginx
+from bench.run import SETTLE_S, standalone_env
+from bench.systems import HostmeshPair
 
 IDLE_S = 3.0  # as bench/run.py's Settings.idle_s
 CONNECTIONS = {"ka": 50, "close": 50, "big": 10}  # as bench/run.py: (a), (b) and (c)
@@ -98,16 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in runs if s not in CONNECTIONS]
     if bad:
         p.error(f"unknown run(s): {', '.join(bad)}")
-    consul_bin = ensure_tools()
-    hostmesh, build = hostmesh_build(args.build)
-    print(f"hostmesh build: {build}", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="hostmesh-rss-"))
-    (workdir / "logs").mkdir()
-    procs = Procs(workdir / "logs")
-    env = Env(procs, workdir, consul_bin, hostmesh=hostmesh)
-    try:
-        start_nginx(env)
-        start_consul(env)
+    with standalone_env(args.build, "hostmesh-rss-") as env:
         pair = HostmeshPair("tcp" if args.system == HM_L4 else "http")
         pair.start(env)
         ready = time.monotonic()
@@ -119,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         with Sampler(roots) as smp:
             time.sleep(IDLE_S)
         print(f"settled peak {smp.metrics()['peak_rss_mib']} MiB; {describe(roots)}", flush=True)
-        script = load.write_wrk_script(workdir)
+        script = load.write_wrk_script(env.workdir)
         for run in runs:
             path = "/big" if run == "big" else "/small"
             with Sampler(roots) as smp:
@@ -127,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
                              duration_s=args.duration, threads=2, close=run == "close")  # fmt: skip
             print(f"{run:<6} peak {smp.metrics()['peak_rss_mib']} MiB at {w.rps:,.0f} req/s; after: "
                   f"{describe(roots)}", flush=True)  # fmt: skip
-    finally:
-        procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -638,6 +639,28 @@ def hostmesh_build(which: str) -> tuple[list[str], str]:
     except CompiledBuildError as exc:
         loud(f"bench: no pure build on the .deb's interpreter ({exc}); measuring the source tree's")
         return hostmesh_cmd(), "pure Python (--build pure, the source tree's interpreter)"
+
+
+@contextmanager
+def standalone_env(build: str, prefix: str) -> Iterator[Env]:
+    """nginx and a Consul dev agent started as `make bench` starts them, for the build to measure
+    (`build`, as --build): the setting of a tool that measures a system or two outside the full run
+    (bench.rss, bench.pacecheck). Every process is stopped and the work directory removed on the
+    way out, whatever ends it."""
+    consul_bin = ensure_tools()
+    hostmesh, described = hostmesh_build(build)
+    print(f"hostmesh build: {described}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    (workdir / "logs").mkdir()
+    procs = Procs(workdir / "logs")
+    env = Env(procs, workdir, consul_bin, hostmesh=hostmesh)
+    try:
+        start_nginx(env)
+        start_consul(env)
+        yield env
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _on_signal(signum: int, _frame: object) -> None:
