@@ -75,6 +75,8 @@ class Target:
     unit: str = "x"  # how the figure reads: "x" a ratio (a peer's, or measured as one), else a unit
 
 
+MAX_TARGET_DIGITS = 4  # a figure that equals its bound to 4 digits is shown as the bound
+
 # The targets in force: the L7 path's (issue 12: L7 against the HAProxy pair, RSS, route documents,
 # L4 kept where it was) and the first benchmark's L4 targets against the consul pair.
 TARGETS: tuple[Target, ...] = (
@@ -271,6 +273,18 @@ def _ratio_cell(value: float) -> str:
     return "—" if not math.isfinite(value) else f"{value:.2f}x"
 
 
+def _target_cell(value: float, t: Target) -> str:
+    """A target's measured figure, to the table's digits (a ratio's 2, a unit's 1) or more where those
+    would show the bound itself: 30.01 MiB against "≤ 30 MiB" reads "30.01 MiB", not a "30.0 MiB"
+    that fails."""
+    if not math.isfinite(value):
+        return "—"
+    digits = 2 if t.unit == "x" else 1
+    while digits < MAX_TARGET_DIGITS and value != t.bound and round(value, digits) == t.bound:
+        digits += 1
+    return f"{value:.{digits}f}{t.unit}"
+
+
 def render_tables(
     summary: Summary,
     unavailable: Mapping[str, str],
@@ -313,7 +327,7 @@ def render_tables(
         if t.system not in shown:
             continue
         v = target_value(summary, t, records)
-        shown_v = _ratio_cell(v) if t.unit == "x" else _cell(v, ".1f") + (t.unit if math.isfinite(v) else "")
+        shown_v = _target_cell(v, t)
         if host_disturbed(summary, t, records):
             shown_v = "host disturbed"
         elif records is not None and judged_on_quiet_rounds(t):

@@ -495,7 +495,8 @@ def test_runs_without_steal_figures_are_all_quiet() -> None:
         == pytest.approx(125.5 / 105)
     )
     md = report.render_tables(s, {}, ["consul", "hostmesh-l4"], runs)
-    assert "| L4 keep-alive req/s ≥ 1.2 x consul pair | 1.20x | **no** |" in md  # 1.195: no rounds named
+    # no rounds named; 1.195 shown to the digit that tells it from the bound
+    assert "| L4 keep-alive req/s ≥ 1.2 x consul pair | 1.195x | **no** |" in md
 
 
 def test_summary_skips_failed_runs_and_non_numbers() -> None:
@@ -735,3 +736,17 @@ def test_results_say_which_client_measured_d_and_why_it_was_left_out() -> None:
     why = "(d) NOT MEASURED: its client bench/pace.c could not be built: no C compiler"
     md = build_markdown(_results_doc({"pace": "p"}, {"lat": why}), "TABLES\n", "results/x.json")
     assert f"> **{why}**\n\nTABLES" in md
+
+
+def test_a_target_figure_that_rounds_to_its_bound_is_shown_to_the_digit_that_decides():
+    """30.01 MiB against "≤ 30 MiB" failed as "30.0 MiB"; a figure away from its bound keeps the
+    table's digits, and one exactly at it is met and shown as it is."""
+    idle = next(t for t in report.TARGETS if t.label == "L7 idle RSS ≤ 30 MiB")
+    ratio = next(t for t in report.TARGETS if t.label.startswith("L4 added p99"))
+    assert report._target_cell(30.01, idle) == "30.01 MiB"
+    assert report._target_cell(29.96, idle) == "29.96 MiB"
+    assert report._target_cell(29.2, idle) == "29.2 MiB"
+    assert report._target_cell(30.0, idle) == "30.0 MiB"
+    assert report._target_cell(1.0049, ratio) == "1.005x"
+    assert report._target_cell(1.46, ratio) == "1.46x"
+    assert report._target_cell(math.nan, ratio) == "—"
