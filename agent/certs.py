@@ -500,7 +500,6 @@ class CertManager:
                 f"{why} for {service!r} and no join token: issue one with "
                 f"`hostmesh ca token create --service {service}` and {where}"
             )
-        self._check_writable()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.bootstrap_timeout
         attempt = 0
@@ -534,9 +533,10 @@ class CertManager:
                 ) from None
 
     def _check_writable(self) -> None:
-        """Whether a certificate can be stored, asked before a join token is spent on it: a cert dir
-        the agent may not write (root's, left by a run as root; a read-only mount) lost the token
-        (single use) with the certificate it obtained, and the fixed host needed a new token."""
+        """Whether a certificate can be stored, asked before a join token is spent on it (every spend:
+        a bootstrap, an expired certificate's recovery, a refused renewal's fallback): a cert dir the
+        agent may not write (root's, left by a run as root; a read-only mount) lost the token (single
+        use) with the certificate it obtained, and the fixed host needed a new token."""
         probe = self.dir / f".write-test.{os.getpid()}.tmp"
         try:
             write_new(probe, b"")
@@ -545,6 +545,7 @@ class CertManager:
             raise StorageError(f"cannot write in {self.dir}: {exc.strerror}") from None
 
     async def _obtain_with_token(self, service: str, token: str) -> None:
+        self._check_writable()
         last: CAUnavailable | None = None
         for client in await self._ca_clients():
             try:

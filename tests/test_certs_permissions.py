@@ -12,6 +12,7 @@ bootstrap's error says why a certificate was needed, and the Consul token that c
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import pwd
 import shutil
@@ -190,6 +191,37 @@ def test_a_cert_dir_the_agent_may_not_write_is_named_and_the_token_is_kept(
         assert list(certs.iterdir()) == []
         os.chown(certs, NOBODY, NOBODY)  # the fix: now it starts (the token obtains web's)
         assert prepare_as_nobody(cfg) == ("", "")
+        assert redeemed(consul, token)
+    finally:
+        m.close()
+
+
+def test_an_expired_certificate_in_a_cert_dir_the_agent_may_not_write_keeps_the_token(
+    consul: ConsulDev, shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with web's certificate stored and expired while the host was off: the start recovers
+    it with the join token (no sibling to renew it), a path the bootstrap's write check was not on, so
+    the token was spent on a certificate that could not be stored, and the fixed host needed a new
+    token. The bootstrap's write check is now made before every spend of the token."""
+    m, h = new_mesh(consul, shared_tmp / "mesh")
+    try:
+        cfg = load_config(h.config_path)
+        prepare_as_root(cfg)  # web's certificate, stored by a run as root
+        certs = cert_dir(h.data_dir)
+        chain, _ = cert_paths(certs, "web")
+        expired = pki.load_certs(chain.read_bytes())[0].not_valid_after_utc + dt.timedelta(seconds=1)
+        certs.chmod(0o755)  # root's: nobody may read in it, not write in it
+        token = fresh_token(m, h)
+        for path in [h.data_dir, *h.data_dir.rglob("*")]:
+            if path != certs:  # the files are nobody's (readable), the dir stays root's
+                os.chown(path, NOBODY, NOBODY)
+        monkeypatch.setattr(pki, "now", lambda: expired)  # the forked child's clock: web's has expired
+
+        prepare_as_nobody(cfg)  # (it starts: a failed recovery is a renewal's failure, tried again)
+
+        assert not redeemed(consul, token), "the join token was spent"
+        os.chown(certs, NOBODY, NOBODY)  # the fix: the recovery spends it now
+        prepare_as_nobody(cfg)
         assert redeemed(consul, token)
     finally:
         m.close()
