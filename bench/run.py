@@ -244,7 +244,7 @@ def scenario_lat(system: System, s: Settings, script: Path) -> dict[str, Any]:
     m["requests"] = r.requests
     if pids and r.requests:
         m["cpu_us_per_req"] = round(cpu / r.requests * 1e6, 2)
-    # the client shares the cores with the proxies: what it took of them (hey took 3-4x this)
+    # the client shares the cores with the proxies: what it took of them (hey took 5-7x this: bench/README.md)
     m["client_cpu_us_per_req"] = round(run.cpu_s / r.requests * 1e6, 2)
     m["errors"] = r.errors
     if r.failures:
