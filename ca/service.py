@@ -816,7 +816,7 @@ class CAService:
                     if removed:
                         log.info("pruned %d expired join token(s)", removed)
             except RegistryError as exc:
-                log.warning("Consul: %s; retrying", exc)
+                log.warning("%s; retrying", _about_consul(exc))
             except Exception:
                 log.exception("CA maintenance round failed")
 
@@ -935,7 +935,7 @@ class CAService:
                 sd_notify(f"STATUS=Consul refuses the CA's token: {exc}")
         elif state is ConsulState.UNAVAILABLE:
             if before is not state:
-                log.warning("Consul: %s; the CA keeps serving and retries", exc)
+                log.warning("%s; the CA keeps serving and retries", _about_consul(exc))
         elif before is ConsulState.DENIED:
             log.info("Consul accepts the CA's token again; trust bundle and registration checked")
             sd_notify("STATUS=serving")
@@ -1502,3 +1502,10 @@ def describe(authority: store.Authority) -> dict[str, Any]:
             for r in authority.roots
         ],
     }
+
+
+def _about_consul(exc: object) -> str:
+    """`exc` as a line about Consul: the Consul client's errors name it ("Consul at <url>: connection
+    refused", "Consul ACL denied ..."), which "Consul: " before them said twice; others get it."""
+    text = str(exc)
+    return text if text.startswith("Consul") else f"Consul: {text}"

@@ -432,6 +432,23 @@ async def test_ca_started_while_consul_is_down_serves_and_publishes_when_it_answ
             await svc.close(deregister=False)
 
 
+async def test_a_consul_that_cannot_be_reached_is_named_once_in_the_cas_log(
+    tmp_path: Path, private_consul: ConsulDev, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Consul client names Consul in its own errors ('Consul at <url>: connection refused'), and
+    the CA's outage line, which put 'Consul: ' before them, said 'Consul: Consul at ...'."""
+    caplog.set_level(logging.WARNING, logger="hostmesh.ca")
+    async with ConsulClient(private_consul.url) as c:
+        private_consul.stop()
+        svc = await start_ca(new_ca_dir(tmp_path), c, AuditSink())
+        try:
+            said = [r.getMessage() for r in caplog.records]
+            (line,) = [m for m in said if "keeps serving and retries" in m]
+            assert line.startswith(f"Consul at {c.url}: "), line
+        finally:
+            await svc.close(deregister=False)
+
+
 # --- renewal ----------------------------------------------------------------------------------
 
 
