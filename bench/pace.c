@@ -14,11 +14,15 @@
  * A request's latency runs from just before its write (before the connect when the connection has
  * to be opened first: hey's time includes the dial too) to the read that completes the response:
  * the head and Content-Length bytes of body. A response without Content-Length (chunked, or
- * delimited by close), a malformed head, bytes beyond the response, a connection refused, reset or
- * closed while its request is outstanding, and a request past its timeout are errors: counted by
- * kind, not timed, and the connection is opened again for the next request. A connection the
- * server closes while idle is opened again without an error (counted as `reopened`), as Go's client
- * does; a response that says `Connection: close` is timed and its connection opened again likewise.
+ * delimited by close), a malformed head, bytes beyond the response in the read that completes it, a
+ * connection refused, reset or closed while its request is outstanding, and a request past its
+ * timeout are errors: counted by kind, not timed, and the connection is opened again for the next
+ * request. A connection the server closes while idle is opened again without an error (counted as
+ * `reopened`), as Go's client does; a response that says `Connection: close` is timed and its
+ * connection opened again likewise. Bytes that come on an idle connection, after a response timed
+ * whole, belong to no request: they are counted as `unsolicited`, not as a request's error, and the
+ * connection (out of step with its responses) is opened again for the next request, as Go's client
+ * does ("Unsolicited response received on idle HTTP channel": the connection closed, no error).
  *
  * Prints one JSON object on stdout: the counts, statuses, what became of every tick (see ticks_due),
  * the run's span (first request's start to the last response's end), the client's own CPU time
@@ -84,7 +88,7 @@ static size_t request_len;
 static struct sockaddr_in target;
 static int64_t *samples;
 static size_t nsamples, max_samples;
-static unsigned long long errors[E_KINDS], reopened, statuses[1000];
+static unsigned long long errors[E_KINDS], reopened, unsolicited, statuses[1000];
 /* Ticks due within the run, and what became of them: each began a request (`sent`) or was dropped,
  * because its connection's client was late (expirations coalesced: the client itself was held up),
  * because a tick was already kept while its request was outstanding, or because the run ended
@@ -343,8 +347,9 @@ static void readable(struct conn *c) {
             }
             return;
         }
-        if (c->state != BUSY) {
-            fail(c, E_RESPONSE, now); /* bytes nobody asked for */
+        if (c->state != BUSY) { /* bytes nobody asked for, after a whole response: no request's error */
+            drop(c);
+            unsolicited++;
             return;
         }
         long long body_bytes;
@@ -454,9 +459,9 @@ static void print_summary(void) {
            nconns, (long long)period_ns, nsamples);
     for (int k = 0; k < E_KINDS; k++)
         printf("%s\"%s\":%llu", k ? "," : "", ERR_NAMES[k], errors[k]);
-    printf("},\"reopened\":%llu,\"ticks\":%llu,\"sent\":%llu,\"dropped\":{\"late\":%llu,\"busy\":%llu,"
-           "\"end\":%llu},\"statuses\":{",
-           reopened, ticks_due, sent, dropped_late, dropped_busy, dropped_end);
+    printf("},\"reopened\":%llu,\"unsolicited\":%llu,\"ticks\":%llu,\"sent\":%llu,\"dropped\":{"
+           "\"late\":%llu,\"busy\":%llu,\"end\":%llu},\"statuses\":{",
+           reopened, unsolicited, ticks_due, sent, dropped_late, dropped_busy, dropped_end);
     int first = 1;
     for (int s = 0; s < 1000; s++)
         if (statuses[s]) {

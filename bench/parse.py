@@ -197,11 +197,12 @@ class PaceRun:
     ticks: int  # ticks due within the run, over all connections: each began a request or was dropped
     sent: int  # requests begun: each got a response (result.requests) or failed (result.failures)
     dropped: dict[str, int]  # ticks dropped: `late` (the client was), `busy`, `end` (pace.c says how)
+    unsolicited: int  # times bytes came on an idle connection: no request's, so no error (pace.c)
 
 
 def parse_pace(text: str) -> PaceRun:
-    """bench/pace.c's stdout: one JSON object (`requests`, `errors` by kind, `reopened`, `ticks`,
-    `sent`, `dropped` by kind, `statuses`, `span_ns`, `cpu_us`, `latencies_ns`)."""
+    """bench/pace.c's stdout: one JSON object (`requests`, `errors` by kind, `reopened`, `unsolicited`,
+    `ticks`, `sent`, `dropped` by kind, `statuses`, `span_ns`, `cpu_us`, `latencies_ns`)."""
     try:
         d = json.loads(text)
         if not isinstance(d, dict) or d.get("client") != "pace":
@@ -214,7 +215,13 @@ def parse_pace(text: str) -> PaceRun:
         result = LatencyResult(lat, statuses, int(d["span_ns"]) / 1e9, failures)
         dropped = {str(k): int(v) for k, v in d["dropped"].items()}
         return PaceRun(
-            result, int(d["cpu_us"]) / 1e6, int(d["reopened"]), int(d["ticks"]), int(d["sent"]), dropped
+            result,
+            int(d["cpu_us"]) / 1e6,
+            int(d["reopened"]),
+            int(d["ticks"]),
+            int(d["sent"]),
+            dropped,
+            int(d["unsolicited"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ParseError(f"bad pace output ({exc}): {text.strip()[:200]!r}") from None

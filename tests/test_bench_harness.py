@@ -153,8 +153,8 @@ def test_hey_summary() -> None:
 
 PACE_JSON = (
     '{"client":"pace","connections":2,"period_ns":4000000,"requests":4,'
-    '"errors":{"connect":1,"write":0,"closed":0,"bad_response":0,"timeout":1},"reopened":1,"ticks":8,'
-    '"sent":6,"dropped":{"late":1,"busy":1,"end":0},"statuses":{"200":3,"503":1},"span_ns":1004000000,'
+    '"errors":{"connect":1,"write":0,"closed":0,"bad_response":0,"timeout":1},"reopened":1,"unsolicited":2,'
+    '"ticks":8,"sent":6,"dropped":{"late":1,"busy":1,"end":0},"statuses":{"200":3,"503":1},"span_ns":1004000000,'
     '"elapsed_ns":1010000000,"cpu_us":12345,"latencies_ns":[412345,398001,1250000,10000000]}\n'
 )
 
@@ -170,7 +170,7 @@ def test_pace_summary() -> None:
     assert r.achieved_rps == pytest.approx(4 / 1.004)
     assert r.summary()["p50"] == pytest.approx(0.412345)
     assert run.cpu_s == pytest.approx(0.012345)
-    assert (run.ticks, run.sent, run.reopened) == (8, 6, 1)
+    assert (run.ticks, run.sent, run.reopened, run.unsolicited) == (8, 6, 1, 2)
     assert run.dropped == {"late": 1, "busy": 1, "end": 0}
     assert run.sent + sum(run.dropped.values()) == run.ticks
     assert r.requests + sum(r.failures.values()) == run.sent
