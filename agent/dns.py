@@ -375,6 +375,7 @@ class DnsServer:
         # each TCP client, and the loop time from which a newcomer past the limit may close it
         self._clients: dict[asyncio.StreamWriter, float] = {}
         self._tasks: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # each TCP client's, until it ends
+        self._closed = False  # close() was called: a client whose task starts after it is cut at once
         self._failure_log = RateLimitedLog(log, "failed mesh DNS queries", level=logging.ERROR)
         self._full_log = RateLimitedLog(log, "TCP DNS clients closed at the connection limit")
         # half the rate each (KNOWN_BUDGET): together they hold the loop to PARSED_PER_SECOND's cost
@@ -470,6 +471,9 @@ class DnsServer:
         self.bind = Address(host, port)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted before close(), its task run after it (a loop turn or more later)
+            writer.transport.abort()
+            return
         loop = asyncio.get_running_loop()
         clients = self._clients
         now = loop.time()
@@ -532,6 +536,7 @@ class DnsServer:
                 self._tasks.pop(task, None)
 
     async def close(self, drain_seconds: float = 0.0) -> None:
+        self._closed = True
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:

@@ -375,6 +375,27 @@ def test_a_stop_cuts_tcp_clients_at_once_and_leaves_no_task_behind(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_tcp_client_whose_task_starts_after_the_stop_is_cut_too() -> None:
+    """A connection accepted just before close() has its task created, not yet run (its first step
+    is a loop turn or more after the accept): close() did not know it, and once run it served the
+    client for TCP_IDLE_TIMEOUT (10 s) past the stop, the task the end of the agent's loop cancelled
+    and logged. Here the task starts right after close(), as it would then."""
+    server = DnsServer(Address("127.0.0.1", 0), TABLE)
+    await server.start()
+    await server.close()
+    ours, theirs = socket.socketpair()
+    try:
+        reader, writer = await asyncio.open_connection(sock=ours)
+        task = asyncio.create_task(server._serve_tcp(reader, writer))
+        for _ in range(100):  # loop turns, no time: cut at once, its close takes a turn or two
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        assert task.done() and writer.transport.is_closing() and not server._clients
+    finally:
+        theirs.close()
+
+
 @contextlib.asynccontextmanager
 async def _tcp_server(
     monkeypatch: pytest.MonkeyPatch, idle: float
