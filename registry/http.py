@@ -150,7 +150,8 @@ class _Parsed:
 
 
 class _TooLarge(Exception):
-    """An answer past MAX_HEAD_BYTES, its body limit or MAX_INTERIM_ANSWERS; str() says which."""
+    """An answer past MAX_HEAD_BYTES (its head, or its trailers as they come), its body limit or
+    MAX_INTERIM_ANSWERS; str() says which."""
 
 
 def _head(start_line: str, headers: dict[str, str], body_len: int) -> bytes:
@@ -324,6 +325,9 @@ class HTTPClient:
         parser = sink.parser = httptools.HttpResponseParser(sink)
         try:
             head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
+            # read in a row inside the body adding none of it: chunk framing or the trailer section,
+            # whose unfinished field httptools buffers as a header's (the server's _RequestStream too)
+            trailer_bytes = 0
             while not sink.complete:
                 chunk = await reader.read(READ_SIZE)
                 if not chunk:
@@ -334,11 +338,18 @@ class HTTPClient:
                     if not sink.complete:
                         raise EOFError("connection closed before the response was complete")
                     break
+                in_body, body_before = sink.head_done, len(sink.body)
                 _feed(parser, chunk)
                 if not sink.head_done:
                     head_bytes += len(chunk)
                     if head_bytes > MAX_HEAD_BYTES:
                         raise _TooLarge(f"answer head larger than {_size(MAX_HEAD_BYTES)}")
+                elif in_body and not sink.complete and len(sink.body) == body_before:
+                    trailer_bytes += len(chunk)
+                    if trailer_bytes > MAX_HEAD_BYTES:
+                        raise _TooLarge(f"answer trailers larger than {_size(MAX_HEAD_BYTES)}")
+                else:
+                    trailer_bytes = 0
                 if method == "HEAD" and sink.head_done:
                     break
             keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes

@@ -245,6 +245,32 @@ async def test_client_names_an_answer_head_past_its_limit() -> None:
         await asyncio.wait_for(sent.wait(), 10)
 
 
+async def test_client_names_an_answer_trailer_past_the_heads_limit() -> None:
+    """The server's twin (bdd0f84): a peer sending an endless trailer line after a chunked body
+    (httptools keeps the unfinished field, copying it per piece) grew the client's memory read by
+    read until the request's timeout, where an endless head line is refused past MAX_HEAD_BYTES."""
+    sent = asyncio.Event()
+
+    async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ")
+        try:
+            for _ in range(1024):  # at most 64 MiB: bounded, far past the limit
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on it: what the test expects
+        finally:
+            sent.set()
+            writer.close()
+
+    async with raw_peer(endless_trailer) as client:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/")
+        assert str(err.value) == f"http://127.0.0.1:{client.port}: answer trailers larger than 64 KiB"
+        await asyncio.wait_for(sent.wait(), 10)
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_client_names_a_peer_that_does_not_speak_http_or_tls(scheme: str) -> None:
     """An SSH port, or an http port given as https://: the error says what the peer is not, instead
