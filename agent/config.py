@@ -23,6 +23,7 @@ from typing import Any
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
+from hostmesh.registry.addresses import undialable, unmapped
 from hostmesh.registry.consul_settings import (
     ConsulLayer,
     ConsulSettings,
@@ -342,8 +343,8 @@ def parse_address(text: Any, path: str) -> Address:
         # are IPv6-only (registry/listen.py), which cannot bind one ("Invalid argument" at the start),
         # and the loopback check took it for no loopback; bound as IPv4, it takes the connections
         # the mapped address would on a dual-stack socket
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            host = str(ip.ipv4_mapped)
+        if (target := unmapped(ip)) is not ip:
+            host = str(target)
     return Address(host, port)
 
 
@@ -637,11 +638,10 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial") from None
     # an IPv4-mapped address is its IPv4 address (as a listen address, parse_address): ::ffff:0.0.0.0
     # is no unspecified address to ipaddress, yet a peer's connection to it reaches that peer itself
-    target = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
-    if target.is_unspecified or target.is_multicast:
-        why = "any address" if target.is_unspecified else "multicast"
+    if why := undialable(ip):
         raise _fail("mesh_address", f"{mesh_address!r} must be an IP address peers can dial ({why})")
-    mesh_address = str(target) if target is not ip else mesh_address
+    if (target := unmapped(ip)) is not ip:
+        mesh_address = str(target)
     trust_domain = _str(raw, "trust_domain", "", DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN
     if not valid_trust_domain(trust_domain):
         raise _fail("trust_domain", "must be a lowercase DNS name")

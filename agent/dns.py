@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostmesh.agent.config import Address, AgentConfig
+from hostmesh.registry.addresses import unmapped
 from hostmesh.registry.listen import bind_explained, server_address
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -192,10 +193,7 @@ def _zoned(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """`host`'s address; an IPv4-mapped one as the IPv4 address (a socket bound to ::ffff:0.0.0.0
     takes IPv4 only)."""
-    ip = ipaddress.ip_address(host)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return unmapped(ipaddress.ip_address(host))
 
 
 def answer(wire: bytes, table: DnsTable, max_size: int = 65535) -> bytes | None:

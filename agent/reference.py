@@ -64,7 +64,7 @@ AGENT_KEYS: tuple[Key, ...] = (
         "mesh_address",
         "IP address",
         "127.0.0.1",
-        "The address other agents dial to reach this host (not a wildcard or multicast address, however "
+        "The address other agents dial to reach this host (not a wildcard, multicast or broadcast address, however "
         "written: `::ffff:0.0.0.0` is refused as `0.0.0.0` is).",
     ),
     Key(

@@ -19,6 +19,8 @@ import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from hostmesh.registry.addresses import unmapped
+
 CLIENT_RATE = (
     20.0  # requests per second per client; a host's agent needs a few a day, a rollout a few a second
 )
@@ -58,12 +60,10 @@ def client_key(peer: tuple[str, int] | tuple[str, int, int, int] | None) -> str:
     if not peer:
         return "?"
     try:
-        addr = ipaddress.ip_address(peer[0])
+        addr = unmapped(ipaddress.ip_address(peer[0]))
     except ValueError:
         return str(peer[0])
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
     return str(addr)
 

@@ -107,6 +107,7 @@ from hostmesh.ca.errors import (
 )
 from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
+from hostmesh.registry.addresses import unmapped
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NOT_ACL_FIX, PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
@@ -1425,12 +1426,9 @@ def _sibling_request(req: Request) -> _SiblingRequest | None:
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        addr = ipaddress.ip_address(text)
+        return unmapped(ipaddress.ip_address(text))
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 class _Forbidden(Unauthorized):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from hostmesh.registry.addresses import undialable
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.names import MAX_HOST_NAME, MAX_LABEL, port_number
 from hostmesh.registry.schema import (
@@ -629,12 +630,8 @@ def _external_address(v: object, path: str) -> ExternalAddress:
         )
     # 0.0.0.0 and :: connect to this host; an IPv4-mapped ::ffff:0.0.0.0 does too (ipaddress says it
     # is not unspecified), so the IPv4 address it maps is what is checked
-    target = (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
-    if target is not None and (target.is_unspecified or target.is_multicast):
-        raise InvalidDocument(
-            path,
-            f"{s!r} is no address to connect to ({'any address' if target.is_unspecified else 'multicast'})",
-        )
+    if ip is not None and (why := undialable(ip)):
+        raise InvalidDocument(path, f"{s!r} is no address to connect to ({why})")
     if ip is not None:
         return ExternalAddress(host, port)
     if not _HOST_RE.fullmatch(host) or host.startswith("*"):

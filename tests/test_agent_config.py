@@ -351,7 +351,7 @@ def test_an_ipv4_mapped_address_is_its_ipv4_address_and_the_listener_binds_it() 
 @pytest.mark.parametrize(
     "address, why",
     [("::ffff:0.0.0.0", "any address"), ("224.0.0.1", "multicast"), ("::ffff:239.1.2.3", "multicast"),
-     ("ff02::1", "multicast")],
+     ("ff02::1", "multicast"), ("255.255.255.255", "broadcast"), ("::ffff:255.255.255.255", "broadcast")],
 )  # fmt: skip
 def test_a_mesh_address_no_peer_can_dial_is_refused_however_it_is_written(address: str, why: str) -> None:
     """`0.0.0.0` and `::` were refused, but `::ffff:0.0.0.0` (which ipaddress says is not unspecified,

@@ -146,7 +146,8 @@ def test_an_ipv6_zone_keeps_its_case() -> None:
     ("address", "why"),
     [("0.0.0.0:443", "any address"), ("[::]:443", "any address"), ("224.0.0.1:443", "multicast"),
      ("[ff02::1]:443", "multicast"), ("[::ffff:0.0.0.0]:443", "any address"),
-     ("[::ffff:224.0.0.1]:443", "multicast")],
+     ("[::ffff:224.0.0.1]:443", "multicast"), ("255.255.255.255:443", "broadcast"),
+     ("[::ffff:255.255.255.255]:443", "broadcast")],
 )  # fmt: skip
 def test_an_address_no_connection_goes_to_is_refused(address: str, why: str) -> None:
     """0.0.0.0 (or ::) was taken, and a connection to it reaches this host's own listeners, the
