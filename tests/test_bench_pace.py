@@ -132,7 +132,10 @@ def test_requests_follow_the_ticks_and_take_the_servers_delay(pace: Path) -> Non
     assert r.failures == {} and r.statuses == {200: r.requests}
     # a tick is dropped only while its connection is busy with a request, or when the client itself
     # was held up past a whole period (late), never because of the run's end with nothing kept
-    assert out.dropped["busy"] == 0  # a 5 ms answer leaves 45 ms of every 50 idle
+    # a tick is dropped as busy only while a request outlasts a period (the first tick it spans is
+    # kept): none with 5 ms answers, unless the machine held one past 50 ms
+    period_ms = 1000 / q
+    assert out.dropped["busy"] <= sum(int(lat // period_ms) for lat in r.latencies_ms)
     assert r.requests == out.ticks - out.dropped["late"] - out.dropped["end"]
     assert len(srv.requests) == r.requests
     assert srv.requests[0].startswith(b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:")
@@ -169,7 +172,7 @@ def test_a_slow_server_gets_fewer_requests_not_a_queue(pace: Path) -> None:
     assert min(r.latencies_ms) >= 105
     # The kept tick goes as soon as the answer is in: the next request comes at once, where waiting
     # for the next tick (kept ticks dropped too) would leave the connection idle for 45 ms of every 150.
-    assert statistics.median(srv.idle_s) < 0.02
+    assert statistics.median(srv.idle_s) < 0.03  # waiting for the next tick: 45 ms or more
 
 
 @pytest.mark.parametrize(
