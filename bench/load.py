@@ -62,16 +62,7 @@ def wrk(
     if close:
         args += ["-H", "Connection: close"]
     args.append(url)
-    try:
-        rc, out = run_bounded(args, duration_s + RUN_SLACK_S)
-    except StartError as exc:
-        raise LoadError(str(exc)) from None
-    if rc != 0:
-        raise LoadError(f"wrk exited with {rc}: {out.strip().splitlines()[-1:] or ''}")
-    try:
-        return parse_wrk(out)
-    except ParseError as exc:
-        raise LoadError(str(exc)) from None
+    return _client_run("wrk", args, duration_s + RUN_SLACK_S, parse_wrk)
 
 
 def pace_binary() -> Path:
@@ -84,8 +75,8 @@ def pace_binary() -> Path:
 
 
 def _client_run(name: str, args: list[str], bound_s: float, parse: Callable[[str], T]) -> T:
-    """A fixed-rate client's run, bounded in time, and its output parsed; a client that cannot
-    start, fails or prints what `parse` refuses is a LoadError naming it."""
+    """A load generator's run, bounded in time, and its output parsed; one that cannot start, fails
+    or prints what `parse` refuses is a LoadError naming it."""
     try:
         rc, out = run_bounded(args, bound_s)
     except StartError as exc:
