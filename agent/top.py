@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # completion need none of them).
 
 DEFAULT_METRICS_PORT = 15090  # an agent's default `metrics` port (docs/reference/agent-toml.md)
+# `--metrics-port` of top and ui: a port an agent can listen on, checked as the option is read (one
+# out of range showed every agent without metrics_addr as a bad Consul meta, which nobody had set)
+METRICS_PORT = click.IntRange(1, 65535)
 SCRAPE_TIMEOUT = 3.0  # per agent: a slow agent shows as unreachable rather than stalling the frame
 SCRAPE_CONCURRENCY = 64  # agents scraped at once: well under any fd limit, and a frame of 1,000 in ~16 rounds
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024  # an agent's exposition is tens of KiB; refuse something absurd
@@ -244,7 +247,7 @@ async def _run(ctx: click.Context, interval: float, once: bool, port: int, fmt: 
 @click.option("--once", is_flag=True, help="Print one frame (two scrapes, --interval apart) and exit.")
 @click.option(
     "--metrics-port",
-    type=int,
+    type=METRICS_PORT,
     default=DEFAULT_METRICS_PORT,
     show_default=True,
     help=f"Agents' metrics port where they do not advertise {METRICS_META}.",

@@ -421,7 +421,7 @@ def listen_address(listen: str) -> tuple[str, int]:
 )
 @click.option(
     "--metrics-port",
-    type=int,
+    type=top.METRICS_PORT,
     default=top.DEFAULT_METRICS_PORT,
     show_default=True,
     help="Agents' metrics port where they do not advertise metrics_addr.",

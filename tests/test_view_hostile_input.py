@@ -23,6 +23,7 @@ import html
 import json
 import re
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -444,3 +445,27 @@ def test_status_takes_any_number_for_since_when_the_agent_does_not_follow_consul
     status["config"]["consul"] = {"following": False, "failing_since": since, "error": "refused"}
     (line,) = [x for x in render_table(status).splitlines() if x.startswith("consul ")]
     assert line.startswith("consul      NOT FOLLOWING: refused;"), line
+
+
+# --- 6. the operator's own options are the operator's errors --------------------------------------
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("command", ["top", "ui"])
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_a_metrics_port_no_agent_can_have_is_refused_naming_the_option(
+    node: ConsulDev, command: str, port: str
+) -> None:
+    """`--metrics-port` is where top and the UI scrape an agent that advertises no metrics_addr. One
+    out of range was taken: top showed every such agent "not scraped: bad metrics address (Consul
+    meta metrics_addr)", blaming a meta that was never set, and the UI served that page."""
+    register(node, "plainsvc", "plainsvc-plain-node", {"hostmesh": "1", "protocol": "http"})
+    args = ["--once", "--interval", "0.2"] if command == "top" else ["--listen", "127.0.0.1:0"]
+    run = subprocess.run(
+        [sys.executable, "-m", "hostmesh.agent.cli", "--consul", node.url, command, *args,
+         "--metrics-port", port],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr  # a usage error (agent/cli.py: 1), before any scrape
+    assert "Invalid value for '--metrics-port'" in run.stderr and "1<=x<=65535" in run.stderr, run.stderr
+    assert "metrics_addr" not in run.stdout + run.stderr
