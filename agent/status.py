@@ -21,6 +21,7 @@ import click
 
 from hostmesh.registry import names
 from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.layout import MAX_NESTING, nested_deeper_than
 from hostmesh.registry.names import holds_credentials
 
 if TYPE_CHECKING:
@@ -177,6 +178,8 @@ async def admin_get(
         ctype = printable(resp.headers.get("content-type", "").partition(";")[0], 60)
         why = "invalid JSON" if "json" in ctype else "not JSON"
         raise _not_agent(path, f"{ctype or 'a body'}, {why}" if resp.body else "an empty body") from None
+    if nested_deeper_than(body, MAX_NESTING):  # no agent's is; PyYAML's `-o yaml` recursed past the stack
+        raise _not_agent(path, f"nested deeper than {MAX_NESTING} levels")
     problem = shape(body)
     if problem is not None:
         raise _not_agent(path, problem)

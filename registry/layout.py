@@ -5,17 +5,34 @@ documents.py, analysis.py, acl.py and agent/config.py take these from here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Mapping
 
 KINDS = ("routes", "policies", "intentions", "gateways", "external")  # KV folders under hostmesh/
 
-# A document is a handful of levels deep (no kind goes past 6). Deeper is refused, by the CLI's file
-# reader (YAML's composer recurses per level and ran out of Python's stack at about 500) and by the
-# decoder of stored documents (schema.decode_stored), with the same limit.
+# A document is a handful of levels deep (no kind goes past 6), as is an agent's admin answer. Deeper
+# is refused, by the CLI's file reader (YAML's composer recurses per level and ran out of Python's
+# stack at about 500), by the decoder of stored documents (schema.decode_stored) and by the CLI's
+# reader of admin answers (agent/status.py admin_get: PyYAML's dumper recurses too), with one limit.
 MAX_NESTING = 64
+
+
+def nested_deeper_than(value: object, limit: int = MAX_NESTING) -> bool:
+    """Whether JSON `value` (dicts, lists, scalars) holds containers more than `limit` levels deep.
+    Iterative: the depth is what is being checked."""
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = (
+        [(value, 1)] if isinstance(value, (dict, list)) else []
+    )
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
 
 COMMAND = {  # KV folder -> the CLI group that manages it
     "routes": "route",

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
-from hostmesh.registry.layout import MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME
+from hostmesh.registry.layout import MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, nested_deeper_than
 from hostmesh.registry.names import NAME_RE
 from hostmesh.registry.names import SERVICE_NAME_MAX as SERVICE_NAME_MAX  # (names.py: the rule)
 from hostmesh.registry.names import valid_service_name as valid_service_name
@@ -929,13 +929,8 @@ def decode_stored(raw: bytes | str) -> Any:
         raise InvalidDocument("", f"not valid JSON ({exc.msg} at {where})") from None
     except ValueError:  # UnicodeDecodeError, or an integer past Python's digit limit
         raise InvalidDocument("", "not valid JSON (not UTF-8, or a number too long)") from None
-    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
-    while stack:  # iterative: the depth is what is being checked
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if depth > MAX_NESTING:
-            raise InvalidDocument("", f"not valid JSON: nested deeper than {MAX_NESTING} levels")
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    if nested_deeper_than(data, MAX_NESTING):
+        raise InvalidDocument("", f"not valid JSON: nested deeper than {MAX_NESTING} levels")
     return data
 
 

@@ -299,6 +299,23 @@ def test_status_names_the_field_an_agent_shaped_answer_gets_wrong(
     assert line == f"Error: {peer.address}: GET {path}: not a hostmesh agent's answer ({why})"
 
 
+@pytest.mark.parametrize("output", [(), ("-o", "json"), ("-o", "yaml")])
+def test_status_refuses_an_answer_nested_deeper_than_an_agents_in_every_output(
+    output: tuple[str, ...], serve: Callable[..., Peer]
+) -> None:
+    """An agent's answers are a few levels deep. One 600 levels deep in a field `status` does not
+    read passed its shape check: `-o yaml` was a RecursionError traceback (PyYAML recurses per
+    level), the table and JSON showed it as an agent's."""
+    answers = agent_answers()
+    config = json.loads(answers["/v1/config"][2])
+    config["extra"] = json.loads("[" * 600 + "]" * 600)
+    peer = serve({**answers, "/v1/config": js(config)})
+    line = fails(hm(*output, "status", "--agent", peer.address))
+    assert line == (
+        f"Error: {peer.address}: GET /v1/config: not a hostmesh agent's answer (nested deeper than 64 levels)"
+    )
+
+
 def test_status_reports_a_refusal_as_a_refusal(serve: Callable[..., Peer]) -> None:
     peer = serve({}, default=js({"error": "forbidden"}, 403))
     line = fails(hm("status", "--agent", peer.address))
