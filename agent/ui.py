@@ -140,17 +140,19 @@ class Collector:
         return out
 
     async def _intentions(self) -> dict[str, Intentions]:
-        from hostmesh.registry.schema import Intentions, decode_stored, parse_document
+        """The live intentions documents agents apply: those at hostmesh/intentions/<service>, as
+        the CLI's lists read them (a key below the folder is no service's document)."""
+        from hostmesh.registry.documents import DocumentStore
+        from hostmesh.registry.schema import Intentions, parse_document
 
         out = {}
-        for entry in await self.consul.kv_list("hostmesh/intentions/"):
-            name = entry.key.rpartition("/")[2]
+        for stored in await DocumentStore(self.consul).list_all("intentions"):
             try:
-                doc = parse_document("intentions", decode_stored(entry.value))
+                doc = parse_document("intentions", stored.data)
             except InvalidDocument:
                 continue  # `hostmesh check` reports it; the graph shows what agents can apply
-            if isinstance(doc, Intentions) and doc.service == name:
-                out[name] = doc
+            if isinstance(doc, Intentions) and doc.service == stored.service:
+                out[stored.service] = doc
         return out
 
     def _agent(

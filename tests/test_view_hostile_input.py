@@ -469,3 +469,39 @@ def test_a_metrics_port_no_agent_can_have_is_refused_naming_the_option(
     assert run.returncode == 1, run.stdout + run.stderr  # a usage error (agent/cli.py: 1), before any scrape
     assert "Invalid value for '--metrics-port'" in run.stderr and "1<=x<=65535" in run.stderr, run.stderr
     assert "metrics_addr" not in run.stdout + run.stderr
+
+
+# --- 7. the UI's intentions are the ones agents apply ----------------------------------------------
+
+
+@pytest.mark.consul
+def test_ui_shows_only_the_intentions_agents_read_never_a_key_below_the_folder(node: ConsulDev) -> None:
+    """Agents read `hostmesh/intentions/<service>`; a key below the folder (a copy kept by hand,
+    `consul kv put hostmesh/intentions/old/uiapi @saved.json`) is no service's document, as `hostmesh
+    check` and the CLI's lists take it. The UI read the last path segment as the service: the copy
+    showed as uiapi's intentions (its deny over the allow in force), and one for a service with no
+    document as if it had one."""
+    live = {"service": "uiapi", "version": 1, "rules": [{"source": "web", "action": "allow"}]}
+    copy = {"service": "uiapi", "version": 7, "rules": [{"source": "web", "action": "deny"}]}
+    lone = {"service": "uidb", "version": 3, "rules": [{"source": "web", "action": "deny"}]}
+    keys = {"hostmesh/intentions/uiapi": live, "hostmesh/intentions/zz-old/uiapi": copy,
+            "hostmesh/intentions/old/uidb": lone}  # fmt: skip
+    for key, doc in keys.items():
+        node.kv_put(key, json.dumps(doc))
+
+    async def poll() -> dict[str, Any]:
+        async with ConsulClient(node.url) as client:
+            collector = ui.Collector(client, 15090)
+            await collector.poll()
+            return collector.state
+
+    try:
+        state = asyncio.run(poll())
+    finally:
+        for key in keys:
+            node.kv_delete(urllib.parse.quote(key))
+    assert state["error"] == ""
+    assert state["intentions"]["uiapi"]["version"] == 1 and "uidb" not in state["intentions"]
+    rules = {(e["source"], e["destination"]): e["rule"] for e in state["edges"]}
+    assert rules[("web", "uiapi")] == {"action": "allow", "text": "rule 0 allow web"}
+    assert ("web", "uidb") not in rules
