@@ -212,6 +212,9 @@ class Agent:
     def __init__(self, config: AgentConfig, *, worker: int = 0, config_path: Path | None = None,
                  from_primary: bytes = b"") -> None:  # fmt: skip
         self.config = config
+        # as agent.toml said at start, before the agent filled in what it bound (an ephemeral admin
+        # port, start): what a reload's file, which says the same, is compared with (RESTART_KEYS)
+        self._as_configured = config
         self.worker = worker  # 0: the primary (or the only process); 1..N-1: a worker (agent/workers.py)
         self.config_path = config_path
         self.from_primary = from_primary  # a worker: the primary's commands read along with its config
@@ -956,7 +959,7 @@ class Agent:
         """`new` with the running values of what a reload cannot change (RESTART_KEYS, the set of
         service names), saying which of them the file changed."""
         old = self.config
-        needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+        needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self._as_configured, k)]
         if {s.name for s in new.services} != {s.name for s in old.services}:
             needs_restart.append("services (names)")
             new = replace(new, services=old.services)
@@ -965,8 +968,8 @@ class Agent:
                 "reload: %s changed; these need a restart and keep their running values",
                 ", ".join(needs_restart),
             )
-            new = replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
-        return new
+        # the running values, always: an ephemeral admin port is the one bound, not the file's 0
+        return replace(new, **{k: getattr(old, k) for k in RESTART_KEYS})
 
     async def _apply(self, new: AgentConfig) -> bool:
         """Apply a reloaded config (RESTART_KEYS already resolved); False: refused, nothing changed."""

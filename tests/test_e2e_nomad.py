@@ -405,6 +405,38 @@ def test_kill_signal_deregisters_and_exits_within_kill_timeout(mesh: NomadMesh) 
         app.close()
 
 
+def test_a_reload_with_an_ephemeral_admin_port_says_nothing_needs_a_restart(mesh: NomadMesh) -> None:
+    """A group without port hostmesh_admin: the agent binds its admin API on an ephemeral port and
+    writes it to admin.addr. A reload reads agent.toml again, whose admin is again 127.0.0.1:0: every
+    SIGHUP logged 'reload: admin changed; these need a restart', though nothing had changed."""
+    app = EchoServer()
+    try:
+        alloc, env = mesh.allocation("shop", "api", {"hostmesh_service": "api", "hostmesh_port": "app"},
+                                     {"app": app.port})  # fmt: skip
+        for var in [k for k in env if k.endswith("_hostmesh_admin")]:
+            del env[var]  # (mesh.allocation gives every group one)
+        agent = mesh.run(alloc, env, wait=False)
+        written = Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
+
+        def ready() -> bool:
+            if not agent.proc.alive():
+                raise RuntimeError(f"the agent exited:\n{agent.proc.log()}")
+            try:
+                return http_json(f"http://{written.read_text().strip()}/ready", 0.5)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 30, "the agent on its ephemeral admin port to be ready")
+        admin = written.read_text().strip()
+        assert admin.startswith("127.0.0.1:") and not admin.endswith(":0")
+        agent.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded " in agent.proc.log(), 20, "the reload to be applied")
+        assert "need a restart" not in agent.proc.log(), agent.proc.log()
+        assert written.read_text().strip() == admin and ready()  # the admin API is where it was
+    finally:
+        app.close()
+
+
 # a dead sidecar's TTL check lapses (15 s), stays critical DEREGISTER_DEAD_SIDECAR_AFTER (1 min), then
 # waits for Consul's reaper (every 30 s) and its catalog sync: 2 min with room
 DEAD_SIDECAR_REAPED = 180.0
