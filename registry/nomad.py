@@ -20,10 +20,12 @@ a task `user`, Nomad makes the socket that uid's alone (0600): a process of anot
 connect, which `check_files` refuses and a read says as such (`socket_denied`), not in the words of
 Nomad's ACL refusal.
 
-python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread
-(`asyncio.to_thread`) and never on the event loop. python-nomad does not verify HTTPS unless told,
-so we always pass `verify` (NOMAD_CACERT, else the system store). Over a unix socket its session
-carries requests-unixsocket2's adapter (`http+unix://<quoted path>` URLs).
+python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread of its own
+(`_in_daemon_thread`) and never on the event loop: a daemon thread, since the loop's executor's are
+joined as the process exits, and a read Nomad left unanswered held an agent that had drained and
+deregistered for up to REQUEST_TIMEOUT, Nomad's default kill_timeout. python-nomad does not verify
+HTTPS unless told, so we always pass `verify` (NOMAD_CACERT, else the system store). Over a unix
+socket its session carries requests-unixsocket2's adapter (`http+unix://<quoted path>` URLs).
 
 Every failure is a one-line RegistryError: Unavailable (retry later), UnexpectedAnswer (something
 answered that is not Nomad's API: usually a wrong address), PermissionDenied (the token). A 404 means
@@ -43,9 +45,11 @@ import os
 import re
 import ssl
 import stat
+import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from hostmesh.registry.consul_settings import TOKEN_RULE, valid_token
@@ -403,6 +407,30 @@ def _json_type(value: Any) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
+async def _in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
+    """`call(*args)` in a daemon thread of its own, its result or error awaited here. Nothing waits
+    for the thread at exit (asyncio.to_thread's are joined then); cancelled, its answer is dropped."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[_T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not answer.done():  # (cancelled meanwhile: nobody waits for it)
+            outcome()
+
+    def run() -> None:
+        try:
+            result = call(*args)
+        except BaseException as exc:  # (to the awaiting task, as to_thread hands it over)
+            done = partial(settle, partial(answer.set_exception, exc))
+        else:
+            done = partial(settle, partial(answer.set_result, result))
+        with contextlib.suppress(RuntimeError):  # the loop closed first: the process is exiting
+            loop.call_soon_threadsafe(done)
+
+    threading.Thread(target=run, name="nomad-read", daemon=True).start()
+    return await answer
+
+
 class NomadAPI:
     """python-nomad over `settings`; each method is a coroutine that runs the blocking call in a thread."""
 
@@ -433,7 +461,7 @@ class NomadAPI:
 
     async def allocation(self, alloc_id: str) -> dict[str, Any] | None:
         """The allocation's document, or None when Nomad does not know it."""
-        return await asyncio.to_thread(self._allocation, alloc_id)
+        return await _in_daemon_thread(self._allocation, alloc_id)
 
     async def allocation_state(self, alloc_id: str) -> AllocationState:
         alloc = await self.allocation(alloc_id)
@@ -450,7 +478,7 @@ class NomadAPI:
         docs), answers 403 too. Nomad refuses the workload identity of an allocation that is terminal
         or that it no longer knows (nomad/auth.go VerifyClaim), on every endpoint. Unavailable or
         UnexpectedAnswer when the answer says neither."""
-        return await asyncio.to_thread(self._identity_refused)
+        return await _in_daemon_thread(self._identity_refused)
 
     def _identity_refused(self) -> bool:
         nex: Any = importlib.import_module("nomad.api.exceptions")

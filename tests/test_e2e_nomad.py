@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from hostmesh.agent.localmesh import (
     roundtrip,
     wait_for,
 )
+from hostmesh.registry.nomad import REQUEST_TIMEOUT
 from tests.nomad_double import Allocation, NomadDouble
 from tests.support import ConsulDev, wait_deregistered
 
@@ -435,6 +437,57 @@ def test_a_reload_with_an_ephemeral_admin_port_says_nothing_needs_a_restart(mesh
         assert written.read_text().strip() == admin and ready()  # the admin API is where it was
     finally:
         app.close()
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts and never answers (a Nomad whose HTTP API hangs): its
+    connections are held until close()."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in [*self.held, self.sock]:
+            conn.close()
+
+
+def test_a_read_nomad_leaves_unanswered_does_not_hold_the_exit(mesh: NomadMesh) -> None:
+    """Nomad's API hangs (its client agent wedged): the watch's read waits out REQUEST_TIMEOUT (5 s)
+    in a thread. On the kill signal the agent drained and deregistered at once, then its exit waited
+    for that thread: up to 5 s, Nomad's default kill_timeout, after which Nomad kills it."""
+    silent = SilentServer()
+    app = EchoServer()
+    try:
+        alloc, env = mesh.allocation("shop", "api", {"hostmesh_service": "api", "hostmesh_port": "app"},
+                                     {"app": app.port})  # fmt: skip
+        env["NOMAD_ADDR"] = silent.url
+        agent = mesh.run(alloc, env)
+        wait_for(lambda: len(silent.held) == 1, 20, "the watch's first read to be under way")
+        signalled = time.monotonic()
+        agent.proc.popen.send_signal(signal.SIGTERM)
+        code = agent.proc.popen.wait(timeout=KILL_TIMEOUT + 5)
+        took = time.monotonic() - signalled
+        assert code == 0, agent.proc.log()
+        assert "deregistered api-" in agent.proc.log()
+        assert took < REQUEST_TIMEOUT - 2, f"exited {took:.1f} s after the signal"  # (no connection drains)
+    finally:
+        app.close()
+        silent.close()
 
 
 # a dead sidecar's TTL check lapses (15 s), stays critical DEREGISTER_DEAD_SIDECAR_AFTER (1 min), then
