@@ -44,6 +44,7 @@ from hostmesh.registry.layout import (
     UPSTREAMS_META,
     VERSION_META,
 )
+from hostmesh.registry.listen import listen_host
 from hostmesh.registry.names import holds_credentials, port_number
 from hostmesh.registry.records import record
 
@@ -333,19 +334,14 @@ def parse_address(text: Any, path: str) -> Address:
     if not sep or not host or port is None or "[" in host or "]" in host:
         raise _fail(path, f"{text!r} is not host:port")
     try:
-        ip = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
             raise _fail(path, f"{host!r} must be an IP address (or localhost)") from None
         host = "127.0.0.1"
-    else:
-        # an IPv4-mapped address ([::ffff:127.0.0.1]) is its IPv4 address: the agent's TCP sockets
-        # are IPv6-only (registry/listen.py), which cannot bind one ("Invalid argument" at the start),
-        # and the loopback check took it for no loopback; bound as IPv4, it takes the connections
-        # the mapped address would on a dual-stack socket
-        if (target := unmapped(ip)) is not ip:
-            host = str(target)
-    return Address(host, port)
+    # an IPv4-mapped address ([::ffff:127.0.0.1]) is its IPv4 address (registry/listen.py): the
+    # loopback and clash checks see the address the socket binds
+    return Address(listen_host(host), port)
 
 
 def auto_bind(service: str) -> str:

@@ -389,7 +389,8 @@ def host_allowed(header: str | None, listen_host: str) -> bool:
 
 
 def listen_address(listen: str) -> tuple[str, int]:
-    """(host, port) of `--listen` HOST:PORT ([IPv6]:PORT; port 0: any free one); ValueError, one line."""
+    """(host, port) of `--listen` HOST:PORT ([IPv6]:PORT; port 0: any free one; an IPv4-mapped address
+    is its IPv4 address, registry/listen.py `listen_host`); ValueError, one line."""
     host, sep, port_s = listen.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
@@ -403,7 +404,9 @@ def listen_address(listen: str) -> tuple[str, int]:
         raise ValueError(f"--listen {listen!r}: expected HOST:PORT with a numeric port")
     if len(port_s.lstrip("0")) > 5 or int(port_s) > 65535:
         raise ValueError(f"--listen {listen!r}: port {port_s[:20]} is out of range (0-65535)")
-    return host, int(port_s)
+    from hostmesh.registry.listen import listen_host
+
+    return listen_host(host), int(port_s)
 
 
 @click.command("ui")

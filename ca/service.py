@@ -118,7 +118,7 @@ from hostmesh.registry.layout import (
     METRICS_META,
     METRICS_SCHEME_META,
 )
-from hostmesh.registry.listen import server_address
+from hostmesh.registry.listen import listen_host, server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.nomad import looks_like_jwt
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
@@ -177,7 +177,8 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, `HOST` or `:PORT` (all interfaces) -> (host, port)."""
+    """`HOST:PORT`, `[V6]:PORT`, `HOST` or `:PORT` (all interfaces) -> (host, port); an IPv4-mapped
+    address is its IPv4 address (registry/listen.py `listen_host`)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or (text.count(":") > 1 and not text.startswith("[")):
         host, port_text = text, str(default_port)
@@ -185,7 +186,7 @@ def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     port = port_number(port_text)
     if port is None:  # (int() took ' 80', '+80' and '٣', read as port 3)
         raise InvalidRequest(f"invalid listen address {text!r} (use HOST:PORT, a port of 0-65535)")
-    return host, port
+    return listen_host(host), port
 
 
 def parse_advertise(text: str) -> tuple[str, int | None]:

@@ -22,11 +22,28 @@ requests/s, with 4 descriptors as with 16. A lone connection costs the other des
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any, Final
 
+from hostmesh.registry.addresses import unmapped
+
 ACCEPT_FDS: Final = 4  # descriptors per listener of connection-per-request clients (see above)
+
+
+def listen_host(host: str) -> str:
+    """The host to bind for a listen address's host as an operator wrote it, for every component's
+    listen addresses (agent.toml, `ca serve --listen`, `ui --listen`): an IPv4-mapped address
+    (::ffff:127.0.0.1) is the IPv4 address it maps, since the IPv6 sockets bound here are IPv6-only
+    and cannot bind it ("invalid argument"), while bound as IPv4 it takes the connections the mapped
+    address would on a dual-stack socket; anything else (a name, any other address) as written."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    target = unmapped(ip)
+    return host if target is ip else str(target)
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket | None:

@@ -363,10 +363,48 @@ def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
     assert_one_line_error(result, "cannot listen on")
 
 
-def test_serve_on_all_interfaces_needs_advertise(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::ffff:0.0.0.0]:0"])
+def test_serve_on_all_interfaces_needs_advertise(tmp_path: Path, listen: str) -> None:
+    """`::ffff:0.0.0.0` is 0.0.0.0 (registry/listen.py `listen_host`), where it went on to bind and
+    stopped there ("cannot listen on ::ffff:0.0.0.0:0: … invalid argument")."""
     d = tmp_path / "ca"
     store.init(d)
-    assert_one_line_error(run("ca", "serve", "--data-dir", str(d), "--listen", "0.0.0.0:0"), "--advertise")
+    assert_one_line_error(run("ca", "serve", "--data-dir", str(d), "--listen", listen), "--advertise")
+
+
+@pytest.mark.consul
+def test_serve_on_an_ipv4_mapped_address_serves_and_registers_its_ipv4_address(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """`ca serve --listen [::ffff:127.0.0.1]:PORT` stopped at the start ("cannot listen on
+    ::ffff:127.0.0.1:…: invalid argument": the CA's socket is IPv6-only, which cannot bind an
+    IPv4-mapped address) where agent.toml takes the same address as 127.0.0.1. It is that address:
+    bound, registered in Consul for agents to dial, and said to be loopback only."""
+    d = tmp_path / "ca"
+    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
+    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"[::ffff:127.0.0.1]:{port}",
+             "--log-format", "text"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: _ca_registered(consul, port) or proc.poll() is not None, 30, "ca serve registered")
+        assert proc.poll() is None, log.read_text()
+        services = consul.get_json("/v1/agent/services").values()
+        assert [s["Address"] for s in services if s["Service"] == "hostmesh-ca" and s["Port"] == port] == [
+            "127.0.0.1"
+        ]
+        assert "listening on loopback only" in log.read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in log.read_text()
 
 
 def test_under_systemd_serve_s_refusal_is_an_error_line_of_the_journal(tmp_path: Path) -> None:

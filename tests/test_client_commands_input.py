@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import threading
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from hostmesh.agent.status import AdminAddressError, admin_base_url
 from hostmesh.agent.ui import Collector, listen_address
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import addressed_locally
-from tests.support import ConsulDev
+from tests.support import ConsulDev, wait_until
 from tests.test_cli_ops import fails
 
 HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
@@ -614,6 +615,32 @@ def test_ui_listen_that_cannot_be_bound_as_given_is_one_line(listen: str, why: s
 def test_ui_listen_address() -> None:
     assert listen_address("[::1]:8080") == ("::1", 8080)
     assert listen_address("localhost:0") == ("localhost", 0)
+
+
+@pytest.mark.consul
+def test_ui_on_an_ipv4_mapped_address_serves_on_its_ipv4_address(consul: ConsulDev, tmp_path: Path) -> None:
+    """`ui --listen [::ffff:127.0.0.1]:PORT` stopped at the start ("cannot serve on …: invalid
+    argument": an IPv6 socket cannot bind an IPv4-mapped address) where agent.toml takes the same
+    address as 127.0.0.1. It is that address (registry/listen.py `listen_host`), which the UI serves on."""
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        ui = subprocess.Popen(
+            [*HOSTMESH, "--consul", consul.url, "ui", "--listen", f"[::ffff:127.0.0.1]:{port}",
+             "--interval", "1"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: "hostmesh ui on" in log.read_text() or ui.poll() is not None, 30, "the UI to serve"
+        )
+        assert ui.poll() is None, log.read_text()
+        assert f"hostmesh ui on http://127.0.0.1:{port}/" in log.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as answer:
+            assert "agents" in json.load(answer)
+    finally:
+        ui.terminate()
+        ui.wait(30)
 
 
 # --- hostmesh top and ui: one agent's bad address or answer stays on its row ----------------------
