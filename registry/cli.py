@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 # completion stay cheap (tests/test_cli_habits.py checks what a help run imports).
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
+# YAML values (nodes) of one file, each alias counted as the values it stands for: an alias-free file
+# within MAX_FILE_BYTES holds fewer (no value takes under a byte: `[? , ? ]` is the densest), so
+# aliases may shorten a file but never make it more work than one of that size (6 KiB of nested
+# aliases stood for 2.9 million values: 5.9 s and 223 MB before the stored-size refusal)
+MAX_YAML_VALUES = MAX_FILE_BYTES
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 
 T = TypeVar("T")
@@ -171,23 +176,51 @@ _WORDS = frozenset(("on", "off", "yes", "no"))  # YAML 1.1 booleans that are wor
 @functools.cache
 def _strict_loader() -> type[yaml.SafeLoader]:
     """yaml.SafeLoader refusing (RefusedInput) a duplicate mapping key, which it would take as its
-    last value, and nesting deeper than MAX_NESTING; a bare key written as a YAML 1.1 boolean word
+    last value, nesting deeper than MAX_NESTING, more than MAX_YAML_VALUES values once aliases are
+    expanded, and an alias inside its own anchor; a bare key written as a YAML 1.1 boolean word
     (`on`, `off`, `yes`, `no`) is that word (values keep YAML's booleans). Built on first use: yaml
     is not imported for `--help` (tests/test_cli_habits.py)."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
         nesting = 0
+        values = 0  # of the file so far, each alias counted as the values it stands for
+        anchor_values: dict[str, int]  # of each finished anchor of the document being composed
+
+        def compose_document(self) -> yaml.Node | None:
+            self.anchor_values = {}  # (as yaml's own anchors: an alias names one of its document)
+            return super().compose_document()
 
         def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+            # counted as the nodes are composed, before any is constructed: an alias is one node
+            # here, and the documents it expands to are built only by the schema's checks
+            event = self.peek_event()
+            mark = event.start_mark
+            start = self.values
             self.nesting += 1
             try:
                 if self.nesting > MAX_NESTING:
-                    where = _at(self.peek_event().start_mark)
-                    raise RefusedInput(f"nested deeper than {MAX_NESTING} levels at {where}")
-                return super().compose_node(parent, index)  # type: ignore[arg-type]
+                    raise RefusedInput(f"nested deeper than {MAX_NESTING} levels at {_at(mark)}")
+                node = super().compose_node(parent, index)  # type: ignore[arg-type]
             finally:
                 self.nesting -= 1
+            anchor = getattr(event, "anchor", None)
+            if isinstance(event, yaml.AliasEvent):
+                if anchor not in self.anchor_values:  # yaml refused an undefined one: still being composed
+                    raise RefusedInput(
+                        f"alias *{anchor} inside its own anchor at {_at(mark)}: "
+                        "a document cannot contain itself"
+                    )
+                self.values += self.anchor_values[anchor]
+            else:
+                self.values += 1  # (its children were counted as they were composed)
+                if anchor is not None:
+                    self.anchor_values[anchor] = self.values - start
+            if self.values > MAX_YAML_VALUES:
+                raise RefusedInput(
+                    f"more than {MAX_YAML_VALUES} values once YAML aliases are expanded, at {_at(mark)}"
+                )
+            return node
 
         def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
             """A scalar Python cannot take (an integer past its 4300 digits, a date like 2024-13-45)

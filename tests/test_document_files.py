@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmesh.registry.cli import MAX_NESTING
+from hostmesh.registry.cli import MAX_NESTING, MAX_YAML_VALUES
 from hostmesh.registry.documents import doc_key
 from tests.support import ConsulDev
 from tests.test_cli_ops import fails, ok, run, write
@@ -86,6 +86,38 @@ def test_nesting_up_to_the_limit_reaches_the_schema(consul: ConsulDev, tmp_path:
     inner = MAX_NESTING - 1  # the document's mapping is the first level
     f = write(tmp_path, f"service: x\na: {'[' * inner}{']' * inner}\n")
     assert ": a: unknown field" in fails(run(consul, "policy", "apply", "-f", f))
+
+
+def aliased_rules(service: str, rules: int) -> str:
+    """An intention file of nested aliases: one permission (11 values) 256 times in a rule, the rule
+    `rules` times (256 and 1024: the schema's most)."""
+    permission = "&p {path: {prefix: /api/v1/orders}, methods: [GET, HEAD, POST, PUT]}"
+    text = f"service: {service}\nrules:\n- &r {{source: web, action: allow, permissions: [{permission}"
+    return text + ", *p" * 255 + "]}\n" + "- *r\n" * (rules - 1)
+
+
+def test_aliases_expanding_past_the_limit_are_refused_before_the_document_is_built(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """A 6 KiB file of nested aliases ("billion laughs") stands for 1024 rules of 256 permissions: 2.9
+    million values, which the CLI built and checked (5.9 s and 223 MB) before refusing the document's
+    stored size. It is refused while the YAML is read, at the alias that passes MAX_YAML_VALUES
+    (the 372nd rule: 2823 values each). Aliases within the limit still apply, and an alias inside its
+    own anchor (a document containing itself) is refused as such."""
+    s = svc()
+    bomb = write(tmp_path, aliased_rules(s, 1024), "bomb.yaml")
+    assert fails(run(consul, "intention", "apply", "-f", bomb, "--dry-run")) == (
+        f"Error: {bomb}: more than {MAX_YAML_VALUES} values once YAML aliases are expanded, at line 374, "
+        "column 3"
+    )
+    assert f"intentions/{s}: version 1 written" in ok(
+        run(consul, "intention", "apply", "-f", write(tmp_path, aliased_rules(s, 2)))
+    )
+    loop = write(tmp_path, f"service: {s}\nrules: &r [*r]\n", "loop.yaml")
+    assert fails(run(consul, "intention", "apply", "-f", loop)) == (
+        f"Error: {loop}: alias *r inside its own anchor at line 2, column 12: "
+        "a document cannot contain itself"
+    )
 
 
 LONG_INT = "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
