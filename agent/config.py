@@ -76,6 +76,10 @@ DEFAULT_DNS_DOMAIN = "mesh."
 AUTO_BIND_NET = ipaddress.ip_network("127.128.0.0/16")
 AUTO_HTTP_PORT = 80  # bind = "auto" on an http upstream: apps call http://<name>.mesh/ unchanged
 LOAD_BALANCERS = ("round_robin", "least_connections")
+# agent.toml's size: every setting of examples/agent.toml takes 3.5 KiB and an upstream ~80 bytes, so
+# a real one is a few KiB; a MiB is room to spare, and a wrong path (a log, an image) is refused, not
+# read whole into a daemon's memory
+MAX_CONFIG_BYTES = 1024 * 1024
 PIN_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")  # the CA root's pin, as `hostmesh ca init` prints it
 
 
@@ -968,13 +972,18 @@ def load_config(path: Path, check_files: bool = True) -> AgentConfig:
     """agent.toml at `path`, parsed (in a Nomad allocation, with its environment's defaults); with
     `check_files`, also the Consul token and TLS files it names must be usable."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         if not os.environ.get("NOMAD_ALLOC_ID"):
             raise ConfigError(f"{path}: cannot read: No such file or directory") from None
         data = b""  # in a Nomad allocation the job's meta and ports may say it all (agent/nomad.py)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, more than agent.toml may take"
+        )
     try:
         raw = _parse_toml(data.decode())
     except ValueError as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError
