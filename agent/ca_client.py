@@ -244,7 +244,7 @@ class CAClient:
             headers = {**headers, "connection": "close"}
             return await client.request(method, path, body, headers, timeout=REQUEST_TIMEOUT)
         except Unavailable as exc:
-            text = str(exc)
+            text = str(exc).removeprefix(f"{client.base_url}: ")  # (each message here names the CA)
             if "TLS verification failed" in text:
                 raise TrustError(f"CA at {self.url} is not trusted: {text}{_clock_hint(text)}") from None
             if client_cert and any(a in text for a in _CLIENT_CERT_ALERTS):

@@ -221,10 +221,11 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
     now = dt.datetime.now(dt.UTC)
     for addr in addresses:
         subject = f"ca {addr}"
+        client = CAClient(addr, trust_domain)
         try:
-            roots = await asyncio.wait_for(CAClient(addr, trust_domain).roots_unverified(), CHECK_TIMEOUT)
+            roots = await asyncio.wait_for(client.roots_unverified(), CHECK_TIMEOUT)
         except (CAError, RegistryError, TimeoutError, OSError) as exc:
-            out.append(_ca_unreachable(subject, exc))
+            out.append(_ca_unreachable(subject, exc, client.url))
             continue
         if pin:
             try:
@@ -292,7 +293,7 @@ async def _ca_serves_from_pin(
                     "error",
                     "ca-untrusted",
                     subject,
-                    " ".join(str(exc).split()),
+                    _ca_said(exc, client.url),
                     "a new host is refused the same way: check this host's clock and the CA host's, and "
                     "the CA's log (its serving certificate)",
                 )
@@ -311,20 +312,26 @@ async def _ca_serves_from_pin(
             )
         ]
     except (CAError, RegistryError, TimeoutError, OSError) as exc:
-        return [_ca_unreachable(subject, exc)]
+        return [_ca_unreachable(subject, exc, client.url)]
     return []
 
 
-def _ca_unreachable(subject: str, exc: Exception) -> Finding:
+def _ca_unreachable(subject: str, exc: Exception, url: str) -> Finding:
     from hostmesh.registry.analysis import Finding
 
     return Finding(
         "error",
         "ca-unreachable",
         subject,
-        " ".join(str(exc).split()) or "timed out",
+        _ca_said(exc, url) or "timed out",
         "check that the CA runs and this host can reach it",
     )
+
+
+def _ca_said(exc: Exception, url: str) -> str:
+    """CAClient's error about the CA at `url` as a finding's one-line message: without "CA at <url>",
+    which the finding's subject says (as a Consul finding's message leaves out Consul's address)."""
+    return " ".join(str(exc).split()).removeprefix(f"CA at {url} ")
 
 
 AGENT_ADDRESS_FIX = "pass an agent's admin address (agent.toml `admin`, default 127.0.0.1:15000) with --agent"

@@ -350,6 +350,28 @@ def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
     assert not errors, f"{len(errors)} error lines, the first: {errors[0][:400]}"
 
 
+@pytest.mark.consul
+def test_an_unreachable_ca_is_named_once_in_checks_line_and_in_the_agents_message(consul: ConsulDev) -> None:
+    """`hostmesh check --ca URL` of a closed port said "ca URL: CA at URL unreachable: URL:
+    connection refused": the finding's subject, CAClient's message and the HTTP client's each named
+    it. The subject names it; CAClient's message (an agent's log line, `status`) names it once."""
+    from hostmesh.agent.ca_client import CAClient
+    from hostmesh.ca.errors import CAUnavailable
+
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"https://127.0.0.1:{closed.getsockname()[1]}"
+        text = run("check", "--ca", url, consul=consul.url)
+        as_json = run("check", "--ca", url, "-o", "json", consul=consul.url)
+        with pytest.raises(CAUnavailable) as info:
+            asyncio.run(CAClient(url, "hostmesh.local").roots_unverified())
+    [line] = [line for line in text.stdout.splitlines() if url in line]
+    assert " ".join(line.split()) == f"ERROR ca {url}: unreachable: connection refused"
+    assert str(info.value) == f"CA at {url} unreachable: connection refused"
+    [finding] = [f for f in json.loads(as_json.stdout)["findings"] if f["code"] == "ca-unreachable"]
+    assert (finding["subject"], finding["message"]) == (f"ca {url}", "unreachable: connection refused")
+
+
 def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
     import socket
 
