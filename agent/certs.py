@@ -78,6 +78,7 @@ from hostmesh.ca.errors import (
     Unauthorized,
 )
 from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.files import make_dirs, write_new
@@ -445,11 +446,7 @@ class CertManager:
                 f"(it needs service:read on {CA_SERVICE_NAME} and node:read)"
             )
         self._rng.shuffle(instances)
-        hosts = [f"[{i.address}]" if ":" in i.address else i.address for i in instances]
-        return [
-            CAClient(f"https://{h}:{i.port}", self.trust_domain)
-            for h, i in zip(hosts, instances, strict=True)
-        ]
+        return [CAClient(f"https://{authority(i.address, i.port)}", self.trust_domain) for i in instances]
 
     def _read_token(self) -> str | None:
         """The bootstrap credential: a join token, or in a Nomad allocation the workload identity

@@ -23,7 +23,7 @@ from typing import Any
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
-from hostmesh.registry.addresses import undialable, unmapped
+from hostmesh.registry.addresses import authority, undialable, unmapped
 from hostmesh.registry.consul_settings import (
     ConsulLayer,
     ConsulSettings,
@@ -93,7 +93,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 @record

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from hostmesh.agent.renewal import CertState
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.promtext import Family, ProcessMetrics, build_info, exposition_with_process
 
 _process: ProcessMetrics | None = None
@@ -212,6 +213,4 @@ def metrics_addr(config: Any, servers: list[Any]) -> str:
             return ""
     except ValueError:
         pass
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    return authority(host, port)

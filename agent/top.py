@@ -56,8 +56,9 @@ def metrics_url(meta: dict[str, str], address: str, port: int) -> str:
     if given:
         url = given if "//" in given else f"{scheme}://{given}"
         return url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
-    host = f"[{address}]" if ":" in address else address
-    return f"{scheme}://{host}:{port}/metrics"
+    from hostmesh.registry.addresses import authority
+
+    return f"{scheme}://{authority(address, port)}/metrics"
 
 
 async def targets(consul: ConsulClient, port: int = DEFAULT_METRICS_PORT) -> list[Target]:

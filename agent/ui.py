@@ -341,6 +341,7 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
                 ready: asyncio.Event | None = None) -> None:  # fmt: skip
     import asyncio
 
+    from hostmesh.registry.addresses import authority
     from hostmesh.registry.consul import ConsulClient
     from hostmesh.registry.http import HTTPServer, Response
 
@@ -365,7 +366,7 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
 
         server = HTTPServer(handle, host, port)
         bound = await server.start()
-        click.echo(f"hostmesh ui on http://{host}:{bound}/ (Ctrl-C stops it)", err=True)
+        click.echo(f"hostmesh ui on http://{authority(host, bound)}/ (Ctrl-C stops it)", err=True)
         if ready is not None:
             ready.set()
         try:

@@ -107,7 +107,7 @@ from hostmesh.ca.errors import (
 )
 from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
-from hostmesh.registry.addresses import unmapped
+from hostmesh.registry.addresses import authority, unmapped
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NOT_ACL_FIX, PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
@@ -1016,7 +1016,7 @@ class CAService:
 
     def _registration(self) -> ServiceRegistration:
         port = self.registered_port
-        url = f"https://{_url_host(self.advertise)}:{port}/v1/health"
+        url = f"https://{authority(self.advertise, port)}/v1/health"
         check = {
             "CheckID": f"{self.service_id}-https",
             "Name": "hostmesh CA API",
@@ -1485,10 +1485,6 @@ def _status_of(exc: Exception) -> int:
 
 def _client_of(writer: asyncio.StreamWriter) -> str:
     return admission.client_key(writer.get_extra_info("peername"))
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def describe(authority: store.Authority) -> dict[str, Any]:

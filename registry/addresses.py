@@ -1,7 +1,8 @@
 """IP addresses as a socket sees them, one rule each: an IPv4-mapped address (::ffff:a.b.c.d) is the
 IPv4 address it maps (a socket bound to or dialing it reaches that address's IPv4 host), and which
 addresses reach no one peer. Used wherever an operator's address is read: agent.toml's listen
-addresses and mesh_address, external documents, the DNS server, the CA."""
+addresses and mesh_address, external documents, the DNS server, the CA; and how a host and port
+are written together (`authority`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ def unmapped(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def authority(host: object, port: object) -> str:
+    """`host:port` as a URL and an access line write it: an IPv6 address in brackets ([::1]:8080),
+    so that the port is not read as the address's last group."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def undialable(ip: IPAddress) -> str | None:

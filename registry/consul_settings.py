@@ -25,6 +25,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.errors import InvalidSettings
 from hostmesh.registry.names import holds_credentials
 from hostmesh.registry.records import record
@@ -185,8 +186,8 @@ def normalize_url(address: str, ssl: bool | None = None) -> str:
         raise InvalidSettings(f"Consul address {address!r}: expected [http[s]://]host[:port]")
     if not _HOST_CHARS.issuperset(parsed.hostname):
         raise InvalidSettings(f"Consul address {address!r}: the host is not a host name or IP address")
-    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-    return f"{parsed.scheme}://{host}:{port or (443 if parsed.scheme == 'https' else 80)}"
+    default_port = 443 if parsed.scheme == "https" else 80
+    return f"{parsed.scheme}://{authority(parsed.hostname, port or default_port)}"
 
 
 def resolve(

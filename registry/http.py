@@ -24,6 +24,7 @@ from typing import Any
 
 import httptools
 
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.errors import AnswerTooLarge, InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import holds_credentials
@@ -211,7 +212,7 @@ class HTTPClient:
         self.scheme = scheme
         self.host = parsed.hostname
         self.port = port or (443 if scheme == "https" else 80)
-        self.authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.authority = authority(self.host, self.port)
         self.base_url = f"{scheme}://{self.authority}"
         if scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -767,8 +768,7 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 def _format_peer(peer: Any) -> str:
     if not peer:
         return "?"
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return authority(peer[0], peer[1])
 
 
 def _size(n: int) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import Any, Literal, TypeVar
 
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.errors import InvalidDocument
 from hostmesh.registry.layout import KINDS as KINDS  # the document kinds, named where they are parsed
 from hostmesh.registry.layout import MAX_NESTING, NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, nested_deeper_than
@@ -833,7 +834,7 @@ class ExternalAddress:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 @record

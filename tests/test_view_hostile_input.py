@@ -346,6 +346,38 @@ async def raw_get(port: int, path: str, host: str | None) -> tuple[int, bytes]:
 
 
 @pytest.mark.consul
+def test_ui_on_an_ipv6_address_prints_a_url_that_reaches_it(
+    consul: ConsulDev, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ui --listen [::1]:0` says where it serves as a URL a browser can open: the IPv6 address in
+    brackets, so that the port is not read as the address's last group (it printed
+    http://::1:PORT/)."""
+
+    async def main() -> tuple[str, tuple[int, bytes]]:
+        ready = asyncio.Event()
+        task = asyncio.create_task(ui.serve(consul.url, "::1", 0, 0.5, 15090, ready))
+        try:
+            await asyncio.wait_for(ready.wait(), 30)
+            said = capsys.readouterr().err
+            match = re.search(r"hostmesh ui on http://\[::1\]:(\d+)/ ", said)
+            assert match, said
+            port = int(match[1])
+            reader, writer = await asyncio.open_connection("::1", port)
+            writer.write(f"GET /api/state HTTP/1.0\r\nHost: [::1]:{port}\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            status_line, _, rest = answer.partition(b"\r\n")
+            return said, (int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2])
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    _said, (status, body) = asyncio.run(main())
+    assert status == 200 and "agents" in json.loads(body)
+
+
+@pytest.mark.consul
 def test_ui_refuses_a_host_name_that_is_not_its_own(consul: ConsulDev) -> None:
     port = free_port()
 
