@@ -5,6 +5,8 @@ line on stderr, exit status 1, no traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -13,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -139,32 +142,51 @@ def _ca_registered(consul: ConsulDev, port: int) -> bool:
     return any(s["Service"] == "hostmesh-ca" and s["Port"] == port for s in services.values())
 
 
-@pytest.mark.consul
-def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
-    tmp_path: Path, consul: ConsulDev
-) -> None:
+@dataclasses.dataclass
+class ServedCA:
+    """A `ca serve` child of _ca_serving: its process, port, data dir, log and the CLI it runs."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+    hm: list[str]
+
+
+@contextlib.contextmanager
+def _ca_serving(
+    tmp_path: Path, consul: ConsulDev, host: str = "127.0.0.1", *extra: str
+) -> Iterator[ServedCA]:
+    """`ca init`, then `ca serve` on `host` (bracket an IPv6 one) and a free port with `extra`
+    options, its output in serve.log; stopped on the way out if the test has not stopped it."""
     d = tmp_path / "ca"
     hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
     subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
     port = free_port()
-    audit = tmp_path / "audit.jsonl"
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            *hm,
-            "ca",
-            "serve",
-            "--data-dir",
-            str(d),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--audit-log",
-            str(audit),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"{host}:{port}", *extra],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
+        yield ServedCA(proc, port, d, log, hm)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.mark.consul
+def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    with _ca_serving(tmp_path, consul, "127.0.0.1", "--audit-log", str(tmp_path / "audit.jsonl")) as ca:
+        proc, port, d, hm = ca.proc, ca.port, ca.data_dir, ca.hm
         wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
         first = store.load(d).active.id
         assert json.loads(consul.kv_get("hostmesh/ca/roots") or b"{}")["active"] == first
@@ -183,12 +205,7 @@ def test_serve_subprocess_reloads_on_sighup_and_deregisters_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not _ca_registered(consul, port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in ca.log.read_text()
 
 
 def _check_ca(hm: list[str], port: int, pin: str) -> tuple[int, set[str]]:
@@ -209,17 +226,9 @@ def test_check_pin_of_a_root_rotated_out_is_an_error_as_new_hosts_with_it_are_re
     """After `ca rotate` the old root stays in the bundle, but the CA serves TLS from the new one and a
     new host verifies it with its pinned root alone: `check --pin <old>` passed while such a host was
     refused. It now says so; the active root's pin passes."""
-    d = tmp_path / "ca"
-    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
-    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
-    old_pin = store.load(d).active.pin
-    port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with _ca_serving(tmp_path, consul) as ca:
+        proc, port, d, hm = ca.proc, ca.port, ca.data_dir, ca.hm
+        old_pin = store.load(d).active.pin
         wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
         assert _check_ca(hm, port, old_pin) == (0, set())
         subprocess.run(
@@ -230,10 +239,6 @@ def test_check_pin_of_a_root_rotated_out_is_an_error_as_new_hosts_with_it_are_re
         wait_until(lambda: _check_ca(hm, port, new_pin) == (0, set()), 30, "the CA serving from the new root")
         assert _check_ca(hm, port, old_pin) == (1, {"ca-pin-not-active"})
         assert _check_ca(hm, port, "sha256:" + "0" * 64) == (1, {"ca-pin"})
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 @pytest.mark.consul
@@ -313,19 +318,9 @@ def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
     """A stop while clients hold connections that never said hello (each in its TLS handshake), more
     wait for a slot, and one keeps its connection between requests and never answers TLS's close:
     each ends on its own, no error with a traceback per connection in the log."""
-    d = tmp_path / "ca"
-    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
-    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
-             "--audit-log", str(tmp_path / "audit.jsonl")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
     silent: list[socket.socket] = []
-    try:
+    with _ca_serving(tmp_path, consul, "127.0.0.1", "--audit-log", str(tmp_path / "audit.jsonl")) as ca:
+        proc, port = ca.proc, ca.port
         wait_until(lambda: _ca_registered(consul, port), 30, "ca serve registered in Consul")
         silent.append(kept := _tls_to_ca(port, "127.0.0.3"))
         assert _health(kept, "keep-alive")["status"] == "ok"  # then it says nothing more
@@ -337,15 +332,13 @@ def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
             30,
             "the silent connections in their handshake and waiting for a slot",
         )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        for sock in silent:
-            sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    lines = log_path.read_text().splitlines()
+        try:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            for sock in silent:
+                sock.close()
+    lines = ca.log.read_text().splitlines()
     errors = [line for line in lines if "Traceback" in line or "Exception in" in line]
     assert not errors, f"{len(errors)} error lines, the first: {errors[0][:400]}"
 
@@ -402,18 +395,8 @@ def test_serve_on_an_ipv4_mapped_address_serves_and_registers_its_ipv4_address(
     ::ffff:127.0.0.1:…: invalid argument": the CA's socket is IPv6-only, which cannot bind an
     IPv4-mapped address) where agent.toml takes the same address as 127.0.0.1. It is that address:
     bound, registered in Consul for agents to dial, and said to be loopback only."""
-    d = tmp_path / "ca"
-    hm = [sys.executable, "-m", "hostmesh.agent.cli", "--consul", consul.url]
-    subprocess.run([*hm, "ca", "init", "--data-dir", str(d)], check=True, capture_output=True, timeout=60)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*hm, "ca", "serve", "--data-dir", str(d), "--listen", f"[::ffff:127.0.0.1]:{port}",
-             "--log-format", "text"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
+    with _ca_serving(tmp_path, consul, "[::ffff:127.0.0.1]", "--log-format", "text") as ca:
+        proc, port, log = ca.proc, ca.port, ca.log
         wait_until(lambda: _ca_registered(consul, port) or proc.poll() is not None, 30, "ca serve registered")
         assert proc.poll() is None, log.read_text()
         services = consul.get_json("/v1/agent/services").values()
@@ -423,9 +406,6 @@ def test_serve_on_an_ipv4_mapped_address_serves_and_registers_its_ipv4_address(
         assert "listening on loopback only" in log.read_text()
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             pass
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert "Traceback" not in log.read_text()
 
 
