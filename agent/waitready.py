@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,7 +30,7 @@ from hostmesh.agent.status import admin_connect_host, parse_admin_address, print
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
 POLL_INTERVAL = 0.1  # seconds between probes: a sidecar is ready within a second or two
-PROBE_TIMEOUT = 1.0  # seconds for one /ready request on loopback
+PROBE_TIMEOUT = 1.0  # seconds for one /ready exchange on loopback, connect to the answer's last byte
 MAX_READY_BYTES = 64 * 1024  # an agent's /ready answer is a few hundred bytes; read no more
 MAX_ADDRESS_BYTES = 1024  # of the admin.addr file, which holds one host:port
 
@@ -55,17 +57,46 @@ def _host_port(address: str, source: str) -> tuple[str, int]:
     return admin_connect_host(host, port, source), port
 
 
-def probe(address: str, source: str = "--admin") -> str | None:
-    """None when the agent at `address` is ready, else why not (one line)."""
+class _DeadlineSocket(socket.socket):
+    """A socket whose reads all end by `deadline` (time.monotonic()): a timeout per read let a server
+    that sends its answer a byte at a time hold one probe, and wait-ready, for as long as it liked."""
+
+    deadline: float
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.settimeout(left)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _connect(host: str, port: int, deadline: float) -> _DeadlineSocket:
+    # a timeout of 0 would make the socket non-blocking, not a connect that has run out of time
+    plain = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.001))
+    sock = _DeadlineSocket(plain.family, plain.type, plain.proto, plain.detach())
+    sock.deadline = deadline
+    return sock
+
+
+def probe(address: str, source: str = "--admin", deadline: float | None = None) -> str | None:
+    """None when the agent at `address` is ready, else why not (one line). The whole exchange ends
+    by `deadline` (time.monotonic()), PROBE_TIMEOUT from now by default."""
     try:
         host, port = _host_port(address, source)
     except ValueError as exc:
         return str(exc)
-    conn = http.client.HTTPConnection(host, port, timeout=PROBE_TIMEOUT)
+    if deadline is None:
+        deadline = time.monotonic() + PROBE_TIMEOUT
+    budget = max(deadline - time.monotonic(), 0.0)
+    conn = http.client.HTTPConnection(host, port)
     try:
+        conn.sock = _connect(host, port, deadline)  # set: http.client uses it instead of connecting
         conn.request("GET", "/ready")
         resp = conn.getresponse()
         body = resp.read(MAX_READY_BYTES)
+    except TimeoutError:
+        return f"{address}: no complete answer within {round(budget, 1):g}s"
     except OSError as exc:
         return f"{address}: {exc.strerror or exc}"
     except http.client.HTTPException as exc:  # a status line that is not HTTP: another server there
@@ -99,7 +130,11 @@ def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tu
             _host_port(fixed, source)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    # no probe runs past the deadline, but one is always made: --timeout 0 probes once, for up to
+    # PROBE_TIMEOUT
+    last_probe_ends = max(deadline, started + PROBE_TIMEOUT)
     reason = "never probed"
     while True:
         address = fixed
@@ -112,7 +147,7 @@ def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tu
             if address is None:
                 reason = f"{file} not written yet (the agent has not started)"
         if address is not None:
-            why = probe(address, source)
+            why = probe(address, source, min(time.monotonic() + PROBE_TIMEOUT, last_probe_ends))
             if why is None:
                 return True, address
             reason = why

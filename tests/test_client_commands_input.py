@@ -163,6 +163,49 @@ class Banner:
         self.sock.close()
 
 
+DRIP_INTERVAL = 0.02  # seconds between the drip's bytes: 50 a second at most
+DRIP_LIMIT = 250  # bytes the drip sends at most: 5 s of it, far past a 1 s probe
+
+
+class Drip:
+    """A TCP server on 127.0.0.1 answering each request with a 503 head that announces a large body,
+    then the body one byte every DRIP_INTERVAL, DRIP_LIMIT bytes at most (then it closes): an answer
+    that never ends in any time a probe has. `sent` counts the body bytes sent so far."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                        b"content-length: 100000\r\n\r\n"
+                    )
+                    while self.sent < DRIP_LIMIT and not self.stop.wait(DRIP_INTERVAL):
+                        conn.sendall(b" ")
+                        self.sent += 1
+                except OSError:  # the client gave up and closed
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Peer]]:
     """`serve(answers, default=…, tls=…)`: a Peer stopped after the test."""
@@ -568,6 +611,20 @@ def test_wait_ready_says_a_server_that_is_not_http_is_not_http(banner: Banner) -
         f"Error: agent not ready after 0s: {banner.address}: "
         "not an HTTP server (it answered SSH-2.0-OpenSSH_9.2)"
     )
+
+
+def test_wait_ready_gives_up_at_its_timeout_on_an_answer_that_drips_in() -> None:
+    """--timeout bounds the whole wait: a probe's time counts to the answer's last byte, not per read
+    (a server sending its answer a byte at a time held `--timeout 1` for 20 s, until it stopped)."""
+    drip = Drip()
+    try:
+        line = fails(hm("agent", "wait-ready", "--admin", drip.address, "--timeout", "1"))
+        sent = drip.sent
+    finally:
+        drip.close()
+    # at most 50 bytes drip in within the second: the command returned long before the drip's end
+    assert sent < DRIP_LIMIT / 2, f"wait-ready returned after the drip sent {sent} bytes: {line}"
+    assert line == f"Error: agent not ready after 1s: {drip.address}: no complete answer within 1s"
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_AGENT_BODIES))
