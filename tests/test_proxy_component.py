@@ -38,7 +38,7 @@ from hostmesh.agent.proxy.mux import MAX_STREAMS_PER_CONN
 from hostmesh.agent.proxy.outbound import FAILURES_SLACK, L4_OUTLIER, REACHED_AFTER, OutboundListener
 from hostmesh.agent.proxy.pool import KEEPALIVE_IDLE, MESH_USER_TIMEOUT, ConnectionPool, DialError
 from hostmesh.agent.proxy.pump import WRITE_HIGH_WATER, reset_transport
-from hostmesh.agent.proxy.udp import UdpInbound, UdpOutbound
+from hostmesh.agent.proxy.udp import MAX_APP_DATAGRAM, UdpInbound, UdpOutbound
 from hostmesh.agent.proxy.wire import STREAM_WINDOW
 from hostmesh.agent.snapshot import Endpoint, LocalService, Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.ca import pki
@@ -1308,6 +1308,83 @@ async def test_a_talking_udp_flow_moves_to_the_renewed_certificate_before_the_ol
     assert [rec.fields for rec in caplog.records if rec.name == "hostmesh.audit"] == []  # type: ignore[attr-defined]
     access = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
     assert [a["response_flags"] for a in access if a["response_flags"] not in ("", "-")] == []
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture, reporter: str) -> list[dict[str, Any]]:
+    return [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "hostmesh.access" and r.fields["reporter"] == reporter  # type: ignore[attr-defined]
+    ]
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_peers_datagram_too_large_for_the_app_socket_is_dropped_not_carried(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DGRAM frame may hold 65,535 bytes; the app's IPv4 socket sends 65,507 at most. A peer's
+    larger datagram (no agent's caller sends one: it drops it `too_large`) was counted as carried,
+    datagram, bytes and access line, while the kernel refused it (EMSGSIZE, a debug line). Now it
+    is dropped `too_large` here too; the datagram after it goes on."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    async with udp_echo_as_api(mesh):
+        r, w = await _raw_mesh_connection(mesh)
+        decoder = wire.Decoder()
+        try:
+            w.write(
+                wire.control(wire.DGRAM_OPEN, 1)
+                + wire.dgram_frame(1, b"x" * (MAX_APP_DATAGRAM + 1))
+                + wire.dgram_frame(1, b"after")
+            )
+            assert await _next_datagram(r, decoder) == b"after"  # the app echoes the only one it got
+        finally:
+            w.close()
+    tel = mesh.tel_b
+    assert metric_sample(tel, "hostmesh_udp_dropped_total", reason="too_large") == 1
+    assert metric_sample(tel, "hostmesh_udp_datagrams_total", direction="request") == 1
+    assert metric_sample(tel, "hostmesh_udp_bytes_total", direction="request") == len(b"after")
+    [line] = _access_lines(caplog, "destination")
+    assert line["bytes_received"] == len(b"after")
+
+
+@pytest.mark.usefixtures("every_access_line")
+async def test_a_peers_datagram_too_large_for_the_client_is_dropped_not_carried(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's side of the same: a peer's answer over 65,507 bytes to an IPv4 client was counted
+    as carried while the listener's socket could not send it. The peer is stood in for by handing the
+    flow's stream the datagram as the mux does for a DGRAM frame (an agent's app socket never reads
+    one that large); the client's answers before and after it are the real inbound's."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            answers.put_nowait(data)
+
+    async with udp_echo_as_api(mesh):
+        upstream = UpstreamConfig("api", Address("127.0.0.1", 0), protocol="udp")
+        out = UdpOutbound(mesh.holder_a, "web", upstream, mesh.tel_a)
+        await out.start()
+        client, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", out.port))
+        try:
+            client.sendto(b"query")
+            assert await asyncio.wait_for(answers.get(), IO_TIMEOUT) == b"query"
+            [flow] = out.flows.values()
+            assert flow.stream is not None and flow.stream.on_datagram is not None
+            flow.stream.on_datagram(b"x" * (MAX_APP_DATAGRAM + 1))
+            client.sendto(b"again")
+            assert await asyncio.wait_for(answers.get(), IO_TIMEOUT) == b"again"  # not the large one
+        finally:
+            client.close()
+            await out.close()
+    tel = mesh.tel_a
+    assert metric_sample(tel, "hostmesh_udp_dropped_total", reason="too_large") == 1
+    assert metric_sample(tel, "hostmesh_udp_datagrams_total", direction="response") == 2
+    assert metric_sample(tel, "hostmesh_udp_bytes_total", direction="response") == len(b"query" + b"again")
+    [line] = _access_lines(caplog, "source")
+    assert line["bytes_sent"] == len(b"query" + b"again")
 
 
 async def test_a_running_udp_flow_follows_its_app_to_a_new_port(mesh: Mesh) -> None:

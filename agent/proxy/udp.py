@@ -69,7 +69,10 @@ Decisions:
 - An ICMP port unreachable from the local app (nothing listens on its port) is counted as a drop
   (`app_unreachable`) of the datagram the app socket had passed on, and logged at a bounded rate.
 - A datagram larger than an IPv4 payload can be (an IPv6 client may send up to 65,527 bytes) is
-  dropped at the caller (`too_large`): every app socket is IPv4 127.0.0.1.
+  dropped at the caller (`too_large`): every app socket is IPv4 127.0.0.1. So is one that a peer
+  sends (a DGRAM frame may hold 65,535 bytes; no agent's app socket reads more than 65,507), before
+  the app socket or the listener sends it on: the kernel would refuse it (EMSGSIZE, which the loops
+  hand error_received, a debug line) after it was counted as carried.
 - The sockets are the loop's own DatagramProtocol, not asyncio-dgram's streams: those queue
   received datagrams without bound and await a drain per send, where the proxy must drop instead.
 """
@@ -141,7 +144,9 @@ SOCKET_CLOSE_WAIT = 1.0  # a closing listener waits at most this for its socket 
 # a resolver's or a game's request/answer turn is well under it; a flow still talking waits out the drain
 DRAIN_QUIET = 1.0
 DRAIN_POLL = 0.05  # how often a drain looks for quiet flows
-MAX_APP_DATAGRAM = 65_507  # the largest UDP payload over IPv4, what the app's 127.0.0.1 socket can send
+# the largest UDP payload over IPv4, what the app's 127.0.0.1 socket can send or take: no larger datagram
+# is carried either way
+MAX_APP_DATAGRAM = 65_507
 MAX_FLOWS_ACCEPTED = 2 * MAX_STREAMS_PER_CONN  # per mux connection, like TCP streams (inbound.py)
 REQUEST, RESPONSE = "request", "response"
 
@@ -390,6 +395,9 @@ class _OutFlow(_Flow):
     def received(self, payload: Any) -> None:
         """A datagram of the destination for our client."""
         self.last = time.monotonic()
+        if len(payload) > MAX_APP_DATAGRAM:  # (an app's answer never is: a peer's own)
+            self.owner.counters.dropped("too_large")
+            return
         transport = self.owner.transport
         if transport is None or _buffered(transport) > APP_WRITE_LIMIT:
             self.owner.counters.dropped("backpressure")
@@ -737,6 +745,9 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
 
     # from the mesh
     def from_mesh(self, payload: Any) -> None:
+        if len(payload) > MAX_APP_DATAGRAM:  # as the caller drops it (UdpOutbound.datagram): a peer's own
+            self.counters.dropped("too_large")
+            return
         self.last = time.monotonic()
         self.up += len(payload)
         if self.owner.holder.current is not self.snap and not self.owner.reauthorize(self):
