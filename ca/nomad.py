@@ -50,7 +50,13 @@ from hostmesh.ca.pki import one_line
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.documents import DocumentStore
 from hostmesh.registry.errors import InvalidDocument, PermissionDenied, RegistryError, Unavailable
-from hostmesh.registry.nomad import NAMED_IDENTITY_BLOCK, AllocationState, NomadAPI, allocation_state
+from hostmesh.registry.nomad import (
+    NAMED_IDENTITY_BLOCK,
+    AllocationState,
+    NomadAPI,
+    allocation_state,
+    in_daemon_thread,
+)
 from hostmesh.registry.schema import NOMAD_MAPPING_KIND, NOMAD_MAPPING_NAME, NomadMapping, parse_nomad_mapping
 
 DEFAULT_AUDIENCE = "hostmesh"
@@ -161,9 +167,11 @@ class JWKSCache:
         raise Unauthorized(f"JWT signed by unknown key {kid[:64]!r} (not in {self.url})")
 
     async def _refresh(self) -> None:
-        """One fetch, bounded by `timeout` as a whole; the refresh interval counts from its end."""
+        """One fetch, bounded by `timeout` as a whole; the refresh interval counts from its end. The
+        blocking fetch runs in a daemon thread (in_daemon_thread): asyncio.to_thread's are joined as the
+        process exits, and a fetch given up on here held the CA's exit while its reads went on."""
         try:
-            self._keys = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
+            self._keys = await asyncio.wait_for(in_daemon_thread(self._fetch), self.timeout)
             self._read_at = asyncio.get_running_loop().time()
             self._failure = ""
         except TimeoutError:

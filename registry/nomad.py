@@ -21,7 +21,7 @@ connect, which `check_files` refuses and a read says as such (`socket_denied`), 
 Nomad's ACL refusal.
 
 python-nomad (requests) does the HTTP; it blocks, so every call runs in a thread of its own
-(`_in_daemon_thread`) and never on the event loop: a daemon thread, since the loop's executor's are
+(`in_daemon_thread`) and never on the event loop: a daemon thread, since the loop's executor's are
 joined as the process exits, and a read Nomad left unanswered held an agent that had drained and
 deregistered for up to REQUEST_TIMEOUT, Nomad's default kill_timeout. python-nomad does not verify
 HTTPS unless told, so we always pass `verify` (NOMAD_CACERT, else the system store). Over a unix
@@ -407,7 +407,7 @@ def _json_type(value: Any) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
-async def _in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
+async def in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
     """`call(*args)` in a daemon thread of its own, its result or error awaited here. Nothing waits
     for the thread at exit (asyncio.to_thread's are joined then); cancelled, its answer is dropped."""
     loop = asyncio.get_running_loop()
@@ -461,7 +461,7 @@ class NomadAPI:
 
     async def allocation(self, alloc_id: str) -> dict[str, Any] | None:
         """The allocation's document, or None when Nomad does not know it."""
-        return await _in_daemon_thread(self._allocation, alloc_id)
+        return await in_daemon_thread(self._allocation, alloc_id)
 
     async def allocation_state(self, alloc_id: str) -> AllocationState:
         alloc = await self.allocation(alloc_id)
@@ -478,7 +478,7 @@ class NomadAPI:
         docs), answers 403 too. Nomad refuses the workload identity of an allocation that is terminal
         or that it no longer knows (nomad/auth.go VerifyClaim), on every endpoint. Unavailable or
         UnexpectedAnswer when the answer says neither."""
-        return await _in_daemon_thread(self._identity_refused)
+        return await in_daemon_thread(self._identity_refused)
 
     def _identity_refused(self) -> bool:
         nex: Any = importlib.import_module("nomad.api.exceptions")

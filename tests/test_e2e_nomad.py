@@ -6,6 +6,8 @@ the identity file, no agent.toml and no join token), next to a VM agent with a j
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import signal
 import socket
@@ -34,6 +36,8 @@ from hostmesh.agent.localmesh import (
     roundtrip,
     wait_for,
 )
+from hostmesh.ca import store, tls
+from hostmesh.ca.nomad import JWKS_TIMEOUT
 from hostmesh.registry.nomad import REQUEST_TIMEOUT
 from tests.nomad_double import Allocation, NomadDouble
 from tests.support import ConsulDev, wait_deregistered
@@ -488,6 +492,79 @@ def test_a_read_nomad_leaves_unanswered_does_not_hold_the_exit(mesh: NomadMesh) 
     finally:
         app.close()
         silent.close()
+
+
+TRICKLE_INTERVAL = 0.5  # seconds between a trickling server's bytes: each read of a client gets one
+TRICKLE_LIMIT = 60  # bytes it sends at most (30 s of them), then it closes the connection
+
+
+class TricklingServer(SilentServer):
+    """A TCP server on 127.0.0.1 that answers a byte every TRICKLE_INTERVAL, never a whole status line:
+    a client with a timeout per read (urllib's) waits on until TRICKLE_LIMIT bytes were sent. `sent`
+    counts them."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        super().__init__()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = self.sock.accept()[0]
+            except TimeoutError:
+                continue
+            self.held.append(conn)
+            with contextlib.suppress(OSError):  # the client gave up
+                while self.sent < TRICKLE_LIMIT and not self._stop.wait(TRICKLE_INTERVAL):
+                    conn.sendall(b"H")
+                    self.sent += 1
+            conn.close()
+
+
+def sign_with_jwt(ca_port: int, roots: str, token: str) -> tuple[int, bytes]:
+    """POST /v1/sign to the CA at 127.0.0.1:`ca_port` (verified by `roots`) with a workload identity."""
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", ca_port, timeout=JWKS_TIMEOUT + 10, context=tls.ca_client_context(roots)
+    )
+    try:
+        conn.request(
+            "POST",
+            "/v1/sign",
+            b'{"csr": ""}',
+            {"authorization": f"Bearer {token}", "content-type": "application/json"},
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_jwks_fetch_nomad_leaves_unfinished_does_not_hold_the_cas_exit(
+    private_consul: ConsulDev, nomad: NomadDouble, tmp_path: Path
+) -> None:
+    """The CA's JWKS fetch ran in asyncio.to_thread's executor, whose threads the interpreter joins
+    as it exits: a fetch the CA had given up on (503 after JWKS_TIMEOUT) but that Nomad kept alive
+    a byte at a time held the CA's exit until Nomad let go. It runs in a daemon thread now, as the
+    agent's Nomad reads do (registry/nomad.in_daemon_thread)."""
+    trickling = TricklingServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    try:
+        m.start_ca("--nomad-jwks", f"{trickling.url}/.well-known/jwks.json")
+        ca = m.procs[-1]
+        roots = "".join(store.load(m.workdir / "ca").bundle)
+        token = nomad.identity(nomad.add_allocation("shop", "api", ("hostmesh",)), "hostmesh")
+        status, body = sign_with_jwt(m.ca_port, roots, token)
+        assert status == 503 and b"no answer within" in body, body
+        assert len(trickling.held) == 1 and trickling.sent < TRICKLE_LIMIT  # the fetch's thread reads on
+        signalled = time.monotonic()
+        ca.popen.send_signal(signal.SIGTERM)
+        code = ca.popen.wait(timeout=TRICKLE_LIMIT * TRICKLE_INTERVAL + 10)
+        sent = trickling.sent
+        assert code == 0, ca.log()
+        assert sent < TRICKLE_LIMIT, f"the CA exited {time.monotonic() - signalled:.1f} s after the signal"
+    finally:
+        m.close()
+        trickling.close()
 
 
 # a dead sidecar's TTL check lapses (15 s), stays critical DEREGISTER_DEAD_SIDECAR_AFTER (1 min), then
