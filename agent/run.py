@@ -918,8 +918,9 @@ class Agent:
         check), default_intention, drain_seconds, log_level, access_log. Identity and plumbing
         (node, addresses, data_dir, consul, ca, trust_domain, workers, the set of service names) need
         a restart, as do the process-wide limits (max_connections, stream_idle_timeout): they keep
-        their running values and the log says so. A file that does not parse, or whose new upstreams
-        cannot all listen, changes nothing (one line says why).
+        their running values and the log says so (the other services' changes apply all the same). A
+        file that does not parse, or whose new upstreams cannot all listen, changes nothing (one line
+        says why).
         """
         async with self._reloading:  # one at a time: a second SIGHUP waits for the first's sockets
             await self._reload(path)
@@ -957,12 +958,20 @@ class Agent:
 
     def _keeping_restart_keys(self, new: AgentConfig) -> AgentConfig:
         """`new` with the running values of what a reload cannot change (RESTART_KEYS, the set of
-        service names), saying which of them the file changed."""
+        service names), saying which of them the file changed. A service added or removed needs a
+        restart (its name is its identity: certificate, registration, SNI): the running set is kept,
+        each kept service with the file's settings, each removed one as it runs."""
         old = self.config
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self._as_configured, k)]
-        if {s.name for s in new.services} != {s.name for s in old.services}:
-            needs_restart.append("services (names)")
-            new = replace(new, services=old.services)
+        in_file = {s.name: s for s in new.services}
+        added = [name for name in in_file if name not in {s.name for s in old.services}]
+        removed = [s.name for s in old.services if s.name not in in_file]
+        if added or removed:
+            changes = [f"added: {', '.join(added)} (not served until a restart)"] if added else []
+            if removed:
+                changes.append(f"removed: {', '.join(removed)} (served as before until a restart)")
+            log.warning("reload: services %s; the other services' changes apply", "; ".join(changes))
+            new = replace(new, services=tuple(in_file.get(s.name, s) for s in old.services))
         if needs_restart:
             log.warning(
                 "reload: %s changed; these need a restart and keep their running values",

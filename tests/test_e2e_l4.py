@@ -414,6 +414,41 @@ def test_a_reload_applies_an_upstreams_settings_and_a_services_new_port_to_its_h
         moved.close()
 
 
+def test_a_reload_that_adds_and_removes_services_applies_the_kept_services_changes(
+    mesh: TwoHosts, private_consul: ConsulDev
+) -> None:
+    """One edit of agent.toml that adds a service, removes another and moves a kept one's app port:
+    the reload kept the whole running services list, the port change dropped without a word (the
+    warning named only 'services (names)'). The kept service's change applies (Consul's check
+    probes the new port); the added and removed services need a restart, and the warning names
+    them: until then the removed one is served as before and the added one is not."""
+    m = mesh.m
+    api_app, old_app, moved = EchoServer(), EchoServer(), EchoServer()
+    try:
+        c = m.write_agent_config(
+            "node-c", [{"name": "api", "port": api_app.port}, {"name": "old", "port": old_app.port}]
+        )
+        m.start_agent(c)
+        text = c.config_path.read_text()
+        assert text.count('name = "old"\n') == 1 and text.count(f"port = {api_app.port}\n") == 1
+        text = text.replace('name = "old"\n', 'name = "new"\n')  # old removed, new added
+        c.config_path.write_text(text.replace(f"port = {api_app.port}\n", f"port = {moved.port}\n"))
+        c.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: c.get("/health/api")[1]["detail"] == f"TCP connect to 127.0.0.1:{moved.port} ok",
+            10.0,
+            "Consul's check to probe api's new app port",
+        )
+        line = next(x for x in c.proc.log().splitlines() if "reload: services" in x)
+        assert "added: new (not served until a restart)" in line, line
+        assert "removed: old (served as before until a restart)" in line, line
+        assert c.get("/health/old")[1]["detail"] == f"TCP connect to 127.0.0.1:{old_app.port} ok"
+        assert private_consul.get_json("/v1/catalog/service/new") == []
+    finally:
+        for app in (api_app, old_app, moved):
+            app.close()
+
+
 def test_a_stop_cuts_after_its_drain_what_a_reload_left_to_a_replaced_stack(mesh: TwoHosts) -> None:
     """A replaced stack's connections run until they end, but a stop does not wait for them beyond
     its drain: the agent exits cleanly and the connection is cut."""
