@@ -127,6 +127,8 @@ class JWKSCache:
         self._failure = ""  # why the last fetch failed ("" when it read a key set)
         self._inflight: asyncio.Future[None] | None = None  # the one fetch running now, shared by all waiters
         self.fetches = 0  # how many times the JWKS was fetched (tests, /v1/health)
+        # fetch threads still reading, their answer given up on or not: at most one (_refresh)
+        self._fetching = 0
         self.min_refresh = JWKS_MIN_REFRESH
         self.max_age = JWKS_MAX_AGE
         self.timeout = JWKS_TIMEOUT  # for a whole fetch: connect, headers and body
@@ -169,9 +171,18 @@ class JWKSCache:
     async def _refresh(self) -> None:
         """One fetch, bounded by `timeout` as a whole; the refresh interval counts from its end. The
         blocking fetch runs in a daemon thread (in_daemon_thread): asyncio.to_thread's are joined as the
-        process exits, and a fetch given up on here held the CA's exit while its reads went on."""
+        process exits, and a fetch given up on here held the CA's exit while its reads went on. No
+        second thread starts while a fetch given up on still reads: a server that trickles its status
+        line (urllib's timeout is per read, and `_fetch` bounds the body only) kept each one alive,
+        one more thread per refresh for as long as it kept at it."""
         try:
-            self._keys = await asyncio.wait_for(in_daemon_thread(self._fetch), self.timeout)
+            if self._fetching:
+                raise Unavailable(
+                    f"cannot fetch Nomad's JWKS from {self.url}: the last fetch, given up on after "
+                    f"{self.timeout:g}s, is still reading its answer"
+                )
+            self._fetching += 1
+            self._keys = await asyncio.wait_for(in_daemon_thread(self._counted_fetch), self.timeout)
             self._read_at = asyncio.get_running_loop().time()
             self._failure = ""
         except TimeoutError:
@@ -183,6 +194,13 @@ class JWKSCache:
         finally:
             self._fetched_at = asyncio.get_running_loop().time()
             self._inflight = None
+
+    def _counted_fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
+        """`_fetch` in its thread, which says it has ended (`_fetching`, counted up by _refresh)."""
+        try:
+            return self._fetch()
+        finally:
+            self._fetching -= 1
 
     def _fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
         self.fetches += 1

@@ -261,7 +261,8 @@ async def test_leaf_ttl_with_non_ascii_digits_is_400(ca, client) -> None:
 
 
 class JWKSServer:
-    """Nomad's JWKS endpoint on 127.0.0.1: `delay` before answering, or a body that trickles."""
+    """Nomad's JWKS endpoint on 127.0.0.1: `delay` before answering, a body that trickles, or (with
+    `trickle_head`) a status line that does."""
 
     def __init__(self) -> None:
         self.rsa = rsa.generate_private_key(65537, 2048)
@@ -279,6 +280,7 @@ class JWKSServer:
         self.body = json.dumps({"keys": keys}).encode()
         self.delay = 0.0
         self.trickle = False
+        self.trickle_head = False
         self.hits = 0
         self.stopping = threading.Event()
         outer = self
@@ -287,6 +289,11 @@ class JWKSServer:
             def do_GET(self) -> None:
                 outer.hits += 1
                 if outer.stopping.wait(outer.delay):
+                    return
+                if outer.trickle_head:  # a byte every 0.2 s of a status line that never ends
+                    while not outer.stopping.wait(0.2):
+                        self.wfile.write(b"H")
+                        self.wfile.flush()
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -417,3 +424,20 @@ async def test_a_trickling_jwks_endpoint_is_cut_at_the_deadline(jwks) -> None:
     with pytest.raises(Unavailable, match="cannot check JWT key 'rsa-noalg': cannot fetch Nomad's JWKS"):
         await cache.key("rsa-noalg")
     assert cache.fetches == 1
+
+
+async def test_a_jwks_endpoint_trickling_its_status_line_holds_one_fetch_thread_at_most(jwks) -> None:
+    """The body's deadline does not reach the status line (urllib's timeout is per read): a server
+    trickling it keeps a fetch given up on reading. Each refresh after it started one more thread,
+    and a connection to that server, for as long as the server kept at it; none starts now while
+    that fetch reads, and the refresh says why."""
+    jwks.trickle_head = True
+    cache = ca_nomad.JWKSCache(jwks.url)
+    cache.timeout = 0.5
+    cache.min_refresh = 0.0  # a refresh each time: what a CA asked for new keys does every 10 s
+    with pytest.raises(Unavailable, match=r"no answer within 0\.5s"):
+        await cache.key("rsa-noalg")
+    for _ in range(3):
+        with pytest.raises(Unavailable, match=r"the last fetch, given up on after 0\.5s, is still reading"):
+            await cache.key("rsa-noalg")
+    assert jwks.hits == 1 and cache.fetches == 1
