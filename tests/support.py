@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -340,3 +342,34 @@ def encrypted_copy(key: Path, to: Path) -> Path:
     )
     to.chmod(0o600)
     return to
+
+
+class ConnServer:
+    """A TCP server on 127.0.0.1 whose thread hands each connection it accepts to `handle`, one after
+    another: a peer that misbehaves at the socket (a banner, a hang, a trickle), subclassed per kind.
+    `stopping` is set by close(); a handler that waits should wait on it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)  # (how soon the accept loop sees `stopping`)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.url = f"http://{self.address}"
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._thread.join()
+        self.sock.close()

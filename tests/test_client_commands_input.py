@@ -40,7 +40,7 @@ from hostmesh.agent.status import AdminAddressError, admin_base_url
 from hostmesh.agent.ui import Collector, listen_address
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import addressed_locally
-from tests.support import ConsulDev, wait_until
+from tests.support import ConnServer, ConsulDev, wait_until
 from tests.test_cli_ops import fails
 
 HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
@@ -137,73 +137,40 @@ class Peer:
         self.thread.join()
 
 
-class Banner:
+class Banner(ConnServer):
     """A TCP server on 127.0.0.1 that is not HTTP: every connection gets an SSH banner, then closed."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
 
 
 DRIP_INTERVAL = 0.02  # seconds between the drip's bytes: 50 a second at most
 DRIP_LIMIT = 250  # bytes the drip sends at most: 5 s of it, far past a 1 s probe
 
 
-class Drip:
+class Drip(ConnServer):
     """A TCP server on 127.0.0.1 answering each request with a 503 head that announces a large body,
     then the body one byte every DRIP_INTERVAL, DRIP_LIMIT bytes at most (then it closes): an answer
     that never ends in any time a probe has. `sent` counts the body bytes sent so far."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.sent = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
             try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                try:
-                    conn.recv(65536)
-                    conn.sendall(
-                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                        b"content-length: 100000\r\n\r\n"
-                    )
-                    while self.sent < DRIP_LIMIT and not self.stop.wait(DRIP_INTERVAL):
-                        conn.sendall(b" ")
-                        self.sent += 1
-                except OSError:  # the client gave up and closed
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                    b"content-length: 100000\r\n\r\n"
+                )
+                while self.sent < DRIP_LIMIT and not self.stopping.wait(DRIP_INTERVAL):
+                    conn.sendall(b" ")
+                    self.sent += 1
+            except OSError:  # the client gave up and closed
+                pass
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from hostmesh.ca import store, tls
 from hostmesh.ca.nomad import JWKS_TIMEOUT
 from hostmesh.registry.nomad import REQUEST_TIMEOUT
 from tests.nomad_double import Allocation, NomadDouble
-from tests.support import ConsulDev, wait_deregistered
+from tests.support import ConnServer, ConsulDev, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.nomad_double]
 
@@ -112,7 +112,13 @@ class AllocAgent:
 
     @property
     def admin(self) -> str:
-        return f"127.0.0.1:{self.env['NOMAD_PORT_hostmesh_admin']}"  # the agent's admin API is on loopback
+        """Its admin API (on loopback): at the group's port hostmesh_admin, else where the agent says
+        it bound one (admin.addr in the allocation's directory; "" before it has)."""
+        port = self.env.get("NOMAD_PORT_hostmesh_admin")
+        if port is not None:
+            return f"127.0.0.1:{port}"
+        written = Path(self.env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
+        return written.read_text().strip() if written.exists() else ""
 
     def port(self, label: str) -> int:
         return int(self.env[f"NOMAD_PORT_{label}"])
@@ -422,51 +428,35 @@ def test_a_reload_with_an_ephemeral_admin_port_says_nothing_needs_a_restart(mesh
         for var in [k for k in env if k.endswith("_hostmesh_admin")]:
             del env[var]  # (mesh.allocation gives every group one)
         agent = mesh.run(alloc, env, wait=False)
-        written = Path(env["NOMAD_ALLOC_DIR"]) / "hostmesh" / "admin.addr"
-
-        def ready() -> bool:
-            if not agent.proc.alive():
-                raise RuntimeError(f"the agent exited:\n{agent.proc.log()}")
-            try:
-                return http_json(f"http://{written.read_text().strip()}/ready", 0.5)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(ready, 30, "the agent on its ephemeral admin port to be ready")
-        admin = written.read_text().strip()
+        wait_for(
+            lambda: agent.admin != "" and agent.ready(),
+            30,
+            "the agent on its ephemeral admin port to be ready",
+        )
+        admin = agent.admin
         assert admin.startswith("127.0.0.1:") and not admin.endswith(":0")
         agent.proc.popen.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded " in agent.proc.log(), 20, "the reload to be applied")
         assert "need a restart" not in agent.proc.log(), agent.proc.log()
-        assert written.read_text().strip() == admin and ready()  # the admin API is where it was
+        assert agent.admin == admin and agent.ready()  # the admin API is where it was
     finally:
         app.close()
 
 
-class SilentServer:
+class SilentServer(ConnServer):
     """A TCP server on 127.0.0.1 that accepts and never answers (a Nomad whose HTTP API hangs): its
     connections are held until close()."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.held.append(self.sock.accept()[0])
-            except TimeoutError:
-                continue
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        for conn in [*self.held, self.sock]:
+        super().close()
+        for conn in self.held:
             conn.close()
 
 
@@ -507,18 +497,13 @@ class TricklingServer(SilentServer):
         self.sent = 0
         super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn = self.sock.accept()[0]
-            except TimeoutError:
-                continue
-            self.held.append(conn)
-            with contextlib.suppress(OSError):  # the client gave up
-                while self.sent < TRICKLE_LIMIT and not self._stop.wait(TRICKLE_INTERVAL):
-                    conn.sendall(b"H")
-                    self.sent += 1
-            conn.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+        with contextlib.suppress(OSError):  # the client gave up
+            while self.sent < TRICKLE_LIMIT and not self.stopping.wait(TRICKLE_INTERVAL):
+                conn.sendall(b"H")
+                self.sent += 1
+        conn.close()
 
 
 def sign_with_jwt(ca_port: int, roots: str, token: str) -> tuple[int, bytes]:
