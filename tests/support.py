@@ -101,6 +101,58 @@ class ConsulRelay:
         raise NotImplementedError
 
 
+class AnswerLoser(ConsulRelay):
+    """A TCP relay on loopback in front of the real Consul that loses the answer to the first
+    transaction (`PUT /v1/txn`): `mode` "after" forwards it and cuts the connection once Consul
+    answered (the write is done, the client never hears); "before" cuts it without forwarding;
+    "and-then-away" is "after", and then refuses every connection (Consul cannot be read either).
+    The first transaction once `armed` (at once, unless made with armed=False: a server's own start
+    writes with transactions too)."""
+
+    def __init__(self, consul_port: int, mode: str, armed: bool = True) -> None:
+        super().__init__(consul_port)
+        self.mode = mode
+        self.armed = armed
+        self.lost = False
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.lost and self.mode == "and-then-away":
+            w.close()
+            return
+        cr, cw = await asyncio.open_connection("127.0.0.1", self.consul_port)
+        swallow = asyncio.Event()
+
+        async def up() -> None:
+            while data := await r.read(65536):
+                if b"PUT /v1/txn" in data and self.armed and not self.lost:
+                    self.lost = True
+                    if self.mode == "before":
+                        w.close()
+                        return
+                    swallow.set()
+                cw.write(data)
+                await cw.drain()
+
+        async def down() -> None:
+            while data := await cr.read(65536):
+                if (
+                    swallow.is_set()
+                ):  # Consul answered the transaction: it is applied; the client hears nothing
+                    w.close()
+                    return
+                w.write(data)
+                await w.drain()
+
+        try:
+            await asyncio.wait([asyncio.ensure_future(up()), asyncio.ensure_future(down())],
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        except OSError:
+            pass
+        finally:
+            w.close()
+            cw.close()
+
+
 def metric_sample(tel: Any, name: str, **labels: str) -> float:
     """The sum of `name`'s samples in `tel`'s registry whose labels include `labels`."""
     total = 0.0

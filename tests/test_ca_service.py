@@ -29,7 +29,7 @@ from hostmesh.ca.service import ROOTS_KEY, CAService, ConsulState, OlderDataDir,
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, ca_context, call, csr_for, new_ca_dir, start_ca, write_leaf
-from tests.support import ConsulDev, async_wait_until
+from tests.support import AnswerLoser, ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.consul
 
@@ -212,6 +212,29 @@ async def test_a_sign_slowed_past_its_deadline_issues_nothing_and_keeps_the_toke
     assert not [r for r in sink.records if r["event"] == "issue"]
     in_time()
     assert (await sign(svc, tok, "web"))[0] == 200  # the same token, once Consul answers in time
+
+
+async def test_a_sign_whose_redemption_answer_was_lost_issues_and_spends_the_token_once(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """The CA's token store failing mid-request: Consul applied the redemption and its answer was
+    lost on the way back. The CA answered 503 ("temporarily unavailable") with the token spent, and
+    the agent's retry got 401 "already used": the host needed a new join token. The redemption read
+    back is this request's: the certificate is issued at once, and the token is spent once."""
+    sink = AuditSink()
+    loser = AnswerLoser(consul.http_port, "after", armed=False)
+    async with loser as url, ConsulClient(url) as c:
+        svc = await start_ca(new_ca_dir(tmp_path), c, sink)
+        try:
+            tok = await token_for(c, "web")
+            loser.armed = True  # the next transaction is the redemption's
+            status, body = await sign(svc, tok, "web")
+            assert loser.lost, "the redemption's answer was not cut"
+            assert status == 200 and "chain" in body, body
+            assert [r["event"] for r in sink.records] == ["issue"]
+            assert_refused(sink, *await sign(svc, tok, "web"), 401, "already used for 'web'")
+        finally:
+            await svc.close()
 
 
 def _slow_redemption_past_a_short_deadline(monkeypatch: pytest.MonkeyPatch, held: float) -> Any:

@@ -9,7 +9,8 @@ import pytest
 from hostmesh.ca import pki, tokens
 from hostmesh.ca.errors import InvalidRequest, Unauthorized
 from hostmesh.registry.consul import ConsulClient
-from tests.support import ConsulDev
+from hostmesh.registry.errors import Unavailable
+from tests.support import AnswerLoser, ConsulDev
 
 
 def test_token_roundtrip_and_garbage() -> None:
@@ -110,6 +111,41 @@ async def test_a_token_revoked_during_a_redemption_obtains_nothing(consul: Consu
             await tokens.redeem(c, got, "api", pki.now())
         assert await c.kv_list(tokens.record_key(tok.id)) == []
         assert await tokens.revoke_known(c, tok.id) is None  # gone: nothing to revoke twice
+
+
+@pytest.mark.consul
+async def test_a_redemption_whose_answer_was_lost_is_found_done_and_the_token_spent_once(
+    consul: ConsulDev,
+) -> None:
+    """Consul applied the redemption, its answer never came back (a connection cut, a proxy's
+    timeout): the marker read back is this redemption's, so it succeeded. Before, it raised
+    Unavailable, the CA answered 503, and the host's retry was refused as "already used"."""
+    async with ConsulClient(consul.url) as direct:
+        tok, _ = await tokens.create(direct, ["web"], dt.timedelta(minutes=5))
+        got = await tokens.authenticate(direct, str(tok), pki.now())
+        async with AnswerLoser(consul.http_port, "after") as url, ConsulClient(url) as cut:
+            await tokens.redeem(cut, got, "web", pki.now())
+        assert await direct.kv_get(tokens.redeemed_key(tok.id, "web")) is not None
+        with pytest.raises(Unauthorized, match="already used"):  # spent once, for that redemption
+            await tokens.redeem(direct, got, "web", pki.now())
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("mode", ["before", "and-then-away"])
+async def test_a_redemption_not_known_to_be_applied_is_unavailable(consul: ConsulDev, mode: str) -> None:
+    """Never sent ("before"): not spent, a retry wins. Sent, and Consul then unreadable too: not
+    taken as done, and the error says the outcome is unknown."""
+    async with ConsulClient(consul.url) as direct:
+        tok, _ = await tokens.create(direct, ["web"], dt.timedelta(minutes=5))
+        got = await tokens.authenticate(direct, str(tok), pki.now())
+        async with AnswerLoser(consul.http_port, mode) as url, ConsulClient(url) as cut:
+            with pytest.raises(Unavailable) as caught:
+                await tokens.redeem(cut, got, "web", pki.now())
+        if mode == "before":
+            assert "unknown" not in str(caught.value)
+            await tokens.redeem(direct, got, "web", pki.now())  # not spent: the retry wins
+        else:
+            assert f"whether join token {tok.id} was spent for 'web' is unknown" in str(caught.value)
 
 
 @pytest.mark.consul
