@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostmesh.agent import renewal
+from hostmesh.agent.loops import wait_event
 from hostmesh.agent.renewal import CertState
 from hostmesh.ca import errors as ca_errors
 from hostmesh.ca.errors import CAError
@@ -57,7 +58,7 @@ from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.registry.files import write_private
 from hostmesh.registry.records import record
 from hostmesh.registry.rng import shared
-from hostmesh.registry.watch import Watch
+from hostmesh.registry.watch import Watch, backoff_delay
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -74,6 +75,10 @@ log = logging.getLogger("hostmesh.agent.certs")
 ROOTS_KEY = "hostmesh/ca/roots"  # same key as agent/certs.py
 CHILD_TIMEOUT = 120.0  # a child covers bootstrap's own 30 s CA retry budget and slow CAs; then it is killed
 MAX_ANSWER = 1024 * 1024  # the child's JSON answer: a few hundred bytes per service
+# A trust bundle the helper could not apply (the cert dir read-only or full) is checked again at most
+# this far apart: a root staged meanwhile is trusted within a minute of the fix, long before anyone
+# should activate it; a helper per try (~0.3 s of CPU) a minute is no load.
+BUNDLE_RETRY_MAX = 60.0
 
 
 @record
@@ -242,6 +247,7 @@ class CertProcess:
         self._lock = asyncio.Lock()  # one child at a time: they write the same files
         self._bundle_task: asyncio.Task[None] | None = None
         self._bundle_again = False
+        self._bundle_wake = asyncio.Event()  # Consul's bundle changed again: a retry's wait ends
         self._wakes: dict[str, asyncio.Event] = {}  # set when a child changed the view: the loop looks again
         self._rng = shared
         self._adopted = False  # serving stored files that the start-up helper has not answered for yet
@@ -481,17 +487,32 @@ class CertProcess:
             pass  # let the cert manager reject (and log) it
         if self._bundle_task is not None and not self._bundle_task.done():
             self._bundle_again = True
+            self._bundle_wake.set()
             return
         self._bundle_task = asyncio.get_running_loop().create_task(self._refresh_bundle(), name="bundle")
 
     async def _refresh_bundle(self) -> None:
+        """Check and apply Consul's bundle in a helper until one does. A failed check (the cert dir
+        read-only or full, the helper not starting) is tried again with backoff, at most
+        BUNDLE_RETRY_MAX apart, and at once when the bundle changes again: it was tried only at the
+        bundle's next change, so an agent whose cert dir could not be written while a root was staged
+        never trusted that root (until its next renewal), the directory long writable again."""
+        failures = 0
         while True:
             self._bundle_again = False
+            self._bundle_wake.clear()
             before = self._roots_pem
             try:
                 self._apply(await self._run("bundle"))
             except CAError as exc:
-                log.warning("trust bundle check failed: %s", exc)
+                delay = backoff_delay(failures, renewal.RENEW_RETRY_BASE, BUNDLE_RETRY_MAX, self._rng)
+                failures += 1
+                log.warning("trust bundle check failed: %s; trying again in %.1fs", exc, delay)
+                await wait_event(self._bundle_wake, delay)
+                continue
+            if failures:
+                log.info("trust bundle checked and applied after %d failed tries", failures)
+                failures = 0
             if self._roots_pem != before:
                 self._notify()
             if not self._bundle_again:

@@ -309,6 +309,30 @@ def the_service_user() -> Iterator[int]:
                 subprocess.run(["userdel", SERVICE_USER], check=True, timeout=30)
 
 
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """`chattr +i`: no entry can be created in (or removed from) the dir, not even by root."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    chattr = shutil.which("chattr")
+    if chattr is None or os.geteuid() != 0:
+        pytest.skip("needs chattr and root")
+    done: list[Path] = []
+    try:
+        for p in paths:
+            if subprocess.run([chattr, "+i", str(p)], capture_output=True, timeout=10).returncode != 0:
+                pytest.skip(f"this file system has no immutable flag ({p})")
+            done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run([chattr, "-i", str(p)], check=True, capture_output=True, timeout=10)
+
+
 def run_as_nobody(work: Callable[[], Any]) -> Any:
     """`work()` in a forked child that has become nobody -> what it returned (JSON-able). Forked,
     not exec'd: the interpreter may live where nobody cannot go (a pyenv under /root), so every

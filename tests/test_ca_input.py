@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from hostmesh.ca.errors import AuditError, InvalidRequest
 from hostmesh.ca.service import CAService, parse_advertise
 from hostmesh.registry.consul import ConsulClient
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
-from tests.support import ConsulDev
+from tests.support import ConsulDev, immutable
 
 DEV_FULL = Path("/dev/full")  # every write fails with ENOSPC: a full disk, for real
 
@@ -173,24 +172,6 @@ def test_token_create_to_a_full_stdout_revokes_the_token(consul: ConsulDev, outp
 
 
 # --- 3. rotation on a data dir it cannot write ------------------------------------------------
-
-
-@contextlib.contextmanager
-def immutable(*paths: Path) -> Iterator[None]:
-    """`chattr +i`: no entry can be created in (or removed from) the dir, not even by root."""
-    chattr = shutil.which("chattr")
-    if chattr is None or os.geteuid() != 0:
-        pytest.skip("needs chattr and root")
-    done: list[Path] = []
-    try:
-        for p in paths:
-            if subprocess.run([chattr, "+i", str(p)], capture_output=True, timeout=10).returncode != 0:
-                pytest.skip(f"this file system has no immutable flag ({p})")
-            done.append(p)
-        yield
-    finally:
-        for p in done:
-            subprocess.run([chattr, "-i", str(p)], check=True, capture_output=True, timeout=10)
 
 
 def _entries(d: Path) -> list[str]:

@@ -35,7 +35,7 @@ from hostmesh.agent.status import fetch_status, render_table
 from hostmesh.ca.errors import CAUnavailable, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths
 from hostmesh.registry.consul import ConsulClient
-from tests.support import ConsulDev, async_wait_until
+from tests.support import ConsulDev, async_wait_until, immutable
 
 pytestmark = [pytest.mark.consul]
 
@@ -316,6 +316,35 @@ async def test_a_helper_that_cannot_be_spawned_is_a_failed_try_retried_until_ren
         assert info.serial != first.serial and info.state is renewal.CertState.VALID and info.problem is None
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await cp.close()
+        await consul.close()
+
+
+async def test_a_bundle_the_cert_dir_could_not_take_is_applied_once_it_is_writable(
+    mesh: tuple[LocalMesh, AgentHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A root staged (`ca rotate --stage`) while the agent's cert dir cannot be written (a read-only
+    remount, a full disk; here `chattr +i`): the helper cannot save roots.pem and says why. It was
+    tried again only at the bundle's next change: with the directory writable again the agent
+    still did not trust the staged root (`hostmesh check` said agent-roots-behind) until its next
+    renewal, and an `--activate` meanwhile cut it off from every peer that renewed. It is retried."""
+    m, h = mesh
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    try:
+        await asyncio.wait_for(cp.start(), WAIT)
+        (first,) = cp.root_ids
+        with immutable(cp.dir):
+            staged = m.hostmesh("ca", "rotate", "--stage", "--data-dir", str(m.workdir / "ca")).stdout.strip()
+            # the CA publishes the bundle with both roots within its maintenance round
+            await async_wait_until(
+                lambda: "trust bundle check failed" in caplog.text, WAIT, "the failed check"
+            )
+            assert f"cannot write {cp.dir / 'roots.pem'}: Operation not permitted" in caplog.text
+            assert cp.root_ids == (first,)
+        await async_wait_until(lambda: staged in cp.root_ids, WAIT, "the staged root to be trusted")
+        assert set(cp.root_ids) == {first, staged} and cp.roots_pem.count("BEGIN CERTIFICATE") == 2
+    finally:
         await cp.close()
         await consul.close()
 
