@@ -207,7 +207,12 @@ AGENT_KEYS: tuple[Key, ...] = (
         "consul.address", "URL", "$CONSUL_HTTP_ADDR, else http://127.0.0.1:8500", "Consul's HTTP(S) address."
     ),
     Key("consul.token", "string", "$CONSUL_HTTP_TOKEN", "ACL token (beats token_file)."),
-    Key("consul.token_file", "path", "$CONSUL_HTTP_TOKEN_FILE", "File holding the ACL token (mode 0600)."),
+    Key(
+        "consul.token_file",
+        "path",
+        "$CONSUL_HTTP_TOKEN_FILE",
+        "File holding the ACL token (mode 0600); read again when it changes (a new token needs no restart).",
+    ),
     Key("consul.ca_file", "path", "$CONSUL_CACERT, else the system store", "CA bundle for Consul's HTTPS."),
     Key("consul.cert_file", "path", "$CONSUL_CLIENT_CERT", "Client certificate for Consul."),
     Key(

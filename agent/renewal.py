@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hostmesh.agent.loops import wait_event
 from hostmesh.ca.errors import CAError, CAUnavailable
+from hostmesh.registry.files import file_stamp
 from hostmesh.registry.rng import RandomSource
 from hostmesh.registry.watch import backoff_delay
 
@@ -302,18 +302,6 @@ def _as_asked(step: Step) -> str:
         f" (the CA asked to wait {step.ca_asked:.2f}s, longer than the certificate's life allows: trying at "
         "the latest point that still leaves tries before it expires)"
     )
-
-
-def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
-    """What identifies a file's current content cheaply (inode, size, mtime); None if absent. A
-    write changes it, as does a file renamed over it (certificates and keys: ca/files.py)."""
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 async def wait_or_token(

@@ -24,11 +24,13 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import ssl
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
@@ -43,11 +45,14 @@ from hostmesh.registry.errors import (
     UnexpectedAnswer,
     UnknownToken,
 )
+from hostmesh.registry.files import file_stamp
 from hostmesh.registry.http import DEFAULT_TIMEOUT, HTTPClient, Response
 from hostmesh.registry.records import record
 
 if TYPE_CHECKING:
     from hostmesh.registry.failing import CheckPart
+
+log = logging.getLogger(__name__)
 
 BLOCKING_WAIT = 30.0  # seconds Consul holds a blocking query; short enough to notice a dead agent
 BLOCKING_SLACK = 10.0  # client timeout beyond `wait`: Consul adds up to wait/16 jitter
@@ -386,7 +391,10 @@ class ConsulClient:
             settings = resolve(cli=ConsulLayer(address=settings))
         self.settings = settings
         self.url = settings.url
+        self._token_file = Path(settings.token_file) if settings.token_file is not None else None
+        self._token_stamp = file_stamp(self._token_file)  # the token file as it was read
         self._token = settings.load_token()
+        self._token_problem: str | None = None  # why the changed token file was not taken, last said
         tls = ssl_context(settings)
         self._http = HTTPClient(self.url, tls, settings.tls_server_name)
         self._absent_since: dict[str, float] = {}  # key -> when a plain read found it absent
@@ -425,7 +433,8 @@ class ConsulClient:
         target = path
         if params:
             target = f"{path}?{urllib.parse.urlencode(params)}"
-        headers = {TOKEN_HEADER: self._token} if self._token else {}
+        token = self._current_token()
+        headers = {TOKEN_HEADER: token} if token else {}
         started = time.monotonic()
         try:
             if blocking_wait is None:
@@ -482,6 +491,31 @@ class ConsulClient:
         raises as any read does: the stopping server's, most often."""
         plain = {k: v for k, v in params.items() if k not in ("index", "wait")}
         return (await self._request(method, path, op, params=plain, allow=allow)).headers.get(INDEX_HEADER)
+
+    def _current_token(self) -> str | None:
+        """The token to send. A token file is read again when it changed (`file_stamp`): a token
+        rotated, or revoked and replaced in the file, is sent from the next request on. It was read
+        once, at the start: a daemon kept sending the revoked token, refused (its intentions failing
+        closed, its services not registered) until restarted, a reload included. A changed file that
+        cannot be taken (removed, emptied, mid-write) leaves the token read before in use, said once
+        per distinct problem (and read again at the next request)."""
+        if self._token_file is None:
+            return self._token
+        stamp = file_stamp(self._token_file)
+        if stamp == self._token_stamp:
+            return self._token
+        try:
+            token = self.settings.load_token()
+        except InvalidSettings as exc:
+            if str(exc) != self._token_problem:
+                self._token_problem = str(exc)
+                log.warning("%s; still sending the token read from it before", exc)
+            return self._token
+        self._token_stamp, self._token_problem = stamp, None
+        if token != self._token:
+            self._token = token
+            log.info("Consul token file %s changed: sending its new token", self._token_file)
+        return self._token
 
     async def _raise_if_serverless(self, op: Op) -> None:
         """Before an ACL refusal is reported as the token's: a Consul agent that reaches no server (a

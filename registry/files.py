@@ -62,6 +62,19 @@ def write_new(tmp: Path, data: bytes, owner: tuple[int, int] | None = None) -> N
         raise
 
 
+def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies a file's current content cheaply (inode, size, mtime); None if absent. A
+    write changes it, as does a file renamed over it (certificates and keys: ca/files.py): what
+    tells a reader that a file it follows (a join token, a Consul token) has something new."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def check_owner(path: Path, name: str, user: str | None = None) -> None:
     """Refuse `path` (`name`: the setting or role naming it) when its owner is neither root, this
     process's user, the mesh's service user (SERVICE_USER, where the host has it), nor `user` (whom

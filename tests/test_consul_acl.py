@@ -23,6 +23,7 @@ import tempfile
 import urllib.error
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -45,7 +46,7 @@ from hostmesh.ca import tokens as join_tokens
 from hostmesh.ca.service import ROOTS_KEY, ConsulState
 from hostmesh.registry import acl
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
-from hostmesh.registry.consul_settings import ConsulLayer, resolve
+from hostmesh.registry.consul_settings import TOKEN_RULE, ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied, Unavailable
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
 from tests.consul_secure import SecureConsulDev
@@ -228,6 +229,58 @@ def test_a_token_file_from_the_cli(secure: SecureConsulDev, tokens: Tokens, tmp_
     missing = tmp_path / "missing"
     line = fails(hm(secure, "--token-file", str(missing), "route", "list"))
     assert line == f"Error: Consul token file {missing}: cannot read: No such file or directory"
+
+
+def revoke_token(secure: SecureConsulDev, description: str) -> None:
+    """`consul acl token delete` of the token `SecureConsulDev.token_for` made under `description`."""
+    listed = json.loads(secure.consul_cli("acl", "token", "list", "-format", "json"))
+    (accessor,) = [t["AccessorID"] for t in listed if t.get("Description") == description]
+    secure.consul_cli("acl", "token", "delete", "-id", accessor)
+
+
+def test_a_token_file_is_read_again_when_it_changes(
+    secure: SecureConsulDev, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token in a token file revoked, and a new one written there: sent from the next request
+    on (it was read once, when the client was made: a daemon stayed refused until restarted). A
+    file that cannot be taken meanwhile (emptied) leaves the token read before in use, said once."""
+    name = svc("hostmesh-rotated")
+    token_file = tmp_path / "consul-token"
+    token_file.write_text(secure.token_for(name, 'key_prefix "hostmesh/" { policy = "read" }\n'))
+    token_file.chmod(0o600)
+
+    async def main() -> None:
+        settings = resolve(file=ConsulLayer(token_file=str(token_file)), env=secure.client_env())
+        async with ConsulClient(settings) as c:
+            await c.kv_get("hostmesh/routes/anything")
+            token_file.write_text("")  # mid-write, or emptied by mistake: the token before stays in use
+            await c.kv_get("hostmesh/routes/anything")
+            await c.kv_get("hostmesh/routes/anything")
+            revoke_token(secure, name)
+            with pytest.raises(PermissionDenied, match=r"the token is not known to Consul \(ACL not found\)"):
+                await c.kv_get("hostmesh/routes/anything")
+            out = secure.consul_cli(
+                "acl",
+                "token",
+                "create",
+                "-description",
+                f"{name}-new",
+                "-policy-name",
+                name,
+                "-format",
+                "json",
+            )
+            token_file.write_text(json.loads(out)["SecretID"] + "\n")
+            await c.kv_get("hostmesh/routes/anything")  # the new token, no new client
+
+    with caplog.at_level(logging.INFO, logger="hostmesh.registry.consul"):
+        asyncio.run(main())
+    kept = [r.getMessage() for r in caplog.records if "still sending the token" in r.getMessage()]
+    assert kept == [
+        f"Consul token file {token_file}: must hold one token ({TOKEN_RULE}); still sending the token read "
+        "from it before"
+    ], caplog.text
+    assert f"Consul token file {token_file} changed: sending its new token" in caplog.text
 
 
 def test_https_is_verified_both_ways(secure: SecureConsulDev, tokens: Tokens, tmp_path: Path) -> None:
@@ -947,6 +1000,58 @@ def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_a
                 return str((await consul.agent_checks())[f"{name}-rebooted:agent"]["Status"])
 
         wait_for(lambda: asyncio.run(agent_check()) == "passing", 15.0, "its TTL check refreshed")
+    finally:
+        m.close()
+        echo.close()
+
+
+def test_an_agent_whose_token_is_revoked_says_so_and_takes_a_new_one_written_to_its_file(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """The agent's Consul token revoked while it runs: /v1/config says Consul's ACLs do not know it.
+    The operator writes a new token to `[consul] token_file`: it was read at the start only, so the
+    agent stayed refused (not ready, a reload included) until restarted; it follows Consul again
+    with the new token and is ready, no restart."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    name = svc("rotated")
+    policy = f"hostmesh-agent-{name}"
+    try:
+        m.start_ca()
+        h = m.write_agent_config("rotated-node", [{"name": name, "port": echo.port, "upstreams": []}])
+        token_file = h.data_dir / "consul-token"
+        token_file.write_text(secure.token_for(policy, acl.agent_policy([name])))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h)
+        revoke_token(secure, policy)
+
+        def consul_view() -> dict[str, Any]:
+            return dict(h.get("/v1/config")[1]["consul"])
+
+        denied = wait_for(lambda: not consul_view()["following"] and consul_view(), 30.0, "the refusal")
+        assert (
+            "Consul ACL denied" in denied["error"]
+            and "not known to Consul (ACL not found)" in denied["error"]
+        )
+        out = secure.consul_cli(
+            "acl",
+            "token",
+            "create",
+            "-description",
+            f"{policy}-new",
+            "-policy-name",
+            policy,
+            "-format",
+            "json",
+        )
+        token_file.write_text(json.loads(out)["SecretID"] + "\n")
+        wait_for(lambda: consul_view()["following"], 30.0, "the agent to follow Consul with the new token")
+        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to be ready")
+        assert f"Consul token file {token_file} changed: sending its new token" in h.proc.log()
     finally:
         m.close()
         echo.close()
