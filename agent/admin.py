@@ -168,6 +168,7 @@ class AdminAPI:
         consul: Callable[[], dict[str, Any]] | None = None,
         processes: Callable[[], dict[str, int] | None] = lambda: None,
         trusted_roots: Callable[[], list[str]] = list,
+        snapshot_save: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -179,6 +180,7 @@ class AdminAPI:
         self._consul = consul  # whether the agent follows Consul now (Discovery.consul_view)
         self._processes = processes  # with `workers` > 1: its processes by state (WorkerSet.process_states)
         self._trusted_roots = trusted_roots  # ids of the roots it verifies peers with (`hostmesh check`)
+        self._snapshot_save = snapshot_save  # whether the state file saves (SnapshotBuilder.save_view)
         self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
@@ -281,6 +283,8 @@ class AdminAPI:
             "consul_indexes": dict(snap.versions),  # Consul's index per watched source (debugging)
             # following: false while Consul's reads fail (the snapshot is the last one read), and since when
             **({"consul": self._consul()} if self._consul is not None else {}),
+            # saved: false while the state a restart with Consul down starts from cannot be written
+            **({"snapshot_save": self._snapshot_save()} if self._snapshot_save is not None else {}),
             "rejected": dict(snap.rejected),  # source -> why its live document was refused
             **({"processes": processes} if (processes := self._processes()) is not None else {}),
             "tls_generation": snap.tls.generation,

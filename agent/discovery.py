@@ -10,7 +10,8 @@ change marks the builder dirty; one rebuild runs on the next loop turn, so a bur
 yields one snapshot. Invalid KV content is rejected with a logged reason and
 `hostmesh_config_rejected_total`; the previous valid input stays in force. Every accepted state is
 saved to `<data_dir>/snapshot.json` (a change of endpoints alone within ENDPOINTS_SAVE_INTERVAL), and
-an agent that starts while Consul is down serves from it.
+an agent that starts while Consul is down serves from it. A save that fails (a full or read-only data
+dir) is tried again every SAVE_RETRY_INTERVAL, and shown meanwhile (`save_view`).
 
 Which instances are used: those whose own checks and whose node's checks pass (Consul's `?passing`).
 When an upstream loses its last passing instance, those whose own checks pass and whose node fails
@@ -123,6 +124,11 @@ STATE_FORMAT = 1  # bump when the saved layout changes; older files are ignored,
 # serializing, during which no connection was served). Any other change (documents, intentions and
 # their refusals) is written at once, as before: a restart must not miss a deny.
 ENDPOINTS_SAVE_INTERVAL = 5.0
+# A save that failed (a full or read-only data dir) is tried again this long after: saves came only
+# with the next change, and on a quiet mesh the state in force (a deny written while the disk was
+# full) stayed unsaved, the disk long freed, for a restart with Consul down to miss. Every 10 s is a
+# write of the state a few times a minute at most, only while it fails.
+SAVE_RETRY_INTERVAL = 10.0
 INTENTIONS_PREFIX = "hostmesh/intentions/"
 ROUTES_PREFIX = "hostmesh/routes/"
 POLICIES_PREFIX = "hostmesh/policies/"
@@ -199,8 +205,10 @@ class SnapshotBuilder:
         self._save_at_once = False  # something other than endpoints changed since the last save
         self._saved_at = float("-inf")  # (monotonic) when the state was last written
         self._save_timer: asyncio.TimerHandle | None = None  # a deferred save of endpoints
-        # why the last save failed (None: it did not): said once per streak, each change being a save
+        # why the last save failed (None: it did not): said once per streak, each change being a save;
+        # and since when (epoch seconds) it fails: /v1/config `snapshot_save`, `hostmesh status`
         self._save_failed: str | None = None
+        self._save_failing_since: float | None = None
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -552,10 +560,26 @@ class SnapshotBuilder:
                     "could not save %s: %s (not said again until a save succeeds)", self._state_path, why
                 )
             self._save_failed = why
+            if self._save_failing_since is None:
+                self._save_failing_since = time.time()
+            with contextlib.suppress(RuntimeError):  # (no loop, as in pure tests: the next change saves)
+                self._save_timer = asyncio.get_running_loop().call_later(SAVE_RETRY_INTERVAL, self.save)
             return
         if self._save_failed is not None:
-            self._save_failed = None
+            self._save_failed = self._save_failing_since = None
             log.info("saved %s again", self._state_path)
+
+    def save_view(self) -> dict[str, Any]:
+        """Whether the state file holds what is in force, for /v1/config and `hostmesh status`: while
+        its saves fail (a full or read-only data dir), since when (epoch seconds) and why. A restart
+        while Consul is down starts from the file: from an older state then (a deny written since
+        included), and only a log line said so."""
+        return {
+            "path": str(self._state_path),
+            "saved": self._save_failed is None,
+            "failing_since": self._save_failing_since,
+            "error": self._save_failed or "",
+        }
 
     def _saved_section(
         self, section: str, items: dict[str, Any], encode: Callable[[Any], Any] = lambda value: value

@@ -369,6 +369,7 @@ class Agent:
             lambda: self.discovery.consul_view(),
             lambda: self.workers.process_states() if self.workers is not None else None,
             lambda: list(getattr(self.certs, "root_ids", ())),
+            lambda: self.builder.save_view(),
         )
         self._servers.append(
             HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)

@@ -363,18 +363,35 @@ def not_following(consul: Any, now: dt.datetime) -> str | None:
     fail (/v1/config `consul`), else None (an agent before it says nothing: None too)."""
     if not isinstance(consul, dict) or consul.get("following") is not False:
         return None
-    since = consul.get("failing_since")
-    when = ""
-    if isinstance(since, int | float) and not isinstance(since, bool):
-        try:  # (what answers at the admin address may send any number: NaN, 1e300)
-            started = dt.datetime.fromtimestamp(since, dt.UTC)
-        except (OverflowError, ValueError, OSError):
-            started = None
-        if started is not None:
-            age = max(0, int((now - started).total_seconds()))
-            when = f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
     why = printable(str(consul.get("error") or "unknown error"), MAX_DETAIL)
-    return f"NOT FOLLOWING{when}: {why}"
+    return f"NOT FOLLOWING{_since(consul.get('failing_since'), now)}: {why}"
+
+
+def _since(since: Any, now: dt.datetime) -> str:
+    """` since <when> (<age> s)` for `since` (epoch seconds, as the agent sends it); "" for anything
+    else (what answers at the admin address may send any number: NaN, 1e300)."""
+    if not isinstance(since, int | float) or isinstance(since, bool):
+        return ""
+    try:
+        started = dt.datetime.fromtimestamp(since, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        return ""
+    age = max(0, int((now - started).total_seconds()))
+    return f" since {started.strftime('%Y-%m-%dT%H:%M:%S')} ({age} s)"
+
+
+def _save_lines(save: Any, now: dt.datetime) -> list[str]:
+    """One line while the agent cannot save its state file (/v1/config `snapshot_save`; agents
+    before it do not say): it serves on, but a restart while Consul is down would start from the
+    state saved before, and `ready: yes` said nothing of it."""
+    if not isinstance(save, dict) or save.get("saved") is not False:
+        return []
+    path = printable(str(save.get("path") or "the state file"), FIELD_LIMIT)
+    why = printable(str(save.get("error") or "unknown error"), MAX_DETAIL)
+    return [
+        f"saved       NOT SAVED{_since(save.get('failing_since'), now)}: {path}: {why}; a restart while "
+        "Consul is down would start from an older state"
+    ]
 
 
 def not_following_fix(consul: Any) -> str:
@@ -432,6 +449,7 @@ def render_table(status: dict[str, Any]) -> str:
         *_not_ready_lines(status["ready"]),
         *_process_lines(cfg.get("processes")),
         *_consul_lines(cfg.get("consul"), now),
+        *_save_lines(cfg.get("snapshot_save"), now),
         f"snapshot    generation {cfg['generation']}, default intention {text(cfg['default_intention'])}",
         "",
         f"SERVICE          PROTOCOL  PORT   {'CERT EXPIRES (in)':<{EXPIRES_WIDTH + 1 + LEFT_WIDTH}} "

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from hostmesh.agent.discovery import SAVE_RETRY_INTERVAL, STATE_FILE
 from hostmesh.agent.localmesh import AgentHandle, EchoServer, LocalMesh, Proc, port_open, roundtrip, wait_for
 from hostmesh.agent.run import registration_drift
 from hostmesh.ca import store
@@ -25,7 +26,7 @@ from hostmesh.ca.service import BUNDLE_FIGHT_ROUNDS
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound
 from tests.ca_support import AuditSink, new_ca_dir, start_ca
-from tests.support import ConsulDev
+from tests.support import ConsulDev, immutable
 
 ROOTS_KEY = "hostmesh/ca/roots"
 RECOVERY_BOUND = 10.0  # the promise: a Consul back empty is whole again for the data path within this
@@ -251,6 +252,45 @@ def test_an_agent_that_lost_consul_says_so_in_its_config_and_status(
     wait_for(lambda: a.get("/v1/config")[1]["consul"]["following"], 30, "the agent to follow Consul again")
     table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{a.admin_port}")))
     assert not [x for x in table.splitlines() if x.startswith("consul ")], table
+
+
+@pytest.mark.consul
+@pytest.mark.e2e
+def test_a_deny_the_state_file_could_not_take_is_shown_and_saved_once_it_can_be(mesh: Mesh) -> None:
+    """The data dir of api's agent stops taking writes (`chattr +i`, as a read-only remount or a full
+    disk would): the deny written meanwhile is in force, but the state file a restart with Consul
+    down starts from cannot hold it. A log line alone said so: /v1/config and `hostmesh status` say
+    it now. And it was saved again only with the next change: on a quiet mesh the deny stayed
+    missing from the file, the directory long writable again. A failed save is retried."""
+    import asyncio
+
+    from hostmesh.agent.status import fetch_status, render_table
+
+    m, _ca, a, b = mesh
+    state = b.data_dir / STATE_FILE
+
+    def save_view() -> dict[str, Any]:
+        return dict(b.get("/v1/config")[1]["snapshot_save"])
+
+    def saved_line() -> list[str]:
+        table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{b.admin_port}")))
+        return [line for line in table.splitlines() if line.startswith("saved ")]
+
+    assert save_view() == {"path": str(state), "saved": True, "failing_since": None, "error": ""}
+    with immutable(b.data_dir):
+        started = time.time()
+        m.hostmesh("intention", "deny", "web", "api")
+        view = wait_for(lambda: (v := save_view())["saved"] is False and v, 30.0, "the failed save shown")
+        assert (
+            view["error"] == "Operation not permitted" and started - 1 <= view["failing_since"] <= time.time()
+        )
+        (line,) = saved_line()
+        assert "NOT SAVED since " in line and f"{state}: Operation not permitted; a restart while" in line
+        wait_for(lambda: not _works(a, b"denied"), 30.0, "the deny in force")
+        assert "api" not in json.loads(state.read_text())["intentions"]
+    wait_for(lambda: save_view()["saved"], SAVE_RETRY_INTERVAL + 10.0, "the state saved again, unchanged")
+    assert json.loads(state.read_text())["intentions"]["api"]["rules"], state.read_text()
+    assert saved_line() == []
 
 
 @pytest.mark.consul
