@@ -283,6 +283,12 @@ class CertProcess:
             out.append(dataclasses.replace(view, state=state, problem=problem))
         return out
 
+    @property
+    def bundle_watch(self) -> Watch[Any] | None:
+        """The watch of Consul's trust bundle, once started: one that fails is the agent not
+        following Consul (agent/discovery.py `followed_elsewhere`)."""
+        return self._watch
+
     def checking(self) -> list[str]:
         """After a restart, until the start-up helper answers: the services served from their stored
         certificate, which `infos()` cannot describe yet (this process does not parse certificates)."""

@@ -933,6 +933,11 @@ class Discovery:
         self._look_again = False  # the next round follows the last one by an interval (_fetch_members)
         self._stopping: set[asyncio.Task[None]] = set()
         self._confirming: asyncio.Task[None] | None = None  # reads releasing held instances (_confirm)
+        # Consul watches of this agent kept elsewhere (the trust bundle's, agent/certproc.py): one that
+        # fails is the agent not following Consul as much as one of these (`healthy`, `consul_view`).
+        # A token whose policy lost read of the bundle said so in the log only, /v1/config, `hostmesh
+        # status` and hostmesh_consul_sync_healthy all in sync, while it could learn no new root.
+        self.followed_elsewhere: Callable[[], Iterable[Watch[Any]]] = tuple
         self._running = False
         self.watches: dict[str, Watch[Any]] = {}
         self.sync_watches()
@@ -1411,9 +1416,12 @@ class Discovery:
         except TimeoutError:
             return False
 
+    def _all_watches(self) -> list[Watch[Any]]:
+        return [*self.watches.values(), *self.followed_elsewhere()]
+
     @property
     def healthy(self) -> bool:
-        return all(w.healthy for w in self.watches.values()) and not self._too_large
+        return all(w.healthy for w in self._all_watches()) and not self._too_large
 
     def consul_view(self) -> dict[str, Any]:
         """Whether this agent follows Consul now, for /v1/config and `hostmesh status`: while a watch's
@@ -1423,7 +1431,7 @@ class Discovery:
         `too_large` names such upstreams. `unreadable`: the documents it follows that its token may
         not read, and why (`_unreadable`)."""
         failing = [
-            (w.failing_since, w.last_error) for w in self.watches.values() if w.failing_since is not None
+            (w.failing_since, w.last_error) for w in self._all_watches() if w.failing_since is not None
         ]
         failing += self._too_large.values()
         view: dict[str, Any] = {"following": True, "failing_since": None, "error": ""}

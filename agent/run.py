@@ -305,6 +305,9 @@ class Agent:
         self.certs.subscribe(self._on_certs_changed)
         saved = self.builder.load_saved()
         self.discovery = Discovery(self.consul, self.builder)
+        self.discovery.followed_elsewhere = lambda: [
+            w for w in (getattr(self.certs, "bundle_watch", None),) if w is not None
+        ]
         self.discovery.start()
         # With a saved snapshot the listeners open at once and Consul's answers update it as they
         # come (as when Consul is down); with none, start-up gives Consul a moment first.

@@ -1055,3 +1055,43 @@ def test_an_agent_whose_token_is_revoked_says_so_and_takes_a_new_one_written_to_
     finally:
         m.close()
         echo.close()
+
+
+def test_an_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_consul(
+    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+) -> None:
+    """A policy without read of hostmesh/ca/roots (narrowed while the agent runs: refused at the
+    watch's next read; here from the start, the same refusal sooner): the agent can learn no
+    rotated root. The log said so, but /v1/config, `hostmesh status` and
+    hostmesh_consul_sync_healthy said it followed Consul. They say the 403 now."""
+    from hostmesh.agent.status import fetch_status, render_table
+    from tests.support import metric_value
+
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    name = svc("noroots")
+    try:
+        m.start_ca()
+        h = m.write_agent_config("noroots-node", [{"name": name, "port": echo.port, "upstreams": []}])
+        token_file = h.data_dir / "consul-token"
+        rules = acl.agent_policy([name]) + deny_key(ca_service.ROOTS_KEY)
+        token_file.write_text(secure.token_for(f"hostmesh-agent-{name}", rules))
+        token_file.chmod(0o600)
+        h.config_path.write_text(
+            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+        )
+        m.start_agent(h)
+        denied = f"Consul ACL denied watch of {ca_service.ROOTS_KEY}: the token lacks key:read on it"
+
+        def consul_view() -> dict[str, Any] | None:
+            view = dict(h.get("/v1/config")[1]["consul"])
+            return view if view["following"] is False else None
+
+        assert wait_for(consul_view, 30.0, "the refusal in /v1/config")["error"] == denied
+        table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{h.admin_port}")))
+        assert "NOT FOLLOWING since " in table and denied in table, table
+        assert metric_value(h.metrics(), "hostmesh_consul_sync_healthy") == 0.0
+    finally:
+        m.close()
+        echo.close()
