@@ -77,6 +77,17 @@ def tokens(secure: SecureConsulDev) -> Tokens:
     return Tokens(secure)
 
 
+def with_token_file(h: AgentHandle, token: str) -> Path:
+    """`token` in a 0600 file of `h`'s data dir, which its agent.toml names as `[consul] token_file`."""
+    token_file = h.data_dir / "consul-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    h.config_path.write_text(
+        h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
+    )
+    return token_file
+
+
 def hm(secure: SecureConsulDev, *args: str, token: str | None = None, env_token: str | None = None) -> Result:
     """`hostmesh ARGS` with Consul's environment (address, CA, client cert) as an operator sets it."""
     env = secure.client_env(env_token)
@@ -336,11 +347,7 @@ def test_ca_and_two_agents_with_the_shipped_policies_over_https(
 
         def agent(node: str, service: str, upstreams: list[str]) -> AgentHandle:
             h = m.write_agent_config(node, [{"name": service, "port": echo.port, "upstreams": upstreams}])
-            token_file = h.data_dir / "consul-token"
-            token_file.write_text(secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
-            token_file.chmod(0o600)
-            text = h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-            h.config_path.write_text(text)
+            with_token_file(h, secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
             return m.start_agent(h, wait=False)
 
         server = agent("acl-server", "aclapi", [])
@@ -385,12 +392,7 @@ def test_a_service_consul_refuses_to_register_leaves_the_others_registered_and_i
             "acl-half", [{"name": refused, "port": echo.port, "upstreams": []},
                          {"name": allowed, "port": echo.port, "upstreams": []}],
         )  # fmt: skip
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(secure.token_for(policy, acl.agent_policy([allowed])))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, secure.token_for(policy, acl.agent_policy([allowed])))
         m.start_agent(h, wait=False)
 
         def catalog() -> set[str]:
@@ -431,12 +433,7 @@ def test_a_first_start_whose_token_consul_does_not_know_says_so_not_that_consul_
     try:
         m.start_ca()
         h = m.write_agent_config("acl-unknown", [{"name": svc("aclunk"), "port": echo.port, "upstreams": []}])
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(WRONG_TOKEN)
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, WRONG_TOKEN)
         m.start_agent(h, wait=False)
         wait_for(lambda: "serving from an empty state" in h.proc.log(), 30.0, "the start's summary")
         said = [line for line in h.proc.log().splitlines() if "serving from an empty state" in line]
@@ -467,12 +464,7 @@ def test_a_service_whose_ttl_update_consul_refuses_does_not_starve_the_others(
             "ttl-half", [{"name": refused, "port": echo.port, "upstreams": []},
                          {"name": allowed, "port": echo.port, "upstreams": []}],
         )  # fmt: skip
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(secure.token_for(policy, acl.agent_policy([refused, allowed])))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, secure.token_for(policy, acl.agent_policy([refused, allowed])))
         m.start_agent(h)  # both registered: ready
 
         def set_policy_for(*services: str) -> None:
@@ -921,12 +913,7 @@ def test_an_agent_that_may_not_read_its_intentions_is_not_ready_before_any_is_wr
         m.start_ca()
         h = m.write_agent_config("d4-node", [{"name": name, "port": echo.port, "upstreams": []}])
         rules = acl.agent_policy([name]) + deny_key(f"hostmesh/intentions/{name}")
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(secure.token_for(f"hostmesh-agent-{name}", rules))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
         m.start_agent(h, wait=False)
 
         def intentions_state() -> dict[str, str] | None:
@@ -968,12 +955,7 @@ def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_a
     try:
         m.start_ca()
         h = m.write_agent_config("rebooted", [{"name": name, "port": echo.port, "upstreams": []}])
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(secure.token_for(policy, acl.agent_policy([name])))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
         m.start_agent(h)  # registered: ready
         h.proc.stop(signal.SIGKILL)  # no deregistration: Consul keeps the registration, as after a reboot
 
@@ -1020,12 +1002,7 @@ def test_an_agent_whose_token_is_revoked_says_so_and_takes_a_new_one_written_to_
     try:
         m.start_ca()
         h = m.write_agent_config("rotated-node", [{"name": name, "port": echo.port, "upstreams": []}])
-        token_file = h.data_dir / "consul-token"
-        token_file.write_text(secure.token_for(policy, acl.agent_policy([name])))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        token_file = with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
         m.start_agent(h)
         revoke_token(secure, policy)
 
@@ -1074,13 +1051,8 @@ def test_an_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_cons
     try:
         m.start_ca()
         h = m.write_agent_config("noroots-node", [{"name": name, "port": echo.port, "upstreams": []}])
-        token_file = h.data_dir / "consul-token"
         rules = acl.agent_policy([name]) + deny_key(ca_service.ROOTS_KEY)
-        token_file.write_text(secure.token_for(f"hostmesh-agent-{name}", rules))
-        token_file.chmod(0o600)
-        h.config_path.write_text(
-            h.config_path.read_text().replace("[consul]\n", f'[consul]\ntoken_file = "{token_file}"\n')
-        )
+        with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
         m.start_agent(h)
         denied = f"Consul ACL denied watch of {ca_service.ROOTS_KEY}: the token lacks key:read on it"
 
