@@ -530,10 +530,12 @@ class CertManager:
                 ) from None
 
     def _check_writable(self) -> None:
-        """Whether a certificate can be stored, asked before a join token is spent on it (every spend:
-        a bootstrap, an expired certificate's recovery, a refused renewal's fallback): a cert dir the
-        agent may not write (root's, left by a run as root; a read-only mount) lost the token (single
-        use) with the certificate it obtained, and the fixed host needed a new token."""
+        """Whether a certificate can be stored, asked before the CA is asked for one (a join token's
+        spend: a bootstrap, an expired certificate's recovery, a refused renewal's fallback; a renewal;
+        a sibling's renewal): a cert dir the agent may not write (root's, left by a run as root; a
+        read-only mount) lost the token (single use) with the certificate it obtained, and the fixed
+        host needed a new token; a renewal had the CA issue a certificate on every try, each thrown
+        away."""
         probe = self.dir / f".write-test.{os.getpid()}.tmp"
         try:
             write_new(probe, b"")
@@ -603,6 +605,7 @@ class CertManager:
 
     async def _renew(self, service: str) -> None:
         """One renewal over mTLS with the current certificate, and a new key."""
+        self._check_writable()
         chain_file, key_file = self.paths(service)
         ident = pki.Identity(self.trust_domain, service)
         key = pki.new_key()
@@ -754,6 +757,7 @@ class CertManager:
         proof = pki.sibling_proof(old_key, csr)
         sibling = siblings[0]
         sib_chain, sib_key = self.paths(sibling)
+        self._check_writable()
         last: CAUnavailable | None = None
         for client in await self._ca_clients():
             try:

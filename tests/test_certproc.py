@@ -349,6 +349,49 @@ async def test_a_bundle_the_cert_dir_could_not_take_is_applied_once_it_is_writab
         await consul.close()
 
 
+def issued(m: LocalMesh) -> list[str]:
+    """The CA's issuance audit lines (`ca serve` writes its audit trail to its stdout: ca.log)."""
+    lines = (m.workdir / "ca.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    return [r["serial"] for r in records if r.get("event") == "issue"]
+
+
+async def test_a_renewal_into_a_cert_dir_it_cannot_write_asks_the_ca_for_nothing(
+    mesh: tuple[LocalMesh, AgentHandle],
+) -> None:
+    """The cert dir stopped taking writes (a read-only remount, here `chattr +i`) while a renewal was
+    due: each try still had the CA issue a certificate, then could not store it and threw it away
+    (5 issuances, none stored, in a probe). The join-token path's write check is now made before a
+    renewal's request too: the try fails naming the directory, the CA issues nothing, and the
+    renewal succeeds once the directory takes writes again."""
+    m, h = mesh
+    consul = ConsulClient(m.consul_url)
+    cp = certproc(m, h, consul)
+    renewed = asyncio.Event()
+    cp.subscribe(renewed.set)
+    try:
+        await asyncio.wait_for(cp.start(), WAIT)
+        first = cp.infos()[0]
+        for task in cp._tasks:
+            task.cancel()
+        before = issued(m)
+        cp._views["api"] = dataclasses.replace(first, renew_at=dt.datetime.now(dt.UTC))  # due now
+        with immutable(cp.dir):
+            cp._tasks = [asyncio.get_running_loop().create_task(cp._renew_loop("api"))]
+            await async_wait_until(lambda: cp.failures.count("api"), WAIT, "the failed try")
+            assert issued(m) == before, "the CA issued a certificate that could not be stored"
+            (failing,) = cp.infos()
+            assert failing.problem == f"cannot write in {cp.dir}: Operation not permitted", failing
+            assert failing.serial == first.serial and not renewed.is_set()
+        await asyncio.wait_for(renewed.wait(), WAIT)  # the backoff's next try, the directory writable
+        (info,) = cp.infos()
+        assert info.serial != first.serial and info.state is renewal.CertState.VALID and info.problem is None
+        assert len(issued(m)) == len(before) + 1
+    finally:
+        await cp.close()
+        await consul.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),  # the answer: a Python expression, written by the helper on one line
     [
