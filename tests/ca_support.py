@@ -3,6 +3,7 @@ on a loopback port with a real Consul, an audit sink, and a raw API caller."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 from pathlib import Path
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.ca import pki, store, tls
 from hostmesh.ca.audit import AuditLog
+from hostmesh.ca.nomad import JWKS_TIMEOUT
 from hostmesh.ca.service import CAService
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import HTTPClient, Response
@@ -98,3 +100,21 @@ def new_ca_dir(tmp: Path, name: str = "ca", td: str = pki.DEFAULT_TRUST_DOMAIN) 
     d = tmp / name
     store.init(d, td)
     return d
+
+
+def sign_with_jwt(ca_port: int, roots: str, token: str) -> tuple[int, bytes]:
+    """POST /v1/sign to the CA at 127.0.0.1:`ca_port` (verified by `roots`) with a workload identity."""
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", ca_port, timeout=JWKS_TIMEOUT + 10, context=tls.ca_client_context(roots)
+    )
+    try:
+        conn.request(
+            "POST",
+            "/v1/sign",
+            b'{"csr": ""}',
+            {"authorization": f"Bearer {token}", "content-type": "application/json"},
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -449,3 +449,20 @@ class ConnServer:
         self.stopping.set()
         self._thread.join()
         self.sock.close()
+
+
+class SilentServer(ConnServer):
+    """A TCP server on 127.0.0.1 that accepts and never answers (a Nomad whose HTTP API hangs): its
+    connections are held until close()."""
+
+    def __init__(self) -> None:
+        self.held: list[socket.socket] = []
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+
+    def close(self) -> None:
+        super().close()
+        for conn in self.held:
+            conn.close()

@@ -7,7 +7,6 @@ the identity file, no agent.toml and no join token), next to a VM agent with a j
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import signal
 import socket
@@ -36,11 +35,11 @@ from hostmesh.agent.localmesh import (
     roundtrip,
     wait_for,
 )
-from hostmesh.ca import store, tls
-from hostmesh.ca.nomad import JWKS_TIMEOUT
+from hostmesh.ca import store
 from hostmesh.registry.nomad import REQUEST_TIMEOUT
+from tests.ca_support import sign_with_jwt
 from tests.nomad_double import Allocation, NomadDouble
-from tests.support import ConnServer, ConsulDev, wait_deregistered
+from tests.support import ConsulDev, SilentServer, wait_deregistered
 
 pytestmark = [pytest.mark.consul, pytest.mark.e2e, pytest.mark.nomad_double]
 
@@ -443,23 +442,6 @@ def test_a_reload_with_an_ephemeral_admin_port_says_nothing_needs_a_restart(mesh
         app.close()
 
 
-class SilentServer(ConnServer):
-    """A TCP server on 127.0.0.1 that accepts and never answers (a Nomad whose HTTP API hangs): its
-    connections are held until close()."""
-
-    def __init__(self) -> None:
-        self.held: list[socket.socket] = []
-        super().__init__()
-
-    def handle(self, conn: socket.socket) -> None:
-        self.held.append(conn)
-
-    def close(self) -> None:
-        super().close()
-        for conn in self.held:
-            conn.close()
-
-
 def test_a_read_nomad_leaves_unanswered_does_not_hold_the_exit(mesh: NomadMesh) -> None:
     """Nomad's API hangs (its client agent wedged): the watch's read waits out REQUEST_TIMEOUT (5 s)
     in a thread. On the kill signal the agent drained and deregistered at once, then its exit waited
@@ -503,24 +485,6 @@ class TricklingServer(SilentServer):
             while self.sent < TRICKLE_LIMIT and not self.stopping.wait(TRICKLE_INTERVAL):
                 conn.sendall(b"H")
                 self.sent += 1
-        conn.close()
-
-
-def sign_with_jwt(ca_port: int, roots: str, token: str) -> tuple[int, bytes]:
-    """POST /v1/sign to the CA at 127.0.0.1:`ca_port` (verified by `roots`) with a workload identity."""
-    conn = http.client.HTTPSConnection(
-        "127.0.0.1", ca_port, timeout=JWKS_TIMEOUT + 10, context=tls.ca_client_context(roots)
-    )
-    try:
-        conn.request(
-            "POST",
-            "/v1/sign",
-            b'{"csr": ""}',
-            {"authorization": f"Bearer {token}", "content-type": "application/json"},
-        )
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
         conn.close()
 
 
