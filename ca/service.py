@@ -134,6 +134,8 @@ SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
 SERVER_CERT_FAILURE_LOG_INTERVAL = 600.0  # seconds: a refresh that keeps failing is said this often
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
 CLOSE_GRACE = 2.0  # at a stop, how long the connections' tasks may take to end after being told to
+# the stop's line names this many of the requests it cut short (of MAX_INFLIGHT): who, in one line
+STOP_NAMED_REQUESTS = 3
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
@@ -292,7 +294,7 @@ class _AuditedTLSServer(HTTPServer):
 
     def __init__(self, service: CAService, host: str, port: int, context: ssl.SSLContext) -> None:
         super().__init__(
-            service.handle, host, port, None, max_body=MAX_REQUEST_BYTES,
+            self._handle, host, port, None, max_body=MAX_REQUEST_BYTES,
             max_inflight=MAX_INFLIGHT, unlimited_paths=UNLIMITED_PATHS,
             slow_request_evict=SLOW_REQUEST_EVICT,
         )  # fmt: skip
@@ -312,6 +314,27 @@ class _AuditedTLSServer(HTTPServer):
         self._since_trim = 0
         self._in_burst = False
         self._trim_timer: asyncio.TimerHandle | None = None
+        self._requests: dict[asyncio.Timeout, Request] = {}  # in the service's handler now, by cancel scope
+        self._no_requests = asyncio.Event()  # set while none is
+        self._no_requests.set()
+
+    async def _handle(self, req: Request) -> Response:
+        """The service's answer to `req`, or a 503 when a stop cuts its wait short (`_finish_requests`)."""
+        scope = asyncio.timeout(None)
+        try:
+            async with scope:
+                self._requests[scope] = req
+                self._no_requests.clear()
+                try:
+                    return await self._service.handle(req)
+                finally:
+                    del self._requests[scope]
+                    if not self._requests:
+                        self._no_requests.set()
+        except TimeoutError:
+            if not scope.expired():  # the handler's own: a bug, as before (the server logs it, 500)
+                raise
+        return Response.error(503, "temporarily unavailable: the CA is stopping")
 
     def _make_room(self) -> None:
         """Every slot is taken: the longest-idle keep-alive makes room, else the request arriving
@@ -358,8 +381,9 @@ class _AuditedTLSServer(HTTPServer):
         """A keep-alive connection answered while a client waits for its slot is closed, not kept:
         clients that start each request on the heels of the last are never idle, nor slow, for
         long enough to make room (IDLE_EVICT_SECONDS, SLOW_REQUEST_EVICT), so 64 such connections
-        would lock everyone else out. They reconnect, and wait behind those already waiting."""
-        return self._slots.wanted(_client_of(writer))
+        would lock everyone else out. They reconnect, and wait behind those already waiting. At a
+        stop, an answer closes its connection."""
+        return self._slots.closed or self._slots.wanted(_client_of(writer))
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -375,9 +399,9 @@ class _AuditedTLSServer(HTTPServer):
     async def close(self) -> None:
         """Stop accepting and end every connection so that its task returns on its own: those
         waiting for a slot, in their TLS handshake or between requests at once, those in a request
-        once answered (CLOSE_GRACE at most, then cut: a client that never answers TLS's close too).
-        Left to asyncio.run's teardown, their cancellation was logged as an error with a traceback
-        per connection (Python 3.11)."""
+        once answered (`_finish_requests`; then CLOSE_GRACE at most, then cut: a client that never
+        answers TLS's close too). Left to asyncio.run's teardown, their cancellation was logged as
+        an error with a traceback per connection (Python 3.11)."""
         if self._trim_timer is not None:
             self._trim_timer.cancel()
         self._slots.close("the CA is stopping")
@@ -385,6 +409,9 @@ class _AuditedTLSServer(HTTPServer):
             handshake.cancel()
         for writer in list(self._idle):
             writer.transport.abort()
+        if self._server is not None:
+            self._server.close()  # no new connection while the requests in hand are answered
+        await self._finish_requests()
         await super().close()
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=CLOSE_GRACE)
@@ -394,6 +421,30 @@ class _AuditedTLSServer(HTTPServer):
                     left.transport.abort()
             if late:
                 await asyncio.wait(late, timeout=CLOSE_GRACE)
+
+    async def _finish_requests(self) -> None:
+        """At a stop, the requests in the handler get CLOSE_GRACE to be answered; those still waiting
+        then (on a Consul or a Nomad JWKS that does not answer) are cut short and answered 503, so
+        the client asks another CA, said in one line. (Their connections were closed at once, the
+        requests ran on unanswerable, and asyncio.run's teardown cancelled them with a traceback.)"""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._no_requests.wait()
+        if not self._requests:
+            return
+        cut = list(self._requests.values())
+        named = ", ".join(
+            f"{r.method} {r.path} from {format_peer(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
+        )
+        more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
+        log.warning("CA stopping: answering 503 to %d request(s) still waiting after %gs: %s%s",
+                    len(cut), CLOSE_GRACE, named, more)  # fmt: skip
+        now = asyncio.get_running_loop().time()
+        for scope in self._requests:
+            scope.reschedule(now)
+        with contextlib.suppress(TimeoutError):  # (each ends at its next step: no wait on anyone)
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._no_requests.wait()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = admission.client_key(writer.get_extra_info("peername"))

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from click.testing import CliRunner, Result
 from hostmesh.agent.cli import cli
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca import service as ca_service
-from tests.support import ConsulDev, free_port, wait_until
+from tests.ca_support import sign_with_jwt
+from tests.nomad_double import NomadDouble
+from tests.support import ConsulDev, SilentServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -341,6 +344,39 @@ def test_serve_stops_cleanly_with_connections_in_their_handshake_or_waiting(
     lines = ca.log.read_text().splitlines()
     errors = [line for line in lines if "Traceback" in line or "Exception in" in line]
     assert not errors, f"{len(errors)} error lines, the first: {errors[0][:400]}"
+
+
+@pytest.mark.consul
+def test_a_stop_answers_a_request_still_waiting_503_without_a_traceback(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """A stop while a /v1/sign waits on a peer that does not answer (here Nomad's JWKS, held by a
+    silent server): the connection was closed at once, the request went on unanswerable, and as the
+    CA exited asyncio logged "Exception in callback" with the CancelledError's traceback. A request
+    still waiting CLOSE_GRACE into the stop is now answered 503 (the client asks another CA), said
+    in one line, and the CA exits cleanly."""
+    silent = SilentServer()
+    jwks = f"{silent.url}/.well-known/jwks.json"
+    try:
+        with NomadDouble() as nomad, _ca_serving(tmp_path, consul, "127.0.0.1", "--nomad-jwks", jwks) as ca:
+            wait_until(lambda: _ca_registered(consul, ca.port), 30, "ca serve registered in Consul")
+            roots = "".join(store.load(ca.data_dir).bundle)
+            identity = nomad.identity(nomad.add_allocation("shop", "api", ("hostmesh",)), "hostmesh")
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(sign_with_jwt, ca.port, roots, identity)
+                wait_until(lambda: len(silent.held) == 1, 30, "the request to wait on the JWKS fetch")
+                ca.proc.send_signal(signal.SIGTERM)
+                assert ca.proc.wait(30) == 0
+                lines = ca.log.read_text().splitlines()
+                errors = [line for line in lines if "Traceback" in line or "Exception in" in line]
+                assert not errors, f"{len(errors)} error lines, the first: {errors[0][:400]}"
+                status, body = answer.result(30)
+    finally:
+        silent.close()
+    # (the JWKS fetch's own 503 comes JWKS_TIMEOUT after it began, the cut CLOSE_GRACE into the stop)
+    assert status == 503 and b"the CA is stopping" in body, (status, body)
+    [said] = [line for line in lines if "still waiting" in line]
+    assert "POST /v1/sign" in said, said
 
 
 @pytest.mark.consul
