@@ -927,7 +927,16 @@ class Agent:
         says why).
         """
         async with self._reloading:  # one at a time: a second SIGHUP waits for the first's sockets
+            if self._reload_too_late():
+                return
             await self._reload(path)
+
+    def _reload_too_late(self) -> bool:
+        """A reload whose turn comes once the agent is stopping changes nothing (stop() let the one
+        under way finish, and closes what it opened)."""
+        if self._stopping.is_set():
+            log.info("reload skipped: the agent is stopping")
+        return self._stopping.is_set()
 
     @staticmethod
     def _refuse_reload(why: str) -> None:
@@ -954,6 +963,8 @@ class Agent:
         worker cannot apply (a bind the primary could make) stops it: the primary starts it again
         with that config, rather than it serving another."""
         async with self._reloading:
+            if self._reload_too_late():
+                return
             if await self._apply(new):
                 log.info("reloaded with the primary")
             else:
@@ -1089,6 +1100,13 @@ class Agent:
         self._stopping.set()
         self._wake.set()
         self.ready = False
+        # A reload under way (a SIGHUP just before) finishes first: the listeners and watches it adds
+        # are then among those closed below (they were added after, and outlived the stop). Its work is
+        # binds and swapping stacks, no Consul or CA call: a short wait. A later one changes nothing.
+        if self._reloading.locked():
+            log.info("stopping: waiting for the reload under way to finish")
+        async with self._reloading:
+            pass
         if self.workers is not None:
             self.workers.stopping()
         if self._registration_task is not None:  # no round may register or pass a TTL after the fail below

@@ -4,21 +4,28 @@ group (the certificate helper included)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hostmesh.agent.localmesh import HOSTMESH
+from hostmesh.agent.config import load_config
+from hostmesh.agent.localmesh import HOSTMESH, EchoServer, LocalMesh, free_port, port_open
+from hostmesh.agent.run import Agent
+from tests.support import ConsulDev, async_wait_until
 from tests.test_agent_permissions import write_config
 
 WAITING = "bootstrap: CA at https://127.0.0.1:9 unreachable"  # the helper's retry line (nothing listens)
 LINES_BOUND = 200  # stderr lines read while waiting for it
 STOP_TIMEOUT = 30.0
+WAIT = 30.0  # an in-process agent's start, reload or stop, on a loaded machine
 
 
 @contextlib.contextmanager
@@ -71,3 +78,59 @@ def test_a_sighup_while_waiting_for_the_first_certificate_waits_for_the_start(tm
         agent.send_signal(signal.SIGTERM)
         rest = agent.communicate(timeout=STOP_TIMEOUT)[1]
     assert agent.returncode == 0, rest
+
+
+@pytest.mark.consul
+async def test_a_stop_during_a_reload_closes_what_the_reload_opened(
+    private_consul: ConsulDev,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGHUP, then SIGTERM while the reload is binding an upstream it adds: stop() collected the
+    listeners without waiting for the reload, which then added its own after them; its socket stayed
+    bound past the stop (and a task ran on into the loop's close). A stop now lets the reload under way
+    finish first, and closes what it opened with the rest. The agent runs in this process (CA and
+    Consul real) so the reload can be held just after its bind: a hook around `_start_outbound`."""
+    caplog.set_level(logging.INFO, "hostmesh.agent")
+    app = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", private_consul.url)
+    agent: Agent | None = None
+    bind = free_port()
+    try:
+        await asyncio.to_thread(m.start_ca)
+        h = m.write_agent_config("node-r", [{"name": "web", "port": app.port}])
+        agent = Agent(load_config(h.config_path), config_path=h.config_path)
+        await asyncio.wait_for(agent.start(), WAIT)
+        with h.config_path.open("a") as toml:  # an upstream for web, the last [[services]]
+            toml.write(f'[[services.upstreams]]\nservice = "api"\nbind = "127.0.0.1:{bind}"\n')
+        bound, release = asyncio.Event(), asyncio.Event()
+        start_outbound = agent._start_outbound
+
+        async def bound_then_held(*args: Any) -> Any:
+            listener = await start_outbound(*args)
+            bound.set()
+            await release.wait()
+            return listener
+
+        monkeypatch.setattr(agent, "_start_outbound", bound_then_held)
+        reload = asyncio.ensure_future(agent.reload(h.config_path))
+        await asyncio.wait_for(bound.wait(), WAIT)
+        assert port_open(bind)
+        stopping = asyncio.ensure_future(agent.stop())
+        await async_wait_until(
+            lambda: stopping.done() or "waiting for the reload under way" in caplog.text,
+            WAIT, "the stop to end or to wait for the reload",
+        )  # fmt: skip
+        release.set()
+        await asyncio.wait_for(asyncio.gather(reload, stopping, return_exceptions=True), WAIT)
+        assert not port_open(bind), "the reload's upstream listener outlived the stop"
+        await agent.reload(h.config_path)  # a SIGHUP after the stop began changes nothing
+        assert not port_open(bind) and "reload skipped: the agent is stopping" in caplog.text
+    finally:
+        if agent is not None:
+            await agent.stop()
+            for listener in agent.outbound.values():  # (what a failed run left open in this process)
+                await listener.close()
+        await asyncio.to_thread(m.close)
+        app.close()
