@@ -136,6 +136,7 @@ def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tu
     # PROBE_TIMEOUT
     last_probe_ends = max(deadline, started + PROBE_TIMEOUT)
     reason = "never probed"
+    probed = False  # a probe has given a reason: one cut short by the deadline does not replace it
     while True:
         address = fixed
         if address is None and file is not None:
@@ -147,10 +148,18 @@ def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tu
             if address is None:
                 reason = f"{file} not written yet (the agent has not started)"
         if address is not None:
-            why = probe(address, source, min(time.monotonic() + PROBE_TIMEOUT, last_probe_ends))
+            now = time.monotonic()
+            ends = min(now + PROBE_TIMEOUT, last_probe_ends)
+            why = probe(address, source, ends)
             if why is None:
                 return True, address
-            reason = why
+            # the last probe before the deadline has less than PROBE_TIMEOUT: its "no complete answer
+            # within 0.1s" said nothing of an agent that had just answered why it was not ready
+            if not probed or ends - now >= PROBE_TIMEOUT:
+                reason = why
+            probed = True
         if time.monotonic() >= deadline:
             return False, reason
         time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+        if probed and time.monotonic() >= deadline:
+            return False, reason

@@ -605,6 +605,20 @@ def test_wait_ready_is_not_fooled_by_another_server(kind: str, serve: Callable[.
     assert "is ready" not in out.stdout
 
 
+@pytest.mark.parametrize("timeout", ["1", "2"])
+def test_wait_ready_that_gives_up_says_why_the_agent_is_not_ready(
+    timeout: str, serve: Callable[..., Peer]
+) -> None:
+    """An agent answering 503 at once until the deadline: the last probe before it has only what is
+    left of the timeout, and its "no complete answer within 0s" replaced the agent's own reason."""
+    peer = serve(agent_answers(**{"/ready": js({"ready": False, "waiting_for": ["certificates"]}, 503)}))
+    line = fails(hm("agent", "wait-ready", "--admin", peer.address, "--timeout", timeout))
+    assert line == (
+        f"Error: agent not ready after {timeout}s: {peer.address}: not ready (HTTP 503) "
+        '{"waiting_for": ["certificates"]}'
+    )
+
+
 def test_wait_ready_of_a_ready_agent(serve: Callable[..., Peer]) -> None:
     peer = serve(agent_answers())
     out = hm("agent", "wait-ready", "--admin", peer.address, "--timeout", "0")
