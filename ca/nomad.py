@@ -181,7 +181,6 @@ class JWKSCache:
                     f"cannot fetch Nomad's JWKS from {self.url}: the last fetch, given up on after "
                     f"{self.timeout:g}s, is still reading its answer"
                 )
-            self._fetching += 1
             self._keys = await asyncio.wait_for(in_daemon_thread(self._counted_fetch), self.timeout)
             self._read_at = asyncio.get_running_loop().time()
             self._failure = ""
@@ -196,7 +195,10 @@ class JWKSCache:
             self._inflight = None
 
     def _counted_fetch(self) -> dict[str, tuple[jwt.PyJWK, str | None]]:
-        """`_fetch` in its thread, which says it has ended (`_fetching`, counted up by _refresh)."""
+        """`_fetch` in its thread, counted in `_fetching` while it runs: counted here, not as the
+        refresh starts it, since a fetch whose thread never started (its refresh cancelled first)
+        would stay counted, and every refresh after it refused."""
+        self._fetching += 1
         try:
             return self._fetch()
         finally:

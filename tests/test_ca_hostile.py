@@ -441,3 +441,16 @@ async def test_a_jwks_endpoint_trickling_its_status_line_holds_one_fetch_thread_
         with pytest.raises(Unavailable, match=r"the last fetch, given up on after 0\.5s, is still reading"):
             await cache.key("rsa-noalg")
     assert jwks.hits == 1 and cache.fetches == 1
+
+
+async def test_a_refresh_cancelled_before_its_fetch_started_does_not_hold_back_the_next(jwks) -> None:
+    """A refresh given up on before its thread started (here: no time at all) left the fetch counted
+    as still reading: every refresh after it refused, and no key set was ever read again."""
+    cache = ca_nomad.JWKSCache(jwks.url)
+    cache.timeout = 0.0
+    cache.min_refresh = 0.0
+    with pytest.raises(Unavailable, match="no answer within"):
+        await cache.key("rsa-noalg")
+    cache.timeout = 10.0
+    key, _ = await cache.key("rsa-noalg")
+    assert key.key_type == "RSA" and jwks.hits == 1
