@@ -97,6 +97,9 @@ RENEW_JITTER = 0.05  # ± this fraction of the lifetime around the renewal point
 # Consul's and Nomad's ACL secret IDs: a UUID, which no join token (hmt1.<id>.<secret>) or JWT has
 ACL_TOKEN_SHAPE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 BOOTSTRAP_TIMEOUT = 30.0  # how long start() keeps trying an unreachable CA before giving up
+# what the write check (`_check_writable`) writes: a service's chain, its key and the trust bundle take
+# 2-4 KiB; an empty file, which a full file system still takes, passed the check on one
+WRITE_PROBE_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +541,7 @@ class CertManager:
         away."""
         probe = self.dir / f".write-test.{os.getpid()}.tmp"
         try:
-            write_new(probe, b"")
+            write_new(probe, bytes(WRITE_PROBE_BYTES))
             probe.unlink()
         except OSError as exc:
             raise StorageError(f"cannot write in {self.dir}: {exc.strerror}") from None

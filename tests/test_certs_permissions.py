@@ -27,7 +27,7 @@ from hostmesh.agent.certs import CertManager
 from hostmesh.agent.config import AgentConfig, load_config
 from hostmesh.agent.localmesh import HOSTMESH, AgentHandle, LocalMesh
 from hostmesh.ca import pki
-from hostmesh.ca.errors import CAUnavailable, Unauthorized
+from hostmesh.ca.errors import CAUnavailable, StorageError, Unauthorized
 from hostmesh.ca.files import cert_dir, cert_paths, roots_path
 from hostmesh.ca.tokens import parse_token, redeemed_key
 from hostmesh.registry import acl
@@ -394,3 +394,27 @@ async def test_no_ca_in_consul_says_the_token_may_hide_it(
         "service:read on hostmesh-ca and node:read)"
     )
     assert "no passing" not in outcomes["agent"] and "127.0.0.1:9" in outcomes["agent"], outcomes
+
+
+def test_a_full_cert_dir_is_named_before_the_join_token_is_spent(consul: ConsulDev, tmp_path: Path) -> None:
+    """The file system of the cert dir full (a tmpfs of 64 KiB, filled): the write check made an
+    empty file, which a full file system still takes, so the join token was spent on a certificate
+    that could not be stored, and a renewal had the CA issue one on every try. The check writes what
+    a chain and its key take."""
+    m, h = new_mesh(consul, tmp_path / "mesh")
+    certs = cert_dir(h.data_dir)
+    certs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(certs)], check=True)
+    try:
+        try:
+            (certs / "filler").write_bytes(b"\0" * 128 * 1024)  # twice what it holds: ends in ENOSPC
+        except OSError as exc:
+            assert exc.strerror == "No space left on device", exc
+        token = fresh_token(m, h)
+        with pytest.raises(StorageError) as refused:
+            prepare_as_root(load_config(h.config_path))
+        assert not redeemed(consul, token), "the join token was spent"
+        assert str(refused.value) == f"cannot write in {certs}: No space left on device"
+    finally:
+        subprocess.run(["umount", str(certs)], check=True)
+        m.close()
