@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul_settings import resolve
 from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDenied, RegistryError
 from hostmesh.registry.files import SERVICE_USER
@@ -216,7 +217,7 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
                     f"{CA_SERVICE_NAME} and node:read",
                 )
             ]
-        addresses = [f"https://{i.address}:{i.port}" for i in instances]
+        addresses = [f"https://{authority(i.address, i.port)}" for i in instances]
     out: list[Finding] = []
     now = dt.datetime.now(dt.UTC)
     for addr in addresses:

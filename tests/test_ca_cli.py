@@ -465,3 +465,24 @@ def test_under_systemd_serve_s_refusal_is_an_error_line_of_the_journal(tmp_path:
     obj = json.loads(line.removeprefix("<3>"))
     assert obj["level"] == "error" and obj["logger"] == "hostmesh.ca"
     assert obj["message"].startswith(f"no CA in {missing}: run `hostmesh ca init"), obj
+
+
+@pytest.mark.consul
+async def test_check_reaches_a_ca_registered_on_an_ipv6_address(consul: ConsulDev, tmp_path: Path) -> None:
+    """`hostmesh check` made the CA's URL as https://::1:PORT from its Consul registration, no URL at
+    all ("ca-unreachable ... not a valid URL"), where agents reach it (registry/addresses.authority)."""
+    from hostmesh.agent import check
+    from hostmesh.registry.consul import ConsulClient, ServiceRegistration
+    from tests.ca_support import AuditSink, new_ca_dir
+
+    svc = ca_service.CAService(new_ca_dir(tmp_path), consul=None, audit=AuditSink().log, host="::1", port=0)
+    await svc.start()
+    reg = ServiceRegistration("hostmesh-ca", "hostmesh-ca-on-v6", "::1", svc.port)
+    async with ConsulClient(consul.url) as c:
+        await c.register_service(reg)
+        try:
+            findings = await check._ca(c, None, None, svc.authority.trust_domain)
+        finally:
+            await c.deregister_service(reg.id)
+            await svc.close()
+    assert [f for f in findings if f.severity == "error"] == [], findings
