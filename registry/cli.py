@@ -55,10 +55,10 @@ if TYPE_CHECKING:
 # completion stay cheap (tests/test_cli_habits.py checks what a help run imports).
 
 MAX_FILE_BYTES = 1024 * 1024  # a config document is a few KiB; refuse to slurp something huge
-# YAML values (nodes) of one file, each alias counted as the values it stands for: an alias-free file
-# within MAX_FILE_BYTES holds fewer (no value takes under a byte: `[? , ? ]` is the densest), so
-# aliases may shorten a file but never make it more work than one of that size (6 KiB of nested
-# aliases stood for 2.9 million values: 5.9 s and 223 MB before the stored-size refusal)
+# YAML values (nodes) that one file's aliases stand for, each alias the values of its anchor: the work
+# aliases add to a file's own, which MAX_FILE_BYTES bounds (6 KiB of nested aliases stood for 2.9
+# million values: 5.9 s and 223 MB before the stored-size refusal). A million is about the values
+# of a 1 MiB file written out (`[?, ?, ...]`, the densest, holds 1.5 a byte)
 MAX_YAML_VALUES = MAX_FILE_BYTES
 MAX_EDIT_ATTEMPTS = 5  # intention edits re-read and retry on a concurrent change; more means a fight
 
@@ -176,8 +176,8 @@ _WORDS = frozenset(("on", "off", "yes", "no"))  # YAML 1.1 booleans that are wor
 @functools.cache
 def _strict_loader() -> type[yaml.SafeLoader]:
     """yaml.SafeLoader refusing (RefusedInput) a duplicate mapping key, which it would take as its
-    last value, nesting deeper than MAX_NESTING, more than MAX_YAML_VALUES values once aliases are
-    expanded, and an alias inside its own anchor; a bare key written as a YAML 1.1 boolean word
+    last value, nesting deeper than MAX_NESTING, aliases standing for more than MAX_YAML_VALUES
+    values, and an alias inside its own anchor; a bare key written as a YAML 1.1 boolean word
     (`on`, `off`, `yes`, `no`) is that word (values keep YAML's booleans). Built on first use: yaml
     is not imported for `--help` (tests/test_cli_habits.py)."""
     import yaml
@@ -185,6 +185,7 @@ def _strict_loader() -> type[yaml.SafeLoader]:
     class StrictLoader(yaml.SafeLoader):
         nesting = 0
         values = 0  # of the file so far, each alias counted as the values it stands for
+        by_aliases = 0  # of those, what the aliases stood for (MAX_YAML_VALUES)
         anchor_values: dict[str, int]  # of each finished anchor of the document being composed
 
         def compose_document(self) -> yaml.Node | None:
@@ -212,14 +213,14 @@ def _strict_loader() -> type[yaml.SafeLoader]:
                         "a document cannot contain itself"
                     )
                 self.values += self.anchor_values[anchor]
+                self.by_aliases += self.anchor_values[anchor]
             else:
                 self.values += 1  # (its children were counted as they were composed)
                 if anchor is not None:
                     self.anchor_values[anchor] = self.values - start
-            if self.values > MAX_YAML_VALUES:
-                raise RefusedInput(
-                    f"more than {MAX_YAML_VALUES} values once YAML aliases are expanded, at {_at(mark)}"
-                )
+            if self.by_aliases > MAX_YAML_VALUES:
+                limit = MAX_YAML_VALUES
+                raise RefusedInput(f"YAML aliases standing for more than {limit} values, at {_at(mark)}")
             return node
 
         def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:

@@ -107,8 +107,7 @@ def test_aliases_expanding_past_the_limit_are_refused_before_the_document_is_bui
     s = svc()
     bomb = write(tmp_path, aliased_rules(s, 1024), "bomb.yaml")
     assert fails(run(consul, "intention", "apply", "-f", bomb, "--dry-run")) == (
-        f"Error: {bomb}: more than {MAX_YAML_VALUES} values once YAML aliases are expanded, at line 374, "
-        "column 3"
+        f"Error: {bomb}: YAML aliases standing for more than {MAX_YAML_VALUES} values, at line 374, column 3"
     )
     assert f"intentions/{s}: version 1 written" in ok(
         run(consul, "intention", "apply", "-f", write(tmp_path, aliased_rules(s, 2)))
@@ -117,6 +116,27 @@ def test_aliases_expanding_past_the_limit_are_refused_before_the_document_is_bui
     assert fails(run(consul, "intention", "apply", "-f", loop)) == (
         f"Error: {loop}: alias *r inside its own anchor at line 2, column 12: "
         "a document cannot contain itself"
+    )
+
+
+def test_the_alias_limit_counts_what_aliases_stand_for_not_the_values_written_out(
+    consul: ConsulDev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit bounds the work aliases add: a file written out in full, within MAX_FILE_BYTES, has
+    its own bound (a 1 MiB `[?, ?, ...]` holds 1.5 values a byte, and was refused as "more than
+    1048576 values once YAML aliases are expanded" without an alias in it). Here with a limit of 100:
+    200 values written out pass, 101 standing for an alias are refused."""
+    import hostmesh.registry.cli as registry_cli
+
+    monkeypatch.setattr(registry_cli, "MAX_YAML_VALUES", 100)
+    s = svc()
+    written = ", ".join(f"/p{i}" for i in range(200))
+    plain = write(tmp_path, f"service: {s}\nx: [{written}]\n", "plain.yaml")
+    assert ": x: unknown field" in fails(run(consul, "intention", "apply", "-f", plain, "--dry-run"))
+    anchored = ", ".join(f"/p{i}" for i in range(100))  # with its sequence, 101 values
+    aliased = write(tmp_path, f"service: {s}\nx: [&a [{anchored}], *a]\n", "aliased.yaml")
+    assert "YAML aliases standing for more than 100 values, at line 2" in fails(
+        run(consul, "intention", "apply", "-f", aliased, "--dry-run")
     )
 
 
