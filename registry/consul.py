@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import ssl
+import stat
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -33,7 +34,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, resolve
+from hostmesh.registry.consul_settings import ConsulLayer, ConsulSettings, others_can_read, resolve
 from hostmesh.registry.errors import (
     Conflict,
     CutShort,
@@ -393,6 +394,9 @@ class ConsulClient:
         self.url = settings.url
         self._token_file = Path(settings.token_file) if settings.token_file is not None else None
         self._token_stamp = file_stamp(self._token_file)  # the token file as it was read
+        # a daemon refused a token file every user may read (check_secrets_private); one read then
+        # may not be replaced by such a file, where an operator's CLI takes either
+        self._token_private = self._token_file is None or others_can_read(self._token_file) is None
         self._token = settings.load_token()
         self._token_problem: str | None = None  # why the changed token file was not taken, last said
         tls = ssl_context(settings)
@@ -505,6 +509,7 @@ class ConsulClient:
         if stamp == self._token_stamp:
             return self._token
         try:
+            self._check_token_file()
             token = self.settings.load_token()
         except InvalidSettings as exc:
             if str(exc) != self._token_problem:
@@ -516,6 +521,20 @@ class ConsulClient:
             self._token = token
             log.info("Consul token file %s changed: sending its new token", self._token_file)
         return self._token
+
+    def _check_token_file(self) -> None:
+        """What the start made sure of, for a token file that changed since: a regular file (a FIFO
+        would block the event loop until someone writes to it) and, where the one read at the start
+        was, not readable by every user (InvalidSettings, one line)."""
+        assert self._token_file is not None
+        try:
+            mode = self._token_file.stat().st_mode
+        except OSError:
+            return  # reading it says why
+        if not stat.S_ISREG(mode):
+            raise InvalidSettings(f"Consul token file {self._token_file} is not a regular file")
+        if self._token_private:
+            self.settings.check_secrets_private()
 
     async def _raise_if_serverless(self, op: Op) -> None:
         """Before an ACL refusal is reported as the token's: a Consul agent that reaches no server (a

@@ -11,7 +11,8 @@ Three sources, each a `ConsulLayer` (None = not set there):
 then the environment). The token is one setting with two spellings: the first source that has a
 token or a token file decides, and within one source a token beats a token file. An empty value
 counts as not set, as with Consul's tools. `resolve` is pure (it reads no file); the token file is
-read by `ConsulSettings.load_token()` when a client is built, so a bad path is one clear error.
+read by `ConsulSettings.load_token()` when a client is built, so a bad path is one clear error, and
+again whenever it changes (registry/consul.py `ConsulClient._current_token`).
 
 A token goes into an HTTP header as is, so it is checked where it is chosen: surrounding whitespace
 is stripped (as from a token file: `echo` and here-docs add a newline), and what remains must be

@@ -20,8 +20,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import urllib.error
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from hostmesh.registry.consul_settings import TOKEN_RULE, ConsulLayer, resolve
 from hostmesh.registry.errors import PermissionDenied, Unavailable
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
 from tests.consul_secure import SecureConsulDev
-from tests.support import async_wait_until
+from tests.support import async_wait_until, tmp_dir_others_can_enter
 from tests.test_cli_ops import fails, ok, route_doc, write
 from tests.test_discovery_registrations import FailingReads
 
@@ -292,6 +294,61 @@ def test_a_token_file_is_read_again_when_it_changes(
         "from it before"
     ], caplog.text
     assert f"Consul token file {token_file} changed: sending its new token" in caplog.text
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter: a 0644 file in it is one every user can read."""
+    with tmp_dir_others_can_enter("hm-token-file-") as d:
+        yield d
+
+
+def test_a_token_file_replaced_by_what_the_start_refuses_is_not_read(
+    secure: SecureConsulDev, shared_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A changed token file is held to what the start holds it to. A FIFO in its place was opened on
+    the event loop, which waited for a writer (here a thread that writes the token once a reader
+    opens it: it found one); a file every user may read (which a daemon refuses at its start) was
+    taken. Both leave the token read before in use, said once each."""
+    name = svc("hostmesh-replaced")
+    token = secure.token_for(name, 'key_prefix "hostmesh/" { policy = "read" }\n')
+    token_file = shared_dir / "consul-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    opened_by_a_reader = threading.Event()
+
+    def writer() -> None:
+        with open(token_file, "w") as fifo:  # blocks until a reader opens it
+            opened_by_a_reader.set()
+            fifo.write(token)
+
+    async def main() -> None:
+        settings = resolve(file=ConsulLayer(token_file=str(token_file)), env=secure.client_env())
+        async with ConsulClient(settings) as c:
+            await c.kv_get("hostmesh/routes/anything")
+            token_file.unlink()
+            os.mkfifo(token_file, 0o600)
+            thread = threading.Thread(target=writer, daemon=True)
+            thread.start()
+            try:
+                await c.kv_get("hostmesh/routes/anything")
+                assert not opened_by_a_reader.is_set(), "the client opened the FIFO"
+            finally:
+                os.close(os.open(token_file, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+                thread.join(10)
+            token_file.unlink()
+            token_file.write_text("not-the-token")
+            token_file.chmod(0o644)
+            await c.kv_get("hostmesh/routes/anything")  # (a token Consul does not know would be refused)
+
+    with caplog.at_level(logging.INFO, logger="hostmesh.registry.consul"):
+        asyncio.run(main())
+    kept = [r.getMessage() for r in caplog.records if "still sending the token" in r.getMessage()]
+    assert kept == [
+        f"Consul token file {token_file} is not a regular file; still sending the token read from it before",
+        f"Consul token file {token_file} is readable by every user of this host (mode 0644); fix: chmod 600 "
+        f"{token_file} (or 640, its group the daemon's); still sending the token read from it before",
+    ], caplog.text
 
 
 def test_https_is_verified_both_ways(secure: SecureConsulDev, tokens: Tokens, tmp_path: Path) -> None:
