@@ -764,7 +764,7 @@ def parse_config(raw: dict[str, Any]) -> AgentConfig:
         nomad=_parse_nomad(raw["nomad"]) if "nomad" in raw else None,
         gateways=gateways,
     )
-    _check_binds(cfg)
+    check_binds(cfg)
     return cfg
 
 
@@ -786,7 +786,7 @@ def _listens(cfg: AgentConfig) -> list[tuple[str, Address, str, bool]]:
     return out
 
 
-def _check_binds(cfg: AgentConfig) -> None:
+def check_binds(cfg: AgentConfig) -> None:
     """Two of the agent's own sockets on one address would fail its start (or a reload) with an
     error naming neither key: refused here, naming both (two local services with an auto upstream to
     one name derive one address). Port 0 is any free port."""

@@ -48,6 +48,7 @@ from hostmesh.agent.config import (
     ConfigError,
     ServiceConfig,
     UpstreamConfig,
+    check_binds,
     check_permissions,
     load_config,
 )
@@ -952,6 +953,11 @@ class Agent:
             self._refuse_reload(str(exc))
             return
         new = self._keeping_restart_keys(new)
+        try:  # the file's binds were checked, but a removed service keeps its sockets (and the running
+            check_binds(new)  # admin its port): an upstream moved to a kept service took the same address
+        except ConfigError as exc:
+            self._refuse_reload(f"{exc}, as the running agent keeps it until a restart")
+            return
         if await self._apply(new):
             if self.workers is not None:  # they run what the primary runs: never a refused reload
                 self.workers.reconfigure(new)

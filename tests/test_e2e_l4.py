@@ -449,6 +449,42 @@ def test_a_reload_that_adds_and_removes_services_applies_the_kept_services_chang
             app.close()
 
 
+def test_a_reload_moving_an_upstream_from_a_removed_service_to_a_kept_one_is_refused_naming_the_clash(
+    mesh: TwoHosts,
+) -> None:
+    """A removed service runs on, its upstream sockets too, until a restart: an edit that removes
+    `old` and gives its upstream (its bind) to the kept `web` asked for a second socket on that
+    address. The reload was refused as 'Address already in use' (with `workers`, whose sockets share
+    the port, both bound and connections split between the two services' identities). It is refused
+    before any bind, naming both keys and why, and the running upstream still carries calls."""
+    m = mesh.m
+    web_app, old_app = EchoServer(), EchoServer()
+    try:
+        c = m.write_agent_config(
+            "node-c",
+            [
+                {"name": "old", "port": old_app.port, "upstreams": ["api"]},
+                {"name": "web", "port": web_app.port},
+            ],
+        )
+        m.start_agent(c)
+        head, old_block, web_block = c.config_path.read_text().split("[[services]]\n")
+        old_service, upstream = old_block.split("[[services.upstreams]]\n")
+        assert 'name = "old"' in old_service
+        c.config_path.write_text(
+            f"{head}[[services]]\n{web_block.rstrip()}\n[[services.upstreams]]\n{upstream}"
+        )
+        c.proc.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in c.proc.log(), 10.0, "the reload to be refused")
+        line = next(x for x in c.proc.log().splitlines() if "reload refused" in x)
+        assert f"listens on 127.0.0.1:{c.binds['api']}, as services[0].upstreams[0].bind does" in line, line
+        assert "as the running agent keeps it until a restart" in line, line
+        assert roundtrip(c.binds["api"], b"still through old's upstream") == b"still through old's upstream"
+    finally:
+        web_app.close()
+        old_app.close()
+
+
 def test_a_stop_cuts_after_its_drain_what_a_reload_left_to_a_replaced_stack(mesh: TwoHosts) -> None:
     """A replaced stack's connections run until they end, but a stop does not wait for them beyond
     its drain: the agent exits cleanly and the connection is cut."""
