@@ -425,7 +425,9 @@ class _AuditedTLSServer(HTTPServer):
     async def _finish_requests(self) -> None:
         """At a stop, the requests in the handler get CLOSE_GRACE to be answered; those still waiting
         then (on a Consul or a Nomad JWKS that does not answer) are cut short and answered 503, so
-        the client asks another CA, said in one line. (Their connections were closed at once, the
+        the client asks another CA, said in one line. (A sign cut while Consul applies its join
+        token's redemption may leave the token spent: the retry is told it was used; not handed back
+        here.) (Their connections were closed at once, the
         requests ran on unanswerable, and asyncio.run's teardown cancelled them with a traceback.)"""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_GRACE):
