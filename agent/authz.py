@@ -82,6 +82,12 @@ def _candidates(intentions: Intentions, source: str) -> Iterator[tuple[int, Rule
         yield i, rule, 1 if rule.permissions else 0
 
 
+def _outranks(rank: int, rule: Rule, best_rank: int, best: Rule | None) -> bool:
+    """Does `rule` (of specificity `rank`) take the place of the best so far? The more specific
+    wins; at equal specificity a deny wins over an allow, and otherwise the earlier rule stays."""
+    return rank > best_rank or (rank == best_rank and best is not None and best.allow and not rule.allow)
+
+
 def _reason(index: int, rule: Rule, l7: bool = False) -> str:
     suffix = " l7" if l7 or rule.permissions else ""
     return f"rule {index} {rule.action} {rule.source}{suffix}"
@@ -111,7 +117,7 @@ def _authorize_path(
             continue
         if rule.permissions and not any(p.matches(method, path) for p in rule.permissions):
             continue
-        if rank > best_rank or (rank == best_rank and best is not None and best.allow and not rule.allow):
+        if _outranks(rank, rule, best_rank, best):
             best_rank, best_i, best = rank, i, rule
     if best is None:
         return _default(intentions, default_allow)
@@ -154,7 +160,7 @@ def authorize_connection(
             if l7 or rule.allow:
                 continue
             rank -= 1  # l7=False: an L7 deny counts as a plain deny of its source tier
-        if rank > best_rank or (rank == best_rank and best is not None and best.allow and not rule.allow):
+        if _outranks(rank, rule, best_rank, best):
             best_rank, best_i, best = rank, i, rule
     plain = (
         _default(intentions, default_allow) if best is None else Decision(best.allow, _reason(best_i, best))
