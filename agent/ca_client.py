@@ -244,11 +244,11 @@ class CAClient:
             headers = {**headers, "connection": "close"}
             return await client.request(method, path, body, headers, timeout=REQUEST_TIMEOUT)
         except Unavailable as exc:
-            text = str(exc).removeprefix(f"{client.base_url}: ")  # (each message here names the CA)
+            text = exc.reason  # (each message here names the CA: its address is said once, as the CA's)
             if "TLS verification failed" in text:
-                raise TrustError(f"CA at {self.url} is not trusted: {text}{_clock_hint(text)}") from None
+                raise TrustError(f"is not trusted: {text}{_clock_hint(text)}", address=self.url) from None
             if client_cert and any(a in text for a in _CLIENT_CERT_ALERTS):
-                raise Unauthorized(f"CA at {self.url} refused our client certificate: {text}") from None
+                raise Unauthorized(f"refused our client certificate: {text}", address=self.url) from None
             if client_cert and any(c in text for c in _CLOSED_AT_ONCE):
                 # a refused client certificate looks like this: the CA's TLS stack (asyncio) closes
                 # without the alert that would say so; still retried as an outage, which it may be
@@ -256,7 +256,7 @@ class CAClient:
                     " (if the CA is up, it refused this host's certificate: see its log; a clock that "
                     "is off, on either host, is a common cause)"
                 )
-            raise CAUnavailable(f"CA at {self.url} unreachable: {text}") from None
+            raise CAUnavailable(f"unreachable: {text}", address=self.url) from None
         finally:
             await client.close()
 
@@ -281,18 +281,18 @@ def _json(resp: Response, url: str) -> object:
     # 429: the CA sheds load; 408: our request reached it too slowly (a lossy link, a busy host), and
     # nothing was spent: both retried with backoff, like an outage
     if resp.status >= 500 or resp.status in (408, 429):
-        raise CAUnavailable(f"CA at {url} answered {resp.status}: {_error_text(resp)}", retry_after(resp))
+        raise CAUnavailable(f"answered {resp.status}: {_error_text(resp)}", retry_after(resp), address=url)
     if resp.status != 200:
         message = _error_text(resp)
         if resp.status in (401, 403):
             raise Unauthorized(message)
         if resp.status == 400:
             raise InvalidRequest(message)
-        raise CAError(f"CA at {url} answered {resp.status}: {message}")
+        raise CAError(f"answered {resp.status}: {message}", address=url)
     try:
         return resp.json()
     except ValueError:
-        raise CAUnavailable(f"CA at {url} answered with invalid JSON") from None
+        raise CAUnavailable("answered with invalid JSON", address=url) from None
 
 
 def retry_after(resp: Response) -> float | None:
@@ -316,7 +316,7 @@ def longest_wait(previous: CAUnavailable | None, exc: CAUnavailable) -> CAUnavai
 def _chain(resp: Response, url: str) -> str:
     doc = _json(resp, url)
     if not isinstance(doc, dict) or not isinstance(doc.get("chain"), str):
-        raise CAUnavailable(f"CA at {url} answered without a chain")
+        raise CAUnavailable("answered without a chain", address=url)
     return str(doc["chain"])
 
 

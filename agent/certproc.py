@@ -596,10 +596,10 @@ def answer_error(answer: dict[str, Any]) -> CAError:
     if not (isinstance(kind, type) and issubclass(kind, CAError)):
         kind = CAError
     message = str(answer.get("error", "certificate helper failed"))
-    if not issubclass(kind, ca_errors.CAUnavailable):
-        return kind(message)
-    seconds = _seconds(answer.get("retry_after"))
-    return kind(message) if seconds is None else kind(message, seconds)
+    error = kind(message)
+    if isinstance(error, ca_errors.CAUnavailable):
+        error.retry_after = _seconds(answer.get("retry_after"))
+    return error
 
 
 # --- the child --------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ import click
 
 from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul_settings import resolve
-from hostmesh.registry.errors import NOT_ACL_FIX, InvalidDocument, PermissionDenied, RegistryError
+from hostmesh.registry.errors import (
+    NOT_ACL_FIX,
+    InvalidDocument,
+    PermissionDenied,
+    RegistryError,
+    Unavailable,
+)
 from hostmesh.registry.files import SERVICE_USER
 from hostmesh.registry.layout import (
     CA_SERVICE_NAME,
@@ -95,7 +101,7 @@ async def _consul_and_documents(
                 "error",
                 "consul-unreachable",
                 subject,
-                str(exc).removeprefix(f"Consul at {consul.url}: "),  # (the subject says it)
+                exc.reason if isinstance(exc, Unavailable) else str(exc),  # (the subject says the address)
                 "check --consul / CONSUL_HTTP_ADDR and that Consul runs",
             )
         )
@@ -226,7 +232,7 @@ async def _ca(consul: ConsulClient, address: str | None, pin: str | None, trust_
         try:
             roots = await asyncio.wait_for(client.roots_unverified(), CHECK_TIMEOUT)
         except (CAError, RegistryError, TimeoutError, OSError) as exc:
-            out.append(_ca_unreachable(subject, exc, client.url))
+            out.append(_ca_unreachable(subject, exc))
             continue
         if pin:
             try:
@@ -294,7 +300,7 @@ async def _ca_serves_from_pin(
                     "error",
                     "ca-untrusted",
                     subject,
-                    _ca_said(exc, client.url),
+                    _ca_said(exc),
                     "a new host is refused the same way: check this host's clock and the CA host's, and "
                     "the CA's log (its serving certificate)",
                 )
@@ -313,26 +319,28 @@ async def _ca_serves_from_pin(
             )
         ]
     except (CAError, RegistryError, TimeoutError, OSError) as exc:
-        return [_ca_unreachable(subject, exc, client.url)]
+        return [_ca_unreachable(subject, exc)]
     return []
 
 
-def _ca_unreachable(subject: str, exc: Exception, url: str) -> Finding:
+def _ca_unreachable(subject: str, exc: Exception) -> Finding:
     from hostmesh.registry.analysis import Finding
 
     return Finding(
         "error",
         "ca-unreachable",
         subject,
-        _ca_said(exc, url) or "timed out",
+        _ca_said(exc) or "timed out",
         "check that the CA runs and this host can reach it",
     )
 
 
-def _ca_said(exc: Exception, url: str) -> str:
-    """CAClient's error about the CA at `url` as a finding's one-line message: without "CA at <url>",
+def _ca_said(exc: Exception) -> str:
+    """CAClient's error as a finding's one-line message: what it says of the CA, not the CA's address,
     which the finding's subject says (as a Consul finding's message leaves out Consul's address)."""
-    return " ".join(str(exc).split()).removeprefix(f"CA at {url} ")
+    from hostmesh.ca.errors import CAError
+
+    return " ".join((exc.reason if isinstance(exc, CAError) else str(exc)).split())
 
 
 AGENT_ADDRESS_FIX = "pass an agent's admin address (agent.toml `admin`, default 127.0.0.1:15000) with --agent"

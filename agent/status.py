@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry import names
-from hostmesh.registry.errors import RegistryError
+from hostmesh.registry.errors import RegistryError, Unavailable
 from hostmesh.registry.layout import MAX_NESTING, nested_deeper_than
 from hostmesh.registry.names import holds_credentials
 
@@ -575,8 +575,9 @@ async def _agent_version(address: str) -> dict[str, Any]:
         raise click.ClickException(str(exc)) from None
     try:
         _, body = await admin_get(client, "/v1/version", version_problem)
-    except RegistryError as exc:
-        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {exc}") from None
+    except RegistryError as exc:  # (the line names the address: the HTTP client's reason alone)
+        said = exc.reason if isinstance(exc, Unavailable) else str(exc)
+        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {said}") from None
     except AdminAnswerError as exc:
         raise click.ClickException(f"{address}: {exc}") from None
     finally:

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 class CAError(Exception):
     """Base of every hostmesh.ca error; str() is one line fit for a user. `retry_after`: seconds before
-    a retry can succeed, when known (a refusal carrying one is answered with that Retry-After)."""
+    a retry can succeed, when known (a refusal carrying one is answered with that Retry-After).
+    An error about one CA instance (the agent's CA client's) carries its `address` apart from
+    `reason`, what is said of it ("unreachable: connection refused"), so a caller that names the CA
+    itself says `reason` alone; str() is "CA at <address> <reason>"."""
 
     retry_after: float | None = None
+
+    def __init__(self, reason: str, *, address: str | None = None) -> None:
+        super().__init__(f"CA at {address} {reason}" if address else reason)
+        self.reason = reason
+        self.address = address
 
 
 class InvalidRequest(CAError):
@@ -44,8 +52,8 @@ class CAUnavailable(CAError):
     """The CA could not be reached or answered 5xx or 429: keep current state, retry with backoff, and
     not before `retry_after` seconds when the CA said so (its Retry-After)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, retry_after: float | None = None, *, address: str | None = None) -> None:
+        super().__init__(reason, address=address)
         self.retry_after = retry_after
 
 

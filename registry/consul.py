@@ -447,8 +447,8 @@ class ConsulClient:
                 resp = await self._blocking_http.request(
                     method, target, body, headers, blocking_wait + BLOCKING_SLACK
                 )
-        except Unavailable as exc:  # "<url>: connection refused": say what is there, as Nomad's client does
-            raise type(exc)(f"Consul at {exc}") from None
+        except Unavailable as exc:  # "Consul at <url>: ...": say what is there, as Nomad's client does
+            raise type(exc)(exc.reason, address=exc.address, peer="Consul") from None
         if resp.status < 300 or resp.status in allow:
             if resp.status == 404 and INDEX_HEADER not in resp.headers:  # only KV reads allow a 404
                 # Consul's "no such key" carries the index to block on; a 404 without one is another

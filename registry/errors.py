@@ -15,7 +15,17 @@ class RegistryError(Exception):
 
 
 class Unavailable(RegistryError):
-    """The peer (Consul, the CA, an agent) could not be reached, timed out or answered 5xx: retry later."""
+    """The peer (Consul, the CA, an agent) could not be reached, timed out or answered 5xx: retry later.
+    A connection's failure carries the peer's `address` apart from `reason`, what went wrong, so a
+    caller that names the peer itself says `reason` alone; str() is "<address>: <reason>", or
+    "<peer> at <address>: <reason>" once a client says what the peer is (Consul's)."""
+
+    def __init__(self, reason: str, *, address: str | None = None, peer: str | None = None) -> None:
+        where = f"{peer} at {address}" if peer else address
+        super().__init__(f"{where}: {reason}" if address else reason)
+        self.reason = reason
+        self.address = address
+        self.peer = peer
 
 
 class UnexpectedAnswer(Unavailable):

@@ -267,14 +267,14 @@ class HTTPClient:
                 # an OSError with ETIMEDOUT is a TimeoutError too: _connection's connect timeout (or
                 # the kernel's) says its own, which is not the request's timeout
                 if exc.errno is not None:
-                    raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
-                raise Unavailable(f"{self.base_url}: no answer within {timeout:g}s") from None
+                    raise Unavailable(_describe(exc), address=self.base_url) from None
+                raise Unavailable(f"no answer within {timeout:g}s", address=self.base_url) from None
             except (OSError, ssl.SSLError, EOFError, httptools.HttpParserError, _TooLarge) as exc:
                 if isinstance(exc, _TooLarge):
-                    raise AnswerTooLarge(f"{self.base_url}: {exc}") from None
+                    raise AnswerTooLarge(str(exc), address=self.base_url) from None
                 if attempt == 0 and reused and method in ("GET", "HEAD"):
                     continue
-                raise Unavailable(f"{self.base_url}: {_describe(exc)}") from None
+                raise Unavailable(_describe(exc), address=self.base_url) from None
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
@@ -286,8 +286,8 @@ class HTTPClient:
         if self._slots.locked():
             if self._waiting >= MAX_WAITING_PER_CLIENT:
                 raise Unavailable(
-                    f"{self.base_url}: {self._waiting} requests already waiting for one of "
-                    f"{self.max_connections} connections"
+                    f"{self._waiting} requests already waiting for one of {self.max_connections} connections",
+                    address=self.base_url,
                 )
             self._waiting += 1
             try:

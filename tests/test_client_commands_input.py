@@ -411,6 +411,14 @@ def test_version_of_a_real_agent(serve: Callable[..., Peer]) -> None:
     assert out.exit_code == 0 and out.stdout.splitlines()[1] == "agent   0.9.0 (pure Python)", out.output
 
 
+def test_version_of_an_agent_not_running_names_its_address_once() -> None:
+    """The line named the address, then the HTTP client's error named it again as a URL ('... API at
+    127.0.0.1:P: http://127.0.0.1:P: connection refused')."""
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    out = hm("version", "--agent", address)
+    assert fails(out) == f"Error: cannot reach the agent's admin API at {address}: connection refused"
+
+
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
