@@ -28,7 +28,7 @@ from hostmesh.registry.consul import ConsulClient
 from tests.ca_support import mesh_identities
 from tests.support import ConsulDev, async_wait_until
 from tests.test_agent_permissions import write_config
-from tests.test_certproc import WAIT, certproc, mesh  # noqa: F401  (mesh: a fixture)
+from tests.test_certproc import WAIT, cert_process, mesh  # noqa: F401  (mesh: a fixture)
 from tests.test_certs import Env, client, env, fast_retries  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.consul
@@ -174,11 +174,7 @@ async def test_a_dropped_then_restored_root_is_followed_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     m, h = mesh
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    changed = asyncio.Event()
-    cp.subscribe(changed.set)
-    try:
+    async with cert_process(m, h) as (cp, _, consul):
         await asyncio.wait_for(cp.start(), WAIT)
         (view,) = cp.infos()
         assert view.state is CertState.VALID
@@ -213,9 +209,6 @@ async def test_a_dropped_then_restored_root_is_followed_at_once(
             return bool(infos) and infos[0].state is CertState.VALID and not cp.problems()
 
         await async_wait_until(restored, WAIT, "the restored root to be trusted again")
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 # --- 3. permissions of the cert dir, roots.pem and certificates ---------------------------------

@@ -7,6 +7,7 @@ must behave as with the in-process manager (agent/certs.py, tested in test_certs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,21 +54,30 @@ def mesh(private_consul: ConsulDev, tmp_path: Path) -> Iterator[tuple[LocalMesh,
         m.close()
 
 
-def certproc(m: LocalMesh, h: AgentHandle, consul: ConsulClient) -> CertProcess:
-    return CertProcess(
+@contextlib.asynccontextmanager
+async def cert_process(
+    m: LocalMesh, h: AgentHandle
+) -> AsyncIterator[tuple[CertProcess, asyncio.Event, ConsulClient]]:
+    """The certificate process of `h`'s agent (service "api"), not started, with the event it sets
+    each time it tells its subscribers of new certificates and its Consul client; both closed after."""
+    consul = ConsulClient(m.consul_url)
+    cp = CertProcess(
         config_path=h.config_path, data_dir=h.data_dir, services=["api"], consul=consul, pin=m.pin
     )
+    changed = asyncio.Event()
+    cp.subscribe(changed.set)
+    try:
+        yield cp, changed, consul
+    finally:
+        await cp.close()
+        await consul.close()
 
 
 async def test_bootstrap_renew_and_notify_without_loading_cryptography(
     mesh: tuple[LocalMesh, AgentHandle],
 ) -> None:
     m, h = mesh
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    changed = asyncio.Event()
-    cp.subscribe(changed.set)
-    try:
+    async with cert_process(m, h) as (cp, changed, _):
         await asyncio.wait_for(cp.start(), WAIT)
         chain, key = cp.paths("api")
         assert chain.exists() and key.exists() and (key.stat().st_mode & 0o777) == 0o600
@@ -86,9 +96,6 @@ async def test_bootstrap_renew_and_notify_without_loading_cryptography(
         await asyncio.wait_for(changed.wait(), WAIT)
         assert cp.infos()[0].serial != first_serial
         assert cp.infos()[0].renew_at > now
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 def test_the_agent_modules_do_not_import_cryptography() -> None:
@@ -140,15 +147,10 @@ def test_the_start_up_helpers_ca_wait_is_booked_by_the_agent() -> None:
 async def test_a_refused_token_is_one_line_of_the_right_kind(mesh: tuple[LocalMesh, AgentHandle]) -> None:
     m, h = mesh
     (h.data_dir / "join-token").write_text("not-a-token\n")
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    try:
+    async with cert_process(m, h) as (cp, _, _):
         with pytest.raises(Unauthorized) as err:
             await asyncio.wait_for(cp.start(), WAIT)
         assert "\n" not in str(err.value) and "hostmesh ca token create --service api" in str(err.value)
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 def test_a_restart_whose_stored_certificate_the_helper_rejects_stops_with_one_line(
@@ -265,15 +267,10 @@ async def test_a_token_file_that_holds_no_join_token_is_named_not_sent(
             "holds a UUID, the form of a Consul or Nomad ACL token, not a join token (hmt1.…) or a "
             "workload identity (a JWT): not sent to the CA"
         )
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    try:
+    async with cert_process(m, h) as (cp, _, _):
         with pytest.raises(Unauthorized) as err:
             await asyncio.wait_for(cp.start(), WAIT)
         assert str(err.value) == f"{token_file} {why}"
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 # --- a renewal try that fails in this host, not at the CA -----------------------------------------
@@ -287,12 +284,8 @@ async def test_a_helper_that_cannot_be_spawned_is_a_failed_try_retried_until_ren
     unrenewed while /v1/certs said `valid`), and the stop then raised it. It is a failed try now:
     shown with its reason, retried on the backoff, renewed once descriptors are free again."""
     m, h = mesh
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    renewed = asyncio.Event()
-    cp.subscribe(renewed.set)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
+    async with cert_process(m, h) as (cp, renewed, _):
         await asyncio.wait_for(cp.start(), WAIT)
         first = cp.infos()[0]
         for task in cp._tasks:
@@ -314,10 +307,6 @@ async def test_a_helper_that_cannot_be_spawned_is_a_failed_try_retried_until_ren
         await asyncio.wait_for(renewed.wait(), WAIT)  # the backoff's next try, with descriptors free
         (info,) = cp.infos()
         assert info.serial != first.serial and info.state is renewal.CertState.VALID and info.problem is None
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        await cp.close()
-        await consul.close()
 
 
 async def test_a_bundle_the_cert_dir_could_not_take_is_applied_once_it_is_writable(
@@ -329,9 +318,7 @@ async def test_a_bundle_the_cert_dir_could_not_take_is_applied_once_it_is_writab
     still did not trust the staged root (`hostmesh check` said agent-roots-behind) until its next
     renewal, and an `--activate` meanwhile cut it off from every peer that renewed. It is retried."""
     m, h = mesh
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    try:
+    async with cert_process(m, h) as (cp, _, _):
         await asyncio.wait_for(cp.start(), WAIT)
         (first,) = cp.root_ids
         with immutable(cp.dir):
@@ -344,9 +331,6 @@ async def test_a_bundle_the_cert_dir_could_not_take_is_applied_once_it_is_writab
             assert cp.root_ids == (first,)
         await async_wait_until(lambda: staged in cp.root_ids, WAIT, "the staged root to be trusted")
         assert set(cp.root_ids) == {first, staged} and cp.roots_pem.count("BEGIN CERTIFICATE") == 2
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 def issued(m: LocalMesh) -> list[str]:
@@ -365,11 +349,7 @@ async def test_a_renewal_into_a_cert_dir_it_cannot_write_asks_the_ca_for_nothing
     renewal's request too: the try fails naming the directory, the CA issues nothing, and the
     renewal succeeds once the directory takes writes again."""
     m, h = mesh
-    consul = ConsulClient(m.consul_url)
-    cp = certproc(m, h, consul)
-    renewed = asyncio.Event()
-    cp.subscribe(renewed.set)
-    try:
+    async with cert_process(m, h) as (cp, renewed, _):
         await asyncio.wait_for(cp.start(), WAIT)
         first = cp.infos()[0]
         for task in cp._tasks:
@@ -387,9 +367,6 @@ async def test_a_renewal_into_a_cert_dir_it_cannot_write_asks_the_ca_for_nothing
         (info,) = cp.infos()
         assert info.serial != first.serial and info.state is renewal.CertState.VALID and info.problem is None
         assert len(issued(m)) == len(before) + 1
-    finally:
-        await cp.close()
-        await consul.close()
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,25 @@ def tokens(secure: SecureConsulDev) -> Tokens:
     return Tokens(secure)
 
 
+AclMesh = tuple[LocalMesh, EchoServer]
+
+
+@pytest.fixture
+def acl_mesh(secure: SecureConsulDev, tokens: Tokens, tmp_path: Path) -> Iterator[AclMesh]:
+    """A LocalMesh on the secure Consul, its CA started with the CA policy's token (in the mesh's
+    processes' environment: each agent's `[consul] token_file` overrides it), and an echo app for
+    the agents' services to serve."""
+    echo = EchoServer()
+    m = LocalMesh(tmp_path / "mesh", secure.url)
+    m.env.update(secure.client_env(tokens.ca))
+    try:
+        m.start_ca()
+        yield m, echo
+    finally:
+        m.close()
+        echo.close()
+
+
 def with_token_file(h: AgentHandle, token: str) -> Path:
     """`token` in a 0600 file of `h`'s data dir, which its agent.toml names as `[consul] token_file`."""
     token_file = h.data_dir / "consul-token"
@@ -394,173 +413,145 @@ def test_acl_policy_command_prints_what_consul_accepts(secure: SecureConsulDev) 
 
 @pytest.mark.e2e
 def test_ca_and_two_agents_with_the_shipped_policies_over_https(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, tokens: Tokens, acl_mesh: AclMesh
 ) -> None:
     """`hostmesh ca serve` with the CA policy's token, two agents each with its own agent-policy token
     in agent.toml's `[consul] token_file`, TLS settings from Consul's environment variables, and the
     operator's token for intentions: traffic flows and a deny takes effect."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))  # the CA's processes; agents' files override the token
-    try:
-        m.start_ca()
+    m, echo = acl_mesh
 
-        def agent(node: str, service: str, upstreams: list[str]) -> AgentHandle:
-            h = m.write_agent_config(node, [{"name": service, "port": echo.port, "upstreams": upstreams}])
-            with_token_file(h, secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
-            return m.start_agent(h, wait=False)
+    def agent(node: str, service: str, upstreams: list[str]) -> AgentHandle:
+        h = m.write_agent_config(node, [{"name": service, "port": echo.port, "upstreams": upstreams}])
+        with_token_file(h, secure.token_for(f"hostmesh-agent-{node}", acl.agent_policy([service])))
+        return m.start_agent(h, wait=False)
 
-        server = agent("acl-server", "aclapi", [])
-        client_agent = agent("acl-client", "aclweb", ["aclapi"])
-        m.wait_ready(server)
-        m.wait_ready(client_agent)
-        m.wait_endpoints(client_agent, "aclapi", 1)
-        assert roundtrip(client_agent.binds["aclapi"], b"through ACLs") == b"through ACLs"
+    server = agent("acl-server", "aclapi", [])
+    client_agent = agent("acl-client", "aclweb", ["aclapi"])
+    m.wait_ready(server)
+    m.wait_ready(client_agent)
+    m.wait_endpoints(client_agent, "aclapi", 1)
+    assert roundtrip(client_agent.binds["aclapi"], b"through ACLs") == b"through ACLs"
 
-        ok(hm(secure, "intention", "deny", "aclweb", "aclapi", env_token=tokens.operator))
-        wait_for(
-            lambda: refused(client_agent.binds["aclapi"], b"x", timeout=1),
-            10.0,
-            "the deny written with the operator's token to reach the agents",
-        )
-        ok(hm(secure, "intention", "allow", "aclweb", "aclapi", env_token=tokens.operator))
-        wait_for(
-            lambda: roundtrip(client_agent.binds["aclapi"], b"y", timeout=1) == b"y",
-            10.0,
-            "the allow to reach the agents",
-        )
-    finally:
-        m.close()
-        echo.close()
+    ok(hm(secure, "intention", "deny", "aclweb", "aclapi", env_token=tokens.operator))
+    wait_for(
+        lambda: refused(client_agent.binds["aclapi"], b"x", timeout=1),
+        10.0,
+        "the deny written with the operator's token to reach the agents",
+    )
+    ok(hm(secure, "intention", "allow", "aclweb", "aclapi", env_token=tokens.operator))
+    wait_for(
+        lambda: roundtrip(client_agent.binds["aclapi"], b"y", timeout=1) == b"y",
+        10.0,
+        "the allow to reach the agents",
+    )
 
 
 def test_a_service_consul_refuses_to_register_leaves_the_others_registered_and_is_not_ready(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, tmp_path: Path, acl_mesh: AclMesh
 ) -> None:
     """An agent whose token lacks service:write on one of its services (say, a gateway left out of
     its policy): the others are registered all the same, /ready answers 503 naming the refused one
     and why, `hostmesh status` says so, and once the policy is fixed in Consul the agent registers it
     and is ready, without a restart."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     refused, allowed = svc("aclaaa"), svc("aclzzz")  # the refused one first: it used to end the round
     policy = f"hostmesh-agent-{allowed}"
-    try:
-        m.start_ca()
-        h = m.write_agent_config(
-            "acl-half", [{"name": refused, "port": echo.port, "upstreams": []},
-                         {"name": allowed, "port": echo.port, "upstreams": []}],
-        )  # fmt: skip
-        with_token_file(h, secure.token_for(policy, acl.agent_policy([allowed])))
-        m.start_agent(h, wait=False)
+    h = m.write_agent_config(
+        "acl-half", [{"name": refused, "port": echo.port, "upstreams": []},
+                     {"name": allowed, "port": echo.port, "upstreams": []}],
+    )  # fmt: skip
+    with_token_file(h, secure.token_for(policy, acl.agent_policy([allowed])))
+    m.start_agent(h, wait=False)
 
-        def catalog() -> set[str]:
-            return set(secure.consul_cli("catalog", "services").split())
+    def catalog() -> set[str]:
+        return set(secure.consul_cli("catalog", "services").split())
 
-        wait_for(lambda: allowed in catalog(), 30.0, f"{allowed} to be registered")
-        wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused registration")
-        _, body = h.get("/ready")
-        assert body["ready"] is False
-        assert body["not_registered"] == {
-            refused: "Consul refused its registration: Consul ACL denied registration of "
-            f"{refused}-acl-half: the token lacks service:write on {refused}"
-        }
-        assert refused not in catalog()
-        shown = CliRunner().invoke(cli, ["status", "--agent", f"127.0.0.1:{h.admin_port}"])
-        assert f"  not ready  {refused} (Consul): Consul refused its registration" in shown.output
+    wait_for(lambda: allowed in catalog(), 30.0, f"{allowed} to be registered")
+    wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused registration")
+    _, body = h.get("/ready")
+    assert body["ready"] is False
+    assert body["not_registered"] == {
+        refused: "Consul refused its registration: Consul ACL denied registration of "
+        f"{refused}-acl-half: the token lacks service:write on {refused}"
+    }
+    assert refused not in catalog()
+    shown = CliRunner().invoke(cli, ["status", "--agent", f"127.0.0.1:{h.admin_port}"])
+    assert f"  not ready  {refused} (Consul): Consul refused its registration" in shown.output
 
-        rules = tmp_path / "fixed.hcl"
-        rules.write_text(acl.agent_policy([refused, allowed]))
-        secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
-        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service once allowed")
-        assert {refused, allowed} <= catalog()
-        assert h.proc.log().count(f"cannot register {refused}:") == 1  # once per streak
-    finally:
-        m.close()
-        echo.close()
+    rules = tmp_path / "fixed.hcl"
+    rules.write_text(acl.agent_policy([refused, allowed]))
+    secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+    wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service once allowed")
+    assert {refused, allowed} <= catalog()
+    assert h.proc.log().count(f"cannot register {refused}:") == 1  # once per streak
 
 
 def test_a_first_start_whose_token_consul_does_not_know_says_so_not_that_consul_is_slow(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    acl_mesh: AclMesh,
 ) -> None:
     """An agent's first start (no saved state) with a token Consul does not know: its watches were
     refused at once ("ACL not found"), and the start's summary said "Consul has not answered every
     watch yet", an outage or a slow Consul where the fix is the token. It says Consul's refusal."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
-    try:
-        m.start_ca()
-        h = m.write_agent_config("acl-unknown", [{"name": svc("aclunk"), "port": echo.port, "upstreams": []}])
-        with_token_file(h, WRONG_TOKEN)
-        m.start_agent(h, wait=False)
-        wait_for(lambda: "serving from an empty state" in h.proc.log(), 30.0, "the start's summary")
-        said = [line for line in h.proc.log().splitlines() if "serving from an empty state" in line]
-        assert len(said) == 1 and "Consul has not answered" not in said[0], said
-        assert "Consul's reads fail: Consul ACL denied " in said[0], said
-        assert "the token is not known to Consul (ACL not found); serving from an empty state" in said[0]
-    finally:
-        m.close()
-        echo.close()
+    m, echo = acl_mesh
+    h = m.write_agent_config("acl-unknown", [{"name": svc("aclunk"), "port": echo.port, "upstreams": []}])
+    with_token_file(h, WRONG_TOKEN)
+    m.start_agent(h, wait=False)
+    wait_for(lambda: "serving from an empty state" in h.proc.log(), 30.0, "the start's summary")
+    said = [line for line in h.proc.log().splitlines() if "serving from an empty state" in line]
+    assert len(said) == 1 and "Consul has not answered" not in said[0], said
+    assert "Consul's reads fail: Consul ACL denied " in said[0], said
+    assert "the token is not known to Consul (ACL not found); serving from an empty state" in said[0]
 
 
 def test_a_service_whose_ttl_update_consul_refuses_does_not_starve_the_others(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, tmp_path: Path, acl_mesh: AclMesh
 ) -> None:
     """The host's policy is regenerated without one of its services (it moved hosts, a gateway left
     out): Consul refuses that service's TTL update. That ended the whole round, so the TTL checks of
     the services after it in the config were no longer refreshed and went critical, while /ready
     said 200. Now the refused one is that service's alone, as a refused registration is: named by
     /ready, logged once per streak, and picked up again once the policy is fixed."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     refused, allowed = svc("ttlaaa"), svc("ttlzzz")  # the refused one first: it ended the round
     policy = f"hostmesh-agent-{allowed}"
-    try:
-        m.start_ca()
-        h = m.write_agent_config(
-            "ttl-half", [{"name": refused, "port": echo.port, "upstreams": []},
-                         {"name": allowed, "port": echo.port, "upstreams": []}],
-        )  # fmt: skip
-        with_token_file(h, secure.token_for(policy, acl.agent_policy([refused, allowed])))
-        m.start_agent(h)  # both registered: ready
+    h = m.write_agent_config(
+        "ttl-half", [{"name": refused, "port": echo.port, "upstreams": []},
+                     {"name": allowed, "port": echo.port, "upstreams": []}],
+    )  # fmt: skip
+    with_token_file(h, secure.token_for(policy, acl.agent_policy([refused, allowed])))
+    m.start_agent(h)  # both registered: ready
 
-        def set_policy_for(*services: str) -> None:
-            rules = tmp_path / "policy.hcl"
-            rules.write_text(acl.agent_policy(list(services)))
-            secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+    def set_policy_for(*services: str) -> None:
+        rules = tmp_path / "policy.hcl"
+        rules.write_text(acl.agent_policy(list(services)))
+        secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
 
-        set_policy_for(allowed)
-        wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused TTL update")
-        _, body = h.get("/ready")
-        assert body["not_registered"] == {
-            refused: f"Consul refused its TTL update: Consul ACL denied TTL update of {refused}-ttl-half:"
-            "agent: the token lacks service:write on its service"
-        }, body
-        # allowed's check, made critical here, is refreshed by the agent's next round (within 3 s),
-        # though the refused service comes first: no wait for a TTL to lapse
-        allowed_check = f"{allowed}-ttl-half:agent"
+    set_policy_for(allowed)
+    wait_for(lambda: h.get("/ready")[0] == 503, 30.0, "/ready to name the refused TTL update")
+    _, body = h.get("/ready")
+    assert body["not_registered"] == {
+        refused: f"Consul refused its TTL update: Consul ACL denied TTL update of {refused}-ttl-half:"
+        "agent: the token lacks service:write on its service"
+    }, body
+    # allowed's check, made critical here, is refreshed by the agent's next round (within 3 s),
+    # though the refused service comes first: no wait for a TTL to lapse
+    allowed_check = f"{allowed}-ttl-half:agent"
 
-        async def check(status: str | None = None) -> str:
-            """Set `allowed`'s TTL check to `status` (as the master token), then read its status."""
-            async with client(secure, secure.master_token) as consul:
-                if status is not None:
-                    await consul.check_ttl(allowed_check, status)
-                return str((await consul.agent_checks())[allowed_check]["Status"])
+    async def check(status: str | None = None) -> str:
+        """Set `allowed`'s TTL check to `status` (as the master token), then read its status."""
+        async with client(secure, secure.master_token) as consul:
+            if status is not None:
+                await consul.check_ttl(allowed_check, status)
+            return str((await consul.agent_checks())[allowed_check]["Status"])
 
-        asyncio.run(check("fail"))  # (its status read at once could already be the next refresh)
-        wait_for(lambda: asyncio.run(check()) == "passing", 15.0, f"the agent to refresh {allowed_check}")
+    asyncio.run(check("fail"))  # (its status read at once could already be the next refresh)
+    wait_for(lambda: asyncio.run(check()) == "passing", 15.0, f"the agent to refresh {allowed_check}")
 
-        set_policy_for(refused, allowed)
-        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the TTL update accepted again")
-        log = h.proc.log()
-        assert log.count(f"cannot keep {refused} alive in Consul:") == 1, log  # once per streak
-        assert f"Consul accepts the TTL update of {refused} again" in log
-    finally:
-        m.close()
-        echo.close()
+    set_policy_for(refused, allowed)
+    wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the TTL update accepted again")
+    log = h.proc.log()
+    assert log.count(f"cannot keep {refused} alive in Consul:") == 1, log  # once per streak
+    assert f"Consul accepts the TTL update of {refused} again" in log
 
 
 def test_ca_serve_takes_the_global_consul_options(tmp_path: Path) -> None:
@@ -960,45 +951,38 @@ async def test_a_key_the_token_may_not_read_is_denied_even_when_it_holds_no_docu
 
 
 def test_an_agent_that_may_not_read_its_intentions_is_not_ready_before_any_is_written(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, acl_mesh: AclMesh
 ) -> None:
     """The README: a service whose intentions the agent cannot read is refused and not ready. With
     no document written yet, it was served under default_intention (allow) and ready, and the first
     `hostmesh intention allow|deny` for it took it down on every such host at once."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     name = svc("d4api")
-    try:
-        m.start_ca()
-        h = m.write_agent_config("d4-node", [{"name": name, "port": echo.port, "upstreams": []}])
-        rules = acl.agent_policy([name]) + deny_key(f"hostmesh/intentions/{name}")
-        with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
-        m.start_agent(h, wait=False)
+    h = m.write_agent_config("d4-node", [{"name": name, "port": echo.port, "upstreams": []}])
+    rules = acl.agent_policy([name]) + deny_key(f"hostmesh/intentions/{name}")
+    with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
+    m.start_agent(h, wait=False)
 
-        def intentions_state() -> dict[str, str] | None:
-            try:
-                status, config = h.get("/v1/config")
-            except OSError:  # its admin API is not listening yet
-                return None
-            state = config.get("intentions_state", {}).get(name) if status == 200 else None
-            return state if state and state["state"] != "unread" else None
+    def intentions_state() -> dict[str, str] | None:
+        try:
+            status, config = h.get("/v1/config")
+        except OSError:  # its admin API is not listening yet
+            return None
+        state = config.get("intentions_state", {}).get(name) if status == 200 else None
+        return state if state and state["state"] != "unread" else None
 
-        state = wait_for(intentions_state, 30.0, f"the agent to read the intentions of {name}")
-        assert state == {
-            "state": "denied",
-            "reason": f"intentions unreadable: Consul ACL denied read of hostmesh/intentions/{name}: the "
-            "token lacks key:read on it",
-        }, state
-        status, body = h.get("/ready")
-        assert status == 503 and "intentions unreadable" in body["not_ready"][name], body
-    finally:
-        m.close()
-        echo.close()
+    state = wait_for(intentions_state, 30.0, f"the agent to read the intentions of {name}")
+    assert state == {
+        "state": "denied",
+        "reason": f"intentions unreadable: Consul ACL denied read of hostmesh/intentions/{name}: the "
+        "token lacks key:read on it",
+    }, state
+    status, body = h.get("/ready")
+    assert status == 503 and "intentions unreadable" in body["not_ready"][name], body
 
 
 def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_accepted(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, tmp_path: Path, acl_mesh: AclMesh
 ) -> None:
     """A host rebooted (its Consul client and agent killed, then started together): the agent's first
     registration reached a Consul client that had not joined its servers yet, which cannot resolve the
@@ -1007,95 +991,78 @@ def test_a_refused_registration_consul_holds_all_the_same_is_tried_again_until_a
     would make it, so it was never tried again: the refusal stayed, /ready said 503 for good and the
     TTL check, skipped while refused, stayed critical (in tests/fleet the host never came back into
     rotation). Here the refusal is a policy without the service, fixed after the restart."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     name = svc("reboot")
     policy = f"hostmesh-agent-{name}"
-    try:
-        m.start_ca()
-        h = m.write_agent_config("rebooted", [{"name": name, "port": echo.port, "upstreams": []}])
-        with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
-        m.start_agent(h)  # registered: ready
-        h.proc.stop(signal.SIGKILL)  # no deregistration: Consul keeps the registration, as after a reboot
+    h = m.write_agent_config("rebooted", [{"name": name, "port": echo.port, "upstreams": []}])
+    with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
+    m.start_agent(h)  # registered: ready
+    h.proc.stop(signal.SIGKILL)  # no deregistration: Consul keeps the registration, as after a reboot
 
-        def set_policy_for(*services: str) -> None:
-            rules = tmp_path / "policy.hcl"
-            rules.write_text(acl.agent_policy(list(services)))
-            secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
+    def set_policy_for(*services: str) -> None:
+        rules = tmp_path / "policy.hcl"
+        rules.write_text(acl.agent_policy(list(services)))
+        secure.consul_cli("acl", "policy", "update", "-name", policy, "-rules", f"@{rules}")
 
-        set_policy_for(svc("elsewhere"))  # refused at the restart
-        m.start_agent(h, wait=False)
+    set_policy_for(svc("elsewhere"))  # refused at the restart
+    m.start_agent(h, wait=False)
 
-        def registration_refused() -> bool:
-            try:
-                return "cannot register" in h.proc.log() and h.get("/ready")[0] == 503
-            except OSError:
-                return False  # not listening yet
+    def registration_refused() -> bool:
+        try:
+            return "cannot register" in h.proc.log() and h.get("/ready")[0] == 503
+        except OSError:
+            return False  # not listening yet
 
-        wait_for(registration_refused, 30.0, "the registration to be refused")
-        set_policy_for(name)  # the token resolves again
-        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service again")
+    wait_for(registration_refused, 30.0, "the registration to be refused")
+    set_policy_for(name)  # the token resolves again
+    wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to register the service again")
 
-        async def agent_check() -> str:
-            async with client(secure, secure.master_token) as consul:
-                return str((await consul.agent_checks())[f"{name}-rebooted:agent"]["Status"])
+    async def agent_check() -> str:
+        async with client(secure, secure.master_token) as consul:
+            return str((await consul.agent_checks())[f"{name}-rebooted:agent"]["Status"])
 
-        wait_for(lambda: asyncio.run(agent_check()) == "passing", 15.0, "its TTL check refreshed")
-    finally:
-        m.close()
-        echo.close()
+    wait_for(lambda: asyncio.run(agent_check()) == "passing", 15.0, "its TTL check refreshed")
 
 
 def test_an_agent_whose_token_is_revoked_says_so_and_takes_a_new_one_written_to_its_file(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, acl_mesh: AclMesh
 ) -> None:
     """The agent's Consul token revoked while it runs: /v1/config says Consul's ACLs do not know it.
     The operator writes a new token to `[consul] token_file`: it was read at the start only, so the
     agent stayed refused (not ready, a reload included) until restarted; it follows Consul again
     with the new token and is ready, no restart."""
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     name = svc("rotated")
     policy = f"hostmesh-agent-{name}"
-    try:
-        m.start_ca()
-        h = m.write_agent_config("rotated-node", [{"name": name, "port": echo.port, "upstreams": []}])
-        token_file = with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
-        m.start_agent(h)
-        revoke_token(secure, policy)
+    h = m.write_agent_config("rotated-node", [{"name": name, "port": echo.port, "upstreams": []}])
+    token_file = with_token_file(h, secure.token_for(policy, acl.agent_policy([name])))
+    m.start_agent(h)
+    revoke_token(secure, policy)
 
-        def consul_view() -> dict[str, Any]:
-            return dict(h.get("/v1/config")[1]["consul"])
+    def consul_view() -> dict[str, Any]:
+        return dict(h.get("/v1/config")[1]["consul"])
 
-        denied = wait_for(lambda: not consul_view()["following"] and consul_view(), 30.0, "the refusal")
-        assert (
-            "Consul ACL denied" in denied["error"]
-            and "not known to Consul (ACL not found)" in denied["error"]
-        )
-        out = secure.consul_cli(
-            "acl",
-            "token",
-            "create",
-            "-description",
-            f"{policy}-new",
-            "-policy-name",
-            policy,
-            "-format",
-            "json",
-        )
-        token_file.write_text(json.loads(out)["SecretID"] + "\n")
-        wait_for(lambda: consul_view()["following"], 30.0, "the agent to follow Consul with the new token")
-        wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to be ready")
-        assert f"Consul token file {token_file} changed: sending its new token" in h.proc.log()
-    finally:
-        m.close()
-        echo.close()
+    denied = wait_for(lambda: not consul_view()["following"] and consul_view(), 30.0, "the refusal")
+    assert "Consul ACL denied" in denied["error"] and "not known to Consul (ACL not found)" in denied["error"]
+    out = secure.consul_cli(
+        "acl",
+        "token",
+        "create",
+        "-description",
+        f"{policy}-new",
+        "-policy-name",
+        policy,
+        "-format",
+        "json",
+    )
+    token_file.write_text(json.loads(out)["SecretID"] + "\n")
+    wait_for(lambda: consul_view()["following"], 30.0, "the agent to follow Consul with the new token")
+    wait_for(lambda: h.get("/ready")[0] == 200, 30.0, "the agent to be ready")
+    assert f"Consul token file {token_file} changed: sending its new token" in h.proc.log()
 
 
 def test_an_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_consul(
-    secure: SecureConsulDev, tokens: Tokens, tmp_path: Path
+    secure: SecureConsulDev, acl_mesh: AclMesh
 ) -> None:
     """A policy without read of hostmesh/ca/roots (narrowed while the agent runs: refused at the
     watch's next read; here from the start, the same refusal sooner): the agent can learn no
@@ -1104,26 +1071,19 @@ def test_an_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_cons
     from hostmesh.agent.status import fetch_status, render_table
     from tests.support import metric_value
 
-    echo = EchoServer()
-    m = LocalMesh(tmp_path / "mesh", secure.url)
-    m.env.update(secure.client_env(tokens.ca))
+    m, echo = acl_mesh
     name = svc("noroots")
-    try:
-        m.start_ca()
-        h = m.write_agent_config("noroots-node", [{"name": name, "port": echo.port, "upstreams": []}])
-        rules = acl.agent_policy([name]) + deny_key(ca_service.ROOTS_KEY)
-        with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
-        m.start_agent(h)
-        denied = f"Consul ACL denied watch of {ca_service.ROOTS_KEY}: the token lacks key:read on it"
+    h = m.write_agent_config("noroots-node", [{"name": name, "port": echo.port, "upstreams": []}])
+    rules = acl.agent_policy([name]) + deny_key(ca_service.ROOTS_KEY)
+    with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
+    m.start_agent(h)
+    denied = f"Consul ACL denied watch of {ca_service.ROOTS_KEY}: the token lacks key:read on it"
 
-        def consul_view() -> dict[str, Any] | None:
-            view = dict(h.get("/v1/config")[1]["consul"])
-            return view if view["following"] is False else None
+    def consul_view() -> dict[str, Any] | None:
+        view = dict(h.get("/v1/config")[1]["consul"])
+        return view if view["following"] is False else None
 
-        assert wait_for(consul_view, 30.0, "the refusal in /v1/config")["error"] == denied
-        table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{h.admin_port}")))
-        assert "NOT FOLLOWING since " in table and denied in table, table
-        assert metric_value(h.metrics(), "hostmesh_consul_sync_healthy") == 0.0
-    finally:
-        m.close()
-        echo.close()
+    assert wait_for(consul_view, 30.0, "the refusal in /v1/config")["error"] == denied
+    table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{h.admin_port}")))
+    assert "NOT FOLLOWING since " in table and denied in table, table
+    assert metric_value(h.metrics(), "hostmesh_consul_sync_healthy") == 0.0
