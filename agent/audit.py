@@ -38,7 +38,6 @@ from hostmesh.agent.l7 import flags
 from hostmesh.agent.reqstats import ACCESS_LOG, ACCESS_SAMPLE, FAILURE_LINES, FAILURE_LINES_PER_SECOND
 from hostmesh.agent.reqstats import DEFAULT_ACCESS_SAMPLE as DEFAULT_ACCESS_SAMPLE  # agent.toml's (config.py)
 from hostmesh.agent.reqstats import access_sampled as access_sampled  # L4 and L7 alike
-from hostmesh.registry.addresses import authority
 from hostmesh.registry.ratelog import RateLimitedLog
 
 MAX_REQUEST_FIELD = 512  # characters kept of a request-controlled field (module docstring)
@@ -156,13 +155,6 @@ def access_record(*, protocol: str, reporter: str, source_workload: str, source_
         "trace_id": trace_id,
         "span_id": span_id,
     }
-
-
-def host_port(addr: Any) -> str:
-    """A socket address as an access line shows it: 127.0.0.1:5353, [::1]:5353 ("" when unknown)."""
-    if not addr:
-        return ""
-    return authority(addr[0], addr[1])
 
 
 def access(record: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import IO
 
 from hostmesh.ca.errors import AuditError
-from hostmesh.registry.addresses import authority
 from hostmesh.registry.logs import rfc3339
 
 # O_NOFOLLOW: a symlink at the path (planted by whoever may write its directory) is refused, never
@@ -151,11 +150,3 @@ def _undo_short_write(fd: int, written: int) -> None:
     end = os.lseek(fd, 0, os.SEEK_CUR)
     if os.fstat(fd).st_size == end:
         os.ftruncate(fd, end - written)
-
-
-def format_peer(peer: object) -> str | None:
-    """A client's socket address as an audit line names it (host:port, an IPv6 host in brackets, as
-    access lines write it: registry/addresses.py `authority`); None when unknown."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return authority(peer[0], peer[1])
-    return None if peer is None else str(peer)

@@ -92,7 +92,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostmesh.ca import admission, pki, store, tls, tokens
 from hostmesh.ca import nomad as nomad_trust
-from hostmesh.ca.audit import AuditLog, format_peer
+from hostmesh.ca.audit import AuditLog
 from hostmesh.ca.defaults import DEFAULT_HOST, DEFAULT_PORT
 from hostmesh.ca.errors import (
     AuditError,
@@ -107,7 +107,7 @@ from hostmesh.ca.errors import (
 )
 from hostmesh.ca.files import write_private_pair
 from hostmesh.ca.metrics import CAMetrics, refusal_reason
-from hostmesh.registry.addresses import authority, unmapped
+from hostmesh.registry.addresses import authority, peer_authority, unmapped
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NOT_ACL_FIX, PermissionDenied, RegistryError
 from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
@@ -436,7 +436,7 @@ class _AuditedTLSServer(HTTPServer):
             return
         cut = list(self._requests.values())
         named = ", ".join(
-            f"{r.method} {r.path} from {format_peer(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
+            f"{r.method} {r.path} from {peer_authority(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
         )
         more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
         log.warning("CA stopping: answering 503 to %d request(s) still waiting after %gs: %s%s",
@@ -474,7 +474,7 @@ class _AuditedTLSServer(HTTPServer):
             self._connection_ended()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = format_peer(writer.get_extra_info("peername"))
+        peer = peer_authority(writer.get_extra_info("peername"))
         handshake = asyncio.ensure_future(
             writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         )
@@ -509,7 +509,7 @@ class _AuditedTLSServer(HTTPServer):
     def _handshake_failed(self, reason: str, writer: asyncio.StreamWriter, detail: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
         if reason != tls.FAILURE_CLOSED:  # a port probe (a TCP check) says nothing worth a line
-            peer = format_peer(writer.get_extra_info("peername"))
+            peer = peer_authority(writer.get_extra_info("peername"))
             self._failure_log("CA: TLS handshake with %s refused (%s): %s", peer, reason, detail)
         writer.transport.abort()
 
@@ -1143,7 +1143,7 @@ class CAService:
         return Response.of_json(503 if self._not_issuing else 200, doc)
 
     async def _sign(self, req: Request) -> Response:
-        peer = format_peer(req.peer)
+        peer = peer_authority(req.peer)
         token_id: str | None = None
         identity: str | None = None
         loop = asyncio.get_running_loop()
@@ -1229,7 +1229,7 @@ class CAService:
             del self._unknown_tokens[next(iter(self._unknown_tokens))]
 
     async def _renew(self, req: Request) -> Response:
-        peer = format_peer(req.peer)
+        peer = peer_authority(req.peer)
         identity: str | None = None
         via = "renew"
         try:

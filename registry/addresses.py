@@ -2,7 +2,7 @@
 IPv4 address it maps (a socket bound to or dialing it reaches that address's IPv4 host), and which
 addresses reach no one peer. Used wherever an operator's address is read: agent.toml's listen
 addresses and mesh_address, external documents, the DNS server, the CA; and how a host and port
-are written together (`authority`)."""
+are written together (`authority`, and a socket's peer: `peer_authority`)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def authority(host: object, port: object) -> str:
     """`host:port` as a URL and an access line write it: an IPv6 address in brackets ([::1]:8080),
     so that the port is not read as the address's last group."""
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def peer_authority(peer: object) -> str | None:
+    """A socket's address as its peer's (`getpeername()`, `peername` of a transport: `(host, port, ...)`)
+    written as logs and audit lines name it, by `authority`; None when unknown (a connection gone
+    before it was asked, a socket with no such address), for which each caller says its own."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return authority(peer[0], peer[1])
+    return None
 
 
 def undialable(ip: IPAddress) -> str | None:

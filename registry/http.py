@@ -24,7 +24,7 @@ from typing import Any
 
 import httptools
 
-from hostmesh.registry.addresses import authority
+from hostmesh.registry.addresses import authority, peer_authority
 from hostmesh.registry.errors import AnswerTooLarge, InvalidAddress, InvalidSettings, Unavailable
 from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import holds_credentials
@@ -588,7 +588,7 @@ class HTTPServer:
                 "refused one from %s",
                 self.port,
                 len(self._conns),
-                _format_peer(writer.get_extra_info("peername")),
+                peer_authority(writer.get_extra_info("peername")) or "?",
             )
             resp = Response.error(503, f"server at its limit of {cap} connections; retry later")
             resp.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
@@ -763,12 +763,6 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 if not chunk:
                     return
                 left -= len(chunk)
-
-
-def _format_peer(peer: Any) -> str:
-    if not peer:
-        return "?"
-    return authority(peer[0], peer[1])
 
 
 def _size(n: int) -> str:

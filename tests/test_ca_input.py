@@ -60,11 +60,11 @@ def busy_port() -> Iterator[int]:
 def test_an_audit_lines_peer_is_written_as_access_lines_write_it() -> None:
     """An IPv6 client was `::1:5000` in the CA's audit lines, a port no reader can tell from the
     address's last group; the agents' access lines write `[::1]:5000` (registry/addresses.py)."""
-    from hostmesh.ca.audit import format_peer
+    from hostmesh.registry.addresses import peer_authority  # (the CA's, the agents' and the HTTP server's)
 
-    assert format_peer(("::1", 5000, 0, 0)) == "[::1]:5000"
-    assert format_peer(("127.0.0.1", 5000)) == "127.0.0.1:5000"
-    assert format_peer(None) is None
+    assert peer_authority(("::1", 5000, 0, 0)) == "[::1]:5000"
+    assert peer_authority(("127.0.0.1", 5000)) == "127.0.0.1:5000"
+    assert peer_authority(None) is None
 
 
 def test_serve_refuses_an_audit_log_it_cannot_append_to(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, 
 from hostmesh.agent.proxy.split import Splitter, picker
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.addresses import peer_authority
 from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -442,7 +443,7 @@ class OutboundListener(ListenerLifecycle):
                 source_principal=f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}",
                 destination_service=self.upstream.service, destination_subset=subset,
                 upstream_host=f"{key[0]}:{key[1]}", response_code=0,
-                downstream_remote_address=audit.host_port(t.get_extra_info("peername") if t else None),
+                downstream_remote_address=peer_authority(t.get_extra_info("peername") if t else None) or "",
                 response_flags=pipe.flags, duration_ms=round((time.monotonic() - pipe.started) * 1000, 1),
                 bytes_received=pipe.up, bytes_sent=pipe.down,
             ))  # fmt: skip
