@@ -136,6 +136,9 @@ HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
 CLOSE_GRACE = 2.0  # at a stop, how long the connections' tasks may take to end after being told to
 # the stop's line names this many of the requests it cut short (of MAX_INFLIGHT): who, in one line
 STOP_NAMED_REQUESTS = 3
+# a request cut at a stop ends at its next step (its scope raises there), within a loop iteration;
+# past this, one that has not (it swallowed the cut) is left to the connections' close
+CUT_TAKEN = 0.5
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
@@ -317,10 +320,12 @@ class _AuditedTLSServer(HTTPServer):
         self._requests: dict[asyncio.Timeout, Request] = {}  # in the service's handler now, by cancel scope
         self._no_requests = asyncio.Event()  # set while none is
         self._no_requests.set()
+        self._cut_at: float | None = None  # loop time a stop cuts the requests still in the handler
+        self._cut: list[Request] = []  # the requests it cut, for its line
 
     async def _handle(self, req: Request) -> Response:
         """The service's answer to `req`, or a 503 when a stop cuts its wait short (`_finish_requests`)."""
-        scope = asyncio.timeout(None)
+        scope = asyncio.timeout_at(self._cut_at)
         try:
             async with scope:
                 self._requests[scope] = req
@@ -334,6 +339,7 @@ class _AuditedTLSServer(HTTPServer):
         except TimeoutError:
             if not scope.expired():  # the handler's own: a bug, as before (the server logs it, 500)
                 raise
+        self._cut.append(req)
         return Response.error(503, "temporarily unavailable: the CA is stopping")
 
     def _make_room(self) -> None:
@@ -429,24 +435,22 @@ class _AuditedTLSServer(HTTPServer):
         token's redemption may leave the token spent: the retry is told it was used; not handed back
         here.) (Their connections were closed at once, the
         requests ran on unanswerable, and asyncio.run's teardown cancelled them with a traceback.)"""
+        self._cut_at = asyncio.get_running_loop().time() + CLOSE_GRACE
+        for scope in self._requests:
+            scope.reschedule(self._cut_at)
+        # one wait: each request ends answered by the cut, or is cut then and answered 503
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_GRACE):
+            async with asyncio.timeout_at(self._cut_at + CUT_TAKEN):
                 await self._no_requests.wait()
-        if not self._requests:
+        cut, self._cut = self._cut, []
+        if not cut:
             return
-        cut = list(self._requests.values())
         named = ", ".join(
             f"{r.method} {r.path} from {peer_authority(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
         )
         more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
         log.warning("CA stopping: answering 503 to %d request(s) still waiting after %gs: %s%s",
                     len(cut), CLOSE_GRACE, named, more)  # fmt: skip
-        now = asyncio.get_running_loop().time()
-        for scope in self._requests:
-            scope.reschedule(now)
-        with contextlib.suppress(TimeoutError):  # (each ends at its next step: no wait on anyone)
-            async with asyncio.timeout(CLOSE_GRACE):
-                await self._no_requests.wait()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = admission.client_key(writer.get_extra_info("peername"))
