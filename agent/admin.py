@@ -32,6 +32,7 @@ from typing import Any
 from hostmesh.agent import audit, memory
 from hostmesh.agent.config import AgentConfig, ServiceConfig
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.http import HTTPClient, Request, Response, addressed_locally
 
@@ -309,7 +310,7 @@ class AdminAPI:
             },
             "endpoints": {
                 svc: [
-                    {"id": e.instance_id, "address": f"{e.address}:{e.port}", "meta": dict(e.meta)}
+                    {"id": e.instance_id, "address": authority(e.address, e.port), "meta": dict(e.meta)}
                     for e in eps
                 ]
                 for svc, eps in snap.endpoints.items()

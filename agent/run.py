@@ -60,6 +60,7 @@ from hostmesh.ca.errors import CAError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN, TCP_ALPN, mesh_client_context, mesh_server_context
 from hostmesh.registry import ratelog
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.files import make_dirs
@@ -383,7 +384,7 @@ class Agent:
                 HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port, max_body=ADMIN_MAX_BODY)
             )
         for key, server in zip(("admin", "metrics"), self._servers, strict=False):
-            await _listening(key, f"{server.host}:{server.port}", server.start())
+            await _listening(key, authority(server.host, server.port), server.start())
         if cfg.metrics is not None and not self._metrics_meta():
             log.warning("metrics listen on %s only, which is not advertised in Consul: Prometheus and "
                         "`hostmesh top` elsewhere cannot reach them (bind `metrics` to the mesh address, "

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hostmesh.registry import names
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.errors import RegistryError, Unavailable
 from hostmesh.registry.layout import MAX_NESTING, nested_deeper_than
 from hostmesh.registry.names import holds_credentials
@@ -87,7 +88,7 @@ def admin_base_url(address: str, option: str = "--agent") -> str:
     scheme, host, port = parse_admin_address(address, option)
     if scheme == "http":
         host = admin_connect_host(host, port, option)
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"{scheme}://{authority(host, port)}"
 
 
 def admin_connect_host(host: str, port: int, option: str = "--agent") -> str:

@@ -770,7 +770,7 @@ class CAService:
         try:
             self.port = await self._server.start()
         except OSError as exc:
-            raise CAError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+            raise CAError(f"cannot listen on {authority(self.host, self.port)}: {exc.strerror}") from None
         if self.port != int(cert_file.stem):  # bound an ephemeral port: name the files after it
             self._write_server_cert()
             cert_file.unlink(missing_ok=True)
@@ -1086,7 +1086,7 @@ class CAService:
         }
         meta = {HOSTMESH_META: HOSTMESH_META_VALUE, "trust_domain": self.authority.trust_domain,
                 # /metrics is on the API port (HTTPS): for Prometheus' consul_sd_configs (observability/)
-                METRICS_META: f"{self.advertise}:{port}", METRICS_SCHEME_META: "https"}  # fmt: skip
+                METRICS_META: authority(self.advertise, port), METRICS_SCHEME_META: "https"}  # fmt: skip
         return ServiceRegistration(CA_SERVICE_NAME, self.service_id, self.advertise, port, meta, (), (check,))
 
     # --- API ----------------------------------------------------------------------------------

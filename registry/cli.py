@@ -23,6 +23,7 @@ import click
 
 from hostmesh.registry.acl import ROLES
 from hostmesh.registry.acl import policy as acl_rules
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul_settings import ConsulSettings, resolve
 from hostmesh.registry.errors import (
     Conflict,
@@ -1034,7 +1035,7 @@ def services(ctx: click.Context, fmt: str | None) -> None:
                     "service": inst.service,
                     "id": inst.id,
                     "node": inst.node,
-                    "address": f"{inst.address}:{inst.port}",
+                    "address": authority(inst.address, inst.port),
                     "health": inst.status,
                     "protocol": inst.meta.get(PROTOCOL_META, ""),
                     "kind": inst.meta.get(KIND_META, ""),

@@ -24,6 +24,7 @@ from hostmesh.ca.audit import AuditLog
 from hostmesh.ca.errors import AuditError, InvalidRequest
 from hostmesh.ca.service import CAService, parse_advertise
 from hostmesh.registry.consul import ConsulClient
+from hostmesh.registry.layout import METRICS_META
 from tests.ca_support import AuditSink, call, csr_for, new_ca_dir, start_ca
 from tests.support import ConsulDev, immutable
 
@@ -302,6 +303,17 @@ def test_advertised_port_is_the_one_registered(tmp_path: Path) -> None:
     assert reg.checks[0]["HTTP"] == "https://ca.hostmesh.local:8443/v1/health"
     plain = CAService(d, consul=None, audit=AuditSink().log, host="127.0.0.1", port=15012)
     assert (plain._registration().address, plain._registration().port) == ("127.0.0.1", 15012)
+
+
+def test_an_ipv6_advertise_address_is_registered_in_brackets_where_a_port_follows(tmp_path: Path) -> None:
+    """Prometheus' consul_sd_configs take the metrics meta as a target (observability/): `::1:8443`
+    is no address; `[::1]:8443`, as the health check's URL has it, is."""
+    d = new_ca_dir(tmp_path)
+    svc = CAService(d, consul=None, audit=AuditSink().log, host="::", port=15012, advertise="[fd00::5]:8443")
+    reg = svc._registration()
+    assert (reg.address, reg.port) == ("fd00::5", 8443)
+    assert reg.checks[0]["HTTP"] == "https://[fd00::5]:8443/v1/health"
+    assert reg.meta[METRICS_META] == "[fd00::5]:8443"
 
 
 @pytest.mark.consul

@@ -678,6 +678,49 @@ async def test_a_mesh_connection_names_its_peer_after_it_is_lost(mesh: Mesh) -> 
     w.close()
 
 
+@pytest.mark.usefixtures("every_access_line")
+async def test_ipv6_mesh_peers_are_named_in_brackets_in_logs_and_access_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mesh connection over IPv6 names its peer as host:port does everywhere else ([::1]:443, the
+    L7 lines' and the CA's form): the L4 lines wrote ::1:443, which no tool splits back."""
+    caplog.set_level(logging.INFO, logger="hostmesh.access")
+    ca = CA(tmp_path)
+    app = App(echo)
+    app_port = await app.start()
+    holder_b = SnapshotHolder(snapshot({"api": app_port}, ca.material(["api"])))
+    inbound = InboundListener(holder_b, Address("::1", 0), Telemetry())
+    await inbound.start()
+    snap_a = snapshot({"web": 1}, ca.material(["web"]))
+    endpoint = Endpoint("api-0", "node0", "::1", inbound.port, MappingProxyType({}))
+    holder_a = SnapshotHolder(dataclasses.replace(snap_a, endpoints=MappingProxyType({"api": (endpoint,)})))
+    outbound = OutboundListener(holder_a, "web", UpstreamConfig("api", Address("127.0.0.1", 0)), Telemetry())
+    await outbound.start()
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", outbound.port), IO_TIMEOUT)
+        w.write(b"v6")
+        w.write_eof()
+        assert await read_all(r) == b"v6"
+        w.close()
+        await async_wait_until(
+            lambda: inbound.active_connections == 0 and outbound.active_connections == 0,
+            what="pipes finished",
+        )
+        (client,) = [c for conns in outbound.pool._conns.values() for c in conns]
+        (server,) = list(inbound._conns)
+        assert client.peer_addr == f"[::1]:{inbound.port}"
+        assert server.peer_addr.startswith("[::1]:")
+        lines = [rec.fields for rec in caplog.records if rec.name == "hostmesh.access"]  # type: ignore[attr-defined]
+        assert next(x for x in lines if x["reporter"] == "source")["upstream_host"] == f"[::1]:{inbound.port}"
+        assert next(x for x in lines if x["reporter"] == "destination")["downstream_remote_address"] == (
+            server.peer_addr
+        )
+    finally:
+        await outbound.close()
+        await inbound.close()
+        await app.close()
+
+
 async def test_concurrent_connections_and_least_connections(mesh: Mesh) -> None:
     ob = await mesh.add_outbound(mesh.holder_a, load_balancer="least_connections")
     conns = [await mesh.connect(ob) for _ in range(20)]

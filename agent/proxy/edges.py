@@ -69,6 +69,7 @@ from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, Connecti
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
+from hostmesh.registry.addresses import authority, peer_authority
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
@@ -415,7 +416,7 @@ def egress_connection(listener: Any, end: Any, snap: Snapshot, ext: ExternalServ
     allowed, reason, flag = external_decision(snap, ext.service, source)
     if not allowed:  # counted and audited (one line per denial), naming the local app's address
         app = end.transport.get_extra_info("peername")
-        pipes.refused(source, ext.service, flag, reason, f"{app[0]}:{app[1]}" if app else "",
+        pipes.refused(source, ext.service, flag, reason, peer_authority(app) or "",
                       Identity(snap.trust_domain, source).spiffe_id)  # fmt: skip
         reset_transport(end.transport)
         return
@@ -903,7 +904,7 @@ class IngressGateway:
         if self._certs:
             self._poller = loop.create_task(self._poll_certs())
         log.info("ingress gateway %s listening on %s", self.name,
-                 ", ".join(f"{lst.protocol}://{lst.bind.host}:{p}"
+                 ", ".join(f"{lst.protocol}://{authority(lst.bind.host, p)}"
                            for lst, p in zip(self.config.listeners, self.ports, strict=True)))  # fmt: skip
 
     async def _poll_certs(self) -> None:

@@ -77,6 +77,7 @@ from hostmesh.agent.proxy.trust import TrustCheck
 from hostmesh.agent.snapshot import LocalService, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import peer_not_after
+from hostmesh.registry.addresses import peer_authority
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy.http_inbound")
@@ -214,7 +215,7 @@ class HttpInbound:
             # the bundle the caller was verified against: the handshake's just now, or for a stream
             # the one InboundConnection.http_open_received re-checked it against
             self.holder.current.tls.roots_pem,
-            f"{peer[0]}:{peer[1]}" if peer else "?",
+            peer_authority(peer) or "?",
             self.subsets.get(svc.name, ""),
         )
         # a stream of a mux connection delivers bytes itself (stream_transport.py); TLS reads into a buffer

@@ -122,6 +122,7 @@ from hostmesh.agent.proxy.wire import HEAD_MIN_VERSION, HTTP_MIN_VERSION, HTTP_O
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import HTTP_ALPN
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.layout import PROTOCOL_META, SUBSET_META
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.rng import RandomSource, shared
@@ -873,7 +874,7 @@ class HttpOutbound:
                 self.local_service, self.service, retry_reason(status)
             ).inc()
             if ex.trace is not None:
-                ex.trace.event("retry", reason=f"status {status}", endpoint=f"{ep.address}:{ep.port}")
+                ex.trace.event("retry", reason=f"status {status}", endpoint=authority(ep.address, ep.port))
             return False
         cl.report(ep, 0, now)
         decision = st.retry_state().decide(outcome, 0, ex.replayable)
@@ -888,7 +889,7 @@ class HttpOutbound:
         ).inc()
         if ex.trace is not None:
             ex.trace.event("retry", reason=RETRY_REASONS.get(outcome, outcome.name.lower()),
-                           endpoint=f"{ep.address}:{ep.port}")  # fmt: skip
+                           endpoint=authority(ep.address, ep.port))  # fmt: skip
         return False
 
     async def _loop(self, ex: Exchange, first: lb.Endpoint | None = None, retrying: bool = False) -> None:
@@ -1309,7 +1310,7 @@ class HttpOutbound:
         forwarded = st.headers if st is not None and st.headers else None
         td = self.holder.current.trust_domain
         principal = f"spiffe://{td}/svc/{self.local_service}"
-        upstream_host = f"{used.address}:{used.port}" if used is not None else ""
+        upstream_host = authority(used.address, used.port) if used is not None else ""
         if traced:
             ex.trace = tracer.end_http(
                 ex.trace, ex, reporter=REPORTER, source=self.local_service, source_principal=principal,

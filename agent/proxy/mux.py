@@ -76,6 +76,7 @@ from hostmesh.agent.proxy.wire import (
     reset_frame,
     window,
 )
+from hostmesh.registry.addresses import peer_authority
 from hostmesh.registry.ratelog import RateLimitedLog
 
 log = logging.getLogger("hostmesh.proxy")
@@ -364,7 +365,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         # kept now: once the connection is lost, uvloop's TLS transport no longer says (the line of a
         # peer gone unreachable named "?")
         peer = t.get_extra_info("peername")
-        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_addr = peer_authority(peer) or "?"
         t.set_write_buffer_limits(MUX_HIGH_WATER, MUX_LOW_WATER)
         track_tls_reads(self)  # a quiet connection's TLS buffers go back at the trim tick (agent/memory.py)
 

@@ -69,7 +69,7 @@ from hostmesh.agent.proxy.pump import ListenerLifecycle, Pipe, RawEnd, Tracker, 
 from hostmesh.agent.proxy.split import Splitter, picker
 from hostmesh.agent.snapshot import Endpoint, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.addresses import peer_authority
+from hostmesh.registry.addresses import authority, peer_authority
 from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -442,7 +442,7 @@ class OutboundListener(ListenerLifecycle):
                 protocol="tcp", reporter=REPORTER, source_workload=self.local_service,
                 source_principal=f"spiffe://{self.holder.current.trust_domain}/svc/{self.local_service}",
                 destination_service=self.upstream.service, destination_subset=subset,
-                upstream_host=f"{key[0]}:{key[1]}", response_code=0,
+                upstream_host=authority(*key), response_code=0,
                 downstream_remote_address=peer_authority(t.get_extra_info("peername") if t else None) or "",
                 response_flags=pipe.flags, duration_ms=round((time.monotonic() - pipe.started) * 1000, 1),
                 bytes_received=pipe.up, bytes_sent=pipe.down,
@@ -455,7 +455,7 @@ class OutboundListener(ListenerLifecycle):
         peer = end.transport.get_extra_info("peername") if end.transport else None
         reset_transport(end.transport)
         self._refusal_log("outbound %s: reset downstream %s: %s [%s]", self.name,
-                          f"{peer[0]}:{peer[1]}" if peer else "?", reason, flag)  # fmt: skip
+                          peer_authority(peer) or "?", reason, flag)  # fmt: skip
 
     # --- views --------------------------------------------------------------------------------
 
@@ -470,7 +470,7 @@ class OutboundListener(ListenerLifecycle):
         for ep in snap.endpoints.get(self.upstream.service, ()):
             key = (ep.address, ep.port)
             endpoints.append({
-                "instance_id": ep.instance_id, "node": ep.node, "address": f"{ep.address}:{ep.port}",
+                "instance_id": ep.instance_id, "node": ep.node, "address": authority(ep.address, ep.port),
                 "zone": ep.zone, "subset": ep.meta.get(SUBSET_META, ""), "active_connections":
                 open_connections.get(key, 0), "connect_failures": self._failures.get(key, 0),
                 "pool_idle": self.pool.idle_count(key),

@@ -58,6 +58,7 @@ from hostmesh.agent.proxy.wire import MAX_STREAM_ID, OPEN, control
 from hostmesh.ca.errors import TrustError
 from hostmesh.ca.identity import Identity
 from hostmesh.ca.tls import PROTOCOL_VERSIONS, TCP_ALPN, peer_identity, peer_not_after
+from hostmesh.registry.addresses import authority
 
 log = logging.getLogger("hostmesh.proxy.pool")
 
@@ -138,11 +139,11 @@ async def connect_tls(protocol: asyncio.BaseProtocol, key: PoolKey, ctx: ssl.SSL
             timeout,
         )
     except TimeoutError:
-        raise DialError(f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s") from None
+        raise DialError(f"connect to {authority(*key)} timed out after {timeout:g}s") from None
     except ssl.SSLError as exc:
-        raise DialError(f"TLS with {key[0]}:{key[1]} failed: {exc.reason or exc}") from None
+        raise DialError(f"TLS with {authority(*key)} failed: {exc.reason or exc}") from None
     except OSError as exc:
-        raise DialError(f"connect to {key[0]}:{key[1]} failed: {exc.strerror or exc}") from None
+        raise DialError(f"connect to {authority(*key)} failed: {exc.strerror or exc}") from None
     return transport
 
 
@@ -171,16 +172,16 @@ def verify_peer(
         agreed = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
         if agreed not in offered:
             raise DialError(
-                f"peer {key[0]}:{key[1]} speaks none of {', '.join(offered)} (ALPN {agreed!r});"
+                f"peer {authority(*key)} speaks none of {', '.join(offered)} (ALPN {agreed!r});"
                 " it may be more than one minor release apart"
             )
         try:
             ident = peer_identity(ssl_obj)
         except TrustError as exc:
-            raise DialError(f"peer {key[0]}:{key[1]}: {exc}") from None
+            raise DialError(f"peer {authority(*key)}: {exc}") from None
         if ident != expected:
             raise DialError(
-                f"peer {key[0]}:{key[1]} is {ident.spiffe_id}, expected {expected.spiffe_id}; refusing",
+                f"peer {authority(*key)} is {ident.spiffe_id}, expected {expected.spiffe_id}; refusing",
                 security=True,
             )
     except DialError:
@@ -250,9 +251,9 @@ def _ready(conn: MeshClient, key: PoolKey) -> MeshClient:
     if conn.closed or conn.draining:
         if conn.unusable is None:
             if conn.retired_here:  # (the listener closing)
-                why = f"connection to {key[0]}:{key[1]} retired here as it was established"
+                why = f"connection to {authority(*key)} retired here as it was established"
             else:
-                why = f"peer {key[0]}:{key[1]} ended the connection as it was established"
+                why = f"peer {authority(*key)} ended the connection as it was established"
             conn.unusable = DialError(why)
         raise conn.unusable
     return conn
@@ -317,7 +318,7 @@ class ConnectionPool:
             try:
                 joined = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
             except TimeoutError:  # (the dial goes on: its dialer is told how it ended)
-                why = f"connect to {key[0]}:{key[1]} timed out after {timeout:g}s"
+                why = f"connect to {authority(*key)} timed out after {timeout:g}s"
                 raise DialError(why, counted=True) from None
             if not joined.retired_here or self.closing:
                 return _ready(joined, key)
@@ -340,9 +341,9 @@ class ConnectionPool:
             if isinstance(exc, DialError):
                 why = exc
             elif isinstance(exc, asyncio.CancelledError):
-                why = DialError(f"connect to {key[0]}:{key[1]} abandoned by the caller that dialed it")
+                why = DialError(f"connect to {authority(*key)} abandoned by the caller that dialed it")
             else:  # a defect: the dialer raises it as it is; its waiters are told what it was
-                why = DialError(f"connect to {key[0]}:{key[1]} failed: {exc!r}")
+                why = DialError(f"connect to {authority(*key)} failed: {exc!r}")
             future.set_exception(why)
             future.exception()  # retrieved here: nobody may be waiting
             raise

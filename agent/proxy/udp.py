@@ -106,7 +106,7 @@ from hostmesh.agent.proxy.split import Splitter, picker
 from hostmesh.agent.proxy.wire import DGRAM_MIN_VERSION, DGRAM_OPEN, MAX_DATAGRAM, RESET, control, dgram_frame
 from hostmesh.agent.snapshot import Endpoint, Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.addresses import peer_authority
+from hostmesh.registry.addresses import authority, peer_authority
 from hostmesh.registry.layout import SUBSET_META
 from hostmesh.registry.ratelog import RateLimitedLog
 
@@ -431,7 +431,7 @@ class _OutFlow(_Flow):
             protocol="udp", reporter="source", source_workload=owner.local_service,
             source_principal=Identity(owner.holder.current.trust_domain, owner.local_service).spiffe_id,
             destination_service=owner.upstream.service, destination_subset=self.subset,
-            upstream_host=f"{key[0]}:{key[1]}" if key is not None else "",
+            upstream_host=authority(*key) if key is not None else "",
             downstream_remote_address=peer_authority(self.addr) or "", response_code=0,
             response_flags=self.flag,
             duration_ms=self._duration_ms(), bytes_received=self.up, bytes_sent=self.down,
