@@ -23,7 +23,6 @@ from hostmesh.registry.errors import (
     InvalidDocument,
     PermissionDenied,
     RegistryError,
-    Unavailable,
 )
 from hostmesh.registry.files import SERVICE_USER
 from hostmesh.registry.layout import (
@@ -101,7 +100,7 @@ async def _consul_and_documents(
                 "error",
                 "consul-unreachable",
                 subject,
-                exc.reason if isinstance(exc, Unavailable) else str(exc),  # (the subject says the address)
+                exc.reason,  # (the subject says the address)
                 "check --consul / CONSUL_HTTP_ADDR and that Consul runs",
             )
         )
@@ -519,7 +518,7 @@ async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
                 "error",
                 "agent-unreachable",
                 subject,
-                str(exc),
+                exc.reason,  # (the subject says the address)
                 "start the agent or pass its admin address with --agent",
             )
         )

@@ -21,7 +21,7 @@ import click
 
 from hostmesh.registry import names
 from hostmesh.registry.addresses import authority
-from hostmesh.registry.errors import RegistryError, Unavailable
+from hostmesh.registry.errors import RegistryError
 from hostmesh.registry.layout import MAX_NESTING, nested_deeper_than
 from hostmesh.registry.names import holds_credentials
 
@@ -577,8 +577,7 @@ async def _agent_version(address: str) -> dict[str, Any]:
     try:
         _, body = await admin_get(client, "/v1/version", version_problem)
     except RegistryError as exc:  # (the line names the address: the HTTP client's reason alone)
-        said = exc.reason if isinstance(exc, Unavailable) else str(exc)
-        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {said}") from None
+        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {exc.reason}") from None
     except AdminAnswerError as exc:
         raise click.ClickException(f"{address}: {exc}") from None
     finally:

@@ -13,6 +13,12 @@ class RegistryError(Exception):
 
     retry_after: float | None = None
 
+    @property
+    def reason(self) -> str:
+        """What went wrong, for a line that names the peer itself: the whole message, except where an
+        error carries the peer's address apart (Unavailable)."""
+        return str(self)
+
 
 class Unavailable(RegistryError):
     """The peer (Consul, the CA, an agent) could not be reached, timed out or answered 5xx: retry later.
@@ -23,9 +29,13 @@ class Unavailable(RegistryError):
     def __init__(self, reason: str, *, address: str | None = None, peer: str | None = None) -> None:
         where = f"{peer} at {address}" if peer else address
         super().__init__(f"{where}: {reason}" if address else reason)
-        self.reason = reason
+        self._reason = reason
         self.address = address
         self.peer = peer
+
+    @property
+    def reason(self) -> str:
+        return self._reason
 
 
 class UnexpectedAnswer(Unavailable):
