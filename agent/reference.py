@@ -334,8 +334,8 @@ AGENT_KEYS: tuple[Key, ...] = (
         "round_robin",
         "Pick of an instance per TCP connection or UDP flow (least_connections: fewest open), a random start "
         "in every agent (HTTP upstreams follow the policy document). A TCP instance that 5 connections in "
-        "a row never reached (its agent unreachable, or its app refusing) is left out for 30 s, doubling "
-        "while it keeps failing (README: passive health). An app that accepts and closes at once is "
+        "a row never reached (its agent unreachable, or its app refusing) is left out for 30 s, the n-th "
+        "time n times that, at most 300 s (README: passive health). An app that accepts and closes at once is "
         "not seen so, nor by a tcp health check: with least_connections it keeps none open and draws "
         "nearly every new connection (round_robin: one in N); give it an http check.",
     ),
