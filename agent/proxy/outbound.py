@@ -32,8 +32,8 @@ Decisions:
   defaults): an instance that failed L4_OUTLIER.consecutive_5xx new connections in a row, none of
   which reached its app (its agent could not be dialed: one failed dial, however many connections
   waited for it; or its agent answered the stream's OPEN with a reset naming UF: the app refused or
-  did not accept in time), is left out of the picks for 30 s
-  (doubling while it keeps failing, at most 300 s), at most 10 % of the instances or one. All
+  did not accept in time), is left out of the picks for n x 30 s at its n-th ejection (at most
+  300 s; n falls back while it stays healthy), at most 10 % of the instances or one. All
   ejected: every instance is picked as before (panic). A connection that reached the app (ended
   without a flag, or had an answer; or, to a failing instance, still open REACHED_AFTER after its
   OPEN, which a long-lived one may stay for hours) resets the run. Round robin sends a refusing
