@@ -91,19 +91,43 @@ def admin_base_url(address: str, option: str = "--agent") -> str:
     return f"{scheme}://{authority(host, port)}"
 
 
-def admin_connect_host(host: str, port: int, option: str = "--agent") -> str:
+class AdminResolveTimeout(AdminAddressError):
+    """The resolver gave no answer for an admin address's name within the time the caller has."""
+
+
+def admin_connect_host(host: str, port: int, option: str = "--agent", timeout: float | None = None) -> str:
     """The address to connect to for the admin API at `host`: a DNS name resolved to its first IP
     address, so that the request's Host names an IP (the admin API answers no other Host but
-    localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve."""
+    localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve;
+    AdminResolveTimeout when `timeout` seconds are given and pass first."""
     from hostmesh.registry.http import addressed_locally
 
     if addressed_locally(host):  # an IP address or localhost already
         return host
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if timeout is None:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        else:
+            found = _resolve_within(host, port, timeout)
+    except TimeoutError:
+        raise AdminResolveTimeout(
+            f"{option} {host}: no answer from the resolver within {round(max(timeout or 0.0, 0.0), 1):g}s"
+        ) from None
     except OSError as exc:
         raise AdminAddressError(f"{option} {host}: cannot resolve it: {exc.strerror or exc}") from None
     return str(found[0][4][0])
+
+
+def _resolve_within(host: str, port: int, timeout: float) -> list[Any]:
+    """getaddrinfo that ends in `timeout` seconds (TimeoutError): the system resolver has no deadline
+    of its own but its retries (5 s a try, and more), so it runs in a daemon thread that is left to
+    finish, or not, without the caller (nothing waits for it at exit)."""
+    import asyncio
+
+    from hostmesh.registry.nomad import in_daemon_thread
+
+    lookup = in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="admin-resolve")
+    return asyncio.run(asyncio.wait_for(lookup, max(timeout, 0.0)))
 
 
 # --- the admin API's answers -------------------------------------------------------------------

@@ -26,7 +26,13 @@ from typing import Any
 import click
 
 from hostmesh.agent.nomad import ADMIN_LABEL, admin_address
-from hostmesh.agent.status import admin_connect_host, parse_admin_address, printable, ready_problem
+from hostmesh.agent.status import (
+    AdminResolveTimeout,
+    admin_connect_host,
+    parse_admin_address,
+    printable,
+    ready_problem,
+)
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
 POLL_INTERVAL = 0.1  # seconds between probes: a sidecar is ready within a second or two
@@ -48,13 +54,14 @@ def admin_source(option: str | None, env: Mapping[str, str]) -> tuple[str | None
     return DEFAULT_ADMIN, None, "the default"
 
 
-def _host_port(address: str, source: str) -> tuple[str, int]:
-    """The admin API's host and port (HOST:PORT, [IPv6]:PORT or http://HOST:PORT); ValueError with
-    one line naming `source` otherwise."""
+def _host_port(address: str, source: str, deadline: float) -> tuple[str, int]:
+    """The admin API's host and port (HOST:PORT, [IPv6]:PORT or http://HOST:PORT), a name resolved
+    by `deadline` (time.monotonic(); else AdminResolveTimeout); ValueError with one line naming
+    `source` otherwise."""
     scheme, host, port = parse_admin_address(address, source)
     if scheme != "http":
         raise ValueError(f"{source} {address!r}: the admin API speaks plain HTTP (give HOST:PORT)")
-    return admin_connect_host(host, port, source), port
+    return admin_connect_host(host, port, source, timeout=deadline - time.monotonic()), port
 
 
 class _DeadlineSocket(socket.socket):
@@ -82,12 +89,12 @@ def _connect(host: str, port: int, deadline: float) -> _DeadlineSocket:
 def probe(address: str, source: str = "--admin", deadline: float | None = None) -> str | None:
     """None when the agent at `address` is ready, else why not (one line). The whole exchange ends
     by `deadline` (time.monotonic()), PROBE_TIMEOUT from now by default."""
-    try:
-        host, port = _host_port(address, source)
-    except ValueError as exc:
-        return str(exc)
     if deadline is None:
         deadline = time.monotonic() + PROBE_TIMEOUT
+    try:
+        host, port = _host_port(address, source, deadline)
+    except ValueError as exc:
+        return str(exc)
     budget = max(deadline - time.monotonic(), 0.0)
     conn = http.client.HTTPConnection(host, port)
     try:
@@ -125,16 +132,18 @@ def wait_ready(option: str | None, env: Mapping[str, str], timeout: float) -> tu
     given (--admin, NOMAD_PORT_hostmesh_admin) that cannot be one is refused at once (a one-line
     click error); one read from the agent's file is polled, as the agent may write it again."""
     fixed, file, source = admin_source(option, env)
-    if fixed is not None:
-        try:
-            _host_port(fixed, source)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
     started = time.monotonic()
     deadline = started + timeout
     # no probe runs past the deadline, but one is always made: --timeout 0 probes once, for up to
     # PROBE_TIMEOUT
     last_probe_ends = max(deadline, started + PROBE_TIMEOUT)
+    if fixed is not None:
+        try:
+            _host_port(fixed, source, last_probe_ends)  # a name is looked up under the deadline too
+        except AdminResolveTimeout as exc:
+            return False, str(exc)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     reason = "never probed"
     probed = False  # a probe has given a reason: one cut short by the deadline does not replace it
     while True:

@@ -407,9 +407,10 @@ def _json_type(value: Any) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
-async def in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
-    """`call(*args)` in a daemon thread of its own, its result or error awaited here. Nothing waits
-    for the thread at exit (asyncio.to_thread's are joined then); cancelled, its answer is dropped."""
+async def in_daemon_thread(call: Callable[..., _T], *args: Any, name: str = "nomad-read") -> _T:
+    """`call(*args)` in a daemon thread of its own (named `name`), its result or error awaited here.
+    Nothing waits for the thread at exit (asyncio.to_thread's are joined then); cancelled, its answer
+    is dropped."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[_T] = loop.create_future()
 
@@ -427,7 +428,7 @@ async def in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(RuntimeError):  # the loop closed first: the process is exiting
             loop.call_soon_threadsafe(done)
 
-    threading.Thread(target=run, name="nomad-read", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return await answer
 
 

@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from tests.test_cli_ops import fails
 HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
 NOT_FOUND = (404, "text/html", b"<h1>404</h1>")
 Answer = tuple[int, str, bytes]
+RESOLVER_HOLD = 10.0  # seconds the stood-in resolver holds a lookup: ten times the --timeout tested
 
 
 def js(payload: Any, status: int = 200) -> Answer:
@@ -578,6 +580,35 @@ def test_wait_ready_refuses_an_address_it_cannot_use_at_once(admin: str, why: st
     # the timeout is long: an address that cannot be one is refused before any wait
     line = fails(hm("agent", "wait-ready", "--admin", admin, "--timeout", "60"))
     assert line == f"Error: --admin {admin!r}: {why}"
+
+
+def test_wait_ready_gives_up_at_its_timeout_on_a_resolver_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--timeout bounds the name's lookup too: a resolver that did not answer held `--timeout 1` until
+    it did (the system resolver's own retries: 5 s a try and more). The lookup is made slow at the
+    seam the command resolves through, socket.getaddrinfo (no test-local resolver can stand in for
+    the system's without a network namespace); it answers after RESOLVER_HOLD at the latest."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "slow.example":
+            return real(host, *args, **kwargs)
+        release.wait(RESOLVER_HOLD)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    started = time.monotonic()
+    try:
+        line = fails(hm("agent", "wait-ready", "--admin", "slow.example:15000", "--timeout", "1"))
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert took < RESOLVER_HOLD / 2, f"wait-ready returned after {took:.1f}s: {line}"
+    assert (
+        line == "Error: agent not ready after 1s: --admin slow.example: no answer from the resolver within 1s"
+    )
 
 
 def test_wait_ready_says_a_server_that_is_not_http_is_not_http(banner: Banner) -> None:
