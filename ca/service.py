@@ -340,7 +340,7 @@ class _AuditedTLSServer(HTTPServer):
             if not scope.expired():  # the handler's own: a bug, as before (the server logs it, 500)
                 raise
         self._cut.append(req)
-        return Response.error(503, "temporarily unavailable: the CA is stopping")
+        return self._service.cut_at_stop(req)
 
     def _make_room(self) -> None:
         """Every slot is taken: the longest-idle keep-alive makes room, else the request arriving
@@ -1158,12 +1158,11 @@ class CAService:
         first_byte = received if req.arrived is None else req.arrived
         deadline = first_byte + SIGN_DEADLINE
         try:
-            auth = req.headers.get("authorization", "")
-            scheme, _, text = auth.partition(" ")
-            if scheme.lower() != "bearer" or not text.strip():
+            text = _bearer(req)
+            if not text:
                 raise Unauthorized("missing join token (Authorization: Bearer <token>)")
-            if looks_like_jwt(text.strip()):
-                return await self._sign_nomad(req, text.strip(), peer)
+            if looks_like_jwt(text):
+                return await self._sign_nomad(req, text, peer)
             consul = self.consul
             if consul is None:
                 raise _Unavailable("join tokens need Consul, which this CA instance is not using")
@@ -1435,6 +1434,31 @@ class CAService:
             resp.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
         return resp
 
+    def cut_at_stop(self, req: Request) -> Response:
+        """The 503 of a request a stop cut short (_AuditedTLSServer._finish_requests). One for a
+        certificate is audited and counted as the handlers' refusals are (it had no line), with what
+        the request itself names: its path, the join token's id, the renewing client's identity;
+        how far its handler got is not known here (a sibling renewal is audited as via=renew)."""
+        stopping = _Unavailable("the CA is stopping")
+        peer = peer_authority(req.peer)
+        if req.path == "/v1/sign":
+            text = _bearer(req)
+            if looks_like_jwt(text):
+                return self._refuse("nomad", stopping, peer, None, None)
+            try:
+                token_id: str | None = tokens.parse_token(text).id
+            except Unauthorized:
+                token_id = None
+            return self._refuse("sign", stopping, peer, None, token_id)
+        if req.path == "/v1/renew":
+            cert = tls.peer_certificate(req.ssl_object)
+            try:
+                identity = None if cert is None else pki.identity_of(cert).spiffe_id
+            except TrustError:
+                identity = None
+            return self._refuse("renew", stopping, peer, identity, None)
+        return Response.error(503, f"temporarily unavailable: {stopping}")  # roots, health: no trail
+
     def audit_refusal(
         self,
         *,
@@ -1460,6 +1484,13 @@ class _SiblingRequest:
     node: str
     expired: str  # PEM of the expired leaf whose identity is requested
     proof: str  # base64 of pki.sibling_proof(expired key, csr)
+
+
+def _bearer(req: Request) -> str:
+    """The credential of `Authorization: Bearer <credential>` (a join token or a Nomad workload
+    identity), "" when there is none."""
+    scheme, _, text = req.headers.get("authorization", "").partition(" ")
+    return text.strip() if scheme.lower() == "bearer" else ""
 
 
 def _sibling_request(req: Request) -> _SiblingRequest | None:

@@ -354,11 +354,14 @@ def test_a_stop_answers_a_request_still_waiting_503_without_a_traceback(
     silent server): the connection was closed at once, the request went on unanswerable, and as the
     CA exited asyncio logged "Exception in callback" with the CancelledError's traceback. A request
     still waiting CLOSE_GRACE into the stop is now answered 503 (the client asks another CA), said
-    in one line, and the CA exits cleanly."""
+    in one line, and the CA exits cleanly. That answer has its audit line, as every other answer to
+    a request for a certificate (it had none)."""
     silent = SilentServer()
     jwks = f"{silent.url}/.well-known/jwks.json"
+    audit = tmp_path / "audit.jsonl"
+    options = ("--nomad-jwks", jwks, "--audit-log", str(audit))
     try:
-        with NomadDouble() as nomad, _ca_serving(tmp_path, consul, "127.0.0.1", "--nomad-jwks", jwks) as ca:
+        with NomadDouble() as nomad, _ca_serving(tmp_path, consul, "127.0.0.1", *options) as ca:
             wait_until(lambda: _ca_registered(consul, ca.port), 30, "ca serve registered in Consul")
             roots = "".join(store.load(ca.data_dir).bundle)
             identity = nomad.identity(nomad.add_allocation("shop", "api", ("hostmesh",)), "hostmesh")
@@ -377,6 +380,13 @@ def test_a_stop_answers_a_request_still_waiting_503_without_a_traceback(
     assert status == 503 and b"the CA is stopping" in body, (status, body)
     [said] = [line for line in lines if "still waiting" in line]
     assert "POST /v1/sign" in said, said
+    [line] = [json.loads(text) for text in audit.read_text().splitlines()]
+    assert (line["event"], line["via"], line["reason"]) == (
+        "refuse",
+        "nomad",
+        "temporarily unavailable: the CA is stopping",
+    ), line
+    assert line["peer"] and line["peer"].startswith("127.0.0.1:"), line
 
 
 @pytest.mark.consul
