@@ -442,8 +442,8 @@ def ui(ctx: click.Context, listen: str, interval: float, metrics_port: int) -> N
         raise click.ClickException(str(exc)) from None
     import asyncio
 
-    settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))
     try:
+        settings = resolve(cli=(ctx.find_root().obj or {}).get("consul"))  # (InvalidSettings: one line)
         asyncio.run(serve(settings, host, port, interval, metrics_port))
     except RegistryError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None

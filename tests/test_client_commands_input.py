@@ -689,6 +689,13 @@ def test_ui_listen_that_cannot_be_bound_as_given_is_one_line(listen: str, why: s
     assert fails(hm("ui", "--listen", listen)) == f"Error: --listen {listen!r}: {why}"
 
 
+def test_ui_with_a_consul_address_it_cannot_use_is_one_line() -> None:
+    """It was a traceback ending in InvalidSettings: the Consul settings were read outside the
+    handler of the UI's Consul errors (`top`, reading them the same way, said it in one line)."""
+    line = fails(hm("--consul", "ftp://127.0.0.1:1", "ui"))
+    assert line == "Error: --consul: Consul address 'ftp://127.0.0.1:1': the scheme must be http or https"
+
+
 def test_ui_listen_address() -> None:
     assert listen_address("[::1]:8080") == ("::1", 8080)
     assert listen_address("localhost:0") == ("localhost", 0)
