@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 # asyncio, the schema and the Consul and HTTP code are imported where the page is served (`ui --help`
 # and completion need none of them).
 
-DEFAULT_LISTEN = "127.0.0.1:15080"  # `hostmesh ui`'s documented default
+DEFAULT_PORT = 15080  # `hostmesh ui`'s documented default, also where --listen names a host alone
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 CERT_EXPIRY = "hostmesh_cert_expiry_timestamp_seconds"
 SOURCE_INDEX = "hostmesh_config_source_index"
 CONFIG_VERSION = "hostmesh_config_version"
@@ -389,27 +390,6 @@ def host_allowed(header: str | None, listen_host: str) -> bool:
     return addressed_locally(header, also=listen_host)
 
 
-def listen_address(listen: str) -> tuple[str, int]:
-    """(host, port) of `--listen` HOST:PORT ([IPv6]:PORT; port 0: any free one; an IPv4-mapped address
-    is its IPv4 address, registry/listen.py `listen_host`); ValueError, one line."""
-    host, sep, port_s = listen.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
-    if not sep or not host or "[" in host or "]" in host or any(c.isspace() for c in host):
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT (an IPv6 address as [::1]:PORT)")
-    if ":" in host and not bracketed:
-        raise ValueError(f"--listen {listen!r}: an IPv6 address goes in brackets, as [::1]:PORT")
-    # ASCII digits only: str.isdigit() also takes '²', which int() refuses
-    if not (port_s.isascii() and port_s.isdigit()):
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT with a numeric port")
-    if len(port_s.lstrip("0")) > 5 or int(port_s) > 65535:
-        raise ValueError(f"--listen {listen!r}: port {port_s[:20]} is out of range (0-65535)")
-    from hostmesh.registry.listen import listen_host
-
-    return listen_host(host), int(port_s)
-
-
 @click.command("ui")
 @click.option(
     "--listen",
@@ -436,8 +416,10 @@ def listen_address(listen: str) -> tuple[str, int]:
 def ui(ctx: click.Context, listen: str, interval: float, metrics_port: int) -> None:
     """Serve a live web view of the mesh: service graph with rates, errors and p99, intentions,
     agents' config lag behind Consul, certificate expiry."""
+    from hostmesh.registry.listen import parse_listen
+
     try:
-        host, port = listen_address(listen)
+        host, port = parse_listen(listen, DEFAULT_PORT)  # as `ca serve --listen`
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     import asyncio

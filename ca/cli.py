@@ -292,12 +292,16 @@ def serve(
 
     from hostmesh.ca import pki, tokens
     from hostmesh.ca.audit import AuditLog
-    from hostmesh.ca.service import parse_advertise, parse_listen
+    from hostmesh.ca.service import parse_advertise
     from hostmesh.registry import logs
     from hostmesh.registry.consul import ConsulClient
+    from hostmesh.registry.listen import parse_listen
 
     logs.setup(log_level, log_format)
-    host, port = parse_listen(listen)
+    try:
+        host, port = parse_listen(listen, DEFAULT_PORT)  # as `ui --listen`
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if advertise is not None:
         parse_advertise(advertise)  # (CAService parses it again) refused before anything is opened
     ttl = tokens.parse_duration(leaf_ttl, "leaf ttl", pki.MAX_LEAF_TTL)

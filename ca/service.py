@@ -118,7 +118,7 @@ from hostmesh.registry.layout import (
     METRICS_META,
     METRICS_SCHEME_META,
 )
-from hostmesh.registry.listen import listen_host, server_address
+from hostmesh.registry.listen import server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.nomad import looks_like_jwt
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
@@ -179,19 +179,6 @@ TRIM_DELAY = 1.0  # seconds from the end of a burst (or of its last second) to t
 MAX_RETIRED_RECORD = 256  # retired root ids read from Consul's bundle (16 hex each): years of rotations
 _ROOT_ID = re.compile(r"[0-9a-f]{16}")  # pki.root_id
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
-def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, `HOST` or `:PORT` (all interfaces) -> (host, port); an IPv4-mapped
-    address is its IPv4 address (registry/listen.py `listen_host`)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or (text.count(":") > 1 and not text.startswith("[")):
-        host, port_text = text, str(default_port)
-    host = host.strip("[]") or "0.0.0.0"
-    port = port_number(port_text)
-    if port is None:  # (int() took ' 80', '+80' and '٣', read as port 3)
-        raise InvalidRequest(f"invalid listen address {text!r} (use HOST:PORT, a port of 0-65535)")
-    return listen_host(host), port
 
 
 def parse_advertise(text: str) -> tuple[str, int | None]:

@@ -28,8 +28,60 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from hostmesh.registry.addresses import unmapped
+from hostmesh.registry.names import port_number
 
 ACCEPT_FDS: Final = 4  # descriptors per listener of connection-per-request clients (see above)
+ALL_IPV4: Final = "0.0.0.0"  # the host of `:PORT`
+MAX_QUOTED_PORT: Final = 20  # characters of a refused port quoted in its error (it may be a screenful)
+
+
+class InvalidListen(ValueError):
+    """A `--listen` address that cannot be served on as written; str() is one line naming it."""
+
+
+def parse_listen(text: str, default_port: int, option: str = "--listen") -> tuple[str, int]:
+    """(host, port) of a server command's `--listen` (`ca serve`, `ui`): HOST:PORT, [IPv6]:PORT,
+    :PORT (every IPv4 interface), or HOST, [IPv6] or a bare IPv6 address on `default_port` (a bare
+    one takes no port: its last group could be read as one). The host as `listen_host` gives it;
+    InvalidListen otherwise."""
+    shape = InvalidListen(f"{option} {text!r}: expected HOST:PORT (an IPv6 address as [::1]:PORT)")
+    port_text: str | None
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise shape
+        if not _ipv6(host):
+            raise InvalidListen(f"{option} {text!r}: only an IPv6 address goes in brackets")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        if not _ipv6(text):
+            raise InvalidListen(
+                f"{option} {text!r}: an IPv6 address with a port goes in brackets, as [::1]:PORT"
+            )
+        host, port_text = text, None
+    else:
+        host, colon, port_text = text.partition(":")
+        host = host or (ALL_IPV4 if colon else "")
+        port_text = port_text if colon else None
+        if not host or "]" in host or not host.isprintable() or any(c.isspace() for c in host):
+            raise shape
+    port = default_port if port_text is None else port_number(port_text)
+    if port is None:
+        assert port_text is not None  # (the default is a port)
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise InvalidListen(f"{option} {text!r}: expected HOST:PORT with a numeric port")
+        raise InvalidListen(
+            f"{option} {text!r}: port {port_text[:MAX_QUOTED_PORT]} is out of range (0-65535)"
+        )
+    return listen_host(host), port
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def listen_host(host: str) -> str:

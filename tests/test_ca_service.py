@@ -25,7 +25,7 @@ from cryptography import x509
 from hostmesh.agent.ca_client import REQUEST_TIMEOUT, CAClient
 from hostmesh.ca import pki, store, tokens
 from hostmesh.ca.errors import CAUnavailable, InvalidRequest, RootExpired, TrustError, Unauthorized
-from hostmesh.ca.service import ROOTS_KEY, CAService, ConsulState, OlderDataDir, parse_listen
+from hostmesh.ca.service import ROOTS_KEY, CAService, ConsulState, OlderDataDir
 from hostmesh.registry import http as http_server
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, ca_context, call, csr_for, new_ca_dir, start_ca, write_leaf
@@ -973,16 +973,6 @@ async def test_a_root_that_kept_signing_after_a_failed_reload_is_not_retired_at_
         store.retire(data_dir, old.id, now=rotation_window + dt.timedelta(seconds=1))
     store.retire(data_dir, old.id, now=stamped + pki.DEFAULT_LEAF_TTL)
     assert not (data_dir / store.SIGNED_DIR / old.id).exists()  # the stamp goes with the root
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("127.0.0.1:15012") == ("127.0.0.1", 15012)
-    assert parse_listen(":9000") == ("0.0.0.0", 9000)
-    assert parse_listen("[::1]:9000") == ("::1", 9000)
-    assert parse_listen("10.0.0.5") == ("10.0.0.5", 15012)
-    for bad in ("host:port", "h:99999", "h: 80", "h:+80", "h:\u0663", "h:\u00b2", "h:" + "1" * 5000):
-        with pytest.raises(InvalidRequest, match="invalid listen address"):
-            parse_listen(bad)
 
 
 async def test_rotation_while_consul_is_down_swaps_now_and_publishes_later(

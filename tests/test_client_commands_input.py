@@ -38,7 +38,7 @@ from hostmesh.agent.cli import cli
 from hostmesh.agent.localmesh import HOSTMESH, LocalMesh, free_port
 from hostmesh.agent.metrics import Telemetry, generate_latest
 from hostmesh.agent.status import AdminAddressError, admin_base_url
-from hostmesh.agent.ui import Collector, listen_address
+from hostmesh.agent.ui import Collector
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import addressed_locally
 from tests.support import ConnServer, ConsulDev, wait_until
@@ -675,18 +675,41 @@ def test_wait_ready_names_a_garbage_admin_addr_file(tmp_path: Path) -> None:
 # --- hostmesh ui --listen -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("listen", "why"),
-    [
-        ("127.0.0.1:99999", "port 99999 is out of range (0-65535)"),
-        ("[::1:8080", "expected HOST:PORT (an IPv6 address as [::1]:PORT)"),
-        ("::1:8080", "an IPv6 address goes in brackets, as [::1]:PORT"),
-        ("127.0.0.1:", "expected HOST:PORT with a numeric port"),
-        ("127.0.0.1", "expected HOST:PORT (an IPv6 address as [::1]:PORT)"),
-    ],
-)
-def test_ui_listen_that_cannot_be_bound_as_given_is_one_line(listen: str, why: str) -> None:
+# one parser (registry/listen.py parse_listen) for both: `ui` refused the bare IPv6 address `ca serve`
+# took, and `ca serve` took an unclosed "[::1:8080" as ::1
+LISTEN_REFUSED = {
+    "127.0.0.1:99999": "port 99999 is out of range (0-65535)",
+    "[::1:8080": "expected HOST:PORT (an IPv6 address as [::1]:PORT)",
+    "h :80": "expected HOST:PORT (an IPv6 address as [::1]:PORT)",
+    "1:2:3:4:5:6:7:8:8080": "an IPv6 address with a port goes in brackets, as [::1]:PORT",
+    "[127.0.0.1]:80": "only an IPv6 address goes in brackets",
+    "127.0.0.1:": "expected HOST:PORT with a numeric port",
+    "h:+80": "expected HOST:PORT with a numeric port",
+    "h:\u0663": "expected HOST:PORT with a numeric port",  # int() reads it as 3
+}
+# taken by both: a bare IPv6 address and a host alone on the command's default port
+LISTEN_TAKEN = ["::1", "[::1]:0", "[::ffff:127.0.0.1]:0", "127.0.0.1", ":0", "localhost:0"]
+
+
+@pytest.mark.parametrize(("listen", "why"), sorted(LISTEN_REFUSED.items()))
+def test_ui_and_ca_serve_refuse_the_same_listen_addresses_in_one_line(
+    listen: str, why: str, tmp_path: Path
+) -> None:
     assert fails(hm("ui", "--listen", listen)) == f"Error: --listen {listen!r}: {why}"
+    ca = hm("ca", "serve", "--data-dir", str(tmp_path), "--listen", listen)
+    assert fails(ca) == f"Error: --listen {listen!r}: {why}"
+
+
+@pytest.mark.parametrize("listen", LISTEN_TAKEN)
+def test_ui_and_ca_serve_take_the_same_listen_addresses(listen: str, tmp_path: Path) -> None:
+    """Taken: each goes on to the next thing it checks, which refuses instead (the UI's Consul
+    address, the CA's --leaf-ttl), so nothing is bound or served here."""
+    ui = hm("--consul", "ftp://127.0.0.1:1", "ui", "--listen", listen)
+    assert (
+        fails(ui) == "Error: --consul: Consul address 'ftp://127.0.0.1:1': the scheme must be http or https"
+    )
+    ca = hm("ca", "serve", "--data-dir", str(tmp_path), "--listen", listen, "--leaf-ttl", "soon")
+    assert fails(ca).startswith("Error: invalid leaf ttl 'soon'"), ca.output
 
 
 def test_ui_with_a_consul_address_it_cannot_use_is_one_line() -> None:
@@ -694,11 +717,6 @@ def test_ui_with_a_consul_address_it_cannot_use_is_one_line() -> None:
     handler of the UI's Consul errors (`top`, reading them the same way, said it in one line)."""
     line = fails(hm("--consul", "ftp://127.0.0.1:1", "ui"))
     assert line == "Error: --consul: Consul address 'ftp://127.0.0.1:1': the scheme must be http or https"
-
-
-def test_ui_listen_address() -> None:
-    assert listen_address("[::1]:8080") == ("::1", 8080)
-    assert listen_address("localhost:0") == ("localhost", 0)
 
 
 @pytest.mark.consul

@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from hostmesh.agent.localmesh import fd_links
-from hostmesh.registry.listen import ACCEPT_FDS, listening_socket, server_address, start_servers
+from hostmesh.registry.listen import (
+    ACCEPT_FDS,
+    InvalidListen,
+    listening_socket,
+    parse_listen,
+    server_address,
+    start_servers,
+)
 
 uvloop = pytest.importorskip("uvloop")
 
@@ -173,3 +180,29 @@ def test_a_failed_start_leaves_no_descriptor_open() -> None:
         assert _sockets() == before
 
     uvloop.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:15012", ("127.0.0.1", 15012)),
+        (":9000", ("0.0.0.0", 9000)),  # every IPv4 interface
+        ("[::1]:9000", ("::1", 9000)),
+        ("[::1]", ("::1", 15012)),
+        ("::", ("::", 15012)),  # bare: the default port (its last group is not read as one)
+        ("::1:8080", ("::1:8080", 15012)),
+        ("10.0.0.5", ("10.0.0.5", 15012)),
+        ("[::ffff:127.0.0.1]:80", ("127.0.0.1", 80)),  # listen_host: the IPv4 address it maps
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_listen(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_listen(text, 15012) == parsed
+
+
+@pytest.mark.parametrize(
+    "bad", ["host:port", "h:99999", "h: 80", "h:+80", "h:\u00b2", "h:" + "1" * 5000, "", ":", "[::1]x"]
+)
+def test_parse_listen_refuses(bad: str) -> None:
+    with pytest.raises(InvalidListen, match=r"^--listen "):
+        parse_listen(bad, 15012)
