@@ -207,6 +207,13 @@ class CertManager:
         """The ids (`hostmesh ca roots`) of the roots this host trusts."""
         return [pki.root_id(r) for r in self._roots]
 
+    @property
+    def bundle_watch(self) -> Watch[KVEntry | None] | None:
+        """The watch of Consul's trust bundle, once started: one that fails is the agent not
+        following Consul (agent/discovery.py `followed_elsewhere`), in this process as in
+        CertProcess's (an agent run without a config file has no helper: it was not counted)."""
+        return self._watch
+
     def infos(self) -> list[CertInfo]:
         out = []
         for service in self.services:

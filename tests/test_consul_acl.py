@@ -1087,3 +1087,40 @@ def test_an_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_cons
     table = render_table(asyncio.run(fetch_status(f"127.0.0.1:{h.admin_port}")))
     assert "NOT FOLLOWING since " in table and denied in table, table
     assert metric_value(h.metrics(), "hostmesh_consul_sync_healthy") == 0.0
+
+
+async def test_an_in_process_agent_whose_token_may_not_read_the_trust_bundle_does_not_follow_consul(
+    acl_mesh: AclMesh, secure: SecureConsulDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same refusal for an agent run in this process without a config file (Agent(config)):
+    its certificates are CertManager's, in the process, whose bundle watch the agent did not pass to
+    discovery (only CertProcess's), so /v1/config and hostmesh_consul_sync_healthy said it followed
+    Consul while the bundle's reads were refused."""
+    from hostmesh.agent.certs import CertManager
+    from hostmesh.agent.config import load_config
+    from hostmesh.agent.localmesh import http_json
+    from hostmesh.agent.run import Agent
+    from tests.support import metric_value
+
+    for key, value in secure.client_env().items():  # the agent's Consul client reads them, as `agent run`'s
+        monkeypatch.setenv(key, value)
+    m, echo = acl_mesh
+    name = svc("noroots-inproc")
+    agent: Agent | None = None
+    try:
+        h = m.write_agent_config("noroots-inproc-node", [{"name": name, "port": echo.port, "upstreams": []}])
+        rules = acl.agent_policy([name]) + deny_key(ca_service.ROOTS_KEY)
+        with_token_file(h, secure.token_for(f"hostmesh-agent-{name}", rules))
+        agent = Agent(load_config(h.config_path))
+        await asyncio.wait_for(agent.start(), 60.0)
+        assert isinstance(agent.certs, CertManager)  # the mode under test
+        denied = f"Consul ACL denied watch of {ca_service.ROOTS_KEY}: the token lacks key:read on it"
+
+        discovery = agent.discovery
+        await async_wait_until(lambda: not discovery.consul_view()["following"], 30.0, "the refusal counted")
+        view = (await asyncio.to_thread(http_json, h.admin_url + "/v1/config"))[1]["consul"]
+        assert (view["following"], view["error"]) == (False, denied), view
+        assert metric_value(await asyncio.to_thread(h.metrics), "hostmesh_consul_sync_healthy") == 0.0
+    finally:
+        if agent is not None:
+            await agent.stop()
