@@ -110,7 +110,14 @@ from hostmesh.ca.metrics import CAMetrics, refusal_reason
 from hostmesh.registry.addresses import authority, peer_authority, unmapped
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NOT_ACL_FIX, PermissionDenied, RegistryError
-from hostmesh.registry.http import MAX_HEAD_BYTES, HTTPServer, Request, Response, longest_since
+from hostmesh.registry.http import (
+    MAX_HEAD_BYTES,
+    SERVER_CLOSE_GRACE,
+    HTTPServer,
+    Request,
+    Response,
+    longest_since,
+)
 from hostmesh.registry.layout import (
     CA_SERVICE_NAME,
     HOSTMESH_META,
@@ -133,12 +140,6 @@ SERVER_CERT_TTL = dt.timedelta(hours=24)  # the CA's own serving cert, re-issued
 SERVER_CERT_REFRESH = 0.5  # re-issue the serving cert at half its life
 SERVER_CERT_FAILURE_LOG_INTERVAL = 600.0  # seconds: a refresh that keeps failing is said this often
 HANDSHAKE_TIMEOUT = 10.0  # slow or silent TLS clients are dropped after this
-CLOSE_GRACE = 2.0  # at a stop, how long the connections' tasks may take to end after being told to
-# the stop's line names this many of the requests it cut short (of MAX_INFLIGHT): who, in one line
-STOP_NAMED_REQUESTS = 3
-# a request cut at a stop ends at its next step (its scope raises there), within a loop iteration;
-# past this, one that has not (it swallowed the cut) is left to the connections' close
-CUT_TAKEN = 0.5
 MAINTENANCE_INTERVAL = 5.0  # data-dir change detection, Consul check, watchdog: seconds between rounds
 BUNDLE_FIGHT_ROUNDS = 3  # rounds in a row finding other roots in KV: someone keeps writing them, say so
 CONSUL_RETRY_INTERVAL = 1.0  # between rounds while Consul fails: a Consul back (empty) is repaired within it
@@ -284,7 +285,7 @@ class _AuditedTLSServer(HTTPServer):
 
     def __init__(self, service: CAService, host: str, port: int, context: ssl.SSLContext) -> None:
         super().__init__(
-            self._handle, host, port, None, max_body=MAX_REQUEST_BYTES,
+            service.handle, host, port, None, max_body=MAX_REQUEST_BYTES,
             max_inflight=MAX_INFLIGHT, unlimited_paths=UNLIMITED_PATHS,
             slow_request_evict=SLOW_REQUEST_EVICT,
         )  # fmt: skip
@@ -304,29 +305,15 @@ class _AuditedTLSServer(HTTPServer):
         self._since_trim = 0
         self._in_burst = False
         self._trim_timer: asyncio.TimerHandle | None = None
-        self._requests: dict[asyncio.Timeout, Request] = {}  # in the service's handler now, by cancel scope
-        self._no_requests = asyncio.Event()  # set while none is
-        self._no_requests.set()
-        self._cut_at: float | None = None  # loop time a stop cuts the requests still in the handler
-        self._cut: list[Request] = []  # the requests it cut, for its line
 
-    async def _handle(self, req: Request) -> Response:
-        """The service's answer to `req`, or a 503 when a stop cuts its wait short (`_finish_requests`)."""
-        scope = asyncio.timeout_at(self._cut_at)
-        try:
-            async with scope:
-                self._requests[scope] = req
-                self._no_requests.clear()
-                try:
-                    return await self._service.handle(req)
-                finally:
-                    del self._requests[scope]
-                    if not self._requests:
-                        self._no_requests.set()
-        except TimeoutError:
-            if not scope.expired():  # the handler's own: a bug, as before (the server logs it, 500)
-                raise
-        self._cut.append(req)
+    @property
+    def stop_label(self) -> str:
+        return "CA"
+
+    def cut_at_stop(self, req: Request) -> Response:
+        """A request a stop cut short is the service's to answer: it audits those for a certificate.
+        (A sign cut while Consul applies its join token's redemption may leave the token spent: the
+        retry is told it was used; not handed back here.)"""
         return self._service.cut_at_stop(req)
 
     def _make_room(self) -> None:
@@ -392,9 +379,10 @@ class _AuditedTLSServer(HTTPServer):
     async def close(self) -> None:
         """Stop accepting and end every connection so that its task returns on its own: those
         waiting for a slot, in their TLS handshake or between requests at once, those in a request
-        once answered (`_finish_requests`; then CLOSE_GRACE at most, then cut: a client that never
-        answers TLS's close too). Left to asyncio.run's teardown, their cancellation was logged as
-        an error with a traceback per connection (Python 3.11)."""
+        once answered (HTTPServer.close; a request still waiting SERVER_CLOSE_GRACE into the stop is
+        answered 503, so the client asks another CA), then SERVER_CLOSE_GRACE at most, then cut: a
+        client that never answers TLS's close too. Left to asyncio.run's teardown, their
+        cancellation was logged as an error with a traceback per connection (Python 3.11)."""
         if self._trim_timer is not None:
             self._trim_timer.cancel()
         self._slots.close("the CA is stopping")
@@ -402,42 +390,15 @@ class _AuditedTLSServer(HTTPServer):
             handshake.cancel()
         for writer in list(self._idle):
             writer.transport.abort()
-        if self._server is not None:
-            self._server.close()  # no new connection while the requests in hand are answered
-        await self._finish_requests()
         await super().close()
         if self._tasks:
-            _, late = await asyncio.wait(list(self._tasks), timeout=CLOSE_GRACE)
+            _, late = await asyncio.wait(list(self._tasks), timeout=SERVER_CLOSE_GRACE)
             for task in late:
                 left = self._tasks.get(task)
                 if left is not None:
                     left.transport.abort()
             if late:
-                await asyncio.wait(late, timeout=CLOSE_GRACE)
-
-    async def _finish_requests(self) -> None:
-        """At a stop, the requests in the handler get CLOSE_GRACE to be answered; those still waiting
-        then (on a Consul or a Nomad JWKS that does not answer) are cut short and answered 503, so
-        the client asks another CA, said in one line. (A sign cut while Consul applies its join
-        token's redemption may leave the token spent: the retry is told it was used; not handed back
-        here.) (Their connections were closed at once, the
-        requests ran on unanswerable, and asyncio.run's teardown cancelled them with a traceback.)"""
-        self._cut_at = asyncio.get_running_loop().time() + CLOSE_GRACE
-        for scope in self._requests:
-            scope.reschedule(self._cut_at)
-        # one wait: each request ends answered by the cut, or is cut then and answered 503
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(self._cut_at + CUT_TAKEN):
-                await self._no_requests.wait()
-        cut, self._cut = self._cut, []
-        if not cut:
-            return
-        named = ", ".join(
-            f"{r.method} {r.path} from {peer_authority(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
-        )
-        more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
-        log.warning("CA stopping: answering 503 to %d request(s) still waiting after %gs: %s%s",
-                    len(cut), CLOSE_GRACE, named, more)  # fmt: skip
+                await asyncio.wait(late, timeout=SERVER_CLOSE_GRACE)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = admission.client_key(writer.get_extra_info("peername"))
@@ -1422,7 +1383,7 @@ class CAService:
         return resp
 
     def cut_at_stop(self, req: Request) -> Response:
-        """The 503 of a request a stop cut short (_AuditedTLSServer._finish_requests). One for a
+        """The 503 of a request a stop cut short (HTTPServer._finish_requests). One for a
         certificate is audited and counted as the handlers' refusals are (it had no line), with what
         the request itself names: its path, the join token's id, the renewing client's identity;
         how far its handler got is not known here (a sibling renewal is audited as via=renew)."""

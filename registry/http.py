@@ -67,6 +67,14 @@ SERVER_MAX_CONNECTIONS = 128
 # trickle heads or bodies (any local process could) no longer lock Consul's health check out.
 SERVER_SLOW_REQUEST_EVICT = 1.0
 RETRY_AFTER_SECONDS = 1  # what a shed request is told: the burst that filled the server is short-lived
+# At a stop, a request in the handler (an agent's /health probing its app, /metrics gathering its
+# workers' samples, the CA asking Consul) gets this long to be answered; one still waiting is then cut
+# short and answered 503, and given as long again to end (a handler's next step ends it)
+SERVER_CLOSE_GRACE = 2.0
+# a request cut at a stop ends at its next step (its scope raises there), within a loop iteration;
+# past this, one that has not (it swallowed the cut) is left to the connection's close
+CUT_TAKEN = 0.5
+STOP_NAMED_REQUESTS = 3  # the stop's line names this many of the requests it cut short: who, in one line
 
 
 @without_leftover_class
@@ -499,7 +507,8 @@ class HTTPServer:
     """A minimal keep-alive HTTP/1.1 server calling one async handler per request.
 
     Lifecycle: `await start()` binds and returns the port (ready once it returns), `close()` is
-    idempotent, stops accepting and closes tracked connections. Pipelined requests are answered one
+    idempotent, stops accepting and closes the connections, those in a request once it is answered
+    (within SERVER_CLOSE_GRACE, else a 503: `close`). Pipelined requests are answered one
     by one, in order. What one client can cost is bounded, each bound a module constant: at most
     `max_connections` connections (then the one idle longest makes room, or the new one gets a 503),
     a head complete within SERVER_HEAD_TIMEOUT of its first byte (408) and MAX_HEAD_BYTES (431; its
@@ -540,6 +549,12 @@ class HTTPServer:
         self._arriving: dict[asyncio.StreamWriter, float] = {}  # connections part-way into a request -> since
         self._slow_request_evict = slow_request_evict
         self.evicted_slow = 0  # connections closed at the cap because their request kept arriving
+        self._requests: dict[asyncio.Timeout, Request] = {}  # in the handler now, by cancel scope
+        self._no_requests = asyncio.Event()  # set while none is
+        self._no_requests.set()
+        self._closing = False  # close() has begun: an answer closes its connection
+        self._cut_at: float | None = None  # loop time a stop cuts the requests still in the handler
+        self._cut: list[Request] = []  # the requests it cut, for its line
 
     @property
     def connections(self) -> int:
@@ -562,15 +577,53 @@ class HTTPServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    @property
+    def stop_label(self) -> str:
+        """Who is stopping, in the line naming the requests a stop cut short."""
+        return f"HTTP server on port {self.port}"
+
     async def close(self) -> None:
+        """Stop accepting, close the connections between requests at once, and the others once the
+        requests in the handler are answered (`_finish_requests`): closing them at once gave a client
+        waiting on an answer (an operator's curl of /health, a scrape) none, and left its handler to
+        run on unanswerable."""
         if self._server is None:
             return
         server, self._server = self._server, None
+        self._closing = True
         server.close()
-        for writer in list(self._conns):
+        for writer in list(self._idle):  # (nothing is owed to them)
+            writer.close()
+        await self._finish_requests()
+        for writer in list(self._conns):  # an answer written is sent before its connection closes
             writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2.0)
+
+    async def _finish_requests(self) -> None:
+        """At a stop, the requests in the handler, and any that enter it after, get SERVER_CLOSE_GRACE
+        from the stop's start to be answered; those still waiting then are cut short and answered as
+        `cut_at_stop` says (503: the client retries), said in one line."""
+        self._cut_at = asyncio.get_running_loop().time() + SERVER_CLOSE_GRACE
+        for scope in self._requests:
+            scope.reschedule(self._cut_at)
+        # one wait: each request ends answered by the cut, or is cut then and answered
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(self._cut_at + CUT_TAKEN):
+                await self._no_requests.wait()
+        cut, self._cut = self._cut, []
+        if not cut:
+            return
+        named = ", ".join(
+            f"{r.method} {r.path} from {peer_authority(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
+        )
+        more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
+        log.warning("%s stopping: answered 503 to %d request(s) still waiting after %gs: %s%s",
+                    self.stop_label, len(cut), SERVER_CLOSE_GRACE, named, more)  # fmt: skip
+
+    def cut_at_stop(self, req: Request) -> Response:
+        """The answer to a request a stop cut short (`_finish_requests`)."""
+        return Response.error(503, "temporarily unavailable: the server is stopping")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve a new connection within `max_connections`. At the cap, the connection that has waited
@@ -615,7 +668,7 @@ class HTTPServer:
                         await self._refuse(reader, writer, bad)
                         return
                     resp = await self._admit(req)
-                    keep = msg.keep_alive and not self.slot_wanted(writer)
+                    keep = msg.keep_alive and not self._closing and not self.slot_wanted(writer)
                     await self._send(writer, resp, keep, head_only=req.method == "HEAD", http10=msg.http10)
                     if not keep:
                         await _linger(reader, writer)
@@ -674,10 +727,22 @@ class HTTPServer:
             resp.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
             return resp
         self._inflight += limited
+        scope = asyncio.timeout_at(self._cut_at)  # a stop's cut (`_finish_requests`)
         try:
-            return await self._handler(req)
-        except Exception:
-            log.exception("handler failed for %s %s", req.method, req.path)
+            async with scope:
+                self._requests[scope] = req
+                self._no_requests.clear()
+                try:
+                    return await self._handler(req)
+                finally:
+                    del self._requests[scope]
+                    if not self._requests:
+                        self._no_requests.set()
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and scope.expired():
+                self._cut.append(req)
+                return self.cut_at_stop(req)
+            log.exception("handler failed for %s %s", req.method, req.path)  # (the handler's own timeout too)
             return Response.error(500, "internal error")
         finally:
             self._inflight -= limited

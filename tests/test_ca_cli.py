@@ -353,7 +353,7 @@ def test_a_stop_answers_a_request_still_waiting_503_without_a_traceback(
     """A stop while a /v1/sign waits on a peer that does not answer (here Nomad's JWKS, held by a
     silent server): the connection was closed at once, the request went on unanswerable, and as the
     CA exited asyncio logged "Exception in callback" with the CancelledError's traceback. A request
-    still waiting CLOSE_GRACE into the stop is now answered 503 (the client asks another CA), said
+    still waiting SERVER_CLOSE_GRACE into the stop is now answered 503 (the client asks another CA), said
     in one line, and the CA exits cleanly. That answer has its audit line, as every other answer to
     a request for a certificate (it had none)."""
     silent = SilentServer()
@@ -376,7 +376,7 @@ def test_a_stop_answers_a_request_still_waiting_503_without_a_traceback(
                 status, body = answer.result(30)
     finally:
         silent.close()
-    # (the JWKS fetch's own 503 comes JWKS_TIMEOUT after it began, the cut CLOSE_GRACE into the stop)
+    # (the JWKS fetch's own 503 comes JWKS_TIMEOUT after it began, the cut SERVER_CLOSE_GRACE into the stop)
     assert status == 503 and b"the CA is stopping" in body, (status, body)
     [said] = [line for line in lines if "still waiting" in line]
     assert "POST /v1/sign" in said, said

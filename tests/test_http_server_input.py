@@ -567,3 +567,61 @@ async def test_a_request_that_expects_100_continue_is_told_to_send_its_body(
         await conn.send(b"hello")
         assert (await conn.answers(1))[0]["status"] == 200
     assert rec.seen == [("GET", "/first", b""), ("POST", "/sign", b"hello")]
+
+
+# --- a stop -----------------------------------------------------------------------------------------
+
+
+class Held:
+    """A handler whose answers wait for `release` (an agent's /health probing a slow app, /metrics
+    gathering its workers' samples, the CA asking Consul): `entered` is set once one is waiting."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle(self, req: Request) -> Response:
+        self.entered.set()
+        await self.release.wait()
+        return Response.of_json(200, {"path": req.path})
+
+
+async def test_a_stop_lets_a_request_in_the_handler_be_answered(no_errors_logged: None) -> None:
+    """close() closed every connection at once: a request whose handler was still at work (an
+    operator's curl of /health/web as the agent stopped) got the connection closed, no answer. Now it
+    is answered, then the connection closed, and close() returns; an idle connection goes at once."""
+    held = Held()
+    server = HTTPServer(held.handle, "127.0.0.1", 0)
+    port = await server.start()
+    closing: asyncio.Task[None] | None = None
+    async with connected(port) as conn, connected(port) as idle:
+        await conn.send(b"GET /health/web HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await asyncio.wait_for(held.entered.wait(), WAIT)
+        closing = asyncio.ensure_future(server.close())
+        assert await idle.until_closed() == b""  # nothing was owed to it
+        assert not closing.done()  # still waiting for the answer
+        held.release.set()
+        answer = await conn.until_closed()
+    await asyncio.wait_for(closing, WAIT)
+    assert status_of(answer) == 200 and answer.endswith(b'\r\n\r\n{"path":"/health/web"}\n'), answer
+    assert b"connection: close" in answer.lower(), answer
+
+
+async def test_a_stop_answers_a_request_still_in_the_handler_503_after_its_grace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded: a handler still at work SERVER_CLOSE_GRACE into the stop is cut short, its client
+    answered 503 (it retries elsewhere or later), said in one line naming the request."""
+    monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
+    caplog.set_level(logging.WARNING, "hostmesh.registry.http")
+    held = Held()  # never released
+    server = HTTPServer(held.handle, "127.0.0.1", 0)
+    port = await server.start()
+    async with connected(port) as conn:
+        await conn.send(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await asyncio.wait_for(held.entered.wait(), WAIT)
+        await asyncio.wait_for(server.close(), WAIT)
+        answer = await conn.until_closed()
+    assert status_of(answer) == 503 and b"the server is stopping" in answer, answer
+    [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert f"HTTP server on port {port} stopping" in said and "GET /metrics from 127.0.0.1:" in said, said
