@@ -64,7 +64,7 @@ from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from hostmesh.registry.errors import NotFound, PermissionDenied, RegistryError, Rejected
 from hostmesh.registry.files import make_dirs
-from hostmesh.registry.http import SERVER_CLOSE_GRACE, HTTPServer, Request, Response
+from hostmesh.registry.http import CUT_TAKEN, SERVER_CLOSE_GRACE, HTTPServer, Request, Response
 from hostmesh.registry.layout import (
     DEFAULT_INTENTION_META,
     HOSTMESH_META,
@@ -151,7 +151,7 @@ def check_open_file_limit(connections: int, max_connections: int) -> int:
 
 def stop_needs(config: AgentConfig) -> float:
     """Seconds a stop may take, told to systemd (EXTEND_TIMEOUT_USEC) so it does not kill it first."""
-    servers = 2 * SERVER_CLOSE_GRACE  # the admin and metrics servers' last answers, closed together
+    servers = SERVER_CLOSE_GRACE + CUT_TAKEN  # the admin and metrics servers' last answers, closed together
     return config.drain_seconds + 2 * STOP_CONSUL_CALL * len(config.services) + servers + STOP_SLACK_SECONDS
 
 
@@ -1146,7 +1146,7 @@ class Agent:
                     log.info("deregistered %s from Consul", sid)
                 except RegistryError as exc:  # its TTL check, failed above, keeps callers away meanwhile
                     log.warning("could not deregister %s from Consul: %s", sid, exc)
-        # together: each may wait for a request in its handler (HTTPServer.close, 2 x SERVER_CLOSE_GRACE)
+        # together: each may wait for a request in its handler (HTTPServer.close: its grace and the cut)
         await asyncio.gather(*(server.close() for server in self._servers))
         if cfg.nomad is not None and not self.worker:  # `wait-ready` must not find a stopped agent
             from hostmesh.agent.nomad import ADMIN_ADDRESS_FILE

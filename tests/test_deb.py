@@ -36,7 +36,7 @@ import pytest
 from bench.compiled import SOURCE_TREE_LOCK
 from hostmesh.agent.compiled import MODULES
 from hostmesh.agent.run import STOP_CONSUL_CALL, STOP_SLACK_SECONDS
-from hostmesh.registry.http import SERVER_CLOSE_GRACE
+from hostmesh.registry.http import CUT_TAKEN, SERVER_CLOSE_GRACE
 from tests.support import (
     DPKG_LOCK,
     REPO,
@@ -586,7 +586,7 @@ def test_installed_agent_runs_against_consul(
             agent.send_signal(signal.SIGTERM)
             stopping = recv_notify(notify, "STOPPING=1", AGENT_READY_TIMEOUT)
             # drain_seconds = 1, one service, the HTTP servers' last answers
-            needs = 1 + 2 * STOP_CONSUL_CALL + 2 * SERVER_CLOSE_GRACE + STOP_SLACK_SECONDS
+            needs = 1 + 2 * STOP_CONSUL_CALL + SERVER_CLOSE_GRACE + CUT_TAKEN + STOP_SLACK_SECONDS
             assert stopping["EXTEND_TIMEOUT_USEC"] == str(int(needs * 1_000_000))
             assert agent.wait(timeout=AGENT_READY_TIMEOUT) == 0, (tmp_path / "agent.log").read_text()
             wait_deregistered(consul, "debtest", "debtest-debtest-node", (tmp_path / "agent.log").read_text())
