@@ -563,7 +563,7 @@ class ConsulClient:
         )
 
     def _unexpected(self, op: Op, problem: str) -> UnexpectedAnswer:
-        return UnexpectedAnswer(f"unexpected answer from Consul at {self.url} to {op.what}: {problem}")
+        return UnexpectedAnswer(f"unexpected answer to {op.what}: {problem}", address=self.url, peer="Consul")
 
     def _json(self, resp: Response, op: Op) -> Any:
         try:

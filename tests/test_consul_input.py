@@ -5,7 +5,7 @@
   character: a CR/LF would otherwise put a header of the sender's choosing on the wire. http.py
   refuses such a header value too, whoever builds it.
 - An address that does not parse (`http://[::1`) is a settings error naming its source.
-- A service that is not Consul but answers JSON gets "unexpected answer from Consul at …", one line.
+- A service that is not Consul but answers JSON gets "Consul at …: unexpected answer to …", one line.
 - A Consul error answer is quoted only as Consul writes its reasons (one short text/plain line): a
   JSON body can hold stored KV values.
 
@@ -317,7 +317,8 @@ async def test_an_answer_of_the_wrong_shape_is_unexpected_answer(
     async with ConsulClient(not_consul.url) as consul:
         with pytest.raises(UnexpectedAnswer) as err:
             await CALLS[call](consul)
-    assert str(err.value).startswith(f"unexpected answer from Consul at {not_consul.url} to "), str(err.value)
+    assert str(err.value).startswith(f"Consul at {not_consul.url}: unexpected answer to "), str(err.value)
+    assert err.value.reason.startswith("unexpected answer to ")  # what a line naming Consul itself says
     assert isinstance(err.value, Unavailable)  # the agent's loops retry it as any Consul outage
 
 
@@ -346,7 +347,7 @@ def test_cli_against_a_service_that_is_not_consul_prints_one_line(
     not_consul: NotConsul, args: tuple[str, ...]
 ) -> None:
     line = fails(hm("--consul", not_consul.url, *args))
-    assert line.startswith(f"Error: unexpected answer from Consul at {not_consul.url} to "), line
+    assert line.startswith(f"Error: Consul at {not_consul.url}: unexpected answer to "), line
 
 
 @pytest.mark.parametrize("call", ["kv_get", "kv_get_blocking", "kv_list"])
@@ -367,7 +368,7 @@ def test_cli_against_a_404_page_prints_one_line(not_consul: NotConsul, args: tup
     """`route list` said "no route documents" with exit 0 against a server answering 404 to all."""
     not_consul.answer(b"404 page not found\n", 404, "text/plain; charset=utf-8")
     line = fails(hm("--consul", not_consul.url, *args))
-    assert line.startswith(f"Error: unexpected answer from Consul at {not_consul.url} to "), line
+    assert line.startswith(f"Error: Consul at {not_consul.url}: unexpected answer to "), line
     assert "404 without X-Consul-Index" in line
 
 
