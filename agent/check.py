@@ -422,6 +422,7 @@ async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
         not_following_fix,
         printable,
         ready_problem,
+        unreachable_reason,
         unreadable_documents,
     )
     from hostmesh.registry.analysis import Finding
@@ -518,7 +519,7 @@ async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
                 "error",
                 "agent-unreachable",
                 subject,
-                exc.reason,  # (the subject says the address)
+                unreachable_reason(address, client, exc),  # (the subject names the address)
                 "start the agent or pass its admin address with --agent",
             )
         )

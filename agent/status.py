@@ -82,17 +82,25 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
     return scheme, host, port
 
 
-def admin_base_url(address: str, option: str = "--agent") -> str:
+def admin_base_url(address: str, option: str = "--agent", *, resolve: bool = True) -> str:
     """`http(s)://host:port` for HTTPClient (parse_admin_address's rules; a name resolved for plain
-    HTTP: `admin_connect_host`)."""
+    HTTP: `admin_connect_host`, unless `resolve` is False: the URL as the operator named it)."""
     scheme, host, port = parse_admin_address(address, option)
-    if scheme == "http":
+    if scheme == "http" and resolve:
         host = admin_connect_host(host, port, option)
     return f"{scheme}://{authority(host, port)}"
 
 
 class AdminResolveTimeout(AdminAddressError):
     """The resolver gave no answer for an admin address's name within the time the caller has."""
+
+
+def unreachable_reason(address: str, client: HTTPClient, exc: RegistryError) -> str:
+    """What a line that names the admin API at `address` says of `client`'s failure to reach it: the
+    reason alone where the client dialed the address as named; with the address dialed where a
+    name was resolved to it (`admin_connect_host`), which the operator did not name (a stale DNS
+    record is then what to see)."""
+    return exc.reason if client.base_url == admin_base_url(address, resolve=False) else str(exc)
 
 
 def admin_connect_host(host: str, port: int, option: str = "--agent", timeout: float | None = None) -> str:
@@ -600,8 +608,9 @@ async def _agent_version(address: str) -> dict[str, Any]:
         raise click.ClickException(str(exc)) from None
     try:
         _, body = await admin_get(client, "/v1/version", version_problem)
-    except RegistryError as exc:  # (the line names the address: the HTTP client's reason alone)
-        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {exc.reason}") from None
+    except RegistryError as exc:
+        said = unreachable_reason(address, client, exc)
+        raise click.ClickException(f"cannot reach the agent's admin API at {address}: {said}") from None
     except AdminAnswerError as exc:
         raise click.ClickException(f"{address}: {exc}") from None
     finally:

@@ -421,6 +421,36 @@ def test_version_of_an_agent_not_running_names_its_address_once() -> None:
     assert fails(out) == f"Error: cannot reach the agent's admin API at {address}: connection refused"
 
 
+def test_an_agent_named_by_a_dns_name_that_is_not_running_is_named_with_the_address_dialed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name given to --agent is dialed at the address it resolves to (admin_connect_host), which the
+    operator did not name: the line said only the name and the reason, not where nothing answered (a
+    stale DNS record). The resolver is stood in for, as above: no name resolves here on every machine."""
+    from hostmesh.agent import check
+
+    port = free_port()  # nothing listens there
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "admin.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    line = fails(hm("version", "--agent", f"admin.example:{port}"))
+    assert line == (
+        f"Error: cannot reach the agent's admin API at admin.example:{port}: "
+        f"http://127.0.0.1:{port}: connection refused"
+    )
+    findings = asyncio.run(check._agent(f"admin.example:{port}"))
+    (unreachable,) = [f for f in findings if f.code == "agent-unreachable"]
+    assert (unreachable.subject, unreachable.message) == (
+        f"agent admin.example:{port}",
+        f"http://127.0.0.1:{port}: connection refused",
+    )
+
+
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
