@@ -355,6 +355,7 @@ async def _serve(
     import signal
 
     from hostmesh.ca.service import CAService, sd_notify
+    from hostmesh.registry.addresses import authority  # (here: the commands above name roots `authority`)
 
     log = logging.getLogger("hostmesh.ca")
     try:
@@ -365,9 +366,8 @@ async def _serve(
         bound = await service.start()
         a = service.authority
         log.info(
-            "serving on https://%s:%d, trust domain %s, signing root %s (%s)",
-            host,
-            bound,
+            "serving on https://%s, trust domain %s, signing root %s (%s)",
+            authority(host, bound),
             a.trust_domain,
             a.active.id,
             a.active.pin,

@@ -455,6 +455,18 @@ def test_serve_on_an_ipv4_mapped_address_serves_and_registers_its_ipv4_address(
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.consul
+def test_serve_on_ipv6_names_its_url_with_the_address_in_brackets(tmp_path: Path, consul: ConsulDev) -> None:
+    """`ca serve --listen [::1]:PORT` said "serving on https://::1:PORT", a URL no client takes (26b25ab
+    wrote [host]:port everywhere else a port follows an IPv6 address: registry/addresses.authority)."""
+    with _ca_serving(tmp_path, consul, "[::1]", "--log-format", "text") as ca:
+        wait_until(
+            lambda: _ca_registered(consul, ca.port) or ca.proc.poll() is not None, 30, "ca serve registered"
+        )
+        assert ca.proc.poll() is None, ca.log.read_text()
+        assert f"serving on https://[::1]:{ca.port}, trust domain" in ca.log.read_text(), ca.log.read_text()
+
+
 def test_under_systemd_serve_s_refusal_is_an_error_line_of_the_journal(tmp_path: Path) -> None:
     """journald files a line by its `<N>` prefix, else at info: click's `Error: ...` was missing from
     `journalctl -u hostmesh-ca -p err`, the one line saying why the unit keeps restarting."""
