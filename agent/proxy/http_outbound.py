@@ -342,7 +342,10 @@ class Cluster:
             return
         if od.report(ep.key, status, now):
             log.warning(
-                "outlier detection ejected %s (%s:%d) of %s", ep.key, ep.address, ep.port, self.service
+                "outlier detection ejected %s (%s) of %s",
+                ep.key,
+                authority(ep.address, ep.port),
+                self.service,
             )
             self.refresh(now)
 

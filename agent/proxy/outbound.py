@@ -132,8 +132,8 @@ class Ejections:
         self.failing.add(ep.instance_id)
         if self.detector.report(ep.instance_id, 0, time.monotonic()):
             self.active = True
-            log.warning("outbound: ejected %s (%s:%d) of %s: %d connections in a row never reached its "
-                        "app (last: %s)", ep.instance_id, ep.address, ep.port, service,
+            log.warning("outbound: ejected %s (%s) of %s: %d connections in a row never reached its "
+                        "app (last: %s)", ep.instance_id, authority(ep.address, ep.port), service,
                         L4_OUTLIER.consecutive_5xx, why)  # fmt: skip
 
     def reached(self, ep: Endpoint) -> None:

@@ -679,8 +679,8 @@ class UdpOutbound:
         if conn.version >= DGRAM_MIN_VERSION:
             return True
         self._v1_log(
-            "udp outbound %s: the agent at %s:%d speaks agent protocol v%d (hostmesh 0.1), which "
-            "cannot carry UDP; upgrade it", self.name, key[0], key[1], conn.version,
+            "udp outbound %s: the agent at %s speaks agent protocol v%d (hostmesh 0.1), which "
+            "cannot carry UDP; upgrade it", self.name, authority(*key), conn.version,
         )  # fmt: skip
         return False
 
