@@ -611,7 +611,8 @@ class HTTPServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(self._cut_at + CUT_TAKEN):
                 await self._no_requests.wait()
-        cut, self._cut = self._cut, []
+        # cut and answered, and cut but still unwinding (a handler's cleanup that awaits): each named
+        cut, self._cut = [*self._cut, *self._requests.values()], []
         if not cut:
             return
         named = ", ".join(

@@ -607,6 +607,38 @@ async def test_a_stop_lets_a_request_in_the_handler_be_answered(no_errors_logged
     assert b"connection: close" in answer.lower(), answer
 
 
+async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut request whose handler awaits in its cleanup (gives something back to Consul) is still
+    at it when the stop stops waiting for it (CUT_TAKEN): the stop's line names it all the same (it
+    named only the requests done unwinding, and no line was written for this one). The stop stays
+    bounded: the connection is closed without the answer."""
+    monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
+    monkeypatch.setattr(http, "CUT_TAKEN", 0.05)
+    caplog.set_level(logging.WARNING, "hostmesh.registry.http")
+    entered = asyncio.Event()
+
+    async def handle(req: Request) -> Response:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # never answered: the stop cuts it
+        finally:
+            await asyncio.sleep(0.5)  # the handler's cleanup, past CUT_TAKEN (its behaviour, not a wait)
+        return Response.of_json(200, {})
+
+    server = HTTPServer(handle, "127.0.0.1", 0)
+    await server.start()
+    async with connected(server.port) as conn:
+        await conn.send(b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), WAIT)
+        await asyncio.wait_for(server.close(), WAIT)
+        [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+        assert "POST /v1/sign from 127.0.0.1:" in said, said
+        # the stop waited CUT_TAKEN for it, not its cleanup: its client's connection closed unanswered
+        assert await conn.until_closed() == b""
+
+
 async def test_a_stop_answers_a_request_still_in_the_handler_503_after_its_grace(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
