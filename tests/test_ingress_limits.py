@@ -380,3 +380,46 @@ def test_the_gateways_own_answers_name_the_client_in_their_access_lines(tmp_path
             assert line["source_principal"] == "spiffe://hostmesh.local/svc/edge"
 
     run("asyncio", body)
+
+
+PIPELINED = 2000  # requests one client sends in one write: a 76 KB burst, a read or two
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pipelined_requests_the_gateway_answers_itself_leave_the_loop_to_other_clients(
+    loop: str, tmp_path: Path
+) -> None:
+    """Requests the gateway answers itself (404 NR here; a 403, a 429, a bad Host alike) are done as
+    soon as they are read, so a client's pipelined ones were all served within the read that brought
+    them: 20,000 of them in one 700 KB write held a real gateway's loop 1.14 s, every other client
+    and the gateway's admin API waiting. A connection now begins at most PIPELINED_PER_TURN requests
+    in one turn of the loop and holds the rest (its reading paused) for the next: other connections
+    are served between, and every request is still answered, in order."""
+    from hostmesh.agent.proxy.http_conn import PIPELINED_PER_TURN
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop) as g:
+            turns = 0
+            counting = True
+
+            async def count_turns() -> None:  # one step per turn of the loop
+                nonlocal turns
+                while counting:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
+            ticker = asyncio.create_task(count_turns())
+            request = f"GET /{{}} HTTP/1.1\r\nhost: {HOST}\r\n\r\n"
+            writer.write("".join(request.format(i) for i in range(PIPELINED)).encode())
+            writer.write(f"GET /last HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+            answers = await asyncio.wait_for(reader.read(), WAIT)  # to the close after /last
+            counting = False
+            await ticker
+            writer.close()
+            assert answers.count(b"HTTP/1.1 ") == PIPELINED + 1, answers[-300:]
+            assert answers.count(b"HTTP/1.1 404 Not Found\r\n") == PIPELINED + 1
+            assert answers.endswith(b"connection: close\r\n\r\nno gateway route for host 'a.example.test'\n")
+            assert turns >= PIPELINED // PIPELINED_PER_TURN, turns
+
+    run(loop, body)
