@@ -508,12 +508,12 @@ class HTTPServer:
 
     Lifecycle: `await start()` binds and returns the port (ready once it returns), `close()` is
     idempotent, stops accepting and closes the connections, those in a request once it is answered
-    (within SERVER_CLOSE_GRACE, else a 503: `close`). Pipelined requests are answered one
-    by one, in order. What one client can cost is bounded, each bound a module constant: at most
-    `max_connections` connections (then the one idle longest makes room, or the new one gets a 503),
-    a head complete within SERVER_HEAD_TIMEOUT of its first byte (408) and MAX_HEAD_BYTES (431; its
-    URL MAX_URL_BYTES: 414), a body within `max_body` (413) and SERVER_REQUEST_TIMEOUT, its trailer
-    section within MAX_HEAD_BYTES as it arrives (431), an answer
+    (within SERVER_CLOSE_GRACE, else a 503: `close`). Pipelined requests are answered one by one, in
+    order, each in a turn of the event loop of its own. What one client can cost is bounded, each
+    bound a module constant: at most `max_connections` connections (then the one idle longest makes
+    room, or the new one gets a 503), a head complete within SERVER_HEAD_TIMEOUT of its first byte
+    (408) and MAX_HEAD_BYTES (431; its URL MAX_URL_BYTES: 414), a body within `max_body` (413) and
+    SERVER_REQUEST_TIMEOUT, its trailer section within MAX_HEAD_BYTES as it arrives (431), an answer
     read within SERVER_SEND_TIMEOUT. Garbage gets a 400 and a close; an `Upgrade` is ignored (the
     request is answered in HTTP/1.1, then the connection closed); CONNECT gets a 400.
     """
@@ -674,6 +674,11 @@ class HTTPServer:
                     if not keep:
                         await _linger(reader, writer)
                         return
+                    # One pipelined request a turn: a handler that does not wait gives the loop back
+                    # to nobody, nor does a read of bytes already buffered, so a client's whole read
+                    # was served in one turn (other clients, and an agent's data path, waiting)
+                    if stream.ready:
+                        await asyncio.sleep(0)
                 if stream.failed is not None:  # answered after the requests before it
                     await self._refuse(reader, writer, stream.failed)
                     return
