@@ -72,6 +72,9 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
     assert client_hello_sni(b"\x16\x03\x01\x00\x04\x01\xff\xff\xff") == (None, True)  # truncated inside
 
 
+LONGEST_NAME = "a" * 61 + ("." + "b" * 63) * 3  # 253 characters: the longest DNS name
+
+
 @pytest.mark.parametrize(
     ("host", "want"),
     [
@@ -93,6 +96,11 @@ def test_no_sni_or_not_tls_is_complete_without_a_name() -> None:
         (b"\x85a.example.test\xa0", None),  # not HTTP's whitespace: str.strip() took them off
         (b" a.example.test\t", ("a.example.test", "a.example.test")),
         (b"", ("", "")),
+        # a name no route can have (a DNS name is 253 characters at most): the 404's body, which
+        # names the host, said back up to a whole head's worth of the client's bytes
+        pytest.param(LONGEST_NAME.encode(), (LONGEST_NAME, LONGEST_NAME), id="253 characters"),
+        pytest.param(b"a" + LONGEST_NAME.encode(), None, id="254 characters"),
+        pytest.param(b"a" * 50_000 + b":8443", None, id="50,000 characters"),
     ],
 )
 def test_request_host(host: bytes, want: tuple[str, str] | None) -> None:

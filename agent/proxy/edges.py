@@ -71,6 +71,7 @@ from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
 from hostmesh.registry.addresses import authority, peer_authority
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
+from hostmesh.registry.names import MAX_HOST_NAME
 from hostmesh.registry.ratelog import RateLimitedLog
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
 from hostmesh.registry.tlsfiles import PairError, load_pair
@@ -509,8 +510,9 @@ _HOST_FIELD = re.compile(r"([a-z0-9_][a-z0-9_.-]*|\[[0-9a-f:.]+\])(?::[0-9]{1,5}
 
 def request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
     """The request's Host field as (host, host[:port]), lower case; ("", "") without one (HTTP/1.0)
-    or with an empty one (llhttp refuses two); None when it is not a host name or IP literal with
-    an optional port."""
+    or with an empty one (llhttp refuses two); None when it is not a host name (MAX_HOST_NAME
+    characters at most: no route can name a longer one, and the 404 says the host back) or IP
+    literal with an optional port."""
     for n, v in headers:
         if n == b"host":
             authority = v.strip(b" \t").decode("latin-1").lower()  # HTTP's whitespace only (not \x85, \xa0)
@@ -520,7 +522,9 @@ def request_host(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
             if match is None:
                 return None
             host = match.group(1)  # an absolute name's final dot ("a.example.test.") routes as without
-            return (host[:-1] if host.endswith(".") and len(host) > 1 else host), authority
+            if host.endswith(".") and len(host) > 1:
+                host = host[:-1]
+            return (host, authority) if len(host) <= MAX_HOST_NAME else None
     return "", ""
 
 
