@@ -712,6 +712,12 @@ class HTTPServer:
                     self._arriving.pop(writer, None)  # its request is in: it is no longer arriving
         except (OSError, ssl.SSLError, ConnectionError):
             return
+        except asyncio.CancelledError:
+            # a handler still unwinding after close() (past CUT_TAKEN), cancelled as the process ends:
+            # asyncio logs a connection task's cancellation as an error with a traceback (Python 3.11)
+            if not self._closing:
+                raise
+            return
         finally:
             self._conns.discard(writer)
             self._idle.pop(writer, None)

@@ -620,6 +620,23 @@ class Held:
         return Response.of_json(200, {"path": req.path})
 
 
+class SlowToUnwind:
+    """A handler never answered (the stop cuts it) whose cleanup then awaits `cleanup` seconds (gives
+    something back to Consul): its behaviour, not a wait of the test. `entered` is set once it waits."""
+
+    def __init__(self, cleanup: float) -> None:
+        self.cleanup = cleanup
+        self.entered = asyncio.Event()
+
+    async def handle(self, req: Request) -> Response:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(self.cleanup)
+        return Response.of_json(200, {})
+
+
 async def test_a_stop_lets_a_request_in_the_handler_be_answered(no_errors_logged: None) -> None:
     """close() closed every connection at once: a request whose handler was still at work (an
     operator's curl of /health/web as the agent stopped) got the connection closed, no answer. Now it
@@ -651,21 +668,12 @@ async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
     monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
     monkeypatch.setattr(http, "CUT_TAKEN", 0.05)
     caplog.set_level(logging.WARNING, "hostmesh.registry.http")
-    entered = asyncio.Event()
-
-    async def handle(req: Request) -> Response:
-        entered.set()
-        try:
-            await asyncio.Event().wait()  # never answered: the stop cuts it
-        finally:
-            await asyncio.sleep(0.5)  # the handler's cleanup, past CUT_TAKEN (its behaviour, not a wait)
-        return Response.of_json(200, {})
-
-    server = HTTPServer(handle, "127.0.0.1", 0)
+    slow = SlowToUnwind(0.5)  # past CUT_TAKEN
+    server = HTTPServer(slow.handle, "127.0.0.1", 0)
     await server.start()
     async with connected(server.port) as conn:
         await conn.send(b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
-        await asyncio.wait_for(entered.wait(), WAIT)
+        await asyncio.wait_for(slow.entered.wait(), WAIT)
         await asyncio.wait_for(server.close(), WAIT)
         [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
         assert "POST /v1/sign from 127.0.0.1:" in said, said
@@ -691,3 +699,28 @@ async def test_a_stop_answers_a_request_still_in_the_handler_503_after_its_grace
     assert status_of(answer) == 503 and b"the server is stopping" in answer, answer
     [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
     assert f"HTTP server on port {port} stopping" in said and "GET /metrics from 127.0.0.1:" in said, said
+
+
+def test_a_handler_still_unwinding_when_the_process_ends_logs_no_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler the stop cut that is still in its cleanup when close() returns (past CUT_TAKEN) is
+    cancelled as the process ends (asyncio.run's teardown, as an agent's or the UI's): that
+    cancellation was logged as an error with a traceback ("Exception in callback ...
+    CancelledError"), one per such connection, after a clean stop's lines."""
+    monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
+    monkeypatch.setattr(http, "CUT_TAKEN", 0.05)
+    caplog.set_level(logging.WARNING)
+
+    async def main() -> None:
+        slow = SlowToUnwind(WAIT)  # still at it as the process ends
+        server = HTTPServer(slow.handle, "127.0.0.1", 0)
+        await server.start()
+        async with connected(server.port) as conn:
+            await conn.send(b"GET /health/web HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await asyncio.wait_for(slow.entered.wait(), WAIT)
+            await asyncio.wait_for(server.close(), WAIT)
+
+    asyncio.run(main())  # its teardown cancels what is left running
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
