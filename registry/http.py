@@ -611,16 +611,26 @@ class HTTPServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(self._cut_at + CUT_TAKEN):
                 await self._no_requests.wait()
-        # cut and answered, and cut but still unwinding (a handler's cleanup that awaits): each named
-        cut, self._cut = [*self._cut, *self._requests.values()], []
+        # cut and answered, and cut but still unwinding (a handler's cleanup that awaits): each named,
+        # the latter as what they get: their connection closed, no answer
+        answered, unwinding, self._cut = self._cut, list(self._requests.values()), []
+        cut = [(r, "") for r in answered] + [(r, " (unanswered)") for r in unwinding]
         if not cut:
             return
         named = ", ".join(
-            f"{r.method} {r.path} from {peer_authority(r.peer)}" for r in cut[:STOP_NAMED_REQUESTS]
+            f"{r.method} {r.path} from {peer_authority(r.peer)}{mark}"
+            for r, mark in cut[:STOP_NAMED_REQUESTS]
         )
         more = f" and {len(cut) - STOP_NAMED_REQUESTS} more" if len(cut) > STOP_NAMED_REQUESTS else ""
-        log.warning("%s stopping: answered 503 to %d request(s) still waiting after %gs: %s%s",
-                    self.stop_label, len(cut), SERVER_CLOSE_GRACE, named, more)  # fmt: skip
+        if unwinding:
+            outcome = (
+                f"cut short {len(cut)} request(s) still waiting after {SERVER_CLOSE_GRACE:g}s "
+                f"({len(answered)} answered 503, {len(unwinding)} closed unanswered: "
+                "their handler still unwinding)"
+            )
+        else:
+            outcome = f"answered 503 to {len(cut)} request(s) still waiting after {SERVER_CLOSE_GRACE:g}s"
+        log.warning("%s stopping: %s: %s%s", self.stop_label, outcome, named, more)
 
     def cut_at_stop(self, req: Request) -> Response:
         """The answer to a request a stop cut short (`_finish_requests`)."""

@@ -663,8 +663,9 @@ async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
 ) -> None:
     """A cut request whose handler awaits in its cleanup (gives something back to Consul) is still
     at it when the stop stops waiting for it (CUT_TAKEN): the stop's line names it all the same (it
-    named only the requests done unwinding, and no line was written for this one). The stop stays
-    bounded: the connection is closed without the answer."""
+    named only the requests done unwinding, and no line was written for this one), as closed
+    unanswered (the line said it was answered 503). The stop stays bounded: the connection is closed
+    without the answer."""
     monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
     monkeypatch.setattr(http, "CUT_TAKEN", 0.05)
     caplog.set_level(logging.WARNING, "hostmesh.registry.http")
@@ -676,7 +677,10 @@ async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
         await asyncio.wait_for(slow.entered.wait(), WAIT)
         await asyncio.wait_for(server.close(), WAIT)
         [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
-        assert "POST /v1/sign from 127.0.0.1:" in said, said
+        # as what it gets: the line said "answered 503 to 1 request(s)", and its client had no answer
+        assert "1 closed unanswered: their handler still unwinding" in said, said
+        assert "POST /v1/sign from 127.0.0.1:" in said and said.endswith(" (unanswered)"), said
+        assert "answered 503 to" not in said, said
         # the stop waited CUT_TAKEN for it, not its cleanup: its client's connection closed unanswered
         assert await conn.until_closed() == b""
 
