@@ -46,6 +46,8 @@ def parse_listen(text: str, default_port: int, option: str = "--listen") -> tupl
     InvalidListen otherwise."""
     shape = InvalidListen(f"{option} {text!r}: expected HOST:PORT (an IPv6 address as [::1]:PORT)")
     port_text: str | None
+    if "://" in text:  # the URL a server prints (`ui`: "hostmesh ui on http://..."), its ':'s read as IPv6
+        raise InvalidListen(f"{option} {text!r}: expected HOST:PORT, not a URL")
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):

@@ -716,6 +716,8 @@ LISTEN_REFUSED = {
     "127.0.0.1:": "expected HOST:PORT with a numeric port",
     "h:+80": "expected HOST:PORT with a numeric port",
     "h:\u0663": "expected HOST:PORT with a numeric port",  # int() reads it as 3
+    # the URL `ui` prints: it was told "an IPv6 address with a port goes in brackets"
+    "http://127.0.0.1:15080": "expected HOST:PORT, not a URL",
 }
 # taken by both: a bare IPv6 address and a host alone on the command's default port
 LISTEN_TAKEN = ["::1", "[::1]:0", "[::ffff:127.0.0.1]:0", "127.0.0.1", ":0", "localhost:0"]
