@@ -378,11 +378,15 @@ class Agent:
             lambda: self.builder.save_view(),
         )
         self._servers.append(
-            HTTPServer(admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY)
+            HTTPServer(
+                admin.handle, cfg.admin.host, cfg.admin.port, max_body=ADMIN_MAX_BODY, name="admin API"
+            )
         )
         if cfg.metrics is not None:
             self._servers.append(
-                HTTPServer(self._metrics, cfg.metrics.host, cfg.metrics.port, max_body=ADMIN_MAX_BODY)
+                HTTPServer(
+                    self._metrics, cfg.metrics.host, cfg.metrics.port, max_body=ADMIN_MAX_BODY, name="metrics"
+                )
             )
         for key, server in zip(("admin", "metrics"), self._servers, strict=False):
             await _listening(key, authority(server.host, server.port), server.start())

@@ -365,7 +365,7 @@ async def serve(settings: Any, host: str, port: int, interval: float, metrics_po
                 return Response.of_json(200, collector.state)
             return Response.error(404, "not found")
 
-        server = HTTPServer(handle, host, port)
+        server = HTTPServer(handle, host, port, name="UI")
         bound = await server.start()
         click.echo(f"hostmesh ui on http://{authority(host, bound)}/ (Ctrl-C stops it)", err=True)
         if ready is not None:

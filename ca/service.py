@@ -307,7 +307,7 @@ class _AuditedTLSServer(HTTPServer):
         self._trim_timer: asyncio.TimerHandle | None = None
 
     @property
-    def stop_label(self) -> str:
+    def label(self) -> str:
         return "CA"
 
     def cut_at_stop(self, req: Request) -> Response:

@@ -530,8 +530,10 @@ class HTTPServer:
         unlimited_paths: frozenset[str] = frozenset(),
         max_connections: int | None = SERVER_MAX_CONNECTIONS,
         slow_request_evict: float = SERVER_SLOW_REQUEST_EVICT,
+        name: str = "HTTP server",
     ) -> None:
         self._handler = handler
+        self.name = name  # what it serves, for its lines ("admin API", "metrics"): `label`
         self.host = host
         self.port = port
         self._ssl = ssl_context
@@ -578,9 +580,9 @@ class HTTPServer:
         return self.port
 
     @property
-    def stop_label(self) -> str:
-        """Who is stopping, in the line naming the requests a stop cut short."""
-        return f"HTTP server on port {self.port}"
+    def label(self) -> str:
+        """Which server a line is about (a refusal at its connection cap, a stop's cut)."""
+        return f"{self.name} on port {self.port}"
 
     async def close(self) -> None:
         """Stop accepting, close the connections between requests at once, and the others once the
@@ -630,7 +632,7 @@ class HTTPServer:
             )
         else:
             outcome = f"answered 503 to {len(cut)} request(s) still waiting after {SERVER_CLOSE_GRACE:g}s"
-        log.warning("%s stopping: %s: %s%s", self.stop_label, outcome, named, more)
+        log.warning("%s stopping: %s: %s%s", self.label, outcome, named, more)
 
     def cut_at_stop(self, req: Request) -> Response:
         """The answer to a request a stop cut short (`_finish_requests`)."""
@@ -648,9 +650,8 @@ class HTTPServer:
         if cap is not None and len(self._conns) >= cap and not self.close_idle(0.0) and not self.evict_slow():
             self.refused_connections += 1
             self._refusal_log(
-                "HTTP server on port %s: %d connections open, all in a request (the limit): "
-                "refused one from %s",
-                self.port,
+                "%s: %d connections open, all in a request (the limit): refused one from %s",
+                self.label,
                 len(self._conns),
                 peer_authority(writer.get_extra_info("peername")) or "?",
             )
