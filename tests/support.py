@@ -420,6 +420,31 @@ def encrypted_copy(key: Path, to: Path) -> Path:
     return to
 
 
+class LoopTurns:
+    """Counts the turns of the running event loop while entered (a step each turn): how many turns a
+    piece of work was spread over, for tests that it leaves the loop to others between its parts."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self._counting = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopTurns:
+        self._counting = True
+        self._task = asyncio.create_task(self._count())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._counting = False
+        if self._task is not None:
+            await self._task
+
+    async def _count(self) -> None:
+        while self._counting:  # ends with the block (the test's own bounded waits end that)
+            self.turns += 1
+            await asyncio.sleep(0)
+
+
 class ConnServer:
     """A TCP server on 127.0.0.1 whose thread hands each connection it accepts to `handle`, one after
     another: a peer that misbehaves at the socket (a banner, a hang, a trickle), subclassed per kind.

@@ -21,7 +21,7 @@ import pytest
 
 from hostmesh.registry import http
 from hostmesh.registry.http import HTTPClient, HTTPServer, Request, Response
-from tests.support import async_wait_until
+from tests.support import LoopTurns, async_wait_until
 
 WAIT = 10.0  # bound on a wait for an answer or a close that must come (fails the test, never paces it)
 MAX_READS = 10_000  # bound on the reads of one wait (64 KiB each: far more than any answer here)
@@ -182,26 +182,14 @@ async def test_pipelined_requests_leave_the_loop_to_others_between_them(
     no credential) another client's /v1/roots waited 1.7 s. Each request after the first of a read
     now waits for a turn of its own, other clients are served between, and all are answered."""
     _, server = served
-    turns = 0
-    counting = True
-
-    async def count_turns() -> None:  # one step per turn of the loop
-        nonlocal turns
-        while counting:
-            turns += 1
-            await asyncio.sleep(0)
-
-    async with connected(server.port) as conn:
-        ticker = asyncio.create_task(count_turns())
+    async with connected(server.port) as conn, LoopTurns() as spread:
         await conn.send(
             b"GET /live HTTP/1.1\r\n\r\n" * PIPELINED + b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n"
         )
         answers = await conn.until_closed()
-        counting = False
-        await ticker
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == PIPELINED + 1
     assert answers.endswith(b'{"method":"GET","path":"/last","body":""}\n')
-    assert turns >= PIPELINED, turns
+    assert spread.turns >= PIPELINED, spread.turns
 
 
 async def test_pipelined_request_then_garbage_gets_its_answer_then_a_400(

@@ -33,7 +33,7 @@ from hostmesh.agent.proxy import edges
 from hostmesh.agent.proxy.limits import ConnectionCap
 from hostmesh.agent.proxy.stacks import build_gateway
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
-from tests.support import async_wait_until
+from tests.support import LoopTurns, async_wait_until
 from tests.test_e2e_edges import OutsideCA
 from tests.test_l7_proxy_component import every_access_line
 from tests.test_workers import established_on
@@ -399,27 +399,16 @@ def test_pipelined_requests_the_gateway_answers_itself_leave_the_loop_to_other_c
 
     async def body() -> None:
         async with gateway(tmp_path, loop) as g:
-            turns = 0
-            counting = True
-
-            async def count_turns() -> None:  # one step per turn of the loop
-                nonlocal turns
-                while counting:
-                    turns += 1
-                    await asyncio.sleep(0)
-
             reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
-            ticker = asyncio.create_task(count_turns())
-            request = f"GET /{{}} HTTP/1.1\r\nhost: {HOST}\r\n\r\n"
-            writer.write("".join(request.format(i) for i in range(PIPELINED)).encode())
-            writer.write(f"GET /last HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
-            answers = await asyncio.wait_for(reader.read(), WAIT)  # to the close after /last
-            counting = False
-            await ticker
+            async with LoopTurns() as spread:
+                request = f"GET /{{}} HTTP/1.1\r\nhost: {HOST}\r\n\r\n"
+                writer.write("".join(request.format(i) for i in range(PIPELINED)).encode())
+                writer.write(f"GET /last HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+                answers = await asyncio.wait_for(reader.read(), WAIT)  # to the close after /last
             writer.close()
             assert answers.count(b"HTTP/1.1 ") == PIPELINED + 1, answers[-300:]
             assert answers.count(b"HTTP/1.1 404 Not Found\r\n") == PIPELINED + 1
             assert answers.endswith(b"connection: close\r\n\r\nno gateway route for host 'a.example.test'\n")
-            assert turns >= PIPELINED // PIPELINED_PER_TURN, turns
+            assert spread.turns >= PIPELINED // PIPELINED_PER_TURN, spread.turns
 
     run(loop, body)
