@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,10 +32,11 @@ import uvloop
 from hostmesh.agent.config import parse_config
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.proxy import edges
-from hostmesh.agent.proxy.limits import ConnectionCap
+from hostmesh.agent.proxy.limits import RECLAIM_MIN_ARRIVING, ConnectionCap
 from hostmesh.agent.proxy.stacks import build_gateway
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from tests.support import LoopTurns, async_wait_until
+from tests.support import metric_sample as sample
 from tests.test_e2e_edges import OutsideCA
 from tests.test_l7_proxy_component import every_access_line
 from tests.test_workers import established_on
@@ -66,6 +69,7 @@ class Gateway(NamedTuple):
     tls: int
     ca: Path  # the operator's CA, which clients trust
     collect: bool  # asyncio's loop: a failed handshake's protocol is freed by the collector
+    telemetry: Telemetry
 
     async def slots_back(self) -> None:
         """Every slot given back (on asyncio's loop the collector frees a failed handshake's cycle)."""
@@ -93,12 +97,12 @@ class Gateway(NamedTuple):
 
 
 @contextlib.asynccontextmanager
-async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
+async def gateway(tmp: Path, loop: str, header_timeout: float = HEADER_TIMEOUT) -> AsyncIterator[Gateway]:
     operator = OutsideCA(tmp, "operator")
     cert, key = operator.leaf(HOST)
     cfg = parse_config({
         "ca": {"pin": PIN},
-        "http": {"header_read_timeout": HEADER_TIMEOUT, "body_idle_timeout": BODY_IDLE},
+        "http": {"header_read_timeout": header_timeout, "body_idle_timeout": BODY_IDLE},
         "gateways": [{"name": "edge", "kind": "ingress", "listeners": [
             {"bind": "127.0.0.1:0", "protocol": "https",
              "certificates": [{"hosts": [HOST], "cert_file": str(cert), "key_file": str(key)}]},
@@ -112,7 +116,7 @@ async def gateway(tmp: Path, loop: str) -> AsyncIterator[Gateway]:
     gw = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
     await gw.start()
     try:
-        yield Gateway(gw, cap, *gw.ports, operator.path, loop == "asyncio")
+        yield Gateway(gw, cap, *gw.ports, operator.path, loop == "asyncio", tel)
     finally:
         await gw.close()
 
@@ -410,5 +414,116 @@ def test_pipelined_requests_the_gateway_answers_itself_leave_the_loop_to_other_c
             assert answers.count(b"HTTP/1.1 404 Not Found\r\n") == PIPELINED + 1
             assert answers.endswith(b"connection: close\r\n\r\nno gateway route for host 'a.example.test'\n")
             assert spread.turns >= PIPELINED // PIPELINED_PER_TURN, spread.turns
+
+    run(loop, body)
+
+
+# --- slow request heads at the cap (slowloris) ------------------------------------------------------
+
+SLOW_HEAD = f"GET /slow HTTP/1.1\r\nhost: {HOST}\r\n".encode()  # a head begun, its end never sent
+
+
+def _arriving(g: Gateway) -> list[Any]:
+    """The gateway's connections whose request head has begun and is not complete."""
+    return [c for h in g.gateway._handlers for c in h.conns if c.framer.in_head]
+
+
+async def _slow_heads(g: Gateway, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`n` http connections, one by one (so their order is known), each a head begun, read by the
+    gateway and left unfinished."""
+    slow = []
+    for i in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
+        writer.write(SLOW_HEAD)
+        slow.append((reader, writer))
+        await async_wait_until(lambda i=i: len(_arriving(g)) == i + 1, WAIT, f"slow head {i} read")
+    return slow
+
+
+def _get(port: int) -> Coroutine[Any, Any, bytes]:
+    """One request on a new connection (its head in one write), its whole answer."""
+
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+            return await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+
+    return get()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_at_the_cap_the_head_arriving_longest_gives_its_slot_to_a_new_client(
+    loop: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients trickling request heads (slowloris) held every slot of the agent's cap for the header
+    timeout, 10 s a head, while every newcomer got 503 OM (on a host serving apps beside the gateway,
+    their mesh traffic too); only idle keep-alive connections made room. At the cap the connection
+    whose head has been arriving longest now gets the header timeout's 408 and is closed for the
+    newcomer, counted and logged like a reclaim; the others go on."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop, header_timeout=10 * WAIT) as g:  # no head times out here
+            g.cap.evict_after = 0.0  # (2 s in the agent)
+            slow = await _slow_heads(g, CAP)
+            assert g.cap.open == CAP
+            with caplog.at_level(logging.INFO, logger="hostmesh.proxy.limits"):
+                served = await _get(g.http)
+            assert served.startswith(b"HTTP/1.1 404"), served[
+                :200
+            ]  # served (404 NR: no document), not 503 OM
+            cut = await asyncio.wait_for(slow[0][0].read(), WAIT)  # the one arriving longest
+            assert cut.startswith(b"HTTP/1.1 408"), cut[:200]
+            assert b"\r\nx-hostmesh-response-flags: DPE\r\n" in cut, cut[:300]
+            assert (g.cap.reclaimed, g.cap.evicted_slow, g.cap.rejected) == (1, 1, 0)
+            assert sample(g.telemetry, "hostmesh_overload_reclaimed_total", listener="ingress") == 1
+            assert "closed a connection whose request had been arriving" in caplog.text
+            for reader, writer in slow[1:]:  # the others go on: their heads end, they are served
+                writer.write(b"connection: close\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), WAIT)
+                assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+            for _, writer in slow:
+                writer.close()
+            await g.slots_back()
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_at_the_cap_a_head_sent_in_two_quick_reads_is_not_taken_for_a_slow_one(
+    loop: str, tmp_path: Path
+) -> None:
+    """Only a head arriving for RECLAIM_MIN_ARRIVING (the agent's 2 s) makes room, oldest first: a client
+    whose head came in two reads a moment apart is served, and a newcomer finding no other slow head
+    gets 503 OM, while the slow heads older than that each made room for one newcomer."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop, header_timeout=10 * WAIT) as g:
+            assert g.cap.evict_after == RECLAIM_MIN_ARRIVING
+            slow = await _slow_heads(g, CAP - 1)
+            began = time.monotonic()  # after the newest slow head's accept
+            older = "the slow heads to be arriving longer than RECLAIM_MIN_ARRIVING"
+            await async_wait_until(lambda: time.monotonic() - began > RECLAIM_MIN_ARRIVING, WAIT, older)
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.http)
+            writer.write(f"GET /quick HTTP/1.1\r\nhost: {HOST}\r\n".encode())  # its first read
+            await async_wait_until(lambda: len(_arriving(g)) == CAP, WAIT, "the quick head's first read")
+            g.cap.reclaim_after = 10 * WAIT  # the newcomers, kept alive, keep the slots they take
+            kept = [await _kept_alive_request(g) for _ in range(CAP - 1)]  # each takes a slow one's slot
+            assert all(head.startswith(b"HTTP/1.1 404") for _, _, head in kept), kept
+            shed = await _get(g.http)
+            assert shed.startswith(b"HTTP/1.1 503") and b"\r\nx-hostmesh-response-flags: OM\r\n" in shed, shed
+            # ^ the quick head, arriving for less than RECLAIM_MIN_ARRIVING, kept its slot
+            writer.write(b"connection: close\r\n\r\n")  # its second read
+            answer = await asyncio.wait_for(reader.read(), WAIT)
+            assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+            for slow_reader, _ in slow:
+                cut = await asyncio.wait_for(slow_reader.read(), WAIT)
+                assert cut.startswith(b"HTTP/1.1 408"), cut[:200]
+            assert (g.cap.evicted_slow, g.cap.rejected) == (CAP - 1, 1)
+            for w in [*(w for _, w in slow), *(w for _, w, _ in kept), writer]:
+                w.close()
+            await g.slots_back()
 
     run(loop, body)

@@ -1139,6 +1139,29 @@ async def test_a_refusal_leaves_the_idle_connections_in_their_order(mesh: Mesh) 
         c.close()
 
 
+async def test_at_the_cap_a_kept_alive_connection_trickling_its_next_head_gives_its_slot(mesh: Mesh) -> None:
+    """An app connection that began its next request and trickled its head (slowloris) held its slot
+    for the header timeout (10 s), and at the cap every other client got 503 OM: only an idle one
+    made room. It now gets the header timeout's 408 (DPE) and is closed for the newcomer, counted as
+    a reclaim."""
+    cap = ConnectionCap(1, mesh.tel_a)
+    mesh.outbound.cap = cap
+    cap.evict_after = 0.0  # (2 s in the agent)
+    slow = mesh.client()
+    assert (await asyncio.to_thread(slow.get, "/first")).status == 200
+    await asyncio.to_thread(slow.connect().sendall, b"GET /slow HTTP/1.1\r\nhost: api\r\n")  # never ended
+    await async_wait_until(lambda: any(c.framer.in_head for c in mesh.http_out.conns), IO_TIMEOUT,
+                           "the agent to read the head begun")  # fmt: skip
+    newcomer = mesh.client()
+    served = await asyncio.to_thread(newcomer.get, "/served")
+    assert (served.status, served.flags) == (200, "")
+    cut = await asyncio.to_thread(slow.read)
+    assert (cut.status, cut.flags, cut.headers.get("connection")) == (408, "DPE", "close")
+    assert sample(mesh.tel_a, "hostmesh_overload_reclaimed_total", listener="outbound") == 1
+    assert sample(mesh.tel_a, "hostmesh_overload_rejected_total", listener="outbound") == 0
+    newcomer.close()
+
+
 async def test_at_the_cap_a_connection_taken_with_its_last_answer_still_buffered_delivers_it(
     mesh: Mesh,
 ) -> None:

@@ -421,8 +421,9 @@ class ServerConn(asyncio.BaseProtocol):
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
         self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
         self.admission: Admission | None = None  # its slot under the cap, released when it closes
-        # the cap's list of idle keep-alive connections (limits.ConnectionCap.idle), for a connection
-        # that holds its slot for its whole life: at the cap, one idle long enough gives it up
+        # the cap's list of connections that may give their slot up (limits.ConnectionCap.idle), for a
+        # connection that holds its slot for its whole life: at the cap, one idle long enough, or else
+        # one whose request head has been arriving long enough, gives it up
         self.idle_list: dict[Any, float] | None = None
         # the mux stream this connection runs on (an inbound HTTP stream, protocol v3; set by the
         # handler), written at once at a response's end when it is alone (_relay_end); else None
@@ -433,7 +434,10 @@ class ServerConn(asyncio.BaseProtocol):
         t: asyncio.Transport = transport  # type: ignore[assignment]  # no cast(): a call per connection
         self.transport = t
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self._last = monotonic()
+        now = self._last = monotonic()
+        listed = self.idle_list
+        if listed is not None:  # its first request is arriving from now (arriving_since)
+            listed[self] = now
         h = self.handler
         checks = h.head_checks
         if checks is None:
@@ -474,7 +478,12 @@ class ServerConn(asyncio.BaseProtocol):
             self.pause_reading()
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
             self._partial = True
-            self._head_started = monotonic()
+            now = self._head_started = monotonic()
+            listed = self.idle_list
+            if listed is not None and self.requests:  # arriving now, not whole in one read: listed at
+                if self in listed:  # the end (a first request was listed at accept: arriving_since)
+                    del listed[self]
+                listed[self] = now
 
     def head_received(self, payload: bytes | memoryview) -> None:
         """A whole bodiless request from a peer agent as a compact head (wire.HTTP_HEAD, protocol
@@ -930,24 +939,40 @@ class ServerConn(asyncio.BaseProtocol):
 
     def idle_since(self) -> float:
         """When this keep-alive connection became idle, for the connection cap's reclaim (limits.py);
-        -1.0 while it is not idle (an exchange, a head begun, a tunnel), closed, or holds no slot."""
+        -1.0 while it is not idle (an exchange, a head begun, a tunnel, no request yet), closed, or
+        holds no slot."""
         if self.closed or self.ex is not None or self.reading is not HTTP or self._partial:
             return -1.0
+        if not self.requests:  # a fresh connection: its first request is arriving (arriving_since)
+            return -1.0
         return self._last if self.holds_slot() else -1.0
+
+    def arriving_since(self) -> float:
+        """Since when this connection's request head has been arriving, for the connection cap's reclaim
+        (limits.py): a head begun and not complete, or on a fresh connection its first request, which
+        counts from accept; -1.0 otherwise (idle between requests, an exchange, a tunnel), closed,
+        or holding no slot."""
+        if self.closed or self.ex is not None or self.reading is not HTTP or not self.holds_slot():
+            return -1.0
+        if not self.requests:
+            return self._last  # (connection_made)
+        return self._head_started if self._partial else -1.0
 
     def holds_slot(self) -> bool:
         """A slot under the agent's connection cap (AppConn holds its own way)."""
         return self.admission is not None
 
     def give_up_slot(self) -> None:
-        """At the connection cap, a newcomer takes this idle connection's slot (limits.py): given back
-        now, and the connection closed (HTTP lets a server close an idle persistent connection). With
-        nothing of it left to deliver, its socket goes at once too: a TLS close waits for the client's
-        close_notify (the inbound: the loop's 30 s; an ingress: INGRESS_SHUTDOWN_TIMEOUT), which an idle
-        client reading nothing (a blocking pool) never sends, and meanwhile the descriptor was one
-        beyond max_connections. Ours is still sent first (close), then the socket closed without
-        waiting (abort; the kernel still sends what it holds), as nginx closes its HTTP clients' TLS
-        connections and RFC 9112 §9.8 lets a server."""
+        """At the connection cap, a newcomer takes this connection's slot (limits.py): given back now,
+        and the connection closed: an idle one as HTTP lets a server close an idle persistent
+        connection, one whose request head trickles in with the header timeout's 408 (one that sent
+        nothing yet as quietly as that timeout closes it). With nothing of it left to deliver, its
+        socket goes at once too: a TLS close waits for the client's close_notify (the inbound: the
+        loop's 30 s; an ingress: INGRESS_SHUTDOWN_TIMEOUT), which an idle client reading nothing (a
+        blocking pool) never sends, and meanwhile the descriptor was one beyond max_connections.
+        Ours is still sent first (close), then the socket closed without waiting (abort; the kernel
+        still sends what it holds), as nginx closes its HTTP clients' TLS connections and RFC 9112
+        §9.8 lets a server."""
         self.idle_list = None
         slot = self.admission
         if slot is not None:
@@ -957,7 +982,10 @@ class ServerConn(asyncio.BaseProtocol):
         # else the end of the last response may still be on its way (a slow reader; TLS's buffer size
         # leaves out the TCP transport's beneath it, hence the kernel's count): the close flushes it
         drained = t is not None and not t.get_write_buffer_size() and send_queue(t) == 0
-        self.close()
+        if self._partial:
+            self.reject(408, "slow-head-at-connection-cap", fl.DPE)
+        else:
+            self.close()
         if drained and t is not None:
             t.abort()
 

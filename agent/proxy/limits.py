@@ -26,6 +26,15 @@ Decisions:
   refusal. Counted (``hostmesh_overload_reclaimed_total``) and logged at a bounded rate. L4
   connections, mesh connections and UDP flows are never taken (an L4 stream cannot tell idle from
   quiet).
+- **Then a slow request head gives its slot** (slowloris), as registry/http.py's servers do
+  (SERVER_SLOW_REQUEST_EVICT): with no idle one to take, the connection whose request head has been
+  arriving longest, at least :data:`RECLAIM_MIN_ARRIVING` (on a fresh connection, its first request
+  counts from accept), is answered ``408`` as at the header timeout and closed for the newcomer.
+  Otherwise clients trickling heads held every slot for the header timeout (10 s) while newcomers,
+  mesh traffic beside a gateway included, got 503 OM. The same list holds them, in the same order: a
+  connection lists itself at accept and when a head does not come whole in one read (a client that
+  sends its head in one write never does; nothing per read), and the reclaim tells idle from
+  arriving by the connection's own state. Counted and logged like a reclaim.
 - **Stream idle timeout** (agent.toml ``stream_idle_timeout``, default :data:`STREAM_IDLE_TIMEOUT`):
   an L4 pipe that moved no byte either way for that long is reset on both ends with flag ``SI``
   (0: never).
@@ -44,6 +53,7 @@ import asyncio
 import fcntl
 import logging
 import time
+from itertools import islice
 from typing import Any, Final
 
 from hostmesh.agent.config import DEFAULT_STREAM_IDLE_TIMEOUT
@@ -71,6 +81,14 @@ PEER_WAIT_TIMEOUTS: Final = 4
 # a request already on its way (the keep-alive race every server that closes idle connections has).
 # UDP's quiet flow (udp.py) waits as long.
 RECLAIM_MIN_IDLE: Final = 2.0
+# A connection whose request head has been arriving this long (a fresh one's first: since accept) may
+# be closed at the cap for a newcomer, once no idle one can be: a client writes its head at once, and
+# it comes whole within a round trip or two of the connect or of its first byte (a satellite link's
+# ~600 ms RTT included; an https client's handshake is over before its connection counts), so at
+# this age it is a trickle (slowloris) or a client that opened a connection it does not use yet (a
+# browser's preconnect: it retries on another). Below the header timeout (10 s) it bounds; as long as
+# RECLAIM_MIN_IDLE, so the two lists' ages read alike.
+RECLAIM_MIN_ARRIVING: Final = 2.0
 # Listed connections a reclaim looks at, at most, as nginx drains up to 32 reusable connections: busy
 # ones leave the list (listed again, at its end, when idle again); the first idle one is the oldest.
 RECLAIM_LOOK: Final = 32
@@ -90,7 +108,8 @@ class Admission:
             cap.give_back()
 
     def idle_list(self) -> dict[Any, float] | None:
-        """The cap's list of idle keep-alive connections (ConnectionCap.idle), while the slot is held."""
+        """The cap's list of connections that may give their slot up (ConnectionCap.idle), while the
+        slot is held."""
         return self._cap.idle if self._cap is not None else None
 
 
@@ -104,15 +123,20 @@ class ConnectionCap:
         self._counter = telemetry.overload_rejected if telemetry is not None else None
         self._refusal_log = RateLimitedLog(log, "connections refused at the connection cap", lines=1,
                                            interval=LOG_EVERY)  # fmt: skip
-        # HTTP connections holding a slot for their whole life, listed (-> when they became idle) each
-        # time they become idle, oldest first; they leave it when they close, or when a reclaim finds
-        # them busy (module docstring). Read and pruned only at the cap.
+        # HTTP connections holding a slot for their whole life, listed (-> since when) at accept and
+        # each time they become idle or a request head of theirs does not come in one read, oldest
+        # first; they leave it when they close, or when a reclaim finds them busy (module docstring).
+        # Read and pruned only at the cap.
         self.idle: dict[Any, float] = {}
         self.reclaim_after = RECLAIM_MIN_IDLE
-        self.reclaimed = 0
+        self.evict_after = RECLAIM_MIN_ARRIVING
+        self.reclaimed = 0  # idle ones and slow heads
+        self.evicted_slow = 0  # of those, slow heads
         self._reclaimed_counter = telemetry.overload_reclaimed if telemetry is not None else None
         self._reclaim_log = RateLimitedLog(log, "idle keep-alive connections closed at the connection cap",
                                            lines=1, interval=LOG_EVERY, level=logging.INFO)  # fmt: skip
+        self._evict_log = RateLimitedLog(log, "slowly arriving requests closed at the connection cap",
+                                         lines=1, interval=LOG_EVERY, level=logging.INFO)  # fmt: skip
 
     def admit(self, listener: str) -> Admission | None:
         """A slot for one more connection (an Admission gives it back), or None at the cap."""
@@ -129,29 +153,49 @@ class ConnectionCap:
         return False
 
     def _reclaim(self, listener: str) -> bool:
-        """At the cap: close the listed connection idle longest, if idle `reclaim_after` at least, and
-        give back its slot (for the newcomer `take` admits). Looks at RECLAIM_LOOK of them at most."""
-        idle = self.idle
+        """At the cap: close a listed connection and give back its slot (for the newcomer `take`
+        admits): the one idle longest, if idle `reclaim_after` at least, else the one whose request
+        head has been arriving longest, if for `evict_after` at least. Looks at RECLAIM_LOOK listings
+        at most, oldest first, and drops those that are not current (busy, closed, holding no slot)."""
+        listed = self.idle
         now = time.monotonic()
-        for _ in range(min(len(idle), RECLAIM_LOOK)):
-            conn = next(iter(idle))
-            since = conn.idle_since()  # -1: busy, closed, or holding no slot (listed again when idle)
-            if since < 0:
-                del idle[conn]
-                continue
-            if now - since < self.reclaim_after:  # the oldest idle one: none behind it is idle longer
-                return False
-            del idle[conn]
-            conn.give_up_slot()
-            self.reclaimed += 1
-            if self._reclaimed_counter is not None:
-                self._reclaimed_counter.labels(listener).inc()
-            self._reclaim_log(
-                "%s: at the connection cap (max_connections = %d): closed a keep-alive connection idle "
-                "%.1f s for a new one", listener, self.limit, now - since,
-            )  # fmt: skip
-            return True
-        return False
+        too_young = now - min(self.reclaim_after, self.evict_after)  # listed after it: none can go yet
+        slow: Any = None
+        slow_since = 0.0
+        for conn, since in list(islice(listed.items(), RECLAIM_LOOK)):
+            if since > too_young:  # and every listing behind it is younger still
+                break
+            if conn.idle_since() == since:
+                if now - since >= self.reclaim_after:
+                    del listed[conn]
+                    conn.give_up_slot()
+                    self._count(listener)
+                    self._reclaim_log(
+                        "%s: at the connection cap (max_connections = %d): closed a keep-alive connection "
+                        "idle %.1f s for a new one", listener, self.limit, now - since,
+                    )  # fmt: skip
+                    return True
+            elif conn.arriving_since() == since:
+                if slow is None and now - since >= self.evict_after:
+                    slow, slow_since = conn, since  # unless an idle one comes behind it
+            else:  # -1: busy, closed, or holding no slot (listed again when idle or arriving)
+                del listed[conn]
+        if slow is None:
+            return False
+        del listed[slow]
+        slow.give_up_slot()
+        self._count(listener)
+        self.evicted_slow += 1
+        self._evict_log(
+            "%s: at the connection cap (max_connections = %d): closed a connection whose request had been "
+            "arriving %.1f s (408) for a new one", listener, self.limit, now - slow_since,
+        )  # fmt: skip
+        return True
+
+    def _count(self, listener: str) -> None:
+        self.reclaimed += 1
+        if self._reclaimed_counter is not None:
+            self._reclaimed_counter.labels(listener).inc()
 
     def give_back(self) -> None:
         """The slot of a connection that closed (`take` returned True for it)."""
