@@ -196,7 +196,8 @@ class Telemetry:
         )  # fmt: skip
         self.overload_reclaimed = Counter(
             "hostmesh_overload_reclaimed_total",
-            "idle keep-alive HTTP connections closed at the agent's connection cap, each for a new one "
+            "HTTP connections closed at the agent's connection cap, each for a new one: idle keep-alive "
+            "ones, else ones whose request head was arriving slowly, answered 408 "
             "(listener: the new one's)",
             ("listener",), registry=r,
         )  # fmt: skip

@@ -26,7 +26,7 @@ from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
 from hostmesh.agent.l7 import flags
 from hostmesh.agent.metrics import Counter, Telemetry
 from hostmesh.agent.proxy.http_conn import IDLE_TIMEOUT as KEEPALIVE_IDLE
-from hostmesh.agent.proxy.limits import RECLAIM_MIN_IDLE
+from hostmesh.agent.proxy.limits import RECLAIM_MIN_ARRIVING, RECLAIM_MIN_IDLE
 from hostmesh.agent.reqstats import FAILURE_LINES_PER_SECOND
 from hostmesh.agent.run import RESTART_KEYS
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN
@@ -149,7 +149,9 @@ AGENT_KEYS: tuple[Key, ...] = (
         "app's, a gateway client's, an older agent's) holds its slot until its client closes it, it has been idle for "
         f"{_g(KEEPALIVE_IDLE)} s, or, at the cap, a new connection takes its slot: the one idle longest, "
         f"if idle {_g(RECLAIM_MIN_IDLE)} s at least, is closed for it (counted in "
-        "`hostmesh_overload_reclaimed_total`, as nginx reuses idle keep-alive connections). "
+        "`hostmesh_overload_reclaimed_total`, as nginx reuses idle keep-alive connections); with none, "
+        f"the one whose request head has been arriving longest, if {_g(RECLAIM_MIN_ARRIVING)} s at least "
+        "(a new connection's first: since accept), is answered `408` and closed for it, counted alike. "
         "With workers = N each process takes 1/N, and ingress gateways and UDP upstreams, served by "
         "the primary alone, share its 1/N (a gateway host that turns workers on should raise this "
         "N-fold to keep its gateways' limit). Each connection takes two open files: the agent "
