@@ -500,8 +500,7 @@ def test_at_the_cap_a_head_sent_in_two_quick_reads_is_not_taken_for_a_slow_one(
     gets 503 OM, while the slow heads older than that each made room for one newcomer."""
 
     async def body() -> None:
-        async with gateway(tmp_path, loop, header_timeout=10 * WAIT) as g:
-            assert g.cap.evict_after == RECLAIM_MIN_ARRIVING
+        async with gateway(tmp_path, loop, header_timeout=10 * WAIT) as g:  # the agent's evict_after
             slow = await _slow_heads(g, CAP - 1)
             began = time.monotonic()  # after the newest slow head's accept
             older = "the slow heads to be arriving longer than RECLAIM_MIN_ARRIVING"
@@ -511,7 +510,8 @@ def test_at_the_cap_a_head_sent_in_two_quick_reads_is_not_taken_for_a_slow_one(
             await async_wait_until(lambda: len(_arriving(g)) == CAP, WAIT, "the quick head's first read")
             g.cap.reclaim_after = 10 * WAIT  # the newcomers, kept alive, keep the slots they take
             kept = [await _kept_alive_request(g) for _ in range(CAP - 1)]  # each takes a slow one's slot
-            assert all(head.startswith(b"HTTP/1.1 404") for _, _, head in kept), kept
+            heads = [head[:40] for _, _, head in kept]
+            assert all(head.startswith(b"HTTP/1.1 404") for head in heads), heads
             shed = await _get(g.http)
             assert shed.startswith(b"HTTP/1.1 503") and b"\r\nx-hostmesh-response-flags: OM\r\n" in shed, shed
             # ^ the quick head, arriving for less than RECLAIM_MIN_ARRIVING, kept its slot
@@ -524,6 +524,32 @@ def test_at_the_cap_a_head_sent_in_two_quick_reads_is_not_taken_for_a_slow_one(
             assert (g.cap.evicted_slow, g.cap.rejected) == (CAP - 1, 1)
             for w in [*(w for _, w in slow), *(w for _, w, _ in kept), writer]:
                 w.close()
+            await g.slots_back()
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_at_the_cap_a_connection_that_sent_nothing_yet_gives_its_slot_quietly(
+    loop: str, tmp_path: Path
+) -> None:
+    """A new connection's first request counts as arriving from accept: connections opened and left
+    silent (a slowloris that sends nothing) held the cap for the header timeout too. The oldest is now
+    closed for the newcomer as quietly as that timeout closes it (no request began: nothing to answer)."""
+
+    async def body() -> None:
+        async with gateway(tmp_path, loop, header_timeout=10 * WAIT) as g:
+            g.cap.evict_after = 0.0  # (2 s in the agent)
+            silent = []
+            for i in range(CAP):  # one by one, so that their order is known
+                silent.append(await asyncio.open_connection("127.0.0.1", g.http))
+                await async_wait_until(lambda i=i: g.cap.open == i + 1, WAIT, f"connection {i} accepted")
+            served = await _get(g.http)
+            assert served.startswith(b"HTTP/1.1 404"), served[:200]
+            assert await asyncio.wait_for(silent[0][0].read(), WAIT) == b""  # closed, nothing said
+            assert (g.cap.reclaimed, g.cap.evicted_slow, g.cap.rejected) == (1, 1, 0)
+            for _, writer in silent:
+                writer.close()
             await g.slots_back()
 
     run(loop, body)
