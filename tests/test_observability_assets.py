@@ -19,8 +19,10 @@ import yaml
 from hostmesh.agent.metrics import Telemetry
 from hostmesh.agent.observe import health_families
 from hostmesh.ca.metrics import CAMetrics
+from hostmesh.ca.service import CAService
 from hostmesh.registry.layout import METRICS_META
 from hostmesh.registry.promtext import exposition_with_process
+from tests.ca_support import AuditSink, new_ca_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 OBS = ROOT / "observability"
@@ -165,7 +167,7 @@ def test_the_query_parser_sees_series_and_skips_functions_and_labels() -> None:
     assert series_in(expr) == {"x_bucket", "y_total"}
 
 
-def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register() -> None:
+def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register(tmp_path: Path) -> None:
     """(Debian's promtool is built without consul_sd_configs, so `promtool check config` cannot read
     this file here; its shape is checked instead, against the meta keys the code registers.)"""
     doc = yaml.safe_load((OBS / "prometheus.yml").read_text())
@@ -177,9 +179,11 @@ def test_the_scrape_config_follows_the_consul_meta_agents_and_the_ca_register() 
         assert targets[0]["source_labels"] == [f"__meta_consul_service_metadata_{METRICS_META}"]
     assert jobs["hostmesh-ca"]["scheme"] == "https"
     assert all((OBS / f).exists() for f in doc["rule_files"])
-    # the meta key the agent and the CA really register (registry/layout.py names it)
+    # the meta key the agent and the CA really register (registry/layout.py names it): the CA's
+    # registration itself, a scrapeable host:port
     assert "METRICS_META: addr" in (ROOT / "agent/run.py").read_text()
-    assert "METRICS_META: f" in (ROOT / "ca/service.py").read_text()
+    ca = CAService(new_ca_dir(tmp_path), consul=None, audit=AuditSink().log, host="127.0.0.1", port=15012)
+    assert ca._registration().meta[METRICS_META] == "127.0.0.1:15012"
 
 
 def slo_success_rate(window: str) -> str:
