@@ -646,6 +646,21 @@ async def test_a_stop_lets_a_request_in_the_handler_be_answered(no_errors_logged
     assert b"connection: close" in answer.lower(), answer
 
 
+@contextlib.asynccontextmanager
+async def stopped_with_one_in_handler(
+    handler: Held | SlowToUnwind, request: bytes
+) -> AsyncIterator[tuple[Raw, int]]:
+    """A server of `handler` stopped (close() returned) while `request`, sent on a connection of its
+    own, was in the handler: that connection and the server's port."""
+    server = HTTPServer(handler.handle, "127.0.0.1", 0)
+    port = await server.start()
+    async with connected(port) as conn:
+        await conn.send(request)
+        await asyncio.wait_for(handler.entered.wait(), WAIT)
+        await asyncio.wait_for(server.close(), WAIT)
+        yield conn, port
+
+
 async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -657,13 +672,8 @@ async def test_a_stop_names_a_request_it_cut_that_is_still_unwinding(
     monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
     monkeypatch.setattr(http, "CUT_TAKEN", 0.05)
     caplog.set_level(logging.WARNING, "hostmesh.registry.http")
-    slow = SlowToUnwind(0.5)  # past CUT_TAKEN
-    server = HTTPServer(slow.handle, "127.0.0.1", 0)
-    await server.start()
-    async with connected(server.port) as conn:
-        await conn.send(b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
-        await asyncio.wait_for(slow.entered.wait(), WAIT)
-        await asyncio.wait_for(server.close(), WAIT)
+    sign = b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    async with stopped_with_one_in_handler(SlowToUnwind(0.5), sign) as (conn, _):  # 0.5: past CUT_TAKEN
         [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
         # as what it gets: the line said "answered 503 to 1 request(s)", and its client had no answer
         assert "1 closed unanswered: their handler still unwinding" in said, said
@@ -680,13 +690,8 @@ async def test_a_stop_answers_a_request_still_in_the_handler_503_after_its_grace
     answered 503 (it retries elsewhere or later), said in one line naming the request."""
     monkeypatch.setattr(http, "SERVER_CLOSE_GRACE", 0.2)
     caplog.set_level(logging.WARNING, "hostmesh.registry.http")
-    held = Held()  # never released
-    server = HTTPServer(held.handle, "127.0.0.1", 0)
-    port = await server.start()
-    async with connected(port) as conn:
-        await conn.send(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        await asyncio.wait_for(held.entered.wait(), WAIT)
-        await asyncio.wait_for(server.close(), WAIT)
+    metrics = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    async with stopped_with_one_in_handler(Held(), metrics) as (conn, port):  # Held: never released
         answer = await conn.until_closed()
     assert status_of(answer) == 503 and b"the server is stopping" in answer, answer
     [said] = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
@@ -705,13 +710,9 @@ def test_a_handler_still_unwinding_when_the_process_ends_logs_no_error(
     caplog.set_level(logging.WARNING)
 
     async def main() -> None:
-        slow = SlowToUnwind(WAIT)  # still at it as the process ends
-        server = HTTPServer(slow.handle, "127.0.0.1", 0)
-        await server.start()
-        async with connected(server.port) as conn:
-            await conn.send(b"GET /health/web HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            await asyncio.wait_for(slow.entered.wait(), WAIT)
-            await asyncio.wait_for(server.close(), WAIT)
+        health = b"GET /health/web HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        async with stopped_with_one_in_handler(SlowToUnwind(WAIT), health):  # still at it as the process ends
+            pass
 
     asyncio.run(main())  # its teardown cancels what is left running
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
