@@ -111,6 +111,31 @@ def _ends_at_close(sink: _Parsed, status: int) -> bool:
     return not framed and status not in (204, 304) and status >= 200
 
 
+class _Unseen:
+    """Bytes httptools holds with no callback yet, counted per read and bounded by MAX_HEAD_BYTES on
+    both sides (the client's answers, the server's requests): an unfinished header line is buffered
+    (copied per piece) until its end, so a head counted by finished lines only could grow unbounded;
+    inside a body, reads that add no body byte are chunk framing or the trailer section, whose
+    unfinished field is buffered the same way, and are counted while they come in a row."""
+
+    __slots__ = ("head", "quiet")
+
+    def __init__(self) -> None:
+        self.head = 0  # read while the head was unfinished
+        self.quiet = 0  # read in a row inside the body adding no body byte
+
+    def over(self, n: int, *, in_head: bool, quiet_body: bool) -> str | None:
+        """After a read of `n` bytes: "head" or "trailers" once that part is past MAX_HEAD_BYTES."""
+        if in_head:
+            self.head += n
+            return "head" if self.head > MAX_HEAD_BYTES else None
+        if quiet_body:
+            self.quiet += n
+            return "trailers" if self.quiet > MAX_HEAD_BYTES else None
+        self.quiet = 0
+        return None
+
+
 class _Parsed:
     """httptools callback sink for one response (the client's side). Interim answers (1xx but 101:
     100 Continue, 103 Early Hints) are skipped, at most MAX_INTERIM_ANSWERS of them: the final answer
@@ -333,10 +358,7 @@ class HTTPClient:
         sink = _Parsed(max_body)
         parser = sink.parser = httptools.HttpResponseParser(sink)
         try:
-            head_bytes = 0  # read before the head was complete: httptools buffers a partial header line
-            # read in a row inside the body adding none of it: chunk framing or the trailer section,
-            # whose unfinished field httptools buffers as a header's (the server's _RequestStream too)
-            trailer_bytes = 0
+            unseen = _Unseen()
             while not sink.complete:
                 chunk = await reader.read(READ_SIZE)
                 if not chunk:
@@ -349,16 +371,10 @@ class HTTPClient:
                     break
                 in_body, body_before = sink.head_done, len(sink.body)
                 _feed(parser, chunk)
-                if not sink.head_done:
-                    head_bytes += len(chunk)
-                    if head_bytes > MAX_HEAD_BYTES:
-                        raise _TooLarge(f"answer head larger than {_size(MAX_HEAD_BYTES)}")
-                elif in_body and not sink.complete and len(sink.body) == body_before:
-                    trailer_bytes += len(chunk)
-                    if trailer_bytes > MAX_HEAD_BYTES:
-                        raise _TooLarge(f"answer trailers larger than {_size(MAX_HEAD_BYTES)}")
-                else:
-                    trailer_bytes = 0
+                quiet = in_body and not sink.complete and len(sink.body) == body_before
+                part = unseen.over(len(chunk), in_head=not sink.head_done, quiet_body=quiet)
+                if part is not None:
+                    raise _TooLarge(f"answer {part} larger than {_size(MAX_HEAD_BYTES)}")
                 if method == "HEAD" and sink.head_done:
                     break
             keep = sink.keep_alive and method != "HEAD"  # a HEAD answer's declared body never comes
@@ -935,8 +951,7 @@ class _RequestStream:
         self.started: float | None = None  # loop time the unfinished request's first byte came
         self._msg: _Message | None = None  # the request being parsed
         self._head_done = False
-        self._head_bytes = 0  # read while its head was unfinished (httptools buffers a partial line)
-        self._trailer_bytes = 0  # read in a row inside its body adding no body byte: trailers (see feed)
+        self._unseen = _Unseen()  # the unfinished request's bytes httptools holds uncounted
         self._now = 0.0
         # the unfinished request asked `Expect: 100-continue` and its body is still to come: the
         # server says "100 Continue" once the requests before it are answered (curl waits 1 s for it
@@ -970,21 +985,11 @@ class _RequestStream:
                 self.failed = _BadRequest(500, "internal error")
         except httptools.HttpParserError as exc:
             self.failed = _BadRequest(400, f"malformed HTTP request: {exc}")
-        if self.failed is None and self.started is not None and self.in_head:
-            # Raw bytes, while the head is unfinished: httptools buffers an unfinished header line
-            # (copying it per piece), so a head counted by its finished lines only could grow unbounded.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self.failed = _BadRequest(431, f"request head larger than {_size(MAX_HEAD_BYTES)}")
-        elif self.failed is None and msg is not None and self._msg is msg and len(msg.body) == body_before:
-            # A read inside the body that added none of it and did not end it: chunk framing or the
-            # trailer section, whose unfinished field httptools buffers as it does a header's (on_header
-            # counts finished ones): counted as it comes, in reads in a row, bounded as the head is.
-            self._trailer_bytes += len(data)
-            if self._trailer_bytes > MAX_HEAD_BYTES:
-                self.failed = _BadRequest(431, f"request trailers larger than {_size(MAX_HEAD_BYTES)}")
-        else:
-            self._trailer_bytes = 0
+        if self.failed is None and self.started is not None:
+            quiet = msg is not None and self._msg is msg and len(msg.body) == body_before
+            part = self._unseen.over(len(data), in_head=self.in_head, quiet_body=quiet)
+            if part is not None:
+                self.failed = _BadRequest(431, f"request {part} larger than {_size(MAX_HEAD_BYTES)}")
 
     def _upgraded(self, rest: bytes, now: float) -> None:
         """httptools stops at a request asking for an Upgrade or CONNECT (what follows would be the
@@ -1007,8 +1012,7 @@ class _RequestStream:
         self.continue_due = False
         self._msg = None
         self.started = None
-        self._head_bytes = 0
-        self._trailer_bytes = 0
+        self._unseen = _Unseen()
 
     # httptools callbacks
 
