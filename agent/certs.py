@@ -24,6 +24,9 @@ The trust bundle follows Consul KV `hostmesh/ca/roots` (blocking watch) and is s
 before that.
 
 Files: `<data_dir>/certs/<service>.crt` (chain, leaf first), `<service>.key`, `roots.pem`; 0600.
+While a join token is being spent for a service, the key it is spent with is kept in
+`<service>.join.key` (0600) until the certificate is stored: a retry, after a restart too, asks with
+the same key, which the CA takes as the same redemption when its answer was lost (ca/tokens.redeem).
 One of them, or the join token, that exists but may not be read (EACCES/EPERM: typically left by a
 run as root, while systemd runs the agent as User=hostmesh) is an error naming the file, its owner
 and mode and the user we run as (agent/certproc.py `access_denied`): at start it is the agent's
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from hostmesh.agent import renewal
 from hostmesh.agent.ca_client import (
@@ -77,7 +81,7 @@ from hostmesh.ca.errors import (
     TrustError,
     Unauthorized,
 )
-from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, roots_path, write_private_pair
+from hostmesh.ca.files import cert_dir, cert_paths, finish_pair, join_key_path, roots_path, write_private_pair
 from hostmesh.registry.addresses import authority
 from hostmesh.registry.consul import ConsulClient, KVEntry
 from hostmesh.registry.errors import RegistryError
@@ -560,7 +564,7 @@ class CertManager:
             try:
                 offered = await client.roots_unverified()
                 roots = self._trusted_offered(offered)  # TrustError: never proceed
-                key = pki.new_key()
+                key = self._join_key(service)
                 ident = pki.Identity(self.trust_domain, service)
                 try:
                     chain = await client.sign(token, pki.make_csr(key, ident), bundle_pem(roots))
@@ -576,18 +580,46 @@ class CertManager:
                 except NotYetValid:  # ours, from a pinned root; this clock is behind: the token is spent,
                     self._set_roots(self._merge(roots))  # so the certificate is kept for once it is right
                     self._store(service, chain, pki.key_pem(key))
+                    self._drop_join_key(service)
                     raise
             except CAUnavailable as exc:
                 last = longest_wait(last, exc)
                 continue
             self._set_roots(self._merge(roots))
             self._store(service, chain, pki.key_pem(key))
+            self._drop_join_key(service)
             self._adopt(service, pki.load_certs(chain.encode())[0])
             log.info("obtained certificate for %s from %s with the join token", service, client.url)
             self._notify()
             return
         assert last is not None
         raise last
+
+    def _join_key(self, service: str) -> ec.EllipticCurvePrivateKey:
+        """The key a join token is spent with for `service`: the one kept from an earlier try (module
+        docstring), else a new one, kept before the token goes out (StorageError: not sent)."""
+        path = join_key_path(self.dir, service)
+        try:
+            return pki.load_key(path.read_bytes())
+        except FileNotFoundError:
+            pass
+        except PermissionError as exc:
+            raise access_denied(path, exc) from None
+        except (OSError, StorageError) as exc:  # a torn or foreign file: a new key replaces it
+            log.warning("%s: %s; a new key replaces it", path, exc)
+        key = pki.new_key()
+        try:
+            pki.write_private(path, pki.key_pem(key))
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+        return key
+
+    def _drop_join_key(self, service: str) -> None:
+        """Its certificate is stored (with the key as `<service>.key`): the kept copy has served."""
+        try:
+            join_key_path(self.dir, service).unlink(missing_ok=True)
+        except OSError as exc:  # harmless: the next token spend reuses it, or replaces a torn one
+            log.warning("cannot remove %s: %s", join_key_path(self.dir, service), exc.strerror)
 
     def _trusted_offered(self, offered: list[x509.Certificate]) -> list[x509.Certificate]:
         """Of the roots a CA offers, those this host trusts on its own: the pinned root, and the

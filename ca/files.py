@@ -123,5 +123,10 @@ def cert_paths(certs: Path, service: str) -> tuple[Path, Path]:
     return certs / f"{service}.crt", certs / f"{service}.key"
 
 
+def join_key_path(certs: Path, service: str) -> Path:
+    """The key a join token is being spent with for `service`, kept until its certificate is stored."""
+    return certs / f"{service}.join.key"
+
+
 def roots_path(certs: Path) -> Path:
     return certs / "roots.pem"

@@ -86,6 +86,14 @@ def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def key_digest(csr: x509.CertificateSigningRequest) -> str:
+    """sha256 of the CSR's public key (its SubjectPublicKeyInfo, hex): names the requester's key pair
+    without its secret half."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = csr.public_key().public_bytes(serialization.Encoding.DER, spki)
+    return hashlib.sha256(der).hexdigest()
+
+
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 

@@ -1129,7 +1129,7 @@ class CAService:
             tokens.check_scope(record, ident.service)
             if loop.time() >= deadline:
                 raise _past_deadline(first_byte, received, loop.time())
-            await tokens.redeem(consul, record, ident.service, at)
+            await tokens.redeem(consul, record, ident.service, at, pki.key_digest(csr))
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
 

@@ -39,8 +39,6 @@ MAX_TOKEN_SERVICES = 64  # one host runs a handful of services; the list is scan
 MAX_DURATION = dt.timedelta(days=3650)  # no CA lifetime is longer: a bigger number is a slip
 MAX_DURATION_DIGITS = 12  # 10**12 seconds is far past MAX_DURATION: longer numbers are not even parsed
 PRUNE_GRACE = dt.timedelta(days=1)  # expired records stay a day so "expired" beats "unknown" in errors
-# A redemption's marker names it with this many random bytes: enough that two requests never share one
-REDEMPTION_ID_BYTES = 8
 RESERVED_SERVICES = frozenset({CA_SERVICE_NAME})  # the CA's own serving identity is never issued to a host
 
 _ID_RE = re.compile(r"[0-9a-f]{16}")
@@ -219,16 +217,22 @@ async def authenticate(consul: ConsulClient, text: str, at: dt.datetime) -> Toke
     return record
 
 
-async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime) -> None:
-    """Spend the token for `service`: exactly one caller wins, every other gets Unauthorized; none
-    does once the token is revoked, even when `record` was read before.
+async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime, key: str) -> None:
+    """Spend the token for `service` with the requester's key pair (`key`: pki.key_digest of its
+    CSR): exactly one key wins, every other gets Unauthorized; none does once the token is revoked,
+    even when `record` was read before.
 
-    The marker names this redemption (a random `by`): when the answer to the transaction is lost
-    (it went, no answer came: Unavailable), the marker read back says whether it was applied. Ours:
-    the token is spent for this request, which goes on to its certificate. Before, the CA answered
-    503, the host's retry was refused as "already used", and the host needed a new token."""
+    The marker names the key (`by`), and a request with the same key is the same redemption again:
+    - the transaction's answer was lost (it went, no answer came: Unavailable): the marker read back
+      says whether it was applied;
+    - the CA's answer was lost (Consul hung past the CA's stop, Consul unreadable after a lost answer,
+      a connection cut): the host retries with the key it keeps until it has its certificate
+      (agent/certs.py) and gets one.
+    A certificate for that key serves only who holds its private half, so this spends nothing more.
+    Before, either loss burnt the token: the CA answered 503, the retry was refused as "already
+    used", and the host needed a new token."""
     check_scope(record, service)
-    value = json.dumps({"at": at.isoformat(), "by": secrets.token_hex(REDEMPTION_ID_BYTES)})
+    value = json.dumps({"at": at.isoformat(), "by": key})
     unchanged = {"Verb": "check-index", "Key": record_key(record.id), "Index": record.index}
     marker = {"Verb": "cas", "Key": redeemed_key(record.id, service), "Index": 0, "Value": value}
     try:
@@ -236,16 +240,27 @@ async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt
     except Conflict:
         if await consul.kv_get(record_key(record.id)) is None:
             raise UnknownToken(f"join token {record.id} was revoked") from None
-        raise Unauthorized(f"join token {record.id} was already used for {service!r}") from None
+        if await _spent_by(consul, record.id, service) != key:
+            raise Unauthorized(f"join token {record.id} was already used for {service!r}") from None
     except Unavailable as lost:
         try:
-            entry = await consul.kv_get(redeemed_key(record.id, service))
+            by = await _spent_by(consul, record.id, service)
         except RegistryError:
             raise Unavailable(
                 f"{lost}; whether join token {record.id} was spent for {service!r} is unknown"
             ) from None
-        if entry is None or entry.value != value.encode():
-            raise lost from None  # not applied (or another request's marker: its retry says so)
+        if by != key:
+            raise lost from None  # not applied (or another key's marker: its retry says so)
+
+
+async def _spent_by(consul: ConsulClient, token_id: str, service: str) -> str | None:
+    """The key the token was spent with for `service` (None: not spent, or a marker without one)."""
+    entry = await consul.kv_get(redeemed_key(token_id, service))
+    try:
+        by = json.loads(entry.value)["by"] if entry is not None else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return by if isinstance(by, str) else None
 
 
 async def release(consul: ConsulClient, record: TokenRecord, service: str) -> None:

@@ -57,8 +57,10 @@ async def token_for(
     return str(tok)
 
 
-async def sign(svc: CAService, token: str, service: str, **extra: str) -> tuple[int, dict]:
-    _, csr = csr_for(service)
+async def sign(
+    svc: CAService, token: str, service: str, csr: str | None = None, **extra: str
+) -> tuple[int, dict]:
+    csr = csr or csr_for(service)[1]
     resp = await call(svc, "POST", "/v1/sign", {"csr": csr, **extra}, token=token)
     return resp.status, resp.json()
 
@@ -233,6 +235,31 @@ async def test_a_sign_whose_redemption_answer_was_lost_issues_and_spends_the_tok
             assert status == 200 and "chain" in body, body
             assert [r["event"] for r in sink.records] == ["issue"]
             assert_refused(sink, *await sign(svc, tok, "web"), 401, "already used for 'web'")
+        finally:
+            await svc.close()
+
+
+async def test_a_sign_whose_outcome_was_unknown_is_answered_again_for_the_same_key_only(
+    consul: ConsulDev, tmp_path: Path
+) -> None:
+    """Consul applied the redemption, then could not be read: the CA answered 503, whether the token
+    was spent unknown (a CA stopped while Consul hung leaves the host the same way). The retry with
+    the same key is the same redemption and gets the certificate; another key's is refused as
+    "already used". Before, the retry was refused too, and the host needed a new join token."""
+    sink = AuditSink()
+    loser = AnswerLoser(consul.http_port, "and-then-away", armed=False)
+    async with loser as url, ConsulClient(url) as c:
+        svc = await start_ca(new_ca_dir(tmp_path), c, sink)
+        try:
+            tok = await token_for(c, "web")
+            _, csr = csr_for("web")
+            loser.armed = True  # the next transaction is the redemption's
+            assert_refused(sink, *await sign(svc, tok, "web", csr), 503, "was spent for 'web' is unknown")
+            loser.mode = "healed"  # Consul answers again
+            assert_refused(sink, *await sign(svc, tok, "web"), 401, "already used for 'web'")
+            status, body = await sign(svc, tok, "web", csr)
+            assert status == 200 and "chain" in body, body
+            assert [r["event"] for r in sink.records].count("issue") == 1
         finally:
             await svc.close()
 

@@ -12,6 +12,8 @@ from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.errors import Unavailable
 from tests.support import AnswerLoser, ConsulDev
 
+KEY, OTHER_KEY = "a" * 64, "b" * 64  # two requesters' key digests (pki.key_digest)
+
 
 def test_token_roundtrip_and_garbage() -> None:
     tok = tokens.new_token()
@@ -81,9 +83,10 @@ async def test_create_redeem_once_and_prune(consul: ConsulDev) -> None:
         assert stored is not None and tok.secret.encode() not in stored.value
         got = await tokens.authenticate(c, str(tok), pki.now())
         assert got.services == ("web",)
-        await tokens.redeem(c, got, "web", pki.now())
+        await tokens.redeem(c, got, "web", pki.now(), KEY)
         with pytest.raises(Unauthorized, match="already used"):
-            await tokens.redeem(c, got, "web", pki.now())
+            await tokens.redeem(c, got, "web", pki.now(), OTHER_KEY)
+        await tokens.redeem(c, got, "web", pki.now(), KEY)  # the same key again: the same redemption
         with pytest.raises(InvalidRequest, match="exceeds the maximum"):
             await tokens.create(c, ["web"], dt.timedelta(days=31))
         # prune drops records expired for longer than the grace period, with their markers
@@ -105,10 +108,10 @@ async def test_a_token_revoked_during_a_redemption_obtains_nothing(consul: Consu
     async with ConsulClient(consul.url) as c:
         tok, _ = await tokens.create(c, ["web", "api"], dt.timedelta(minutes=5))
         got = await tokens.authenticate(c, str(tok), pki.now())
-        await tokens.redeem(c, got, "web", pki.now())
+        await tokens.redeem(c, got, "web", pki.now(), KEY)
         assert await tokens.revoke_known(c, tok.id) == ("web",)
         with pytest.raises(tokens.UnknownToken, match=f"join token {tok.id} was revoked"):
-            await tokens.redeem(c, got, "api", pki.now())
+            await tokens.redeem(c, got, "api", pki.now(), KEY)
         assert await c.kv_list(tokens.record_key(tok.id)) == []
         assert await tokens.revoke_known(c, tok.id) is None  # gone: nothing to revoke twice
 
@@ -124,28 +127,32 @@ async def test_a_redemption_whose_answer_was_lost_is_found_done_and_the_token_sp
         tok, _ = await tokens.create(direct, ["web"], dt.timedelta(minutes=5))
         got = await tokens.authenticate(direct, str(tok), pki.now())
         async with AnswerLoser(consul.http_port, "after") as url, ConsulClient(url) as cut:
-            await tokens.redeem(cut, got, "web", pki.now())
+            await tokens.redeem(cut, got, "web", pki.now(), KEY)
         assert await direct.kv_get(tokens.redeemed_key(tok.id, "web")) is not None
-        with pytest.raises(Unauthorized, match="already used"):  # spent once, for that redemption
-            await tokens.redeem(direct, got, "web", pki.now())
+        with pytest.raises(Unauthorized, match="already used"):  # spent once, for that key
+            await tokens.redeem(direct, got, "web", pki.now(), OTHER_KEY)
 
 
 @pytest.mark.consul
 @pytest.mark.parametrize("mode", ["before", "and-then-away"])
 async def test_a_redemption_not_known_to_be_applied_is_unavailable(consul: ConsulDev, mode: str) -> None:
     """Never sent ("before"): not spent, a retry wins. Sent, and Consul then unreadable too: not
-    taken as done, and the error says the outcome is unknown."""
+    taken as done, and the error says the outcome is unknown; once Consul answers, the retry with
+    the same key wins (before, it was refused as "already used", and the token was lost)."""
     async with ConsulClient(consul.url) as direct:
         tok, _ = await tokens.create(direct, ["web"], dt.timedelta(minutes=5))
         got = await tokens.authenticate(direct, str(tok), pki.now())
         async with AnswerLoser(consul.http_port, mode) as url, ConsulClient(url) as cut:
             with pytest.raises(Unavailable) as caught:
-                await tokens.redeem(cut, got, "web", pki.now())
+                await tokens.redeem(cut, got, "web", pki.now(), KEY)
         if mode == "before":
             assert "unknown" not in str(caught.value)
-            await tokens.redeem(direct, got, "web", pki.now())  # not spent: the retry wins
-        else:
+            await tokens.redeem(direct, got, "web", pki.now(), KEY)  # not spent: the retry wins
+        else:  # spent: the same key's retry is the same redemption, another key's is refused
             assert f"whether join token {tok.id} was spent for 'web' is unknown" in str(caught.value)
+            with pytest.raises(Unauthorized, match="already used"):
+                await tokens.redeem(direct, got, "web", pki.now(), OTHER_KEY)
+            await tokens.redeem(direct, got, "web", pki.now(), KEY)
 
 
 @pytest.mark.consul
@@ -153,7 +160,7 @@ async def test_list_shows_scope_redemptions_and_state_never_secrets(consul: Cons
     async with ConsulClient(consul.url) as c:
         fresh, _ = await tokens.create(c, ["web", "api"], dt.timedelta(minutes=5))
         used, _ = await tokens.create(c, ["db"], dt.timedelta(minutes=5))
-        await tokens.redeem(c, await tokens.authenticate(c, str(used), pki.now()), "db", pki.now())
+        await tokens.redeem(c, await tokens.authenticate(c, str(used), pki.now()), "db", pki.now(), KEY)
         corrupt = {  # listed as corrupt, never fatal (no traceback from comparing their dates)
             "0" * 16: b"not json",
             "1" * 16: b'{"hash": "x", "services": ["a"], "created": "2026-01-01T00:00:00", '
@@ -183,7 +190,7 @@ async def test_list_shows_scope_redemptions_and_state_never_secrets(consul: Cons
 async def test_revoke_removes_the_token_and_its_markers_and_nothing_else(consul: ConsulDev) -> None:
     async with ConsulClient(consul.url) as c:
         tok, _ = await tokens.create(c, ["web"], dt.timedelta(minutes=5))
-        await tokens.redeem(c, await tokens.authenticate(c, str(tok), pki.now()), "web", pki.now())
+        await tokens.redeem(c, await tokens.authenticate(c, str(tok), pki.now()), "web", pki.now(), KEY)
         neighbours = [f"{tokens.record_key(tok.id)}-backup", f"{tokens.record_key(tok.id)}.bak"]
         for key in neighbours:  # keys that only start with the id, written by hand
             await c.kv_put(key, b"keep me")

@@ -27,7 +27,7 @@ from hostmesh.ca.errors import CAUnavailable, InvalidRequest, TrustError, Unauth
 from hostmesh.ca.service import CAService
 from hostmesh.registry.consul import ConsulClient, ServiceRegistration
 from tests.ca_support import AuditSink, call, new_ca_dir, start_ca
-from tests.support import ConsulDev, async_wait_until
+from tests.support import AnswerLoser, ConsulDev, async_wait_until
 
 pytestmark = pytest.mark.consul
 
@@ -541,6 +541,37 @@ async def test_unreachable_ca_at_bootstrap_gives_up_after_the_timeout(env: Env) 
     with pytest.raises(CAUnavailable, match="unreachable"):
         await mgr.start()
     assert time.monotonic() - t0 < 5
+
+
+async def test_a_token_whose_answer_was_lost_is_spent_again_with_the_kept_key_after_a_restart(
+    env: Env, consul: ConsulDev
+) -> None:
+    """Consul applied the redemption, then could not be read: the CA answered 503 ("whether the token
+    was spent is unknown") and the agent gave up at its bootstrap timeout, as it does when Consul
+    hangs past a CA's stop. The key it spent the token with is kept (0600), so the restarted agent
+    asks with it and gets its certificate. Before, a restart asked with a new key, was refused as
+    "already used", and the host needed a new join token."""
+    token_file = await env.token_file("web")
+    loser = AnswerLoser(consul.http_port, "and-then-away", armed=False)
+    async with loser as url, ConsulClient(url) as cut:
+        env.svc = await start_ca(env.ca_dir, cut, env.sink)
+        env.port = env.svc.port
+        loser.armed = True  # the next transaction is the redemption's
+        with pytest.raises(CAUnavailable, match="answered 503"):
+            await env.manager(["web"], token_file, bootstrap_timeout=0.5).start()
+        assert loser.lost
+        await env.stop_ca()
+    token_id = tokens.parse_token(token_file.read_text()).id
+    assert await env.client.kv_get(tokens.redeemed_key(token_id, "web")) is not None  # spent
+    kept = env.tmp / "host" / "certs" / "web.join.key"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    await env.start_ca()  # Consul readable again
+    mgr = env.manager(["web"], token_file)
+    await mgr.start()
+    chain_file, key_file = mgr.paths("web")
+    assert leaf_of(chain_file).public_key() == pki.load_key(key_file.read_bytes()).public_key()
+    assert not kept.exists()  # served: the key is the certificate's now
+    assert [r["event"] for r in env.sink.records].count("issue") == 1
 
 
 def test_bad_constructor_arguments() -> None:
