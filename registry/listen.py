@@ -42,7 +42,8 @@ class InvalidListen(ValueError):
 def parse_listen(text: str, default_port: int, option: str = "--listen") -> tuple[str, int]:
     """(host, port) of a server command's `--listen` (`ca serve`, `ui`): HOST:PORT, [IPv6]:PORT,
     :PORT (every IPv4 interface), or HOST, [IPv6] or a bare IPv6 address on `default_port` (a bare
-    one takes no port: its last group could be read as one). The host as `listen_host` gives it;
+    one takes no port; one whose last group is decimal and the rest an address, as `::1:8080`, reads
+    either way and is refused, naming both bracketed forms). The host as `listen_host` gives it;
     InvalidListen otherwise."""
     shape = InvalidListen(f"{option} {text!r}: expected HOST:PORT (an IPv6 address as [::1]:PORT)")
     port_text: str | None
@@ -59,6 +60,13 @@ def parse_listen(text: str, default_port: int, option: str = "--listen") -> tupl
         if not _ipv6(text):
             raise InvalidListen(
                 f"{option} {text!r}: an IPv6 address with a port goes in brackets, as [::1]:PORT"
+            )
+        address, port_text = text.rsplit(":", 1)
+        if port_text.isascii() and port_text.isdigit() and _ipv6(address):
+            # `::1:8080` is an address, but an operator who writes it means port 8080 on ::1
+            raise InvalidListen(
+                f"{option} {text!r}: ambiguous: write [{address}]:{port_text} for port {port_text} on "
+                f"{address}, or [{text}] for the address {text}"
             )
         host, port_text = text, None
     else:

@@ -718,9 +718,11 @@ LISTEN_REFUSED = {
     "h:\u0663": "expected HOST:PORT with a numeric port",  # int() reads it as 3
     # the URL `ui` prints: it was told "an IPv6 address with a port goes in brackets"
     "http://127.0.0.1:15080": "expected HOST:PORT, not a URL",
+    # an address, but meant as port 8080 on ::1: it was taken, and its bind failed
+    "::1:8080": "ambiguous: write [::1]:8080 for port 8080 on ::1, or [::1:8080] for the address ::1:8080",
 }
 # taken by both: a bare IPv6 address and a host alone on the command's default port
-LISTEN_TAKEN = ["::1", "[::1]:0", "[::ffff:127.0.0.1]:0", "127.0.0.1", ":0", "localhost:0"]
+LISTEN_TAKEN = ["::1", "[::1:8080]", "[::1]:0", "[::ffff:127.0.0.1]:0", "127.0.0.1", ":0", "localhost:0"]
 
 
 @pytest.mark.parametrize(("listen", "why"), sorted(LISTEN_REFUSED.items()))

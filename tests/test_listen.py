@@ -190,7 +190,9 @@ def test_a_failed_start_leaves_no_descriptor_open() -> None:
         ("[::1]:9000", ("::1", 9000)),
         ("[::1]", ("::1", 15012)),
         ("::", ("::", 15012)),  # bare: the default port (its last group is not read as one)
-        ("::1:8080", ("::1:8080", 15012)),
+        ("[::1:8080]", ("::1:8080", 15012)),  # the address whose bare form reads either way
+        ("2001:db8::8080", ("2001:db8::8080", 15012)),  # bare: "2001:db8:" is no address, so no port
+        ("fe80::1:abcd", ("fe80::1:abcd", 15012)),  # bare: a hex group is no port
         ("10.0.0.5", ("10.0.0.5", 15012)),
         ("[::ffff:127.0.0.1]:80", ("127.0.0.1", 80)),  # listen_host: the IPv4 address it maps
         ("localhost:0", ("localhost", 0)),
@@ -206,3 +208,19 @@ def test_parse_listen(text: str, parsed: tuple[str, int]) -> None:
 def test_parse_listen_refuses(bad: str) -> None:
     with pytest.raises(InvalidListen, match=r"^--listen "):
         parse_listen(bad, 15012)
+
+
+@pytest.mark.parametrize(
+    ("text", "address", "port"), [("::1:8080", "::1", "8080"), ("fe80::1:443", "fe80::1", "443")]
+)
+def test_a_bare_ipv6_address_whose_last_group_reads_as_a_port_is_refused_naming_both_forms(
+    text: str, address: str, port: str
+) -> None:
+    """`ui --listen ::1:8080` was taken as the address ::1:8080 on the default port, and the bind
+    failed ("cannot assign requested address"): an operator writing it means port 8080 on ::1."""
+    with pytest.raises(InvalidListen) as refused:
+        parse_listen(text, 15012)
+    assert str(refused.value) == (
+        f"--listen {text!r}: ambiguous: write [{address}]:{port} for port {port} on {address}, "
+        f"or [{text}] for the address {text}"
+    )
