@@ -414,7 +414,7 @@ async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
     from hostmesh.agent.status import (
         AdminAddressError,
         AdminAnswerError,
-        admin_base_url,
+        admin_dial_url,
         admin_get,
         certs_problem,
         config_problem,
@@ -430,7 +430,7 @@ async def _agent(address: str, bundle: set[str] | None = None) -> list[Finding]:
 
     subject = f"agent {address}"
     try:
-        client = HTTPClient(admin_base_url(address))
+        client = HTTPClient(await admin_dial_url(address, timeout=CHECK_TIMEOUT))
     except (AdminAddressError, RegistryError) as exc:
         return [Finding("error", "agent-address", subject, str(exc), AGENT_ADDRESS_FIX)]
     out: list[Finding] = []

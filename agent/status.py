@@ -82,12 +82,19 @@ def parse_admin_address(address: str, option: str = "--agent") -> tuple[str, str
     return scheme, host, port
 
 
-def admin_base_url(address: str, option: str = "--agent", *, resolve: bool = True) -> str:
-    """`http(s)://host:port` for HTTPClient (parse_admin_address's rules; a name resolved for plain
-    HTTP: `admin_connect_host`, unless `resolve` is False: the URL as the operator named it)."""
+def admin_base_url(address: str, option: str = "--agent") -> str:
+    """`http(s)://host:port` as the operator named it (parse_admin_address's rules); what a client
+    dials is `admin_dial_url`'s."""
     scheme, host, port = parse_admin_address(address, option)
-    if scheme == "http" and resolve:
-        host = admin_connect_host(host, port, option)
+    return f"{scheme}://{authority(host, port)}"
+
+
+async def admin_dial_url(address: str, option: str = "--agent", timeout: float = ADMIN_TIMEOUT) -> str:
+    """`admin_base_url` with a name resolved for plain HTTP (`resolve_admin_host`, within `timeout`
+    seconds), the URL an HTTPClient of the admin API is made with."""
+    scheme, host, port = parse_admin_address(address, option)
+    if scheme == "http":
+        host = await resolve_admin_host(host, port, option, timeout)
     return f"{scheme}://{authority(host, port)}"
 
 
@@ -100,42 +107,40 @@ def unreachable_reason(address: str, client: HTTPClient, exc: RegistryError) -> 
     reason alone where the client dialed the address as named; with the address dialed where a
     name was resolved to it (`admin_connect_host`), which the operator did not name (a stale DNS
     record is then what to see)."""
-    return exc.reason if client.base_url == admin_base_url(address, resolve=False) else str(exc)
+    return exc.reason if client.base_url == admin_base_url(address) else str(exc)
 
 
-def admin_connect_host(host: str, port: int, option: str = "--agent", timeout: float | None = None) -> str:
+async def resolve_admin_host(host: str, port: int, option: str, timeout: float) -> str:
     """The address to connect to for the admin API at `host`: a DNS name resolved to its first IP
     address, so that the request's Host names an IP (the admin API answers no other Host but
     localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve;
-    AdminResolveTimeout when `timeout` seconds are given and pass first."""
+    AdminResolveTimeout when `timeout` seconds pass first. The system resolver has no deadline of its
+    own but its retries (5 s a try, and more), so the lookup runs in a daemon thread that is left to
+    finish, or not, without the caller (nothing waits for it at exit)."""
+    import asyncio
+
     from hostmesh.registry.http import addressed_locally
+    from hostmesh.registry.nomad import in_daemon_thread
 
     if addressed_locally(host):  # an IP address or localhost already
         return host
+    lookup = in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="admin-resolve")
     try:
-        if timeout is None:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        else:
-            found = _resolve_within(host, port, timeout)
+        found = await asyncio.wait_for(lookup, max(timeout, 0.0))
     except TimeoutError:
         raise AdminResolveTimeout(
-            f"{option} {host}: no answer from the resolver within {round(max(timeout or 0.0, 0.0), 1):g}s"
+            f"{option} {host}: no answer from the resolver within {round(max(timeout, 0.0), 1):g}s"
         ) from None
     except OSError as exc:
         raise AdminAddressError(f"{option} {host}: cannot resolve it: {exc.strerror or exc}") from None
     return str(found[0][4][0])
 
 
-def _resolve_within(host: str, port: int, timeout: float) -> list[Any]:
-    """getaddrinfo that ends in `timeout` seconds (TimeoutError): the system resolver has no deadline
-    of its own but its retries (5 s a try, and more), so it runs in a daemon thread that is left to
-    finish, or not, without the caller (nothing waits for it at exit)."""
+def admin_connect_host(host: str, port: int, option: str, timeout: float) -> str:
+    """`resolve_admin_host` for a caller outside an event loop (wait-ready's probes)."""
     import asyncio
 
-    from hostmesh.registry.nomad import in_daemon_thread
-
-    lookup = in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="admin-resolve")
-    return asyncio.run(asyncio.wait_for(lookup, max(timeout, 0.0)))
+    return asyncio.run(resolve_admin_host(host, port, option, timeout))
 
 
 # --- the admin API's answers -------------------------------------------------------------------
@@ -325,7 +330,7 @@ async def fetch_status(address: str) -> dict[str, Any]:
     from hostmesh.registry.http import HTTPClient
 
     try:
-        base = admin_base_url(address)
+        base = await admin_dial_url(address)
     except AdminAddressError as exc:
         raise click.ClickException(str(exc)) from None
     client = HTTPClient(base)
@@ -603,7 +608,7 @@ async def _agent_version(address: str) -> dict[str, Any]:
     from hostmesh.registry.http import HTTPClient
 
     try:
-        client = HTTPClient(admin_base_url(address))
+        client = HTTPClient(await admin_dial_url(address))
     except (AdminAddressError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     try:

@@ -37,7 +37,7 @@ from hostmesh.agent import waitready
 from hostmesh.agent.cli import cli
 from hostmesh.agent.localmesh import HOSTMESH, LocalMesh, free_port
 from hostmesh.agent.metrics import Telemetry, generate_latest
-from hostmesh.agent.status import AdminAddressError, admin_base_url
+from hostmesh.agent.status import ADMIN_TIMEOUT, AdminAddressError, admin_base_url, admin_dial_url
 from hostmesh.agent.ui import Collector
 from hostmesh.registry.consul import ConsulClient
 from hostmesh.registry.http import addressed_locally
@@ -48,6 +48,7 @@ HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
 NOT_FOUND = (404, "text/html", b"<h1>404</h1>")
 Answer = tuple[int, str, bytes]
 RESOLVER_HOLD = 10.0  # seconds the stood-in resolver holds a lookup: ten times the --timeout tested
+HUNG_RESOLVER_HOLD = 30.0  # seconds hung_resolver holds a lookup at most: six times ADMIN_TIMEOUT
 
 
 def js(payload: Any, status: int = 200) -> Answer:
@@ -395,14 +396,63 @@ def test_a_name_given_for_the_admin_api_is_resolved_so_its_host_check_passes(
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
-    assert admin_base_url("admin.example:15000") == "http://127.0.0.1:15000"
+    assert asyncio.run(admin_dial_url("admin.example:15000")) == "http://127.0.0.1:15000"
+    assert admin_base_url("admin.example:15000") == "http://admin.example:15000"  # as named
     assert addressed_locally("127.0.0.1:15000") and not addressed_locally("admin.example:15000")
     with pytest.raises(AdminAddressError) as err:
-        admin_base_url("nowhere.example:15000")
+        asyncio.run(admin_dial_url("nowhere.example:15000"))
     assert str(err.value) == "--agent nowhere.example: cannot resolve it: Name or service not known"
     assert waitready.probe("nowhere.example:15000") == (
         "--admin nowhere.example: cannot resolve it: Name or service not known"
     )
+
+
+@pytest.fixture
+def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """socket.getaddrinfo held for slow.example until the test ends (HUNG_RESOLVER_HOLD at most): the
+    seam the commands resolve through (no test-local resolver can stand in for the system's without
+    a network namespace)."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "slow.example":
+            return real(host, *args, **kwargs)
+        release.wait(HUNG_RESOLVER_HOLD)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("command", ["status", "version"])
+def test_status_and_version_give_up_on_a_resolver_that_does_not_answer(
+    command: str, hung_resolver: None
+) -> None:
+    """A name given to --agent is looked up within the admin API's request timeout (ADMIN_TIMEOUT),
+    as wait-ready's is within its --timeout: a resolver that did not answer held the command until it
+    did (the system resolver's own retries: 5 s a try, and more)."""
+    started = time.monotonic()
+    line = fails(hm(command, "--agent", "slow.example:15000"))
+    took = time.monotonic() - started
+    assert took < ADMIN_TIMEOUT + 2, f"{command} returned after {took:.1f}s: {line}"
+    assert line == "Error: --agent slow.example: no answer from the resolver within 5s"
+
+
+def test_check_gives_up_on_an_agents_name_the_resolver_does_not_answer(hung_resolver: None) -> None:
+    """As status and version: `check --agent NAME:PORT` waited for the resolver as long as it took."""
+    from hostmesh.agent import check
+
+    started = time.monotonic()
+    findings = asyncio.run(check._agent("slow.example:15000"))
+    took = time.monotonic() - started
+    assert took < check.CHECK_TIMEOUT + 2, f"check returned after {took:.1f}s: {findings}"
+    assert [(f.code, f.message) for f in findings] == [
+        ("agent-address", "--agent slow.example: no answer from the resolver within 5s")
+    ]
 
 
 # --- hostmesh version --agent ---------------------------------------------------------------------
