@@ -20,7 +20,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -57,6 +57,7 @@ SERVER_SEND_TIMEOUT = 10.0  # an answer its client does not read for this long (
 # is read and dropped for a while: closing a socket with unread data resets the connection, and the
 # reset can reach the client before it has read the answer explaining why.
 SERVER_LINGER_TIMEOUT = 2.0
+HTTP_VERSIONS: Final = ("1.1", "1.0")  # a request in another gets 400, as at the proxy's edges (l7/http1.py)
 SERVER_LINGER_BYTES = 2 * MAX_BODY_BYTES
 # Connections one server holds at once (a socket and up to ~2 x MAX_HEAD_BYTES of buffers each). The
 # admin API and /metrics see a handful of clients (the CLI, Consul's checks, scrapers); without a cap
@@ -1046,7 +1047,10 @@ class _RequestStream:
         assert msg is not None
         self._head_done = True
         msg.method = self.parser.get_method().decode("latin-1")
-        msg.http10 = self.parser.get_http_version() == "1.0"
+        version = self.parser.get_http_version()
+        if version not in HTTP_VERSIONS:  # httptools takes 0.9 (a line without one) and 2.0
+            self._refuse(400, f"unsupported HTTP version {version} ({' or '.join(HTTP_VERSIONS)})")
+        msg.http10 = version == "1.0"
         length = msg.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:  # refused before it is sent
             self._refuse(413, f"request body larger than {_size(self.max_body)}")

@@ -300,6 +300,27 @@ async def test_malformed_requests_get_a_400_and_a_close(
     assert rec.seen == []
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "version"),
+    [
+        (b"GET /\r\n\r\n", "0.9"),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", "2.0"),
+    ],
+)
+async def test_a_request_in_an_http_version_other_than_1x_gets_a_400_at_once(
+    served: tuple[Recorder, HTTPServer], request_bytes: bytes, version: str
+) -> None:
+    """As the proxy's edges answer it (agent/l7/http1.py: 400, unsupported-version): the server read an
+    HTTP/0.9 line (httptools' 0.9) and an HTTP/2.0 head as HTTP/1.1 requests, and answered them in
+    HTTP/1.1. (A lone HTTP/0.9 line, whose client sends no blank line, ends at the head timeout as any
+    unfinished head: SERVER_HEAD_TIMEOUT, then 408.)"""
+    rec, server = served
+    async with asyncio.timeout(http.SERVER_HEAD_TIMEOUT / 2):  # at once, not at the head timeout
+        got = await exchange(server.port, request_bytes)
+    assert status_of(got) == 400 and f"unsupported HTTP version {version} (1.1 or 1.0)".encode() in got, got
+    assert rec.seen == []
+
+
 # --- limits: URL, head, body ------------------------------------------------------------------------
 
 
