@@ -811,6 +811,10 @@ class GatewayDocument:
                 return r
         return None
 
+    def serves_host(self, host: str) -> bool:
+        """Some HTTP route's hosts match `host`, whatever its path prefix."""
+        return any(host_matches(h, host) for r in self.http for h in r.hosts)
+
     def tls_route(self, host: str) -> GatewayRoute | None:
         for r in self.tls:
             if any(host_matches(h, host) for h in r.hosts):

@@ -35,6 +35,7 @@ from hostmesh.agent.proxy import edges
 from hostmesh.agent.proxy.limits import RECLAIM_MIN_ARRIVING, ConnectionCap
 from hostmesh.agent.proxy.stacks import build_gateway
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.registry.schema import parse_gateway
 from tests.support import LoopTurns, async_wait_until
 from tests.support import metric_sample as sample
 from tests.test_e2e_edges import OutsideCA
@@ -97,7 +98,11 @@ class Gateway(NamedTuple):
 
 
 @contextlib.asynccontextmanager
-async def gateway(tmp: Path, loop: str, header_timeout: float = HEADER_TIMEOUT) -> AsyncIterator[Gateway]:
+async def gateway(
+    tmp: Path, loop: str, header_timeout: float = HEADER_TIMEOUT, document: dict[str, Any] | None = None
+) -> AsyncIterator[Gateway]:
+    """The gateway `edge` with an https, an http and a tls listener; `document` its gateway document
+    (none: every request is 404 NR)."""
     operator = OutsideCA(tmp, "operator")
     cert, key = operator.leaf(HOST)
     cfg = parse_config({
@@ -112,7 +117,10 @@ async def gateway(tmp: Path, loop: str, header_timeout: float = HEADER_TIMEOUT) 
     })  # fmt: skip
     tel = Telemetry()
     cap = ConnectionCap(CAP, tel)
-    hold = SnapshotHolder(Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {})))
+    docs = {"edge": parse_gateway(document)} if document is not None else {}
+    hold = SnapshotHolder(
+        Snapshot(1, "n1", "hostmesh.local", {}, {}, {}, False, TLSMaterial(1, "", {}, {}), gateways=docs)
+    )
     gw = build_gateway(cfg, cfg.gateways[0], hold, tel, cap=cap)
     await gw.start()
     try:
@@ -382,6 +390,36 @@ def test_the_gateways_own_answers_name_the_client_in_their_access_lines(tmp_path
             assert (line["response_code"], line["response_flags"]) == (404, "NR")
             assert line["downstream_remote_address"] == "127.0.0.1"
             assert line["source_principal"] == "spiffe://hostmesh.local/svc/edge"
+
+    run("asyncio", body)
+
+
+def test_options_asterisk_is_answered_by_the_gateway_for_a_host_it_routes(tmp_path: Path) -> None:
+    """`OPTIONS *` asks about the server, not a resource (RFC 9110 9.3.7), so no path prefix can
+    route it: it was 404 NR ("no gateway route") for a host the gateway serves. It is answered 200
+    with the methods the gateway relays (Allow, as its 405 says them); a host no route names is still
+    404 NR, as each of its requests is."""
+    document = {"service": "edge", "http": [{"hosts": [HOST], "prefix": "/api", "service": "web"}]}
+
+    async def options(port: int, host: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"OPTIONS * HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+            return await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+
+    async def body() -> None:
+        async with gateway(tmp_path, "asyncio", document=document) as g:
+            with every_access_line() as lines:
+                served = await options(g.http, HOST)
+                await async_wait_until(lambda: lines, WAIT, "the request's access line")
+            assert served.startswith(b"HTTP/1.1 200 "), served
+            assert b"\r\nallow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n" in served
+            [line] = lines
+            assert (line["method"], line["path"], line["response_code"]) == ("OPTIONS", "*", 200)
+            unrouted = await options(g.http, "nobody.example.test")
+            assert unrouted.startswith(b"HTTP/1.1 404 ") and b"x-hostmesh-response-flags: NR" in unrouted
 
     run("asyncio", body)
 

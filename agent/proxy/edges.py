@@ -618,6 +618,14 @@ class IngressHttp:
         host, authority = named
         route = doc.http_route(host, head.target) if doc is not None else None
         if route is None:
+            if head.target == b"*" and doc is not None and doc.serves_host(host):
+                # OPTIONS (normalize lets `*` through with it alone) about the server, not a resource
+                # (RFC 9110 9.3.7): no path prefix routes it, and no one service is the server; the
+                # gateway answers for a host it serves, naming the methods it relays, as its 405 does
+                from hostmesh.agent.l7.http1 import ALLOW_RELAYED
+
+                ex.respond(200, "", extra=((b"allow", ALLOW_RELAYED),))
+                return
             ex.respond(404, flags.NR, f"no gateway route for host {host!r}")
             return
         client = ex.conn.peer_ip
