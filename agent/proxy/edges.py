@@ -727,7 +727,13 @@ class _TlsAccept(asyncio.Protocol):
     that never finish a handshake count, like HAProxy's maxconn, instead of exhausting descriptors).
     Neither loop tells the protocol of a failed or abandoned handshake (agent/proxy/inbound.py says
     why), and a slot taken at accept must come back then: it does when this object is freed, at once
-    on uvloop, by the collector on asyncio's loop (the failed handshake's cycle)."""
+    on uvloop, by the collector on asyncio's loop (the failed handshake's cycle).
+    Unlike a plain connection whose request head trickles in (limits.RECLAIM_MIN_ARRIVING), one still
+    in its handshake is not closed at the cap for a newcomer: closing it needs its socket, which both
+    loops keep inside their SSL protocol until the handshake ends (this object gets nothing before),
+    and `start_tls` on a plain accept, which would hand it over, loses the ClientHello on uvloop 0.23
+    (it is delivered to the plain protocol despite pause_reading; the handshake then times out). It
+    holds its slot for INGRESS_HANDSHAKE_TIMEOUT at most."""
 
     def __init__(self, handler: IngressHttp, admission: Admission | None, capped: bool) -> None:
         self.handler = handler
