@@ -125,7 +125,7 @@ from hostmesh.registry.layout import (
     METRICS_META,
     METRICS_SCHEME_META,
 )
-from hostmesh.registry.listen import server_address
+from hostmesh.registry.listen import ipv6_port_ambiguity, server_address
 from hostmesh.registry.names import MAX_HOST_NAME, port_number
 from hostmesh.registry.nomad import looks_like_jwt
 from hostmesh.registry.promtext import CONTENT_TYPE_LATEST
@@ -194,6 +194,8 @@ def parse_advertise(text: str) -> tuple[str, int | None]:
         port_text = rest[1:] if rest else None
     elif text.count(":") == 1:  # HOST:PORT or IPv4:PORT; more colons: a bare IPv6 address
         host, _, port_text = text.partition(":")
+    elif why := ipv6_port_ambiguity(text):  # ::1:8443, as --listen refuses it
+        raise InvalidRequest(f"invalid --advertise {text!r}: {why}")
     else:
         port_text = None
     if port_text is not None:

@@ -61,13 +61,8 @@ def parse_listen(text: str, default_port: int, option: str = "--listen") -> tupl
             raise InvalidListen(
                 f"{option} {text!r}: an IPv6 address with a port goes in brackets, as [::1]:PORT"
             )
-        address, port_text = text.rsplit(":", 1)
-        if port_text.isascii() and port_text.isdigit() and _ipv6(address):
-            # `::1:8080` is an address, but an operator who writes it means port 8080 on ::1
-            raise InvalidListen(
-                f"{option} {text!r}: ambiguous: write [{address}]:{port_text} for port {port_text} on "
-                f"{address}, or [{text}] for the address {text}"
-            )
+        if why := ipv6_port_ambiguity(text):
+            raise InvalidListen(f"{option} {text!r}: {why}")
         host, port_text = text, None
     else:
         host, colon, port_text = text.partition(":")
@@ -84,6 +79,17 @@ def parse_listen(text: str, default_port: int, option: str = "--listen") -> tupl
             f"{option} {text!r}: port {port_text[:MAX_QUOTED_PORT]} is out of range (0-65535)"
         )
     return listen_host(host), port
+
+
+def ipv6_port_ambiguity(text: str) -> str | None:
+    """Why a bare IPv6 address is refused where a port may follow a host (`--listen`, `--advertise`)
+    when its last group is decimal and the rest an address too: `::1:8080` is an address, but an
+    operator who writes it means port 8080 on ::1. One line naming both bracketed forms; else None."""
+    address, _, last = text.rpartition(":")
+    if not (last.isascii() and last.isdigit() and _ipv6(address) and _ipv6(text)):
+        return None
+    bracketed = f"[{address}]:{last} for port {last} on {address}"
+    return f"ambiguous: write {bracketed}, or [{text}] for the address {text}"
 
 
 def _ipv6(text: str) -> bool:

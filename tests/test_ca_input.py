@@ -285,6 +285,19 @@ def test_parse_advertise() -> None:
             parse_advertise(bad)
 
 
+def test_a_bare_ipv6_advertise_address_whose_last_group_reads_as_a_port_is_refused() -> None:
+    """`--advertise ::1:8443` was taken as the address ::1:8443 with no port, and registered in Consul
+    for others to connect to: refused as `--listen` refuses it (registry/listen.py), naming both
+    bracketed forms; the bracketed address is taken."""
+    with pytest.raises(InvalidRequest) as refused:
+        parse_advertise("fd00::5:8443")
+    assert str(refused.value) == (
+        "invalid --advertise 'fd00::5:8443': ambiguous: write [fd00::5]:8443 for port 8443 on fd00::5, "
+        "or [fd00::5:8443] for the address fd00::5:8443"
+    )
+    assert parse_advertise("[fd00::5:8443]") == ("fd00::5:8443", None)
+
+
 def test_serve_refuses_a_bad_advertise_address(tmp_path: Path) -> None:
     d = new_ca_dir(tmp_path)
     with busy_port() as port:
