@@ -401,10 +401,10 @@ def test_options_asterisk_is_answered_by_the_gateway_for_a_host_it_routes(tmp_pa
     404 NR, as each of its requests is."""
     document = {"service": "edge", "http": [{"hosts": [HOST], "prefix": "/api", "service": "web"}]}
 
-    async def options(port: int, host: str) -> bytes:
+    async def options(port: int, host: str, method: str = "OPTIONS") -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"OPTIONS * HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+            writer.write(f"{method} * HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
             return await asyncio.wait_for(reader.read(), WAIT)
         finally:
             writer.close()
@@ -420,6 +420,8 @@ def test_options_asterisk_is_answered_by_the_gateway_for_a_host_it_routes(tmp_pa
             assert (line["method"], line["path"], line["response_code"]) == ("OPTIONS", "*", 200)
             unrouted = await options(g.http, "nobody.example.test")
             assert unrouted.startswith(b"HTTP/1.1 404 ") and b"x-hostmesh-response-flags: NR" in unrouted
+            not_options = await options(g.http, HOST, "GET")  # `*` is OPTIONS' alone (l7/normalize.py)
+            assert not_options.startswith(b"HTTP/1.1 400 ") and b"flags: DPE" in not_options, not_options
 
     run("asyncio", body)
 
