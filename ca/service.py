@@ -1131,11 +1131,13 @@ class CAService:
             tokens.check_scope(record, ident.service)
             if loop.time() >= deadline:
                 raise _past_deadline(first_byte, received, loop.time())
-            await tokens.redeem(consul, record, ident.service, at, pki.key_digest(csr))
+            spent_here = await tokens.redeem(consul, record, ident.service, at, pki.key_digest(csr))
         except (CAError, RegistryError, _Unavailable) as exc:
             return self._refuse("sign", exc, peer, identity, token_id)
 
         async def give_back() -> None:  # no leaf was sent: the token is not spent
+            if not spent_here:  # an earlier request with this key spent it, and may have had its leaf
+                return
             try:
                 await tokens.release(consul, record, ident.service)
             except RegistryError as exc:

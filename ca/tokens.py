@@ -217,10 +217,12 @@ async def authenticate(consul: ConsulClient, text: str, at: dt.datetime) -> Toke
     return record
 
 
-async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime, key: str) -> None:
+async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt.datetime, key: str) -> bool:
     """Spend the token for `service` with the requester's key pair (`key`: pki.key_digest of its
     CSR): exactly one key wins, every other gets Unauthorized; none does once the token is revoked,
-    even when `record` was read before.
+    even when `record` was read before. True when this request's own transaction spent it (`release`
+    may undo that), False when an earlier request with the same key did: its certificate may have
+    gone out, so this request, having spent nothing, gives nothing back.
 
     The marker names the key (`by`), and a request with the same key is the same redemption again:
     - the transaction's answer was lost (it went, no answer came: Unavailable): the marker read back
@@ -232,7 +234,7 @@ async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt
     Before, either loss burnt the token: the CA answered 503, the retry was refused as "already
     used", and the host needed a new token."""
     check_scope(record, service)
-    value = json.dumps({"at": at.isoformat(), "by": key})
+    value = json.dumps({"at": at.isoformat(), "by": key}).encode()
     unchanged = {"Verb": "check-index", "Key": record_key(record.id), "Index": record.index}
     marker = {"Verb": "cas", "Key": redeemed_key(record.id, service), "Index": 0, "Value": value}
     try:
@@ -240,24 +242,26 @@ async def redeem(consul: ConsulClient, record: TokenRecord, service: str, at: dt
     except Conflict:
         if await consul.kv_get(record_key(record.id)) is None:
             raise UnknownToken(f"join token {record.id} was revoked") from None
-        if await _spent_by(consul, record.id, service) != key:
+        if _spent_by(await consul.kv_get(redeemed_key(record.id, service))) != key:
             raise Unauthorized(f"join token {record.id} was already used for {service!r}") from None
+        return False
     except Unavailable as lost:
         try:
-            by = await _spent_by(consul, record.id, service)
+            entry = await consul.kv_get(redeemed_key(record.id, service))
         except RegistryError:
             raise Unavailable(
                 f"{lost}; whether join token {record.id} was spent for {service!r} is unknown"
             ) from None
-        if by != key:
+        if _spent_by(entry) != key:
             raise lost from None  # not applied (or another key's marker: its retry says so)
+        return entry is not None and entry.value == value  # ours (its `at` is this call's), or earlier
+    return True
 
 
-async def _spent_by(consul: ConsulClient, token_id: str, service: str) -> str | None:
-    """The key the token was spent with for `service` (None: not spent, or a marker without one)."""
-    entry = await consul.kv_get(redeemed_key(token_id, service))
+def _spent_by(marker: KVEntry | None) -> str | None:
+    """The key a redemption marker names (None: no marker, or one without a key)."""
     try:
-        by = json.loads(entry.value)["by"] if entry is not None else None
+        by = json.loads(marker.value)["by"] if marker is not None else None
     except (ValueError, TypeError, KeyError):
         return None
     return by if isinstance(by, str) else None
@@ -265,8 +269,9 @@ async def _spent_by(consul: ConsulClient, token_id: str, service: str) -> str | 
 
 async def release(consul: ConsulClient, record: TokenRecord, service: str) -> None:
     """Undo `redeem` for `service` when no certificate was handed out after all (the audit log could
-    not record it): the token may be redeemed again, still once. Only our own marker is removed,
-    since a marker exists only while its (one) creator's issuance is in flight or done."""
+    not record it): the token may be redeemed again, still once. Only for a `redeem` that answered
+    True: the marker is then ours, and no earlier request's certificate rests on it (one with the same
+    key running alongside it may still issue on it: a narrow race)."""
     await consul.kv_delete(redeemed_key(record.id, service))
 
 

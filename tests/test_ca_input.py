@@ -159,6 +159,38 @@ async def test_a_failed_audit_write_issues_nothing_and_leaves_the_token_redeemab
             await svc.close()
 
 
+@pytest.mark.consul
+async def test_a_failed_audit_write_on_a_same_key_retry_leaves_the_token_spent(
+    tmp_path: Path, consul: ConsulDev
+) -> None:
+    """A request with the key a token was already spent with is the same redemption again (its
+    answer may have been lost). When the CA then cannot issue (its audit log full), only what that
+    request spent may be given back, and it spent nothing: the certificate for that key went out
+    before. Giving the token back let another key redeem it: a second certificate from a single-use
+    token, for anyone holding the token and the first request's CSR (public, not a secret)."""
+    sink = AuditSink()
+    async with ConsulClient(consul.url) as client:
+        svc = await start_ca(new_ca_dir(tmp_path), client, sink)
+        try:
+            tok, _ = await tokens.create(client, ["web"])
+            _, csr = csr_for("web")
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 200, resp.body  # its answer lost on the way, say
+            svc.audit = AuditLog.to_path(DEV_FULL)  # the disk fills up
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))  # the same CSR again
+            assert resp.status == 503 and "audit log" in resp.json()["error"], resp.body
+            assert await client.kv_get(tokens.redeemed_key(tok.id, "web")) is not None  # not given back
+
+            svc.audit = sink.log
+            _, other = csr_for("web")
+            resp = await call(svc, "POST", "/v1/sign", {"csr": other}, token=str(tok))
+            assert resp.status == 401 and "already used" in resp.json()["error"], resp.body
+            resp = await call(svc, "POST", "/v1/sign", {"csr": csr}, token=str(tok))
+            assert resp.status == 200, resp.body  # the holder of the first key still gets its certificate
+        finally:
+            await svc.close()
+
+
 # --- 2. a token nobody received ---------------------------------------------------------------
 
 

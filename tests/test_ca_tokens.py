@@ -83,10 +83,11 @@ async def test_create_redeem_once_and_prune(consul: ConsulDev) -> None:
         assert stored is not None and tok.secret.encode() not in stored.value
         got = await tokens.authenticate(c, str(tok), pki.now())
         assert got.services == ("web",)
-        await tokens.redeem(c, got, "web", pki.now(), KEY)
+        assert await tokens.redeem(c, got, "web", pki.now(), KEY) is True  # spent by this call
         with pytest.raises(Unauthorized, match="already used"):
             await tokens.redeem(c, got, "web", pki.now(), OTHER_KEY)
-        await tokens.redeem(c, got, "web", pki.now(), KEY)  # the same key again: the same redemption
+        # the same key again: the same redemption, spent by the call before (nothing of it to give back)
+        assert await tokens.redeem(c, got, "web", pki.now(), KEY) is False
         with pytest.raises(InvalidRequest, match="exceeds the maximum"):
             await tokens.create(c, ["web"], dt.timedelta(days=31))
         # prune drops records expired for longer than the grace period, with their markers
@@ -127,10 +128,13 @@ async def test_a_redemption_whose_answer_was_lost_is_found_done_and_the_token_sp
         tok, _ = await tokens.create(direct, ["web"], dt.timedelta(minutes=5))
         got = await tokens.authenticate(direct, str(tok), pki.now())
         async with AnswerLoser(consul.http_port, "after") as url, ConsulClient(url) as cut:
-            await tokens.redeem(cut, got, "web", pki.now(), KEY)
+            assert await tokens.redeem(cut, got, "web", pki.now(), KEY) is True  # the marker is its own
         assert await direct.kv_get(tokens.redeemed_key(tok.id, "web")) is not None
         with pytest.raises(Unauthorized, match="already used"):  # spent once, for that key
             await tokens.redeem(direct, got, "web", pki.now(), OTHER_KEY)
+        # a retry with that key whose answer is lost too reads back the first call's marker: not its own
+        async with AnswerLoser(consul.http_port, "after") as url, ConsulClient(url) as cut:
+            assert await tokens.redeem(cut, got, "web", pki.now(), KEY) is False
 
 
 @pytest.mark.consul
@@ -152,7 +156,7 @@ async def test_a_redemption_not_known_to_be_applied_is_unavailable(consul: Consu
             assert f"whether join token {tok.id} was spent for 'web' is unknown" in str(caught.value)
             with pytest.raises(Unauthorized, match="already used"):
                 await tokens.redeem(direct, got, "web", pki.now(), OTHER_KEY)
-            await tokens.redeem(direct, got, "web", pki.now(), KEY)
+            assert await tokens.redeem(direct, got, "web", pki.now(), KEY) is False  # the lost call's spend
 
 
 @pytest.mark.consul
