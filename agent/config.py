@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmesh.agent.audit import DEFAULT_ACCESS_SAMPLE
-from hostmesh.ca.files import cert_dir, cert_paths
+from hostmesh.ca.files import cert_dir, cert_paths, join_key_path
 from hostmesh.ca.identity import DEFAULT_TRUST_DOMAIN, valid_service_name, valid_trust_domain
 from hostmesh.registry.addresses import authority, undialable, unmapped
 from hostmesh.registry.consul_settings import (
@@ -1160,15 +1160,26 @@ def check_permissions(
     _check_mode(roots, 0o022, "writable", f"chmod 600 {roots}", "the trust bundle")
     owned.append(("the trust bundle", roots))
     for svc in cfg.services:
-        chain, key = cert_paths(cfg.certs_dir, svc.name)
-        _check_mode(key, 0o077, "readable", f"chmod 600 {key}", f"the key of {svc.name}")
+        chain = cert_paths(cfg.certs_dir, svc.name)[0]
+        for name, private in _service_keys(cfg.certs_dir, svc.name):
+            _check_mode(private, 0o077, "readable", f"chmod 600 {private}", name)
+            owned.append((name, private))
         _check_mode(chain, 0o022, "writable", f"chmod 600 {chain}", f"the certificate of {svc.name}")
-        owned += [(f"the key of {svc.name}", key), (f"the certificate of {svc.name}", chain)]
+        owned.append((f"the certificate of {svc.name}", chain))
     for name, path in owned:
         try:
             check_owner(path, name, agent_user)
         except ForeignOwner as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _service_keys(certs: Path, service: str) -> list[tuple[str, Path]]:
+    """A service's private keys in the cert dir, by what each is: its key, and the one a join token
+    is being spent with (agent/certs.py), which becomes its key."""
+    return [
+        (f"the key of {service}", cert_paths(certs, service)[1]),
+        (f"the join key of {service}", join_key_path(certs, service)),
+    ]
 
 
 def _private_keys_named(cfg: AgentConfig) -> list[tuple[str, Path]]:
@@ -1199,8 +1210,8 @@ def files_the_agent_reads(cfg: AgentConfig) -> list[tuple[str, Path]]:
         ("[ca] token_file", cfg.ca.token_file), ("the trust bundle", roots_path(cfg.certs_dir)),
     ]  # fmt: skip
     for svc in cfg.services:
-        chain, key = cert_paths(cfg.certs_dir, svc.name)
-        named += [(f"the certificate of {svc.name}", chain), (f"the key of {svc.name}", key)]
+        named += [(f"the certificate of {svc.name}", cert_paths(cfg.certs_dir, svc.name)[0])]
+        named += _service_keys(cfg.certs_dir, svc.name)
     for gw in cfg.gateways:
         for lst in gw.listeners:
             for c in lst.certificates:

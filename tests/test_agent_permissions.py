@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -526,3 +527,35 @@ def test_the_units_state_directory_is_left_to_systemd_only_when_systemd_fixes_it
     check_readable_as(cfg, str(nobody.pw_uid))
     with pytest.raises(ConfigError, match="no user '4294967294' on this host"):
         check_readable_as(cfg, "4294967294")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of another user take root")
+def test_the_kept_join_key_is_checked_as_the_service_key_is(unit_dir: Path) -> None:
+    """certs/<service>.join.key, the key a join token is being spent with (agent/certs.py), becomes
+    the service's key. One that group may read, that another user owns (who could write a key they
+    know into it: the host's certificate would be issued for it), or that the agent's user cannot read
+    passed the start's checks and `agent validate`'s, which knew only <service>.key."""
+    config, data_dir, token = write_config(unit_dir)
+    certs = data_dir / "certs"
+    certs.mkdir(mode=0o700)
+    join_key = certs / "web.join.key"
+    join_key.write_text("key")
+    join_key.chmod(0o640)
+    cfg = load_config(config)
+    with pytest.raises(ConfigError, match=re.escape(f"the join key of web {join_key} is readable by group")):
+        check_permissions(cfg)
+    join_key.chmod(0o600)
+    os.chown(join_key, pwd.getpwnam("daemon").pw_uid, -1)
+    owned = re.escape(f"the join key of web {join_key} is owned by daemon, who could replace it")
+    with pytest.raises(ConfigError, match=owned):
+        check_permissions(cfg)
+    os.chown(join_key, 0, -1)
+    check_permissions(cfg)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for path in (data_dir, certs, token):
+        os.chown(path, nobody, -1)
+    unreadable = re.escape(f"the join key of web {join_key}: cannot read as nobody")
+    with pytest.raises(ConfigError, match=unreadable):
+        check_readable_as(cfg, "nobody")  # root's, left by a run as root: the agent's start would fail
+    os.chown(join_key, nobody, -1)
+    check_readable_as(cfg, "nobody")
