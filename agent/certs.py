@@ -599,14 +599,12 @@ class CertManager:
         """The key a join token is spent with for `service`: the one kept from an earlier try (module
         docstring), else a new one, kept before the token goes out (StorageError: not sent)."""
         path = join_key_path(self.dir, service)
-        try:
-            return pki.load_key(path.read_bytes())
-        except FileNotFoundError:
-            pass
-        except PermissionError as exc:
-            raise access_denied(path, exc) from None
-        except (OSError, StorageError) as exc:  # a torn or foreign file: a new key replaces it
-            log.warning("%s: %s; a new key replaces it", path, exc)
+        kept = read_existing(path)  # refused: FileAccessDenied, never taken for a missing file
+        if kept is not None:
+            try:
+                return pki.load_key(kept)
+            except StorageError as exc:  # a torn or foreign file: a new key replaces it
+                log.warning("%s: %s; a new key replaces it", path, exc)
         key = pki.new_key()
         try:
             pki.write_private(path, pki.key_pem(key))
