@@ -574,6 +574,21 @@ async def test_a_token_whose_answer_was_lost_is_spent_again_with_the_kept_key_af
     assert [r["event"] for r in env.sink.records].count("issue") == 1
 
 
+async def test_a_torn_kept_join_key_is_replaced_by_a_new_key(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept join key that does not load (a write torn by a crash, a file that is not a key) must not
+    stop the bootstrap: a new key replaces it, and the log says so."""
+    await env.start_ca()
+    kept = env.tmp / "host" / "certs" / "web.join.key"
+    kept.parent.mkdir(parents=True)
+    pki.write_private(kept, b"-----BEGIN PRIVATE KEY-----\ntorn")
+    mgr = env.manager(["web"], await env.token_file("web"))
+    await mgr.start()
+    assert mgr.paths("web")[1].exists() and not kept.exists()
+    assert "a new key replaces it" in caplog.text
+
+
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(InvalidRequest):
         CertManager(
