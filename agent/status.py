@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import socket
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -114,26 +113,23 @@ async def resolve_admin_host(host: str, port: int, option: str, timeout: float) 
     """The address to connect to for the admin API at `host`: a DNS name resolved to its first IP
     address, so that the request's Host names an IP (the admin API answers no other Host but
     localhost: agent/admin.py, DNS rebinding). AdminAddressError when it does not resolve;
-    AdminResolveTimeout when `timeout` seconds pass first. The system resolver has no deadline of its
-    own but its retries (5 s a try, and more), so the lookup runs in a daemon thread that is left to
-    finish, or not, without the caller (nothing waits for it at exit)."""
+    AdminResolveTimeout when `timeout` seconds pass first (the lookup is registry/http.resolve's, which
+    nothing waits for at exit)."""
     import asyncio
 
-    from hostmesh.registry.http import addressed_locally
-    from hostmesh.registry.nomad import in_daemon_thread
+    from hostmesh.registry.http import addressed_locally, resolve
 
     if addressed_locally(host):  # an IP address or localhost already
         return host
-    lookup = in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="admin-resolve")
     try:
-        found = await asyncio.wait_for(lookup, max(timeout, 0.0))
+        found = await asyncio.wait_for(resolve(host, port), max(timeout, 0.0))
     except TimeoutError:
         raise AdminResolveTimeout(
             f"{option} {host}: no answer from the resolver within {round(max(timeout, 0.0), 1):g}s"
         ) from None
     except OSError as exc:
         raise AdminAddressError(f"{option} {host}: cannot resolve it: {exc.strerror or exc}") from None
-    return str(found[0][4][0])
+    return found[0]
 
 
 def admin_connect_host(host: str, port: int, option: str, timeout: float) -> str:

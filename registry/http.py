@@ -14,12 +14,14 @@ import errno
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import httptools
@@ -341,17 +343,38 @@ class HTTPClient:
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer
             writer.close()
+        looking_up = True
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with asyncio.timeout(CONNECT_TIMEOUT):  # the lookup, the connection and TLS's handshake
+                ips = await resolve(self.host, self.port)
+                looking_up = False
+                return await self._dial(ips)
+        except TimeoutError:  # not the request's timeout: say which one ran out
+            step = "answer from the resolver" if looking_up else "connection"
+            raise OSError(errno.ETIMEDOUT, f"no {step} within {CONNECT_TIMEOUT:g}s") from None
+
+    async def _dial(self, ips: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the first of the host's `ips` that takes one, tried in turn as asyncio tries
+        a name's addresses (a TLS failure is the server's answer: not tried further). TLS names the
+        host as given whichever address is dialed: SNI and the certificate's check are the name's."""
+        errors: list[OSError] = []
+        for ip in ips:
+            try:
                 return await asyncio.open_connection(
-                    self.host,
+                    ip,
                     self.port,
                     ssl=self._ssl,
                     server_hostname=(self._server_hostname or self.host) if self._ssl else None,
                     limit=MAX_HEAD_BYTES,
                 )
-        except TimeoutError:  # not the request's timeout: say which one ran out
-            raise OSError(errno.ETIMEDOUT, f"no connection within {CONNECT_TIMEOUT:g}s") from None
+            except ssl.SSLError:
+                raise
+            except OSError as exc:
+                errors.append(exc)
+        reasons = list(dict.fromkeys(_describe(exc) for exc in errors))
+        if len(reasons) == 1:
+            raise errors[0]
+        raise OSError(None, "; ".join(reasons) or "the resolver gave no address")
 
     async def _read_response(
         self, reader: asyncio.StreamReader, method: str, max_body: int
@@ -394,6 +417,46 @@ class HTTPClient:
         for _, writer in idle:
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
+
+
+# host -> its lookup in flight (`resolve`), which every connection to that host meanwhile waits for
+_lookups: dict[str, asyncio.Task[list[Any]]] = {}
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """The IP addresses of `host` in the resolver's order (an IP address: itself); OSError when it
+    does not resolve. The system resolver has no deadline but its retries (5 s a try, and more), and
+    asyncio looks a name up in the loop's executor, whose threads asyncio.run waits for at exit: a
+    command that gave up on a hung resolver at its connect timeout still lived until the lookup
+    ended (~20 s). So the lookup runs in a daemon thread of its own (registry/nomad.in_daemon_thread),
+    left to finish, or not, without the caller, who bounds the wait. One lookup of a host at a time,
+    shared by the connections made meanwhile: a resolver that hangs holds one thread per host, not
+    one per connection attempt. Its cost: a thread started per lookup, as many lookups as before (one
+    per new connection to a name; none for an IP address, nor for a request on a kept connection)."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass  # a DNS name
+    from hostmesh.registry.nomad import in_daemon_thread  # (on use: an IP address needs no thread)
+
+    loop = asyncio.get_running_loop()
+    lookup = _lookups.get(host)
+    if lookup is None or lookup.get_loop() is not loop:
+        lookup = loop.create_task(
+            in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="resolve")
+        )
+        _lookups[host] = lookup
+        lookup.add_done_callback(partial(_lookup_done, host))
+    found = await asyncio.shield(lookup)  # a caller that gives up leaves it to the others
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
+
+
+def _lookup_done(host: str, lookup: asyncio.Task[list[Any]]) -> None:
+    if _lookups.get(host) is lookup:
+        del _lookups[host]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: every caller waiting for it may have given up
 
 
 def _feed(parser: httptools.HttpResponseParser, data: bytes) -> None:

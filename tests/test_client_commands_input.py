@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -40,7 +41,7 @@ from hostmesh.agent.metrics import Telemetry, generate_latest
 from hostmesh.agent.status import ADMIN_TIMEOUT, AdminAddressError, admin_base_url, admin_dial_url
 from hostmesh.agent.ui import Collector
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.http import addressed_locally
+from hostmesh.registry.http import CONNECT_TIMEOUT, addressed_locally
 from tests.support import ConnServer, ConsulDev, wait_until
 from tests.test_cli_ops import fails
 
@@ -453,6 +454,68 @@ def test_check_gives_up_on_an_agents_name_the_resolver_does_not_answer(hung_reso
     assert [(f.code, f.message) for f in findings] == [
         ("agent-address", "--agent slow.example: no answer from the resolver within 5s")
     ]
+
+
+# `hostmesh ARGS` in a process of its own with socket.getaddrinfo held for slow.example (argv[1]
+# seconds at most), as hung_resolver holds it here: what is measured is when the process ends.
+_HUNG_RESOLVER_CLI = """import socket, sys, threading
+real, hold = socket.getaddrinfo, float(sys.argv[1])
+def hung(host, *args, **kwargs):
+    if host != "slow.example":
+        return real(host, *args, **kwargs)
+    threading.Event().wait(hold)
+    raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+socket.getaddrinfo = hung
+from hostmesh.agent.cli import main
+sys.argv = ["hostmesh", *sys.argv[2:]]
+main()
+"""
+EXIT_SLACK = 4.0  # seconds past CONNECT_TIMEOUT for a command's start (~1 s) and its exit
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["status", "--agent", "https://slow.example:15000"],
+            "Error: cannot reach the agent's admin API: https://slow.example:15000: "
+            "no answer from the resolver within 3s",
+        ),
+        (
+            ["--consul", "http://slow.example:8500", "services"],
+            "Error: Consul at http://slow.example:8500: no answer from the resolver within 3s",
+        ),
+        (
+            ["--consul", "{consul}", "check", "--ca", "https://slow.example:8443", "-o", "json"],
+            "",  # the CA's finding is on stdout
+        ),
+    ],
+    ids=["status-https-agent", "consul", "check-ca"],
+)
+def test_a_command_given_a_name_the_resolver_does_not_answer_exits_at_its_connect_timeout(
+    args: list[str], line: str, consul: ConsulDev
+) -> None:
+    """A name in --consul, --ca or an https --agent is looked up where HTTPClient connects, within
+    its CONNECT_TIMEOUT (3 s). The command said so at 3 s, then its process lived on until the lookup
+    ended (~20 s): asyncio looked names up in the loop's executor, whose threads asyncio.run joins
+    at exit."""
+    argv = [a.format(consul=consul.url) for a in args]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUNG_RESOLVER_CLI, str(HUNG_RESOLVER_HOLD), *argv],
+        capture_output=True, text=True, timeout=HUNG_RESOLVER_HOLD + 30, check=False,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert took < CONNECT_TIMEOUT + EXIT_SLACK, f"{argv} exited after {took:.1f}s: {proc.stderr}"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    if line:
+        assert proc.stderr.strip() == line
+    else:
+        findings = json.loads(proc.stdout)["findings"]
+        assert [
+            (f["code"], f["message"]) for f in findings if f["subject"] == "ca https://slow.example:8443"
+        ] == [("ca-unreachable", "unreachable: no answer from the resolver within 3s")]
 
 
 # --- hostmesh version --agent ---------------------------------------------------------------------

@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hostmesh.agent.localmesh import free_port
 from hostmesh.registry import http
 from hostmesh.registry.errors import InvalidAddress, Unavailable
 from hostmesh.registry.http import MAX_CONNECTIONS_PER_CLIENT, HTTPClient, HTTPServer, Request, Response
+from tests.consul_secure import TLSFiles
 from tests.support import async_wait_until
+
+HUNG_LOOKUP_HOLD = (
+    30.0  # seconds the stood-in resolver holds a lookup at most: 150 times the connect timeout tested
+)
 
 
 class Backend:
@@ -453,3 +462,146 @@ async def test_a_tls_handshake_never_answered_is_the_connect_timeout_not_the_req
         finally:
             silent.set()
     assert str(err.value) == f"{client.base_url}: no connection within 0.2s"
+
+
+# --- a name: looked up in a thread of its own, dialed at its addresses, TLS on the name ---------------
+
+
+@pytest.fixture
+def names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """A stood-in resolver: each name a test puts here resolves to its IP addresses, in order, at the
+    seam the client resolves through (socket.getaddrinfo; no name resolves to 127.0.0.x everywhere)."""
+    table: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def resolve(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host in table:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return table
+
+
+@pytest.fixture
+async def tls_served(tmp_path: Path) -> AsyncIterator[tuple[TLSFiles, HTTPServer, list[str], list[str]]]:
+    """An HTTPS server on 127.0.0.1 with tests/consul_secure.py's certificate (server.dc1.consul,
+    localhost and 127.0.0.1): (its files, the server, the SNI names it was sent, the Host headers)."""
+    files = TLSFiles(tmp_path)
+    sni: list[str] = []
+    hosts: list[str] = []
+
+    async def answer(req: Request) -> Response:
+        hosts.append(req.headers["host"])
+        return Response.of_json(200, {})
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(files.server_cert, files.server_key)
+
+    def record_sni(_conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        sni.append(name or "")
+
+    ctx.sni_callback = record_sni
+    server = HTTPServer(answer, "127.0.0.1", 0, ssl_context=ctx)
+    await server.start()
+    try:
+        yield files, server, sni, hosts
+    finally:
+        await server.close()
+
+
+async def test_a_name_dialed_at_its_address_is_still_the_name_to_tls_and_in_host(
+    names: dict[str, list[str]], tls_served: tuple[TLSFiles, HTTPServer, list[str], list[str]]
+) -> None:
+    """The client looks a name up itself (`resolve`) and dials the address: the server is still sent
+    the name (SNI), the certificate is checked against the name the operator gave, not the IP dialed
+    (which this certificate also holds), and the Host header names it."""
+    files, server, sni, hosts = tls_served
+    port = server.port
+    names["server.dc1.consul"] = names["elsewhere.example"] = ["127.0.0.1"]
+    trusting = ssl.create_default_context(cafile=str(files.ca_file))
+    client = HTTPClient(f"https://server.dc1.consul:{port}", trusting)
+    try:
+        assert (await client.request("GET", "/", timeout=10)).status == 200
+    finally:
+        await client.close()
+    assert (sni, hosts) == (["server.dc1.consul"], [f"server.dc1.consul:{port}"])
+
+    client = HTTPClient(f"https://elsewhere.example:{port}", trusting)
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/", timeout=10)
+    finally:
+        await client.close()
+    assert str(err.value) == (
+        f"https://elsewhere.example:{port}: TLS verification failed: "
+        "Hostname mismatch, certificate is not valid for 'elsewhere.example'."
+    )
+    # a name of its own for TLS (Consul's tls_server_name) is what is checked then
+    client = HTTPClient(f"https://elsewhere.example:{port}", trusting, server_hostname="server.dc1.consul")
+    try:
+        assert (await client.request("GET", "/", timeout=10)).status == 200
+    finally:
+        await client.close()
+    assert sni[-1] == "server.dc1.consul" and hosts[-1] == f"elsewhere.example:{port}"
+
+
+async def test_a_name_is_dialed_at_each_of_its_addresses_in_turn(
+    names: dict[str, list[str]], served: tuple[Backend, HTTPServer]
+) -> None:
+    """As asyncio dials a name: the first address refuses (nothing on 127.0.0.2), the next answers."""
+    _, server = served
+    names["two.example"] = ["127.0.0.2", "127.0.0.1"]
+    client = HTTPClient(f"http://two.example:{server.port}")
+    try:
+        assert (await client.request("GET", "/x", timeout=10)).json() == {"path": "/x"}
+    finally:
+        await client.close()
+
+
+async def test_a_name_whose_every_address_refuses_says_connection_refused(
+    names: dict[str, list[str]],
+) -> None:
+    """Each address's refusal names its own address, so asyncio raised 'Multiple exceptions: ...', an
+    OSError with no strerror, and the line said only 'OSError'."""
+    port = free_port()  # nothing listens there, on any of the addresses
+    names["two.example"] = ["127.0.0.2", "127.0.0.3"]
+    client = HTTPClient(f"http://two.example:{port}")
+    try:
+        with pytest.raises(Unavailable) as err:
+            await client.request("GET", "/", timeout=10)
+    finally:
+        await client.close()
+    assert str(err.value) == f"http://two.example:{port}: connection refused"
+
+
+async def test_a_name_the_resolver_does_not_answer_is_one_lookup_and_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup runs in a thread of its own that nobody waits for, so a resolver that hangs must not
+    get one more thread per connection attempt: the attempts made while it hangs share its lookup,
+    and each says what ran out at CONNECT_TIMEOUT (it said "no connection within 3s")."""
+    monkeypatch.setattr(http, "CONNECT_TIMEOUT", 0.2)
+    release = threading.Event()
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def hung(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "slow.example":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        release.wait(HUNG_LOOKUP_HOLD)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    client = HTTPClient("http://slow.example:8500")
+    try:
+        for at_once in (1, 1, 3):  # one after another, then three together
+            tries = [client.request("GET", "/", timeout=10) for _ in range(at_once)]
+            for outcome in await asyncio.gather(*tries, return_exceptions=True):
+                assert isinstance(outcome, Unavailable)
+                assert str(outcome) == "http://slow.example:8500: no answer from the resolver within 0.2s"
+    finally:
+        release.set()
+        await client.close()
+    assert lookups == ["slow.example"]
