@@ -578,7 +578,7 @@ class IngressHttp:
         conn.admission = admission
         conn.shed = capped and admission is None
         if admission is not None:
-            conn.idle_list = admission.idle_list()
+            conn.reclaimable = admission.reclaimable()
         return conn
 
     def _rate_limited(self, snap: Snapshot, client: str) -> tuple[tuple[bytes, bytes], ...]:

@@ -421,10 +421,10 @@ class ServerConn(asyncio.BaseProtocol):
         self._body_deadline = 0.0  # a request body is being read: it must go on by then (0: none)
         self.shed = False  # accepted over the agent's connection cap: its request gets 503 OM, then close
         self.admission: Admission | None = None  # its slot under the cap, released when it closes
-        # the cap's list of connections that may give their slot up (limits.ConnectionCap.idle), for a
+        # the cap's list of connections that may give their slot up (limits.ConnectionCap.reclaimable), for a
         # connection that holds its slot for its whole life: at the cap, one idle long enough, or else
         # one whose request head has been arriving long enough, gives it up
-        self.idle_list: dict[Any, float] | None = None
+        self.reclaimable: dict[Any, float] | None = None
         # the mux stream this connection runs on (an inbound HTTP stream, protocol v3; set by the
         # handler), written at once at a response's end when it is alone (_relay_end); else None
         self.stream: StreamTransport | None = None
@@ -435,7 +435,7 @@ class ServerConn(asyncio.BaseProtocol):
         self.transport = t
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         now = self._last = monotonic()
-        listed = self.idle_list
+        listed = self.reclaimable
         if listed is not None:  # its first request is arriving from now (arriving_since)
             listed[self] = now
         h = self.handler
@@ -479,7 +479,7 @@ class ServerConn(asyncio.BaseProtocol):
         if not self._partial and self.framer.in_head:  # a head began in this read: its clock starts
             self._partial = True
             now = self._head_started = monotonic()
-            listed = self.idle_list
+            listed = self.reclaimable
             if listed is not None and self.requests:  # arriving now, not whole in one read: listed at
                 if self in listed:  # the end (a first request was listed at accept: arriving_since)
                     del listed[self]
@@ -530,7 +530,7 @@ class ServerConn(asyncio.BaseProtocol):
             self._cancel_timer()
         if self.admission is not None:
             self.admission.release()
-        listed = self.idle_list
+        listed = self.reclaimable
         if listed is not None and self in listed:
             del listed[self]
         self.handler.conn_lost(self)
@@ -652,7 +652,7 @@ class ServerConn(asyncio.BaseProtocol):
             self.close()
             return
         self._last = ex.ended or monotonic()  # ended: set by Exchange._finish, which calls this
-        listed = self.idle_list
+        listed = self.reclaimable
         if listed is not None:  # at its end, so oldest first (dict ops, no call: limits.py's reclaim)
             if self in listed:  # (a key stored again keeps its place, as if still idle the longest)
                 del listed[self]
@@ -973,7 +973,7 @@ class ServerConn(asyncio.BaseProtocol):
         Ours is still sent first (close), then the socket closed without waiting (abort; the kernel
         still sends what it holds), as nginx closes its HTTP clients' TLS connections and RFC 9112
         §9.8 lets a server."""
-        self.idle_list = None
+        self.reclaimable = None
         slot = self.admission
         if slot is not None:
             self.admission = None

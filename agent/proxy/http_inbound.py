@@ -232,7 +232,7 @@ class HttpInbound:
                 conn.admission = cap.admit("inbound")
                 conn.shed = conn.admission is None  # over the cap: its request gets 503 OM, then close
                 if conn.admission is not None:
-                    conn.idle_list = cap.idle
+                    conn.reclaimable = cap.reclaimable
         conn.stream = transport if isinstance(transport, StreamTransport) else None  # see on_stream
         self.conns.add(conn)
         transport.set_protocol(conn)

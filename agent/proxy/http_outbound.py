@@ -500,7 +500,7 @@ class AppConn(ServerConn):
         if cap is not None:
             if cap.take("outbound"):
                 self.slot = cap
-                self.idle_list = cap.idle
+                self.reclaimable = cap.reclaimable
             else:
                 self.shed = True
         self.open_conns.add(self)

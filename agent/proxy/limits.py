@@ -20,7 +20,7 @@ Decisions:
   closed (HTTP lets a server close an idle persistent connection at any time; its client opens a new
   one for its next request) and the new connection takes its slot. Otherwise an app's pool, idle,
   held the cap for ``http_conn.IDLE_TIMEOUT`` (90 s) while newcomers got 503 OM. The connections
-  holding a slot for their whole life list themselves in ``ConnectionCap.idle`` each time they
+  holding a slot for their whole life list themselves in ``ConnectionCap.reclaimable`` each time they
   become idle, at its end (dict operations, no call), so oldest first; a reclaim looks at
   :data:`RECLAIM_LOOK` of them at most, so it costs no call per request and a bounded amount per
   refusal. Counted (``hostmesh_overload_reclaimed_total``) and logged at a bounded rate. L4
@@ -107,10 +107,10 @@ class Admission:
         if cap is not None:
             cap.give_back()
 
-    def idle_list(self) -> dict[Any, float] | None:
-        """The cap's list of connections that may give their slot up (ConnectionCap.idle), while the
+    def reclaimable(self) -> dict[Any, float] | None:
+        """The cap's list of connections that may give their slot up (ConnectionCap.reclaimable), while the
         slot is held."""
-        return self._cap.idle if self._cap is not None else None
+        return self._cap.reclaimable if self._cap is not None else None
 
 
 class ConnectionCap:
@@ -127,7 +127,7 @@ class ConnectionCap:
         # each time they become idle or a request head of theirs does not come in one read, oldest
         # first; they leave it when they close, or when a reclaim finds them busy (module docstring).
         # Read and pruned only at the cap.
-        self.idle: dict[Any, float] = {}
+        self.reclaimable: dict[Any, float] = {}
         self.reclaim_after = RECLAIM_MIN_IDLE
         self.evict_after = RECLAIM_MIN_ARRIVING
         self.reclaimed = 0  # idle ones and slow heads
@@ -146,7 +146,7 @@ class ConnectionCap:
         """One more connection's slot, or False (counted, logged at a bounded rate) at the cap. The
         taker gives it back with `give_back` once; `admit` wraps the pair in an Admission for owners
         that share the slot (http_outbound.AppConn, its only owner, calls both itself)."""
-        if self.open < self.limit or (self.idle and self._reclaim(listener)):
+        if self.open < self.limit or (self.reclaimable and self._reclaim(listener)):
             self.open += 1
             return True
         self.refuse(listener)
@@ -157,7 +157,7 @@ class ConnectionCap:
         admits): the one idle longest, if idle `reclaim_after` at least, else the one whose request
         head has been arriving longest, if for `evict_after` at least. Looks at RECLAIM_LOOK listings
         at most, oldest first, and drops those that are not current (busy, closed, holding no slot)."""
-        listed = self.idle
+        listed = self.reclaimable
         now = time.monotonic()
         too_young = now - min(self.reclaim_after, self.evict_after)  # listed after it: none can go yet
         slow: Any = None
