@@ -218,6 +218,19 @@ class CertManager:
         CertProcess's (an agent run without a config file has no helper: it was not counted)."""
         return self._watch
 
+    def checking(self) -> list[str]:
+        """None: this process parses its certificates before it serves them (CertProcess.checking)."""
+        return []
+
+    def adopt_stored(self) -> bool:
+        """False: stored certificates are served once `start()` has checked them (as CertProcess's are
+        when the pinned root does not vouch for them)."""
+        return False
+
+    def interrupt(self) -> bool:
+        """False: no child process to stop (CertProcess.interrupt); a start is cancelled instead."""
+        return False
+
     def infos(self) -> list[CertInfo]:
         out = []
         for service in self.services:

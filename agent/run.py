@@ -36,10 +36,10 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from hostmesh.agent import audit, sdnotify
 from hostmesh.agent.admin import ADMIN_MAX_BODY, CHECK_TIMEOUT_SLACK, AdminAPI, service_health
@@ -77,7 +77,12 @@ from hostmesh.registry.layout import (
 )
 from hostmesh.registry.schema import KINDS as DOCUMENT_KINDS
 from hostmesh.registry.version import release
-from hostmesh.registry.watch import backoff_delay
+from hostmesh.registry.watch import Watch, backoff_delay
+
+if TYPE_CHECKING:  # (imported where used: `cryptography` and the helper's code load only when needed)
+    from hostmesh.agent.certproc import CertView
+    from hostmesh.agent.certs import CertInfo
+    from hostmesh.agent.workers import DiskCerts
 
 log = logging.getLogger("hostmesh.agent")
 
@@ -207,6 +212,38 @@ class ServiceContexts(NamedTuple):
     client_http: Callable[[], ssl.SSLContext]  # built at its first call, then the same one
 
 
+class CertHolder(Protocol):
+    """What the agent reads of its certificates, from whichever holds them: CertProcess (the primary:
+    helper processes), CertManager (in process: an agent run without a config file) or
+    workers.DiskCerts (a worker: the primary's files). A Protocol, where getattr with a default read
+    them: a member one lacks is mypy's error, not a silent default (CertManager.bundle_watch, 8e6d267)."""
+
+    @property
+    def roots_pem(self) -> str: ...
+
+    @property
+    def root_ids(self) -> Sequence[str]: ...
+
+    @property
+    def bundle_watch(self) -> Watch[Any] | None: ...
+
+    def paths(self, service: str) -> tuple[Path, Path]: ...
+
+    def infos(self) -> Sequence[CertInfo | CertView]: ...
+
+    def checking(self) -> list[str]: ...
+
+    def adopt_stored(self) -> bool: ...
+
+    def subscribe(self, callback: Callable[[], None]) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def interrupt(self) -> bool: ...
+
+
 class AgentStartError(Exception):
     """The agent cannot start; str() is one line for the operator."""
 
@@ -250,6 +287,7 @@ class Agent:
         self.fatal: str | None = None  # why a running agent had to stop (a failed start, found late)
         self._cert_check: asyncio.Task[None] | None = None
         self._prebuilt_tls: TLSMaterial | None = None
+        self._worker_certs: DiskCerts | None = None  # a worker's self.certs: _on_primary_certs reloads it
         # local service -> what its TLS contexts were built from, and them (_tls_material)
         self._service_tls: dict[str, tuple[object, ServiceContexts]] = {}
         self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
@@ -269,10 +307,12 @@ class Agent:
         self.telemetry = Telemetry(cfg.trust_domain, istio=cfg.istio_metrics)
         self.tracer = self._new_tracer()
         sdnotify.status("obtaining certificates")
+        self.certs: CertHolder
         if self.worker:
             from hostmesh.agent.workers import DiskCerts
 
-            self.certs: Any = DiskCerts(cfg.data_dir, [s.name for s in cfg.services], cfg.certs_dir)
+            self._worker_certs = self.certs = DiskCerts(cfg.data_dir, [s.name for s in cfg.services],
+                                                        cfg.certs_dir)  # fmt: skip
         elif self.config_path is not None:  # crypto work in short-lived children (agent/certproc.py)
             from hostmesh.agent.certproc import CertProcess
 
@@ -308,9 +348,7 @@ class Agent:
         self.certs.subscribe(self._on_certs_changed)
         saved = self.builder.load_saved()
         self.discovery = Discovery(self.consul, self.builder)
-        self.discovery.followed_elsewhere = lambda: [
-            w for w in (getattr(self.certs, "bundle_watch", None),) if w is not None
-        ]
+        self.discovery.followed_elsewhere = lambda: [w for w in (self.certs.bundle_watch,) if w is not None]
         self.discovery.start()
         # With a saved snapshot the listeners open at once and Consul's answers update it as they
         # come (as when Consul is down); with none, start-up gives Consul a moment first.
@@ -374,7 +412,7 @@ class Agent:
             self._not_registered,
             lambda: self.discovery.consul_view(),
             lambda: self.workers.process_states() if self.workers is not None else None,
-            lambda: list(getattr(self.certs, "root_ids", ())),
+            lambda: list(self.certs.root_ids),
             lambda: self.builder.save_view(),
         )
         self._servers.append(
@@ -449,8 +487,7 @@ class Agent:
     def _stored_certs_usable(self) -> bool:
         """A restart of the primary: every certificate, key and the trust bundle are on disk and load
         as TLS contexts (so the listeners can use them before the helper has checked them)."""
-        stored = getattr(self.certs, "adopt_stored", None)
-        if self.worker or stored is None or not stored():
+        if self.worker or not self.certs.adopt_stored():
             return False
         try:
             self._prebuilt_tls = self._tls_material()  # the snapshot builder's first, not built twice
@@ -701,7 +738,8 @@ class Agent:
 
     def _on_primary_certs(self) -> None:
         """Worker: the primary renewed a certificate or the trust bundle changed on disk."""
-        self.certs.reload()  # calls _on_certs_changed (subscribed) after re-reading the bundle
+        if self._worker_certs is not None:  # (a worker's only)
+            self._worker_certs.reload()  # calls _on_certs_changed (subscribed) after re-reading the bundle
 
     def _on_primary_config(self, config: AgentConfig) -> None:
         """Worker: the primary applied a reload."""
@@ -1041,7 +1079,7 @@ class Agent:
     def _cert_view(self) -> list[dict[str, Any]]:
         """Every service's certificate; right after a restart, the stored ones the helper is still
         checking are listed as `checking`, with what is known without parsing them (agent/certproc.py)."""
-        checking: list[str] = getattr(self.certs, "checking", list)()  # only CertProcess serves unchecked
+        checking = self.certs.checking()  # only CertProcess serves unchecked ones
         return [
             {
                 "service": i.service,
@@ -1285,7 +1323,7 @@ async def _start_unless_stopped(agent: Agent, stop: asyncio.Event) -> bool:
         stopping.cancel()
     if not starting.done():
         certs = getattr(agent, "certs", None)
-        if not (certs is not None and hasattr(certs, "interrupt") and certs.interrupt()):
+        if not (certs is not None and certs.interrupt()):
             starting.cancel()  # (agent.stop() ends what it left: watches, listeners)
         await asyncio.wait((starting,))  # the helper's answer, or the cancellation
     if starting.cancelled():

@@ -109,8 +109,25 @@ class DiskCerts:
     def roots_pem(self) -> str:
         return self._roots_pem
 
+    @property
+    def root_ids(self) -> tuple[str, ...]:
+        return ()  # the primary's admin API lists them (a worker parses no certificate)
+
+    @property
+    def bundle_watch(self) -> None:
+        return None  # the primary follows Consul's trust bundle
+
     def infos(self) -> list[Any]:
         return []  # the primary exports certificate expiry
+
+    def checking(self) -> list[str]:
+        return []
+
+    def adopt_stored(self) -> bool:
+        return False  # `start()` reads the primary's files: nothing to adopt before it
+
+    def interrupt(self) -> bool:
+        return False  # no child process to stop: a start is cancelled instead
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
