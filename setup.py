@@ -23,6 +23,18 @@ PACKAGES = {"agent": "agent", "registry": "registry", "ca": "ca"}  # import name
 # mypy names the modules `hostmesh.agent.…` through the tree of links with the installed layout that
 # `make typecheck` uses (pyproject's mypy_path): the folders are hostmesh.* only by package-dir.
 MIRROR = Path(".typecheck")
+# Link flags of every extension (setup.py's own, beside mypyc's compile flags). Measured on the bench's
+# idle L7 agent (bench.rss, settled; see bench/README.md "The compiled build's library"):
+# - the version script keeps only the module init functions (PyInit_*) in the dynamic symbol table:
+#   mypyc leaves its ~2,200 functions and tables global, and the loader reads all of their symbols,
+#   names and hash table (~170 KiB, resident in every agent); a symbol the library no longer exports
+#   is also reached directly, not through the GOT or the PLT. The shims find the library's
+#   modules through capsules, never through symbols. (-fvisibility=hidden would do the same at
+#   compile time, but GCC then inlines more: +220 KiB of code, all of it resident.)
+# - packed relative relocations (DT_RELR, glibc >= 2.36; build-deb.sh then depends on it): the
+#   loader reads ~7,600 relocations at load, 24 bytes each (~180 KiB, resident), ~3 KiB packed.
+EXPORTS_MAP = Path(__file__).resolve().parent / "packaging" / "backend" / "mypyc-exports.map"
+LINK_FLAGS = [f"-Wl,--version-script={EXPORTS_MAP}", "-Wl,-z,pack-relative-relocs"]
 MYPYC_FLAGS = [
     # only the compiled modules' own type errors stop the build; third-party packages are absent
     # from the isolated build environment, so an ignore that is needed in the venv may be unused here
@@ -54,11 +66,14 @@ def extensions() -> list:
         link.symlink_to(Path("..", "..", folder), target_is_directory=True)
     modules = runpy.run_path("agent/compiled.py")["MODULES"]  # the runtime's own list (no hostmesh imports)
     paths = [str(MIRROR / Path(*m.split("."))) + ".py" for m in modules]
-    return mypycify(
+    built = mypycify(
         [*MYPYC_FLAGS, "--config-file", "pyproject.toml", *paths],
         group_name="hostmesh.agent._compiled",
         target_dir=str(Path("build") / "mypyc-c"),
     )
+    for ext in built:
+        ext.extra_link_args = [*(ext.extra_link_args or []), *LINK_FLAGS]
+    return built
 
 
 setup(ext_modules=extensions())

@@ -132,9 +132,15 @@ install -m 0644 packaging/debian/copyright "$doc/copyright"
 } | gzip -9n >"$doc/changelog.gz"
 chmod 0644 "$doc/changelog.gz"
 install -D -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/hostmesh"
-# The libc the shipped shared objects need: the newest GLIBC_ symbol version they reference.
+# The libc the shipped shared objects need: the newest GLIBC_ symbol version they reference, and
+# 2.36 where one has packed relative relocations (the compiled build's, setup.py LINK_FLAGS: they
+# need GLIBC_ABI_DT_RELR, which names no symbol, so objdump -T does not show it).
 glibc=$(find "$venv" -name '*.so' -type f -exec objdump -T {} + 2>/dev/null |
   grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+relr=$(find "$venv" -name '*.so' -type f -exec readelf -V {} + 2>/dev/null | grep -c GLIBC_ABI_DT_RELR || true)
+if [ "${relr:-0}" -gt 0 ]; then
+  glibc=$(printf '%s\n' "${glibc:-2.28}" 2.36 | sort -V | tail -n1)
+fi
 
 # 5. control files and the archive.
 install -d "$root/DEBIAN"
