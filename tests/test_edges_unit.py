@@ -419,6 +419,64 @@ async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
     assert edges._lookups == {}
 
 
+def answering(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
+    """The running loop's resolver answers `ips` for `name` (what its DNS server says), in that order."""
+    loop = asyncio.get_running_loop()
+
+    async def answer(host: str, port: int, **kw: Any) -> Any:
+        assert host == name
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                for ip in ips]  # fmt: skip
+
+    monkeypatch.setattr(loop, "getaddrinfo", answer)
+
+
+def nothing_accepted(server: socket.socket) -> bool:
+    """No connection reached `server` (its accept queue is empty: the kernel completes one unaccepted)."""
+    server.setblocking(False)
+    try:
+        server.accept()[0].close()
+    except BlockingIOError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("answer", ["0.0.0.0", "::ffff:0.0.0.0"])
+async def test_a_name_answering_any_address_does_not_reach_the_agents_own_host(
+    answer: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A document may not write 0.0.0.0 (it connects to the dialer's own host: the schema refuses it),
+    but a name whose DNS answer was 0.0.0.0 was dialed, and reached whatever listens on 127.0.0.1 at
+    the document's port (here a stand-in for the agent's admin API; at an egress gateway, for remote
+    callers). The answer is held to the document's rule: the app's connection is reset, flag UF, and
+    the line says what the name resolved to."""
+    with socket.create_server(("127.0.0.1", 0)) as own:
+        port = own.getsockname()[1]
+        answering(monkeypatch, "api.example.test", answer)
+        ext = ExternalService("x-any", 1, (ExternalAddress("api.example.test", port),))
+        tel = Telemetry()
+        async with caller_of(ext, tel) as listener:
+            assert await app_call(listener) == "reset"
+        assert nothing_accepted(own)
+    assert uf_count(tel, "source", "x-any") == 1
+    [line] = lines_about(caplog, "x-any")
+    assert f"api.example.test:{port}: resolves to {answer}, no address to connect to (any address)" in line
+
+
+async def test_a_name_answering_any_address_among_others_reaches_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the undialable answer is left out: the name's other address is dialed."""
+    with socket.create_server(("127.0.0.1", 0)) as own:
+        port = own.getsockname()[1]
+        with socket.create_server(("127.0.0.2", port)) as external:
+            answering(monkeypatch, "api.example.test", "0.0.0.0", "127.0.0.2")
+            ext = ExternalService("x-any", 1, (ExternalAddress("api.example.test", port),))
+            assert await reached(ext) == f"api.example.test:{port}"
+            assert not nothing_accepted(external)
+        assert nothing_accepted(own)
+
+
 @pytest.mark.parametrize("where", ["address", "sni"])
 async def test_a_name_the_resolver_refuses_resets_the_app_connection(
     where: str, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]

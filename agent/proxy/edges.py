@@ -5,7 +5,8 @@ service calls as an ordinary upstream by name. Pipeline per connection on the up
     accept -> read the snapshot once -> authorize the *caller* against the external's intentions
     (read by this agent; unread: refused, flag NI, fail closed; denied: reset, flag AUTHZ)
     -> direct: connect one of the external's addresses in turn (those that failed lately last, 30 s
-       in all; DNS names resolved then, one lookup per name shared by its connections) and, when
+       in all; DNS names resolved then, one lookup per name shared by its connections, answers a
+       document may not write left out: 0.0.0.0 reached our own host) and, when
        its document says so, originate TLS with its SNI, verified against its CA file or the
        system's trust store -> pump; no address connected and verified (whatever the error: a
        timeout, a certificate not trusted, a name no resolver takes): reset, flag UF, one log line
@@ -69,7 +70,7 @@ from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, Connecti
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.addresses import authority, peer_authority
+from hostmesh.registry.addresses import authority, peer_authority, undialable
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.names import MAX_HOST_NAME
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -226,6 +227,17 @@ async def _resolved(loop: asyncio.AbstractEventLoop, addr: ExternalAddress) -> l
     return [info[4][0] for info in found]
 
 
+def _undialable_answer(ip: str) -> str | None:
+    """Why a resolver's answer is not dialed: what a document may not write (`undialable`, as the
+    schema refuses it) it may not reach through a name either. A name answering 0.0.0.0 connected to
+    the originating agent's own host (its admin API, Consul's HTTP API, its upstream listeners:
+    whatever listens on 127.0.0.1 at the document's port), at an egress gateway for remote callers."""
+    try:
+        return undialable(ipaddress.ip_address(ip))
+    except ValueError:  # not an address ipaddress reads: the loop says what it makes of it
+        return None
+
+
 async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, protocol: asyncio.BaseProtocol,
                    ctx: ssl.SSLContext | None, sni: str | None) -> None:  # fmt: skip
     """`protocol` connected to one of the IP addresses of `addr`, tried in turn as the loop's
@@ -234,7 +246,12 @@ async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, proto
     (blackholed IPv6, one of its A records gone) took the address's whole timeout on every connection,
     its other IPs never tried."""
     errors: list[OSError] = []
-    ips = [ExternalAddress(ip, addr.port) for ip in await _resolved(loop, addr)]
+    ips: list[ExternalAddress] = []
+    for answer in await _resolved(loop, addr):
+        if why := _undialable_answer(answer):
+            errors.append(OSError(f"resolves to {answer}, no address to connect to ({why})"))
+        else:
+            ips.append(ExternalAddress(answer, addr.port))
     several = len(ips) > 1  # else the address's own order (originate) is all there is to it
     for ip in _in_turn(tuple(ips)) if several else ips:
         try:
