@@ -15,7 +15,8 @@ agent/dns_wire.py;
   and other types: NOERROR with no records (NODATA), so clients do not fall back; every type of an
   upstream listening on a zoned address (fe80::1%eth0: no record holds the zone) is NODATA too.
 - another name inside the domain: NXDOMAIN; outside it, or a class other than IN: REFUSED.
-- AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS.
+- AXFR/IXFR inside the domain: NOTIMP (no zone transfers); EDNS above version 0: BADVERS; a padded
+  query's reply is not padded (cleartext: padding hid nothing, and made the reply ten times the query).
 - garbage with a readable 12-byte header: FORMERR; shorter, or a response: dropped. A message that
   cannot be one question (QDCOUNT other than 1, answer records, more than an OPT record and an IXFR's
   SOA, over 512 bytes: MAX_QUERY_SIZE) is FORMERR from its header alone, never parsed; an
@@ -269,7 +270,7 @@ def refused(wire: bytes, domain: str) -> bytes | None:
     if nscount or end != question_end + (_OPT_SIZE if arcount else 0):
         return None  # an authority record, a cut question, trailing bytes, an additional record not 11
     # the OPT record: the root, TYPE 41, any payload, any extended rcode, version 0, any flags, no
-    # RDATA (options: dnspython checks some, and pads its reply to a padded query)
+    # RDATA (options: dnspython checks some, a cookie cut short is FORMERR)
     if arcount and (wire[question_end : question_end + 3] != _OPT_OWNER_TYPE
                     or wire[question_end + 6] != EDNS_VERSION or wire[end - 2 :] != b"\0\0"):  # fmt: skip
         return None

@@ -24,6 +24,11 @@ from hostmesh.agent.dns import EDNS_VERSION, MAX_QUERY_SIZE, header_reply
 
 ANSWER_TTL = 5  # seconds: addresses change only with a reload of agent.toml; short so one is seen soon
 ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)  # not served: NOTIMP
+# EDNS padding of a reply (dnspython pads one to a padded query to RFC 8467's 468-byte block): none.
+# Padding hides sizes on an encrypted transport; ours are cleartext UDP and TCP, where it hid nothing
+# and made a 41-byte query's reply 468 bytes, reflected to the query's source (spoofable with
+# `dns_shared`), and at any rate once the answer was kept (ANSWER_CACHE, outside the parse budget)
+NO_PADDING = 0
 
 
 @functools.lru_cache(maxsize=4)  # the domain changes only on reload
@@ -49,7 +54,7 @@ def respond(
     except Exception:  # untrusted bytes: whatever dnspython rejects (or trips on) is a malformed query
         return _header_only(wire, dns.rcode.FORMERR)
     # EDNS version 0 if the query had EDNS, offering what this server reads: MAX_QUERY_SIZE
-    response = dns.message.make_response(query, our_payload=MAX_QUERY_SIZE)
+    response = dns.message.make_response(query, our_payload=MAX_QUERY_SIZE, pad=NO_PADDING)
     response.flags &= ~dns.flags.RA  # we recurse for nobody
     if query.edns > EDNS_VERSION:
         response.set_rcode(dns.rcode.BADVERS)

@@ -89,7 +89,7 @@ def opt_record(payload: int, ext_rcode: int, version: int, flags: int, rdata: by
 
 U16 = st.integers(0, 0xFFFF)
 PLAIN_OPT = st.builds(opt_record, U16, st.integers(0, 255), st.sampled_from([0, 0, 0, 1, 255]), U16)
-OPTIONS = (  # EDNS options as RDATA: dnspython checks some, and pads its reply to a padded query
+OPTIONS = (  # EDNS options as RDATA: dnspython checks some (a cookie cut short is FORMERR)
     b"\x00\x0a\x00\x08" + b"c" * 8,  # a client cookie
     b"\x00\x0a\x00\x03abc",  # a cookie too short: FORMERR
     b"\x00\x0c\x00\x04" + b"\0" * 4,  # padding

@@ -236,6 +236,28 @@ async def test_udp_queries_whose_formerr_would_not_fit_are_answered_and_counted(
         await server.close()
 
 
+async def test_a_padded_query_is_answered_unpadded_so_dns_reflects_no_tenfold_reply() -> None:
+    """A 41-byte query with an EDNS padding option got a 468-byte reply (dnspython follows RFC 8467's
+    block for a padded query): ten times its size, to whatever source address the datagram named,
+    and a repeat of it came from ANSWER_CACHE outside the parse budget, at any rate. Padding hides
+    sizes on encrypted transports; mesh DNS is cleartext UDP and TCP, where it hides nothing (with
+    `dns_shared`, a spoofed query reflected tenfold). The answer is the same, unpadded."""
+    server = DnsServer(Address("127.0.0.1", 0), TABLE, telemetry=telemetry())
+    await server.start()
+    try:
+        padded = dns.message.make_query("api.mesh", "A", use_edns=0, pad=1).to_wire()  # an empty option
+        replies = udp_exchange(server.bind.port, padded, padded)  # the second from ANSWER_CACHE
+        for _ in range(2):
+            reply = await anext(replies)
+            got = dns.message.from_wire(reply)
+            assert got.answer[0][0].to_text() == "127.128.1.2"
+            assert not [o for o in got.options if o.otype == dns.edns.OptionType.PADDING]
+            assert len(reply) < 2 * len(padded), f"a {len(padded)}-byte query, a {len(reply)}-byte reply"
+        await replies.aclose()
+    finally:
+        await server.close()
+
+
 async def test_a_failure_of_ours_is_servfail_counted_and_logged(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
