@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import urllib.request
 from typing import Any
 
@@ -229,3 +230,37 @@ def test_datagrams_an_app_that_is_not_listening_refuses_are_counted_and_said(udp
 
     asyncio.run(run())
     assert f"nothing listens on the app's port 127.0.0.1:{apps.echo_port}" in b.proc.log()
+
+
+ZERO_BYTE_BURST = 64  # 0-byte datagrams sent at once: they reach the app socket in one read of the mesh
+
+
+@pytest.mark.parametrize("udp_mesh", [IDLE_TIMEOUT], indirect=True)
+def test_0_byte_datagrams_an_app_that_is_not_listening_refuses_are_counted_as_such(udp_mesh: UdpMesh) -> None:
+    """A 0-byte datagram is written to the app socket by hand (the loops' transports drop b""), and
+    a refusal (ICMP port unreachable) pending on the socket then failed that write: it was counted
+    `backpressure`, the refusal consumed unseen, so a burst of keepalives to an app that is down
+    read as an app too slow to read (about half of them), with fewer `app_unreachable` and no line
+    for those. Every drop of the burst is `app_unreachable` now."""
+    _m, _a, b, apps, echo_bind, _, _ = udp_mesh
+    apps.close()  # nothing listens on echo's port any more
+
+    def drops(reason: str) -> float:
+        return metric_value(b.metrics(), "hostmesh_udp_dropped_total", reporter="destination", reason=reason)
+
+    def handled() -> float:  # by node-b's app socket: written, or dropped there
+        text = b.metrics()
+        written = metric_value(
+            text, "hostmesh_udp_datagrams_total", reporter="destination", direction="request"
+        )
+        dropped = sum(metric_value(text, "hostmesh_udp_dropped_total", reporter="destination", reason=r)
+                      for r in ("app_unreachable", "backpressure"))  # fmt: skip
+        return written + dropped
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:  # (asyncio-dgram drops b"" too)
+        client.connect(("127.0.0.1", echo_bind))
+        for _ in range(ZERO_BYTE_BURST):
+            client.send(b"")
+        wait_for(lambda: handled() >= ZERO_BYTE_BURST, RECV_TIMEOUT, "node-b's app socket taking the burst")
+    assert drops("backpressure") == 0
+    assert drops("app_unreachable") > 0

@@ -41,7 +41,8 @@ Decisions:
   resolver's retries) so costs each agent one flow, one DGRAM_OPEN and one audit line a second,
   not one of each per datagram; an allow reaches it within REFUSED_HOLD.
 - A 0-byte datagram is legal UDP and is carried like any other (the loops' transports drop b""
-  silently, so it is written to the socket itself).
+  silently, so it is written to the socket itself; an ICMP refusal that write meets is
+  `app_unreachable`, as the loop reports one for any other datagram).
 - A peer agent that only speaks protocol v1 (0.1.x) cannot carry DGRAM frames: the flow tries
   another instance and one error line (rate-limited) names the peer and says to upgrade it. Other
   per-flow failures a peer or a flood can cause (no instance took it, the app socket could not be
@@ -201,15 +202,25 @@ def _send_to_mesh(stream: Stream, data: bytes, counters: _Counters, direction: s
     return False
 
 
-def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: str) -> None:
+def _send_empty(sock: socket.socket, addr: Any, counters: _Counters, direction: str,
+                refused: Callable[[Exception], None] | None = None) -> None:  # fmt: skip
     """A 0-byte datagram (legal UDP: keepalives, probes). The loops' DatagramTransport.sendto drops
-    b"" without a word (asyncio 3.11, uvloop 0.23), so it is written to the socket itself."""
+    b"" without a word (asyncio 3.11, uvloop 0.23), so it is written to the socket itself. An ICMP
+    error pending on a connected socket fails the write and is consumed by it: it goes to `refused`
+    (the protocol's error_received, where the loop would have handed it), not counted `backpressure`
+    (a burst of keepalives to an app that is down read as an app too slow, half of them)."""
     try:
         if addr is None:
             sock.send(b"")
         else:
             sock.sendto(b"", addr)
-    except OSError:  # the socket buffer is full (EAGAIN), or an ICMP error was pending on it
+    except ConnectionRefusedError as exc:
+        if refused is None:
+            counters.dropped("backpressure")
+        else:
+            refused(exc)
+        return
+    except OSError:  # the socket buffer is full (EAGAIN)
         counters.dropped("backpressure")
         return
     counters.carried(direction, 0)
@@ -770,7 +781,7 @@ class _InFlow(_Flow, asyncio.DatagramProtocol):
             t.sendto(data)
             self.counters.carried(REQUEST, len(data))
         elif self.sock is not None:
-            _send_empty(self.sock, None, self.counters, REQUEST)
+            _send_empty(self.sock, None, self.counters, REQUEST, refused=self.error_received)
 
     # the app socket
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
