@@ -358,6 +358,18 @@ async def test_an_address_back_up_is_first_again_once_its_hold_is_over(
             assert await reached(ext) == f"127.0.0.1:{one}"
 
 
+def answering(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
+    """The running loop's resolver answers `ips` for `name` (what its DNS server says), in that order."""
+    loop = asyncio.get_running_loop()
+
+    async def answer(host: str, port: int, **kw: Any) -> Any:
+        assert host == name
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                for ip in ips]  # fmt: skip
+
+    monkeypatch.setattr(loop, "getaddrinfo", answer)
+
+
 async def test_a_dead_first_ip_of_a_name_costs_its_timeout_once_not_every_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -367,13 +379,7 @@ async def test_a_dead_first_ip_of_a_name_costs_its_timeout_once_not_every_connec
     then 127.0.0.1 (a server), on one port."""
     monkeypatch.setattr(edges, "_failed_at", {}, raising=False)  # (fresh)
     monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 0.5)  # 5 s in the agent
-    loop = asyncio.get_running_loop()
-
-    async def two_ips(host: str, port: int, **kw: Any) -> Any:
-        assert host == "two.example.test"
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.2", "127.0.0.1")]
-
-    monkeypatch.setattr(loop, "getaddrinfo", two_ips)
+    answering(monkeypatch, "two.example.test", "127.0.0.2", "127.0.0.1")
     with socket.create_server(("127.0.0.1", 0)) as server:
         live = server.getsockname()[1]
         with never_accepting("127.0.0.2", live):
@@ -417,18 +423,6 @@ async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
         failed = await asyncio.gather(*calls, return_exceptions=True)
     assert [str(f) for f in failed] == [f"hang.example.test:{port}: Temporary failure in name resolution"] * 8
     assert edges._lookups == {}
-
-
-def answering(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
-    """The running loop's resolver answers `ips` for `name` (what its DNS server says), in that order."""
-    loop = asyncio.get_running_loop()
-
-    async def answer(host: str, port: int, **kw: Any) -> Any:
-        assert host == name
-        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
-                for ip in ips]  # fmt: skip
-
-    monkeypatch.setattr(loop, "getaddrinfo", answer)
 
 
 def nothing_accepted(server: socket.socket) -> bool:
