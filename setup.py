@@ -10,6 +10,7 @@ source (extension loaders come first), so `hostmesh version` tells which build i
 
 from __future__ import annotations
 
+import platform
 import runpy
 import sys
 from pathlib import Path
@@ -33,8 +34,18 @@ MIRROR = Path(".typecheck")
 #   compile time, but GCC then inlines more: +220 KiB of code, all of it resident.)
 # - packed relative relocations (DT_RELR, glibc >= 2.36; build-deb.sh then depends on it): the
 #   loader reads ~7,600 relocations at load, 24 bytes each (~180 KiB, resident), ~3 KiB packed.
+#   Only where the building host's glibc has them: a library built on an older one is linked without.
 EXPORTS_MAP = Path(__file__).resolve().parent / "packaging" / "backend" / "mypyc-exports.map"
-LINK_FLAGS = [f"-Wl,--version-script={EXPORTS_MAP}", "-Wl,-z,pack-relative-relocs"]
+RELR_GLIBC = (2, 36)
+
+
+def link_flags() -> list[str]:
+    libc, version = platform.libc_ver()
+    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) if libc == "glibc" else ()
+    relr = ["-Wl,-z,pack-relative-relocs"] if have >= RELR_GLIBC else []
+    return [f"-Wl,--version-script={EXPORTS_MAP}", *relr]
+
+
 MYPYC_FLAGS = [
     # only the compiled modules' own type errors stop the build; third-party packages are absent
     # from the isolated build environment, so an ignore that is needed in the venv may be unused here
@@ -72,7 +83,7 @@ def extensions() -> list:
         target_dir=str(Path("build") / "mypyc-c"),
     )
     for ext in built:
-        ext.extra_link_args = [*(ext.extra_link_args or []), *LINK_FLAGS]
+        ext.extra_link_args = [*(ext.extra_link_args or []), *link_flags()]
     return built
 
 

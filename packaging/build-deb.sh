@@ -133,7 +133,7 @@ install -m 0644 packaging/debian/copyright "$doc/copyright"
 chmod 0644 "$doc/changelog.gz"
 install -D -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/hostmesh"
 # The libc the shipped shared objects need: the newest GLIBC_ symbol version they reference, and
-# 2.36 where one has packed relative relocations (the compiled build's, setup.py LINK_FLAGS: they
+# 2.36 where one has packed relative relocations (the compiled build's, setup.py link_flags: they
 # need GLIBC_ABI_DT_RELR, which names no symbol, so objdump -T does not show it).
 glibc=$(find "$venv" -name '*.so' -type f -exec objdump -T {} + 2>/dev/null |
   grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)

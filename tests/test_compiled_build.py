@@ -94,7 +94,7 @@ def test_the_compiled_build_loads_its_extensions(venv: Path) -> None:
 
 def test_the_compiled_library_gives_the_loader_little_to_read(venv: Path) -> None:
     """The extensions export their module init functions only and the library's relocations are
-    packed (setup.py LINK_FLAGS): mypyc's ~2,200 global symbols and ~7,600 relocations of 24 bytes
+    packed (setup.py link_flags): mypyc's ~2,200 global symbols and ~7,600 relocations of 24 bytes
     are what the loader reads, and stayed resident in every agent (~0.33 MiB of its idle RSS)."""
     if shutil.which("nm") is None or shutil.which("readelf") is None:
         pytest.skip("no binutils (nm, readelf) to read the libraries with")

@@ -186,7 +186,7 @@ def test_artifacts(dist: Path, deb: Path) -> None:
     fields = run("dpkg-deb", "-f", str(deb), "Package", "Version", "Depends", "Architecture")
     assert "Package: hostmesh" in fields and f"Version: {version}" in fields
     assert "python3.11" in fields
-    # the compiled build's library has packed relative relocations (setup.py LINK_FLAGS), which a
+    # the compiled build's library has packed relative relocations (setup.py link_flags), which a
     # glibc before 2.36 refuses to load: the package says so rather than install where it cannot run
     libc = re.search(r"libc6 \(>= ([\d.]+)\)", fields)
     assert libc and tuple(map(int, libc.group(1).split("."))) >= (2, 36), fields
