@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 LONGEST_GROUPS = (
     "test_ansible",
     "test_ansible-packages",
+    "test_ansible-second-half",
     "test_compiled_build",
     "test_deb",
     "test_systemd_boot",

@@ -43,6 +43,11 @@ BUILD_TIMEOUT = 600
 # the tests of the built packages (the wheel, the .deb: the run's one build, tests/conftest.py), a third
 # of this module's time, are a test worker's group of their own (tests/conftest.py), beside the rest
 PACKAGES = pytest.mark.xdist_group("test_ansible-packages")
+# the rest is two groups of about equal time, so two workers run them at once: as one group it was
+# ~1,030 s on one worker, nearly the whole unit tier's wall time. SECOND_HALF: lint, the CA role, pip's
+# checks, split DNS and the join token's seven runs (688 s of test time against the first's 731 s, both
+# on one loaded machine); a test added goes where it evens them out (--durations=0 names the groups)
+SECOND_HALF = pytest.mark.xdist_group("test_ansible-second-half")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ansible-playbook", path=str(BIN)) is None,
@@ -74,6 +79,7 @@ def test_role_units_match_the_packaged_units() -> None:
         assert (ANSIBLE_DIR / "roles/hostmesh_install/files" / unit).read_text() == packaged, unit
 
 
+@SECOND_HALF
 def test_ansible_lint_is_clean(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "ansible-lint"), "--nocolor"],
@@ -87,6 +93,7 @@ def test_ansible_lint_is_clean(tmp_path: Path) -> None:
     assert "0 failure(s), 0 warning(s)" in result.stdout + result.stderr
 
 
+@SECOND_HALF
 def test_syntax_check(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml", "site.yml"],
@@ -110,6 +117,7 @@ def agent_role_without_install(tmp: Path) -> Path:
     return roles
 
 
+@SECOND_HALF
 @pytest.mark.parametrize(
     ("resolver", "present", "warns"),
     [
@@ -620,6 +628,7 @@ def test_agent_role_drains_services_and_gateways_with_the_token_file(
     assert maintained(consul, node) == []  # and none of them left in maintenance
 
 
+@SECOND_HALF
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.parametrize(
     "case", ["pin-file-lost", "pin-file-lost-after-rotation", "pin-file-kept-across-rotation", "root-lost"]
@@ -671,6 +680,7 @@ def test_ca_role_decides_on_the_root_in_its_data_folder(tmp_path: Path, case: st
     assert (data / "ca.json").read_text() == meta  # the same root
 
 
+@SECOND_HALF
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 def test_ca_role_makes_no_second_root_on_another_ca_host(tmp_path: Path) -> None:
     """Every CA host without a root ran `ca init`: an inventory of two CA hosts made two CAs, and the
@@ -708,6 +718,7 @@ def role_in_a_fleet(tmp_path: Path, role: str) -> tuple[Path, Path]:
     return playbook, inventory
 
 
+@SECOND_HALF
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.timeout(2 * PLAYBOOK_TIMEOUT)  # two runs of the role
 @pytest.mark.parametrize(
@@ -751,6 +762,7 @@ def test_a_role_without_facts_in_a_fleet_stops_naming_the_address_to_set(
     assert "127.0.0.1" in (root / written).read_text()
 
 
+@SECOND_HALF
 @pytest.mark.parametrize(
     ("role", "variable"),
     [("hostmesh_agent", "hostmesh_agent_mesh_address"), ("hostmesh_ca", "hostmesh_ca_advertise")],
@@ -780,6 +792,7 @@ def test_a_role_without_an_address_stops_before_installing(tmp_path: Path, role:
     assert list(root.iterdir()) == []  # no virtualenv, no /usr/bin/hostmesh, no unit
 
 
+@SECOND_HALF
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.parametrize(
     ("role", "written", "handler"),
@@ -808,6 +821,7 @@ def test_a_role_runs_with_private_role_vars(tmp_path: Path, role: str, written: 
     assert handler in result.stdout, output  # the handlers see them too
 
 
+@SECOND_HALF
 @pytest.mark.skipif(not importlib.util.find_spec("hostmesh.ca.cli"), reason="needs `hostmesh ca`")
 @pytest.mark.parametrize("case", ["converged", "fresh"])
 def test_ca_role_runs_in_check_mode(tmp_path: Path, case: str) -> None:
@@ -1320,6 +1334,7 @@ def installed_versions(root: Path) -> list[str]:
     )
 
 
+@SECOND_HALF
 def test_pip_leaves_a_newer_wheel_of_an_unpinned_package_to_pip(tmp_path: Path) -> None:
     """A package not pinned to one version (a bare name, a range) with a newer version beside the
     installed one in the --find-links folder: pip finds it satisfied and installs nothing, but the role
@@ -1343,6 +1358,7 @@ def test_pip_leaves_a_newer_wheel_of_an_unpinned_package_to_pip(tmp_path: Path) 
     assert recap(out)["changed"] == 0 and RESTART_NOTIFIED not in out, out[-6000:]
 
 
+@SECOND_HALF
 def test_pip_installs_again_a_wheel_given_as_a_file_url_with_a_plus(tmp_path: Path) -> None:
     """The package as a file: URL whose path holds a '+' (pip reports it as written, not quoted): the
     wheel's path was decoded with the '+' made a blank, so no file was checksummed, its checksum "" was
@@ -1507,6 +1523,7 @@ def test_the_roles_restart_settings_cover_what_a_reload_cannot_change() -> None:
     assert set(RESTART_KEYS) | {"services"} <= set(role_vars["hostmesh_agent_restart_settings"])
 
 
+@SECOND_HALF
 @pytest.mark.timeout(7 * PLAYBOOK_TIMEOUT)  # seven runs of the role
 def test_agent_role_issues_a_join_token_for_a_service_added_to_the_host(tmp_path: Path) -> None:
     """A service added to a host that has its join token (spent on the first certificates): only a
@@ -1598,6 +1615,7 @@ def run_dns_tasks(tmp_path: Path, roles: Path, roots: dict[str, Path], dns: str,
     return result
 
 
+@SECOND_HALF
 def test_agent_role_removes_the_split_dns_drop_in_it_no_longer_chooses(tmp_path: Path) -> None:
     """The agent role's DNS tasks, run again with another resolver, then with mesh DNS off: only the
     chosen resolver keeps a drop-in. Before, an earlier one stayed and went on sending mesh names to
@@ -1630,6 +1648,7 @@ if args[:1] == ["show"]:
 """
 
 
+@SECOND_HALF
 @pytest.mark.parametrize("dnsmasq", ["stopped", "gone"])
 def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_nothing(
     tmp_path: Path, dnsmasq: str
@@ -1653,6 +1672,7 @@ def test_a_resolver_losing_our_drop_in_is_not_started_and_its_absence_fails_noth
     ]
 
 
+@SECOND_HALF
 @pytest.mark.parametrize(
     ("resolver", "unit", "told"),
     [
@@ -1683,6 +1703,7 @@ def test_a_stopped_resolver_given_our_drop_in_is_not_started(
     assert [c for c in said if c[0] != "show" and c[1:2] == [unit]] == [[told, unit]], said
 
 
+@SECOND_HALF
 @pytest.mark.parametrize(("dns", "domain", "host"), [
     ("127.0.0.1:15053", "mesh", "127.0.0.1"), ("[::1]:15053", "mesh", "::1"),
     ("127.0.0.1:15053", "Mesh.", "127.0.0.1"), ("0.0.0.0:53", "mesh", "127.0.0.1"),
