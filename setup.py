@@ -10,7 +10,6 @@ source (extension loaders come first), so `hostmesh version` tells which build i
 
 from __future__ import annotations
 
-import platform
 import runpy
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from setuptools import setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "packaging" / "backend"))
-from hostmesh_build import compile_requested
+from hostmesh_build import compile_requested, packs_relocations
 
 PACKAGES = {"agent": "agent", "registry": "registry", "ca": "ca"}  # import name part -> source folder
 # mypy names the modules `hostmesh.agent.…` through the tree of links with the installed layout that
@@ -36,13 +35,10 @@ MIRROR = Path(".typecheck")
 #   loader reads ~7,600 relocations at load, 24 bytes each (~180 KiB, resident), ~3 KiB packed.
 #   Only where the building host's glibc has them: a library built on an older one is linked without.
 EXPORTS_MAP = Path(__file__).resolve().parent / "packaging" / "backend" / "mypyc-exports.map"
-RELR_GLIBC = (2, 36)
 
 
 def link_flags() -> list[str]:
-    libc, version = platform.libc_ver()
-    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) if libc == "glibc" else ()
-    relr = ["-Wl,-z,pack-relative-relocs"] if have >= RELR_GLIBC else []
+    relr = ["-Wl,-z,pack-relative-relocs"] if packs_relocations() else []
     return [f"-Wl,--version-script={EXPORTS_MAP}", *relr]
 
 

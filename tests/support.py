@@ -491,3 +491,13 @@ class SilentServer(ConnServer):
         super().close()
         for conn in self.held:
             conn.close()
+
+
+def packs_relocations() -> bool:
+    """Whether this host's compiled build has packed relative relocations, as setup.py decides it
+    (packaging/backend/hostmesh_build.py: glibc 2.36 or later)."""
+    import runpy
+
+    return bool(
+        runpy.run_path(str(REPO / "packaging" / "backend" / "hostmesh_build.py"))["packs_relocations"]()
+    )
