@@ -12,6 +12,7 @@ certain); every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -124,15 +125,18 @@ def tcp_versions(port: int) -> set[str]:
     return seen
 
 
-def udp_versions(port: int) -> set[str]:
-    """The version CALLS new flows (a client socket each) to node-web's echo listener reached."""
+def udp_versions(port: int, held: contextlib.ExitStack) -> set[str]:
+    """The version CALLS new flows (a client socket each) to node-web's echo listener reached. The
+    sockets stay open in `held` until the test ends: the agent keeps a flow, keyed by its source
+    address, until it is idle udp_idle_timeout (60 s), and the kernel may give a closed socket's port
+    to the next one, whose datagrams would join the flow of an earlier split (once in a CI run)."""
     seen = set()
     for _ in range(CALLS):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(IO_TIMEOUT)
-            s.connect(("127.0.0.1", port))
-            s.send(b"which?")
-            seen.add(s.recv(16).decode())
+        s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        s.settimeout(IO_TIMEOUT)
+        s.connect(("127.0.0.1", port))
+        s.send(b"which?")
+        seen.add(s.recv(16).decode())
     return seen
 
 
@@ -159,10 +163,11 @@ def test_a_tcp_services_connections_follow_its_route_documents_split(cleared: Me
 def test_a_udp_services_flows_follow_its_route_documents_split(cleared: Mesh, tmp_path: Path) -> None:
     """A udp service's flows ignored any route document (and no document could say udp)."""
     mesh = cleared
-    apply_split(mesh, "echo", "udp", 100, 0, tmp_path)
-    assert udp_versions(mesh.echo_port) == {"v1"}
-    apply_split(mesh, "echo", "udp", 0, 100, tmp_path)
-    assert udp_versions(mesh.echo_port) == {"v2"}
+    with contextlib.ExitStack() as held:
+        apply_split(mesh, "echo", "udp", 100, 0, tmp_path)
+        assert udp_versions(mesh.echo_port, held) == {"v1"}
+        apply_split(mesh, "echo", "udp", 0, 100, tmp_path)
+        assert udp_versions(mesh.echo_port, held) == {"v2"}
     check = mesh.m.hostmesh("check", "--no-ca", "--output", "json", check=False)
     findings = [f for f in json.loads(check.stdout)["findings"] if f["subject"] == "routes/echo"]
     assert findings == []  # the document fits the service: nothing false to say about it
