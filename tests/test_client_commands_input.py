@@ -41,14 +41,13 @@ from hostmesh.agent.metrics import Telemetry, generate_latest
 from hostmesh.agent.status import ADMIN_TIMEOUT, AdminAddressError, admin_base_url, admin_dial_url
 from hostmesh.agent.ui import Collector
 from hostmesh.registry.consul import ConsulClient
-from hostmesh.registry.http import CONNECT_TIMEOUT, addressed_locally
+from hostmesh.registry.http import addressed_locally
 from tests.support import ConnServer, ConsulDev, wait_until
 from tests.test_cli_ops import fails
 
 HTML = (200, "text/html", b"<html><body>Welcome to nginx</body></html>")
 NOT_FOUND = (404, "text/html", b"<h1>404</h1>")
 Answer = tuple[int, str, bytes]
-RESOLVER_HOLD = 10.0  # seconds the stood-in resolver holds a lookup: ten times the --timeout tested
 HUNG_RESOLVER_HOLD = 30.0  # seconds hung_resolver holds a lookup at most: six times ADMIN_TIMEOUT
 
 
@@ -470,7 +469,6 @@ from hostmesh.agent.cli import main
 sys.argv = ["hostmesh", *sys.argv[2:]]
 main()
 """
-EXIT_SLACK = 4.0  # seconds past CONNECT_TIMEOUT for a command's start (~1 s) and its exit
 
 
 @pytest.mark.consul
@@ -507,7 +505,9 @@ def test_a_command_given_a_name_the_resolver_does_not_answer_exits_at_its_connec
         capture_output=True, text=True, timeout=HUNG_RESOLVER_HOLD + 30, check=False,
     )  # fmt: skip
     took = time.monotonic() - started
-    assert took < CONNECT_TIMEOUT + EXIT_SLACK, f"{argv} exited after {took:.1f}s: {proc.stderr}"
+    # before the lookup ends (it did, at HUNG_RESOLVER_HOLD, before the fix), with room for a loaded
+    # host's start of the command: the timeout itself is the line's
+    assert took < HUNG_RESOLVER_HOLD / 2, f"{argv} exited after {took:.1f}s: {proc.stderr}"
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     if line:
         assert proc.stderr.strip() == line
@@ -725,30 +725,13 @@ def test_wait_ready_refuses_an_address_it_cannot_use_at_once(admin: str, why: st
     assert line == f"Error: --admin {admin!r}: {why}"
 
 
-def test_wait_ready_gives_up_at_its_timeout_on_a_resolver_that_does_not_answer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_wait_ready_gives_up_at_its_timeout_on_a_resolver_that_does_not_answer(hung_resolver: None) -> None:
     """--timeout bounds the name's lookup too: a resolver that did not answer held `--timeout 1` until
-    it did (the system resolver's own retries: 5 s a try and more). The lookup is made slow at the
-    seam the command resolves through, socket.getaddrinfo (no test-local resolver can stand in for
-    the system's without a network namespace); it answers after RESOLVER_HOLD at the latest."""
-    release = threading.Event()
-    real = socket.getaddrinfo
-
-    def hung(host: str, *args: Any, **kwargs: Any) -> Any:
-        if host != "slow.example":
-            return real(host, *args, **kwargs)
-        release.wait(RESOLVER_HOLD)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    it did (the system resolver's own retries: 5 s a try and more)."""
     started = time.monotonic()
-    try:
-        line = fails(hm("agent", "wait-ready", "--admin", "slow.example:15000", "--timeout", "1"))
-        took = time.monotonic() - started
-    finally:
-        release.set()
-    assert took < RESOLVER_HOLD / 2, f"wait-ready returned after {took:.1f}s: {line}"
+    line = fails(hm("agent", "wait-ready", "--admin", "slow.example:15000", "--timeout", "1"))
+    took = time.monotonic() - started
+    assert took < HUNG_RESOLVER_HOLD / 2, f"wait-ready returned after {took:.1f}s: {line}"  # not its answer
     assert (
         line == "Error: agent not ready after 1s: --admin slow.example: no answer from the resolver within 1s"
     )
