@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 # Four pytest-xdist workers: much of the tier's time is waiting (agents starting, Consul answering,
 # timers running out): with two, a 2-core machine was still idle 36 % of the tier (a fresh clone's run
 # of f4ce477, /proc/stat each second); with three, the tier took 1,128 s on a quiet 2-core host, with
-# four 988 s (fresh clones of 9c001b1 and 4eade48, 2026-12-07); each module stays on one worker
+# four 988 and 1,045 s (fresh clones of 9c001b1, 4eade48 and d2faac3, 2026-12-07); each module stays on one worker
 # (tests/conftest.py).
 # UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped test and why, beside
 # the failures and errors, so a log shows what a run did not test.
