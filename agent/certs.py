@@ -627,10 +627,11 @@ class CertManager:
 
     def _drop_join_key(self, service: str) -> None:
         """Its certificate is stored (with the key as `<service>.key`): the kept copy has served."""
+        path = join_key_path(self.dir, service)
         try:
-            join_key_path(self.dir, service).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:  # harmless: the next token spend reuses it, or replaces a torn one
-            log.warning("cannot remove %s: %s", join_key_path(self.dir, service), exc.strerror)
+            log.warning("cannot remove %s: %s", path, exc.strerror)
 
     def _trusted_offered(self, offered: list[x509.Certificate]) -> list[x509.Certificate]:
         """Of the roots a CA offers, those this host trusts on its own: the pinned root, and the

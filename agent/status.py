@@ -104,7 +104,7 @@ class AdminResolveTimeout(AdminAddressError):
 def unreachable_reason(address: str, client: HTTPClient, exc: RegistryError) -> str:
     """What a line that names the admin API at `address` says of `client`'s failure to reach it: the
     reason alone where the client dialed the address as named; with the address dialed where a
-    name was resolved to it (`admin_connect_host`), which the operator did not name (a stale DNS
+    name was resolved to it (`resolve_admin_host`), which the operator did not name (a stale DNS
     record is then what to see)."""
     return exc.reason if client.base_url == admin_base_url(address) else str(exc)
 

@@ -38,6 +38,16 @@ def write_config(tmp: Path) -> tuple[Path, Path, Path]:
     return config, data_dir, token
 
 
+def key_in_cert_dir(data_dir: Path, name: str, mode: int) -> Path:
+    """`name` written in the agent's cert dir (made 0700 as the agent makes it) with `mode`."""
+    certs = data_dir / "certs"
+    certs.mkdir(mode=0o700, exist_ok=True)
+    key = certs / name
+    key.write_text("key")
+    key.chmod(mode)
+    return key
+
+
 def run(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*HOSTMESH, "agent", "run", "--config", str(config)], capture_output=True, text=True, timeout=60
@@ -123,10 +133,7 @@ def test_token_file_readable_by_others_is_refused_with_the_fix(tmp_path: Path) -
 
 def test_key_file_readable_by_group_is_refused(tmp_path: Path) -> None:
     config, data_dir, _ = write_config(tmp_path)
-    (data_dir / "certs").mkdir(mode=0o700)
-    key = data_dir / "certs" / "web.key"
-    key.write_text("key")
-    key.chmod(0o640)
+    key = key_in_cert_dir(data_dir, "web.key", 0o640)
     with pytest.raises(
         ConfigError, match=rf"the key of web {key} is readable by group \(mode 0640\); fix: chmod 600"
     ):
@@ -472,11 +479,8 @@ def test_validate_as_root_takes_the_files_of_the_user_it_checks_for(unit_dir: Pa
     an owner check of "root or the process's user" would have refused every such host. Another
     user's key is still refused, naming those accepted."""
     config, data_dir, token = write_config(unit_dir)
-    certs = data_dir / "certs"
-    certs.mkdir(mode=0o700)
-    key = certs / "web.key"
-    key.write_text("key")
-    key.chmod(0o600)
+    key = key_in_cert_dir(data_dir, "web.key", 0o600)
+    certs = key.parent
     with the_service_user() as service_uid:
         nobody = pwd.getpwnam("nobody").pw_uid
         for path in (data_dir, certs, key, token):
@@ -536,11 +540,8 @@ def test_the_kept_join_key_is_checked_as_the_service_key_is(unit_dir: Path) -> N
     know into it: the host's certificate would be issued for it), or that the agent's user cannot read
     passed the start's checks and `agent validate`'s, which knew only <service>.key."""
     config, data_dir, token = write_config(unit_dir)
-    certs = data_dir / "certs"
-    certs.mkdir(mode=0o700)
-    join_key = certs / "web.join.key"
-    join_key.write_text("key")
-    join_key.chmod(0o640)
+    join_key = key_in_cert_dir(data_dir, "web.join.key", 0o640)
+    certs = join_key.parent
     cfg = load_config(config)
     with pytest.raises(ConfigError, match=re.escape(f"the join key of web {join_key} is readable by group")):
         check_permissions(cfg)
