@@ -401,26 +401,18 @@ def test_options_asterisk_is_answered_by_the_gateway_for_a_host_it_routes(tmp_pa
     404 NR, as each of its requests is."""
     document = {"service": "edge", "http": [{"hosts": [HOST], "prefix": "/api", "service": "web"}]}
 
-    async def options(port: int, host: str, method: str = "OPTIONS") -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"{method} * HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
-            return await asyncio.wait_for(reader.read(), WAIT)
-        finally:
-            writer.close()
-
     async def body() -> None:
         async with gateway(tmp_path, "asyncio", document=document) as g:
             with every_access_line() as lines:
-                served = await options(g.http, HOST)
+                served = await _request(g.http, "OPTIONS", "*")
                 await async_wait_until(lambda: lines, WAIT, "the request's access line")
             assert served.startswith(b"HTTP/1.1 200 "), served
             assert b"\r\nallow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n" in served
             [line] = lines
             assert (line["method"], line["path"], line["response_code"]) == ("OPTIONS", "*", 200)
-            unrouted = await options(g.http, "nobody.example.test")
+            unrouted = await _request(g.http, "OPTIONS", "*", "nobody.example.test")
             assert unrouted.startswith(b"HTTP/1.1 404 ") and b"x-hostmesh-response-flags: NR" in unrouted
-            not_options = await options(g.http, HOST, "GET")  # `*` is OPTIONS' alone (l7/normalize.py)
+            not_options = await _request(g.http, "GET", "*")  # `*` is OPTIONS' alone (l7/normalize.py)
             assert not_options.startswith(b"HTTP/1.1 400 ") and b"flags: DPE" in not_options, not_options
 
     run("asyncio", body)
@@ -480,18 +472,14 @@ async def _slow_heads(g: Gateway, n: int) -> list[tuple[asyncio.StreamReader, as
     return slow
 
 
-def _get(port: int) -> Coroutine[Any, Any, bytes]:
+async def _request(port: int, method: str = "GET", target: str = "/", host: str = HOST) -> bytes:
     """One request on a new connection (its head in one write), its whole answer."""
-
-    async def get() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
-            return await asyncio.wait_for(reader.read(), WAIT)
-        finally:
-            writer.close()
-
-    return get()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"{method} {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -510,7 +498,7 @@ def test_at_the_cap_the_head_arriving_longest_gives_its_slot_to_a_new_client(
             slow = await _slow_heads(g, CAP)
             assert g.cap.open == CAP
             with caplog.at_level(logging.INFO, logger="hostmesh.proxy.limits"):
-                served = await _get(g.http)
+                served = await _request(g.http)
             assert served.startswith(b"HTTP/1.1 404"), served[
                 :200
             ]  # served (404 NR: no document), not 503 OM
@@ -552,7 +540,7 @@ def test_at_the_cap_a_head_sent_in_two_quick_reads_is_not_taken_for_a_slow_one(
             kept = [await _kept_alive_request(g) for _ in range(CAP - 1)]  # each takes a slow one's slot
             heads = [head[:40] for _, _, head in kept]
             assert all(head.startswith(b"HTTP/1.1 404") for head in heads), heads
-            shed = await _get(g.http)
+            shed = await _request(g.http)
             assert shed.startswith(b"HTTP/1.1 503") and b"\r\nx-hostmesh-response-flags: OM\r\n" in shed, shed
             # ^ the quick head, arriving for less than RECLAIM_MIN_ARRIVING, kept its slot
             writer.write(b"connection: close\r\n\r\n")  # its second read
@@ -584,7 +572,7 @@ def test_at_the_cap_a_connection_that_sent_nothing_yet_gives_its_slot_quietly(
             for i in range(CAP):  # one by one, so that their order is known
                 silent.append(await asyncio.open_connection("127.0.0.1", g.http))
                 await async_wait_until(lambda i=i: g.cap.open == i + 1, WAIT, f"connection {i} accepted")
-            served = await _get(g.http)
+            served = await _request(g.http)
             assert served.startswith(b"HTTP/1.1 404"), served[:200]
             assert await asyncio.wait_for(silent[0][0].read(), WAIT) == b""  # closed, nothing said
             assert (g.cap.reclaimed, g.cap.evicted_slow, g.cap.rejected) == (1, 1, 0)
