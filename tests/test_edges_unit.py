@@ -11,10 +11,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import itertools
 import logging
+import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -32,8 +35,9 @@ from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
-from tests.support import async_wait_until, metric_sample
+from tests.support import REPO, async_wait_until, metric_sample
 from tests.test_e2e_edges import OutsideCA, TLSServer
+from tests.test_netns_edges import Namespace
 from tests.test_proxy_component import CA, TD, closed_by_peer, snapshot
 
 PIN = "sha256:" + "0" * 64
@@ -370,24 +374,69 @@ def answering(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
     monkeypatch.setattr(loop, "getaddrinfo", answer)
 
 
-async def test_a_dead_first_ip_of_a_name_costs_its_timeout_once_not_every_connection(
-    monkeypatch: pytest.MonkeyPatch,
+# Answers of a name that a connection is dialed at (neither loopback nor link-local, which a name's
+# answer may not be): the benchmarking range, on the loopback of a network namespace of its own only
+NAME_IPS = ("198.18.0.1", "198.18.0.2")
+_namespaces = itertools.count()
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Namespace]:
+    """A network namespace of the test's own whose loopback also holds NAME_IPS (root only, skipped
+    otherwise, as tests/test_netns_edges.py is): a name's answers dialed there reach a server of the
+    test, and nothing outside it."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    subprocess.run([str(REPO / "packaging/ensure-tools.sh"), "ip"], check=True, timeout=600)
+    ns = Namespace(f"hmu{os.getpid() % 100000}-{next(_namespaces)}")
+    try:
+        for ip in NAME_IPS:
+            subprocess.run(
+                ["ip", "-n", ns.name, "addr", "add", f"{ip}/32", "dev", "lo"], check=True, timeout=10
+            )
+        yield ns
+    finally:
+        ns.close()
+
+
+def run_in(
+    ns: Namespace, policy: asyncio.AbstractEventLoopPolicy, body: Callable[[], Awaitable[None]]
+) -> None:
+    """`body` run to its end on a loop of `policy` (the module's two) in `ns`, bounded by IO_TIMEOUT."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(body(), IO_TIMEOUT)
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=policy.new_event_loop) as runner:
+            runner.run(bounded())
+
+    ns.run(run)
+
+
+def test_a_dead_first_ip_of_a_name_costs_its_timeout_once_not_every_connection(
+    elsewhere: Namespace, event_loop_policy: asyncio.AbstractEventLoopPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A name whose first IP never answers (blackholed IPv6, one of its A records gone) took the
     address's whole timeout on every connection, its other IPs never tried: the hold of a failed
-    address applies to a name's IPs too. The name resolves to 127.0.0.2 (its accept queue full) and
-    then 127.0.0.1 (a server), on one port."""
+    address applies to a name's IPs too. The name resolves to NAME_IPS[0] (its accept queue full) and
+    then NAME_IPS[1] (a server), on one port."""
     monkeypatch.setattr(edges, "_failed_at", {}, raising=False)  # (fresh)
     monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 0.5)  # 5 s in the agent
-    answering(monkeypatch, "two.example.test", "127.0.0.2", "127.0.0.1")
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        live = server.getsockname()[1]
-        with never_accepting("127.0.0.2", live):
-            ext = ExternalService("x-name", 1, (ExternalAddress("two.example.test", live),))
-            with pytest.raises(OriginateError):  # this one pays the dead IP's timeout
-                await reached(ext)
-            monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # tried first, it would hang
-            assert [await reached(ext) for _ in range(3)] == [f"two.example.test:{live}"] * 3
+    dead, live = NAME_IPS
+
+    async def body() -> None:
+        answering(monkeypatch, "two.example.test", dead, live)
+        with socket.create_server((live, 0)) as server:
+            port = server.getsockname()[1]
+            with never_accepting(dead, port):
+                ext = ExternalService("x-name", 1, (ExternalAddress("two.example.test", port),))
+                with pytest.raises(OriginateError):  # this one pays the dead IP's timeout
+                    await reached(ext)
+                monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # tried first, it would hang
+                assert [await reached(ext) for _ in range(3)] == [f"two.example.test:{port}"] * 3
+
+    run_in(elsewhere, event_loop_policy, body)
 
 
 async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
