@@ -33,6 +33,7 @@ from hostmesh.agent.proxy.edges import OriginateError, client_hello_sni, origina
 from hostmesh.agent.proxy.inbound import InboundListener
 from hostmesh.agent.proxy.outbound import OutboundListener
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder, TLSMaterial
+from hostmesh.registry.addresses import authority
 from hostmesh.registry.ratelog import DEFAULT_LINES
 from hostmesh.registry.schema import ExternalAddress, ExternalService, ExternalTLS
 from tests.support import REPO, async_wait_until, metric_sample
@@ -447,7 +448,9 @@ async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
     agent resolves) had none left: another external, `localhost`, answered in 0.09 s alone and not
     within 10 s beside them (probed with a resolv.conf naming a server that never answers). Here the
     loop's lookup of that name waits until released: the calls share one, another name resolves
-    meanwhile, and once it fails each waiting call fails with it, none left open."""
+    meanwhile (`localhost`, by the system's resolver: its loopback answers are not dialed, and the
+    failure names them, so its lookup was done), and once the held one fails each waiting call
+    fails with it, none left open."""
     monkeypatch.setattr(edges, "EXTERNAL_CONNECT_TIMEOUT", 3600.0)  # the calls wait for the lookup
     loop = asyncio.get_running_loop()
     real, release, lookups = loop.getaddrinfo, asyncio.Event(), []
@@ -466,12 +469,20 @@ async def test_connections_to_a_name_whose_lookup_hangs_share_one_lookup(
         calls = [asyncio.ensure_future(reached(hung)) for _ in range(8)]
         await async_wait_until(lambda: "hang.example.test" in lookups, IO_TIMEOUT, "the lookup")
         other = ExternalService("x-local", 1, (ExternalAddress("localhost", port),))
-        assert await reached(other) == f"localhost:{port}"
+        with pytest.raises(
+            OriginateError, match=rf"^localhost:{port}: resolves to (127\.0\.0\.1|::1), .*loopback"
+        ):
+            await reached(other)
         assert lookups.count("hang.example.test") == 1
         release.set()
         failed = await asyncio.gather(*calls, return_exceptions=True)
     assert [str(f) for f in failed] == [f"hang.example.test:{port}: Temporary failure in name resolution"] * 8
     assert edges._lookups == {}
+
+
+def server_on(host: str) -> socket.socket:
+    """A listening socket on `host`, an IPv4 or IPv6 address, at a port of its own."""
+    return socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
 
 
 def nothing_accepted(server: socket.socket) -> bool:
@@ -506,18 +517,110 @@ async def test_a_name_answering_any_address_does_not_reach_the_agents_own_host(
     assert f"api.example.test:{port}: resolves to {answer}, no address to connect to (any address)" in line
 
 
-async def test_a_name_answering_any_address_among_others_reaches_the_others(
+@pytest.mark.parametrize(
+    ("answer", "own_host"), [("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("::1", "::1")]
+)
+def test_a_name_answering_its_own_host_among_others_reaches_the_others(
+    answer: str,
+    own_host: str,
+    elsewhere: Namespace,
+    event_loop_policy: asyncio.AbstractEventLoopPolicy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Only the undialable answer is left out: the name's other address is dialed."""
-    with socket.create_server(("127.0.0.1", 0)) as own:
+    """Only the answer that reaches the dialer's own host is left out (here the first): the name's
+    other address is dialed, and the stand-in on the host's loopback sees nothing."""
+
+    async def body() -> None:
+        with server_on(own_host) as own:
+            port = own.getsockname()[1]
+            with socket.create_server((NAME_IPS[1], port)) as external:
+                answering(monkeypatch, "api.example.test", answer, NAME_IPS[1])
+                ext = ExternalService("x-own", 1, (ExternalAddress("api.example.test", port),))
+                assert await reached(ext) == f"api.example.test:{port}"
+                assert not nothing_accepted(external)
+            assert nothing_accepted(own)
+
+    run_in(elsewhere, event_loop_policy, body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "own_host"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.3.4.5", "127.3.4.5"),
+        ("::ffff:127.0.0.1", "127.0.0.1"),
+        ("::1", "::1"),
+    ],
+)
+async def test_a_name_answering_loopback_does_not_reach_the_agents_own_host(
+    answer: str, own_host: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name whose DNS answer was a loopback address (any of 127.0.0.0/8, ::1, IPv4-mapped) was
+    dialed, and reached whatever listens there at the document's port on the originating host: here a
+    stand-in for its admin API. A DNS record is not the operator's choice (a zone they do not own, one
+    rebound after review): the app's connection is reset, flag UF, and the line names the name, the
+    answer and the way to mean it. Written as the address, the operator's explicit choice, it is dialed."""
+    with server_on(own_host) as own:
         port = own.getsockname()[1]
-        with socket.create_server(("127.0.0.2", port)) as external:
-            answering(monkeypatch, "api.example.test", "0.0.0.0", "127.0.0.2")
-            ext = ExternalService("x-any", 1, (ExternalAddress("api.example.test", port),))
-            assert await reached(ext) == f"api.example.test:{port}"
-            assert not nothing_accepted(external)
+        answering(monkeypatch, "api.example.test", answer)
+        ext = ExternalService("x-local", 1, (ExternalAddress("api.example.test", port),))
+        tel = Telemetry()
+        async with caller_of(ext, tel) as listener:
+            assert await app_call(listener) == "reset"
         assert nothing_accepted(own)
+        written = ExternalService("x-local", 1, (ExternalAddress(answer, port),))
+        assert await reached(written) == authority(answer, port)
+        assert not nothing_accepted(own)
+    assert uf_count(tel, "source", "x-local") == 1
+    [line] = lines_about(caplog, "x-local")
+    assert (
+        f"api.example.test:{port}: resolves to {answer}, no address to connect to (loopback, this host's "
+        "own: dialed only when the document writes the address itself)"
+    ) in line
+
+
+async def test_at_the_egress_gateway_a_name_answering_loopback_does_not_reach_the_gateways_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's finding: through an egress gateway a remote mesh caller reached a stand-in admin
+    API on the gateway host's loopback, by an external whose name answered 127.0.0.1. The gateway
+    resets the caller's stream (so the app's connection), flag UF at the gateway, one line there."""
+    ca = CA(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as admin:
+        port = admin.getsockname()[1]
+        answering(monkeypatch, "api.example.test", "127.0.0.1")
+        ext = ExternalService("x-admin", 1, (ExternalAddress("api.example.test", port),), via="out")
+        tel_gw, tel = Telemetry(), Telemetry()
+        async with egress_gateway(
+            with_externals(snapshot({"out": 1}, ca.material(["out"])), ext), tel_gw
+        ) as gw:
+            snap = snapshot({"web": 1}, ca.material(["web"]), {"out": [(gw, {})]})
+            async with caller_of(ext, tel, snap) as listener:
+                assert await app_call(listener) == "reset"
+        assert nothing_accepted(admin)
+    assert uf_count(tel_gw, "destination", "x-admin") == 1
+    [line] = lines_about(caplog, "x-admin")
+    assert f"api.example.test:{port}: resolves to 127.0.0.1, no address to connect to (loopback" in line
+
+
+@pytest.mark.parametrize(
+    "answer", ["169.254.169.254", "169.254.0.1", "::ffff:169.254.169.254", "fe80::1", "fe80::1%lo", "febf::1"]
+)
+def test_a_link_local_answer_is_not_dialed(answer: str) -> None:
+    """A name answering 169.254.169.254 reached the cloud's metadata service from the originating host
+    (its credentials, for a remote caller at an egress gateway). Checked on the answer alone: a test
+    dials no address beyond loopback, so none of these is connected to, before or after."""
+    assert edges._undialable_answer(answer) == (
+        "link-local, this host's link (a cloud's metadata service): dialed only when the document "
+        "writes the address itself"
+    )
+    assert edges._undialable_answer(answer, written=True) is None  # the operator's explicit choice
+
+
+@pytest.mark.parametrize("answer", ["203.0.113.7", "10.1.2.3", "100.64.0.1", "2001:db8::1", "fec0::1"])
+def test_an_answer_beyond_the_hosts_own_loopback_and_link_is_dialed(answer: str) -> None:
+    """Private and shared ranges are where a database on a VM without an agent lives: still dialed."""
+    assert edges._undialable_answer(answer) is None
 
 
 @pytest.mark.parametrize("where", ["address", "sni"])

@@ -6,7 +6,8 @@ service calls as an ordinary upstream by name. Pipeline per connection on the up
     (read by this agent; unread: refused, flag NI, fail closed; denied: reset, flag AUTHZ)
     -> direct: connect one of the external's addresses in turn (those that failed lately last, 30 s
        in all; DNS names resolved then, one lookup per name shared by its connections, answers a
-       document may not write left out: 0.0.0.0 reached our own host) and, when
+       document may not write left out (0.0.0.0 reached our own host), and loopback and link-local
+       ones (127.0.0.1, 169.254.169.254: dialed only when written as the address) and, when
        its document says so, originate TLS with its SNI, verified against its CA file or the
        system's trust store -> pump; no address connected and verified (whatever the error: a
        timeout, a certificate not trusted, a name no resolver takes): reset, flag UF, one log line
@@ -70,7 +71,7 @@ from hostmesh.agent.proxy.limits import STREAM_IDLE_TIMEOUT, Admission, Connecti
 from hostmesh.agent.proxy.pump import Pipe, RawEnd, reset_transport
 from hostmesh.agent.snapshot import Snapshot, SnapshotHolder
 from hostmesh.ca.identity import Identity
-from hostmesh.registry.addresses import authority, peer_authority, undialable
+from hostmesh.registry.addresses import authority, peer_authority, undialable, unmapped
 from hostmesh.registry.listen import ACCEPT_FDS, start_servers
 from hostmesh.registry.names import MAX_HOST_NAME
 from hostmesh.registry.ratelog import RateLimitedLog
@@ -227,15 +228,32 @@ async def _resolved(loop: asyncio.AbstractEventLoop, addr: ExternalAddress) -> l
     return [info[4][0] for info in found]
 
 
-def _undialable_answer(ip: str) -> str | None:
-    """Why a resolver's answer is not dialed: what a document may not write (`undialable`, as the
-    schema refuses it) it may not reach through a name either. A name answering 0.0.0.0 connected to
-    the originating agent's own host (its admin API, Consul's HTTP API, its upstream listeners:
-    whatever listens on 127.0.0.1 at the document's port), at an egress gateway for remote callers."""
+# how a document reaches the host's own loopback or link, which a name's answer does not: the
+# operator's explicit choice, one a DNS record cannot make for them
+_WRITE_THE_ADDRESS = "dialed only when the document writes the address itself"
+
+
+def _undialable_answer(ip: str, written: bool = False) -> str | None:
+    """Why an address of an external is not dialed: what a document may not write (`undialable`, as
+    the schema refuses it) it may not reach through a name either; nor, unless `written` (the
+    document's own address, no name resolved), the originating host's own loopback or link, in any
+    form (IPv4-mapped too). A name answering 0.0.0.0 or 127.0.0.1 connected to the originating
+    agent's own host (its admin API, Consul's HTTP API, its upstream listeners: whatever listens
+    there at the document's port), one answering 169.254.169.254 to the cloud's metadata service
+    (the host's credentials): at an egress gateway, for remote callers, by a DNS record the operator
+    may not own or may see changed after review."""
     try:
-        return undialable(ipaddress.ip_address(ip))
+        address = ipaddress.ip_address(ip)
     except ValueError:  # not an address ipaddress reads: the loop says what it makes of it
         return None
+    if (why := undialable(address)) or written:
+        return why
+    target = unmapped(address)
+    if target.is_loopback:
+        return f"loopback, this host's own: {_WRITE_THE_ADDRESS}"
+    if target.is_link_local:
+        return f"link-local, this host's link (a cloud's metadata service): {_WRITE_THE_ADDRESS}"
+    return None
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, protocol: asyncio.BaseProtocol,
@@ -248,7 +266,8 @@ async def _connect(loop: asyncio.AbstractEventLoop, addr: ExternalAddress, proto
     errors: list[OSError] = []
     ips: list[ExternalAddress] = []
     for answer in await _resolved(loop, addr):
-        if why := _undialable_answer(answer):
+        # a document's IP address is its own only answer (`_resolved`): the operator wrote it
+        if why := _undialable_answer(answer, written=answer == addr.host):
             errors.append(OSError(f"resolves to {answer}, no address to connect to ({why})"))
         else:
             ips.append(ExternalAddress(answer, addr.port))
