@@ -82,6 +82,7 @@ from hostmesh.registry.watch import Watch, backoff_delay
 if TYPE_CHECKING:  # (imported where used: `cryptography` and the helper's code load only when needed)
     from hostmesh.agent.certproc import CertView
     from hostmesh.agent.certs import CertInfo
+    from hostmesh.agent.observe import PacedExposition
     from hostmesh.agent.workers import DiskCerts
 
 log = logging.getLogger("hostmesh.agent")
@@ -293,6 +294,7 @@ class Agent:
         self.dns: Any = None  # the primary's mesh DNS server (agent/dns.py); None: dns = "" or a worker
         self.admin: AdminAPI | None = None  # the primary's admin API (its /health/<service> probes the app)
         self.gateways: list[Any] = []  # edges.IngressGateway of each ingress [[gateways]] (primary only)
+        self._exposition: PacedExposition | None = None  # /metrics' answers, made at its first request
 
     # --- start ------------------------------------------------------------------------------
 
@@ -1130,17 +1132,30 @@ class Agent:
 
         if req.path != "/metrics":
             return Response.error(404, "metrics are served at /metrics")
+        if self._exposition is None:
+            from hostmesh.agent.observe import PacedExposition
+
+            self._exposition = PacedExposition(self._build_exposition)
+        return Response(200, await self._exposition.answer(), {"content-type": CONTENT_TYPE_LATEST})
+
+    async def _build_exposition(self) -> tuple[bytes, float]:
+        """/metrics' answer, and the seconds its building held the event loop (observe.PacedExposition)."""
+        start = time.perf_counter()
         if self.workers is not None:
             from hostmesh.agent.observe import health_families, refresh_health
             from hostmesh.agent.workers import exposition, merge_samples, samples_of
 
             refresh_health(self)
-            groups = [samples_of(self.telemetry.registry, health_families()), *await self.workers.samples()]
-            body = exposition(merge_samples(groups))
-            return Response(200, body, {"content-type": CONTENT_TYPE_LATEST})
+            mine = samples_of(self.telemetry.registry, health_families())
+            held = time.perf_counter() - start
+            theirs = await self.workers.samples()  # (the workers' own time, not this loop's)
+            start = time.perf_counter()
+            body = exposition(merge_samples([mine, *theirs]))
+            return body, held + time.perf_counter() - start
         from hostmesh.agent.observe import agent_exposition
 
-        return Response(200, agent_exposition(self), {"content-type": CONTENT_TYPE_LATEST})
+        body = agent_exposition(self)
+        return body, time.perf_counter() - start
 
     # --- stop -------------------------------------------------------------------------------
 
