@@ -6,10 +6,11 @@ local app). Retries, the redo of a request on a fresh connection and injected fa
 events; the response code, response flags and both mesh identities are attributes.
 
 Decisions:
-- Context: W3C `traceparent` is continued (and `tracestate` passed on untouched); a request without
-  one is read for B3 (`b3` single header, or `x-b3-traceid`/`x-b3-spanid`/`x-b3-sampled`). The
-  request leaves each agent with a `traceparent` naming that agent's span, so the next hop (the
-  peer agent, then the app) is its child.
+- Context: W3C `traceparent` is continued (and `tracestate` passed on untouched); a request with
+  two `traceparent` fields has none (W3C: the field is not a list, and its test suite expects a new
+  trace) and is read as one without. A request without one is read for B3 (`b3` single header, or
+  `x-b3-traceid`/`x-b3-spanid`/`x-b3-sampled`). The request leaves each agent with a `traceparent`
+  naming that agent's span, so the next hop (the peer agent, then the app) is its child.
 - Head sampling: a caller's sampling decision (the `traceparent` flags, B3's sampled bit) is
   followed; a request without a context is sampled at agent.toml `[tracing] sample` (0.01). An
   unsampled request builds nothing (no span) unless it ends in a 5xx or with a response flag (a
@@ -172,27 +173,33 @@ def _not_sampled(value: bytes) -> bool:
     )
 
 
-def _w3c_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
-    """The request's first valid `traceparent`, else None (B3 not read)."""
+def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
+    """One pass over a request's headers: its `traceparent` value (None without one, or with two or
+    more, which W3C makes no context) and whether it has B3 IDs."""
+    value: bytes | None = None
+    seen = b3 = False
     for n, v in headers:
         if n == TRACEPARENT:
-            ctx = parse_traceparent(v)
-            if ctx is not None:
-                return ctx
-    return None
+            value = None if seen else v
+            seen = True
+        elif n in (_B3, _B3_TRACE):
+            b3 = True
+    return value, b3
+
+
+def _w3c_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """The request's valid `traceparent`, else None (B3 not read)."""
+    value = _scan(headers)[0]
+    return None if value is None else parse_traceparent(value)
 
 
 def incoming_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
     """The trace context a request carries: `traceparent` first, then B3."""
-    b3 = False
-    for n, v in headers:
-        if n == TRACEPARENT:
-            ctx = parse_traceparent(v)
-            if ctx is not None:
-                return ctx
-        elif n in (_B3, _B3_TRACE):
-            b3 = True
-    return parse_b3(headers) if b3 else None
+    value, b3 = _scan(headers)
+    ctx = None if value is None else parse_traceparent(value)
+    if ctx is None and b3:
+        return parse_b3(headers)
+    return ctx
 
 
 class Span:
@@ -390,20 +397,22 @@ class Tracer:
     def start(self, service: str, name: str, kind: int, headers: list[tuple[bytes, bytes]],
               start_ns: int = 0) -> Span | None:  # fmt: skip
         """A span for a request with these headers when it is sampled, else None (nothing built).
-        The context is `incoming_context`'s, read here in the same pass; a W3C one flagged not
+        The context is `incoming_context`'s, read here in one pass; a W3C one flagged not
         sampled, as a caller's agent sends every request it did not sample (`unsampled`), is
         checked without building its IDs."""
-        ctx: Context | None = None
-        b3 = False
-        for n, v in headers:
+        value: bytes | None = None
+        seen = b3 = False
+        for n, v in headers:  # _scan's pass, written out: no call more per request
             if n == TRACEPARENT:
-                if v[52:] == b"-00" and _not_sampled(v):
-                    return None  # the caller decided
-                ctx = parse_traceparent(v)
-                if ctx is not None:
-                    break
+                value = None if seen else v
+                seen = True
             elif n in (_B3, _B3_TRACE):
                 b3 = True
+        ctx: Context | None = None
+        if value is not None:
+            if value[52:] == b"-00" and _not_sampled(value):
+                return None  # the caller decided
+            ctx = parse_traceparent(value)
         if ctx is None and b3:
             ctx = parse_b3(headers)
         if ctx is not None and ctx.sampled is not None:  # the caller decided
@@ -416,25 +425,28 @@ class Tracer:
     def unsampled(self, client: list[tuple[bytes, bytes]],
                   headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # fmt: skip
         """The forwarded `headers` of a request the caller's agent (this one) did not sample. Unless
-        the client sent a W3C context of its own, which goes on as sent (both agents follow its
-        decision and name its trace), they get a `traceparent` flagged not sampled (00) naming the
-        trace of the client's B3 context, else a new one, and a span ID of this agent's: the one its
-        span gets should the request fail (`late`, `[tracing] errors`). The peer agent follows that
-        decision instead of drawing its own, its error span is that span's child, and both agents'
-        access lines name one trace. `client` is the client's own list: when `headers` is it, a copy
-        is returned, so that `late` still sees what the client sent."""
-        b3 = bad = False
-        for n, v in headers:
+        the client sent a W3C context of its own (one valid `traceparent`), which goes on as sent
+        (both agents follow its decision and name its trace), they get a `traceparent` flagged not
+        sampled (00) naming the trace of the client's B3 context, else a new one, and a span ID of
+        this agent's: the one its span gets should the request fail (`late`, `[tracing] errors`).
+        The peer agent follows that decision instead of drawing its own, its error span is that
+        span's child, and both agents' access lines name one trace. `client` is the client's own
+        list: when `headers` is it, a copy is returned, so that `late` still sees what the client
+        sent."""
+        own: bytes | None = None
+        seen = b3 = False
+        for n, v in headers:  # _scan's pass, written out: no call more per request
             if n == TRACEPARENT:
-                if parse_traceparent(v) is not None:
-                    return headers
-                bad = True  # replaced below, as a sampled request's is (set_traceparent)
+                own = None if seen else v
+                seen = True
             elif n in (_B3, _B3_TRACE):
                 b3 = True
+        if own is not None and parse_traceparent(own) is not None:
+            return headers
         value = _unsampled_traceparent(parse_b3(headers) if b3 else None)
         if headers is client:
             headers = list(headers)
-        if bad:
+        if seen:  # invalid, or repeated: replaced, every one (set_traceparent)
             set_traceparent(headers, value)
         else:
             headers.append((TRACEPARENT, value))

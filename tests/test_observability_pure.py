@@ -467,6 +467,30 @@ def test_a_second_traceparent_from_the_client_does_not_reach_the_next_hop() -> N
     assert one == [(b"x-a", b"1"), (b"traceparent", b"00-new")]
 
 
+def test_two_traceparent_fields_are_no_context_and_only_the_agents_goes_on() -> None:
+    """W3C Trace Context: a request with two `traceparent` fields has no valid one, and a new trace
+    starts (its test suite's test_traceparent_duplicated). Before, the first valid one was continued
+    (a first `-00` settled the sampling too), and a request the caller's agent did not sample went on
+    with both, so the peer agent and the app each saw two contexts."""
+    one, other = f"00-{TID}-{SID}-01".encode(), b"00-" + b"3" * 32 + b"-" + b"4" * 16 + b"-00"
+    never = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    always = tracing.Tracer("http://127.0.0.1:4318", 1.0, True, "n")
+    edge = tracing.EdgeTracer(always)
+    for first, second in ((one, other), (other, one)):
+        client = [(b"host", b"api"), (b"traceparent", first), (b"x-a", b"1"), (b"traceparent", second)]
+        assert never.start("web", "", tracing.KIND_CLIENT, client) is None  # this agent's rate decides
+        for tracer in (always, edge):
+            span = tracer.start("web", "", tracing.KIND_CLIENT, client)
+            assert span is not None and span.trace_id.hex() not in (TID, "3" * 32) and span.parent == b""
+        sent = never.unsampled(client, client)
+        [tp] = [v for n, v in sent if n == b"traceparent"]
+        ctx = tracing.parse_traceparent(tp)
+        assert ctx is not None and ctx.trace_id.hex() not in (TID, "3" * 32) and ctx.sampled is False
+        assert always.start("api", "", tracing.KIND_SERVER, sent) is None  # the peer follows the caller
+        late = never.late("web", "", tracing.KIND_CLIENT, client, 0.0, sent)  # a failure's span
+        assert (late.trace_id, late.span_id, late.parent) == (ctx.trace_id, ctx.parent, b"")
+
+
 @pytest.mark.parametrize(
     "value",
     [
