@@ -82,6 +82,9 @@ _B3_TRACE = b"x-b3-traceid"
 _B3_SPAN = b"x-b3-spanid"
 _B3_SAMPLED = b"x-b3-sampled"
 _HEX = frozenset(b"0123456789abcdef")
+# HTTP's optional whitespace around a field value (RFC 9110 5.6.3), not part of it: the parser drops
+# it before a value, not after (a `traceparent` ending in a space was refused: a new trace)
+OWS = b" \t"
 
 _rng = shared  # registry/rng.py: one generator per process
 
@@ -112,7 +115,8 @@ def _hex_id(value: bytes, size: int, lenient: bool = False) -> bytes | None:
 
 def parse_traceparent(value: bytes) -> Context | None:
     """W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower-case hex; a later version: its first
-    four fields, then a `-` if anything follows)."""
+    four fields, then a `-` if anything follows), without the whitespace around it (OWS)."""
+    value = value.strip(OWS)
     if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
         return None
     version, flags = value[:2], value[53:55]
@@ -141,7 +145,8 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
         elif n == _B3_SAMPLED:
             sampled = v
     if single is not None:
-        if single.strip() == b"0":  # B3's "do not sample", with no IDs
+        single = single.strip(OWS)
+        if single == b"0":  # B3's "do not sample", with no IDs
             return Context(b"", b"", False)
         parts = single.split(b"-")
         if len(parts) < 2:
@@ -150,6 +155,9 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
         sampled = parts[2] if len(parts) > 2 else None
     if trace is None or span is None:
         return None
+    trace, span = trace.strip(OWS), span.strip(OWS)
+    if sampled is not None:
+        sampled = sampled.strip(OWS)
     if len(trace) == 16:
         trace = b"0" * 16 + trace
     tid, sid = _hex_id(trace, 16, lenient=True), _hex_id(span, 8, lenient=True)

@@ -467,6 +467,29 @@ def test_a_second_traceparent_from_the_client_does_not_reach_the_next_hop() -> N
     assert one == [(b"x-a", b"1"), (b"traceparent", b"00-new")]
 
 
+@pytest.mark.parametrize("ows", [(b"", b" "), (b"", b"\t"), (b" \t", b" \t")])
+def test_whitespace_around_a_context_field_is_not_part_of_it(ows: tuple[bytes, bytes]) -> None:
+    """RFC 9110 5.5: optional whitespace around a field value is not part of it, and W3C's test suite
+    (test_traceparent_ows_handling) expects the trace continued. The HTTP parser drops it before a
+    value, not after: a client's `...-01 ` was a new trace (its sampling lost: the request went on
+    flagged 00), and B3's `x-b3-sampled: 1 ` read as "do not sample"."""
+    before, after = ows
+    never = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    sampled = [(b"traceparent", before + f"00-{TID}-{SID}-01".encode() + after)]
+    span = never.start("web", "", tracing.KIND_CLIENT, sampled)
+    assert span is not None and (span.trace_id.hex(), span.parent.hex()) == (TID, SID)
+    unsampled = [(b"traceparent", before + f"00-{TID}-{SID}-00".encode() + after)]
+    assert never.unsampled(unsampled, unsampled) is unsampled  # the client's context goes on as sent
+    for b3 in (
+        [(b"x-b3-traceid", before + TID.encode() + after), (b"x-b3-spanid", before + SID.encode() + after),
+         (b"x-b3-sampled", before + b"1" + after)],
+        [(b"b3", before + f"{TID}-{SID}-1".encode() + after)],
+    ):  # fmt: skip
+        span = never.start("web", "", tracing.KIND_CLIENT, b3)
+        assert span is not None and (span.trace_id.hex(), span.parent.hex()) == (TID, SID)
+    assert never.start("web", "", tracing.KIND_CLIENT, [(b"b3", before + b"0" + after)]) is None
+
+
 def test_two_traceparent_fields_are_no_context_and_only_the_agents_goes_on() -> None:
     """W3C Trace Context: a request with two `traceparent` fields has no valid one, and a new trace
     starts (its test suite's test_traceparent_duplicated). Before, the first valid one was continued
