@@ -81,6 +81,7 @@ _B3 = b"b3"
 _B3_TRACE = b"x-b3-traceid"
 _B3_SPAN = b"x-b3-spanid"
 _B3_SAMPLED = b"x-b3-sampled"
+_B3_DECISIONS = (b"0", b"1", b"d")  # a `b3` value that is a sampling state alone
 _HEX = frozenset(b"0123456789abcdef")
 # HTTP's optional whitespace around a field value (RFC 9110 5.6.3), not part of it: the parser drops
 # it before a value, not after (a `traceparent` ending in a space was refused: a new trace)
@@ -91,8 +92,8 @@ _rng = shared  # registry/rng.py: one generator per process
 
 class Context:
     """An incoming trace context: trace ID (16 bytes), the caller's span ID (8 bytes), and whether
-    the caller sampled it (None: it did not say, this agent's rate decides; a B3 `b3: 0` carries no
-    IDs, only the decision)."""
+    the caller sampled it (None: it did not say, this agent's rate decides; a B3 `b3: 0`, `1` or `d`
+    carries no IDs, only the decision)."""
 
     __slots__ = ("parent", "sampled", "trace_id")
 
@@ -132,8 +133,9 @@ def parse_traceparent(value: bytes) -> Context | None:
 
 
 def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
-    """B3 single (`b3: <trace>-<span>[-<sampled>[-<parent>]]`) or multi headers; 64-bit trace IDs
-    are left-padded to 128 bits as Zipkin does."""
+    """B3 single (`b3: <trace>-<span>[-<sampled>[-<parent>]]`, or the sampling state alone: `0`, `1`,
+    `d`, a context without IDs) or multi headers; 64-bit trace IDs are left-padded to 128 bits as
+    Zipkin does."""
     single = trace = span = sampled = None
     for n, v in headers:
         if n == _B3:
@@ -146,8 +148,8 @@ def parse_b3(headers: list[tuple[bytes, bytes]]) -> Context | None:
             sampled = v
     if single is not None:
         single = single.strip(OWS)
-        if single == b"0":  # B3's "do not sample", with no IDs
-            return Context(b"", b"", False)
+        if single in _B3_DECISIONS:  # the sampling state alone, no IDs: deny, accept or debug
+            return Context(b"", b"", single != b"0")
         parts = single.split(b"-")
         if len(parts) < 2:
             return None
@@ -342,8 +344,9 @@ def _rate_draws(sample: float) -> bool:
 
 
 def _span_in(ctx: Context | None, service: str, name: str, kind: int, start_ns: int) -> Span:
-    """A span in `ctx`'s trace, the child of its span; with no context, the root of a new trace."""
-    if ctx is not None:
+    """A span in `ctx`'s trace, the child of its span; with no context, or one that carries a decision
+    alone (B3's `b3: 1`), the root of a new trace."""
+    if ctx is not None and ctx.trace_id:
         return Span(service, name, kind, ctx.trace_id, ctx.parent, start_ns or time.time_ns())
     return Span(
         service, name, kind, _rng.getrandbits(128).to_bytes(16, "big"), b"", start_ns or time.time_ns()

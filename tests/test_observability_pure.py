@@ -467,6 +467,18 @@ def test_a_second_traceparent_from_the_client_does_not_reach_the_next_hop() -> N
     assert one == [(b"x-a", b"1"), (b"traceparent", b"00-new")]
 
 
+@pytest.mark.parametrize("decision", [b"1", b"d", b" d\t"])
+def test_a_b3_sampling_decision_without_ids_is_followed_in_a_new_trace(decision: bytes) -> None:
+    """B3's single header may carry the sampling state alone (`b3: 0` deny, `1` accept, `d` debug).
+    `b3: 0` was followed; `1` and `d` were no context, so an agent sampling at 0 built no span for a
+    request its caller asked to trace. Now a new trace, this agent's span its root."""
+    never = tracing.Tracer("http://127.0.0.1:4318", 0.0, True, "n")
+    span = never.start("web", "", tracing.KIND_CLIENT, [(b"b3", decision)])
+    assert span is not None and len(span.trace_id) == 16 and span.trace_id != bytes(16)
+    assert span.parent == b""
+    assert tracing.parse_traceparent(span.traceparent()) is not None  # what the next hop reads
+
+
 @pytest.mark.parametrize("ows", [(b"", b" "), (b"", b"\t"), (b" \t", b" \t")])
 def test_whitespace_around_a_context_field_is_not_part_of_it(ows: tuple[bytes, bytes]) -> None:
     """RFC 9110 5.5: optional whitespace around a field value is not part of it, and W3C's test suite
