@@ -426,3 +426,23 @@ async def test_a_client_scraping_without_pause_leaves_the_event_loop_to_the_data
     assert len(answers) >= 2 and min(answers) > 500_000, answers  # it was answered, in full, again and again
     # SCRAPE_LOOP_SHARE (a fifth), with room for writing the answers
     assert share - idle < 0.4, f"/metrics held the event loop {share:.0%} of the time ({idle:.0%} idle)"
+
+
+async def test_a_paced_answer_is_built_after_its_request_and_shared_by_those_waiting_with_it() -> None:
+    """What pacing must not cost: a read right after a change sees it (a test's, an operator's), and
+    clients waiting together are answered by one build, not one each."""
+    from hostmesh.agent.observe import PacedExposition
+
+    count, builds = [0], [0]
+
+    async def build() -> tuple[bytes, float]:
+        builds[0] += 1
+        return str(count[0]).encode(), 0.05  # as if it held the loop 50 ms: the next waits 200 ms
+
+    paced = PacedExposition(build)
+    assert await paced.answer() == b"0"
+    count[0] = 1  # a change right after the last answer
+    together = await asyncio.gather(*(paced.answer() for _ in range(5)))
+    assert together == [b"1"] * 5 and builds[0] == 2
+    count[0] = 2
+    assert await paced.answer() == b"2" and builds[0] == 3
