@@ -570,9 +570,10 @@ EXTERNAL = Kind(
             "addresses",
             "list",
             "`host:port` (an IP address, IPv4 as four decimal numbers, or a DNS name resolved per "
-            f"connection), tried in turn (at most {MAX_EXTERNAL_ADDRESSES}). A name's loopback and "
-            "link-local answers (127.0.0.0/8, ::1, 169.254.0.0/16, fe80::/10) are not dialed: to "
-            "mean the originating host's own, write the address.",
+            f"connection), tried in turn (at most {MAX_EXTERNAL_ADDRESSES}). A name's loopback, "
+            "link-local and cloud metadata answers (127.0.0.0/8, ::1, 169.254.0.0/16, fe80::/10, "
+            "fd00:ec2::254, 100.100.100.200) are not dialed: to mean the originating host's own, "
+            "write the address.",
             required=True,
             item="string",
         ),

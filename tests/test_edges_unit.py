@@ -617,6 +617,20 @@ def test_a_link_local_answer_is_not_dialed(answer: str) -> None:
     assert edges._undialable_answer(answer, written=True) is None  # the operator's explicit choice
 
 
+@pytest.mark.parametrize("answer", ["fd00:ec2::254", "100.100.100.200", "::ffff:100.100.100.200"])
+def test_a_cloud_metadata_address_outside_the_link_local_range_is_not_dialed(answer: str) -> None:
+    """The metadata service (the host's credentials) of AWS over IPv6 (fd00:ec2::254, Nitro hosts with
+    its IPv6 endpoint on) and of Alibaba Cloud (100.100.100.200) answers outside 169.254.0.0/16: a
+    name answering either was dialed, so at an egress gateway a remote caller reached the gateway
+    host's credentials, which the link-local rule is there to keep. Checked on the answer alone (a
+    test dials nothing beyond loopback); written as the address, it is the operator's choice."""
+    assert edges._undialable_answer(answer) == (
+        "a cloud's metadata service (this host's credentials): dialed only when the document writes the "
+        "address itself"
+    )
+    assert edges._undialable_answer(answer, written=True) is None
+
+
 @pytest.mark.parametrize("answer", ["203.0.113.7", "10.1.2.3", "100.64.0.1", "2001:db8::1", "fec0::1"])
 def test_an_answer_beyond_the_hosts_own_loopback_and_link_is_dialed(answer: str) -> None:
     """Private and shared ranges are where a database on a VM without an agent lives: still dialed."""

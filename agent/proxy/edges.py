@@ -59,7 +59,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from hostmesh.agent import audit
 from hostmesh.agent.authz import authorize_connection, refuse_unavailable
@@ -231,6 +231,10 @@ async def _resolved(loop: asyncio.AbstractEventLoop, addr: ExternalAddress) -> l
 # how a document reaches the host's own loopback or link, which a name's answer does not: the
 # operator's explicit choice, one a DNS record cannot make for them
 _WRITE_THE_ADDRESS = "dialed only when the document writes the address itself"
+# Cloud metadata services (the host's credentials) that answer outside 169.254.0.0/16, where the
+# others do: AWS's over IPv6 (Nitro hosts with its IPv6 endpoint on) and Alibaba Cloud's. These
+# exact addresses only: the ranges around them (fd00::/8, 100.64.0.0/10) hold ordinary services.
+CLOUD_METADATA: Final = frozenset(map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200")))
 
 
 def _undialable_answer(ip: str, written: bool = False) -> str | None:
@@ -253,6 +257,8 @@ def _undialable_answer(ip: str, written: bool = False) -> str | None:
         return f"loopback, this host's own: {_WRITE_THE_ADDRESS}"
     if target.is_link_local:
         return f"link-local, this host's link (a cloud's metadata service): {_WRITE_THE_ADDRESS}"
+    if target in CLOUD_METADATA:
+        return f"a cloud's metadata service (this host's credentials): {_WRITE_THE_ADDRESS}"
     return None
 
 
