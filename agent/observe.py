@@ -204,6 +204,11 @@ def agent_exposition(agent: Any) -> bytes:
 # the requests it relayed in 20 s from 22,500 to 1,873 (measured; 27,227 paced at this share). At a
 # fifth, a 0.1 s build is followed by 0.4 s for the data path; a scrape every 15 s never waits.
 SCRAPE_LOOP_SHARE: Final = 0.2
+# ... but a pause of at most this (seconds): a second scraper arriving during a build waits the rest
+# of it, the pause and its own build, and a big agent's builds (~0.5 s with workers = 2) paused 4x
+# that, past `hostmesh top`'s 3 s (agent/top.SCRAPE_TIMEOUT). Builds over 0.25 s take more than a
+# fifth of the loop then (a 1 s build: half), where unpaced they took all of it.
+MAX_SCRAPE_PAUSE: Final = 1.0
 
 
 class PacedExposition:
@@ -211,7 +216,8 @@ class PacedExposition:
     loop's time: after a build that took t seconds the next starts t * (1/share - 1) later at the
     earliest, and the requests that arrive meanwhile all get that next build (one build serves any
     number of clients waiting for it). `build` returns the exposition and the seconds it held the
-    loop (a worker's share, gathered over its pipe, is not the loop's)."""
+    loop (a worker's share, gathered over its pipe, is not the loop's). The pause is at most
+    MAX_SCRAPE_PAUSE."""
 
     def __init__(self, build: Callable[[], Awaitable[tuple[bytes, float]]],
                  share: float = SCRAPE_LOOP_SHARE) -> None:  # fmt: skip
@@ -240,11 +246,17 @@ class PacedExposition:
                 if self._next is me:  # requests arriving from now on wait for a build started after them
                     self._next = None
             body, spent = await self._build()
-            self._next_at = loop.time() + spent * self._pause_per_second
+            self._next_at = loop.time() + min(spent * self._pause_per_second, MAX_SCRAPE_PAUSE)
             return body
         finally:
             if self._last is me:  # done: the answer is its requests' to hold, not the agent's
                 self._last = None
+
+    def close(self) -> None:
+        """At the agent's stop, after its servers closed: a round waiting out its pause is cancelled
+        (left pending, the loop's close said "Task was destroyed but it is pending")."""
+        if self._last is not None:
+            self._last.cancel()
 
 
 def metrics_addr(config: Any, servers: list[Any]) -> str:

@@ -1205,6 +1205,8 @@ class Agent:
                     log.warning("could not deregister %s from Consul: %s", sid, exc)
         # together: each may wait for a request in its handler (HTTPServer.close: its grace and the cut)
         await asyncio.gather(*(server.close() for server in self._servers))
+        if self._exposition is not None:
+            self._exposition.close()
         if cfg.nomad is not None and not self.worker:  # `wait-ready` must not find a stopped agent
             from hostmesh.agent.nomad import ADMIN_ADDRESS_FILE
 

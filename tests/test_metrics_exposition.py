@@ -446,3 +446,43 @@ async def test_a_paced_answer_is_built_after_its_request_and_shared_by_those_wai
     assert together == [b"1"] * 5 and builds[0] == 2
     count[0] = 2
     assert await paced.answer() == b"2" and builds[0] == 3
+
+
+async def test_a_big_agents_builds_pause_at_most_max_scrape_pause() -> None:
+    """A build that held the loop 2 s would pause 8 s at a fifth: a second scraper (Prometheus and
+    `hostmesh top`, whose scrape gives up after 3 s) arriving then waited the rest of the build, the
+    pause and its own build. The pause is capped at observe.MAX_SCRAPE_PAUSE."""
+    from hostmesh.agent.observe import MAX_SCRAPE_PAUSE, PacedExposition
+
+    async def build() -> tuple[bytes, float]:
+        return b"x", 2.0  # as if it held the loop 2 s
+
+    paced = PacedExposition(build)
+    loop = asyncio.get_running_loop()
+    await paced.answer()
+    asked = loop.time()
+    await asyncio.wait_for(paced.answer(), 4 * MAX_SCRAPE_PAUSE)  # 8 s uncapped
+    assert loop.time() - asked >= MAX_SCRAPE_PAUSE * 0.9  # paced still (the loop's clock may round)
+
+
+async def test_a_round_waiting_out_its_pause_is_cancelled_at_the_stop() -> None:
+    """Agent.stop closes the pacing after its servers: a round still waiting out its pause was left
+    pending, and the loop's close logged "Task was destroyed but it is pending"."""
+    from hostmesh.agent.observe import PacedExposition
+
+    async def build() -> tuple[bytes, float]:
+        return b"x", 60.0  # the next round waits out MAX_SCRAPE_PAUSE
+
+    paced = PacedExposition(build)
+    await paced.answer()
+    waiting = asyncio.ensure_future(paced.answer())
+    await asyncio.sleep(0)  # its round starts and sleeps
+
+    def rounds() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if "PacedExposition._round" in repr(t.get_coro())]
+
+    assert len(rounds()) == 1 and not rounds()[0].done()
+    paced.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert rounds() == []
