@@ -32,15 +32,15 @@ typecheck: $(STAMP)
 	@for p in $(PKGS); do ln -sfn ../../$$p .typecheck/hostmesh/$$p; done
 	$(BIN)/mypy -p hostmesh.agent -p hostmesh.registry -p hostmesh.ca
 
-# Four pytest-xdist workers: much of the tier's time is waiting (agents starting, Consul answering,
+# Five pytest-xdist workers: much of the tier's time is waiting (agents starting, Consul answering,
 # timers running out): with two, a 2-core machine was still idle 36 % of the tier (a fresh clone's run
 # of f4ce477, /proc/stat each second); with three, the tier took 1,128 s on a quiet 2-core host, with
-# four 988 and 1,045 s (fresh clones of 9c001b1, 4eade48 and d2faac3, 2026-12-07); each module stays on one worker
-# (tests/conftest.py).
+# four 988-1,083 s, using ~1.8 of the 2 cores (fresh clones of 9c001b1, 4eade48, d2faac3 and 96eaf53,
+# 2026-12-07); each module stays on one worker (tests/conftest.py).
 # UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped test and why, beside
 # the failures and errors, so a log shows what a run did not test.
 # --durations=30: a CI log names the tests the tier's time goes to (its budget: `make test` < 20 min).
-UNIT_WORKERS ?= 4
+UNIT_WORKERS ?= 5
 unit: $(STAMP) consul
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" --durations=30 $(PYTEST_ARGS)
 
