@@ -6,8 +6,9 @@ Decisions:
 - Health gauges (Consul sync, registration, certificate renewal, active connections, ejections,
   healthy endpoints per upstream) are set when Prometheus scrapes, from the state the agent keeps
   anyway, so they cost nothing on the data path and cannot drift from /v1/clusters.
-- Building an answer runs on the event loop that carries the data path, so building them takes
-  at most SCRAPE_LOOP_SHARE of the loop's time however often they are asked for (PacedExposition).
+- Building an answer runs on the event loop that carries the data path, so builds take at most
+  SCRAPE_LOOP_SHARE of the loop's time however often answers are asked for, the pause after one
+  at most MAX_SCRAPE_PAUSE (PacedExposition).
 """
 
 from __future__ import annotations
