@@ -495,6 +495,28 @@ def nothing_accepted(server: socket.socket) -> bool:
     return False
 
 
+async def call_reset_by_answer(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+    own: socket.socket,
+    service: str,
+) -> tuple[int, str]:
+    """A direct caller's call to external `service`, whose name answers `answer` and whose port is that
+    of `own` (a stand-in on the originating host): the app's connection is reset, flag UF once, and
+    the stand-in accepts nothing. The port, and the one line about `service`."""
+    port = own.getsockname()[1]
+    answering(monkeypatch, "api.example.test", answer)
+    ext = ExternalService(service, 1, (ExternalAddress("api.example.test", port),))
+    tel = Telemetry()
+    async with caller_of(ext, tel) as listener:
+        assert await app_call(listener) == "reset"
+    assert nothing_accepted(own)
+    assert uf_count(tel, "source", service) == 1
+    [line] = lines_about(caplog, service)
+    return port, line
+
+
 @pytest.mark.parametrize("answer", ["0.0.0.0", "::ffff:0.0.0.0"])
 async def test_a_name_answering_any_address_does_not_reach_the_agents_own_host(
     answer: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -505,15 +527,7 @@ async def test_a_name_answering_any_address_does_not_reach_the_agents_own_host(
     callers). The answer is held to the document's rule: the app's connection is reset, flag UF, and
     the line says what the name resolved to."""
     with socket.create_server(("127.0.0.1", 0)) as own:
-        port = own.getsockname()[1]
-        answering(monkeypatch, "api.example.test", answer)
-        ext = ExternalService("x-any", 1, (ExternalAddress("api.example.test", port),))
-        tel = Telemetry()
-        async with caller_of(ext, tel) as listener:
-            assert await app_call(listener) == "reset"
-        assert nothing_accepted(own)
-    assert uf_count(tel, "source", "x-any") == 1
-    [line] = lines_about(caplog, "x-any")
+        port, line = await call_reset_by_answer(monkeypatch, caplog, answer, own, "x-any")
     assert f"api.example.test:{port}: resolves to {answer}, no address to connect to (any address)" in line
 
 
@@ -561,18 +575,10 @@ async def test_a_name_answering_loopback_does_not_reach_the_agents_own_host(
     rebound after review): the app's connection is reset, flag UF, and the line names the name, the
     answer and the way to mean it. Written as the address, the operator's explicit choice, it is dialed."""
     with server_on(own_host) as own:
-        port = own.getsockname()[1]
-        answering(monkeypatch, "api.example.test", answer)
-        ext = ExternalService("x-local", 1, (ExternalAddress("api.example.test", port),))
-        tel = Telemetry()
-        async with caller_of(ext, tel) as listener:
-            assert await app_call(listener) == "reset"
-        assert nothing_accepted(own)
+        port, line = await call_reset_by_answer(monkeypatch, caplog, answer, own, "x-local")
         written = ExternalService("x-local", 1, (ExternalAddress(answer, port),))
         assert await reached(written) == authority(answer, port)
         assert not nothing_accepted(own)
-    assert uf_count(tel, "source", "x-local") == 1
-    [line] = lines_about(caplog, "x-local")
     assert (
         f"api.example.test:{port}: resolves to {answer}, no address to connect to (loopback, this host's "
         "own: dialed only when the document writes the address itself)"
