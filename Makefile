@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 # timers running out): with two, a 2-core machine was still idle 36 % of the tier (a fresh clone's run
 # of f4ce477, /proc/stat each second); with three, the tier took 1,128 s on a quiet 2-core host, with
 # four 988-1,083 s, using ~1.8 of the 2 cores (fresh clones of 9c001b1, 4eade48, d2faac3 and 96eaf53,
-# 2026-12-07); each module stays on one worker (tests/conftest.py).
+# 2026-12-07), with five 994 s (427483b); each module stays on one worker (tests/conftest.py).
 # UNIT_WORKERS=0 runs it in this process. -rfEs: the summary names each skipped test and why, beside
 # the failures and errors, so a log shows what a run did not test.
 # --durations=30: a CI log names the tests the tier's time goes to (its budget: `make test` < 20 min).
