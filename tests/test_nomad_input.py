@@ -653,20 +653,22 @@ async def test_a_refused_identity_is_not_the_end_unless_nomad_refuses_the_identi
 
 
 async def test_an_identity_past_its_exp_is_not_taken_for_the_allocation_gone(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An identity with a TTL that Nomad has not renewed into its file in time (its client agent
     restarting): Nomad refuses it everywhere, as it would a gone allocation's, and the running
     sidecar drained and exited. Past its own `exp`, a refusal is a warning; the renewed identity,
     once in the file, is read with."""
+    real = time.time
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
         gone: list[str] = []
-        expiring = nomad.identity(alloc, "hostmesh", ttl=60, issued_at=time.time() - 58)
+        expiring = nomad.identity(alloc, "hostmesh", ttl=40)
         identity_file, task = watched_by_its_identity(nomad, tmp_path, alloc, expiring, gone.append)
         try:
-            await asyncio.to_thread(wait_reads, nomad, alloc.id, 1)  # accepted
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
+            monkeypatch.setattr(time, "time", lambda: real() + 45)  # for Nomad and this host: past its exp
             await async_wait_until(lambda: any("has expired" in w for w in warnings(caplog)), WAIT, "expiry")
             reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
             await asyncio.to_thread(wait_reads, nomad, alloc.id, reads + 2 * GONE_CONFIRMATIONS)
@@ -728,20 +730,21 @@ async def test_an_allocation_stopped_just_after_nomad_renewed_its_identity_is_se
 
 
 async def test_an_identity_nomad_takes_for_expired_before_this_host_s_clock_does_is_not_the_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """This host's clock 30 s behind Nomad's: an identity past its `exp` for Nomad, not yet for the
-    agent, is refused; within EXPIRY_LEEWAY of its end that is its expiry, not the allocation gone."""
-    real = time.time
-    monkeypatch.setattr("hostmesh.agent.nomad.time.time", lambda: real() - 30)
+    """This host's clock 45 s behind Nomad's: an identity past its `exp` for Nomad, not yet for the
+    agent, is refused; within EXPIRY_LEEWAY of its end that is its expiry, not the allocation gone.
+    (Nomad's clock steps ahead once it accepted the identity: an `exp` a second away raced the first
+    read on a loaded host, and a refusal before any acceptance is another case.)"""
     with NomadDouble() as nomad:
         alloc = nomad.add_allocation("shop", "web", ("web", "hostmesh"))
         nomad.attach_read_job("shop")
         gone: list[str] = []
-        expiring = nomad.identity(alloc, "hostmesh", ttl=60, issued_at=real() - 59)  # Nomad's clock
+        expiring = nomad.identity(alloc, "hostmesh", ttl=40)
         _, task = watched_by_its_identity(nomad, tmp_path, alloc, expiring, gone.append)
         try:
-            await asyncio.to_thread(wait_reads, nomad, alloc.id, 1)  # accepted, then refused at its exp
+            await asyncio.to_thread(wait_reads, nomad, alloc.id, 2)  # accepted
+            nomad.clock_ahead = 45  # past its exp for Nomad; 40 s away for this host: within EXPIRY_LEEWAY
             await async_wait_until(lambda: gone or any("has expired" in w for w in warnings(caplog)),
                                    WAIT, "Nomad refusing it")  # fmt: skip
             reads = sum(1 for _, path, _ in nomad.requests if path.endswith(alloc.id))
