@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PKGS    := agent registry ca
 BUILD   := setup.py packaging/backend packaging/compiled_wheel.py
 
-.PHONY: test lint typecheck unit fleet consul demo bench profile clean deb systemd-boot
+.PHONY: test lint typecheck unit fleet consul ansible-newest demo bench profile clean deb systemd-boot
 
 test: lint typecheck unit fleet
 
@@ -20,6 +20,17 @@ venv: $(STAMP)
 
 consul:
 	@./scripts/install-consul.sh >/dev/null
+
+# The newest ansible-core line a Python 3.11 controller runs (2.19), beside the venv's 2.18 (the dev
+# extra's, cheaper per role run): the site playbook's tests run on it (tests/test_ansible.py,
+# NEWEST_ANSIBLE). Its dependencies are the venv's.
+NEWEST_ANSIBLE := .cache/ansible-newest
+$(NEWEST_ANSIBLE)/.installed: $(STAMP)
+	rm -rf $(NEWEST_ANSIBLE)
+	$(BIN)/pip install -q --no-deps --target $(NEWEST_ANSIBLE) 'ansible-core>=2.19,<2.20'
+	touch $@
+
+ansible-newest: $(NEWEST_ANSIBLE)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(PKGS) $(BUILD) tests bench scripts
@@ -41,7 +52,7 @@ typecheck: $(STAMP)
 # the failures and errors, so a log shows what a run did not test.
 # --durations=30: a CI log names the tests the tier's time goes to (its budget: `make test` < 20 min).
 UNIT_WORKERS ?= 5
-unit: $(STAMP) consul
+unit: $(STAMP) consul ansible-newest
 	CONSUL_BIN=$$(./scripts/install-consul.sh) $(BIN)/pytest -q -rfEs -p no:cacheprovider -n $(UNIT_WORKERS) --dist loadgroup -m "not fleet" --durations=30 $(PYTEST_ARGS)
 
 # The fleet tier (tests/fleet/): hosts as network namespaces, a 3-server Consul cluster, hostmesh from
