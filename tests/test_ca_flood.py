@@ -251,8 +251,10 @@ async def test_a_flood_of_unknown_tokens_leaves_the_ca_serving_bounded_and_lean(
         print(report)
         assert ca_proc.alive(), ca_proc.log()
         # Refused (401) or shed (429); a connection that waited HANDSHAKE_TIMEOUT behind the flooder's
-        # own is closed unread (a loaded machine gets there). Never a 5xx, never a hang.
-        assert set(outcomes) <= {"401", "429", "ConnectionResetError"}, report
+        # own is closed unread (a loaded machine gets there): the client reads that as a reset, or as a
+        # broken pipe when its handshake's bytes were still going out (11 of 2,000 once in a fresh
+        # clone's run). Never a 5xx, never a hang.
+        assert set(outcomes) <= {"401", "429", "ConnectionResetError", "BrokenPipeError"}, report
         assert outcomes["401"] > 0, report
         assert probe.answers and all(code == "200" for code, _ in probe.answers), report  # never shed
         assert sampler.samples > 0 and sampler.peak <= MAX_CONNECTIONS_PER_CLIENT, report
